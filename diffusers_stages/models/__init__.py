@@ -1,0 +1,3 @@
+from .unet_multistage import MultiStageUNet2DModel, StageDecoder
+
+__all__ = ["MultiStageUNet2DModel", "StageDecoder"]

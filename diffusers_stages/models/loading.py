@@ -1,0 +1,37 @@
+"""Strict checkpoint loading: a checkpoint that disagrees with its config is an error, never random weights."""
+
+from __future__ import annotations
+
+import os
+
+
+class StrictLoadingMixin:
+    """Make `from_pretrained` refuse checkpoints with missing, unexpected or mis-shaped weights.
+
+    diffusers only *warns* about such keys and leaves missing weights freshly initialised (or on the ``meta``
+    device). For a model whose parameter set follows from its config (the number of stages, the decoder widths),
+    that silently yields a broken model, so here it raises a `ValueError` that names the keys.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, **kwargs):
+        wants_info = kwargs.pop("output_loading_info", False)
+        if kwargs.get("ignore_mismatched_sizes"):
+            raise ValueError("`ignore_mismatched_sizes=True` is not supported: it would leave random weights behind.")
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        except (RuntimeError, ValueError) as error:
+            if "size mismatch" in str(error) or "shape" in str(error):
+                raise ValueError(
+                    f"The checkpoint at {pretrained_model_name_or_path} does not match its config for "
+                    f"{cls.__name__}: {error}"
+                ) from error
+            raise
+        problems = {k: sorted(v)[:10] for k, v in info.items() if k.endswith("_keys") and v}
+        if problems:
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path} does not match its config for {cls.__name__} "
+                f"(first keys shown): {problems}. Was `config.json` edited, or the weights saved from another "
+                "configuration?"
+            )
+        return (model, info) if wants_info else model

@@ -1,0 +1,454 @@
+"""Multi-stage, multi-decoder U-Net (Zhang et al., "Improving Training Efficiency of Diffusion Models via
+Multi-Stage Framework and Tailored Multi-Decoder Architecture", CVPR 2024).
+
+One shared encoder (time embedding, down path, middle block) feeds one decoder per stage of a
+[`TimestepPartition`]. Decoders may be narrower or wider than the encoder (the paper's "tailored" decoders); 1x1
+adapters match the encoder's skip connections to a decoder's widths where they differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
+
+from ..partition import TimestepPartition
+from .loading import StrictLoadingMixin
+
+
+def skip_channels(block_out_channels: Sequence[int], layers_per_block: int) -> list[int]:
+    """Widths of the skip connections a diffusers U-Net down path emits, in order (RESEARCH.md section 3)."""
+    widths = [block_out_channels[0]]
+    for i, width in enumerate(block_out_channels):
+        widths += [width] * layers_per_block
+        if i < len(block_out_channels) - 1:
+            widths.append(width)  # the downsampler's output
+    return widths
+
+
+def _adapter(in_channels: int, out_channels: int) -> nn.Module:
+    return nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+
+class StageDecoder(nn.Module):
+    """One stage's decoder: skip adapters, the up path of a `UNet2DModel`, and the output head."""
+
+    def __init__(
+        self,
+        encoder_block_out_channels: Sequence[int],
+        block_out_channels: Sequence[int],
+        up_block_types: Sequence[str],
+        layers_per_block: int,
+        out_channels: int,
+        temb_channels: int,
+        norm_num_groups: int,
+        norm_eps: float,
+        act_fn: str,
+        attention_head_dim: int | None,
+        resnet_time_scale_shift: str,
+        upsample_type: str,
+        dropout: float,
+    ):
+        super().__init__()
+        # adapters: encoder widths -> this decoder's widths (identity where equal, so a copy of a U-Net needs none)
+        encoder_skips = skip_channels(encoder_block_out_channels, layers_per_block)
+        decoder_skips = skip_channels(block_out_channels, layers_per_block)
+        self.mid_adapter = _adapter(encoder_block_out_channels[-1], block_out_channels[-1])
+        self.skip_adapters = nn.ModuleList([_adapter(e, d) for e, d in zip(encoder_skips, decoder_skips)])
+
+        # up path, built exactly as UNet2DModel builds it
+        self.up_blocks = nn.ModuleList([])
+        reversed_channels = list(reversed(block_out_channels))
+        output_channel = reversed_channels[0]
+        for i, up_block_type in enumerate(up_block_types):
+            prev_output_channel = output_channel
+            output_channel = reversed_channels[i]
+            input_channel = reversed_channels[min(i + 1, len(block_out_channels) - 1)]
+            self.up_blocks.append(
+                get_up_block(
+                    up_block_type,
+                    num_layers=layers_per_block + 1,
+                    in_channels=input_channel,
+                    out_channels=output_channel,
+                    prev_output_channel=prev_output_channel,
+                    temb_channels=temb_channels,
+                    add_upsample=i < len(block_out_channels) - 1,
+                    resnet_eps=norm_eps,
+                    resnet_act_fn=act_fn,
+                    resnet_groups=norm_num_groups,
+                    attention_head_dim=attention_head_dim if attention_head_dim is not None else output_channel,
+                    resnet_time_scale_shift=resnet_time_scale_shift,
+                    upsample_type=upsample_type,
+                    dropout=dropout,
+                )
+            )
+        self.conv_norm_out = nn.GroupNorm(num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=norm_eps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
+
+    def forward(self, hidden: torch.Tensor, skips: Sequence[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+        sample = self.mid_adapter(hidden)
+        skips = [adapter(skip) for adapter, skip in zip(self.skip_adapters, skips)]
+        skip_sample = None
+        for up_block in self.up_blocks:
+            res_samples, skips = tuple(skips[-len(up_block.resnets) :]), skips[: -len(up_block.resnets)]
+            if hasattr(up_block, "skip_conv"):
+                sample, skip_sample = up_block(sample, res_samples, emb, skip_sample)
+            else:
+                sample = up_block(sample, res_samples, emb)
+        sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))
+        if skip_sample is not None:
+            sample = sample + skip_sample
+        return sample
+
+
+class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
+    r"""
+    A 2D U-Net with one shared encoder and one decoder per stage of the noise schedule.
+
+    The encoder (time/class embedding, down blocks, middle block) runs once on the whole batch; each sample is then
+    decoded by the decoder of its stage only, so a mixed batch costs ``encoder(B) + sum_s decoder_s(B_s)``.
+
+    The encoder arguments are those of [`~diffusers.UNet2DModel`]; the multi-stage arguments are:
+
+    Parameters:
+        stage_boundaries (`tuple[float]`, defaults to `(442, 631)`):
+            Inner stage boundaries, strictly increasing, in ``boundary_units`` (see [`TimestepPartition`]). The
+            default is the optimal-denoiser split of Zhang et al. on CIFAR-10 (``[0,442)``, ``[442,631)``,
+            ``[631,1000]``).
+        boundary_units (`str`, defaults to `"timestep"`):
+            ``"timestep"`` (training timesteps, DDPM-style models) or ``"sigma"`` (EDM-style models, conditioned on
+            ``c_noise = ln(sigma)/4``).
+        num_train_timesteps (`int`, defaults to 1000):
+            Length of the training schedule (also the table size of a ``"learned"`` time embedding).
+        decoder_block_out_channels (`tuple[tuple[int]]`, *optional*):
+            Block widths of each stage's decoder, from the clean stage to the noisy one. ``None`` gives every
+            decoder the encoder's ``block_out_channels``. The paper's tailored CIFAR-10 decoders around a 128-wide
+            encoder are ``(192,)*k``, ``(128,)*k`` and ``(16,)*k``.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_stages import MultiStageUNet2DModel
+    >>> model = MultiStageUNet2DModel(
+    ...     sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+    ...     down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ...     layers_per_block=1, norm_num_groups=4, stage_boundaries=(400, 700),
+    ...     decoder_block_out_channels=((16, 16), (8, 16), (4, 8)),
+    ... )
+    >>> noisy = torch.randn(3, 3, 16, 16)
+    >>> model(noisy, torch.tensor([10, 500, 900])).sample.shape  # one sample per stage, each to its own decoder
+    torch.Size([3, 3, 16, 16])
+
+    ```
+    """
+
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = None,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        center_input_sample: bool = False,
+        time_embedding_type: str = "positional",
+        time_embedding_dim: int | None = None,
+        freq_shift: int = 0,
+        flip_sin_to_cos: bool = True,
+        down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        mid_block_type: str | None = "UNetMidBlock2D",
+        up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        block_out_channels: tuple[int, ...] = (224, 448, 672, 896),
+        layers_per_block: int = 2,
+        mid_block_scale_factor: float = 1,
+        downsample_padding: int = 1,
+        downsample_type: str = "conv",
+        upsample_type: str = "conv",
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        attention_head_dim: int | None = 8,
+        norm_num_groups: int = 32,
+        attn_norm_num_groups: int | None = None,
+        norm_eps: float = 1e-5,
+        resnet_time_scale_shift: str = "default",
+        add_attention: bool = True,
+        class_embed_type: str | None = None,
+        num_class_embeds: int | None = None,
+        num_train_timesteps: int = 1000,
+        stage_boundaries: tuple[float, ...] = (442, 631),
+        boundary_units: str = "timestep",
+        decoder_block_out_channels: tuple[tuple[int, ...], ...] | None = None,
+    ):
+        super().__init__()
+        # 0. check the configuration: every problem is a ValueError that names the argument
+        self.partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
+        if len(down_block_types) != len(up_block_types) or len(block_out_channels) != len(down_block_types):
+            raise ValueError(
+                "`down_block_types`, `up_block_types` and `block_out_channels` must have the same length, got "
+                f"{len(down_block_types)}, {len(up_block_types)} and {len(block_out_channels)}."
+            )
+        if decoder_block_out_channels is None:
+            decoder_block_out_channels = (tuple(block_out_channels),) * self.partition.num_stages
+        decoder_block_out_channels = tuple(tuple(int(w) for w in widths) for widths in decoder_block_out_channels)
+        if len(decoder_block_out_channels) != self.partition.num_stages:
+            raise ValueError(
+                f"`decoder_block_out_channels` must give one decoder per stage ({self.partition.num_stages} stages "
+                f"from `stage_boundaries`={tuple(stage_boundaries)}), got {len(decoder_block_out_channels)}."
+            )
+        for widths in (tuple(block_out_channels), *decoder_block_out_channels):
+            if len(widths) != len(block_out_channels) or any(w < 1 or w % norm_num_groups for w in widths):
+                raise ValueError(
+                    f"Every decoder needs {len(block_out_channels)} widths, each a positive multiple of "
+                    f"`norm_num_groups`={norm_num_groups}; got `decoder_block_out_channels`={decoder_block_out_channels}"
+                    f" for `block_out_channels`={tuple(block_out_channels)}."
+                )
+        if time_embedding_type not in ("positional", "fourier", "learned"):
+            raise ValueError(f"`time_embedding_type` must be positional, fourier or learned, got {time_embedding_type!r}.")
+        self.sample_size = sample_size
+        time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
+
+        # 1. shared encoder, part 1: input convolution, time and class embeddings (as UNet2DModel)
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=(1, 1))
+        if time_embedding_type == "fourier":
+            self.time_proj = GaussianFourierProjection(embedding_size=block_out_channels[0], scale=16)
+            timestep_input_dim = 2 * block_out_channels[0]
+        elif time_embedding_type == "positional":
+            self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
+            timestep_input_dim = block_out_channels[0]
+        else:
+            self.time_proj = nn.Embedding(num_train_timesteps, block_out_channels[0])
+            timestep_input_dim = block_out_channels[0]
+        self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
+        if class_embed_type is None and num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim)
+        elif class_embed_type == "timestep":
+            self.class_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
+        elif class_embed_type == "identity":
+            self.class_embedding = nn.Identity(time_embed_dim, time_embed_dim)
+        else:
+            self.class_embedding = None
+
+        # 2. shared encoder, part 2: down path and middle block
+        self.down_blocks = nn.ModuleList([])
+        output_channel = block_out_channels[0]
+        for i, down_block_type in enumerate(down_block_types):
+            input_channel, output_channel = output_channel, block_out_channels[i]
+            self.down_blocks.append(
+                get_down_block(
+                    down_block_type,
+                    num_layers=layers_per_block,
+                    in_channels=input_channel,
+                    out_channels=output_channel,
+                    temb_channels=time_embed_dim,
+                    add_downsample=i < len(block_out_channels) - 1,
+                    resnet_eps=norm_eps,
+                    resnet_act_fn=act_fn,
+                    resnet_groups=norm_num_groups,
+                    attention_head_dim=attention_head_dim if attention_head_dim is not None else output_channel,
+                    downsample_padding=downsample_padding,
+                    resnet_time_scale_shift=resnet_time_scale_shift,
+                    downsample_type=downsample_type,
+                    dropout=dropout,
+                )
+            )
+        self.mid_block = None
+        if mid_block_type is not None:
+            self.mid_block = UNetMidBlock2D(
+                in_channels=block_out_channels[-1],
+                temb_channels=time_embed_dim,
+                dropout=dropout,
+                resnet_eps=norm_eps,
+                resnet_act_fn=act_fn,
+                output_scale_factor=mid_block_scale_factor,
+                resnet_time_scale_shift=resnet_time_scale_shift,
+                attention_head_dim=attention_head_dim if attention_head_dim is not None else block_out_channels[-1],
+                resnet_groups=norm_num_groups,
+                attn_groups=attn_norm_num_groups,
+                add_attention=add_attention,
+            )
+
+        # 3. one tailored decoder per stage, clean stage first
+        self.decoders = nn.ModuleList(
+            [
+                StageDecoder(
+                    encoder_block_out_channels=block_out_channels,
+                    block_out_channels=widths,
+                    up_block_types=up_block_types,
+                    layers_per_block=layers_per_block,
+                    out_channels=out_channels,
+                    temb_channels=time_embed_dim,
+                    norm_num_groups=norm_num_groups,
+                    norm_eps=norm_eps,
+                    act_fn=act_fn,
+                    attention_head_dim=attention_head_dim,
+                    resnet_time_scale_shift=resnet_time_scale_shift,
+                    upsample_type=upsample_type,
+                    dropout=dropout,
+                )
+                for widths in decoder_block_out_channels
+            ]
+        )
+
+    @property
+    def num_stages(self) -> int:
+        return self.partition.num_stages
+
+    def encode(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """Run the shared encoder: returns ``(hidden, skips, emb, timesteps)`` for the whole batch."""
+        # time embedding (shared by every decoder)
+        timesteps = timestep
+        if not torch.is_tensor(timesteps):
+            timesteps = torch.tensor([timesteps], dtype=torch.long, device=sample.device)
+        elif timesteps.ndim == 0:
+            timesteps = timesteps[None].to(sample.device)
+        timesteps = timesteps * torch.ones(sample.shape[0], dtype=timesteps.dtype, device=timesteps.device)
+        emb = self.time_embedding(self.time_proj(timesteps).to(dtype=self.dtype))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError("`class_labels` must be given: this model is class-conditional.")
+            if self.config.class_embed_type == "timestep":
+                class_labels = self.time_proj(class_labels)
+            emb = emb + self.class_embedding(class_labels).to(dtype=self.dtype)
+        elif class_labels is not None:
+            raise ValueError("`class_labels` were given, but this model has no class embedding (`num_class_embeds`).")
+
+        # down path and middle block
+        skip_sample = sample
+        hidden = self.conv_in(sample)
+        skips = (hidden,)
+        for down_block in self.down_blocks:
+            if hasattr(down_block, "skip_conv"):
+                hidden, res_samples, skip_sample = down_block(hidden_states=hidden, temb=emb, skip_sample=skip_sample)
+            else:
+                hidden, res_samples = down_block(hidden_states=hidden, temb=emb)
+            skips += res_samples
+        if self.mid_block is not None:
+            hidden = self.mid_block(hidden, emb)
+        return hidden, skips, emb, timesteps
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        stage_index: int | None = None,
+    ) -> UNet2DOutput | tuple:
+        r"""
+        Args:
+            sample (`torch.Tensor`): noisy input of shape `(batch, in_channels, height, width)`.
+            timestep (`torch.Tensor` or `float` or `int`): one timestep, or one per sample (stages may differ).
+            class_labels (`torch.Tensor`, *optional*): class labels for class-conditional models.
+            return_dict (`bool`, defaults to `True`): return a `UNet2DOutput` rather than a tuple.
+            stage_index (`int`, *optional*): decode every sample with this stage's decoder, skipping the
+                data-dependent routing (the pipelines pass it; it makes `torch.compile(fullgraph=True)` work).
+        """
+        # 0. check and centre the input
+        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"`sample` must have shape (batch, {self.config.in_channels}, height, width), got {tuple(sample.shape)}."
+            )
+        if stage_index is not None and not 0 <= stage_index < self.num_stages:
+            raise ValueError(f"`stage_index` must be in [0, {self.num_stages}), got {stage_index}.")
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        # 1. shared encoder, once on the whole batch
+        hidden, skips, emb, timesteps = self.encode(sample, timestep, class_labels)
+
+        # 2. route: one stage for the batch (given, or all samples agree), else one decoder per group of samples
+        if stage_index is None:
+            stages = self.partition.stage_for_timestep(timesteps).to(sample.device)
+            if bool((stages == stages[0]).all()):
+                stage_index = int(stages[0])
+        if stage_index is not None:
+            out = self.decoders[stage_index](hidden, skips, emb)
+        else:
+            # 3. mixed batch: each decoder only on its own samples, scattered back in order
+            out = None
+            for s, decoder in enumerate(self.decoders):
+                idx = (stages == s).nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                decoded = decoder(hidden[idx], [skip[idx] for skip in skips], emb[idx])
+                if out is None:
+                    out = decoded.new_empty((sample.shape[0], *decoded.shape[1:]))
+                out[idx] = decoded
+
+        # 4. fourier-embedded models predict a scaled output (as UNet2DModel)
+        if self.config.time_embedding_type == "fourier":
+            out = out / timesteps.reshape((out.shape[0], *([1] * (out.ndim - 1))))
+        if not return_dict:
+            return (out,)
+        return UNet2DOutput(sample=out)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_unet(
+        cls,
+        unet: UNet2DModel,
+        stage_boundaries: Sequence[float] = (442, 631),
+        boundary_units: str = "timestep",
+        num_train_timesteps: int | None = None,
+    ) -> "MultiStageUNet2DModel":
+        r"""
+        Warm-start from a pretrained [`~diffusers.UNet2DModel`]: the encoder is the U-Net's down path and every
+        decoder is a copy of its up path, so the new model's output equals the source's at every timestep.
+
+        Example:
+
+        ```py
+        >>> import torch
+        >>> from diffusers import UNet2DModel
+        >>> from diffusers_stages import MultiStageUNet2DModel
+        >>> unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+        ...                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+        >>> staged = MultiStageUNet2DModel.from_unet(unet, stage_boundaries=(300, 600))
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> torch.allclose(staged(x, 450).sample, unet(x, 450).sample, atol=1e-5)
+        True
+
+        ```
+        """
+        if not isinstance(unet, UNet2DModel):
+            raise ValueError(f"`unet` must be a diffusers UNet2DModel, got {type(unet).__name__}.")
+        config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        unet_steps = config.pop("num_train_timesteps", None)
+        num_train_timesteps = num_train_timesteps or unet_steps or 1000
+        model = cls(
+            **config,
+            num_train_timesteps=num_train_timesteps,
+            stage_boundaries=tuple(stage_boundaries),
+            boundary_units=boundary_units,
+        )
+        model.load_state_dict(unet_state_dict_to_multistage(unet.state_dict(), model.num_stages), strict=True)
+        if unet.dtype != model.dtype:
+            model = model.to(dtype=unet.dtype)
+        return model.to(device=unet.device)
+
+
+DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
+
+
+def unet_state_dict_to_multistage(state_dict: dict[str, torch.Tensor], num_stages: int) -> dict[str, torch.Tensor]:
+    """Map a `UNet2DModel` state dict onto a `MultiStageUNet2DModel` whose decoders all copy the up path."""
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith(DECODER_PREFIXES):
+            for s in range(num_stages):
+                converted[f"decoders.{s}.{key}"] = value.clone()
+        else:
+            converted[key] = value
+    return converted

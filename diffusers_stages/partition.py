@@ -1,0 +1,154 @@
+"""The one idea behind all three methods: a partition of the noise schedule into stages.
+
+Stage ``s`` covers the half-open interval ``[b_{s-1}, b_s)`` of noise levels, with ``b_{-1}`` the clean end of
+the schedule and ``b_{S-1}`` its noisy end. Stage 0 is therefore always the *least* noisy stage (near the data)
+and the last stage the noisiest, as in Zhang et al. (CVPR 2024): ``[0, t1)``, ``[t1, t2)``, ``[t2, T]``.
+
+Two units are supported, matching the two ways diffusers models are conditioned on noise:
+
+- ``"timestep"``: discrete-time models (DDPM/DDIM-style ``alphas_cumprod``). Boundaries and model timesteps are in
+  training-timestep units ``[0, num_train_timesteps]``. Every diffusers scheduler for such models (DDPM, DDIM,
+  PNDM, DPM-Solver, UniPC, DEIS, Euler, Heun, KDPM2, LMS, FlowMatch) hands the model the training timestep *of the
+  noise level it is at* (sigmas are mapped back through the training schedule, shifts included), so routing on
+  that value is routing on the noise level.
+- ``"sigma"``: EDM-style models. Boundaries are noise standard deviations; the model is conditioned on EDM's
+  ``c_noise = ln(sigma) / 4``, which is what diffusers' EDM schedulers pass as ``timestep``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+UNITS = ("timestep", "sigma")
+
+
+class TimestepPartition:
+    r"""
+    Stage boundaries over a noise schedule, and the lookup from noise levels to stage indices.
+
+    Args:
+        boundaries (`Sequence[float]`):
+            The ``S - 1`` inner boundaries of ``S`` stages, strictly increasing, in ``units``.
+        num_train_timesteps (`int`, defaults to 1000):
+            Length of the training schedule; the ``"timestep"`` domain is ``[0, num_train_timesteps]``.
+        units (`str`, defaults to `"timestep"`):
+            ``"timestep"`` (training timesteps) or ``"sigma"`` (EDM noise standard deviation).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_stages import TimestepPartition
+    >>> partition = TimestepPartition([442, 631])  # Zhang et al., optimal-denoiser boundaries on CIFAR-10
+    >>> partition.num_stages
+    3
+    >>> partition.stage_index(torch.tensor([0, 441, 442, 999])).tolist()
+    [0, 0, 1, 2]
+
+    ```
+    """
+
+    def __init__(self, boundaries: Sequence[float], num_train_timesteps: int = 1000, units: str = "timestep"):
+        if units not in UNITS:
+            raise ValueError(f"`units` must be one of {UNITS}, got {units!r}.")
+        if not isinstance(num_train_timesteps, int) or isinstance(num_train_timesteps, bool) or num_train_timesteps < 1:
+            raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
+        try:
+            values = [float(b) for b in boundaries]
+        except (TypeError, ValueError):
+            raise ValueError(f"`boundaries` must be a sequence of numbers, got {boundaries!r}.") from None
+        if any(not math.isfinite(b) for b in values):
+            raise ValueError(f"`boundaries` must be finite numbers, got {list(boundaries)}.")
+        if any(b >= a for a, b in zip(values[1:], values[:-1])):
+            raise ValueError(f"`boundaries` must be strictly increasing, got {list(boundaries)}.")
+        low, high = self._domain(units, num_train_timesteps)
+        if values and (values[0] <= low or values[-1] >= high):
+            raise ValueError(
+                f"`boundaries` must lie strictly inside the schedule ({low}, {high}) in {units!r} units, "
+                f"got {list(boundaries)}."
+            )
+        self.boundaries = tuple(values)
+        self.num_train_timesteps = num_train_timesteps
+        self.units = units
+
+    # ----------------------------------------------------------------------------------------------------------
+    # construction
+    @classmethod
+    def uniform(cls, num_stages: int, num_train_timesteps: int = 1000) -> "TimestepPartition":
+        """Equal-length stages in training-timestep units (MEME's intervals ``((n-1)T/N, nT/N]``)."""
+        if not isinstance(num_stages, int) or num_stages < 1:
+            raise ValueError(f"`num_stages` must be a positive integer, got {num_stages!r}.")
+        step = num_train_timesteps / num_stages
+        return cls([step * i for i in range(1, num_stages)], num_train_timesteps, "timestep")
+
+    @classmethod
+    def from_fractions(cls, fractions: Sequence[float], num_train_timesteps: int = 1000) -> "TimestepPartition":
+        """Boundaries given as fractions of the training schedule (e.g. ``[0.442, 0.631]``)."""
+        if any(not 0.0 < float(f) < 1.0 for f in fractions):
+            raise ValueError(f"`fractions` must lie strictly inside (0, 1), got {list(fractions)}.")
+        return cls([float(f) * num_train_timesteps for f in fractions], num_train_timesteps, "timestep")
+
+    @classmethod
+    def from_config(cls, config: dict) -> "TimestepPartition":
+        """Rebuild from the keys written by [`~TimestepPartition.to_config`] (a model or pipeline config)."""
+        return cls(config["stage_boundaries"], config["num_train_timesteps"], config["boundary_units"])
+
+    def to_config(self) -> dict:
+        """The keys that store this partition in a diffusers config (JSON-serialisable)."""
+        return {
+            "stage_boundaries": list(self.boundaries),
+            "num_train_timesteps": self.num_train_timesteps,
+            "boundary_units": self.units,
+        }
+
+    # ----------------------------------------------------------------------------------------------------------
+    # lookup
+    @property
+    def num_stages(self) -> int:
+        return len(self.boundaries) + 1
+
+    def intervals(self) -> list[tuple[float, float]]:
+        """``[(low, high), ...]`` per stage, from the clean end to the noisy end."""
+        low, high = self._domain(self.units, self.num_train_timesteps)
+        edges = [low, *self.boundaries, high]
+        return list(zip(edges[:-1], edges[1:]))
+
+    def noise_level(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
+        """Convert what the model receives as ``timestep`` into a noise level in this partition's units."""
+        timestep = torch.as_tensor(timestep, dtype=torch.float64 if not torch.is_tensor(timestep) else None)
+        if self.units == "sigma":
+            return torch.exp(4.0 * timestep.double())  # EDM: c_noise = ln(sigma) / 4
+        return timestep
+
+    def stage_index(self, noise_level: torch.Tensor | float | int) -> torch.Tensor:
+        """Stage of each noise level (in this partition's units), as a ``long`` tensor of the same shape."""
+        levels = torch.as_tensor(noise_level)
+        low, high = self._domain(self.units, self.num_train_timesteps)
+        if levels.numel() and (bool((levels < low).any()) or bool((levels > high).any()) or levels.isnan().any()):
+            raise ValueError(
+                f"`timestep` must be a noise level inside [{low}, {high}] ({self.units!r} units), got values from "
+                f"{levels.min().item()} to {levels.max().item()}."
+            )
+        bounds = torch.tensor(self.boundaries, dtype=levels.dtype if levels.is_floating_point() else torch.float64)
+        return torch.bucketize(levels.to(bounds.dtype), bounds.to(levels.device), right=True)
+
+    def stage_for_timestep(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
+        """Stage of each *model* timestep: [`~TimestepPartition.noise_level`] then [`~TimestepPartition.stage_index`]."""
+        return self.stage_index(self.noise_level(timestep))
+
+    # ----------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _domain(units: str, num_train_timesteps: int) -> tuple[float, float]:
+        return (0.0, float(num_train_timesteps)) if units == "timestep" else (0.0, math.inf)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TimestepPartition) and self.to_config() == other.to_config()
+
+    def __repr__(self) -> str:
+        return (
+            f"TimestepPartition(boundaries={list(self.boundaries)}, num_train_timesteps={self.num_train_timesteps}, "
+            f"units={self.units!r})"
+        )

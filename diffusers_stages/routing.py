@@ -1,0 +1,70 @@
+"""Routing a denoising loop's model calls to stages: the one place where a scheduler meets a partition."""
+
+from __future__ import annotations
+
+import torch
+
+from .partition import TimestepPartition
+
+
+def is_edm_scheduler(scheduler) -> bool:
+    """EDM schedulers (`EDMEulerScheduler`, `EDMDPMSolverMultistepScheduler`) condition on ``ln(sigma)/4``."""
+    return hasattr(scheduler, "precondition_noise")
+
+
+def check_scheduler_units(scheduler, partition: TimestepPartition) -> None:
+    """Refuse a scheduler whose timesteps are not in the partition's units (RESEARCH.md section 3)."""
+    edm = is_edm_scheduler(scheduler)
+    if edm and partition.units != "sigma":
+        raise ValueError(
+            f"`scheduler` {type(scheduler).__name__} conditions the model on c_noise = ln(sigma)/4, but the stage "
+            f"boundaries are in {partition.units!r} units: use a model with `boundary_units='sigma'` (EDM-style), or "
+            "a DDPM-style scheduler."
+        )
+    if not edm and partition.units == "sigma":
+        raise ValueError(
+            f"The stage boundaries are in 'sigma' units (an EDM-style model), but `scheduler` "
+            f"{type(scheduler).__name__} is not an EDM scheduler: use EDMEulerScheduler or EDMDPMSolverMultistepScheduler."
+        )
+    train_steps = getattr(scheduler.config, "num_train_timesteps", None)
+    if partition.units == "timestep" and train_steps is not None and train_steps != partition.num_train_timesteps:
+        raise ValueError(
+            f"`scheduler` has num_train_timesteps={train_steps}, but the stage boundaries are for a "
+            f"{partition.num_train_timesteps}-step schedule."
+        )
+
+
+class StageRouter:
+    r"""
+    Picks the stage of each model call in a denoising loop from the noise level the scheduler is at.
+
+    The value a diffusers scheduler passes to the model as ``timestep`` *is* its current noise level in the
+    model's units (training timesteps mapped back from sigmas, shifts included; ``ln(sigma)/4`` for EDM), so the
+    stage is looked up from that value through the partition. Second-order schedulers (Heun, KDPM2) call the model
+    twice per step; the corrector call stays with the predictor's stage so that a pair is never split.
+
+    Example:
+
+    ```py
+    >>> from diffusers import HeunDiscreteScheduler
+    >>> from diffusers_stages import StageRouter, TimestepPartition
+    >>> scheduler = HeunDiscreteScheduler()
+    >>> scheduler.set_timesteps(4)
+    >>> router = StageRouter(TimestepPartition([500]), scheduler)
+    >>> router(scheduler.timesteps[0])
+    1
+
+    ```
+    """
+
+    def __init__(self, partition: TimestepPartition, scheduler):
+        check_scheduler_units(scheduler, partition)
+        self.partition = partition
+        self.scheduler = scheduler
+        self.stage: int | None = None
+
+    def __call__(self, timestep: torch.Tensor | float | int) -> int:
+        in_corrector = getattr(self.scheduler, "state_in_first_order", True) is False
+        if self.stage is None or not in_corrector:
+            self.stage = int(self.partition.stage_for_timestep(torch.as_tensor(timestep).reshape(1))[0])
+        return self.stage

@@ -1,0 +1,254 @@
+"""The denoising loop shared by every pipeline of the package: route each model call to its stage's network."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..partition import TimestepPartition
+from ..routing import StageRouter
+
+
+class StagedDiffusionPipeline(DiffusionPipeline):
+    r"""
+    Base class of the package's pipelines: one scheduler, one network per stage of a [`TimestepPartition`], and an
+    optional VAE for latent diffusion. Subclasses register their components and say which network denoises a
+    stage ([`~StagedDiffusionPipeline.stage_denoiser`]); the sampling loop below is the same for all of them.
+
+    Class-conditional models reserve their last class embedding (``num_class_embeds - 1``) for the unconditional
+    label used by classifier-free guidance, as the package's training scripts do.
+    """
+
+    _optional_components = ["vae"]
+
+    # --------------------------------------------------------------------------------------------------------------
+    # what a subclass provides
+    @property
+    def partition(self) -> TimestepPartition:
+        raise NotImplementedError
+
+    def stage_denoiser(self, stage: int) -> tuple[torch.nn.Module, dict]:
+        """The network for ``stage`` and the extra keyword arguments its forward takes."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------------------------------------------
+    def _denoiser_config(self):
+        return self.stage_denoiser(self.partition.num_stages - 1)[0].config
+
+    def _prepare_class_labels(
+        self, class_labels: Sequence[int] | torch.Tensor | None, batch_size: int, device: torch.device
+    ) -> tuple[torch.Tensor | None, int]:
+        num_class_embeds = getattr(self._denoiser_config(), "num_class_embeds", None)
+        if class_labels is None:
+            if num_class_embeds is not None:
+                raise ValueError("`class_labels` must be given: this pipeline's model is class-conditional.")
+            return None, batch_size
+        if num_class_embeds is None:
+            raise ValueError("`class_labels` were given, but this pipeline's model is not class-conditional.")
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if labels.numel() == 0 or bool((labels < 0).any()) or bool((labels >= num_class_embeds - 1).any()):
+            raise ValueError(
+                f"`class_labels` must be class indices in [0, {num_class_embeds - 1}) (the last of the "
+                f"{num_class_embeds} embeddings is the unconditional label), got {labels.tolist()}."
+            )
+        if batch_size not in (1, labels.numel()):
+            raise ValueError(f"`batch_size`={batch_size} disagrees with the {labels.numel()} `class_labels` given.")
+        return labels.to(device), labels.numel()
+
+    def _guidance_scales(self, guidance_scale: float | Sequence[float]) -> list[float]:
+        num_stages = self.partition.num_stages
+        scales = [float(guidance_scale)] * num_stages if isinstance(guidance_scale, (int, float)) else list(guidance_scale)
+        if len(scales) != num_stages or any(s < 1.0 for s in scales):
+            raise ValueError(
+                f"`guidance_scale` must be a number >= 1 or one per stage ({num_stages}), got {guidance_scale!r}."
+            )
+        return scales
+
+    def denoise(
+        self,
+        stage: int,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """One model call of ``stage``'s network, with classifier-free guidance when ``guidance_scale > 1``."""
+        model, kwargs = self.stage_denoiser(stage)
+        if class_labels is None or guidance_scale == 1.0:
+            return model(sample, timestep, class_labels=class_labels, **kwargs).sample
+        null = torch.full_like(class_labels, model.config.num_class_embeds - 1)
+        both = model(torch.cat([sample, sample]), timestep, class_labels=torch.cat([class_labels, null]), **kwargs)
+        cond, uncond = both.sample.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)  # classifier-free guidance (Ho & Salimans, eq. 6)
+
+    # --------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 50,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        class_labels: Sequence[int] | torch.Tensor | None = None,
+        guidance_scale: float | Sequence[float] = 1.0,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generate images.
+
+        Args:
+            batch_size (`int`, defaults to 1): number of images (the number of `class_labels` when those are given).
+            generator (`torch.Generator`, *optional*): makes generation deterministic.
+            num_inference_steps (`int`, defaults to 50): denoising steps of the scheduler.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"`, or `"latent"` (no VAE decoding).
+            return_dict (`bool`, defaults to `True`): return an `ImagePipelineOutput` rather than a tuple.
+            class_labels (`list[int]` or `torch.Tensor`, *optional*): one class per image, for class-conditional models.
+            guidance_scale (`float` or `list[float]`, defaults to 1.0): classifier-free guidance scale, one for all
+                stages or one per stage (clean stage first); 1 disables guidance.
+
+        Returns:
+            [`~diffusers.ImagePipelineOutput`] or `tuple`: the generated images.
+        """
+        # 1. check the inputs
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        device = self._execution_device
+        class_labels, batch_size = self._prepare_class_labels(class_labels, batch_size, device)
+        scales = self._guidance_scales(guidance_scale)
+        router = StageRouter(self.partition, self.scheduler)  # checks the scheduler's units
+
+        # 2. initial noise at the scheduler's first noise level
+        config = self._denoiser_config()
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        model_dtype = self.stage_denoiser(0)[0].dtype
+        latents = randn_tensor(
+            (batch_size, config.in_channels, height, width), generator=generator, device=device, dtype=model_dtype
+        )
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+
+        # 3. denoising loop: every model call goes to the network of the stage its noise level falls in
+        for t in self.progress_bar(self.scheduler.timesteps):
+            stage = router(t)  # the stage switch (a Heun-type predictor/corrector pair stays in one stage)
+            model_input = latents
+            if hasattr(self.scheduler, "scale_model_input"):
+                model_input = self.scheduler.scale_model_input(latents, t)
+            model_output = self.denoise(stage, model_input, t, class_labels, scales[stage])
+            latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+
+        # 4. decode latents (latent diffusion) and convert to the requested output type
+        if output_type == "latent":
+            images = latents
+        else:
+            images = latents
+            if getattr(self, "vae", None) is not None:
+                shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+                images = latents / self.vae.config.scaling_factor + shift
+                images = self.vae.decode(images.to(self.vae.dtype), return_dict=False)[0]
+            images = VaeImageProcessor(do_resize=False).postprocess(images.float(), output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    # --------------------------------------------------------------------------------------------------------------
+    # saving: a folder that loads with `<Pipeline>.from_pretrained`, and with
+    # `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` locally and from the Hub
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        kwargs.setdefault("safe_serialization", True)
+        if not kwargs["safe_serialization"]:
+            raise ValueError("`safe_serialization=False` is not supported: checkpoints are safetensors only.")
+        super().save_pretrained(save_directory, **kwargs)
+        write_reexport_files(save_directory, type(self))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "StagedDiffusionPipeline":
+        r"""
+        Load a saved pipeline folder (or Hub repository) as this package's classes.
+
+        The folder's `model_index.json` names the pipeline as ``[file, class]`` with a re-export file beside it, so
+        that plain `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` works too. Loading through
+        the package's own class needs no `trust_remote_code`: the re-export files are checked to be exactly the
+        one-line imports that `save_pretrained` writes, and anything else is refused unless the caller trusts it.
+        """
+        folder = str(pretrained_model_name_or_path)
+        if not os.path.isdir(folder):
+            download_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "variant")
+            folder = cls.download(folder, **{k: kwargs[k] for k in download_keys if k in kwargs})
+        if not kwargs.get("trust_remote_code") and is_own_reexport_folder(folder):
+            kwargs["trust_remote_code"] = True
+        pipeline = super().from_pretrained(folder, **kwargs)
+        if cls is not StagedDiffusionPipeline and not isinstance(pipeline, cls):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {type(pipeline).__name__}, not a {cls.__name__}: load it "
+                f"with {type(pipeline).__name__}.from_pretrained."
+            )
+        return pipeline
+
+
+REEXPORT_HEADER = "# Written by diffusers-stages so that diffusers finds this class; needs `pip install diffusers-stages`.\n"
+
+
+def _reexport_source(module: str, class_name: str) -> str:
+    return f"{REEXPORT_HEADER}from {module} import {class_name}  # noqa: F401\n"
+
+
+def is_own_reexport_folder(folder: str | os.PathLike) -> bool:
+    """Whether every ``.py`` file a saved folder would execute is one of the package's own re-export lines."""
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        return False
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    class_entry = index.get("_class_name")
+    if not isinstance(class_entry, list):
+        return False
+    files = {os.path.join(folder, f"{class_entry[0]}.py"): None}
+    for name, value in index.items():
+        if not name.startswith("_") and isinstance(value, list) and value[0]:
+            files[os.path.join(folder, name, f"{value[0]}.py")] = value
+    for path, entry in files.items():
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        module = source.split("from ", 1)[-1].split(" import", 1)[0] if "from " in source else ""
+        expected_class = class_entry[1] if entry is None else entry[1]
+        if not module.startswith("diffusers_stages.") or source != _reexport_source(module, expected_class):
+            return False
+    return True
+
+
+def write_reexport_files(save_directory: str | os.PathLike, pipeline_class: type) -> None:
+    """Name the pipeline in `model_index.json` as ``[file, class]`` and write the tiny re-export files that let
+    diffusers resolve the package's classes from a plain folder or a Hub repository (diffusers issue 6563)."""
+    index_path = os.path.join(save_directory, "model_index.json")
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    module_file = pipeline_class.__module__.rsplit(".", 1)[-1]
+    index["_class_name"] = [module_file, pipeline_class.__name__]
+    with open(os.path.join(save_directory, f"{module_file}.py"), "w", encoding="utf-8") as f:
+        f.write(_reexport_source(pipeline_class.__module__, pipeline_class.__name__))
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        library, class_name = value
+        if library.split(".")[0] == "diffusers_stages" and os.path.isdir(os.path.join(save_directory, name)):
+            with open(os.path.join(save_directory, name, f"{library}.py"), "w", encoding="utf-8") as f:
+                f.write(_reexport_source(library, class_name))
+    with open(index_path, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+        f.write("\n")
