@@ -1,0 +1,240 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EDMEulerScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+    VQModel,
+)
+
+from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
+
+BOUNDARIES = (442, 631)
+SIGMA_BOUNDARIES = (2.5103, 7.6577)  # Zhang et al.'s EDM boundaries in sigma
+SCHEDULERS = [
+    DDPMScheduler,
+    DDIMScheduler,
+    PNDMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    UniPCMultistepScheduler,
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    DEISMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    EDMEulerScheduler,
+]
+
+
+def _pipe(unet, scheduler, vae=None):
+    pipe = MultiStagePipeline(unet=unet, scheduler=scheduler, vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _record_calls(pipe):
+    """Wrap the U-Net to record (timestep, stage_index, first-order?) of every model call."""
+    calls, forward = [], pipe.unet.forward
+
+    def recording_forward(sample, timestep, *args, stage_index=None, **kwargs):
+        first_order = getattr(pipe.scheduler, "state_in_first_order", True)
+        calls.append((float(timestep), stage_index, first_order))
+        return forward(sample, timestep, *args, stage_index=stage_index, **kwargs)
+
+    pipe.unet.forward = recording_forward
+    return calls
+
+
+def _expected_stage(timestep: float, edm: bool) -> int:
+    if edm:  # EDM schedulers pass c_noise = ln(sigma)/4
+        sigma = math.exp(4 * timestep)
+        return sum(sigma >= b for b in SIGMA_BOUNDARIES)
+    return sum(timestep >= b for b in BOUNDARIES)
+
+
+@pytest.mark.parametrize("scheduler_class", SCHEDULERS, ids=lambda c: c.__name__)
+def test_every_scheduler_runs_and_routes_each_call_to_its_stage(tiny_unet_kwargs, scheduler_class):
+    edm = scheduler_class is EDMEulerScheduler
+    torch.manual_seed(0)
+    unet = MultiStageUNet2DModel(
+        **tiny_unet_kwargs,
+        stage_boundaries=SIGMA_BOUNDARIES if edm else BOUNDARIES,
+        boundary_units="sigma" if edm else "timestep",
+        decoder_block_out_channels=((16, 24), (8, 16), (4, 8)),
+    ).eval()
+    pipe = _pipe(unet, scheduler_class())
+    calls = _record_calls(pipe)
+    images = pipe(batch_size=2, num_inference_steps=6, generator=torch.manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
+    assert len(calls) >= 6
+    for i, (t, stage, first_order) in enumerate(calls):
+        if first_order:
+            assert stage == _expected_stage(t, edm), f"call {i} at t={t} went to stage {stage}"
+        else:  # the corrector of a Heun-type pair stays with its predictor
+            assert stage == calls[i - 1][1]
+    assert {s for _, s, _ in calls} == {0, 1, 2}, "6 steps over the whole schedule visit every stage"
+
+
+def test_same_seed_same_images_also_after_save_and_reload(tiny_multistage, tmp_path):
+    pipe = _pipe(tiny_multistage, EulerAncestralDiscreteScheduler())  # stochastic sampler: uses the generator
+    first = pipe(batch_size=2, num_inference_steps=4, generator=torch.manual_seed(3), output_type="np").images
+    again = pipe(batch_size=2, num_inference_steps=4, generator=torch.manual_seed(3), output_type="np").images
+    other = pipe(batch_size=2, num_inference_steps=4, generator=torch.manual_seed(4), output_type="np").images
+    assert np.array_equal(first, again) and not np.allclose(first, other)
+
+    pipe.save_pretrained(tmp_path)
+    assert not list(tmp_path.rglob("*.bin")) and (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    for loaded in (
+        MultiStagePipeline.from_pretrained(tmp_path),
+        DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True),
+    ):
+        assert type(loaded) is MultiStagePipeline and type(loaded.unet) is MultiStageUNet2DModel
+        assert type(loaded.scheduler) is EulerAncestralDiscreteScheduler
+        loaded.set_progress_bar_config(disable=True)
+        reloaded = loaded(batch_size=2, num_inference_steps=4, generator=torch.manual_seed(3), output_type="np").images
+        assert np.array_equal(first, reloaded)
+
+
+def test_saved_folder_is_hub_ready(tiny_multistage, tmp_path):
+    _pipe(tiny_multistage, DDIMScheduler()).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_multistage", "MultiStagePipeline"]
+    module, _ = index["unet"]
+    # diffusers only accepts a third-party component from the Hub when `<component>/<library>.py` exists (#6563)
+    assert (tmp_path / "unet" / f"{module}.py").read_text().strip().endswith("import MultiStageUNet2DModel  # noqa: F401")
+    assert (tmp_path / "pipeline_multistage.py").exists()
+
+
+def test_a_folder_with_foreign_code_is_not_trusted_silently(tiny_multistage, tmp_path):
+    _pipe(tiny_multistage, DDIMScheduler()).save_pretrained(tmp_path)
+    (tmp_path / "pipeline_multistage.py").write_text("import os\nfrom diffusers_stages import MultiStagePipeline\n")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        MultiStagePipeline.from_pretrained(tmp_path)
+
+
+def _tiny_autoencoder_kl():
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.5,
+        shift_factor=0.25,
+    ).eval()
+
+
+def _tiny_vq():
+    return VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        num_vq_embeddings=16,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.7,
+    ).eval()
+
+
+@pytest.mark.parametrize("make_vae", [_tiny_autoencoder_kl, _tiny_vq], ids=["AutoencoderKL", "VQModel"])
+def test_latent_diffusion_decodes_scaled_latents(tiny_unet_kwargs, make_vae, tmp_path):
+    torch.manual_seed(0)
+    unet = MultiStageUNet2DModel(**{**tiny_unet_kwargs, "in_channels": 4, "out_channels": 4, "sample_size": 4})
+    vae = make_vae()
+    pipe = _pipe(unet.eval(), DDIMScheduler(), vae)
+    latents = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="latent").images
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
+    assert latents.shape == (2, 4, 4, 4) and images.shape == (2, 3, 8, 8)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    with torch.no_grad():
+        expected = vae.decode(latents / vae.config.scaling_factor + shift).sample
+    assert torch.allclose(images, (expected / 2 + 0.5).clamp(0, 1), atol=1e-6)
+
+    pipe.save_pretrained(tmp_path)
+    loaded = MultiStagePipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.vae) is type(vae)
+    again = loaded(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
+    assert torch.equal(images, again)
+
+
+def test_class_conditional_guidance(tiny_unet_kwargs):
+    torch.manual_seed(0)
+    unet = MultiStageUNet2DModel(**tiny_unet_kwargs, num_class_embeds=4).eval()  # 3 classes + the null label 3
+    pipe = _pipe(unet, DDIMScheduler())
+    labels = [0, 2]
+    calls = _record_calls(pipe)
+    guided = pipe(class_labels=labels, guidance_scale=3.0, num_inference_steps=3, generator=torch.manual_seed(0),
+                  output_type="pt").images
+    plain = pipe(class_labels=labels, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
+    assert guided.shape == (2, 3, 8, 8) and not torch.allclose(guided, plain)
+    assert len(calls) == 6  # one batched call (conditional + unconditional) per step with guidance, one without
+
+    # the guided prediction is uncond + s * (cond - uncond) with the null label num_class_embeds - 1
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor(700), torch.tensor(labels)
+    with torch.no_grad():
+        got = pipe.denoise(2, x, t, y, 3.0)
+        cond = unet(x, t, class_labels=y, stage_index=2).sample
+        uncond = unet(x, t, class_labels=torch.full_like(y, 3), stage_index=2).sample
+    assert torch.allclose(got, uncond + 3.0 * (cond - uncond), atol=1e-5)
+    # per-stage guidance scales: 1 everywhere equals no guidance
+    per_stage = pipe(class_labels=labels, guidance_scale=[1.0, 1.0, 1.0], num_inference_steps=3,
+                     generator=torch.manual_seed(0), output_type="pt").images
+    assert torch.equal(per_stage, plain)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"output_type": "jpeg"}, "output_type"),
+        ({"class_labels": [0]}, "class_labels"),
+        ({"guidance_scale": [2.0, 2.0]}, "guidance_scale"),
+        ({"guidance_scale": 0.5}, "guidance_scale"),
+    ],
+)
+def test_bad_call_arguments_name_the_argument(tiny_multistage, kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        _pipe(tiny_multistage, DDIMScheduler())(num_inference_steps=kwargs.pop("num_inference_steps", 2), **kwargs)
+
+
+def test_class_labels_are_checked(tiny_unet_kwargs):
+    pipe = _pipe(MultiStageUNet2DModel(**tiny_unet_kwargs, num_class_embeds=4).eval(), DDIMScheduler())
+    with pytest.raises(ValueError, match="`class_labels` must be given"):
+        pipe(num_inference_steps=2)
+    with pytest.raises(ValueError, match="`class_labels`.*\\[0, 3\\]"):
+        pipe(class_labels=[0, 3], num_inference_steps=2)  # 3 is the null label
+    with pytest.raises(ValueError, match="`batch_size`=3"):
+        pipe(batch_size=3, class_labels=[0, 1], num_inference_steps=2)
+
+
+def test_scheduler_in_other_units_is_refused(tiny_multistage):
+    with pytest.raises(ValueError, match="boundary_units='sigma'"):
+        _pipe(tiny_multistage, EDMEulerScheduler())(num_inference_steps=2)

@@ -1,0 +1,60 @@
+import math
+
+import pytest
+import torch
+
+from diffusers_stages import TimestepPartition
+
+
+def test_stage_lookup_matches_half_open_intervals():
+    partition = TimestepPartition([442, 631])
+    t = torch.tensor([0, 1, 441, 442, 443, 630, 631, 999, 1000])
+    assert partition.stage_index(t).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert partition.stage_index(torch.tensor([441.999, 442.0])).tolist() == [0, 1]
+    assert partition.num_stages == 3
+    assert partition.intervals() == [(0.0, 442.0), (442.0, 631.0), (631.0, 1000.0)]
+
+
+def test_single_stage_and_uniform():
+    assert TimestepPartition([]).stage_index(torch.tensor([0, 999])).tolist() == [0, 0]
+    uniform = TimestepPartition.uniform(4)
+    assert uniform.boundaries == (250.0, 500.0, 750.0)
+    assert TimestepPartition.from_fractions([0.442, 0.631]).boundaries == pytest.approx((442.0, 631.0))
+
+
+def test_config_round_trip():
+    partition = TimestepPartition([2.5103, 7.6577], units="sigma")
+    assert TimestepPartition.from_config(partition.to_config()) == partition
+
+
+def test_sigma_units_read_edm_noise_conditioning():
+    partition = TimestepPartition([2.5103, 7.6577], units="sigma")
+    c_noise = torch.log(torch.tensor([0.002, 2.0, 3.0, 80.0])) / 4  # what diffusers' EDM schedulers pass
+    assert partition.stage_for_timestep(c_noise).tolist() == [0, 0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(boundaries=[631, 442]), "boundaries"),
+        (dict(boundaries=[442, 442]), "boundaries"),
+        (dict(boundaries=[0, 500]), "boundaries"),
+        (dict(boundaries=[500, 1000]), "boundaries"),
+        (dict(boundaries=[math.nan]), "boundaries"),
+        (dict(boundaries=["a"]), "boundaries"),
+        (dict(boundaries=[-1.0], units="sigma"), "boundaries"),
+        (dict(boundaries=[500], units="seconds"), "units"),
+        (dict(boundaries=[500], num_train_timesteps=0), "num_train_timesteps"),
+    ],
+)
+def test_bad_partitions_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        TimestepPartition(**kwargs)
+
+
+def test_noise_level_out_of_range_is_an_error():
+    partition = TimestepPartition([500])
+    with pytest.raises(ValueError, match="`timestep`.*1001"):
+        partition.stage_index(torch.tensor([10, 1001]))
+    with pytest.raises(ValueError, match="`timestep`"):
+        partition.stage_index(torch.tensor([-1]))
