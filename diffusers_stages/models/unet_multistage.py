@@ -212,6 +212,15 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
                     f"`norm_num_groups`={norm_num_groups}; got `decoder_block_out_channels`={decoder_block_out_channels}"
                     f" for `block_out_channels`={tuple(block_out_channels)}."
                 )
+        attention_widths = [w for w, b in zip(block_out_channels, down_block_types) if "Attn" in b]
+        attention_widths += [block_out_channels[-1]] if mid_block_type is not None and add_attention else []
+        for widths in decoder_block_out_channels:
+            attention_widths += [w for w, b in zip(reversed(widths), up_block_types) if "Attn" in b]
+        if attention_head_dim is not None and any(w < attention_head_dim for w in attention_widths):
+            raise ValueError(
+                f"Attention blocks of widths {sorted(set(attention_widths))} need at least one head of "
+                f"`attention_head_dim`={attention_head_dim}: lower it, or widen the narrow blocks."
+            )
         if time_embedding_type not in ("positional", "fourier", "learned"):
             raise ValueError(f"`time_embedding_type` must be positional, fourier or learned, got {time_embedding_type!r}.")
         self.sample_size = sample_size

@@ -167,6 +167,7 @@ def test_sigma_units_route_edm_noise_conditioning(tiny_unet_kwargs):
         ({"decoder_block_out_channels": ((8, 16), (8, 16), (8,))}, "decoder_block_out_channels"),
         ({"boundary_units": "seconds"}, "units"),
         ({"up_block_types": ("UpBlock2D",)}, "up_block_types"),
+        ({"attention_head_dim": 16, "decoder_block_out_channels": ((8, 16), (8, 16), (4, 8))}, "attention_head_dim"),
     ],
 )
 def test_bad_configuration_names_the_argument(tiny_unet_kwargs, kwargs, name):
