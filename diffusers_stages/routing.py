@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .partition import TimestepPartition
@@ -68,3 +70,50 @@ class StageRouter:
         if self.stage is None or not in_corrector:
             self.stage = int(self.partition.stage_for_timestep(torch.as_tensor(timestep).reshape(1))[0])
         return self.stage
+
+
+def dispatch_by_stage(
+    partition: TimestepPartition,
+    timesteps: torch.Tensor,
+    stage_index: int | None,
+    run_stage: Callable[[int, torch.Tensor | None], torch.Tensor],
+) -> torch.Tensor:
+    r"""
+    Run a batch through per-stage networks: the one place where a model splits a mixed batch by stage.
+
+    ``run_stage(stage, rows)`` computes the output of ``stage``'s network for the samples at ``rows`` (``None``:
+    the whole batch). With ``stage_index`` given, or when every sample falls in one stage, the network runs once on
+    the whole batch; otherwise each network runs only on its own samples and the outputs are scattered back in
+    order, so the cost is ``sum_s network_s(B_s)``.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_stages import TimestepPartition
+    >>> from diffusers_stages.routing import dispatch_by_stage
+    >>> x = torch.arange(3.0)
+    >>> run = lambda stage, rows: (x if rows is None else x[rows]) + 10 * stage
+    >>> dispatch_by_stage(TimestepPartition([500]), torch.tensor([900, 100, 600]), None, run).tolist()
+    [10.0, 1.0, 12.0]
+
+    ```
+    """
+    if stage_index is not None:
+        if not 0 <= stage_index < partition.num_stages:
+            raise ValueError(f"`stage_index` must be in [0, {partition.num_stages}), got {stage_index}.")
+        return run_stage(stage_index, None)
+    stages = partition.stage_for_timestep(timesteps.reshape(-1))
+    if bool((stages == stages[0]).all()):
+        return run_stage(int(stages[0]), None)
+    stages = stages.to(timesteps.device)
+    out = None
+    for stage in range(partition.num_stages):
+        rows = (stages == stage).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        part = run_stage(stage, rows)
+        if out is None:
+            out = part.new_empty((stages.numel(), *part.shape[1:]))
+        out[rows] = part
+    return out

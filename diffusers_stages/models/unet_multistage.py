@@ -20,6 +20,7 @@ from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
 
 from ..partition import TimestepPartition
+from ..routing import dispatch_by_stage
 from .loading import StrictLoadingMixin
 
 
@@ -369,34 +370,21 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
             raise ValueError(
                 f"`sample` must have shape (batch, {self.config.in_channels}, height, width), got {tuple(sample.shape)}."
             )
-        if stage_index is not None and not 0 <= stage_index < self.num_stages:
-            raise ValueError(f"`stage_index` must be in [0, {self.num_stages}), got {stage_index}.")
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 
         # 1. shared encoder, once on the whole batch
         hidden, skips, emb, timesteps = self.encode(sample, timestep, class_labels)
 
-        # 2. route: one stage for the batch (given, or all samples agree), else one decoder per group of samples
-        if stage_index is None:
-            stages = self.partition.stage_for_timestep(timesteps).to(sample.device)
-            if bool((stages == stages[0]).all()):
-                stage_index = int(stages[0])
-        if stage_index is not None:
-            out = self.decoders[stage_index](hidden, skips, emb)
-        else:
-            # 3. mixed batch: each decoder only on its own samples, scattered back in order
-            out = None
-            for s, decoder in enumerate(self.decoders):
-                idx = (stages == s).nonzero().squeeze(1)
-                if idx.numel() == 0:
-                    continue
-                decoded = decoder(hidden[idx], [skip[idx] for skip in skips], emb[idx])
-                if out is None:
-                    out = decoded.new_empty((sample.shape[0], *decoded.shape[1:]))
-                out[idx] = decoded
+        # 2. route: each stage's decoder on its own samples only (the whole batch when one stage holds it)
+        def decode(stage: int, rows: torch.Tensor | None) -> torch.Tensor:
+            if rows is None:
+                return self.decoders[stage](hidden, skips, emb)
+            return self.decoders[stage](hidden[rows], [skip[rows] for skip in skips], emb[rows])
 
-        # 4. fourier-embedded models predict a scaled output (as UNet2DModel)
+        out = dispatch_by_stage(self.partition, timesteps, stage_index, decode)
+
+        # 3. fourier-embedded models predict a scaled output (as UNet2DModel)
         if self.config.time_embedding_type == "fourier":
             out = out / timesteps.reshape((out.shape[0], *([1] * (out.ndim - 1))))
         if not return_dict:

@@ -132,8 +132,8 @@ def test_a_folder_with_foreign_code_is_not_trusted_silently(tiny_multistage, tmp
         MultiStagePipeline.from_pretrained(tmp_path)
 
 
-def _tiny_autoencoder_kl():
-    return AutoencoderKL(
+def _tiny_vae(vae_class, **extra):
+    return vae_class(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -142,31 +142,22 @@ def _tiny_autoencoder_kl():
         latent_channels=4,
         norm_num_groups=4,
         sample_size=16,
-        scaling_factor=0.5,
-        shift_factor=0.25,
+        **extra,
     ).eval()
 
 
-def _tiny_vq():
-    return VQModel(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        num_vq_embeddings=16,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=0.7,
-    ).eval()
-
-
-@pytest.mark.parametrize("make_vae", [_tiny_autoencoder_kl, _tiny_vq], ids=["AutoencoderKL", "VQModel"])
-def test_latent_diffusion_decodes_scaled_latents(tiny_unet_kwargs, make_vae, tmp_path):
+@pytest.mark.parametrize(
+    "vae_class, extra",
+    [
+        (AutoencoderKL, {"scaling_factor": 0.5, "shift_factor": 0.25}),
+        (VQModel, {"scaling_factor": 0.7, "num_vq_embeddings": 16}),
+    ],
+    ids=["AutoencoderKL", "VQModel"],
+)
+def test_latent_diffusion_decodes_scaled_latents(tiny_unet_kwargs, vae_class, extra, tmp_path):
     torch.manual_seed(0)
     unet = MultiStageUNet2DModel(**{**tiny_unet_kwargs, "in_channels": 4, "out_channels": 4, "sample_size": 4})
-    vae = make_vae()
+    vae = _tiny_vae(vae_class, **extra)
     pipe = _pipe(unet.eval(), DDIMScheduler(), vae)
     latents = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="latent").images
     images = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
