@@ -1,0 +1,167 @@
+"""Time and peak memory of stage planning (optimal-denoiser clustering) on 10,000 Fashion-MNIST images (28x28).
+
+Set-up: Debian's `dataset-fashion-mnist` (installed with apt-get when missing). The baseline, measured in the same
+run, is the same computation without streaming: the softmax over the whole training set in one chunk
+(``chunk_size = N``), as a direct implementation would hold it. Wall times are medians of ``--repeats`` runs. Peak
+memory is the process's peak RSS (VmHWM, reset once the data are loaded; torch allocates outside `tracemalloc`)
+above the RSS with the data loaded, each configuration in a fresh process. A last streamed run on the whole
+training split (60,000 images) shows that memory does not grow with N^2. CUDA runs also print
+`torch.cuda.max_memory_allocated`.
+
+    python benchmarks/bench_planning.py [--num_images 10000] [--repeats 3] [--large 60000] [--plot plan.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from diffusers_stages.planning import NoiseSchedule, plan_stages, plot_plan
+
+FASHION_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+def fashion_mnist(num_images: int) -> torch.Tensor:
+    """The first ``num_images`` training images as ``(N, 1, 28, 28)`` in ``[-1, 1]`` (idx3 format)."""
+    if not os.path.exists(FASHION_TRAIN):
+        subprocess.run(["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"], check=True)
+    with gzip.open(FASHION_TRAIN, "rb") as f:
+        header = f.read(16)
+        count, rows, cols = (int.from_bytes(header[i : i + 4], "big") for i in (4, 8, 12))
+        count = min(count, num_images)
+        images = np.frombuffer(f.read(count * rows * cols), dtype=np.uint8).reshape(count, 1, rows, cols)
+    return torch.from_numpy(images.astype(np.float32)) / 127.5 - 1
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024  # kB
+
+
+def reset_peak_rss() -> float:
+    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5) and return the current RSS in MiB."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")
+    return _status_mib("VmRSS:")
+
+
+def peak_rss_mib() -> float:
+    return _status_mib("VmHWM:")
+
+
+def measure(num_images: int, chunk_size: int, args: argparse.Namespace) -> dict:
+    """Plan ``--repeats`` times (seeds 0, 1, ...) in this process; wall times and peak memory above the data."""
+    cuda = args.device.startswith("cuda")
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), args.num_levels)
+    data = fashion_mnist(num_images)
+    loaded = reset_peak_rss()
+    times, fractions = [], []
+    for seed in range(args.repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        plan = plan_stages(
+            data,
+            schedule,
+            3,
+            num_samples=args.num_samples,
+            chunk_size=chunk_size or num_images,
+            device=args.device,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        fractions.append([round(f, 4) for f in plan.fractions])
+    if args.plot:
+        plot_plan(plan, args.plot, title=f"Fashion-MNIST, {num_images} images: optimal-denoiser clustering")
+    return {
+        "num_images": num_images,
+        "chunk_size": chunk_size or num_images,
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "peak_rss_above_data_mib": peak_rss_mib() - loaded,
+        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "fractions": fractions,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num_images", type=int, default=10_000)
+    parser.add_argument("--num_samples", type=int, default=128)
+    parser.add_argument("--num_levels", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--large", type=int, default=60_000, help="One more streamed run on this many images (0: skip)."
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--plot", default=None)
+    parser.add_argument("--worker", nargs=2, type=int, metavar=("NUM_IMAGES", "CHUNK_SIZE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:  # one configuration in a fresh process, so that its peak RSS is its own
+        print(json.dumps(measure(*args.worker, args)))
+        return
+
+    def in_subprocess(num_images: int, chunk_size: int, repeats: int, plot: str | None = None) -> dict:
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            str(num_images),
+            str(chunk_size),
+            "--repeats",
+            str(repeats),
+            "--num_samples",
+            str(args.num_samples),
+            "--num_levels",
+            str(args.num_levels),
+            "--device",
+            args.device,
+        ]
+        command += ["--plot", plot] if plot else []
+        return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+    print(
+        f"Fashion-MNIST 28x28, device {args.device}, {torch.get_num_threads()} threads, K={args.num_samples} draws, "
+        f"{args.num_levels} levels; peak RSS is measured above the RSS with the data loaded, one process per row"
+    )
+    rows = {
+        "streamed (chunks of 1024)": in_subprocess(args.num_images, 1024, args.repeats, args.plot),
+        "baseline: one chunk of N": in_subprocess(args.num_images, 0, args.repeats),
+    }
+    if args.large:
+        rows[f"streamed, {args.large} images"] = in_subprocess(args.large, 1024, 1)
+    for name, row in rows.items():
+        cuda = f", CUDA peak {row['cuda_peak_mib']:.0f} MiB" if row["cuda_peak_mib"] is not None else ""
+        times = [round(t, 2) for t in row["times_s"]]
+        print(
+            f"{name:>28}: N={row['num_images']}, median {row['median_s']:7.2f} s {times}, "
+            f"peak RSS +{row['peak_rss_above_data_mib']:.0f} MiB{cuda}; boundaries (fraction of T) {row['fractions']}"
+        )
+    streamed, direct = rows["streamed (chunks of 1024)"], rows["baseline: one chunk of N"]
+    spread = np.ptp(np.array(streamed["fractions"]), axis=0).max()
+    print(
+        f"streamed / baseline: wall time {streamed['median_s'] / direct['median_s']:.2f}x, peak memory "
+        f"{streamed['peak_rss_above_data_mib'] / direct['peak_rss_above_data_mib']:.2f}x; same boundaries: "
+        f"{streamed['fractions'] == direct['fractions']}; spread over {args.repeats} seeds {spread:.4f} of T; "
+        f"an N x N float64 matrix: {args.num_images**2 * 8 / 2**20:.0f} MiB at N={args.num_images}"
+        + (f", {args.large**2 * 8 / 2**30:.1f} GiB at N={args.large}" if args.large else "")
+    )
+    if args.plot:
+        print("plot:", args.plot)
+    print(json.dumps({"device": args.device, **rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Command line for stage planning: ``python -m diffusers_stages.plan`` (or ``diffusers-stages-plan``).
+
+Points Zhang et al.'s optimal-denoiser clustering (or a baseline) at an image folder or a `datasets` dataset and a
+noise schedule, prints the stage boundaries (the last line of stdout is JSON), saves a PNG of the similarity curves
+with the boundaries marked, and can write the boundaries (and heuristic decoder widths) into a model config::
+
+    python -m diffusers_stages.plan --train_data_dir ./images --resolution 32 --num_stages 3 \\
+        --output_plot plan.png --model_config unet/config.json --output_config planned/config.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from .planning import (
+    METHODS,
+    NoiseSchedule,
+    load_images,
+    partition_to_model_config,
+    plan_stages,
+    plot_plan,
+    stage_difficulty,
+    suggest_decoder_widths,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="diffusers-stages-plan", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--train_data_dir", help="A folder of training images (searched recursively).")
+    source.add_argument("--dataset", help="A `datasets` dataset: a `save_to_disk` folder, or a name for load_dataset.")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--num_channels", type=int, default=3, choices=(1, 3))
+    parser.add_argument("--max_images", type=int, default=None)
+    parser.add_argument("--num_stages", type=int, default=3)
+    parser.add_argument("--method", default="optimal_denoiser", choices=METHODS)
+    parser.add_argument("--alpha", type=float, default=0.9, help="Mean-similarity threshold in (0, 1].")
+    parser.add_argument("--eta", type=float, default=0.1, help="Pixel tolerance in (0, 1].")
+    parser.add_argument("--num_samples", type=int, default=128, help="Monte Carlo draws K.")
+    parser.add_argument("--num_levels", type=int, default=100, help="Noise levels on the planning grid.")
+    schedule = parser.add_mutually_exclusive_group()
+    schedule.add_argument("--scheduler_config", help="A diffusers scheduler config (file or folder). Default: DDPM.")
+    schedule.add_argument("--edm", action="store_true", help="An EDM/Karras sigma schedule (boundaries in sigma).")
+    parser.add_argument("--sigma_min", type=float, default=0.002)
+    parser.add_argument("--sigma_max", type=float, default=80.0)
+    parser.add_argument("--rho", type=float, default=7.0)
+    parser.add_argument("--model_path", help="A trained diffusers model folder, for --method gradient.")
+    parser.add_argument("--model_config", help="A model config.json to write the plan into (see --output_config).")
+    parser.add_argument("--output_config", help="Where to write the planned MultiStageUNet2DModel config.json.")
+    parser.add_argument("--output_plot", default=None, help="PNG of the curves with the boundaries marked.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument("--chunk_size", type=int, default=1024, help="Training images per streamed chunk.")
+    args = parser.parse_args(argv)
+    if args.output_config and not args.model_config:
+        parser.error("--output_config needs --model_config (the config to write the plan into).")
+    return args
+
+
+def _scheduler_from_config(path: str):
+    import diffusers
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "scheduler_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    scheduler_class = getattr(diffusers, config.get("_class_name", ""), None)
+    if scheduler_class is None:
+        raise ValueError(f"`--scheduler_config` {path!r} names no diffusers scheduler (_class_name).")
+    return scheduler_class.from_config(config)
+
+
+def _load_model(path: str) -> torch.nn.Module:
+    import diffusers
+
+    import diffusers_stages
+
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        class_name = json.load(f).get("_class_name", "")
+    model_class = getattr(diffusers_stages, class_name, None) or getattr(diffusers, class_name, None)
+    if model_class is None:
+        raise ValueError(f"`--model_path` {path!r}: unknown model class {class_name!r}.")
+    return model_class.from_pretrained(path)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Run the command on ``argv`` (default: ``sys.argv``); returns what the JSON line holds."""
+    args = parse_args(argv)
+    # 1. the noise schedule: its units are the boundaries' units
+    if args.edm:
+        schedule = NoiseSchedule.edm(args.sigma_min, args.sigma_max, args.rho, args.num_levels)
+    else:
+        scheduler = _scheduler_from_config(args.scheduler_config) if args.scheduler_config else None
+        if scheduler is None:
+            from diffusers import DDPMScheduler
+
+            scheduler = DDPMScheduler()
+        schedule = NoiseSchedule.from_scheduler(scheduler, args.num_levels)
+
+    # 2. the training images (not needed by the schedule-only baselines)
+    data = None
+    if args.method not in ("uniform", "snr", "snr_clustering") or args.model_config:
+        data = load_images(
+            args.train_data_dir,
+            args.dataset,
+            args.resolution,
+            args.num_channels,
+            args.image_column,
+            args.split,
+            args.max_images,
+            progress_bar=True,
+        )
+        print(f"{data.shape[0]} training images of shape {tuple(data.shape[1:])}", file=sys.stderr)
+
+    # 3. plan
+    model = _load_model(args.model_path) if args.model_path else None
+    plan = plan_stages(
+        data,
+        schedule,
+        args.num_stages,
+        args.method,
+        args.alpha,
+        args.eta,
+        args.num_samples,
+        args.num_levels,
+        torch.Generator().manual_seed(args.seed),
+        model,
+        args.chunk_size,
+        args.device,
+        progress_bar=True,
+    )
+    result = plan.to_dict()
+    unit = "timestep" if schedule.units == "timestep" else "sigma"
+    print(f"{args.method}: {plan.partition.num_stages} stages, boundaries in {unit} units")
+    for s, (low, high) in enumerate(plan.partition.intervals()):
+        print(f"  stage {s}: [{low:.6g}, {high:.6g})")
+
+    # 4. decoder widths (heuristic) and the model config
+    if args.model_config:
+        with open(args.model_config, encoding="utf-8") as f:
+            config = json.load(f)
+        difficulty = stage_difficulty(data, schedule, plan.partition)
+        widths = suggest_decoder_widths(config["block_out_channels"], difficulty, config.get("norm_num_groups", 32))
+        result["stage_difficulty"] = [round(d, 4) for d in difficulty]
+        result["decoder_block_out_channels"] = [list(w) for w in widths]
+        print(f"  heuristic decoder widths (clean stage first): {result['decoder_block_out_channels']}")
+        if args.output_config:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output_config)), exist_ok=True)
+            with open(args.output_config, "w", encoding="utf-8") as f:
+                json.dump(partition_to_model_config(config, plan.partition, widths), f, indent=2)
+            print(f"  model config written to {args.output_config}")
+    if args.output_plot:
+        print(f"  plot written to {plot_plan(plan, args.output_plot)}")
+    print(json.dumps(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point (``diffusers-stages-plan``)."""
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""`plan_stages`: one entry point for every stage-division method."""
+
+from __future__ import annotations
+
+import torch
+
+from .methods import (
+    METHODS,
+    StagePlan,
+    gradient_plan,
+    optimal_denoiser_plan,
+    snr_clustering_plan,
+    snr_plan,
+    uniform_plan,
+)
+from .schedule import NoiseSchedule
+
+
+def plan_stages(
+    data: torch.Tensor | None,
+    schedule,
+    num_stages: int = 3,
+    method: str = "optimal_denoiser",
+    alpha: float = 0.9,
+    eta: float = 0.1,
+    num_samples: int = 128,
+    num_levels: int = 100,
+    generator: torch.Generator | None = None,
+    model: torch.nn.Module | None = None,
+    chunk_size: int = 1024,
+    device: torch.device | str | None = None,
+    progress_bar: bool = False,
+) -> StagePlan:
+    r"""
+    Stage boundaries for a data set and a noise schedule, as a [`StagePlan`] whose ``partition`` is in the schedule's
+    own units (training timesteps for DDPM-style schedules, sigmas for EDM).
+
+    Args:
+        data (`torch.Tensor`): training images ``(N, C, H, W)`` scaled as the model sees them (``[-1, 1]``). Not used
+            by ``"uniform"``, ``"snr"`` and ``"snr_clustering"``.
+        schedule: a [`NoiseSchedule`], or a diffusers scheduler (``alphas_cumprod`` or EDM) turned into one with
+            ``num_levels`` levels.
+        num_stages (`int`): number of stages (>= 2).
+        method (`str`): ``"optimal_denoiser"`` (Zhang et al., Algorithm 1), ``"uniform"``, ``"snr"`` (equal log-SNR
+            spacing), ``"snr_clustering"`` (the paper's SNR baseline, [`snr_clustering_plan`]) or ``"gradient"``
+            (see [`gradient_plan`]).
+        alpha, eta (`float`): thresholds of the optimal-denoiser method, both in ``(0, 1]``.
+        num_samples (`int`): Monte Carlo draws ``K`` (optimal-denoiser and gradient-without-model methods).
+        num_levels (`int`): grid size when ``schedule`` is a scheduler.
+        generator (`torch.Generator`, *optional*): for reproducible draws.
+        model (`torch.nn.Module`, *optional*): a trained denoiser for the ``"gradient"`` method.
+        chunk_size (`int`): training images per chunk of the streamed optimal denoiser.
+        device: where the optimal denoiser runs (CUDA when available by default).
+        progress_bar (`bool`): show tqdm progress bars.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import DDPMScheduler
+    >>> from diffusers_stages.planning import plan_stages
+    >>> plan = plan_stages(None, DDPMScheduler(), num_stages=3, method="snr_clustering")
+    >>> plan.partition  # Zhang et al. report 0.348 / 0.709 of T for this baseline on CIFAR-10's schedule
+    TimestepPartition(boundaries=[353.0, 716.0], num_train_timesteps=1000, units='timestep')
+
+    ```
+    """
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    if not isinstance(schedule, NoiseSchedule):
+        schedule = NoiseSchedule.from_scheduler(schedule, num_levels)
+    if method == "uniform":
+        return uniform_plan(schedule, num_stages)
+    if method == "snr":
+        return snr_plan(schedule, num_stages)
+    if method == "snr_clustering":
+        return snr_clustering_plan(schedule, num_stages)
+    if data is None:
+        raise ValueError(f"`data` (the training images) is required by the {method!r} method.")
+    if method == "gradient":
+        return gradient_plan(
+            schedule,
+            num_stages,
+            model,
+            data,
+            num_samples=num_samples,
+            generator=generator,
+            chunk_size=chunk_size,
+            device=device,
+            progress_bar=progress_bar,
+        )
+    return optimal_denoiser_plan(
+        data,
+        schedule,
+        num_stages,
+        alpha,
+        eta,
+        num_samples,
+        generator,
+        chunk_size=chunk_size,
+        device=device,
+        progress_bar=progress_bar,
+    )

@@ -1,0 +1,94 @@
+"""Training images for planning: an image folder or a `datasets` dataset, as a ``[-1, 1]`` tensor."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def image_to_tensor(image, resolution: int, num_channels: int = 3) -> torch.Tensor:
+    """One image (PIL or array) -> ``(C, R, R)`` in ``[-1, 1]``: resized and centre-cropped as diffusers'
+    ``train_unconditional.py`` does."""
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    image = ImageOps.fit(image.convert("L" if num_channels == 1 else "RGB"), (resolution, resolution), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.float32).reshape(resolution, resolution, num_channels)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+
+
+def load_images(
+    train_data_dir: str | None = None,
+    dataset: str | None = None,
+    resolution: int = 32,
+    num_channels: int = 3,
+    image_column: str = "image",
+    split: str = "train",
+    max_images: int | None = None,
+    progress_bar: bool = False,
+) -> torch.Tensor:
+    r"""
+    Load training images as an ``(N, C, R, R)`` float32 tensor in ``[-1, 1]``.
+
+    Args:
+        train_data_dir (`str`): a folder of images (searched recursively).
+        dataset (`str`): a `datasets` dataset: a folder written by ``save_to_disk``, or a name/path for
+            ``datasets.load_dataset``.
+        resolution (`int`): side of the square images.
+        num_channels (`int`): 1 (grayscale) or 3 (RGB).
+        image_column (`str`): the image column of ``dataset``.
+        split (`str`): the split of ``dataset``.
+        max_images (`int`, *optional*): keep the first ``max_images`` images.
+    """
+    if (train_data_dir is None) == (dataset is None):
+        raise ValueError("Give exactly one of `train_data_dir` and `dataset`.")
+    if not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"`resolution` must be a positive integer, got {resolution!r}.")
+    if num_channels not in (1, 3):
+        raise ValueError(f"`num_channels` must be 1 or 3, got {num_channels!r}.")
+    if train_data_dir is not None:
+        if not os.path.isdir(train_data_dir):
+            raise ValueError(f"`train_data_dir` {train_data_dir!r} is not a folder.")
+        paths = sorted(
+            os.path.join(root, name)
+            for root, _, names in os.walk(train_data_dir)
+            for name in names
+            if name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        images = paths[:max_images]
+        load = Image.open
+    else:
+        images = _load_dataset(dataset, split, image_column)
+        images = images.select(range(min(max_images, len(images)))) if max_images is not None else images
+        images, load = (row[image_column] for row in images), (lambda image: image)
+    tensors = [
+        image_to_tensor(load(image), resolution, num_channels)
+        for image in tqdm(images, desc="loading images", disable=not progress_bar)
+    ]
+    if not tensors:
+        raise ValueError(f"No images found in {train_data_dir or dataset!r}.")
+    return torch.stack(tensors)
+
+
+def _load_dataset(dataset: str, split: str, image_column: str):
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("`dataset` needs the `datasets` package: `pip install datasets`.") from None
+    saved = ("dataset_info.json", "dataset_dict.json")  # what `save_to_disk` writes (Dataset, DatasetDict)
+    if os.path.isdir(dataset) and any(os.path.exists(os.path.join(dataset, name)) for name in saved):
+        loaded = datasets.load_from_disk(dataset)
+    else:
+        loaded = datasets.load_dataset(dataset, split=split)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"`split` {split!r} is not in the dataset; it has {list(loaded)}.")
+        loaded = loaded[split]
+    if image_column not in loaded.column_names:
+        raise ValueError(f"`image_column` {image_column!r} is not a column of the dataset: {loaded.column_names}.")
+    return loaded

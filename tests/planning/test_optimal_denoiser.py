@@ -1,0 +1,92 @@
+"""The closed-form optimal denoiser: exact where theory says it is, and equal to a direct softmax when streamed."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffusers_stages.planning import (
+    NoiseSchedule,
+    boundaries_from_similarity,
+    optimal_denoiser_mean,
+    optimal_denoiser_plan,
+    optimal_predictions,
+    pixel_agreement,
+)
+
+
+def test_streamed_softmax_equals_direct_posterior_mean():
+    generator = torch.manual_seed(0)
+    data = torch.randn(37, 12, generator=generator)
+    noisy = torch.randn(5, 12, generator=generator, dtype=torch.float64)
+    a = torch.tensor([1.0, 0.9, 0.5, 0.1, 0.01], dtype=torch.float64)
+    s = torch.tensor([0.01, 0.3, 0.8, 1.0, 1.0], dtype=torch.float64)
+    y = data.double()
+    logits = -((noisy[:, None] - a[:, None, None] * y[None]) ** 2).sum(-1) / (2 * s[:, None] ** 2)
+    direct = torch.softmax(logits, dim=1) @ y
+    for chunk_size in (1, 4, 37, 1000):  # chunks never change the answer (online log-sum-exp)
+        torch.testing.assert_close(
+            optimal_denoiser_mean(noisy, data, a, s, chunk_size), direct, rtol=1e-10, atol=1e-12
+        )
+
+
+def test_float64_softmax_survives_tiny_noise():
+    # at s = 1e-3 the logits are ~-1e6: a float32 exp underflows everywhere, the streamed float64 one does not
+    data = torch.tensor([[0.5, -0.5], [-0.5, 0.5]])
+    noisy = torch.tensor([[0.5 + 1e-3, -0.5]], dtype=torch.float64) + 3.0  # far from both images
+    mean = optimal_denoiser_mean(noisy, data, 1.0, 1e-3)
+    assert torch.isfinite(mean).all()
+    torch.testing.assert_close(mean, torch.tensor([[0.5, -0.5]], dtype=torch.float64))
+
+
+def test_single_training_image_is_recovered_exactly():
+    data = torch.rand(1, 1, 4, 4, generator=torch.manual_seed(0)) * 2 - 1
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), num_levels=10)
+    sample, clean, noise = optimal_predictions(data, schedule, 3, torch.manual_seed(1), "sample")
+    eps, _, noise_again = optimal_predictions(data, schedule, 3, torch.manual_seed(1), "epsilon")
+    torch.testing.assert_close(sample, clean.expand_as(sample))  # E[x0 | x_t] = x0 at every level
+    torch.testing.assert_close(eps, noise.expand_as(eps), atol=1e-4, rtol=0)  # eps* = eps
+    assert torch.equal(noise, noise_again)
+    # every level is the same task: similarity 1 everywhere, so no boundary can be placed
+    assert torch.equal(pixel_agreement(sample, 0, 0.01), torch.ones(10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="leaves no room for 3 stages"):
+        optimal_denoiser_plan(data, schedule, num_stages=3, num_samples=3, generator=torch.manual_seed(0))
+
+
+def _normal_expectation(fn, points: int = 40001) -> float:
+    z = torch.linspace(-9, 9, points, dtype=torch.float64)
+    weights = torch.exp(-(z**2) / 2)
+    return float((fn(z) * weights).sum() / weights.sum())
+
+
+def test_two_antipodal_images_give_the_closed_form_curves_and_boundaries():
+    # Training set {+1, -1} (D pixels). For x = a y + s eps: E[x0 | x] = tanh(u^2 + u Z) * 1, with u = a sqrt(D) / s
+    # and Z = sum(eps) / sqrt(D) ~ N(0, 1) (for y = -1 the same with Z -> -Z). Every pixel agrees or none does, so
+    # S(t, anchor) = P(|tanh(u_t^2 + u_t Z) - tanh(u_A^2 + u_A Z)| <= eta); at the clean anchor tanh = 1 and
+    # S(t, 0) = Phi((u_t^2 - atanh(1 - eta)) / u_t) exactly.
+    dim, eta, alpha = 16, 0.1, 0.9
+    data = torch.cat([torch.ones(1, dim), -torch.ones(1, dim)])
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), num_levels=60)
+    u = schedule.signal_scale * math.sqrt(dim) / schedule.noise_scale
+    h = math.atanh(1 - eta)
+    clean_curve = 0.5 * (1 + torch.erf((u**2 - h) / u / math.sqrt(2)))
+    noisy_curve = torch.tensor(
+        [
+            _normal_expectation(
+                lambda z: ((torch.tanh(ut**2 + ut * z) - torch.tanh(u[-1] ** 2 + u[-1] * z)).abs() <= eta).double()
+            )
+            for ut in u.tolist()
+        ]
+    )
+    theory = {0: clean_curve, 59: noisy_curve}
+    expected, _ = boundaries_from_similarity(theory.__getitem__, 60, 3, alpha)
+
+    predictions, _, _ = optimal_predictions(data, schedule, 4000, torch.manual_seed(0))
+    for anchor, curve in theory.items():  # Monte Carlo over K = 4000 draws: within 4 standard errors
+        assert (pixel_agreement(predictions, anchor, eta) - curve).abs().max() < 0.035
+    plan = optimal_denoiser_plan(data, schedule, 3, alpha, eta, num_samples=4000, generator=torch.manual_seed(0))
+    expected_levels = [float(np.interp(p, range(60), schedule.levels.numpy())) for p in expected]
+    for got, want in zip(plan.partition.boundaries, expected_levels):
+        assert abs(got - want) <= 10, (plan.partition.boundaries, expected_levels)  # 0.01 of T

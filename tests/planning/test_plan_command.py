@@ -1,0 +1,86 @@
+"""`python -m diffusers_stages.plan`: image folder or `datasets` dataset in, boundaries, JSON, PNG and config out."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from diffusers_stages import MultiStageUNet2DModel
+from diffusers_stages.plan import run
+from diffusers_stages.planning import load_images
+
+FAST = ["--num_levels", "30", "--num_samples", "16", "--resolution", "8", "--num_channels", "1"]
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("digits")
+    for i, image in enumerate(load_digits().images[:120]):
+        Image.fromarray((image * 255 / 16).astype(np.uint8), mode="L").save(folder / f"{i:04d}.png")
+    return folder
+
+
+def test_image_folder_to_boundaries_plot_and_model_config(digit_folder, tmp_path, capsys, tiny_unet_kwargs):
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(dict(tiny_unet_kwargs, in_channels=1, out_channels=1)))
+    plot, output_config = tmp_path / "plan.png", tmp_path / "planned" / "config.json"
+    result = run(
+        [
+            "--train_data_dir",
+            str(digit_folder),
+            *FAST,
+            "--output_plot",
+            str(plot),
+            "--model_config",
+            str(model_config),
+            "--output_config",
+            str(output_config),
+        ]
+    )
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1]) == result  # the last line is JSON a script can parse
+    assert "stage 0: [0, " in printed[1] and result["method"] == "optimal_denoiser"
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    model = MultiStageUNet2DModel.from_config(json.loads(output_config.read_text()))
+    assert list(model.partition.boundaries) == result["stage_boundaries"]
+    assert [list(w) for w in model.config.decoder_block_out_channels] == result["decoder_block_out_channels"]
+
+
+def test_folder_and_saved_dataset_load_the_same_images(digit_folder, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from_folder = load_images(train_data_dir=str(digit_folder), resolution=8, num_channels=1)
+    assert from_folder.shape == (120, 1, 8, 8) and from_folder.min() >= -1 and from_folder.max() <= 1
+    images = [Image.open(digit_folder / f"{i:04d}.png") for i in range(120)]
+    datasets.Dataset.from_dict({"img": images}).save_to_disk(str(tmp_path / "ds"))
+    from_dataset = load_images(dataset=str(tmp_path / "ds"), image_column="img", resolution=8, num_channels=1)
+    assert torch.equal(from_folder, from_dataset)
+    with pytest.raises(ValueError, match="`image_column` 'image' is not a column"):
+        load_images(dataset=str(tmp_path / "ds"), resolution=8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="No images found"):
+        load_images(train_data_dir=str(tmp_path / "empty"), resolution=8)
+
+
+def test_module_entry_point_runs_for_an_edm_schedule():
+    command = [sys.executable, "-m", "diffusers_stages.plan", "--method", "snr", "--edm", "--num_stages", "4"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["boundary_units"] == "sigma" and len(result["stage_boundaries"]) == 3
+    if shutil.which("diffusers-stages-plan"):  # the console script of setup.py, once installed
+        out = subprocess.run([shutil.which("diffusers-stages-plan"), *command[3:]], capture_output=True, text=True)
+        assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1]) == result
+
+
+def test_bad_command_lines_are_refused(digit_folder):
+    with pytest.raises(ValueError, match="`alpha` must be in \\(0, 1\\], got 1.5"):
+        run(["--train_data_dir", str(digit_folder), *FAST, "--alpha", "1.5"])
+    with pytest.raises(ValueError, match="Give exactly one of `train_data_dir` and `dataset`"):
+        run(FAST)
+    with pytest.raises(SystemExit):
+        run(["--method", "snr", "--output_config", "x.json"])  # needs --model_config

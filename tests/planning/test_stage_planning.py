@@ -1,0 +1,177 @@
+"""Stage planning: the boundary rule, baselines, units, stability on real data, sizes, configs and bad input."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, EDMEulerScheduler, UNet2DModel
+from sklearn.datasets import load_digits
+
+from diffusers_stages import MultiStageUNet2DModel, TimestepPartition
+from diffusers_stages.planning import (
+    NoiseSchedule,
+    boundaries_from_similarity,
+    gradient_plan,
+    interval_clustering,
+    partition_to_model_config,
+    plan_stages,
+    stage_difficulty,
+    suggest_decoder_widths,
+)
+
+
+@pytest.fixture
+def gray_unet_kwargs(tiny_unet_kwargs) -> dict:
+    return dict(tiny_unet_kwargs, in_channels=1, out_channels=1)  # for 8x8 digits
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.Tensor:
+    return torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 8 - 1  # 1797 x 1 x 8 x 8 in [-1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the boundary rule
+def test_boundary_rule_on_linear_similarities_any_number_of_stages():
+    # S(t, anchor) = 1 - |t - anchor| / 10 on 11 levels: the running mean from an anchor is 1 - j/20, it crosses
+    # alpha = 0.8 at j = 4, so every stage grown from an end holds 4 levels past its anchor, plus the crossing
+    def linear(num_levels):
+        levels = torch.arange(num_levels, dtype=torch.float64)
+        return lambda anchor: (1 - (levels - anchor).abs() / 10).clamp_min(0)
+
+    assert boundaries_from_similarity(linear(11), 11, 2, 0.8)[0] == [4.0]  # one cut, from the clean end
+    positions, curves = boundaries_from_similarity(linear(11), 11, 3, 0.8)
+    assert positions == [4.0, 6.0] and sorted(curves) == [0, 10]  # Algorithm 1: anchors t=0 and t=T
+    positions, curves = boundaries_from_similarity(linear(41), 41, 5, 0.8)
+    assert positions == [4.0, 9.0, 31.0, 36.0] and sorted(curves) == [0, 5, 35, 40]  # re-anchored past each cut
+    with pytest.raises(ValueError, match="leaves no room for 4 stages"):
+        boundaries_from_similarity(linear(11), 11, 4, 0.8)  # the end stages would meet
+
+
+def test_interval_clustering_finds_blocks():
+    groups = torch.tensor([0] * 5 + [1] * 7 + [2] * 6)
+    affinity = (groups[:, None] == groups[None]).double() + 0.01 * torch.rand(18, 18, generator=torch.manual_seed(0))
+    assert interval_clustering(affinity, 3) == [5, 12]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# baselines
+def test_uniform_and_snr_baselines():
+    ddpm = DDPMScheduler()
+    assert plan_stages(None, ddpm, 4, "uniform").partition == TimestepPartition.uniform(4)
+    plan = plan_stages(None, ddpm, 3, "snr")
+    log_snr = lambda t: math.log(ddpm.alphas_cumprod[t] / (1 - ddpm.alphas_cumprod[t]))  # noqa: E731
+    ends = log_snr(0), log_snr(999)
+    for k, boundary in enumerate(plan.partition.boundaries, start=1):  # equal spacing in log-SNR, up to rounding
+        assert abs(log_snr(round(boundary)) - (ends[0] + k * (ends[1] - ends[0]) / 3)) < 0.2
+    # the SNR baseline of Zhang et al. (Table 4) reports 0.348 / 0.709 of T on CIFAR-10's linear schedule
+    clustered = plan_stages(None, ddpm, 3, "snr_clustering", num_levels=1000).fractions
+    assert abs(clustered[0] - 0.348) <= 0.002 and abs(clustered[1] - 0.709) <= 0.002
+    # EDM: boundaries in sigma, log-uniform
+    edm = plan_stages(None, EDMEulerScheduler(), 3, "uniform").partition
+    assert edm.units == "sigma"
+    ratios = [math.log(b) for b in (0.002, *edm.boundaries, 80.0)]
+    assert max(ratios[i + 1] - ratios[i] for i in range(3)) - min(ratios[i + 1] - ratios[i] for i in range(3)) < 1e-9
+
+
+def test_gradient_baseline_with_and_without_a_model(digits, gray_unet_kwargs, tiny_multistage):
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 40)
+    plan = plan_stages(digits[:300], schedule, 3, "gradient", num_samples=16, generator=torch.manual_seed(0))
+    assert plan.partition.num_stages == 3 and "optimal denoiser loss" in plan.curves
+    torch.manual_seed(0)
+    model = UNet2DModel(**gray_unet_kwargs)
+    plan = gradient_plan(
+        schedule, 3, model, digits, num_gradient_levels=8, batch_size=8, generator=torch.manual_seed(0)
+    )
+    assert plan.partition.num_stages == 3 and plan.partition.units == "timestep"
+    affinity = plan.curves["gradient affinity to the clean end"]
+    assert affinity[0] == pytest.approx(1.0) and affinity.shape == (40,)
+    # a multi-decoder model: a level reaches only its own decoder, the others get zero gradient
+    plan = gradient_plan(
+        schedule, 3, tiny_multistage, torch.rand(16, 3, 8, 8) * 2 - 1, num_gradient_levels=8, batch_size=4
+    )
+    assert plan.partition.num_stages == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optimal-denoiser clustering on real data
+def test_digits_boundaries_are_stable_across_seeds(digits):
+    plans = [plan_stages(digits, DDPMScheduler(), 3, generator=torch.manual_seed(seed)) for seed in range(3)]
+    fractions = torch.tensor([plan.fractions for plan in plans])
+    assert (fractions.max(0).values - fractions.min(0).values).max() <= 0.02, fractions
+    assert 0 < fractions[0, 0] < fractions[0, 1] < 1
+
+
+def test_sigma_units_give_the_same_stages_as_timesteps(digits):
+    # E[x0 | x_t] only depends on the noise-to-signal ratio sigma = s / a: planning on the VE schedule with the
+    # sigmas of a DDPM grid finds the same stages, returned in sigma units
+    ddpm = NoiseSchedule.from_scheduler(DDPMScheduler(), 60)
+    sigmas = ddpm.noise_scale / ddpm.signal_scale
+    ve = NoiseSchedule(sigmas, torch.ones_like(sigmas), sigmas, "sigma")
+    by_timestep = plan_stages(digits, ddpm, 3, num_samples=32, generator=torch.manual_seed(0)).partition
+    by_sigma = plan_stages(digits, ve, 3, num_samples=32, generator=torch.manual_seed(0)).partition
+    assert by_sigma.units == "sigma"
+    assert torch.equal(by_timestep.stage_index(ddpm.levels), by_sigma.stage_index(sigmas))
+    edm = plan_stages(digits, EDMEulerScheduler(), 3, num_levels=40, num_samples=16, generator=torch.manual_seed(0))
+    assert edm.partition.units == "sigma" and 0.002 < edm.partition.boundaries[0] < edm.partition.boundaries[1] < 80
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoder sizes and model configs
+def test_decoder_widths_follow_difficulty_and_norm_groups(digits, gray_unet_kwargs):
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 50)
+    difficulty = stage_difficulty(digits, schedule, TimestepPartition([300, 600]))
+    assert difficulty[0] > difficulty[1] > difficulty[2] >= 0  # hardest at the data end
+    widths = suggest_decoder_widths((128, 256, 256, 256), difficulty, norm_num_groups=32)
+    assert widths[0] == (192, 384, 384, 384)  # the hardest stage gets the paper's x1.5
+    assert all(w % 32 == 0 and w >= 32 for stage in widths for w in stage)
+    assert [stage[0] for stage in widths] == sorted((stage[0] for stage in widths), reverse=True)
+    widths = suggest_decoder_widths(gray_unet_kwargs["block_out_channels"], difficulty, 4)
+    model = MultiStageUNet2DModel(**gray_unet_kwargs, stage_boundaries=(300, 600), decoder_block_out_channels=widths)
+    assert model(torch.randn(3, 1, 8, 8), torch.tensor([10, 400, 900])).sample.shape == (3, 1, 8, 8)
+
+
+def test_plan_goes_into_a_model_config_and_survives_save_and_reload(tmp_path, tiny_unet_kwargs):
+    plan = plan_stages(None, DDPMScheduler(), 4, "snr_clustering")
+    unet = UNet2DModel(**tiny_unet_kwargs)
+    config = partition_to_model_config(unet.config, plan.partition)
+    model = MultiStageUNet2DModel.from_config(config)
+    assert model.partition == plan.partition and model.num_stages == 4
+    model.save_pretrained(tmp_path)
+    assert MultiStageUNet2DModel.from_pretrained(tmp_path).partition == plan.partition
+    with pytest.raises(ValueError, match="decoder_block_out_channels"):  # 3 decoders in the config, 4 stages planned
+        partition_to_model_config(dict(config, decoder_block_out_channels=[[8, 16]] * 3), plan.partition)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(alpha=0.0), "`alpha` must be in \\(0, 1\\], got 0.0"),
+        (dict(alpha=1.5), "`alpha` must be in \\(0, 1\\], got 1.5"),
+        (dict(eta=0), "`eta` must be in \\(0, 1\\], got 0"),
+        (dict(eta=-0.1), "`eta` must be in \\(0, 1\\], got -0.1"),
+        (dict(num_stages=1), "`num_stages` must be an integer >= 2, got 1"),
+        (dict(method="kmeans"), "`method` must be one of .*, got 'kmeans'"),
+        (dict(data=torch.empty(0, 1, 8, 8)), "`data` must be a non-empty tensor .* got \\(0, 1, 8, 8\\)"),
+        (dict(data=None), "`data` \\(the training images\\) is required"),
+        (dict(data=torch.full((4, 1, 2, 2), float("nan"))), "NaN"),
+        (dict(num_samples=0), "`num_samples` must be a positive integer, got 0"),
+    ],
+)
+def test_bad_parameters_are_refused(kwargs, match):
+    arguments = dict(data=torch.randn(8, 1, 4, 4), schedule=DDPMScheduler(), num_levels=10) | kwargs
+    with pytest.raises(ValueError, match=match):
+        plan_stages(**arguments)
+
+
+def test_bad_schedules_are_refused():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="neither `alphas_cumprod` nor EDM sigmas"):
+        NoiseSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="sigma_min"):
+        NoiseSchedule.edm(sigma_min=1.0, sigma_max=0.5)
+    with pytest.raises(ValueError, match="`num_levels` must be an integer in \\[3, 1000\\], got 2"):
+        NoiseSchedule.from_scheduler(DDPMScheduler(), num_levels=2)
