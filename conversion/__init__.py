@@ -1,0 +1,12 @@
+"""Conversion scripts: bring existing checkpoints in, take staged models out.
+
+Each module is a command (`python -m diffusers_stages.conversion.<name> --help`, or `python conversion/<name>.py`):
+
+- `unet_to_multistage`: a diffusers `UNet2DModel`, `DDPMPipeline`, `DDIMPipeline` or `LDMPipeline` folder -> a
+  `MultiStagePipeline` whose stages start as exact copies of the source.
+- `multistage_to_unet`: one stage of a `MultiStagePipeline` -> a plain diffusers `UNet2DModel` folder.
+- `original_multistage`: checkpoints of the public multi-stage code (LucasYFL/Multistage_Diffusion) -> this
+  package's format, through an explicit key-rename table (latent-diffusion `UNetModel_multistage`; EDM
+  `MultistageUNet` checkpoints are recognised and refused with the reasons).
+- `pipelines_to_experts`: several single diffusers pipelines -> one expert-routing or dual-backbone pipeline.
+"""

@@ -1,0 +1,166 @@
+"""What every conversion script shares: its command-line contract, all-or-nothing output folders, strict key
+checks, and the `--verify` report.
+
+Every script has ``parse_args(argv=None)`` and ``main(args)``; ``main`` writes into a temporary folder beside the
+output and renames it into place only when everything succeeded, so a failure never leaves a partial folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file
+
+from diffusers_stages.models.loading import StrictLoadingMixin
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the arguments every script takes: ``--output_path``, ``--overwrite`` and ``--verify``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_path", required=True, help="Folder to write. It must not exist (see --overwrite).")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace --output_path if it exists (only once the conversion worked).",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="Run the source and the converted model on the same tiny input and print the largest difference; "
+        "fail (and write nothing) if it exceeds --tolerance.",
+    )
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="Largest difference --verify accepts.")
+    return parser
+
+
+@contextlib.contextmanager
+def staged_output(output_path: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary folder next to ``output_path``; move it to ``output_path`` only if the block succeeds.
+
+    Example:
+
+    ```py
+    >>> import os, tempfile
+    >>> from diffusers_stages.conversion.common import staged_output
+    >>> out = os.path.join(tempfile.mkdtemp(), "converted")
+    >>> try:
+    ...     with staged_output(out) as tmp:
+    ...         open(os.path.join(tmp, "half.txt"), "w").close()
+    ...         raise RuntimeError("conversion failed")
+    ... except RuntimeError:
+    ...     pass
+    >>> os.path.exists(out), os.listdir(os.path.dirname(out))  # nothing left behind
+    (False, [])
+
+    ```
+    """
+    output_path = os.path.abspath(os.fspath(output_path))
+    if os.path.exists(output_path) and not overwrite:
+        raise ValueError(f"`--output_path` {output_path} already exists: choose another folder or pass --overwrite.")
+    parent = os.path.dirname(output_path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_path)}.partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a normal folder once in place, not mkdtemp's private one
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # success: swap the new folder in, the old one (if any, with --overwrite) out
+    old = None
+    if os.path.exists(output_path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_path)}.old-", dir=parent)
+        os.rename(output_path, os.path.join(old, "previous"))
+    os.rename(tmp, output_path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_keys(expected: Iterable[str], found: Iterable[str], source: str) -> None:
+    """Raise a `ValueError` naming the missing and unexpected keys of ``source``, if any."""
+    expected, found = set(expected), set(found)
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not have the weights its architecture needs: {len(missing)} missing "
+            f"(first: {missing[:8]}), {len(unexpected)} unexpected (first: {unexpected[:8]}). Is it the checkpoint "
+            "of another model or configuration, or truncated?"
+        )
+
+
+def check_shapes(expected: dict[str, torch.Size], state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a `ValueError` naming the tensors of ``state_dict`` whose shapes differ from ``expected``."""
+    wrong = [f"{k}: {tuple(v.shape)} != {tuple(expected[k])}" for k, v in state_dict.items() if v.shape != expected[k]]
+    if wrong:
+        raise ValueError(f"{source} has {len(wrong)} tensors of the wrong shape (first: {wrong[:5]}).")
+
+
+def load_strict(model_class: type, path: str, subfolder: str | None = None):
+    """``model_class.from_pretrained`` from safetensors only, failing on missing, unexpected or mis-shaped keys."""
+    strict_class = model_class
+    if not issubclass(model_class, StrictLoadingMixin):
+        strict_class = type(
+            model_class.__name__, (StrictLoadingMixin, model_class), {"__module__": model_class.__module__}
+        )
+    try:
+        model = strict_class.from_pretrained(path, subfolder=subfolder, use_safetensors=True)
+    except OSError as error:
+        where = os.path.join(path, subfolder or "")
+        raise ValueError(f"Cannot load a {model_class.__name__} from {where} (safetensors only): {error}") from error
+    model.__class__ = model_class  # the plain class again, so it saves and registers as itself
+    return model.eval()
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` state dict (the only checkpoint format the scripts read)."""
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        raise ValueError(
+            f"`--checkpoint` must be an existing .safetensors file, got {path!r}. Export a PyTorch checkpoint once "
+            "with `safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, path)` in an "
+            "environment where you trust it."
+        )
+    return load_file(path)
+
+
+def probe_timesteps(partition) -> list[float]:
+    """One model timestep inside each stage of ``partition`` (the middle of its interval), for `--verify`."""
+    probes = []
+    for low, high in partition.intervals():
+        if partition.units == "timestep":
+            probes.append(float(int((low + high) / 2)))
+            continue
+        # EDM conditioning c_noise = ln(sigma) / 4 at the geometric middle (twice the last finite edge)
+        sigma = (low * high) ** 0.5 if 0 < low and high < math.inf else 2 * low if low > 0 else min(high / 2, 1.0)
+        probes.append(math.log(sigma) / 4)
+    return probes
+
+
+def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
+
+
+def report_verification(differences: dict[str, float], tolerance: float) -> None:
+    """Print each comparison's largest absolute difference; raise if any exceeds ``tolerance``."""
+    for name, difference in differences.items():
+        print(f"verify: {name}: max |source - converted| = {difference:.3e}")
+    worst = max(differences.values())
+    if not worst <= tolerance:
+        raise ValueError(f"--verify failed: largest difference {worst:.3e} exceeds --tolerance {tolerance:g}.")
+
+
+def run(main: Callable[[argparse.Namespace], object], parse_args: Callable, argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point: a `ValueError` becomes a one-line error message and exit status 1."""
+    try:
+        main(parse_args(argv))
+    except ValueError as error:
+        sys.exit(f"error: {error}")

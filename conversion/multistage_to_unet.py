@@ -1,0 +1,139 @@
+"""Export one stage of a `MultiStagePipeline` (or `MultiStageUNet2DModel` folder) as a plain diffusers
+`UNet2DModel`: the shared encoder plus that stage's decoder. The exported U-Net gives the multi-stage model's output
+for that stage at every timestep, so the expert-routing and dual-backbone pipelines, or plain diffusers, can use it.
+
+Only a decoder with the encoder's widths has a `UNet2DModel` equivalent (a tailored decoder needs skip adapters that
+`UNet2DModel` does not have); any other stage is refused with the reason.
+
+    python -m diffusers_stages.conversion.multistage_to_unet --source staged --stage 0 --output_path stage0 --verify
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+
+import torch
+from diffusers import UNet2DModel
+from diffusers_stages.conversion.common import (
+    build_parser,
+    load_strict,
+    max_difference,
+    probe_timesteps,
+    report_verification,
+    run,
+    staged_output,
+)
+
+from diffusers_stages.models import MultiStageUNet2DModel
+
+STAGE_KEYS = ("stage_boundaries", "boundary_units", "decoder_block_out_channels")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser(__doc__)
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="A MultiStagePipeline folder (its `unet` is used) or a MultiStageUNet2DModel folder.",
+    )
+    parser.add_argument(
+        "--stage",
+        type=int,
+        required=True,
+        help="Stage to export: 0 is the cleanest (near data), the last the noisiest.",
+    )
+    return parser.parse_args(argv)
+
+
+def multistage_stage_to_unet(model: MultiStageUNet2DModel, stage: int) -> UNet2DModel:
+    """The `UNet2DModel` equal to ``model`` decoded by stage ``stage`` (inverse of `MultiStageUNet2DModel.from_unet`).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import UNet2DModel
+    >>> from diffusers_stages import MultiStageUNet2DModel
+    >>> from diffusers_stages.conversion.multistage_to_unet import multistage_stage_to_unet
+    >>> staged = MultiStageUNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
+    ...     layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+    ...     stage_boundaries=(500,), decoder_block_out_channels=((8, 16), (4, 8)))
+    >>> unet = multistage_stage_to_unet(staged, stage=0)
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> torch.equal(unet(x, 100).sample, staged(x, 100, stage_index=0).sample)
+    True
+    >>> multistage_stage_to_unet(staged, stage=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: Stage 1's decoder has widths (4, 8), not the encoder's (8, 16): ...
+
+    ```
+    """
+    if not isinstance(model, MultiStageUNet2DModel):
+        raise ValueError(f"`model` must be a MultiStageUNet2DModel, got {type(model).__name__}.")
+    if not isinstance(stage, int) or not 0 <= stage < model.num_stages:
+        raise ValueError(f"`stage` must be an integer in [0, {model.num_stages}), got {stage!r}.")
+    encoder = tuple(model.config.block_out_channels)
+    widths = (
+        tuple(model.config.decoder_block_out_channels[stage]) if model.config.decoder_block_out_channels else encoder
+    )
+    if widths != encoder:
+        raise ValueError(
+            f"Stage {stage}'s decoder has widths {widths}, not the encoder's {encoder}: it reads the encoder's skip "
+            "connections through 1x1 adapters, which a UNet2DModel has no place for. Only stages whose decoder has "
+            "the encoder's widths can be exported."
+        )
+    # 1. config: the U-Net arguments of the multi-stage config, without the stage keys
+    unet_arguments = inspect.signature(UNet2DModel.__init__).parameters
+    config = {k: v for k, v in model.config.items() if k in unet_arguments and k not in STAGE_KEYS}
+    unet = UNet2DModel(**config)
+    # 2. weights: the shared encoder as is, the stage's decoder without its `decoders.{stage}.` prefix
+    prefix = f"decoders.{stage}."
+    state_dict = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(prefix):
+            state_dict[key[len(prefix) :]] = value
+        elif not key.startswith("decoders."):
+            state_dict[key] = value
+    unet.load_state_dict(state_dict, strict=True)
+    unet = unet.to(device=model.device)
+    return (unet if unet.dtype == model.dtype else unet.to(dtype=model.dtype)).eval()
+
+
+def load_multistage(path: str) -> MultiStageUNet2DModel:
+    if not os.path.isdir(path):
+        raise ValueError(f"`--source` must be a folder, got {path!r}.")
+    subfolder = "unet" if os.path.isfile(os.path.join(path, "model_index.json")) else None
+    return load_strict(MultiStageUNet2DModel, path, subfolder=subfolder)
+
+
+def verify(model: MultiStageUNet2DModel, unet: UNet2DModel, stage: int, tolerance: float) -> None:
+    """Compare the exported U-Net with the multi-stage model at a timestep inside the stage."""
+    config = model.config
+    size = (config.sample_size,) * 2 if isinstance(config.sample_size, int) else tuple(config.sample_size)
+    x = torch.randn(2, config.in_channels, *size, generator=torch.manual_seed(0))
+    t = torch.tensor(probe_timesteps(model.partition)[stage])
+    labels = torch.zeros(2, dtype=torch.long) if config.num_class_embeds else None
+    reference = model(x, t, class_labels=labels, stage_index=stage).sample
+    exported = unet(x, t, class_labels=labels).sample
+    report_verification({f"stage {stage} at timestep {t.item():g}": max_difference(reference, exported)}, tolerance)
+
+
+@torch.no_grad()
+def main(args: argparse.Namespace) -> UNet2DModel:
+    with staged_output(args.output_path, args.overwrite) as tmp:
+        model = load_multistage(args.source)
+        multistage_stage_to_unet(model, args.stage).save_pretrained(tmp, safe_serialization=True)
+        unet = load_strict(UNet2DModel, tmp)  # what was written, reloaded strictly
+        if args.verify:
+            verify(model, unet, args.stage, args.tolerance)
+    low, high = model.partition.intervals()[args.stage]
+    print(f"wrote {args.output_path}: UNet2DModel of stage {args.stage} ([{low:g}, {high:g}) {model.partition.units})")
+    return unet
+
+
+if __name__ == "__main__":
+    run(main, parse_args, sys.argv[1:])

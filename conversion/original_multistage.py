@@ -1,0 +1,400 @@
+"""Convert a checkpoint of the public multi-stage code (LucasYFL/Multistage_Diffusion, Zhang et al. CVPR 2024)
+into a `MultiStagePipeline` folder, through the explicit key-rename table below and strict key checks.
+
+Latent-diffusion `UNetModel_multistage` checkpoints convert exactly when the architecture has a
+`MultiStageUNet2DModel` equivalent. Two features of the original code have none, and are refused with the reason:
+
+- tailored decoders (``de_nfs`` other than ``model_channels``): the original decoder concatenates the encoder's skip
+  connections at the *encoder's* widths straight into its first convolutions, where `MultiStageUNet2DModel` maps
+  them through 1x1 adapters first (and group normalisation over the concatenation does not factor through an
+  adapter). Every published config uses tailored decoders.
+- decoders that differ in where they attend: the original builds decoder ``s >= 1`` with the down-sampling counter
+  left at 1 by decoder 0, so with ``attention_resolutions`` without 1 only decoder 0 has attention layers, while
+  `MultiStageUNet2DModel` gives every decoder the same block types.
+
+EDM `MultistageUNet` (DDPM++) checkpoints are recognised and refused with the list of reasons, as no part of their
+blocks computes what a diffusers block computes (see `EDM_INCOMPATIBILITIES`).
+
+    python -m diffusers_stages.conversion.original_multistage --checkpoint last.safetensors \\
+        --original_config configs/latent-diffusion/celebahq-ldm-vq-4_multistage.yaml --output_path staged --verify \\
+        --original_repo Multistage_Diffusion/latent-diffusion
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+import torch
+import yaml
+from diffusers import AutoencoderKL, DDIMScheduler, VQModel
+from diffusers_stages.conversion.common import (
+    build_parser,
+    check_keys,
+    check_shapes,
+    load_state_dict,
+    load_strict,
+    max_difference,
+    probe_timesteps,
+    report_verification,
+    run,
+    staged_output,
+)
+from diffusers_stages.pipelines import MultiStagePipeline
+
+from diffusers_stages.models import MultiStageUNet2DModel
+
+LDM_PREFIX = "model.diffusion_model."  # where a LatentDiffusion Lightning checkpoint keeps its U-Net
+
+# --------------------------------------------------------------------------------------------------------------
+# the key-rename table: original (openaimodel) layer -> MultiStageUNet2DModel (diffusers UNet2DModel names)
+RESBLOCK = {  # ResBlock -> ResnetBlock2D
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+ATTENTION = {"norm": "group_norm", "proj_out": "to_out.0"}  # AttentionBlock -> Attention (qkv is split, below)
+TOP_LEVEL = {
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "label_emb": "class_embedding",
+    "input_blocks.0.0": "conv_in",
+}
+DECODER_OUT = {"0": "conv_norm_out", "2": "conv_out"}  # outs.{s}.{i}
+UNSUPPORTED_OPTIONS = {  # original option -> (value that converts, why other values do not)
+    "dims": (2, "only 2D U-Nets have a diffusers UNet2DModel equivalent"),
+    "use_spatial_transformer": (False, "cross-attention conditioning has no place in UNet2DModel"),
+    "resblock_updown": (False, "UNet2DModel up/down-samples with convolutions, not residual blocks"),
+    "conv_resample": (True, "UNet2DModel's down/up-samplers are convolutions"),
+    "n_embed": (None, "codebook-id prediction heads have no UNet2DModel equivalent"),
+    "use_scale_shift_norm": (
+        False,
+        (
+            "diffusers' UNetMidBlock2D builds its attention without group norm when resnet_time_scale_shift="
+            "'scale_shift', the original normalises"
+        ),
+    ),
+}
+EDM_INCOMPATIBILITIES = (
+    (
+        "every DDPM++ block multiplies its residual sum by sqrt(0.5) (`skip_scale`), while UNet2DModel builds its "
+        "down/up blocks with output scale 1"
+    ),
+    (
+        "each EDM decoder has its own middle blocks (`{res}_in0`, `{res}_in1`), while MultiStageUNet2DModel's "
+        "middle block is part of the shared encoder"
+    ),
+    "EDM decoders attend only after the last block of a level, diffusers' AttnUpBlock2D after every block",
+    "EDM's group norms use min(32, channels / 4) groups per layer, UNet2DModel one `norm_num_groups` for all",
+    "EDM adds the class embedding before the time MLP (`map_label`), UNet2DModel after it",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser(__doc__)
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help=f"The original model's weights as .safetensors: a LatentDiffusion state dict (U-Net under {LDM_PREFIX!r}; "
+        "its other modules are ignored) or the U-Net's own state dict.",
+    )
+    parser.add_argument(
+        "--original_config",
+        required=True,
+        help="The original latent-diffusion YAML config (model.params.unet_config.params gives the architecture; "
+        "timesteps, linear_start and linear_end give the scheduler).",
+    )
+    parser.add_argument(
+        "--vae",
+        help="Optional diffusers VQModel or AutoencoderKL folder (the converted first stage) to include in the pipeline.",
+    )
+    parser.add_argument(
+        "--original_repo",
+        help="For --verify: the `latent-diffusion` folder of a LucasYFL/Multistage_Diffusion checkout, to run the "
+        "original model on the same input. Without it --verify only reloads and checks the written folder.",
+    )
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------------------
+def read_config(path: str) -> tuple[dict, dict]:
+    """``(unet_params, diffusion_params)`` from an original latent-diffusion YAML config."""
+    if not os.path.isfile(path):
+        raise ValueError(f"`--original_config` must be an existing YAML file, got {path!r}.")
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    try:
+        params = config["model"]["params"]
+        unet = params["unet_config"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{path} is not a latent-diffusion config: it has no model.params.unet_config.") from None
+    if not unet.get("target", "").endswith("UNetModel_multistage"):
+        raise ValueError(f"{path} describes a {unet.get('target')}, not ldm's UNetModel_multistage.")
+    return dict(unet["params"]), params
+
+
+def ldm_unet_config(p: dict) -> dict:
+    """`MultiStageUNet2DModel` arguments for the original ``UNetModel_multistage`` arguments ``p``."""
+    for option, (supported, why) in UNSUPPORTED_OPTIONS.items():
+        if p.get(option, supported) != supported:
+            raise ValueError(f"The original model sets `{option}`={p[option]!r}, which does not convert: {why}.")
+    width, levels = p["model_channels"], len(p["channel_mult"])
+    de_nfs = list(p.get("de_nfs", [width]))
+    if any(nf != width for nf in de_nfs):
+        raise ValueError(
+            f"The original decoders are tailored (`de_nfs`={de_nfs} vs `model_channels`={width}): they concatenate "
+            "the encoder's skips at the encoder's widths, which MultiStageUNet2DModel's adapter-based decoders "
+            "cannot reproduce exactly. Only checkpoints with `de_nfs` all equal to `model_channels` convert."
+        )
+    heads, head_channels = p.get("num_heads", -1), p.get("num_head_channels", -1)
+    if head_channels == -1 and (heads != 1 or p.get("num_heads_upsample", -1) not in (-1, 1)):
+        raise ValueError(
+            f"`num_heads`={heads} with `num_head_channels`=-1 gives a fixed head count at every width; UNet2DModel "
+            "fixes the head *width* (`attention_head_dim`), so only one head or a fixed `num_head_channels` converts."
+        )
+    attention = [2**level in p["attention_resolutions"] for level in range(levels)]
+    stage_interval = list(p.get("stage_interval", [])) or [1000]
+    return {
+        "sample_size": p["image_size"],
+        "in_channels": p["in_channels"],
+        "out_channels": p["out_channels"],
+        "flip_sin_to_cos": True,  # ldm's timestep_embedding is [cos, sin], frequencies exp(-ln(1e4) i / half)
+        "freq_shift": 0,
+        "block_out_channels": tuple(width * m for m in p["channel_mult"]),
+        "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        "up_block_types": tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        "layers_per_block": p["num_res_blocks"],
+        "attention_head_dim": None if head_channels == -1 else head_channels,
+        "norm_num_groups": 32,  # ldm's `normalization` is GroupNorm(32, channels), eps 1e-5
+        "norm_eps": 1e-5,
+        "num_class_embeds": p.get("num_classes"),
+        "dropout": p.get("dropout", 0.0),
+        "stage_boundaries": tuple(float(b) for b in stage_interval[:-1]),  # the original's upper stage bounds
+    }
+
+
+def take(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """Remove and return ``key``; a checkpoint without it is refused by name."""
+    if key not in state_dict:
+        raise ValueError(
+            f"The checkpoint lacks {key!r}, which its config's architecture has: is it truncated, or "
+            "from another configuration?"
+        )
+    return state_dict.pop(key)
+
+
+def rename_resblock(prefix_from: str, prefix_to: str, state_dict: dict, out: dict) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix_from + ".")]:
+        layer, param = key[len(prefix_from) + 1 :].rsplit(".", 1)
+        if layer not in RESBLOCK:
+            raise ValueError(f"Unexpected key {key!r}: not a layer of the original ResBlock.")
+        out[f"{prefix_to}.{RESBLOCK[layer]}.{param}"] = take(state_dict, key)
+
+
+def rename_attention(
+    prefix_from: str, prefix_to: str, heads: int, legacy_order: bool, state_dict: dict, out: dict
+) -> None:
+    """AttentionBlock -> Attention: the fused 1x1 ``qkv`` convolution becomes ``to_q``, ``to_k``, ``to_v``."""
+    for layer, target in ATTENTION.items():
+        for param in ("weight", "bias"):
+            value = take(state_dict, f"{prefix_from}.{layer}.{param}")
+            out[f"{prefix_to}.{target}.{param}"] = (
+                value.reshape(value.shape[0], -1) if param == "weight" and value.ndim == 3 else value
+            )
+    for param in ("weight", "bias"):
+        qkv = take(state_dict, f"{prefix_from}.qkv.{param}")
+        channels = qkv.shape[0] // 3
+        # legacy order: heads first, then (q, k, v) per head; new order: (q, k, v) first, then heads
+        rows = (
+            qkv.reshape(heads, 3, channels // heads, -1)
+            if legacy_order
+            else qkv.reshape(3, heads, channels // heads, -1).transpose(0, 1)
+        )
+        for i, name in enumerate(("to_q", "to_k", "to_v")):
+            value = rows[:, i].reshape(channels, -1)
+            out[f"{prefix_to}.{name}.{param}"] = value if param == "weight" else value.reshape(channels)
+
+
+def ldm_to_multistage(state_dict: dict[str, torch.Tensor], p: dict, model: MultiStageUNet2DModel) -> dict:
+    """Rename an original ``UNetModel_multistage`` state dict to ``model``'s keys (consumes ``state_dict``)."""
+    state_dict, out = dict(state_dict), {}
+    config = model.config
+    levels, per_level = len(config.block_out_channels), config.layers_per_block + 1
+    legacy = not p.get("use_new_attention_order", False)
+
+    def heads(channels: int) -> int:
+        return 1 if config.attention_head_dim is None else channels // config.attention_head_dim
+
+    # 1. embeddings and input convolution
+    for source, target in TOP_LEVEL.items():
+        for param in ("weight", "bias"):
+            if f"{source}.{param}" in state_dict:
+                out[f"{target}.{param}"] = take(state_dict, f"{source}.{param}")
+    # 2. encoder: input_blocks[1 + level * (layers + 1) + j] -> down_blocks[level]
+    for level in range(levels):
+        width = config.block_out_channels[level]
+        for j in range(config.layers_per_block):
+            index = 1 + level * per_level + j
+            rename_resblock(f"input_blocks.{index}.0", f"down_blocks.{level}.resnets.{j}", state_dict, out)
+            if f"input_blocks.{index}.1.qkv.weight" in state_dict:
+                rename_attention(
+                    f"input_blocks.{index}.1",
+                    f"down_blocks.{level}.attentions.{j}",
+                    heads(width),
+                    legacy,
+                    state_dict,
+                    out,
+                )
+        if level < levels - 1:
+            for param in ("weight", "bias"):
+                key = f"input_blocks.{1 + level * per_level + config.layers_per_block}.0.op.{param}"
+                out[f"down_blocks.{level}.downsamplers.0.conv.{param}"] = take(state_dict, key)
+    # 3. middle block: ResBlock, AttentionBlock, ResBlock -> UNetMidBlock2D
+    rename_resblock("middle_block.0", "mid_block.resnets.0", state_dict, out)
+    rename_attention(
+        "middle_block.1", "mid_block.attentions.0", heads(config.block_out_channels[-1]), legacy, state_dict, out
+    )
+    rename_resblock("middle_block.2", "mid_block.resnets.1", state_dict, out)
+    # 4. decoders: de_modules[s][up * (layers + 1) + j] -> decoders[s].up_blocks[up]; outs[s] -> output head
+    for s in range(model.num_stages):
+        for up in range(levels):
+            width = config.block_out_channels[levels - 1 - up]
+            for j in range(per_level):
+                source, target = f"de_modules.{s}.{up * per_level + j}", f"decoders.{s}.up_blocks.{up}"
+                rename_resblock(f"{source}.0", f"{target}.resnets.{j}", state_dict, out)
+                layer = 1
+                if f"{source}.1.qkv.weight" in state_dict:
+                    rename_attention(f"{source}.1", f"{target}.attentions.{j}", heads(width), legacy, state_dict, out)
+                    layer = 2
+                if j == per_level - 1 and up < levels - 1:
+                    for param in ("weight", "bias"):
+                        out[f"{target}.upsamplers.0.conv.{param}"] = take(state_dict, f"{source}.{layer}.conv.{param}")
+        for index, target in DECODER_OUT.items():
+            for param in ("weight", "bias"):
+                out[f"decoders.{s}.{target}.{param}"] = take(state_dict, f"outs.{s}.{index}.{param}")
+    if state_dict:
+        raise ValueError(
+            f"The checkpoint has {len(state_dict)} keys the original architecture does not: {sorted(state_dict)[:8]}."
+        )
+    return out
+
+
+def check_attention_layout(state_dict: dict[str, torch.Tensor], p: dict) -> None:
+    """Every decoder must attend at the levels the config says (see the module docstring for why they may not)."""
+    levels, per_level = len(p["channel_mult"]), p["num_res_blocks"] + 1
+    expected = [2 ** (levels - 1 - up) in p["attention_resolutions"] for up in range(levels)]
+    for s in range(len(p.get("de_nfs", [0]))):
+        found = [f"de_modules.{s}.{up * per_level}.1.qkv.weight" in state_dict for up in range(levels)]
+        if found != expected:
+            raise ValueError(
+                f"Decoder {s} attends at up-levels {found}, decoder 0 at {expected}: the original code builds decoders "
+                "after the first with the down-sampling counter decoder 0 left behind, so their attention layers differ, "
+                "and MultiStageUNet2DModel gives every decoder the same block types. This checkpoint does not convert "
+                "exactly (it does when `attention_resolutions` is empty)."
+            )
+
+
+def unet_state_dict(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The U-Net's weights of a checkpoint, recognising the original code's two layouts."""
+    if any(k.startswith(("enc.", "decs.", "map_noise", "map_layer0")) or ".enc." in k for k in raw):
+        raise ValueError(
+            "This is an EDM `MultistageUNet` (DDPM++) checkpoint, which has no exact MultiStageUNet2DModel "
+            "equivalent: " + "; ".join(EDM_INCOMPATIBILITIES) + "."
+        )
+    if any(k.startswith(LDM_PREFIX) for k in raw):
+        return {k[len(LDM_PREFIX) :]: v for k, v in raw.items() if k.startswith(LDM_PREFIX)}
+    return dict(raw)
+
+
+def scheduler_from_config(params: dict) -> DDIMScheduler:
+    """LDM's "linear" schedule is diffusers' "scaled_linear": betas = linspace(sqrt(start), sqrt(end))^2."""
+    prediction = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[params.get("parameterization", "eps")]
+    return DDIMScheduler(
+        num_train_timesteps=params.get("timesteps", 1000),
+        beta_start=params.get("linear_start", 0.0015),
+        beta_end=params.get("linear_end", 0.0195),
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type=prediction,
+    )
+
+
+def load_vae(path: str):
+    for vae_class in (VQModel, AutoencoderKL):
+        try:
+            return load_strict(vae_class, path)
+        except ValueError as error:
+            last = error
+    raise ValueError(f"`--vae` {path} is neither a VQModel nor an AutoencoderKL folder: {last}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+def verify_against_original(
+    repo: str, p: dict, state_dict: dict, model: MultiStageUNet2DModel, tolerance: float
+) -> None:
+    """Run the original `UNetModel_multistage` (imported from ``repo``) and the converted model on the same input."""
+    sys.path.insert(0, os.path.abspath(repo))
+    try:
+        openaimodel = importlib.import_module("ldm.modules.diffusionmodules.openaimodel")
+    except ImportError as error:
+        raise ValueError(
+            f"`--original_repo` {repo} does not provide ldm.modules.diffusionmodules.openaimodel: {error}"
+        ) from error
+    finally:
+        sys.path.pop(0)
+    original = openaimodel.UNetModel_multistage(**p).eval()
+    original.load_state_dict(state_dict, strict=True)
+    config = model.config
+    x = torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=torch.manual_seed(0))
+    labels = torch.zeros(2, dtype=torch.long) if config.num_class_embeds else None
+    differences = {}
+    for stage, t in enumerate(probe_timesteps(model.partition)):
+        t = torch.full((2,), int(t))
+        reference = original(x, t, y=labels) if labels is not None else original(x, t)
+        differences[f"stage {stage} at timestep {int(t[0])}"] = max_difference(
+            reference, model(x, t, class_labels=labels).sample
+        )
+    report_verification(differences, tolerance)
+
+
+@torch.no_grad()
+def main(args: argparse.Namespace) -> MultiStagePipeline:
+    with staged_output(args.output_path, args.overwrite) as tmp:
+        # 1. read the architecture and the weights; fail early on anything that does not convert exactly
+        p, diffusion = read_config(args.original_config)
+        original = unet_state_dict(load_state_dict(args.checkpoint))
+        model = MultiStageUNet2DModel(**ldm_unet_config(p))
+        check_attention_layout(original, p)
+        # 2. rename, then check against the target model: strict keys and shapes
+        converted = ldm_to_multistage(original, p, model)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        check_keys(expected, converted, f"The checkpoint {args.checkpoint}")
+        check_shapes(expected, converted, f"The checkpoint {args.checkpoint}")
+        model.load_state_dict(converted, strict=True)
+        # 3. write the pipeline, reload it strictly, and compare with the original if asked
+        vae = load_vae(args.vae) if args.vae else None
+        MultiStagePipeline(unet=model.eval(), scheduler=scheduler_from_config(diffusion), vae=vae).save_pretrained(tmp)
+        pipeline = MultiStagePipeline.from_pretrained(tmp)
+        if args.verify and args.original_repo:
+            verify_against_original(args.original_repo, p, original, pipeline.unet, args.tolerance)
+        elif args.verify:
+            x = torch.randn(1, model.config.in_channels, model.config.sample_size, model.config.sample_size)
+            labels = torch.zeros(1, dtype=torch.long) if model.config.num_class_embeds else None
+            before, after = model(x, 10, labels).sample, pipeline.unet(x, 10, labels).sample
+            report_verification(
+                {"reloaded vs converted (no --original_repo)": max_difference(before, after)}, args.tolerance
+            )
+    print(
+        f"wrote {args.output_path}: MultiStagePipeline, stages {pipeline.partition.intervals()} from {args.checkpoint}"
+    )
+    return pipeline
+
+
+if __name__ == "__main__":
+    run(main, parse_args, sys.argv[1:])

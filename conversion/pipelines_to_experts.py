@@ -1,0 +1,162 @@
+"""Combine several single diffusers models of the same task (`UNet2DModel`, `DDPMPipeline`, `DDIMPipeline` or
+`LDMPipeline` folders) into one `ExpertRoutingPipeline` or `DualBackbonePipeline` folder: each source denoises its
+own part of the noise schedule (T-Stitch / SDXL-refiner style: a small model at the noisy end, a large one near the
+data). Nothing is retrained; every expert is its source, bit for bit.
+
+    # a large model for t < 600, a small one for t >= 600
+    python -m diffusers_stages.conversion.pipelines_to_experts --sources large-ddpm small-ddpm \\
+        --stage_boundaries 600 --output_path routed --verify
+    # DuoDiff: the shallow model runs the first 40% of the sampling steps
+    python -m diffusers_stages.conversion.pipelines_to_experts --pipeline dual_backbone \\
+        --sources deep-ddpm shallow-ddpm --switch_step_fraction 0.4 --output_path duo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from diffusers_stages.conversion.common import build_parser, max_difference, report_verification, run, staged_output
+from diffusers_stages.conversion.unet_to_multistage import load_source
+from diffusers_stages.pipelines import DualBackbonePipeline, ExpertRoutingPipeline
+
+from diffusers_stages.models import ExpertRoutingModel
+
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+PIPELINES = {"experts": ExpertRoutingPipeline, "dual_backbone": DualBackbonePipeline}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser(__doc__)
+    parser.add_argument(
+        "--sources",
+        nargs="+",
+        required=True,
+        help="Source folders (UNet2DModel, DDPMPipeline, DDIMPipeline or LDMPipeline), one per stage, from the "
+        "clean end of the schedule to the noisy end. For --pipeline dual_backbone: the deep model, then the "
+        "shallow one. The scheduler (and VAE) come from the first source that has one; all must agree.",
+    )
+    parser.add_argument(
+        "--pipeline", choices=tuple(PIPELINES), default="experts", help="The pipeline to write (default: experts)."
+    )
+    parser.add_argument(
+        "--stage_boundaries",
+        type=float,
+        nargs="+",
+        help="For experts: the len(--sources) - 1 inner boundaries in training timesteps (e.g. 600: the first "
+        "source below t=600). For dual_backbone: one value, the switch timestep.",
+    )
+    parser.add_argument(
+        "--switch_step_fraction",
+        type=float,
+        help="For dual_backbone only: share of the sampling steps the shallow model runs, in (0, 1).",
+    )
+    return parser.parse_args(argv)
+
+
+def gather_sources(paths: list[str]):
+    """``(denoisers, scheduler, vae)``: the sources' U-Nets, and the one schedule and VAE they must share."""
+    unets, scheduler, vae = [], None, None
+    for path in paths:
+        unet, source_scheduler, source_vae, pipeline_class = load_source(path)
+        unets.append(unet)
+        if pipeline_class is not None and scheduler is None:
+            scheduler, reference = source_scheduler, path
+        elif pipeline_class is not None:
+            differ = [k for k in SCHEDULE_KEYS if source_scheduler.config.get(k) != scheduler.config.get(k)]
+            if differ:
+                raise ValueError(
+                    f"{path} was trained on another noise schedule than {reference} ({differ} differ): experts "
+                    "replace one another mid-trajectory, so they must share the training schedule."
+                )
+        if source_vae is not None and vae is None:
+            vae = source_vae
+        elif source_vae is not None and any(
+            not torch.equal(a, b) for a, b in zip(vae.state_dict().values(), source_vae.state_dict().values())
+        ):
+            raise ValueError(
+                f"{path} has another VAE than the first latent source: experts must share one latent space."
+            )
+    return unets, scheduler or load_source(paths[0])[1], vae
+
+
+def build(args: argparse.Namespace, unets, scheduler, vae):
+    """The pipeline named by ``--pipeline`` over the given denoisers (clean end first)."""
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if args.pipeline == "dual_backbone":
+        if len(unets) != 2:
+            raise ValueError(f"--pipeline dual_backbone takes two --sources (deep, shallow), got {len(unets)}.")
+        switch = [args.stage_boundaries, args.switch_step_fraction]
+        if sum(value is not None for value in switch) != 1 or (
+            args.stage_boundaries and len(args.stage_boundaries) != 1
+        ):
+            raise ValueError(
+                "--pipeline dual_backbone needs exactly one of --stage_boundaries T (one switch timestep) "
+                "and --switch_step_fraction F."
+            )
+        switch_timestep = args.stage_boundaries[0] if args.stage_boundaries else None
+        return DualBackbonePipeline(
+            deep=unets[0],
+            shallow=unets[1],
+            scheduler=scheduler,
+            vae=vae,
+            switch_step_fraction=args.switch_step_fraction,
+            switch_timestep=switch_timestep,
+        )
+    if args.switch_step_fraction is not None or args.stage_boundaries is None:
+        raise ValueError("--pipeline experts needs --stage_boundaries (and no --switch_step_fraction).")
+    experts = ExpertRoutingModel(
+        unets,
+        stage_boundaries=args.stage_boundaries,
+        num_train_timesteps=scheduler.config.num_train_timesteps,
+        prediction_type=prediction_type,
+    )
+    return ExpertRoutingPipeline(experts=experts, scheduler=scheduler, vae=vae)
+
+
+def written_experts(pipe) -> list:
+    """The denoisers of a written pipeline, clean end first."""
+    if isinstance(pipe, DualBackbonePipeline):
+        return [pipe.deep, pipe.shallow]
+    return [pipe.experts.expert(stage) for stage in range(pipe.experts.num_stages)]
+
+
+def verify(written, built, unets, tolerance: float, steps: int = 4) -> None:
+    """Each written expert against its source across the schedule, then samples of the reloaded pipeline against
+    the pipeline before saving (same seed)."""
+    config = unets[0].config
+    size = (config.sample_size,) * 2 if isinstance(config.sample_size, int) else tuple(config.sample_size)
+    x = torch.randn(2, config.in_channels, *size, generator=torch.manual_seed(1))
+    differences = {}
+    for index, (expert, source) in enumerate(zip(written_experts(written), unets)):
+        for t in (torch.tensor(100), torch.tensor(900)):
+            differences[f"expert {index} vs its source at timestep {int(t)}"] = max_difference(
+                expert(x, t).sample, source(x, t).sample
+            )
+    images = []
+    for pipe in (built, written):
+        pipe.set_progress_bar_config(disable=True)
+        images.append(
+            pipe(batch_size=2, num_inference_steps=steps, generator=torch.manual_seed(0), output_type="pt").images
+        )
+    differences[f"{steps}-step samples, before saving vs reloaded"] = max_difference(*images)
+    report_verification(differences, tolerance)
+
+
+@torch.no_grad()
+def main(args: argparse.Namespace):
+    pipeline_class = PIPELINES[args.pipeline]
+    with staged_output(args.output_path, args.overwrite) as tmp:
+        unets, scheduler, vae = gather_sources(args.sources)
+        built = build(args, unets, scheduler, vae)
+        built.save_pretrained(tmp)
+        written = pipeline_class.from_pretrained(tmp)
+        if args.verify:
+            verify(written, built, unets, args.tolerance)
+    print(f"wrote {args.output_path}: {pipeline_class.__name__} over {len(unets)} sources {args.sources}")
+    return written
+
+
+if __name__ == "__main__":
+    run(main, parse_args, sys.argv[1:])

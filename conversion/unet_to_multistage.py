@@ -1,0 +1,163 @@
+"""Convert a diffusers `UNet2DModel` folder, or a `DDPMPipeline` / `DDIMPipeline` / `LDMPipeline` folder, into a
+`MultiStagePipeline` folder whose every stage decoder starts as a copy of the source's up path.
+
+Before fine-tuning the converted pipeline samples exactly what the source does (same seed, same images); the
+stages then diverge as each decoder is trained on its own part of the noise schedule.
+
+    python -m diffusers_stages.conversion.unet_to_multistage --source ddpm-folder --output_path staged \\
+        --stage_boundaries 442 631 --verify
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import diffusers
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers_stages.conversion.common import (
+    build_parser,
+    load_strict,
+    max_difference,
+    probe_timesteps,
+    report_verification,
+    run,
+    staged_output,
+)
+from diffusers_stages.pipelines import MultiStagePipeline
+
+from diffusers_stages.models import MultiStageUNet2DModel
+
+SOURCE_PIPELINES = {"DDPMPipeline": "unet", "DDIMPipeline": "unet", "LDMPipeline": "unet"}  # pipeline -> denoiser
+VAE_COMPONENTS = ("vqvae", "vae")
+PLANS = ("uniform", "snr")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser(__doc__)
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="A UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors) or a DDPMPipeline, "
+        "DDIMPipeline or LDMPipeline folder (model_index.json).",
+    )
+    parser.add_argument(
+        "--stage_boundaries",
+        type=float,
+        nargs="+",
+        help="Inner stage boundaries, increasing, in --boundary_units (e.g. 442 631: Zhang et al.'s CIFAR-10 split).",
+    )
+    parser.add_argument(
+        "--boundary_units", default="timestep", choices=("timestep", "sigma"), help="Units of --stage_boundaries."
+    )
+    parser.add_argument(
+        "--plan",
+        choices=PLANS,
+        help="Plan the boundaries from the source's noise schedule instead of giving them: 'uniform' (equal shares "
+        "of the training timesteps) or 'snr' (equal steps of log-SNR). Data-driven plans: see diffusers_stages.planning.",
+    )
+    parser.add_argument("--num_stages", type=int, default=3, help="Number of stages for --plan.")
+    parser.add_argument("--verify_steps", type=int, default=3, help="Sampling steps of the --verify comparison.")
+    args = parser.parse_args(argv)
+    if (args.stage_boundaries is None) == (args.plan is None):
+        parser.error("give exactly one of --stage_boundaries and --plan")
+    return args
+
+
+def load_source(path: str) -> tuple[UNet2DModel, object, object, str | None]:
+    """``(unet, scheduler, vae, source_pipeline_class)`` from a UNet2DModel or supported pipeline folder."""
+    if not os.path.isdir(path):
+        raise ValueError(f"`--source` must be a folder, got {path!r}.")
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        unet = load_strict(UNet2DModel, path)
+        return unet, DDPMScheduler(num_train_timesteps=unet.config.num_train_timesteps or 1000), None, None
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    pipeline_class = index.get("_class_name")
+    if pipeline_class not in SOURCE_PIPELINES:
+        raise ValueError(
+            f"`--source` holds a {pipeline_class}; supported pipelines are {sorted(SOURCE_PIPELINES)} (or give the "
+            "UNet2DModel folder itself)."
+        )
+    unet = load_strict(UNet2DModel, path, subfolder=SOURCE_PIPELINES[pipeline_class])
+    scheduler_class = index["scheduler"][1]
+    scheduler = getattr(diffusers, scheduler_class).from_pretrained(path, subfolder="scheduler")
+    vae = None
+    for name in VAE_COMPONENTS:
+        if index.get(name) and index[name][0] is not None:
+            vae = load_strict(getattr(diffusers, index[name][1]), path, subfolder=name)
+    return unet, scheduler, vae, pipeline_class
+
+
+def plan_boundaries(scheduler, method: str, num_stages: int) -> tuple[list[float], str]:
+    """Stage boundaries planned on the source scheduler's noise schedule (diffusers_stages.planning)."""
+    from diffusers_stages.planning.methods import snr_plan, uniform_plan
+    from diffusers_stages.planning.schedule import NoiseSchedule
+
+    plan = {"uniform": uniform_plan, "snr": snr_plan}[method](NoiseSchedule.from_scheduler(scheduler), num_stages)
+    return list(plan.partition.boundaries), plan.partition.units
+
+
+def convert(unet: UNet2DModel, scheduler, vae, boundaries, units: str) -> MultiStagePipeline:
+    """The `MultiStagePipeline` whose stages all copy ``unet`` (see `MultiStageUNet2DModel.from_unet`)."""
+    staged = MultiStageUNet2DModel.from_unet(unet, stage_boundaries=boundaries, boundary_units=units)
+    return MultiStagePipeline(unet=staged.eval(), scheduler=scheduler, vae=vae)
+
+
+def source_pipeline(unet, scheduler, vae, pipeline_class: str | None):
+    """A diffusers pipeline that samples with the source model, for --verify."""
+    if vae is not None:
+        return diffusers.LDMPipeline(vqvae=vae, unet=unet, scheduler=scheduler)
+    return getattr(diffusers, pipeline_class or "DDPMPipeline")(unet=unet, scheduler=scheduler)
+
+
+def verify(source, converted: MultiStagePipeline, steps: int, tolerance: float) -> None:
+    """Compare the denoisers at one timestep per stage, then sample with both pipelines from the same seed."""
+    config = converted.unet.config
+    size = config.sample_size
+    x = torch.randn(
+        2, config.in_channels, *((size, size) if isinstance(size, int) else size), generator=torch.manual_seed(1)
+    )
+    differences = {}
+    for stage, t in enumerate(probe_timesteps(converted.partition)):
+        t = torch.tensor(t)
+        differences[f"denoiser at timestep {t.item():g} (stage {stage})"] = max_difference(
+            source.unet(x, t).sample, converted.unet(x, t).sample
+        )
+    images = []
+    for pipe in (source, converted):
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.manual_seed(0)
+        images.append(pipe(batch_size=2, generator=generator, num_inference_steps=steps, output_type="np").images)
+    differences[f"{steps}-step samples (seed 0)"] = max_difference(
+        torch.from_numpy(images[0]), torch.from_numpy(images[1])
+    )
+    report_verification(differences, tolerance)
+
+
+@torch.no_grad()
+def main(args: argparse.Namespace) -> MultiStagePipeline:
+    with staged_output(args.output_path, args.overwrite) as tmp:
+        unet, scheduler, vae, pipeline_class = load_source(args.source)
+        if args.plan:
+            boundaries, units = plan_boundaries(scheduler, args.plan, args.num_stages)
+            print(f"planned ({args.plan}, {args.num_stages} stages): boundaries {boundaries} ({units})")
+        else:
+            boundaries, units = args.stage_boundaries, args.boundary_units
+        convert(unet, scheduler, vae, boundaries, units).save_pretrained(tmp)
+        converted = MultiStagePipeline.from_pretrained(tmp)  # what was written, reloaded strictly
+        if args.verify:
+            verify(source_pipeline(unet, scheduler, vae, pipeline_class), converted, args.verify_steps, args.tolerance)
+    print(
+        f"wrote {args.output_path}: MultiStagePipeline with {converted.partition.num_stages} stages "
+        f"{converted.partition.intervals()} ({units}), every decoder a copy of {args.source}'s up path"
+    )
+    return converted
+
+
+if __name__ == "__main__":
+    run(main, parse_args, sys.argv[1:])

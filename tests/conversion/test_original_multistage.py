@@ -1,0 +1,229 @@
+"""Checkpoints of the public multi-stage code (LucasYFL/Multistage_Diffusion) -> MultiStagePipeline folders.
+
+The state dicts here are generated from the original `UNetModel_multistage`'s parameter names and shapes, as read
+from its source (`latent-diffusion/ldm/modules/diffusionmodules/openaimodel.py`), at a tiny size. Setting
+MULTISTAGE_DIFFUSION_REPO to a checkout's `latent-diffusion` folder also runs the original model (`--verify`).
+"""
+
+import os
+
+import pytest
+import torch
+import yaml
+from diffusers_stages.conversion import original_multistage
+from safetensors.torch import load_file, save_file
+
+from diffusers_stages import MultiStagePipeline
+
+TINY = dict(
+    image_size=8,
+    in_channels=3,
+    out_channels=3,
+    model_channels=32,
+    num_res_blocks=1,
+    attention_resolutions=[],
+    channel_mult=[1, 2],
+    num_head_channels=16,
+    de_nfs=[32, 32, 32],
+    stage_interval=[442, 631, 1000],
+    stage_num=3,
+)
+
+
+def resblock(prefix: str, cin: int, cout: int, emb: int, scale_shift: bool = False) -> dict:
+    shapes = {
+        "in_layers.0.weight": (cin,),
+        "in_layers.0.bias": (cin,),
+        "in_layers.2.weight": (cout, cin, 3, 3),
+        "in_layers.2.bias": (cout,),
+        "emb_layers.1.weight": ((2 if scale_shift else 1) * cout, emb),
+        "emb_layers.1.bias": ((2 if scale_shift else 1) * cout,),
+        "out_layers.0.weight": (cout,),
+        "out_layers.0.bias": (cout,),
+        "out_layers.3.weight": (cout, cout, 3, 3),
+        "out_layers.3.bias": (cout,),
+    }
+    if cin != cout:
+        shapes.update({"skip_connection.weight": (cout, cin, 1, 1), "skip_connection.bias": (cout,)})
+    return {f"{prefix}.{k}": v for k, v in shapes.items()}
+
+
+def attention(prefix: str, c: int) -> dict:
+    shapes = {
+        "norm.weight": (c,),
+        "norm.bias": (c,),
+        "qkv.weight": (3 * c, c, 1),
+        "qkv.bias": (3 * c,),
+        "proj_out.weight": (c, c, 1),
+        "proj_out.bias": (c,),
+    }
+    return {f"{prefix}.{k}": v for k, v in shapes.items()}
+
+
+def original_shapes(p: dict) -> dict:
+    """Names and shapes of `UNetModel_multistage(**p)`'s state dict (2D, conv resampling, no transformer)."""
+    mc, emb, nrb = p["model_channels"], 4 * p["model_channels"], p["num_res_blocks"]
+    scale_shift = p.get("use_scale_shift_norm", False)
+    shapes = {
+        "time_embed.0.weight": (emb, mc),
+        "time_embed.0.bias": (emb,),
+        "time_embed.2.weight": (emb, emb),
+        "time_embed.2.bias": (emb,),
+        "input_blocks.0.0.weight": (mc, p["in_channels"], 3, 3),
+        "input_blocks.0.0.bias": (mc,),
+    }
+    if p.get("num_classes"):
+        shapes["label_emb.weight"] = (p["num_classes"], emb)
+    skips, ch, ds, index = [mc], mc, 1, 1
+    for level, mult in enumerate(p["channel_mult"]):  # encoder
+        for _ in range(nrb):
+            shapes.update(resblock(f"input_blocks.{index}.0", ch, mult * mc, emb, scale_shift))
+            ch = mult * mc
+            if ds in p["attention_resolutions"]:
+                shapes.update(attention(f"input_blocks.{index}.1", ch))
+            skips.append(ch)
+            index += 1
+        if level < len(p["channel_mult"]) - 1:
+            shapes.update(
+                {f"input_blocks.{index}.0.op.weight": (ch, ch, 3, 3), f"input_blocks.{index}.0.op.bias": (ch,)}
+            )
+            skips.append(ch)
+            index, ds = index + 1, ds * 2
+    shapes.update(resblock("middle_block.0", ch, ch, emb, scale_shift))
+    shapes.update(attention("middle_block.1", ch))
+    shapes.update(resblock("middle_block.2", ch, ch, emb, scale_shift))
+    top = ch
+    for s, nf in enumerate(p["de_nfs"]):  # decoders; `ds` carries over from one decoder to the next, as there
+        pending, ch, index = list(skips), top, 0
+        for level, mult in reversed(list(enumerate(p["channel_mult"]))):
+            for i in range(nrb + 1):
+                shapes.update(resblock(f"de_modules.{s}.{index}.0", ch + pending.pop(), nf * mult, emb, scale_shift))
+                ch, layer = nf * mult, 1
+                if ds in p["attention_resolutions"]:
+                    shapes.update(attention(f"de_modules.{s}.{index}.1", ch))
+                    layer = 2
+                if level and i == nrb:
+                    shapes.update(
+                        {
+                            f"de_modules.{s}.{index}.{layer}.conv.weight": (ch, ch, 3, 3),
+                            f"de_modules.{s}.{index}.{layer}.conv.bias": (ch,),
+                        }
+                    )
+                    ds //= 2
+                index += 1
+        shapes.update(
+            {
+                f"outs.{s}.0.weight": (ch,),
+                f"outs.{s}.0.bias": (ch,),
+                f"outs.{s}.2.weight": (p["out_channels"], nf, 3, 3),
+                f"outs.{s}.2.bias": (p["out_channels"],),
+            }
+        )
+    return shapes
+
+
+def write_source(tmp_path, p: dict, edit=None) -> tuple[str, str]:
+    torch.manual_seed(0)
+    state = {f"model.diffusion_model.{k}": torch.randn(shape) * 0.1 for k, shape in original_shapes(p).items()}
+    state["first_stage_model.decoder.conv_out.weight"] = torch.zeros(1)  # the wrapper's other modules are ignored
+    if edit:
+        edit(state)
+    checkpoint, config = str(tmp_path / "last.safetensors"), str(tmp_path / "config.yaml")
+    save_file(state, checkpoint)
+    unet_config = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel_multistage", "params": p}
+    with open(config, "w") as f:
+        yaml.safe_dump(
+            {
+                "model": {
+                    "params": {
+                        "timesteps": 1000,
+                        "linear_start": 0.0015,
+                        "linear_end": 0.0195,
+                        "unet_config": unet_config,
+                    }
+                }
+            },
+            f,
+        )
+    return checkpoint, config
+
+
+def convert(tmp_path, p, *extra, edit=None):
+    checkpoint, config = write_source(tmp_path, p, edit)
+    argv = ["--checkpoint", checkpoint, "--original_config", config, "--output_path", str(tmp_path / "out"), *extra]
+    return original_multistage.main(original_multistage.parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"num_classes": 5},
+        {"channel_mult": [1], "attention_resolutions": [1], "num_head_channels": 8},
+        {"channel_mult": [1], "attention_resolutions": [1], "num_heads": 1, "num_head_channels": -1},
+    ],
+    ids=["plain", "class-conditional", "attention-heads", "attention-one-head"],
+)
+def test_converts_with_every_tensor_placed(tmp_path, overrides):
+    p = {**TINY, **overrides}
+    pipe = convert(tmp_path, p, "--verify")
+    reloaded = MultiStagePipeline.from_pretrained(str(tmp_path / "out"))
+    assert reloaded.partition.boundaries == (442.0, 631.0)
+    assert reloaded.scheduler.config.beta_schedule == "scaled_linear"
+    total = sum(torch.Size(s).numel() for s in original_shapes(p).values())
+    assert sum(t.numel() for t in pipe.unet.state_dict().values()) == total  # nothing dropped, nothing invented
+    assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], reloaded.unet.state_dict()["conv_in.weight"])
+
+
+def test_attention_qkv_is_split_per_head(tmp_path):
+    p = {**TINY, "channel_mult": [1], "attention_resolutions": [1], "num_head_channels": 8}
+    checkpoint, _ = write_source(tmp_path, p)
+    qkv = load_file(checkpoint)["model.diffusion_model.middle_block.1.qkv.weight"].squeeze(-1)
+    pipe = convert(tmp_path, p)
+    attn = pipe.unet.mid_block.attentions[0]
+    # legacy order: per head of 8 channels, 24 rows = (q, k, v) of that head
+    assert torch.equal(attn.to_k.weight[8:16], qkv[24 + 8 : 24 + 16])
+    assert torch.equal(attn.to_q.weight[:8], qkv[:8]) and torch.equal(attn.to_v.weight[:8], qkv[16:24])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"de_nfs": [64, 32, 32]}, "decoders are tailored"),
+        ({"attention_resolutions": [2]}, "Decoder 1 attends at up-levels"),
+        ({"use_scale_shift_norm": True}, "use_scale_shift_norm"),
+        ({"num_heads": 2, "num_head_channels": -1}, "fixed head count"),
+    ],
+    ids=["tailored", "decoder-attention-differs", "scale-shift", "fixed-heads"],
+)
+def test_architectures_without_an_exact_equivalent_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        convert(tmp_path, {**TINY, **overrides})
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_unexpected_keys_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="lacks 'outs.1.2.bias'"):
+        convert(tmp_path, TINY, edit=lambda s: s.pop("model.diffusion_model.outs.1.2.bias"))
+    with pytest.raises(ValueError, match="keys the original architecture does not.*de_modules.0.99"):
+        convert(
+            tmp_path, TINY, edit=lambda s: s.update({"model.diffusion_model.de_modules.0.99.0.weight": torch.zeros(1)})
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_edm_checkpoint_is_recognised_and_refused(tmp_path):
+    checkpoint = str(tmp_path / "edm.safetensors")
+    save_file({"map_layer0.weight": torch.zeros(4, 4), "enc.8x8_conv.weight": torch.zeros(4, 3, 3, 3)}, checkpoint)
+    _, config = write_source(tmp_path, TINY)
+    argv = ["--checkpoint", checkpoint, "--original_config", config, "--output_path", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=r"EDM `MultistageUNet`.*sqrt\(0.5\)"):
+        original_multistage.main(original_multistage.parse_args(argv))
+
+
+@pytest.mark.skipif(
+    not os.environ.get("MULTISTAGE_DIFFUSION_REPO"), reason="set MULTISTAGE_DIFFUSION_REPO to run the original"
+)
+def test_matches_the_original_model(tmp_path):
+    pytest.importorskip("einops")
+    convert(tmp_path, TINY, "--verify", "--original_repo", os.environ["MULTISTAGE_DIFFUSION_REPO"])

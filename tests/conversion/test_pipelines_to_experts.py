@@ -1,0 +1,62 @@
+"""Several single diffusers pipelines -> one expert-routing or dual-backbone pipeline."""
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers_stages.conversion import pipelines_to_experts
+
+from diffusers_stages import DualBackbonePipeline, ExpertRoutingPipeline
+
+from .conftest import tiny_unet
+
+
+def combine(sources, output, *extra):
+    args = pipelines_to_experts.parse_args(["--sources", *sources, "--output_path", output, *extra])
+    return pipelines_to_experts.main(args)
+
+
+@pytest.fixture
+def large_and_small(tmp_path):
+    paths = []
+    for name, width in (("large", 16), ("small", 8)):
+        paths.append(str(tmp_path / name))
+        DDPMPipeline(unet=tiny_unet(width, width), scheduler=DDPMScheduler()).save_pretrained(paths[-1])
+    return paths
+
+
+def test_expert_routing_pipeline_from_two_pipelines(large_and_small, tmp_path):
+    out = str(tmp_path / "routed")
+    combine(large_and_small, out, "--stage_boundaries", "600", "--verify", "--tolerance", "0")
+    pipe = ExpertRoutingPipeline.from_pretrained(out)
+    large = DDPMPipeline.from_pretrained(large_and_small[0]).unet
+    small = DDPMPipeline.from_pretrained(large_and_small[1]).unet
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(pipe.experts(x, 100).sample, large(x, 100).sample)
+    assert torch.equal(pipe.experts(x, 800).sample, small(x, 800).sample)
+
+
+def test_dual_backbone_pipeline_from_deep_and_shallow(large_and_small, tmp_path):
+    out = str(tmp_path / "duo")
+    combine(large_and_small, out, "--pipeline", "dual_backbone", "--switch_step_fraction", "0.5", "--verify")
+    pipe = DualBackbonePipeline.from_pretrained(out)
+    assert pipe.deep.config.block_out_channels == [16, 32] and pipe.shallow.config.block_out_channels == [8, 16]
+    assert [expert for _, expert in pipe.expert_schedule(4)] == [1, 1, 0, 0]
+
+
+def test_sources_must_share_the_training_schedule(large_and_small, tmp_path):
+    other = str(tmp_path / "other")
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(beta_end=0.03)).save_pretrained(other)
+    with pytest.raises(ValueError, match=r"another noise schedule .*beta_end"):
+        combine([large_and_small[0], other], str(tmp_path / "out"), "--stage_boundaries", "500")
+    with pytest.raises(ValueError, match="two --sources"):
+        combine(
+            [*large_and_small, large_and_small[0]],
+            str(tmp_path / "out"),
+            "--pipeline",
+            "dual_backbone",
+            "--stage_boundaries",
+            "500",
+        )
+    with pytest.raises(ValueError, match="needs --stage_boundaries"):
+        combine(large_and_small, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,82 @@
+"""UNet2DModel / DDPMPipeline / DDIMPipeline / LDMPipeline folders -> MultiStagePipeline folders."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, LDMPipeline
+from diffusers_stages.conversion import unet_to_multistage
+from safetensors.torch import load_file, save_file
+
+from diffusers_stages import MultiStagePipeline
+
+from .conftest import tiny_unet
+
+
+def convert(source, output, *extra):
+    args = unet_to_multistage.parse_args(["--source", source, "--output_path", output, *extra])
+    return unet_to_multistage.main(args)
+
+
+def sample(pipe, steps=3):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(batch_size=2, generator=torch.manual_seed(0), num_inference_steps=steps, output_type="np").images
+
+
+def test_ddpm_pipeline_converts_to_identical_samples(ddpm_folder, tmp_path, capsys):
+    out = str(tmp_path / "staged")
+    convert(ddpm_folder, out, "--stage_boundaries", "442", "631", "--verify", "--tolerance", "0")
+    assert "max |source - converted| = 0.000e+00" in capsys.readouterr().out
+    staged = MultiStagePipeline.from_pretrained(out)
+    assert staged.partition.boundaries == (442.0, 631.0) and staged.unet.num_stages == 3
+    np.testing.assert_array_equal(sample(staged), sample(DDPMPipeline.from_pretrained(ddpm_folder)))
+
+
+def test_ldm_pipeline_keeps_the_vqvae_and_its_scaling(ldm_folder, tmp_path):
+    out = str(tmp_path / "staged")
+    staged = convert(ldm_folder, out, "--stage_boundaries", "500", "--verify", "--tolerance", "0")
+    assert staged.vae.config.scaling_factor == 0.5  # both LDMPipeline and the staged loop divide by it
+    np.testing.assert_array_equal(
+        sample(MultiStagePipeline.from_pretrained(out)), sample(LDMPipeline.from_pretrained(ldm_folder))
+    )
+
+
+def test_ddim_pipeline_and_bare_unet_folder(tmp_path):
+    unet = tiny_unet(2)
+    DDIMPipeline(unet=unet, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "ddim")
+    unet.save_pretrained(tmp_path / "unet")
+    convert(str(tmp_path / "ddim"), str(tmp_path / "a"), "--stage_boundaries", "300", "600", "--verify")
+    staged = convert(str(tmp_path / "unet"), str(tmp_path / "b"), "--stage_boundaries", "300", "--verify")
+    assert type(staged.scheduler).__name__ == "DDPMScheduler"  # a bare U-Net gets the DDPM training schedule
+
+
+def test_planned_boundaries(ddpm_folder, tmp_path):
+    staged = convert(ddpm_folder, str(tmp_path / "planned"), "--plan", "uniform", "--num_stages", "4")
+    assert staged.partition.num_stages == 4
+    assert staged.partition.boundaries == pytest.approx((250.0, 500.0, 750.0))
+
+
+def test_refuses_existing_output_and_writes_nothing_on_a_broken_source(ddpm_folder, tmp_path):
+    out = tmp_path / "staged"
+    out.mkdir()
+    with pytest.raises(ValueError, match="already exists"):
+        convert(ddpm_folder, str(out), "--stage_boundaries", "500")
+    weights = os.path.join(ddpm_folder, "unet", "diffusion_pytorch_model.safetensors")
+    state = load_file(weights)
+    state.pop("conv_out.bias")
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, weights)
+    with pytest.raises(ValueError, match="missing_keys.*conv_out.bias|conv_out.bias"):
+        convert(ddpm_folder, str(tmp_path / "new"), "--stage_boundaries", "500")
+    assert sorted(os.listdir(tmp_path)) == ["ddpm", "staged"]  # no partial folder
+
+
+def test_unsupported_pipeline_and_bad_arguments(tmp_path, ddpm_folder):
+    with pytest.raises(ValueError, match="must be a folder"):
+        convert(str(tmp_path / "missing"), str(tmp_path / "x"), "--stage_boundaries", "500")
+    with pytest.raises(SystemExit):  # argparse: exactly one of --stage_boundaries and --plan
+        unet_to_multistage.parse_args(["--source", ddpm_folder, "--output_path", "x"])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        convert(ddpm_folder, str(tmp_path / "y"), "--stage_boundaries", "600", "300")
+    assert not (tmp_path / "y").exists()
