@@ -33,7 +33,7 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "scikit-learn>=1.4", "torchmetrics>=1.4", "tensorboard>=2.15"],
+        "test": ["pytest>=8.0", "scikit-learn>=1.4", "torchmetrics>=1.4", "tensorboard>=2.15", "datasets>=2.19"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["diffusers-stages-plan=diffusers_stages.plan:main"]},
 )

@@ -4,17 +4,22 @@ Every component module is imported here, so that diffusers' `from_pretrained` fi
 module path stored in `model_index.json` (RESEARCH.md section 3).
 """
 
-from .models import MultiStageUNet2DModel
+from .models import ExpertRoutingModel, MultiStageUNet2DModel
 from .partition import TimestepPartition
-from .pipelines import MultiStagePipeline, StagedDiffusionPipeline
+from .pipelines import DualBackbonePipeline, ExpertRoutingPipeline, MultiStagePipeline, StagedDiffusionPipeline
+from .planning import plan_stages
 from .routing import StageRouter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DualBackbonePipeline",
+    "ExpertRoutingModel",
+    "ExpertRoutingPipeline",
     "MultiStagePipeline",
     "MultiStageUNet2DModel",
     "StageRouter",
     "StagedDiffusionPipeline",
     "TimestepPartition",
+    "plan_stages",
 ]

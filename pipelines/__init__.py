@@ -1,4 +1,6 @@
+from .pipeline_dual_backbone import DualBackbonePipeline
+from .pipeline_expert_routing import ExpertRoutingPipeline
 from .pipeline_multistage import MultiStagePipeline
 from .pipeline_staged import StagedDiffusionPipeline
 
-__all__ = ["MultiStagePipeline", "StagedDiffusionPipeline"]
+__all__ = ["DualBackbonePipeline", "ExpertRoutingPipeline", "MultiStagePipeline", "StagedDiffusionPipeline"]

@@ -1,3 +1,13 @@
+from .early_exit import EarlyExitUViT2DModel
+from .expert_routing import ExpertRoutingModel
+from .meme import build_meme_experts, meme_expert_configs
 from .unet_multistage import MultiStageUNet2DModel, StageDecoder
 
-__all__ = ["MultiStageUNet2DModel", "StageDecoder"]
+__all__ = [
+    "EarlyExitUViT2DModel",
+    "ExpertRoutingModel",
+    "build_meme_experts",
+    "meme_expert_configs",
+    "MultiStageUNet2DModel",
+    "StageDecoder",
+]

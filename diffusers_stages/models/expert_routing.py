@@ -1,0 +1,364 @@
+"""Expert routing: independent denoisers, one per stage of the noise schedule (MEME, Lee et al., AAAI 2024;
+DuoDiff's dual backbone is the two-expert case).
+
+The experts share nothing but their input/output contract: each may be a `UNet2DModel`, a `UNet2DConditionModel`,
+a `DiTTransformer2DModel` or one of this package's models, of any size. The container saves as one folder that
+holds its own `config.json` (the partition and each expert's ``[module, class]``) and one sub-folder per expert
+(``expert_0/``, ...) written by that expert's own `save_pretrained`, so every expert is a plain diffusers folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+import diffusers
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
+
+from ..partition import TimestepPartition
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+CONTRACT_KEYS = ("in_channels", "out_channels", "sample_size", "num_class_embeds")  # experts must agree on these
+DOWNLOAD_KEYS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+TRUSTED_LIBRARIES = ("diffusers", "diffusers_stages")
+
+
+def expert_folder(index: int) -> str:
+    """Name of expert ``index``'s sub-folder inside a saved `ExpertRoutingModel`."""
+    return f"expert_{index}"
+
+
+def class_entry(model: nn.Module) -> list[str]:
+    """``[module, class]`` as diffusers writes it in `model_index.json` (``"diffusers"`` for diffusers' own classes)."""
+    cls = type(model)
+    if cls.__module__.split(".")[0] == "diffusers" and getattr(diffusers, cls.__name__, None) is cls:
+        return ["diffusers", cls.__name__]
+    return [cls.__module__, cls.__name__]
+
+
+def import_class(entry: Sequence[str]) -> type:
+    """The `ModelMixin` class named by a ``[module, class]`` entry; only diffusers, this package, or a module the
+    caller has already imported (so nothing is imported from a config file that the user has not chosen to run)."""
+    module_name, class_name = entry
+    if module_name.split(".")[0] not in TRUSTED_LIBRARIES and module_name not in sys.modules:
+        raise ValueError(
+            f"Expert class {class_name} lives in module {module_name!r}, which is neither diffusers nor "
+            f"diffusers_stages: `import {module_name}` before loading, so that its class can be found."
+        )
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
+        raise ValueError(f"Expert class entry {list(entry)} does not name a diffusers ModelMixin class.")  # noqa: TRY004
+    return cls
+
+
+def resolve_prediction_type(prediction_type: str | Sequence[str], experts: Sequence[nn.Module | None]) -> str:
+    """The one prediction type of a set of experts: given once, or once per expert, or in an expert's config."""
+    given = [prediction_type] if isinstance(prediction_type, str) else list(prediction_type)
+    if not isinstance(prediction_type, str) and len(given) != len(experts):
+        raise ValueError(f"`prediction_type` must be one string or one per expert ({len(experts)}), got {given}.")
+    declared = [getattr(e.config, "prediction_type", None) for e in experts if e is not None and hasattr(e, "config")]
+    types = set(given) | {t for t in declared if t is not None}
+    if len(types) != 1:
+        raise ValueError(
+            f"All experts must predict the same target (multistep solvers mix their outputs), got prediction types "
+            f"{sorted(types)}: retrain or convert the odd expert."
+        )
+    (kind,) = types
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {kind!r}.")
+    return kind
+
+
+def _check_contract(experts: Sequence[nn.Module | None]) -> None:
+    """Experts replace one another mid-trajectory: their inputs, outputs and labels must agree."""
+    for key in CONTRACT_KEYS:
+        values = {i: _hashable(e.config[key]) for i, e in enumerate(experts) if e is not None and key in e.config}
+        if len(set(values.values())) > 1:
+            raise ValueError(f"Experts disagree on `{key}` (expert: value): {values}; they must be interchangeable.")
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+class ExpertRoutingModel(ModelMixin, ConfigMixin):
+    r"""
+    A set of independent denoisers, one per stage of a [`TimestepPartition`] (stage 0 = cleanest), behind one
+    denoiser interface.
+
+    Parameters:
+        experts (`list[ModelMixin | None]`):
+            One denoiser per stage, clean stage first. Architectures and sizes may differ; inputs, outputs and
+            class labels must agree. `None` marks an expert that is not loaded (see `from_pretrained`'s
+            ``load_experts``); routing a sample to it raises a `ValueError`.
+        stage_boundaries (`tuple[float]`):
+            The ``len(experts) - 1`` inner boundaries, in ``boundary_units`` (see [`TimestepPartition`]).
+        boundary_units (`str`, defaults to `"timestep"`): ``"timestep"`` or ``"sigma"`` (EDM-style experts).
+        num_train_timesteps (`int`, defaults to 1000): length of the training schedule.
+        prediction_type (`str` or `list[str]`, defaults to `"epsilon"`):
+            What every expert predicts (``epsilon``, ``v_prediction``, ``sample`` or ``flow_prediction``); a list
+            (one per expert) is accepted to check experts gathered from different pipelines, and must agree.
+        expert_classes (`list[list[str]]`, *optional*):
+            ``[module, class]`` of each expert; derived from ``experts`` when omitted, required for unloaded ones.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import UNet2DModel
+    >>> from diffusers_stages.models import ExpertRoutingModel
+    >>> def unet(width):
+    ...     return UNet2DModel(sample_size=8, block_out_channels=(width, width), norm_num_groups=4,
+    ...         layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    >>> model = ExpertRoutingModel([unet(16), unet(8)], stage_boundaries=(500,))  # a wide clean expert, a narrow noisy one
+    >>> x = torch.randn(3, 3, 8, 8)
+    >>> model(x, torch.tensor([10, 700, 20])).sample.shape  # samples 0 and 2 go to expert 0, sample 1 to expert 1
+    torch.Size([3, 3, 8, 8])
+    >>> torch.equal(model(x[1:2], 700).sample, model.experts[1](x[1:2], 700).sample)
+    True
+
+    ```
+    """
+
+    ignore_for_config = ("experts",)
+
+    @register_to_config
+    def __init__(
+        self,
+        experts: Sequence[ModelMixin | None],
+        stage_boundaries: Sequence[float],
+        boundary_units: str = "timestep",
+        num_train_timesteps: int = 1000,
+        prediction_type: str | Sequence[str] = "epsilon",
+        expert_classes: Sequence[Sequence[str]] | None = None,
+    ):
+        super().__init__()
+        # 1. the partition, and one expert per stage
+        self.partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
+        experts = list(experts) if isinstance(experts, (list, tuple, nn.ModuleList)) else None
+        if experts is None or len(experts) != self.partition.num_stages:
+            count = "not a list" if experts is None else f"{len(experts)} experts"
+            raise ValueError(
+                f"`experts` must be a list with one denoiser per stage: `stage_boundaries`={tuple(stage_boundaries)} "
+                f"gives {self.partition.num_stages} stages, got {count}."
+            )
+        for i, expert in enumerate(experts):
+            if expert is not None and not isinstance(expert, ModelMixin):
+                raise ValueError(f"Expert {i} must be a diffusers ModelMixin (or None), got {type(expert).__name__}.")
+        _check_contract(experts)
+
+        # 2. each expert's class (kept for unloaded experts) and the shared prediction type
+        derived = [class_entry(e) if e is not None else None for e in experts]
+        if expert_classes is None:
+            if None in derived:
+                raise ValueError("`expert_classes` must be given when some `experts` are None (not loaded).")
+            expert_classes = derived
+        expert_classes = [list(entry) for entry in expert_classes]
+        if len(expert_classes) != len(experts) or any(d not in (None, c) for d, c in zip(derived, expert_classes)):
+            raise ValueError(f"`expert_classes`={expert_classes} does not match the experts given: {derived}.")
+        self.register_to_config(
+            stage_boundaries=list(self.partition.boundaries),
+            prediction_type=resolve_prediction_type(prediction_type, experts),
+            expert_classes=expert_classes,
+        )
+        self.experts = nn.ModuleList(experts)
+
+    @property
+    def num_stages(self) -> int:
+        return self.partition.num_stages
+
+    @property
+    def loaded_experts(self) -> list[int]:
+        """Indices of the experts held in memory."""
+        return [i for i, e in enumerate(self.experts) if e is not None]
+
+    def expert(self, stage: int) -> ModelMixin:
+        """The denoiser of ``stage``; a `ValueError` that says how to load it if it is not loaded."""
+        if not 0 <= stage < self.num_stages:
+            raise ValueError(f"`stage` must be in [0, {self.num_stages}), got {stage}.")
+        if self.experts[stage] is None:
+            low, high = self.partition.intervals()[stage]
+            raise ValueError(
+                f"Expert {stage} (noise levels [{low}, {high}) in {self.partition.units!r} units) is not loaded, but "
+                f"this run needs it: load it with `ExpertRoutingModel.from_pretrained(path, load_experts=[..., {stage}])`"
+                f" or set `model.experts[{stage}]`."
+            )
+        return self.experts[stage]
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        stage_index: int | None = None,
+        **expert_kwargs,
+    ) -> UNet2DOutput | tuple:
+        r"""
+        Args:
+            sample (`torch.Tensor`): noisy input `(batch, channels, height, width)`.
+            timestep (`torch.Tensor` or `float` or `int`): one timestep, or one per sample (experts may differ).
+            class_labels (`torch.Tensor`, *optional*): class labels for class-conditional experts.
+            return_dict (`bool`, defaults to `True`): return a `UNet2DOutput` rather than a tuple.
+            stage_index (`int`, *optional*): send the whole batch to this expert (no data-dependent routing).
+            expert_kwargs: further arguments of the experts' forward (e.g. ``encoder_hidden_states``); tensors with
+                one row per sample are split with the batch.
+        """
+        # 1. per-sample timesteps, and the stage of each (given, or looked up from the noise level)
+        batch = sample.shape[0]
+        if torch.is_tensor(timestep) and timestep.ndim == 0:
+            timestep = timestep.reshape(1).expand(batch)  # DiT-style experts need one timestep per sample
+        if stage_index is None:
+            stages = self.partition.stage_for_timestep(torch.as_tensor(timestep).reshape(-1).cpu())
+            if bool((stages == stages[0]).all()):
+                stage_index = int(stages[0])
+
+        # 2. one expert for the whole batch: call it exactly as it would be called alone
+        if stage_index is not None:
+            out = self._call_expert(stage_index, sample, timestep, class_labels, expert_kwargs)
+        else:
+            # 3. mixed batch: each expert only on its own samples, scattered back in order
+            stages = stages.to(sample.device).expand(batch)
+            out = None
+            for s in stages.unique().tolist():
+                idx = (stages == s).nonzero().squeeze(1)
+                split = {k: _rows(v, idx, batch) for k, v in expert_kwargs.items()}
+                part = self._call_expert(s, sample[idx], timestep[idx], _rows(class_labels, idx, batch), split)
+                if out is None:
+                    out = part.new_empty((batch, *part.shape[1:]))
+                out[idx] = part
+        if not return_dict:
+            return (out,)
+        return UNet2DOutput(sample=out)
+
+    def _call_expert(self, stage, sample, timestep, class_labels, expert_kwargs) -> torch.Tensor:
+        return self.expert(stage)(sample, timestep, class_labels=class_labels, return_dict=False, **expert_kwargs)[0]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # saving and loading: one folder, one plain diffusers sub-folder per expert
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
+        r"""
+        Write the container's `config.json` and each expert's own `save_pretrained` folder (``expert_{i}/``).
+
+        With ``push_to_hub=True`` the folder is uploaded to ``repo_id`` (default: the folder's name) afterwards;
+        ``token``, ``private``, ``commit_message`` and ``create_pr`` are passed on as in diffusers.
+        """
+        if not safe_serialization:
+            raise ValueError("`safe_serialization=False` is not supported: checkpoints are safetensors only.")
+        missing = [i for i, e in enumerate(self.experts) if e is None]
+        if missing:
+            raise ValueError(f"Experts {missing} are not loaded: load every expert before `save_pretrained`.")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"`save_directory` must be a directory, got the file {save_directory}.")
+        os.makedirs(save_directory, exist_ok=True)
+        if is_main_process:
+            self.save_config(save_directory)
+        shard = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        for i, expert in enumerate(self.experts):
+            path = os.path.join(save_directory, expert_folder(i))
+            expert.save_pretrained(path, is_main_process=is_main_process, variant=variant, **shard)
+        if push_to_hub and is_main_process:
+            from huggingface_hub import create_repo
+
+            token = kwargs.pop("token", None)
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            repo_id = create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None), token=token).repo_id
+            self._upload_folder(
+                save_directory,
+                repo_id,
+                token=token,
+                commit_message=kwargs.pop("commit_message", None),
+                create_pr=kwargs.pop("create_pr", False),
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        load_experts: Sequence[int] | None = None,
+        subfolder: str | None = None,
+        **kwargs,
+    ) -> ExpertRoutingModel:
+        r"""
+        Load a folder written by [`~ExpertRoutingModel.save_pretrained`] (locally or from the Hub).
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): the folder, or a Hub repository id.
+            load_experts (`list[int]`, *optional*): load only these experts (the others stay `None`, and from the
+                Hub are not even downloaded); all by default.
+            subfolder (`str`, *optional*): the container's folder inside the repository, e.g. ``"experts"``.
+            kwargs: passed to every expert's own `from_pretrained` (``torch_dtype``, ``device_map``, ``variant``,
+                ...); ``cache_dir``, ``token``, ``revision``, ``force_download`` and ``local_files_only`` are used
+                for the download. A checkpoint that does not match its expert's config raises a `ValueError`.
+        """
+        wants_info = kwargs.pop("output_loading_info", False)
+        download = {k: kwargs.pop(k) for k in DOWNLOAD_KEYS if k in kwargs}
+        folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        if not os.path.isdir(folder):
+            folder = _download(str(pretrained_model_name_or_path), subfolder, load_experts, download)
+        config = cls.load_config(folder)
+        if config.get("_class_name") != cls.__name__ or "expert_classes" not in config:
+            raise ValueError(f"{folder} does not hold a saved {cls.__name__} (see its `config.json`).")
+        entries = config["expert_classes"]
+        wanted = range(len(entries)) if load_experts is None else list(load_experts)
+        if any(not isinstance(i, int) or not 0 <= i < len(entries) for i in wanted):
+            raise ValueError(f"`load_experts` must hold expert indices in [0, {len(entries)}), got {load_experts}.")
+
+        # each expert through its own class's `from_pretrained`, strictly: a checkpoint that disagrees is an error
+        experts, infos = [None] * len(entries), {}
+        for i in sorted(set(wanted)):
+            path = os.path.join(folder, expert_folder(i))
+            expert_class = import_class(entries[i])
+            try:
+                expert, info = expert_class.from_pretrained(path, output_loading_info=True, **kwargs)
+            except (RuntimeError, ValueError) as error:
+                raise ValueError(
+                    f"Expert {i} at {path} could not be loaded as {expert_class.__name__}: {error}"
+                ) from error
+            problems = {k: sorted(map(str, v))[:10] for k, v in info.items() if k.endswith("_keys") and v}
+            if problems:
+                raise ValueError(f"The checkpoint at {path} does not match its config (first keys shown): {problems}.")
+            experts[i], infos[i] = expert, info
+        model = cls(
+            experts,
+            stage_boundaries=config["stage_boundaries"],
+            boundary_units=config["boundary_units"],
+            num_train_timesteps=config["num_train_timesteps"],
+            prediction_type=config["prediction_type"],
+            expert_classes=entries,
+        )
+        model.eval()
+        return (model, infos) if wants_info else model
+
+
+def _rows(value, idx: torch.Tensor, batch: int):
+    """``value[idx]`` for a tensor with one row per sample; anything else unchanged."""
+    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+        return value[idx.to(value.device)]
+    return value
+
+
+def _download(repo_id: str, subfolder: str | None, load_experts: Sequence[int] | None, download: dict) -> str:
+    """Fetch the container's config and only the experts to be loaded from the Hub; the local folder."""
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    patterns = [f"{prefix}*"] if load_experts is None else [f"{prefix}config.json"]
+    patterns += [f"{prefix}{expert_folder(i)}/*" for i in (load_experts or [])]
+    root = snapshot_download(repo_id, allow_patterns=patterns, **download)
+    return os.path.join(root, prefix)

@@ -1,0 +1,248 @@
+"""Choosing the dual-backbone switch point from measurements instead of a sweep of sampling runs.
+
+DuoDiff (arXiv 2410.09633) picks ``t_switch`` by sampling and scoring once per candidate. Here both trained
+denoisers are scored once on a few batches of real data: the per-noise-level denoising error of each (the training
+loss, [`diffusion_loss`], on shared noise), and the switch is the lowest noise level above which the shallow
+model's error stays within ``tolerance`` (relative) of the deep model's. Running the shallow model only there
+changes each affected model call's error by at most that much.
+
+Command: ``python -m diffusers_stages.switch --pipeline DIR --data digits --tolerance 0.05 --plot switch.png``
+(a saved `DualBackbonePipeline`, or ``--shallow DIR --deep DIR --scheduler DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .routing import is_edm_scheduler
+from .training.loss import diffusion_loss
+
+
+@dataclass
+class SwitchRecommendation:
+    """The measured error curves and the switch they give."""
+
+    levels: torch.Tensor  # noise levels measured: training timesteps (DDPM-style) or sigmas (EDM-style)
+    shallow_error: torch.Tensor
+    deep_error: torch.Tensor
+    tolerance: float
+    switch: float | None  # shallow model for levels >= switch; None: the shallow model is never good enough
+    units: str  # "timestep" or "sigma"
+
+    def pipeline_kwargs(self) -> dict:
+        """Keyword arguments of `DualBackbonePipeline` for this switch (``switch_timestep`` / ``switch_sigma``)."""
+        if self.switch is None:
+            raise ValueError(f"No switch meets tolerance {self.tolerance}: use the deep model alone, or loosen it.")
+        return {f"switch_{self.units}": self.switch}
+
+    def shallow_share(self) -> float:
+        """Share of the measured levels handed to the shallow model."""
+        return 0.0 if self.switch is None else float((self.levels >= self.switch).double().mean())
+
+
+def noise_levels(scheduler, num_levels: int) -> torch.Tensor:
+    """Evenly spread training timesteps (DDPM-style) or log-spaced sigmas (EDM-style), low to high."""
+    if is_edm_scheduler(scheduler):
+        low, high = math.log(scheduler.config.sigma_min), math.log(scheduler.config.sigma_max)
+        return torch.linspace(low, high, num_levels, dtype=torch.float64).exp().float()
+    return torch.linspace(0, scheduler.config.num_train_timesteps - 1, num_levels).round().long()
+
+
+@torch.no_grad()
+def denoising_error(
+    model: torch.nn.Module,
+    scheduler,
+    images: torch.Tensor,
+    levels: torch.Tensor,
+    batch_size: int = 64,
+    seed: int = 0,
+    class_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean denoising loss of ``model`` on ``images`` at each noise level; the noise depends only on ``seed``, so
+    two models are compared on the very same noisy inputs."""
+    errors = torch.zeros(len(levels), dtype=torch.float64)
+    device = next(model.parameters()).device
+    for i, level in enumerate(levels):
+        generator = torch.Generator().manual_seed(seed + i)
+        for start in range(0, len(images), batch_size):
+            clean = images[start : start + batch_size]
+            noise = torch.randn(clean.shape, generator=generator)
+            labels = None if class_labels is None else class_labels[start : start + batch_size].to(device)
+            t = level.repeat(len(clean)).to(device)
+            loss = diffusion_loss(model, scheduler, clean.to(device), t, noise=noise.to(device), class_labels=labels)
+            errors[i] += loss.double().sum().cpu()
+    return errors / len(images)
+
+
+def recommend_switch(
+    shallow: torch.nn.Module,
+    deep: torch.nn.Module,
+    scheduler,
+    images: torch.Tensor,
+    tolerance: float = 0.05,
+    num_levels: int = 25,
+    **error_kwargs,
+) -> SwitchRecommendation:
+    r"""
+    Measure both denoisers' error at ``num_levels`` noise levels and recommend the switch.
+
+    The switch is the lowest measured level ``s`` such that at every measured level ``>= s`` the shallow error is
+    at most ``(1 + tolerance)`` times the deep error (so the noisy end is handed over as one piece, as DuoDiff
+    does).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import DDPMScheduler, UNet2DModel
+    >>> from diffusers_stages.switch import recommend_switch
+    >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
+    ...     norm_num_groups=4, layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+    ...     up_block_types=("UpBlock2D",) * 2)
+    >>> images = torch.rand(8, 1, 8, 8) * 2 - 1
+    >>> found = recommend_switch(unet, unet, DDPMScheduler(), images, tolerance=0.0, num_levels=5)
+    >>> found.switch, found.pipeline_kwargs()  # identical models: the shallow one may take the whole schedule
+    (0.0, {'switch_timestep': 0.0})
+
+    ```
+    """
+    if not tolerance >= 0:
+        raise ValueError(f"`tolerance` must be a non-negative number, got {tolerance}.")
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"`images` must be a non-empty (N, C, H, W) tensor in [-1, 1], got {tuple(images.shape)}.")
+    levels = noise_levels(scheduler, num_levels)
+    shallow_error = denoising_error(shallow, scheduler, images, levels, **error_kwargs)
+    deep_error = denoising_error(deep, scheduler, images, levels, **error_kwargs)
+    good = shallow_error <= (1.0 + tolerance) * deep_error
+    switch = None
+    for i in range(len(levels) - 1, -1, -1):  # walk down from the noisy end while the shallow model is good enough
+        if not good[i]:
+            break
+        switch = float(levels[i])
+    units = "sigma" if is_edm_scheduler(scheduler) else "timestep"
+    return SwitchRecommendation(levels, shallow_error, deep_error, float(tolerance), switch, units)
+
+
+def flops_per_call(model: torch.nn.Module, sample: torch.Tensor, timestep) -> int:
+    """FLOPs of one forward call (`torch.utils.flop_counter`)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(sample, timestep)
+    return counter.get_total_flops()
+
+
+def plot_switch(found: SwitchRecommendation, path: str | os.PathLike, flops_ratio: float | None = None) -> str:
+    """Save both error curves, the switch and the shallow model's region as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = found.levels.double().numpy()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(levels, found.deep_error.numpy(), "o-", label="deep")
+    ax.plot(levels, found.shallow_error.numpy(), "s-", label="shallow")
+    ax.plot(levels, (1 + found.tolerance) * found.deep_error.numpy(), ":", color="gray", label="deep x (1 + tol)")
+    if found.switch is not None:
+        ax.axvline(found.switch, color="red", label=f"switch = {found.switch:.4g}")
+        ax.axvspan(found.switch, levels[-1], color="C1", alpha=0.1, lw=0)
+    ax.set_yscale("log")
+    if found.units == "sigma":
+        ax.set_xscale("log")
+    ax.set_xlabel("training timestep" if found.units == "timestep" else "sigma")
+    ax.set_ylabel("denoising error (training loss)")
+    extra = "" if flops_ratio is None else f", shallow/deep FLOPs {flops_ratio:.2f}"
+    ax.set_title(f"Dual-backbone switch, tolerance {found.tolerance:g}{extra}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+def _load_data(name: str, resolution: int, channels: int, num_images: int) -> torch.Tensor:
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = torch.from_numpy(load_digits().images[:num_images]).float()[:, None] / 8.0 - 1.0  # 0..16 -> [-1, 1]
+        digits = torch.nn.functional.interpolate(digits, size=(resolution, resolution), mode="bilinear")
+        return digits.repeat(1, channels, 1, 1)
+    from .planning.data import load_images
+
+    source = {"train_data_dir": name} if os.path.isdir(name) else {"dataset": name}
+    return load_images(**source, resolution=resolution, num_channels=channels, max_images=num_images)
+
+
+def _load_models(args) -> tuple:
+    from diffusers import DiffusionPipeline
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    if args.pipeline:
+        pipe = DiffusionPipeline.from_pretrained(args.pipeline, trust_remote_code=True)
+        return pipe.shallow, pipe.deep, pipe.scheduler
+    if not (args.shallow and args.deep and args.scheduler):
+        raise ValueError("Give `--pipeline DIR`, or all of `--shallow DIR --deep DIR --scheduler DIR`.")
+    load = [ModelMixin, ModelMixin, SchedulerMixin]
+    return tuple(_load_any(cls, path) for cls, path in zip(load, (args.shallow, args.deep, args.scheduler)))
+
+
+def _load_any(base: type, path: str):
+    """Load a saved model or scheduler folder with the class named in its config."""
+    import diffusers
+
+    config = base.load_config(path) if hasattr(base, "load_config") else {}
+    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    if cls is None or not issubclass(cls, base):
+        raise ValueError(f"{path} does not hold a diffusers {base.__name__} (`_class_name` in its config).")
+    return cls.from_pretrained(path)
+
+
+def main(argv: list[str] | None = None) -> SwitchRecommendation:
+    parser = argparse.ArgumentParser(description="Recommend the dual-backbone switch from measured denoising errors.")
+    parser.add_argument("--pipeline", help="a saved DualBackbonePipeline folder")
+    parser.add_argument("--shallow", help="a saved shallow model folder (with --deep and --scheduler)")
+    parser.add_argument("--deep", help="a saved deep model folder")
+    parser.add_argument("--scheduler", help="a saved scheduler folder")
+    parser.add_argument("--data", default="digits", help="'digits' (sklearn), an image folder, or a datasets name")
+    parser.add_argument("--num_images", type=int, default=256)
+    parser.add_argument("--num_levels", type=int, default=25)
+    parser.add_argument(
+        "--tolerance", type=float, default=0.05, help="allowed relative excess error of the shallow model"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", default="switch.png", help="where to save the PNG")
+    args = parser.parse_args(argv)
+
+    shallow, deep, scheduler = _load_models(args)
+    config = deep.config
+    images = _load_data(args.data, config.sample_size, config.in_channels, args.num_images)
+    found = recommend_switch(shallow, deep, scheduler, images, args.tolerance, args.num_levels, seed=args.seed)
+    sample, level = images[:1], found.levels[-1:]
+    ratio = flops_per_call(shallow, sample, level) / flops_per_call(deep, sample, level)
+    share = found.shallow_share()
+    print(f"levels ({found.units}): " + " ".join(f"{v:.4g}" for v in found.levels.tolist()))
+    print("deep error:    " + " ".join(f"{v:.4g}" for v in found.deep_error.tolist()))
+    print("shallow error: " + " ".join(f"{v:.4g}" for v in found.shallow_error.tolist()))
+    print(f"shallow/deep FLOPs per call: {ratio:.3f}")
+    if found.switch is None:
+        print(f"No switch meets tolerance {args.tolerance}: the shallow model is worse even at the noisiest level.")
+    else:
+        speedup = 1.0 / (share * ratio + (1.0 - share))
+        print(
+            f"recommended switch: {found.pipeline_kwargs()} (shallow model on {share:.0%} of the measured levels; "
+            f"estimated FLOPs speed-up for evenly spread steps {speedup:.2f}x)"
+        )
+    print(f"plot: {plot_switch(found, args.plot, ratio)}")
+    return found
+
+
+if __name__ == "__main__":
+    main()

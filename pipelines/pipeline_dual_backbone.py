@@ -1,0 +1,169 @@
+"""Dual-backbone sampling (DuoDiff, arXiv 2410.09633): a shallow denoiser for the first, noisiest steps and a deep
+one for the rest. It is a two-expert [`ExpertRoutingPipeline`] whose single boundary is the switch point."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, ImagePipelineOutput, VQModel
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from ..models.expert_routing import ExpertRoutingModel
+from ..partition import TimestepPartition
+from ..routing import check_scheduler_units, is_edm_scheduler
+from .pipeline_expert_routing import ExpertRoutingPipeline, scheduler_prediction_type
+from .pipeline_staged import StagedDiffusionPipeline
+
+SWITCH_KEYS = ("switch_step_fraction", "switch_timestep", "switch_sigma")
+
+
+class DualBackbonePipeline(ExpertRoutingPipeline):
+    r"""
+    Pipeline for image generation with a shallow and a deep denoiser (DuoDiff): the shallow one runs the noisy end
+    of the schedule, the deep one takes over at the switch point. Exactly one switch is given and saved in the
+    pipeline's config:
+
+    - ``switch_step_fraction``: the shallow model runs the first ``round(f * num_inference_steps)`` steps (at least
+      one step each). It is resolved at every call from the scheduler's timesteps after ``set_timesteps``, so it
+      means the same share of steps for any step count; the boundary is put halfway between the last shallow step's
+      timestep and the first deep one's.
+    - ``switch_timestep``: a training timestep; the shallow model runs every call at ``t >= switch_timestep``.
+    - ``switch_sigma``: a noise level sigma (EDM-style models route on it directly; DDPM-style models through the
+      scheduler's training schedule ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``, so shifted schedules are
+      handled).
+
+    Args:
+        shallow ([`~diffusers.ModelMixin`]): the small denoiser, trained on all timesteps.
+        deep ([`~diffusers.ModelMixin`]): the large denoiser.
+        scheduler ([`~diffusers.SchedulerMixin`]): one scheduler for both.
+        vae ([`~diffusers.AutoencoderKL`] or [`~diffusers.VQModel`], *optional*): for latent diffusion.
+        switch_step_fraction (`float`, *optional*): see above, in ``(0, 1)``.
+        switch_timestep (`float`, *optional*): see above.
+        switch_sigma (`float`, *optional*): see above.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import DDIMScheduler, UNet2DModel
+    >>> from diffusers_stages import DualBackbonePipeline
+    >>> def unet(width):
+    ...     return UNet2DModel(sample_size=8, block_out_channels=(width, width), norm_num_groups=4,
+    ...         layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    >>> pipe = DualBackbonePipeline(shallow=unet(8), deep=unet(16), scheduler=DDIMScheduler(), switch_step_fraction=0.5)
+    >>> pipe.set_progress_bar_config(disable=True)
+    >>> [expert for _, expert in pipe.expert_schedule(num_inference_steps=4)]  # 1 = shallow, 0 = deep
+    [1, 1, 0, 0]
+    >>> pipe(batch_size=1, num_inference_steps=4, generator=torch.manual_seed(0), output_type="np").images.shape
+    (1, 8, 8, 3)
+
+    ```
+    """
+
+    model_cpu_offload_seq = "shallow->deep->vae"
+
+    def __init__(
+        self,
+        shallow: ModelMixin,
+        deep: ModelMixin,
+        scheduler: SchedulerMixin,
+        vae: AutoencoderKL | VQModel | None = None,
+        switch_step_fraction: float | None = None,
+        switch_timestep: float | None = None,
+        switch_sigma: float | None = None,
+    ):
+        StagedDiffusionPipeline.__init__(self)  # the components are `shallow` and `deep`, not one `experts`
+        switch = {"switch_step_fraction": switch_step_fraction, "switch_timestep": switch_timestep}
+        switch["switch_sigma"] = switch_sigma
+        given = {k: v for k, v in switch.items() if v is not None}
+        if len(given) != 1:
+            raise ValueError(f"Give exactly one of {SWITCH_KEYS}, got {given or 'none'}.")
+        ((key, value),) = given.items()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"`{key}` must be a number, got {value!r}.")
+        if key == "switch_step_fraction" and not 0.0 < value < 1.0:
+            raise ValueError(f"`switch_step_fraction` must be in (0, 1), got {value}.")
+        self.register_modules(shallow=shallow, deep=deep, scheduler=scheduler, vae=vae)
+        self.register_to_config(**switch)
+        self._run_partition = None
+        self._experts_cache = (None, None)
+        if key != "switch_step_fraction":
+            check_scheduler_units(scheduler, self.resolve_partition(None))  # a fixed switch is checked now
+
+    # --------------------------------------------------------------------------------------------------------------
+    @property
+    def experts(self) -> ExpertRoutingModel:
+        """The two backbones as a routing model: ``[deep, shallow]`` (stage 0 is the clean end)."""
+        partition = self._run_partition or self.resolve_partition(None)
+        key = (partition, id(self.deep), id(self.shallow), scheduler_prediction_type(self.scheduler))
+        if self._experts_cache[0] != key:
+            model = ExpertRoutingModel([self.deep, self.shallow], prediction_type=key[-1], **partition.to_config())
+            self._experts_cache = (key, model)
+        return self._experts_cache[1]
+
+    def resolve_partition(self, num_inference_steps: int | None) -> TimestepPartition:
+        """The deep/shallow boundary for this scheduler (and, for a step fraction, this number of steps)."""
+        config, scheduler = self.config, self.scheduler
+        steps = getattr(scheduler.config, "num_train_timesteps", None) or 1000
+        edm = is_edm_scheduler(scheduler)
+        if config.switch_timestep is not None:
+            return TimestepPartition([config.switch_timestep], steps, "timestep")
+        if config.switch_sigma is not None:
+            if edm:
+                return TimestepPartition([config.switch_sigma], steps, "sigma")
+            return TimestepPartition([sigma_to_timestep(scheduler, config.switch_sigma)], steps, "timestep")
+        if num_inference_steps is None:
+            raise ValueError(
+                "The switch is a step fraction, which depends on the number of steps: call "
+                "`resolve_partition(num_inference_steps)`, or sample with the pipeline."
+            )
+        return self._partition_from_fraction(num_inference_steps, steps, edm)
+
+    def _partition_from_fraction(self, num_inference_steps: int, steps: int, edm: bool) -> TimestepPartition:
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps)
+        timesteps = torch.unique_consecutive(scheduler.timesteps.double())  # Heun lists each corrector again
+        if len(timesteps) < 2:
+            raise ValueError(f"A step-fraction switch needs `num_inference_steps` >= 2, got {num_inference_steps}.")
+        shallow_steps = min(max(round(self.config.switch_step_fraction * len(timesteps)), 1), len(timesteps) - 1)
+        middle = (timesteps[shallow_steps - 1] + timesteps[shallow_steps]) / 2
+        units = "sigma" if edm else "timestep"
+        level = TimestepPartition([], steps, units).noise_level(middle)  # model timestep -> partition units
+        return TimestepPartition([float(level)], steps, units)
+
+    def __call__(self, *args, **kwargs) -> ImagePipelineOutput | tuple:
+        r"""
+        Generate images: the arguments of [`StagedDiffusionPipeline.__call__`]; a per-expert ``guidance_scale`` is
+        ``[deep, shallow]``. The switch is resolved first, for this call's ``num_inference_steps``.
+        """
+        call = inspect.signature(StagedDiffusionPipeline.__call__).bind(self, *args, **kwargs)
+        call.apply_defaults()
+        steps = call.arguments["num_inference_steps"]
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {steps!r}.")
+        self._run_partition = self.resolve_partition(steps)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self._run_partition = None
+
+
+def sigma_to_timestep(scheduler, sigma: float) -> float:
+    """The (fractional) training timestep whose noise level is ``sigma``, from the scheduler's ``alphas_cumprod``."""
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is None:
+        raise ValueError(
+            f"`switch_sigma` needs a scheduler with a training noise schedule (`alphas_cumprod`); "
+            f"{type(scheduler).__name__} has none: give `switch_timestep` or `switch_step_fraction` instead."
+        )
+    log_sigmas = np.log(((1 - alphas_cumprod) / alphas_cumprod).double().sqrt().numpy())
+    if not log_sigmas[0] < math.log(sigma) < log_sigmas[-1]:
+        raise ValueError(
+            f"`switch_sigma` must lie inside the training schedule's noise levels "
+            f"({math.exp(log_sigmas[0]):.4g}, {math.exp(log_sigmas[-1]):.4g}), got {sigma}."
+        )
+    return float(np.interp(math.log(sigma), log_sigmas, np.arange(len(log_sigmas))))

@@ -1,0 +1,110 @@
+"""Sampling pipeline for expert routing (MEME, Lee et al., AAAI 2024): one scheduler, one denoiser per stage."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers import AutoencoderKL, VQModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from ..models.expert_routing import ExpertRoutingModel
+from ..partition import TimestepPartition
+from ..routing import StageRouter
+from .pipeline_staged import StagedDiffusionPipeline
+
+
+def scheduler_prediction_type(scheduler) -> str:
+    """What a scheduler expects the model to predict (flow-matching schedulers: the velocity)."""
+    return getattr(scheduler.config, "prediction_type", None) or "flow_prediction"
+
+
+class ExpertRoutingPipeline(StagedDiffusionPipeline):
+    r"""
+    Pipeline for image generation with an [`ExpertRoutingModel`]: at every model call the scheduler's noise level
+    picks the expert (the stage it falls in), as `WanPipeline` switches between its two transformers at
+    ``boundary_ratio``. A Heun-type predictor/corrector pair always stays with one expert.
+
+    The switch points are the experts' ``stage_boundaries``; [`~ExpertRoutingPipeline.expert_schedule`] shows which
+    expert runs each model call of a run before it starts. ``guidance_scale`` may be given per expert (clean expert
+    first) for class-conditional experts.
+
+    Args:
+        experts ([`ExpertRoutingModel`]): the denoisers, one per stage.
+        scheduler ([`~diffusers.SchedulerMixin`]): any diffusers scheduler whose ``prediction_type`` is the experts'.
+        vae ([`~diffusers.AutoencoderKL`] or [`~diffusers.VQModel`], *optional*): for latent diffusion.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import DDIMScheduler, UNet2DModel
+    >>> from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
+    >>> def unet(width):
+    ...     return UNet2DModel(sample_size=8, block_out_channels=(width, width), norm_num_groups=4,
+    ...         layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    >>> experts = ExpertRoutingModel([unet(16), unet(8)], stage_boundaries=(500,))
+    >>> pipe = ExpertRoutingPipeline(experts=experts, scheduler=DDIMScheduler())
+    >>> pipe.set_progress_bar_config(disable=True)
+    >>> pipe.expert_schedule(num_inference_steps=4)  # (timestep, expert) of each model call
+    [(750.0, 1), (500.0, 1), (250.0, 0), (0.0, 0)]
+    >>> pipe(batch_size=2, num_inference_steps=4, generator=torch.manual_seed(0), output_type="np").images.shape
+    (2, 8, 8, 3)
+
+    ```
+    """
+
+    model_cpu_offload_seq = "experts->vae"
+
+    def __init__(
+        self,
+        experts: ExpertRoutingModel,
+        scheduler: SchedulerMixin,
+        vae: AutoencoderKL | VQModel | None = None,
+    ):
+        super().__init__()
+        self.register_modules(experts=experts, scheduler=scheduler, vae=vae)
+        self.check_prediction_type()
+
+    def check_prediction_type(self) -> None:
+        """Refuse a scheduler that expects another prediction type than the experts give."""
+        expected = scheduler_prediction_type(self.scheduler)
+        if expected != self.experts.config.prediction_type:
+            raise ValueError(
+                f"`scheduler` {type(self.scheduler).__name__} has prediction_type={expected!r}, but the experts predict "
+                f"{self.experts.config.prediction_type!r}: build the scheduler with "
+                f"`prediction_type={self.experts.config.prediction_type!r}`."
+            )
+
+    @property
+    def partition(self) -> TimestepPartition:
+        self.check_prediction_type()  # read at the start of every run: a scheduler swapped in later is checked too
+        return self.experts.partition
+
+    def stage_denoiser(self, stage: int) -> tuple[torch.nn.Module, dict]:
+        # the expert itself, called exactly as a single-model pipeline would call it
+        return self.experts.expert(stage), {}
+
+    def expert_schedule(self, num_inference_steps: int = 50) -> list[tuple[float, int]]:
+        """``(timestep, expert)`` of every model call a run with ``num_inference_steps`` makes, from a dry run of a
+        fresh copy of the scheduler through the same router as the sampling loop (no model is called)."""
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        partition = self.resolve_partition(num_inference_steps)
+        router = StageRouter(partition, scheduler)
+        scheduler.set_timesteps(num_inference_steps)
+        sample = torch.zeros(1, 1, 2, 2)
+        step_kwargs = {"generator": torch.Generator().manual_seed(0)}
+        if "generator" not in inspect.signature(scheduler.step).parameters:
+            step_kwargs = {}
+        calls = []
+        for t in scheduler.timesteps:
+            calls.append((float(t), router(t)))
+            if hasattr(scheduler, "scale_model_input"):
+                scheduler.scale_model_input(sample, t)  # some schedulers track this call
+            sample = scheduler.step(torch.zeros_like(sample), t, sample, **step_kwargs).prev_sample
+        return calls
+
+    def resolve_partition(self, num_inference_steps: int) -> TimestepPartition:
+        """The partition a run of ``num_inference_steps`` uses (fixed here; `DualBackbonePipeline` may resolve a
+        step fraction)."""
+        return self.partition

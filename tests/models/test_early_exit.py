@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from diffusers_stages.models import EarlyExitUViT2DModel
+from diffusers_stages.models.early_exit import early_exit_loss, record_exit_profile
+
+TINY = {"sample_size": 8, "hidden_size": 16, "num_layers": 3, "num_attention_heads": 2}
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return EarlyExitUViT2DModel(**TINY).eval()
+
+
+def _set_uncertainties(model, values):
+    """Make exit ``i``'s uncertainty the constant ``values[i]`` (zero weights, logit bias)."""
+    for head, value in zip(model.uncertainty_heads, values):
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.constant_(head.bias, math.log(value / (1 - value)))
+
+
+def test_exits_at_the_first_block_under_the_threshold_and_returns_that_exit(model):
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor(400)
+    _set_uncertainties(model, [0.9, 0.6, 0.2])
+    with torch.no_grad():
+        predictions, uncertainties = model(x, t, return_all_exits=True)
+        assert [round(float(u.mean()), 4) for u in uncertainties] == [0.9, 0.6, 0.2]
+        for threshold, layer in ((0.95, 1), (0.7, 2), (0.5, 3), (0.1, 3), (None, 3)):
+            out = model(x, t, exit_threshold=threshold).sample
+            assert model.last_exit_layer == layer, threshold
+            assert torch.allclose(out, predictions[layer - 1], atol=1e-6)
+
+
+def test_training_lowers_both_the_denoising_and_the_uncertainty_loss(model):
+    model.train()
+    torch.manual_seed(1)
+    noisy, target, t = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.tensor([10, 300, 600, 900])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = early_exit_loss(model, noisy, t, target).item()
+    for _ in range(30):
+        loss = early_exit_loss(model, noisy, t, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.8 * first
+    # the uncertainty heads received gradients: they are trained, not decorative
+    assert all(head.weight.grad is not None and head.weight.grad.abs().sum() > 0 for head in model.uncertainty_heads)
+
+
+def test_exit_profile_over_a_sampling_run(model):
+    _set_uncertainties(model, [0.9, 0.6, 0.2])
+    early = record_exit_profile(model, DDIMScheduler(), num_inference_steps=3, exit_threshold=0.7)
+    full = record_exit_profile(model, DDIMScheduler(), num_inference_steps=3)
+    assert [t for t, _ in early] == [666.0, 333.0, 0.0]
+    assert [layer for _, layer in early] == [2, 2, 2] and [layer for _, layer in full] == [3, 3, 3]
+    assert model.exit_threshold is None  # restored after the run
+
+
+def test_save_reload_and_bad_configs(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = EarlyExitUViT2DModel.from_pretrained(tmp_path, disable_mmap=True)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 10).sample, model(x, 10).sample)
+    with pytest.raises(ValueError, match="num_layers"):
+        EarlyExitUViT2DModel(**{**TINY, "num_layers": 4})
+    with pytest.raises(ValueError, match="patch_size"):
+        EarlyExitUViT2DModel(**{**TINY, "sample_size": 9})
+    with pytest.raises(ValueError, match="class_labels"):
+        EarlyExitUViT2DModel(**TINY, num_class_embeds=3)(x, 10)

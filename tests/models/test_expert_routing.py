@@ -1,0 +1,165 @@
+import json
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+
+from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DModel
+
+
+def _unet(kwargs, seed, **overrides):
+    torch.manual_seed(seed)
+    return UNet2DModel(**{**kwargs, **overrides}).eval()
+
+
+def _tiny_dit(**overrides):
+    torch.manual_seed(5)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=4,
+        in_channels=3,
+        out_channels=3,
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        **overrides,
+    )
+    return dit.eval()  # eval: DiT drops class labels at random in training mode
+
+
+@pytest.fixture
+def three_experts(tiny_unet_kwargs):
+    """Three experts of different architectures: a wide U-Net, a multi-stage U-Net, and a narrow U-Net."""
+    torch.manual_seed(1)
+    multistage = MultiStageUNet2DModel(**tiny_unet_kwargs, stage_boundaries=(500,)).eval()
+    wide = _unet(tiny_unet_kwargs, 0, block_out_channels=(16, 32))
+    narrow = _unet(tiny_unet_kwargs, 2, block_out_channels=(4, 8), attention_head_dim=None)
+    return ExpertRoutingModel([wide, multistage, narrow], stage_boundaries=(300, 600)).eval()
+
+
+def test_mixed_batch_sends_each_sample_to_its_own_expert_only(three_experts):
+    x, t = torch.randn(5, 3, 8, 8), torch.tensor([10, 650, 400, 999, 0])
+    calls = {i: [] for i in range(3)}
+    for i, expert in enumerate(three_experts.experts):
+        expert.register_forward_pre_hook(lambda m, args, i=i: calls[i].append(args[0].shape[0]))
+    with torch.no_grad():
+        out = three_experts(x, t).sample
+        for idx, stage in (([0, 4], 0), ([2], 1), ([1, 3], 2)):
+            alone = three_experts.experts[stage](x[idx], t[idx]).sample
+            assert torch.allclose(out[idx], alone, atol=1e-6), f"stage {stage}"
+    assert calls == {0: [2, 2], 1: [1, 1], 2: [2, 2]}  # one routed call + one reference call each
+    assert three_experts.num_stages == 3 and three_experts.loaded_experts == [0, 1, 2]
+
+
+def test_one_stage_batch_calls_the_expert_exactly_as_alone(three_experts):
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(three_experts(x, torch.tensor(450)).sample, three_experts.experts[1](x, 450).sample)
+        assert torch.equal(three_experts(x, 999, stage_index=0).sample, three_experts.experts[0](x, 999).sample)
+        assert three_experts(x, 10, return_dict=False)[0].shape == (2, 3, 8, 8)
+
+
+def test_experts_of_other_diffusers_classes_with_per_sample_arguments(tiny_unet_kwargs):
+    # a class-conditional U-Net and a DiT: class labels are split with the batch; DiT gets one timestep per sample
+    unet = _unet(tiny_unet_kwargs, 0, num_class_embeds=10)
+    model = ExpertRoutingModel([unet, _tiny_dit()], stage_boundaries=(500,))
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([10, 900, 20]), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        out = model(x, t, class_labels=y).sample
+        assert torch.allclose(out[1:2], model.experts[1](x[1:2], t[1:2], class_labels=y[1:2]).sample, atol=1e-6)
+        assert torch.allclose(out[[0, 2]], unet(x[[0, 2]], t[[0, 2]], class_labels=y[[0, 2]]).sample, atol=1e-6)
+        assert model(x, torch.tensor(900), class_labels=y).sample.shape == (3, 3, 8, 8)
+
+    # text-conditional experts: `encoder_hidden_states` rows follow their samples
+    kwargs = {
+        "sample_size": 8,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": (8, 16),
+        "norm_num_groups": 4,
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 6,
+        "attention_head_dim": 4,
+    }
+    first, second = UNet2DConditionModel(**kwargs).eval(), UNet2DConditionModel(**kwargs).eval()
+    text = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        out = ExpertRoutingModel([first, second], stage_boundaries=(500,))(x, t, encoder_hidden_states=text).sample
+        assert torch.allclose(out[1:2], second(x[1:2], t[1:2], text[1:2]).sample, atol=1e-6)
+
+
+def test_save_writes_one_plain_diffusers_folder_per_expert_and_reloads(three_experts, tmp_path):
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([10, 650, 400, 999])
+    three_experts.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["stage_boundaries"] == [300.0, 600.0] and config["prediction_type"] == "epsilon"
+    assert config["expert_classes"][1] == ["diffusers_stages.models.unet_multistage", "MultiStageUNet2DModel"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "expert_0", "expert_1", "expert_2"]
+    assert not list(tmp_path.rglob("*.bin")) and len(list(tmp_path.rglob("*.safetensors"))) == 3
+    # every expert is a plain folder of its own class
+    assert type(UNet2DModel.from_pretrained(tmp_path / "expert_2")) is UNet2DModel
+
+    loaded = ExpertRoutingModel.from_pretrained(tmp_path, disable_mmap=True)
+    assert [type(e) for e in loaded.experts] == [type(e) for e in three_experts.experts]
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t).sample, three_experts(x, t).sample)
+
+
+def test_load_only_the_experts_a_run_needs(three_experts, tmp_path):
+    three_experts.save_pretrained(tmp_path)
+    partial = ExpertRoutingModel.from_pretrained(tmp_path, load_experts=[2])
+    assert partial.loaded_experts == [2] and partial.experts[0] is None
+    with torch.no_grad():
+        assert partial(torch.randn(1, 3, 8, 8), 900).sample.shape == (1, 3, 8, 8)
+        with pytest.raises(ValueError, match=r"Expert 0 .* not loaded.*load_experts=\[\.\.\., 0\]"):
+            partial(torch.randn(2, 3, 8, 8), torch.tensor([900, 5]))
+    with pytest.raises(ValueError, match="not loaded: load every expert"):
+        partial.save_pretrained(tmp_path / "again")
+    with pytest.raises(ValueError, match="load_experts"):
+        ExpertRoutingModel.from_pretrained(tmp_path, load_experts=[3])
+
+
+def test_checkpoint_that_disagrees_with_its_config_is_refused(three_experts, tmp_path):
+    three_experts.save_pretrained(tmp_path)
+    config_path = tmp_path / "expert_0" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["block_out_channels"] = [8, 16]  # the weights are (16, 32)
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="expert_0"):
+        ExpertRoutingModel.from_pretrained(tmp_path)
+
+
+def test_foreign_expert_modules_are_not_imported_from_a_config(three_experts, tmp_path):
+    three_experts.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["expert_classes"][0] = ["some_unknown_package.models", "Net"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="import some_unknown_package.models"):
+        ExpertRoutingModel.from_pretrained(tmp_path)
+
+
+def test_bad_configurations_give_clear_errors(tiny_unet_kwargs):
+    a, b = _unet(tiny_unet_kwargs, 0), _unet(tiny_unet_kwargs, 1)
+    with pytest.raises(ValueError, match="gives 3 stages, got 2 experts"):
+        ExpertRoutingModel([a, b], stage_boundaries=(300, 600))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ExpertRoutingModel([a, b, a], stage_boundaries=(600, 300))
+    with pytest.raises(ValueError, match="inside the schedule"):
+        ExpertRoutingModel([a, b], stage_boundaries=(1000,))
+    with pytest.raises(ValueError, match="same target.*'epsilon', 'v_prediction'"):
+        ExpertRoutingModel([a, b], stage_boundaries=(500,), prediction_type=["epsilon", "v_prediction"])
+    with pytest.raises(ValueError, match="prediction_type"):
+        ExpertRoutingModel([a, b], stage_boundaries=(500,), prediction_type="noise")
+    with pytest.raises(ValueError, match="in_channels"):
+        ExpertRoutingModel([a, _unet(tiny_unet_kwargs, 2, in_channels=4)], stage_boundaries=(500,))
+    with pytest.raises(ValueError, match="ModelMixin"):
+        ExpertRoutingModel([a, torch.nn.Conv2d(3, 3, 1)], stage_boundaries=(500,))
+    with pytest.raises(ValueError, match="expert_classes"):
+        ExpertRoutingModel([a, None], stage_boundaries=(500,))
+    with pytest.raises(ValueError, match="safetensors"):
+        ExpertRoutingModel([a, b], stage_boundaries=(500,)).save_pretrained("unused", safe_serialization=False)
+    same = ExpertRoutingModel([a, b], stage_boundaries=(500,), prediction_type=["v_prediction"] * 2)
+    assert same.config.prediction_type == "v_prediction"

@@ -1,0 +1,118 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EDMEulerScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UNet2DModel,
+)
+
+from diffusers_stages import DualBackbonePipeline, ExpertRoutingModel, ExpertRoutingPipeline
+
+
+@pytest.fixture
+def backbones(tiny_unet_kwargs):
+    torch.manual_seed(0)
+    deep = UNet2DModel(**{**tiny_unet_kwargs, "block_out_channels": (16, 32), "layers_per_block": 2}).eval()
+    torch.manual_seed(1)
+    shallow = UNet2DModel(**{**tiny_unet_kwargs, "block_out_channels": (4, 8), "attention_head_dim": None}).eval()
+    return shallow, deep
+
+
+def _dual(shallow, deep, scheduler, **switch):
+    pipe = DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=scheduler, **switch)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _count_calls(pipe):
+    counts = {"shallow": 0, "deep": 0}
+    for name in ("shallow", "deep"):
+        getattr(pipe, name).register_forward_pre_hook(
+            lambda m, a, name=name: counts.__setitem__(name, counts[name] + 1)
+        )
+    return counts
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, HeunDiscreteScheduler, DPMSolverMultistepScheduler])
+def test_equals_a_two_expert_routing_pipeline(backbones, scheduler_class):
+    shallow, deep = backbones
+    dual = _dual(shallow, deep, scheduler_class(), switch_timestep=400)
+    routing = ExpertRoutingPipeline(ExpertRoutingModel([deep, shallow], stage_boundaries=(400,)), scheduler_class())
+    routing.set_progress_bar_config(disable=True)
+    run = {"batch_size": 2, "num_inference_steps": 5, "output_type": "np"}
+    assert np.array_equal(
+        dual(generator=torch.manual_seed(0), **run).images, routing(generator=torch.manual_seed(0), **run).images
+    )
+    assert dual.expert_schedule(5) == routing.expert_schedule(5)
+
+
+@pytest.mark.parametrize(
+    "scheduler_class", [DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, EDMEulerScheduler]
+)
+@pytest.mark.parametrize("steps", [4, 7])
+def test_step_fraction_gives_the_shallow_model_that_share_of_steps(backbones, scheduler_class, steps):
+    shallow, deep = backbones
+    pipe = _dual(shallow, deep, scheduler_class(), switch_step_fraction=0.3)
+    counts = _count_calls(pipe)
+    pipe(num_inference_steps=steps, generator=torch.manual_seed(0), output_type="np")
+    shallow_steps = round(0.3 * steps)
+    calls_per_step = 2 if scheduler_class is HeunDiscreteScheduler else 1
+    assert counts["shallow"] == shallow_steps * calls_per_step  # a Heun pair is never split
+    assert counts["shallow"] + counts["deep"] == len(pipe.scheduler.timesteps)
+    assert pipe.resolve_partition(steps).units == ("sigma" if scheduler_class is EDMEulerScheduler else "timestep")
+
+
+def test_switch_sigma_follows_the_training_noise_schedule(backbones):
+    shallow, deep = backbones
+    scheduler = DDIMScheduler()
+    alphas = scheduler.alphas_cumprod
+    sigma_600 = float(((1 - alphas[600]) / alphas[600]).sqrt())
+    pipe = _dual(shallow, deep, scheduler, switch_sigma=sigma_600)
+    assert pipe.resolve_partition(None).boundaries[0] == pytest.approx(600, abs=1e-3)
+    edm = _dual(shallow, deep, EDMEulerScheduler(), switch_sigma=5.0)
+    assert edm.resolve_partition(None).to_config()["boundary_units"] == "sigma"
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        _dual(shallow, deep, FlowMatchEulerDiscreteScheduler(), switch_sigma=0.5)
+
+
+def test_save_and_reload_keeps_the_switch_and_the_images(backbones, tmp_path):
+    shallow, deep = backbones
+    pipe = _dual(shallow, deep, EulerDiscreteScheduler(), switch_step_fraction=0.5)
+    first = pipe(num_inference_steps=4, generator=torch.manual_seed(2), output_type="np").images
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["switch_step_fraction"] == 0.5 and index["shallow"] == ["diffusers", "UNet2DModel"]
+    for loaded in (
+        DualBackbonePipeline.from_pretrained(tmp_path, disable_mmap=True),
+        DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True, disable_mmap=True),
+    ):
+        assert type(loaded) is DualBackbonePipeline and loaded.config.switch_step_fraction == 0.5
+        loaded.set_progress_bar_config(disable=True)
+        assert np.array_equal(
+            first, loaded(num_inference_steps=4, generator=torch.manual_seed(2), output_type="np").images
+        )
+
+
+def test_bad_switches_are_refused(backbones):
+    shallow, deep = backbones
+    with pytest.raises(ValueError, match="exactly one"):
+        _dual(shallow, deep, DDIMScheduler())
+    with pytest.raises(ValueError, match="exactly one"):
+        _dual(shallow, deep, DDIMScheduler(), switch_timestep=300, switch_step_fraction=0.5)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        _dual(shallow, deep, DDIMScheduler(), switch_step_fraction=1.0)
+    with pytest.raises(ValueError, match="inside the schedule"):
+        _dual(shallow, deep, DDIMScheduler(), switch_timestep=1200)
+    with pytest.raises(ValueError, match="EDM"):
+        _dual(shallow, deep, EDMEulerScheduler(), switch_timestep=300)
+    pipe = _dual(shallow, deep, DDIMScheduler(), switch_step_fraction=0.5)
+    with pytest.raises(ValueError, match=">= 2"):
+        pipe(num_inference_steps=1)

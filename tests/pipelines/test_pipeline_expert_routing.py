@@ -1,0 +1,243 @@
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EDMEulerScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UNet2DModel,
+    UniPCMultistepScheduler,
+)
+
+from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
+
+BOUNDARIES = (300, 600)
+SIGMA_BOUNDARIES = (2.5103, 7.6577)
+SCHEDULERS = [
+    DDPMScheduler,
+    DDIMScheduler,
+    PNDMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    UniPCMultistepScheduler,
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    DEISMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    EDMEulerScheduler,
+]
+
+
+def _scheduler(scheduler_class):
+    # flow-matching schedulers expect a velocity; every other scheduler here is built for epsilon
+    return scheduler_class()
+
+
+def _prediction(scheduler_class) -> str:
+    return "flow_prediction" if scheduler_class is FlowMatchEulerDiscreteScheduler else "epsilon"
+
+
+def _pipe(experts, scheduler, vae=None):
+    pipe = ExpertRoutingPipeline(experts=experts, scheduler=scheduler, vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _edm(scheduler_class) -> bool:
+    return scheduler_class is EDMEulerScheduler
+
+
+def _routing(experts, scheduler_class, **kwargs):
+    edm = _edm(scheduler_class)
+    return ExpertRoutingModel(
+        experts,
+        stage_boundaries=SIGMA_BOUNDARIES if edm else BOUNDARIES,
+        boundary_units="sigma" if edm else "timestep",
+        prediction_type=_prediction(scheduler_class),
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def base_unet(tiny_unet_kwargs):
+    torch.manual_seed(0)
+    return UNet2DModel(**tiny_unet_kwargs).eval()
+
+
+@pytest.fixture
+def different_experts(tiny_unet_kwargs):
+    """Three experts of different widths, clean end widest (as in MEME's size ordering)."""
+    experts = []
+    for seed, widths in ((0, (16, 24)), (1, (8, 16)), (2, (4, 8))):
+        torch.manual_seed(seed)
+        experts.append(UNet2DModel(**{**tiny_unet_kwargs, "block_out_channels": widths}).eval())
+    return experts
+
+
+def _record_calls(pipe):
+    """Record (timestep, expert, first-order?) of every model call with forward pre-hooks on the experts."""
+    calls = []
+    for i, expert in enumerate(pipe.experts.experts):
+
+        def hook(module, args, i=i):
+            first_order = getattr(pipe.scheduler, "state_in_first_order", True)
+            calls.append((float(args[1]), i, first_order))
+
+        expert.register_forward_pre_hook(hook)
+    return calls
+
+
+def _expected_expert(timestep: float, edm: bool) -> int:
+    if edm:
+        return sum(math.exp(4 * timestep) >= b for b in SIGMA_BOUNDARIES)
+    return sum(timestep >= b for b in BOUNDARIES)
+
+
+@pytest.mark.parametrize("scheduler_class", SCHEDULERS, ids=lambda c: c.__name__)
+def test_identical_experts_reproduce_a_single_model_run_and_each_call_goes_to_its_expert(
+    base_unet, different_experts, scheduler_class
+):
+    # 1. three copies of one network give exactly what the network alone gives, with the same seed and scheduler
+    single = _pipe(
+        ExpertRoutingModel(
+            [base_unet],
+            stage_boundaries=(),
+            prediction_type=_prediction(scheduler_class),
+            **({"boundary_units": "sigma"} if _edm(scheduler_class) else {}),
+        ),
+        _scheduler(scheduler_class),
+    )
+    copies = _pipe(
+        _routing([base_unet, copy.deepcopy(base_unet), copy.deepcopy(base_unet)], scheduler_class),
+        _scheduler(scheduler_class),
+    )
+    run = {"batch_size": 1, "num_inference_steps": 5, "generator": None, "output_type": "np"}
+    expected = single(**{**run, "generator": torch.manual_seed(0)}).images
+    assert np.array_equal(copies(**{**run, "generator": torch.manual_seed(0)}).images, expected)
+
+    # 2. different experts: every call goes to the expert of its noise level; a corrector stays with its predictor
+    pipe = _pipe(_routing(different_experts, scheduler_class), _scheduler(scheduler_class))
+    calls = _record_calls(pipe)
+    images = pipe(**{**run, "generator": torch.manual_seed(0)}).images
+    assert images.shape == (1, 8, 8, 3) and np.isfinite(images).all()
+    for i, (t, expert, first_order) in enumerate(calls):
+        if first_order:
+            assert expert == _expected_expert(t, _edm(scheduler_class)), f"call {i} at t={t} went to expert {expert}"
+        else:
+            assert expert == calls[i - 1][1]
+    assert {e for _, e, _ in calls} == {0, 1, 2}
+    # the dry run shows the same switch before sampling
+    assert [(t, e) for t, e, _ in calls] == pipe.expert_schedule(5)
+
+
+def test_matches_diffusers_own_ddim_pipeline(base_unet):
+    pipe = _pipe(ExpertRoutingModel([base_unet, copy.deepcopy(base_unet)], stage_boundaries=(500,)), DDIMScheduler())
+    ours = pipe(batch_size=2, num_inference_steps=5, generator=torch.manual_seed(1), output_type="np").images
+    reference = DDIMPipeline(unet=base_unet, scheduler=DDIMScheduler())
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference(batch_size=2, num_inference_steps=5, generator=torch.manual_seed(1), output_type="np").images
+    assert np.array_equal(ours, theirs)
+
+
+def test_same_seed_same_images_after_save_and_reload(different_experts, tmp_path):
+    pipe = _pipe(_routing(different_experts, EulerAncestralDiscreteScheduler), EulerAncestralDiscreteScheduler())
+    run = {"batch_size": 2, "num_inference_steps": 4, "output_type": "np"}
+    first = pipe(generator=torch.manual_seed(3), **run).images
+    assert np.array_equal(first, pipe(generator=torch.manual_seed(3), **run).images)
+    assert not np.allclose(first, pipe(generator=torch.manual_seed(4), **run).images)
+
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["experts"] == ["diffusers_stages.models.expert_routing", "ExpertRoutingModel"]
+    assert (tmp_path / "experts" / "diffusers_stages.models.expert_routing.py").exists()
+    assert (tmp_path / "experts" / "expert_2" / "diffusion_pytorch_model.safetensors").exists()
+    for loaded in (
+        ExpertRoutingPipeline.from_pretrained(tmp_path, disable_mmap=True),
+        DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True, disable_mmap=True),
+        ExpertRoutingPipeline.from_pretrained(tmp_path),  # memory-mapped weights: equal up to float rounding
+    ):
+        assert type(loaded) is ExpertRoutingPipeline and type(loaded.experts) is ExpertRoutingModel
+        loaded.set_progress_bar_config(disable=True)
+        again = loaded(generator=torch.manual_seed(3), **run).images
+        assert np.allclose(first, again, atol=1e-5)
+        if loaded.experts.experts[0].conv_in.weight.data_ptr() % 64 == 0:
+            assert np.array_equal(first, again)
+
+
+def test_a_pipeline_with_only_some_experts_loaded_names_the_missing_one(different_experts, tmp_path):
+    _pipe(_routing(different_experts, DDIMScheduler), DDIMScheduler()).save_pretrained(tmp_path)
+    noisy_only = ExpertRoutingModel.from_pretrained(tmp_path / "experts", load_experts=[1, 2])
+    pipe = ExpertRoutingPipeline.from_pretrained(tmp_path, experts=noisy_only)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match=r"Expert 0 .*load_experts"):
+        pipe(num_inference_steps=4, generator=torch.manual_seed(0))
+
+
+def test_prediction_type_mismatch_is_refused(different_experts):
+    experts = _routing(different_experts, DDIMScheduler)
+    with pytest.raises(ValueError, match="prediction_type='v_prediction'.*predict 'epsilon'"):
+        ExpertRoutingPipeline(experts=experts, scheduler=DDIMScheduler(prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="flow_prediction"):
+        ExpertRoutingPipeline(experts=experts, scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe = _pipe(experts, DDIMScheduler())
+    pipe.scheduler = DPMSolverMultistepScheduler(prediction_type="sample")  # swapped in after construction
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        pipe(num_inference_steps=2)
+
+
+def test_per_expert_guidance_scale(tiny_unet_kwargs):
+    experts = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        experts.append(UNet2DModel(**tiny_unet_kwargs, num_class_embeds=4).eval())
+    pipe = _pipe(_routing(experts, DDIMScheduler), DDIMScheduler())
+    run = {"class_labels": [0, 2], "num_inference_steps": 4, "output_type": "pt"}
+    plain = pipe(generator=torch.manual_seed(0), **run).images
+    assert torch.equal(pipe(generator=torch.manual_seed(0), guidance_scale=[1.0, 1.0, 1.0], **run).images, plain)
+    guided_noisy = pipe(generator=torch.manual_seed(0), guidance_scale=[1.0, 1.0, 4.0], **run).images
+    guided_clean = pipe(generator=torch.manual_seed(0), guidance_scale=[4.0, 1.0, 1.0], **run).images
+    assert not torch.allclose(guided_noisy, plain) and not torch.allclose(guided_clean, guided_noisy)
+    with pytest.raises(ValueError, match="one per stage"):
+        pipe(generator=torch.manual_seed(0), guidance_scale=[2.0, 2.0], **run)
+
+
+def test_latent_experts_decode_through_the_vae(tiny_unet_kwargs):
+    from diffusers import AutoencoderKL
+
+    experts = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        experts.append(UNet2DModel(**{**tiny_unet_kwargs, "in_channels": 4, "out_channels": 4, "sample_size": 4}))
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=8,
+    ).eval()
+    pipe = _pipe(ExpertRoutingModel(experts, stage_boundaries=(500,)), DDIMScheduler(), vae)
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
+    assert images.shape == (2, 3, 8, 8)

@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from diffusers_stages import DualBackbonePipeline
+from diffusers_stages.switch import main, recommend_switch
+
+
+class Analytic(torch.nn.Module):
+    """An epsilon predictor for all-zero data, x_t = sqrt(1 - abar_t) eps: ``exact`` divides by sqrt(1 - abar_t)
+    (plus a constant offset), the crude one returns x_t itself, whose error (1 - sqrt(1 - abar_t))^2 vanishes only
+    at the noisy end."""
+
+    def __init__(self, scheduler, exact: bool, offset: float = 0.0):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.alphas_cumprod, self.exact, self.offset = scheduler.alphas_cumprod, exact, offset
+
+    def forward(self, sample, timestep, class_labels=None):
+        if not self.exact:
+            return sample
+        return sample / (1 - self.alphas_cumprod[timestep]).sqrt().reshape(-1, 1, 1, 1) + self.offset
+
+
+def test_recommended_switch_matches_the_analytic_crossing():
+    scheduler = DDPMScheduler()
+    deep = Analytic(scheduler, exact=True, offset=0.1)  # error 0.01 everywhere
+    shallow = Analytic(scheduler, exact=False)
+    images = torch.zeros(64, 1, 8, 8)
+    found = recommend_switch(shallow, deep, scheduler, images, tolerance=0.0, num_levels=101)
+    assert torch.allclose(found.deep_error, torch.full_like(found.deep_error, 0.01), rtol=1e-4)
+    # the shallow model's error (1 - sqrt(1 - abar_t))^2 E[eps^2] crosses 0.01 where abar_t = 0.19: the switch
+    # lands there, up to the grid step and the Monte Carlo error of E[eps^2]
+    crossing = int((scheduler.alphas_cumprod > 0.19).sum())
+    assert abs(found.switch - crossing) <= 20 and found.switch in found.levels.tolist()
+    expected = found.switch
+    assert found.pipeline_kwargs() == {"switch_timestep": expected}
+    assert 0 < found.shallow_share() < 1
+    looser = recommend_switch(shallow, deep, scheduler, images, tolerance=3.0, num_levels=101)
+    assert looser.switch < found.switch  # a looser tolerance hands more of the schedule to the shallow model
+    never = recommend_switch(Analytic(scheduler, exact=True, offset=1.0), deep, scheduler, images, num_levels=5)
+    assert never.switch is None
+    with pytest.raises(ValueError, match="No switch"):
+        never.pipeline_kwargs()
+    with pytest.raises(ValueError, match="tolerance"):
+        recommend_switch(shallow, deep, scheduler, images, tolerance=-1)
+
+
+def test_command_prints_the_switch_and_saves_the_plot(tiny_unet_kwargs, tmp_path, capsys):
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    torch.manual_seed(0)
+    deep, shallow = (
+        UNet2DModel(**shape),
+        UNet2DModel(**{**shape, "block_out_channels": (4, 8), "attention_head_dim": None}),
+    )
+    DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=DDPMScheduler(), switch_timestep=500).save_pretrained(
+        tmp_path / "pipe"
+    )
+    plot = tmp_path / "switch.png"
+    found = main(
+        [
+            "--pipeline",
+            str(tmp_path / "pipe"),
+            "--data",
+            "digits",
+            "--num_images",
+            "8",
+            "--num_levels",
+            "4",
+            "--tolerance",
+            "0.5",
+            "--plot",
+            str(plot),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert "shallow/deep FLOPs per call" in printed and f"plot: {plot}" in printed
+    assert ("recommended switch" in printed) == (found.switch is not None)
+    assert len(found.levels) == 4 and math.isfinite(float(found.deep_error.sum()))
