@@ -3,12 +3,11 @@ one for the rest. It is a two-expert [`ExpertRoutingPipeline`] whose single boun
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, ImagePipelineOutput, VQModel
+from diffusers import AutoencoderKL, VQModel
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -89,7 +88,6 @@ class DualBackbonePipeline(ExpertRoutingPipeline):
             raise ValueError(f"`switch_step_fraction` must be in (0, 1), got {value}.")
         self.register_modules(shallow=shallow, deep=deep, scheduler=scheduler, vae=vae)
         self.register_to_config(**switch)
-        self._run_partition = None
         self._experts_cache = (None, None)
         if key != "switch_step_fraction":
             check_scheduler_units(scheduler, self.resolve_partition(None))  # a fixed switch is checked now
@@ -98,12 +96,16 @@ class DualBackbonePipeline(ExpertRoutingPipeline):
     @property
     def experts(self) -> ExpertRoutingModel:
         """The two backbones as a routing model: ``[deep, shallow]`` (stage 0 is the clean end)."""
-        partition = self._run_partition or self.resolve_partition(None)
+        partition = self.resolve_partition(None)
         key = (partition, id(self.deep), id(self.shallow), scheduler_prediction_type(self.scheduler))
         if self._experts_cache[0] != key:
             model = ExpertRoutingModel([self.deep, self.shallow], prediction_type=key[-1], **partition.to_config())
             self._experts_cache = (key, model)
         return self._experts_cache[1]
+
+    def stage_denoiser(self, stage: int) -> tuple[torch.nn.Module, dict]:
+        # stage 0 is the clean end: the deep backbone; the shallow one runs the noisy first steps
+        return (self.deep, self.shallow)[stage], {}
 
     def resolve_partition(self, num_inference_steps: int | None) -> TimestepPartition:
         """The deep/shallow boundary for this scheduler (and, for a step fraction, this number of steps)."""
@@ -134,22 +136,6 @@ class DualBackbonePipeline(ExpertRoutingPipeline):
         units = "sigma" if edm else "timestep"
         level = TimestepPartition([], steps, units).noise_level(middle)  # model timestep -> partition units
         return TimestepPartition([float(level)], steps, units)
-
-    def __call__(self, *args, **kwargs) -> ImagePipelineOutput | tuple:
-        r"""
-        Generate images: the arguments of [`StagedDiffusionPipeline.__call__`]; a per-expert ``guidance_scale`` is
-        ``[deep, shallow]``. The switch is resolved first, for this call's ``num_inference_steps``.
-        """
-        call = inspect.signature(StagedDiffusionPipeline.__call__).bind(self, *args, **kwargs)
-        call.apply_defaults()
-        steps = call.arguments["num_inference_steps"]
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {steps!r}.")
-        self._run_partition = self.resolve_partition(steps)
-        try:
-            return super().__call__(*args, **kwargs)
-        finally:
-            self._run_partition = None
 
 
 def sigma_to_timestep(scheduler, sigma: float) -> float:

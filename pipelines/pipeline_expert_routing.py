@@ -103,8 +103,3 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
                 scheduler.scale_model_input(sample, t)  # some schedulers track this call
             sample = scheduler.step(torch.zeros_like(sample), t, sample, **step_kwargs).prev_sample
         return calls
-
-    def resolve_partition(self, num_inference_steps: int) -> TimestepPartition:
-        """The partition a run of ``num_inference_steps`` uses (fixed here; `DualBackbonePipeline` may resolve a
-        step fraction)."""
-        return self.partition

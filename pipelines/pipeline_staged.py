@@ -38,14 +38,16 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         """The network for ``stage`` and the extra keyword arguments its forward takes."""
         raise NotImplementedError
 
-    # --------------------------------------------------------------------------------------------------------------
-    def _denoiser_config(self):
-        return self.stage_denoiser(self.partition.num_stages - 1)[0].config
+    def resolve_partition(self, num_inference_steps: int) -> TimestepPartition:
+        """The partition a run of ``num_inference_steps`` routes by: `partition`, unless a subclass's switch depends
+        on the step count (`DualBackbonePipeline`'s step fraction)."""
+        return self.partition
 
+    # --------------------------------------------------------------------------------------------------------------
     def _prepare_class_labels(
-        self, class_labels: Sequence[int] | torch.Tensor | None, batch_size: int, device: torch.device
+        self, class_labels: Sequence[int] | torch.Tensor | None, batch_size: int, config, device: torch.device
     ) -> tuple[torch.Tensor | None, int]:
-        num_class_embeds = getattr(self._denoiser_config(), "num_class_embeds", None)
+        num_class_embeds = getattr(config, "num_class_embeds", None)
         if class_labels is None:
             if num_class_embeds is not None:
                 raise ValueError("`class_labels` must be given: this pipeline's model is class-conditional.")
@@ -62,8 +64,7 @@ class StagedDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"`batch_size`={batch_size} disagrees with the {labels.numel()} `class_labels` given.")
         return labels.to(device), labels.numel()
 
-    def _guidance_scales(self, guidance_scale: float | Sequence[float]) -> list[float]:
-        num_stages = self.partition.num_stages
+    def _guidance_scales(self, guidance_scale: float | Sequence[float], num_stages: int) -> list[float]:
         scales = [float(guidance_scale)] * num_stages if isinstance(guidance_scale, (int, float)) else list(guidance_scale)
         if len(scales) != num_stages or any(s < 1.0 for s in scales):
             raise ValueError(
@@ -124,15 +125,16 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         device = self._execution_device
-        class_labels, batch_size = self._prepare_class_labels(class_labels, batch_size, device)
-        scales = self._guidance_scales(guidance_scale)
-        router = StageRouter(self.partition, self.scheduler)  # checks the scheduler's units
+        partition = self.resolve_partition(num_inference_steps)
+        router = StageRouter(partition, self.scheduler)  # checks the scheduler's units
+        denoiser = self.stage_denoiser(partition.num_stages - 1)[0]  # the first network to run: shape, dtype, labels
+        config, model_dtype = denoiser.config, denoiser.dtype
+        class_labels, batch_size = self._prepare_class_labels(class_labels, batch_size, config, device)
+        scales = self._guidance_scales(guidance_scale, partition.num_stages)
 
         # 2. initial noise at the scheduler's first noise level
-        config = self._denoiser_config()
         size = config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
-        model_dtype = self.stage_denoiser(0)[0].dtype
         latents = randn_tensor(
             (batch_size, config.in_channels, height, width), generator=generator, device=device, dtype=model_dtype
         )

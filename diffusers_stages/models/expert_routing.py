@@ -22,6 +22,8 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from ..partition import TimestepPartition
+from ..routing import dispatch_by_stage
+from .loading import realign_storage
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 CONTRACT_KEYS = ("in_channels", "out_channels", "sample_size", "num_class_embeds")  # experts must agree on these
@@ -210,29 +212,20 @@ class ExpertRoutingModel(ModelMixin, ConfigMixin):
             expert_kwargs: further arguments of the experts' forward (e.g. ``encoder_hidden_states``); tensors with
                 one row per sample are split with the batch.
         """
-        # 1. per-sample timesteps, and the stage of each (given, or looked up from the noise level)
+        # 1. one timestep per sample (DiT-style experts need one per sample; the routing reads them)
         batch = sample.shape[0]
         if torch.is_tensor(timestep) and timestep.ndim == 0:
-            timestep = timestep.reshape(1).expand(batch)  # DiT-style experts need one timestep per sample
-        if stage_index is None:
-            stages = self.partition.stage_for_timestep(torch.as_tensor(timestep).reshape(-1).cpu())
-            if bool((stages == stages[0]).all()):
-                stage_index = int(stages[0])
+            timestep = timestep.reshape(1).expand(batch)
+        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch)
 
-        # 2. one expert for the whole batch: call it exactly as it would be called alone
-        if stage_index is not None:
-            out = self._call_expert(stage_index, sample, timestep, class_labels, expert_kwargs)
-        else:
-            # 3. mixed batch: each expert only on its own samples, scattered back in order
-            stages = stages.to(sample.device).expand(batch)
-            out = None
-            for s in stages.unique().tolist():
-                idx = (stages == s).nonzero().squeeze(1)
-                split = {k: _rows(v, idx, batch) for k, v in expert_kwargs.items()}
-                part = self._call_expert(s, sample[idx], timestep[idx], _rows(class_labels, idx, batch), split)
-                if out is None:
-                    out = part.new_empty((batch, *part.shape[1:]))
-                out[idx] = part
+        # 2. each expert only on its own samples (the whole batch, called exactly as alone, when one stage holds it)
+        def run(stage: int, rows: torch.Tensor | None) -> torch.Tensor:
+            if rows is None:
+                return self._call_expert(stage, sample, timestep, class_labels, expert_kwargs)
+            split = {k: _rows(v, rows, batch) for k, v in expert_kwargs.items()}
+            return self._call_expert(stage, sample[rows], timesteps[rows], _rows(class_labels, rows, batch), split)
+
+        out = dispatch_by_stage(self.partition, timesteps, stage_index, run)
         if not return_dict:
             return (out,)
         return UNet2DOutput(sample=out)
@@ -333,6 +326,7 @@ class ExpertRoutingModel(ModelMixin, ConfigMixin):
             problems = {k: sorted(map(str, v))[:10] for k, v in info.items() if k.endswith("_keys") and v}
             if problems:
                 raise ValueError(f"The checkpoint at {path} does not match its config (first keys shown): {problems}.")
+            realign_storage(expert)  # bit-identical outputs after a reload
             experts[i], infos[i] = expert, info
         model = cls(
             experts,
