@@ -35,5 +35,10 @@ setup(
     extras_require={
         "test": ["pytest>=8.0", "scikit-learn>=1.4", "torchmetrics>=1.4", "tensorboard>=2.15", "datasets>=2.19"],
     },
-    entry_points={"console_scripts": ["diffusers-stages-plan=diffusers_stages.plan:main"]},
+    entry_points={
+        "console_scripts": [
+            "diffusers-stages-plan=diffusers_stages.plan:main",
+            "diffusers-stages-switch=diffusers_stages.switch:cli",
+        ]
+    },
 )

@@ -244,5 +244,11 @@ def main(argv: list[str] | None = None) -> SwitchRecommendation:
     return found
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console entry point (`diffusers-stages-switch`): exit status 0 on success."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
