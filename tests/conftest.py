@@ -5,6 +5,9 @@ import torch
 from diffusers.utils import logging
 
 logging.set_verbosity_error()  # keep expected warnings (e.g. deliberate key mismatches) out of the test log
+# the test models are tiny, so every op is overhead-bound: one thread is faster than two on CI's 2 cores, and far
+# faster when the cores are shared (subprocess tests set their own threads)
+torch.set_num_threads(1)
 
 TINY_UNET = dict(
     sample_size=8,
