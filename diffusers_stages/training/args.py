@@ -1,0 +1,204 @@
+"""Command-line arguments shared by the training scripts, and the checks that run before any training starts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from ..partition import TimestepPartition
+
+UNET_CONFIG_KEYS = (
+    "block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
+    "norm_num_groups", "dropout",
+)  # fmt: skip
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every training script takes (data, optimisation, checkpoints, logging, Hub, U-Net shape)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data_dir", type=str, default=None, help="Folder of images (sub-folders = classes).")
+    data.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset name or local path.")
+    data.add_argument("--dataset_config_name", type=str, default=None)
+    data.add_argument("--image_column", type=str, default="image")
+    data.add_argument("--label_column", type=str, default="label")
+    data.add_argument("--cache_dir", type=str, default=None, help="Cache folder of `datasets`.")
+    data.add_argument("--resolution", type=int, default=64, help="Training images are resized and cropped to this.")
+    data.add_argument("--center_crop", action="store_true", help="Centre crop (default: random crop).")
+    data.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    data.add_argument("--class_conditional", action="store_true", help="Labels from sub-folders / `--label_column`.")
+    data.add_argument(
+        "--class_dropout_prob", type=float, default=0.1, help="Null-label rate (classifier-free guidance)."
+    )
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--vae_path", type=str, default=None, help="AutoencoderKL folder: train in its latent space.")
+    data.add_argument("--vae_subfolder", type=str, default=None, help="e.g. `vae` inside a pipeline folder.")
+    data.add_argument("--cache_latents", action="store_true", help="Encode the data set once instead of every step.")
+
+    model = parser.add_argument_group("model and noise schedule")
+    model.add_argument(
+        "--model_config", type=str, default=None, help="config.json of the model (overrides shape args)."
+    )
+    model.add_argument("--block_out_channels", type=int_list, default=(128, 256, 256, 256), help="e.g. 64,128,128")
+    model.add_argument("--layers_per_block", type=int, default=2)
+    model.add_argument(
+        "--down_block_types", type=str, nargs="+", default=None, help="Default: attention in the last two."
+    )
+    model.add_argument(
+        "--up_block_types", type=str, nargs="+", default=None, help="Default: mirror of the down blocks."
+    )
+    model.add_argument("--attention_head_dim", type=int, default=8)
+    model.add_argument("--norm_num_groups", type=int, default=32)
+    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--stage_boundaries", type=float_list, default=None, help="Inner boundaries, e.g. 442,631.")
+    model.add_argument("--boundary_units", choices=("timestep", "sigma"), default="timestep",
+                       help="`sigma` trains an EDM-style model (EDMEulerScheduler, Karras et al. 2022).")  # fmt: skip
+    model.add_argument(
+        "--stage_shares", type=float_list, default=None, help="Share of each batch per stage (clean first)."
+    )
+    model.add_argument("--ddpm_num_steps", type=int, default=1000)
+    model.add_argument("--ddpm_beta_schedule", type=str, default="linear")
+    model.add_argument("--prediction_type", choices=("epsilon", "v_prediction", "sample"), default="epsilon")
+    model.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (DDPM-style).")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--output_dir", type=str, default="stages-model")
+    optim.add_argument("--overwrite_output_dir", action="store_true")
+    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--train_batch_size", type=int, default=16, help="Per device.")
+    optim.add_argument("--num_epochs", type=int, default=100)
+    optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides `--num_epochs`.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--gradient_checkpointing", action="store_true")
+    optim.add_argument(
+        "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate config."
+    )
+    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--lr_scheduler", type=str, default="cosine",
+                       help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup")  # fmt: skip
+    optim.add_argument("--lr_warmup_steps", type=int, default=500)
+    optim.add_argument("--adam_beta1", type=float, default=0.95)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-6)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--use_ema", action="store_true")
+    optim.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    optim.add_argument("--ema_power", type=float, default=3 / 4)
+    optim.add_argument("--ema_max_decay", type=float, default=0.9999)
+
+    outputs = parser.add_argument_group("checkpoints, logs, samples, Hub")
+    outputs.add_argument("--checkpointing_steps", type=int, default=500)
+    outputs.add_argument("--checkpoints_total_limit", type=int, default=None)
+    outputs.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or `latest`.")
+    outputs.add_argument("--logger", choices=("tensorboard", "none"), default="tensorboard")
+    outputs.add_argument("--logging_dir", type=str, default="logs", help="Inside `--output_dir`.")
+    outputs.add_argument(
+        "--save_images_steps", type=int, default=1000, help="Sample grid every N steps (and at the end)."
+    )
+    outputs.add_argument("--num_sample_images", type=int, default=16)
+    outputs.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps for the sample grids.")
+    outputs.add_argument("--push_to_hub", action="store_true")
+    outputs.add_argument("--hub_model_id", type=str, default=None)
+    outputs.add_argument("--hub_token", type=str, default=None, help="Default: the token of `hf auth login`.")
+    outputs.add_argument("--hub_private_repo", action="store_true")
+    outputs.add_argument("--hub_local_dir", type=str, default=None,
+                         help="Push into <dir>/<hub_model_id> with the Hub's file selection instead of uploading.")  # fmt: skip
+    return parser
+
+
+def default_block_types(num_blocks: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Down/up block types as in diffusers' `train_unconditional.py`: attention in the last two resolutions."""
+    down = tuple("AttnDownBlock2D" if i >= max(1, num_blocks - 2) else "DownBlock2D" for i in range(num_blocks))
+    up = tuple(t.replace("Down", "Up") for t in reversed(down))
+    return down, up
+
+
+def unet_shape_kwargs(args: argparse.Namespace) -> dict:
+    """The U-Net shape arguments (from `--model_config` when given, else from the command line)."""
+    if args.model_config is not None:
+        with open(args.model_config, encoding="utf-8") as f:
+            return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    down, up = default_block_types(len(args.block_out_channels))
+    return {
+        "block_out_channels": tuple(args.block_out_channels),
+        "layers_per_block": args.layers_per_block,
+        "down_block_types": tuple(args.down_block_types or down),
+        "up_block_types": tuple(args.up_block_types or up),
+        "attention_head_dim": args.attention_head_dim,
+        "norm_num_groups": args.norm_num_groups,
+        "dropout": args.dropout,
+    }
+
+
+def partition_from_args(args: argparse.Namespace, default: TimestepPartition) -> TimestepPartition:
+    """The stage partition of `--stage_boundaries` / `--boundary_units` (``default`` when none is given)."""
+    if args.stage_boundaries is None:
+        if args.boundary_units != default.units:
+            raise ValueError(f"`--boundary_units {args.boundary_units}` needs `--stage_boundaries` in those units.")
+        return default
+    try:
+        return TimestepPartition(list(args.stage_boundaries), args.ddpm_num_steps, args.boundary_units)
+    except ValueError as error:
+        raise ValueError(
+            f"`--stage_boundaries` {list(args.stage_boundaries)} is not a valid stage split: {error}"
+        ) from None
+
+
+def check_args(args: argparse.Namespace, partition: TimestepPartition, downsampling: int) -> None:
+    """Every check that needs no data and no model weights; raises ValueError naming the argument."""
+    if (args.train_data_dir is None) == (args.dataset_name is None):
+        raise ValueError("Give exactly one of `--train_data_dir` (a folder of images) and `--dataset_name`.")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise ValueError(f"`--train_data_dir` must be an existing folder of images, got {args.train_data_dir!r}.")
+    for name in ("resolution", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",
+                 "save_images_steps", "num_sample_images", "num_inference_steps", "ddpm_num_steps"):  # fmt: skip
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be a positive integer, got {getattr(args, name)}.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError(f"`--max_train_steps` must be a positive integer, got {args.max_train_steps}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(
+            f"`--checkpoints_total_limit` must be a positive integer, got {args.checkpoints_total_limit}."
+        )
+    if not 0.0 <= args.class_dropout_prob < 1.0:
+        raise ValueError(f"`--class_dropout_prob` must be in [0, 1), got {args.class_dropout_prob}.")
+    if args.resolution % downsampling:
+        raise ValueError(
+            f"`--resolution` {args.resolution} must be divisible by the model's total down-sampling factor "
+            f"{downsampling} (U-Net down blocks x VAE); try {max(downsampling, args.resolution // downsampling * downsampling)}."
+        )
+    if args.stage_shares is not None and (
+        len(args.stage_shares) != partition.num_stages
+        or any(s < 0 for s in args.stage_shares)
+        or not sum(args.stage_shares)
+    ):
+        raise ValueError(
+            f"`--stage_shares` needs {partition.num_stages} non-negative values (one per stage, clean stage "
+            f"first) with a positive sum, got {list(args.stage_shares)}."
+        )
+    if args.cache_latents and args.vae_path is None:
+        raise ValueError("`--cache_latents` caches VAE latents: give `--vae_path` too.")
+    if args.cache_latents and not args.center_crop:
+        raise ValueError("`--cache_latents` encodes each image once, so it needs `--center_crop` (no random crops).")
+    if args.boundary_units == "sigma" and (args.snr_gamma is not None or args.prediction_type == "sample"):
+        raise ValueError(
+            "EDM-style training (`--boundary_units sigma`) takes neither `--snr_gamma` nor `--prediction_type sample`."
+        )
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. `your-name/multistage-cifar10`).")

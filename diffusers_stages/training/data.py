@@ -1,0 +1,195 @@
+"""Training data: an image folder or a `datasets` dataset, resized and cropped, with labels and optional flips.
+
+Every random choice about an item (crop offset, flip) is a pure function of ``(seed, epoch, index)``: the
+[`EpochShuffleSampler`] hands the dataset keys ``epoch * len + index``, so a run resumed in the middle of an epoch,
+with any number of dataloader workers or processes, sees exactly the images an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class ImageRecords:
+    """Where the training images come from: ``load(i)`` gives image ``i`` (PIL), ``labels[i]`` its class or None."""
+
+    def __init__(
+        self, load: Callable[[int], Image.Image], length: int, labels: list[int] | None, class_names: list[str]
+    ):
+        self.load, self.length, self.labels, self.class_names = load, length, labels, class_names
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _image_files(folder: str) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+
+def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageRecords:
+    """Images under ``train_data_dir`` (recursively); with ``class_conditional`` each top-level sub-folder is a class."""
+    if not os.path.isdir(train_data_dir):
+        raise ValueError(f"`--train_data_dir` must be an existing folder of images, got {train_data_dir!r}.")
+    if class_conditional:
+        class_names = sorted(d for d in os.listdir(train_data_dir) if os.path.isdir(os.path.join(train_data_dir, d)))
+        files, labels = [], []
+        for label, name in enumerate(class_names):
+            class_files = _image_files(os.path.join(train_data_dir, name))
+            files += class_files
+            labels += [label] * len(class_files)
+        if len(class_names) < 2 or len(set(labels)) < len(class_names):
+            raise ValueError(
+                f"`--class_conditional` takes the classes from the sub-folders of `--train_data_dir` "
+                f"{train_data_dir!r}: it needs at least 2 sub-folders, each with images; found {class_names}."
+            )
+    else:
+        files, labels, class_names = _image_files(train_data_dir), None, []
+    if not files:
+        raise ValueError(f"`--train_data_dir` {train_data_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    return ImageRecords(lambda i: Image.open(files[i]), len(files), labels, class_names)
+
+
+def hf_dataset_records(
+    dataset_name: str,
+    class_conditional: bool,
+    dataset_config_name: str | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    cache_dir: str | None = None,
+) -> ImageRecords:
+    """The ``train`` split of a `datasets` dataset (a Hub name, or a local path `datasets.load_dataset` reads)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("`--dataset_name` needs the `datasets` package: `pip install datasets`.") from None
+    dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+    for column, flag in (
+        (image_column, "--image_column"),
+        (label_column if class_conditional else None, "--label_column"),
+    ):
+        if column is not None and column not in dataset.column_names:
+            raise ValueError(f"`{flag}` {column!r} is not a column of {dataset_name!r}: {dataset.column_names}.")
+    labels, class_names = None, []
+    if class_conditional:
+        labels = [int(x) for x in dataset[label_column]]
+        feature = dataset.features[label_column]
+        class_names = list(feature.names) if hasattr(feature, "names") else [str(i) for i in range(max(labels) + 1)]
+    return ImageRecords(lambda i: dataset[i][image_column], len(dataset), labels, class_names)
+
+
+def preprocess_image(
+    image: Image.Image, resolution: int, center_crop: bool, rng: random.Random | None
+) -> torch.Tensor:
+    """RGB, shorter side resized to ``resolution``, cropped square (centre, or at random with ``rng``), in [-1, 1]."""
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = resolution / min(width, height)
+    if scale != 1:
+        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        image = image.resize(size, Image.Resampling.BILINEAR)
+        width, height = image.size
+    if center_crop or rng is None:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _item_rng(seed: int, key: int, length: int) -> tuple[int, random.Random]:
+    epoch, index = divmod(int(key), length)
+    return index, random.Random(f"{seed}-{epoch}-{index}")
+
+
+class TrainingImages(torch.utils.data.Dataset):
+    """Images of ``records`` as ``{"pixel_values", "labels"}``; keys from [`EpochShuffleSampler`] fix the randomness."""
+
+    def __init__(self, records: ImageRecords, resolution: int, center_crop: bool, random_flip: bool, seed: int):
+        self.records, self.resolution, self.center_crop, self.random_flip, self.seed = (
+            records,
+            resolution,
+            center_crop,
+            random_flip,
+            seed,
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int) -> dict:
+        index, rng = _item_rng(self.seed, key, len(self))
+        pixels = preprocess_image(self.records.load(index), self.resolution, self.center_crop, rng)
+        if self.random_flip and rng.random() < 0.5:
+            pixels = pixels.flip(-1)
+        labels = self.records.labels[index] if self.records.labels is not None else -1
+        return {"pixel_values": pixels, "labels": labels}
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """Latent distributions encoded once (and once more flipped, with ``random_flip``) as ``{"latent_parameters"}``."""
+
+    def __init__(self, parameters: torch.Tensor, flipped: torch.Tensor | None, labels: list[int] | None, seed: int):
+        self.parameters, self.flipped, self.labels, self.seed = parameters, flipped, labels, seed
+
+    def __len__(self) -> int:
+        return self.parameters.shape[0]
+
+    def __getitem__(self, key: int) -> dict:
+        index, rng = _item_rng(self.seed, key, len(self))
+        flip = self.flipped is not None and rng.random() < 0.5
+        parameters = (self.flipped if flip else self.parameters)[index]
+        return {"latent_parameters": parameters, "labels": self.labels[index] if self.labels is not None else -1}
+
+
+@torch.no_grad()
+def encode_latent_cache(
+    records: ImageRecords, vae, resolution: int, random_flip: bool, seed: int, batch_size: int = 32
+) -> CachedLatents:
+    """Encode every image once with ``vae`` (centre crop), keeping the posterior's mean and log-variance."""
+    device, dtype = vae.device, vae.dtype
+    parameters, flipped = [], []
+    for start in range(0, len(records), batch_size):
+        pixels = torch.stack(
+            [
+                preprocess_image(records.load(i), resolution, True, None)
+                for i in range(start, min(start + batch_size, len(records)))
+            ]
+        ).to(device, dtype)
+        parameters.append(vae.encode(pixels).latent_dist.parameters.float().cpu())
+        if random_flip:
+            flipped.append(vae.encode(pixels.flip(-1)).latent_dist.parameters.float().cpu())
+    return CachedLatents(torch.cat(parameters), torch.cat(flipped) if random_flip else None, records.labels, seed)
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A fresh permutation per epoch from ``seed + epoch``, yielding keys ``epoch * n + index`` (see module doc)."""
+
+    def __init__(self, num_items: int, seed: int):
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        yield from (self.epoch * self.num_items + order).tolist()

@@ -1,0 +1,406 @@
+"""What differs between the three methods during training: the networks, how each batch is spread over them,
+and the pipeline they are saved as. Everything else is the one loop in `loop.py`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler, UNet2DModel
+from diffusers.models.modeling_utils import ModelMixin
+
+from ..models.expert_routing import ExpertRoutingModel, expert_folder
+from ..models.meme import meme_expert_configs
+from ..models.unet_multistage import MultiStageUNet2DModel
+from ..partition import TimestepPartition
+from ..pipelines import DualBackbonePipeline, ExpertRoutingPipeline, MultiStagePipeline
+from ..timestep_sampling import soft_assignment_timesteps, stage_counts, stratified_timesteps
+from .args import partition_from_args, unet_shape_kwargs
+
+PAPER_BOUNDARIES = {"timestep": (0.442, 0.631), "sigma": (2.5103, 7.6577)}  # Zhang et al. (2024), Table 4
+SCRIPT_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds", "num_train_timesteps",
+               "stage_boundaries", "boundary_units")  # fmt: skip
+
+
+@dataclass
+class Draw:
+    """One step's training samples: batch row, noise level (partition units) and network of each."""
+
+    rows: torch.Tensor
+    timesteps: torch.Tensor
+    network: torch.Tensor
+
+
+def noise_schedulers(args: argparse.Namespace):
+    """``(training scheduler, sampling scheduler)``: DDPM and DDIM with one config, or EDM's Euler for both."""
+    if args.boundary_units == "sigma":
+        scheduler = EDMEulerScheduler(num_train_timesteps=args.ddpm_num_steps, prediction_type=args.prediction_type)
+        return scheduler, scheduler
+    scheduler = DDPMScheduler(
+        num_train_timesteps=args.ddpm_num_steps,
+        beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type,
+    )
+    return scheduler, DDIMScheduler.from_config(scheduler.config)
+
+
+def _unet_downsampling(shape: dict) -> int:
+    return 2 ** (len(shape["block_out_channels"]) - 1)
+
+
+class TrainingTask:
+    """Base class: a partition of the schedule, named networks, a batch plan per step, and a saved pipeline."""
+
+    method = ""
+    tags: tuple[str, ...] = ()
+    find_unused_parameters = False  # True only where a network may get no sample in a step
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.partition = self.build_partition(args)
+
+    def build_partition(self, args: argparse.Namespace) -> TimestepPartition:
+        raise NotImplementedError
+
+    @property
+    def downsampling(self) -> int:
+        """Total down-sampling factor of the networks (the resolution must be divisible by it)."""
+        raise NotImplementedError
+
+    def build_networks(
+        self, in_channels: int, sample_size: int, num_class_embeds: int | None
+    ) -> dict[str, ModelMixin]:
+        raise NotImplementedError
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> Draw:
+        raise NotImplementedError
+
+    def pipeline(self, networks: dict[str, ModelMixin], scheduler, vae=None):
+        """The pipeline the networks are sampled and saved as (None where one run gives no full sampler)."""
+        raise NotImplementedError
+
+    def save(self, networks: dict[str, ModelMixin], scheduler, vae, output_dir: str) -> None:
+        self.pipeline(networks, scheduler, vae).save_pretrained(output_dir)
+
+    def description(self) -> str:
+        """Markdown for the model card: the method and its stages."""
+        raise NotImplementedError
+
+    # helpers
+    def _every_network_every_step(self, args: argparse.Namespace, count: int, kind: str) -> None:
+        """Each of ``count`` networks gets a sample in every batch, unless a zero `--stage_shares` entry says not:
+        then DDP is told to expect unused parameters."""
+        if args.train_batch_size < count:
+            raise ValueError(
+                f"`--train_batch_size` {args.train_batch_size} must be at least the number of {kind}s trained "
+                f"({count}) so that every {kind} trains at every step."
+            )
+        self.find_unused_parameters = args.stage_shares is not None and min(args.stage_shares) == 0
+
+    def _stratified(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return stratified_timesteps(self.partition, batch_size, self.args.stage_shares, generator=generator)
+
+    def _script_config(self, config: dict, **values) -> dict:
+        config = {k: v for k, v in config.items() if k not in SCRIPT_KEYS}
+        return {**config, **values}
+
+    def _stage_table(self) -> str:
+        unit = "t" if self.partition.units == "timestep" else "sigma"
+        rows = [f"| {s} | [{lo:g}, {hi:g}) |" for s, (lo, hi) in enumerate(self.partition.intervals())]
+        return f"| stage (0 = cleanest) | {unit} interval |\n| --- | --- |\n" + "\n".join(rows)
+
+
+class MultiStageTask(TrainingTask):
+    """Zhang et al. (CVPR 2024): shared encoder, one decoder per stage, all trained jointly on stratified batches."""
+
+    method = "multi-stage multi-decoder U-Net"
+    tags = ("multi-stage", "multi-decoder")
+
+    def build_partition(self, args):
+        boundaries = PAPER_BOUNDARIES[args.boundary_units]
+        if args.boundary_units == "timestep":
+            boundaries = [round(b * args.ddpm_num_steps) for b in boundaries]
+        default = TimestepPartition(boundaries, args.ddpm_num_steps, args.boundary_units)
+        partition = partition_from_args(args, default)
+        decoders = getattr(args, "decoder_block_out_channels", None)
+        if decoders is not None and len(decoders) != partition.num_stages:
+            raise ValueError(
+                f"`--decoder_block_out_channels` gives {len(decoders)} decoders, but the stage split "
+                f"{list(partition.boundaries)} has {partition.num_stages} stages: give one width list per stage."
+            )
+        self._every_network_every_step(args, partition.num_stages, "decoder")
+        return partition
+
+    @property
+    def downsampling(self):
+        return _unet_downsampling(unet_shape_kwargs(self.args))
+
+    def build_networks(self, in_channels, sample_size, num_class_embeds):
+        config = self._script_config(
+            unet_shape_kwargs(self.args),
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            num_class_embeds=num_class_embeds,
+            **self.partition.to_config(),
+        )
+        if self.args.decoder_block_out_channels is not None:
+            config["decoder_block_out_channels"] = [list(w) for w in self.args.decoder_block_out_channels]
+        return {"unet": MultiStageUNet2DModel(**config)}
+
+    def draw(self, batch_size, generator):
+        timesteps, _ = self._stratified(batch_size, generator)
+        zeros = torch.zeros(batch_size, dtype=torch.long)
+        return Draw(torch.arange(batch_size), timesteps, zeros)
+
+    def pipeline(self, networks, scheduler, vae=None):
+        return MultiStagePipeline(unet=networks["unet"], scheduler=scheduler, vae=vae)
+
+    def description(self):
+        widths = self.args.decoder_block_out_channels or "the encoder's"
+        return (
+            "A multi-stage, multi-decoder U-Net (Zhang et al., CVPR 2024): one shared encoder and one decoder per "
+            f"stage of the noise schedule, trained jointly (every decoder in every batch). Decoder widths: {widths}.\n\n"
+            + self._stage_table()
+        )
+
+
+class ExpertTask(TrainingTask):
+    """MEME (Lee et al., AAAI 2024): one U-Net per interval, all in one run or one per run, soft or hard assignment."""
+
+    method = "multi-expert denoisers"
+    tags = ("multi-expert", "meme")
+
+    def build_partition(self, args):
+        partition = partition_from_args(args, TimestepPartition.uniform(args.num_experts, args.ddpm_num_steps))
+        widths = args.expert_block_out_channels
+        if widths is not None and len(widths) != partition.num_stages:
+            raise ValueError(
+                f"`--expert_block_out_channels` gives {len(widths)} experts, but the stage split has "
+                f"{partition.num_stages} stages: give one width list per expert."
+            )
+        if args.expert_index is not None and not 0 <= args.expert_index < partition.num_stages:
+            raise ValueError(f"`--expert_index` must be in [0, {partition.num_stages}), got {args.expert_index}.")
+        probabilities = args.own_interval_probability
+        if args.assignment == "hard":
+            if probabilities is not None:
+                raise ValueError("`--own_interval_probability` is for `--assignment soft`; hard assignment uses 1.")
+            probabilities = (1.0,) * partition.num_stages
+        elif probabilities is not None and len(probabilities) != partition.num_stages:
+            raise ValueError(
+                f"`--own_interval_probability` needs one value per expert ({partition.num_stages}), got {list(probabilities)}."
+            )
+        self.probabilities = probabilities
+        self._every_network_every_step(args, 1 if args.expert_index is not None else partition.num_stages, "expert")
+        return partition
+
+    @property
+    def trained_experts(self) -> list[int]:
+        return list(range(self.partition.num_stages)) if self.args.expert_index is None else [self.args.expert_index]
+
+    def _shape(self, expert: int) -> dict:
+        if self.args.model_config is not None:
+            return unet_shape_kwargs(self.args)
+        # MEME presets: convolution-only near the data, more self-attention toward the noise
+        widths = self.args.expert_block_out_channels or tuple(self.args.block_out_channels)
+        configs = meme_expert_configs(
+            num_experts=self.partition.num_stages, block_out_channels=widths,
+            attention_shares=self.args.expert_attention_shares, layers_per_block=self.args.layers_per_block,
+            attention_head_dim=self.args.attention_head_dim, norm_num_groups=self.args.norm_num_groups,
+        )  # fmt: skip
+        return {**configs[expert], "dropout": self.args.dropout}
+
+    @property
+    def downsampling(self):
+        return max(_unet_downsampling(self._shape(i)) for i in self.trained_experts)
+
+    def build_networks(self, in_channels, sample_size, num_class_embeds):
+        networks = {}
+        for i in self.trained_experts:
+            config = self._script_config(
+                self._shape(i), sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+                num_class_embeds=num_class_embeds, num_train_timesteps=self.args.ddpm_num_steps,
+            )  # fmt: skip
+            networks[expert_folder(i)] = UNet2DModel(**config)
+        return networks
+
+    def draw(self, batch_size, generator):
+        experts = self.trained_experts
+        if self.args.assignment == "hard" and len(experts) > 1:
+            timesteps, stages = self._stratified(batch_size, generator)  # each sample to its own interval's expert
+            return Draw(torch.arange(batch_size), timesteps, stages)
+        # soft assignment (MEME): expert n trains on its own interval with probability p_n, elsewhere otherwise;
+        # the batch is split over the experts trained (by `--stage_shares`, equally by default)
+        shares = (
+            [1.0] * len(experts) if self.args.stage_shares is None else [self.args.stage_shares[i] for i in experts]
+        )
+        counts = stage_counts(batch_size, shares, generator)
+        timesteps, network = [], []
+        for k, (expert, count) in enumerate(zip(experts, counts)):
+            p = None if self.probabilities is None else self.probabilities[expert]
+            timesteps.append(soft_assignment_timesteps(self.partition, expert, count, p, generator=generator))
+            network.append(torch.full((count,), k, dtype=torch.long))
+        return Draw(torch.arange(batch_size), torch.cat(timesteps), torch.cat(network))
+
+    def _routing_model(self, networks) -> ExpertRoutingModel:
+        experts = [networks[expert_folder(i)] for i in range(self.partition.num_stages)]
+        return ExpertRoutingModel(experts, prediction_type=self.args.prediction_type, **self.partition.to_config())
+
+    def pipeline(self, networks, scheduler, vae=None):
+        if self.args.expert_index is not None:
+            return None  # one expert alone does not sample: assemble the runs with `--assemble_experts`
+        return ExpertRoutingPipeline(experts=self._routing_model(networks), scheduler=scheduler, vae=vae)
+
+    def save(self, networks, scheduler, vae, output_dir):
+        if self.args.expert_index is None:
+            return super().save(networks, scheduler, vae, output_dir)
+        # one expert per run: the expert's own folder and what assembling the runs needs to check they fit
+        name = expert_folder(self.args.expert_index)
+        networks[name].save_pretrained(os.path.join(output_dir, name))
+        scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
+        if vae is not None:
+            vae.save_pretrained(os.path.join(output_dir, "vae"))
+        with open(os.path.join(output_dir, EXPERT_RUN_FILE), "w", encoding="utf-8") as f:
+            json.dump({"expert_index": self.args.expert_index, "prediction_type": self.args.prediction_type,
+                       **self.partition.to_config()}, f, indent=2)  # fmt: skip
+
+    def description(self):
+        what = "all experts in one run" if self.args.expert_index is None else f"expert {self.args.expert_index} only"
+        assignment = self.args.assignment
+        if assignment == "soft":
+            p = self.probabilities or "MEME's (0.8, 0.4, 0.2, 0.1)"
+            assignment = f"soft (own-interval probability {p})"
+        return (
+            "Independent denoisers, one per interval of the noise schedule (MEME, Lee et al., AAAI 2024), trained "
+            f"with {assignment} interval assignment, {what}.\n\n" + self._stage_table()
+        )
+
+
+EXPERT_RUN_FILE = "expert_run.json"
+
+
+def assemble_expert_runs(run_dirs: list[str]):
+    """Gather the experts of one-expert-per-run folders into an `ExpertRoutingPipeline` (scheduler and VAE of the
+    first run); refuses runs whose partitions or prediction types differ, or that miss or repeat an expert."""
+    import diffusers
+
+    runs = []
+    for run in run_dirs:
+        path = os.path.join(run, EXPERT_RUN_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"`--assemble_experts`: {run!r} is not a finished `--expert_index` run (no {EXPERT_RUN_FILE})."
+            )
+        with open(path, encoding="utf-8") as f:
+            runs.append((run, json.load(f)))
+    shared = [{k: v for k, v in info.items() if k != "expert_index"} for _, info in runs]
+    if any(s != shared[0] for s in shared):
+        raise ValueError(
+            f"`--assemble_experts`: the runs were trained with different stage splits or targets: {shared}."
+        )
+    partition = TimestepPartition.from_config(shared[0])
+    indices = sorted(info["expert_index"] for _, info in runs)
+    if indices != list(range(partition.num_stages)):
+        raise ValueError(
+            f"`--assemble_experts` needs one run per expert 0..{partition.num_stages - 1}, got experts {indices}."
+        )
+    experts = [None] * partition.num_stages
+    for run, info in runs:
+        experts[info["expert_index"]] = UNet2DModel.from_pretrained(
+            os.path.join(run, expert_folder(info["expert_index"]))
+        )
+    model = ExpertRoutingModel(experts, prediction_type=shared[0]["prediction_type"], **partition.to_config())
+    first = runs[0][0]
+    scheduler_class = getattr(diffusers, DDPMScheduler.load_config(os.path.join(first, "scheduler"))["_class_name"])
+    scheduler = scheduler_class.from_pretrained(os.path.join(first, "scheduler"))
+    vae_path = os.path.join(first, "vae")
+    vae = diffusers.AutoencoderKL.from_pretrained(vae_path) if os.path.isdir(vae_path) else None
+    return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)
+
+
+DEFAULT_SWITCH_STEP_FRACTION = 0.4  # DuoDiff picks the switch by a sweep; no published rule
+
+
+class DualBackboneTask(TrainingTask):
+    """DuoDiff (arXiv 2410.09633): a shallow and a deep denoiser, both trained on all timesteps."""
+
+    method = "dual backbone (shallow + deep)"
+    tags = ("dual-backbone", "duodiff")
+
+    def build_partition(self, args):
+        if args.switch_step_fraction is not None and args.switch_timestep is not None:
+            raise ValueError(
+                "Give one of `--switch_step_fraction` and `--switch_timestep` (the sampling switch), not both."
+            )
+        if args.switch_step_fraction is None and args.switch_timestep is None:
+            args.switch_step_fraction = DEFAULT_SWITCH_STEP_FRACTION
+        if args.switch_step_fraction is not None and not 0.0 < args.switch_step_fraction < 1.0:
+            raise ValueError(f"`--switch_step_fraction` must be in (0, 1), got {args.switch_step_fraction}.")
+        if args.stage_boundaries is not None or args.stage_shares is not None:
+            raise ValueError(
+                "Dual-backbone training uses every timestep for both networks: drop `--stage_boundaries`/`--stage_shares`."
+            )
+        return TimestepPartition([], args.ddpm_num_steps, args.boundary_units)  # one stage: the whole schedule
+
+    def _shapes(self) -> dict[str, dict]:
+        deep = unet_shape_kwargs(self.args)
+        shallow = {**deep, "layers_per_block": self.args.shallow_layers_per_block}
+        if self.args.shallow_block_out_channels is not None:
+            shallow["block_out_channels"] = tuple(self.args.shallow_block_out_channels)
+        wanted = ("shallow", "deep") if self.args.backbones == "both" else (self.args.backbones,)
+        return {name: shape for name, shape in (("shallow", shallow), ("deep", deep)) if name in wanted}
+
+    @property
+    def downsampling(self):
+        return max(_unet_downsampling(shape) for shape in self._shapes().values())
+
+    def build_networks(self, in_channels, sample_size, num_class_embeds):
+        return {
+            name: UNet2DModel(
+                **self._script_config(
+                    shape,
+                    sample_size=sample_size,
+                    in_channels=in_channels,
+                    out_channels=in_channels,
+                    num_class_embeds=num_class_embeds,
+                    num_train_timesteps=self.args.ddpm_num_steps,
+                )
+            )
+            for name, shape in self._shapes().items()
+        }
+
+    def draw(self, batch_size, generator):
+        # every network sees the whole batch at its own noise levels from the usual training distribution
+        count = len(self._shapes())
+        timesteps = torch.cat([self._stratified(batch_size, generator)[0] for _ in range(count)])
+        network = torch.arange(count).repeat_interleave(batch_size)
+        return Draw(torch.arange(batch_size).repeat(count), timesteps, network)
+
+    def pipeline(self, networks, scheduler, vae=None):
+        if set(networks) != {"shallow", "deep"}:
+            return None  # one backbone alone: load it next to the other one (see the example README)
+        return DualBackbonePipeline(
+            shallow=networks["shallow"], deep=networks["deep"], scheduler=scheduler, vae=vae,
+            switch_step_fraction=self.args.switch_step_fraction, switch_timestep=self.args.switch_timestep,
+        )  # fmt: skip
+
+    def save(self, networks, scheduler, vae, output_dir):
+        if set(networks) == {"shallow", "deep"}:
+            return super().save(networks, scheduler, vae, output_dir)
+        ((name, network),) = networks.items()
+        network.save_pretrained(os.path.join(output_dir, name))
+        scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
+
+    def description(self):
+        switch = (
+            f"the shallow network runs the first {self.args.switch_step_fraction:g} of the sampling steps"
+            if self.args.switch_step_fraction is not None
+            else f"the shallow network runs every step at t >= {self.args.switch_timestep:g}"
+        )
+        return (
+            "A dual-backbone model (DuoDiff, arXiv 2410.09633): a shallow and a deep U-Net, both trained on all "
+            f"timesteps; at sampling time {switch}, the deep one the rest."
+        )

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Train multi-expert denoisers (MEME, Lee et al., AAAI 2024) with Accelerate.
+
+One U-Net per interval of the noise schedule. Train all experts in one run (`--assignment hard`: every sample goes
+to the expert of its interval, stratified so each expert trains at every step; `--assignment soft`: the batch is
+split over the experts and expert n draws from its own interval with probability p_n), or one expert per run
+(`--expert_index n`) and gather the runs afterwards with `--assemble_experts`. See README.md beside this file.
+"""
+
+import argparse
+
+from diffusers_stages.training import ExpertTask, build_parser, float_list, int_list, parse_and_check, train
+from diffusers_stages.training.loop import save_assembled_experts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser(__doc__)
+    group = parser.add_argument_group("experts")
+    group.add_argument("--num_experts", type=int, default=4, help="Uniform intervals (without `--stage_boundaries`).")
+    group.add_argument("--assignment", choices=("soft", "hard"), default="soft")
+    group.add_argument(
+        "--own_interval_probability", type=float_list, default=None,
+        help="p_n per expert for `--assignment soft`, clean expert first (default MEME's 0.8,0.4,0.2,0.1).",
+    )  # fmt: skip
+    group.add_argument("--expert_index", type=int, default=None, help="Train only this expert (one expert per run).")
+    group.add_argument(
+        "--expert_block_out_channels", type=int_list, nargs="+", default=None,
+        help="Block widths of each expert, clean expert first, e.g. `64,128 64,128 32,64 32,64`.",
+    )  # fmt: skip
+    group.add_argument(
+        "--expert_attention_shares", type=float_list, default=None,
+        help="Per expert, the share of resolution levels with self-attention, clean expert first, non-decreasing "
+        "(MEME: convolutions near the data, attention toward the noise; default 0 ... 1 linearly).",
+    )  # fmt: skip
+    group.add_argument(
+        "--assemble_experts", type=str, nargs="+", default=None,
+        help="Instead of training: gather the output folders of `--expert_index` runs into one pipeline in `--output_dir`.",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.assemble_experts is not None:
+        return args
+    return parse_and_check(parser, ExpertTask, argv)
+
+
+def main(args: argparse.Namespace) -> str:
+    if args.assemble_experts is not None:
+        return save_assembled_experts(args)
+    return train(args, ExpertTask(args))
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,51 @@
+"""`examples/dual_backbone/train_dual_backbone.py`: both backbones in one run, or one backbone (EDM) per run."""
+
+import os
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from diffusers_stages import DualBackbonePipeline
+
+
+@pytest.fixture(scope="module")
+def script(examples):
+    return examples.load_script("dual_backbone")
+
+
+def test_both_backbones_train_reload_and_sample(examples, script, image_folder, tmp_path):
+    out = str(tmp_path / "run")
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--layers_per_block", "2",
+         "--shallow_block_out_channels", "8,8", "--switch_step_fraction", "0.5", "--use_ema", "--max_train_steps", "2",
+         "--prediction_type", "v_prediction"])  # fmt: skip
+    pipe = DualBackbonePipeline.from_pretrained(out)
+    assert pipe.deep.config.layers_per_block == 2 and pipe.shallow.config.layers_per_block == 1
+    assert pipe.shallow.config.block_out_channels == [8, 8] and pipe.config.switch_step_fraction == 0.5
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    pipe.set_progress_bar_config(disable=True)
+    assert [e for _, e in pipe.expert_schedule(num_inference_steps=4)] == [1, 1, 0, 0]
+    assert pipe(batch_size=2, num_inference_steps=4, output_type="np").images.shape == (2, 8, 8, 3)
+
+
+def test_one_backbone_per_run_edm(examples, script, image_folder, tmp_path):
+    runs = {}
+    for name in ("shallow", "deep"):
+        runs[name] = str(tmp_path / name)
+        examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", runs[name], "--backbones", name,
+             "--boundary_units", "sigma", "--max_train_steps", "1"])  # fmt: skip
+    nets = {name: UNet2DModel.from_pretrained(os.path.join(path, name)) for name, path in runs.items()}
+    from diffusers import EDMEulerScheduler
+
+    scheduler = EDMEulerScheduler.from_pretrained(os.path.join(runs["deep"], "scheduler"))
+    pipe = DualBackbonePipeline(**nets, scheduler=scheduler, switch_sigma=5.0)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=1, num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
+    assert images.shape == (1, 8, 8, 3)
+
+
+def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path),
+                                "--switch_step_fraction", "0.5", "--switch_timestep", "300"])  # fmt: skip
+    assert "not both" in capsys.readouterr().err

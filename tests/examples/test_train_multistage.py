@@ -1,0 +1,161 @@
+"""`examples/multistage/train_multistage.py`: trains, reloads, samples, resumes bit for bit, pushes, runs on 2 processes."""
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+from diffusers_stages import MultiStagePipeline
+
+
+@pytest.fixture(scope="module")
+def script(examples):
+    return examples.load_script("multistage")
+
+
+def test_trains_reloads_and_samples_with_hub_push(examples, script, image_folder, tmp_path):
+    out, hub = str(tmp_path / "run"), str(tmp_path / "hub")
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--class_conditional", "--use_ema",
+         "--random_flip", "--max_train_steps", "3", "--checkpointing_steps", "2", "--save_images_steps", "2",
+         "--decoder_block_out_channels", "16,16", "8,16", "4,8",
+         "--push_to_hub", "--hub_model_id", "me/tiny-multistage", "--hub_local_dir", hub])  # fmt: skip
+
+    # the output folder is a pipeline that loads both ways and samples the same images
+    pipe = MultiStagePipeline.from_pretrained(out)
+    assert [tuple(d.up_blocks[0].resnets[0].conv2.weight.shape[:1]) for d in pipe.unet.decoders] == [
+        (16,),
+        (16,),
+        (8,),
+    ]
+    assert pipe.unet.config.num_class_embeds == 4  # 3 classes + the null label
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(class_labels=[0, 2], num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
+    again = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    again.set_progress_bar_config(disable=True)
+    same = again(class_labels=[0, 2], num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 3) and (images == same).all()
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["step_000002.png", "step_000003.png"]
+    assert os.path.isdir(os.path.join(out, "checkpoint-2", "unet_ema"))
+
+    # the push: model card with method, boundaries, settings and grid; no checkpoints, logs or sample history
+    pushed = os.path.join(hub, "me", "tiny-multistage")
+    files = {os.path.relpath(os.path.join(r, f), pushed) for r, _, fs in os.walk(pushed) for f in fs}
+    assert "README.md" in files and "sample_grid.png" in files and "unet/diffusion_pytorch_model.safetensors" in files
+    assert not any(f.startswith(("checkpoint-", "logs", "samples")) for f in files)
+    with open(os.path.join(pushed, "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    for text in (
+        "multi-stage multi-decoder U-Net",
+        "[0, 442)",
+        "[631, 1000)",
+        "3 optimisation steps",
+        "sample_grid.png",
+    ):
+        assert text in card
+    assert "TODO" not in card
+    assert MultiStagePipeline.from_pretrained(pushed).unet.config.stage_boundaries == [442.0, 631.0]
+
+
+def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae_dir = str(tmp_path / "vae")
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                  sample_size=16).save_pretrained(vae_dir)  # fmt: skip
+    out = str(tmp_path / "run")
+    args = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--vae_path", vae_dir, "--cache_latents",
+            "--center_crop", "--random_flip", "--resolution", "16", "--max_train_steps", "2"]  # fmt: skip
+    examples.train(script, args)
+    pipe = MultiStagePipeline.from_pretrained(out)
+    assert pipe.unet.config.in_channels == 4 and pipe.unet.config.sample_size == 8 and pipe.vae is not None
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(batch_size=2, num_inference_steps=2, output_type="np").images.shape == (2, 16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--train_data_dir", "/does/not/exist"], "`--train_data_dir` must be an existing folder"),
+        (["--stage_boundaries", "700,300"], "`--stage_boundaries` [700.0, 300.0] is not a valid stage split"),
+        (["--decoder_block_out_channels", "8,16", "8,16"], "gives 2 decoders, but the stage split"),
+        (["--resolution", "9"], "`--resolution` 9 must be divisible by the model's total down-sampling factor 2"),
+        (["--stage_shares", "1,1"], "`--stage_shares` needs 3 non-negative values"),
+    ],
+)
+def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    argv = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(out), *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_data_source_fails_before_training(examples, script, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args([*examples.TINY, "--output_dir", str(tmp_path / "run")])
+    assert "Give exactly one of `--train_data_dir`" in capsys.readouterr().err
+
+
+def _weights(folder: str) -> dict:
+    return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def test_killed_run_resumes_bit_for_bit(examples, script, image_folder, tmp_path):
+    # 24 images, batch 4, 2 accumulation steps: 3 optimisation steps per epoch; killed after step 2 (mid-epoch)
+    args = [*examples.TINY, "--train_data_dir", image_folder, "--class_conditional", "--use_ema", "--random_flip",
+            "--gradient_accumulation_steps", "2", "--max_train_steps", "5", "--checkpointing_steps", "2",
+            "--lr_scheduler", "cosine", "--checkpoints_total_limit", "1"]  # fmt: skip
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    examples.train(script, [*args, "--output_dir", straight])
+    result = examples.run_subprocess(
+        [examples.RUNNER, "--kill-after-checkpoint", examples.SCRIPTS["multistage"], *args, "--output_dir", killed]
+    )
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert sorted(os.listdir(killed)) == ["checkpoint-2"]
+    examples.train(script, [*args, "--output_dir", killed, "--resume_from_checkpoint", "latest"])
+    for sub in ("unet", "checkpoint-4/unet", "checkpoint-4/unet_ema"):
+        a, b = _weights(os.path.join(straight, sub)), _weights(os.path.join(killed, sub))
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+    assert not os.path.isdir(os.path.join(killed, "checkpoint-2"))  # total limit 1
+
+
+def test_existing_checkpoints_need_resume_or_overwrite(examples, script, image_folder, tmp_path):
+    out = str(tmp_path / "run")
+    args = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--max_train_steps", "1",
+            "--checkpointing_steps", "1"]  # fmt: skip
+    examples.train(script, args)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        examples.train(script, args)
+
+
+def test_two_processes_agree_on_weights(examples, script, image_folder, tmp_path):
+    out, dump = str(tmp_path / "run"), str(tmp_path / "dump")
+    os.makedirs(dump)
+    args = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--max_train_steps", "2",
+            "--class_conditional"]  # fmt: skip
+    result = examples.run_subprocess(
+        ["-m", "torch.distributed.run", "--nproc_per_node", "2", examples.RUNNER, "--dump-weights", dump,
+         examples.SCRIPTS["multistage"], *args]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(8 in total)" in result.stderr  # 2 processes x batch 4
+    rank0, rank1 = load_file(f"{dump}/rank0_model0.safetensors"), load_file(f"{dump}/rank1_model0.safetensors")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    initial = script.MultiStageTask(script.parse_args(args)).build_networks(3, 8, 4)["unet"].state_dict()
+    assert any(not torch.equal(initial[k], rank0[k]) for k in rank0)  # trained, not left at init
+    with open(os.path.join(out, "unet", "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["stage_boundaries"] == [442.0, 631.0]
+
+
+def test_datasets_dataset_as_data_source(examples, script, image_folder, tmp_path):
+    pytest.importorskip("datasets")
+    out = str(tmp_path / "run")
+    examples.train(script, [*examples.TINY, "--dataset_name", image_folder, "--cache_dir", str(tmp_path / "cache"), "--class_conditional",
+         "--output_dir", out, "--max_train_steps", "1"])  # fmt: skip
+    assert MultiStagePipeline.from_pretrained(out).unet.config.num_class_embeds == 4  # folders 0, 1, 2 + null label

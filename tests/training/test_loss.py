@@ -1,0 +1,67 @@
+"""`diffusion_loss`: the right target for every prediction type, EDM preconditioning and weighting, clear errors."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, EDMEulerScheduler
+
+from diffusers_stages.training import diffusion_loss
+
+CLEAN = torch.rand(4, 3, 8, 8, generator=torch.manual_seed(0)) * 2 - 1
+NOISE = torch.randn(4, 3, 8, 8, generator=torch.manual_seed(1))
+T = torch.tensor([0, 10, 500, 999])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_oracle_model_has_zero_loss_and_others_do_not(prediction_type):
+    scheduler = DDPMScheduler(prediction_type=prediction_type)
+    target = {"epsilon": NOISE, "sample": CLEAN, "v_prediction": scheduler.get_velocity(CLEAN, NOISE, T)}[
+        prediction_type
+    ]
+
+    def oracle(noisy, t, class_labels=None):
+        assert torch.allclose(noisy, scheduler.add_noise(CLEAN, NOISE, T)) and torch.equal(t, T)
+        return target
+
+    loss = diffusion_loss(oracle, scheduler, CLEAN, T, noise=NOISE)
+    assert loss.shape == (4,) and loss.abs().max() < 1e-12
+    zero = diffusion_loss(lambda x, t, class_labels=None: torch.zeros_like(x), scheduler, CLEAN, T, noise=NOISE)
+    assert torch.allclose(zero, target.pow(2).flatten(1).mean(1))
+
+
+def test_min_snr_weighting():
+    scheduler = DDPMScheduler()
+    zero = lambda x, t, class_labels=None: (torch.zeros_like(x),)
+    plain = diffusion_loss(zero, scheduler, CLEAN, T, noise=NOISE)
+    weighted = diffusion_loss(zero, scheduler, CLEAN, T, noise=NOISE, snr_gamma=5.0)
+    snr = scheduler.alphas_cumprod[T] / (1 - scheduler.alphas_cumprod[T])
+    assert torch.allclose(weighted, plain * torch.clamp(snr, max=5.0) / snr)
+
+
+def test_edm_preconditioning_and_weighting():
+    scheduler = EDMEulerScheduler()
+    sigma = torch.tensor([0.01, 0.5, 2.0, 80.0])
+    s, sd = sigma.view(-1, 1, 1, 1), scheduler.config.sigma_data
+    c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt()  # Karras et al. (2022), Table 1
+
+    def oracle(model_input, c_noise, class_labels=None):
+        noisy = CLEAN + s * NOISE
+        assert torch.allclose(model_input, noisy / (s**2 + sd**2).sqrt()) and torch.allclose(c_noise, sigma.log() / 4)
+        return (CLEAN - c_skip * noisy) / c_out  # F such that D = c_skip x + c_out F = x_0
+
+    assert diffusion_loss(oracle, scheduler, CLEAN, sigma, noise=NOISE).abs().max() < 1e-8
+    zero = diffusion_loss(lambda x, c, class_labels=None: torch.zeros_like(x), scheduler, CLEAN, sigma, noise=NOISE)
+    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+    expected = weight * (c_skip * (CLEAN + s * NOISE) - CLEAN).pow(2).flatten(1).mean(1)
+    assert torch.allclose(zero, expected, rtol=1e-5)
+
+
+def test_errors_name_the_argument():
+    model = lambda x, t, class_labels=None: x
+    with pytest.raises(ValueError, match="`timesteps` must hold one value per sample"):
+        diffusion_loss(model, DDPMScheduler(), CLEAN, T[:2])
+    with pytest.raises(ValueError, match="`noise` must have the shape"):
+        diffusion_loss(model, DDPMScheduler(), CLEAN, T, noise=NOISE[:1])
+    with pytest.raises(ValueError, match="`snr_gamma` applies to DDPM-style"):
+        diffusion_loss(model, EDMEulerScheduler(), CLEAN, torch.ones(4), snr_gamma=5.0)
+    with pytest.raises(ValueError, match="sigma > 0"):
+        diffusion_loss(model, EDMEulerScheduler(), CLEAN, torch.zeros(4))
