@@ -1,5 +1,6 @@
 """Shared tiny components for the test suite (channels (8, 16), 8-16 px)."""
 
+import diffusers
 import pytest
 import torch
 from diffusers.utils import logging
@@ -8,6 +9,27 @@ logging.set_verbosity_error()  # keep expected warnings (e.g. deliberate key mis
 # the test models are tiny, so every op is overhead-bound: one thread is faster than two on CI's 2 cores, and far
 # faster when the cores are shared (subprocess tests set their own threads)
 torch.set_num_threads(1)
+
+# every scheduler the pipelines are tested with (EDM schedulers need "sigma"-unit models)
+SCHEDULERS = [
+    getattr(diffusers, name)
+    for name in (
+        "DDPMScheduler",
+        "DDIMScheduler",
+        "PNDMScheduler",
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler",
+        "UniPCMultistepScheduler",
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "KDPM2DiscreteScheduler",
+        "LMSDiscreteScheduler",
+        "DEISMultistepScheduler",
+        "FlowMatchEulerDiscreteScheduler",
+        "EDMEulerScheduler",
+    )
+]
 
 TINY_UNET = dict(
     sample_size=8,

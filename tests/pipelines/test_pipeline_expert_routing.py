@@ -8,43 +8,19 @@ import torch
 from diffusers import (
     DDIMPipeline,
     DDIMScheduler,
-    DDPMScheduler,
-    DEISMultistepScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
-    DPMSolverSinglestepScheduler,
     EDMEulerScheduler,
     EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    KDPM2DiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
     UNet2DModel,
-    UniPCMultistepScheduler,
 )
 
 from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
+from tests.conftest import SCHEDULERS
 
 BOUNDARIES = (300, 600)
 SIGMA_BOUNDARIES = (2.5103, 7.6577)
-SCHEDULERS = [
-    DDPMScheduler,
-    DDIMScheduler,
-    PNDMScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSinglestepScheduler,
-    UniPCMultistepScheduler,
-    EulerDiscreteScheduler,
-    EulerAncestralDiscreteScheduler,
-    HeunDiscreteScheduler,
-    KDPM2DiscreteScheduler,
-    LMSDiscreteScheduler,
-    DEISMultistepScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    EDMEulerScheduler,
-]
 
 
 def _scheduler(scheduler_class):

@@ -7,43 +7,17 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
-    DDPMScheduler,
-    DEISMultistepScheduler,
     DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    DPMSolverSinglestepScheduler,
     EDMEulerScheduler,
     EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    KDPM2DiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
     VQModel,
 )
 
 from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
+from tests.conftest import SCHEDULERS
 
 BOUNDARIES = (442, 631)
 SIGMA_BOUNDARIES = (2.5103, 7.6577)  # Zhang et al.'s EDM boundaries in sigma
-SCHEDULERS = [
-    DDPMScheduler,
-    DDIMScheduler,
-    PNDMScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSinglestepScheduler,
-    UniPCMultistepScheduler,
-    EulerDiscreteScheduler,
-    EulerAncestralDiscreteScheduler,
-    HeunDiscreteScheduler,
-    KDPM2DiscreteScheduler,
-    LMSDiscreteScheduler,
-    DEISMultistepScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    EDMEulerScheduler,
-]
 
 
 def _pipe(unet, scheduler, vae=None):

@@ -1,0 +1,128 @@
+"""Smoke tests of the evidence benchmark's pieces (seconds): data, metric, FLOP accounting, training, sampling, report.
+The benchmark itself is `python benchmarks/run_evidence.py --quick`."""
+
+import os
+import sys
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from benchmarks.evidence.data import load_images  # noqa: E402
+from benchmarks.evidence.flops import count_flops, sampling_flops_per_image  # noqa: E402
+from benchmarks.evidence.metric import Evaluator, FeatureClassifier, train_classifier  # noqa: E402
+from benchmarks.evidence.presets import get_preset  # noqa: E402
+from benchmarks.evidence.report import verdicts, write_markdown, write_plots  # noqa: E402
+from benchmarks.evidence.sampling import generate, seconds_per_image, single_model_pipeline  # noqa: E402
+from benchmarks.evidence.training import train_with_budget, uniform_timesteps  # noqa: E402
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                       num_class_embeds=11)
+
+
+def test_digits_split_is_seeded_and_disjoint():
+    train, train_labels = load_images("digits", "train")
+    test, _ = load_images("digits", "test")
+    assert train.shape[1:] == (1, 8, 8) and len(train) + len(test) == 1797 and len(train) == len(train_labels)
+    assert torch.equal(load_images("digits", "train")[0], train)
+    assert train.min() == -1 and train.max() == 1
+    with pytest.raises(ValueError, match="split"):
+        load_images("digits", "valid")
+    with pytest.raises(ValueError, match="name"):
+        load_images("cifar", "train")
+
+
+def test_classifier_is_cached_and_metric_orders_quality(tmp_path):
+    net = train_classifier("digits", str(tmp_path), max_steps=30)
+    assert len(os.listdir(tmp_path)) == 1
+    again = train_classifier("digits", str(tmp_path), max_steps=30)  # loaded from the cache
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    train, _ = load_images("digits", "train")
+    test, test_labels = load_images("digits", "test")
+    evaluator = Evaluator(net, train)
+    real = evaluator.score(test, test_labels)
+    noisy = evaluator.score(test + 0.5 * torch.randn_like(test, generator=None), test_labels)
+    noise = evaluator.score(torch.rand_like(test) * 2 - 1)
+    assert real["fd"] < noisy["fd"] < noise["fd"] and "accuracy" not in noise
+    assert 0.0 <= real["accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="images"):
+        evaluator.score(test[:1])
+
+
+def test_feature_classifier_rejects_sizes():
+    with pytest.raises(ValueError, match="image_size"):
+        FeatureClassifier(image_size=28)
+
+
+def test_training_stops_at_the_flop_budget():
+    model = tiny_unet()
+    images, labels = load_images("digits", "train")
+    x = images[:4]
+
+    def step():
+        model(x, torch.zeros(4, dtype=torch.long), class_labels=labels[:4]).sample.pow(2).mean().backward()
+
+    per_step, _ = count_flops(step)
+    assert per_step > 0
+    snapshots = train_with_budget(model, images, labels, 3 * per_step, uniform_timesteps(), batch_size=4,
+                                  learning_rate=1e-3, seed=0, snapshot_fractions=(0.5, 1.0), count_every=2)
+    assert [s.fraction for s in snapshots] == [0.5, 1.0]
+    assert [s.steps for s in snapshots] == [2, 3]
+    assert snapshots[-1].flops == pytest.approx(3 * per_step, rel=0.01)
+    assert not torch.equal(snapshots[0].state_dict["conv_in.weight"], snapshots[1].state_dict["conv_in.weight"])
+    with pytest.raises(ValueError, match="budget_flops"):
+        train_with_budget(model, images, labels, 0, uniform_timesteps(), 4, 1e-3, 0)
+
+
+def test_sampling_is_seeded_and_counted():
+    pipe = single_model_pipeline(tiny_unet())
+    images, labels = generate(pipe, 6, num_inference_steps=2, seed=0, batch_size=4)
+    assert images.shape == (6, 1, 8, 8) and labels.tolist() == [0, 1, 2, 3, 4, 5]
+    assert torch.equal(images, generate(pipe, 6, num_inference_steps=2, seed=0, batch_size=4)[0])
+    assert float(images.min()) >= -1 and float(images.max()) <= 1
+    forward, _ = count_flops(lambda: pipe.experts(torch.zeros(1, 1, 8, 8), 10, class_labels=torch.tensor([0])))
+    assert sampling_flops_per_image(pipe, 3, class_labels=[0]) == 3 * forward
+    assert seconds_per_image({"a": pipe}, num_inference_steps=1, batch_size=2, repeats=1)["a"] > 0
+
+
+def row(comparison, method, fraction, fd, seconds=None, gflops=None):
+    return {"comparison": comparison, "method": method, "train_flops": fraction * 1e12, "budget_fraction": fraction,
+            "fd": fd, "accuracy": 0.5, "params": 1000, "seconds_per_image": seconds,
+            "sampling_gflops_per_image": gflops, "notes": ""}
+
+
+def test_verdicts_and_report(tmp_path):
+    rows = [row("1", "UNet2DModel", f, fd) for f, fd in [(0.5, 30.0), (1.0, 20.0)]]
+    rows += [row("1", "MultiStageUNet2DModel", f, fd) for f, fd in [(0.5, 19.0), (1.0, 15.0)]]
+    rows += [row("3", "UNet2DModel", 1.0, 20.0, 0.010, 1.0), row("3", "DuoDiff switch 0.5", 1.0, 20.5, 0.005, 0.5),
+             row("3", "DuoDiff switch 0.75", 1.0, 40.0, 0.004, 0.3),
+             row("3", "early exit, full depth", 1.0, 25.0, 0.008, 0.8),
+             row("3", "early exit, threshold 0.5", 1.0, 30.0, 0.004, 0.4)]
+    read = verdicts(rows, spread=1.0)
+    assert "at 50% of B" in read["1"][1] and "holds" in read["1"][1]
+    assert "2.00x the sampling speed of UNet2DModel" in read["3"][0] and ": holds" in read["3"][0]
+    assert "does not hold" in read["3"][1]
+    assert "2.00x the sampling speed of early exit, full depth" in read["3"][2] and "worse" in read["3"][2]
+    assert "Claim (ahead of early exit): holds" in read["3"][3]
+    header = {"preset": get_preset("quick").to_dict(), "command": "cmd", "date": "now", "machine": "cpu",
+              "wall_minutes": 1.0, "reference": {"fd": 5.0, "accuracy": 0.9}, "budget_flops": 1e12}
+    write_markdown(str(tmp_path / "RESULTS.md"), header, rows, 1.0)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "not FID" in text and "| MultiStageUNet2DModel | 0.500 | 50% | 19.00 |" in text and "Not run." in text
+    for path in write_plots(str(tmp_path), rows, 5.0):
+        assert os.path.getsize(path) > 1000
+
+
+@pytest.mark.parametrize("name", ["data", "metric", "flops"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.evidence.{name}")
+    assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
