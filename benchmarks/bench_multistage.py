@@ -9,7 +9,7 @@ Everything is measured in one run and printed as ratios to the baseline measured
 3. Routing overhead: with identical decoders (`MultiStageUNet2DModel.from_unet`), the median forward time against the
    source `UNet2DModel` at batch 1 and 16, routed from the timestep (no `stage_index`) and with `stage_index`.
 
-    python benchmarks/bench_multistage.py            # CPU, about 5 minutes on 2 cores
+    python benchmarks/bench_multistage.py --threads 1   # CPU, a few minutes
     python benchmarks/bench_multistage.py --quick    # fewer repeats, for a smoke run
 """
 
@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=15, help="timed repetitions (medians are reported)")
     parser.add_argument("--quick", action="store_true", help="3 repeats and 5 steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.steps = 3, 5
@@ -97,6 +98,8 @@ def training_step(model, clean, timesteps, **kwargs):
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = args.device
     kwargs = encoder_kwargs(args.width, args.resolution)
@@ -104,7 +107,7 @@ def main(args: argparse.Namespace) -> None:
     tailored = MultiStageUNet2DModel(**kwargs, decoder_block_out_channels=tailored_widths(args.width)).to(device).eval()
     identical = MultiStageUNet2DModel.from_unet(baseline).eval()
     params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
-    print(f"device {device}, {args.resolution}px, encoder widths {kwargs['block_out_channels']}, DDIM {args.steps} steps")
+    print(f"device {device} ({torch.get_num_threads()} threads), {args.resolution}px, encoder widths {kwargs['block_out_channels']}, DDIM {args.steps} steps")
     print(f"baseline UNet2DModel {params(baseline):.2f}M params; multi-stage {params(tailored):.2f}M "
           f"(decoders {tailored_widths(args.width)})")
     rows = []
