@@ -89,6 +89,8 @@ def multistage_stage_to_unet(model: MultiStageUNet2DModel, stage: int) -> UNet2D
     # 1. config: the U-Net arguments of the multi-stage config, without the stage keys
     unet_arguments = inspect.signature(UNet2DModel.__init__).parameters
     config = {k: v for k, v in model.config.items() if k in unet_arguments and k not in STAGE_KEYS}
+    if model.config.get("decoder_up_block_types"):  # decoders may attend at different levels
+        config["up_block_types"] = tuple(model.config.decoder_up_block_types[stage])
     unet = UNet2DModel(**config)
     # 2. weights: the shared encoder as is, the stage's decoder without its `decoders.{stage}.` prefix
     prefix = f"decoders.{stage}."

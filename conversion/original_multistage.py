@@ -1,19 +1,19 @@
 """Convert a checkpoint of the public multi-stage code (LucasYFL/Multistage_Diffusion, Zhang et al. CVPR 2024)
 into a `MultiStagePipeline` folder, through the explicit key-rename table below and strict key checks.
 
-Latent-diffusion `UNetModel_multistage` checkpoints convert exactly when the architecture has a
-`MultiStageUNet2DModel` equivalent. Two features of the original code have none, and are refused with the reason:
+Latent-diffusion `UNetModel_multistage` checkpoints convert exactly, the published CelebA-HQ configs included:
 
 - tailored decoders (``de_nfs`` other than ``model_channels``): the original decoder concatenates the encoder's skip
-  connections at the *encoder's* widths straight into its first convolutions, where `MultiStageUNet2DModel` maps
-  them through 1x1 adapters first (and group normalisation over the concatenation does not factor through an
-  adapter). Every published config uses tailored decoders.
+  connections at the *encoder's* widths straight into its resnets, and the middle block's output enters the first
+  one at the encoder's last width; this is `MultiStageUNet2DModel(decoder_skip_adapters=False)`.
 - decoders that differ in where they attend: the original builds decoder ``s >= 1`` with the down-sampling counter
-  left at 1 by decoder 0, so with ``attention_resolutions`` without 1 only decoder 0 has attention layers, while
-  `MultiStageUNet2DModel` gives every decoder the same block types.
+  left at 1 by decoder 0 (`decoder_attention`): with two or more levels, decoder 1 attends only at its deepest
+  level and only if ``attention_resolutions`` contains 1, later decoders nowhere; this is ``decoder_up_block_types``.
 
-EDM `MultistageUNet` (DDPM++) checkpoints are recognised and refused with the list of reasons, as no part of their
-blocks computes what a diffusers block computes (see `EDM_INCOMPATIBILITIES`).
+Options without a diffusers equivalent are refused with the reason (`UNSUPPORTED_OPTIONS`: spatial transformers,
+as in the published ImageNet configs, ``use_scale_shift_norm``, ...). EDM `MultistageUNet` (DDPM++) checkpoints are
+recognised and refused with the list of reasons, as no part of their blocks computes what a diffusers block computes
+(see `EDM_INCOMPATIBILITIES`).
 
     python -m diffusers_stages.conversion.original_multistage --checkpoint last.safetensors \\
         --original_config configs/latent-diffusion/celebahq-ldm-vq-4_multistage.yaml --output_path staged --verify \\
@@ -145,12 +145,6 @@ def ldm_unet_config(p: dict) -> dict:
             raise ValueError(f"The original model sets `{option}`={p[option]!r}, which does not convert: {why}.")
     width, levels = p["model_channels"], len(p["channel_mult"])
     de_nfs = list(p.get("de_nfs", [width]))
-    if any(nf != width for nf in de_nfs):
-        raise ValueError(
-            f"The original decoders are tailored (`de_nfs`={de_nfs} vs `model_channels`={width}): they concatenate "
-            "the encoder's skips at the encoder's widths, which MultiStageUNet2DModel's adapter-based decoders "
-            "cannot reproduce exactly. Only checkpoints with `de_nfs` all equal to `model_channels` convert."
-        )
     heads, head_channels = p.get("num_heads", -1), p.get("num_head_channels", -1)
     if head_channels == -1 and (heads != 1 or p.get("num_heads_upsample", -1) not in (-1, 1)):
         raise ValueError(
@@ -158,6 +152,7 @@ def ldm_unet_config(p: dict) -> dict:
             "fixes the head *width* (`attention_head_dim`), so only one head or a fixed `num_head_channels` converts."
         )
     attention = [2**level in p["attention_resolutions"] for level in range(levels)]
+    up_types = [tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in stage) for stage in decoder_attention(p)]
     stage_interval = list(p.get("stage_interval", [])) or [1000]
     return {
         "sample_size": p["image_size"],
@@ -167,7 +162,7 @@ def ldm_unet_config(p: dict) -> dict:
         "freq_shift": 0,
         "block_out_channels": tuple(width * m for m in p["channel_mult"]),
         "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-        "up_block_types": tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        "up_block_types": up_types[0],
         "layers_per_block": p["num_res_blocks"],
         "attention_head_dim": None if head_channels == -1 else head_channels,
         "norm_num_groups": 32,  # ldm's `normalization` is GroupNorm(32, channels), eps 1e-5
@@ -175,7 +170,23 @@ def ldm_unet_config(p: dict) -> dict:
         "num_class_embeds": p.get("num_classes"),
         "dropout": p.get("dropout", 0.0),
         "stage_boundaries": tuple(float(b) for b in stage_interval[:-1]),  # the original's upper stage bounds
+        "decoder_block_out_channels": tuple(tuple(nf * m for m in p["channel_mult"]) for nf in de_nfs),
+        "decoder_skip_adapters": False,  # skips enter each decoder at the encoder's widths
+        "decoder_up_block_types": tuple(up_types),
     }
+
+
+def decoder_attention(p: dict) -> list[list[bool]]:
+    """Whether each decoder attends at each up-level (deepest first), replaying the original's ``ds`` counter,
+    which decoder 0 counts down to 1 and later decoders keep halving (to 0): decoder 1 attends at its deepest level
+    only if ``attention_resolutions`` contains 1, decoders 2 and later attend nowhere (for two or more levels)."""
+    levels, ds, layout = len(p["channel_mult"]), 2 ** (len(p["channel_mult"]) - 1), []
+    for _ in p.get("de_nfs", [p["model_channels"]]):
+        layout.append([])
+        for up in range(levels):
+            layout[-1].append(ds in p["attention_resolutions"])
+            ds = ds // 2 if up < levels - 1 else ds
+    return layout
 
 
 def take(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -263,7 +274,7 @@ def ldm_to_multistage(state_dict: dict[str, torch.Tensor], p: dict, model: Multi
     # 4. decoders: de_modules[s][up * (layers + 1) + j] -> decoders[s].up_blocks[up]; outs[s] -> output head
     for s in range(model.num_stages):
         for up in range(levels):
-            width = config.block_out_channels[levels - 1 - up]
+            width = config.decoder_block_out_channels[s][levels - 1 - up]
             for j in range(per_level):
                 source, target = f"de_modules.{s}.{up * per_level + j}", f"decoders.{s}.up_blocks.{up}"
                 rename_resblock(f"{source}.0", f"{target}.resnets.{j}", state_dict, out)
@@ -282,21 +293,6 @@ def ldm_to_multistage(state_dict: dict[str, torch.Tensor], p: dict, model: Multi
             f"The checkpoint has {len(state_dict)} keys the original architecture does not: {sorted(state_dict)[:8]}."
         )
     return out
-
-
-def check_attention_layout(state_dict: dict[str, torch.Tensor], p: dict) -> None:
-    """Every decoder must attend at the levels the config says (see the module docstring for why they may not)."""
-    levels, per_level = len(p["channel_mult"]), p["num_res_blocks"] + 1
-    expected = [2 ** (levels - 1 - up) in p["attention_resolutions"] for up in range(levels)]
-    for s in range(len(p.get("de_nfs", [0]))):
-        found = [f"de_modules.{s}.{up * per_level}.1.qkv.weight" in state_dict for up in range(levels)]
-        if found != expected:
-            raise ValueError(
-                f"Decoder {s} attends at up-levels {found}, decoder 0 at {expected}: the original code builds decoders "
-                "after the first with the down-sampling counter decoder 0 left behind, so their attention layers differ, "
-                "and MultiStageUNet2DModel gives every decoder the same block types. This checkpoint does not convert "
-                "exactly (it does when `attention_resolutions` is empty)."
-            )
 
 
 def unet_state_dict(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -370,7 +366,6 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         p, diffusion = read_config(args.original_config)
         original = unet_state_dict(load_state_dict(args.checkpoint))
         model = MultiStageUNet2DModel(**ldm_unet_config(p))
-        check_attention_layout(original, p)
         # 2. rename, then check against the target model: strict keys and shapes
         converted = ldm_to_multistage(original, p, model)
         expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -2,8 +2,9 @@
 Multi-Stage Framework and Tailored Multi-Decoder Architecture", CVPR 2024).
 
 One shared encoder (time embedding, down path, middle block) feeds one decoder per stage of a
-[`TimestepPartition`]. Decoders may be narrower or wider than the encoder (the paper's "tailored" decoders); 1x1
-adapters match the encoder's skip connections to a decoder's widths where they differ.
+[`TimestepPartition`]. Decoders may be narrower or wider than the encoder (the paper's "tailored" decoders): either
+1x1 adapters match the encoder's skip connections to a decoder's widths, or (as in the authors' code) each decoder
+resnet takes the encoder's skips at the encoder's widths.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
 
@@ -34,8 +36,28 @@ def skip_channels(block_out_channels: Sequence[int], layers_per_block: int) -> l
     return widths
 
 
+# up blocks whose resnets are the only layers that see the skip widths (so they can take the encoder's widths)
+CONCATENATING_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
+
+
 def _adapter(in_channels: int, out_channels: int) -> nn.Module:
     return nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+
+def _with_in_channels(resnet: ResnetBlock2D, in_channels: int, act_fn: str) -> ResnetBlock2D:
+    """A fresh `ResnetBlock2D` built as diffusers' up blocks build ``resnet``, but taking ``in_channels``."""
+    return ResnetBlock2D(
+        in_channels=in_channels,
+        out_channels=resnet.out_channels,
+        temb_channels=resnet.time_emb_proj.in_features if resnet.time_emb_proj is not None else None,
+        eps=resnet.norm1.eps,
+        groups=resnet.norm1.num_groups,
+        dropout=resnet.dropout.p,
+        time_embedding_norm=resnet.time_embedding_norm,
+        non_linearity=act_fn,
+        output_scale_factor=resnet.output_scale_factor,
+        pre_norm=resnet.pre_norm,
+    )
 
 
 class StageDecoder(nn.Module):
@@ -56,12 +78,15 @@ class StageDecoder(nn.Module):
         resnet_time_scale_shift: str,
         upsample_type: str,
         dropout: float,
+        skip_adapters: bool = True,
     ):
         super().__init__()
-        # adapters: encoder widths -> this decoder's widths (identity where equal, so a copy of a U-Net needs none)
+        # adapters: encoder widths -> this decoder's widths (identity where equal, so a copy of a U-Net needs none);
+        # without adapters every layer is an identity and the resnets take the encoder's widths (end of __init__)
         encoder_skips = skip_channels(encoder_block_out_channels, layers_per_block)
-        decoder_skips = skip_channels(block_out_channels, layers_per_block)
-        self.mid_adapter = _adapter(encoder_block_out_channels[-1], block_out_channels[-1])
+        decoder_skips = skip_channels(block_out_channels, layers_per_block) if skip_adapters else encoder_skips
+        decoder_top = block_out_channels[-1] if skip_adapters else encoder_block_out_channels[-1]
+        self.mid_adapter = _adapter(encoder_block_out_channels[-1], decoder_top)
         self.skip_adapters = nn.ModuleList([_adapter(e, d) for e, d in zip(encoder_skips, decoder_skips)])
 
         # up path, built exactly as UNet2DModel builds it
@@ -90,6 +115,16 @@ class StageDecoder(nn.Module):
                     dropout=dropout,
                 )
             )
+        if not skip_adapters:
+            # the authors' decoder: each resnet concatenates its input (the middle block's output at the encoder's
+            # width, then the previous resnet's) with the encoder's skip at the encoder's width
+            pending, width = list(encoder_skips), encoder_block_out_channels[-1]
+            for up_block in self.up_blocks:
+                for j, resnet in enumerate(up_block.resnets):
+                    in_channels = width + pending.pop()
+                    if resnet.in_channels != in_channels:
+                        up_block.resnets[j] = _with_in_channels(resnet, in_channels, act_fn)
+                    width = resnet.out_channels
         self.conv_norm_out = nn.GroupNorm(num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
@@ -133,6 +168,15 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
             Block widths of each stage's decoder, from the clean stage to the noisy one. ``None`` gives every
             decoder the encoder's ``block_out_channels``. The paper's tailored CIFAR-10 decoders around a 128-wide
             encoder are ``(192,)*k``, ``(128,)*k`` and ``(16,)*k``.
+        decoder_skip_adapters (`bool`, defaults to `True`):
+            ``True``: 1x1 adapters map the encoder's skip connections (and middle-block output) to each decoder's
+            widths. ``False``: no adapters; each decoder resnet concatenates its input with the encoder's skip at the
+            *encoder's* width, and the middle block's output enters the first resnet at the encoder's last width, as
+            in the authors' ``UNetModel_multistage`` (needs up blocks among ``"UpBlock2D"``, ``"AttnUpBlock2D"``).
+            The two coincide for decoders of the encoder's widths.
+        decoder_up_block_types (`tuple[tuple[str]]`, *optional*):
+            Up block types of each stage's decoder, from the clean stage to the noisy one, so that decoders may
+            attend at different levels. ``None`` gives every decoder ``up_block_types``.
 
     Example:
 
@@ -148,6 +192,14 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
     >>> noisy = torch.randn(3, 3, 16, 16)
     >>> model(noisy, torch.tensor([10, 500, 900])).sample.shape  # one sample per stage, each to its own decoder
     torch.Size([3, 3, 16, 16])
+    >>> authors = MultiStageUNet2DModel(  # the authors' layout: skips unadapted, attention in decoder 0 only
+    ...     sample_size=16, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+    ...     down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ...     decoder_block_out_channels=((16, 16), (8, 16), (4, 8)), decoder_skip_adapters=False,
+    ...     decoder_up_block_types=(("AttnUpBlock2D", "UpBlock2D"),) + (("UpBlock2D", "UpBlock2D"),) * 2,
+    ... )
+    >>> authors.decoders[2].up_blocks[0].resnets[0].conv1.in_channels  # middle block (16) + encoder skip (16)
+    32
 
     ```
     """
@@ -189,6 +241,8 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
         stage_boundaries: tuple[float, ...] = (442, 631),
         boundary_units: str = "timestep",
         decoder_block_out_channels: tuple[tuple[int, ...], ...] | None = None,
+        decoder_skip_adapters: bool = True,
+        decoder_up_block_types: tuple[tuple[str, ...], ...] | None = None,
     ):
         super().__init__()
         # 0. check the configuration: every problem is a ValueError that names the argument
@@ -213,10 +267,29 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
                     f"`norm_num_groups`={norm_num_groups}; got `decoder_block_out_channels`={decoder_block_out_channels}"
                     f" for `block_out_channels`={tuple(block_out_channels)}."
                 )
+        if decoder_up_block_types is None:
+            decoder_up_block_types = (tuple(up_block_types),) * self.partition.num_stages
+        decoder_up_block_types = tuple(tuple(types) for types in decoder_up_block_types)
+        if len(decoder_up_block_types) != self.partition.num_stages or any(
+            len(types) != len(block_out_channels) or not all(isinstance(t, str) for t in types)
+            for types in decoder_up_block_types
+        ):
+            raise ValueError(
+                f"`decoder_up_block_types` must give {self.partition.num_stages} decoders (one per stage) "
+                f"{len(block_out_channels)} up block names each, got {decoder_up_block_types}."
+            )
+        if not isinstance(decoder_skip_adapters, bool):
+            raise ValueError(f"`decoder_skip_adapters` must be True or False, got {decoder_skip_adapters!r}.")
+        other_blocks = {t for types in decoder_up_block_types for t in types} - set(CONCATENATING_UP_BLOCKS)
+        if not decoder_skip_adapters and other_blocks:
+            raise ValueError(
+                f"`decoder_skip_adapters`=False needs up blocks among {CONCATENATING_UP_BLOCKS}, got "
+                f"{sorted(other_blocks)} in the decoders' up block types."
+            )
         attention_widths = [w for w, b in zip(block_out_channels, down_block_types) if "Attn" in b]
         attention_widths += [block_out_channels[-1]] if mid_block_type is not None and add_attention else []
-        for widths in decoder_block_out_channels:
-            attention_widths += [w for w, b in zip(reversed(widths), up_block_types) if "Attn" in b]
+        for widths, types in zip(decoder_block_out_channels, decoder_up_block_types):
+            attention_widths += [w for w, b in zip(reversed(widths), types) if "Attn" in b]
         if attention_head_dim is not None and any(w < attention_head_dim for w in attention_widths):
             raise ValueError(
                 f"Attention blocks of widths {sorted(set(attention_widths))} need at least one head of "
@@ -293,7 +366,7 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
                 StageDecoder(
                     encoder_block_out_channels=block_out_channels,
                     block_out_channels=widths,
-                    up_block_types=up_block_types,
+                    up_block_types=types,
                     layers_per_block=layers_per_block,
                     out_channels=out_channels,
                     temb_channels=time_embed_dim,
@@ -304,8 +377,9 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
                     resnet_time_scale_shift=resnet_time_scale_shift,
                     upsample_type=upsample_type,
                     dropout=dropout,
+                    skip_adapters=decoder_skip_adapters,
                 )
-                for widths in decoder_block_out_channels
+                for widths, types in zip(decoder_block_out_channels, decoder_up_block_types)
             ]
         )
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from diffusers_stages.conversion import original_multistage
+from diffusers_stages.conversion.multistage_to_unet import multistage_stage_to_unet
 from safetensors.torch import load_file, save_file
 
 from diffusers_stages import MultiStagePipeline
@@ -28,6 +29,28 @@ TINY = dict(
     stage_interval=[442, 631, 1000],
     stage_num=3,
 )
+# tailored decoders (wider, encoder-wide, narrower than the 64-wide encoder), as every published config has
+TAILORED = {**TINY, "model_channels": 64, "de_nfs": [96, 64, 32]}
+ATTN, PLAIN = "AttnUpBlock2D", "UpBlock2D"
+# (overrides, each decoder's up block types): where the original's carried-over counter makes decoders attend
+CONFIGS = {
+    "plain": ({}, None),
+    "class-conditional": ({"num_classes": 5}, None),
+    "attention-heads": ({"channel_mult": [1], "attention_resolutions": [1], "num_head_channels": 8}, None),
+    "attention-one-head": (
+        {"channel_mult": [1], "attention_resolutions": [1], "num_heads": 1, "num_head_channels": -1},
+        None,
+    ),
+    "tailored": (TAILORED, None),
+    "tailored-attention-decoder-0-only": (
+        {**TAILORED, "attention_resolutions": [2]},
+        ((ATTN, PLAIN), (PLAIN, PLAIN), (PLAIN, PLAIN)),
+    ),
+    "tailored-attention-at-1": (
+        {**TAILORED, "attention_resolutions": [1, 2], "num_classes": 5},
+        ((ATTN, ATTN), (ATTN, PLAIN), (PLAIN, PLAIN)),
+    ),
+}
 
 
 def resblock(prefix: str, cin: int, cout: int, emb: int, scale_shift: bool = False) -> dict:
@@ -154,21 +177,19 @@ def convert(tmp_path, p, *extra, edit=None):
     return original_multistage.main(original_multistage.parse_args(argv))
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {},
-        {"num_classes": 5},
-        {"channel_mult": [1], "attention_resolutions": [1], "num_head_channels": 8},
-        {"channel_mult": [1], "attention_resolutions": [1], "num_heads": 1, "num_head_channels": -1},
-    ],
-    ids=["plain", "class-conditional", "attention-heads", "attention-one-head"],
-)
-def test_converts_with_every_tensor_placed(tmp_path, overrides):
+@pytest.mark.parametrize("name", CONFIGS)
+def test_converts_with_every_tensor_placed(tmp_path, name):
+    overrides, up_block_types = CONFIGS[name]
     p = {**TINY, **overrides}
     pipe = convert(tmp_path, p, "--verify")
     reloaded = MultiStagePipeline.from_pretrained(str(tmp_path / "out"))
     assert reloaded.partition.boundaries == (442.0, 631.0)
+    config = reloaded.unet.config
+    assert [list(w) for w in config.decoder_block_out_channels] == [
+        [nf * m for m in p["channel_mult"]] for nf in p["de_nfs"]
+    ]
+    if up_block_types is not None:
+        assert [tuple(t) for t in config.decoder_up_block_types] == list(up_block_types)
     assert reloaded.scheduler.config.beta_schedule == "scaled_linear"
     total = sum(torch.Size(s).numel() for s in original_shapes(p).values())
     assert sum(t.numel() for t in pipe.unet.state_dict().values()) == total  # nothing dropped, nothing invented
@@ -186,15 +207,26 @@ def test_attention_qkv_is_split_per_head(tmp_path):
     assert torch.equal(attn.to_q.weight[:8], qkv[:8]) and torch.equal(attn.to_v.weight[:8], qkv[16:24])
 
 
+def test_tailored_decoder_takes_the_encoder_skips_unadapted(tmp_path):
+    p = CONFIGS["tailored-attention-at-1"][0]
+    checkpoint, _ = write_source(tmp_path, p)
+    first = load_file(checkpoint)["model.diffusion_model.de_modules.2.0.0.in_layers.2.weight"]
+    decoder = convert(tmp_path, p).unet.decoders[2]
+    # decoder 2 (32 wide, 64 at its deepest level) starts from the middle block's 128 channels + a 128-wide skip
+    assert first.shape == (64, 256, 3, 3)
+    assert torch.equal(decoder.up_blocks[0].resnets[0].conv1.weight, first)
+    assert all(isinstance(a, torch.nn.Identity) for a in [decoder.mid_adapter, *decoder.skip_adapters])
+    assert not hasattr(decoder.up_blocks[0], "attentions")  # the original's decoder 2 never attends
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"de_nfs": [64, 32, 32]}, "decoders are tailored"),
-        ({"attention_resolutions": [2]}, "Decoder 1 attends at up-levels"),
+        ({"use_spatial_transformer": True, "context_dim": 8}, "use_spatial_transformer"),
         ({"use_scale_shift_norm": True}, "use_scale_shift_norm"),
         ({"num_heads": 2, "num_head_channels": -1}, "fixed head count"),
     ],
-    ids=["tailored", "decoder-attention-differs", "scale-shift", "fixed-heads"],
+    ids=["spatial-transformer", "scale-shift", "fixed-heads"],
 )
 def test_architectures_without_an_exact_equivalent_are_refused(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -212,6 +244,18 @@ def test_missing_and_unexpected_keys_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_attention_layout_disagreeing_with_the_config_is_refused(tmp_path):
+    p = {**TAILORED, "attention_resolutions": [2]}  # decoder 1 has no attention: give it decoder 0's
+    extra = attention("model.diffusion_model.de_modules.1.0.1", 192)
+
+    def edit(state):
+        state.update({k: torch.zeros(shape) for k, shape in extra.items()})
+
+    with pytest.raises(ValueError, match=r"needs: 0 missing.*10 unexpected.*decoders\.1\.up_blocks\.0\.attentions"):
+        convert(tmp_path, p, edit=edit)
+    assert not (tmp_path / "out").exists()
+
+
 def test_edm_checkpoint_is_recognised_and_refused(tmp_path):
     checkpoint = str(tmp_path / "edm.safetensors")
     save_file({"map_layer0.weight": torch.zeros(4, 4), "enc.8x8_conv.weight": torch.zeros(4, 3, 3, 3)}, checkpoint)
@@ -224,6 +268,18 @@ def test_edm_checkpoint_is_recognised_and_refused(tmp_path):
 @pytest.mark.skipif(
     not os.environ.get("MULTISTAGE_DIFFUSION_REPO"), reason="set MULTISTAGE_DIFFUSION_REPO to run the original"
 )
-def test_matches_the_original_model(tmp_path):
+@pytest.mark.parametrize("name", CONFIGS)
+def test_matches_the_original_model(tmp_path, name):
     pytest.importorskip("einops")
-    convert(tmp_path, TINY, "--verify", "--original_repo", os.environ["MULTISTAGE_DIFFUSION_REPO"])
+    p = {**TINY, **CONFIGS[name][0]}
+    convert(tmp_path, p, "--verify", "--original_repo", os.environ["MULTISTAGE_DIFFUSION_REPO"])
+
+
+def test_encoder_wide_stage_exports_to_a_plain_unet(tmp_path):
+    # decoder 1 has the encoder's widths but, unlike decoder 0, no attention: it exports with its own block types
+    pipe = convert(tmp_path, {**TAILORED, "attention_resolutions": [2]})
+    unet = multistage_stage_to_unet(pipe.unet, stage=1)
+    assert unet.config.up_block_types == ("UpBlock2D", "UpBlock2D")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([500, 600])
+    with torch.no_grad():
+        assert torch.allclose(unet(x, t).sample, pipe.unet(x, t).sample, atol=1e-6)

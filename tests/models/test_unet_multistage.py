@@ -186,3 +186,77 @@ def test_bad_inputs_name_the_argument(tiny_multistage, tiny_unet_kwargs):
         tiny_multistage(torch.randn(2, 3, 8, 8), 10, class_labels=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="`unet`"):
         MultiStageUNet2DModel.from_unet(torch.nn.Conv2d(3, 3, 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoders as the authors' code builds them: no adapters, per-decoder attention placement
+ATTN, PLAIN = "AttnUpBlock2D", "UpBlock2D"
+UNADAPTED = {
+    "stage_boundaries": (442, 631),
+    "decoder_block_out_channels": ((16, 24), (8, 16), (4, 8)),
+    "decoder_skip_adapters": False,
+    "decoder_up_block_types": ((ATTN, ATTN), (ATTN, PLAIN), (PLAIN, PLAIN)),
+}
+
+
+@pytest.fixture
+def unadapted(tiny_unet_kwargs):
+    torch.manual_seed(0)
+    return MultiStageUNet2DModel(**tiny_unet_kwargs, **UNADAPTED).eval()
+
+
+def test_unadapted_decoders_concatenate_the_encoder_skips_at_the_encoder_widths(unadapted):
+    # encoder (8, 16): skips 8, 8, 8, 16 and a 16-wide middle block, whatever each decoder's own widths
+    for decoder, (narrow, wide) in zip(unadapted.decoders, UNADAPTED["decoder_block_out_channels"]):
+        assert all(isinstance(a, torch.nn.Identity) for a in [decoder.mid_adapter, *decoder.skip_adapters])
+        resnets = [r for block in decoder.up_blocks for r in block.resnets]
+        assert [r.conv1.in_channels for r in resnets] == [16 + 16, wide + 8, wide + 8, narrow + 8]
+        assert [r.out_channels for r in resnets] == [wide, wide, narrow, narrow]
+    attends = [[hasattr(block, "attentions") for block in d.up_blocks] for d in unadapted.decoders]
+    assert attends == [[True, True], [True, False], [False, False]]
+    assert not any(name.startswith("decoders.2.") for name in unadapted.attn_processors)
+
+
+def test_unadapted_mixed_batch_matches_per_sample_reference(unadapted):
+    x, t = torch.randn(5, 3, 8, 8), torch.tensor([5, 900, 450, 700, 100])
+    calls = _decoder_batch_sizes(unadapted)
+    with torch.no_grad():
+        mixed = unadapted(x, t).sample
+        reference = torch.cat([unadapted(x[i : i + 1], t[i : i + 1]).sample for i in range(5)])
+    assert mixed.shape == (5, 3, 8, 8) and calls[0][0] == 2 and calls[1][0] == 1 and calls[2][0] == 2
+    assert torch.allclose(mixed, reference, atol=1e-5)
+
+
+def test_unadapted_save_reload_is_bit_identical(unadapted, tmp_path):
+    unadapted.save_pretrained(tmp_path)
+    reloaded = MultiStageUNet2DModel.from_pretrained(tmp_path)
+    assert reloaded.config.decoder_skip_adapters is False
+    assert [tuple(t) for t in reloaded.config.decoder_up_block_types] == list(UNADAPTED["decoder_up_block_types"])
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        assert torch.equal(unadapted(x, t).sample, reloaded(x, t).sample)
+
+
+def test_without_adapters_encoder_wide_decoders_are_unchanged(tiny_unet_kwargs):
+    torch.manual_seed(0)
+    adapted = MultiStageUNet2DModel(**tiny_unet_kwargs).eval()
+    unadapted = MultiStageUNet2DModel(**tiny_unet_kwargs, decoder_skip_adapters=False).eval()
+    unadapted.load_state_dict(adapted.state_dict(), strict=True)  # the same weights, names and shapes
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        assert torch.equal(adapted(x, t).sample, unadapted(x, t).sample)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"decoder_skip_adapters": "no"}, "decoder_skip_adapters"),
+        ({"decoder_up_block_types": (("SkipUpBlock2D", PLAIN),) * 3}, "decoder_skip_adapters"),
+        ({"decoder_up_block_types": ((ATTN, PLAIN),) * 2}, "decoder_up_block_types"),
+        ({"decoder_up_block_types": ((ATTN,), (ATTN,), (PLAIN,))}, "decoder_up_block_types"),
+        ({"attention_head_dim": 8, "decoder_up_block_types": ((PLAIN, ATTN),) * 3}, "attention_head_dim"),
+    ],
+)
+def test_bad_decoder_options_name_the_argument(tiny_unet_kwargs, kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        MultiStageUNet2DModel(**{**tiny_unet_kwargs, **UNADAPTED, **kwargs})
