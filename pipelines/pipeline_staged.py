@@ -152,10 +152,8 @@ class StagedDiffusionPipeline(DiffusionPipeline):
             latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
 
         # 4. decode latents (latent diffusion) and convert to the requested output type
-        if output_type == "latent":
-            images = latents
-        else:
-            images = latents
+        images = latents
+        if output_type != "latent":
             if getattr(self, "vae", None) is not None:
                 shift = getattr(self.vae.config, "shift_factor", None) or 0.0
                 images = latents / self.vae.config.scaling_factor + shift

@@ -10,13 +10,13 @@ from diffusers import UNet2DModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks.evidence.data import load_images  # noqa: E402
-from benchmarks.evidence.flops import count_flops, sampling_flops_per_image  # noqa: E402
-from benchmarks.evidence.metric import Evaluator, FeatureClassifier, train_classifier  # noqa: E402
-from benchmarks.evidence.presets import get_preset  # noqa: E402
-from benchmarks.evidence.report import verdicts, write_markdown, write_plots  # noqa: E402
-from benchmarks.evidence.sampling import generate, seconds_per_image, single_model_pipeline  # noqa: E402
-from benchmarks.evidence.training import train_with_budget, uniform_timesteps  # noqa: E402
+from benchmarks.evidence.data import load_images
+from benchmarks.evidence.flops import count_flops, sampling_flops_per_image
+from benchmarks.evidence.metric import Evaluator, FeatureClassifier, train_classifier
+from benchmarks.evidence.presets import get_preset
+from benchmarks.evidence.report import verdicts, write_markdown, write_plots
+from benchmarks.evidence.sampling import generate, seconds_per_image, single_model_pipeline
+from benchmarks.evidence.training import train_with_budget, uniform_timesteps
 
 
 def tiny_unet():
@@ -109,7 +109,7 @@ def test_verdicts_and_report(tmp_path):
     assert "2.00x the sampling speed of UNet2DModel" in read["3"][0] and ": holds" in read["3"][0]
     assert "does not hold" in read["3"][1]
     assert "2.00x the sampling speed of early exit, full depth" in read["3"][2] and "worse" in read["3"][2]
-    assert "Claim (ahead of early exit): holds" in read["3"][3]
+    assert "mixed: better quality, slower" in read["3"][3]
     header = {"preset": get_preset("quick").to_dict(), "command": "cmd", "date": "now", "machine": "cpu",
               "wall_minutes": 1.0, "reference": {"fd": 5.0, "accuracy": 0.9}, "budget_flops": 1e12}
     write_markdown(str(tmp_path / "RESULTS.md"), header, rows, 1.0)
