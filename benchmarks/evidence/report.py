@@ -1,0 +1,194 @@
+"""The benchmark's output: a markdown table with verdicts, and two plots (quality vs training FLOPs, vs sampling time)."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+TITLES = {
+    "1": "Comparison 1: UNet2DModel vs multi-stage multi-decoder U-Net (Zhang et al., CVPR 2024)",
+    "2": "Comparison 2: one large model vs 4 experts of different architectures (MEME, AAAI 2024)",
+    "3": "Comparison 3: deep only vs dual backbone at several switch points (DuoDiff)",
+}
+CLAIMS = {
+    "1": "the baseline's quality in 35-75% of the training compute",
+    "2": "faster sampling at equal or better quality",
+    "3": "faster sampling at equal quality",
+}
+
+
+def _final(rows, method):
+    candidates = [r for r in rows if r["method"] == method]
+    return max(candidates, key=lambda r: r["budget_fraction"]) if candidates else None
+
+
+def verdicts(results: list[dict], spread: float) -> dict[str, list[str]]:
+    """Plain-language readings of the measured rows, one list per comparison; ``spread`` is the FD-classifier
+    difference caused by the sampling seed alone (differences below it are not called wins or losses)."""
+    out = {}
+    rows = [r for r in results if r["comparison"] == "1"]
+    base, staged = _final(rows, "UNet2DModel"), _final(rows, "MultiStageUNet2DModel")
+    if base and staged:
+        lines = [f"Equal training compute (B): FD-classifier {base['fd']:.2f} (baseline) vs {staged['fd']:.2f} "
+                 f"(multi-stage), seed spread {spread:.2f}."]
+        reached = sorted((r for r in rows if r["method"] == staged["method"] and r["fd"] <= base["fd"]),
+                         key=lambda r: r["budget_fraction"])
+        if reached:
+            first = reached[0]
+            lines.append(f"Equal quality: the multi-stage model reaches the baseline's final FD-classifier at "
+                         f"{first['budget_fraction']:.0%} of B (first snapshot that does; snapshots every "
+                         f"{min(r['budget_fraction'] for r in rows):.0%}). Claim ({CLAIMS['1']}): "
+                         f"{'holds' if first['budget_fraction'] <= 0.75 else 'does not hold'} at this scale.")
+        else:
+            lines.append(f"Equal quality: the multi-stage model does not reach the baseline's final FD-classifier "
+                         f"within B. Claim ({CLAIMS['1']}): does not hold at this scale.")
+        out["1"] = lines
+    for comparison in ("2", "3"):
+        rows = [r for r in results if r["comparison"] == comparison]
+        base = _final(rows, "UNet2DModel")
+        if base and base.get("seconds_per_image"):
+            methods = [r for r in rows if r["method"].startswith(("MEME", "DuoDiff"))]
+            out[comparison] = [_speed_line(r, base, spread, CLAIMS[comparison]) for r in methods]
+        full = _final(rows, "early exit, full depth")
+        if full and full.get("seconds_per_image"):
+            exits = [r for r in rows if r["method"].startswith("early exit, threshold")]
+            out[comparison] += [_speed_line(r, full, spread, None) for r in exits]
+            duo = [r for r in rows if r["method"].startswith("DuoDiff") and r.get("seconds_per_image")]
+            if duo and exits:
+                best_duo, best_exit = min(duo, key=lambda r: r["fd"]), min(exits, key=lambda r: r["fd"])
+                better = best_duo["fd"] < best_exit["fd"] - spread
+                faster = best_duo["seconds_per_image"] <= best_exit["seconds_per_image"]
+                verdict = "holds" if better and faster else "mixed: better quality, slower" if better else "does not hold"
+                out[comparison].append(
+                    f"DuoDiff vs early exit: best DuoDiff ({best_duo['method']}) FD-classifier {best_duo['fd']:.2f} at "
+                    f"{best_duo['seconds_per_image'] * 1e3:.2f} ms/image; best early exit ({best_exit['method']}) "
+                    f"{best_exit['fd']:.2f} at {best_exit['seconds_per_image'] * 1e3:.2f} ms/image. Claim (ahead of "
+                    f"early exit: better quality at no more time): {verdict} at this scale."
+                )
+    return out
+
+
+def _speed_line(row: dict, base: dict, spread: float, claim: str | None) -> str:
+    speed = base["seconds_per_image"] / row["seconds_per_image"]
+    delta = row["fd"] - base["fd"]
+    quality = "equal or better, within" if delta <= spread else "worse by more than"
+    line = (f"{row['method']}: {speed:.2f}x the sampling speed of {base['method']} (wall time), "
+            f"{base['sampling_gflops_per_image'] / row['sampling_gflops_per_image']:.2f}x fewer sampling FLOPs, "
+            f"FD-classifier {row['fd']:.2f} vs {base['fd']:.2f} ({quality} the seed spread {spread:.2f}) at "
+            f"{row['budget_fraction']:.0%} of B.")
+    if claim:
+        line += f" Claim ({claim}): {'holds' if speed > 1.0 and delta <= spread else 'does not hold'}."
+    return line
+
+
+def _timing_stability(results: list[dict]) -> str:
+    """How much the baseline's own wall time moved between the timing groups of one run (machine load)."""
+    times = [r["seconds_per_image"] for r in results if r["method"] == "UNet2DModel" and r.get("seconds_per_image")]
+    if len(times) < 2:
+        return ""
+    low, high = min(times) * 1e3, max(times) * 1e3
+    text = f"**Timing stability.** The baseline's own time per image ranged {low:.2f}-{high:.2f} ms across the timing groups."
+    if high > 1.5 * low:
+        text += (" The machine's load changed during the run (it was shared): wall-time ratios are only as good as "
+                 "the interleaving within a group; the FLOP ratios are exact.")
+    return text
+
+
+def _fmt(value, pattern):
+    return "" if value is None else pattern.format(value)
+
+
+def write_markdown(path: str, header: dict, results: list[dict], spread: float) -> None:
+    """The results table, one section per comparison, with the command, machine and metric floor on top."""
+    read = verdicts(results, spread)
+    lines = [
+        f"# Evidence benchmark: preset `{header['preset']['name']}` ({header['preset']['dataset']})",
+        "",
+        f"Produced by `{header['command']}` on {header['date']} ({header['machine']}); total "
+        f"{header['wall_minutes']:.1f} min. Written by the benchmark: do not edit by hand.",
+        "",
+        "**Metric.** FD-classifier = Frechet distance between the features of a small CNN classifier trained "
+        "(seeded, cached) on the training split, for generated images vs the training images "
+        "(torchmetrics `FrechetInceptionDistance(feature=classifier)`). It is **not FID** and is not comparable with "
+        "published numbers. Accuracy = the classifier's accuracy on the class-conditional samples (labels 0-9, "
+        f"balanced). {header['preset']['num_eval_samples']} samples per score, DDIM "
+        f"{header['preset']['num_inference_steps']} steps, no guidance.",
+        "",
+        f"**Floor and noise.** {header['reference'].get('count', 'The')} held-out real images (test split) score "
+        f"FD-classifier {header['reference']['fd']:.2f} "
+        f"(accuracy {header['reference']['accuracy']:.3f}). Re-sampling the baseline with another seed moves its "
+        f"score by {spread:.2f}: smaller differences are noise.",
+        "",
+        f"**Budget.** B = {header['budget_flops'] / 1e12:.3f} TFLOPs = {header['preset']['budget_steps']} training "
+        f"steps of the baseline at batch {header['preset']['batch_size']} (forward + backward FLOPs counted with "
+        "`FlopCounterMode` on the first and every 20th training step, the mean charged to the others). Sampling time = median over interleaved repeats of "
+        f"{header['preset']['timing_batch']}-image batches, per image.",
+        "",
+        _timing_stability(results),
+        "",
+        "![quality vs training FLOPs](quality_vs_train_flops.png) ![quality vs sampling time](quality_vs_sampling_time.png)",
+        "",
+    ]
+    for comparison, title in TITLES.items():
+        rows = [r for r in results if r["comparison"] == comparison]
+        if not rows:
+            lines += [f"## {title}", "", "Not run.", ""]
+            continue
+        lines += [f"## {title}", "", "| method | train TFLOPs | % of B | FD-classifier (lower is better) | accuracy "
+                  "| params | ms / image | sampling GFLOPs / image | notes |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(
+                f"| {r['method']} | {r['train_flops'] / 1e12:.3f} | {r['budget_fraction']:.0%} | {r['fd']:.2f} | "
+                f"{r['accuracy']:.3f} | {r['params'] / 1e6:.2f}M | {_fmt(r['seconds_per_image'] and r['seconds_per_image'] * 1e3, '{:.2f}')} | "
+                f"{_fmt(r['sampling_gflops_per_image'], '{:.3f}')} | {r['notes']} |"
+            )
+        lines += [""] + [f"- {line}" for line in read.get(comparison, [])] + [""]
+    lines += ["## Settings", "", "```json", _json(header["preset"]), "```", ""]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value, indent=2, sort_keys=True)
+
+
+def _save(fig, ax, reference_fd: float, xlabel: str, title: str, path: str, legend_size: int) -> str:
+    ax.axhline(reference_fd, color="grey", linestyle=":", label="held-out real images")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("FD-classifier (lower is better)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=legend_size)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_plots(directory: str, results: list[dict], reference_fd: float) -> list[str]:
+    """``quality_vs_train_flops.png`` and ``quality_vs_sampling_time.png`` in ``directory``."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method in dict.fromkeys(r["method"] for r in results):
+        rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["train_flops"])
+        rows = list({(r["train_flops"], r["fd"]): r for r in rows}.values())  # the baseline appears in 3 tables
+        ax.plot([r["train_flops"] / 1e12 for r in rows], [r["fd"] for r in rows], marker="o",
+                linestyle="-" if len(rows) > 1 else "none", label=method)
+    paths = [_save(fig, ax, reference_fd, "training TFLOPs", "Quality vs training compute",
+                   os.path.join(directory, "quality_vs_train_flops.png"), 7)]
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    markers = {"1": "o", "2": "s", "3": "^"}
+    for r in results:
+        if r.get("seconds_per_image"):
+            ax.scatter(r["seconds_per_image"] * 1e3, r["fd"], marker=markers[r["comparison"]],
+                       label=f"[{r['comparison']}] {r['method']}")
+    paths.append(_save(fig, ax, reference_fd, "sampling wall time per image (ms)",
+                       "Quality vs sampling time (final models)",
+                       os.path.join(directory, "quality_vs_sampling_time.png"), 6))
+    return paths

@@ -1,0 +1,128 @@
+"""Evidence benchmark: train, sample and score the three methods against their baselines, on real data, offline.
+
+    python benchmarks/run_evidence.py --quick            # sklearn digits 8x8, < 10 min on 2 CPU cores
+    python benchmarks/run_evidence.py                    # Fashion-MNIST 32x32, < 1 hour on 2 CPU cores
+    python benchmarks/run_evidence.py --preset gpu       # Fashion-MNIST, larger models and budgets, one GPU
+
+Writes ``benchmarks/results/<preset>/RESULTS.md`` (table and verdicts), ``results.json`` and two PNG plots, and
+refreshes the index ``benchmarks/results/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from benchmarks.evidence import comparisons as C
+from benchmarks.evidence.presets import PRESETS, get_preset
+from benchmarks.evidence.report import write_markdown, write_plots
+
+COMPARISONS = ("1", "2", "3")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    parser.add_argument("--quick", action="store_true", help="same as --preset quick")
+    parser.add_argument("--comparisons", default="1,2,3", help="which comparisons to run, e.g. '1,3'")
+    parser.add_argument("--output_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/diffusers-stages/evidence"),
+                        help="where the metric's classifier is cached")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--budget_steps", type=int, default=None, help="override the preset's budget (baseline steps)")
+    parser.add_argument("--num_eval_samples", type=int, default=None, help="override the preset's sample count")
+    parser.add_argument("--report_only", action="store_true",
+                        help="rewrite RESULTS.md and the plots from the preset's saved results.json, without running")
+    args = parser.parse_args(argv)
+    chosen = tuple(c.strip() for c in args.comparisons.split(",") if c.strip())
+    if not chosen or any(c not in COMPARISONS for c in chosen):
+        parser.error(f"--comparisons must be a comma-separated subset of {','.join(COMPARISONS)}, got {args.comparisons!r}")
+    args.comparisons = chosen
+    if args.quick:
+        args.preset = "quick"
+    return args
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    return f"{platform.machine()} {device}, torch {torch.__version__}"
+
+
+def run(args) -> dict:
+    start = time.perf_counter()
+    overrides = {k: v for k, v in (("budget_steps", args.budget_steps), ("num_eval_samples", args.num_eval_samples))
+                 if v is not None}
+    preset = get_preset(args.preset, **overrides)
+    torch.manual_seed(preset.seed)
+    ctx = C.Context(preset, torch.device(args.device), args.cache_dir)
+    out_dir = os.path.join(args.output_dir, preset.name)
+    os.makedirs(out_dir, exist_ok=True)
+
+    def save(results):  # after every comparison, so that an interrupted run keeps what it measured
+        header = {
+            "command": "python benchmarks/run_evidence.py " + " ".join(sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(),
+            "preset": preset.to_dict(),
+            "reference": ctx.reference,
+            "budget_flops": ctx.budget,
+            "fd_seed_spread": ctx.fd_seed_spread,
+            "wall_minutes": (time.perf_counter() - start) / 60,
+        }
+        with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
+            json.dump({"header": header, "results": [r.to_dict() for r in results]}, f, indent=2)
+
+    results = C.train_baseline(ctx)
+    baseline = results[-1]
+    if "1" not in args.comparisons:  # the baseline's snapshot rows belong to comparison 1's table only
+        results = []
+    steps = {"1": lambda: C.compare_multistage(ctx, baseline), "2": lambda: C.compare_experts(ctx, baseline),
+             "3": lambda: C.compare_dual_backbone(ctx, baseline)}
+    for comparison in args.comparisons:
+        results += steps[comparison]()
+        save(results)
+    return write_outputs(args.output_dir, preset.name)
+
+
+def write_outputs(output_dir: str, preset_name: str) -> dict:
+    """RESULTS.md and the plots of one preset from its results.json, and the index of all presets."""
+    out_dir = os.path.join(output_dir, preset_name)
+    with open(os.path.join(out_dir, "results.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    header, rows = saved["header"], saved["results"]
+    write_plots(out_dir, rows, header["reference"]["fd"])
+    write_markdown(os.path.join(out_dir, "RESULTS.md"), header, rows, header["fd_seed_spread"])
+    write_index(output_dir)
+    print(open(os.path.join(out_dir, "RESULTS.md"), encoding="utf-8").read())
+    return saved
+
+
+def write_index(output_dir: str) -> None:
+    """``RESULTS.md`` at the top of the results folder: one link per preset that has results."""
+    lines = ["# Evidence benchmark results", "", "Each preset's table, verdicts and plots, written by "
+             "`benchmarks/run_evidence.py`:", ""]
+    for name in sorted(PRESETS):
+        path = os.path.join(output_dir, name, "results.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                header = json.load(f)["header"]
+            lines.append(f"- [{name}]({name}/RESULTS.md): `{header['command']}`, {header['date']}, {header['machine']}")
+    with open(os.path.join(output_dir, "RESULTS.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    if arguments.report_only:
+        write_outputs(arguments.output_dir, arguments.preset)
+    else:
+        run(arguments)
