@@ -152,7 +152,7 @@ def main(args: argparse.Namespace) -> None:
         rows.append((f"forward, batch {batch}, routed from timestep", times["unet"] * 1e3, times["routed"] * 1e3, "ms"))
         rows.append((f"forward, batch {batch}, stage_index given", times["unet"] * 1e3, times["stage_index"] * 1e3, "ms"))
 
-    print(f"\n| measure | UNet2DModel | multi-stage | ratio |\n|---|---|---|---|")
+    print("\n| measure | UNet2DModel | multi-stage | ratio |\n|---|---|---|---|")
     for name, base, staged, unit in rows:
         print(f"| {name} | {base:.3f} {unit} | {staged:.3f} {unit} | {staged / base:.3f} |")
 
