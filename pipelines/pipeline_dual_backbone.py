@@ -88,7 +88,6 @@ class DualBackbonePipeline(ExpertRoutingPipeline):
             raise ValueError(f"`switch_step_fraction` must be in (0, 1), got {value}.")
         self.register_modules(shallow=shallow, deep=deep, scheduler=scheduler, vae=vae)
         self.register_to_config(**switch)
-        self._experts_cache = (None, None)
         if key != "switch_step_fraction":
             check_scheduler_units(scheduler, self.resolve_partition(None))  # a fixed switch is checked now
 
@@ -97,11 +96,8 @@ class DualBackbonePipeline(ExpertRoutingPipeline):
     def experts(self) -> ExpertRoutingModel:
         """The two backbones as a routing model: ``[deep, shallow]`` (stage 0 is the clean end)."""
         partition = self.resolve_partition(None)
-        key = (partition, id(self.deep), id(self.shallow), scheduler_prediction_type(self.scheduler))
-        if self._experts_cache[0] != key:
-            model = ExpertRoutingModel([self.deep, self.shallow], prediction_type=key[-1], **partition.to_config())
-            self._experts_cache = (key, model)
-        return self._experts_cache[1]
+        prediction_type = scheduler_prediction_type(self.scheduler)  # the backbones predict what the scheduler expects
+        return ExpertRoutingModel([self.deep, self.shallow], prediction_type=prediction_type, **partition.to_config())
 
     def stage_denoiser(self, stage: int) -> tuple[torch.nn.Module, dict]:
         # stage 0 is the clean end: the deep backbone; the shallow one runs the noisy first steps
