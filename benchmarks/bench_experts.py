@@ -15,15 +15,18 @@ Untrained weights: cost does not depend on them.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
-from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_stages import DualBackbonePipeline, ExpertRoutingModel, ExpertRoutingPipeline, TimestepPartition
 from diffusers_stages.models import build_meme_experts
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from benchmarks.measure import count_flops, interleaved_medians
 
 SIZE, CHANNELS = 32, 3
 DEEP = {
@@ -49,31 +52,17 @@ def single(model: UNet2DModel) -> ExpertRoutingModel:
     return ExpertRoutingModel([model], stage_boundaries=())
 
 
-def _timed(pipe, run, device) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    pipe(generator=torch.manual_seed(0), **run)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def compare(baseline, pipe, args) -> tuple[tuple[int, float], tuple[int, float]]:
     """(FLOPs, median seconds) of one sampling run of each; the timed runs alternate, so that a busy machine slows
     both alike."""
     run = {"batch_size": args.batch_size, "num_inference_steps": args.steps, "output_type": "latent"}
-    flops, times = [], [[], []]
-    for p in (baseline, pipe):
+    runs = {}
+    for name, p in (("baseline", baseline), ("ours", pipe)):
         p.set_progress_bar_config(disable=True)
-        with FlopCounterMode(display=False) as counter:
-            p(generator=torch.manual_seed(0), **run)
-        flops.append(counter.get_total_flops())
-        p(generator=torch.manual_seed(0), **run)  # warm-up
-    for _ in range(args.repeats):
-        for i, p in enumerate((baseline, pipe)):
-            times[i].append(_timed(p, run, args.device))
-    return (flops[0], statistics.median(times[0])), (flops[1], statistics.median(times[1]))
+        runs[name] = lambda p=p: p(generator=torch.manual_seed(0), **run)
+    flops = {name: count_flops(fn)[0] for name, fn in runs.items()}
+    times = interleaved_medians(runs, args.repeats, args.device)  # after one warm-up run each
+    return (flops["baseline"], times["baseline"]), (flops["ours"], times["ours"])
 
 
 def params(models) -> float:
@@ -109,11 +98,9 @@ def main() -> None:
     # 1. dual backbone vs the deep model alone
     deep, shallow = unet(**DEEP).to(args.device).eval(), unet(**SHALLOW).to(args.device).eval()
     x = torch.randn(1, CHANNELS, SIZE, SIZE, device=args.device)
-    with FlopCounterMode(display=False) as deep_call, torch.no_grad():
-        deep(x, 500)
-    with FlopCounterMode(display=False) as shallow_call, torch.no_grad():
-        shallow(x, 500)
-    call_ratio = shallow_call.get_total_flops() / deep_call.get_total_flops()
+    with torch.no_grad():
+        (deep_flops, _), (shallow_flops, _) = count_flops(lambda: deep(x, 500)), count_flops(lambda: shallow(x, 500))
+    call_ratio = shallow_flops / deep_flops
     print(
         f"deep {params([deep]):.2f} M params, shallow {params([shallow]):.2f} M; shallow/deep FLOPs per call "
         f"{call_ratio:.3f}"

@@ -16,15 +16,18 @@ Everything is measured in one run and printed as ratios to the baseline measured
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
-from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
 from diffusers_stages.timestep_sampling import stratified_timesteps
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from benchmarks.measure import count_flops, interleaved_medians
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,35 +63,10 @@ def tailored_widths(width: int) -> tuple[tuple[int, ...], ...]:
     return tuple((round(width * f), 2 * round(width * f), 2 * round(width * f)) for f in (1.5, 1.0, 0.125))
 
 
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def median_seconds(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def paired_medians(fns: dict, repeats: int, device: str) -> dict[str, float]:
-    """Median times of several functions timed in interleaved rounds, so that drift hits all of them alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(median_seconds(fn, 1, device))
-    return {name: statistics.median(values) for name, values in times.items()}
+    """Median times of several functions timed in interleaved rounds, so that drift hits all of them alike. As this
+    script has always measured: one warm-up round, then an untimed call of a function right before each timed one."""
+    return interleaved_medians(fns, repeats, device, warmup=1, warmup_before_each=1)
 
 
 def training_step(model, clean, timesteps, **kwargs):
@@ -119,15 +97,15 @@ def main(args: argparse.Namespace) -> None:
         pipe.set_progress_bar_config(disable=True)
     sample_base = lambda: base_pipe(batch_size=1, num_inference_steps=args.steps, output_type="np")  # noqa: E731
     sample_staged = lambda: staged_pipe(batch_size=1, num_inference_steps=args.steps, output_type="np")  # noqa: E731
-    flops_base, flops_staged = count_flops(sample_base), count_flops(sample_staged)
+    (flops_base, _), (flops_staged, _) = count_flops(sample_base), count_flops(sample_staged)
     rows.append(("sampling FLOPs / run", flops_base / 1e9, flops_staged / 1e9, "GFLOP"))
 
     clean = torch.randn(args.train_batch, 3, args.resolution, args.resolution, device=device)
     timesteps, _ = stratified_timesteps(tailored.partition, args.train_batch, generator=torch.manual_seed(0))
     timesteps = timesteps.to(device)
     baseline.train(), tailored.train()
-    train_base = count_flops(lambda: training_step(baseline, clean, timesteps))
-    train_staged = count_flops(lambda: training_step(tailored, clean, timesteps))
+    train_base, _ = count_flops(lambda: training_step(baseline, clean, timesteps))
+    train_staged, _ = count_flops(lambda: training_step(tailored, clean, timesteps))
     rows.append((f"training FLOPs / step (batch {args.train_batch})", train_base / 1e9, train_staged / 1e9, "GFLOP"))
     baseline.eval(), tailored.eval()
 

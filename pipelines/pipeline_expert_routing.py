@@ -78,8 +78,14 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
 
     @property
     def partition(self) -> TimestepPartition:
-        self.check_prediction_type()  # read at the start of every run: a scheduler swapped in later is checked too
         return self.experts.partition
+
+    def resolve_partition(self, num_inference_steps: int) -> TimestepPartition:
+        """The experts' partition, after `check_prediction_type`: the sampling loop (right after checking its
+        arguments) and `expert_schedule` start with this call, so a scheduler swapped in after construction is checked
+        too."""
+        self.check_prediction_type()
+        return super().resolve_partition(num_inference_steps)
 
     def stage_denoiser(self, stage: int) -> tuple[torch.nn.Module, dict]:
         # the expert itself, called exactly as a single-model pipeline would call it

@@ -2,27 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from torch.utils.flop_counter import FlopCounterMode
-
-
-def count_flops(fn: Callable[[], object]) -> tuple[int, object]:
-    """Run ``fn()`` once and return ``(flops, result)``: every FLOP of its matmuls and convolutions, backward included.
-
-    Example:
-
-    ```py
-    >>> import torch
-    >>> flops, _ = count_flops(lambda: torch.ones(4, 8) @ torch.ones(8, 2))
-    >>> flops  # 2 * 4 * 8 * 2
-    128
-
-    ```
-    """
-    with FlopCounterMode(display=False) as counter:
-        result = fn()
-    return counter.get_total_flops(), result
+from ..measure import count_flops  # also imported from here by the package's modules and tests
 
 
 def sampling_flops_per_image(pipeline, num_inference_steps: int, class_labels: list[int] | None = None) -> int:

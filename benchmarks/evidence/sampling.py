@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import statistics
-import time
+import itertools
 from collections.abc import Mapping
 
 import torch
@@ -11,6 +10,7 @@ from diffusers import DDIMScheduler
 
 from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
 
+from ..measure import interleaved_medians
 from .data import NUM_CLASSES
 
 
@@ -50,17 +50,14 @@ def seconds_per_image(
     pipelines: Mapping[str, object], num_inference_steps: int, batch_size: int, repeats: int
 ) -> dict[str, float]:
     """Median wall time per image of each pipeline; runs are interleaved (A, B, C, A, B, C, ...) so that machine
-    load drifts hit every pipeline alike, after one warm-up run each."""
+    load drifts hit every pipeline alike, after one warm-up run each. The pipelines must be on one device."""
     labels = balanced_labels(batch_size)
-    times: dict[str, list[float]] = {name: [] for name in pipelines}
-    for repeat in range(repeats + 1):
-        for name, pipeline in pipelines.items():
-            device = pipeline.device
-            start = time.perf_counter()
-            pipeline(class_labels=labels, num_inference_steps=num_inference_steps, output_type="pt",
-                     generator=torch.Generator().manual_seed(repeat))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if repeat:  # the first round warms up
-                times[name].append((time.perf_counter() - start) / batch_size)
-    return {name: statistics.median(values) for name, values in times.items()}
+
+    def run(pipeline):
+        seeds = itertools.count()  # a pipeline's k-th run (the warm-up is run 0) samples from seed k
+        return lambda: pipeline(class_labels=labels, num_inference_steps=num_inference_steps, output_type="pt",
+                                generator=torch.Generator().manual_seed(next(seeds)))
+
+    device = next((pipeline.device for pipeline in pipelines.values()), "cpu")  # all on one device
+    seconds = interleaved_medians({name: run(pipeline) for name, pipeline in pipelines.items()}, repeats, device)
+    return {name: value / batch_size for name, value in seconds.items()}

@@ -1,0 +1,90 @@
+"""Measuring helpers shared by every benchmark: FLOPs counted by `torch.utils.flop_counter.FlopCounterMode`, and
+median wall times of callables timed in interleaved rounds.
+
+The scripts put the repository root on ``sys.path`` and import this as ``benchmarks.measure``, as the
+``benchmarks.evidence`` package does.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+T = TypeVar("T")
+
+
+def count_flops(fn: Callable[[], T]) -> tuple[int, T]:
+    """Run ``fn()`` once and return ``(flops, result)``: every FLOP of its matmuls and convolutions, backward included.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> flops, _ = count_flops(lambda: torch.ones(4, 8) @ torch.ones(8, 2))
+    >>> flops  # 2 * 4 * 8 * 2
+    128
+
+    ```
+    """
+    with FlopCounterMode(display=False) as counter:
+        result = fn()
+    return counter.get_total_flops(), result
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # CUDA runs asynchronously: wait for queued work before reading the clock
+
+
+def interleaved_medians(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int,
+    device: str | torch.device = "cpu",
+    warmup: int = 1,
+    warmup_before_each: int = 0,
+) -> dict[str, float]:
+    """Median wall time in seconds of each callable over ``repeats`` timed calls, timed in interleaved rounds
+    (A, B, C, A, B, C, ...) so that drifts in machine load hit all of them alike.
+
+    Args:
+        fns: the callables by name, each called without arguments.
+        repeats: timed calls of each callable (rounds).
+        device: where the callables run; on CUDA the device is synchronized before the clock starts and stops.
+        warmup: untimed rounds (interleaved the same way) before the first timed one.
+        warmup_before_each: untimed calls of a callable right before each of its timed calls, so that every timed
+            call follows a call of the same callable (a cache-warm measurement).
+
+    Returns:
+        ``{name: median seconds of one call}``, in the order of ``fns``.
+
+    Example:
+
+    ```py
+    >>> medians = interleaved_medians({"a": lambda: sum(range(1000)), "b": lambda: sorted(range(1000))}, repeats=3)
+    >>> list(medians), all(seconds > 0 for seconds in medians.values())
+    (['a', 'b'], True)
+
+    ```
+    """
+    if repeats < 1:
+        raise ValueError(f"`repeats` must be at least 1, got {repeats}.")
+    device = torch.device(device)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            for _ in range(warmup_before_each):
+                fn()
+            _synchronize(device)  # the clock must not count work queued before this call
+            start = time.perf_counter()
+            fn()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}

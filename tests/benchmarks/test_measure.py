@@ -1,0 +1,39 @@
+"""The benchmarks' shared measuring helpers (`benchmarks/measure.py`): exact FLOP counts, and call counts of the
+interleaved timing (no assertion on how long anything takes)."""
+
+import doctest
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import benchmarks.measure
+from benchmarks.measure import count_flops, interleaved_medians
+
+
+def test_count_flops_of_a_matmul_and_its_backward():
+    a, b = torch.ones(3, 5, requires_grad=True), torch.ones(5, 7)
+    flops, result = count_flops(lambda: a @ b)
+    assert flops == 2 * 3 * 5 * 7 and torch.equal(result, torch.full((3, 7), 5.0))
+    flops, _ = count_flops(lambda: (a @ b).sum().backward())
+    assert flops == 2 * (2 * 3 * 5 * 7)  # forward, and the gradient of `a` (`b` needs none)
+    assert count_flops(lambda: "no tensors") == (0, "no tensors")
+
+
+@pytest.mark.parametrize("warmup, warmup_before_each", [(1, 0), (0, 0), (2, 1)])
+def test_interleaved_medians_calls_in_rounds(warmup, warmup_before_each):
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name) or sum(range(1000))) for name in ("a", "b", "c")}
+    medians = interleaved_medians(fns, repeats=3, warmup=warmup, warmup_before_each=warmup_before_each)
+    assert list(medians) == ["a", "b", "c"] and all(seconds > 0 for seconds in medians.values())
+    timed_round = [name for name in fns for _ in range(warmup_before_each + 1)]
+    assert calls == ["a", "b", "c"] * warmup + timed_round * 3
+    with pytest.raises(ValueError, match="repeats"):
+        interleaved_medians(fns, repeats=0)
+
+
+def test_docstring_examples():
+    assert doctest.testmod(benchmarks.measure, optionflags=doctest.ELLIPSIS).failed == 0
