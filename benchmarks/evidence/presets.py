@@ -59,7 +59,8 @@ PRESETS = {
         switch_fractions=(0.25, 0.5, 0.75), early_exit_hidden_size=64, early_exit_layers=7,
     ),
     # default: a baseline step (32x32, batch 64) took 2.0 s on one CPU thread here, and the methods train about
-    # 4.25 budgets in all, so B = 250 steps should keep the whole run near 40 minutes on 2 cores (600: about 1.5 h)
+    # 4.25 budgets in all, so B = 250 steps (600 would take about 1.5 h); measured: 55.7 min end to end on 2 cores
+    # that were shared with other work
     "default": Preset(
         name="default", dataset="fashion-mnist", block_out_channels=(32, 64, 64), layers_per_block=1,
         norm_num_groups=8, attention_head_dim=8, batch_size=64, budget_steps=250, learning_rate=1e-3,
