@@ -105,6 +105,14 @@ def check_shapes(expected: dict[str, torch.Size], state_dict: dict[str, torch.Te
         raise ValueError(f"{source} has {len(wrong)} tensors of the wrong shape (first: {wrong[:5]}).")
 
 
+def load_converted(model: torch.nn.Module, converted: dict[str, torch.Tensor], source: str) -> None:
+    """Load renamed weights into ``model`` after checking that they are exactly its keys and shapes."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_keys(expected, converted, source)
+    check_shapes(expected, converted, source)
+    model.load_state_dict(converted, strict=True)
+
+
 def load_strict(model_class: type, path: str, subfolder: str | None = None):
     """``model_class.from_pretrained`` from safetensors only, failing on missing, unexpected or mis-shaped keys."""
     strict_class = model_class
@@ -132,6 +140,34 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
+def take(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """Remove and return ``key``; a checkpoint without it is refused by name."""
+    if key not in state_dict:
+        raise ValueError(
+            f"The checkpoint lacks {key!r}, which its config's architecture has: is it truncated, or from another "
+            "configuration?"
+        )
+    return state_dict.pop(key)
+
+
+def move_layer(
+    state_dict: dict[str, torch.Tensor], source: str, target: str, out: dict, optional: bool = False
+) -> None:
+    """Move layer ``source``'s ``weight`` and ``bias`` out of ``state_dict`` into ``out`` as layer ``target``'s
+    (a missing one is refused by name, unless ``optional``: then the layer may be absent or have no bias)."""
+    for param in ("weight", "bias"):
+        if not optional or f"{source}.{param}" in state_dict:
+            out[f"{target}.{param}"] = take(state_dict, f"{source}.{param}")
+
+
+def check_consumed(state_dict: dict[str, torch.Tensor]) -> None:
+    """After a rename table has taken every key it knows, refuse a checkpoint with keys left over."""
+    if state_dict:
+        raise ValueError(
+            f"The checkpoint has {len(state_dict)} keys the original architecture does not: {sorted(state_dict)[:8]}."
+        )
+
+
 def probe_timesteps(partition) -> list[float]:
     """One model timestep inside each stage of ``partition`` (the middle of its interval), for `--verify`."""
     probes = []
@@ -156,6 +192,19 @@ def report_verification(differences: dict[str, float], tolerance: float) -> None
     worst = max(differences.values())
     if not worst <= tolerance:
         raise ValueError(f"--verify failed: largest difference {worst:.3e} exceeds --tolerance {tolerance:g}.")
+
+
+def verify_reload(converted, reloaded, tolerance: float) -> None:
+    """`--verify` without the original code: the reloaded model against the converted one, once in every stage."""
+    config = converted.config
+    x = torch.randn(1, config.in_channels, config.sample_size, config.sample_size, generator=torch.manual_seed(0))
+    labels = torch.zeros(1, dtype=torch.long) if config.num_class_embeds else None
+    differences = {}
+    with torch.no_grad():
+        for stage, t in enumerate(probe_timesteps(converted.partition)):
+            before, after = converted(x, t, labels).sample, reloaded(x, t, labels).sample
+            differences[f"stage {stage}: reloaded vs converted (no --original_repo)"] = max_difference(before, after)
+    report_verification(differences, tolerance)
 
 
 def run(main: Callable[[argparse.Namespace], object], parse_args: Callable, argv: Sequence[str] | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import sys
 
@@ -109,6 +110,16 @@ def load_multistage(path: str) -> MultiStageUNet2DModel:
     if not os.path.isdir(path):
         raise ValueError(f"`--source` must be a folder, got {path!r}.")
     subfolder = "unet" if os.path.isfile(os.path.join(path, "model_index.json")) else None
+    config_path = os.path.join(path, subfolder or "", "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            class_name = json.load(f).get("_class_name")
+        if class_name == "MultiStageDDPMppUNet2DModel":
+            raise ValueError(
+                f"{path} holds a MultiStageDDPMppUNet2DModel (EDM's DDPM++), whose stages have no UNet2DModel "
+                "equivalent: its residual sums are scaled by sqrt(0.5), each decoder has its own middle blocks and "
+                "group counts change with the width. Export stages of a MultiStageUNet2DModel only."
+            )
     return load_strict(MultiStageUNet2DModel, path, subfolder=subfolder)
 
 

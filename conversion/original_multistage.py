@@ -12,8 +12,7 @@ Latent-diffusion `UNetModel_multistage` checkpoints convert exactly, the publish
 
 Options without a diffusers equivalent are refused with the reason (`UNSUPPORTED_OPTIONS`: spatial transformers,
 as in the published ImageNet configs, ``use_scale_shift_norm``, ...). EDM `MultistageUNet` (DDPM++) checkpoints are
-recognised and refused with the list of reasons, as no part of their blocks computes what a diffusers block computes
-(see `EDM_INCOMPATIBILITIES`).
+recognised and sent to `original_multistage_edm`, their own script.
 
     python -m diffusers_stages.conversion.original_multistage --checkpoint last.safetensors \\
         --original_config configs/latent-diffusion/celebahq-ldm-vq-4_multistage.yaml --output_path staged --verify \\
@@ -32,15 +31,18 @@ import yaml
 from diffusers import AutoencoderKL, DDIMScheduler, VQModel
 from diffusers_stages.conversion.common import (
     build_parser,
-    check_keys,
-    check_shapes,
+    check_consumed,
+    load_converted,
     load_state_dict,
     load_strict,
     max_difference,
+    move_layer,
     probe_timesteps,
     report_verification,
     run,
     staged_output,
+    take,
+    verify_reload,
 )
 from diffusers_stages.pipelines import MultiStagePipeline
 
@@ -80,19 +82,6 @@ UNSUPPORTED_OPTIONS = {  # original option -> (value that converts, why other va
         ),
     ),
 }
-EDM_INCOMPATIBILITIES = (
-    (
-        "every DDPM++ block multiplies its residual sum by sqrt(0.5) (`skip_scale`), while UNet2DModel builds its "
-        "down/up blocks with output scale 1"
-    ),
-    (
-        "each EDM decoder has its own middle blocks (`{res}_in0`, `{res}_in1`), while MultiStageUNet2DModel's "
-        "middle block is part of the shared encoder"
-    ),
-    "EDM decoders attend only after the last block of a level, diffusers' AttnUpBlock2D after every block",
-    "EDM's group norms use min(32, channels / 4) groups per layer, UNet2DModel one `norm_num_groups` for all",
-    "EDM adds the class embedding before the time MLP (`map_label`), UNet2DModel after it",
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -189,16 +178,6 @@ def decoder_attention(p: dict) -> list[list[bool]]:
     return layout
 
 
-def take(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    """Remove and return ``key``; a checkpoint without it is refused by name."""
-    if key not in state_dict:
-        raise ValueError(
-            f"The checkpoint lacks {key!r}, which its config's architecture has: is it truncated, or "
-            "from another configuration?"
-        )
-    return state_dict.pop(key)
-
-
 def rename_resblock(prefix_from: str, prefix_to: str, state_dict: dict, out: dict) -> None:
     for key in [k for k in state_dict if k.startswith(prefix_from + ".")]:
         layer, param = key[len(prefix_from) + 1 :].rsplit(".", 1)
@@ -243,9 +222,7 @@ def ldm_to_multistage(state_dict: dict[str, torch.Tensor], p: dict, model: Multi
 
     # 1. embeddings and input convolution
     for source, target in TOP_LEVEL.items():
-        for param in ("weight", "bias"):
-            if f"{source}.{param}" in state_dict:
-                out[f"{target}.{param}"] = take(state_dict, f"{source}.{param}")
+        move_layer(state_dict, source, target, out, optional=True)
     # 2. encoder: input_blocks[1 + level * (layers + 1) + j] -> down_blocks[level]
     for level in range(levels):
         width = config.block_out_channels[level]
@@ -262,9 +239,8 @@ def ldm_to_multistage(state_dict: dict[str, torch.Tensor], p: dict, model: Multi
                     out,
                 )
         if level < levels - 1:
-            for param in ("weight", "bias"):
-                key = f"input_blocks.{1 + level * per_level + config.layers_per_block}.0.op.{param}"
-                out[f"down_blocks.{level}.downsamplers.0.conv.{param}"] = take(state_dict, key)
+            source = f"input_blocks.{1 + level * per_level + config.layers_per_block}.0.op"
+            move_layer(state_dict, source, f"down_blocks.{level}.downsamplers.0.conv", out)
     # 3. middle block: ResBlock, AttentionBlock, ResBlock -> UNetMidBlock2D
     rename_resblock("middle_block.0", "mid_block.resnets.0", state_dict, out)
     rename_attention(
@@ -283,15 +259,10 @@ def ldm_to_multistage(state_dict: dict[str, torch.Tensor], p: dict, model: Multi
                     rename_attention(f"{source}.1", f"{target}.attentions.{j}", heads(width), legacy, state_dict, out)
                     layer = 2
                 if j == per_level - 1 and up < levels - 1:
-                    for param in ("weight", "bias"):
-                        out[f"{target}.upsamplers.0.conv.{param}"] = take(state_dict, f"{source}.{layer}.conv.{param}")
+                    move_layer(state_dict, f"{source}.{layer}.conv", f"{target}.upsamplers.0.conv", out)
         for index, target in DECODER_OUT.items():
-            for param in ("weight", "bias"):
-                out[f"decoders.{s}.{target}.{param}"] = take(state_dict, f"outs.{s}.{index}.{param}")
-    if state_dict:
-        raise ValueError(
-            f"The checkpoint has {len(state_dict)} keys the original architecture does not: {sorted(state_dict)[:8]}."
-        )
+            move_layer(state_dict, f"outs.{s}.{index}", f"decoders.{s}.{target}", out)
+    check_consumed(state_dict)
     return out
 
 
@@ -299,8 +270,8 @@ def unet_state_dict(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The U-Net's weights of a checkpoint, recognising the original code's two layouts."""
     if any(k.startswith(("enc.", "decs.", "map_noise", "map_layer0")) or ".enc." in k for k in raw):
         raise ValueError(
-            "This is an EDM `MultistageUNet` (DDPM++) checkpoint, which has no exact MultiStageUNet2DModel "
-            "equivalent: " + "; ".join(EDM_INCOMPATIBILITIES) + "."
+            "This is an EDM `MultistageUNet` (DDPM++) checkpoint: convert it with "
+            "`python -m diffusers_stages.conversion.original_multistage_edm`."
         )
     if any(k.startswith(LDM_PREFIX) for k in raw):
         return {k[len(LDM_PREFIX) :]: v for k, v in raw.items() if k.startswith(LDM_PREFIX)}
@@ -368,10 +339,7 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         model = MultiStageUNet2DModel(**ldm_unet_config(p))
         # 2. rename, then check against the target model: strict keys and shapes
         converted = ldm_to_multistage(original, p, model)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        check_keys(expected, converted, f"The checkpoint {args.checkpoint}")
-        check_shapes(expected, converted, f"The checkpoint {args.checkpoint}")
-        model.load_state_dict(converted, strict=True)
+        load_converted(model, converted, f"The checkpoint {args.checkpoint}")
         # 3. write the pipeline, reload it strictly, and compare with the original if asked
         vae = load_vae(args.vae) if args.vae else None
         MultiStagePipeline(unet=model.eval(), scheduler=scheduler_from_config(diffusion), vae=vae).save_pretrained(tmp)
@@ -379,12 +347,7 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         if args.verify and args.original_repo:
             verify_against_original(args.original_repo, p, original, pipeline.unet, args.tolerance)
         elif args.verify:
-            x = torch.randn(1, model.config.in_channels, model.config.sample_size, model.config.sample_size)
-            labels = torch.zeros(1, dtype=torch.long) if model.config.num_class_embeds else None
-            before, after = model(x, 10, labels).sample, pipeline.unet(x, 10, labels).sample
-            report_verification(
-                {"reloaded vs converted (no --original_repo)": max_difference(before, after)}, args.tolerance
-            )
+            verify_reload(model, pipeline.unet, args.tolerance)
     print(
         f"wrote {args.output_path}: MultiStagePipeline, stages {pipeline.partition.intervals()} from {args.checkpoint}"
     )

@@ -7,6 +7,7 @@ from diffusers import AutoencoderKL, VQModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.unet_multistage import MultiStageUNet2DModel
+from ..models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 from ..partition import TimestepPartition
 from .pipeline_staged import StagedDiffusionPipeline
 
@@ -17,7 +18,7 @@ class MultiStagePipeline(StagedDiffusionPipeline):
     and the decoder of the stage the scheduler's noise level falls in.
 
     Args:
-        unet ([`MultiStageUNet2DModel`]): the multi-stage denoiser.
+        unet ([`MultiStageUNet2DModel`] or [`MultiStageDDPMppUNet2DModel`]): the multi-stage denoiser.
         scheduler ([`~diffusers.SchedulerMixin`]): any diffusers scheduler that fits the model's prediction type.
         vae ([`~diffusers.AutoencoderKL`] or [`~diffusers.VQModel`], *optional*): for latent diffusion; latents are
             divided by ``vae.config.scaling_factor`` and shifted by ``shift_factor`` before decoding.
@@ -42,7 +43,7 @@ class MultiStagePipeline(StagedDiffusionPipeline):
 
     def __init__(
         self,
-        unet: MultiStageUNet2DModel,
+        unet: MultiStageUNet2DModel | MultiStageDDPMppUNet2DModel,
         scheduler: SchedulerMixin,
         vae: AutoencoderKL | VQModel | None = None,
     ):

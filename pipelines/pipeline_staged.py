@@ -23,7 +23,10 @@ class StagedDiffusionPipeline(DiffusionPipeline):
     stage ([`~StagedDiffusionPipeline.stage_denoiser`]); the sampling loop below is the same for all of them.
 
     Class-conditional models reserve their last class embedding (``num_class_embeds - 1``) for the unconditional
-    label used by classifier-free guidance, as the package's training scripts do.
+    label used by classifier-free guidance, as the package's training scripts do; a `DiTTransformer2DModel`'s
+    unconditional label is likewise the one after its ``num_embeds_ada_norm`` classes. A model that predicts a
+    learned variance as well (``out_channels`` twice ``in_channels``, as DiT) gives the scheduler its first half,
+    unless the scheduler uses learned variances itself.
     """
 
     _optional_components = ["vae"]
@@ -47,7 +50,7 @@ class StagedDiffusionPipeline(DiffusionPipeline):
     def _prepare_class_labels(
         self, class_labels: Sequence[int] | torch.Tensor | None, batch_size: int, config, device: torch.device
     ) -> tuple[torch.Tensor | None, int]:
-        num_class_embeds = getattr(config, "num_class_embeds", None)
+        num_class_embeds = class_embedding_count(config)
         if class_labels is None:
             if num_class_embeds is not None:
                 raise ValueError("`class_labels` must be given: this pipeline's model is class-conditional.")
@@ -65,7 +68,9 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         return labels.to(device), labels.numel()
 
     def _guidance_scales(self, guidance_scale: float | Sequence[float], num_stages: int) -> list[float]:
-        scales = [float(guidance_scale)] * num_stages if isinstance(guidance_scale, (int, float)) else list(guidance_scale)
+        scales = (
+            [float(guidance_scale)] * num_stages if isinstance(guidance_scale, (int, float)) else list(guidance_scale)
+        )
         if len(scales) != num_stages or any(s < 1.0 for s in scales):
             raise ValueError(
                 f"`guidance_scale` must be a number >= 1 or one per stage ({num_stages}), got {guidance_scale!r}."
@@ -83,11 +88,20 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         """One model call of ``stage``'s network, with classifier-free guidance when ``guidance_scale > 1``."""
         model, kwargs = self.stage_denoiser(stage)
         if class_labels is None or guidance_scale == 1.0:
-            return model(sample, timestep, class_labels=class_labels, **kwargs).sample
-        null = torch.full_like(class_labels, model.config.num_class_embeds - 1)
+            return self._mean_prediction(model(sample, timestep, class_labels=class_labels, **kwargs).sample, sample)
+        null = torch.full_like(class_labels, class_embedding_count(model.config) - 1)
+        if torch.is_tensor(timestep) and timestep.ndim == 1:
+            timestep = torch.cat([timestep, timestep])
         both = model(torch.cat([sample, sample]), timestep, class_labels=torch.cat([class_labels, null]), **kwargs)
-        cond, uncond = both.sample.chunk(2)
+        cond, uncond = self._mean_prediction(both.sample, sample).chunk(2)
         return uncond + guidance_scale * (cond - uncond)  # classifier-free guidance (Ho & Salimans, eq. 6)
+
+    def _mean_prediction(self, output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The prediction without a learned variance (DiT's second half), unless the scheduler reads it."""
+        learned = getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+        if output.shape[1] == 2 * sample.shape[1] and not learned:
+            return output[:, : sample.shape[1]]
+        return output
 
     # --------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -140,7 +154,9 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         )
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        step_kwargs = (
+            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        )
 
         # 3. denoising loop: every model call goes to the network of the stage its noise level falls in
         for t in self.progress_bar(self.scheduler.timesteps):
@@ -148,7 +164,8 @@ class StagedDiffusionPipeline(DiffusionPipeline):
             model_input = latents
             if hasattr(self.scheduler, "scale_model_input"):
                 model_input = self.scheduler.scale_model_input(latents, t)
-            model_output = self.denoise(stage, model_input, t, class_labels, scales[stage])
+            timestep = t.expand(latents.shape[0]) if torch.is_tensor(t) else t  # one per sample, as DiT needs
+            model_output = self.denoise(stage, model_input, timestep, class_labels, scales[stage])
             latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
 
         # 4. decode latents (latent diffusion) and convert to the requested output type
@@ -199,7 +216,20 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         return pipeline
 
 
-REEXPORT_HEADER = "# Written by diffusers-stages so that diffusers finds this class; needs `pip install diffusers-stages`.\n"
+def class_embedding_count(config) -> int | None:
+    """How many class embeddings a model has, its unconditional label (the last) included; ``None`` when it is not
+    class-conditional: ``num_class_embeds`` (diffusers' U-Nets and this package's models) or, for a DiT
+    (``norm_type="ada_norm_zero"``), its ``num_embeds_ada_norm`` classes plus the unconditional label."""
+    if getattr(config, "num_class_embeds", None) is not None:
+        return config.num_class_embeds
+    if getattr(config, "norm_type", None) == "ada_norm_zero" and getattr(config, "num_embeds_ada_norm", None):
+        return config.num_embeds_ada_norm + 1
+    return None
+
+
+REEXPORT_HEADER = (
+    "# Written by diffusers-stages so that diffusers finds this class; needs `pip install diffusers-stages`.\n"
+)
 
 
 def _reexport_source(module: str, class_name: str) -> str:

@@ -2,12 +2,14 @@ from .early_exit import EarlyExitUViT2DModel
 from .expert_routing import ExpertRoutingModel
 from .meme import build_meme_experts, meme_expert_configs
 from .unet_multistage import MultiStageUNet2DModel, StageDecoder
+from .unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 
 __all__ = [
     "EarlyExitUViT2DModel",
     "ExpertRoutingModel",
     "build_meme_experts",
     "meme_expert_configs",
+    "MultiStageDDPMppUNet2DModel",
     "MultiStageUNet2DModel",
     "StageDecoder",
 ]

@@ -9,7 +9,13 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPTS = ["unet_to_multistage", "multistage_to_unet", "original_multistage", "pipelines_to_experts"]
+SCRIPTS = [
+    "unet_to_multistage",
+    "multistage_to_unet",
+    "original_multistage",
+    "original_multistage_edm",
+    "pipelines_to_experts",
+]
 
 
 def run(*argv):

@@ -256,12 +256,12 @@ def test_attention_layout_disagreeing_with_the_config_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_edm_checkpoint_is_recognised_and_refused(tmp_path):
+def test_edm_checkpoint_is_sent_to_its_own_script(tmp_path):
     checkpoint = str(tmp_path / "edm.safetensors")
     save_file({"map_layer0.weight": torch.zeros(4, 4), "enc.8x8_conv.weight": torch.zeros(4, 3, 3, 3)}, checkpoint)
     _, config = write_source(tmp_path, TINY)
     argv = ["--checkpoint", checkpoint, "--original_config", config, "--output_path", str(tmp_path / "out")]
-    with pytest.raises(ValueError, match=r"EDM `MultistageUNet`.*sqrt\(0.5\)"):
+    with pytest.raises(ValueError, match=r"EDM `MultistageUNet`.*conversion.original_multistage_edm"):
         original_multistage.main(original_multistage.parse_args(argv))
 
 

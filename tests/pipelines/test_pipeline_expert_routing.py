@@ -9,6 +9,7 @@ from diffusers import (
     DDIMPipeline,
     DDIMScheduler,
     DiffusionPipeline,
+    DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     EDMEulerScheduler,
     EulerAncestralDiscreteScheduler,
@@ -76,7 +77,7 @@ def _record_calls(pipe):
 
         def hook(module, args, i=i):
             first_order = getattr(pipe.scheduler, "state_in_first_order", True)
-            calls.append((float(args[1]), i, first_order))
+            calls.append((float(torch.as_tensor(args[1]).reshape(-1)[0]), i, first_order))
 
         expert.register_forward_pre_hook(hook)
     return calls
@@ -194,6 +195,41 @@ def test_per_expert_guidance_scale(tiny_unet_kwargs):
     assert not torch.allclose(guided_noisy, plain) and not torch.allclose(guided_clean, guided_noisy)
     with pytest.raises(ValueError, match="one per stage"):
         pipe(generator=torch.manual_seed(0), guidance_scale=[2.0, 2.0], **run)
+
+
+def test_dit_experts_sample_with_their_own_null_label_and_learned_variance(tmp_path):
+    # two DiTs of different depths predicting (epsilon, variance) as DiT does: 6 output channels for 3 input ones
+    experts = []
+    for depth in (1, 2):
+        torch.manual_seed(depth)
+        experts.append(
+            DiTTransformer2DModel(
+                num_attention_heads=2,
+                attention_head_dim=4,
+                in_channels=3,
+                out_channels=6,
+                num_layers=depth,
+                sample_size=8,
+                patch_size=2,
+                num_embeds_ada_norm=10,
+            ).eval()
+        )
+    pipe = _pipe(ExpertRoutingModel(experts, stage_boundaries=(500,)), DDIMScheduler())
+    labels_seen = []
+    for expert in experts:
+        expert.register_forward_pre_hook(
+            lambda module, args, kwargs: labels_seen.append(kwargs["class_labels"].tolist()), with_kwargs=True
+        )
+    run = {"class_labels": [1, 9], "num_inference_steps": 3, "output_type": "np", "guidance_scale": 2.0}
+    images = pipe(generator=torch.manual_seed(0), **run).images
+    assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
+    assert labels_seen[0] == [1, 9, 10, 10]  # guidance pairs each label with DiT's unconditional label, 10
+    with pytest.raises(ValueError, match=r"class indices in \[0, 10\)"):
+        pipe(class_labels=[10], num_inference_steps=2)
+    pipe.save_pretrained(tmp_path)
+    reloaded = ExpertRoutingPipeline.from_pretrained(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    assert (reloaded(generator=torch.manual_seed(0), **run).images == images).all()
 
 
 def test_latent_experts_decode_through_the_vae(tiny_unet_kwargs):

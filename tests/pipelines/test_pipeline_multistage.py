@@ -32,7 +32,9 @@ def _record_calls(pipe):
 
     def recording_forward(sample, timestep, *args, stage_index=None, **kwargs):
         first_order = getattr(pipe.scheduler, "state_in_first_order", True)
-        calls.append((float(timestep), stage_index, first_order))
+        values = torch.as_tensor(timestep).reshape(-1)
+        assert values.numel() in (1, sample.shape[0]) and bool((values == values[0]).all())  # all equal
+        calls.append((float(values[0]), stage_index, first_order))
         return forward(sample, timestep, *args, stage_index=stage_index, **kwargs)
 
     pipe.unet.forward = recording_forward

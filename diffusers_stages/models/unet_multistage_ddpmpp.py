@@ -1,0 +1,380 @@
+"""Multi-stage, multi-decoder DDPM++ U-Net: the EDM variant of Zhang et al. (CVPR 2024).
+
+The authors' EDM code (``MultistageUNet`` in LucasYFL/Multistage_Diffusion, ``edm/training/networks.py``) gives
+EDM's DDPM++ network (Karras et al. 2022, after Song et al. 2021) one shared encoder and one tailored decoder per
+stage. Its blocks differ from diffusers' `UNet2DModel` in ways no `UNet2DModel` option covers (every residual sum is
+scaled by ``sqrt(0.5)``, each decoder has its own middle blocks, decoders attend only after the last block of a level,
+group counts change with the width), so it is its own model here, built from diffusers' `ResnetBlock2D` and
+`Attention` with those settings. Converted checkpoints reproduce the original's outputs
+(`diffusers_stages.conversion.original_multistage`).
+
+The model is EDM's raw network ``F``: with EDM's preconditioning (diffusers' `EDMEulerScheduler` /
+`EDMDPMSolverMultistepScheduler` with ``prediction_type="epsilon"``) it is conditioned on ``c_noise = ln(sigma)/4``
+and its stage boundaries are in sigma.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.unets.unet_2d import UNet2DOutput
+
+from ..partition import TimestepPartition
+from ..routing import dispatch_by_stage
+from .loading import StrictLoadingMixin
+
+SKIP_SCALE = math.sqrt(2.0)  # DDPM++ divides every residual sum by sqrt(2) (EDM's skip_scale = sqrt(0.5))
+
+
+def group_count(channels: int, norm_num_groups: int, min_channels_per_group: int = 4) -> int:
+    """EDM's per-layer group count: ``norm_num_groups``, fewer where a group would hold under 4 channels."""
+    groups = min(norm_num_groups, channels // min_channels_per_group)
+    if groups < 1 or channels % groups:
+        raise ValueError(
+            f"A layer of width {channels} cannot be group-normalised with `norm_num_groups`={norm_num_groups} "
+            f"({groups} groups of at least {min_channels_per_group} channels): change `encoder_channels`, "
+            "`decoder_channels` or `channel_mult`."
+        )
+    return groups
+
+
+class DDPMppBlock(nn.Module):
+    """One DDPM++ block (EDM's ``UNetBlock``): a residual block, optionally resampling, then optional self-attention.
+
+    The residual path is norm -> SiLU -> [resample] -> conv -> + time embedding -> norm -> SiLU -> dropout -> conv; a
+    1x1 convolution (after the same resampling) carries the input whenever the width or resolution changes; the sum,
+    and the attention's residual sum, are divided by sqrt(2)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        norm_num_groups: int,
+        norm_eps: float,
+        dropout: float,
+        resample: str | None = None,
+        attention: bool = False,
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.resnet = ResnetBlock2D(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            temb_channels=temb_channels,
+            groups=group_count(in_channels, norm_num_groups),
+            groups_out=group_count(out_channels, norm_num_groups),
+            eps=norm_eps,
+            dropout=dropout,
+            non_linearity="silu",
+            kernel="sde_vp",  # 2x2 average pooling down, nearest up: EDM's resample_filter [1, 1]
+            output_scale_factor=SKIP_SCALE,
+            use_in_shortcut=in_channels != out_channels or resample is not None,
+            up=resample == "up",
+            down=resample == "down",
+        )
+        self.attention = None
+        if attention:  # single-head self-attention over all positions (DDPM++ uses one head)
+            self.attention = Attention(
+                query_dim=out_channels,
+                heads=1,
+                dim_head=out_channels,
+                rescale_output_factor=SKIP_SCALE,
+                eps=norm_eps,
+                norm_num_groups=group_count(out_channels, norm_num_groups),
+                residual_connection=True,
+                bias=True,
+                upcast_softmax=True,
+                _from_deprecated_attn_block=True,
+            )
+
+    def forward(self, hidden: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        hidden = self.resnet(hidden, emb)
+        return hidden if self.attention is None else self.attention(hidden)
+
+
+class DDPMppStageDecoder(nn.Module):
+    """One stage's decoder: two middle blocks at the encoder's width, the up path at this decoder's width (each
+    level's blocks concatenate the encoder's skips at the encoder's widths), and the output head."""
+
+    def __init__(
+        self,
+        resolution: int,
+        encoder_skips: Sequence[int],
+        encoder_top: int,
+        channels: int,
+        channel_mult: Sequence[int],
+        layers_per_block: int,
+        attention_resolutions: Sequence[int],
+        out_channels: int,
+        block_kwargs: dict,
+    ):
+        super().__init__()
+        # 1. middle blocks, at the encoder's deepest width: the first attends
+        self.mid_blocks = nn.ModuleList(
+            [
+                DDPMppBlock(encoder_top, encoder_top, attention=True, **block_kwargs),
+                DDPMppBlock(encoder_top, encoder_top, **block_kwargs),
+            ]
+        )
+        # 2. up path, deepest level first: [up-sampling block,] then layers_per_block + 1 blocks that each take a skip
+        pending, width, self.takes_skip = list(encoder_skips), encoder_top, []
+        blocks = []
+        for level in reversed(range(len(channel_mult))):
+            res = resolution >> level
+            if level < len(channel_mult) - 1:
+                blocks.append(DDPMppBlock(width, width, resample="up", **block_kwargs))
+                self.takes_skip.append(False)
+            for j in range(layers_per_block + 1):
+                attend = j == layers_per_block and res in attention_resolutions  # after the level's last block
+                blocks.append(
+                    DDPMppBlock(
+                        width + pending.pop(), channels * channel_mult[level], attention=attend, **block_kwargs
+                    )
+                )
+                width = channels * channel_mult[level]
+                self.takes_skip.append(True)
+        self.up_blocks = nn.ModuleList(blocks)
+        # 3. output head
+        self.conv_norm_out = nn.GroupNorm(
+            group_count(width, block_kwargs["norm_num_groups"]), width, eps=block_kwargs["norm_eps"]
+        )
+        self.conv_out = nn.Conv2d(width, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, hidden: torch.Tensor, skips: Sequence[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+        skips = list(skips)
+        for block in self.mid_blocks:
+            hidden = block(hidden, emb)
+        for block, takes_skip in zip(self.up_blocks, self.takes_skip):
+            if takes_skip:
+                hidden = torch.cat([hidden, skips.pop()], dim=1)
+            hidden = block(hidden, emb)
+        return self.conv_out(F.silu(self.conv_norm_out(hidden)))
+
+
+class MultiStageDDPMppUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
+    r"""
+    EDM's DDPM++ U-Net with one shared encoder and one tailored decoder per stage (the multi-stage EDM model of
+    Zhang et al., CVPR 2024): the network ``F`` that EDM's preconditioning wraps.
+
+    The encoder (noise, class and augmentation embeddings, input convolution and down path) runs once on the whole
+    batch; each sample is decoded by its stage's decoder only.
+
+    Parameters:
+        sample_size (`int`, defaults to 32): height and width of the input.
+        in_channels (`int`, defaults to 3), out_channels (`int`, defaults to 3): image channels.
+        encoder_channels (`int`, defaults to 128): the encoder's base width (EDM's ``en_model_channels``).
+        decoder_channels (`tuple[int]`, defaults to `(192, 128, 16)`): each stage's decoder base width, from the
+            clean stage to the noisy one (EDM's ``de_model_channels``; the paper's CIFAR-10 decoders).
+        channel_mult (`tuple[int]`, defaults to `(2, 2, 2)`): width multiplier per resolution level.
+        channel_mult_emb (`int`, defaults to 4): embedding width = ``encoder_channels * channel_mult_emb``.
+        layers_per_block (`int`, defaults to 4): blocks per level in the encoder (the decoders have one more).
+        attention_resolutions (`tuple[int]`, defaults to `(16,)`): resolutions with self-attention.
+        dropout (`float`, defaults to 0.13): dropout inside the residual blocks.
+        num_class_embeds (`int`, *optional*): class-conditional when given: ``num_class_embeds - 1`` classes, fed
+            as scaled one-hot vectors (EDM's ``map_label``), and the last label meaning "no class" (the zero vector,
+            EDM's unconditional input), as the package's classifier-free guidance expects.
+        augment_dim (`int`, defaults to 0): width of EDM's augmentation labels (9 for EDM's CIFAR-10 runs); they are
+            only used when ``augment_labels`` are passed.
+        norm_num_groups (`int`, defaults to 16): groups per norm, fewer where a group would hold under 4 channels.
+        norm_eps (`float`, defaults to 1e-6): epsilon of the norms.
+        stage_boundaries (`tuple[float]`, defaults to `(2.5103, 7.6577)`): inner stage boundaries in
+            ``boundary_units`` (the default: the authors' sigma boundaries for CIFAR-10).
+        boundary_units (`str`, defaults to `"sigma"`): ``"sigma"`` (the model is conditioned on ``ln(sigma)/4``, as
+            diffusers' EDM schedulers pass) or ``"timestep"``.
+        num_train_timesteps (`int`, defaults to 1000): the schedule length, for ``"timestep"`` boundaries.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_stages import MultiStageDDPMppUNet2DModel
+    >>> model = MultiStageDDPMppUNet2DModel(
+    ...     sample_size=8, encoder_channels=16, decoder_channels=(24, 16, 8), channel_mult=(1, 2),
+    ...     layers_per_block=1, attention_resolutions=(4,), dropout=0.0,
+    ... )
+    >>> sigmas = torch.tensor([0.5, 5.0, 40.0])  # one per stage: each sample goes to its own decoder
+    >>> model(torch.randn(3, 3, 8, 8), sigmas.log() / 4).sample.shape
+    torch.Size([3, 3, 8, 8])
+
+    ```
+    """
+
+    _skip_layerwise_casting_patterns = ["norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        encoder_channels: int = 128,
+        decoder_channels: tuple[int, ...] = (192, 128, 16),
+        channel_mult: tuple[int, ...] = (2, 2, 2),
+        channel_mult_emb: int = 4,
+        layers_per_block: int = 4,
+        attention_resolutions: tuple[int, ...] = (16,),
+        dropout: float = 0.13,
+        num_class_embeds: int | None = None,
+        augment_dim: int = 0,
+        norm_num_groups: int = 16,
+        norm_eps: float = 1e-6,
+        stage_boundaries: tuple[float, ...] = (2.5103, 7.6577),
+        boundary_units: str = "sigma",
+        num_train_timesteps: int = 1000,
+    ):
+        super().__init__()
+        # 0. check the configuration: every problem is a ValueError that names the argument
+        self.partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
+        if len(decoder_channels) != self.partition.num_stages:
+            raise ValueError(
+                f"`decoder_channels` must give one width per stage ({self.partition.num_stages} stages from "
+                f"`stage_boundaries`={tuple(stage_boundaries)}), got {tuple(decoder_channels)}."
+            )
+        if not isinstance(sample_size, int) or sample_size % 2 ** (len(channel_mult) - 1):
+            raise ValueError(
+                f"`sample_size` must be an integer divisible by 2**{len(channel_mult) - 1} (one halving per level of "
+                f"`channel_mult`={tuple(channel_mult)}), got {sample_size!r}."
+            )
+        if num_class_embeds is not None and num_class_embeds < 2:
+            raise ValueError(
+                f"`num_class_embeds` must be at least 2 (classes + the 'no class' label), got {num_class_embeds}."
+            )
+        noise_channels, emb_channels = encoder_channels, encoder_channels * channel_mult_emb
+        block_kwargs = dict(
+            temb_channels=emb_channels, norm_num_groups=norm_num_groups, norm_eps=norm_eps, dropout=dropout
+        )
+
+        # 1. embeddings: EDM's positional noise embedding ([sin, cos], frequencies 10000^(-i/(n-1))), plus the class
+        #    and augmentation embeddings, then a two-layer MLP (EDM's map_layer0 / map_layer1)
+        self.time_proj = Timesteps(noise_channels, flip_sin_to_cos=False, downscale_freq_shift=1)
+        self.class_embedding = nn.Linear(num_class_embeds - 1, noise_channels) if num_class_embeds else None
+        self.augment_embedding = nn.Linear(augment_dim, noise_channels, bias=False) if augment_dim else None
+        self.time_embedding = TimestepEmbedding(noise_channels, emb_channels)
+
+        # 2. shared encoder: input convolution, then per level [a down-sampling block,] layers_per_block blocks;
+        #    every output is a skip connection
+        self.conv_in = nn.Conv2d(in_channels, encoder_channels, kernel_size=3, padding=1)
+        blocks, skips, width = [], [encoder_channels], encoder_channels
+        for level, mult in enumerate(channel_mult):
+            if level > 0:
+                blocks.append(DDPMppBlock(width, width, resample="down", **block_kwargs))
+                skips.append(width)
+            for _ in range(layers_per_block):
+                attend = (sample_size >> level) in attention_resolutions
+                blocks.append(DDPMppBlock(width, encoder_channels * mult, attention=attend, **block_kwargs))
+                width = encoder_channels * mult
+                skips.append(width)
+        self.down_blocks = nn.ModuleList(blocks)
+
+        # 3. one tailored decoder per stage, clean stage first
+        self.decoders = nn.ModuleList(
+            [
+                DDPMppStageDecoder(
+                    sample_size,
+                    skips,
+                    width,
+                    channels,
+                    channel_mult,
+                    layers_per_block,
+                    attention_resolutions,
+                    out_channels,
+                    block_kwargs,
+                )
+                for channels in decoder_channels
+            ]
+        )
+
+    @property
+    def num_stages(self) -> int:
+        return self.partition.num_stages
+
+    def embed(
+        self,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        augment_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The embedding every block receives: noise level + class + augmentation, through the MLP."""
+        emb = self.time_proj(timesteps).to(dtype=self.dtype)
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError("`class_labels` must be given: this model is class-conditional.")
+            num_classes = self.class_embedding.in_features
+            if not class_labels.is_floating_point():  # indices; the last one ("no class") is the zero vector
+                if bool((class_labels < 0).any()) or bool((class_labels > num_classes).any()):
+                    raise ValueError(
+                        f"`class_labels` must be indices in [0, {num_classes}] ({num_classes} = no class), got "
+                        f"{class_labels.tolist()}."
+                    )
+                class_labels = F.one_hot(class_labels.long(), num_classes + 1)[:, :num_classes]
+            if class_labels.shape != (emb.shape[0], num_classes):
+                raise ValueError(
+                    f"`class_labels` must be {emb.shape[0]} indices or a ({emb.shape[0]}, {num_classes}) tensor of "
+                    f"one-hot rows, got shape {tuple(class_labels.shape)}."
+                )
+            emb = emb + self.class_embedding(class_labels.to(self.dtype) * math.sqrt(num_classes))  # EDM's scaling
+        elif class_labels is not None:
+            raise ValueError("`class_labels` were given, but this model has no class embedding (`num_class_embeds`).")
+        if augment_labels is not None:
+            if self.augment_embedding is None:
+                raise ValueError("`augment_labels` were given, but this model has no augmentation embedding.")
+            emb = emb + self.augment_embedding(augment_labels.to(self.dtype))
+        return self.time_embedding(emb)  # linear, SiLU, linear; each block applies the final SiLU
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        stage_index: int | None = None,
+        augment_labels: torch.Tensor | None = None,
+    ) -> UNet2DOutput | tuple:
+        r"""
+        Args:
+            sample (`torch.Tensor`): input of shape `(batch, in_channels, height, width)` (EDM's ``c_in * x``).
+            timestep (`torch.Tensor` or `float`): the noise conditioning, ``ln(sigma)/4`` for sigma boundaries; one
+                value, or one per sample (stages may differ).
+            class_labels (`torch.Tensor`, *optional*): class indices (the last index is "no class"), or one-hot
+                rows of width ``num_class_embeds - 1``.
+            return_dict (`bool`, defaults to `True`): return a `UNet2DOutput` rather than a tuple.
+            stage_index (`int`, *optional*): decode every sample with this stage's decoder (the pipelines pass it).
+            augment_labels (`torch.Tensor`, *optional*): EDM's augmentation labels, for training with augmentation.
+        """
+        # 0. check the input
+        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"`sample` must have shape (batch, {self.config.in_channels}, height, width), got {tuple(sample.shape)}."
+            )
+        timesteps = torch.as_tensor(timestep, device=sample.device)
+        timesteps = timesteps.reshape(-1).float().expand(sample.shape[0]) if timesteps.numel() == 1 else timesteps
+
+        # 1. embeddings and the shared encoder, once on the whole batch
+        emb = self.embed(timesteps, class_labels, augment_labels)
+        hidden = self.conv_in(sample)
+        skips = [hidden]
+        for block in self.down_blocks:
+            hidden = block(hidden, emb)
+            skips.append(hidden)
+
+        # 2. route: each stage's decoder on its own samples only (the whole batch when one stage holds it)
+        def decode(stage: int, rows: torch.Tensor | None) -> torch.Tensor:
+            if rows is None:
+                return self.decoders[stage](hidden, skips, emb)
+            return self.decoders[stage](hidden[rows], [skip[rows] for skip in skips], emb[rows])
+
+        out = dispatch_by_stage(self.partition, timesteps, stage_index, decode)
+        if not return_dict:
+            return (out,)
+        return UNet2DOutput(sample=out)

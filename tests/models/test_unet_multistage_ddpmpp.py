@@ -1,0 +1,122 @@
+"""MultiStageDDPMppUNet2DModel: routing, save/reload, class labels, training and sampling with EDM schedulers."""
+
+import pytest
+import torch
+from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+
+from diffusers_stages import MultiStageDDPMppUNet2DModel, MultiStagePipeline
+from diffusers_stages.training.loss import diffusion_loss
+
+TINY = dict(
+    sample_size=8,
+    encoder_channels=16,
+    decoder_channels=(24, 16, 8),
+    channel_mult=(1, 2),
+    layers_per_block=1,
+    attention_resolutions=(4,),
+    dropout=0.0,
+)
+
+
+def c_noise(*sigmas: float) -> torch.Tensor:
+    return torch.tensor(sigmas).log() / 4  # what diffusers' EDM schedulers pass as `timestep`
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return MultiStageDDPMppUNet2DModel(**TINY).eval()
+
+
+def test_mixed_batch_matches_per_sample_reference(model):
+    x = torch.randn(4, 3, 8, 8)
+    t = c_noise(0.5, 40.0, 5.0, 1.0)  # stages 0, 2, 1, 0
+    with torch.no_grad():
+        mixed = model(x, t).sample
+        reference = torch.cat([model(x[i : i + 1], t[i : i + 1]).sample for i in range(4)])
+        forced = model(x[:1], t[:1], stage_index=2).sample
+    assert torch.allclose(mixed, reference, atol=1e-5)
+    assert not torch.allclose(forced, mixed[:1], atol=1e-3)  # the decoders differ
+
+
+def test_decoders_are_tailored_and_attend_where_configured(model):
+    # decoder widths follow `decoder_channels`; the middle blocks stay at the encoder's deepest width
+    assert [d.conv_out.in_channels for d in model.decoders] == [24, 16, 8]
+    assert all(d.mid_blocks[0].resnet.in_channels == 32 for d in model.decoders)
+    # attention: encoder blocks at 4x4, the first middle block, the last block of each decoder's 4x4 level
+    assert [b.attention is not None for b in model.down_blocks] == [False, False, True]
+    assert [b.attention is not None for b in model.decoders[0].up_blocks] == [False, True, False, False, False]
+
+
+def test_save_reload_is_bit_identical(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    reloaded = MultiStageDDPMppUNet2DModel.from_pretrained(tmp_path).eval()
+    x, t = torch.randn(2, 3, 8, 8), c_noise(0.5, 40.0)
+    with torch.no_grad():
+        assert torch.equal(model(x, t).sample, reloaded(x, t).sample)
+
+
+def test_class_labels_are_scaled_one_hot_and_the_last_means_no_class():
+    torch.manual_seed(0)
+    model = MultiStageDDPMppUNet2DModel(**TINY, num_class_embeds=4).eval()  # 3 classes + "no class"
+    x, t = torch.randn(2, 3, 8, 8), c_noise(1.0, 1.0)
+    with torch.no_grad():
+        by_index = model(x, t, class_labels=torch.tensor([2, 3])).sample
+        by_rows = model(x, t, class_labels=torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])).sample
+    assert torch.allclose(by_index, by_rows, atol=1e-6)
+    with pytest.raises(ValueError, match="class_labels"):
+        model(x, t, class_labels=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="class_labels"):
+        model(x, t)
+
+
+def test_trains_with_the_edm_loss(model):
+    model.train()
+    scheduler = EDMEulerScheduler()
+    sigmas = torch.tensor([0.3, 3.0, 30.0])  # one sample per stage
+    loss = diffusion_loss(model, scheduler, torch.randn(3, 3, 8, 8), sigmas, generator=torch.manual_seed(0))
+    loss.mean().backward()
+    for s in range(3):  # every stage's decoder received a gradient, and the shared encoder
+        assert model.decoders[s].conv_out.weight.grad.abs().sum() > 0
+    assert model.conv_in.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("scheduler_class", [EDMEulerScheduler, EDMDPMSolverMultistepScheduler])
+def test_samples_deterministically_through_the_pipeline(model, scheduler_class, tmp_path):
+    pipe = MultiStagePipeline(unet=model, scheduler=scheduler_class())
+    pipe.set_progress_bar_config(disable=True)
+    calls = {s: 0 for s in range(3)}
+    for s, decoder in enumerate(model.decoders):
+        decoder.register_forward_hook(lambda *_, s=s: calls.__setitem__(s, calls[s] + 1))
+    images = pipe(batch_size=2, num_inference_steps=6, generator=torch.manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 3) and all(n > 0 for n in calls.values())  # the Karras schedule visits all
+    pipe.save_pretrained(tmp_path)
+    reloaded = MultiStagePipeline.from_pretrained(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    again = reloaded(batch_size=2, num_inference_steps=6, generator=torch.manual_seed(0), output_type="np").images
+    assert (images == again).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"decoder_channels": (16, 16)}, "decoder_channels"),
+        ({"sample_size": 7}, "sample_size"),
+        ({"encoder_channels": 18}, "norm_num_groups"),
+        ({"num_class_embeds": 1}, "num_class_embeds"),
+        ({"stage_boundaries": (5.0, 1.0)}, "boundaries"),
+    ],
+)
+def test_bad_configuration_names_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        MultiStageDDPMppUNet2DModel(**{**TINY, **kwargs})
+
+
+def test_bad_inputs_name_the_argument(model):
+    with pytest.raises(ValueError, match="sample"):
+        model(torch.randn(1, 1, 8, 8), c_noise(1.0))
+    with pytest.raises(ValueError, match="class_labels"):
+        model(torch.randn(1, 3, 8, 8), c_noise(1.0), class_labels=torch.tensor([0]))
+    with pytest.raises(ValueError, match="augment_labels"):
+        model(torch.randn(1, 3, 8, 8), c_noise(1.0), augment_labels=torch.zeros(1, 9))
