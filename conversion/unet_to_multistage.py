@@ -104,7 +104,11 @@ def plan_boundaries(scheduler, method: str, num_stages: int) -> tuple[list[float
 
 def convert(unet: UNet2DModel, scheduler, vae, boundaries, units: str) -> MultiStagePipeline:
     """The `MultiStagePipeline` whose stages all copy ``unet`` (see `MultiStageUNet2DModel.from_unet`)."""
-    staged = MultiStageUNet2DModel.from_unet(unet, stage_boundaries=boundaries, boundary_units=units)
+    # the stages cover the scheduler's training schedule (a UNet2DModel config rarely records its length)
+    steps = getattr(scheduler.config, "num_train_timesteps", None)
+    staged = MultiStageUNet2DModel.from_unet(
+        unet, stage_boundaries=boundaries, boundary_units=units, num_train_timesteps=steps
+    )
     return MultiStagePipeline(unet=staged.eval(), scheduler=scheduler, vae=vae)
 
 

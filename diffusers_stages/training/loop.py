@@ -43,15 +43,16 @@ from .tasks import TrainingTask, noise_schedulers
 logger = get_logger(__name__)
 
 
-def vae_downsampling(args: argparse.Namespace) -> int:
-    """Down-sampling factor of `--vae_path` (1 in pixel space), read from its config only."""
+def vae_shape(args: argparse.Namespace) -> tuple[int, int]:
+    """``(channels, down-sampling factor)`` of the training samples: `--vae_path`'s latents, read from its config
+    only, or RGB pixels ``(3, 1)``."""
     if args.vae_path is None:
-        return 1
+        return 3, 1
     try:
         config = AutoencoderKL.load_config(args.vae_path, subfolder=args.vae_subfolder)
     except (OSError, ValueError) as error:
         raise ValueError(f"`--vae_path` {args.vae_path!r} is not an AutoencoderKL folder: {error}") from None
-    return 2 ** (len(config["block_out_channels"]) - 1)
+    return config["latent_channels"], 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def step_generator(seed: int, process_index: int, micro_step: int) -> torch.Generator:
@@ -78,7 +79,8 @@ def parse_and_check(parser: argparse.ArgumentParser, task_class: type[TrainingTa
     """Parse a script's arguments and run every check that needs no training; a problem exits with a usage error."""
     args = parser.parse_args(argv)
     try:
-        check_args(args, task_class(args).partition, task_class(args).downsampling * vae_downsampling(args))
+        task = task_class(args)  # a pretrained source's VAE becomes `--vae_path` here, before `vae_shape` reads it
+        check_args(args, task.partition, task.downsampling * vae_shape(args)[1])
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -86,8 +88,8 @@ def parse_and_check(parser: argparse.ArgumentParser, task_class: type[TrainingTa
 
 def train(args: argparse.Namespace, task: TrainingTask) -> str:
     """Train ``task``'s networks as ``args`` says; returns the output folder (a `save_pretrained` pipeline)."""
-    # 1. every check that needs no training: arguments, data source, VAE config, output folder
-    vae_factor = vae_downsampling(args)
+    # 1. every check that needs no training: arguments, data source, VAE config, data vs. networks, output folder
+    in_channels, vae_factor = vae_shape(args)
     check_args(args, task.partition, task.downsampling * vae_factor)
     if args.train_data_dir is not None:
         records = image_folder_records(args.train_data_dir, args.class_conditional)
@@ -96,6 +98,8 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
             args.dataset_name, args.class_conditional, args.dataset_config_name, args.image_column, args.label_column,
             args.cache_dir,
         )  # fmt: skip
+    num_class_embeds = records.num_classes + 1 if args.class_conditional else None  # last index = null label
+    task.check_data(in_channels, args.resolution // vae_factor, num_class_embeds)
     existing = checkpoint_folders(args.output_dir)
     if existing and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
         raise ValueError(
@@ -151,8 +155,6 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     train_dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, sampler=sampler, num_workers=args.dataloader_num_workers
     )
-    in_channels = vae.config.latent_channels if vae is not None else 3
-    num_class_embeds = records.num_classes + 1 if args.class_conditional else None  # last index = null label
 
     # 4. networks, EMA, optimizer, learning-rate schedule
     networks = task.build_networks(in_channels, args.resolution // vae_factor, num_class_embeds)
@@ -185,7 +187,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
         *networks.values(), optimizer, train_dataloader, lr_scheduler
     )
     register_checkpoint_hooks(accelerator, names, emas)
-    noise_scheduler, sampling_scheduler = noise_schedulers(args)
+    noise_scheduler, sampling_scheduler = noise_schedulers(args, task.scheduler_config)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     global_step, first_epoch, skip_batches = 0, 0, 0

@@ -8,15 +8,18 @@ import json
 import os
 from dataclasses import dataclass
 
+import diffusers
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, EDMEulerScheduler, SchedulerMixin, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..models.expert_routing import ExpertRoutingModel, expert_folder
 from ..models.meme import meme_expert_configs
 from ..models.unet_multistage import MultiStageUNet2DModel
+from ..models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 from ..partition import TimestepPartition
 from ..pipelines import DualBackbonePipeline, ExpertRoutingPipeline, MultiStagePipeline
+from ..routing import check_scheduler_units, is_edm_scheduler
 from ..timestep_sampling import soft_assignment_timesteps, stage_counts, stratified_timesteps
 from .args import partition_from_args, unet_shape_kwargs
 
@@ -34,8 +37,30 @@ class Draw:
     network: torch.Tensor
 
 
-def noise_schedulers(args: argparse.Namespace):
-    """``(training scheduler, sampling scheduler)``: DDPM and DDIM with one config, or EDM's Euler for both."""
+def noise_schedulers(args: argparse.Namespace, source: dict | None = None):
+    """``(training scheduler, sampling scheduler)``: DDPM and DDIM with one config, or EDM's Euler for both.
+
+    ``source`` is the scheduler config of a pretrained pipeline (fine-tuning): then both come from it, so that its
+    betas, step count, prediction type and sampler settings carry over. The source's own class samples; DDPM (EDM's
+    Euler for an EDM source) trains, as those are the classes the loss knows how to noise with.
+    """
+    if source is not None:
+        name = source.get("_class_name")
+        sampling_class = getattr(diffusers, str(name), None)
+        if not isinstance(sampling_class, type) or not issubclass(sampling_class, SchedulerMixin):
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r}: its scheduler config names "
+                f"{name!r}, which is not a diffusers scheduler."
+            )
+        sampling = sampling_class.from_config(source)
+        if is_edm_scheduler(sampling):
+            return EDMEulerScheduler.from_config(source), sampling
+        if not hasattr(sampling, "alphas_cumprod"):
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r}: its {name} is neither "
+                "DDPM-style (a beta schedule) nor EDM-style, the two kinds of noise schedule this script trains with."
+            )
+        return DDPMScheduler.from_config(source), sampling
     if args.boundary_units == "sigma":
         scheduler = EDMEulerScheduler(num_train_timesteps=args.ddpm_num_steps, prediction_type=args.prediction_type)
         return scheduler, scheduler
@@ -57,6 +82,7 @@ class TrainingTask:
     method = ""
     tags: tuple[str, ...] = ()
     find_unused_parameters = False  # True only where a network may get no sample in a step
+    scheduler_config: dict | None = None  # a pretrained source's scheduler config; None: the arguments' schedule
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -74,6 +100,10 @@ class TrainingTask:
         self, in_channels: int, sample_size: int, num_class_embeds: int | None
     ) -> dict[str, ModelMixin]:
         raise NotImplementedError
+
+    def check_data(self, in_channels: int, sample_size: int, num_class_embeds: int | None) -> None:
+        """Refuse training data that networks loaded from a checkpoint cannot take (a ValueError naming the
+        argument); networks built from the arguments fit any data, so by default there is nothing to check."""
 
     def draw(self, batch_size: int, generator: torch.Generator) -> Draw:
         raise NotImplementedError
@@ -113,18 +143,85 @@ class TrainingTask:
         return f"| stage (0 = cleanest) | {unit} interval |\n| --- | --- |\n" + "\n".join(rows)
 
 
+# the classes a pretrained `unet` folder may hold, and the config key with one entry per resolution level
+PRETRAINED_UNETS = {
+    "MultiStageUNet2DModel": (MultiStageUNet2DModel, "block_out_channels"),
+    "MultiStageDDPMppUNet2DModel": (MultiStageDDPMppUNet2DModel, "channel_mult"),
+}
+# arguments that would define the stages or the architecture anew; they have no default, so given means meant
+REFUSED_WITH_PRETRAINED = ("stage_boundaries", "decoder_block_out_channels", "model_config", "down_block_types",
+                           "up_block_types")  # fmt: skip
+
+
+@dataclass
+class PretrainedSource:
+    """What fine-tuning reads from a `MultiStagePipeline` folder before any weights load: the configs of its `unet`
+    and `scheduler`, and the class of its VAE (None when it has none)."""
+
+    path: str
+    unet_config: dict
+    scheduler_config: dict
+    vae_class: str | None
+
+    @classmethod
+    def read(cls, path: str) -> PretrainedSource:
+        """Read a `MultiStagePipeline` folder (or Hub repository); anything else is a ValueError naming
+        `--pretrained_model_name_or_path`."""
+        try:
+            index = DiffusionPipeline.load_config(path)
+            unet_config = MultiStageUNet2DModel.load_config(path, subfolder="unet")
+            scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {path!r} is not a MultiStagePipeline folder or Hub repository "
+                f"(model_index.json, unet/, scheduler/): {error}"
+            ) from None
+        if unet_config.get("_class_name") not in PRETRAINED_UNETS:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {path!r} holds a {unet_config.get('_class_name')} as its unet, not "
+                f"one of {sorted(PRETRAINED_UNETS)}: convert it first (e.g. `python -m "
+                "diffusers_stages.conversion.unet_to_multistage` for a UNet2DModel or DDPM/DDIM/LDM pipeline)."
+            )
+        vae = index.get("vae") or [None, None]  # [library, class], or [None, None] for a pixel-space pipeline
+        return cls(path, unet_config, scheduler_config, vae[1] if vae[0] is not None else None)
+
+    @property
+    def model_class(self) -> type[ModelMixin]:
+        return PRETRAINED_UNETS[self.unet_config["_class_name"]][0]
+
+    @property
+    def downsampling(self) -> int:
+        """The model's down-sampling factor: one halving per resolution level."""
+        return 2 ** (len(self.unet_config[PRETRAINED_UNETS[self.unet_config["_class_name"]][1]]) - 1)
+
+
 class MultiStageTask(TrainingTask):
-    """Zhang et al. (CVPR 2024): shared encoder, one decoder per stage, all trained jointly on stratified batches."""
+    """Zhang et al. (CVPR 2024): shared encoder, one decoder per stage, all trained jointly on stratified batches.
+
+    With `--pretrained_model_name_or_path` the networks, the stages and the noise schedule are those of an existing
+    `MultiStagePipeline` folder (fine-tuning) instead of being built from the arguments."""
 
     method = "multi-stage multi-decoder U-Net"
     tags = ("multi-stage", "multi-decoder")
 
+    def __init__(self, args: argparse.Namespace):
+        # fine-tuning: the source's configs (no weights yet) come first, the partition and every check follow them
+        path = getattr(args, "pretrained_model_name_or_path", None)
+        self.source = None if path is None else PretrainedSource.read(path)
+        if self.source is not None:
+            self.scheduler_config = self.source.scheduler_config
+            self._use_source_vae(args)
+        super().__init__(args)
+
     def build_partition(self, args):
-        boundaries = PAPER_BOUNDARIES[args.boundary_units]
-        if args.boundary_units == "timestep":
-            boundaries = [round(b * args.ddpm_num_steps) for b in boundaries]
-        default = TimestepPartition(boundaries, args.ddpm_num_steps, args.boundary_units)
-        partition = partition_from_args(args, default)
+        if self.source is not None:
+            partition = self._source_partition(args)
+        else:
+            boundaries = PAPER_BOUNDARIES[args.boundary_units]
+            if args.boundary_units == "timestep":
+                boundaries = [round(b * args.ddpm_num_steps) for b in boundaries]
+            default = TimestepPartition(boundaries, args.ddpm_num_steps, args.boundary_units)
+            partition = partition_from_args(args, default)
         decoders = getattr(args, "decoder_block_out_channels", None)
         if decoders is not None and len(decoders) != partition.num_stages:
             raise ValueError(
@@ -132,13 +229,116 @@ class MultiStageTask(TrainingTask):
                 f"{list(partition.boundaries)} has {partition.num_stages} stages: give one width list per stage."
             )
         self._every_network_every_step(args, partition.num_stages, "decoder")
+        if self.source is not None and self.source.unet_config.get("augment_dim"):
+            # EDM's augmentation embedding gets no gradient (the loop passes no augmentation labels): tell DDP
+            self.find_unused_parameters = True
+        return partition
+
+    def _use_source_vae(self, args: argparse.Namespace) -> None:
+        """Without `--vae_path`, train in the latent space of the source's own VAE (`--vae_path SOURCE
+        --vae_subfolder vae`): that is the space its model denoises."""
+        vae_class = self.source.vae_class
+        if args.vae_path is not None or vae_class is None:
+            return
+        if vae_class != "AutoencoderKL":
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {self.source.path!r} holds a {vae_class} as its VAE, but training "
+                "encodes images with an AutoencoderKL only: give one whose latents fit the model with `--vae_path`."
+            )
+        args.vae_path, args.vae_subfolder = self.source.path, "vae"
+
+    def _source_partition(self, args: argparse.Namespace) -> TimestepPartition:
+        """The loaded model's partition, after refusing every argument that contradicts the source."""
+        path, config = self.source.path, self.source.unet_config
+        partition = TimestepPartition.from_config(config)
+        for name in REFUSED_WITH_PRETRAINED:
+            value = getattr(args, name, None)
+            if value is not None:
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ValueError(
+                    f"`--{name}` {shown} cannot be combined with `--pretrained_model_name_or_path`: fine-tuning keeps "
+                    f"the model of {path!r} (stage boundaries {list(partition.boundaries)} in {partition.units!r} "
+                    f"units, its own architecture). Drop `--{name}`."
+                )
+        if args.boundary_units != partition.units:
+            raise ValueError(
+                f"`--boundary_units` {args.boundary_units} disagrees with the model of {path!r}, whose stage "
+                f"boundaries are in {partition.units!r} units: pass `--boundary_units {partition.units}`."
+            )
+        # the schedule arguments must repeat the source's rather than be read from it: argparse cannot tell a
+        # default from a typed value, so a silent override could hide a value the user meant, while training with
+        # the arguments' schedule would fine-tune on a noise schedule the model never saw; the error names the fix
+        training, sampling = noise_schedulers(args, self.source.scheduler_config)
+        expected = {
+            "ddpm_num_steps": training.config.num_train_timesteps,
+            "prediction_type": training.config.prediction_type,
+        }
+        if not is_edm_scheduler(training):  # EDM has no beta schedule (nor does fresh EDM training read one)
+            expected["ddpm_beta_schedule"] = training.config.beta_schedule
+        for name, value in expected.items():
+            if getattr(args, name) != value:
+                raise ValueError(
+                    f"`--{name}` {getattr(args, name)} disagrees with the scheduler of {path!r} ({value}): pass "
+                    f"`--{name} {value}` (fine-tuning keeps the source's noise schedule)."
+                )
+        try:  # EDM scheduler <-> sigma stages, and the stages' step count = the scheduler's
+            check_scheduler_units(sampling, partition)
+        except ValueError as error:
+            raise ValueError(f"`--pretrained_model_name_or_path` {path!r}: {error}") from None
+        if args.gradient_checkpointing and not self.source.model_class._supports_gradient_checkpointing:
+            raise ValueError(
+                f"`--gradient_checkpointing` is not supported by {self.source.model_class.__name__} (the model of "
+                f"{path!r}): drop it."
+            )
         return partition
 
     @property
     def downsampling(self):
+        if self.source is not None:
+            return self.source.downsampling
         return _unet_downsampling(unet_shape_kwargs(self.args))
 
+    def check_data(self, in_channels, sample_size, num_class_embeds):
+        if self.source is None:
+            return
+        path, config = self.source.path, self.source.unet_config
+        if in_channels != config["in_channels"]:
+            data = (
+                f"`--vae_path` {self.args.vae_path!r} gives latents of {in_channels} channels"
+                if self.args.vae_path is not None
+                else f"the data are RGB images ({in_channels} channels; a latent model needs `--vae_path`)"
+            )
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {path!r} holds a model with in_channels={config['in_channels']}, "
+                f"but {data}."
+            )
+        size = config.get("sample_size")  # an int, [height, width], or None (a U-Net of any size)
+        if size is not None and tuple(size if isinstance(size, (list, tuple)) else (size, size)) != (sample_size,) * 2:
+            factor = self.args.resolution // sample_size
+            fix = f"pass `--resolution {size * factor}`" if isinstance(size, int) else "the data are square"
+            raise ValueError(
+                f"`--resolution` {self.args.resolution} gives {sample_size}x{sample_size} samples, but the model of "
+                f"{path!r} has sample_size={size}: {fix}."
+            )
+        if num_class_embeds != config.get("num_class_embeds"):
+            data = (
+                f"{num_class_embeds - 1} classes (+ the null label: num_class_embeds={num_class_embeds})"
+                if num_class_embeds is not None
+                else "no class labels (num_class_embeds=None)"
+            )
+            raise ValueError(
+                f"`--class_conditional`: the data give {data}, but the model of {path!r} has "
+                f"num_class_embeds={config.get('num_class_embeds')} (with `--class_conditional`, classes + 1)."
+            )
+
     def build_networks(self, in_channels, sample_size, num_class_embeds):
+        if self.source is not None:
+            self.check_data(in_channels, sample_size, num_class_embeds)
+            # fp32 master weights whatever the folder stores; Accelerate's mixed precision casts in the forward pass
+            unet = self.source.model_class.from_pretrained(
+                self.source.path, subfolder="unet", torch_dtype=torch.float32
+            )
+            return {"unet": unet}
         config = self._script_config(
             unet_shape_kwargs(self.args),
             sample_size=sample_size,
@@ -161,10 +361,15 @@ class MultiStageTask(TrainingTask):
 
     def description(self):
         widths = self.args.decoder_block_out_channels or "the encoder's"
+        origin = ""
+        if self.source is not None:
+            config = self.source.unet_config
+            widths = config.get("decoder_block_out_channels") or config.get("decoder_channels") or "the encoder's"
+            origin = f" Fine-tuned from `{self.source.path}` ({config['_class_name']})."
         return (
             "A multi-stage, multi-decoder U-Net (Zhang et al., CVPR 2024): one shared encoder and one decoder per "
-            f"stage of the noise schedule, trained jointly (every decoder in every batch). Decoder widths: {widths}.\n\n"
-            + self._stage_table()
+            f"stage of the noise schedule, trained jointly (every decoder in every batch). Decoder widths: {widths}."
+            f"{origin}\n\n" + self._stage_table()
         )
 
 

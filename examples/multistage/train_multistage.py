@@ -2,7 +2,8 @@
 """Train a multi-stage, multi-decoder U-Net (Zhang et al., CVPR 2024) with Accelerate.
 
 One shared encoder and one decoder per stage of the noise schedule, trained jointly: every batch is stratified
-over the stages, so every decoder learns at every step. See README.md beside this file for the commands.
+over the stages, so every decoder learns at every step. `--pretrained_model_name_or_path` fine-tunes an existing
+(e.g. converted) `MultiStagePipeline` folder instead. See README.md beside this file for the commands.
 """
 
 import argparse
@@ -17,6 +18,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--decoder_block_out_channels", type=int_list, nargs="+", default=None,
         help="Block widths of each stage's decoder, clean stage first, e.g. `192,192 128,128 16,16` "
         "(default: the encoder's `--block_out_channels` for every decoder).",
+    )  # fmt: skip
+    group.add_argument(
+        "--pretrained_model_name_or_path", type=str, default=None,
+        help="Fine-tune this MultiStagePipeline folder (e.g. one written by `diffusers_stages.conversion`) instead of "
+        "training a new model: its unet (MultiStageUNet2DModel or MultiStageDDPMppUNet2DModel), stages and noise "
+        "schedule are kept, and the result is saved with its scheduler. Refused with it: `--stage_boundaries`, "
+        "`--decoder_block_out_channels`, `--model_config`, `--down_block_types`, `--up_block_types`. Must repeat the "
+        "source's values (an error names them): `--boundary_units`, `--ddpm_num_steps`, `--ddpm_beta_schedule` "
+        "(DDPM-style), `--prediction_type`. Ignored: `--block_out_channels`, `--layers_per_block`, "
+        "`--attention_head_dim`, `--norm_num_groups`, `--dropout` (the model's config holds them). Without "
+        "`--vae_path` the folder's own VAE is used, if it has one. The data must fit the model: channels, "
+        "`--resolution` = its sample_size (x the VAE's down-sampling), `--class_conditional` classes + 1 = its "
+        "num_class_embeds.",
     )  # fmt: skip
     return parse_and_check(parser, MultiStageTask, argv)
 

@@ -51,6 +51,14 @@ def test_ddim_pipeline_and_bare_unet_folder(tmp_path):
     assert type(staged.scheduler).__name__ == "DDPMScheduler"  # a bare U-Net gets the DDPM training schedule
 
 
+def test_a_shorter_training_schedule_carries_over(tmp_path):
+    # the U-Net's config does not record the schedule length: the stages must span the scheduler's 500 steps
+    DDIMPipeline(unet=tiny_unet(2), scheduler=DDIMScheduler(num_train_timesteps=500)).save_pretrained(tmp_path / "s")
+    staged = convert(str(tmp_path / "s"), str(tmp_path / "out"), "--stage_boundaries", "250", "--verify")
+    assert staged.partition.num_train_timesteps == 500
+    assert sample(MultiStagePipeline.from_pretrained(str(tmp_path / "out"))).shape == (2, 8, 8, 3)
+
+
 def test_planned_boundaries(ddpm_folder, tmp_path):
     staged = convert(ddpm_folder, str(tmp_path / "planned"), "--plan", "uniform", "--num_stages", "4")
     assert staged.partition.num_stages == 4

@@ -1,0 +1,189 @@
+"""`train_multistage.py --pretrained_model_name_or_path`: fine-tunes converted and EDM `MultiStagePipeline` folders,
+keeps their stages and noise schedules, and refuses arguments or data that contradict them."""
+
+import argparse
+import os
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMScheduler,
+    EDMEulerScheduler,
+    UNet2DModel,
+    VQModel,
+)
+from diffusers_stages.conversion import unet_to_multistage
+from safetensors.torch import load_file
+
+from diffusers_stages import MultiStageDDPMppUNet2DModel, MultiStagePipeline, MultiStageUNet2DModel
+from diffusers_stages.training.tasks import noise_schedulers
+from tests.conftest import TINY_UNET
+
+# a latent-diffusion schedule (scaled_linear, LDM's betas): nothing like the script's default linear one
+SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False}
+
+
+@pytest.fixture(scope="module")
+def script(examples):
+    return examples.load_script("multistage")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> str:
+    """A tiny DDIMPipeline with a scaled_linear schedule, converted by `unet_to_multistage` (stages 300 / 700)."""
+    root = tmp_path_factory.mktemp("converted")
+    torch.manual_seed(0)
+    DDIMPipeline(unet=UNet2DModel(**TINY_UNET), scheduler=DDIMScheduler(**SCHEDULE)).save_pretrained(root / "ddim")
+    unet_to_multistage.main(
+        unet_to_multistage.parse_args(
+            ["--source", str(root / "ddim"), "--output_path", str(root / "staged"), "--stage_boundaries", "300", "700"]
+        )
+    )
+    return str(root / "staged")
+
+
+def _finetune_args(examples, image_folder: str, source: str, out: str, *extra: str) -> list[str]:
+    return [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--pretrained_model_name_or_path",
+            source, "--max_train_steps", "2", "--learning_rate", "1e-3", *extra]  # fmt: skip
+
+
+def _weights(folder: str) -> dict:
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def _assert_same_model_new_weights(source: str, tuned: str) -> None:
+    before, after = MultiStagePipeline.from_pretrained(source), MultiStagePipeline.from_pretrained(tuned)
+    assert type(after.unet) is type(before.unet) and after.partition == before.partition
+    assert {k: v for k, v in after.unet.config.items() if not k.startswith("_")} == {
+        k: v for k, v in before.unet.config.items() if not k.startswith("_")
+    }
+    a, b = _weights(source), _weights(tuned)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # trained, same architecture
+
+
+def test_finetunes_a_converted_pipeline_on_its_schedule(examples, script, image_folder, converted, tmp_path):
+    out = str(tmp_path / "run")
+    args = script.parse_args(
+        _finetune_args(examples, image_folder, converted, out, "--ddpm_beta_schedule", "scaled_linear")
+    )
+    script.main(args)
+
+    _assert_same_model_new_weights(converted, out)
+    tuned = MultiStagePipeline.from_pretrained(out)
+    assert tuned.partition.boundaries == (300.0, 700.0)
+    # sampled with the source's scheduler class and schedule; trained with DDPM on the same betas
+    assert type(tuned.scheduler) is DDIMScheduler
+    assert {k: tuned.scheduler.config[k] for k in SCHEDULE} == SCHEDULE
+    training, _ = noise_schedulers(args, DDIMScheduler.load_config(converted, subfolder="scheduler"))
+    assert type(training) is DDPMScheduler
+    assert torch.equal(training.alphas_cumprod, DDPMScheduler(**SCHEDULE).alphas_cumprod)
+    assert not torch.equal(training.alphas_cumprod, DDPMScheduler().alphas_cumprod)
+    tuned.set_progress_bar_config(disable=True)
+    assert tuned(batch_size=2, num_inference_steps=3, output_type="np").images.shape == (2, 8, 8, 3)
+
+
+def test_resuming_a_finetune_continues_from_the_checkpoint(examples, script, image_folder, converted, tmp_path):
+    base = ["--ddpm_beta_schedule", "scaled_linear", "--lr_scheduler", "constant", "--checkpointing_steps", "1"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    examples.train(script, _finetune_args(examples, image_folder, converted, straight, *base))
+    examples.train(
+        script, [*_finetune_args(examples, image_folder, converted, resumed, *base), "--max_train_steps", "1"]
+    )
+    examples.train(script, [*_finetune_args(examples, image_folder, converted, resumed, *base), "--resume_from_checkpoint", "latest"])  # fmt: skip
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # step 2 started from checkpoint-1, not from the source
+
+
+def test_finetunes_an_edm_ddpmpp_pipeline(examples, script, image_folder, tmp_path):
+    source, out = str(tmp_path / "edm"), str(tmp_path / "run")
+    torch.manual_seed(0)
+    model = MultiStageDDPMppUNet2DModel(
+        sample_size=8, encoder_channels=16, decoder_channels=(24, 16, 8), channel_mult=(1, 2), layers_per_block=1,
+        attention_resolutions=(4,), dropout=0.0, num_class_embeds=4, augment_dim=9,
+    )  # fmt: skip
+    MultiStagePipeline(unet=model, scheduler=EDMEulerScheduler(sigma_max=40.0)).save_pretrained(source)
+    args = script.parse_args(_finetune_args(examples, image_folder, source, out, "--boundary_units", "sigma",
+                                            "--class_conditional", "--use_ema"))  # fmt: skip
+    assert script.MultiStageTask(args).find_unused_parameters  # EDM's augmentation embedding trains without labels
+    script.main(args)
+
+    _assert_same_model_new_weights(source, out)
+    assert torch.equal(_weights(source)["augment_embedding.weight"], _weights(out)["augment_embedding.weight"])
+    tuned = MultiStagePipeline.from_pretrained(out)
+    assert type(tuned.scheduler) is EDMEulerScheduler and tuned.scheduler.config.sigma_max == 40.0
+    assert tuned.partition.units == "sigma" and tuned.partition.boundaries == (2.5103, 7.6577)
+    tuned.set_progress_bar_config(disable=True)
+    assert tuned(class_labels=[0, 2], num_inference_steps=3, output_type="np").images.shape == (2, 8, 8, 3)
+
+
+def test_trains_in_the_latent_space_of_the_folders_vae(examples, script, image_folder, tmp_path):
+    torch.manual_seed(0)
+    unet = MultiStageUNet2DModel(**{**TINY_UNET, "in_channels": 4, "out_channels": 4})
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16)  # fmt: skip
+    MultiStagePipeline(unet=unet, scheduler=DDPMScheduler(), vae=vae).save_pretrained(tmp_path / "latent")
+    source, out = str(tmp_path / "latent"), str(tmp_path / "run")
+    examples.train(script, _finetune_args(examples, image_folder, source, out, "--resolution", "16"))  # no --vae_path
+    _assert_same_model_new_weights(source, out)
+    assert MultiStagePipeline.from_pretrained(out).vae is not None
+
+    # a VQModel cannot encode training data here: refused unless an AutoencoderKL is given with --vae_path
+    vq = VQModel(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2, norm_num_groups=4,
+                 up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, num_vq_embeddings=8)  # fmt: skip
+    MultiStagePipeline(unet=unet, scheduler=DDPMScheduler(), vae=vq).save_pretrained(tmp_path / "vq")
+    args = script.parse_args(_finetune_args(examples, image_folder, source, out, "--resolution", "16"))
+    args = argparse.Namespace(
+        **{**vars(args), "pretrained_model_name_or_path": str(tmp_path / "vq"), "vae_path": None}
+    )
+    with pytest.raises(
+        ValueError, match="holds a VQModel as its VAE, but training encodes images with an AutoencoderKL"
+    ):
+        script.MultiStageTask(args)
+
+
+def _other_channels(tmp_path) -> str:
+    torch.manual_seed(0)
+    unet = MultiStageUNet2DModel(**{**TINY_UNET, "in_channels": 4, "out_channels": 4})
+    MultiStagePipeline(unet=unet, scheduler=DDPMScheduler(**SCHEDULE)).save_pretrained(tmp_path / "four")
+    return str(tmp_path / "four")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"stage_boundaries": (500.0,)}, "`--stage_boundaries` [500.0] cannot be combined with `--pretrained_model_name_or_path`"),
+        ({"decoder_block_out_channels": [(8, 16)] * 3}, "`--decoder_block_out_channels` [(8, 16), (8, 16), (8, 16)] cannot"),
+        ({"pretrained_model_name_or_path": "/does/not/exist"}, "`--pretrained_model_name_or_path` '/does/not/exist' is not a MultiStagePipeline folder"),
+        ({"pretrained_model_name_or_path": _other_channels}, "holds a model with in_channels=4, but the data are RGB images (3 channels"),
+        ({"ddpm_beta_schedule": "linear"}, "`--ddpm_beta_schedule` linear disagrees with the scheduler of"),
+        ({"ddpm_num_steps": 500}, "`--ddpm_num_steps` 500 disagrees"),
+        ({"boundary_units": "sigma"}, "`--boundary_units` sigma disagrees with the model of"),
+        ({"resolution": 16}, "`--resolution` 16 gives 16x16 samples, but the model of"),
+        ({"class_conditional": True}, "`--class_conditional`: the data give 3 classes (+ the null label: num_class_embeds=4)"),
+    ],
+)  # fmt: skip
+def test_contradictions_are_value_errors_before_training(
+    examples, script, image_folder, converted, tmp_path, change, message
+):
+    out = tmp_path / "run"
+    valid = script.parse_args(
+        _finetune_args(examples, image_folder, converted, str(out), "--ddpm_beta_schedule", "scaled_linear")
+    )
+    change = {k: v(tmp_path) if callable(v) else v for k, v in change.items()}
+    with pytest.raises(ValueError) as error:
+        script.main(argparse.Namespace(**{**vars(valid), **change}))
+    assert message in str(error.value)
+    assert not out.exists()
+
+
+def test_command_line_contradictions_are_usage_errors(examples, script, image_folder, converted, tmp_path, capsys):
+    argv = _finetune_args(examples, image_folder, converted, str(tmp_path / "run"), "--stage_boundaries", "500")
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(argv)  # the schedule mismatch (no --ddpm_beta_schedule) is reported after this one
+    assert exit_info.value.code == 2 and "`--stage_boundaries` [500.0] cannot be combined" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        examples.load_script("experts").parse_args([*argv[:-2], "--ddpm_beta_schedule", "scaled_linear"])
+    assert "unrecognized arguments: --pretrained_model_name_or_path" in capsys.readouterr().err
