@@ -184,10 +184,13 @@ def write_plots(directory: str, results: list[dict], reference_fd: float) -> lis
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     markers = {"1": "o", "2": "s", "3": "^"}
-    for r in results:
+    final = {}  # the last snapshot of each method in each comparison: earlier ones sample at the same speed
+    for r in sorted(results, key=lambda r: r["train_flops"]):
         if r.get("seconds_per_image"):
-            ax.scatter(r["seconds_per_image"] * 1e3, r["fd"], marker=markers[r["comparison"]],
-                       label=f"[{r['comparison']}] {r['method']}")
+            final[r["comparison"], r["method"]] = r
+    for r in final.values():
+        ax.scatter(r["seconds_per_image"] * 1e3, r["fd"], marker=markers[r["comparison"]],
+                   label=f"[{r['comparison']}] {r['method']}")
     paths.append(_save(fig, ax, reference_fd, "sampling wall time per image (ms)",
                        "Quality vs sampling time (final models)",
                        os.path.join(directory, "quality_vs_sampling_time.png"), 6))

@@ -68,6 +68,7 @@ class DDPMppBlock(nn.Module):
     ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
+        self.gradient_checkpointing = False  # set by the model's `enable_gradient_checkpointing()`
         self.resnet = ResnetBlock2D(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -99,6 +100,9 @@ class DDPMppBlock(nn.Module):
             )
 
     def forward(self, hidden: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:  # recompute activations in the backward pass
+            hidden = self._gradient_checkpointing_func(self.resnet, hidden, emb)
+            return hidden if self.attention is None else self._gradient_checkpointing_func(self.attention, hidden)
         hidden = self.resnet(hidden, emb)
         return hidden if self.attention is None else self.attention(hidden)
 
@@ -210,6 +214,7 @@ class MultiStageDDPMppUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, A
     ```
     """
 
+    _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["norm"]
 
     @register_to_config

@@ -82,6 +82,32 @@ def test_trains_with_the_edm_loss(model):
     assert model.conv_in.weight.grad.abs().sum() > 0
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(model):
+    x, t = torch.randn(3, 3, 8, 8), c_noise(0.5, 5.0, 40.0)
+
+    def gradients():
+        model.zero_grad()
+        model(x, t).sample.pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.enable_gradient_checkpointing()
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 100
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+
+
+def test_attention_processors_can_be_swapped(model):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    x, t = torch.randn(2, 3, 8, 8), c_noise(0.5, 40.0)
+    assert len(model.attn_processors) == 1 + 3 * 2  # one encoder block; each decoder's middle and last 4x4 blocks
+    with torch.no_grad():
+        before = model(x, t).sample
+        model.set_attn_processor(AttnProcessor())
+        assert torch.allclose(model(x, t).sample, before, atol=1e-5)
+
+
 @pytest.mark.parametrize("scheduler_class", [EDMEulerScheduler, EDMDPMSolverMultistepScheduler])
 def test_samples_deterministically_through_the_pipeline(model, scheduler_class, tmp_path):
     pipe = MultiStagePipeline(unet=model, scheduler=scheduler_class())
