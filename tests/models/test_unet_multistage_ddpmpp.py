@@ -39,6 +39,13 @@ def test_mixed_batch_matches_per_sample_reference(model):
     assert not torch.allclose(forced, mixed[:1], atol=1e-3)  # the decoders differ
 
 
+def test_compiles_with_fullgraph_given_a_stage_index(model):
+    x, t = torch.randn(2, 3, 8, 8), c_noise(5.0, 5.0)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.allclose(compiled(x, t, stage_index=1).sample, model(x, t, stage_index=1).sample, atol=1e-6)
+
+
 def test_decoders_are_tailored_and_attend_where_configured(model):
     # decoder widths follow `decoder_channels`; the middle blocks stay at the encoder's deepest width
     assert [d.conv_out.in_channels for d in model.decoders] == [24, 16, 8]
