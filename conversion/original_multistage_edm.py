@@ -161,7 +161,7 @@ def stage_boundaries(p: dict) -> tuple[float, ...]:
         edges = [[float(v) for v in stage[0]] for stage in intervals if len(stage) == 1]
     except (TypeError, ValueError, IndexError):
         edges = []
-    contiguous = len(edges) == len(intervals) and all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+    contiguous = 0 < len(edges) == len(intervals) and all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
     if not contiguous or edges[0][0] != 0 or math.isfinite(edges[-1][1]) and edges[-1][1] < 1e3:
         raise ValueError(
             f"`stage_interval`={intervals} does not convert: each stage must be one interval, the intervals "
@@ -314,8 +314,8 @@ def verify_against_original(
     one_hot = torch.nn.functional.one_hot(labels, label_dim).float() if label_dim else None
     differences = {}
     with torch.no_grad():
-        for stage, c_noise in enumerate(probe_timesteps(model.partition)):
-            sigma = torch.full((2,), math.exp(4 * c_noise))
+        for stage, probe in enumerate(probe_timesteps(model.partition)):
+            sigma = torch.full((2,), math.exp(4 * probe))
             # the network F on the same input, then the denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)
             # with EDMPrecond's preconditioning against the scheduler's
             scaled, c_noise = scheduler.precondition_inputs(x, sigma[0]), scheduler.precondition_noise(sigma[0])

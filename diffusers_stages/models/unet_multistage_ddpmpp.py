@@ -6,7 +6,7 @@ stage. Its blocks differ from diffusers' `UNet2DModel` in ways no `UNet2DModel` 
 scaled by ``sqrt(0.5)``, each decoder has its own middle blocks, decoders attend only after the last block of a level,
 group counts change with the width), so it is its own model here, built from diffusers' `ResnetBlock2D` and
 `Attention` with those settings. Converted checkpoints reproduce the original's outputs
-(`diffusers_stages.conversion.original_multistage`).
+(`diffusers_stages.conversion.original_multistage_edm`).
 
 The model is EDM's raw network ``F``: with EDM's preconditioning (diffusers' `EDMEulerScheduler` /
 `EDMDPMSolverMultistepScheduler` with ``prediction_type="epsilon"``) it is conditioned on ``c_noise = ln(sigma)/4``

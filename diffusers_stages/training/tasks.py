@@ -332,8 +332,7 @@ class MultiStageTask(TrainingTask):
             )
 
     def build_networks(self, in_channels, sample_size, num_class_embeds):
-        if self.source is not None:
-            self.check_data(in_channels, sample_size, num_class_embeds)
+        if self.source is not None:  # the training loop has checked the data against it (`check_data`)
             # fp32 master weights whatever the folder stores; Accelerate's mixed precision casts in the forward pass
             unet = self.source.model_class.from_pretrained(
                 self.source.path, subfolder="unet", torch_dtype=torch.float32
