@@ -181,12 +181,13 @@ def _load_data(name: str, resolution: int, channels: int, num_images: int) -> to
 
 
 def _load_models(args) -> tuple:
-    from diffusers import DiffusionPipeline
     from diffusers.models.modeling_utils import ModelMixin
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
     if args.pipeline:
-        pipe = DiffusionPipeline.from_pretrained(args.pipeline, trust_remote_code=True)
+        from .pipelines import DualBackbonePipeline
+
+        pipe = DualBackbonePipeline.from_pretrained(args.pipeline)  # never runs code from the folder
         return pipe.shallow, pipe.deep, pipe.scheduler
     if not (args.shallow and args.deep and args.scheduler):
         raise ValueError("Give `--pipeline DIR`, or all of `--shallow DIR --deep DIR --scheduler DIR`.")

@@ -14,6 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..partition import TimestepPartition
 from ..routing import StageRouter
+from .loading import load_pipeline
 
 
 class StagedDiffusionPipeline(DiffusionPipeline):
@@ -184,11 +185,11 @@ class StagedDiffusionPipeline(DiffusionPipeline):
     # --------------------------------------------------------------------------------------------------------------
     # saving: a folder that loads with `<Pipeline>.from_pretrained`, and with
     # `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` locally and from the Hub
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        kwargs.setdefault("safe_serialization", True)
-        if not kwargs["safe_serialization"]:
-            raise ValueError("`safe_serialization=False` is not supported: checkpoints are safetensors only.")
-        super().save_pretrained(save_directory, **kwargs)
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs) -> None:
+        """Save every component as diffusers does (safetensors by default; ``safe_serialization=False`` writes
+        ``.bin`` files, which are only ever read back with ``weights_only=True``), plus the re-export files that let
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` find the package's classes."""
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
         write_reexport_files(save_directory, type(self))
 
     @classmethod
@@ -196,24 +197,24 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         r"""
         Load a saved pipeline folder (or Hub repository) as this package's classes.
 
-        The folder's `model_index.json` names the pipeline as ``[file, class]`` with a re-export file beside it, so
-        that plain `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` works too. Loading through
-        the package's own class needs no `trust_remote_code`: the re-export files are checked to be exactly the
-        one-line imports that `save_pretrained` writes, and anything else is refused unless the caller trusts it.
+        No file from the folder is executed: every class and module name in `model_index.json` is checked against
+        the package's own classes (and diffusers' and transformers' exported ones), each component is loaded by the
+        class the package resolves itself, and a component of the wrong kind is a `ValueError`. With
+        ``trust_remote_code=True`` the folder is loaded by diffusers itself, re-export files included (only for a
+        folder you trust). Components may be passed to replace the saved ones (``scheduler=...``);
+        ``torch_dtype`` (one dtype or a ``{component: dtype, "default": dtype}`` dict), ``variant``,
+        ``use_safetensors`` and ``low_cpu_mem_usage`` are passed on to every model.
         """
-        folder = str(pretrained_model_name_or_path)
-        if not os.path.isdir(folder):
-            download_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "variant")
-            folder = cls.download(folder, **{k: kwargs[k] for k in download_keys if k in kwargs})
-        if not kwargs.get("trust_remote_code") and is_own_reexport_folder(folder):
-            kwargs["trust_remote_code"] = True
-        pipeline = super().from_pretrained(folder, **kwargs)
-        if cls is not StagedDiffusionPipeline and not isinstance(pipeline, cls):
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds a {type(pipeline).__name__}, not a {cls.__name__}: load it "
-                f"with {type(pipeline).__name__}.from_pretrained."
-            )
-        return pipeline
+        if kwargs.get("trust_remote_code"):  # the user's explicit choice: diffusers' own loading, code files included
+            pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            if cls is not StagedDiffusionPipeline and not isinstance(pipeline, cls):
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} holds a {type(pipeline).__name__}, not a {cls.__name__}: load "
+                    f"it with {type(pipeline).__name__}.from_pretrained."
+                )
+            return pipeline
+        kwargs.pop("trust_remote_code", None)
+        return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
 
 
 def class_embedding_count(config) -> int | None:
@@ -234,32 +235,6 @@ REEXPORT_HEADER = (
 
 def _reexport_source(module: str, class_name: str) -> str:
     return f"{REEXPORT_HEADER}from {module} import {class_name}  # noqa: F401\n"
-
-
-def is_own_reexport_folder(folder: str | os.PathLike) -> bool:
-    """Whether every ``.py`` file a saved folder would execute is one of the package's own re-export lines."""
-    index_path = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index_path):
-        return False
-    with open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
-    class_entry = index.get("_class_name")
-    if not isinstance(class_entry, list):
-        return False
-    files = {os.path.join(folder, f"{class_entry[0]}.py"): None}
-    for name, value in index.items():
-        if not name.startswith("_") and isinstance(value, list) and value[0]:
-            files[os.path.join(folder, name, f"{value[0]}.py")] = value
-    for path, entry in files.items():
-        if not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-        module = source.split("from ", 1)[-1].split(" import", 1)[0] if "from " in source else ""
-        expected_class = class_entry[1] if entry is None else entry[1]
-        if not module.startswith("diffusers_stages.") or source != _reexport_source(module, expected_class):
-            return False
-    return True
 
 
 def write_reexport_files(save_directory: str | os.PathLike, pipeline_class: type) -> None:

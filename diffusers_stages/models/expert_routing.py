@@ -23,7 +23,7 @@ from torch import nn
 
 from ..partition import TimestepPartition
 from ..routing import dispatch_by_stage
-from .loading import realign_storage
+from .loading import check_name, component_folder, realign_storage
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 CONTRACT_KEYS = ("in_channels", "out_channels", "sample_size", "num_class_embeds")  # experts must agree on these
@@ -47,7 +47,11 @@ def class_entry(model: nn.Module) -> list[str]:
 def import_class(entry: Sequence[str]) -> type:
     """The `ModelMixin` class named by a ``[module, class]`` entry; only diffusers, this package, or a module the
     caller has already imported (so nothing is imported from a config file that the user has not chosen to run)."""
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+        raise ValueError(f"Expert class entry must be [module, class], got {entry!r}.")
     module_name, class_name = entry
+    check_name(module_name, "expert module", dotted=True)
+    check_name(class_name, "expert class")
     if module_name.split(".")[0] not in TRUSTED_LIBRARIES and module_name not in sys.modules:
         raise ValueError(
             f"Expert class {class_name} lives in module {module_name!r}, which is neither diffusers nor "
@@ -248,11 +252,11 @@ class ExpertRoutingModel(ModelMixin, ConfigMixin):
         r"""
         Write the container's `config.json` and each expert's own `save_pretrained` folder (``expert_{i}/``).
 
-        With ``push_to_hub=True`` the folder is uploaded to ``repo_id`` (default: the folder's name) afterwards;
-        ``token``, ``private``, ``commit_message`` and ``create_pr`` are passed on as in diffusers.
+        Weights are safetensors unless ``safe_serialization=False`` (``.bin`` files, read back with
+        ``weights_only=True``). With ``push_to_hub=True`` the folder is uploaded to ``repo_id`` (default: the
+        folder's name) afterwards; ``token``, ``private``, ``commit_message`` and ``create_pr`` are passed on as in
+        diffusers.
         """
-        if not safe_serialization:
-            raise ValueError("`safe_serialization=False` is not supported: checkpoints are safetensors only.")
         missing = [i for i, e in enumerate(self.experts) if e is None]
         if missing:
             raise ValueError(f"Experts {missing} are not loaded: load every expert before `save_pretrained`.")
@@ -264,7 +268,9 @@ class ExpertRoutingModel(ModelMixin, ConfigMixin):
         shard = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
         for i, expert in enumerate(self.experts):
             path = os.path.join(save_directory, expert_folder(i))
-            expert.save_pretrained(path, is_main_process=is_main_process, variant=variant, **shard)
+            expert.save_pretrained(
+                path, is_main_process=is_main_process, safe_serialization=safe_serialization, variant=variant, **shard
+            )
         if push_to_hub and is_main_process:
             from huggingface_hub import create_repo
 
@@ -315,7 +321,7 @@ class ExpertRoutingModel(ModelMixin, ConfigMixin):
         # each expert through its own class's `from_pretrained`, strictly: a checkpoint that disagrees is an error
         experts, infos = [None] * len(entries), {}
         for i in sorted(set(wanted)):
-            path = os.path.join(folder, expert_folder(i))
+            path = component_folder(folder, expert_folder(i))
             expert_class = import_class(entries[i])
             try:
                 expert, info = expert_class.from_pretrained(path, output_loading_info=True, **kwargs)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # ASCII only: no unicode look-alikes of the package's names
 
 
 class StrictLoadingMixin:
@@ -51,3 +54,26 @@ def realign_storage(module: torch.nn.Module, alignment: int = 64) -> None:
         for tensor in [*module.parameters(), *module.buffers()]:
             if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
                 tensor.data = tensor.data.clone()
+
+
+def check_name(value: object, what: str, dotted: bool = False) -> str:
+    """``value`` if it is a plain ASCII identifier (dotted module path when ``dotted``); a `ValueError` naming
+    ``what`` otherwise. Every class, module and folder name read from a saved folder goes through here, so that no
+    name can carry code, a path (``..``, ``/``) or a look-alike of one of the package's names."""
+    parts = value.split(".") if dotted and isinstance(value, str) else [value]
+    if not all(isinstance(part, str) and NAME.fullmatch(part) for part in parts):
+        raise ValueError(
+            f"{what} must be a plain {'module path' if dotted else 'name'} (ASCII identifier), got {value!r}."
+        )
+    return value
+
+
+def component_folder(root: str | os.PathLike, name: str) -> str:
+    """The sub-folder ``name`` of a saved folder, refused unless it is a real directory inside ``root`` (a symbolic
+    link that leads elsewhere is refused too)."""
+    check_name(name, "component folder name")
+    path = os.path.join(root, name)
+    inside = os.path.realpath(path).startswith(os.path.join(os.path.realpath(root), ""))
+    if not os.path.isdir(path) or not inside:
+        raise ValueError(f"Component folder {name!r} must be a directory inside {root}, got {path!r}.")
+    return path

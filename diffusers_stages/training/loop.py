@@ -409,9 +409,9 @@ def model_card_text(args: argparse.Namespace, task: TrainingTask, steps: int, ha
         "## Usage",
         "",
         "```python",
-        "from diffusers import DiffusionPipeline",
+        "from diffusers_stages import StagedDiffusionPipeline  # needs diffusers-stages installed",
         "",
-        f'pipe = DiffusionPipeline.from_pretrained("{args.hub_model_id}", trust_remote_code=True)  # needs `pip install diffusers-stages`',
+        f'pipe = StagedDiffusionPipeline.from_pretrained("{args.hub_model_id}")  # runs no code from the repository',
         f"image = pipe({'class_labels=[0]' if args.class_conditional else 'batch_size=1'}).images[0]",
         "```",
     ]

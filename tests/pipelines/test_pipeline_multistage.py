@@ -101,13 +101,6 @@ def test_saved_folder_is_hub_ready(tiny_multistage, tmp_path):
     assert (tmp_path / "pipeline_multistage.py").exists()
 
 
-def test_a_folder_with_foreign_code_is_not_trusted_silently(tiny_multistage, tmp_path):
-    _pipe(tiny_multistage, DDIMScheduler()).save_pretrained(tmp_path)
-    (tmp_path / "pipeline_multistage.py").write_text("import os\nfrom diffusers_stages import MultiStagePipeline\n")
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        MultiStagePipeline.from_pretrained(tmp_path)
-
-
 def _tiny_vae(vae_class, **extra):
     return vae_class(
         in_channels=3,

@@ -1,0 +1,219 @@
+"""Loading a saved pipeline folder as the package's own classes, without executing any file from the folder.
+
+A saved folder names its pipeline and components in `model_index.json` and carries tiny re-export ``.py`` files, so
+that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` works for users who choose to trust it.
+Loading through the package's classes (`MultiStagePipeline.from_pretrained(folder)`, ...) never reads those files:
+every name in `model_index.json` is checked against an allow-list (the package's own classes, and diffusers' and
+transformers' classes by their exported names), each component is loaded by the class the package resolved itself,
+and the pipeline is built from them. Folder and file names read from the folder are treated as hostile input.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from typing import Any
+
+import diffusers
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from ..models.loading import check_name, component_folder, realign_storage
+
+# passed on to each model
+MODEL_KWARGS = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "disable_mmap")
+DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.md")  # never a .py file from the Hub
+
+
+def package_classes() -> dict[str, type]:
+    """The allow-list: every pipeline and model class the package exports, by name."""
+    from .. import models, pipelines
+
+    found = {}
+    for namespace in (models, pipelines):
+        for name in namespace.__all__:
+            obj = getattr(namespace, name)
+            if isinstance(obj, type) and issubclass(obj, (ModelMixin, diffusers.DiffusionPipeline)):
+                found[name] = obj
+    return found
+
+
+def resolve_component_class(name: str, entry: Any) -> type | None:
+    """The class a ``[library, class]`` component entry names, from the allow-list only (``None`` for ``[null,
+    null]``); anything else is a `ValueError` that names the entry."""
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is None and entry[1] is None:
+        return None
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+        raise ValueError(f"`model_index.json` entry {name!r} must be [library, class], got {entry!r}.")
+    library, class_name = entry
+    check_name(class_name, f"class of component {name!r}")
+    check_name(library, f"library of component {name!r}", dotted=True)
+    if library.split(".")[0] == "diffusers_stages":
+        cls = package_classes().get(class_name)
+        if cls is None or library not in (cls.__module__, "diffusers_stages"):
+            raise ValueError(
+                f"Component {name!r} names {library}.{class_name}, which is not one of diffusers-stages' classes "
+                f"({sorted(package_classes())})."
+            )
+        return cls
+    if library in ("diffusers", "transformers"):
+        cls = getattr(diffusers if library == "diffusers" else _transformers(), class_name, None)
+        if isinstance(cls, type) and issubclass(cls, _loadable_bases()):
+            return cls
+        raise ValueError(f"Component {name!r} names {library}.{class_name}, which is not a loadable {library} class.")
+    raise ValueError(
+        f"Component {name!r} comes from {library!r}, which is neither diffusers, transformers nor diffusers-stages: "
+        "if you trust the folder's code, load it with `DiffusionPipeline.from_pretrained(folder, "
+        "trust_remote_code=True)`."
+    )
+
+
+def _transformers():
+    import transformers
+
+    return transformers
+
+
+def _loadable_bases() -> tuple[type, ...]:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    return (ModelMixin, SchedulerMixin, ConfigMixin, PreTrainedModel, PreTrainedTokenizerBase, ImageProcessingMixin)
+
+
+def resolve_pipeline_class(cls: type, class_entry: Any) -> type:
+    """The pipeline class `model_index.json` names (``"Class"`` or ``["file", "Class"]``), checked against the
+    allow-list and against the class ``from_pretrained`` was called on."""
+    if (
+        isinstance(class_entry, (list, tuple))
+        and len(class_entry) == 2
+        and all(isinstance(x, str) for x in class_entry)
+    ):
+        check_name(class_entry[0], "`_class_name` file")
+        class_name = class_entry[1]
+    elif isinstance(class_entry, str):
+        class_name = class_entry
+    else:
+        raise ValueError(f"`_class_name` in `model_index.json` must be a class name, got {class_entry!r}.")
+    check_name(class_name, "`_class_name`")
+    pipeline_class = package_classes().get(class_name)
+    if pipeline_class is None or not issubclass(pipeline_class, diffusers.DiffusionPipeline):
+        raise ValueError(
+            f"`_class_name` {class_name!r} is not one of diffusers-stages' pipelines; load the folder with its own "
+            "pipeline class."
+        )
+    if not issubclass(pipeline_class, cls):
+        raise ValueError(
+            f"The folder holds a {class_name}, not a {cls.__name__}: load it with {class_name}.from_pretrained."
+        )
+    return pipeline_class
+
+
+def check_component_type(pipeline_class: type, name: str, component_class: type | None) -> None:
+    """Refuse a component whose class does not fit the pipeline's signature (a plain `UNet2DModel` as a
+    multi-stage ``unet`` would load with random decoders)."""
+    expected = pipeline_class._get_signature_types().get(name, (inspect.Signature.empty,))
+    types = tuple(t for t in expected if isinstance(t, type) and t is not type(None))
+    if component_class is None or not types or inspect.Signature.empty in expected:
+        return
+    if not issubclass(component_class, types):
+        raise ValueError(
+            f"Component {name!r} of this folder is a {component_class.__name__}, but {pipeline_class.__name__} needs "
+            f"{' or '.join(t.__name__ for t in types)}."
+        )
+
+
+def load_component(folder: str, name: str, component_class: type, kwargs: dict) -> Any:
+    """One component through its own class's `from_pretrained`, with the model options that apply to it."""
+    path = component_folder(folder, name)
+    if issubclass(component_class, SchedulerMixin) or not _is_model(component_class):
+        return component_class.from_pretrained(path)
+    options = {k: kwargs[k] for k in MODEL_KWARGS if kwargs.get(k) is not None}
+    dtype = options.get("torch_dtype")
+    if isinstance(dtype, dict):
+        options["torch_dtype"] = dtype.get(name, dtype.get("default"))
+        if options["torch_dtype"] is None:
+            options.pop("torch_dtype")
+    if "variant" in options and not _has_variant(path, options["variant"]):
+        options.pop("variant")  # as diffusers: a component without files of this variant loads its default files
+    model = component_class.from_pretrained(path, **options)
+    realign_storage(model)  # bit-identical outputs after a reload: same seed, same images
+    return model
+
+
+def _is_model(component_class: type) -> bool:
+    from transformers import PreTrainedModel
+
+    return issubclass(component_class, (ModelMixin, PreTrainedModel))
+
+
+def _has_variant(path: str, variant: str) -> bool:
+    """Whether any weight file under ``path`` (expert sub-folders included) is of ``variant``."""
+    for _, _, files in os.walk(path):
+        if any(f".{variant}." in f for f in files):
+            return True
+    return False
+
+
+def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+    """Build ``cls`` (or the package pipeline subclass the folder names) from a saved folder or Hub repository."""
+    for key in ("custom_pipeline", "device_map"):
+        if kwargs.get(key) is not None:
+            raise ValueError(
+                f"`{key}` is not supported by {cls.__name__}.from_pretrained, got {kwargs[key]!r}"
+                + (": use `enable_model_cpu_offload()` instead." if key == "device_map" else ".")
+            )
+    folder = str(pretrained_model_name_or_path)
+    if not os.path.isdir(folder):
+        folder = download(folder, **{k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs})
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise ValueError(f"{pretrained_model_name_or_path} has no `model_index.json`: it is not a saved pipeline.")
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    pipeline_class = resolve_pipeline_class(cls, index.get("_class_name"))
+
+    # 1. every component: passed by the caller, or loaded by the class the allow-list gives for its entry
+    expected, optional = pipeline_class._get_signature_keys(pipeline_class)
+    init_kwargs = {}
+    for name in expected:
+        if name in kwargs:
+            init_kwargs[name] = kwargs.pop(name)
+            continue
+        if name not in index:
+            if name in pipeline_class._optional_components:
+                continue
+            raise ValueError(f"`model_index.json` of {pretrained_model_name_or_path} has no {name!r} component.")
+        component_class = resolve_component_class(name, index[name])
+        check_component_type(pipeline_class, name, component_class)
+        init_kwargs[name] = None if component_class is None else load_component(folder, name, component_class, kwargs)
+    unknown = sorted(k for k in index if not k.startswith("_") and k not in expected and k not in optional)
+    if unknown:
+        raise ValueError(f"`model_index.json` names components {pipeline_class.__name__} does not have: {unknown}.")
+
+    # 2. saved settings (e.g. the dual backbone's switch), then the caller's
+    for name in optional:
+        if name in kwargs:
+            init_kwargs[name] = kwargs.pop(name)
+        elif name in index:
+            init_kwargs[name] = index[name]
+    leftover = sorted(k for k in kwargs if k not in MODEL_KWARGS and k not in DOWNLOAD_KWARGS)
+    if leftover:
+        raise ValueError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments {leftover}.")
+    pipeline = pipeline_class(**init_kwargs)
+    pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+    return pipeline
+
+
+def download(repo_id: str, **download_kwargs) -> str:
+    """Fetch a Hub repository's configs and weights (never a code file) and return the local folder."""
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(repo_id, allow_patterns=list(WEIGHT_PATTERNS), **download_kwargs)
+    if not any(f.endswith(".safetensors") for _, _, files in os.walk(folder) for f in files):
+        # a repository saved with `safe_serialization=False`: its `.bin` weights are read with `weights_only=True`
+        folder = snapshot_download(repo_id, allow_patterns=[*WEIGHT_PATTERNS, "*.bin"], **download_kwargs)
+    return folder

@@ -1,0 +1,281 @@
+"""Loading a saved folder never runs a file from it unless the user passed `trust_remote_code=True` (issue 11).
+
+Every attack writes a payload that would create a marker file; each test asserts the marker was never written.
+"""
+
+import json
+import os
+import pickle
+import py_compile
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DModel
+
+from diffusers_stages import (
+    DualBackbonePipeline,
+    ExpertRoutingModel,
+    ExpertRoutingPipeline,
+    MultiStagePipeline,
+    StagedDiffusionPipeline,
+)
+
+SMALL = dict(
+    sample_size=8,
+    block_out_channels=(8, 8),
+    norm_num_groups=4,
+    layers_per_block=1,
+    down_block_types=("DownBlock2D",) * 2,
+    up_block_types=("UpBlock2D",) * 2,
+)
+
+
+def _unet(seed: int) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(**SMALL).eval()
+
+
+def _multistage(tiny_multistage):
+    return MultiStagePipeline(unet=tiny_multistage, scheduler=DDIMScheduler())
+
+
+def _experts(_):
+    return ExpertRoutingPipeline(
+        experts=ExpertRoutingModel([_unet(0), _unet(1)], stage_boundaries=(500,)), scheduler=DDIMScheduler()
+    )
+
+
+def _dual(_):
+    return DualBackbonePipeline(shallow=_unet(0), deep=_unet(1), scheduler=DDIMScheduler(), switch_step_fraction=0.5)
+
+
+BUILDERS = {"multistage": _multistage, "experts": _experts, "dual": _dual}
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def saved(request, tiny_multistage, tmp_path):
+    """A saved folder of each pipeline, its class, and the images it gives."""
+    pipe = BUILDERS[request.param](tiny_multistage)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    folder = tmp_path / "saved"
+    pipe.save_pretrained(folder)
+    return folder, type(pipe), images
+
+
+def _payload(marker) -> str:
+    return f"open({str(marker)!r}, 'w').write('ran')\nfrom diffusers_stages import *  # noqa\n"
+
+
+def _index(folder) -> dict:
+    return json.loads((folder / "model_index.json").read_text())
+
+
+def _write_index(folder, index: dict) -> None:
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def _samples(pipe) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+
+
+def test_planted_code_files_never_run_and_the_folder_still_loads(saved, tmp_path):
+    folder, pipeline_class, images = saved
+    marker = tmp_path / "ran"
+    index = _index(folder)
+    (folder / "None.py").write_text(_payload(marker))  # diffusers resolves custom_pipeline=None to this file
+    (folder / f"{index['_class_name'][0]}.py").write_text(_payload(marker))  # the root re-export file, replaced
+    for name, entry in index.items():
+        if isinstance(entry, list) and entry[0] and (folder / name).is_dir():
+            (folder / name / f"{entry[0]}.py").write_text(_payload(marker))  # component re-export files
+    source = tmp_path / f"{index['_class_name'][0]}.py"
+    source.write_text(_payload(marker))
+    (folder / "__pycache__").mkdir()
+    py_compile.compile(str(source), cfile=str(folder / "__pycache__" / f"{source.stem}.cpython-311.pyc"))
+
+    for loader in (pipeline_class, StagedDiffusionPipeline):
+        loaded = loader.from_pretrained(folder)
+        assert type(loaded) is pipeline_class
+        assert np.array_equal(_samples(loaded), images)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(folder)  # diffusers itself refuses code unless trusted
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "class_name",
+    [
+        "MultiStagePipeline; import os; os.system('touch MARK'); __getattr__=lambda n: MultiStagePipeline",
+        "MultiStagePipeline\nimport os",
+        "MultiStagеPipeline",  # Cyrillic "е": a look-alike of the package's class
+        "../MultiStagePipeline",
+        "DDIMPipeline",  # a real class, but not one of the package's pipelines
+    ],
+    ids=["semicolon", "newline", "look-alike", "path", "foreign"],
+)
+def test_injected_pipeline_class_names_are_refused(saved, tmp_path, class_name):
+    folder, pipeline_class, _ = saved
+    marker = tmp_path / "ran"
+    index = _index(folder)
+    index["_class_name"] = [index["_class_name"][0], class_name]
+    _write_index(folder, index)
+    (folder / f"{index['_class_name'][0]}.py").write_text(_payload(marker))
+    with pytest.raises(ValueError, match="_class_name"):
+        pipeline_class.from_pretrained(folder)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        ["diffusers_stages.models.unet_multistage", "MultiStageUNet2DModel; import os"],
+        ["diffusers_stages.models.unet_multistage;import os", "MultiStageUNet2DModel"],
+        ["../../evil", "MultiStageUNet2DModel"],
+        ["/tmp/evil", "MultiStageUNet2DModel"],
+        ["evil_module", "Evil"],
+        ["diffusers", "DiffusionPipeline"],
+        ["diffusers_stages.models.unet_multistage", "TimestepPartition"],
+    ],
+    ids=[
+        "class-injection",
+        "module-injection",
+        "relative-path",
+        "absolute-path",
+        "foreign",
+        "not-a-component",
+        "not-a-model",
+    ],
+)
+def test_injected_component_entries_are_refused(tiny_multistage, tmp_path, entry):
+    folder, marker = tmp_path / "saved", tmp_path / "ran"
+    _multistage(tiny_multistage).save_pretrained(folder)
+    index = _index(folder)
+    index["unet"] = entry
+    _write_index(folder, index)
+    (folder / "unet" / f"{entry[0].replace('/', '_')}.py").write_text(_payload(marker))
+    with pytest.raises(ValueError, match="unet"):
+        MultiStagePipeline.from_pretrained(folder)
+    assert not marker.exists()
+
+
+def test_component_names_and_folders_that_leave_the_folder_are_refused(tiny_multistage, tmp_path):
+    folder = tmp_path / "saved"
+    _multistage(tiny_multistage).save_pretrained(folder)
+    index = _index(folder)
+    index["../unet"] = index["unet"]
+    _write_index(folder, index)
+    with pytest.raises(ValueError, match="components"):
+        MultiStagePipeline.from_pretrained(folder)
+
+    del index["../unet"]
+    _write_index(folder, index)
+    os.rename(folder / "unet", tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", folder / "unet")  # a component folder that is a link out of the folder
+    with pytest.raises(ValueError, match="inside"):
+        MultiStagePipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("wrong", [UNet2DModel, AutoencoderKL], ids=["UNet2DModel", "AutoencoderKL"])
+def test_a_component_of_the_wrong_kind_is_refused_not_loaded_with_random_weights(tiny_multistage, tmp_path, wrong):
+    folder = tmp_path / "saved"
+    _multistage(tiny_multistage).save_pretrained(folder)
+    index = _index(folder)
+    index["unet"] = ["diffusers", wrong.__name__]
+    _write_index(folder, index)
+    with pytest.raises(ValueError, match=f"'unet'.*{wrong.__name__}.*MultiStageUNet2DModel"):
+        MultiStagePipeline.from_pretrained(folder)
+
+
+def test_a_folder_of_another_pipeline_names_the_right_class(tiny_multistage, tmp_path):
+    folder = tmp_path / "saved"
+    _multistage(tiny_multistage).save_pretrained(folder)
+    with pytest.raises(ValueError, match="MultiStagePipeline.from_pretrained"):
+        ExpertRoutingPipeline.from_pretrained(folder)
+
+
+def test_trusted_loading_is_the_users_explicit_choice(tiny_multistage, tmp_path):
+    folder = tmp_path / "saved"
+    pipe = _multistage(tiny_multistage)
+    pipe.save_pretrained(folder)
+    loaded = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(loaded) is MultiStagePipeline
+    assert np.array_equal(_samples(loaded), _samples(pipe))
+
+
+def test_hub_downloads_never_fetch_code_files(tiny_multistage, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    folder, asked = tmp_path / "saved", []
+    _multistage(tiny_multistage).save_pretrained(folder)
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        asked.append(list(allow_patterns))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert type(MultiStagePipeline.from_pretrained("someone/staged", local_files_only=True)) is MultiStagePipeline
+    assert asked and all(not p.endswith(".py") and "*" != p for patterns in asked for p in patterns)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# serialization: safetensors by default, `.bin` when asked, and a `.bin` is never unpickled with code
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_bin_weights_on_request_for_every_pipeline_and_a_malicious_pickle_never_runs(saved, tmp_path):
+    folder, pipeline_class, images = saved
+    pipe = pipeline_class.from_pretrained(folder)
+    bin_folder, marker = tmp_path / "bin", tmp_path / "ran"
+    pipe.save_pretrained(bin_folder, safe_serialization=False)
+    weights = sorted(p.name for p in bin_folder.rglob("*") if p.suffix in (".bin", ".safetensors"))
+    assert weights and all(name.endswith(".bin") for name in weights)
+    assert np.array_equal(_samples(pipeline_class.from_pretrained(bin_folder)), images)
+
+    for path in bin_folder.rglob("*.bin"):
+        with open(path, "wb") as f:
+            pickle.dump({"weight": _Payload(marker)}, f)
+    with pytest.raises((OSError, ValueError), match="load"):  # torch's weights-only unpickler refuses the payload
+        pipeline_class.from_pretrained(bin_folder)
+    assert not marker.exists()
+
+
+def test_safetensors_by_default(saved):
+    folder, _, _ = saved
+    weights = [p.name for p in folder.rglob("*") if p.suffix in (".bin", ".safetensors")]
+    assert weights and all(name.endswith(".safetensors") for name in weights)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [["diffusers", "UNet2DModel; import os"], ["diffusers/../evil", "UNet2DModel"], ["evil_module", "Evil"]],
+    ids=["class-injection", "path", "foreign"],
+)
+def test_expert_container_refuses_injected_class_entries(tmp_path, entry):
+    folder = tmp_path / "experts"
+    ExpertRoutingModel([_unet(0), _unet(1)], stage_boundaries=(500,)).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["expert_classes"][1] = entry
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="[Ee]xpert"):
+        ExpertRoutingModel.from_pretrained(folder)
+
+
+def test_variants_and_per_component_dtypes_load_for_every_pipeline(saved, tmp_path):
+    folder, pipeline_class, images = saved
+    variant_folder = tmp_path / "variant"
+    pipeline_class.from_pretrained(folder).save_pretrained(variant_folder, variant="fp16")
+    assert any(".fp16." in p.name for p in variant_folder.rglob("*.safetensors"))
+    assert np.array_equal(_samples(pipeline_class.from_pretrained(variant_folder, variant="fp16")), images)
+
+    loaded = pipeline_class.from_pretrained(folder, torch_dtype={"default": torch.bfloat16})
+    models = [m for m in loaded.components.values() if isinstance(m, torch.nn.Module)]
+    assert models and all(m.dtype == torch.bfloat16 for m in models)
+    with pytest.raises(ValueError, match="unexpected keyword"):
+        pipeline_class.from_pretrained(folder, no_such_option=1)
