@@ -1,6 +1,6 @@
 """The one idea behind all three methods: a partition of the noise schedule into stages.
 
-Stage ``s`` covers the half-open interval ``[b_{s-1}, b_s)`` of noise levels, with ``b_{-1}`` the clean end of
+Stage ``s`` covers the half-open interval ``[b_{s-1}, b_s)`` of noise levels (``(b_{s-1}, b_s]`` in sigma units, below), with ``b_{-1}`` the clean end of
 the schedule and ``b_{S-1}`` its noisy end. Stage 0 is therefore always the *least* noisy stage (near the data)
 and the last stage the noisiest, as in Zhang et al. (CVPR 2024): ``[0, t1)``, ``[t1, t2)``, ``[t2, T]``.
 
@@ -12,7 +12,12 @@ Two units are supported, matching the two ways diffusers models are conditioned 
   noise level it is at* (sigmas are mapped back through the training schedule, shifts included), so routing on
   that value is routing on the noise level.
 - ``"sigma"``: EDM-style models. Boundaries are noise standard deviations; the model is conditioned on EDM's
-  ``c_noise = ln(sigma) / 4``, which is what diffusers' EDM schedulers pass as ``timestep``.
+  ``c_noise = ln(sigma) / 4``, which is what diffusers' EDM schedulers pass as ``timestep``. As in the authors'
+  EDM code (a stage is chosen by ``sigma > lower bound``), a sigma stage is the interval ``(b_{s-1}, b_s]``: a noise
+  level exactly on a boundary belongs to the cleaner stage. Model timesteps are compared with the boundaries'
+  ``c_noise`` computed in the timestep's own precision, the way the schedulers compute it, so a boundary routes the
+  same way whether it is given as sigma or reaches the model as ``c_noise`` (no ``exp``/``log`` round trip); a
+  float32 ``c_noise`` tells noise levels apart down to about 2.4e-7 relative.
 """
 
 from __future__ import annotations
@@ -54,7 +59,11 @@ class TimestepPartition:
     def __init__(self, boundaries: Sequence[float], num_train_timesteps: int = 1000, units: str = "timestep"):
         if units not in UNITS:
             raise ValueError(f"`units` must be one of {UNITS}, got {units!r}.")
-        if not isinstance(num_train_timesteps, int) or isinstance(num_train_timesteps, bool) or num_train_timesteps < 1:
+        if (
+            not isinstance(num_train_timesteps, int)
+            or isinstance(num_train_timesteps, bool)
+            or num_train_timesteps < 1
+        ):
             raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
         try:
             values = [float(b) for b in boundaries]
@@ -133,11 +142,20 @@ class TimestepPartition:
                 f"{levels.min().item()} to {levels.max().item()}."
             )
         bounds = torch.tensor(self.boundaries, dtype=levels.dtype if levels.is_floating_point() else torch.float64)
-        return torch.bucketize(levels.to(bounds.dtype), bounds.to(levels.device), right=True)
+        # timestep stages are [b_{s-1}, b_s) (Zhang et al.'s [0, 442)); sigma stages (b_{s-1}, b_s] (the EDM code's)
+        return torch.bucketize(levels.to(bounds.dtype), bounds.to(levels.device), right=self.units == "timestep")
 
     def stage_for_timestep(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
-        """Stage of each *model* timestep: [`~TimestepPartition.noise_level`] then [`~TimestepPartition.stage_index`]."""
-        return self.stage_index(self.noise_level(timestep))
+        """Stage of each *model* timestep: [`~TimestepPartition.noise_level`] then [`~TimestepPartition.stage_index`]
+        (for sigma units, compared in ``c_noise = ln(sigma) / 4`` space, see the module docstring)."""
+        if self.units != "sigma":
+            return self.stage_index(self.noise_level(timestep))
+        c_noise = torch.as_tensor(timestep)
+        c_noise = c_noise if c_noise.is_floating_point() else c_noise.double()
+        if c_noise.numel() and bool(c_noise.isnan().any()):
+            raise ValueError(f"`timestep` must be c_noise = ln(sigma)/4 values, got NaN in {c_noise.tolist()}.")
+        bounds = 0.25 * torch.log(torch.tensor(self.boundaries, dtype=c_noise.dtype))  # as EDM schedulers compute it
+        return torch.bucketize(c_noise, bounds.to(c_noise.device), right=False)
 
     # ----------------------------------------------------------------------------------------------------------
     @staticmethod

@@ -58,3 +58,31 @@ def test_noise_level_out_of_range_is_an_error():
         partition.stage_index(torch.tensor([10, 1001]))
     with pytest.raises(ValueError, match="`timestep`"):
         partition.stage_index(torch.tensor([-1]))
+
+
+def test_sigma_boundaries_route_as_the_authors_edm_code_exactly_at_and_beside_each_boundary():
+    # the original picks the last stage whose lower bound sigma exceeds: a boundary belongs to the cleaner stage
+    from diffusers import EDMEulerScheduler
+
+    boundaries = (1.0, 10.0)
+    partition = TimestepPartition(boundaries, units="sigma")
+    scheduler = EDMEulerScheduler()
+
+    def original(sigma: float) -> int:
+        return max(s for s, low in enumerate((0.0, *boundaries)) if sigma > low)
+
+    # float32 c_noise resolves sigma to about 2.4e-7 relative: levels 1e-6 beside a boundary are told apart
+    sigmas = [torch.tensor(b * f, dtype=torch.float32) for b in boundaries for f in (1 - 1e-6, 1.0, 1 + 1e-6)]
+    for sigma in sigmas:
+        c_noise = scheduler.precondition_noise(sigma.reshape(1))  # what the scheduler hands the model
+        assert int(partition.stage_for_timestep(c_noise)[0]) == original(float(sigma)), float(sigma)
+        assert int(partition.stage_index(sigma.double())) == original(float(sigma))
+
+
+def test_timestep_boundaries_belong_to_the_noisier_stage():
+    assert TimestepPartition([442, 631]).stage_for_timestep(torch.tensor([441.999, 442, 630, 631])).tolist() == [
+        0,
+        1,
+        1,
+        2,
+    ]
