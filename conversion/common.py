@@ -77,8 +77,7 @@ def staged_output(output_path: str | os.PathLike, overwrite: bool = False) -> It
     os.makedirs(os.path.dirname(output_path), exist_ok=True)
     locks = []  # our hidden folders stay locked while we live: a concurrent run's recovery leaves them alone
     try:
-        tmp, lock = _hidden_folder(output_path, "partial")
-        locks.append(lock)
+        tmp = _hidden_folder(output_path, "partial", locks)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # a normal folder once in place, not mkdtemp's private one
@@ -90,15 +89,13 @@ def staged_output(output_path: str | os.PathLike, overwrite: bool = False) -> It
         # success: swap the new folder in, the old one (if any, with --overwrite) out
         old = None
         if os.path.exists(output_path):
-            old, lock = _retire(output_path)
-            locks.append(lock)
+            old = _retire(output_path, locks)
         os.rename(tmp, output_path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         for lock in locks:
-            if lock is not None:
-                os.close(lock)
+            os.close(lock)
 
 
 def recover_output(output_path: str | os.PathLike) -> None:
@@ -110,14 +107,20 @@ def recover_output(output_path: str | os.PathLike) -> None:
     if not os.path.isdir(parent):
         return
     pattern = re.compile(rf"^\.{re.escape(name)}\.(partial|old)-[a-z0-9_]{{8}}$")  # mkdtemp's names
-    abandoned = {}
+    found = [
+        (os.path.join(parent, entry), m.group(1))
+        for entry in sorted(os.listdir(parent))
+        if (m := pattern.match(entry))
+    ]
+    abandoned, locks = {}, []
     try:
-        for entry in sorted(os.listdir(parent)):
-            if pattern.match(entry):
-                lock = _lock(os.path.join(parent, entry))
-                if lock is not None or fcntl is None:
-                    abandoned[os.path.join(parent, entry)] = lock
-        previous = [os.path.join(f, "previous") for f in abandoned if re.search(r"\.old-[^.]*$", f)]
+        for folder, kind in found:
+            lock = _lock(folder)
+            if lock is not None:
+                locks.append(lock)
+            if lock is not None or fcntl is None:  # not locked by a conversion still running
+                abandoned[folder] = kind
+        previous = [os.path.join(f, "previous") for f, kind in abandoned.items() if kind == "old"]
         previous = [p for p in previous if os.path.isdir(p)]
         if previous and not os.path.exists(output_path):
             os.rename(max(previous, key=lambda p: os.path.getmtime(os.path.dirname(p))), output_path)
@@ -125,9 +128,8 @@ def recover_output(output_path: str | os.PathLike) -> None:
         for folder in abandoned:
             shutil.rmtree(folder, ignore_errors=True)
     finally:
-        for lock in abandoned.values():
-            if lock is not None:
-                os.close(lock)
+        for lock in locks:
+            os.close(lock)
 
 
 def source_folder(path: str) -> str:
@@ -138,26 +140,32 @@ def source_folder(path: str) -> str:
     return path
 
 
-def _hidden_folder(output_path: str, kind: str) -> tuple[str, int | None]:
-    """A new locked folder ``.<name>.<kind>-XXXXXXXX`` beside ``output_path``, and its lock."""
+def _hidden_folder(output_path: str, kind: str, locks: list[int]) -> str:
+    """A new folder ``.<name>.<kind>-XXXXXXXX`` beside ``output_path``, locked (its lock appended to ``locks``)."""
     parent, name = os.path.split(output_path)
     folder = tempfile.mkdtemp(prefix=f".{name}.{kind}-", dir=parent)
-    return folder, _lock(folder)
+    lock = _lock(folder)
+    if lock is not None:
+        locks.append(lock)
+    return folder
 
 
-def _retire(output_path: str) -> tuple[str, int | None]:
-    """Move the existing ``output_path`` aside (into a locked hidden folder, as ``previous``); returns that folder."""
-    old, lock = _hidden_folder(output_path, "old")
+def _retire(output_path: str, locks: list[int]) -> str:
+    """Move the existing ``output_path`` aside, as ``previous`` in a new locked hidden folder; returns that folder."""
+    old = _hidden_folder(output_path, "old", locks)
     os.rename(output_path, os.path.join(old, "previous"))
-    return old, lock
+    return old
 
 
 def _lock(folder: str) -> int | None:
     """An exclusive advisory lock on ``folder``, held until the returned descriptor is closed (a killed process
-    releases it); None when another process holds it, or locks are not supported."""
+    releases it); None when another process holds it, it cannot be opened or locks are not supported."""
     if fcntl is None:
         return None
-    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

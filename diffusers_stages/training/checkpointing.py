@@ -106,7 +106,7 @@ def publish_checkpoint(partial: str, path: str, step: int) -> None:
     with open(os.path.join(partial, COMPLETE_MARKER), "w", encoding="utf-8") as f:
         json.dump({"step": step}, f)
     if os.path.exists(path):
-        _discard(path)  # one of the same step (an older run's, or an interrupted one): ours replaces it
+        discard_checkpoint(path)  # one of the same step (an older run's, or an interrupted one): ours replaces it
     os.rename(partial, path)
 
 
@@ -122,7 +122,7 @@ def prune_checkpoints(output_dir: str, total_limit: int | None) -> None:
     newest = checkpoint_step(keep[-1])
     for folder in folders:
         if folder not in keep and checkpoint_step(folder) < newest:
-            _discard(folder)
+            discard_checkpoint(folder)
 
 
 def remove_leftovers(output_dir: str) -> list[str]:
@@ -146,12 +146,23 @@ def is_finished(checkpoint: str) -> bool:
     return os.path.isfile(os.path.join(checkpoint, FINISHED_MARKER))
 
 
-def _discard(folder: str) -> None:
+def discard_checkpoint(folder: str) -> None:
     """Delete a checkpoint folder without ever leaving a half-deleted one under its name: hide it, then delete."""
     hidden = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.deleted")
     shutil.rmtree(hidden, ignore_errors=True)
     os.rename(folder, hidden)
     shutil.rmtree(hidden)
+
+
+def _network_folder(checkpoint: str, name: str) -> str:
+    """``checkpoint/name``, which must exist (a missing local folder would send `from_pretrained` to the Hub)."""
+    folder = os.path.join(checkpoint, name)
+    if not os.path.isdir(folder):
+        raise ValueError(
+            f"Checkpoint {checkpoint!r} has no {name!r} folder: it was written by a run with other networks or "
+            "options (e.g. without `--use_ema`), or was damaged after it was written."
+        )
+    return folder
 
 
 def _names(folders: list[str]) -> str:
@@ -173,11 +184,11 @@ def register_checkpoint_hooks(accelerator: Accelerator, names: list[str], emas: 
     def load_hook(models, input_dir):
         for name, model in zip(names, models):
             model = accelerator.unwrap_model(model)
-            loaded = type(model).from_pretrained(os.path.join(input_dir, name))
+            loaded = type(model).from_pretrained(_network_folder(input_dir, name))
             model.load_state_dict(loaded.state_dict())
             del loaded
         for name, ema in emas.items():
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, f"{name}_ema"), ema.model_cls)
+            loaded = EMAModel.from_pretrained(_network_folder(input_dir, f"{name}_ema"), ema.model_cls)
             ema.load_state_dict(loaded.state_dict())
             ema.to(accelerator.device)
         models.clear()

@@ -31,6 +31,7 @@ from .args import check_args
 from .checkpointing import (
     checkpoint_folders,
     checkpoint_step,
+    discard_checkpoint,
     is_complete,
     is_finished,
     mark_finished,
@@ -140,7 +141,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
             logger.info(f"Removed {name}, left in {args.output_dir} by a run killed while saving a checkpoint.")
         if existing and args.overwrite_output_dir and resume_path is None:
             for folder in existing:
-                shutil.rmtree(folder)
+                discard_checkpoint(folder)
         os.makedirs(args.output_dir, exist_ok=True)
     accelerator.wait_for_everyone()
     set_seed(args.seed)

@@ -107,3 +107,12 @@ def test_resuming_a_finished_run_does_nothing(examples, script, run_args, straig
     assert "Resuming from " + os.path.join(out, "checkpoint-4") + " (checkpoint-6: incomplete)" in printed
     assert "Training is already complete: " + os.path.join(out, "checkpoint-4") + " is step 4" in printed
     assert _snapshot(out) == before  # no step trained, no sample grid, nothing rewritten
+
+
+def test_a_checkpoint_without_a_network_folder_is_a_clear_error(examples, script, run_args, straight, tmp_path):
+    out = str(tmp_path / "damaged")
+    shutil.copytree(os.path.join(straight, "checkpoint-4"), os.path.join(out, "checkpoint-4"))
+    os.remove(os.path.join(out, "checkpoint-4", FINISHED_MARKER))
+    shutil.rmtree(os.path.join(out, "checkpoint-4", "unet_ema"))  # not the Hub's "is not a valid model identifier"
+    with pytest.raises(ValueError, match=r"Checkpoint '.*checkpoint-4' has no 'unet_ema' folder"):
+        examples.train(script, [*run_args, "--output_dir", out, "--resume_from_checkpoint", "latest"])
