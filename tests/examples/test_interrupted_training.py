@@ -56,14 +56,8 @@ def _resume(examples, script, args, out, capsys) -> str:
 
 def test_kill_before_rename_keeps_the_last_checkpoint(examples, script, run_args, straight, tmp_path, capsys):
     out = str(tmp_path / "killed")
-    command = [
-        examples.RUNNER,
-        "--kill-before-rename=2",
-        examples.SCRIPTS["multistage"],
-        *run_args,
-        "--output_dir",
-        out,
-    ]
+    command = [examples.RUNNER, "--kill-before-rename=2", examples.SCRIPTS["multistage"], *run_args,
+               "--output_dir", out]  # fmt: skip
     result = examples.run_subprocess(command)
     assert result.returncode == -9, result.stderr[-2000:]
     # checkpoint-4 was fully written, but not yet renamed: checkpoint-2 (total limit 1) is still there, complete
@@ -78,7 +72,8 @@ def test_kill_before_rename_keeps_the_last_checkpoint(examples, script, run_args
 def test_a_run_killed_after_its_last_checkpoint_writes_its_outputs_without_training(
     examples, script, run_args, straight, tmp_path, capsys
 ):
-    # the state a kill right after the last checkpoint leaves: that checkpoint, no outputs yet
+    # the state a kill right after the last checkpoint leaves (`--kill-after-checkpoint=2`): that checkpoint, no
+    # outputs yet; copied from the uninterrupted run, as a second killed subprocess would double this file's time
     out = str(tmp_path / "killed")
     os.makedirs(os.path.join(out, "samples"))
     shutil.copytree(os.path.join(straight, "checkpoint-4"), os.path.join(out, "checkpoint-4"))
