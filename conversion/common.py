@@ -2,7 +2,9 @@
 checks, and the `--verify` report.
 
 Every script has ``parse_args(argv=None)`` and ``main(args)``; ``main`` writes into a temporary folder beside the
-output and renames it into place only when everything succeeded, so a failure never leaves a partial folder.
+output and renames it into place only when everything succeeded, so a failure never leaves a partial folder. A run
+killed mid-way (even between the two renames of an ``--overwrite``) is undone by the next run, or the next script
+that reads the folder: the previous output is put back and the hidden temporary folders are deleted.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -20,6 +23,11 @@ import torch
 from safetensors.torch import load_file
 
 from diffusers_stages.models.loading import StrictLoadingMixin
+
+try:
+    import fcntl
+except ImportError:  # no advisory locks (Windows): every leftover folder counts as abandoned
+    fcntl = None
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -63,27 +71,107 @@ def staged_output(output_path: str | os.PathLike, overwrite: bool = False) -> It
     ```
     """
     output_path = os.path.abspath(os.fspath(output_path))
+    recover_output(output_path)
     if os.path.exists(output_path) and not overwrite:
         raise ValueError(f"`--output_path` {output_path} already exists: choose another folder or pass --overwrite.")
-    parent = os.path.dirname(output_path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_path)}.partial-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # a normal folder once in place, not mkdtemp's private one
+    os.makedirs(os.path.dirname(output_path), exist_ok=True)
+    locks = []  # our hidden folders stay locked while we live: a concurrent run's recovery leaves them alone
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    # success: swap the new folder in, the old one (if any, with --overwrite) out
-    old = None
-    if os.path.exists(output_path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_path)}.old-", dir=parent)
-        os.rename(output_path, os.path.join(old, "previous"))
-    os.rename(tmp, output_path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        tmp = _hidden_folder(output_path, "partial", locks)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # a normal folder once in place, not mkdtemp's private one
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # success: swap the new folder in, the old one (if any, with --overwrite) out
+        old = None
+        if os.path.exists(output_path):
+            old = _retire(output_path, locks)
+        os.rename(tmp, output_path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        for lock in locks:
+            os.close(lock)
+
+
+def recover_output(output_path: str | os.PathLike) -> None:
+    """Undo what a killed conversion left beside ``output_path``: if it died between moving the previous output
+    aside and moving the new one in, put the previous one back; delete its hidden temporary folders (skipping those
+    of a conversion still running)."""
+    output_path = os.path.abspath(os.fspath(output_path))
+    parent, name = os.path.split(output_path)
+    if not os.path.isdir(parent):
+        return
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(partial|old)-[a-z0-9_]{{8}}$")  # mkdtemp's names
+    found = [
+        (os.path.join(parent, entry), m.group(1))
+        for entry in sorted(os.listdir(parent))
+        if (m := pattern.match(entry))
+    ]
+    abandoned, locks = {}, []
+    try:
+        for folder, kind in found:
+            lock = _lock(folder)
+            if lock is not None:
+                locks.append(lock)
+            if lock is not None or fcntl is None:  # not locked by a conversion still running
+                abandoned[folder] = kind
+        previous = [os.path.join(f, "previous") for f, kind in abandoned.items() if kind == "old"]
+        previous = [p for p in previous if os.path.isdir(p)]
+        if previous and not os.path.exists(output_path):
+            os.rename(max(previous, key=lambda p: os.path.getmtime(os.path.dirname(p))), output_path)
+            print(f"restored {output_path}: a conversion was killed while replacing it")
+        for folder in abandoned:
+            shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        for lock in locks:
+            os.close(lock)
+
+
+def source_folder(path: str) -> str:
+    """``path`` (a `--source`) checked to be a folder, after recovering an interrupted ``--overwrite`` of it."""
+    recover_output(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"`--source` must be a folder, got {path!r}.")
+    return path
+
+
+def _hidden_folder(output_path: str, kind: str, locks: list[int]) -> str:
+    """A new folder ``.<name>.<kind>-XXXXXXXX`` beside ``output_path``, locked (its lock appended to ``locks``)."""
+    parent, name = os.path.split(output_path)
+    folder = tempfile.mkdtemp(prefix=f".{name}.{kind}-", dir=parent)
+    lock = _lock(folder)
+    if lock is not None:
+        locks.append(lock)
+    return folder
+
+
+def _retire(output_path: str, locks: list[int]) -> str:
+    """Move the existing ``output_path`` aside, as ``previous`` in a new locked hidden folder; returns that folder."""
+    old = _hidden_folder(output_path, "old", locks)
+    os.rename(output_path, os.path.join(old, "previous"))
+    return old
+
+
+def _lock(folder: str) -> int | None:
+    """An exclusive advisory lock on ``folder``, held until the returned descriptor is closed (a killed process
+    releases it); None when another process holds it, it cannot be opened or locks are not supported."""
+    if fcntl is None:
+        return None
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        return None
+    return descriptor
 
 
 def check_keys(expected: Iterable[str], found: Iterable[str], source: str) -> None:

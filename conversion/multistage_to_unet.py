@@ -25,6 +25,7 @@ from diffusers_stages.conversion.common import (
     probe_timesteps,
     report_verification,
     run,
+    source_folder,
     staged_output,
 )
 
@@ -107,8 +108,7 @@ def multistage_stage_to_unet(model: MultiStageUNet2DModel, stage: int) -> UNet2D
 
 
 def load_multistage(path: str) -> MultiStageUNet2DModel:
-    if not os.path.isdir(path):
-        raise ValueError(f"`--source` must be a folder, got {path!r}.")
+    source_folder(path)
     subfolder = "unet" if os.path.isfile(os.path.join(path, "model_index.json")) else None
     config_path = os.path.join(path, subfolder or "", "config.json")
     if os.path.isfile(config_path):

@@ -25,6 +25,7 @@ from diffusers_stages.conversion.common import (
     probe_timesteps,
     report_verification,
     run,
+    source_folder,
     staged_output,
 )
 from diffusers_stages.pipelines import MultiStagePipeline
@@ -69,8 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_source(path: str) -> tuple[UNet2DModel, object, object, str | None]:
     """``(unet, scheduler, vae, source_pipeline_class)`` from a UNet2DModel or supported pipeline folder."""
-    if not os.path.isdir(path):
-        raise ValueError(f"`--source` must be a folder, got {path!r}.")
+    source_folder(path)
     index_path = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_path):
         unet = load_strict(UNet2DModel, path)

@@ -1,7 +1,13 @@
-"""Accelerate checkpoints whose model weights are `save_pretrained` folders (safetensors), and resuming from them."""
+"""Accelerate checkpoints whose model weights are `save_pretrained` folders (safetensors), and resuming from them.
+
+A checkpoint is written into a hidden temporary folder, completed with a marker file written last, and only then
+renamed to ``checkpoint-<step>``; older checkpoints are pruned after that. A kill at any moment therefore leaves the
+last complete checkpoint in place, and the leftovers (hidden folders) are removed by the next run.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -10,14 +16,22 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it was interrupted
+FINISHED_MARKER = "training_finished.json"  # in the last step's checkpoint, once the run's final outputs are written
+LEFTOVER_PATTERN = re.compile(r"^\.checkpoint-\d+\.(partial|deleted)$")
 
 
 def checkpoint_folders(output_dir: str) -> list[str]:
-    """The ``checkpoint-<step>`` folders in ``output_dir``, oldest first."""
+    """The ``checkpoint-<step>`` folders in ``output_dir``, oldest first (complete or not)."""
     if not os.path.isdir(output_dir):
         return []
     found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(name))]
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def is_complete(folder: str) -> bool:
+    """Whether ``folder`` is a checkpoint whose writing finished (its completeness marker exists)."""
+    return os.path.isfile(os.path.join(folder, COMPLETE_MARKER))
 
 
 def checkpoint_step(folder: str) -> int:
@@ -28,28 +42,131 @@ def checkpoint_step(folder: str) -> int:
 
 
 def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
-    """``"latest"`` -> the newest checkpoint in ``output_dir`` (None when there is none yet), a path -> that path."""
+    """``"latest"`` -> the newest *complete* checkpoint in ``output_dir`` (None when there is no checkpoint yet), a
+    path -> that path. A checkpoint that was interrupted while being written is never resumed from: ``"latest"``
+    skips it, an explicit path to it is a `ValueError`, as is ``"latest"`` when no checkpoint is complete."""
     if resume_from_checkpoint is None:
         return None
+    folders = checkpoint_folders(output_dir)
+    complete = [folder for folder in folders if is_complete(folder)]
     if resume_from_checkpoint == "latest":
-        folders = checkpoint_folders(output_dir)
-        return folders[-1] if folders else None
+        if folders and not complete:
+            raise ValueError(
+                f"`--resume_from_checkpoint latest`: no checkpoint in {output_dir!r} is complete "
+                f"({_names(folders)} lack {COMPLETE_MARKER}: they were interrupted while being written). Start again "
+                "without `--resume_from_checkpoint`, with `--overwrite_output_dir`."
+            )
+        return complete[-1] if complete else None
     path = resume_from_checkpoint
     if not os.path.isdir(path):
         path = os.path.join(output_dir, resume_from_checkpoint)
     if not os.path.isdir(path):
-        raise ValueError(f"`--resume_from_checkpoint` {resume_from_checkpoint!r} is not a checkpoint folder.")
+        raise ValueError(
+            f"`--resume_from_checkpoint` {resume_from_checkpoint!r} is not a checkpoint folder (complete checkpoints "
+            f"in {output_dir!r}: {_names(complete) or 'none'})."
+        )
     checkpoint_step(path)
+    if not is_complete(path):
+        raise ValueError(
+            f"`--resume_from_checkpoint` {path!r} is incomplete (no {COMPLETE_MARKER}: it was interrupted while "
+            f"being written). Complete checkpoints in {output_dir!r}: {_names(complete) or 'none'}."
+        )
     return path
 
 
+def skipped_checkpoints(resume_path: str) -> list[str]:
+    """The incomplete checkpoints newer than ``resume_path`` beside it (which ``"latest"`` passed over)."""
+    step = checkpoint_step(resume_path)
+    folders = checkpoint_folders(os.path.dirname(resume_path))
+    return [folder for folder in folders if checkpoint_step(folder) > step and not is_complete(folder)]
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
+    """`accelerator.save_state` as ``output_dir/checkpoint-<step>``, all or nothing, then prune to ``total_limit``.
+
+    Every process writes into the temporary ``.checkpoint-<step>.partial``; once all have, the main process writes
+    the completeness marker, renames the folder into place and only then deletes the oldest checkpoints.
+    """
+    path = os.path.join(output_dir, f"checkpoint-{step}")
+    partial = os.path.join(output_dir, f".checkpoint-{step}.partial")
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)  # left by a run killed at this very step
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish_checkpoint(partial, path, step)
+        prune_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def publish_checkpoint(partial: str, path: str, step: int) -> None:
+    """Mark ``partial`` complete (the marker is its last file) and rename it to ``path``, replacing a folder there."""
+    with open(os.path.join(partial, COMPLETE_MARKER), "w", encoding="utf-8") as f:
+        json.dump({"step": step}, f)
+    if os.path.exists(path):
+        discard_checkpoint(path)  # one of the same step (an older run's, or an interrupted one): ours replaces it
+    os.rename(partial, path)
+
+
 def prune_checkpoints(output_dir: str, total_limit: int | None) -> None:
-    """Delete the oldest checkpoints so that saving one more keeps at most ``total_limit``."""
+    """Keep the newest ``total_limit`` complete checkpoints: delete the older ones, and the incomplete ones older
+    than the newest complete checkpoint (run after saving one, never before)."""
     if total_limit is None:
         return
     folders = checkpoint_folders(output_dir)
-    for folder in folders[: max(0, len(folders) - total_limit + 1)]:
-        shutil.rmtree(folder)
+    keep = [folder for folder in folders if is_complete(folder)][-total_limit:]
+    if not keep:
+        return
+    newest = checkpoint_step(keep[-1])
+    for folder in folders:
+        if folder not in keep and checkpoint_step(folder) < newest:
+            discard_checkpoint(folder)
+
+
+def remove_leftovers(output_dir: str) -> list[str]:
+    """Delete the hidden folders a killed run left in ``output_dir`` (an unfinished checkpoint, one being deleted);
+    returns their names."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = sorted(name for name in os.listdir(output_dir) if LEFTOVER_PATTERN.match(name))
+    for name in names:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    return names
+
+
+def mark_finished(checkpoint: str) -> None:
+    """Record in the last step's checkpoint that the run's final outputs were written after it."""
+    with open(os.path.join(checkpoint, FINISHED_MARKER), "w", encoding="utf-8") as f:
+        json.dump({"step": checkpoint_step(checkpoint)}, f)
+
+
+def is_finished(checkpoint: str) -> bool:
+    return os.path.isfile(os.path.join(checkpoint, FINISHED_MARKER))
+
+
+def discard_checkpoint(folder: str) -> None:
+    """Delete a checkpoint folder without ever leaving a half-deleted one under its name: hide it, then delete."""
+    hidden = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.deleted")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.rename(folder, hidden)
+    shutil.rmtree(hidden)
+
+
+def _network_folder(checkpoint: str, name: str) -> str:
+    """``checkpoint/name``, which must exist (a missing local folder would send `from_pretrained` to the Hub)."""
+    folder = os.path.join(checkpoint, name)
+    if not os.path.isdir(folder):
+        raise ValueError(
+            f"Checkpoint {checkpoint!r} has no {name!r} folder: it was written by a run with other networks or "
+            "options (e.g. without `--use_ema`), or was damaged after it was written."
+        )
+    return folder
+
+
+def _names(folders: list[str]) -> str:
+    return ", ".join(os.path.basename(folder) for folder in folders)
 
 
 def register_checkpoint_hooks(accelerator: Accelerator, names: list[str], emas: dict[str, EMAModel]) -> None:
@@ -67,11 +184,11 @@ def register_checkpoint_hooks(accelerator: Accelerator, names: list[str], emas: 
     def load_hook(models, input_dir):
         for name, model in zip(names, models):
             model = accelerator.unwrap_model(model)
-            loaded = type(model).from_pretrained(os.path.join(input_dir, name))
+            loaded = type(model).from_pretrained(_network_folder(input_dir, name))
             model.load_state_dict(loaded.state_dict())
             del loaded
         for name, ema in emas.items():
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, f"{name}_ema"), ema.model_cls)
+            loaded = EMAModel.from_pretrained(_network_folder(input_dir, f"{name}_ema"), ema.model_cls)
             ema.load_state_dict(loaded.state_dict())
             ema.to(accelerator.device)
         models.clear()

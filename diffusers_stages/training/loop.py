@@ -31,9 +31,15 @@ from .args import check_args
 from .checkpointing import (
     checkpoint_folders,
     checkpoint_step,
-    prune_checkpoints,
+    discard_checkpoint,
+    is_complete,
+    is_finished,
+    mark_finished,
     register_checkpoint_hooks,
+    remove_leftovers,
     resolve_resume_checkpoint,
+    save_checkpoint,
+    skipped_checkpoints,
 )
 from .data import EpochShuffleSampler, TrainingImages, encode_latent_cache, hf_dataset_records, image_folder_records
 from .hub import LocalHubApi, push_output_folder
@@ -131,9 +137,11 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     if args.logger == "tensorboard" and log_with is None:
         logger.warning("TensorBoard is not installed: training without logs (`pip install tensorboard`).")
     if accelerator.is_main_process:
+        for name in remove_leftovers(args.output_dir):
+            logger.info(f"Removed {name}, left in {args.output_dir} by a run killed while saving a checkpoint.")
         if existing and args.overwrite_output_dir and resume_path is None:
             for folder in existing:
-                shutil.rmtree(folder)
+                discard_checkpoint(folder)
         os.makedirs(args.output_dir, exist_ok=True)
     accelerator.wait_for_everyone()
     set_seed(args.seed)
@@ -192,11 +200,21 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     global_step, first_epoch, skip_batches = 0, 0, 0
     if resume_path is not None:
-        accelerator.print(f"Resuming from {resume_path}")
-        accelerator.load_state(resume_path)
+        skipped = [os.path.basename(folder) for folder in skipped_checkpoints(resume_path)]
+        accelerator.print(f"Resuming from {resume_path}" + (f" ({', '.join(skipped)}: incomplete)" if skipped else ""))
         global_step = checkpoint_step(resume_path)
+        if global_step >= max_train_steps and is_finished(resume_path):
+            accelerator.print(
+                f"Training is already complete: {resume_path} is step {global_step} of `--max_train_steps` "
+                f"{max_train_steps} and its final outputs are written in {args.output_dir}. Nothing to do."
+            )
+            return args.output_dir
+        accelerator.load_state(resume_path)
         first_epoch, done = divmod(global_step, steps_per_epoch)
         skip_batches = done * args.gradient_accumulation_steps
+        if global_step >= max_train_steps:  # killed before its final outputs: write them, train no further step
+            accelerator.print(f"Training is complete at {resume_path}: writing its final outputs only.")
+            first_epoch = num_epochs
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint in {args.output_dir!r} yet: starting a new run.")
     if accelerator.is_main_process:
@@ -296,11 +314,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
-                if accelerator.is_main_process:
-                    prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
-                accelerator.wait_for_everyone()
-                path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-                accelerator.save_state(path)
+                path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
                 logger.info(f"Saved state to {path}")
             if global_step % args.save_images_steps == 0 and global_step < max_train_steps:
                 _save_samples(
@@ -328,6 +342,9 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
             description = model_card_text(args, task, max_train_steps, grid_path is not None)
             push_output_folder(args.output_dir, args.hub_model_id, description, task.tags, api=api,
                                token=args.hub_token, private=args.hub_private_repo)  # fmt: skip
+        last = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+        if is_complete(last):  # resuming from it has nothing left to do
+            mark_finished(last)
     accelerator.end_training()
     return args.output_dir
 

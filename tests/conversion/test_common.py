@@ -1,9 +1,16 @@
-"""All-or-nothing output folders and strict key checks shared by the conversion scripts."""
+"""All-or-nothing output folders (also across a kill) and strict key checks shared by the conversion scripts."""
 
 import os
+import subprocess
+import sys
 
 import pytest
-from diffusers_stages.conversion.common import check_keys, load_state_dict, staged_output
+from diffusers_stages.conversion import common, multistage_to_unet, unet_to_multistage
+from diffusers_stages.conversion.common import check_keys, load_state_dict, recover_output, staged_output
+
+from diffusers_stages import MultiStagePipeline
+
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "instrumented_convert.py")
 
 
 def test_staged_output_moves_the_folder_into_place_on_success(tmp_path):
@@ -31,6 +38,69 @@ def test_failed_overwrite_keeps_the_old_folder_and_leaves_nothing_else(tmp_path)
     with staged_output(out, overwrite=True) as tmp:
         open(os.path.join(tmp, "new.txt"), "w").close()
     assert os.listdir(out) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def _hidden(folder) -> list[str]:
+    """The hidden temporary folders beside the outputs in ``folder``, by kind (``partial``, ``old``)."""
+    return sorted(name.rsplit("-", 1)[0].rsplit(".", 1)[1] for name in os.listdir(folder) if name.startswith("."))
+
+
+def test_a_kill_between_the_renames_of_overwrite_is_undone_by_the_next_load(ddpm_folder, tmp_path, capsys):
+    out = str(tmp_path / "staged")
+    unet_to_multistage.main(
+        unet_to_multistage.parse_args(["--source", ddpm_folder, "--output_path", out, "--stage_boundaries", "500"])
+    )
+    command = [RUNNER, "--kill-after-retire", "unet_to_multistage", "--source", ddpm_folder, "--output_path", out,
+               "--overwrite", "--stage_boundaries", "300", "600"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, *command], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == -9, result.stderr[-2000:]
+    # killed with the previous output moved aside and the new one complete but hidden: no `staged` folder
+    assert not os.path.exists(out) and _hidden(tmp_path) == ["old", "partial"]
+    # the next script that reads it puts the previous output back and deletes the rest
+    multistage_to_unet.main(
+        multistage_to_unet.parse_args(["--source", out, "--stage", "0", "--output_path", str(tmp_path / "stage0")])
+    )
+    assert f"restored {out}: a conversion was killed while replacing it" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["ddpm", "stage0", "staged"]
+    assert MultiStagePipeline.from_pretrained(out).partition.boundaries == (500.0,)
+
+
+def test_the_next_run_restores_an_interrupted_overwrite_and_removes_leftovers(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous conversion")
+    retire = common._retire
+
+    def retire_then_fail(output_path, locks):
+        retire(output_path, locks)
+        raise KeyboardInterrupt  # stops where a kill would: the new folder is not renamed, nothing is cleaned
+
+    monkeypatch.setattr(common, "_retire", retire_then_fail)
+    with pytest.raises(KeyboardInterrupt), staged_output(out, overwrite=True) as tmp:
+        open(os.path.join(tmp, "new.txt"), "w").close()
+    monkeypatch.undo()
+    assert not out.exists() and _hidden(tmp_path) == ["old", "partial"]
+    with pytest.raises(ValueError, match="already exists"), staged_output(out):
+        pass  # the previous output is back (and protected) before the check
+    assert os.listdir(out) == ["old.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+    with staged_output(out, overwrite=True) as tmp:
+        open(os.path.join(tmp, "new.txt"), "w").close()
+    assert os.listdir(out) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_recovery_leaves_the_folders_of_a_running_conversion_alone(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / ".out.partial-killed_0").mkdir()  # a killed run's (unlocked)
+    (tmp_path / ".outer.partial-12345678").mkdir()  # another output's
+    with staged_output(out) as tmp:
+        recover_output(out)  # e.g. a second conversion started meanwhile
+        assert os.path.isdir(tmp) and not (tmp_path / ".out.partial-killed_0").exists()
+        open(os.path.join(tmp, "weights.safetensors"), "w").close()
+    assert os.listdir(out) == ["weights.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == [".outer.partial-12345678", "out"]
 
 
 def test_check_keys_names_missing_and_unexpected_keys():

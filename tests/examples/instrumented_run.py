@@ -1,7 +1,11 @@
 """Run a training script with one instrument attached (used by the tests as a subprocess, under any launcher).
 
-python instrumented_run.py --kill-after-checkpoint SCRIPT [ARGS...]   # SIGKILL right after the first checkpoint
-python instrumented_run.py --dump-weights DIR SCRIPT [ARGS...]        # each rank writes its final weights to DIR
+python instrumented_run.py --kill-after-checkpoint[=N] SCRIPT [ARGS...]  # SIGKILL right after the N-th (first)
+                                                                         # checkpoint is complete
+python instrumented_run.py --kill-before-rename[=N] SCRIPT [ARGS...]     # SIGKILL once the N-th (first) checkpoint's
+                                                                         # temporary folder is written, before it is
+                                                                         # renamed into place and older ones pruned
+python instrumented_run.py --dump-weights DIR SCRIPT [ARGS...]           # each rank writes its final weights to DIR
 """
 
 import os
@@ -12,16 +16,32 @@ import sys
 import accelerate
 from safetensors.torch import save_file
 
-mode = sys.argv[1]
+from diffusers_stages.training import loop
+
+
+def kill_after(function, count: int):
+    """``function(accelerator, ...)``, which kills every process (a real, abrupt SIGKILL, once all of them got there)
+    right after its ``count``-th call returns: nothing after that point runs."""
+    calls = []
+
+    def call_then_die(accelerator, *args, **kwargs):
+        result = function(accelerator, *args, **kwargs)
+        calls.append(args)
+        if len(calls) == count:
+            accelerator.wait_for_everyone()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    return call_then_die
+
+
+mode, _, ordinal = sys.argv[1].partition("=")
 if mode == "--kill-after-checkpoint":
-    save_state = accelerate.Accelerator.save_state
-
-    def save_then_die(self, *args, **kwargs):
-        save_state(self, *args, **kwargs)
-        self.wait_for_everyone()
-        os.kill(os.getpid(), signal.SIGKILL)  # a real, abrupt kill: nothing after the checkpoint runs
-
-    accelerate.Accelerator.save_state = save_then_die
+    loop.save_checkpoint = kill_after(loop.save_checkpoint, int(ordinal or 1))
+    script_args = sys.argv[2:]
+elif mode == "--kill-before-rename":
+    # `save_checkpoint` has `save_state` write the temporary folder, then marks it complete, renames it and prunes
+    accelerate.Accelerator.save_state = kill_after(accelerate.Accelerator.save_state, int(ordinal or 1))
     script_args = sys.argv[2:]
 elif mode == "--dump-weights":
     folder = sys.argv[2]

@@ -1,4 +1,5 @@
-"""Checkpoint folders (latest, pruning) and the Hub push: file selection and model card, offline."""
+"""Checkpoint folders (latest complete one, pruning, leftovers of killed runs) and the Hub push: file selection and
+model card, offline."""
 
 import os
 
@@ -6,7 +7,15 @@ import huggingface_hub.constants
 import pytest
 
 from diffusers_stages.training import LocalHubApi, push_output_folder
-from diffusers_stages.training.checkpointing import checkpoint_folders, prune_checkpoints, resolve_resume_checkpoint
+from diffusers_stages.training.checkpointing import (
+    COMPLETE_MARKER,
+    checkpoint_folders,
+    prune_checkpoints,
+    publish_checkpoint,
+    remove_leftovers,
+    resolve_resume_checkpoint,
+    skipped_checkpoints,
+)
 
 
 def _touch(path):
@@ -14,16 +23,69 @@ def _touch(path):
     open(path, "w").close()
 
 
+def _checkpoint(root, step: int, complete: bool = True) -> str:
+    """A ``checkpoint-<step>`` folder with a weights file, and its completeness marker unless ``complete`` is False."""
+    folder = os.path.join(root, f"checkpoint-{step}")
+    _touch(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+    if complete:
+        _touch(os.path.join(folder, COMPLETE_MARKER))
+    return folder
+
+
+def _names(root) -> list[str]:
+    return sorted(os.listdir(root))
+
+
 def test_latest_and_pruning(tmp_path):
     for step in (10, 2, 100):
-        os.makedirs(tmp_path / f"checkpoint-{step}")
+        _checkpoint(tmp_path, step)
     assert resolve_resume_checkpoint(str(tmp_path), "latest").endswith("checkpoint-100")
     assert resolve_resume_checkpoint(str(tmp_path), "checkpoint-2").endswith("checkpoint-2")
-    prune_checkpoints(str(tmp_path), total_limit=2)  # room for one more: keep the newest one
-    assert [os.path.basename(f) for f in checkpoint_folders(str(tmp_path))] == ["checkpoint-100"]
+    prune_checkpoints(str(tmp_path), total_limit=2)  # run after a save: keep the newest two
+    assert [os.path.basename(f) for f in checkpoint_folders(str(tmp_path))] == ["checkpoint-10", "checkpoint-100"]
     assert resolve_resume_checkpoint(str(tmp_path / "none"), "latest") is None
     with pytest.raises(ValueError, match="`--resume_from_checkpoint` 'checkpoint-7' is not a checkpoint folder"):
         resolve_resume_checkpoint(str(tmp_path), "checkpoint-7")
+
+
+def test_latest_skips_incomplete_checkpoints_and_names_them(tmp_path):
+    _checkpoint(tmp_path, 2)
+    _checkpoint(tmp_path, 4, complete=False)  # killed while being written
+    latest = resolve_resume_checkpoint(str(tmp_path), "latest")
+    assert os.path.basename(latest) == "checkpoint-2"
+    assert [os.path.basename(f) for f in skipped_checkpoints(latest)] == ["checkpoint-4"]
+    with pytest.raises(
+        ValueError, match=r"'.*checkpoint-4' is incomplete \(no checkpoint_complete.json.*checkpoint-2"
+    ):
+        resolve_resume_checkpoint(str(tmp_path), "checkpoint-4")
+    with pytest.raises(ValueError, match=r"'checkpoint-6' is not a checkpoint folder \(complete checkpoints in .*: "):
+        resolve_resume_checkpoint(str(tmp_path), "checkpoint-6")
+    os.remove(os.path.join(tmp_path, "checkpoint-2", COMPLETE_MARKER))
+    with pytest.raises(ValueError, match=r"no checkpoint in .* is complete \(checkpoint-2, checkpoint-4 lack"):
+        resolve_resume_checkpoint(str(tmp_path), "latest")
+
+
+def test_pruning_keeps_complete_checkpoints_and_newer_incomplete_ones(tmp_path):
+    for step, complete in ((2, True), (4, False), (6, True), (8, True), (10, False)):
+        _checkpoint(tmp_path, step, complete)
+    prune_checkpoints(str(tmp_path), total_limit=1)
+    assert _names(tmp_path) == ["checkpoint-10", "checkpoint-8"]  # 10 is replaced when step 10 is saved again
+    prune_checkpoints(str(tmp_path), total_limit=None)
+    assert _names(tmp_path) == ["checkpoint-10", "checkpoint-8"]
+
+
+def test_publish_replaces_a_folder_of_the_same_step_and_leftovers_are_removed(tmp_path):
+    _checkpoint(tmp_path, 4, complete=False)
+    partial = tmp_path / ".checkpoint-4.partial"
+    _touch(str(partial / "optimizer.bin"))
+    publish_checkpoint(str(partial), str(tmp_path / "checkpoint-4"), 4)
+    assert _names(tmp_path) == ["checkpoint-4"]
+    assert _names(tmp_path / "checkpoint-4") == [COMPLETE_MARKER, "optimizer.bin"]
+    for name in (".checkpoint-6.partial", ".checkpoint-2.deleted", ".unrelated"):
+        _touch(str(tmp_path / name / "file"))
+    assert remove_leftovers(str(tmp_path)) == [".checkpoint-2.deleted", ".checkpoint-6.partial"]
+    assert _names(tmp_path) == [".unrelated", "checkpoint-4"]
+    assert remove_leftovers(str(tmp_path / "none")) == []
 
 
 def test_push_selects_files_like_the_hub_and_writes_a_card(tmp_path, monkeypatch):

@@ -1,0 +1,113 @@
+"""Training never loses its last good checkpoint: real runs of `train_multistage.py` killed (SIGKILL) at the
+dangerous points of saving, then resumed with `--resume_from_checkpoint latest`; a finished run resumes to nothing."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_stages.training.checkpointing import COMPLETE_MARKER, FINISHED_MARKER
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def script(examples):
+    return examples.load_script("multistage")
+
+
+@pytest.fixture(scope="module")
+def run_args(examples, image_folder):
+    """4 steps with EMA, a checkpoint every 2, at most 1 kept: step 4 replaces checkpoint-2 by checkpoint-4."""
+    return [*examples.TINY, "--train_data_dir", image_folder, "--use_ema", "--max_train_steps", "4",
+            "--checkpointing_steps", "2", "--checkpoints_total_limit", "1", "--save_images_steps", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def straight(examples, script, run_args, tmp_path_factory):
+    """The uninterrupted run (read only: tests that resume it work on a copy)."""
+    out = str(tmp_path_factory.mktemp("straight") / "run")
+    examples.train(script, [*run_args, "--output_dir", out])
+    return out
+
+
+def _same_weights(a: str, b: str, sub: str) -> bool:
+    x, y = load_file(os.path.join(a, sub, WEIGHTS)), load_file(os.path.join(b, sub, WEIGHTS))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _snapshot(folder: str) -> dict:
+    """Every file under ``folder`` with its size and modification time."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            stat = os.stat(os.path.join(root, name))
+            files[os.path.relpath(os.path.join(root, name), folder)] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def _resume(examples, script, args, out, capsys) -> str:
+    capsys.readouterr()
+    examples.train(script, [*args, "--output_dir", out, "--resume_from_checkpoint", "latest"])
+    return capsys.readouterr().out
+
+
+def test_kill_before_rename_keeps_the_last_checkpoint(examples, script, run_args, straight, tmp_path, capsys):
+    out = str(tmp_path / "killed")
+    command = [examples.RUNNER, "--kill-before-rename=2", examples.SCRIPTS["multistage"], *run_args,
+               "--output_dir", out]  # fmt: skip
+    result = examples.run_subprocess(command)
+    assert result.returncode == -9, result.stderr[-2000:]
+    # checkpoint-4 was fully written, but not yet renamed: checkpoint-2 (total limit 1) is still there, complete
+    assert sorted(os.listdir(out)) == [".checkpoint-4.partial", "checkpoint-2", "samples"]
+    assert os.path.isfile(os.path.join(out, "checkpoint-2", COMPLETE_MARKER))
+    assert "Resuming from " + os.path.join(out, "checkpoint-2") in _resume(examples, script, run_args, out, capsys)
+    assert sorted(f for f in os.listdir(out) if "checkpoint" in f) == ["checkpoint-4"]  # leftover gone, 2 pruned
+    for sub in ("unet", "checkpoint-4/unet", "checkpoint-4/unet_ema"):
+        assert _same_weights(straight, out, sub), sub
+
+
+def test_a_run_killed_after_its_last_checkpoint_writes_its_outputs_without_training(
+    examples, script, run_args, straight, tmp_path, capsys
+):
+    # the state a kill right after the last checkpoint leaves (`--kill-after-checkpoint=2`): that checkpoint, no
+    # outputs yet; copied from the uninterrupted run, as a second killed subprocess would double this file's time
+    out = str(tmp_path / "killed")
+    os.makedirs(os.path.join(out, "samples"))
+    shutil.copytree(os.path.join(straight, "checkpoint-4"), os.path.join(out, "checkpoint-4"))
+    os.remove(os.path.join(out, "checkpoint-4", FINISHED_MARKER))
+    shutil.copy(os.path.join(straight, "samples", "step_000002.png"), os.path.join(out, "samples"))
+    printed = _resume(examples, script, run_args, out, capsys)
+    assert (
+        "Training is complete at " + os.path.join(out, "checkpoint-4") + ": writing its final outputs only" in printed
+    )
+    assert _same_weights(straight, out, "unet")
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["step_000002.png", "step_000004.png"]  # no step 5
+    with (
+        open(os.path.join(straight, "sample_grid.png"), "rb") as a,
+        open(os.path.join(out, "sample_grid.png"), "rb") as b,
+    ):
+        assert a.read() == b.read()
+    assert "Training is already complete" in _resume(examples, script, run_args, out, capsys)
+
+
+def test_resuming_a_finished_run_does_nothing(examples, script, run_args, straight, tmp_path, capsys):
+    out = str(tmp_path / "finished")
+    shutil.copytree(straight, out)
+    os.makedirs(os.path.join(out, "checkpoint-6"))  # as a kill while writing it left it before checkpoints were atomic
+    before = _snapshot(out)
+    printed = _resume(examples, script, run_args, out, capsys)
+    assert "Resuming from " + os.path.join(out, "checkpoint-4") + " (checkpoint-6: incomplete)" in printed
+    assert "Training is already complete: " + os.path.join(out, "checkpoint-4") + " is step 4" in printed
+    assert _snapshot(out) == before  # no step trained, no sample grid, nothing rewritten
+
+
+def test_a_checkpoint_without_a_network_folder_is_a_clear_error(examples, script, run_args, straight, tmp_path):
+    out = str(tmp_path / "damaged")
+    shutil.copytree(os.path.join(straight, "checkpoint-4"), os.path.join(out, "checkpoint-4"))
+    os.remove(os.path.join(out, "checkpoint-4", FINISHED_MARKER))
+    shutil.rmtree(os.path.join(out, "checkpoint-4", "unet_ema"))  # not the Hub's "is not a valid model identifier"
+    with pytest.raises(ValueError, match=r"Checkpoint '.*checkpoint-4' has no 'unet_ema' folder"):
+        examples.train(script, [*run_args, "--output_dir", out, "--resume_from_checkpoint", "latest"])
