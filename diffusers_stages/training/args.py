@@ -152,6 +152,13 @@ def partition_from_args(args: argparse.Namespace, default: TimestepPartition) ->
         if args.boundary_units != default.units:
             raise ValueError(f"`--boundary_units {args.boundary_units}` needs `--stage_boundaries` in those units.")
         return default
+    if not args.stage_boundaries:  # `--stage_boundaries ''` (or ','): no inner boundary would mean a single stage
+        raise ValueError(
+            f"`--stage_boundaries` {list(args.stage_boundaries)} gives no boundary, which would train a single-stage "
+            "model: a staged model needs at least one inner boundary (e.g. `--stage_boundaries 442,631`), or omit "
+            "the argument for the default split. To train one plain U-Net, use diffusers' "
+            "examples/unconditional_image_generation/train_unconditional.py."
+        )
     try:
         return TimestepPartition(list(args.stage_boundaries), args.ddpm_num_steps, args.boundary_units)
     except ValueError as error:
