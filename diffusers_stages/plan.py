@@ -27,6 +27,7 @@ from .planning import (
     stage_difficulty,
     suggest_decoder_widths,
 )
+from .planning.optimal_denoiser import check_planning_data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,6 +118,7 @@ def run(argv: list[str] | None = None) -> dict:
             args.max_images,
             progress_bar=True,
         )
+        check_planning_data(data, "--train_data_dir" if args.train_data_dir else "--dataset")  # before any planning
         print(f"{data.shape[0]} training images of shape {tuple(data.shape[1:])}", file=sys.stderr)
 
     # 3. plan

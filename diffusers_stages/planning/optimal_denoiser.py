@@ -33,6 +33,35 @@ def _check_data(data: torch.Tensor) -> torch.Tensor:
     return data.reshape(data.shape[0], -1)
 
 
+def check_planning_data(data: torch.Tensor, name: str = "data") -> torch.Tensor:
+    """Refuse, up front and by its real cause, data that no stage plan can be drawn from: not floating point (raw
+    ``0..255`` or ``int64`` images), not ``(N, C, H, W)`` / ``(N, D)`` (a single ``(C, H, W)`` image), or fewer than
+    two different images (one image, or copies of one: the optimal denoiser then returns that image at every noise
+    level, so every level looks alike and no boundary can be placed). ``name`` is the argument the data came from.
+    Returns the data flattened to ``(N, D)``."""
+    flat = _check_data(data)
+    if not data.is_floating_point():
+        raise ValueError(
+            f"`{name}` must be a floating-point tensor scaled as the model sees it ([-1, 1] for pixels), got dtype "
+            f"{data.dtype}: convert 0..255 images with `data.float() / 127.5 - 1`."
+        )
+    if data.ndim not in (2, 4):
+        hint = (
+            " (grayscale (N, H, W) images? add the channel with `data[:, None]`; one (C, H, W) image? stack several)"
+        )
+        raise ValueError(
+            f"`{name}` must be training images (N, C, H, W), or flattened (N, D), got a {data.ndim}-D tensor of shape "
+            f"{tuple(data.shape)}{hint if data.ndim == 3 else ''}."
+        )
+    if flat.shape[0] < 2 or not bool((flat != flat[0]).any()):
+        held = "1 image" if flat.shape[0] == 1 else f"{flat.shape[0]} images, all identical"
+        raise ValueError(
+            f"`{name}` holds {held}: planning needs at least 2 different training images (the optimal denoiser of a "
+            "single image returns it at every noise level, so no noise level differs from another)."
+        )
+    return flat
+
+
 def optimal_denoiser_mean(
     noisy: torch.Tensor,
     data: torch.Tensor,
