@@ -32,7 +32,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     """The arguments every training script takes (data, optimisation, checkpoints, logging, Hub, U-Net shape)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--train_data_dir", type=str, default=None, help="Folder of images (sub-folders = classes).")
+    data.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Folder of images (sub-folders = classes). Every file is decoded once before training: one that is not a "
+        "readable image (truncated, or not an image) stops the run, named.",
+    )
     data.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset name or local path.")
     data.add_argument("--dataset_config_name", type=str, default=None)
     data.add_argument("--image_column", type=str, default="image")
@@ -65,7 +71,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--attention_head_dim", type=int, default=8)
     model.add_argument("--norm_num_groups", type=int, default=32)
     model.add_argument("--dropout", type=float, default=0.0)
-    model.add_argument("--stage_boundaries", type=float_list, default=None, help="Inner boundaries, e.g. 442,631.")
+    model.add_argument(
+        "--stage_boundaries", type=float_list, default=None, help="Inner boundaries (at least one), e.g. 442,631."
+    )
     model.add_argument("--boundary_units", choices=("timestep", "sigma"), default="timestep",
                        help="`sigma` trains an EDM-style model (EDMEulerScheduler, Karras et al. 2022).")  # fmt: skip
     model.add_argument(
