@@ -58,7 +58,7 @@ def _check_num_stages(num_stages: int, schedule: NoiseSchedule) -> None:
 
 
 def _check_unit_interval(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
         raise ValueError(f"`{name}` must be in (0, 1], got {value!r}.")
 
 

@@ -53,13 +53,18 @@ def check_planning_data(data: torch.Tensor, name: str = "data") -> torch.Tensor:
             f"`{name}` must be training images (N, C, H, W), or flattened (N, D), got a {data.ndim}-D tensor of shape "
             f"{tuple(data.shape)}{hint if data.ndim == 3 else ''}."
         )
-    if flat.shape[0] < 2 or not bool((flat != flat[0]).any()):
+    if flat.shape[0] < 2 or _all_identical(flat):
         held = "1 image" if flat.shape[0] == 1 else f"{flat.shape[0]} images, all identical"
         raise ValueError(
             f"`{name}` holds {held}: planning needs at least 2 different training images (the optimal denoiser of a "
             "single image returns it at every noise level, so no noise level differs from another)."
         )
     return flat
+
+
+def _all_identical(flat: torch.Tensor, chunk: int = 1024) -> bool:
+    """Whether every row equals the first, in chunks that stop at the first difference (memory ``O(chunk x D)``)."""
+    return not any(bool((flat[i : i + chunk] != flat[0]).any()) for i in range(1, flat.shape[0], chunk))
 
 
 def optimal_denoiser_mean(
@@ -90,8 +95,8 @@ def optimal_denoiser_mean(
 
     ```
     """
-    if chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}.")
     x = noisy.to(torch.float64)
     a = torch.as_tensor(signal_scale, dtype=torch.float64, device=x.device).reshape(-1, 1)
     inv_two_var = 1 / (2 * torch.as_tensor(noise_scale, dtype=torch.float64, device=x.device).reshape(-1, 1) ** 2)
@@ -158,7 +163,7 @@ def optimal_predictions(
     ```
     """
     flat = _check_data(data)
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
     if target not in TARGETS:
         raise ValueError(f"`target` must be one of {TARGETS}, got {target!r}.")

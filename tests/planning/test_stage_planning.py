@@ -158,6 +158,9 @@ def test_plan_goes_into_a_model_config_and_survives_save_and_reload(tmp_path, ti
         (dict(data=None), "`data` \\(the training images\\) is required"),
         (dict(data=torch.full((4, 1, 2, 2), float("nan"))), "NaN"),
         (dict(num_samples=0), "`num_samples` must be a positive integer, got 0"),
+        ({"num_samples": True}, "`num_samples` must be a positive integer, got True"),
+        ({"chunk_size": True}, "`chunk_size` must be a positive integer, got True"),
+        ({"alpha": True}, "`alpha` must be in \\(0, 1\\], got True"),
     ],
 )
 def test_bad_parameters_are_refused(kwargs, match):
