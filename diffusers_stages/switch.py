@@ -192,11 +192,10 @@ def _load_models(args) -> tuple:
     from diffusers.models.modeling_utils import ModelMixin
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-    from .pipelines import DualBackbonePipeline
-
     if args.pipeline:
-        check_dual_backbone_folder(args.pipeline)
-        pipe = DualBackbonePipeline.from_pretrained(args.pipeline)  # the package's classes: runs no saved code
+        from .pipelines import DualBackbonePipeline
+
+        pipe = DualBackbonePipeline.from_pretrained(args.pipeline)  # never runs code from the folder
         return pipe.shallow, pipe.deep, pipe.scheduler
     if not (args.shallow and args.deep and args.scheduler):
         raise ValueError("Give `--pipeline DIR`, or all of `--shallow DIR --deep DIR --scheduler DIR`.")
@@ -250,6 +249,8 @@ def main(argv: list[str] | None = None) -> SwitchRecommendation:
     parser.add_argument("--plot", default="switch.png", help="where to save the PNG")
     args = parser.parse_args(argv)
     check_settings(args.tolerance, args.num_levels, args.num_images)  # before any model or data is loaded
+    if args.pipeline:
+        check_dual_backbone_folder(args.pipeline)
 
     shallow, deep, scheduler = _load_models(args)
     config = deep.config
