@@ -30,7 +30,9 @@ from diffusers_stages.conversion.common import (
 )
 from diffusers_stages.pipelines import MultiStagePipeline
 
+import diffusers_stages
 from diffusers_stages.models import MultiStageUNet2DModel
+from diffusers_stages.routing import is_edm_scheduler
 
 SOURCE_PIPELINES = {"DDPMPipeline": "unet", "DDIMPipeline": "unet", "LDMPipeline": "unet"}  # pipeline -> denoiser
 VAE_COMPONENTS = ("vqvae", "vae")
@@ -52,7 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Inner stage boundaries, increasing, in --boundary_units (e.g. 442 631: Zhang et al.'s CIFAR-10 split).",
     )
     parser.add_argument(
-        "--boundary_units", default="timestep", choices=("timestep", "sigma"), help="Units of --stage_boundaries."
+        "--boundary_units",
+        default="timestep",
+        choices=("timestep", "sigma"),
+        help="Units of --stage_boundaries: those of the source's scheduler. A DDPM-type source (a beta schedule: "
+        "DDPM, DDIM, PNDM, ...; every bare UNet2DModel folder) conditions on training timesteps, so 'sigma' is "
+        "refused for it (the converted pipeline could not sample); 'sigma' is for a source with an EDM scheduler.",
     )
     parser.add_argument(
         "--plan",
@@ -73,11 +80,12 @@ def load_source(path: str) -> tuple[UNet2DModel, object, object, str | None]:
     source_folder(path)
     index_path = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_path):
+        refuse_staged_source(path, read_class_name(os.path.join(path, "config.json")))
         unet = load_strict(UNet2DModel, path)
         return unet, DDPMScheduler(num_train_timesteps=unet.config.num_train_timesteps or 1000), None, None
     with open(index_path, encoding="utf-8") as f:
         index = json.load(f)
-    pipeline_class = index.get("_class_name")
+    pipeline_class = refuse_staged_source(path, index.get("_class_name"))
     if pipeline_class not in SOURCE_PIPELINES:
         raise ValueError(
             f"`--source` holds a {pipeline_class}; supported pipelines are {sorted(SOURCE_PIPELINES)} (or give the "
@@ -93,6 +101,42 @@ def load_source(path: str) -> tuple[UNet2DModel, object, object, str | None]:
     return unet, scheduler, vae, pipeline_class
 
 
+def read_class_name(config_path: str) -> object:
+    """The ``_class_name`` of a saved config file (None when there is no such file)."""
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path, encoding="utf-8") as f:
+        return json.load(f).get("_class_name")
+
+
+def refuse_staged_source(path: str, class_entry: object) -> str | None:
+    """Refuse a source that is already one of this package's staged pipelines or models (saved as ``[file, class]``
+    or by class name); return the class name otherwise."""
+    name = class_entry[-1] if isinstance(class_entry, list) and class_entry else class_entry
+    name = None if name is None else str(name)
+    if name is not None and isinstance(getattr(diffusers_stages, name, None), type):
+        raise ValueError(
+            f"`--source` {path!r} is already staged (it holds a {name}): unet_to_multistage converts a plain "
+            f"UNet2DModel or a {'/'.join(SOURCE_PIPELINES)} folder. Fine-tune a MultiStagePipeline with "
+            "`train_multistage.py --pretrained_model_name_or_path`, or export one stage as a plain U-Net with "
+            "`python -m diffusers_stages.conversion.multistage_to_unet`."
+        )
+    return name
+
+
+def check_units(scheduler, units: str) -> None:
+    """Refuse boundary units the source's scheduler does not condition its model on: a converted pipeline keeps the
+    source's scheduler, and could not sample with stages in other units."""
+    scheduler_units = "sigma" if is_edm_scheduler(scheduler) else "timestep"
+    if units != scheduler_units:
+        raise ValueError(
+            f"`--boundary_units {units}` does not fit the source: its {type(scheduler).__name__} conditions the model "
+            f"on {'sigmas (EDM)' if scheduler_units == 'sigma' else 'training timesteps'}, so the converted pipeline "
+            f"could not sample. Give `--stage_boundaries` in {scheduler_units!r} units (`--boundary_units "
+            f"{scheduler_units}`), or use `--plan`."
+        )
+
+
 def plan_boundaries(scheduler, method: str, num_stages: int) -> tuple[list[float], str]:
     """Stage boundaries planned on the source scheduler's noise schedule (diffusers_stages.planning)."""
     from diffusers_stages.planning.methods import snr_plan, uniform_plan
@@ -104,6 +148,7 @@ def plan_boundaries(scheduler, method: str, num_stages: int) -> tuple[list[float
 
 def convert(unet: UNet2DModel, scheduler, vae, boundaries, units: str) -> MultiStagePipeline:
     """The `MultiStagePipeline` whose stages all copy ``unet`` (see `MultiStageUNet2DModel.from_unet`)."""
+    check_units(scheduler, units)
     # the stages cover the scheduler's training schedule (a UNet2DModel config rarely records its length)
     steps = getattr(scheduler.config, "num_train_timesteps", None)
     staged = MultiStageUNet2DModel.from_unet(

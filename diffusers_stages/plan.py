@@ -27,12 +27,17 @@ from .planning import (
     stage_difficulty,
     suggest_decoder_widths,
 )
+from .planning.optimal_denoiser import check_planning_data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="diffusers-stages-plan", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--train_data_dir", help="A folder of training images (searched recursively).")
+    source.add_argument(
+        "--train_data_dir",
+        help="A folder of training images (searched recursively). Every file is decoded before planning: one that is "
+        "not a readable image (truncated, or not an image) is an error naming it; at least 2 different images.",
+    )
     source.add_argument("--dataset", help="A `datasets` dataset: a `save_to_disk` folder, or a name for load_dataset.")
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--split", default="train")
@@ -117,6 +122,7 @@ def run(argv: list[str] | None = None) -> dict:
             args.max_images,
             progress_bar=True,
         )
+        check_planning_data(data, "--train_data_dir" if args.train_data_dir else "--dataset")  # before any planning
         print(f"{data.shape[0]} training images of shape {tuple(data.shape[1:])}", file=sys.stderr)
 
     # 3. plan

@@ -80,6 +80,15 @@ def denoising_error(
     return errors / len(images)
 
 
+def check_settings(tolerance: float, num_levels: int, num_images: int = 1) -> None:
+    """Refuse settings no switch can be measured with (a `ValueError` naming the argument and the value)."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"`tolerance` must be a non-negative number, got {tolerance!r}.")
+    for name, value, low in (("num_levels", num_levels, 2), ("num_images", num_images, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+
+
 def recommend_switch(
     shallow: torch.nn.Module,
     deep: torch.nn.Module,
@@ -112,8 +121,7 @@ def recommend_switch(
 
     ```
     """
-    if not tolerance >= 0:
-        raise ValueError(f"`tolerance` must be a non-negative number, got {tolerance}.")
+    check_settings(tolerance, num_levels)
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"`images` must be a non-empty (N, C, H, W) tensor in [-1, 1], got {tuple(images.shape)}.")
     levels = noise_levels(scheduler, num_levels)
@@ -195,6 +203,25 @@ def _load_models(args) -> tuple:
     return tuple(_load_any(cls, path) for cls, path in zip(load, (args.shallow, args.deep, args.scheduler)))
 
 
+def check_dual_backbone_folder(path: str) -> None:
+    """Refuse, before loading anything, a `--pipeline` that is not a saved `DualBackbonePipeline`: the switch is
+    measured between its two backbones."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        entry = DiffusionPipeline.load_config(path).get("_class_name")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"`--pipeline` {path!r} is not a saved pipeline folder (model_index.json): {error}") from None
+    name = entry[-1] if isinstance(entry, list) and entry else entry  # saved as [file, class] by this package
+    if name != "DualBackbonePipeline":
+        raise ValueError(
+            f"`--pipeline` {path!r} holds a {name}, not a DualBackbonePipeline: the switch is measured between a "
+            "dual-backbone pipeline's shallow and deep models. Give a DualBackbonePipeline folder (e.g. from "
+            "`diffusers_stages.conversion.pipelines_to_experts` or `train_dual_backbone.py`), or the two models with "
+            "`--shallow DIR --deep DIR --scheduler DIR`."
+        )
+
+
 def _load_any(base: type, path: str):
     """Load a saved model or scheduler folder with the class named in its config."""
     import diffusers
@@ -221,6 +248,9 @@ def main(argv: list[str] | None = None) -> SwitchRecommendation:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default="switch.png", help="where to save the PNG")
     args = parser.parse_args(argv)
+    check_settings(args.tolerance, args.num_levels, args.num_images)  # before any model or data is loaded
+    if args.pipeline:
+        check_dual_backbone_folder(args.pipeline)
 
     shallow, deep, scheduler = _load_models(args)
     config = deep.config

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import numbers
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
@@ -58,7 +61,7 @@ class StagedDiffusionPipeline(DiffusionPipeline):
             return None, batch_size
         if num_class_embeds is None:
             raise ValueError("`class_labels` were given, but this pipeline's model is not class-conditional.")
-        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        labels = _integer_labels(class_labels)
         if labels.numel() == 0 or bool((labels < 0).any()) or bool((labels >= num_class_embeds - 1).any()):
             raise ValueError(
                 f"`class_labels` must be class indices in [0, {num_class_embeds - 1}) (the last of the "
@@ -68,13 +71,28 @@ class StagedDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"`batch_size`={batch_size} disagrees with the {labels.numel()} `class_labels` given.")
         return labels.to(device), labels.numel()
 
-    def _guidance_scales(self, guidance_scale: float | Sequence[float], num_stages: int) -> list[float]:
-        scales = (
-            [float(guidance_scale)] * num_stages if isinstance(guidance_scale, (int, float)) else list(guidance_scale)
-        )
-        if len(scales) != num_stages or any(s < 1.0 for s in scales):
+    def _guidance_scales(
+        self, guidance_scale: float | Sequence[float], num_stages: int, conditional: bool = True
+    ) -> list[float]:
+        value = guidance_scale.tolist() if hasattr(guidance_scale, "tolist") else guidance_scale  # tensor / numpy
+        scales = [value] * num_stages if isinstance(value, numbers.Real) else value
+        if (
+            not isinstance(scales, (list, tuple))
+            or len(scales) != num_stages
+            or any(isinstance(s, bool) or not isinstance(s, numbers.Real) for s in scales)
+        ):
             raise ValueError(
                 f"`guidance_scale` must be a number >= 1 or one per stage ({num_stages}), got {guidance_scale!r}."
+            )
+        scales = [float(s) for s in scales]
+        if not all(math.isfinite(s) for s in scales):
+            raise ValueError(f"`guidance_scale` must be finite, got {_shown(value)}.")
+        if any(s < 1.0 for s in scales):
+            raise ValueError(f"`guidance_scale` must be >= 1 (1 disables guidance), got {_shown(value)}.")
+        if not conditional and any(s != 1.0 for s in scales):
+            raise ValueError(
+                f"`guidance_scale`={_shown(value)} needs a class-conditional model, but this pipeline's model is "
+                "unconditional (classifier-free guidance has no label to drop): leave `guidance_scale` at 1."
             )
         return scales
 
@@ -121,22 +139,24 @@ class StagedDiffusionPipeline(DiffusionPipeline):
 
         Args:
             batch_size (`int`, defaults to 1): number of images (the number of `class_labels` when those are given).
-            generator (`torch.Generator`, *optional*): makes generation deterministic.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): makes generation deterministic; a
+                list gives one generator per image and must have one per image of the batch.
             num_inference_steps (`int`, defaults to 50): denoising steps of the scheduler.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"`, or `"latent"` (no VAE decoding).
             return_dict (`bool`, defaults to `True`): return an `ImagePipelineOutput` rather than a tuple.
-            class_labels (`list[int]` or `torch.Tensor`, *optional*): one class per image, for class-conditional models.
+            class_labels (`list[int]` or `torch.Tensor`, *optional*): one class per image, for class-conditional models:
+                python ints or an integer tensor (floats and bools are refused, not rounded).
             guidance_scale (`float` or `list[float]`, defaults to 1.0): classifier-free guidance scale, one for all
-                stages or one per stage (clean stage first); 1 disables guidance.
+                stages or one per stage (clean stage first), finite and >= 1; 1 disables guidance. Class-conditional
+                models only: an unconditional model refuses any other value.
 
         Returns:
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the generated images.
         """
         # 1. check the inputs
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         device = self._execution_device
@@ -145,7 +165,12 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         denoiser = self.stage_denoiser(partition.num_stages - 1)[0]  # the first network to run: shape, dtype, labels
         config, model_dtype = denoiser.config, denoiser.dtype
         class_labels, batch_size = self._prepare_class_labels(class_labels, batch_size, config, device)
-        scales = self._guidance_scales(guidance_scale, partition.num_stages)
+        scales = self._guidance_scales(guidance_scale, partition.num_stages, conditional=class_labels is not None)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators, but the batch has {batch_size} images: give "
+                "one generator per image, or a single generator."
+            )
 
         # 2. initial noise at the scheduler's first noise level
         size = config.sample_size
@@ -226,6 +251,25 @@ def class_embedding_count(config) -> int | None:
     if getattr(config, "norm_type", None) == "ada_norm_zero" and getattr(config, "num_embeds_ada_norm", None):
         return config.num_embeds_ada_norm + 1
     return None
+
+
+def _integer_labels(class_labels) -> torch.Tensor:
+    """``class_labels`` as a 1-D ``long`` tensor: python ints or an integer tensor / array only (a float such as 1.7
+    is not silently truncated, and a bool is not a class)."""
+    labels = torch.from_numpy(class_labels) if isinstance(class_labels, np.ndarray) else class_labels
+    if torch.is_tensor(labels):
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"`class_labels` must be integers, got a tensor of dtype {labels.dtype}.")
+        return labels.reshape(-1).long()
+    values = list(labels) if isinstance(labels, (list, tuple)) else [labels]
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
+        raise ValueError(f"`class_labels` must be integers (class indices), got {class_labels!r}.")
+    return torch.tensor([int(v) for v in values], dtype=torch.long)
+
+
+def _shown(value) -> str:
+    """A number or list of numbers as the error messages show it (``nan``, ``[2.0, inf]``)."""
+    return repr([float(v) for v in value]) if isinstance(value, (list, tuple)) else repr(float(value))
 
 
 REEXPORT_HEADER = (

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from diffusers_stages import DualBackbonePipeline
+from diffusers_stages import DualBackbonePipeline, MultiStagePipeline
 from diffusers_stages.switch import main, recommend_switch
 
 
@@ -80,3 +80,38 @@ def test_command_prints_the_switch_and_saves_the_plot(tiny_unet_kwargs, tmp_path
     assert "shallow/deep FLOPs per call" in printed and f"plot: {plot}" in printed
     assert ("recommended switch" in printed) == (found.switch is not None)
     assert len(found.levels) == 4 and math.isfinite(float(found.deep_error.sum()))
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--num_levels", "0"], "`num_levels` must be an integer >= 2, got 0"),
+        (["--num_levels", "1"], "`num_levels` must be an integer >= 2, got 1"),
+        (["--num_images", "0"], "`num_images` must be an integer >= 1, got 0"),
+        (["--tolerance", "nan"], "`tolerance` must be a non-negative number, got nan"),
+    ],
+)
+def test_command_refuses_bad_settings_before_loading_anything(argv, match):
+    with pytest.raises(ValueError, match=match):
+        main(["--pipeline", "/no/such/folder", *argv])  # the settings are refused before the folder is read
+
+
+def test_recommend_switch_refuses_bad_settings():
+    scheduler, images = DDPMScheduler(), torch.zeros(4, 1, 8, 8)
+    model = Analytic(scheduler, exact=False)
+    for kwargs, match in (
+        ({"num_levels": 0}, "`num_levels` must be an integer >= 2, got 0"),
+        ({"num_levels": True}, "`num_levels` must be an integer >= 2, got True"),
+        ({"num_levels": 2.5}, "`num_levels` must be an integer >= 2, got 2.5"),
+        ({"tolerance": True}, "`tolerance` must be a non-negative number, got True"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            recommend_switch(model, model, scheduler, images, **kwargs)
+
+
+def test_command_refuses_a_pipeline_that_is_not_dual_backbone(tiny_multistage, tmp_path):
+    MultiStagePipeline(unet=tiny_multistage, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "staged")
+    with pytest.raises(ValueError, match="`--pipeline` .* holds a MultiStagePipeline, not a DualBackbonePipeline"):
+        main(["--pipeline", str(tmp_path / "staged"), "--num_levels", "3"])
+    with pytest.raises(ValueError, match="`--pipeline` .* is not a saved pipeline folder"):
+        main(["--pipeline", str(tmp_path / "missing")])

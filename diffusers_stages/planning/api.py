@@ -36,8 +36,10 @@ def plan_stages(
     own units (training timesteps for DDPM-style schedules, sigmas for EDM).
 
     Args:
-        data (`torch.Tensor`): training images ``(N, C, H, W)`` scaled as the model sees them (``[-1, 1]``). Not used
-            by ``"uniform"``, ``"snr"`` and ``"snr_clustering"``.
+        data (`torch.Tensor`): training images ``(N, C, H, W)`` (or ``(N, D)``), floating point, scaled as the model
+            sees them (``[-1, 1]``), at least two different ones; anything else is refused before planning (see
+            [`~diffusers_stages.planning.optimal_denoiser.check_planning_data`]). Not used by ``"uniform"``,
+            ``"snr"`` and ``"snr_clustering"``.
         schedule: a [`NoiseSchedule`], or a diffusers scheduler (``alphas_cumprod`` or EDM) turned into one with
             ``num_levels`` levels.
         num_stages (`int`): number of stages (>= 2).

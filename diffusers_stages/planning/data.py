@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import numpy as np
 import torch
@@ -10,6 +11,20 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def open_image_file(path: str, argument: str = "train_data_dir") -> Image.Image:
+    """Open and fully decode one image file; a file that is not a readable image (truncated, or not an image at all,
+    e.g. a text file named ``.png``) is a `ValueError` naming the file and ``argument``, the folder's argument."""
+    try:
+        image = Image.open(path)
+        image.load()  # decode now: a truncated file opens fine and fails only here
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as error:
+        raise ValueError(
+            f"`{argument}` holds a file that is not a readable image: {path!r} ({type(error).__name__}: {error}). "
+            "Fix or remove it."
+        ) from None
+    return image
 
 
 def image_to_tensor(image, resolution: int, num_channels: int = 3) -> torch.Tensor:
@@ -61,7 +76,7 @@ def load_images(
             if name.lower().endswith(IMAGE_EXTENSIONS)
         )
         images = paths[:max_images]
-        load = Image.open
+        load = open_image_file  # every file is decoded here, before any planning: a bad one is named
     else:
         images = _load_dataset(dataset, split, image_column)
         images = images.select(range(min(max_images, len(images)))) if max_images is not None else images

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..partition import TimestepPartition
-from .optimal_denoiser import _check_data, optimal_predictions, pixel_agreement
+from .optimal_denoiser import check_planning_data, optimal_predictions, pixel_agreement
 from .schedule import NoiseSchedule
 
 METHODS = ("optimal_denoiser", "uniform", "snr", "snr_clustering", "gradient")
@@ -58,7 +58,7 @@ def _check_num_stages(num_stages: int, schedule: NoiseSchedule) -> None:
 
 
 def _check_unit_interval(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
         raise ValueError(f"`{name}` must be in (0, 1], got {value!r}.")
 
 
@@ -205,6 +205,7 @@ def optimal_denoiser_plan(
     _check_num_stages(num_stages, schedule)
     _check_unit_interval("alpha", alpha)
     _check_unit_interval("eta", eta)
+    check_planning_data(data)
     predictions, _, _ = optimal_predictions(
         data, schedule, num_samples, generator, target, chunk_size=chunk_size, device=device, progress_bar=progress_bar
     )
@@ -362,7 +363,7 @@ def gradient_plan(
     _check_num_stages(num_stages, schedule)
     if data is None:
         raise ValueError("`data` is required by the 'gradient' method (the training images).")
-    _check_data(data)
+    check_planning_data(data)
     if model is not None:
         picks = torch.randperm(data.shape[0], generator=generator)[:batch_size]
         grid = torch.linspace(0, schedule.num_levels - 1, min(num_gradient_levels, schedule.num_levels)).round().long()

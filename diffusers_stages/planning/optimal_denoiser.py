@@ -33,6 +33,40 @@ def _check_data(data: torch.Tensor) -> torch.Tensor:
     return data.reshape(data.shape[0], -1)
 
 
+def check_planning_data(data: torch.Tensor, name: str = "data") -> torch.Tensor:
+    """Refuse, up front and by its real cause, data that no stage plan can be drawn from: not floating point (raw
+    ``0..255`` or ``int64`` images), not ``(N, C, H, W)`` / ``(N, D)`` (a single ``(C, H, W)`` image), or fewer than
+    two different images (one image, or copies of one: the optimal denoiser then returns that image at every noise
+    level, so every level looks alike and no boundary can be placed). ``name`` is the argument the data came from.
+    Returns the data flattened to ``(N, D)``."""
+    flat = _check_data(data)
+    if not data.is_floating_point():
+        raise ValueError(
+            f"`{name}` must be a floating-point tensor scaled as the model sees it ([-1, 1] for pixels), got dtype "
+            f"{data.dtype}: convert 0..255 images with `data.float() / 127.5 - 1`."
+        )
+    if data.ndim not in (2, 4):
+        hint = (
+            " (grayscale (N, H, W) images? add the channel with `data[:, None]`; one (C, H, W) image? stack several)"
+        )
+        raise ValueError(
+            f"`{name}` must be training images (N, C, H, W), or flattened (N, D), got a {data.ndim}-D tensor of shape "
+            f"{tuple(data.shape)}{hint if data.ndim == 3 else ''}."
+        )
+    if flat.shape[0] < 2 or _all_identical(flat):
+        held = "1 image" if flat.shape[0] == 1 else f"{flat.shape[0]} images, all identical"
+        raise ValueError(
+            f"`{name}` holds {held}: planning needs at least 2 different training images (the optimal denoiser of a "
+            "single image returns it at every noise level, so no noise level differs from another)."
+        )
+    return flat
+
+
+def _all_identical(flat: torch.Tensor, chunk: int = 1024) -> bool:
+    """Whether every row equals the first, in chunks that stop at the first difference (memory ``O(chunk x D)``)."""
+    return not any(bool((flat[i : i + chunk] != flat[0]).any()) for i in range(1, flat.shape[0], chunk))
+
+
 def optimal_denoiser_mean(
     noisy: torch.Tensor,
     data: torch.Tensor,
@@ -61,8 +95,8 @@ def optimal_denoiser_mean(
 
     ```
     """
-    if chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}.")
     x = noisy.to(torch.float64)
     a = torch.as_tensor(signal_scale, dtype=torch.float64, device=x.device).reshape(-1, 1)
     inv_two_var = 1 / (2 * torch.as_tensor(noise_scale, dtype=torch.float64, device=x.device).reshape(-1, 1) ** 2)
@@ -129,7 +163,7 @@ def optimal_predictions(
     ```
     """
     flat = _check_data(data)
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
     if target not in TARGETS:
         raise ValueError(f"`target` must be one of {TARGETS}, got {target!r}.")

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..partition import TimestepPartition
-from .optimal_denoiser import _check_data
+from .optimal_denoiser import _check_data, check_planning_data
 from .schedule import NoiseSchedule
 
 PAPER_SCALES = (0.125, 1.5)  # Zhang et al., CIFAR-10: decoders 16 and 192 around a 128-wide encoder
@@ -59,9 +59,10 @@ def stage_difficulty(data: torch.Tensor, schedule: NoiseSchedule, partition: Tim
     """
     if partition.units != schedule.units:
         raise ValueError(f"`partition` is in {partition.units!r} units but `schedule` in {schedule.units!r} units.")
+    dim = check_planning_data(data).shape[1]
     spectrum = data_spectrum(data)
     a2, s2 = schedule.signal_scale[:, None] ** 2, schedule.noise_scale[:, None] ** 2
-    per_level = (a2 * spectrum / (a2 * spectrum + s2)).sum(1) / _check_data(data).shape[1]
+    per_level = (a2 * spectrum / (a2 * spectrum + s2)).sum(1) / dim
     stages = partition.stage_index(schedule.levels)
     return [
         float(per_level[stages == s].mean()) if bool((stages == s).any()) else 0.0 for s in range(partition.num_stages)

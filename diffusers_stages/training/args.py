@@ -32,7 +32,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     """The arguments every training script takes (data, optimisation, checkpoints, logging, Hub, U-Net shape)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--train_data_dir", type=str, default=None, help="Folder of images (sub-folders = classes).")
+    data.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Folder of images (sub-folders = classes). Every file is decoded once before training: one that is not a "
+        "readable image (truncated, or not an image) stops the run, named.",
+    )
     data.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset name or local path.")
     data.add_argument("--dataset_config_name", type=str, default=None)
     data.add_argument("--image_column", type=str, default="image")
@@ -65,7 +71,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--attention_head_dim", type=int, default=8)
     model.add_argument("--norm_num_groups", type=int, default=32)
     model.add_argument("--dropout", type=float, default=0.0)
-    model.add_argument("--stage_boundaries", type=float_list, default=None, help="Inner boundaries, e.g. 442,631.")
+    model.add_argument(
+        "--stage_boundaries", type=float_list, default=None, help="Inner boundaries (at least one), e.g. 442,631."
+    )
     model.add_argument("--boundary_units", choices=("timestep", "sigma"), default="timestep",
                        help="`sigma` trains an EDM-style model (EDMEulerScheduler, Karras et al. 2022).")  # fmt: skip
     model.add_argument(
@@ -152,6 +160,13 @@ def partition_from_args(args: argparse.Namespace, default: TimestepPartition) ->
         if args.boundary_units != default.units:
             raise ValueError(f"`--boundary_units {args.boundary_units}` needs `--stage_boundaries` in those units.")
         return default
+    if not args.stage_boundaries:  # `--stage_boundaries ''` (or ','): no inner boundary would mean a single stage
+        raise ValueError(
+            f"`--stage_boundaries` {list(args.stage_boundaries)} gives no boundary, which would train a single-stage "
+            "model: a staged model needs at least one inner boundary (e.g. `--stage_boundaries 442,631`), or omit "
+            "the argument for the default split. To train one plain U-Net, use diffusers' "
+            "examples/unconditional_image_generation/train_unconditional.py."
+        )
     try:
         return TimestepPartition(list(args.stage_boundaries), args.ddpm_num_steps, args.boundary_units)
     except ValueError as error:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+from ..planning.data import IMAGE_EXTENSIONS, open_image_file
 
 
 class ImageRecords:
@@ -43,7 +43,10 @@ def _image_files(folder: str) -> list[str]:
 
 
 def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageRecords:
-    """Images under ``train_data_dir`` (recursively); with ``class_conditional`` each top-level sub-folder is a class."""
+    """Images under ``train_data_dir`` (recursively); with ``class_conditional`` each top-level sub-folder is a class.
+
+    Every file is decoded once here, before any training: a file that is not a readable image (truncated, or not an
+    image) is a `ValueError` naming it, never skipped in silence nor found hours into a run."""
     if not os.path.isdir(train_data_dir):
         raise ValueError(f"`--train_data_dir` must be an existing folder of images, got {train_data_dir!r}.")
     if class_conditional:
@@ -62,7 +65,9 @@ def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageR
         files, labels, class_names = _image_files(train_data_dir), None, []
     if not files:
         raise ValueError(f"`--train_data_dir` {train_data_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-    return ImageRecords(lambda i: Image.open(files[i]), len(files), labels, class_names)
+    for path in files:  # decode every file once before training starts: a bad one stops the run, named
+        open_image_file(path, "--train_data_dir").close()
+    return ImageRecords(lambda i: open_image_file(files[i], "--train_data_dir"), len(files), labels, class_names)
 
 
 def hf_dataset_records(

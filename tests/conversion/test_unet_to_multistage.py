@@ -5,11 +5,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, LDMPipeline
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, LDMPipeline
 from diffusers_stages.conversion import unet_to_multistage
 from safetensors.torch import load_file, save_file
 
-from diffusers_stages import MultiStagePipeline
+from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
+from tests.conftest import TINY_UNET
 
 from .conftest import tiny_unet
 
@@ -88,3 +89,27 @@ def test_unsupported_pipeline_and_bad_arguments(tmp_path, ddpm_folder):
     with pytest.raises(ValueError, match="strictly increasing"):
         convert(ddpm_folder, str(tmp_path / "y"), "--stage_boundaries", "600", "300")
     assert not (tmp_path / "y").exists()
+
+
+def test_sigma_boundaries_on_a_timestep_source_are_refused_at_conversion(ddpm_folder, tmp_path, capsys):
+    # without --verify nothing samples during conversion: the folder written would fail at its first sampling call
+    with pytest.raises(ValueError, match="`--boundary_units sigma` does not fit the source: its DDPMScheduler"):
+        convert(ddpm_folder, str(tmp_path / "out"), "--stage_boundaries", "1", "5", "--boundary_units", "sigma")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        unet_to_multistage.parse_args(["--help"])
+    assert "'sigma' is refused" in " ".join(capsys.readouterr().out.split())  # documented in --help
+
+
+@pytest.mark.parametrize("kind", ["pipeline", "model"])
+def test_an_already_staged_source_is_refused_by_name(tmp_path, kind):
+    unet = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,))
+    source = tmp_path / "staged"
+    if kind == "pipeline":
+        MultiStagePipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(source)
+    else:
+        unet.save_pretrained(source)
+    holds = "MultiStagePipeline" if kind == "pipeline" else "MultiStageUNet2DModel"
+    with pytest.raises(ValueError, match=f"`--source` .* is already staged \\(it holds a {holds}\\)"):
+        convert(str(source), str(tmp_path / "out"), "--stage_boundaries", "300")
+    assert not (tmp_path / "out").exists()

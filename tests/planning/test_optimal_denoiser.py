@@ -49,9 +49,10 @@ def test_single_training_image_is_recovered_exactly():
     torch.testing.assert_close(sample, clean.expand_as(sample))  # E[x0 | x_t] = x0 at every level
     torch.testing.assert_close(eps, noise.expand_as(eps), atol=1e-4, rtol=0)  # eps* = eps
     assert torch.equal(noise, noise_again)
-    # every level is the same task: similarity 1 everywhere, so no boundary can be placed
+    # every level is the same task: similarity 1 everywhere, so no boundary can be placed; the plan says why (one
+    # image), not that `alpha` is wrong
     assert torch.equal(pixel_agreement(sample, 0, 0.01), torch.ones(10, dtype=torch.float64))
-    with pytest.raises(ValueError, match="leaves no room for 3 stages"):
+    with pytest.raises(ValueError, match="`data` holds 1 image: planning needs at least 2 different training images"):
         optimal_denoiser_plan(data, schedule, num_stages=3, num_samples=3, generator=torch.manual_seed(0))
 
 

@@ -84,3 +84,29 @@ def test_bad_command_lines_are_refused(digit_folder):
         run(FAST)
     with pytest.raises(SystemExit):
         run(["--method", "snr", "--output_config", "x.json"])  # needs --model_config
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text"])
+def test_a_bad_image_file_is_named_before_planning(digit_folder, tmp_path, kind):
+    folder = tmp_path / "images"
+    shutil.copytree(digit_folder, folder)
+    bad = folder / "0007.png"
+    if kind == "truncated":
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    else:
+        bad.write_text("not an image\n")
+    with pytest.raises(ValueError, match="`train_data_dir` holds a file that is not a readable image") as error:
+        run(["--train_data_dir", str(folder), *FAST])
+    assert repr(str(bad)) in str(error.value)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_folder_of_one_image_or_of_copies_is_refused_by_its_cause(digit_folder, tmp_path, count):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(count):
+        shutil.copy(digit_folder / "0000.png", folder / f"{i}.png")
+    held = "1 image" if count == 1 else f"{count} images, all identical"
+    for method in (["--method", "optimal_denoiser"], ["--method", "snr", "--model_config", "unused.json"]):
+        with pytest.raises(ValueError, match=f"`--train_data_dir` holds {held}: planning needs at least 2 different"):
+            run(["--train_data_dir", str(folder), *FAST, *method])

@@ -158,12 +158,39 @@ def test_plan_goes_into_a_model_config_and_survives_save_and_reload(tmp_path, ti
         (dict(data=None), "`data` \\(the training images\\) is required"),
         (dict(data=torch.full((4, 1, 2, 2), float("nan"))), "NaN"),
         (dict(num_samples=0), "`num_samples` must be a positive integer, got 0"),
+        ({"num_samples": True}, "`num_samples` must be a positive integer, got True"),
+        ({"chunk_size": True}, "`chunk_size` must be a positive integer, got True"),
+        ({"alpha": True}, "`alpha` must be in \\(0, 1\\], got True"),
     ],
 )
 def test_bad_parameters_are_refused(kwargs, match):
     arguments = dict(data=torch.randn(8, 1, 4, 4), schedule=DDPMScheduler(), num_levels=10) | kwargs
     with pytest.raises(ValueError, match=match):
         plan_stages(**arguments)
+
+
+@pytest.mark.parametrize("method", ["optimal_denoiser", "gradient"])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (torch.rand(1, 1, 4, 4) * 2 - 1, "`data` holds 1 image: planning needs at least 2 different training images"),
+        (torch.zeros(8, 1, 4, 4), "`data` holds 8 images, all identical: planning needs at least 2 different"),
+        (torch.rand(3, 8, 8) * 2 - 1, "got a 3-D tensor of shape \\(3, 8, 8\\) \\(grayscale \\(N, H, W\\) images"),
+        (torch.randint(-1, 2, (8, 1, 4, 4)), "`data` must be a floating-point tensor .* got dtype torch.int64"),
+        (torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8), "got dtype torch.uint8: convert 0..255 images"),
+    ],
+    ids=["one image", "identical images", "3-D", "int64", "uint8"],
+)
+def test_data_no_plan_can_come_from_is_refused_by_its_real_cause(method, data, match):
+    with pytest.raises(ValueError, match=match) as error:
+        plan_stages(data, DDPMScheduler(), method=method, num_levels=10, num_samples=4, generator=torch.manual_seed(0))
+    assert "alpha" not in str(error.value)
+
+
+def test_stage_difficulty_refuses_a_single_image():
+    schedule = NoiseSchedule.edm(num_levels=10)
+    with pytest.raises(ValueError, match="`data` holds 1 image"):
+        stage_difficulty(torch.randn(1, 16), schedule, schedule.partition([1.0]))
 
 
 def test_bad_schedules_are_refused():

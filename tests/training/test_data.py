@@ -1,6 +1,7 @@
 """Training data: folders and labels, deterministic per-(seed, epoch, index) augmentation, the epoch sampler."""
 
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -57,3 +58,39 @@ def test_epoch_sampler():
     assert sorted(epoch0) == [0, 1, 2, 3, 4] and sorted(epoch1) == [5, 6, 7, 8, 9]
     sampler.set_epoch(0)
     assert list(sampler) == epoch0
+
+
+def _break(path: str, kind: str) -> str:
+    """Make ``path`` a truncated PNG (the first half of a real one) or a text file named like an image."""
+    file = pathlib.Path(path)
+    if kind == "truncated":
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    else:
+        file.write_text("not an image\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, cause", [("truncated", "OSError: image file is truncated"), ("text", "cannot identify")]
+)
+def test_a_bad_image_file_is_named_before_training(folder, kind, cause):
+    bad = _break(os.path.join(folder, "dog", "1.png"), kind)
+    for class_conditional in (False, True):
+        with pytest.raises(
+            ValueError, match=f"`--train_data_dir` holds a file that is not a readable image: .*{cause}"
+        ):
+            image_folder_records(folder, class_conditional)
+        with pytest.raises(ValueError) as error:
+            image_folder_records(folder, class_conditional)
+        assert repr(bad) in str(error.value)
+
+
+def test_a_training_run_stops_on_a_bad_image_file_before_it_starts(folder, tmp_path):
+    from tests.examples.conftest import TINY, load_script
+
+    bad = _break(os.path.join(folder, "cat", "2.png"), "text")
+    script, out = load_script("multistage"), tmp_path / "run"
+    with pytest.raises(ValueError) as error:
+        script.main(script.parse_args([*TINY, "--train_data_dir", folder, "--output_dir", str(out)]))
+    assert f"not a readable image: {bad!r}" in str(error.value)
+    assert not out.exists()

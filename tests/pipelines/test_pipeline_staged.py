@@ -1,0 +1,121 @@
+"""The call checks shared by every pipeline (`StagedDiffusionPipeline.__call__`): nothing wrong passes silently."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+from diffusers_stages import (
+    DualBackbonePipeline,
+    ExpertRoutingModel,
+    ExpertRoutingPipeline,
+    MultiStagePipeline,
+    MultiStageUNet2DModel,
+)
+from tests.conftest import TINY_UNET
+
+KINDS = ("multistage", "experts", "dual_backbone")
+RUN = {"num_inference_steps": 2, "output_type": "pt"}
+
+
+def _pipeline(kind: str, num_class_embeds: int | None = None):
+    """A tiny pipeline of each kind (3 classes + the null label when ``num_class_embeds=4``)."""
+    torch.manual_seed(0)
+    shape = {**TINY_UNET, "num_class_embeds": num_class_embeds}
+    if kind == "multistage":
+        pipe = MultiStagePipeline(
+            unet=MultiStageUNet2DModel(**shape, stage_boundaries=(442, 631)).eval(), scheduler=DDIMScheduler()
+        )
+    elif kind == "experts":
+        experts = ExpertRoutingModel([UNet2DModel(**shape).eval() for _ in range(2)], stage_boundaries=(500,))
+        pipe = ExpertRoutingPipeline(experts=experts, scheduler=DDIMScheduler())
+    else:
+        shallow, deep = UNet2DModel(**shape).eval(), UNet2DModel(**shape).eval()
+        pipe = DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=DDIMScheduler(), switch_timestep=500)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def unconditional(request):
+    return _pipeline(request.param)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def conditional(request):
+    return _pipeline(request.param, num_class_embeds=4)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_guidance_scale_is_refused(conditional, scale):
+    with pytest.raises(ValueError, match=f"`guidance_scale` must be finite, got {scale}"):
+        conditional(class_labels=[0, 1], guidance_scale=scale, **RUN)
+    per_stage = [2.0] * conditional.partition.num_stages
+    per_stage[-1] = scale
+    with pytest.raises(ValueError, match="`guidance_scale` must be finite, got \\[2.0, .*" + str(scale)):
+        conditional(class_labels=[0, 1], guidance_scale=per_stage, **RUN)
+
+
+@pytest.mark.parametrize("scale", [True, "2", None, [2.0, True]])
+def test_guidance_scale_that_is_not_a_number_is_refused(conditional, scale):
+    with pytest.raises(ValueError, match="`guidance_scale` must be a number >= 1 or one per stage"):
+        conditional(class_labels=[0, 1], guidance_scale=scale, **RUN)
+
+
+def test_guidance_on_an_unconditional_model_is_refused(unconditional):
+    with pytest.raises(ValueError, match="`guidance_scale`=3.0 needs a class-conditional model"):
+        unconditional(guidance_scale=3.0, **RUN)
+    per_stage = [1.0] * unconditional.partition.num_stages
+    per_stage[0] = 2.0
+    with pytest.raises(ValueError, match="`guidance_scale`=\\[2.0, 1.0.*needs a class-conditional model"):
+        unconditional(guidance_scale=per_stage, **RUN)
+    # 1 (no guidance), also per stage, also as a tensor, still samples
+    ones = torch.ones(unconditional.partition.num_stages)
+    images = unconditional(guidance_scale=ones, generator=torch.manual_seed(0), **RUN).images
+    assert torch.equal(images, unconditional(generator=torch.manual_seed(0), **RUN).images)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_generator_list_must_have_one_generator_per_image(unconditional, conditional, count):
+    generators = [torch.Generator().manual_seed(i) for i in range(count)]
+    with pytest.raises(ValueError, match=f"`generator` is a list of {count} generators, but the batch has 2 images"):
+        unconditional(batch_size=2, generator=generators, **RUN)
+    with pytest.raises(ValueError, match=f"`generator` is a list of {count} generators, but the batch has 2 images"):
+        conditional(class_labels=[0, 1], generator=generators, **RUN)  # the batch size the labels give
+
+
+def test_one_generator_per_image_samples_each_image_from_its_own_seed(unconditional):
+    pair = unconditional(batch_size=2, generator=[torch.Generator().manual_seed(s) for s in (5, 6)], **RUN).images
+    alone = unconditional(batch_size=1, generator=[torch.Generator().manual_seed(6)], **RUN).images
+    assert torch.allclose(pair[1:], alone, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        ([1.7, 0], "`class_labels` must be integers \\(class indices\\), got \\[1.7, 0\\]"),
+        ([True, 0], "`class_labels` must be integers \\(class indices\\), got \\[True, 0\\]"),
+        (torch.tensor([1.0, 0.0]), "`class_labels` must be integers, got a tensor of dtype torch.float32"),
+        (torch.tensor([True, False]), "`class_labels` must be integers, got a tensor of dtype torch.bool"),
+        (np.array([1.5]), "`class_labels` must be integers, got a tensor of dtype torch.float64"),
+        ("1", "`class_labels` must be integers"),
+    ],
+)
+def test_class_labels_must_be_integers(conditional, labels, match):
+    with pytest.raises(ValueError, match=match):
+        conditional(class_labels=labels, **RUN)
+
+
+def test_integer_class_labels_of_every_accepted_form_agree(conditional):
+    images = [
+        conditional(class_labels=labels, generator=torch.manual_seed(0), **RUN).images
+        for labels in ([2, 0], (2, 0), torch.tensor([2, 0]), np.array([2, 0], dtype=np.int32), [np.int64(2), 0])
+    ]
+    assert all(torch.equal(images[0], other) for other in images[1:])
+
+
+@pytest.mark.parametrize("name", ["num_inference_steps", "batch_size"])
+@pytest.mark.parametrize("value", [True, False, 2.0])
+def test_integer_arguments_refuse_bools_and_floats(unconditional, name, value):
+    with pytest.raises(ValueError, match=f"`{name}` must be a positive integer, got {value}"):
+        unconditional(**{**RUN, name: value})
