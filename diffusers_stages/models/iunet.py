@@ -51,7 +51,8 @@ class InceptionMixer(nn.Module):
     def __init__(self, channels: int, low_channels: int, head_dim: int, pool_size: int, groups: int, eps: float):
         super().__init__()
         high = channels - low_channels
-        self.widths = (high - high // 2, high // 2, low_channels)  # X_h1 (conv), X_h2 (pool), X_l (attention)
+        # (conv, max-pool, attention) channels: iFormer's X_h2, X_h1 and X_l, in the order of its code
+        self.widths = (high - high // 2, high // 2, low_channels)
         conv, pool, low = self.widths
         self.pool_size = pool_size
         self.norm = nn.GroupNorm(groups, channels, eps=eps)
@@ -79,10 +80,10 @@ class InceptionMixer(nn.Module):
         return x if self.pool_size == 1 else F.interpolate(x, size=size, mode="nearest")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # 1. split the channels into X_h1, X_h2 (high frequency) and X_l (low frequency)
+        # 1. split the channels into X_h2, X_h1 (high frequency) and X_l (low frequency)
         parts = torch.split(self.norm(hidden), self.widths, dim=1)
         branches = []
-        # 2. high-frequency mixer: Y_h1 = DwConv(FC(X_h1)), Y_h2 = FC(MaxPool(X_h2)) (iFormer Sec. 3.2)
+        # 2. high-frequency mixer: Y_h2 = DwConv(FC(X_h2)), Y_h1 = FC(MaxPool(X_h1)) (iFormer Sec. 3.2)
         if self.conv is not None:
             branches.append(self.conv(parts[0]))
         if self.pool is not None:
@@ -90,7 +91,7 @@ class InceptionMixer(nn.Module):
         # 3. low-frequency mixer: self-attention
         if self.attention is not None:
             branches.append(self._low(parts[2]))
-        # 4. fusion: Y_c = Concat(Y_h1, Y_h2, Y_l); Y = FC(Y_c + DwConv(Y_c))
+        # 4. fusion: Y_c = Concat(Y_l, Y_h1, Y_h2) (any order: a permutation of channels); Y = FC(Y_c + DwConv(Y_c))
         mixed = torch.cat(branches, dim=1)
         return self.proj(mixed + self.fuse(mixed))
 
@@ -190,9 +191,8 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         super().__init__()
         # 0. check the configuration
         widths, levels = list(block_out_channels), len(block_out_channels)
-        ratios = _per_level(attention_ratios, levels, "attention_ratios")
-        pools = _per_level(attention_pool_sizes, levels, "attention_pool_sizes")
-        self._check(widths, ratios, pools, attention_head_dim, layers_per_block, norm_num_groups)
+        ratios, pools = self.check_config(block_out_channels, attention_ratios, attention_head_dim,
+                                          attention_pool_sizes, layers_per_block, norm_num_groups)  # fmt: skip
         temb = 4 * widths[0]
         block = {"temb_channels": temb, "head_dim": attention_head_dim, "groups": norm_num_groups, "eps": norm_eps,
                  "dropout": dropout}  # fmt: skip
@@ -234,12 +234,25 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         self.conv_out = nn.Conv2d(widths[0], out_channels, 3, padding=1)
 
     @staticmethod
-    def _check(widths, ratios, pools, head_dim, layers_per_block, groups) -> None:
+    def check_config(
+        block_out_channels: tuple[int, ...],
+        attention_ratios: float | tuple[float, ...] = 0.5,
+        attention_head_dim: int = 8,
+        attention_pool_sizes: int | tuple[int, ...] = 1,
+        layers_per_block: int = 2,
+        norm_num_groups: int = 32,
+        **other,
+    ) -> tuple[list[float], list[int]]:
+        """Check a configuration's shape arguments before building anything (a `ValueError` naming the argument);
+        returns the attention ratio and pooling factor of each level. Other config keys are ignored."""
+        widths, head_dim, groups = list(block_out_channels), attention_head_dim, norm_num_groups
+        ratios = _per_level(attention_ratios, len(widths), "attention_ratios")
+        pools = _per_level(attention_pool_sizes, len(widths), "attention_pool_sizes")
         if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
             raise ValueError(f"`block_out_channels` must be positive integers, one per level, got {widths}.")
-        if not isinstance(head_dim, int) or head_dim < 1:
-            raise ValueError(f"`attention_head_dim` must be a positive integer, got {head_dim!r}.")
         for name, divisor in (("norm_num_groups", groups), ("attention_head_dim", head_dim)):
+            if not isinstance(divisor, int) or divisor < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {divisor!r}.")
             if any(w % divisor for w in widths):
                 raise ValueError(f"`block_out_channels` {widths} must be multiples of `{name}`={divisor}.")
         if any(not (isinstance(r, (int, float)) and 0.0 <= r <= 1.0) for r in ratios):
@@ -249,6 +262,7 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
             raise ValueError(f"`attention_pool_sizes` must be positive integers, got {pools}.")
         if not isinstance(layers_per_block, int) or layers_per_block < 1:
             raise ValueError(f"`layers_per_block` must be a positive integer, got {layers_per_block!r}.")
+        return ratios, pools
 
     def forward(
         self,

@@ -400,6 +400,10 @@ class ExpertTask(TrainingTask):
             )
         self.probabilities = probabilities
         self._every_network_every_step(args, 1 if args.expert_index is not None else partition.num_stages, "expert")
+        self.partition = partition  # `_shape` reads it
+        if args.model_config is None:  # the iU-Net presets' shapes, before any data is read
+            for i in self.trained_experts:
+                IUNet2DModel.check_config(**self._shape(i))
         return partition
 
     @property

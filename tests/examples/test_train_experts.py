@@ -73,6 +73,7 @@ def test_model_config_gives_every_expert_that_unet(examples, script, image_folde
         (["--own_interval_probability", "0.9,0.5"], "`--own_interval_probability` needs one value per expert (4)"),
         (["--assignment", "hard", "--own_interval_probability", "0.9,0.5,0.5,0.5"], "is for `--assignment soft`"),
         (["--expert_attention_shares", "1,0.5,0,0"], "must not decrease toward the noise end"),
+        (["--attention_head_dim", "3"], "must be multiples of `attention_head_dim`=3"),
     ],
 )
 def test_bad_expert_arguments(examples, script, image_folder, tmp_path, capsys, extra, message):

@@ -117,6 +117,7 @@ def test_inside_expert_routing_and_the_pipeline(tmp_path):
         ({"attention_head_dim": 3}, "must be multiples of `attention_head_dim`=3"),
         ({"attention_head_dim": 0}, "`attention_head_dim` must be a positive integer"),
         ({"norm_num_groups": 3}, "must be multiples of `norm_num_groups`=3"),
+        ({"norm_num_groups": 0}, "`norm_num_groups` must be a positive integer"),
         ({"attention_pool_sizes": 0}, "`attention_pool_sizes` must be positive integers"),
         ({"block_out_channels": ()}, "`block_out_channels` must be positive integers"),
         ({"layers_per_block": 0}, "`layers_per_block` must be a positive integer"),
