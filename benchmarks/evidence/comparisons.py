@@ -21,6 +21,7 @@ from diffusers_stages import (
     DualBackbonePipeline,
     ExpertRoutingModel,
     ExpertRoutingPipeline,
+    IUNet2DModel,
     MultiStagePipeline,
     MultiStageUNet2DModel,
     TimestepPartition,
@@ -229,9 +230,9 @@ def compare_multistage(ctx: Context, baseline: Result) -> list[Result]:
     return results
 
 
-def meme_experts(ctx: Context) -> list[UNet2DModel]:
-    """MEME's four experts from the package's builder (clean end first: convolution only, then attention at more and
-    more resolutions), each ``expert_width_scale`` times the large model's width."""
+def meme_experts(ctx: Context) -> list[IUNet2DModel]:
+    """MEME's four iU-Net experts from the package's builder (clean end first: the share of each mixer's channels
+    given to self-attention rises toward the noise end), each ``expert_width_scale`` times the large model's width."""
     p = ctx.preset
     widths = tuple(max(p.norm_num_groups, round(w * p.expert_width_scale / p.norm_num_groups) * p.norm_num_groups)
                    for w in p.block_out_channels)
@@ -262,7 +263,7 @@ def compare_experts(ctx: Context, large: Result) -> list[Result]:
         Result("2", "UNet2DModel", large.train_flops, 1.0, large.fd, large.accuracy, large.params, notes="the large model"),
         Result("2", name, used, used / ctx.budget, scores["fd"], scores["accuracy"], _params(pipe.experts),
                notes=f"widths {tuple(experts[0].config.block_out_channels)}; attention shares "
-                     f"{[attention_share(e) for e in experts]} (clean first); soft assignment p=(0.8,0.4,0.2,0.1)"),
+                     f"{[round(attention_share(e), 2) for e in experts]} of mixer channels (clean first); soft assignment p=(0.8,0.4,0.2,0.1)"),
     ]
     return _timed(results, ctx.timing({"UNet2DModel": baseline_pipeline(ctx), name: pipe}))
 

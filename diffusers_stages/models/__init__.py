@@ -1,5 +1,6 @@
 from .early_exit import EarlyExitUViT2DModel
 from .expert_routing import ExpertRoutingModel
+from .iunet import IUNet2DModel
 from .meme import build_meme_experts, meme_expert_configs
 from .unet_multistage import MultiStageUNet2DModel, StageDecoder
 from .unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
@@ -7,9 +8,10 @@ from .unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 __all__ = [
     "EarlyExitUViT2DModel",
     "ExpertRoutingModel",
-    "build_meme_experts",
-    "meme_expert_configs",
+    "IUNet2DModel",
     "MultiStageDDPMppUNet2DModel",
     "MultiStageUNet2DModel",
     "StageDecoder",
+    "build_meme_experts",
+    "meme_expert_configs",
 ]

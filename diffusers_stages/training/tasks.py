@@ -14,6 +14,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, EDMEulerS
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..models.expert_routing import ExpertRoutingModel, expert_folder
+from ..models.iunet import IUNet2DModel
 from ..models.meme import meme_expert_configs
 from ..models.unet_multistage import MultiStageUNet2DModel
 from ..models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
@@ -399,6 +400,10 @@ class ExpertTask(TrainingTask):
             )
         self.probabilities = probabilities
         self._every_network_every_step(args, 1 if args.expert_index is not None else partition.num_stages, "expert")
+        self.partition = partition  # `_shape` reads it
+        if args.model_config is None:  # the iU-Net presets' shapes, before any data is read
+            for i in self.trained_experts:
+                IUNet2DModel.check_config(**self._shape(i))
         return partition
 
     @property
@@ -408,14 +413,15 @@ class ExpertTask(TrainingTask):
     def _shape(self, expert: int) -> dict:
         if self.args.model_config is not None:
             return unet_shape_kwargs(self.args)
-        # MEME presets: convolution-only near the data, more self-attention toward the noise
+        # MEME presets: iU-Nets, convolution-heavy near the data, attention-heavy toward the noise
         widths = self.args.expert_block_out_channels or tuple(self.args.block_out_channels)
         configs = meme_expert_configs(
             num_experts=self.partition.num_stages, block_out_channels=widths,
             attention_shares=self.args.expert_attention_shares, layers_per_block=self.args.layers_per_block,
             attention_head_dim=self.args.attention_head_dim, norm_num_groups=self.args.norm_num_groups,
+            dropout=self.args.dropout,
         )  # fmt: skip
-        return {**configs[expert], "dropout": self.args.dropout}
+        return configs[expert]
 
     @property
     def downsampling(self):
@@ -424,11 +430,13 @@ class ExpertTask(TrainingTask):
     def build_networks(self, in_channels, sample_size, num_class_embeds):
         networks = {}
         for i in self.trained_experts:
-            config = self._script_config(
-                self._shape(i), sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
-                num_class_embeds=num_class_embeds, num_train_timesteps=self.args.ddpm_num_steps,
-            )  # fmt: skip
-            networks[expert_folder(i)] = UNet2DModel(**config)
+            contract = {"sample_size": sample_size, "in_channels": in_channels, "out_channels": in_channels,
+                        "num_class_embeds": num_class_embeds}  # fmt: skip
+            if self.args.model_config is not None:  # one `UNet2DModel` config for every expert
+                unet = self._script_config(self._shape(i), num_train_timesteps=self.args.ddpm_num_steps, **contract)
+                networks[expert_folder(i)] = UNet2DModel(**unet)
+            else:
+                networks[expert_folder(i)] = IUNet2DModel(**self._script_config(self._shape(i), **contract))
         return networks
 
     def draw(self, batch_size, generator):
@@ -479,11 +487,31 @@ class ExpertTask(TrainingTask):
             assignment = f"soft (own-interval probability {p})"
         return (
             "Independent denoisers, one per interval of the noise schedule (MEME, Lee et al., AAAI 2024), trained "
-            f"with {assignment} interval assignment, {what}.\n\n" + self._stage_table()
+            f"with {assignment} interval assignment, {what}. {self._architecture()}\n\n" + self._stage_table()
         )
+
+    def _architecture(self) -> str:
+        if self.args.model_config is not None:
+            return "Every expert is the `UNet2DModel` of `--model_config`."
+        shares = ", ".join(f"{self._shape(i)['attention_ratios']:g}" for i in range(self.partition.num_stages))
+        return f"Experts: iU-Nets (`IUNet2DModel`) with attention shares {shares} (clean expert first)."
 
 
 EXPERT_RUN_FILE = "expert_run.json"
+
+
+EXPERT_CLASSES = {cls.__name__: cls for cls in (IUNet2DModel, UNet2DModel)}  # what `train_experts.py` trains
+
+
+def _load_expert(folder: str) -> ModelMixin:
+    """An expert saved by an `--expert_index` run, with the class named in its `config.json`."""
+    name = UNet2DModel.load_config(folder).get("_class_name")
+    if name not in EXPERT_CLASSES:
+        raise ValueError(
+            f"`--assemble_experts`: {folder!r} holds a {name}, not one of the experts this script trains "
+            f"({sorted(EXPERT_CLASSES)})."
+        )
+    return EXPERT_CLASSES[name].from_pretrained(folder)
 
 
 def assemble_expert_runs(run_dirs: list[str]):
@@ -513,9 +541,7 @@ def assemble_expert_runs(run_dirs: list[str]):
         )
     experts = [None] * partition.num_stages
     for run, info in runs:
-        experts[info["expert_index"]] = UNet2DModel.from_pretrained(
-            os.path.join(run, expert_folder(info["expert_index"]))
-        )
+        experts[info["expert_index"]] = _load_expert(os.path.join(run, expert_folder(info["expert_index"])))
     model = ExpertRoutingModel(experts, prediction_type=shared[0]["prediction_type"], **partition.to_config())
     first = runs[0][0]
     scheduler_class = getattr(diffusers, DDPMScheduler.load_config(os.path.join(first, "scheduler"))["_class_name"])

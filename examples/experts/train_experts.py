@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Train multi-expert denoisers (MEME, Lee et al., AAAI 2024) with Accelerate.
 
-One U-Net per interval of the noise schedule. Train all experts in one run (`--assignment hard`: every sample goes
+One denoiser per interval of the noise schedule: by default MEME's iU-Nets (`IUNet2DModel`: Inception mixers that
+give more channels to self-attention on the noisy intervals, more to convolution near the data), or every expert the
+`UNet2DModel` of `--model_config`. Train all experts in one run (`--assignment hard`: every sample goes
 to the expert of its interval, stratified so each expert trains at every step; `--assignment soft`: the batch is
 split over the experts and expert n draws from its own interval with probability p_n), or one expert per run
 (`--expert_index n`) and gather the runs afterwards with `--assemble_experts`. See README.md beside this file.
@@ -20,7 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--assignment", choices=("soft", "hard"), default="soft")
     group.add_argument(
         "--own_interval_probability", type=float_list, default=None,
-        help="p_n per expert for `--assignment soft`, clean expert first (default MEME's 0.8,0.4,0.2,0.1).",
+        help="p_n per expert for `--assignment soft`, clean expert first (default MEME's 0.8,0.4,0.2,0.1, as a "
+        "secondary source reports them).",
     )  # fmt: skip
     group.add_argument("--expert_index", type=int, default=None, help="Train only this expert (one expert per run).")
     group.add_argument(
@@ -29,8 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     group.add_argument(
         "--expert_attention_shares", type=float_list, default=None,
-        help="Per expert, the share of resolution levels with self-attention, clean expert first, non-decreasing "
-        "(MEME: convolutions near the data, attention toward the noise; default 0 ... 1 linearly).",
+        help="Per expert, the share of its iU-Net mixers' channels given to self-attention (0: convolution only, "
+        "1: attention only), clean expert first, non-decreasing (MEME: convolution-heavy near the data, "
+        "attention-heavy toward the noise; default (n + 1/2) / N: 0.125,0.375,0.625,0.875 for 4 experts).",
     )  # fmt: skip
     group.add_argument(
         "--assemble_experts", type=str, nargs="+", default=None,

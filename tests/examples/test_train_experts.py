@@ -4,8 +4,10 @@ import os
 
 import pytest
 import torch
+from diffusers import UNet2DModel
 
-from diffusers_stages import ExpertRoutingPipeline
+from diffusers_stages import ExpertRoutingPipeline, IUNet2DModel
+from diffusers_stages.models.meme import attention_share
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +26,12 @@ def test_all_experts_hard_assignment_meme_architectures(examples, script, image_
          "--class_conditional", "--max_train_steps", "2"])  # fmt: skip
     pipe = ExpertRoutingPipeline.from_pretrained(out)
     assert pipe.experts.partition.boundaries == (250.0, 500.0, 750.0)
-    # MEME presets: the clean expert is convolution only, the noisiest has attention
-    assert pipe.experts.experts[0].config.down_block_types == ["DownBlock2D", "DownBlock2D"]
-    assert pipe.experts.experts[3].config.down_block_types == ["AttnDownBlock2D", "AttnDownBlock2D"]
+    # MEME presets: iU-Nets, convolution-heavy near the data, attention-heavy near the noise
+    experts = pipe.experts.experts
+    assert all(type(e) is IUNet2DModel for e in experts)
+    assert [e.config.attention_ratios for e in experts] == [0.125, 0.375, 0.625, 0.875]
+    shares = [attention_share(e) for e in experts]  # after rounding to heads of 4 channels at widths 8 and 16
+    assert shares == sorted(shares) and shares[0] < 0.5 < shares[3]
     assert _sample(pipe, class_labels=[0, 1]).shape == (2, 8, 8, 3)
 
 
@@ -36,16 +41,29 @@ def test_one_expert_per_run_then_assemble(examples, script, image_folder, tmp_pa
         runs.append(str(tmp_path / f"expert{index}"))
         examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", runs[-1], "--num_experts", "2",
              "--expert_index", str(index), "--own_interval_probability", "0.9,0.7", "--max_train_steps", "1",
-             "--expert_block_out_channels", "16,16", "8,16"])  # fmt: skip
+             "--expert_block_out_channels", "16,16", "8,16", "--gradient_checkpointing"])  # fmt: skip
         assert os.path.isdir(os.path.join(runs[-1], f"expert_{index}"))
     out, hub = str(tmp_path / "assembled"), str(tmp_path / "hub")
     examples.train(script, ["--assemble_experts", *runs, "--output_dir", out, "--num_sample_images", "4", "--num_inference_steps", "3",
          "--push_to_hub", "--hub_model_id", "me/experts", "--hub_local_dir", hub])  # fmt: skip
     pipe = ExpertRoutingPipeline.from_pretrained(os.path.join(hub, "me", "experts"))
     assert [e.config.block_out_channels for e in pipe.experts.experts] == [[16, 16], [8, 16]]
+    assert all(type(e) is IUNet2DModel for e in pipe.experts.experts)  # assembled with the class each run saved
     assert _sample(pipe, batch_size=1).shape == (1, 8, 8, 3)
     with pytest.raises(ValueError, match="one run per expert"):
         examples.train(script, ["--assemble_experts", runs[0], runs[0], "--output_dir", str(tmp_path / "bad")])
+
+
+def test_model_config_gives_every_expert_that_unet(examples, script, image_folder, tmp_path):
+    unet = UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)  # fmt: skip
+    unet.save_config(tmp_path / "unet")
+    out = str(tmp_path / "run")
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--num_experts", "2",
+         "--model_config", str(tmp_path / "unet" / "config.json"), "--assignment", "hard", "--max_train_steps", "1"])  # fmt: skip
+    pipe = ExpertRoutingPipeline.from_pretrained(out)
+    assert [type(e) for e in pipe.experts.experts] == [UNet2DModel, UNet2DModel]
+    assert _sample(pipe, batch_size=1).shape == (1, 8, 8, 3)
 
 
 @pytest.mark.parametrize(
@@ -55,6 +73,7 @@ def test_one_expert_per_run_then_assemble(examples, script, image_folder, tmp_pa
         (["--own_interval_probability", "0.9,0.5"], "`--own_interval_probability` needs one value per expert (4)"),
         (["--assignment", "hard", "--own_interval_probability", "0.9,0.5,0.5,0.5"], "is for `--assignment soft`"),
         (["--expert_attention_shares", "1,0.5,0,0"], "must not decrease toward the noise end"),
+        (["--attention_head_dim", "3"], "must be multiples of `attention_head_dim`=3"),
     ],
 )
 def test_bad_expert_arguments(examples, script, image_folder, tmp_path, capsys, extra, message):

@@ -1,7 +1,8 @@
 import pytest
 import torch
+from diffusers import UNet2DModel
 
-from diffusers_stages import ExpertRoutingModel, TimestepPartition
+from diffusers_stages import ExpertRoutingModel, IUNet2DModel, TimestepPartition
 from diffusers_stages.models import build_meme_experts, meme_expert_configs
 from diffusers_stages.models.meme import attention_share
 
@@ -10,16 +11,18 @@ TINY = {"sample_size": 8, "norm_num_groups": 4, "layers_per_block": 1, "attentio
 
 def test_attention_share_rises_toward_the_noise_end():
     configs = meme_expert_configs(num_experts=4, block_out_channels=(32, 64, 64, 128))
-    shares = [sum("Attn" in b for b in c["down_block_types"]) / 4 for c in configs]
-    assert shares == [0.0, 0.25, 0.75, 1.0]  # round(share * 4) with shares 0, 1/3, 2/3, 1
-    assert [c["add_attention"] for c in configs] == [False, True, True, True]
-    # attention sits at the lowest resolutions; the up path mirrors the down path
-    assert configs[1]["down_block_types"] == ("DownBlock2D",) * 3 + ("AttnDownBlock2D",)
-    assert configs[1]["up_block_types"] == ("AttnUpBlock2D",) + ("UpBlock2D",) * 3
+    assert [c["attention_ratios"] for c in configs] == [0.125, 0.375, 0.625, 0.875]
+    # attention pooled by 2 at the highest resolution only; the contract is shared
+    assert {c["attention_pool_sizes"] for c in configs} == {(2, 1, 1, 1)}
+    assert {(c["sample_size"], c["in_channels"], c["out_channels"]) for c in configs} == {(32, 3, 3)}
+    experts = build_meme_experts(num_experts=4, block_out_channels=(32, 64), **TINY)
+    assert all(type(e) is IUNet2DModel for e in experts)
+    assert [attention_share(e) for e in experts] == [0.125, 0.375, 0.625, 0.875]  # whole heads at these widths
+    assert meme_expert_configs(num_experts=1, block_out_channels=(8,))[0]["attention_pool_sizes"] == (1,)
 
 
 def test_experts_of_different_sizes_route_and_count_parameters():
-    widths = [(16, 32), (16, 32), (8, 16), (8, 16)]  # larger near the data, as MEME's FFHQ experts
+    widths = [(16, 32), (16, 32), (8, 16), (8, 16)]  # larger near the data
     experts = build_meme_experts(num_experts=4, block_out_channels=widths, attention_shares=[0, 0, 1, 1], **TINY)
     assert [attention_share(e) for e in experts] == [0.0, 0.0, 1.0, 1.0]
     sizes = [sum(p.numel() for p in e.parameters()) for e in experts]
@@ -41,3 +44,6 @@ def test_bad_presets_are_refused():
         meme_expert_configs(num_experts=3, block_out_channels=[(8, 16), (8, 16)])
     with pytest.raises(ValueError, match="same number of levels"):
         meme_expert_configs(num_experts=2, block_out_channels=[(8, 16), (8, 16, 16)])
+    with pytest.raises(ValueError, match="Inception mixers"):
+        attention_share(UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
+                                    down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2))  # fmt: skip

@@ -1,0 +1,129 @@
+"""`IUNet2DModel`: MEME's iU-Net expert (iFormer's Inception mixer in a U-Net)."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, IUNet2DModel, TimestepPartition
+from diffusers_stages.models.iunet import InceptionMixer
+
+TINY = {
+    "sample_size": 8,
+    "block_out_channels": (8, 16),
+    "attention_head_dim": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+}
+
+
+def build(**kwargs) -> IUNet2DModel:
+    torch.manual_seed(0)
+    return IUNet2DModel(**{**TINY, **kwargs}).eval()
+
+
+def mixers(model) -> list[InceptionMixer]:
+    return [m for m in model.modules() if isinstance(m, InceptionMixer)]
+
+
+def test_shapes_class_labels_and_per_sample_timesteps():
+    model = build(num_class_embeds=3, attention_ratios=(0.5, 0.75), attention_pool_sizes=(2, 1))
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        out = model(x, torch.tensor([10, 500, 990]), class_labels=torch.tensor([0, 1, 2]))
+        (tup,) = model(x, 500, class_labels=torch.tensor([0, 1, 2]), return_dict=False)
+        labels_matter = model(x, 500, class_labels=torch.tensor([2, 1, 0])).sample
+    assert out.sample.shape == (3, 3, 8, 8) and tup.shape == (3, 3, 8, 8) and torch.isfinite(tup).all()
+    assert not torch.allclose(tup, labels_matter)
+    # the split per level: (conv, max-pool, attention) channels; 0.75 of 16 = 3 heads of 4
+    assert mixers(model)[0].widths == (2, 2, 4) and mixers(model)[1].widths == (2, 2, 12)
+    # odd sizes: the up path doubles back to each skip's size
+    odd = build(sample_size=7, attention_pool_sizes=2)
+    with torch.no_grad():
+        assert odd(torch.randn(1, 3, 7, 7), 3.5).sample.shape == (1, 3, 7, 7)
+    with pytest.raises(ValueError, match="class_labels"):
+        model(x, 500)
+
+
+@pytest.mark.parametrize("ratio, conv_free, attention_free", [(0.0, False, True), (1.0, True, False)])
+def test_ratio_extremes_drop_a_path(ratio, conv_free, attention_free):
+    model = build(attention_ratios=ratio)
+    for mixer in mixers(model):
+        assert (mixer.attention is None) == attention_free
+        assert (mixer.conv is None and mixer.pool is None) == conv_free
+    assert (len(model.attn_processors) == 0) == attention_free  # no attention anywhere in the pure convolution net
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 8, 8), 100).sample.shape == (2, 3, 8, 8)
+
+
+def test_attention_share_changes_the_parameter_mix():
+    conv, mixed = build(attention_ratios=0.0), build(attention_ratios=0.5)
+    assert not any("attention" in n for n, _ in conv.named_parameters())
+    assert any("mixer.attention.to_q" in n for n, _ in mixed.named_parameters())
+    assert any("mixer.pool" in n for n, _ in mixed.named_parameters())
+
+
+def test_save_and_reload_are_bit_identical(tmp_path):
+    model = build(num_class_embeds=3, attention_ratios=(0.25, 0.75))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    reloaded = IUNet2DModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config.attention_ratios == [0.25, 0.75]
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 800]), torch.tensor([0, 2])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, class_labels=y).sample, reloaded(x, t, class_labels=y).sample)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = build(attention_ratios=0.5).train()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 700])
+
+    def gradients():
+        model.zero_grad()
+        model(x, t).sample.pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.enable_gradient_checkpointing()
+    assert all(block.gradient_checkpointing for block in model.mid_blocks)
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 100
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+
+
+def test_inside_expert_routing_and_the_pipeline(tmp_path):
+    experts = [build(attention_ratios=r) for r in (0.0, 0.5, 1.0)]
+    model = ExpertRoutingModel(experts, stage_boundaries=TimestepPartition.uniform(3).boundaries)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        routed = model(x, torch.tensor([10, 500, 900])).sample
+        assert torch.equal(routed[1:2], experts[1](x[1:2], torch.tensor([500])).sample)
+    pipe = ExpertRoutingPipeline(experts=model, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=1, num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
+    pipe.save_pretrained(tmp_path)
+    reloaded = ExpertRoutingPipeline.from_pretrained(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    assert type(reloaded.experts.experts[2]) is IUNet2DModel
+    again = reloaded(batch_size=1, num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
+    assert images.shape == (1, 8, 8, 3) and (images == again).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"attention_ratios": 1.5}, "`attention_ratios` must lie in [0, 1]"),
+        ({"attention_ratios": -0.1}, "`attention_ratios` must lie in [0, 1]"),
+        ({"attention_ratios": (0.5, 0.5, 0.5)}, "`attention_ratios` must be one value or one per level (2)"),
+        ({"attention_head_dim": 3}, "must be multiples of `attention_head_dim`=3"),
+        ({"attention_head_dim": 0}, "`attention_head_dim` must be a positive integer"),
+        ({"norm_num_groups": 3}, "must be multiples of `norm_num_groups`=3"),
+        ({"norm_num_groups": 0}, "`norm_num_groups` must be a positive integer"),
+        ({"attention_pool_sizes": 0}, "`attention_pool_sizes` must be positive integers"),
+        ({"block_out_channels": ()}, "`block_out_channels` must be positive integers"),
+        ({"layers_per_block": 0}, "`layers_per_block` must be a positive integer"),
+    ],
+)
+def test_bad_configs_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                       .replace(")", r"\)")):  # fmt: skip
+        IUNet2DModel(**{**TINY, **kwargs})
