@@ -113,7 +113,7 @@ def per_sample_timesteps(
         raise ValueError(f"`timestep` must be a number or a tensor, got {type(timestep).__name__}.")
     if check_values and timesteps.is_floating_point() and not bool(torch.isfinite(timesteps).all()):
         raise ValueError(f"`timestep` must be finite, got {_preview(timesteps)}.")
-    return timesteps.reshape(-1).expand(batch)
+    return timesteps.reshape(-1).expand(batch).contiguous()  # a real tensor: bucketize warns on expanded views
 
 
 def check_class_labels(
