@@ -7,7 +7,9 @@ Everything is measured in one run and printed as ratios to the baseline measured
    scaled to the encoder width) against the baseline's single full decoder.
 2. Median wall time of a sampling run.
 3. Routing overhead: with identical decoders (`MultiStageUNet2DModel.from_unet`), the median forward time against the
-   source `UNet2DModel` at batch 1 and 16, routed from the timestep (no `stage_index`) and with `stage_index`.
+   source `UNet2DModel`, routed from the timestep (no `stage_index`) and with `stage_index`: at batch 1 for 2, 3, 4,
+   8 and 16 decoders (`--decoder_counts`; a per-call cost that grew with the number of decoders would show here),
+   and at batch 16 for 3 decoders.
 
     python benchmarks/bench_multistage.py --threads 1   # CPU, a few minutes
     python benchmarks/bench_multistage.py --quick    # fewer repeats, for a smoke run
@@ -22,7 +24,7 @@ import sys
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
-from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
+from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel, TimestepPartition
 from diffusers_stages.timestep_sampling import stratified_timesteps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
@@ -40,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="3 repeats and 5 steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--decoder_counts", type=int, nargs="+", default=[2, 3, 4, 8, 16], help="identical decoders, batch-1 sweep"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.steps = 3, 5
@@ -82,12 +87,17 @@ def main(args: argparse.Namespace) -> None:
     device = args.device
     kwargs = encoder_kwargs(args.width, args.resolution)
     baseline = UNet2DModel(**kwargs).to(device).eval()
-    tailored = MultiStageUNet2DModel(**kwargs, decoder_block_out_channels=tailored_widths(args.width)).to(device).eval()
-    identical = MultiStageUNet2DModel.from_unet(baseline).eval()
+    tailored = (
+        MultiStageUNet2DModel(**kwargs, decoder_block_out_channels=tailored_widths(args.width)).to(device).eval()
+    )
     params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
-    print(f"device {device} ({torch.get_num_threads()} threads), {args.resolution}px, encoder widths {kwargs['block_out_channels']}, DDIM {args.steps} steps")
-    print(f"baseline UNet2DModel {params(baseline):.2f}M params; multi-stage {params(tailored):.2f}M "
-          f"(decoders {tailored_widths(args.width)})")
+    print(
+        f"device {device} ({torch.get_num_threads()} threads), {args.resolution}px, encoder widths {kwargs['block_out_channels']}, DDIM {args.steps} steps"
+    )
+    print(
+        f"baseline UNet2DModel {params(baseline):.2f}M params; multi-stage {params(tailored):.2f}M "
+        f"(decoders {tailored_widths(args.width)})"
+    )
     rows = []
 
     # 1. FLOPs: one sampling run (batch 1) and one training step on a stratified mixed batch
@@ -113,22 +123,26 @@ def main(args: argparse.Namespace) -> None:
     times = paired_medians({"base": sample_base, "staged": sample_staged}, args.repeats, device)
     rows.append(("sampling run wall time (median)", times["base"] * 1e3, times["staged"] * 1e3, "ms"))
 
-    # 3. routing overhead with identical decoders
-    for batch in (1, 16):
+    # 3. routing overhead with identical decoders: batch 1 for each decoder count, batch 16 for three decoders
+    t = torch.tensor(500, device=device)
+    runs = [(1, count) for count in args.decoder_counts] + [(16, tailored.num_stages)]
+    for batch, count in runs:
         x = torch.randn(batch, 3, args.resolution, args.resolution, device=device)
-        t = torch.tensor(500, device=device)
+        boundaries = TimestepPartition.uniform(count).boundaries
+        staged = MultiStageUNet2DModel.from_unet(baseline, stage_boundaries=boundaries).eval()
         with torch.inference_mode():
             times = paired_medians(
                 {
-                    "unet": lambda: baseline(x, t),
-                    "routed": lambda: identical(x, t),
-                    "stage_index": lambda: identical(x, t, stage_index=1),
+                    "unet": lambda x=x: baseline(x, t),
+                    "routed": lambda x=x, staged=staged: staged(x, t),
+                    "stage_index": lambda x=x, staged=staged, s=count // 2: staged(x, t, stage_index=s),  # t's stage
                 },
                 args.repeats * 2,
                 device,
             )
-        rows.append((f"forward, batch {batch}, routed from timestep", times["unet"] * 1e3, times["routed"] * 1e3, "ms"))
-        rows.append((f"forward, batch {batch}, stage_index given", times["unet"] * 1e3, times["stage_index"] * 1e3, "ms"))
+        name = f"forward, batch {batch}, {count} identical decoders"
+        rows.append((f"{name}, routed from timestep", times["unet"] * 1e3, times["routed"] * 1e3, "ms"))
+        rows.append((f"{name}, stage_index given", times["unet"] * 1e3, times["stage_index"] * 1e3, "ms"))
 
     print("\n| measure | UNet2DModel | multi-stage | ratio |\n|---|---|---|---|")
     for name, base, staged, unit in rows:

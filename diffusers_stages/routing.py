@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -72,6 +73,15 @@ class StageRouter:
         return self.stage
 
 
+def check_stage_index(stage_index: int, num_stages: int) -> None:
+    """A stage index must be a Python integer (not a bool, not a tensor: a stage read from a tensor would be a
+    data-dependent branch) in ``[0, num_stages)``."""
+    if isinstance(stage_index, bool) or not isinstance(stage_index, numbers.Integral):
+        raise ValueError(f"`stage_index` must be an integer, got {stage_index!r}.")  # noqa: TRY004
+    if not 0 <= stage_index < num_stages:
+        raise ValueError(f"`stage_index` must be in [0, {num_stages}), got {stage_index}.")
+
+
 def dispatch_by_stage(
     partition: TimestepPartition,
     timesteps: torch.Tensor,
@@ -100,9 +110,8 @@ def dispatch_by_stage(
     ```
     """
     if stage_index is not None:
-        if not 0 <= stage_index < partition.num_stages:
-            raise ValueError(f"`stage_index` must be in [0, {partition.num_stages}), got {stage_index}.")
-        return run_stage(stage_index, None)
+        check_stage_index(stage_index, partition.num_stages)
+        return run_stage(int(stage_index), None)
     stages = partition.stage_for_timestep(timesteps.reshape(-1))
     if bool((stages == stages[0]).all()):
         return run_stage(int(stages[0]), None)

@@ -15,6 +15,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..models.checks import compute_dtype
 from ..partition import TimestepPartition
 from ..routing import StageRouter
 from .loading import load_pipeline
@@ -163,7 +164,7 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         partition = self.resolve_partition(num_inference_steps)
         router = StageRouter(partition, self.scheduler)  # checks the scheduler's units
         denoiser = self.stage_denoiser(partition.num_stages - 1)[0]  # the first network to run: shape, dtype, labels
-        config, model_dtype = denoiser.config, denoiser.dtype
+        config, model_dtype = denoiser.config, compute_dtype(denoiser)  # `.dtype` would walk every submodule
         class_labels, batch_size = self._prepare_class_labels(class_labels, batch_size, config, device)
         scales = self._guidance_scales(guidance_scale, partition.num_stages, conditional=class_labels is not None)
         if isinstance(generator, list) and len(generator) != batch_size:

@@ -3,6 +3,7 @@ import torch
 from diffusers import DDIMScheduler, EDMEulerScheduler, HeunDiscreteScheduler
 
 from diffusers_stages import StageRouter, TimestepPartition
+from diffusers_stages.routing import dispatch_by_stage
 
 
 def test_router_follows_the_noise_level():
@@ -40,3 +41,19 @@ def test_scheduler_and_partition_units_must_agree():
         StageRouter(TimestepPartition([2.5], units="sigma"), DDIMScheduler())
     with pytest.raises(ValueError, match="num_train_timesteps=500"):
         StageRouter(TimestepPartition([100]), DDIMScheduler(num_train_timesteps=500))
+
+
+@pytest.mark.parametrize(
+    ("stage_index", "message"),
+    [
+        (True, "an integer, got True"),
+        (1.0, "an integer, got 1.0"),
+        (torch.tensor(1), r"an integer, got tensor\(1\)"),
+        (2, r"in \[0, 2\), got 2"),
+        (-1, r"in \[0, 2\), got -1"),
+    ],
+)
+def test_dispatch_refuses_a_bad_stage_index(stage_index, message):
+    with pytest.raises(ValueError, match=f"`stage_index` must be {message}"):
+        dispatch_by_stage(TimestepPartition([500]), torch.tensor([10]), stage_index, lambda stage, rows: stage)
+    assert dispatch_by_stage(TimestepPartition([500]), torch.tensor([10]), 1, lambda stage, rows: stage) == 1

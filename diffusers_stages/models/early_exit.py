@@ -20,6 +20,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from .checks import check_class_labels, check_sample, per_sample_timesteps
 from .loading import StrictLoadingMixin
 
 
@@ -131,14 +132,18 @@ class EarlyExitUViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             return_all_exits (`bool`): run every block and return ``(predictions, uncertainties)``, one per exit
                 (for training with [`early_exit_loss`]).
         """
+        # 0. check the inputs (a `ValueError` naming the argument): the exit test reads values on the host anyway
+        config = self.config
+        check_sample(sample, config.in_channels, size=config.sample_size)
+        timesteps = per_sample_timesteps(timestep, sample.shape[0], sample.device, check_values=True)
+        conditional = self.class_embed is not None
+        check_class_labels(class_labels, sample.shape[0], conditional, config.num_class_embeds, check_values=True)
+
         # 1. tokens: [time, (class), patches] + position embedding
         batch, _, height, width = sample.shape
-        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch)
         tokens = [self.time_embed(self.time_proj(timesteps).to(sample.dtype))[:, None]]
-        if self.class_embed is not None:
-            if class_labels is None:
-                raise ValueError("`class_labels` must be given: this model is class-conditional.")
-            tokens.append(self.class_embed(class_labels)[:, None])
+        if conditional:
+            tokens.append(self.class_embed(class_labels.reshape(-1).expand(batch))[:, None])
         tokens.append(self.patch_embed(sample).flatten(2).transpose(1, 2))
         hidden = torch.cat(tokens, dim=1) + self.pos_embed
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..partition import TimestepPartition
 from ..routing import dispatch_by_stage
+from .checks import check_sample, per_sample_timesteps
 from .loading import check_name, component_folder, realign_storage
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
@@ -215,12 +216,17 @@ class ExpertRoutingModel(ModelMixin, ConfigMixin):
             stage_index (`int`, *optional*): send the whole batch to this expert (no data-dependent routing).
             expert_kwargs: further arguments of the experts' forward (e.g. ``encoder_hidden_states``); tensors with
                 one row per sample are split with the batch.
+
+        ``sample`` must be a floating-point tensor with a batch dimension and ``timestep`` one value or one per
+        sample (a `ValueError` naming the argument otherwise); each expert checks the rest of its inputs. Finite timestep
+        values are checked on the routed path only: with ``stage_index`` given no tensor value is read on the host.
         """
         # 1. one timestep per sample (DiT-style experts need one per sample; the routing reads them)
+        check_sample(sample, in_channels=None)
         batch = sample.shape[0]
+        timesteps = per_sample_timesteps(timestep, batch, sample.device, check_values=stage_index is None)
         if torch.is_tensor(timestep) and timestep.ndim == 0:
-            timestep = timestep.reshape(1).expand(batch)
-        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch)
+            timestep = timesteps
 
         # 2. each expert only on its own samples (the whole batch, called exactly as alone, when one stage holds it)
         def run(stage: int, rows: torch.Tensor | None) -> torch.Tensor:

@@ -23,6 +23,7 @@ from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 
 from ..partition import TimestepPartition
 from ..routing import dispatch_by_stage
+from .checks import check_class_labels, check_sample, compute_dtype, per_sample_timesteps
 from .loading import StrictLoadingMixin
 
 
@@ -296,7 +297,9 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
                 f"`attention_head_dim`={attention_head_dim}: lower it, or widen the narrow blocks."
             )
         if time_embedding_type not in ("positional", "fourier", "learned"):
-            raise ValueError(f"`time_embedding_type` must be positional, fourier or learned, got {time_embedding_type!r}.")
+            raise ValueError(
+                f"`time_embedding_type` must be positional, fourier or learned, got {time_embedding_type!r}."
+            )
         self.sample_size = sample_size
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
 
@@ -390,23 +393,17 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
     def encode(
         self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
-        """Run the shared encoder: returns ``(hidden, skips, emb, timesteps)`` for the whole batch."""
-        # time embedding (shared by every decoder)
-        timesteps = timestep
-        if not torch.is_tensor(timesteps):
-            timesteps = torch.tensor([timesteps], dtype=torch.long, device=sample.device)
-        elif timesteps.ndim == 0:
-            timesteps = timesteps[None].to(sample.device)
-        timesteps = timesteps * torch.ones(sample.shape[0], dtype=timesteps.dtype, device=timesteps.device)
-        emb = self.time_embedding(self.time_proj(timesteps).to(dtype=self.dtype))
+        """Run the shared encoder (on inputs checked as `forward` checks them): returns ``(hidden, skips, emb,
+        timesteps)`` for the whole batch, with one timestep per sample."""
+        # time embedding (shared by every decoder), in the dtype the embedding's first layer computes in (cheaper
+        # than `self.dtype`, which walks every decoder)
+        timesteps = per_sample_timesteps(timestep, sample.shape[0], sample.device, check_values=False)
+        dtype = compute_dtype(self.time_embedding.linear_1)
+        emb = self.time_embedding(self.time_proj(timesteps).to(dtype=dtype))
         if self.class_embedding is not None:
-            if class_labels is None:
-                raise ValueError("`class_labels` must be given: this model is class-conditional.")
             if self.config.class_embed_type == "timestep":
                 class_labels = self.time_proj(class_labels)
-            emb = emb + self.class_embedding(class_labels).to(dtype=self.dtype)
-        elif class_labels is not None:
-            raise ValueError("`class_labels` were given, but this model has no class embedding (`num_class_embeds`).")
+            emb = emb + self.class_embedding(class_labels).to(dtype=dtype)
 
         # down path and middle block
         skip_sample = sample
@@ -438,12 +435,18 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
             return_dict (`bool`, defaults to `True`): return a `UNet2DOutput` rather than a tuple.
             stage_index (`int`, *optional*): decode every sample with this stage's decoder, skipping the
                 data-dependent routing (the pipelines pass it; it makes `torch.compile(fullgraph=True)` work).
+
+        Bad inputs raise a `ValueError` naming the argument. Shapes, ranks and dtypes are always checked. Values
+        (finite timesteps, inside the partition's range; class indices in range) are checked on the routed path
+        only: with ``stage_index`` given the call reads no tensor value on the host (no device synchronisation,
+        no data-dependent branch), so out-of-range values there are the caller's responsibility.
         """
-        # 0. check and centre the input
-        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"`sample` must have shape (batch, {self.config.in_channels}, height, width), got {tuple(sample.shape)}."
-            )
+        # 0. check the inputs (values only when routing, see above), then centre the sample
+        routed = stage_index is None
+        check_sample(sample, self.config.in_channels, multiple_of=2 ** (len(self.config.block_out_channels) - 1))
+        timestep = per_sample_timesteps(timestep, sample.shape[0], sample.device, check_values=routed)
+        num_labels = self.config.num_class_embeds if self.config.class_embed_type is None else None
+        check_class_labels(class_labels, sample.shape[0], self.class_embedding is not None, num_labels, routed)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 

@@ -31,6 +31,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from ..partition import TimestepPartition
 from ..routing import dispatch_by_stage
+from .checks import check_class_labels, check_sample, compute_dtype, per_sample_timesteps
 from .loading import StrictLoadingMixin
 
 SKIP_SCALE = math.sqrt(2.0)  # DDPM++ divides every residual sum by sqrt(2) (EDM's skip_scale = sqrt(0.5))
@@ -310,31 +311,20 @@ class MultiStageDDPMppUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, A
         class_labels: torch.Tensor | None,
         augment_labels: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The embedding every block receives: noise level + class + augmentation, through the MLP."""
-        emb = self.time_proj(timesteps).to(dtype=self.dtype)
+        """The embedding every block receives: noise level + class + augmentation, through the MLP (on labels
+        checked as `forward` checks them)."""
+        dtype = compute_dtype(self.time_embedding.linear_1)  # cheaper than `self.dtype`, which walks every decoder
+        emb = self.time_proj(timesteps).to(dtype=dtype)
         if self.class_embedding is not None:
-            if class_labels is None:
-                raise ValueError("`class_labels` must be given: this model is class-conditional.")
             num_classes = self.class_embedding.in_features
-            if not class_labels.is_floating_point():  # indices; the last one ("no class") is the zero vector
-                if bool((class_labels < 0).any()) or bool((class_labels > num_classes).any()):
-                    raise ValueError(
-                        f"`class_labels` must be indices in [0, {num_classes}] ({num_classes} = no class), got "
-                        f"{class_labels.tolist()}."
-                    )
-                class_labels = F.one_hot(class_labels.long(), num_classes + 1)[:, :num_classes]
-            if class_labels.shape != (emb.shape[0], num_classes):
-                raise ValueError(
-                    f"`class_labels` must be {emb.shape[0]} indices or a ({emb.shape[0]}, {num_classes}) tensor of "
-                    f"one-hot rows, got shape {tuple(class_labels.shape)}."
-                )
-            emb = emb + self.class_embedding(class_labels.to(self.dtype) * math.sqrt(num_classes))  # EDM's scaling
-        elif class_labels is not None:
-            raise ValueError("`class_labels` were given, but this model has no class embedding (`num_class_embeds`).")
+            if not class_labels.is_floating_point():  # indices to one-hot rows; the last ("no class") to zeros
+                classes = torch.arange(num_classes, device=class_labels.device)
+                class_labels = class_labels.reshape(-1, 1) == classes  # not F.one_hot: it reads the labels on CPU
+            emb = emb + self.class_embedding(class_labels.to(dtype) * math.sqrt(num_classes))  # EDM's scaling
         if augment_labels is not None:
             if self.augment_embedding is None:
                 raise ValueError("`augment_labels` were given, but this model has no augmentation embedding.")
-            emb = emb + self.augment_embedding(augment_labels.to(self.dtype))
+            emb = emb + self.augment_embedding(augment_labels.to(dtype))
         return self.time_embedding(emb)  # linear, SiLU, linear; each block applies the final SiLU
 
     def forward(
@@ -356,14 +346,19 @@ class MultiStageDDPMppUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, A
             return_dict (`bool`, defaults to `True`): return a `UNet2DOutput` rather than a tuple.
             stage_index (`int`, *optional*): decode every sample with this stage's decoder (the pipelines pass it).
             augment_labels (`torch.Tensor`, *optional*): EDM's augmentation labels, for training with augmentation.
+
+        Bad inputs raise a `ValueError` naming the argument. Shapes, ranks and dtypes are always checked. Values
+        (finite timesteps, inside the partition's range; class indices in range) are checked on the routed path
+        only: with ``stage_index`` given the call reads no tensor value on the host (no device synchronisation,
+        no data-dependent branch, so it compiles with ``fullgraph=True``), and values are the caller's
+        responsibility.
         """
-        # 0. check the input
-        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"`sample` must have shape (batch, {self.config.in_channels}, height, width), got {tuple(sample.shape)}."
-            )
-        timesteps = torch.as_tensor(timestep, device=sample.device)
-        timesteps = timesteps.reshape(-1).float().expand(sample.shape[0]) if timesteps.numel() == 1 else timesteps
+        # 0. check the inputs (values only when routing, see above)
+        routed, config = stage_index is None, self.config
+        check_sample(sample, config.in_channels, multiple_of=2 ** (len(config.channel_mult) - 1))
+        timesteps = per_sample_timesteps(timestep, sample.shape[0], sample.device, check_values=routed)
+        conditional = self.class_embedding is not None
+        check_class_labels(class_labels, sample.shape[0], conditional, config.num_class_embeds, routed, one_hot=True)
 
         # 1. embeddings and the shared encoder, once on the whole batch
         emb = self.embed(timesteps, class_labels, augment_labels)

@@ -72,3 +72,30 @@ def test_save_reload_and_bad_configs(model, tmp_path):
         EarlyExitUViT2DModel(**{**TINY, "sample_size": 9})
     with pytest.raises(ValueError, match="class_labels"):
         EarlyExitUViT2DModel(**TINY, num_class_embeds=3)(x, 10)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((torch.randn(1, 3, 16, 16), 10), {}, r"`sample` must be 8x8 \(the model's `sample_size`\)"),
+        ((torch.randn(1, 4, 8, 8), 10), {}, r"`sample` must have shape \(batch, 3, height, width\)"),
+        ((torch.randn(2, 3, 8, 8), torch.tensor([1, 2, 3])), {}, r"`timestep` must be one value or one per sample"),
+        ((torch.randn(1, 3, 8, 8), float("nan")), {}, r"`timestep` must be finite, got nan"),
+        ((torch.randn(1, 3, 8, 8), 10), {"class_labels": torch.tensor([0])}, r"`class_labels` were given"),
+    ],
+)
+def test_forward_checks_its_inputs_like_a_library(model, args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model(*args, **kwargs)
+
+
+def test_class_labels_are_checked_and_one_label_serves_the_batch():
+    torch.manual_seed(0)
+    model = EarlyExitUViT2DModel(**TINY, num_class_embeds=3).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"`class_labels` must be class indices in \[0, 3\), got \[0, 3\]"):
+        model(x, 10, class_labels=torch.tensor([0, 3]))
+    with torch.no_grad():
+        assert torch.equal(
+            model(x, 10, class_labels=torch.tensor([2])).sample, model(x, 10, class_labels=torch.tensor([2, 2])).sample
+        )

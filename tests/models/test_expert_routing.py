@@ -60,6 +60,31 @@ def test_one_stage_batch_calls_the_expert_exactly_as_alone(three_experts):
         assert three_experts(x, 10, return_dict=False)[0].shape == (2, 3, 8, 8)
 
 
+@pytest.mark.parametrize(
+    ("timestep", "kwargs", "message"),
+    [
+        (torch.tensor([10, 20, 30]), {}, r"`timestep` must be one value or one per sample \(2\).*got shape \(3,\)"),
+        (torch.tensor([[10], [20]]), {}, r"`timestep` .*got shape \(2, 1\)"),
+        (torch.tensor([10.0, float("nan")]), {}, r"`timestep` must be finite, got \[10.0, nan\]"),
+        ("10", {}, r"`timestep` must be a number or a tensor, got str"),
+        (10, {"stage_index": 3}, r"`stage_index` must be in \[0, 3\), got 3"),
+        (10, {"stage_index": 0.0}, r"`stage_index` must be an integer, got 0.0"),
+    ],
+)
+def test_forward_checks_the_timesteps_and_the_stage_index(three_experts, timestep, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        three_experts(torch.randn(2, 3, 8, 8), timestep, **kwargs)
+    with pytest.raises(ValueError, match="`sample` must be a floating-point tensor"):
+        three_experts([0.0], 10)
+
+
+def test_the_stage_index_path_reads_no_tensor_value(three_experts, host_reads):
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([999, 999])
+    with torch.no_grad():
+        assert host_reads(lambda: three_experts(x, t, stage_index=0)) == 0  # expert 0: a plain UNet2DModel
+        assert host_reads(lambda: three_experts(x, t)) > 0  # routing reads the timesteps
+
+
 def test_experts_of_other_diffusers_classes_with_per_sample_arguments(tiny_unet_kwargs):
     # a class-conditional U-Net and a DiT: class labels are split with the batch; DiT gets one timestep per sample
     unet = _unet(tiny_unet_kwargs, 0, num_class_embeds=10)

@@ -188,6 +188,58 @@ def test_bad_inputs_name_the_argument(tiny_multistage, tiny_unet_kwargs):
         MultiStageUNet2DModel.from_unet(torch.nn.Conv2d(3, 3, 1))
 
 
+X = torch.randn(2, 3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((torch.randn(2, 3, 9, 9), 10), {}, r"`sample`'s height and width must be multiples of 2.*\(2, 3, 9, 9\)"),
+        ((torch.randn(3, 8, 8), 10), {}, r"`sample` must have shape \(batch, 3, height, width\)"),
+        ((X.long(), 10), {}, r"`sample` must be a floating-point tensor, got dtype torch.int64"),
+        ((X, torch.tensor([10, 20, 30])), {}, r"`timestep` must be one value or one per sample \(2\)"),
+        ((X, torch.tensor([[10], [20]])), {}, r"`timestep` .*got shape \(2, 1\)"),
+        ((X, torch.tensor([10.0, float("nan")])), {}, r"`timestep` must be finite, got \[10.0, nan\]"),
+        ((X, float("inf")), {"stage_index": 1}, r"`timestep` must be finite, got inf"),
+        ((X, 10), {"stage_index": 1.0}, r"`stage_index` must be an integer, got 1.0"),
+        ((X, 10), {"stage_index": True}, r"`stage_index` must be an integer, got True"),
+        ((X, 10), {"stage_index": torch.tensor(1)}, r"`stage_index` must be an integer, got tensor\(1\)"),
+        ((X, 10), {"stage_index": -1}, r"`stage_index` must be in \[0, 3\), got -1"),
+    ],
+)
+def test_forward_checks_its_inputs_like_a_library(tiny_multistage, args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_multistage(*args, **kwargs)
+
+
+@pytest.fixture
+def class_conditional(tiny_unet_kwargs):
+    torch.manual_seed(0)
+    return MultiStageUNet2DModel(**tiny_unet_kwargs, num_class_embeds=5, stage_boundaries=(500,)).eval()
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (None, "must be given"),
+        (torch.tensor([0, 5]), r"class indices in \[0, 5\), got \[0, 5\]"),
+        (torch.tensor([1, 2, 3]), r"one label or one per sample \(2\), got shape \(3,\)"),
+        (torch.tensor([1.0, 2.0]), "integer class indices, got dtype torch.float32"),
+    ],
+)
+def test_bad_class_labels_name_the_argument(class_conditional, labels, message):
+    with pytest.raises(ValueError, match=f"`class_labels` .*{message}"):
+        class_conditional(X, 10, class_labels=labels)
+
+
+def test_the_stage_index_path_reads_no_tensor_value(class_conditional, host_reads):
+    # no device synchronisation per pipeline step; the routed path reads the timesteps (and checks the labels)
+    labels, t = torch.tensor([1, 4]), torch.tensor([700, 700])
+    with torch.no_grad():
+        assert host_reads(lambda: class_conditional(X, t, class_labels=labels, stage_index=1)) == 0
+        assert host_reads(lambda: class_conditional(X, t, class_labels=labels)) > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # decoders as the authors' code builds them: no adapters, per-decoder attention placement
 ATTN, PLAIN = "AttnUpBlock2D", "UpBlock2D"

@@ -153,3 +153,43 @@ def test_bad_inputs_name_the_argument(model):
         model(torch.randn(1, 3, 8, 8), c_noise(1.0), class_labels=torch.tensor([0]))
     with pytest.raises(ValueError, match="augment_labels"):
         model(torch.randn(1, 3, 8, 8), c_noise(1.0), augment_labels=torch.zeros(1, 9))
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((torch.randn(1, 3, 7, 7), c_noise(1.0)), {}, r"`sample`'s height and width must be multiples of 2"),
+        ((torch.randn(1, 3, 8), c_noise(1.0)), {}, r"`sample` must have shape \(batch, 3, height, width\)"),
+        ((torch.randn(2, 3, 8, 8), c_noise(1.0, 2.0, 3.0)), {}, r"`timestep` must be one value or one per sample"),
+        ((torch.randn(1, 3, 8, 8), torch.tensor([float("inf")])), {}, r"`timestep` must be finite, got \[inf\]"),
+        ((torch.randn(1, 3, 8, 8), float("nan")), {"stage_index": 0}, r"`timestep` must be finite, got nan"),
+        ((torch.randn(1, 3, 8, 8), c_noise(1.0)), {"stage_index": 3}, r"`stage_index` must be in \[0, 3\), got 3"),
+        ((torch.randn(1, 3, 8, 8), c_noise(1.0)), {"stage_index": "1"}, r"`stage_index` must be an integer, got '1'"),
+    ],
+)
+def test_forward_checks_its_inputs_like_a_library(model, args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (torch.tensor([0, 5]), r"class indices in \[0, 4\), got \[0, 5\]"),
+        (torch.zeros(2, 4), r"one-hot rows must have shape \(2, 3\), got \(2, 4\)"),
+        (torch.tensor([[0, 1, 0], [1, 0, 0]]), r"class indices of shape \(2,\), or one-hot rows of width 3"),
+    ],
+)
+def test_bad_class_labels_name_the_argument(labels, message):
+    model = MultiStageDDPMppUNet2DModel(**TINY, num_class_embeds=4).eval()
+    with pytest.raises(ValueError, match=f"`class_labels` .*{message}"):
+        model(torch.randn(2, 3, 8, 8), c_noise(1.0, 1.0), class_labels=labels)
+
+
+def test_the_stage_index_path_reads_no_tensor_value(host_reads):
+    # no device synchronisation per pipeline step, class labels included; the routed path reads the timesteps
+    model = MultiStageDDPMppUNet2DModel(**TINY, num_class_embeds=4).eval()
+    x, t, labels = torch.randn(2, 3, 8, 8), c_noise(5.0, 5.0), torch.tensor([1, 3])
+    with torch.no_grad():
+        assert host_reads(lambda: model(x, t, class_labels=labels, stage_index=1)) == 0
+        assert host_reads(lambda: model(x, t, class_labels=labels)) > 0

@@ -1,0 +1,167 @@
+"""What the package's models check and read on every forward call: the one place for both, kept cheap.
+
+Users call the models' ``forward`` directly in their own loops, so a bad argument must give a `ValueError` that names
+it and the value received, not a shape error deep inside a convolution. The checks come in two kinds:
+
+- shapes, ranks, dtypes and Python types: always checked; they cost nothing and never read tensor values, so they
+  hold under ``torch.compile(fullgraph=True)``;
+- tensor values (finite timesteps, class indices in range): checked only when the caller asks for them, which the
+  models do on the routed path (no ``stage_index``), where the routing reads the timesteps on the host anyway. With a
+  ``stage_index`` (the pipelines' per-step call, and the compiled path) values are trusted, so that the path stays
+  free of host synchronisations and data-dependent branches.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+
+def _preview(values: torch.Tensor, limit: int = 8) -> str:
+    """A short printable form of a tensor's values, for error messages."""
+    flat = values.detach().reshape(-1)
+    return str(flat[:limit].tolist())[:-1] + (", ...]" if flat.numel() > limit else "]")
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    r"""
+    The dtype ``model`` computes in (the dtype its input must have), read from its first layer with floating-point
+    weights, or that layer's compute dtype under diffusers' layerwise casting.
+
+    `ModelMixin.dtype` gives the same answer for the package's models, but walks every submodule (every decoder of a
+    multi-decoder model) on each read: per forward call that walk costs more than routing does.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_stages.models.checks import compute_dtype
+    >>> compute_dtype(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(2, 2).half()))
+    torch.float16
+
+    ```
+    """
+    for module in model.modules():
+        weight = next((p for p in module.parameters(recurse=False) if p.is_floating_point()), None)
+        if weight is None:
+            continue
+        registry = getattr(module, "_diffusers_hook", None)
+        casting = registry.get_hook("layerwise_casting") if registry is not None else None
+        return casting.compute_dtype if casting is not None else weight.dtype
+    return torch.get_default_dtype()  # no floating-point weights at all
+
+
+def check_sample(sample: torch.Tensor, in_channels: int | None, multiple_of: int = 1, size: int | None = None) -> None:
+    """Check a model's ``sample``: a floating-point ``(batch, in_channels, height, width)`` tensor, ``batch >= 1``,
+    with height and width multiples of ``multiple_of`` (``2**downsamplings`` for a U-Net), or both ``size``. With
+    ``in_channels=None`` (a container whose members check the rest) only the dtype and the batch are checked."""
+    if not torch.is_tensor(sample) or not sample.is_floating_point():
+        got = f"dtype {sample.dtype}" if torch.is_tensor(sample) else type(sample).__name__
+        raise ValueError(f"`sample` must be a floating-point tensor, got {got}.")
+    shape = tuple(sample.shape)
+    if in_channels is None:
+        if sample.ndim == 0 or shape[0] < 1:
+            raise ValueError(f"`sample` must have shape (batch, ...) with batch >= 1, got {shape}.")
+        return
+    if sample.ndim != 4 or shape[1] != in_channels or shape[0] < 1:
+        raise ValueError(f"`sample` must have shape (batch, {in_channels}, height, width), batch >= 1, got {shape}.")
+    if size is not None and shape[2:] != (size, size):
+        raise ValueError(f"`sample` must be {size}x{size} (the model's `sample_size`), got shape {shape}.")
+    if any(side % multiple_of for side in shape[2:]):
+        raise ValueError(
+            f"`sample`'s height and width must be multiples of {multiple_of} (the model halves them "
+            f"{multiple_of.bit_length() - 1} times), got shape {shape}."
+        )
+
+
+def per_sample_timesteps(
+    timestep: torch.Tensor | float, batch: int, device: torch.device, check_values: bool
+) -> torch.Tensor:
+    r"""
+    Check ``timestep`` (a number, or a tensor of one value or one per sample) and return one timestep per sample,
+    shape ``(batch,)``, on ``device``. Python integers become ``long`` (as in `UNet2DModel`), other numbers stay
+    floating point, tensors keep their dtype. With ``check_values`` the values must also be finite (a host read).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_stages.models.checks import per_sample_timesteps
+    >>> per_sample_timesteps(torch.tensor(7), 3, torch.device("cpu"), check_values=True).tolist()
+    [7, 7, 7]
+
+    ```
+    """
+    if torch.is_tensor(timestep):
+        if timestep.dtype == torch.bool or timestep.is_complex():
+            raise ValueError(f"`timestep` must hold real numbers, got dtype {timestep.dtype}.")
+        if timestep.ndim > 1 or timestep.numel() not in (1, batch):
+            raise ValueError(
+                f"`timestep` must be one value or one per sample ({batch}): a number, or a tensor of shape (), (1,) "
+                f"or ({batch},), got shape {tuple(timestep.shape)}."
+            )
+        timesteps = timestep.to(device)
+    elif isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
+        if not math.isfinite(timestep):
+            raise ValueError(f"`timestep` must be finite, got {timestep}.")
+        dtype = torch.long if isinstance(timestep, numbers.Integral) else torch.float32
+        timesteps = torch.tensor(timestep, dtype=dtype, device=device)
+    else:
+        raise ValueError(f"`timestep` must be a number or a tensor, got {type(timestep).__name__}.")
+    if check_values and timesteps.is_floating_point() and not bool(torch.isfinite(timesteps).all()):
+        raise ValueError(f"`timestep` must be finite, got {_preview(timesteps)}.")
+    return timesteps.reshape(-1).expand(batch).contiguous()  # a real tensor: bucketize warns on expanded views
+
+
+def check_class_labels(
+    class_labels: torch.Tensor | None,
+    batch: int,
+    conditional: bool,
+    num_labels: int | None,
+    check_values: bool,
+    one_hot: bool = False,
+) -> None:
+    r"""
+    Check a model's ``class_labels``: given exactly when the model is class-conditional, and then one label or one
+    per sample.
+
+    Args:
+        class_labels (`torch.Tensor`, *optional*): what the caller passed.
+        batch (`int`): the number of samples.
+        conditional (`bool`): whether the model has a class embedding.
+        num_labels (`int`, *optional*): labels are integer indices in ``[0, num_labels)``; `None` when the model
+            embeds labels some other way (``class_embed_type`` ``"timestep"`` or ``"identity"``): only their
+            presence and count are checked.
+        check_values (`bool`): check that indices lie in range (a host read; see the module docstring).
+        one_hot (`bool`): floating-point rows of width ``num_labels - 1`` (EDM's one-hot labels, the last index
+            meaning "no class") are accepted as well.
+    """
+    if class_labels is None:
+        if conditional:
+            raise ValueError("`class_labels` must be given: this model is class-conditional.")
+        return
+    if not conditional:
+        raise ValueError("`class_labels` were given, but this model has no class embedding (`num_class_embeds`).")
+    if not torch.is_tensor(class_labels):
+        raise ValueError(f"`class_labels` must be a tensor, got {type(class_labels).__name__}.")
+    shape = tuple(class_labels.shape)
+    if class_labels.ndim > 0 and shape[0] not in (1, batch):
+        raise ValueError(f"`class_labels` must hold one label or one per sample ({batch}), got shape {shape}.")
+    if num_labels is None:
+        return
+    if one_hot and class_labels.is_floating_point():
+        if class_labels.ndim != 2 or shape[1] != num_labels - 1:
+            raise ValueError(
+                f"`class_labels` given as one-hot rows must have shape ({batch}, {num_labels - 1}), got {shape}."
+            )
+        return
+    rows = f", or one-hot rows of width {num_labels - 1}" if one_hot else ""
+    if class_labels.dtype == torch.bool or class_labels.is_floating_point() or class_labels.is_complex():
+        raise ValueError(f"`class_labels` must be integer class indices{rows}, got dtype {class_labels.dtype}.")
+    if class_labels.ndim > 1:
+        raise ValueError(f"`class_labels` must be class indices of shape ({batch},){rows}, got shape {shape}.")
+    if check_values and bool(((class_labels < 0) | (class_labels >= num_labels)).any()):
+        raise ValueError(f"`class_labels` must be class indices in [0, {num_labels}), got {_preview(class_labels)}.")

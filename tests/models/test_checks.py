@@ -1,0 +1,127 @@
+"""The forward-input checks every model shares: clear `ValueError`s, and no tensor value read unless asked."""
+
+import math
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from diffusers_stages import MultiStageUNet2DModel
+from diffusers_stages.models.checks import check_class_labels, check_sample, compute_dtype, per_sample_timesteps
+
+CPU = torch.device("cpu")
+
+
+def test_compute_dtype_agrees_with_model_dtype_without_walking_the_model(tiny_multistage, tiny_unet_kwargs):
+    assert compute_dtype(tiny_multistage) == tiny_multistage.dtype == torch.float32
+    assert compute_dtype(tiny_multistage.to(torch.bfloat16)) == tiny_multistage.dtype == torch.bfloat16
+    # layerwise casting stores weights in float8: the dtype that counts is the one the layers compute in
+    unet = UNet2DModel(**tiny_unet_kwargs)
+    unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    assert unet.conv_in.weight.dtype == torch.float8_e4m3fn
+    assert compute_dtype(unet) == unet.dtype == torch.bfloat16
+    assert compute_dtype(torch.nn.ReLU()) == torch.get_default_dtype()  # nothing to read
+
+
+@pytest.mark.parametrize(
+    ("timestep", "dtype", "values"),
+    [
+        (7, torch.long, [7, 7, 7]),
+        (0.25, torch.float32, [0.25] * 3),  # python floats are not truncated (EDM's c_noise is fractional)
+        (torch.tensor(5), torch.long, [5] * 3),
+        (torch.tensor([2.5]), torch.float32, [2.5] * 3),
+        (torch.tensor([1, 2, 3]), torch.long, [1, 2, 3]),
+    ],
+)
+def test_per_sample_timesteps_gives_one_per_sample(timestep, dtype, values):
+    timesteps = per_sample_timesteps(timestep, 3, CPU, check_values=True)
+    assert timesteps.dtype == dtype and timesteps.tolist() == values
+
+
+@pytest.mark.parametrize(
+    ("timestep", "message"),
+    [
+        (torch.tensor([1, 2]), r"one value or one per sample \(3\).*got shape \(2,\)"),
+        (torch.ones(3, 1), r"got shape \(3, 1\)"),
+        (torch.tensor([]), r"got shape \(0,\)"),
+        (torch.tensor(True), "real numbers, got dtype torch.bool"),
+        (True, "a number or a tensor, got bool"),
+        ("500", "a number or a tensor, got str"),
+        (math.nan, "finite, got nan"),
+        (-math.inf, "finite, got -inf"),
+        (torch.tensor([1.0, math.nan, 2.0]), r"finite, got \[1.0, nan, 2.0\]"),
+        (torch.full((3,), math.inf), r"finite, got \[inf, inf, inf\]"),
+    ],
+)
+def test_bad_timesteps_name_the_argument_and_value(timestep, message):
+    with pytest.raises(ValueError, match=f"`timestep` must .*{message}"):
+        per_sample_timesteps(timestep, 3, CPU, check_values=True)
+
+
+def test_timestep_values_are_only_read_when_asked():
+    # the stage_index path: shapes are checked, values are left to the caller (no host read)
+    assert per_sample_timesteps(torch.tensor(math.nan), 2, CPU, check_values=False).isnan().all()
+
+
+@pytest.mark.parametrize(
+    ("sample", "kwargs", "message"),
+    [
+        ([[0.0]], {}, "floating-point tensor, got list"),
+        (torch.zeros(1, 3, 8, 8, dtype=torch.long), {}, "floating-point tensor, got dtype torch.int64"),
+        (torch.zeros(3, 8, 8), {}, r"\(batch, 3, height, width\), batch >= 1, got \(3, 8, 8\)"),
+        (torch.zeros(1, 4, 8, 8), {}, r"got \(1, 4, 8, 8\)"),
+        (torch.zeros(0, 3, 8, 8), {}, r"got \(0, 3, 8, 8\)"),
+        (torch.zeros(1, 3, 12, 8), {"multiple_of": 8}, r"multiples of 8 \(the model halves them 3 times\)"),
+        (torch.zeros(1, 3, 8, 16), {"size": 8}, r"must be 8x8 .*got shape \(1, 3, 8, 16\)"),
+        (torch.zeros(()), {"in_channels": None}, r"\(batch, \.\.\.\) with batch >= 1, got \(\)"),
+    ],
+)
+def test_bad_samples_name_the_argument_and_shape(sample, kwargs, message):
+    kwargs = {"in_channels": 3, **kwargs}
+    with pytest.raises(ValueError, match=f"`sample`.*{message}"):
+        check_sample(sample, **kwargs)
+
+
+def test_good_samples_pass():
+    check_sample(torch.zeros(2, 3, 16, 8), 3, multiple_of=8)
+    check_sample(torch.zeros(2, 5), None)
+
+
+@pytest.mark.parametrize(
+    ("labels", "kwargs", "message"),
+    [
+        (None, {}, "must be given: this model is class-conditional"),
+        (torch.tensor([0, 1]), {"conditional": False}, "were given, but this model has no class embedding"),
+        ([0, 1], {}, "must be a tensor, got list"),
+        (torch.tensor([0, 1, 2]), {}, r"one label or one per sample \(2\), got shape \(3,\)"),
+        (torch.tensor([0.0, 1.0]), {}, "integer class indices, got dtype torch.float32"),
+        (torch.tensor([True, False]), {}, "integer class indices, got dtype torch.bool"),
+        (torch.tensor([[0], [1]]), {}, r"class indices of shape \(2,\), got shape \(2, 1\)"),
+        (torch.tensor([0, 5]), {}, r"class indices in \[0, 5\), got \[0, 5\]"),
+        (torch.tensor(-1), {}, r"class indices in \[0, 5\), got \[-1\]"),
+        (torch.zeros(2, 3), {"one_hot": True}, r"one-hot rows must have shape \(2, 4\), got \(2, 3\)"),
+        (torch.tensor([0.5, 1.0]), {"one_hot": True}, r"one-hot rows must have shape \(2, 4\)"),
+    ],
+)
+def test_bad_class_labels_name_the_argument_and_value(labels, kwargs, message):
+    kwargs = {"conditional": True, "num_labels": 5, "check_values": True, **kwargs}
+    with pytest.raises(ValueError, match=f"`class_labels` .*{message}"):
+        check_class_labels(labels, 2, **kwargs)
+
+
+def test_good_class_labels_pass_and_values_are_only_read_when_asked():
+    for labels in (torch.tensor([0, 4]), torch.tensor([3]), torch.tensor(1), torch.tensor([1, 2], dtype=torch.int32)):
+        check_class_labels(labels, 2, True, 5, check_values=True)
+    check_class_labels(torch.eye(4)[:2], 2, True, 5, check_values=True, one_hot=True)
+    check_class_labels(torch.randn(2, 16), 2, True, None, check_values=True)  # "identity" class embeddings
+    check_class_labels(None, 2, False, None, check_values=True)
+    check_class_labels(torch.tensor([0, 99]), 2, True, 5, check_values=False)  # the stage_index path reads no value
+
+
+def test_python_float_timesteps_reach_a_sigma_model_untruncated(tiny_unet_kwargs):
+    torch.manual_seed(0)
+    model = MultiStageUNet2DModel(**tiny_unet_kwargs, stage_boundaries=(2.0,), boundary_units="sigma").eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x, 0.3).sample, model(x, torch.tensor(0.3)).sample)
+        assert not torch.allclose(model(x, 0.3).sample, model(x, 0).sample)
