@@ -4,8 +4,9 @@
     python benchmarks/run_evidence.py                    # Fashion-MNIST 32x32, < 1 hour on 2 CPU cores
     python benchmarks/run_evidence.py --preset gpu       # Fashion-MNIST, larger models and budgets, one GPU
 
-Writes ``benchmarks/results/<preset>/RESULTS.md`` (table and verdicts), ``results.json`` and two PNG plots, and
-refreshes the index ``benchmarks/results/RESULTS.md``.
+Writes ``<output_dir>/<preset>/RESULTS.md`` (table and verdicts), ``results.json`` and two PNG plots, and refreshes
+the index ``<output_dir>/RESULTS.md``. ``--output_dir`` defaults to a new temporary folder; the committed results were
+written with ``--output_dir benchmarks/results``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import tempfile
 import sys
 import time
 
@@ -34,7 +36,12 @@ def parse_args(argv=None):
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
     parser.add_argument("--quick", action="store_true", help="same as --preset quick")
     parser.add_argument("--comparisons", default="1,2,3", help="which comparisons to run, e.g. '1,3'")
-    parser.add_argument("--output_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="where results go (default: a new temporary folder, printed at the end; pass benchmarks/results to "
+        "refresh the committed results)",
+    )
     parser.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/diffusers-stages/evidence"),
                         help="where the metric's classifier is cached")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -64,8 +71,11 @@ def run(args) -> dict:
     preset = get_preset(args.preset, **overrides)
     torch.manual_seed(preset.seed)
     ctx = C.Context(preset, torch.device(args.device), args.cache_dir)
+    if args.output_dir is None:  # never into the checkout unless asked
+        args.output_dir = tempfile.mkdtemp(prefix="diffusers-stages-evidence-")
     out_dir = os.path.join(args.output_dir, preset.name)
     os.makedirs(out_dir, exist_ok=True)
+    print(f"writing results to {out_dir}")
 
     def save(results):  # after every comparison, so that an interrupted run keeps what it measured
         header = {
@@ -123,6 +133,8 @@ def write_index(output_dir: str) -> None:
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.report_only:
+        if arguments.output_dir is None:
+            raise SystemExit("--report_only needs --output_dir (the folder holding <preset>/results.json)")
         write_outputs(arguments.output_dir, arguments.preset)
     else:
         run(arguments)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
-import subprocess
 
 import numpy as np
 import torch
@@ -19,15 +17,14 @@ DATASETS = ("digits", "fashion-mnist")
 NUM_CLASSES = 10
 
 
-def ensure_fashion_mnist(directory: str = FASHION_MNIST_DIR, install: bool = True) -> str:
-    """Return the Fashion-MNIST folder, installing Debian's ``dataset-fashion-mnist`` with apt-get if it is absent."""
+def ensure_fashion_mnist(directory: str = FASHION_MNIST_DIR) -> str:
+    """Return the Fashion-MNIST folder; a clear error saying how to install it when it is absent (a benchmark never
+    installs system packages itself)."""
     missing = [f for files in FASHION_FILES.values() for f in files if not os.path.isfile(os.path.join(directory, f))]
-    if missing and install and directory == FASHION_MNIST_DIR and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"], check=False)
-        missing = [f for f in missing if not os.path.isfile(os.path.join(directory, f))]
     if missing:
         raise FileNotFoundError(
-            f"Fashion-MNIST files {missing} not found under {directory}: run `apt-get install dataset-fashion-mnist`."
+            f"Fashion-MNIST files {missing} not found under {directory}: install Debian's data set first "
+            "(`sudo apt-get install dataset-fashion-mnist`), or run the `quick` preset, which uses scikit-learn's digits."
         )
     return directory
 
