@@ -4,7 +4,12 @@ Every component module is imported here, so that diffusers' `from_pretrained` fi
 module path stored in `model_index.json` (RESEARCH.md section 3).
 """
 
-from .models import ExpertRoutingModel, MultiStageDDPMppUNet2DModel, MultiStageUNet2DModel
+from .models import (
+    ExpertRoutingModel,
+    MultiStageDDPMppUNet2DModel,
+    MultiStageUNet2DConditionModel,
+    MultiStageUNet2DModel,
+)
 from .partition import TimestepPartition
 from .pipelines import DualBackbonePipeline, ExpertRoutingPipeline, MultiStagePipeline, StagedDiffusionPipeline
 from .planning import plan_stages
@@ -18,6 +23,7 @@ __all__ = [
     "ExpertRoutingPipeline",
     "MultiStageDDPMppUNet2DModel",
     "MultiStagePipeline",
+    "MultiStageUNet2DConditionModel",
     "MultiStageUNet2DModel",
     "StageRouter",
     "StagedDiffusionPipeline",

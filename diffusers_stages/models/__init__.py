@@ -2,6 +2,7 @@ from .early_exit import EarlyExitUViT2DModel
 from .expert_routing import ExpertRoutingModel
 from .meme import build_meme_experts, meme_expert_configs
 from .unet_multistage import MultiStageUNet2DModel, StageDecoder
+from .unet_multistage_condition import MultiStageUNet2DConditionModel
 from .unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "build_meme_experts",
     "meme_expert_configs",
     "MultiStageDDPMppUNet2DModel",
+    "MultiStageUNet2DConditionModel",
     "MultiStageUNet2DModel",
     "StageDecoder",
 ]
