@@ -64,9 +64,7 @@ class SkipAdapters(nn.Module):
         self.mid_adapter = skip_adapter(encoder_block_out_channels[-1], decoder_block_out_channels[-1])
         self.skip_adapters = nn.ModuleList([skip_adapter(e, d) for e, d in zip(encoder_skips, decoder_skips)])
 
-    def adapt(
-        self, hidden: torch.Tensor, skips: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def adapt(self, hidden: torch.Tensor, skips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The encoder's middle-block output and skips, mapped to this decoder's widths."""
         return self.mid_adapter(hidden), [adapter(skip) for adapter, skip in zip(self.skip_adapters, skips)]
 
@@ -337,7 +335,9 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
                 f"`attention_head_dim`={attention_head_dim}: lower it, or widen the narrow blocks."
             )
         if time_embedding_type not in ("positional", "fourier", "learned"):
-            raise ValueError(f"`time_embedding_type` must be positional, fourier or learned, got {time_embedding_type!r}.")
+            raise ValueError(
+                f"`time_embedding_type` must be positional, fourier or learned, got {time_embedding_type!r}."
+            )
         self.sample_size = sample_size
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
 

@@ -17,7 +17,10 @@ def _inputs(batch: int, sdxl: bool = False, seed: int = 0) -> tuple[torch.Tensor
     kwargs = {"encoder_hidden_states": torch.randn(batch, 5, 64 if sdxl else 32, generator=generator)}
     if sdxl:
         time_ids = torch.tensor([16.0, 16.0, 0.0, 0.0, 16.0, 16.0]).repeat(batch, 1)
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 32, generator=generator), "time_ids": time_ids}
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, 32, generator=generator),
+            "time_ids": time_ids,
+        }
     return x, kwargs
 
 
@@ -95,7 +98,10 @@ def test_controlnet_residuals_match_the_source(tiny_cond_unet):
     with torch.no_grad():
         # one residual per encoder skip (conv_in, down block 0 with its downsampler, down block 1), and the middle
         down = tuple(torch.randn(2, *shape) for shape in [(8, 8, 8), (8, 8, 8), (8, 4, 4), (16, 4, 4)])
-        residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": torch.randn(2, 16, 4, 4)}
+        residuals = {
+            "down_block_additional_residuals": down,
+            "mid_block_additional_residual": torch.randn(2, 16, 4, 4),
+        }
         expected = unet(x, 10, **kwargs, **residuals).sample
         assert torch.equal(staged(x, 10, **kwargs, **residuals).sample, expected)
         with pytest.raises(ValueError, match="pairs"):

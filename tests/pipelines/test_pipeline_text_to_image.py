@@ -111,7 +111,9 @@ def test_expert_routing_unet_runs_the_right_expert_at_each_step(
     pipe.unet = two_experts(sdxl)
     assert pipe.unet.config.in_channels == 4 and pipe.unet.config.time_cond_proj_dim is None
     calls = []  # every call of the container: its inputs and output
-    pipe.unet.register_forward_hook(lambda m, args, kwargs, out: calls.append((args, kwargs, out[0])), with_kwargs=True)
+    pipe.unet.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((args, kwargs, out[0])), with_kwargs=True
+    )
     _images(pipe, steps=4)
 
     stages = [int(pipe.unet.partition.stage_for_timestep(args[1].reshape(1))[0]) for args, _, _ in calls]
