@@ -56,7 +56,7 @@ def test_fine_tuned_decoder_changes_only_its_stage(tiny_sd_components):
     assert not torch.allclose(_images(pipe, output_type="latent"), source, atol=1e-3)
 
 
-@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_staged_unet_in_sdxl_pipeline_gives_the_source_images(tiny_sdxl_components, scheduler):
     components = dict(tiny_sdxl_components, scheduler=getattr(diffusers, scheduler)())
     pipe = StableDiffusionXLPipeline(**components)
@@ -145,3 +145,12 @@ def test_positional_text_reaches_cross_attention_experts(two_experts):
         positional = experts(x, t, text).sample
         assert torch.equal(positional, experts(x, t, encoder_hidden_states=text).sample)
         assert torch.allclose(positional[1:], experts.experts[1](x[1:], t[1:], text[1:]).sample, atol=1e-6)
+
+
+def test_experts_must_agree_on_what_the_pipeline_builds_once(tiny_cond_unet):
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        ExpertRoutingModel([tiny_cond_unet(0), tiny_cond_unet(1, cross_attention_dim=16)], stage_boundaries=(500,))
+    with pytest.raises(ValueError, match="projection_class_embeddings_input_dim"):
+        sdxl = tiny_cond_unet(0, sdxl=True)
+        refiner_like = tiny_cond_unet(1, sdxl=True, projection_class_embeddings_input_dim=5 * 8 + 32)
+        ExpertRoutingModel([sdxl, refiner_like], stage_boundaries=(500,))
