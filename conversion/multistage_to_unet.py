@@ -1,6 +1,8 @@
 """Export one stage of a `MultiStagePipeline` (or `MultiStageUNet2DModel` folder) as a plain diffusers
 `UNet2DModel`: the shared encoder plus that stage's decoder. The exported U-Net gives the multi-stage model's output
 for that stage at every timestep, so the expert-routing and dual-backbone pipelines, or plain diffusers, can use it.
+A Stable Diffusion / SDXL pipeline folder whose ``unet`` is a `MultiStageUNet2DConditionModel` (or such a model's
+folder) exports as a plain `UNet2DConditionModel` the same way.
 
 Only a decoder with the encoder's widths has a `UNet2DModel` equivalent (a tailored decoder needs skip adapters that
 `UNet2DModel` does not have); any other stage is refused with the reason.
@@ -17,7 +19,7 @@ import os
 import sys
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers_stages.conversion.common import (
     build_parser,
     load_strict,
@@ -29,9 +31,10 @@ from diffusers_stages.conversion.common import (
     staged_output,
 )
 
-from diffusers_stages.models import MultiStageUNet2DModel
+from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
 
 STAGE_KEYS = ("stage_boundaries", "boundary_units", "decoder_block_out_channels")
+EXPORTS = {MultiStageUNet2DModel: UNet2DModel, MultiStageUNet2DConditionModel: UNet2DConditionModel}  # staged -> plain
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--source",
         required=True,
-        help="A MultiStagePipeline folder (its `unet` is used) or a MultiStageUNet2DModel folder.",
+        help="A MultiStagePipeline folder (its `unet` is used) or a MultiStageUNet2DModel folder; or a Stable "
+        "Diffusion / SDXL pipeline folder whose `unet` is a MultiStageUNet2DConditionModel, or that model's folder.",
     )
     parser.add_argument(
         "--stage",
@@ -50,14 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def multistage_stage_to_unet(model: MultiStageUNet2DModel, stage: int) -> UNet2DModel:
-    """The `UNet2DModel` equal to ``model`` decoded by stage ``stage`` (inverse of `MultiStageUNet2DModel.from_unet`).
+def multistage_stage_to_unet(
+    model: MultiStageUNet2DModel | MultiStageUNet2DConditionModel, stage: int
+) -> UNet2DModel | UNet2DConditionModel:
+    """The `UNet2DModel` equal to ``model`` decoded by stage ``stage`` (inverse of `MultiStageUNet2DModel.from_unet`);
+    a `UNet2DConditionModel` for a `MultiStageUNet2DConditionModel`.
 
     Example:
 
     ```py
     >>> import torch
-    >>> from diffusers import UNet2DModel
+    >>> from diffusers import UNet2DConditionModel, UNet2DModel
     >>> from diffusers_stages import MultiStageUNet2DModel
     >>> from diffusers_stages.conversion.multistage_to_unet import multistage_stage_to_unet
     >>> staged = MultiStageUNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
@@ -74,8 +81,11 @@ def multistage_stage_to_unet(model: MultiStageUNet2DModel, stage: int) -> UNet2D
 
     ```
     """
-    if not isinstance(model, MultiStageUNet2DModel):
-        raise ValueError(f"`model` must be a MultiStageUNet2DModel, got {type(model).__name__}.")
+    if type(model) not in EXPORTS:
+        raise ValueError(
+            f"`model` must be a MultiStageUNet2DModel or MultiStageUNet2DConditionModel, got {type(model).__name__}."
+        )
+    unet_class = EXPORTS[type(model)]
     if not isinstance(stage, int) or not 0 <= stage < model.num_stages:
         raise ValueError(f"`stage` must be an integer in [0, {model.num_stages}), got {stage!r}.")
     encoder = tuple(model.config.block_out_channels)
@@ -85,15 +95,15 @@ def multistage_stage_to_unet(model: MultiStageUNet2DModel, stage: int) -> UNet2D
     if widths != encoder:
         raise ValueError(
             f"Stage {stage}'s decoder has widths {widths}, not the encoder's {encoder}: it reads the encoder's skip "
-            "connections through 1x1 adapters, which a UNet2DModel has no place for. Only stages whose decoder has "
-            "the encoder's widths can be exported."
+            f"connections through 1x1 adapters, which a {unet_class.__name__} has no place for. Only stages whose "
+            "decoder has the encoder's widths can be exported."
         )
     # 1. config: the U-Net arguments of the multi-stage config, without the stage keys
-    unet_arguments = inspect.signature(UNet2DModel.__init__).parameters
+    unet_arguments = inspect.signature(unet_class.__init__).parameters
     config = {k: v for k, v in model.config.items() if k in unet_arguments and k not in STAGE_KEYS}
     if model.config.get("decoder_up_block_types"):  # decoders may attend at different levels
         config["up_block_types"] = tuple(model.config.decoder_up_block_types[stage])
-    unet = UNet2DModel(**config)
+    unet = unet_class(**config)
     # 2. weights: the shared encoder as is, the stage's decoder without its `decoders.{stage}.` prefix
     prefix = f"decoders.{stage}."
     state_dict = {}
@@ -107,7 +117,7 @@ def multistage_stage_to_unet(model: MultiStageUNet2DModel, stage: int) -> UNet2D
     return (unet if unet.dtype == model.dtype else unet.to(dtype=model.dtype)).eval()
 
 
-def load_multistage(path: str) -> MultiStageUNet2DModel:
+def load_multistage(path: str) -> MultiStageUNet2DModel | MultiStageUNet2DConditionModel:
     source_folder(path)
     subfolder = "unet" if os.path.isfile(os.path.join(path, "model_index.json")) else None
     config_path = os.path.join(path, subfolder or "", "config.json")
@@ -120,31 +130,54 @@ def load_multistage(path: str) -> MultiStageUNet2DModel:
                 "equivalent: its residual sums are scaled by sqrt(0.5), each decoder has its own middle blocks and "
                 "group counts change with the width. Export stages of a MultiStageUNet2DModel only."
             )
+        if class_name == MultiStageUNet2DConditionModel.__name__:
+            return load_strict(MultiStageUNet2DConditionModel, path, subfolder=subfolder)
     return load_strict(MultiStageUNet2DModel, path, subfolder=subfolder)
 
 
-def verify(model: MultiStageUNet2DModel, unet: UNet2DModel, stage: int, tolerance: float) -> None:
+def conditioning(config, batch: int) -> dict:
+    """Random text conditioning a `UNet2DConditionModel` of ``config`` accepts (SDXL: added text/time embeddings);
+    nothing for a `UNet2DModel`."""
+    if "cross_attention_dim" not in config:
+        return {}
+    generator = torch.manual_seed(1)
+    kwargs = {"encoder_hidden_states": torch.randn(batch, 4, config.cross_attention_dim, generator=generator)}
+    if config.addition_embed_type == "text_time":
+        time_ids = 6 * config.addition_time_embed_dim  # any split of the embedding's input width is a valid probe
+        text = config.projection_class_embeddings_input_dim - time_ids
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, text, generator=generator),
+            "time_ids": torch.randn(batch, 6, generator=generator).abs() * 512,
+        }
+    return kwargs
+
+
+def verify(model, unet, stage: int, tolerance: float) -> None:
     """Compare the exported U-Net with the multi-stage model at a timestep inside the stage."""
     config = model.config
     size = (config.sample_size,) * 2 if isinstance(config.sample_size, int) else tuple(config.sample_size)
     x = torch.randn(2, config.in_channels, *size, generator=torch.manual_seed(0))
     t = torch.tensor(probe_timesteps(model.partition)[stage])
     labels = torch.zeros(2, dtype=torch.long) if config.num_class_embeds else None
-    reference = model(x, t, class_labels=labels, stage_index=stage).sample
-    exported = unet(x, t, class_labels=labels).sample
+    kwargs = conditioning(config, 2)
+    reference = model(x, t, class_labels=labels, stage_index=stage, **kwargs).sample
+    exported = unet(x, t, class_labels=labels, **kwargs).sample
     report_verification({f"stage {stage} at timestep {t.item():g}": max_difference(reference, exported)}, tolerance)
 
 
 @torch.no_grad()
-def main(args: argparse.Namespace) -> UNet2DModel:
+def main(args: argparse.Namespace) -> UNet2DModel | UNet2DConditionModel:
     with staged_output(args.output_path, args.overwrite) as tmp:
         model = load_multistage(args.source)
         multistage_stage_to_unet(model, args.stage).save_pretrained(tmp, safe_serialization=True)
-        unet = load_strict(UNet2DModel, tmp)  # what was written, reloaded strictly
+        unet = load_strict(EXPORTS[type(model)], tmp)  # what was written, reloaded strictly
         if args.verify:
             verify(model, unet, args.stage, args.tolerance)
     low, high = model.partition.intervals()[args.stage]
-    print(f"wrote {args.output_path}: UNet2DModel of stage {args.stage} ([{low:g}, {high:g}) {model.partition.units})")
+    print(
+        f"wrote {args.output_path}: {type(unet).__name__} of stage {args.stage} ([{low:g}, {high:g}) "
+        f"{model.partition.units})"
+    )
     return unet
 
 

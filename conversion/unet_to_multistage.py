@@ -1,5 +1,7 @@
 """Convert a diffusers `UNet2DModel` folder, or a `DDPMPipeline` / `DDIMPipeline` / `LDMPipeline` folder, into a
-`MultiStagePipeline` folder whose every stage decoder starts as a copy of the source's up path.
+`MultiStagePipeline` folder whose every stage decoder starts as a copy of the source's up path; or a
+`StableDiffusionPipeline` / `StableDiffusionXLPipeline` folder into the same pipeline class with a
+`MultiStageUNet2DConditionModel` as its ``unet`` (loadable with that class once diffusers_stages is imported).
 
 Before fine-tuning the converted pipeline samples exactly what the source does (same seed, same images); the
 stages then diverge as each decoder is trained on its own part of the noise schedule.
@@ -17,7 +19,7 @@ import sys
 
 import diffusers
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers_stages.conversion.common import (
     build_parser,
     load_strict,
@@ -28,13 +30,16 @@ from diffusers_stages.conversion.common import (
     source_folder,
     staged_output,
 )
+from diffusers_stages.conversion.multistage_to_unet import conditioning
 from diffusers_stages.pipelines import MultiStagePipeline
 
 import diffusers_stages
-from diffusers_stages.models import MultiStageUNet2DModel
+from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
 from diffusers_stages.routing import is_edm_scheduler
 
 SOURCE_PIPELINES = {"DDPMPipeline": "unet", "DDIMPipeline": "unet", "LDMPipeline": "unet"}  # pipeline -> denoiser
+TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # converted in place
+VERIFY_PROMPT = "a photo of a cat"
 VAE_COMPONENTS = ("vqvae", "vae")
 PLANS = ("uniform", "snr")
 
@@ -45,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--source",
         required=True,
         help="A UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors) or a DDPMPipeline, "
-        "DDIMPipeline or LDMPipeline folder (model_index.json).",
+        "DDIMPipeline or LDMPipeline folder (model_index.json); or a StableDiffusionPipeline or "
+        "StableDiffusionXLPipeline folder (its unet becomes a MultiStageUNet2DConditionModel).",
     )
     parser.add_argument(
         "--stage_boundaries",
@@ -88,8 +94,8 @@ def load_source(path: str) -> tuple[UNet2DModel, object, object, str | None]:
     pipeline_class = refuse_staged_source(path, index.get("_class_name"))
     if pipeline_class not in SOURCE_PIPELINES:
         raise ValueError(
-            f"`--source` holds a {pipeline_class}; supported pipelines are {sorted(SOURCE_PIPELINES)} (or give the "
-            "UNet2DModel folder itself)."
+            f"`--source` holds a {pipeline_class}; supported pipelines are "
+            f"{sorted(SOURCE_PIPELINES) + list(TEXT_TO_IMAGE_PIPELINES)} (or give the UNet2DModel folder itself)."
         )
     unet = load_strict(UNet2DModel, path, subfolder=SOURCE_PIPELINES[pipeline_class])
     scheduler_class = index["scheduler"][1]
@@ -188,15 +194,80 @@ def verify(source, converted: MultiStagePipeline, steps: int, tolerance: float) 
     report_verification(differences, tolerance)
 
 
+def choose_boundaries(args: argparse.Namespace, scheduler) -> tuple[list[float], str]:
+    """The stage boundaries and their units: given (--stage_boundaries), or planned (--plan) on ``scheduler``."""
+    if not args.plan:
+        return args.stage_boundaries, args.boundary_units
+    boundaries, units = plan_boundaries(scheduler, args.plan, args.num_stages)
+    print(f"planned ({args.plan}, {args.num_stages} stages): boundaries {boundaries} ({units})")
+    return boundaries, units
+
+
+def text_to_image_class(path: str) -> type | None:
+    """The Stable Diffusion pipeline class of a text-to-image source folder; ``None`` for any other source."""
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        return None
+    with open(index_path, encoding="utf-8") as f:
+        name = json.load(f).get("_class_name")
+    return getattr(diffusers, name) if name in TEXT_TO_IMAGE_PIPELINES else None
+
+
+def verify_text_to_image(source, converted, steps: int, tolerance: float) -> None:
+    """Compare the U-Nets at one timestep per stage (random text conditioning), then sample one prompt with both
+    pipelines from the same seed."""
+    config = converted.unet.config
+    size = (config.sample_size,) * 2 if isinstance(config.sample_size, int) else tuple(config.sample_size)
+    x = torch.randn(2, config.in_channels, *size, generator=torch.manual_seed(1))
+    kwargs = conditioning(config, 2)
+    differences = {}
+    for stage, t in enumerate(probe_timesteps(converted.unet.partition)):
+        t = torch.tensor(t)
+        differences[f"unet at timestep {t.item():g} (stage {stage})"] = max_difference(
+            source.unet(x, t, **kwargs).sample, converted.unet(x, t, **kwargs).sample
+        )
+    images = []
+    for pipe in (source, converted):
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.manual_seed(0)
+        images.append(pipe(VERIFY_PROMPT, num_inference_steps=steps, generator=generator, output_type="np").images)
+    differences[f"{steps}-step images of {VERIFY_PROMPT!r} (seed 0)"] = max_difference(
+        torch.from_numpy(images[0]), torch.from_numpy(images[1])
+    )
+    report_verification(differences, tolerance)
+
+
+@torch.no_grad()
+def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
+    """Convert a Stable Diffusion / SDXL folder: same pipeline class and components, a staged ``unet``."""
+    with staged_output(args.output_path, args.overwrite) as tmp:
+        unet = load_strict(UNet2DConditionModel, args.source, subfolder="unet")
+        source = pipeline_class.from_pretrained(args.source, unet=unet, use_safetensors=True)
+        boundaries, units = choose_boundaries(args, source.scheduler)
+        staged = MultiStageUNet2DConditionModel.from_unet(
+            unet, boundaries, units, num_train_timesteps=source.scheduler.config.get("num_train_timesteps")
+        )
+        pipeline_class(**{**source.components, "unet": staged.eval()}).save_pretrained(tmp)
+        converted = pipeline_class.from_pretrained(tmp)  # what was written, reloaded by the standard class
+        if args.verify:
+            verify_text_to_image(source, converted, args.verify_steps, args.tolerance)
+    partition = converted.unet.partition
+    print(
+        f"wrote {args.output_path}: {pipeline_class.__name__} whose unet is a MultiStageUNet2DConditionModel with "
+        f"{partition.num_stages} stages {partition.intervals()} ({units}), every decoder a copy of {args.source}'s "
+        "up path"
+    )
+    return converted
+
+
 @torch.no_grad()
 def main(args: argparse.Namespace) -> MultiStagePipeline:
+    pipeline_class = text_to_image_class(args.source) if os.path.isdir(args.source) else None
+    if pipeline_class is not None:
+        return main_text_to_image(args, pipeline_class)
     with staged_output(args.output_path, args.overwrite) as tmp:
         unet, scheduler, vae, pipeline_class = load_source(args.source)
-        if args.plan:
-            boundaries, units = plan_boundaries(scheduler, args.plan, args.num_stages)
-            print(f"planned ({args.plan}, {args.num_stages} stages): boundaries {boundaries} ({units})")
-        else:
-            boundaries, units = args.stage_boundaries, args.boundary_units
+        boundaries, units = choose_boundaries(args, scheduler)
         convert(unet, scheduler, vae, boundaries, units).save_pretrained(tmp)
         converted = MultiStagePipeline.from_pretrained(tmp)  # what was written, reloaded strictly
         if args.verify:

@@ -4,7 +4,13 @@ Every component module is imported here, so that diffusers' `from_pretrained` fi
 module path stored in `model_index.json` (RESEARCH.md section 3).
 """
 
-from .models import ExpertRoutingModel, IUNet2DModel, MultiStageDDPMppUNet2DModel, MultiStageUNet2DModel
+from .models import (
+    ExpertRoutingModel,
+    IUNet2DModel,
+    MultiStageDDPMppUNet2DModel,
+    MultiStageUNet2DConditionModel,
+    MultiStageUNet2DModel,
+)
 from .partition import TimestepPartition
 from .pipelines import DualBackbonePipeline, ExpertRoutingPipeline, MultiStagePipeline, StagedDiffusionPipeline
 from .planning import plan_stages
@@ -19,6 +25,7 @@ __all__ = [
     "IUNet2DModel",
     "MultiStageDDPMppUNet2DModel",
     "MultiStagePipeline",
+    "MultiStageUNet2DConditionModel",
     "MultiStageUNet2DModel",
     "StageRouter",
     "StagedDiffusionPipeline",

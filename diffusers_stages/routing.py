@@ -126,3 +126,28 @@ def dispatch_by_stage(
             out = part.new_empty((stages.numel(), *part.shape[1:]))
         out[rows] = part
     return out
+
+
+def select_rows(value, rows: torch.Tensor, batch: int):
+    r"""
+    The rows ``rows`` of every per-sample tensor in ``value``: a tensor whose first dimension is ``batch``, or such
+    tensors inside dicts, lists and tuples (``added_cond_kwargs``, attention masks, ...); anything else unchanged.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_stages.routing import select_rows
+    >>> cond = {"text_embeds": torch.arange(3.0)[:, None], "scale": 0.5}
+    >>> select_rows(cond, torch.tensor([0, 2]), batch=3)["text_embeds"].tolist()
+    [[0.0], [2.0]]
+
+    ```
+    """
+    if isinstance(value, dict):
+        return {key: select_rows(item, rows, batch) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(select_rows(item, rows, batch) for item in value)
+    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+        return value[rows.to(value.device)]
+    return value

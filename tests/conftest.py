@@ -59,3 +59,121 @@ def tiny_multistage():
     return MultiStageUNet2DModel(
         **TINY_UNET, stage_boundaries=(442, 631), decoder_block_out_channels=((16, 24), (8, 16), (4, 8))
     ).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tiny text-to-image components (Stable Diffusion 1.x/2.x and SDXL layouts), built in code as diffusers' tests do
+TINY_COND_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(8, 16),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=4,
+    cross_attention_dim=32,
+    attention_head_dim=2,
+)
+# SDXL: two text encoders (32 + 32 wide), added text/time embedding (6 time ids of 8 + a 32-wide pooled embedding)
+TINY_SDXL_UNET = dict(
+    TINY_COND_UNET,
+    cross_attention_dim=64,
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    transformer_layers_per_block=(1, 2),
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,
+)
+
+
+def _tiny_cond_unet(seed: int = 0, sdxl: bool = False, **overrides):
+    """A tiny `UNet2DConditionModel` (SD layout, or SDXL's with ``sdxl=True``)."""
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(**{**(TINY_SDXL_UNET if sdxl else TINY_COND_UNET), **overrides}).eval()
+
+
+@pytest.fixture
+def tiny_cond_unet():
+    """The builder ``tiny_cond_unet(seed=0, sdxl=False, **overrides)`` of tiny `UNet2DConditionModel`s."""
+    return _tiny_cond_unet
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A `CLIPTokenizer` over the 26 letters (each alone or word-final), from files written here: no download."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = letters + [f"{c}</w>" for c in letters] + ["ca", "cat</w>", "<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def tiny_text_encoder(tokenizer, seed: int, with_projection: bool = False):
+    """A 2-layer, 32-wide CLIP text encoder for ``tokenizer`` (``CLIPTextModelWithProjection`` for SDXL's second)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=32,
+        max_position_embeddings=tokenizer.model_max_length,
+    )
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def tiny_vae():
+    """A tiny `AutoencoderKL` (4 latent channels, downsampling by 2: 8 px latents are 16 px images)."""
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(
+        block_out_channels=(8, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).eval()
+
+
+@pytest.fixture
+def tiny_sd_components(tiny_tokenizer) -> dict:
+    """The components of a tiny `StableDiffusionPipeline` (no safety checker), with a DDIM scheduler."""
+    return {
+        "unet": _tiny_cond_unet(0),
+        "vae": tiny_vae(),
+        "text_encoder": tiny_text_encoder(tiny_tokenizer, 1),
+        "tokenizer": tiny_tokenizer,
+        "scheduler": diffusers.DDIMScheduler(),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+
+
+@pytest.fixture
+def tiny_sdxl_components(tiny_tokenizer) -> dict:
+    """The components of a tiny `StableDiffusionXLPipeline`, with a DDIM scheduler."""
+    return {
+        "unet": _tiny_cond_unet(0, sdxl=True),
+        "vae": tiny_vae(),
+        "text_encoder": tiny_text_encoder(tiny_tokenizer, 1),
+        "text_encoder_2": tiny_text_encoder(tiny_tokenizer, 2, with_projection=True),
+        "tokenizer": tiny_tokenizer,
+        "tokenizer_2": tiny_tokenizer,
+        "scheduler": diffusers.DDIMScheduler(),
+    }

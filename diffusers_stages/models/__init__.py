@@ -3,6 +3,7 @@ from .expert_routing import ExpertRoutingModel
 from .iunet import IUNet2DModel
 from .meme import build_meme_experts, meme_expert_configs
 from .unet_multistage import MultiStageUNet2DModel, StageDecoder
+from .unet_multistage_condition import MultiStageUNet2DConditionModel
 from .unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "ExpertRoutingModel",
     "IUNet2DModel",
     "MultiStageDDPMppUNet2DModel",
+    "MultiStageUNet2DConditionModel",
     "MultiStageUNet2DModel",
     "StageDecoder",
     "build_meme_experts",

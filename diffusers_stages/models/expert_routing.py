@@ -10,6 +10,7 @@ holds its own `config.json` (the partition and each expert's ``[module, class]``
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from collections.abc import Sequence
@@ -23,11 +24,23 @@ from torch import nn
 
 from ..partition import TimestepPartition
 from ..routing import dispatch_by_stage
+from ..routing import select_rows as _rows
 from .checks import check_sample, per_sample_timesteps
 from .loading import check_name, component_folder, realign_storage
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 CONTRACT_KEYS = ("in_channels", "out_channels", "sample_size", "num_class_embeds")  # experts must agree on these
+# what a diffusers text-to-image pipeline builds once for every expert (prompt embeddings, SDXL added conditions)
+CONDITIONING_KEYS = (
+    "cross_attention_dim",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+    "time_cond_proj_dim",
+    "encoder_hid_dim",
+)
+# config keys diffusers' pipelines read from `pipe.unet` (StableDiffusionPipeline, StableDiffusionXLPipeline)
+PIPELINE_KEYS = ("in_channels", "out_channels", "sample_size", "time_cond_proj_dim", "addition_time_embed_dim")
 DOWNLOAD_KEYS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
 TRUSTED_LIBRARIES = ("diffusers", "diffusers_stages")
 
@@ -84,7 +97,7 @@ def resolve_prediction_type(prediction_type: str | Sequence[str], experts: Seque
 
 def _check_contract(experts: Sequence[nn.Module | None]) -> None:
     """Experts replace one another mid-trajectory: their inputs, outputs and labels must agree."""
-    for key in CONTRACT_KEYS:
+    for key in CONTRACT_KEYS + CONDITIONING_KEYS:
         values = {i: _hashable(e.config[key]) for i, e in enumerate(experts) if e is not None and key in e.config}
         if len(set(values.values())) > 1:
             raise ValueError(f"Experts disagree on `{key}` (expert: value): {values}; they must be interchangeable.")
@@ -92,6 +105,27 @@ def _check_contract(experts: Sequence[nn.Module | None]) -> None:
 
 def _hashable(value):
     return tuple(value) if isinstance(value, list) else value
+
+
+def pipeline_config(experts: Sequence[nn.Module | None]) -> dict:
+    """The `PIPELINE_KEYS` the loaded experts declare (they agree on them), so that a diffusers pipeline reads
+    ``pipe.unet.config.in_channels``, ``...sample_size``, ``...time_cond_proj_dim`` from the container."""
+    declared = {}
+    for expert in reversed([e for e in experts if e is not None and hasattr(e, "config")]):
+        declared.update({key: _hashable(expert.config[key]) for key in PIPELINE_KEYS if key in expert.config})
+    return declared
+
+
+def _positional_hidden_states(expert: nn.Module, class_labels, expert_kwargs: dict) -> tuple:
+    """``(class_labels, expert_kwargs)`` as ``expert`` takes them. A `UNet2DConditionModel` takes
+    ``encoder_hidden_states`` third, where this container takes ``class_labels``: a call ``model(x, t, text)`` gives
+    the text as ``class_labels`` and no ``encoder_hidden_states``, which such an expert cannot run without, so it is
+    passed on as ``encoder_hidden_states``."""
+    parameters = list(inspect.signature(expert.forward).parameters)
+    takes_text_third = len(parameters) > 2 and parameters[2] == "encoder_hidden_states"
+    if takes_text_third and class_labels is not None and "encoder_hidden_states" not in expert_kwargs:
+        return None, {**expert_kwargs, "encoder_hidden_states": class_labels}
+    return class_labels, expert_kwargs
 
 
 class ExpertRoutingModel(ModelMixin, ConfigMixin):
@@ -174,6 +208,7 @@ class ExpertRoutingModel(ModelMixin, ConfigMixin):
             prediction_type=resolve_prediction_type(prediction_type, experts),
             expert_classes=expert_classes,
         )
+        self.register_to_config(**pipeline_config(experts))
         self.experts = nn.ModuleList(experts)
 
     @property
@@ -241,7 +276,18 @@ class ExpertRoutingModel(ModelMixin, ConfigMixin):
         return UNet2DOutput(sample=out)
 
     def _call_expert(self, stage, sample, timestep, class_labels, expert_kwargs) -> torch.Tensor:
-        return self.expert(stage)(sample, timestep, class_labels=class_labels, return_dict=False, **expert_kwargs)[0]
+        expert = self.expert(stage)
+        class_labels, expert_kwargs = _positional_hidden_states(expert, class_labels, expert_kwargs)
+        return expert(sample, timestep, class_labels=class_labels, return_dict=False, **expert_kwargs)[0]
+
+    @property
+    def add_embedding(self) -> nn.Module:
+        """The SDXL added-condition embedding of the first loaded expert (experts agree on its input width), which
+        `StableDiffusionXLPipeline` reads to check its ``time_ids``."""
+        for expert in self.experts:
+            if expert is not None and getattr(expert, "add_embedding", None) is not None:
+                return expert.add_embedding
+        raise AttributeError("No loaded expert has an `add_embedding` (SDXL added conditions).")
 
     # ------------------------------------------------------------------------------------------------------------
     # saving and loading: one folder, one plain diffusers sub-folder per expert
@@ -350,13 +396,6 @@ class ExpertRoutingModel(ModelMixin, ConfigMixin):
         )
         model.eval()
         return (model, infos) if wants_info else model
-
-
-def _rows(value, idx: torch.Tensor, batch: int):
-    """``value[idx]`` for a tensor with one row per sample; anything else unchanged."""
-    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
-        return value[idx.to(value.device)]
-    return value
 
 
 def _download(repo_id: str, subfolder: str | None, load_experts: Sequence[int] | None, download: dict) -> str:

@@ -27,11 +27,13 @@ from .checks import check_class_labels, check_sample, compute_dtype, per_sample_
 from .loading import StrictLoadingMixin
 
 
-def skip_channels(block_out_channels: Sequence[int], layers_per_block: int) -> list[int]:
-    """Widths of the skip connections a diffusers U-Net down path emits, in order (RESEARCH.md section 3)."""
+def skip_channels(block_out_channels: Sequence[int], layers_per_block: int | Sequence[int]) -> list[int]:
+    """Widths of the skip connections a diffusers U-Net down path emits, in order (RESEARCH.md section 3);
+    ``layers_per_block`` is one count for every block or one per block (as `UNet2DConditionModel` accepts)."""
+    layers = [layers_per_block] * len(block_out_channels) if isinstance(layers_per_block, int) else layers_per_block
     widths = [block_out_channels[0]]
     for i, width in enumerate(block_out_channels):
-        widths += [width] * layers_per_block
+        widths += [width] * layers[i]
         if i < len(block_out_channels) - 1:
             widths.append(width)  # the downsampler's output
     return widths
@@ -41,8 +43,31 @@ def skip_channels(block_out_channels: Sequence[int], layers_per_block: int) -> l
 CONCATENATING_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
 
 
-def _adapter(in_channels: int, out_channels: int) -> nn.Module:
+def skip_adapter(in_channels: int, out_channels: int) -> nn.Module:
+    """A 1x1 convolution from ``in_channels`` to ``out_channels``; the identity (no weights) where they are equal."""
     return nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+
+class SkipAdapters(nn.Module):
+    """The front of a stage decoder: adapters from the encoder's skip widths (and its middle block's output width)
+    to the widths a decoder of ``decoder_block_out_channels`` expects; identities where they agree, so a decoder
+    copied from a U-Net's up path needs none (and loads that U-Net's weights under the same names)."""
+
+    def __init__(
+        self,
+        encoder_block_out_channels: Sequence[int],
+        decoder_block_out_channels: Sequence[int],
+        layers_per_block: int | Sequence[int],
+    ):
+        super().__init__()
+        encoder_skips = skip_channels(encoder_block_out_channels, layers_per_block)
+        decoder_skips = skip_channels(decoder_block_out_channels, layers_per_block)
+        self.mid_adapter = skip_adapter(encoder_block_out_channels[-1], decoder_block_out_channels[-1])
+        self.skip_adapters = nn.ModuleList([skip_adapter(e, d) for e, d in zip(encoder_skips, decoder_skips)])
+
+    def adapt(self, hidden: torch.Tensor, skips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The encoder's middle-block output and skips, mapped to this decoder's widths."""
+        return self.mid_adapter(hidden), [adapter(skip) for adapter, skip in zip(self.skip_adapters, skips)]
 
 
 def _with_in_channels(resnet: ResnetBlock2D, in_channels: int, act_fn: str) -> ResnetBlock2D:
@@ -61,7 +86,34 @@ def _with_in_channels(resnet: ResnetBlock2D, in_channels: int, act_fn: str) -> R
     )
 
 
-class StageDecoder(nn.Module):
+def resolve_decoder_widths(
+    decoder_block_out_channels: Sequence[Sequence[int]] | None,
+    block_out_channels: Sequence[int],
+    partition: TimestepPartition,
+    norm_num_groups: int | None,
+) -> tuple[tuple[int, ...], ...]:
+    """Each stage's decoder widths (the encoder's when ``None``), checked: one decoder per stage of ``partition``,
+    as many widths as ``block_out_channels``, each a positive multiple of ``norm_num_groups``."""
+    if decoder_block_out_channels is None:
+        decoder_block_out_channels = (tuple(block_out_channels),) * partition.num_stages
+    decoder_block_out_channels = tuple(tuple(int(w) for w in widths) for widths in decoder_block_out_channels)
+    if len(decoder_block_out_channels) != partition.num_stages:
+        raise ValueError(
+            f"`decoder_block_out_channels` must give one decoder per stage ({partition.num_stages} stages "
+            f"from `stage_boundaries`={partition.boundaries}), got {len(decoder_block_out_channels)}."
+        )
+    groups = norm_num_groups or 1
+    for widths in (tuple(block_out_channels), *decoder_block_out_channels):
+        if len(widths) != len(block_out_channels) or any(w < 1 or w % groups for w in widths):
+            raise ValueError(
+                f"Every decoder needs {len(block_out_channels)} widths, each a positive multiple of "
+                f"`norm_num_groups`={norm_num_groups}; got `decoder_block_out_channels`={decoder_block_out_channels}"
+                f" for `block_out_channels`={tuple(block_out_channels)}."
+            )
+    return decoder_block_out_channels
+
+
+class StageDecoder(SkipAdapters):
     """One stage's decoder: skip adapters, the up path of a `UNet2DModel`, and the output head."""
 
     def __init__(
@@ -81,14 +133,13 @@ class StageDecoder(nn.Module):
         dropout: float,
         skip_adapters: bool = True,
     ):
-        super().__init__()
         # adapters: encoder widths -> this decoder's widths (identity where equal, so a copy of a U-Net needs none);
         # without adapters every layer is an identity and the resnets take the encoder's widths (end of __init__)
-        encoder_skips = skip_channels(encoder_block_out_channels, layers_per_block)
-        decoder_skips = skip_channels(block_out_channels, layers_per_block) if skip_adapters else encoder_skips
-        decoder_top = block_out_channels[-1] if skip_adapters else encoder_block_out_channels[-1]
-        self.mid_adapter = _adapter(encoder_block_out_channels[-1], decoder_top)
-        self.skip_adapters = nn.ModuleList([_adapter(e, d) for e, d in zip(encoder_skips, decoder_skips)])
+        super().__init__(
+            encoder_block_out_channels,
+            block_out_channels if skip_adapters else encoder_block_out_channels,
+            layers_per_block,
+        )
 
         # up path, built exactly as UNet2DModel builds it
         self.up_blocks = nn.ModuleList([])
@@ -119,7 +170,8 @@ class StageDecoder(nn.Module):
         if not skip_adapters:
             # the authors' decoder: each resnet concatenates its input (the middle block's output at the encoder's
             # width, then the previous resnet's) with the encoder's skip at the encoder's width
-            pending, width = list(encoder_skips), encoder_block_out_channels[-1]
+            pending = skip_channels(encoder_block_out_channels, layers_per_block)
+            width = encoder_block_out_channels[-1]
             for up_block in self.up_blocks:
                 for j, resnet in enumerate(up_block.resnets):
                     in_channels = width + pending.pop()
@@ -131,8 +183,7 @@ class StageDecoder(nn.Module):
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
 
     def forward(self, hidden: torch.Tensor, skips: Sequence[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
-        sample = self.mid_adapter(hidden)
-        skips = [adapter(skip) for adapter, skip in zip(self.skip_adapters, skips)]
+        sample, skips = self.adapt(hidden, skips)
         skip_sample = None
         for up_block in self.up_blocks:
             res_samples, skips = tuple(skips[-len(up_block.resnets) :]), skips[: -len(up_block.resnets)]
@@ -253,21 +304,9 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
                 "`down_block_types`, `up_block_types` and `block_out_channels` must have the same length, got "
                 f"{len(down_block_types)}, {len(up_block_types)} and {len(block_out_channels)}."
             )
-        if decoder_block_out_channels is None:
-            decoder_block_out_channels = (tuple(block_out_channels),) * self.partition.num_stages
-        decoder_block_out_channels = tuple(tuple(int(w) for w in widths) for widths in decoder_block_out_channels)
-        if len(decoder_block_out_channels) != self.partition.num_stages:
-            raise ValueError(
-                f"`decoder_block_out_channels` must give one decoder per stage ({self.partition.num_stages} stages "
-                f"from `stage_boundaries`={tuple(stage_boundaries)}), got {len(decoder_block_out_channels)}."
-            )
-        for widths in (tuple(block_out_channels), *decoder_block_out_channels):
-            if len(widths) != len(block_out_channels) or any(w < 1 or w % norm_num_groups for w in widths):
-                raise ValueError(
-                    f"Every decoder needs {len(block_out_channels)} widths, each a positive multiple of "
-                    f"`norm_num_groups`={norm_num_groups}; got `decoder_block_out_channels`={decoder_block_out_channels}"
-                    f" for `block_out_channels`={tuple(block_out_channels)}."
-                )
+        decoder_block_out_channels = resolve_decoder_widths(
+            decoder_block_out_channels, block_out_channels, self.partition, norm_num_groups
+        )
         if decoder_up_block_types is None:
             decoder_up_block_types = (tuple(up_block_types),) * self.partition.num_stages
         decoder_up_block_types = tuple(tuple(types) for types in decoder_up_block_types)
@@ -496,21 +535,7 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
 
         ```
         """
-        if not isinstance(unet, UNet2DModel):
-            raise ValueError(f"`unet` must be a diffusers UNet2DModel, got {type(unet).__name__}.")
-        config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
-        unet_steps = config.pop("num_train_timesteps", None)
-        num_train_timesteps = num_train_timesteps or unet_steps or 1000
-        model = cls(
-            **config,
-            num_train_timesteps=num_train_timesteps,
-            stage_boundaries=tuple(stage_boundaries),
-            boundary_units=boundary_units,
-        )
-        model.load_state_dict(unet_state_dict_to_multistage(unet.state_dict(), model.num_stages), strict=True)
-        if unet.dtype != model.dtype:
-            model = model.to(dtype=unet.dtype)
-        return model.to(device=unet.device)
+        return warm_start(cls, UNet2DModel, unet, stage_boundaries, boundary_units, num_train_timesteps)
 
 
 DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
@@ -526,3 +551,30 @@ def unet_state_dict_to_multistage(state_dict: dict[str, torch.Tensor], num_stage
         else:
             converted[key] = value
     return converted
+
+
+def warm_start(
+    cls: type[ModelMixin],
+    source_class: type[ModelMixin],
+    unet: ModelMixin,
+    stage_boundaries: Sequence[float],
+    boundary_units: str,
+    num_train_timesteps: int | None,
+) -> ModelMixin:
+    """A multi-stage ``cls`` built from ``unet``'s config whose encoder is ``unet``'s down path and whose decoders
+    are copies of its up path (``unet`` must be a ``source_class``), on ``unet``'s device and dtype."""
+    if not isinstance(unet, source_class):
+        raise ValueError(f"`unet` must be a diffusers {source_class.__name__}, got {type(unet).__name__}.")
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    unet_steps = config.pop("num_train_timesteps", None)
+    num_train_timesteps = num_train_timesteps or unet_steps or 1000
+    model = cls(
+        **config,
+        num_train_timesteps=num_train_timesteps,
+        stage_boundaries=tuple(stage_boundaries),
+        boundary_units=boundary_units,
+    )
+    model.load_state_dict(unet_state_dict_to_multistage(unet.state_dict(), model.num_stages), strict=True)
+    if unet.dtype != model.dtype:
+        model = model.to(dtype=unet.dtype)
+    return model.to(device=unet.device)

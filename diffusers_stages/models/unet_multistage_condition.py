@@ -1,0 +1,612 @@
+"""Multi-stage, multi-decoder text-conditional U-Net: the Stable Diffusion (1.x, 2.x, XL) form of
+[`MultiStageUNet2DModel`] (Zhang et al., CVPR 2024).
+
+One shared encoder (``conv_in``, time/class/added embeddings, down blocks, middle block) of a
+`UNet2DConditionModel` feeds one decoder per stage: that stage's up blocks (cross-attention up blocks included) and
+output head, of tailored widths. The model routes each sample by the timestep it receives, so it drops into
+diffusers' own pipelines (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`) as their ``unet``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.activations import get_activation
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.embeddings import TimestepEmbedding
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d_blocks import get_down_block, get_mid_block, get_up_block
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
+from diffusers.utils.peft_utils import apply_lora_scale
+from torch import nn
+
+from ..partition import TimestepPartition
+from ..routing import dispatch_by_stage, select_rows
+from .loading import StrictLoadingMixin
+from .unet_multistage import SkipAdapters, resolve_decoder_widths, warm_start
+
+# the options Stable Diffusion 1.x/2.x and SDXL configs use; anything else is refused by name
+SUPPORTED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+SUPPORTED_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+SUPPORTED_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+SUPPORTED_ADDITION_EMBEDS = (None, "text_time")
+
+
+def _per_block(value: Any, count: int) -> list:
+    """One value per block: ``value`` repeated when it is a single value (as `UNet2DConditionModel` expands it)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * count
+
+
+def _check_supported(**options: Any) -> None:
+    """Refuse the `UNet2DConditionModel` options this model does not implement, naming each."""
+    allowed = {
+        "down_block_types": lambda v: all(t in SUPPORTED_DOWN_BLOCKS for t in v),
+        "up_block_types": lambda v: all(t in SUPPORTED_UP_BLOCKS for t in v),
+        "mid_block_type": lambda v: v in SUPPORTED_MID_BLOCKS,
+        "addition_embed_type": lambda v: v in SUPPORTED_ADDITION_EMBEDS,
+        "encoder_hid_dim": lambda v: v is None,
+        "encoder_hid_dim_type": lambda v: v is None,
+        "num_attention_heads": lambda v: v is None,
+        "dual_cross_attention": lambda v: v is False,
+        "attention_type": lambda v: v == "default",
+    }
+    for name, ok in allowed.items():
+        if not ok(options[name]):
+            raise ValueError(
+                f"`{name}`={options[name]!r} is not supported by MultiStageUNet2DConditionModel (supported: the "
+                f"options of Stable Diffusion 1.x/2.x and SDXL: down blocks {SUPPORTED_DOWN_BLOCKS}, up blocks "
+                f"{SUPPORTED_UP_BLOCKS}, mid blocks {SUPPORTED_MID_BLOCKS}, `addition_embed_type` in "
+                f"{SUPPORTED_ADDITION_EMBEDS}, no `encoder_hid_dim`, `num_attention_heads`, dual cross-attention or "
+                "GLIGEN)."
+            )
+
+
+class CrossAttnStageDecoder(SkipAdapters):
+    """One stage's decoder: skip adapters, the up path of a `UNet2DConditionModel` (built exactly as it builds its
+    own, at this decoder's widths) and the output head."""
+
+    def __init__(
+        self,
+        encoder_block_out_channels: Sequence[int],
+        block_out_channels: Sequence[int],
+        up_block_types: Sequence[str],
+        per_block: dict[str, list],
+        out_channels: int,
+        temb_channels: int,
+        norm_num_groups: int | None,
+        norm_eps: float,
+        act_fn: str,
+        conv_out_kernel: int,
+        block_kwargs: dict[str, Any],
+    ):
+        # adapters: encoder widths -> this decoder's widths (identities for a copy of the source's up path)
+        super().__init__(encoder_block_out_channels, block_out_channels, per_block["layers_per_block"])
+
+        # up path; ``per_block`` holds encoder-order lists, reversed here exactly as UNet2DConditionModel does
+        reversed_channels = list(reversed(block_out_channels))
+        heads = list(reversed(per_block["num_attention_heads"]))
+        layers = list(reversed(per_block["layers_per_block"]))
+        cross_dims = list(reversed(per_block["cross_attention_dim"]))
+        only_cross = list(reversed(per_block["only_cross_attention"]))
+        transformer_layers = per_block["reverse_transformer_layers_per_block"]
+        if transformer_layers is None:
+            transformer_layers = list(reversed(per_block["transformer_layers_per_block"]))
+        head_dims = per_block["attention_head_dim"]  # not reversed, as in UNet2DConditionModel
+        self.up_blocks = nn.ModuleList([])
+        output_channel = reversed_channels[0]
+        for i, up_block_type in enumerate(up_block_types):
+            prev_output_channel, output_channel = output_channel, reversed_channels[i]
+            self.up_blocks.append(
+                get_up_block(
+                    up_block_type,
+                    num_layers=layers[i] + 1,
+                    transformer_layers_per_block=transformer_layers[i],
+                    in_channels=reversed_channels[min(i + 1, len(block_out_channels) - 1)],
+                    out_channels=output_channel,
+                    prev_output_channel=prev_output_channel,
+                    temb_channels=temb_channels,
+                    add_upsample=i < len(block_out_channels) - 1,
+                    resnet_eps=norm_eps,
+                    resnet_act_fn=act_fn,
+                    resolution_idx=i,
+                    resnet_groups=norm_num_groups,
+                    cross_attention_dim=cross_dims[i],
+                    num_attention_heads=heads[i],
+                    only_cross_attention=only_cross[i],
+                    attention_head_dim=head_dims[i] if head_dims[i] is not None else output_channel,
+                    **block_kwargs,
+                )
+            )
+
+        # output head (no normalisation when norm_num_groups is None, as UNet2DConditionModel)
+        self.conv_norm_out = None
+        self.conv_act = None
+        if norm_num_groups is not None:
+            self.conv_norm_out = nn.GroupNorm(
+                num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=norm_eps
+            )
+            self.conv_act = get_activation(act_fn)
+        padding = (conv_out_kernel - 1) // 2
+        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=conv_out_kernel, padding=padding)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        skips: Sequence[torch.Tensor],
+        emb: torch.Tensor,
+        conditioning: dict[str, Any],
+        forward_upsample_size: bool,
+    ) -> torch.Tensor:
+        """Decode; ``conditioning`` holds ``encoder_hidden_states``, ``attention_mask``, ``encoder_attention_mask``
+        and ``cross_attention_kwargs`` for the cross-attention up blocks."""
+        sample, skips = self.adapt(hidden, skips)
+        upsample_size = None
+        for i, up_block in enumerate(self.up_blocks):
+            res_samples, skips = tuple(skips[-len(up_block.resnets) :]), skips[: -len(up_block.resnets)]
+            # sizes that are not a multiple of the total upsampling factor: upsample to the skip's size
+            if i < len(self.up_blocks) - 1 and forward_upsample_size:
+                upsample_size = skips[-1].shape[2:]
+            extra = conditioning if getattr(up_block, "has_cross_attention", False) else {}
+            sample = up_block(
+                hidden_states=sample,
+                temb=emb,
+                res_hidden_states_tuple=res_samples,
+                upsample_size=upsample_size,
+                **extra,
+            )
+        if self.conv_norm_out is not None:
+            sample = self.conv_act(self.conv_norm_out(sample))
+        return self.conv_out(sample)
+
+
+class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
+    r"""
+    A text-conditional 2D U-Net with one shared encoder and one decoder per stage of the noise schedule, a drop-in
+    ``unet`` for diffusers' Stable Diffusion pipelines.
+
+    The encoder (``conv_in``; time, class and SDXL added embeddings; down blocks; middle block) runs once on the
+    whole batch. Each sample is then decoded by the decoder of its stage only (stage looked up from the timestep it
+    receives), so a mixed batch costs ``encoder(B) + sum_s decoder_s(B_s)``, and each decoder sees only its own
+    rows of every conditioning tensor. Classifier-free guidance's doubled batch shares one timestep, so it stays in
+    one stage.
+
+    The encoder arguments are those of [`~diffusers.UNet2DConditionModel`] (options outside Stable Diffusion
+    1.x/2.x and SDXL raise a `ValueError`); the multi-stage arguments are:
+
+    Parameters:
+        num_train_timesteps (`int`, defaults to 1000): length of the training schedule.
+        stage_boundaries (`tuple[float]`, defaults to `(442, 631)`):
+            Inner stage boundaries, strictly increasing, in ``boundary_units`` (see [`TimestepPartition`]).
+        boundary_units (`str`, defaults to `"timestep"`): ``"timestep"`` or ``"sigma"`` (EDM-style models).
+        decoder_block_out_channels (`tuple[tuple[int]]`, *optional*):
+            Block widths of each stage's decoder, from the clean stage to the noisy one; ``None`` gives every
+            decoder the encoder's ``block_out_channels``. 1x1 adapters map the encoder's skips to other widths.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import UNet2DConditionModel
+    >>> from diffusers_stages import MultiStageUNet2DConditionModel
+    >>> unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+    ...     layers_per_block=1, norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
+    ...     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    >>> staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=(300, 600))  # exact warm start
+    >>> x, text = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 16)
+    >>> t = torch.tensor([100, 450, 900])  # one sample per stage, each to its own decoder
+    >>> torch.allclose(staged(x, t, text).sample, unet(x, t, text).sample, atol=1e-5)
+    True
+    >>> tailored = MultiStageUNet2DConditionModel(**{k: v for k, v in unet.config.items() if k[0] != "_"},
+    ...     stage_boundaries=(500,), decoder_block_out_channels=((16, 32), (4, 8)))  # wide clean, narrow noisy
+    >>> tailored(x, 700, text).sample.shape
+    torch.Size([3, 4, 8, 8])
+
+    ```
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules: ClassVar[list[str]] = [
+        "BasicTransformerBlock",
+        "ResnetBlock2D",
+        "CrossAttnUpBlock2D",
+        "UpBlock2D",
+    ]
+    _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["norm"]
+    _repeated_blocks: ClassVar[list[str]] = ["BasicTransformerBlock"]
+
+    # the encoder's embeddings and the attention helpers are UNet2DConditionModel's own (same config keys)
+    _set_time_proj = UNet2DConditionModel._set_time_proj
+    _set_encoder_hid_proj = UNet2DConditionModel._set_encoder_hid_proj
+    _set_class_embedding = UNet2DConditionModel._set_class_embedding
+    _set_add_embedding = UNet2DConditionModel._set_add_embedding
+    get_time_embed = UNet2DConditionModel.get_time_embed
+    get_class_embed = UNet2DConditionModel.get_class_embed
+    get_aug_embed = UNet2DConditionModel.get_aug_embed
+    process_encoder_hidden_states = UNet2DConditionModel.process_encoder_hidden_states
+    set_default_attn_processor = UNet2DConditionModel.set_default_attn_processor
+    set_attention_slice = UNet2DConditionModel.set_attention_slice
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = None,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        center_input_sample: bool = False,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        down_block_types: tuple[str, ...] = (
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
+        up_block_types: tuple[str, ...] = (
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
+        only_cross_attention: bool | tuple[bool] = False,
+        block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
+        layers_per_block: int | tuple[int] = 2,
+        downsample_padding: int = 1,
+        mid_block_scale_factor: float = 1,
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        norm_num_groups: int | None = 32,
+        norm_eps: float = 1e-5,
+        cross_attention_dim: int | tuple[int] = 1280,
+        transformer_layers_per_block: int | tuple[int] | tuple[tuple] = 1,
+        reverse_transformer_layers_per_block: tuple[tuple[int]] | None = None,
+        encoder_hid_dim: int | None = None,
+        encoder_hid_dim_type: str | None = None,
+        attention_head_dim: int | tuple[int] = 8,
+        num_attention_heads: int | tuple[int] | None = None,
+        dual_cross_attention: bool = False,
+        use_linear_projection: bool = False,
+        class_embed_type: str | None = None,
+        addition_embed_type: str | None = None,
+        addition_time_embed_dim: int | None = None,
+        num_class_embeds: int | None = None,
+        upcast_attention: bool = False,
+        resnet_time_scale_shift: str = "default",
+        resnet_skip_time_act: bool = False,
+        resnet_out_scale_factor: float = 1.0,
+        time_embedding_type: str = "positional",
+        time_embedding_dim: int | None = None,
+        time_embedding_act_fn: str | None = None,
+        timestep_post_act: str | None = None,
+        time_cond_proj_dim: int | None = None,
+        conv_in_kernel: int = 3,
+        conv_out_kernel: int = 3,
+        projection_class_embeddings_input_dim: int | None = None,
+        attention_type: str = "default",
+        class_embeddings_concat: bool = False,
+        mid_block_only_cross_attention: bool | None = None,
+        cross_attention_norm: str | None = None,
+        addition_embed_type_num_heads: int = 64,
+        num_train_timesteps: int = 1000,
+        stage_boundaries: tuple[float, ...] = (442, 631),
+        boundary_units: str = "timestep",
+        decoder_block_out_channels: tuple[tuple[int, ...], ...] | None = None,
+    ):
+        super().__init__()
+        # 0. check the configuration: unsupported options, diffusers' own checks, the decoders' widths
+        _check_supported(
+            down_block_types=down_block_types,
+            up_block_types=up_block_types,
+            mid_block_type=mid_block_type,
+            addition_embed_type=addition_embed_type,
+            encoder_hid_dim=encoder_hid_dim,
+            encoder_hid_dim_type=encoder_hid_dim_type,
+            num_attention_heads=num_attention_heads,
+            dual_cross_attention=dual_cross_attention,
+            attention_type=attention_type,
+        )
+        num_attention_heads = attention_head_dim  # diffusers' historical naming (UNet2DConditionModel, issue 2011)
+        UNet2DConditionModel._check_config(
+            self,
+            down_block_types=down_block_types,
+            up_block_types=up_block_types,
+            only_cross_attention=only_cross_attention,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            cross_attention_dim=cross_attention_dim,
+            transformer_layers_per_block=transformer_layers_per_block,
+            reverse_transformer_layers_per_block=reverse_transformer_layers_per_block,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+        )
+        self.partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
+        decoder_block_out_channels = resolve_decoder_widths(
+            decoder_block_out_channels, block_out_channels, self.partition, norm_num_groups
+        )
+        count = len(down_block_types)
+        per_block = {
+            "num_attention_heads": _per_block(num_attention_heads, count),
+            "attention_head_dim": _per_block(attention_head_dim, count),
+            "cross_attention_dim": _per_block(cross_attention_dim, count),
+            "layers_per_block": _per_block(layers_per_block, count),
+            "transformer_layers_per_block": _per_block(transformer_layers_per_block, count),
+            "reverse_transformer_layers_per_block": reverse_transformer_layers_per_block,
+            "only_cross_attention": _per_block(only_cross_attention, count),
+        }
+        self._check_heads(decoder_block_out_channels, up_block_types, per_block["num_attention_heads"])
+        if mid_block_only_cross_attention is None:
+            mid_block_only_cross_attention = only_cross_attention if isinstance(only_cross_attention, bool) else False
+        self.sample_size = sample_size
+
+        # 1. shared encoder, part 1: input convolution; time, class and added embeddings (UNet2DConditionModel's)
+        padding = (conv_in_kernel - 1) // 2
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=conv_in_kernel, padding=padding)
+        time_embed_dim, timestep_input_dim = self._set_time_proj(
+            time_embedding_type, block_out_channels, flip_sin_to_cos, freq_shift, time_embedding_dim
+        )
+        self.time_embedding = TimestepEmbedding(
+            timestep_input_dim,
+            time_embed_dim,
+            act_fn=act_fn,
+            post_act_fn=timestep_post_act,
+            cond_proj_dim=time_cond_proj_dim,
+        )
+        self._set_encoder_hid_proj(None, cross_attention_dim=cross_attention_dim, encoder_hid_dim=None)
+        self._set_class_embedding(
+            class_embed_type,
+            act_fn=act_fn,
+            num_class_embeds=num_class_embeds,
+            projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
+            time_embed_dim=time_embed_dim,
+            timestep_input_dim=timestep_input_dim,
+        )
+        self._set_add_embedding(
+            addition_embed_type,
+            addition_embed_type_num_heads=addition_embed_type_num_heads,
+            addition_time_embed_dim=addition_time_embed_dim,
+            cross_attention_dim=cross_attention_dim,
+            encoder_hid_dim=None,
+            flip_sin_to_cos=flip_sin_to_cos,
+            freq_shift=freq_shift,
+            projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
+            time_embed_dim=time_embed_dim,
+        )
+        self.time_embed_act = None if time_embedding_act_fn is None else get_activation(time_embedding_act_fn)
+        blocks_time_embed_dim = time_embed_dim * 2 if class_embeddings_concat else time_embed_dim
+
+        # 2. shared encoder, part 2: down path and middle block, built as UNet2DConditionModel builds them
+        block_kwargs = {
+            "dual_cross_attention": dual_cross_attention,
+            "use_linear_projection": use_linear_projection,
+            "upcast_attention": upcast_attention,
+            "resnet_time_scale_shift": resnet_time_scale_shift,
+            "attention_type": attention_type,
+            "resnet_skip_time_act": resnet_skip_time_act,
+            "resnet_out_scale_factor": resnet_out_scale_factor,
+            "cross_attention_norm": cross_attention_norm,
+            "dropout": dropout,
+        }
+        self.down_blocks = nn.ModuleList([])
+        output_channel = block_out_channels[0]
+        for i, down_block_type in enumerate(down_block_types):
+            input_channel, output_channel = output_channel, block_out_channels[i]
+            head_dim = per_block["attention_head_dim"][i]
+            self.down_blocks.append(
+                get_down_block(
+                    down_block_type,
+                    num_layers=per_block["layers_per_block"][i],
+                    transformer_layers_per_block=per_block["transformer_layers_per_block"][i],
+                    in_channels=input_channel,
+                    out_channels=output_channel,
+                    temb_channels=blocks_time_embed_dim,
+                    add_downsample=i < count - 1,
+                    resnet_eps=norm_eps,
+                    resnet_act_fn=act_fn,
+                    resnet_groups=norm_num_groups,
+                    cross_attention_dim=per_block["cross_attention_dim"][i],
+                    num_attention_heads=per_block["num_attention_heads"][i],
+                    downsample_padding=downsample_padding,
+                    only_cross_attention=per_block["only_cross_attention"][i],
+                    attention_head_dim=head_dim if head_dim is not None else output_channel,
+                    **block_kwargs,
+                )
+            )
+        mid_kwargs = {k: v for k, v in block_kwargs.items() if k != "resnet_out_scale_factor"}
+        self.mid_block = get_mid_block(
+            mid_block_type,
+            temb_channels=blocks_time_embed_dim,
+            in_channels=block_out_channels[-1],
+            resnet_eps=norm_eps,
+            resnet_act_fn=act_fn,
+            resnet_groups=norm_num_groups,
+            output_scale_factor=mid_block_scale_factor,
+            transformer_layers_per_block=per_block["transformer_layers_per_block"][-1],
+            num_attention_heads=per_block["num_attention_heads"][-1],
+            cross_attention_dim=per_block["cross_attention_dim"][-1],
+            mid_block_only_cross_attention=mid_block_only_cross_attention,
+            attention_head_dim=per_block["attention_head_dim"][-1],
+            **mid_kwargs,
+        )
+        self.num_upsamplers = count - 1
+
+        # 3. one tailored decoder per stage, clean stage first
+        self.decoders = nn.ModuleList(
+            [
+                CrossAttnStageDecoder(
+                    encoder_block_out_channels=block_out_channels,
+                    block_out_channels=widths,
+                    up_block_types=up_block_types,
+                    per_block=per_block,
+                    out_channels=out_channels,
+                    temb_channels=blocks_time_embed_dim,
+                    norm_num_groups=norm_num_groups,
+                    norm_eps=norm_eps,
+                    act_fn=act_fn,
+                    conv_out_kernel=conv_out_kernel,
+                    block_kwargs=block_kwargs,
+                )
+                for widths in decoder_block_out_channels
+            ]
+        )
+
+    @staticmethod
+    def _check_heads(
+        decoder_block_out_channels: Sequence[Sequence[int]], up_block_types: Sequence[str], heads: Sequence[int]
+    ) -> None:
+        """Every cross-attention up block's width must split into its number of heads."""
+        for widths in decoder_block_out_channels:
+            for width, block, count in zip(reversed(widths), up_block_types, reversed(heads)):
+                if "CrossAttn" in block and width % count:
+                    raise ValueError(
+                        f"`decoder_block_out_channels`={tuple(widths)}: the {block} of width {width} must split into "
+                        f"{count} attention heads (`attention_head_dim`), so its width must be a multiple of {count}."
+                    )
+
+    @property
+    def num_stages(self) -> int:
+        return self.partition.num_stages
+
+    def encode(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        conditioning: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """Run the shared encoder on the whole batch: ``(hidden, skips, emb, encoder_hidden_states)``, the last as
+        the cross-attention blocks see them. ``conditioning`` holds the masks and ``cross_attention_kwargs``."""
+        conditioning = conditioning or {}
+        # 1. time, class and added (SDXL text/time) embeddings, as UNet2DConditionModel
+        emb = self.time_embedding(self.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
+        class_emb = self.get_class_embed(sample=sample, class_labels=class_labels)
+        if class_emb is not None:
+            emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb
+        if self.config.addition_embed_type is not None and added_cond_kwargs is None:
+            raise ValueError(
+                f"`added_cond_kwargs` must be given: this model has `addition_embed_type`="
+                f"{self.config.addition_embed_type!r} (SDXL: `text_embeds` and `time_ids`)."
+            )
+        aug_emb = self.get_aug_embed(
+            emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+        )
+        emb = emb + aug_emb if aug_emb is not None else emb
+        if self.time_embed_act is not None:
+            emb = self.time_embed_act(emb)
+        encoder_hidden_states = self.process_encoder_hidden_states(encoder_hidden_states, added_cond_kwargs)
+        conditioning = {**conditioning, "encoder_hidden_states": encoder_hidden_states}
+
+        # 2. down path and middle block
+        hidden = self.conv_in(sample)
+        skips = (hidden,)
+        for down_block in self.down_blocks:
+            extra = conditioning if getattr(down_block, "has_cross_attention", False) else {}
+            hidden, res_samples = down_block(hidden_states=hidden, temb=emb, **extra)
+            skips += res_samples
+        if self.mid_block is not None:
+            extra = conditioning if getattr(self.mid_block, "has_cross_attention", False) else {}
+            hidden = self.mid_block(hidden, emb, **extra)
+        return hidden, skips, emb, encoder_hidden_states
+
+    @apply_lora_scale("cross_attention_kwargs")
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+        down_intrablock_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+        stage_index: int | None = None,
+    ) -> UNet2DConditionOutput | tuple:
+        r"""
+        The arguments of [`~diffusers.UNet2DConditionModel.forward`], plus:
+
+        Args:
+            timestep (`torch.Tensor` or `float` or `int`): one timestep, or one per sample (stages may differ).
+            down_block_additional_residuals, mid_block_additional_residual (*optional*): ControlNet residuals,
+                added to the shared encoder's skips and middle-block output.
+            down_intrablock_additional_residuals: T2I-Adapter residuals; not supported (a `ValueError`).
+            stage_index (`int`, *optional*): decode every sample with this stage's decoder, skipping the
+                data-dependent routing (it makes `torch.compile(fullgraph=True)` work).
+        """
+        # 0. check the input; masks become additive biases with a query axis (as UNet2DConditionModel)
+        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"`sample` must have shape (batch, {self.config.in_channels}, height, width), got {tuple(sample.shape)}."
+            )
+        if down_intrablock_additional_residuals is not None:
+            raise ValueError("`down_intrablock_additional_residuals` (T2I-Adapter) are not supported by this model.")
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError(
+                "ControlNet residuals come in pairs: give both `down_block_additional_residuals` and "
+                "`mid_block_additional_residual`, or neither."
+            )
+        conditioning = {
+            "attention_mask": _mask_to_bias(attention_mask, sample.dtype),
+            "encoder_attention_mask": _mask_to_bias(encoder_attention_mask, sample.dtype),
+            "cross_attention_kwargs": cross_attention_kwargs,
+        }
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        # 1. shared encoder, once on the whole batch (ControlNet residuals added to its outputs)
+        hidden, skips, emb, encoder_hidden_states = self.encode(
+            sample, timestep, encoder_hidden_states, class_labels, timestep_cond, added_cond_kwargs, conditioning
+        )
+        if down_block_additional_residuals is not None:
+            skips = tuple(skip + residual for skip, residual in zip(skips, down_block_additional_residuals))
+            hidden = hidden + mid_block_additional_residual
+        conditioning["encoder_hidden_states"] = encoder_hidden_states
+
+        # 2. route: each stage's decoder on its own rows of every tensor (the whole batch when one stage holds it)
+        batch = sample.shape[0]
+        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch).contiguous()
+        forward_upsample_size = any(size % 2**self.num_upsamplers for size in sample.shape[-2:])
+
+        def decode(stage: int, rows: torch.Tensor | None) -> torch.Tensor:
+            if rows is None:
+                return self.decoders[stage](hidden, skips, emb, conditioning, forward_upsample_size)
+            inputs = select_rows((hidden, list(skips), emb, conditioning), rows, batch)
+            return self.decoders[stage](*inputs, forward_upsample_size)
+
+        out = dispatch_by_stage(self.partition, timesteps, stage_index, decode)
+        if not return_dict:
+            return (out,)
+        return UNet2DConditionOutput(sample=out)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_unet(
+        cls,
+        unet: UNet2DConditionModel,
+        stage_boundaries: Sequence[float] = (442, 631),
+        boundary_units: str = "timestep",
+        num_train_timesteps: int | None = None,
+    ) -> MultiStageUNet2DConditionModel:
+        r"""
+        Warm-start from a pretrained [`~diffusers.UNet2DConditionModel`] (a Stable Diffusion ``unet``): the encoder
+        is the U-Net's down path and every decoder a copy of its up path, so the new model's output equals the
+        source's at every timestep (fine-tune the decoders apart afterwards). ``num_train_timesteps`` defaults to
+        1000 (Stable Diffusion's schedule).
+        """
+        return warm_start(cls, UNet2DConditionModel, unet, stage_boundaries, boundary_units, num_train_timesteps)
+
+
+def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A keep(1)/discard(0) mask of shape ``(batch, tokens)`` as an additive bias ``(batch, 1, tokens)``."""
+    if mask is None:
+        return None
+    return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)

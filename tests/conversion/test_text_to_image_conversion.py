@@ -1,0 +1,52 @@
+"""Stable Diffusion / SDXL pipeline folders -> the same pipeline with a staged unet, and one stage back out as a plain
+`UNet2DConditionModel` (issue 15, part 4)."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers_stages.conversion import multistage_to_unet, unet_to_multistage
+
+from diffusers_stages import MultiStageUNet2DConditionModel
+
+
+def _images(pipe) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a cat", num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_pipeline_folder_converts_to_a_staged_pipeline_of_the_same_class(
+    tiny_sd_components, tiny_sdxl_components, tmp_path, capsys, sdxl
+):
+    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    source = pipeline_class(**(tiny_sdxl_components if sdxl else tiny_sd_components))
+    source.save_pretrained(tmp_path / "source")
+    out = str(tmp_path / "staged")
+    args = ["--source", str(tmp_path / "source"), "--output_path", out, "--stage_boundaries", "300", "600"]
+    converted = unet_to_multistage.main(unet_to_multistage.parse_args([*args, "--verify", "--verify_steps", "2"]))
+    printed = capsys.readouterr().out
+    assert printed.count("max |source - converted|") == 4 and "images of 'a photo of a cat'" in printed
+    assert type(converted) is pipeline_class and type(converted.unet) is MultiStageUNet2DConditionModel
+    reloaded = pipeline_class.from_pretrained(out)
+    assert reloaded.unet.partition.boundaries == (300.0, 600.0)
+    assert np.abs(_images(reloaded) - _images(source)).max() < 1e-5
+
+
+def test_stage_exports_as_a_plain_unet2dconditionmodel(tiny_sd_components, tmp_path, capsys):
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    pipe.unet = MultiStageUNet2DConditionModel.from_unet(pipe.unet, stage_boundaries=(500,))
+    with torch.no_grad():  # decoders trained apart
+        for p in pipe.unet.decoders.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    pipe.save_pretrained(tmp_path / "staged")
+    for stage in (0, 1):
+        out = str(tmp_path / f"stage{stage}")
+        args = ["--source", str(tmp_path / "staged"), "--stage", str(stage), "--output_path", out, "--verify"]
+        multistage_to_unet.main(multistage_to_unet.parse_args([*args, "--tolerance", "0"]))
+        assert "max |source - converted| = 0.000e+00" in capsys.readouterr().out
+        unet = UNet2DConditionModel.from_pretrained(out)  # plain diffusers reads it
+        x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+        with torch.no_grad():
+            expected = pipe.unet(x, 250 + 500 * stage, text, stage_index=stage).sample
+            assert torch.equal(unet(x, 250 + 500 * stage, text).sample, expected)

@@ -1,0 +1,193 @@
+import json
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from diffusers_stages import MultiStageUNet2DConditionModel
+
+BOUNDARIES = (300, 600)
+TIMESTEPS = [0, 299, 300, 450, 599.5, 600, 999, 1000]
+
+
+def _inputs(batch: int, sdxl: bool = False, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """A latent batch and the conditioning a Stable Diffusion (or SDXL) pipeline passes."""
+    generator = torch.manual_seed(seed)
+    x = torch.randn(batch, 4, 8, 8, generator=generator)
+    kwargs = {"encoder_hidden_states": torch.randn(batch, 5, 64 if sdxl else 32, generator=generator)}
+    if sdxl:
+        time_ids = torch.tensor([16.0, 16.0, 0.0, 0.0, 16.0, 16.0]).repeat(batch, 1)
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, 32, generator=generator),
+            "time_ids": time_ids,
+        }
+    return x, kwargs
+
+
+def _config(unet) -> dict:
+    return {k: v for k, v in unet.config.items() if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_from_unet_is_exact_at_every_timestep_stage_and_mixed_batch(tiny_cond_unet, sdxl):
+    unet = tiny_cond_unet(0, sdxl=sdxl)
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES).eval()
+    assert staged.num_stages == 3 and staged.config.cross_attention_dim == unet.config.cross_attention_dim
+    x, kwargs = _inputs(2, sdxl)
+    with torch.no_grad():
+        for t in TIMESTEPS:  # one stage holds the batch: the very same computation as the source
+            assert torch.equal(staged(x, t, **kwargs).sample, unet(x, t, **kwargs).sample), t
+        for stage in range(3):  # an explicit stage index: each decoder is a copy of the source's up path
+            assert torch.equal(staged(x, 450, **kwargs, stage_index=stage).sample, unet(x, 450, **kwargs).sample)
+        t = torch.cat([torch.arange(1001.0), torch.tensor([299.5, 612.25])])  # every training timestep, mixed
+        x, kwargs = _inputs(len(t), sdxl)
+        assert torch.allclose(staged(x, t, **kwargs).sample, unet(x, t, **kwargs).sample, atol=1e-5)
+
+
+def test_mixed_batch_decodes_each_stage_on_its_own_rows_of_every_tensor(tiny_cond_unet):
+    torch.manual_seed(0)
+    staged = MultiStageUNet2DConditionModel(
+        **_config(tiny_cond_unet(0, sdxl=True)),
+        stage_boundaries=BOUNDARIES,
+        decoder_block_out_channels=((16, 32), (8, 16), (4, 8)),  # tailored: wide clean decoder, narrow noisy one
+    ).eval()
+    x, kwargs = _inputs(5, sdxl=True)
+    t = torch.tensor([900, 10, 450, 20, 999])
+    mask = torch.ones(5, 5)
+    mask[1, 3:] = 0  # sample 1 attends to its first 3 tokens only
+    kwargs["encoder_attention_mask"] = mask
+    sizes = {s: [] for s in range(3)}
+    for s, decoder in enumerate(staged.decoders):
+        decoder.register_forward_pre_hook(lambda m, args, s=s: sizes[s].append(args[3]["encoder_hidden_states"].shape))
+    with torch.no_grad():
+        out = staged(x, t, **kwargs).sample
+        assert sizes == {0: [(2, 5, 64)], 1: [(1, 5, 64)], 2: [(2, 5, 64)]}  # each decoder once, on its rows only
+        for rows, stage in (([1, 3], 0), ([2], 1), ([0, 4], 2)):
+            alone = staged(x[rows], t[rows], **_select(kwargs, rows)).sample
+            assert torch.allclose(out[rows], alone, atol=1e-5), stage
+        masked = staged(x[1:2], t[1:2], **_select({**kwargs, "encoder_attention_mask": None}, [1])).sample
+        assert not torch.allclose(out[1:2], masked, atol=1e-4)  # the mask reached the decoder's cross-attention
+
+
+def _select(kwargs: dict, rows: list[int]) -> dict:
+    from diffusers_stages.routing import select_rows
+
+    return select_rows(kwargs, torch.tensor(rows), batch=5)
+
+
+def test_guidance_doubled_batch_stays_in_one_stage_per_sample(tiny_cond_unet):
+    unet = tiny_cond_unet(0)
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES).eval()
+    for decoder in staged.decoders:  # decoders fine-tuned apart
+        torch.nn.init.normal_(decoder.conv_out.weight, std=0.1)
+    x, kwargs = _inputs(2)
+    text = torch.cat([torch.zeros_like(kwargs["encoder_hidden_states"]), kwargs["encoder_hidden_states"]])
+    t = torch.tensor([100, 900])  # two samples in different stages, each with its unconditional twin
+    with torch.no_grad():
+        uncond, cond = staged(torch.cat([x, x]), torch.cat([t, t]), text).sample.chunk(2)
+        for i in range(2):
+            stage = int(staged.partition.stage_for_timestep(t[i : i + 1])[0])
+            pair = staged(torch.cat([x[i : i + 1]] * 2), t[i], text[i::2], stage_index=stage).sample
+            assert torch.allclose(torch.stack([uncond[i], cond[i]]), pair, atol=1e-5)
+
+
+def test_controlnet_residuals_match_the_source(tiny_cond_unet):
+    unet = tiny_cond_unet(0)
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        # one residual per encoder skip (conv_in, down block 0 with its downsampler, down block 1), and the middle
+        down = tuple(torch.randn(2, *shape) for shape in [(8, 8, 8), (8, 8, 8), (8, 4, 4), (16, 4, 4)])
+        residuals = {
+            "down_block_additional_residuals": down,
+            "mid_block_additional_residual": torch.randn(2, 16, 4, 4),
+        }
+        expected = unet(x, 10, **kwargs, **residuals).sample
+        assert torch.equal(staged(x, 10, **kwargs, **residuals).sample, expected)
+        with pytest.raises(ValueError, match="pairs"):
+            staged(x, 10, **kwargs, down_block_additional_residuals=down)
+        with pytest.raises(ValueError, match="down_intrablock_additional_residuals"):
+            staged(x, 10, **kwargs, down_intrablock_additional_residuals=down)
+
+
+def test_attention_processors_and_slicing(tiny_cond_unet):
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=BOUNDARIES).eval()
+    processors = staged.attn_processors
+    assert any(name.startswith("decoders.2.up_blocks") for name in processors) and len(processors) == 4 * 4
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        reference = staged(x, 700, **kwargs).sample
+        staged.set_attn_processor(AttnProcessor())
+        assert {type(p) for p in staged.attn_processors.values()} == {AttnProcessor}
+        assert torch.allclose(staged(x, 700, **kwargs).sample, reference, atol=1e-5)
+        staged.set_attn_processor(AttnProcessor2_0())
+        staged.set_default_attn_processor()
+        assert {type(p) for p in staged.attn_processors.values()} == {AttnProcessor}
+        staged.set_attention_slice(1)
+        assert torch.allclose(staged(x, 700, **kwargs).sample, reference, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_cond_unet):
+    x, kwargs = _inputs(2)
+    grads = []
+    for checkpointing in (False, True):
+        staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=BOUNDARIES).train()
+        if checkpointing:
+            staged.enable_gradient_checkpointing()
+            assert staged.is_gradient_checkpointing
+        staged(x, torch.tensor([100, 900]), **kwargs).sample.square().mean().backward()
+        grads.append(staged.decoders[2].up_blocks[0].attentions[0].proj_out.weight.grad.clone())
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_save_and_reload_is_identical_and_strict(tiny_cond_unet, tmp_path):
+    staged = MultiStageUNet2DConditionModel(
+        **_config(tiny_cond_unet(0)), stage_boundaries=(500,), decoder_block_out_channels=((16, 32), (4, 8))
+    ).eval()
+    staged.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = MultiStageUNet2DConditionModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.decoder_block_out_channels == [[16, 32], [4, 8]]
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        t = torch.tensor([100, 900])
+        assert torch.equal(loaded(x, t, **kwargs).sample, staged(x, t, **kwargs).sample)
+    # a checkpoint saved from another configuration is an error, never random weights
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["decoder_block_out_channels"][1] = [8, 16]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not match its config"):
+        MultiStageUNet2DConditionModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"down_block_types": ("DownBlock2D", "SimpleCrossAttnDownBlock2D")}, "down_block_types"),
+        ({"addition_embed_type": "image"}, "addition_embed_type"),
+        ({"encoder_hid_dim": 16}, "encoder_hid_dim"),
+        ({"attention_type": "gated"}, "attention_type"),
+        ({"decoder_block_out_channels": ((8, 16),) * 2}, "one decoder per stage"),
+        ({"decoder_block_out_channels": ((8, 16), (8, 16), (4, 6))}, "norm_num_groups"),
+        ({"decoder_block_out_channels": ((8, 16), (8, 16), (4, 12)), "attention_head_dim": 8}, "attention heads"),
+        ({"stage_boundaries": (600, 300)}, "increasing"),
+    ],
+)
+def test_bad_configurations_are_refused_by_name(tiny_cond_unet, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        MultiStageUNet2DConditionModel(**{**_config(tiny_cond_unet(0)), "stage_boundaries": BOUNDARIES, **overrides})
+
+
+def test_bad_inputs_are_refused_by_name(tiny_cond_unet):
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0, sdxl=True), stage_boundaries=BOUNDARIES)
+    x, kwargs = _inputs(2, sdxl=True)
+    with pytest.raises(ValueError, match="added_cond_kwargs"):
+        staged(x, 10, kwargs["encoder_hidden_states"])
+    with pytest.raises(ValueError, match="sample"):
+        staged(x[:, :3], 10, **kwargs)
+    with pytest.raises(ValueError, match="stage_index"):
+        staged(x, 10, **kwargs, stage_index=3)
+    with pytest.raises(ValueError, match="timestep"):
+        staged(x, torch.tensor([10, 1001]), **kwargs)
+    with pytest.raises(ValueError, match="UNet2DConditionModel"):
+        MultiStageUNet2DConditionModel.from_unet(torch.nn.Linear(2, 2))

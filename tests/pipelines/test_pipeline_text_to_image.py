@@ -1,0 +1,149 @@
+"""Staged U-Nets inside diffusers' own text-to-image pipelines (issue 15): `StableDiffusionPipeline` and
+`StableDiffusionXLPipeline` with a `MultiStageUNet2DConditionModel` or an `ExpertRoutingModel` as their ``unet``."""
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DConditionModel
+
+# DDIM (ints), Euler and Heun (float timesteps; Heun calls the model twice per step), DPM++ (multistep history)
+SCHEDULERS = ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "HeunDiscreteScheduler"]
+BOUNDARIES = (350, 700)  # three stages; 3 steps of any of these schedulers visit at least two of them
+
+
+def _images(pipe, steps: int = 3, **kwargs) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"guidance_scale": 5.0, "output_type": "np", **kwargs}
+    return pipe("a cat", num_inference_steps=steps, generator=torch.manual_seed(0), **kwargs).images
+
+
+def _record_stages(model) -> list:
+    """(timestep, stage) of every call: the stage read back from which decoder/expert ran."""
+    calls = []
+    parts = model.decoders if isinstance(model, MultiStageUNet2DConditionModel) else model.experts
+    model.register_forward_pre_hook(lambda m, args, kwargs: calls.append([float(args[1]), None]), with_kwargs=True)
+    for stage, part in enumerate(parts):
+        part.register_forward_pre_hook(lambda m, args, stage=stage: calls[-1].__setitem__(1, stage))
+    return calls
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_staged_unet_in_the_standard_pipeline_gives_the_source_images(
+    tiny_sd_components, tiny_sdxl_components, sdxl, scheduler
+):
+    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    components = tiny_sdxl_components if sdxl else tiny_sd_components
+    pipe = pipeline_class(**dict(components, scheduler=getattr(diffusers, scheduler)()))
+    source = _images(pipe)
+    pipe.unet = MultiStageUNet2DConditionModel.from_unet(pipe.unet, stage_boundaries=BOUNDARIES)
+    calls = _record_stages(pipe.unet)
+    staged = _images(pipe)
+    assert np.abs(staged - source).max() < 1e-5
+    # every call went to the decoder of the stage its timestep lies in, and more than one stage was visited
+    expected = pipe.unet.partition.stage_for_timestep(torch.tensor([t for t, _ in calls])).tolist()
+    assert [stage for _, stage in calls] == expected and len(set(expected)) > 1
+
+
+def test_fine_tuned_decoder_changes_only_its_stage(tiny_sd_components):
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    source = _images(pipe, output_type="latent")
+    pipe.unet = MultiStageUNet2DConditionModel.from_unet(pipe.unet, stage_boundaries=(100, 200))  # DDIM: 666, 333, 0
+    with torch.no_grad():
+        pipe.unet.decoders[1].conv_out.bias.add_(1.0)  # a stage no step visits
+    assert torch.equal(_images(pipe, output_type="latent"), source)
+    with torch.no_grad():
+        pipe.unet.decoders[0].conv_out.bias.add_(1.0)  # the last step's stage
+    assert not torch.allclose(_images(pipe, output_type="latent"), source, atol=1e-3)
+
+
+def test_saved_staged_pipeline_reloads_through_the_standard_classes(tiny_sd_components, tmp_path):
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    pipe.unet = MultiStageUNet2DConditionModel.from_unet(pipe.unet, stage_boundaries=BOUNDARIES)
+    with torch.no_grad():
+        pipe.unet.decoders[1].conv_out.bias.add_(0.1)  # "fine-tuned": the decoders differ
+    images = _images(pipe)
+    pipe.save_pretrained(tmp_path)
+    assert not list(tmp_path.rglob("*.py")) and not list(tmp_path.rglob("*.bin"))
+
+    # the documented one-liners: the standard class (diffusers_stages imported), and DiffusionPipeline
+    for loaded in (
+        StableDiffusionPipeline.from_pretrained(tmp_path),
+        DiffusionPipeline.from_pretrained(tmp_path),
+        DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True),
+        StableDiffusionPipeline.from_pretrained(
+            tmp_path, unet=MultiStageUNet2DConditionModel.from_pretrained(tmp_path, subfolder="unet")
+        ),
+    ):
+        assert type(loaded) is StableDiffusionPipeline and type(loaded.unet) is MultiStageUNet2DConditionModel
+        assert loaded.unet.config.stage_boundaries == list(map(float, BOUNDARIES))
+        np.testing.assert_array_equal(_images(loaded), images)
+
+
+@pytest.fixture
+def two_experts(tiny_cond_unet):
+    """``two_experts(sdxl)``: a low-noise and a wider high-noise expert (Wan 2.2 / SDXL base+refiner style)."""
+
+    def build(sdxl: bool = False) -> ExpertRoutingModel:
+        low_noise = tiny_cond_unet(3, sdxl=sdxl)
+        high_noise = tiny_cond_unet(4, sdxl=sdxl, block_out_channels=(16, 32))
+        return ExpertRoutingModel([low_noise, high_noise], stage_boundaries=(500,))
+
+    return build
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_expert_routing_unet_runs_the_right_expert_at_each_step(
+    tiny_sd_components, tiny_sdxl_components, two_experts, sdxl
+):
+    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipe = pipeline_class(**(tiny_sdxl_components if sdxl else tiny_sd_components))
+    pipe.unet = two_experts(sdxl)
+    assert pipe.unet.config.in_channels == 4 and pipe.unet.config.time_cond_proj_dim is None
+    calls = []  # every call of the container: its inputs and output
+    pipe.unet.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((args, kwargs, out[0])), with_kwargs=True
+    )
+    _images(pipe, steps=4)
+
+    stages = [int(pipe.unet.partition.stage_for_timestep(args[1].reshape(1))[0]) for args, _, _ in calls]
+    assert stages == [1, 1, 0, 0]  # DDIM, 4 steps: 999, 749 (high noise), 499, 249 (low noise)
+    for (args, kwargs, out), stage in zip(calls, stages):
+        kwargs = {k: v for k, v in kwargs.items() if k != "return_dict"}
+        with torch.no_grad():
+            right = pipe.unet.experts[stage](*args, **kwargs).sample
+            wrong = pipe.unet.experts[1 - stage](*args, **kwargs).sample
+        assert torch.equal(out, right) and not torch.allclose(out, wrong, atol=1e-4)
+
+
+def test_expert_routing_unet_saves_and_reloads_with_the_standard_class(tiny_sd_components, two_experts, tmp_path):
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    pipe.unet = two_experts()
+    images = _images(pipe)
+    pipe.save_pretrained(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == ["config.json", "expert_0", "expert_1"]
+    for loaded in (StableDiffusionPipeline.from_pretrained(tmp_path), DiffusionPipeline.from_pretrained(tmp_path)):
+        assert type(loaded.unet) is ExpertRoutingModel
+        assert [type(e).__name__ for e in loaded.unet.experts] == ["UNet2DConditionModel"] * 2
+        np.testing.assert_array_equal(_images(loaded), images)
+
+
+def test_positional_text_reaches_cross_attention_experts(two_experts):
+    experts = two_experts()
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([100, 900]), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        positional = experts(x, t, text).sample
+        assert torch.equal(positional, experts(x, t, encoder_hidden_states=text).sample)
+        assert torch.allclose(positional[1:], experts.experts[1](x[1:], t[1:], text[1:]).sample, atol=1e-6)
+
+
+def test_experts_must_agree_on_what_the_pipeline_builds_once(tiny_cond_unet):
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        ExpertRoutingModel([tiny_cond_unet(0), tiny_cond_unet(1, cross_attention_dim=16)], stage_boundaries=(500,))
+    with pytest.raises(ValueError, match="projection_class_embeddings_input_dim"):
+        sdxl = tiny_cond_unet(0, sdxl=True)
+        refiner_like = tiny_cond_unet(1, sdxl=True, projection_class_embeddings_input_dim=5 * 8 + 32)
+        ExpertRoutingModel([sdxl, refiner_like], stage_boundaries=(500,))
