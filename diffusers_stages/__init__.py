@@ -4,7 +4,7 @@ Every component module is imported here, so that diffusers' `from_pretrained` fi
 module path stored in `model_index.json` (RESEARCH.md section 3).
 """
 
-from .models import ExpertRoutingModel, IUNet2DModel, MultiStageDDPMppUNet2DModel, MultiStageUNet2DModel
+from .models import ExpertRoutingModel, IUNet2DModel, MultiStageDDPMppUNet2DModel, MultiStageUNet2DModel, UViT2DModel
 from .partition import TimestepPartition
 from .pipelines import DualBackbonePipeline, ExpertRoutingPipeline, MultiStagePipeline, StagedDiffusionPipeline
 from .planning import plan_stages
@@ -23,5 +23,6 @@ __all__ = [
     "StageRouter",
     "StagedDiffusionPipeline",
     "TimestepPartition",
+    "UViT2DModel",
     "plan_stages",
 ]

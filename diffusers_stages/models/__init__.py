@@ -4,6 +4,7 @@ from .iunet import IUNet2DModel
 from .meme import build_meme_experts, meme_expert_configs
 from .unet_multistage import MultiStageUNet2DModel, StageDecoder
 from .unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
+from .uvit import UViT2DModel
 
 __all__ = [
     "EarlyExitUViT2DModel",
@@ -12,6 +13,7 @@ __all__ = [
     "MultiStageDDPMppUNet2DModel",
     "MultiStageUNet2DModel",
     "StageDecoder",
+    "UViT2DModel",
     "build_meme_experts",
     "meme_expert_configs",
 ]
