@@ -36,8 +36,12 @@ def test_long_skips_join_each_in_block_to_its_mirror_out_block(model):
     with torch.no_grad():
         model(torch.randn(2, 3, 8, 8), 10)
     # out-block 3 takes in-block 1's output, out-block 4 takes in-block 0's (concatenated after the hidden state)
-    assert torch.equal(seen["skip0"][..., :16], seen["block2"]) and torch.equal(seen["skip0"][..., 16:], seen["block1"])
-    assert torch.equal(seen["skip1"][..., :16], seen["block3"]) and torch.equal(seen["skip1"][..., 16:], seen["block0"])
+    assert torch.equal(seen["skip0"][..., :16], seen["block2"]) and torch.equal(
+        seen["skip0"][..., 16:], seen["block1"]
+    )
+    assert torch.equal(seen["skip1"][..., :16], seen["block3"]) and torch.equal(
+        seen["skip1"][..., 16:], seen["block0"]
+    )
     # and the skips matter: cutting the skip half of a projection changes the output
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
