@@ -200,7 +200,8 @@ def record_exit_profile(
 ) -> list[tuple[float, int]]:
     r"""
     Sample with ``model`` through the package's sampling loop and return ``(timestep, exit layer)`` of every model
-    call: AdaDiff's exit-depth profile.
+    call: AdaDiff's exit-depth profile (with ``batch_size > 1``, the deepest exit of the batch: the blocks that call
+    ran; ``model.last_exit_layers`` holds each sample's).
 
     Example:
 
