@@ -10,6 +10,7 @@ from .models import (
     MultiStageDDPMppUNet2DModel,
     MultiStageUNet2DConditionModel,
     MultiStageUNet2DModel,
+    UViT2DModel,
 )
 from .partition import TimestepPartition
 from .pipelines import DualBackbonePipeline, ExpertRoutingPipeline, MultiStagePipeline, StagedDiffusionPipeline
@@ -30,5 +31,6 @@ __all__ = [
     "StageRouter",
     "StagedDiffusionPipeline",
     "TimestepPartition",
+    "UViT2DModel",
     "plan_stages",
 ]

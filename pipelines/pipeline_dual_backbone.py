@@ -31,6 +31,11 @@ class DualBackbonePipeline(ExpertRoutingPipeline):
       means the same share of steps for any step count; the boundary is put halfway between the last shallow step's
       timestep and the first deep one's.
     - ``switch_timestep``: a training timestep; the shallow model runs every call at ``t >= switch_timestep``.
+      DuoDiff's sampler counts one step more: its ``--t_switch`` swaps in the deep model *after* the first call at
+      ``t < 1000 - t_switch``, so that call still runs on the shallow model (with DDIM 50 steps and ``t_switch=300``:
+      16 shallow calls of its 49, where ``switch_timestep=700`` gives 15 of 50 here). To reproduce its split, give
+      the first sampling timestep below ``1000 - t_switch`` (e.g. ``switch_timestep=693`` on its grid, 680 on
+      `DDIMScheduler`'s default 50-step grid).
     - ``switch_sigma``: a noise level sigma (EDM-style models route on it directly; DDPM-style models through the
       scheduler's training schedule ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``, so shifted schedules are
       handled).

@@ -5,6 +5,7 @@ from .meme import build_meme_experts, meme_expert_configs
 from .unet_multistage import MultiStageUNet2DModel, StageDecoder
 from .unet_multistage_condition import MultiStageUNet2DConditionModel
 from .unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
+from .uvit import UViT2DModel
 
 __all__ = [
     "EarlyExitUViT2DModel",
@@ -14,6 +15,7 @@ __all__ = [
     "MultiStageUNet2DConditionModel",
     "MultiStageUNet2DModel",
     "StageDecoder",
+    "UViT2DModel",
     "build_meme_experts",
     "meme_expert_configs",
 ]

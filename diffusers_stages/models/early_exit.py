@@ -1,42 +1,37 @@
 """Early-exit baseline (AdaDiff-style: Tang et al., "Deediff"/"AdaDiff", 2023-2024) for dual-backbone studies.
 
-A small U-ViT (Bao et al., CVPR 2023: time as a token, long skips between the first and second half of the blocks)
-with an exit head after every transformer block and, beside each head, an uncertainty estimation module (UEM): a
-per-token estimate of that exit's error. At sampling time the network stops at the first block whose mean
-uncertainty is under ``exit_threshold``. Recording the exit depth over a sampling run shows the "phase transition"
-DuoDiff builds on: early exits during the first, noisy steps, then the full depth.
-
-The exit decision is made per call for the whole batch (all samples of a sampling batch share the noise level).
+A [`UViT2DModel`] (Bao et al., CVPR 2023) with an exit head after every block but the last (the last block's exit is
+the U-ViT's own output head) and, beside each exit, an uncertainty estimation module (UEM): a per-token estimate of
+that exit's error. At sampling time each sample stops at the first block whose mean uncertainty (over its tokens) is
+under ``exit_threshold``, as in the authors' sampler: two samples of one batch may exit at different depths, and each
+gets what it would get alone. Recording the exit depth over a sampling run shows the "phase transition" DuoDiff builds
+on: early exits during the first, noisy steps, then the full depth.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from .checks import check_class_labels, check_sample, per_sample_timesteps
-from .loading import StrictLoadingMixin
+from .uvit import UViT2DModel, UViTOutputHead
 
 
-class EarlyExitUViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
+class EarlyExitUViT2DModel(UViT2DModel):
     r"""
     A U-ViT denoiser with an exit head and an uncertainty estimate after every block.
 
     Parameters:
-        sample_size (`int`, defaults to 32): input height and width.
-        in_channels (`int`, defaults to 3), out_channels (`int`, *optional*, defaults to ``in_channels``).
-        patch_size (`int`, defaults to 2): side of the square patches that become tokens.
-        hidden_size (`int`, defaults to 128), num_layers (`int`, defaults to 7, odd: in-blocks, a middle block,
-            out-blocks), num_attention_heads (`int`, defaults to 4).
-        num_class_embeds (`int`, *optional*): class-conditional when given (a class token, as U-ViT).
-        exit_threshold (`float`, *optional*): exit at the first block whose mean uncertainty is below it; `None`
-            always runs every block. Can be changed per call (``forward(..., exit_threshold=)``).
+        sample_size, in_channels, out_channels, patch_size, hidden_size, num_layers, num_attention_heads,
+            mlp_ratio, qkv_bias, mlp_time_embed, num_class_embeds, final_conv: as [`UViT2DModel`] (defaults here:
+            width 128, 7 blocks, 4 heads).
+        exit_threshold (`float`, *optional*): each sample exits at the first block whose mean uncertainty is below
+            it; `None` always runs every block. Can be changed per call (``forward(..., exit_threshold=)``).
+
+    After each call, ``last_exit_layers`` holds the exit depth of every sample (1-based, ``(batch,)``) and
+    ``last_exit_layer`` the deepest of them (the blocks that call ran).
 
     Example:
 
@@ -45,8 +40,8 @@ class EarlyExitUViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     >>> from diffusers_stages.models.early_exit import EarlyExitUViT2DModel
     >>> model = EarlyExitUViT2DModel(sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2)
     >>> out = model(torch.randn(2, 3, 8, 8), 500, exit_threshold=1.0)  # uncertainties lie in (0, 1): exit at once
-    >>> out.sample.shape, model.last_exit_layer
-    (torch.Size([2, 3, 8, 8]), 1)
+    >>> out.sample.shape, model.last_exit_layer, model.last_exit_layers.tolist()
+    (torch.Size([2, 3, 8, 8]), 1, [1, 1])
     >>> model(torch.randn(2, 3, 8, 8), 500).sample.shape, model.last_exit_layer  # no threshold: every block
     (torch.Size([2, 3, 8, 8]), 3)
 
@@ -63,58 +58,39 @@ class EarlyExitUViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         hidden_size: int = 128,
         num_layers: int = 7,
         num_attention_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        mlp_time_embed: bool = False,
         num_class_embeds: int | None = None,
+        final_conv: bool = True,
         exit_threshold: float | None = None,
     ):
-        super().__init__()
-        # 0. check the configuration
-        if sample_size % patch_size:
-            raise ValueError(f"`sample_size`={sample_size} must be a multiple of `patch_size`={patch_size}.")
-        if num_layers < 1 or num_layers % 2 == 0:
-            raise ValueError(f"`num_layers` must be odd (in-blocks, middle block, out-blocks), got {num_layers}.")
-        if hidden_size % num_attention_heads:
-            raise ValueError(f"`hidden_size`={hidden_size} must be a multiple of `num_attention_heads`.")
+        super().__init__(
+            sample_size=sample_size, in_channels=in_channels, out_channels=out_channels, patch_size=patch_size,
+            hidden_size=hidden_size, num_layers=num_layers, num_attention_heads=num_attention_heads,
+            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, mlp_time_embed=mlp_time_embed, num_class_embeds=num_class_embeds,
+            final_conv=final_conv,
+        )  # fmt: skip
+        # one exit head per block but the last (whose exit is the U-ViT's output head), one UEM per block
         out_channels = out_channels or in_channels
-        num_tokens = (sample_size // patch_size) ** 2
-
-        # 1. tokens: patches, a time token and an optional class token (U-ViT "all as tokens")
-        self.patch_embed = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        self.time_proj = Timesteps(hidden_size, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.time_embed = TimestepEmbedding(hidden_size, hidden_size)
-        self.class_embed = nn.Embedding(num_class_embeds, hidden_size) if num_class_embeds else None
-        extra = 1 + (num_class_embeds is not None)
-        self.pos_embed = nn.Parameter(torch.zeros(1, extra + num_tokens, hidden_size))
-
-        # 2. transformer blocks; out-blocks take a long skip from their mirror in-block (U-ViT)
-        head_dim = hidden_size // num_attention_heads
-        self.blocks = nn.ModuleList(
-            [
-                BasicTransformerBlock(hidden_size, num_attention_heads, head_dim, activation_fn="gelu")
-                for _ in range(num_layers)
-            ]
-        )
-        self.skip_proj = nn.ModuleList([nn.Linear(2 * hidden_size, hidden_size) for _ in range(num_layers // 2)])
-
-        # 3. one exit head (norm + linear to patch pixels) and one uncertainty estimate per block (AdaDiff's UEM)
         self.exit_heads = nn.ModuleList(
-            [
-                nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, patch_size**2 * out_channels))
-                for _ in range(num_layers)
-            ]
+            [UViTOutputHead(hidden_size, patch_size, out_channels, final_conv) for _ in range(num_layers - 1)]
         )
         self.uncertainty_heads = nn.ModuleList([nn.Linear(hidden_size, 1) for _ in range(num_layers)])
+        self._init_weights()
         self.exit_threshold = exit_threshold
+        self.last_exit_layers: torch.Tensor | None = None
         self.last_exit_layer: int | None = None
 
-    def _exit(self, layer: int, hidden: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prediction ``(B, C, H, W)`` and per-token uncertainty ``(B, N)`` of exit ``layer``."""
+    def _prediction(self, layer: int, hidden: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Prediction ``(B, C, H, W)`` of exit ``layer``."""
+        head = self.output_head if layer == len(self.blocks) - 1 else self.exit_heads[layer]
+        return head(hidden, height, width)
+
+    def _uncertainty(self, layer: int, hidden: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Per-token uncertainty ``(B, N)`` in (0, 1) of exit ``layer`` (patch tokens only)."""
         tokens = hidden[:, -(height // self.config.patch_size) * (width // self.config.patch_size) :]
-        patches = self.exit_heads[layer](tokens)
-        p, c = self.config.patch_size, self.config.out_channels or self.config.in_channels
-        image = patches.transpose(1, 2).reshape(hidden.shape[0], c * p * p, -1)
-        image = F.fold(image, output_size=(height, width), kernel_size=p, stride=p)  # unpatchify
-        uncertainty = torch.sigmoid(self.uncertainty_heads[layer](tokens)).squeeze(-1)
-        return image, uncertainty
+        return torch.sigmoid(self.uncertainty_heads[layer](tokens)).squeeze(-1)
 
     def forward(
         self,
@@ -133,41 +109,49 @@ class EarlyExitUViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
                 (for training with [`early_exit_loss`]).
         """
         # 0. check the inputs (a `ValueError` naming the argument): the exit test reads values on the host anyway
-        config = self.config
-        check_sample(sample, config.in_channels, size=config.sample_size)
-        timesteps = per_sample_timesteps(timestep, sample.shape[0], sample.device, check_values=True)
-        conditional = self.class_embed is not None
-        check_class_labels(class_labels, sample.shape[0], conditional, config.num_class_embeds, check_values=True)
-
-        # 1. tokens: [time, (class), patches] + position embedding
+        timesteps = self._check_inputs(sample, timestep, class_labels, values=True)
         batch, _, height, width = sample.shape
-        tokens = [self.time_embed(self.time_proj(timesteps).to(sample.dtype))[:, None]]
-        if conditional:
-            tokens.append(self.class_embed(class_labels.reshape(-1).expand(batch))[:, None])
-        tokens.append(self.patch_embed(sample).flatten(2).transpose(1, 2))
-        hidden = torch.cat(tokens, dim=1) + self.pos_embed
+        hidden, skips = self.embed(sample, timesteps, class_labels), []
+        num_layers = len(self.blocks)
 
-        # 2. blocks with long skips; after each, the exit test (AdaDiff: mean uncertainty under the threshold)
-        threshold = self.exit_threshold if exit_threshold is None else exit_threshold
-        half, skips, exits = len(self.blocks) // 2, [], []
-        for layer, block in enumerate(self.blocks):
-            if layer > half:
-                hidden = self.skip_proj[layer - half - 1](torch.cat([hidden, skips.pop()], dim=-1))
-            hidden = block(hidden)
-            if layer < half:
-                skips.append(hidden)
-            if return_all_exits:
-                exits.append(self._exit(layer, hidden, height, width))
-                continue
-            last = layer == len(self.blocks) - 1
-            if last or threshold is not None:
-                image, uncertainty = self._exit(layer, hidden, height, width)
-                if last or float(uncertainty.detach().mean()) < threshold:
-                    self.last_exit_layer = layer + 1
-                    break
+        # 1. training: every block, every exit
         if return_all_exits:
-            self.last_exit_layer = len(self.blocks)
-            return [e[0] for e in exits], [e[1] for e in exits]
+            predictions, uncertainties = [], []
+            for layer in range(num_layers):
+                hidden = self.block(layer, hidden, skips)
+                predictions.append(self._prediction(layer, hidden, height, width))
+                uncertainties.append(self._uncertainty(layer, hidden, height, width))
+            self.last_exit_layers = torch.full((batch,), num_layers, device=sample.device)
+            self.last_exit_layer = num_layers
+            return predictions, uncertainties
+
+        # 2. sampling: after each block, the samples whose mean uncertainty is under the threshold leave the batch
+        threshold = self.exit_threshold if exit_threshold is None else exit_threshold
+        active = torch.arange(batch, device=sample.device)  # indices of the samples still running
+        exit_layers = torch.full((batch,), num_layers, device=sample.device)
+        image = None
+        for layer in range(num_layers):
+            hidden = self.block(layer, hidden, skips)
+            if layer == num_layers - 1:
+                done = torch.ones(len(active), dtype=torch.bool, device=sample.device)
+            elif threshold is not None:
+                done = self._uncertainty(layer, hidden, height, width).detach().mean(dim=1) < threshold
+            else:
+                continue
+            if not bool(done.any()):
+                continue
+            prediction = self._prediction(layer, hidden[done], height, width)
+            if image is None:
+                image = prediction.new_empty((batch, *prediction.shape[1:]))
+            image[active[done]] = prediction
+            exit_layers[active[done]] = layer + 1
+            # the remaining samples go on alone (their skips too)
+            keep = ~done
+            active, hidden, skips = active[keep], hidden[keep], [skip[keep] for skip in skips]
+            if not len(active):
+                break
+        self.last_exit_layers = exit_layers
+        self.last_exit_layer = int(exit_layers.max())
         if not return_dict:
             return (image,)
         return UNet2DOutput(sample=image)
@@ -216,7 +200,8 @@ def record_exit_profile(
 ) -> list[tuple[float, int]]:
     r"""
     Sample with ``model`` through the package's sampling loop and return ``(timestep, exit layer)`` of every model
-    call: AdaDiff's exit-depth profile.
+    call: AdaDiff's exit-depth profile (with ``batch_size > 1``, the deepest exit of the batch: the blocks that call
+    ran; ``model.last_exit_layers`` holds each sample's).
 
     Example:
 

@@ -18,6 +18,7 @@ from ..models.iunet import IUNet2DModel
 from ..models.meme import meme_expert_configs
 from ..models.unet_multistage import MultiStageUNet2DModel
 from ..models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
+from ..models.uvit import UViT2DModel, dual_uvit_configs
 from ..partition import TimestepPartition
 from ..pipelines import DualBackbonePipeline, ExpertRoutingPipeline, MultiStagePipeline
 from ..routing import check_scheduler_units, is_edm_scheduler
@@ -576,18 +577,32 @@ class DualBackboneTask(TrainingTask):
         return TimestepPartition([], args.ddpm_num_steps, args.boundary_units)  # one stage: the whole schedule
 
     def _shapes(self) -> dict[str, dict]:
+        wanted = ("shallow", "deep") if self.args.backbones == "both" else (self.args.backbones,)
+        if self._uvit:  # DuoDiff's backbones: two U-ViTs of one width, `--shallow_depth` and `--deep_depth` blocks
+            a = self.args
+            shapes = dual_uvit_configs(a.shallow_depth, a.deep_depth, hidden_size=a.uvit_hidden_size,
+                                       patch_size=a.uvit_patch_size, num_attention_heads=a.uvit_num_attention_heads)  # fmt: skip
+            return {name: shapes[name] for name in ("shallow", "deep") if name in wanted}
         deep = unet_shape_kwargs(self.args)
         shallow = {**deep, "layers_per_block": self.args.shallow_layers_per_block}
         if self.args.shallow_block_out_channels is not None:
             shallow["block_out_channels"] = tuple(self.args.shallow_block_out_channels)
-        wanted = ("shallow", "deep") if self.args.backbones == "both" else (self.args.backbones,)
         return {name: shape for name, shape in (("shallow", shallow), ("deep", deep)) if name in wanted}
 
     @property
+    def _uvit(self) -> bool:
+        return getattr(self.args, "backbone", "unet") == "uvit"
+
+    @property
     def downsampling(self):
+        if self._uvit:
+            return max(shape["patch_size"] for shape in self._shapes().values())
         return max(_unet_downsampling(shape) for shape in self._shapes().values())
 
     def build_networks(self, in_channels, sample_size, num_class_embeds):
+        if self._uvit:
+            common = {"sample_size": sample_size, "in_channels": in_channels, "num_class_embeds": num_class_embeds}
+            return {name: UViT2DModel(**shape, **common) for name, shape in self._shapes().items()}
         return {
             name: UNet2DModel(
                 **self._script_config(
@@ -631,6 +646,6 @@ class DualBackboneTask(TrainingTask):
             else f"the shallow network runs every step at t >= {self.args.switch_timestep:g}"
         )
         return (
-            "A dual-backbone model (DuoDiff, arXiv 2410.09633): a shallow and a deep U-Net, both trained on all "
-            f"timesteps; at sampling time {switch}, the deep one the rest."
+            f"A dual-backbone model (DuoDiff, arXiv 2410.09633): a shallow and a deep {'U-ViT' if self._uvit else 'U-Net'}, "
+            f"both trained on all timesteps; at sampling time {switch}, the deep one the rest."
         )

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a dual-backbone model (DuoDiff, arXiv 2410.09633) with Accelerate.
 
-A shallow and a deep U-Net, each trained on every timestep (in one run by default, or one per run with
+A shallow and a deep denoiser (U-Nets, or with `--backbone uvit` the paper's U-ViTs), each trained on every timestep (in one run by default, or one per run with
 `--backbones shallow|deep`); at sampling time the shallow one runs the first, noisiest steps and the deep one the
 rest. See README.md beside this file for the commands.
 """
@@ -13,10 +13,20 @@ from diffusers_stages.training import DualBackboneTask, build_parser, int_list, 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser(__doc__)
-    group = parser.add_argument_group("dual backbone (the deep U-Net takes the model arguments above)")
+    group = parser.add_argument_group("dual backbone (a deep U-Net takes the model arguments above)")
     group.add_argument("--backbones", choices=("both", "shallow", "deep"), default="both", help="Which to train.")
     group.add_argument("--shallow_block_out_channels", type=int_list, default=None, help="Default: the deep widths.")
     group.add_argument("--shallow_layers_per_block", type=int, default=1)
+    group.add_argument(
+        "--backbone", choices=("unet", "uvit"), default="unet",
+        help="`uvit`: DuoDiff's backbones, two U-ViTs (Bao et al. 2023) of one width and depths "
+        "`--shallow_depth`/`--deep_depth`; the U-Net arguments above are then unused.",
+    )  # fmt: skip
+    group.add_argument("--shallow_depth", type=int, default=3, help="U-ViT blocks of the shallow model (odd).")
+    group.add_argument("--deep_depth", type=int, default=13, help="U-ViT blocks of the deep model (odd).")
+    group.add_argument("--uvit_hidden_size", type=int, default=512, help="U-ViT width (both backbones).")
+    group.add_argument("--uvit_patch_size", type=int, default=2, help="U-ViT patch side (both backbones).")
+    group.add_argument("--uvit_num_attention_heads", type=int, default=8, help="U-ViT attention heads.")
     group.add_argument(
         "--switch_step_fraction", type=float, default=None,
         help="Share of the sampling steps (the noisy end) run by the shallow network; 0.4 when no switch is given.",

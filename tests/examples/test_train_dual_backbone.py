@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from diffusers_stages import DualBackbonePipeline
+from diffusers_stages import DualBackbonePipeline, UViT2DModel
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,30 @@ def test_one_backbone_per_run_edm(examples, script, image_folder, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=1, num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
     assert images.shape == (1, 8, 8, 3)
+
+
+def test_uvit_backbones_train_reload_and_sample(examples, script, image_folder, tmp_path, capsys):
+    out = str(tmp_path / "uvit")
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--backbone", "uvit",
+         "--shallow_depth", "3", "--deep_depth", "5", "--uvit_hidden_size", "16", "--uvit_num_attention_heads", "2",
+         "--uvit_patch_size", "2", "--switch_step_fraction", "0.5", "--max_train_steps", "2",
+         "--gradient_checkpointing"])  # fmt: skip
+    pipe = DualBackbonePipeline.from_pretrained(out)
+    assert isinstance(pipe.shallow, UViT2DModel) and isinstance(pipe.deep, UViT2DModel)
+    assert (len(pipe.shallow.blocks), len(pipe.deep.blocks)) == (3, 5)
+    assert pipe.shallow.config.hidden_size == pipe.deep.config.hidden_size == 16
+    pipe.set_progress_bar_config(disable=True)
+    assert [e for _, e in pipe.expert_schedule(num_inference_steps=4)] == [1, 1, 0, 0]
+    first = pipe(batch_size=2, num_inference_steps=4, generator=torch.manual_seed(0), output_type="np").images
+    again = DualBackbonePipeline.from_pretrained(out)
+    again.set_progress_bar_config(disable=True)
+    second = again(batch_size=2, num_inference_steps=4, generator=torch.manual_seed(0), output_type="np").images
+    assert first.shape == (2, 8, 8, 3) and (first == second).all()
+    # an even depth is refused before any training starts
+    with pytest.raises(SystemExit):
+        script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--backbone", "uvit",
+                           "--deep_depth", "12"])  # fmt: skip
+    assert "`deep_depth`" in capsys.readouterr().err
 
 
 def test_bad_switch(examples, script, image_folder, tmp_path, capsys):

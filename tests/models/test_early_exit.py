@@ -99,3 +99,24 @@ def test_class_labels_are_checked_and_one_label_serves_the_batch():
         assert torch.equal(
             model(x, 10, class_labels=torch.tensor([2])).sample, model(x, 10, class_labels=torch.tensor([2, 2])).sample
         )
+
+
+def test_each_sample_exits_at_its_own_depth_and_gets_its_single_sample_result(model):
+    torch.manual_seed(3)
+    for head in model.uncertainty_heads:  # spread the uncertainties so that the two samples disagree
+        head.weight.data.mul_(200.0)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([300, 300])
+    with torch.no_grad():
+        predictions, uncertainties = model(x, t, return_all_exits=True)
+        first = uncertainties[0].mean(dim=1)
+        assert abs(float(first[0] - first[1])) > 1e-3
+        threshold = float(first.mean())  # one sample is under it after the first block, the other not
+        out = model(x, t, exit_threshold=threshold).sample
+        layers = model.last_exit_layers.tolist()
+        low = int(first.argmin())
+        assert layers[low] == 1 and layers[1 - low] > 1 and model.last_exit_layer == max(layers)
+        for i in range(2):
+            assert torch.allclose(out[i], predictions[layers[i] - 1][i], atol=1e-6)
+            alone = model(x[i : i + 1], t[i : i + 1], exit_threshold=threshold).sample
+            assert model.last_exit_layers.tolist() == [layers[i]]
+            assert torch.allclose(out[i : i + 1], alone, atol=1e-6)
