@@ -4,8 +4,8 @@
    the metric's classifier (FD-classifier, `diffusers_stages.evaluation`).
 2. Plans three stages with the optimal-denoiser algorithm (`plan_stages`) and sizes the decoders.
 3. Trains, with the package's Accelerate loop and each method's own task (as `examples/*/train_*.py` do), a
-   `UNet2DModel` baseline, a `MultiStageUNet2DModel`, a dual-backbone pair and routed experts, all at the
-   baseline's training FLOPs.
+   `UNet2DModel` baseline (its training FLOPs are the budget B), a `MultiStageUNet2DModel` on B, the shallow half
+   of a dual backbone on B/4 (the baseline is its deep half) and two routed experts on B/2.
 4. Samples every pipeline with one scheduler (ancestral DDPM, 20 steps) and seed, scores it and times it.
 5. Writes the pipelines (`from_pretrained` folders), a labelled sample grid per method, a quality-vs-time plot and
    `REPORT.md` into the output folder, and prints the table.
@@ -28,8 +28,8 @@ import torch
 
 SIZES = {
     # steps: the baseline's training steps (every other method gets its FLOPs); eval: images scored per method
-    "default": {"steps": 200, "batch_size": 32, "learning_rate": 2e-3, "num_inference_steps": 20,
-                "num_eval_images": 300, "classifier_steps": 200, "plan_images": 1437, "plan_samples": 16},
+    "default": {"steps": 120, "batch_size": 32, "learning_rate": 2e-3, "num_inference_steps": 20,
+                "num_eval_images": 200, "classifier_steps": 200, "plan_images": 1437, "plan_samples": 16},
     "quick": {"steps": 3, "batch_size": 16, "learning_rate": 2e-3, "num_inference_steps": 3, "num_eval_images": 40,
               "classifier_steps": 20, "plan_images": 200, "plan_samples": 2},
 }  # fmt: skip
@@ -49,14 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steps",
         type=int,
         default=None,
-        help="Training budget: the baseline's steps (200; 3 with --quick); every method gets its FLOPs.",
+        help="Training budget B: the baseline's steps (120; 3 with --quick), in FLOPs the multi-stage U-Net's; "
+        "the shallow backbone gets B/4, the experts B/2.",
     )
     parser.add_argument("--device", default=None, help="cuda or cpu. Default: cuda when available, else cpu.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of training, planning and sampling.")
     parser.add_argument("--quick", action="store_true", help="Tiny budgets: a smoke run in well under a minute.")
     parser.add_argument("--num_threads", type=int, default=1,
-                        help="CPU threads of torch. The demo's models are tiny: one thread is about as fast, never "
-                        "fights other jobs for the cores, and gives the same numbers on every machine.")  # fmt: skip
+                        help="CPU threads of torch. The demo's models are tiny, so more threads gain little, while on "
+                        "a busy machine they can be many times slower (threads waiting for each other); one thread "
+                        "also gives the same numbers on every machine.")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         check_args(args)
@@ -102,7 +104,7 @@ def header_lines(args: argparse.Namespace, settings: dict, minutes: float) -> li
     )
     data = (
         f"Data: scikit-learn digits (8x8, 1,437 training images, class-conditional). Every method trains with the "
-        f"package's Accelerate loop for the training FLOPs of {settings['steps']} baseline steps (batch "
+        f"package's Accelerate loop; B = the training FLOPs of {settings['steps']} baseline steps (batch "
         f"{settings['batch_size']}, lr {settings['learning_rate']:g}, EMA) and samples with ancestral DDPM, "
         f"{settings['num_inference_steps']} steps, seed {args.seed}, {settings['num_eval_images']} images (balanced "
         "classes). FD-classifier: Frechet distance on the features of a small CNN trained on the training images "

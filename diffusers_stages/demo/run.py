@@ -44,7 +44,7 @@ def as_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def prepare(args: argparse.Namespace, settings: dict, start: float) -> tuple[str, Evaluator, dict, torch.Tensor]:
-    """Steps 1-2: the image folder, the metric and its floor (held-out real digits)."""
+    """Step 1: the image folder, the metric and its floor (held-out real digits)."""
     split = load_digits_split()
     images, labels = split["train"]
     say(start, f"[1/5] sklearn digits: {len(images)} training and {len(split['test'][0])} held-out 8x8 images")
@@ -65,7 +65,7 @@ def prepare(args: argparse.Namespace, settings: dict, start: float) -> tuple[str
 
 
 def plan(train_images: torch.Tensor, settings: dict, start: float) -> tuple[list[float], tuple]:
-    """Step 3: stage boundaries (optimal-denoiser method) and decoder widths for the multi-stage U-Net."""
+    """Step 2: stage boundaries (optimal-denoiser method) and decoder widths for the multi-stage U-Net."""
     say(start, f"[2/5] planning {NUM_STAGES} stages with the optimal-denoiser algorithm (Zhang et al., Algorithm 1)")
     generator = torch.Generator().manual_seed(settings["seed"])
     schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 100)
@@ -88,7 +88,7 @@ PIPELINES = {"unet2d": ExpertRoutingPipeline, "multistage": MultiStagePipeline, 
 
 
 def train_all(args, settings, data_dir, boundaries, widths, start) -> list[tuple]:
-    """Step 4: every method through the package's training loop, at the baseline's training FLOPs."""
+    """Step 3: every method through the package's training loop, on its share of the budget B (see `methods`)."""
     config = write_unet_config(os.path.join(args.output_dir, "training_images", "unet_config.json"))
     trained, budget = [], None
     for i, method in enumerate(methods(boundaries, widths, NUM_EXPERTS, config)):
@@ -106,8 +106,8 @@ def train_all(args, settings, data_dir, boundaries, widths, start) -> list[tuple
 
 
 def evaluate_all(args, settings, trained, evaluator, start) -> list[Row]:
-    """Step 5: reload each saved pipeline, give it the shared sampling scheduler (saved with it), sample, score,
-    time."""
+    """Step 4: reload each saved pipeline, give it the shared sampling scheduler (saved with it), sample, score,
+    time, and draw its grid."""
     rows = []
     for method, steps, flops, folder in trained:
         say(start, f"[4/5] sampling {method.name}: {settings['num_eval_images']} images, DDPM "
