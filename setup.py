@@ -1,4 +1,4 @@
-"""Install diffusers-stages: `pip install torch==2.13.0 && pip install -e ".[test]"`."""
+"""Install diffusers-stages: `pip install torch==2.13.0 && pip install -e ".[test]"`, then run `diffusers-stages demo`."""
 
 from setuptools import find_packages, setup
 
@@ -31,12 +31,15 @@ setup(
         "tqdm>=4.66",
         "pillow>=10.0",
         "matplotlib>=3.8",
+        "scikit-learn>=1.4",  # the demo's data (sklearn digits ship in the wheel: no download)
+        "torchmetrics>=1.4",  # the Frechet distance of `diffusers_stages.evaluation`
     ],
     extras_require={
-        "test": ["pytest>=8.0", "scikit-learn>=1.4", "torchmetrics>=1.4", "tensorboard>=2.15", "datasets>=2.19"],
+        "test": ["pytest>=8.0", "tensorboard>=2.15", "datasets>=2.19"],
     },
     entry_points={
         "console_scripts": [
+            "diffusers-stages=diffusers_stages.cli:main",
             "diffusers-stages-plan=diffusers_stages.plan:main",
             "diffusers-stages-switch=diffusers_stages.switch:cli",
         ]

@@ -1,5 +1,5 @@
-"""Measuring helpers shared by every benchmark: FLOPs counted by `torch.utils.flop_counter.FlopCounterMode`, and
-median wall times of callables timed in interleaved rounds.
+"""Measuring helpers shared by every benchmark: FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` (the
+library's `diffusers_stages.evaluation.count_flops`), and median wall times of callables timed in interleaved rounds.
 
 The scripts put the repository root on ``sys.path`` and import this as ``benchmarks.measure``, as the
 ``benchmarks.evidence`` package does.
@@ -10,30 +10,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from typing import TypeVar
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-T = TypeVar("T")
+from diffusers_stages.evaluation import count_flops  # the library's; re-exported for the benchmarks
 
-
-def count_flops(fn: Callable[[], T]) -> tuple[int, T]:
-    """Run ``fn()`` once and return ``(flops, result)``: every FLOP of its matmuls and convolutions, backward included.
-
-    Example:
-
-    ```py
-    >>> import torch
-    >>> flops, _ = count_flops(lambda: torch.ones(4, 8) @ torch.ones(8, 2))
-    >>> flops  # 2 * 4 * 8 * 2
-    128
-
-    ```
-    """
-    with FlopCounterMode(display=False) as counter:
-        result = fn()
-    return counter.get_total_flops(), result
+__all__ = ["count_flops", "interleaved_medians"]
 
 
 def _synchronize(device: torch.device) -> None:

@@ -275,9 +275,9 @@ def main(argv: list[str] | None = None) -> SwitchRecommendation:
     return found
 
 
-def cli() -> int:
+def cli(argv: list[str] | None = None) -> int:
     """Console entry point (`diffusers-stages-switch`): exit status 0 on success."""
-    main()
+    main(argv)
     return 0
 
 

@@ -1,0 +1,130 @@
+"""The `diffusers-stages` command: one entry point with subcommands, in the style of `accelerate` and `hf`.
+
+```bash
+diffusers-stages demo                              # the main job: plan, train, sample and score on sklearn digits
+diffusers-stages plan --train_data_dir ./images    # stage boundaries from your data (= diffusers-stages-plan)
+diffusers-stages switch --pipeline ./dual          # the dual-backbone switch (= diffusers-stages-switch)
+diffusers-stages convert unet_to_multistage ...    # a conversion script (= python -m diffusers_stages.conversion.X)
+diffusers-stages <command> --help                  # that command's own options
+```
+
+Every subcommand hands its remaining arguments to the ``main(argv)`` of its module, so the older entry points
+(`diffusers-stages-plan`, `diffusers-stages-switch`, ``python -m diffusers_stages.<module>``) keep working unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+PROG = "diffusers-stages"
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: the module whose ``entry`` function takes ``argv``, and one line of help."""
+
+    module: str
+    help: str
+    entry: str = "main"
+
+    def run(self, prog: str, argv: list[str]) -> int:
+        entry: Callable = getattr(importlib.import_module(self.module), self.entry)
+        with _program_name(prog):
+            status = entry(argv)
+        return status if isinstance(status, int) else 0
+
+
+COMMANDS = {
+    "demo": Command(
+        "diffusers_stages.demo",
+        "the main job on sklearn digits (no download): plan stages, train the three methods and a UNet2DModel "
+        "baseline at equal FLOPs, sample, score (FD-classifier), write pipelines, grids, a plot and REPORT.md",
+    ),
+    "plan": Command(
+        "diffusers_stages.plan",
+        "stage boundaries (and decoder widths) from your training images, Zhang et al.'s optimal-denoiser method",
+    ),
+    "switch": Command(
+        "diffusers_stages.switch", "recommend a dual-backbone switch point from measured denoising errors", "cli"
+    ),
+}
+CONVERSIONS = {
+    "unet_to_multistage": "a UNet2DModel / DDPM / DDIM / LDM folder -> MultiStagePipeline (decoders copy the up path)",
+    "multistage_to_unet": "one stage of a MultiStagePipeline -> a plain UNet2DModel",
+    "original_multistage": "a checkpoint of the authors' multi-stage code (LDM fork) -> MultiStagePipeline",
+    "original_multistage_edm": "a checkpoint of the authors' EDM multi-stage model -> MultiStagePipeline",
+    "pipelines_to_experts": "several single-model pipelines -> ExpertRoutingPipeline or DualBackbonePipeline",
+}
+
+
+@contextlib.contextmanager
+def _program_name(prog: str) -> Iterator[None]:
+    """Usage and error lines of a delegated parser name the subcommand (argparse reads ``sys.argv[0]``)."""
+    saved = sys.argv[0] if sys.argv else ""
+    if not sys.argv:
+        sys.argv.append(saved)
+    sys.argv[0] = prog
+    try:
+        yield
+    finally:
+        sys.argv[0] = saved
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: it only names the subcommands (each parses its own arguments)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Stage-wise diffusion models for diffusers: multi-stage U-Nets, expert routing, dual backbone.",
+        epilog="conversions (diffusers-stages convert <name> --help):\n"
+        + "\n".join(f"  {name:<25} {text}" for name, text in CONVERSIONS.items())
+        + f"\n\nStart with `{PROG} demo`; `{PROG} <command> --help` shows a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
+    for name, command in COMMANDS.items():
+        subparsers.add_parser(name, help=command.help, add_help=False)
+    subparsers.add_parser("convert", help="convert checkpoints: `convert <name> ...` (names below)", add_help=False)
+    return parser
+
+
+def convert(argv: list[str]) -> int:
+    """`diffusers-stages convert <name> ...`: run ``diffusers_stages.conversion.<name>`` on the remaining arguments."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} convert",
+        description="Convert checkpoints; each conversion takes its own options (`convert <name> --help`).",
+    )
+    parser.add_argument("name", choices=sorted(CONVERSIONS), help="the conversion script")
+    if not argv or argv[0].startswith("-"):
+        parser.parse_args(argv)  # --help, or a usage error naming the choices
+    parser.parse_args(argv[:1])
+    module = importlib.import_module(f"diffusers_stages.conversion.{argv[0]}")
+    from diffusers_stages.conversion.common import run
+
+    with _program_name(f"{PROG} convert {argv[0]}"):
+        run(module.main, module.parse_args, argv[1:])
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``diffusers-stages <command> [args]`` (default: ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return 2
+    command, rest = argv[0], argv[1:]
+    if command == "convert":
+        return convert(rest)
+    if command not in COMMANDS:
+        parser.parse_args(argv[:1])  # --help or -h print the help; anything else is a usage error
+        return 2
+    return COMMANDS[command].run(f"{PROG} {command}", rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""`diffusers-stages demo --quick` end to end in a temporary folder: every output, reloadable pipelines, the report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffusers_stages import DualBackbonePipeline, ExpertRoutingPipeline, MultiStagePipeline
+from diffusers_stages.demo import parse_args
+
+PIPELINES = {
+    "unet2d": ExpertRoutingPipeline,
+    "multistage": MultiStagePipeline,
+    "dual_backbone": DualBackbonePipeline,
+    "experts": ExpertRoutingPipeline,
+}
+
+
+def run_demo(output_dir, *flags):
+    command = [sys.executable, "-m", "diffusers_stages.cli", "demo", "--quick", "--output_dir", str(output_dir)]
+    result = subprocess.run(
+        [*command, *flags], check=False, capture_output=True, text=True, timeout=600, cwd=output_dir.parent
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("demo") / "out"
+    return output_dir, run_demo(output_dir)
+
+
+def test_demo_writes_every_output(demo):
+    output_dir, result = demo
+    for name in ("REPORT.md", "report.json", "quality_vs_time.png", *[f"grid_{f}.png" for f in PIPELINES]):
+        assert os.path.getsize(output_dir / name) > 200, name
+    for folder in PIPELINES:
+        assert (output_dir / folder / "model_index.json").is_file()
+    assert "stage boundaries" in result.stdout and "decoder widths" in result.stdout
+    assert str(output_dir) in result.stdout  # where everything is
+
+
+def test_report_has_one_row_per_method(demo):
+    output_dir, result = demo
+    report = json.loads((output_dir / "report.json").read_text())
+    assert [row["folder"] for row in report["rows"]] == list(PIPELINES)
+    for row in report["rows"]:
+        assert row["fd"] >= 0 and 0 <= row["accuracy"] <= 1 and row["ms_per_image"] > 0 and row["train_steps"] >= 1
+    base, staged, dual, experts = (row["train_tflops"] for row in report["rows"])
+    assert 0.5 < staged / base < 2  # equal training compute (B), up to whole steps
+    assert dual > base > experts  # the baseline (B) as deep backbone + a shallow one on B/4; experts on B/2
+    table = (output_dir / "REPORT.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + len(PIPELINES) + 1  # header, one per method, the real-data floor
+    for row in report["rows"]:
+        assert sum(line.startswith(f"| {row['method']} |") for line in rows) == 1
+        assert f"| {row['fd']:.2f} |" in result.stdout  # the printed table
+
+
+@pytest.mark.parametrize("folder", list(PIPELINES))
+def test_saved_pipelines_reload_and_sample(demo, folder):
+    output_dir, _ = demo
+    pipeline = PIPELINES[folder].from_pretrained(output_dir / folder)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def sample():
+        generator = torch.Generator().manual_seed(0)
+        return pipeline(class_labels=[3, 7], num_inference_steps=3, output_type="pt", generator=generator).images
+
+    images = sample()
+    assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()
+    assert torch.equal(images, sample())  # same seed, same images
+    assert type(pipeline.scheduler).__name__ == "DDPMScheduler"  # saved with the demo's sampling scheduler
+
+
+@pytest.mark.slow
+def test_same_seed_same_report_numbers(demo, tmp_path):
+    output_dir, _ = demo
+    run_demo(tmp_path / "again")
+    rows = [json.loads((d / "report.json").read_text())["rows"] for d in (output_dir, tmp_path / "again")]
+    keys = ("params", "train_steps", "train_tflops", "fd", "accuracy", "sampling_mflops")
+    assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], "`--steps` must be a positive integer, got 0"),
+        (["--num_threads", "0"], "`--num_threads` must be a positive integer, got 0"),
+        (["--device", "tpu"], "`--device` must be 'cpu' or 'cuda', got 'tpu'"),
+    ],
+)
+def test_bad_flags_are_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_refuses_a_non_empty_output_dir(tmp_path, capsys):
+    (tmp_path / "old.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        parse_args(["--output_dir", str(tmp_path)])
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert (tmp_path / "old.txt").read_text() == "keep me"

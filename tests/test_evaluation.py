@@ -1,0 +1,56 @@
+"""FD-classifier: a seeded classifier on the data, a Frechet distance that orders real < noisy < noise."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from diffusers_stages.evaluation import Evaluator, FeatureClassifier, count_flops, train_classifier
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits()
+    order = np.random.default_rng(0).permutation(len(data.target))
+    images = torch.from_numpy(data.images[order]).float()[:, None] / 8.0 - 1.0
+    labels = torch.from_numpy(data.target[order]).long()
+    return images[:1400], labels[:1400], images[1400:], labels[1400:]
+
+
+def test_classifier_is_seeded_and_cached(digits, tmp_path):
+    images, labels, _, _ = digits
+    path = str(tmp_path / "classifier.safetensors")
+    net = train_classifier(images, labels, max_steps=20, cache_path=path)
+    again = train_classifier(images, labels, max_steps=20)  # trained again from the same seed
+    cached = train_classifier(images, labels, max_steps=1, cache_path=path)  # loaded, not trained
+    for other in (again, cached):
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_frechet_distance_orders_quality(digits):
+    images, labels, test, test_labels = digits
+    evaluator = Evaluator(train_classifier(images, labels, max_steps=60), images)
+    generator = torch.Generator().manual_seed(0)
+    real = evaluator.score(test, test_labels)
+    noisy = evaluator.score(test + 0.5 * torch.randn(test.shape, generator=generator), test_labels)
+    noise = evaluator.score(torch.rand(test.shape, generator=generator) * 2 - 1)
+    assert real["fd"] < noisy["fd"] < noise["fd"] and "accuracy" not in noise
+    assert real == evaluator.score(test, test_labels)  # deterministic
+
+
+def test_bad_inputs(digits):
+    images, labels, test, _ = digits
+    with pytest.raises(ValueError, match="image_size"):
+        FeatureClassifier(image_size=28)
+    with pytest.raises(ValueError, match="one label each"):
+        train_classifier(images, labels[:10])
+    with pytest.raises(ValueError, match="images"):
+        Evaluator(FeatureClassifier(8), images[:10]).score(test[:1])
+
+
+def test_count_flops_counts_backward():
+    weight = torch.ones(8, 2, requires_grad=True)
+    forward, _ = count_flops(lambda: torch.ones(4, 8) @ weight)
+    both, _ = count_flops(lambda: (torch.ones(4, 8) @ weight).sum().backward())
+    assert forward == 128 and both == 2 * forward  # the weight's gradient is one more matmul
