@@ -309,7 +309,9 @@ class StagedDiffusionPipeline(DiffusionPipeline):
             latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
 
             if callback_on_step_end is not None:  # the callback may read and replace the latents
-                callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                callback_kwargs = {}
+                for k in callback_on_step_end_tensor_inputs:
+                    callback_kwargs[k] = locals()[k]
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                 latents = callback_outputs.pop("latents", latents)
 
