@@ -41,7 +41,7 @@ class StageRouter:
         self.scheduler = scheduler
         self.stage: int | None = None
 
-    def __call__(self, timestep: torch.Tensor | float | int, is_corrector: bool | None = None) -> int:
+    def __call__(self, timestep: torch.Tensor | float, is_corrector: bool | None = None) -> int:
         """The stage of a model call at ``timestep``; ``is_corrector`` says whether it is the second call of a
         predictor/corrector pair (``None``: read the scheduler's ``state_in_first_order`` now)."""
         if is_corrector is None:

@@ -70,7 +70,7 @@ def step_parameters(scheduler) -> frozenset[str]:
     return _step_parameters(type(scheduler))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _step_parameters(scheduler_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(scheduler_class.step).parameters) - {"self"}
 

@@ -160,4 +160,3 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         middle = (timesteps[shallow_steps - 1] + timesteps[shallow_steps]) / 2
         level = TimestepPartition([], steps, units).noise_level(middle)  # model timestep -> partition units
         return TimestepPartition([float(level)], steps, units)
-

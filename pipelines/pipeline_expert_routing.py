@@ -11,7 +11,6 @@ from ..partition import TimestepPartition
 from ..schedulers import scheduler_prediction_type
 from .pipeline_staged import StagedDiffusionPipeline
 
-
 __all__ = ["ExpertRoutingPipeline", "scheduler_prediction_type"]  # the latter's old home
 
 

@@ -7,7 +7,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,8 +37,8 @@ class StagedDiffusionPipeline(DiffusionPipeline):
     unless the scheduler uses learned variances itself.
     """
 
-    _optional_components = ["vae"]
-    _callback_tensor_inputs = ["latents"]
+    _optional_components: ClassVar[list[str]] = ["vae"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]  # what `callback_on_step_end` may read and replace
 
     # --------------------------------------------------------------------------------------------------------------
     # what a subclass provides
@@ -339,7 +339,7 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         write_reexport_files(save_directory, type(self))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "StagedDiffusionPipeline":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> StagedDiffusionPipeline:
         r"""
         Load a saved pipeline folder (or Hub repository) as this package's classes.
 

@@ -3,40 +3,16 @@
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, UNet2DModel
+from diffusers import DDPMScheduler, EulerDiscreteScheduler
 from diffusers.callbacks import PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffusers_stages import (
-    DualBackbonePipeline,
-    ExpertRoutingModel,
-    ExpertRoutingPipeline,
-    MultiStagePipeline,
-    MultiStageUNet2DModel,
-)
-from tests.conftest import TINY_UNET
+from diffusers_stages import DualBackbonePipeline
 
-KINDS = ("multistage", "experts", "dual_backbone")
+from .conftest import KINDS
+from .conftest import tiny_pipeline as _pipeline
+
 RUN = {"num_inference_steps": 3, "output_type": "pt"}
-
-
-def _pipeline(kind: str, scheduler=None, num_class_embeds: int | None = None, **dual_switch):
-    """A tiny pipeline of each kind; the dual backbone with its default switch unless one is given."""
-    torch.manual_seed(0)
-    shape = {**TINY_UNET, "num_class_embeds": num_class_embeds}
-    scheduler = scheduler or DDIMScheduler()
-    if kind == "multistage":
-        pipe = MultiStagePipeline(
-            unet=MultiStageUNet2DModel(**shape, stage_boundaries=(442, 631)), scheduler=scheduler
-        )
-    elif kind == "experts":
-        experts = ExpertRoutingModel([UNet2DModel(**shape) for _ in range(2)], stage_boundaries=(500,))
-        pipe = ExpertRoutingPipeline(experts=experts, scheduler=scheduler)
-    else:
-        shallow, deep = UNet2DModel(**shape), UNet2DModel(**shape)
-        pipe = DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=scheduler, **dual_switch)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _denoisers(pipe) -> list[torch.nn.Module]:
@@ -166,7 +142,7 @@ def test_callback_reads_and_replaces_the_latents(pipe):
 
 def test_pipeline_callback_objects_are_accepted(pipe):
     class Zero(PipelineCallback):
-        tensor_inputs = ["latents"]
+        tensor_inputs = ["latents"]  # noqa: RUF012 (diffusers' own form)
 
         def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
             return {"latents": torch.zeros_like(callback_kwargs["latents"])}
