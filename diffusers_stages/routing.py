@@ -8,33 +8,7 @@ from collections.abc import Callable
 import torch
 
 from .partition import TimestepPartition
-
-
-def is_edm_scheduler(scheduler) -> bool:
-    """EDM schedulers (`EDMEulerScheduler`, `EDMDPMSolverMultistepScheduler`) condition on ``ln(sigma)/4``."""
-    return hasattr(scheduler, "precondition_noise")
-
-
-def check_scheduler_units(scheduler, partition: TimestepPartition) -> None:
-    """Refuse a scheduler whose timesteps are not in the partition's units (RESEARCH.md section 3)."""
-    edm = is_edm_scheduler(scheduler)
-    if edm and partition.units != "sigma":
-        raise ValueError(
-            f"`scheduler` {type(scheduler).__name__} conditions the model on c_noise = ln(sigma)/4, but the stage "
-            f"boundaries are in {partition.units!r} units: use a model with `boundary_units='sigma'` (EDM-style), or "
-            "a DDPM-style scheduler."
-        )
-    if not edm and partition.units == "sigma":
-        raise ValueError(
-            f"The stage boundaries are in 'sigma' units (an EDM-style model), but `scheduler` "
-            f"{type(scheduler).__name__} is not an EDM scheduler: use EDMEulerScheduler or EDMDPMSolverMultistepScheduler."
-        )
-    train_steps = getattr(scheduler.config, "num_train_timesteps", None)
-    if partition.units == "timestep" and train_steps is not None and train_steps != partition.num_train_timesteps:
-        raise ValueError(
-            f"`scheduler` has num_train_timesteps={train_steps}, but the stage boundaries are for a "
-            f"{partition.num_train_timesteps}-step schedule."
-        )
+from .schedulers import check_scheduler_units, is_edm_scheduler  # noqa: F401  (their old home)
 
 
 class StageRouter:
@@ -61,14 +35,18 @@ class StageRouter:
     """
 
     def __init__(self, partition: TimestepPartition, scheduler):
+        """Route the model calls of ``scheduler`` (checked to be in ``partition``'s units) to ``partition``'s stages."""
         check_scheduler_units(scheduler, partition)
         self.partition = partition
         self.scheduler = scheduler
         self.stage: int | None = None
 
-    def __call__(self, timestep: torch.Tensor | float | int) -> int:
-        in_corrector = getattr(self.scheduler, "state_in_first_order", True) is False
-        if self.stage is None or not in_corrector:
+    def __call__(self, timestep: torch.Tensor | float, is_corrector: bool | None = None) -> int:
+        """The stage of a model call at ``timestep``; ``is_corrector`` says whether it is the second call of a
+        predictor/corrector pair (``None``: read the scheduler's ``state_in_first_order`` now)."""
+        if is_corrector is None:
+            is_corrector = getattr(self.scheduler, "state_in_first_order", True) is False
+        if self.stage is None or not is_corrector:
             self.stage = int(self.partition.stage_for_timestep(torch.as_tensor(timestep).reshape(1))[0])
         return self.stage
 

@@ -1,30 +1,44 @@
 """Dual-backbone sampling (DuoDiff, arXiv 2410.09633): a shallow denoiser for the first, noisiest steps and a deep
-one for the rest. It is a two-expert [`ExpertRoutingPipeline`] whose single boundary is the switch point."""
+one for the rest. It samples exactly as a two-expert [`ExpertRoutingPipeline`] whose single boundary is the switch
+point, but holds its two backbones as components of their own (``shallow``, ``deep``)."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
-import numpy as np
 import torch
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel, VQModel
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.expert_routing import ExpertRoutingModel
+from ..models.iunet import IUNet2DModel
 from ..partition import TimestepPartition
-from ..routing import check_scheduler_units, is_edm_scheduler
-from .pipeline_expert_routing import ExpertRoutingPipeline, scheduler_prediction_type
+from ..schedulers import (
+    check_scheduler_units,
+    model_call_timesteps,
+    scheduler_prediction_type,
+    scheduler_units,
+    sigma_to_timestep,
+)
 from .pipeline_staged import StagedDiffusionPipeline
 
+__all__ = ["DEFAULT_SWITCH_STEP_FRACTION", "DualBackbonePipeline", "sigma_to_timestep"]  # the last: its old home
+
 SWITCH_KEYS = ("switch_step_fraction", "switch_timestep", "switch_sigma")
+DEFAULT_SWITCH_STEP_FRACTION = 0.4  # DuoDiff picks the switch by a sweep; no published rule
+
+# a backbone is any denoiser; diffusers' `from_pipe` keeps a model component only when its exact class is named in
+# the annotation, so the classes the package builds backbones from are listed before the catch-all `ModelMixin`
+Backbone = UNet2DModel | IUNet2DModel | DiTTransformer2DModel | ModelMixin
 
 
-class DualBackbonePipeline(ExpertRoutingPipeline):
+class DualBackbonePipeline(StagedDiffusionPipeline):
     r"""
     Pipeline for image generation with a shallow and a deep denoiser (DuoDiff): the shallow one runs the noisy end
-    of the schedule, the deep one takes over at the switch point. Exactly one switch is given and saved in the
-    pipeline's config:
+    of the schedule, the deep one takes over at the switch point. At most one switch is given (none: a step fraction
+    of ``DEFAULT_SWITCH_STEP_FRACTION`` = 0.4) and saved in the pipeline's config:
 
     - ``switch_step_fraction``: the shallow model runs the first ``round(f * num_inference_steps)`` steps (at least
       one step each). It is resolved at every call from the scheduler's timesteps after ``set_timesteps``, so it
@@ -41,11 +55,13 @@ class DualBackbonePipeline(ExpertRoutingPipeline):
       handled).
 
     Args:
-        shallow ([`~diffusers.ModelMixin`]): the small denoiser, trained on all timesteps.
-        deep ([`~diffusers.ModelMixin`]): the large denoiser.
+        shallow ([`~diffusers.ModelMixin`]): the small denoiser, trained on all timesteps (a `UNet2DModel`,
+            `IUNet2DModel`, `DiTTransformer2DModel`, or any other denoiser; `from_pipe` carries the first three
+            over, another class is passed again: ``from_pipe(pipe, shallow=..., deep=...)``).
+        deep ([`~diffusers.ModelMixin`]): the large denoiser, as ``shallow``.
         scheduler ([`~diffusers.SchedulerMixin`]): one scheduler for both.
         vae ([`~diffusers.AutoencoderKL`] or [`~diffusers.VQModel`], *optional*): for latent diffusion.
-        switch_step_fraction (`float`, *optional*): see above, in ``(0, 1)``.
+        switch_step_fraction (`float`, *optional*): see above, in ``(0, 1)``; the default when no switch is given.
         switch_timestep (`float`, *optional*): see above.
         switch_sigma (`float`, *optional*): see above.
 
@@ -72,20 +88,22 @@ class DualBackbonePipeline(ExpertRoutingPipeline):
 
     def __init__(
         self,
-        shallow: ModelMixin,
-        deep: ModelMixin,
+        shallow: Backbone,
+        deep: Backbone,
         scheduler: SchedulerMixin,
         vae: AutoencoderKL | VQModel | None = None,
         switch_step_fraction: float | None = None,
         switch_timestep: float | None = None,
         switch_sigma: float | None = None,
     ):
-        StagedDiffusionPipeline.__init__(self)  # the components are `shallow` and `deep`, not one `experts`
+        super().__init__()
+        if switch_step_fraction is None and switch_timestep is None and switch_sigma is None:
+            switch_step_fraction = DEFAULT_SWITCH_STEP_FRACTION  # no switch given: the package's default
         switch = {"switch_step_fraction": switch_step_fraction, "switch_timestep": switch_timestep}
         switch["switch_sigma"] = switch_sigma
         given = {k: v for k, v in switch.items() if v is not None}
         if len(given) != 1:
-            raise ValueError(f"Give exactly one of {SWITCH_KEYS}, got {given or 'none'}.")
+            raise ValueError(f"Give exactly one of {SWITCH_KEYS} (or none: the default step fraction), got {given}.")
         ((key, value),) = given.items()
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"`{key}` must be a number, got {value!r}.")
@@ -98,8 +116,20 @@ class DualBackbonePipeline(ExpertRoutingPipeline):
 
     # --------------------------------------------------------------------------------------------------------------
     @property
+    def partition(self) -> TimestepPartition:
+        """The deep/shallow boundary of a fixed switch (a step-fraction switch: see `resolve_partition`)."""
+        return self.resolve_partition(None)
+
+    @property
     def experts(self) -> ExpertRoutingModel:
-        """The two backbones as a routing model: ``[deep, shallow]`` (stage 0 is the clean end)."""
+        """Deprecated view of the two backbones as a new routing model, ``[deep, shallow]`` (stage 0 is the clean
+        end), built on every read and not a component: use `shallow` and `deep`, or `expert_schedule`."""
+        warnings.warn(
+            "`DualBackbonePipeline.experts` builds a new ExpertRoutingModel on every read and will be removed: use "
+            "`pipe.shallow` and `pipe.deep`.",
+            FutureWarning,
+            stacklevel=2,
+        )
         partition = self.resolve_partition(None)
         prediction_type = scheduler_prediction_type(self.scheduler)  # the backbones predict what the scheduler expects
         return ExpertRoutingModel([self.deep, self.shallow], prediction_type=prediction_type, **partition.to_config())
@@ -112,11 +142,11 @@ class DualBackbonePipeline(ExpertRoutingPipeline):
         """The deep/shallow boundary for this scheduler (and, for a step fraction, this number of steps)."""
         config, scheduler = self.config, self.scheduler
         steps = getattr(scheduler.config, "num_train_timesteps", None) or 1000
-        edm = is_edm_scheduler(scheduler)
+        units = scheduler_units(scheduler)
         if config.switch_timestep is not None:
             return TimestepPartition([config.switch_timestep], steps, "timestep")
         if config.switch_sigma is not None:
-            if edm:
+            if units == "sigma":
                 return TimestepPartition([config.switch_sigma], steps, "sigma")
             return TimestepPartition([sigma_to_timestep(scheduler, config.switch_sigma)], steps, "timestep")
         if num_inference_steps is None:
@@ -124,33 +154,14 @@ class DualBackbonePipeline(ExpertRoutingPipeline):
                 "The switch is a step fraction, which depends on the number of steps: call "
                 "`resolve_partition(num_inference_steps)`, or sample with the pipeline."
             )
-        return self._partition_from_fraction(num_inference_steps, steps, edm)
+        return self._partition_from_fraction(num_inference_steps, steps, units)
 
-    def _partition_from_fraction(self, num_inference_steps: int, steps: int, edm: bool) -> TimestepPartition:
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)
-        scheduler.set_timesteps(num_inference_steps)
-        timesteps = torch.unique_consecutive(scheduler.timesteps.double())  # Heun lists each corrector again
+    def _partition_from_fraction(self, num_inference_steps: int, steps: int, units: str) -> TimestepPartition:
+        calls = model_call_timesteps(self.scheduler, num_inference_steps)
+        timesteps = torch.unique_consecutive(torch.tensor([t for t, _ in calls], dtype=torch.float64))  # Heun repeats
         if len(timesteps) < 2:
             raise ValueError(f"A step-fraction switch needs `num_inference_steps` >= 2, got {num_inference_steps}.")
         shallow_steps = min(max(round(self.config.switch_step_fraction * len(timesteps)), 1), len(timesteps) - 1)
         middle = (timesteps[shallow_steps - 1] + timesteps[shallow_steps]) / 2
-        units = "sigma" if edm else "timestep"
         level = TimestepPartition([], steps, units).noise_level(middle)  # model timestep -> partition units
         return TimestepPartition([float(level)], steps, units)
-
-
-def sigma_to_timestep(scheduler, sigma: float) -> float:
-    """The (fractional) training timestep whose noise level is ``sigma``, from the scheduler's ``alphas_cumprod``."""
-    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
-    if alphas_cumprod is None:
-        raise ValueError(
-            f"`switch_sigma` needs a scheduler with a training noise schedule (`alphas_cumprod`); "
-            f"{type(scheduler).__name__} has none: give `switch_timestep` or `switch_step_fraction` instead."
-        )
-    log_sigmas = np.log(((1 - alphas_cumprod) / alphas_cumprod).double().sqrt().numpy())
-    if not log_sigmas[0] < math.log(sigma) < log_sigmas[-1]:
-        raise ValueError(
-            f"`switch_sigma` must lie inside the training schedule's noise levels "
-            f"({math.exp(log_sigmas[0]):.4g}, {math.exp(log_sigmas[-1]):.4g}), got {sigma}."
-        )
-    return float(np.interp(math.log(sigma), log_sigmas, np.arange(len(log_sigmas))))

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from diffusers import AutoencoderKL, VQModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.expert_routing import ExpertRoutingModel
 from ..partition import TimestepPartition
-from ..routing import StageRouter
+from ..schedulers import scheduler_prediction_type
 from .pipeline_staged import StagedDiffusionPipeline
 
-
-def scheduler_prediction_type(scheduler) -> str:
-    """What a scheduler expects the model to predict (flow-matching schedulers: the velocity)."""
-    return getattr(scheduler.config, "prediction_type", None) or "flow_prediction"
+__all__ = ["ExpertRoutingPipeline", "scheduler_prediction_type"]  # the latter's old home
 
 
 class ExpertRoutingPipeline(StagedDiffusionPipeline):
@@ -90,22 +85,3 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
     def stage_denoiser(self, stage: int) -> tuple[torch.nn.Module, dict]:
         # the expert itself, called exactly as a single-model pipeline would call it
         return self.experts.expert(stage), {}
-
-    def expert_schedule(self, num_inference_steps: int = 50) -> list[tuple[float, int]]:
-        """``(timestep, expert)`` of every model call a run with ``num_inference_steps`` makes, from a dry run of a
-        fresh copy of the scheduler through the same router as the sampling loop (no model is called)."""
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)
-        partition = self.resolve_partition(num_inference_steps)
-        router = StageRouter(partition, scheduler)
-        scheduler.set_timesteps(num_inference_steps)
-        sample = torch.zeros(1, 1, 2, 2)
-        step_kwargs = {"generator": torch.Generator().manual_seed(0)}
-        if "generator" not in inspect.signature(scheduler.step).parameters:
-            step_kwargs = {}
-        calls = []
-        for t in scheduler.timesteps:
-            calls.append((float(t), router(t)))
-            if hasattr(scheduler, "scale_model_input"):
-                scheduler.scale_model_input(sample, t)  # some schedulers track this call
-            sample = scheduler.step(torch.zeros_like(sample), t, sample, **step_kwargs).prev_sample
-        return calls

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.checks import compute_dtype
 from ..partition import TimestepPartition
 from ..routing import StageRouter
+from ..schedulers import model_call_timesteps
+from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
 from .loading import load_pipeline
 
 
@@ -34,7 +37,8 @@ class StagedDiffusionPipeline(DiffusionPipeline):
     unless the scheduler uses learned variances itself.
     """
 
-    _optional_components = ["vae"]
+    _optional_components: ClassVar[list[str]] = ["vae"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]  # what `callback_on_step_end` may read and replace
 
     # --------------------------------------------------------------------------------------------------------------
     # what a subclass provides
@@ -124,6 +128,77 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         return output
 
     # --------------------------------------------------------------------------------------------------------------
+    def expert_schedule(self, num_inference_steps: int = 50) -> list[tuple[float, int]]:
+        """``(timestep, stage)`` of every model call a run with ``num_inference_steps`` makes: which network runs
+        which step (stage 0 is the clean end). It is the schedule the sampling loop follows, from a dry run of a fresh
+        copy of the scheduler (no model is called)."""
+        return self._stage_schedule(self.resolve_partition(num_inference_steps), num_inference_steps)
+
+    def _stage_schedule(self, partition: TimestepPartition, num_inference_steps: int) -> list[tuple[float, int]]:
+        router = StageRouter(partition, self.scheduler)  # checks the scheduler's units
+        calls = model_call_timesteps(self.scheduler, num_inference_steps)
+        return [(t, router(t, is_corrector)) for t, is_corrector in calls]
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of model calls of the last run (``len(scheduler.timesteps)``)."""
+        return self._num_timesteps
+
+    @property
+    def guidance_scale(self) -> float | Sequence[float]:
+        """The ``guidance_scale`` of the last run, as given (one value, or one per stage)."""
+        return self._guidance_scale
+
+    def _sample_shape(
+        self, config, stages: Sequence[int], batch_size: int, height: int | None, width: int | None
+    ) -> tuple[int, int, int, int]:
+        """``(batch, channels, latent height, latent width)`` of the initial noise for images of ``height`` x
+        ``width`` pixels (default: the model's ``sample_size``, times the VAE's scale factor)."""
+        vae = getattr(self, "vae", None)
+        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        multiple = math.lcm(*(spatial_multiple(self.stage_denoiser(stage)[0].config) for stage in stages)) * vae_scale
+        size = config.sample_size
+        default = (size, size) if isinstance(size, int) else tuple(size)
+        sides = []
+        for name, value, fallback in (("height", height, default[0]), ("width", width, default[1])):
+            value = fallback * vae_scale if value is None else value
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % multiple:
+                raise ValueError(
+                    f"`{name}` must be a positive multiple of {multiple} (the networks' downsampling"
+                    f"{' times the VAE scale factor' if vae_scale > 1 else ''}), got {value!r}."
+                )
+            sides.append(value // vae_scale)
+        return (batch_size, config.in_channels, *sides)
+
+    def _prepare_latents(
+        self,
+        shape: tuple[int, ...],
+        latents: torch.Tensor | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The initial noise (``latents`` given by the user, or drawn from ``generator``), scaled to the scheduler's
+        first noise level as diffusers' pipelines do."""
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif not torch.is_tensor(latents) or not latents.is_floating_point() or tuple(latents.shape) != shape:
+            got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+            dtype_note = "" if not torch.is_tensor(latents) or latents.is_floating_point() else f" ({latents.dtype})"
+            raise ValueError(f"`latents` must be a floating-point tensor of shape {shape}, got {got}{dtype_note}.")
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
+    def _check_callback(self, callback, tensor_inputs: Sequence[str]) -> None:
+        if callback is not None and not callable(callback):
+            raise ValueError(f"`callback_on_step_end` must be callable, got {callback!r}.")
+        unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got {unknown}."
+            )
+
     @torch.no_grad()
     def __call__(
         self,
@@ -134,6 +209,14 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         return_dict: bool = True,
         class_labels: Sequence[int] | torch.Tensor | None = None,
         guidance_scale: float | Sequence[float] = 1.0,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float | None = None,
+        scheduler_step_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate images.
@@ -150,44 +233,74 @@ class StagedDiffusionPipeline(DiffusionPipeline):
             guidance_scale (`float` or `list[float]`, defaults to 1.0): classifier-free guidance scale, one for all
                 stages or one per stage (clean stage first), finite and >= 1; 1 disables guidance. Class-conditional
                 models only: an unconditional model refuses any other value.
+            num_images_per_prompt (`int`, defaults to 1): images per class label (each label repeated, in order);
+                for an unconditional model the batch is ``batch_size * num_images_per_prompt``.
+            height (`int`, *optional*): image height in pixels, defaults to the model's ``sample_size`` (times the
+                VAE's scale factor); a multiple of the networks' downsampling factor (and of the VAE's).
+            width (`int`, *optional*): image width, as ``height``.
+            latents (`torch.Tensor`, *optional*): the initial noise, shape ``(batch, in_channels, height, width)`` in
+                latent pixels, drawn from a unit normal; it is scaled by the scheduler's ``init_noise_sigma`` as in
+                diffusers' pipelines. Without it the noise is drawn from ``generator``.
+            eta (`float`, *optional*): DDIM's noise weight (0: deterministic DDIM, 1: DDPM-like). Only for schedulers
+                whose ``step`` takes ``eta``: any other scheduler refuses it with a `ValueError` (diffusers' own
+                pipelines drop it silently).
+            scheduler_step_kwargs (`dict`, *optional*): further keyword arguments of ``scheduler.step`` (e.g.
+                ``{"s_churn": 0.5}`` for `EulerDiscreteScheduler`); a key the step does not take is a `ValueError`.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called
+                after every model call as ``callback_on_step_end(pipe, i, t, callback_kwargs)``; ``callback_kwargs``
+                holds the tensors named in `callback_on_step_end_tensor_inputs`, and a ``"latents"`` entry in the
+                returned dict replaces the latents.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to the
+                callback, among the pipeline's ``_callback_tensor_inputs``.
 
         Returns:
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the generated images.
         """
         # 1. check the inputs
-        for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("num_inference_steps", num_inference_steps),
+            ("num_images_per_prompt", num_images_per_prompt),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
         partition = self.resolve_partition(num_inference_steps)
-        router = StageRouter(partition, self.scheduler)  # checks the scheduler's units
-        denoiser = self.stage_denoiser(partition.num_stages - 1)[0]  # the first network to run: shape, dtype, labels
+        schedule = self._stage_schedule(partition, num_inference_steps)  # which network runs which model call
+        denoiser = self.stage_denoiser(schedule[0][1])[0]  # the first network to run: shape, dtype, labels
         config, model_dtype = denoiser.config, compute_dtype(denoiser)  # `.dtype` would walk every submodule
         class_labels, batch_size = self._prepare_class_labels(class_labels, batch_size, config, device)
+        if class_labels is not None:
+            class_labels = class_labels.repeat_interleave(num_images_per_prompt)
+        batch_size *= num_images_per_prompt
         scales = self._guidance_scales(guidance_scale, partition.num_stages, conditional=class_labels is not None)
+        self._guidance_scale = guidance_scale
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"`generator` is a list of {len(generator)} generators, but the batch has {batch_size} images: give "
                 "one generator per image, or a single generator."
             )
+        step_kwargs = scheduler_step_kwargs_for(self.scheduler, generator, eta, scheduler_step_kwargs)
+        shape = self._sample_shape(config, sorted({stage for _, stage in schedule}), batch_size, height, width)
 
-        # 2. initial noise at the scheduler's first noise level
-        size = config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        latents = randn_tensor(
-            (batch_size, config.in_channels, height, width), generator=generator, device=device, dtype=model_dtype
-        )
+        # 2. timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        step_kwargs = (
-            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        )
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        if len(timesteps) != len(schedule):
+            raise RuntimeError(f"The dry run of {type(self.scheduler).__name__} disagrees with its timesteps.")
 
-        # 3. denoising loop: every model call goes to the network of the stage its noise level falls in
-        for t in self.progress_bar(self.scheduler.timesteps):
-            stage = router(t)  # the stage switch (a Heun-type predictor/corrector pair stays in one stage)
+        # 3. initial noise at the scheduler's first noise level
+        latents = self._prepare_latents(shape, latents, generator, device, model_dtype)
+
+        # 4. denoising loop: every model call goes to the network of the stage its noise level falls in
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            stage = schedule[i][1]  # the stage switch (a Heun-type predictor/corrector pair stays in one stage)
             model_input = latents
             if hasattr(self.scheduler, "scale_model_input"):
                 model_input = self.scheduler.scale_model_input(latents, t)
@@ -195,7 +308,14 @@ class StagedDiffusionPipeline(DiffusionPipeline):
             model_output = self.denoise(stage, model_input, timestep, class_labels, scales[stage])
             latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
 
-        # 4. decode latents (latent diffusion) and convert to the requested output type
+            if callback_on_step_end is not None:  # the callback may read and replace the latents
+                callback_kwargs = {}
+                for k in callback_on_step_end_tensor_inputs:
+                    callback_kwargs[k] = locals()[k]
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                latents = callback_outputs.pop("latents", latents)
+
+        # 5. decode latents (latent diffusion) and convert to the requested output type
         images = latents
         if output_type != "latent":
             if getattr(self, "vae", None) is not None:
@@ -219,7 +339,7 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         write_reexport_files(save_directory, type(self))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "StagedDiffusionPipeline":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> StagedDiffusionPipeline:
         r"""
         Load a saved pipeline folder (or Hub repository) as this package's classes.
 
@@ -241,6 +361,15 @@ class StagedDiffusionPipeline(DiffusionPipeline):
             return pipeline
         kwargs.pop("trust_remote_code", None)
         return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
+
+
+def spatial_multiple(config) -> int:
+    """What a network's height and width must be multiples of: its patch size (DiT), or ``2**(levels - 1)`` for a
+    U-Net that halves the resolution between its levels (``channel_mult`` of DDPM++, ``block_out_channels``)."""
+    if getattr(config, "patch_size", None):
+        return int(config.patch_size)
+    levels = getattr(config, "channel_mult", None) or getattr(config, "block_out_channels", None) or (1,)
+    return 2 ** (len(levels) - 1)
 
 
 def class_embedding_count(config) -> int | None:

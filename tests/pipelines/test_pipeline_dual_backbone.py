@@ -13,6 +13,7 @@ from diffusers import (
     HeunDiscreteScheduler,
     UNet2DModel,
 )
+from diffusers_stages.pipelines.pipeline_dual_backbone import DEFAULT_SWITCH_STEP_FRACTION
 
 from diffusers_stages import DualBackbonePipeline, ExpertRoutingModel, ExpertRoutingPipeline
 
@@ -101,10 +102,16 @@ def test_save_and_reload_keeps_the_switch_and_the_images(backbones, tmp_path):
         )
 
 
+def test_no_switch_is_the_default_step_fraction(backbones):
+    shallow, deep = backbones
+    pipe = _dual(shallow, deep, DDIMScheduler())
+    assert DEFAULT_SWITCH_STEP_FRACTION == 0.4 and pipe.config.switch_step_fraction == 0.4
+    assert pipe.config.switch_timestep is None and pipe.config.switch_sigma is None
+    assert [e for _, e in pipe.expert_schedule(5)] == [1, 1, 0, 0, 0]  # round(0.4 * 5) shallow steps
+
+
 def test_bad_switches_are_refused(backbones):
     shallow, deep = backbones
-    with pytest.raises(ValueError, match="exactly one"):
-        _dual(shallow, deep, DDIMScheduler())
     with pytest.raises(ValueError, match="exactly one"):
         _dual(shallow, deep, DDIMScheduler(), switch_timestep=300, switch_step_fraction=0.5)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):

@@ -3,37 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
 
-from diffusers_stages import (
-    DualBackbonePipeline,
-    ExpertRoutingModel,
-    ExpertRoutingPipeline,
-    MultiStagePipeline,
-    MultiStageUNet2DModel,
-)
-from tests.conftest import TINY_UNET
+from .conftest import KINDS, tiny_pipeline
 
-KINDS = ("multistage", "experts", "dual_backbone")
 RUN = {"num_inference_steps": 2, "output_type": "pt"}
 
 
 def _pipeline(kind: str, num_class_embeds: int | None = None):
     """A tiny pipeline of each kind (3 classes + the null label when ``num_class_embeds=4``)."""
-    torch.manual_seed(0)
-    shape = {**TINY_UNET, "num_class_embeds": num_class_embeds}
-    if kind == "multistage":
-        pipe = MultiStagePipeline(
-            unet=MultiStageUNet2DModel(**shape, stage_boundaries=(442, 631)).eval(), scheduler=DDIMScheduler()
-        )
-    elif kind == "experts":
-        experts = ExpertRoutingModel([UNet2DModel(**shape).eval() for _ in range(2)], stage_boundaries=(500,))
-        pipe = ExpertRoutingPipeline(experts=experts, scheduler=DDIMScheduler())
-    else:
-        shallow, deep = UNet2DModel(**shape).eval(), UNet2DModel(**shape).eval()
-        pipe = DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=DDIMScheduler(), switch_timestep=500)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipeline(kind, num_class_embeds=num_class_embeds, switch_timestep=500)
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -1,0 +1,215 @@
+"""What every pipeline of the package shares with a modern diffusers pipeline (the checks diffusers runs on
+`DDIMPipeline`, and the call arguments of its newer pipelines), over the three pipelines with tiny components."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, EulerDiscreteScheduler
+from diffusers.callbacks import PipelineCallback
+from diffusers.utils.torch_utils import randn_tensor
+
+from diffusers_stages import DualBackbonePipeline
+
+from .conftest import KINDS
+from .conftest import tiny_pipeline as _pipeline
+
+RUN = {"num_inference_steps": 3, "output_type": "pt"}
+
+
+def _denoisers(pipe) -> list[torch.nn.Module]:
+    return [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+
+
+def _stage_networks(pipe) -> list[torch.nn.Module]:
+    """The networks the sampling loop calls (an `ExpertRoutingModel`'s experts, not the container)."""
+    networks = [
+        pipe.stage_denoiser(stage)[0] for stage in range(pipe.resolve_partition(RUN["num_inference_steps"]).num_stages)
+    ]
+    return list({id(n): n for n in networks}.values())
+
+
+def _images(pipe, seed: int = 0, **kwargs) -> torch.Tensor:
+    return pipe(generator=torch.manual_seed(seed), **{**RUN, **kwargs}).images
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def pipe(request):
+    return _pipeline(request.param)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def conditional(request):
+    return _pipeline(request.param, num_class_embeds=4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# diffusers' DDIMPipeline checks
+def test_components_round_trip(pipe):
+    again = type(pipe)(**pipe.components)
+    again.set_progress_bar_config(disable=True)
+    assert again.components.keys() == pipe.components.keys()
+    assert all(again.components[k] is v for k, v in pipe.components.items())
+    assert torch.equal(_images(again), _images(pipe))
+
+
+def test_from_pipe_shares_the_components_and_samples_the_same(pipe):
+    again = type(pipe).from_pipe(pipe)
+    again.set_progress_bar_config(disable=True)
+    assert all(again.components[k] is v for k, v in pipe.components.items() if v is not None)
+    assert torch.equal(_images(again), _images(pipe))
+
+
+@pytest.mark.parametrize("switch", [{"switch_timestep": 300.0}, {"switch_step_fraction": 0.7}])
+def test_dual_backbone_from_pipe_keeps_the_backbones_and_the_switch(switch):
+    pipe = _pipeline("dual_backbone", **switch)
+    again = DualBackbonePipeline.from_pipe(pipe)
+    assert again.shallow is pipe.shallow and again.deep is pipe.deep  # kept by the annotation's classes
+    assert {k: again.config[k] for k in switch} == switch
+    assert again.expert_schedule(5) == pipe.expert_schedule(5)
+
+
+def test_dict_and_tuple_outputs_are_equivalent(pipe):
+    as_dict = _images(pipe)
+    (as_tuple,) = pipe(generator=torch.manual_seed(0), return_dict=False, **RUN)
+    assert torch.equal(as_dict, as_tuple)
+
+
+def test_same_seed_same_images_other_seed_other_images(pipe):
+    first = _images(pipe, seed=3, batch_size=2)
+    assert torch.equal(first, _images(pipe, seed=3, batch_size=2))
+    assert not torch.allclose(first, _images(pipe, seed=4, batch_size=2))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_to_dtype_converts_every_model_and_samples(kind):
+    pipe = _pipeline(kind)
+    noise = torch.randn(1, 3, 8, 8, generator=torch.manual_seed(0))  # the same noise in both dtypes
+    reference = pipe(latents=noise, **{**RUN, "output_type": "latent"}).images
+    pipe.to(torch.float16)
+    assert all(p.dtype == torch.float16 for m in _denoisers(pipe) for p in m.parameters())
+    pipe.to(torch.float64)
+    assert all(p.dtype == torch.float64 for m in _denoisers(pipe) for p in m.parameters())
+    latents = pipe(latents=noise, **{**RUN, "output_type": "latent"}).images
+    assert latents.dtype == torch.float64
+    assert torch.allclose(latents.float(), reference, atol=5e-3)  # DDIM amplifies the rounding at t=999
+
+
+def test_inference_mode(pipe):
+    with torch.inference_mode():
+        images = _images(pipe)
+    assert torch.equal(images, _images(pipe))  # and the scheduler still works outside it afterwards
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# call arguments of a modern diffusers pipeline
+@pytest.mark.parametrize("kind", KINDS)
+def test_user_latents_are_the_initial_noise_scaled_by_init_noise_sigma(kind):
+    pipe = _pipeline(kind, scheduler=EulerDiscreteScheduler())  # init_noise_sigma far from 1
+    noise = randn_tensor((2, 3, 8, 8), generator=torch.manual_seed(7))
+    from_latents = pipe(latents=noise.clone(), batch_size=2, **RUN).images
+    assert torch.equal(from_latents, _images(pipe, seed=7, batch_size=2))
+    assert pipe.scheduler.init_noise_sigma > 2
+    # the latents are the noise before scaling: passing pre-scaled ones changes the result
+    assert not torch.allclose(from_latents, pipe(latents=noise * 3, batch_size=2, **RUN).images)
+
+
+@pytest.mark.parametrize(
+    ("latents", "match"),
+    [
+        (torch.zeros(1, 3, 8, 8), r"shape \(2, 3, 8, 8\), got \(1, 3, 8, 8\)"),
+        (torch.zeros(2, 4, 8, 8), r"shape \(2, 3, 8, 8\), got \(2, 4, 8, 8\)"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.long), r"torch.int64"),
+        ([[0.0]], "got list"),
+    ],
+)
+def test_bad_latents_are_refused(pipe, latents, match):
+    with pytest.raises(ValueError, match="`latents` must be a floating-point tensor of .*" + match):
+        pipe(latents=latents, batch_size=2, **RUN)
+
+
+def test_callback_reads_and_replaces_the_latents(pipe):
+    seen = []
+
+    def callback(p, i, t, kwargs):
+        assert p is pipe
+        seen.append((i, float(t), kwargs["latents"].shape))
+        return {"latents": torch.zeros_like(kwargs["latents"])} if i == pipe.num_timesteps - 1 else {}
+
+    latents = pipe(callback_on_step_end=callback, generator=torch.manual_seed(0), **{**RUN, "output_type": "latent"})
+    assert [i for i, _, _ in seen] == list(range(pipe.num_timesteps)) and pipe.num_timesteps == 3
+    assert [t for _, t, _ in seen] == [t for t, _ in pipe.expert_schedule(3)]
+    assert torch.count_nonzero(latents.images) == 0  # the last callback's latents are the output
+
+
+def test_pipeline_callback_objects_are_accepted(pipe):
+    class Zero(PipelineCallback):
+        tensor_inputs = ["latents"]  # noqa: RUF012 (diffusers' own form)
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            return {"latents": torch.zeros_like(callback_kwargs["latents"])}
+
+    images = pipe(callback_on_step_end=Zero(cutoff_step_ratio=1.0), **{**RUN, "output_type": "latent"}).images
+    assert torch.count_nonzero(images) == 0
+
+
+def test_bad_callbacks_are_refused(pipe):
+    with pytest.raises(ValueError, match="`callback_on_step_end` must be callable, got 3"):
+        pipe(callback_on_step_end=3, **RUN)
+    with pytest.raises(ValueError, match=r"must be among \['latents'\], got \['noise'\]"):
+        pipe(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise"], **RUN)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eta_makes_ddim_stochastic_and_is_refused_where_the_step_has_none(kind):
+    pipe = _pipeline(kind)
+    noisy = _images(pipe, eta=1.0)
+    assert torch.equal(noisy, _images(pipe, eta=1.0))  # the step's noise comes from the generator
+    assert not torch.allclose(noisy, _images(pipe, eta=0.0))
+    assert torch.equal(_images(pipe, eta=0.0), _images(pipe))  # DDIM's default
+    pipe.scheduler = DDPMScheduler()
+    with pytest.raises(ValueError, match="`eta`=1.0 needs a scheduler whose `step` takes `eta`"):
+        _images(pipe, eta=1.0)
+    with pytest.raises(ValueError, match="'s_churn', which DDPMScheduler.step does not take"):
+        _images(pipe, scheduler_step_kwargs={"s_churn": 1.0})
+
+
+def test_height_and_width(pipe):
+    assert _images(pipe).shape == (1, 3, 8, 8)  # the model's sample_size
+    assert _images(pipe, height=16, width=4).shape == (1, 3, 16, 4)
+    for name, value in (("height", 7), ("width", 0), ("height", 8.0), ("width", True)):
+        with pytest.raises(ValueError, match=f"`{name}` must be a positive multiple of 2 .*got {value}"):
+            _images(pipe, **{name: value})
+
+
+def test_num_images_per_prompt_repeats_each_label(conditional):
+    labels = []
+    for model in _stage_networks(conditional):
+        model.register_forward_pre_hook(lambda m, a, kw: labels.append(kw["class_labels"].tolist()), with_kwargs=True)
+    images = _images(conditional, class_labels=[0, 2], num_images_per_prompt=2, guidance_scale=2.0)
+    assert images.shape[0] == 4 and conditional.guidance_scale == 2.0
+    assert all(called == [0, 0, 2, 2, 3, 3, 3, 3] for called in labels) and labels  # labels, then the null labels
+    assert _images(conditional, class_labels=[0, 2], num_images_per_prompt=3).shape[0] == 6
+    with pytest.raises(ValueError, match="`num_images_per_prompt` must be a positive integer, got 0"):
+        _images(conditional, class_labels=[0], num_images_per_prompt=0)
+
+
+def test_num_images_per_prompt_multiplies_an_unconditional_batch(pipe):
+    assert _images(pipe, batch_size=2, num_images_per_prompt=2).shape[0] == 4
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# model CPU offload
+def test_model_cpu_offload_sequence_names_every_model_component(pipe):
+    names = pipe.model_cpu_offload_seq.split("->")
+    models = {k for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
+    assert set(names) <= set(pipe.components) and models <= set(names)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_cpu_offload_runs(kind):
+    """Accelerate's hooks need an accelerator for real offloading; on CPU they are attached with ``device="cpu"``
+    and must leave the images unchanged (no accelerator was available to check the move itself)."""
+    pipe = _pipeline(kind)
+    reference = _images(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert all(hasattr(m, "_hf_hook") for m in _denoisers(pipe))
+    assert torch.equal(_images(pipe), reference)
