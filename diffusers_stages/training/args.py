@@ -43,7 +43,11 @@ class BoundaryList(argparse.Action):
                 FutureWarning,
                 stacklevel=2,
             )
-        setattr(namespace, self.dest, tuple(x for value in values for x in float_list(value)))
+        try:
+            boundaries = tuple(x for value in values for x in float_list(value))
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentError(self, str(error)) from None
+        setattr(namespace, self.dest, boundaries)
 
 
 def add_stage_boundaries_argument(
