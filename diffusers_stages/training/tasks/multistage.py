@@ -268,7 +268,10 @@ class MultiStageTask(TrainingTask):
         return MultiStagePipeline(unet=networks["unet"], scheduler=scheduler, vae=vae)
 
     def description(self):
-        widths = self.args.decoder_block_out_channels or "the encoder's"
+        planned = (
+            None if self.args.model_config is None else unet_shape_kwargs(self.args).get("decoder_block_out_channels")
+        )
+        widths = self.args.decoder_block_out_channels or planned or "the encoder's"
         origin = ""
         if self.source is not None:
             config = self.source.unet_config
