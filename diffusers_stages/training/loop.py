@@ -106,15 +106,15 @@ def build_task(task_class: type[TrainingTask], args: argparse.Namespace) -> Trai
 
 def train(args: argparse.Namespace, task: TrainingTask) -> str:
     """Train ``task``'s networks as ``args`` says; returns the output folder (a `save_pretrained` pipeline)."""
-    # 1. every check that needs no training: arguments, Hub repository, data source, data vs. networks, output folder
+    # 1. every check that needs no training: arguments, output folder, Hub repository, data source, data vs. networks
     in_channels, vae_factor = vae_shape(args, task)
     check_args(args, task.partition, task.downsampling * vae_factor, task.vae_path)
+    existing, resume_path = _check_output_dir(args)
     if args.push_to_hub:
         create_hub_repo(args)
     records = _read_records(args)
     num_class_embeds = records.num_classes + 1 if args.class_conditional else None  # last index = null label
     task.check_data(in_channels, args.resolution // vae_factor, num_class_embeds)
-    existing, resume_path = _check_output_dir(args)
 
     # 2. accelerator, logging, output folder, seeds (the same initial weights on every process)
     accelerator = _accelerator(args, task)
