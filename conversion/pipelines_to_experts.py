@@ -22,6 +22,7 @@ from diffusers_stages.conversion.unet_to_multistage import load_source
 from diffusers_stages.pipelines import DualBackbonePipeline, ExpertRoutingPipeline
 
 from diffusers_stages.models import ExpertRoutingModel
+from diffusers_stages.training.args import BoundaryList
 
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
 PIPELINES = {"experts": ExpertRoutingPipeline, "dual_backbone": DualBackbonePipeline}
@@ -42,8 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--stage_boundaries",
-        type=float,
         nargs="+",
+        action=BoundaryList,  # `442 631`, as every command of the package; the old `442,631` with a warning
         help="For experts: the len(--sources) - 1 inner boundaries in training timesteps (e.g. 600: the first "
         "source below t=600). For dual_backbone: one value, the switch timestep.",
     )

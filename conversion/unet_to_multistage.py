@@ -36,6 +36,7 @@ from diffusers_stages.pipelines import MultiStagePipeline
 import diffusers_stages
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
 from diffusers_stages.routing import is_edm_scheduler
+from diffusers_stages.training.args import BoundaryList
 
 SOURCE_PIPELINES = {"DDPMPipeline": "unet", "DDIMPipeline": "unet", "LDMPipeline": "unet"}  # pipeline -> denoiser
 TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # converted in place
@@ -55,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--stage_boundaries",
-        type=float,
         nargs="+",
+        action=BoundaryList,  # `442 631`, as every command of the package; the old `442,631` with a warning
         help="Inner stage boundaries, increasing, in --boundary_units (e.g. 442 631: Zhang et al.'s CIFAR-10 split).",
     )
     parser.add_argument(

@@ -160,7 +160,8 @@ def run(argv: list[str] | None = None) -> dict:
         if args.output_config:
             os.makedirs(os.path.dirname(os.path.abspath(args.output_config)), exist_ok=True)
             with open(args.output_config, "w", encoding="utf-8") as f:
-                json.dump(partition_to_model_config(config, plan.partition, widths), f, indent=2)
+                planned = partition_to_model_config(config, plan.partition, widths)
+                json.dump({**planned, "_class_name": "MultiStageUNet2DModel"}, f, indent=2)
             print(f"  model config written to {args.output_config}")
     if args.output_plot:
         print(f"  plot written to {plot_plan(plan, args.output_plot)}")

@@ -2,7 +2,7 @@
 
 from .args import build_parser, float_list, int_list
 from .hub import LocalHubApi, push_output_folder
-from .loop import parse_and_check, train
+from .loop import build_task, parse_and_check, train
 from .loss import diffusion_loss
 from .tasks import DualBackboneTask, ExpertTask, MultiStageTask, TrainingTask, assemble_expert_runs
 
@@ -14,6 +14,7 @@ __all__ = [
     "TrainingTask",
     "assemble_expert_runs",
     "build_parser",
+    "build_task",
     "diffusion_loss",
     "float_list",
     "int_list",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
+
+import torch
 
 from ..partition import TimestepPartition
 
@@ -26,6 +29,32 @@ def int_list(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+class BoundaryList(argparse.Action):
+    """`--stage_boundaries 442 631` (space-separated, as every command of the package takes it); the former comma form
+    `442,631` still parses, with a deprecation warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if any("," in value for value in values):
+            warnings.warn(
+                f"`{option_string} {' '.join(values)}`: comma-separated boundaries are deprecated, give them "
+                f"space-separated (`{option_string} {' '.join(v for v in ' '.join(values).replace(',', ' ').split())}`).",
+                FutureWarning,
+                stacklevel=2,
+            )
+        try:
+            boundaries = tuple(x for value in values for x in float_list(value))
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentError(self, str(error)) from None
+        setattr(namespace, self.dest, boundaries)
+
+
+def add_stage_boundaries_argument(
+    parser, help: str = "Inner stage boundaries (at least one), e.g. `442 631`.", **kwargs
+):
+    """Add `--stage_boundaries` with the one syntax of the package's commands (see `BoundaryList`)."""
+    return parser.add_argument("--stage_boundaries", nargs="+", action=BoundaryList, help=help, **kwargs)
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -58,8 +87,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model and noise schedule")
     model.add_argument(
-        "--model_config", type=str, default=None, help="config.json of the model (overrides shape args)."
-    )
+        "--model_config", "--model_config_name_or_path", dest="model_config", type=str, default=None,
+        help="The model's config.json, or a folder holding one (overrides the shape arguments).",
+    )  # fmt: skip
     model.add_argument("--block_out_channels", type=int_list, default=(128, 256, 256, 256), help="e.g. 64,128,128")
     model.add_argument("--layers_per_block", type=int, default=2)
     model.add_argument(
@@ -71,9 +101,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--attention_head_dim", type=int, default=8)
     model.add_argument("--norm_num_groups", type=int, default=32)
     model.add_argument("--dropout", type=float, default=0.0)
-    model.add_argument(
-        "--stage_boundaries", type=float_list, default=None, help="Inner boundaries (at least one), e.g. 442,631."
-    )
+    add_stage_boundaries_argument(model, default=None)
     model.add_argument("--boundary_units", choices=("timestep", "sigma"), default="timestep",
                        help="`sigma` trains an EDM-style model (EDMEulerScheduler, Karras et al. 2022).")  # fmt: skip
     model.add_argument(
@@ -94,8 +122,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     optim.add_argument("--gradient_checkpointing", action="store_true")
     optim.add_argument(
-        "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate config."
+        "--enable_xformers_memory_efficient_attention", action="store_true", help="Needs a GPU and `xformers`."
     )
+    optim.add_argument(
+        "--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+        help="Default: accelerate config. fp16 needs a GPU; bf16 runs on CPU too.",
+    )  # fmt: skip
     optim.add_argument("--learning_rate", type=float, default=1e-4)
     optim.add_argument("--lr_scheduler", type=str, default="cosine",
                        help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup")  # fmt: skip
@@ -114,10 +146,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     outputs.add_argument("--checkpointing_steps", type=int, default=500)
     outputs.add_argument("--checkpoints_total_limit", type=int, default=None)
     outputs.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or `latest`.")
-    outputs.add_argument("--logger", choices=("tensorboard", "none"), default="tensorboard")
+    outputs.add_argument("--logger", choices=("tensorboard", "wandb", "none"), default="tensorboard",
+                         help="`wandb` needs the `wandb` package (`pip install wandb`).")  # fmt: skip
     outputs.add_argument("--logging_dir", type=str, default="logs", help="Inside `--output_dir`.")
     outputs.add_argument(
         "--save_images_steps", type=int, default=1000, help="Sample grid every N steps (and at the end)."
+    )
+    outputs.add_argument(
+        "--save_model_epochs", type=int, default=None, help="Also save the pipeline every N epochs (and at the end)."
     )
     outputs.add_argument("--num_sample_images", type=int, default=16)
     outputs.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps for the sample grids.")
@@ -137,11 +173,26 @@ def default_block_types(num_blocks: int) -> tuple[tuple[str, ...], tuple[str, ..
     return down, up
 
 
+def read_model_config(args: argparse.Namespace) -> dict | None:
+    """The config of `--model_config` (a config.json, or a folder holding one), None when not given."""
+    path = args.model_config
+    if path is None:
+        return None
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"`--model_config` must be a model config.json or a folder holding one, got {path!r}: {error}"
+        ) from None
+    return config
+
+
 def unet_shape_kwargs(args: argparse.Namespace) -> dict:
     """The U-Net shape arguments (from `--model_config` when given, else from the command line)."""
     if args.model_config is not None:
-        with open(args.model_config, encoding="utf-8") as f:
-            return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+        return {k: v for k, v in read_model_config(args).items() if not k.startswith("_")}
     down, up = default_block_types(len(args.block_out_channels))
     return {
         "block_out_channels": tuple(args.block_out_channels),
@@ -163,7 +214,7 @@ def partition_from_args(args: argparse.Namespace, default: TimestepPartition) ->
     if not args.stage_boundaries:  # `--stage_boundaries ''` (or ','): no inner boundary would mean a single stage
         raise ValueError(
             f"`--stage_boundaries` {list(args.stage_boundaries)} gives no boundary, which would train a single-stage "
-            "model: a staged model needs at least one inner boundary (e.g. `--stage_boundaries 442,631`), or omit "
+            "model: a staged model needs at least one inner boundary (e.g. `--stage_boundaries 442 631`), or omit "
             "the argument for the default split. To train one plain U-Net, use diffusers' "
             "examples/unconditional_image_generation/train_unconditional.py."
         )
@@ -175,10 +226,18 @@ def partition_from_args(args: argparse.Namespace, default: TimestepPartition) ->
         ) from None
 
 
-def check_args(args: argparse.Namespace, partition: TimestepPartition, downsampling: int) -> None:
-    """Every check that needs no data and no model weights; raises ValueError naming the argument."""
+def check_args(
+    args: argparse.Namespace, partition: TimestepPartition, downsampling: int, vae_path: str | None = None
+) -> None:
+    """Every check that needs no data and no model weights; raises ValueError naming the argument. ``vae_path`` is
+    a VAE the task trains with besides `--vae_path` (a fine-tuned pipeline's own)."""
     if (args.train_data_dir is None) == (args.dataset_name is None):
         raise ValueError("Give exactly one of `--train_data_dir` (a folder of images) and `--dataset_name`.")
+    if args.dataset_name == "imagefolder":
+        raise ValueError(
+            "`--dataset_name imagefolder` would read whatever images sit in the current folder: give the folder "
+            "with `--train_data_dir` instead."
+        )
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise ValueError(f"`--train_data_dir` must be an existing folder of images, got {args.train_data_dir!r}.")
     for name in ("resolution", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",
@@ -207,7 +266,7 @@ def check_args(args: argparse.Namespace, partition: TimestepPartition, downsampl
             f"`--stage_shares` needs {partition.num_stages} non-negative values (one per stage, clean stage "
             f"first) with a positive sum, got {list(args.stage_shares)}."
         )
-    if args.cache_latents and args.vae_path is None:
+    if args.cache_latents and (vae_path or args.vae_path) is None:
         raise ValueError("`--cache_latents` caches VAE latents: give `--vae_path` too.")
     if args.cache_latents and not args.center_crop:
         raise ValueError("`--cache_latents` encodes each image once, so it needs `--center_crop` (no random crops).")
@@ -217,3 +276,27 @@ def check_args(args: argparse.Namespace, partition: TimestepPartition, downsampl
         )
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. `your-name/multistage-cifar10`).")
+    if args.save_model_epochs is not None and args.save_model_epochs < 1:
+        raise ValueError(f"`--save_model_epochs` must be a positive integer, got {args.save_model_epochs}.")
+    check_device_options(args)
+
+
+def check_device_options(args: argparse.Namespace) -> None:
+    """The options that need a GPU or an optional package: refused up front rather than failing mid-run."""
+    from diffusers.utils import is_wandb_available, is_xformers_available
+
+    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    if args.mixed_precision == "fp16" and not on_gpu:
+        raise ValueError(
+            "`--mixed_precision fp16` needs a CUDA GPU, and none is in use: train in fp32 (`--mixed_precision no`) "
+            "or in bf16 (`--mixed_precision bf16`, which runs on CPU)."
+        )
+    if args.enable_xformers_memory_efficient_attention:
+        if not on_gpu:
+            raise ValueError("`--enable_xformers_memory_efficient_attention` needs a CUDA GPU, and none is in use.")
+        if not is_xformers_available():
+            raise ValueError(
+                "`--enable_xformers_memory_efficient_attention` needs the `xformers` package: `pip install xformers`."
+            )
+    if args.logger == "wandb" and not is_wandb_available():
+        raise ValueError("`--logger wandb` needs the `wandb` package: `pip install wandb` (or `--logger none`).")

@@ -83,7 +83,14 @@ def hf_dataset_records(
         import datasets
     except ImportError:
         raise ValueError("`--dataset_name` needs the `datasets` package: `pip install datasets`.") from None
-    dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+    try:
+        dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+    except Exception as error:  # noqa: BLE001 (offline, unknown name, no train split: one line, not a traceback)
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"`--dataset_name` {dataset_name!r} could not be loaded ({type(error).__name__}: {first_line}). Offline, "
+            "use a dataset already in the `datasets` cache, a local path, or `--train_data_dir` (a folder of images)."
+        ) from None
     for column, flag in (
         (image_column, "--image_column"),
         (label_column if class_conditional else None, "--label_column"),

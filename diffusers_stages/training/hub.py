@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 from types import SimpleNamespace
 
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from huggingface_hub import create_repo
 from huggingface_hub.utils import filter_repo_objects
 
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "samples/*", "*.pkl", "*.bin"]
@@ -78,3 +80,62 @@ def push_output_folder(
         ignore_patterns=UPLOAD_IGNORE_PATTERNS,
         token=token,
     )
+
+
+def model_card_text(args: argparse.Namespace, task, steps: int, has_grid: bool) -> str:
+    """The model card's description: the method, its stages, how it was trained, how to sample, a sample grid."""
+    data = args.train_data_dir and os.path.basename(os.path.normpath(args.train_data_dir)) or args.dataset_name
+    space = f"latent space of `{task.vae_path}`" if task.vae_path else "pixel space"
+    lines = [
+        f"# {args.hub_model_id}",
+        "",
+        (
+            f"A **{task.method}** diffusion model trained with "
+            "[diffusers-stages](https://pypi.org/project/diffusers-stages/) on the Accelerate training scripts."
+        ),
+        "",
+        task.description(),
+        "",
+        "## Training settings",
+        "",
+        f"- data: {data}, {args.resolution}x{args.resolution}, {space}"
+        + (", class-conditional (last class embedding = unconditional)" if args.class_conditional else ""),
+        (
+            f"- noise schedule: {'EDM (sigma)' if args.boundary_units == 'sigma' else f'DDPM, {args.ddpm_num_steps} steps, {args.ddpm_beta_schedule}'}"
+            f", prediction type `{args.prediction_type}`"
+        ),
+        (
+            f"- {steps} optimisation steps, batch {args.train_batch_size} per device x {args.gradient_accumulation_steps} "
+            f"accumulation, AdamW lr {args.learning_rate:g} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)"
+        ),
+        f"- mixed precision: {args.mixed_precision or 'no'}, EMA: {'yes' if args.use_ema else 'no'}, seed {args.seed}",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from diffusers_stages import StagedDiffusionPipeline  # needs diffusers-stages installed",
+        "",
+        f'pipe = StagedDiffusionPipeline.from_pretrained("{args.hub_model_id}")  # runs no code from the repository',
+        f"image = pipe({'class_labels=[0]' if args.class_conditional else 'batch_size=1'}).images[0]",
+        "```",
+    ]
+    if has_grid:
+        lines += ["", "## Samples", "", "![samples](sample_grid.png)"]
+    return "\n".join(lines)
+
+
+def create_hub_repo(args: argparse.Namespace) -> str:
+    """`--push_to_hub`: create (or find) the repository before any training, so that a run that cannot push (offline,
+    no token, no right to the namespace) stops in its first second instead of after training."""
+    try:
+        if args.hub_local_dir:
+            return LocalHubApi(args.hub_local_dir).create_repo(args.hub_model_id, exist_ok=True).repo_id
+        url = create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo, token=args.hub_token)
+    except Exception as error:  # noqa: BLE001 (offline, HTTP 401/403, network errors: all stop the run here, named)
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"`--push_to_hub`: cannot create the Hub repository `--hub_model_id` {args.hub_model_id!r} "
+            f"({type(error).__name__}: {first_line}). Check the network and `hf auth login` / `--hub_token`, or drop "
+            "`--push_to_hub`; nothing was trained."
+        ) from None
+    return url.repo_id

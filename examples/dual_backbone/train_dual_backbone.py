@@ -8,7 +8,7 @@ rest. See README.md beside this file for the commands.
 
 import argparse
 
-from diffusers_stages.training import DualBackboneTask, build_parser, int_list, parse_and_check, train
+from diffusers_stages.training import DualBackboneTask, build_parser, build_task, int_list, parse_and_check, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> str:
-    return train(args, DualBackboneTask(args))
+    return train(args, build_task(DualBackboneTask, args))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,15 @@ split over the experts and expert n draws from its own interval with probability
 
 import argparse
 
-from diffusers_stages.training import ExpertTask, build_parser, float_list, int_list, parse_and_check, train
+from diffusers_stages.training import (
+    ExpertTask,
+    build_parser,
+    build_task,
+    float_list,
+    int_list,
+    parse_and_check,
+    train,
+)
 from diffusers_stages.training.loop import save_assembled_experts
 
 
@@ -49,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> str:
     if args.assemble_experts is not None:
         return save_assembled_experts(args)
-    return train(args, ExpertTask(args))
+    return train(args, build_task(ExpertTask, args))
 
 
 if __name__ == "__main__":

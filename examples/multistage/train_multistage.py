@@ -8,7 +8,7 @@ over the stages, so every decoder learns at every step. `--pretrained_model_name
 
 import argparse
 
-from diffusers_stages.training import MultiStageTask, build_parser, int_list, parse_and_check, train
+from diffusers_stages.training import MultiStageTask, build_parser, build_task, int_list, parse_and_check, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> str:
-    return train(args, MultiStageTask(args))
+    return train(args, build_task(MultiStageTask, args))
 
 
 if __name__ == "__main__":

@@ -135,6 +135,7 @@ def test_trains_in_the_latent_space_of_the_folders_vae(examples, script, image_f
                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, num_vq_embeddings=8)  # fmt: skip
     MultiStagePipeline(unet=unet, scheduler=DDPMScheduler(), vae=vq).save_pretrained(tmp_path / "vq")
     args = script.parse_args(_finetune_args(examples, image_folder, source, out, "--resolution", "16"))
+    assert args.vae_path is None and script.MultiStageTask(args).vae_path == source  # the task's, not written back
     args = argparse.Namespace(
         **{**vars(args), "pretrained_model_name_or_path": str(tmp_path / "vq"), "vae_path": None}
     )

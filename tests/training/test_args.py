@@ -1,9 +1,19 @@
 """Argument checks shared by the training scripts."""
 
+import json
+
+import diffusers.utils
 import pytest
+import torch
 
 from diffusers_stages.partition import TimestepPartition
-from diffusers_stages.training.args import build_parser, partition_from_args
+from diffusers_stages.training.args import (
+    build_parser,
+    check_args,
+    partition_from_args,
+    read_model_config,
+    unet_shape_kwargs,
+)
 
 
 @pytest.mark.parametrize("text", ["", ",", " , "])
@@ -32,3 +42,64 @@ def test_train_scripts_refuse_an_empty_stage_split_before_training(script_name, 
         )
     assert exit_info.value.code == 2 and "`--stage_boundaries` [] gives no boundary" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_stage_boundaries_space_separated_and_the_deprecated_comma_form():
+    parser = build_parser("")
+    assert parser.parse_args(["--stage_boundaries", "442", "631"]).stage_boundaries == (442.0, 631.0)
+    with pytest.warns(FutureWarning, match="comma-separated boundaries are deprecated.*`--stage_boundaries 442 631`"):
+        assert parser.parse_args(["--stage_boundaries", "442,631"]).stage_boundaries == (442.0, 631.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--stage_boundaries", "442", "x"])
+
+
+def _checked(tmp_path, *argv):
+    args = build_parser("").parse_args(["--train_data_dir", str(tmp_path), *argv])
+    check_args(args, TimestepPartition([442, 631]), 1)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--mixed_precision", "fp16"], "`--mixed_precision fp16` needs a CUDA GPU.*`--mixed_precision bf16`"),
+        (
+            ["--enable_xformers_memory_efficient_attention"],
+            "`--enable_xformers_memory_efficient_attention` needs a CUDA",
+        ),
+        (["--save_model_epochs", "0"], "`--save_model_epochs` must be a positive integer, got 0"),
+    ],
+)
+def test_options_refused_before_training(tmp_path, monkeypatch, argv, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=message):
+        _checked(tmp_path, *argv)
+
+
+def test_bf16_is_allowed_on_cpu_and_missing_optional_packages_are_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _checked(tmp_path, "--mixed_precision", "bf16").mixed_precision == "bf16"
+    monkeypatch.setattr(diffusers.utils, "is_wandb_available", lambda: False)
+    with pytest.raises(ValueError, match="`--logger wandb` needs the `wandb` package: `pip install wandb`"):
+        _checked(tmp_path, "--logger", "wandb")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(diffusers.utils, "is_xformers_available", lambda: False)
+    with pytest.raises(ValueError, match="needs the `xformers` package"):
+        _checked(tmp_path, "--enable_xformers_memory_efficient_attention")
+
+
+def test_dataset_name_imagefolder_without_a_folder_is_refused():
+    args = build_parser("").parse_args(["--dataset_name", "imagefolder"])
+    with pytest.raises(
+        ValueError, match="`--dataset_name imagefolder` would read whatever images.*`--train_data_dir`"
+    ):
+        check_args(args, TimestepPartition([442, 631]), 1)
+
+
+def test_model_config_is_a_file_or_a_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "block_out_channels": [8, 16]}))
+    for argv in (["--model_config", str(tmp_path)], ["--model_config_name_or_path", str(tmp_path / "config.json")]):
+        args = build_parser("").parse_args(argv)
+        assert unet_shape_kwargs(args) == {"block_out_channels": [8, 16]}
+    with pytest.raises(ValueError, match="`--model_config` must be a model config.json or a folder holding one"):
+        read_model_config(build_parser("").parse_args(["--model_config", str(tmp_path / "missing")]))

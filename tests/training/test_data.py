@@ -94,3 +94,18 @@ def test_a_training_run_stops_on_a_bad_image_file_before_it_starts(folder, tmp_p
         script.main(script.parse_args([*TINY, "--train_data_dir", folder, "--output_dir", str(out)]))
     assert f"not a readable image: {bad!r}" in str(error.value)
     assert not out.exists()
+
+
+def test_an_unreachable_dataset_is_one_line_naming_the_argument(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from diffusers_stages.training.data import hf_dataset_records
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'me/cats' on the Hub (LocalEntryNotFoundError)\\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError) as error:
+        hf_dataset_records("me/cats", class_conditional=False)
+    message = str(error.value)
+    assert message.startswith("`--dataset_name` 'me/cats' could not be loaded (ConnectionError: Couldn't reach")
+    assert "\n" not in message and "--train_data_dir" in message and error.value.__cause__ is None

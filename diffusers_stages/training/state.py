@@ -1,0 +1,117 @@
+"""What a training run holds once prepared, and what it writes besides checkpoints: loss logs and sample grids."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, SchedulerMixin
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.training_utils import EMAModel
+from diffusers.utils import is_tensorboard_available, make_image_grid
+
+from .tasks import TrainingTask
+
+
+@dataclass
+class RunState:
+    """Everything a training run holds once prepared: the steps, the logs, the sample grids and the saves read it."""
+
+    accelerator: Accelerator
+    args: argparse.Namespace
+    task: TrainingTask
+    names: list[str]  # one per network, in the order of `models`
+    models: list[torch.nn.Module]  # the prepared (possibly DDP-wrapped) networks
+    emas: dict[str, EMAModel]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    noise_scheduler: SchedulerMixin  # training
+    sampling_scheduler: SchedulerMixin
+    vae: AutoencoderKL | None
+    weight_dtype: torch.dtype
+    num_classes: int  # classes of the data, 0 when unconditional (the null label is index `num_classes`)
+    max_train_steps: int
+
+    def unwrapped(self) -> dict[str, ModelMixin]:
+        return {name: self.accelerator.unwrap_model(model) for name, model in zip(self.names, self.models)}
+
+    @contextmanager
+    def ema_weights(self, use_ema: bool = True):
+        """The networks with their EMA weights swapped in (when `--use_ema` and ``use_ema``), restored after."""
+        networks, emas = self.unwrapped(), self.emas if use_ema else {}
+        for name, ema in emas.items():
+            ema.store(networks[name].parameters())
+            ema.copy_to(networks[name].parameters())
+        try:
+            yield networks
+        finally:
+            for name, ema in emas.items():
+                ema.restore(networks[name].parameters())
+
+
+class LossLog:
+    """The loss sums of each stage and each network since the last optimisation step, reduced over processes when
+    logged: ``loss`` (all stages), ``loss/stage_<s>`` and, with several networks, ``loss/<network>``."""
+
+    def __init__(self, num_stages: int, names: list[str], device: torch.device):
+        self.num_stages, self.names = num_stages, names
+        self.sums = torch.zeros(2, num_stages + len(names), dtype=torch.float64, device=device)
+
+    def add(self, stages: torch.Tensor, networks: torch.Tensor, losses: torch.Tensor) -> None:
+        groups = torch.cat([stages, self.num_stages + networks]).to(self.sums.device)
+        detached = losses.detach().double().to(self.sums.device)
+        self.sums[0].index_add_(0, groups, torch.cat([detached, detached]))
+        self.sums[1].index_add_(0, groups, torch.ones_like(groups, dtype=torch.float64))
+
+    def reduce(self, accelerator: Accelerator) -> dict[str, float]:
+        """The means since the last call, over every process; the sums start again from zero."""
+        num_stages, num_networks = self.num_stages, len(self.names)
+        totals = accelerator.reduce(self.sums.clone(), reduction="sum")
+        mean = (totals[0] / totals[1].clamp(min=1)).tolist()
+        logs = {"loss": totals[0, :num_stages].sum().item() / max(totals[1, :num_stages].sum().item(), 1)}
+        logs.update({f"loss/stage_{s}": mean[s] for s in range(num_stages) if totals[1, s] > 0})
+        if num_networks > 1:
+            logs.update({f"loss/{name}": mean[num_stages + k] for k, name in enumerate(self.names)})
+        self.sums.zero_()
+        return logs
+
+
+def sample_grid(pipeline, args: argparse.Namespace, num_classes: int) -> tuple:
+    """``(PIL grid, images as NHWC array)`` of ``--num_sample_images`` samples, seeded by ``--seed``."""
+    count = args.num_sample_images
+    labels = [i % num_classes for i in range(count)] if num_classes else None
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(
+        batch_size=count, generator=torch.Generator().manual_seed(args.seed), num_inference_steps=args.num_inference_steps,
+        output_type="np", class_labels=labels,
+    ).images  # fmt: skip
+    cols = max(c for c in range(1, math.isqrt(count) + 1) if count % c == 0)
+    pil = pipeline.numpy_to_pil(images)
+    return make_image_grid(pil, rows=cols, cols=count // cols), images
+
+
+def save_samples(state: RunState, step: int, use_ema: bool = True) -> str | None:
+    """Sample a grid with the current (EMA) weights on the main process: ``samples/step_<N>.png`` and the tracker."""
+    accelerator, args = state.accelerator, state.args
+    if not accelerator.is_main_process:
+        return None
+    with state.ema_weights(use_ema) as networks:
+        pipeline = state.task.pipeline(networks, state.sampling_scheduler, state.vae)
+        if pipeline is None:
+            return None
+        grid, images = sample_grid(pipeline, args, state.num_classes)
+    path = os.path.join(args.output_dir, "samples", f"step_{step:06d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
+    if args.logger == "tensorboard" and is_tensorboard_available():
+        accelerator.get_tracker("tensorboard").writer.add_images("samples", images, step, dataformats="NHWC")
+    elif args.logger == "wandb":
+        import wandb
+
+        accelerator.get_tracker("wandb").log({"samples": [wandb.Image(i) for i in images]}, step=step)
+    return path

@@ -1,0 +1,157 @@
+"""The base of the training tasks: what one method changes in the one loop of `loop.py` (its networks, how each
+batch is spread over them, their loss, and the pipeline they are saved as)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import diffusers
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler, SchedulerMixin
+from diffusers.models.modeling_utils import ModelMixin
+
+from ...partition import TimestepPartition
+from ...routing import is_edm_scheduler
+from ...timestep_sampling import stratified_timesteps
+from ..loss import diffusion_loss
+
+SCRIPT_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds", "num_train_timesteps",
+               "stage_boundaries", "boundary_units")  # fmt: skip
+
+
+@dataclass
+class Draw:
+    """One step's training samples: batch row, noise level (partition units) and network of each."""
+
+    rows: torch.Tensor
+    timesteps: torch.Tensor
+    network: torch.Tensor
+
+
+def noise_schedulers(args: argparse.Namespace, source: dict | None = None):
+    """``(training scheduler, sampling scheduler)``: DDPM and DDIM with one config, or EDM's Euler for both.
+
+    ``source`` is the scheduler config of a pretrained pipeline (fine-tuning): then both come from it, so that its
+    betas, step count, prediction type and sampler settings carry over. The source's own class samples; DDPM (EDM's
+    Euler for an EDM source) trains, as those are the classes the loss knows how to noise with.
+    """
+    if source is not None:
+        name = source.get("_class_name")
+        sampling_class = getattr(diffusers, str(name), None)
+        if not isinstance(sampling_class, type) or not issubclass(sampling_class, SchedulerMixin):
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r}: its scheduler config names "
+                f"{name!r}, which is not a diffusers scheduler."
+            )
+        sampling = sampling_class.from_config(source)
+        if is_edm_scheduler(sampling):
+            return EDMEulerScheduler.from_config(source), sampling
+        if not hasattr(sampling, "alphas_cumprod"):
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r}: its {name} is neither "
+                "DDPM-style (a beta schedule) nor EDM-style, the two kinds of noise schedule this script trains with."
+            )
+        return DDPMScheduler.from_config(source), sampling
+    if args.boundary_units == "sigma":
+        scheduler = EDMEulerScheduler(num_train_timesteps=args.ddpm_num_steps, prediction_type=args.prediction_type)
+        return scheduler, scheduler
+    scheduler = DDPMScheduler(
+        num_train_timesteps=args.ddpm_num_steps,
+        beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type,
+    )
+    return scheduler, DDIMScheduler.from_config(scheduler.config)
+
+
+def _unet_downsampling(shape: dict) -> int:
+    return 2 ** (len(shape["block_out_channels"]) - 1)
+
+
+class TrainingTask:
+    """Base class: a partition of the schedule, named networks, a batch plan per step, and a saved pipeline."""
+
+    method = ""
+    tags: tuple[str, ...] = ()
+    find_unused_parameters = False  # True only where a network may get no sample in a step
+    scheduler_config: dict | None = None  # a pretrained source's scheduler config; None: the arguments' schedule
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args  # read, never written: what a task derives from it is an attribute of the task
+        self.vae_path, self.vae_subfolder = self.training_vae(args)
+        self.partition = self.build_partition(args)
+
+    def training_vae(self, args: argparse.Namespace) -> tuple[str | None, str | None]:
+        """``(path, subfolder)`` of the AutoencoderKL whose latents are trained on (`--vae_path`), or ``(None,
+        None)`` for pixel space."""
+        return args.vae_path, args.vae_subfolder
+
+    def build_partition(self, args: argparse.Namespace) -> TimestepPartition:
+        raise NotImplementedError
+
+    @property
+    def downsampling(self) -> int:
+        """Total down-sampling factor of the networks (the resolution must be divisible by it)."""
+        raise NotImplementedError
+
+    def build_networks(
+        self, in_channels: int, sample_size: int, num_class_embeds: int | None
+    ) -> dict[str, ModelMixin]:
+        raise NotImplementedError
+
+    def check_data(self, in_channels: int, sample_size: int, num_class_embeds: int | None) -> None:
+        """Refuse training data that networks loaded from a checkpoint cannot take (a ValueError naming the
+        argument); networks built from the arguments fit any data, so by default there is nothing to check."""
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> Draw:
+        raise NotImplementedError
+
+    def loss(
+        self,
+        network: ModelMixin,
+        noise_scheduler: SchedulerMixin,
+        clean: torch.Tensor,
+        timesteps: torch.Tensor,
+        noise: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss of each sample (shape ``(batch,)``) of ``network`` on ``clean`` noised with ``noise`` to
+        ``timesteps``: by default `diffusion_loss`, with `--snr_gamma`; a method with another objective overrides it."""
+        return diffusion_loss(
+            network, noise_scheduler, clean, timesteps, noise=noise, class_labels=class_labels,
+            snr_gamma=self.args.snr_gamma,
+        )  # fmt: skip
+
+    def pipeline(self, networks: dict[str, ModelMixin], scheduler, vae=None):
+        """The pipeline the networks are sampled and saved as (None where one run gives no full sampler)."""
+        raise NotImplementedError
+
+    def save(self, networks: dict[str, ModelMixin], scheduler, vae, output_dir: str) -> None:
+        self.pipeline(networks, scheduler, vae).save_pretrained(output_dir)
+
+    def description(self) -> str:
+        """Markdown for the model card: the method and its stages."""
+        raise NotImplementedError
+
+    # helpers
+    def _every_network_every_step(self, args: argparse.Namespace, count: int, kind: str) -> None:
+        """Each of ``count`` networks gets a sample in every batch, unless a zero `--stage_shares` entry says not:
+        then DDP is told to expect unused parameters."""
+        if args.train_batch_size < count:
+            raise ValueError(
+                f"`--train_batch_size` {args.train_batch_size} must be at least the number of {kind}s trained "
+                f"({count}) so that every {kind} trains at every step."
+            )
+        self.find_unused_parameters = args.stage_shares is not None and min(args.stage_shares) == 0
+
+    def _stratified(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return stratified_timesteps(self.partition, batch_size, self.args.stage_shares, generator=generator)
+
+    def _script_config(self, config: dict, **values) -> dict:
+        config = {k: v for k, v in config.items() if k not in SCRIPT_KEYS}
+        return {**config, **values}
+
+    def _stage_table(self) -> str:
+        unit = "t" if self.partition.units == "timestep" else "sigma"
+        rows = [f"| {s} | [{lo:g}, {hi:g}) |" for s, (lo, hi) in enumerate(self.partition.intervals())]
+        return f"| stage (0 = cleanest) | {unit} interval |\n| --- | --- |\n" + "\n".join(rows)

@@ -1,0 +1,115 @@
+"""Dual-backbone training (DuoDiff, arXiv 2410.09633): a shallow and a deep denoiser on every timestep."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers import UNet2DModel
+
+from ...models.uvit import UViT2DModel, dual_uvit_configs
+from ...partition import TimestepPartition
+from ...pipelines import DualBackbonePipeline
+from ...pipelines.pipeline_dual_backbone import DEFAULT_SWITCH_STEP_FRACTION  # said once, in the pipeline
+from ..args import unet_shape_kwargs
+from .base import Draw, TrainingTask, _unet_downsampling
+
+
+
+class DualBackboneTask(TrainingTask):
+    """DuoDiff (arXiv 2410.09633): a shallow and a deep denoiser, both trained on all timesteps."""
+
+    method = "dual backbone (shallow + deep)"
+    tags = ("dual-backbone", "duodiff")
+
+    def build_partition(self, args):
+        if args.switch_step_fraction is not None and args.switch_timestep is not None:
+            raise ValueError(
+                "Give one of `--switch_step_fraction` and `--switch_timestep` (the sampling switch), not both."
+            )
+        # the sampling switch: the one given, or the default fraction when none is
+        self.switch_step_fraction = args.switch_step_fraction
+        if args.switch_step_fraction is None and args.switch_timestep is None:
+            self.switch_step_fraction = DEFAULT_SWITCH_STEP_FRACTION
+        if self.switch_step_fraction is not None and not 0.0 < self.switch_step_fraction < 1.0:
+            raise ValueError(f"`--switch_step_fraction` must be in (0, 1), got {self.switch_step_fraction}.")
+        if args.stage_boundaries is not None or args.stage_shares is not None:
+            raise ValueError(
+                "Dual-backbone training uses every timestep for both networks: drop `--stage_boundaries`/`--stage_shares`."
+            )
+        return TimestepPartition([], args.ddpm_num_steps, args.boundary_units)  # one stage: the whole schedule
+
+    def _shapes(self) -> dict[str, dict]:
+        wanted = ("shallow", "deep") if self.args.backbones == "both" else (self.args.backbones,)
+        if self._uvit:  # DuoDiff's backbones: two U-ViTs of one width, `--shallow_depth` and `--deep_depth` blocks
+            a = self.args
+            shapes = dual_uvit_configs(a.shallow_depth, a.deep_depth, hidden_size=a.uvit_hidden_size,
+                                       patch_size=a.uvit_patch_size, num_attention_heads=a.uvit_num_attention_heads)  # fmt: skip
+            return {name: shapes[name] for name in ("shallow", "deep") if name in wanted}
+        deep = unet_shape_kwargs(self.args)
+        shallow = {**deep, "layers_per_block": self.args.shallow_layers_per_block}
+        if self.args.shallow_block_out_channels is not None:
+            shallow["block_out_channels"] = tuple(self.args.shallow_block_out_channels)
+        return {name: shape for name, shape in (("shallow", shallow), ("deep", deep)) if name in wanted}
+
+    @property
+    def _uvit(self) -> bool:
+        return getattr(self.args, "backbone", "unet") == "uvit"
+
+    @property
+    def downsampling(self):
+        if self._uvit:
+            return max(shape["patch_size"] for shape in self._shapes().values())
+        return max(_unet_downsampling(shape) for shape in self._shapes().values())
+
+    def build_networks(self, in_channels, sample_size, num_class_embeds):
+        if self._uvit:
+            common = {"sample_size": sample_size, "in_channels": in_channels, "num_class_embeds": num_class_embeds}
+            return {name: UViT2DModel(**shape, **common) for name, shape in self._shapes().items()}
+        return {
+            name: UNet2DModel(
+                **self._script_config(
+                    shape,
+                    sample_size=sample_size,
+                    in_channels=in_channels,
+                    out_channels=in_channels,
+                    num_class_embeds=num_class_embeds,
+                    num_train_timesteps=self.args.ddpm_num_steps,
+                )
+            )
+            for name, shape in self._shapes().items()
+        }
+
+    def draw(self, batch_size, generator):
+        # every network sees the whole batch at its own noise levels from the usual training distribution
+        count = len(self._shapes())
+        timesteps = torch.cat([self._stratified(batch_size, generator)[0] for _ in range(count)])
+        network = torch.arange(count).repeat_interleave(batch_size)
+        return Draw(torch.arange(batch_size).repeat(count), timesteps, network)
+
+    def pipeline(self, networks, scheduler, vae=None):
+        if set(networks) != {"shallow", "deep"}:
+            return None  # one backbone alone: load it next to the other one (see the example README)
+        return DualBackbonePipeline(
+            shallow=networks["shallow"], deep=networks["deep"], scheduler=scheduler, vae=vae,
+            switch_step_fraction=self.switch_step_fraction, switch_timestep=self.args.switch_timestep,
+        )  # fmt: skip
+
+    def save(self, networks, scheduler, vae, output_dir):
+        if set(networks) == {"shallow", "deep"}:
+            return super().save(networks, scheduler, vae, output_dir)
+        ((name, network),) = networks.items()
+        network.save_pretrained(os.path.join(output_dir, name))
+        scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
+
+    def description(self):
+        switch = (
+            f"the shallow network runs the first {self.switch_step_fraction:g} of the sampling steps"
+            if self.switch_step_fraction is not None
+            else f"the shallow network runs every step at t >= {self.args.switch_timestep:g}"
+        )
+        return (
+            f"A dual-backbone model (DuoDiff, arXiv 2410.09633): a shallow and a deep "
+            f"{'U-ViT' if self._uvit else 'U-Net'}, both trained on all timesteps; at sampling time {switch}, the deep "
+            "one the rest."
+        )

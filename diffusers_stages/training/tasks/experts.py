@@ -1,0 +1,197 @@
+"""Multi-expert denoiser training (MEME, Lee et al., AAAI 2024): all experts in one run or one per run, and the
+assembly of one-expert runs into one pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import diffusers
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.models.modeling_utils import ModelMixin
+
+from ...models.expert_routing import ExpertRoutingModel, expert_folder
+from ...models.iunet import IUNet2DModel
+from ...models.meme import meme_expert_configs
+from ...partition import TimestepPartition
+from ...pipelines import ExpertRoutingPipeline
+from ...timestep_sampling import soft_assignment_timesteps, stage_counts
+from ..args import partition_from_args, unet_shape_kwargs
+from .base import Draw, TrainingTask, _unet_downsampling
+
+
+class ExpertTask(TrainingTask):
+    """MEME (Lee et al., AAAI 2024): one U-Net per interval, all in one run or one per run, soft or hard assignment."""
+
+    method = "multi-expert denoisers"
+    tags = ("multi-expert", "meme")
+
+    def build_partition(self, args):
+        partition = partition_from_args(args, TimestepPartition.uniform(args.num_experts, args.ddpm_num_steps))
+        widths = args.expert_block_out_channels
+        if widths is not None and len(widths) != partition.num_stages:
+            raise ValueError(
+                f"`--expert_block_out_channels` gives {len(widths)} experts, but the stage split has "
+                f"{partition.num_stages} stages: give one width list per expert."
+            )
+        if args.expert_index is not None and not 0 <= args.expert_index < partition.num_stages:
+            raise ValueError(f"`--expert_index` must be in [0, {partition.num_stages}), got {args.expert_index}.")
+        probabilities = args.own_interval_probability
+        if args.assignment == "hard":
+            if probabilities is not None:
+                raise ValueError("`--own_interval_probability` is for `--assignment soft`; hard assignment uses 1.")
+            probabilities = (1.0,) * partition.num_stages
+        elif probabilities is not None and len(probabilities) != partition.num_stages:
+            raise ValueError(
+                f"`--own_interval_probability` needs one value per expert ({partition.num_stages}), got {list(probabilities)}."
+            )
+        self.probabilities = probabilities
+        self._every_network_every_step(args, 1 if args.expert_index is not None else partition.num_stages, "expert")
+        self.partition = partition  # `_shape` reads it
+        if args.model_config is None:  # the iU-Net presets' shapes, before any data is read
+            for i in self.trained_experts:
+                IUNet2DModel.check_config(**self._shape(i))
+        return partition
+
+    @property
+    def trained_experts(self) -> list[int]:
+        return list(range(self.partition.num_stages)) if self.args.expert_index is None else [self.args.expert_index]
+
+    def _shape(self, expert: int) -> dict:
+        if self.args.model_config is not None:
+            return unet_shape_kwargs(self.args)
+        # MEME presets: iU-Nets, convolution-heavy near the data, attention-heavy toward the noise
+        widths = self.args.expert_block_out_channels or tuple(self.args.block_out_channels)
+        configs = meme_expert_configs(
+            num_experts=self.partition.num_stages, block_out_channels=widths,
+            attention_shares=self.args.expert_attention_shares, layers_per_block=self.args.layers_per_block,
+            attention_head_dim=self.args.attention_head_dim, norm_num_groups=self.args.norm_num_groups,
+            dropout=self.args.dropout,
+        )  # fmt: skip
+        return configs[expert]
+
+    @property
+    def downsampling(self):
+        return max(_unet_downsampling(self._shape(i)) for i in self.trained_experts)
+
+    def build_networks(self, in_channels, sample_size, num_class_embeds):
+        networks = {}
+        for i in self.trained_experts:
+            contract = {"sample_size": sample_size, "in_channels": in_channels, "out_channels": in_channels,
+                        "num_class_embeds": num_class_embeds}  # fmt: skip
+            if self.args.model_config is not None:  # one `UNet2DModel` config for every expert
+                unet = self._script_config(self._shape(i), num_train_timesteps=self.args.ddpm_num_steps, **contract)
+                networks[expert_folder(i)] = UNet2DModel(**unet)
+            else:
+                networks[expert_folder(i)] = IUNet2DModel(**self._script_config(self._shape(i), **contract))
+        return networks
+
+    def draw(self, batch_size, generator):
+        experts = self.trained_experts
+        if self.args.assignment == "hard" and len(experts) > 1:
+            timesteps, stages = self._stratified(batch_size, generator)  # each sample to its own interval's expert
+            return Draw(torch.arange(batch_size), timesteps, stages)
+        # soft assignment (MEME): expert n trains on its own interval with probability p_n, elsewhere otherwise;
+        # the batch is split over the experts trained (by `--stage_shares`, equally by default)
+        shares = (
+            [1.0] * len(experts) if self.args.stage_shares is None else [self.args.stage_shares[i] for i in experts]
+        )
+        counts = stage_counts(batch_size, shares, generator)
+        timesteps, network = [], []
+        for k, (expert, count) in enumerate(zip(experts, counts)):
+            p = None if self.probabilities is None else self.probabilities[expert]
+            timesteps.append(soft_assignment_timesteps(self.partition, expert, count, p, generator=generator))
+            network.append(torch.full((count,), k, dtype=torch.long))
+        return Draw(torch.arange(batch_size), torch.cat(timesteps), torch.cat(network))
+
+    def _routing_model(self, networks) -> ExpertRoutingModel:
+        experts = [networks[expert_folder(i)] for i in range(self.partition.num_stages)]
+        return ExpertRoutingModel(experts, prediction_type=self.args.prediction_type, **self.partition.to_config())
+
+    def pipeline(self, networks, scheduler, vae=None):
+        if self.args.expert_index is not None:
+            return None  # one expert alone does not sample: assemble the runs with `--assemble_experts`
+        return ExpertRoutingPipeline(experts=self._routing_model(networks), scheduler=scheduler, vae=vae)
+
+    def save(self, networks, scheduler, vae, output_dir):
+        if self.args.expert_index is None:
+            return super().save(networks, scheduler, vae, output_dir)
+        # one expert per run: the expert's own folder and what assembling the runs needs to check they fit
+        name = expert_folder(self.args.expert_index)
+        networks[name].save_pretrained(os.path.join(output_dir, name))
+        scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
+        if vae is not None:
+            vae.save_pretrained(os.path.join(output_dir, "vae"))
+        with open(os.path.join(output_dir, EXPERT_RUN_FILE), "w", encoding="utf-8") as f:
+            json.dump({"expert_index": self.args.expert_index, "prediction_type": self.args.prediction_type,
+                       **self.partition.to_config()}, f, indent=2)  # fmt: skip
+
+    def description(self):
+        what = "all experts in one run" if self.args.expert_index is None else f"expert {self.args.expert_index} only"
+        assignment = self.args.assignment
+        if assignment == "soft":
+            p = self.probabilities or "MEME's (0.8, 0.4, 0.2, 0.1)"
+            assignment = f"soft (own-interval probability {p})"
+        return (
+            "Independent denoisers, one per interval of the noise schedule (MEME, Lee et al., AAAI 2024), trained "
+            f"with {assignment} interval assignment, {what}. {self._architecture()}\n\n" + self._stage_table()
+        )
+
+    def _architecture(self) -> str:
+        if self.args.model_config is not None:
+            return "Every expert is the `UNet2DModel` of `--model_config`."
+        shares = ", ".join(f"{self._shape(i)['attention_ratios']:g}" for i in range(self.partition.num_stages))
+        return f"Experts: iU-Nets (`IUNet2DModel`) with attention shares {shares} (clean expert first)."
+
+
+EXPERT_RUN_FILE = "expert_run.json"
+
+
+EXPERT_CLASSES = {cls.__name__: cls for cls in (IUNet2DModel, UNet2DModel)}  # what `train_experts.py` trains
+
+
+def _load_expert(folder: str) -> ModelMixin:
+    """An expert saved by an `--expert_index` run, with the class named in its `config.json`."""
+    name = UNet2DModel.load_config(folder).get("_class_name")
+    if name not in EXPERT_CLASSES:
+        raise ValueError(
+            f"`--assemble_experts`: {folder!r} holds a {name}, not one of the experts this script trains "
+            f"({sorted(EXPERT_CLASSES)})."
+        )
+    return EXPERT_CLASSES[name].from_pretrained(folder)
+
+
+def assemble_expert_runs(run_dirs: list[str]):
+    """Gather the experts of one-expert-per-run folders into an `ExpertRoutingPipeline` (scheduler and VAE of the
+    first run); refuses runs whose partitions or prediction types differ, or that miss or repeat an expert."""
+    runs = []
+    for run in run_dirs:
+        path = os.path.join(run, EXPERT_RUN_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"`--assemble_experts`: {run!r} is not a finished `--expert_index` run (no {EXPERT_RUN_FILE})."
+            )
+        with open(path, encoding="utf-8") as f:
+            runs.append((run, json.load(f)))
+    shared = [{k: v for k, v in info.items() if k != "expert_index"} for _, info in runs]
+    if any(s != shared[0] for s in shared):
+        raise ValueError(
+            f"`--assemble_experts`: the runs were trained with different stage splits or targets: {shared}."
+        )
+    partition = TimestepPartition.from_config(shared[0])
+    indices = sorted(info["expert_index"] for _, info in runs)
+    if indices != list(range(partition.num_stages)):
+        raise ValueError(
+            f"`--assemble_experts` needs one run per expert 0..{partition.num_stages - 1}, got experts {indices}."
+        )
+    experts = [None] * partition.num_stages
+    for run, info in runs:
+        experts[info["expert_index"]] = _load_expert(os.path.join(run, expert_folder(info["expert_index"])))
+    model = ExpertRoutingModel(experts, prediction_type=shared[0]["prediction_type"], **partition.to_config())
+    first = runs[0][0]
+    scheduler_class = getattr(diffusers, DDPMScheduler.load_config(os.path.join(first, "scheduler"))["_class_name"])
+    scheduler = scheduler_class.from_pretrained(os.path.join(first, "scheduler"))
+    vae_path = os.path.join(first, "vae")
+    vae = diffusers.AutoencoderKL.from_pretrained(vae_path) if os.path.isdir(vae_path) else None
+    return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)

@@ -1,0 +1,284 @@
+"""Multi-stage multi-decoder U-Net training (Zhang et al., CVPR 2024), from the arguments or fine-tuning a
+`MultiStagePipeline` folder."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers.models.modeling_utils import ModelMixin
+
+from ...models.unet_multistage import MultiStageUNet2DModel
+from ...models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
+from ...partition import TimestepPartition
+from ...pipelines import MultiStagePipeline
+from ...routing import check_scheduler_units, is_edm_scheduler
+from ..args import partition_from_args, read_model_config, unet_shape_kwargs
+from .base import Draw, TrainingTask, _unet_downsampling, noise_schedulers
+
+PAPER_BOUNDARIES = {"timestep": (0.442, 0.631), "sigma": (2.5103, 7.6577)}  # Zhang et al. (2024), Table 4
+
+# the classes a pretrained `unet` folder may hold, and the config key with one entry per resolution level
+PRETRAINED_UNETS = {
+    "MultiStageUNet2DModel": (MultiStageUNet2DModel, "block_out_channels"),
+    "MultiStageDDPMppUNet2DModel": (MultiStageDDPMppUNet2DModel, "channel_mult"),
+}
+# arguments that would define the stages or the architecture anew; they have no default, so given means meant
+REFUSED_WITH_PRETRAINED = ("stage_boundaries", "decoder_block_out_channels", "model_config", "down_block_types",
+                           "up_block_types")  # fmt: skip
+
+
+@dataclass
+class PretrainedSource:
+    """What fine-tuning reads from a `MultiStagePipeline` folder before any weights load: the configs of its `unet`
+    and `scheduler`, and the class of its VAE (None when it has none)."""
+
+    path: str
+    unet_config: dict
+    scheduler_config: dict
+    vae_class: str | None
+
+    @classmethod
+    def read(cls, path: str) -> PretrainedSource:
+        """Read a `MultiStagePipeline` folder (or Hub repository); anything else is a ValueError naming
+        `--pretrained_model_name_or_path`."""
+        try:
+            index = DiffusionPipeline.load_config(path)
+            unet_config = MultiStageUNet2DModel.load_config(path, subfolder="unet")
+            scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {path!r} is not a MultiStagePipeline folder or Hub repository "
+                f"(model_index.json, unet/, scheduler/): {error}"
+            ) from None
+        if unet_config.get("_class_name") not in PRETRAINED_UNETS:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {path!r} holds a {unet_config.get('_class_name')} as its unet, not "
+                f"one of {sorted(PRETRAINED_UNETS)}: convert it first (e.g. `python -m "
+                "diffusers_stages.conversion.unet_to_multistage` for a UNet2DModel or DDPM/DDIM/LDM pipeline)."
+            )
+        vae = index.get("vae") or [None, None]  # [library, class], or [None, None] for a pixel-space pipeline
+        return cls(path, unet_config, scheduler_config, vae[1] if vae[0] is not None else None)
+
+    @property
+    def model_class(self) -> type[ModelMixin]:
+        return PRETRAINED_UNETS[self.unet_config["_class_name"]][0]
+
+    @property
+    def downsampling(self) -> int:
+        """The model's down-sampling factor: one halving per resolution level."""
+        return 2 ** (len(self.unet_config[PRETRAINED_UNETS[self.unet_config["_class_name"]][1]]) - 1)
+
+
+class MultiStageTask(TrainingTask):
+    """Zhang et al. (CVPR 2024): shared encoder, one decoder per stage, all trained jointly on stratified batches.
+
+    With `--pretrained_model_name_or_path` the networks, the stages and the noise schedule are those of an existing
+    `MultiStagePipeline` folder (fine-tuning) instead of being built from the arguments."""
+
+    method = "multi-stage multi-decoder U-Net"
+    tags = ("multi-stage", "multi-decoder")
+
+    def __init__(self, args: argparse.Namespace):
+        # fine-tuning: the source's configs (no weights yet) come first, the partition and every check follow them
+        path = getattr(args, "pretrained_model_name_or_path", None)
+        self.source = None if path is None else PretrainedSource.read(path)
+        if self.source is not None:
+            self.scheduler_config = self.source.scheduler_config
+        super().__init__(args)
+
+    def build_partition(self, args):
+        if self.source is not None:
+            partition = self._source_partition(args)
+        else:
+            partition = self._planned_partition(args)
+            if partition is None:
+                boundaries = PAPER_BOUNDARIES[args.boundary_units]
+                if args.boundary_units == "timestep":
+                    boundaries = [round(b * args.ddpm_num_steps) for b in boundaries]
+                default = TimestepPartition(boundaries, args.ddpm_num_steps, args.boundary_units)
+                partition = partition_from_args(args, default)
+        decoders = getattr(args, "decoder_block_out_channels", None)
+        if decoders is not None and len(decoders) != partition.num_stages:
+            raise ValueError(
+                f"`--decoder_block_out_channels` gives {len(decoders)} decoders, but the stage split "
+                f"{list(partition.boundaries)} has {partition.num_stages} stages: give one width list per stage."
+            )
+        self._every_network_every_step(args, partition.num_stages, "decoder")
+        if self.source is not None and self.source.unet_config.get("augment_dim"):
+            # EDM's augmentation embedding gets no gradient (the loop passes no augmentation labels): tell DDP
+            self.find_unused_parameters = True
+        return partition
+
+    def _planned_partition(self, args: argparse.Namespace) -> TimestepPartition | None:
+        """The stages a `--model_config` holds (e.g. the plan command's output), after refusing every argument that
+        contradicts them; None when it holds none."""
+        config = read_model_config(args)
+        if config is None or config.get("stage_boundaries") is None:
+            return None
+        name = args.model_config
+        try:
+            planned = TimestepPartition.from_config(
+                {"num_train_timesteps": args.ddpm_num_steps, "boundary_units": args.boundary_units, **config}
+            )
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"`--model_config` {name!r} holds an invalid stage split: {error}") from None
+        if planned.num_train_timesteps != args.ddpm_num_steps:
+            raise ValueError(
+                f"`--ddpm_num_steps` {args.ddpm_num_steps} disagrees with `--model_config` {name!r}, planned for "
+                f"{planned.num_train_timesteps} training steps: pass `--ddpm_num_steps {planned.num_train_timesteps}`."
+            )
+        if planned.units != args.boundary_units:
+            raise ValueError(
+                f"`--boundary_units` {args.boundary_units} disagrees with `--model_config` {name!r}, whose stage "
+                f"boundaries are in {planned.units!r} units: pass `--boundary_units {planned.units}`."
+            )
+        if args.stage_boundaries is not None and list(args.stage_boundaries) != list(planned.boundaries):
+            raise ValueError(
+                f"`--stage_boundaries` {list(args.stage_boundaries)} conflicts with the stage boundaries "
+                f"{list(planned.boundaries)} of `--model_config` {name!r}: drop `--stage_boundaries` to train as "
+                "planned, or remove `stage_boundaries` from the config."
+            )
+        return planned
+
+    def training_vae(self, args: argparse.Namespace) -> tuple[str | None, str | None]:
+        """Fine-tuning without `--vae_path`: the latent space of the source's own VAE (`--vae_path SOURCE
+        --vae_subfolder vae`), as that is the space its model denoises."""
+        vae_class = None if self.source is None else self.source.vae_class
+        if args.vae_path is not None or vae_class is None:
+            return super().training_vae(args)
+        if vae_class != "AutoencoderKL":
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {self.source.path!r} holds a {vae_class} as its VAE, but training "
+                "encodes images with an AutoencoderKL only: give one whose latents fit the model with `--vae_path`."
+            )
+        return self.source.path, "vae"
+
+    def _source_partition(self, args: argparse.Namespace) -> TimestepPartition:
+        """The loaded model's partition, after refusing every argument that contradicts the source."""
+        path, config = self.source.path, self.source.unet_config
+        partition = TimestepPartition.from_config(config)
+        for name in REFUSED_WITH_PRETRAINED:
+            value = getattr(args, name, None)
+            if value is not None:
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ValueError(
+                    f"`--{name}` {shown} cannot be combined with `--pretrained_model_name_or_path`: fine-tuning keeps "
+                    f"the model of {path!r} (stage boundaries {list(partition.boundaries)} in {partition.units!r} "
+                    f"units, its own architecture). Drop `--{name}`."
+                )
+        if args.boundary_units != partition.units:
+            raise ValueError(
+                f"`--boundary_units` {args.boundary_units} disagrees with the model of {path!r}, whose stage "
+                f"boundaries are in {partition.units!r} units: pass `--boundary_units {partition.units}`."
+            )
+        # the schedule arguments must repeat the source's rather than be read from it: argparse cannot tell a
+        # default from a typed value, so a silent override could hide a value the user meant, while training with
+        # the arguments' schedule would fine-tune on a noise schedule the model never saw; the error names the fix
+        training, sampling = noise_schedulers(args, self.source.scheduler_config)
+        expected = {
+            "ddpm_num_steps": training.config.num_train_timesteps,
+            "prediction_type": training.config.prediction_type,
+        }
+        if not is_edm_scheduler(training):  # EDM has no beta schedule (nor does fresh EDM training read one)
+            expected["ddpm_beta_schedule"] = training.config.beta_schedule
+        for name, value in expected.items():
+            if getattr(args, name) != value:
+                raise ValueError(
+                    f"`--{name}` {getattr(args, name)} disagrees with the scheduler of {path!r} ({value}): pass "
+                    f"`--{name} {value}` (fine-tuning keeps the source's noise schedule)."
+                )
+        try:  # EDM scheduler <-> sigma stages, and the stages' step count = the scheduler's
+            check_scheduler_units(sampling, partition)
+        except ValueError as error:
+            raise ValueError(f"`--pretrained_model_name_or_path` {path!r}: {error}") from None
+        if args.gradient_checkpointing and not self.source.model_class._supports_gradient_checkpointing:
+            raise ValueError(
+                f"`--gradient_checkpointing` is not supported by {self.source.model_class.__name__} (the model of "
+                f"{path!r}): drop it."
+            )
+        return partition
+
+    @property
+    def downsampling(self):
+        if self.source is not None:
+            return self.source.downsampling
+        return _unet_downsampling(unet_shape_kwargs(self.args))
+
+    def check_data(self, in_channels, sample_size, num_class_embeds):
+        if self.source is None:
+            return
+        path, config = self.source.path, self.source.unet_config
+        if in_channels != config["in_channels"]:
+            data = (
+                f"`--vae_path` {self.vae_path!r} gives latents of {in_channels} channels"
+                if self.vae_path is not None
+                else f"the data are RGB images ({in_channels} channels; a latent model needs `--vae_path`)"
+            )
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {path!r} holds a model with in_channels={config['in_channels']}, "
+                f"but {data}."
+            )
+        size = config.get("sample_size")  # an int, [height, width], or None (a U-Net of any size)
+        if size is not None and tuple(size if isinstance(size, (list, tuple)) else (size, size)) != (sample_size,) * 2:
+            factor = self.args.resolution // sample_size
+            fix = f"pass `--resolution {size * factor}`" if isinstance(size, int) else "the data are square"
+            raise ValueError(
+                f"`--resolution` {self.args.resolution} gives {sample_size}x{sample_size} samples, but the model of "
+                f"{path!r} has sample_size={size}: {fix}."
+            )
+        if num_class_embeds != config.get("num_class_embeds"):
+            data = (
+                f"{num_class_embeds - 1} classes (+ the null label: num_class_embeds={num_class_embeds})"
+                if num_class_embeds is not None
+                else "no class labels (num_class_embeds=None)"
+            )
+            raise ValueError(
+                f"`--class_conditional`: the data give {data}, but the model of {path!r} has "
+                f"num_class_embeds={config.get('num_class_embeds')} (with `--class_conditional`, classes + 1)."
+            )
+
+    def build_networks(self, in_channels, sample_size, num_class_embeds):
+        if self.source is not None:  # the training loop has checked the data against it (`check_data`)
+            # fp32 master weights whatever the folder stores; Accelerate's mixed precision casts in the forward pass
+            unet = self.source.model_class.from_pretrained(
+                self.source.path, subfolder="unet", torch_dtype=torch.float32
+            )
+            return {"unet": unet}
+        config = self._script_config(
+            unet_shape_kwargs(self.args),
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            num_class_embeds=num_class_embeds,
+            **self.partition.to_config(),
+        )
+        if self.args.decoder_block_out_channels is not None:
+            config["decoder_block_out_channels"] = [list(w) for w in self.args.decoder_block_out_channels]
+        return {"unet": MultiStageUNet2DModel(**config)}
+
+    def draw(self, batch_size, generator):
+        timesteps, _ = self._stratified(batch_size, generator)
+        zeros = torch.zeros(batch_size, dtype=torch.long)
+        return Draw(torch.arange(batch_size), timesteps, zeros)
+
+    def pipeline(self, networks, scheduler, vae=None):
+        return MultiStagePipeline(unet=networks["unet"], scheduler=scheduler, vae=vae)
+
+    def description(self):
+        planned = (
+            None if self.args.model_config is None else unet_shape_kwargs(self.args).get("decoder_block_out_channels")
+        )
+        widths = self.args.decoder_block_out_channels or planned or "the encoder's"
+        origin = ""
+        if self.source is not None:
+            config = self.source.unet_config
+            widths = config.get("decoder_block_out_channels") or config.get("decoder_channels") or "the encoder's"
+            origin = f" Fine-tuned from `{self.source.path}` ({config['_class_name']})."
+        return (
+            "A multi-stage, multi-decoder U-Net (Zhang et al., CVPR 2024): one shared encoder and one decoder per "
+            f"stage of the noise schedule, trained jointly (every decoder in every batch). Decoder widths: {widths}."
+            f"{origin}\n\n" + self._stage_table()
+        )

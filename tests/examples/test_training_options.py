@@ -1,0 +1,108 @@
+"""The loop's options as the scripts take them: planned configs, the task's loss, the task built once, per-epoch
+pipeline saves, and a Hub repository created before any training."""
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from huggingface_hub.errors import OfflineModeIsEnabled
+
+from diffusers_stages import MultiStagePipeline, TimestepPartition
+from diffusers_stages.planning import partition_to_model_config
+from diffusers_stages.training import MultiStageTask, build_task, hub
+from diffusers_stages.training.loss import diffusion_loss
+
+
+@pytest.fixture(scope="module")
+def script(examples):
+    return examples.load_script("multistage")
+
+
+@pytest.fixture
+def planned_folder(tmp_path) -> str:
+    """A folder holding a plan command's output config: boundaries [300, 700] and per-stage decoder widths."""
+    unet = UNet2DModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, attention_head_dim=4,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))  # fmt: skip
+    config = partition_to_model_config(unet.config, TimestepPartition([300, 700]), [(8, 16), (8, 8), (4, 8)])
+    folder = tmp_path / "planned"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**config, "_class_name": "MultiStageUNet2DModel"}))
+    return str(folder)
+
+
+def test_a_planned_config_trains_as_planned(examples, script, image_folder, planned_folder, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    base = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--max_train_steps", "1"]
+    examples.train(script, [*base, "--model_config", planned_folder])
+    unet = MultiStagePipeline.from_pretrained(out).unet
+    assert unet.config.stage_boundaries == [300.0, 700.0] and unet.num_stages == 3
+    assert [list(w) for w in unet.config.decoder_block_out_channels] == [[8, 16], [8, 8], [4, 8]]
+
+    # the same boundaries may be repeated; other ones are refused before training
+    args = script.parse_args([*base, "--model_config", planned_folder, "--stage_boundaries", "300", "700"])
+    assert list(build_task(MultiStageTask, args).partition.boundaries) == [300, 700]
+    with pytest.raises(SystemExit):
+        script.parse_args([*base, "--model_config", planned_folder, "--stage_boundaries", "442", "631"])
+    assert "`--stage_boundaries` [442.0, 631.0] conflicts with the stage boundaries [300.0, 700.0]" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        script.parse_args([*base, "--model_config", planned_folder, "--ddpm_num_steps", "500"])
+    assert "`--ddpm_num_steps` 500 disagrees with `--model_config`" in capsys.readouterr().err
+
+
+def test_the_loop_trains_with_the_tasks_loss_and_builds_the_task_once(examples, script, image_folder, tmp_path):
+    class HalfLoss(MultiStageTask):
+        """A task with its own objective: half the diffusion loss, counting its calls."""
+
+        calls = 0
+
+        def loss(self, network, noise_scheduler, clean, timesteps, noise, class_labels=None):
+            HalfLoss.calls += 1
+            return 0.5 * diffusion_loss(network, noise_scheduler, clean, timesteps, noise=noise)
+
+    argv = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+            "--max_train_steps", "2"]  # fmt: skip
+    args = script.parse_args(argv)
+    task = build_task(HalfLoss, args)
+    assert build_task(MultiStageTask, args) is build_task(MultiStageTask, args)  # the checked task, kept
+    assert build_task(HalfLoss, script.parse_args(argv)) is not task  # other arguments: a new task
+    script.train(args, task)
+    assert HalfLoss.calls == 2  # one network, two steps
+
+
+def test_save_model_epochs_saves_the_pipeline_during_training(examples, script, image_folder, tmp_path, monkeypatch):
+    saves = []
+    save = MultiStageTask.save
+    monkeypatch.setattr(MultiStageTask, "save", lambda self, *args: saves.append(args[-1]) or save(self, *args))
+    out = str(tmp_path / "run")
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out,
+                            "--train_batch_size", "12", "--num_epochs", "3", "--save_model_epochs", "1"])  # fmt: skip
+    assert saves == [out] * 3  # after epochs 1 and 2, and the final save after epoch 3
+    assert MultiStagePipeline.from_pretrained(out).unet.num_stages == 3
+
+
+def test_push_to_hub_fails_before_training_when_the_repository_cannot_be_created(
+    examples, script, image_folder, tmp_path, monkeypatch
+):
+    def offline(*args, **kwargs):
+        raise OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled.")
+
+    monkeypatch.setattr(hub, "create_repo", offline)
+    out = str(tmp_path / "run")
+    args = script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out,
+                              "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/tiny"])  # fmt: skip
+    with pytest.raises(
+        ValueError, match="`--push_to_hub`: cannot create the Hub repository `--hub_model_id` 'me/tiny'"
+    ):
+        script.main(args)
+    assert not os.path.exists(out)  # nothing trained, nothing written
+
+
+def test_mixed_precision_fp16_on_cpu_is_a_usage_error(examples, script, image_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--mixed_precision", "fp16"])
+    assert "`--mixed_precision fp16` needs a CUDA GPU" in capsys.readouterr().err
