@@ -1,0 +1,80 @@
+"""What every staged model shares: a partition of the noise schedule, input checks, and the routing of a batch to
+per-stage networks (decoders or experts)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..partition import TimestepPartition
+from ..routing import dispatch_by_stage
+from .checks import check_class_labels, check_sample, per_sample_timesteps
+
+
+class StagedModelMixin:
+    r"""
+    Mixin of the package's staged models: one network (a decoder, an expert) per stage of a [`TimestepPartition`].
+
+    A model sets ``self.partition`` in its ``__init__`` (from its ``_check_config``) and routes in its ``forward`` with [`~StagedModelMixin.route`] (any per-stage callable) or [`~StagedModelMixin.decode`] (per-stage
+    decoders that share an encoder's output).
+    """
+
+    partition: TimestepPartition
+
+    @property
+    def num_stages(self) -> int:
+        """The number of stages (decoders, experts)."""
+        return self.partition.num_stages
+
+    def check_inputs(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        stage_index: int | None,
+        in_channels: int | None = None,
+        multiple_of: int = 1,
+    ) -> torch.Tensor:
+        """Check ``sample`` and ``timestep`` (values only on the routed path, ``stage_index=None``: see
+        `diffusers_stages.models.checks`) and return one timestep per sample."""
+        check_sample(sample, in_channels, multiple_of=multiple_of)
+        return per_sample_timesteps(timestep, sample.shape[0], sample.device, check_values=stage_index is None)
+
+    def check_labels(
+        self,
+        class_labels: torch.Tensor | None,
+        batch: int,
+        stage_index: int | None,
+        num_labels: int | None,
+        one_hot: bool = False,
+    ) -> None:
+        """Check ``class_labels`` against the model's ``class_embedding`` (values only on the routed path)."""
+        conditional = getattr(self, "class_embedding", None) is not None
+        check_class_labels(class_labels, batch, conditional, num_labels, stage_index is None, one_hot=one_hot)
+
+    def route(
+        self,
+        timesteps: torch.Tensor,
+        stage_index: int | None,
+        run_stage: Callable[[int, torch.Tensor | None], torch.Tensor],
+    ) -> torch.Tensor:
+        """Run ``run_stage(stage, rows)`` for each stage on its own samples (see `dispatch_by_stage`)."""
+        return dispatch_by_stage(self.partition, timesteps, stage_index, run_stage)
+
+    def decode(
+        self,
+        hidden: torch.Tensor,
+        skips: Sequence[torch.Tensor],
+        emb: torch.Tensor,
+        timesteps: torch.Tensor,
+        stage_index: int | None,
+    ) -> torch.Tensor:
+        """Decode a shared encoder's output (``hidden``, ``skips``, embedding ``emb``) with ``self.decoders``: each
+        stage's decoder on its own samples only (the whole batch when one stage holds it)."""
+
+        def run_decoder(stage: int, rows: torch.Tensor | None) -> torch.Tensor:
+            if rows is None:
+                return self.decoders[stage](hidden, skips, emb)
+            return self.decoders[stage](hidden[rows], [skip[rows] for skip in skips], emb[rows])
+
+        return self.route(timesteps, stage_index, run_decoder)
