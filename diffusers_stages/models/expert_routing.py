@@ -18,6 +18,7 @@ import diffusers
 import torch
 import torch.utils.checkpoint
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
@@ -94,7 +95,7 @@ def _hashable(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin):
+class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMixin):
     r"""
     A set of independent denoisers, one per stage of a [`TimestepPartition`] (stage 0 = cleanest), behind one
     denoiser interface.

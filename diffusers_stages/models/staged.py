@@ -6,6 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from diffusers.models.attention_processor import (
+    ADDED_KV_ATTENTION_PROCESSORS,
+    CROSS_ATTENTION_PROCESSORS,
+    AttnAddedKVProcessor,
+    AttnProcessor,
+)
 
 from ..partition import TimestepPartition
 from ..routing import dispatch_by_stage
@@ -78,3 +84,16 @@ class StagedModelMixin:
             return self.decoders[stage](hidden[rows], [skip[rows] for skip in skips], emb[rows])
 
         return self.route(timesteps, stage_index, run_decoder)
+
+    def set_default_attn_processor(self) -> None:
+        """Use diffusers' default attention implementation in every decoder or expert, as diffusers' U-Nets do (the
+        model must also be an `AttentionMixin`); custom processors of other kinds are a `ValueError`."""
+        kinds = {type(processor) for processor in self.attn_processors.values()}
+        if kinds <= set(ADDED_KV_ATTENTION_PROCESSORS):
+            processor = AttnAddedKVProcessor()
+        elif kinds <= set(CROSS_ATTENTION_PROCESSORS):
+            processor = AttnProcessor()
+        else:
+            names = sorted(kind.__name__ for kind in kinds)
+            raise ValueError(f"`set_default_attn_processor` needs default attention processors, got {names}.")
+        self.set_attn_processor(processor)
