@@ -72,6 +72,7 @@ class StagedModelTesterMixin:
     attention_prefixes: Sequence[str] = ()  # module prefixes that must hold attention processors
     num_attention_processors: int | None = None
     bad_configs: Sequence[tuple[dict, str]] = ()  # (overrides, regex the ValueError must match)
+    device_maps: Sequence[str] = ("cpu", "auto")
 
     def get_init_kwargs(self) -> dict:
         raise NotImplementedError
@@ -151,9 +152,10 @@ class StagedModelTesterMixin:
         model._get_no_split_modules("auto")  # what `device_map="auto"` asks: it must not raise
         model.save_pretrained(tmp_path)
         x, t = self.inputs(self.mixed_timesteps)
-        loaded = self.model_class.from_pretrained(tmp_path, device_map="cpu")
-        with torch.no_grad():
-            assert torch.equal(loaded(x, t).sample, model(x, t).sample)
+        for device_map in self.device_maps:
+            loaded = self.model_class.from_pretrained(tmp_path, device_map=device_map)
+            with torch.no_grad():
+                assert torch.equal(loaded(x, t).sample, model(x, t).sample), device_map
 
     # ---- training ---------------------------------------------------------------------------------------------
     def test_gradient_checkpointing_gives_the_same_gradients(self, model):
