@@ -25,13 +25,13 @@ def stage_batch_sizes(model, stage_modules: str) -> dict[int, list[int]]:
 
 
 def assert_mixed_batch_matches_reference(
-    model, x: torch.Tensor, t: torch.Tensor, counts: dict[int, int], stage_modules: str
+    model, x: torch.Tensor, t: torch.Tensor, counts: Sequence[int], stage_modules: str
 ) -> torch.Tensor:
     """A mixed batch runs each stage's network once, on its own samples only, and equals per-sample calls."""
     calls = stage_batch_sizes(model, stage_modules)
     with torch.no_grad():
         mixed = model(x, t).sample
-    assert calls == {s: [n] if n else [] for s, n in counts.items()}  # cost: shared(B) + sum_s stage_s(B_s)
+    assert calls == {s: [n] if n else [] for s, n in enumerate(counts)}  # cost: shared(B) + sum_s stage_s(B_s)
     with torch.no_grad():
         reference = torch.cat([model(x[i : i + 1], t[i : i + 1]).sample for i in range(x.shape[0])])
     assert mixed.shape == x.shape and torch.allclose(mixed, reference, atol=1e-5)
@@ -64,7 +64,7 @@ class StagedModelTesterMixin:
     sample_shape = (3, 8, 8)
     stage_timesteps: Sequence[float]  # one timestep inside each stage, clean stage first
     mixed_timesteps: Sequence[float]  # a batch across the stages ...
-    mixed_stage_counts: dict[int, int]  # ... and how many of its samples each stage gets
+    mixed_stage_counts: Sequence[int]  # ... and how many of its samples each stage gets, per stage
     compile_stage = 1
     weight_files = ("diffusion_pytorch_model.safetensors",)
     shared_parameter: str | None = "conv_in.weight"  # a parameter every stage trains (None: nothing is shared)

@@ -47,7 +47,7 @@ class TestExpertRoutingModel(StagedModelTesterMixin):
     stage_modules = "experts"
     stage_timesteps = (10, 450, 900)
     mixed_timesteps = (10, 650, 400, 999, 0)  # experts 0, 2, 1, 2, 0
-    mixed_stage_counts = {0: 2, 1: 1, 2: 2}
+    mixed_stage_counts = (2, 1, 2)
     compile_stage = 0  # a plain UNet2DModel: the multi-stage expert routes by itself (a data-dependent branch)
     weight_files = tuple(f"expert_{i}/diffusion_pytorch_model.safetensors" for i in range(3))
     shared_parameter = None  # the experts share nothing

@@ -5,7 +5,6 @@ import torch
 from diffusers import UNet2DModel
 
 from diffusers_stages import MultiStageUNet2DModel
-
 from tests.conftest import TINY_UNET
 from tests.models.staged_model_tester import (
     StagedModelTesterMixin,
@@ -21,7 +20,7 @@ class TestMultiStageUNet2DModel(StagedModelTesterMixin):
     model_class = MultiStageUNet2DModel
     stage_timesteps = (10, 500, 900)
     mixed_timesteps = (5, 900, 450, 700, 100, 632)  # stages 0, 2, 1, 2, 0, 2
-    mixed_stage_counts = {0: 2, 1: 1, 2: 3}
+    mixed_stage_counts = (2, 1, 3)
     attention_prefixes = ("mid_block", "decoders.0.", "decoders.1.", "decoders.2.")
     bad_configs = (
         ({"stage_boundaries": (631, 442)}, "`boundaries`"),
@@ -204,7 +203,7 @@ def test_unadapted_decoders_concatenate_the_encoder_skips_at_the_encoder_widths(
 
 def test_unadapted_mixed_batch_matches_per_sample_reference(unadapted):
     x, t = torch.randn(5, 3, 8, 8), torch.tensor([5, 900, 450, 700, 100])
-    assert_mixed_batch_matches_reference(unadapted, x, t, {0: 2, 1: 1, 2: 2}, "decoders")
+    assert_mixed_batch_matches_reference(unadapted, x, t, (2, 1, 2), "decoders")
 
 
 def test_unadapted_save_reload_is_bit_identical(unadapted, tmp_path):

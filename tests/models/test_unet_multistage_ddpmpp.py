@@ -8,15 +8,15 @@ from diffusers_stages import MultiStageDDPMppUNet2DModel, MultiStagePipeline
 from diffusers_stages.training.loss import diffusion_loss
 from tests.models.staged_model_tester import StagedModelTesterMixin
 
-TINY = dict(
-    sample_size=8,
-    encoder_channels=16,
-    decoder_channels=(24, 16, 8),
-    channel_mult=(1, 2),
-    layers_per_block=1,
-    attention_resolutions=(4,),
-    dropout=0.0,
-)
+TINY = {
+    "sample_size": 8,
+    "encoder_channels": 16,
+    "decoder_channels": (24, 16, 8),
+    "channel_mult": (1, 2),
+    "layers_per_block": 1,
+    "attention_resolutions": (4,),
+    "dropout": 0.0,
+}
 
 
 def c_noise(*sigmas: float) -> torch.Tensor:
@@ -33,7 +33,7 @@ class TestMultiStageDDPMppUNet2DModel(StagedModelTesterMixin):
     model_class = MultiStageDDPMppUNet2DModel
     stage_timesteps = tuple(c_noise(0.5, 5.0, 40.0).tolist())
     mixed_timesteps = tuple(c_noise(0.5, 40.0, 5.0, 1.0).tolist())  # stages 0, 2, 1, 0
-    mixed_stage_counts = {0: 2, 1: 1, 2: 1}
+    mixed_stage_counts = (2, 1, 1)
     min_trainable_tensors = 100
     num_attention_processors = 1 + 3 * 2  # one encoder block; each decoder's middle and last 4x4 blocks
     attention_prefixes = ("down_blocks.", "decoders.0.", "decoders.1.", "decoders.2.")
