@@ -1,8 +1,10 @@
-"""What every staged model shares: a partition of the noise schedule, input checks, and the routing of a batch to
-per-stage networks (decoders or experts)."""
+"""What every staged model shares: a partition of the noise schedule, input checks, the routing of a batch to
+per-stage networks (decoders or experts), and a saved folder that diffusers' `AutoModel` can load."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -16,6 +18,9 @@ from diffusers.models.attention_processor import (
 from ..partition import TimestepPartition
 from ..routing import dispatch_by_stage
 from .checks import check_class_labels, check_sample, per_sample_timesteps
+from .loading import reexport_source
+
+PACKAGE = __name__.split(".")[0]
 
 
 class StagedModelMixin:
@@ -27,6 +32,37 @@ class StagedModelMixin:
     """
 
     partition: TimestepPartition
+
+    # ---- saving: diffusers' `auto_map` convention -------------------------------------------------------------
+    @classmethod
+    def _auto_map_module(cls) -> str | None:
+        """The file (without ``.py``) that a saved folder's ``auto_map`` names: the class's module, for the package's
+        own classes; `None` (no ``auto_map``) for subclasses defined elsewhere."""
+        return cls.__module__.rsplit(".", 1)[-1] if cls.__module__.split(".")[0] == PACKAGE else None
+
+    def to_json_string(self) -> str:
+        """The config as `config.json` holds it, with ``auto_map`` (``{"AutoModel": "<file>.<class>"}``): what
+        `diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)` follows to this class."""
+        config = json.loads(super().to_json_string())
+        module = self._auto_map_module()
+        if module is not None:
+            config["auto_map"] = {"AutoModel": f"{module}.{type(self).__name__}"}
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Write `config.json` and the re-export file its ``auto_map`` names (an import of the installed class).
+        Loading through the package's own classes never reads that file."""
+        module = self._auto_map_module()
+        if module is not None and not os.path.isfile(save_directory):
+            os.makedirs(save_directory, exist_ok=True)
+            with open(os.path.join(save_directory, f"{module}.py"), "w", encoding="utf-8") as f:
+                f.write(reexport_source(type(self).__module__, type(self).__name__))
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict, **kwargs):
+        """As diffusers', without the ``auto_map`` entry (it is for `AutoModel`, not a constructor argument)."""
+        return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "auto_map"}, **kwargs)
 
     @property
     def num_stages(self) -> int:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from diffusers import AutoModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 
@@ -156,6 +157,30 @@ class StagedModelTesterMixin:
             loaded = self.model_class.from_pretrained(tmp_path, device_map=device_map)
             with torch.no_grad():
                 assert torch.equal(loaded(x, t).sample, model(x, t).sample), device_map
+
+    def test_auto_model_loads_it_only_with_trust_remote_code(self, model, tmp_path):
+        model.save_pretrained(tmp_path)
+        module = self.model_class.__module__
+        config = json.loads((tmp_path / "config.json").read_text())
+        assert config["auto_map"] == {"AutoModel": f"{module.rsplit('.', 1)[-1]}.{self.model_class.__name__}"}
+        code = (tmp_path / f"{module.rsplit('.', 1)[-1]}.py").read_text()
+        assert code.endswith(f"from {module} import {self.model_class.__name__}  # noqa: F401\n")
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            AutoModel.from_pretrained(str(tmp_path))
+        loaded = AutoModel.from_pretrained(str(tmp_path), trust_remote_code=True)  # diffusers needs a str
+        assert type(loaded) is self.model_class  # the installed class itself, through the re-export file
+        assert "auto_map" not in loaded.config
+        x, t = self.inputs(self.mixed_timesteps)
+        with torch.no_grad():
+            assert torch.equal(loaded(x, t).sample, model(x, t).sample)
+
+    def test_loading_through_the_class_never_runs_a_file_from_the_folder(self, model, tmp_path):
+        model.save_pretrained(tmp_path / "saved")
+        marker = tmp_path / "ran"
+        for path in (tmp_path / "saved").rglob("*.py"):
+            path.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+        loaded = self.model_class.from_pretrained(tmp_path / "saved")
+        assert not marker.exists() and type(loaded) is self.model_class
 
     # ---- training ---------------------------------------------------------------------------------------------
     def test_gradient_checkpointing_gives_the_same_gradients(self, model):

@@ -169,7 +169,8 @@ def test_save_writes_one_plain_diffusers_folder_per_expert_and_reloads(three_exp
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["stage_boundaries"] == [300.0, 600.0] and config["prediction_type"] == "epsilon"
     assert config["expert_classes"][1] == ["diffusers_stages.models.unet_multistage", "MultiStageUNet2DModel"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "expert_0", "expert_1", "expert_2"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["config.json", "expert_0", "expert_1", "expert_2", "expert_routing.py"]  # + AutoModel's file
     assert not list(tmp_path.rglob("*.bin")) and len(list(tmp_path.rglob("*.safetensors"))) == 3
     # every expert is a plain folder of its own class
     assert type(UNet2DModel.from_pretrained(tmp_path / "expert_2")) is UNet2DModel
