@@ -27,8 +27,9 @@ class StagedModelMixin:
     r"""
     Mixin of the package's staged models: one network (a decoder, an expert) per stage of a [`TimestepPartition`].
 
-    A model sets ``self.partition`` in its ``__init__`` (from its ``_check_config``) and routes in its ``forward`` with [`~StagedModelMixin.route`] (any per-stage callable) or [`~StagedModelMixin.decode`] (per-stage
-    decoders that share an encoder's output).
+    A model sets ``self.partition`` in its ``__init__`` (from its ``_check_config``) and routes in its ``forward``
+    with [`~StagedModelMixin.route`] (any per-stage callable) or [`~StagedModelMixin.decode`] (per-stage decoders that
+    share an encoder's output).
     """
 
     partition: TimestepPartition
