@@ -403,7 +403,8 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
                 f"{len(block_out_channels)} up block names each, got {decoder_up_block_types}."
             )
         if not isinstance(decoder_skip_adapters, bool):
-            raise ValueError(f"`decoder_skip_adapters` must be True or False, got {decoder_skip_adapters!r}.")  # noqa: TRY004
+            message = f"`decoder_skip_adapters` must be True or False, got {decoder_skip_adapters!r}."
+            raise ValueError(message)  # noqa: TRY004
         other_blocks = {t for types in decoder_up_block_types for t in types} - set(CONCATENATING_UP_BLOCKS)
         if not decoder_skip_adapters and other_blocks:
             raise ValueError(
