@@ -13,20 +13,21 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import diffusers
 import torch
+import torch.utils.checkpoint
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from ..partition import TimestepPartition
-from ..routing import dispatch_by_stage
 from ..routing import select_rows as _rows
-from .checks import check_sample, per_sample_timesteps
 from .loading import check_name, component_folder, realign_storage
+from .staged import StagedModelMixin
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 CONTRACT_KEYS = ("in_channels", "out_channels", "sample_size", "num_class_embeds")  # experts must agree on these
@@ -128,7 +129,7 @@ def _positional_hidden_states(expert: nn.Module, class_labels, expert_kwargs: di
     return class_labels, expert_kwargs
 
 
-class ExpertRoutingModel(ModelMixin, ConfigMixin):
+class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMixin):
     r"""
     A set of independent denoisers, one per stage of a [`TimestepPartition`] (stage 0 = cleanest), behind one
     denoiser interface.
@@ -168,6 +169,7 @@ class ExpertRoutingModel(ModelMixin, ConfigMixin):
     """
 
     ignore_for_config = ("experts",)
+    _supports_gradient_checkpointing = True  # each expert's own (see `_set_gradient_checkpointing`)
 
     @register_to_config
     def __init__(
@@ -180,19 +182,8 @@ class ExpertRoutingModel(ModelMixin, ConfigMixin):
         expert_classes: Sequence[Sequence[str]] | None = None,
     ):
         super().__init__()
-        # 1. the partition, and one expert per stage
-        self.partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
-        experts = list(experts) if isinstance(experts, (list, tuple, nn.ModuleList)) else None
-        if experts is None or len(experts) != self.partition.num_stages:
-            count = "not a list" if experts is None else f"{len(experts)} experts"
-            raise ValueError(
-                f"`experts` must be a list with one denoiser per stage: `stage_boundaries`={tuple(stage_boundaries)} "
-                f"gives {self.partition.num_stages} stages, got {count}."
-            )
-        for i, expert in enumerate(experts):
-            if expert is not None and not isinstance(expert, ModelMixin):
-                raise ValueError(f"Expert {i} must be a diffusers ModelMixin (or None), got {type(expert).__name__}.")
-        _check_contract(experts)
+        # 1. check the configuration and keep the partition: one expert per stage, interchangeable
+        self.partition, experts = self._check_config(experts, stage_boundaries, num_train_timesteps, boundary_units)
 
         # 2. each expert's class (kept for unloaded experts) and the shared prediction type
         derived = [class_entry(e) if e is not None else None for e in experts]
@@ -211,9 +202,46 @@ class ExpertRoutingModel(ModelMixin, ConfigMixin):
         self.register_to_config(**pipeline_config(experts))
         self.experts = nn.ModuleList(experts)
 
+    @staticmethod
+    def _check_config(
+        experts: Sequence[ModelMixin | None],
+        stage_boundaries: Sequence[float],
+        num_train_timesteps: int,
+        boundary_units: str,
+    ) -> tuple[TimestepPartition, list[ModelMixin | None]]:
+        """Check the experts against the partition (a `ValueError` naming the argument); returns the partition and
+        the experts as a list."""
+        partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
+        experts = list(experts) if isinstance(experts, (list, tuple, nn.ModuleList)) else None
+        if experts is None or len(experts) != partition.num_stages:
+            count = "not a list" if experts is None else f"{len(experts)} experts"
+            raise ValueError(
+                f"`experts` must be a list with one denoiser per stage: `stage_boundaries`={tuple(stage_boundaries)} "
+                f"gives {partition.num_stages} stages, got {count}."
+            )
+        for i, expert in enumerate(experts):
+            if expert is not None and not isinstance(expert, ModelMixin):
+                raise ValueError(f"Expert {i} must be a diffusers ModelMixin (or None), got {type(expert).__name__}.")
+        _check_contract(experts)
+        return partition, experts
+
     @property
-    def num_stages(self) -> int:
-        return self.partition.num_stages
+    def _no_split_modules(self) -> list[str]:
+        """Every expert is one unit for `device_map` (whatever its class declares)."""
+        return sorted({type(expert).__name__ for expert in self.experts if expert is not None})
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = torch.utils.checkpoint.checkpoint
+    ) -> None:
+        """Switch gradient checkpointing of every loaded expert through the expert's own switch; an expert whose
+        class does not support it is a `ValueError` naming it."""
+        for i in self.loaded_experts:
+            expert = self.experts[i]
+            if not expert._supports_gradient_checkpointing:
+                if enable:
+                    raise ValueError(f"Expert {i} ({type(expert).__name__}) does not support gradient checkpointing.")
+                continue
+            expert._set_gradient_checkpointing(enable, gradient_checkpointing_func)
 
     @property
     def loaded_experts(self) -> list[int]:
@@ -257,9 +285,8 @@ class ExpertRoutingModel(ModelMixin, ConfigMixin):
         values are checked on the routed path only: with ``stage_index`` given no tensor value is read on the host.
         """
         # 1. one timestep per sample (DiT-style experts need one per sample; the routing reads them)
-        check_sample(sample, in_channels=None)
+        timesteps = self.check_inputs(sample, timestep, stage_index)
         batch = sample.shape[0]
-        timesteps = per_sample_timesteps(timestep, batch, sample.device, check_values=stage_index is None)
         if torch.is_tensor(timestep) and timestep.ndim == 0:
             timestep = timesteps
 
@@ -270,7 +297,7 @@ class ExpertRoutingModel(ModelMixin, ConfigMixin):
             split = {k: _rows(v, rows, batch) for k, v in expert_kwargs.items()}
             return self._call_expert(stage, sample[rows], timesteps[rows], _rows(class_labels, rows, batch), split)
 
-        out = dispatch_by_stage(self.partition, timesteps, stage_index, run)
+        out = self.route(timesteps, stage_index, run)
         if not return_dict:
             return (out,)
         return UNet2DOutput(sample=out)

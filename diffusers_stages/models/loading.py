@@ -77,3 +77,14 @@ def component_folder(root: str | os.PathLike, name: str) -> str:
     if not os.path.isdir(path) or not inside:
         raise ValueError(f"Component folder {name!r} must be a directory inside {root}, got {path!r}.")
     return path
+
+
+REEXPORT_HEADER = (
+    "# Written by diffusers-stages so that diffusers finds this class; needs `pip install diffusers-stages`.\n"
+)
+
+
+def reexport_source(module: str, class_name: str) -> str:
+    """The tiny ``.py`` file a saved folder carries so that diffusers' remote-code loaders (used only with
+    ``trust_remote_code=True``) find one of the package's classes: it imports the installed class, nothing else."""
+    return f"{REEXPORT_HEADER}from {module} import {class_name}  # noqa: F401\n"

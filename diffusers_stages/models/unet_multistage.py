@@ -10,9 +10,9 @@ resnet takes the encoder's skips at the encoder's widths.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
-import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
@@ -20,11 +20,12 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
+from torch import nn
 
 from ..partition import TimestepPartition
-from ..routing import dispatch_by_stage
-from .checks import check_class_labels, check_sample, compute_dtype, per_sample_timesteps
+from .checks import compute_dtype, per_sample_timesteps
 from .loading import StrictLoadingMixin
+from .staged import StagedModelMixin
 
 
 def skip_channels(block_out_channels: Sequence[int], layers_per_block: int | Sequence[int]) -> list[int]:
@@ -197,7 +198,7 @@ class StageDecoder(SkipAdapters):
         return sample
 
 
-class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
+class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
     r"""
     A 2D U-Net with one shared encoder and one decoder per stage of the noise schedule.
 
@@ -257,7 +258,8 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
     """
 
     _supports_gradient_checkpointing = True
-    _skip_layerwise_casting_patterns = ["norm"]
+    _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["norm"]
+    _no_split_modules: ClassVar[list[str]] = ["StageDecoder"]  # a decoder is one unit for `device_map`
 
     @register_to_config
     def __init__(
@@ -297,48 +299,23 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
         decoder_up_block_types: tuple[tuple[str, ...], ...] | None = None,
     ):
         super().__init__()
-        # 0. check the configuration: every problem is a ValueError that names the argument
-        self.partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
-        if len(down_block_types) != len(up_block_types) or len(block_out_channels) != len(down_block_types):
-            raise ValueError(
-                "`down_block_types`, `up_block_types` and `block_out_channels` must have the same length, got "
-                f"{len(down_block_types)}, {len(up_block_types)} and {len(block_out_channels)}."
-            )
-        decoder_block_out_channels = resolve_decoder_widths(
-            decoder_block_out_channels, block_out_channels, self.partition, norm_num_groups
+        # 0. check the configuration (every problem is a ValueError that names the argument) and keep the partition
+        self.partition, decoder_block_out_channels, decoder_up_block_types = self._check_config(
+            stage_boundaries=stage_boundaries,
+            num_train_timesteps=num_train_timesteps,
+            boundary_units=boundary_units,
+            down_block_types=down_block_types,
+            up_block_types=up_block_types,
+            block_out_channels=block_out_channels,
+            mid_block_type=mid_block_type,
+            add_attention=add_attention,
+            attention_head_dim=attention_head_dim,
+            norm_num_groups=norm_num_groups,
+            time_embedding_type=time_embedding_type,
+            decoder_block_out_channels=decoder_block_out_channels,
+            decoder_skip_adapters=decoder_skip_adapters,
+            decoder_up_block_types=decoder_up_block_types,
         )
-        if decoder_up_block_types is None:
-            decoder_up_block_types = (tuple(up_block_types),) * self.partition.num_stages
-        decoder_up_block_types = tuple(tuple(types) for types in decoder_up_block_types)
-        if len(decoder_up_block_types) != self.partition.num_stages or any(
-            len(types) != len(block_out_channels) or not all(isinstance(t, str) for t in types)
-            for types in decoder_up_block_types
-        ):
-            raise ValueError(
-                f"`decoder_up_block_types` must give {self.partition.num_stages} decoders (one per stage) "
-                f"{len(block_out_channels)} up block names each, got {decoder_up_block_types}."
-            )
-        if not isinstance(decoder_skip_adapters, bool):
-            raise ValueError(f"`decoder_skip_adapters` must be True or False, got {decoder_skip_adapters!r}.")
-        other_blocks = {t for types in decoder_up_block_types for t in types} - set(CONCATENATING_UP_BLOCKS)
-        if not decoder_skip_adapters and other_blocks:
-            raise ValueError(
-                f"`decoder_skip_adapters`=False needs up blocks among {CONCATENATING_UP_BLOCKS}, got "
-                f"{sorted(other_blocks)} in the decoders' up block types."
-            )
-        attention_widths = [w for w, b in zip(block_out_channels, down_block_types) if "Attn" in b]
-        attention_widths += [block_out_channels[-1]] if mid_block_type is not None and add_attention else []
-        for widths, types in zip(decoder_block_out_channels, decoder_up_block_types):
-            attention_widths += [w for w, b in zip(reversed(widths), types) if "Attn" in b]
-        if attention_head_dim is not None and any(w < attention_head_dim for w in attention_widths):
-            raise ValueError(
-                f"Attention blocks of widths {sorted(set(attention_widths))} need at least one head of "
-                f"`attention_head_dim`={attention_head_dim}: lower it, or widen the narrow blocks."
-            )
-        if time_embedding_type not in ("positional", "fourier", "learned"):
-            raise ValueError(
-                f"`time_embedding_type` must be positional, fourier or learned, got {time_embedding_type!r}."
-            )
         self.sample_size = sample_size
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
 
@@ -425,12 +402,71 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
             ]
         )
 
-    @property
-    def num_stages(self) -> int:
-        return self.partition.num_stages
+    @staticmethod
+    def _check_config(
+        stage_boundaries: Sequence[float],
+        num_train_timesteps: int,
+        boundary_units: str,
+        down_block_types: Sequence[str],
+        up_block_types: Sequence[str],
+        block_out_channels: Sequence[int],
+        mid_block_type: str | None,
+        add_attention: bool,
+        attention_head_dim: int | None,
+        norm_num_groups: int,
+        time_embedding_type: str,
+        decoder_block_out_channels: Sequence[Sequence[int]] | None,
+        decoder_skip_adapters: bool,
+        decoder_up_block_types: Sequence[Sequence[str]] | None,
+    ) -> tuple[TimestepPartition, tuple[tuple[int, ...], ...], tuple[tuple[str, ...], ...]]:
+        """Check a configuration before anything is built (a `ValueError` naming the argument); returns the
+        partition and every decoder's widths and up block types (the encoder's where not given)."""
+        partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
+        if len(down_block_types) != len(up_block_types) or len(block_out_channels) != len(down_block_types):
+            raise ValueError(
+                "`down_block_types`, `up_block_types` and `block_out_channels` must have the same length, got "
+                f"{len(down_block_types)}, {len(up_block_types)} and {len(block_out_channels)}."
+            )
+        decoder_block_out_channels = resolve_decoder_widths(
+            decoder_block_out_channels, block_out_channels, partition, norm_num_groups
+        )
+        if decoder_up_block_types is None:
+            decoder_up_block_types = (tuple(up_block_types),) * partition.num_stages
+        decoder_up_block_types = tuple(tuple(types) for types in decoder_up_block_types)
+        if len(decoder_up_block_types) != partition.num_stages or any(
+            len(types) != len(block_out_channels) or not all(isinstance(t, str) for t in types)
+            for types in decoder_up_block_types
+        ):
+            raise ValueError(
+                f"`decoder_up_block_types` must give {partition.num_stages} decoders (one per stage) "
+                f"{len(block_out_channels)} up block names each, got {decoder_up_block_types}."
+            )
+        if not isinstance(decoder_skip_adapters, bool):
+            message = f"`decoder_skip_adapters` must be True or False, got {decoder_skip_adapters!r}."
+            raise ValueError(message)  # noqa: TRY004
+        other_blocks = {t for types in decoder_up_block_types for t in types} - set(CONCATENATING_UP_BLOCKS)
+        if not decoder_skip_adapters and other_blocks:
+            raise ValueError(
+                f"`decoder_skip_adapters`=False needs up blocks among {CONCATENATING_UP_BLOCKS}, got "
+                f"{sorted(other_blocks)} in the decoders' up block types."
+            )
+        attention_widths = [w for w, b in zip(block_out_channels, down_block_types) if "Attn" in b]
+        attention_widths += [block_out_channels[-1]] if mid_block_type is not None and add_attention else []
+        for widths, types in zip(decoder_block_out_channels, decoder_up_block_types):
+            attention_widths += [w for w, b in zip(reversed(widths), types) if "Attn" in b]
+        if attention_head_dim is not None and any(w < attention_head_dim for w in attention_widths):
+            raise ValueError(
+                f"Attention blocks of widths {sorted(set(attention_widths))} need at least one head of "
+                f"`attention_head_dim`={attention_head_dim}: lower it, or widen the narrow blocks."
+            )
+        if time_embedding_type not in ("positional", "fourier", "learned"):
+            raise ValueError(
+                f"`time_embedding_type` must be positional, fourier or learned, got {time_embedding_type!r}."
+            )
+        return partition, decoder_block_out_channels, decoder_up_block_types
 
     def encode(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, class_labels: torch.Tensor | None = None
+        self, sample: torch.Tensor, timestep: torch.Tensor | float, class_labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
         """Run the shared encoder (on inputs checked as `forward` checks them): returns ``(hidden, skips, emb,
         timesteps)`` for the whole batch, with one timestep per sample."""
@@ -461,7 +497,7 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
     def forward(
         self,
         sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
+        timestep: torch.Tensor | float,
         class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
         stage_index: int | None = None,
@@ -481,24 +517,19 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
         no data-dependent branch), so out-of-range values there are the caller's responsibility.
         """
         # 0. check the inputs (values only when routing, see above), then centre the sample
-        routed = stage_index is None
-        check_sample(sample, self.config.in_channels, multiple_of=2 ** (len(self.config.block_out_channels) - 1))
-        timestep = per_sample_timesteps(timestep, sample.shape[0], sample.device, check_values=routed)
-        num_labels = self.config.num_class_embeds if self.config.class_embed_type is None else None
-        check_class_labels(class_labels, sample.shape[0], self.class_embedding is not None, num_labels, routed)
-        if self.config.center_input_sample:
+        config = self.config
+        timestep = self.check_inputs(sample, timestep, stage_index, config.in_channels,
+                                     multiple_of=2 ** (len(config.block_out_channels) - 1))  # fmt: skip
+        num_labels = config.num_class_embeds if config.class_embed_type is None else None
+        self.check_labels(class_labels, sample.shape[0], stage_index, num_labels)
+        if config.center_input_sample:
             sample = 2 * sample - 1.0
 
         # 1. shared encoder, once on the whole batch
         hidden, skips, emb, timesteps = self.encode(sample, timestep, class_labels)
 
         # 2. route: each stage's decoder on its own samples only (the whole batch when one stage holds it)
-        def decode(stage: int, rows: torch.Tensor | None) -> torch.Tensor:
-            if rows is None:
-                return self.decoders[stage](hidden, skips, emb)
-            return self.decoders[stage](hidden[rows], [skip[rows] for skip in skips], emb[rows])
-
-        out = dispatch_by_stage(self.partition, timesteps, stage_index, decode)
+        out = self.decode(hidden, skips, emb, timesteps, stage_index)
 
         # 3. fourier-embedded models predict a scaled output (as UNet2DModel)
         if self.config.time_embedding_type == "fourier":
@@ -515,7 +546,7 @@ class MultiStageUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, Attenti
         stage_boundaries: Sequence[float] = (442, 631),
         boundary_units: str = "timestep",
         num_train_timesteps: int | None = None,
-    ) -> "MultiStageUNet2DModel":
+    ) -> MultiStageUNet2DModel:
         r"""
         Warm-start from a pretrained [`~diffusers.UNet2DModel`]: the encoder is the U-Net's down path and every
         decoder is a copy of its up path, so the new model's output equals the source's at every timestep.

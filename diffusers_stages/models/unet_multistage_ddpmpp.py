@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
-from torch import nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin
@@ -28,11 +28,12 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
 
 from ..partition import TimestepPartition
-from ..routing import dispatch_by_stage
-from .checks import check_class_labels, check_sample, compute_dtype, per_sample_timesteps
+from .checks import compute_dtype
 from .loading import StrictLoadingMixin
+from .staged import StagedModelMixin
 
 SKIP_SCALE = math.sqrt(2.0)  # DDPM++ divides every residual sum by sqrt(2) (EDM's skip_scale = sqrt(0.5))
 
@@ -167,7 +168,7 @@ class DDPMppStageDecoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(hidden)))
 
 
-class MultiStageDDPMppUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
+class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
     r"""
     EDM's DDPM++ U-Net with one shared encoder and one tailored decoder per stage (the multi-stage EDM model of
     Zhang et al., CVPR 2024): the network ``F`` that EDM's preconditioning wraps.
@@ -216,7 +217,9 @@ class MultiStageDDPMppUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, A
     """
 
     _supports_gradient_checkpointing = True
-    _skip_layerwise_casting_patterns = ["norm"]
+    _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["norm"]
+    # a decoder and an encoder block are units for `device_map`
+    _no_split_modules: ClassVar[list[str]] = ["DDPMppStageDecoder", "DDPMppBlock"]
 
     @register_to_config
     def __init__(
@@ -240,26 +243,12 @@ class MultiStageDDPMppUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, A
         num_train_timesteps: int = 1000,
     ):
         super().__init__()
-        # 0. check the configuration: every problem is a ValueError that names the argument
-        self.partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
-        if len(decoder_channels) != self.partition.num_stages:
-            raise ValueError(
-                f"`decoder_channels` must give one width per stage ({self.partition.num_stages} stages from "
-                f"`stage_boundaries`={tuple(stage_boundaries)}), got {tuple(decoder_channels)}."
-            )
-        if not isinstance(sample_size, int) or sample_size % 2 ** (len(channel_mult) - 1):
-            raise ValueError(
-                f"`sample_size` must be an integer divisible by 2**{len(channel_mult) - 1} (one halving per level of "
-                f"`channel_mult`={tuple(channel_mult)}), got {sample_size!r}."
-            )
-        if num_class_embeds is not None and num_class_embeds < 2:
-            raise ValueError(
-                f"`num_class_embeds` must be at least 2 (classes + the 'no class' label), got {num_class_embeds}."
-            )
+        # 0. check the configuration (every problem is a ValueError that names the argument) and keep the partition
+        self.partition = self._check_config(stage_boundaries, num_train_timesteps, boundary_units, decoder_channels,
+                                            sample_size, channel_mult, num_class_embeds)  # fmt: skip
         noise_channels, emb_channels = encoder_channels, encoder_channels * channel_mult_emb
-        block_kwargs = dict(
-            temb_channels=emb_channels, norm_num_groups=norm_num_groups, norm_eps=norm_eps, dropout=dropout
-        )
+        block_kwargs = {"temb_channels": emb_channels, "norm_num_groups": norm_num_groups, "norm_eps": norm_eps,
+                        "dropout": dropout}  # fmt: skip
 
         # 1. embeddings: EDM's positional noise embedding ([sin, cos], frequencies 10000^(-i/(n-1))), plus the class
         #    and augmentation embeddings, then a two-layer MLP (EDM's map_layer0 / map_layer1)
@@ -301,9 +290,34 @@ class MultiStageDDPMppUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, A
             ]
         )
 
-    @property
-    def num_stages(self) -> int:
-        return self.partition.num_stages
+    @staticmethod
+    def _check_config(
+        stage_boundaries: Sequence[float],
+        num_train_timesteps: int,
+        boundary_units: str,
+        decoder_channels: Sequence[int],
+        sample_size: int,
+        channel_mult: Sequence[int],
+        num_class_embeds: int | None,
+    ) -> TimestepPartition:
+        """Check a configuration before anything is built (a `ValueError` naming the argument; group counts are
+        checked as the layers are built); returns the partition."""
+        partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
+        if len(decoder_channels) != partition.num_stages:
+            raise ValueError(
+                f"`decoder_channels` must give one width per stage ({partition.num_stages} stages from "
+                f"`stage_boundaries`={tuple(stage_boundaries)}), got {tuple(decoder_channels)}."
+            )
+        if not isinstance(sample_size, int) or sample_size % 2 ** (len(channel_mult) - 1):
+            raise ValueError(
+                f"`sample_size` must be an integer divisible by 2**{len(channel_mult) - 1} (one halving per level of "
+                f"`channel_mult`={tuple(channel_mult)}), got {sample_size!r}."
+            )
+        if num_class_embeds is not None and num_class_embeds < 2:
+            raise ValueError(
+                f"`num_class_embeds` must be at least 2 (classes + the 'no class' label), got {num_class_embeds}."
+            )
+        return partition
 
     def embed(
         self,
@@ -330,7 +344,7 @@ class MultiStageDDPMppUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, A
     def forward(
         self,
         sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
+        timestep: torch.Tensor | float,
         class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
         stage_index: int | None = None,
@@ -354,11 +368,10 @@ class MultiStageDDPMppUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, A
         responsibility.
         """
         # 0. check the inputs (values only when routing, see above)
-        routed, config = stage_index is None, self.config
-        check_sample(sample, config.in_channels, multiple_of=2 ** (len(config.channel_mult) - 1))
-        timesteps = per_sample_timesteps(timestep, sample.shape[0], sample.device, check_values=routed)
-        conditional = self.class_embedding is not None
-        check_class_labels(class_labels, sample.shape[0], conditional, config.num_class_embeds, routed, one_hot=True)
+        config = self.config
+        timesteps = self.check_inputs(sample, timestep, stage_index, config.in_channels,
+                                      multiple_of=2 ** (len(config.channel_mult) - 1))  # fmt: skip
+        self.check_labels(class_labels, sample.shape[0], stage_index, config.num_class_embeds, one_hot=True)
 
         # 1. embeddings and the shared encoder, once on the whole batch
         emb = self.embed(timesteps, class_labels, augment_labels)
@@ -369,12 +382,7 @@ class MultiStageDDPMppUNet2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin, A
             skips.append(hidden)
 
         # 2. route: each stage's decoder on its own samples only (the whole batch when one stage holds it)
-        def decode(stage: int, rows: torch.Tensor | None) -> torch.Tensor:
-            if rows is None:
-                return self.decoders[stage](hidden, skips, emb)
-            return self.decoders[stage](hidden[rows], [skip[rows] for skip in skips], emb[rows])
-
-        out = dispatch_by_stage(self.partition, timesteps, stage_index, decode)
+        out = self.decode(hidden, skips, emb, timesteps, stage_index)
         if not return_dict:
             return (out,)
         return UNet2DOutput(sample=out)

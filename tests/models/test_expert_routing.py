@@ -5,6 +5,8 @@ import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DModel
+from tests.conftest import TINY_UNET
+from tests.models.staged_model_tester import StagedModelTesterMixin
 
 
 def _unet(kwargs, seed, **overrides):
@@ -36,6 +38,51 @@ def three_experts(tiny_unet_kwargs):
     wide = _unet(tiny_unet_kwargs, 0, block_out_channels=(16, 32))
     narrow = _unet(tiny_unet_kwargs, 2, block_out_channels=(4, 8), attention_head_dim=None)
     return ExpertRoutingModel([wide, multistage, narrow], stage_boundaries=(300, 600)).eval()
+
+
+class TestExpertRoutingModel(StagedModelTesterMixin):
+    """Three experts of different architectures: a wide U-Net, a multi-stage U-Net, and a narrow U-Net."""
+
+    model_class = ExpertRoutingModel
+    stage_modules = "experts"
+    stage_timesteps = (10, 450, 900)
+    mixed_timesteps = (10, 650, 400, 999, 0)  # experts 0, 2, 1, 2, 0
+    mixed_stage_counts = (2, 1, 2)
+    compile_stage = 0  # a plain UNet2DModel: the multi-stage expert routes by itself (a data-dependent branch)
+    weight_files = tuple(f"expert_{i}/diffusion_pytorch_model.safetensors" for i in range(3))
+    shared_parameter = None  # the experts share nothing
+    attention_prefixes = ("experts.0.", "experts.1.")  # the narrow expert has no attention
+    bad_configs = (
+        ({"stage_boundaries": (600, 300)}, "strictly increasing"),
+        ({"stage_boundaries": (500,)}, "gives 2 stages, got 3 experts"),
+        ({"prediction_type": "noise"}, "prediction_type"),
+    )
+    device_maps = ("cpu",)  # "auto" reaches each expert's class: diffusers' UNet2DModel has no `_no_split_modules`
+
+    def get_init_kwargs(self) -> dict:
+        torch.manual_seed(1)
+        multistage = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,)).eval()
+        wide = _unet(TINY_UNET, 0, block_out_channels=(16, 32))
+        narrow = _unet(TINY_UNET, 2, block_out_channels=(4, 8), attention_head_dim=None)
+        return {"experts": [wide, multistage, narrow], "stage_boundaries": (300, 600)}
+
+    def test_device_map_auto_reaches_every_expert(self, model, tmp_path):
+        model.save_pretrained(tmp_path)
+        with pytest.raises(ValueError, match=r"Expert 0 .* UNet2DModel does not support `device_map='auto'`"):
+            ExpertRoutingModel.from_pretrained(tmp_path, device_map="auto")
+        staged = ExpertRoutingModel([model.experts[1], model.experts[1]], stage_boundaries=(500,))
+        staged.save_pretrained(tmp_path / "staged")
+        loaded = ExpertRoutingModel.from_pretrained(tmp_path / "staged", device_map="auto")
+        x, t = self.inputs(self.mixed_timesteps)
+        with torch.no_grad():
+            assert torch.equal(loaded(x, t).sample, staged(x, t).sample)
+
+    def test_an_expert_without_gradient_checkpointing_is_named(self, tiny_unet_kwargs):
+        model = ExpertRoutingModel([_unet(tiny_unet_kwargs, 0), _tiny_dit()], stage_boundaries=(500,))
+        model.experts[1]._supports_gradient_checkpointing = False  # as a class without it declares
+        with pytest.raises(ValueError, match=r"Expert 1 \(DiTTransformer2DModel\) does not support gradient"):
+            model.enable_gradient_checkpointing()
+        model.disable_gradient_checkpointing()  # switching off skips it
 
 
 def test_mixed_batch_sends_each_sample_to_its_own_expert_only(three_experts):
@@ -122,7 +169,8 @@ def test_save_writes_one_plain_diffusers_folder_per_expert_and_reloads(three_exp
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["stage_boundaries"] == [300.0, 600.0] and config["prediction_type"] == "epsilon"
     assert config["expert_classes"][1] == ["diffusers_stages.models.unet_multistage", "MultiStageUNet2DModel"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "expert_0", "expert_1", "expert_2"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["config.json", "expert_0", "expert_1", "expert_2", "expert_routing.py"]  # + AutoModel's file
     assert not list(tmp_path.rglob("*.bin")) and len(list(tmp_path.rglob("*.safetensors"))) == 3
     # every expert is a plain folder of its own class
     assert type(UNet2DModel.from_pretrained(tmp_path / "expert_2")) is UNet2DModel

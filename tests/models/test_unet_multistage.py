@@ -3,50 +3,43 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DModel
-from diffusers.models.attention_processor import AttnProcessor
 
 from diffusers_stages import MultiStageUNet2DModel
+from tests.conftest import TINY_UNET
+from tests.models.staged_model_tester import (
+    StagedModelTesterMixin,
+    assert_mixed_batch_matches_reference,
+    assert_save_reload_bit_identical,
+    stage_batch_sizes,
+)
+
+TAILORED = {"stage_boundaries": (442, 631), "decoder_block_out_channels": ((16, 24), (8, 16), (4, 8))}
 
 
-def _decoder_batch_sizes(model):
-    """Record the batch size each decoder is called with."""
-    calls = {s: [] for s in range(model.num_stages)}
-    for s, decoder in enumerate(model.decoders):
-        decoder.register_forward_hook(lambda mod, args, out, s=s: calls[s].append(args[0].shape[0]))
-    return calls
+class TestMultiStageUNet2DModel(StagedModelTesterMixin):
+    model_class = MultiStageUNet2DModel
+    stage_timesteps = (10, 500, 900)
+    mixed_timesteps = (5, 900, 450, 700, 100, 632)  # stages 0, 2, 1, 2, 0, 2
+    mixed_stage_counts = (2, 1, 3)
+    attention_prefixes = ("mid_block", "decoders.0.", "decoders.1.", "decoders.2.")
+    bad_configs = (
+        ({"stage_boundaries": (631, 442)}, "`boundaries`"),
+        ({"stage_boundaries": (442, 1000)}, "`boundaries`"),
+        ({"decoder_block_out_channels": ((8, 16), (8, 16))}, "`decoder_block_out_channels`"),
+        ({"decoder_block_out_channels": ((8, 16), (8, 16), (6, 8))}, "`decoder_block_out_channels`"),
+        ({"decoder_block_out_channels": ((8, 16), (8, 16), (8,))}, "`decoder_block_out_channels`"),
+        ({"boundary_units": "seconds"}, "`units`"),
+        ({"up_block_types": ("UpBlock2D",)}, "`up_block_types`"),
+        ({"attention_head_dim": 16, "decoder_block_out_channels": ((8, 16), (8, 16), (4, 8))}, "`attention_head_dim`"),
+    )
 
+    def get_init_kwargs(self) -> dict:
+        return {**TINY_UNET, **TAILORED}
 
-def test_mixed_batch_matches_per_sample_reference_and_runs_each_decoder_once(tiny_multistage):
-    model = tiny_multistage
-    x = torch.randn(6, 3, 8, 8)
-    t = torch.tensor([5, 900, 450, 700, 100, 632])  # stages 0, 2, 1, 2, 0, 2
-    calls = _decoder_batch_sizes(model)
-    with torch.no_grad():
-        mixed = model(x, t).sample
-    assert calls == {0: [2], 1: [1], 2: [3]}  # encoder(B) + sum_s decoder_s(B_s): no decoder sees others' samples
-    with torch.no_grad():
-        reference = torch.cat([model(x[i : i + 1], t[i : i + 1]).sample for i in range(6)])
-    assert torch.allclose(mixed, reference, atol=1e-5)
-    # the tailored decoders really differ: the same input decoded by another stage gives another output
-    with torch.no_grad():
-        other = model(x[:1], t[:1], stage_index=2).sample
-    assert not torch.allclose(other, mixed[:1], atol=1e-3)
-
-
-def test_explicit_stage_index_skips_routing(tiny_multistage):
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        routed = tiny_multistage(x, torch.tensor([700, 800])).sample
-        given = tiny_multistage(x, torch.tensor([700, 800]), stage_index=2).sample
-    assert torch.equal(routed, given)
-
-
-def test_compiles_with_fullgraph_given_a_stage_index(tiny_multistage):
-    x = torch.randn(2, 3, 8, 8)
-    compiled = torch.compile(tiny_multistage, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        out = compiled(x, torch.tensor(500), stage_index=1).sample
-        assert torch.allclose(out, tiny_multistage(x, torch.tensor(500), stage_index=1).sample, atol=1e-6)
+    def test_reloaded_config_keeps_the_decoders(self, model, tmp_path):
+        x, t = self.inputs(self.mixed_timesteps)
+        reloaded = assert_save_reload_bit_identical(model, tmp_path, x, t, self.weight_files)
+        assert reloaded.config.decoder_block_out_channels == [[16, 24], [8, 16], [4, 8]]
 
 
 @pytest.mark.parametrize(
@@ -88,18 +81,6 @@ def test_from_unet_with_skip_blocks_and_fourier_embedding():
         assert torch.allclose(staged(x, t).sample, unet(x, t).sample, atol=1e-5)
 
 
-def test_save_reload_is_bit_identical_and_safetensors_only(tiny_multistage, tmp_path):
-    tiny_multistage.save_pretrained(tmp_path)
-    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
-    assert not list(tmp_path.glob("*.bin"))
-    reloaded = MultiStageUNet2DModel.from_pretrained(tmp_path)
-    x, t = torch.randn(4, 3, 8, 8), torch.tensor([10, 500, 900, 631])
-    with torch.no_grad():
-        assert torch.equal(tiny_multistage(x, t).sample, reloaded(x, t).sample)
-    assert reloaded.config.decoder_block_out_channels == [[16, 24], [8, 16], [4, 8]]
-    assert reloaded.partition == tiny_multistage.partition
-
-
 @pytest.mark.parametrize(
     "edit",
     [
@@ -117,62 +98,13 @@ def test_checkpoint_disagreeing_with_config_is_refused(tiny_multistage, tmp_path
         MultiStageUNet2DModel.from_pretrained(tmp_path)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_multistage):
-    model = tiny_multistage.train()
-    x, t = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 900])
-
-    def grads():
-        model.zero_grad()
-        model(x, t).sample.square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads()
-    model.enable_gradient_checkpointing()
-    assert model.is_gradient_checkpointing
-    checkpointed = grads()
-    assert plain.keys() == checkpointed.keys()
-    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
-    # the shared encoder learns from every stage; every decoder only from its own samples
-    assert "conv_in.weight" in plain and all(f"decoders.{s}.conv_out.weight" in plain for s in range(3))
-
-
-def test_attention_processors_can_be_swapped(tiny_multistage):
-    processors = tiny_multistage.attn_processors
-    assert any(name.startswith("decoders.2.") for name in processors) and any("mid_block" in n for n in processors)
-    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
-    with torch.no_grad():
-        before = tiny_multistage(x, t).sample
-        tiny_multistage.set_attn_processor(AttnProcessor())
-        after = tiny_multistage(x, t).sample
-    assert all(type(p) is AttnProcessor for p in tiny_multistage.attn_processors.values())
-    assert torch.allclose(before, after, atol=1e-5)
-
-
 def test_sigma_units_route_edm_noise_conditioning(tiny_unet_kwargs):
     model = MultiStageUNet2DModel(**tiny_unet_kwargs, stage_boundaries=(0.5, 5.0), boundary_units="sigma").eval()
-    calls = _decoder_batch_sizes(model)
+    calls = stage_batch_sizes(model, "decoders")
     c_noise = torch.log(torch.tensor([0.1, 1.0, 2.0, 10.0])) / 4
     with torch.no_grad():
         model(torch.randn(4, 3, 8, 8), c_noise)
     assert calls == {0: [1], 1: [2], 2: [1]}
-
-
-@pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        ({"stage_boundaries": (631, 442)}, "boundaries"),
-        ({"stage_boundaries": (442, 1000)}, "boundaries"),
-        ({"decoder_block_out_channels": ((8, 16), (8, 16))}, "decoder_block_out_channels"),
-        ({"decoder_block_out_channels": ((8, 16), (8, 16), (6, 8))}, "decoder_block_out_channels"),
-        ({"decoder_block_out_channels": ((8, 16), (8, 16), (8,))}, "decoder_block_out_channels"),
-        ({"boundary_units": "seconds"}, "units"),
-        ({"up_block_types": ("UpBlock2D",)}, "up_block_types"),
-        ({"attention_head_dim": 16, "decoder_block_out_channels": ((8, 16), (8, 16), (4, 8))}, "attention_head_dim"),
-    ],
-)
-def test_bad_configuration_names_the_argument(tiny_unet_kwargs, kwargs, name):
-    with pytest.raises(ValueError, match=f"`{name}`"):
-        MultiStageUNet2DModel(**{**tiny_unet_kwargs, **kwargs})
 
 
 def test_bad_inputs_name_the_argument(tiny_multistage, tiny_unet_kwargs):
@@ -271,22 +203,14 @@ def test_unadapted_decoders_concatenate_the_encoder_skips_at_the_encoder_widths(
 
 def test_unadapted_mixed_batch_matches_per_sample_reference(unadapted):
     x, t = torch.randn(5, 3, 8, 8), torch.tensor([5, 900, 450, 700, 100])
-    calls = _decoder_batch_sizes(unadapted)
-    with torch.no_grad():
-        mixed = unadapted(x, t).sample
-        reference = torch.cat([unadapted(x[i : i + 1], t[i : i + 1]).sample for i in range(5)])
-    assert mixed.shape == (5, 3, 8, 8) and calls[0][0] == 2 and calls[1][0] == 1 and calls[2][0] == 2
-    assert torch.allclose(mixed, reference, atol=1e-5)
+    assert_mixed_batch_matches_reference(unadapted, x, t, (2, 1, 2), "decoders")
 
 
 def test_unadapted_save_reload_is_bit_identical(unadapted, tmp_path):
-    unadapted.save_pretrained(tmp_path)
-    reloaded = MultiStageUNet2DModel.from_pretrained(tmp_path)
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 900])
+    reloaded = assert_save_reload_bit_identical(unadapted, tmp_path, x, t, ["diffusion_pytorch_model.safetensors"])
     assert reloaded.config.decoder_skip_adapters is False
     assert [tuple(t) for t in reloaded.config.decoder_up_block_types] == list(UNADAPTED["decoder_up_block_types"])
-    x, t = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 900])
-    with torch.no_grad():
-        assert torch.equal(unadapted(x, t).sample, reloaded(x, t).sample)
 
 
 def test_without_adapters_encoder_wide_decoders_are_unchanged(tiny_unet_kwargs):

@@ -6,16 +6,17 @@ from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
 from diffusers_stages import MultiStageDDPMppUNet2DModel, MultiStagePipeline
 from diffusers_stages.training.loss import diffusion_loss
+from tests.models.staged_model_tester import StagedModelTesterMixin
 
-TINY = dict(
-    sample_size=8,
-    encoder_channels=16,
-    decoder_channels=(24, 16, 8),
-    channel_mult=(1, 2),
-    layers_per_block=1,
-    attention_resolutions=(4,),
-    dropout=0.0,
-)
+TINY = {
+    "sample_size": 8,
+    "encoder_channels": 16,
+    "decoder_channels": (24, 16, 8),
+    "channel_mult": (1, 2),
+    "layers_per_block": 1,
+    "attention_resolutions": (4,),
+    "dropout": 0.0,
+}
 
 
 def c_noise(*sigmas: float) -> torch.Tensor:
@@ -28,22 +29,24 @@ def model():
     return MultiStageDDPMppUNet2DModel(**TINY).eval()
 
 
-def test_mixed_batch_matches_per_sample_reference(model):
-    x = torch.randn(4, 3, 8, 8)
-    t = c_noise(0.5, 40.0, 5.0, 1.0)  # stages 0, 2, 1, 0
-    with torch.no_grad():
-        mixed = model(x, t).sample
-        reference = torch.cat([model(x[i : i + 1], t[i : i + 1]).sample for i in range(4)])
-        forced = model(x[:1], t[:1], stage_index=2).sample
-    assert torch.allclose(mixed, reference, atol=1e-5)
-    assert not torch.allclose(forced, mixed[:1], atol=1e-3)  # the decoders differ
+class TestMultiStageDDPMppUNet2DModel(StagedModelTesterMixin):
+    model_class = MultiStageDDPMppUNet2DModel
+    stage_timesteps = tuple(c_noise(0.5, 5.0, 40.0).tolist())
+    mixed_timesteps = tuple(c_noise(0.5, 40.0, 5.0, 1.0).tolist())  # stages 0, 2, 1, 0
+    mixed_stage_counts = (2, 1, 1)
+    min_trainable_tensors = 100
+    num_attention_processors = 1 + 3 * 2  # one encoder block; each decoder's middle and last 4x4 blocks
+    attention_prefixes = ("down_blocks.", "decoders.0.", "decoders.1.", "decoders.2.")
+    bad_configs = (
+        ({"decoder_channels": (16, 16)}, "decoder_channels"),
+        ({"sample_size": 7}, "sample_size"),
+        ({"encoder_channels": 18}, "norm_num_groups"),
+        ({"num_class_embeds": 1}, "num_class_embeds"),
+        ({"stage_boundaries": (5.0, 1.0)}, "boundaries"),
+    )
 
-
-def test_compiles_with_fullgraph_given_a_stage_index(model):
-    x, t = torch.randn(2, 3, 8, 8), c_noise(5.0, 5.0)
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        assert torch.allclose(compiled(x, t, stage_index=1).sample, model(x, t, stage_index=1).sample, atol=1e-6)
+    def get_init_kwargs(self) -> dict:
+        return dict(TINY)
 
 
 def test_decoders_are_tailored_and_attend_where_configured(model):
@@ -53,15 +56,6 @@ def test_decoders_are_tailored_and_attend_where_configured(model):
     # attention: encoder blocks at 4x4, the first middle block, the last block of each decoder's 4x4 level
     assert [b.attention is not None for b in model.down_blocks] == [False, False, True]
     assert [b.attention is not None for b in model.decoders[0].up_blocks] == [False, True, False, False, False]
-
-
-def test_save_reload_is_bit_identical(model, tmp_path):
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
-    reloaded = MultiStageDDPMppUNet2DModel.from_pretrained(tmp_path).eval()
-    x, t = torch.randn(2, 3, 8, 8), c_noise(0.5, 40.0)
-    with torch.no_grad():
-        assert torch.equal(model(x, t).sample, reloaded(x, t).sample)
 
 
 def test_class_labels_are_scaled_one_hot_and_the_last_means_no_class():
@@ -89,32 +83,6 @@ def test_trains_with_the_edm_loss(model):
     assert model.conv_in.weight.grad.abs().sum() > 0
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(model):
-    x, t = torch.randn(3, 3, 8, 8), c_noise(0.5, 5.0, 40.0)
-
-    def gradients():
-        model.zero_grad()
-        model(x, t).sample.pow(2).mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = gradients()
-    model.enable_gradient_checkpointing()
-    checkpointed = gradients()
-    assert plain.keys() == checkpointed.keys() and len(plain) > 100
-    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
-
-
-def test_attention_processors_can_be_swapped(model):
-    from diffusers.models.attention_processor import AttnProcessor
-
-    x, t = torch.randn(2, 3, 8, 8), c_noise(0.5, 40.0)
-    assert len(model.attn_processors) == 1 + 3 * 2  # one encoder block; each decoder's middle and last 4x4 blocks
-    with torch.no_grad():
-        before = model(x, t).sample
-        model.set_attn_processor(AttnProcessor())
-        assert torch.allclose(model(x, t).sample, before, atol=1e-5)
-
-
 @pytest.mark.parametrize("scheduler_class", [EDMEulerScheduler, EDMDPMSolverMultistepScheduler])
 def test_samples_deterministically_through_the_pipeline(model, scheduler_class, tmp_path):
     pipe = MultiStagePipeline(unet=model, scheduler=scheduler_class())
@@ -129,21 +97,6 @@ def test_samples_deterministically_through_the_pipeline(model, scheduler_class, 
     reloaded.set_progress_bar_config(disable=True)
     again = reloaded(batch_size=2, num_inference_steps=6, generator=torch.manual_seed(0), output_type="np").images
     assert (images == again).all()
-
-
-@pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        ({"decoder_channels": (16, 16)}, "decoder_channels"),
-        ({"sample_size": 7}, "sample_size"),
-        ({"encoder_channels": 18}, "norm_num_groups"),
-        ({"num_class_embeds": 1}, "num_class_embeds"),
-        ({"stage_boundaries": (5.0, 1.0)}, "boundaries"),
-    ],
-)
-def test_bad_configuration_names_the_argument(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        MultiStageDDPMppUNet2DModel(**{**TINY, **kwargs})
 
 
 def test_bad_inputs_name_the_argument(model):

@@ -1,0 +1,231 @@
+"""The tests every staged model passes (diffusers-style tester mixin).
+
+A test class sets ``model_class``, implements ``get_init_kwargs()`` (a tiny configuration) and the class attributes
+below; the shared tests then check routing, compilation, saving and loading (dtypes, variants, ``device_map``),
+gradient checkpointing, attention processors and configuration errors. The ``assert_*`` helpers are also called
+directly for other configurations of the same model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pytest
+import torch
+from diffusers import AutoModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+
+def stage_batch_sizes(model, stage_modules: str) -> dict[int, list[int]]:
+    """Record the batch size each stage's network (decoder, expert) is called with."""
+    calls = {s: [] for s in range(model.num_stages)}
+    for s, module in enumerate(getattr(model, stage_modules)):
+        module.register_forward_hook(lambda mod, args, out, s=s: calls[s].append(args[0].shape[0]))
+    return calls
+
+
+def assert_mixed_batch_matches_reference(
+    model, x: torch.Tensor, t: torch.Tensor, counts: Sequence[int], stage_modules: str
+) -> torch.Tensor:
+    """A mixed batch runs each stage's network once, on its own samples only, and equals per-sample calls."""
+    calls = stage_batch_sizes(model, stage_modules)
+    with torch.no_grad():
+        mixed = model(x, t).sample
+    assert calls == {s: [n] if n else [] for s, n in enumerate(counts)}  # cost: shared(B) + sum_s stage_s(B_s)
+    with torch.no_grad():
+        reference = torch.cat([model(x[i : i + 1], t[i : i + 1]).sample for i in range(x.shape[0])])
+    assert mixed.shape == x.shape and torch.allclose(mixed, reference, atol=1e-5)
+    return mixed
+
+
+def assert_save_reload_bit_identical(model, folder, x: torch.Tensor, t: torch.Tensor, weight_files: Sequence[str]):
+    """Safetensors only, the same config, the same partition and bit-identical outputs after a reload."""
+    model.save_pretrained(folder)
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors")) == sorted(weight_files)
+    assert not list(folder.rglob("*.bin"))
+    reloaded = type(model).from_pretrained(folder)
+    assert _public(reloaded.config) == _public(model.config)
+    assert reloaded.partition == model.partition
+    with torch.no_grad():
+        assert torch.equal(model(x, t).sample, reloaded(x, t).sample)
+    return reloaded
+
+
+def _public(config) -> dict:
+    """A config as its JSON file holds it (tuples as lists), without the private keys."""
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
+
+
+class StagedModelTesterMixin:
+    """Shared tests of a staged model; see the module docstring."""
+
+    model_class: type
+    stage_modules = "decoders"  # the attribute holding one network per stage
+    sample_shape = (3, 8, 8)
+    stage_timesteps: Sequence[float]  # one timestep inside each stage, clean stage first
+    mixed_timesteps: Sequence[float]  # a batch across the stages ...
+    mixed_stage_counts: Sequence[int]  # ... and how many of its samples each stage gets, per stage
+    compile_stage = 1
+    weight_files = ("diffusion_pytorch_model.safetensors",)
+    shared_parameter: str | None = "conv_in.weight"  # a parameter every stage trains (None: nothing is shared)
+    min_trainable_tensors = 1
+    attention_prefixes: Sequence[str] = ()  # module prefixes that must hold attention processors
+    num_attention_processors: int | None = None
+    bad_configs: Sequence[tuple[dict, str]] = ()  # (overrides, regex the ValueError must match)
+    device_maps: Sequence[str] = ("cpu", "auto")
+
+    def get_init_kwargs(self) -> dict:
+        raise NotImplementedError
+
+    def build_model(self, **overrides):
+        torch.manual_seed(0)
+        return self.model_class(**{**self.get_init_kwargs(), **overrides}).eval()
+
+    def inputs(self, timesteps: Sequence[float], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.manual_seed(seed)
+        return torch.randn(len(timesteps), *self.sample_shape, generator=generator), torch.tensor(timesteps)
+
+    @pytest.fixture
+    def model(self):
+        return self.build_model()
+
+    # ---- routing ------------------------------------------------------------------------------------------------
+    def test_mixed_batch_matches_per_sample_reference(self, model):
+        x, t = self.inputs(self.mixed_timesteps)
+        mixed = assert_mixed_batch_matches_reference(model, x, t, self.mixed_stage_counts, self.stage_modules)
+        # the stages' networks really differ: the same input through another stage gives another output
+        routed_stage = int(model.partition.stage_for_timestep(t[:1])[0])
+        with torch.no_grad():
+            other = model(x[:1], t[:1], stage_index=(routed_stage + 1) % model.num_stages).sample
+        assert not torch.allclose(other, mixed[:1], atol=1e-3)
+
+    def test_explicit_stage_index_equals_routing(self, model):
+        x, t = self.inputs([self.stage_timesteps[-1]] * 2)
+        with torch.no_grad():
+            routed = model(x, t).sample
+            given = model(x, t, stage_index=model.num_stages - 1).sample
+        assert torch.equal(routed, given)
+
+    def test_dict_and_tuple_outputs_are_equal(self, model):
+        x, t = self.inputs(self.stage_timesteps)
+        with torch.no_grad():
+            as_dict = model(x, t).sample
+            as_tuple = model(x, t, return_dict=False)
+        assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and torch.equal(as_dict, as_tuple[0])
+
+    def test_compiles_with_fullgraph_given_a_stage_index(self, model):
+        timestep = self.stage_timesteps[self.compile_stage]
+        x, t = self.inputs([timestep] * 2)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        with torch.no_grad():
+            expected = model(x, t, stage_index=self.compile_stage).sample
+            assert torch.allclose(compiled(x, t, stage_index=self.compile_stage).sample, expected, atol=1e-6)
+
+    # ---- saving and loading -----------------------------------------------------------------------------------
+    def test_save_reload_is_bit_identical_and_safetensors_only(self, model, tmp_path):
+        x, t = self.inputs(self.mixed_timesteps)
+        assert_save_reload_bit_identical(model, tmp_path, x, t, self.weight_files)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_loads_in_another_dtype(self, model, tmp_path, dtype):
+        model.save_pretrained(tmp_path)
+        expected = model.to(dtype)
+        x, t = self.inputs(self.stage_timesteps)
+        for low_cpu_mem_usage in (True, False):
+            loaded = self.model_class.from_pretrained(tmp_path, torch_dtype=dtype, low_cpu_mem_usage=low_cpu_mem_usage)
+            params = dict(loaded.named_parameters())
+            assert params.keys() == dict(expected.named_parameters()).keys()
+            assert all(p.dtype == dtype and torch.equal(p, params[n]) for n, p in expected.named_parameters())
+        with torch.no_grad():
+            assert torch.equal(loaded(x.to(dtype), t).sample, expected(x.to(dtype), t).sample)
+
+    def test_saves_and_loads_a_variant(self, model, tmp_path):
+        half = model.to(torch.float16)
+        half.save_pretrained(tmp_path, variant="fp16")
+        names = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.safetensors")]
+        assert sorted(names) == sorted(n.replace(".safetensors", ".fp16.safetensors") for n in self.weight_files)
+        loaded = self.model_class.from_pretrained(tmp_path, variant="fp16", torch_dtype=torch.float16)
+        assert all(p.dtype == torch.float16 for p in loaded.parameters())
+        assert all(torch.equal(p, dict(loaded.named_parameters())[n]) for n, p in half.named_parameters())
+
+    def test_loads_with_a_device_map(self, model, tmp_path):
+        model._get_no_split_modules("auto")  # what `device_map="auto"` asks: it must not raise
+        model.save_pretrained(tmp_path)
+        x, t = self.inputs(self.mixed_timesteps)
+        for device_map in self.device_maps:
+            loaded = self.model_class.from_pretrained(tmp_path, device_map=device_map)
+            with torch.no_grad():
+                assert torch.equal(loaded(x, t).sample, model(x, t).sample), device_map
+
+    def test_auto_model_loads_it_only_with_trust_remote_code(self, model, tmp_path):
+        model.save_pretrained(tmp_path)
+        module = self.model_class.__module__
+        config = json.loads((tmp_path / "config.json").read_text())
+        assert config["auto_map"] == {"AutoModel": f"{module.rsplit('.', 1)[-1]}.{self.model_class.__name__}"}
+        code = (tmp_path / f"{module.rsplit('.', 1)[-1]}.py").read_text()
+        assert code.endswith(f"from {module} import {self.model_class.__name__}  # noqa: F401\n")
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            AutoModel.from_pretrained(str(tmp_path))
+        loaded = AutoModel.from_pretrained(str(tmp_path), trust_remote_code=True)  # diffusers needs a str
+        assert type(loaded) is self.model_class  # the installed class itself, through the re-export file
+        assert "auto_map" not in loaded.config
+        x, t = self.inputs(self.mixed_timesteps)
+        with torch.no_grad():
+            assert torch.equal(loaded(x, t).sample, model(x, t).sample)
+
+    def test_loading_through_the_class_never_runs_a_file_from_the_folder(self, model, tmp_path):
+        model.save_pretrained(tmp_path / "saved")
+        marker = tmp_path / "ran"
+        for path in (tmp_path / "saved").rglob("*.py"):
+            path.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+        loaded = self.model_class.from_pretrained(tmp_path / "saved")
+        assert not marker.exists() and type(loaded) is self.model_class
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def test_gradient_checkpointing_gives_the_same_gradients(self, model):
+        model.train()
+        x, t = self.inputs(self.stage_timesteps)
+
+        def gradients():
+            model.zero_grad()
+            model(x, t).sample.square().mean().backward()
+            return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+        plain = gradients()
+        checkpointed_calls = []
+
+        def checkpoint(module, *args):
+            checkpointed_calls.append(type(module).__name__)
+            return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
+        assert model.is_gradient_checkpointing
+        checkpointed = gradients()
+        assert checkpointed_calls  # the checkpointing really ran
+        assert plain.keys() == checkpointed.keys() and len(plain) >= self.min_trainable_tensors
+        assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+        # every stage's network learns (from its own samples), and what the stages share learns from all
+        assert all(any(n.startswith(f"{self.stage_modules}.{s}.") for n in plain) for s in range(model.num_stages))
+        assert self.shared_parameter is None or self.shared_parameter in plain
+        model.disable_gradient_checkpointing()
+        assert not model.is_gradient_checkpointing
+
+    # ---- attention and configuration --------------------------------------------------------------------------
+    def test_attention_processors_can_be_swapped(self, model):
+        processors = model.attn_processors
+        assert all(any(name.startswith(prefix) for name in processors) for prefix in self.attention_prefixes)
+        assert self.num_attention_processors is None or len(processors) == self.num_attention_processors
+        x, t = self.inputs(self.stage_timesteps)
+        with torch.no_grad():
+            before = model(x, t).sample
+            model.set_attn_processor(AttnProcessor2_0())
+            model.set_default_attn_processor()
+            assert all(type(p) is AttnProcessor for p in model.attn_processors.values())
+            assert torch.allclose(model(x, t).sample, before, atol=1e-5)
+
+    def test_bad_configuration_names_the_argument(self):
+        assert self.bad_configs
+        for overrides, message in self.bad_configs:
+            with pytest.raises(ValueError, match=message):
+                self.build_model(**overrides)
