@@ -124,7 +124,9 @@ def test_expert_routing_unet_saves_and_reloads_with_the_standard_class(tiny_sd_c
     pipe.unet = two_experts()
     images = _images(pipe)
     pipe.save_pretrained(tmp_path)
-    assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == ["config.json", "expert_0", "expert_1"]
+    names = sorted(p.name for p in (tmp_path / "unet").iterdir())
+    assert names == ["config.json", "expert_0", "expert_1", "expert_routing.py"]  # the file: AutoModel's `auto_map`
+    assert "import ExpertRoutingModel" in (tmp_path / "unet" / "expert_routing.py").read_text()  # one import line
     for loaded in (StableDiffusionPipeline.from_pretrained(tmp_path), DiffusionPipeline.from_pretrained(tmp_path)):
         assert type(loaded.unet) is ExpertRoutingModel
         assert [type(e).__name__ for e in loaded.unet.experts] == ["UNet2DConditionModel"] * 2
