@@ -20,7 +20,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..models.loading import check_name, component_folder, realign_storage
+from ..models.loading import check_name, component_folder, realign_storage, reexport_source
 
 # passed on to each model
 MODEL_KWARGS = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "disable_mmap")
@@ -217,3 +217,25 @@ def download(repo_id: str, **download_kwargs) -> str:
         # a repository saved with `safe_serialization=False`: its `.bin` weights are read with `weights_only=True`
         folder = snapshot_download(repo_id, allow_patterns=[*WEIGHT_PATTERNS, "*.bin"], **download_kwargs)
     return folder
+
+
+def write_reexport_files(save_directory: str | os.PathLike, pipeline_class: type) -> None:
+    """Name the pipeline in `model_index.json` as ``[file, class]`` and write the tiny re-export files that let
+    diffusers resolve the package's classes from a plain folder or a Hub repository (diffusers issue 6563)."""
+    index_path = os.path.join(save_directory, "model_index.json")
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    module_file = pipeline_class.__module__.rsplit(".", 1)[-1]
+    index["_class_name"] = [module_file, pipeline_class.__name__]
+    with open(os.path.join(save_directory, f"{module_file}.py"), "w", encoding="utf-8") as f:
+        f.write(reexport_source(pipeline_class.__module__, pipeline_class.__name__))
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        library, class_name = value
+        if library.split(".")[0] == "diffusers_stages" and os.path.isdir(os.path.join(save_directory, name)):
+            with open(os.path.join(save_directory, name, f"{library}.py"), "w", encoding="utf-8") as f:
+                f.write(reexport_source(library, class_name))
+    with open(index_path, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+        f.write("\n")

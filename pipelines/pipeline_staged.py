@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -21,7 +20,7 @@ from ..partition import TimestepPartition
 from ..routing import StageRouter
 from ..schedulers import model_call_timesteps
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
-from .loading import load_pipeline
+from .loading import load_pipeline, write_reexport_files
 
 
 class StagedDiffusionPipeline(DiffusionPipeline):
@@ -400,34 +399,3 @@ def _integer_labels(class_labels) -> torch.Tensor:
 def _shown(value) -> str:
     """A number or list of numbers as the error messages show it (``nan``, ``[2.0, inf]``)."""
     return repr([float(v) for v in value]) if isinstance(value, (list, tuple)) else repr(float(value))
-
-
-REEXPORT_HEADER = (
-    "# Written by diffusers-stages so that diffusers finds this class; needs `pip install diffusers-stages`.\n"
-)
-
-
-def _reexport_source(module: str, class_name: str) -> str:
-    return f"{REEXPORT_HEADER}from {module} import {class_name}  # noqa: F401\n"
-
-
-def write_reexport_files(save_directory: str | os.PathLike, pipeline_class: type) -> None:
-    """Name the pipeline in `model_index.json` as ``[file, class]`` and write the tiny re-export files that let
-    diffusers resolve the package's classes from a plain folder or a Hub repository (diffusers issue 6563)."""
-    index_path = os.path.join(save_directory, "model_index.json")
-    with open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
-    module_file = pipeline_class.__module__.rsplit(".", 1)[-1]
-    index["_class_name"] = [module_file, pipeline_class.__name__]
-    with open(os.path.join(save_directory, f"{module_file}.py"), "w", encoding="utf-8") as f:
-        f.write(_reexport_source(pipeline_class.__module__, pipeline_class.__name__))
-    for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
-            continue
-        library, class_name = value
-        if library.split(".")[0] == "diffusers_stages" and os.path.isdir(os.path.join(save_directory, name)):
-            with open(os.path.join(save_directory, name, f"{library}.py"), "w", encoding="utf-8") as f:
-                f.write(_reexport_source(library, class_name))
-    with open(index_path, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2, sort_keys=True)
-        f.write("\n")
