@@ -35,7 +35,7 @@ from diffusers_stages.pipelines import MultiStagePipeline
 
 import diffusers_stages
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
-from diffusers_stages.routing import is_edm_scheduler
+from diffusers_stages.schedulers import is_edm_scheduler
 from diffusers_stages.training.args import BoundaryList
 
 SOURCE_PIPELINES = {"DDPMPipeline": "unet", "DDIMPipeline": "unet", "LDMPipeline": "unet"}  # pipeline -> denoiser

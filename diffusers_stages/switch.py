@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .routing import is_edm_scheduler
+from .schedulers import is_edm_scheduler
 from .training.loss import diffusion_loss
 
 

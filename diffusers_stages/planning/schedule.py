@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..partition import TimestepPartition
-from ..routing import is_edm_scheduler
+from ..schedulers import is_edm_scheduler
 
 
 class NoiseSchedule:

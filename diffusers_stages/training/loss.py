@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from diffusers.training_utils import compute_snr
 
-from ..routing import is_edm_scheduler
+from ..schedulers import is_edm_scheduler
 
 
 def _model_output(model: Callable, sample: torch.Tensor, timestep: torch.Tensor, class_labels, kwargs) -> torch.Tensor:

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler, Scheduler
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...partition import TimestepPartition
-from ...routing import is_edm_scheduler
+from ...schedulers import is_edm_scheduler
 from ...timestep_sampling import stratified_timesteps
 from ..loss import diffusion_loss
 

@@ -15,7 +15,6 @@ from ..args import unet_shape_kwargs
 from .base import Draw, TrainingTask, _unet_downsampling
 
 
-
 class DualBackboneTask(TrainingTask):
     """DuoDiff (arXiv 2410.09633): a shallow and a deep denoiser, both trained on all timesteps."""
 

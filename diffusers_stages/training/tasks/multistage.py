@@ -14,7 +14,7 @@ from ...models.unet_multistage import MultiStageUNet2DModel
 from ...models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 from ...partition import TimestepPartition
 from ...pipelines import MultiStagePipeline
-from ...routing import check_scheduler_units, is_edm_scheduler
+from ...schedulers import check_scheduler_units, is_edm_scheduler
 from ..args import partition_from_args, read_model_config, unet_shape_kwargs
 from .base import Draw, TrainingTask, _unet_downsampling, noise_schedulers
 
