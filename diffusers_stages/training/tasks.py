@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import diffusers
 import torch
+from accelerate import PartialState
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, EDMEulerScheduler, SchedulerMixin, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 
@@ -21,7 +22,7 @@ from ..models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 from ..partition import TimestepPartition
 from ..pipelines import DualBackbonePipeline, ExpertRoutingPipeline, MultiStagePipeline
 from ..routing import check_scheduler_units, is_edm_scheduler
-from ..timestep_sampling import soft_assignment_timesteps, stage_counts, stratified_timesteps
+from ..timestep_sampling import soft_assignment_timesteps, stage_counts, stage_sampled_timesteps, stratified_timesteps
 from .args import partition_from_args, unet_shape_kwargs
 
 PAPER_BOUNDARIES = {"timestep": (0.442, 0.631), "sigma": (2.5103, 7.6577)}  # Zhang et al. (2024), Table 4
@@ -229,7 +230,10 @@ class MultiStageTask(TrainingTask):
                 f"`--decoder_block_out_channels` gives {len(decoders)} decoders, but the stage split "
                 f"{list(partition.boundaries)} has {partition.num_stages} stages: give one width list per stage."
             )
-        self._every_network_every_step(args, partition.num_stages, "decoder")
+        if getattr(args, "stage_sampling", "mixed") == "mixed":
+            self._every_network_every_step(args, partition.num_stages, "decoder")
+        else:  # one stage per batch or per process: the other decoders get no gradient in a step
+            self.find_unused_parameters = True
         if self.source is not None and self.source.unet_config.get("augment_dim"):
             # EDM's augmentation embedding gets no gradient (the loop passes no augmentation labels): tell DDP
             self.find_unused_parameters = True
@@ -352,7 +356,9 @@ class MultiStageTask(TrainingTask):
         return {"unet": MultiStageUNet2DModel(**config)}
 
     def draw(self, batch_size, generator):
-        timesteps, _ = self._stratified(batch_size, generator)
+        state, scheme = PartialState(), getattr(self.args, "stage_sampling", "mixed")
+        timesteps, _ = stage_sampled_timesteps(self.partition, batch_size, scheme, self.args.stage_shares, generator,
+                                               state.process_index, state.num_processes)  # fmt: skip
         zeros = torch.zeros(batch_size, dtype=torch.long)
         return Draw(torch.arange(batch_size), timesteps, zeros)
 
