@@ -95,27 +95,8 @@ def plan_stages(
             device=device,
             progress_bar=progress_bar,
         )
+    # the two optimal-denoiser methods: the same similarity, split by the paper's rule or by the authors' program
+    streaming = {"chunk_size": chunk_size, "device": device, "progress_bar": progress_bar}
     if method == "ilp":
-        return ilp_plan(
-            data,
-            schedule,
-            num_stages,
-            eta,
-            num_samples,
-            generator,
-            chunk_size=chunk_size,
-            device=device,
-            progress_bar=progress_bar,
-        )
-    return optimal_denoiser_plan(
-        data,
-        schedule,
-        num_stages,
-        alpha,
-        eta,
-        num_samples,
-        generator,
-        chunk_size=chunk_size,
-        device=device,
-        progress_bar=progress_bar,
-    )
+        return ilp_plan(data, schedule, num_stages, eta, num_samples, generator, **streaming)
+    return optimal_denoiser_plan(data, schedule, num_stages, alpha, eta, num_samples, generator, **streaming)
