@@ -1,6 +1,7 @@
 """Time and peak memory of stage planning (optimal-denoiser clustering) on 10,000 Fashion-MNIST images (28x28).
 
-Set-up: Debian's `dataset-fashion-mnist` (installed with apt-get when missing). The baseline, measured in the same
+Set-up: Debian's `dataset-fashion-mnist` (install it yourself, `apt-get install dataset-fashion-mnist`: the benchmark
+installs nothing), or scikit-learn's bundled 8x8 digits with ``--dataset digits``. The baseline, measured in the same
 run, is the same computation without streaming: the softmax over the whole training set in one chunk
 (``chunk_size = N``), as a direct implementation would hold it. Wall times are medians of ``--repeats`` runs. Peak
 memory is the process's peak RSS (VmHWM, reset once the data are loaded; torch allocates outside `tracemalloc`)
@@ -9,6 +10,13 @@ training split (60,000 images) shows that memory does not grow with N^2. CUDA ru
 `torch.cuda.max_memory_allocated`.
 
     python benchmarks/bench_planning.py [--num_images 10000] [--repeats 3] [--large 60000] [--plot plan.png]
+
+``--compare`` instead compares the two boundary rules on the same data and similarity: the thresholded rule of
+Algorithm 1 (``method="optimal_denoiser"``) and the integer program of the authors' code (``method="ilp"``), at the
+package's default pixel tolerance (``eta=0.1``) and at the authors' (``4/256`` on ``[-1, 1]`` data), on the authors'
+21-level grid and on the package's 100 levels:
+
+    python benchmarks/bench_planning.py --dataset digits --compare
 """
 
 from __future__ import annotations
@@ -27,14 +35,27 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffusers_stages.planning import NoiseSchedule, plan_stages, plot_plan
+from diffusers_stages.planning.methods import AUTHORS_ETA
 
 FASHION_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+def load_data(dataset: str, num_images: int) -> torch.Tensor:
+    """The first ``num_images`` training images of ``dataset`` in ``[-1, 1]``."""
+    if dataset == "digits":
+        from sklearn.datasets import load_digits  # bundled with scikit-learn: nothing to download
+
+        return torch.tensor(load_digits().images[:num_images], dtype=torch.float32)[:, None] / 8 - 1
+    return fashion_mnist(num_images)
 
 
 def fashion_mnist(num_images: int) -> torch.Tensor:
     """The first ``num_images`` training images as ``(N, 1, 28, 28)`` in ``[-1, 1]`` (idx3 format)."""
     if not os.path.exists(FASHION_TRAIN):
-        subprocess.run(["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"], check=True)
+        raise SystemExit(
+            f"{FASHION_TRAIN} is missing: install Debian's dataset-fashion-mnist (`apt-get install "
+            "dataset-fashion-mnist`), or run with --dataset digits."
+        )
     with gzip.open(FASHION_TRAIN, "rb") as f:
         header = f.read(16)
         count, rows, cols = (int.from_bytes(header[i : i + 4], "big") for i in (4, 8, 12))
@@ -63,7 +84,7 @@ def measure(num_images: int, chunk_size: int, args: argparse.Namespace) -> dict:
     """Plan ``--repeats`` times (seeds 0, 1, ...) in this process; wall times and peak memory above the data."""
     cuda = args.device.startswith("cuda")
     schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), args.num_levels)
-    data = fashion_mnist(num_images)
+    data = load_data(args.dataset, num_images)
     loaded = reset_peak_rss()
     times, fractions = [], []
     for seed in range(args.repeats):
@@ -96,6 +117,35 @@ def measure(num_images: int, chunk_size: int, args: argparse.Namespace) -> dict:
     }
 
 
+def compare_rules(args: argparse.Namespace) -> dict:
+    """Boundaries (fractions of T) of the thresholded rule and of the integer program on the same data and draws."""
+    data = load_data(args.dataset, args.num_images)
+    results = {}
+    for num_levels in (21, args.num_levels):
+        schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), num_levels)
+        for eta_name, eta in (("0.1 (package default)", 0.1), ("4/256 (authors)", AUTHORS_ETA)):
+            for method in ("optimal_denoiser", "ilp"):
+                start = time.perf_counter()
+                try:
+                    plan = plan_stages(
+                        data,
+                        schedule,
+                        3,
+                        method=method,
+                        eta=eta,
+                        num_samples=args.num_samples,
+                        device=args.device,
+                        generator=torch.Generator().manual_seed(0),
+                    )
+                    found = [round(f, 4) for f in plan.fractions]
+                except ValueError as error:  # the thresholded rule can leave no room for 3 stages
+                    found = f"no plan: {str(error)[:60]}"
+                seconds = time.perf_counter() - start
+                results[f"{num_levels} levels, eta {eta_name}, {method}"] = found
+                print(f"{num_levels:4d} levels  eta {eta_name:22s} {method:17s} {found}  ({seconds:.1f} s)")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_images", type=int, default=10_000)
@@ -107,10 +157,16 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
+    parser.add_argument("--compare", action="store_true", help="Compare the two boundary rules (see above).")
     parser.add_argument("--worker", nargs=2, type=int, metavar=("NUM_IMAGES", "CHUNK_SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:  # one configuration in a fresh process, so that its peak RSS is its own
         print(json.dumps(measure(*args.worker, args)))
+        return
+    if args.compare:
+        print(f"{args.dataset}, {args.num_images} images, K={args.num_samples} draws: boundaries as fractions of T")
+        print(json.dumps(compare_rules(args)))
         return
 
     def in_subprocess(num_images: int, chunk_size: int, repeats: int, plot: str | None = None) -> dict:
@@ -128,6 +184,8 @@ def main() -> None:
             str(args.num_levels),
             "--device",
             args.device,
+            "--dataset",
+            args.dataset,
         ]
         command += ["--plot", plot] if plot else []
         return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)

@@ -14,6 +14,10 @@ Options without a diffusers equivalent are refused with the reason (`UNSUPPORTED
 as in the published ImageNet configs, ``use_scale_shift_norm``, ...). EDM `MultistageUNet` (DDPM++) checkpoints are
 recognised and sent to `original_multistage_edm`, their own script.
 
+Weights: the EMA weights by default (LitEma's ``model_ema.*``, which the authors' sampling script uses through
+``ema_scope``), the raw training weights with ``--no_ema``. Scheduler: the authors' DDIM sampler, which adds 1 to
+every timestep (`DDIMScheduler` with ``steps_offset=1``, "leading" spacing; see `scheduler_from_config`).
+
     python -m diffusers_stages.conversion.original_multistage --checkpoint last.safetensors \\
         --original_config configs/latent-diffusion/celebahq-ldm-vq-4_multistage.yaml --output_path staged --verify \\
         --original_repo Multistage_Diffusion/latent-diffusion
@@ -49,6 +53,8 @@ from diffusers_stages.pipelines import MultiStagePipeline
 from diffusers_stages.models import MultiStageUNet2DModel
 
 LDM_PREFIX = "model.diffusion_model."  # where a LatentDiffusion Lightning checkpoint keeps its U-Net
+EMA_PREFIX = "model_ema."  # LitEma's buffers: "model_ema." + the DiffusionWrapper's parameter name without dots
+EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")  # LitEma's own state, not weights
 
 # --------------------------------------------------------------------------------------------------------------
 # the key-rename table: original (openaimodel) layer -> MultiStageUNet2DModel (diffusers UNet2DModel names)
@@ -89,8 +95,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint",
         required=True,
-        help=f"The original model's weights as .safetensors: a LatentDiffusion state dict (U-Net under {LDM_PREFIX!r}; "
-        "its other modules are ignored) or the U-Net's own state dict.",
+        help=f"The original model's weights as .safetensors: a LatentDiffusion state dict (U-Net under {LDM_PREFIX!r}, "
+        f"its EMA under {EMA_PREFIX!r}; its other modules are ignored) or the U-Net's own state dict (converted as "
+        "given).",
+    )
+    parser.add_argument(
+        "--no_ema",
+        action="store_true",
+        help="Convert the raw training weights (model.diffusion_model.*) instead of the EMA ones (model_ema.*). By "
+        "default the EMA weights are converted: the authors' configs train with EMA (`use_ema`, true by default) "
+        "and their sampling script samples inside `ema_scope`, so published samples come from the EMA weights. "
+        "The raw weights are for resuming training; convert them into a second folder with this flag. A checkpoint "
+        "without EMA weights is refused unless its config sets `use_ema: false` or this flag is given.",
     )
     parser.add_argument(
         "--original_config",
@@ -266,20 +282,72 @@ def ldm_to_multistage(state_dict: dict[str, torch.Tensor], p: dict, model: Multi
     return out
 
 
-def unet_state_dict(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The U-Net's weights of a checkpoint, recognising the original code's two layouts."""
+def unet_state_dict(
+    raw: dict[str, torch.Tensor], use_ema: bool = True, trained_with_ema: bool = True
+) -> dict[str, torch.Tensor]:
+    """The U-Net's weights of a checkpoint, recognising the original code's two layouts: a LatentDiffusion state dict
+    gives its LitEma weights (``use_ema``, see `ema_weights`) or its raw ones; a bare U-Net state dict is taken as is.
+    ``trained_with_ema`` is the config's ``use_ema``: a checkpoint trained without EMA has only its raw weights,
+    which is what the authors' ``ema_scope`` then samples with."""
     if any(k.startswith(("enc.", "decs.", "map_noise", "map_layer0")) or ".enc." in k for k in raw):
         raise ValueError(
             "This is an EDM `MultistageUNet` (DDPM++) checkpoint: convert it with "
             "`python -m diffusers_stages.conversion.original_multistage_edm`."
         )
-    if any(k.startswith(LDM_PREFIX) for k in raw):
-        return {k[len(LDM_PREFIX) :]: v for k, v in raw.items() if k.startswith(LDM_PREFIX)}
-    return dict(raw)
+    if not any(k.startswith(LDM_PREFIX) for k in raw):
+        if any(k.startswith(EMA_PREFIX) for k in raw):
+            raise ValueError(
+                f"The checkpoint has LitEma weights ({EMA_PREFIX}*) but no raw U-Net weights ({LDM_PREFIX}*): the "
+                "EMA names have no dots, so the raw names are needed to map them back. Export the whole state_dict."
+            )
+        print("note: a bare U-Net state dict: converting its weights as given (no Lightning EMA to choose from)")
+        return dict(raw)
+    unet = {k[len(LDM_PREFIX) :]: v for k, v in raw.items() if k.startswith(LDM_PREFIX)}
+    if not use_ema:
+        return unet
+    ema = {k: v for k, v in raw.items() if k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING}
+    if not ema and not trained_with_ema:
+        print("note: the config sets `use_ema: false`: converting the raw weights, which its sampling uses")
+        return unet
+    if not ema:
+        raise ValueError(
+            f"The checkpoint has no EMA weights ({EMA_PREFIX}*), although its config trains with EMA (`use_ema` is "
+            "true by default) and the authors sample with them: pass --no_ema to convert the raw weights instead."
+        )
+    return ema_weights(unet, ema)
+
+
+def ema_weights(unet: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LitEma's weights under the U-Net's dotted names. LitEma stores ``diffusion_model.<name>`` with its dots
+    removed, so the name table is built from the raw names; two raw names that lose their dots to the same string
+    are refused (the EMA tensor would be ambiguous), as is an EMA set that does not cover the raw weights exactly."""
+    table: dict[str, str] = {}
+    for name in unet:
+        flat = EMA_PREFIX + f"diffusion_model.{name}".replace(".", "")
+        if flat in table:
+            raise ValueError(f"The raw names {table[flat]!r} and {name!r} both map to the EMA name {flat!r}.")
+        table[flat] = name
+    unexpected = sorted(set(ema) - set(table))
+    missing = sorted(table[k] for k in set(table) - set(ema))
+    if unexpected or missing:
+        raise ValueError(
+            f"The checkpoint's EMA weights do not match its raw weights: {len(missing)} raw weights without an EMA "
+            f"(first: {missing[:8]}), {len(unexpected)} EMA weights without a raw one (first: {unexpected[:8]}). "
+            "Pass --no_ema to convert the raw weights."
+        )
+    return {table[k]: v for k, v in ema.items()}
 
 
 def scheduler_from_config(params: dict) -> DDIMScheduler:
-    """LDM's "linear" schedule is diffusers' "scaled_linear": betas = linspace(sqrt(start), sqrt(end))^2."""
+    """The authors' DDIM sampler (``ldm/models/diffusion/ddim.py``) as a diffusers `DDIMScheduler`.
+
+    - LDM's "linear" schedule is diffusers' "scaled_linear": betas = linspace(sqrt(start), sqrt(end))^2.
+    - ``make_ddim_timesteps`` ("uniform") takes ``range(0, T, T // steps)`` and adds 1 to every timestep: diffusers'
+      "leading" spacing with ``steps_offset=1`` (``1, 21, ..., 981`` for 50 steps). When ``steps`` does not divide
+      ``T`` the original's ``range`` yields more steps than asked (31 for 30); diffusers gives exactly ``steps``.
+    - the last step's previous alpha is ``alphas_cumprod[0]``, not 1 (``set_alpha_to_one=False``); no clipping.
+    The authors' published samples use ``eta=0`` and 20 steps (``sample.sh``: ``-e 0 -c 20``).
+    """
     prediction = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[params.get("parameterization", "eps")]
     return DDIMScheduler(
         num_train_timesteps=params.get("timesteps", 1000),
@@ -288,6 +356,8 @@ def scheduler_from_config(params: dict) -> DDIMScheduler:
         beta_schedule="scaled_linear",
         clip_sample=False,
         set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
         prediction_type=prediction,
     )
 
@@ -335,7 +405,7 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
     with staged_output(args.output_path, args.overwrite) as tmp:
         # 1. read the architecture and the weights; fail early on anything that does not convert exactly
         p, diffusion = read_config(args.original_config)
-        original = unet_state_dict(load_state_dict(args.checkpoint))
+        original = unet_state_dict(load_state_dict(args.checkpoint), not args.no_ema, diffusion.get("use_ema", True))
         model = MultiStageUNet2DModel(**ldm_unet_config(p))
         # 2. rename, then check against the target model: strict keys and shapes
         converted = ldm_to_multistage(original, p, model)

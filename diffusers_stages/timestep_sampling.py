@@ -4,6 +4,8 @@
   step, and DDP needs no `find_unused_parameters`), with a configurable share per stage.
 - `soft_assignment_timesteps`: MEME's soft interval assignment: expert ``n`` trains on its own interval with
   probability ``p_n`` and on the rest of the schedule otherwise.
+- `stage_sampled_timesteps`: the multi-stage schemes (`STAGE_SAMPLING`): mixed batches (the package's default,
+  `stratified_timesteps`), or the authors' one stage per batch (their EDM code) or per process (their LDM code).
 
 ``"timestep"`` partitions give integer training timesteps in ``[0, num_train_timesteps)``; ``"sigma"`` partitions
 give EDM noise levels drawn from EDM's log-normal ``ln(sigma) ~ N(p_mean, p_std^2)`` truncated to each stage.
@@ -41,7 +43,12 @@ def stage_mass(partition: TimestepPartition, p_mean: float = EDM_P_MEAN, p_std: 
 
 
 def _draw_in_interval(
-    partition: TimestepPartition, stage: int, count: int, generator: torch.Generator | None, p_mean: float, p_std: float
+    partition: TimestepPartition,
+    stage: int,
+    count: int,
+    generator: torch.Generator | None,
+    p_mean: float,
+    p_std: float,
 ) -> torch.Tensor:
     low, high = partition.intervals()[stage]
     if partition.units == "timestep":
@@ -173,3 +180,84 @@ def soft_assignment_timesteps(
         if idx.numel():
             out[idx] = _draw_in_interval(partition, s, idx.numel(), generator, p_mean, p_std).to(out.dtype)
     return out
+
+
+STAGE_SAMPLING = ("mixed", "per_batch", "per_rank")
+
+
+def stage_sampled_timesteps(
+    partition: TimestepPartition,
+    batch_size: int,
+    scheme: str = "mixed",
+    stage_shares: Sequence[float] | None = None,
+    generator: torch.Generator | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
+    p_mean: float = EDM_P_MEAN,
+    p_std: float = EDM_P_STD,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Noise levels for one multi-stage training batch, under one of three schemes:
+
+    - ``"mixed"`` (default): every batch holds every stage, ``stage_shares`` of it each ([`stratified_timesteps`]).
+    - ``"per_batch"``: the whole batch comes from one stage, drawn anew for each batch with probability
+      ``stage_shares`` (default: the stage's mass under the usual training distribution). This is the authors' EDM
+      code (``EDMMultistageLoss``: one log-normal sigma picks the stage, then the batch is drawn from the
+      log-normal truncated to it).
+    - ``"per_rank"``: process ``process_index`` always trains stage ``process_index % num_stages``, on timesteps
+      drawn from that stage alone. This is the authors' LDM code (``choose_stage = rank % 3``, uniform timesteps in
+      the stage), where every stage gets an equal share of the processes: ``num_processes`` must be a multiple of
+      the number of stages, and ``stage_shares`` cannot be given.
+
+    Args:
+        partition: the stages.
+        batch_size: samples in the batch.
+        scheme: one of `STAGE_SAMPLING`.
+        stage_shares: relative share of each stage (clean stage first), for ``"mixed"`` and ``"per_batch"``.
+        generator: for reproducible draws.
+        process_index, num_processes: this process's rank and the number of processes (``"per_rank"``).
+
+    Returns:
+        ``(timesteps, stages)``: noise levels in the partition's units and the stage of each.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_stages import TimestepPartition
+    >>> from diffusers_stages.timestep_sampling import stage_sampled_timesteps
+    >>> partition = TimestepPartition([442, 631])
+    >>> _, stages = stage_sampled_timesteps(partition, 4, "per_rank", process_index=4, num_processes=6)
+    >>> stages.tolist()  # rank 4 of 6 trains stage 4 % 3 = 1
+    [1, 1, 1, 1]
+
+    ```
+    """
+    if scheme not in STAGE_SAMPLING:
+        raise ValueError(f"`stage_sampling` must be one of {STAGE_SAMPLING}, got {scheme!r}.")
+    if scheme == "mixed":
+        return stratified_timesteps(partition, batch_size, stage_shares, generator, p_mean, p_std)
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
+    num_stages = partition.num_stages
+    if scheme == "per_rank":
+        if stage_shares is not None:
+            raise ValueError(
+                "`stage_shares` cannot be given with `stage_sampling`='per_rank': each process trains one stage."
+            )
+        if num_processes < 1 or num_processes % num_stages or not 0 <= process_index < num_processes:
+            raise ValueError(
+                f"`stage_sampling`='per_rank' gives each of the {num_stages} stages an equal share of the processes: "
+                f"the number of processes must be a multiple of {num_stages}, got process {process_index} of "
+                f"{num_processes}."
+            )
+        stage = process_index % num_stages
+    else:
+        shares = stage_mass(partition, p_mean, p_std) if stage_shares is None else list(stage_shares)
+        if len(shares) != num_stages or any(s < 0 for s in shares) or sum(shares) <= 0:
+            raise ValueError(
+                f"`stage_shares` needs {num_stages} non-negative values with a positive sum, got {shares}."
+            )
+        stage = int(torch.multinomial(torch.tensor(shares, dtype=torch.float64), 1, generator=generator))
+    timesteps = _draw_in_interval(partition, stage, batch_size, generator, p_mean, p_std)
+    return timesteps, torch.full((batch_size,), stage, dtype=torch.long)

@@ -1,3 +1,9 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -6,6 +12,7 @@ from diffusers_stages.timestep_sampling import (
     soft_assignment_timesteps,
     stage_counts,
     stage_mass,
+    stage_sampled_timesteps,
     stratified_timesteps,
 )
 
@@ -49,3 +56,87 @@ def test_soft_assignment_probabilities():
         soft_assignment_timesteps(TimestepPartition([500]), 0, 8)
     with pytest.raises(ValueError, match="`expert_index`"):
         soft_assignment_timesteps(partition, 4, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage sampling schemes: mixed (default), per_batch (the authors' EDM code), per_rank (their LDM code)
+def test_mixed_is_the_stratified_default():
+    partition = TimestepPartition([442, 631])
+    mixed = stage_sampled_timesteps(partition, 8, generator=torch.manual_seed(3))
+    stratified = stratified_timesteps(partition, 8, generator=torch.manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(mixed, stratified))
+
+
+@pytest.mark.parametrize("units", ["timestep", "sigma"])
+def test_per_batch_draws_one_stage_per_batch_with_the_stage_mass(units):
+    partition = TimestepPartition([442, 631]) if units == "timestep" else TimestepPartition([0.5, 2.0], units="sigma")
+    generator = torch.manual_seed(0)
+    counts = torch.zeros(3)
+    for _ in range(600):
+        t, stages = stage_sampled_timesteps(partition, 5, "per_batch", generator=generator)
+        assert len(set(stages.tolist())) == 1  # one stage for the whole batch
+        assert partition.stage_index(t).tolist() == stages.tolist()  # every noise level inside that stage
+        counts[stages[0]] += 1
+    # the stage is drawn with its mass under the training distribution (uniform t; EDM's log-normal sigma)
+    assert torch.allclose(counts / counts.sum(), torch.tensor(stage_mass(partition)).float(), atol=0.06)
+    # given shares are the stage probabilities; a zero share is never drawn
+    for _ in range(50):
+        _, stages = stage_sampled_timesteps(partition, 2, "per_batch", [1, 0, 1], generator=generator)
+        assert int(stages[0]) != 1
+
+
+def test_per_rank_gives_each_process_one_stage_in_equal_shares():
+    partition = TimestepPartition([442, 631])
+    seen = {}
+    for rank in range(6):
+        for seed in range(5):
+            t, stages = stage_sampled_timesteps(partition, 4, "per_rank", None, torch.manual_seed(seed), rank, 6)
+            assert stages.tolist() == [rank % 3] * 4 and partition.stage_index(t).tolist() == stages.tolist()
+            seen.setdefault(rank % 3, set()).update(t.tolist())
+    assert sorted(seen) == [0, 1, 2] and max(seen[0]) < 442 <= min(seen[1])  # uniform integer t in each stage
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"scheme": "per_sample"}, "`stage_sampling` must be one of"),
+        ({"scheme": "per_rank", "num_processes": 2, "process_index": 0}, "multiple of 3, got process 0 of 2"),
+        ({"scheme": "per_rank", "num_processes": 3, "process_index": 0, "stage_shares": [1, 1, 1]}, "per_rank"),
+        ({"scheme": "per_batch", "stage_shares": [1, 1]}, "needs 3 non-negative values"),
+        ({"scheme": "per_batch", "stage_shares": [0, 0, 0]}, "positive sum"),
+    ],
+)
+def test_bad_stage_sampling_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        stage_sampled_timesteps(TimestepPartition([442, 631]), 4, **kwargs)
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys, torch
+    from accelerate import Accelerator, PartialState
+    from diffusers_stages import TimestepPartition
+    from diffusers_stages.timestep_sampling import stage_sampled_timesteps
+
+    Accelerator()  # as the training loop does, before any draw
+    state = PartialState()  # what the training task reads, on each launched process
+    t, stages = stage_sampled_timesteps(TimestepPartition([500]), 4, "per_rank", None, torch.manual_seed(0),
+                                        state.process_index, state.num_processes)
+    with open(f"{sys.argv[1]}/rank{state.process_index}.json", "w") as f:
+        json.dump({"stages": stages.tolist(), "t": t.tolist(), "num_processes": state.num_processes}, f)
+    """
+)
+
+
+@pytest.mark.slow  # two launched processes: about 50 s on 2 busy CPU cores
+def test_per_rank_under_two_launched_processes(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(tmp_path)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["num_processes"] for r in ranks] == [2, 2]
+    assert ranks[0]["stages"] == [0] * 4 and ranks[1]["stages"] == [1] * 4  # rank % 2 stages
+    assert max(ranks[0]["t"]) < 500 <= min(ranks[1]["t"])

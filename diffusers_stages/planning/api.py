@@ -8,6 +8,7 @@ from .methods import (
     METHODS,
     StagePlan,
     gradient_plan,
+    ilp_plan,
     optimal_denoiser_plan,
     snr_clustering_plan,
     snr_plan,
@@ -43,10 +44,13 @@ def plan_stages(
         schedule: a [`NoiseSchedule`], or a diffusers scheduler (``alphas_cumprod`` or EDM) turned into one with
             ``num_levels`` levels.
         num_stages (`int`): number of stages (>= 2).
-        method (`str`): ``"optimal_denoiser"`` (Zhang et al., Algorithm 1), ``"uniform"``, ``"snr"`` (equal log-SNR
-            spacing), ``"snr_clustering"`` (the paper's SNR baseline, [`snr_clustering_plan`]) or ``"gradient"``
-            (see [`gradient_plan`]).
-        alpha, eta (`float`): thresholds of the optimal-denoiser method, both in ``(0, 1]``.
+        method (`str`): ``"optimal_denoiser"`` (Zhang et al., Algorithm 1, thresholded rule), ``"ilp"`` (the same
+            similarity split by the integer program of the authors' code, [`ilp_plan`]), ``"uniform"``, ``"snr"``
+            (equal log-SNR spacing), ``"snr_clustering"`` (the paper's SNR baseline, [`snr_clustering_plan`]) or
+            ``"gradient"`` (see [`gradient_plan`]).
+        alpha, eta (`float`): thresholds of the optimal-denoiser method, both in ``(0, 1]`` (``"ilp"`` takes
+            ``eta`` only). ``eta`` is a pixel tolerance in the data's units: the default 0.1 on ``[-1, 1]`` data is
+            6.4 times the authors' ``4/256`` (``2/256`` on ``[0, 1]``, `methods.AUTHORS_ETA`).
         num_samples (`int`): Monte Carlo draws ``K`` (optimal-denoiser and gradient-without-model methods).
         num_levels (`int`): grid size when ``schedule`` is a scheduler.
         generator (`torch.Generator`, *optional*): for reproducible draws.
@@ -91,15 +95,8 @@ def plan_stages(
             device=device,
             progress_bar=progress_bar,
         )
-    return optimal_denoiser_plan(
-        data,
-        schedule,
-        num_stages,
-        alpha,
-        eta,
-        num_samples,
-        generator,
-        chunk_size=chunk_size,
-        device=device,
-        progress_bar=progress_bar,
-    )
+    # the two optimal-denoiser methods: the same similarity, split by the paper's rule or by the authors' program
+    streaming = {"chunk_size": chunk_size, "device": device, "progress_bar": progress_bar}
+    if method == "ilp":
+        return ilp_plan(data, schedule, num_stages, eta, num_samples, generator, **streaming)
+    return optimal_denoiser_plan(data, schedule, num_stages, alpha, eta, num_samples, generator, **streaming)

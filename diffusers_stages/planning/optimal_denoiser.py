@@ -214,3 +214,26 @@ def pixel_agreement(predictions: torch.Tensor, anchor: int, eta: float) -> torch
     ```
     """
     return ((predictions - predictions[anchor]).abs() <= eta).float().mean(dim=(1, 2)).double()
+
+
+def similarity_matrix(predictions: torch.Tensor, eta: float) -> torch.Tensor:
+    r"""
+    ``S[t, t']`` for every pair of levels: [`pixel_agreement`] with every level as the anchor, a symmetric
+    ``(num_levels, num_levels)`` float64 matrix with ones on the diagonal (the input of the authors' integer
+    program, [`~diffusers_stages.planning.methods.ilp_boundaries`]).
+
+    ``eta`` is in the data's units: the authors count a pixel as agreeing when the two predictions differ by less than
+    ``2/256`` on ``[0, 1]`` data, that is ``4/256 = 0.015625`` on the ``[-1, 1]`` data this package plans on.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_stages.planning.optimal_denoiser import similarity_matrix
+    >>> predictions = torch.tensor([[[0.0, 0.0]], [[0.05, 0.5]], [[1.0, 1.0]]])  # 3 levels, 1 draw, 2 pixels
+    >>> similarity_matrix(predictions, eta=0.1).tolist()
+    [[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+    ```
+    """
+    return torch.stack([pixel_agreement(predictions, anchor, eta) for anchor in range(predictions.shape[0])])

@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from ..partition import TimestepPartition
+from ..timestep_sampling import STAGE_SAMPLING
 
 UNET_CONFIG_KEYS = (
     "block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
@@ -107,6 +108,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument(
         "--stage_shares", type=float_list, default=None, help="Share of each batch per stage (clean first)."
     )
+    model.add_argument("--stage_sampling", choices=STAGE_SAMPLING, default="mixed",
+                       help="mixed: every stage in every batch; per_batch: one stage per batch (the authors' EDM code); "
+                       "per_rank: one stage per process (their LDM code).")  # fmt: skip
     model.add_argument("--ddpm_num_steps", type=int, default=1000)
     model.add_argument("--ddpm_beta_schedule", type=str, default="linear")
     model.add_argument("--prediction_type", choices=("epsilon", "v_prediction", "sample"), default="epsilon")

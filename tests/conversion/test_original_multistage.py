@@ -145,34 +145,36 @@ def original_shapes(p: dict) -> dict:
     return shapes
 
 
-def write_source(tmp_path, p: dict, edit=None) -> tuple[str, str]:
+def ema_key(name: str) -> str:
+    """LitEma's buffer name for the U-Net weight ``name``: the DiffusionWrapper's parameter name without dots."""
+    return "model_ema." + f"diffusion_model.{name}".replace(".", "")
+
+
+def write_source(tmp_path, p: dict, edit=None, ema: bool = True, use_ema: bool | None = None) -> tuple[str, str]:
+    """A Lightning state dict as the authors' training writes it: raw U-Net weights under `model.diffusion_model.`,
+    with ``ema`` LitEma's (other values) under their dot-free names, and LitEma's decay and update count."""
     torch.manual_seed(0)
     state = {f"model.diffusion_model.{k}": torch.randn(shape) * 0.1 for k, shape in original_shapes(p).items()}
     state["first_stage_model.decoder.conv_out.weight"] = torch.zeros(1)  # the wrapper's other modules are ignored
     if edit:
         edit(state)
+    if ema:
+        unet = [k[len("model.diffusion_model.") :] for k in state if k.startswith("model.diffusion_model.")]
+        state.update({ema_key(k): torch.randn_like(state[f"model.diffusion_model.{k}"]) * 0.1 for k in unet})
+        state.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)})
     checkpoint, config = str(tmp_path / "last.safetensors"), str(tmp_path / "config.yaml")
     save_file(state, checkpoint)
     unet_config = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel_multistage", "params": p}
+    params = {"timesteps": 1000, "linear_start": 0.0015, "linear_end": 0.0195, "unet_config": unet_config}
+    if use_ema is not None:
+        params["use_ema"] = use_ema
     with open(config, "w") as f:
-        yaml.safe_dump(
-            {
-                "model": {
-                    "params": {
-                        "timesteps": 1000,
-                        "linear_start": 0.0015,
-                        "linear_end": 0.0195,
-                        "unet_config": unet_config,
-                    }
-                }
-            },
-            f,
-        )
+        yaml.safe_dump({"model": {"params": params}}, f)
     return checkpoint, config
 
 
-def convert(tmp_path, p, *extra, edit=None):
-    checkpoint, config = write_source(tmp_path, p, edit)
+def convert(tmp_path, p, *extra, edit=None, ema=True, use_ema=None):
+    checkpoint, config = write_source(tmp_path, p, edit, ema, use_ema)
     argv = ["--checkpoint", checkpoint, "--original_config", config, "--output_path", str(tmp_path / "out"), *extra]
     return original_multistage.main(original_multistage.parse_args(argv))
 
@@ -199,7 +201,7 @@ def test_converts_with_every_tensor_placed(tmp_path, name):
 def test_attention_qkv_is_split_per_head(tmp_path):
     p = {**TINY, "channel_mult": [1], "attention_resolutions": [1], "num_head_channels": 8}
     checkpoint, _ = write_source(tmp_path, p)
-    qkv = load_file(checkpoint)["model.diffusion_model.middle_block.1.qkv.weight"].squeeze(-1)
+    qkv = load_file(checkpoint)[ema_key("middle_block.1.qkv.weight")].squeeze(-1)
     pipe = convert(tmp_path, p)
     attn = pipe.unet.mid_block.attentions[0]
     # legacy order: per head of 8 channels, 24 rows = (q, k, v) of that head
@@ -210,7 +212,7 @@ def test_attention_qkv_is_split_per_head(tmp_path):
 def test_tailored_decoder_takes_the_encoder_skips_unadapted(tmp_path):
     p = CONFIGS["tailored-attention-at-1"][0]
     checkpoint, _ = write_source(tmp_path, p)
-    first = load_file(checkpoint)["model.diffusion_model.de_modules.2.0.0.in_layers.2.weight"]
+    first = load_file(checkpoint)[ema_key("de_modules.2.0.0.in_layers.2.weight")]
     decoder = convert(tmp_path, p).unet.decoders[2]
     # decoder 2 (32 wide, 64 at its deepest level) starts from the middle block's 128 channels + a 128-wide skip
     assert first.shape == (64, 256, 3, 3)
@@ -283,3 +285,91 @@ def test_encoder_wide_stage_exports_to_a_plain_unet(tmp_path):
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([500, 600])
     with torch.no_grad():
         assert torch.allclose(unet(x, t).sample, pipe.unet(x, t).sample, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# EMA weights (LitEma) and the authors' DDIM sampler
+def convert_files(checkpoint: str, config: str, out, *extra):
+    argv = ["--checkpoint", checkpoint, "--original_config", config, "--output_path", str(out), *extra]
+    return original_multistage.main(original_multistage.parse_args(argv))
+
+
+def forward(pipe, stage_timestep: int) -> torch.Tensor:
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.manual_seed(1)), torch.full((2,), stage_timestep)
+    with torch.no_grad():
+        return pipe.unet(x, t).sample
+
+
+def test_ema_weights_are_converted_by_default_and_raw_ones_with_no_ema(tmp_path):
+    checkpoint, config = write_source(tmp_path, TINY)
+    state = load_file(checkpoint)
+    ema_pipe = convert_files(checkpoint, config, tmp_path / "ema")
+    raw_pipe = convert_files(checkpoint, config, tmp_path / "raw", "--no_ema")
+    # the references: the EMA tensors, and the raw ones, each as the only weights of a checkpoint trained without EMA
+    raw_names = [k[len("model.diffusion_model.") :] for k in state if k.startswith("model.diffusion_model.")]
+    references = {}
+    for kind in ("ema", "raw"):
+        folder = tmp_path / f"{kind}-reference"
+        folder.mkdir()
+        weights = {
+            f"model.diffusion_model.{k}": state[ema_key(k) if kind == "ema" else f"model.diffusion_model.{k}"]
+            for k in raw_names
+        }
+        reference, reference_config = write_source(folder, TINY, use_ema=False)
+        save_file(weights, reference)  # in place of write_source's weights
+        references[kind] = convert_files(reference, reference_config, folder / "out")
+    for t in (100, 500, 900):  # one timestep in each stage
+        assert torch.equal(forward(ema_pipe, t), forward(references["ema"], t))
+        assert torch.equal(forward(raw_pipe, t), forward(references["raw"], t))
+        assert (forward(ema_pipe, t) - forward(raw_pipe, t)).abs().max() > 1e-3  # the two really differ
+
+
+def test_checkpoint_without_ema_weights(tmp_path, capsys):
+    # the config trains with EMA (`use_ema` defaults to true): refused, pointing to --no_ema
+    with pytest.raises(ValueError, match=r"no EMA weights \(model_ema\.\*\).*--no_ema"):
+        convert(tmp_path, TINY, ema=False)
+    assert not (tmp_path / "out").exists()
+    convert(tmp_path, TINY, "--no_ema", ema=False)
+    # trained without EMA: the raw weights are what the authors sample with
+    (tmp_path / "no-ema-config").mkdir()
+    pipe = convert(tmp_path / "no-ema-config", TINY, ema=False, use_ema=False)
+    assert "use_ema: false" in capsys.readouterr().out
+    state = load_file(str(tmp_path / "no-ema-config" / "last.safetensors"))
+    assert torch.equal(pipe.unet.conv_in.weight, state["model.diffusion_model.input_blocks.0.0.weight"])
+
+
+def test_ema_weights_not_matching_the_raw_ones_are_refused(tmp_path):
+    def drop_one(state):
+        state.pop(ema_key("outs.1.2.bias"))
+
+    checkpoint, config = write_source(tmp_path, TINY)
+    state = load_file(checkpoint)
+    drop_one(state)
+    save_file(state, checkpoint)
+    with pytest.raises(ValueError, match=r"1 raw weights without an EMA \(first: \['outs.1.2.bias'\]\)"):
+        convert_files(checkpoint, config, tmp_path / "out")
+    only_ema = {k: v for k, v in state.items() if not k.startswith("model.diffusion_model.")}
+    save_file(only_ema, checkpoint)
+    with pytest.raises(ValueError, match="no raw U-Net weights"):
+        convert_files(checkpoint, config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ema_names_that_lose_their_dots_to_the_same_string_are_refused():
+    unet = {"input_blocks.1.10.weight": torch.zeros(1), "input_blocks.11.0.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match="both map to the EMA name 'model_ema.diffusion_modelinput_blocks110weight'"):
+        original_multistage.ema_weights(unet, {ema_key(k): v for k, v in unet.items()})
+
+
+@pytest.mark.parametrize("steps", [20, 50])
+def test_default_scheduler_is_the_authors_ddim(tmp_path, steps):
+    convert(tmp_path, TINY)
+    scheduler = MultiStagePipeline.from_pretrained(str(tmp_path / "out")).scheduler
+    assert type(scheduler).__name__ == "DDIMScheduler"
+    assert scheduler.config.steps_offset == 1 and not scheduler.config.set_alpha_to_one
+    scheduler.set_timesteps(steps)
+    # ldm.modules.diffusionmodules.util.make_ddim_timesteps("uniform"): range(0, T, T // steps) + 1, run backwards
+    authors = [t + 1 for t in range(0, 1000, 1000 // steps)][::-1]
+    assert scheduler.timesteps.tolist() == authors
+    # the previous alpha of the last step is alphas_cumprod[0] (make_ddim_sampling_parameters), not 1
+    assert scheduler.final_alpha_cumprod == scheduler.alphas_cumprod[0]

@@ -274,8 +274,11 @@ def test_converted_model_computes_the_original_network(tmp_path, name):
 def test_pipeline_uses_edm_preconditioning_and_samples(tmp_path):
     checkpoint, config, _ = write_source(tmp_path, TINY, label_dim=5)
     pipe = convert(tmp_path, checkpoint, config)
-    assert type(pipe.scheduler).__name__ == "EDMEulerScheduler"
-    assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.scheduler.config.sigma_data == 0.5
+    # the EDM scheduler closest to the authors' Heun sampler: second order, on generate.py's Karras schedule
+    assert type(pipe.scheduler).__name__ == "EDMDPMSolverMultistepScheduler"
+    config = pipe.scheduler.config
+    assert config.prediction_type == "epsilon" and config.sigma_data == 0.5 and config.solver_order == 2
+    assert (config.sigma_min, config.sigma_max, config.rho) == (0.002, 80.0, 7.0)
     assert pipe.partition.units == "sigma" and pipe.partition.boundaries == (2.5103, 7.6577)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(class_labels=[0, 4], num_inference_steps=4, generator=torch.manual_seed(0), output_type="np").images
@@ -359,3 +362,13 @@ def test_stage_export_to_a_plain_unet_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ValueError, match="no UNet2DModel equivalent.*sqrt\\(0.5\\)"):
         multistage_to_unet.main(multistage_to_unet.parse_args(argv))
     assert not (tmp_path / "stage0").exists()
+
+
+def test_scheduler_steps_through_the_authors_noise_levels(tmp_path):
+    checkpoint, config, _ = write_source(tmp_path, TINY)
+    scheduler = convert(tmp_path, checkpoint, config).scheduler
+    scheduler.set_timesteps(18)
+    # generate.py's edm_sampler: t_i = (80^(1/7) + i/17 (0.002^(1/7) - 80^(1/7)))^7, then 0
+    i = torch.arange(18, dtype=torch.float64)
+    authors = (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    assert torch.allclose(scheduler.sigmas[:-1].double(), authors, rtol=1e-5) and scheduler.sigmas[-1] == 0

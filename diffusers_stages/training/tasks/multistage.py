@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass
 
 import torch
+from accelerate import PartialState
 from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.models.modeling_utils import ModelMixin
 
@@ -15,6 +16,7 @@ from ...models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 from ...partition import TimestepPartition
 from ...pipelines import MultiStagePipeline
 from ...schedulers import check_scheduler_units, is_edm_scheduler
+from ...timestep_sampling import stage_sampled_timesteps
 from ..args import partition_from_args, read_model_config, unet_shape_kwargs
 from .base import Draw, TrainingTask, _unet_downsampling, noise_schedulers
 
@@ -106,7 +108,10 @@ class MultiStageTask(TrainingTask):
                 f"`--decoder_block_out_channels` gives {len(decoders)} decoders, but the stage split "
                 f"{list(partition.boundaries)} has {partition.num_stages} stages: give one width list per stage."
             )
-        self._every_network_every_step(args, partition.num_stages, "decoder")
+        if getattr(args, "stage_sampling", "mixed") == "mixed":
+            self._every_network_every_step(args, partition.num_stages, "decoder")
+        else:  # one stage per batch or per process: the other decoders get no gradient in a step
+            self.find_unused_parameters = True
         if self.source is not None and self.source.unet_config.get("augment_dim"):
             # EDM's augmentation embedding gets no gradient (the loop passes no augmentation labels): tell DDP
             self.find_unused_parameters = True
@@ -260,7 +265,9 @@ class MultiStageTask(TrainingTask):
         return {"unet": MultiStageUNet2DModel(**config)}
 
     def draw(self, batch_size, generator):
-        timesteps, _ = self._stratified(batch_size, generator)
+        state, scheme = PartialState(), getattr(self.args, "stage_sampling", "mixed")
+        timesteps, _ = stage_sampled_timesteps(self.partition, batch_size, scheme, self.args.stage_shares, generator,
+                                               state.process_index, state.num_processes)  # fmt: skip
         zeros = torch.zeros(batch_size, dtype=torch.long)
         return Draw(torch.arange(batch_size), timesteps, zeros)
 
