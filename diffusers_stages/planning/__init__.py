@@ -11,10 +11,13 @@ Command: ``python -m diffusers_stages.plan --train_data_dir DIR --resolution 32 
 from .api import plan_stages
 from .data import load_images
 from .methods import (
+    AUTHORS_ETA,
     METHODS,
     StagePlan,
     boundaries_from_similarity,
     gradient_plan,
+    ilp_boundaries,
+    ilp_plan,
     interval_clustering,
     optimal_denoiser_plan,
     snr_clustering_plan,
@@ -27,11 +30,14 @@ from .schedule import NoiseSchedule
 from .sizing import partition_to_model_config, stage_difficulty, suggest_decoder_widths
 
 __all__ = [
+    "AUTHORS_ETA",
     "METHODS",
     "NoiseSchedule",
     "StagePlan",
     "boundaries_from_similarity",
     "gradient_plan",
+    "ilp_boundaries",
+    "ilp_plan",
     "interval_clustering",
     "load_images",
     "optimal_denoiser_mean",
