@@ -16,8 +16,8 @@ import datetime
 import json
 import os
 import platform
-import tempfile
 import sys
+import tempfile
 import time
 
 import torch
@@ -42,17 +42,25 @@ def parse_args(argv=None):
         help="where results go (default: a new temporary folder, printed at the end; pass benchmarks/results to "
         "refresh the committed results)",
     )
-    parser.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/diffusers-stages/evidence"),
-                        help="where the metric's classifier is cached")
+    parser.add_argument(
+        "--cache_dir",
+        default=os.path.expanduser("~/.cache/diffusers-stages/evidence"),
+        help="where the metric's classifier is cached",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget_steps", type=int, default=None, help="override the preset's budget (baseline steps)")
     parser.add_argument("--num_eval_samples", type=int, default=None, help="override the preset's sample count")
-    parser.add_argument("--report_only", action="store_true",
-                        help="rewrite RESULTS.md and the plots from the preset's saved results.json, without running")
+    parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="rewrite RESULTS.md and the plots from the preset's saved results.json, without running",
+    )
     args = parser.parse_args(argv)
     chosen = tuple(c.strip() for c in args.comparisons.split(",") if c.strip())
     if not chosen or any(c not in COMPARISONS for c in chosen):
-        parser.error(f"--comparisons must be a comma-separated subset of {','.join(COMPARISONS)}, got {args.comparisons!r}")
+        parser.error(
+            f"--comparisons must be a comma-separated subset of {','.join(COMPARISONS)}, got {args.comparisons!r}"
+        )
     args.comparisons = chosen
     if args.quick:
         args.preset = "quick"
@@ -66,8 +74,11 @@ def machine() -> str:
 
 def run(args) -> dict:
     start = time.perf_counter()
-    overrides = {k: v for k, v in (("budget_steps", args.budget_steps), ("num_eval_samples", args.num_eval_samples))
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("budget_steps", args.budget_steps), ("num_eval_samples", args.num_eval_samples))
+        if v is not None
+    }
     preset = get_preset(args.preset, **overrides)
     torch.manual_seed(preset.seed)
     ctx = C.Context(preset, torch.device(args.device), args.cache_dir)
@@ -95,8 +106,11 @@ def run(args) -> dict:
     baseline = results[-1]
     if "1" not in args.comparisons:  # the baseline's snapshot rows belong to comparison 1's table only
         results = []
-    steps = {"1": lambda: C.compare_multistage(ctx, baseline), "2": lambda: C.compare_experts(ctx, baseline),
-             "3": lambda: C.compare_dual_backbone(ctx, baseline)}
+    steps = {
+        "1": lambda: C.compare_multistage(ctx, baseline),
+        "2": lambda: C.compare_experts(ctx, baseline),
+        "3": lambda: C.compare_dual_backbone(ctx, baseline),
+    }
     for comparison in args.comparisons:
         results += steps[comparison]()
         save(results)
@@ -118,14 +132,20 @@ def write_outputs(output_dir: str, preset_name: str) -> dict:
 
 def write_index(output_dir: str) -> None:
     """``RESULTS.md`` at the top of the results folder: one link per preset that has results."""
-    lines = ["# Evidence benchmark results", "", "Each preset's table, verdicts and plots, written by "
-             "`benchmarks/run_evidence.py`:", ""]
+    lines = [
+        "# Evidence benchmark results",
+        "",
+        "Each preset's table, verdicts and plots, written by `benchmarks/run_evidence.py`:",
+        "",
+    ]
     for name in sorted(PRESETS):
         path = os.path.join(output_dir, name, "results.json")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 header = json.load(f)["header"]
-            lines.append(f"- [{name}]({name}/RESULTS.md): `{header['command']}`, {header['date']}, {header['machine']}")
+            lines.append(
+                f"- [{name}]({name}/RESULTS.md): `{header['command']}`, {header['date']}, {header['machine']}"
+            )
     with open(os.path.join(output_dir, "RESULTS.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 

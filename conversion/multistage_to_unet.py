@@ -20,6 +20,7 @@ import sys
 
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
+
 from diffusers_stages.conversion.common import (
     build_parser,
     load_strict,
@@ -30,7 +31,6 @@ from diffusers_stages.conversion.common import (
     source_folder,
     staged_output,
 )
-
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
 
 STAGE_KEYS = ("stage_boundaries", "boundary_units", "decoder_block_out_channels")

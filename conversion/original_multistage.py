@@ -33,6 +33,7 @@ import sys
 import torch
 import yaml
 from diffusers import AutoencoderKL, DDIMScheduler, VQModel
+
 from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
@@ -48,9 +49,8 @@ from diffusers_stages.conversion.common import (
     take,
     verify_reload,
 )
-from diffusers_stages.pipelines import MultiStagePipeline
-
 from diffusers_stages.models import MultiStageUNet2DModel
+from diffusers_stages.pipelines import MultiStagePipeline
 
 LDM_PREFIX = "model.diffusion_model."  # where a LatentDiffusion Lightning checkpoint keeps its U-Net
 EMA_PREFIX = "model_ema."  # LitEma's buffers: "model_ema." + the DiffusionWrapper's parameter name without dots

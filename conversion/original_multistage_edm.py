@@ -46,6 +46,7 @@ import sys
 
 import torch
 from diffusers import EDMDPMSolverMultistepScheduler
+
 from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
@@ -60,9 +61,8 @@ from diffusers_stages.conversion.common import (
     take,
     verify_reload,
 )
-from diffusers_stages.pipelines import MultiStagePipeline
-
 from diffusers_stages.models import MultiStageDDPMppUNet2DModel
+from diffusers_stages.pipelines import MultiStagePipeline
 
 # the original class's defaults (MultistageUNet and EDMPrecond), for options a config leaves out
 DEFAULTS = {

@@ -17,11 +17,11 @@ import argparse
 import sys
 
 import torch
+
 from diffusers_stages.conversion.common import build_parser, max_difference, report_verification, run, staged_output
 from diffusers_stages.conversion.unet_to_multistage import load_source
-from diffusers_stages.pipelines import DualBackbonePipeline, ExpertRoutingPipeline
-
 from diffusers_stages.models import ExpertRoutingModel
+from diffusers_stages.pipelines import DualBackbonePipeline, ExpertRoutingPipeline
 from diffusers_stages.training.args import BoundaryList
 
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")

@@ -20,6 +20,8 @@ import sys
 import diffusers
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+import diffusers_stages
 from diffusers_stages.conversion.common import (
     build_parser,
     load_strict,
@@ -31,10 +33,8 @@ from diffusers_stages.conversion.common import (
     staged_output,
 )
 from diffusers_stages.conversion.multistage_to_unet import conditioning
-from diffusers_stages.pipelines import MultiStagePipeline
-
-import diffusers_stages
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
+from diffusers_stages.pipelines import MultiStagePipeline
 from diffusers_stages.schedulers import is_edm_scheduler
 from diffusers_stages.training.args import BoundaryList
 

@@ -86,7 +86,7 @@ class TimestepPartition:
     # ----------------------------------------------------------------------------------------------------------
     # construction
     @classmethod
-    def uniform(cls, num_stages: int, num_train_timesteps: int = 1000) -> "TimestepPartition":
+    def uniform(cls, num_stages: int, num_train_timesteps: int = 1000) -> TimestepPartition:
         """Equal-length stages in training-timestep units (MEME's intervals ``((n-1)T/N, nT/N]``)."""
         if not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"`num_stages` must be a positive integer, got {num_stages!r}.")
@@ -94,14 +94,14 @@ class TimestepPartition:
         return cls([step * i for i in range(1, num_stages)], num_train_timesteps, "timestep")
 
     @classmethod
-    def from_fractions(cls, fractions: Sequence[float], num_train_timesteps: int = 1000) -> "TimestepPartition":
+    def from_fractions(cls, fractions: Sequence[float], num_train_timesteps: int = 1000) -> TimestepPartition:
         """Boundaries given as fractions of the training schedule (e.g. ``[0.442, 0.631]``)."""
         if any(not 0.0 < float(f) < 1.0 for f in fractions):
             raise ValueError(f"`fractions` must lie strictly inside (0, 1), got {list(fractions)}.")
         return cls([float(f) * num_train_timesteps for f in fractions], num_train_timesteps, "timestep")
 
     @classmethod
-    def from_config(cls, config: dict) -> "TimestepPartition":
+    def from_config(cls, config: dict) -> TimestepPartition:
         """Rebuild from the keys written by [`~TimestepPartition.to_config`] (a model or pipeline config)."""
         return cls(config["stage_boundaries"], config["num_train_timesteps"], config["boundary_units"])
 

@@ -25,7 +25,7 @@ def test_heun_pair_is_never_split():
         first_order = scheduler.state_in_first_order
         pairs.append((first_order, float(t), router(t)))
         sample = scheduler.step(torch.zeros_like(sample), t, sample).prev_sample
-    for (first, t0, s0), (second_first, t1, s1) in zip(pairs, pairs[1:]):
+    for (_first, _t0, s0), (second_first, t1, s1) in zip(pairs, pairs[1:]):
         if not second_first:  # a corrector call belongs to the predictor before it
             assert s1 == s0
         else:

@@ -15,9 +15,9 @@ from diffusers import (
     KDPM2DiscreteScheduler,
     PNDMScheduler,
 )
-from diffusers_stages.pipelines import pipeline_dual_backbone, pipeline_expert_routing
 
 from diffusers_stages import StageRouter, TimestepPartition, routing
+from diffusers_stages.pipelines import pipeline_dual_backbone, pipeline_expert_routing
 from diffusers_stages.schedulers import (
     check_scheduler_units,
     fresh_scheduler,

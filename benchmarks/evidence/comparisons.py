@@ -89,8 +89,10 @@ class Context:
         # the metric's floor: held-out real images, as many as the generated sets
         self.reference = self.evaluator.score(test_images[: p.num_eval_samples], test_labels[: p.num_eval_samples])
         self.reference["count"] = min(len(test_images), p.num_eval_samples)
-        self.log(f"[metric] held-out real images: FD-classifier {self.reference['fd']:.2f}, "
-                 f"accuracy {self.reference['accuracy']:.3f}")
+        self.log(
+            f"[metric] held-out real images: FD-classifier {self.reference['fd']:.2f}, "
+            f"accuracy {self.reference['accuracy']:.3f}"
+        )
         flops, _ = count_flops(lambda: self._baseline_step(self.unet(p.block_out_channels)))
         self.budget = float(p.budget_steps * flops)
         self.log(f"[budget] B = {p.budget_steps} baseline steps = {self.budget / 1e12:.3f} TFLOPs")
@@ -107,9 +109,13 @@ class Context:
         p, n = self.preset, len(block_out_channels)
         use = {"last": [i == n - 1 for i in range(n)], "all": [True] * n, "none": [False] * n}[attention]
         return dict(
-            sample_size=self.images.shape[-1], in_channels=1, out_channels=1,
-            block_out_channels=tuple(block_out_channels), layers_per_block=p.layers_per_block,
-            norm_num_groups=p.norm_num_groups, attention_head_dim=p.attention_head_dim,
+            sample_size=self.images.shape[-1],
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=p.layers_per_block,
+            norm_num_groups=p.norm_num_groups,
+            attention_head_dim=p.attention_head_dim,
             down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in use),
             up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(use)),
             num_class_embeds=NUM_CLASSES + 1,  # the last one is the pipelines' unconditional label
@@ -122,18 +128,33 @@ class Context:
     def train(self, model, sample_timesteps, budget: float, fractions=(1.0,), seed_offset: int = 0, **kwargs):
         p = self.preset
         snapshots = train_with_budget(
-            model.to(self.device), self.images, self.labels, budget, sample_timesteps, p.batch_size,
-            p.learning_rate, p.seed + seed_offset, fractions, DDPMScheduler(), **kwargs,
+            model.to(self.device),
+            self.images,
+            self.labels,
+            budget,
+            sample_timesteps,
+            p.batch_size,
+            p.learning_rate,
+            p.seed + seed_offset,
+            fractions,
+            DDPMScheduler(),
+            **kwargs,
         )
         last = snapshots[-1]
-        self.log(f"[train] {type(model).__name__} ({_params(model) / 1e6:.2f}M): {last.steps} steps, "
-                 f"{last.flops / 1e12:.3f} TFLOPs")
+        self.log(
+            f"[train] {type(model).__name__} ({_params(model) / 1e6:.2f}M): {last.steps} steps, "
+            f"{last.flops / 1e12:.3f} TFLOPs"
+        )
         return snapshots
 
     def score(self, pipeline, num_inference_steps: int | None = None, seed_offset: int = 0) -> dict:
         p = self.preset
-        images, labels = generate(pipeline.to(self.device), p.num_eval_samples,
-                                  num_inference_steps or p.num_inference_steps, seed=p.seed + seed_offset)
+        images, labels = generate(
+            pipeline.to(self.device),
+            p.num_eval_samples,
+            num_inference_steps or p.num_inference_steps,
+            seed=p.seed + seed_offset,
+        )
         return self.evaluator.score(images, labels)
 
     def timing(self, pipelines: dict, num_inference_steps: int | None = None) -> dict:
@@ -142,7 +163,9 @@ class Context:
         pipelines = {name: pipe.to(self.device) for name, pipe in pipelines.items()}
         seconds = seconds_per_image(pipelines, steps, p.timing_batch, p.timing_repeats)
         self.log(f"[timing] {seconds}")
-        gflops = {name: sampling_flops_per_image(pipe, steps, class_labels=[0]) / 1e9 for name, pipe in pipelines.items()}
+        gflops = {
+            name: sampling_flops_per_image(pipe, steps, class_labels=[0]) / 1e9 for name, pipe in pipelines.items()
+        }
         return {name: (seconds[name], gflops[name]) for name in pipelines}
 
 
@@ -172,13 +195,25 @@ def train_baseline(ctx: Context) -> list[Result]:
     for snap in ctx.baseline_snapshots:
         pipe = single_model_pipeline(_load(ctx.unet(p.block_out_channels), snap))
         scores = ctx.score(pipe)
-        results.append(Result("1", "UNet2DModel", snap.flops, snap.fraction, scores["fd"], scores["accuracy"],
-                              _params(pipe.experts), notes=f"{snap.steps} steps"))
+        results.append(
+            Result(
+                "1",
+                "UNet2DModel",
+                snap.flops,
+                snap.fraction,
+                scores["fd"],
+                scores["accuracy"],
+                _params(pipe.experts),
+                notes=f"{snap.steps} steps",
+            )
+        )
         ctx.log(f"[baseline] {snap.fraction:.3f} B ({snap.steps} steps): {scores}")
     # how much the score moves with the sampling seed alone: differences below this are noise
     again = ctx.score(baseline_pipeline(ctx), seed_offset=1)
     ctx.fd_seed_spread = abs(again["fd"] - results[-1].fd)
-    ctx.log(f"[baseline] FD-classifier with another sampling seed: {again['fd']:.2f} (spread {ctx.fd_seed_spread:.2f})")
+    ctx.log(
+        f"[baseline] FD-classifier with another sampling seed: {again['fd']:.2f} (spread {ctx.fd_seed_spread:.2f})"
+    )
     return results
 
 
@@ -192,10 +227,19 @@ def plan_partition(ctx: Context) -> tuple[TimestepPartition, str]:
     paper's CIFAR-10 boundaries if the plan fails at these thresholds."""
     p = ctx.preset
     schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 100)
-    subset = ctx.images[torch.randperm(len(ctx.images), generator=torch.Generator().manual_seed(p.seed))[: p.plan_max_images]]
+    subset = ctx.images[
+        torch.randperm(len(ctx.images), generator=torch.Generator().manual_seed(p.seed))[: p.plan_max_images]
+    ]
     try:
-        plan = plan_stages(subset, schedule, 3, alpha=p.plan_alpha, eta=p.plan_eta, num_samples=p.plan_num_samples,
-                           generator=torch.Generator().manual_seed(p.seed))
+        plan = plan_stages(
+            subset,
+            schedule,
+            3,
+            alpha=p.plan_alpha,
+            eta=p.plan_eta,
+            num_samples=p.plan_num_samples,
+            generator=torch.Generator().manual_seed(p.seed),
+        )
         return plan.partition, f"optimal-denoiser plan (alpha={p.plan_alpha}, eta={p.plan_eta})"
     except ValueError as error:
         ctx.log(f"[plan] failed ({error}); using the paper's CIFAR-10 boundaries")
@@ -212,19 +256,24 @@ def compare_multistage(ctx: Context, baseline: Result) -> list[Result]:
 
     def build():
         torch.manual_seed(p.seed)
-        return MultiStageUNet2DModel(**ctx.unet_config(p.block_out_channels), **partition.to_config(),
-                                     decoder_block_out_channels=decoders)
+        return MultiStageUNet2DModel(
+            **ctx.unet_config(p.block_out_channels), **partition.to_config(), decoder_block_out_channels=decoders
+        )
 
-    snapshots = ctx.train(build(), lambda n, g: stratified_timesteps(partition, n, generator=g)[0], ctx.budget,
-                          p.snapshot_fractions)
+    snapshots = ctx.train(
+        build(), lambda n, g: stratified_timesteps(partition, n, generator=g)[0], ctx.budget, p.snapshot_fractions
+    )
     results, name = [], "MultiStageUNet2DModel"
     for snap in snapshots:
         pipe = MultiStagePipeline(unet=_load(build(), snap), scheduler=sampling_scheduler())
         pipe.set_progress_bar_config(disable=True)
         scores = ctx.score(pipe)
         note = f"{snap.steps} steps; boundaries {[round(b) for b in partition.boundaries]} ({origin}); decoders {decoders}"
-        results.append(Result("1", name, snap.flops, snap.fraction, scores["fd"], scores["accuracy"], _params(pipe.unet),
-                              notes=note))
+        results.append(
+            Result(
+                "1", name, snap.flops, snap.fraction, scores["fd"], scores["accuracy"], _params(pipe.unet), notes=note
+            )
+        )
         ctx.log(f"[multistage] {snap.fraction:.3f} B ({snap.steps} steps): {scores}")
     _timed([baseline, *results], ctx.timing({"UNet2DModel": baseline_pipeline(ctx), name: pipe}))
     return results
@@ -234,14 +283,21 @@ def meme_experts(ctx: Context) -> list[IUNet2DModel]:
     """MEME's four iU-Net experts from the package's builder (clean end first: the share of each mixer's channels
     given to self-attention rises toward the noise end), each ``expert_width_scale`` times the large model's width."""
     p = ctx.preset
-    widths = tuple(max(p.norm_num_groups, round(w * p.expert_width_scale / p.norm_num_groups) * p.norm_num_groups)
-                   for w in p.block_out_channels)
+    widths = tuple(
+        max(p.norm_num_groups, round(w * p.expert_width_scale / p.norm_num_groups) * p.norm_num_groups)
+        for w in p.block_out_channels
+    )
     config = ctx.unet_config(widths)
     torch.manual_seed(p.seed)
     return build_meme_experts(
-        num_experts=4, sample_size=config["sample_size"], in_channels=1, block_out_channels=widths,
-        layers_per_block=p.layers_per_block, attention_head_dim=p.attention_head_dim,
-        norm_num_groups=p.norm_num_groups, num_class_embeds=config["num_class_embeds"],
+        num_experts=4,
+        sample_size=config["sample_size"],
+        in_channels=1,
+        block_out_channels=widths,
+        layers_per_block=p.layers_per_block,
+        attention_head_dim=p.attention_head_dim,
+        norm_num_groups=p.norm_num_groups,
+        num_class_embeds=config["num_class_embeds"],
     )
 
 
@@ -250,20 +306,36 @@ def compare_experts(ctx: Context, large: Result) -> list[Result]:
     partition = TimestepPartition.uniform(4)
     experts, used = [], 0.0
     for i, expert in enumerate(meme_experts(ctx)):
-        (snap,) = ctx.train(expert, lambda n, g, i=i: soft_assignment_timesteps(partition, i, n, generator=g),
-                            ctx.budget / 4, seed_offset=i + 1)
+        (snap,) = ctx.train(
+            expert,
+            lambda n, g, i=i: soft_assignment_timesteps(partition, i, n, generator=g),
+            ctx.budget / 4,
+            seed_offset=i + 1,
+        )
         experts.append(_load(expert, snap))
         used += snap.flops
-    pipe = ExpertRoutingPipeline(experts=ExpertRoutingModel(experts, **partition.to_config()), scheduler=sampling_scheduler())
+    pipe = ExpertRoutingPipeline(
+        experts=ExpertRoutingModel(experts, **partition.to_config()), scheduler=sampling_scheduler()
+    )
     pipe.set_progress_bar_config(disable=True)
     scores = ctx.score(pipe)
     ctx.log(f"[meme] 4 experts: {scores}")
     name = "MEME 4 experts"
     results = [
-        Result("2", "UNet2DModel", large.train_flops, 1.0, large.fd, large.accuracy, large.params, notes="the large model"),
-        Result("2", name, used, used / ctx.budget, scores["fd"], scores["accuracy"], _params(pipe.experts),
-               notes=f"widths {tuple(experts[0].config.block_out_channels)}; attention shares "
-                     f"{[round(attention_share(e), 2) for e in experts]} of mixer channels (clean first); soft assignment p=(0.8,0.4,0.2,0.1)"),
+        Result(
+            "2", "UNet2DModel", large.train_flops, 1.0, large.fd, large.accuracy, large.params, notes="the large model"
+        ),
+        Result(
+            "2",
+            name,
+            used,
+            used / ctx.budget,
+            scores["fd"],
+            scores["accuracy"],
+            _params(pipe.experts),
+            notes=f"widths {tuple(experts[0].config.block_out_channels)}; attention shares "
+            f"{[round(attention_share(e), 2) for e in experts]} of mixer channels (clean first); soft assignment p=(0.8,0.4,0.2,0.1)",
+        ),
     ]
     return _timed(results, ctx.timing({"UNet2DModel": baseline_pipeline(ctx), name: pipe}))
 
@@ -278,23 +350,54 @@ def compare_dual_backbone(ctx: Context, deep_only: Result) -> list[Result]:
     deep_snap = next(s for s in ctx.baseline_snapshots if abs(s.fraction - (1 - f)) < 1e-9)
     deep = _load(ctx.unet(p.block_out_channels), deep_snap)
     total = deep_snap.flops + snap.flops
-    results = [Result("3", "UNet2DModel", deep_only.train_flops, 1.0, deep_only.fd, deep_only.accuracy,
-                      deep_only.params, notes="deep only")]
+    results = [
+        Result(
+            "3",
+            "UNet2DModel",
+            deep_only.train_flops,
+            1.0,
+            deep_only.fd,
+            deep_only.accuracy,
+            deep_only.params,
+            notes="deep only",
+        )
+    ]
     pipelines = {"UNet2DModel": baseline_pipeline(ctx)}
     shallow_pipe = single_model_pipeline(shallow)
     scores = ctx.score(shallow_pipe)
-    results.append(Result("3", "shallow only", snap.flops, snap.flops / ctx.budget, scores["fd"], scores["accuracy"],
-                          _params(shallow), notes=f"widths {p.shallow_block_out_channels}"))
+    results.append(
+        Result(
+            "3",
+            "shallow only",
+            snap.flops,
+            snap.flops / ctx.budget,
+            scores["fd"],
+            scores["accuracy"],
+            _params(shallow),
+            notes=f"widths {p.shallow_block_out_channels}",
+        )
+    )
     pipelines["shallow only"] = shallow_pipe
     for switch in p.switch_fractions:
-        pipe = DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=sampling_scheduler(), switch_step_fraction=switch)
+        pipe = DualBackbonePipeline(
+            shallow=shallow, deep=deep, scheduler=sampling_scheduler(), switch_step_fraction=switch
+        )
         pipe.set_progress_bar_config(disable=True)
         scores = ctx.score(pipe)
         name = f"DuoDiff switch {switch:g}"
         ctx.log(f"[duodiff] {name}: {scores}")
-        results.append(Result("3", name, total, total / ctx.budget, scores["fd"], scores["accuracy"],
-                              _params(shallow) + _params(deep),
-                              notes=f"shallow runs the first {switch:.0%} of steps; deep = baseline at {1 - f:g} B"))
+        results.append(
+            Result(
+                "3",
+                name,
+                total,
+                total / ctx.budget,
+                scores["fd"],
+                scores["accuracy"],
+                _params(shallow) + _params(deep),
+                notes=f"shallow runs the first {switch:.0%} of steps; deep = baseline at {1 - f:g} B",
+            )
+        )
         pipelines[name] = pipe
     early_results, early_pipelines = early_exit_runs(ctx)
     return _timed(results + early_results, ctx.timing({**pipelines, **early_pipelines}))
@@ -314,7 +417,9 @@ def exit_thresholds(ctx: Context, model: EarlyExitUViT2DModel, quantiles=(0.25, 
     values = []
     for t in torch.linspace(0, 999, 10).long():
         timesteps = torch.full((len(clean),), int(t), device=ctx.device)
-        noisy = DDPMScheduler().add_noise(clean, torch.randn(clean.shape, generator=generator).to(ctx.device), timesteps)
+        noisy = DDPMScheduler().add_noise(
+            clean, torch.randn(clean.shape, generator=generator).to(ctx.device), timesteps
+        )
         values += [float(u.mean()) for u in model(noisy, timesteps, class_labels=labels, return_all_exits=True)[1]]
     return torch.quantile(torch.tensor(values), torch.tensor(quantiles)).tolist()
 
@@ -324,9 +429,15 @@ def early_exit_runs(ctx: Context) -> tuple[list[Result], dict]:
     full depth, and exiting at calibrated uncertainty thresholds."""
     p = ctx.preset
     torch.manual_seed(p.seed)
-    model = EarlyExitUViT2DModel(sample_size=ctx.images.shape[-1], in_channels=1, patch_size=2,
-                                 hidden_size=p.early_exit_hidden_size, num_layers=p.early_exit_layers,
-                                 num_attention_heads=4, num_class_embeds=NUM_CLASSES + 1)
+    model = EarlyExitUViT2DModel(
+        sample_size=ctx.images.shape[-1],
+        in_channels=1,
+        patch_size=2,
+        hidden_size=p.early_exit_hidden_size,
+        num_layers=p.early_exit_layers,
+        num_attention_heads=4,
+        num_class_embeds=NUM_CLASSES + 1,
+    )
     (snap,) = ctx.train(model, uniform_timesteps(), ctx.budget, seed_offset=20, loss_function=_early_exit_loss)
     model = _load(model, snap)
     results, pipelines = [], {}
@@ -337,8 +448,17 @@ def early_exit_runs(ctx: Context) -> tuple[list[Result], dict]:
         scores = ctx.score(pipe)
         name = "early exit, full depth" if threshold is None else f"early exit, threshold {threshold:.3f}"
         ctx.log(f"[early exit] {name}: {scores}")
-        results.append(Result("3", name, snap.flops, snap.flops / ctx.budget, scores["fd"], scores["accuracy"],
-                              _params(model), notes=f"U-ViT, {p.early_exit_layers} blocks, width "
-                              f"{p.early_exit_hidden_size}, {snap.steps} steps"))
+        results.append(
+            Result(
+                "3",
+                name,
+                snap.flops,
+                snap.flops / ctx.budget,
+                scores["fd"],
+                scores["accuracy"],
+                _params(model),
+                notes=f"U-ViT, {p.early_exit_layers} blocks, width {p.early_exit_hidden_size}, {snap.steps} steps",
+            )
+        )
         pipelines[name] = pipe
     return results, pipelines

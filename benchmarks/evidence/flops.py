@@ -8,7 +8,12 @@ from ..measure import count_flops  # also imported from here by the package's mo
 def sampling_flops_per_image(pipeline, num_inference_steps: int, class_labels: list[int] | None = None) -> int:
     """FLOPs of generating one image with ``pipeline`` (its whole denoising loop, ``batch_size=1``, no guidance)."""
     flops, _ = count_flops(
-        lambda: pipeline(batch_size=1, num_inference_steps=num_inference_steps, class_labels=class_labels,
-                         generator=None, output_type="pt")
+        lambda: pipeline(
+            batch_size=1,
+            num_inference_steps=num_inference_steps,
+            class_labels=class_labels,
+            generator=None,
+            output_type="pt",
+        )
     )
     return flops

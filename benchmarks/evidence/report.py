@@ -33,19 +33,27 @@ def verdicts(results: list[dict], spread: float) -> dict[str, list[str]]:
     rows = [r for r in results if r["comparison"] == "1"]
     base, staged = _final(rows, "UNet2DModel"), _final(rows, "MultiStageUNet2DModel")
     if base and staged:
-        lines = [f"Equal training compute (B): FD-classifier {base['fd']:.2f} (baseline) vs {staged['fd']:.2f} "
-                 f"(multi-stage), seed spread {spread:.2f}."]
-        reached = sorted((r for r in rows if r["method"] == staged["method"] and r["fd"] <= base["fd"]),
-                         key=lambda r: r["budget_fraction"])
+        lines = [
+            f"Equal training compute (B): FD-classifier {base['fd']:.2f} (baseline) vs {staged['fd']:.2f} "
+            f"(multi-stage), seed spread {spread:.2f}."
+        ]
+        reached = sorted(
+            (r for r in rows if r["method"] == staged["method"] and r["fd"] <= base["fd"]),
+            key=lambda r: r["budget_fraction"],
+        )
         if reached:
             first = reached[0]
-            lines.append(f"Equal quality: the multi-stage model reaches the baseline's final FD-classifier at "
-                         f"{first['budget_fraction']:.0%} of B (first snapshot that does; snapshots every "
-                         f"{min(r['budget_fraction'] for r in rows):.0%}). Claim ({CLAIMS['1']}): "
-                         f"{'holds' if first['budget_fraction'] <= 0.75 else 'does not hold'} at this scale.")
+            lines.append(
+                f"Equal quality: the multi-stage model reaches the baseline's final FD-classifier at "
+                f"{first['budget_fraction']:.0%} of B (first snapshot that does; snapshots every "
+                f"{min(r['budget_fraction'] for r in rows):.0%}). Claim ({CLAIMS['1']}): "
+                f"{'holds' if first['budget_fraction'] <= 0.75 else 'does not hold'} at this scale."
+            )
         else:
-            lines.append(f"Equal quality: the multi-stage model does not reach the baseline's final FD-classifier "
-                         f"within B. Claim ({CLAIMS['1']}): does not hold at this scale.")
+            lines.append(
+                f"Equal quality: the multi-stage model does not reach the baseline's final FD-classifier "
+                f"within B. Claim ({CLAIMS['1']}): does not hold at this scale."
+            )
         out["1"] = lines
     for comparison in ("2", "3"):
         rows = [r for r in results if r["comparison"] == comparison]
@@ -62,7 +70,9 @@ def verdicts(results: list[dict], spread: float) -> dict[str, list[str]]:
                 best_duo, best_exit = min(duo, key=lambda r: r["fd"]), min(exits, key=lambda r: r["fd"])
                 better = best_duo["fd"] < best_exit["fd"] - spread
                 faster = best_duo["seconds_per_image"] <= best_exit["seconds_per_image"]
-                verdict = "holds" if better and faster else "mixed: better quality, slower" if better else "does not hold"
+                verdict = (
+                    "holds" if better and faster else "mixed: better quality, slower" if better else "does not hold"
+                )
                 out[comparison].append(
                     f"DuoDiff vs early exit: best DuoDiff ({best_duo['method']}) FD-classifier {best_duo['fd']:.2f} at "
                     f"{best_duo['seconds_per_image'] * 1e3:.2f} ms/image; best early exit ({best_exit['method']}) "
@@ -76,10 +86,12 @@ def _speed_line(row: dict, base: dict, spread: float, claim: str | None) -> str:
     speed = base["seconds_per_image"] / row["seconds_per_image"]
     delta = row["fd"] - base["fd"]
     quality = "equal or better, within" if delta <= spread else "worse by more than"
-    line = (f"{row['method']}: {speed:.2f}x the sampling speed of {base['method']} (wall time), "
-            f"{base['sampling_gflops_per_image'] / row['sampling_gflops_per_image']:.2f}x fewer sampling FLOPs, "
-            f"FD-classifier {row['fd']:.2f} vs {base['fd']:.2f} ({quality} the seed spread {spread:.2f}) at "
-            f"{row['budget_fraction']:.0%} of B.")
+    line = (
+        f"{row['method']}: {speed:.2f}x the sampling speed of {base['method']} (wall time), "
+        f"{base['sampling_gflops_per_image'] / row['sampling_gflops_per_image']:.2f}x fewer sampling FLOPs, "
+        f"FD-classifier {row['fd']:.2f} vs {base['fd']:.2f} ({quality} the seed spread {spread:.2f}) at "
+        f"{row['budget_fraction']:.0%} of B."
+    )
     if claim:
         line += f" Claim ({claim}): {'holds' if speed > 1.0 and delta <= spread else 'does not hold'}."
     return line
@@ -93,8 +105,10 @@ def _timing_stability(results: list[dict]) -> str:
     low, high = min(times) * 1e3, max(times) * 1e3
     text = f"**Timing stability.** The baseline's own time per image ranged {low:.2f}-{high:.2f} ms across the timing groups."
     if high > 1.5 * low:
-        text += (" The machine's load changed during the run (it was shared): wall-time ratios are only as good as "
-                 "the interleaving within a group; the FLOP ratios are exact.")
+        text += (
+            " The machine's load changed during the run (it was shared): wall-time ratios are only as good as "
+            "the interleaving within a group; the FLOP ratios are exact."
+        )
     return text
 
 
@@ -138,8 +152,13 @@ def write_markdown(path: str, header: dict, results: list[dict], spread: float) 
         if not rows:
             lines += [f"## {title}", "", "Not run.", ""]
             continue
-        lines += [f"## {title}", "", "| method | train TFLOPs | % of B | FD-classifier (lower is better) | accuracy "
-                  "| params | ms / image | sampling GFLOPs / image | notes |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {title}",
+            "",
+            "| method | train TFLOPs | % of B | FD-classifier (lower is better) | accuracy "
+            "| params | ms / image | sampling GFLOPs / image | notes |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             lines.append(
                 f"| {r['method']} | {r['train_flops'] / 1e12:.3f} | {r['budget_fraction']:.0%} | {r['fd']:.2f} | "
@@ -177,10 +196,24 @@ def write_plots(directory: str, results: list[dict], reference_fd: float) -> lis
     for method in dict.fromkeys(r["method"] for r in results):
         rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["train_flops"])
         rows = list({(r["train_flops"], r["fd"]): r for r in rows}.values())  # the baseline appears in 3 tables
-        ax.plot([r["train_flops"] / 1e12 for r in rows], [r["fd"] for r in rows], marker="o",
-                linestyle="-" if len(rows) > 1 else "none", label=method)
-    paths = [_save(fig, ax, reference_fd, "training TFLOPs", "Quality vs training compute",
-                   os.path.join(directory, "quality_vs_train_flops.png"), 7)]
+        ax.plot(
+            [r["train_flops"] / 1e12 for r in rows],
+            [r["fd"] for r in rows],
+            marker="o",
+            linestyle="-" if len(rows) > 1 else "none",
+            label=method,
+        )
+    paths = [
+        _save(
+            fig,
+            ax,
+            reference_fd,
+            "training TFLOPs",
+            "Quality vs training compute",
+            os.path.join(directory, "quality_vs_train_flops.png"),
+            7,
+        )
+    ]
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     markers = {"1": "o", "2": "s", "3": "^"}
@@ -189,9 +222,21 @@ def write_plots(directory: str, results: list[dict], reference_fd: float) -> lis
         if r.get("seconds_per_image"):
             final[r["comparison"], r["method"]] = r
     for r in final.values():
-        ax.scatter(r["seconds_per_image"] * 1e3, r["fd"], marker=markers[r["comparison"]],
-                   label=f"[{r['comparison']}] {r['method']}")
-    paths.append(_save(fig, ax, reference_fd, "sampling wall time per image (ms)",
-                       "Quality vs sampling time (final models)",
-                       os.path.join(directory, "quality_vs_sampling_time.png"), 6))
+        ax.scatter(
+            r["seconds_per_image"] * 1e3,
+            r["fd"],
+            marker=markers[r["comparison"]],
+            label=f"[{r['comparison']}] {r['method']}",
+        )
+    paths.append(
+        _save(
+            fig,
+            ax,
+            reference_fd,
+            "sampling wall time per image (ms)",
+            "Quality vs sampling time (final models)",
+            os.path.join(directory, "quality_vs_sampling_time.png"),
+            6,
+        )
+    )
     return paths

@@ -21,7 +21,9 @@ def sampling_scheduler() -> DDIMScheduler:
 
 def single_model_pipeline(model: torch.nn.Module) -> ExpertRoutingPipeline:
     """A plain model behind the same sampling loop as every other method: a one-stage expert routing pipeline."""
-    pipeline = ExpertRoutingPipeline(experts=ExpertRoutingModel([model], stage_boundaries=()), scheduler=sampling_scheduler())
+    pipeline = ExpertRoutingPipeline(
+        experts=ExpertRoutingModel([model], stage_boundaries=()), scheduler=sampling_scheduler()
+    )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -55,8 +57,12 @@ def seconds_per_image(
 
     def run(pipeline):
         seeds = itertools.count()  # a pipeline's k-th run (the warm-up is run 0) samples from seed k
-        return lambda: pipeline(class_labels=labels, num_inference_steps=num_inference_steps, output_type="pt",
-                                generator=torch.Generator().manual_seed(next(seeds)))
+        return lambda: pipeline(
+            class_labels=labels,
+            num_inference_steps=num_inference_steps,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(next(seeds)),
+        )
 
     device = next((pipeline.device for pipeline in pipelines.values()), "cpu")  # all on one device
     seconds = interleaved_medians({name: run(pipeline) for name, pipeline in pipelines.items()}, repeats, device)

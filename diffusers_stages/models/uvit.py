@@ -136,7 +136,9 @@ class UViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         # 1. tokens: patches, a time token and an optional class token (U-ViT "all as tokens")
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.time_proj = Timesteps(hidden_size, flip_sin_to_cos=True, downscale_freq_shift=0)  # [cos, sin] as U-ViT
-        self.time_embed = TimestepEmbedding(hidden_size, 4 * hidden_size, out_dim=hidden_size) if mlp_time_embed else None
+        self.time_embed = (
+            TimestepEmbedding(hidden_size, 4 * hidden_size, out_dim=hidden_size) if mlp_time_embed else None
+        )
         self.class_embed = nn.Embedding(num_class_embeds, hidden_size) if num_class_embeds else None
         extra = 1 + (num_class_embeds is not None)
         self.pos_embed = nn.Parameter(torch.zeros(1, extra + num_tokens, hidden_size))

@@ -73,7 +73,7 @@ class NoiseSchedule:
     # ----------------------------------------------------------------------------------------------------------
     # construction
     @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor, num_levels: int = 100) -> "NoiseSchedule":
+    def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor, num_levels: int = 100) -> NoiseSchedule:
         """A discrete schedule from its ``alphas_cumprod`` (one value per training timestep, 0 first)."""
         alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
         num_train_timesteps = alphas_cumprod.numel()
@@ -91,7 +91,7 @@ class NoiseSchedule:
         rho: float = 7.0,
         num_levels: int = 100,
         sigma_data: float = 0.5,
-    ) -> "NoiseSchedule":
+    ) -> NoiseSchedule:
         """An EDM/Karras schedule: ``num_levels`` sigmas spaced as Karras et al. (2022), eq. 5, clean end first."""
         if not 0 < sigma_min < sigma_max or not math.isfinite(sigma_max):
             raise ValueError(
@@ -105,7 +105,7 @@ class NoiseSchedule:
         return cls(sigmas, torch.ones_like(sigmas), sigmas, "sigma", sigma_data=sigma_data)
 
     @classmethod
-    def from_scheduler(cls, scheduler, num_levels: int = 100) -> "NoiseSchedule":
+    def from_scheduler(cls, scheduler, num_levels: int = 100) -> NoiseSchedule:
         """From a diffusers scheduler: EDM schedulers give ``"sigma"`` units, any other with ``alphas_cumprod``
         gives ``"timestep"`` units."""
         config = scheduler.config

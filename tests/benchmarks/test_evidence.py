@@ -21,9 +21,17 @@ from benchmarks.evidence.training import train_with_budget, uniform_timesteps
 
 def tiny_unet():
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
-                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
-                       num_class_embeds=11)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        num_class_embeds=11,
+    )
 
 
 def test_digits_split_is_seeded_and_disjoint():
@@ -70,8 +78,18 @@ def test_training_stops_at_the_flop_budget():
 
     per_step, _ = count_flops(step)
     assert per_step > 0
-    snapshots = train_with_budget(model, images, labels, 3 * per_step, uniform_timesteps(), batch_size=4,
-                                  learning_rate=1e-3, seed=0, snapshot_fractions=(0.5, 1.0), count_every=2)
+    snapshots = train_with_budget(
+        model,
+        images,
+        labels,
+        3 * per_step,
+        uniform_timesteps(),
+        batch_size=4,
+        learning_rate=1e-3,
+        seed=0,
+        snapshot_fractions=(0.5, 1.0),
+        count_every=2,
+    )
     assert [s.fraction for s in snapshots] == [0.5, 1.0]
     assert [s.steps for s in snapshots] == [2, 3]
     assert snapshots[-1].flops == pytest.approx(3 * per_step, rel=0.01)
@@ -92,26 +110,45 @@ def test_sampling_is_seeded_and_counted():
 
 
 def row(comparison, method, fraction, fd, seconds=None, gflops=None):
-    return {"comparison": comparison, "method": method, "train_flops": fraction * 1e12, "budget_fraction": fraction,
-            "fd": fd, "accuracy": 0.5, "params": 1000, "seconds_per_image": seconds,
-            "sampling_gflops_per_image": gflops, "notes": ""}
+    return {
+        "comparison": comparison,
+        "method": method,
+        "train_flops": fraction * 1e12,
+        "budget_fraction": fraction,
+        "fd": fd,
+        "accuracy": 0.5,
+        "params": 1000,
+        "seconds_per_image": seconds,
+        "sampling_gflops_per_image": gflops,
+        "notes": "",
+    }
 
 
 def test_verdicts_and_report(tmp_path):
     rows = [row("1", "UNet2DModel", f, fd) for f, fd in [(0.5, 30.0), (1.0, 20.0)]]
     rows += [row("1", "MultiStageUNet2DModel", f, fd) for f, fd in [(0.5, 19.0), (1.0, 15.0)]]
-    rows += [row("3", "UNet2DModel", 1.0, 20.0, 0.010, 1.0), row("3", "DuoDiff switch 0.5", 1.0, 20.5, 0.005, 0.5),
-             row("3", "DuoDiff switch 0.75", 1.0, 40.0, 0.004, 0.3),
-             row("3", "early exit, full depth", 1.0, 25.0, 0.008, 0.8),
-             row("3", "early exit, threshold 0.5", 1.0, 30.0, 0.004, 0.4)]
+    rows += [
+        row("3", "UNet2DModel", 1.0, 20.0, 0.010, 1.0),
+        row("3", "DuoDiff switch 0.5", 1.0, 20.5, 0.005, 0.5),
+        row("3", "DuoDiff switch 0.75", 1.0, 40.0, 0.004, 0.3),
+        row("3", "early exit, full depth", 1.0, 25.0, 0.008, 0.8),
+        row("3", "early exit, threshold 0.5", 1.0, 30.0, 0.004, 0.4),
+    ]
     read = verdicts(rows, spread=1.0)
     assert "at 50% of B" in read["1"][1] and "holds" in read["1"][1]
     assert "2.00x the sampling speed of UNet2DModel" in read["3"][0] and ": holds" in read["3"][0]
     assert "does not hold" in read["3"][1]
     assert "2.00x the sampling speed of early exit, full depth" in read["3"][2] and "worse" in read["3"][2]
     assert "mixed: better quality, slower" in read["3"][3]
-    header = {"preset": get_preset("quick").to_dict(), "command": "cmd", "date": "now", "machine": "cpu",
-              "wall_minutes": 1.0, "reference": {"fd": 5.0, "accuracy": 0.9}, "budget_flops": 1e12}
+    header = {
+        "preset": get_preset("quick").to_dict(),
+        "command": "cmd",
+        "date": "now",
+        "machine": "cpu",
+        "wall_minutes": 1.0,
+        "reference": {"fd": 5.0, "accuracy": 0.9},
+        "budget_flops": 1e12,
+    }
     write_markdown(str(tmp_path / "RESULTS.md"), header, rows, 1.0)
     text = (tmp_path / "RESULTS.md").read_text()
     assert "not FID" in text and "| MultiStageUNet2DModel | 0.500 | 50% | 19.00 |" in text and "Not run." in text

@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import pytest
-from diffusers_stages.conversion import common, multistage_to_unet, unet_to_multistage
-from diffusers_stages.conversion.common import check_keys, load_state_dict, recover_output, staged_output
 
 from diffusers_stages import MultiStagePipeline
+from diffusers_stages.conversion import common, multistage_to_unet, unet_to_multistage
+from diffusers_stages.conversion.common import check_keys, load_state_dict, recover_output, staged_output
 
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "instrumented_convert.py")
 

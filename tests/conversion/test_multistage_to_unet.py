@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
-from diffusers_stages.conversion import multistage_to_unet
 
 from diffusers_stages import MultiStagePipeline
+from diffusers_stages.conversion import multistage_to_unet
 
 
 def export(source, output, stage, *extra):

@@ -10,11 +10,11 @@ import os
 import pytest
 import torch
 import yaml
-from diffusers_stages.conversion import original_multistage
-from diffusers_stages.conversion.multistage_to_unet import multistage_stage_to_unet
 from safetensors.torch import load_file, save_file
 
 from diffusers_stages import MultiStagePipeline
+from diffusers_stages.conversion import original_multistage
+from diffusers_stages.conversion.multistage_to_unet import multistage_stage_to_unet
 
 TINY = dict(
     image_size=8,

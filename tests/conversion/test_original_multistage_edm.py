@@ -15,10 +15,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers_stages.conversion import original_multistage_edm
 from safetensors.torch import save_file
 
 from diffusers_stages import MultiStagePipeline
+from diffusers_stages.conversion import original_multistage_edm
 
 TINY = dict(
     model_type="MultistageUNet",

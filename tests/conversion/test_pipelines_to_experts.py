@@ -3,9 +3,9 @@
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
-from diffusers_stages.conversion import pipelines_to_experts
 
 from diffusers_stages import DualBackbonePipeline, ExpertRoutingPipeline
+from diffusers_stages.conversion import pipelines_to_experts
 from diffusers_stages.models.loading import realign_storage
 
 from .conftest import tiny_unet

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers_stages.conversion import multistage_to_unet, unet_to_multistage
 
 from diffusers_stages import MultiStageUNet2DConditionModel
+from diffusers_stages.conversion import multistage_to_unet, unet_to_multistage
 
 
 def _images(pipe) -> np.ndarray:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, LDMPipeline
-from diffusers_stages.conversion import unet_to_multistage
 from safetensors.torch import load_file, save_file
 
 from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
+from diffusers_stages.conversion import unet_to_multistage
 from tests.conftest import TINY_UNET
 
 from .conftest import tiny_unet

@@ -15,10 +15,10 @@ from diffusers import (
     UNet2DModel,
     VQModel,
 )
-from diffusers_stages.conversion import unet_to_multistage
 from safetensors.torch import load_file
 
 from diffusers_stages import MultiStageDDPMppUNet2DModel, MultiStagePipeline, MultiStageUNet2DModel
+from diffusers_stages.conversion import unet_to_multistage
 from diffusers_stages.training.tasks import noise_schedulers
 from tests.conftest import TINY_UNET
 

@@ -13,9 +13,9 @@ from diffusers import (
     HeunDiscreteScheduler,
     UNet2DModel,
 )
-from diffusers_stages.pipelines.pipeline_dual_backbone import DEFAULT_SWITCH_STEP_FRACTION
 
 from diffusers_stages import DualBackbonePipeline, ExpertRoutingModel, ExpertRoutingPipeline
+from diffusers_stages.pipelines.pipeline_dual_backbone import DEFAULT_SWITCH_STEP_FRACTION
 
 
 @pytest.fixture

@@ -97,7 +97,9 @@ def test_saved_folder_is_hub_ready(tiny_multistage, tmp_path):
     assert index["_class_name"] == ["pipeline_multistage", "MultiStagePipeline"]
     module, _ = index["unet"]
     # diffusers only accepts a third-party component from the Hub when `<component>/<library>.py` exists (#6563)
-    assert (tmp_path / "unet" / f"{module}.py").read_text().strip().endswith("import MultiStageUNet2DModel  # noqa: F401")
+    assert (
+        (tmp_path / "unet" / f"{module}.py").read_text().strip().endswith("import MultiStageUNet2DModel  # noqa: F401")
+    )
     assert (tmp_path / "pipeline_multistage.py").exists()
 
 
@@ -150,8 +152,13 @@ def test_class_conditional_guidance(tiny_unet_kwargs):
     pipe = _pipe(unet, DDIMScheduler())
     labels = [0, 2]
     calls = _record_calls(pipe)
-    guided = pipe(class_labels=labels, guidance_scale=3.0, num_inference_steps=3, generator=torch.manual_seed(0),
-                  output_type="pt").images
+    guided = pipe(
+        class_labels=labels,
+        guidance_scale=3.0,
+        num_inference_steps=3,
+        generator=torch.manual_seed(0),
+        output_type="pt",
+    ).images
     plain = pipe(class_labels=labels, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
     assert guided.shape == (2, 3, 8, 8) and not torch.allclose(guided, plain)
     assert len(calls) == 6  # one batched call (conditional + unconditional) per step with guidance, one without
@@ -164,8 +171,13 @@ def test_class_conditional_guidance(tiny_unet_kwargs):
         uncond = unet(x, t, class_labels=torch.full_like(y, 3), stage_index=2).sample
     assert torch.allclose(got, uncond + 3.0 * (cond - uncond), atol=1e-5)
     # per-stage guidance scales: 1 everywhere equals no guidance
-    per_stage = pipe(class_labels=labels, guidance_scale=[1.0, 1.0, 1.0], num_inference_steps=3,
-                     generator=torch.manual_seed(0), output_type="pt").images
+    per_stage = pipe(
+        class_labels=labels,
+        guidance_scale=[1.0, 1.0, 1.0],
+        num_inference_steps=3,
+        generator=torch.manual_seed(0),
+        output_type="pt",
+    ).images
     assert torch.equal(per_stage, plain)
 
 

@@ -76,7 +76,9 @@ def test_two_antipodal_images_give_the_closed_form_curves_and_boundaries():
     noisy_curve = torch.tensor(
         [
             _normal_expectation(
-                lambda z: ((torch.tanh(ut**2 + ut * z) - torch.tanh(u[-1] ** 2 + u[-1] * z)).abs() <= eta).double()
+                lambda z, ut=ut: (
+                    (torch.tanh(ut**2 + ut * z) - torch.tanh(u[-1] ** 2 + u[-1] * z)).abs() <= eta
+                ).double()
             )
             for ut in u.tolist()
         ]

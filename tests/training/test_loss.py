@@ -30,7 +30,10 @@ def test_oracle_model_has_zero_loss_and_others_do_not(prediction_type):
 
 def test_min_snr_weighting():
     scheduler = DDPMScheduler()
-    zero = lambda x, t, class_labels=None: (torch.zeros_like(x),)
+
+    def zero(x, t, class_labels=None):
+        return (torch.zeros_like(x),)
+
     plain = diffusion_loss(zero, scheduler, CLEAN, T, noise=NOISE)
     weighted = diffusion_loss(zero, scheduler, CLEAN, T, noise=NOISE, snr_gamma=5.0)
     snr = scheduler.alphas_cumprod[T] / (1 - scheduler.alphas_cumprod[T])
@@ -56,7 +59,9 @@ def test_edm_preconditioning_and_weighting():
 
 
 def test_errors_name_the_argument():
-    model = lambda x, t, class_labels=None: x
+    def model(x, t, class_labels=None):
+        return x
+
     with pytest.raises(ValueError, match="`timesteps` must hold one value per sample"):
         diffusion_loss(model, DDPMScheduler(), CLEAN, T[:2])
     with pytest.raises(ValueError, match="`noise` must have the shape"):
