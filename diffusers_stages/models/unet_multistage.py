@@ -17,185 +17,37 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
-from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import nn
 
 from ..partition import TimestepPartition
 from .checks import compute_dtype, per_sample_timesteps
+from .decoders import (
+    CONCATENATING_UP_BLOCKS,
+    SkipAdapters,
+    StageDecoder,
+    resolve_decoder_widths,
+    skip_adapter,
+    skip_channels,
+)
 from .loading import StrictLoadingMixin
 from .staged import StagedModelMixin
+from .warm_start import DECODER_PREFIXES, unet_state_dict_to_multistage, warm_start
 
-
-def skip_channels(block_out_channels: Sequence[int], layers_per_block: int | Sequence[int]) -> list[int]:
-    """Widths of the skip connections a diffusers U-Net down path emits, in order (RESEARCH.md section 3);
-    ``layers_per_block`` is one count for every block or one per block (as `UNet2DConditionModel` accepts)."""
-    layers = [layers_per_block] * len(block_out_channels) if isinstance(layers_per_block, int) else layers_per_block
-    widths = [block_out_channels[0]]
-    for i, width in enumerate(block_out_channels):
-        widths += [width] * layers[i]
-        if i < len(block_out_channels) - 1:
-            widths.append(width)  # the downsampler's output
-    return widths
-
-
-# up blocks whose resnets are the only layers that see the skip widths (so they can take the encoder's widths)
-CONCATENATING_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
-
-
-def skip_adapter(in_channels: int, out_channels: int) -> nn.Module:
-    """A 1x1 convolution from ``in_channels`` to ``out_channels``; the identity (no weights) where they are equal."""
-    return nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, kernel_size=1)
-
-
-class SkipAdapters(nn.Module):
-    """The front of a stage decoder: adapters from the encoder's skip widths (and its middle block's output width)
-    to the widths a decoder of ``decoder_block_out_channels`` expects; identities where they agree, so a decoder
-    copied from a U-Net's up path needs none (and loads that U-Net's weights under the same names)."""
-
-    def __init__(
-        self,
-        encoder_block_out_channels: Sequence[int],
-        decoder_block_out_channels: Sequence[int],
-        layers_per_block: int | Sequence[int],
-    ):
-        super().__init__()
-        encoder_skips = skip_channels(encoder_block_out_channels, layers_per_block)
-        decoder_skips = skip_channels(decoder_block_out_channels, layers_per_block)
-        self.mid_adapter = skip_adapter(encoder_block_out_channels[-1], decoder_block_out_channels[-1])
-        self.skip_adapters = nn.ModuleList([skip_adapter(e, d) for e, d in zip(encoder_skips, decoder_skips)])
-
-    def adapt(self, hidden: torch.Tensor, skips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The encoder's middle-block output and skips, mapped to this decoder's widths."""
-        return self.mid_adapter(hidden), [adapter(skip) for adapter, skip in zip(self.skip_adapters, skips)]
-
-
-def _with_in_channels(resnet: ResnetBlock2D, in_channels: int, act_fn: str) -> ResnetBlock2D:
-    """A fresh `ResnetBlock2D` built as diffusers' up blocks build ``resnet``, but taking ``in_channels``."""
-    return ResnetBlock2D(
-        in_channels=in_channels,
-        out_channels=resnet.out_channels,
-        temb_channels=resnet.time_emb_proj.in_features if resnet.time_emb_proj is not None else None,
-        eps=resnet.norm1.eps,
-        groups=resnet.norm1.num_groups,
-        dropout=resnet.dropout.p,
-        time_embedding_norm=resnet.time_embedding_norm,
-        non_linearity=act_fn,
-        output_scale_factor=resnet.output_scale_factor,
-        pre_norm=resnet.pre_norm,
-    )
-
-
-def resolve_decoder_widths(
-    decoder_block_out_channels: Sequence[Sequence[int]] | None,
-    block_out_channels: Sequence[int],
-    partition: TimestepPartition,
-    norm_num_groups: int | None,
-) -> tuple[tuple[int, ...], ...]:
-    """Each stage's decoder widths (the encoder's when ``None``), checked: one decoder per stage of ``partition``,
-    as many widths as ``block_out_channels``, each a positive multiple of ``norm_num_groups``."""
-    if decoder_block_out_channels is None:
-        decoder_block_out_channels = (tuple(block_out_channels),) * partition.num_stages
-    decoder_block_out_channels = tuple(tuple(int(w) for w in widths) for widths in decoder_block_out_channels)
-    if len(decoder_block_out_channels) != partition.num_stages:
-        raise ValueError(
-            f"`decoder_block_out_channels` must give one decoder per stage ({partition.num_stages} stages "
-            f"from `stage_boundaries`={partition.boundaries}), got {len(decoder_block_out_channels)}."
-        )
-    groups = norm_num_groups or 1
-    for widths in (tuple(block_out_channels), *decoder_block_out_channels):
-        if len(widths) != len(block_out_channels) or any(w < 1 or w % groups for w in widths):
-            raise ValueError(
-                f"Every decoder needs {len(block_out_channels)} widths, each a positive multiple of "
-                f"`norm_num_groups`={norm_num_groups}; got `decoder_block_out_channels`={decoder_block_out_channels}"
-                f" for `block_out_channels`={tuple(block_out_channels)}."
-            )
-    return decoder_block_out_channels
-
-
-class StageDecoder(SkipAdapters):
-    """One stage's decoder: skip adapters, the up path of a `UNet2DModel`, and the output head."""
-
-    def __init__(
-        self,
-        encoder_block_out_channels: Sequence[int],
-        block_out_channels: Sequence[int],
-        up_block_types: Sequence[str],
-        layers_per_block: int,
-        out_channels: int,
-        temb_channels: int,
-        norm_num_groups: int,
-        norm_eps: float,
-        act_fn: str,
-        attention_head_dim: int | None,
-        resnet_time_scale_shift: str,
-        upsample_type: str,
-        dropout: float,
-        skip_adapters: bool = True,
-    ):
-        # adapters: encoder widths -> this decoder's widths (identity where equal, so a copy of a U-Net needs none);
-        # without adapters every layer is an identity and the resnets take the encoder's widths (end of __init__)
-        super().__init__(
-            encoder_block_out_channels,
-            block_out_channels if skip_adapters else encoder_block_out_channels,
-            layers_per_block,
-        )
-
-        # up path, built exactly as UNet2DModel builds it
-        self.up_blocks = nn.ModuleList([])
-        reversed_channels = list(reversed(block_out_channels))
-        output_channel = reversed_channels[0]
-        for i, up_block_type in enumerate(up_block_types):
-            prev_output_channel = output_channel
-            output_channel = reversed_channels[i]
-            input_channel = reversed_channels[min(i + 1, len(block_out_channels) - 1)]
-            self.up_blocks.append(
-                get_up_block(
-                    up_block_type,
-                    num_layers=layers_per_block + 1,
-                    in_channels=input_channel,
-                    out_channels=output_channel,
-                    prev_output_channel=prev_output_channel,
-                    temb_channels=temb_channels,
-                    add_upsample=i < len(block_out_channels) - 1,
-                    resnet_eps=norm_eps,
-                    resnet_act_fn=act_fn,
-                    resnet_groups=norm_num_groups,
-                    attention_head_dim=attention_head_dim if attention_head_dim is not None else output_channel,
-                    resnet_time_scale_shift=resnet_time_scale_shift,
-                    upsample_type=upsample_type,
-                    dropout=dropout,
-                )
-            )
-        if not skip_adapters:
-            # the authors' decoder: each resnet concatenates its input (the middle block's output at the encoder's
-            # width, then the previous resnet's) with the encoder's skip at the encoder's width
-            pending = skip_channels(encoder_block_out_channels, layers_per_block)
-            width = encoder_block_out_channels[-1]
-            for up_block in self.up_blocks:
-                for j, resnet in enumerate(up_block.resnets):
-                    in_channels = width + pending.pop()
-                    if resnet.in_channels != in_channels:
-                        up_block.resnets[j] = _with_in_channels(resnet, in_channels, act_fn)
-                    width = resnet.out_channels
-        self.conv_norm_out = nn.GroupNorm(num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=norm_eps)
-        self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
-
-    def forward(self, hidden: torch.Tensor, skips: Sequence[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
-        sample, skips = self.adapt(hidden, skips)
-        skip_sample = None
-        for up_block in self.up_blocks:
-            res_samples, skips = tuple(skips[-len(up_block.resnets) :]), skips[: -len(up_block.resnets)]
-            if hasattr(up_block, "skip_conv"):
-                sample, skip_sample = up_block(sample, res_samples, emb, skip_sample)
-            else:
-                sample = up_block(sample, res_samples, emb)
-        sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))
-        if skip_sample is not None:
-            sample = sample + skip_sample
-        return sample
+# the decoder blocks and warm-start helpers lived here first; they stay importable from this module
+__all__ = [
+    "CONCATENATING_UP_BLOCKS",
+    "DECODER_PREFIXES",
+    "MultiStageUNet2DModel",
+    "SkipAdapters",
+    "StageDecoder",
+    "resolve_decoder_widths",
+    "skip_adapter",
+    "skip_channels",
+    "unet_state_dict_to_multistage",
+    "warm_start",
+]
 
 
 class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
@@ -558,7 +410,8 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         >>> from diffusers import UNet2DModel
         >>> from diffusers_stages import MultiStageUNet2DModel
         >>> unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
-        ...                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+        ...                    down_block_types=("DownBlock2D", "DownBlock2D"),
+        ...                    up_block_types=("UpBlock2D", "UpBlock2D"))
         >>> staged = MultiStageUNet2DModel.from_unet(unet, stage_boundaries=(300, 600))
         >>> x = torch.randn(2, 3, 8, 8)
         >>> torch.allclose(staged(x, 450).sample, unet(x, 450).sample, atol=1e-5)
@@ -567,45 +420,3 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         ```
         """
         return warm_start(cls, UNet2DModel, unet, stage_boundaries, boundary_units, num_train_timesteps)
-
-
-DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
-
-
-def unet_state_dict_to_multistage(state_dict: dict[str, torch.Tensor], num_stages: int) -> dict[str, torch.Tensor]:
-    """Map a `UNet2DModel` state dict onto a `MultiStageUNet2DModel` whose decoders all copy the up path."""
-    converted = {}
-    for key, value in state_dict.items():
-        if key.startswith(DECODER_PREFIXES):
-            for s in range(num_stages):
-                converted[f"decoders.{s}.{key}"] = value.clone()
-        else:
-            converted[key] = value
-    return converted
-
-
-def warm_start(
-    cls: type[ModelMixin],
-    source_class: type[ModelMixin],
-    unet: ModelMixin,
-    stage_boundaries: Sequence[float],
-    boundary_units: str,
-    num_train_timesteps: int | None,
-) -> ModelMixin:
-    """A multi-stage ``cls`` built from ``unet``'s config whose encoder is ``unet``'s down path and whose decoders
-    are copies of its up path (``unet`` must be a ``source_class``), on ``unet``'s device and dtype."""
-    if not isinstance(unet, source_class):
-        raise ValueError(f"`unet` must be a diffusers {source_class.__name__}, got {type(unet).__name__}.")
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
-    unet_steps = config.pop("num_train_timesteps", None)
-    num_train_timesteps = num_train_timesteps or unet_steps or 1000
-    model = cls(
-        **config,
-        num_train_timesteps=num_train_timesteps,
-        stage_boundaries=tuple(stage_boundaries),
-        boundary_units=boundary_units,
-    )
-    model.load_state_dict(unet_state_dict_to_multistage(unet.state_dict(), model.num_stages), strict=True)
-    if unet.dtype != model.dtype:
-        model = model.to(dtype=unet.dtype)
-    return model.to(device=unet.device)

@@ -18,148 +18,37 @@ from diffusers.models.activations import get_activation
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.models.unets.unet_2d_blocks import get_down_block, get_mid_block, get_up_block
+from diffusers.models.unets.unet_2d_blocks import get_mid_block
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 from diffusers.utils.peft_utils import apply_lora_scale
 from torch import nn
 
-from ..partition import TimestepPartition
 from ..routing import dispatch_by_stage, select_rows
+from .decoders import resolve_decoder_widths
 from .loading import StrictLoadingMixin
-from .unet_multistage import SkipAdapters, resolve_decoder_widths, warm_start
+from .unet_multistage_condition_blocks import (
+    SUPPORTED_ADDITION_EMBEDS,
+    SUPPORTED_DOWN_BLOCKS,
+    SUPPORTED_MID_BLOCKS,
+    SUPPORTED_UP_BLOCKS,
+    CrossAttnStageDecoder,
+    check_config,
+    check_heads,
+    cross_attn_down_blocks,
+    mask_to_bias,
+)
+from .warm_start import warm_start
 
-# the options Stable Diffusion 1.x/2.x and SDXL configs use; anything else is refused by name
-SUPPORTED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
-SUPPORTED_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
-SUPPORTED_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
-SUPPORTED_ADDITION_EMBEDS = (None, "text_time")
-
-
-def _per_block(value: Any, count: int) -> list:
-    """One value per block: ``value`` repeated when it is a single value (as `UNet2DConditionModel` expands it)."""
-    return list(value) if isinstance(value, (list, tuple)) else [value] * count
-
-
-def _check_supported(**options: Any) -> None:
-    """Refuse the `UNet2DConditionModel` options this model does not implement, naming each."""
-    allowed = {
-        "down_block_types": lambda v: all(t in SUPPORTED_DOWN_BLOCKS for t in v),
-        "up_block_types": lambda v: all(t in SUPPORTED_UP_BLOCKS for t in v),
-        "mid_block_type": lambda v: v in SUPPORTED_MID_BLOCKS,
-        "addition_embed_type": lambda v: v in SUPPORTED_ADDITION_EMBEDS,
-        "encoder_hid_dim": lambda v: v is None,
-        "encoder_hid_dim_type": lambda v: v is None,
-        "num_attention_heads": lambda v: v is None,
-        "dual_cross_attention": lambda v: v is False,
-        "attention_type": lambda v: v == "default",
-    }
-    for name, ok in allowed.items():
-        if not ok(options[name]):
-            raise ValueError(
-                f"`{name}`={options[name]!r} is not supported by MultiStageUNet2DConditionModel (supported: the "
-                f"options of Stable Diffusion 1.x/2.x and SDXL: down blocks {SUPPORTED_DOWN_BLOCKS}, up blocks "
-                f"{SUPPORTED_UP_BLOCKS}, mid blocks {SUPPORTED_MID_BLOCKS}, `addition_embed_type` in "
-                f"{SUPPORTED_ADDITION_EMBEDS}, no `encoder_hid_dim`, `num_attention_heads`, dual cross-attention or "
-                "GLIGEN)."
-            )
-
-
-class CrossAttnStageDecoder(SkipAdapters):
-    """One stage's decoder: skip adapters, the up path of a `UNet2DConditionModel` (built exactly as it builds its
-    own, at this decoder's widths) and the output head."""
-
-    def __init__(
-        self,
-        encoder_block_out_channels: Sequence[int],
-        block_out_channels: Sequence[int],
-        up_block_types: Sequence[str],
-        per_block: dict[str, list],
-        out_channels: int,
-        temb_channels: int,
-        norm_num_groups: int | None,
-        norm_eps: float,
-        act_fn: str,
-        conv_out_kernel: int,
-        block_kwargs: dict[str, Any],
-    ):
-        # adapters: encoder widths -> this decoder's widths (identities for a copy of the source's up path)
-        super().__init__(encoder_block_out_channels, block_out_channels, per_block["layers_per_block"])
-
-        # up path; ``per_block`` holds encoder-order lists, reversed here exactly as UNet2DConditionModel does
-        reversed_channels = list(reversed(block_out_channels))
-        heads = list(reversed(per_block["num_attention_heads"]))
-        layers = list(reversed(per_block["layers_per_block"]))
-        cross_dims = list(reversed(per_block["cross_attention_dim"]))
-        only_cross = list(reversed(per_block["only_cross_attention"]))
-        transformer_layers = per_block["reverse_transformer_layers_per_block"]
-        if transformer_layers is None:
-            transformer_layers = list(reversed(per_block["transformer_layers_per_block"]))
-        head_dims = per_block["attention_head_dim"]  # not reversed, as in UNet2DConditionModel
-        self.up_blocks = nn.ModuleList([])
-        output_channel = reversed_channels[0]
-        for i, up_block_type in enumerate(up_block_types):
-            prev_output_channel, output_channel = output_channel, reversed_channels[i]
-            self.up_blocks.append(
-                get_up_block(
-                    up_block_type,
-                    num_layers=layers[i] + 1,
-                    transformer_layers_per_block=transformer_layers[i],
-                    in_channels=reversed_channels[min(i + 1, len(block_out_channels) - 1)],
-                    out_channels=output_channel,
-                    prev_output_channel=prev_output_channel,
-                    temb_channels=temb_channels,
-                    add_upsample=i < len(block_out_channels) - 1,
-                    resnet_eps=norm_eps,
-                    resnet_act_fn=act_fn,
-                    resolution_idx=i,
-                    resnet_groups=norm_num_groups,
-                    cross_attention_dim=cross_dims[i],
-                    num_attention_heads=heads[i],
-                    only_cross_attention=only_cross[i],
-                    attention_head_dim=head_dims[i] if head_dims[i] is not None else output_channel,
-                    **block_kwargs,
-                )
-            )
-
-        # output head (no normalisation when norm_num_groups is None, as UNet2DConditionModel)
-        self.conv_norm_out = None
-        self.conv_act = None
-        if norm_num_groups is not None:
-            self.conv_norm_out = nn.GroupNorm(
-                num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=norm_eps
-            )
-            self.conv_act = get_activation(act_fn)
-        padding = (conv_out_kernel - 1) // 2
-        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=conv_out_kernel, padding=padding)
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        skips: Sequence[torch.Tensor],
-        emb: torch.Tensor,
-        conditioning: dict[str, Any],
-        forward_upsample_size: bool,
-    ) -> torch.Tensor:
-        """Decode; ``conditioning`` holds ``encoder_hidden_states``, ``attention_mask``, ``encoder_attention_mask``
-        and ``cross_attention_kwargs`` for the cross-attention up blocks."""
-        sample, skips = self.adapt(hidden, skips)
-        upsample_size = None
-        for i, up_block in enumerate(self.up_blocks):
-            res_samples, skips = tuple(skips[-len(up_block.resnets) :]), skips[: -len(up_block.resnets)]
-            # sizes that are not a multiple of the total upsampling factor: upsample to the skip's size
-            if i < len(self.up_blocks) - 1 and forward_upsample_size:
-                upsample_size = skips[-1].shape[2:]
-            extra = conditioning if getattr(up_block, "has_cross_attention", False) else {}
-            sample = up_block(
-                hidden_states=sample,
-                temb=emb,
-                res_hidden_states_tuple=res_samples,
-                upsample_size=upsample_size,
-                **extra,
-            )
-        if self.conv_norm_out is not None:
-            sample = self.conv_act(self.conv_norm_out(sample))
-        return self.conv_out(sample)
+# the decoder and the option lists lived here first; they stay importable from this module
+__all__ = [
+    "SUPPORTED_ADDITION_EMBEDS",
+    "SUPPORTED_DOWN_BLOCKS",
+    "SUPPORTED_MID_BLOCKS",
+    "SUPPORTED_UP_BLOCKS",
+    "CrossAttnStageDecoder",
+    "MultiStageUNet2DConditionModel",
+    "resolve_decoder_widths",
+]
 
 
 class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
@@ -193,7 +82,8 @@ class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin
     >>> from diffusers_stages import MultiStageUNet2DConditionModel
     >>> unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
     ...     layers_per_block=1, norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
-    ...     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    ...     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    ...     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
     >>> staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=(300, 600))  # exact warm start
     >>> x, text = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 16)
     >>> t = torch.tensor([100, 450, 900])  # one sample per stage, each to its own decoder
@@ -297,9 +187,22 @@ class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin
     ):
         super().__init__()
         # 0. check the configuration: unsupported options, diffusers' own checks, the decoders' widths
-        _check_supported(
+        self.partition, decoder_block_out_channels, per_block = check_config(
+            self,
+            stage_boundaries=stage_boundaries,
+            num_train_timesteps=num_train_timesteps,
+            boundary_units=boundary_units,
+            decoder_block_out_channels=decoder_block_out_channels,
+            norm_num_groups=norm_num_groups,
             down_block_types=down_block_types,
             up_block_types=up_block_types,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            only_cross_attention=only_cross_attention,
+            cross_attention_dim=cross_attention_dim,
+            transformer_layers_per_block=transformer_layers_per_block,
+            reverse_transformer_layers_per_block=reverse_transformer_layers_per_block,
+            attention_head_dim=attention_head_dim,
             mid_block_type=mid_block_type,
             addition_embed_type=addition_embed_type,
             encoder_hid_dim=encoder_hid_dim,
@@ -308,35 +211,7 @@ class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin
             dual_cross_attention=dual_cross_attention,
             attention_type=attention_type,
         )
-        num_attention_heads = attention_head_dim  # diffusers' historical naming (UNet2DConditionModel, issue 2011)
-        UNet2DConditionModel._check_config(
-            self,
-            down_block_types=down_block_types,
-            up_block_types=up_block_types,
-            only_cross_attention=only_cross_attention,
-            block_out_channels=block_out_channels,
-            layers_per_block=layers_per_block,
-            cross_attention_dim=cross_attention_dim,
-            transformer_layers_per_block=transformer_layers_per_block,
-            reverse_transformer_layers_per_block=reverse_transformer_layers_per_block,
-            attention_head_dim=attention_head_dim,
-            num_attention_heads=num_attention_heads,
-        )
-        self.partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
-        decoder_block_out_channels = resolve_decoder_widths(
-            decoder_block_out_channels, block_out_channels, self.partition, norm_num_groups
-        )
         count = len(down_block_types)
-        per_block = {
-            "num_attention_heads": _per_block(num_attention_heads, count),
-            "attention_head_dim": _per_block(attention_head_dim, count),
-            "cross_attention_dim": _per_block(cross_attention_dim, count),
-            "layers_per_block": _per_block(layers_per_block, count),
-            "transformer_layers_per_block": _per_block(transformer_layers_per_block, count),
-            "reverse_transformer_layers_per_block": reverse_transformer_layers_per_block,
-            "only_cross_attention": _per_block(only_cross_attention, count),
-        }
-        self._check_heads(decoder_block_out_channels, up_block_types, per_block["num_attention_heads"])
         if mid_block_only_cross_attention is None:
             mid_block_only_cross_attention = only_cross_attention if isinstance(only_cross_attention, bool) else False
         self.sample_size = sample_size
@@ -389,31 +264,10 @@ class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin
             "cross_attention_norm": cross_attention_norm,
             "dropout": dropout,
         }
-        self.down_blocks = nn.ModuleList([])
-        output_channel = block_out_channels[0]
-        for i, down_block_type in enumerate(down_block_types):
-            input_channel, output_channel = output_channel, block_out_channels[i]
-            head_dim = per_block["attention_head_dim"][i]
-            self.down_blocks.append(
-                get_down_block(
-                    down_block_type,
-                    num_layers=per_block["layers_per_block"][i],
-                    transformer_layers_per_block=per_block["transformer_layers_per_block"][i],
-                    in_channels=input_channel,
-                    out_channels=output_channel,
-                    temb_channels=blocks_time_embed_dim,
-                    add_downsample=i < count - 1,
-                    resnet_eps=norm_eps,
-                    resnet_act_fn=act_fn,
-                    resnet_groups=norm_num_groups,
-                    cross_attention_dim=per_block["cross_attention_dim"][i],
-                    num_attention_heads=per_block["num_attention_heads"][i],
-                    downsample_padding=downsample_padding,
-                    only_cross_attention=per_block["only_cross_attention"][i],
-                    attention_head_dim=head_dim if head_dim is not None else output_channel,
-                    **block_kwargs,
-                )
-            )
+        self.down_blocks = cross_attn_down_blocks(
+            down_block_types, block_out_channels, per_block, blocks_time_embed_dim, norm_eps, act_fn, norm_num_groups,
+            downsample_padding, block_kwargs,
+        )  # fmt: skip
         mid_kwargs = {k: v for k, v in block_kwargs.items() if k != "resnet_out_scale_factor"}
         self.mid_block = get_mid_block(
             mid_block_type,
@@ -452,18 +306,7 @@ class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin
             ]
         )
 
-    @staticmethod
-    def _check_heads(
-        decoder_block_out_channels: Sequence[Sequence[int]], up_block_types: Sequence[str], heads: Sequence[int]
-    ) -> None:
-        """Every cross-attention up block's width must split into its number of heads."""
-        for widths in decoder_block_out_channels:
-            for width, block, count in zip(reversed(widths), up_block_types, reversed(heads)):
-                if "CrossAttn" in block and width % count:
-                    raise ValueError(
-                        f"`decoder_block_out_channels`={tuple(widths)}: the {block} of width {width} must split into "
-                        f"{count} attention heads (`attention_head_dim`), so its width must be a multiple of {count}."
-                    )
+    _check_heads = staticmethod(check_heads)
 
     @property
     def num_stages(self) -> int:
@@ -545,7 +388,8 @@ class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin
         # 0. check the input; masks become additive biases with a query axis (as UNet2DConditionModel)
         if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
             raise ValueError(
-                f"`sample` must have shape (batch, {self.config.in_channels}, height, width), got {tuple(sample.shape)}."
+                f"`sample` must have shape (batch, {self.config.in_channels}, height, width), "
+                f"got {tuple(sample.shape)}."
             )
         if down_intrablock_additional_residuals is not None:
             raise ValueError("`down_intrablock_additional_residuals` (T2I-Adapter) are not supported by this model.")
@@ -555,8 +399,8 @@ class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin
                 "`mid_block_additional_residual`, or neither."
             )
         conditioning = {
-            "attention_mask": _mask_to_bias(attention_mask, sample.dtype),
-            "encoder_attention_mask": _mask_to_bias(encoder_attention_mask, sample.dtype),
+            "attention_mask": mask_to_bias(attention_mask, sample.dtype),
+            "encoder_attention_mask": mask_to_bias(encoder_attention_mask, sample.dtype),
             "cross_attention_kwargs": cross_attention_kwargs,
         }
         if self.config.center_input_sample:
@@ -603,10 +447,3 @@ class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin
         1000 (Stable Diffusion's schedule).
         """
         return warm_start(cls, UNet2DConditionModel, unet, stage_boundaries, boundary_units, num_train_timesteps)
-
-
-def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A keep(1)/discard(0) mask of shape ``(batch, tokens)`` as an additive bias ``(batch, 1, tokens)``."""
-    if mask is None:
-        return None
-    return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)

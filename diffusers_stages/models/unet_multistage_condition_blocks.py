@@ -1,0 +1,267 @@
+"""Building blocks of [`MultiStageUNet2DConditionModel`]: the `UNet2DConditionModel` options it supports, the
+check of its configuration, its down path and one stage's decoder (both built exactly as `UNet2DConditionModel`
+builds its own), and the attention masks as additive biases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers.models.activations import get_activation
+from diffusers.models.unets.unet_2d_blocks import get_down_block, get_up_block
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from torch import nn
+
+from ..partition import TimestepPartition
+from .decoders import SkipAdapters, resolve_decoder_widths
+
+# the options Stable Diffusion 1.x/2.x and SDXL configs use; anything else is refused by name
+SUPPORTED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+SUPPORTED_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+SUPPORTED_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+SUPPORTED_ADDITION_EMBEDS = (None, "text_time")
+
+
+def _per_block(value: Any, count: int) -> list:
+    """One value per block: ``value`` repeated when it is a single value (as `UNet2DConditionModel` expands it)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * count
+
+
+def _check_supported(**options: Any) -> None:
+    """Refuse the `UNet2DConditionModel` options this model does not implement, naming each."""
+    allowed = {
+        "down_block_types": lambda v: all(t in SUPPORTED_DOWN_BLOCKS for t in v),
+        "up_block_types": lambda v: all(t in SUPPORTED_UP_BLOCKS for t in v),
+        "mid_block_type": lambda v: v in SUPPORTED_MID_BLOCKS,
+        "addition_embed_type": lambda v: v in SUPPORTED_ADDITION_EMBEDS,
+        "encoder_hid_dim": lambda v: v is None,
+        "encoder_hid_dim_type": lambda v: v is None,
+        "num_attention_heads": lambda v: v is None,
+        "dual_cross_attention": lambda v: v is False,
+        "attention_type": lambda v: v == "default",
+    }
+    for name, ok in allowed.items():
+        if not ok(options[name]):
+            raise ValueError(
+                f"`{name}`={options[name]!r} is not supported by MultiStageUNet2DConditionModel (supported: the "
+                f"options of Stable Diffusion 1.x/2.x and SDXL: down blocks {SUPPORTED_DOWN_BLOCKS}, up blocks "
+                f"{SUPPORTED_UP_BLOCKS}, mid blocks {SUPPORTED_MID_BLOCKS}, `addition_embed_type` in "
+                f"{SUPPORTED_ADDITION_EMBEDS}, no `encoder_hid_dim`, `num_attention_heads`, dual cross-attention or "
+                "GLIGEN)."
+            )
+
+
+def check_heads(
+    decoder_block_out_channels: Sequence[Sequence[int]], up_block_types: Sequence[str], heads: Sequence[int]
+) -> None:
+    """Every cross-attention up block's width must split into its number of heads."""
+    for widths in decoder_block_out_channels:
+        for width, block, count in zip(reversed(widths), up_block_types, reversed(heads)):
+            if "CrossAttn" in block and width % count:
+                raise ValueError(
+                    f"`decoder_block_out_channels`={tuple(widths)}: the {block} of width {width} must split into "
+                    f"{count} attention heads (`attention_head_dim`), so its width must be a multiple of {count}."
+                )
+
+
+def check_config(
+    model: nn.Module,
+    *,
+    stage_boundaries: Sequence[float],
+    num_train_timesteps: int,
+    boundary_units: str,
+    decoder_block_out_channels: Sequence[Sequence[int]] | None,
+    norm_num_groups: int | None,
+    down_block_types: Sequence[str],
+    up_block_types: Sequence[str],
+    block_out_channels: Sequence[int],
+    layers_per_block: int | Sequence[int],
+    only_cross_attention: bool | Sequence[bool],
+    cross_attention_dim: int | Sequence[int],
+    transformer_layers_per_block: int | Sequence[int] | Sequence[Sequence[int]],
+    reverse_transformer_layers_per_block: Sequence[Sequence[int]] | None,
+    attention_head_dim: int | Sequence[int],
+    **unsupported: Any,
+) -> tuple[TimestepPartition, tuple[tuple[int, ...], ...], dict[str, list]]:
+    """Check a configuration of `MultiStageUNet2DConditionModel` (``model``) before anything is built, each problem
+    a `ValueError` naming the argument: the options it does not support (``unsupported`` holds the rest of
+    `_check_supported`'s), diffusers' own checks, the partition, the decoders' widths and heads. Returns the partition,
+    every decoder's widths and the per-block values (in encoder order)."""
+    _check_supported(down_block_types=down_block_types, up_block_types=up_block_types, **unsupported)
+    num_attention_heads = attention_head_dim  # diffusers' historical naming (UNet2DConditionModel, issue 2011)
+    UNet2DConditionModel._check_config(
+        model,
+        down_block_types=down_block_types,
+        up_block_types=up_block_types,
+        only_cross_attention=only_cross_attention,
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        cross_attention_dim=cross_attention_dim,
+        transformer_layers_per_block=transformer_layers_per_block,
+        reverse_transformer_layers_per_block=reverse_transformer_layers_per_block,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+    )
+    partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
+    decoder_block_out_channels = resolve_decoder_widths(
+        decoder_block_out_channels, block_out_channels, partition, norm_num_groups
+    )
+    count = len(down_block_types)
+    per_block = {
+        "num_attention_heads": _per_block(num_attention_heads, count),
+        "attention_head_dim": _per_block(attention_head_dim, count),
+        "cross_attention_dim": _per_block(cross_attention_dim, count),
+        "layers_per_block": _per_block(layers_per_block, count),
+        "transformer_layers_per_block": _per_block(transformer_layers_per_block, count),
+        "reverse_transformer_layers_per_block": reverse_transformer_layers_per_block,
+        "only_cross_attention": _per_block(only_cross_attention, count),
+    }
+    check_heads(decoder_block_out_channels, up_block_types, per_block["num_attention_heads"])
+    return partition, decoder_block_out_channels, per_block
+
+
+def cross_attn_down_blocks(
+    down_block_types: Sequence[str],
+    block_out_channels: Sequence[int],
+    per_block: dict[str, list],
+    temb_channels: int,
+    norm_eps: float,
+    act_fn: str,
+    norm_num_groups: int | None,
+    downsample_padding: int,
+    block_kwargs: dict[str, Any],
+) -> nn.ModuleList:
+    """The down path of a `UNet2DConditionModel`, built exactly as it builds its own."""
+    down_blocks = nn.ModuleList([])
+    output_channel = block_out_channels[0]
+    for i, down_block_type in enumerate(down_block_types):
+        input_channel, output_channel = output_channel, block_out_channels[i]
+        head_dim = per_block["attention_head_dim"][i]
+        down_blocks.append(
+            get_down_block(
+                down_block_type,
+                num_layers=per_block["layers_per_block"][i],
+                transformer_layers_per_block=per_block["transformer_layers_per_block"][i],
+                in_channels=input_channel,
+                out_channels=output_channel,
+                temb_channels=temb_channels,
+                add_downsample=i < len(down_block_types) - 1,
+                resnet_eps=norm_eps,
+                resnet_act_fn=act_fn,
+                resnet_groups=norm_num_groups,
+                cross_attention_dim=per_block["cross_attention_dim"][i],
+                num_attention_heads=per_block["num_attention_heads"][i],
+                downsample_padding=downsample_padding,
+                only_cross_attention=per_block["only_cross_attention"][i],
+                attention_head_dim=head_dim if head_dim is not None else output_channel,
+                **block_kwargs,
+            )
+        )
+    return down_blocks
+
+
+class CrossAttnStageDecoder(SkipAdapters):
+    """One stage's decoder: skip adapters, the up path of a `UNet2DConditionModel` (built exactly as it builds its
+    own, at this decoder's widths) and the output head."""
+
+    def __init__(
+        self,
+        encoder_block_out_channels: Sequence[int],
+        block_out_channels: Sequence[int],
+        up_block_types: Sequence[str],
+        per_block: dict[str, list],
+        out_channels: int,
+        temb_channels: int,
+        norm_num_groups: int | None,
+        norm_eps: float,
+        act_fn: str,
+        conv_out_kernel: int,
+        block_kwargs: dict[str, Any],
+    ):
+        # adapters: encoder widths -> this decoder's widths (identities for a copy of the source's up path)
+        super().__init__(encoder_block_out_channels, block_out_channels, per_block["layers_per_block"])
+
+        # up path; ``per_block`` holds encoder-order lists, reversed here exactly as UNet2DConditionModel does
+        reversed_channels = list(reversed(block_out_channels))
+        heads = list(reversed(per_block["num_attention_heads"]))
+        layers = list(reversed(per_block["layers_per_block"]))
+        cross_dims = list(reversed(per_block["cross_attention_dim"]))
+        only_cross = list(reversed(per_block["only_cross_attention"]))
+        transformer_layers = per_block["reverse_transformer_layers_per_block"]
+        if transformer_layers is None:
+            transformer_layers = list(reversed(per_block["transformer_layers_per_block"]))
+        head_dims = per_block["attention_head_dim"]  # not reversed, as in UNet2DConditionModel
+        self.up_blocks = nn.ModuleList([])
+        output_channel = reversed_channels[0]
+        for i, up_block_type in enumerate(up_block_types):
+            prev_output_channel, output_channel = output_channel, reversed_channels[i]
+            self.up_blocks.append(
+                get_up_block(
+                    up_block_type,
+                    num_layers=layers[i] + 1,
+                    transformer_layers_per_block=transformer_layers[i],
+                    in_channels=reversed_channels[min(i + 1, len(block_out_channels) - 1)],
+                    out_channels=output_channel,
+                    prev_output_channel=prev_output_channel,
+                    temb_channels=temb_channels,
+                    add_upsample=i < len(block_out_channels) - 1,
+                    resnet_eps=norm_eps,
+                    resnet_act_fn=act_fn,
+                    resolution_idx=i,
+                    resnet_groups=norm_num_groups,
+                    cross_attention_dim=cross_dims[i],
+                    num_attention_heads=heads[i],
+                    only_cross_attention=only_cross[i],
+                    attention_head_dim=head_dims[i] if head_dims[i] is not None else output_channel,
+                    **block_kwargs,
+                )
+            )
+
+        # output head (no normalisation when norm_num_groups is None, as UNet2DConditionModel)
+        self.conv_norm_out = None
+        self.conv_act = None
+        if norm_num_groups is not None:
+            self.conv_norm_out = nn.GroupNorm(
+                num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=norm_eps
+            )
+            self.conv_act = get_activation(act_fn)
+        padding = (conv_out_kernel - 1) // 2
+        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=conv_out_kernel, padding=padding)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        skips: Sequence[torch.Tensor],
+        emb: torch.Tensor,
+        conditioning: dict[str, Any],
+        forward_upsample_size: bool,
+    ) -> torch.Tensor:
+        """Decode; ``conditioning`` holds ``encoder_hidden_states``, ``attention_mask``, ``encoder_attention_mask``
+        and ``cross_attention_kwargs`` for the cross-attention up blocks."""
+        sample, skips = self.adapt(hidden, skips)
+        upsample_size = None
+        for i, up_block in enumerate(self.up_blocks):
+            res_samples, skips = tuple(skips[-len(up_block.resnets) :]), skips[: -len(up_block.resnets)]
+            # sizes that are not a multiple of the total upsampling factor: upsample to the skip's size
+            if i < len(self.up_blocks) - 1 and forward_upsample_size:
+                upsample_size = skips[-1].shape[2:]
+            extra = conditioning if getattr(up_block, "has_cross_attention", False) else {}
+            sample = up_block(
+                hidden_states=sample,
+                temb=emb,
+                res_hidden_states_tuple=res_samples,
+                upsample_size=upsample_size,
+                **extra,
+            )
+        if self.conv_norm_out is not None:
+            sample = self.conv_act(self.conv_norm_out(sample))
+        return self.conv_out(sample)
+
+
+def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A keep(1)/discard(0) mask of shape ``(batch, tokens)`` as an additive bias ``(batch, 1, tokens)``."""
+    if mask is None:
+        return None
+    return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)

@@ -1,0 +1,51 @@
+"""Warm starts of the multi-stage U-Nets from a pretrained diffusers U-Net: the state-dict mapping (every decoder a
+copy of the source's up path) and the model built from the source's config, whose output equals the source's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers.models.modeling_utils import ModelMixin
+
+DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
+
+
+def unet_state_dict_to_multistage(state_dict: dict[str, torch.Tensor], num_stages: int) -> dict[str, torch.Tensor]:
+    """Map a `UNet2DModel` state dict onto a `MultiStageUNet2DModel` whose decoders all copy the up path."""
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith(DECODER_PREFIXES):
+            for s in range(num_stages):
+                converted[f"decoders.{s}.{key}"] = value.clone()
+        else:
+            converted[key] = value
+    return converted
+
+
+def warm_start(
+    cls: type[ModelMixin],
+    source_class: type[ModelMixin],
+    unet: ModelMixin,
+    stage_boundaries: Sequence[float],
+    boundary_units: str,
+    num_train_timesteps: int | None,
+) -> ModelMixin:
+    """A multi-stage ``cls`` built from ``unet``'s config whose encoder is ``unet``'s down path and whose decoders
+    are copies of its up path (``unet`` must be a ``source_class``), on ``unet``'s device and dtype."""
+    if not isinstance(unet, source_class):
+        message = f"`unet` must be a diffusers {source_class.__name__}, got {type(unet).__name__}."
+        raise ValueError(message)  # noqa: TRY004
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    unet_steps = config.pop("num_train_timesteps", None)
+    num_train_timesteps = num_train_timesteps or unet_steps or 1000
+    model = cls(
+        **config,
+        num_train_timesteps=num_train_timesteps,
+        stage_boundaries=tuple(stage_boundaries),
+        boundary_units=boundary_units,
+    )
+    model.load_state_dict(unet_state_dict_to_multistage(unet.state_dict(), model.num_stages), strict=True)
+    if unet.dtype != model.dtype:
+        model = model.to(dtype=unet.dtype)
+    return model.to(device=unet.device)
