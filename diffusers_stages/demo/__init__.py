@@ -28,7 +28,7 @@ import torch
 
 SIZES = {
     # steps: the baseline's training steps (every other method gets its FLOPs); eval: images scored per method
-    "default": {"steps": 120, "batch_size": 32, "learning_rate": 2e-3, "num_inference_steps": 20,
+    "default": {"steps": 240, "batch_size": 32, "learning_rate": 2e-3, "num_inference_steps": 20,
                 "num_eval_images": 200, "classifier_steps": 200, "plan_images": 1437, "plan_samples": 16},
     "quick": {"steps": 3, "batch_size": 16, "learning_rate": 2e-3, "num_inference_steps": 3, "num_eval_images": 40,
               "classifier_steps": 20, "plan_images": 200, "plan_samples": 2},
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steps",
         type=int,
         default=None,
-        help="Training budget B: the baseline's steps (120; 3 with --quick), in FLOPs the multi-stage U-Net's; "
+        help="Training budget B: the baseline's steps (240; 3 with --quick), in FLOPs the multi-stage U-Net's; "
         "the shallow backbone gets B/4, the experts B/2.",
     )
     parser.add_argument("--device", default=None, help="cuda or cpu. Default: cuda when available, else cpu.")
