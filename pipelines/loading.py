@@ -20,12 +20,17 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..models.loading import check_name, component_folder, realign_storage, reexport_source
+from ..models.loading import (
+    DOWNLOAD_KWARGS,
+    check_name,
+    component_folder,
+    download_weights,
+    realign_storage,
+    reexport_source,
+)
 
 # passed on to each model
 MODEL_KWARGS = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "disable_mmap")
-DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
-WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.md")  # never a .py file from the Hub
 
 
 def package_classes() -> dict[str, type]:
@@ -168,7 +173,7 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
             )
     folder = str(pretrained_model_name_or_path)
     if not os.path.isdir(folder):
-        folder = download(folder, **{k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs})
+        folder = download_weights(folder, **{k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs})
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         raise ValueError(f"{pretrained_model_name_or_path} has no `model_index.json`: it is not a saved pipeline.")
@@ -206,17 +211,6 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
     pipeline = pipeline_class(**init_kwargs)
     pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
     return pipeline
-
-
-def download(repo_id: str, **download_kwargs) -> str:
-    """Fetch a Hub repository's configs and weights (never a code file) and return the local folder."""
-    from huggingface_hub import snapshot_download
-
-    folder = snapshot_download(repo_id, allow_patterns=list(WEIGHT_PATTERNS), **download_kwargs)
-    if not any(f.endswith(".safetensors") for _, _, files in os.walk(folder) for f in files):
-        # a repository saved with `safe_serialization=False`: its `.bin` weights are read with `weights_only=True`
-        folder = snapshot_download(repo_id, allow_patterns=[*WEIGHT_PATTERNS, "*.bin"], **download_kwargs)
-    return folder
 
 
 def write_reexport_files(save_directory: str | os.PathLike, pipeline_class: type) -> None:

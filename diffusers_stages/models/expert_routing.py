@@ -26,7 +26,7 @@ from torch import nn
 
 from ..partition import TimestepPartition
 from ..routing import select_rows as _rows
-from .loading import check_name, component_folder, realign_storage
+from .loading import DOWNLOAD_KWARGS, check_name, component_folder, download_weights, realign_storage
 from .staged import StagedModelMixin
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
@@ -42,7 +42,6 @@ CONDITIONING_KEYS = (
 )
 # config keys diffusers' pipelines read from `pipe.unet` (StableDiffusionPipeline, StableDiffusionXLPipeline)
 PIPELINE_KEYS = ("in_channels", "out_channels", "sample_size", "time_cond_proj_dim", "addition_time_embed_dim")
-DOWNLOAD_KEYS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
 TRUSTED_LIBRARIES = ("diffusers", "diffusers_stages")
 
 
@@ -385,7 +384,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                 for the download. A checkpoint that does not match its expert's config raises a `ValueError`.
         """
         wants_info = kwargs.pop("output_loading_info", False)
-        download = {k: kwargs.pop(k) for k in DOWNLOAD_KEYS if k in kwargs}
+        download = {k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs}
         folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
         if not os.path.isdir(folder):
             folder = _download(str(pretrained_model_name_or_path), subfolder, load_experts, download)
@@ -426,11 +425,9 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
 
 
 def _download(repo_id: str, subfolder: str | None, load_experts: Sequence[int] | None, download: dict) -> str:
-    """Fetch the container's config and only the experts to be loaded from the Hub; the local folder."""
-    from huggingface_hub import snapshot_download
-
+    """Fetch the container's config and only the experts to be loaded (configs and weights, never code) from the
+    Hub; the local folder."""
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    patterns = [f"{prefix}*"] if load_experts is None else [f"{prefix}config.json"]
-    patterns += [f"{prefix}{expert_folder(i)}/*" for i in (load_experts or [])]
-    root = snapshot_download(repo_id, allow_patterns=patterns, **download)
+    prefixes = [prefix] if load_experts is None else [f"{prefix}{expert_folder(i)}/" for i in load_experts]
+    root = download_weights(repo_id, prefixes, files=[f"{prefix}config.json"], **download)
     return os.path.join(root, prefix)

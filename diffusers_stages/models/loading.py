@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 
 import torch
 
@@ -88,3 +89,23 @@ def reexport_source(module: str, class_name: str) -> str:
     """The tiny ``.py`` file a saved folder carries so that diffusers' remote-code loaders (used only with
     ``trust_remote_code=True``) find one of the package's classes: it imports the installed class, nothing else."""
     return f"{REEXPORT_HEADER}from {module} import {class_name}  # noqa: F401\n"
+
+
+DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.md")  # configs and weights, never code
+
+
+def download_weights(
+    repo_id: str, prefixes: Sequence[str] = ("",), files: Sequence[str] = (), **download_kwargs
+) -> str:
+    """Fetch configs and weights (never a code file) under each of ``prefixes`` (``"unet/"``, ...) and the exact
+    ``files`` of a Hub repository; the local snapshot folder. `.bin` weights are fetched only for a repository saved
+    with ``safe_serialization=False`` (no safetensors), and are read with ``weights_only=True``."""
+    from huggingface_hub import snapshot_download
+
+    patterns = [*files, *(f"{prefix}{pattern}" for prefix in prefixes for pattern in WEIGHT_PATTERNS)]
+    folder = snapshot_download(repo_id, allow_patterns=patterns, **download_kwargs)
+    if prefixes and not any(f.endswith(".safetensors") for _, _, names in os.walk(folder) for f in names):
+        patterns += [f"{prefix}*.bin" for prefix in prefixes]
+        folder = snapshot_download(repo_id, allow_patterns=patterns, **download_kwargs)
+    return folder

@@ -219,6 +219,30 @@ def test_hub_downloads_never_fetch_code_files(tiny_multistage, tmp_path, monkeyp
     assert asked and all(not p.endswith(".py") and "*" != p for patterns in asked for p in patterns)
 
 
+@pytest.mark.parametrize("load_experts", [None, [1]], ids=["all", "one"])
+def test_expert_container_hub_downloads_never_fetch_code_files(tmp_path, monkeypatch, load_experts):
+    import fnmatch
+
+    import huggingface_hub
+
+    folder, asked = tmp_path / "experts", []
+    ExpertRoutingModel([_unet(0), _unet(1)], stage_boundaries=(500,)).save_pretrained(folder)
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    assert any(f.endswith(".py") for f in files)  # the AutoModel re-export file is there to be skipped
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        asked.append([f for f in files if any(fnmatch.fnmatch(f, p) for p in allow_patterns)])
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model = ExpertRoutingModel.from_pretrained("someone/experts", load_experts=load_experts, local_files_only=True)
+    assert model.loaded_experts == ([0, 1] if load_experts is None else [1])
+    fetched = {f for request in asked for f in request}
+    assert "config.json" in fetched and not any(f.endswith(".py") for f in fetched)
+    assert any(f.startswith("expert_1/") for f in fetched)
+    assert any(f.startswith("expert_0/") for f in fetched) == (load_experts is None)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # serialization: safetensors by default, `.bin` when asked, and a `.bin` is never unpickled with code
 class _Payload:
