@@ -144,6 +144,8 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
     """
     scheduler = fresh_scheduler(scheduler)
     scheduler.set_timesteps(num_inference_steps)
+    if not hasattr(scheduler, "state_in_first_order"):  # one model call per listed timestep: no dry steps needed
+        return [(float(t), False) for t in scheduler.timesteps]
     sample = torch.zeros(1, 1, 2, 2)
     step_kwargs = scheduler_step_kwargs(scheduler, generator=torch.Generator().manual_seed(0))
     calls = []
