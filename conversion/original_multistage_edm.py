@@ -47,6 +47,7 @@ import sys
 import torch
 from diffusers import EDMDPMSolverMultistepScheduler
 
+from diffusers_stages.conventions import num_data_classes
 from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
@@ -324,7 +325,7 @@ def verify_against_original(
         sys.path.pop(0)
     model, scheduler = pipeline.unet, pipeline.scheduler
     config = model.config
-    label_dim = 0 if config.num_class_embeds is None else config.num_class_embeds - 1
+    label_dim = num_data_classes(config.num_class_embeds)
     interface = ("class_name", "sigma_data", "img_resolution", "img_channels", "label_dim", "use_fp16", "augment_dim")
     options = {k: v for k, v in p.items() if k not in interface}
     original = networks.EDMPrecond(

@@ -15,6 +15,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..conventions import class_embedding_count, model_to_vae_latents, null_class_label, num_data_classes
 from ..models.checks import compute_dtype
 from ..partition import TimestepPartition
 from ..routing import StageRouter
@@ -66,9 +67,10 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         if num_class_embeds is None:
             raise ValueError("`class_labels` were given, but this pipeline's model is not class-conditional.")
         labels = _integer_labels(class_labels)
-        if labels.numel() == 0 or bool((labels < 0).any()) or bool((labels >= num_class_embeds - 1).any()):
+        classes = num_data_classes(num_class_embeds)
+        if labels.numel() == 0 or bool((labels < 0).any()) or bool((labels >= classes).any()):
             raise ValueError(
-                f"`class_labels` must be class indices in [0, {num_class_embeds - 1}) (the last of the "
+                f"`class_labels` must be class indices in [0, {classes}) (the last of the "
                 f"{num_class_embeds} embeddings is the unconditional label), got {labels.tolist()}."
             )
         if batch_size not in (1, labels.numel()):
@@ -112,7 +114,7 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         model, kwargs = self.stage_denoiser(stage)
         if class_labels is None or guidance_scale == 1.0:
             return self._mean_prediction(model(sample, timestep, class_labels=class_labels, **kwargs).sample, sample)
-        null = torch.full_like(class_labels, class_embedding_count(model.config) - 1)
+        null = torch.full_like(class_labels, null_class_label(class_embedding_count(model.config)))
         if torch.is_tensor(timestep) and timestep.ndim == 1:
             timestep = torch.cat([timestep, timestep])
         both = model(torch.cat([sample, sample]), timestep, class_labels=torch.cat([class_labels, null]), **kwargs)
@@ -318,8 +320,7 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         images = latents
         if output_type != "latent":
             if getattr(self, "vae", None) is not None:
-                shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-                images = latents / self.vae.config.scaling_factor + shift
+                images = model_to_vae_latents(self.vae, latents)
                 images = self.vae.decode(images.to(self.vae.dtype), return_dict=False)[0]
             images = VaeImageProcessor(do_resize=False).postprocess(images.float(), output_type=output_type)
         self.maybe_free_model_hooks()
@@ -369,17 +370,6 @@ def spatial_multiple(config) -> int:
         return int(config.patch_size)
     levels = getattr(config, "channel_mult", None) or getattr(config, "block_out_channels", None) or (1,)
     return 2 ** (len(levels) - 1)
-
-
-def class_embedding_count(config) -> int | None:
-    """How many class embeddings a model has, its unconditional label (the last) included; ``None`` when it is not
-    class-conditional: ``num_class_embeds`` (diffusers' U-Nets and this package's models) or, for a DiT
-    (``norm_type="ada_norm_zero"``), its ``num_embeds_ada_norm`` classes plus the unconditional label."""
-    if getattr(config, "num_class_embeds", None) is not None:
-        return config.num_class_embeds
-    if getattr(config, "norm_type", None) == "ada_norm_zero" and getattr(config, "num_embeds_ada_norm", None):
-        return config.num_embeds_ada_norm + 1
-    return None
 
 
 def _integer_labels(class_labels) -> torch.Tensor:

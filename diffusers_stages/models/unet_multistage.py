@@ -21,6 +21,7 @@ from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import nn
 
+from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..partition import TimestepPartition
 from .checks import compute_dtype, per_sample_timesteps
 from .decoders import (
@@ -144,7 +145,7 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         class_embed_type: str | None = None,
         num_class_embeds: int | None = None,
         num_train_timesteps: int = 1000,
-        stage_boundaries: tuple[float, ...] = (442, 631),
+        stage_boundaries: tuple[float, ...] = DEFAULT_STAGE_BOUNDARIES,
         boundary_units: str = "timestep",
         decoder_block_out_channels: tuple[tuple[int, ...], ...] | None = None,
         decoder_skip_adapters: bool = True,
@@ -395,7 +396,7 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
     def from_unet(
         cls,
         unet: UNet2DModel,
-        stage_boundaries: Sequence[float] = (442, 631),
+        stage_boundaries: Sequence[float] = DEFAULT_STAGE_BOUNDARIES,
         boundary_units: str = "timestep",
         num_train_timesteps: int | None = None,
     ) -> MultiStageUNet2DModel:

@@ -23,6 +23,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2
 from diffusers.utils.peft_utils import apply_lora_scale
 from torch import nn
 
+from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..routing import dispatch_by_stage, select_rows
 from .decoders import resolve_decoder_widths
 from .loading import StrictLoadingMixin
@@ -181,7 +182,7 @@ class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin
         cross_attention_norm: str | None = None,
         addition_embed_type_num_heads: int = 64,
         num_train_timesteps: int = 1000,
-        stage_boundaries: tuple[float, ...] = (442, 631),
+        stage_boundaries: tuple[float, ...] = DEFAULT_STAGE_BOUNDARIES,
         boundary_units: str = "timestep",
         decoder_block_out_channels: tuple[tuple[int, ...], ...] | None = None,
     ):
@@ -436,7 +437,7 @@ class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin
     def from_unet(
         cls,
         unet: UNet2DConditionModel,
-        stage_boundaries: Sequence[float] = (442, 631),
+        stage_boundaries: Sequence[float] = DEFAULT_STAGE_BOUNDARIES,
         boundary_units: str = "timestep",
         num_train_timesteps: int | None = None,
     ) -> MultiStageUNet2DConditionModel:

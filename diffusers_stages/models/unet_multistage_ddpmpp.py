@@ -30,6 +30,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from ..conventions import DEFAULT_SIGMA_BOUNDARIES, num_data_classes
 from ..partition import TimestepPartition
 from .checks import compute_dtype
 from .loading import StrictLoadingMixin
@@ -238,7 +239,7 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
         augment_dim: int = 0,
         norm_num_groups: int = 16,
         norm_eps: float = 1e-6,
-        stage_boundaries: tuple[float, ...] = (2.5103, 7.6577),
+        stage_boundaries: tuple[float, ...] = DEFAULT_SIGMA_BOUNDARIES,
         boundary_units: str = "sigma",
         num_train_timesteps: int = 1000,
     ):
@@ -253,7 +254,9 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
         # 1. embeddings: EDM's positional noise embedding ([sin, cos], frequencies 10000^(-i/(n-1))), plus the class
         #    and augmentation embeddings, then a two-layer MLP (EDM's map_layer0 / map_layer1)
         self.time_proj = Timesteps(noise_channels, flip_sin_to_cos=False, downscale_freq_shift=1)
-        self.class_embedding = nn.Linear(num_class_embeds - 1, noise_channels) if num_class_embeds else None
+        self.class_embedding = (
+            nn.Linear(num_data_classes(num_class_embeds), noise_channels) if num_class_embeds else None
+        )
         self.augment_embedding = nn.Linear(augment_dim, noise_channels, bias=False) if augment_dim else None
         self.time_embedding = TimestepEmbedding(noise_channels, emb_channels)
 

@@ -28,6 +28,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import is_tensorboard_available
 from tqdm.auto import tqdm
 
+from ..conventions import null_class_label, num_data_classes, vae_to_model_latents
 from .args import check_args
 from .checkpointing import (
     checkpoint_folders,
@@ -342,8 +343,7 @@ def _clean_samples(state: RunState, batch: dict, generator: torch.Generator) -> 
             posterior = vae.encode(batch["pixel_values"].to(state.weight_dtype)).latent_dist
     else:
         return batch["pixel_values"].float()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((posterior.sample(generator) - shift) * vae.config.scaling_factor).float()
+    return vae_to_model_latents(vae, posterior.sample(generator)).float()
 
 
 def _train_step(state: RunState, batch: dict, generator: torch.Generator):
@@ -357,7 +357,7 @@ def _train_step(state: RunState, batch: dict, generator: torch.Generator):
     if args.class_conditional:
         labels = batch["labels"].clone()
         drop = torch.rand(batch_size, generator=generator) < args.class_dropout_prob
-        labels[drop.to(labels.device)] = state.num_classes  # the null label
+        labels[drop.to(labels.device)] = null_class_label(state.num_classes + 1)
 
     # 2. the task's plan: which sample goes to which network at which noise level, and its loss there
     draw = task.draw(batch_size, generator)
@@ -435,7 +435,7 @@ def save_assembled_experts(args: argparse.Namespace) -> str:
     pipeline = assemble_expert_runs(args.assemble_experts)
     os.makedirs(args.output_dir, exist_ok=True)
     pipeline.save_pretrained(args.output_dir)
-    num_classes = (pipeline.experts.experts[0].config.num_class_embeds or 1) - 1
+    num_classes = num_data_classes(pipeline.experts.experts[0].config.num_class_embeds)
     grid, _ = sample_grid(pipeline, args, num_classes)
     grid.save(os.path.join(args.output_dir, "sample_grid.png"))
     if args.push_to_hub:

@@ -11,6 +11,7 @@ from accelerate import PartialState
 from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.models.modeling_utils import ModelMixin
 
+from ...conventions import num_data_classes, paper_boundaries
 from ...models.unet_multistage import MultiStageUNet2DModel
 from ...models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 from ...partition import TimestepPartition
@@ -19,8 +20,6 @@ from ...schedulers import check_scheduler_units, is_edm_scheduler
 from ...timestep_sampling import stage_sampled_timesteps
 from ..args import partition_from_args, read_model_config, unet_shape_kwargs
 from .base import Draw, TrainingTask, _unet_downsampling, noise_schedulers
-
-PAPER_BOUNDARIES = {"timestep": (0.442, 0.631), "sigma": (2.5103, 7.6577)}  # Zhang et al. (2024), Table 4
 
 # the classes a pretrained `unet` folder may hold, and the config key with one entry per resolution level
 PRETRAINED_UNETS = {
@@ -97,9 +96,7 @@ class MultiStageTask(TrainingTask):
         else:
             partition = self._planned_partition(args)
             if partition is None:
-                boundaries = PAPER_BOUNDARIES[args.boundary_units]
-                if args.boundary_units == "timestep":
-                    boundaries = [round(b * args.ddpm_num_steps) for b in boundaries]
+                boundaries = paper_boundaries(args.boundary_units, args.ddpm_num_steps)
                 default = TimestepPartition(boundaries, args.ddpm_num_steps, args.boundary_units)
                 partition = partition_from_args(args, default)
         decoders = getattr(args, "decoder_block_out_channels", None)
@@ -236,7 +233,7 @@ class MultiStageTask(TrainingTask):
             )
         if num_class_embeds != config.get("num_class_embeds"):
             data = (
-                f"{num_class_embeds - 1} classes (+ the null label: num_class_embeds={num_class_embeds})"
+                f"{num_data_classes(num_class_embeds)} classes (+ the null label: num_class_embeds={num_class_embeds})"
                 if num_class_embeds is not None
                 else "no class labels (num_class_embeds=None)"
             )

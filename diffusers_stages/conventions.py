@@ -1,0 +1,73 @@
+"""Conventions the whole package shares, each written once: the paper's default stage boundaries, the class label
+that means "no class" (classifier-free guidance), and how latents are scaled for a VAE.
+
+Example:
+
+```py
+>>> from diffusers_stages.conventions import DEFAULT_STAGE_BOUNDARIES, null_class_label, num_data_classes
+>>> DEFAULT_STAGE_BOUNDARIES
+(442, 631)
+>>> num_data_classes(11), null_class_label(11)  # 10 classes + the unconditional label, which is the last
+(10, 10)
+
+```
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Zhang et al. (CVPR 2024), Table 4: the optimal-denoiser split on CIFAR-10, as fractions of a DDPM schedule
+# ("timestep") and in EDM's sigma units ("sigma", the authors' EDM code).
+PAPER_BOUNDARIES: dict[str, tuple[float, float]] = {"timestep": (0.442, 0.631), "sigma": (2.5103, 7.6577)}
+# ... and in training timesteps of a 1000-step schedule: the default of every staged model and command
+DEFAULT_STAGE_BOUNDARIES: tuple[int, int] = (442, 631)
+DEFAULT_SIGMA_BOUNDARIES: tuple[float, float] = PAPER_BOUNDARIES["sigma"]
+
+
+def paper_boundaries(boundary_units: str, num_train_timesteps: int = 1000) -> list[float]:
+    """The paper's boundaries in ``boundary_units``: training timesteps of a ``num_train_timesteps`` schedule, or
+    sigmas."""
+    if boundary_units not in PAPER_BOUNDARIES:
+        raise ValueError(f"`boundary_units` must be one of {sorted(PAPER_BOUNDARIES)}, got {boundary_units!r}.")
+    boundaries = PAPER_BOUNDARIES[boundary_units]
+    if boundary_units == "timestep":
+        return [round(b * num_train_timesteps) for b in boundaries]
+    return list(boundaries)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# class labels: a class-conditional model has `num_class_embeds` = classes + 1; the last label is "no class"
+def class_embedding_count(config) -> int | None:
+    """How many class embeddings a model has, its unconditional label (the last) included; ``None`` when it is not
+    class-conditional: ``num_class_embeds`` (diffusers' U-Nets and this package's models) or, for a DiT
+    (``norm_type="ada_norm_zero"``), its ``num_embeds_ada_norm`` classes plus the unconditional label."""
+    if getattr(config, "num_class_embeds", None) is not None:
+        return config.num_class_embeds
+    if getattr(config, "norm_type", None) == "ada_norm_zero" and getattr(config, "num_embeds_ada_norm", None):
+        return config.num_embeds_ada_norm + 1
+    return None
+
+
+def num_data_classes(num_class_embeds: int | None) -> int:
+    """The classes of the data behind ``num_class_embeds`` embeddings (0 for an unconditional model)."""
+    return 0 if num_class_embeds is None else num_class_embeds - 1
+
+
+def null_class_label(num_class_embeds: int) -> int:
+    """The label that means "no class" (dropped for classifier-free guidance): the last embedding."""
+    return num_class_embeds - 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# latent diffusion: the model sees z = (E(x) - shift_factor) * scaling_factor, as diffusers' pipelines do
+def vae_to_model_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE's latents (a posterior sample) as the denoiser is trained on them."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def model_to_vae_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of `vae_to_model_latents`: sampled latents as the VAE's decoder takes them."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return latents / vae.config.scaling_factor + shift
