@@ -26,7 +26,14 @@ from torch import nn
 
 from ..partition import TimestepPartition
 from ..routing import select_rows as _rows
-from .loading import DOWNLOAD_KWARGS, check_name, component_folder, download_weights, realign_storage
+from .loading import (
+    DOWNLOAD_KWARGS,
+    check_name,
+    component_folder,
+    download_weights,
+    realign_storage,
+    refuse_mismatched_keys,
+)
 from .staged import StagedModelMixin
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
@@ -407,9 +414,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                 raise ValueError(
                     f"Expert {i} at {path} could not be loaded as {expert_class.__name__}: {error}"
                 ) from error
-            problems = {k: sorted(map(str, v))[:10] for k, v in info.items() if k.endswith("_keys") and v}
-            if problems:
-                raise ValueError(f"The checkpoint at {path} does not match its config (first keys shown): {problems}.")
+            refuse_mismatched_keys(info, path, expert_class.__name__)
             realign_storage(expert)  # bit-identical outputs after a reload
             experts[i], infos[i] = expert, info
         model = cls(

@@ -33,15 +33,20 @@ class StrictLoadingMixin:
                     f"{cls.__name__}: {error}"
                 ) from error
             raise
-        problems = {k: sorted(v)[:10] for k, v in info.items() if k.endswith("_keys") and v}
-        if problems:
-            raise ValueError(
-                f"The checkpoint at {pretrained_model_name_or_path} does not match its config for {cls.__name__} "
-                f"(first keys shown): {problems}. Was `config.json` edited, or the weights saved from another "
-                "configuration?"
-            )
+        refuse_mismatched_keys(info, pretrained_model_name_or_path, cls.__name__)
         realign_storage(model)
         return (model, info) if wants_info else model
+
+
+def refuse_mismatched_keys(info: dict, path: str | os.PathLike | None, class_name: str) -> None:
+    """The strict key check: a `ValueError` naming the first missing, unexpected or mismatched keys of a
+    `from_pretrained` loading ``info``."""
+    problems = {k: sorted(map(str, v))[:10] for k, v in info.items() if k.endswith("_keys") and v}
+    if problems:
+        raise ValueError(
+            f"The checkpoint at {path} does not match its config for {class_name} (first keys shown): {problems}. "
+            "Was `config.json` edited, or the weights saved from another configuration?"
+        )
 
 
 def realign_storage(module: torch.nn.Module, alignment: int = 64) -> None:
