@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .loss import diffusion_loss
 from .schedulers import is_edm_scheduler
-from .training.loss import diffusion_loss
 
 
 @dataclass

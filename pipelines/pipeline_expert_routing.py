@@ -6,6 +6,7 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ..models.early_exit import EarlyExitUViT2DModel
 from ..models.expert_routing import ExpertRoutingModel
 from ..partition import TimestepPartition
 from ..schedulers import scheduler_prediction_type
@@ -85,3 +86,47 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
     def stage_denoiser(self, stage: int) -> tuple[torch.nn.Module, dict]:
         # the expert itself, called exactly as a single-model pipeline would call it
         return self.experts.expert(stage), {}
+
+
+@torch.no_grad()
+def record_exit_profile(
+    model: EarlyExitUViT2DModel,
+    scheduler,
+    num_inference_steps: int = 50,
+    exit_threshold: float | None = None,
+    batch_size: int = 1,
+    generator: torch.Generator | None = None,
+) -> list[tuple[float, int]]:
+    r"""
+    Sample with ``model`` through the package's sampling loop and return ``(timestep, exit layer)`` of every model
+    call: AdaDiff's exit-depth profile (with ``batch_size > 1``, the deepest exit of the batch: the blocks that call
+    ran; ``model.last_exit_layers`` holds each sample's).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import DDIMScheduler
+    >>> from diffusers_stages.models import EarlyExitUViT2DModel
+    >>> from diffusers_stages.pipelines import record_exit_profile
+    >>> model = EarlyExitUViT2DModel(sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2)
+    >>> record_exit_profile(model, DDIMScheduler(), num_inference_steps=2, exit_threshold=1.0)
+    [(500.0, 1), (0.0, 1)]
+
+    ```
+    """
+    previous, model.exit_threshold = (
+        model.exit_threshold,
+        exit_threshold if exit_threshold is not None else model.exit_threshold,
+    )
+    profile = []
+    handle = model.register_forward_hook(lambda m, args, out: profile.append((float(args[1]), m.last_exit_layer)))
+    try:
+        single = ExpertRoutingModel([model], stage_boundaries=(), prediction_type=scheduler.config.prediction_type)
+        pipe = ExpertRoutingPipeline(experts=single, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        pipe(batch_size=batch_size, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
+    finally:
+        handle.remove()
+        model.exit_threshold = previous
+    return profile

@@ -21,11 +21,11 @@ from diffusers import DDIMScheduler, UNet2DModel
 from PIL import Image
 
 from ..evaluation import count_flops
+from ..loss import diffusion_loss
 from ..models.expert_routing import expert_folder
 from ..pipelines import DualBackbonePipeline
 from ..training import DualBackboneTask, ExpertTask, MultiStageTask, TrainingTask, build_parser, train
 from ..training.args import default_block_types
-from ..training.loss import diffusion_loss
 from ..training.tasks import noise_schedulers
 
 # the shared U-Net shape: two resolution levels (8x8 and 4x4), self-attention at 4x4

@@ -163,10 +163,12 @@ def early_exit_loss(
     timesteps: torch.Tensor,
     target: torch.Tensor,
     class_labels: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     r"""
     AdaDiff's training loss: the denoising MSE of every exit (equal weights) plus, for each uncertainty estimate,
-    the MSE to ``tanh`` of its exit's actual per-token error (stopped gradient).
+    the MSE to ``tanh`` of its exit's actual per-token error (stopped gradient). ``reduction="none"`` gives each
+    sample's loss (shape ``(batch,)``, as the training loop's tasks return it), ``"mean"`` their mean.
 
     Example:
 
@@ -179,57 +181,14 @@ def early_exit_loss(
 
     ```
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"`reduction` must be 'mean' or 'none', got {reduction!r}.")
     predictions, uncertainties = model(noisy, timesteps, class_labels=class_labels, return_all_exits=True)
     p = model.config.patch_size
-    loss = noisy.new_zeros(())
+    loss = noisy.new_zeros(len(noisy), dtype=torch.float32)
     for prediction, uncertainty in zip(predictions, uncertainties):
-        loss = loss + F.mse_loss(prediction.float(), target.float())
+        loss = loss + (prediction.float() - target.float()).square().flatten(1).mean(1)
         token_error = F.avg_pool2d((prediction - target).abs().mean(1, keepdim=True), p).flatten(1)  # (B, N)
-        loss = loss + F.mse_loss(uncertainty.float(), torch.tanh(token_error.detach()).float())
-    return loss / len(predictions)
-
-
-@torch.no_grad()
-def record_exit_profile(
-    model: EarlyExitUViT2DModel,
-    scheduler,
-    num_inference_steps: int = 50,
-    exit_threshold: float | None = None,
-    batch_size: int = 1,
-    generator: torch.Generator | None = None,
-) -> list[tuple[float, int]]:
-    r"""
-    Sample with ``model`` through the package's sampling loop and return ``(timestep, exit layer)`` of every model
-    call: AdaDiff's exit-depth profile (with ``batch_size > 1``, the deepest exit of the batch: the blocks that call
-    ran; ``model.last_exit_layers`` holds each sample's).
-
-    Example:
-
-    ```py
-    >>> import torch
-    >>> from diffusers import DDIMScheduler
-    >>> from diffusers_stages.models.early_exit import EarlyExitUViT2DModel, record_exit_profile
-    >>> model = EarlyExitUViT2DModel(sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2)
-    >>> record_exit_profile(model, DDIMScheduler(), num_inference_steps=2, exit_threshold=1.0)
-    [(500.0, 1), (0.0, 1)]
-
-    ```
-    """
-    from ..pipelines.pipeline_expert_routing import ExpertRoutingPipeline
-    from .expert_routing import ExpertRoutingModel
-
-    previous, model.exit_threshold = (
-        model.exit_threshold,
-        exit_threshold if exit_threshold is not None else model.exit_threshold,
-    )
-    profile = []
-    handle = model.register_forward_hook(lambda m, args, out: profile.append((float(args[1]), m.last_exit_layer)))
-    try:
-        single = ExpertRoutingModel([model], stage_boundaries=(), prediction_type=scheduler.config.prediction_type)
-        pipe = ExpertRoutingPipeline(experts=single, scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        pipe(batch_size=batch_size, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
-    finally:
-        handle.remove()
-        model.exit_threshold = previous
-    return profile
+        loss = loss + (uncertainty.float() - torch.tanh(token_error.detach()).float()).square().mean(1)
+    loss = loss / len(predictions)
+    return loss.mean() if reduction == "mean" else loss

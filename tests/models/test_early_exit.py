@@ -5,7 +5,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffusers_stages.models import EarlyExitUViT2DModel
-from diffusers_stages.models.early_exit import early_exit_loss, record_exit_profile
+from diffusers_stages.models.early_exit import early_exit_loss
+from diffusers_stages.pipelines import record_exit_profile
 
 TINY = {"sample_size": 8, "hidden_size": 16, "num_layers": 3, "num_attention_heads": 2}
 
@@ -120,3 +121,12 @@ def test_each_sample_exits_at_its_own_depth_and_gets_its_single_sample_result(mo
             alone = model(x[i : i + 1], t[i : i + 1], exit_threshold=threshold).sample
             assert model.last_exit_layers.tolist() == [layers[i]]
             assert torch.allclose(out[i : i + 1], alone, atol=1e-6)
+
+
+def test_per_sample_loss_averages_to_the_batch_loss(model):
+    noisy, target, t = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8), torch.tensor([10, 400, 900])
+    per_sample = early_exit_loss(model, noisy, t, target, reduction="none")
+    assert per_sample.shape == (3,)
+    assert torch.allclose(per_sample.mean(), early_exit_loss(model, noisy, t, target), atol=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        early_exit_loss(model, noisy, t, target, reduction="sum")

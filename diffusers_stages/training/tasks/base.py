@@ -11,10 +11,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler, SchedulerMixin
 from diffusers.models.modeling_utils import ModelMixin
 
+from ...loss import diffusion_loss
 from ...partition import TimestepPartition
 from ...schedulers import is_edm_scheduler
 from ...timestep_sampling import stratified_timesteps
-from ..loss import diffusion_loss
 
 SCRIPT_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds", "num_train_timesteps",
                "stage_boundaries", "boundary_units")  # fmt: skip
