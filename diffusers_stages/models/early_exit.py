@@ -184,7 +184,7 @@ def early_exit_loss(
     if reduction not in ("mean", "none"):
         raise ValueError(f"`reduction` must be 'mean' or 'none', got {reduction!r}.")
     predictions, uncertainties = model(noisy, timesteps, class_labels=class_labels, return_all_exits=True)
-    p = model.config.patch_size
+    p = getattr(model, "module", model).config.patch_size  # a DDP-wrapped model (training) as well
     loss = noisy.new_zeros(len(noisy), dtype=torch.float32)
     for prediction, uncertainty in zip(predictions, uncertainties):
         loss = loss + (prediction.float() - target.float()).square().flatten(1).mean(1)

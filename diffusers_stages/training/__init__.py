@@ -4,10 +4,11 @@ from .args import build_parser, float_list, int_list
 from .hub import LocalHubApi, push_output_folder
 from .loop import build_task, parse_and_check, train
 from .loss import diffusion_loss
-from .tasks import DualBackboneTask, ExpertTask, MultiStageTask, TrainingTask, assemble_expert_runs
+from .tasks import DualBackboneTask, EarlyExitTask, ExpertTask, MultiStageTask, TrainingTask, assemble_expert_runs
 
 __all__ = [
     "DualBackboneTask",
+    "EarlyExitTask",
     "ExpertTask",
     "LocalHubApi",
     "MultiStageTask",

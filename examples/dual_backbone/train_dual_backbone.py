@@ -8,7 +8,15 @@ rest. See README.md beside this file for the commands.
 
 import argparse
 
-from diffusers_stages.training import DualBackboneTask, build_parser, build_task, int_list, parse_and_check, train
+from diffusers_stages.training import (
+    DualBackboneTask,
+    EarlyExitTask,
+    build_parser,
+    build_task,
+    int_list,
+    parse_and_check,
+    train,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -18,9 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--shallow_block_out_channels", type=int_list, default=None, help="Default: the deep widths.")
     group.add_argument("--shallow_layers_per_block", type=int, default=1)
     group.add_argument(
-        "--backbone", choices=("unet", "uvit"), default="unet",
+        "--backbone", choices=("unet", "uvit", "early_exit"), default="unet",
         help="`uvit`: DuoDiff's backbones, two U-ViTs (Bao et al. 2023) of one width and depths "
-        "`--shallow_depth`/`--deep_depth`; the U-Net arguments above are then unused.",
+        "`--shallow_depth`/`--deep_depth`; the U-Net arguments above are then unused. `early_exit`: DuoDiff's "
+        "baseline instead, one AdaDiff-style U-ViT of `--deep_depth` blocks with an exit after every block.",
     )  # fmt: skip
     group.add_argument("--shallow_depth", type=int, default=3, help="U-ViT blocks of the shallow model (odd).")
     group.add_argument("--deep_depth", type=int, default=13, help="U-ViT blocks of the deep model (odd).")
@@ -32,11 +41,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Share of the sampling steps (the noisy end) run by the shallow network; 0.4 when no switch is given.",
     )  # fmt: skip
     group.add_argument("--switch_timestep", type=float, default=None, help="Or: the shallow network runs t >= this.")
-    return parse_and_check(parser, DualBackboneTask, argv)
+    args, _ = parser.parse_known_args(argv)  # the task class depends on `--backbone`
+    return parse_and_check(parser, task_class(args), argv)
+
+
+def task_class(args: argparse.Namespace) -> type:
+    """`EarlyExitTask` for `--backbone early_exit`, else `DualBackboneTask`."""
+    return EarlyExitTask if args.backbone == "early_exit" else DualBackboneTask
 
 
 def main(args: argparse.Namespace) -> str:
-    return train(args, build_task(DualBackboneTask, args))
+    return train(args, build_task(task_class(args), args))
 
 
 if __name__ == "__main__":

@@ -73,3 +73,28 @@ def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
         script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path),
                                 "--switch_step_fraction", "0.5", "--switch_timestep", "300"])  # fmt: skip
     assert "not both" in capsys.readouterr().err
+
+
+def test_early_exit_baseline_trains_through_the_loop_and_samples(examples, script, image_folder, tmp_path, capsys):
+    from diffusers_stages import ExpertRoutingPipeline
+    from diffusers_stages.models import EarlyExitUViT2DModel
+
+    out = str(tmp_path / "early")
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--backbone",
+         "early_exit", "--deep_depth", "3", "--uvit_hidden_size", "16", "--uvit_num_attention_heads", "2",
+         "--uvit_patch_size", "2", "--max_train_steps", "2"])  # fmt: skip
+    pipe = ExpertRoutingPipeline.from_pretrained(out)
+    model = pipe.experts.expert(0)
+    assert isinstance(model, EarlyExitUViT2DModel) and len(model.blocks) == 3
+    # trained with AdaDiff's loss: every uncertainty head's bias (initialised to zero) was updated
+    assert all(float(head.bias.abs().sum()) > 0 for head in model.uncertainty_heads)
+    pipe.set_progress_bar_config(disable=True)
+    model.exit_threshold = 1.0  # every sample exits after the first block
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 3) and model.last_exit_layer == 1
+    # switch and stage arguments mean nothing here: refused before training
+    for extra in (["--switch_step_fraction", "0.5"], ["--deep_depth", "4"], ["--backbones", "deep"]):
+        with pytest.raises(SystemExit):
+            script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--backbone",
+                               "early_exit", *extra])  # fmt: skip
+        assert extra[0] in capsys.readouterr().err

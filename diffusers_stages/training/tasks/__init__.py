@@ -4,6 +4,7 @@ pipeline they are saved as (one module per method). Everything else is the one l
 from ...conventions import PAPER_BOUNDARIES  # said once, in conventions.py
 from .base import SCRIPT_KEYS, Draw, TrainingTask, noise_schedulers
 from .dual_backbone import DEFAULT_SWITCH_STEP_FRACTION, DualBackboneTask
+from .early_exit import EarlyExitTask
 from .experts import EXPERT_CLASSES, EXPERT_RUN_FILE, ExpertTask, assemble_expert_runs
 from .multistage import (
     PRETRAINED_UNETS,
@@ -22,6 +23,7 @@ __all__ = [
     "SCRIPT_KEYS",
     "Draw",
     "DualBackboneTask",
+    "EarlyExitTask",
     "ExpertTask",
     "MultiStageTask",
     "PretrainedSource",
