@@ -152,85 +152,17 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         decoder_up_block_types: tuple[tuple[str, ...], ...] | None = None,
     ):
         super().__init__()
-        # 0. check the configuration (every problem is a ValueError that names the argument) and keep the partition
-        self.partition, decoder_block_out_channels, decoder_up_block_types = self._check_config(
-            stage_boundaries=stage_boundaries,
-            num_train_timesteps=num_train_timesteps,
-            boundary_units=boundary_units,
-            down_block_types=down_block_types,
-            up_block_types=up_block_types,
-            block_out_channels=block_out_channels,
-            mid_block_type=mid_block_type,
-            add_attention=add_attention,
-            attention_head_dim=attention_head_dim,
-            norm_num_groups=norm_num_groups,
-            time_embedding_type=time_embedding_type,
-            decoder_block_out_channels=decoder_block_out_channels,
-            decoder_skip_adapters=decoder_skip_adapters,
-            decoder_up_block_types=decoder_up_block_types,
-        )
+        # 0. check the configuration (every problem is a ValueError that names the argument) and keep the partition;
+        # `self.config` holds every argument above already (@register_to_config sets it before this body runs)
+        self.partition, decoder_block_out_channels, decoder_up_block_types = self._check_config()
         self.sample_size = sample_size
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
 
         # 1. shared encoder, part 1: input convolution, time and class embeddings (as UNet2DModel)
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=(1, 1))
-        if time_embedding_type == "fourier":
-            self.time_proj = GaussianFourierProjection(embedding_size=block_out_channels[0], scale=16)
-            timestep_input_dim = 2 * block_out_channels[0]
-        elif time_embedding_type == "positional":
-            self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
-            timestep_input_dim = block_out_channels[0]
-        else:
-            self.time_proj = nn.Embedding(num_train_timesteps, block_out_channels[0])
-            timestep_input_dim = block_out_channels[0]
-        self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
-        if class_embed_type is None and num_class_embeds is not None:
-            self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim)
-        elif class_embed_type == "timestep":
-            self.class_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
-        elif class_embed_type == "identity":
-            self.class_embedding = nn.Identity(time_embed_dim, time_embed_dim)
-        else:
-            self.class_embedding = None
+        self._build_embeddings(time_embed_dim)
 
         # 2. shared encoder, part 2: down path and middle block
-        self.down_blocks = nn.ModuleList([])
-        output_channel = block_out_channels[0]
-        for i, down_block_type in enumerate(down_block_types):
-            input_channel, output_channel = output_channel, block_out_channels[i]
-            self.down_blocks.append(
-                get_down_block(
-                    down_block_type,
-                    num_layers=layers_per_block,
-                    in_channels=input_channel,
-                    out_channels=output_channel,
-                    temb_channels=time_embed_dim,
-                    add_downsample=i < len(block_out_channels) - 1,
-                    resnet_eps=norm_eps,
-                    resnet_act_fn=act_fn,
-                    resnet_groups=norm_num_groups,
-                    attention_head_dim=attention_head_dim if attention_head_dim is not None else output_channel,
-                    downsample_padding=downsample_padding,
-                    resnet_time_scale_shift=resnet_time_scale_shift,
-                    downsample_type=downsample_type,
-                    dropout=dropout,
-                )
-            )
-        self.mid_block = None
-        if mid_block_type is not None:
-            self.mid_block = UNetMidBlock2D(
-                in_channels=block_out_channels[-1],
-                temb_channels=time_embed_dim,
-                dropout=dropout,
-                resnet_eps=norm_eps,
-                resnet_act_fn=act_fn,
-                output_scale_factor=mid_block_scale_factor,
-                resnet_time_scale_shift=resnet_time_scale_shift,
-                attention_head_dim=attention_head_dim if attention_head_dim is not None else block_out_channels[-1],
-                resnet_groups=norm_num_groups,
-                attn_groups=attn_norm_num_groups,
-                add_attention=add_attention,
-            )
+        self._build_encoder(time_embed_dim)
 
         # 3. one tailored decoder per stage, clean stage first
         self.decoders = nn.ModuleList(
@@ -255,68 +187,120 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
             ]
         )
 
-    @staticmethod
-    def _check_config(
-        stage_boundaries: Sequence[float],
-        num_train_timesteps: int,
-        boundary_units: str,
-        down_block_types: Sequence[str],
-        up_block_types: Sequence[str],
-        block_out_channels: Sequence[int],
-        mid_block_type: str | None,
-        add_attention: bool,
-        attention_head_dim: int | None,
-        norm_num_groups: int,
-        time_embedding_type: str,
-        decoder_block_out_channels: Sequence[Sequence[int]] | None,
-        decoder_skip_adapters: bool,
-        decoder_up_block_types: Sequence[Sequence[str]] | None,
-    ) -> tuple[TimestepPartition, tuple[tuple[int, ...], ...], tuple[tuple[str, ...], ...]]:
-        """Check a configuration before anything is built (a `ValueError` naming the argument); returns the
+    def _check_config(self) -> tuple[TimestepPartition, tuple[tuple[int, ...], ...], tuple[tuple[str, ...], ...]]:
+        """Check the configuration before anything is built (a `ValueError` naming the argument); returns the
         partition and every decoder's widths and up block types (the encoder's where not given)."""
-        partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
-        if len(down_block_types) != len(up_block_types) or len(block_out_channels) != len(down_block_types):
+        c = self.config
+        decoder_block_out_channels, decoder_up_block_types = c.decoder_block_out_channels, c.decoder_up_block_types
+        partition = TimestepPartition(c.stage_boundaries, c.num_train_timesteps, c.boundary_units)
+        if len(c.down_block_types) != len(c.up_block_types) or len(c.block_out_channels) != len(c.down_block_types):
             raise ValueError(
                 "`down_block_types`, `up_block_types` and `block_out_channels` must have the same length, got "
-                f"{len(down_block_types)}, {len(up_block_types)} and {len(block_out_channels)}."
+                f"{len(c.down_block_types)}, {len(c.up_block_types)} and {len(c.block_out_channels)}."
             )
         decoder_block_out_channels = resolve_decoder_widths(
-            decoder_block_out_channels, block_out_channels, partition, norm_num_groups
+            decoder_block_out_channels, c.block_out_channels, partition, c.norm_num_groups
         )
         if decoder_up_block_types is None:
-            decoder_up_block_types = (tuple(up_block_types),) * partition.num_stages
+            decoder_up_block_types = (tuple(c.up_block_types),) * partition.num_stages
         decoder_up_block_types = tuple(tuple(types) for types in decoder_up_block_types)
         if len(decoder_up_block_types) != partition.num_stages or any(
-            len(types) != len(block_out_channels) or not all(isinstance(t, str) for t in types)
+            len(types) != len(c.block_out_channels) or not all(isinstance(t, str) for t in types)
             for types in decoder_up_block_types
         ):
             raise ValueError(
                 f"`decoder_up_block_types` must give {partition.num_stages} decoders (one per stage) "
-                f"{len(block_out_channels)} up block names each, got {decoder_up_block_types}."
+                f"{len(c.block_out_channels)} up block names each, got {decoder_up_block_types}."
             )
-        if not isinstance(decoder_skip_adapters, bool):
-            message = f"`decoder_skip_adapters` must be True or False, got {decoder_skip_adapters!r}."
+        if not isinstance(c.decoder_skip_adapters, bool):
+            message = f"`decoder_skip_adapters` must be True or False, got {c.decoder_skip_adapters!r}."
             raise ValueError(message)  # noqa: TRY004
         other_blocks = {t for types in decoder_up_block_types for t in types} - set(CONCATENATING_UP_BLOCKS)
-        if not decoder_skip_adapters and other_blocks:
+        if not c.decoder_skip_adapters and other_blocks:
             raise ValueError(
                 f"`decoder_skip_adapters`=False needs up blocks among {CONCATENATING_UP_BLOCKS}, got "
                 f"{sorted(other_blocks)} in the decoders' up block types."
             )
-        attention_widths = [w for w, b in zip(block_out_channels, down_block_types) if "Attn" in b]
-        attention_widths += [block_out_channels[-1]] if mid_block_type is not None and add_attention else []
+        attention_widths = [w for w, b in zip(c.block_out_channels, c.down_block_types) if "Attn" in b]
+        attention_widths += [c.block_out_channels[-1]] if c.mid_block_type is not None and c.add_attention else []
         for widths, types in zip(decoder_block_out_channels, decoder_up_block_types):
             attention_widths += [w for w, b in zip(reversed(widths), types) if "Attn" in b]
-        if attention_head_dim is not None and any(w < attention_head_dim for w in attention_widths):
+        if c.attention_head_dim is not None and any(w < c.attention_head_dim for w in attention_widths):
             raise ValueError(
                 f"Attention blocks of widths {sorted(set(attention_widths))} need at least one head of "
-                f"`attention_head_dim`={attention_head_dim}: lower it, or widen the narrow blocks."
+                f"`attention_head_dim`={c.attention_head_dim}: lower it, or widen the narrow blocks."
             )
-        if time_embedding_type not in ("positional", "fourier", "learned"):
+        if c.time_embedding_type not in ("positional", "fourier", "learned"):
             raise ValueError(
-                f"`time_embedding_type` must be positional, fourier or learned, got {time_embedding_type!r}."
+                f"`time_embedding_type` must be positional, fourier or learned, got {c.time_embedding_type!r}."
             )
         return partition, decoder_block_out_channels, decoder_up_block_types
+
+    def _build_embeddings(self, time_embed_dim: int) -> None:
+        """The shared encoder's input convolution and time / class embeddings, as `UNet2DModel` builds them."""
+        c = self.config
+        self.conv_in = nn.Conv2d(c.in_channels, c.block_out_channels[0], kernel_size=3, padding=(1, 1))
+        if c.time_embedding_type == "fourier":
+            self.time_proj = GaussianFourierProjection(embedding_size=c.block_out_channels[0], scale=16)
+            timestep_input_dim = 2 * c.block_out_channels[0]
+        elif c.time_embedding_type == "positional":
+            self.time_proj = Timesteps(c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+            timestep_input_dim = c.block_out_channels[0]
+        else:
+            self.time_proj = nn.Embedding(c.num_train_timesteps, c.block_out_channels[0])
+            timestep_input_dim = c.block_out_channels[0]
+        self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
+        if c.class_embed_type is None and c.num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(c.num_class_embeds, time_embed_dim)
+        elif c.class_embed_type == "timestep":
+            self.class_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
+        elif c.class_embed_type == "identity":
+            self.class_embedding = nn.Identity(time_embed_dim, time_embed_dim)
+        else:
+            self.class_embedding = None
+
+    def _build_encoder(self, time_embed_dim: int) -> None:
+        """The shared encoder's down blocks and middle block, as `UNet2DModel` builds them."""
+        c = self.config
+        self.down_blocks = nn.ModuleList([])
+        output_channel = c.block_out_channels[0]
+        for i, down_block_type in enumerate(c.down_block_types):
+            input_channel, output_channel = output_channel, c.block_out_channels[i]
+            self.down_blocks.append(
+                get_down_block(
+                    down_block_type,
+                    num_layers=c.layers_per_block,
+                    in_channels=input_channel,
+                    out_channels=output_channel,
+                    temb_channels=time_embed_dim,
+                    add_downsample=i < len(c.block_out_channels) - 1,
+                    resnet_eps=c.norm_eps,
+                    resnet_act_fn=c.act_fn,
+                    resnet_groups=c.norm_num_groups,
+                    attention_head_dim=c.attention_head_dim if c.attention_head_dim is not None else output_channel,
+                    downsample_padding=c.downsample_padding,
+                    resnet_time_scale_shift=c.resnet_time_scale_shift,
+                    downsample_type=c.downsample_type,
+                    dropout=c.dropout,
+                )
+            )
+        self.mid_block = None
+        if c.mid_block_type is not None:
+            self.mid_block = UNetMidBlock2D(
+                in_channels=c.block_out_channels[-1],
+                temb_channels=time_embed_dim,
+                dropout=c.dropout,
+                resnet_eps=c.norm_eps,
+                resnet_act_fn=c.act_fn,
+                output_scale_factor=c.mid_block_scale_factor,
+                resnet_time_scale_shift=c.resnet_time_scale_shift,
+                attention_head_dim=c.attention_head_dim
+                if c.attention_head_dim is not None
+                else c.block_out_channels[-1],
+                resnet_groups=c.norm_num_groups,
+                attn_groups=c.attn_norm_num_groups,
+                add_attention=c.add_attention,
+            )
 
     def encode(
         self, sample: torch.Tensor, timestep: torch.Tensor | float, class_labels: torch.Tensor | None = None

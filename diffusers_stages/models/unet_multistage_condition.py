@@ -27,7 +27,9 @@ from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..routing import dispatch_by_stage, select_rows
 from .decoders import resolve_decoder_widths
 from .loading import StrictLoadingMixin
+from .staged import StagedModelMixin
 from .unet_multistage_condition_blocks import (
+    CHECKED_ARGUMENTS,
     SUPPORTED_ADDITION_EMBEDS,
     SUPPORTED_DOWN_BLOCKS,
     SUPPORTED_MID_BLOCKS,
@@ -52,7 +54,7 @@ __all__ = [
 ]
 
 
-class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
+class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
     r"""
     A text-conditional 2D U-Net with one shared encoder and one decoder per stage of the noise schedule, a drop-in
     ``unet`` for diffusers' Stable Diffusion pipelines.
@@ -119,6 +121,12 @@ class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin
     process_encoder_hidden_states = UNet2DConditionModel.process_encoder_hidden_states
     set_default_attn_processor = UNet2DConditionModel.set_default_attn_processor
     set_attention_slice = UNet2DConditionModel.set_attention_slice
+
+    @classmethod
+    def _auto_map_module(cls) -> None:
+        """No ``auto_map`` (and no re-export file): a Stable Diffusion folder with this `unet` loads through diffusers'
+        own pipeline classes (see the README), and stays a folder without code files."""
+        return None
 
     @register_to_config
     def __init__(
@@ -187,105 +195,19 @@ class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin
         decoder_block_out_channels: tuple[tuple[int, ...], ...] | None = None,
     ):
         super().__init__()
-        # 0. check the configuration: unsupported options, diffusers' own checks, the decoders' widths
+        # 0. check the configuration: unsupported options, diffusers' own checks, the decoders' widths (`self.config`
+        # holds every argument above already: @register_to_config sets it before this body runs)
         self.partition, decoder_block_out_channels, per_block = check_config(
-            self,
-            stage_boundaries=stage_boundaries,
-            num_train_timesteps=num_train_timesteps,
-            boundary_units=boundary_units,
-            decoder_block_out_channels=decoder_block_out_channels,
-            norm_num_groups=norm_num_groups,
-            down_block_types=down_block_types,
-            up_block_types=up_block_types,
-            block_out_channels=block_out_channels,
-            layers_per_block=layers_per_block,
-            only_cross_attention=only_cross_attention,
-            cross_attention_dim=cross_attention_dim,
-            transformer_layers_per_block=transformer_layers_per_block,
-            reverse_transformer_layers_per_block=reverse_transformer_layers_per_block,
-            attention_head_dim=attention_head_dim,
-            mid_block_type=mid_block_type,
-            addition_embed_type=addition_embed_type,
-            encoder_hid_dim=encoder_hid_dim,
-            encoder_hid_dim_type=encoder_hid_dim_type,
-            num_attention_heads=num_attention_heads,
-            dual_cross_attention=dual_cross_attention,
-            attention_type=attention_type,
+            self, **{name: self.config[name] for name in CHECKED_ARGUMENTS}
         )
-        count = len(down_block_types)
-        if mid_block_only_cross_attention is None:
-            mid_block_only_cross_attention = only_cross_attention if isinstance(only_cross_attention, bool) else False
         self.sample_size = sample_size
 
         # 1. shared encoder, part 1: input convolution; time, class and added embeddings (UNet2DConditionModel's)
-        padding = (conv_in_kernel - 1) // 2
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=conv_in_kernel, padding=padding)
-        time_embed_dim, timestep_input_dim = self._set_time_proj(
-            time_embedding_type, block_out_channels, flip_sin_to_cos, freq_shift, time_embedding_dim
-        )
-        self.time_embedding = TimestepEmbedding(
-            timestep_input_dim,
-            time_embed_dim,
-            act_fn=act_fn,
-            post_act_fn=timestep_post_act,
-            cond_proj_dim=time_cond_proj_dim,
-        )
-        self._set_encoder_hid_proj(None, cross_attention_dim=cross_attention_dim, encoder_hid_dim=None)
-        self._set_class_embedding(
-            class_embed_type,
-            act_fn=act_fn,
-            num_class_embeds=num_class_embeds,
-            projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
-            time_embed_dim=time_embed_dim,
-            timestep_input_dim=timestep_input_dim,
-        )
-        self._set_add_embedding(
-            addition_embed_type,
-            addition_embed_type_num_heads=addition_embed_type_num_heads,
-            addition_time_embed_dim=addition_time_embed_dim,
-            cross_attention_dim=cross_attention_dim,
-            encoder_hid_dim=None,
-            flip_sin_to_cos=flip_sin_to_cos,
-            freq_shift=freq_shift,
-            projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
-            time_embed_dim=time_embed_dim,
-        )
-        self.time_embed_act = None if time_embedding_act_fn is None else get_activation(time_embedding_act_fn)
-        blocks_time_embed_dim = time_embed_dim * 2 if class_embeddings_concat else time_embed_dim
+        blocks_time_embed_dim = self._build_embeddings()
 
         # 2. shared encoder, part 2: down path and middle block, built as UNet2DConditionModel builds them
-        block_kwargs = {
-            "dual_cross_attention": dual_cross_attention,
-            "use_linear_projection": use_linear_projection,
-            "upcast_attention": upcast_attention,
-            "resnet_time_scale_shift": resnet_time_scale_shift,
-            "attention_type": attention_type,
-            "resnet_skip_time_act": resnet_skip_time_act,
-            "resnet_out_scale_factor": resnet_out_scale_factor,
-            "cross_attention_norm": cross_attention_norm,
-            "dropout": dropout,
-        }
-        self.down_blocks = cross_attn_down_blocks(
-            down_block_types, block_out_channels, per_block, blocks_time_embed_dim, norm_eps, act_fn, norm_num_groups,
-            downsample_padding, block_kwargs,
-        )  # fmt: skip
-        mid_kwargs = {k: v for k, v in block_kwargs.items() if k != "resnet_out_scale_factor"}
-        self.mid_block = get_mid_block(
-            mid_block_type,
-            temb_channels=blocks_time_embed_dim,
-            in_channels=block_out_channels[-1],
-            resnet_eps=norm_eps,
-            resnet_act_fn=act_fn,
-            resnet_groups=norm_num_groups,
-            output_scale_factor=mid_block_scale_factor,
-            transformer_layers_per_block=per_block["transformer_layers_per_block"][-1],
-            num_attention_heads=per_block["num_attention_heads"][-1],
-            cross_attention_dim=per_block["cross_attention_dim"][-1],
-            mid_block_only_cross_attention=mid_block_only_cross_attention,
-            attention_head_dim=per_block["attention_head_dim"][-1],
-            **mid_kwargs,
-        )
-        self.num_upsamplers = count - 1
+        block_kwargs = self._build_encoder(per_block, blocks_time_embed_dim)
+        self.num_upsamplers = len(down_block_types) - 1
 
         # 3. one tailored decoder per stage, clean stage first
         self.decoders = nn.ModuleList(
@@ -307,11 +229,87 @@ class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin
             ]
         )
 
-    _check_heads = staticmethod(check_heads)
+    def _build_embeddings(self) -> int:
+        """The input convolution and the time, class and added embeddings, as `UNet2DConditionModel` builds them;
+        returns the width of the embedding the blocks take."""
+        c = self.config
+        padding = (c.conv_in_kernel - 1) // 2
+        self.conv_in = nn.Conv2d(c.in_channels, c.block_out_channels[0], kernel_size=c.conv_in_kernel, padding=padding)
+        time_embed_dim, timestep_input_dim = self._set_time_proj(
+            c.time_embedding_type, c.block_out_channels, c.flip_sin_to_cos, c.freq_shift, c.time_embedding_dim
+        )
+        self.time_embedding = TimestepEmbedding(
+            timestep_input_dim,
+            time_embed_dim,
+            act_fn=c.act_fn,
+            post_act_fn=c.timestep_post_act,
+            cond_proj_dim=c.time_cond_proj_dim,
+        )
+        self._set_encoder_hid_proj(None, cross_attention_dim=c.cross_attention_dim, encoder_hid_dim=None)
+        self._set_class_embedding(
+            c.class_embed_type,
+            act_fn=c.act_fn,
+            num_class_embeds=c.num_class_embeds,
+            projection_class_embeddings_input_dim=c.projection_class_embeddings_input_dim,
+            time_embed_dim=time_embed_dim,
+            timestep_input_dim=timestep_input_dim,
+        )
+        self._set_add_embedding(
+            c.addition_embed_type,
+            addition_embed_type_num_heads=c.addition_embed_type_num_heads,
+            addition_time_embed_dim=c.addition_time_embed_dim,
+            cross_attention_dim=c.cross_attention_dim,
+            encoder_hid_dim=None,
+            flip_sin_to_cos=c.flip_sin_to_cos,
+            freq_shift=c.freq_shift,
+            projection_class_embeddings_input_dim=c.projection_class_embeddings_input_dim,
+            time_embed_dim=time_embed_dim,
+        )
+        self.time_embed_act = None if c.time_embedding_act_fn is None else get_activation(c.time_embedding_act_fn)
+        return time_embed_dim * 2 if c.class_embeddings_concat else time_embed_dim
 
-    @property
-    def num_stages(self) -> int:
-        return self.partition.num_stages
+    def _build_encoder(self, per_block: dict[str, list], blocks_time_embed_dim: int) -> dict:
+        """The down blocks and the middle block, as `UNet2DConditionModel` builds them; returns the keyword
+        arguments every block shares (the decoders take them too)."""
+        c = self.config
+        mid_block_only_cross_attention = c.mid_block_only_cross_attention
+        if mid_block_only_cross_attention is None:
+            only = c.only_cross_attention
+            mid_block_only_cross_attention = only if isinstance(only, bool) else False
+        block_kwargs = {
+            "dual_cross_attention": c.dual_cross_attention,
+            "use_linear_projection": c.use_linear_projection,
+            "upcast_attention": c.upcast_attention,
+            "resnet_time_scale_shift": c.resnet_time_scale_shift,
+            "attention_type": c.attention_type,
+            "resnet_skip_time_act": c.resnet_skip_time_act,
+            "resnet_out_scale_factor": c.resnet_out_scale_factor,
+            "cross_attention_norm": c.cross_attention_norm,
+            "dropout": c.dropout,
+        }
+        self.down_blocks = cross_attn_down_blocks(
+            c.down_block_types, c.block_out_channels, per_block, blocks_time_embed_dim, c.norm_eps, c.act_fn,
+            c.norm_num_groups, c.downsample_padding, block_kwargs,
+        )  # fmt: skip
+        mid_kwargs = {k: v for k, v in block_kwargs.items() if k != "resnet_out_scale_factor"}
+        self.mid_block = get_mid_block(
+            c.mid_block_type,
+            temb_channels=blocks_time_embed_dim,
+            in_channels=c.block_out_channels[-1],
+            resnet_eps=c.norm_eps,
+            resnet_act_fn=c.act_fn,
+            resnet_groups=c.norm_num_groups,
+            output_scale_factor=c.mid_block_scale_factor,
+            transformer_layers_per_block=per_block["transformer_layers_per_block"][-1],
+            num_attention_heads=per_block["num_attention_heads"][-1],
+            cross_attention_dim=per_block["cross_attention_dim"][-1],
+            mid_block_only_cross_attention=mid_block_only_cross_attention,
+            attention_head_dim=per_block["attention_head_dim"][-1],
+            **mid_kwargs,
+        )
+        return block_kwargs
+
+    _check_heads = staticmethod(check_heads)
 
     def encode(
         self,

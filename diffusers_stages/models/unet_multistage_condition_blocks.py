@@ -66,6 +66,15 @@ def check_heads(
                 )
 
 
+# the constructor arguments of `MultiStageUNet2DConditionModel` that `check_config` takes
+CHECKED_ARGUMENTS = ("stage_boundaries", "num_train_timesteps", "boundary_units", "decoder_block_out_channels",
+                     "norm_num_groups", "down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
+                     "only_cross_attention", "cross_attention_dim", "transformer_layers_per_block",
+                     "reverse_transformer_layers_per_block", "attention_head_dim", "mid_block_type",
+                     "addition_embed_type", "encoder_hid_dim", "encoder_hid_dim_type", "num_attention_heads",
+                     "dual_cross_attention", "attention_type")  # fmt: skip
+
+
 def check_config(
     model: nn.Module,
     *,
