@@ -23,6 +23,7 @@ Two units are supported, matching the two ways diffusers models are conditioned 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -50,7 +51,7 @@ class TimestepPartition:
     >>> partition = TimestepPartition([442, 631])  # Zhang et al., optimal-denoiser boundaries on CIFAR-10
     >>> partition.num_stages
     3
-    >>> partition.stage_index(torch.tensor([0, 441, 442, 999])).tolist()
+    >>> partition.stage_for_noise_level(torch.tensor([0, 441, 442, 999])).tolist()
     [0, 0, 1, 2]
 
     ```
@@ -132,7 +133,7 @@ class TimestepPartition:
             return torch.exp(4.0 * timestep.double())  # EDM: c_noise = ln(sigma) / 4
         return timestep
 
-    def stage_index(self, noise_level: torch.Tensor | float | int) -> torch.Tensor:
+    def stage_for_noise_level(self, noise_level: torch.Tensor | float | int) -> torch.Tensor:
         """Stage of each noise level (in this partition's units), as a ``long`` tensor of the same shape."""
         levels = torch.as_tensor(noise_level)
         low, high = self._domain(self.units, self.num_train_timesteps)
@@ -146,16 +147,28 @@ class TimestepPartition:
         return torch.bucketize(levels.to(bounds.dtype), bounds.to(levels.device), right=self.units == "timestep")
 
     def stage_for_timestep(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
-        """Stage of each *model* timestep: [`~TimestepPartition.noise_level`] then [`~TimestepPartition.stage_index`]
+        """Stage of each *model* timestep: [`~TimestepPartition.noise_level`] then
+        [`~TimestepPartition.stage_for_noise_level`]
         (for sigma units, compared in ``c_noise = ln(sigma) / 4`` space, see the module docstring)."""
         if self.units != "sigma":
-            return self.stage_index(self.noise_level(timestep))
+            return self.stage_for_noise_level(self.noise_level(timestep))
         c_noise = torch.as_tensor(timestep)
         c_noise = c_noise if c_noise.is_floating_point() else c_noise.double()
         if c_noise.numel() and bool(c_noise.isnan().any()):
             raise ValueError(f"`timestep` must be c_noise = ln(sigma)/4 values, got NaN in {c_noise.tolist()}.")
         bounds = 0.25 * torch.log(torch.tensor(self.boundaries, dtype=c_noise.dtype))  # as EDM schedulers compute it
         return torch.bucketize(c_noise, bounds.to(c_noise.device), right=False)
+
+    def stage_index(self, noise_level: torch.Tensor | float | int) -> torch.Tensor:
+        """Deprecated name of [`~TimestepPartition.stage_for_noise_level`] (``stage_index`` is the models' argument
+        that forces a stage); removed in diffusers-stages 0.2."""
+        warnings.warn(
+            "`TimestepPartition.stage_index` is deprecated and will be removed in diffusers-stages 0.2: use "
+            "`stage_for_noise_level` (or `stage_for_timestep` for what a model receives).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.stage_for_noise_level(noise_level)
 
     # ----------------------------------------------------------------------------------------------------------
     @staticmethod

@@ -9,14 +9,14 @@ from diffusers_stages import TimestepPartition
 def test_stage_lookup_matches_half_open_intervals():
     partition = TimestepPartition([442, 631])
     t = torch.tensor([0, 1, 441, 442, 443, 630, 631, 999, 1000])
-    assert partition.stage_index(t).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert partition.stage_index(torch.tensor([441.999, 442.0])).tolist() == [0, 1]
+    assert partition.stage_for_noise_level(t).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert partition.stage_for_noise_level(torch.tensor([441.999, 442.0])).tolist() == [0, 1]
     assert partition.num_stages == 3
     assert partition.intervals() == [(0.0, 442.0), (442.0, 631.0), (631.0, 1000.0)]
 
 
 def test_single_stage_and_uniform():
-    assert TimestepPartition([]).stage_index(torch.tensor([0, 999])).tolist() == [0, 0]
+    assert TimestepPartition([]).stage_for_noise_level(torch.tensor([0, 999])).tolist() == [0, 0]
     uniform = TimestepPartition.uniform(4)
     assert uniform.boundaries == (250.0, 500.0, 750.0)
     assert TimestepPartition.from_fractions([0.442, 0.631]).boundaries == pytest.approx((442.0, 631.0))
@@ -55,9 +55,9 @@ def test_bad_partitions_name_the_argument(kwargs, name):
 def test_noise_level_out_of_range_is_an_error():
     partition = TimestepPartition([500])
     with pytest.raises(ValueError, match="`timestep`.*1001"):
-        partition.stage_index(torch.tensor([10, 1001]))
+        partition.stage_for_noise_level(torch.tensor([10, 1001]))
     with pytest.raises(ValueError, match="`timestep`"):
-        partition.stage_index(torch.tensor([-1]))
+        partition.stage_for_noise_level(torch.tensor([-1]))
 
 
 def test_sigma_boundaries_route_as_the_authors_edm_code_exactly_at_and_beside_each_boundary():
@@ -76,7 +76,7 @@ def test_sigma_boundaries_route_as_the_authors_edm_code_exactly_at_and_beside_ea
     for sigma in sigmas:
         c_noise = scheduler.precondition_noise(sigma.reshape(1))  # what the scheduler hands the model
         assert int(partition.stage_for_timestep(c_noise)[0]) == original(float(sigma)), float(sigma)
-        assert int(partition.stage_index(sigma.double())) == original(float(sigma))
+        assert int(partition.stage_for_noise_level(sigma.double())) == original(float(sigma))
 
 
 def test_timestep_boundaries_belong_to_the_noisier_stage():
@@ -86,3 +86,10 @@ def test_timestep_boundaries_belong_to_the_noisier_stage():
         1,
         2,
     ]
+
+
+def test_stage_index_is_a_deprecated_alias_of_stage_for_noise_level():
+    partition = TimestepPartition([442, 631])
+    levels = torch.tensor([0, 441, 442, 999])
+    with pytest.warns(FutureWarning, match="stage_for_noise_level"):
+        assert torch.equal(partition.stage_index(levels), partition.stage_for_noise_level(levels))

@@ -23,7 +23,7 @@ def test_every_stage_in_every_batch_and_timesteps_inside_their_stage():
         t, stages = stratified_timesteps(partition, 4, generator=torch.manual_seed(seed))
         assert set(stages.tolist()) == {0, 1, 2}
         assert t.dtype == torch.long and bool((t >= 0).all()) and bool((t < 1000).all())
-        assert partition.stage_index(t).tolist() == stages.tolist()
+        assert partition.stage_for_noise_level(t).tolist() == stages.tolist()
 
 
 def test_default_shares_keep_timesteps_uniform_overall():
@@ -38,7 +38,7 @@ def test_custom_shares_and_sigma_units():
     partition = TimestepPartition([2.5103, 7.6577], units="sigma")
     t, stages = stratified_timesteps(partition, 300, stage_shares=[1, 1, 1], generator=torch.manual_seed(0))
     assert torch.bincount(stages).tolist() == [100, 100, 100]
-    assert partition.stage_index(t).tolist() == stages.tolist()
+    assert partition.stage_for_noise_level(t).tolist() == stages.tolist()
     assert stage_counts(10, [0.5, 0.5, 0.0]) == [5, 5, 0]
     with pytest.raises(ValueError, match="`stage_shares`"):
         stratified_timesteps(partition, 8, stage_shares=[1, 1])
@@ -48,10 +48,10 @@ def test_soft_assignment_probabilities():
     partition = TimestepPartition.uniform(4)
     for expert, p in enumerate((0.8, 0.4, 0.2, 0.1)):
         t = soft_assignment_timesteps(partition, expert, 20000, generator=torch.manual_seed(expert))
-        own = (partition.stage_index(t) == expert).float().mean().item()
+        own = (partition.stage_for_noise_level(t) == expert).float().mean().item()
         assert abs(own - p) < 0.015
     hard = soft_assignment_timesteps(partition, 2, 1000, own_interval_probability=1.0)
-    assert bool((partition.stage_index(hard) == 2).all())
+    assert bool((partition.stage_for_noise_level(hard) == 2).all())
     with pytest.raises(ValueError, match="`own_interval_probability`"):
         soft_assignment_timesteps(TimestepPartition([500]), 0, 8)
     with pytest.raises(ValueError, match="`expert_index`"):
@@ -75,7 +75,7 @@ def test_per_batch_draws_one_stage_per_batch_with_the_stage_mass(units):
     for _ in range(600):
         t, stages = stage_sampled_timesteps(partition, 5, "per_batch", generator=generator)
         assert len(set(stages.tolist())) == 1  # one stage for the whole batch
-        assert partition.stage_index(t).tolist() == stages.tolist()  # every noise level inside that stage
+        assert partition.stage_for_noise_level(t).tolist() == stages.tolist()  # every noise level inside that stage
         counts[stages[0]] += 1
     # the stage is drawn with its mass under the training distribution (uniform t; EDM's log-normal sigma)
     assert torch.allclose(counts / counts.sum(), torch.tensor(stage_mass(partition)).float(), atol=0.06)
@@ -91,7 +91,7 @@ def test_per_rank_gives_each_process_one_stage_in_equal_shares():
     for rank in range(6):
         for seed in range(5):
             t, stages = stage_sampled_timesteps(partition, 4, "per_rank", None, torch.manual_seed(seed), rank, 6)
-            assert stages.tolist() == [rank % 3] * 4 and partition.stage_index(t).tolist() == stages.tolist()
+            assert stages.tolist() == [rank % 3] * 4 and partition.stage_for_noise_level(t).tolist() == stages.tolist()
             seen.setdefault(rank % 3, set()).update(t.tolist())
     assert sorted(seen) == [0, 1, 2] and max(seen[0]) < 442 <= min(seen[1])  # uniform integer t in each stage
 

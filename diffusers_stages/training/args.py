@@ -51,6 +51,20 @@ class BoundaryList(argparse.Action):
         setattr(namespace, self.dest, boundaries)
 
 
+class RenamedOption(argparse._StoreAction):
+    """Store under the option's first (current) name; a later option string is a deprecated alias that warns."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string is not None and option_string != self.option_strings[0]:
+            warnings.warn(
+                f"`{option_string}` is deprecated and will be removed in diffusers-stages 0.2: use "
+                f"`{self.option_strings[0]}`.",
+                FutureWarning,
+                stacklevel=2,
+            )
+        setattr(namespace, self.dest, values)
+
+
 def add_stage_boundaries_argument(
     parser, help: str = "Inner stage boundaries (at least one), e.g. `442 631`.", **kwargs
 ):
@@ -111,7 +125,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--stage_sampling", choices=STAGE_SAMPLING, default="mixed",
                        help="mixed: every stage in every batch; per_batch: one stage per batch (the authors' EDM code); "
                        "per_rank: one stage per process (their LDM code).")  # fmt: skip
-    model.add_argument("--ddpm_num_steps", type=int, default=1000)
+    model.add_argument("--num_train_timesteps", "--ddpm_num_steps", type=int, default=1000, action=RenamedOption,
+                       help="Length of the training noise schedule (DDPM steps; also EDM's scheduler config). "
+                       "`--ddpm_num_steps` (diffusers' train_unconditional.py name) is a deprecated alias.")  # fmt: skip
     model.add_argument("--ddpm_beta_schedule", type=str, default="linear")
     model.add_argument("--prediction_type", choices=("epsilon", "v_prediction", "sample"), default="epsilon")
     model.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (DDPM-style).")
@@ -223,7 +239,7 @@ def partition_from_args(args: argparse.Namespace, default: TimestepPartition) ->
             "examples/unconditional_image_generation/train_unconditional.py."
         )
     try:
-        return TimestepPartition(list(args.stage_boundaries), args.ddpm_num_steps, args.boundary_units)
+        return TimestepPartition(list(args.stage_boundaries), args.num_train_timesteps, args.boundary_units)
     except ValueError as error:
         raise ValueError(
             f"`--stage_boundaries` {list(args.stage_boundaries)} is not a valid stage split: {error}"
@@ -245,7 +261,7 @@ def check_args(
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise ValueError(f"`--train_data_dir` must be an existing folder of images, got {args.train_data_dir!r}.")
     for name in ("resolution", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",
-                 "save_images_steps", "num_sample_images", "num_inference_steps", "ddpm_num_steps"):  # fmt: skip
+                 "save_images_steps", "num_sample_images", "num_inference_steps", "num_train_timesteps"):  # fmt: skip
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be a positive integer, got {getattr(args, name)}.")
     if args.max_train_steps is not None and args.max_train_steps < 1:

@@ -101,7 +101,7 @@ def model_card_text(args: argparse.Namespace, task, steps: int, has_grid: bool) 
         f"- data: {data}, {args.resolution}x{args.resolution}, {space}"
         + (", class-conditional (last class embedding = unconditional)" if args.class_conditional else ""),
         (
-            f"- noise schedule: {'EDM (sigma)' if args.boundary_units == 'sigma' else f'DDPM, {args.ddpm_num_steps} steps, {args.ddpm_beta_schedule}'}"
+            f"- noise schedule: {'EDM (sigma)' if args.boundary_units == 'sigma' else f'DDPM, {args.num_train_timesteps} steps, {args.ddpm_beta_schedule}'}"
             f", prediction type `{args.prediction_type}`"
         ),
         (

@@ -316,7 +316,7 @@ def _train_epochs(state: RunState, train_dataloader, sampler, start: tuple[int, 
             )
             with accelerator.accumulate(*state.models):
                 draw, losses = _train_step(state, batch, generator)
-            losses_log.add(state.task.partition.stage_index(draw.timesteps), draw.network, losses)
+            losses_log.add(state.task.partition.stage_for_noise_level(draw.timesteps), draw.network, losses)
             if not accelerator.sync_gradients:
                 continue
             # an optimisation step is done: EMA, logs, checkpoint, sample grid

@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "training a new model: its unet (MultiStageUNet2DModel or MultiStageDDPMppUNet2DModel), stages and noise "
         "schedule are kept, and the result is saved with its scheduler. Refused with it: `--stage_boundaries`, "
         "`--decoder_block_out_channels`, `--model_config`, `--down_block_types`, `--up_block_types`. Must repeat the "
-        "source's values (an error names them): `--boundary_units`, `--ddpm_num_steps`, `--ddpm_beta_schedule` "
+        "source's values (an error names them): `--boundary_units`, `--num_train_timesteps`, `--ddpm_beta_schedule` "
         "(DDPM-style), `--prediction_type`. Ignored: `--block_out_channels`, `--layers_per_block`, "
         "`--attention_head_dim`, `--norm_num_groups`, `--dropout` (the model's config holds them). Without "
         "`--vae_path` the folder's own VAE is used, if it has one. The data must fit the model: channels, "

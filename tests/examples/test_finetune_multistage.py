@@ -160,7 +160,7 @@ def _other_channels(tmp_path) -> str:
         ({"pretrained_model_name_or_path": "/does/not/exist"}, "`--pretrained_model_name_or_path` '/does/not/exist' is not a MultiStagePipeline folder"),
         ({"pretrained_model_name_or_path": _other_channels}, "holds a model with in_channels=4, but the data are RGB images (3 channels"),
         ({"ddpm_beta_schedule": "linear"}, "`--ddpm_beta_schedule` linear disagrees with the scheduler of"),
-        ({"ddpm_num_steps": 500}, "`--ddpm_num_steps` 500 disagrees"),
+        ({"num_train_timesteps": 500}, "`--num_train_timesteps` 500 disagrees"),
         ({"boundary_units": "sigma"}, "`--boundary_units` sigma disagrees with the model of"),
         ({"resolution": 16}, "`--resolution` 16 gives 16x16 samples, but the model of"),
         ({"class_conditional": True}, "`--class_conditional`: the data give 3 classes (+ the null label: num_class_embeds=4)"),

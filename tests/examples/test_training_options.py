@@ -49,8 +49,8 @@ def test_a_planned_config_trains_as_planned(examples, script, image_folder, plan
         capsys.readouterr().err
     )
     with pytest.raises(SystemExit):
-        script.parse_args([*base, "--model_config", planned_folder, "--ddpm_num_steps", "500"])
-    assert "`--ddpm_num_steps` 500 disagrees with `--model_config`" in capsys.readouterr().err
+        script.parse_args([*base, "--model_config", planned_folder, "--num_train_timesteps", "500"])
+    assert "`--num_train_timesteps` 500 disagrees with `--model_config`" in capsys.readouterr().err
 
 
 def test_the_loop_trains_with_the_tasks_loss_and_builds_the_task_once(examples, script, image_folder, tmp_path):

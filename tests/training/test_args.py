@@ -103,3 +103,11 @@ def test_model_config_is_a_file_or_a_folder(tmp_path):
         assert unet_shape_kwargs(args) == {"block_out_channels": [8, 16]}
     with pytest.raises(ValueError, match="`--model_config` must be a model config.json or a folder holding one"):
         read_model_config(build_parser("").parse_args(["--model_config", str(tmp_path / "missing")]))
+
+
+def test_ddpm_num_steps_is_a_deprecated_alias_of_num_train_timesteps():
+    parser = build_parser("test")
+    assert parser.parse_args(["--num_train_timesteps", "500"]).num_train_timesteps == 500
+    with pytest.warns(FutureWarning, match="--num_train_timesteps"):
+        args = parser.parse_args(["--ddpm_num_steps", "400"])
+    assert args.num_train_timesteps == 400 and not hasattr(args, "ddpm_num_steps")

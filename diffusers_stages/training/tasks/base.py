@@ -54,10 +54,12 @@ def noise_schedulers(args: argparse.Namespace, source: dict | None = None):
             )
         return DDPMScheduler.from_config(source), sampling
     if args.boundary_units == "sigma":
-        scheduler = EDMEulerScheduler(num_train_timesteps=args.ddpm_num_steps, prediction_type=args.prediction_type)
+        scheduler = EDMEulerScheduler(
+            num_train_timesteps=args.num_train_timesteps, prediction_type=args.prediction_type
+        )
         return scheduler, scheduler
     scheduler = DDPMScheduler(
-        num_train_timesteps=args.ddpm_num_steps,
+        num_train_timesteps=args.num_train_timesteps,
         beta_schedule=args.ddpm_beta_schedule,
         prediction_type=args.prediction_type,
     )

@@ -36,7 +36,7 @@ class DualBackboneTask(TrainingTask):
             raise ValueError(
                 "Dual-backbone training uses every timestep for both networks: drop `--stage_boundaries`/`--stage_shares`."
             )
-        return TimestepPartition([], args.ddpm_num_steps, args.boundary_units)  # one stage: the whole schedule
+        return TimestepPartition([], args.num_train_timesteps, args.boundary_units)  # one stage: the whole schedule
 
     def _shapes(self) -> dict[str, dict]:
         wanted = ("shallow", "deep") if self.args.backbones == "both" else (self.args.backbones,)
@@ -73,7 +73,7 @@ class DualBackboneTask(TrainingTask):
                     in_channels=in_channels,
                     out_channels=in_channels,
                     num_class_embeds=num_class_embeds,
-                    num_train_timesteps=self.args.ddpm_num_steps,
+                    num_train_timesteps=self.args.num_train_timesteps,
                 )
             )
             for name, shape in self._shapes().items()

@@ -37,7 +37,7 @@ class EarlyExitTask(TrainingTask):
             )
         if args.deep_depth < 1 or args.deep_depth % 2 == 0:
             raise ValueError(f"`--deep_depth` must be an odd positive number of U-ViT blocks, got {args.deep_depth}.")
-        return TimestepPartition([], args.ddpm_num_steps, args.boundary_units)  # one stage: the whole schedule
+        return TimestepPartition([], args.num_train_timesteps, args.boundary_units)  # one stage: the whole schedule
 
     @property
     def downsampling(self):
@@ -63,7 +63,7 @@ class EarlyExitTask(TrainingTask):
 
     def pipeline(self, networks, scheduler, vae=None):
         experts = ExpertRoutingModel(
-            [networks["model"]], stage_boundaries=(), num_train_timesteps=self.args.ddpm_num_steps,
+            [networks["model"]], stage_boundaries=(), num_train_timesteps=self.args.num_train_timesteps,
             prediction_type=self.args.prediction_type,
         )  # fmt: skip
         return ExpertRoutingPipeline(experts=experts, scheduler=scheduler, vae=vae)

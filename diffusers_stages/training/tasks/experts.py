@@ -28,7 +28,7 @@ class ExpertTask(TrainingTask):
     tags = ("multi-expert", "meme")
 
     def build_partition(self, args):
-        partition = partition_from_args(args, TimestepPartition.uniform(args.num_experts, args.ddpm_num_steps))
+        partition = partition_from_args(args, TimestepPartition.uniform(args.num_experts, args.num_train_timesteps))
         widths = args.expert_block_out_channels
         if widths is not None and len(widths) != partition.num_stages:
             raise ValueError(
@@ -81,7 +81,9 @@ class ExpertTask(TrainingTask):
             contract = {"sample_size": sample_size, "in_channels": in_channels, "out_channels": in_channels,
                         "num_class_embeds": num_class_embeds}  # fmt: skip
             if self.args.model_config is not None:  # one `UNet2DModel` config for every expert
-                unet = self._script_config(self._shape(i), num_train_timesteps=self.args.ddpm_num_steps, **contract)
+                unet = self._script_config(
+                    self._shape(i), num_train_timesteps=self.args.num_train_timesteps, **contract
+                )
                 networks[expert_folder(i)] = UNet2DModel(**unet)
             else:
                 networks[expert_folder(i)] = IUNet2DModel(**self._script_config(self._shape(i), **contract))

@@ -96,8 +96,8 @@ class MultiStageTask(TrainingTask):
         else:
             partition = self._planned_partition(args)
             if partition is None:
-                boundaries = paper_boundaries(args.boundary_units, args.ddpm_num_steps)
-                default = TimestepPartition(boundaries, args.ddpm_num_steps, args.boundary_units)
+                boundaries = paper_boundaries(args.boundary_units, args.num_train_timesteps)
+                default = TimestepPartition(boundaries, args.num_train_timesteps, args.boundary_units)
                 partition = partition_from_args(args, default)
         decoders = getattr(args, "decoder_block_out_channels", None)
         if decoders is not None and len(decoders) != partition.num_stages:
@@ -123,14 +123,14 @@ class MultiStageTask(TrainingTask):
         name = args.model_config
         try:
             planned = TimestepPartition.from_config(
-                {"num_train_timesteps": args.ddpm_num_steps, "boundary_units": args.boundary_units, **config}
+                {"num_train_timesteps": args.num_train_timesteps, "boundary_units": args.boundary_units, **config}
             )
         except (TypeError, ValueError) as error:
             raise ValueError(f"`--model_config` {name!r} holds an invalid stage split: {error}") from None
-        if planned.num_train_timesteps != args.ddpm_num_steps:
+        if planned.num_train_timesteps != args.num_train_timesteps:
             raise ValueError(
-                f"`--ddpm_num_steps` {args.ddpm_num_steps} disagrees with `--model_config` {name!r}, planned for "
-                f"{planned.num_train_timesteps} training steps: pass `--ddpm_num_steps {planned.num_train_timesteps}`."
+                f"`--num_train_timesteps` {args.num_train_timesteps} disagrees with `--model_config` {name!r}, planned for "
+                f"{planned.num_train_timesteps} training steps: pass `--num_train_timesteps {planned.num_train_timesteps}`."
             )
         if planned.units != args.boundary_units:
             raise ValueError(
@@ -181,7 +181,7 @@ class MultiStageTask(TrainingTask):
         # the arguments' schedule would fine-tune on a noise schedule the model never saw; the error names the fix
         training, sampling = noise_schedulers(args, self.source.scheduler_config)
         expected = {
-            "ddpm_num_steps": training.config.num_train_timesteps,
+            "num_train_timesteps": training.config.num_train_timesteps,
             "prediction_type": training.config.prediction_type,
         }
         if not is_edm_scheduler(training):  # EDM has no beta schedule (nor does fresh EDM training read one)
