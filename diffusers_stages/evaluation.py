@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
@@ -31,7 +31,8 @@ T = TypeVar("T")
 
 
 def count_flops(fn: Callable[[], T]) -> tuple[int, T]:
-    """Run ``fn()`` once and return ``(flops, result)``: every FLOP of its matmuls and convolutions, backward included.
+    """Run ``fn()`` once and return ``(flops, result)``: every FLOP of its matmuls, convolutions and attention
+    (`scaled_dot_product_attention` on CPU too, which torch's counter alone counts as 0), backward included.
 
     Example:
 
@@ -43,9 +44,25 @@ def count_flops(fn: Callable[[], T]) -> tuple[int, T]:
 
     ```
     """
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
         result = fn()
     return counter.get_total_flops(), result
+
+
+def _cpu_attention_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's counter has formulas for the CUDA attention kernels only: on CPU, `scaled_dot_product_attention` runs this
+# fused kernel and would count 0 FLOPs, so attention-heavy networks (U-ViT, iU-Net) looked cheaper than they are
+_CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_forward,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward,
+}
 
 
 class FeatureClassifier(nn.Module):

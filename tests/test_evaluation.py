@@ -54,3 +54,13 @@ def test_count_flops_counts_backward():
     forward, _ = count_flops(lambda: torch.ones(4, 8) @ weight)
     both, _ = count_flops(lambda: (torch.ones(4, 8) @ weight).sum().backward())
     assert forward == 128 and both == 2 * forward  # the weight's gradient is one more matmul
+
+
+def test_count_flops_counts_cpu_attention_forward_and_backward():
+    query = torch.randn(2, 4, 16, 8, requires_grad=True)
+    forward, _ = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(query, query, query))
+    assert forward == 2 * (2 * 2 * 4 * 16 * 16 * 8)  # Q K^T and (softmax) V, 2 FLOPs per multiply-add
+    both, _ = count_flops(
+        lambda: torch.nn.functional.scaled_dot_product_attention(query, query, query).sum().backward()
+    )
+    assert both > 2 * forward  # the backward pass has twice the matmuls and more

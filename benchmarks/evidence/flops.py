@@ -1,4 +1,4 @@
-"""FLOP accounting with `torch.utils.flop_counter.FlopCounterMode` (matmuls and convolutions, forward and backward)."""
+"""FLOP accounting with `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and attention, forward and backward)."""
 
 from __future__ import annotations
 
