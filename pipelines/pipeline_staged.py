@@ -21,7 +21,7 @@ from ..routing import StageRouter
 from ..schedulers import model_call_timesteps
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
 from .loading import load_pipeline, write_reexport_files
-from .offload import StageOffload
+from .offload import StageNetworkHook, StageOffload
 
 
 class StagedDiffusionPipeline(DiffusionPipeline):
@@ -366,17 +366,23 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         """
         if not isinstance(prefetch, bool):
             raise ValueError(f"`prefetch` must be a bool, got {prefetch!r}.")
-        self.disable_stage_offload()  # enabling again replaces the hooks
-        hooked = [name for name, component in self.components.items() if hasattr(component, "_hf_hook")]
+        hooks = {name: getattr(component, "_hf_hook", None) for name, component in self.components.items()}
+        hooked = [name for name, hook in hooks.items() if hook is not None and not isinstance(hook, StageNetworkHook)]
         if hooked or getattr(self, "_all_hooks", None) or self.hf_device_map is not None:
             raise ValueError(
                 "`enable_stage_offload` cannot be combined with `enable_model_cpu_offload`, "
                 f"`enable_sequential_cpu_offload` or a `device_map` (hooked components: {hooked or 'none'}, "
                 f"device map: {self.hf_device_map}): call `remove_all_hooks()` / `reset_device_map()` first."
             )
+        if device is None and get_device() == "cpu":
+            raise ValueError(
+                "`device` must be given on a machine without an accelerator, got None (`device='cpu'` runs the "
+                "hooks on the CPU, where the moves cost nothing)."
+            )
         device = torch.device(get_device() if device is None else device)
         if device.type not in ("cpu", "mps") and device.index is None:
             device = torch.device(device.type, torch.get_device_module(device.type).current_device())
+        self.disable_stage_offload()  # enabling again replaces the hooks
         num_stages = self.resolve_partition(2).num_stages  # (a step-fraction switch needs a step count: any will do)
         networks = [self.stage_network(stage) for stage in range(num_stages)]
         components = [c for c in self.components.values() if isinstance(c, torch.nn.Module)]

@@ -98,7 +98,9 @@ class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin
     """
 
     _supports_gradient_checkpointing = True
+    # a decoder is one unit (`device_map`, FSDP wrapping), as are its blocks
     _no_split_modules: ClassVar[list[str]] = [
+        "CrossAttnStageDecoder",
         "BasicTransformerBlock",
         "ResnetBlock2D",
         "CrossAttnUpBlock2D",

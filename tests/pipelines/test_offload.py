@@ -149,6 +149,9 @@ def test_refused_with_model_cpu_offload_and_disabled():
         pipe.enable_sequential_cpu_offload(device="cpu")
     with pytest.raises(ValueError, match="`prefetch` must be a bool, got 'yes'"):
         pipe.enable_stage_offload(device="cpu", prefetch="yes")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="`device` must be given on a machine without an accelerator"):
+            pipe.enable_stage_offload()
     pipe.disable_stage_offload()
     assert pipe._stage_offload is None and not hasattr(pipe.deep, "_hf_hook")
     np.testing.assert_array_equal(_images(pipe), expected)
