@@ -58,6 +58,7 @@ class StageOffload:
         prefetch: bool = True,
     ):
         self.device, self.offload_device, self.prefetch = device, offload_device, prefetch
+        self.components = list(components)
         self.units: list[torch.nn.Module] = []
         self.unit_of_stage: list[int] = []
         for network in networks:
@@ -72,9 +73,8 @@ class StageOffload:
         self.stream = torch.cuda.Stream(device) if prefetch and device.type == "cuda" else None
 
         # 1. everything but the stage networks on the execution device; the stage networks offloaded, with hooks
-        unit_ids = {id(unit) for unit in self.units}
-        for component in components:
-            _place_outside(component, unit_ids, device)
+        for component in self.components:
+            _place_outside(component, {id(unit) for unit in self.units}, device)
         for k, unit in enumerate(self.units):
             self._move(k, onload=False)
             add_hook_to_module(unit, StageNetworkHook(self, k))
@@ -115,9 +115,12 @@ class StageOffload:
         self.plan = None
 
     def remove(self) -> None:
-        """Remove the hooks (the networks stay where they are)."""
+        """Remove the hooks, with the whole pipeline on the offload device (as it was before offloading)."""
+        self.offload_all()
         for unit in self.units:
             remove_hook_from_module(unit)
+        for component in self.components:
+            _place_outside(component, {id(unit) for unit in self.units}, self.offload_device)
 
     # ----------------------------------------------------------------------------------------------------------
     def _move(self, unit: int, onload: bool, non_blocking: bool = False) -> None:

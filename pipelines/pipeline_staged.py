@@ -356,7 +356,8 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         call two stage networks are resident. Images are the same as without offload.
 
         It replaces `enable_model_cpu_offload` (which moves whole components, every stage network at once) and is
-        refused with it, with `enable_sequential_cpu_offload` and with a ``device_map``.
+        refused with it, with `enable_sequential_cpu_offload` and with a ``device_map``. Move the pipeline
+        (``pipe.to(device)``) only after `disable_stage_offload`: the hooks track where each network is.
 
         Args:
             device (`torch.device` or `str`, *optional*): the execution device; defaults to the accelerator found
@@ -389,9 +390,9 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         self._stage_offload = StageOffload(components, networks, device, torch.device(offload_device), prefetch)
 
     def disable_stage_offload(self) -> None:
-        """Remove the hooks of `enable_stage_offload`; every stage network is left on the offload device."""
+        """Remove the hooks of `enable_stage_offload`, leaving the whole pipeline on the offload device (move it with
+        ``pipe.to(...)``)."""
         if self._stage_offload is not None:
-            self._stage_offload.offload_all()
             self._stage_offload.remove()
             self._stage_offload = None
 
