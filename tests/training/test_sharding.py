@@ -27,7 +27,7 @@ from diffusers_stages import (
     MultiStageUNet2DModel,
     UViT2DModel,
 )
-from diffusers_stages.training.sharding import check_sharded_run, plain_network
+from diffusers_stages.training.sharding import check_sharded_run, gathered_networks, plain_network
 from tests.conftest import TINY_UNET
 from tests.models.test_iunet import TINY as IUNET
 from tests.models.test_unet_multistage_ddpmpp import TINY as DDPMPP
@@ -112,6 +112,17 @@ def test_gathered_weights_save_as_a_plain_folder(process_group, tmp_path):
     plain = plain_network(model, state_dict)
     assert type(plain) is MultiStageUNet2DModel and not isinstance(plain, FSDPModule)
     assert all(plain.state_dict()[k].data_ptr() == v.data_ptr() for k, v in state_dict.items())  # not copied
+
+    # what the checkpoint hooks and the final save call: Accelerate's FSDP2 gathering (its options), on the main process
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.FSDP, is_main_process=True, unwrap_model=lambda m: m,
+        get_state_dict=lambda m: get_model_state_dict(
+            m, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+        ),
+    )  # fmt: skip
+    (gathered,) = gathered_networks(accelerator, ["unet"], [model]).values()
+    assert type(gathered) is MultiStageUNet2DModel
+    assert all(torch.equal(gathered.state_dict()[k], v) for k, v in state_dict.items())
     plain.save_pretrained(tmp_path)
     assert "diffusion_pytorch_model.safetensors" in os.listdir(tmp_path)
 
