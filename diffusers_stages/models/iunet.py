@@ -171,6 +171,7 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _no_split_modules = ["IUNetBlock"]  # a block is one unit (`device_map`, FSDP wrapping)
 
     @register_to_config
     def __init__(

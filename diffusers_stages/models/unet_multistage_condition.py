@@ -101,7 +101,9 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
     """
 
     _supports_gradient_checkpointing = True
+    # a decoder is one unit (`device_map`, FSDP wrapping), as are its blocks
     _no_split_modules: ClassVar[list[str]] = [
+        "CrossAttnStageDecoder",
         "BasicTransformerBlock",
         "ResnetBlock2D",
         "CrossAttnUpBlock2D",

@@ -108,6 +108,7 @@ class UViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _no_split_modules = ["BasicTransformerBlock"]  # a transformer block is one unit (`device_map`, FSDP wrapping)
 
     @register_to_config
     def __init__(

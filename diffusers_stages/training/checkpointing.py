@@ -15,6 +15,8 @@ import shutil
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
+from .sharding import gathered_networks
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it was interrupted
 FINISHED_MARKER = "training_finished.json"  # in the last step's checkpoint, once the run's final outputs are written
@@ -171,17 +173,20 @@ def _names(folders: list[str]) -> str:
 
 def register_checkpoint_hooks(accelerator: Accelerator, names: list[str], emas: dict[str, EMAModel]) -> None:
     """Make `accelerator.save_state` / `load_state` write and read each network as ``<dir>/<name>`` and its EMA as
-    ``<dir>/<name>_ema`` (`save_pretrained` folders), instead of anonymous state dicts."""
+    ``<dir>/<name>_ema`` (`save_pretrained` folders), instead of anonymous state dicts. A sharded (FSDP) network is
+    gathered and written the same way; it is resumed from Accelerate's shards, which its checkpoint holds too."""
 
     def save_hook(models, weights, output_dir):
+        networks = gathered_networks(accelerator, names, models)  # sharded (FSDP): every process joins the gathering
         if accelerator.is_main_process:
-            for name, model in zip(names, models):
-                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, name))
+            for name, network in networks.items():
+                network.save_pretrained(os.path.join(output_dir, name))
             for name, ema in emas.items():
                 ema.save_pretrained(os.path.join(output_dir, f"{name}_ema"))
         weights.clear()  # the folders above hold the weights; accelerate must not save them again
 
     def load_hook(models, input_dir):
+        # (sharded: `models` is empty, Accelerate has loaded the shards of its own checkpoint files)
         for name, model in zip(names, models):
             model = accelerator.unwrap_model(model)
             loaded = type(model).from_pretrained(_network_folder(input_dir, name))

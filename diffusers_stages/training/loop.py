@@ -52,6 +52,7 @@ from .data import (
     image_folder_records,
 )
 from .hub import LocalHubApi, create_hub_repo, model_card_text, push_output_folder
+from .sharding import check_sharded_run, gathered_networks
 from .state import LossLog, RunState, sample_grid, save_samples
 from .tasks import TrainingTask, noise_schedulers
 
@@ -136,6 +137,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
 
     # 4. networks, EMA, optimizer, learning-rate schedule; prepared, with save_pretrained checkpoint hooks
     networks = task.build_networks(in_channels, args.resolution // vae_factor, num_class_embeds)
+    check_sharded_run(accelerator, args, list(networks))
     emas, optimizer, lr_scheduler, max_train_steps = _optimisation(args, networks, accelerator, len(train_dataloader))
     *models, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         *networks.values(), optimizer, train_dataloader, lr_scheduler
@@ -409,8 +411,8 @@ def _finish(state: RunState, global_step: int) -> None:
     """The trained pipeline (EMA weights), its last sample grid, the model card and the upload."""
     accelerator, args, task = state.accelerator, state.args, state.task
     accelerator.wait_for_everyone()
+    trained = gathered_networks(accelerator, state.names, state.models)  # sharded (FSDP): every process joins
     if accelerator.is_main_process:
-        trained = state.unwrapped()
         for name, ema in state.emas.items():
             ema.copy_to(trained[name].parameters())
         task.save(trained, state.sampling_scheduler, state.vae, args.output_dir)

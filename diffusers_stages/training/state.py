@@ -15,6 +15,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.training_utils import EMAModel
 from diffusers.utils import is_tensorboard_available, make_image_grid
 
+from .sharding import is_sharded
 from .tasks import TrainingTask
 
 
@@ -98,7 +99,7 @@ def sample_grid(pipeline, args: argparse.Namespace, num_classes: int) -> tuple:
 def save_samples(state: RunState, step: int, use_ema: bool = True) -> str | None:
     """Sample a grid with the current (EMA) weights on the main process: ``samples/step_<N>.png`` and the tracker."""
     accelerator, args = state.accelerator, state.args
-    if not accelerator.is_main_process:
+    if not accelerator.is_main_process or is_sharded(accelerator):  # sharded: no process holds the whole network
         return None
     with state.ema_weights(use_ema) as networks:
         pipeline = state.task.pipeline(networks, state.sampling_scheduler, state.vae)

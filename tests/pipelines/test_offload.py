@@ -1,0 +1,164 @@
+"""Stage-aware offload (`enable_stage_offload`) on CPU: the same images as without it, and the accelerate hooks move
+exactly the expected stage networks, in the expected order (the execution device is the CPU here, so the moves cost
+nothing; the order and the resident set are what is checked)."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, HeunDiscreteScheduler, UNet2DModel
+
+from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
+from diffusers_stages.pipelines.offload import StageOffload
+from tests.conftest import TINY_UNET
+from tests.pipelines.conftest import KINDS, tiny_pipeline
+
+CPU = torch.device("cpu")
+
+
+def _images(pipe, **kwargs) -> np.ndarray:
+    kwargs = {"batch_size": 2, "num_inference_steps": 4, "output_type": "np", **kwargs}
+    return pipe(generator=torch.manual_seed(0), **kwargs).images
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The events of every `StageOffload`: ``("in" | "out", unit)`` per move and ``("call", unit, resident units)``
+    per stage-network call (after the hook made it resident)."""
+    events = []
+    move, activate = StageOffload._move, StageOffload.activate
+
+    def recording_move(self, unit, onload, non_blocking=False):
+        events.append(("in" if onload else "out", unit))
+        move(self, unit, onload, non_blocking)
+
+    def recording_activate(self, unit):
+        activate(self, unit)
+        events.append(("call", unit, frozenset(self.resident)))
+
+    monkeypatch.setattr(StageOffload, "_move", recording_move)
+    monkeypatch.setattr(StageOffload, "activate", recording_activate)
+    return events
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_images_and_one_network_resident(kind, prefetch, recorded):
+    pipe = tiny_pipeline(kind, num_class_embeds=4)
+    labels = {"class_labels": [0, 2], "guidance_scale": 2.0}
+    expected = _images(pipe, **labels)
+    pipe.enable_stage_offload(device="cpu", prefetch=prefetch)
+    assert pipe._execution_device == CPU
+    np.testing.assert_array_equal(_images(pipe, **labels), expected)  # bit for bit
+
+    # the hooks sit on the stage networks themselves: decoders, experts, backbones
+    offload = pipe._stage_offload
+    num_stages = len(offload.unit_of_stage)
+    networks = [pipe.stage_network(s) for s in range(num_stages)]
+    assert [offload.units[offload.unit_of_stage[s]] for s in range(num_stages)] == networks
+    if kind == "multistage":
+        assert networks == list(pipe.unet.decoders)
+    elif kind == "experts":
+        assert networks == list(pipe.experts.experts)
+    else:
+        assert networks == [pipe.deep, pipe.shallow]
+    assert all(hasattr(network, "_hf_hook") for network in networks)
+
+    # the calls follow the schedule; at each call its network is resident, with at most the next one (prefetch)
+    stages = [stage for _, stage in pipe.expert_schedule(4)]
+    calls = [event for event in recorded if event[0] == "call"]
+    assert [unit for _, unit, _ in calls] == stages
+    for i, (_, unit, resident) in enumerate(calls):
+        upcoming = {s for s in stages[i + 1 :] if s != unit}
+        allowed = {unit, min(upcoming, key=lambda s: stages.index(s, i))} if prefetch and upcoming else {unit}
+        assert unit in resident and resident <= allowed, (i, unit, resident)
+        if not prefetch:
+            assert resident == {unit}
+    assert not offload.resident  # the run ends with every stage network offloaded
+
+
+def test_move_order_of_a_three_stage_unet(recorded):
+    pipe = tiny_pipeline("multistage")
+    assert [stage for _, stage in pipe.expert_schedule(4)] == [2, 1, 0, 0]
+    pipe.enable_stage_offload(device="cpu", prefetch=False)
+    assert recorded == [("out", 0), ("out", 1), ("out", 2)]  # enabling offloads every decoder
+    recorded.clear()
+    _images(pipe)
+    assert recorded == [
+        ("in", 2), ("call", 2, {2}),
+        ("out", 2), ("in", 1), ("call", 1, {1}),
+        ("out", 1), ("in", 0), ("call", 0, {0}),
+        ("call", 0, {0}),
+        ("out", 0),
+    ]  # fmt: skip
+
+    pipe.enable_stage_offload(device="cpu")  # prefetch: the next decoder moves in after the last call before a switch
+    recorded.clear()
+    _images(pipe)
+    assert recorded == [
+        ("in", 2), ("call", 2, {2}), ("in", 1),
+        ("out", 2), ("call", 1, {1}), ("in", 0),
+        ("out", 1), ("call", 0, {0}),
+        ("call", 0, {0}),
+        ("out", 0),
+    ]  # fmt: skip
+
+
+def test_peak_is_the_rest_plus_the_largest_network(recorded):
+    """With experts of different sizes, the parameters resident at any call are the largest expert's at most."""
+    torch.manual_seed(0)
+    widths = (16, 8, 8)  # the clean expert is the largest
+    experts = [UNet2DModel(**{**TINY_UNET, "block_out_channels": (w, w)}).eval() for w in widths]
+    pipe = ExpertRoutingPipeline(ExpertRoutingModel(experts, stage_boundaries=(300, 600)), DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    expected = _images(pipe, num_inference_steps=6)
+    pipe.enable_stage_offload(device="cpu", prefetch=False)
+    np.testing.assert_array_equal(_images(pipe, num_inference_steps=6), expected)
+    sizes = [sum(p.numel() for p in expert.parameters()) for expert in experts]
+    resident = [sum(sizes[u] for u in event[2]) for event in recorded if event[0] == "call"]
+    assert max(resident) == max(sizes) and sorted(set(resident)) == sorted(set(sizes))
+
+
+def test_heun_pairs_and_a_rerun(recorded):
+    """A predictor/corrector pair stays with one network, and a second run re-plans from its own schedule."""
+    pipe = tiny_pipeline("experts", scheduler=HeunDiscreteScheduler())
+    expected = _images(pipe, num_inference_steps=3)
+    pipe.enable_stage_offload(device="cpu")
+    for _ in range(2):
+        np.testing.assert_array_equal(_images(pipe, num_inference_steps=3), expected)
+    calls = [unit for event, unit, *_ in recorded if event == "call"]
+    assert calls == 2 * [stage for _, stage in pipe.expert_schedule(3)]
+
+
+def test_an_unplanned_call_still_gets_its_network(recorded):
+    """A stage network called outside the pipeline (the routed path of the U-Net) is moved in on demand."""
+    pipe = tiny_pipeline("multistage")
+    pipe.enable_stage_offload(device="cpu")
+    recorded.clear()
+    pipe.unet(torch.randn(3, 3, 8, 8), torch.tensor([100, 500, 900]))
+    assert [event[1] for event in recorded if event[0] == "call"] == [0, 1, 2]
+    assert [event for event in recorded if event[0] == "call"][-1][2] == {2}
+
+
+def test_refused_with_model_cpu_offload_and_disabled():
+    pipe = tiny_pipeline("dual_backbone")
+    expected = _images(pipe)
+    pipe.enable_stage_offload(device="cpu")
+    with pytest.raises(ValueError, match="`enable_model_cpu_offload` cannot be combined with `enable_stage_offload`"):
+        pipe.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match="`enable_sequential_cpu_offload` cannot be combined"):
+        pipe.enable_sequential_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match="`prefetch` must be a bool, got 'yes'"):
+        pipe.enable_stage_offload(device="cpu", prefetch="yes")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="`device` must be given on a machine without an accelerator"):
+            pipe.enable_stage_offload()
+    pipe.disable_stage_offload()
+    assert pipe._stage_offload is None and not hasattr(pipe.deep, "_hf_hook")
+    np.testing.assert_array_equal(_images(pipe), expected)
+
+    pipe.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match=r"`enable_stage_offload` cannot be combined with .*hooked components: \["):
+        pipe.enable_stage_offload(device="cpu")
+    pipe.remove_all_hooks()
+    pipe.enable_stage_offload(device="cpu")
+    np.testing.assert_array_equal(_images(pipe), expected)
