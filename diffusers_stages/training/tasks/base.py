@@ -103,6 +103,22 @@ class TrainingTask:
         """Refuse training data that networks loaded from a checkpoint cannot take (a ValueError naming the
         argument); networks built from the arguments fit any data, so by default there is nothing to check."""
 
+    def read_records(self, args: argparse.Namespace):
+        """The training images and their labels when the task reads them itself (e.g. captions, see
+        `TextToImageTask`); None for the loop's own reading of `--train_data_dir` / `--dataset_name`."""
+        return None
+
+    @property
+    def uses_labels(self) -> bool:
+        """Whether each training image comes with a label index the loss conditions on (the class with
+        `--class_conditional`; a task may use them for something else, e.g. caption indices)."""
+        return self.args.class_conditional
+
+    def sample_inputs(self, count: int) -> dict | None:
+        """The pipeline-call arguments of a sample grid of ``count`` images besides the generator and step count;
+        None for the loop's own (``batch_size`` and class labels)."""
+        return None
+
     def draw(self, batch_size: int, generator: torch.Generator) -> Draw:
         raise NotImplementedError
 
