@@ -103,7 +103,12 @@ def test_experts_from_the_same_command(script, source, tmp_path):
     sd, data = source
     out = str(tmp_path / "experts")
     _run(script, ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption",
-                  *TINY, "--method", "experts", "--center_crop", "--max_train_steps", "2", "--output_dir", out])  # fmt: skip
+                  *TINY, "--method", "experts", "--center_crop", "--max_train_steps", "2", "--output_dir", out,
+                  "--push_to_hub", "--hub_model_id", "me/t2i", "--hub_local_dir", str(tmp_path / "hub")])  # fmt: skip
+    with open(tmp_path / "hub" / "me" / "t2i" / "README.md", encoding="utf-8") as f:
+        card = f.read()  # the source's noise schedule and a StableDiffusionPipeline to sample with
+    assert "DDIMScheduler, 1000 steps, linear, prediction type `epsilon`" in card
+    assert "pipe = StableDiffusionPipeline.from_pretrained(folder)" in card and "multi-expert" in card
     pipe = StableDiffusionPipeline.from_pretrained(out)
     assert type(pipe.unet) is ExpertRoutingModel and pipe.unet.config.stage_boundaries == [500]
     source_unet = StableDiffusionPipeline.from_pretrained(sd).unet.state_dict()

@@ -149,6 +149,16 @@ class TrainingTask:
         """Markdown for the model card: the method and its stages."""
         raise NotImplementedError
 
+    def usage(self, repo_id: str) -> list[str]:
+        """The model card's sampling code (lines)."""
+        call = "class_labels=[0]" if self.args.class_conditional else "batch_size=1"
+        return [
+            "from diffusers_stages import StagedDiffusionPipeline  # needs diffusers-stages installed",
+            "",
+            f'pipe = StagedDiffusionPipeline.from_pretrained("{repo_id}")  # runs no code from the repository',
+            f"image = pipe({call}).images[0]",
+        ]
+
     # helpers
     def _every_network_every_step(self, args: argparse.Namespace, count: int, kind: str) -> None:
         """Each of ``count`` networks gets a sample in every batch, unless a zero `--stage_shares` entry says not:

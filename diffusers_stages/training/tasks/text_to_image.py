@@ -268,3 +268,14 @@ class TextToImageTask(TrainingTask):
             f"Text-to-image: the U-Net of `{self.source}` fine-tuned as {kind}, every batch stratified over the "
             "stages; VAE and text encoder frozen.\n\n" + self._stage_table()
         )
+
+    def usage(self, repo_id):
+        return [
+            "import diffusers_stages  # registers the staged unet classes with diffusers' loaders",
+            "from diffusers import StableDiffusionPipeline",
+            "from huggingface_hub import snapshot_download",
+            "",
+            f'folder = snapshot_download("{repo_id}", allow_patterns=["*.json", "*.safetensors", "*.txt"])',
+            "pipe = StableDiffusionPipeline.from_pretrained(folder)  # runs no code from the repository",
+            'image = pipe("a photo of a cat").images[0]',
+        ]
