@@ -168,3 +168,13 @@ def test_old_path_runs_the_new_script(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(old, run_name="__main__")
     assert exit_info.value.code == 0 and "--validation_prompts" in capsys.readouterr().out
+
+
+def test_dataset_name_with_a_caption_column(script, source, tmp_path):
+    sd, data = source  # a local imagefolder that `datasets.load_dataset` reads: columns `image` and `caption`
+    out = str(tmp_path / "from-dataset")
+    base = ["--pretrained_model_name_or_path", sd, "--dataset_name", data, *TINY, "--max_train_steps", "1"]
+    _run(script, [*base, "--caption_column", "caption", "--output_dir", out])
+    assert type(StableDiffusionPipeline.from_pretrained(out).unet) is MultiStageUNet2DConditionModel
+    with pytest.raises(ValueError, match="`--caption_column` 'title' is not a column"):
+        _run(script, [*base, "--caption_column", "title", "--output_dir", str(tmp_path / "bad")])
