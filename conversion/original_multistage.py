@@ -76,7 +76,16 @@ TOP_LEVEL = {
 DECODER_OUT = {"0": "conv_norm_out", "2": "conv_out"}  # outs.{s}.{i}
 UNSUPPORTED_OPTIONS = {  # original option -> (value that converts, why other values do not)
     "dims": (2, "only 2D U-Nets have a diffusers UNet2DModel equivalent"),
-    "use_spatial_transformer": (False, "cross-attention conditioning has no place in UNet2DModel"),
+    "use_spatial_transformer": (
+        False,
+        (
+            "cross-attention conditioning has no place in UNet2DModel; the class-conditional ImageNet configs "
+            "(`cin-mul*`: spatial transformers attending to a ClassEmbedder's (B, 1, 512) context) are not converted "
+            "yet, as MultiStageUNet2DConditionModel lacks three traits of the original's decoders: tailored decoders "
+            "taking the encoder's skips unadapted, decoders attending at different levels (the `ds` counter), and "
+            "32-channel heads at every decoder width"
+        ),
+    ),
     "resblock_updown": (False, "UNet2DModel up/down-samples with convolutions, not residual blocks"),
     "conv_resample": (True, "UNet2DModel's down/up-samplers are convolutions"),
     "n_embed": (None, "codebook-id prediction heads have no UNet2DModel equivalent"),

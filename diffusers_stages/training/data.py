@@ -79,6 +79,21 @@ def hf_dataset_records(
     cache_dir: str | None = None,
 ) -> ImageRecords:
     """The ``train`` split of a `datasets` dataset (a Hub name, or a local path `datasets.load_dataset` reads)."""
+    dataset = load_train_split(
+        dataset_name, dataset_config_name, cache_dir, {"--image_column": image_column,
+                                                       "--label_column": label_column if class_conditional else None}
+    )  # fmt: skip
+    labels, class_names = None, []
+    if class_conditional:
+        labels = [int(x) for x in dataset[label_column]]
+        feature = dataset.features[label_column]
+        class_names = list(feature.names) if hasattr(feature, "names") else [str(i) for i in range(max(labels) + 1)]
+    return ImageRecords(lambda i: dataset[i][image_column], len(dataset), labels, class_names)
+
+
+def load_train_split(dataset_name: str, dataset_config_name: str | None, cache_dir: str | None, columns: dict):
+    """The ``train`` split of `--dataset_name`, checked to have the ``columns`` (``{argument: column or None}``); a
+    dataset that cannot be loaded or lacks a column is a `ValueError` naming the argument."""
     try:
         import datasets
     except ImportError:
@@ -91,18 +106,10 @@ def hf_dataset_records(
             f"`--dataset_name` {dataset_name!r} could not be loaded ({type(error).__name__}: {first_line}). Offline, "
             "use a dataset already in the `datasets` cache, a local path, or `--train_data_dir` (a folder of images)."
         ) from None
-    for column, flag in (
-        (image_column, "--image_column"),
-        (label_column if class_conditional else None, "--label_column"),
-    ):
+    for flag, column in columns.items():
         if column is not None and column not in dataset.column_names:
             raise ValueError(f"`{flag}` {column!r} is not a column of {dataset_name!r}: {dataset.column_names}.")
-    labels, class_names = None, []
-    if class_conditional:
-        labels = [int(x) for x in dataset[label_column]]
-        feature = dataset.features[label_column]
-        class_names = list(feature.names) if hasattr(feature, "names") else [str(i) for i in range(max(labels) + 1)]
-    return ImageRecords(lambda i: dataset[i][image_column], len(dataset), labels, class_names)
+    return dataset
 
 
 def preprocess_image(

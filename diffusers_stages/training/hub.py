@@ -100,10 +100,7 @@ def model_card_text(args: argparse.Namespace, task, steps: int, has_grid: bool) 
         "",
         f"- data: {data}, {args.resolution}x{args.resolution}, {space}"
         + (", class-conditional (last class embedding = unconditional)" if args.class_conditional else ""),
-        (
-            f"- noise schedule: {'EDM (sigma)' if args.boundary_units == 'sigma' else f'DDPM, {args.num_train_timesteps} steps, {args.ddpm_beta_schedule}'}"
-            f", prediction type `{args.prediction_type}`"
-        ),
+        f"- noise schedule: {_schedule_text(args, task.scheduler_config)}",
         (
             f"- {steps} optimisation steps, batch {args.train_batch_size} per device x {args.gradient_accumulation_steps} "
             f"accumulation, AdamW lr {args.learning_rate:g} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)"
@@ -113,15 +110,25 @@ def model_card_text(args: argparse.Namespace, task, steps: int, has_grid: bool) 
         "## Usage",
         "",
         "```python",
-        "from diffusers_stages import StagedDiffusionPipeline  # needs diffusers-stages installed",
-        "",
-        f'pipe = StagedDiffusionPipeline.from_pretrained("{args.hub_model_id}")  # runs no code from the repository',
-        f"image = pipe({'class_labels=[0]' if args.class_conditional else 'batch_size=1'}).images[0]",
+        *task.usage(args.hub_model_id),
         "```",
     ]
     if has_grid:
         lines += ["", "## Samples", "", "![samples](sample_grid.png)"]
     return "\n".join(lines)
+
+
+def _schedule_text(args: argparse.Namespace, source: dict | None) -> str:
+    """The noise schedule trained with: a fine-tuned source's scheduler config, else the arguments'."""
+    if source is not None:
+        kind = f"{source.get('_class_name')}, {source.get('num_train_timesteps')} steps, {source.get('beta_schedule')}"
+        return f"{kind}, prediction type `{source.get('prediction_type', 'epsilon')}`"
+    kind = (
+        "EDM (sigma)"
+        if args.boundary_units == "sigma"
+        else f"DDPM, {args.num_train_timesteps} steps, {args.ddpm_beta_schedule}"
+    )
+    return f"{kind}, prediction type `{args.prediction_type}`"
 
 
 def create_hub_repo(args: argparse.Namespace) -> str:

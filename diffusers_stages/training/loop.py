@@ -114,8 +114,10 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     existing, resume_path = _check_output_dir(args)
     if args.push_to_hub:
         create_hub_repo(args)
-    records = _read_records(args)
-    num_class_embeds = records.num_classes + 1 if args.class_conditional else None  # last index = null label
+    records = task.read_records(args)
+    if records is None:
+        records = _read_records(args)
+    num_class_embeds = records.num_classes + 1 if task.uses_labels else None  # last index = null label
     task.check_data(in_channels, args.resolution // vae_factor, num_class_embeds)
 
     # 2. accelerator, logging, output folder, seeds (the same initial weights on every process)
@@ -146,7 +148,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     noise_scheduler, sampling_scheduler = noise_schedulers(args, task.scheduler_config)
     state = RunState(
         accelerator, args, task, list(networks), models, emas, optimizer, lr_scheduler, noise_scheduler,
-        sampling_scheduler, vae, weight_dtype, records.num_classes if args.class_conditional else 0, max_train_steps,
+        sampling_scheduler, vae, weight_dtype, records.num_classes if task.uses_labels else 0, max_train_steps,
     )  # fmt: skip
 
     # 5. resume, trackers
@@ -356,7 +358,7 @@ def _train_step(state: RunState, batch: dict, generator: torch.Generator):
     clean = _clean_samples(state, batch, generator)
     batch_size = clean.shape[0]
     labels = None
-    if args.class_conditional:
+    if task.uses_labels:
         labels = batch["labels"].clone()
         drop = torch.rand(batch_size, generator=generator) < args.class_dropout_prob
         labels[drop.to(labels.device)] = null_class_label(state.num_classes + 1)

@@ -82,14 +82,19 @@ class LossLog:
         return logs
 
 
-def sample_grid(pipeline, args: argparse.Namespace, num_classes: int) -> tuple:
-    """``(PIL grid, images as NHWC array)`` of ``--num_sample_images`` samples, seeded by ``--seed``."""
+def sample_grid(pipeline, args: argparse.Namespace, num_classes: int, inputs: dict | None = None) -> tuple:
+    """``(PIL grid, images as NHWC array)`` of ``--num_sample_images`` samples, seeded by ``--seed``; ``inputs`` are
+    the pipeline's conditioning arguments (default: ``batch_size`` and the class labels ``0, 1, ...``)."""
     count = args.num_sample_images
-    labels = [i % num_classes for i in range(count)] if num_classes else None
+    if inputs is None:
+        inputs = {
+            "batch_size": count,
+            "class_labels": [i % num_classes for i in range(count)] if num_classes else None,
+        }
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(
-        batch_size=count, generator=torch.Generator().manual_seed(args.seed), num_inference_steps=args.num_inference_steps,
-        output_type="np", class_labels=labels,
+        **inputs, generator=torch.Generator().manual_seed(args.seed), num_inference_steps=args.num_inference_steps,
+        output_type="np",
     ).images  # fmt: skip
     cols = max(c for c in range(1, math.isqrt(count) + 1) if count % c == 0)
     pil = pipeline.numpy_to_pil(images)
@@ -105,7 +110,7 @@ def save_samples(state: RunState, step: int, use_ema: bool = True) -> str | None
         pipeline = state.task.pipeline(networks, state.sampling_scheduler, state.vae)
         if pipeline is None:
             return None
-        grid, images = sample_grid(pipeline, args, state.num_classes)
+        grid, images = sample_grid(pipeline, args, state.num_classes, state.task.sample_inputs(args.num_sample_images))
     path = os.path.join(args.output_dir, "samples", f"step_{step:06d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     grid.save(path)

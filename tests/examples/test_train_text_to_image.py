@@ -1,74 +1,180 @@
-"""`examples/text_to_image/train_text_to_image_multistage.py`: fine-tunes a staged Stable Diffusion U-Net on
-captioned images and saves a folder that `StableDiffusionPipeline` reloads (issue 15, part 5)."""
+"""`examples/multistage/train_text_to_image.py`: fine-tunes a Stable Diffusion U-Net on a captioned image folder as a
+multi-stage model or as experts (frozen VAE and text encoder, EMA, checkpoints), resumes exactly, and saves a folder
+that `StableDiffusionPipeline` reloads (issue 15, part 5)."""
 
 import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from safetensors.torch import load_file
 
-from diffusers_stages import MultiStageUNet2DConditionModel
+from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DConditionModel
 
-SCRIPT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    "examples",
-    "text_to_image",
-    "train_text_to_image_multistage.py",
-)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(REPO, "examples", "multistage", "train_text_to_image.py")
+TINY = ["--resolution", "16", "--train_batch_size", "4", "--num_sample_images", "2", "--num_inference_steps", "2",
+        "--logger", "none", "--learning_rate", "1e-2", "--save_images_steps", "1000"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_text_to_image_multistage", SCRIPT)
+    spec = importlib.util.spec_from_file_location("train_text_to_image_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 @pytest.fixture
-def source_and_data(tiny_sd_components, tmp_path):
+def source(tiny_sd_components, tmp_path):
+    """A tiny StableDiffusionPipeline folder and a 16-image folder with a metadata.jsonl of captions."""
     StableDiffusionPipeline(**tiny_sd_components).save_pretrained(tmp_path / "sd")
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
     lines = []
-    for i, caption in enumerate(["a red cat", "a blue cat", "a dog", "a cat"]):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (20, 18, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        lines.append(
+            json.dumps({"file_name": f"{i}.png", "caption": ["a red cat", "a dog", "cat", "a big cat"][i % 4]})
+        )
     (data / "metadata.jsonl").write_text("\n".join(lines))
-    return str(tmp_path / "sd"), str(data), tmp_path
+    return str(tmp_path / "sd"), str(data)
 
 
-@pytest.mark.parametrize("decoders_only", [False, True], ids=["all", "decoders_only"])
-def test_fine_tunes_every_decoder_and_saves_a_standard_folder(script, source_and_data, decoders_only, capsys):
-    source, data, tmp_path = source_and_data
-    argv = ["--pretrained_model_name_or_path", source, "--train_data_dir", data, "--output_dir", str(tmp_path / "out")]
-    argv += ["--stage_boundaries", "300", "600", "--stage_shares", "1", "1", "1", "--max_train_steps", "2"]
-    argv += ["--learning_rate", "1e-2"] + (["--train_decoders_only"] if decoders_only else [])
-    script.main(script.parse_args(argv))
-    assert capsys.readouterr().out.count("per stage {0: ") == 2  # every batch holds every stage
+def _weights(folder) -> dict:
+    return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
 
-    tuned = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
-    start = MultiStageUNet2DConditionModel.from_unet(StableDiffusionPipeline.from_pretrained(source).unet, (300, 600))
-    assert type(tuned.unet) is MultiStageUNet2DConditionModel and tuned.unet.partition == start.partition
-    tuned_weights, start_weights = tuned.unet.state_dict(), start.state_dict()
-    for stage in range(3):  # every decoder trained
-        key = f"decoders.{stage}.conv_out.weight"
-        assert not torch.equal(tuned_weights[key], start_weights[key]), key
-    assert torch.equal(tuned_weights["conv_in.weight"], start_weights["conv_in.weight"]) == decoders_only
-    tuned.set_progress_bar_config(disable=True)
-    image = tuned("a cat", num_inference_steps=2, output_type="np", generator=torch.manual_seed(0)).images
+
+def _run(script, argv: list[str]) -> str:
+    return script.main(script.parse_args(argv))
+
+
+def test_multistage_with_ema_resumes_exactly_and_reloads(script, source, tmp_path):
+    sd, data = source
+    # 16 images, batch 4: 4 steps per epoch; 6 steps cross an epoch, the checkpoint at step 2 is mid-epoch
+    args = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--stage_boundaries", "300", "600", "--use_ema", "--random_flip", "--max_train_steps", "6",
+            "--checkpointing_steps", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
+            "--validation_prompts", "a cat", "a dog", "--class_dropout_prob", "0.25"]  # fmt: skip
+    straight = str(tmp_path / "straight")
+    _run(script, [*args, "--output_dir", straight])
+
+    # the same run interrupted after step 2 (its checkpoint alone in the folder) and resumed: the same weights
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(os.path.join(straight, "checkpoint-2"), resumed / "checkpoint-2")
+    _run(script, [*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    for sub in ("unet", "checkpoint-6/unet", "checkpoint-6/unet_ema", "checkpoint-4/unet_ema"):
+        a, b = _weights(os.path.join(straight, sub)), _weights(resumed / sub)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+    # the final pipeline holds the EMA weights (as diffusers' script); every decoder and the encoder trained
+    final, ema = _weights(os.path.join(straight, "unet")), _weights(os.path.join(straight, "checkpoint-6", "unet_ema"))
+    raw = _weights(os.path.join(straight, "checkpoint-6", "unet"))
+    assert all(torch.equal(final[k], ema[k]) for k in final) and not all(torch.equal(final[k], raw[k]) for k in final)
+    start = MultiStageUNet2DConditionModel.from_unet(StableDiffusionPipeline.from_pretrained(sd).unet, (300, 600))
+    start = start.state_dict()
+    for key in (
+        "decoders.0.conv_out.weight",
+        "decoders.1.conv_out.weight",
+        "decoders.2.conv_out.weight",
+        "conv_in.weight",
+    ):
+        assert not torch.equal(raw[key], start[key]), key
+    assert os.path.isfile(os.path.join(straight, "sample_grid.png"))
+
+    # a standard StableDiffusionPipeline folder: reloads staged and samples the same images twice
+    pipe = StableDiffusionPipeline.from_pretrained(straight)
+    assert type(pipe.unet) is MultiStageUNet2DConditionModel and pipe.unet.config.stage_boundaries == [300, 600]
+    pipe.set_progress_bar_config(disable=True)
+    images = [
+        pipe("a cat", num_inference_steps=2, output_type="np", generator=torch.manual_seed(0)).images for _ in "ab"
+    ]
+    assert images[0].shape == (1, 16, 16, 3) and np.isfinite(images[0]).all() and (images[0] == images[1]).all()
+
+
+def test_experts_from_the_same_command(script, source, tmp_path):
+    sd, data = source
+    out = str(tmp_path / "experts")
+    _run(script, ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption",
+                  *TINY, "--method", "experts", "--center_crop", "--max_train_steps", "2", "--output_dir", out,
+                  "--push_to_hub", "--hub_model_id", "me/t2i", "--hub_local_dir", str(tmp_path / "hub")])  # fmt: skip
+    with open(tmp_path / "hub" / "me" / "t2i" / "README.md", encoding="utf-8") as f:
+        card = f.read()  # the source's noise schedule and a StableDiffusionPipeline to sample with
+    assert "DDIMScheduler, 1000 steps, linear, prediction type `epsilon`" in card
+    assert "pipe = StableDiffusionPipeline.from_pretrained(folder)" in card and "multi-expert" in card
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert type(pipe.unet) is ExpertRoutingModel and pipe.unet.config.stage_boundaries == [500]
+    source_unet = StableDiffusionPipeline.from_pretrained(sd).unet.state_dict()
+    for expert in pipe.unet.experts:  # both experts trained (each on its own half of the schedule)
+        assert not torch.equal(expert.state_dict()["conv_out.weight"], source_unet["conv_out.weight"])
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a dog", num_inference_steps=2, output_type="np", generator=torch.manual_seed(0)).images
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
 
+    # a routed source keeps its experts and stages: trains again with --method experts only
+    base = ["--pretrained_model_name_or_path", out, "--train_data_dir", data, "--caption_column", "caption", *TINY]
+    with pytest.raises(SystemExit):
+        script.parse_args([*base, "--output_dir", str(tmp_path / "again")])  # default --method multistage
+    assert (
+        script.parse_args([*base, "--method", "experts", "--output_dir", str(tmp_path / "again")]).method == "experts"
+    )
 
-def test_refuses_bad_arguments_by_name(script, source_and_data, tmp_path):
-    source, data, _ = source_and_data
-    base = ["--pretrained_model_name_or_path", source, "--output_dir", str(tmp_path / "o")]
-    with pytest.raises(ValueError, match="learning_rate"):
-        script.parse_args([*base, "--train_data_dir", data, "--learning_rate", "nan"])
-    with pytest.raises(ValueError, match="metadata.jsonl"):
-        script.main(script.parse_args([*base, "--train_data_dir", str(tmp_path), "--max_train_steps", "1"]))
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--caption_column", "text"], "`--caption_column` 'text'"),
+        (["--caption_column", "caption", "--prediction_type", "v_prediction"], "`--prediction_type` v_prediction"),
+        (["--caption_column", "caption", "--stage_boundaries", "700", "300"], "`--stage_boundaries`"),
+        (["--caption_column", "caption", "--train_batch_size", "2"], "`--train_batch_size` 2"),
+        (["--caption_column", "caption", "--class_conditional"], "`--class_conditional`"),
+        (["--caption_column", "caption", "--method", "experts", "--train_decoders_only"], "--train_decoders_only"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(script, source, tmp_path, capsys, extra, message):
+    sd, data = source
+    argv = [
+        "--pretrained_model_name_or_path",
+        sd,
+        "--train_data_dir",
+        data,
+        *TINY,
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    argv += extra
+    try:
+        _run(script, argv)
+    except SystemExit:
+        assert message in capsys.readouterr().err
+    except ValueError as error:  # found when the data are read
+        assert message in str(error)
+    else:
+        pytest.fail(f"{extra} was accepted")
+
+
+def test_old_path_runs_the_new_script(monkeypatch, capsys):
+    import runpy
+
+    old = os.path.join(REPO, "examples", "text_to_image", "train_text_to_image_multistage.py")
+    monkeypatch.setattr("sys.argv", [old, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(old, run_name="__main__")
+    assert exit_info.value.code == 0 and "--validation_prompts" in capsys.readouterr().out
+
+
+def test_dataset_name_with_a_caption_column(script, source, tmp_path):
+    sd, data = source  # a local imagefolder that `datasets.load_dataset` reads: columns `image` and `caption`
+    out = str(tmp_path / "from-dataset")
+    base = ["--pretrained_model_name_or_path", sd, "--dataset_name", data, *TINY, "--max_train_steps", "1"]
+    _run(script, [*base, "--caption_column", "caption", "--output_dir", out])
+    assert type(StableDiffusionPipeline.from_pretrained(out).unet) is MultiStageUNet2DConditionModel
+    with pytest.raises(ValueError, match="`--caption_column` 'title' is not a column"):
+        _run(script, [*base, "--caption_column", "title", "--output_dir", str(tmp_path / "bad")])

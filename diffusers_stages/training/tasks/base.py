@@ -105,6 +105,22 @@ class TrainingTask:
         """Refuse training data that networks loaded from a checkpoint cannot take (a ValueError naming the
         argument); networks built from the arguments fit any data, so by default there is nothing to check."""
 
+    def read_records(self, args: argparse.Namespace):
+        """The training images and their labels when the task reads them itself (e.g. captions, see
+        `TextToImageTask`); None for the loop's own reading of `--train_data_dir` / `--dataset_name`."""
+        return None
+
+    @property
+    def uses_labels(self) -> bool:
+        """Whether each training image comes with a label index the loss conditions on (the class with
+        `--class_conditional`; a task may use them for something else, e.g. caption indices)."""
+        return self.args.class_conditional
+
+    def sample_inputs(self, count: int) -> dict | None:
+        """The pipeline-call arguments of a sample grid of ``count`` images besides the generator and step count;
+        None for the loop's own (``batch_size`` and class labels)."""
+        return None
+
     def draw(self, batch_size: int, generator: torch.Generator) -> Draw:
         raise NotImplementedError
 
@@ -134,6 +150,16 @@ class TrainingTask:
     def description(self) -> str:
         """Markdown for the model card: the method and its stages."""
         raise NotImplementedError
+
+    def usage(self, repo_id: str) -> list[str]:
+        """The model card's sampling code (lines)."""
+        call = "class_labels=[0]" if self.args.class_conditional else "batch_size=1"
+        return [
+            "from diffusers_stages import StagedDiffusionPipeline  # needs diffusers-stages installed",
+            "",
+            f'pipe = StagedDiffusionPipeline.from_pretrained("{repo_id}")  # runs no code from the repository',
+            f"image = pipe({call}).images[0]",
+        ]
 
     # helpers
     def _every_network_every_step(self, args: argparse.Namespace, count: int, kind: str) -> None:

@@ -1,0 +1,277 @@
+"""Text-to-image fine-tuning of a Stable Diffusion pipeline's U-Net, staged (one shared encoder, one decoder per stage)
+or as experts (one `UNet2DConditionModel` per stage), with the VAE and the text encoder frozen.
+
+The captions ride on the loop's label indices: image ``i``'s label is ``i``, the loss encodes caption ``i`` with the
+frozen text encoder, and the null label (index ``len(images)``, used by `--class_dropout_prob`) is the empty caption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.modeling_utils import ModelMixin
+
+from ...conventions import paper_boundaries
+from ...loss import diffusion_loss
+from ...models.expert_routing import ExpertRoutingModel, expert_folder
+from ...models.unet_multistage_condition import MultiStageUNet2DConditionModel
+from ...partition import TimestepPartition
+from ...planning.data import open_image_file
+from ..args import partition_from_args
+from ..data import ImageRecords, load_train_split
+from .base import Draw, TrainingTask
+
+METHODS = ("multistage", "experts")
+SOURCE_UNETS = ("UNet2DConditionModel", "MultiStageUNet2DConditionModel", "ExpertRoutingModel")
+
+
+def captioned_folder(folder: str, caption_column: str) -> tuple[list[str], list[str]]:
+    """``(image paths, captions)`` of an image folder with a ``metadata.jsonl`` (one ``{"file_name": ...,
+    "<caption_column>": ...}`` per line, the `datasets` image-folder convention); every image is decoded once here."""
+    index = os.path.join(folder, "metadata.jsonl")
+    if not os.path.isfile(index):
+        raise ValueError(
+            f"`--train_data_dir` must hold a metadata.jsonl (one `file_name` and `{caption_column}` per line), got "
+            f"{folder!r}."
+        )
+    paths, captions = [], []
+    with open(index, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or "file_name" not in entry or caption_column not in entry:
+                raise ValueError(
+                    f"`--caption_column` {caption_column!r}: {index} line {number} must have `file_name` and "
+                    f"`{caption_column}`, got {line.strip()!r}."
+                )
+            paths.append(os.path.join(folder, entry["file_name"]))
+            captions.append(str(entry[caption_column]))
+    if not paths:
+        raise ValueError(f"`--train_data_dir` {folder!r}: its metadata.jsonl lists no images.")
+    for path in paths:  # decode every file once before training starts: a bad one stops the run, named
+        open_image_file(path, "--train_data_dir").close()
+    return paths, captions
+
+
+class TextToImageTask(TrainingTask):
+    """Fine-tune the ``unet`` of a `StableDiffusionPipeline` folder on captioned images, as a
+    `MultiStageUNet2DConditionModel` (`--method multistage`) or as an `ExpertRoutingModel` of
+    `UNet2DConditionModel`s (`--method experts`); the result is a `StableDiffusionPipeline` folder again.
+
+    A plain source ``unet`` is warm-started exactly (every decoder, or every expert, a copy of it) at
+    `--stage_boundaries`; a staged or routed source keeps its stages."""
+
+    tags = ("text-to-image", "stable-diffusion")
+
+    def __init__(self, args: argparse.Namespace):
+        # the source's configs (no weights yet): the stages, the noise schedule and every check follow them
+        self.source = args.pretrained_model_name_or_path
+        try:
+            index = DiffusionPipeline.load_config(self.source)
+            self.unet_config = UNet2DConditionModel.load_config(self.source, subfolder="unet")
+            self.scheduler_config = DDPMScheduler.load_config(self.source, subfolder="scheduler")
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {self.source!r} is not a Stable Diffusion pipeline folder or Hub "
+                f"repository (model_index.json, unet/, scheduler/): {error}"
+            ) from None
+        if index.get("_class_name") != "StableDiffusionPipeline":
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {self.source!r} is a {index.get('_class_name')}, not a "
+                "StableDiffusionPipeline (SDXL's extra text encoder and size conditioning are not trained here)."
+            )
+        self.unet_class = self.unet_config.get("_class_name")
+        if self.unet_class not in SOURCE_UNETS:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {self.source!r} holds a {self.unet_class} as its unet, not one of "
+                f"{list(SOURCE_UNETS)}."
+            )
+        kept = {"MultiStageUNet2DConditionModel": "multistage", "ExpertRoutingModel": "experts"}.get(self.unet_class)
+        if kept is not None and kept != args.method:
+            raise ValueError(
+                f"`--method {args.method}`: the source unet is a {self.unet_class}, which trains with `--method {kept}`."
+            )
+        if args.class_conditional or args.stage_sampling != "mixed":
+            raise ValueError(
+                "`--class_conditional` and `--stage_sampling` other than `mixed` are refused: the captions condition "
+                "the model and every batch is stratified over the stages."
+            )
+        source_type = self.scheduler_config.get("prediction_type", "epsilon")
+        if args.prediction_type is not None and args.prediction_type != source_type:
+            raise ValueError(
+                f"`--prediction_type` {args.prediction_type} disagrees with the source's scheduler ({source_type}): "
+                "the prediction type is the model's, drop the argument or give the source's."
+            )
+        self.method = {"multistage": "multi-stage multi-decoder U-Net", "experts": "multi-expert denoisers"}[
+            args.method
+        ]
+        self.text_encoder = self.tokenizer = self.token_ids = self._vae = None  # loaded with the networks
+        self.captions: list[str] = []
+        super().__init__(args)
+
+    # what the loop reads before any weights load
+    def training_vae(self, args):
+        return self.source, "vae"
+
+    def build_partition(self, args):
+        steps = self.scheduler_config.get("num_train_timesteps", 1000)
+        if self.unet_class != "UNet2DConditionModel":  # a staged or routed source keeps its stages
+            if args.stage_boundaries is not None:
+                raise ValueError(
+                    f"`--stage_boundaries` is refused: the source unet is a {self.unet_class}, whose stages "
+                    f"{self.unet_config['stage_boundaries']} are kept."
+                )
+            partition = TimestepPartition.from_config({"num_train_timesteps": steps, **self.unet_config})
+        else:
+            default = paper_boundaries("timestep", steps) if args.method == "multistage" else [steps // 2]
+            args_steps = argparse.Namespace(**{**vars(args), "num_train_timesteps": steps})  # the source's schedule
+            partition = partition_from_args(args_steps, TimestepPartition(default, steps))
+        if partition.units != "timestep":
+            raise ValueError(
+                f"The source's stages are in {partition.units!r} units; Stable Diffusion's are timesteps."
+            )
+        if args.train_decoders_only and args.method != "multistage":
+            raise ValueError(
+                "`--train_decoders_only` freezes a staged model's shared encoder: it needs `--method multistage`."
+            )
+        self._every_network_every_step(
+            args, partition.num_stages, "decoder" if args.method == "multistage" else "expert"
+        )
+        return partition
+
+    @property
+    def downsampling(self):
+        return 2 ** (len(self._network_config()["block_out_channels"]) - 1)
+
+    def _network_config(self) -> dict:
+        """The config of one network: the staged model's, or the first expert's."""
+        if self.unet_class != "ExpertRoutingModel":
+            return self.unet_config
+        return UNet2DConditionModel.load_config(self.source, subfolder=os.path.join("unet", expert_folder(0)))
+
+    @property
+    def uses_labels(self):
+        return True  # label i = caption i
+
+    def read_records(self, args):
+        """The images and their captions (label ``i`` = caption ``i``; the null label is the empty caption)."""
+        if args.train_data_dir is not None:
+            paths, captions = captioned_folder(args.train_data_dir, args.caption_column)
+            load = lambda i: open_image_file(paths[i], "--train_data_dir")  # noqa: E731
+        else:
+            columns = {"--image_column": args.image_column, "--caption_column": args.caption_column}
+            dataset = load_train_split(args.dataset_name, args.dataset_config_name, args.cache_dir, columns)
+            captions = [str(c) for c in dataset[args.caption_column]]
+            load = lambda i: dataset[i][args.image_column]  # noqa: E731
+        self.captions = captions
+        return ImageRecords(load, len(captions), list(range(len(captions))), captions)
+
+    def check_data(self, in_channels, sample_size, num_class_embeds):
+        config = self._network_config()
+        if in_channels != config["in_channels"]:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {self.source!r}: its VAE gives {in_channels}-channel latents but "
+                f"its unet takes {config['in_channels']} channels."
+            )
+
+    # the networks, the frozen text encoder, the steps
+    def build_networks(self, in_channels, sample_size, num_class_embeds):
+        # 1. the frozen text encoder and the captions' tokens (the empty caption last: the null label)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            self.source, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            torch_dtype=torch.float32, use_safetensors=True,
+        )  # fmt: skip
+        self.text_encoder, self.tokenizer, self._vae = pipe.text_encoder.eval(), pipe.tokenizer, pipe.vae
+        self.text_encoder.requires_grad_(False)
+        self.token_ids = self.tokenizer(
+            [*self.captions, ""], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+
+        # 2. the networks: kept (staged, routed source) or warm-started exactly from the plain unet
+        unet, partition = pipe.unet, self.partition
+        if self.args.method == "multistage":
+            if self.unet_class == "UNet2DConditionModel":
+                unet = MultiStageUNet2DConditionModel.from_unet(unet, partition.boundaries, num_train_timesteps=partition.num_train_timesteps)  # fmt: skip
+            if self.args.train_decoders_only:
+                unet.requires_grad_(False)
+                unet.decoders.requires_grad_(True)
+            return {"unet": unet.train()}
+        experts = unet.experts if self.unet_class == "ExpertRoutingModel" else [
+            copy.deepcopy(unet) for _ in range(partition.num_stages)
+        ]  # fmt: skip
+        return {expert_folder(i): expert.train() for i, expert in enumerate(experts)}
+
+    def draw(self, batch_size, generator):
+        # every batch stratified over the stages: each sample to its stage's decoder (or expert)
+        timesteps, stages = self._stratified(batch_size, generator)
+        network = torch.zeros_like(stages) if self.args.method == "multistage" else stages
+        return Draw(torch.arange(batch_size), timesteps, network)
+
+    @torch.no_grad()
+    def encode_captions(self, labels: torch.Tensor) -> torch.Tensor:
+        """The frozen text encoder's hidden states of the captions ``labels`` index (the null label: ``""``)."""
+        self.text_encoder.to(labels.device)
+        return self.text_encoder(self.token_ids[labels.cpu()].to(labels.device))[0]
+
+    def loss(self, network, noise_scheduler, clean, timesteps, noise, class_labels=None):
+        text = self.encode_captions(class_labels)
+        return diffusion_loss(
+            network, noise_scheduler, clean, timesteps, noise=noise, model_kwargs={"encoder_hidden_states": text},
+            snr_gamma=self.args.snr_gamma,
+        )  # fmt: skip
+
+    # sampling and saving
+    def sample_inputs(self, count):
+        prompts = self.args.validation_prompts or self.captions[:count]
+        return {"prompt": [prompts[i % len(prompts)] for i in range(count)]}
+
+    def _unet(self, networks: dict[str, ModelMixin]) -> ModelMixin:
+        if self.args.method == "multistage":
+            return networks["unet"]
+        experts = [networks[expert_folder(i)] for i in range(self.partition.num_stages)]
+        prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        return ExpertRoutingModel(experts, prediction_type=prediction_type, **self.partition.to_config())
+
+    def pipeline(self, networks, scheduler, vae=None):
+        # the fp32 VAE of the source (the training one may be in the mixed-precision dtype)
+        return StableDiffusionPipeline(
+            vae=self._vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self._unet(networks),
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+
+    def save(self, networks, scheduler, vae, output_dir):
+        # the source's own components (safety checker included) with the trained unet and the sampling scheduler
+        pipe = StableDiffusionPipeline.from_pretrained(
+            self.source, unet=self._unet(networks), scheduler=scheduler, text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer, vae=self._vae, use_safetensors=True,
+        )  # fmt: skip
+        pipe.save_pretrained(output_dir)
+
+    def description(self):
+        kind = (
+            "a multi-stage multi-decoder U-Net (Zhang et al., CVPR 2024): one shared encoder, one decoder per stage"
+            if self.args.method == "multistage"
+            else "one `UNet2DConditionModel` expert per stage, routed by timestep (MEME, Lee et al., AAAI 2024)"
+        )
+        return (
+            f"Text-to-image: the U-Net of `{self.source}` fine-tuned as {kind}, every batch stratified over the "
+            "stages; VAE and text encoder frozen.\n\n" + self._stage_table()
+        )
+
+    def usage(self, repo_id):
+        return [
+            "import diffusers_stages  # registers the staged unet classes with diffusers' loaders",
+            "from diffusers import StableDiffusionPipeline",
+            "from huggingface_hub import snapshot_download",
+            "",
+            f'folder = snapshot_download("{repo_id}", allow_patterns=["*.json", "*.safetensors", "*.txt"])',
+            "pipe = StableDiffusionPipeline.from_pretrained(folder)  # runs no code from the repository",
+            'image = pipe("a photo of a cat").images[0]',
+        ]

@@ -1,0 +1,36 @@
+"""`benchmarks/bench_text_to_image.py`: one tiny run; the warm start costs the plain U-Net's FLOPs exactly, tailored
+decoders scale them, and attention is counted (explicit-matmul processors while counting)."""
+
+import os
+import sys
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from benchmarks import bench_text_to_image as bench  # noqa: E402
+from benchmarks.measure import count_flops  # noqa: E402
+
+
+def test_attention_flops_are_counted_only_with_explicit_matmuls():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**bench.unet_kwargs(4)).eval()
+    x, text = torch.randn(1, 4, 4, 4), torch.randn(1, 77, 256)
+    with torch.inference_mode():
+        sdpa, _ = count_flops(lambda: unet(x, 10, text))
+        unet.set_attn_processor(AttnProcessor())
+        explicit, _ = count_flops(lambda: unet(x, 10, text))
+    assert explicit > sdpa  # scaled_dot_product_attention on CPU counts 0 FLOPs
+
+
+@pytest.mark.slow
+def test_tiny_run_reports_ratios_against_the_same_run(capsys):
+    args = bench.parse_args(["--latent_size", "8", "--steps", "1", "--repeats", "1", "--train_batch", "3"])
+    rows = {name: values for name, values, _, _ in bench.main(args)}
+    calls = [values for name, values in rows.items() if name.startswith("U-Net call FLOPs")]
+    assert all(v["warm start"] == v["plain"] for name, v in rows.items() if "FLOPs" in name)
+    assert calls[0]["tailored"] > calls[0]["plain"] and calls[2]["tailored"] < calls[2]["plain"]  # x1.5 / x0.5
+    assert "routing overhead inside StableDiffusionPipeline" in capsys.readouterr().out
