@@ -1,11 +1,15 @@
 """Checkpoint folders (latest complete one, pruning, leftovers of killed runs) and the Hub push: file selection and
 model card, offline."""
 
+import argparse
 import os
+from types import SimpleNamespace
 
 import huggingface_hub.constants
 import pytest
+from diffusers import DDIMScheduler, UNet2DModel
 
+from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
 from diffusers_stages.training import LocalHubApi, push_output_folder
 from diffusers_stages.training.checkpointing import (
     COMPLETE_MARKER,
@@ -16,6 +20,8 @@ from diffusers_stages.training.checkpointing import (
     resolve_resume_checkpoint,
     skipped_checkpoints,
 )
+from diffusers_stages.training.hub import assembled_experts_card_text, model_card_text, write_model_card
+from tests.conftest import TINY_UNET
 
 
 def _touch(path):
@@ -95,10 +101,55 @@ def test_push_selects_files_like_the_hub_and_writes_a_card(tmp_path, monkeypatch
                  "logs/run/events.out", "samples/step_000005.png"):  # fmt: skip
         _touch(str(out / name))
     push_output_folder(
-        str(out), "me/model", "My *description*.", ["multi-stage"], api=LocalHubApi(str(tmp_path / "hub"))
-    )
+        str(out), "me/model", "My *description*.", ["multi-stage"], api=LocalHubApi(str(tmp_path / "hub")),
+        class_conditional=False,
+    )  # fmt: skip
     pushed = tmp_path / "hub" / "me" / "model"
     files = sorted(os.path.relpath(os.path.join(r, f), pushed) for r, _, fs in os.walk(pushed) for f in fs)
     assert files == ["README.md", "model_index.json", "sample_grid.png", "unet/config.json"]
     card = (pushed / "README.md").read_text()
     assert "My *description*." in card and "multi-stage" in card and "library_name: diffusers" in card
+    assert "- unconditional-image-generation" in card and "class-conditional" not in card
+
+
+def _card_args(**overrides) -> argparse.Namespace:
+    values = dict(hub_model_id="me/model", train_data_dir="data/digits", dataset_name=None, resolution=8,
+                  class_conditional=True, boundary_units="timestep", ddpm_num_steps=1000, ddpm_beta_schedule="linear",
+                  prediction_type="epsilon", train_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-4,
+                  lr_scheduler="constant", lr_warmup_steps=0, mixed_precision=None, use_ema=False, seed=0,
+                  num_sample_images=4, num_inference_steps=3, assemble_experts=["run0", "run1"])  # fmt: skip
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def _readme_python(card: str) -> str:
+    return card.split("```python\n")[1].split("```")[0]
+
+
+@pytest.mark.parametrize("class_conditional", [True, False])
+def test_training_card_tags_installs_and_samples(tmp_path, monkeypatch, class_conditional):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    task = SimpleNamespace(vae_path=None, method="multi-stage multi-decoder U-Net", description=lambda: "Stages.")
+    args = _card_args(class_conditional=class_conditional)
+    text = model_card_text(args, task, steps=3, has_grid=True)
+    card = open(
+        write_model_card(str(tmp_path), "me/model", text, ["multi-stage"], class_conditional=class_conditional)
+    ).read()
+    tag = "class-conditional-image-generation" if class_conditional else "unconditional-image-generation"
+    assert f"- {tag}" in card and card.count("image-generation") == 1
+    assert "not on a package index" in card and "`pip install .`" in card and "pypi.org" not in card
+    call = "pipe(class_labels=[0])" if class_conditional else "pipe(batch_size=1)"
+    assert call in _readme_python(card) and "![samples](sample_grid.png)" in card
+
+
+def test_assembled_experts_card_has_usage_settings_and_grid(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    experts = [UNet2DModel(**TINY_UNET, num_class_embeds=4, class_embed_type=None) for _ in range(2)]
+    pipe = ExpertRoutingPipeline(ExpertRoutingModel(experts, stage_boundaries=[500]), DDIMScheduler())
+    text = assembled_experts_card_text(_card_args(), pipe, has_grid=True)
+    card = open(write_model_card(str(tmp_path), "me/experts", text, ["meme"], class_conditional=True)).read()
+    for part in ("MEME", "| 0 | [0, 500) |", "| 1 | [500, 1000) |", "## Settings", "`UNet2DModel`", "3 classes",
+                 "`DDIMScheduler`, 1000 training steps, prediction type `epsilon`", "4 samples, 3 steps, seed 0",
+                 "- class-conditional-image-generation", "![samples](sample_grid.png)"):  # fmt: skip
+        assert part in card, part
+    usage = _readme_python(card)
+    assert 'ExpertRoutingPipeline.from_pretrained("me/model")' in usage and "class_labels=[0]" in usage

@@ -14,6 +14,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from ...partition import TimestepPartition
 from ...schedulers import is_edm_scheduler
 from ...timestep_sampling import stratified_timesteps
+from ..hub import stage_table
 from ..loss import diffusion_loss
 
 SCRIPT_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds", "num_train_timesteps",
@@ -152,6 +153,4 @@ class TrainingTask:
         return {**config, **values}
 
     def _stage_table(self) -> str:
-        unit = "t" if self.partition.units == "timestep" else "sigma"
-        rows = [f"| {s} | [{lo:g}, {hi:g}) |" for s, (lo, hi) in enumerate(self.partition.intervals())]
-        return f"| stage (0 = cleanest) | {unit} interval |\n| --- | --- |\n" + "\n".join(rows)
+        return stage_table(self.partition)
