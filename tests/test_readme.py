@@ -17,7 +17,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DModel
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DModel
 
 from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, MultiStagePipeline, MultiStageUNet2DModel
 from tests.conftest import TINY_UNET
@@ -95,7 +95,9 @@ def _no_run_entry(block: Block) -> str:
 
 
 def _run(block: Block, tmp_path: Path, components: dict, steps: int | None = None) -> None:
-    code = block.code if steps is None else block.code.replace("num_inference_steps=50", f"num_inference_steps={steps}")
+    code = (
+        block.code if steps is None else block.code.replace("num_inference_steps=50", f"num_inference_steps={steps}")
+    )
     if "no-run" in block.tags:
         _, write_stand_in, replacements = NO_RUN[_no_run_entry(block)]
         write_stand_in(tmp_path, components)
