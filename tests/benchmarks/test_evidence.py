@@ -4,6 +4,7 @@ The benchmark itself is `python benchmarks/run_evidence.py --quick`."""
 import os
 import sys
 
+import matplotlib.pyplot
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -14,7 +15,7 @@ from benchmarks.evidence.data import load_images
 from benchmarks.evidence.flops import count_flops, sampling_flops_per_image
 from benchmarks.evidence.metric import Evaluator, FeatureClassifier, train_classifier
 from benchmarks.evidence.presets import get_preset
-from benchmarks.evidence.report import verdicts, write_markdown, write_plots
+from benchmarks.evidence.report import quality_plots, verdicts, write_markdown, write_plots
 from benchmarks.evidence.sampling import generate, seconds_per_image, single_model_pipeline
 from benchmarks.evidence.training import train_with_budget, uniform_timesteps
 
@@ -152,8 +153,31 @@ def test_verdicts_and_report(tmp_path):
     write_markdown(str(tmp_path / "RESULTS.md"), header, rows, 1.0)
     text = (tmp_path / "RESULTS.md").read_text()
     assert "not FID" in text and "| MultiStageUNet2DModel | 0.500 | 50% | 19.00 |" in text and "Not run." in text
-    for path in write_plots(str(tmp_path), rows, 5.0):
+    for path in write_plots(str(tmp_path), rows, 5.0, spread=1.0):
         assert os.path.getsize(path) > 1000
+
+
+def test_plots_distinct_markers_seed_band_linear_axes():
+    rows = [row("1", "UNet2DModel", f, fd) for f, fd in [(0.5, 30.0), (1.0, 20.0)]]
+    rows += [row("1", "MultiStageUNet2DModel", f, fd) for f, fd in [(0.5, 19.0), (1.0, 15.0)]]
+    rows += [row("3", "UNet2DModel", 1.0, 20.0, 0.010, 1.0), row("3", "DuoDiff switch 0.5", 1.0, 20.5, 0.005, 0.5)]
+    rows += [row("3", "early exit, full depth", 1.0, 25.0, 0.008, 0.8)]
+    figures = quality_plots(rows, reference_fd=5.0, spread=2.0)
+    for fig in figures.values():
+        ax = fig.axes[0]
+        assert ax.get_xscale() == ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
+    flops = figures["quality_vs_train_flops.png"].axes[0]
+    markers = [
+        line.get_marker() for line in flops.get_lines() if line.get_label() in ("UNet2DModel", "MultiStageUNet2DModel")
+    ]
+    assert len(set(markers)) == 2
+    # the seed band: FD +- 2 around each multi-snapshot series
+    band = flops.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == 18.0 and band.max() == 32.0
+    timing = figures["quality_vs_sampling_time.png"].axes[0]
+    assert len({c.lines[0].get_marker() for c in timing.containers}) == 3  # one per method, with error bars
+    for fig in figures.values():
+        matplotlib.pyplot.close(fig)
 
 
 @pytest.mark.parametrize("name", ["data", "metric", "flops"])
