@@ -14,8 +14,11 @@ from diffusers import AutoencoderKL, SchedulerMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.training_utils import EMAModel
 from diffusers.utils import is_tensorboard_available, make_image_grid
+from PIL import Image
 
 from .tasks import TrainingTask
+
+GRID_TILE_SIZE = 64  # smaller samples (8x8 digits) are upscaled to this, nearest-neighbour, so the grid shows them
 
 
 @dataclass
@@ -82,7 +85,8 @@ class LossLog:
 
 
 def sample_grid(pipeline, args: argparse.Namespace, num_classes: int) -> tuple:
-    """``(PIL grid, images as NHWC array)`` of ``--num_sample_images`` samples, seeded by ``--seed``."""
+    """``(PIL grid, images as NHWC array)`` of ``--num_sample_images`` samples, seeded by ``--seed``; in the grid,
+    samples under `GRID_TILE_SIZE` pixels are upscaled nearest-neighbour (the array keeps their own size)."""
     count = args.num_sample_images
     labels = [i % num_classes for i in range(count)] if num_classes else None
     pipeline.set_progress_bar_config(disable=True)
@@ -92,6 +96,9 @@ def sample_grid(pipeline, args: argparse.Namespace, num_classes: int) -> tuple:
     ).images  # fmt: skip
     cols = max(c for c in range(1, math.isqrt(count) + 1) if count % c == 0)
     pil = pipeline.numpy_to_pil(images)
+    scale = math.ceil(GRID_TILE_SIZE / min(pil[0].size))
+    if scale > 1:  # whole pixels, no blur: each sample pixel becomes a scale x scale block
+        pil = [image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) for image in pil]
     return make_image_grid(pil, rows=cols, cols=count // cols), images
 
 

@@ -6,10 +6,11 @@ import os
 from types import SimpleNamespace
 
 import huggingface_hub.constants
+import numpy as np
 import pytest
 from diffusers import DDIMScheduler, UNet2DModel
 
-from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
+from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, MultiStagePipeline
 from diffusers_stages.training import LocalHubApi, push_output_folder
 from diffusers_stages.training.checkpointing import (
     COMPLETE_MARKER,
@@ -21,6 +22,7 @@ from diffusers_stages.training.checkpointing import (
     skipped_checkpoints,
 )
 from diffusers_stages.training.hub import assembled_experts_card_text, model_card_text, write_model_card
+from diffusers_stages.training.state import sample_grid
 from tests.conftest import TINY_UNET
 
 
@@ -153,3 +155,12 @@ def test_assembled_experts_card_has_usage_settings_and_grid(tmp_path, monkeypatc
         assert part in card, part
     usage = _readme_python(card)
     assert 'ExpertRoutingPipeline.from_pretrained("me/model")' in usage and "class_labels=[0]" in usage
+
+
+def test_sample_grid_upscales_small_samples_without_blur(tiny_multistage):
+    pipe = MultiStagePipeline(unet=tiny_multistage, scheduler=DDIMScheduler())
+    args = argparse.Namespace(num_sample_images=4, seed=0, num_inference_steps=2)
+    grid, images = sample_grid(pipe, args, num_classes=0)
+    assert images.shape == (4, 8, 8, 3) and grid.size == (128, 128)  # 2 x 2 samples of 8 px, each drawn 64 px wide
+    tile = np.asarray(grid)[:64, :64]
+    assert (tile == np.kron(np.rint(images[0] * 255), np.ones((8, 8, 1)))).all()  # 8 x 8 blocks, one per pixel
