@@ -187,3 +187,32 @@ def test_docstring_examples(name):
 
     module = importlib.import_module(f"benchmarks.evidence.{name}")
     assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_run_writes_to_a_temporary_folder_by_default(tmp_path, monkeypatch):
+    """Without --output_dir the benchmark writes into a new temporary folder, never into the checkout (the
+    comparisons themselves are stood in for: this checks where the outputs go, in a second)."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from benchmarks import run_evidence
+    from benchmarks.evidence.comparisons import Result
+
+    def baseline(ctx):
+        return [Result("1", "UNet2DModel", 1e12, 1.0, 20.0, 0.5, 1000, 0.01, 1.0, "")]
+
+    fake = SimpleNamespace(
+        Context=lambda preset, device, cache_dir: SimpleNamespace(
+            reference={"fd": 5.0, "accuracy": 0.9}, budget=1e12, fd_seed_spread=1.0
+        ),
+        train_baseline=baseline,
+        compare_multistage=lambda ctx, base: [],
+    )
+    monkeypatch.setattr(run_evidence, "C", fake)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp creates its folder
+    args = run_evidence.parse_args(["--quick", "--comparisons", "1"])
+    assert args.output_dir is None
+    run_evidence.run(args)
+    (made,) = os.listdir(tmp_path)
+    assert made.startswith("diffusers-stages-evidence-") and args.output_dir == str(tmp_path / made)
+    assert {"RESULTS.md", "results.json", "quality_vs_train_flops.png"} <= set(os.listdir(tmp_path / made / "quick"))
