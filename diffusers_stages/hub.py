@@ -5,6 +5,7 @@ an error that names the repository. diffusers itself creates the repository befo
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
 
@@ -55,10 +56,34 @@ def push_saved_folder(
 
 class SaveThenPushMixin:
     """`save_pretrained(..., push_to_hub=True)` that writes the whole folder before it contacts the Hub, and then
-    pushes it with `push_saved_folder` (a failed push is an `OSError` naming the repository)."""
+    pushes it with `push_saved_folder` (a failed push is an `OSError` naming the repository).
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, push_to_hub: bool = False, **kwargs) -> None:
+    The signature names every argument `ModelMixin.save_pretrained` has: `DiffusionPipeline.save_pretrained` passes
+    ``safe_serialization``, ``variant`` and ``max_shard_size`` on only to save methods whose signature lists them.
+    """
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        save_function: Callable | None = None,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
+        push_to_hub: bool = False,
+        use_flashpack: bool = False,
+        **kwargs,
+    ) -> None:
         push = pop_push_kwargs(kwargs)
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if push_to_hub and kwargs.get("is_main_process", True):
+        super().save_pretrained(
+            save_directory,
+            is_main_process=is_main_process,
+            save_function=save_function,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            use_flashpack=use_flashpack,
+            **kwargs,
+        )
+        if push_to_hub and is_main_process:
             push_saved_folder(self, save_directory, is_pipeline=False, **push)
