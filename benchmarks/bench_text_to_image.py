@@ -15,9 +15,9 @@ The U-Net has Stable Diffusion 1.5's layout (`CrossAttnDownBlock2D` x3 + `DownBl
 cross-attention width 768 / 3 = 256, 32x32 latents (SD 1.5: 64x64). The text encoder (2-layer, 256-wide CLIP) and
 the VAE (16 channels, 8x down-sampling) are small and the same for every variant.
 
-Attention: `torch.utils.flop_counter.FlopCounterMode` counts no FLOPs for `scaled_dot_product_attention` on CPU (it
-dispatches to an operator the counter does not know), so FLOPs are counted with diffusers' `AttnProcessor` (the same
-attention as explicit `baddbmm`/`bmm` matrix products, which the counter counts); wall times use the default SDPA.
+Attention: FLOPs are counted with diffusers' `AttnProcessor` (explicit `baddbmm`/`bmm` matrix products); the package's
+`count_flops` also counts `scaled_dot_product_attention` on CPU (which torch's counter alone counts as 0), and gives the
+same figure for the default SDPA processor (tested); wall times use the default SDPA.
 
     python benchmarks/bench_text_to_image.py --threads 1   # CPU, about 10 minutes on one idle core
     python benchmarks/bench_text_to_image.py --quick       # fewer repeats and steps, for a smoke run

@@ -123,7 +123,7 @@ def write_outputs(output_dir: str, preset_name: str) -> dict:
     with open(os.path.join(out_dir, "results.json"), encoding="utf-8") as f:
         saved = json.load(f)
     header, rows = saved["header"], saved["results"]
-    write_plots(out_dir, rows, header["reference"]["fd"])
+    write_plots(out_dir, rows, header["reference"]["fd"], header["fd_seed_spread"])
     write_markdown(os.path.join(out_dir, "RESULTS.md"), header, rows, header["fd_seed_spread"])
     write_index(output_dir)
     print(open(os.path.join(out_dir, "RESULTS.md"), encoding="utf-8").read())

@@ -16,6 +16,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import get_device, randn_tensor
 
 from ..conventions import class_embedding_count, model_to_vae_latents, null_class_label, num_data_classes
+from ..hub import pop_push_kwargs, push_saved_folder
 from ..models.checks import compute_dtype
 from ..partition import TimestepPartition
 from ..routing import StageRouter
@@ -427,12 +428,19 @@ class StagedDiffusionPipeline(DiffusionPipeline):
     # --------------------------------------------------------------------------------------------------------------
     # saving: a folder that loads with `<Pipeline>.from_pretrained`, and with
     # `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` locally and from the Hub
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, safe_serialization: bool = True, push_to_hub: bool = False, **kwargs
+    ) -> None:
         """Save every component as diffusers does (safetensors by default; ``safe_serialization=False`` writes
         ``.bin`` files, which are only ever read back with ``weights_only=True``), plus the re-export files that let
-        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` find the package's classes."""
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` find the package's classes. With
+        ``push_to_hub=True`` the complete folder is then uploaded (``repo_id``, ``token``, ``private``,
+        ``commit_message``, ``create_pr`` as in diffusers); a failed push is an `OSError` naming the repository."""
+        push = pop_push_kwargs(kwargs)
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
         write_reexport_files(save_directory, type(self))
+        if push_to_hub:
+            push_saved_folder(self, save_directory, is_pipeline=True, **push)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> StagedDiffusionPipeline:

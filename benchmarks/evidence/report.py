@@ -177,66 +177,62 @@ def _json(value) -> str:
     return json.dumps(value, indent=2, sort_keys=True)
 
 
-def _save(fig, ax, reference_fd: float, xlabel: str, title: str, path: str, legend_size: int) -> str:
+# one marker per series, in the order of first appearance (then line styles, past 12 series)
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _finish_axes(ax, reference_fd: float, xlabel: str, title: str, legend_size: int) -> None:
     ax.axhline(reference_fd, color="grey", linestyle=":", label="held-out real images")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("FD-classifier (lower is better)")
-    ax.set_yscale("log")
+    # linear axes from 0: the gaps between methods are what the plots are for, and a log axis shrinks them
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
     ax.legend(fontsize=legend_size)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
-def write_plots(directory: str, results: list[dict], reference_fd: float) -> list[str]:
-    """``quality_vs_train_flops.png`` and ``quality_vs_sampling_time.png`` in ``directory``."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for method in dict.fromkeys(r["method"] for r in results):
+def quality_plots(results: list[dict], reference_fd: float, spread: float) -> dict[str, plt.Figure]:
+    """The two figures, by file name: FD-classifier vs training TFLOPs (every snapshot) and vs sampling time (final
+    models). One marker (and line style) per method; the seed-spread band, FD-classifier +- ``spread`` (what the
+    sampling seed alone changes: the results header's ``fd_seed_spread``), shaded or as error bars."""
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    style = {m: (MARKERS[i % len(MARKERS)], LINESTYLES[i // len(MARKERS) % 4]) for i, m in enumerate(methods)}
+    flops_fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method in methods:
         rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["train_flops"])
         rows = list({(r["train_flops"], r["fd"]): r for r in rows}.values())  # the baseline appears in 3 tables
-        ax.plot(
-            [r["train_flops"] / 1e12 for r in rows],
-            [r["fd"] for r in rows],
-            marker="o",
-            linestyle="-" if len(rows) > 1 else "none",
-            label=method,
-        )
-    paths = [
-        _save(
-            fig,
-            ax,
-            reference_fd,
-            "training TFLOPs",
-            "Quality vs training compute",
-            os.path.join(directory, "quality_vs_train_flops.png"),
-            7,
-        )
-    ]
+        x, fd = [r["train_flops"] / 1e12 for r in rows], [r["fd"] for r in rows]
+        marker, linestyle = style[method]
+        if len(rows) > 1:
+            (line,) = ax.plot(x, fd, marker=marker, linestyle=linestyle, label=method)
+            ax.fill_between(x, [v - spread for v in fd], [v + spread for v in fd], color=line.get_color(), alpha=0.15)
+        else:
+            ax.errorbar(x, fd, yerr=spread, marker=marker, linestyle="none", capsize=3, label=method)
+    _finish_axes(
+        ax, reference_fd, "training TFLOPs", f"Quality vs training compute (band: seed spread {spread:.2f})", 7
+    )
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    markers = {"1": "o", "2": "s", "3": "^"}
+    time_fig, ax = plt.subplots(figsize=(6.5, 4.5))
     final = {}  # the last snapshot of each method in each comparison: earlier ones sample at the same speed
     for r in sorted(results, key=lambda r: r["train_flops"]):
         if r.get("seconds_per_image"):
             final[r["comparison"], r["method"]] = r
     for r in final.values():
-        ax.scatter(
-            r["seconds_per_image"] * 1e3,
-            r["fd"],
-            marker=markers[r["comparison"]],
-            label=f"[{r['comparison']}] {r['method']}",
-        )
-    paths.append(
-        _save(
-            fig,
-            ax,
-            reference_fd,
-            "sampling wall time per image (ms)",
-            "Quality vs sampling time (final models)",
-            os.path.join(directory, "quality_vs_sampling_time.png"),
-            6,
-        )
-    )
+        ax.errorbar(r["seconds_per_image"] * 1e3, r["fd"], yerr=spread, marker=style[r["method"]][0],
+                    linestyle="none", capsize=3, label=f"[{r['comparison']}] {r['method']}")  # fmt: skip
+    title = f"Quality vs sampling time, final models (bars: seed spread {spread:.2f})"
+    _finish_axes(ax, reference_fd, "sampling wall time per image (ms)", title, 6)
+    return {"quality_vs_train_flops.png": flops_fig, "quality_vs_sampling_time.png": time_fig}
+
+
+def write_plots(directory: str, results: list[dict], reference_fd: float, spread: float = 0.0) -> list[str]:
+    """``quality_vs_train_flops.png`` and ``quality_vs_sampling_time.png`` (`quality_plots`) in ``directory``."""
+    paths = []
+    for name, fig in quality_plots(results, reference_fd, spread).items():
+        fig.tight_layout()
+        paths.append(os.path.join(directory, name))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths

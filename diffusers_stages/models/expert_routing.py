@@ -24,6 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from ..hub import pop_push_kwargs, push_saved_folder
 from ..partition import TimestepPartition
 from ..routing import select_rows as _rows
 from .loading import (
@@ -339,8 +340,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
 
         Weights are safetensors unless ``safe_serialization=False`` (``.bin`` files, read back with
         ``weights_only=True``). With ``push_to_hub=True`` the folder is uploaded to ``repo_id`` (default: the
-        folder's name) afterwards; ``token``, ``private``, ``commit_message`` and ``create_pr`` are passed on as in
-        diffusers.
+        folder's name) once written; ``token``, ``private``, ``commit_message`` and ``create_pr`` are passed on as in
+        diffusers, and a failed push is an `OSError` naming the repository.
         """
         missing = [i for i, e in enumerate(self.experts) if e is None]
         if missing:
@@ -357,18 +358,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                 path, is_main_process=is_main_process, safe_serialization=safe_serialization, variant=variant, **shard
             )
         if push_to_hub and is_main_process:
-            from huggingface_hub import create_repo
-
-            token = kwargs.pop("token", None)
-            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
-            repo_id = create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None), token=token).repo_id
-            self._upload_folder(
-                save_directory,
-                repo_id,
-                token=token,
-                commit_message=kwargs.pop("commit_message", None),
-                create_pr=kwargs.pop("create_pr", False),
-            )
+            push_saved_folder(self, save_directory, is_pipeline=False, **pop_push_kwargs(kwargs))
 
     @classmethod
     def from_pretrained(

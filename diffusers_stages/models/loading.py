@@ -8,11 +8,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ..hub import SaveThenPushMixin
+
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # ASCII only: no unicode look-alikes of the package's names
 
 
-class StrictLoadingMixin:
-    """Make `from_pretrained` refuse checkpoints with missing, unexpected or mis-shaped weights.
+class StrictLoadingMixin(SaveThenPushMixin):
+    """Make `from_pretrained` refuse checkpoints with missing, unexpected or mis-shaped weights (and, through
+    `SaveThenPushMixin`, make `save_pretrained(..., push_to_hub=True)` save the folder before pushing it).
 
     diffusers only *warns* about such keys and leaves missing weights freshly initialised (or on the ``meta``
     device). For a model whose parameter set follows from its config (the number of stages, the decoder widths),

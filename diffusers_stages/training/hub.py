@@ -11,8 +11,27 @@ from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_
 from huggingface_hub import create_repo
 from huggingface_hub.utils import filter_repo_objects
 
+from ..hub import error_summary
+
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "samples/*", "*.pkl", "*.bin"]
 MODEL_CARD_TODO_START = "## Intended uses & limitations"
+# the package is not on a package index: a card says how to install it from its repository
+INSTALL_TEXT = (
+    "diffusers-stages is not on a package index: install it from a clone of its repository "
+    "(`pip install .` in the clone's root folder), then:"
+)
+
+
+def generation_tag(class_conditional: bool) -> str:
+    """The card's task tag: a model with class embeddings (``num_class_embeds``) is not unconditional."""
+    return "class-conditional-image-generation" if class_conditional else "unconditional-image-generation"
+
+
+def stage_table(partition) -> str:
+    """A Markdown table of a `TimestepPartition`'s stages and their noise intervals (stage 0 the cleanest)."""
+    unit = "t" if partition.units == "timestep" else "sigma"
+    rows = [f"| {s} | [{lo:g}, {hi:g}) |" for s, (lo, hi) in enumerate(partition.intervals())]
+    return f"| stage (0 = cleanest) | {unit} interval |\n| --- | --- |\n" + "\n".join(rows)
 
 
 class LocalHubApi:
@@ -44,11 +63,20 @@ class LocalHubApi:
 
 
 def write_model_card(
-    output_dir: str, repo_id: str, description: str, tags: list[str], token: str | None = None
+    output_dir: str,
+    repo_id: str,
+    description: str,
+    tags: list[str],
+    *,
+    class_conditional: bool,
+    token: str | None = None,
 ) -> str:
-    """Write ``output_dir/README.md`` from diffusers' training model card template and ``description``."""
+    """Write ``output_dir/README.md`` from diffusers' training model card template and ``description``, tagged
+    ``class-conditional-image-generation`` or ``unconditional-image-generation`` as ``class_conditional`` says
+    (neither for a ``text-to-image`` model)."""
     card = load_or_create_model_card(repo_id, token=token, from_training=True, model_description=description)
-    card = populate_model_card(card, tags=["diffusers", "diffusers-stages", "unconditional-image-generation", *tags])
+    task_tag = [] if "text-to-image" in tags else [generation_tag(class_conditional)]  # a caption-conditioned model
+    card = populate_model_card(card, tags=["diffusers", "diffusers-stages", *task_tag, *tags])
     # the template's placeholder sections ("TODO: ...") are answered by the description above
     if MODEL_CARD_TODO_START in card.text:
         card.text = card.text.split(MODEL_CARD_TODO_START)[0].rstrip() + "\n"
@@ -62,6 +90,8 @@ def push_output_folder(
     repo_id: str,
     description: str,
     tags: list[str],
+    *,
+    class_conditional: bool,
     api=None,
     token: str | None = None,
     private: bool = False,
@@ -72,7 +102,7 @@ def push_output_folder(
 
         api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
-    write_model_card(output_dir, repo_id, description, tags, token=token)
+    write_model_card(output_dir, repo_id, description, tags, class_conditional=class_conditional, token=token)
     return api.upload_folder(
         repo_id=repo_id,
         folder_path=output_dir,
@@ -89,10 +119,7 @@ def model_card_text(args: argparse.Namespace, task, steps: int, has_grid: bool) 
     lines = [
         f"# {args.hub_model_id}",
         "",
-        (
-            f"A **{task.method}** diffusion model trained with "
-            "[diffusers-stages](https://pypi.org/project/diffusers-stages/) on the Accelerate training scripts."
-        ),
+        f"A **{task.method}** diffusion model trained with diffusers-stages on its Accelerate training scripts.",
         "",
         task.description(),
         "",
@@ -106,16 +133,67 @@ def model_card_text(args: argparse.Namespace, task, steps: int, has_grid: bool) 
             f"accumulation, AdamW lr {args.learning_rate:g} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)"
         ),
         f"- mixed precision: {args.mixed_precision or 'no'}, EMA: {'yes' if args.use_ema else 'no'}, seed {args.seed}",
+    ]
+    return "\n".join(lines + _usage_and_samples(task.usage(args.hub_model_id), has_grid))
+
+
+def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bool) -> str:
+    """The card of `--assemble_experts`: the method, the experts and their intervals, the assembled runs' shared
+    settings, how to sample and the sample grid, as the training runs' cards."""
+    experts = pipeline.experts
+    config = experts.expert(0).config
+    num_class_embeds = config.get("num_class_embeds")
+    size = config.get("sample_size")
+    space = f"latent space of a `{type(pipeline.vae).__name__}`" if pipeline.vae is not None else "pixel space"
+    parameters = [sum(p.numel() for p in experts.expert(s).parameters()) for s in range(experts.num_stages)]
+    lines = [
+        f"# {args.hub_model_id}",
+        "",
+        "A **multi-architecture multi-expert** diffusion model (MEME, Lee et al., AAAI 2024) assembled with "
+        f"diffusers-stages from {len(args.assemble_experts)} runs of its Accelerate training script, one "
+        "independent denoiser per interval of the noise schedule, each trained in its own run.",
+        "",
+        stage_table(experts.partition),
+        "",
+        "## Settings",
+        "",
+        "- experts (clean end first): "
+        + ", ".join(f"`{type(experts.expert(s)).__name__}` {n / 1e6:.2f}M" for s, n in enumerate(parameters)),
+        f"- data: {size}x{size} samples in {space}"
+        + (f", class-conditional ({num_class_embeds - 1} classes + the null label)" if num_class_embeds else ""),
+        f"- noise schedule: `{type(pipeline.scheduler).__name__}`, {pipeline.scheduler.config.num_train_timesteps} "
+        f"training steps, prediction type `{experts.config.prediction_type}`",
+        f"- sample grid: {args.num_sample_images} samples, {args.num_inference_steps} steps, seed {args.seed}",
+    ]
+    usage = pipeline_usage("ExpertRoutingPipeline", args.hub_model_id, bool(num_class_embeds))
+    return "\n".join(lines + _usage_and_samples(usage, has_grid))
+
+
+def pipeline_usage(pipeline_class: str, repo_id: str, class_conditional: bool) -> list[str]:
+    """A card's sampling code (lines) for a folder of the package's ``pipeline_class``."""
+    return [
+        f"from diffusers_stages import {pipeline_class}",
+        "",
+        f'pipe = {pipeline_class}.from_pretrained("{repo_id}")  # runs no code from the repository',
+        f"image = pipe({'class_labels=[0]' if class_conditional else 'batch_size=1'}).images[0]",
+    ]
+
+
+def _usage_and_samples(usage: list[str], has_grid: bool) -> list[str]:
+    """The card's install text, sampling code ``usage`` and its sample grid."""
+    lines = [
         "",
         "## Usage",
         "",
+        INSTALL_TEXT,
+        "",
         "```python",
-        *task.usage(args.hub_model_id),
+        *usage,
         "```",
     ]
     if has_grid:
         lines += ["", "## Samples", "", "![samples](sample_grid.png)"]
-    return "\n".join(lines)
+    return lines
 
 
 def _schedule_text(args: argparse.Namespace, source: dict | None) -> str:
@@ -139,10 +217,9 @@ def create_hub_repo(args: argparse.Namespace) -> str:
             return LocalHubApi(args.hub_local_dir).create_repo(args.hub_model_id, exist_ok=True).repo_id
         url = create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo, token=args.hub_token)
     except Exception as error:  # noqa: BLE001 (offline, HTTP 401/403, network errors: all stop the run here, named)
-        first_line = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(
             f"`--push_to_hub`: cannot create the Hub repository `--hub_model_id` {args.hub_model_id!r} "
-            f"({type(error).__name__}: {first_line}). Check the network and `hf auth login` / `--hub_token`, or drop "
+            f"({error_summary(error)}). Check the network and `hf auth login` / `--hub_token`, or drop "
             "`--push_to_hub`; nothing was trained."
         ) from None
     return url.repo_id

@@ -51,7 +51,7 @@ from .data import (
     hf_dataset_records,
     image_folder_records,
 )
-from .hub import LocalHubApi, create_hub_repo, model_card_text, push_output_folder
+from .hub import LocalHubApi, assembled_experts_card_text, create_hub_repo, model_card_text, push_output_folder
 from .sharding import check_sharded_run, gathered_networks
 from .state import LossLog, RunState, sample_grid, save_samples
 from .tasks import TrainingTask, noise_schedulers
@@ -424,8 +424,8 @@ def _finish(state: RunState, global_step: int) -> None:
         if args.push_to_hub:
             api = LocalHubApi(args.hub_local_dir) if args.hub_local_dir else None
             description = model_card_text(args, task, state.max_train_steps, grid_path is not None)
-            push_output_folder(args.output_dir, args.hub_model_id, description, task.tags, api=api,
-                               token=args.hub_token, private=args.hub_private_repo)  # fmt: skip
+            push_output_folder(args.output_dir, args.hub_model_id, description, task.tags, api=api, token=args.hub_token,
+                               class_conditional=args.class_conditional, private=args.hub_private_repo)  # fmt: skip
         last = os.path.join(args.output_dir, f"checkpoint-{global_step}")
         if is_complete(last):  # resuming from it has nothing left to do
             mark_finished(last)
@@ -443,12 +443,9 @@ def save_assembled_experts(args: argparse.Namespace) -> str:
     grid, _ = sample_grid(pipeline, args, num_classes)
     grid.save(os.path.join(args.output_dir, "sample_grid.png"))
     if args.push_to_hub:
-        description = (
-            "Independent denoisers, one per interval of the noise schedule (MEME, Lee et al., AAAI 2024), each "
-            f"trained in its own run and assembled from {len(args.assemble_experts)} runs.\n\n"
-            f"Stage boundaries: {list(pipeline.experts.partition.boundaries)} ({pipeline.experts.partition.units})."
-        )
+        description = assembled_experts_card_text(args, pipeline, has_grid=True)
         api = LocalHubApi(args.hub_local_dir) if args.hub_local_dir else None
         push_output_folder(args.output_dir, args.hub_model_id, description, ["multi-expert", "meme"], api=api,
-                           token=args.hub_token, private=args.hub_private_repo)  # fmt: skip
+                           token=args.hub_token, class_conditional=num_classes > 0,
+                           private=args.hub_private_repo)  # fmt: skip
     return args.output_dir

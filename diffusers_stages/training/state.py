@@ -14,9 +14,12 @@ from diffusers import AutoencoderKL, SchedulerMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.training_utils import EMAModel
 from diffusers.utils import is_tensorboard_available, make_image_grid
+from PIL import Image
 
 from .sharding import is_sharded
 from .tasks import TrainingTask
+
+GRID_TILE_SIZE = 64  # smaller samples (8x8 digits) are upscaled to this, nearest-neighbour, so the grid shows them
 
 
 @dataclass
@@ -84,7 +87,8 @@ class LossLog:
 
 def sample_grid(pipeline, args: argparse.Namespace, num_classes: int, inputs: dict | None = None) -> tuple:
     """``(PIL grid, images as NHWC array)`` of ``--num_sample_images`` samples, seeded by ``--seed``; ``inputs`` are
-    the pipeline's conditioning arguments (default: ``batch_size`` and the class labels ``0, 1, ...``)."""
+    the pipeline's conditioning arguments (default: ``batch_size`` and the class labels ``0, 1, ...``). In the grid,
+    samples under `GRID_TILE_SIZE` pixels are upscaled nearest-neighbour (the array keeps their own size)."""
     count = args.num_sample_images
     if inputs is None:
         inputs = {
@@ -98,6 +102,9 @@ def sample_grid(pipeline, args: argparse.Namespace, num_classes: int, inputs: di
     ).images  # fmt: skip
     cols = max(c for c in range(1, math.isqrt(count) + 1) if count % c == 0)
     pil = pipeline.numpy_to_pil(images)
+    scale = math.ceil(GRID_TILE_SIZE / min(pil[0].size))
+    if scale > 1:  # whole pixels, no blur: each sample pixel becomes a scale x scale block
+        pil = [image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) for image in pil]
     return make_image_grid(pil, rows=cols, cols=count // cols), images
 
 

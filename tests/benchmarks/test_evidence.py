@@ -4,6 +4,7 @@ The benchmark itself is `python benchmarks/run_evidence.py --quick`."""
 import os
 import sys
 
+import matplotlib.pyplot
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -14,7 +15,7 @@ from benchmarks.evidence.data import load_images
 from benchmarks.evidence.flops import count_flops, sampling_flops_per_image
 from benchmarks.evidence.metric import Evaluator, FeatureClassifier, train_classifier
 from benchmarks.evidence.presets import get_preset
-from benchmarks.evidence.report import verdicts, write_markdown, write_plots
+from benchmarks.evidence.report import quality_plots, verdicts, write_markdown, write_plots
 from benchmarks.evidence.sampling import generate, seconds_per_image, single_model_pipeline
 from benchmarks.evidence.training import train_with_budget, uniform_timesteps
 
@@ -152,8 +153,31 @@ def test_verdicts_and_report(tmp_path):
     write_markdown(str(tmp_path / "RESULTS.md"), header, rows, 1.0)
     text = (tmp_path / "RESULTS.md").read_text()
     assert "not FID" in text and "| MultiStageUNet2DModel | 0.500 | 50% | 19.00 |" in text and "Not run." in text
-    for path in write_plots(str(tmp_path), rows, 5.0):
+    for path in write_plots(str(tmp_path), rows, 5.0, spread=1.0):
         assert os.path.getsize(path) > 1000
+
+
+def test_plots_distinct_markers_seed_band_linear_axes():
+    rows = [row("1", "UNet2DModel", f, fd) for f, fd in [(0.5, 30.0), (1.0, 20.0)]]
+    rows += [row("1", "MultiStageUNet2DModel", f, fd) for f, fd in [(0.5, 19.0), (1.0, 15.0)]]
+    rows += [row("3", "UNet2DModel", 1.0, 20.0, 0.010, 1.0), row("3", "DuoDiff switch 0.5", 1.0, 20.5, 0.005, 0.5)]
+    rows += [row("3", "early exit, full depth", 1.0, 25.0, 0.008, 0.8)]
+    figures = quality_plots(rows, reference_fd=5.0, spread=2.0)
+    for fig in figures.values():
+        ax = fig.axes[0]
+        assert ax.get_xscale() == ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
+    flops = figures["quality_vs_train_flops.png"].axes[0]
+    markers = [
+        line.get_marker() for line in flops.get_lines() if line.get_label() in ("UNet2DModel", "MultiStageUNet2DModel")
+    ]
+    assert len(set(markers)) == 2
+    # the seed band: FD +- 2 around each multi-snapshot series
+    band = flops.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == 18.0 and band.max() == 32.0
+    timing = figures["quality_vs_sampling_time.png"].axes[0]
+    assert len({c.lines[0].get_marker() for c in timing.containers}) == 3  # one per method, with error bars
+    for fig in figures.values():
+        matplotlib.pyplot.close(fig)
 
 
 @pytest.mark.parametrize("name", ["data", "metric", "flops"])
@@ -163,3 +187,32 @@ def test_docstring_examples(name):
 
     module = importlib.import_module(f"benchmarks.evidence.{name}")
     assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_run_writes_to_a_temporary_folder_by_default(tmp_path, monkeypatch):
+    """Without --output_dir the benchmark writes into a new temporary folder, never into the checkout (the
+    comparisons themselves are stood in for: this checks where the outputs go, in a second)."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from benchmarks import run_evidence
+    from benchmarks.evidence.comparisons import Result
+
+    def baseline(ctx):
+        return [Result("1", "UNet2DModel", 1e12, 1.0, 20.0, 0.5, 1000, 0.01, 1.0, "")]
+
+    fake = SimpleNamespace(
+        Context=lambda preset, device, cache_dir: SimpleNamespace(
+            reference={"fd": 5.0, "accuracy": 0.9}, budget=1e12, fd_seed_spread=1.0
+        ),
+        train_baseline=baseline,
+        compare_multistage=lambda ctx, base: [],
+    )
+    monkeypatch.setattr(run_evidence, "C", fake)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp creates its folder
+    args = run_evidence.parse_args(["--quick", "--comparisons", "1"])
+    assert args.output_dir is None
+    run_evidence.run(args)
+    (made,) = os.listdir(tmp_path)
+    assert made.startswith("diffusers-stages-evidence-") and args.output_dir == str(tmp_path / made)
+    assert {"RESULTS.md", "results.json", "quality_vs_train_flops.png"} <= set(os.listdir(tmp_path / made / "quick"))

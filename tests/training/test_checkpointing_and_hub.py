@@ -1,11 +1,16 @@
 """Checkpoint folders (latest complete one, pruning, leftovers of killed runs) and the Hub push: file selection and
 model card, offline."""
 
+import argparse
 import os
+from types import SimpleNamespace
 
 import huggingface_hub.constants
+import numpy as np
 import pytest
+from diffusers import DDIMScheduler, UNet2DModel
 
+from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, MultiStagePipeline
 from diffusers_stages.training import LocalHubApi, push_output_folder
 from diffusers_stages.training.checkpointing import (
     COMPLETE_MARKER,
@@ -16,6 +21,14 @@ from diffusers_stages.training.checkpointing import (
     resolve_resume_checkpoint,
     skipped_checkpoints,
 )
+from diffusers_stages.training.hub import (
+    assembled_experts_card_text,
+    model_card_text,
+    pipeline_usage,
+    write_model_card,
+)
+from diffusers_stages.training.state import sample_grid
+from tests.conftest import TINY_UNET
 
 
 def _touch(path):
@@ -95,10 +108,74 @@ def test_push_selects_files_like_the_hub_and_writes_a_card(tmp_path, monkeypatch
                  "logs/run/events.out", "samples/step_000005.png"):  # fmt: skip
         _touch(str(out / name))
     push_output_folder(
-        str(out), "me/model", "My *description*.", ["multi-stage"], api=LocalHubApi(str(tmp_path / "hub"))
-    )
+        str(out), "me/model", "My *description*.", ["multi-stage"], api=LocalHubApi(str(tmp_path / "hub")),
+        class_conditional=False,
+    )  # fmt: skip
     pushed = tmp_path / "hub" / "me" / "model"
     files = sorted(os.path.relpath(os.path.join(r, f), pushed) for r, _, fs in os.walk(pushed) for f in fs)
     assert files == ["README.md", "model_index.json", "sample_grid.png", "unet/config.json"]
     card = (pushed / "README.md").read_text()
     assert "My *description*." in card and "multi-stage" in card and "library_name: diffusers" in card
+    assert "- unconditional-image-generation" in card and "class-conditional" not in card
+
+
+def _card_args(**overrides) -> argparse.Namespace:
+    values = dict(hub_model_id="me/model", train_data_dir="data/digits", dataset_name=None, resolution=8,
+                  class_conditional=True, boundary_units="timestep", num_train_timesteps=1000, ddpm_beta_schedule="linear",
+                  prediction_type="epsilon", train_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-4,
+                  lr_scheduler="constant", lr_warmup_steps=0, mixed_precision=None, use_ema=False, seed=0,
+                  num_sample_images=4, num_inference_steps=3, assemble_experts=["run0", "run1"])  # fmt: skip
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def _readme_python(card: str) -> str:
+    return card.split("```python\n")[1].split("```")[0]
+
+
+@pytest.mark.parametrize("class_conditional", [True, False])
+def test_training_card_tags_installs_and_samples(tmp_path, monkeypatch, class_conditional):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    task = SimpleNamespace(
+        vae_path=None, method="multi-stage multi-decoder U-Net", description=lambda: "Stages.", scheduler_config=None,
+        usage=lambda repo_id: pipeline_usage("StagedDiffusionPipeline", repo_id, class_conditional),
+    )  # fmt: skip
+    args = _card_args(class_conditional=class_conditional)
+    text = model_card_text(args, task, steps=3, has_grid=True)
+    card = open(
+        write_model_card(str(tmp_path), "me/model", text, ["multi-stage"], class_conditional=class_conditional)
+    ).read()
+    tag = "class-conditional-image-generation" if class_conditional else "unconditional-image-generation"
+    assert f"- {tag}" in card and card.count("image-generation") == 1
+    assert "not on a package index" in card and "`pip install .`" in card and "pypi.org" not in card
+    call = "pipe(class_labels=[0])" if class_conditional else "pipe(batch_size=1)"
+    assert call in _readme_python(card) and "![samples](sample_grid.png)" in card
+
+
+def test_text_to_image_card_has_no_image_generation_tag(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    path = write_model_card(str(tmp_path), "me/sd", "A card.", ["text-to-image"], class_conditional=False)
+    card = open(path).read()
+    assert "- text-to-image" in card and "image-generation" not in card
+
+
+def test_assembled_experts_card_has_usage_settings_and_grid(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    experts = [UNet2DModel(**TINY_UNET, num_class_embeds=4, class_embed_type=None) for _ in range(2)]
+    pipe = ExpertRoutingPipeline(ExpertRoutingModel(experts, stage_boundaries=[500]), DDIMScheduler())
+    text = assembled_experts_card_text(_card_args(), pipe, has_grid=True)
+    card = open(write_model_card(str(tmp_path), "me/experts", text, ["meme"], class_conditional=True)).read()
+    for part in ("MEME", "| 0 | [0, 500) |", "| 1 | [500, 1000) |", "## Settings", "`UNet2DModel`", "3 classes",
+                 "`DDIMScheduler`, 1000 training steps, prediction type `epsilon`", "4 samples, 3 steps, seed 0",
+                 "- class-conditional-image-generation", "![samples](sample_grid.png)"):  # fmt: skip
+        assert part in card, part
+    usage = _readme_python(card)
+    assert 'ExpertRoutingPipeline.from_pretrained("me/model")' in usage and "class_labels=[0]" in usage
+
+
+def test_sample_grid_upscales_small_samples_without_blur(tiny_multistage):
+    pipe = MultiStagePipeline(unet=tiny_multistage, scheduler=DDIMScheduler())
+    args = argparse.Namespace(num_sample_images=4, seed=0, num_inference_steps=2)
+    grid, images = sample_grid(pipe, args, num_classes=0)
+    assert images.shape == (4, 8, 8, 3) and grid.size == (128, 128)  # 2 x 2 samples of 8 px, each drawn 64 px wide
+    tile = np.asarray(grid)[:64, :64]
+    assert (tile == np.kron(np.rint(images[0] * 255), np.ones((8, 8, 1)))).all()  # 8 x 8 blocks, one per pixel

@@ -15,6 +15,7 @@ from ...loss import diffusion_loss
 from ...partition import TimestepPartition
 from ...schedulers import is_edm_scheduler
 from ...timestep_sampling import stratified_timesteps
+from ..hub import pipeline_usage, stage_table
 
 SCRIPT_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds", "num_train_timesteps",
                "stage_boundaries", "boundary_units")  # fmt: skip
@@ -153,13 +154,7 @@ class TrainingTask:
 
     def usage(self, repo_id: str) -> list[str]:
         """The model card's sampling code (lines)."""
-        call = "class_labels=[0]" if self.args.class_conditional else "batch_size=1"
-        return [
-            "from diffusers_stages import StagedDiffusionPipeline  # needs diffusers-stages installed",
-            "",
-            f'pipe = StagedDiffusionPipeline.from_pretrained("{repo_id}")  # runs no code from the repository',
-            f"image = pipe({call}).images[0]",
-        ]
+        return pipeline_usage("StagedDiffusionPipeline", repo_id, self.args.class_conditional)
 
     # helpers
     def _every_network_every_step(self, args: argparse.Namespace, count: int, kind: str) -> None:
@@ -180,6 +175,4 @@ class TrainingTask:
         return {**config, **values}
 
     def _stage_table(self) -> str:
-        unit = "t" if self.partition.units == "timestep" else "sigma"
-        rows = [f"| {s} | [{lo:g}, {hi:g}) |" for s, (lo, hi) in enumerate(self.partition.intervals())]
-        return f"| stage (0 = cleanest) | {unit} interval |\n| --- | --- |\n" + "\n".join(rows)
+        return stage_table(self.partition)

@@ -1,0 +1,89 @@
+"""`save_pretrained(..., push_to_hub=True)` of the package's models and pipelines: the folder is written first, then
+pushed, so that a push that fails (offline, no token, no right to the namespace) leaves a complete local folder and
+an error that names the repository. diffusers itself creates the repository before it saves anything."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
+
+
+def error_summary(error: BaseException) -> str:
+    """``"<type>: <first line of the message>"``: enough to tell offline, HTTP 401/403 and network errors apart."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line}"
+
+
+def pop_push_kwargs(kwargs: dict) -> dict:
+    """Take the push arguments of `save_pretrained` (``repo_id``, ``token``, ``private``, ``commit_message``,
+    ``create_pr``) out of ``kwargs``, so that the save itself never sees them."""
+    return {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
+
+
+def push_saved_folder(
+    saved,
+    save_directory: str | os.PathLike,
+    is_pipeline: bool,
+    repo_id: str | None = None,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+) -> str:
+    """Upload the folder `saved.save_pretrained` has just written to ``repo_id`` (default: the folder's name), with
+    diffusers' model card; returns the repository id. Any failure is an `OSError` that names the repository and says
+    that the local folder is complete."""
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+    from huggingface_hub import create_repo
+
+    save_directory = str(save_directory)
+    repo_id = repo_id or os.path.basename(os.path.normpath(save_directory))
+    try:
+        repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
+        card = load_or_create_model_card(repo_id, token=token, is_pipeline=is_pipeline)
+        populate_model_card(card, tags=["diffusers-stages"]).save(os.path.join(save_directory, "README.md"))
+        saved._upload_folder(save_directory, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
+    except Exception as error:  # noqa: BLE001 (offline, HTTP 401/403, network errors: all named below)
+        raise OSError(
+            f"Saved the {type(saved).__name__} to {save_directory!r}, but pushing it to the Hub repository "
+            f"{repo_id!r} failed ({error_summary(error)}). The local folder is complete: upload it later with "
+            f"`hf upload {repo_id} {save_directory}` (after `hf auth login`)."
+        ) from error
+    return repo_id
+
+
+class SaveThenPushMixin:
+    """`save_pretrained(..., push_to_hub=True)` that writes the whole folder before it contacts the Hub, and then
+    pushes it with `push_saved_folder` (a failed push is an `OSError` naming the repository).
+
+    The signature names every argument `ModelMixin.save_pretrained` has: `DiffusionPipeline.save_pretrained` passes
+    ``safe_serialization``, ``variant`` and ``max_shard_size`` on only to save methods whose signature lists them.
+    """
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        save_function: Callable | None = None,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
+        push_to_hub: bool = False,
+        use_flashpack: bool = False,
+        **kwargs,
+    ) -> None:
+        push = pop_push_kwargs(kwargs)
+        super().save_pretrained(
+            save_directory,
+            is_main_process=is_main_process,
+            save_function=save_function,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            use_flashpack=use_flashpack,
+            **kwargs,
+        )
+        if push_to_hub and is_main_process:
+            push_saved_folder(self, save_directory, is_pipeline=False, **push)

@@ -1,0 +1,77 @@
+"""`save_pretrained(..., push_to_hub=True)`: the folder is saved first, then pushed; a failed push names the repository."""
+
+import os
+from types import SimpleNamespace
+
+import huggingface_hub
+import huggingface_hub.constants
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+from diffusers_stages import ExpertRoutingModel, MultiStagePipeline, MultiStageUNet2DModel
+from diffusers_stages.training import LocalHubApi
+from tests.conftest import TINY_UNET
+
+
+def _files(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(r, f), root) for r, _, fs in os.walk(root) for f in fs)
+
+
+def _sample(pipe) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0), output_type="pt").images
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_offline_pipeline_push_saves_the_folder_then_names_the_repository(tiny_multistage, tmp_path, offline):
+    pipe = MultiStagePipeline(unet=tiny_multistage, scheduler=DDIMScheduler())
+    folder = tmp_path / "pipe"
+    with pytest.raises(OSError, match=r"Saved the MultiStagePipeline to .*pipe', but pushing it to the Hub repository "
+                       r"'me/pipe' failed \(OfflineModeIsEnabled: .*hf upload me/pipe"):  # fmt: skip
+        pipe.save_pretrained(folder, push_to_hub=True, repo_id="me/pipe", commit_message="first")
+    # the local folder is complete: re-export files included, same images after a reload
+    assert "pipeline_multistage.py" in os.listdir(folder)
+    assert torch.equal(_sample(MultiStagePipeline.from_pretrained(folder)), _sample(pipe))
+
+
+@pytest.mark.parametrize("kind", ["multistage", "experts"])
+def test_offline_model_push_saves_the_folder_then_names_the_repository(tiny_multistage, tmp_path, offline, kind):
+    model = tiny_multistage
+    if kind == "experts":
+        model = ExpertRoutingModel([UNet2DModel(**TINY_UNET), UNet2DModel(**TINY_UNET)], stage_boundaries=[500])
+    folder = tmp_path / "model"
+    with pytest.raises(OSError, match=f"Saved the {type(model).__name__} .*'model' failed"):  # repo id: the folder
+        model.save_pretrained(folder, push_to_hub=True)
+    reloaded = type(model).from_pretrained(folder)
+    x = torch.randn(1, 3, 8, 8, generator=torch.manual_seed(0))
+    assert torch.equal(reloaded(x, 500).sample, model(x, 500).sample)
+
+
+def test_push_uploads_the_complete_folder_with_a_card(tiny_multistage, tmp_path, offline, monkeypatch):
+    hub = LocalHubApi(str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+    uploads = []
+
+    def upload(self, folder, repo_id, token=None, commit_message=None, create_pr=False):
+        uploads.append((repo_id, commit_message))
+        hub.upload_folder(repo_id=repo_id, folder_path=folder)
+
+    monkeypatch.setattr(MultiStagePipeline, "_upload_folder", upload)
+    pipe = MultiStagePipeline(unet=tiny_multistage, scheduler=DDIMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe", push_to_hub=True, repo_id="me/pipe", commit_message="first")
+    pushed = tmp_path / "hub" / "me" / "pipe"
+    assert uploads == [("me/pipe", "first")]
+    assert _files(pushed) == _files(tmp_path / "pipe") and "pipeline_multistage.py" in _files(pushed)
+    assert "diffusers-stages" in (pushed / "README.md").read_text()
+    assert torch.equal(_sample(MultiStagePipeline.from_pretrained(pushed)), _sample(pipe))
+
+
+def test_push_keyword_arguments_never_reach_the_save(tmp_path):
+    model = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,))
+    model.save_pretrained(tmp_path / "m", repo_id="me/m", token="unused", private=True)  # no push: nothing contacted
+    assert "config.json" in os.listdir(tmp_path / "m")
