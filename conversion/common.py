@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import re
@@ -226,6 +227,20 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
             "environment where you trust it."
         )
     return load_file(path)
+
+
+def read_json(path: str, argument: str) -> dict:
+    """The JSON object in file ``path`` (given as command-line ``argument``), or a `ValueError` that says why not."""
+    if not os.path.isfile(path):
+        raise ValueError(f"`{argument}` must be an existing JSON file, got {path!r}.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`{argument}` {path} is not JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"`{argument}` {path} must hold a JSON object.")
+    return config
 
 
 def take(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
