@@ -241,8 +241,8 @@ class ContinuousVPDPMSolverSinglestepScheduler(DPMSolverSinglestepScheduler):
     >>> from diffusers_stages.schedulers import ContinuousVPDPMSolverSinglestepScheduler
     >>> scheduler = ContinuousVPDPMSolverSinglestepScheduler()
     >>> scheduler.set_timesteps(5)  # an order-3 block, then an order-2 block
-    >>> [round(t, 2) for t in scheduler.timesteps.tolist()], scheduler.order_list
-    ([999.0, 273.84, 53.39, 10.04, 0.73], [1, 2, 3, 1, 2])
+    >>> [round(t) for t in scheduler.timesteps.tolist()], scheduler.order_list  # model labels 999 t
+    ([999, 800, 536, 194, 11], [1, 2, 3, 1, 2])
 
     ```
     """
