@@ -243,6 +243,30 @@ def read_json(path: str, argument: str) -> dict:
     return config
 
 
+def stage_interval_boundaries(
+    intervals, stage_num: int, decoders: int, decoder_option: str, reaches_end: Callable[[float], bool], span: str
+) -> list[float]:
+    """The inner boundaries of the authors' ``stage_interval`` (``[[[low, high]], ...]``, one interval per stage),
+    checked against ``stage_num`` and the number of ``decoders`` (option ``decoder_option``) and to be contiguous from
+    0 to an upper end ``reaches_end`` accepts (``span`` says which, for the error)."""
+    if len(intervals) != stage_num or decoders != stage_num:
+        raise ValueError(
+            f"`stage_num`={stage_num} disagrees with `stage_interval` ({len(intervals)} stages) or "
+            f"`{decoder_option}` ({decoders} decoders)."
+        )
+    try:
+        edges = [[float(v) for v in stage[0]] for stage in intervals if len(stage) == 1]
+    except (TypeError, ValueError, IndexError):
+        edges = []
+    contiguous = 0 < len(edges) == len(intervals) and all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+    if not contiguous or edges[0][0] != 0 or not reaches_end(edges[-1][1]):
+        raise ValueError(
+            f"`stage_interval`={intervals} does not convert: each stage must be one interval, the intervals "
+            f"contiguous from {span}, as a TimestepPartition's stages are."
+        )
+    return [edge[0] for edge in edges[1:]]
+
+
 def take(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     """Remove and return ``key``; a checkpoint without it is refused by name."""
     if key not in state_dict:

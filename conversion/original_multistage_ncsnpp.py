@@ -69,6 +69,7 @@ from diffusers_stages.conversion.common import (
     read_json,
     report_verification,
     run,
+    stage_interval_boundaries,
     staged_output,
     take,
     verify_reload,
@@ -217,24 +218,11 @@ def read_config(path: str) -> dict:
 
 
 def stage_boundaries(m: dict) -> tuple[float, ...]:
-    """Timestep (label) boundaries of the original ``stage_interval``: contiguous intervals from t = 0 to 1."""
-    intervals = m["stage_interval"]
-    if len(intervals) != m["stage_num"] or len(m["de_nfs"]) != m["stage_num"]:
-        raise ValueError(
-            f"`stage_num`={m['stage_num']} disagrees with `stage_interval` ({len(intervals)} stages) or `de_nfs` "
-            f"({len(m['de_nfs'])} decoders)."
-        )
-    try:
-        edges = [[float(v) for v in stage[0]] for stage in intervals if len(stage) == 1]
-    except (TypeError, ValueError, IndexError):
-        edges = []
-    contiguous = 0 < len(edges) == len(intervals) and all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
-    if not contiguous or edges[0][0] != 0 or edges[-1][1] != 1:
-        raise ValueError(
-            f"`stage_interval`={intervals} does not convert: each stage must be one interval, the intervals "
-            "contiguous from t = 0 to 1, as a TimestepPartition's stages are."
-        )
-    return tuple(round(STAGE_SCALE * edge[0], 9) for edge in edges[1:])  # 630.8, not 630.8000000000001
+    """Timestep (label) boundaries of the original ``stage_interval``: contiguous intervals from t = 0 to 1, times
+    1000 (the original compares the label with ``1000 x stage_interval``)."""
+    inner = stage_interval_boundaries(m["stage_interval"], m["stage_num"], len(m["de_nfs"]), "de_nfs",
+                                      lambda end: end == 1, "t = 0 to 1")  # fmt: skip
+    return tuple(round(STAGE_SCALE * b, 9) for b in inner)  # 630.8, not 630.8000000000001
 
 
 def model_config(p: dict, state_dict: dict[str, torch.Tensor]) -> dict:
