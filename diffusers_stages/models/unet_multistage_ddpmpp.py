@@ -355,7 +355,7 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
     @staticmethod
     def _check_options(resample_filter: Sequence[int], encoder_type: str) -> str:
         """Check the NCSN++ options; returns the residual blocks' resampling kernel."""
-        kernel = RESAMPLE_KERNELS.get(tuple(resample_filter))
+        kernel = RESAMPLE_KERNELS.get(tuple(resample_filter) if isinstance(resample_filter, Sequence) else None)
         if kernel is None:
             raise ValueError(f"`resample_filter` must be one of {list(RESAMPLE_KERNELS)}, got {resample_filter!r}.")
         if encoder_type not in ENCODER_TYPES:
