@@ -10,5 +10,7 @@ Each module is a command (`python -m diffusers_stages.conversion.<name> --help`,
   key-rename table.
 - `original_multistage_edm`: EDM `MultistageUNet` (DDPM++) checkpoints of the same code -> a `MultiStagePipeline`
   with a `MultiStageDDPMppUNet2DModel` and an EDM scheduler, through an explicit key-rename table.
+- `original_multistage_ncsnpp`: score_sde `ncsnpp_multistage` (NCSN++, continuous-time VP) checkpoints of the same
+  code -> a `MultiStagePipeline` with a `MultiStageDDPMppUNet2DModel` and the authors' DPM-Solver sampler.
 - `pipelines_to_experts`: several single diffusers pipelines -> one expert-routing or dual-backbone pipeline.
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import re
@@ -226,6 +227,44 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
             "environment where you trust it."
         )
     return load_file(path)
+
+
+def read_json(path: str, argument: str) -> dict:
+    """The JSON object in file ``path`` (given as command-line ``argument``), or a `ValueError` that says why not."""
+    if not os.path.isfile(path):
+        raise ValueError(f"`{argument}` must be an existing JSON file, got {path!r}.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`{argument}` {path} is not JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"`{argument}` {path} must hold a JSON object.")
+    return config
+
+
+def stage_interval_boundaries(
+    intervals, stage_num: int, decoders: int, decoder_option: str, reaches_end: Callable[[float], bool], span: str
+) -> list[float]:
+    """The inner boundaries of the authors' ``stage_interval`` (``[[[low, high]], ...]``, one interval per stage),
+    checked against ``stage_num`` and the number of ``decoders`` (option ``decoder_option``) and to be contiguous from
+    0 to an upper end ``reaches_end`` accepts (``span`` says which, for the error)."""
+    if len(intervals) != stage_num or decoders != stage_num:
+        raise ValueError(
+            f"`stage_num`={stage_num} disagrees with `stage_interval` ({len(intervals)} stages) or "
+            f"`{decoder_option}` ({decoders} decoders)."
+        )
+    try:
+        edges = [[float(v) for v in stage[0]] for stage in intervals if len(stage) == 1]
+    except (TypeError, ValueError, IndexError):
+        edges = []
+    contiguous = 0 < len(edges) == len(intervals) and all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+    if not contiguous or edges[0][0] != 0 or not reaches_end(edges[-1][1]):
+        raise ValueError(
+            f"`stage_interval`={intervals} does not convert: each stage must be one interval, the intervals "
+            f"contiguous from {span}, as a TimestepPartition's stages are."
+        )
+    return [edge[0] for edge in edges[1:]]
 
 
 def take(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:

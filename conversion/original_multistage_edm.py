@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import os
 import sys
@@ -56,8 +55,10 @@ from diffusers_stages.conversion.common import (
     max_difference,
     move_layer,
     probe_timesteps,
+    read_json,
     report_verification,
     run,
+    stage_interval_boundaries,
     staged_output,
     take,
     verify_reload,
@@ -88,9 +89,12 @@ UNSUPPORTED_OPTIONS = {  # original option -> (value that converts, why other va
     "model_type": ("MultistageUNet", "only the multi-stage DDPM++ network has a multi-stage equivalent here"),
     "embedding_type": ("positional", "NCSN++'s random Fourier noise embedding is not implemented"),
     "channel_mult_noise": (1, "DDPM++ embeds the noise level at the base width"),
-    "encoder_type": ("standard", "NCSN++'s skip/residual encoders are not implemented"),
+    "encoder_type": (
+        "standard",
+        "EDM's skip/residual encoders are not mapped (score_sde's: original_multistage_ncsnpp)",
+    ),
     "decoder_type": ("standard", "NCSN++'s skip decoder is not implemented"),
-    "resample_filter": ([1, 1], "only the [1, 1] filter (2x2 average pooling, nearest up-sampling) is implemented"),
+    "resample_filter": ([1, 1], "only EDM's [1, 1] filter (2x2 average pooling, nearest up-sampling) is mapped"),
 }
 # --------------------------------------------------------------------------------------------------------------
 # the key-rename table: original layer -> MultiStageDDPMppUNet2DModel layer
@@ -139,14 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------------------
 def read_config(path: str) -> dict:
     """The original network's arguments, the class's defaults filling what the file leaves out."""
-    if not os.path.isfile(path):
-        raise ValueError(f"`--original_config` must be an existing JSON file, got {path!r}.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"`--original_config` {path} is not JSON: {error}") from None
-    kwargs = config.get("network_kwargs", config) if isinstance(config, dict) else None
+    config = read_json(path, "--original_config")
+    kwargs = config.get("network_kwargs", config)
     if not isinstance(kwargs, dict):
         raise ValueError(f"`--original_config` {path} must hold a JSON object of the network's arguments.")
     precond = str(kwargs.get("class_name", "EDMPrecond")).rsplit(".", 1)[-1]
@@ -164,23 +162,15 @@ def read_config(path: str) -> dict:
 
 def stage_boundaries(p: dict) -> tuple[float, ...]:
     """Sigma boundaries of the original ``stage_interval``: one interval per stage, contiguous, from sigma 0 up."""
-    intervals = p["stage_interval"]
-    if len(intervals) != p["stage_num"] or len(p["de_model_channels"]) != p["stage_num"]:
-        raise ValueError(
-            f"`stage_num`={p['stage_num']} disagrees with `stage_interval` ({len(intervals)} stages) or "
-            f"`de_model_channels` ({len(p['de_model_channels'])} decoders)."
-        )
-    try:
-        edges = [[float(v) for v in stage[0]] for stage in intervals if len(stage) == 1]
-    except (TypeError, ValueError, IndexError):
-        edges = []
-    contiguous = 0 < len(edges) == len(intervals) and all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
-    if not contiguous or edges[0][0] != 0 or math.isfinite(edges[-1][1]) and edges[-1][1] < 1e3:
-        raise ValueError(
-            f"`stage_interval`={intervals} does not convert: each stage must be one interval, the intervals "
-            "contiguous from sigma 0 to infinity, as a TimestepPartition's stages are."
-        )
-    return tuple(edge[0] for edge in edges[1:])
+    inner = stage_interval_boundaries(
+        p["stage_interval"],
+        p["stage_num"],
+        len(p["de_model_channels"]),
+        "de_model_channels",
+        lambda end: not math.isfinite(end) or end >= 1e3,
+        "sigma 0 to infinity",
+    )
+    return tuple(inner)
 
 
 def model_config(p: dict, state_dict: dict[str, torch.Tensor]) -> dict:

@@ -58,6 +58,7 @@ CONVERSIONS = {
     "multistage_to_unet": "one stage of a MultiStagePipeline -> a plain UNet2DModel",
     "original_multistage": "a checkpoint of the authors' multi-stage code (LDM fork) -> MultiStagePipeline",
     "original_multistage_edm": "a checkpoint of the authors' EDM multi-stage model -> MultiStagePipeline",
+    "original_multistage_ncsnpp": "a checkpoint of the authors' score_sde NCSN++ multi-stage model -> MultiStagePipeline",
     "pipelines_to_experts": "several single-model pipelines -> ExpertRoutingPipeline or DualBackbonePipeline",
 }
 

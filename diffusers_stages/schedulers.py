@@ -11,10 +11,13 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from diffusers import DPMSolverSinglestepScheduler
+from diffusers.configuration_utils import register_to_config
 
 if TYPE_CHECKING:
     from .partition import TimestepPartition
@@ -172,3 +175,164 @@ def sigma_to_timestep(scheduler, sigma: float) -> float:
             f"({math.exp(log_sigmas[0]):.4g}, {math.exp(log_sigmas[-1]):.4g}), got {sigma}."
         )
     return float(np.interp(math.log(sigma), log_sigmas, np.arange(len(log_sigmas))))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# score_sde's continuous-time VP SDE (Song et al. 2021), as DPM-Solver samples it (Lu et al. 2022)
+#
+# A continuously trained VP model is conditioned on ``(N - 1) t`` for a time ``t`` in ``(0, 1]`` (score_sde's
+# ``labels = t * 999``, N = 1000): that label is the timestep the package's pipelines hand the model, and the unit of
+# its stage boundaries. It lies within a fraction of a step of the discrete DDPM timestep at the same noise level:
+# the discrete linear schedule ``betas = linspace(beta_min, beta_max, N) / N`` has noise level ``n`` at about
+# ``t = (n + 1) / N`` (label ``n + 1 - t``), so a discrete scheduler would condition the model up to one unit off.
+def vp_log_alpha(t: torch.Tensor, beta_min: float = 0.1, beta_max: float = 20.0) -> torch.Tensor:
+    """``log alpha_t = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2`` of the continuous VP SDE."""
+    return -0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min
+
+
+def vp_lambda(t: torch.Tensor, beta_min: float = 0.1, beta_max: float = 20.0) -> torch.Tensor:
+    """The half log-SNR ``lambda_t = log alpha_t - log sigma_t``, with ``sigma_t = sqrt(1 - alpha_t^2)``."""
+    log_alpha = vp_log_alpha(t, beta_min, beta_max)
+    return log_alpha - 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
+
+
+def vp_inverse_lambda(lamb: torch.Tensor, beta_min: float = 0.1, beta_max: float = 20.0) -> torch.Tensor:
+    """The time ``t`` whose half log-SNR is ``lamb`` (DPM-Solver's closed form for the linear schedule)."""
+    tmp = 2.0 * (beta_max - beta_min) * torch.logaddexp(-2.0 * lamb, torch.zeros_like(lamb))
+    return tmp / (torch.sqrt(beta_min**2 + tmp) + beta_min) / (beta_max - beta_min)
+
+
+def dpm_solver_fast_orders(steps: int, order: int) -> list[int]:
+    """The solver order of each singlestep block for ``steps`` model calls ("DPM-Solver-fast", Lu et al. 2022,
+    section 3.4): blocks of order ``order``, the last one or two of lower order to use up the calls exactly."""
+    if order == 3 and steps % 3 == 0:
+        return [3] * (steps // 3 - 1) + [2, 1]
+    if order == 3:
+        return [3] * (steps // 3) + [steps % 3]
+    return [order] * (steps // order) + [1] * (steps % order)
+
+
+class ContinuousVPDPMSolverSinglestepScheduler(DPMSolverSinglestepScheduler):
+    r"""
+    Singlestep DPM-Solver ("DPM-Solver-fast") on score_sde's continuous-time VP SDE: the sampler of the authors'
+    score_sde code (``dpm_solver.py``, ``method="singlestep"``, ``skip_type="logSNR"``), on diffusers'
+    `DPMSolverSinglestepScheduler`.
+
+    Its timesteps are the model's labels ``(num_train_timesteps - 1) t``, ``t`` running from ``t_start`` to
+    ``t_end``. ``num_inference_steps`` model calls are grouped into blocks of ``solver_order`` calls (the last one
+    or two blocks of lower order): the block ends are uniform in half log-SNR ``lambda``, and each order-k block is
+    split into k equal ``lambda`` steps, as the authors' solver places its intermediate times (``r1 = 1/3, r2 =
+    2/3``). diffusers' `DPMSolverSinglestepScheduler` cannot place them: its grid is one spacing of discrete
+    timesteps, and its second-order step is one formula (``solver_type``), while DPM-Solver-3 computes its
+    intermediate point with the first-order Taylor form ("heun") and ends a block with the ``midpoint`` form.
+
+    Parameters:
+        num_train_timesteps (`int`, defaults to 1000): ``N``; the model is conditioned on ``(N - 1) t``.
+        beta_min (`float`, defaults to 0.1), beta_max (`float`, defaults to 20.0): the VP SDE's linear ``beta(t)``.
+        solver_order (`int`, defaults to 3): 1, 2 or 3.
+        algorithm_type (`str`, defaults to `"dpmsolver"`): `"dpmsolver"` (noise prediction, the authors') or
+            `"dpmsolver++"`.
+        t_start (`float`, defaults to 1.0), t_end (`float`, defaults to 1e-4): the time interval sampled (the
+            authors' evaluation, ``sample.sh``, ends at ``t_end = 1e-4``; their config's ``sampling.eps`` is 1e-3).
+
+    Example:
+
+    ```py
+    >>> from diffusers_stages.schedulers import ContinuousVPDPMSolverSinglestepScheduler
+    >>> scheduler = ContinuousVPDPMSolverSinglestepScheduler()
+    >>> scheduler.set_timesteps(5)  # an order-3 block, then an order-2 block
+    >>> [round(t) for t in scheduler.timesteps.tolist()], scheduler.order_list  # model labels 999 t
+    ([999, 800, 536, 194, 11], [1, 2, 3, 1, 2])
+
+    ```
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        solver_order: int = 3,
+        algorithm_type: str = "dpmsolver",
+        t_start: float = 1.0,
+        t_end: float = 1e-4,
+    ):
+        if solver_order not in (1, 2, 3):
+            raise ValueError(f"`solver_order` must be 1, 2 or 3, got {solver_order!r}.")
+        if algorithm_type not in ("dpmsolver", "dpmsolver++"):
+            raise ValueError(f"`algorithm_type` must be 'dpmsolver' or 'dpmsolver++', got {algorithm_type!r}.")
+        if not 0.0 < t_end < t_start <= 1.0:
+            raise ValueError(f"`t_start` and `t_end` must satisfy 0 < t_end < t_start <= 1, got {t_start}, {t_end}.")
+        if not 0.0 < beta_min < beta_max:
+            raise ValueError(
+                f"`beta_min` and `beta_max` must satisfy 0 < beta_min < beta_max, got {beta_min}, {beta_max}."
+            )
+        with warnings.catch_warnings():  # diffusers deprecates "dpmsolver", which is the authors' algorithm
+            warnings.simplefilter("ignore", FutureWarning)
+            super().__init__(
+                num_train_timesteps=num_train_timesteps,
+                beta_start=beta_min / num_train_timesteps,  # the discrete schedule of the same SDE (unused here)
+                beta_end=beta_max / num_train_timesteps,
+                solver_order=solver_order,
+                algorithm_type=algorithm_type,
+                final_sigmas_type="sigma_min",  # sampling ends at t_end, not at sigma 0
+                lower_order_final=True,
+            )
+        self._taylor_steps: list[bool] = []
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        mu: float | None = None,
+        timesteps: list[int] | None = None,
+    ) -> None:
+        """The authors' grid for ``num_inference_steps`` model calls (see the class docstring)."""
+        if timesteps is not None or mu is not None:
+            raise ValueError(f"{type(self).__name__} places its own timesteps: give only `num_inference_steps`.")
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        config = self.config
+        orders = dpm_solver_fast_orders(num_inference_steps, config.solver_order)
+        ends = torch.tensor([config.t_start, config.t_end], dtype=torch.float64)
+        lam_start, lam_end = vp_lambda(ends, config.beta_min, config.beta_max).tolist()
+        edges = torch.linspace(lam_start, lam_end, len(orders) + 1, dtype=torch.float64)
+        # each order-k block split into k equal lambda steps; the k-th call of a block is the one after it
+        lambdas = [edges[b] + (edges[b + 1] - edges[b]) * j / k for b, k in enumerate(orders) for j in range(k)]
+        lambdas = torch.stack([*lambdas, edges[-1]])
+        t = vp_inverse_lambda(lambdas, config.beta_min, config.beta_max)
+        self.sigmas = torch.exp(-lambdas).float()  # diffusers' sigma = sigma_t / alpha_t = exp(-lambda)
+        self.timesteps = ((config.num_train_timesteps - 1) * t[:-1]).float().to(device)
+        self.order_list = [j + 1 for k in orders for j in range(k)]
+        self._taylor_steps = [k == 3 and j == 1 for k in orders for j in range(k)]  # DPM-Solver-3's second call
+        self.num_inference_steps = num_inference_steps
+        self.model_outputs = [None] * config.solver_order
+        self.sample, self._step_index, self._begin_index = None, None, None
+
+    def singlestep_dpm_solver_second_order_update(
+        self, model_output_list: list[torch.Tensor], *args, sample: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        """diffusers' second-order step (``midpoint``); inside an order-3 block, DPM-Solver-3's intermediate point:
+        the first-order Taylor form (diffusers' ``heun``)."""
+        if not self._taylor_steps[self.step_index]:
+            return super().singlestep_dpm_solver_second_order_update(model_output_list, *args, sample=sample, **kwargs)
+        indices = (self.step_index + 1, self.step_index, self.step_index - 1)  # t, s0 (last call), s1 (block start)
+        (alpha_t, sigma_t), _, (alpha_s1, sigma_s1) = [self._sigma_to_alpha_sigma_t(self.sigmas[i]) for i in indices]
+        lambda_t, lambda_s0, lambda_s1 = [-torch.log(self.sigmas[i]) for i in indices]
+        h = lambda_t - lambda_s1
+        d0, m0 = model_output_list[-2], model_output_list[-1]
+        d1 = (m0 - d0) * (h / (lambda_s0 - lambda_s1))
+        if self.config.algorithm_type == "dpmsolver":
+            return (
+                (alpha_t / alpha_s1) * sample
+                - sigma_t * torch.expm1(h) * d0
+                - sigma_t * (torch.expm1(h) / h - 1.0) * d1
+            )
+        return (
+            (sigma_t / sigma_s1) * sample - alpha_t * torch.expm1(-h) * d0 + alpha_t * (torch.expm1(-h) / h + 1.0) * d1
+        )

@@ -34,8 +34,8 @@ MODEL_KWARGS = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage"
 
 
 def package_classes() -> dict[str, type]:
-    """The allow-list: every pipeline and model class the package exports, by name."""
-    from .. import models, pipelines
+    """The allow-list: every pipeline and model class the package exports, and its schedulers, by name."""
+    from .. import models, pipelines, schedulers
 
     found = {}
     for namespace in (models, pipelines):
@@ -43,6 +43,9 @@ def package_classes() -> dict[str, type]:
             obj = getattr(namespace, name)
             if isinstance(obj, type) and issubclass(obj, (ModelMixin, diffusers.DiffusionPipeline)):
                 found[name] = obj
+    for name, obj in vars(schedulers).items():  # the scheduler classes defined in `diffusers_stages.schedulers`
+        if isinstance(obj, type) and issubclass(obj, SchedulerMixin) and obj.__module__ == schedulers.__name__:
+            found[name] = obj
     return found
 
 

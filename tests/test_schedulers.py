@@ -19,6 +19,7 @@ from diffusers import (
 from diffusers_stages import StageRouter, TimestepPartition, routing
 from diffusers_stages.pipelines import pipeline_dual_backbone, pipeline_expert_routing
 from diffusers_stages.schedulers import (
+    ContinuousVPDPMSolverSinglestepScheduler,
     check_scheduler_units,
     fresh_scheduler,
     is_edm_scheduler,
@@ -28,6 +29,9 @@ from diffusers_stages.schedulers import (
     scheduler_units,
     sigma_to_timestep,
     step_parameters,
+    vp_inverse_lambda,
+    vp_lambda,
+    vp_log_alpha,
 )
 
 
@@ -133,3 +137,112 @@ def test_sigma_to_timestep_inverts_the_training_schedule():
         sigma_to_timestep(scheduler, 1e6)
     with pytest.raises(ValueError, match="alphas_cumprod"):
         sigma_to_timestep(FlowMatchEulerDiscreteScheduler(), 0.5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the continuous-time VP DPM-Solver of the authors' score_sde code
+def gaussian_data_noise(x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The exact noise prediction for data N(0, 0.5^2 I) at label 999 t, plus a nonlinear term."""
+    alpha2 = torch.exp(2 * vp_log_alpha(label / 999))[:, None, None, None]
+    sigma = (1 - alpha2).sqrt()
+    return sigma * x / (0.25 * alpha2 + sigma**2) + 0.05 * torch.tanh(x) * torch.cos(label / 300)[:, None, None, None]
+
+
+def dpm_solver_reference(x: torch.Tensor, steps: int, t_end: float = 1e-4) -> torch.Tensor:
+    """Singlestep DPM-Solver-fast (order 3, logSNR, noise prediction) as the authors' `dpm_solver.py` runs it:
+    restated from the DPM-Solver paper (Lu et al. 2022, Algorithms 1 and 2, r1 = 1/3, r2 = 2/3 or r1 = 1/2)."""
+    x = x.double()
+    orders = [3] * (steps // 3 - 1) + [2, 1] if steps % 3 == 0 else [3] * (steps // 3) + [steps % 3]
+    ends = vp_lambda(torch.tensor([1.0, t_end], dtype=torch.float64))
+    edges = torch.linspace(ends[0].item(), ends[1].item(), len(orders) + 1, dtype=torch.float64)
+
+    def at(lam):  # (alpha, sigma, label) at half log-SNR lam
+        t = vp_inverse_lambda(lam)
+        alpha = torch.exp(vp_log_alpha(t))
+        return alpha, (1 - alpha**2).sqrt(), (999 * t).float().expand(x.shape[0])
+
+    def eps(x, lam):
+        return gaussian_data_noise(x.float(), at(lam)[2]).double()
+
+    for k, (lam_s, lam_t) in zip(orders, zip(edges[:-1], edges[1:])):
+        h, (a_s, _, _), (a_t, s_t, _) = lam_t - lam_s, at(lam_s), at(lam_t)
+        e_s = eps(x, lam_s)
+        if k == 1:
+            x = a_t / a_s * x - s_t * torch.expm1(h) * e_s
+            continue
+        r1 = 1 / k
+        a_1, s_1, _ = at(lam_s + r1 * h)
+        e_1 = eps(a_1 / a_s * x - s_1 * torch.expm1(r1 * h) * e_s, lam_s + r1 * h)
+        if k == 2:
+            x = a_t / a_s * x - s_t * torch.expm1(h) * e_s - 0.5 / r1 * s_t * torch.expm1(h) * (e_1 - e_s)
+            continue
+        r2 = 2 / 3
+        a_2, s_2, _ = at(lam_s + r2 * h)
+        phi_22 = torch.expm1(r2 * h) / (r2 * h) - 1
+        x_2 = a_2 / a_s * x - s_2 * torch.expm1(r2 * h) * e_s - r2 / r1 * s_2 * phi_22 * (e_1 - e_s)
+        e_2 = eps(x_2, lam_s + r2 * h)
+        x = a_t / a_s * x - s_t * torch.expm1(h) * e_s - 1 / r2 * s_t * (torch.expm1(h) / h - 1) * (e_2 - e_s)
+    return x
+
+
+@pytest.mark.parametrize("steps", [4, 5, 6, 20])
+def test_continuous_vp_dpm_solver_follows_the_authors_solver(steps):
+    scheduler = ContinuousVPDPMSolverSinglestepScheduler()
+    scheduler.set_timesteps(steps)
+    x0 = torch.randn(2, 3, 4, 4, generator=torch.manual_seed(0))
+    x = x0
+    for t in scheduler.timesteps:
+        x = scheduler.step(gaussian_data_noise(x, t.expand(2)), t, x).prev_sample
+    reference = dpm_solver_reference(x0, steps)
+    assert (x - reference).abs().max() <= 1e-4 * reference.abs().max(), steps
+
+
+def test_continuous_vp_dpm_solver_grid_is_uniform_in_log_snr_per_block():
+    scheduler = ContinuousVPDPMSolverSinglestepScheduler()
+    scheduler.set_timesteps(20)
+    # 20 calls: six order-3 blocks and one order-2 block, the block ends equally spaced in lambda = -log(sigma)
+    assert scheduler.order_list == [1, 2, 3] * 6 + [1, 2]
+    lambdas = -scheduler.sigmas.double().log()
+    ends = vp_lambda(torch.tensor([1.0, 1e-4], dtype=torch.float64))
+    block = (ends[1] - ends[0]) / 7
+    expected = [ends[0] + block * (b + j / 3) for b in range(6) for j in range(3)]
+    expected += [ends[0] + block * 6, ends[0] + block * 6.5, ends[1]]
+    assert torch.allclose(lambdas, torch.stack(expected), atol=1e-5)
+    # the timesteps are the model's labels 999 t, t = 1 first
+    t = vp_inverse_lambda(torch.stack(expected[:-1]))
+    assert torch.allclose(scheduler.timesteps.double(), 999 * t, atol=1e-3) and scheduler.timesteps[0] == 999
+    assert [c for _, c in model_call_timesteps(scheduler, 20)] == [False] * 20  # one model call per timestep
+
+
+def test_continuous_vp_dpm_solver_saves_and_reloads(tmp_path, caplog):
+    scheduler = ContinuousVPDPMSolverSinglestepScheduler(t_end=1e-3, algorithm_type="dpmsolver++")
+    scheduler.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        reloaded = ContinuousVPDPMSolverSinglestepScheduler.from_pretrained(tmp_path)
+    public = [{k: v for k, v in s.config.items() if not k.startswith("_")} for s in (scheduler, reloaded)]
+    assert not caplog.records and public[0] == public[1]
+    for s in (scheduler, reloaded):
+        s.set_timesteps(7)
+    assert torch.equal(scheduler.timesteps, reloaded.timesteps) and torch.equal(scheduler.sigmas, reloaded.sigmas)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"solver_order": 4}, "solver_order"),
+        ({"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+        ({"t_end": 1.0}, "t_end"),
+        ({"beta_min": 30.0}, "beta_min"),
+    ],
+)
+def test_continuous_vp_dpm_solver_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ContinuousVPDPMSolverSinglestepScheduler(**kwargs)
+
+
+def test_continuous_vp_dpm_solver_places_its_own_timesteps():
+    scheduler = ContinuousVPDPMSolverSinglestepScheduler()
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        scheduler.set_timesteps(timesteps=[999, 500])
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        scheduler.set_timesteps(0)

@@ -8,6 +8,12 @@ group counts change with the width), so it is its own model here, built from dif
 `Attention` with those settings. Converted checkpoints reproduce the original's outputs
 (`diffusers_stages.conversion.original_multistage_edm`).
 
+The authors' third family, score_sde's ``ncsnpp_multistage`` (NCSN++, Song et al. 2021), is the same network with
+three options set: FIR resampling (``resample_filter=(1, 3, 3, 1)``), a residual input pyramid
+(``encoder_type="residual"``) and the middle blocks in the shared encoder (``decoder_mid_blocks=False``); it is
+conditioned on ``999 t`` of a continuous-time VP SDE, with ``"timestep"`` boundaries
+(`diffusers_stages.conversion.original_multistage_ncsnpp`).
+
 The model is EDM's raw network ``F``: with EDM's preconditioning (diffusers' `EDMEulerScheduler` /
 `EDMDPMSolverMultistepScheduler` with ``prediction_type="epsilon"``) it is conditioned on ``c_noise = ln(sigma)/4``
 and its stage boundaries are in sigma.
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.attention_processor import Attention
+from diffusers.models.downsampling import FirDownsample2D
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import ResnetBlock2D
@@ -37,6 +44,9 @@ from .loading import StrictLoadingMixin
 from .staged import StagedModelMixin
 
 SKIP_SCALE = math.sqrt(2.0)  # DDPM++ divides every residual sum by sqrt(2) (EDM's skip_scale = sqrt(0.5))
+# resampling filter -> ResnetBlock2D kernel: 2x2 average pooling / nearest up-sampling, or NCSN++'s FIR filter
+RESAMPLE_KERNELS = {(1, 1): "sde_vp", (1, 3, 3, 1): "fir"}
+ENCODER_TYPES = ("standard", "residual")
 
 
 def group_count(channels: int, norm_num_groups: int, min_channels_per_group: int = 4) -> int:
@@ -68,9 +78,10 @@ class DDPMppBlock(nn.Module):
         dropout: float,
         resample: str | None = None,
         attention: bool = False,
+        kernel: str = "sde_vp",
     ):
         super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_channels, self.out_channels, self.resample = in_channels, out_channels, resample
         self.gradient_checkpointing = False  # set by the model's `enable_gradient_checkpointing()`
         self.resnet = ResnetBlock2D(
             in_channels=in_channels,
@@ -81,7 +92,7 @@ class DDPMppBlock(nn.Module):
             eps=norm_eps,
             dropout=dropout,
             non_linearity="silu",
-            kernel="sde_vp",  # 2x2 average pooling down, nearest up: EDM's resample_filter [1, 1]
+            kernel=kernel,  # "sde_vp": EDM's resample_filter [1, 1]; "fir": the [1, 3, 3, 1] FIR filter
             output_scale_factor=SKIP_SCALE,
             use_in_shortcut=in_channels != out_channels or resample is not None,
             up=resample == "up",
@@ -110,9 +121,17 @@ class DDPMppBlock(nn.Module):
         return hidden if self.attention is None else self.attention(hidden)
 
 
+def middle_blocks(width: int, block_kwargs: dict) -> nn.ModuleList:
+    """The two middle blocks at the deepest level: the first attends."""
+    return nn.ModuleList(
+        [DDPMppBlock(width, width, attention=True, **block_kwargs), DDPMppBlock(width, width, **block_kwargs)]
+    )
+
+
 class DDPMppStageDecoder(nn.Module):
-    """One stage's decoder: two middle blocks at the encoder's width, the up path at this decoder's width (each
-    level's blocks concatenate the encoder's skips at the encoder's widths), and the output head."""
+    """One stage's decoder: two middle blocks at the encoder's width (unless the encoder holds them), the up path at
+    this decoder's width (each level's blocks concatenate the encoder's skips at the encoder's widths), and the
+    output head."""
 
     def __init__(
         self,
@@ -125,15 +144,11 @@ class DDPMppStageDecoder(nn.Module):
         attention_resolutions: Sequence[int],
         out_channels: int,
         block_kwargs: dict,
+        mid_blocks: bool = True,
     ):
         super().__init__()
         # 1. middle blocks, at the encoder's deepest width: the first attends
-        self.mid_blocks = nn.ModuleList(
-            [
-                DDPMppBlock(encoder_top, encoder_top, attention=True, **block_kwargs),
-                DDPMppBlock(encoder_top, encoder_top, **block_kwargs),
-            ]
-        )
+        self.mid_blocks = middle_blocks(encoder_top, block_kwargs) if mid_blocks else nn.ModuleList()
         # 2. up path, deepest level first: [up-sampling block,] then layers_per_block + 1 blocks that each take a skip
         pending, width, self.takes_skip = list(encoder_skips), encoder_top, []
         blocks = []
@@ -172,7 +187,8 @@ class DDPMppStageDecoder(nn.Module):
 class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
     r"""
     EDM's DDPM++ U-Net with one shared encoder and one tailored decoder per stage (the multi-stage EDM model of
-    Zhang et al., CVPR 2024): the network ``F`` that EDM's preconditioning wraps.
+    Zhang et al., CVPR 2024): the network ``F`` that EDM's preconditioning wraps. With ``resample_filter=(1, 3, 3,
+    1)``, ``encoder_type="residual"`` and ``decoder_mid_blocks=False`` it is their score_sde NCSN++ model instead.
 
     The encoder (noise, class and augmentation embeddings, input convolution and down path) runs once on the whole
     batch; each sample is decoded by its stage's decoder only.
@@ -200,6 +216,13 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
         boundary_units (`str`, defaults to `"sigma"`): ``"sigma"`` (the model is conditioned on ``ln(sigma)/4``, as
             diffusers' EDM schedulers pass) or ``"timestep"``.
         num_train_timesteps (`int`, defaults to 1000): the schedule length, for ``"timestep"`` boundaries.
+        resample_filter (`tuple[int]`, defaults to `(1, 1)`): the up/down-sampling filter of the residual blocks:
+            `(1, 1)` (2x2 average pooling, nearest up-sampling: DDPM++) or `(1, 3, 3, 1)` (NCSN++'s FIR filter).
+        encoder_type (`str`, defaults to `"standard"`): `"residual"` adds NCSN++'s input pyramid: at each
+            down-sampling the input, down-sampled by a FIR-resampling 3x3 convolution, is summed into the encoder
+            (divided by sqrt(2)).
+        decoder_mid_blocks (`bool`, defaults to `True`): each decoder has its own two middle blocks (the EDM
+            model); `False` puts them in the shared encoder (score_sde's ``ncsnpp_multistage``).
 
     Example:
 
@@ -242,14 +265,18 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
         stage_boundaries: tuple[float, ...] = DEFAULT_SIGMA_BOUNDARIES,
         boundary_units: str = "sigma",
         num_train_timesteps: int = 1000,
+        resample_filter: tuple[int, ...] = (1, 1),
+        encoder_type: str = "standard",
+        decoder_mid_blocks: bool = True,
     ):
         super().__init__()
         # 0. check the configuration (every problem is a ValueError that names the argument) and keep the partition
         self.partition = self._check_config(stage_boundaries, num_train_timesteps, boundary_units, decoder_channels,
                                             sample_size, channel_mult, num_class_embeds)  # fmt: skip
+        kernel = self._check_options(resample_filter, encoder_type)
         noise_channels, emb_channels = encoder_channels, encoder_channels * channel_mult_emb
         block_kwargs = {"temb_channels": emb_channels, "norm_num_groups": norm_num_groups, "norm_eps": norm_eps,
-                        "dropout": dropout}  # fmt: skip
+                        "dropout": dropout, "kernel": kernel}  # fmt: skip
 
         # 1. embeddings: EDM's positional noise embedding ([sin, cos], frequencies 10000^(-i/(n-1))), plus the class
         #    and augmentation embeddings, then a two-layer MLP (EDM's map_layer0 / map_layer1)
@@ -261,19 +288,24 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
         self.time_embedding = TimestepEmbedding(noise_channels, emb_channels)
 
         # 2. shared encoder: input convolution, then per level [a down-sampling block,] layers_per_block blocks;
-        #    every output is a skip connection
+        #    every output is a skip connection; a residual encoder's input pyramid joins each down-sampling
         self.conv_in = nn.Conv2d(in_channels, encoder_channels, kernel_size=3, padding=1)
-        blocks, skips, width = [], [encoder_channels], encoder_channels
+        blocks, skips, width, pyramid = [], [encoder_channels], encoder_channels, []
         for level, mult in enumerate(channel_mult):
             if level > 0:
                 blocks.append(DDPMppBlock(width, width, resample="down", **block_kwargs))
                 skips.append(width)
+                if encoder_type == "residual":
+                    source = pyramid[-1].out_channels if pyramid else in_channels
+                    pyramid.append(FirDownsample2D(source, width, use_conv=True, fir_kernel=tuple(resample_filter)))
             for _ in range(layers_per_block):
                 attend = (sample_size >> level) in attention_resolutions
                 blocks.append(DDPMppBlock(width, encoder_channels * mult, attention=attend, **block_kwargs))
                 width = encoder_channels * mult
                 skips.append(width)
         self.down_blocks = nn.ModuleList(blocks)
+        self.input_pyramid = nn.ModuleList(pyramid) if pyramid else None
+        self.mid_blocks = None if decoder_mid_blocks else middle_blocks(width, block_kwargs)
 
         # 3. one tailored decoder per stage, clean stage first
         self.decoders = nn.ModuleList(
@@ -288,6 +320,7 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
                     attention_resolutions,
                     out_channels,
                     block_kwargs,
+                    decoder_mid_blocks,
                 )
                 for channels in decoder_channels
             ]
@@ -321,6 +354,16 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
                 f"`num_class_embeds` must be at least 2 (classes + the 'no class' label), got {num_class_embeds}."
             )
         return partition
+
+    @staticmethod
+    def _check_options(resample_filter: Sequence[int], encoder_type: str) -> str:
+        """Check the NCSN++ options; returns the residual blocks' resampling kernel."""
+        kernel = RESAMPLE_KERNELS.get(tuple(resample_filter) if isinstance(resample_filter, Sequence) else None)
+        if kernel is None:
+            raise ValueError(f"`resample_filter` must be one of {list(RESAMPLE_KERNELS)}, got {resample_filter!r}.")
+        if encoder_type not in ENCODER_TYPES:
+            raise ValueError(f"`encoder_type` must be one of {ENCODER_TYPES}, got {encoder_type!r}.")
+        return kernel
 
     def embed(
         self,
@@ -379,10 +422,14 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
         # 1. embeddings and the shared encoder, once on the whole batch
         emb = self.embed(timesteps, class_labels, augment_labels)
         hidden = self.conv_in(sample)
-        skips = [hidden]
+        skips, pyramid, downsample = [hidden], sample, iter(self.input_pyramid or ())
         for block in self.down_blocks:
             hidden = block(hidden, emb)
+            if block.resample == "down" and self.input_pyramid is not None:  # the residual input pyramid joins
+                pyramid = hidden = (next(downsample)(pyramid) + hidden) / SKIP_SCALE
             skips.append(hidden)
+        for block in self.mid_blocks or ():  # middle blocks shared by every stage (score_sde's NCSN++)
+            hidden = block(hidden, emb)
 
         # 2. route: each stage's decoder on its own samples only (the whole batch when one stage holds it)
         out = self.decode(hidden, skips, emb, timesteps, stage_index)

@@ -14,6 +14,7 @@ SCRIPTS = [
     "multistage_to_unet",
     "original_multistage",
     "original_multistage_edm",
+    "original_multistage_ncsnpp",
     "pipelines_to_experts",
 ]
 

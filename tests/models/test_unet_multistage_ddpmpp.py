@@ -5,6 +5,7 @@ import torch
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
 from diffusers_stages import MultiStageDDPMppUNet2DModel, MultiStagePipeline
+from diffusers_stages.schedulers import ContinuousVPDPMSolverSinglestepScheduler
 from diffusers_stages.training.loss import diffusion_loss
 from tests.models.staged_model_tester import StagedModelTesterMixin
 
@@ -146,3 +147,71 @@ def test_the_stage_index_path_reads_no_tensor_value(host_reads):
     with torch.no_grad():
         assert host_reads(lambda: model(x, t, class_labels=labels, stage_index=1)) == 0
         assert host_reads(lambda: model(x, t, class_labels=labels)) > 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the NCSN++ options (the authors' score_sde model): FIR resampling, residual input pyramid, shared middle blocks
+NCSNPP = {
+    **TINY,
+    "channel_mult": (1, 2, 2),
+    "resample_filter": (1, 3, 3, 1),
+    "encoder_type": "residual",
+    "decoder_mid_blocks": False,
+    "stage_boundaries": (442.0, 630.8),  # score_sde's labels 999 t against 1000 x stage_interval
+    "boundary_units": "timestep",
+}
+
+
+class TestNCSNppOptions(StagedModelTesterMixin):
+    model_class = MultiStageDDPMppUNet2DModel
+    stage_timesteps = (220.5, 536.3, 815.1)
+    mixed_timesteps = (220.5, 815.1, 536.3, 10.0)  # stages 0, 2, 1, 0
+    mixed_stage_counts = (2, 1, 1)
+    min_trainable_tensors = 100
+    num_attention_processors = 1 + 1 + 3  # the 4x4 encoder block, the shared middle, each decoder's 4x4 level
+    attention_prefixes = ("down_blocks.", "mid_blocks.", "decoders.0.", "decoders.1.", "decoders.2.")
+    bad_configs = (
+        ({"resample_filter": (1, 2, 1)}, "resample_filter"),
+        ({"encoder_type": "skip"}, "encoder_type"),
+        ({"stage_boundaries": (442.0, 1000.0)}, "boundaries"),
+    )
+
+    def get_init_kwargs(self) -> dict:
+        return dict(NCSNPP)
+
+    @pytest.mark.slow  # the shared blocks compile as in the EDM configuration above; this one adds a minute
+    def test_compiles_with_fullgraph_given_a_stage_index(self, model):
+        super().test_compiles_with_fullgraph_given_a_stage_index(model)
+
+
+def test_ncsnpp_options_build_score_sde_s_layout():
+    torch.manual_seed(0)
+    model = MultiStageDDPMppUNet2DModel(**NCSNPP).eval()
+    # one input-pyramid convolution per down-sampling, from the image channels, then the level's width
+    assert [(p.Conv2d_0.in_channels, p.Conv2d_0.out_channels) for p in model.input_pyramid] == [(3, 16), (16, 32)]
+    assert model.input_pyramid[0].fir_kernel == (1, 3, 3, 1)
+    # the middle blocks belong to the shared encoder; every decoder starts with its up path
+    assert len(model.mid_blocks) == 2 and all(len(d.mid_blocks) == 0 for d in model.decoders)
+    # the resampling blocks use the FIR filter, not 2x2 average pooling / nearest up-sampling
+    down = [b for b in model.down_blocks if b.resample == "down"]
+    x = torch.zeros(1, 16, 8, 8)
+    x[..., 3, 3] = 1.0  # an impulse: FIR spreads it over 4x4 taps, average pooling keeps it in one pixel
+    assert down[0].resnet.downsample(x)[0, 0].count_nonzero() == 4
+    assert MultiStageDDPMppUNet2DModel(**TINY).down_blocks[1].resnet.downsample(x)[0, 0].count_nonzero() == 1
+    # the EDM defaults are unchanged: per-decoder middle blocks, no pyramid
+    edm = MultiStageDDPMppUNet2DModel(**TINY)
+    assert edm.input_pyramid is None and edm.mid_blocks is None and len(edm.decoders[0].mid_blocks) == 2
+
+
+def test_ncsnpp_samples_with_the_continuous_vp_dpm_solver(tmp_path):
+    torch.manual_seed(0)
+    model = MultiStageDDPMppUNet2DModel(**NCSNPP).eval()
+    pipe = MultiStagePipeline(unet=model, scheduler=ContinuousVPDPMSolverSinglestepScheduler())
+    pipe.save_pretrained(tmp_path)
+    images = []
+    for pipeline in (pipe, MultiStagePipeline.from_pretrained(tmp_path)):
+        pipeline.set_progress_bar_config(disable=True)
+        images.append(pipeline(batch_size=2, num_inference_steps=5, generator=torch.manual_seed(0), output_type="np"))
+    # 5 calls: 999 t = 999 (stage 2), 800 (2), 536 (1), 194 (0), 11 (0)
+    assert [stage for _, stage in pipe.expert_schedule(5)] == [2, 2, 1, 0, 0]
+    assert images[0].images.shape == (2, 8, 8, 3) and (images[0].images == images[1].images).all()
