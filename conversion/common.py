@@ -334,6 +334,28 @@ def verify_reload(converted, reloaded, tolerance: float) -> None:
     report_verification(differences, tolerance)
 
 
+def write_and_verify(
+    args: argparse.Namespace,
+    model,
+    scheduler,
+    folder: str,
+    verify_original: Callable[[object], None],
+    vae=None,
+):
+    """Write the converted ``model`` as a `MultiStagePipeline` in ``folder``, reload it strictly, and with `--verify`
+    compare it with the original network (``verify_original(pipeline)``, with `--original_repo`) or with the model
+    before saving (without). Returns the reloaded pipeline."""
+    from diffusers_stages.pipelines import MultiStagePipeline
+
+    MultiStagePipeline(unet=model.eval(), scheduler=scheduler, vae=vae).save_pretrained(folder)
+    pipeline = MultiStagePipeline.from_pretrained(folder)
+    if args.verify and args.original_repo:
+        verify_original(pipeline)
+    elif args.verify:
+        verify_reload(model, pipeline.unet, args.tolerance)
+    return pipeline
+
+
 def run(main: Callable[[argparse.Namespace], object], parse_args: Callable, argv: Sequence[str] | None = None) -> None:
     """Command-line entry point: a `ValueError` becomes a one-line error message and exit status 1."""
     try:

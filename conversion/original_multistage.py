@@ -47,7 +47,7 @@ from diffusers_stages.conversion.common import (
     run,
     staged_output,
     take,
-    verify_reload,
+    write_and_verify,
 )
 from diffusers_stages.models import MultiStageUNet2DModel
 from diffusers_stages.pipelines import MultiStagePipeline
@@ -421,12 +421,10 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         load_converted(model, converted, f"The checkpoint {args.checkpoint}")
         # 3. write the pipeline, reload it strictly, and compare with the original if asked
         vae = load_vae(args.vae) if args.vae else None
-        MultiStagePipeline(unet=model.eval(), scheduler=scheduler_from_config(diffusion), vae=vae).save_pretrained(tmp)
-        pipeline = MultiStagePipeline.from_pretrained(tmp)
-        if args.verify and args.original_repo:
-            verify_against_original(args.original_repo, p, original, pipeline.unet, args.tolerance)
-        elif args.verify:
-            verify_reload(model, pipeline.unet, args.tolerance)
+        pipeline = write_and_verify(
+            args, model, scheduler_from_config(diffusion), tmp, vae=vae,
+            verify_original=lambda pipe: verify_against_original(args.original_repo, p, original, pipe.unet, args.tolerance),
+        )  # fmt: skip
     print(
         f"wrote {args.output_path}: MultiStagePipeline, stages {pipeline.partition.intervals()} from {args.checkpoint}"
     )

@@ -61,7 +61,7 @@ from diffusers_stages.conversion.common import (
     stage_interval_boundaries,
     staged_output,
     take,
-    verify_reload,
+    write_and_verify,
 )
 from diffusers_stages.models import MultiStageDDPMppUNet2DModel
 from diffusers_stages.pipelines import MultiStagePipeline
@@ -359,13 +359,10 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         converted = edm_to_ddpmpp(original, p, config["sample_size"])
         load_converted(model, converted, f"The checkpoint {args.checkpoint}")
         # 3. write the pipeline (EDM's preconditioning and Karras schedule), reload it, and compare if asked
-        scheduler = edm_scheduler(p)
-        MultiStagePipeline(unet=model.eval(), scheduler=scheduler).save_pretrained(tmp)
-        pipeline = MultiStagePipeline.from_pretrained(tmp)
-        if args.verify and args.original_repo:
-            verify_against_original(args.original_repo, p, original, pipeline, args.tolerance)
-        elif args.verify:
-            verify_reload(model, pipeline.unet, args.tolerance)
+        pipeline = write_and_verify(
+            args, model, edm_scheduler(p), tmp,
+            verify_original=lambda pipe: verify_against_original(args.original_repo, p, original, pipe, args.tolerance),
+        )  # fmt: skip
     print(
         f"wrote {args.output_path}: MultiStagePipeline, sigma stages {pipeline.partition.intervals()} from {args.checkpoint}"
     )

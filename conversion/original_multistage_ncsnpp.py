@@ -72,7 +72,7 @@ from diffusers_stages.conversion.common import (
     stage_interval_boundaries,
     staged_output,
     take,
-    verify_reload,
+    write_and_verify,
 )
 from diffusers_stages.models import MultiStageDDPMppUNet2DModel
 from diffusers_stages.pipelines import MultiStagePipeline
@@ -424,12 +424,10 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         converted = ncsnpp_to_ddpmpp(original, p, config["sample_size"])
         load_converted(model, converted, f"The checkpoint {args.checkpoint}")
         # 3. write the pipeline (the authors' DPM-Solver), reload it, and compare if asked
-        MultiStagePipeline(unet=model.eval(), scheduler=dpm_solver_scheduler(p, args.t_end)).save_pretrained(tmp)
-        pipeline = MultiStagePipeline.from_pretrained(tmp)
-        if args.verify and args.original_repo:
-            verify_against_original(args.original_repo, p, original, pipeline, args.tolerance)
-        elif args.verify:
-            verify_reload(model, pipeline.unet, args.tolerance)
+        pipeline = write_and_verify(
+            args, model, dpm_solver_scheduler(p, args.t_end), tmp,
+            verify_original=lambda pipe: verify_against_original(args.original_repo, p, original, pipe, args.tolerance),
+        )  # fmt: skip
     print(
         f"wrote {args.output_path}: MultiStagePipeline, stages {pipeline.partition.intervals()} from {args.checkpoint}"
     )
