@@ -126,11 +126,12 @@ def dispatch_by_stage(
     return out
 
 
-def select_rows(value, rows: torch.Tensor | slice, batch: int):
+def select_rows(value, rows: torch.Tensor | slice, batch: int, _seen: dict | None = None):
     r"""
     The rows ``rows`` (indices, or a slice: then views) of every per-sample tensor in ``value``: a tensor whose
     first dimension is ``batch``, or such tensors inside dicts, lists and tuples (``added_cond_kwargs``, attention
-    masks, ...); anything else unchanged.
+    masks, ...); anything else unchanged. A tensor found twice is selected once, so that inputs that are one tensor
+    (a U-Net's last skip and its middle input, without a middle block) stay one tensor.
 
     Example:
 
@@ -143,10 +144,13 @@ def select_rows(value, rows: torch.Tensor | slice, batch: int):
 
     ```
     """
+    seen = {} if _seen is None else _seen
     if isinstance(value, dict):
-        return {key: select_rows(item, rows, batch) for key, item in value.items()}
+        return {key: select_rows(item, rows, batch, seen) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(select_rows(item, rows, batch) for item in value)
+        return type(value)(select_rows(item, rows, batch, seen) for item in value)
     if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
-        return value[rows if isinstance(rows, slice) else rows.to(value.device)]
+        if id(value) not in seen:
+            seen[id(value)] = value[rows if isinstance(rows, slice) else rows.to(value.device)]
+        return seen[id(value)]
     return value

@@ -31,11 +31,18 @@ class StageCompileMixin:
 
     def compile_regions(self) -> list[nn.Module]:
         """The regions `compile_stages` compiles: each child module with parameters, and each member with parameters
-        of a child `nn.ModuleList` (the encoder's blocks; the decoders or experts, one region per stage)."""
+        of a child `nn.ModuleList` (the encoder's blocks; the decoders or experts, one region per stage); not single
+        layers of `torch.nn` (a convolution alone: nothing to fuse, and `torch.compile` runs them as they are)."""
         regions = []
         for child in self.children():
             members = list(child) if isinstance(child, nn.ModuleList) else [child]
-            regions += [m for m in members if m is not None and next(m.parameters(), None) is not None]
+            regions += [
+                m
+                for m in members
+                if m is not None
+                and next(m.parameters(), None) is not None
+                and not type(m).__module__.startswith("torch.nn.")
+            ]
         return regions
 
     def compile_stages(self, warmup: Mapping[str, Any] | None = None, **compile_kwargs) -> StageCompileMixin:

@@ -26,6 +26,7 @@ from torch import nn
 from ..routing import dispatch_by_stage
 from .decoders import resolve_decoder_widths
 from .loading import StrictLoadingMixin
+from .staged import StageCompileMixin
 from .unet_multistage_condition_blocks import (
     SUPPORTED_ADDITION_EMBEDS,
     SUPPORTED_DOWN_BLOCKS,
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 
-class MultiStageUNet2DConditionModel(StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
+class MultiStageUNet2DConditionModel(StageCompileMixin, StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
     r"""
     A text-conditional 2D U-Net with one shared encoder and one decoder per stage of the noise schedule, a drop-in
     ``unet`` for diffusers' Stable Diffusion pipelines.
