@@ -1,4 +1,5 @@
 import json
+import weakref
 
 import pytest
 import torch
@@ -263,3 +264,24 @@ def test_compile_stages_compiles_17_identical_decoders_once(tiny_unet_kwargs, mo
         assert torch.allclose(model(x, t).sample, expected, atol=1e-6)  # a mixed batch: every decoder, compiled
     assert counter.graphs == 4
     torch._dynamo.reset()
+
+
+def test_decoders_free_each_encoder_skip_once_read(tiny_unet_kwargs):
+    torch.manual_seed(0)
+    model = MultiStageUNet2DModel(**tiny_unet_kwargs, stage_boundaries=(500,)).eval()
+    encode, skips = model.encode, []
+
+    def recording_encode(*args, **kwargs):  # weak references to the encoder's skips
+        hidden, encoded, emb, timesteps = encode(*args, **kwargs)
+        skips[:] = [weakref.ref(skip) for skip in encoded]
+        return hidden, encoded, emb, timesteps
+
+    model.encode, alive = recording_encode, []
+    for decoder in model.decoders:  # how many of the skips are alive when the last up block starts
+        decoder.up_blocks[-1].register_forward_pre_hook(lambda *_: alive.append(sum(s() is not None for s in skips)))
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        model(x, torch.tensor([10, 20, 30, 40]))  # one stage
+        model(x, torch.tensor([10, 900, 20, 800]))  # mixed: two stages
+    assert len(skips) == 4 and alive[0] == 2  # one stage: only the two skips the last up block reads, as UNet2DModel
+    assert alive[1:] == [0, 0]  # mixed: the encoder's skips are freed once gathered in stage order
