@@ -9,7 +9,7 @@ Everything is measured in one run and printed as ratios to the baseline measured
 3. Routing overhead: with identical decoders (`MultiStageUNet2DModel.from_unet`), the median forward time against the
    source `UNet2DModel`, routed from the timestep (no `stage_index`) and with `stage_index`: at batch 1 for 2, 3, 4,
    8 and 16 decoders (`--decoder_counts`; a per-call cost that grew with the number of decoders would show here),
-   and at batch 16 for 3 decoders.
+   at batch 1 and at batch 16.
 4. Mixed batches (small model: 16x16, widths (32, 64), identical decoders): a batch spread evenly over all stages
    against the same batch in one stage, at 8 stages and batch 16 and at 3 stages and batch 4.
 5. Loading: the peak resident memory that `from_pretrained` adds, against the parameters' size (in a subprocess).
