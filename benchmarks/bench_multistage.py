@@ -9,17 +9,27 @@ Everything is measured in one run and printed as ratios to the baseline measured
 3. Routing overhead: with identical decoders (`MultiStageUNet2DModel.from_unet`), the median forward time against the
    source `UNet2DModel`, routed from the timestep (no `stage_index`) and with `stage_index`: at batch 1 for 2, 3, 4,
    8 and 16 decoders (`--decoder_counts`; a per-call cost that grew with the number of decoders would show here),
-   and at batch 16 for 3 decoders.
+   at batch 1 and at batch 16.
+4. Mixed batches (small model: 16x16, widths (32, 64), identical decoders): a batch spread evenly over all stages
+   against the same batch in one stage, at 8 stages and batch 16 and at 3 stages and batch 4.
+5. Loading: the peak resident memory that `from_pretrained` adds, against the parameters' size (in a subprocess).
+6. Per-step pipeline overhead: `MultiStagePipeline` with identical decoders against `DDIMPipeline` (small model).
+7. `compile_stages` with inductor: the time of compiling every stage (warm-up), and the steady-state forward time
+   against the eager model.
 
     python benchmarks/bench_multistage.py --threads 1   # CPU, a few minutes
     python benchmarks/bench_multistage.py --quick    # fewer repeats, for a smoke run
+    python benchmarks/bench_multistage.py --sections mixed load pipeline compile  # some sections only
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import tempfile
+import time
 
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
@@ -30,6 +40,17 @@ from diffusers_stages.timestep_sampling import stratified_timesteps
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from benchmarks.measure import count_flops, interleaved_medians
+
+SECTIONS = ("flops", "sampling", "overhead", "mixed", "load", "pipeline", "compile")
+SMALL = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=8,
+    attention_head_dim=8,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--decoder_counts", type=int, nargs="+", default=[2, 3, 4, 8, 16], help="identical decoders, batch-1 sweep"
     )
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.steps = 3, 5
@@ -87,45 +109,68 @@ def main(args: argparse.Namespace) -> None:
     device = args.device
     kwargs = encoder_kwargs(args.width, args.resolution)
     baseline = UNet2DModel(**kwargs).to(device).eval()
+    print(f"device {device} ({torch.get_num_threads()} threads)")
+    rows = []
+    if {"flops", "sampling"} & set(args.sections):
+        rows += tailored_costs(args, baseline, kwargs)
+    if "overhead" in args.sections:
+        rows += routing_overhead(args, baseline)
+    small = UNet2DModel(**SMALL).to(device).eval()
+    if "mixed" in args.sections:
+        rows += mixed_batches(args, small)
+    if "load" in args.sections:
+        rows += load_peak(small)
+    if "pipeline" in args.sections:
+        rows += pipeline_overhead(args, small)
+    if "compile" in args.sections:
+        rows += compiled_stages(args, small)
+    print("\n| measure | baseline | multi-stage | ratio |\n|---|---|---|---|")
+    for name, base, staged, unit in rows:
+        print(f"| {name} | {base:.3f} {unit} | {staged:.3f} {unit} | {staged / base:.3f} |")
+
+
+def tailored_costs(args, baseline, kwargs) -> list[tuple]:
+    """Sections 1 and 2: FLOPs and sampling wall time of the paper's tailored decoders against the baseline."""
+    device, rows = args.device, []
     tailored = (
         MultiStageUNet2DModel(**kwargs, decoder_block_out_channels=tailored_widths(args.width)).to(device).eval()
     )
     params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     print(
-        f"device {device} ({torch.get_num_threads()} threads), {args.resolution}px, encoder widths {kwargs['block_out_channels']}, DDIM {args.steps} steps"
-    )
-    print(
-        f"baseline UNet2DModel {params(baseline):.2f}M params; multi-stage {params(tailored):.2f}M "
+        f"{args.resolution}px, encoder widths {kwargs['block_out_channels']}, DDIM {args.steps} steps; baseline "
+        f"UNet2DModel {params(baseline):.2f}M params; multi-stage {params(tailored):.2f}M "
         f"(decoders {tailored_widths(args.width)})"
     )
-    rows = []
-
-    # 1. FLOPs: one sampling run (batch 1) and one training step on a stratified mixed batch
     base_pipe = DDIMPipeline(unet=baseline, scheduler=DDIMScheduler())
     staged_pipe = MultiStagePipeline(unet=tailored, scheduler=DDIMScheduler())
     for pipe in (base_pipe, staged_pipe):
         pipe.set_progress_bar_config(disable=True)
     sample_base = lambda: base_pipe(batch_size=1, num_inference_steps=args.steps, output_type="np")  # noqa: E731
     sample_staged = lambda: staged_pipe(batch_size=1, num_inference_steps=args.steps, output_type="np")  # noqa: E731
-    (flops_base, _), (flops_staged, _) = count_flops(sample_base), count_flops(sample_staged)
-    rows.append(("sampling FLOPs / run", flops_base / 1e9, flops_staged / 1e9, "GFLOP"))
+    if "flops" in args.sections:
+        (flops_base, _), (flops_staged, _) = count_flops(sample_base), count_flops(sample_staged)
+        rows.append(("sampling FLOPs / run", flops_base / 1e9, flops_staged / 1e9, "GFLOP"))
+        clean = torch.randn(args.train_batch, 3, args.resolution, args.resolution, device=device)
+        timesteps, _ = stratified_timesteps(tailored.partition, args.train_batch, generator=torch.manual_seed(0))
+        timesteps = timesteps.to(device)
+        baseline.train(), tailored.train()
+        train_base, _ = count_flops(lambda: training_step(baseline, clean, timesteps))
+        train_staged, _ = count_flops(lambda: training_step(tailored, clean, timesteps))
+        rows.append(
+            (f"training FLOPs / step (batch {args.train_batch})", train_base / 1e9, train_staged / 1e9, "GFLOP")
+        )
+        baseline.eval(), tailored.eval()
+    if "sampling" in args.sections:
+        times = paired_medians({"base": sample_base, "staged": sample_staged}, args.repeats, device)
+        rows.append(("sampling run wall time (median)", times["base"] * 1e3, times["staged"] * 1e3, "ms"))
+    return rows
 
-    clean = torch.randn(args.train_batch, 3, args.resolution, args.resolution, device=device)
-    timesteps, _ = stratified_timesteps(tailored.partition, args.train_batch, generator=torch.manual_seed(0))
-    timesteps = timesteps.to(device)
-    baseline.train(), tailored.train()
-    train_base, _ = count_flops(lambda: training_step(baseline, clean, timesteps))
-    train_staged, _ = count_flops(lambda: training_step(tailored, clean, timesteps))
-    rows.append((f"training FLOPs / step (batch {args.train_batch})", train_base / 1e9, train_staged / 1e9, "GFLOP"))
-    baseline.eval(), tailored.eval()
 
-    # 2. wall time of a sampling run
-    times = paired_medians({"base": sample_base, "staged": sample_staged}, args.repeats, device)
-    rows.append(("sampling run wall time (median)", times["base"] * 1e3, times["staged"] * 1e3, "ms"))
-
-    # 3. routing overhead with identical decoders: batch 1 for each decoder count, batch 16 for three decoders
+def routing_overhead(args, baseline) -> list[tuple]:
+    """Section 3: identical decoders against the source U-Net, routed and with ``stage_index``."""
+    device, rows = args.device, []
     t = torch.tensor(500, device=device)
-    runs = [(1, count) for count in args.decoder_counts] + [(16, tailored.num_stages)]
+    runs = [(1, count) for count in args.decoder_counts] + [(16, count) for count in args.decoder_counts]
     for batch, count in runs:
         x = torch.randn(batch, 3, args.resolution, args.resolution, device=device)
         boundaries = TimestepPartition.uniform(count).boundaries
@@ -143,10 +188,100 @@ def main(args: argparse.Namespace) -> None:
         name = f"forward, batch {batch}, {count} identical decoders"
         rows.append((f"{name}, routed from timestep", times["unet"] * 1e3, times["routed"] * 1e3, "ms"))
         rows.append((f"{name}, stage_index given", times["unet"] * 1e3, times["stage_index"] * 1e3, "ms"))
+    return rows
 
-    print("\n| measure | UNet2DModel | multi-stage | ratio |\n|---|---|---|---|")
-    for name, base, staged, unit in rows:
-        print(f"| {name} | {base:.3f} {unit} | {staged:.3f} {unit} | {staged / base:.3f} |")
+
+def mixed_batches(args, small) -> list[tuple]:
+    """Section 4: a batch spread evenly over every stage against the same batch in one stage (baseline column)."""
+    device, rows = args.device, []
+    for count, batch in ((8, 16), (3, 4)):
+        partition = TimestepPartition.uniform(count)
+        staged = MultiStageUNet2DModel.from_unet(small, stage_boundaries=partition.boundaries).to(device).eval()
+        edges = [0, *partition.boundaries]
+        mixed = torch.tensor([edges[i % count] + 1 for i in range(batch)], device=device)
+        single = torch.full((batch,), edges[count // 2] + 1, device=device)
+        x = torch.randn(batch, 3, 16, 16, device=device)
+        with torch.inference_mode():
+            times = paired_medians(
+                {
+                    "single": lambda staged=staged, x=x, t=single: staged(x, t),
+                    "mixed": lambda staged=staged, x=x, t=mixed: staged(x, t),
+                },
+                args.repeats * 2,
+                device,
+            )
+        name = f"mixed batch vs one stage (small model, {count} stages, batch {batch})"
+        rows.append((name, times["single"] * 1e3, times["mixed"] * 1e3, "ms"))
+    return rows
+
+
+LOAD_PEAK = """
+import resource, sys
+from diffusers_stages import MultiStageUNet2DModel
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = MultiStageUNet2DModel.from_pretrained(sys.argv[1])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024, sum(p.numel() * p.element_size() for p in model.parameters()))
+"""
+
+
+def load_peak(small) -> list[tuple]:
+    """Section 5: the peak resident memory `from_pretrained` adds, against the parameters (Linux; a subprocess)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    wide = UNet2DModel(**{**SMALL, "block_out_channels": (256, 512)})  # ~0.3 GB of parameters with 3 decoders
+    staged = MultiStageUNet2DModel.from_unet(wide)
+    with tempfile.TemporaryDirectory() as folder:
+        staged.save_pretrained(folder)
+        result = subprocess.run([sys.executable, "-c", LOAD_PEAK, folder], capture_output=True, text=True, check=True)
+    peak, params = (float(v) for v in result.stdout.split()[-2:])
+    return [("load: peak memory added vs parameter bytes", params / 2**20, peak / 2**20, "MiB")]
+
+
+def pipeline_overhead(args, small) -> list[tuple]:
+    """Section 6: time per denoising step of `MultiStagePipeline` (3 identical decoders) against `DDIMPipeline`."""
+    staged = MultiStageUNet2DModel.from_unet(small).eval()
+    base_pipe = DDIMPipeline(unet=small, scheduler=DDIMScheduler())
+    staged_pipe = MultiStagePipeline(unet=staged, scheduler=DDIMScheduler())
+    for pipe in (base_pipe, staged_pipe):
+        pipe.set_progress_bar_config(disable=True)
+    run = lambda pipe: pipe(batch_size=1, num_inference_steps=args.steps, output_type="np")  # noqa: E731
+    times = paired_medians({"base": lambda: run(base_pipe), "staged": lambda: run(staged_pipe)}, args.repeats, "cpu")
+    steps = args.steps
+    return [
+        (
+            "pipeline time per step (small model, batch 1)",
+            times["base"] / steps * 1e3,
+            times["staged"] / steps * 1e3,
+            "ms",
+        )
+    ]
+
+
+def compiled_stages(args, small) -> list[tuple]:
+    """Section 7: `compile_stages()` (inductor) on the small model with 3 identical decoders: compile time of the
+    warm-up (every stage), and steady-state forward time against eager (baseline column: eager)."""
+    device = args.device
+    eager = MultiStageUNet2DModel.from_unet(small).to(device).eval()
+    compiled = MultiStageUNet2DModel.from_unet(small).to(device).eval()
+    x = torch.randn(4, 3, 16, 16, device=device)
+    t = torch.tensor([10, 500, 900, 900], device=device)
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    compiled.compile_stages(warmup={"sample": x, "timestep": t}, backend="inductor")
+    with torch.no_grad():
+        compiled(x, t)  # the mixed batch's sizes
+    seconds = time.perf_counter() - start
+    print(f"compile_stages (inductor) warm-up of {compiled.num_stages} stages + one mixed batch: {seconds:.1f} s")
+    with torch.inference_mode():
+        times = paired_medians(
+            {"eager": lambda: eager(x, t, stage_index=1), "compiled": lambda: compiled(x, t, stage_index=1)},
+            args.repeats * 2,
+            device,
+        )
+    return [
+        ("compile_stages (inductor) forward, batch 4, one stage", times["eager"] * 1e3, times["compiled"] * 1e3, "ms")
+    ]
 
 
 if __name__ == "__main__":

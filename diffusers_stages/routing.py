@@ -64,15 +64,25 @@ def dispatch_by_stage(
     partition: TimestepPartition,
     timesteps: torch.Tensor,
     stage_index: int | None,
-    run_stage: Callable[[int, torch.Tensor | None], torch.Tensor],
+    run_stage: Callable[[int, object], torch.Tensor],
+    inputs: object,
 ) -> torch.Tensor:
     r"""
     Run a batch through per-stage networks: the one place where a model splits a mixed batch by stage.
 
-    ``run_stage(stage, rows)`` computes the output of ``stage``'s network for the samples at ``rows`` (``None``:
-    the whole batch). With ``stage_index`` given, or when every sample falls in one stage, the network runs once on
-    the whole batch; otherwise each network runs only on its own samples and the outputs are scattered back in
-    order, so the cost is ``sum_s network_s(B_s)``.
+    ``inputs`` holds the per-sample inputs of the stages' networks (tensors whose first dimension is the batch, also
+    inside dicts, lists and tuples; anything else is passed unchanged, see [`select_rows`]), and
+    ``run_stage(stage, stage_inputs)`` computes ``stage``'s network on ``stage_inputs``, the rows of ``inputs``
+    that belong to the stage. With ``stage_index`` given, or when every sample falls in one stage, the network runs
+    once on ``inputs`` itself (no copy). Otherwise the batch is sorted by stage once (a stable sort, so each stage
+    sees its samples in their order), ``inputs`` are gathered once in that order, each stage's network runs on its
+    contiguous slice (a view), and the outputs are put back in order with one scatter: the cost is
+    ``sum_s network_s(B_s)`` plus one gather and one scatter, whatever the number of stages. The routed path reads
+    the stages on the host once (their counts); the ``stage_index`` path reads no tensor value.
+
+    ``inputs`` given as a list are handed over: the routing empties the list once it has gathered them, and hands
+    each network a list of its own, so that a network that empties what it reads (the package's decoders do) frees
+    each input as soon as the last network that reads it is done with it.
 
     Example:
 
@@ -80,36 +90,48 @@ def dispatch_by_stage(
     >>> import torch
     >>> from diffusers_stages import TimestepPartition
     >>> from diffusers_stages.routing import dispatch_by_stage
-    >>> x = torch.arange(3.0)
-    >>> run = lambda stage, rows: (x if rows is None else x[rows]) + 10 * stage
-    >>> dispatch_by_stage(TimestepPartition([500]), torch.tensor([900, 100, 600]), None, run).tolist()
-    [10.0, 1.0, 12.0]
+    >>> run = lambda stage, x: x + 10 * stage
+    >>> dispatch_by_stage(TimestepPartition([500]), torch.tensor([900, 100, 600]), None, run, torch.arange(3.0))
+    tensor([10.,  1., 12.])
 
     ```
     """
     if stage_index is not None:
         check_stage_index(stage_index, partition.num_stages)
-        return run_stage(int(stage_index), None)
-    stages = partition.stage_for_timestep(timesteps.reshape(-1))
-    if bool((stages == stages[0]).all()):
-        return run_stage(int(stages[0]), None)
-    stages = stages.to(timesteps.device)
-    out = None
-    for stage in range(partition.num_stages):
-        rows = (stages == stage).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        part = run_stage(stage, rows)
-        if out is None:
-            out = part.new_empty((stages.numel(), *part.shape[1:]))
-        out[rows] = part
+        return run_stage(int(stage_index), inputs)
+    # 1. the stage of every sample, and how many samples each stage holds (the one host read)
+    stages = partition.stage_for_timestep(timesteps.reshape(-1)).to(timesteps.device)
+    batch = stages.numel()
+    counts = torch.bincount(stages, minlength=partition.num_stages).tolist()
+    if batch in counts:
+        return run_stage(counts.index(batch), inputs)
+    # 2. one stable sort by stage, one gather of the inputs in that order (the caller's inputs are freed then)
+    order = torch.argsort(stages, stable=True)
+    ordered = select_rows(inputs, order, batch)
+    if isinstance(inputs, list):
+        inputs.clear()
+    # 3. each stage's network on its contiguous slice; before the last one runs, only its slices hold the gathered
+    # inputs, so that it frees each of them once read
+    parts, start, last = [], 0, max(s for s, count in enumerate(counts) if count)
+    for stage, count in enumerate(counts):
+        if count:
+            stage_inputs = select_rows(ordered, slice(start, start + count), batch)
+            ordered = None if stage == last else ordered
+            parts.append(run_stage(stage, stage_inputs))
+            start += count
+    # 4. one scatter back to the caller's order
+    ordered_out = torch.cat(parts)
+    out = torch.empty_like(ordered_out)
+    out[order] = ordered_out
     return out
 
 
-def select_rows(value, rows: torch.Tensor, batch: int):
+def select_rows(value, rows: torch.Tensor | slice, batch: int, _seen: dict | None = None):
     r"""
-    The rows ``rows`` of every per-sample tensor in ``value``: a tensor whose first dimension is ``batch``, or such
-    tensors inside dicts, lists and tuples (``added_cond_kwargs``, attention masks, ...); anything else unchanged.
+    The rows ``rows`` (indices, or a slice: then views) of every per-sample tensor in ``value``: a tensor whose
+    first dimension is ``batch``, or such tensors inside dicts, lists and tuples (``added_cond_kwargs``, attention
+    masks, ...); anything else unchanged. A tensor found twice is selected once, so that inputs that are one tensor
+    (a U-Net's last skip and its middle input, without a middle block) stay one tensor.
 
     Example:
 
@@ -122,10 +144,13 @@ def select_rows(value, rows: torch.Tensor, batch: int):
 
     ```
     """
+    seen = {} if _seen is None else _seen
     if isinstance(value, dict):
-        return {key: select_rows(item, rows, batch) for key, item in value.items()}
+        return {key: select_rows(item, rows, batch, seen) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(select_rows(item, rows, batch) for item in value)
+        return type(value)(select_rows(item, rows, batch, seen) for item in value)
     if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
-        return value[rows.to(value.device)]
+        if id(value) not in seen:
+            seen[id(value)] = value[rows if isinstance(rows, slice) else rows.to(value.device)]
+        return seen[id(value)]
     return value

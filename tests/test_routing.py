@@ -1,6 +1,9 @@
+from collections import Counter
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, EDMEulerScheduler, HeunDiscreteScheduler
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers_stages import StageRouter, TimestepPartition
 from diffusers_stages.routing import dispatch_by_stage
@@ -55,5 +58,64 @@ def test_scheduler_and_partition_units_must_agree():
 )
 def test_dispatch_refuses_a_bad_stage_index(stage_index, message):
     with pytest.raises(ValueError, match=f"`stage_index` must be {message}"):
-        dispatch_by_stage(TimestepPartition([500]), torch.tensor([10]), stage_index, lambda stage, rows: stage)
-    assert dispatch_by_stage(TimestepPartition([500]), torch.tensor([10]), 1, lambda stage, rows: stage) == 1
+        dispatch_by_stage(TimestepPartition([500]), torch.tensor([10]), stage_index, lambda stage, x: stage, None)
+    assert dispatch_by_stage(TimestepPartition([500]), torch.tensor([10]), 1, lambda stage, x: stage, None) == 1
+
+
+class _OpCounts(TorchDispatchMode):
+    """Counts the aten ops a call dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("num_stages", [2, 8, 16])
+def test_a_mixed_batch_is_routed_with_one_sort_one_gather_and_one_scatter(num_stages):
+    partition = TimestepPartition.uniform(num_stages)
+    timesteps = torch.randperm(1000, generator=torch.manual_seed(0))[: 3 * num_stages]  # every stage, shuffled
+    x, scale = torch.randn(len(timesteps), 4), {"rows": torch.arange(float(len(timesteps))), "k": 2.0}
+    seen = []
+
+    def run(stage, inputs):
+        rows, cond = inputs
+        seen.append((stage, rows.shape[0], rows._base is not None, cond["k"]))
+        return rows * (stage + 1) + cond["rows"][:, None]
+
+    with _OpCounts() as ops:
+        out = dispatch_by_stage(partition, timesteps, None, run, [x, scale])
+    stages = partition.stage_for_timestep(timesteps)
+    assert torch.equal(out, x * (stages[:, None] + 1) + torch.arange(float(len(timesteps)))[:, None])
+    counts = torch.bincount(stages, minlength=num_stages).tolist()
+    # each stage once, on a view (a slice of the one gathered copy), in stage order; non-tensors passed unchanged
+    assert seen == [(s, n, True, 2.0) for s, n in enumerate(counts) if n]
+    # whatever the number of stages: one sort, one gather per input tensor, one scatter, no per-stage mask
+    assert ops.counts["sort"] == 1 and ops.counts["index"] == 2 and ops.counts["index_put_"] == 1
+    assert ops.counts["nonzero"] == 0 and ops.counts["eq"] == 0
+
+
+def test_routing_reads_as_many_host_values_for_16_stages_as_for_2():
+    reads = []
+    timesteps = torch.randperm(1000, generator=torch.manual_seed(0))[:32]
+    for num_stages in (2, 16):
+        with _OpCounts() as ops:
+            dispatch_by_stage(
+                TimestepPartition.uniform(num_stages), timesteps, None, lambda s, x: x, timesteps.float()
+            )
+        reads.append(ops.counts["_local_scalar_dense"] + ops.counts["is_nonzero"])  # `.item()`, `bool(tensor)`
+    assert reads[0] == reads[1] > 0
+
+
+def test_list_inputs_are_handed_over():
+    held = []
+    inputs = [torch.arange(4.0), [torch.ones(4), torch.zeros(4)]]
+    run = lambda stage, x: held.append(x) or x[0]  # noqa: E731
+    dispatch_by_stage(TimestepPartition([500]), torch.tensor([1, 900, 2, 901]), None, run, inputs)
+    assert inputs == [] and [len(x[1]) for x in held] == [2, 2]  # each stage got a list of its own
+    one_stage = [torch.arange(2.0)]
+    whole = dispatch_by_stage(TimestepPartition([500]), torch.tensor([1, 2]), None, lambda s, x: x[0], one_stage)
+    assert whole is one_stage[0]  # one stage: the inputs themselves, no copy

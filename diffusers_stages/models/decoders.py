@@ -54,8 +54,12 @@ class SkipAdapters(nn.Module):
         self.skip_adapters = nn.ModuleList([skip_adapter(e, d) for e, d in zip(encoder_skips, decoder_skips)])
 
     def adapt(self, hidden: torch.Tensor, skips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The encoder's middle-block output and skips, mapped to this decoder's widths."""
-        return self.mid_adapter(hidden), [adapter(skip) for adapter, skip in zip(self.skip_adapters, skips)]
+        """The encoder's middle-block output and skips, mapped to this decoder's widths. A list of ``skips`` is
+        emptied: the decoder then holds the only references and frees each skip once read (as `UNet2DModel` does)."""
+        adapted = [adapter(skip) for adapter, skip in zip(self.skip_adapters, skips)]
+        if isinstance(skips, list):
+            skips.clear()
+        return self.mid_adapter(hidden), adapted
 
 
 def _with_in_channels(resnet: ResnetBlock2D, in_channels: int, act_fn: str) -> ResnetBlock2D:

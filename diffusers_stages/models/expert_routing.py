@@ -26,7 +26,6 @@ from torch import nn
 
 from ..hub import pop_push_kwargs, push_saved_folder
 from ..partition import TimestepPartition
-from ..routing import select_rows as _rows
 from .loading import (
     DOWNLOAD_KWARGS,
     check_name,
@@ -293,18 +292,15 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         """
         # 1. one timestep per sample (DiT-style experts need one per sample; the routing reads them)
         timesteps = self.check_inputs(sample, timestep, stage_index)
-        batch = sample.shape[0]
         if torch.is_tensor(timestep) and timestep.ndim == 0:
             timestep = timesteps
 
-        # 2. each expert only on its own samples (the whole batch, called exactly as alone, when one stage holds it)
-        def run(stage: int, rows: torch.Tensor | None) -> torch.Tensor:
-            if rows is None:
-                return self._call_expert(stage, sample, timestep, class_labels, expert_kwargs)
-            split = {k: _rows(v, rows, batch) for k, v in expert_kwargs.items()}
-            return self._call_expert(stage, sample[rows], timesteps[rows], _rows(class_labels, rows, batch), split)
+        # 2. each expert only on its own samples (the whole batch, called exactly as alone, when one stage holds it;
+        # a mixed batch has one timestep per sample, split with the rest)
+        def run(stage: int, inputs: list) -> torch.Tensor:
+            return self._call_expert(stage, *inputs)
 
-        out = self.route(timesteps, stage_index, run)
+        out = self.route(timesteps, stage_index, run, [sample, timestep, class_labels, expert_kwargs])
         if not return_dict:
             return (out,)
         return UNet2DOutput(sample=out)

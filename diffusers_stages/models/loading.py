@@ -58,11 +58,54 @@ def realign_storage(module: torch.nn.Module, alignment: int = 64) -> None:
     Tensors that safetensors hands over can sit at any byte offset; CPU kernels pick different vectorised paths for
     unaligned data, which changes float rounding. Copying them to fresh (aligned) storage makes a reloaded model
     reproduce the saved model's outputs bit for bit, so the same seed gives the same images after a reload.
+
+    The tensors are copied one at a time, and the pages of a tensor read from a memory-mapped safetensors file are
+    handed back to the file right after its copy (nothing writes them: a later read would map them again), so that
+    memory peaks at the parameters plus one tensor, not at twice the parameters.
     """
+    mapped = _safetensors_mappings()
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
-                tensor.data = tensor.data.clone()
+                source = tensor.data
+                tensor.data = source.clone()
+                _release_pages(source, mapped)
+
+
+MADV_DONTNEED = 4  # Linux's madvise advice: drop these pages (a file mapping's are read again from the file)
+
+
+def _safetensors_mappings() -> list[tuple[int, int]]:
+    """The address ranges where this process maps safetensors files (Linux's /proc/self/maps; none elsewhere): the
+    only memory whose pages `_release_pages` may drop."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/") and fields[5].endswith(".safetensors"):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Drop the resident pages that lie wholly under ``tensor``'s data if it sits in one of the file mappings
+    ``mapped`` (the pages a neighbouring tensor shares are kept); a no-op otherwise."""
+    start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    if not any(low <= start and end <= high for low, high in mapped):
+        return
+    import ctypes
+    import mmap
+
+    first, last = start + (-start) % mmap.PAGESIZE, end - end % mmap.PAGESIZE
+    if last <= first:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
 def check_name(value: object, what: str, dotted: bool = False) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from diffusers.models.attention_processor import (
@@ -14,6 +16,7 @@ from diffusers.models.attention_processor import (
     AttnAddedKVProcessor,
     AttnProcessor,
 )
+from torch import nn
 
 from ..partition import TimestepPartition
 from ..routing import dispatch_by_stage
@@ -23,7 +26,81 @@ from .loading import reexport_source
 PACKAGE = __name__.split(".")[0]
 
 
-class StagedModelMixin:
+class StageCompileMixin:
+    """`compile_stages`: regional `torch.compile` of a model with one network per stage (see there)."""
+
+    def compile_regions(self) -> list[nn.Module]:
+        """The regions `compile_stages` compiles: each child module with parameters, and each member with parameters
+        of a child `nn.ModuleList` (the encoder's blocks; the decoders or experts, one region per stage); not single
+        layers of `torch.nn` (a convolution alone: nothing to fuse, and `torch.compile` runs them as they are)."""
+        regions = []
+        for child in self.children():
+            members = list(child) if isinstance(child, nn.ModuleList) else [child]
+            regions += [
+                m
+                for m in members
+                if m is not None
+                and next(m.parameters(), None) is not None
+                and not type(m).__module__.startswith("torch.nn.")
+            ]
+        return regions
+
+    def compile_stages(self, warmup: Mapping[str, Any] | None = None, **compile_kwargs) -> StageCompileMixin:
+        r"""
+        Compile the model region by region (diffusers' regional compilation, as `compile_repeated_blocks`): each
+        block of the shared part and each stage's network (decoder, expert) is compiled on its own with
+        `nn.Module.compile`, while `forward` (the input checks and the routing) stays eager. A change of stage then
+        calls a network that is already compiled, instead of recompiling the whole model for each stage (and each
+        batch size), and a mixed batch runs each stage's compiled network on its own samples. Networks of one
+        structure share their compiled graphs (`torch.compile` guards on parameter shapes, not identities), so
+        identical decoders compile once.
+
+        Tailored networks of different widths compile once each; so that 16 or more stages never hit
+        ``torch._dynamo.config.recompile_limit`` (then the later stages would run uncompiled), the limit is raised to
+        twice the largest number of regions of one class (each region may compile once more when its batch size
+        first changes, see ``dynamic`` in `torch.compile`), if it is lower.
+
+        Args:
+            warmup (`dict`, *optional*): keyword arguments of `forward` (``sample``, ``timestep``, ...): with them,
+                every stage is compiled up front, by one call per stage with ``stage_index`` set (without
+                gradients). Without them, each region compiles on its first call.
+            compile_kwargs: arguments of `torch.compile` (``backend``, ``mode``, ``dynamic``, ...), for every region.
+
+        Returns:
+            The model itself.
+
+        Example:
+
+        ```py
+        >>> import torch
+        >>> from diffusers_stages import MultiStageUNet2DModel
+        >>> model = MultiStageUNet2DModel(
+        ...     sample_size=8, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+        ...     up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4,
+        ... ).eval()
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> model = model.compile_stages(warmup={"sample": x, "timestep": 500}, backend="eager")
+        >>> model(x, torch.tensor([10, 900])).sample.shape  # two stages, two compiled decoders, no recompilation
+        torch.Size([2, 3, 8, 8])
+
+        ```
+        """
+        regions = self.compile_regions()
+        # 1. room for one compiled graph per distinct region, and one more per region for a dynamic batch size
+        needed = 2 * max(Counter(type(region) for region in regions).values(), default=0)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
+        # 2. compile each region in place; the routing stays eager and picks among the compiled networks
+        for region in regions:
+            region.compile(**compile_kwargs)
+        # 3. warm-up: compile every stage now, one call per stage
+        if warmup is not None:
+            with torch.no_grad():
+                for stage in range(self.num_stages):
+                    self(**warmup, stage_index=stage)
+        return self
+
+
+class StagedModelMixin(StageCompileMixin):
     r"""
     Mixin of the package's staged models: one network (a decoder, an expert) per stage of a [`TimestepPartition`].
 
@@ -99,10 +176,12 @@ class StagedModelMixin:
         self,
         timesteps: torch.Tensor,
         stage_index: int | None,
-        run_stage: Callable[[int, torch.Tensor | None], torch.Tensor],
+        run_stage: Callable[[int, object], torch.Tensor],
+        inputs: object,
     ) -> torch.Tensor:
-        """Run ``run_stage(stage, rows)`` for each stage on its own samples (see `dispatch_by_stage`)."""
-        return dispatch_by_stage(self.partition, timesteps, stage_index, run_stage)
+        """Run ``run_stage(stage, stage_inputs)`` for each stage on the rows of ``inputs`` that are its own (see
+        `dispatch_by_stage`)."""
+        return dispatch_by_stage(self.partition, timesteps, stage_index, run_stage, inputs)
 
     def decode(
         self,
@@ -113,14 +192,17 @@ class StagedModelMixin:
         stage_index: int | None,
     ) -> torch.Tensor:
         """Decode a shared encoder's output (``hidden``, ``skips``, embedding ``emb``) with ``self.decoders``: each
-        stage's decoder on its own samples only (the whole batch when one stage holds it)."""
+        stage's decoder on its own samples only (the whole batch when one stage holds it). A list of ``skips`` is
+        emptied: a decoder frees each skip once it has read it (as `UNet2DModel` does), which the caller's list
+        would otherwise keep alive."""
 
-        def run_decoder(stage: int, rows: torch.Tensor | None) -> torch.Tensor:
-            if rows is None:
-                return self.decoders[stage](hidden, skips, emb)
-            return self.decoders[stage](hidden[rows], [skip[rows] for skip in skips], emb[rows])
+        def run_decoder(stage: int, inputs: list) -> torch.Tensor:
+            return self.decoders[stage](*inputs)
 
-        return self.route(timesteps, stage_index, run_decoder)
+        inputs = [hidden, list(skips), emb]
+        if isinstance(skips, list):
+            skips.clear()
+        return self.route(timesteps, stage_index, run_decoder, inputs)
 
     def set_default_attn_processor(self) -> None:
         """Use diffusers' default attention implementation in every decoder or expert, as diffusers' U-Nets do (the

@@ -364,6 +364,7 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
 
         # 1. shared encoder, once on the whole batch
         hidden, skips, emb, timesteps = self.encode(sample, timestep, class_labels)
+        skips = list(skips)  # handed over to the decoders, which free each skip once read
 
         # 2. route: each stage's decoder on its own samples only (the whole batch when one stage holds it)
         out = self.decode(hidden, skips, emb, timesteps, stage_index)

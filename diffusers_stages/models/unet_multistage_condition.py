@@ -24,7 +24,7 @@ from diffusers.utils.peft_utils import apply_lora_scale
 from torch import nn
 
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
-from ..routing import dispatch_by_stage, select_rows
+from ..routing import dispatch_by_stage
 from .decoders import resolve_decoder_widths
 from .loading import StrictLoadingMixin
 from .staged import StagedModelMixin
@@ -421,13 +421,11 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch).contiguous()
         forward_upsample_size = any(size % 2**self.num_upsamplers for size in sample.shape[-2:])
 
-        def decode(stage: int, rows: torch.Tensor | None) -> torch.Tensor:
-            if rows is None:
-                return self.decoders[stage](hidden, skips, emb, conditioning, forward_upsample_size)
-            inputs = select_rows((hidden, list(skips), emb, conditioning), rows, batch)
+        def decode(stage: int, inputs: list) -> torch.Tensor:
             return self.decoders[stage](*inputs, forward_upsample_size)
 
-        out = dispatch_by_stage(self.partition, timesteps, stage_index, decode)
+        inputs, skips = [hidden, list(skips), emb, conditioning], None  # handed over: each skip freed once read
+        out = dispatch_by_stage(self.partition, timesteps, stage_index, decode, inputs)
         if not return_dict:
             return (out,)
         return UNet2DConditionOutput(sample=out)

@@ -174,7 +174,10 @@ class DDPMppStageDecoder(nn.Module):
         self.conv_out = nn.Conv2d(width, out_channels, kernel_size=3, padding=1)
 
     def forward(self, hidden: torch.Tensor, skips: Sequence[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
-        skips = list(skips)
+        """Decode; a list of ``skips`` is emptied, so that each skip is freed once read (as in `UNet2DModel`)."""
+        skips, given = list(skips), skips
+        if isinstance(given, list):
+            given.clear()
         for block in self.mid_blocks:
             hidden = block(hidden, emb)
         for block, takes_skip in zip(self.up_blocks, self.takes_skip):

@@ -39,6 +39,37 @@ def assert_mixed_batch_matches_reference(
     return mixed
 
 
+class GraphCounter:
+    """A `torch.compile` backend that counts the graphs it is given (and runs them eagerly)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return graph_module.forward
+
+
+def assert_compile_stages_compiles_each_stage_once(model, x: torch.Tensor, t: torch.Tensor) -> GraphCounter:
+    """`compile_stages` with a warm-up compiles every region once, up front: switching stages and mixed batches
+    (``x``, ``t``: at least two samples in each stage) compile nothing more, and give the eager model's outputs."""
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(x, t).sample
+    counter = GraphCounter()
+    # dynamic batch sizes from the start (a warm-up batch of 2: a batch of 1 would be specialised)
+    model.compile_stages(warmup={"sample": x[:2], "timestep": t[:2]}, backend=counter, dynamic=True)
+    compiled = counter.graphs
+    assert 0 < compiled <= len(model.compile_regions())  # regions of one structure share their graph
+    with torch.no_grad():
+        for stage in reversed(range(model.num_stages)):  # every stage again, in another order
+            model(x[:2], t[:2], stage_index=stage)
+        assert torch.allclose(model(x, t).sample, expected, atol=1e-6)  # every stage's network, on its own rows
+    assert counter.graphs == compiled
+    torch._dynamo.reset()
+    return counter
+
+
 def assert_save_reload_bit_identical(model, folder, x: torch.Tensor, t: torch.Tensor, weight_files: Sequence[str]):
     """Safetensors only, the same config, the same partition and bit-identical outputs after a reload."""
     model.save_pretrained(folder)
@@ -121,6 +152,11 @@ class StagedModelTesterMixin:
         with torch.no_grad():
             expected = model(x, t, stage_index=self.compile_stage).sample
             assert torch.allclose(compiled(x, t, stage_index=self.compile_stage).sample, expected, atol=1e-6)
+
+    @pytest.mark.slow  # tracing every block of the full tiny configuration (attention, experts) takes a while
+    def test_compile_stages_compiles_each_stage_once(self, model):
+        x, t = self.inputs([*self.stage_timesteps] * 2)
+        assert_compile_stages_compiles_each_stage_once(model, x, t)
 
     # ---- saving and loading -----------------------------------------------------------------------------------
     def test_save_reload_is_bit_identical_and_safetensors_only(self, model, tmp_path):

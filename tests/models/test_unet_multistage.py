@@ -1,12 +1,14 @@
 import json
+import weakref
 
 import pytest
 import torch
 from diffusers import UNet2DModel
 
-from diffusers_stages import MultiStageUNet2DModel
+from diffusers_stages import MultiStageUNet2DModel, TimestepPartition
 from tests.conftest import TINY_UNET
 from tests.models.staged_model_tester import (
+    GraphCounter,
     StagedModelTesterMixin,
     assert_mixed_batch_matches_reference,
     assert_save_reload_bit_identical,
@@ -236,3 +238,50 @@ def test_without_adapters_encoder_wide_decoders_are_unchanged(tiny_unet_kwargs):
 def test_bad_decoder_options_name_the_argument(tiny_unet_kwargs, kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         MultiStageUNet2DModel(**{**tiny_unet_kwargs, **UNADAPTED, **kwargs})
+
+
+PLAIN = {"down_block_types": ("DownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "UpBlock2D")}
+
+
+def test_compile_stages_compiles_17_identical_decoders_once(tiny_unet_kwargs, monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    torch.manual_seed(0)
+    boundaries = TimestepPartition.uniform(17).boundaries  # more stages than `recompile_limit`
+    model = MultiStageUNet2DModel(**{**tiny_unet_kwargs, **PLAIN}, mid_block_type=None, stage_boundaries=boundaries)
+    model = model.eval()
+    # a mixed batch of 14 over 7 of the stages, two samples each (torch's convolutions guard on batches up to 15)
+    x, t = torch.randn(14, 3, 8, 8), torch.tensor([(0, *boundaries)[s] + 1 for s in (0, 3, 5, 8, 11, 14, 16)] * 2)
+    with torch.no_grad():
+        expected = model(x, t).sample
+    counter = GraphCounter()
+    model.compile_stages(warmup={"sample": x[:2], "timestep": t[:2]}, backend=counter, dynamic=True)
+    # the time embedding, two down blocks of two widths, and one graph for all 17 decoders
+    assert len(model.compile_regions()) == 20 and counter.graphs == 4
+    assert torch._dynamo.config.recompile_limit == 34  # two per decoder, in case their batch size changes
+    with torch.no_grad():
+        for stage in (16, 3, 0, 9):
+            model(x[:2], t[:2], stage_index=stage)
+        assert torch.allclose(model(x, t).sample, expected, atol=1e-6)  # a mixed batch: every decoder, compiled
+    assert counter.graphs == 4
+    torch._dynamo.reset()
+
+
+def test_decoders_free_each_encoder_skip_once_read(tiny_unet_kwargs):
+    torch.manual_seed(0)
+    model = MultiStageUNet2DModel(**tiny_unet_kwargs, stage_boundaries=(500,)).eval()
+    encode, skips = model.encode, []
+
+    def recording_encode(*args, **kwargs):  # weak references to the encoder's skips
+        hidden, encoded, emb, timesteps = encode(*args, **kwargs)
+        skips[:] = [weakref.ref(skip) for skip in encoded]
+        return hidden, encoded, emb, timesteps
+
+    model.encode, alive = recording_encode, []
+    for decoder in model.decoders:  # how many of the skips are alive when the last up block starts
+        decoder.up_blocks[-1].register_forward_pre_hook(lambda *_: alive.append(sum(s() is not None for s in skips)))
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        model(x, torch.tensor([10, 20, 30, 40]))  # one stage
+        model(x, torch.tensor([10, 900, 20, 800]))  # mixed: two stages
+    assert len(skips) == 4 and alive[0] == 2  # one stage: only the two skips the last up block reads, as UNet2DModel
+    assert alive[1:] == [0, 0]  # mixed: the encoder's skips are freed once gathered in stage order
