@@ -2,14 +2,19 @@
 
 1. Dual backbone (DuoDiff): a shallow U-Net of about a quarter of the deep one's FLOPs runs the first
    ``--switch_step_fraction`` of the steps, the deep one the rest; baseline: the deep model alone.
-2. MEME: 4 experts of different sizes (wider near the data, attention-heavy near the noise) on uniform intervals;
-   baseline: one large U-Net.
+2. MEME: 4 iU-Net experts of different sizes (wider near the data, attention-heavy near the noise) on uniform
+   intervals; baseline: one large U-Net.
+3. At the sizes of an evidence preset (``--evidence_preset``, the models `benchmarks/run_evidence.py` trains and times):
+   its 4 MEME iU-Net experts vs its large U-Net, and DuoDiff's U-ViT pair (depth 3 and 13, the preset's early-exit
+   width) vs the deep U-ViT alone; class-conditional, the preset's timing batch and steps.
 
-FLOPs of a whole sampling run are counted with `torch.utils.flop_counter.FlopCounterMode`; wall time is the median of
-``--repeats`` runs after a warm-up. Every run uses the package's one sampling loop and the same scheduler and seed.
-Untrained weights: cost does not depend on them.
+FLOPs of a whole sampling run are counted with `torch.utils.flop_counter.FlopCounterMode`; wall time and CPU time
+(this process's, which other jobs on a shared machine do not inflate) are medians of ``--repeats`` interleaved runs
+after a warm-up. Every run uses the package's one sampling loop and the same scheduler and seed. Untrained weights:
+cost does not depend on them.
 
     python benchmarks/bench_experts.py [--device cuda] [--steps 10] [--batch_size 4] [--repeats 5] [--threads 1]
+        [--evidence_preset default|quick|none]
 """
 
 from __future__ import annotations
@@ -17,15 +22,27 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from diffusers_stages import DualBackbonePipeline, ExpertRoutingModel, ExpertRoutingPipeline, TimestepPartition
+from diffusers_stages import (
+    DualBackbonePipeline,
+    ExpertRoutingModel,
+    ExpertRoutingPipeline,
+    TimestepPartition,
+    UViT2DModel,
+)
 from diffusers_stages.models import build_meme_experts
+from diffusers_stages.models.uvit import dual_uvit_configs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+from benchmarks.evidence.comparisons import meme_expert_models, unet_config
+from benchmarks.evidence.data import NUM_CLASSES
+from benchmarks.evidence.presets import PRESETS
+from benchmarks.evidence.sampling import balanced_labels, sampling_scheduler
 from benchmarks.measure import count_flops, interleaved_medians
 
 SIZE, CHANNELS = 32, 3
@@ -52,28 +69,31 @@ def single(model: UNet2DModel) -> ExpertRoutingModel:
     return ExpertRoutingModel([model], stage_boundaries=())
 
 
-def compare(baseline, pipe, args) -> tuple[tuple[int, float], tuple[int, float]]:
-    """(FLOPs, median seconds) of one sampling run of each; the timed runs alternate, so that a busy machine slows
-    both alike."""
-    run = {"batch_size": args.batch_size, "num_inference_steps": args.steps, "output_type": "latent"}
+def compare(baseline, pipe, args, **run) -> tuple[tuple[int, float, float], tuple[int, float, float]]:
+    """(FLOPs, median wall seconds, median CPU seconds) of one sampling run of each; the timed runs alternate, so that
+    a busy machine slows both alike. ``run`` overrides the call's arguments (batch, steps, class labels)."""
+    run = {"batch_size": args.batch_size, "num_inference_steps": args.steps, "output_type": "latent", **run}
     runs = {}
     for name, p in (("baseline", baseline), ("ours", pipe)):
         p.set_progress_bar_config(disable=True)
         runs[name] = lambda p=p: p(generator=torch.manual_seed(0), **run)
     flops = {name: count_flops(fn)[0] for name, fn in runs.items()}
-    times = interleaved_medians(runs, args.repeats, args.device)  # after one warm-up run each
-    return (flops["baseline"], times["baseline"]), (flops["ours"], times["ours"])
+    wall = interleaved_medians(runs, args.repeats, args.device)  # after one warm-up run each
+    cpu = interleaved_medians(runs, args.repeats, args.device, clock=time.process_time)
+    return tuple((flops[name], wall[name], cpu[name]) for name in ("baseline", "ours"))
 
 
 def params(models) -> float:
     return sum(p.numel() for m in models for p in m.parameters()) / 1e6
 
 
-def report(name: str, baseline: tuple[int, float], ours: tuple[int, float], extra: str = "") -> None:
+def report(name: str, baseline: tuple[int, float, float], ours: tuple[int, float, float], extra: str = "") -> None:
+    flops, wall, cpu = (o / b for o, b in zip(ours, baseline))
     print(
-        f"{name}: FLOPs {ours[0] / 1e9:.2f} G vs {baseline[0] / 1e9:.2f} G (ratio {ours[0] / baseline[0]:.3f}); "
-        f"median time {ours[1]:.3f} s vs {baseline[1]:.3f} s (ratio {ours[1] / baseline[1]:.3f}, "
-        f"speed-up {baseline[1] / ours[1]:.2f}x){extra}"
+        f"{name}: FLOPs {ours[0] / 1e9:.2f} G vs {baseline[0] / 1e9:.2f} G (ratio {flops:.3f}); "
+        f"median wall time {ours[1]:.3f} s vs {baseline[1]:.3f} s (ratio {wall:.3f}, speed-up {1 / wall:.2f}x, "
+        f"{wall / flops:.2f}x the FLOPs ratio); median CPU time {ours[2]:.3f} s vs {baseline[2]:.3f} s (ratio "
+        f"{cpu:.3f}, {cpu / flops:.2f}x the FLOPs ratio){extra}"
     )
 
 
@@ -86,6 +106,9 @@ def main() -> None:
     parser.add_argument("--switch_step_fraction", type=float, default=0.4)
     parser.add_argument("--early_exit_steps", type=int, default=0, help="train the early-exit baseline this long")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 is steadier on a shared machine)")
+    parser.add_argument(
+        "--evidence_preset", default="default", choices=[*PRESETS, "none"], help="section 3's sizes ('none': skip)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,9 +165,60 @@ def main() -> None:
     )
     report("4 MEME experts vs one large model", baseline, ours)
 
+    # 3. the same comparisons at the sizes of an evidence preset
+    if args.evidence_preset != "none":
+        evidence_sizes(args, PRESETS[args.evidence_preset])
+
     # 3. optional: AdaDiff-style early exit trained on sklearn digits, and its exit depth over a sampling run
     if args.early_exit_steps:
         early_exit_profile(args)
+
+
+def evidence_sizes(args, preset) -> None:
+    """MEME and DuoDiff at an evidence preset's sizes (32x32x1 for Fashion-MNIST, 8x8x1 for digits), class-conditional,
+    timed as `run_evidence.py` times them: its timing batch of balanced labels, its number of DDIM steps."""
+    size = 8 if preset.dataset == "digits" else 32
+    labels = balanced_labels(preset.timing_batch)
+    run = {"batch_size": 1, "class_labels": labels, "num_inference_steps": preset.num_inference_steps}
+    print(
+        f"evidence preset {preset.name!r}: {size}x{size}x1, batch {preset.timing_batch}, {run['num_inference_steps']} steps"
+    )
+
+    # 3a. 4 MEME iU-Net experts (half the large model's widths) vs the large U-Net
+    torch.manual_seed(preset.seed)
+    large = UNet2DModel(**unet_config(preset, size, preset.block_out_channels)).to(args.device).eval()
+    experts = [e.to(args.device).eval() for e in meme_expert_models(preset, size)]
+    meme = ExpertRoutingModel(experts, stage_boundaries=TimestepPartition.uniform(4).boundaries)
+    baseline, ours = compare(
+        ExpertRoutingPipeline(single(large), sampling_scheduler()),
+        ExpertRoutingPipeline(meme, sampling_scheduler()),
+        args,
+        **run,
+    )
+    report(
+        f"4 MEME iU-Net experts {tuple(experts[0].config.block_out_channels)} ({params(experts):.2f} M in all) vs one "
+        f"large U-Net {preset.block_out_channels} ({params([large]):.2f} M)",
+        baseline,
+        ours,
+    )
+
+    # 3b. DuoDiff's U-ViT pair (depth 3 then 13) vs the deep U-ViT alone
+    configs = dual_uvit_configs(
+        3, 13, hidden_size=preset.early_exit_hidden_size, patch_size=2, num_attention_heads=4, sample_size=size,
+        in_channels=1, num_class_embeds=NUM_CLASSES + 1,
+    )  # fmt: skip
+    shallow, deep = (UViT2DModel(**configs[k]).to(args.device).eval() for k in ("shallow", "deep"))
+    dual = DualBackbonePipeline(
+        shallow=shallow, deep=deep, scheduler=sampling_scheduler(), switch_step_fraction=args.switch_step_fraction
+    )
+    shallow_steps = sum(e == 1 for _, e in dual.expert_schedule(preset.num_inference_steps))
+    baseline, ours = compare(ExpertRoutingPipeline(single(deep), sampling_scheduler()), dual, args, **run)
+    report(
+        f"U-ViT dual backbone (depth 3 on {shallow_steps}/{preset.num_inference_steps} steps, then 13; width "
+        f"{preset.early_exit_hidden_size}) vs the deep U-ViT alone",
+        baseline,
+        ours,
+    )
 
 
 def early_exit_profile(args) -> None:

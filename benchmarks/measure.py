@@ -29,6 +29,7 @@ def interleaved_medians(
     device: str | torch.device = "cpu",
     warmup: int = 1,
     warmup_before_each: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median wall time in seconds of each callable over ``repeats`` timed calls, timed in interleaved rounds
     (A, B, C, A, B, C, ...) so that drifts in machine load hit all of them alike.
@@ -40,6 +41,9 @@ def interleaved_medians(
         warmup: untimed rounds (interleaved the same way) before the first timed one.
         warmup_before_each: untimed calls of a callable right before each of its timed calls, so that every timed
             call follows a call of the same callable (a cache-warm measurement).
+        clock: the clock read around each call; ``time.process_time`` gives this process's CPU seconds instead of
+            wall seconds (steadier on a shared machine, where wall time also counts the time other jobs hold the
+            cores).
 
     Returns:
         ``{name: median seconds of one call}``, in the order of ``fns``.
@@ -65,8 +69,8 @@ def interleaved_medians(
             for _ in range(warmup_before_each):
                 fn()
             _synchronize(device)  # the clock must not count work queued before this call
-            start = time.perf_counter()
+            start = clock()
             fn()
             _synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}

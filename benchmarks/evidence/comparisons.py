@@ -42,6 +42,47 @@ PAPER_BOUNDARIES = (442.0, 631.0)  # Zhang et al., Table 4, optimal-denoiser spl
 PAPER_DECODER_DIFFICULTY = (1.0, (1.0 - 0.125) / (1.5 - 0.125), 0.0)  # -> decoder widths x1.5, x1, x0.125
 
 
+def unet_config(preset: Preset, sample_size: int, block_out_channels, attention: str = "last") -> dict:
+    """A class-conditional `UNet2DModel` config of ``preset`` on ``sample_size`` px single-channel images;
+    ``attention`` = "last" (lowest resolution), "all" or "none"."""
+    n = len(block_out_channels)
+    use = {"last": [i == n - 1 for i in range(n)], "all": [True] * n, "none": [False] * n}[attention]
+    return dict(
+        sample_size=sample_size,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=preset.layers_per_block,
+        norm_num_groups=preset.norm_num_groups,
+        attention_head_dim=preset.attention_head_dim,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in use),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(use)),
+        num_class_embeds=NUM_CLASSES + 1,  # the last one is the pipelines' unconditional label
+    )
+
+
+def meme_expert_models(preset: Preset, sample_size: int) -> list[IUNet2DModel]:
+    """MEME's four iU-Net experts from the package's builder (clean end first: the share of each mixer's channels
+    given to self-attention rises toward the noise end), each ``expert_width_scale`` times the large model's width
+    (`benchmarks/bench_experts.py` times the same models)."""
+    p = preset
+    widths = tuple(
+        max(p.norm_num_groups, round(w * p.expert_width_scale / p.norm_num_groups) * p.norm_num_groups)
+        for w in p.block_out_channels
+    )
+    torch.manual_seed(p.seed)
+    return build_meme_experts(
+        num_experts=4,
+        sample_size=sample_size,
+        in_channels=1,
+        block_out_channels=widths,
+        layers_per_block=p.layers_per_block,
+        attention_head_dim=p.attention_head_dim,
+        norm_num_groups=p.norm_num_groups,
+        num_class_embeds=NUM_CLASSES + 1,
+    )
+
+
 @dataclass
 class Result:
     """One row of the results table: a method, its training compute, its quality and its sampling cost."""
@@ -105,21 +146,8 @@ class Context:
 
     # ---------------------------------------------------------------------------------------------------------
     def unet_config(self, block_out_channels, attention: str = "last") -> dict:
-        """A class-conditional `UNet2DModel` config; ``attention`` = "last" (lowest resolution), "all" or "none"."""
-        p, n = self.preset, len(block_out_channels)
-        use = {"last": [i == n - 1 for i in range(n)], "all": [True] * n, "none": [False] * n}[attention]
-        return dict(
-            sample_size=self.images.shape[-1],
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=tuple(block_out_channels),
-            layers_per_block=p.layers_per_block,
-            norm_num_groups=p.norm_num_groups,
-            attention_head_dim=p.attention_head_dim,
-            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in use),
-            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(use)),
-            num_class_embeds=NUM_CLASSES + 1,  # the last one is the pipelines' unconditional label
-        )
+        """A class-conditional `UNet2DModel` config at this context's image size (see `unet_config`)."""
+        return unet_config(self.preset, self.images.shape[-1], block_out_channels, attention)
 
     def unet(self, block_out_channels, attention: str = "last") -> UNet2DModel:
         torch.manual_seed(self.preset.seed)
@@ -280,25 +308,8 @@ def compare_multistage(ctx: Context, baseline: Result) -> list[Result]:
 
 
 def meme_experts(ctx: Context) -> list[IUNet2DModel]:
-    """MEME's four iU-Net experts from the package's builder (clean end first: the share of each mixer's channels
-    given to self-attention rises toward the noise end), each ``expert_width_scale`` times the large model's width."""
-    p = ctx.preset
-    widths = tuple(
-        max(p.norm_num_groups, round(w * p.expert_width_scale / p.norm_num_groups) * p.norm_num_groups)
-        for w in p.block_out_channels
-    )
-    config = ctx.unet_config(widths)
-    torch.manual_seed(p.seed)
-    return build_meme_experts(
-        num_experts=4,
-        sample_size=config["sample_size"],
-        in_channels=1,
-        block_out_channels=widths,
-        layers_per_block=p.layers_per_block,
-        attention_head_dim=p.attention_head_dim,
-        norm_num_groups=p.norm_num_groups,
-        num_class_embeds=config["num_class_embeds"],
-    )
+    """MEME's four iU-Net experts of the context's preset (see `meme_expert_models`)."""
+    return meme_expert_models(ctx.preset, ctx.images.shape[-1])
 
 
 def compare_experts(ctx: Context, large: Result) -> list[Result]:

@@ -10,8 +10,10 @@ What comes from the paper and what is this package's choice:
   Inception mixer in a U-Net); the attention share of the mixer set per expert, rising toward the noise end. The
   soft interval assignment used to train them (`diffusers_stages.timestep_sampling.soft_assignment_timesteps`,
   default ``p = 0.8, 0.4, 0.2, 0.1``) takes its values from a secondary source, not the paper's full text: they
-  remain a configurable default. A secondary source also gives the paper's FFHQ sizes (4 experts of 82.9M
-  parameters against a 274.1M LDM); the widths that give them are not reproduced here.
+  remain a configurable default. Checked again (30 Nov 2026): the copies of the paper reachable from this project
+  (the arXiv abstract and the opening of the AAAI 2024 text) name "a soft interval assignment strategy" but not
+  its probabilities, so the values stay unconfirmed. A secondary source also gives the paper's FFHQ sizes (4
+  experts of 82.9M parameters against a 274.1M LDM); the widths that give them are not reproduced here.
 - This package's choices: the per-expert shares ``(n + 1/2) / N`` (0.125, 0.375, 0.625, 0.875 for 4 experts: never
   a pure convolution or pure attention mixer), the same share at every resolution level of an expert, attention
   average-pooled by 2 at the highest-resolution level (iFormer's choice for its high-resolution stages) and at full

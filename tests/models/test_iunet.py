@@ -127,3 +127,23 @@ def test_bad_configs_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
                        .replace(")", r"\)")):  # fmt: skip
         IUNet2DModel(**{**TINY, **kwargs})
+
+
+def test_channels_last_blocks_match_the_plain_layout(monkeypatch):
+    # on CPU the blocks run channels-last (faster oneDNN kernels); the result must be the NCHW computation's, returned
+    # in the caller's layout
+    import diffusers_stages.models.iunet as iunet
+
+    model = build(num_class_embeds=3).eval()
+    sample, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    layouts = []
+    block = model.down_blocks[0].blocks[0]
+    block.register_forward_hook(
+        lambda m, args, out: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    with torch.no_grad():
+        fast = model(sample, 300, class_labels=labels).sample
+        monkeypatch.setattr(iunet, "compute_memory_format", lambda sample: torch.contiguous_format)
+        plain = model(sample, 300, class_labels=labels).sample
+    assert layouts == [True, False] and fast.is_contiguous()
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
