@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .methods import StagePlan
+from .stage_plan import StagePlan
 
 
 def plot_plan(plan: StagePlan, path: str | os.PathLike, title: str | None = None) -> str:
