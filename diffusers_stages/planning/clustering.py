@@ -145,10 +145,28 @@ def optimal_denoiser_plan(
     positions, anchor_curves = boundaries_from_similarity(
         lambda anchor: pixel_agreement(predictions, anchor, eta), schedule.num_levels, num_stages, alpha
     )
-    curves = {
-        f"similarity to {schedule.units} {schedule.levels[a].item():g}": c for a, c in sorted(anchor_curves.items())
-    }
-    return _plan(schedule, "optimal_denoiser", [_level_at(schedule, p) for p in positions], curves)
+    curves, num_clean = {}, math.ceil((num_stages - 1) / 2)
+    for i, (anchor, curve) in enumerate(sorted(anchor_curves.items())):
+        name = f"{schedule.units} {schedule.levels[anchor].item():g}"
+        curves[f"similarity to {name}"] = curve
+        curves[f"{RUNNING_MEAN} from {name}"] = _running_mean(curve, anchor, from_clean_end=i < num_clean)
+    plan = _plan(schedule, "optimal_denoiser", [_level_at(schedule, p) for p in positions], curves)
+    plan.alpha = float(alpha)
+    return plan
+
+
+RUNNING_MEAN = "mean similarity over the stage"  # the curves that are compared with `alpha` (a plot draws both)
+
+
+def _running_mean(curve: torch.Tensor, anchor: int, from_clean_end: bool) -> torch.Tensor:
+    """The mean of ``curve`` from ``anchor`` to each level on its stage's side (NaN on the other side): the value the
+    rule compares with ``alpha``."""
+    out = torch.full_like(curve, math.nan)
+    if from_clean_end:
+        out[anchor:] = curve[anchor:].cumsum(0) / torch.arange(1, curve.numel() - anchor + 1)
+    else:
+        out[: anchor + 1] = (curve[: anchor + 1].flip(0).cumsum(0) / torch.arange(1, anchor + 2)).flip(0)
+    return out
 
 
 def _checked_predictions(

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..partition import TimestepPartition
 from .schedule import NoiseSchedule
+
+if TYPE_CHECKING:
+    from .budget import BudgetPlan
 
 METHODS = ("optimal_denoiser", "ilp", "uniform", "snr", "snr_clustering", "gradient")
 AUTHORS_ETA = 4 / 256  # the authors' pixel threshold, 2/256 on [0, 1] data, on the [-1, 1] data planned on here
@@ -25,6 +29,9 @@ class StagePlan:
         levels: the grid of noise levels the curves are sampled on.
         curves: named curves over ``levels`` (similarities, log-SNR, loss, ...), for plotting.
         fractions: each boundary's position on the schedule in [0, 1] (``t / T``, or by log-sigma).
+        alpha: the mean-similarity threshold the boundaries were drawn with (Algorithm 1 only), for plotting.
+        stage_difficulty: each stage's difficulty in ``[0, 1]``, when widths were planned ([`stage_difficulty`]).
+        budget: the decoder widths chosen for a FLOP budget ([`~diffusers_stages.planning.budget.BudgetPlan`]).
     """
 
     partition: TimestepPartition
@@ -32,14 +39,27 @@ class StagePlan:
     levels: torch.Tensor
     curves: dict[str, torch.Tensor] = field(default_factory=dict)
     fractions: list[float] = field(default_factory=list)
+    alpha: float | None = None
+    stage_difficulty: list[float] | None = None
+    budget: BudgetPlan | None = None
+
+    @property
+    def decoder_block_out_channels(self) -> tuple[tuple[int, ...], ...] | None:
+        """The planned widths of each stage's decoder (or expert), clean stage first; None without a budget."""
+        return None if self.budget is None else self.budget.widths
 
     def to_dict(self) -> dict:
         """JSON-serialisable summary (what the command prints)."""
-        return {
+        summary = {
             "method": self.method,
             **self.partition.to_config(),
             "fractions": [round(f, 4) for f in self.fractions],
         }
+        if self.stage_difficulty is not None:
+            summary["stage_difficulty"] = [round(d, 4) for d in self.stage_difficulty]
+        if self.budget is not None:
+            summary.update(self.budget.to_dict())
+        return summary
 
 
 def _check_num_stages(num_stages: int, schedule: NoiseSchedule) -> None:
