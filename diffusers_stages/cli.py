@@ -47,8 +47,7 @@ COMMANDS = {
     ),
     "plan": Command(
         "diffusers_stages.plan",
-        "stage boundaries and decoder widths (within a FLOP budget with --budget) from your training images, "
-        "Zhang et al.'s optimal-denoiser method",
+        "stage boundaries (and decoder widths) from your training images, Zhang et al.'s optimal-denoiser method",
     ),
     "switch": Command(
         "diffusers_stages.switch", "recommend a dual-backbone switch point from measured denoising errors", "cli"
