@@ -228,7 +228,7 @@ def compare_widths_at_budget(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_images", type=int, default=10_000)
     parser.add_argument("--num_samples", type=int, default=128)
@@ -243,17 +243,20 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="Compare the two boundary rules (see above).")
     parser.add_argument("--budget_fd", action="store_true", help="Widths at the baseline's FLOPs, by FD (see above).")
     parser.add_argument("--preset", default="quick", help="The evidence preset of --budget_fd.")
-    parser.add_argument("--budget_steps", type=int, default=None, help="--budget_fd: training budget override.")
-    parser.add_argument("--num_eval_samples", type=int, default=None, help="--budget_fd: samples scored.")
+    for name in ("--budget_steps", "--num_eval_samples"):  # --budget_fd: override the preset's training and samples
+        parser.add_argument(name, type=int, default=None)
     parser.add_argument("--worker", nargs=2, type=int, metavar=("NUM_IMAGES", "CHUNK_SIZE"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.worker:  # one configuration in a fresh process, so that its peak RSS is its own
         print(json.dumps(measure(*args.worker, args)))
         return
     if args.budget_fd:
         result = compare_widths_at_budget(args)
-        for name, row in result["rows"].items():
-            print(f"{name:>24}: FD-classifier {row['fd']:.2f}  {row}")
+        print("\n".join(f"{name:>24}: FD-classifier {row['fd']:.2f}  {row}" for name, row in result["rows"].items()))
         print(json.dumps(result))
         return
     if args.compare:
