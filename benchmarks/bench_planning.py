@@ -17,6 +17,16 @@ package's default pixel tolerance (``eta=0.1``) and at the authors' (``4/256`` o
 21-level grid and on the package's 100 levels:
 
     python benchmarks/bench_planning.py --dataset digits --compare
+
+``--plot`` draws the curves of Algorithm 1 with its threshold ``alpha`` and the running means it is compared with.
+
+``--budget_fd`` compares decoder widths at one sampling budget, the baseline `UNet2DModel`'s FLOPs per image of the
+preset's DDIM steps: the widths `plan_stages(..., budget=...)` chooses, the paper's CIFAR-10 ratios (x1.5 / x1 /
+x0.125 of the encoder, scaled as large as the budget allows) and uniform decoders (the encoder's widths: exactly the
+budget). Every model is trained on the same training FLOPs as the baseline with the evidence harness
+(`benchmarks/evidence`, planned boundaries, stage-stratified batches) and scored by FD-classifier:
+
+    python benchmarks/bench_planning.py --budget_fd [--preset quick] [--budget_steps 120] [--num_eval_samples 500]
 """
 
 from __future__ import annotations
@@ -34,8 +44,12 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from diffusers_stages.planning import NoiseSchedule, plan_stages, plot_plan
+from diffusers_stages.planning import NoiseSchedule, plan_stages, plot_plan, stage_difficulty
+from diffusers_stages.planning.budget import expected_flops, widths_for_budget
 from diffusers_stages.planning.methods import AUTHORS_ETA
+from diffusers_stages.planning.sizing import scaled_widths
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 FASHION_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
@@ -146,7 +160,75 @@ def compare_rules(args: argparse.Namespace) -> dict:
     return results
 
 
-def main() -> None:
+def paper_widths_at_budget(config: dict, partition, budget: float, steps: int, scheduler) -> tuple:
+    """The paper's decoder ratios (x1.5, x1, x0.125 of the encoder) times the largest factor (in steps of 1/16)
+    whose expected sampling FLOPs stay within ``budget``."""
+    block, groups = config["block_out_channels"], config["norm_num_groups"]
+    for factor in np.arange(2.0, 0.0, -1 / 16):
+        widths = [scaled_widths(block, ratio * factor, groups) for ratio in (1.5, 1.0, 0.125)]
+        if expected_flops(config, partition, widths, steps, scheduler) <= budget:
+            return tuple(widths)
+    raise ValueError(f"No multiple of the paper's ratios fits {budget:.4g} FLOPs.")
+
+
+def compare_widths_at_budget(args: argparse.Namespace) -> dict:
+    """Planned vs the paper's ratios vs uniform decoders at the baseline's sampling FLOPs, FD-classifier of each."""
+    from benchmarks.evidence import comparisons as C
+    from benchmarks.evidence.presets import get_preset
+    from benchmarks.evidence.sampling import sampling_scheduler
+    from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
+    from diffusers_stages.timestep_sampling import stratified_timesteps
+
+    overrides = (("budget_steps", args.budget_steps), ("num_eval_samples", args.num_eval_samples))
+    p = get_preset(args.preset, **{k: v for k, v in overrides if v is not None})
+    ctx = C.Context(p, torch.device(args.device), os.path.expanduser("~/.cache/diffusers-stages/evidence"))
+    # 1. the baseline, trained on the whole training budget B, and how much FD moves with the sampling seed alone
+    baseline = ctx.unet(p.block_out_channels)
+    baseline.load_state_dict(ctx.train(baseline, C.uniform_timesteps(), ctx.budget)[-1].state_dict)
+    pipe = C.single_model_pipeline(baseline.eval())
+    rows = {"UNet2DModel": {"fd": ctx.score(pipe)["fd"], "fd_other_seed": ctx.score(pipe, seed_offset=1)["fd"]}}
+    # 2. the sampling budget: the baseline's FLOPs per image; boundaries and difficulty from the planner
+    partition, origin = C.plan_partition(ctx)
+    config, scheduler, steps = ctx.unet_config(p.block_out_channels), sampling_scheduler(), p.num_inference_steps
+    budget = expected_flops(config, partition, [p.block_out_channels] * 3, steps, scheduler)
+    subset = ctx.images[
+        torch.randperm(len(ctx.images), generator=torch.Generator().manual_seed(p.seed))[: p.plan_max_images]
+    ]
+    difficulty = stage_difficulty(subset, NoiseSchedule.from_scheduler(DDPMScheduler(), 100), partition)
+    ctx.log(
+        f"[budget] {budget / 1e6:.2f} MFLOPs per image ({steps} steps); boundaries {partition.boundaries} ({origin}); difficulty {difficulty}"
+    )
+    variants = {
+        "planned for the budget": widths_for_budget(config, partition, difficulty, budget, steps, scheduler).widths,
+        "paper's ratios": paper_widths_at_budget(config, partition, budget, steps, scheduler),
+        "uniform": (tuple(p.block_out_channels),) * 3,
+    }
+    # 3. each variant trained on the baseline's training FLOPs, then scored
+    for name, widths in variants.items():
+        model = MultiStageUNet2DModel(**config, **partition.to_config(), decoder_block_out_channels=widths)
+        (snap,) = ctx.train(model, lambda n, g: stratified_timesteps(partition, n, generator=g)[0], ctx.budget)
+        model.load_state_dict(snap.state_dict)
+        pipe = MultiStagePipeline(unet=model.eval(), scheduler=sampling_scheduler())
+        pipe.set_progress_bar_config(disable=True)
+        flops = expected_flops(config, partition, widths, steps, scheduler)
+        rows[name] = {
+            "widths": [list(w) for w in widths],
+            "sampling_flops_vs_budget": flops / budget,
+            "train_steps": snap.steps,
+            "fd": ctx.score(pipe)["fd"],
+        }
+        ctx.log(f"[budget] {name}: {rows[name]}")
+    return {
+        "preset": p.name,
+        "budget_flops_per_image": budget,
+        "boundaries": list(partition.boundaries),
+        "difficulty": difficulty,
+        "reference_fd": ctx.reference["fd"],
+        "rows": rows,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_images", type=int, default=10_000)
     parser.add_argument("--num_samples", type=int, default=128)
@@ -159,10 +241,23 @@ def main() -> None:
     parser.add_argument("--plot", default=None)
     parser.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
     parser.add_argument("--compare", action="store_true", help="Compare the two boundary rules (see above).")
+    parser.add_argument("--budget_fd", action="store_true", help="Widths at the baseline's FLOPs, by FD (see above).")
+    parser.add_argument("--preset", default="quick", help="The evidence preset of --budget_fd.")
+    for name in ("--budget_steps", "--num_eval_samples"):  # --budget_fd: override the preset's training and samples
+        parser.add_argument(name, type=int, default=None)
     parser.add_argument("--worker", nargs=2, type=int, metavar=("NUM_IMAGES", "CHUNK_SIZE"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.worker:  # one configuration in a fresh process, so that its peak RSS is its own
         print(json.dumps(measure(*args.worker, args)))
+        return
+    if args.budget_fd:
+        result = compare_widths_at_budget(args)
+        print("\n".join(f"{name:>24}: FD-classifier {row['fd']:.2f}  {row}" for name, row in result["rows"].items()))
+        print(json.dumps(result))
         return
     if args.compare:
         print(f"{args.dataset}, {args.num_images} images, K={args.num_samples} draws: boundaries as fractions of T")

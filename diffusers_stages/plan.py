@@ -2,10 +2,12 @@
 
 Points Zhang et al.'s optimal-denoiser clustering (or a baseline) at an image folder or a `datasets` dataset and a
 noise schedule, prints the stage boundaries (the last line of stdout is JSON), saves a PNG of the similarity curves
-with the boundaries marked, and can write the boundaries (and heuristic decoder widths) into a model config::
+with the boundaries marked, and can write the boundaries and decoder widths into a model config: heuristic widths, or,
+with ``--budget``, widths chosen to fit a FLOP budget (here the sampling FLOPs per image of 50 DDPM steps)::
 
     python -m diffusers_stages.plan --train_data_dir ./images --resolution 32 --num_stages 3 \\
-        --output_plot plan.png --model_config unet/config.json --output_config planned/config.json
+        --output_plot plan.png --model_config unet/config.json --output_config planned/config.json \\
+        [--budget 2.5e11 --num_inference_steps 50]
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_path", help="A trained diffusers model folder, for --method gradient.")
     parser.add_argument("--model_config", help="A model config.json to write the plan into (see --output_config).")
     parser.add_argument("--output_config", help="Where to write the planned MultiStageUNet2DModel config.json.")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="A FLOP budget (needs --model_config): choose the decoder widths so that the expected cost stays within "
+        "it, the largest decoders where the stages are hardest, instead of the fixed width heuristic. The cost is the "
+        "sampling FLOPs per image of --num_inference_steps steps of the scheduler, or without it the training FLOPs "
+        "(forward and backward) of one step of --batch_size images.",
+    )
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="Sampling steps the budget pays for.")
+    parser.add_argument("--batch_size", type=int, default=1, help="Training batch the budget pays for.")
     parser.add_argument("--output_plot", default=None, help="PNG of the curves with the boundaries marked.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
@@ -66,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.output_config and not args.model_config:
         parser.error("--output_config needs --model_config (the config to write the plan into).")
+    if args.budget is not None and not args.model_config:
+        parser.error("--budget needs --model_config (the model whose decoder widths are planned).")
+    if (args.num_inference_steps is not None or args.batch_size != 1) and args.budget is None:
+        parser.error("--num_inference_steps and --batch_size say what --budget pays for: give --budget too.")
     return args
 
 
@@ -95,38 +112,75 @@ def _load_model(path: str) -> torch.nn.Module:
     return model_class.from_pretrained(path)
 
 
+def _schedule(args: argparse.Namespace) -> tuple[NoiseSchedule, object]:
+    """The planning grid (its units are the boundaries' units) and the scheduler whose sampling steps a budget
+    counts."""
+    if args.edm:
+        from diffusers import EDMEulerScheduler
+
+        scheduler = EDMEulerScheduler(sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
+        return NoiseSchedule.edm(args.sigma_min, args.sigma_max, args.rho, args.num_levels), scheduler
+    if args.scheduler_config:
+        scheduler = _scheduler_from_config(args.scheduler_config)
+    else:
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler()
+    return NoiseSchedule.from_scheduler(scheduler, args.num_levels), scheduler
+
+
+def _training_images(args: argparse.Namespace) -> torch.Tensor | None:
+    """The training images, checked; None when nothing needs them (a schedule-only baseline, no model config)."""
+    if args.method in ("uniform", "snr", "snr_clustering") and not args.model_config:
+        return None
+    data = load_images(
+        args.train_data_dir,
+        args.dataset,
+        args.resolution,
+        args.num_channels,
+        args.image_column,
+        args.split,
+        args.max_images,
+        progress_bar=True,
+    )
+    check_planning_data(data, "--train_data_dir" if args.train_data_dir else "--dataset")  # before any planning
+    print(f"{data.shape[0]} training images of shape {tuple(data.shape[1:])}", file=sys.stderr)
+    return data
+
+
+def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: NoiseSchedule, result: dict):
+    """The widths planned for ``--budget``, else the heuristic ones (written into ``result``), printed."""
+    if plan.budget is not None:
+        paid = f"{args.num_inference_steps} sampling steps" if args.num_inference_steps else "a training step"
+        print(
+            f"  decoder widths for a budget of {args.budget:.4g} FLOPs per {paid} (clean stage first): "
+            f"{[list(w) for w in plan.decoder_block_out_channels]}, expected {plan.budget.expected_flops:.4g} FLOPs"
+        )
+        return plan.decoder_block_out_channels
+    difficulty = stage_difficulty(data, schedule, plan.partition)
+    widths = suggest_decoder_widths(config["block_out_channels"], difficulty, config.get("norm_num_groups", 32))
+    result["stage_difficulty"] = [round(d, 4) for d in difficulty]
+    result["decoder_block_out_channels"] = [list(w) for w in widths]
+    print(f"  heuristic decoder widths (clean stage first): {result['decoder_block_out_channels']}")
+    return widths
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Run the command on ``argv`` (default: ``sys.argv``); returns what the JSON line holds."""
     args = parse_args(argv)
-    # 1. the noise schedule: its units are the boundaries' units
-    if args.edm:
-        schedule = NoiseSchedule.edm(args.sigma_min, args.sigma_max, args.rho, args.num_levels)
-    else:
-        scheduler = _scheduler_from_config(args.scheduler_config) if args.scheduler_config else None
-        if scheduler is None:
-            from diffusers import DDPMScheduler
+    # 1. the noise schedule, the training images and the model config
+    schedule, scheduler = _schedule(args)
+    data = _training_images(args)
+    config = None
+    if args.model_config:
+        with open(args.model_config, encoding="utf-8") as f:
+            config = json.load(f)
 
-            scheduler = DDPMScheduler()
-        schedule = NoiseSchedule.from_scheduler(scheduler, args.num_levels)
-
-    # 2. the training images (not needed by the schedule-only baselines)
-    data = None
-    if args.method not in ("uniform", "snr", "snr_clustering") or args.model_config:
-        data = load_images(
-            args.train_data_dir,
-            args.dataset,
-            args.resolution,
-            args.num_channels,
-            args.image_column,
-            args.split,
-            args.max_images,
-            progress_bar=True,
-        )
-        check_planning_data(data, "--train_data_dir" if args.train_data_dir else "--dataset")  # before any planning
-        print(f"{data.shape[0]} training images of shape {tuple(data.shape[1:])}", file=sys.stderr)
-
-    # 3. plan
-    model = _load_model(args.model_path) if args.model_path else None
+    # 2. plan (and, with a budget, the decoder widths)
+    budget = {}
+    if args.budget is not None:
+        budget = dict(budget=args.budget, model_config=config, num_inference_steps=args.num_inference_steps)
+        budget.update(sampling_scheduler=scheduler, batch_size=args.batch_size)
     plan = plan_stages(
         data,
         schedule,
@@ -137,10 +191,11 @@ def run(argv: list[str] | None = None) -> dict:
         args.num_samples,
         args.num_levels,
         torch.Generator().manual_seed(args.seed),
-        model,
+        _load_model(args.model_path) if args.model_path else None,
         args.chunk_size,
         args.device,
         progress_bar=True,
+        **budget,
     )
     result = plan.to_dict()
     unit = "timestep" if schedule.units == "timestep" else "sigma"
@@ -148,15 +203,9 @@ def run(argv: list[str] | None = None) -> dict:
     for s, (low, high) in enumerate(plan.partition.intervals()):
         print(f"  stage {s}: [{low:.6g}, {high:.6g})")
 
-    # 4. decoder widths (heuristic) and the model config
-    if args.model_config:
-        with open(args.model_config, encoding="utf-8") as f:
-            config = json.load(f)
-        difficulty = stage_difficulty(data, schedule, plan.partition)
-        widths = suggest_decoder_widths(config["block_out_channels"], difficulty, config.get("norm_num_groups", 32))
-        result["stage_difficulty"] = [round(d, 4) for d in difficulty]
-        result["decoder_block_out_channels"] = [list(w) for w in widths]
-        print(f"  heuristic decoder widths (clean stage first): {result['decoder_block_out_channels']}")
+    # 3. decoder widths and the model config
+    if config is not None:
+        widths = _decoder_widths(args, plan, config, data, schedule, result)
         if args.output_config:
             os.makedirs(os.path.dirname(os.path.abspath(args.output_config)), exist_ok=True)
             with open(args.output_config, "w", encoding="utf-8") as f:

@@ -3,12 +3,15 @@
 ```py
 plan = plan_stages(images, DDPMScheduler(), num_stages=3)        # Zhang et al., Algorithm 1
 config = partition_to_model_config(unet_config, plan.partition)  # -> MultiStageUNet2DModel.from_config(config)
+plan = plan_stages(images, DDPMScheduler(), 3, budget=flops, model_config=unet_config, num_inference_steps=50)
+config = partition_to_model_config(unet_config, plan.partition, plan.decoder_block_out_channels)  # within budget
 ```
 
 Command: ``python -m diffusers_stages.plan --train_data_dir DIR --resolution 32 --output_plot plan.png``.
 """
 
 from .api import plan_stages
+from .budget import BudgetPlan, expected_flops, widths_for_budget
 from .data import load_images
 from .methods import (
     AUTHORS_ETA,
@@ -31,10 +34,12 @@ from .sizing import partition_to_model_config, stage_difficulty, suggest_decoder
 
 __all__ = [
     "AUTHORS_ETA",
+    "BudgetPlan",
     "METHODS",
     "NoiseSchedule",
     "StagePlan",
     "boundaries_from_similarity",
+    "expected_flops",
     "gradient_plan",
     "ilp_boundaries",
     "ilp_plan",
@@ -52,4 +57,5 @@ __all__ = [
     "stage_difficulty",
     "suggest_decoder_widths",
     "uniform_plan",
+    "widths_for_budget",
 ]

@@ -1,9 +1,13 @@
-"""`plan_stages`: one entry point for every stage-division method."""
+"""`plan_stages`: one entry point for every stage-division method (and for decoder widths under a FLOP budget)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 
+from .budget import widths_for_budget
 from .methods import (
     METHODS,
     StagePlan,
@@ -15,6 +19,7 @@ from .methods import (
     uniform_plan,
 )
 from .schedule import NoiseSchedule
+from .sizing import stage_difficulty
 
 
 def plan_stages(
@@ -31,6 +36,13 @@ def plan_stages(
     chunk_size: int = 1024,
     device: torch.device | str | None = None,
     progress_bar: bool = False,
+    *,
+    budget: float | None = None,
+    model_config: Mapping | None = None,
+    num_inference_steps: int | None = None,
+    sampling_scheduler=None,
+    batch_size: int = 1,
+    architecture: str = "multistage",
 ) -> StagePlan:
     r"""
     Stage boundaries for a data set and a noise schedule, as a [`StagePlan`] whose ``partition`` is in the schedule's
@@ -58,6 +70,17 @@ def plan_stages(
         chunk_size (`int`): training images per chunk of the streamed optimal denoiser.
         device: where the optimal denoiser runs (CUDA when available by default).
         progress_bar (`bool`): show tqdm progress bars.
+        budget (`float`, *optional*): a FLOP budget: also choose each stage's decoder widths (with
+            ``architecture="experts"``, each expert's ``block_out_channels``) so that their expected cost stays within
+            it, capacity going to the stages of highest [`stage_difficulty`]
+            ([`~diffusers_stages.planning.budget.widths_for_budget`]); the result's ``decoder_block_out_channels``
+            go into the model config with [`partition_to_model_config`]. Needs ``data`` and ``model_config``.
+        model_config (`Mapping`, *optional*): the model whose widths are planned (its ``block_out_channels`` are
+            the encoder's), for ``budget``.
+        num_inference_steps (`int`, *optional*): the budget is the sampling FLOPs per image of this many steps of
+            ``sampling_scheduler`` (default: ``schedule`` when it is a diffusers scheduler); None: the budget is the
+            training FLOPs (forward and backward) of one step of ``batch_size`` images.
+        architecture (`str`): ``"multistage"`` (a shared encoder, one decoder per stage) or ``"experts"``.
 
     Example:
 
@@ -73,8 +96,47 @@ def plan_stages(
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    if budget is not None:  # before the (long) planning: what the widths will need
+        _check_budget_arguments(data, budget, model_config, num_inference_steps, sampling_scheduler, schedule)
+        sampling_scheduler = schedule if sampling_scheduler is None and num_inference_steps else sampling_scheduler
     if not isinstance(schedule, NoiseSchedule):
         schedule = NoiseSchedule.from_scheduler(schedule, num_levels)
+    plan = _boundaries(
+        data, schedule, num_stages, method, alpha, eta, num_samples, generator, model, chunk_size, device, progress_bar
+    )
+    if budget is not None:
+        plan.stage_difficulty = stage_difficulty(data, schedule, plan.partition)
+        plan.budget = widths_for_budget(
+            model_config,
+            plan.partition,
+            plan.stage_difficulty,
+            budget,
+            num_inference_steps,
+            sampling_scheduler,
+            batch_size,
+            architecture,
+        )
+    return plan
+
+
+def _check_budget_arguments(data, budget, model_config, num_inference_steps, sampling_scheduler, schedule) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"`budget` must be a positive number of FLOPs, got {budget!r}.")
+    if model_config is None:
+        raise ValueError("`budget` needs `model_config`: the model whose decoder widths are planned.")
+    if data is None:
+        raise ValueError("`budget` needs `data` (the training images): the stages' difficulty is measured on them.")
+    if num_inference_steps and sampling_scheduler is None and isinstance(schedule, NoiseSchedule):
+        raise ValueError(
+            "`num_inference_steps` needs `sampling_scheduler` (whose steps are counted) when `schedule` is a "
+            "NoiseSchedule rather than a diffusers scheduler."
+        )
+
+
+def _boundaries(
+    data, schedule, num_stages, method, alpha, eta, num_samples, generator, model, chunk_size, device, progress_bar
+) -> StagePlan:
+    """The stage boundaries by ``method``."""
     if method == "uniform":
         return uniform_plan(schedule, num_stages)
     if method == "snr":

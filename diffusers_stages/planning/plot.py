@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .methods import StagePlan
+from .clustering import RUNNING_MEAN
+from .stage_plan import StagePlan
 
 
 def plot_plan(plan: StagePlan, path: str | os.PathLike, title: str | None = None) -> str:
@@ -30,8 +31,13 @@ def plot_plan(plan: StagePlan, path: str | os.PathLike, title: str | None = None
     partition = plan.partition
     levels = plan.levels.numpy()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    colour = -1
     for name, curve in plan.curves.items():
-        ax.plot(levels, curve.numpy(), label=name)
+        dotted = name.startswith(RUNNING_MEAN)  # a running mean: dotted, in the colour of the curve it averages
+        colour += not dotted
+        ax.plot(levels, curve.numpy(), label=name, ls=":" if dotted else "-", color=f"C{colour % 10}")
+    if plan.alpha is not None:  # where the running means cross it are the boundaries (Algorithm 1)
+        ax.axhline(plan.alpha, color="0.3", ls="-.", lw=1, label=f"alpha = {plan.alpha:g} (mean-similarity threshold)")
     edges = [levels[0], *partition.boundaries, levels[-1]]
     for s, (low, high) in enumerate(zip(edges[:-1], edges[1:])):
         ax.axvspan(low, high, color=f"C{s % 10}", alpha=0.08, lw=0)

@@ -102,15 +102,17 @@ def suggest_decoder_widths(
             f"`difficulty` needs one non-negative value per stage (>= 2 stages, not all 0), got {difficulty}."
         )
     top = max(difficulty)
-    widths = []
-    for d in difficulty:
-        scale = min_scale + (max_scale - min_scale) * d / top
-        widths.append(
-            tuple(
-                max(norm_num_groups, round(w * scale / norm_num_groups) * norm_num_groups) for w in block_out_channels
-            )
-        )
-    return tuple(widths)
+    return tuple(
+        scaled_widths(block_out_channels, min_scale + (max_scale - min_scale) * d / top, norm_num_groups)
+        for d in difficulty
+    )
+
+
+def scaled_widths(block_out_channels: Sequence[int], scale: float, norm_num_groups: int) -> tuple[int, ...]:
+    """``block_out_channels`` times ``scale``, each rounded to a positive multiple of ``norm_num_groups``."""
+    return tuple(
+        max(norm_num_groups, round(w * scale / norm_num_groups) * norm_num_groups) for w in block_out_channels
+    )
 
 
 def partition_to_model_config(

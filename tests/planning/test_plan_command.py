@@ -8,12 +8,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from diffusers_stages import MultiStageUNet2DModel
+from diffusers_stages import MultiStageUNet2DModel, TimestepPartition
 from diffusers_stages.plan import run
 from diffusers_stages.planning import load_images
+from diffusers_stages.planning.budget import expected_flops
 
 FAST = ["--num_levels", "30", "--num_samples", "16", "--resolution", "8", "--num_channels", "1"]
 
@@ -114,3 +116,22 @@ def test_a_folder_of_one_image_or_of_copies_is_refused_by_its_cause(digit_folder
     for method in (["--method", "optimal_denoiser"], ["--method", "snr", "--model_config", "unused.json"]):
         with pytest.raises(ValueError, match=f"`--train_data_dir` holds {held}: planning needs at least 2 different"):
             run(["--train_data_dir", str(folder), *FAST, *method])
+
+
+def test_a_budget_plans_the_decoder_widths_of_the_written_config(digit_folder, tmp_path, tiny_unet_kwargs):
+    config = dict(tiny_unet_kwargs, in_channels=1, out_channels=1)
+    model_config, output_config = tmp_path / "config.json", tmp_path / "planned" / "config.json"
+    model_config.write_text(json.dumps(config))
+    budget = 1.5 * expected_flops(config, TimestepPartition([300, 600]), [(8, 16)] * 3, 10, DDPMScheduler())
+    common = ["--train_data_dir", str(digit_folder), *FAST, "--model_config", str(model_config)]
+    result = run(
+        [*common, "--budget", str(budget), "--num_inference_steps", "10", "--output_config", str(output_config)]
+    )
+    assert result["expected_flops"] <= budget and result["budget"] == budget
+    model = MultiStageUNet2DModel.from_config(json.loads(output_config.read_text()))
+    assert [list(w) for w in model.config.decoder_block_out_channels] == result["decoder_block_out_channels"]
+    assert result["decoder_block_out_channels"][0] > result["decoder_block_out_channels"][2]  # data end: widest
+    with pytest.raises(ValueError, match="is below what the smallest allowed widths cost"):
+        run([*common, "--budget", "1000", "--num_inference_steps", "10"])
+    with pytest.raises(SystemExit):
+        run([*common, "--num_inference_steps", "10"])  # what a budget pays for, without a budget

@@ -15,6 +15,7 @@ from diffusers_stages.planning import (
     interval_clustering,
     partition_to_model_config,
     plan_stages,
+    plot_plan,
     stage_difficulty,
     suggest_decoder_widths,
 )
@@ -202,3 +203,22 @@ def test_bad_schedules_are_refused():
         NoiseSchedule.edm(sigma_min=1.0, sigma_max=0.5)
     with pytest.raises(ValueError, match="`num_levels` must be an integer in \\[3, 1000\\], got 2"):
         NoiseSchedule.from_scheduler(DDPMScheduler(), num_levels=2)
+
+
+def test_the_plot_draws_alpha_and_the_running_means_that_cross_it(digits, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 40)
+    plan = plan_stages(digits[:300], schedule, 3, alpha=0.9, num_samples=16, generator=torch.manual_seed(0))
+    assert plan.alpha == 0.9
+    means = [curve for name, curve in plan.curves.items() if name.startswith("mean similarity over the stage")]
+    assert len(means) == 2  # one per anchor: t = 0 and t = T
+    # the rule's boundaries are where these cross alpha: above it inside the end stages, below it past them
+    inside = schedule.levels < plan.partition.boundaries[0]
+    assert (means[0][inside] >= 0.9).all() and means[0][~inside][0] < 0.9
+    inside = schedule.levels >= plan.partition.boundaries[1]
+    assert (means[1][inside] >= 0.9).all() and means[1][~inside][-1] < 0.9
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y=0, *a, **k: drawn.append((y, k["label"])))
+    path = plot_plan(plan, tmp_path / "plan.png")
+    assert open(path, "rb").read(4) == b"\x89PNG" and drawn == [(0.9, "alpha = 0.9 (mean-similarity threshold)")]

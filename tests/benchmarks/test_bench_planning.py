@@ -1,0 +1,35 @@
+"""`benchmarks/bench_planning.py` installs nothing: missing data is an error that says what to install, and the
+paper's decoder ratios are fitted to a sampling budget."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from diffusers import DDIMScheduler
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import benchmarks.bench_planning as bench
+from diffusers_stages import TimestepPartition
+from diffusers_stages.planning.budget import expected_flops
+
+
+def test_missing_fashion_mnist_stops_with_instructions_and_runs_no_command(monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the benchmark ran a command: {args}")
+
+    for name in ("run", "Popen", "call", "check_call", "check_output"):
+        monkeypatch.setattr(subprocess, name, refuse)
+    monkeypatch.setattr(os, "system", refuse)
+    monkeypatch.setattr(bench, "FASHION_TRAIN", str(tmp_path / "missing.gz"))
+    with pytest.raises(SystemExit, match="missing: install Debian's dataset-fashion-mnist"):
+        bench.load_data("fashion-mnist", 10)
+    assert bench.load_data("digits", 5).shape == (5, 1, 8, 8)  # bundled with scikit-learn
+
+
+def test_paper_ratios_are_scaled_to_fit_the_budget(tiny_unet_kwargs):
+    config, partition, scheduler = dict(tiny_unet_kwargs), TimestepPartition([442, 631]), DDIMScheduler()
+    budget = expected_flops(config, partition, [(8, 16)] * 3, 4, scheduler)
+    widths = bench.paper_widths_at_budget(config, partition, budget, 4, scheduler)
+    assert widths[0] > widths[1] > widths[2] and expected_flops(config, partition, widths, 4, scheduler) <= budget

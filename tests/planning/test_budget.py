@@ -1,0 +1,180 @@
+"""Decoder widths under a FLOP budget: counted costs, the exact optimum, the plan's config, experts, bad budgets."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, HeunDiscreteScheduler, UNet2DModel
+from sklearn.datasets import load_digits
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from diffusers_stages import MultiStageUNet2DModel, TimestepPartition
+from diffusers_stages.evaluation import count_flops
+from diffusers_stages.planning import partition_to_model_config, plan_stages
+from diffusers_stages.planning.budget import (
+    candidate_widths,
+    expected_flops,
+    measure_stage_flops,
+    stage_calls,
+    widths_for_budget,
+)
+from diffusers_stages.timestep_sampling import stage_mass
+
+PARTITION = TimestepPartition([442, 631])
+SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+@pytest.fixture
+def gray_unet_kwargs(tiny_unet_kwargs) -> dict:
+    return dict(tiny_unet_kwargs, in_channels=1, out_channels=1, num_class_embeds=3)  # attention, class labels
+
+
+def _sampling_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(timestep_spacing="trailing")
+
+
+def _real_flops(model, stage_index=None, training=False) -> int:
+    """FLOPs of one sample through ``model`` on the CPU, on real tensors (math attention, so that it is counted)."""
+    sample, labels = torch.randn(1, 1, 8, 8), torch.zeros(1, dtype=torch.long)
+    kwargs = {} if stage_index is None else {"stage_index": stage_index}
+    with sdpa_kernel(SDPBackend.MATH):
+        if training:
+            return count_flops(lambda: model(sample, torch.tensor([10]), labels, **kwargs).sample.sum().backward())[0]
+        return count_flops(lambda: model(sample, torch.tensor([10]), labels, **kwargs))[0]
+
+
+def test_stage_calls_count_the_schedulers_model_calls():
+    # trailing DDIM, 10 steps: 999, 899, ..., 99; stage 0 is t < 442, stage 1 442 <= t < 631
+    assert stage_calls(PARTITION, 10, _sampling_scheduler()) == [4.0, 2.0, 4.0]
+    # Heun: 2 steps are 999 (predictor), then 0 as corrector of the first step (stays in stage 2), then 0 again
+    assert stage_calls(PARTITION, 2, HeunDiscreteScheduler()) == [1.0, 0.0, 2.0]
+    training = stage_calls(PARTITION, batch_size=64)
+    assert training == pytest.approx([64 * m for m in stage_mass(PARTITION)]) and sum(training) == pytest.approx(64)
+
+
+def test_counted_costs_equal_real_counts_on_real_models(gray_unet_kwargs):
+    widths = [(4, 8), (8, 16), (12, 24)]
+    calls, capacity = measure_stage_flops(gray_unet_kwargs, widths)
+    train, _ = measure_stage_flops(gray_unet_kwargs, widths, training=True)
+    torch.manual_seed(0)
+    model = MultiStageUNet2DModel.from_config(partition_to_model_config(gray_unet_kwargs, PARTITION, widths))
+    with sdpa_kernel(SDPBackend.MATH):
+        encoder = count_flops(lambda: model.encode(torch.randn(1, 1, 8, 8), torch.tensor([10]), torch.zeros(1).long()))
+    for s in range(3):
+        assert calls[s] == _real_flops(model, s) and capacity[s] == calls[s] - encoder[0]
+        assert train[s] == _real_flops(model, s, training=True)
+    # decoders as wide as the encoder cost exactly the UNet2DModel: the baseline's budget is its own FLOPs
+    unet = UNet2DModel(**gray_unet_kwargs)
+    baseline = expected_flops(gray_unet_kwargs, PARTITION, [(8, 16)] * 3, 10, _sampling_scheduler())
+    assert baseline == 10 * _real_flops(unet) > 0
+    (expert,), _ = measure_stage_flops(gray_unet_kwargs, [(8, 16)], architecture="experts")
+    assert expert == _real_flops(unet)
+
+
+def test_widths_are_the_exact_optimum_within_the_budget(gray_unet_kwargs):
+    scheduler, difficulty = _sampling_scheduler(), [0.9, 0.4, 0.05]
+    budget = expected_flops(gray_unet_kwargs, PARTITION, [(8, 16)] * 3, 10, scheduler)
+    plan = widths_for_budget(gray_unet_kwargs, PARTITION, difficulty, budget, 10, scheduler, scales=SCALES)
+    assert plan.expected_flops <= budget and plan.expected_flops == expected_flops(
+        gray_unet_kwargs, PARTITION, plan.widths, 10, scheduler
+    )
+    # brute force over every assignment (in budget, harder stages no smaller): the solver's choice is the optimum
+    candidates = candidate_widths((8, 16), 4, SCALES)
+    flops, capacity = measure_stage_flops(gray_unet_kwargs, candidates)
+    calls = stage_calls(PARTITION, 10, scheduler)
+
+    def value(picks):
+        return sum(n * d * math.log(capacity[k]) for n, d, k in zip(calls, difficulty, picks))
+
+    feasible = [
+        p
+        for p in itertools.product(range(len(candidates)), repeat=3)
+        if sum(calls[s] * flops[k] for s, k in enumerate(p)) <= budget
+        and capacity[p[0]] >= capacity[p[1]] >= capacity[p[2]]
+    ]
+    best = max(feasible, key=value)
+    assert value([candidates.index(w) for w in plan.widths]) == pytest.approx(value(best), abs=1e-12)
+    # capacity goes where the difficulty is: the clean stage gets the widest decoder, the noisy one the narrowest
+    assert plan.widths[0] > plan.widths[2] and plan.widths[0] >= plan.widths[1]
+    assert plan.widths[0] > (8, 16) > plan.widths[2]
+    # a larger budget never buys less capacity
+    larger = widths_for_budget(gray_unet_kwargs, PARTITION, difficulty, 2 * budget, 10, scheduler, scales=SCALES)
+    assert value([candidates.index(w) for w in larger.widths]) > value(best)
+
+
+def test_training_budget_and_experts(gray_unet_kwargs):
+    difficulty, few = [0.9, 0.4, 0.05], (0.5, 1.0, 1.5)
+    unet = UNet2DModel(**gray_unet_kwargs)
+    step = 16 * _real_flops(unet, training=True)  # one training step of the UNet2DModel on 16 images
+    assert expected_flops(gray_unet_kwargs, PARTITION, [(8, 16)] * 3, batch_size=16) == pytest.approx(step)
+    plan = widths_for_budget(gray_unet_kwargs, PARTITION, difficulty, 1.5 * step, batch_size=16, scales=few)
+    assert step < plan.expected_flops <= 1.5 * step and plan.widths[0] > plan.widths[2]
+    # experts: each stage's whole model is sized, at 1.5 times the UNet2DModel's 10 sampling steps
+    scheduler, budget = _sampling_scheduler(), 15 * _real_flops(unet)
+    experts = widths_for_budget(
+        gray_unet_kwargs,
+        PARTITION,
+        difficulty,
+        budget,
+        10,
+        scheduler,
+        architecture="experts",
+        scales=few,
+    )
+    calls = stage_calls(PARTITION, 10, scheduler)
+    models = [UNet2DModel(**dict(gray_unet_kwargs, block_out_channels=w)) for w in experts.widths]
+    real = sum(n * _real_flops(model) for n, model in zip(calls, models))
+    assert real == experts.expected_flops <= budget and experts.widths[0] > experts.widths[2]
+
+
+def test_plan_stages_with_a_budget_gives_a_config_that_trains_as_planned(gray_unet_kwargs):
+    data = torch.tensor(load_digits().images[:300], dtype=torch.float32)[:, None] / 8 - 1
+    scheduler = DDPMScheduler()
+    budget = expected_flops(gray_unet_kwargs, PARTITION, [(8, 16)] * 3, 10, scheduler)  # the UNet's 10 DDPM steps
+    plan = plan_stages(
+        data, scheduler, 3, num_samples=16, num_levels=30, generator=torch.manual_seed(0),
+        budget=budget, model_config=gray_unet_kwargs, num_inference_steps=10,
+    )  # fmt: skip
+    summary = plan.to_dict()
+    assert summary["expected_flops"] <= budget and len(summary["decoder_block_out_channels"]) == 3
+    assert summary["stage_difficulty"][0] > summary["stage_difficulty"][2]
+    model = MultiStageUNet2DModel.from_config(
+        partition_to_model_config(gray_unet_kwargs, plan.partition, plan.decoder_block_out_channels)
+    )
+    assert model.config.decoder_block_out_channels == [list(w) for w in plan.decoder_block_out_channels]
+    calls = stage_calls(plan.partition, 10, scheduler)
+    assert sum(n * _real_flops(model, s) for s, n in enumerate(calls)) == plan.budget.expected_flops
+    # one training step through every decoder: all of them receive gradients
+    t = torch.tensor([50, 500, 900])
+    model(torch.randn(3, 1, 8, 8), t, torch.zeros(3).long()).sample.pow(2).mean().backward()
+    assert all(d.conv_out.weight.grad.abs().sum() > 0 for d in model.decoders)
+
+
+@pytest.mark.parametrize(
+    "budget, kwargs, match",
+    [
+        (0.0, {}, "`budget` must be a positive number of FLOPs, got 0.0"),
+        (float("nan"), {}, "`budget` must be a positive number of FLOPs, got nan"),
+        (True, {}, "`budget` must be a positive number of FLOPs, got True"),
+        (1e5, {}, "`budget`=1e\\+05 FLOPs is below what the smallest allowed widths cost"),
+        (1e9, {"num_inference_steps": 0}, "`num_inference_steps` must be a positive integer, got 0"),
+        (1e9, {"architecture": "dit"}, "`architecture` must be one of"),
+        (1e9, {"difficulty": [0.0, 0.0, 0.0]}, "`difficulty` needs one value >= 0 per stage"),
+        (1e9, {"scales": (0.5, -1.0)}, "`scales` must be positive numbers"),
+    ],
+)
+def test_bad_budgets_are_refused(gray_unet_kwargs, budget, kwargs, match):
+    kwargs = {"difficulty": [0.9, 0.4, 0.1], "num_inference_steps": 10, "scales": SCALES, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        widths_for_budget(gray_unet_kwargs, PARTITION, budget=budget, scheduler=_sampling_scheduler(), **kwargs)
+
+
+def test_plan_stages_refuses_a_budget_it_cannot_plan_before_planning(gray_unet_kwargs):
+    data = torch.randn(16, 1, 8, 8)
+    with pytest.raises(ValueError, match="`budget` needs `model_config`"):
+        plan_stages(data, DDPMScheduler(), budget=1e9)
+    with pytest.raises(ValueError, match="`budget` needs `data`"):
+        plan_stages(None, DDPMScheduler(), method="snr", budget=1e9, model_config=gray_unet_kwargs)
+    with pytest.raises(ValueError, match="`budget` must be a positive number of FLOPs, got -1"):
+        plan_stages(data, DDPMScheduler(), budget=-1, model_config=gray_unet_kwargs)
