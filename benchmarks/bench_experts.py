@@ -222,29 +222,38 @@ def evidence_sizes(args, preset) -> None:
 
 
 def early_exit_profile(args) -> None:
-    """Train the early-exit U-ViT on digits, then print each exit's error and uncertainty by timestep and the exit
-    layer of every step of a 20-step DDIM run (the "phase transition" DuoDiff builds on)."""
+    """Train the early-exit U-ViT on digits through the package's training loop (`EarlyExitTask`, as
+    `train_dual_backbone.py --backbone early_exit` does), then print each exit's error and uncertainty by timestep and
+    the exit layer of every step of a 20-step DDIM run (the "phase transition" DuoDiff builds on)."""
+    import tempfile
+
+    import numpy as np
     from diffusers import DDPMScheduler
     from sklearn.datasets import load_digits
 
-    from diffusers_stages.models.early_exit import EarlyExitUViT2DModel, early_exit_loss, record_exit_profile
+    from diffusers_stages.demo.methods import write_image_folder
+    from diffusers_stages.pipelines import ExpertRoutingPipeline, record_exit_profile
+    from diffusers_stages.training import EarlyExitTask, build_parser, train
 
-    torch.manual_seed(0)
-    data = torch.from_numpy(load_digits().images).float()[:, None] / 8 - 1  # 0..16 -> [-1, 1]
-    model = EarlyExitUViT2DModel(sample_size=8, in_channels=1, hidden_size=64, num_layers=7, num_attention_heads=4)
-    noise_scheduler, optimizer = DDPMScheduler(), torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(args.early_exit_steps):
-        clean = data[torch.randint(0, len(data), (128,))]
-        t, noise = torch.randint(0, 1000, (128,)), torch.randn_like(clean)
-        loss = early_exit_loss(model, noise_scheduler.add_noise(clean, noise, t), t, noise)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    print(f"early exit: 7-block U-ViT trained {args.early_exit_steps} steps on digits, final loss {loss.item():.4f}")
+    digits = load_digits()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_image_folder((digits.images * 255 / 16).round().astype(np.uint8), digits.target, f"{tmp}/data")
+        run = build_parser("early exit").parse_args(
+            ["--train_data_dir", folder, "--resolution", "8", "--output_dir", f"{tmp}/run", "--train_batch_size", "128",
+             "--max_train_steps", str(args.early_exit_steps), "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+             "--logger", "none", "--save_images_steps", "100000", "--checkpointing_steps", "100000"]
+        )  # fmt: skip
+        vars(run).update(backbone="early_exit", backbones="both", deep_depth=7, uvit_hidden_size=64,
+                         uvit_num_attention_heads=4, uvit_patch_size=2, switch_step_fraction=None, switch_timestep=None)  # fmt: skip
+        model = ExpertRoutingPipeline.from_pretrained(train(run, EarlyExitTask(run))).experts.expert(0).eval()
+    print(f"early exit: 7-block U-ViT trained {args.early_exit_steps} steps on digits through the training loop")
+    data = torch.from_numpy(digits.images).float()[:, None] / 8 - 1  # 0..16 -> [-1, 1]
+    data = data.expand(-1, model.config.in_channels, -1, -1)  # the loop reads the grey images as RGB
+    noise_scheduler = DDPMScheduler()
     with torch.no_grad():
         for level in (50, 200, 400, 600, 800, 950):
-            clean, noise, t = data[:256], torch.randn(256, 1, 8, 8), torch.full((256,), level)
+            clean, t = data[:256], torch.full((256,), level)
+            noise = torch.randn(clean.shape)
             predictions, uncertainties = model(noise_scheduler.add_noise(clean, noise, t), t, return_all_exits=True)
             errors = " ".join(f"{(p - noise).pow(2).mean():.3f}" for p in predictions)
             print(

@@ -36,6 +36,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from diffusers.models.attention_processor import AttnProcessor
 
 from diffusers_stages import MultiStageUNet2DConditionModel
+from diffusers_stages.conventions import DEFAULT_STAGE_BOUNDARIES
 from diffusers_stages.timestep_sampling import stratified_timesteps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
@@ -114,7 +115,7 @@ def main(args: argparse.Namespace) -> list[tuple[str, dict[str, float], float, s
     device = args.device
     kwargs = unet_kwargs(args.latent_size)
     plain = UNet2DConditionModel(**kwargs).to(device).eval()
-    warm = MultiStageUNet2DConditionModel.from_unet(plain, (442, 631)).to(device).eval()
+    warm = MultiStageUNet2DConditionModel.from_unet(plain, DEFAULT_STAGE_BOUNDARIES).to(device).eval()
     widths = tuple(tuple(round(w * f) for w in kwargs["block_out_channels"]) for f in DECODER_FACTORS)
     tailored = MultiStageUNet2DConditionModel(**kwargs, decoder_block_out_channels=widths).to(device).eval()
     models = {"plain": plain, "warm start": warm, "tailored": tailored}

@@ -120,7 +120,11 @@ def record_exit_profile(
         exit_threshold if exit_threshold is not None else model.exit_threshold,
     )
     profile = []
-    handle = model.register_forward_hook(lambda m, args, out: profile.append((float(args[1]), m.last_exit_layer)))
+
+    def record(module, args, out):  # one timestep for the whole batch (the model may receive it once per sample)
+        profile.append((float(torch.as_tensor(args[1]).reshape(-1)[0]), module.last_exit_layer))
+
+    handle = model.register_forward_hook(record)
     try:
         single = ExpertRoutingModel([model], stage_boundaries=(), prediction_type=scheduler.config.prediction_type)
         pipe = ExpertRoutingPipeline(experts=single, scheduler=scheduler)

@@ -26,6 +26,7 @@ from diffusers_stages import (
     MultiStageUNet2DModel,
     TimestepPartition,
 )
+from diffusers_stages.conventions import DEFAULT_STAGE_BOUNDARIES
 from diffusers_stages.models.early_exit import EarlyExitUViT2DModel, early_exit_loss
 from diffusers_stages.models.meme import attention_share, build_meme_experts
 from diffusers_stages.planning import NoiseSchedule, plan_stages, suggest_decoder_widths
@@ -38,7 +39,6 @@ from .presets import Preset
 from .sampling import generate, sampling_scheduler, seconds_per_image, single_model_pipeline
 from .training import train_with_budget, uniform_timesteps
 
-PAPER_BOUNDARIES = (442.0, 631.0)  # Zhang et al., Table 4, optimal-denoiser split on CIFAR-10
 PAPER_DECODER_DIFFICULTY = (1.0, (1.0 - 0.125) / (1.5 - 0.125), 0.0)  # -> decoder widths x1.5, x1, x0.125
 
 
@@ -271,7 +271,7 @@ def plan_partition(ctx: Context) -> tuple[TimestepPartition, str]:
         return plan.partition, f"optimal-denoiser plan (alpha={p.plan_alpha}, eta={p.plan_eta})"
     except ValueError as error:
         ctx.log(f"[plan] failed ({error}); using the paper's CIFAR-10 boundaries")
-        return TimestepPartition(PAPER_BOUNDARIES), "paper's CIFAR-10 boundaries (plan failed)"
+        return TimestepPartition(DEFAULT_STAGE_BOUNDARIES), "paper's CIFAR-10 boundaries (plan failed)"
 
 
 def compare_multistage(ctx: Context, baseline: Result) -> list[Result]:

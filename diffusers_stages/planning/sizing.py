@@ -63,7 +63,7 @@ def stage_difficulty(data: torch.Tensor, schedule: NoiseSchedule, partition: Tim
     spectrum = data_spectrum(data)
     a2, s2 = schedule.signal_scale[:, None] ** 2, schedule.noise_scale[:, None] ** 2
     per_level = (a2 * spectrum / (a2 * spectrum + s2)).sum(1) / dim
-    stages = partition.stage_index(schedule.levels)
+    stages = partition.stage_for_noise_level(schedule.levels)
     return [
         float(per_level[stages == s].mean()) if bool((stages == s).any()) else 0.0 for s in range(partition.num_stages)
     ]

@@ -59,6 +59,8 @@ def test_exit_profile_over_a_sampling_run(model):
     assert [t for t, _ in early] == [666.0, 333.0, 0.0]
     assert [layer for _, layer in early] == [2, 2, 2] and [layer for _, layer in full] == [3, 3, 3]
     assert model.exit_threshold is None  # restored after the run
+    batch = record_exit_profile(model, DDIMScheduler(), num_inference_steps=3, exit_threshold=0.7, batch_size=4)
+    assert batch == early  # one entry per call, whatever the batch
 
 
 def test_save_reload_and_bad_configs(model, tmp_path):

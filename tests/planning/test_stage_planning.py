@@ -112,7 +112,7 @@ def test_sigma_units_give_the_same_stages_as_timesteps(digits):
     by_timestep = plan_stages(digits, ddpm, 3, num_samples=32, generator=torch.manual_seed(0)).partition
     by_sigma = plan_stages(digits, ve, 3, num_samples=32, generator=torch.manual_seed(0)).partition
     assert by_sigma.units == "sigma"
-    assert torch.equal(by_timestep.stage_index(ddpm.levels), by_sigma.stage_index(sigmas))
+    assert torch.equal(by_timestep.stage_for_noise_level(ddpm.levels), by_sigma.stage_for_noise_level(sigmas))
     edm = plan_stages(digits, EDMEulerScheduler(), 3, num_levels=40, num_samples=16, generator=torch.manual_seed(0))
     assert edm.partition.units == "sigma" and 0.002 < edm.partition.boundaries[0] < edm.partition.boundaries[1] < 80
 
