@@ -13,7 +13,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils.torch_utils import get_device, randn_tensor
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..conventions import class_embedding_count, model_to_vae_latents, null_class_label, num_data_classes
 from ..hub import pop_push_kwargs, push_saved_folder
@@ -23,10 +23,10 @@ from ..routing import StageRouter
 from ..schedulers import model_call_timesteps
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
 from .loading import load_pipeline, write_reexport_files
-from .offload import StageNetworkHook, StageOffload
+from .offload import StageOffloadMixin
 
 
-class StagedDiffusionPipeline(DiffusionPipeline):
+class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     r"""
     Base class of the package's pipelines: one scheduler, one network per stage of a [`TimestepPartition`], and an
     optional VAE for latent diffusion. Subclasses register their components and say which network denoises a
@@ -331,99 +331,6 @@ class StagedDiffusionPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
-
-    # --------------------------------------------------------------------------------------------------------------
-    # stage-aware offload: only the running stage's network on the accelerator
-    _stage_offload: StageOffload | None = None
-
-    def stage_network(self, stage: int) -> torch.nn.Module:
-        """The module only ``stage`` runs: its decoder when the stages share an encoder (``decoders[stage]`` of a
-        multi-stage U-Net), else its whole denoiser (an expert, a backbone)."""
-        model = self.stage_denoiser(stage)[0]
-        decoders = getattr(model, "decoders", None)
-        return decoders[stage] if isinstance(decoders, torch.nn.ModuleList) else model
-
-    def enable_stage_offload(
-        self,
-        device: torch.device | str | None = None,
-        offload_device: torch.device | str = "cpu",
-        prefetch: bool = True,
-    ) -> None:
-        r"""
-        Keep only the running stage's network (a decoder, an expert, a backbone) on the accelerator: the others wait
-        on ``offload_device`` and each moves in when its stage starts, the previous one out, by accelerate hooks on
-        the networks. Everything else (a shared encoder, the VAE) stays on ``device``. Peak accelerator memory is
-        then the rest of the pipeline plus the largest stage network; with ``prefetch`` the next stage's network is
-        moved in during the last call before a switch (on CUDA on a side stream, overlapping that call), so for that
-        call two stage networks are resident. Images are the same as without offload.
-
-        It replaces `enable_model_cpu_offload` (which moves whole components, every stage network at once) and is
-        refused with it, with `enable_sequential_cpu_offload` and with a ``device_map``. Move the pipeline
-        (``pipe.to(device)``) only after `disable_stage_offload`: the hooks track where each network is.
-
-        Args:
-            device (`torch.device` or `str`, *optional*): the execution device; defaults to the accelerator found
-                (as `enable_model_cpu_offload`). ``"cpu"`` is accepted (the moves then cost nothing; for tests).
-            offload_device (`torch.device` or `str`, defaults to `"cpu"`): where the waiting networks are kept.
-            prefetch (`bool`, defaults to `True`): move the next stage's network in ahead of the switch.
-        """
-        if not isinstance(prefetch, bool):
-            raise ValueError(f"`prefetch` must be a bool, got {prefetch!r}.")
-        hooks = {name: getattr(component, "_hf_hook", None) for name, component in self.components.items()}
-        hooked = [name for name, hook in hooks.items() if hook is not None and not isinstance(hook, StageNetworkHook)]
-        if hooked or getattr(self, "_all_hooks", None) or self.hf_device_map is not None:
-            raise ValueError(
-                "`enable_stage_offload` cannot be combined with `enable_model_cpu_offload`, "
-                f"`enable_sequential_cpu_offload` or a `device_map` (hooked components: {hooked or 'none'}, "
-                f"device map: {self.hf_device_map}): call `remove_all_hooks()` / `reset_device_map()` first."
-            )
-        if device is None and get_device() == "cpu":
-            raise ValueError(
-                "`device` must be given on a machine without an accelerator, got None (`device='cpu'` runs the "
-                "hooks on the CPU, where the moves cost nothing)."
-            )
-        device = torch.device(get_device() if device is None else device)
-        if device.type not in ("cpu", "mps") and device.index is None:
-            device = torch.device(device.type, torch.get_device_module(device.type).current_device())
-        self.disable_stage_offload()  # enabling again replaces the hooks
-        num_stages = self.resolve_partition(2).num_stages  # (a step-fraction switch needs a step count: any will do)
-        networks = [self.stage_network(stage) for stage in range(num_stages)]
-        components = [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
-        self._stage_offload = StageOffload(components, networks, device, torch.device(offload_device), prefetch)
-
-    def disable_stage_offload(self) -> None:
-        """Remove the hooks of `enable_stage_offload`, leaving the whole pipeline on the offload device (move it with
-        ``pipe.to(...)``)."""
-        if self._stage_offload is not None:
-            self._stage_offload.remove()
-            self._stage_offload = None
-
-    @property
-    def _execution_device(self) -> torch.device:
-        if self._stage_offload is not None:
-            return self._stage_offload.device
-        return super()._execution_device
-
-    def maybe_free_model_hooks(self) -> None:
-        """As diffusers', and, under `enable_stage_offload`, the last stage network back to the offload device."""
-        super().maybe_free_model_hooks()
-        if self._stage_offload is not None:
-            self._stage_offload.offload_all()
-
-    def enable_model_cpu_offload(self, *args, **kwargs) -> None:
-        self._refuse_with_stage_offload("enable_model_cpu_offload")
-        super().enable_model_cpu_offload(*args, **kwargs)
-
-    def enable_sequential_cpu_offload(self, *args, **kwargs) -> None:
-        self._refuse_with_stage_offload("enable_sequential_cpu_offload")
-        super().enable_sequential_cpu_offload(*args, **kwargs)
-
-    def _refuse_with_stage_offload(self, method: str) -> None:
-        if self._stage_offload is not None:
-            raise ValueError(
-                f"`{method}` cannot be combined with `enable_stage_offload`, which already keeps one stage network "
-                "on the accelerator at a time: call `disable_stage_offload()` first."
-            )
 
     # --------------------------------------------------------------------------------------------------------------
     # saving: a folder that loads with `<Pipeline>.from_pretrained`, and with
