@@ -161,7 +161,11 @@ def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bo
         "- experts (clean end first): "
         + ", ".join(f"`{type(experts.expert(s)).__name__}` {n / 1e6:.2f}M" for s, n in enumerate(parameters)),
         f"- data: {size}x{size} samples in {space}"
-        + (f", class-conditional ({num_data_classes(num_class_embeds)} classes + the null label)" if num_class_embeds else ""),
+        + (
+            f", class-conditional ({num_data_classes(num_class_embeds)} classes + the null label)"
+            if num_class_embeds
+            else ""
+        ),
         f"- noise schedule: `{type(pipeline.scheduler).__name__}`, {pipeline.scheduler.config.num_train_timesteps} "
         f"training steps, prediction type `{experts.config.prediction_type}`",
         f"- sample grid: {args.num_sample_images} samples, {args.num_inference_steps} steps, seed {args.seed}",
