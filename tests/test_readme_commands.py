@@ -56,18 +56,24 @@ def test_the_readmes_have_training_commands():
             "examples/dual_backbone/train_dual_backbone.py"} <= scripts  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """The README's `./images`: sklearn's digits as an image folder, written once for every command."""
+    digits = load_digits()
+    folder = tmp_path_factory.mktemp("readme") / "images"
+    return Path(write_image_folder((digits.images * 255 / 16).round().astype(np.uint8), digits.target, str(folder)))
+
+
 @pytest.mark.parametrize("where, script, argv", COMMANDS, ids=[where for where, _, _ in COMMANDS])
-def test_training_command_parses_as_written(where, script, argv, tmp_path, monkeypatch):
+def test_training_command_parses_as_written(where, script, argv, images, tmp_path, monkeypatch):
     argv = list(argv)
     monkeypatch.chdir(tmp_path)
-    digits = load_digits()
-    write_image_folder((digits.images * 255 / 16).round().astype(np.uint8), digits.target, "images")
     if "--assemble_experts" in argv:
         pytest.skip("assembles the folders of earlier runs")
     if "--pretrained_model_name_or_path" in argv:
         pytest.skip("fine-tunes the output of the conversion command before it")
     if "--train_data_dir" in argv:
-        argv[argv.index("--train_data_dir") + 1] = "images"
+        argv[argv.index("--train_data_dir") + 1] = str(images)
     if "--mixed_precision" in argv and argv[argv.index("--mixed_precision") + 1] == "fp16":
         monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     args = _script(script).parse_args(argv)
