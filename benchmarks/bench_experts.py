@@ -221,6 +221,17 @@ def evidence_sizes(args, preset) -> None:
     )
 
 
+def _example_script(path: str):
+    """An `examples/<path>` training script as a module (its `parse_args` and `main`)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("example_script", os.path.join(root, "examples", path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def early_exit_profile(args) -> None:
     """Train the early-exit U-ViT on digits through the package's training loop (`EarlyExitTask`, as
     `train_dual_backbone.py --backbone early_exit` does), then print each exit's error and uncertainty by timestep and
@@ -233,19 +244,19 @@ def early_exit_profile(args) -> None:
 
     from diffusers_stages.demo.methods import write_image_folder
     from diffusers_stages.pipelines import ExpertRoutingPipeline, record_exit_profile
-    from diffusers_stages.training import EarlyExitTask, build_parser, train
 
     digits = load_digits()
+    script = _example_script("dual_backbone/train_dual_backbone.py")
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_image_folder((digits.images * 255 / 16).round().astype(np.uint8), digits.target, f"{tmp}/data")
-        run = build_parser("early exit").parse_args(
+        run = script.parse_args(
             ["--train_data_dir", folder, "--resolution", "8", "--output_dir", f"{tmp}/run", "--train_batch_size", "128",
              "--max_train_steps", str(args.early_exit_steps), "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
-             "--logger", "none", "--save_images_steps", "100000", "--checkpointing_steps", "100000"]
+             "--logger", "none", "--save_images_steps", "100000", "--checkpointing_steps", "100000",
+             "--backbone", "early_exit", "--deep_depth", "7", "--uvit_hidden_size", "64",
+             "--uvit_num_attention_heads", "4", "--uvit_patch_size", "2"]
         )  # fmt: skip
-        vars(run).update(backbone="early_exit", backbones="both", deep_depth=7, uvit_hidden_size=64,
-                         uvit_num_attention_heads=4, uvit_patch_size=2, switch_step_fraction=None, switch_timestep=None)  # fmt: skip
-        model = ExpertRoutingPipeline.from_pretrained(train(run, EarlyExitTask(run))).experts.expert(0).eval()
+        model = ExpertRoutingPipeline.from_pretrained(script.main(run)).experts.expert(0).eval()
     print(f"early exit: 7-block U-ViT trained {args.early_exit_steps} steps on digits through the training loop")
     data = torch.from_numpy(digits.images).float()[:, None] / 8 - 1  # 0..16 -> [-1, 1]
     data = data.expand(-1, model.config.in_channels, -1, -1)  # the loop reads the grey images as RGB
