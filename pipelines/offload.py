@@ -196,14 +196,15 @@ class StageOffloadMixin:
                 "`device` must be given on a machine without an accelerator, got None (`device='cpu'` runs the "
                 "hooks on the CPU, where the moves cost nothing)."
             )
-        device = torch.device(get_device() if device is None else device)
+        device = _device(get_device() if device is None else device, "device")
+        offload_device = _device(offload_device, "offload_device")
         if device.type not in ("cpu", "mps") and device.index is None:
             device = torch.device(device.type, torch.get_device_module(device.type).current_device())
         self.disable_stage_offload()  # enabling again replaces the hooks
         num_stages = self.resolve_partition(2).num_stages  # (a step-fraction switch needs a step count: any will do)
         networks = [self.stage_network(stage) for stage in range(num_stages)]
         components = [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
-        self._stage_offload = StageOffload(components, networks, device, torch.device(offload_device), prefetch)
+        self._stage_offload = StageOffload(components, networks, device, offload_device, prefetch)
 
     def disable_stage_offload(self) -> None:
         """Remove the hooks of `enable_stage_offload`, leaving the whole pipeline on the offload device (move it with
@@ -247,3 +248,11 @@ def _place_outside(module: torch.nn.Module, skip: set[int], device: torch.device
     module._apply(lambda tensor: tensor.to(device), recurse=False)
     for child in module.children():
         _place_outside(child, skip, device)
+
+
+def _device(value: torch.device | str, name: str) -> torch.device:
+    """``value`` as a `torch.device`; a `ValueError` naming the argument ``name`` when it is not one."""
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"`{name}` must be a torch device (e.g. 'cuda', 'cpu'), got {value!r}.") from error

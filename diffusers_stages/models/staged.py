@@ -85,6 +85,11 @@ class StageCompileMixin:
 
         ```
         """
+        if warmup is not None and (not isinstance(warmup, Mapping) or "stage_index" in warmup):
+            raise ValueError(
+                "`warmup` must be a dict of `forward`'s keyword arguments without `stage_index` (every stage is warmed "
+                f"up in turn), got {type(warmup).__name__ if not isinstance(warmup, Mapping) else sorted(warmup)}."
+            )
         regions = self.compile_regions()
         # 1. room for one compiled graph per distinct region, and one more per region for a dynamic batch size
         needed = 2 * max(Counter(type(region) for region in regions).values(), default=0)

@@ -243,6 +243,15 @@ def test_bad_decoder_options_name_the_argument(tiny_unet_kwargs, kwargs, name):
 PLAIN = {"down_block_types": ("DownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "UpBlock2D")}
 
 
+def test_compile_stages_refuses_a_bad_warmup(tiny_unet_kwargs):
+    model = MultiStageUNet2DModel(**tiny_unet_kwargs)
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="`warmup` must be a dict .* got tuple"):
+        model.compile_stages(warmup=(x, 500), backend="eager")
+    with pytest.raises(ValueError, match=r"`warmup` must be a dict .* got \['sample', 'stage_index', 'timestep'\]"):
+        model.compile_stages(warmup={"sample": x, "timestep": 500, "stage_index": 0}, backend="eager")
+
+
 def test_compile_stages_compiles_17_identical_decoders_once(tiny_unet_kwargs, monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     torch.manual_seed(0)

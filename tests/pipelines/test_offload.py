@@ -149,6 +149,10 @@ def test_refused_with_model_cpu_offload_and_disabled():
         pipe.enable_sequential_cpu_offload(device="cpu")
     with pytest.raises(ValueError, match="`prefetch` must be a bool, got 'yes'"):
         pipe.enable_stage_offload(device="cpu", prefetch="yes")
+    with pytest.raises(ValueError, match="`device` must be a torch device .* got 'gpu0'"):
+        pipe.enable_stage_offload(device="gpu0")
+    with pytest.raises(ValueError, match="`offload_device` must be a torch device .* got 'disk'"):
+        pipe.enable_stage_offload(device="cpu", offload_device="disk")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="`device` must be given on a machine without an accelerator"):
             pipe.enable_stage_offload()
