@@ -321,15 +321,21 @@ def report_verification(differences: dict[str, float], tolerance: float) -> None
         raise ValueError(f"--verify failed: largest difference {worst:.3e} exceeds --tolerance {tolerance:g}.")
 
 
-def verify_reload(converted, reloaded, tolerance: float) -> None:
-    """`--verify` without the original code: the reloaded model against the converted one, once in every stage."""
+def verify_reload(converted, reloaded, tolerance: float, class_embedders: tuple | None = None) -> None:
+    """`--verify` without the original code: the reloaded model against the converted one, once in every stage;
+    a cross-attention model attends to its class context (``class_embedders``: the converted and reloaded ones)."""
     config = converted.config
     x = torch.randn(1, config.in_channels, config.sample_size, config.sample_size, generator=torch.manual_seed(0))
-    labels = torch.zeros(1, dtype=torch.long) if config.num_class_embeds else None
+    labels = torch.zeros(1, dtype=torch.long)
+    before_kwargs = {"class_labels": labels if config.num_class_embeds else None}
+    after_kwargs = dict(before_kwargs)
+    if class_embedders is not None:
+        before_kwargs["encoder_hidden_states"] = class_embedders[0](labels)
+        after_kwargs["encoder_hidden_states"] = class_embedders[1](labels)
     differences = {}
     with torch.no_grad():
         for stage, t in enumerate(probe_timesteps(converted.partition)):
-            before, after = converted(x, t, labels).sample, reloaded(x, t, labels).sample
+            before, after = converted(x, t, **before_kwargs).sample, reloaded(x, t, **after_kwargs).sample
             differences[f"stage {stage}: reloaded vs converted (no --original_repo)"] = max_difference(before, after)
     report_verification(differences, tolerance)
 
@@ -341,18 +347,23 @@ def write_and_verify(
     folder: str,
     verify_original: Callable[[object], None],
     vae=None,
+    class_embedder=None,
 ):
-    """Write the converted ``model`` as a `MultiStagePipeline` in ``folder``, reload it strictly, and with `--verify`
-    compare it with the original network (``verify_original(pipeline)``, with `--original_repo`) or with the model
-    before saving (without). Returns the reloaded pipeline."""
+    """Write the converted ``model`` (and ``class_embedder``, for a cross-attention U-Net conditioned on classes) as a
+    `MultiStagePipeline` in ``folder``, reload it strictly, and with `--verify` compare it with the original network
+    (``verify_original(pipeline)``, with `--original_repo`) or with the model before saving (without). Returns the
+    reloaded pipeline."""
     from diffusers_stages.pipelines import MultiStagePipeline
 
-    MultiStagePipeline(unet=model.eval(), scheduler=scheduler, vae=vae).save_pretrained(folder)
+    MultiStagePipeline(unet=model.eval(), scheduler=scheduler, vae=vae, class_embedder=class_embedder).save_pretrained(
+        folder
+    )
     pipeline = MultiStagePipeline.from_pretrained(folder)
     if args.verify and args.original_repo:
         verify_original(pipeline)
     elif args.verify:
-        verify_reload(model, pipeline.unet, args.tolerance)
+        embedders = None if class_embedder is None else (class_embedder, pipeline.class_embedder)
+        verify_reload(model, pipeline.unet, args.tolerance, embedders)
     return pipeline
 
 

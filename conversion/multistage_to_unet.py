@@ -98,6 +98,17 @@ def multistage_stage_to_unet(
             f"connections through 1x1 adapters, which a {unet_class.__name__} has no place for. Only stages whose "
             "decoder has the encoder's widths can be exported."
         )
+    heads = model.config.get("decoder_attention_head_dim")
+    if heads is not None:  # a plain U-Net's up blocks have the encoder's heads (the same weights either way)
+        levels = len(encoder)
+        own, shared = _per_level(heads[stage], levels), _per_level(model.config.attention_head_dim, levels)
+        types = model.config.get("decoder_up_block_types") or [model.config.up_block_types] * model.num_stages
+        attending = [level for level, block in enumerate(reversed(types[stage])) if "CrossAttn" in block]
+        if any(own[level] != shared[level] for level in attending):
+            raise ValueError(
+                f"Stage {stage}'s decoder attends with {own} heads per block, not the encoder's {shared}: a "
+                f"{unet_class.__name__} gives its up blocks the encoder's heads, so this stage cannot be exported."
+            )
     # 1. config: the U-Net arguments of the multi-stage config, without the stage keys
     unet_arguments = inspect.signature(unet_class.__init__).parameters
     config = {k: v for k, v in model.config.items() if k in unet_arguments and k not in STAGE_KEYS}
@@ -115,6 +126,10 @@ def multistage_stage_to_unet(
     unet.load_state_dict(state_dict, strict=True)
     unet = unet.to(device=model.device)
     return (unet if unet.dtype == model.dtype else unet.to(dtype=model.dtype)).eval()
+
+
+def _per_level(value, levels: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * levels
 
 
 def load_multistage(path: str) -> MultiStageUNet2DModel | MultiStageUNet2DConditionModel:

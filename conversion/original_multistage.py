@@ -10,8 +10,16 @@ Latent-diffusion `UNetModel_multistage` checkpoints convert exactly, the publish
   left at 1 by decoder 0 (`decoder_attention`): with two or more levels, decoder 1 attends only at its deepest
   level and only if ``attention_resolutions`` contains 1, later decoders nowhere; this is ``decoder_up_block_types``.
 
-Options without a diffusers equivalent are refused with the reason (`UNSUPPORTED_OPTIONS`: spatial transformers,
-as in the published ImageNet configs, ``use_scale_shift_norm``, ...). EDM `MultistageUNet` (DDPM++) checkpoints are
+- class-conditional ImageNet configs (``cin-mul*``): spatial transformers attending to a ``ClassEmbedder``'s one-token
+  context become a `MultiStageUNet2DConditionModel` (cross-attention blocks, the decoders' own heads of
+  ``num_head_channels`` each, `decoder_attention_head_dim`) and a `ClassContextEmbedding` (the pipeline's
+  ``class_embedder``). The package reserves the last class embedding for the unconditional label: a ``ClassEmbedder``
+  without one (``n_classes: 1000``, all ImageNet classes) gets a zero embedding 1000 appended, never trained, so
+  that all 1000 classes stay usable; sample such a model with ``guidance_scale=1``. (``cin256-v2-mul`` has 1001
+  classes, 1000 being the authors' unconditional label, and converts as is.)
+
+Options without a diffusers equivalent are refused with the reason (`UNSUPPORTED_OPTIONS`: ``use_scale_shift_norm``,
+residual up/down-sampling, ...). EDM `MultistageUNet` (DDPM++) checkpoints are
 recognised and sent to `original_multistage_edm`, their own script.
 
 Weights: the EMA weights by default (LitEma's ``model_ema.*``, which the authors' sampling script uses through
@@ -49,12 +57,13 @@ from diffusers_stages.conversion.common import (
     take,
     write_and_verify,
 )
-from diffusers_stages.models import MultiStageUNet2DModel
+from diffusers_stages.models import ClassContextEmbedding, MultiStageUNet2DConditionModel, MultiStageUNet2DModel
 from diffusers_stages.pipelines import MultiStagePipeline
 
 LDM_PREFIX = "model.diffusion_model."  # where a LatentDiffusion Lightning checkpoint keeps its U-Net
 EMA_PREFIX = "model_ema."  # LitEma's buffers: "model_ema." + the DiffusionWrapper's parameter name without dots
 EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")  # LitEma's own state, not weights
+CLASS_EMBEDDER_KEY = "cond_stage_model.embedding.weight"  # ClassEmbedder (trained, not in LitEma: its raw weights)
 
 # --------------------------------------------------------------------------------------------------------------
 # the key-rename table: original (openaimodel) layer -> MultiStageUNet2DModel (diffusers UNet2DModel names)
@@ -76,16 +85,6 @@ TOP_LEVEL = {
 DECODER_OUT = {"0": "conv_norm_out", "2": "conv_out"}  # outs.{s}.{i}
 UNSUPPORTED_OPTIONS = {  # original option -> (value that converts, why other values do not)
     "dims": (2, "only 2D U-Nets have a diffusers UNet2DModel equivalent"),
-    "use_spatial_transformer": (
-        False,
-        (
-            "cross-attention conditioning has no place in UNet2DModel; the class-conditional ImageNet configs "
-            "(`cin-mul*`: spatial transformers attending to a ClassEmbedder's (B, 1, 512) context) are not converted "
-            "yet, as MultiStageUNet2DConditionModel lacks three traits of the original's decoders: tailored decoders "
-            "taking the encoder's skips unadapted, decoders attending at different levels (the `ds` counter), and "
-            "32-channel heads at every decoder width"
-        ),
-    ),
     "resblock_updown": (False, "UNet2DModel up/down-samples with convolutions, not residual blocks"),
     "conv_resample": (True, "UNet2DModel's down/up-samplers are convolutions"),
     "n_embed": (None, "codebook-id prediction heads have no UNet2DModel equivalent"),
@@ -128,6 +127,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Optional diffusers VQModel or AutoencoderKL folder (the converted first stage) to include in the pipeline.",
     )
     parser.add_argument(
+        "--unconditional_label",
+        type=int,
+        help="Class-conditional cross-attention models (`cin-mul*`): the class index the original samples "
+        "unconditionally with (`cin256-v2-mul`: 1000, the last of its 1001 classes). It must be the last class, the "
+        "package's unconditional label. Without it every class of the ClassEmbedder is a data class and a zero "
+        "embedding is appended as the (untrained) unconditional label.",
+    )
+    parser.add_argument(
         "--original_repo",
         help="For --verify: the `latent-diffusion` folder of a LucasYFL/Multistage_Diffusion checkout, to run the "
         "original model on the same input. Without it --verify only reloads and checks the written folder.",
@@ -153,10 +160,13 @@ def read_config(path: str) -> tuple[dict, dict]:
 
 
 def ldm_unet_config(p: dict) -> dict:
-    """`MultiStageUNet2DModel` arguments for the original ``UNetModel_multistage`` arguments ``p``."""
+    """`MultiStageUNet2DModel` arguments for the original ``UNetModel_multistage`` arguments ``p`` (those of a
+    `MultiStageUNet2DConditionModel` for a model with spatial transformers, see `ldm_cross_attention_config`)."""
     for option, (supported, why) in UNSUPPORTED_OPTIONS.items():
         if p.get(option, supported) != supported:
             raise ValueError(f"The original model sets `{option}`={p[option]!r}, which does not convert: {why}.")
+    if p.get("use_spatial_transformer", False):
+        return ldm_cross_attention_config(p)
     width, levels = p["model_channels"], len(p["channel_mult"])
     de_nfs = list(p.get("de_nfs", [width]))
     heads, head_channels = p.get("num_heads", -1), p.get("num_head_channels", -1)
@@ -187,6 +197,55 @@ def ldm_unet_config(p: dict) -> dict:
         "decoder_block_out_channels": tuple(tuple(nf * m for m in p["channel_mult"]) for nf in de_nfs),
         "decoder_skip_adapters": False,  # skips enter each decoder at the encoder's widths
         "decoder_up_block_types": tuple(up_types),
+    }
+
+
+def ldm_cross_attention_config(p: dict) -> dict:
+    """`MultiStageUNet2DConditionModel` arguments for an original model with spatial transformers (``cin-mul*``).
+    The original's transformer at a block of width ``ch`` has ``ch // num_head_channels`` heads (or ``num_heads``
+    heads of ``ch // num_heads`` channels), which is diffusers' ``Transformer2DModel`` with that many heads
+    (`attention_head_dim` counts heads in `UNet2DConditionModel`); tailored decoders get their own counts."""
+    context_dim, depth = p.get("context_dim"), p.get("transformer_depth", 1)
+    if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 1:
+        raise ValueError(f"`context_dim` must be one positive integer for spatial transformers, got {context_dim!r}.")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"`transformer_depth` must be one positive integer, got {depth!r}.")
+    heads, head_channels = p.get("num_heads", -1), p.get("num_head_channels", -1)
+    if head_channels == -1 and heads < 1:
+        raise ValueError("The original model sets neither `num_heads` nor `num_head_channels`.")
+
+    def head_counts(width: int) -> tuple[int, ...]:  # encoder order, as `attention_head_dim`
+        return tuple(width * m // head_channels if head_channels != -1 else heads for m in p["channel_mult"])
+
+    width, levels = p["model_channels"], len(p["channel_mult"])
+    de_nfs = list(p.get("de_nfs", [width]))
+    attention = [2**level in p["attention_resolutions"] for level in range(levels)]
+    up_types = [tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in stage) for stage in decoder_attention(p)]
+    stage_interval = list(p.get("stage_interval", [])) or [1000]
+    return {
+        "sample_size": p["image_size"],
+        "in_channels": p["in_channels"],
+        "out_channels": p["out_channels"],
+        "flip_sin_to_cos": True,  # ldm's timestep_embedding is [cos, sin], frequencies exp(-ln(1e4) i / half)
+        "freq_shift": 0,
+        "block_out_channels": tuple(width * m for m in p["channel_mult"]),
+        "down_block_types": tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",  # ResBlock, SpatialTransformer, ResBlock
+        "up_block_types": up_types[0],
+        "layers_per_block": p["num_res_blocks"],
+        "norm_num_groups": 32,  # ResBlocks: GroupNorm(32, eps 1e-5); transformers: GroupNorm(32, eps 1e-6), as diffusers
+        "norm_eps": 1e-5,
+        "cross_attention_dim": context_dim,
+        "transformer_layers_per_block": depth,
+        "attention_head_dim": head_counts(width),
+        "use_linear_projection": False,  # the original's proj_in / proj_out are 1x1 convolutions
+        "num_class_embeds": p.get("num_classes"),
+        "dropout": p.get("dropout", 0.0),
+        "stage_boundaries": tuple(float(b) for b in stage_interval[:-1]),
+        "decoder_block_out_channels": tuple(tuple(nf * m for m in p["channel_mult"]) for nf in de_nfs),
+        "decoder_skip_adapters": False,
+        "decoder_up_block_types": tuple(up_types),
+        "decoder_attention_head_dim": tuple(head_counts(nf) for nf in de_nfs),
     }
 
 
@@ -235,7 +294,16 @@ def rename_attention(
             out[f"{prefix_to}.{name}.{param}"] = value if param == "weight" else value.reshape(channels)
 
 
-def ldm_to_multistage(state_dict: dict[str, torch.Tensor], p: dict, model: MultiStageUNet2DModel) -> dict:
+def move_transformer(prefix_from: str, prefix_to: str, state_dict: dict, out: dict) -> None:
+    """SpatialTransformer -> Transformer2DModel: the same layer names (norm, proj_in, transformer_blocks.N.{attn1,
+    attn2, ff, norm1-3}, proj_out), under the block's new prefix."""
+    for key in [k for k in state_dict if k.startswith(prefix_from + ".")]:
+        out[prefix_to + key[len(prefix_from) :]] = take(state_dict, key)
+
+
+def ldm_to_multistage(
+    state_dict: dict[str, torch.Tensor], p: dict, model: MultiStageUNet2DModel | MultiStageUNet2DConditionModel
+) -> dict:
     """Rename an original ``UNetModel_multistage`` state dict to ``model``'s keys (consumes ``state_dict``)."""
     state_dict, out = dict(state_dict), {}
     config = model.config
@@ -244,6 +312,16 @@ def ldm_to_multistage(state_dict: dict[str, torch.Tensor], p: dict, model: Multi
 
     def heads(channels: int) -> int:
         return 1 if config.attention_head_dim is None else channels // config.attention_head_dim
+
+    def move_attention(source: str, target: str, channels: int) -> bool:
+        """The attention layer at ``source`` (an AttentionBlock or a SpatialTransformer), if there is one."""
+        if f"{source}.proj_in.weight" in state_dict:
+            move_transformer(source, target, state_dict, out)
+        elif f"{source}.qkv.weight" in state_dict:
+            rename_attention(source, target, heads(channels), legacy, state_dict, out)
+        else:
+            return False
+        return True
 
     # 1. embeddings and input convolution
     for source, target in TOP_LEVEL.items():
@@ -254,23 +332,14 @@ def ldm_to_multistage(state_dict: dict[str, torch.Tensor], p: dict, model: Multi
         for j in range(config.layers_per_block):
             index = 1 + level * per_level + j
             rename_resblock(f"input_blocks.{index}.0", f"down_blocks.{level}.resnets.{j}", state_dict, out)
-            if f"input_blocks.{index}.1.qkv.weight" in state_dict:
-                rename_attention(
-                    f"input_blocks.{index}.1",
-                    f"down_blocks.{level}.attentions.{j}",
-                    heads(width),
-                    legacy,
-                    state_dict,
-                    out,
-                )
+            move_attention(f"input_blocks.{index}.1", f"down_blocks.{level}.attentions.{j}", width)
         if level < levels - 1:
             source = f"input_blocks.{1 + level * per_level + config.layers_per_block}.0.op"
             move_layer(state_dict, source, f"down_blocks.{level}.downsamplers.0.conv", out)
     # 3. middle block: ResBlock, AttentionBlock, ResBlock -> UNetMidBlock2D
     rename_resblock("middle_block.0", "mid_block.resnets.0", state_dict, out)
-    rename_attention(
-        "middle_block.1", "mid_block.attentions.0", heads(config.block_out_channels[-1]), legacy, state_dict, out
-    )
+    if not move_attention("middle_block.1", "mid_block.attentions.0", config.block_out_channels[-1]):
+        raise ValueError("The checkpoint lacks the middle block's attention ('middle_block.1.*').")
     rename_resblock("middle_block.2", "mid_block.resnets.1", state_dict, out)
     # 4. decoders: de_modules[s][up * (layers + 1) + j] -> decoders[s].up_blocks[up]; outs[s] -> output head
     for s in range(model.num_stages):
@@ -279,10 +348,7 @@ def ldm_to_multistage(state_dict: dict[str, torch.Tensor], p: dict, model: Multi
             for j in range(per_level):
                 source, target = f"de_modules.{s}.{up * per_level + j}", f"decoders.{s}.up_blocks.{up}"
                 rename_resblock(f"{source}.0", f"{target}.resnets.{j}", state_dict, out)
-                layer = 1
-                if f"{source}.1.qkv.weight" in state_dict:
-                    rename_attention(f"{source}.1", f"{target}.attentions.{j}", heads(width), legacy, state_dict, out)
-                    layer = 2
+                layer = 2 if move_attention(f"{source}.1", f"{target}.attentions.{j}", width) else 1
                 if j == per_level - 1 and up < levels - 1:
                     move_layer(state_dict, f"{source}.{layer}.conv", f"{target}.upsamplers.0.conv", out)
         for index, target in DECODER_OUT.items():
@@ -347,6 +413,47 @@ def ema_weights(unet: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> 
     return {table[k]: v for k, v in ema.items()}
 
 
+def class_embedder_from(
+    raw: dict[str, torch.Tensor], params: dict, unconditional_label: int | None, cross_attention_dim: int
+) -> ClassContextEmbedding:
+    """The pipeline's `ClassContextEmbedding` from the checkpoint's ``ClassEmbedder`` (``cond_stage_model``), the
+    class-to-context embedding of a cross-attention model (``conditioning_key: crossattn``)."""
+    stage = params.get("cond_stage_config") or {}
+    target = stage.get("target", "") if isinstance(stage, dict) else ""
+    if params.get("conditioning_key") != "crossattn" or not target.endswith("ClassEmbedder"):
+        raise ValueError(
+            f"Spatial transformers convert with a ClassEmbedder context only (`conditioning_key: crossattn`, "
+            f"`cond_stage_config.target` ...ClassEmbedder, as `cin-mul*`), got {params.get('conditioning_key')!r} "
+            f"and {target!r}."
+        )
+    if CLASS_EMBEDDER_KEY not in raw:
+        raise ValueError(
+            f"The checkpoint has no {CLASS_EMBEDDER_KEY!r}: convert the whole LatentDiffusion state dict (the class "
+            "embeddings are trained with the U-Net), not the U-Net's alone."
+        )
+    weight = raw[CLASS_EMBEDDER_KEY]
+    classes = stage.get("params", {}).get("n_classes", 1000)
+    if tuple(weight.shape) != (classes, cross_attention_dim):
+        raise ValueError(
+            f"{CLASS_EMBEDDER_KEY} has shape {tuple(weight.shape)}, but the config's ClassEmbedder has {classes} "
+            f"classes of the U-Net's context width {cross_attention_dim}."
+        )
+    if unconditional_label is None:  # every class is a data class: append an (untrained) unconditional embedding
+        print(
+            f"note: the original's {classes} classes are all data classes: a zero embedding {classes} is appended as "
+            "the unconditional label; it was never trained, so sample with guidance_scale=1"
+        )
+        weight = torch.cat([weight, torch.zeros_like(weight[:1])])
+    elif unconditional_label != classes - 1:
+        raise ValueError(
+            f"`--unconditional_label` must be the last class ({classes - 1}), the package's unconditional label, "
+            f"got {unconditional_label}."
+        )
+    embedder = ClassContextEmbedding(num_class_embeds=weight.shape[0], cross_attention_dim=cross_attention_dim)
+    embedder.embedding.weight.data.copy_(weight)
+    return embedder
+
+
 def scheduler_from_config(params: dict) -> DDIMScheduler:
     """The authors' DDIM sampler (``ldm/models/diffusion/ddim.py``) as a diffusers `DDIMScheduler`.
 
@@ -382,9 +489,16 @@ def load_vae(path: str):
 
 # --------------------------------------------------------------------------------------------------------------
 def verify_against_original(
-    repo: str, p: dict, state_dict: dict, model: MultiStageUNet2DModel, tolerance: float
+    repo: str,
+    p: dict,
+    state_dict: dict,
+    pipeline: MultiStagePipeline,
+    tolerance: float,
+    class_embeddings: torch.Tensor | None = None,
 ) -> None:
-    """Run the original `UNetModel_multistage` (imported from ``repo``) and the converted model on the same input."""
+    """Run the original `UNetModel_multistage` (imported from ``repo``) and the converted pipeline's U-Net on the same
+    input; a cross-attention model attends to the original ``ClassEmbedder``'s ``class_embeddings`` rows (its
+    forward: ``embedding(labels[:, None])``) and to the converted pipeline's ``class_embedder``."""
     sys.path.insert(0, os.path.abspath(repo))
     try:
         openaimodel = importlib.import_module("ldm.modules.diffusionmodules.openaimodel")
@@ -396,15 +510,20 @@ def verify_against_original(
         sys.path.pop(0)
     original = openaimodel.UNetModel_multistage(**p).eval()
     original.load_state_dict(state_dict, strict=True)
+    model = pipeline.unet
     config = model.config
     x = torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=torch.manual_seed(0))
     labels = torch.zeros(2, dtype=torch.long) if config.num_class_embeds else None
+    theirs, ours = {"y": labels} if labels is not None else {}, {"class_labels": labels}
+    if class_embeddings is not None:  # two different classes, the last of the original's among them
+        classes = torch.tensor([0, class_embeddings.shape[0] - 1])
+        theirs["context"] = class_embeddings[classes][:, None]
+        ours["encoder_hidden_states"] = pipeline.class_embedder(classes)
     differences = {}
     for stage, t in enumerate(probe_timesteps(model.partition)):
         t = torch.full((2,), int(t))
-        reference = original(x, t, y=labels) if labels is not None else original(x, t)
         differences[f"stage {stage} at timestep {int(t[0])}"] = max_difference(
-            reference, model(x, t, class_labels=labels).sample
+            original(x, t, **theirs), model(x, t, **ours).sample
         )
     report_verification(differences, tolerance)
 
@@ -414,16 +533,29 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
     with staged_output(args.output_path, args.overwrite) as tmp:
         # 1. read the architecture and the weights; fail early on anything that does not convert exactly
         p, diffusion = read_config(args.original_config)
-        original = unet_state_dict(load_state_dict(args.checkpoint), not args.no_ema, diffusion.get("use_ema", True))
-        model = MultiStageUNet2DModel(**ldm_unet_config(p))
+        raw = load_state_dict(args.checkpoint)
+        original = unet_state_dict(raw, not args.no_ema, diffusion.get("use_ema", True))
+        config = ldm_unet_config(p)
+        cross_attention = bool(p.get("use_spatial_transformer", False))
+        model = (MultiStageUNet2DConditionModel if cross_attention else MultiStageUNet2DModel)(**config)
+        class_embedder, class_embeddings = None, None
+        if cross_attention:  # the class labels' cross-attention context (the ClassEmbedder)
+            class_embedder = class_embedder_from(
+                raw, diffusion, args.unconditional_label, config["cross_attention_dim"]
+            )
+            class_embeddings = raw[CLASS_EMBEDDER_KEY]
+        elif args.unconditional_label is not None:
+            raise ValueError("`--unconditional_label` applies to cross-attention (`cin-mul*`) models only.")
         # 2. rename, then check against the target model: strict keys and shapes
         converted = ldm_to_multistage(original, p, model)
         load_converted(model, converted, f"The checkpoint {args.checkpoint}")
         # 3. write the pipeline, reload it strictly, and compare with the original if asked
         vae = load_vae(args.vae) if args.vae else None
         pipeline = write_and_verify(
-            args, model, scheduler_from_config(diffusion), tmp, vae=vae,
-            verify_original=lambda pipe: verify_against_original(args.original_repo, p, original, pipe.unet, args.tolerance),
+            args, model, scheduler_from_config(diffusion), tmp, vae=vae, class_embedder=class_embedder,
+            verify_original=lambda pipe: verify_against_original(
+                args.original_repo, p, original, pipe, args.tolerance, class_embeddings
+            ),
         )  # fmt: skip
     print(
         f"wrote {args.output_path}: MultiStagePipeline, stages {pipeline.partition.intervals()} from {args.checkpoint}"

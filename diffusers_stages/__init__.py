@@ -5,6 +5,7 @@ module path stored in `model_index.json` (RESEARCH.md section 3).
 """
 
 from .models import (
+    ClassContextEmbedding,
     ExpertRoutingModel,
     IUNet2DModel,
     MultiStageDDPMppUNet2DModel,
@@ -20,6 +21,7 @@ from .routing import StageRouter
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClassContextEmbedding",
     "DualBackbonePipeline",
     "ExpertRoutingModel",
     "ExpertRoutingPipeline",

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from diffusers import AutoencoderKL, VQModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ..models.class_context import ClassContextEmbedding
 from ..models.unet_multistage import MultiStageUNet2DModel
+from ..models.unet_multistage_condition import MultiStageUNet2DConditionModel
 from ..models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 from ..partition import TimestepPartition
 from .pipeline_staged import StagedDiffusionPipeline
@@ -18,10 +22,15 @@ class MultiStagePipeline(StagedDiffusionPipeline):
     and the decoder of the stage the scheduler's noise level falls in.
 
     Args:
-        unet ([`MultiStageUNet2DModel`] or [`MultiStageDDPMppUNet2DModel`]): the multi-stage denoiser.
+        unet ([`MultiStageUNet2DModel`], [`MultiStageDDPMppUNet2DModel`] or [`MultiStageUNet2DConditionModel`]): the
+            multi-stage denoiser; a cross-attention U-Net needs ``class_embedder`` (for text prompts, use it as the
+            ``unet`` of diffusers' `StableDiffusionPipeline` instead).
         scheduler ([`~diffusers.SchedulerMixin`]): any diffusers scheduler that fits the model's prediction type.
         vae ([`~diffusers.AutoencoderKL`] or [`~diffusers.VQModel`], *optional*): for latent diffusion; latents are
             divided by ``vae.config.scaling_factor`` and shifted by ``shift_factor`` before decoding.
+        class_embedder ([`ClassContextEmbedding`], *optional*): for a cross-attention U-Net conditioned on classes
+            (the authors' class-conditional latent-diffusion models, ``cin-mul*``): each class label becomes the
+            one-token ``encoder_hidden_states`` the U-Net attends to; its last embedding is the unconditional label.
 
     Example:
 
@@ -39,16 +48,31 @@ class MultiStagePipeline(StagedDiffusionPipeline):
     ```
     """
 
-    model_cpu_offload_seq = "unet->vae"
+    model_cpu_offload_seq = "class_embedder->unet->vae"
+    _optional_components: ClassVar[list[str]] = ["vae", "class_embedder"]
 
     def __init__(
         self,
-        unet: MultiStageUNet2DModel | MultiStageDDPMppUNet2DModel,
+        unet: MultiStageUNet2DModel | MultiStageDDPMppUNet2DModel | MultiStageUNet2DConditionModel,
         scheduler: SchedulerMixin,
         vae: AutoencoderKL | VQModel | None = None,
+        class_embedder: ClassContextEmbedding | None = None,
     ):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        cross_attention = isinstance(unet, MultiStageUNet2DConditionModel)
+        if cross_attention != (class_embedder is not None):
+            raise ValueError(
+                "`class_embedder` must be given exactly when `unet` is a cross-attention MultiStageUNet2DConditionModel"
+                f" (it turns class labels into the context the U-Net attends to), got a {type(unet).__name__} and "
+                f"`class_embedder`={type(class_embedder).__name__ if class_embedder is not None else None}. For text "
+                "prompts, use the U-Net as the `unet` of diffusers' StableDiffusionPipeline."
+            )
+        if cross_attention and class_embedder.config.cross_attention_dim != unet.config.cross_attention_dim:
+            raise ValueError(
+                f"`class_embedder` gives contexts of width {class_embedder.config.cross_attention_dim}, but the U-Net "
+                f"attends to width `cross_attention_dim`={unet.config.cross_attention_dim}."
+            )
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, class_embedder=class_embedder)
 
     @property
     def partition(self) -> TimestepPartition:
@@ -56,3 +80,13 @@ class MultiStagePipeline(StagedDiffusionPipeline):
 
     def stage_denoiser(self, stage: int) -> tuple[torch.nn.Module, dict]:
         return self.unet, {"stage_index": stage}
+
+    def label_config(self, model: torch.nn.Module):
+        class_embedder = getattr(self, "class_embedder", None)
+        return model.config if class_embedder is None else class_embedder.config
+
+    def label_conditioning(self, class_labels: torch.Tensor | None, dtype: torch.dtype) -> dict[str, Any]:
+        class_embedder = getattr(self, "class_embedder", None)
+        if class_embedder is None:
+            return {"class_labels": class_labels}
+        return {"encoder_hidden_states": class_embedder(class_labels).to(dtype)}  # the U-Net attends to its class

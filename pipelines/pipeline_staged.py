@@ -52,6 +52,17 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """The network for ``stage`` and the extra keyword arguments its forward takes."""
         raise NotImplementedError
 
+    def label_config(self, model: torch.nn.Module):
+        """The config that says whether, and with how many classes, ``model`` is class-conditional
+        (``num_class_embeds``, see `diffusers_stages.conventions`): the model's own, unless a subclass conditions it
+        through another component."""
+        return model.config
+
+    def label_conditioning(self, class_labels: torch.Tensor | None, dtype: torch.dtype) -> dict[str, Any]:
+        """The keyword arguments that give ``class_labels`` (one per sample) to a stage's network: ``class_labels``
+        itself, unless a subclass turns labels into another input (a cross-attention context)."""
+        return {"class_labels": class_labels}
+
     def resolve_partition(self, num_inference_steps: int) -> TimestepPartition:
         """The partition a run of ``num_inference_steps`` routes by: `partition`, unless a subclass's switch depends
         on the step count (`DualBackbonePipeline`'s step fraction)."""
@@ -115,11 +126,13 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """One model call of ``stage``'s network, with classifier-free guidance when ``guidance_scale > 1``."""
         model, kwargs = self.stage_denoiser(stage)
         if class_labels is None or guidance_scale == 1.0:
-            return self._mean_prediction(model(sample, timestep, class_labels=class_labels, **kwargs).sample, sample)
-        null = torch.full_like(class_labels, null_class_label(class_embedding_count(model.config)))
+            labels = self.label_conditioning(class_labels, sample.dtype)
+            return self._mean_prediction(model(sample, timestep, **labels, **kwargs).sample, sample)
+        null = torch.full_like(class_labels, null_class_label(class_embedding_count(self.label_config(model))))
         if torch.is_tensor(timestep) and timestep.ndim == 1:
             timestep = torch.cat([timestep, timestep])
-        both = model(torch.cat([sample, sample]), timestep, class_labels=torch.cat([class_labels, null]), **kwargs)
+        labels = self.label_conditioning(torch.cat([class_labels, null]), sample.dtype)
+        both = model(torch.cat([sample, sample]), timestep, **labels, **kwargs)
         cond, uncond = self._mean_prediction(both.sample, sample).chunk(2)
         return uncond + guidance_scale * (cond - uncond)  # classifier-free guidance (Ho & Salimans, eq. 6)
 
@@ -279,7 +292,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             self._stage_offload.set_plan([stage for _, stage in schedule])
         denoiser = self.stage_denoiser(schedule[0][1])[0]  # the first network to run: shape, dtype, labels
         config, model_dtype = denoiser.config, compute_dtype(denoiser)  # `.dtype` would walk every submodule
-        class_labels, batch_size = self._prepare_class_labels(class_labels, batch_size, config, device)
+        label_config = self.label_config(denoiser)
+        class_labels, batch_size = self._prepare_class_labels(class_labels, batch_size, label_config, device)
         if class_labels is not None:
             class_labels = class_labels.repeat_interleave(num_images_per_prompt)
         batch_size *= num_images_per_prompt

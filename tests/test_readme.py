@@ -26,6 +26,7 @@ from tests.conftest import TINY_UNET
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```(?:python|py)(?P<tags>[^\n]*)\n(?P<code>.*?)^```", re.MULTILINE | re.DOTALL)
 SD_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+CIN_ID = '"cin-staged"'
 
 
 @dataclass
@@ -78,6 +79,19 @@ def _stable_diffusion(tmp_path: Path, components: dict) -> None:
     StableDiffusionPipeline(**components).save_pretrained(tmp_path / "sd-stand-in")
 
 
+def _class_context(tmp_path: Path, components: dict) -> None:
+    """What the `cin-mul256` conversion writes, in tiny: a cross-attention staged U-Net and 1001 class contexts."""
+    from diffusers import DDIMScheduler
+
+    from diffusers_stages import ClassContextEmbedding, MultiStageUNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = MultiStageUNet2DConditionModel.from_unet(components["unet"], stage_boundaries=(442, 631))
+    embedder = ClassContextEmbedding(num_class_embeds=1001, cross_attention_dim=unet.config.cross_attention_dim)
+    pipe = MultiStagePipeline(unet=unet, scheduler=DDIMScheduler(), class_embedder=embedder)
+    pipe.save_pretrained(tmp_path / "cin-stand-in")
+
+
 TRAINING_OUTPUTS = {
     "examples/multistage/README.md": _multistage_run,
     "examples/experts/README.md": _experts_run,
@@ -89,6 +103,11 @@ NO_RUN = {
         "downloads Stable Diffusion 1.5 (several GB); run on a tiny local SD folder instead",
         _stable_diffusion,
         {SD_ID: "sd-stand-in"},
+    ),
+    CIN_ID: (
+        "needs the 669M-parameter converted `cin-mul256` checkpoint; run on a tiny folder of the same classes instead",
+        _class_context,
+        {CIN_ID: '"cin-stand-in"', "num_inference_steps=20": "num_inference_steps=2"},
     ),
 }
 READMES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("examples/*/README.md"))]

@@ -1,3 +1,4 @@
+from .class_context import ClassContextEmbedding
 from .early_exit import EarlyExitUViT2DModel
 from .expert_routing import ExpertRoutingModel
 from .iunet import IUNet2DModel
@@ -8,6 +9,7 @@ from .unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 from .uvit import UViT2DModel
 
 __all__ = [
+    "ClassContextEmbedding",
     "EarlyExitUViT2DModel",
     "ExpertRoutingModel",
     "IUNet2DModel",

@@ -75,7 +75,60 @@ def _with_in_channels(resnet: ResnetBlock2D, in_channels: int, act_fn: str) -> R
         non_linearity=act_fn,
         output_scale_factor=resnet.output_scale_factor,
         pre_norm=resnet.pre_norm,
+        skip_time_act=resnet.skip_time_act,
     )
+
+
+def take_encoder_widths(
+    up_blocks: nn.ModuleList,
+    encoder_block_out_channels: Sequence[int],
+    layers_per_block: int | Sequence[int],
+    act_fn: str,
+) -> None:
+    """Rebuild the resnets of a decoder without skip adapters, as the authors' ``UNetModel_multistage`` builds
+    them: each resnet concatenates its input (the middle block's output at the encoder's last width, then the
+    previous resnet's output) with the encoder's skip at the *encoder's* width. The resnets are the only layers of
+    `CONCATENATING_UP_BLOCKS` and ``CrossAttnUpBlock2D`` that see the skips, so nothing else changes."""
+    pending = skip_channels(encoder_block_out_channels, layers_per_block)
+    width = encoder_block_out_channels[-1]
+    for up_block in up_blocks:
+        for j, resnet in enumerate(up_block.resnets):
+            in_channels = width + pending.pop()
+            if resnet.in_channels != in_channels:
+                up_block.resnets[j] = _with_in_channels(resnet, in_channels, act_fn)
+            width = resnet.out_channels
+
+
+def resolve_decoder_up_block_types(
+    decoder_up_block_types: Sequence[Sequence[str]] | None,
+    up_block_types: Sequence[str],
+    num_stages: int,
+    skip_adapters: bool,
+    without_adapters: Sequence[str],
+) -> tuple[tuple[str, ...], ...]:
+    """Each stage's decoder up block types (``up_block_types`` for every decoder when ``None``), checked: one
+    decoder per stage, one name per level; without ``skip_adapters`` (a bool), only the blocks in
+    ``without_adapters`` (those whose resnets alone see the skips)."""
+    if decoder_up_block_types is None:
+        decoder_up_block_types = (tuple(up_block_types),) * num_stages
+    decoder_up_block_types = tuple(tuple(types) for types in decoder_up_block_types)
+    if len(decoder_up_block_types) != num_stages or any(
+        len(types) != len(up_block_types) or not all(isinstance(t, str) for t in types)
+        for types in decoder_up_block_types
+    ):
+        raise ValueError(
+            f"`decoder_up_block_types` must give {num_stages} decoders (one per stage) "
+            f"{len(up_block_types)} up block names each, got {decoder_up_block_types}."
+        )
+    if not isinstance(skip_adapters, bool):
+        raise ValueError(f"`decoder_skip_adapters` must be True or False, got {skip_adapters!r}.")  # noqa: TRY004
+    other_blocks = {t for types in decoder_up_block_types for t in types} - set(without_adapters)
+    if not skip_adapters and other_blocks:
+        raise ValueError(
+            f"`decoder_skip_adapters`=False needs up blocks among {tuple(without_adapters)}, got "
+            f"{sorted(other_blocks)} in the decoders' up block types."
+        )
+    return decoder_up_block_types
 
 
 def resolve_decoder_widths(
@@ -159,17 +212,8 @@ class StageDecoder(SkipAdapters):
                     dropout=dropout,
                 )
             )
-        if not skip_adapters:
-            # the authors' decoder: each resnet concatenates its input (the middle block's output at the encoder's
-            # width, then the previous resnet's) with the encoder's skip at the encoder's width
-            pending = skip_channels(encoder_block_out_channels, layers_per_block)
-            width = encoder_block_out_channels[-1]
-            for up_block in self.up_blocks:
-                for j, resnet in enumerate(up_block.resnets):
-                    in_channels = width + pending.pop()
-                    if resnet.in_channels != in_channels:
-                        up_block.resnets[j] = _with_in_channels(resnet, in_channels, act_fn)
-                    width = resnet.out_channels
+        if not skip_adapters:  # the authors' decoder: its resnets take the encoder's skips at the encoder's widths
+            take_encoder_widths(self.up_blocks, encoder_block_out_channels, layers_per_block, act_fn)
         self.conv_norm_out = nn.GroupNorm(num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)

@@ -28,6 +28,7 @@ from .decoders import (
     CONCATENATING_UP_BLOCKS,
     SkipAdapters,
     StageDecoder,
+    resolve_decoder_up_block_types,
     resolve_decoder_widths,
     skip_adapter,
     skip_channels,
@@ -201,26 +202,10 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         decoder_block_out_channels = resolve_decoder_widths(
             decoder_block_out_channels, c.block_out_channels, partition, c.norm_num_groups
         )
-        if decoder_up_block_types is None:
-            decoder_up_block_types = (tuple(c.up_block_types),) * partition.num_stages
-        decoder_up_block_types = tuple(tuple(types) for types in decoder_up_block_types)
-        if len(decoder_up_block_types) != partition.num_stages or any(
-            len(types) != len(c.block_out_channels) or not all(isinstance(t, str) for t in types)
-            for types in decoder_up_block_types
-        ):
-            raise ValueError(
-                f"`decoder_up_block_types` must give {partition.num_stages} decoders (one per stage) "
-                f"{len(c.block_out_channels)} up block names each, got {decoder_up_block_types}."
-            )
-        if not isinstance(c.decoder_skip_adapters, bool):
-            message = f"`decoder_skip_adapters` must be True or False, got {c.decoder_skip_adapters!r}."
-            raise ValueError(message)  # noqa: TRY004
-        other_blocks = {t for types in decoder_up_block_types for t in types} - set(CONCATENATING_UP_BLOCKS)
-        if not c.decoder_skip_adapters and other_blocks:
-            raise ValueError(
-                f"`decoder_skip_adapters`=False needs up blocks among {CONCATENATING_UP_BLOCKS}, got "
-                f"{sorted(other_blocks)} in the decoders' up block types."
-            )
+        decoder_up_block_types = resolve_decoder_up_block_types(
+            decoder_up_block_types, c.up_block_types, partition.num_stages, c.decoder_skip_adapters,
+            CONCATENATING_UP_BLOCKS,
+        )  # fmt: skip
         attention_widths = [w for w, b in zip(c.block_out_channels, c.down_block_types) if "Attn" in b]
         attention_widths += [c.block_out_channels[-1]] if c.mid_block_type is not None and c.add_attention else []
         for widths, types in zip(decoder_block_out_channels, decoder_up_block_types):

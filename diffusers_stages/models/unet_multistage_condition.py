@@ -36,7 +36,6 @@ from .unet_multistage_condition_blocks import (
     SUPPORTED_UP_BLOCKS,
     CrossAttnStageDecoder,
     check_config,
-    check_heads,
     cross_attn_down_blocks,
     mask_to_bias,
 )
@@ -76,6 +75,18 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
         decoder_block_out_channels (`tuple[tuple[int]]`, *optional*):
             Block widths of each stage's decoder, from the clean stage to the noisy one; ``None`` gives every
             decoder the encoder's ``block_out_channels``. 1x1 adapters map the encoder's skips to other widths.
+        decoder_skip_adapters (`bool`, defaults to `True`):
+            ``False``: no adapters; each decoder resnet concatenates its input with the encoder's skip at the
+            *encoder's* width, and the middle block's output enters the first resnet at the encoder's last width, as
+            in the authors' latent-diffusion ``UNetModel_multistage`` (up blocks ``CrossAttnUpBlock2D`` and
+            ``UpBlock2D`` only). The two coincide for decoders of the encoder's widths.
+        decoder_up_block_types (`tuple[tuple[str]]`, *optional*):
+            Up block types of each stage's decoder, clean stage first, so that decoders may attend at different
+            levels; ``None`` gives every decoder ``up_block_types``.
+        decoder_attention_head_dim (`tuple[int | tuple[int]]`, *optional*):
+            Attention heads of each stage's decoder, clean stage first: one count, or one per block in encoder order
+            (diffusers' ``attention_head_dim`` naming: a number of heads). ``None`` gives every decoder the encoder's.
+            Heads of a fixed width (the authors' 32 channels) at tailored widths need it.
 
     Example:
 
@@ -195,11 +206,14 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
         stage_boundaries: tuple[float, ...] = DEFAULT_STAGE_BOUNDARIES,
         boundary_units: str = "timestep",
         decoder_block_out_channels: tuple[tuple[int, ...], ...] | None = None,
+        decoder_skip_adapters: bool = True,
+        decoder_up_block_types: tuple[tuple[str, ...], ...] | None = None,
+        decoder_attention_head_dim: tuple[int | tuple[int, ...], ...] | None = None,
     ):
         super().__init__()
         # 0. check the configuration: unsupported options, diffusers' own checks, the decoders' widths (`self.config`
         # holds every argument above already: @register_to_config sets it before this body runs)
-        self.partition, decoder_block_out_channels, per_block = check_config(
+        self.partition, decoders, per_block = check_config(
             self, **{name: self.config[name] for name in CHECKED_ARGUMENTS}
         )
         self.sample_size = sample_size
@@ -216,9 +230,7 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
             [
                 CrossAttnStageDecoder(
                     encoder_block_out_channels=block_out_channels,
-                    block_out_channels=widths,
-                    up_block_types=up_block_types,
-                    per_block=per_block,
+                    **decoder,  # its block_out_channels, up_block_types and per_block (its own heads)
                     out_channels=out_channels,
                     temb_channels=blocks_time_embed_dim,
                     norm_num_groups=norm_num_groups,
@@ -226,8 +238,9 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
                     act_fn=act_fn,
                     conv_out_kernel=conv_out_kernel,
                     block_kwargs=block_kwargs,
+                    skip_adapters=decoder_skip_adapters,
                 )
-                for widths in decoder_block_out_channels
+                for decoder in decoders
             ]
         )
 
@@ -310,8 +323,6 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
             **mid_kwargs,
         )
         return block_kwargs
-
-    _check_heads = staticmethod(check_heads)
 
     def encode(
         self,

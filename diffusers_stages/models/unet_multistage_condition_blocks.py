@@ -15,13 +15,15 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from ..partition import TimestepPartition
-from .decoders import SkipAdapters, resolve_decoder_widths
+from .decoders import SkipAdapters, resolve_decoder_up_block_types, resolve_decoder_widths, take_encoder_widths
 
 # the options Stable Diffusion 1.x/2.x and SDXL configs use; anything else is refused by name
 SUPPORTED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 SUPPORTED_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 SUPPORTED_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 SUPPORTED_ADDITION_EMBEDS = (None, "text_time")
+# up blocks whose resnets alone see the skips: decoders without skip adapters take the encoder's widths there
+UP_BLOCKS_WITHOUT_ADAPTERS = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
 def _per_block(value: Any, count: int) -> list:
@@ -54,15 +56,18 @@ def _check_supported(**options: Any) -> None:
 
 
 def check_heads(
-    decoder_block_out_channels: Sequence[Sequence[int]], up_block_types: Sequence[str], heads: Sequence[int]
+    decoder_block_out_channels: Sequence[Sequence[int]],
+    decoder_up_block_types: Sequence[Sequence[str]],
+    decoder_heads: Sequence[Sequence[int]],
 ) -> None:
-    """Every cross-attention up block's width must split into its number of heads."""
-    for widths in decoder_block_out_channels:
+    """Every cross-attention up block's width must split into its number of heads (each decoder its own)."""
+    for widths, up_block_types, heads in zip(decoder_block_out_channels, decoder_up_block_types, decoder_heads):
         for width, block, count in zip(reversed(widths), up_block_types, reversed(heads)):
             if "CrossAttn" in block and width % count:
                 raise ValueError(
                     f"`decoder_block_out_channels`={tuple(widths)}: the {block} of width {width} must split into "
-                    f"{count} attention heads (`attention_head_dim`), so its width must be a multiple of {count}."
+                    f"{count} attention heads (`attention_head_dim`, or the decoder's `decoder_attention_head_dim`), "
+                    f"so its width must be a multiple of {count}."
                 )
 
 
@@ -72,7 +77,8 @@ CHECKED_ARGUMENTS = ("stage_boundaries", "num_train_timesteps", "boundary_units"
                      "only_cross_attention", "cross_attention_dim", "transformer_layers_per_block",
                      "reverse_transformer_layers_per_block", "attention_head_dim", "mid_block_type",
                      "addition_embed_type", "encoder_hid_dim", "encoder_hid_dim_type", "num_attention_heads",
-                     "dual_cross_attention", "attention_type")  # fmt: skip
+                     "dual_cross_attention", "attention_type", "decoder_up_block_types", "decoder_skip_adapters",
+                     "decoder_attention_head_dim")  # fmt: skip
 
 
 def check_config(
@@ -92,12 +98,16 @@ def check_config(
     transformer_layers_per_block: int | Sequence[int] | Sequence[Sequence[int]],
     reverse_transformer_layers_per_block: Sequence[Sequence[int]] | None,
     attention_head_dim: int | Sequence[int],
+    decoder_up_block_types: Sequence[Sequence[str]] | None,
+    decoder_skip_adapters: bool,
+    decoder_attention_head_dim: Sequence[int | Sequence[int]] | None,
     **unsupported: Any,
-) -> tuple[TimestepPartition, tuple[tuple[int, ...], ...], dict[str, list]]:
+) -> tuple[TimestepPartition, list[dict[str, Any]], dict[str, list]]:
     """Check a configuration of `MultiStageUNet2DConditionModel` (``model``) before anything is built, each problem
     a `ValueError` naming the argument: the options it does not support (``unsupported`` holds the rest of
-    `_check_supported`'s), diffusers' own checks, the partition, the decoders' widths and heads. Returns the partition,
-    every decoder's widths and the per-block values (in encoder order)."""
+    `_check_supported`'s), diffusers' own checks, the partition, the decoders' widths, up blocks and heads. Returns
+    the partition, each decoder's layout (``block_out_channels``, ``up_block_types`` and its per-block values, in
+    encoder order) and the encoder's per-block values."""
     _check_supported(down_block_types=down_block_types, up_block_types=up_block_types, **unsupported)
     num_attention_heads = attention_head_dim  # diffusers' historical naming (UNet2DConditionModel, issue 2011)
     UNet2DConditionModel._check_config(
@@ -127,8 +137,39 @@ def check_config(
         "reverse_transformer_layers_per_block": reverse_transformer_layers_per_block,
         "only_cross_attention": _per_block(only_cross_attention, count),
     }
-    check_heads(decoder_block_out_channels, up_block_types, per_block["num_attention_heads"])
-    return partition, decoder_block_out_channels, per_block
+    decoder_up_block_types = resolve_decoder_up_block_types(
+        decoder_up_block_types, up_block_types, partition.num_stages, decoder_skip_adapters,
+        UP_BLOCKS_WITHOUT_ADAPTERS,
+    )  # fmt: skip
+    decoder_heads = _decoder_heads(decoder_attention_head_dim, per_block["num_attention_heads"], partition.num_stages)
+    check_heads(decoder_block_out_channels, decoder_up_block_types, decoder_heads)
+    decoders = [
+        # diffusers' historical naming again: the heads are both `num_attention_heads` and `attention_head_dim`
+        {"block_out_channels": widths, "up_block_types": types,
+         "per_block": {**per_block, "num_attention_heads": list(heads), "attention_head_dim": list(heads)}}
+        for widths, types, heads in zip(decoder_block_out_channels, decoder_up_block_types, decoder_heads)
+    ]  # fmt: skip
+    return partition, decoders, per_block
+
+
+def _decoder_heads(
+    decoder_attention_head_dim: Sequence[int | Sequence[int]] | None, heads: Sequence[int], num_stages: int
+) -> list[list[int]]:
+    """Each decoder's attention heads per block (encoder order): the encoder's (``heads``) when
+    ``decoder_attention_head_dim`` is ``None``, else one entry per decoder (a head count, or one per block)."""
+    if decoder_attention_head_dim is None:
+        return [list(heads)] * num_stages
+    entries = list(decoder_attention_head_dim) if isinstance(decoder_attention_head_dim, (list, tuple)) else []
+    decoder_heads = [_per_block(entry, len(heads)) for entry in entries]
+    if len(entries) != num_stages or any(
+        len(h) != len(heads) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in h)
+        for h in decoder_heads
+    ):
+        raise ValueError(
+            f"`decoder_attention_head_dim` must give {num_stages} decoders (one per stage) a positive head count, or "
+            f"one per block ({len(heads)}), got {decoder_attention_head_dim!r}."
+        )
+    return decoder_heads
 
 
 def cross_attn_down_blocks(
@@ -188,9 +229,16 @@ class CrossAttnStageDecoder(SkipAdapters):
         act_fn: str,
         conv_out_kernel: int,
         block_kwargs: dict[str, Any],
+        skip_adapters: bool = True,
     ):
-        # adapters: encoder widths -> this decoder's widths (identities for a copy of the source's up path)
-        super().__init__(encoder_block_out_channels, block_out_channels, per_block["layers_per_block"])
+        # adapters: encoder widths -> this decoder's widths (identities for a copy of the source's up path); without
+        # adapters every layer is an identity and the resnets take the encoder's widths (after the up path)
+        layers_per_block = per_block["layers_per_block"]
+        super().__init__(
+            encoder_block_out_channels,
+            block_out_channels if skip_adapters else encoder_block_out_channels,
+            layers_per_block,
+        )
 
         # up path; ``per_block`` holds encoder-order lists, reversed here exactly as UNet2DConditionModel does
         reversed_channels = list(reversed(block_out_channels))
@@ -227,6 +275,8 @@ class CrossAttnStageDecoder(SkipAdapters):
                     **block_kwargs,
                 )
             )
+        if not skip_adapters:  # the authors' decoder: its resnets take the encoder's skips at the encoder's widths
+            take_encoder_widths(self.up_blocks, encoder_block_out_channels, layers_per_block, act_fn)
 
         # output head (no normalisation when norm_num_groups is None, as UNet2DConditionModel)
         self.conv_norm_out = None

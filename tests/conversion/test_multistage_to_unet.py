@@ -43,3 +43,20 @@ def test_tailored_stage_is_refused_with_the_reason(staged_folder, tmp_path):
     with pytest.raises(ValueError, match=r"`stage` must be an integer in \[0, 3\), got 3"):
         export(staged_folder, str(tmp_path / "out"), 3)
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_attending_with_its_own_heads_is_refused_and_one_with_the_encoders_exports(tiny_cond_unet):
+    from diffusers_stages import MultiStageUNet2DConditionModel
+    from diffusers_stages.conversion.multistage_to_unet import multistage_stage_to_unet
+
+    source = tiny_cond_unet(0)  # 2 heads per block; its first up block attends
+    config = {k: v for k, v in source.config.items() if not k.startswith("_")}
+    staged = MultiStageUNet2DConditionModel(
+        **config, stage_boundaries=(500,), decoder_skip_adapters=False, decoder_attention_head_dim=(4, 2)
+    ).eval()
+    with pytest.raises(ValueError, match=r"Stage 0's decoder attends with \[4, 4\] heads per block, not the encoder"):
+        multistage_stage_to_unet(staged, 0)  # same weights, other heads: a plain U-Net would differ silently
+    unet = multistage_stage_to_unet(staged, 1)
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.allclose(unet(x, 700, text).sample, staged(x, 700, text).sample, atol=1e-6)

@@ -50,7 +50,19 @@ CONFIGS = {
         {**TAILORED, "attention_resolutions": [1, 2], "num_classes": 5},
         ((ATTN, ATTN), (ATTN, PLAIN), (PLAIN, PLAIN)),
     ),
-}
+    # the class-conditional ImageNet configs: spatial transformers attending to a ClassEmbedder's context
+    "cin-mul": (  # `cin-mul*`: 3 levels attending everywhere, heads of `num_head_channels` at every width
+        {**TAILORED, "channel_mult": [1, 2, 4], "attention_resolutions": [4, 2, 1], "num_head_channels": 16,
+         "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 24},
+        (("CrossAttnUpBlock2D",) * 3, ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), ("UpBlock2D",) * 3),
+    ),
+    "cin256-v2-mul": (  # one head of the whole width, no attention at the top level, decoder 1 nowhere
+        {**TAILORED, "channel_mult": [1, 2, 3], "attention_resolutions": [4, 2], "num_heads": 1,
+         "num_head_channels": -1, "use_spatial_transformer": True, "transformer_depth": 2, "context_dim": 24},
+        (("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), ("UpBlock2D",) * 3, ("UpBlock2D",) * 3),
+    ),
+}  # fmt: skip
+CLASSES = 10  # the ClassEmbedder's classes in the cross-attention configs
 
 
 def resblock(prefix: str, cin: int, cout: int, emb: int, scale_shift: bool = False) -> dict:
@@ -71,7 +83,7 @@ def resblock(prefix: str, cin: int, cout: int, emb: int, scale_shift: bool = Fal
     return {f"{prefix}.{k}": v for k, v in shapes.items()}
 
 
-def attention(prefix: str, c: int) -> dict:
+def attention_block(prefix: str, c: int) -> dict:
     shapes = {
         "norm.weight": (c,),
         "norm.bias": (c,),
@@ -83,10 +95,43 @@ def attention(prefix: str, c: int) -> dict:
     return {f"{prefix}.{k}": v for k, v in shapes.items()}
 
 
+def spatial_transformer(prefix: str, c: int, p: dict) -> dict:
+    """ldm's SpatialTransformer at width ``c``: ``c // num_head_channels`` heads (or ``num_heads``) of ``c // heads``
+    channels, ``transformer_depth`` blocks of self-attention, cross-attention to ``context_dim`` and a GEGLU."""
+    heads = c // p["num_head_channels"] if p.get("num_head_channels", -1) != -1 else p["num_heads"]
+    inner, context = heads * (c // heads), p["context_dim"]
+    shapes = {"norm.weight": (c,), "norm.bias": (c,), "proj_in.weight": (inner, c, 1, 1), "proj_in.bias": (inner,)}
+    for d in range(p["transformer_depth"]):
+        block = {
+            "attn1.to_q.weight": (inner, inner),
+            "attn1.to_k.weight": (inner, inner),
+            "attn1.to_v.weight": (inner, inner),
+            "attn1.to_out.0.weight": (inner, inner),
+            "attn1.to_out.0.bias": (inner,),
+            "attn2.to_q.weight": (inner, inner),
+            "attn2.to_k.weight": (inner, context),
+            "attn2.to_v.weight": (inner, context),
+            "attn2.to_out.0.weight": (inner, inner),
+            "attn2.to_out.0.bias": (inner,),
+            "ff.net.0.proj.weight": (inner * 8, inner),
+            "ff.net.0.proj.bias": (inner * 8,),
+            "ff.net.2.weight": (inner, inner * 4),
+            "ff.net.2.bias": (inner,),
+            **{f"norm{i}.{w}": (inner,) for i in (1, 2, 3) for w in ("weight", "bias")},
+        }
+        shapes.update({f"transformer_blocks.{d}.{k}": v for k, v in block.items()})
+    shapes.update({"proj_out.weight": (c, inner, 1, 1), "proj_out.bias": (c,)})
+    return {f"{prefix}.{k}": v for k, v in shapes.items()}
+
+
 def original_shapes(p: dict) -> dict:
-    """Names and shapes of `UNetModel_multistage(**p)`'s state dict (2D, conv resampling, no transformer)."""
+    """Names and shapes of `UNetModel_multistage(**p)`'s state dict (2D, conv resampling)."""
     mc, emb, nrb = p["model_channels"], 4 * p["model_channels"], p["num_res_blocks"]
     scale_shift = p.get("use_scale_shift_norm", False)
+
+    def attention(prefix: str, c: int) -> dict:  # an AttentionBlock, or a SpatialTransformer
+        return spatial_transformer(prefix, c, p) if p.get("use_spatial_transformer") else attention_block(prefix, c)
+
     shapes = {
         "time_embed.0.weight": (emb, mc),
         "time_embed.0.bias": (emb,),
@@ -156,6 +201,8 @@ def write_source(tmp_path, p: dict, edit=None, ema: bool = True, use_ema: bool |
     torch.manual_seed(0)
     state = {f"model.diffusion_model.{k}": torch.randn(shape) * 0.1 for k, shape in original_shapes(p).items()}
     state["first_stage_model.decoder.conv_out.weight"] = torch.zeros(1)  # the wrapper's other modules are ignored
+    if p.get("use_spatial_transformer"):  # the ClassEmbedder: trained, outside LitEma
+        state["cond_stage_model.embedding.weight"] = torch.randn(CLASSES, p["context_dim"])
     if edit:
         edit(state)
     if ema:
@@ -166,6 +213,13 @@ def write_source(tmp_path, p: dict, edit=None, ema: bool = True, use_ema: bool |
     save_file(state, checkpoint)
     unet_config = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel_multistage", "params": p}
     params = {"timesteps": 1000, "linear_start": 0.0015, "linear_end": 0.0195, "unet_config": unet_config}
+    if p.get("use_spatial_transformer"):
+        embedder = "ldm.modules.encoders.modules.ClassEmbedder"
+        params["conditioning_key"] = "crossattn"
+        params["cond_stage_config"] = {
+            "target": embedder,
+            "params": {"embed_dim": p["context_dim"], "n_classes": CLASSES},
+        }
     if use_ema is not None:
         params["use_ema"] = use_ema
     with open(config, "w") as f:
@@ -224,11 +278,10 @@ def test_tailored_decoder_takes_the_encoder_skips_unadapted(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"use_spatial_transformer": True, "context_dim": 8}, "use_spatial_transformer"),
         ({"use_scale_shift_norm": True}, "use_scale_shift_norm"),
         ({"num_heads": 2, "num_head_channels": -1}, "fixed head count"),
     ],
-    ids=["spatial-transformer", "scale-shift", "fixed-heads"],
+    ids=["scale-shift", "fixed-heads"],
 )
 def test_architectures_without_an_exact_equivalent_are_refused(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -248,7 +301,7 @@ def test_missing_and_unexpected_keys_are_refused(tmp_path):
 
 def test_attention_layout_disagreeing_with_the_config_is_refused(tmp_path):
     p = {**TAILORED, "attention_resolutions": [2]}  # decoder 1 has no attention: give it decoder 0's
-    extra = attention("model.diffusion_model.de_modules.1.0.1", 192)
+    extra = attention_block("model.diffusion_model.de_modules.1.0.1", 192)
 
     def edit(state):
         state.update({k: torch.zeros(shape) for k, shape in extra.items()})
@@ -373,3 +426,53 @@ def test_default_scheduler_is_the_authors_ddim(tmp_path, steps):
     assert scheduler.timesteps.tolist() == authors
     # the previous alpha of the last step is alphas_cumprod[0] (make_ddim_sampling_parameters), not 1
     assert scheduler.final_alpha_cumprod == scheduler.alphas_cumprod[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# class-conditional cross-attention models (`cin-mul*`): the ClassEmbedder becomes the pipeline's class_embedder
+def test_class_embedder_becomes_the_context_and_gets_an_unconditional_label(tmp_path, capsys):
+    p = {**TINY, **CONFIGS["cin-mul"][0]}
+    checkpoint, _ = write_source(tmp_path, p)
+    weight = load_file(checkpoint)["cond_stage_model.embedding.weight"]
+    pipe = convert(tmp_path, p)
+    assert "never trained" in capsys.readouterr().out
+    embedder = pipe.class_embedder
+    assert embedder.config.num_class_embeds == CLASSES + 1  # every original class is a data class; 10 is added
+    assert torch.equal(embedder.embedding.weight[:CLASSES], weight) and not embedder.embedding.weight[CLASSES].any()
+    heads = [[a.transformer_blocks[0].attn1.heads for b in d.up_blocks for a in getattr(b, "attentions", [])]
+             for d in pipe.unet.decoders]  # fmt: skip
+    assert heads == [[24, 24, 12, 12, 6, 6], [16, 16], []]  # 16-channel heads: decoder 0 at 384, 192, 96; 1 at 256
+    images = pipe(class_labels=[0, CLASSES - 1], num_inference_steps=2, generator=torch.manual_seed(0))
+    assert len(images.images) == 2
+
+
+def test_unconditional_label_of_the_original_is_kept_when_it_is_the_last_class(tmp_path):
+    p = {**TINY, **CONFIGS["cin256-v2-mul"][0]}
+    pipe = convert(tmp_path, p, "--unconditional_label", str(CLASSES - 1))
+    assert pipe.class_embedder.config.num_class_embeds == CLASSES  # as the original: 9 classes + label 9
+    with pytest.raises(ValueError, match="must be the last class"):
+        convert(tmp_path, p, "--unconditional_label", "3", "--overwrite")
+    with pytest.raises(ValueError, match="cross-attention"):
+        convert(tmp_path, TINY, "--unconditional_label", "3", "--overwrite")
+
+
+@pytest.mark.parametrize(
+    ("edit_params", "edit_state", "match"),
+    [
+        (lambda params: params.update(conditioning_key="concat"), None, "ClassEmbedder context only"),
+        (lambda params: params["cond_stage_config"].update(target="ldm.BERTEmbedder"), None, "ClassEmbedder"),
+        (None, lambda state: state.pop("cond_stage_model.embedding.weight"), "whole LatentDiffusion state dict"),
+        (None, lambda state: state.update({"cond_stage_model.embedding.weight": torch.zeros(3, 24)}), "shape"),
+        (lambda params: params["unet_config"]["params"].update(context_dim=[24]), None, "`context_dim`"),
+    ],
+    ids=["not-crossattn", "text-encoder", "no-embedder", "embedder-shape", "context-list"],
+)
+def test_cross_attention_checkpoints_without_a_class_context_are_refused(tmp_path, edit_params, edit_state, match):
+    checkpoint, config = write_source(tmp_path, {**TINY, **CONFIGS["cin-mul"][0]}, edit=edit_state)
+    if edit_params:
+        document = yaml.safe_load(open(config))
+        edit_params(document["model"]["params"])
+        yaml.safe_dump(document, open(config, "w"))
+    with pytest.raises(ValueError, match=match):
+        convert_files(checkpoint, config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -171,11 +171,79 @@ def test_save_and_reload_is_identical_and_strict(tiny_cond_unet, tmp_path):
         ({"decoder_block_out_channels": ((8, 16), (8, 16), (4, 6))}, "norm_num_groups"),
         ({"decoder_block_out_channels": ((8, 16), (8, 16), (4, 12)), "attention_head_dim": 8}, "attention heads"),
         ({"stage_boundaries": (600, 300)}, "increasing"),
+        ({"decoder_up_block_types": (("CrossAttnUpBlock2D", "UpBlock2D"),) * 2}, "decoder_up_block_types"),
+        ({"decoder_skip_adapters": "no"}, "decoder_skip_adapters"),
+        ({"decoder_attention_head_dim": (2, 2)}, "decoder_attention_head_dim"),
+        ({"decoder_attention_head_dim": (2, (2, 0), 2)}, "decoder_attention_head_dim"),
+        ({"decoder_attention_head_dim": (2, 2, 3)}, "attention heads"),  # 16 channels do not split into 3 heads
     ],
 )
 def test_bad_configurations_are_refused_by_name(tiny_cond_unet, overrides, match):
     with pytest.raises(ValueError, match=match):
         MultiStageUNet2DConditionModel(**{**_config(tiny_cond_unet(0)), "stage_boundaries": BOUNDARIES, **overrides})
+
+
+# the authors' latent-diffusion decoders (`cin-mul*`): skips at the encoder's widths, attention at fewer levels,
+# heads of a fixed width at every decoder width
+AUTHORS_LAYOUT = dict(
+    decoder_block_out_channels=((16, 32), (8, 16), (4, 8)),
+    decoder_skip_adapters=False,
+    decoder_up_block_types=(
+        ("CrossAttnUpBlock2D", "UpBlock2D"),
+        ("UpBlock2D", "UpBlock2D"),
+        ("UpBlock2D", "UpBlock2D"),
+    ),
+    decoder_attention_head_dim=((4, 8), (2, 4), (1, 2)),  # 4-channel heads
+)
+
+
+def test_authors_decoders_take_the_encoder_skips_attend_at_their_own_levels_with_their_own_heads(tiny_cond_unet):
+    torch.manual_seed(0)
+    staged = MultiStageUNet2DConditionModel(
+        **_config(tiny_cond_unet(0)), stage_boundaries=BOUNDARIES, **AUTHORS_LAYOUT
+    ).eval()
+    wide, _, narrow = staged.decoders
+    # no adapters: each decoder starts from the 16-wide middle block and a 16-wide encoder skip
+    assert all(isinstance(a, torch.nn.Identity) for a in [narrow.mid_adapter, *narrow.skip_adapters])
+    assert narrow.up_blocks[0].resnets[0].conv1.in_channels == 16 + 16
+    assert narrow.up_blocks[1].resnets[0].conv1.in_channels == 8 + 8  # its own 8 channels + the encoder's 8
+    assert wide.up_blocks[0].resnets[0].conv1.in_channels == 16 + 16
+    # attention where each decoder has it, with 4-channel heads at its own widths
+    assert wide.up_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == 8
+    assert not any(hasattr(block, "attentions") for d in staged.decoders[1:] for block in d.up_blocks)
+    x, kwargs = _inputs(3)
+    with torch.no_grad():
+        out = staged(x, torch.tensor([100, 450, 900]), **kwargs).sample
+        for i, t in enumerate([100, 450, 900]):
+            assert torch.allclose(
+                out[i : i + 1], staged(x[i : i + 1], t, kwargs["encoder_hidden_states"][i : i + 1]).sample, atol=1e-5
+            )
+
+
+def test_decoders_without_adapters_at_the_encoder_widths_are_the_warm_start(tiny_cond_unet):
+    unet = tiny_cond_unet(0)
+    warm = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES).eval()
+    plain = MultiStageUNet2DConditionModel(
+        **_config(unet), stage_boundaries=BOUNDARIES, decoder_skip_adapters=False, decoder_attention_head_dim=(2, 2, 2)
+    ).eval()
+    plain.load_state_dict(warm.state_dict(), strict=True)  # the same layers under the same names
+    x, kwargs = _inputs(3)
+    t = torch.tensor([100, 450, 900])
+    with torch.no_grad():
+        assert torch.equal(plain(x, t, **kwargs).sample, warm(x, t, **kwargs).sample)
+
+
+def test_authors_layout_saves_and_reloads(tiny_cond_unet, tmp_path):
+    staged = MultiStageUNet2DConditionModel(
+        **_config(tiny_cond_unet(0)), stage_boundaries=BOUNDARIES, **AUTHORS_LAYOUT
+    )
+    staged.save_pretrained(tmp_path)
+    loaded = MultiStageUNet2DConditionModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.decoder_attention_head_dim == [[4, 8], [2, 4], [1, 2]]
+    x, kwargs = _inputs(3)
+    t = torch.tensor([100, 450, 900])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, **kwargs).sample, staged.eval()(x, t, **kwargs).sample)
 
 
 def test_bad_inputs_are_refused_by_name(tiny_cond_unet):

@@ -210,3 +210,61 @@ def test_class_labels_are_checked(tiny_unet_kwargs):
 def test_scheduler_in_other_units_is_refused(tiny_multistage):
     with pytest.raises(ValueError, match="boundary_units='sigma'"):
         _pipe(tiny_multistage, EDMEulerScheduler())(num_inference_steps=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# class labels as a cross-attention context (the authors' class-conditional latent-diffusion models, `cin-mul*`)
+def _class_context_pipe(tiny_cond_unet, num_class_embeds: int = 4):
+    from diffusers_stages import ClassContextEmbedding, MultiStageUNet2DConditionModel
+
+    unet = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=BOUNDARIES).eval()
+    torch.manual_seed(1)
+    embedder = ClassContextEmbedding(num_class_embeds=num_class_embeds, cross_attention_dim=32).eval()
+    pipe = MultiStagePipeline(unet=unet, scheduler=DDIMScheduler(), class_embedder=embedder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_class_context_is_what_the_unet_attends_to_with_guidance(tiny_cond_unet):
+    pipe = _class_context_pipe(tiny_cond_unet)  # 3 classes + the unconditional label 3
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor(700), torch.tensor([0, 2])
+    with torch.no_grad():
+        context = pipe.class_embedder(y)
+        assert context.shape == (2, 1, 32) and torch.equal(context[1, 0], pipe.class_embedder.embedding.weight[2])
+        assert torch.equal(pipe.denoise(2, x, t, y, 1.0), pipe.unet(x, t, context, stage_index=2).sample)
+        uncond = pipe.unet(x, t, pipe.class_embedder(torch.tensor([3, 3])), stage_index=2).sample
+        guided = pipe.denoise(2, x, t, y, 3.0)
+    assert torch.allclose(guided, uncond + 3.0 * (pipe.unet(x, t, context, stage_index=2).sample - uncond), atol=1e-5)
+    images = pipe(class_labels=[0, 2], guidance_scale=[1, 2, 3], num_inference_steps=3, generator=torch.manual_seed(0))
+    assert len(images.images) == 2
+    with pytest.raises(ValueError, match=r"`class_labels`.*\[0, 3\)"):
+        pipe(class_labels=[3], num_inference_steps=2)  # the unconditional label is not a class
+    with pytest.raises(ValueError, match="`class_labels` must be given"):
+        pipe(num_inference_steps=2)
+
+
+def test_class_context_pipeline_same_seed_same_images_after_save_and_reload(tiny_cond_unet, tmp_path):
+    pipe = _class_context_pipe(tiny_cond_unet)
+    kwargs = dict(class_labels=[1, 0], guidance_scale=2.0, num_inference_steps=3, output_type="pt")
+    images = pipe(**kwargs, generator=torch.manual_seed(0)).images
+    assert torch.equal(images, pipe(**kwargs, generator=torch.manual_seed(0)).images)
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["class_embedder"] == ["diffusers_stages.models.class_context", "ClassContextEmbedding"]
+    loaded = MultiStagePipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(loaded(**kwargs, generator=torch.manual_seed(0)).images, images)
+    loaded.enable_stage_offload(device="cpu")  # one decoder resident at a time; the class embedder stays
+    assert torch.equal(loaded(**kwargs, generator=torch.manual_seed(0)).images, images)
+
+
+def test_class_context_pipeline_refuses_mismatched_components(tiny_cond_unet, tiny_multistage):
+    from diffusers_stages import ClassContextEmbedding
+
+    pipe = _class_context_pipe(tiny_cond_unet)
+    with pytest.raises(ValueError, match="`class_embedder` must be given exactly when"):
+        MultiStagePipeline(unet=pipe.unet, scheduler=DDIMScheduler())  # no context for the cross-attention U-Net
+    with pytest.raises(ValueError, match="`class_embedder` must be given exactly when"):
+        MultiStagePipeline(unet=tiny_multistage, scheduler=DDIMScheduler(), class_embedder=pipe.class_embedder)
+    with pytest.raises(ValueError, match="width 16.*`cross_attention_dim`=32"):
+        MultiStagePipeline(unet=pipe.unet, scheduler=DDIMScheduler(), class_embedder=ClassContextEmbedding(4, 16))

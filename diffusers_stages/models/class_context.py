@@ -1,0 +1,62 @@
+"""Class labels as a cross-attention context: the conditioning of class-conditional latent-diffusion U-Nets that
+attend to their class (latent-diffusion's ``ClassEmbedder``, used by the multi-stage ImageNet configs
+``cin-mul*`` of Zhang et al., CVPR 2024)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from ..conventions import num_data_classes
+
+
+class ClassContextEmbedding(ModelMixin, ConfigMixin):
+    r"""
+    A learned vector per class, given to a cross-attention U-Net as a one-token ``encoder_hidden_states``: class
+    ``c`` becomes the context ``(1, cross_attention_dim)`` its attention layers attend to.
+
+    As every class-conditional model of the package, the last of the ``num_class_embeds`` embeddings is the
+    unconditional label (classifier-free guidance), so the data has ``num_class_embeds - 1`` classes.
+
+    Parameters:
+        num_class_embeds (`int`): number of embeddings: the data's classes plus the unconditional label.
+        cross_attention_dim (`int`): width of each embedding, the U-Net's ``cross_attention_dim``.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_stages.models import ClassContextEmbedding
+    >>> embed = ClassContextEmbedding(num_class_embeds=11, cross_attention_dim=16)  # 10 classes + unconditional
+    >>> embed(torch.tensor([3, 7])).shape  # (batch, one token, cross_attention_dim)
+    torch.Size([2, 1, 16])
+
+    ```
+    """
+
+    @register_to_config
+    def __init__(self, num_class_embeds: int, cross_attention_dim: int):
+        super().__init__()
+        for name, value, least in (
+            ("num_class_embeds", num_class_embeds, 2),
+            ("cross_attention_dim", cross_attention_dim, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"`{name}` must be an integer >= {least}, got {value!r}.")
+        self.embedding = nn.Embedding(num_class_embeds, cross_attention_dim)  # latent-diffusion's name
+
+    def forward(self, class_labels: torch.Tensor) -> torch.Tensor:
+        """``(batch,)`` class indices (the unconditional label included) to a ``(batch, 1, dim)`` context."""
+        if class_labels.ndim != 1 or class_labels.is_floating_point():
+            raise ValueError(
+                f"`class_labels` must be a 1-D integer tensor, got shape {tuple(class_labels.shape)} of "
+                f"{class_labels.dtype}."
+            )
+        return self.embedding(class_labels)[:, None]
+
+    @property
+    def num_classes(self) -> int:
+        """The data's classes (the embeddings but the unconditional label)."""
+        return num_data_classes(self.config.num_class_embeds)

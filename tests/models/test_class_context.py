@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from diffusers_stages import ClassContextEmbedding
+
+
+def test_labels_become_one_token_contexts_and_reload_identically(tmp_path):
+    torch.manual_seed(0)
+    embed = ClassContextEmbedding(num_class_embeds=5, cross_attention_dim=8)
+    labels = torch.tensor([4, 0, 2])
+    context = embed(labels)
+    assert context.shape == (3, 1, 8) and torch.equal(context[:, 0], embed.embedding.weight[labels])
+    assert embed.num_classes == 4  # the last embedding is the unconditional label
+    embed.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    assert torch.equal(ClassContextEmbedding.from_pretrained(tmp_path)(labels), context)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"num_class_embeds": 1, "cross_attention_dim": 8}, "num_class_embeds"),
+        ({"num_class_embeds": 5, "cross_attention_dim": 0}, "cross_attention_dim"),
+        ({"num_class_embeds": 5.0, "cross_attention_dim": 8}, "num_class_embeds"),
+    ],
+)
+def test_bad_sizes_and_labels_are_refused_by_name(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        ClassContextEmbedding(**kwargs)
+    embed = ClassContextEmbedding(num_class_embeds=5, cross_attention_dim=8)
+    with pytest.raises(ValueError, match="`class_labels`"):
+        embed(torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="`class_labels`"):
+        embed(torch.tensor([1.0]))
