@@ -9,6 +9,12 @@ Everything is measured in one run and printed as ratios to the baseline measured
    tailored decoders (x1.5 / x1 / x0.5 of the encoder's widths for `[0, 442)` / `[442, 631)` / `[631, 1000]`).
 2. Median wall times (interleaved repeats) of the same U-Net calls and of a whole pipeline run; the warm start's
    pipeline time against the plain U-Net's is the routing overhead inside `StableDiffusionPipeline` (target < 1%).
+3. The routing's own cost, measured where it is largest against the network's: the warm start of a tiny SD-layout
+   U-Net (8x8 latents, widths 32/64) against its source, on the same input, in many interleaved CPU-time repeats
+   (`--routing_repeats`, medians; the machine's other jobs barely move CPU time). The difference is the staged
+   model's extra time per call (timestep lookup, decoder selection), which is then given as a share of this run's
+   pipeline time: `extra per call x U-Net calls per run / pipeline run time`, the overhead that item 2 cannot
+   resolve below the machine's noise.
 
 The U-Net has Stable Diffusion 1.5's layout (`CrossAttnDownBlock2D` x3 + `DownBlock2D`, 2 layers per block, 8 heads,
 77 text tokens) scaled down to run on a CPU: block widths (320, 640, 1280, 1280) / 5 = (64, 128, 256, 256),
@@ -30,6 +36,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -57,12 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps of a pipeline run")
     parser.add_argument("--train_batch", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions (medians are reported)")
+    parser.add_argument("--routing_repeats", type=int, default=400, help="timed calls per model in section 3")
     parser.add_argument("--quick", action="store_true", help="2 repeats and 4 steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.steps = 2, 4
+        args.repeats, args.steps, args.routing_repeats = 2, 4, 20
     return args
 
 
@@ -186,7 +194,41 @@ def main(args: argparse.Namespace) -> list[tuple[str, dict[str, float], float, s
     print(
         f"\nrouting overhead inside StableDiffusionPipeline (warm start vs plain, same FLOPs): {100 * overhead:+.2f}%"
     )
+
+    # 3. the routing's own cost per call (a tiny model, where it weighs most), as a share of this run's pipeline time
+    extra, noise = routing_cost_per_call(args.routing_repeats, device)
+    share = extra * args.steps / times["warm start"]
+    print(
+        f"routing cost per U-Net call (tiny SD-layout U-Net, warm start - plain, paired CPU time, median of "
+        f"{args.routing_repeats} rounds): {1e6 * extra:+.1f} us (noise floor, a copy of the plain U-Net: "
+        f"{1e6 * noise:+.1f} us); x {args.steps} calls / pipeline run of {times['warm start']:.3f} s: "
+        f"{100 * share:+.4f}% of the run"
+    )
+    rows.append(("routing cost per U-Net call (tiny U-Net, CPU time)", {"plain": 1.0, "extra": extra}, 1e-6, "us"))
     return rows
+
+
+def routing_cost_per_call(repeats: int, device: str | torch.device) -> tuple[float, float]:
+    """The staged model's extra CPU seconds per call: the warm start of a tiny SD-layout U-Net minus its source, on
+    the same input (batch 2, one timestep: the guidance batch), as the median of paired differences; and the same
+    for a copy of the source (the measurement's noise floor)."""
+    torch.manual_seed(0)
+    plain = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4,
+    ).to(device).eval()  # fmt: skip
+    copy = UNet2DConditionModel.from_config(plain.config).to(device).eval()
+    copy.load_state_dict(plain.state_dict())
+    warm = MultiStageUNet2DConditionModel.from_unet(plain, DEFAULT_STAGE_BOUNDARIES).to(device).eval()
+    latents, text = torch.randn(2, 4, 8, 8, device=device), torch.randn(2, 7, 32, device=device)
+    t = torch.tensor(500, device=device)
+    with torch.inference_mode():
+        fns = {
+            name: (lambda m=m: m(latents, t, text)) for name, m in (("plain", plain), ("copy", copy), ("warm", warm))
+        }
+        differences = interleaved_medians(fns, repeats, device, warmup=10, clock=time.process_time, baseline="plain")
+    return differences["warm"], differences["copy"]
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def interleaved_medians(
     warmup: int = 1,
     warmup_before_each: int = 0,
     clock: Callable[[], float] = time.perf_counter,
+    baseline: str | None = None,
 ) -> dict[str, float]:
     """Median wall time in seconds of each callable over ``repeats`` timed calls, timed in interleaved rounds
     (A, B, C, A, B, C, ...) so that drifts in machine load hit all of them alike.
@@ -44,6 +45,9 @@ def interleaved_medians(
         clock: the clock read around each call; ``time.process_time`` gives this process's CPU seconds instead of
             wall seconds (steadier on a shared machine, where wall time also counts the time other jobs hold the
             cores).
+        baseline: the name of one callable: then each value is the median of the per-round *differences* from that
+            callable's time (paired, the rounds alternating forward and reverse order), which resolves differences
+            far below the spread of the times themselves.
 
     Returns:
         ``{name: median seconds of one call}``, in the order of ``fns``.
@@ -63,9 +67,12 @@ def interleaved_medians(
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    if baseline is not None and baseline not in fns:
+        raise ValueError(f"`baseline` must name one of {list(fns)}, got {baseline!r}.")
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for round_index in range(repeats):
+        items = list(fns.items())
+        for name, fn in items if baseline is None or round_index % 2 == 0 else items[::-1]:
             for _ in range(warmup_before_each):
                 fn()
             _synchronize(device)  # the clock must not count work queued before this call
@@ -73,4 +80,7 @@ def interleaved_medians(
             fn()
             _synchronize(device)
             times[name].append(clock() - start)
+    if baseline is not None:
+        base = times[baseline]
+        return {name: statistics.median(a - b for a, b in zip(values, base)) for name, values in times.items()}
     return {name: statistics.median(values) for name, values in times.items()}

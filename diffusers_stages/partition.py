@@ -83,6 +83,7 @@ class TimestepPartition:
         self.boundaries = tuple(values)
         self.num_train_timesteps = num_train_timesteps
         self.units = units
+        self._bounds: dict[tuple, torch.Tensor] = {}  # the boundaries as a tensor, per (space, dtype, device)
 
     # ----------------------------------------------------------------------------------------------------------
     # construction
@@ -137,14 +138,29 @@ class TimestepPartition:
         """Stage of each noise level (in this partition's units), as a ``long`` tensor of the same shape."""
         levels = torch.as_tensor(noise_level)
         low, high = self._domain(self.units, self.num_train_timesteps)
-        if levels.numel() and (bool((levels < low).any()) or bool((levels > high).any()) or levels.isnan().any()):
-            raise ValueError(
-                f"`timestep` must be a noise level inside [{low}, {high}] ({self.units!r} units), got values from "
-                f"{levels.min().item()} to {levels.max().item()}."
-            )
-        bounds = torch.tensor(self.boundaries, dtype=levels.dtype if levels.is_floating_point() else torch.float64)
+        # one reduction, read on the host (a NaN extremum fails both comparisons)
+        if levels.numel():
+            extrema = torch.aminmax(levels)
+            smallest, largest = float(extrema.min), float(extrema.max)
+            if not (low <= smallest and largest <= high):
+                raise ValueError(
+                    f"`timestep` must be a noise level inside [{low}, {high}] ({self.units!r} units), got values "
+                    f"from {smallest} to {largest}."
+                )
+        bounds = self._bounds_tensor(
+            "level", levels.dtype if levels.is_floating_point() else torch.float64, levels.device
+        )
         # timestep stages are [b_{s-1}, b_s) (Zhang et al.'s [0, 442)); sigma stages (b_{s-1}, b_s] (the EDM code's)
-        return torch.bucketize(levels.to(bounds.dtype), bounds.to(levels.device), right=self.units == "timestep")
+        return torch.bucketize(levels.to(bounds.dtype), bounds, right=self.units == "timestep")
+
+    def _bounds_tensor(self, space: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The boundaries as a tensor (``space`` "c_noise": as ``ln(sigma)/4``), built once per dtype and device."""
+        key = (space, dtype, device)
+        if key not in self._bounds:
+            bounds = torch.tensor(self.boundaries, dtype=dtype)
+            bounds = 0.25 * torch.log(bounds) if space == "c_noise" else bounds  # as EDM schedulers compute it
+            self._bounds[key] = bounds.to(device)
+        return self._bounds[key]
 
     def stage_for_timestep(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
         """Stage of each *model* timestep: [`~TimestepPartition.noise_level`] then
@@ -156,8 +172,7 @@ class TimestepPartition:
         c_noise = c_noise if c_noise.is_floating_point() else c_noise.double()
         if c_noise.numel() and bool(c_noise.isnan().any()):
             raise ValueError(f"`timestep` must be c_noise = ln(sigma)/4 values, got NaN in {c_noise.tolist()}.")
-        bounds = 0.25 * torch.log(torch.tensor(self.boundaries, dtype=c_noise.dtype))  # as EDM schedulers compute it
-        return torch.bucketize(c_noise, bounds.to(c_noise.device), right=False)
+        return torch.bucketize(c_noise, self._bounds_tensor("c_noise", c_noise.dtype, c_noise.device), right=False)
 
     def stage_index(self, noise_level: torch.Tensor | float | int) -> torch.Tensor:
         """Deprecated name of [`~TimestepPartition.stage_for_noise_level`] (``stage_index`` is the models' argument

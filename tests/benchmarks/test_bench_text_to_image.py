@@ -38,3 +38,8 @@ def test_tiny_run_reports_ratios_against_the_same_run(capsys):
     assert all(v["warm start"] == v["plain"] for name, v in rows.items() if "FLOPs" in name)
     assert calls[0]["tailored"] > calls[0]["plain"] and calls[2]["tailored"] < calls[2]["plain"]  # x1.5 / x0.5
     assert "routing overhead inside StableDiffusionPipeline" in capsys.readouterr().out
+
+
+def test_routing_cost_is_measured_per_call_against_the_source():
+    extra, noise = bench.routing_cost_per_call(repeats=5, device="cpu")
+    assert abs(extra) < 0.05 and abs(noise) < 0.05  # seconds: differences of two tiny calls, not calls

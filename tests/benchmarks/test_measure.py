@@ -35,5 +35,20 @@ def test_interleaved_medians_calls_in_rounds(warmup, warmup_before_each):
         interleaved_medians(fns, repeats=0)
 
 
+def test_paired_differences_alternate_the_order_and_subtract_the_baseline_per_round():
+    calls, ticks = [], iter(range(1000))
+    cost = {"a": 1, "b": 3}
+
+    def clock() -> float:  # a fake clock: each call of `name` takes cost[name] ticks
+        return float(next(ticks) if not calls else sum(cost[n] for n in calls))
+
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    differences = interleaved_medians(fns, repeats=4, warmup=0, clock=clock, baseline="a")
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert differences == {"a": 0.0, "b": 2.0}
+    with pytest.raises(ValueError, match="baseline"):
+        interleaved_medians(fns, repeats=1, baseline="c")
+
+
 def test_docstring_examples():
     assert doctest.testmod(benchmarks.measure, optionflags=doctest.ELLIPSIS).failed == 0
