@@ -167,37 +167,13 @@ def ldm_unet_config(p: dict) -> dict:
             raise ValueError(f"The original model sets `{option}`={p[option]!r}, which does not convert: {why}.")
     if p.get("use_spatial_transformer", False):
         return ldm_cross_attention_config(p)
-    width, levels = p["model_channels"], len(p["channel_mult"])
-    de_nfs = list(p.get("de_nfs", [width]))
     heads, head_channels = p.get("num_heads", -1), p.get("num_head_channels", -1)
     if head_channels == -1 and (heads != 1 or p.get("num_heads_upsample", -1) not in (-1, 1)):
         raise ValueError(
             f"`num_heads`={heads} with `num_head_channels`=-1 gives a fixed head count at every width; UNet2DModel "
             "fixes the head *width* (`attention_head_dim`), so only one head or a fixed `num_head_channels` converts."
         )
-    attention = [2**level in p["attention_resolutions"] for level in range(levels)]
-    up_types = [tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in stage) for stage in decoder_attention(p)]
-    stage_interval = list(p.get("stage_interval", [])) or [1000]
-    return {
-        "sample_size": p["image_size"],
-        "in_channels": p["in_channels"],
-        "out_channels": p["out_channels"],
-        "flip_sin_to_cos": True,  # ldm's timestep_embedding is [cos, sin], frequencies exp(-ln(1e4) i / half)
-        "freq_shift": 0,
-        "block_out_channels": tuple(width * m for m in p["channel_mult"]),
-        "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-        "up_block_types": up_types[0],
-        "layers_per_block": p["num_res_blocks"],
-        "attention_head_dim": None if head_channels == -1 else head_channels,
-        "norm_num_groups": 32,  # ldm's `normalization` is GroupNorm(32, channels), eps 1e-5
-        "norm_eps": 1e-5,
-        "num_class_embeds": p.get("num_classes"),
-        "dropout": p.get("dropout", 0.0),
-        "stage_boundaries": tuple(float(b) for b in stage_interval[:-1]),  # the original's upper stage bounds
-        "decoder_block_out_channels": tuple(tuple(nf * m for m in p["channel_mult"]) for nf in de_nfs),
-        "decoder_skip_adapters": False,  # skips enter each decoder at the encoder's widths
-        "decoder_up_block_types": tuple(up_types),
-    }
+    return {**ldm_layout(p, "Attn"), "attention_head_dim": None if head_channels == -1 else head_channels}
 
 
 def ldm_cross_attention_config(p: dict) -> dict:
@@ -217,10 +193,23 @@ def ldm_cross_attention_config(p: dict) -> dict:
     def head_counts(width: int) -> tuple[int, ...]:  # encoder order, as `attention_head_dim`
         return tuple(width * m // head_channels if head_channels != -1 else heads for m in p["channel_mult"])
 
+    return {
+        **ldm_layout(p, "CrossAttn"),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",  # ResBlock, SpatialTransformer, ResBlock
+        "cross_attention_dim": context_dim,
+        "transformer_layers_per_block": depth,
+        "attention_head_dim": head_counts(p["model_channels"]),
+        "use_linear_projection": False,  # the original's proj_in / proj_out are 1x1 convolutions
+        "decoder_attention_head_dim": tuple(head_counts(nf) for nf in p.get("de_nfs", [p["model_channels"]])),
+    }
+
+
+def ldm_layout(p: dict, attention: str) -> dict:
+    """The arguments both staged U-Nets take from the original's: sizes, levels, blocks (attention blocks named
+    ``{attention}DownBlock2D`` / ``{attention}UpBlock2D``), stages and the tailored decoders."""
     width, levels = p["model_channels"], len(p["channel_mult"])
-    de_nfs = list(p.get("de_nfs", [width]))
-    attention = [2**level in p["attention_resolutions"] for level in range(levels)]
-    up_types = [tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in stage) for stage in decoder_attention(p)]
+    attends = [2**level in p["attention_resolutions"] for level in range(levels)]
+    up_types = [tuple(f"{attention}UpBlock2D" if a else "UpBlock2D" for a in stage) for stage in decoder_attention(p)]
     stage_interval = list(p.get("stage_interval", [])) or [1000]
     return {
         "sample_size": p["image_size"],
@@ -229,23 +218,20 @@ def ldm_cross_attention_config(p: dict) -> dict:
         "flip_sin_to_cos": True,  # ldm's timestep_embedding is [cos, sin], frequencies exp(-ln(1e4) i / half)
         "freq_shift": 0,
         "block_out_channels": tuple(width * m for m in p["channel_mult"]),
-        "down_block_types": tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-        "mid_block_type": "UNetMidBlock2DCrossAttn",  # ResBlock, SpatialTransformer, ResBlock
+        "down_block_types": tuple(f"{attention}DownBlock2D" if a else "DownBlock2D" for a in attends),
         "up_block_types": up_types[0],
         "layers_per_block": p["num_res_blocks"],
-        "norm_num_groups": 32,  # ResBlocks: GroupNorm(32, eps 1e-5); transformers: GroupNorm(32, eps 1e-6), as diffusers
+        # ResBlocks: ldm's `normalization` is GroupNorm(32, eps 1e-5); transformers GroupNorm(32, eps 1e-6), as diffusers
+        "norm_num_groups": 32,
         "norm_eps": 1e-5,
-        "cross_attention_dim": context_dim,
-        "transformer_layers_per_block": depth,
-        "attention_head_dim": head_counts(width),
-        "use_linear_projection": False,  # the original's proj_in / proj_out are 1x1 convolutions
         "num_class_embeds": p.get("num_classes"),
         "dropout": p.get("dropout", 0.0),
-        "stage_boundaries": tuple(float(b) for b in stage_interval[:-1]),
-        "decoder_block_out_channels": tuple(tuple(nf * m for m in p["channel_mult"]) for nf in de_nfs),
-        "decoder_skip_adapters": False,
+        "stage_boundaries": tuple(float(b) for b in stage_interval[:-1]),  # the original's upper stage bounds
+        "decoder_block_out_channels": tuple(
+            tuple(nf * m for m in p["channel_mult"]) for nf in p.get("de_nfs", [width])
+        ),
+        "decoder_skip_adapters": False,  # skips enter each decoder at the encoder's widths
         "decoder_up_block_types": tuple(up_types),
-        "decoder_attention_head_dim": tuple(head_counts(nf) for nf in de_nfs),
     }
 
 
