@@ -21,6 +21,7 @@ from torch import nn
 from ..partition import TimestepPartition
 from ..routing import dispatch_by_stage
 from .checks import check_class_labels, check_sample, per_sample_timesteps
+from .decoders import fused_decoders
 from .loading import reexport_source
 
 PACKAGE = __name__.split(".")[0]
@@ -115,6 +116,7 @@ class StagedModelMixin(StageCompileMixin):
     """
 
     partition: TimestepPartition
+    fuse_decoders: bool = True
 
     # ---- saving: diffusers' `auto_map` convention -------------------------------------------------------------
     @classmethod
@@ -204,10 +206,14 @@ class StagedModelMixin(StageCompileMixin):
         def run_decoder(stage: int, inputs: list) -> torch.Tensor:
             return self.decoders[stage](*inputs)
 
+        def fuse(stages: list[int]) -> Callable[[list], torch.Tensor] | None:
+            run = fused_decoders([self.decoders[stage] for stage in stages]) if self.fuse_decoders else None
+            return (lambda inputs: run(*inputs)) if run is not None else None
+
         inputs = [hidden, list(skips), emb]
         if isinstance(skips, list):
             skips.clear()
-        return self.route(timesteps, stage_index, run_decoder, inputs)
+        return dispatch_by_stage(self.partition, timesteps, stage_index, run_decoder, inputs, fuse=fuse)
 
     def set_default_attn_processor(self) -> None:
         """Use diffusers' default attention implementation in every decoder or expert, as diffusers' U-Nets do (the
