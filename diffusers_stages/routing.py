@@ -85,11 +85,11 @@ def dispatch_by_stage(
     each network a list of its own, so that a network that empties what it reads (the package's decoders do) frees
     each input as soon as the last network that reads it is done with it.
 
-    ``fuse`` offers a fused path for mixed batches: ``fuse(stages)`` gets the stages present (at least two, in
-    order) and returns a callable that runs all their networks in one pass, or `None` to decline (then the
-    per-stage path runs). That callable gets ``inputs`` padded to one block of ``rows`` rows per present stage,
-    stage-major (``len(stages) * rows`` rows, ``rows`` the largest stage count; a stage with fewer samples repeats
-    its last one), and returns one output row per input row; the padding rows are dropped (see [`padded_order`]).
+    ``fuse`` offers a fused path for mixed batches: ``fuse(counts)`` gets the number of samples of every stage (at
+    least two stages hold some) and returns a callable that runs the networks of the stages present in one pass, or
+    `None` to decline (then the per-stage path runs). That callable gets ``inputs`` padded to one block of ``rows``
+    rows per present stage, in stage order (``rows`` the largest count; a stage with fewer samples repeats its last
+    one), and returns one output row per input row; the padding rows are dropped (see [`padded_order`]).
 
     Example:
 
@@ -113,7 +113,7 @@ def dispatch_by_stage(
     if batch in counts:
         return run_stage(counts.index(batch), inputs)
     order = torch.argsort(stages, stable=True)
-    run_fused = fuse([stage for stage, count in enumerate(counts) if count]) if fuse is not None else None
+    run_fused = fuse(counts) if fuse is not None else None
     if run_fused is not None:
         # 2'. fused: every stage's rows padded to one block, one gather, one pass, one scatter of the real rows
         rows, kept = padded_order(counts)

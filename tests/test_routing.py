@@ -127,13 +127,13 @@ def test_a_fused_pass_gets_every_stage_padded_to_one_block():
     x = torch.arange(6.0)[:, None] * torch.ones(6, 2)
     offered, padded_inputs = [], []
 
-    def fuse(stages):
-        offered.append(stages)
+    def fuse(counts):
+        offered.append(counts)
         return lambda inputs: padded_inputs.append(inputs) or inputs[0] * 10  # one output row per input row
 
     with _OpCounts() as ops:
         out = dispatch_by_stage(partition, timesteps, None, lambda s, x: pytest.fail("per-stage path"), [x], fuse=fuse)
-    assert offered == [[0, 2, 3]]  # the stages present, in order
+    assert offered == [[3, 0, 1, 2]]  # every stage's count
     # three rows per stage (the largest count), stage-major; short stages repeat their last sample
     assert padded_inputs[0][0][:, 0].tolist() == [1, 2, 3, 5, 5, 5, 0, 4, 4]
     assert torch.equal(out, x * 10)  # the padding dropped, every row back in place
@@ -142,13 +142,13 @@ def test_a_fused_pass_gets_every_stage_padded_to_one_block():
 
 def test_fuse_is_asked_only_for_mixed_batches_and_may_decline():
     partition, asked = TimestepPartition([500]), []
-    fuse = lambda stages: asked.append(stages)  # noqa: E731  (declines: returns None)
+    fuse = lambda counts: asked.append(counts)  # noqa: E731  (declines: returns None)
     run = lambda stage, x: x + 10 * stage  # noqa: E731
     mixed = dispatch_by_stage(partition, torch.tensor([900, 100, 600]), None, run, torch.arange(3.0), fuse=fuse)
-    assert asked == [[0, 1]] and mixed.tolist() == [10.0, 1.0, 12.0]  # declined: the per-stage path ran
+    assert asked == [[1, 2]] and mixed.tolist() == [10.0, 1.0, 12.0]  # declined: the per-stage path ran
     dispatch_by_stage(partition, torch.tensor([900, 600]), None, run, torch.arange(2.0), fuse=fuse)
     dispatch_by_stage(partition, torch.tensor([900, 100]), 1, run, torch.arange(2.0), fuse=fuse)
-    assert asked == [[0, 1]]  # one stage, or `stage_index`: never asked
+    assert asked == [[1, 2]]  # one stage, or `stage_index`: never asked
 
 
 def test_padded_order_of_uneven_and_empty_stages():

@@ -116,7 +116,8 @@ class StagedModelMixin(StageCompileMixin):
     """
 
     partition: TimestepPartition
-    fuse_decoders: bool = True
+    _supports_fused_decoders: bool = False  # decoders that run under `torch.func.vmap` (see `enable_fused_decoders`)
+    _fused_decoders_max_padding: float | None = None  # `None`: fused decoders off
 
     # ---- saving: diffusers' `auto_map` convention -------------------------------------------------------------
     @classmethod
@@ -190,6 +191,44 @@ class StagedModelMixin(StageCompileMixin):
         `dispatch_by_stage`)."""
         return dispatch_by_stage(self.partition, timesteps, stage_index, run_stage, inputs)
 
+    def enable_fused_decoders(self, max_padding: float = 0.25) -> None:
+        r"""
+        Decode a mixed batch in one pass through all its stages' decoders, where they have one architecture (same
+        modules and parameter shapes: what `from_unet` gives and training from it keeps): every decoder's
+        parameters are stacked on a stage axis in each forward (inside autograd, so gradients reach each decoder
+        and an optimizer step is seen by the next call; nothing is added to the state dict) and the first
+        decoder's modules run once under `torch.func.vmap` (convolutions become grouped convolutions). Outputs and
+        gradients are the per-stage path's (to float rounding).
+
+        Each stage's rows are padded to the largest stage count (repeating its last sample), so a batch is fused
+        only when that padding adds at most ``max_padding`` of the batch. Otherwise, and with ``stage_index``, a
+        batch in one stage, decoders of different architectures, hooks on a decoder (`enable_stage_offload`,
+        layerwise casting), compiled decoders (`compile_stages`), or gradient checkpointing while computing
+        gradients, the per-stage path runs unchanged. Dropout under `vmap` draws different random numbers than
+        the per-stage path.
+
+        It is off by default because it pays only where per-call overhead dominates: on CPU (one thread), the small
+        benchmark model (16x16, widths (32, 64)) runs 8 stages at batch 16 in 0.8-0.85x the per-stage time, but 2-4
+        stages, uneven splits and wider decoders run as fast or slower fused (grouped convolutions are slower per
+        FLOP than one convolution; see `benchmarks/bench_multistage.py --sections mixed`).
+
+        Args:
+            max_padding (`float`, defaults to 0.25): the largest share of padding rows (relative to the batch) a
+                fused pass may add; 0 fuses only batches split evenly over the stages present.
+        """
+        if not self._supports_fused_decoders:
+            raise ValueError(
+                f"`enable_fused_decoders` is not supported by {type(self).__name__} (its decoders are not checked "
+                "to run under `torch.func.vmap`)."
+            )
+        if isinstance(max_padding, bool) or not isinstance(max_padding, (int, float)) or not max_padding >= 0:
+            raise ValueError(f"`max_padding` must be a number >= 0, got {max_padding!r}.")
+        self._fused_decoders_max_padding = float(max_padding)
+
+    def disable_fused_decoders(self) -> None:
+        """Decode mixed batches stage by stage again (the default; see `enable_fused_decoders`)."""
+        self._fused_decoders_max_padding = None
+
     def decode(
         self,
         hidden: torch.Tensor,
@@ -206,8 +245,13 @@ class StagedModelMixin(StageCompileMixin):
         def run_decoder(stage: int, inputs: list) -> torch.Tensor:
             return self.decoders[stage](*inputs)
 
-        def fuse(stages: list[int]) -> Callable[[list], torch.Tensor] | None:
-            run = fused_decoders([self.decoders[stage] for stage in stages]) if self.fuse_decoders else None
+        def fuse(counts: list[int]) -> Callable[[list], torch.Tensor] | None:
+            # fused only when asked for, within the padding allowed, and for decoders of one architecture
+            present = [stage for stage, count in enumerate(counts) if count]
+            limit = self._fused_decoders_max_padding
+            if limit is None or len(present) * max(counts) > (1 + limit) * sum(counts):
+                return None
+            run = fused_decoders([self.decoders[stage] for stage in present])
             return (lambda inputs: run(*inputs)) if run is not None else None
 
         inputs = [hidden, list(skips), emb]
