@@ -240,7 +240,7 @@ def fused_decoders(decoders: Sequence[nn.Module]) -> Callable[..., torch.Tensor]
     Example:
 
     ```py
-    >>> import copy, torch
+    >>> import torch
     >>> from diffusers_stages.models.decoders import fused_decoders
     >>> decoders = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
     >>> run = fused_decoders(decoders)

@@ -186,10 +186,11 @@ class StagedModelMixin(StageCompileMixin):
         stage_index: int | None,
         run_stage: Callable[[int, object], torch.Tensor],
         inputs: object,
+        fuse: Callable[[list[int]], Callable[[object], torch.Tensor] | None] | None = None,
     ) -> torch.Tensor:
-        """Run ``run_stage(stage, stage_inputs)`` for each stage on the rows of ``inputs`` that are its own (see
-        `dispatch_by_stage`)."""
-        return dispatch_by_stage(self.partition, timesteps, stage_index, run_stage, inputs)
+        """Run ``run_stage(stage, stage_inputs)`` for each stage on the rows of ``inputs`` that are its own, or the
+        one pass ``fuse`` offers (see `dispatch_by_stage`)."""
+        return dispatch_by_stage(self.partition, timesteps, stage_index, run_stage, inputs, fuse=fuse)
 
     def enable_fused_decoders(self, max_padding: float = 0.25) -> None:
         r"""
@@ -257,7 +258,7 @@ class StagedModelMixin(StageCompileMixin):
         inputs = [hidden, list(skips), emb]
         if isinstance(skips, list):
             skips.clear()
-        return dispatch_by_stage(self.partition, timesteps, stage_index, run_decoder, inputs, fuse=fuse)
+        return self.route(timesteps, stage_index, run_decoder, inputs, fuse=fuse)
 
     def set_default_attn_processor(self) -> None:
         """Use diffusers' default attention implementation in every decoder or expert, as diffusers' U-Nets do (the
