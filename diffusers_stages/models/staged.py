@@ -208,10 +208,12 @@ class StagedModelMixin(StageCompileMixin):
         gradients, the per-stage path runs unchanged. Dropout under `vmap` draws different random numbers than
         the per-stage path.
 
-        It is off by default because it pays only where per-call overhead dominates: on CPU (one thread), the small
-        benchmark model (16x16, widths (32, 64)) runs 8 stages at batch 16 in 0.8-0.85x the per-stage time, but 2-4
-        stages, uneven splits and wider decoders run as fast or slower fused (grouped convolutions are slower per
-        FLOP than one convolution; see `benchmarks/bench_multistage.py --sections mixed`).
+        It is off by default because it pays only where per-call overhead dominates. On CPU (one thread), the small
+        benchmark model (16x16, widths (32, 64)) decodes 8 stages at batch 16 in about 0.88x the per-stage time
+        (a training step: 0.87x), 16 stages in 0.75x; but 2 and 3 stages take 1.1-1.25x, 4 stages of one sample
+        each the same time, and a wider model (widths (64, 128, 128), 32x32) 4 stages at batch 16 1.14x: grouped
+        convolutions cost more per FLOP than one convolution, and padding costs rows
+        (`benchmarks/bench_multistage.py --sections mixed`).
 
         Args:
             max_padding (`float`, defaults to 0.25): the largest share of padding rows (relative to the batch) a
