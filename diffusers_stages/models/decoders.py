@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from itertools import chain
 
 import torch
 from diffusers.models.resnet import ResnetBlock2D
@@ -193,35 +192,37 @@ class StageDecoder(SkipAdapters):
 
 
 def _fusable_state(module: nn.Module, prefix: str, key: list, names: list[str], tensors: list[torch.Tensor]) -> bool:
-    """Walk ``module`` once: append its structure to ``key`` (module types, attention processor types, train mode,
-    gradient checkpointing, each parameter's and buffer's name, shape, dtype, device and ``requires_grad``) and its
-    tensors to ``names``/``tensors``; `False` where a module runs code a fused pass would not run once per stage
-    (hooks, an overridden ``forward`` such as accelerate's or diffusers' hooks install, a compiled module), and
-    where gradient checkpointing would recompute it outside the fused pass (`torch.func.vmap` cannot)."""
+    """Walk ``module`` once: append its structure to ``key`` (module types and names, attention processor types,
+    train mode, gradient checkpointing, each parameter's and buffer's name, shape, dtype, device and
+    ``requires_grad``) and its tensors to ``names``/``tensors``; `False` where a module runs code a fused pass would
+    not run once per stage (hooks, an overridden ``forward`` such as accelerate's or diffusers' hooks install, a
+    compiled module), and where gradient checkpointing would recompute it outside the fused pass (`torch.func.vmap`
+    cannot). Reads the module's ``__dict__`` directly: this runs on every fused forward."""
+    state = module.__dict__
+    checkpointing = state.get("gradient_checkpointing")
     if (
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or "forward" in module.__dict__
-        or getattr(module, "_compiled_call_impl", None) is not None
-        or (module.__dict__.get("gradient_checkpointing") and torch.is_grad_enabled())
+        state.get("_forward_hooks")
+        or state.get("_forward_pre_hooks")
+        or state.get("_backward_hooks")
+        or state.get("_backward_pre_hooks")
+        or "forward" in state
+        or state.get("_compiled_call_impl") is not None
+        or (checkpointing and torch.is_grad_enabled())
     ):
         return False
-    state = module.__dict__
-    key.append(
-        (prefix, type(module), type(state.get("processor")), module.training, state.get("gradient_checkpointing"))
-    )
-    for name, tensor in chain(module._parameters.items(), module._buffers.items()):
-        if tensor is not None:
-            key.append((name, tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad))
-            names.append(prefix + name)
-            tensors.append(tensor)
-    return all(
-        _fusable_state(child, f"{prefix}{name}.", key, names, tensors)
-        for name, child in module._modules.items()
-        if child is not None
-    )
+    key.append((type(module), type(state.get("processor")), module.training, checkpointing))
+    for group in (state["_parameters"], state["_buffers"]):
+        for name, tensor in group.items():
+            if tensor is not None:
+                key.append((name, tensor.shape, tensor.dtype, tensor.get_device(), tensor.requires_grad))
+                names.append(prefix + name)
+                tensors.append(tensor)
+    for name, child in state["_modules"].items():
+        if child is not None:
+            key.append(name)
+            if not _fusable_state(child, f"{prefix}{name}.", key, names, tensors):
+                return False
+    return True
 
 
 def fused_decoders(decoders: Sequence[nn.Module]) -> Callable[..., torch.Tensor] | None:
