@@ -10,8 +10,9 @@ Everything is measured in one run and printed as ratios to the baseline measured
    source `UNet2DModel`, routed from the timestep (no `stage_index`) and with `stage_index`: at batch 1 for 2, 3, 4,
    8 and 16 decoders (`--decoder_counts`; a per-call cost that grew with the number of decoders would show here),
    at batch 1 and at batch 16.
-4. Mixed batches (small model: 16x16, widths (32, 64), identical decoders): a batch spread evenly over all stages
-   against the same batch in one stage, at 8 stages and batch 16 and at 3 stages and batch 4.
+4. Mixed batches (small model: 16x16, widths (32, 64), identical decoders, one thread): a batch spread evenly over
+   the stages against the same batch in one stage, decoded stage by stage and fused (`enable_fused_decoders`), at 2,
+   3, 8 and 16 stages and batch 4 and 16 (wall and process CPU time), and a training step at 8 stages, batch 16.
 5. Loading: the peak resident memory that `from_pretrained` adds, against the parameters' size (in a subprocess).
 6. Per-step pipeline overhead: `MultiStagePipeline` with identical decoders against `DDIMPipeline` (small model).
 7. `compile_stages` with inductor: the time of compiling every stage (warm-up), and the steady-state forward time
@@ -191,27 +192,53 @@ def routing_overhead(args, baseline) -> list[tuple]:
     return rows
 
 
+MIXED_CASES = ((2, 4), (3, 4), (8, 4), (16, 4), (2, 16), (3, 16), (8, 16), (16, 16))  # (stages, batch)
+
+
 def mixed_batches(args, small) -> list[tuple]:
-    """Section 4: a batch spread evenly over every stage against the same batch in one stage (baseline column)."""
-    device, rows = args.device, []
-    for count, batch in ((8, 16), (3, 4)):
+    """Section 4: a batch spread evenly over the stages (sample i in stage i mod stages) against the same batch in
+    one stage (baseline column), decoded stage by stage and fused (`enable_fused_decoders`, any padding), on one
+    thread: the median wall time and this process's median CPU time (steadier on a shared machine), inference; and
+    one training step (forward and backward) at 8 stages and batch 16."""
+    device, rows, threads = args.device, [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    for count, batch in MIXED_CASES:
         partition = TimestepPartition.uniform(count)
         staged = MultiStageUNet2DModel.from_unet(small, stage_boundaries=partition.boundaries).to(device).eval()
+        fused = MultiStageUNet2DModel.from_unet(small, stage_boundaries=partition.boundaries).to(device).eval()
+        fused.enable_fused_decoders(max_padding=float("inf"))
         edges = [0, *partition.boundaries]
         mixed = torch.tensor([edges[i % count] + 1 for i in range(batch)], device=device)
         single = torch.full((batch,), edges[count // 2] + 1, device=device)
         x = torch.randn(batch, 3, 16, 16, device=device)
+        fns = {
+            "single": lambda staged=staged, x=x, t=single: staged(x, t),
+            "per_stage": lambda staged=staged, x=x, t=mixed: staged(x, t),
+            "fused": lambda fused=fused, x=x, t=mixed: fused(x, t),
+        }
+        counts = torch.bincount(partition.stage_for_timestep(mixed.cpu())).tolist()
+        name = f"mixed batch, {count} stages, batch {batch} ({'/'.join(str(n) for n in counts if n)})"
         with torch.inference_mode():
-            times = paired_medians(
-                {
-                    "single": lambda staged=staged, x=x, t=single: staged(x, t),
-                    "mixed": lambda staged=staged, x=x, t=mixed: staged(x, t),
-                },
-                args.repeats * 2,
-                device,
-            )
-        name = f"mixed batch vs one stage (small model, {count} stages, batch {batch})"
-        rows.append((name, times["single"] * 1e3, times["mixed"] * 1e3, "ms"))
+            rows += mixed_rows(name, fns, args.repeats * 2, device)
+        if (count, batch) == (8, 16):
+            staged.train(), fused.train()
+            steps = {
+                "single": lambda staged=staged, x=x, t=single: training_step(staged, x, t),
+                "per_stage": lambda staged=staged, x=x, t=mixed: training_step(staged, x, t),
+                "fused": lambda fused=fused, x=x, t=mixed: training_step(fused, x, t),
+            }
+            rows += mixed_rows(f"{name}, training step", steps, args.repeats, device)
+    torch.set_num_threads(threads)
+    return rows
+
+
+def mixed_rows(name: str, fns: dict, repeats: int, device: str) -> list[tuple]:
+    """Per-stage and fused against one stage: median wall time, then median process CPU time (interleaved)."""
+    rows = []
+    for clock, unit in ((time.perf_counter, "ms"), (time.process_time, "ms CPU")):
+        times = interleaved_medians(fns, repeats, device, warmup=1, warmup_before_each=1, clock=clock)
+        for path in ("per_stage", "fused"):
+            rows.append((f"{name}: {path} vs one stage", times["single"] * 1e3, times[path] * 1e3, unit))
     return rows
 
 

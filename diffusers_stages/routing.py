@@ -66,6 +66,7 @@ def dispatch_by_stage(
     stage_index: int | None,
     run_stage: Callable[[int, object], torch.Tensor],
     inputs: object,
+    fuse: Callable[[list[int]], Callable[[object], torch.Tensor] | None] | None = None,
 ) -> torch.Tensor:
     r"""
     Run a batch through per-stage networks: the one place where a model splits a mixed batch by stage.
@@ -83,6 +84,12 @@ def dispatch_by_stage(
     ``inputs`` given as a list are handed over: the routing empties the list once it has gathered them, and hands
     each network a list of its own, so that a network that empties what it reads (the package's decoders do) frees
     each input as soon as the last network that reads it is done with it.
+
+    ``fuse`` offers a fused path for mixed batches: ``fuse(counts)`` gets the number of samples of every stage (at
+    least two stages hold some) and returns a callable that runs the networks of the stages present in one pass, or
+    `None` to decline (then the per-stage path runs). That callable gets ``inputs`` padded to one block of ``rows``
+    rows per present stage, in stage order (``rows`` the largest count; a stage with fewer samples repeats its last
+    one), and returns one output row per input row; the padding rows are dropped (see [`padded_order`]).
 
     Example:
 
@@ -105,8 +112,19 @@ def dispatch_by_stage(
     counts = torch.bincount(stages, minlength=partition.num_stages).tolist()
     if batch in counts:
         return run_stage(counts.index(batch), inputs)
-    # 2. one stable sort by stage, one gather of the inputs in that order (the caller's inputs are freed then)
     order = torch.argsort(stages, stable=True)
+    run_fused = fuse(counts) if fuse is not None else None
+    if run_fused is not None:
+        # 2'. fused: every stage's rows padded to one block, one gather, one pass, one scatter of the real rows
+        rows, kept = padded_order(counts)
+        padded = select_rows(inputs, order[rows.to(order.device)], batch)
+        if isinstance(inputs, list):
+            inputs.clear()
+        padded_out = run_fused(padded)
+        out = padded_out.new_empty((batch, *padded_out.shape[1:]))
+        out[order] = padded_out[kept.to(padded_out.device)]
+        return out
+    # 2. one stable sort by stage, one gather of the inputs in that order (the caller's inputs are freed then)
     ordered = select_rows(inputs, order, batch)
     if isinstance(inputs, list):
         inputs.clear()
@@ -124,6 +142,33 @@ def dispatch_by_stage(
     out = torch.empty_like(ordered_out)
     out[order] = ordered_out
     return out
+
+
+def padded_order(counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    The layout of a fused pass over the stages present in ``counts`` (samples per stage): ``rows``, for each of
+    ``max(counts)`` slots of each present stage, the position of its sample in the batch sorted by stage (a stage
+    with fewer samples repeats its last one: real values, so that the padding computes nothing out of range), and
+    ``kept``, the slots that hold a real sample, in sorted order.
+
+    Example:
+
+    ```py
+    >>> from diffusers_stages.routing import padded_order
+    >>> rows, kept = padded_order([1, 0, 3])
+    >>> rows.tolist(), kept.tolist()
+    ([0, 0, 0, 1, 2, 3], [0, 3, 4, 5])
+
+    ```
+    """
+    width = max(counts)
+    rows, kept, start = [], [], 0
+    for count in counts:
+        if count:
+            rows += [start + min(slot, count - 1) for slot in range(width)]
+            kept += [len(rows) - width + slot for slot in range(count)]
+            start += count
+    return torch.tensor(rows), torch.tensor(kept)
 
 
 def select_rows(value, rows: torch.Tensor | slice, batch: int, _seen: dict | None = None):

@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler, EDMEulerScheduler, HeunDiscreteScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers_stages import StageRouter, TimestepPartition
-from diffusers_stages.routing import dispatch_by_stage
+from diffusers_stages.routing import dispatch_by_stage, padded_order
 
 
 def test_router_follows_the_noise_level():
@@ -119,3 +119,40 @@ def test_list_inputs_are_handed_over():
     one_stage = [torch.arange(2.0)]
     whole = dispatch_by_stage(TimestepPartition([500]), torch.tensor([1, 2]), None, lambda s, x: x[0], one_stage)
     assert whole is one_stage[0]  # one stage: the inputs themselves, no copy
+
+
+def test_a_fused_pass_gets_every_stage_padded_to_one_block():
+    partition = TimestepPartition.uniform(4)
+    timesteps = torch.tensor([900, 10, 20, 30, 950, 600])  # stages 3, 0, 0, 0, 3, 2; stage 1 holds no sample
+    x = torch.arange(6.0)[:, None] * torch.ones(6, 2)
+    offered, padded_inputs = [], []
+
+    def fuse(counts):
+        offered.append(counts)
+        return lambda inputs: padded_inputs.append(inputs) or inputs[0] * 10  # one output row per input row
+
+    with _OpCounts() as ops:
+        out = dispatch_by_stage(partition, timesteps, None, lambda s, x: pytest.fail("per-stage path"), [x], fuse=fuse)
+    assert offered == [[3, 0, 1, 2]]  # every stage's count
+    # three rows per stage (the largest count), stage-major; short stages repeat their last sample
+    assert padded_inputs[0][0][:, 0].tolist() == [1, 2, 3, 5, 5, 5, 0, 4, 4]
+    assert torch.equal(out, x * 10)  # the padding dropped, every row back in place
+    assert ops.counts["sort"] == 1 and ops.counts["index"] == 3 and ops.counts["index_put_"] == 1
+
+
+def test_fuse_is_asked_only_for_mixed_batches_and_may_decline():
+    partition, asked = TimestepPartition([500]), []
+    fuse = lambda counts: asked.append(counts)  # noqa: E731  (declines: returns None)
+    run = lambda stage, x: x + 10 * stage  # noqa: E731
+    mixed = dispatch_by_stage(partition, torch.tensor([900, 100, 600]), None, run, torch.arange(3.0), fuse=fuse)
+    assert asked == [[1, 2]] and mixed.tolist() == [10.0, 1.0, 12.0]  # declined: the per-stage path ran
+    dispatch_by_stage(partition, torch.tensor([900, 600]), None, run, torch.arange(2.0), fuse=fuse)
+    dispatch_by_stage(partition, torch.tensor([900, 100]), 1, run, torch.arange(2.0), fuse=fuse)
+    assert asked == [[1, 2]]  # one stage, or `stage_index`: never asked
+
+
+def test_padded_order_of_uneven_and_empty_stages():
+    rows, kept = padded_order([0, 2, 0, 1])
+    assert rows.tolist() == [0, 1, 2, 2] and kept.tolist() == [0, 1, 2]
+    rows, kept = padded_order([1, 1, 1])
+    assert rows.tolist() == [0, 1, 2] and kept.tolist() == [0, 1, 2]  # even stages: no padding

@@ -5,12 +5,14 @@ tailored decoder's widths, the check of each stage's decoder widths, and one sta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d_blocks import get_up_block
 from torch import nn
+from torch.func import functional_call, vmap
 
 from ..partition import TimestepPartition
 
@@ -231,3 +233,93 @@ class StageDecoder(SkipAdapters):
         if skip_sample is not None:
             sample = sample + skip_sample
         return sample
+
+
+def _fusable_state(module: nn.Module, prefix: str, key: list, names: list[str], tensors: list[torch.Tensor]) -> bool:
+    """Walk ``module`` once: append its structure to ``key`` (module types and names, attention processor types,
+    train mode, gradient checkpointing, each parameter's and buffer's name, shape, dtype, device and
+    ``requires_grad``) and its tensors to ``names``/``tensors``; `False` where a module runs code a fused pass would
+    not run once per stage (hooks, an overridden ``forward`` such as accelerate's or diffusers' hooks install, a
+    compiled module), and where gradient checkpointing would recompute it outside the fused pass (`torch.func.vmap`
+    cannot). Reads the module's ``__dict__`` directly: this runs on every fused forward."""
+    state = module.__dict__
+    checkpointing = state.get("gradient_checkpointing")
+    if (
+        state.get("_forward_hooks")
+        or state.get("_forward_pre_hooks")
+        or state.get("_backward_hooks")
+        or state.get("_backward_pre_hooks")
+        or "forward" in state
+        or state.get("_compiled_call_impl") is not None
+        or (checkpointing and torch.is_grad_enabled())
+    ):
+        return False
+    key.append((type(module), type(state.get("processor")), module.training, checkpointing))
+    for group in (state["_parameters"], state["_buffers"]):
+        for name, tensor in group.items():
+            if tensor is not None:
+                key.append((name, tensor.shape, tensor.dtype, tensor.get_device(), tensor.requires_grad))
+                names.append(prefix + name)
+                tensors.append(tensor)
+    for name, child in state["_modules"].items():
+        if child is not None:
+            key.append(name)
+            if not _fusable_state(child, f"{prefix}{name}.", key, names, tensors):
+                return False
+    return True
+
+
+def fused_decoders(decoders: Sequence[nn.Module]) -> Callable[..., torch.Tensor] | None:
+    r"""
+    One pass through several decoders of one architecture, or `None` when they are not fusable.
+
+    Decoders are fusable when they have the same structure (module types and attention processor types, parameter
+    and buffer names, shapes, dtypes and devices, train mode) and none has hooks or is compiled: what
+    `MultiStageUNet2DModel.from_unet` gives, and what training from it keeps. The returned callable takes the
+    decoders' inputs (``hidden``, ``skips``, ``emb``) with one block of rows per decoder, in the order of
+    ``decoders``, and runs the first decoder's modules once with every decoder's parameters stacked on a stage axis
+    (`torch.func.vmap` of `torch.func.functional_call`; convolutions become grouped convolutions). The parameters
+    are stacked on every call, inside autograd: gradients reach each decoder's own parameters, and an optimizer
+    step or a load is seen by the next call (nothing stacked is kept).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_stages.models.decoders import fused_decoders
+    >>> decoders = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
+    >>> run = fused_decoders(decoders)
+    >>> x = torch.randn(4, 2)  # rows 0-1 for the first decoder, rows 2-3 for the second
+    >>> torch.allclose(run(x), torch.cat([decoders[0](x[:2]), decoders[1](x[2:])]))
+    True
+    >>> fused_decoders([torch.nn.Linear(2, 2), torch.nn.Linear(2, 3)]) is None  # not one architecture
+    True
+
+    ```
+    """
+    keys, names, tensors = [], [], []
+    for decoder in decoders:
+        key, tensors_of_decoder = [], []
+        if not _fusable_state(decoder, "", key, names if not keys else [], tensors_of_decoder):
+            return None
+        keys.append(key)
+        tensors.append(tensors_of_decoder)
+    if any(key != keys[0] for key in keys[1:]):
+        return None
+    template = decoders[0]
+
+    def run_one(params: dict[str, torch.Tensor], *inputs) -> torch.Tensor:
+        return functional_call(template, params, inputs)
+
+    def run(*inputs) -> torch.Tensor:
+        # 1. every decoder's parameters stacked on a stage axis (in autograd: gradients reach the originals)
+        params = {name: torch.stack(stage_tensors) for name, stage_tensors in zip(names, zip(*tensors))}
+        # 2. the inputs' rows split into one block per decoder, one vmapped pass, the blocks joined again
+        blocks = torch.utils._pytree.tree_map(
+            lambda value: value.unflatten(0, (len(decoders), -1)) if torch.is_tensor(value) else value, list(inputs)
+        )
+        with warnings.catch_warnings():  # CPU attention runs in a loop over the stages under vmap: known, exact
+            warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+            return vmap(run_one, randomness="different")(params, *blocks).flatten(0, 1)
+
+    return run

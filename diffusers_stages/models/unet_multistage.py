@@ -57,7 +57,10 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
     A 2D U-Net with one shared encoder and one decoder per stage of the noise schedule.
 
     The encoder (time/class embedding, down blocks, middle block) runs once on the whole batch; each sample is then
-    decoded by the decoder of its stage only, so a mixed batch costs ``encoder(B) + sum_s decoder_s(B_s)``.
+    decoded by the decoder of its stage only, so a mixed batch costs ``encoder(B) + sum_s decoder_s(B_s)``. With
+    decoders of one architecture (`from_unet`), `enable_fused_decoders()` decodes a mixed batch in one pass through
+    all its stages' decoders (stacked parameters under `torch.func.vmap`, same outputs and gradients): opt-in, as it
+    is faster only with many stages of few samples each (see [`~StagedModelMixin.enable_fused_decoders`]).
 
     The encoder arguments are those of [`~diffusers.UNet2DModel`]; the multi-stage arguments are:
 
@@ -112,6 +115,7 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
     """
 
     _supports_gradient_checkpointing = True
+    _supports_fused_decoders = True
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["norm"]
     _no_split_modules: ClassVar[list[str]] = ["StageDecoder"]  # a decoder is one unit for `device_map`
 

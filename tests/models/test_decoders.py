@@ -1,0 +1,196 @@
+"""The fused decoder path: decoders of one architecture run in one `torch.func.vmap` pass on a mixed batch, with
+the per-stage path's outputs and gradients, and the per-stage path wherever fusing is not valid."""
+
+import math
+
+import pytest
+import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
+from diffusers.models.attention_processor import AttnProcessor
+
+from diffusers_stages import MultiStageDDPMppUNet2DModel, MultiStageUNet2DModel
+from diffusers_stages.models import decoders as decoders_module
+from diffusers_stages.models.decoders import StageDecoder, fused_decoders
+from tests.conftest import TINY_UNET
+from tests.models.test_unet_multistage_ddpmpp import TINY as TINY_DDPMPP
+
+BOUNDARIES = (250, 500, 750)  # four stages
+CASES = {
+    "even": [10, 300, 600, 900, 20, 310, 610, 910],
+    "uneven": [10, 20, 30, 40, 900, 300],  # 4, 1, 0, 1 samples: padding and a stage without samples
+    "two": [600, 900, 950],
+    "batch 1": [600],  # one stage: never fused
+}
+
+
+def distinct_decoders(model):
+    """The model with each decoder's parameters moved apart (identical copies would hide a stage mix-up)."""
+    with torch.no_grad():
+        for stage, decoder in enumerate(model.decoders):
+            for p in decoder.parameters():
+                p.add_(0.05 * (stage + 1) * torch.randn(p.shape, generator=torch.manual_seed(stage)))
+    return model
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return distinct_decoders(MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=BOUNDARIES, num_class_embeds=5))
+
+
+class Counts:
+    """How often each decoder's forward and `vmap` run (patched on the class, so no hook disables the fusion)."""
+
+    def __init__(self, monkeypatch):
+        self.decoders, self.vmaps = [], 0
+        forward, vmap = StageDecoder.forward, decoders_module.vmap
+
+        def counted_forward(decoder, *args):
+            self.decoders.append(decoder)
+            return forward(decoder, *args)
+
+        def counted_vmap(*args, **kwargs):
+            self.vmaps += 1
+            return vmap(*args, **kwargs)
+
+        monkeypatch.setattr(StageDecoder, "forward", counted_forward)
+        monkeypatch.setattr(decoders_module, "vmap", counted_vmap)
+
+
+def run(model, t, fuse: bool | None = None, labels: bool = True):
+    """Output and parameter gradients of one forward and backward: fused (whatever the padding), per stage, or as
+    the model is set (``fuse=None``)."""
+    if fuse is not None:
+        model.enable_fused_decoders(max_padding=math.inf) if fuse else model.disable_fused_decoders()
+    model.zero_grad(set_to_none=True)
+    x = torch.randn(len(t), 3, 8, 8, generator=torch.manual_seed(1))
+    class_labels = torch.arange(len(t)) % 5 if labels else None
+    out = model(x, torch.tensor(t), class_labels=class_labels).sample
+    (out * torch.randn(out.shape, generator=torch.manual_seed(2))).sum().backward()
+    return out.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(reference, fused):
+    (out, grads), (fused_out, fused_grads) = reference, fused
+    assert torch.allclose(fused_out, out, atol=1e-5)
+    assert grads.keys() == fused_grads.keys() and any(name.startswith("decoders.") for name in grads)
+    scale = max(grad.abs().max() for grad in grads.values())  # fp32 sums in another order: rounding at this scale
+    for name, grad in grads.items():
+        assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-6 * scale), name
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_path_gives_the_per_stage_outputs_and_gradients(model, case, mode, monkeypatch):
+    getattr(model, mode)()
+    counts = Counts(monkeypatch)
+    reference = run(model, CASES[case], fuse=False)
+    per_stage_calls, counts.decoders = counts.decoders, []
+    fused = run(model, CASES[case], fuse=True)
+    assert_same(reference, fused)
+    stages = model.partition.stage_for_timestep(torch.tensor(CASES[case])).unique().tolist()
+    assert per_stage_calls == [model.decoders[s] for s in stages]
+    if len(stages) > 1:  # one vmap call, running the first present stage's modules once for every stage
+        assert counts.vmaps == 1 and counts.decoders == [model.decoders[stages[0]]]
+    else:
+        assert counts.vmaps == 0 and counts.decoders == per_stage_calls
+
+
+def test_fused_path_without_class_labels_and_in_inference_mode():
+    torch.manual_seed(0)
+    model = distinct_decoders(MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=BOUNDARIES)).eval()
+    assert_same(run(model, CASES["uneven"], False, labels=False), run(model, CASES["uneven"], True, labels=False))
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([10, 900, 300, 20])
+    with torch.inference_mode():
+        fused = model(x, t).sample
+    model.disable_fused_decoders()
+    assert torch.allclose(fused, model(x, t).sample, atol=1e-5)
+
+
+def test_models_whose_decoders_are_not_checked_under_vmap_refuse_fusing():
+    model = MultiStageDDPMppUNet2DModel(**{**TINY_DDPMPP, "decoder_channels": (16, 16, 16)})
+    with pytest.raises(ValueError, match="`enable_fused_decoders` is not supported by MultiStageDDPMppUNet2DModel"):
+        model.enable_fused_decoders()
+
+
+def no_fusion_setups():
+    def hooked(model):
+        model.decoders[1].up_blocks[0].register_forward_pre_hook(lambda *_: None)
+
+    def offloaded(model):  # what `enable_stage_offload` installs: accelerate hooks, which override `forward`
+        add_hook_to_module(model.decoders[2], ModelHook())
+
+    def checkpointed(model):
+        model.enable_gradient_checkpointing()
+
+    def other_processor(model):
+        model.decoders[3].up_blocks[0].attentions[0].set_processor(AttnProcessor())
+
+    def switched_off(model):
+        model.disable_fused_decoders()
+
+    return [hooked, offloaded, checkpointed, other_processor, switched_off]
+
+
+@pytest.mark.parametrize("setup", no_fusion_setups(), ids=lambda setup: setup.__name__)
+def test_the_per_stage_path_runs_where_fusing_is_not_valid(model, setup, monkeypatch):
+    t = CASES["even"]
+    reference = run(model, t, fuse=False)
+    model.enable_fused_decoders()
+    counts = Counts(monkeypatch)
+    setup(model)
+    out, grads = run(model, t)
+    assert counts.vmaps == 0 and len(counts.decoders) == 4  # each decoder once, on its own samples
+    assert_same(reference, (out, grads))
+
+
+def test_tailored_or_compiled_decoders_and_stage_index_are_never_fused(tiny_multistage, monkeypatch):
+    tiny_multistage.enable_fused_decoders()
+    counts, x = Counts(monkeypatch), torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        tiny_multistage(x, torch.tensor([10, 500, 900]))  # three widths: three architectures
+        tiny_multistage(x, torch.tensor([10, 500, 900]), stage_index=1)
+    assert counts.vmaps == 0 and len(counts.decoders) == 4
+    decoders = list(tiny_multistage.decoders)
+    assert fused_decoders(decoders) is None and fused_decoders(decoders[1:2] * 2) is not None
+    decoders[1].compile(backend="eager")  # what `compile_stages` does: the compiled decoder runs on its own
+    assert fused_decoders(decoders[1:2] * 2) is None
+
+
+def test_gradient_checkpointing_is_fused_only_without_gradients(model, monkeypatch):
+    model.enable_gradient_checkpointing()
+    model.enable_fused_decoders()
+    counts = Counts(monkeypatch)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), class_labels=torch.tensor([0, 1]))
+    assert counts.vmaps == 1
+
+
+def test_fusing_adds_nothing_to_the_state_dict_and_follows_parameter_updates(model):
+    keys = list(model.state_dict())
+    model.enable_fused_decoders()
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([10, 900, 300, 600])  # stages 0, 3, 1, 2
+    with torch.no_grad():
+        before = model(x, t, class_labels=torch.arange(4)).sample
+        model.decoders[2].conv_out.bias.add_(1.0)  # what an optimizer step does: in place
+        after = model(x, t, class_labels=torch.arange(4)).sample
+    assert list(model.state_dict()) == keys
+    assert torch.allclose(after - before, torch.tensor([0.0, 0.0, 0.0, 1.0])[:, None, None, None], atol=1e-5)
+
+
+@pytest.mark.parametrize(("max_padding", "fused"), [(None, [0, 0]), (0.0, [1, 0]), (0.25, [1, 0]), (1.0, [1, 1])])
+def test_fusing_is_off_by_default_and_bounded_by_the_padding(model, max_padding, fused, monkeypatch):
+    if max_padding is not None:
+        model.enable_fused_decoders(max_padding=max_padding)
+    counts, vmaps = Counts(monkeypatch), []
+    for t in ([10, 300, 600, 900], [10, 20, 30, 900]):  # even (no padding); 3 + 1 samples (6 rows for 4: 50%)
+        with torch.no_grad():
+            model(torch.randn(4, 3, 8, 8), torch.tensor(t), class_labels=torch.arange(4))
+        vmaps.append(counts.vmaps - sum(vmaps))
+    assert vmaps == fused
+
+
+@pytest.mark.parametrize("max_padding", [-0.5, float("nan"), "0.1", True])
+def test_a_bad_max_padding_names_the_argument(model, max_padding):
+    with pytest.raises(ValueError, match="`max_padding` must be a number >= 0"):
+        model.enable_fused_decoders(max_padding=max_padding)
