@@ -186,6 +186,12 @@ def ldm_cross_attention_config(p: dict) -> dict:
         raise ValueError(f"`context_dim` must be one positive integer for spatial transformers, got {context_dim!r}.")
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ValueError(f"`transformer_depth` must be one positive integer, got {depth!r}.")
+    if p.get("num_classes") is not None:
+        raise ValueError(
+            f"The original model sets `num_classes`={p['num_classes']!r} together with spatial transformers: a class "
+            "embedding added to the time embedding as well as the ClassEmbedder's context, which no published config "
+            "does and MultiStagePipeline does not sample (it gives the class through `class_embedder` only)."
+        )
     heads, head_channels = p.get("num_heads", -1), p.get("num_head_channels", -1)
     if head_channels == -1 and heads < 1:
         raise ValueError("The original model sets neither `num_heads` nor `num_head_channels`.")

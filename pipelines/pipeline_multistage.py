@@ -67,6 +67,11 @@ class MultiStagePipeline(StagedDiffusionPipeline):
                 f"`class_embedder`={type(class_embedder).__name__ if class_embedder is not None else None}. For text "
                 "prompts, use the U-Net as the `unet` of diffusers' StableDiffusionPipeline."
             )
+        if cross_attention and unet.config.num_class_embeds is not None:
+            raise ValueError(
+                f"A cross-attention `unet` takes its class from `class_embedder` only, but it also has "
+                f"`num_class_embeds`={unet.config.num_class_embeds} (a class embedding added to the time embedding)."
+            )
         if cross_attention and class_embedder.config.cross_attention_dim != unet.config.cross_attention_dim:
             raise ValueError(
                 f"`class_embedder` gives contexts of width {class_embedder.config.cross_attention_dim}, but the U-Net "

@@ -464,8 +464,9 @@ def test_unconditional_label_of_the_original_is_kept_when_it_is_the_last_class(t
         (None, lambda state: state.pop("cond_stage_model.embedding.weight"), "whole LatentDiffusion state dict"),
         (None, lambda state: state.update({"cond_stage_model.embedding.weight": torch.zeros(3, 24)}), "shape"),
         (lambda params: params["unet_config"]["params"].update(context_dim=[24]), None, "`context_dim`"),
+        (lambda params: params["unet_config"]["params"].update(num_classes=5), None, "`num_classes`=5"),
     ],
-    ids=["not-crossattn", "text-encoder", "no-embedder", "embedder-shape", "context-list"],
+    ids=["not-crossattn", "text-encoder", "no-embedder", "embedder-shape", "context-list", "label-embedding-too"],
 )
 def test_cross_attention_checkpoints_without_a_class_context_are_refused(tmp_path, edit_params, edit_state, match):
     checkpoint, config = write_source(tmp_path, {**TINY, **CONFIGS["cin-mul"][0]}, edit=edit_state)

@@ -259,12 +259,17 @@ def test_class_context_pipeline_same_seed_same_images_after_save_and_reload(tiny
 
 
 def test_class_context_pipeline_refuses_mismatched_components(tiny_cond_unet, tiny_multistage):
-    from diffusers_stages import ClassContextEmbedding
+    from diffusers_stages import ClassContextEmbedding, MultiStageUNet2DConditionModel
 
     pipe = _class_context_pipe(tiny_cond_unet)
     with pytest.raises(ValueError, match="`class_embedder` must be given exactly when"):
         MultiStagePipeline(unet=pipe.unet, scheduler=DDIMScheduler())  # no context for the cross-attention U-Net
     with pytest.raises(ValueError, match="`class_embedder` must be given exactly when"):
         MultiStagePipeline(unet=tiny_multistage, scheduler=DDIMScheduler(), class_embedder=pipe.class_embedder)
+    labelled = MultiStageUNet2DConditionModel(
+        **{k: v for k, v in pipe.unet.config.items() if not k.startswith("_")} | {"num_class_embeds": 4}
+    )
+    with pytest.raises(ValueError, match="`num_class_embeds`=4"):
+        MultiStagePipeline(unet=labelled, scheduler=DDIMScheduler(), class_embedder=pipe.class_embedder)
     with pytest.raises(ValueError, match="width 16.*`cross_attention_dim`=32"):
         MultiStagePipeline(unet=pipe.unet, scheduler=DDIMScheduler(), class_embedder=ClassContextEmbedding(4, 16))
