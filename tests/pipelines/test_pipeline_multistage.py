@@ -251,9 +251,13 @@ def test_class_context_pipeline_same_seed_same_images_after_save_and_reload(tiny
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["class_embedder"] == ["diffusers_stages.models.class_context", "ClassContextEmbedding"]
-    loaded = MultiStagePipeline.from_pretrained(tmp_path)
-    loaded.set_progress_bar_config(disable=True)
-    assert torch.equal(loaded(**kwargs, generator=torch.manual_seed(0)).images, images)
+    for loaded in (
+        MultiStagePipeline.from_pretrained(tmp_path),
+        DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True),
+    ):
+        assert type(loaded.class_embedder).__name__ == "ClassContextEmbedding"
+        loaded.set_progress_bar_config(disable=True)
+        assert torch.equal(loaded(**kwargs, generator=torch.manual_seed(0)).images, images)
     loaded.enable_stage_offload(device="cpu")  # one decoder resident at a time; the class embedder stays
     assert torch.equal(loaded(**kwargs, generator=torch.manual_seed(0)).images, images)
 
