@@ -20,6 +20,7 @@ import sys
 
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from diffusers_stages.conversion.common import (
     build_parser,
@@ -58,28 +59,29 @@ def multistage_stage_to_unet(
     model: MultiStageUNet2DModel | MultiStageUNet2DConditionModel, stage: int
 ) -> UNet2DModel | UNet2DConditionModel:
     """The `UNet2DModel` equal to ``model`` decoded by stage ``stage`` (inverse of `MultiStageUNet2DModel.from_unet`);
-    a `UNet2DConditionModel` for a `MultiStageUNet2DConditionModel`.
+        a `UNet2DConditionModel` for a `MultiStageUNet2DConditionModel`.
 
-    Example:
+        Example:
 
-    ```py
-    >>> import torch
-    >>> from diffusers import UNet2DConditionModel, UNet2DModel
-    >>> from diffusers_stages import MultiStageUNet2DModel
-    >>> from diffusers_stages.conversion.multistage_to_unet import multistage_stage_to_unet
-    >>> staged = MultiStageUNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
-    ...     layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
-    ...     stage_boundaries=(500,), decoder_block_out_channels=((8, 16), (4, 8)))
-    >>> unet = multistage_stage_to_unet(staged, stage=0)
-    >>> x = torch.randn(1, 3, 8, 8)
-    >>> torch.equal(unet(x, 100).sample, staged(x, 100, stage_index=0).sample)
-    True
-    >>> multistage_stage_to_unet(staged, stage=1)
-    Traceback (most recent call last):
-    ...
-    ValueError: Stage 1's decoder has widths (4, 8), not the encoder's (8, 16): ...
+        ```py
+        >>> import torch
+        >>> from diffusers import UNet2DConditionModel, UNet2DModel
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+        >>> from diffusers_stages import MultiStageUNet2DModel
+        >>> from diffusers_stages.conversion.multistage_to_unet import multistage_stage_to_unet
+        >>> staged = MultiStageUNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
+        ...     layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+        ...     stage_boundaries=(500,), decoder_block_out_channels=((8, 16), (4, 8)))
+        >>> unet = multistage_stage_to_unet(staged, stage=0)
+        >>> x = torch.randn(1, 3, 8, 8)
+        >>> torch.equal(unet(x, 100).sample, staged(x, 100, stage_index=0).sample)
+        True
+        >>> multistage_stage_to_unet(staged, stage=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: Stage 1's decoder has widths (4, 8), not the encoder's (8, 16): ...
 
-    ```
+        ```
     """
     if type(model) not in EXPORTS:
         raise ValueError(
@@ -98,23 +100,19 @@ def multistage_stage_to_unet(
             f"connections through 1x1 adapters, which a {unet_class.__name__} has no place for. Only stages whose "
             "decoder has the encoder's widths can be exported."
         )
-    heads = model.config.get("decoder_attention_head_dim")
-    if heads is not None:  # a plain U-Net's up blocks have the encoder's heads (the same weights either way)
-        levels = len(encoder)
-        own, shared = _per_level(heads[stage], levels), _per_level(model.config.attention_head_dim, levels)
-        types = model.config.get("decoder_up_block_types") or [model.config.up_block_types] * model.num_stages
-        attending = [level for level, block in enumerate(reversed(types[stage])) if "CrossAttn" in block]
-        if any(own[level] != shared[level] for level in attending):
-            raise ValueError(
-                f"Stage {stage}'s decoder attends with {own} heads per block, not the encoder's {shared}: a "
-                f"{unet_class.__name__} gives its up blocks the encoder's heads, so this stage cannot be exported."
-            )
     # 1. config: the U-Net arguments of the multi-stage config, without the stage keys
     unet_arguments = inspect.signature(unet_class.__init__).parameters
     config = {k: v for k, v in model.config.items() if k in unet_arguments and k not in STAGE_KEYS}
     if model.config.get("decoder_up_block_types"):  # decoders may attend at different levels
         config["up_block_types"] = tuple(model.config.decoder_up_block_types[stage])
     unet = unet_class(**config)
+    # a plain U-Net's up blocks attend with the encoder's heads: the same weights, other heads would compute otherwise
+    own, plain = _up_path_heads(model.decoders[stage]), _up_path_heads(unet)
+    if own != plain:
+        raise ValueError(
+            f"Stage {stage}'s decoder attends with {own} heads per block, not the encoder's {plain}: a "
+            f"{unet_class.__name__} gives its up blocks the encoder's heads, so this stage cannot be exported."
+        )
     # 2. weights: the shared encoder as is, the stage's decoder without its `decoders.{stage}.` prefix
     prefix = f"decoders.{stage}."
     state_dict = {}
@@ -128,8 +126,11 @@ def multistage_stage_to_unet(
     return (unet if unet.dtype == model.dtype else unet.to(dtype=model.dtype)).eval()
 
 
-def _per_level(value, levels: int) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value] * levels
+def _up_path_heads(module: torch.nn.Module) -> list[int]:
+    """The head count of every transformer in ``module``'s up blocks, in order."""
+    return [
+        t.transformer_blocks[0].attn1.heads for t in module.up_blocks.modules() if isinstance(t, Transformer2DModel)
+    ]
 
 
 def load_multistage(path: str) -> MultiStageUNet2DModel | MultiStageUNet2DConditionModel:
