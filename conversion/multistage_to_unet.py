@@ -66,7 +66,6 @@ def multistage_stage_to_unet(
         ```py
         >>> import torch
         >>> from diffusers import UNet2DConditionModel, UNet2DModel
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
         >>> from diffusers_stages import MultiStageUNet2DModel
         >>> from diffusers_stages.conversion.multistage_to_unet import multistage_stage_to_unet
         >>> staged = MultiStageUNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
