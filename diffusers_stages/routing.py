@@ -79,7 +79,8 @@ def dispatch_by_stage(
     sees its samples in their order), ``inputs`` are gathered once in that order, each stage's network runs on its
     contiguous slice (a view), and the outputs are put back in order with one scatter: the cost is
     ``sum_s network_s(B_s)`` plus one gather and one scatter, whatever the number of stages. The routed path reads
-    the stages on the host once (their counts); the ``stage_index`` path reads no tensor value.
+    on the host the timesteps' smallest and largest value (the partition's range check) and the per-stage counts,
+    whatever the number of stages; the ``stage_index`` path reads no tensor value.
 
     ``inputs`` given as a list are handed over: the routing empties the list once it has gathered them, and hands
     each network a list of its own, so that a network that empties what it reads (the package's decoders do) frees
@@ -106,7 +107,7 @@ def dispatch_by_stage(
     if stage_index is not None:
         check_stage_index(stage_index, partition.num_stages)
         return run_stage(int(stage_index), inputs)
-    # 1. the stage of every sample, and how many samples each stage holds (the one host read)
+    # 1. the stage of every sample (after the partition's range check), and how many samples each stage holds
     stages = partition.stage_for_timestep(timesteps.reshape(-1)).to(timesteps.device)
     batch = stages.numel()
     counts = torch.bincount(stages, minlength=partition.num_stages).tolist()
