@@ -59,28 +59,28 @@ def multistage_stage_to_unet(
     model: MultiStageUNet2DModel | MultiStageUNet2DConditionModel, stage: int
 ) -> UNet2DModel | UNet2DConditionModel:
     """The `UNet2DModel` equal to ``model`` decoded by stage ``stage`` (inverse of `MultiStageUNet2DModel.from_unet`);
-        a `UNet2DConditionModel` for a `MultiStageUNet2DConditionModel`.
+    a `UNet2DConditionModel` for a `MultiStageUNet2DConditionModel`.
 
-        Example:
+    Example:
 
-        ```py
-        >>> import torch
-        >>> from diffusers import UNet2DConditionModel, UNet2DModel
-        >>> from diffusers_stages import MultiStageUNet2DModel
-        >>> from diffusers_stages.conversion.multistage_to_unet import multistage_stage_to_unet
-        >>> staged = MultiStageUNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
-        ...     layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
-        ...     stage_boundaries=(500,), decoder_block_out_channels=((8, 16), (4, 8)))
-        >>> unet = multistage_stage_to_unet(staged, stage=0)
-        >>> x = torch.randn(1, 3, 8, 8)
-        >>> torch.equal(unet(x, 100).sample, staged(x, 100, stage_index=0).sample)
-        True
-        >>> multistage_stage_to_unet(staged, stage=1)
-        Traceback (most recent call last):
-        ...
-        ValueError: Stage 1's decoder has widths (4, 8), not the encoder's (8, 16): ...
+    ```py
+    >>> import torch
+    >>> from diffusers import UNet2DConditionModel, UNet2DModel
+    >>> from diffusers_stages import MultiStageUNet2DModel
+    >>> from diffusers_stages.conversion.multistage_to_unet import multistage_stage_to_unet
+    >>> staged = MultiStageUNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
+    ...     layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+    ...     stage_boundaries=(500,), decoder_block_out_channels=((8, 16), (4, 8)))
+    >>> unet = multistage_stage_to_unet(staged, stage=0)
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> torch.equal(unet(x, 100).sample, staged(x, 100, stage_index=0).sample)
+    True
+    >>> multistage_stage_to_unet(staged, stage=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: Stage 1's decoder has widths (4, 8), not the encoder's (8, 16): ...
 
-        ```
+    ```
     """
     if type(model) not in EXPORTS:
         raise ValueError(
