@@ -12,7 +12,8 @@ Everything is measured in one run and printed as ratios to the baseline measured
    at batch 1 and at batch 16.
 4. Mixed batches (small model: 16x16, widths (32, 64), identical decoders, one thread): a batch spread evenly over
    the stages against the same batch in one stage, decoded stage by stage and fused (`enable_fused_decoders`), at 2,
-   3, 8 and 16 stages and batch 4 and 16 (wall and process CPU time), and a training step at 8 stages, batch 16.
+   3, 8 and 16 stages and batch 4 and 16 (wall and process CPU time), a training step at 8 stages, batch 16, and
+   a wider model (widths (64, 128, 128), 32x32) at 4 stages, batch 16.
 5. Loading: the peak resident memory that `from_pretrained` adds, against the parameters' size (in a subprocess).
 6. Per-step pipeline overhead: `MultiStagePipeline` with identical decoders against `DDIMPipeline` (small model).
 7. `compile_stages` with inductor: the time of compiling every stage (warm-up), and the steady-state forward time
@@ -198,8 +199,8 @@ MIXED_CASES = ((2, 4), (3, 4), (8, 4), (16, 4), (2, 16), (3, 16), (8, 16), (16, 
 def mixed_batches(args, small) -> list[tuple]:
     """Section 4: a batch spread evenly over the stages (sample i in stage i mod stages) against the same batch in
     one stage (baseline column), decoded stage by stage and fused (`enable_fused_decoders`, any padding), on one
-    thread: the median wall time and this process's median CPU time (steadier on a shared machine), inference; and
-    one training step (forward and backward) at 8 stages and batch 16."""
+    thread: the median wall time and this process's median CPU time (steadier on a shared machine), inference; one
+    training step (forward and backward) at 8 stages and batch 16; and a wider model at 4 stages and batch 16."""
     device, rows, threads = args.device, [], torch.get_num_threads()
     torch.set_num_threads(1)
     for count, batch in MIXED_CASES:
@@ -228,6 +229,22 @@ def mixed_batches(args, small) -> list[tuple]:
                 "fused": lambda fused=fused, x=x, t=mixed: training_step(fused, x, t),
             }
             rows += mixed_rows(f"{name}, training step", steps, args.repeats, device)
+    # a wider model, where grouped convolutions cost more than the per-decoder calls they save
+    wide = UNet2DModel(**encoder_kwargs(64, 32))
+    partition = TimestepPartition.uniform(4)
+    staged = MultiStageUNet2DModel.from_unet(wide, stage_boundaries=partition.boundaries).to(device).eval()
+    fused = MultiStageUNet2DModel.from_unet(wide, stage_boundaries=partition.boundaries).to(device).eval()
+    fused.enable_fused_decoders(max_padding=float("inf"))
+    mixed = torch.tensor([[0, *partition.boundaries][i % 4] + 1 for i in range(16)], device=device)
+    single, x = torch.full((16,), 1, device=device), torch.randn(16, 3, 32, 32, device=device)
+    fns = {
+        "single": lambda: staged(x, single),
+        "per_stage": lambda: staged(x, mixed),
+        "fused": lambda: fused(x, mixed),
+    }
+    with torch.inference_mode():
+        rows += mixed_rows("mixed batch, widths (64, 128, 128) at 32x32, 4 stages, batch 16 (4 each)", fns,
+                           args.repeats, device)  # fmt: skip
     torch.set_num_threads(threads)
     return rows
 

@@ -5,16 +5,15 @@ tailored decoder's widths, the check of each stage's decoder widths, and one sta
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d_blocks import get_up_block
 from torch import nn
-from torch.func import functional_call, vmap
 
 from ..partition import TimestepPartition
+from .packed_decoders import packable, packed_decoders
 
 
 def skip_channels(block_out_channels: Sequence[int], layers_per_block: int | Sequence[int]) -> list[int]:
@@ -240,8 +239,8 @@ def _fusable_state(module: nn.Module, prefix: str, key: list, names: list[str], 
     train mode, gradient checkpointing, each parameter's and buffer's name, shape, dtype, device and
     ``requires_grad``) and its tensors to ``names``/``tensors``; `False` where a module runs code a fused pass would
     not run once per stage (hooks, an overridden ``forward`` such as accelerate's or diffusers' hooks install, a
-    compiled module), and where gradient checkpointing would recompute it outside the fused pass (`torch.func.vmap`
-    cannot). Reads the module's ``__dict__`` directly: this runs on every fused forward."""
+    compiled module), and where gradient checkpointing would recompute it outside the fused pass (which does not
+    checkpoint). Reads the module's ``__dict__`` directly: this runs on every fused forward."""
     state = module.__dict__
     checkpointing = state.get("gradient_checkpointing")
     if (
@@ -274,25 +273,33 @@ def fused_decoders(decoders: Sequence[nn.Module]) -> Callable[..., torch.Tensor]
     One pass through several decoders of one architecture, or `None` when they are not fusable.
 
     Decoders are fusable when they have the same structure (module types and attention processor types, parameter
-    and buffer names, shapes, dtypes and devices, train mode) and none has hooks or is compiled: what
-    `MultiStageUNet2DModel.from_unet` gives, and what training from it keeps. The returned callable takes the
-    decoders' inputs (``hidden``, ``skips``, ``emb``) with one block of rows per decoder, in the order of
-    ``decoders``, and runs the first decoder's modules once with every decoder's parameters stacked on a stage axis
-    (`torch.func.vmap` of `torch.func.functional_call`; convolutions become grouped convolutions). The parameters
-    are stacked on every call, inside autograd: gradients reach each decoder's own parameters, and an optimizer
-    step or a load is seen by the next call (nothing stacked is kept).
+    and buffer names, shapes, dtypes and devices, train mode), none has hooks or is compiled, and they are
+    `StageDecoder`s of the layers that have a channel-packed form (see
+    [`~diffusers_stages.models.packed_decoders.packable`]): what `MultiStageUNet2DModel.from_unet` gives, and what
+    training from it keeps. The returned callable takes the decoders' inputs (``hidden``, ``skips``, ``emb``) with
+    one block of rows per decoder, in the order of ``decoders``, and runs them as one network whose channels are
+    the decoders' channels side by side: a convolution of all decoders is one grouped convolution, a group norm one
+    group norm, a linear layer one batched matrix product. The parameters are stacked on every call, inside
+    autograd: gradients reach each decoder's own parameters, and an optimizer step or a load is seen by the next
+    call (nothing stacked is kept).
 
     Example:
 
     ```py
     >>> import torch
+    >>> from diffusers import UNet2DModel
+    >>> from diffusers_stages import MultiStageUNet2DModel
     >>> from diffusers_stages.models.decoders import fused_decoders
-    >>> decoders = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
-    >>> run = fused_decoders(decoders)
-    >>> x = torch.randn(4, 2)  # rows 0-1 for the first decoder, rows 2-3 for the second
-    >>> torch.allclose(run(x), torch.cat([decoders[0](x[:2]), decoders[1](x[2:])]))
-    True
-    >>> fused_decoders([torch.nn.Linear(2, 2), torch.nn.Linear(2, 3)]) is None  # not one architecture
+    >>> unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+    ...     down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    >>> model = MultiStageUNet2DModel.from_unet(unet, stage_boundaries=[500])
+    >>> run = fused_decoders(list(model.decoders))
+    >>> shapes = [(8, 8, 8), (8, 8, 8), (8, 4, 4), (16, 4, 4)]  # the encoder's skips, per sample
+    >>> hidden, skips, emb = torch.randn(4, 16, 4, 4), [torch.randn(4, *shape) for shape in shapes], torch.randn(4, 32)
+    >>> out = run(hidden, list(skips), emb)  # rows 0-1 for the first decoder, rows 2-3 for the second
+    >>> first = model.decoders[0](hidden[:2], [skip[:2] for skip in skips], emb[:2])
+    >>> second = model.decoders[1](hidden[2:], [skip[2:] for skip in skips], emb[2:])
+    >>> torch.allclose(out, torch.cat([first, second]), atol=1e-5)
     True
 
     ```
@@ -304,22 +311,11 @@ def fused_decoders(decoders: Sequence[nn.Module]) -> Callable[..., torch.Tensor]
             return None
         keys.append(key)
         tensors.append(tensors_of_decoder)
-    if any(key != keys[0] for key in keys[1:]):
+    if any(key != keys[0] for key in keys[1:]) or not packable(decoders[0]):
         return None
-    template = decoders[0]
 
-    def run_one(params: dict[str, torch.Tensor], *inputs) -> torch.Tensor:
-        return functional_call(template, params, inputs)
+    def stacked() -> dict[str, torch.Tensor]:
+        # every decoder's parameters stacked on a stage axis (in autograd: gradients reach the originals)
+        return {name: torch.stack(stage_tensors) for name, stage_tensors in zip(names, zip(*tensors))}
 
-    def run(*inputs) -> torch.Tensor:
-        # 1. every decoder's parameters stacked on a stage axis (in autograd: gradients reach the originals)
-        params = {name: torch.stack(stage_tensors) for name, stage_tensors in zip(names, zip(*tensors))}
-        # 2. the inputs' rows split into one block per decoder, one vmapped pass, the blocks joined again
-        blocks = torch.utils._pytree.tree_map(
-            lambda value: value.unflatten(0, (len(decoders), -1)) if torch.is_tensor(value) else value, list(inputs)
-        )
-        with warnings.catch_warnings():  # CPU attention runs in a loop over the stages under vmap: known, exact
-            warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
-            return vmap(run_one, randomness="different")(params, *blocks).flatten(0, 1)
-
-    return run
+    return packed_decoders(decoders[0], len(decoders), stacked)

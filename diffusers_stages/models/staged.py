@@ -116,7 +116,7 @@ class StagedModelMixin(StageCompileMixin):
     """
 
     partition: TimestepPartition
-    _supports_fused_decoders: bool = False  # decoders that run under `torch.func.vmap` (see `enable_fused_decoders`)
+    _supports_fused_decoders: bool = False  # decoders with a channel-packed form (`enable_fused_decoders`)
     _fused_decoders_max_padding: float | None = None  # `None`: fused decoders off
 
     # ---- saving: diffusers' `auto_map` convention -------------------------------------------------------------
@@ -195,25 +195,25 @@ class StagedModelMixin(StageCompileMixin):
     def enable_fused_decoders(self, max_padding: float = 0.25) -> None:
         r"""
         Decode a mixed batch in one pass through all its stages' decoders, where they have one architecture (same
-        modules and parameter shapes: what `from_unet` gives and training from it keeps): every decoder's
-        parameters are stacked on a stage axis in each forward (inside autograd, so gradients reach each decoder
-        and an optimizer step is seen by the next call; nothing is added to the state dict) and the first
-        decoder's modules run once under `torch.func.vmap` (convolutions become grouped convolutions). Outputs and
-        gradients are the per-stage path's (to float rounding).
+        modules and parameter shapes: what `from_unet` gives and training from it keeps): the decoders run as one
+        network whose channels are theirs side by side (a convolution of all stages is one grouped convolution, a
+        group norm one group norm of every stage's groups, a linear layer one batched matrix product; see
+        `diffusers_stages.models.packed_decoders`). Every decoder's parameters are stacked in each forward (inside
+        autograd, so gradients reach each decoder and an optimizer step is seen by the next call; nothing is added
+        to the state dict). Outputs and gradients are the per-stage path's (to float rounding).
 
         Each stage's rows are padded to the largest stage count (repeating its last sample), so a batch is fused
         only when that padding adds at most ``max_padding`` of the batch. Otherwise, and with ``stage_index``, a
         batch in one stage, decoders of different architectures, hooks on a decoder (`enable_stage_offload`,
-        layerwise casting), compiled decoders (`compile_stages`), or gradient checkpointing while computing
-        gradients, the per-stage path runs unchanged. Dropout under `vmap` draws different random numbers than
-        the per-stage path.
+        layerwise casting), compiled decoders (`compile_stages`), attention processors other than diffusers'
+        `AttnProcessor2_0`/`AttnProcessor`, FreeU, or gradient checkpointing while computing gradients, the
+        per-stage path runs unchanged. Dropout draws different random numbers than the per-stage path.
 
-        It is off by default because it pays only where per-call overhead dominates. On CPU (one thread), the small
-        benchmark model (16x16, widths (32, 64)) decodes 8 stages at batch 16 in about 0.88x the per-stage time
-        (a training step: 0.87x), 16 stages in 0.75x; but 2 and 3 stages take 1.1-1.25x, 4 stages of one sample
-        each the same time, and a wider model (widths (64, 128, 128), 32x32) 4 stages at batch 16 1.14x: grouped
-        convolutions cost more per FLOP than one convolution, and padding costs rows
-        (`benchmarks/bench_multistage.py --sections mixed`).
+        It is off by default because grouped convolutions cost more per FLOP than one convolution over the whole
+        batch, which wins back per-decoder overhead only for small decoders. On CPU (one thread), the small benchmark
+        model (16x16, widths (32, 64)) decodes a mixed batch of 16 in 0.65-0.83x the per-stage time at 3-16
+        stages (a training step at 8 stages: 0.83x), but a wider model (widths (64, 128, 128), 32x32) 4 stages at
+        batch 16 in 1.08x (`benchmarks/bench_multistage.py --sections mixed`). Not measured on a GPU.
 
         Args:
             max_padding (`float`, defaults to 0.25): the largest share of padding rows (relative to the batch) a
@@ -221,8 +221,8 @@ class StagedModelMixin(StageCompileMixin):
         """
         if not self._supports_fused_decoders:
             raise ValueError(
-                f"`enable_fused_decoders` is not supported by {type(self).__name__} (its decoders are not checked "
-                "to run under `torch.func.vmap`)."
+                f"`enable_fused_decoders` is not supported by {type(self).__name__}: its decoders have no "
+                "channel-packed form (only `MultiStageUNet2DModel`'s do)."
             )
         if isinstance(max_padding, bool) or not isinstance(max_padding, (int, float)) or not max_padding >= 0:
             raise ValueError(f"`max_padding` must be a number >= 0, got {max_padding!r}.")

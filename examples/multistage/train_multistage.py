@@ -20,6 +20,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: the encoder's `--block_out_channels` for every decoder).",
     )  # fmt: skip
     group.add_argument(
+        "--fused_decoders", action="store_true",
+        help="Decode each mixed batch in one channel-packed pass through all decoders (`enable_fused_decoders`; "
+        "same outputs and gradients) where the decoders share one architecture (no `--decoder_block_out_channels`, "
+        "or equal widths) and padding every stage to the largest stage's count adds at most 25%% rows (e.g. with "
+        "equal `--stage_shares`); other batches are decoded stage by stage. Faster with many stages of few samples "
+        "each (README, Benchmarks).",
+    )  # fmt: skip
+    group.add_argument(
         "--pretrained_model_name_or_path", type=str, default=None,
         help="Fine-tune this MultiStagePipeline folder (e.g. one written by `diffusers_stages.conversion`) instead of "
         "training a new model: its unet (MultiStageUNet2DModel or MultiStageDDPMppUNet2DModel), stages and noise "

@@ -97,7 +97,7 @@ def test_resuming_a_finetune_continues_from_the_checkpoint(examples, script, ima
     assert all(torch.equal(a[k], b[k]) for k in a)  # step 2 started from checkpoint-1, not from the source
 
 
-def test_finetunes_an_edm_ddpmpp_pipeline(examples, script, image_folder, tmp_path):
+def test_finetunes_an_edm_ddpmpp_pipeline(examples, script, image_folder, tmp_path, capsys):
     source, out = str(tmp_path / "edm"), str(tmp_path / "run")
     torch.manual_seed(0)
     model = MultiStageDDPMppUNet2DModel(
@@ -107,6 +107,10 @@ def test_finetunes_an_edm_ddpmpp_pipeline(examples, script, image_folder, tmp_pa
     MultiStagePipeline(unet=model, scheduler=EDMEulerScheduler(sigma_max=40.0)).save_pretrained(source)
     args = script.parse_args(_finetune_args(examples, image_folder, source, out, "--boundary_units", "sigma",
                                             "--class_conditional", "--use_ema"))  # fmt: skip
+    with pytest.raises(SystemExit):  # a usage error, before any data is read
+        script.parse_args([*_finetune_args(examples, image_folder, source, out, "--boundary_units", "sigma"),
+                           "--fused_decoders"])  # fmt: skip
+    assert "`--fused_decoders` is not supported by MultiStageDDPMppUNet2DModel" in capsys.readouterr().err
     assert script.MultiStageTask(args).find_unused_parameters  # EDM's augmentation embedding trains without labels
     script.main(args)
 

@@ -59,6 +59,24 @@ def test_trains_reloads_and_samples_with_hub_push(examples, script, image_folder
     assert MultiStagePipeline.from_pretrained(pushed).unet.config.stage_boundaries == [442.0, 631.0]
 
 
+def test_fused_decoders_train_the_same_weights_in_one_packed_pass_per_step(examples, script, image_folder, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    from diffusers_stages.models import packed_decoders
+
+    passes, packed_call = [], packed_decoders._Packed.__call__
+    monkeypatch.setattr(packed_decoders._Packed, "__call__", lambda *a: passes.append(1) or packed_call(*a))
+    weights = {}
+    for fused in (False, True):
+        out = str(tmp_path / f"run-{fused}")
+        examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out,
+                                "--stage_shares", "1,1,1", "--train_batch_size", "6", "--max_train_steps", "2",
+                                "--save_images_steps", "100", *(["--fused_decoders"] if fused else [])])  # fmt: skip
+        weights[fused] = load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+        assert len(passes) == (2 if fused else 0)  # one packed pass per optimisation step (2 samples per stage)
+    assert weights[True].keys() == weights[False].keys()
+    assert all(torch.allclose(weights[True][k], weights[False][k], atol=1e-5) for k in weights[False])
+
+
 def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_path):
     from diffusers import AutoencoderKL
 

@@ -1,16 +1,17 @@
-"""The fused decoder path: decoders of one architecture run in one `torch.func.vmap` pass on a mixed batch, with
-the per-stage path's outputs and gradients, and the per-stage path wherever fusing is not valid."""
+"""The fused decoder path: decoders of one architecture run as one channel-packed network on a mixed batch, with the
+per-stage path's outputs and gradients, and the per-stage path wherever fusing is not valid."""
 
 import math
 
 import pytest
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
-from diffusers.models.attention_processor import AttnProcessor
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from diffusers_stages import MultiStageDDPMppUNet2DModel, MultiStageUNet2DModel
-from diffusers_stages.models import decoders as decoders_module
+from diffusers_stages.models import packed_decoders as packed_module
 from diffusers_stages.models.decoders import StageDecoder, fused_decoders
+from diffusers_stages.models.packed_decoders import packable
 from tests.conftest import TINY_UNET
 from tests.models.test_unet_multistage_ddpmpp import TINY as TINY_DDPMPP
 
@@ -39,22 +40,23 @@ def model():
 
 
 class Counts:
-    """How often each decoder's forward and `vmap` run (patched on the class, so no hook disables the fusion)."""
+    """How often each decoder's forward and the packed pass run (patched on the classes, so no hook disables the
+    fusion)."""
 
     def __init__(self, monkeypatch):
-        self.decoders, self.vmaps = [], 0
-        forward, vmap = StageDecoder.forward, decoders_module.vmap
+        self.decoders, self.fused = [], 0
+        forward, packed_call = StageDecoder.forward, packed_module._Packed.__call__
 
         def counted_forward(decoder, *args):
             self.decoders.append(decoder)
             return forward(decoder, *args)
 
-        def counted_vmap(*args, **kwargs):
-            self.vmaps += 1
-            return vmap(*args, **kwargs)
+        def counted_packed(*args, **kwargs):
+            self.fused += 1
+            return packed_call(*args, **kwargs)
 
         monkeypatch.setattr(StageDecoder, "forward", counted_forward)
-        monkeypatch.setattr(decoders_module, "vmap", counted_vmap)
+        monkeypatch.setattr(packed_module._Packed, "__call__", counted_packed)
 
 
 def run(model, t, fuse: bool | None = None, labels: bool = True):
@@ -90,10 +92,65 @@ def test_fused_path_gives_the_per_stage_outputs_and_gradients(model, case, mode,
     assert_same(reference, fused)
     stages = model.partition.stage_for_timestep(torch.tensor(CASES[case])).unique().tolist()
     assert per_stage_calls == [model.decoders[s] for s in stages]
-    if len(stages) > 1:  # one vmap call, running the first present stage's modules once for every stage
-        assert counts.vmaps == 1 and counts.decoders == [model.decoders[stages[0]]]
+    if len(stages) > 1:  # one packed pass, which runs no decoder's forward
+        assert (counts.fused, counts.decoders) == (1, [])
     else:
-        assert counts.vmaps == 0 and counts.decoders == per_stage_calls
+        assert counts.fused == 0 and counts.decoders == per_stage_calls
+
+
+PACKED_VARIANTS = {
+    "scale-shift time embedding": dict(resnet_time_scale_shift="scale_shift"),
+    "skip adapters (1x1 convolutions)": dict(decoder_block_out_channels=((16, 32),) * 4),
+    "no skip adapters": dict(decoder_block_out_channels=((16, 32),) * 4, decoder_skip_adapters=False),
+    "dropout": dict(dropout=0.1),
+    "no attention": dict(up_block_types=("UpBlock2D", "UpBlock2D"), down_block_types=("DownBlock2D",) * 2),
+}
+
+
+@pytest.mark.parametrize("variant", list(PACKED_VARIANTS))
+def test_the_packed_pass_covers_the_up_blocks_options(variant, monkeypatch):
+    torch.manual_seed(0)
+    config = {**TINY_UNET, **PACKED_VARIANTS[variant]}
+    model = distinct_decoders(MultiStageUNet2DModel(**config, stage_boundaries=BOUNDARIES)).eval()
+    counts = Counts(monkeypatch)
+    assert_same(run(model, CASES["uneven"], False, labels=False), run(model, CASES["uneven"], True, labels=False))
+    assert counts.fused == 1
+
+
+def test_the_packed_pass_uses_the_classic_attention_processors_scale(model, monkeypatch):
+    model.set_attn_processor(AttnProcessor())  # scales by the layer's `scale`, as AttnProcessor2_0 does by default
+    for attention in model.attn_processors:
+        module = model.get_submodule(attention.removesuffix(".processor"))
+        module.scale = 0.3  # a scale of the layer's own: AttnProcessor reads it, the packed pass must too
+    counts = Counts(monkeypatch)
+    assert_same(run(model, CASES["even"], False), run(model, CASES["even"], True))
+    assert counts.fused == 1
+
+
+def test_upsampling_resnets_are_packed(monkeypatch):
+    torch.manual_seed(0)
+    config = {**TINY_UNET, "upsample_type": "resnet"}  # up-sampling resnets instead of Upsample2D
+    model = distinct_decoders(MultiStageUNet2DModel(**config, stage_boundaries=BOUNDARIES)).eval()
+    counts = Counts(monkeypatch)
+    assert_same(run(model, CASES["uneven"], False, labels=False), run(model, CASES["uneven"], True, labels=False))
+    assert counts.fused == 1
+
+
+def test_decoders_without_a_packed_form_run_per_stage(model, monkeypatch):
+    class OwnProcessor(AttnProcessor2_0):  # a processor the packed pass does not know: it may compute anything
+        pass
+
+    model.set_attn_processor(OwnProcessor())
+    assert not packable(model.decoders[0]) and fused_decoders(list(model.decoders)) is None
+    model.set_attn_processor(AttnProcessor2_0())
+    model.decoders[0].up_blocks[1].s1 = model.decoders[0].up_blocks[1].s2 = 0.9  # FreeU
+    model.decoders[0].up_blocks[1].b1 = model.decoders[0].up_blocks[1].b2 = 1.1
+    assert not packable(model.decoders[0]) and packable(model.decoders[1])
+    assert not packable(torch.nn.Linear(2, 2))
+    counts = Counts(monkeypatch)
+    reference = run(model, CASES["even"], fuse=False)
+    assert_same(reference, run(model, CASES["even"], fuse=True))
+    assert counts.fused == 0 and len(counts.decoders) == 8
 
 
 def test_fused_path_without_class_labels_and_in_inference_mode():
@@ -107,7 +164,7 @@ def test_fused_path_without_class_labels_and_in_inference_mode():
     assert torch.allclose(fused, model(x, t).sample, atol=1e-5)
 
 
-def test_models_whose_decoders_are_not_checked_under_vmap_refuse_fusing():
+def test_models_whose_decoders_have_no_packed_form_refuse_fusing():
     model = MultiStageDDPMppUNet2DModel(**{**TINY_DDPMPP, "decoder_channels": (16, 16, 16)})
     with pytest.raises(ValueError, match="`enable_fused_decoders` is not supported by MultiStageDDPMppUNet2DModel"):
         model.enable_fused_decoders()
@@ -140,7 +197,7 @@ def test_the_per_stage_path_runs_where_fusing_is_not_valid(model, setup, monkeyp
     counts = Counts(monkeypatch)
     setup(model)
     out, grads = run(model, t)
-    assert counts.vmaps == 0 and len(counts.decoders) == 4  # each decoder once, on its own samples
+    assert counts.fused == 0 and len(counts.decoders) == 4  # each decoder once, on its own samples
     assert_same(reference, (out, grads))
 
 
@@ -150,7 +207,7 @@ def test_tailored_or_compiled_decoders_and_stage_index_are_never_fused(tiny_mult
     with torch.no_grad():
         tiny_multistage(x, torch.tensor([10, 500, 900]))  # three widths: three architectures
         tiny_multistage(x, torch.tensor([10, 500, 900]), stage_index=1)
-    assert counts.vmaps == 0 and len(counts.decoders) == 4
+    assert counts.fused == 0 and len(counts.decoders) == 4
     decoders = list(tiny_multistage.decoders)
     assert fused_decoders(decoders) is None and fused_decoders(decoders[1:2] * 2) is not None
     decoders[1].compile(backend="eager")  # what `compile_stages` does: the compiled decoder runs on its own
@@ -163,7 +220,7 @@ def test_gradient_checkpointing_is_fused_only_without_gradients(model, monkeypat
     counts = Counts(monkeypatch)
     with torch.no_grad():
         model(torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), class_labels=torch.tensor([0, 1]))
-    assert counts.vmaps == 1
+    assert counts.fused == 1
 
 
 def test_fusing_adds_nothing_to_the_state_dict_and_follows_parameter_updates(model):
@@ -182,12 +239,12 @@ def test_fusing_adds_nothing_to_the_state_dict_and_follows_parameter_updates(mod
 def test_fusing_is_off_by_default_and_bounded_by_the_padding(model, max_padding, fused, monkeypatch):
     if max_padding is not None:
         model.enable_fused_decoders(max_padding=max_padding)
-    counts, vmaps = Counts(monkeypatch), []
+    counts, passes = Counts(monkeypatch), []
     for t in ([10, 300, 600, 900], [10, 20, 30, 900]):  # even (no padding); 3 + 1 samples (6 rows for 4: 50%)
         with torch.no_grad():
             model(torch.randn(4, 3, 8, 8), torch.tensor(t), class_labels=torch.arange(4))
-        vmaps.append(counts.vmaps - sum(vmaps))
-    assert vmaps == fused
+        passes.append(counts.fused - sum(passes))
+    assert passes == fused
 
 
 @pytest.mark.parametrize("max_padding", [-0.5, float("nan"), "0.1", True])

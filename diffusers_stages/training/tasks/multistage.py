@@ -196,6 +196,11 @@ class MultiStageTask(TrainingTask):
             check_scheduler_units(sampling, partition)
         except ValueError as error:
             raise ValueError(f"`--pretrained_model_name_or_path` {path!r}: {error}") from None
+        if getattr(args, "fused_decoders", False) and not self.source.model_class._supports_fused_decoders:
+            raise ValueError(
+                f"`--fused_decoders` is not supported by {self.source.model_class.__name__} (the model of {path!r}; "
+                "only MultiStageUNet2DModel's decoders have a channel-packed form): drop it."
+            )
         if args.gradient_checkpointing and not self.source.model_class._supports_gradient_checkpointing:
             raise ValueError(
                 f"`--gradient_checkpointing` is not supported by {self.source.model_class.__name__} (the model of "
@@ -243,12 +248,17 @@ class MultiStageTask(TrainingTask):
             )
 
     def build_networks(self, in_channels, sample_size, num_class_embeds):
+        unet = self._build_unet(in_channels, sample_size, num_class_embeds)
+        if getattr(self.args, "fused_decoders", False):  # a source's model class is checked up front
+            unet.enable_fused_decoders()
+        return {"unet": unet}
+
+    def _build_unet(self, in_channels, sample_size, num_class_embeds):
         if self.source is not None:  # the training loop has checked the data against it (`check_data`)
             # fp32 master weights whatever the folder stores; Accelerate's mixed precision casts in the forward pass
-            unet = self.source.model_class.from_pretrained(
+            return self.source.model_class.from_pretrained(
                 self.source.path, subfolder="unet", torch_dtype=torch.float32
             )
-            return {"unet": unet}
         config = self._script_config(
             unet_shape_kwargs(self.args),
             sample_size=sample_size,
@@ -259,7 +269,7 @@ class MultiStageTask(TrainingTask):
         )
         if self.args.decoder_block_out_channels is not None:
             config["decoder_block_out_channels"] = [list(w) for w in self.args.decoder_block_out_channels]
-        return {"unet": MultiStageUNet2DModel(**config)}
+        return MultiStageUNet2DModel(**config)
 
     def draw(self, batch_size, generator):
         state, scheme = PartialState(), getattr(self.args, "stage_sampling", "mixed")
