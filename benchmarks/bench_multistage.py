@@ -6,16 +6,18 @@ Everything is measured in one run and printed as ratios to the baseline measured
    by `torch.utils.flop_counter.FlopCounterMode`, for three tailored decoders (the paper's 192/128/16 around 128,
    scaled to the encoder width) against the baseline's single full decoder.
 2. Median wall time of a sampling run.
-3. Routing overhead: with identical decoders (`MultiStageUNet2DModel.from_unet`), the median forward time against the
-   source `UNet2DModel`, routed from the timestep (no `stage_index`) and with `stage_index`: at batch 1 for 2, 3, 4,
-   8 and 16 decoders (`--decoder_counts`; a per-call cost that grew with the number of decoders would show here),
-   at batch 1 and at batch 16.
+3. Routing overhead: with identical decoders (`MultiStageUNet2DModel.from_unet`), the forward's extra CPU time over
+   the source `UNet2DModel` (median of paired per-round differences), routed from the timestep (no `stage_index`)
+   and with `stage_index`, for 2, 3, 4, 8 and 16 decoders (`--decoder_counts`; a per-call cost that grew with the
+   number of decoders would show here), at batch 1 and at batch 16; a copy of the U-Net measured the same way gives
+   the noise floor.
 4. Mixed batches (small model: 16x16, widths (32, 64), identical decoders, one thread): a batch spread evenly over
    the stages against the same batch in one stage, decoded stage by stage and fused (`enable_fused_decoders`), at 2,
    3, 8 and 16 stages and batch 4 and 16 (wall and process CPU time), a training step at 8 stages, batch 16, and
    a wider model (widths (64, 128, 128), 32x32) at 4 stages, batch 16.
 5. Loading: the peak resident memory that `from_pretrained` adds, against the parameters' size (in a subprocess).
-6. Per-step pipeline overhead: `MultiStagePipeline` with identical decoders against `DDIMPipeline` (small model).
+6. Per-step pipeline overhead: `MultiStagePipeline` with identical decoders against `DDIMPipeline` (small model;
+   paired CPU-time differences, with a second `DDIMPipeline` as the null control).
 7. `compile_stages` with inductor: the time of compiling every stage (warm-up), and the steady-state forward time
    against the eager model.
 
@@ -169,27 +171,35 @@ def tailored_costs(args, baseline, kwargs) -> list[tuple]:
 
 
 def routing_overhead(args, baseline) -> list[tuple]:
-    """Section 3: identical decoders against the source U-Net, routed and with ``stage_index``."""
+    """Section 3: identical decoders against the source U-Net, routed and with ``stage_index``, and a copy of the
+    U-Net as a null control (its overhead is this machine's noise floor). Each overhead is the median of paired
+    per-round differences of this process's CPU time from the U-Net's (`interleaved_medians(baseline=...)`), which
+    resolves differences far below the spread of the times themselves."""
     device, rows = args.device, []
     t = torch.tensor(500, device=device)
+    control = UNet2DModel.from_config(baseline.config).to(device).eval()
+    control.load_state_dict(baseline.state_dict())
     runs = [(1, count) for count in args.decoder_counts] + [(16, count) for count in args.decoder_counts]
     for batch, count in runs:
         x = torch.randn(batch, 3, args.resolution, args.resolution, device=device)
         boundaries = TimestepPartition.uniform(count).boundaries
         staged = MultiStageUNet2DModel.from_unet(baseline, stage_boundaries=boundaries).eval()
+        fns = {
+            "unet": lambda x=x: baseline(x, t),
+            "copy": lambda x=x: control(x, t),
+            "routed": lambda x=x, staged=staged: staged(x, t),
+            "stage_index": lambda x=x, staged=staged, s=count // 2: staged(x, t, stage_index=s),  # t's stage
+        }
         with torch.inference_mode():
-            times = paired_medians(
-                {
-                    "unet": lambda x=x: baseline(x, t),
-                    "routed": lambda x=x, staged=staged: staged(x, t),
-                    "stage_index": lambda x=x, staged=staged, s=count // 2: staged(x, t, stage_index=s),  # t's stage
-                },
-                args.repeats * 2,
-                device,
-            )
+            base = interleaved_medians({"unet": fns["unet"]}, 5, device, clock=time.process_time)["unet"]
+            extra = interleaved_medians(fns, args.repeats * 2, device, warmup=2, clock=time.process_time,
+                                        baseline="unet")  # fmt: skip
         name = f"forward, batch {batch}, {count} identical decoders"
-        rows.append((f"{name}, routed from timestep", times["unet"] * 1e3, times["routed"] * 1e3, "ms"))
-        rows.append((f"{name}, stage_index given", times["unet"] * 1e3, times["stage_index"] * 1e3, "ms"))
+        for path, label in (("routed", "routed from timestep"), ("stage_index", "stage_index given")):
+            rows.append((f"{name}, {label} (CPU time)", base * 1e3, (base + extra[path]) * 1e3, "ms"))
+        rows.append(
+            (f"{name}: null control, a copy of the U-Net (CPU time)", base * 1e3, (base + extra["copy"]) * 1e3, "ms")
+        )
     return rows
 
 
@@ -283,22 +293,34 @@ def load_peak(small) -> list[tuple]:
 
 
 def pipeline_overhead(args, small) -> list[tuple]:
-    """Section 6: time per denoising step of `MultiStagePipeline` (3 identical decoders) against `DDIMPipeline`."""
+    """Section 6: time per denoising step of `MultiStagePipeline` (3 identical decoders) against `DDIMPipeline`, and
+    of a second `DDIMPipeline` over a copy of the U-Net (null control); paired differences of CPU time as in
+    section 3."""
+    control = UNet2DModel.from_config(small.config).eval()
+    control.load_state_dict(small.state_dict())
     staged = MultiStageUNet2DModel.from_unet(small).eval()
-    base_pipe = DDIMPipeline(unet=small, scheduler=DDIMScheduler())
-    staged_pipe = MultiStagePipeline(unet=staged, scheduler=DDIMScheduler())
-    for pipe in (base_pipe, staged_pipe):
+    pipes = {
+        "base": DDIMPipeline(unet=small, scheduler=DDIMScheduler()),
+        "copy": DDIMPipeline(unet=control, scheduler=DDIMScheduler()),
+        "staged": MultiStagePipeline(unet=staged, scheduler=DDIMScheduler()),
+    }
+    for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
-    run = lambda pipe: pipe(batch_size=1, num_inference_steps=args.steps, output_type="np")  # noqa: E731
-    times = paired_medians({"base": lambda: run(base_pipe), "staged": lambda: run(staged_pipe)}, args.repeats, "cpu")
-    steps = args.steps
+    fns = {
+        name: (lambda pipe=pipe: pipe(batch_size=1, num_inference_steps=args.steps, output_type="np"))
+        for name, pipe in pipes.items()
+    }
+    base = interleaved_medians({"base": fns["base"]}, 3, "cpu", clock=time.process_time)["base"] / args.steps
+    extra = interleaved_medians(fns, args.repeats * 2, "cpu", warmup=1, clock=time.process_time, baseline="base")
+    name = "pipeline time per step (small model, batch 1, CPU time)"
     return [
+        (name, base * 1e3, (base + extra["staged"] / args.steps) * 1e3, "ms"),
         (
-            "pipeline time per step (small model, batch 1)",
-            times["base"] / steps * 1e3,
-            times["staged"] / steps * 1e3,
+            f"{name}: null control, DDIMPipeline over a copy",
+            base * 1e3,
+            (base + extra["copy"] / args.steps) * 1e3,
             "ms",
-        )
+        ),
     ]
 
 
