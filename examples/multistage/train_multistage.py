@@ -21,11 +21,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     group.add_argument(
         "--fused_decoders", action="store_true",
-        help="Decode each mixed batch in one channel-packed pass through all decoders (`enable_fused_decoders`; "
-        "same outputs and gradients) where the decoders share one architecture (no `--decoder_block_out_channels`, "
-        "or equal widths) and padding every stage to the largest stage's count adds at most 25%% rows (e.g. with "
-        "equal `--stage_shares`); other batches are decoded stage by stage. Faster with many stages of few samples "
-        "each (README, Benchmarks).",
+        help="Decode each batch in one channel-packed pass through all decoders (`enable_fused_decoders`; same "
+        "outputs and gradients). Faster with many stages of few samples each (README, Benchmarks). Refused where no "
+        "batch could be fused: `--stage_sampling` other than mixed, decoders of different widths, or a split of "
+        "`--train_batch_size` over the stages so uneven that padding every stage to the largest count adds more "
+        "than 25%% rows (pass equal `--stage_shares`).",
     )  # fmt: skip
     group.add_argument(
         "--pretrained_model_name_or_path", type=str, default=None,

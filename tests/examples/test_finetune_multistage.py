@@ -192,3 +192,15 @@ def test_command_line_contradictions_are_usage_errors(examples, script, image_fo
     with pytest.raises(SystemExit):
         examples.load_script("experts").parse_args([*argv[:-2], "--ddpm_beta_schedule", "scaled_linear"])
     assert "unrecognized arguments: --pretrained_model_name_or_path" in capsys.readouterr().err
+
+
+def test_fused_decoders_are_refused_for_a_source_with_tailored_decoders(examples, script, image_folder, tmp_path,
+                                                                        capsys):  # fmt: skip
+    unet = MultiStageUNet2DModel(**TINY_UNET, decoder_block_out_channels=((8, 16), (8, 16), (4, 8)))
+    MultiStagePipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "tailored")
+    argv = _finetune_args(
+        examples, image_folder, str(tmp_path / "tailored"), str(tmp_path / "run"), "--fused_decoders"
+    )
+    with pytest.raises(SystemExit):
+        script.parse_args(argv)
+    assert "`--fused_decoders` fuses decoders of one architecture" in capsys.readouterr().err

@@ -103,6 +103,16 @@ def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_pa
         (["--decoder_block_out_channels", "8,16", "8,16"], "gives 2 decoders, but the stage split"),
         (["--resolution", "9"], "`--resolution` 9 must be divisible by the model's total down-sampling factor 2"),
         (["--stage_shares", "1,1"], "`--stage_shares` needs 3 non-negative values"),
+        (["--stage_shares", "1,1", "--fused_decoders"], "`--stage_shares` needs 3 non-negative values"),
+        (
+            ["--fused_decoders", "--stage_sampling", "per_batch"],
+            "with `--stage_sampling per_batch` every batch holds one",
+        ),
+        (
+            ["--fused_decoders", "--decoder_block_out_channels", "8,16", "8,16", "4,8"],
+            "fuses decoders of one architecture",
+        ),
+        (["--fused_decoders", "--train_batch_size", "64"], "a batch of 64 splits [28, 13, 23] over the stages"),
     ],
 )
 def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_path, capsys, extra, message):

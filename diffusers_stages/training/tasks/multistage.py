@@ -17,7 +17,7 @@ from ...models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 from ...partition import TimestepPartition
 from ...pipelines import MultiStagePipeline
 from ...schedulers import check_scheduler_units, is_edm_scheduler
-from ...timestep_sampling import stage_sampled_timesteps
+from ...timestep_sampling import stage_counts, stage_mass, stage_sampled_timesteps
 from ..args import partition_from_args, read_model_config, unet_shape_kwargs
 from .base import Draw, TrainingTask, _unet_downsampling, noise_schedulers
 
@@ -105,6 +105,7 @@ class MultiStageTask(TrainingTask):
                 f"`--decoder_block_out_channels` gives {len(decoders)} decoders, but the stage split "
                 f"{list(partition.boundaries)} has {partition.num_stages} stages: give one width list per stage."
             )
+        self._check_fused_decoders(args, partition)
         if getattr(args, "stage_sampling", "mixed") == "mixed":
             self._every_network_every_step(args, partition.num_stages, "decoder")
         else:  # one stage per batch or per process: the other decoders get no gradient in a step
@@ -113,6 +114,43 @@ class MultiStageTask(TrainingTask):
             # EDM's augmentation embedding gets no gradient (the loop passes no augmentation labels): tell DDP
             self.find_unused_parameters = True
         return partition
+
+    def _check_fused_decoders(self, args: argparse.Namespace, partition: TimestepPartition) -> None:
+        """Refuse `--fused_decoders` where no batch could be fused: batches of one stage, decoders of different
+        architectures, or stage counts so uneven that padding them to the largest adds more than 25% rows (the
+        default ``max_padding`` of `enable_fused_decoders`)."""
+        if not getattr(args, "fused_decoders", False):
+            return
+        scheme = getattr(args, "stage_sampling", "mixed")
+        if scheme != "mixed":
+            raise ValueError(
+                f"`--fused_decoders` fuses batches that hold several stages, but with `--stage_sampling {scheme}` "
+                "every batch holds one: drop one of the two."
+            )
+        if self.source is not None:
+            config = self.source.unet_config
+        elif args.model_config is not None:
+            config = unet_shape_kwargs(args)
+        else:
+            config = {}
+        widths = getattr(args, "decoder_block_out_channels", None) or config.get("decoder_block_out_channels")
+        up_types = config.get("decoder_up_block_types")
+        if any(v is not None and len({repr(list(x)) for x in v}) > 1 for v in (widths, up_types)):
+            raise ValueError(
+                f"`--fused_decoders` fuses decoders of one architecture, but these differ (widths {widths}, up "
+                f"blocks {up_types}): every batch would be decoded stage by stage; drop `--fused_decoders`."
+            )
+        shares = args.stage_shares if args.stage_shares is not None else stage_mass(partition)
+        if len(shares) != partition.num_stages or any(s < 0 for s in shares) or not sum(shares):
+            return  # refused with its own message by `check_args`
+        counts = [c for c in stage_counts(args.train_batch_size, shares, torch.Generator().manual_seed(0)) if c]
+        if len(counts) > 1 and len(counts) * max(counts) > 1.25 * args.train_batch_size:
+            raise ValueError(
+                f"`--fused_decoders`: a batch of {args.train_batch_size} splits {counts} over the stages, and padding "
+                f"every stage to {max(counts)} samples would add more than 25% rows, so batches would be decoded "
+                "stage by stage: pass equal `--stage_shares` (e.g. `--stage_shares "
+                f"{','.join(['1'] * partition.num_stages)}`), or drop `--fused_decoders`."
+            )
 
     def _planned_partition(self, args: argparse.Namespace) -> TimestepPartition | None:
         """The stages a `--model_config` holds (e.g. the plan command's output), after refusing every argument that
