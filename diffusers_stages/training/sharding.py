@@ -41,6 +41,11 @@ def check_sharded_run(accelerator: Accelerator, args: argparse.Namespace, names:
             "`--use_ema` cannot be used in a sharded (FSDP) run: the EMA keeps a full copy of every weight on every "
             "process, which is what sharding avoids."
         )
+    if getattr(args, "fused_decoders", False):
+        raise ValueError(
+            "`--fused_decoders` cannot be used in a sharded (FSDP) run: each decoder is its own FSDP unit, gathered "
+            "by its own hooks when it runs, which a fused pass over all decoders would bypass; drop it."
+        )
     if args.save_model_epochs is not None:
         raise ValueError(
             f"`--save_model_epochs` {args.save_model_epochs} cannot be used in a sharded (FSDP) run: every "

@@ -144,6 +144,9 @@ def test_sharded_runs_refuse_what_they_cannot_do():
         check_sharded_run(sharded, argparse.Namespace(use_ema=True, save_model_epochs=None), ["unet"])
     with pytest.raises(ValueError, match="`--save_model_epochs` 2 cannot be used in a sharded"):
         check_sharded_run(sharded, argparse.Namespace(use_ema=False, save_model_epochs=2), ["unet"])
+    with pytest.raises(ValueError, match="`--fused_decoders` cannot be used in a sharded"):
+        check_sharded_run(sharded, argparse.Namespace(use_ema=False, save_model_epochs=None, fused_decoders=True),
+                          ["unet"])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------------

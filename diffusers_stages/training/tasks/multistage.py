@@ -116,8 +116,8 @@ class MultiStageTask(TrainingTask):
         return partition
 
     def _check_fused_decoders(self, args: argparse.Namespace, partition: TimestepPartition) -> None:
-        """Refuse `--fused_decoders` where no batch could be fused: batches of one stage, decoders of different
-        architectures, or stage counts so uneven that padding them to the largest adds more than 25% rows (the
+        """Refuse `--fused_decoders` where no batch could be fused: a model without a packed form, batches of one
+        stage, decoders of different architectures, or stage counts so uneven that padding them to the largest adds more than 25% rows (the
         default ``max_padding`` of `enable_fused_decoders`)."""
         if not getattr(args, "fused_decoders", False):
             return
@@ -128,6 +128,11 @@ class MultiStageTask(TrainingTask):
                 "every batch holds one: drop one of the two."
             )
         if self.source is not None:
+            if not self.source.model_class._supports_fused_decoders:
+                raise ValueError(
+                    f"`--fused_decoders` is not supported by {self.source.model_class.__name__} (the model of "
+                    f"{self.source.path!r}; only MultiStageUNet2DModel's decoders have a channel-packed form): drop it."
+                )
             config = self.source.unet_config
         elif args.model_config is not None:
             config = unet_shape_kwargs(args)
@@ -234,11 +239,6 @@ class MultiStageTask(TrainingTask):
             check_scheduler_units(sampling, partition)
         except ValueError as error:
             raise ValueError(f"`--pretrained_model_name_or_path` {path!r}: {error}") from None
-        if getattr(args, "fused_decoders", False) and not self.source.model_class._supports_fused_decoders:
-            raise ValueError(
-                f"`--fused_decoders` is not supported by {self.source.model_class.__name__} (the model of {path!r}; "
-                "only MultiStageUNet2DModel's decoders have a channel-packed form): drop it."
-            )
         if args.gradient_checkpointing and not self.source.model_class._supports_gradient_checkpointing:
             raise ValueError(
                 f"`--gradient_checkpointing` is not supported by {self.source.model_class.__name__} (the model of "
