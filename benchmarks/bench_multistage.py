@@ -100,6 +100,12 @@ def paired_medians(fns: dict, repeats: int, device: str) -> dict[str, float]:
     return interleaved_medians(fns, repeats, device, warmup=1, warmup_before_each=1)
 
 
+def host_clock(device: str) -> tuple:
+    """This process's CPU time on CPU (steadier on a shared machine than wall time); wall time on an accelerator,
+    whose work the host's CPU time does not count."""
+    return (time.process_time, "CPU time") if torch.device(device).type == "cpu" else (time.perf_counter, "wall time")
+
+
 def training_step(model, clean, timesteps, **kwargs):
     noise = torch.randn_like(clean)
     model(clean + noise, timesteps, **kwargs).sample.square().mean().backward()  # cost of an eps-MSE step
@@ -176,6 +182,7 @@ def routing_overhead(args, baseline) -> list[tuple]:
     per-round differences of this process's CPU time from the U-Net's (`interleaved_medians(baseline=...)`), which
     resolves differences far below the spread of the times themselves."""
     device, rows = args.device, []
+    clock, unit = host_clock(device)
     t = torch.tensor(500, device=device)
     control = UNet2DModel.from_config(baseline.config).to(device).eval()
     control.load_state_dict(baseline.state_dict())
@@ -183,7 +190,7 @@ def routing_overhead(args, baseline) -> list[tuple]:
     for batch, count in runs:
         x = torch.randn(batch, 3, args.resolution, args.resolution, device=device)
         boundaries = TimestepPartition.uniform(count).boundaries
-        staged = MultiStageUNet2DModel.from_unet(baseline, stage_boundaries=boundaries).eval()
+        staged = MultiStageUNet2DModel.from_unet(baseline, stage_boundaries=boundaries).to(device).eval()
         fns = {
             "unet": lambda x=x: baseline(x, t),
             "copy": lambda x=x: control(x, t),
@@ -191,14 +198,13 @@ def routing_overhead(args, baseline) -> list[tuple]:
             "stage_index": lambda x=x, staged=staged, s=count // 2: staged(x, t, stage_index=s),  # t's stage
         }
         with torch.inference_mode():
-            base = interleaved_medians({"unet": fns["unet"]}, 5, device, clock=time.process_time)["unet"]
-            extra = interleaved_medians(fns, args.repeats * 2, device, warmup=2, clock=time.process_time,
-                                        baseline="unet")  # fmt: skip
+            base = interleaved_medians({"unet": fns["unet"]}, 5, device, clock=clock)["unet"]
+            extra = interleaved_medians(fns, args.repeats * 2, device, warmup=2, clock=clock, baseline="unet")
         name = f"forward, batch {batch}, {count} identical decoders"
         for path, label in (("routed", "routed from timestep"), ("stage_index", "stage_index given")):
-            rows.append((f"{name}, {label} (CPU time)", base * 1e3, (base + extra[path]) * 1e3, "ms"))
+            rows.append((f"{name}, {label} ({unit})", base * 1e3, (base + extra[path]) * 1e3, "ms"))
         rows.append(
-            (f"{name}: null control, a copy of the U-Net (CPU time)", base * 1e3, (base + extra["copy"]) * 1e3, "ms")
+            (f"{name}: null control, a copy of the U-Net ({unit})", base * 1e3, (base + extra["copy"]) * 1e3, "ms")
         )
     return rows
 
@@ -296,9 +302,9 @@ def pipeline_overhead(args, small) -> list[tuple]:
     """Section 6: time per denoising step of `MultiStagePipeline` (3 identical decoders) against `DDIMPipeline`, and
     of a second `DDIMPipeline` over a copy of the U-Net (null control); paired differences of CPU time as in
     section 3."""
-    control = UNet2DModel.from_config(small.config).eval()
+    control = UNet2DModel.from_config(small.config).to(args.device).eval()
     control.load_state_dict(small.state_dict())
-    staged = MultiStageUNet2DModel.from_unet(small).eval()
+    staged = MultiStageUNet2DModel.from_unet(small).to(args.device).eval()
     pipes = {
         "base": DDIMPipeline(unet=small, scheduler=DDIMScheduler()),
         "copy": DDIMPipeline(unet=control, scheduler=DDIMScheduler()),
@@ -310,9 +316,10 @@ def pipeline_overhead(args, small) -> list[tuple]:
         name: (lambda pipe=pipe: pipe(batch_size=1, num_inference_steps=args.steps, output_type="np"))
         for name, pipe in pipes.items()
     }
-    base = interleaved_medians({"base": fns["base"]}, 3, "cpu", clock=time.process_time)["base"] / args.steps
-    extra = interleaved_medians(fns, args.repeats * 2, "cpu", warmup=1, clock=time.process_time, baseline="base")
-    name = "pipeline time per step (small model, batch 1, CPU time)"
+    clock, unit = host_clock(args.device)
+    base = interleaved_medians({"base": fns["base"]}, 3, args.device, clock=clock)["base"] / args.steps
+    extra = interleaved_medians(fns, args.repeats * 2, args.device, warmup=1, clock=clock, baseline="base")
+    name = f"pipeline time per step (small model, batch 1, {unit})"
     return [
         (name, base * 1e3, (base + extra["staged"] / args.steps) * 1e3, "ms"),
         (
