@@ -236,11 +236,13 @@ class StageDecoder(SkipAdapters):
 
 def _fusable_state(module: nn.Module, prefix: str, key: list, names: list[str], tensors: list[torch.Tensor]) -> bool:
     """Walk ``module`` once: append its structure to ``key`` (module types and names, attention processor types,
-    train mode, gradient checkpointing, each parameter's and buffer's name, shape, dtype, device and
-    ``requires_grad``) and its tensors to ``names``/``tensors``; `False` where a module runs code a fused pass would
-    not run once per stage (hooks, an overridden ``forward`` such as accelerate's or diffusers' hooks install, a
-    compiled module), and where gradient checkpointing would recompute it outside the fused pass (which does not
-    checkpoint). Reads the module's ``__dict__`` directly: this runs on every fused forward."""
+    train mode, gradient checkpointing, FreeU's factors, each parameter's and buffer's name, shape, dtype, device
+    and ``requires_grad``; settings that are not parameters, such as a norm's eps, are taken to be equal, as
+    decoders built from one config have them) and its tensors to ``names``/``tensors``; `False` where a module runs
+    code a fused pass would not run once per stage (hooks, an overridden ``forward`` such as accelerate's or
+    diffusers' hooks install, a compiled module), and where gradient checkpointing would recompute it outside the
+    fused pass (which does not checkpoint). Reads the module's ``__dict__`` directly: this runs on every fused
+    forward."""
     state = module.__dict__
     checkpointing = state.get("gradient_checkpointing")
     if (
@@ -253,7 +255,9 @@ def _fusable_state(module: nn.Module, prefix: str, key: list, names: list[str], 
         or (checkpointing and torch.is_grad_enabled())
     ):
         return False
-    key.append((type(module), type(state.get("processor")), module.training, checkpointing))
+    # FreeU's factors are plain attributes of an up block, set per block (`enable_freeu`): part of the structure
+    freeu = (state.get("s1"), state.get("s2"), state.get("b1"), state.get("b2"))
+    key.append((type(module), type(state.get("processor")), module.training, checkpointing, freeu))
     for group in (state["_parameters"], state["_buffers"]):
         for name, tensor in group.items():
             if tensor is not None:

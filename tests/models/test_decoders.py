@@ -147,6 +147,8 @@ def test_decoders_without_a_packed_form_run_per_stage(model, monkeypatch):
     model.decoders[0].up_blocks[1].b1 = model.decoders[0].up_blocks[1].b2 = 1.1
     assert not packable(model.decoders[0]) and packable(model.decoders[1])
     assert not packable(torch.nn.Linear(2, 2))
+    assert fused_decoders(list(model.decoders[1:])) is not None
+    assert fused_decoders([model.decoders[1], model.decoders[0]]) is None  # FreeU on a decoder that is not the first
     counts = Counts(monkeypatch)
     reference = run(model, CASES["even"], fuse=False)
     assert_same(reference, run(model, CASES["even"], fuse=True))
