@@ -1,0 +1,238 @@
+"""What only an accelerator can show about the three pipelines, in one run of a few minutes (issue 16's GPU items).
+
+1. Synchronisations: a staged model's forward with ``stage_index`` reads no tensor value on the host, so on CUDA it
+   must run under `torch.cuda.set_sync_debug_mode("error")`; the routed forward (no ``stage_index``) reads the
+   timesteps' range and the stage counts, and the number of synchronisations it makes is reported.
+2. Precision: `MultiStagePipeline` (a warm-started 3-stage U-Net), `ExpertRoutingPipeline` (4 MEME iU-Net experts)
+   and `DualBackbonePipeline` (a DuoDiff U-ViT pair) sampled in float32, float16 and bfloat16 from one seed: whether
+   every image is finite, the largest difference to float32, and the median time of a run.
+3. Compilation: each pipeline's networks compiled (`compile_stages()` for the staged models, `torch.compile` for the
+   U-ViTs), the first run's time (compiling included), the compiled run's median time against the eager one, and
+   the graphs compiled in the first run and in a second one (which must compile none).
+
+Every row is printed as a Markdown table and written to ``--output_dir/gpu_checks.json`` as soon as its section ends,
+so that a run stopped by a time limit keeps what it finished.
+
+    python benchmarks/gpu_checks.py --device cuda --output_dir benchmarks/results/gpu
+    python benchmarks/gpu_checks.py --device cpu --quick     # a smoke run: tiny models, `eager` compile backend
+
+`benchmarks/gpu_session.sh` runs this script and the GPU runs of the other benchmarks in one command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from diffusers.utils import logging as diffusers_logging
+
+from diffusers_stages import (
+    DualBackbonePipeline,
+    ExpertRoutingModel,
+    ExpertRoutingPipeline,
+    MultiStagePipeline,
+    MultiStageUNet2DModel,
+    TimestepPartition,
+)
+from diffusers_stages.models import build_meme_experts
+from diffusers_stages.models.uvit import UViT2DModel, dual_uvit_configs
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from benchmarks.measure import _synchronize
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny models, 2 steps, `eager` compile backend")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps of a sampling run")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs (medians are reported)")
+    parser.add_argument("--backend", default=None, help="torch.compile backend (default: inductor; --quick: eager)")
+    parser.add_argument("--output_dir", default=None, help="where gpu_checks.json goes (default: nowhere)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch_size, args.repeats = 2, 2, 1
+    args.backend = args.backend or ("eager" if args.quick else "inductor")
+    return args
+
+
+def build_pipelines(quick: bool) -> dict[str, object]:
+    """The three pipelines, float32 on the CPU: small models (32x32 RGB; 8x8 with ``quick``), untrained weights
+    (what is measured does not depend on them)."""
+    size, width, heads = (8, 16, 2) if quick else (32, 64, 4)
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=size, block_out_channels=(width, 2 * width), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )  # fmt: skip
+    experts = build_meme_experts(
+        num_experts=4, block_out_channels=[(width, 2 * width)] * 2 + [(width // 2, width)] * 2, sample_size=size,
+        in_channels=3, layers_per_block=1, norm_num_groups=8,
+    )  # fmt: skip
+    configs = dual_uvit_configs(3, 7, hidden_size=8 * heads, patch_size=2, num_attention_heads=heads, sample_size=size)
+    return {
+        "MultiStagePipeline": MultiStagePipeline(
+            unet=MultiStageUNet2DModel.from_unet(unet), scheduler=DDIMScheduler()
+        ),
+        "ExpertRoutingPipeline": ExpertRoutingPipeline(
+            experts=ExpertRoutingModel(experts, stage_boundaries=TimestepPartition.uniform(4).boundaries),
+            scheduler=DDIMScheduler(),
+        ),
+        "DualBackbonePipeline": DualBackbonePipeline(
+            shallow=UViT2DModel(**configs["shallow"]), deep=UViT2DModel(**configs["deep"]), scheduler=DDIMScheduler()
+        ),
+    }
+
+
+def networks(pipe) -> list[torch.nn.Module]:
+    """The denoisers of a pipeline: its staged model, or the two backbones of a dual-backbone pipeline."""
+    if isinstance(pipe, DualBackbonePipeline):
+        return [pipe.shallow, pipe.deep]
+    return [pipe.unet if isinstance(pipe, MultiStagePipeline) else pipe.experts]
+
+
+def sample(pipe, args: argparse.Namespace) -> tuple[np.ndarray, float]:
+    """One sampling run from seed 0: the images (float32 array) and the seconds it took."""
+    generator = torch.Generator(args.device).manual_seed(0)
+    _synchronize(torch.device(args.device))
+    start = time.perf_counter()
+    images = pipe(batch_size=args.batch_size, num_inference_steps=args.steps, generator=generator, output_type="pt")
+    _synchronize(torch.device(args.device))
+    return images.images.float().cpu().numpy(), time.perf_counter() - start
+
+
+def median_time(pipe, args: argparse.Namespace) -> float:
+    return statistics.median(sample(pipe, args)[1] for _ in range(args.repeats))
+
+
+def synchronisations(pipes: dict, args: argparse.Namespace) -> list[dict]:
+    """Section 1 (CUDA only): the ``stage_index`` forward under sync-debug mode "error", and the routed forward's
+    synchronisations counted under "warn"."""
+    if torch.device(args.device).type != "cuda":
+        return [{"section": "sync", "check": "skipped: set_sync_debug_mode needs CUDA", "result": None}]
+    rows = []
+    for name in ("MultiStagePipeline", "ExpertRoutingPipeline"):
+        (model,) = networks(pipes[name])
+        model.to(args.device)
+        size = 8 if args.quick else 32  # as `build_pipelines` builds them
+        x = torch.randn(args.batch_size, 3, size, size, device=args.device)
+        t = torch.full((args.batch_size,), 10, device=args.device)
+        with torch.no_grad():
+            model(x, t)  # warm-up: lazy initialisations may synchronise
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                model(x, t, stage_index=0)
+                result = "no synchronisation"
+            except RuntimeError as error:
+                result = f"synchronised: {error}"
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    model(x, t)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        rows.append({"section": "sync", "check": f"{name}: forward with stage_index", "result": result})
+        rows.append({"section": "sync", "check": f"{name}: routed forward, synchronisations", "result": len(caught)})
+        model.to("cpu")
+    return rows
+
+
+def precisions(pipes: dict, args: argparse.Namespace) -> list[dict]:
+    """Section 2: each pipeline in float32, float16 and bfloat16 from one seed."""
+    rows = []
+    for name, pipe in pipes.items():
+        pipe.set_progress_bar_config(disable=True)
+        reference = None
+        for dtype_name, dtype in DTYPES.items():
+            pipe.to(args.device, dtype)
+            images, _ = sample(pipe, args)
+            reference = images if reference is None else reference
+            rows.append(
+                {
+                    "section": "precision",
+                    "check": f"{name}, {dtype_name}",
+                    "finite": bool(np.isfinite(images).all()),
+                    "max_abs_diff_to_float32": float(np.abs(images - reference).max()),
+                    "median_seconds": median_time(pipe, args),
+                }
+            )
+        pipe.to("cpu", torch.float32)
+    return rows
+
+
+def compilation(pipes: dict, args: argparse.Namespace) -> list[dict]:
+    """Section 3: each pipeline's networks compiled, against eager, with the graphs each run compiled."""
+    from torch._dynamo.utils import counters
+
+    rows = []
+    for name, pipe in pipes.items():
+        pipe.to(args.device)
+        eager, _ = sample(pipe, args)
+        eager_time = median_time(pipe, args)
+        for network in networks(pipe):
+            if hasattr(network, "compile_stages"):
+                network.compile_stages(backend=args.backend)
+            else:
+                network.compile(backend=args.backend)
+        graphs = counters["stats"]["unique_graphs"]
+        compiled, first_time = sample(pipe, args)  # compiles every region it reaches
+        first_graphs = counters["stats"]["unique_graphs"] - graphs
+        sample(pipe, args)
+        again = counters["stats"]["unique_graphs"] - graphs - first_graphs
+        rows.append(
+            {
+                "section": "compile",
+                "check": f"{name} ({args.backend})",
+                "first_run_seconds": first_time,
+                "graphs_first_run": first_graphs,
+                "graphs_second_run": again,
+                "compiled_over_eager_time": median_time(pipe, args) / eager_time,
+                "max_abs_diff_to_eager": float(np.abs(compiled - eager).max()),
+            }
+        )
+        pipe.to("cpu")
+    return rows
+
+
+def report(rows: list[dict], output_dir: str | None, all_rows: list[dict]) -> None:
+    """Print ``rows`` as a Markdown table and rewrite ``output_dir/gpu_checks.json`` with every row so far."""
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for row in rows:
+        cells = [f"{row[k]:.4g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+        print("| " + " | ".join(cells) + " |")
+    all_rows += rows
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "gpu_checks.json"), "w", encoding="utf-8") as f:
+            json.dump(all_rows, f, indent=1)
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    diffusers_logging.set_verbosity_error()  # not diffusers' warning on every `.to(dtype)`
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, {args.steps} DDIM steps, batch {args.batch_size}")
+    pipes, all_rows = build_pipelines(args.quick), []
+    for section in (synchronisations, precisions, compilation):
+        report(section(pipes, args), args.output_dir, all_rows)
+    return all_rows
+
+
+if __name__ == "__main__":
+    main(parse_args())

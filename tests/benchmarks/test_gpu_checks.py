@@ -1,0 +1,27 @@
+"""`benchmarks/gpu_checks.py` on CPU: the sections run, float16 and bfloat16 stay close to float32, a compiled
+pipeline gives the eager images and compiles nothing in its second run, and the synchronisation check says it was
+skipped rather than passing without CUDA."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from benchmarks import gpu_checks  # noqa: E402
+
+
+def test_the_sections_run_and_report_on_cpu(tmp_path):
+    args = gpu_checks.parse_args(["--device", "cpu", "--quick", "--output_dir", str(tmp_path)])
+    pipes = gpu_checks.build_pipelines(quick=True)
+    assert gpu_checks.synchronisations(pipes, args)[0]["check"].startswith("skipped")
+    rows = gpu_checks.precisions(pipes, args)
+    assert [row["check"] for row in rows[:3]] == [
+        f"MultiStagePipeline, {d}" for d in ("float32", "float16", "bfloat16")
+    ]
+    assert all(row["finite"] and row["max_abs_diff_to_float32"] < 0.1 for row in rows)
+    (compiled,) = gpu_checks.compilation({"DualBackbonePipeline": pipes["DualBackbonePipeline"]}, args)
+    assert compiled["graphs_first_run"] >= 2 and compiled["graphs_second_run"] == 0  # both backbones, once each
+    assert compiled["max_abs_diff_to_eager"] < 1e-5
+    written = []
+    gpu_checks.report(rows, str(tmp_path), written)
+    assert os.path.exists(tmp_path / "gpu_checks.json") and len(written) == 9
