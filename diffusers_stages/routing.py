@@ -145,6 +145,24 @@ def dispatch_by_stage(
     return out
 
 
+def fits_padding(counts: list[int], max_padding: float) -> bool:
+    r"""
+    Whether a fused pass over ``counts`` (samples per stage) adds at most ``max_padding`` of the batch in padding
+    rows: every present stage is padded to the largest count (see [`padded_order`]).
+
+    Example:
+
+    ```py
+    >>> from diffusers_stages.routing import fits_padding
+    >>> fits_padding([2, 2, 2], 0.0), fits_padding([3, 0, 1], 0.25), fits_padding([3, 0, 1], 0.5)
+    (True, False, True)
+
+    ```
+    """
+    present = sum(1 for count in counts if count)
+    return present * max(counts) <= (1 + max_padding) * sum(counts)
+
+
 def padded_order(counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
     The layout of a fused pass over the stages present in ``counts`` (samples per stage): ``rows``, for each of

@@ -19,7 +19,7 @@ from diffusers.models.attention_processor import (
 from torch import nn
 
 from ..partition import TimestepPartition
-from ..routing import dispatch_by_stage
+from ..routing import dispatch_by_stage, fits_padding
 from .checks import check_class_labels, check_sample, per_sample_timesteps
 from .decoders import fused_decoders
 from .loading import reexport_source
@@ -104,6 +104,9 @@ class StageCompileMixin:
                 for stage in range(self.num_stages):
                     self(**warmup, stage_index=stage)
         return self
+
+
+DEFAULT_MAX_PADDING = 0.25  # `enable_fused_decoders`: the share of padding rows a fused pass may add
 
 
 class StagedModelMixin(StageCompileMixin):
@@ -192,7 +195,7 @@ class StagedModelMixin(StageCompileMixin):
         one pass ``fuse`` offers (see `dispatch_by_stage`)."""
         return dispatch_by_stage(self.partition, timesteps, stage_index, run_stage, inputs, fuse=fuse)
 
-    def enable_fused_decoders(self, max_padding: float = 0.25) -> None:
+    def enable_fused_decoders(self, max_padding: float = DEFAULT_MAX_PADDING) -> None:
         r"""
         Decode a mixed batch in one pass through all its stages' decoders, where they have one architecture (same
         modules and parameter shapes: what `from_unet` gives and training from it keeps): the decoders run as one
@@ -252,7 +255,7 @@ class StagedModelMixin(StageCompileMixin):
             # fused only when asked for, within the padding allowed, and for decoders of one architecture
             present = [stage for stage, count in enumerate(counts) if count]
             limit = self._fused_decoders_max_padding
-            if limit is None or len(present) * max(counts) > (1 + limit) * sum(counts):
+            if limit is None or not fits_padding(counts, limit):
                 return None
             run = fused_decoders([self.decoders[stage] for stage in present])
             return (lambda inputs: run(*inputs)) if run is not None else None

@@ -12,10 +12,12 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...conventions import num_data_classes, paper_boundaries
+from ...models.staged import DEFAULT_MAX_PADDING
 from ...models.unet_multistage import MultiStageUNet2DModel
 from ...models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 from ...partition import TimestepPartition
 from ...pipelines import MultiStagePipeline
+from ...routing import fits_padding
 from ...schedulers import check_scheduler_units, is_edm_scheduler
 from ...timestep_sampling import stage_counts, stage_mass, stage_sampled_timesteps
 from ..args import partition_from_args, read_model_config, unet_shape_kwargs
@@ -117,8 +119,8 @@ class MultiStageTask(TrainingTask):
 
     def _check_fused_decoders(self, args: argparse.Namespace, partition: TimestepPartition) -> None:
         """Refuse `--fused_decoders` where no batch could be fused: a model without a packed form, batches of one
-        stage, decoders of different architectures, or stage counts so uneven that padding them to the largest adds more than 25% rows (the
-        default ``max_padding`` of `enable_fused_decoders`)."""
+        stage, decoders of different architectures, or stage counts so uneven that padding them to the largest adds
+        more rows than `enable_fused_decoders` allows by default (``DEFAULT_MAX_PADDING``, 25%)."""
         if not getattr(args, "fused_decoders", False):
             return
         scheme = getattr(args, "stage_sampling", "mixed")
@@ -149,11 +151,11 @@ class MultiStageTask(TrainingTask):
         if len(shares) != partition.num_stages or any(s < 0 for s in shares) or not sum(shares):
             return  # refused with its own message by `check_args`
         counts = [c for c in stage_counts(args.train_batch_size, shares, torch.Generator().manual_seed(0)) if c]
-        if len(counts) > 1 and len(counts) * max(counts) > 1.25 * args.train_batch_size:
+        if len(counts) > 1 and not fits_padding(counts, DEFAULT_MAX_PADDING):
             raise ValueError(
                 f"`--fused_decoders`: a batch of {args.train_batch_size} splits {counts} over the stages, and padding "
-                f"every stage to {max(counts)} samples would add more than 25% rows, so batches would be decoded "
-                "stage by stage: pass equal `--stage_shares` (e.g. `--stage_shares "
+                f"every stage to {max(counts)} samples would add more than {DEFAULT_MAX_PADDING:.0%} rows, so batches "
+                "would be decoded stage by stage: pass equal `--stage_shares` (e.g. `--stage_shares "
                 f"{','.join(['1'] * partition.num_stages)}`), or drop `--fused_decoders`."
             )
 
