@@ -126,7 +126,7 @@ def synchronisations(pipes: dict, args: argparse.Namespace) -> list[dict]:
     for name in ("MultiStagePipeline", "ExpertRoutingPipeline"):
         (model,) = networks(pipes[name])
         model.to(args.device)
-        size = 8 if args.quick else 32  # as `build_pipelines` builds them
+        size = pipes[name].stage_denoiser(0)[0].config.sample_size  # the size the pipeline samples by default
         x = torch.randn(args.batch_size, 3, size, size, device=args.device)
         t = torch.full((args.batch_size,), 10, device=args.device)
         with torch.no_grad():
