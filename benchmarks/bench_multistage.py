@@ -220,49 +220,50 @@ def mixed_batches(args, small) -> list[tuple]:
     device, rows, threads = args.device, [], torch.get_num_threads()
     torch.set_num_threads(1)
     for count, batch in MIXED_CASES:
-        partition = TimestepPartition.uniform(count)
-        staged = MultiStageUNet2DModel.from_unet(small, stage_boundaries=partition.boundaries).to(device).eval()
-        fused = MultiStageUNet2DModel.from_unet(small, stage_boundaries=partition.boundaries).to(device).eval()
-        fused.enable_fused_decoders(max_padding=float("inf"))
-        edges = [0, *partition.boundaries]
-        mixed = torch.tensor([edges[i % count] + 1 for i in range(batch)], device=device)
-        single = torch.full((batch,), edges[count // 2] + 1, device=device)
-        x = torch.randn(batch, 3, 16, 16, device=device)
-        fns = {
-            "single": lambda staged=staged, x=x, t=single: staged(x, t),
-            "per_stage": lambda staged=staged, x=x, t=mixed: staged(x, t),
-            "fused": lambda fused=fused, x=x, t=mixed: fused(x, t),
-        }
-        counts = torch.bincount(partition.stage_for_timestep(mixed.cpu())).tolist()
-        name = f"mixed batch, {count} stages, batch {batch} ({'/'.join(str(n) for n in counts if n)})"
+        staged, fused, fns, counts = mixed_case(small, count, batch, device)
+        name = f"mixed batch, {count} stages, batch {batch} ({'/'.join(str(n) for n in counts)})"
         with torch.inference_mode():
-            rows += mixed_rows(name, fns, args.repeats * 2, device)
+            rows += mixed_rows(name, fns(), args.repeats * 2, device)
         if (count, batch) == (8, 16):
             staged.train(), fused.train()
-            steps = {
-                "single": lambda staged=staged, x=x, t=single: training_step(staged, x, t),
-                "per_stage": lambda staged=staged, x=x, t=mixed: training_step(staged, x, t),
-                "fused": lambda fused=fused, x=x, t=mixed: training_step(fused, x, t),
-            }
-            rows += mixed_rows(f"{name}, training step", steps, args.repeats, device)
+            rows += mixed_rows(f"{name}, training step", fns(training_step), args.repeats, device)
     # a wider model, where grouped convolutions cost more than the per-decoder calls they save
     wide = UNet2DModel(**encoder_kwargs(64, 32))
-    partition = TimestepPartition.uniform(4)
-    staged = MultiStageUNet2DModel.from_unet(wide, stage_boundaries=partition.boundaries).to(device).eval()
-    fused = MultiStageUNet2DModel.from_unet(wide, stage_boundaries=partition.boundaries).to(device).eval()
-    fused.enable_fused_decoders(max_padding=float("inf"))
-    mixed = torch.tensor([[0, *partition.boundaries][i % 4] + 1 for i in range(16)], device=device)
-    single, x = torch.full((16,), 1, device=device), torch.randn(16, 3, 32, 32, device=device)
-    fns = {
-        "single": lambda: staged(x, single),
-        "per_stage": lambda: staged(x, mixed),
-        "fused": lambda: fused(x, mixed),
-    }
+    _, _, fns, counts = mixed_case(wide, 4, 16, device)
+    size, widths = wide.config.sample_size, tuple(wide.config.block_out_channels)
+    name = f"mixed batch, widths {widths} at {size}x{size}, 4 stages, batch 16 ({'/'.join(str(n) for n in counts)})"
     with torch.inference_mode():
-        rows += mixed_rows("mixed batch, widths (64, 128, 128) at 32x32, 4 stages, batch 16 (4 each)", fns,
-                           args.repeats, device)  # fmt: skip
+        rows += mixed_rows(name, fns(), args.repeats, device)
     torch.set_num_threads(threads)
     return rows
+
+
+def mixed_case(unet: UNet2DModel, count: int, batch: int, device: str) -> tuple:
+    """``(staged, fused, fns, counts)``: a per-stage and a fused copy of ``unet`` with ``count`` uniform stages,
+    ``fns(step)`` the callables that run ``step(model, x, t)`` (default: a forward) on one input batch with its
+    timesteps all in one stage ("single") and spread evenly, sample i in stage i mod ``count`` ("per_stage",
+    "fused"), and the samples per stage of the spread batch."""
+    partition = TimestepPartition.uniform(count)
+    staged, fused = (
+        MultiStageUNet2DModel.from_unet(unet, stage_boundaries=partition.boundaries).to(device).eval()
+        for _ in range(2)
+    )
+    fused.enable_fused_decoders(max_padding=float("inf"))
+    edges = [0, *partition.boundaries]
+    mixed = torch.tensor([edges[i % count] + 1 for i in range(batch)], device=device)
+    single = torch.full((batch,), edges[count // 2] + 1, device=device)
+    size = unet.config.sample_size
+    x = torch.randn(batch, unet.config.in_channels, size, size, device=device)
+    counts = [n for n in torch.bincount(partition.stage_for_timestep(mixed.cpu())).tolist() if n]
+
+    def fns(step=lambda model, x, t: model(x, t)) -> dict:
+        return {
+            "single": lambda: step(staged, x, single),
+            "per_stage": lambda: step(staged, x, mixed),
+            "fused": lambda: step(fused, x, mixed),
+        }
+
+    return staged, fused, fns, counts
 
 
 def mixed_rows(name: str, fns: dict, repeats: int, device: str) -> list[tuple]:
