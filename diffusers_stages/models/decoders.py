@@ -5,6 +5,7 @@ tailored decoder's widths, the check of each stage's decoder widths, and one sta
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -142,7 +143,16 @@ def resolve_decoder_widths(
     as many widths as ``block_out_channels``, each a positive multiple of ``norm_num_groups``."""
     if decoder_block_out_channels is None:
         decoder_block_out_channels = (tuple(block_out_channels),) * partition.num_stages
-    decoder_block_out_channels = tuple(tuple(int(w) for w in widths) for widths in decoder_block_out_channels)
+    given = decoder_block_out_channels
+    if not isinstance(given, (list, tuple)) or not all(
+        isinstance(widths, (list, tuple))
+        and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in widths)
+        for widths in given
+    ):
+        raise ValueError(
+            f"`decoder_block_out_channels` must be one list of integer widths per decoder, got {given!r}."
+        )
+    decoder_block_out_channels = tuple(tuple(widths) for widths in given)
     if len(decoder_block_out_channels) != partition.num_stages:
         raise ValueError(
             f"`decoder_block_out_channels` must give one decoder per stage ({partition.num_stages} stages "

@@ -2,6 +2,7 @@
 keeps their stages and noise schedules, and refuses arguments or data that contradict them."""
 
 import argparse
+import json
 import os
 
 import pytest
@@ -204,3 +205,19 @@ def test_fused_decoders_are_refused_for_a_source_with_tailored_decoders(examples
     with pytest.raises(SystemExit):
         script.parse_args(argv)
     assert "`--fused_decoders` fuses decoders of one architecture" in capsys.readouterr().err
+
+
+def test_fused_decoders_check_leaves_a_garbled_source_config_to_the_model(examples, script, image_folder, tmp_path):
+    MultiStagePipeline(unet=MultiStageUNet2DModel(**TINY_UNET), scheduler=DDPMScheduler()).save_pretrained(
+        tmp_path / "s"
+    )
+    config_path = tmp_path / "s" / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["decoder_block_out_channels"] = 5  # read from a folder: anything
+    config_path.write_text(json.dumps(config))
+    argv = _finetune_args(examples, image_folder, str(tmp_path / "s"), str(tmp_path / "run"), "--fused_decoders",
+                          "--train_batch_size", "6", "--stage_shares", "1,1,1")  # fmt: skip
+    args = script.parse_args(argv)  # the check itself does not fail on it (no TypeError)...
+    with pytest.raises(ValueError, match="decoder_block_out_channels"):  # ...the model's own check refuses it by name
+        script.main(args)
+    assert not os.path.exists(tmp_path / "run" / "unet")

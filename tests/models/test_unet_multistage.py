@@ -294,3 +294,11 @@ def test_decoders_free_each_encoder_skip_once_read(tiny_unet_kwargs):
         model(x, torch.tensor([10, 900, 20, 800]))  # mixed: two stages
     assert len(skips) == 4 and alive[0] == 2  # one stage: only the two skips the last up block reads, as UNet2DModel
     assert alive[1:] == [0, 0]  # mixed: the encoder's skips are freed once gathered in stage order
+
+
+@pytest.mark.parametrize("widths", [5, [8, 16], [[8, 16], [8, 16.5], [8, 16]], [[8, 16], [8, "16"], [8, 16]]])
+def test_decoder_widths_of_another_form_are_refused_by_name(widths):
+    with pytest.raises(
+        ValueError, match="`decoder_block_out_channels` must be one list of integer widths per decoder"
+    ):
+        MultiStageUNet2DModel(**TINY_UNET, decoder_block_out_channels=widths)

@@ -75,6 +75,14 @@ class PretrainedSource:
         return 2 ** (len(self.unet_config[PRETRAINED_UNETS[self.unet_config["_class_name"]][1]]) - 1)
 
 
+def _differ(per_decoder: object) -> bool:
+    """Whether a per-decoder config value (one list per decoder) holds two different lists; a value of another form
+    (read from a folder: anything) is left to the model's own config check, which refuses it by name."""
+    if not isinstance(per_decoder, (list, tuple)) or not all(isinstance(x, (list, tuple)) for x in per_decoder):
+        return False
+    return len({repr(list(x)) for x in per_decoder}) > 1
+
+
 class MultiStageTask(TrainingTask):
     """Zhang et al. (CVPR 2024): shared encoder, one decoder per stage, all trained jointly on stratified batches.
 
@@ -142,7 +150,7 @@ class MultiStageTask(TrainingTask):
             config = {}
         widths = getattr(args, "decoder_block_out_channels", None) or config.get("decoder_block_out_channels")
         up_types = config.get("decoder_up_block_types")
-        if any(v is not None and len({repr(list(x)) for x in v}) > 1 for v in (widths, up_types)):
+        if any(_differ(value) for value in (widths, up_types)):
             raise ValueError(
                 f"`--fused_decoders` fuses decoders of one architecture, but these differ (widths {widths}, up "
                 f"blocks {up_types}): every batch would be decoded stage by stage; drop `--fused_decoders`."
