@@ -113,7 +113,10 @@ def resolve_decoder_up_block_types(
     ``without_adapters`` (those whose resnets alone see the skips)."""
     if decoder_up_block_types is None:
         decoder_up_block_types = (tuple(up_block_types),) * num_stages
-    decoder_up_block_types = tuple(tuple(types) for types in decoder_up_block_types)
+    given = decoder_up_block_types
+    if not isinstance(given, (list, tuple)) or not all(isinstance(types, (list, tuple)) for types in given):
+        raise ValueError(f"`decoder_up_block_types` must be one list of up block names per decoder, got {given!r}.")
+    decoder_up_block_types = tuple(tuple(types) for types in given)
     if len(decoder_up_block_types) != num_stages or any(
         len(types) != len(up_block_types) or not all(isinstance(t, str) for t in types)
         for types in decoder_up_block_types

@@ -302,3 +302,11 @@ def test_decoder_widths_of_another_form_are_refused_by_name(widths):
         ValueError, match="`decoder_block_out_channels` must be one list of integer widths per decoder"
     ):
         MultiStageUNet2DModel(**TINY_UNET, decoder_block_out_channels=widths)
+
+
+@pytest.mark.parametrize(
+    "types", [5, "UpBlock2D", [["AttnUpBlock2D", "UpBlock2D"], 7, ["AttnUpBlock2D", "UpBlock2D"]]]
+)
+def test_decoder_up_block_types_of_another_form_are_refused_by_name(types):
+    with pytest.raises(ValueError, match="`decoder_up_block_types` must be one list of up block names per decoder"):
+        MultiStageUNet2DModel(**TINY_UNET, decoder_up_block_types=types)
