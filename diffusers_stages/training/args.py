@@ -210,9 +210,10 @@ def read_model_config(args: argparse.Namespace) -> dict | None:
 
 
 def unet_shape_kwargs(args: argparse.Namespace) -> dict:
-    """The U-Net shape arguments (from `--model_config` when given, else from the command line)."""
+    """The U-Net shape arguments (from `--model_config` when given, else from the command line); a saved model's
+    loader entries (``_class_name``, ``auto_map``) are not constructor arguments."""
     if args.model_config is not None:
-        return {k: v for k, v in read_model_config(args).items() if not k.startswith("_")}
+        return {k: v for k, v in read_model_config(args).items() if not k.startswith("_") and k != "auto_map"}
     down, up = default_block_types(len(args.block_out_channels))
     return {
         "block_out_channels": tuple(args.block_out_channels),

@@ -105,6 +105,19 @@ def test_model_config_is_a_file_or_a_folder(tmp_path):
         read_model_config(build_parser("").parse_args(["--model_config", str(tmp_path / "missing")]))
 
 
+def test_model_config_of_a_saved_model_folder_builds_that_model(tmp_path):
+    # a saved folder's config.json holds `auto_map` (for diffusers' AutoModel): a loader entry, not an argument
+    from diffusers_stages import MultiStageUNet2DModel
+
+    saved = MultiStageUNet2DModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                  down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                                  stage_boundaries=(500,))  # fmt: skip
+    saved.save_pretrained(tmp_path)
+    kwargs = unet_shape_kwargs(build_parser("").parse_args(["--model_config", str(tmp_path)]))
+    assert "auto_map" not in kwargs
+    assert MultiStageUNet2DModel(**kwargs).config.stage_boundaries == [500.0]
+
+
 def test_ddpm_num_steps_is_a_deprecated_alias_of_num_train_timesteps():
     parser = build_parser("test")
     assert parser.parse_args(["--num_train_timesteps", "500"]).num_train_timesteps == 500
