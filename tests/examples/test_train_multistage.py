@@ -113,6 +113,15 @@ def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_pa
             "fuses decoders of one architecture",
         ),
         (["--fused_decoders", "--train_batch_size", "64"], "a batch of 64 splits [28, 13, 23] over the stages"),
+        (
+            ["--fused_decoders", "--train_batch_size", "64"],
+            "pass equal `--stage_shares` (e.g. `--stage_shares 1,1,1`)",
+        ),
+        (  # equal shares already: the batch size is what splits unevenly
+            ["--fused_decoders", "--train_batch_size", "4", "--stage_shares", "1,1,1"],
+            "a batch of 4 splits [1, 2, 1] over the stages, and padding every stage to 2 samples would add more than "
+            "25% rows, so batches would be decoded stage by stage: pass a `--train_batch_size` that is a multiple of 3",
+        ),
     ],
 )
 def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_path, capsys, extra, message):
