@@ -1,4 +1,5 @@
 import json
+import re
 import weakref
 
 import pytest
@@ -238,6 +239,32 @@ def test_without_adapters_encoder_wide_decoders_are_unchanged(tiny_unet_kwargs):
 def test_bad_decoder_options_name_the_argument(tiny_unet_kwargs, kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         MultiStageUNet2DModel(**{**tiny_unet_kwargs, **UNADAPTED, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("layers_per_block", 0),  # was a RuntimeError in the first forward
+        ("layers_per_block", 1.5),  # was a TypeError
+        ("attention_head_dim", 0),  # was a ZeroDivisionError
+        ("attention_head_dim", -4),
+        ("norm_num_groups", 0),
+        ("in_channels", 0),
+        ("out_channels", 0),
+        ("num_class_embeds", -1),
+        ("time_embedding_dim", 0),
+        ("attn_norm_num_groups", 0),
+        ("sample_size", 0),  # was accepted silently
+        ("sample_size", (8,)),
+        ("upsample_type", "foo"),  # was a shape error in the first forward
+        ("downsample_type", "foo"),  # was silently a plain downsampler
+        ("mid_block_type", "foo"),
+        ("class_embed_type", "foo"),
+    ],
+)
+def test_bad_sizes_and_block_kinds_name_the_argument_and_the_value(tiny_unet_kwargs, name, value):
+    with pytest.raises(ValueError, match=f"`{name}` must be .*got {re.escape(repr(value))}"):
+        MultiStageUNet2DModel(**{**tiny_unet_kwargs, name: value})
 
 
 PLAIN = {"down_block_types": ("DownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "UpBlock2D")}
