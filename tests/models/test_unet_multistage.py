@@ -121,6 +121,9 @@ def test_bad_inputs_name_the_argument(tiny_multistage, tiny_unet_kwargs):
         tiny_multistage(torch.randn(2, 3, 8, 8), 10, class_labels=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="`unet`"):
         MultiStageUNet2DModel.from_unet(torch.nn.Conv2d(3, 3, 1))
+    for boundaries in (500, "500"):  # were a TypeError, and the unsorted boundaries 5, 0, 0
+        with pytest.raises(ValueError, match=f"`boundaries` must be a sequence of numbers, got {boundaries!r}"):
+            MultiStageUNet2DModel.from_unet(UNet2DModel(**tiny_unet_kwargs), stage_boundaries=boundaries)
 
 
 X = torch.randn(2, 3, 8, 8)
