@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..conventions import class_embedding_count, model_to_vae_latents, null_class_label, num_data_classes
 from ..hub import pop_push_kwargs, push_saved_folder
-from ..models.checks import compute_dtype
+from ..models.checks import check_positive_integers, compute_dtype
 from ..partition import TimestepPartition
 from ..routing import StageRouter
 from ..schedulers import model_call_timesteps
@@ -148,7 +148,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """``(timestep, stage)`` of every model call a run with ``num_inference_steps`` makes: which network runs
         which step (stage 0 is the clean end). It is the schedule the sampling loop follows, from a dry run of a fresh
         copy of the scheduler (no model is called)."""
-        _check_positive_integers(num_inference_steps=num_inference_steps)
+        check_positive_integers(num_inference_steps=num_inference_steps)
         return self._stage_schedule(self.resolve_partition(num_inference_steps), num_inference_steps)
 
     def _stage_schedule(self, partition: TimestepPartition, num_inference_steps: int) -> list[tuple[float, int]]:
@@ -276,7 +276,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the generated images.
         """
         # 1. check the inputs
-        _check_positive_integers(
+        check_positive_integers(
             batch_size=batch_size, num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt
         )
         if output_type not in ("pil", "np", "pt", "latent"):
@@ -397,12 +397,6 @@ def spatial_multiple(config) -> int:
         return int(config.patch_size)
     levels = getattr(config, "channel_mult", None) or getattr(config, "block_out_channels", None) or (1,)
     return 2 ** (len(levels) - 1)
-
-
-def _check_positive_integers(**values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
 def _callback_latents(callback_outputs, latents: torch.Tensor) -> torch.Tensor:

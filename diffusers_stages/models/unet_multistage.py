@@ -23,7 +23,7 @@ from torch import nn
 
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..partition import TimestepPartition
-from .checks import compute_dtype, per_sample_timesteps
+from .checks import check_positive_integers, compute_dtype, per_sample_timesteps
 from .decoders import (
     CONCATENATING_UP_BLOCKS,
     SkipAdapters,
@@ -230,14 +230,11 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         """The integer sizes and the block kinds that `UNet2DModel` only fails on deep inside torch, or ignores."""
         c = self.config
         optional = ("attention_head_dim", "attn_norm_num_groups", "time_embedding_dim", "num_class_embeds")
-        for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups", *optional):
-            value = getattr(c, name)
-            if not (value is None and name in optional or _positive_int(value)):
-                or_none = " or None" if name in optional else ""
-                raise ValueError(f"`{name}` must be a positive integer{or_none}, got {value!r}.")
+        names = ("in_channels", "out_channels", "layers_per_block", "norm_num_groups", *optional)
+        check_positive_integers(optional, **{name: getattr(c, name) for name in names})
         size = c.sample_size
-        pair = isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_positive_int, size))
-        if not (size is None or _positive_int(size) or pair):
+        sides = size if isinstance(size, (list, tuple)) and len(size) == 2 else [size]  # (height, width) or one
+        if size is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
             raise ValueError(f"`sample_size` must be a positive integer, (height, width) or None, got {size!r}.")
         kinds = {
             "downsample_type": ("conv", "resnet"),
@@ -419,7 +416,3 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         ```
         """
         return warm_start(cls, UNet2DModel, unet, stage_boundaries, boundary_units, num_train_timesteps)
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
