@@ -280,6 +280,8 @@ def test_compile_stages_refuses_a_bad_warmup(tiny_unet_kwargs):
         model.compile_stages(warmup=(x, 500), backend="eager")
     with pytest.raises(ValueError, match=r"`warmup` must be a dict .* got \['sample', 'stage_index', 'timestep'\]"):
         model.compile_stages(warmup={"sample": x, "timestep": 500, "stage_index": 0}, backend="eager")
+    with pytest.raises(ValueError, match=r"`warmup` must be a dict .* got \['t', 'x'\]"):  # was a TypeError
+        model.compile_stages(warmup={"x": x, "t": 500}, backend="eager")
 
 
 def test_compile_stages_compiles_17_identical_decoders_once(tiny_unet_kwargs, monkeypatch):
