@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.stage_boundaries is None) == (args.plan is None):
         parser.error("give exactly one of --stage_boundaries and --plan")
+    if args.verify_steps < 1:
+        parser.error(f"--verify_steps must be a positive integer, got {args.verify_steps}")
     return args
 
 
@@ -172,18 +174,23 @@ def source_pipeline(unet, scheduler, vae, pipeline_class: str | None):
 
 
 def verify(source, converted: MultiStagePipeline, steps: int, tolerance: float) -> None:
-    """Compare the denoisers at one timestep per stage, then sample with both pipelines from the same seed."""
+    """Compare the denoisers at one timestep per stage, then sample with both pipelines from the same seed (a
+    class-conditional U-Net: the denoisers only, given class labels, since diffusers' pipelines cannot sample it)."""
     config = converted.unet.config
     size = config.sample_size
     x = torch.randn(
         2, config.in_channels, *((size, size) if isinstance(size, int) else size), generator=torch.manual_seed(1)
     )
+    labels = torch.arange(2) % config.num_class_embeds if config.num_class_embeds else None
     differences = {}
     for stage, t in enumerate(probe_timesteps(converted.partition)):
         t = torch.tensor(t)
         differences[f"denoiser at timestep {t.item():g} (stage {stage})"] = max_difference(
-            source.unet(x, t).sample, converted.unet(x, t).sample
+            source.unet(x, t, class_labels=labels).sample, converted.unet(x, t, class_labels=labels).sample
         )
+    if labels is not None:
+        print(f"verify: no sampling comparison: {type(source).__name__} cannot sample a class-conditional U-Net")
+        return report_verification(differences, tolerance)
     images = []
     for pipe in (source, converted):
         pipe.set_progress_bar_config(disable=True)

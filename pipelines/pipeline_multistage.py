@@ -59,6 +59,12 @@ class MultiStagePipeline(StagedDiffusionPipeline):
         class_embedder: ClassContextEmbedding | None = None,
     ):
         super().__init__()
+        staged = (MultiStageUNet2DModel, MultiStageDDPMppUNet2DModel, MultiStageUNet2DConditionModel)
+        if not isinstance(getattr(unet, "_orig_mod", unet), staged):  # a torch.compile'd model is its `_orig_mod`
+            raise ValueError(
+                f"`unet` must be a {', '.join(c.__name__ for c in staged)}, got {type(unet).__name__} (a plain "
+                "UNet2DModel converts with `MultiStageUNet2DModel.from_unet`)."
+            )
         cross_attention = isinstance(unet, MultiStageUNet2DConditionModel)
         if cross_attention != (class_embedder is not None):
             raise ValueError(

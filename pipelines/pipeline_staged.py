@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..conventions import class_embedding_count, model_to_vae_latents, null_class_label, num_data_classes
 from ..hub import pop_push_kwargs, push_saved_folder
-from ..models.checks import compute_dtype
+from ..models.checks import check_positive_integers, compute_dtype
 from ..partition import TimestepPartition
 from ..routing import StageRouter
 from ..schedulers import model_call_timesteps
@@ -148,6 +148,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """``(timestep, stage)`` of every model call a run with ``num_inference_steps`` makes: which network runs
         which step (stage 0 is the clean end). It is the schedule the sampling loop follows, from a dry run of a fresh
         copy of the scheduler (no model is called)."""
+        check_positive_integers(num_inference_steps=num_inference_steps)
         return self._stage_schedule(self.resolve_partition(num_inference_steps), num_inference_steps)
 
     def _stage_schedule(self, partition: TimestepPartition, num_inference_steps: int) -> list[tuple[float, int]]:
@@ -209,6 +210,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     def _check_callback(self, callback, tensor_inputs: Sequence[str]) -> None:
         if callback is not None and not callable(callback):
             raise ValueError(f"`callback_on_step_end` must be callable, got {callback!r}.")
+        if isinstance(tensor_inputs, str):
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a list of names, got {tensor_inputs!r}.")
         unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(
@@ -273,13 +276,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the generated images.
         """
         # 1. check the inputs
-        for name, value in (
-            ("batch_size", batch_size),
-            ("num_inference_steps", num_inference_steps),
-            ("num_images_per_prompt", num_images_per_prompt),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        check_positive_integers(
+            batch_size=batch_size, num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt
+        )
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -299,6 +298,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         batch_size *= num_images_per_prompt
         scales = self._guidance_scales(guidance_scale, partition.num_stages, conditional=class_labels is not None)
         self._guidance_scale = guidance_scale
+        generators = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            raise ValueError(f"`generator` must be a torch.Generator or a list of them, got {generator!r}.")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"`generator` is a list of {len(generator)} generators, but the batch has {batch_size} images: give "
@@ -332,7 +334,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                 for k in callback_on_step_end_tensor_inputs:
                     callback_kwargs[k] = locals()[k]
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                latents = callback_outputs.pop("latents", latents)
+                latents = _callback_latents(callback_outputs, latents)
 
         # 5. decode latents (latent diffusion) and convert to the requested output type
         images = latents
@@ -395,6 +397,23 @@ def spatial_multiple(config) -> int:
         return int(config.patch_size)
     levels = getattr(config, "channel_mult", None) or getattr(config, "block_out_channels", None) or (1,)
     return 2 ** (len(levels) - 1)
+
+
+def _callback_latents(callback_outputs, latents: torch.Tensor) -> torch.Tensor:
+    """The latents after a `callback_on_step_end` call: its ``"latents"`` entry, when it returns one, which must be a
+    tensor of the latents' shape (another batch size would change the run's images silently)."""
+    if not isinstance(callback_outputs, dict):
+        raise ValueError(
+            f"`callback_on_step_end` must return a dict (empty, or with the new 'latents'), got {callback_outputs!r}."
+        )
+    new = callback_outputs.pop("latents", latents)
+    if not torch.is_tensor(new) or not new.is_floating_point() or new.shape != latents.shape:
+        got = f"shape {tuple(new.shape)} ({new.dtype})" if torch.is_tensor(new) else repr(new)
+        raise ValueError(
+            f"`callback_on_step_end` returned 'latents' that are not a floating-point tensor of shape "
+            f"{tuple(latents.shape)}: got {got}."
+        )
+    return new
 
 
 def _integer_labels(class_labels) -> torch.Tensor:

@@ -93,3 +93,10 @@ def test_stage_index_is_a_deprecated_alias_of_stage_for_noise_level():
     levels = torch.tensor([0, 441, 442, 999])
     with pytest.warns(FutureWarning, match="stage_for_noise_level"):
         assert torch.equal(partition.stage_index(levels), partition.stage_for_noise_level(levels))
+
+
+@pytest.mark.parametrize("boundaries", ["500", "1", 500, None])
+def test_boundaries_that_are_not_a_sequence_of_numbers_are_refused(boundaries):
+    # a string was read character by character ("1" was the boundary 1.0, "500" the unsorted 5, 0, 0)
+    with pytest.raises(ValueError, match=f"`boundaries` must be a sequence of numbers, got {boundaries!r}"):
+        TimestepPartition(boundaries)

@@ -26,6 +26,17 @@ def _preview(values: torch.Tensor, limit: int = 8) -> str:
     return str(flat[:limit].tolist())[:-1] + (", ...]" if flat.numel() > limit else "]")
 
 
+def check_positive_integers(optional: tuple[str, ...] = (), **values) -> None:
+    """A `ValueError` naming the first of ``values`` that is not a positive integer (bools refused); the names in
+    ``optional`` may also be None. For configuration and call arguments that would otherwise fail inside torch."""
+    for name, value in values.items():
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            or_none = " or None" if name in optional else ""
+            raise ValueError(f"`{name}` must be a positive integer{or_none}, got {value!r}.")
+
+
 def compute_dtype(model: nn.Module) -> torch.dtype:
     r"""
     The dtype ``model`` computes in (the dtype its input must have), read from its first layer with floating-point

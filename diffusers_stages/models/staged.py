@@ -3,6 +3,7 @@ per-stage networks (decoders or experts), and a saved folder that diffusers' `Au
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections import Counter
@@ -86,7 +87,8 @@ class StageCompileMixin:
 
         ```
         """
-        if warmup is not None and (not isinstance(warmup, Mapping) or "stage_index" in warmup):
+        arguments = set(inspect.signature(self.forward).parameters) - {"stage_index"}
+        if warmup is not None and (not isinstance(warmup, Mapping) or not set(warmup) <= arguments):
             raise ValueError(
                 "`warmup` must be a dict of `forward`'s keyword arguments without `stage_index` (every stage is warmed "
                 f"up in turn), got {type(warmup).__name__ if not isinstance(warmup, Mapping) else sorted(warmup)}."

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..partition import TimestepPartition
-from .checks import compute_dtype, per_sample_timesteps
+from .checks import check_positive_integers, compute_dtype, per_sample_timesteps
 from .decoders import (
     CONCATENATING_UP_BLOCKS,
     SkipAdapters,
@@ -203,6 +203,7 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
                 "`down_block_types`, `up_block_types` and `block_out_channels` must have the same length, got "
                 f"{len(c.down_block_types)}, {len(c.up_block_types)} and {len(c.block_out_channels)}."
             )
+        self._check_sizes_and_kinds()
         decoder_block_out_channels = resolve_decoder_widths(
             decoder_block_out_channels, c.block_out_channels, partition, c.norm_num_groups
         )
@@ -224,6 +225,26 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
                 f"`time_embedding_type` must be positional, fourier or learned, got {c.time_embedding_type!r}."
             )
         return partition, decoder_block_out_channels, decoder_up_block_types
+
+    def _check_sizes_and_kinds(self) -> None:
+        """The integer sizes and the block kinds that `UNet2DModel` only fails on deep inside torch, or ignores."""
+        c = self.config
+        optional = ("attention_head_dim", "attn_norm_num_groups", "time_embedding_dim", "num_class_embeds")
+        names = ("in_channels", "out_channels", "layers_per_block", "norm_num_groups", *optional)
+        check_positive_integers(optional, **{name: getattr(c, name) for name in names})
+        size = c.sample_size
+        sides = size if isinstance(size, (list, tuple)) and len(size) == 2 else [size]  # (height, width) or one
+        if size is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+            raise ValueError(f"`sample_size` must be a positive integer, (height, width) or None, got {size!r}.")
+        kinds = {
+            "downsample_type": ("conv", "resnet"),
+            "upsample_type": ("conv", "resnet"),
+            "mid_block_type": ("UNetMidBlock2D", None),
+            "class_embed_type": (None, "timestep", "identity"),
+        }
+        for name, allowed in kinds.items():
+            if getattr(c, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(c, name)!r}.")
 
     def _build_embeddings(self, time_embed_dim: int) -> None:
         """The shared encoder's input convolution and time / class embeddings, as `UNet2DModel` builds them."""

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..conventions import DEFAULT_SIGMA_BOUNDARIES, num_data_classes
 from ..partition import TimestepPartition
-from .checks import compute_dtype
+from .checks import check_positive_integers, compute_dtype
 from .loading import StrictLoadingMixin
 from .staged import StagedModelMixin
 
@@ -274,6 +274,19 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
     ):
         super().__init__()
         # 0. check the configuration (every problem is a ValueError that names the argument) and keep the partition
+        check_positive_integers(
+            in_channels=in_channels, out_channels=out_channels, encoder_channels=encoder_channels,
+            channel_mult_emb=channel_mult_emb, layers_per_block=layers_per_block,
+        )  # fmt: skip
+        if not isinstance(channel_mult, Sequence) or not channel_mult:
+            raise ValueError(f"`channel_mult` must be positive integers, one per level, got {channel_mult!r}.")
+        check_positive_integers(**{f"channel_mult[{i}]": m for i, m in enumerate(channel_mult)})
+        if isinstance(augment_dim, bool) or not isinstance(augment_dim, int) or augment_dim < 0:
+            raise ValueError(
+                f"`augment_dim` must be an integer >= 0 (0: no augmentation labels), got {augment_dim!r}."
+            )
+        if not isinstance(decoder_mid_blocks, bool):
+            raise ValueError(f"`decoder_mid_blocks` must be True or False, got {decoder_mid_blocks!r}.")
         self.partition = self._check_config(stage_boundaries, num_train_timesteps, boundary_units, decoder_channels,
                                             sample_size, channel_mult, num_class_embeds)  # fmt: skip
         kernel = self._check_options(resample_filter, encoder_type)
@@ -347,9 +360,9 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
                 f"`decoder_channels` must give one width per stage ({partition.num_stages} stages from "
                 f"`stage_boundaries`={tuple(stage_boundaries)}), got {tuple(decoder_channels)}."
             )
-        if not isinstance(sample_size, int) or sample_size % 2 ** (len(channel_mult) - 1):
+        if not isinstance(sample_size, int) or sample_size < 1 or sample_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(
-                f"`sample_size` must be an integer divisible by 2**{len(channel_mult) - 1} (one halving per level of "
+                f"`sample_size` must be a positive integer divisible by 2**{len(channel_mult) - 1} (one halving per level of "
                 f"`channel_mult`={tuple(channel_mult)}), got {sample_size!r}."
             )
         if num_class_embeds is not None and num_class_embeds < 2:

@@ -3,7 +3,7 @@ copy of the source's up path) and the model built from the source's config, whos
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from diffusers.models.modeling_utils import ModelMixin
@@ -42,7 +42,10 @@ def warm_start(
     model = cls(
         **config,
         num_train_timesteps=num_train_timesteps,
-        stage_boundaries=tuple(stage_boundaries),
+        # a sequence as a tuple; anything else (a number, a string) as given, for the model's check to name it
+        stage_boundaries=tuple(stage_boundaries)
+        if isinstance(stage_boundaries, Iterable) and not isinstance(stage_boundaries, str)
+        else stage_boundaries,
         boundary_units=boundary_units,
     )
     model.load_state_dict(unet_state_dict_to_multistage(unet.state_dict(), model.num_stages), strict=True)

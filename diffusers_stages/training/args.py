@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import warnings
 
@@ -11,6 +12,9 @@ import torch
 
 from ..partition import TimestepPartition
 from ..timestep_sampling import STAGE_SAMPLING
+
+# the learning-rate schedules `get_scheduler` builds from the loop's arguments alone
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 UNET_CONFIG_KEYS = (
     "block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
@@ -149,7 +153,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="Default: accelerate config. fp16 needs a GPU; bf16 runs on CPU too.",
     )  # fmt: skip
     optim.add_argument("--learning_rate", type=float, default=1e-4)
-    optim.add_argument("--lr_scheduler", type=str, default="cosine",
+    optim.add_argument("--lr_scheduler", type=str, default="cosine", choices=LR_SCHEDULERS,
                        help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup")  # fmt: skip
     optim.add_argument("--lr_warmup_steps", type=int, default=500)
     optim.add_argument("--adam_beta1", type=float, default=0.95)
@@ -210,9 +214,10 @@ def read_model_config(args: argparse.Namespace) -> dict | None:
 
 
 def unet_shape_kwargs(args: argparse.Namespace) -> dict:
-    """The U-Net shape arguments (from `--model_config` when given, else from the command line)."""
+    """The U-Net shape arguments (from `--model_config` when given, else from the command line); a saved model's
+    loader entries (``_class_name``, ``auto_map``) are not constructor arguments."""
     if args.model_config is not None:
-        return {k: v for k, v in read_model_config(args).items() if not k.startswith("_")}
+        return {k: v for k, v in read_model_config(args).items() if not k.startswith("_") and k != "auto_map"}
     down, up = default_block_types(len(args.block_out_channels))
     return {
         "block_out_channels": tuple(args.block_out_channels),
@@ -261,7 +266,8 @@ def check_args(
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise ValueError(f"`--train_data_dir` must be an existing folder of images, got {args.train_data_dir!r}.")
     for name in ("resolution", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",
-                 "save_images_steps", "num_sample_images", "num_inference_steps", "num_train_timesteps"):  # fmt: skip
+                 "save_images_steps", "num_sample_images", "num_inference_steps", "num_train_timesteps",
+                 "layers_per_block", "attention_head_dim", "norm_num_groups"):  # fmt: skip
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be a positive integer, got {getattr(args, name)}.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
@@ -298,7 +304,33 @@ def check_args(
         raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. `your-name/multistage-cifar10`).")
     if args.save_model_epochs is not None and args.save_model_epochs < 1:
         raise ValueError(f"`--save_model_epochs` must be a positive integer, got {args.save_model_epochs}.")
+    check_optimisation_numbers(args)
     check_device_options(args)
+
+
+def check_optimisation_numbers(args: argparse.Namespace) -> None:
+    """The optimiser's, the schedule's and the loss's numbers, in their ranges (torch would refuse some only after
+    the data and the model are loaded, without naming the argument, and silently accept the others)."""
+    positive = ["learning_rate", "max_grad_norm", "ema_inv_gamma", "ema_power"]
+    for name in positive + ([] if args.snr_gamma is None else ["snr_gamma"]):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            raise ValueError(f"`--{name}` must be a positive number, got {getattr(args, name)}.")
+    ranges = {  # name: (low, high, high included), low always included
+        "ema_max_decay": (0.0, 1.0, True),
+        "dropout": (0.0, 1.0, False),
+        "adam_beta1": (0.0, 1.0, False),
+        "adam_beta2": (0.0, 1.0, False),
+        "adam_weight_decay": (0.0, math.inf, False),
+        "adam_epsilon": (0.0, math.inf, False),
+    }
+    for name, (low, high, closed) in ranges.items():
+        value = getattr(args, name)
+        if not (low <= value <= high if closed else low <= value < high):
+            raise ValueError(f"`--{name}` must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value}.")
+    if args.lr_warmup_steps < 0:
+        raise ValueError(f"`--lr_warmup_steps` must be a non-negative integer, got {args.lr_warmup_steps}.")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"`--seed` must be in [0, 2**32), got {args.seed}.")
 
 
 def check_device_options(args: argparse.Namespace) -> None:

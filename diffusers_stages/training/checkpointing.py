@@ -171,6 +171,19 @@ def _names(folders: list[str]) -> str:
     return ", ".join(os.path.basename(folder) for folder in folders)
 
 
+def _check_same_config(model, loaded, name: str, input_dir: str) -> None:
+    """Refuse to resume ``model`` from a checkpoint of another configuration (other model arguments than the run that
+    wrote it), naming the values, rather than fail on the first mismatched tensor shape."""
+    now, then = (json.loads(m.to_json_string()) for m in (model, loaded))
+    differ = sorted(k for k in now.keys() | then.keys() if not k.startswith("_") and now.get(k) != then.get(k))
+    if differ:
+        values = "; ".join(f"`{k}` {then.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+        raise ValueError(
+            f"`--resume_from_checkpoint` {input_dir!r} holds a `{name}` of another configuration ({values}): resume "
+            "with the model arguments of the run that wrote it, or train into a new `--output_dir`."
+        )
+
+
 def register_checkpoint_hooks(accelerator: Accelerator, names: list[str], emas: dict[str, EMAModel]) -> None:
     """Make `accelerator.save_state` / `load_state` write and read each network as ``<dir>/<name>`` and its EMA as
     ``<dir>/<name>_ema`` (`save_pretrained` folders), instead of anonymous state dicts. A sharded (FSDP) network is
@@ -190,6 +203,7 @@ def register_checkpoint_hooks(accelerator: Accelerator, names: list[str], emas: 
         for name, model in zip(names, models):
             model = accelerator.unwrap_model(model)
             loaded = type(model).from_pretrained(_network_folder(input_dir, name))
+            _check_same_config(model, loaded, name, input_dir)
             model.load_state_dict(loaded.state_dict())
             del loaded
         for name, ema in emas.items():

@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "outputs and gradients). Faster with many stages of few samples each (README, Benchmarks). Refused where no "
         "batch could be fused: `--stage_sampling` other than mixed, decoders of different widths, or a split of "
         "`--train_batch_size` over the stages so uneven that padding every stage to the largest count adds more "
-        "than 25%% rows (pass equal `--stage_shares`).",
+        "than 25%% rows (pass equal `--stage_shares` and a batch size that is a multiple of the stage count).",
     )  # fmt: skip
     group.add_argument(
         "--pretrained_model_name_or_path", type=str, default=None,

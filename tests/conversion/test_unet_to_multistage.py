@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, LDMPipeline
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, LDMPipeline, UNet2DModel
 from safetensors.torch import load_file, save_file
 
 from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
@@ -50,6 +50,23 @@ def test_ddim_pipeline_and_bare_unet_folder(tmp_path):
     convert(str(tmp_path / "ddim"), str(tmp_path / "a"), "--stage_boundaries", "300", "600", "--verify")
     staged = convert(str(tmp_path / "unet"), str(tmp_path / "b"), "--stage_boundaries", "300", "--verify")
     assert type(staged.scheduler).__name__ == "DDPMScheduler"  # a bare U-Net gets the DDPM training schedule
+
+
+def test_class_conditional_unet_verifies_its_denoisers_with_class_labels(tmp_path, capsys):
+    torch.manual_seed(0)
+    UNet2DModel(**TINY_UNET, num_class_embeds=3).save_pretrained(tmp_path / "unet")
+    staged = convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500", "--verify",
+                     "--tolerance", "0")  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("max |source - converted| = 0.000e+00") == 2  # one probe per stage
+    assert "DDPMPipeline cannot sample a class-conditional U-Net" in out
+    assert staged.unet.config.num_class_embeds == 3
+
+
+def test_verify_steps_must_be_positive(ddpm_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        convert(ddpm_folder, str(tmp_path / "out"), "--stage_boundaries", "500", "--verify", "--verify_steps", "0")
+    assert "--verify_steps must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_a_shorter_training_schedule_carries_over(tmp_path):

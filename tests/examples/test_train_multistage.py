@@ -113,6 +113,15 @@ def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_pa
             "fuses decoders of one architecture",
         ),
         (["--fused_decoders", "--train_batch_size", "64"], "a batch of 64 splits [28, 13, 23] over the stages"),
+        (
+            ["--fused_decoders", "--train_batch_size", "64"],
+            "pass equal `--stage_shares` (e.g. `--stage_shares 1,1,1`)",
+        ),
+        (  # equal shares already: the batch size is what splits unevenly
+            ["--fused_decoders", "--train_batch_size", "4", "--stage_shares", "1,1,1"],
+            "a batch of 4 splits [1, 2, 1] over the stages, and padding every stage to 2 samples would add more than "
+            "25% rows, so batches would be decoded stage by stage: pass a `--train_batch_size` that is a multiple of 3",
+        ),
     ],
 )
 def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_path, capsys, extra, message):
@@ -187,3 +196,14 @@ def test_datasets_dataset_as_data_source(examples, script, image_folder, tmp_pat
     examples.train(script, [*examples.TINY, "--dataset_name", image_folder, "--cache_dir", str(tmp_path / "cache"), "--class_conditional",
          "--output_dir", out, "--max_train_steps", "1"])  # fmt: skip
     assert MultiStagePipeline.from_pretrained(out).unet.config.num_class_embeds == 4  # folders 0, 1, 2 + null label
+
+
+def test_resuming_with_other_model_arguments_names_them(examples, script, image_folder, tmp_path):
+    out = str(tmp_path / "run")
+    base = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--checkpointing_steps", "1"]
+    examples.train(script, [*base, "--max_train_steps", "1"])
+    # was a RuntimeError from load_state_dict on the first mismatched tensor
+    with pytest.raises(ValueError, match=r"holds a `unet` of another configuration \(`stage_boundaries` \[442.0, "
+                       r"631.0\] there, \[500.0\] now\): resume with the model arguments"):  # fmt: skip
+        examples.train(script, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest",
+                                "--stage_boundaries", "500"])  # fmt: skip

@@ -1,4 +1,5 @@
 import json
+import re
 import weakref
 
 import pytest
@@ -120,6 +121,9 @@ def test_bad_inputs_name_the_argument(tiny_multistage, tiny_unet_kwargs):
         tiny_multistage(torch.randn(2, 3, 8, 8), 10, class_labels=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="`unet`"):
         MultiStageUNet2DModel.from_unet(torch.nn.Conv2d(3, 3, 1))
+    for boundaries in (500, "500"):  # were a TypeError, and the unsorted boundaries 5, 0, 0
+        with pytest.raises(ValueError, match=f"`boundaries` must be a sequence of numbers, got {boundaries!r}"):
+            MultiStageUNet2DModel.from_unet(UNet2DModel(**tiny_unet_kwargs), stage_boundaries=boundaries)
 
 
 X = torch.randn(2, 3, 8, 8)
@@ -240,6 +244,32 @@ def test_bad_decoder_options_name_the_argument(tiny_unet_kwargs, kwargs, name):
         MultiStageUNet2DModel(**{**tiny_unet_kwargs, **UNADAPTED, **kwargs})
 
 
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("layers_per_block", 0),  # was a RuntimeError in the first forward
+        ("layers_per_block", 1.5),  # was a TypeError
+        ("attention_head_dim", 0),  # was a ZeroDivisionError
+        ("attention_head_dim", -4),
+        ("norm_num_groups", 0),
+        ("in_channels", 0),
+        ("out_channels", 0),
+        ("num_class_embeds", -1),
+        ("time_embedding_dim", 0),
+        ("attn_norm_num_groups", 0),
+        ("sample_size", 0),  # was accepted silently
+        ("sample_size", (8,)),
+        ("upsample_type", "foo"),  # was a shape error in the first forward
+        ("downsample_type", "foo"),  # was silently a plain downsampler
+        ("mid_block_type", "foo"),
+        ("class_embed_type", "foo"),
+    ],
+)
+def test_bad_sizes_and_block_kinds_name_the_argument_and_the_value(tiny_unet_kwargs, name, value):
+    with pytest.raises(ValueError, match=f"`{name}` must be .*got {re.escape(repr(value))}"):
+        MultiStageUNet2DModel(**{**tiny_unet_kwargs, name: value})
+
+
 PLAIN = {"down_block_types": ("DownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "UpBlock2D")}
 
 
@@ -250,6 +280,8 @@ def test_compile_stages_refuses_a_bad_warmup(tiny_unet_kwargs):
         model.compile_stages(warmup=(x, 500), backend="eager")
     with pytest.raises(ValueError, match=r"`warmup` must be a dict .* got \['sample', 'stage_index', 'timestep'\]"):
         model.compile_stages(warmup={"sample": x, "timestep": 500, "stage_index": 0}, backend="eager")
+    with pytest.raises(ValueError, match=r"`warmup` must be a dict .* got \['t', 'x'\]"):  # was a TypeError
+        model.compile_stages(warmup={"x": x, "t": 500}, backend="eager")
 
 
 def test_compile_stages_compiles_17_identical_decoders_once(tiny_unet_kwargs, monkeypatch):

@@ -110,6 +110,25 @@ def test_bad_inputs_name_the_argument(model):
 
 
 @pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("layers_per_block", 0, "`layers_per_block` must be a positive integer, got 0"),  # built silently
+        ("channel_mult", (), r"`channel_mult` must be positive integers, one per level, got \(\)"),  # built silently
+        ("channel_mult", (1, 0), r"`channel_mult\[1\]` must be a positive integer, got 0"),
+        ("channel_mult_emb", 0, "`channel_mult_emb` must be a positive integer, got 0"),  # built silently
+        ("encoder_channels", 0, "`encoder_channels` must be a positive integer, got 0"),
+        ("in_channels", 0, "`in_channels` must be a positive integer, got 0"),  # failed in the first forward
+        ("augment_dim", -1, "`augment_dim` must be an integer >= 0.*got -1"),  # was a RuntimeError
+        ("decoder_mid_blocks", "x", "`decoder_mid_blocks` must be True or False, got 'x'"),  # taken as True
+        ("sample_size", 0, "`sample_size` must be a positive integer divisible by 2"),  # built silently
+    ],
+)
+def test_bad_sizes_name_the_argument_and_the_value(name, value, message):
+    with pytest.raises(ValueError, match=message):
+        MultiStageDDPMppUNet2DModel(**{**TINY, name: value})
+
+
+@pytest.mark.parametrize(
     ("args", "kwargs", "message"),
     [
         ((torch.randn(1, 3, 7, 7), c_noise(1.0)), {}, r"`sample`'s height and width must be multiples of 2"),

@@ -10,6 +10,7 @@ from diffusers import (
     DiffusionPipeline,
     EDMEulerScheduler,
     EulerAncestralDiscreteScheduler,
+    UNet2DModel,
     VQModel,
 )
 
@@ -277,3 +278,14 @@ def test_class_context_pipeline_refuses_mismatched_components(tiny_cond_unet, ti
         MultiStagePipeline(unet=labelled, scheduler=DDIMScheduler(), class_embedder=pipe.class_embedder)
     with pytest.raises(ValueError, match="width 16.*`cross_attention_dim`=32"):
         MultiStagePipeline(unet=pipe.unet, scheduler=DDIMScheduler(), class_embedder=ClassContextEmbedding(4, 16))
+
+
+def test_a_unet_that_is_not_staged_is_refused_by_name(tiny_multistage, tiny_unet_kwargs, tmp_path):
+    plain = UNet2DModel(**tiny_unet_kwargs)  # was accepted; sampling then failed on `unet.partition`
+    with pytest.raises(ValueError, match="`unet` must be a MultiStageUNet2DModel.*got UNet2DModel.*from_unet"):
+        MultiStagePipeline(unet=plain, scheduler=DDIMScheduler())
+    _pipe(tiny_multistage, DDIMScheduler()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="`unet` must be .*got Linear"):  # a replacement component as well
+        MultiStagePipeline.from_pretrained(tmp_path, unet=torch.nn.Linear(1, 1))
+    compiled = MultiStagePipeline(unet=torch.compile(tiny_multistage), scheduler=DDIMScheduler())  # still accepted
+    assert compiled.unet._orig_mod is tiny_multistage

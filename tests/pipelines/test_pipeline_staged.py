@@ -97,3 +97,33 @@ def test_integer_class_labels_of_every_accepted_form_agree(conditional):
 def test_integer_arguments_refuse_bools_and_floats(unconditional, name, value):
     with pytest.raises(ValueError, match=f"`{name}` must be a positive integer, got {value}"):
         unconditional(**{**RUN, name: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        # the callback's return value: diffusers' loop raised AttributeError on None, and took another batch size
+        ({"callback_on_step_end": lambda *a: None}, "`callback_on_step_end` must return a dict .*got None"),
+        (
+            {"callback_on_step_end": lambda p, i, t, kw: {"latents": torch.zeros(3, *kw["latents"].shape[1:])}},
+            r"returned 'latents' that are not a floating-point tensor of shape \(2, 3, 8, 8\): got shape \(3, 3, 8, 8\)",
+        ),
+        ({"callback_on_step_end": lambda *a: {"latents": None}}, "returned 'latents' .*got None"),
+        (
+            {"callback_on_step_end": lambda *a: {}, "callback_on_step_end_tensor_inputs": "latents"},
+            "`callback_on_step_end_tensor_inputs` must be a list of names, got 'latents'",
+        ),
+        ({"generator": 3}, "`generator` must be a torch.Generator or a list of them, got 3"),  # was AttributeError
+        ({"scheduler_step_kwargs": [1]}, r"`scheduler_step_kwargs` must be a dict of .*got \[1\]"),  # AttributeError
+    ],
+)
+def test_bad_callbacks_generators_and_step_kwargs_name_the_argument(unconditional, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        unconditional(batch_size=2, **RUN, **kwargs)
+
+
+@pytest.mark.parametrize("steps", [0, 1.5, True])
+def test_expert_schedule_checks_its_step_count(unconditional, steps):
+    # 0 was a ZeroDivisionError inside the scheduler, 1.5 a silent schedule
+    with pytest.raises(ValueError, match=f"`num_inference_steps` must be a positive integer, got {steps}"):
+        unconditional.expert_schedule(steps)

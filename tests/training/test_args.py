@@ -68,12 +68,30 @@ def _checked(tmp_path, *argv):
             "`--enable_xformers_memory_efficient_attention` needs a CUDA",
         ),
         (["--save_model_epochs", "0"], "`--save_model_epochs` must be a positive integer, got 0"),
+        # optimiser, schedule and loss numbers: torch refused some only after loading, unnamed; others ran silently
+        (["--learning_rate", "nan"], "`--learning_rate` must be a positive number, got nan"),
+        (["--learning_rate", "-1"], "`--learning_rate` must be a positive number, got -1.0"),
+        (["--max_grad_norm", "0"], "`--max_grad_norm` must be a positive number, got 0.0"),
+        (["--snr_gamma", "-5"], "`--snr_gamma` must be a positive number, got -5.0"),
+        (["--ema_max_decay", "2"], "`--ema_max_decay` must be in \\[0, 1\\], got 2.0"),
+        (["--dropout", "-0.1"], "`--dropout` must be in \\[0, 1\\), got -0.1"),
+        (["--adam_beta1", "1"], "`--adam_beta1` must be in \\[0, 1\\), got 1.0"),
+        (["--lr_warmup_steps", "-1"], "`--lr_warmup_steps` must be a non-negative integer, got -1"),
+        (["--seed", "-1"], "`--seed` must be in \\[0, 2\\*\\*32\\), got -1"),
+        (["--layers_per_block", "0"], "`--layers_per_block` must be a positive integer, got 0"),
+        (["--attention_head_dim", "0"], "`--attention_head_dim` must be a positive integer, got 0"),
     ],
 )
 def test_options_refused_before_training(tmp_path, monkeypatch, argv, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=message):
         _checked(tmp_path, *argv)
+
+
+def test_an_unknown_lr_scheduler_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        build_parser("").parse_args(["--lr_scheduler", "foo"])
+    assert "argument --lr_scheduler: invalid choice: 'foo'" in capsys.readouterr().err
 
 
 def test_bf16_is_allowed_on_cpu_and_missing_optional_packages_are_named(tmp_path, monkeypatch):
@@ -103,6 +121,19 @@ def test_model_config_is_a_file_or_a_folder(tmp_path):
         assert unet_shape_kwargs(args) == {"block_out_channels": [8, 16]}
     with pytest.raises(ValueError, match="`--model_config` must be a model config.json or a folder holding one"):
         read_model_config(build_parser("").parse_args(["--model_config", str(tmp_path / "missing")]))
+
+
+def test_model_config_of_a_saved_model_folder_builds_that_model(tmp_path):
+    # a saved folder's config.json holds `auto_map` (for diffusers' AutoModel): a loader entry, not an argument
+    from diffusers_stages import MultiStageUNet2DModel
+
+    saved = MultiStageUNet2DModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                  down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                                  stage_boundaries=(500,))  # fmt: skip
+    saved.save_pretrained(tmp_path)
+    kwargs = unet_shape_kwargs(build_parser("").parse_args(["--model_config", str(tmp_path)]))
+    assert "auto_map" not in kwargs
+    assert MultiStageUNet2DModel(**kwargs).config.stage_boundaries == [500.0]
 
 
 def test_ddpm_num_steps_is_a_deprecated_alias_of_num_train_timesteps():

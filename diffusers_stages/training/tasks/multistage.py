@@ -160,11 +160,16 @@ class MultiStageTask(TrainingTask):
             return  # refused with its own message by `check_args`
         counts = [c for c in stage_counts(args.train_batch_size, shares, torch.Generator().manual_seed(0)) if c]
         if len(counts) > 1 and not fits_padding(counts, DEFAULT_MAX_PADDING):
+            equal = f"`--stage_shares {','.join(['1'] * partition.num_stages)}`"
+            fix = (  # equal shares split a batch size that is a multiple of the stage count evenly
+                f"pass a `--train_batch_size` that is a multiple of {partition.num_stages} (with {equal})"
+                if len(set(shares)) == 1
+                else f"pass equal `--stage_shares` (e.g. {equal})"
+            )
             raise ValueError(
                 f"`--fused_decoders`: a batch of {args.train_batch_size} splits {counts} over the stages, and padding "
                 f"every stage to {max(counts)} samples would add more than {DEFAULT_MAX_PADDING:.0%} rows, so batches "
-                "would be decoded stage by stage: pass equal `--stage_shares` (e.g. `--stage_shares "
-                f"{','.join(['1'] * partition.num_stages)}`), or drop `--fused_decoders`."
+                f"would be decoded stage by stage: {fix}, or drop `--fused_decoders`."
             )
 
     def _planned_partition(self, args: argparse.Namespace) -> TimestepPartition | None:
