@@ -102,6 +102,17 @@ class InceptionMixer(nn.Module):
         return self.proj(mixed + self.fuse(mixed))
 
 
+def _blocks_layout_without_gradients(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a `ResnetBlock2D`'s shortcut convolution. diffusers makes the shortcut's input contiguous
+    (NCHW) whenever the block is in training mode, gradients or not, so a model as built (training mode) rounded
+    differently from the same weights in eval mode (as `from_pretrained` returns them) and sampled other images.
+    Without gradients the input goes back to the blocks' layout (see `compute_memory_format`); with gradients
+    diffusers' layout is kept (its gradient strides suit DDP)."""
+    if torch.is_grad_enabled():
+        return None
+    return (args[0].contiguous(memory_format=compute_memory_format(args[0])),)
+
+
 class IUNetBlock(nn.Module):
     """One iU-Net block: a `ResnetBlock2D` (width change, time embedding; residual), then norm -> Inception mixer
     (residual) at the block's output width, so that the channel split is the level's."""
@@ -112,6 +123,8 @@ class IUNetBlock(nn.Module):
         self.gradient_checkpointing = False  # set by the model's `enable_gradient_checkpointing()`
         self.resnet = ResnetBlock2D(in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels,
                                     groups=groups, eps=eps, dropout=dropout)  # fmt: skip
+        if self.resnet.conv_shortcut is not None:
+            self.resnet.conv_shortcut.register_forward_pre_hook(_blocks_layout_without_gradients)
         low = attention_channels(out_channels, ratio, head_dim)
         self.mixer = InceptionMixer(out_channels, low, head_dim, pool_size, groups, eps)
 

@@ -147,3 +147,18 @@ def test_channels_last_blocks_match_the_plain_layout(monkeypatch):
         plain = model(sample, 300, class_labels=labels).sample
     assert layouts == [True, False] and fast.is_contiguous()
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_in_training_mode_samples_as_in_eval_mode(tmp_path):
+    # diffusers' `ResnetBlock2D` makes its shortcut's input contiguous in training mode: a model as built (training
+    # mode) must still give the outputs of its saved and reloaded copy (eval mode), bit for bit, without gradients
+    torch.manual_seed(0)
+    model = IUNet2DModel(**TINY, num_class_embeds=3)
+    assert model.training and model.down_blocks[1].blocks[0].resnet.conv_shortcut is not None
+    model.save_pretrained(tmp_path)
+    reloaded = IUNet2DModel.from_pretrained(tmp_path)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 800]), torch.tensor([0, 2])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, class_labels=y).sample, reloaded(x, t, class_labels=y).sample)
+    model(x, t, class_labels=y).sample.mean().backward()  # training itself is unchanged
+    assert model.conv_in.weight.grad is not None
