@@ -105,7 +105,7 @@ def resolve_prediction_type(prediction_type: str | Sequence[str], experts: Seque
 def _check_contract(experts: Sequence[nn.Module | None]) -> None:
     """Experts replace one another mid-trajectory: their inputs, outputs and labels must agree."""
     for key in CONTRACT_KEYS + CONDITIONING_KEYS:
-        values = {i: _hashable(e.config[key]) for i, e in enumerate(experts) if e is not None and key in e.config}
+        values = {i: _config_value(e.config, key) for i, e in enumerate(experts) if e is not None and key in e.config}
         if len(set(values.values())) > 1:
             raise ValueError(f"Experts disagree on `{key}` (expert: value): {values}; they must be interchangeable.")
 
@@ -114,12 +114,20 @@ def _hashable(value):
     return tuple(value) if isinstance(value, list) else value
 
 
+def _config_value(config, key: str):
+    """``config[key]`` as the expert uses it: ``out_channels=None`` (U-ViT, DiT) means ``in_channels``."""
+    value = config[key]
+    if key == "out_channels" and value is None:
+        value = config.get("in_channels")
+    return _hashable(value)
+
+
 def pipeline_config(experts: Sequence[nn.Module | None]) -> dict:
     """The `PIPELINE_KEYS` the loaded experts declare (they agree on them), so that a diffusers pipeline reads
     ``pipe.unet.config.in_channels``, ``...sample_size``, ``...time_cond_proj_dim`` from the container."""
     declared = {}
     for expert in reversed([e for e in experts if e is not None and hasattr(e, "config")]):
-        declared.update({key: _hashable(expert.config[key]) for key in PIPELINE_KEYS if key in expert.config})
+        declared.update({key: _config_value(expert.config, key) for key in PIPELINE_KEYS if key in expert.config})
     return declared
 
 

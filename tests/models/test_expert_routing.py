@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
-from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DModel
+from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DModel, UViT2DModel
 from tests.conftest import TINY_UNET
 from tests.models.staged_model_tester import StagedModelTesterMixin
 
@@ -19,13 +19,11 @@ def _tiny_dit(**overrides):
     dit = DiTTransformer2DModel(
         num_attention_heads=2,
         attention_head_dim=4,
-        in_channels=3,
-        out_channels=3,
         num_layers=1,
         sample_size=8,
         patch_size=2,
         num_embeds_ada_norm=10,
-        **overrides,
+        **{"in_channels": 3, "out_channels": 3, **overrides},
     )
     return dit.eval()  # eval: DiT drops class labels at random in training mode
 
@@ -161,6 +159,20 @@ def test_experts_of_other_diffusers_classes_with_per_sample_arguments(tiny_unet_
     with torch.no_grad():
         out = ExpertRoutingModel([first, second], stage_boundaries=(500,))(x, t, encoder_hidden_states=text).sample
         assert torch.allclose(out[1:2], second(x[1:2], t[1:2], text[1:2]).sample, atol=1e-6)
+
+
+def test_out_channels_none_means_in_channels(tiny_unet_kwargs):
+    # U-ViT and DiT leave `out_channels=None` in their configs for "as `in_channels`": they mix with U-Nets of 3
+    unet = _unet(tiny_unet_kwargs, 0)
+    uvit = UViT2DModel(sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2).eval()
+    dit = _tiny_dit(out_channels=None)
+    assert uvit.config.out_channels is None and dit.config.out_channels is None
+    model = ExpertRoutingModel([unet, uvit, dit], stage_boundaries=(300, 600))
+    assert model.config.out_channels == 3
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 8, 8), torch.tensor([10, 500])).sample.shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="out_channels"):
+        ExpertRoutingModel([_unet(tiny_unet_kwargs, 1, out_channels=6), uvit], stage_boundaries=(500,))
 
 
 def test_save_writes_one_plain_diffusers_folder_per_expert_and_reloads(three_experts, tmp_path):
