@@ -168,6 +168,8 @@ def sigma_to_timestep(scheduler, sigma: float) -> float:
             f"`switch_sigma` needs a scheduler with a training noise schedule (`alphas_cumprod`); "
             f"{type(scheduler).__name__} has none: give `switch_timestep` or `switch_step_fraction` instead."
         )
+    if not sigma > 0:
+        raise ValueError(f"`switch_sigma` must be a noise level > 0, got {sigma}.")
     log_sigmas = np.log(((1 - alphas_cumprod) / alphas_cumprod).double().sqrt().numpy())
     if not log_sigmas[0] < math.log(sigma) < log_sigmas[-1]:
         raise ValueError(

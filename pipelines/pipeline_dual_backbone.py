@@ -5,10 +5,11 @@ point, but holds its two backbones as components of their own (``shallow``, ``de
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
-from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel, VQModel
+from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel, VQModel
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -103,7 +104,11 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         switch["switch_sigma"] = switch_sigma
         given = {k: v for k, v in switch.items() if v is not None}
         if len(given) != 1:
-            raise ValueError(f"Give exactly one of {SWITCH_KEYS} (or none: the default step fraction), got {given}.")
+            raise ValueError(
+                f"Give exactly one of {SWITCH_KEYS} (or none: the default step fraction), got {given} (to replace a "
+                "saved switch of another kind, load with `DualBackbonePipeline.from_pretrained`, or pass the other "
+                "keys as None)."
+            )
         ((key, value),) = given.items()
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"`{key}` must be a number, got {value!r}.")
@@ -113,6 +118,17 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         self.register_to_config(**switch)
         if key != "switch_step_fraction":
             check_scheduler_units(scheduler, self.resolve_partition(None))  # a fixed switch is checked now
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DualBackbonePipeline:
+        """As [`StagedDiffusionPipeline.from_pretrained`]; a switch passed here (``switch_timestep=600``, ...)
+        replaces the saved one, whichever kind that is (as `WanPipeline` takes a new ``boundary_ratio``)."""
+        return super().from_pretrained(pretrained_model_name_or_path, **_replacing_switch(kwargs))
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> DualBackbonePipeline:
+        """As diffusers' `from_pipe`; a switch passed here replaces the pipeline's, whichever kind that is."""
+        return super().from_pipe(pipeline, **_replacing_switch(kwargs))
 
     # --------------------------------------------------------------------------------------------------------------
     @property
@@ -165,3 +181,12 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         middle = (timesteps[shallow_steps - 1] + timesteps[shallow_steps]) / 2
         level = TimestepPartition([], steps, units).noise_level(middle)  # model timestep -> partition units
         return TimestepPartition([float(level)], steps, units)
+
+
+def _replacing_switch(kwargs: dict) -> dict:
+    """``kwargs`` where a switch given by the caller also clears the other switch keys, so that it replaces a saved
+    switch of another kind instead of clashing with it (two switches given by the caller are still refused)."""
+    given = [key for key in SWITCH_KEYS if kwargs.get(key) is not None]
+    if not given:
+        return kwargs
+    return {**{key: None for key in SWITCH_KEYS}, **kwargs}
