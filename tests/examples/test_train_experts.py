@@ -73,6 +73,8 @@ def test_model_config_gives_every_expert_that_unet(examples, script, image_folde
         (["--own_interval_probability", "0.9,0.5"], "`--own_interval_probability` needs one value per expert (4)"),
         (["--assignment", "hard", "--own_interval_probability", "0.9,0.5,0.5,0.5"], "is for `--assignment soft`"),
         (["--expert_attention_shares", "1,0.5,0,0"], "must not decrease toward the noise end"),
+        (["--num_experts", "2"], "`--own_interval_probability` must be given for 2 experts"),
+        (["--own_interval_probability", "0.8,0.4,0,0.1"], "values must be in (0, 1]"),
         (["--attention_head_dim", "3"], "must be multiples of `attention_head_dim`=3"),
     ],
 )
