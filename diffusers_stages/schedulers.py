@@ -12,6 +12,7 @@ import functools
 import inspect
 import math
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -116,6 +117,8 @@ def scheduler_step_kwargs(
                 f"`eta`={eta} needs a scheduler whose `step` takes `eta` (DDIMScheduler does), but {name}'s does not."
             )
         kwargs["eta"] = float(eta)
+    if extra is not None and not isinstance(extra, Mapping):
+        raise ValueError(f"`scheduler_step_kwargs` must be a dict of `step` arguments, got {extra!r}.")
     for key, value in (extra or {}).items():
         if key in _LOOP_STEP_ARGUMENTS:
             raise ValueError(f"`scheduler_step_kwargs` may not set {key!r}: the pipeline passes it itself.")

@@ -299,6 +299,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         batch_size *= num_images_per_prompt
         scales = self._guidance_scales(guidance_scale, partition.num_stages, conditional=class_labels is not None)
         self._guidance_scale = guidance_scale
+        generators = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            raise ValueError(f"`generator` must be a torch.Generator or a list of them, got {generator!r}.")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"`generator` is a list of {len(generator)} generators, but the batch has {batch_size} images: give "
