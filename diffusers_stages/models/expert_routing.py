@@ -86,6 +86,12 @@ def import_class(entry: Sequence[str]) -> type:
 
 def resolve_prediction_type(prediction_type: str | Sequence[str], experts: Sequence[nn.Module | None]) -> str:
     """The one prediction type of a set of experts: given once, or once per expert, or in an expert's config."""
+    if not isinstance(prediction_type, (str, list, tuple)) or not all(
+        isinstance(kind, str) for kind in ([prediction_type] if isinstance(prediction_type, str) else prediction_type)
+    ):
+        raise ValueError(
+            f"`prediction_type` must be one of {PREDICTION_TYPES} or one per expert, got {prediction_type!r}."
+        )
     given = [prediction_type] if isinstance(prediction_type, str) else list(prediction_type)
     if not isinstance(prediction_type, str) and len(given) != len(experts):
         raise ValueError(f"`prediction_type` must be one string or one per expert ({len(experts)}), got {given}.")

@@ -238,6 +238,9 @@ def test_bad_configurations_give_clear_errors(tiny_unet_kwargs):
         ExpertRoutingModel([a, b], stage_boundaries=(500,), prediction_type=["epsilon", "v_prediction"])
     with pytest.raises(ValueError, match="prediction_type"):
         ExpertRoutingModel([a, b], stage_boundaries=(500,), prediction_type="noise")
+    for kind in (None, 3):  # not a TypeError on iterating it
+        with pytest.raises(ValueError, match=f"`prediction_type` must be one of .* or one per expert, got {kind}"):
+            ExpertRoutingModel([a, b], stage_boundaries=(500,), prediction_type=kind)
     with pytest.raises(ValueError, match="in_channels"):
         ExpertRoutingModel([a, _unet(tiny_unet_kwargs, 2, in_channels=4)], stage_boundaries=(500,))
     with pytest.raises(ValueError, match="ModelMixin"):
