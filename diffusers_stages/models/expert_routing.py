@@ -300,12 +300,13 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             expert_kwargs: further arguments of the experts' forward (e.g. ``encoder_hidden_states``); tensors with
                 one row per sample are split with the batch.
 
-        ``sample`` must be a floating-point tensor with a batch dimension and ``timestep`` one value or one per
-        sample (a `ValueError` naming the argument otherwise); each expert checks the rest of its inputs. Finite timestep
+        ``sample`` must be a floating-point tensor with a batch dimension (of shape ``(batch, in_channels, height,
+        width)`` when the experts declare ``in_channels``) and ``timestep`` one value or one per sample (a
+        `ValueError` naming the argument otherwise); each expert checks the rest of its inputs. Finite timestep
         values are checked on the routed path only: with ``stage_index`` given no tensor value is read on the host.
         """
         # 1. one timestep per sample (DiT-style experts need one per sample; the routing reads them)
-        timesteps = self.check_inputs(sample, timestep, stage_index)
+        timesteps = self.check_inputs(sample, timestep, stage_index, in_channels=self.config.get("in_channels"))
         if torch.is_tensor(timestep) and timestep.ndim == 0:
             timestep = timesteps
 

@@ -175,6 +175,14 @@ def test_out_channels_none_means_in_channels(tiny_unet_kwargs):
         ExpertRoutingModel([_unet(tiny_unet_kwargs, 1, out_channels=6), uvit], stage_boundaries=(500,))
 
 
+@pytest.mark.parametrize("stage_index", [None, 0])
+@pytest.mark.parametrize("shape", [(2, 4, 8, 8), (3, 8, 8)])
+def test_a_sample_that_is_not_the_experts_shape_is_named(three_experts, stage_index, shape):
+    # checked by the container (the experts declare `in_channels`), not a shape error inside an expert's convolution
+    with pytest.raises(ValueError, match=r"`sample` must have shape \(batch, 3, height, width\)"):
+        three_experts(torch.randn(shape), 100, stage_index=stage_index)  # expert 0: a plain UNet2DModel
+
+
 def test_save_writes_one_plain_diffusers_folder_per_expert_and_reloads(three_experts, tmp_path):
     x, t = torch.randn(4, 3, 8, 8), torch.tensor([10, 650, 400, 999])
     three_experts.save_pretrained(tmp_path)
