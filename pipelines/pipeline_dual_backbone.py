@@ -15,6 +15,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.expert_routing import ExpertRoutingModel
 from ..models.iunet import IUNet2DModel
+from ..models.uvit import UViT2DModel
 from ..partition import TimestepPartition
 from ..schedulers import (
     check_scheduler_units,
@@ -32,7 +33,7 @@ DEFAULT_SWITCH_STEP_FRACTION = 0.4  # DuoDiff picks the switch by a sweep; no pu
 
 # a backbone is any denoiser; diffusers' `from_pipe` keeps a model component only when its exact class is named in
 # the annotation, so the classes the package builds backbones from are listed before the catch-all `ModelMixin`
-Backbone = UNet2DModel | IUNet2DModel | DiTTransformer2DModel | ModelMixin
+Backbone = UNet2DModel | UViT2DModel | IUNet2DModel | DiTTransformer2DModel | ModelMixin
 
 
 class DualBackbonePipeline(StagedDiffusionPipeline):
@@ -57,8 +58,8 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
 
     Args:
         shallow ([`~diffusers.ModelMixin`]): the small denoiser, trained on all timesteps (a `UNet2DModel`,
-            `IUNet2DModel`, `DiTTransformer2DModel`, or any other denoiser; `from_pipe` carries the first three
-            over, another class is passed again: ``from_pipe(pipe, shallow=..., deep=...)``).
+            `UViT2DModel`, `IUNet2DModel`, `DiTTransformer2DModel`, or any other denoiser; `from_pipe` carries the
+            first four over, another class is passed again: ``from_pipe(pipe, shallow=..., deep=...)``).
         deep ([`~diffusers.ModelMixin`]): the large denoiser, as ``shallow``.
         scheduler ([`~diffusers.SchedulerMixin`]): one scheduler for both.
         vae ([`~diffusers.AutoencoderKL`] or [`~diffusers.VQModel`], *optional*): for latent diffusion.

@@ -14,7 +14,7 @@ from diffusers import (
     UNet2DModel,
 )
 
-from diffusers_stages import DualBackbonePipeline, ExpertRoutingModel, ExpertRoutingPipeline
+from diffusers_stages import DualBackbonePipeline, ExpertRoutingModel, ExpertRoutingPipeline, UViT2DModel
 from diffusers_stages.pipelines.pipeline_dual_backbone import DEFAULT_SWITCH_STEP_FRACTION
 
 
@@ -116,6 +116,15 @@ def test_a_switch_given_at_loading_replaces_the_saved_one_of_any_kind(backbones,
     assert DualBackbonePipeline.from_pretrained(tmp_path).config.switch_step_fraction == 0.5  # none given: saved
     with pytest.raises(ValueError, match="exactly one"):
         DualBackbonePipeline.from_pipe(pipe, switch_timestep=600, switch_sigma=1.0)
+
+
+def test_from_pipe_keeps_the_packages_uvit_backbones():
+    # DuoDiff's own backbones (what `train_dual_backbone.py --backbone uvit` trains) are carried over, not dropped
+    torch.manual_seed(0)
+    shallow, deep = (UViT2DModel(sample_size=8, hidden_size=16, num_layers=n, num_attention_heads=2) for n in (1, 3))
+    pipe = _dual(shallow.eval(), deep.eval(), DDIMScheduler(), switch_step_fraction=0.5)
+    again = DualBackbonePipeline.from_pipe(pipe)
+    assert again.shallow is pipe.shallow and again.deep is pipe.deep
 
 
 def test_no_switch_is_the_default_step_fraction(backbones):
