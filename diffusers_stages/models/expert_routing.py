@@ -391,6 +391,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                 ...); ``cache_dir``, ``token``, ``revision``, ``force_download`` and ``local_files_only`` are used
                 for the download. A checkpoint that does not match its expert's config raises a `ValueError`.
         """
+        if load_experts is not None and not isinstance(load_experts, (list, tuple, range)):
+            raise ValueError(f"`load_experts` must be a list of expert indices, got {load_experts!r}.")
         wants_info = kwargs.pop("output_loading_info", False)
         download = {k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs}
         folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
@@ -401,7 +403,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             raise ValueError(f"{folder} does not hold a saved {cls.__name__} (see its `config.json`).")
         entries = config["expert_classes"]
         wanted = range(len(entries)) if load_experts is None else list(load_experts)
-        if any(not isinstance(i, int) or not 0 <= i < len(entries) for i in wanted):
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(entries) for i in wanted):
             raise ValueError(f"`load_experts` must hold expert indices in [0, {len(entries)}), got {load_experts}.")
 
         # each expert through its own class's `from_pretrained`, strictly: a checkpoint that disagrees is an error

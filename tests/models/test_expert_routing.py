@@ -213,6 +213,10 @@ def test_load_only_the_experts_a_run_needs(three_experts, tmp_path):
         partial.save_pretrained(tmp_path / "again")
     with pytest.raises(ValueError, match="load_experts"):
         ExpertRoutingModel.from_pretrained(tmp_path, load_experts=[3])
+    with pytest.raises(ValueError, match=r"`load_experts` must hold expert indices in \[0, 3\), got \[True\]"):
+        ExpertRoutingModel.from_pretrained(tmp_path, load_experts=[True])  # not the folder `expert_True`
+    with pytest.raises(ValueError, match="`load_experts` must be a list of expert indices, got 2"):
+        ExpertRoutingModel.from_pretrained(tmp_path, load_experts=2)  # not a TypeError
 
 
 def test_checkpoint_that_disagrees_with_its_config_is_refused(three_experts, tmp_path):
