@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from diffusers_stages.conventions import class_embedding_count
 from diffusers_stages.conversion.common import build_parser, max_difference, report_verification, run, staged_output
 from diffusers_stages.conversion.unet_to_multistage import load_source
 from diffusers_stages.models import ExpertRoutingModel
@@ -129,18 +130,19 @@ def verify(written, built, unets, tolerance: float, steps: int = 4) -> None:
     config = unets[0].config
     size = (config.sample_size,) * 2 if isinstance(config.sample_size, int) else tuple(config.sample_size)
     x = torch.randn(2, config.in_channels, *size, generator=torch.manual_seed(1))
+    # class-conditional sources: class 0 for both samples (a data class, not the unconditional label)
+    labels = None if class_embedding_count(config) is None else torch.zeros(2, dtype=torch.long)
+    run = {"batch_size": 2} if labels is None else {"class_labels": labels}
     differences = {}
     for index, (expert, source) in enumerate(zip(written_experts(written), unets)):
         for t in (torch.tensor(100), torch.tensor(900)):
             differences[f"expert {index} vs its source at timestep {int(t)}"] = max_difference(
-                expert(x, t).sample, source(x, t).sample
+                expert(x, t, class_labels=labels).sample, source(x, t, class_labels=labels).sample
             )
     images = []
     for pipe in (built, written):
         pipe.set_progress_bar_config(disable=True)
-        images.append(
-            pipe(batch_size=2, num_inference_steps=steps, generator=torch.manual_seed(0), output_type="pt").images
-        )
+        images.append(pipe(num_inference_steps=steps, generator=torch.manual_seed(0), output_type="pt", **run).images)
     differences[f"{steps}-step samples, before saving vs reloaded"] = max_difference(*images)
     report_verification(differences, tolerance)
 

@@ -67,8 +67,8 @@ class TimestepPartition:
         ):
             raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
         try:
-            if isinstance(boundaries, (str, bytes)):  # "500" is not the boundaries 5, 0, 0
-                raise TypeError
+            if isinstance(boundaries, (str, bytes)) or any(isinstance(b, (str, bytes, bool)) for b in boundaries):
+                raise TypeError  # a string's characters or a bool are not boundaries, even where float() takes them
             values = [float(b) for b in boundaries]
         except (TypeError, ValueError):
             raise ValueError(f"`boundaries` must be a sequence of numbers, got {boundaries!r}.") from None

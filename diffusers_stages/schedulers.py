@@ -12,6 +12,7 @@ import functools
 import inspect
 import math
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -116,7 +117,7 @@ def scheduler_step_kwargs(
                 f"`eta`={eta} needs a scheduler whose `step` takes `eta` (DDIMScheduler does), but {name}'s does not."
             )
         kwargs["eta"] = float(eta)
-    if extra is not None and not isinstance(extra, dict):
+    if extra is not None and not isinstance(extra, Mapping):
         raise ValueError(f"`scheduler_step_kwargs` must be a dict of `{name}.step` arguments, got {extra!r}.")
     for key, value in (extra or {}).items():
         if key in _LOOP_STEP_ARGUMENTS:
@@ -170,6 +171,8 @@ def sigma_to_timestep(scheduler, sigma: float) -> float:
             f"`switch_sigma` needs a scheduler with a training noise schedule (`alphas_cumprod`); "
             f"{type(scheduler).__name__} has none: give `switch_timestep` or `switch_step_fraction` instead."
         )
+    if not sigma > 0:
+        raise ValueError(f"`switch_sigma` must be a noise level > 0, got {sigma}.")
     log_sigmas = np.log(((1 - alphas_cumprod) / alphas_cumprod).double().sqrt().numpy())
     if not log_sigmas[0] < math.log(sigma) < log_sigmas[-1]:
         raise ValueError(

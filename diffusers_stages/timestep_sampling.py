@@ -14,6 +14,7 @@ give EDM noise levels drawn from EDM's log-normal ``ln(sigma) ~ N(p_mean, p_std^
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -158,22 +159,31 @@ def soft_assignment_timesteps(
     ```
     """
     num_stages = partition.num_stages
-    if not 0 <= expert_index < num_stages:
-        raise ValueError(f"`expert_index` must be in [0, {num_stages}), got {expert_index}.")
+    if isinstance(expert_index, bool) or not isinstance(expert_index, int) or not 0 <= expert_index < num_stages:
+        raise ValueError(f"`expert_index` must be in [0, {num_stages}), got {expert_index!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+        raise ValueError(f"`batch_size` must be a non-negative integer, got {batch_size!r}.")
     if own_interval_probability is None:
         if num_stages != len(MEME_OWN_INTERVAL_PROBABILITIES):
             raise ValueError(
                 f"`own_interval_probability` has MEME's defaults for 4 experts only; give it for {num_stages} experts."
             )
         own_interval_probability = MEME_OWN_INTERVAL_PROBABILITIES[expert_index]
-    if not 0.0 < own_interval_probability <= 1.0:
-        raise ValueError(f"`own_interval_probability` must be in (0, 1], got {own_interval_probability}.")
+    if (
+        isinstance(own_interval_probability, bool)
+        or not isinstance(own_interval_probability, numbers.Real)
+        or not 0.0 < own_interval_probability <= 1.0
+    ):
+        raise ValueError(f"`own_interval_probability` must be in (0, 1], got {own_interval_probability!r}.")
     mass = stage_mass(partition, p_mean, p_std)
     # per-sample interval: own with probability p, else another in proportion to its mass
     probs = torch.tensor([m if s != expert_index else 0.0 for s, m in enumerate(mass)], dtype=torch.float64)
     probs = (1.0 - own_interval_probability) * probs / probs.sum() if probs.sum() > 0 else probs
     probs[expert_index] = own_interval_probability if num_stages > 1 else 1.0
-    stages = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+    # an expert with no share of the batch (`--stage_shares ...,0`) draws nothing
+    stages = torch.empty(0, dtype=torch.long)
+    if batch_size:
+        stages = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
     out = torch.empty(batch_size, dtype=torch.long if partition.units == "timestep" else torch.float32)
     for s in range(num_stages):
         idx = (stages == s).nonzero().squeeze(1)

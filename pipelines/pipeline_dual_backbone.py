@@ -5,15 +5,17 @@ point, but holds its two backbones as components of their own (``shallow``, ``de
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
-from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel, VQModel
+from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel, VQModel
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.expert_routing import ExpertRoutingModel
 from ..models.iunet import IUNet2DModel
+from ..models.uvit import UViT2DModel
 from ..partition import TimestepPartition
 from ..schedulers import (
     check_scheduler_units,
@@ -31,7 +33,7 @@ DEFAULT_SWITCH_STEP_FRACTION = 0.4  # DuoDiff picks the switch by a sweep; no pu
 
 # a backbone is any denoiser; diffusers' `from_pipe` keeps a model component only when its exact class is named in
 # the annotation, so the classes the package builds backbones from are listed before the catch-all `ModelMixin`
-Backbone = UNet2DModel | IUNet2DModel | DiTTransformer2DModel | ModelMixin
+Backbone = UNet2DModel | UViT2DModel | IUNet2DModel | DiTTransformer2DModel | ModelMixin
 
 
 class DualBackbonePipeline(StagedDiffusionPipeline):
@@ -56,8 +58,8 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
 
     Args:
         shallow ([`~diffusers.ModelMixin`]): the small denoiser, trained on all timesteps (a `UNet2DModel`,
-            `IUNet2DModel`, `DiTTransformer2DModel`, or any other denoiser; `from_pipe` carries the first three
-            over, another class is passed again: ``from_pipe(pipe, shallow=..., deep=...)``).
+            `UViT2DModel`, `IUNet2DModel`, `DiTTransformer2DModel`, or any other denoiser; `from_pipe` carries the
+            first four over, another class is passed again: ``from_pipe(pipe, shallow=..., deep=...)``).
         deep ([`~diffusers.ModelMixin`]): the large denoiser, as ``shallow``.
         scheduler ([`~diffusers.SchedulerMixin`]): one scheduler for both.
         vae ([`~diffusers.AutoencoderKL`] or [`~diffusers.VQModel`], *optional*): for latent diffusion.
@@ -103,7 +105,11 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         switch["switch_sigma"] = switch_sigma
         given = {k: v for k, v in switch.items() if v is not None}
         if len(given) != 1:
-            raise ValueError(f"Give exactly one of {SWITCH_KEYS} (or none: the default step fraction), got {given}.")
+            raise ValueError(
+                f"Give exactly one of {SWITCH_KEYS} (or none: the default step fraction), got {given} (to replace a "
+                "saved switch of another kind, load with `DualBackbonePipeline.from_pretrained`, or pass the other "
+                "keys as None)."
+            )
         ((key, value),) = given.items()
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"`{key}` must be a number, got {value!r}.")
@@ -113,6 +119,17 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         self.register_to_config(**switch)
         if key != "switch_step_fraction":
             check_scheduler_units(scheduler, self.resolve_partition(None))  # a fixed switch is checked now
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DualBackbonePipeline:
+        """As [`StagedDiffusionPipeline.from_pretrained`]; a switch passed here (``switch_timestep=600``, ...)
+        replaces the saved one, whichever kind that is (as `WanPipeline` takes a new ``boundary_ratio``)."""
+        return super().from_pretrained(pretrained_model_name_or_path, **_replacing_switch(kwargs))
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> DualBackbonePipeline:
+        """As diffusers' `from_pipe`; a switch passed here replaces the pipeline's, whichever kind that is."""
+        return super().from_pipe(pipeline, **_replacing_switch(kwargs))
 
     # --------------------------------------------------------------------------------------------------------------
     @property
@@ -165,3 +182,12 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         middle = (timesteps[shallow_steps - 1] + timesteps[shallow_steps]) / 2
         level = TimestepPartition([], steps, units).noise_level(middle)  # model timestep -> partition units
         return TimestepPartition([float(level)], steps, units)
+
+
+def _replacing_switch(kwargs: dict) -> dict:
+    """``kwargs`` where a switch given by the caller also clears the other switch keys, so that it replaces a saved
+    switch of another kind instead of clashing with it (two switches given by the caller are still refused)."""
+    given = [key for key in SWITCH_KEYS if kwargs.get(key) is not None]
+    if not given:
+        return kwargs
+    return {**{key: None for key in SWITCH_KEYS}, **kwargs}

@@ -210,8 +210,11 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     def _check_callback(self, callback, tensor_inputs: Sequence[str]) -> None:
         if callback is not None and not callable(callback):
             raise ValueError(f"`callback_on_step_end` must be callable, got {callback!r}.")
-        if isinstance(tensor_inputs, str):
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a list of names, got {tensor_inputs!r}.")
+        if isinstance(tensor_inputs, str):  # not its characters
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be a list of names, got the string {tensor_inputs!r}: "
+                f"pass [{tensor_inputs!r}]."
+            )
         unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(

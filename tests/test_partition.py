@@ -52,6 +52,13 @@ def test_bad_partitions_name_the_argument(kwargs, name):
         TimestepPartition(**kwargs)
 
 
+@pytest.mark.parametrize("boundaries", ["500", ["300", "600"], [True]])
+def test_strings_and_bools_are_not_boundaries(boundaries):
+    # refused, not read character by character ("500" -> 5, 0, 0) or converted silently
+    with pytest.raises(ValueError, match="`boundaries` must be a sequence of numbers"):
+        TimestepPartition(boundaries)
+
+
 def test_noise_level_out_of_range_is_an_error():
     partition = TimestepPartition([500])
     with pytest.raises(ValueError, match="`timestep`.*1001"):

@@ -58,6 +58,19 @@ def test_soft_assignment_probabilities():
         soft_assignment_timesteps(partition, 4, 8)
 
 
+def test_soft_assignment_of_no_samples_and_bad_arguments():
+    # an expert with no share of the batch (`--stage_shares 1,1,1,0`) draws nothing, not a RuntimeError
+    assert soft_assignment_timesteps(TimestepPartition.uniform(4), 3, 0).shape == (0,)
+    for kwargs, match in (
+        ({"batch_size": -1}, "`batch_size` must be a non-negative integer, got -1"),
+        ({"batch_size": "4"}, "`batch_size` must be a non-negative integer, got '4'"),
+        ({"expert_index": 1.0}, r"`expert_index` must be in \[0, 4\), got 1.0"),
+        ({"own_interval_probability": "0.5"}, r"`own_interval_probability` must be in \(0, 1\], got '0.5'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            soft_assignment_timesteps(TimestepPartition.uniform(4), **{"expert_index": 0, "batch_size": 4, **kwargs})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # stage sampling schemes: mixed (default), per_batch (the authors' EDM code), per_rank (their LDM code)
 def test_mixed_is_the_stratified_default():

@@ -10,6 +10,9 @@ on: early exits during the first, noisy steps, then the full depth.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
@@ -78,7 +81,7 @@ class EarlyExitUViT2DModel(UViT2DModel):
         )
         self.uncertainty_heads = nn.ModuleList([nn.Linear(hidden_size, 1) for _ in range(num_layers)])
         self._init_weights()
-        self.exit_threshold = exit_threshold
+        self.exit_threshold = _checked_threshold(exit_threshold)
         self.last_exit_layers: torch.Tensor | None = None
         self.last_exit_layer: int | None = None
 
@@ -126,7 +129,7 @@ class EarlyExitUViT2DModel(UViT2DModel):
             return predictions, uncertainties
 
         # 2. sampling: after each block, the samples whose mean uncertainty is under the threshold leave the batch
-        threshold = self.exit_threshold if exit_threshold is None else exit_threshold
+        threshold = _checked_threshold(self.exit_threshold if exit_threshold is None else exit_threshold)
         active = torch.arange(batch, device=sample.device)  # indices of the samples still running
         exit_layers = torch.full((batch,), num_layers, device=sample.device)
         image = None
@@ -192,3 +195,13 @@ def early_exit_loss(
         loss = loss + (uncertainty.float() - torch.tanh(token_error.detach()).float()).square().mean(1)
     loss = loss / len(predictions)
     return loss.mean() if reduction == "mean" else loss
+
+
+def _checked_threshold(threshold: float | None) -> float | None:
+    """``exit_threshold`` if it is `None` or a finite number (a `ValueError` naming it otherwise: a nan would never
+    let a sample exit, silently)."""
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold)
+    ):
+        raise ValueError(f"`exit_threshold` must be a finite number or None, got {threshold!r}.")
+    return threshold

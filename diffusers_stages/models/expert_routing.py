@@ -86,6 +86,12 @@ def import_class(entry: Sequence[str]) -> type:
 
 def resolve_prediction_type(prediction_type: str | Sequence[str], experts: Sequence[nn.Module | None]) -> str:
     """The one prediction type of a set of experts: given once, or once per expert, or in an expert's config."""
+    if not isinstance(prediction_type, (str, list, tuple)) or not all(
+        isinstance(kind, str) for kind in ([prediction_type] if isinstance(prediction_type, str) else prediction_type)
+    ):
+        raise ValueError(
+            f"`prediction_type` must be one of {PREDICTION_TYPES} or one per expert, got {prediction_type!r}."
+        )
     given = [prediction_type] if isinstance(prediction_type, str) else list(prediction_type)
     if not isinstance(prediction_type, str) and len(given) != len(experts):
         raise ValueError(f"`prediction_type` must be one string or one per expert ({len(experts)}), got {given}.")
@@ -105,7 +111,7 @@ def resolve_prediction_type(prediction_type: str | Sequence[str], experts: Seque
 def _check_contract(experts: Sequence[nn.Module | None]) -> None:
     """Experts replace one another mid-trajectory: their inputs, outputs and labels must agree."""
     for key in CONTRACT_KEYS + CONDITIONING_KEYS:
-        values = {i: _hashable(e.config[key]) for i, e in enumerate(experts) if e is not None and key in e.config}
+        values = {i: _config_value(e.config, key) for i, e in enumerate(experts) if e is not None and key in e.config}
         if len(set(values.values())) > 1:
             raise ValueError(f"Experts disagree on `{key}` (expert: value): {values}; they must be interchangeable.")
 
@@ -114,12 +120,20 @@ def _hashable(value):
     return tuple(value) if isinstance(value, list) else value
 
 
+def _config_value(config, key: str):
+    """``config[key]`` as the expert uses it: ``out_channels=None`` (U-ViT, DiT) means ``in_channels``."""
+    value = config[key]
+    if key == "out_channels" and value is None:
+        value = config.get("in_channels")
+    return _hashable(value)
+
+
 def pipeline_config(experts: Sequence[nn.Module | None]) -> dict:
     """The `PIPELINE_KEYS` the loaded experts declare (they agree on them), so that a diffusers pipeline reads
     ``pipe.unet.config.in_channels``, ``...sample_size``, ``...time_cond_proj_dim`` from the container."""
     declared = {}
     for expert in reversed([e for e in experts if e is not None and hasattr(e, "config")]):
-        declared.update({key: _hashable(expert.config[key]) for key in PIPELINE_KEYS if key in expert.config})
+        declared.update({key: _config_value(expert.config, key) for key in PIPELINE_KEYS if key in expert.config})
     return declared
 
 
@@ -286,12 +300,13 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             expert_kwargs: further arguments of the experts' forward (e.g. ``encoder_hidden_states``); tensors with
                 one row per sample are split with the batch.
 
-        ``sample`` must be a floating-point tensor with a batch dimension and ``timestep`` one value or one per
-        sample (a `ValueError` naming the argument otherwise); each expert checks the rest of its inputs. Finite timestep
+        ``sample`` must be a floating-point tensor with a batch dimension (of shape ``(batch, in_channels, height,
+        width)`` when the experts declare ``in_channels``) and ``timestep`` one value or one per sample (a
+        `ValueError` naming the argument otherwise); each expert checks the rest of its inputs. Finite timestep
         values are checked on the routed path only: with ``stage_index`` given no tensor value is read on the host.
         """
         # 1. one timestep per sample (DiT-style experts need one per sample; the routing reads them)
-        timesteps = self.check_inputs(sample, timestep, stage_index)
+        timesteps = self.check_inputs(sample, timestep, stage_index, in_channels=self.config.get("in_channels"))
         if torch.is_tensor(timestep) and timestep.ndim == 0:
             timestep = timesteps
 
@@ -376,6 +391,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                 ...); ``cache_dir``, ``token``, ``revision``, ``force_download`` and ``local_files_only`` are used
                 for the download. A checkpoint that does not match its expert's config raises a `ValueError`.
         """
+        if load_experts is not None and not isinstance(load_experts, (list, tuple, range)):
+            raise ValueError(f"`load_experts` must be a list of expert indices, got {load_experts!r}.")
         wants_info = kwargs.pop("output_loading_info", False)
         download = {k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs}
         folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
@@ -386,7 +403,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             raise ValueError(f"{folder} does not hold a saved {cls.__name__} (see its `config.json`).")
         entries = config["expert_classes"]
         wanted = range(len(entries)) if load_experts is None else list(load_experts)
-        if any(not isinstance(i, int) or not 0 <= i < len(entries) for i in wanted):
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(entries) for i in wanted):
             raise ValueError(f"`load_experts` must hold expert indices in [0, {len(entries)}), got {load_experts}.")
 
         # each expert through its own class's `from_pretrained`, strictly: a checkpoint that disagrees is an error

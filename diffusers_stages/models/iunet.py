@@ -28,6 +28,7 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from .checks import check_class_labels, check_sample, per_sample_timesteps
 from .loading import StrictLoadingMixin
 
 
@@ -102,6 +103,17 @@ class InceptionMixer(nn.Module):
         return self.proj(mixed + self.fuse(mixed))
 
 
+def _blocks_layout_without_gradients(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a `ResnetBlock2D`'s shortcut convolution. diffusers makes the shortcut's input contiguous
+    (NCHW) whenever the block is in training mode, gradients or not, so a model as built (training mode) rounded
+    differently from the same weights in eval mode (as `from_pretrained` returns them) and sampled other images.
+    Without gradients the input goes back to the blocks' layout (see `compute_memory_format`); with gradients
+    diffusers' layout is kept (its gradient strides suit DDP)."""
+    if torch.is_grad_enabled():
+        return None
+    return (args[0].contiguous(memory_format=compute_memory_format(args[0])),)
+
+
 class IUNetBlock(nn.Module):
     """One iU-Net block: a `ResnetBlock2D` (width change, time embedding; residual), then norm -> Inception mixer
     (residual) at the block's output width, so that the channel split is the level's."""
@@ -112,6 +124,8 @@ class IUNetBlock(nn.Module):
         self.gradient_checkpointing = False  # set by the model's `enable_gradient_checkpointing()`
         self.resnet = ResnetBlock2D(in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels,
                                     groups=groups, eps=eps, dropout=dropout)  # fmt: skip
+        if self.resnet.conv_shortcut is not None:
+            self.resnet.conv_shortcut.register_forward_pre_hook(_blocks_layout_without_gradients)
         low = attention_channels(out_channels, ratio, head_dim)
         self.mixer = InceptionMixer(out_channels, low, head_dim, pool_size, groups, eps)
 
@@ -130,6 +144,10 @@ class IUNetLevel(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.resample = resample
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _per_level(value, levels: int, name: str) -> list:
@@ -197,9 +215,11 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
     ):
         super().__init__()
         # 0. check the configuration
-        widths, levels = list(block_out_channels), len(block_out_channels)
         ratios, pools = self.check_config(block_out_channels, attention_ratios, attention_head_dim,
-                                          attention_pool_sizes, layers_per_block, norm_num_groups)  # fmt: skip
+                                          attention_pool_sizes, layers_per_block, norm_num_groups,
+                                          in_channels=in_channels, out_channels=out_channels,
+                                          num_class_embeds=num_class_embeds)  # fmt: skip
+        widths, levels = list(block_out_channels), len(block_out_channels)
         temb = 4 * widths[0]
         block = {"temb_channels": temb, "head_dim": attention_head_dim, "groups": norm_num_groups, "eps": norm_eps,
                  "dropout": dropout}  # fmt: skip
@@ -251,24 +271,38 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         **other,
     ) -> tuple[list[float], list[int]]:
         """Check a configuration's shape arguments before building anything (a `ValueError` naming the argument);
-        returns the attention ratio and pooling factor of each level. Other config keys are ignored."""
+        returns the attention ratio and pooling factor of each level. Of the other config keys, ``in_channels``,
+        ``out_channels`` and ``num_class_embeds`` are checked when given; the rest are ignored."""
+        if (
+            not isinstance(block_out_channels, (list, tuple))
+            or not block_out_channels
+            or not all(_positive_int(w) for w in block_out_channels)
+        ):
+            raise ValueError(
+                f"`block_out_channels` must be positive integers, one per level, got {block_out_channels!r}."
+            )
         widths, head_dim, groups = list(block_out_channels), attention_head_dim, norm_num_groups
         ratios = _per_level(attention_ratios, len(widths), "attention_ratios")
         pools = _per_level(attention_pool_sizes, len(widths), "attention_pool_sizes")
-        if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
-            raise ValueError(f"`block_out_channels` must be positive integers, one per level, got {widths}.")
         for name, divisor in (("norm_num_groups", groups), ("attention_head_dim", head_dim)):
-            if not isinstance(divisor, int) or divisor < 1:
+            if not _positive_int(divisor):
                 raise ValueError(f"`{name}` must be a positive integer, got {divisor!r}.")
             if any(w % divisor for w in widths):
                 raise ValueError(f"`block_out_channels` {widths} must be multiples of `{name}`={divisor}.")
-        if any(not (isinstance(r, (int, float)) and 0.0 <= r <= 1.0) for r in ratios):
+        if any(isinstance(r, bool) or not (isinstance(r, (int, float)) and 0.0 <= r <= 1.0) for r in ratios):
             raise ValueError(f"`attention_ratios` must lie in [0, 1] (0: convolution only, 1: attention only), "
                              f"got {ratios}.")  # fmt: skip
-        if any(not isinstance(p, int) or p < 1 for p in pools):
+        if not all(_positive_int(p) for p in pools):
             raise ValueError(f"`attention_pool_sizes` must be positive integers, got {pools}.")
-        if not isinstance(layers_per_block, int) or layers_per_block < 1:
+        if not _positive_int(layers_per_block):
             raise ValueError(f"`layers_per_block` must be a positive integer, got {layers_per_block!r}.")
+        for name in ("in_channels", "out_channels"):
+            if name in other and not _positive_int(other[name]):
+                raise ValueError(f"`{name}` must be a positive integer, got {other[name]!r}.")
+        if other.get("num_class_embeds") is not None and not _positive_int(other["num_class_embeds"]):
+            raise ValueError(
+                f"`num_class_embeds` must be a positive integer or None, got {other['num_class_embeds']!r}."
+            )
         return ratios, pools
 
     def forward(
@@ -285,15 +319,17 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
             class_labels (`torch.Tensor`, *optional*): class labels; required when ``num_class_embeds`` is set.
             return_dict (`bool`, defaults to `True`): return a `UNet2DOutput` rather than a tuple.
         """
+        # 0. check the inputs: shapes always, values not (no host read per call, as `UNet2DModel`)
+        config = self.config
+        check_sample(sample, config.in_channels)
+        timesteps = per_sample_timesteps(timestep, sample.shape[0], sample.device, check_values=False)
+        check_class_labels(class_labels, sample.shape[0], self.class_embedding is not None, config.num_class_embeds,
+                           check_values=False)  # fmt: skip
+
         # 1. time (and class) embedding
-        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         emb = self.time_embedding(self.time_proj(timesteps).to(dtype=self.dtype))
         if self.class_embedding is not None:
-            if class_labels is None:
-                raise ValueError("`class_labels` must be given: this model is class-conditional.")
             emb = emb + self.class_embedding(class_labels).to(dtype=self.dtype)
-        elif class_labels is not None:
-            raise ValueError("`class_labels` were given, but this model has no class embedding (`num_class_embeds`).")
 
         # 2. down path, keeping every block's output as a skip (channels-last on CPU: see `compute_memory_format`)
         hidden = self.conv_in(sample).contiguous(memory_format=compute_memory_format(sample))

@@ -23,6 +23,7 @@ What comes from the paper and what is this package's choice:
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Sequence
 
 from torch import nn
@@ -37,7 +38,9 @@ def default_attention_shares(num_experts: int) -> list[float]:
 
 def _per_expert(value, num_experts: int, name: str) -> list:
     """One value for all experts, or one per expert (a sequence of sequences for widths)."""
-    if isinstance(value, Sequence) and value and isinstance(value[0], Sequence):
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise ValueError(f"`{name}` must be a list of widths, or one list per expert, got {value!r}.")
+    if value and isinstance(value[0], Sequence):
         if len(value) != num_experts:
             raise ValueError(f"`{name}` must be given once or once per expert ({num_experts}), got {len(value)}.")
         return [tuple(v) for v in value]
@@ -84,17 +87,22 @@ def meme_expert_configs(
 
     ```
     """
-    if not isinstance(num_experts, int) or num_experts < 1:
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"`num_experts` must be a positive integer, got {num_experts!r}.")
     widths = _per_expert(block_out_channels, num_experts, "block_out_channels")
     levels = len(widths[0])
     if any(len(w) != levels for w in widths):
         raise ValueError(f"Every expert needs the same number of levels in `block_out_channels`, got {widths}.")
-    shares = (
-        default_attention_shares(num_experts) if attention_shares is None else [float(s) for s in attention_shares]
-    )
-    if len(shares) != num_experts or any(not 0.0 <= s <= 1.0 for s in shares):
-        raise ValueError(f"`attention_shares` must hold {num_experts} values in [0, 1], got {attention_shares}.")
+    shares = default_attention_shares(num_experts) if attention_shares is None else attention_shares
+    shares = shares.tolist() if hasattr(shares, "tolist") else shares  # a tensor or an array
+    if (
+        not isinstance(shares, Sequence)
+        or isinstance(shares, str)
+        or len(shares) != num_experts
+        or any(isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 <= s <= 1.0 for s in shares)
+    ):
+        raise ValueError(f"`attention_shares` must hold {num_experts} values in [0, 1], got {attention_shares!r}.")
+    shares = [float(s) for s in shares]
     if any(b < a for a, b in itertools.pairwise(shares)):
         raise ValueError(f"`attention_shares` must not decrease toward the noise end (MEME), got {shares}.")
     if attention_pool_sizes is None:

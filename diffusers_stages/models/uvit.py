@@ -54,6 +54,7 @@ def check_uvit_config(
     num_attention_heads: int,
     mlp_ratio: float,
     num_class_embeds: int | None,
+    out_channels: int | None = None,
 ) -> None:
     """Check a U-ViT configuration before building anything (a `ValueError` naming the argument)."""
     for name, value in (("sample_size", sample_size), ("in_channels", in_channels), ("patch_size", patch_size),
@@ -70,8 +71,9 @@ def check_uvit_config(
         )
     if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
         raise ValueError(f"`mlp_ratio` must be a positive number, got {mlp_ratio!r}.")
-    if num_class_embeds is not None and (not isinstance(num_class_embeds, int) or num_class_embeds < 1):
-        raise ValueError(f"`num_class_embeds` must be a positive integer or None, got {num_class_embeds!r}.")
+    for name, value in (("num_class_embeds", num_class_embeds), ("out_channels", out_channels)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
 
 
 class UViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
@@ -129,7 +131,7 @@ class UViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         super().__init__()
         # 0. check the configuration
         check_uvit_config(sample_size, in_channels, patch_size, hidden_size, num_layers, num_attention_heads,
-                          mlp_ratio, num_class_embeds)  # fmt: skip
+                          mlp_ratio, num_class_embeds, out_channels)  # fmt: skip
         out_channels = out_channels or in_channels
         num_tokens = (sample_size // patch_size) ** 2
         self.gradient_checkpointing = False  # set by `enable_gradient_checkpointing()`

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffusers_stages import DualBackbonePipeline, ExpertRoutingPipeline
 from diffusers_stages.conversion import pipelines_to_experts
 from diffusers_stages.models.loading import realign_storage
+from tests.conftest import TINY_UNET
 
 from .conftest import tiny_unet
 
@@ -44,6 +45,19 @@ def test_dual_backbone_pipeline_from_deep_and_shallow(large_and_small, tmp_path)
     pipe = DualBackbonePipeline.from_pretrained(out)
     assert pipe.deep.config.block_out_channels == [16, 32] and pipe.shallow.config.block_out_channels == [8, 16]
     assert [expert for _, expert in pipe.expert_schedule(4)] == [1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("pipeline", ["experts", "dual_backbone"])
+def test_class_conditional_sources_are_verified_with_class_labels(tmp_path, pipeline):
+    sources = []
+    for name, width in (("large", 16), ("small", 8)):
+        sources.append(str(tmp_path / name))
+        unet = UNet2DModel(**{**TINY_UNET, "block_out_channels": (width, 2 * width), "num_class_embeds": 4})
+        DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler()).save_pretrained(sources[-1])
+    switch = ["--stage_boundaries", "600"] if pipeline == "experts" else ["--switch_step_fraction", "0.5"]
+    written = combine(sources, str(tmp_path / "out"), "--pipeline", pipeline, *switch, "--verify", "--tolerance", "0")
+    written.set_progress_bar_config(disable=True)
+    assert written(class_labels=[0, 2], num_inference_steps=2, output_type="np").images.shape == (2, 8, 8, 3)
 
 
 def test_sources_must_share_the_training_schedule(large_and_small, tmp_path):

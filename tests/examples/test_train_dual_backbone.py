@@ -75,6 +75,24 @@ def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--switch_timestep", "1500"], "`--switch_timestep` must lie inside the training schedule (0, 1000)"),
+        (["--switch_timestep", "0"], "`--switch_timestep` must lie inside the training schedule (0, 1000)"),
+        (["--switch_timestep", "nan"], "`--switch_timestep` must lie inside the training schedule (0, 1000)"),
+        (["--switch_timestep", "500", "--boundary_units", "sigma"], "give `--switch_step_fraction` instead"),
+    ],
+)
+def test_a_switch_the_pipeline_would_refuse_is_refused_before_training(
+    examples, script, image_folder, tmp_path, capsys, extra, message
+):
+    # refused by the arguments' check, not by the pipeline built after the last training step
+    with pytest.raises(SystemExit):
+        script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path), *extra])
+    assert message in capsys.readouterr().err
+
+
 def test_early_exit_baseline_trains_through_the_loop_and_samples(examples, script, image_folder, tmp_path, capsys):
     from diffusers_stages import ExpertRoutingPipeline
     from diffusers_stages.models import EarlyExitUViT2DModel

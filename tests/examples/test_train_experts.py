@@ -54,6 +54,14 @@ def test_one_expert_per_run_then_assemble(examples, script, image_folder, tmp_pa
         examples.train(script, ["--assemble_experts", runs[0], runs[0], "--output_dir", str(tmp_path / "bad")])
 
 
+def test_soft_assignment_with_a_zero_stage_share_trains(examples, script, image_folder, tmp_path):
+    # the expert with no share of the batch draws no sample (a RuntimeError at the first step before)
+    out = str(tmp_path / "run")
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out,
+                            "--stage_shares", "1,1,1,0", "--max_train_steps", "1"])  # fmt: skip
+    assert len(ExpertRoutingPipeline.from_pretrained(out).experts.loaded_experts) == 4
+
+
 def test_model_config_gives_every_expert_that_unet(examples, script, image_folder, tmp_path):
     unet = UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)  # fmt: skip
@@ -73,6 +81,8 @@ def test_model_config_gives_every_expert_that_unet(examples, script, image_folde
         (["--own_interval_probability", "0.9,0.5"], "`--own_interval_probability` needs one value per expert (4)"),
         (["--assignment", "hard", "--own_interval_probability", "0.9,0.5,0.5,0.5"], "is for `--assignment soft`"),
         (["--expert_attention_shares", "1,0.5,0,0"], "must not decrease toward the noise end"),
+        (["--num_experts", "2"], "`--own_interval_probability` must be given for 2 experts"),
+        (["--own_interval_probability", "0.8,0.4,0,0.1"], "values must be in (0, 1]"),
         (["--attention_head_dim", "3"], "must be multiples of `attention_head_dim`=3"),
     ],
 )

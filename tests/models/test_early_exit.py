@@ -75,6 +75,8 @@ def test_save_reload_and_bad_configs(model, tmp_path):
         EarlyExitUViT2DModel(**{**TINY, "sample_size": 9})
     with pytest.raises(ValueError, match="class_labels"):
         EarlyExitUViT2DModel(**TINY, num_class_embeds=3)(x, 10)
+    with pytest.raises(ValueError, match="`exit_threshold` must be a finite number or None, got nan"):
+        EarlyExitUViT2DModel(**TINY, exit_threshold=float("nan"))  # a nan would never let a sample exit
 
 
 @pytest.mark.parametrize(
@@ -85,6 +87,8 @@ def test_save_reload_and_bad_configs(model, tmp_path):
         ((torch.randn(2, 3, 8, 8), torch.tensor([1, 2, 3])), {}, r"`timestep` must be one value or one per sample"),
         ((torch.randn(1, 3, 8, 8), float("nan")), {}, r"`timestep` must be finite, got nan"),
         ((torch.randn(1, 3, 8, 8), 10), {"class_labels": torch.tensor([0])}, r"`class_labels` were given"),
+        ((torch.randn(1, 3, 8, 8), 10), {"exit_threshold": float("nan")}, r"`exit_threshold` must be a finite number"),
+        ((torch.randn(1, 3, 8, 8), 10), {"exit_threshold": "0.5"}, r"`exit_threshold` must be a finite number"),
     ],
 )
 def test_forward_checks_its_inputs_like_a_library(model, args, kwargs, message):

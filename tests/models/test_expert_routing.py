@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
-from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DModel
+from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DModel, UViT2DModel
 from tests.conftest import TINY_UNET
 from tests.models.staged_model_tester import StagedModelTesterMixin
 
@@ -19,13 +19,11 @@ def _tiny_dit(**overrides):
     dit = DiTTransformer2DModel(
         num_attention_heads=2,
         attention_head_dim=4,
-        in_channels=3,
-        out_channels=3,
         num_layers=1,
         sample_size=8,
         patch_size=2,
         num_embeds_ada_norm=10,
-        **overrides,
+        **{"in_channels": 3, "out_channels": 3, **overrides},
     )
     return dit.eval()  # eval: DiT drops class labels at random in training mode
 
@@ -163,6 +161,28 @@ def test_experts_of_other_diffusers_classes_with_per_sample_arguments(tiny_unet_
         assert torch.allclose(out[1:2], second(x[1:2], t[1:2], text[1:2]).sample, atol=1e-6)
 
 
+def test_out_channels_none_means_in_channels(tiny_unet_kwargs):
+    # U-ViT and DiT leave `out_channels=None` in their configs for "as `in_channels`": they mix with U-Nets of 3
+    unet = _unet(tiny_unet_kwargs, 0)
+    uvit = UViT2DModel(sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2).eval()
+    dit = _tiny_dit(out_channels=None)
+    assert uvit.config.out_channels is None and dit.config.out_channels is None
+    model = ExpertRoutingModel([unet, uvit, dit], stage_boundaries=(300, 600))
+    assert model.config.out_channels == 3
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 8, 8), torch.tensor([10, 500])).sample.shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="out_channels"):
+        ExpertRoutingModel([_unet(tiny_unet_kwargs, 1, out_channels=6), uvit], stage_boundaries=(500,))
+
+
+@pytest.mark.parametrize("stage_index", [None, 0])
+@pytest.mark.parametrize("shape", [(2, 4, 8, 8), (3, 8, 8)])
+def test_a_sample_that_is_not_the_experts_shape_is_named(three_experts, stage_index, shape):
+    # checked by the container (the experts declare `in_channels`), not a shape error inside an expert's convolution
+    with pytest.raises(ValueError, match=r"`sample` must have shape \(batch, 3, height, width\)"):
+        three_experts(torch.randn(shape), 100, stage_index=stage_index)  # expert 0: a plain UNet2DModel
+
+
 def test_save_writes_one_plain_diffusers_folder_per_expert_and_reloads(three_experts, tmp_path):
     x, t = torch.randn(4, 3, 8, 8), torch.tensor([10, 650, 400, 999])
     three_experts.save_pretrained(tmp_path)
@@ -193,6 +213,10 @@ def test_load_only_the_experts_a_run_needs(three_experts, tmp_path):
         partial.save_pretrained(tmp_path / "again")
     with pytest.raises(ValueError, match="load_experts"):
         ExpertRoutingModel.from_pretrained(tmp_path, load_experts=[3])
+    with pytest.raises(ValueError, match=r"`load_experts` must hold expert indices in \[0, 3\), got \[True\]"):
+        ExpertRoutingModel.from_pretrained(tmp_path, load_experts=[True])  # not the folder `expert_True`
+    with pytest.raises(ValueError, match="`load_experts` must be a list of expert indices, got 2"):
+        ExpertRoutingModel.from_pretrained(tmp_path, load_experts=2)  # not a TypeError
 
 
 def test_checkpoint_that_disagrees_with_its_config_is_refused(three_experts, tmp_path):
@@ -226,6 +250,9 @@ def test_bad_configurations_give_clear_errors(tiny_unet_kwargs):
         ExpertRoutingModel([a, b], stage_boundaries=(500,), prediction_type=["epsilon", "v_prediction"])
     with pytest.raises(ValueError, match="prediction_type"):
         ExpertRoutingModel([a, b], stage_boundaries=(500,), prediction_type="noise")
+    for kind in (None, 3):  # not a TypeError on iterating it
+        with pytest.raises(ValueError, match=f"`prediction_type` must be one of .* or one per expert, got {kind}"):
+            ExpertRoutingModel([a, b], stage_boundaries=(500,), prediction_type=kind)
     with pytest.raises(ValueError, match="in_channels"):
         ExpertRoutingModel([a, _unet(tiny_unet_kwargs, 2, in_channels=4)], stage_boundaries=(500,))
     with pytest.raises(ValueError, match="ModelMixin"):

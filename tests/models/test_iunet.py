@@ -121,6 +121,11 @@ def test_inside_expert_routing_and_the_pipeline(tmp_path):
         ({"attention_pool_sizes": 0}, "`attention_pool_sizes` must be positive integers"),
         ({"block_out_channels": ()}, "`block_out_channels` must be positive integers"),
         ({"layers_per_block": 0}, "`layers_per_block` must be a positive integer"),
+        ({"block_out_channels": 8}, "`block_out_channels` must be positive integers, one per level, got 8"),
+        ({"layers_per_block": True}, "`layers_per_block` must be a positive integer, got True"),
+        ({"attention_ratios": True}, "`attention_ratios` must lie in [0, 1]"),
+        ({"in_channels": 0}, "`in_channels` must be a positive integer, got 0"),
+        ({"num_class_embeds": -1}, "`num_class_embeds` must be a positive integer or None, got -1"),
     ],
 )
 def test_bad_configs_are_refused(kwargs, message):
@@ -147,3 +152,37 @@ def test_channels_last_blocks_match_the_plain_layout(monkeypatch):
         plain = model(sample, 300, class_labels=labels).sample
     assert layouts == [True, False] and fast.is_contiguous()
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_in_training_mode_samples_as_in_eval_mode(tmp_path):
+    # diffusers' `ResnetBlock2D` makes its shortcut's input contiguous in training mode: a model as built (training
+    # mode) must still give the outputs of its saved and reloaded copy (eval mode), bit for bit, without gradients
+    torch.manual_seed(0)
+    model = IUNet2DModel(**TINY, num_class_embeds=3)
+    assert model.training and model.down_blocks[1].blocks[0].resnet.conv_shortcut is not None
+    model.save_pretrained(tmp_path)
+    reloaded = IUNet2DModel.from_pretrained(tmp_path)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 800]), torch.tensor([0, 2])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, class_labels=y).sample, reloaded(x, t, class_labels=y).sample)
+    model(x, t, class_labels=y).sample.mean().backward()  # training itself is unchanged
+    assert model.conv_in.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"sample": torch.randn(2, 4, 8, 8)}, "`sample` must have shape (batch, 3, height, width)"),
+        ({"sample": torch.zeros(2, 3, 8, 8, dtype=torch.long)}, "`sample` must be a floating-point tensor"),
+        ({"timestep": torch.tensor([1, 2, 3])}, "`timestep` must be one value or one per sample (2)"),
+        ({"timestep": "5"}, "`timestep` must be a number or a tensor, got str"),
+        ({"class_labels": torch.tensor([0, 1, 2])}, "`class_labels` must hold one label or one per sample (2)"),
+        ({"class_labels": None}, "`class_labels` must be given"),
+    ],
+)
+def test_bad_inputs_are_named(inputs, message):
+    # a `ValueError` naming the argument, as `UViT2DModel` gives, not a shape error inside a convolution
+    model = build(num_class_embeds=3)
+    call = {"sample": torch.randn(2, 3, 8, 8), "timestep": 5, "class_labels": torch.tensor([0, 1]), **inputs}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        model(**call)

@@ -44,6 +44,21 @@ def test_bad_presets_are_refused():
         meme_expert_configs(num_experts=3, block_out_channels=[(8, 16), (8, 16)])
     with pytest.raises(ValueError, match="same number of levels"):
         meme_expert_configs(num_experts=2, block_out_channels=[(8, 16), (8, 16, 16)])
+    # the wrong type: named, not a TypeError or float()'s "could not convert string to float"
+    with pytest.raises(ValueError, match="`attention_shares` must hold 2 values in \\[0, 1\\], got 'ab'"):
+        meme_expert_configs(num_experts=2, attention_shares="ab")
+    with pytest.raises(ValueError, match="`attention_shares` must hold 2 values"):
+        meme_expert_configs(num_experts=2, attention_shares=[0.2, None])
+    with pytest.raises(
+        ValueError, match="`block_out_channels` must be a list of widths, or one list per expert, got 64"
+    ):
+        meme_expert_configs(num_experts=2, block_out_channels=64)
+    with pytest.raises(ValueError, match="`num_experts` must be a positive integer, got True"):
+        meme_expert_configs(num_experts=True)
+    assert [c["attention_ratios"] for c in meme_expert_configs(2, attention_shares=torch.tensor([0.25, 0.5]))] == [
+        0.25,
+        0.5,
+    ]
     with pytest.raises(ValueError, match="Inception mixers"):
         attention_share(UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
                                     down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2))  # fmt: skip

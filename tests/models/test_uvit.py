@@ -123,6 +123,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         ({"mlp_ratio": 0.0}, "mlp_ratio"),
         ({"num_class_embeds": 0}, "num_class_embeds"),
         ({"in_channels": 0}, "in_channels"),
+        ({"num_class_embeds": True}, "num_class_embeds"),  # a TypeError inside torch before
+        ({"out_channels": -1}, "out_channels"),
+        ({"out_channels": 0}, "out_channels"),  # silently `in_channels` before
     ],
 )
 def test_bad_configs_name_the_argument(change, name):

@@ -14,7 +14,7 @@ from diffusers import (
     UNet2DModel,
 )
 
-from diffusers_stages import DualBackbonePipeline, ExpertRoutingModel, ExpertRoutingPipeline
+from diffusers_stages import DualBackbonePipeline, ExpertRoutingModel, ExpertRoutingPipeline, UViT2DModel
 from diffusers_stages.pipelines.pipeline_dual_backbone import DEFAULT_SWITCH_STEP_FRACTION
 
 
@@ -102,6 +102,31 @@ def test_save_and_reload_keeps_the_switch_and_the_images(backbones, tmp_path):
         )
 
 
+def test_a_switch_given_at_loading_replaces_the_saved_one_of_any_kind(backbones, tmp_path):
+    shallow, deep = backbones
+    pipe = _dual(shallow, deep, DDIMScheduler(), switch_step_fraction=0.5)
+    pipe.save_pretrained(tmp_path)
+    for loaded in (
+        DualBackbonePipeline.from_pretrained(tmp_path, switch_timestep=600),
+        DualBackbonePipeline.from_pretrained(tmp_path, trust_remote_code=True, switch_timestep=600),
+        DualBackbonePipeline.from_pipe(pipe, switch_timestep=600),
+    ):
+        assert loaded.config.switch_timestep == 600 and loaded.config.switch_step_fraction is None
+    assert DualBackbonePipeline.from_pipe(pipe, switch_sigma=1.0).config.switch_step_fraction is None
+    assert DualBackbonePipeline.from_pretrained(tmp_path).config.switch_step_fraction == 0.5  # none given: saved
+    with pytest.raises(ValueError, match="exactly one"):
+        DualBackbonePipeline.from_pipe(pipe, switch_timestep=600, switch_sigma=1.0)
+
+
+def test_from_pipe_keeps_the_packages_uvit_backbones():
+    # DuoDiff's own backbones (what `train_dual_backbone.py --backbone uvit` trains) are carried over, not dropped
+    torch.manual_seed(0)
+    shallow, deep = (UViT2DModel(sample_size=8, hidden_size=16, num_layers=n, num_attention_heads=2) for n in (1, 3))
+    pipe = _dual(shallow.eval(), deep.eval(), DDIMScheduler(), switch_step_fraction=0.5)
+    again = DualBackbonePipeline.from_pipe(pipe)
+    assert again.shallow is pipe.shallow and again.deep is pipe.deep
+
+
 def test_no_switch_is_the_default_step_fraction(backbones):
     shallow, deep = backbones
     pipe = _dual(shallow, deep, DDIMScheduler())
@@ -120,6 +145,9 @@ def test_bad_switches_are_refused(backbones):
         _dual(shallow, deep, DDIMScheduler(), switch_timestep=1200)
     with pytest.raises(ValueError, match="EDM"):
         _dual(shallow, deep, EDMEulerScheduler(), switch_timestep=300)
+    for sigma in (0.0, -1.0):  # no noise level: named, not a math domain error
+        with pytest.raises(ValueError, match="`switch_sigma` must be a noise level > 0"):
+            _dual(shallow, deep, DDIMScheduler(), switch_sigma=sigma)
     pipe = _dual(shallow, deep, DDIMScheduler(), switch_step_fraction=0.5)
     with pytest.raises(ValueError, match=">= 2"):
         pipe(num_inference_steps=1)

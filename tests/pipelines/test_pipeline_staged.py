@@ -62,6 +62,18 @@ def test_generator_list_must_have_one_generator_per_image(unconditional, conditi
         conditional(class_labels=[0, 1], generator=generators, **RUN)  # the batch size the labels give
 
 
+@pytest.mark.parametrize("generator", [3, [torch.Generator(), 3], "0"])
+def test_a_generator_of_another_type_is_refused(unconditional, generator):
+    # named, not an AttributeError inside `randn_tensor`
+    with pytest.raises(ValueError, match="`generator` must be a torch.Generator or a list of them"):
+        unconditional(batch_size=2, generator=generator, **RUN)
+
+
+def test_callback_tensor_inputs_given_as_one_string_are_named(unconditional):
+    with pytest.raises(ValueError, match=r"must be a list of names, got the string 'latents': pass \['latents'\]"):
+        unconditional(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs="latents", **RUN)
+
+
 def test_one_generator_per_image_samples_each_image_from_its_own_seed(unconditional):
     pair = unconditional(batch_size=2, generator=[torch.Generator().manual_seed(s) for s in (5, 6)], **RUN).images
     alone = unconditional(batch_size=1, generator=[torch.Generator().manual_seed(6)], **RUN).images

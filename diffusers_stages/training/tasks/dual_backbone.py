@@ -32,6 +32,16 @@ class DualBackboneTask(TrainingTask):
             self.switch_step_fraction = DEFAULT_SWITCH_STEP_FRACTION
         if self.switch_step_fraction is not None and not 0.0 < self.switch_step_fraction < 1.0:
             raise ValueError(f"`--switch_step_fraction` must be in (0, 1), got {self.switch_step_fraction}.")
+        timestep = args.switch_timestep
+        if timestep is not None and not 0.0 < timestep < args.num_train_timesteps:
+            raise ValueError(
+                f"`--switch_timestep` must lie inside the training schedule (0, {args.num_train_timesteps}), got {timestep}."
+            )
+        if timestep is not None and args.boundary_units == "sigma":
+            raise ValueError(
+                "`--switch_timestep` is a DDPM timestep, but `--boundary_units sigma` trains EDM-style models: give "
+                "`--switch_step_fraction` instead."
+            )
         if args.stage_boundaries is not None or args.stage_shares is not None:
             raise ValueError(
                 "Dual-backbone training uses every timestep for both networks: drop `--stage_boundaries`/`--stage_shares`."

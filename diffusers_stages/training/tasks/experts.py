@@ -16,7 +16,7 @@ from ...models.iunet import IUNet2DModel
 from ...models.meme import meme_expert_configs
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
-from ...timestep_sampling import soft_assignment_timesteps, stage_counts
+from ...timestep_sampling import MEME_OWN_INTERVAL_PROBABILITIES, soft_assignment_timesteps, stage_counts
 from ..args import partition_from_args, unet_shape_kwargs
 from .base import Draw, TrainingTask, _unet_downsampling
 
@@ -45,6 +45,13 @@ class ExpertTask(TrainingTask):
         elif probabilities is not None and len(probabilities) != partition.num_stages:
             raise ValueError(
                 f"`--own_interval_probability` needs one value per expert ({partition.num_stages}), got {list(probabilities)}."
+            )
+        elif probabilities is not None and not all(0.0 < p <= 1.0 for p in probabilities):
+            raise ValueError(f"`--own_interval_probability` values must be in (0, 1], got {list(probabilities)}.")
+        elif probabilities is None and partition.num_stages != len(MEME_OWN_INTERVAL_PROBABILITIES):
+            raise ValueError(
+                f"`--own_interval_probability` must be given for {partition.num_stages} experts (soft assignment): "
+                f"MEME's defaults {MEME_OWN_INTERVAL_PROBABILITIES} are for {len(MEME_OWN_INTERVAL_PROBABILITIES)}."
             )
         self.probabilities = probabilities
         self._every_network_every_step(args, 1 if args.expert_index is not None else partition.num_stages, "expert")
