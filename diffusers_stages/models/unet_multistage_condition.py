@@ -134,6 +134,10 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
     process_encoder_hidden_states = UNet2DConditionModel.process_encoder_hidden_states
     set_default_attn_processor = UNet2DConditionModel.set_default_attn_processor
     set_attention_slice = UNet2DConditionModel.set_attention_slice
+    # `pipe.fuse_qkv_projections()`: every `Attention` fused, encoder and decoders alike (AttentionMixin's own version
+    # fuses only the newer attention classes, and the pipeline then sets a fused processor on unfused layers)
+    fuse_qkv_projections = UNet2DConditionModel.fuse_qkv_projections
+    unfuse_qkv_projections = UNet2DConditionModel.unfuse_qkv_projections
 
     @classmethod
     def _auto_map_module(cls) -> None:
@@ -243,6 +247,18 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
                 for decoder in decoders
             ]
         )
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        r"""FreeU (https://huggingface.co/papers/2309.11497) in every stage's decoder: its up blocks scale their
+        backbone features by ``b1``/``b2`` and filter their skips by ``s1``/``s2``, as
+        [`~diffusers.UNet2DConditionModel.enable_freeu`] does in its up path (what `pipe.enable_freeu` calls)."""
+        for decoder in self.decoders:
+            UNet2DConditionModel.enable_freeu(decoder, s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def disable_freeu(self) -> None:
+        """Disable FreeU in every stage's decoder."""
+        for decoder in self.decoders:
+            UNet2DConditionModel.disable_freeu(decoder)
 
     def _build_embeddings(self) -> int:
         """The input convolution and the time, class and added embeddings, as `UNet2DConditionModel` builds them;
