@@ -25,6 +25,7 @@ from torch import nn
 
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..routing import dispatch_by_stage
+from .checks import check_encoder_hidden_states
 from .decoders import resolve_decoder_widths
 from .loading import StrictLoadingMixin
 from .staged import StagedModelMixin
@@ -414,11 +415,8 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
                 data-dependent routing (it makes `torch.compile(fullgraph=True)` work).
         """
         # 0. check the input; masks become additive biases with a query axis (as UNet2DConditionModel)
-        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"`sample` must have shape (batch, {self.config.in_channels}, height, width), "
-                f"got {tuple(sample.shape)}."
-            )
+        timesteps = self.check_inputs(sample, timestep, stage_index, self.config.in_channels)
+        check_encoder_hidden_states(encoder_hidden_states, sample.shape[0], self.config.cross_attention_dim)
         if down_intrablock_additional_residuals is not None:
             raise ValueError("`down_intrablock_additional_residuals` (T2I-Adapter) are not supported by this model.")
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
@@ -444,8 +442,6 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
         conditioning["encoder_hidden_states"] = encoder_hidden_states
 
         # 2. route: each stage's decoder on its own rows of every tensor (the whole batch when one stage holds it)
-        batch = sample.shape[0]
-        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch).contiguous()
         forward_upsample_size = any(size % 2**self.num_upsamplers for size in sample.shape[-2:])
 
         def decode(stage: int, inputs: list) -> torch.Tensor:

@@ -288,5 +288,13 @@ def test_bad_inputs_are_refused_by_name(tiny_cond_unet):
         staged(x, 10, **kwargs, stage_index=3)
     with pytest.raises(ValueError, match="timestep"):
         staged(x, torch.tensor([10, 1001]), **kwargs)
+    # each of these raised an error deep in torch (a shape error, a TypeError), or passed (boolean timesteps)
+    text, added = kwargs["encoder_hidden_states"], kwargs["added_cond_kwargs"]
+    for bad in (torch.tensor([1, 2, 3]), torch.tensor([[1], [2]]), None, "10", torch.tensor([True, False])):
+        with pytest.raises(ValueError, match="`timestep` must"):
+            staged(x, bad, **kwargs)
+    for bad in (text[..., :16], text[:1], text[0], None):
+        with pytest.raises(ValueError, match=r"`encoder_hidden_states` must be .* shape \(2, tokens, 64\)"):
+            staged(x, 10, bad, added_cond_kwargs=added)
     with pytest.raises(ValueError, match="UNet2DConditionModel"):
         MultiStageUNet2DConditionModel.from_unet(torch.nn.Linear(2, 2))
