@@ -204,6 +204,15 @@ def load_converted(model: torch.nn.Module, converted: dict[str, torch.Tensor], s
 
 def load_strict(model_class: type, path: str, subfolder: str | None = None):
     """``model_class.from_pretrained`` from safetensors only, failing on missing, unexpected or mis-shaped keys."""
+    # a folder of another class (a UNet2DConditionModel read as a UNet2DModel, say) is named as such, before diffusers
+    # builds the wrong model from its config and fails on an option it lacks, or on every key
+    where = os.path.join(path, subfolder or "")
+    config_path = os.path.join(where, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            saved_class = json.load(f).get("_class_name")
+        if saved_class not in (None, model_class.__name__):
+            raise ValueError(f"{where} holds a {saved_class}, not the {model_class.__name__} expected here.")
     strict_class = model_class
     if not issubclass(model_class, StrictLoadingMixin):
         strict_class = type(
@@ -212,7 +221,6 @@ def load_strict(model_class: type, path: str, subfolder: str | None = None):
     try:
         model = strict_class.from_pretrained(path, subfolder=subfolder, use_safetensors=True)
     except OSError as error:
-        where = os.path.join(path, subfolder or "")
         raise ValueError(f"Cannot load a {model_class.__name__} from {where} (safetensors only): {error}") from error
     model.__class__ = model_class  # the plain class again, so it saves and registers as itself
     return model.eval()

@@ -126,8 +126,9 @@ def refuse_staged_source(path: str, class_entry: object) -> str | None:
     if name is not None and isinstance(getattr(diffusers_stages, name, None), type):
         raise ValueError(
             f"`--source` {path!r} is already staged (it holds a {name}): unet_to_multistage converts a plain "
-            f"UNet2DModel or a {'/'.join(SOURCE_PIPELINES)} folder. Fine-tune a MultiStagePipeline with "
-            "`train_multistage.py --pretrained_model_name_or_path`, or export one stage as a plain U-Net with "
+            f"UNet2DModel or a {'/'.join([*SOURCE_PIPELINES, *TEXT_TO_IMAGE_PIPELINES])} folder. Fine-tune a "
+            "MultiStagePipeline with `train_multistage.py --pretrained_model_name_or_path` (a Stable Diffusion one "
+            "with `train_text_to_image.py`), or export one stage as a plain U-Net with "
             "`python -m diffusers_stages.conversion.multistage_to_unet`."
         )
     return name
@@ -248,10 +249,12 @@ def verify_text_to_image(source, converted, steps: int, tolerance: float) -> Non
 @torch.no_grad()
 def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
     """Convert a Stable Diffusion / SDXL folder: same pipeline class and components, a staged ``unet``."""
+    refuse_staged_source(args.source, read_class_name(os.path.join(args.source, "unet", "config.json")))
     with staged_output(args.output_path, args.overwrite) as tmp:
         unet = load_strict(UNet2DConditionModel, args.source, subfolder="unet")
         source = pipeline_class.from_pretrained(args.source, unet=unet, use_safetensors=True)
         boundaries, units = choose_boundaries(args, source.scheduler)
+        check_units(source.scheduler, units)  # the pipeline hands its scheduler's timesteps to the unet
         staged = MultiStageUNet2DConditionModel.from_unet(
             unet, boundaries, units, num_train_timesteps=source.scheduler.config.get("num_train_timesteps")
         )

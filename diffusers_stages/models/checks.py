@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -85,6 +86,20 @@ def check_sample(sample: torch.Tensor, in_channels: int | None, multiple_of: int
         raise ValueError(
             f"`sample`'s height and width must be multiples of {multiple_of} (the model halves them "
             f"{multiple_of.bit_length() - 1} times), got shape {shape}."
+        )
+
+
+def check_encoder_hidden_states(states: torch.Tensor, batch: int, width: int | Sequence[int]) -> None:
+    """Check a cross-attention model's ``encoder_hidden_states``: a floating-point ``(batch, tokens, width)`` tensor
+    (``width`` the model's ``cross_attention_dim``; not checked when it is one per block)."""
+    shape = tuple(states.shape) if torch.is_tensor(states) else None
+    width_ok = not isinstance(width, int) or (shape is not None and shape[-1] == width)
+    if shape is None or not states.is_floating_point() or len(shape) != 3 or shape[0] != batch or not width_ok:
+        got = f"shape {shape}, dtype {states.dtype}" if shape is not None else type(states).__name__
+        expected = width if isinstance(width, int) else "width"
+        raise ValueError(
+            f"`encoder_hidden_states` must be a floating-point tensor of shape ({batch}, tokens, {expected}): one text "
+            f"encoding per sample, as wide as the model's `cross_attention_dim`; got {got}."
         )
 
 

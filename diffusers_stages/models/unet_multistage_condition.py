@@ -25,6 +25,7 @@ from torch import nn
 
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..routing import dispatch_by_stage
+from .checks import check_encoder_hidden_states
 from .decoders import resolve_decoder_widths
 from .loading import StrictLoadingMixin
 from .staged import StagedModelMixin
@@ -134,6 +135,10 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
     process_encoder_hidden_states = UNet2DConditionModel.process_encoder_hidden_states
     set_default_attn_processor = UNet2DConditionModel.set_default_attn_processor
     set_attention_slice = UNet2DConditionModel.set_attention_slice
+    # `pipe.fuse_qkv_projections()`: every `Attention` fused, encoder and decoders alike (AttentionMixin's own version
+    # fuses only the newer attention classes, and the pipeline then sets a fused processor on unfused layers)
+    fuse_qkv_projections = UNet2DConditionModel.fuse_qkv_projections
+    unfuse_qkv_projections = UNet2DConditionModel.unfuse_qkv_projections
 
     @classmethod
     def _auto_map_module(cls) -> None:
@@ -243,6 +248,18 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
                 for decoder in decoders
             ]
         )
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        r"""FreeU (https://huggingface.co/papers/2309.11497) in every stage's decoder: its up blocks scale their
+        backbone features by ``b1``/``b2`` and filter their skips by ``s1``/``s2``, as
+        [`~diffusers.UNet2DConditionModel.enable_freeu`] does in its up path (what `pipe.enable_freeu` calls)."""
+        for decoder in self.decoders:
+            UNet2DConditionModel.enable_freeu(decoder, s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def disable_freeu(self) -> None:
+        """Disable FreeU in every stage's decoder."""
+        for decoder in self.decoders:
+            UNet2DConditionModel.disable_freeu(decoder)
 
     def _build_embeddings(self) -> int:
         """The input convolution and the time, class and added embeddings, as `UNet2DConditionModel` builds them;
@@ -398,11 +415,8 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
                 data-dependent routing (it makes `torch.compile(fullgraph=True)` work).
         """
         # 0. check the input; masks become additive biases with a query axis (as UNet2DConditionModel)
-        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"`sample` must have shape (batch, {self.config.in_channels}, height, width), "
-                f"got {tuple(sample.shape)}."
-            )
+        timesteps = self.check_inputs(sample, timestep, stage_index, self.config.in_channels)
+        check_encoder_hidden_states(encoder_hidden_states, sample.shape[0], self.config.cross_attention_dim)
         if down_intrablock_additional_residuals is not None:
             raise ValueError("`down_intrablock_additional_residuals` (T2I-Adapter) are not supported by this model.")
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
@@ -428,8 +442,6 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
         conditioning["encoder_hidden_states"] = encoder_hidden_states
 
         # 2. route: each stage's decoder on its own rows of every tensor (the whole batch when one stage holds it)
-        batch = sample.shape[0]
-        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch).contiguous()
         forward_upsample_size = any(size % 2**self.num_upsamplers for size in sample.shape[-2:])
 
         def decode(stage: int, inputs: list) -> torch.Tensor:

@@ -22,22 +22,25 @@ does); `--checkpointing_steps`, `--checkpoints_total_limit` and `--resume_from_c
 import argparse
 
 from diffusers_stages.training import build_parser, build_task, parse_and_check, train
-from diffusers_stages.training.tasks.text_to_image import METHODS, TextToImageTask
+from diffusers_stages.training.tasks.text_to_image import METHODS, SOURCE_OPTIONS, TextToImageTask
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser(__doc__)
-    # diffusers' text-to-image defaults; `--class_dropout_prob` is the rate of captions replaced by the empty one
+    # diffusers' text-to-image defaults; `--class_dropout_prob` is the rate of captions replaced by the empty one; the
+    # source pipeline gives the U-Net, the VAE and the noise schedule (options that would choose them are refused)
     parser.set_defaults(
         resolution=512, learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=0, class_dropout_prob=0.0,
-        prediction_type=None, output_dir="sd-model-finetuned-stages",
+        prediction_type=None, output_dir="sd-model-finetuned-stages", ddpm_beta_schedule=None,
+        **dict.fromkeys(SOURCE_OPTIONS),
     )  # fmt: skip
     group = parser.add_argument_group("text-to-image")
     group.add_argument(
         "--pretrained_model_name_or_path", type=str, required=True,
         help="A StableDiffusionPipeline folder or Hub repository; its unet is a UNet2DConditionModel (converted), a "
         "MultiStageUNet2DConditionModel (`--method multistage`) or an ExpertRoutingModel (`--method experts`). "
-        "Its scheduler gives the noise schedule and the prediction type; the shape arguments are ignored.",
+        "It gives the VAE, the noise schedule and the prediction type; the shape and schedule arguments are "
+        "refused unless they repeat the source's.",
     )  # fmt: skip
     group.add_argument("--method", choices=METHODS, default="multistage",
                        help="multistage: one shared encoder, one decoder per stage; experts: one U-Net per stage.")  # fmt: skip

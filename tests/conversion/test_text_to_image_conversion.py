@@ -50,3 +50,27 @@ def test_stage_exports_as_a_plain_unet2dconditionmodel(tiny_sd_components, tmp_p
         with torch.no_grad():
             expected = pipe.unet(x, 250 + 500 * stage, text, stage_index=stage).sample
             assert torch.equal(unet(x, 250 + 500 * stage, text).sample, expected)
+
+
+def test_text_to_image_sources_are_refused_by_name(tiny_sd_components, tmp_path):
+    source = StableDiffusionPipeline(**tiny_sd_components)
+    source.save_pretrained(tmp_path / "sd")
+    sd = str(tmp_path / "sd")
+
+    def convert(*argv, output="refused"):
+        return unet_to_multistage.main(unet_to_multistage.parse_args(["--output_path", str(tmp_path / output), *argv]))
+
+    # sigma stages: the pipeline hands the unet its scheduler's timesteps, so every step would route as a sigma
+    with pytest.raises(ValueError, match="`--boundary_units sigma` does not fit the source: its DDIMScheduler"):
+        convert("--source", sd, "--stage_boundaries", "2.5", "--boundary_units", "sigma")
+    # an already staged pipeline (a key-mismatch error before), a bare unet folder and a plain one to export from
+    # (a diffusers error about `cross_attention_dim` before)
+    convert("--source", sd, "--stage_boundaries", "500", output="staged")
+    with pytest.raises(ValueError, match="is already staged .*MultiStageUNet2DConditionModel.*train_text_to_image"):
+        convert("--source", str(tmp_path / "staged"), "--stage_boundaries", "300")
+    with pytest.raises(ValueError, match="holds a UNet2DConditionModel, not the UNet2DModel expected"):
+        convert("--source", str(tmp_path / "sd" / "unet"), "--stage_boundaries", "300")
+    with pytest.raises(ValueError, match="holds a UNet2DConditionModel, not the MultiStageUNet2DModel expected"):
+        multistage_to_unet.main(
+            multistage_to_unet.parse_args(["--source", sd, "--stage", "0", "--output_path", str(tmp_path / "e")])
+        )

@@ -136,6 +136,12 @@ def test_experts_from_the_same_command(script, source, tmp_path):
         (["--caption_column", "caption", "--train_batch_size", "2"], "`--train_batch_size` 2"),
         (["--caption_column", "caption", "--class_conditional"], "`--class_conditional`"),
         (["--caption_column", "caption", "--method", "experts", "--train_decoders_only"], "--train_decoders_only"),
+        # the shared parser's options for a model built from scratch: the source gives them (they were ignored)
+        (["--caption_column", "caption", "--vae_path", "other-vae"], "`--vae_path` 'other-vae' is refused"),
+        (["--caption_column", "caption", "--block_out_channels", "16,32"], "`--block_out_channels` (16, 32)"),
+        (["--caption_column", "caption", "--model_config", "unet.json"], "`--model_config` 'unet.json'"),
+        (["--caption_column", "caption", "--num_train_timesteps", "500"], "`--num_train_timesteps` 500 disagrees"),
+        (["--caption_column", "caption", "--ddpm_beta_schedule", "squaredcos_cap_v2"], "`--ddpm_beta_schedule`"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(script, source, tmp_path, capsys, extra, message):
@@ -158,6 +164,15 @@ def test_bad_arguments_are_refused_by_name(script, source, tmp_path, capsys, ext
         assert message in str(error)
     else:
         pytest.fail(f"{extra} was accepted")
+
+
+def test_the_source_schedule_may_be_repeated(script, source, tmp_path):
+    sd, data = source
+    args = script.parse_args(
+        ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+         "--num_train_timesteps", "1000", "--ddpm_beta_schedule", "linear", "--output_dir", str(tmp_path / "o")]
+    )  # fmt: skip
+    assert args.ddpm_beta_schedule == "linear" and args.vae_path is None
 
 
 def test_old_path_runs_the_new_script(monkeypatch, capsys):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from diffusers_stages import MultiStageUNet2DConditionModel
 
@@ -125,6 +125,37 @@ def test_attention_processors_and_slicing(tiny_cond_unet):
         assert {type(p) for p in staged.attn_processors.values()} == {AttnProcessor}
         staged.set_attention_slice(1)
         assert torch.allclose(staged(x, 700, **kwargs).sample, reference, atol=1e-5)
+
+
+def test_freeu_and_fused_qkv_in_the_pipeline_act_on_every_decoder_as_on_the_source(tiny_sd_components):
+    # `pipe.enable_freeu` raised AttributeError; `pipe.fuse_qkv_projections` set the fused processor on unfused
+    # layers (AttributeError `to_qkv` at the first step)
+    from diffusers import StableDiffusionPipeline
+
+    source = StableDiffusionPipeline(**tiny_sd_components)
+    staged = StableDiffusionPipeline(**tiny_sd_components)
+    staged.unet = MultiStageUNet2DConditionModel.from_unet(source.unet, stage_boundaries=BOUNDARIES)
+    for pipe in (source, staged):
+        pipe.set_progress_bar_config(disable=True)
+
+    def images(pipe):
+        return pipe("a cat", num_inference_steps=3, generator=torch.manual_seed(0), output_type="latent").images
+
+    plain = images(staged)
+    for pipe in (source, staged):
+        pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    assert all(block.b1 == 1.2 for decoder in staged.unet.decoders for block in decoder.up_blocks)
+    freeu = images(staged)
+    assert torch.equal(freeu, images(source)) and not torch.allclose(freeu, plain, atol=1e-3)
+    for pipe in (source, staged):
+        pipe.disable_freeu()
+        pipe.fuse_qkv_projections(vae=False)  # one VAE in both pipelines: fused once would be enough
+    layers = [m for m in staged.unet.modules() if isinstance(m, Attention)]
+    assert len(layers) == 16 and all(hasattr(m, "to_kv" if m.is_cross_attention else "to_qkv") for m in layers)
+    assert torch.allclose(images(staged), plain, atol=1e-5) and torch.equal(images(staged), images(source))
+    for pipe in (source, staged):
+        pipe.unfuse_qkv_projections(vae=False)
+    assert torch.equal(images(staged), plain)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_cond_unet):
@@ -257,5 +288,13 @@ def test_bad_inputs_are_refused_by_name(tiny_cond_unet):
         staged(x, 10, **kwargs, stage_index=3)
     with pytest.raises(ValueError, match="timestep"):
         staged(x, torch.tensor([10, 1001]), **kwargs)
+    # each of these raised an error deep in torch (a shape error, a TypeError), or passed (boolean timesteps)
+    text, added = kwargs["encoder_hidden_states"], kwargs["added_cond_kwargs"]
+    for bad in (torch.tensor([1, 2, 3]), torch.tensor([[1], [2]]), None, "10", torch.tensor([True, False])):
+        with pytest.raises(ValueError, match="`timestep` must"):
+            staged(x, bad, **kwargs)
+    for bad in (text[..., :16], text[:1], text[0], None):
+        with pytest.raises(ValueError, match=r"`encoder_hidden_states` must be .* shape \(2, tokens, 64\)"):
+            staged(x, 10, bad, added_cond_kwargs=added)
     with pytest.raises(ValueError, match="UNet2DConditionModel"):
         MultiStageUNet2DConditionModel.from_unet(torch.nn.Linear(2, 2))

@@ -83,6 +83,20 @@ def test_saved_staged_pipeline_reloads_through_the_standard_classes(tiny_sd_comp
         np.testing.assert_array_equal(_images(loaded), images)
 
 
+def test_from_pipe_needs_the_staged_unet_passed_as_the_readme_says(tiny_sd_components):
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    pipe.unet = MultiStageUNet2DConditionModel.from_unet(pipe.unet, stage_boundaries=BOUNDARIES)
+    with pytest.raises(ValueError, match="expected"):  # diffusers drops a unet that is not a UNet2DConditionModel
+        diffusers.StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    image = torch.rand(1, 3, 16, 16, generator=torch.manual_seed(1))
+    for img2img in (
+        diffusers.StableDiffusionImg2ImgPipeline.from_pipe(pipe, unet=pipe.unet),
+        diffusers.AutoPipelineForImage2Image.from_pipe(pipe),
+    ):
+        assert img2img.unet is pipe.unet
+        assert _images(img2img, image=image, strength=0.7).shape == (1, 16, 16, 3)
+
+
 @pytest.fixture
 def two_experts(tiny_cond_unet):
     """``two_experts(sdxl)``: a low-noise and a wider high-noise expert (Wan 2.2 / SDXL base+refiner style)."""

@@ -28,6 +28,9 @@ from .base import Draw, TrainingTask
 
 METHODS = ("multistage", "experts")
 SOURCE_UNETS = ("UNet2DConditionModel", "MultiStageUNet2DConditionModel", "ExpertRoutingModel")
+# the shared parser's options for a model built from scratch, which the source pipeline gives here (unset by default)
+SOURCE_OPTIONS = ("vae_path", "vae_subfolder", "model_config", "block_out_channels", "layers_per_block",
+                  "down_block_types", "up_block_types", "attention_head_dim", "norm_num_groups", "dropout")  # fmt: skip
 
 
 def captioned_folder(folder: str, caption_column: str) -> tuple[list[str], list[str]]:
@@ -108,12 +111,34 @@ class TextToImageTask(TrainingTask):
                 f"`--prediction_type` {args.prediction_type} disagrees with the source's scheduler ({source_type}): "
                 "the prediction type is the model's, drop the argument or give the source's."
             )
+        self._refuse_what_the_source_gives(args)
         self.method = {"multistage": "multi-stage multi-decoder U-Net", "experts": "multi-expert denoisers"}[
             args.method
         ]
         self.text_encoder = self.tokenizer = self.token_ids = self._vae = None  # loaded with the networks
         self.captions: list[str] = []
         super().__init__(args)
+
+    def _refuse_what_the_source_gives(self, args: argparse.Namespace) -> None:
+        """The source pipeline gives the U-Net, the VAE and the noise schedule: the shared parser's options that
+        would choose them are refused rather than ignored (the script leaves them unset), the schedule's unless they
+        repeat the source's."""
+        for name in SOURCE_OPTIONS:
+            if getattr(args, name) is not None:
+                raise ValueError(
+                    f"`--{name}` {getattr(args, name)!r} is refused: fine-tuning keeps the U-Net, the VAE and the noise "
+                    f"schedule of `--pretrained_model_name_or_path` {self.source!r}. Drop `--{name}`."
+                )
+        schedule = {
+            "num_train_timesteps": self.scheduler_config.get("num_train_timesteps", 1000),
+            "ddpm_beta_schedule": self.scheduler_config.get("beta_schedule", "linear"),
+        }
+        for name, value in schedule.items():
+            if getattr(args, name) not in (None, value):
+                raise ValueError(
+                    f"`--{name}` {getattr(args, name)} disagrees with the scheduler of {self.source!r} ({value}): "
+                    f"fine-tuning keeps the source's noise schedule; drop `--{name}`."
+                )
 
     # what the loop reads before any weights load
     def training_vae(self, args):
