@@ -123,7 +123,7 @@ def test_integer_arguments_refuse_bools_and_floats(unconditional, name, value):
         ({"callback_on_step_end": lambda *a: {"latents": None}}, "returned 'latents' .*got None"),
         (
             {"callback_on_step_end": lambda *a: {}, "callback_on_step_end_tensor_inputs": "latents"},
-            "`callback_on_step_end_tensor_inputs` must be a list of names, got 'latents'",
+            "`callback_on_step_end_tensor_inputs` must be a list of names, got the string 'latents'",
         ),
         ({"generator": 3}, "`generator` must be a torch.Generator or a list of them, got 3"),  # was AttributeError
         ({"scheduler_step_kwargs": [1]}, r"`scheduler_step_kwargs` must be a dict of .*got \[1\]"),  # AttributeError
