@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..conventions import class_embedding_count, model_to_vae_latents, null_class_label, num_data_classes
 from ..hub import pop_push_kwargs, push_saved_folder
-from ..models.checks import compute_dtype
+from ..models.checks import compute_dtype, is_positive_integer
 from ..partition import TimestepPartition
 from ..routing import StageRouter
 from ..schedulers import model_call_timesteps
@@ -148,6 +148,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """``(timestep, stage)`` of every model call a run with ``num_inference_steps`` makes: which network runs
         which step (stage 0 is the clean end). It is the schedule the sampling loop follows, from a dry run of a fresh
         copy of the scheduler (no model is called)."""
+        check_positive_integer("num_inference_steps", num_inference_steps)
         return self._stage_schedule(self.resolve_partition(num_inference_steps), num_inference_steps)
 
     def _stage_schedule(self, partition: TimestepPartition, num_inference_steps: int) -> list[tuple[float, int]]:
@@ -283,8 +284,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             ("num_inference_steps", num_inference_steps),
             ("num_images_per_prompt", num_images_per_prompt),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            check_positive_integer(name, value)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -394,6 +394,12 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             return pipeline
         kwargs.pop("trust_remote_code", None)
         return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
+
+
+def check_positive_integer(name: str, value: Any) -> None:
+    """A `ValueError` naming ``name`` unless ``value`` is a positive integer (a bool or a float is not)."""
+    if not is_positive_integer(value):
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
 def spatial_multiple(config) -> int:

@@ -54,6 +54,11 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()  # no floating-point weights at all
 
 
+def is_positive_integer(value: object) -> bool:
+    """Whether ``value`` is a positive Python integer (a bool is not, nor a float such as 2.0)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def check_sample(sample: torch.Tensor, in_channels: int | None, multiple_of: int = 1, size: int | None = None) -> None:
     """Check a model's ``sample``: a floating-point ``(batch, in_channels, height, width)`` tensor, ``batch >= 1``,
     with height and width multiples of ``multiple_of`` (``2**downsamplings`` for a U-Net), or both ``size``. With
