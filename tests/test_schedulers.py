@@ -87,7 +87,9 @@ def test_extra_step_arguments_must_be_taken_by_the_step():
         scheduler_step_kwargs(DDIMScheduler(), extra={"s_churn": 0.5})
     with pytest.raises(ValueError, match="may not set 'generator'"):
         scheduler_step_kwargs(DDIMScheduler(), extra={"generator": None})
-    with pytest.raises(ValueError, match=r"`scheduler_step_kwargs` must be a dict of `DDIMScheduler.step` arguments, got \[1\]"):
+    with pytest.raises(
+        ValueError, match=r"`scheduler_step_kwargs` must be a dict of `DDIMScheduler.step` arguments, got \[1\]"
+    ):
         scheduler_step_kwargs(DDIMScheduler(), extra=[1])  # not an AttributeError on `.items()`
 
 

@@ -33,7 +33,7 @@ def check_positive_integers(optional: tuple[str, ...] = (), **values) -> None:
     for name, value in values.items():
         if value is None and name in optional:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_positive_integer(value):
             or_none = " or None" if name in optional else ""
             raise ValueError(f"`{name}` must be a positive integer{or_none}, got {value!r}.")
 
@@ -64,6 +64,11 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
         casting = registry.get_hook("layerwise_casting") if registry is not None else None
         return casting.compute_dtype if casting is not None else weight.dtype
     return torch.get_default_dtype()  # no floating-point weights at all
+
+
+def is_positive_integer(value: object) -> bool:
+    """Whether ``value`` is a positive Python integer (a bool is not, nor a float such as 2.0)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def check_sample(sample: torch.Tensor, in_channels: int | None, multiple_of: int = 1, size: int | None = None) -> None:

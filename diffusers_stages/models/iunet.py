@@ -28,7 +28,7 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from .checks import check_class_labels, check_sample, per_sample_timesteps
+from .checks import check_class_labels, check_sample, is_positive_integer, per_sample_timesteps
 from .loading import StrictLoadingMixin
 
 
@@ -144,10 +144,6 @@ class IUNetLevel(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.resample = resample
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _per_level(value, levels: int, name: str) -> list:
@@ -276,7 +272,7 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         if (
             not isinstance(block_out_channels, (list, tuple))
             or not block_out_channels
-            or not all(_positive_int(w) for w in block_out_channels)
+            or not all(is_positive_integer(w) for w in block_out_channels)
         ):
             raise ValueError(
                 f"`block_out_channels` must be positive integers, one per level, got {block_out_channels!r}."
@@ -285,21 +281,21 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         ratios = _per_level(attention_ratios, len(widths), "attention_ratios")
         pools = _per_level(attention_pool_sizes, len(widths), "attention_pool_sizes")
         for name, divisor in (("norm_num_groups", groups), ("attention_head_dim", head_dim)):
-            if not _positive_int(divisor):
+            if not is_positive_integer(divisor):
                 raise ValueError(f"`{name}` must be a positive integer, got {divisor!r}.")
             if any(w % divisor for w in widths):
                 raise ValueError(f"`block_out_channels` {widths} must be multiples of `{name}`={divisor}.")
         if any(isinstance(r, bool) or not (isinstance(r, (int, float)) and 0.0 <= r <= 1.0) for r in ratios):
             raise ValueError(f"`attention_ratios` must lie in [0, 1] (0: convolution only, 1: attention only), "
                              f"got {ratios}.")  # fmt: skip
-        if not all(_positive_int(p) for p in pools):
+        if not all(is_positive_integer(p) for p in pools):
             raise ValueError(f"`attention_pool_sizes` must be positive integers, got {pools}.")
-        if not _positive_int(layers_per_block):
+        if not is_positive_integer(layers_per_block):
             raise ValueError(f"`layers_per_block` must be a positive integer, got {layers_per_block!r}.")
         for name in ("in_channels", "out_channels"):
-            if name in other and not _positive_int(other[name]):
+            if name in other and not is_positive_integer(other[name]):
                 raise ValueError(f"`{name}` must be a positive integer, got {other[name]!r}.")
-        if other.get("num_class_embeds") is not None and not _positive_int(other["num_class_embeds"]):
+        if other.get("num_class_embeds") is not None and not is_positive_integer(other["num_class_embeds"]):
             raise ValueError(
                 f"`num_class_embeds` must be a positive integer or None, got {other['num_class_embeds']!r}."
             )

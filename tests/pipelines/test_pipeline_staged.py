@@ -69,6 +69,13 @@ def test_a_generator_of_another_type_is_refused(unconditional, generator):
         unconditional(batch_size=2, generator=generator, **RUN)
 
 
+@pytest.mark.parametrize("steps", [0, "4", 4.0, True])
+def test_expert_schedule_refuses_a_step_count_that_is_not_a_positive_integer(unconditional, steps):
+    # as the sampling call does, not a ZeroDivisionError or a TypeError inside the scheduler's dry run
+    with pytest.raises(ValueError, match=f"`num_inference_steps` must be a positive integer, got {steps!r}"):
+        unconditional.expert_schedule(steps)
+
+
 def test_callback_tensor_inputs_given_as_one_string_are_named(unconditional):
     with pytest.raises(ValueError, match=r"must be a list of names, got the string 'latents': pass \['latents'\]"):
         unconditional(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs="latents", **RUN)
