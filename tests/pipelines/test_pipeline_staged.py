@@ -69,18 +69,6 @@ def test_a_generator_of_another_type_is_refused(unconditional, generator):
         unconditional(batch_size=2, generator=generator, **RUN)
 
 
-@pytest.mark.parametrize("steps", [0, "4", 4.0, True])
-def test_expert_schedule_refuses_a_step_count_that_is_not_a_positive_integer(unconditional, steps):
-    # as the sampling call does, not a ZeroDivisionError or a TypeError inside the scheduler's dry run
-    with pytest.raises(ValueError, match=f"`num_inference_steps` must be a positive integer, got {steps!r}"):
-        unconditional.expert_schedule(steps)
-
-
-def test_callback_tensor_inputs_given_as_one_string_are_named(unconditional):
-    with pytest.raises(ValueError, match=r"must be a list of names, got the string 'latents': pass \['latents'\]"):
-        unconditional(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs="latents", **RUN)
-
-
 def test_one_generator_per_image_samples_each_image_from_its_own_seed(unconditional):
     pair = unconditional(batch_size=2, generator=[torch.Generator().manual_seed(s) for s in (5, 6)], **RUN).images
     alone = unconditional(batch_size=1, generator=[torch.Generator().manual_seed(6)], **RUN).images
@@ -130,9 +118,8 @@ def test_integer_arguments_refuse_bools_and_floats(unconditional, name, value):
         ({"callback_on_step_end": lambda *a: {"latents": None}}, "returned 'latents' .*got None"),
         (
             {"callback_on_step_end": lambda *a: {}, "callback_on_step_end_tensor_inputs": "latents"},
-            "`callback_on_step_end_tensor_inputs` must be a list of names, got the string 'latents'",
+            r"`callback_on_step_end_tensor_inputs` must be a list of names, got the string 'latents': pass \['latents'\]",
         ),
-        ({"generator": 3}, "`generator` must be a torch.Generator or a list of them, got 3"),  # was AttributeError
         ({"scheduler_step_kwargs": [1]}, r"`scheduler_step_kwargs` must be a dict of .*got \[1\]"),  # AttributeError
     ],
 )
@@ -141,8 +128,8 @@ def test_bad_callbacks_generators_and_step_kwargs_name_the_argument(unconditiona
         unconditional(batch_size=2, **RUN, **kwargs)
 
 
-@pytest.mark.parametrize("steps", [0, 1.5, True])
+@pytest.mark.parametrize("steps", [0, 1.5, "4", 4.0, True])
 def test_expert_schedule_checks_its_step_count(unconditional, steps):
-    # 0 was a ZeroDivisionError inside the scheduler, 1.5 a silent schedule
-    with pytest.raises(ValueError, match=f"`num_inference_steps` must be a positive integer, got {steps}"):
+    # 0 was a ZeroDivisionError inside the scheduler, "4" a TypeError, 1.5 a silent schedule
+    with pytest.raises(ValueError, match=f"`num_inference_steps` must be a positive integer, got {steps!r}"):
         unconditional.expert_schedule(steps)
