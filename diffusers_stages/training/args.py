@@ -268,8 +268,9 @@ def check_args(
     for name in ("resolution", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",
                  "save_images_steps", "num_sample_images", "num_inference_steps", "num_train_timesteps",
                  "layers_per_block", "attention_head_dim", "norm_num_groups"):  # fmt: skip
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name}` must be a positive integer, got {getattr(args, name)}.")
+        value = getattr(args, name)  # None: left to the source model (train_text_to_image.py's shape options)
+        if value is not None and value < 1:
+            raise ValueError(f"`--{name}` must be a positive integer, got {value}.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise ValueError(f"`--max_train_steps` must be a positive integer, got {args.max_train_steps}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -325,7 +326,7 @@ def check_optimisation_numbers(args: argparse.Namespace) -> None:
     }
     for name, (low, high, closed) in ranges.items():
         value = getattr(args, name)
-        if not (low <= value <= high if closed else low <= value < high):
+        if value is not None and not (low <= value <= high if closed else low <= value < high):  # None: unset
             raise ValueError(f"`--{name}` must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value}.")
     if args.lr_warmup_steps < 0:
         raise ValueError(f"`--lr_warmup_steps` must be a non-negative integer, got {args.lr_warmup_steps}.")
