@@ -28,7 +28,13 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from .checks import check_class_labels, check_sample, is_positive_integer, per_sample_timesteps
+from .checks import (
+    check_class_labels,
+    check_positive_integers,
+    check_sample,
+    is_positive_integer,
+    per_sample_timesteps,
+)
 from .loading import StrictLoadingMixin
 
 
@@ -290,15 +296,9 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
                              f"got {ratios}.")  # fmt: skip
         if not all(is_positive_integer(p) for p in pools):
             raise ValueError(f"`attention_pool_sizes` must be positive integers, got {pools}.")
-        if not is_positive_integer(layers_per_block):
-            raise ValueError(f"`layers_per_block` must be a positive integer, got {layers_per_block!r}.")
-        for name in ("in_channels", "out_channels"):
-            if name in other and not is_positive_integer(other[name]):
-                raise ValueError(f"`{name}` must be a positive integer, got {other[name]!r}.")
-        if other.get("num_class_embeds") is not None and not is_positive_integer(other["num_class_embeds"]):
-            raise ValueError(
-                f"`num_class_embeds` must be a positive integer or None, got {other['num_class_embeds']!r}."
-            )
+        check_positive_integers(layers_per_block=layers_per_block)
+        given = {name: other[name] for name in ("in_channels", "out_channels", "num_class_embeds") if name in other}
+        check_positive_integers(("num_class_embeds",), **given)
         return ratios, pools
 
     def forward(

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .checks import check_positive_integers
 from .iunet import InceptionMixer, IUNet2DModel
 
 
@@ -87,8 +88,7 @@ def meme_expert_configs(
 
     ```
     """
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"`num_experts` must be a positive integer, got {num_experts!r}.")
+    check_positive_integers(num_experts=num_experts)
     widths = _per_expert(block_out_channels, num_experts, "block_out_channels")
     levels = len(widths[0])
     if any(len(w) != levels for w in widths):

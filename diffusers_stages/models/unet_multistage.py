@@ -23,7 +23,7 @@ from torch import nn
 
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..partition import TimestepPartition
-from .checks import check_positive_integers, compute_dtype, per_sample_timesteps
+from .checks import check_positive_integers, compute_dtype, is_positive_integer, per_sample_timesteps
 from .decoders import (
     CONCATENATING_UP_BLOCKS,
     SkipAdapters,
@@ -234,7 +234,7 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         check_positive_integers(optional, **{name: getattr(c, name) for name in names})
         size = c.sample_size
         sides = size if isinstance(size, (list, tuple)) and len(size) == 2 else [size]  # (height, width) or one
-        if size is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+        if size is not None and not all(is_positive_integer(v) for v in sides):
             raise ValueError(f"`sample_size` must be a positive integer, (height, width) or None, got {size!r}.")
         kinds = {
             "downsample_type": ("conv", "resnet"),

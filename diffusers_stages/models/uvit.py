@@ -16,7 +16,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from .checks import check_class_labels, check_sample, per_sample_timesteps
+from .checks import check_class_labels, check_positive_integers, check_sample, per_sample_timesteps
 from .loading import StrictLoadingMixin
 
 
@@ -57,10 +57,8 @@ def check_uvit_config(
     out_channels: int | None = None,
 ) -> None:
     """Check a U-ViT configuration before building anything (a `ValueError` naming the argument)."""
-    for name, value in (("sample_size", sample_size), ("in_channels", in_channels), ("patch_size", patch_size),
-                        ("hidden_size", hidden_size), ("num_attention_heads", num_attention_heads)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    check_positive_integers(sample_size=sample_size, in_channels=in_channels, patch_size=patch_size,
+                            hidden_size=hidden_size, num_attention_heads=num_attention_heads)  # fmt: skip
     if sample_size % patch_size:
         raise ValueError(f"`sample_size`={sample_size} must be a multiple of `patch_size`={patch_size}.")
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1 or num_layers % 2 == 0:
@@ -71,9 +69,8 @@ def check_uvit_config(
         )
     if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
         raise ValueError(f"`mlp_ratio` must be a positive number, got {mlp_ratio!r}.")
-    for name, value in (("num_class_embeds", num_class_embeds), ("out_channels", out_channels)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+    optional = ("num_class_embeds", "out_channels")
+    check_positive_integers(optional, num_class_embeds=num_class_embeds, out_channels=out_channels)
 
 
 class UViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
