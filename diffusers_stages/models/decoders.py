@@ -247,15 +247,17 @@ class StageDecoder(SkipAdapters):
         return sample
 
 
-def _fusable_state(module: nn.Module, prefix: str, key: list, names: list[str], tensors: list[torch.Tensor]) -> bool:
+def _fusable_state(
+    module: nn.Module, prefix: str, key: list, names: list[str] | None, tensors: list[torch.Tensor]
+) -> bool:
     """Walk ``module`` once: append its structure to ``key`` (module types and names, attention processor types,
     train mode, gradient checkpointing, FreeU's factors, each parameter's and buffer's name, shape, dtype, device
     and ``requires_grad``; settings that are not parameters, such as a norm's eps, are taken to be equal, as
-    decoders built from one config have them) and its tensors to ``names``/``tensors``; `False` where a module runs
-    code a fused pass would not run once per stage (hooks, an overridden ``forward`` such as accelerate's or
-    diffusers' hooks install, a compiled module), and where gradient checkpointing would recompute it outside the
-    fused pass (which does not checkpoint). Reads the module's ``__dict__`` directly: this runs on every fused
-    forward."""
+    decoders built from one config have them), its tensors to ``tensors`` and their names to ``names`` (unless
+    `None`); `False` where a module runs code a fused pass would not run once per stage (hooks, an overridden
+    ``forward`` such as accelerate's or diffusers' hooks install, a compiled module), and where gradient
+    checkpointing would recompute it outside the fused pass (which does not checkpoint). Reads the module's
+    ``__dict__`` directly: this runs on every fused forward."""
     state = module.__dict__
     checkpointing = state.get("gradient_checkpointing")
     if (
@@ -270,17 +272,19 @@ def _fusable_state(module: nn.Module, prefix: str, key: list, names: list[str], 
         return False
     # FreeU's factors are plain attributes of an up block, set per block (`enable_freeu`): part of the structure
     freeu = (state.get("s1"), state.get("s2"), state.get("b1"), state.get("b2"))
-    key.append((type(module), type(state.get("processor")), module.training, checkpointing, freeu))
+    key.append((type(module), type(state.get("processor")), state["training"], checkpointing, freeu))
     for group in (state["_parameters"], state["_buffers"]):
-        for name, tensor in group.items():
+        for name, tensor in group.items() if group else ():
             if tensor is not None:
-                key.append((name, tensor.shape, tensor.dtype, tensor.get_device(), tensor.requires_grad))
-                names.append(prefix + name)
+                key.append((name, tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad))
+                if names is not None:
+                    names.append(prefix + name)
                 tensors.append(tensor)
     for name, child in state["_modules"].items():
         if child is not None:
             key.append(name)
-            if not _fusable_state(child, f"{prefix}{name}.", key, names, tensors):
+            child_prefix = f"{prefix}{name}." if names is not None else prefix
+            if not _fusable_state(child, child_prefix, key, names, tensors):
                 return False
     return True
 
@@ -333,7 +337,7 @@ def fused_decoders(
     keys, names, tensors = [], [], []
     for decoder in decoders:
         key, tensors_of_decoder = [], []
-        if not _fusable_state(decoder, "", key, names if not keys else [], tensors_of_decoder):
+        if not _fusable_state(decoder, "", key, None if keys else names, tensors_of_decoder):
             return None
         keys.append(key)
         tensors.append(tensors_of_decoder)
