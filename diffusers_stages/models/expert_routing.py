@@ -66,19 +66,24 @@ def class_entry(model: nn.Module) -> list[str]:
 
 
 def import_class(entry: Sequence[str]) -> type:
-    """The `ModelMixin` class named by a ``[module, class]`` entry; only diffusers, this package, or a module the
-    caller has already imported (so nothing is imported from a config file that the user has not chosen to run)."""
+    """The `ModelMixin` class named by a ``[module, class]`` entry: a class diffusers or this package exports, or one
+    of a module the caller has already imported. No module a config names is imported (one such as
+    ``diffusers_stages.demo.__main__`` would run on import), so nothing runs that the user has not chosen to run."""
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
         raise ValueError(f"Expert class entry must be [module, class], got {entry!r}.")
     module_name, class_name = entry
     check_name(module_name, "expert module", dotted=True)
     check_name(class_name, "expert class")
-    if module_name.split(".")[0] not in TRUSTED_LIBRARIES and module_name not in sys.modules:
-        raise ValueError(
-            f"Expert class {class_name} lives in module {module_name!r}, which is neither diffusers nor "
-            f"diffusers_stages: `import {module_name}` before loading, so that its class can be found."
-        )
-    cls = getattr(importlib.import_module(module_name), class_name, None)
+    library = module_name.split(".")[0]
+    cls = getattr(importlib.import_module(library), class_name, None) if library in TRUSTED_LIBRARIES else None
+    if not (isinstance(cls, type) and module_name in (library, cls.__module__)):  # not the library's export
+        if module_name not in sys.modules:
+            raise ValueError(
+                f"Expert class {class_name} lives in module {module_name!r}, which is not loaded and is not the "
+                f"module of a class diffusers or diffusers_stages exports: `import {module_name}` before loading "
+                "(only if you trust it), so that its class can be found."
+            )
+        cls = getattr(sys.modules[module_name], class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
         raise ValueError(f"Expert class entry {list(entry)} does not name a diffusers ModelMixin class.")  # noqa: TRY004
     return cls
