@@ -50,6 +50,8 @@ CONDITIONING_KEYS = (
 # config keys diffusers' pipelines read from `pipe.unet` (StableDiffusionPipeline, StableDiffusionXLPipeline)
 PIPELINE_KEYS = ("in_channels", "out_channels", "sample_size", "time_cond_proj_dim", "addition_time_embed_dim")
 TRUSTED_LIBRARIES = ("diffusers", "diffusers_stages")
+# what a saved container's `config.json` must hold besides its `_class_name`
+CONTAINER_CONFIG = ("expert_classes", "stage_boundaries", "boundary_units", "num_train_timesteps", "prediction_type")
 
 
 def expert_folder(index: int) -> str:
@@ -406,6 +408,12 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         config = cls.load_config(folder)
         if config.get("_class_name") != cls.__name__ or "expert_classes" not in config:
             raise ValueError(f"{folder} does not hold a saved {cls.__name__} (see its `config.json`).")
+        missing = [key for key in CONTAINER_CONFIG if key not in config]
+        if missing or not isinstance(config["expert_classes"], list):
+            raise ValueError(
+                f"`config.json` of {folder} must hold {list(CONTAINER_CONFIG)}, with `expert_classes` a list of "
+                f"[module, class] entries: it lacks {missing}, `expert_classes` is {config['expert_classes']!r}."
+            )
         entries = config["expert_classes"]
         wanted = range(len(entries)) if load_experts is None else list(load_experts)
         if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(entries) for i in wanted):
@@ -427,11 +435,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             experts[i], infos[i] = expert, info
         model = cls(
             experts,
-            stage_boundaries=config["stage_boundaries"],
-            boundary_units=config["boundary_units"],
-            num_train_timesteps=config["num_train_timesteps"],
-            prediction_type=config["prediction_type"],
             expert_classes=entries,
+            **{key: config[key] for key in CONTAINER_CONFIG[1:]},
         )
         model.eval()
         return (model, infos) if wants_info else model

@@ -279,3 +279,22 @@ def test_a_config_never_imports_a_module_of_a_trusted_library_that_runs_on_impor
         ExpertRoutingModel.from_pretrained(tmp_path / "saved")
     assert not marker.exists() and "diffusers_stages.demo.__main__" not in sys.modules
 
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"expert_classes": {"0": ["diffusers", "UNet2DModel"]}},
+        {"expert_classes": 3},
+        {"stage_boundaries": None},
+        {"boundary_units": None, "prediction_type": None},
+    ],
+    ids=["expert-classes-dict", "expert-classes-number", "no-boundaries", "no-units"],
+)
+def test_a_container_config_of_the_wrong_shape_is_named(three_experts, tmp_path, edit):
+    three_experts.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(edit)
+    config = {k: v for k, v in config.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json"):
+        ExpertRoutingModel.from_pretrained(tmp_path)
