@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from safetensors.torch import load_file
 
-from diffusers_stages.models.loading import StrictLoadingMixin
+from diffusers_stages.models.loading import StrictLoadingMixin, read_json  # noqa: F401 (the scripts' import)
 
 try:
     import fcntl
@@ -235,20 +235,6 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
             "environment where you trust it."
         )
     return load_file(path)
-
-
-def read_json(path: str, argument: str) -> dict:
-    """The JSON object in file ``path`` (given as command-line ``argument``), or a `ValueError` that says why not."""
-    if not os.path.isfile(path):
-        raise ValueError(f"`{argument}` must be an existing JSON file, got {path!r}.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"`{argument}` {path} is not JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"`{argument}` {path} must hold a JSON object.")
-    return config
 
 
 def stage_interval_boundaries(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -106,6 +107,21 @@ def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
         return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+def read_json(path: str, argument: str) -> dict:
+    """The JSON object in file ``path`` (given as ``argument``: a command-line option, or the file's role such as
+    ``model_index.json``), or a `ValueError` that says why not."""
+    if not os.path.isfile(path):
+        raise ValueError(f"`{argument}` must be an existing JSON file, got {path!r}.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`{argument}` {path} is not JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"`{argument}` {path} must hold a JSON object.")
+    return config
 
 
 def check_name(value: object, what: str, dotted: bool = False) -> str:

@@ -303,3 +303,22 @@ def test_variants_and_per_component_dtypes_load_for_every_pipeline(saved, tmp_pa
     assert models and all(m.dtype == torch.bfloat16 for m in models)
     with pytest.raises(ValueError, match="unexpected keyword"):
         pipeline_class.from_pretrained(folder, no_such_option=1)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json", '"a string"'], ids=["list", "not-json", "string"])
+def test_a_model_index_that_is_not_a_json_object_is_named(tiny_multistage, tmp_path, text):
+    folder = tmp_path / "saved"
+    _multistage(tiny_multistage).save_pretrained(folder)
+    (folder / "model_index.json").write_text(text)
+    with pytest.raises(ValueError, match="model_index.json"):
+        MultiStagePipeline.from_pretrained(folder)
+
+
+def test_a_required_component_saved_as_null_is_refused_not_left_out(saved):
+    folder, pipeline_class, _ = saved
+    index = _index(folder)
+    required = [k for k, v in index.items() if k[0] != "_" and isinstance(v, list) and v[0] and k != "scheduler"]
+    index[required[0]] = [None, None]
+    _write_index(folder, index)
+    with pytest.raises(ValueError, match=f"{required[0]!r}.*null"):
+        pipeline_class.from_pretrained(folder)
