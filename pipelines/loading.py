@@ -22,6 +22,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.loading import (
     DOWNLOAD_KWARGS,
+    check_folder_files,
     check_name,
     component_folder,
     download_weights,
@@ -181,6 +182,7 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         raise ValueError(f"{pretrained_model_name_or_path} has no `model_index.json`: it is not a saved pipeline.")
+    check_folder_files(folder)
     index = read_json(index_path, "model_index.json")
     pipeline_class = resolve_pipeline_class(cls, index.get("_class_name"))
 

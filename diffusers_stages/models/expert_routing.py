@@ -28,6 +28,7 @@ from ..hub import pop_push_kwargs, push_saved_folder
 from ..partition import TimestepPartition
 from .loading import (
     DOWNLOAD_KWARGS,
+    check_folder_files,
     check_name,
     component_folder,
     download_weights,
@@ -405,6 +406,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
         if not os.path.isdir(folder):
             folder = _download(str(pretrained_model_name_or_path), subfolder, load_experts, download)
+        check_folder_files(folder)
         config = cls.load_config(folder)
         if config.get("_class_name") != cls.__name__ or "expert_classes" not in config:
             raise ValueError(f"{folder} does not hold a saved {cls.__name__} (see its `config.json`).")

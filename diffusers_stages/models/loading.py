@@ -28,6 +28,9 @@ class StrictLoadingMixin(SaveThenPushMixin):
         wants_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("ignore_mismatched_sizes"):
             raise ValueError("`ignore_mismatched_sizes=True` is not supported: it would leave random weights behind.")
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if os.path.isdir(folder):
+            check_folder_files(folder)
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
         except (RuntimeError, ValueError) as error:
@@ -136,14 +139,50 @@ def check_name(value: object, what: str, dotted: bool = False) -> str:
     return value
 
 
+def check_folder_files(folder: str | os.PathLike) -> None:
+    """Refuse a saved model folder whose files lead out of it or that `from_pretrained` would misread: a `ValueError`
+    naming the file for a symbolic link to a file outside the folder (a Hub cache snapshot's links to its own blobs
+    are fine; sub-folders are checked by `component_folder`), a `config.json` that is not a JSON object, or a weight
+    index (``*.index.json``) whose ``weight_map`` is not an object of plain file names in the folder."""
+    roots = _allowed_roots(folder)
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        target = os.path.realpath(entry.path)
+        inside = any(target.startswith(os.path.join(root, "")) for root in roots)
+        if entry.is_symlink() and not entry.is_dir() and not inside:
+            raise ValueError(f"{entry.name!r} in {folder} links to {target!r}, outside the folder: refused.")
+        if entry.name == "config.json" and entry.is_file():
+            read_json(entry.path, "config.json")
+        elif entry.name.endswith(".index.json") and entry.is_file():
+            weight_map = read_json(entry.path, entry.name).get("weight_map")
+            names = weight_map.values() if isinstance(weight_map, dict) else [weight_map]
+            if not all(isinstance(n, str) and n not in ("", ".", "..") and os.path.basename(n) == n for n in names):
+                raise ValueError(
+                    f"The `weight_map` of {entry.name} in {folder} must map each weight to a file name in the folder, "
+                    f"got {weight_map!r}."
+                )
+
+
+def _allowed_roots(folder: str | os.PathLike) -> list[str]:
+    """Where the files of ``folder`` may lead: the folder itself and, for a folder inside a Hub cache snapshot
+    (``.../snapshots/<revision>/...``), the repository's ``blobs`` folder that huggingface_hub links to."""
+    real = os.path.realpath(folder)
+    roots, parts = [real], real.split(os.sep)
+    if "snapshots" in parts[1:-1]:
+        last = len(parts) - 1 - parts[::-1].index("snapshots")
+        if parts[last - 1].startswith(("models--", "datasets--", "spaces--")):
+            roots.append(os.sep.join([*parts[:last], "blobs"]))
+    return roots
+
+
 def component_folder(root: str | os.PathLike, name: str) -> str:
     """The sub-folder ``name`` of a saved folder, refused unless it is a real directory inside ``root`` (a symbolic
-    link that leads elsewhere is refused too)."""
+    link that leads elsewhere is refused too) whose files pass `check_folder_files`."""
     check_name(name, "component folder name")
     path = os.path.join(root, name)
     inside = os.path.realpath(path).startswith(os.path.join(os.path.realpath(root), ""))
     if not os.path.isdir(path) or not inside:
         raise ValueError(f"Component folder {name!r} must be a directory inside {root}, got {path!r}.")
+    check_folder_files(path)
     return path
 
 

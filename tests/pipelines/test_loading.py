@@ -322,3 +322,16 @@ def test_a_required_component_saved_as_null_is_refused_not_left_out(saved):
     _write_index(folder, index)
     with pytest.raises(ValueError, match=f"{required[0]!r}.*null"):
         pipeline_class.from_pretrained(folder)
+
+
+def test_weight_files_that_link_out_of_the_folder_are_refused_in_every_component(saved, tmp_path):
+    folder, pipeline_class, _ = saved
+    for path in sorted(folder.rglob("*.safetensors")) + [folder / "model_index.json"]:
+        moved = tmp_path / "elsewhere" / path.relative_to(folder)
+        moved.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, moved)
+        os.symlink(moved, path)  # any file of the user's, read as this component's weights
+        with pytest.raises(ValueError, match=f"{path.name}.*outside"):
+            pipeline_class.from_pretrained(folder)
+        os.remove(path)
+        os.rename(moved, path)
