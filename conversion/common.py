@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import re
@@ -23,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from safetensors.torch import load_file
 
-from diffusers_stages.models.loading import StrictLoadingMixin, read_json  # noqa: F401 (the scripts' import)
+from diffusers_stages.models.loading import StrictLoadingMixin, read_json
 
 try:
     import fcntl
@@ -209,8 +208,7 @@ def load_strict(model_class: type, path: str, subfolder: str | None = None):
     where = os.path.join(path, subfolder or "")
     config_path = os.path.join(where, "config.json")
     if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            saved_class = json.load(f).get("_class_name")
+        saved_class = read_json(config_path, "config.json").get("_class_name")
         if saved_class not in (None, model_class.__name__):
             raise ValueError(f"{where} holds a {saved_class}, not the {model_class.__name__} expected here.")
     strict_class = model_class

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import sys
 
@@ -27,6 +26,7 @@ from diffusers_stages.conversion.common import (
     load_strict,
     max_difference,
     probe_timesteps,
+    read_json,
     report_verification,
     run,
     source_folder,
@@ -137,8 +137,7 @@ def load_multistage(path: str) -> MultiStageUNet2DModel | MultiStageUNet2DCondit
     subfolder = "unet" if os.path.isfile(os.path.join(path, "model_index.json")) else None
     config_path = os.path.join(path, subfolder or "", "config.json")
     if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            class_name = json.load(f).get("_class_name")
+        class_name = read_json(config_path, "config.json").get("_class_name")
         if class_name == "MultiStageDDPMppUNet2DModel":
             raise ValueError(
                 f"{path} holds a MultiStageDDPMppUNet2DModel (EDM's DDPM++), whose stages have no UNet2DModel "

@@ -5,10 +5,12 @@ import subprocess
 import sys
 
 import pytest
+from diffusers import UNet2DModel
 
 from diffusers_stages import MultiStagePipeline
 from diffusers_stages.conversion import common, multistage_to_unet, unet_to_multistage
-from diffusers_stages.conversion.common import check_keys, load_state_dict, recover_output, staged_output
+from diffusers_stages.conversion.common import check_keys, load_state_dict, load_strict, recover_output, staged_output
+from tests.conftest import TINY_UNET
 
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "instrumented_convert.py")
 
@@ -114,3 +116,11 @@ def test_only_safetensors_checkpoints_are_read(tmp_path):
     path.write_bytes(b"pickle")
     with pytest.raises(ValueError, match="must be an existing .safetensors file"):
         load_state_dict(str(path))
+
+
+@pytest.mark.parametrize("text", ["[1]", "{not json"], ids=["list", "not-json"])
+def test_load_strict_names_a_config_that_is_not_a_json_object(tmp_path, text):
+    UNet2DModel(**TINY_UNET).save_pretrained(tmp_path / "unet")
+    (tmp_path / "unet" / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="config.json"):
+        load_strict(UNet2DModel, str(tmp_path / "unet"))
