@@ -49,9 +49,40 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+INPUT_OPTIONS = ("source", "sources", "checkpoint", "original_config", "vae", "original_repo")  # what scripts read
+
+
+def input_paths(args: argparse.Namespace) -> dict[str, str]:
+    """The local files and folders a script reads, by option (``{"--source": path, ...}``; ``--sources`` numbered)."""
+    found = {}
+    for option in INPUT_OPTIONS:
+        values = getattr(args, option, None)
+        values = values if isinstance(values, (list, tuple)) else [values]
+        for i, value in enumerate(values):
+            if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
+                found[f"--{option}" + (f" #{i + 1}" if len(values) > 1 else "")] = os.fspath(value)
+    return found
+
+
+def check_output_path(output_path: str | os.PathLike, inputs: dict[str, str]) -> None:
+    """Refuse an ``output_path`` that is one of the ``inputs`` (see `input_paths`), inside one, or holds one: writing
+    (or, with ``--overwrite``, replacing) it would destroy what the conversion reads."""
+    output = os.path.realpath(output_path)
+    for option, path in inputs.items():
+        source = os.path.realpath(path)
+        if output == source or os.path.commonpath([output, source]) in (output, source):
+            raise ValueError(
+                f"`--output_path` {output_path} is, holds or lies inside `{option}` {path}: choose a folder apart "
+                "from the conversion's inputs (--overwrite would delete them)."
+            )
+
+
 @contextlib.contextmanager
-def staged_output(output_path: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
+def staged_output(
+    output_path: str | os.PathLike, overwrite: bool = False, inputs: dict[str, str] | None = None
+) -> Iterator[str]:
     """Yield a temporary folder next to ``output_path``; move it to ``output_path`` only if the block succeeds.
+    ``inputs`` (`input_paths` of the script's arguments) must lie apart from ``output_path``.
 
     Example:
 
@@ -71,6 +102,7 @@ def staged_output(output_path: str | os.PathLike, overwrite: bool = False) -> It
     ```
     """
     output_path = os.path.abspath(os.fspath(output_path))
+    check_output_path(output_path, inputs or {})
     recover_output(output_path)
     if os.path.exists(output_path) and not overwrite:
         raise ValueError(f"`--output_path` {output_path} already exists: choose another folder or pass --overwrite.")

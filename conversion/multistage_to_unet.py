@@ -23,6 +23,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from diffusers_stages.conversion.common import (
     build_parser,
+    input_paths,
     load_strict,
     max_difference,
     probe_timesteps,
@@ -181,7 +182,7 @@ def verify(model, unet, stage: int, tolerance: float) -> None:
 
 @torch.no_grad()
 def main(args: argparse.Namespace) -> UNet2DModel | UNet2DConditionModel:
-    with staged_output(args.output_path, args.overwrite) as tmp:
+    with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         model = load_multistage(args.source)
         multistage_stage_to_unet(model, args.stage).save_pretrained(tmp, safe_serialization=True)
         unet = load_strict(EXPORTS[type(model)], tmp)  # what was written, reloaded strictly

@@ -23,6 +23,7 @@ from diffusers import DDPMScheduler, ModelMixin, SchedulerMixin, UNet2DCondition
 import diffusers_stages
 from diffusers_stages.conversion.common import (
     build_parser,
+    input_paths,
     load_strict,
     max_difference,
     probe_timesteps,
@@ -263,7 +264,7 @@ def verify_text_to_image(source, converted, steps: int, tolerance: float) -> Non
 def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
     """Convert a Stable Diffusion / SDXL folder: same pipeline class and components, a staged ``unet``."""
     refuse_staged_source(args.source, read_class_name(os.path.join(args.source, "unet", "config.json")))
-    with staged_output(args.output_path, args.overwrite) as tmp:
+    with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unet = load_strict(UNet2DConditionModel, args.source, subfolder="unet")
         source = pipeline_class.from_pretrained(args.source, unet=unet, use_safetensors=True)
         boundaries, units = choose_boundaries(args, source.scheduler)
@@ -289,7 +290,7 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
     pipeline_class = text_to_image_class(args.source) if os.path.isdir(args.source) else None
     if pipeline_class is not None:
         return main_text_to_image(args, pipeline_class)
-    with staged_output(args.output_path, args.overwrite) as tmp:
+    with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unet, scheduler, vae, pipeline_class = load_source(args.source)
         boundaries, units = choose_boundaries(args, scheduler)
         convert(unet, scheduler, vae, boundaries, units).save_pretrained(tmp)

@@ -1,5 +1,6 @@
 """All-or-nothing output folders (also across a kill) and strict key checks shared by the conversion scripts."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -124,3 +125,25 @@ def test_load_strict_names_a_config_that_is_not_a_json_object(tmp_path, text):
     (tmp_path / "unet" / "config.json").write_text(text)
     with pytest.raises(ValueError, match="config.json"):
         load_strict(UNet2DModel, str(tmp_path / "unet"))
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_an_output_that_is_or_holds_an_input_is_refused_even_with_overwrite(tmp_path, where):
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "weights.safetensors").write_bytes(b"original")
+    out = {"same": source, "inside": source / "out", "around": tmp_path}[where]
+    args = argparse.Namespace(output_path=str(out), overwrite=True, checkpoint=str(source / "weights.safetensors"))
+    args.source = str(source)
+    with pytest.raises(ValueError, match=r"`--output_path` .* `--source`"):
+        with staged_output(args.output_path, args.overwrite, common.input_paths(args)):
+            pass
+    assert (source / "weights.safetensors").read_bytes() == b"original"
+
+
+def test_a_conversion_into_its_own_source_is_refused(ddpm_folder):
+    before = sorted(os.listdir(ddpm_folder))
+    args = ["--source", ddpm_folder, "--output_path", ddpm_folder, "--stage_boundaries", "500", "--overwrite"]
+    with pytest.raises(ValueError, match="`--output_path`.*`--source`"):
+        unet_to_multistage.main(unet_to_multistage.parse_args(args))
+    assert sorted(os.listdir(ddpm_folder)) == before and "unet" in before
