@@ -225,11 +225,21 @@ def check_shapes(expected: dict[str, torch.Size], state_dict: dict[str, torch.Te
         raise ValueError(f"{source} has {len(wrong)} tensors of the wrong shape (first: {wrong[:5]}).")
 
 
+def check_dtypes(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a `ValueError` naming the tensors of ``state_dict`` that are not real floating point where ``model``'s
+    are (`load_state_dict` would silently cast an integer, boolean or complex checkpoint into the weights)."""
+    floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    wrong = [f"{k}: {v.dtype}" for k, v in state_dict.items() if k in floating and not v.is_floating_point()]
+    if wrong:
+        raise ValueError(f"{source} has {len(wrong)} weights that are not floating point (first: {wrong[:5]}).")
+
+
 def load_converted(model: torch.nn.Module, converted: dict[str, torch.Tensor], source: str) -> None:
     """Load renamed weights into ``model`` after checking that they are exactly its keys and shapes."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_keys(expected, converted, source)
     check_shapes(expected, converted, source)
+    check_dtypes(model, converted, source)
     model.load_state_dict(converted, strict=True)
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from diffusers import UNet2DModel
 
 from diffusers_stages import MultiStagePipeline
@@ -147,3 +148,13 @@ def test_a_conversion_into_its_own_source_is_refused(ddpm_folder):
     with pytest.raises(ValueError, match="`--output_path`.*`--source`"):
         unet_to_multistage.main(unet_to_multistage.parse_args(args))
     assert sorted(os.listdir(ddpm_folder)) == before and "unet" in before
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_load_converted_refuses_weights_that_are_not_real_floats(dtype):
+    model = torch.nn.Linear(2, 2)
+    converted = {"weight": torch.ones(2, 2).to(dtype), "bias": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"weight.*torch\.(int64|bool|complex64)"):
+        common.load_converted(model, converted, "source.safetensors")
+    common.load_converted(model, {"weight": torch.ones(2, 2, dtype=torch.float16), "bias": torch.zeros(2)}, "fp16")
+    assert model.weight.dtype == torch.float32 and torch.equal(model.weight, torch.ones(2, 2))
