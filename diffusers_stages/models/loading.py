@@ -41,6 +41,8 @@ class StrictLoadingMixin(SaveThenPushMixin):
                 ) from error
             raise
         refuse_mismatched_keys(info, pretrained_model_name_or_path, cls.__name__)
+        if os.path.isdir(folder):
+            refuse_non_float_weights(model, folder)
         realign_storage(model)
         return (model, info) if wants_info else model
 
@@ -54,6 +56,24 @@ def refuse_mismatched_keys(info: dict, path: str | os.PathLike | None, class_nam
             f"The checkpoint at {path} does not match its config for {class_name} (first keys shown): {problems}. "
             "Was `config.json` edited, or the weights saved from another configuration?"
         )
+
+
+def refuse_non_float_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """A `ValueError` naming the tensors of ``folder``'s safetensors files that are stored as integers, booleans or
+    complex numbers where ``model`` has floating-point weights (diffusers casts them silently: a corrupted checkpoint
+    would load as truncated weights). Reads the files' headers only."""
+    from safetensors import safe_open
+
+    floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(folder, name), "pt") as weights:
+            dtypes = {k: weights.get_slice(k).get_dtype() for k in weights.keys() if k in floating}
+        wrong = [f"{k}: {dtype}" for k, dtype in sorted(dtypes.items()) if not dtype.startswith(("F", "BF"))]
+        if wrong:
+            raise ValueError(
+                f"{name} in {folder} stores {len(wrong)} floating-point weights of {type(model).__name__} as another "
+                f"type (first: {wrong[:5]}): is it corrupted?"
+            )
 
 
 def realign_storage(module: torch.nn.Module, alignment: int = 64) -> None:

@@ -101,3 +101,15 @@ def test_a_config_that_is_not_a_json_object_is_named(saved_model, text):
     (folder / "config.json").write_text(text)
     with pytest.raises(ValueError, match="config.json"):
         MultiStageUNet2DModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_weights_saved_as_integers_are_refused_not_cast(saved_model, dtype):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = saved_model
+    state = load_file(folder / WEIGHTS)
+    state["conv_in.weight"] = state["conv_in.weight"].to(dtype)  # a corrupted or hostile checkpoint
+    save_file(state, folder / WEIGHTS)
+    with pytest.raises(ValueError, match=r"conv_in\.weight.*(I64|BOOL)"):
+        MultiStageUNet2DModel.from_pretrained(folder)
