@@ -29,6 +29,7 @@ from ..models.loading import (
     read_json,
     realign_storage,
     reexport_source,
+    refuse_mismatched_keys,
 )
 
 # passed on to each model
@@ -149,7 +150,13 @@ def load_component(folder: str, name: str, component_class: type, kwargs: dict) 
             options.pop("torch_dtype")
     if "variant" in options and not _has_variant(path, options["variant"]):
         options.pop("variant")  # as diffusers: a component without files of this variant loads its default files
-    model = component_class.from_pretrained(path, **options)
+    if issubclass(component_class, ModelMixin) and component_class.__module__.split(".")[0] == "diffusers":
+        # diffusers' own models, as strictly as the package's: missing or unexpected keys are an error (diffusers
+        # only warns, and leaves the missing weights on the `meta` device)
+        model, info = component_class.from_pretrained(path, output_loading_info=True, **options)
+        refuse_mismatched_keys(info, path, component_class.__name__)
+    else:
+        model = component_class.from_pretrained(path, **options)
     realign_storage(model)  # bit-identical outputs after a reload: same seed, same images
     return model
 

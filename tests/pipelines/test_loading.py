@@ -335,3 +335,16 @@ def test_weight_files_that_link_out_of_the_folder_are_refused_in_every_component
             pipeline_class.from_pretrained(folder)
         os.remove(path)
         os.rename(moved, path)
+
+
+def test_a_component_checkpoint_with_missing_or_unexpected_keys_is_refused_in_every_pipeline(saved):
+    from safetensors.torch import load_file, save_file
+
+    folder, pipeline_class, _ = saved
+    path = sorted(folder.rglob("*.safetensors"))[0]  # the first model component (deep, expert_0, unet)
+    state = load_file(path)
+    key = sorted(state)[-1]
+    state.pop(key)  # a lenient loader leaves it on the `meta` device
+    save_file({**state, "extra.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match=f"does not match its config.*{key}"):
+        pipeline_class.from_pretrained(folder)
