@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import re
@@ -23,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from safetensors.torch import load_file
 
-from diffusers_stages.models.loading import StrictLoadingMixin
+from diffusers_stages.models.loading import StrictLoadingMixin, read_json
 
 try:
     import fcntl
@@ -50,9 +49,40 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+INPUT_OPTIONS = ("source", "sources", "checkpoint", "original_config", "vae", "original_repo")  # what scripts read
+
+
+def input_paths(args: argparse.Namespace) -> dict[str, str]:
+    """The local files and folders a script reads, by option (``{"--source": path, ...}``; ``--sources`` numbered)."""
+    found = {}
+    for option in INPUT_OPTIONS:
+        values = getattr(args, option, None)
+        values = values if isinstance(values, (list, tuple)) else [values]
+        for i, value in enumerate(values):
+            if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
+                found[f"--{option}" + (f" #{i + 1}" if len(values) > 1 else "")] = os.fspath(value)
+    return found
+
+
+def check_output_path(output_path: str | os.PathLike, inputs: dict[str, str]) -> None:
+    """Refuse an ``output_path`` that is one of the ``inputs`` (see `input_paths`), inside one, or holds one: writing
+    (or, with ``--overwrite``, replacing) it would destroy what the conversion reads."""
+    output = os.path.realpath(output_path)
+    for option, path in inputs.items():
+        source = os.path.realpath(path)
+        if output == source or os.path.commonpath([output, source]) in (output, source):
+            raise ValueError(
+                f"`--output_path` {output_path} is, holds or lies inside `{option}` {path}: choose a folder apart "
+                "from the conversion's inputs (--overwrite would delete them)."
+            )
+
+
 @contextlib.contextmanager
-def staged_output(output_path: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
+def staged_output(
+    output_path: str | os.PathLike, overwrite: bool = False, inputs: dict[str, str] | None = None
+) -> Iterator[str]:
     """Yield a temporary folder next to ``output_path``; move it to ``output_path`` only if the block succeeds.
+    ``inputs`` (`input_paths` of the script's arguments) must lie apart from ``output_path``.
 
     Example:
 
@@ -72,6 +102,7 @@ def staged_output(output_path: str | os.PathLike, overwrite: bool = False) -> It
     ```
     """
     output_path = os.path.abspath(os.fspath(output_path))
+    check_output_path(output_path, inputs or {})
     recover_output(output_path)
     if os.path.exists(output_path) and not overwrite:
         raise ValueError(f"`--output_path` {output_path} already exists: choose another folder or pass --overwrite.")
@@ -194,11 +225,21 @@ def check_shapes(expected: dict[str, torch.Size], state_dict: dict[str, torch.Te
         raise ValueError(f"{source} has {len(wrong)} tensors of the wrong shape (first: {wrong[:5]}).")
 
 
+def check_dtypes(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a `ValueError` naming the tensors of ``state_dict`` that are not real floating point where ``model``'s
+    are (`load_state_dict` would silently cast an integer, boolean or complex checkpoint into the weights)."""
+    floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    wrong = [f"{k}: {v.dtype}" for k, v in state_dict.items() if k in floating and not v.is_floating_point()]
+    if wrong:
+        raise ValueError(f"{source} has {len(wrong)} weights that are not floating point (first: {wrong[:5]}).")
+
+
 def load_converted(model: torch.nn.Module, converted: dict[str, torch.Tensor], source: str) -> None:
     """Load renamed weights into ``model`` after checking that they are exactly its keys and shapes."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_keys(expected, converted, source)
     check_shapes(expected, converted, source)
+    check_dtypes(model, converted, source)
     model.load_state_dict(converted, strict=True)
 
 
@@ -209,8 +250,7 @@ def load_strict(model_class: type, path: str, subfolder: str | None = None):
     where = os.path.join(path, subfolder or "")
     config_path = os.path.join(where, "config.json")
     if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            saved_class = json.load(f).get("_class_name")
+        saved_class = read_json(config_path, "config.json").get("_class_name")
         if saved_class not in (None, model_class.__name__):
             raise ValueError(f"{where} holds a {saved_class}, not the {model_class.__name__} expected here.")
     strict_class = model_class
@@ -235,20 +275,6 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
             "environment where you trust it."
         )
     return load_file(path)
-
-
-def read_json(path: str, argument: str) -> dict:
-    """The JSON object in file ``path`` (given as command-line ``argument``), or a `ValueError` that says why not."""
-    if not os.path.isfile(path):
-        raise ValueError(f"`{argument}` must be an existing JSON file, got {path!r}.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"`{argument}` {path} is not JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"`{argument}` {path} must hold a JSON object.")
-    return config
 
 
 def stage_interval_boundaries(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import sys
 
@@ -24,9 +23,11 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from diffusers_stages.conversion.common import (
     build_parser,
+    input_paths,
     load_strict,
     max_difference,
     probe_timesteps,
+    read_json,
     report_verification,
     run,
     source_folder,
@@ -137,8 +138,7 @@ def load_multistage(path: str) -> MultiStageUNet2DModel | MultiStageUNet2DCondit
     subfolder = "unet" if os.path.isfile(os.path.join(path, "model_index.json")) else None
     config_path = os.path.join(path, subfolder or "", "config.json")
     if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            class_name = json.load(f).get("_class_name")
+        class_name = read_json(config_path, "config.json").get("_class_name")
         if class_name == "MultiStageDDPMppUNet2DModel":
             raise ValueError(
                 f"{path} holds a MultiStageDDPMppUNet2DModel (EDM's DDPM++), whose stages have no UNet2DModel "
@@ -182,7 +182,7 @@ def verify(model, unet, stage: int, tolerance: float) -> None:
 
 @torch.no_grad()
 def main(args: argparse.Namespace) -> UNet2DModel | UNet2DConditionModel:
-    with staged_output(args.output_path, args.overwrite) as tmp:
+    with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         model = load_multistage(args.source)
         multistage_stage_to_unet(model, args.stage).save_pretrained(tmp, safe_serialization=True)
         unet = load_strict(EXPORTS[type(model)], tmp)  # what was written, reloaded strictly

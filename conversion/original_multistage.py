@@ -45,6 +45,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, VQModel
 from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
+    input_paths,
     load_converted,
     load_state_dict,
     load_strict,
@@ -522,7 +523,7 @@ def verify_against_original(
 
 @torch.no_grad()
 def main(args: argparse.Namespace) -> MultiStagePipeline:
-    with staged_output(args.output_path, args.overwrite) as tmp:
+    with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         # 1. read the architecture and the weights; fail early on anything that does not convert exactly
         p, diffusion = read_config(args.original_config)
         raw = load_state_dict(args.checkpoint)

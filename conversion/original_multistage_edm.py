@@ -50,6 +50,7 @@ from diffusers_stages.conventions import num_data_classes
 from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
+    input_paths,
     load_converted,
     load_state_dict,
     max_difference,
@@ -349,7 +350,7 @@ def verify_against_original(
 
 @torch.no_grad()
 def main(args: argparse.Namespace) -> MultiStagePipeline:
-    with staged_output(args.output_path, args.overwrite) as tmp:
+    with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         # 1. read the architecture and the weights; fail early on anything that does not convert exactly
         p = read_config(args.original_config)
         original = network_state_dict(load_state_dict(args.checkpoint))

@@ -61,6 +61,7 @@ import torch
 from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
+    input_paths,
     load_converted,
     load_state_dict,
     max_difference,
@@ -414,7 +415,7 @@ def verify_against_original(
 def main(args: argparse.Namespace) -> MultiStagePipeline:
     if not (math.isfinite(args.t_end) and 0 < args.t_end < 1):
         raise ValueError(f"`--t_end` must lie in (0, 1), got {args.t_end}.")
-    with staged_output(args.output_path, args.overwrite) as tmp:
+    with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         # 1. read the architecture and the weights; fail early on anything that does not convert exactly
         p = read_config(args.original_config)
         original = network_state_dict(load_state_dict(args.checkpoint))

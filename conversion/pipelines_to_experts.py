@@ -19,7 +19,14 @@ import sys
 import torch
 
 from diffusers_stages.conventions import class_embedding_count
-from diffusers_stages.conversion.common import build_parser, max_difference, report_verification, run, staged_output
+from diffusers_stages.conversion.common import (
+    build_parser,
+    input_paths,
+    max_difference,
+    report_verification,
+    run,
+    staged_output,
+)
 from diffusers_stages.conversion.unet_to_multistage import load_source
 from diffusers_stages.models import ExpertRoutingModel
 from diffusers_stages.pipelines import DualBackbonePipeline, ExpertRoutingPipeline
@@ -150,7 +157,7 @@ def verify(written, built, unets, tolerance: float, steps: int = 4) -> None:
 @torch.no_grad()
 def main(args: argparse.Namespace):
     pipeline_class = PIPELINES[args.pipeline]
-    with staged_output(args.output_path, args.overwrite) as tmp:
+    with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unets, scheduler, vae = gather_sources(args.sources)
         built = build(args, unets, scheduler, vae)
         built.save_pretrained(tmp)

@@ -13,20 +13,21 @@ stages then diverge as each decoder is trained on its own part of the noise sche
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import diffusers
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDPMScheduler, ModelMixin, SchedulerMixin, UNet2DConditionModel, UNet2DModel
 
 import diffusers_stages
 from diffusers_stages.conversion.common import (
     build_parser,
+    input_paths,
     load_strict,
     max_difference,
     probe_timesteps,
+    read_json,
     report_verification,
     run,
     source_folder,
@@ -35,6 +36,7 @@ from diffusers_stages.conversion.common import (
 from diffusers_stages.conversion.multistage_to_unet import conditioning
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
 from diffusers_stages.pipelines import MultiStagePipeline
+from diffusers_stages.pipelines.loading import resolve_component_class
 from diffusers_stages.schedulers import is_edm_scheduler
 from diffusers_stages.training.args import BoundaryList
 
@@ -92,8 +94,7 @@ def load_source(path: str) -> tuple[UNet2DModel, object, object, str | None]:
         refuse_staged_source(path, read_class_name(os.path.join(path, "config.json")))
         unet = load_strict(UNet2DModel, path)
         return unet, DDPMScheduler(num_train_timesteps=unet.config.num_train_timesteps or 1000), None, None
-    with open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
+    index = read_json(index_path, "model_index.json")
     pipeline_class = refuse_staged_source(path, index.get("_class_name"))
     if pipeline_class not in SOURCE_PIPELINES:
         raise ValueError(
@@ -101,21 +102,35 @@ def load_source(path: str) -> tuple[UNet2DModel, object, object, str | None]:
             f"{sorted(SOURCE_PIPELINES) + list(TEXT_TO_IMAGE_PIPELINES)} (or give the UNet2DModel folder itself)."
         )
     unet = load_strict(UNet2DModel, path, subfolder=SOURCE_PIPELINES[pipeline_class])
-    scheduler_class = index["scheduler"][1]
-    scheduler = getattr(diffusers, scheduler_class).from_pretrained(path, subfolder="scheduler")
+    scheduler = source_component_class(index, "scheduler", SchedulerMixin).from_pretrained(path, subfolder="scheduler")
     vae = None
     for name in VAE_COMPONENTS:
-        if index.get(name) and index[name][0] is not None:
-            vae = load_strict(getattr(diffusers, index[name][1]), path, subfolder=name)
+        vae_class = source_component_class(index, name, ModelMixin, optional=True)
+        if vae_class is not None:
+            vae = load_strict(vae_class, path, subfolder=name)
     return unet, scheduler, vae, pipeline_class
+
+
+def source_component_class(index: dict, name: str, base: type, optional: bool = False) -> type | None:
+    """The class of component ``name`` in the source's `model_index.json`, resolved by the pipelines' allow-list
+    (never imported from a name the folder gives) and checked to be a ``base``; `None` for an ``optional``
+    component that is absent or saved as null."""
+    entry = index.get(name)
+    component_class = None if entry is None else resolve_component_class(name, entry)
+    if component_class is None and not optional:
+        raise ValueError(f"`model_index.json` of `--source` has no {name!r} component, got {entry!r}.")
+    if component_class is not None and not issubclass(component_class, base):
+        raise ValueError(
+            f"Component {name!r} of `--source` is a {component_class.__name__}, not a {base.__name__}: {entry!r}."
+        )
+    return component_class
 
 
 def read_class_name(config_path: str) -> object:
     """The ``_class_name`` of a saved config file (None when there is no such file)."""
     if not os.path.isfile(config_path):
         return None
-    with open(config_path, encoding="utf-8") as f:
-        return json.load(f).get("_class_name")
+    return read_json(config_path, "config.json").get("_class_name")
 
 
 def refuse_staged_source(path: str, class_entry: object) -> str | None:
@@ -217,8 +232,7 @@ def text_to_image_class(path: str) -> type | None:
     index_path = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_path):
         return None
-    with open(index_path, encoding="utf-8") as f:
-        name = json.load(f).get("_class_name")
+    name = read_json(index_path, "model_index.json").get("_class_name")
     return getattr(diffusers, name) if name in TEXT_TO_IMAGE_PIPELINES else None
 
 
@@ -250,7 +264,7 @@ def verify_text_to_image(source, converted, steps: int, tolerance: float) -> Non
 def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
     """Convert a Stable Diffusion / SDXL folder: same pipeline class and components, a staged ``unet``."""
     refuse_staged_source(args.source, read_class_name(os.path.join(args.source, "unet", "config.json")))
-    with staged_output(args.output_path, args.overwrite) as tmp:
+    with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unet = load_strict(UNet2DConditionModel, args.source, subfolder="unet")
         source = pipeline_class.from_pretrained(args.source, unet=unet, use_safetensors=True)
         boundaries, units = choose_boundaries(args, source.scheduler)
@@ -276,7 +290,7 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
     pipeline_class = text_to_image_class(args.source) if os.path.isdir(args.source) else None
     if pipeline_class is not None:
         return main_text_to_image(args, pipeline_class)
-    with staged_output(args.output_path, args.overwrite) as tmp:
+    with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unet, scheduler, vae, pipeline_class = load_source(args.source)
         boundaries, units = choose_boundaries(args, scheduler)
         convert(unet, scheduler, vae, boundaries, units).save_pretrained(tmp)

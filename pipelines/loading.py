@@ -22,11 +22,14 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.loading import (
     DOWNLOAD_KWARGS,
+    check_folder_files,
     check_name,
     component_folder,
     download_weights,
+    read_json,
     realign_storage,
     reexport_source,
+    refuse_mismatched_keys,
 )
 
 # passed on to each model
@@ -147,7 +150,13 @@ def load_component(folder: str, name: str, component_class: type, kwargs: dict) 
             options.pop("torch_dtype")
     if "variant" in options and not _has_variant(path, options["variant"]):
         options.pop("variant")  # as diffusers: a component without files of this variant loads its default files
-    model = component_class.from_pretrained(path, **options)
+    if issubclass(component_class, ModelMixin) and component_class.__module__.split(".")[0] == "diffusers":
+        # diffusers' own models, as strictly as the package's: missing or unexpected keys are an error (diffusers
+        # only warns, and leaves the missing weights on the `meta` device)
+        model, info = component_class.from_pretrained(path, output_loading_info=True, **options)
+        refuse_mismatched_keys(info, path, component_class.__name__)
+    else:
+        model = component_class.from_pretrained(path, **options)
     realign_storage(model)  # bit-identical outputs after a reload: same seed, same images
     return model
 
@@ -180,8 +189,8 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         raise ValueError(f"{pretrained_model_name_or_path} has no `model_index.json`: it is not a saved pipeline.")
-    with open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
+    check_folder_files(folder)
+    index = read_json(index_path, "model_index.json")
     pipeline_class = resolve_pipeline_class(cls, index.get("_class_name"))
 
     # 1. every component: passed by the caller, or loaded by the class the allow-list gives for its entry
@@ -196,6 +205,11 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
                 continue
             raise ValueError(f"`model_index.json` of {pretrained_model_name_or_path} has no {name!r} component.")
         component_class = resolve_component_class(name, index[name])
+        if component_class is None and name not in pipeline_class._optional_components:
+            raise ValueError(
+                f"`model_index.json` of {pretrained_model_name_or_path} saves the component {name!r} as null, but "
+                f"{pipeline_class.__name__} needs it: pass `{name}=...` to `from_pretrained`."
+            )
         check_component_type(pipeline_class, name, component_class)
         init_kwargs[name] = None if component_class is None else load_component(folder, name, component_class, kwargs)
     unknown = sorted(k for k in index if not k.startswith("_") and k not in expected and k not in optional)

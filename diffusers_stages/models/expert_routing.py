@@ -28,6 +28,7 @@ from ..hub import pop_push_kwargs, push_saved_folder
 from ..partition import TimestepPartition
 from .loading import (
     DOWNLOAD_KWARGS,
+    check_folder_files,
     check_name,
     component_folder,
     download_weights,
@@ -50,6 +51,8 @@ CONDITIONING_KEYS = (
 # config keys diffusers' pipelines read from `pipe.unet` (StableDiffusionPipeline, StableDiffusionXLPipeline)
 PIPELINE_KEYS = ("in_channels", "out_channels", "sample_size", "time_cond_proj_dim", "addition_time_embed_dim")
 TRUSTED_LIBRARIES = ("diffusers", "diffusers_stages")
+# what a saved container's `config.json` must hold besides its `_class_name`
+CONTAINER_CONFIG = ("expert_classes", "stage_boundaries", "boundary_units", "num_train_timesteps", "prediction_type")
 
 
 def expert_folder(index: int) -> str:
@@ -66,19 +69,24 @@ def class_entry(model: nn.Module) -> list[str]:
 
 
 def import_class(entry: Sequence[str]) -> type:
-    """The `ModelMixin` class named by a ``[module, class]`` entry; only diffusers, this package, or a module the
-    caller has already imported (so nothing is imported from a config file that the user has not chosen to run)."""
+    """The `ModelMixin` class named by a ``[module, class]`` entry: a class diffusers or this package exports, or one
+    of a module the caller has already imported. No module a config names is imported (one such as
+    ``diffusers_stages.demo.__main__`` would run on import), so nothing runs that the user has not chosen to run."""
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
         raise ValueError(f"Expert class entry must be [module, class], got {entry!r}.")
     module_name, class_name = entry
     check_name(module_name, "expert module", dotted=True)
     check_name(class_name, "expert class")
-    if module_name.split(".")[0] not in TRUSTED_LIBRARIES and module_name not in sys.modules:
-        raise ValueError(
-            f"Expert class {class_name} lives in module {module_name!r}, which is neither diffusers nor "
-            f"diffusers_stages: `import {module_name}` before loading, so that its class can be found."
-        )
-    cls = getattr(importlib.import_module(module_name), class_name, None)
+    library = module_name.split(".")[0]
+    cls = getattr(importlib.import_module(library), class_name, None) if library in TRUSTED_LIBRARIES else None
+    if not (isinstance(cls, type) and module_name in (library, cls.__module__)):  # not the library's export
+        if module_name not in sys.modules:
+            raise ValueError(
+                f"Expert class {class_name} lives in module {module_name!r}, which is not loaded and is not the "
+                f"module of a class diffusers or diffusers_stages exports: `import {module_name}` before loading "
+                "(only if you trust it), so that its class can be found."
+            )
+        cls = getattr(sys.modules[module_name], class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
         raise ValueError(f"Expert class entry {list(entry)} does not name a diffusers ModelMixin class.")  # noqa: TRY004
     return cls
@@ -398,9 +406,16 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
         if not os.path.isdir(folder):
             folder = _download(str(pretrained_model_name_or_path), subfolder, load_experts, download)
+        check_folder_files(folder)
         config = cls.load_config(folder)
         if config.get("_class_name") != cls.__name__ or "expert_classes" not in config:
             raise ValueError(f"{folder} does not hold a saved {cls.__name__} (see its `config.json`).")
+        missing = [key for key in CONTAINER_CONFIG if key not in config]
+        if missing or not isinstance(config["expert_classes"], list):
+            raise ValueError(
+                f"`config.json` of {folder} must hold {list(CONTAINER_CONFIG)}, with `expert_classes` a list of "
+                f"[module, class] entries: it lacks {missing}, `expert_classes` is {config['expert_classes']!r}."
+            )
         entries = config["expert_classes"]
         wanted = range(len(entries)) if load_experts is None else list(load_experts)
         if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(entries) for i in wanted):
@@ -422,11 +437,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             experts[i], infos[i] = expert, info
         model = cls(
             experts,
-            stage_boundaries=config["stage_boundaries"],
-            boundary_units=config["boundary_units"],
-            num_train_timesteps=config["num_train_timesteps"],
-            prediction_type=config["prediction_type"],
             expert_classes=entries,
+            **{key: config[key] for key in CONTAINER_CONFIG[1:]},
         )
         model.eval()
         return (model, infos) if wants_info else model

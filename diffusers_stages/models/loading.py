@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -27,6 +28,9 @@ class StrictLoadingMixin(SaveThenPushMixin):
         wants_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("ignore_mismatched_sizes"):
             raise ValueError("`ignore_mismatched_sizes=True` is not supported: it would leave random weights behind.")
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if os.path.isdir(folder):
+            check_folder_files(folder)
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
         except (RuntimeError, ValueError) as error:
@@ -37,6 +41,8 @@ class StrictLoadingMixin(SaveThenPushMixin):
                 ) from error
             raise
         refuse_mismatched_keys(info, pretrained_model_name_or_path, cls.__name__)
+        if os.path.isdir(folder):
+            refuse_non_float_weights(model, folder)
         realign_storage(model)
         return (model, info) if wants_info else model
 
@@ -50,6 +56,24 @@ def refuse_mismatched_keys(info: dict, path: str | os.PathLike | None, class_nam
             f"The checkpoint at {path} does not match its config for {class_name} (first keys shown): {problems}. "
             "Was `config.json` edited, or the weights saved from another configuration?"
         )
+
+
+def refuse_non_float_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """A `ValueError` naming the tensors of ``folder``'s safetensors files that are stored as integers, booleans or
+    complex numbers where ``model`` has floating-point weights (diffusers casts them silently: a corrupted checkpoint
+    would load as truncated weights). Reads the files' headers only."""
+    from safetensors import safe_open
+
+    floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(folder, name), "pt") as weights:
+            dtypes = {k: weights.get_slice(k).get_dtype() for k in weights.keys() if k in floating}
+        wrong = [f"{k}: {dtype}" for k, dtype in sorted(dtypes.items()) if not dtype.startswith(("F", "BF"))]
+        if wrong:
+            raise ValueError(
+                f"{name} in {folder} stores {len(wrong)} floating-point weights of {type(model).__name__} as another "
+                f"type (first: {wrong[:5]}): is it corrupted?"
+            )
 
 
 def realign_storage(module: torch.nn.Module, alignment: int = 64) -> None:
@@ -108,6 +132,21 @@ def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
+def read_json(path: str, argument: str) -> dict:
+    """The JSON object in file ``path`` (given as ``argument``: a command-line option, or the file's role such as
+    ``model_index.json``), or a `ValueError` that says why not."""
+    if not os.path.isfile(path):
+        raise ValueError(f"`{argument}` must be an existing JSON file, got {path!r}.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`{argument}` {path} is not JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"`{argument}` {path} must hold a JSON object.")
+    return config
+
+
 def check_name(value: object, what: str, dotted: bool = False) -> str:
     """``value`` if it is a plain ASCII identifier (dotted module path when ``dotted``); a `ValueError` naming
     ``what`` otherwise. Every class, module and folder name read from a saved folder goes through here, so that no
@@ -120,14 +159,50 @@ def check_name(value: object, what: str, dotted: bool = False) -> str:
     return value
 
 
+def check_folder_files(folder: str | os.PathLike) -> None:
+    """Refuse a saved model folder whose files lead out of it or that `from_pretrained` would misread: a `ValueError`
+    naming the file for a symbolic link to a file outside the folder (a Hub cache snapshot's links to its own blobs
+    are fine; sub-folders are checked by `component_folder`), a `config.json` that is not a JSON object, or a weight
+    index (``*.index.json``) whose ``weight_map`` is not an object of plain file names in the folder."""
+    roots = _allowed_roots(folder)
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        target = os.path.realpath(entry.path)
+        inside = any(target.startswith(os.path.join(root, "")) for root in roots)
+        if entry.is_symlink() and not entry.is_dir() and not inside:
+            raise ValueError(f"{entry.name!r} in {folder} links to {target!r}, outside the folder: refused.")
+        if entry.name == "config.json" and entry.is_file():
+            read_json(entry.path, "config.json")
+        elif entry.name.endswith(".index.json") and entry.is_file():
+            weight_map = read_json(entry.path, entry.name).get("weight_map")
+            names = weight_map.values() if isinstance(weight_map, dict) else [weight_map]
+            if not all(isinstance(n, str) and n not in ("", ".", "..") and os.path.basename(n) == n for n in names):
+                raise ValueError(
+                    f"The `weight_map` of {entry.name} in {folder} must map each weight to a file name in the folder, "
+                    f"got {weight_map!r}."
+                )
+
+
+def _allowed_roots(folder: str | os.PathLike) -> list[str]:
+    """Where the files of ``folder`` may lead: the folder itself and, for a folder inside a Hub cache snapshot
+    (``.../snapshots/<revision>/...``), the repository's ``blobs`` folder that huggingface_hub links to."""
+    real = os.path.realpath(folder)
+    roots, parts = [real], real.split(os.sep)
+    if "snapshots" in parts[1:-1]:
+        last = len(parts) - 1 - parts[::-1].index("snapshots")
+        if parts[last - 1].startswith(("models--", "datasets--", "spaces--")):
+            roots.append(os.sep.join([*parts[:last], "blobs"]))
+    return roots
+
+
 def component_folder(root: str | os.PathLike, name: str) -> str:
     """The sub-folder ``name`` of a saved folder, refused unless it is a real directory inside ``root`` (a symbolic
-    link that leads elsewhere is refused too)."""
+    link that leads elsewhere is refused too) whose files pass `check_folder_files`."""
     check_name(name, "component folder name")
     path = os.path.join(root, name)
     inside = os.path.realpath(path).startswith(os.path.join(os.path.realpath(root), ""))
     if not os.path.isdir(path) or not inside:
         raise ValueError(f"Component folder {name!r} must be a directory inside {root}, got {path!r}.")
+    check_folder_files(path)
     return path
 
 

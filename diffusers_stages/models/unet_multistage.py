@@ -51,6 +51,14 @@ __all__ = [
     "warm_start",
 ]
 
+# the per-level lists of the config: (name, what each entry is, its check), so that a config read from a file with
+# a string or a number where a list belongs is named, not counted letter by letter or a TypeError
+BLOCK_LISTS = (
+    ("block_out_channels", "positive integers", is_positive_integer),
+    ("down_block_types", "block type names", lambda v: isinstance(v, str)),
+    ("up_block_types", "block type names", lambda v: isinstance(v, str)),
+)
+
 
 class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
     r"""
@@ -198,6 +206,10 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         c = self.config
         decoder_block_out_channels, decoder_up_block_types = c.decoder_block_out_channels, c.decoder_up_block_types
         partition = TimestepPartition(c.stage_boundaries, c.num_train_timesteps, c.boundary_units)
+        for name, kind, valid in BLOCK_LISTS:
+            value = getattr(c, name)
+            if not isinstance(value, (list, tuple)) or not value or not all(map(valid, value)):
+                raise ValueError(f"`{name}` must be a list of {kind}, one per level, got {value!r}.")
         if len(c.down_block_types) != len(c.up_block_types) or len(c.block_out_channels) != len(c.down_block_types):
             raise ValueError(
                 "`down_block_types`, `up_block_types` and `block_out_channels` must have the same length, got "

@@ -1,14 +1,18 @@
 """All-or-nothing output folders (also across a kill) and strict key checks shared by the conversion scripts."""
 
+import argparse
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+from diffusers import UNet2DModel
 
 from diffusers_stages import MultiStagePipeline
 from diffusers_stages.conversion import common, multistage_to_unet, unet_to_multistage
-from diffusers_stages.conversion.common import check_keys, load_state_dict, recover_output, staged_output
+from diffusers_stages.conversion.common import check_keys, load_state_dict, load_strict, recover_output, staged_output
+from tests.conftest import TINY_UNET
 
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "instrumented_convert.py")
 
@@ -114,3 +118,43 @@ def test_only_safetensors_checkpoints_are_read(tmp_path):
     path.write_bytes(b"pickle")
     with pytest.raises(ValueError, match="must be an existing .safetensors file"):
         load_state_dict(str(path))
+
+
+@pytest.mark.parametrize("text", ["[1]", "{not json"], ids=["list", "not-json"])
+def test_load_strict_names_a_config_that_is_not_a_json_object(tmp_path, text):
+    UNet2DModel(**TINY_UNET).save_pretrained(tmp_path / "unet")
+    (tmp_path / "unet" / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="config.json"):
+        load_strict(UNet2DModel, str(tmp_path / "unet"))
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_an_output_that_is_or_holds_an_input_is_refused_even_with_overwrite(tmp_path, where):
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "weights.safetensors").write_bytes(b"original")
+    out = {"same": source, "inside": source / "out", "around": tmp_path}[where]
+    args = argparse.Namespace(output_path=str(out), overwrite=True, checkpoint=str(source / "weights.safetensors"))
+    args.source = str(source)
+    with pytest.raises(ValueError, match=r"`--output_path` .* `--source`"):
+        with staged_output(args.output_path, args.overwrite, common.input_paths(args)):
+            pass
+    assert (source / "weights.safetensors").read_bytes() == b"original"
+
+
+def test_a_conversion_into_its_own_source_is_refused(ddpm_folder):
+    before = sorted(os.listdir(ddpm_folder))
+    args = ["--source", ddpm_folder, "--output_path", ddpm_folder, "--stage_boundaries", "500", "--overwrite"]
+    with pytest.raises(ValueError, match="`--output_path`.*`--source`"):
+        unet_to_multistage.main(unet_to_multistage.parse_args(args))
+    assert sorted(os.listdir(ddpm_folder)) == before and "unet" in before
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_load_converted_refuses_weights_that_are_not_real_floats(dtype):
+    model = torch.nn.Linear(2, 2)
+    converted = {"weight": torch.ones(2, 2).to(dtype), "bias": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"weight.*torch\.(int64|bool|complex64)"):
+        common.load_converted(model, converted, "source.safetensors")
+    common.load_converted(model, {"weight": torch.ones(2, 2, dtype=torch.float16), "bias": torch.zeros(2)}, "fp16")
+    assert model.weight.dtype == torch.float32 and torch.equal(model.weight, torch.ones(2, 2))

@@ -60,3 +60,10 @@ def test_stage_attending_with_its_own_heads_is_refused_and_one_with_the_encoders
     x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
     with torch.no_grad():
         assert torch.allclose(unet(x, 700, text).sample, staged(x, 700, text).sample, atol=1e-6)
+
+
+def test_a_source_config_that_is_not_a_json_object_is_named(staged_folder, tmp_path):
+    with open(os.path.join(staged_folder, "unet", "config.json"), "w", encoding="utf-8") as f:
+        f.write("[1]")
+    with pytest.raises(ValueError, match="config.json"):
+        export(staged_folder, str(tmp_path / "out"), 0)

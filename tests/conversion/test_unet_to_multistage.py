@@ -1,5 +1,6 @@
 """UNet2DModel / DDPMPipeline / DDIMPipeline / LDMPipeline folders -> MultiStagePipeline folders."""
 
+import json
 import os
 
 import numpy as np
@@ -130,3 +131,41 @@ def test_an_already_staged_source_is_refused_by_name(tmp_path, kind):
     with pytest.raises(ValueError, match=f"`--source` .* is already staged \\(it holds a {holds}\\)"):
         convert(str(source), str(tmp_path / "out"), "--stage_boundaries", "300")
     assert not (tmp_path / "out").exists()
+
+
+def _edit_index(folder, edit):
+    path = os.path.join(folder, "model_index.json")
+    with open(path, encoding="utf-8") as f:
+        index = json.load(f)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(edit(index) if callable(edit) else edit)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("[1, 2]", "model_index.json"),
+        ("{not json", "model_index.json"),
+        (lambda i: json.dumps({**i, "scheduler": ["diffusers", "UNet2DModel"]}), "scheduler"),
+        (lambda i: json.dumps({**i, "scheduler": 5}), "scheduler"),
+        (lambda i: json.dumps({k: v for k, v in i.items() if k != "scheduler"}), "scheduler"),
+        (
+            lambda i: json.dumps({**i, "_class_name": ["a", "b"], "scheduler": ["os", "system"]}),
+            "holds a b; supported",
+        ),
+        (lambda i: json.dumps({**i, "vae": ["diffusers", "DDPMScheduler"]}), "vae"),
+    ],
+    ids=["list", "not-json", "scheduler-is-a-model", "scheduler-number", "no-scheduler", "odd-class", "vae-scheduler"],
+)
+def test_a_malformed_source_index_is_named_and_writes_nothing(ddpm_folder, tmp_path, edit, message):
+    _edit_index(ddpm_folder, edit)
+    with pytest.raises(ValueError, match=message):
+        convert(ddpm_folder, str(tmp_path / "out"), "--stage_boundaries", "500")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_source_unet_config_that_is_not_a_json_object_is_named(tmp_path):
+    tiny_unet().save_pretrained(tmp_path / "unet")
+    (tmp_path / "unet" / "config.json").write_text("[1]")
+    with pytest.raises(ValueError, match="config.json"):
+        convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500")

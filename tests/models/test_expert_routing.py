@@ -261,3 +261,40 @@ def test_bad_configurations_give_clear_errors(tiny_unet_kwargs):
         ExpertRoutingModel([a, None], stage_boundaries=(500,))
     same = ExpertRoutingModel([a, b], stage_boundaries=(500,), prediction_type=["v_prediction"] * 2)
     assert same.config.prediction_type == "v_prediction"
+
+
+def test_a_config_never_imports_a_trusted_module_that_runs_on_import(three_experts, tmp_path, monkeypatch):
+    import sys
+
+    import diffusers_stages.demo
+
+    marker = tmp_path / "ran"
+    monkeypatch.setattr(diffusers_stages.demo, "main", lambda: marker.write_text("ran"))  # what `__main__` runs
+    monkeypatch.delitem(sys.modules, "diffusers_stages.demo.__main__", raising=False)
+    three_experts.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    config["expert_classes"][0] = ["diffusers_stages.demo.__main__", "MultiStageUNet2DModel"]
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="diffusers_stages.demo.__main__"):
+        ExpertRoutingModel.from_pretrained(tmp_path / "saved")
+    assert not marker.exists() and "diffusers_stages.demo.__main__" not in sys.modules
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"expert_classes": {"0": ["diffusers", "UNet2DModel"]}},
+        {"expert_classes": 3},
+        {"stage_boundaries": None},
+        {"boundary_units": None, "prediction_type": None},
+    ],
+    ids=["expert-classes-dict", "expert-classes-number", "no-boundaries", "no-units"],
+)
+def test_a_container_config_of_the_wrong_shape_is_named(three_experts, tmp_path, edit):
+    three_experts.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(edit)
+    config = {k: v for k, v in config.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json"):
+        ExpertRoutingModel.from_pretrained(tmp_path)

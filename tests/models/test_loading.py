@@ -1,5 +1,9 @@
-"""Loading's memory: `realign_storage` copies a loaded model to aligned storage without doubling its memory."""
+"""Loading: `realign_storage` copies a loaded model to aligned storage without doubling its memory, and the files of a
+saved folder are hostile input (links out of the folder, malformed configs and weight indexes are refused)."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +12,7 @@ import torch
 
 from diffusers_stages import MultiStageUNet2DModel
 from diffusers_stages.models.loading import realign_storage
+from tests.conftest import TINY_UNET
 
 PEAK = """
 import resource, sys
@@ -40,3 +45,71 @@ def test_realigned_tensors_keep_their_values_and_unaligned_ones_are_copied():
     realign_storage(module)
     assert module.weight.data_ptr() % 64 == 0 and torch.equal(module.weight, weight)
     assert bias % 64 or module.bias.data_ptr() == bias  # an aligned tensor is left where it is
+
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    """A tiny saved `MultiStageUNet2DModel` folder and the model."""
+    torch.manual_seed(0)
+    model = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,)).eval()
+    model.save_pretrained(tmp_path / "saved")
+    return tmp_path / "saved", model
+
+
+@pytest.mark.parametrize("name", [WEIGHTS, "config.json"])
+def test_a_file_that_links_out_of_the_folder_is_refused(saved_model, tmp_path, name):
+    folder, _ = saved_model
+    os.rename(folder / name, tmp_path / name)  # e.g. another model's weights, or any file of the user's
+    os.symlink(tmp_path / name, folder / name)
+    with pytest.raises(ValueError, match=f"{name}.*outside"):
+        MultiStageUNet2DModel.from_pretrained(folder)
+
+
+def test_a_hub_cache_snapshot_whose_files_link_to_its_blobs_loads(saved_model, tmp_path):
+    folder, model = saved_model
+    repo = tmp_path / "hub" / "models--me--staged"
+    snapshot, blobs = repo / "snapshots" / "0123abcd", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, path in enumerate(sorted(folder.iterdir())):
+        shutil.copy(path, blobs / f"blob{i}")
+        os.symlink(os.path.join("..", "..", "blobs", f"blob{i}"), snapshot / path.name)  # as huggingface_hub links
+    loaded = MultiStageUNet2DModel.from_pretrained(snapshot)
+    x = torch.randn(1, 3, 8, 8, generator=torch.manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 300).sample, model(x, 300).sample)
+
+
+@pytest.mark.parametrize(
+    "weight_map", [{"conv_in.weight": 5}, ["shard.safetensors"], {"conv_in.weight": ["a", "b"]}, None]
+)
+def test_a_weight_index_of_the_wrong_shape_is_named(saved_model, weight_map):
+    folder, _ = saved_model
+    os.rename(folder / WEIGHTS, folder / "shard.safetensors")
+    index = {"metadata": {}} if weight_map is None else {"metadata": {}, "weight_map": weight_map}
+    (folder / f"{WEIGHTS}.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"weight_map.*diffusion_pytorch_model\.safetensors\.index\.json"):
+        MultiStageUNet2DModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json"], ids=["list", "not-json"])
+def test_a_config_that_is_not_a_json_object_is_named(saved_model, text):
+    folder, _ = saved_model
+    (folder / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="config.json"):
+        MultiStageUNet2DModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_weights_saved_as_integers_are_refused_not_cast(saved_model, dtype):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = saved_model
+    state = load_file(folder / WEIGHTS)
+    state["conv_in.weight"] = state["conv_in.weight"].to(dtype)  # a corrupted or hostile checkpoint
+    save_file(state, folder / WEIGHTS)
+    with pytest.raises(ValueError, match=r"conv_in\.weight.*(I64|BOOL)"):
+        MultiStageUNet2DModel.from_pretrained(folder)

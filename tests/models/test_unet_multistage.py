@@ -270,6 +270,20 @@ def test_bad_sizes_and_block_kinds_name_the_argument_and_the_value(tiny_unet_kwa
         MultiStageUNet2DModel(**{**tiny_unet_kwargs, name: value})
 
 
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("block_out_channels", 5),  # was a TypeError (len of an int)
+        ("block_out_channels", [8, "16"]),
+        ("down_block_types", "DownBlock2D"),  # was counted as 11 block types
+        ("up_block_types", ["UpBlock2D", 2]),
+    ],
+)
+def test_block_lists_of_the_wrong_type_name_the_argument_and_the_value(tiny_unet_kwargs, name, value):
+    with pytest.raises(ValueError, match=f"`{name}` must be a list of .*got {re.escape(repr(value))}"):
+        MultiStageUNet2DModel(**{**tiny_unet_kwargs, name: value}, stage_boundaries=(500,))
+
+
 PLAIN = {"down_block_types": ("DownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "UpBlock2D")}
 
 

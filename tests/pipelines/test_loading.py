@@ -303,3 +303,48 @@ def test_variants_and_per_component_dtypes_load_for_every_pipeline(saved, tmp_pa
     assert models and all(m.dtype == torch.bfloat16 for m in models)
     with pytest.raises(ValueError, match="unexpected keyword"):
         pipeline_class.from_pretrained(folder, no_such_option=1)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json", '"a string"'], ids=["list", "not-json", "string"])
+def test_a_model_index_that_is_not_a_json_object_is_named(tiny_multistage, tmp_path, text):
+    folder = tmp_path / "saved"
+    _multistage(tiny_multistage).save_pretrained(folder)
+    (folder / "model_index.json").write_text(text)
+    with pytest.raises(ValueError, match="model_index.json"):
+        MultiStagePipeline.from_pretrained(folder)
+
+
+def test_a_required_component_saved_as_null_is_refused_not_left_out(saved):
+    folder, pipeline_class, _ = saved
+    index = _index(folder)
+    required = [k for k, v in index.items() if k[0] != "_" and isinstance(v, list) and v[0] and k != "scheduler"]
+    index[required[0]] = [None, None]
+    _write_index(folder, index)
+    with pytest.raises(ValueError, match=f"{required[0]!r}.*null"):
+        pipeline_class.from_pretrained(folder)
+
+
+def test_weight_files_that_link_out_of_the_folder_are_refused_in_every_component(saved, tmp_path):
+    folder, pipeline_class, _ = saved
+    for path in sorted(folder.rglob("*.safetensors")) + [folder / "model_index.json"]:
+        moved = tmp_path / "elsewhere" / path.relative_to(folder)
+        moved.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, moved)
+        os.symlink(moved, path)  # any file of the user's, read as this component's weights
+        with pytest.raises(ValueError, match=f"{path.name}.*outside"):
+            pipeline_class.from_pretrained(folder)
+        os.remove(path)
+        os.rename(moved, path)
+
+
+def test_a_component_checkpoint_with_missing_or_unexpected_keys_is_refused_in_every_pipeline(saved):
+    from safetensors.torch import load_file, save_file
+
+    folder, pipeline_class, _ = saved
+    path = sorted(folder.rglob("*.safetensors"))[0]  # the first model component (deep, expert_0, unet)
+    state = load_file(path)
+    key = sorted(state)[-1]
+    state.pop(key)  # a lenient loader leaves it on the `meta` device
+    save_file({**state, "extra.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match=f"does not match its config.*{key}"):
+        pipeline_class.from_pretrained(folder)
