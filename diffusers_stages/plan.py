@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from .cli import check_input_file, check_output_file, load_saved_folder
 from .planning import (
     METHODS,
     NoiseSchedule,
@@ -83,14 +84,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--budget needs --model_config (the model whose decoder widths are planned).")
     if (args.num_inference_steps is not None or args.batch_size != 1) and args.budget is None:
         parser.error("--num_inference_steps and --batch_size say what --budget pays for: give --budget too.")
+    try:
+        check_args(args)
+    except ValueError as error:
+        parser.error(str(error))
     return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse, before any image is loaded, a device torch does not know (or a CUDA one without CUDA) and input or
+    output paths that cannot be used (a `ValueError` naming the option and the value)."""
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(
+                f"`--device` must be a torch device such as 'cpu' or 'cuda', got {args.device!r}."
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"`--device` {args.device!r}: no CUDA device is available here; use `--device cpu`.")
+    check_input_file(args.model_config, "--model_config", json_object=True)
+    if args.scheduler_config is not None:
+        check_input_file(_scheduler_config_file(args.scheduler_config), "--scheduler_config", json_object=True)
+    if args.model_path is not None:
+        check_input_file(os.path.join(args.model_path, "config.json"), "--model_path", json_object=True)
+    check_output_file(args.output_plot, "--output_plot")
+    check_output_file(args.output_config, "--output_config")
+
+
+def _scheduler_config_file(path: str) -> str:
+    """A scheduler config given as a file or as a folder holding ``scheduler_config.json``."""
+    return os.path.join(path, "scheduler_config.json") if os.path.isdir(path) else path
+
+
+def _make_parent_folder(path: str) -> str:
+    """Create the folders of an output file path; returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
 
 
 def _scheduler_from_config(path: str):
     import diffusers
 
-    if os.path.isdir(path):
-        path = os.path.join(path, "scheduler_config.json")
+    path = _scheduler_config_file(path)
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     scheduler_class = getattr(diffusers, config.get("_class_name", ""), None)
@@ -99,27 +135,14 @@ def _scheduler_from_config(path: str):
     return scheduler_class.from_config(config)
 
 
-def _load_model(path: str) -> torch.nn.Module:
-    import diffusers
-
-    import diffusers_stages
-
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        class_name = json.load(f).get("_class_name", "")
-    model_class = getattr(diffusers_stages, class_name, None) or getattr(diffusers, class_name, None)
-    if model_class is None:
-        raise ValueError(f"`--model_path` {path!r}: unknown model class {class_name!r}.")
-    return model_class.from_pretrained(path)
-
-
 def _schedule(args: argparse.Namespace) -> tuple[NoiseSchedule, object]:
     """The planning grid (its units are the boundaries' units) and the scheduler whose sampling steps a budget
     counts."""
     if args.edm:
         from diffusers import EDMEulerScheduler
 
-        scheduler = EDMEulerScheduler(sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
-        return NoiseSchedule.edm(args.sigma_min, args.sigma_max, args.rho, args.num_levels), scheduler
+        schedule = NoiseSchedule.edm(args.sigma_min, args.sigma_max, args.rho, args.num_levels)  # checks them first
+        return schedule, EDMEulerScheduler(sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
     if args.scheduler_config:
         scheduler = _scheduler_from_config(args.scheduler_config)
     else:
@@ -166,8 +189,13 @@ def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: Nois
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Run the command on ``argv`` (default: ``sys.argv``); returns what the JSON line holds."""
-    args = parse_args(argv)
+    """Run the command on ``argv`` (default: ``sys.argv``); returns what the JSON line holds. Bad input raises a
+    `ValueError` (the command line, [`main`], prints it as one line)."""
+    return plan_command(parse_args(argv))
+
+
+def plan_command(args: argparse.Namespace) -> dict:
+    """The command on parsed arguments; returns what the JSON line holds."""
     # 1. the noise schedule, the training images and the model config
     schedule, scheduler = _schedule(args)
     data = _training_images(args)
@@ -191,7 +219,7 @@ def run(argv: list[str] | None = None) -> dict:
         args.num_samples,
         args.num_levels,
         torch.Generator().manual_seed(args.seed),
-        _load_model(args.model_path) if args.model_path else None,
+        load_saved_folder(args.model_path, "--model_path") if args.model_path else None,
         args.chunk_size,
         args.device,
         progress_bar=True,
@@ -207,20 +235,22 @@ def run(argv: list[str] | None = None) -> dict:
     if config is not None:
         widths = _decoder_widths(args, plan, config, data, schedule, result)
         if args.output_config:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output_config)), exist_ok=True)
-            with open(args.output_config, "w", encoding="utf-8") as f:
+            with open(_make_parent_folder(args.output_config), "w", encoding="utf-8") as f:
                 planned = partition_to_model_config(config, plan.partition, widths)
                 json.dump({**planned, "_class_name": "MultiStageUNet2DModel"}, f, indent=2)
             print(f"  model config written to {args.output_config}")
     if args.output_plot:
-        print(f"  plot written to {plot_plan(plan, args.output_plot)}")
+        print(f"  plot written to {plot_plan(plan, _make_parent_folder(args.output_plot))}")
     print(json.dumps(result))
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point (``diffusers-stages-plan``)."""
-    run(argv)
+    """Console-script entry point (``diffusers-stages-plan``): bad input is one line on stderr and exit status 1 (2
+    for a usage error), not a traceback."""
+    from diffusers_stages.conversion.common import run as run_command
+
+    run_command(plan_command, parse_args, argv)
     return 0
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .cli import check_output_file, load_saved_folder
 from .loss import diffusion_loss
 from .schedulers import is_edm_scheduler
 
@@ -82,7 +83,7 @@ def denoising_error(
 
 def check_settings(tolerance: float, num_levels: int, num_images: int = 1) -> None:
     """Refuse settings no switch can be measured with (a `ValueError` naming the argument and the value)."""
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
         raise ValueError(f"`tolerance` must be a non-negative number, got {tolerance!r}.")
     for name, value, low in (("num_levels", num_levels, 2), ("num_images", num_images, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -145,7 +146,8 @@ def flops_per_call(model: torch.nn.Module, sample: torch.Tensor, timestep) -> in
 
 
 def plot_switch(found: SwitchRecommendation, path: str | os.PathLike, flops_ratio: float | None = None) -> str:
-    """Save both error curves, the switch and the shallow model's region as a PNG."""
+    """Save both error curves, the switch and the shallow model's region as a PNG at ``path`` (its folders are
+    created)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +170,8 @@ def plot_switch(found: SwitchRecommendation, path: str | os.PathLike, flops_rati
     ax.set_title(f"Dual-backbone switch, tolerance {found.tolerance:g}{extra}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, format="png")  # at exactly ``path``, whatever its extension (matplotlib would add one)
     plt.close(fig)
     return str(path)
 
@@ -189,9 +192,6 @@ def _load_data(name: str, resolution: int, channels: int, num_images: int) -> to
 
 
 def _load_models(args) -> tuple:
-    from diffusers.models.modeling_utils import ModelMixin
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
-
     if args.pipeline:
         from .pipelines import DualBackbonePipeline
 
@@ -199,8 +199,11 @@ def _load_models(args) -> tuple:
         return pipe.shallow, pipe.deep, pipe.scheduler
     if not (args.shallow and args.deep and args.scheduler):
         raise ValueError("Give `--pipeline DIR`, or all of `--shallow DIR --deep DIR --scheduler DIR`.")
-    load = [ModelMixin, ModelMixin, SchedulerMixin]
-    return tuple(_load_any(cls, path) for cls, path in zip(load, (args.shallow, args.deep, args.scheduler)))
+    return (
+        load_saved_folder(args.shallow, "--shallow"),
+        load_saved_folder(args.deep, "--deep"),
+        load_saved_folder(args.scheduler, "--scheduler", scheduler=True),
+    )
 
 
 def check_dual_backbone_folder(path: str) -> None:
@@ -222,18 +225,8 @@ def check_dual_backbone_folder(path: str) -> None:
         )
 
 
-def _load_any(base: type, path: str):
-    """Load a saved model or scheduler folder with the class named in its config."""
-    import diffusers
-
-    config = base.load_config(path) if hasattr(base, "load_config") else {}
-    cls = getattr(diffusers, config.get("_class_name", ""), None)
-    if cls is None or not issubclass(cls, base):
-        raise ValueError(f"{path} does not hold a diffusers {base.__name__} (`_class_name` in its config).")
-    return cls.from_pretrained(path)
-
-
-def main(argv: list[str] | None = None) -> SwitchRecommendation:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command's options."""
     parser = argparse.ArgumentParser(description="Recommend the dual-backbone switch from measured denoising errors.")
     parser.add_argument("--pipeline", help="a saved DualBackbonePipeline folder")
     parser.add_argument("--shallow", help="a saved shallow model folder (with --deep and --scheduler)")
@@ -246,9 +239,20 @@ def main(argv: list[str] | None = None) -> SwitchRecommendation:
         "--tolerance", type=float, default=0.05, help="allowed relative excess error of the shallow model"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default="switch.png", help="where to save the PNG")
-    args = parser.parse_args(argv)
+    parser.add_argument("--plot", default="switch.png", help="where to save the PNG (written as a PNG at this path)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> SwitchRecommendation:
+    """Run the command on ``argv``; bad input raises a `ValueError` (the command line, [`cli`], prints it as one
+    line)."""
+    return switch_command(parse_args(argv))
+
+
+def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
+    """The command on parsed arguments: measure, print and plot the recommended switch."""
     check_settings(args.tolerance, args.num_levels, args.num_images)  # before any model or data is loaded
+    check_output_file(args.plot, "--plot")
     if args.pipeline:
         check_dual_backbone_folder(args.pipeline)
 
@@ -276,8 +280,11 @@ def main(argv: list[str] | None = None) -> SwitchRecommendation:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Console entry point (`diffusers-stages-switch`): exit status 0 on success."""
-    main(argv)
+    """Console entry point (`diffusers-stages-switch`): exit status 0 on success; bad input is one line on stderr and
+    exit status 1 (2 for a usage error), not a traceback."""
+    from diffusers_stages.conversion.common import run as run_command
+
+    run_command(switch_command, parse_args, argv)
     return 0
 
 
