@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .cli import check_output_file, load_saved_folder
 from .loss import diffusion_loss
+from .models.checks import check_positive_integers
 from .schedulers import is_edm_scheduler
 
 
@@ -123,8 +124,8 @@ def recommend_switch(
     ```
     """
     check_settings(tolerance, num_levels)
-    if images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"`images` must be a non-empty (N, C, H, W) tensor in [-1, 1], got {tuple(images.shape)}.")
+    _check_images(images, deep)
+    check_positive_integers(batch_size=error_kwargs.get("batch_size", 1))
     levels = noise_levels(scheduler, num_levels)
     shallow_error = denoising_error(shallow, scheduler, images, levels, **error_kwargs)
     deep_error = denoising_error(deep, scheduler, images, levels, **error_kwargs)
@@ -136,6 +137,23 @@ def recommend_switch(
         switch = float(levels[i])
     units = "sigma" if is_edm_scheduler(scheduler) else "timestep"
     return SwitchRecommendation(levels, shallow_error, deep_error, float(tolerance), switch, units)
+
+
+def _check_images(images: torch.Tensor, model: torch.nn.Module) -> None:
+    """Images both models can be scored on: a non-empty finite floating-point ``(N, C, H, W)`` batch with the
+    models' input channels."""
+    if not torch.is_tensor(images) or images.ndim != 4 or len(images) == 0 or not images.is_floating_point():
+        got = (
+            f"a {images.dtype} tensor of shape {tuple(images.shape)}"
+            if torch.is_tensor(images)
+            else type(images).__name__
+        )
+        raise ValueError(f"`images` must be a non-empty floating-point (N, C, H, W) tensor in [-1, 1], got {got}.")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("`images` hold NaN or infinite values: no denoising error can be measured on them.")
+    in_channels = getattr(getattr(model, "config", None), "in_channels", None)
+    if in_channels is not None and images.shape[1] != in_channels:
+        raise ValueError(f"`images` have {images.shape[1]} channels but the deep model takes {in_channels}.")
 
 
 def flops_per_call(model: torch.nn.Module, sample: torch.Tensor, timestep) -> int:

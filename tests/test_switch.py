@@ -115,3 +115,19 @@ def test_command_refuses_a_pipeline_that_is_not_dual_backbone(tiny_multistage, t
         main(["--pipeline", str(tmp_path / "staged"), "--num_levels", "3"])
     with pytest.raises(ValueError, match="`--pipeline` .* is not a saved pipeline folder"):
         main(["--pipeline", str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize(
+    "images, kwargs, match",
+    [
+        ([[0.0]], {}, "`images` must be a non-empty floating-point \\(N, C, H, W\\) tensor in \\[-1, 1\\], got list"),
+        (torch.zeros(4, 1, 8, 8, dtype=torch.long), {}, "floating-point .* got a torch.int64 tensor"),
+        (torch.full((4, 1, 8, 8), math.nan), {}, "`images` hold NaN or infinite values"),
+        (torch.zeros(4, 3, 8, 8), {}, "`images` have 3 channels but the deep model takes 1"),
+        (torch.zeros(4, 1, 8, 8), {"batch_size": 0}, "`batch_size` must be a positive integer, got 0"),
+    ],
+)
+def test_recommend_switch_refuses_images_and_batch_sizes_it_cannot_measure(tiny_unet_kwargs, images, kwargs, match):
+    unet = UNet2DModel(**{**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1})
+    with pytest.raises(ValueError, match=match):
+        recommend_switch(unet, unet, DDPMScheduler(), images, num_levels=3, **kwargs)
