@@ -21,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cli import check_output_file, load_saved_folder
+from .conventions import class_embedding_count, null_class_label, num_data_classes
 from .loss import diffusion_loss
 from .models.checks import check_positive_integers
 from .schedulers import is_edm_scheduler
@@ -156,10 +157,10 @@ def _check_images(images: torch.Tensor, model: torch.nn.Module) -> None:
         raise ValueError(f"`images` have {images.shape[1]} channels but the deep model takes {in_channels}.")
 
 
-def flops_per_call(model: torch.nn.Module, sample: torch.Tensor, timestep) -> int:
+def flops_per_call(model: torch.nn.Module, sample: torch.Tensor, timestep, class_labels=None) -> int:
     """FLOPs of one forward call (`torch.utils.flop_counter`)."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(sample, timestep)
+        model(sample, timestep, class_labels=class_labels)
     return counter.get_total_flops()
 
 
@@ -207,6 +208,20 @@ def _load_data(name: str, resolution: int, channels: int, num_images: int) -> to
 
     source = {"train_data_dir": name} if os.path.isdir(name) else {"dataset": name}
     return load_images(**source, resolution=resolution, num_channels=channels, max_images=num_images)
+
+
+def _class_labels(config, data: str, num_images: int) -> tuple[torch.Tensor | None, str]:
+    """Labels for a class-conditional pair, and what they are: the digits' own classes when the models have their 10,
+    else the unconditional label (the one classifier-free guidance trains) for every image; None for unconditional
+    models."""
+    count = class_embedding_count(config)
+    if count is None:
+        return None, ""
+    if data == "digits" and num_data_classes(count) == 10:
+        from sklearn.datasets import load_digits
+
+        return torch.from_numpy(load_digits().target[:num_images]).long(), "the digits' classes"
+    return torch.full((num_images,), null_class_label(count), dtype=torch.long), "the unconditional label"
 
 
 def _load_models(args) -> tuple:
@@ -277,9 +292,14 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     shallow, deep, scheduler = _load_models(args)
     config = deep.config
     images = _load_data(args.data, config.sample_size, config.in_channels, args.num_images)
-    found = recommend_switch(shallow, deep, scheduler, images, args.tolerance, args.num_levels, seed=args.seed)
-    sample, level = images[:1], found.levels[-1:]
-    ratio = flops_per_call(shallow, sample, level) / flops_per_call(deep, sample, level)
+    labels, labelled = _class_labels(config, args.data, len(images))
+    if labels is not None:
+        print(f"class labels: {labelled}")
+    found = recommend_switch(
+        shallow, deep, scheduler, images, args.tolerance, args.num_levels, seed=args.seed, class_labels=labels
+    )
+    sample, level, label = images[:1], found.levels[-1:], None if labels is None else labels[:1]
+    ratio = flops_per_call(shallow, sample, level, label) / flops_per_call(deep, sample, level, label)
     share = found.shallow_share()
     print(f"levels ({found.units}): " + " ".join(f"{v:.4g}" for v in found.levels.tolist()))
     print("deep error:    " + " ".join(f"{v:.4g}" for v in found.deep_error.tolist()))

@@ -1,8 +1,10 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from PIL import Image
 
 from diffusers_stages import DualBackbonePipeline, MultiStagePipeline
 from diffusers_stages.switch import main, recommend_switch
@@ -131,3 +133,19 @@ def test_recommend_switch_refuses_images_and_batch_sizes_it_cannot_measure(tiny_
     unet = UNet2DModel(**{**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1})
     with pytest.raises(ValueError, match=match):
         recommend_switch(unet, unet, DDPMScheduler(), images, num_levels=3, **kwargs)
+
+
+def test_command_measures_a_class_conditional_pair(tiny_unet_kwargs, tmp_path, capsys):
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1, "num_class_embeds": 11}  # digits + null label
+    torch.manual_seed(0)
+    pipe = DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    common = ["--pipeline", str(tmp_path / "pipe"), "--num_images", "4", "--num_levels", "3"]
+    found = main([*common, "--plot", str(tmp_path / "digits.png")])  # the digits' own classes
+    assert math.isfinite(float(found.deep_error.sum()))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 60 * i, dtype=np.uint8), mode="L").save(folder / f"{i}.png")
+    found = main([*common, "--data", str(folder), "--plot", str(tmp_path / "folder.png")])  # the unconditional label
+    assert math.isfinite(float(found.deep_error.sum())) and "class labels: " in capsys.readouterr().out
