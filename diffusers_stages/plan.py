@@ -38,17 +38,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--train_data_dir",
-        help="A folder of training images (searched recursively). Every file is decoded before planning: one that is "
-        "not a readable image (truncated, or not an image) is an error naming it; at least 2 different images.",
+        help="A folder of training images (searched recursively; files not ending in an image extension such as "
+        ".png or .jpg are skipped). Every image file is decoded before planning: one that is not a readable image "
+        "(truncated, or not an image) is an error naming it; at least 2 different images. Any size and mode: each is "
+        "converted to --num_channels, resized and centre-cropped to --resolution. Not read by --method uniform, snr "
+        "and snr_clustering unless --model_config is given (the decoder widths are measured on the images).",
     )
     source.add_argument("--dataset", help="A `datasets` dataset: a `save_to_disk` folder, or a name for load_dataset.")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--num_channels", type=int, default=3, choices=(1, 3))
-    parser.add_argument("--max_images", type=int, default=None)
-    parser.add_argument("--num_stages", type=int, default=3)
-    parser.add_argument("--method", default="optimal_denoiser", choices=METHODS)
+    parser.add_argument("--image_column", default="image", help="The image column of --dataset.")
+    parser.add_argument("--split", default="train", help="The split of --dataset.")
+    parser.add_argument("--resolution", type=int, default=32, help="Side of the square images planned on.")
+    parser.add_argument("--num_channels", type=int, default=3, choices=(1, 3), help="1 (grayscale) or 3 (RGB).")
+    parser.add_argument("--max_images", type=int, default=None, help="Plan on the first N images (default: all).")
+    parser.add_argument("--num_stages", type=int, default=3, help="Number of stages (>= 2).")
+    parser.add_argument(
+        "--method",
+        default="optimal_denoiser",
+        choices=METHODS,
+        help="optimal_denoiser (Zhang et al., Algorithm 1), ilp (the authors' integer program), or a baseline.",
+    )
     parser.add_argument("--alpha", type=float, default=0.9, help="Mean-similarity threshold in (0, 1].")
     parser.add_argument("--eta", type=float, default=0.1, help="Pixel tolerance in (0, 1].")
     parser.add_argument("--num_samples", type=int, default=128, help="Monte Carlo draws K.")
@@ -56,12 +64,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     schedule = parser.add_mutually_exclusive_group()
     schedule.add_argument("--scheduler_config", help="A diffusers scheduler config (file or folder). Default: DDPM.")
     schedule.add_argument("--edm", action="store_true", help="An EDM/Karras sigma schedule (boundaries in sigma).")
-    parser.add_argument("--sigma_min", type=float, default=0.002)
-    parser.add_argument("--sigma_max", type=float, default=80.0)
-    parser.add_argument("--rho", type=float, default=7.0)
-    parser.add_argument("--model_path", help="A trained diffusers model folder, for --method gradient.")
-    parser.add_argument("--model_config", help="A model config.json to write the plan into (see --output_config).")
-    parser.add_argument("--output_config", help="Where to write the planned MultiStageUNet2DModel config.json.")
+    parser.add_argument("--sigma_min", type=float, default=0.002, help="--edm: the smallest sigma.")
+    parser.add_argument("--sigma_max", type=float, default=80.0, help="--edm: the largest sigma.")
+    parser.add_argument("--rho", type=float, default=7.0, help="--edm: Karras et al.'s rho (> 0).")
+    parser.add_argument(
+        "--model_path", help="A trained model folder (diffusers or diffusers-stages), for --method gradient."
+    )
+    parser.add_argument(
+        "--model_config",
+        help="A model config.json (a UNet2DModel's or a MultiStageUNet2DModel's): its decoder widths are planned "
+        "(heuristic, or within --budget) and printed, and the plan is written into it (see --output_config).",
+    )
+    parser.add_argument(
+        "--output_config",
+        help="Where to write the planned MultiStageUNet2DModel config.json (its folders are created): "
+        "`MultiStageUNet2DModel.from_config` takes it, and so does `train_multistage.py --model_config`.",
+    )
     parser.add_argument(
         "--budget",
         type=float,
@@ -73,8 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num_inference_steps", type=int, default=None, help="Sampling steps the budget pays for.")
     parser.add_argument("--batch_size", type=int, default=1, help="Training batch the budget pays for.")
-    parser.add_argument("--output_plot", default=None, help="PNG of the curves with the boundaries marked.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--output_plot", default=None, help="Where to write a PNG of the curves with the boundaries marked."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the Monte Carlo draws: same seed, same plan.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--chunk_size", type=int, default=1024, help="Training images per streamed chunk.")
     args = parser.parse_args(argv)

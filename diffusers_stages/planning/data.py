@@ -26,14 +26,21 @@ def open_image_file(path: str, argument: str = "train_data_dir") -> Image.Image:
             f"`{argument}` holds a file that is not a readable image: {path!r} ({type(error).__name__}: {error}). "
             "Fix or remove it."
         ) from None
+    if image.mode == "F":
+        raise ValueError(
+            f"`{argument}` holds a floating-point image (mode 'F'), which has no fixed range of grey levels: {path!r}. "
+            "Save it as an 8- or 16-bit image."
+        )
     return image
 
 
 def image_to_tensor(image, resolution: int, num_channels: int = 3) -> torch.Tensor:
-    """One image (PIL or array) -> ``(C, R, R)`` in ``[-1, 1]``: resized and centre-cropped as diffusers'
-    ``train_unconditional.py`` does."""
+    """One image (PIL or array; 8-bit, or 16-bit grey scaled to 8 bits) -> ``(C, R, R)`` in ``[-1, 1]``: resized and
+    centre-cropped as diffusers' ``train_unconditional.py`` does."""
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image))
+    if image.mode.startswith("I;16"):  # 16-bit grey: Pillow's conversion to "L" clips at 255 (white), so scale it
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8), "L")
     image = ImageOps.fit(image.convert("L" if num_channels == 1 else "RGB"), (resolution, resolution), Image.BILINEAR)
     array = np.asarray(image, dtype=np.float32).reshape(resolution, resolution, num_channels)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
