@@ -145,13 +145,15 @@ def _make_parent_folder(path: str) -> str:
 
 def _scheduler_from_config(path: str):
     import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
     path = _scheduler_config_file(path)
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
-    scheduler_class = getattr(diffusers, config.get("_class_name", ""), None)
-    if scheduler_class is None:
-        raise ValueError(f"`--scheduler_config` {path!r} names no diffusers scheduler (_class_name).")
+    name = config.get("_class_name")
+    scheduler_class = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        raise ValueError(f"`--scheduler_config` {path!r} names no diffusers scheduler (_class_name {name!r}).")
     return scheduler_class.from_config(config)
 
 

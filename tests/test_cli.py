@@ -114,6 +114,7 @@ def probe_files(tmp_path_factory):
     (root / "text_only" / "notes.txt").write_text("no image here\n")
     (root / "file.txt").write_text("a file, not a folder\n")
     (root / "list.json").write_text("[1, 2]\n")
+    (root / "unet.json").write_text('{"_class_name": "UNet2DModel"}\n')
     return root
 
 
@@ -132,6 +133,11 @@ PLAN_ERRORS = [
     (["--method", "snr", "--device", "bogus"], 2, "`--device` must be a torch device such as 'cpu' or 'cuda', got "),
     (["--method", "snr", "--scheduler_config", "{root}/missing.json"], 2, "`--scheduler_config` '{root}/missing"),
     (["--method", "snr", "--scheduler_config", "{root}/empty"], 2, "`--scheduler_config` '{root}/empty/scheduler_co"),
+    (
+        ["--method", "snr", "--scheduler_config", "{root}/unet.json"],
+        1,
+        "`--scheduler_config` '{root}/unet.json' names ",
+    ),
     (["--method", "snr", "--model_config", "{root}/missing.json"], 2, "`--model_config` '{root}/missing.json' is not"),
     (["--method", "snr", "--model_config", "{root}/file.txt"], 2, "`--model_config` '{root}/file.txt' cannot be rea"),
     (
