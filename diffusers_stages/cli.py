@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -74,6 +76,59 @@ def _program_name(prog: str) -> Iterator[None]:
         yield
     finally:
         sys.argv[0] = saved
+
+
+def check_input_file(path: str | None, option: str, json_object: bool = False) -> None:
+    """Refuse, before any work, an input file that is missing, not a file, unreadable, or (``json_object``) not a JSON
+    object: a `ValueError` naming ``option`` and the path."""
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        raise ValueError(f"`{option}` {path!r} is not a file.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = json.load(f) if json_object else f.read(1)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"`{option}` {path!r} cannot be read: {type(error).__name__}: {error}") from None
+    if json_object and not isinstance(loaded, dict):
+        raise ValueError(f"`{option}` {path!r} holds JSON but not an object (a config): {type(loaded).__name__}.")
+
+
+def check_output_file(path: str | None, option: str) -> None:
+    """Refuse, before any work, an output file path that cannot be written: an existing folder, or a folder part
+    that is a file (the missing folders are created when writing). A `ValueError` naming ``option`` and the path."""
+    if path is None:
+        return
+    if path == "" or os.path.isdir(path):
+        raise ValueError(f"`{option}` {path!r} is a folder (or empty): give a file path.")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"`{option}` {path!r} cannot be written: {parent!r} is not a writable folder.")
+
+
+def load_saved_folder(path: str, option: str, scheduler: bool = False):
+    """A saved model folder (``config.json``) or, with ``scheduler``, a scheduler folder (``scheduler_config.json``),
+    loaded with the class its config names: one of diffusers-stages' models or a diffusers class (no code is run from
+    the folder). Anything else is a `ValueError` naming ``option`` and the path."""
+    import diffusers
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    import diffusers_stages
+
+    config_file = os.path.join(path, "scheduler_config.json" if scheduler else "config.json")
+    check_input_file(config_file, option, json_object=True)
+    with open(config_file, encoding="utf-8") as f:
+        name = json.load(f).get("_class_name")
+    base = SchedulerMixin if scheduler else ModelMixin
+    found = [getattr(module, name, None) for module in (diffusers_stages, diffusers) if isinstance(name, str)]
+    cls = next((c for c in found if isinstance(c, type) and issubclass(c, base)), None)
+    if cls is None:
+        kind = "a diffusers scheduler" if scheduler else "a diffusers or diffusers-stages model"
+        raise ValueError(f"`{option}` {path!r}: `_class_name` {name!r} of {config_file!r} is not {kind}.")
+    return cls.from_pretrained(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

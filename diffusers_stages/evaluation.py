@@ -27,6 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
+from .models.checks import check_positive_integers
+
 T = TypeVar("T")
 
 
@@ -129,7 +131,7 @@ def train_classifier(
         return net.eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps = min(max_steps, epochs * (len(images) // batch_size))
+    steps = min(max_steps, epochs * max(1, len(images) // batch_size))  # fewer images than a batch: still trained
     for _ in tqdm(range(steps), desc="classifier", disable=not progress_bar):
         index = torch.randint(len(images), (batch_size,), generator=generator)
         shift = torch.randint(-1, 2, (2,), generator=generator).tolist()  # small translations: features, not pixels
@@ -151,8 +153,11 @@ class Evaluator:
     """
 
     def __init__(self, classifier: FeatureClassifier, real_images: torch.Tensor, batch_size: int = 1000):
+        check_positive_integers(batch_size=batch_size)
+        _check_images(real_images, "real_images")
         self.classifier = classifier
         self.batch_size = batch_size
+        self.image_shape = tuple(real_images.shape[1:])
         self.fd = FrechetInceptionDistance(feature=classifier, reset_real_features=False)
         for chunk in real_images.split(batch_size):
             self.fd.update(chunk, real=True)
@@ -160,8 +165,19 @@ class Evaluator:
     @torch.no_grad()
     def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         """``{"fd": ..., "accuracy": ...}`` for ``images`` in ``[-1, 1]`` (accuracy only when ``labels`` are given)."""
-        if images.ndim != 4 or images.shape[0] < 2:
-            raise ValueError(f"`images` must be a batch (N >= 2, C, H, W), got shape {tuple(images.shape)}.")
+        _check_images(images, "images")
+        if tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"`images` must be of the shape (N, {', '.join(map(str, self.image_shape))}) of the real images, got "
+                f"{tuple(images.shape)}."
+            )
+        if labels is not None and (
+            not torch.is_tensor(labels) or labels.is_floating_point() or labels.shape != (len(images),)
+        ):
+            got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if torch.is_tensor(labels) else type(labels)
+            raise ValueError(
+                f"`labels` must hold one class per image ({len(images)}) as an integer tensor, got {got}."
+            )
         self.fd.reset()  # forgets the generated features only (reset_real_features=False)
         correct = 0
         for i, chunk in enumerate(images.split(self.batch_size)):
@@ -175,3 +191,12 @@ class Evaluator:
         if labels is not None:
             result["accuracy"] = correct / len(images)
         return result
+
+
+def _check_images(images: torch.Tensor, name: str) -> None:
+    """A batch of at least two finite images ``(N, C, H, W)``, or a `ValueError` naming ``name``."""
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"`{name}` must be a batch (N >= 2, C, H, W), got shape {shape}.")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"`{name}` hold NaN or infinite values: the Frechet distance would be meaningless.")

@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from .cli import check_input_file, check_output_file, load_saved_folder
 from .planning import (
     METHODS,
     NoiseSchedule,
@@ -37,17 +38,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--train_data_dir",
-        help="A folder of training images (searched recursively). Every file is decoded before planning: one that is "
-        "not a readable image (truncated, or not an image) is an error naming it; at least 2 different images.",
+        help="A folder of training images (searched recursively; files not ending in an image extension such as "
+        ".png or .jpg are skipped). Every image file is decoded before planning: one that is not a readable image "
+        "(truncated, or not an image) is an error naming it; at least 2 different images. Any size and mode: each is "
+        "converted to --num_channels, resized and centre-cropped to --resolution. Not read by --method uniform, snr "
+        "and snr_clustering unless --model_config is given (the decoder widths are measured on the images).",
     )
     source.add_argument("--dataset", help="A `datasets` dataset: a `save_to_disk` folder, or a name for load_dataset.")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--num_channels", type=int, default=3, choices=(1, 3))
-    parser.add_argument("--max_images", type=int, default=None)
-    parser.add_argument("--num_stages", type=int, default=3)
-    parser.add_argument("--method", default="optimal_denoiser", choices=METHODS)
+    parser.add_argument("--image_column", default="image", help="The image column of --dataset.")
+    parser.add_argument("--split", default="train", help="The split of --dataset.")
+    parser.add_argument("--resolution", type=int, default=32, help="Side of the square images planned on.")
+    parser.add_argument("--num_channels", type=int, default=3, choices=(1, 3), help="1 (grayscale) or 3 (RGB).")
+    parser.add_argument("--max_images", type=int, default=None, help="Plan on the first N images (default: all).")
+    parser.add_argument("--num_stages", type=int, default=3, help="Number of stages (>= 2).")
+    parser.add_argument(
+        "--method",
+        default="optimal_denoiser",
+        choices=METHODS,
+        help="optimal_denoiser (Zhang et al., Algorithm 1), ilp (the authors' integer program), or a baseline.",
+    )
     parser.add_argument("--alpha", type=float, default=0.9, help="Mean-similarity threshold in (0, 1].")
     parser.add_argument("--eta", type=float, default=0.1, help="Pixel tolerance in (0, 1].")
     parser.add_argument("--num_samples", type=int, default=128, help="Monte Carlo draws K.")
@@ -55,12 +64,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     schedule = parser.add_mutually_exclusive_group()
     schedule.add_argument("--scheduler_config", help="A diffusers scheduler config (file or folder). Default: DDPM.")
     schedule.add_argument("--edm", action="store_true", help="An EDM/Karras sigma schedule (boundaries in sigma).")
-    parser.add_argument("--sigma_min", type=float, default=0.002)
-    parser.add_argument("--sigma_max", type=float, default=80.0)
-    parser.add_argument("--rho", type=float, default=7.0)
-    parser.add_argument("--model_path", help="A trained diffusers model folder, for --method gradient.")
-    parser.add_argument("--model_config", help="A model config.json to write the plan into (see --output_config).")
-    parser.add_argument("--output_config", help="Where to write the planned MultiStageUNet2DModel config.json.")
+    parser.add_argument("--sigma_min", type=float, default=0.002, help="--edm: the smallest sigma.")
+    parser.add_argument("--sigma_max", type=float, default=80.0, help="--edm: the largest sigma.")
+    parser.add_argument("--rho", type=float, default=7.0, help="--edm: Karras et al.'s rho (> 0).")
+    parser.add_argument(
+        "--model_path", help="A trained model folder (diffusers or diffusers-stages), for --method gradient."
+    )
+    parser.add_argument(
+        "--model_config",
+        help="A model config.json (a UNet2DModel's or a MultiStageUNet2DModel's): its decoder widths are planned "
+        "(heuristic, or within --budget) and printed, and the plan is written into it (see --output_config).",
+    )
+    parser.add_argument(
+        "--output_config",
+        help="Where to write the planned MultiStageUNet2DModel config.json (its folders are created): "
+        "`MultiStageUNet2DModel.from_config` takes it, and so does `train_multistage.py --model_config`.",
+    )
     parser.add_argument(
         "--budget",
         type=float,
@@ -72,8 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num_inference_steps", type=int, default=None, help="Sampling steps the budget pays for.")
     parser.add_argument("--batch_size", type=int, default=1, help="Training batch the budget pays for.")
-    parser.add_argument("--output_plot", default=None, help="PNG of the curves with the boundaries marked.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--output_plot", default=None, help="Where to write a PNG of the curves with the boundaries marked."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the Monte Carlo draws: same seed, same plan.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--chunk_size", type=int, default=1024, help="Training images per streamed chunk.")
     args = parser.parse_args(argv)
@@ -83,33 +104,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--budget needs --model_config (the model whose decoder widths are planned).")
     if (args.num_inference_steps is not None or args.batch_size != 1) and args.budget is None:
         parser.error("--num_inference_steps and --batch_size say what --budget pays for: give --budget too.")
+    try:
+        check_args(args)
+    except ValueError as error:
+        parser.error(str(error))
     return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse, before any image is loaded, a device torch does not know (or a CUDA one without CUDA) and input or
+    output paths that cannot be used (a `ValueError` naming the option and the value)."""
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(
+                f"`--device` must be a torch device such as 'cpu' or 'cuda', got {args.device!r}."
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"`--device` {args.device!r}: no CUDA device is available here; use `--device cpu`.")
+    check_input_file(args.model_config, "--model_config", json_object=True)
+    if args.scheduler_config is not None:
+        check_input_file(_scheduler_config_file(args.scheduler_config), "--scheduler_config", json_object=True)
+    if args.model_path is not None:
+        check_input_file(os.path.join(args.model_path, "config.json"), "--model_path", json_object=True)
+    check_output_file(args.output_plot, "--output_plot")
+    check_output_file(args.output_config, "--output_config")
+
+
+def _scheduler_config_file(path: str) -> str:
+    """A scheduler config given as a file or as a folder holding ``scheduler_config.json``."""
+    return os.path.join(path, "scheduler_config.json") if os.path.isdir(path) else path
+
+
+def _make_parent_folder(path: str) -> str:
+    """Create the folders of an output file path; returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
 
 
 def _scheduler_from_config(path: str):
     import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-    if os.path.isdir(path):
-        path = os.path.join(path, "scheduler_config.json")
+    path = _scheduler_config_file(path)
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
-    scheduler_class = getattr(diffusers, config.get("_class_name", ""), None)
-    if scheduler_class is None:
-        raise ValueError(f"`--scheduler_config` {path!r} names no diffusers scheduler (_class_name).")
+    name = config.get("_class_name")
+    scheduler_class = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        raise ValueError(f"`--scheduler_config` {path!r} names no diffusers scheduler (_class_name {name!r}).")
     return scheduler_class.from_config(config)
-
-
-def _load_model(path: str) -> torch.nn.Module:
-    import diffusers
-
-    import diffusers_stages
-
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        class_name = json.load(f).get("_class_name", "")
-    model_class = getattr(diffusers_stages, class_name, None) or getattr(diffusers, class_name, None)
-    if model_class is None:
-        raise ValueError(f"`--model_path` {path!r}: unknown model class {class_name!r}.")
-    return model_class.from_pretrained(path)
 
 
 def _schedule(args: argparse.Namespace) -> tuple[NoiseSchedule, object]:
@@ -118,8 +163,8 @@ def _schedule(args: argparse.Namespace) -> tuple[NoiseSchedule, object]:
     if args.edm:
         from diffusers import EDMEulerScheduler
 
-        scheduler = EDMEulerScheduler(sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
-        return NoiseSchedule.edm(args.sigma_min, args.sigma_max, args.rho, args.num_levels), scheduler
+        schedule = NoiseSchedule.edm(args.sigma_min, args.sigma_max, args.rho, args.num_levels)  # checks them first
+        return schedule, EDMEulerScheduler(sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
     if args.scheduler_config:
         scheduler = _scheduler_from_config(args.scheduler_config)
     else:
@@ -166,8 +211,13 @@ def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: Nois
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Run the command on ``argv`` (default: ``sys.argv``); returns what the JSON line holds."""
-    args = parse_args(argv)
+    """Run the command on ``argv`` (default: ``sys.argv``); returns what the JSON line holds. Bad input raises a
+    `ValueError` (the command line, [`main`], prints it as one line)."""
+    return plan_command(parse_args(argv))
+
+
+def plan_command(args: argparse.Namespace) -> dict:
+    """The command on parsed arguments; returns what the JSON line holds."""
     # 1. the noise schedule, the training images and the model config
     schedule, scheduler = _schedule(args)
     data = _training_images(args)
@@ -191,7 +241,7 @@ def run(argv: list[str] | None = None) -> dict:
         args.num_samples,
         args.num_levels,
         torch.Generator().manual_seed(args.seed),
-        _load_model(args.model_path) if args.model_path else None,
+        load_saved_folder(args.model_path, "--model_path") if args.model_path else None,
         args.chunk_size,
         args.device,
         progress_bar=True,
@@ -207,20 +257,22 @@ def run(argv: list[str] | None = None) -> dict:
     if config is not None:
         widths = _decoder_widths(args, plan, config, data, schedule, result)
         if args.output_config:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output_config)), exist_ok=True)
-            with open(args.output_config, "w", encoding="utf-8") as f:
+            with open(_make_parent_folder(args.output_config), "w", encoding="utf-8") as f:
                 planned = partition_to_model_config(config, plan.partition, widths)
                 json.dump({**planned, "_class_name": "MultiStageUNet2DModel"}, f, indent=2)
             print(f"  model config written to {args.output_config}")
     if args.output_plot:
-        print(f"  plot written to {plot_plan(plan, args.output_plot)}")
+        print(f"  plot written to {plot_plan(plan, _make_parent_folder(args.output_plot))}")
     print(json.dumps(result))
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point (``diffusers-stages-plan``)."""
-    run(argv)
+    """Console-script entry point (``diffusers-stages-plan``): bad input is one line on stderr and exit status 1 (2
+    for a usage error), not a traceback."""
+    from diffusers_stages.conversion.common import run as run_command
+
+    run_command(plan_command, parse_args, argv)
     return 0
 
 

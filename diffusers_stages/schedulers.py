@@ -131,6 +131,19 @@ def scheduler_step_kwargs(
     return kwargs
 
 
+def check_num_inference_steps(scheduler, num_inference_steps: int) -> None:
+    """Refuse, before any step, a step count ``scheduler`` cannot run: PNDM's Runge-Kutta warm-up
+    (``skip_prk_steps=False``, its default) needs ``pndm_order`` (4) steps, and fewer fail inside its
+    ``set_timesteps`` with a NumPy broadcasting error."""
+    warm_up = getattr(scheduler, "pndm_order", None) if not getattr(scheduler.config, "skip_prk_steps", True) else None
+    if warm_up is not None and num_inference_steps < warm_up:
+        raise ValueError(
+            f"{type(scheduler).__name__} with Runge-Kutta warm-up steps needs `num_inference_steps` of at least "
+            f"{warm_up}, got {num_inference_steps}: give more steps, or use "
+            f"`{type(scheduler).__name__}.from_config(scheduler.config, skip_prk_steps=True)`."
+        )
+
+
 def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[float, bool]]:
     r"""
     ``(timestep, is_corrector)`` of every model call a run of ``num_inference_steps`` makes, in order: a dry run of a
@@ -148,6 +161,7 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
 
     ```
     """
+    check_num_inference_steps(scheduler, num_inference_steps)
     scheduler = fresh_scheduler(scheduler)
     scheduler.set_timesteps(num_inference_steps)
     if not hasattr(scheduler, "state_in_first_order"):  # one model call per listed timestep: no dry steps needed

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .cli import check_output_file, load_saved_folder
+from .conventions import class_embedding_count, null_class_label, num_data_classes
 from .loss import diffusion_loss
+from .models.checks import check_positive_integers
 from .schedulers import is_edm_scheduler
 
 
@@ -82,7 +85,7 @@ def denoising_error(
 
 def check_settings(tolerance: float, num_levels: int, num_images: int = 1) -> None:
     """Refuse settings no switch can be measured with (a `ValueError` naming the argument and the value)."""
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
         raise ValueError(f"`tolerance` must be a non-negative number, got {tolerance!r}.")
     for name, value, low in (("num_levels", num_levels, 2), ("num_images", num_images, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -122,8 +125,8 @@ def recommend_switch(
     ```
     """
     check_settings(tolerance, num_levels)
-    if images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"`images` must be a non-empty (N, C, H, W) tensor in [-1, 1], got {tuple(images.shape)}.")
+    _check_images(images, deep)
+    check_positive_integers(batch_size=error_kwargs.get("batch_size", 1))
     levels = noise_levels(scheduler, num_levels)
     shallow_error = denoising_error(shallow, scheduler, images, levels, **error_kwargs)
     deep_error = denoising_error(deep, scheduler, images, levels, **error_kwargs)
@@ -137,15 +140,33 @@ def recommend_switch(
     return SwitchRecommendation(levels, shallow_error, deep_error, float(tolerance), switch, units)
 
 
-def flops_per_call(model: torch.nn.Module, sample: torch.Tensor, timestep) -> int:
+def _check_images(images: torch.Tensor, model: torch.nn.Module) -> None:
+    """Images both models can be scored on: a non-empty finite floating-point ``(N, C, H, W)`` batch with the
+    models' input channels."""
+    if not torch.is_tensor(images) or images.ndim != 4 or len(images) == 0 or not images.is_floating_point():
+        got = (
+            f"a {images.dtype} tensor of shape {tuple(images.shape)}"
+            if torch.is_tensor(images)
+            else type(images).__name__
+        )
+        raise ValueError(f"`images` must be a non-empty floating-point (N, C, H, W) tensor in [-1, 1], got {got}.")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("`images` hold NaN or infinite values: no denoising error can be measured on them.")
+    in_channels = getattr(getattr(model, "config", None), "in_channels", None)
+    if in_channels is not None and images.shape[1] != in_channels:
+        raise ValueError(f"`images` have {images.shape[1]} channels but the deep model takes {in_channels}.")
+
+
+def flops_per_call(model: torch.nn.Module, sample: torch.Tensor, timestep, class_labels=None) -> int:
     """FLOPs of one forward call (`torch.utils.flop_counter`)."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(sample, timestep)
+        model(sample, timestep, class_labels=class_labels)
     return counter.get_total_flops()
 
 
 def plot_switch(found: SwitchRecommendation, path: str | os.PathLike, flops_ratio: float | None = None) -> str:
-    """Save both error curves, the switch and the shallow model's region as a PNG."""
+    """Save both error curves, the switch and the shallow model's region as a PNG at ``path`` (its folders are
+    created)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +189,8 @@ def plot_switch(found: SwitchRecommendation, path: str | os.PathLike, flops_rati
     ax.set_title(f"Dual-backbone switch, tolerance {found.tolerance:g}{extra}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, format="png")  # at exactly ``path``, whatever its extension (matplotlib would add one)
     plt.close(fig)
     return str(path)
 
@@ -188,10 +210,21 @@ def _load_data(name: str, resolution: int, channels: int, num_images: int) -> to
     return load_images(**source, resolution=resolution, num_channels=channels, max_images=num_images)
 
 
-def _load_models(args) -> tuple:
-    from diffusers.models.modeling_utils import ModelMixin
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+def _class_labels(config, data: str, num_images: int) -> tuple[torch.Tensor | None, str]:
+    """Labels for a class-conditional pair, and what they are: the digits' own classes when the models have their 10,
+    else the unconditional label (the one classifier-free guidance trains) for every image; None for unconditional
+    models."""
+    count = class_embedding_count(config)
+    if count is None:
+        return None, ""
+    if data == "digits" and num_data_classes(count) == 10:
+        from sklearn.datasets import load_digits
 
+        return torch.from_numpy(load_digits().target[:num_images]).long(), "the digits' classes"
+    return torch.full((num_images,), null_class_label(count), dtype=torch.long), "the unconditional label"
+
+
+def _load_models(args) -> tuple:
     if args.pipeline:
         from .pipelines import DualBackbonePipeline
 
@@ -199,8 +232,11 @@ def _load_models(args) -> tuple:
         return pipe.shallow, pipe.deep, pipe.scheduler
     if not (args.shallow and args.deep and args.scheduler):
         raise ValueError("Give `--pipeline DIR`, or all of `--shallow DIR --deep DIR --scheduler DIR`.")
-    load = [ModelMixin, ModelMixin, SchedulerMixin]
-    return tuple(_load_any(cls, path) for cls, path in zip(load, (args.shallow, args.deep, args.scheduler)))
+    return (
+        load_saved_folder(args.shallow, "--shallow"),
+        load_saved_folder(args.deep, "--deep"),
+        load_saved_folder(args.scheduler, "--scheduler", scheduler=True),
+    )
 
 
 def check_dual_backbone_folder(path: str) -> None:
@@ -222,18 +258,8 @@ def check_dual_backbone_folder(path: str) -> None:
         )
 
 
-def _load_any(base: type, path: str):
-    """Load a saved model or scheduler folder with the class named in its config."""
-    import diffusers
-
-    config = base.load_config(path) if hasattr(base, "load_config") else {}
-    cls = getattr(diffusers, config.get("_class_name", ""), None)
-    if cls is None or not issubclass(cls, base):
-        raise ValueError(f"{path} does not hold a diffusers {base.__name__} (`_class_name` in its config).")
-    return cls.from_pretrained(path)
-
-
-def main(argv: list[str] | None = None) -> SwitchRecommendation:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command's options."""
     parser = argparse.ArgumentParser(description="Recommend the dual-backbone switch from measured denoising errors.")
     parser.add_argument("--pipeline", help="a saved DualBackbonePipeline folder")
     parser.add_argument("--shallow", help="a saved shallow model folder (with --deep and --scheduler)")
@@ -246,18 +272,34 @@ def main(argv: list[str] | None = None) -> SwitchRecommendation:
         "--tolerance", type=float, default=0.05, help="allowed relative excess error of the shallow model"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default="switch.png", help="where to save the PNG")
-    args = parser.parse_args(argv)
+    parser.add_argument("--plot", default="switch.png", help="where to save the PNG (written as a PNG at this path)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> SwitchRecommendation:
+    """Run the command on ``argv``; bad input raises a `ValueError` (the command line, [`cli`], prints it as one
+    line)."""
+    return switch_command(parse_args(argv))
+
+
+def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
+    """The command on parsed arguments: measure, print and plot the recommended switch."""
     check_settings(args.tolerance, args.num_levels, args.num_images)  # before any model or data is loaded
+    check_output_file(args.plot, "--plot")
     if args.pipeline:
         check_dual_backbone_folder(args.pipeline)
 
     shallow, deep, scheduler = _load_models(args)
     config = deep.config
     images = _load_data(args.data, config.sample_size, config.in_channels, args.num_images)
-    found = recommend_switch(shallow, deep, scheduler, images, args.tolerance, args.num_levels, seed=args.seed)
-    sample, level = images[:1], found.levels[-1:]
-    ratio = flops_per_call(shallow, sample, level) / flops_per_call(deep, sample, level)
+    labels, labelled = _class_labels(config, args.data, len(images))
+    if labels is not None:
+        print(f"class labels: {labelled}")
+    found = recommend_switch(
+        shallow, deep, scheduler, images, args.tolerance, args.num_levels, seed=args.seed, class_labels=labels
+    )
+    sample, level, label = images[:1], found.levels[-1:], None if labels is None else labels[:1]
+    ratio = flops_per_call(shallow, sample, level, label) / flops_per_call(deep, sample, level, label)
     share = found.shallow_share()
     print(f"levels ({found.units}): " + " ".join(f"{v:.4g}" for v in found.levels.tolist()))
     print("deep error:    " + " ".join(f"{v:.4g}" for v in found.deep_error.tolist()))
@@ -276,8 +318,11 @@ def main(argv: list[str] | None = None) -> SwitchRecommendation:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Console entry point (`diffusers-stages-switch`): exit status 0 on success."""
-    main(argv)
+    """Console entry point (`diffusers-stages-switch`): exit status 0 on success; bad input is one line on stderr and
+    exit status 1 (2 for a usage error), not a traceback."""
+    from diffusers_stages.conversion.common import run as run_command
+
+    run_command(switch_command, parse_args, argv)
     return 0
 
 

@@ -90,3 +90,107 @@ def test_console_scripts_and_aliases(command):
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: one line naming the option and the value, exit status 2 (usage) or 1, never a traceback
+def _error(argv: list[str], capsys) -> tuple[int, str]:
+    """Run ``diffusers-stages argv`` expecting a refusal: its exit status and its one-line message."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    code = exit_info.value.code
+    if isinstance(code, str):  # `sys.exit(message)`: the message goes to stderr, the status is 1
+        return 1, code
+    return code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def probe_files(tmp_path_factory):
+    """Folders and files that the commands must refuse: an empty folder, one with no image, a text file, a
+    non-object JSON file and a saved tiny dual-backbone pipeline."""
+    root = tmp_path_factory.mktemp("probe")
+    (root / "empty").mkdir()
+    (root / "text_only").mkdir()
+    (root / "text_only" / "notes.txt").write_text("no image here\n")
+    (root / "file.txt").write_text("a file, not a folder\n")
+    (root / "list.json").write_text("[1, 2]\n")
+    (root / "unet.json").write_text('{"_class_name": "UNet2DModel"}\n')
+    return root
+
+
+PLAN_ERRORS = [
+    (["--train_data_dir", "{root}/missing"], 1, "`train_data_dir` '{root}/missing' is not a folder"),
+    (["--train_data_dir", "{root}/empty"], 1, "No images found in `train_data_dir` '{root}/empty'"),
+    (["--train_data_dir", "{root}/text_only"], 1, "No images found in `train_data_dir` '{root}/text_only'"),
+    (["--train_data_dir", "{root}/empty", "--max_images", "-1"], 1, "`max_images` must be a positive integer"),
+    (["--train_data_dir", "{root}/empty", "--max_images", "0"], 1, "`max_images` must be a positive integer"),
+    (["--train_data_dir", "{root}/empty", "--resolution", "0"], 1, "`resolution` must be a positive integer, got 0"),
+    (["--method", "snr", "--num_stages", "1"], 1, "`num_stages` must be an integer >= 2, got 1"),
+    (["--method", "snr", "--num_levels", "0"], 1, "`num_levels` must be an integer in [3, 1000], got 0"),
+    (["--method", "snr", "--edm", "--rho", "0"], 1, "`rho` must be a positive finite number, got 0.0"),
+    (["--method", "snr", "--edm", "--rho", "nan"], 1, "`rho` must be a positive finite number, got nan"),
+    (["--method", "snr", "--edm", "--sigma_max", "inf"], 1, "sigma_max=inf"),
+    (["--method", "snr", "--device", "bogus"], 2, "`--device` must be a torch device such as 'cpu' or 'cuda', got "),
+    (["--method", "snr", "--scheduler_config", "{root}/missing.json"], 2, "`--scheduler_config` '{root}/missing"),
+    (["--method", "snr", "--scheduler_config", "{root}/empty"], 2, "`--scheduler_config` '{root}/empty/scheduler_co"),
+    (
+        ["--method", "snr", "--scheduler_config", "{root}/unet.json"],
+        1,
+        "`--scheduler_config` '{root}/unet.json' names ",
+    ),
+    (["--method", "snr", "--model_config", "{root}/missing.json"], 2, "`--model_config` '{root}/missing.json' is not"),
+    (["--method", "snr", "--model_config", "{root}/file.txt"], 2, "`--model_config` '{root}/file.txt' cannot be rea"),
+    (
+        ["--method", "snr", "--model_config", "{root}/list.json"],
+        2,
+        "`--model_config` '{root}/list.json' holds JSON bu",
+    ),
+    (["--method", "gradient", "--model_path", "{root}/empty"], 2, "`--model_path` '{root}/empty/config.json' is not"),
+    (["--method", "snr", "--output_plot", "{root}/empty"], 2, "`--output_plot` '{root}/empty' is a folder"),
+    (["--method", "snr", "--output_plot", "{root}/file.txt/plan.png"], 2, "`--output_plot` '{root}/file.txt/plan.pn"),
+]
+
+
+@pytest.mark.parametrize("argv, status, message", PLAN_ERRORS)
+def test_plan_refuses_bad_input_in_one_line(probe_files, capsys, argv, status, message):
+    argv = [a.format(root=probe_files) for a in argv]
+    got_status, line = _error(["plan", *argv], capsys)
+    assert got_status == status and message.format(root=probe_files) in line
+    assert "Traceback" not in line
+
+
+SWITCH_ERRORS = [
+    ([], "Give `--pipeline DIR`, or all of `--shallow DIR --deep DIR --scheduler DIR`"),
+    (["--pipeline", "{root}/missing"], "`--pipeline` '{root}/missing' is not a saved pipeline folder"),
+    (["--pipeline", "{root}/empty", "--tolerance", "inf"], "`tolerance` must be a non-negative number, got inf"),
+    (["--pipeline", "{root}/empty", "--num_images", "-5"], "`num_images` must be an integer >= 1, got -5"),
+    (["--pipeline", "{root}/empty", "--plot", "{root}/empty"], "`--plot` '{root}/empty' is a folder"),
+    (["--shallow", "{root}/empty", "--deep", "{root}/empty", "--scheduler", "{root}/empty"], "`--shallow` '{root}/e"),
+]
+
+
+@pytest.mark.parametrize("argv, message", SWITCH_ERRORS)
+def test_switch_refuses_bad_input_in_one_line(probe_files, capsys, argv, message):
+    argv = [a.format(root=probe_files) for a in argv]
+    status, line = _error(["switch", *argv], capsys)
+    assert status == 1 and message.format(root=probe_files) in line
+
+
+def test_switch_takes_the_two_models_and_the_scheduler_as_folders(tiny_unet_kwargs, tmp_path, capsys):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    UNet2DModel(**shape).save_pretrained(tmp_path / "shallow")
+    UNet2DModel(**shape).save_pretrained(tmp_path / "deep")
+    DDPMScheduler().save_pretrained(tmp_path / "scheduler")
+    folders = [f"--{name}={tmp_path / name}" for name in ("shallow", "deep", "scheduler")]
+    plot = tmp_path / "plots" / "switch"  # no extension, in a folder still to create: written there, as a PNG
+    argv = ["switch", *folders, "--num_images", "4", "--num_levels", "3", "--plot", str(plot)]
+    assert cli.main(argv) == 0
+    assert f"plot: {plot}\n" in capsys.readouterr().out
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="`--scheduler` '.*deep/scheduler_config.json' is not a file"):
+        cli.main(["switch", *folders[:2], f"--scheduler={tmp_path / 'deep'}", "--plot", str(plot)])
+    (tmp_path / "deep" / "scheduler_config.json").write_text('{"_class_name": "UNet2DModel"}')
+    with pytest.raises(SystemExit, match="`--scheduler` .*: `_class_name` 'UNet2DModel' of .* is not a diffusers sch"):
+        cli.main(["switch", *folders[:2], f"--scheduler={tmp_path / 'deep'}", "--plot", str(plot)])

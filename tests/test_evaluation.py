@@ -64,3 +64,42 @@ def test_count_flops_counts_cpu_attention_forward_and_backward():
         lambda: torch.nn.functional.scaled_dot_product_attention(query, query, query).sum().backward()
     )
     assert both > 2 * forward  # the backward pass has twice the matmuls and more
+
+
+def test_fewer_images_than_a_batch_still_train_the_classifier(digits):
+    images, labels, _, _ = digits
+    torch.manual_seed(0)
+    untrained = FeatureClassifier(8, width=16)  # what train_classifier starts from (seed 0)
+    net = train_classifier(images[:100], labels[:100], batch_size=128, max_steps=5)
+    assert not all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), untrained.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    "images, labels, match",
+    [
+        (lambda test: test[:, :, :4], None, "`images` must be .* shape \\(N, 1, 8, 8\\) of the real images"),
+        (lambda test: test.repeat(1, 3, 1, 1), None, "of the real images, got \\(397, 3, 8, 8\\)"),
+        (lambda test: test.clone().index_fill_(0, torch.tensor([3]), float("nan")), None, "`images` hold NaN"),
+        (
+            lambda test: test,
+            lambda labels: labels[:10],
+            "`labels` must hold one class per image \\(397\\) as an integer tensor, got shape \\(10,\\)",
+        ),
+        (lambda test: test, lambda labels: labels.float(), "`labels` must hold one class per image"),
+    ],
+)
+def test_score_refuses_images_and_labels_that_do_not_fit(digits, images, labels, match):
+    train, train_labels, test, test_labels = digits
+    evaluator = Evaluator(FeatureClassifier(8), train[:64])
+    with pytest.raises(ValueError, match=match):
+        evaluator.score(images(test), None if labels is None else labels(test_labels))
+
+
+def test_evaluator_refuses_bad_real_images_and_batch_size(digits):
+    train, *_ = digits
+    with pytest.raises(ValueError, match="`real_images` must be a batch"):
+        Evaluator(FeatureClassifier(8), train[0])
+    with pytest.raises(ValueError, match="`real_images` hold NaN"):
+        Evaluator(FeatureClassifier(8), train[:8] * float("nan"))
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got 0"):
+        Evaluator(FeatureClassifier(8), train[:8], batch_size=0)

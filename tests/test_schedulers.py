@@ -250,3 +250,10 @@ def test_continuous_vp_dpm_solver_places_its_own_timesteps():
         scheduler.set_timesteps(timesteps=[999, 500])
     with pytest.raises(ValueError, match="num_inference_steps"):
         scheduler.set_timesteps(0)
+
+
+def test_pndm_warm_up_needs_four_steps_and_is_refused_before_set_timesteps():
+    with pytest.raises(ValueError, match="PNDMScheduler .* at least 4, got 3"):
+        model_call_timesteps(PNDMScheduler(), 3)
+    assert len(model_call_timesteps(PNDMScheduler(), 4)) == 13  # 4 Runge-Kutta steps of 3 calls, then one PLMS
+    assert len(model_call_timesteps(PNDMScheduler(skip_prk_steps=True), 3)) == 4

@@ -1,8 +1,10 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from PIL import Image
 
 from diffusers_stages import DualBackbonePipeline, MultiStagePipeline
 from diffusers_stages.switch import main, recommend_switch
@@ -115,3 +117,35 @@ def test_command_refuses_a_pipeline_that_is_not_dual_backbone(tiny_multistage, t
         main(["--pipeline", str(tmp_path / "staged"), "--num_levels", "3"])
     with pytest.raises(ValueError, match="`--pipeline` .* is not a saved pipeline folder"):
         main(["--pipeline", str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize(
+    "images, kwargs, match",
+    [
+        ([[0.0]], {}, "`images` must be a non-empty floating-point \\(N, C, H, W\\) tensor in \\[-1, 1\\], got list"),
+        (torch.zeros(4, 1, 8, 8, dtype=torch.long), {}, "floating-point .* got a torch.int64 tensor"),
+        (torch.full((4, 1, 8, 8), math.nan), {}, "`images` hold NaN or infinite values"),
+        (torch.zeros(4, 3, 8, 8), {}, "`images` have 3 channels but the deep model takes 1"),
+        (torch.zeros(4, 1, 8, 8), {"batch_size": 0}, "`batch_size` must be a positive integer, got 0"),
+    ],
+)
+def test_recommend_switch_refuses_images_and_batch_sizes_it_cannot_measure(tiny_unet_kwargs, images, kwargs, match):
+    unet = UNet2DModel(**{**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1})
+    with pytest.raises(ValueError, match=match):
+        recommend_switch(unet, unet, DDPMScheduler(), images, num_levels=3, **kwargs)
+
+
+def test_command_measures_a_class_conditional_pair(tiny_unet_kwargs, tmp_path, capsys):
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1, "num_class_embeds": 11}  # digits + null label
+    torch.manual_seed(0)
+    pipe = DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    common = ["--pipeline", str(tmp_path / "pipe"), "--num_images", "4", "--num_levels", "3"]
+    found = main([*common, "--plot", str(tmp_path / "digits.png")])  # the digits' own classes
+    assert math.isfinite(float(found.deep_error.sum()))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 60 * i, dtype=np.uint8), mode="L").save(folder / f"{i}.png")
+    found = main([*common, "--data", str(folder), "--plot", str(tmp_path / "folder.png")])  # the unconditional label
+    assert math.isfinite(float(found.deep_error.sum())) and "class labels: " in capsys.readouterr().out

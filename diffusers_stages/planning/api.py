@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..models.checks import check_positive_integers
 from .budget import widths_for_budget
 from .methods import (
     METHODS,
@@ -98,6 +99,9 @@ def plan_stages(
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
     if budget is not None:  # before the (long) planning: what the widths will need
         _check_budget_arguments(data, budget, model_config, num_inference_steps, sampling_scheduler, schedule)
+        check_positive_integers(
+            ("num_inference_steps",), num_inference_steps=num_inference_steps, batch_size=batch_size
+        )
         sampling_scheduler = schedule if sampling_scheduler is None and num_inference_steps else sampling_scheduler
     if not isinstance(schedule, NoiseSchedule):
         schedule = NoiseSchedule.from_scheduler(schedule, num_levels)

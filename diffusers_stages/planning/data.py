@@ -10,6 +10,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from ..models.checks import check_positive_integers
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -24,14 +26,21 @@ def open_image_file(path: str, argument: str = "train_data_dir") -> Image.Image:
             f"`{argument}` holds a file that is not a readable image: {path!r} ({type(error).__name__}: {error}). "
             "Fix or remove it."
         ) from None
+    if image.mode == "F":
+        raise ValueError(
+            f"`{argument}` holds a floating-point image (mode 'F'), which has no fixed range of grey levels: {path!r}. "
+            "Save it as an 8- or 16-bit image."
+        )
     return image
 
 
 def image_to_tensor(image, resolution: int, num_channels: int = 3) -> torch.Tensor:
-    """One image (PIL or array) -> ``(C, R, R)`` in ``[-1, 1]``: resized and centre-cropped as diffusers'
-    ``train_unconditional.py`` does."""
+    """One image (PIL or array; 8-bit, or 16-bit grey scaled to 8 bits) -> ``(C, R, R)`` in ``[-1, 1]``: resized and
+    centre-cropped as diffusers' ``train_unconditional.py`` does."""
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image))
+    if image.mode.startswith("I;16"):  # 16-bit grey: Pillow's conversion to "L" clips at 255 (white), so scale it
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8), "L")
     image = ImageOps.fit(image.convert("L" if num_channels == 1 else "RGB"), (resolution, resolution), Image.BILINEAR)
     array = np.asarray(image, dtype=np.float32).reshape(resolution, resolution, num_channels)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
@@ -58,7 +67,7 @@ def load_images(
         num_channels (`int`): 1 (grayscale) or 3 (RGB).
         image_column (`str`): the image column of ``dataset``.
         split (`str`): the split of ``dataset``.
-        max_images (`int`, *optional*): keep the first ``max_images`` images.
+        max_images (`int`, *optional*): keep the first ``max_images`` images (a positive integer).
     """
     if (train_data_dir is None) == (dataset is None):
         raise ValueError("Give exactly one of `train_data_dir` and `dataset`.")
@@ -66,6 +75,7 @@ def load_images(
         raise ValueError(f"`resolution` must be a positive integer, got {resolution!r}.")
     if num_channels not in (1, 3):
         raise ValueError(f"`num_channels` must be 1 or 3, got {num_channels!r}.")
+    check_positive_integers(optional=("max_images",), max_images=max_images)
     if train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
             raise ValueError(f"`train_data_dir` {train_data_dir!r} is not a folder.")
@@ -86,7 +96,8 @@ def load_images(
         for image in tqdm(images, desc="loading images", disable=not progress_bar)
     ]
     if not tensors:
-        raise ValueError(f"No images found in {train_data_dir or dataset!r}.")
+        where = f"`train_data_dir` {train_data_dir!r}" if train_data_dir is not None else f"`dataset` {dataset!r}"
+        raise ValueError(f"No images found in {where} (image files end in {', '.join(IMAGE_EXTENSIONS)}).")
     return torch.stack(tensors)
 
 
@@ -95,11 +106,19 @@ def _load_dataset(dataset: str, split: str, image_column: str):
         import datasets
     except ImportError:
         raise ValueError("`dataset` needs the `datasets` package: `pip install datasets`.") from None
+    if dataset.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(dataset)):
+        raise ValueError(f"`dataset` {dataset!r} is a path that does not exist.")  # not a Hub name: no download
     saved = ("dataset_info.json", "dataset_dict.json")  # what `save_to_disk` writes (Dataset, DatasetDict)
     if os.path.isdir(dataset) and any(os.path.exists(os.path.join(dataset, name)) for name in saved):
         loaded = datasets.load_from_disk(dataset)
     else:
-        loaded = datasets.load_dataset(dataset, split=split)
+        try:
+            loaded = datasets.load_dataset(dataset, split=split)
+        except (OSError, ValueError) as error:  # not found locally nor on the Hub (offline: a ConnectionError)
+            raise ValueError(
+                f"`dataset` {dataset!r} is neither a folder nor a dataset `datasets` can load: "
+                f"{type(error).__name__}: {error}"
+            ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise ValueError(f"`split` {split!r} is not in the dataset; it has {list(loaded)}.")

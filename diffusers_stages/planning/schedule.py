@@ -99,6 +99,8 @@ class NoiseSchedule:
             )
         if not isinstance(num_levels, int) or num_levels < 3:
             raise ValueError(f"`num_levels` must be an integer >= 3, got {num_levels!r}.")
+        if not 0 < rho < math.inf:
+            raise ValueError(f"`rho` must be a positive finite number, got {rho!r}.")
         ramp = torch.linspace(0, 1, num_levels, dtype=torch.float64)
         sigmas = (sigma_min ** (1 / rho) + ramp * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
         sigmas[0], sigmas[-1] = sigma_min, sigma_max  # exact ends despite rounding

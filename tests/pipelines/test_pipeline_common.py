@@ -1,9 +1,10 @@
 """What every pipeline of the package shares with a modern diffusers pipeline (the checks diffusers runs on
 `DDIMPipeline`, and the call arguments of its newer pipelines), over the three pipelines with tiny components."""
 
+import diffusers
 import pytest
 import torch
-from diffusers import DDPMScheduler, EulerDiscreteScheduler
+from diffusers import DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
 from diffusers.callbacks import PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -213,3 +214,48 @@ def test_model_cpu_offload_runs(kind):
     pipe.enable_model_cpu_offload(device="cpu")
     assert all(hasattr(m, "_hf_hook") for m in _denoisers(pipe))
     assert torch.equal(_images(pipe), reference)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the schedulers that tests.conftest.SCHEDULERS leaves out, and swapping the scheduler with `from_config`
+MORE_SCHEDULERS = (
+    "KDPM2AncestralDiscreteScheduler",
+    "EDMDPMSolverMultistepScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+    "SASolverScheduler",
+)
+
+
+@pytest.mark.parametrize("name", MORE_SCHEDULERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_more_schedulers_give_the_same_images_for_a_seed_also_after_reload(kind, name, tmp_path):
+    pipe = _pipeline(kind, getattr(diffusers, name)())
+    first = _images(pipe, batch_size=2)
+    assert first.shape == (2, 3, 8, 8) and torch.isfinite(first).all()
+    assert torch.equal(_images(pipe, batch_size=2), first)
+    pipe.save_pretrained(tmp_path)
+    reloaded = type(pipe).from_pretrained(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    assert type(reloaded.scheduler).__name__ == name
+    assert torch.equal(_images(reloaded, batch_size=2), first)
+
+
+@pytest.mark.parametrize("name", ["EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DDPMScheduler"])
+def test_a_scheduler_swapped_with_from_config_and_back_gives_the_same_images(pipe, name):
+    swapped = type(pipe)(**pipe.components)
+    swapped.set_progress_bar_config(disable=True)
+    swapped.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    assert torch.equal(_images(swapped, seed=1), _images(swapped, seed=1))
+    swapped.scheduler = type(pipe.scheduler).from_config(swapped.scheduler.config)
+    assert torch.equal(_images(swapped), _images(pipe))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pndm_with_runge_kutta_warm_up_refuses_too_few_steps_up_front(kind):
+    pipe = _pipeline(kind, PNDMScheduler())
+    with pytest.raises(ValueError, match="PNDMScheduler.*`num_inference_steps` of at least 4.*got 3.*skip_prk_steps"):
+        _images(pipe, num_inference_steps=3)
+    assert _images(pipe, num_inference_steps=4).shape == (1, 3, 8, 8)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    assert _images(pipe, num_inference_steps=2).shape == (1, 3, 8, 8)

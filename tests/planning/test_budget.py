@@ -178,3 +178,10 @@ def test_plan_stages_refuses_a_budget_it_cannot_plan_before_planning(gray_unet_k
         plan_stages(None, DDPMScheduler(), method="snr", budget=1e9, model_config=gray_unet_kwargs)
     with pytest.raises(ValueError, match="`budget` must be a positive number of FLOPs, got -1"):
         plan_stages(data, DDPMScheduler(), budget=-1, model_config=gray_unet_kwargs)
+    # what the budget pays for is checked before planning too (a bad `num_samples` would otherwise be found first)
+    for kwargs, match in (
+        ({"num_inference_steps": 0}, "`num_inference_steps` must be a positive integer or None, got 0"),
+        ({"batch_size": 0}, "`batch_size` must be a positive integer, got 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            plan_stages(data, DDPMScheduler(), num_samples=0, budget=1e9, model_config=gray_unet_kwargs, **kwargs)

@@ -113,7 +113,11 @@ def test_a_folder_of_one_image_or_of_copies_is_refused_by_its_cause(digit_folder
     for i in range(count):
         shutil.copy(digit_folder / "0000.png", folder / f"{i}.png")
     held = "1 image" if count == 1 else f"{count} images, all identical"
-    for method in (["--method", "optimal_denoiser"], ["--method", "snr", "--model_config", "unused.json"]):
+    (tmp_path / "config.json").write_text("{}")  # never read: the images are refused first
+    for method in (
+        ["--method", "optimal_denoiser"],
+        ["--method", "snr", "--model_config", str(tmp_path / "config.json")],
+    ):
         with pytest.raises(ValueError, match=f"`--train_data_dir` holds {held}: planning needs at least 2 different"):
             run(["--train_data_dir", str(folder), *FAST, *method])
 

@@ -1,0 +1,37 @@
+"""Training images for planning: any size and mode in, ``(N, C, R, R)`` in ``[-1, 1]`` out."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_stages.planning import load_images
+from diffusers_stages.planning.data import image_to_tensor
+
+
+def test_a_folder_of_mixed_sizes_and_modes_loads_as_one_batch(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (10, 12), dtype=np.uint8), "L").save(tmp_path / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (16, 30, 3), dtype=np.uint8), "RGB").save(tmp_path / "rgb.jpg")
+    Image.fromarray(rng.integers(0, 256, (9, 9), dtype=np.uint8), "L").convert("P").save(tmp_path / "palette.gif")
+    (tmp_path / "notes.txt").write_text("skipped: not an image extension\n")
+    for channels in (1, 3):
+        images = load_images(str(tmp_path), resolution=8, num_channels=channels)
+        assert images.shape == (4, channels, 8, 8) and images.min() >= -1 and images.max() <= 1
+
+
+def test_sixteen_bit_images_keep_their_grey_levels(tmp_path):
+    Image.fromarray(np.full((4, 4), 30000, dtype=np.uint16)).save(tmp_path / "sixteen.png")
+    image = Image.open(tmp_path / "sixteen.png")
+    assert image.mode == "I;16"
+    expected = 30000 / 65535 * 2 - 1  # -0.08, not the 1.0 (white) of a clipped conversion
+    assert torch.allclose(image_to_tensor(image, 4, 1), torch.tensor(expected), atol=1 / 255)
+    assert torch.allclose(image_to_tensor(image, 4, 3), torch.tensor(expected), atol=1 / 255)
+
+
+def test_a_floating_point_image_is_refused_by_name(tmp_path):
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "float.tif")
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "fine.png")
+    with pytest.raises(ValueError, match="`train_data_dir` holds a floating-point image \\(mode 'F'\\).*float.tif"):
+        load_images(str(tmp_path), resolution=4, num_channels=1)
