@@ -130,6 +130,11 @@ def check_args(args: argparse.Namespace) -> None:
         check_input_file(os.path.join(args.model_path, "config.json"), "--model_path", json_object=True)
     check_output_file(args.output_plot, "--output_plot")
     check_output_file(args.output_config, "--output_config")
+    if args.output_config and os.path.realpath(args.output_config) == os.path.realpath(args.model_config):
+        raise ValueError(
+            f"`--output_config` {args.output_config!r} is the `--model_config` file: writing the plan there would "
+            "replace the source config; give another path."
+        )
 
 
 def _scheduler_config_file(path: str) -> str:

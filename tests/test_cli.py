@@ -146,6 +146,11 @@ PLAN_ERRORS = [
         "`--model_config` '{root}/list.json' holds JSON bu",
     ),
     (["--method", "gradient", "--model_path", "{root}/empty"], 2, "`--model_path` '{root}/empty/config.json' is not"),
+    (
+        ["--method", "snr", "--model_config", "{root}/unet.json", "--output_config", "{root}/unet.json"],
+        2,
+        "`--output_config` '{root}/unet.json' is the `--model_config` file",
+    ),
     (["--method", "snr", "--output_plot", "{root}/empty"], 2, "`--output_plot` '{root}/empty' is a folder"),
     (["--method", "snr", "--output_plot", "{root}/file.txt/plan.png"], 2, "`--output_plot` '{root}/file.txt/plan.pn"),
 ]
