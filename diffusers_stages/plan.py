@@ -34,7 +34,7 @@ from .planning.optimal_denoiser import check_planning_data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="diffusers-stages-plan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # prog: the command that ran it
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--train_data_dir",

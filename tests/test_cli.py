@@ -44,13 +44,14 @@ def test_plan_subcommand_runs_the_plan_command(capsys):
     assert json.loads(direct)["method"] == "snr_clustering"
 
 
-def test_subcommand_help_is_the_module_help(capsys):
+@pytest.mark.parametrize(("command", "option"), [("switch", "--tolerance"), ("plan", "--num_stages")])
+def test_subcommand_help_is_the_module_help(capsys, command, option):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["switch", "--help"])
+        cli.main([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert text.startswith("usage: diffusers-stages switch") and "--tolerance" in text
-    assert sys.argv[0] != "diffusers-stages switch"  # the program name is restored
+    assert text.startswith(f"usage: diffusers-stages {command}") and option in text
+    assert sys.argv[0] != f"diffusers-stages {command}"  # the program name is restored
 
 
 def test_convert_names_its_scripts(capsys):
