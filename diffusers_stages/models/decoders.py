@@ -289,9 +289,7 @@ def _fusable_state(
     return True
 
 
-def fused_decoders(
-    decoders: Sequence[nn.Module], stack_cache: dict | None = None
-) -> Callable[..., torch.Tensor] | None:
+def fused_decoders(decoders: Sequence[nn.Module]) -> Callable[..., torch.Tensor] | None:
     r"""
     One pass through several decoders of one architecture, or `None` when they are not fusable.
 
@@ -306,12 +304,9 @@ def fused_decoders(
     autograd: gradients reach each decoder's own parameters, and an optimizer step or a load is seen by the next
     call (nothing stacked is kept).
 
-    Without gradients (`torch.no_grad`, `torch.inference_mode`), a ``stack_cache`` (a dict the caller owns) keeps
-    the last stack and reuses it while every stacked tensor is the same object, at the same address, with the same
-    version counter (an in-place change such as an optimizer step or `load_state_dict` bumps it, `.to()` moves it):
-    the stack, which costs about as much as the per-decoder calls a fused pass saves for small decoders, is then
-    made once per change of the weights instead of once per call. It holds a copy of the stacked parameters, and is
-    emptied by the next call that computes gradients.
+    The stack is not kept between calls, also without gradients: an in-place write through ``param.data`` (as
+    diffusers' `EMAModel.copy_to` does) changes no version counter, so no cheap check could tell a kept stack from
+    stale weights.
 
     Example:
 
@@ -344,25 +339,8 @@ def fused_decoders(
     if any(key != keys[0] for key in keys[1:]) or not packable(decoders[0]):
         return None
 
-    def stack() -> dict[str, torch.Tensor]:
+    def stacked() -> dict[str, torch.Tensor]:
         # every decoder's parameters stacked on a stage axis (in autograd: gradients reach the originals)
         return {name: torch.stack(stage_tensors) for name, stage_tensors in zip(names, zip(*tensors))}
-
-    def stacked() -> dict[str, torch.Tensor]:
-        if stack_cache is None:
-            return stack()
-        if torch.is_grad_enabled():
-            stack_cache.clear()  # the stack of a sampling run is not kept through training
-            return stack()
-        # without gradients: the last stack while the tensors are the same objects with the same values
-        flat = [tensor for stage_tensors in tensors for tensor in stage_tensors]
-        try:
-            key = (tuple(names), tuple((id(t), t._version, t.data_ptr()) for t in flat))
-        except RuntimeError:  # inference tensors have no version counter: nothing tells a change
-            return stack()
-        if stack_cache.get("key") != key:
-            # ``tensors`` keeps the keyed tensors alive, so that no other tensor can take one's id
-            stack_cache.update(key=key, tensors=flat, stacked=stack())
-        return stack_cache["stacked"]
 
     return packed_decoders(decoders[0], len(decoders), stacked)

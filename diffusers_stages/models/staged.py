@@ -123,7 +123,6 @@ class StagedModelMixin(StageCompileMixin):
     partition: TimestepPartition
     _supports_fused_decoders: bool = False  # decoders with a channel-packed form (`enable_fused_decoders`)
     _fused_decoders_max_padding: float | None = None  # `None`: fused decoders off
-    _fused_stack_cache: dict | None = None  # the decoders' parameters stacked without gradients (`fused_decoders`)
 
     # ---- saving: diffusers' `auto_map` convention -------------------------------------------------------------
     @classmethod
@@ -204,12 +203,10 @@ class StagedModelMixin(StageCompileMixin):
         modules and parameter shapes: what `from_unet` gives and training from it keeps): the decoders run as one
         network whose channels are theirs side by side (a convolution of all stages is one grouped convolution, a
         group norm one group norm of every stage's groups, a linear layer one batched matrix product; see
-        `diffusers_stages.models.packed_decoders`). Every decoder's parameters are stacked in each forward that
-        computes gradients (inside autograd, so gradients reach each decoder and an optimizer step is seen by the
-        next call; nothing is added to the state dict). Without gradients the stack is kept and reused until a
-        parameter changes (an in-place update, a load, `.to()`): the model then holds a second copy of its decoders'
-        parameters, freed by a call with gradients or by `disable_fused_decoders`. Outputs and gradients are the
-        per-stage path's (to float rounding).
+        `diffusers_stages.models.packed_decoders`). Every decoder's parameters are stacked in each forward (inside
+        autograd, so gradients reach each decoder and an optimizer step, a load or a write through ``param.data`` is
+        seen by the next call; nothing is added to the state dict). Outputs and gradients are the per-stage path's
+        (to float rounding).
 
         Each stage's rows are padded to the largest stage count (repeating its last sample), so a batch is fused
         only when that padding adds at most ``max_padding`` of the batch. Otherwise, and with ``stage_index``, a
@@ -237,14 +234,10 @@ class StagedModelMixin(StageCompileMixin):
         if isinstance(max_padding, bool) or not isinstance(max_padding, (int, float)) or not max_padding >= 0:
             raise ValueError(f"`max_padding` must be a number >= 0, got {max_padding!r}.")
         self._fused_decoders_max_padding = float(max_padding)
-        if self._fused_stack_cache is None:
-            self._fused_stack_cache = {}
 
     def disable_fused_decoders(self) -> None:
-        """Decode mixed batches stage by stage again (the default; see `enable_fused_decoders`), and free the
-        parameters it stacked for passes without gradients."""
+        """Decode mixed batches stage by stage again (the default; see `enable_fused_decoders`)."""
         self._fused_decoders_max_padding = None
-        self._fused_stack_cache = None
 
     def decode(
         self,
@@ -268,12 +261,8 @@ class StagedModelMixin(StageCompileMixin):
             limit = self._fused_decoders_max_padding
             if limit is None or not fits_padding(counts, limit):
                 return None
-            run = fused_decoders([self.decoders[stage] for stage in present], self._fused_stack_cache)
-            if run is None:
-                if self._fused_stack_cache:  # not fusable now (hooks, processors, ...): no stack kept for them
-                    self._fused_stack_cache.clear()
-                return None
-            return lambda inputs: run(*inputs)
+            run = fused_decoders([self.decoders[stage] for stage in present])
+            return (lambda inputs: run(*inputs)) if run is not None else None
 
         inputs = [hidden, list(skips), emb]
         if isinstance(skips, list):
