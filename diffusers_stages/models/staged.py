@@ -217,9 +217,9 @@ class StagedModelMixin(StageCompileMixin):
 
         It is off by default because grouped convolutions cost more per FLOP than one convolution over the whole
         batch, which wins back per-decoder overhead only for small decoders. On CPU (one thread), the small benchmark
-        model (16x16, widths (32, 64)) decodes a mixed batch of 16 in 0.61-0.99x the per-stage time at 3-16
-        stages (a training step at 8 stages: 0.76-0.83x), but a wider model (widths (64, 128, 128), 32x32) 4 stages
-        at batch 16 in 0.96-1.08x, depending on the run (`benchmarks/bench_multistage.py --sections mixed`). Not
+        model (16x16, widths (32, 64)) decodes a mixed batch of 16 in 0.59-0.99x the per-stage time at 3-16
+        stages (a training step at 8 stages: 0.75-0.83x), but a wider model (widths (64, 128, 128), 32x32) 4 stages
+        at batch 16 in 0.92-1.08x, depending on the run (`benchmarks/bench_multistage.py --sections mixed`). Not
         measured on a GPU.
 
         Args:
