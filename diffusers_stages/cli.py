@@ -108,6 +108,12 @@ def check_output_file(path: str | None, option: str) -> None:
         raise ValueError(f"`{option}` {path!r} cannot be written: {parent!r} is not a writable folder.")
 
 
+def make_parent_folder(path: str | os.PathLike) -> str | os.PathLike:
+    """Create the folders of an output file path (see `check_output_file`); returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
+
+
 def load_saved_folder(path: str, option: str, scheduler: bool = False):
     """A saved model folder (``config.json``) or, with ``scheduler``, a scheduler folder (``scheduler_config.json``),
     loaded with the class its config names: one of diffusers-stages' models or a diffusers class (no code is run from
@@ -118,13 +124,13 @@ def load_saved_folder(path: str, option: str, scheduler: bool = False):
 
     import diffusers_stages
 
+    from .models.loading import exported_class
+
     config_file = os.path.join(path, "scheduler_config.json" if scheduler else "config.json")
     check_input_file(config_file, option, json_object=True)
     with open(config_file, encoding="utf-8") as f:
         name = json.load(f).get("_class_name")
-    base = SchedulerMixin if scheduler else ModelMixin
-    found = [getattr(module, name, None) for module in (diffusers_stages, diffusers) if isinstance(name, str)]
-    cls = next((c for c in found if isinstance(c, type) and issubclass(c, base)), None)
+    cls = exported_class(name, SchedulerMixin if scheduler else ModelMixin, (diffusers_stages, diffusers))
     if cls is None:
         kind = "a diffusers scheduler" if scheduler else "a diffusers or diffusers-stages model"
         raise ValueError(f"`{option}` {path!r}: `_class_name` {name!r} of {config_file!r} is not {kind}.")

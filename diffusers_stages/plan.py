@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from .cli import check_input_file, check_output_file, load_saved_folder
+from .cli import check_input_file, check_output_file, load_saved_folder, make_parent_folder
 from .planning import (
     METHODS,
     NoiseSchedule,
@@ -142,22 +142,18 @@ def _scheduler_config_file(path: str) -> str:
     return os.path.join(path, "scheduler_config.json") if os.path.isdir(path) else path
 
 
-def _make_parent_folder(path: str) -> str:
-    """Create the folders of an output file path; returns the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return path
-
-
 def _scheduler_from_config(path: str):
     import diffusers
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    from .models.loading import exported_class
 
     path = _scheduler_config_file(path)
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     name = config.get("_class_name")
-    scheduler_class = getattr(diffusers, name, None) if isinstance(name, str) else None
-    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+    scheduler_class = exported_class(name, SchedulerMixin, (diffusers,))
+    if scheduler_class is None:
         raise ValueError(f"`--scheduler_config` {path!r} names no diffusers scheduler (_class_name {name!r}).")
     return scheduler_class.from_config(config)
 
@@ -262,12 +258,12 @@ def plan_command(args: argparse.Namespace) -> dict:
     if config is not None:
         widths = _decoder_widths(args, plan, config, data, schedule, result)
         if args.output_config:
-            with open(_make_parent_folder(args.output_config), "w", encoding="utf-8") as f:
+            with open(make_parent_folder(args.output_config), "w", encoding="utf-8") as f:
                 planned = partition_to_model_config(config, plan.partition, widths)
                 json.dump({**planned, "_class_name": "MultiStageUNet2DModel"}, f, indent=2)
             print(f"  model config written to {args.output_config}")
     if args.output_plot:
-        print(f"  plot written to {plot_plan(plan, _make_parent_folder(args.output_plot))}")
+        print(f"  plot written to {plot_plan(plan, make_parent_folder(args.output_plot))}")
     print(json.dumps(result))
     return result
 

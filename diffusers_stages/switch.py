@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import check_output_file, load_saved_folder
+from .cli import check_output_file, load_saved_folder, make_parent_folder
 from .conventions import class_embedding_count, null_class_label, num_data_classes
 from .loss import diffusion_loss
 from .models.checks import check_positive_integers
@@ -189,8 +189,8 @@ def plot_switch(found: SwitchRecommendation, path: str | os.PathLike, flops_rati
     ax.set_title(f"Dual-backbone switch, tolerance {found.tolerance:g}{extra}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, format="png")  # at exactly ``path``, whatever its extension (matplotlib would add one)
+    # at exactly ``path``, whatever its extension (matplotlib would add one)
+    fig.savefig(make_parent_folder(path), format="png")
     plt.close(fig)
     return str(path)
 

@@ -147,6 +147,19 @@ def read_json(path: str, argument: str) -> dict:
     return config
 
 
+def exported_class(name: object, base: type, libraries: Sequence[object]) -> type | None:
+    """The class that the first of ``libraries`` (imported modules, such as ``diffusers``) exporting one as ``name``
+    exports, if it is a subclass of ``base``; `None` for any other name or value. This is how a config's
+    ``_class_name`` is read: an attribute of a library already imported, never a module imported by name."""
+    if not isinstance(name, str):
+        return None
+    for library in libraries:
+        cls = getattr(library, name, None)
+        if isinstance(cls, type) and issubclass(cls, base):
+            return cls
+    return None
+
+
 def check_name(value: object, what: str, dotted: bool = False) -> str:
     """``value`` if it is a plain ASCII identifier (dotted module path when ``dotted``); a `ValueError` naming
     ``what`` otherwise. Every class, module and folder name read from a saved folder goes through here, so that no

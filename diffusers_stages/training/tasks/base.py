@@ -12,6 +12,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler, Scheduler
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...loss import diffusion_loss
+from ...models.loading import exported_class
 from ...partition import TimestepPartition
 from ...schedulers import is_edm_scheduler
 from ...timestep_sampling import stratified_timesteps
@@ -39,8 +40,8 @@ def noise_schedulers(args: argparse.Namespace, source: dict | None = None):
     """
     if source is not None:
         name = source.get("_class_name")
-        sampling_class = getattr(diffusers, str(name), None)
-        if not isinstance(sampling_class, type) or not issubclass(sampling_class, SchedulerMixin):
+        sampling_class = exported_class(name, SchedulerMixin, (diffusers,))
+        if sampling_class is None:
             raise ValueError(
                 f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r}: its scheduler config names "
                 f"{name!r}, which is not a diffusers scheduler."
