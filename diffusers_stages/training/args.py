@@ -277,6 +277,11 @@ def check_args(
         raise ValueError(
             f"`--checkpoints_total_limit` must be a positive integer, got {args.checkpoints_total_limit}."
         )
+    if args.dataloader_num_workers < 0:
+        raise ValueError(
+            f"`--dataloader_num_workers` must be a non-negative integer, got {args.dataloader_num_workers}."
+        )
+    check_output_dir(args.output_dir, args.train_data_dir)
     if not 0.0 <= args.class_dropout_prob < 1.0:
         raise ValueError(f"`--class_dropout_prob` must be in [0, 1), got {args.class_dropout_prob}.")
     if args.resolution % downsampling:
@@ -286,11 +291,11 @@ def check_args(
         )
     if args.stage_shares is not None and (
         len(args.stage_shares) != partition.num_stages
-        or any(s < 0 for s in args.stage_shares)
+        or not all(math.isfinite(s) and s >= 0 for s in args.stage_shares)
         or not sum(args.stage_shares)
     ):
         raise ValueError(
-            f"`--stage_shares` needs {partition.num_stages} non-negative values (one per stage, clean stage "
+            f"`--stage_shares` needs {partition.num_stages} non-negative values (finite, one per stage, clean stage "
             f"first) with a positive sum, got {list(args.stage_shares)}."
         )
     if args.cache_latents and (vae_path or args.vae_path) is None:
@@ -307,6 +312,23 @@ def check_args(
         raise ValueError(f"`--save_model_epochs` must be a positive integer, got {args.save_model_epochs}.")
     check_optimisation_numbers(args)
     check_device_options(args)
+
+
+def check_output_dir(output_dir: str, train_data_dir: str | None) -> None:
+    """Refuse an `--output_dir` that cannot be a folder (it, or a folder above it, is a file), or that lies inside
+    `--train_data_dir` (the run's samples and checkpoints would become training images of the next run)."""
+    parent = os.path.abspath(output_dir)
+    while not os.path.exists(parent):  # the nearest part of the path that exists (the root at worst)
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"`--output_dir` {output_dir!r} must be a folder, but {parent!r} is a file.")
+    if train_data_dir is not None:
+        data, output = os.path.realpath(train_data_dir), os.path.realpath(output_dir)
+        if output == data or output.startswith(os.path.join(data, "")):
+            raise ValueError(
+                f"`--output_dir` {output_dir!r} lies inside `--train_data_dir` {train_data_dir!r}: its sample grids and "
+                "checkpoints would be read as training images. Write the run outside the data folder."
+            )
 
 
 def check_optimisation_numbers(args: argparse.Namespace) -> None:

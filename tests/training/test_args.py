@@ -80,12 +80,42 @@ def _checked(tmp_path, *argv):
         (["--seed", "-1"], "`--seed` must be in \\[0, 2\\*\\*32\\), got -1"),
         (["--layers_per_block", "0"], "`--layers_per_block` must be a positive integer, got 0"),
         (["--attention_head_dim", "0"], "`--attention_head_dim` must be a positive integer, got 0"),
+        # were accepted: nan/inf shares failed in the first step ("cannot convert float NaN to integer"), a negative
+        # worker count in the DataLoader, unnamed
+        (
+            ["--stage_shares", "nan,1,1"],
+            "`--stage_shares` needs 3 non-negative values \\(finite.* got \\[nan, 1.0, 1.0\\]",
+        ),
+        (
+            ["--stage_shares", "inf,1,1"],
+            "`--stage_shares` needs 3 non-negative values \\(finite.* got \\[inf, 1.0, 1.0\\]",
+        ),
+        (["--dataloader_num_workers", "-1"], "`--dataloader_num_workers` must be a non-negative integer, got -1"),
     ],
 )
 def test_options_refused_before_training(tmp_path, monkeypatch, argv, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=message):
         _checked(tmp_path, *argv)
+
+
+def test_an_output_dir_that_cannot_hold_the_run_is_refused(tmp_path):
+    # were a FileExistsError once the data was read (a file), or a run that wrote its samples and checkpoints into
+    # its own training images (with `--class_conditional` the output folder became a class on resuming)
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "a_file").write_text("")
+    for output_dir in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
+        with pytest.raises(ValueError, match=f"`--output_dir` {str(output_dir)!r} must be a folder.*a file"):
+            _checked(data, "--output_dir", str(output_dir))
+    for output_dir in (data, data / "run", data / "sub" / ".." / "run"):
+        with pytest.raises(ValueError, match=f"`--output_dir` {str(output_dir)!r} lies inside `--train_data_dir`"):
+            _checked(data, "--output_dir", str(output_dir))
+    (tmp_path / "link").symlink_to(data)
+    with pytest.raises(ValueError, match="lies inside `--train_data_dir`"):
+        _checked(data, "--output_dir", str(tmp_path / "link" / "run"))
+    assert _checked(data, "--output_dir", str(tmp_path / "run")).output_dir == str(tmp_path / "run")
+    assert _checked(data, "--output_dir", str(tmp_path / "data-run")).output_dir  # a name sharing the prefix
 
 
 def test_an_unknown_lr_scheduler_is_refused_by_the_parser(capsys):
