@@ -34,13 +34,20 @@ def open_image_file(path: str, argument: str = "train_data_dir") -> Image.Image:
     return image
 
 
+def eight_bit(image: Image.Image) -> Image.Image:
+    """``image`` with 8-bit levels: a 16-bit grey image scaled to 8 bits (Pillow's conversion to "L" or "RGB" clips
+    at 255, white), any other image as it is."""
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8), "L")
+    return image
+
+
 def image_to_tensor(image, resolution: int, num_channels: int = 3) -> torch.Tensor:
     """One image (PIL or array; 8-bit, or 16-bit grey scaled to 8 bits) -> ``(C, R, R)`` in ``[-1, 1]``: resized and
     centre-cropped as diffusers' ``train_unconditional.py`` does."""
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image))
-    if image.mode.startswith("I;16"):  # 16-bit grey: Pillow's conversion to "L" clips at 255 (white), so scale it
-        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8), "L")
+    image = eight_bit(image)
     image = ImageOps.fit(image.convert("L" if num_channels == 1 else "RGB"), (resolution, resolution), Image.BILINEAR)
     array = np.asarray(image, dtype=np.float32).reshape(resolution, resolution, num_channels)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..planning.data import IMAGE_EXTENSIONS, open_image_file
+from ..planning.data import IMAGE_EXTENSIONS, eight_bit, open_image_file
 
 
 class ImageRecords:
@@ -34,11 +34,22 @@ class ImageRecords:
         return len(self.class_names)
 
 
-def _image_files(folder: str) -> list[str]:
+def _image_files(folder: str, train_data_dir: str) -> list[str]:
+    """The image files under ``folder`` (recursively, sorted). A link in it (or ``folder`` itself) that leads out of
+    ``train_data_dir`` is a `ValueError` naming it: the data is what the folder holds, never files elsewhere."""
+    root = os.path.realpath(train_data_dir)
     found = []
-    for root, dirs, files in os.walk(folder):
+    for current, dirs, files in os.walk(folder):
         dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        links = [p for p in [current, *(os.path.join(current, name) for name in dirs + files)] if os.path.islink(p)]
+        for path in links:
+            real = os.path.realpath(path)
+            if real != root and not real.startswith(os.path.join(root, "")):
+                raise ValueError(
+                    f"`--train_data_dir` holds a link to a file or folder outside it: {path!r} -> {real!r}. Copy what "
+                    f"it links to into {train_data_dir!r}, or train on the folder that holds it."
+                )
+        found += [os.path.join(current, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
     return found
 
 
@@ -53,7 +64,7 @@ def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageR
         class_names = sorted(d for d in os.listdir(train_data_dir) if os.path.isdir(os.path.join(train_data_dir, d)))
         files, labels = [], []
         for label, name in enumerate(class_names):
-            class_files = _image_files(os.path.join(train_data_dir, name))
+            class_files = _image_files(os.path.join(train_data_dir, name), train_data_dir)
             files += class_files
             labels += [label] * len(class_files)
         if len(class_names) < 2 or len(set(labels)) < len(class_names):
@@ -62,7 +73,7 @@ def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageR
                 f"{train_data_dir!r}: it needs at least 2 sub-folders, each with images; found {class_names}."
             )
     else:
-        files, labels, class_names = _image_files(train_data_dir), None, []
+        files, labels, class_names = _image_files(train_data_dir, train_data_dir), None, []
     if not files:
         raise ValueError(f"`--train_data_dir` {train_data_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
     for path in files:  # decode every file once before training starts: a bad one stops the run, named
@@ -116,7 +127,7 @@ def preprocess_image(
     image: Image.Image, resolution: int, center_crop: bool, rng: random.Random | None
 ) -> torch.Tensor:
     """RGB, shorter side resized to ``resolution``, cropped square (centre, or at random with ``rng``), in [-1, 1]."""
-    image = image.convert("RGB")
+    image = eight_bit(image).convert("RGB")
     width, height = image.size
     scale = resolution / min(width, height)
     if scale != 1:

@@ -85,11 +85,11 @@ def test_a_bad_image_file_is_named_before_training(folder, kind, cause):
         assert repr(bad) in str(error.value)
 
 
-def test_a_training_run_stops_on_a_bad_image_file_before_it_starts(folder, tmp_path):
+def test_a_training_run_stops_on_a_bad_image_file_before_it_starts(folder, tmp_path_factory):
     from tests.examples.conftest import TINY, load_script
 
     bad = _break(os.path.join(folder, "cat", "2.png"), "text")
-    script, out = load_script("multistage"), tmp_path / "run"
+    script, out = load_script("multistage"), tmp_path_factory.mktemp("outputs") / "run"  # outside the data folder
     with pytest.raises(ValueError) as error:
         script.main(script.parse_args([*TINY, "--train_data_dir", folder, "--output_dir", str(out)]))
     assert f"not a readable image: {bad!r}" in str(error.value)
@@ -109,3 +109,32 @@ def test_an_unreachable_dataset_is_one_line_naming_the_argument(monkeypatch):
     message = str(error.value)
     assert message.startswith("`--dataset_name` 'me/cats' could not be loaded (ConnectionError: Couldn't reach")
     assert "\n" not in message and "--train_data_dir" in message and error.value.__cause__ is None
+
+
+def test_16_bit_grey_images_keep_their_grey_levels(tmp_path):
+    # was white: Pillow's conversion of a 16-bit image to RGB clips every level above 255
+    levels = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    Image.fromarray(levels).save(tmp_path / "grey16.png")
+    records = image_folder_records(str(tmp_path), class_conditional=False)
+    assert records.load(0).mode.startswith("I;16")
+    pixels = TrainingImages(records, 8, center_crop=True, random_flip=False, seed=0)[0]["pixel_values"]
+    expected = torch.from_numpy(np.round(levels / 257.0).astype(np.float32) / 127.5 - 1.0)
+    assert pixels.shape == (3, 8, 8) and all(torch.equal(channel, expected) for channel in pixels)
+
+
+def test_links_out_of_the_folder_are_refused_and_links_inside_it_are_read(folder, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(outside / "private.png")
+    os.symlink(os.path.join(folder, "cat", "0.png"), os.path.join(folder, "dog", "cat0.png"))  # inside: read
+    assert len(image_folder_records(folder, class_conditional=False)) == 7
+    os.symlink(folder, outside / "data")  # the data folder itself given through a link
+    assert len(image_folder_records(str(outside / "data"), class_conditional=True)) == 7
+    for link, target in (("dog/private.png", outside / "private.png"), ("dog/more", outside), ("bird", outside)):
+        os.symlink(target, os.path.join(folder, link))
+        for class_conditional in (False, True):
+            with pytest.raises(
+                ValueError, match="`--train_data_dir` holds a link to a file or folder outside it"
+            ) as e:
+                image_folder_records(folder, class_conditional)
+            assert repr(os.path.join(folder, link)) in str(e.value) and repr(str(target)) in str(e.value)
+        os.remove(os.path.join(folder, link))
