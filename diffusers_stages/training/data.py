@@ -34,17 +34,21 @@ class ImageRecords:
         return len(self.class_names)
 
 
+def is_inside(path: str, folder: str) -> bool:
+    """Whether ``path``, its links and ``..`` resolved, is ``folder`` or lies in it."""
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return real == root or real.startswith(os.path.join(root, ""))
+
+
 def _image_files(folder: str, train_data_dir: str) -> list[str]:
     """The image files under ``folder`` (recursively, sorted). A link in it (or ``folder`` itself) that leads out of
     ``train_data_dir`` is a `ValueError` naming it: the data is what the folder holds, never files elsewhere."""
-    root = os.path.realpath(train_data_dir)
     found = []
     for current, dirs, files in os.walk(folder):
         dirs.sort()
-        links = [p for p in [current, *(os.path.join(current, name) for name in dirs + files)] if os.path.islink(p)]
-        for path in links:
-            real = os.path.realpath(path)
-            if real != root and not real.startswith(os.path.join(root, "")):
+        for path in [current, *(os.path.join(current, name) for name in dirs + files)]:
+            if os.path.islink(path) and not is_inside(path, train_data_dir):
+                real = os.path.realpath(path)
                 raise ValueError(
                     f"`--train_data_dir` holds a link to a file or folder outside it: {path!r} -> {real!r}. Copy what "
                     f"it links to into {train_data_dir!r}, or train on the folder that holds it."

@@ -23,7 +23,7 @@ from ...models.unet_multistage_condition import MultiStageUNet2DConditionModel
 from ...partition import TimestepPartition
 from ...planning.data import open_image_file
 from ..args import partition_from_args
-from ..data import ImageRecords, load_train_split
+from ..data import ImageRecords, is_inside, load_train_split
 from .base import Draw, TrainingTask
 
 METHODS = ("multistage", "experts")
@@ -47,13 +47,24 @@ def captioned_folder(folder: str, caption_column: str) -> tuple[list[str], list[
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            entry = json.loads(line)
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"`--train_data_dir`: {index} line {number} is not JSON ({error}).") from None
             if not isinstance(entry, dict) or "file_name" not in entry or caption_column not in entry:
                 raise ValueError(
                     f"`--caption_column` {caption_column!r}: {index} line {number} must have `file_name` and "
                     f"`{caption_column}`, got {line.strip()!r}."
                 )
-            paths.append(os.path.join(folder, entry["file_name"]))
+            # a file of the folder: a relative path that stays in it (no absolute path, `..` or link out of it)
+            name = entry["file_name"]
+            path = os.path.join(folder, name) if isinstance(name, str) and name else ""
+            if not path or os.path.isabs(name) or not is_inside(path, folder):
+                raise ValueError(
+                    f"`--train_data_dir`: {index} line {number} has `file_name` {name!r}, which is not a file of "
+                    f"{folder!r} (a path relative to it that stays inside it)."
+                )
+            paths.append(path)
             captions.append(str(entry[caption_column]))
     if not paths:
         raise ValueError(f"`--train_data_dir` {folder!r}: its metadata.jsonl lists no images.")

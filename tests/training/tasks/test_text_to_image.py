@@ -1,0 +1,49 @@
+"""The captioned image folder of the text-to-image training task (`metadata.jsonl`), read before any training."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusers_stages.training.tasks.text_to_image import captioned_folder
+
+
+def _folder(root, entries: list) -> str:
+    """``root/data`` with two 8x8 images and a metadata.jsonl of ``entries`` (dicts, or raw lines as str)."""
+    folder = root / "data"
+    os.makedirs(folder / "sub")
+    for name in ("a.png", "sub/b.png"):
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(folder / name)
+    lines = [e if isinstance(e, str) else json.dumps(e) for e in entries]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return str(folder)
+
+
+def test_files_of_the_folder_and_their_captions(tmp_path):
+    folder = _folder(tmp_path, [{"file_name": "a.png", "text": "one"}, {"file_name": "sub/../sub/b.png", "text": 2}])
+    paths, captions = captioned_folder(folder, "text")
+    assert paths == [os.path.join(folder, "a.png"), os.path.join(folder, "sub/../sub/b.png")]
+    assert captions == ["one", "2"]
+
+
+@pytest.mark.parametrize("file_name", ["../private.png", "sub/../../private.png", "ABSOLUTE", "link.png", 3, "", None])
+def test_a_file_name_that_is_not_a_file_of_the_folder_is_refused(tmp_path, file_name):
+    # were read: `..`, an absolute path or a link led to any file on the machine; a non-string was a TypeError
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "private.png")
+    if file_name == "ABSOLUTE":
+        file_name = str(tmp_path / "private.png")
+    folder = _folder(tmp_path, [{"file_name": "a.png", "text": "one"}, {"file_name": file_name, "text": "two"}])
+    os.symlink(tmp_path / "private.png", os.path.join(folder, "link.png"))
+    with pytest.raises(ValueError, match=r"`--train_data_dir`: .*metadata.jsonl line 2 has `file_name` (.+), which is "
+                       r"not a file of .*\(a path relative to it that stays inside it\)") as error:  # fmt: skip
+        captioned_folder(folder, "text")
+    assert f"`file_name` {file_name!r}," in str(error.value)
+
+
+def test_a_line_that_is_not_json_is_named(tmp_path):
+    # was a bare JSONDecodeError ("Expecting value: line 1 column 1") naming neither the file nor the argument
+    folder = _folder(tmp_path, [{"file_name": "a.png", "text": "one"}, "{file_name: b.png}"])
+    with pytest.raises(ValueError, match=r"`--train_data_dir`: .*metadata.jsonl line 2 is not JSON \(Expecting"):
+        captioned_folder(folder, "text")
