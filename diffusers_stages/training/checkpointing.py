@@ -98,7 +98,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         publish_checkpoint(partial, path, step)
-        prune_checkpoints(output_dir, total_limit)
+        prune_checkpoints(output_dir, total_limit, saved_step=step)
     accelerator.wait_for_everyone()
     return path
 
@@ -112,12 +112,17 @@ def publish_checkpoint(partial: str, path: str, step: int) -> None:
     os.rename(partial, path)
 
 
-def prune_checkpoints(output_dir: str, total_limit: int | None) -> None:
+def prune_checkpoints(output_dir: str, total_limit: int | None, saved_step: int | None = None) -> None:
     """Keep the newest ``total_limit`` complete checkpoints: delete the older ones, and the incomplete ones older
-    than the newest complete checkpoint (run after saving one, never before)."""
+    than the newest complete checkpoint (run after saving one, never before).
+
+    ``saved_step`` is the step of the checkpoint just saved: it is the newest of the run, kept whatever lies beyond
+    it (later checkpoints of a run resumed from an earlier one, left as they are until this run replaces them)."""
     if total_limit is None:
         return
     folders = checkpoint_folders(output_dir)
+    if saved_step is not None:
+        folders = [folder for folder in folders if checkpoint_step(folder) <= saved_step]
     keep = [folder for folder in folders if is_complete(folder)][-total_limit:]
     if not keep:
         return

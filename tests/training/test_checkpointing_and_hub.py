@@ -179,3 +179,22 @@ def test_sample_grid_upscales_small_samples_without_blur(tiny_multistage):
     assert images.shape == (4, 8, 8, 3) and grid.size == (128, 128)  # 2 x 2 samples of 8 px, each drawn 64 px wide
     tile = np.asarray(grid)[:64, :64]
     assert (tile == np.kron(np.rint(images[0] * 255), np.ones((8, 8, 1)))).all()  # 8 x 8 blocks, one per pixel
+
+
+def test_a_checkpoint_saved_after_resuming_from_an_older_one_is_kept(tmp_path):
+    # resumed from checkpoint-2 while the output folder holds the later checkpoint-5 of the run resumed over: the
+    # pruning counted checkpoint-5 as the newest and deleted checkpoint-3 as soon as it was written, leaving no
+    # checkpoint of this run to resume from
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from diffusers_stages.training.checkpointing import is_complete, save_checkpoint
+
+    for step in (2, 5):
+        _checkpoint(tmp_path, step)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    path = save_checkpoint(Accelerator(cpu=True), str(tmp_path), 3, total_limit=1)
+    assert _names(tmp_path) == ["checkpoint-3", "checkpoint-5"] and is_complete(path)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
