@@ -82,6 +82,17 @@ def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
         (["--switch_timestep", "0"], "`--switch_timestep` must lie inside the training schedule (0, 1000)"),
         (["--switch_timestep", "nan"], "`--switch_timestep` must lie inside the training schedule (0, 1000)"),
         (["--switch_timestep", "500", "--boundary_units", "sigma"], "give `--switch_step_fraction` instead"),
+        # were a crash in the first training step (0 layers), a ZeroDivisionError in the checks (patch size 0), or
+        # the model's error after the data was read, naming no option
+        (["--shallow_layers_per_block", "0"], "`--shallow_layers_per_block` must be a positive integer, got 0."),
+        (["--shallow_block_out_channels", "0,8"], "`--shallow_block_out_channels` must be positive integers, got"),
+        (["--backbone", "uvit", "--uvit_patch_size", "0"], "`--uvit_patch_size` must be a positive integer, got 0."),
+        (["--backbone", "early_exit", "--uvit_patch_size", "0"], "`--uvit_patch_size` must be a positive integer"),
+        (["--backbone", "uvit", "--uvit_hidden_size", "0"], "`--uvit_hidden_size` must be a positive integer, got 0"),
+        (
+            ["--backbone", "uvit", "--uvit_num_attention_heads", "-2"],
+            "`--uvit_num_attention_heads` must be a positive",
+        ),
     ],
 )
 def test_a_switch_the_pipeline_would_refuse_is_refused_before_training(

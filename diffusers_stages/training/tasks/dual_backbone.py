@@ -14,6 +14,20 @@ from ...pipelines.pipeline_dual_backbone import DEFAULT_SWITCH_STEP_FRACTION  # 
 from ..args import unet_shape_kwargs
 from .base import Draw, TrainingTask, _unet_downsampling
 
+BACKBONE_INTEGERS = ("shallow_layers_per_block", "uvit_hidden_size", "uvit_patch_size", "uvit_num_attention_heads")
+
+
+def check_backbone_arguments(args) -> None:
+    """The backbone shape options of the dual-backbone script, positive (a ValueError naming the option, before the
+    resolution check divides by the patch size and before the networks are built)."""
+    for name in BACKBONE_INTEGERS:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"`--{name}` must be a positive integer, got {value}.")
+    widths = getattr(args, "shallow_block_out_channels", None)
+    if widths is not None and not (widths and all(w > 0 for w in widths)):
+        raise ValueError(f"`--shallow_block_out_channels` must be positive integers, got {list(widths)}.")
+
 
 class DualBackboneTask(TrainingTask):
     """DuoDiff (arXiv 2410.09633): a shallow and a deep denoiser, both trained on all timesteps."""
@@ -22,6 +36,7 @@ class DualBackboneTask(TrainingTask):
     tags = ("dual-backbone", "duodiff")
 
     def build_partition(self, args):
+        check_backbone_arguments(args)
         if args.switch_step_fraction is not None and args.switch_timestep is not None:
             raise ValueError(
                 "Give one of `--switch_step_fraction` and `--switch_timestep` (the sampling switch), not both."

@@ -10,6 +10,7 @@ from ...models.expert_routing import ExpertRoutingModel
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
 from .base import Draw, TrainingTask
+from .dual_backbone import check_backbone_arguments
 
 
 class EarlyExitTask(TrainingTask):
@@ -21,6 +22,7 @@ class EarlyExitTask(TrainingTask):
     tags = ("early-exit", "adadiff")
 
     def build_partition(self, args):
+        check_backbone_arguments(args)
         given = [name for name in ("stage_boundaries", "stage_shares", "switch_step_fraction", "switch_timestep")
                  if getattr(args, name, None) is not None]  # fmt: skip
         if getattr(args, "backbones", "both") != "both":
