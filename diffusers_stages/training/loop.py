@@ -2,9 +2,9 @@
 
 It runs unchanged on one CPU, one GPU, or several GPUs/machines (`accelerate launch`, DDP): every network is
 forwarded exactly once per step, with samples of every stage it owns, so DDP needs no `find_unused_parameters`.
-The randomness of a step (timesteps, noise, label dropout, VAE posterior draws) comes from a generator seeded by
-``(seed, process, micro-step)``, and the data order and augmentation from ``(seed, epoch, index)``, so a run
-resumed from a checkpoint continues exactly as an uninterrupted one.
+The randomness of a step (timesteps, noise, label dropout, VAE posterior draws, the networks' dropout) comes from
+generators seeded by ``(seed, process, micro-step)``, and the data order and augmentation from ``(seed, epoch,
+index)``, so a run resumed from a checkpoint continues exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -73,8 +73,13 @@ def vae_shape(args: argparse.Namespace, task: TrainingTask | None = None) -> tup
 
 
 def step_generator(seed: int, process_index: int, micro_step: int) -> torch.Generator:
-    """The generator of one micro-step on one process: a pure function of the three, so resuming needs no state."""
-    state = np.random.SeedSequence([seed, process_index, micro_step]).generate_state(2, dtype=np.uint32)
+    """The generator of one micro-step on one process: a pure function of the three, so resuming needs no state.
+
+    The global generators, which the networks' own randomness draws from (dropout), are seeded from the three as well
+    (another seed than the returned generator's): a sample grid or a data-loader iterator drawing from them between
+    two steps, or a run resumed from a checkpoint saved before such a draw, changes no dropout mask."""
+    state = np.random.SeedSequence([seed, process_index, micro_step]).generate_state(4, dtype=np.uint32)
+    torch.manual_seed(int(state[2]) << 32 | int(state[3]))
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 

@@ -58,6 +58,19 @@ class RunState:
                 ema.restore(networks[name].parameters())
 
 
+@contextmanager
+def eval_mode(networks: dict[str, torch.nn.Module]):
+    """The networks in evaluation mode (no dropout), as a saved pipeline samples; their training modes restored after."""
+    modes = {name: network.training for name, network in networks.items()}
+    for network in networks.values():
+        network.eval()
+    try:
+        yield networks
+    finally:
+        for name, network in networks.items():
+            network.train(modes[name])
+
+
 class LossLog:
     """The loss sums of each stage and each network since the last optimisation step, reduced over processes when
     logged: ``loss`` (all stages), ``loss/stage_<s>`` and, with several networks, ``loss/<network>``."""
@@ -113,7 +126,7 @@ def save_samples(state: RunState, step: int, use_ema: bool = True) -> str | None
     accelerator, args = state.accelerator, state.args
     if not accelerator.is_main_process or is_sharded(accelerator):  # sharded: no process holds the whole network
         return None
-    with state.ema_weights(use_ema) as networks:
+    with state.ema_weights(use_ema) as networks, eval_mode(networks):  # sampled as the saved pipeline samples
         pipeline = state.task.pipeline(networks, state.sampling_scheduler, state.vae)
         if pipeline is None:
             return None
