@@ -7,6 +7,8 @@ with any number of dataloader workers or processes, sees exactly the images an u
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -100,10 +102,33 @@ def hf_dataset_records(
     )  # fmt: skip
     labels, class_names = None, []
     if class_conditional:
-        labels = [int(x) for x in dataset[label_column]]
-        feature = dataset.features[label_column]
-        class_names = list(feature.names) if hasattr(feature, "names") else [str(i) for i in range(max(labels) + 1)]
+        labels, class_names = _class_labels(dataset, label_column)
     return ImageRecords(lambda i: dataset[i][image_column], len(dataset), labels, class_names)
+
+
+def _is_class_index(value) -> bool:
+    """Whether ``value`` is a whole number >= 0 (an int, or a float such as 2.0; not a bool, a string or nan)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return False
+    return value >= 0 and value == int(value)
+
+
+def _class_labels(dataset, label_column: str) -> tuple[list[int], list[str]]:
+    """``(label of each row, class names)`` of `--label_column`: class indices 0, 1, ... (below the number of a
+    ``ClassLabel``'s names); anything else (a -1 "no label", a string, a fraction) is a `ValueError` naming it."""
+    values = list(dataset[label_column])
+    feature = dataset.features[label_column]
+    names = list(feature.names) if hasattr(feature, "names") else None
+    bad = [x for x in values if not _is_class_index(x) or (names is not None and int(x) >= len(names))]
+    if bad:
+        shown = sorted(set(map(repr, bad)))[:5]
+        raise ValueError(
+            f"`--label_column` {label_column!r} must hold class indices 0, 1, ... (one per class"
+            f"{f', below {len(names)}' if names is not None else ''}), got [{', '.join(shown)}] in "
+            f"{len(bad)} row(s): drop or relabel them, or train without `--class_conditional`."
+        )
+    labels = [int(x) for x in values]
+    return labels, names if names is not None else [str(i) for i in range(max(labels) + 1)]
 
 
 def load_train_split(dataset_name: str, dataset_config_name: str | None, cache_dir: str | None, columns: dict):

@@ -138,3 +138,30 @@ def test_links_out_of_the_folder_are_refused_and_links_inside_it_are_read(folder
                 image_folder_records(folder, class_conditional)
             assert repr(os.path.join(folder, link)) in str(e.value) and repr(str(target)) in str(e.value)
         os.remove(os.path.join(folder, link))
+
+
+@pytest.mark.parametrize(
+    "labels, names, shown",
+    [
+        ([0, -1, 1], None, "[-1]"),  # "unlabelled" marker of some datasets: was an index error in the first step
+        ([0, -1, 1], ["cat", "dog"], "[-1]"),  # a ClassLabel's "no label": the same
+        (["cat", "dog", "cat"], None, "['cat', 'dog']"),  # strings: was int()'s bare ValueError
+        ([0.0, 1.5, 1.0], None, "[1.5]"),  # was truncated to 1 in silence
+    ],
+)
+def test_dataset_labels_must_be_class_indices(monkeypatch, labels, names, shown):
+    datasets = pytest.importorskip("datasets")
+    from diffusers_stages.training import data
+
+    features = {"label": datasets.ClassLabel(names=names)} if names else {}
+    table = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (4, 4))] * 3, "label": labels},
+        features=datasets.Features({"image": datasets.Image(), **(features or {"label": datasets.Value(
+            {str: "string", float: "float64", int: "int64"}[type(labels[1])])})}),
+    )  # fmt: skip
+    monkeypatch.setattr(data, "load_train_split", lambda *args, **kwargs: table)
+    with pytest.raises(ValueError, match=r"`--label_column` 'label' must hold class indices 0, 1, \.\.\. .*got .*"):
+        data.hf_dataset_records("me/pets", class_conditional=True)
+    with pytest.raises(ValueError) as error:
+        data.hf_dataset_records("me/pets", class_conditional=True)
+    assert shown in str(error.value)
