@@ -84,6 +84,8 @@ def test_model_config_gives_every_expert_that_unet(examples, script, image_folde
         (["--num_experts", "2"], "`--own_interval_probability` must be given for 2 experts"),
         (["--own_interval_probability", "0.8,0.4,0,0.1"], "values must be in (0, 1]"),
         (["--attention_head_dim", "3"], "must be multiples of `attention_head_dim`=3"),
+        (["--num_experts", "0"], "`--num_experts` must be a positive integer, got 0."),  # was named `num_stages`
+        (["--num_experts", "-1"], "`--num_experts` must be a positive integer, got -1."),
     ],
 )
 def test_bad_expert_arguments(examples, script, image_folder, tmp_path, capsys, extra, message):

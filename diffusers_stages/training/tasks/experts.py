@@ -28,6 +28,8 @@ class ExpertTask(TrainingTask):
     tags = ("multi-expert", "meme")
 
     def build_partition(self, args):
+        if args.num_experts < 1:
+            raise ValueError(f"`--num_experts` must be a positive integer, got {args.num_experts}.")
         partition = partition_from_args(args, TimestepPartition.uniform(args.num_experts, args.num_train_timesteps))
         widths = args.expert_block_out_channels
         if widths is not None and len(widths) != partition.num_stages:
