@@ -14,7 +14,7 @@ from huggingface_hub.utils import filter_repo_objects
 from ..conventions import num_data_classes
 from ..hub import error_summary
 
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "logs/*", "samples/*", "*.pkl", "*.bin"]
+UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "samples/*", "*.pkl", "*.bin"]
 MODEL_CARD_TODO_START = "## Intended uses & limitations"
 # the package is not on a package index: a card says how to install it from its repository
 INSTALL_TEXT = (
@@ -96,8 +96,15 @@ def push_output_folder(
     api=None,
     token: str | None = None,
     private: bool = False,
+    logging_dir: str | None = None,
 ) -> str:
-    """Create the repository, write the model card and upload ``output_dir`` without checkpoints and logs."""
+    """Create the repository, write the model card and upload ``output_dir`` without checkpoints and logs (those of
+    `--logging_dir` ``logging_dir`` too, a folder relative to ``output_dir``)."""
+    ignore = list(UPLOAD_IGNORE_PATTERNS)
+    if logging_dir is not None:
+        relative = os.path.relpath(os.path.join(output_dir, logging_dir), output_dir).replace(os.sep, "/")
+        if relative != ".." and not relative.startswith("../"):  # outside the folder: nothing of it is uploaded
+            ignore.append(f"{relative}/*")
     if api is None:
         from huggingface_hub import HfApi
 
@@ -108,7 +115,7 @@ def push_output_folder(
         repo_id=repo_id,
         folder_path=output_dir,
         commit_message="End of training",
-        ignore_patterns=UPLOAD_IGNORE_PATTERNS,
+        ignore_patterns=ignore,
         token=token,
     )
 

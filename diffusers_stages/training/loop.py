@@ -430,7 +430,8 @@ def _finish(state: RunState, global_step: int) -> None:
             api = LocalHubApi(args.hub_local_dir) if args.hub_local_dir else None
             description = model_card_text(args, task, state.max_train_steps, grid_path is not None)
             push_output_folder(args.output_dir, args.hub_model_id, description, task.tags, api=api, token=args.hub_token,
-                               class_conditional=args.class_conditional, private=args.hub_private_repo)  # fmt: skip
+                               class_conditional=args.class_conditional, private=args.hub_private_repo,
+                               logging_dir=args.logging_dir)  # fmt: skip
         last = os.path.join(args.output_dir, f"checkpoint-{global_step}")
         if is_complete(last):  # resuming from it has nothing left to do
             mark_finished(last)

@@ -198,3 +198,19 @@ def test_a_checkpoint_saved_after_resuming_from_an_older_one_is_kept(tmp_path):
     assert _names(tmp_path) == ["checkpoint-3", "checkpoint-5"] and is_complete(path)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def test_push_leaves_out_the_logs_of_a_custom_logging_dir(tmp_path, monkeypatch):
+    # `--logging_dir tb`: its TensorBoard files were uploaded (only `logs/*` was left out)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    for name in ("model_index.json", "tb/run/events.out", "nested/tb/events.out", ".checkpoint-4.partial/x.json"):
+        _touch(str(out / name))
+    for logging_dir, kept in (("tb", "nested/tb/events.out"), ("nested/tb", "tb/run/events.out")):
+        push_output_folder(
+            str(out), "me/model", "card", [], api=LocalHubApi(str(tmp_path / logging_dir.replace("/", "_"))),
+            class_conditional=False, logging_dir=logging_dir,
+        )  # fmt: skip
+        pushed = tmp_path / logging_dir.replace("/", "_") / "me" / "model"
+        files = sorted(os.path.relpath(os.path.join(r, f), pushed) for r, _, fs in os.walk(pushed) for f in fs)
+        assert files == sorted(["README.md", kept, "model_index.json"])
