@@ -163,6 +163,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
         return args.output_dir
     if accelerator.is_main_process:
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        config.pop("hub_token", None)  # a secret: never in the logs (nor on wandb's servers)
         accelerator.init_trackers(os.path.basename(os.path.normpath(args.output_dir)), config=config)
     logger.info(
         f"***** {task.method}: {len(dataset)} examples, {math.ceil(max_train_steps / steps_per_epoch)} epochs, batch "

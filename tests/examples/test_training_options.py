@@ -143,3 +143,17 @@ def test_a_run_with_dropout_and_sample_grids_resumes_bit_for_bit(examples, scrip
     )
     a, b = (load_file(os.path.join(run, "unet", "diffusion_pytorch_model.safetensors")) for run in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_hub_token_is_not_logged_to_the_trackers(examples, script, image_folder, tmp_path, monkeypatch):
+    # `--hub_token` went into the trackers' config with every other argument: TensorBoard's hparams file in
+    # `--logging_dir`, wandb's servers with `--logger wandb`
+    from accelerate import Accelerator
+
+    configs = []
+    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, name, config=None, **kw: configs.append(config))
+    out = str(tmp_path / "run")
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--max_train_steps",
+                            "1", "--hub_token", "hf_secret123"])  # fmt: skip
+    assert len(configs) == 1 and configs[0]["max_train_steps"] == 1
+    assert "hf_secret123" not in json.dumps(configs[0])
