@@ -92,6 +92,7 @@ def parse_and_check(parser: argparse.ArgumentParser, task_class: type[TrainingTa
     try:
         task = task_class(args)
         check_args(args, task.partition, task.downsampling * vae_shape(args, task)[1], task.vae_path)
+        check_sampling_steps(args, task)
     except ValueError as error:
         parser.error(str(error))
     _checked = (args, dict(vars(args)), task)
@@ -99,6 +100,19 @@ def parse_and_check(parser: argparse.ArgumentParser, task_class: type[TrainingTa
 
 
 _checked: tuple[argparse.Namespace, dict, TrainingTask] | None = None  # the last checked arguments and their task
+
+
+def check_sampling_steps(args: argparse.Namespace, task: TrainingTask) -> None:
+    """`--num_inference_steps` must be a step count the sampling scheduler takes (DDIM: at most the training
+    schedule's length), refused before training rather than at the first sample grid."""
+    _, sampling_scheduler = noise_schedulers(args, task.scheduler_config)
+    try:
+        sampling_scheduler.set_timesteps(args.num_inference_steps)
+    except ValueError as error:
+        raise ValueError(
+            f"`--num_inference_steps` {args.num_inference_steps} cannot sample the sample grids with "
+            f"{type(sampling_scheduler).__name__}: {error}"
+        ) from None
 
 
 def build_task(task_class: type[TrainingTask], args: argparse.Namespace) -> TrainingTask:
@@ -116,6 +130,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     # 1. every check that needs no training: arguments, output folder, Hub repository, data source, data vs. networks
     in_channels, vae_factor = vae_shape(args, task)
     check_args(args, task.partition, task.downsampling * vae_factor, task.vae_path)
+    check_sampling_steps(args, task)
     existing, resume_path = _check_output_dir(args)
     if args.push_to_hub:
         create_hub_repo(args)

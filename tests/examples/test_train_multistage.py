@@ -102,6 +102,11 @@ def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_pa
         (["--stage_boundaries", "700,300"], "`--stage_boundaries` [700.0, 300.0] is not a valid stage split"),
         (["--decoder_block_out_channels", "8,16", "8,16"], "gives 2 decoders, but the stage split"),
         (["--resolution", "9"], "`--resolution` 9 must be divisible by the model's total down-sampling factor 2"),
+        (  # was refused by DDIM at the first sample grid, after `--save_images_steps` steps of training
+            ["--num_train_timesteps", "10", "--stage_boundaries", "5", "--num_inference_steps", "50"],
+            "`--num_inference_steps` 50 cannot sample the sample grids with DDIMScheduler: `num_inference_steps`: 50 "
+            "cannot be larger than",
+        ),
         (["--stage_shares", "1,1"], "`--stage_shares` needs 3 non-negative values"),
         (["--stage_shares", "1,1", "--fused_decoders"], "`--stage_shares` needs 3 non-negative values"),
         (
