@@ -12,6 +12,7 @@ import torch
 
 from ..partition import TimestepPartition
 from ..timestep_sampling import STAGE_SAMPLING
+from .data import is_inside
 
 # the learning-rate schedules `get_scheduler` builds from the loop's arguments alone
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -281,7 +282,7 @@ def check_args(
         raise ValueError(
             f"`--dataloader_num_workers` must be a non-negative integer, got {args.dataloader_num_workers}."
         )
-    check_output_dir(args.output_dir, args.train_data_dir)
+    check_output_dir(args)
     if not 0.0 <= args.class_dropout_prob < 1.0:
         raise ValueError(f"`--class_dropout_prob` must be in [0, 1), got {args.class_dropout_prob}.")
     if args.resolution % downsampling:
@@ -314,19 +315,20 @@ def check_args(
     check_device_options(args)
 
 
-def check_output_dir(output_dir: str, train_data_dir: str | None) -> None:
-    """Refuse an `--output_dir` that cannot be a folder (it, or a folder above it, is a file), or that lies inside
-    `--train_data_dir` (the run's samples and checkpoints would become training images of the next run)."""
-    parent = os.path.abspath(output_dir)
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse an `--output_dir` that cannot be a folder (it, or a folder above it, is a file), or that lies inside the
+    data folder (`--train_data_dir`, or a local `--dataset_name` folder): the run's samples and checkpoints would
+    become training images of the next run."""
+    parent = os.path.abspath(args.output_dir)
     while not os.path.exists(parent):  # the nearest part of the path that exists (the root at worst)
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise ValueError(f"`--output_dir` {output_dir!r} must be a folder, but {parent!r} is a file.")
-    if train_data_dir is not None:
-        data, output = os.path.realpath(train_data_dir), os.path.realpath(output_dir)
-        if output == data or output.startswith(os.path.join(data, "")):
+        raise ValueError(f"`--output_dir` {args.output_dir!r} must be a folder, but {parent!r} is a file.")
+    for name in ("train_data_dir", "dataset_name"):
+        folder = getattr(args, name)
+        if folder is not None and os.path.isdir(folder) and is_inside(args.output_dir, folder):
             raise ValueError(
-                f"`--output_dir` {output_dir!r} lies inside `--train_data_dir` {train_data_dir!r}: its sample grids and "
+                f"`--output_dir` {args.output_dir!r} lies inside `--{name}` {folder!r}: its sample grids and "
                 "checkpoints would be read as training images. Write the run outside the data folder."
             )
 

@@ -114,6 +114,9 @@ def test_an_output_dir_that_cannot_hold_the_run_is_refused(tmp_path):
     (tmp_path / "link").symlink_to(data)
     with pytest.raises(ValueError, match="lies inside `--train_data_dir`"):
         _checked(data, "--output_dir", str(tmp_path / "link" / "run"))
+    args = build_parser("").parse_args(["--dataset_name", str(data), "--output_dir", str(data / "run")])
+    with pytest.raises(ValueError, match="lies inside `--dataset_name`"):  # a local folder `datasets` reads whole
+        check_args(args, TimestepPartition([442, 631]), 1)
     assert _checked(data, "--output_dir", str(tmp_path / "run")).output_dir == str(tmp_path / "run")
     assert _checked(data, "--output_dir", str(tmp_path / "data-run")).output_dir  # a name sharing the prefix
 
