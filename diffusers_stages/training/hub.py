@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from huggingface_hub import create_repo
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from ..conventions import num_data_classes
 from ..hub import error_summary
@@ -46,6 +46,7 @@ class LocalHubApi:
         self.root = root
 
     def create_repo(self, repo_id: str, exist_ok: bool = False, private: bool | None = None, token=None, **kwargs):
+        validate_repo_id(repo_id)  # as the Hub does: `name` or `namespace/name`, no `..`, no absolute path
         path = os.path.join(self.root, repo_id)
         if os.path.isdir(path) and not exist_ok:
             raise ValueError(f"Repository {repo_id!r} already exists under {self.root!r}.")

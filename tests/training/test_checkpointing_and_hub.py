@@ -214,3 +214,17 @@ def test_push_leaves_out_the_logs_of_a_custom_logging_dir(tmp_path, monkeypatch)
         pushed = tmp_path / logging_dir.replace("/", "_") / "me" / "model"
         files = sorted(os.path.relpath(os.path.join(r, f), pushed) for r, _, fs in os.walk(pushed) for f in fs)
         assert files == sorted(["README.md", kept, "model_index.json"])
+
+
+@pytest.mark.parametrize("repo_id", ["../outside", "me/../../outside", "ABSOLUTE"])
+def test_a_hub_model_id_that_is_no_repository_name_is_refused_before_training(tmp_path, repo_id):
+    # `--hub_local_dir`: was joined to the folder as it was, writing the upload wherever it led
+    from diffusers_stages.training.hub import create_hub_repo
+
+    repo_id = str(tmp_path / "outside") if repo_id == "ABSOLUTE" else repo_id
+
+    args = argparse.Namespace(hub_model_id=repo_id, hub_local_dir=str(tmp_path / "hub"), hub_private_repo=False,
+                              hub_token=None)  # fmt: skip
+    with pytest.raises(ValueError, match=r"`--push_to_hub`: cannot create the Hub repository `--hub_model_id`"):
+        create_hub_repo(args)
+    assert not (tmp_path / "outside").exists()
