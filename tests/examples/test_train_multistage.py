@@ -102,6 +102,10 @@ def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_pa
         (["--stage_boundaries", "700,300"], "`--stage_boundaries` [700.0, 300.0] is not a valid stage split"),
         (["--decoder_block_out_channels", "8,16", "8,16"], "gives 2 decoders, but the stage split"),
         (["--resolution", "9"], "`--resolution` 9 must be divisible by the model's total down-sampling factor 2"),
+        (  # was "`boundaries` must be strictly increasing, got [1, 1]", naming no argument
+            ["--num_train_timesteps", "2", "--num_inference_steps", "2"],
+            "`--num_train_timesteps` 2 is too short for the default stage split [1, 1]",
+        ),
         (  # was refused by DDIM at the first sample grid, after `--save_images_steps` steps of training
             ["--num_train_timesteps", "10", "--stage_boundaries", "5", "--num_inference_steps", "50"],
             "`--num_inference_steps` 50 cannot sample the sample grids with DDIMScheduler: `num_inference_steps`: 50 "
@@ -136,6 +140,13 @@ def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_
         script.parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_short_schedule_takes_given_boundaries(examples, script, image_folder, tmp_path):
+    # the default split was built (and refused) even when `--stage_boundaries` replaced it
+    args = script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+                              "--num_train_timesteps", "2", "--stage_boundaries", "1", "--num_inference_steps", "2"])  # fmt: skip
+    assert list(script.MultiStageTask(args).partition.boundaries) == [1.0]
 
 
 def test_missing_data_source_fails_before_training(examples, script, tmp_path, capsys):

@@ -106,9 +106,7 @@ class MultiStageTask(TrainingTask):
         else:
             partition = self._planned_partition(args)
             if partition is None:
-                boundaries = paper_boundaries(args.boundary_units, args.num_train_timesteps)
-                default = TimestepPartition(boundaries, args.num_train_timesteps, args.boundary_units)
-                partition = partition_from_args(args, default)
+                partition = partition_from_args(args, self._default_partition(args))
         decoders = getattr(args, "decoder_block_out_channels", None)
         if decoders is not None and len(decoders) != partition.num_stages:
             raise ValueError(
@@ -124,6 +122,21 @@ class MultiStageTask(TrainingTask):
             # EDM's augmentation embedding gets no gradient (the loop passes no augmentation labels): tell DDP
             self.find_unused_parameters = True
         return partition
+
+    @staticmethod
+    def _default_partition(args: argparse.Namespace) -> TimestepPartition | None:
+        """The paper's split scaled to `--num_train_timesteps`; None when the schedule is too short for it and
+        `--stage_boundaries` is given (a ValueError naming the argument when it is not)."""
+        boundaries = paper_boundaries(args.boundary_units, args.num_train_timesteps)
+        try:
+            return TimestepPartition(boundaries, args.num_train_timesteps, args.boundary_units)
+        except ValueError as error:
+            if args.stage_boundaries is not None:
+                return None  # not used: the given boundaries are
+            raise ValueError(
+                f"`--num_train_timesteps` {args.num_train_timesteps} is too short for the default stage split "
+                f"{boundaries} ({error}): give `--stage_boundaries` or a longer schedule."
+            ) from None
 
     def _check_fused_decoders(self, args: argparse.Namespace, partition: TimestepPartition) -> None:
         """Refuse `--fused_decoders` where no batch could be fused: a model without a packed form, batches of one
