@@ -320,10 +320,13 @@ def check_output_dir(args: argparse.Namespace) -> None:
     data folder (`--train_data_dir`, or a local `--dataset_name` folder): the run's samples and checkpoints would
     become training images of the next run."""
     parent = os.path.abspath(args.output_dir)
-    while not os.path.exists(parent):  # the nearest part of the path that exists (the root at worst)
+    while not os.path.lexists(parent):  # the nearest part of the path that exists (the root at worst)
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise ValueError(f"`--output_dir` {args.output_dir!r} must be a folder, but {parent!r} is a file.")
+        raise ValueError(
+            f"`--output_dir` {args.output_dir!r} must be a folder, but {parent!r} is not a folder (a file, or a link "
+            "that leads nowhere)."
+        )
     for name in ("train_data_dir", "dataset_name"):
         folder = getattr(args, name)
         if folder is not None and os.path.isdir(folder) and is_inside(args.output_dir, folder):

@@ -105,8 +105,9 @@ def test_an_output_dir_that_cannot_hold_the_run_is_refused(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (tmp_path / "a_file").write_text("")
-    for output_dir in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
-        with pytest.raises(ValueError, match=f"`--output_dir` {str(output_dir)!r} must be a folder.*a file"):
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    for output_dir in (tmp_path / "a_file", tmp_path / "a_file" / "run", tmp_path / "broken"):
+        with pytest.raises(ValueError, match=f"`--output_dir` {str(output_dir)!r} must be a folder.*is not a folder"):
             _checked(data, "--output_dir", str(output_dir))
     for output_dir in (data, data / "run", data / "sub" / ".." / "run"):
         with pytest.raises(ValueError, match=f"`--output_dir` {str(output_dir)!r} lies inside `--train_data_dir`"):
