@@ -83,12 +83,19 @@ def skipped_checkpoints(resume_path: str) -> list[str]:
     return [folder for folder in folders if checkpoint_step(folder) > step and not is_complete(folder)]
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None, replaced: list[str] | None = None
+) -> str:
     """`accelerator.save_state` as ``output_dir/checkpoint-<step>``, all or nothing, then prune to ``total_limit``.
 
     Every process writes into the temporary ``.checkpoint-<step>.partial``; once all have, the main process writes
     the completeness marker, renames the folder into place and only then deletes the oldest checkpoints.
+
+    ``replaced`` are a former run's checkpoints (`--overwrite_output_dir`), deleted with this first checkpoint of the
+    new run: those of later steps (which ``latest`` would take) once it is complete, the others once it is in place,
+    so that a kill at any moment leaves ``latest`` one run's checkpoint.
     """
+    replaced = replaced or []
     path = os.path.join(output_dir, f"checkpoint-{step}")
     partial = os.path.join(output_dir, f".checkpoint-{step}.partial")
     if accelerator.is_main_process and os.path.exists(partial):
@@ -97,7 +104,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
     accelerator.save_state(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        discard_checkpoints([folder for folder in replaced if checkpoint_step(folder) > step])
         publish_checkpoint(partial, path, step)
+        discard_checkpoints([folder for folder in replaced if checkpoint_step(folder) < step])
         prune_checkpoints(output_dir, total_limit, saved_step=step)
     accelerator.wait_for_everyone()
     return path
@@ -159,6 +168,13 @@ def discard_checkpoint(folder: str) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
     os.rename(folder, hidden)
     shutil.rmtree(hidden)
+
+
+def discard_checkpoints(folders: list[str]) -> None:
+    """`discard_checkpoint` each of ``folders`` that still exists."""
+    for folder in folders:
+        if os.path.isdir(folder):
+            discard_checkpoint(folder)
 
 
 def _network_folder(checkpoint: str, name: str) -> str:

@@ -33,7 +33,7 @@ from .args import check_args
 from .checkpointing import (
     checkpoint_folders,
     checkpoint_step,
-    discard_checkpoint,
+    discard_checkpoints,
     is_complete,
     is_finished,
     mark_finished,
@@ -142,7 +142,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
 
     # 2. accelerator, logging, output folder, seeds (the same initial weights on every process)
     accelerator = _accelerator(args, task)
-    _prepare_output_dir(accelerator, args, existing, resume_path)
+    replaced = _prepare_output_dir(accelerator, args, existing, resume_path)
     set_seed(args.seed)
 
     # 3. data: images, or VAE latents (encoded every step, or once up front)
@@ -169,6 +169,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     state = RunState(
         accelerator, args, task, list(networks), models, emas, optimizer, lr_scheduler, noise_scheduler,
         sampling_scheduler, vae, weight_dtype, records.num_classes if task.uses_labels else 0, max_train_steps,
+        replaced,
     )  # fmt: skip
 
     # 5. resume, trackers
@@ -242,16 +243,25 @@ def _accelerator(args: argparse.Namespace, task: TrainingTask) -> Accelerator:
     return accelerator
 
 
-def _prepare_output_dir(accelerator: Accelerator, args: argparse.Namespace, existing: list[str], resume_path) -> None:
-    """Remove what a killed run left half-written, and the checkpoints `--overwrite_output_dir` starts over from."""
+def _prepare_output_dir(
+    accelerator: Accelerator, args: argparse.Namespace, existing: list[str], resume_path
+) -> list[str]:
+    """Remove what a killed run left half-written; returns the checkpoints `--overwrite_output_dir` starts over from,
+    deleted only once this run has a complete checkpoint (`save_checkpoint`) or its final outputs."""
     if accelerator.is_main_process:
         for name in remove_leftovers(args.output_dir):
             logger.info(f"Removed {name}, left in {args.output_dir} by a run killed while saving a checkpoint.")
-        if existing and args.overwrite_output_dir and resume_path is None:
-            for folder in existing:
-                discard_checkpoint(folder)
         os.makedirs(args.output_dir, exist_ok=True)
     accelerator.wait_for_everyone()
+    return list(existing) if args.overwrite_output_dir and resume_path is None else []
+
+
+def _discard_replaced(state: RunState) -> None:
+    """Delete the former run's checkpoints (`--overwrite_output_dir`) that this run's first checkpoint did not
+    (it saved none): its final outputs are written."""
+    if state.accelerator.is_main_process:
+        discard_checkpoints(state.replaced_checkpoints)
+    state.replaced_checkpoints = []
 
 
 def _load_vae(task: TrainingTask, device: torch.device, dtype: torch.dtype) -> AutoencoderKL | None:
@@ -424,7 +434,10 @@ def _after_step(state: RunState, losses_log: LossLog, global_step: int, progress
     progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
     accelerator.log(logs, step=global_step)
     if global_step % args.checkpointing_steps == 0:
-        path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+        path = save_checkpoint(
+            accelerator, args.output_dir, global_step, args.checkpoints_total_limit, state.replaced_checkpoints
+        )
+        state.replaced_checkpoints = []  # deleted by the save, once this checkpoint was complete
         logger.info(f"Saved state to {path}")
     if global_step % args.save_images_steps == 0 and global_step < state.max_train_steps:
         save_samples(state, global_step)
@@ -448,6 +461,7 @@ def _finish(state: RunState, global_step: int) -> None:
             push_output_folder(args.output_dir, args.hub_model_id, description, task.tags, api=api, token=args.hub_token,
                                class_conditional=args.class_conditional, private=args.hub_private_repo,
                                logging_dir=args.logging_dir)  # fmt: skip
+        _discard_replaced(state)  # this run saved no checkpoint: its final outputs replace the former run's
         last = os.path.join(args.output_dir, f"checkpoint-{global_step}")
         if is_complete(last):  # resuming from it has nothing left to do
             mark_finished(last)

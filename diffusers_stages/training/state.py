@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
@@ -40,6 +40,7 @@ class RunState:
     weight_dtype: torch.dtype
     num_classes: int  # classes of the data, 0 when unconditional (the null label is index `num_classes`)
     max_train_steps: int
+    replaced_checkpoints: list[str] = field(default_factory=list)  # `--overwrite_output_dir`: the former run's
 
     def unwrapped(self) -> dict[str, ModelMixin]:
         return {name: self.accelerator.unwrap_model(model) for name, model in zip(self.names, self.models)}
