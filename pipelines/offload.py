@@ -173,7 +173,9 @@ class StageOffloadMixin:
 
         It replaces `enable_model_cpu_offload` (which moves whole components, every stage network at once) and is
         refused with it, with `enable_sequential_cpu_offload` and with a ``device_map``. Move the pipeline
-        (``pipe.to(device)``) only after `disable_stage_offload`: the hooks track where each network is.
+        (``pipe.to(device)``; a dtype alone may change) and copy it with `from_pipe` only after
+        `disable_stage_offload` (or `remove_all_hooks`, which removes these hooks too): the hooks track where each
+        network is, and both are refused before.
 
         Args:
             device (`torch.device` or `str`, *optional*): the execution device; defaults to the accelerator found
@@ -224,6 +226,36 @@ class StageOffloadMixin:
         super().maybe_free_model_hooks()
         if self._stage_offload is not None:
             self._stage_offload.offload_all()
+
+    def remove_all_hooks(self) -> None:
+        """As diffusers' (the hooks of `enable_model_cpu_offload` and `enable_sequential_cpu_offload`), and those of
+        `enable_stage_offload` too (see `disable_stage_offload`)."""
+        self.disable_stage_offload()
+        super().remove_all_hooks()
+
+    def to(self, *args, **kwargs):
+        """As diffusers' `DiffusionPipeline.to`; under `enable_stage_offload` a dtype may change, but a device move is
+        a `ValueError` (the hooks decide where each stage network is)."""
+        device = kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)
+        if self._stage_offload is not None and device is not None:
+            raise ValueError(
+                f"`pipe.to(device)` cannot be combined with `enable_stage_offload` (got device {device!r}; the hooks "
+                f"keep the pipeline on {self._stage_offload.device} and the waiting stage networks on "
+                f"{self._stage_offload.offload_device}): call `disable_stage_offload()` first."
+            )
+        return super().to(*args, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """As diffusers' `from_pipe`, refused for a pipeline under `enable_stage_offload`: the stage networks the new
+        pipeline would share carry that pipeline's hooks."""
+        if getattr(pipeline, "_stage_offload", None) is not None:
+            raise ValueError(
+                "`from_pipe` cannot copy a pipeline with `enable_stage_offload`: its stage networks, which the new "
+                "pipeline would share, carry its hooks. Call `pipeline.disable_stage_offload()` first, then "
+                "`enable_stage_offload` on the pipeline you sample with."
+            )
+        return super().from_pipe(pipeline, **kwargs)
 
     def enable_model_cpu_offload(self, *args, **kwargs) -> None:
         self._refuse_with_stage_offload("enable_model_cpu_offload")
