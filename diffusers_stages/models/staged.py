@@ -71,7 +71,9 @@ class StageCompileMixin:
             warmup (`dict`, *optional*): keyword arguments of `forward` (``sample``, ``timestep``, ...): with them,
                 every stage is compiled up front, by one call per stage with ``stage_index`` set (without
                 gradients). Without them, each region compiles on its first call.
-            compile_kwargs: arguments of `torch.compile` (``backend``, ``mode``, ``dynamic``, ...), for every region.
+            compile_kwargs: arguments of `torch.compile` (``backend``, ``mode``, ``dynamic``, ...), for every region;
+                one it does not take, or refuses (an unknown backend or mode), is a `ValueError` before anything is
+                compiled.
 
         Returns:
             The model itself.
@@ -98,6 +100,7 @@ class StageCompileMixin:
                 "`warmup` must be a dict of `forward`'s keyword arguments without `stage_index` (every stage is warmed "
                 f"up in turn), got {type(warmup).__name__ if not isinstance(warmup, Mapping) else sorted(warmup)}."
             )
+        _check_compile_kwargs(compile_kwargs)
         regions = self.compile_regions()
         # 1. room for each region's recompiles: the regions of one `forward` share its cache (dynamo keys on code)
         needed = RECOMPILES_PER_REGION * max(Counter(type(region).forward for region in regions).values(), default=0)
@@ -112,6 +115,27 @@ class StageCompileMixin:
                 for stage in range(self.num_stages):
                     self(**warmup, stage_index=stage)
         return self
+
+
+def _check_compile_kwargs(compile_kwargs: dict[str, Any]) -> None:
+    """`compile_stages`' ``compile_kwargs`` as `torch.compile` would take them, else a `ValueError` naming them."""
+    known = set(inspect.signature(torch.compile).parameters) - {"model"}
+    unknown = sorted(set(compile_kwargs) - known)
+    if unknown:
+        raise ValueError(
+            f"`compile_stages` got {unknown}, which are not arguments of `torch.compile` {sorted(known)}."
+        )
+    try:
+        # torch checks ``backend``, ``mode`` and ``options`` here; nothing compiles
+        torch.compile(_uncompiled, **compile_kwargs)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"`torch.compile` refuses {compile_kwargs!r} (`compile_stages`' arguments): {error}"
+        ) from error
+
+
+def _uncompiled() -> None:
+    """What `_check_compile_kwargs` wraps (never called)."""
 
 
 DEFAULT_MAX_PADDING = 0.25  # `enable_fused_decoders`: the share of padding rows a fused pass may add

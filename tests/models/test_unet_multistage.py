@@ -298,6 +298,22 @@ def test_compile_stages_refuses_a_bad_warmup(tiny_unet_kwargs):
         model.compile_stages(warmup={"x": x, "t": 500}, backend="eager")
 
 
+def test_compile_stages_refuses_bad_compile_arguments_before_compiling(tiny_unet_kwargs):
+    """`torch.compile`'s own refusals (a TypeError, an InvalidBackend, a RuntimeError) become `ValueError`s naming the
+    argument, raised before any region is compiled or any dynamo limit is changed."""
+    model = MultiStageUNet2DModel(**tiny_unet_kwargs)
+    limit = torch._dynamo.config.recompile_limit
+    for kwargs, match in (
+        ({"backend": "eager", "fullgraf": True}, r"\['fullgraf'\], which are not arguments of `torch.compile`"),
+        ({"backend": "no_such_backend"}, r"`torch.compile` refuses \{'backend': 'no_such_backend'\}"),
+        ({"mode": "fastest"}, r"`torch.compile` refuses \{'mode': 'fastest'\}"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            model.compile_stages(**kwargs)
+    assert not any(getattr(region, "_compiled_call_impl", None) for region in model.compile_regions())
+    assert torch._dynamo.config.recompile_limit == limit
+
+
 def test_compile_stages_compiles_17_identical_decoders_once(tiny_unet_kwargs, monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     torch.manual_seed(0)
