@@ -17,6 +17,8 @@ from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_mod
 from accelerate.utils import send_to_device
 from diffusers.utils.torch_utils import get_device
 
+DEFAULT_NUM_INFERENCE_STEPS = 50  # `StagedDiffusionPipeline.__call__`'s default
+
 
 class StageNetworkHook(ModelHook):
     """The accelerate hook of one stage network: it asks `StageOffload` to make ``unit`` the resident network before
@@ -203,7 +205,9 @@ class StageOffloadMixin:
         if device.type not in ("cpu", "mps") and device.index is None:
             device = torch.device(device.type, torch.get_device_module(device.type).current_device())
         self.disable_stage_offload()  # enabling again replaces the hooks
-        num_stages = self.resolve_partition(2).num_stages  # (a step-fraction switch needs a step count: any will do)
+        # a step-fraction switch needs a step count: the sampling default, which every scheduler takes (PNDM's
+        # Runge-Kutta warm-up refuses fewer than 4); the number of stages does not depend on it
+        num_stages = self.resolve_partition(DEFAULT_NUM_INFERENCE_STEPS).num_stages
         networks = [self.stage_network(stage) for stage in range(num_stages)]
         components = [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
         self._stage_offload = StageOffload(components, networks, device, offload_device, prefetch)
