@@ -287,8 +287,20 @@ def _place_outside(module: torch.nn.Module, skip: set[int], device: torch.device
 
 
 def _device(value: torch.device | str, name: str) -> torch.device:
-    """``value`` as a `torch.device`; a `ValueError` naming the argument ``name`` when it is not one."""
+    """``value`` as a `torch.device` this machine has; a `ValueError` naming the argument ``name`` when it is not one
+    (a device torch knows but this machine lacks, or ``meta``, where the weights would be lost)."""
     try:
-        return torch.device(value)
+        device = torch.device(value)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"`{name}` must be a torch device (e.g. 'cuda', 'cpu'), got {value!r}.") from error
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    available = callable(getattr(backend, "is_available", None)) and backend.is_available()
+    count = backend.device_count() if available and callable(getattr(backend, "device_count", None)) else None
+    if not available or (device.index is not None and count is not None and device.index >= count):
+        raise ValueError(
+            f"`{name}` must be a device this machine has, got {value!r} "
+            f"({'no ' + device.type + ' device is available' if not available else f'{count} {device.type} devices'})."
+        )
+    return device

@@ -220,3 +220,21 @@ def test_a_step_fraction_switch_with_pndm_warm_up_steps():
     expected = _images(pipe)
     pipe.enable_stage_offload(device="cpu")
     np.testing.assert_array_equal(_images(pipe), expected)
+
+
+def test_a_device_this_machine_lacks_is_refused_before_anything_moves():
+    """Devices torch knows but this machine lacks were an AssertionError or RuntimeError from deep inside (or, for
+    "mps" on Linux, accepted until the first run), and ``offload_device="meta"`` dropped the waiting weights."""
+    pipe = tiny_pipeline("experts")
+    expected = _images(pipe)
+    missing = [] if torch.cuda.is_available() else ["cuda", "cuda:0"]
+    missing += [] if torch.backends.mps.is_available() else ["mps"]
+    for device in missing:
+        with pytest.raises(ValueError, match=f"`device` must be a device this machine has, got '{device}'"):
+            pipe.enable_stage_offload(device=device)
+        with pytest.raises(ValueError, match=f"`offload_device` must be a device this machine has, got '{device}'"):
+            pipe.enable_stage_offload(device="cpu", offload_device=device)
+    with pytest.raises(ValueError, match="`offload_device` must be a device this machine has, got 'meta'"):
+        pipe.enable_stage_offload(device="cpu", offload_device="meta")
+    assert pipe._stage_offload is None and all(p.device.type == "cpu" for p in pipe.experts.parameters())
+    np.testing.assert_array_equal(_images(pipe), expected)
