@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
 from accelerate.utils import send_to_device
+from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import get_device
 
 DEFAULT_NUM_INFERENCE_STEPS = 50  # `StagedDiffusionPipeline.__call__`'s default
@@ -237,7 +238,7 @@ class StageOffloadMixin:
         self.disable_stage_offload()
         super().remove_all_hooks()
 
-    def to(self, *args, **kwargs):
+    def to(self, *args, **kwargs) -> StageOffloadMixin:
         """As diffusers' `DiffusionPipeline.to`; under `enable_stage_offload` a dtype may change, but a device move is
         a `ValueError` (the hooks decide where each stage network is)."""
         device = kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)
@@ -250,7 +251,7 @@ class StageOffloadMixin:
         return super().to(*args, **kwargs)
 
     @classmethod
-    def from_pipe(cls, pipeline, **kwargs):
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> StageOffloadMixin:
         """As diffusers' `from_pipe`, refused for a pipeline under `enable_stage_offload`: the stage networks the new
         pipeline would share carry that pipeline's hooks."""
         if getattr(pipeline, "_stage_offload", None) is not None:
