@@ -43,7 +43,7 @@ from benchmarks.evidence.comparisons import meme_expert_models, unet_config
 from benchmarks.evidence.data import NUM_CLASSES
 from benchmarks.evidence.presets import PRESETS
 from benchmarks.evidence.sampling import balanced_labels, sampling_scheduler
-from benchmarks.measure import count_flops, interleaved_medians
+from benchmarks.measure import count_flops, device_option, interleaved_medians, non_negative_int, positive_int
 
 SIZE, CHANNELS = 32, 3
 DEEP = {
@@ -99,13 +99,17 @@ def report(name: str, baseline: tuple[int, float, float], ours: tuple[int, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", type=device_option, default="cpu")
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--batch_size", type=positive_int, default=4)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--switch_step_fraction", type=float, default=0.4)
-    parser.add_argument("--early_exit_steps", type=int, default=0, help="train the early-exit baseline this long")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 is steadier on a shared machine)")
+    parser.add_argument(
+        "--early_exit_steps", type=non_negative_int, default=0, help="train the early-exit baseline this long"
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads (1 is steadier on a shared machine)"
+    )
     parser.add_argument(
         "--evidence_preset", default="default", choices=[*PRESETS, "none"], help="section 3's sizes ('none': skip)"
     )

@@ -43,7 +43,7 @@ from diffusers_stages.timestep_sampling import stratified_timesteps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from benchmarks.measure import count_flops, interleaved_medians
+from benchmarks.measure import count_flops, default_device, device_option, interleaved_medians, positive_int
 
 SECTIONS = ("flops", "sampling", "overhead", "mixed", "load", "pipeline", "compile")
 SMALL = dict(
@@ -59,16 +59,24 @@ SMALL = dict(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=int, default=64, help="encoder base width (the paper's CIFAR model: 128)")
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps of a sampling run")
-    parser.add_argument("--train_batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=15, help="timed repetitions (medians are reported)")
-    parser.add_argument("--quick", action="store_true", help="3 repeats and 5 steps")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
-        "--decoder_counts", type=int, nargs="+", default=[2, 3, 4, 8, 16], help="identical decoders, batch-1 sweep"
+        "--width", type=positive_int, default=64, help="encoder base width (the paper's CIFAR model: 128)"
+    )
+    parser.add_argument("--resolution", type=positive_int, default=32)
+    parser.add_argument("--steps", type=positive_int, default=20, help="DDIM steps of a sampling run")
+    parser.add_argument("--train_batch", type=positive_int, default=16)
+    parser.add_argument("--repeats", type=positive_int, default=15, help="timed repetitions (medians are reported)")
+    parser.add_argument("--quick", action="store_true", help="3 repeats and 5 steps")
+    parser.add_argument("--device", type=device_option, default=default_device())
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--decoder_counts",
+        type=positive_int,
+        nargs="+",
+        default=[2, 3, 4, 8, 16],
+        help="identical decoders, batch-1 sweep",
     )
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
     args = parser.parse_args(argv)

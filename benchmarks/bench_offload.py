@@ -29,7 +29,7 @@ from diffusers_stages.models import build_meme_experts
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from benchmarks.bench_experts import CHANNELS, MEME_WIDTHS, SIZE, params
-from benchmarks.measure import _synchronize
+from benchmarks.measure import _synchronize, default_device, device_option, positive_int
 
 MODES = ("resident", "model_cpu_offload", "stage_offload", "stage_offload_no_prefetch")
 
@@ -76,10 +76,10 @@ def measure(pipe: ExpertRoutingPipeline, mode: str, args: argparse.Namespace) ->
 
 def main(argv: list[str] | None = None) -> dict[str, tuple[float | None, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", type=device_option, default=default_device())
+    parser.add_argument("--steps", type=positive_int, default=50)
+    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     args = parser.parse_args(argv)
     source = meme_pipeline()
     experts = source.experts.experts

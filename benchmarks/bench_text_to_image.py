@@ -49,7 +49,7 @@ from diffusers_stages.timestep_sampling import stratified_timesteps
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from benchmarks.bench_multistage import training_step
-from benchmarks.measure import count_flops, interleaved_medians
+from benchmarks.measure import count_flops, default_device, device_option, interleaved_medians, positive_int
 
 SCALE = 5  # SD 1.5's block widths divided by this
 SD15_WIDTHS = (320, 640, 1280, 1280)
@@ -60,14 +60,16 @@ SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--latent_size", type=int, default=32, help="latent side (SD 1.5: 64)")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps of a pipeline run")
-    parser.add_argument("--train_batch", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions (medians are reported)")
-    parser.add_argument("--routing_repeats", type=int, default=400, help="timed calls per model in section 3")
+    parser.add_argument("--latent_size", type=positive_int, default=32, help="latent side (SD 1.5: 64)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="DDIM steps of a pipeline run")
+    parser.add_argument("--train_batch", type=positive_int, default=6)
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed repetitions (medians are reported)")
+    parser.add_argument("--routing_repeats", type=positive_int, default=400, help="timed calls per model in section 3")
     parser.add_argument("--quick", action="store_true", help="2 repeats and 4 steps")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", type=device_option, default=default_device())
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.steps, args.routing_repeats = 2, 4, 20

@@ -47,24 +47,28 @@ from diffusers_stages.models.uvit import UViT2DModel, dual_uvit_configs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from benchmarks.measure import _synchronize
+from benchmarks.measure import _synchronize, default_device, device_option, positive_int
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_option, default=default_device())
     parser.add_argument("--quick", action="store_true", help="tiny models, 2 steps, `eager` compile backend")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps of a sampling run")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs (medians are reported)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="DDIM steps of a sampling run")
+    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs (medians are reported)")
     parser.add_argument("--backend", default=None, help="torch.compile backend (default: inductor; --quick: eager)")
     parser.add_argument("--output_dir", default=None, help="where gpu_checks.json goes (default: nowhere)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch_size, args.repeats = 2, 2, 1
     args.backend = args.backend or ("eager" if args.quick else "inductor")
+    if args.backend not in torch.compiler.list_backends(exclude_tags=()):
+        parser.error(
+            f"--backend must be a torch.compile backend {torch.compiler.list_backends()}, got {args.backend!r}"
+        )
     return args
 
 

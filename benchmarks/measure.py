@@ -7,6 +7,7 @@ The scripts put the repository root on ``sys.path`` and import this as ``benchma
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -15,7 +16,45 @@ import torch
 
 from diffusers_stages.evaluation import count_flops  # the library's; re-exported for the benchmarks
 
-__all__ = ["count_flops", "interleaved_medians"]
+__all__ = ["count_flops", "default_device", "device_option", "interleaved_medians", "non_negative_int", "positive_int"]
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (a step count, a batch size, repeats), else a usage error naming it."""
+    return _integer_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 0 (0: skip), else a usage error naming it."""
+    return _integer_at_least(text, 0)
+
+
+def _integer_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+    return value
+
+
+def device_option(text: str) -> str:
+    """An argparse ``type``: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``), else a usage error."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a torch device such as 'cpu' or 'cuda', got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return text
+
+
+def default_device() -> str:
+    """The benchmarks' default ``--device``: ``cuda`` when available, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _synchronize(device: torch.device) -> None:

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks.evidence import comparisons as C
 from benchmarks.evidence.presets import PRESETS, get_preset
 from benchmarks.evidence.report import write_markdown, write_plots
+from benchmarks.measure import default_device, device_option, positive_int
 
 COMPARISONS = ("1", "2", "3")
 
@@ -47,9 +48,13 @@ def parse_args(argv=None):
         default=os.path.expanduser("~/.cache/diffusers-stages/evidence"),
         help="where the metric's classifier is cached",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--budget_steps", type=int, default=None, help="override the preset's budget (baseline steps)")
-    parser.add_argument("--num_eval_samples", type=int, default=None, help="override the preset's sample count")
+    parser.add_argument("--device", type=device_option, default=default_device())
+    parser.add_argument(
+        "--budget_steps", type=positive_int, default=None, help="override the preset's budget (baseline steps)"
+    )
+    parser.add_argument(
+        "--num_eval_samples", type=positive_int, default=None, help="override the preset's sample count"
+    )
     parser.add_argument(
         "--report_only",
         action="store_true",

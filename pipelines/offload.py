@@ -15,7 +15,10 @@ from collections.abc import Sequence
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
 from accelerate.utils import send_to_device
+from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import get_device
+
+DEFAULT_NUM_INFERENCE_STEPS = 50  # `StagedDiffusionPipeline.__call__`'s default
 
 
 class StageNetworkHook(ModelHook):
@@ -173,7 +176,9 @@ class StageOffloadMixin:
 
         It replaces `enable_model_cpu_offload` (which moves whole components, every stage network at once) and is
         refused with it, with `enable_sequential_cpu_offload` and with a ``device_map``. Move the pipeline
-        (``pipe.to(device)``) only after `disable_stage_offload`: the hooks track where each network is.
+        (``pipe.to(device)``; a dtype alone may change) and copy it with `from_pipe` only after
+        `disable_stage_offload` (or `remove_all_hooks`, which removes these hooks too): the hooks track where each
+        network is, and both are refused before.
 
         Args:
             device (`torch.device` or `str`, *optional*): the execution device; defaults to the accelerator found
@@ -201,7 +206,9 @@ class StageOffloadMixin:
         if device.type not in ("cpu", "mps") and device.index is None:
             device = torch.device(device.type, torch.get_device_module(device.type).current_device())
         self.disable_stage_offload()  # enabling again replaces the hooks
-        num_stages = self.resolve_partition(2).num_stages  # (a step-fraction switch needs a step count: any will do)
+        # a step-fraction switch needs a step count: the sampling default, which every scheduler takes (PNDM's
+        # Runge-Kutta warm-up refuses fewer than 4); the number of stages does not depend on it
+        num_stages = self.resolve_partition(DEFAULT_NUM_INFERENCE_STEPS).num_stages
         networks = [self.stage_network(stage) for stage in range(num_stages)]
         components = [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
         self._stage_offload = StageOffload(components, networks, device, offload_device, prefetch)
@@ -224,6 +231,36 @@ class StageOffloadMixin:
         super().maybe_free_model_hooks()
         if self._stage_offload is not None:
             self._stage_offload.offload_all()
+
+    def remove_all_hooks(self) -> None:
+        """As diffusers' (the hooks of `enable_model_cpu_offload` and `enable_sequential_cpu_offload`), and those of
+        `enable_stage_offload` too (see `disable_stage_offload`)."""
+        self.disable_stage_offload()
+        super().remove_all_hooks()
+
+    def to(self, *args, **kwargs) -> StageOffloadMixin:
+        """As diffusers' `DiffusionPipeline.to`; under `enable_stage_offload` a dtype may change, but a device move is
+        a `ValueError` (the hooks decide where each stage network is)."""
+        device = kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)
+        if self._stage_offload is not None and device is not None:
+            raise ValueError(
+                f"`pipe.to(device)` cannot be combined with `enable_stage_offload` (got device {device!r}; the hooks "
+                f"keep the pipeline on {self._stage_offload.device} and the waiting stage networks on "
+                f"{self._stage_offload.offload_device}): call `disable_stage_offload()` first."
+            )
+        return super().to(*args, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> StageOffloadMixin:
+        """As diffusers' `from_pipe`, refused for a pipeline under `enable_stage_offload`: the stage networks the new
+        pipeline would share carry that pipeline's hooks."""
+        if getattr(pipeline, "_stage_offload", None) is not None:
+            raise ValueError(
+                "`from_pipe` cannot copy a pipeline with `enable_stage_offload`: its stage networks, which the new "
+                "pipeline would share, carry its hooks. Call `pipeline.disable_stage_offload()` first, then "
+                "`enable_stage_offload` on the pipeline you sample with."
+            )
+        return super().from_pipe(pipeline, **kwargs)
 
     def enable_model_cpu_offload(self, *args, **kwargs) -> None:
         self._refuse_with_stage_offload("enable_model_cpu_offload")
@@ -251,8 +288,20 @@ def _place_outside(module: torch.nn.Module, skip: set[int], device: torch.device
 
 
 def _device(value: torch.device | str, name: str) -> torch.device:
-    """``value`` as a `torch.device`; a `ValueError` naming the argument ``name`` when it is not one."""
+    """``value`` as a `torch.device` this machine has; a `ValueError` naming the argument ``name`` when it is not one
+    (a device torch knows but this machine lacks, or ``meta``, where the weights would be lost)."""
     try:
-        return torch.device(value)
+        device = torch.device(value)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"`{name}` must be a torch device (e.g. 'cuda', 'cpu'), got {value!r}.") from error
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    available = callable(getattr(backend, "is_available", None)) and backend.is_available()
+    count = backend.device_count() if available and callable(getattr(backend, "device_count", None)) else None
+    if not available or (device.index is not None and count is not None and device.index >= count):
+        raise ValueError(
+            f"`{name}` must be a device this machine has, got {value!r} "
+            f"({'no ' + device.type + ' device is available' if not available else f'{count} {device.type} devices'})."
+        )
+    return device

@@ -28,6 +28,9 @@ from .loading import reexport_source
 PACKAGE = __name__.split(".")[0]
 
 
+RECOMPILES_PER_REGION = 8  # `compile_stages`: torch's default `recompile_limit`, allowed to every region
+
+
 class StageCompileMixin:
     """`compile_stages`: regional `torch.compile` of a model with one network per stage (see there)."""
 
@@ -57,16 +60,20 @@ class StageCompileMixin:
         structure share their compiled graphs (`torch.compile` guards on parameter shapes, not identities), so
         identical decoders compile once.
 
-        Tailored networks of different widths compile once each; so that 16 or more stages never hit
-        ``torch._dynamo.config.recompile_limit`` (then the later stages would run uncompiled), the limit is raised to
-        twice the largest number of regions of one class (each region may compile once more when its batch size
-        first changes, see ``dynamic`` in `torch.compile`), if it is lower.
+        Tailored networks of different widths compile once each, and each again for some new inputs (a batch of 1, a
+        batch over 15, a first change of batch size without ``dynamic=True``). The compiled graphs of all regions of
+        one class are cached on their shared ``forward``, so that many stages never hit
+        ``torch._dynamo.config.recompile_limit`` (then the later stages would run uncompiled, silently), it and
+        ``accumulated_recompile_limit`` are raised to torch's default (8) times the largest number of regions of one
+        ``forward``, if they are lower: each region may recompile as often as one compiled alone.
 
         Args:
             warmup (`dict`, *optional*): keyword arguments of `forward` (``sample``, ``timestep``, ...): with them,
                 every stage is compiled up front, by one call per stage with ``stage_index`` set (without
                 gradients). Without them, each region compiles on its first call.
-            compile_kwargs: arguments of `torch.compile` (``backend``, ``mode``, ``dynamic``, ...), for every region.
+            compile_kwargs: arguments of `torch.compile` (``backend``, ``mode``, ``dynamic``, ...), for every region;
+                one it does not take, or refuses (an unknown backend or mode), is a `ValueError` before anything is
+                compiled.
 
         Returns:
             The model itself.
@@ -93,10 +100,12 @@ class StageCompileMixin:
                 "`warmup` must be a dict of `forward`'s keyword arguments without `stage_index` (every stage is warmed "
                 f"up in turn), got {type(warmup).__name__ if not isinstance(warmup, Mapping) else sorted(warmup)}."
             )
+        _check_compile_kwargs(compile_kwargs)
         regions = self.compile_regions()
-        # 1. room for one compiled graph per distinct region, and one more per region for a dynamic batch size
-        needed = 2 * max(Counter(type(region) for region in regions).values(), default=0)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
+        # 1. room for each region's recompiles: the regions of one `forward` share its cache (dynamo keys on code)
+        needed = RECOMPILES_PER_REGION * max(Counter(type(region).forward for region in regions).values(), default=0)
+        for limit in ("recompile_limit", "accumulated_recompile_limit"):
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), needed))
         # 2. compile each region in place; the routing stays eager and picks among the compiled networks
         for region in regions:
             region.compile(**compile_kwargs)
@@ -106,6 +115,27 @@ class StageCompileMixin:
                 for stage in range(self.num_stages):
                     self(**warmup, stage_index=stage)
         return self
+
+
+def _check_compile_kwargs(compile_kwargs: dict[str, Any]) -> None:
+    """`compile_stages`' ``compile_kwargs`` as `torch.compile` would take them, else a `ValueError` naming them."""
+    known = set(inspect.signature(torch.compile).parameters) - {"model"}
+    unknown = sorted(set(compile_kwargs) - known)
+    if unknown:
+        raise ValueError(
+            f"`compile_stages` got {unknown}, which are not arguments of `torch.compile` {sorted(known)}."
+        )
+    try:
+        # torch checks ``backend``, ``mode`` and ``options`` here; nothing compiles
+        torch.compile(_uncompiled, **compile_kwargs)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"`torch.compile` refuses {compile_kwargs!r} (`compile_stages`' arguments): {error}"
+        ) from error
+
+
+def _uncompiled() -> None:
+    """What `_check_compile_kwargs` wraps (never called)."""
 
 
 DEFAULT_MAX_PADDING = 0.25  # `enable_fused_decoders`: the share of padding rows a fused pass may add

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 
 from ..models.checks import check_positive_integers
-from .budget import widths_for_budget
+from .budget import check_budget, widths_for_budget
 from .methods import (
     METHODS,
     StagePlan,
@@ -124,8 +123,7 @@ def plan_stages(
 
 
 def _check_budget_arguments(data, budget, model_config, num_inference_steps, sampling_scheduler, schedule) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
-        raise ValueError(f"`budget` must be a positive number of FLOPs, got {budget!r}.")
+    check_budget(budget)
     if model_config is None:
         raise ValueError("`budget` needs `model_config`: the model whose decoder widths are planned.")
     if data is None:

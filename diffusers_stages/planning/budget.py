@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -67,6 +68,13 @@ class BudgetPlan:
             "stage_flops": self.stage_flops,
             "stage_calls": self.stage_calls,
         }
+
+
+def check_budget(budget: float) -> float:
+    """``budget`` as a float: a finite positive number (a python or numpy number), else a `ValueError` naming it."""
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real) or not 0 < budget < math.inf:
+        raise ValueError(f"`budget` must be a positive number of FLOPs, got {budget!r}.")
+    return float(budget)
 
 
 def stage_calls(
@@ -242,8 +250,7 @@ def widths_for_budget(
 
     ```
     """
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
-        raise ValueError(f"`budget` must be a positive number of FLOPs, got {budget!r}.")
+    budget = check_budget(budget)
     difficulty = [float(d) for d in difficulty]
     if len(difficulty) != partition.num_stages or any(not d >= 0 for d in difficulty) or max(difficulty) <= 0:
         raise ValueError(

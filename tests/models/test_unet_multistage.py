@@ -298,6 +298,22 @@ def test_compile_stages_refuses_a_bad_warmup(tiny_unet_kwargs):
         model.compile_stages(warmup={"x": x, "t": 500}, backend="eager")
 
 
+def test_compile_stages_refuses_bad_compile_arguments_before_compiling(tiny_unet_kwargs):
+    """`torch.compile`'s own refusals (a TypeError, an InvalidBackend, a RuntimeError) become `ValueError`s naming the
+    argument, raised before any region is compiled or any dynamo limit is changed."""
+    model = MultiStageUNet2DModel(**tiny_unet_kwargs)
+    limit = torch._dynamo.config.recompile_limit
+    for kwargs, match in (
+        ({"backend": "eager", "fullgraf": True}, r"\['fullgraf'\], which are not arguments of `torch.compile`"),
+        ({"backend": "no_such_backend"}, r"`torch.compile` refuses \{'backend': 'no_such_backend'\}"),
+        ({"mode": "fastest"}, r"`torch.compile` refuses \{'mode': 'fastest'\}"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            model.compile_stages(**kwargs)
+    assert not any(getattr(region, "_compiled_call_impl", None) for region in model.compile_regions())
+    assert torch._dynamo.config.recompile_limit == limit
+
+
 def test_compile_stages_compiles_17_identical_decoders_once(tiny_unet_kwargs, monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     torch.manual_seed(0)
@@ -312,12 +328,39 @@ def test_compile_stages_compiles_17_identical_decoders_once(tiny_unet_kwargs, mo
     model.compile_stages(warmup={"sample": x[:2], "timestep": t[:2]}, backend=counter, dynamic=True)
     # the time embedding, two down blocks of two widths, and one graph for all 17 decoders
     assert len(model.compile_regions()) == 20 and counter.graphs == 4
-    assert torch._dynamo.config.recompile_limit == 34  # two per decoder, in case their batch size changes
+    assert torch._dynamo.config.recompile_limit == 8 * 17  # torch's default 8 for each decoder (one `forward`)
     with torch.no_grad():
         for stage in (16, 3, 0, 9):
             model(x[:2], t[:2], stage_index=stage)
         assert torch.allclose(model(x, t).sample, expected, atol=1e-6)  # a mixed batch: every decoder, compiled
     assert counter.graphs == 4
+    torch._dynamo.reset()
+
+
+def test_compile_stages_tailored_decoders_never_hit_the_recompile_limit(tiny_unet_kwargs, monkeypatch):
+    """Tailored decoders compile once each, and again for a batch of 1 (specialised) and for a batch over 15 (a
+    guard of torch's convolutions): three decoders already need more than torch's default 8 entries of their shared
+    `forward`, beyond which a decoder silently runs uncompiled."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    widths = ((8, 16), (12, 20), (16, 24))
+    model = MultiStageUNet2DModel(
+        **{**tiny_unet_kwargs, **PLAIN}, stage_boundaries=(333, 666), decoder_block_out_channels=widths
+    ).eval()
+    t = torch.tensor([100, 500, 900])
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x, t).sample
+        model.compile_stages(warmup={"sample": x[:2], "timestep": t[:2]}, backend="eager", dynamic=True)
+        for batch in (1, 32):  # a batch of 1 is specialised; torch's convolutions guard on batches up to 15
+            for stage in range(3):
+                model(torch.randn(batch, 3, 8, 8), t[stage].expand(batch), stage_index=stage)
+        assert torch.allclose(model(x, t).sample, expected, atol=1e-6)  # one row per stage
+    assert not [reason for reason in counters["unimplemented"] if "recompile limit" in reason]
     torch._dynamo.reset()
 
 

@@ -5,7 +5,7 @@ nothing; the order and the resident set are what is checked)."""
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, HeunDiscreteScheduler, UNet2DModel
+from diffusers import DDIMScheduler, HeunDiscreteScheduler, PNDMScheduler, UNet2DModel
 
 from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
 from diffusers_stages.pipelines.offload import StageOffload
@@ -165,4 +165,76 @@ def test_refused_with_model_cpu_offload_and_disabled():
         pipe.enable_stage_offload(device="cpu")
     pipe.remove_all_hooks()
     pipe.enable_stage_offload(device="cpu")
+    np.testing.assert_array_equal(_images(pipe), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_remove_all_hooks_removes_the_stage_offload_too(kind):
+    """diffusers' `remove_all_hooks` (the documented way out of any offload) leaves no stage hook and no stale
+    offload state behind, whichever component the stage networks are (a backbone, an expert, a decoder)."""
+    pipe = tiny_pipeline(kind)
+    expected = _images(pipe)
+    pipe.enable_stage_offload(device="cpu")
+    networks = list(pipe._stage_offload.units)
+    pipe.remove_all_hooks()
+    assert pipe._stage_offload is None and not any(hasattr(network, "_hf_hook") for network in networks)
+    np.testing.assert_array_equal(_images(pipe), expected)
+    pipe.enable_model_cpu_offload(device="cpu")  # nothing left in the way of diffusers' own offload
+    np.testing.assert_array_equal(_images(pipe), expected)
+
+
+def test_moving_an_offloaded_pipeline_is_refused_but_its_dtype_may_change():
+    pipe = tiny_pipeline("experts")
+    pipe.enable_stage_offload(device="cpu")
+    for args, kwargs in ((("cpu",), {}), ((), {"device": "cpu"}), (("cpu", torch.float32), {})):
+        with pytest.raises(ValueError, match=r"`pipe.to\(device\)` cannot be combined with `enable_stage_offload`"):
+            pipe.to(*args, **kwargs)
+    assert pipe._stage_offload is not None and all(hasattr(unit, "_hf_hook") for unit in pipe._stage_offload.units)
+    pipe.to(torch.bfloat16)  # a dtype alone moves nothing
+    assert pipe.experts.dtype == torch.bfloat16 and np.isfinite(_images(pipe)).all()
+    pipe.to(dtype=torch.float32)
+    pipe.disable_stage_offload()
+    pipe.to("cpu")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_from_pipe_of_an_offloaded_pipeline_is_refused(kind):
+    """The stage networks (shared with the new pipeline) carry the source's hooks: the new pipeline would sample
+    with another pipeline's offload state (and re-enabling there would take the hooks from the source)."""
+    pipe = tiny_pipeline(kind)
+    expected = _images(pipe)
+    pipe.enable_stage_offload(device="cpu")
+    with pytest.raises(ValueError, match="`from_pipe` cannot copy a pipeline with `enable_stage_offload`"):
+        type(pipe).from_pipe(pipe)
+    pipe.disable_stage_offload()
+    new = type(pipe).from_pipe(pipe)
+    new.set_progress_bar_config(disable=True)
+    new.enable_stage_offload(device="cpu")
+    np.testing.assert_array_equal(_images(new), expected)
+
+
+def test_a_step_fraction_switch_with_pndm_warm_up_steps():
+    """PNDM with its Runge-Kutta warm-up refuses fewer than 4 steps; enabling the offload of a step-fraction dual
+    backbone resolved its stages with 2 steps, and was refused with "got 2" whatever the run would use."""
+    pipe = tiny_pipeline("dual_backbone", scheduler=PNDMScheduler())
+    expected = _images(pipe)
+    pipe.enable_stage_offload(device="cpu")
+    np.testing.assert_array_equal(_images(pipe), expected)
+
+
+def test_a_device_this_machine_lacks_is_refused_before_anything_moves():
+    """Devices torch knows but this machine lacks were an AssertionError or RuntimeError from deep inside (or, for
+    "mps" on Linux, accepted until the first run), and ``offload_device="meta"`` dropped the waiting weights."""
+    pipe = tiny_pipeline("experts")
+    expected = _images(pipe)
+    missing = [] if torch.cuda.is_available() else ["cuda", "cuda:0"]
+    missing += [] if torch.backends.mps.is_available() else ["mps"]
+    for device in missing:
+        with pytest.raises(ValueError, match=f"`device` must be a device this machine has, got '{device}'"):
+            pipe.enable_stage_offload(device=device)
+        with pytest.raises(ValueError, match=f"`offload_device` must be a device this machine has, got '{device}'"):
+            pipe.enable_stage_offload(device="cpu", offload_device=device)
+    with pytest.raises(ValueError, match="`offload_device` must be a device this machine has, got 'meta'"):
+        pipe.enable_stage_offload(device="cpu", offload_device="meta")
+    assert pipe._stage_offload is None and all(p.device.type == "cpu" for p in pipe.experts.parameters())
     np.testing.assert_array_equal(_images(pipe), expected)

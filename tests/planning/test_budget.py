@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, HeunDiscreteScheduler, UNet2DModel
@@ -157,6 +158,11 @@ def test_plan_stages_with_a_budget_gives_a_config_that_trains_as_planned(gray_un
         (0.0, {}, "`budget` must be a positive number of FLOPs, got 0.0"),
         (float("nan"), {}, "`budget` must be a positive number of FLOPs, got nan"),
         (True, {}, "`budget` must be a positive number of FLOPs, got True"),
+        (float("inf"), {}, "`budget` must be a positive number of FLOPs, got inf"),
+        (-1e9, {}, "`budget` must be a positive number of FLOPs, got -1000000000.0"),
+        (np.float32("nan"), {}, "`budget` must be a positive number of FLOPs, got np.float32\\(nan\\)"),
+        (np.bool_(True), {}, "`budget` must be a positive number of FLOPs, got np.True_"),
+        ("1e9", {}, "`budget` must be a positive number of FLOPs, got '1e9'"),
         (1e5, {}, "`budget`=1e\\+05 FLOPs is below what the smallest allowed widths cost"),
         (1e9, {"num_inference_steps": 0}, "`num_inference_steps` must be a positive integer, got 0"),
         (1e9, {"architecture": "dit"}, "`architecture` must be one of"),
@@ -185,3 +191,14 @@ def test_plan_stages_refuses_a_budget_it_cannot_plan_before_planning(gray_unet_k
     ):
         with pytest.raises(ValueError, match=match):
             plan_stages(data, DDPMScheduler(), num_samples=0, budget=1e9, model_config=gray_unet_kwargs, **kwargs)
+
+
+def test_a_numpy_budget_plans_as_the_same_python_float(gray_unet_kwargs):
+    """A numpy number (what arithmetic on counted FLOPs often gives) was refused as "not a positive number"."""
+    kwargs = {"difficulty": [0.9, 0.4, 0.1], "num_inference_steps": 10, "scales": SCALES}
+    budget = expected_flops(gray_unet_kwargs, PARTITION, [(8, 16)] * 3, 10, _sampling_scheduler())
+    planned = [
+        widths_for_budget(gray_unet_kwargs, PARTITION, budget=value, scheduler=_sampling_scheduler(), **kwargs)
+        for value in (float(np.float32(budget)), np.float32(budget))
+    ]
+    assert planned[0] == planned[1] and type(planned[1].budget) is float

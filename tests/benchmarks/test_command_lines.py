@@ -1,0 +1,79 @@
+"""The benchmark scripts' command lines: a step count, batch size or repeat count below 1, a device torch does not
+know or this machine lacks, or an unknown compile backend is a usage error (exit 2) naming the option, before any
+model is built (they were tracebacks from deep inside a run: ZeroDivisionError, CUDA's AttributeError, ...)."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import (  # noqa: E402
+    bench_experts,
+    bench_multistage,
+    bench_offload,
+    bench_planning,
+    bench_text_to_image,
+    gpu_checks,
+    run_evidence,
+)
+
+
+def _parse(script, argv):
+    if script is bench_experts:  # reads sys.argv in `main`
+        sys.argv = ["bench_experts.py", *argv]
+        return bench_experts.main()
+    if script is bench_offload:
+        return bench_offload.main(argv)
+    if script is bench_planning:
+        return bench_planning.build_parser().parse_args(argv)
+    return script.parse_args(argv)
+
+
+SCRIPTS = {
+    bench_experts: ["--steps", "--batch_size", "--repeats", "--threads"],
+    bench_multistage: ["--width", "--resolution", "--steps", "--train_batch", "--repeats", "--threads"],
+    bench_offload: ["--steps", "--batch_size", "--repeats"],
+    bench_planning: ["--num_images", "--num_samples", "--num_levels", "--repeats", "--budget_steps"],
+    bench_text_to_image: ["--latent_size", "--steps", "--train_batch", "--repeats", "--routing_repeats"],
+    gpu_checks: ["--steps", "--batch_size", "--repeats"],
+    run_evidence: ["--budget_steps", "--num_eval_samples"],
+}
+BAD_DEVICES = ["gpu", "cuda:99"] if torch.cuda.is_available() else ["gpu", "cuda"]
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS), ids=lambda s: s.__name__.split(".")[-1])
+def test_bad_numbers_and_devices_are_usage_errors(script, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    for option in SCRIPTS[script]:
+        for value in ("0", "-3", "two"):
+            with pytest.raises(SystemExit) as exit_:
+                _parse(script, [option, value])
+            assert exit_.value.code == 2
+            assert f"argument {option}: must be an integer >= 1, got '{value}'" in capsys.readouterr().err
+    for device in BAD_DEVICES:
+        with pytest.raises(SystemExit):
+            _parse(script, ["--device", device])
+        error = capsys.readouterr().err
+        assert "argument --device:" in error and repr(device) in error
+
+
+def test_zero_means_skip_where_documented(capsys):
+    assert bench_planning.build_parser().parse_args(["--large", "0"]).large == 0
+    with pytest.raises(SystemExit):
+        bench_planning.build_parser().parse_args(["--large", "-1"])
+    assert "argument --large: must be an integer >= 0, got '-1'" in capsys.readouterr().err
+
+
+def test_an_unknown_compile_backend_is_a_usage_error(capsys):
+    assert gpu_checks.parse_args(["--device", "cpu", "--quick"]).backend == "eager"
+    with pytest.raises(SystemExit):
+        gpu_checks.parse_args(["--device", "cpu", "--backend", "no_such_backend"])
+    assert "--backend must be a torch.compile backend" in capsys.readouterr().err
+
+
+def test_the_default_device_is_one_this_machine_has():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    for script in (bench_multistage, bench_text_to_image, gpu_checks, run_evidence):
+        assert script.parse_args([]).device == expected
