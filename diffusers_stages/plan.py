@@ -30,6 +30,7 @@ from .planning import (
     stage_difficulty,
     suggest_decoder_widths,
 )
+from .planning.budget import check_budget
 from .planning.optimal_denoiser import check_planning_data
 
 
@@ -123,6 +124,15 @@ def check_args(args: argparse.Namespace) -> None:
             ) from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"`--device` {args.device!r}: no CUDA device is available here; use `--device cpu`.")
+    if args.budget is not None:
+        try:
+            check_budget(args.budget)
+        except ValueError:
+            raise ValueError(f"`--budget` must be a positive number of FLOPs, got {args.budget!r}.") from None
+    for option in ("num_inference_steps", "batch_size"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f"`--{option}` must be a positive integer, got {value!r}.")
     check_input_file(args.model_config, "--model_config", json_object=True)
     if args.scheduler_config is not None:
         check_input_file(_scheduler_config_file(args.scheduler_config), "--scheduler_config", json_object=True)

@@ -72,8 +72,8 @@ def stage_counts(batch_size: int, shares: Sequence[float], generator: torch.Gene
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
     total = float(sum(shares))
-    if any(s < 0 for s in shares) or total <= 0:
-        raise ValueError(f"`stage_shares` must be non-negative with a positive sum, got {list(shares)}.")
+    if any(not math.isfinite(s) or s < 0 for s in shares) or total <= 0:  # nan fails no comparison
+        raise ValueError(f"`stage_shares` must be finite and non-negative, with a positive sum, got {list(shares)}.")
     guaranteed = [1 if s > 0 and batch_size >= sum(x > 0 for x in shares) else 0 for s in shares]
     rest = batch_size - sum(guaranteed)
     exact = [rest * s / total for s in shares]

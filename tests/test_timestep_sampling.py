@@ -42,6 +42,9 @@ def test_custom_shares_and_sigma_units():
     assert stage_counts(10, [0.5, 0.5, 0.0]) == [5, 5, 0]
     with pytest.raises(ValueError, match="`stage_shares`"):
         stratified_timesteps(partition, 8, stage_shares=[1, 1])
+    for bad in (float("nan"), float("inf")):  # nan passed every comparison; inf made every other share 0
+        with pytest.raises(ValueError, match="`stage_shares` must be finite and non-negative"):
+            stratified_timesteps(partition, 8, stage_shares=[1, bad, 1])
 
 
 def test_soft_assignment_probabilities():

@@ -53,6 +53,30 @@ def image_to_tensor(image, resolution: int, num_channels: int = 3) -> torch.Tens
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
 
 
+def is_inside(path: str, folder: str) -> bool:
+    """Whether ``path``, its links and ``..`` resolved, is ``folder`` or lies in it."""
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return real == root or real.startswith(os.path.join(root, ""))
+
+
+def image_files(folder: str, root: str, argument: str) -> list[str]:
+    """The image files under ``folder`` (recursively; folders and files sorted, a folder's files before its
+    sub-folders'). A link in it (or ``folder`` itself) that leads out of ``root`` is a `ValueError` naming it and
+    ``argument``: the data is what the folder holds, never files elsewhere."""
+    found = []
+    for current, dirs, files in os.walk(folder):
+        dirs.sort()
+        for path in [current, *(os.path.join(current, name) for name in dirs + files)]:
+            if os.path.islink(path) and not is_inside(path, root):
+                real = os.path.realpath(path)
+                raise ValueError(
+                    f"`{argument}` holds a link to a file or folder outside it: {path!r} -> {real!r}. Copy what "
+                    f"it links to into {root!r}, or use the folder that holds it."
+                )
+        found += [os.path.join(current, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+
 def load_images(
     train_data_dir: str | None = None,
     dataset: str | None = None,
@@ -86,12 +110,7 @@ def load_images(
     if train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
             raise ValueError(f"`train_data_dir` {train_data_dir!r} is not a folder.")
-        paths = sorted(
-            os.path.join(root, name)
-            for root, _, names in os.walk(train_data_dir)
-            for name in names
-            if name.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        paths = sorted(image_files(train_data_dir, train_data_dir, "train_data_dir"))
         images = paths[:max_images]
         load = open_image_file  # every file is decoded here, before any planning: a bad one is named
     else:

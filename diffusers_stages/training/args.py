@@ -11,8 +11,8 @@ import warnings
 import torch
 
 from ..partition import TimestepPartition
+from ..planning.data import is_inside
 from ..timestep_sampling import STAGE_SAMPLING
-from .data import is_inside
 
 # the learning-rate schedules `get_scheduler` builds from the loop's arguments alone
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..planning.data import IMAGE_EXTENSIONS, eight_bit, open_image_file
+from ..planning.data import IMAGE_EXTENSIONS, eight_bit, image_files, open_image_file
 
 
 class ImageRecords:
@@ -36,29 +36,6 @@ class ImageRecords:
         return len(self.class_names)
 
 
-def is_inside(path: str, folder: str) -> bool:
-    """Whether ``path``, its links and ``..`` resolved, is ``folder`` or lies in it."""
-    real, root = os.path.realpath(path), os.path.realpath(folder)
-    return real == root or real.startswith(os.path.join(root, ""))
-
-
-def _image_files(folder: str, train_data_dir: str) -> list[str]:
-    """The image files under ``folder`` (recursively, sorted). A link in it (or ``folder`` itself) that leads out of
-    ``train_data_dir`` is a `ValueError` naming it: the data is what the folder holds, never files elsewhere."""
-    found = []
-    for current, dirs, files in os.walk(folder):
-        dirs.sort()
-        for path in [current, *(os.path.join(current, name) for name in dirs + files)]:
-            if os.path.islink(path) and not is_inside(path, train_data_dir):
-                real = os.path.realpath(path)
-                raise ValueError(
-                    f"`--train_data_dir` holds a link to a file or folder outside it: {path!r} -> {real!r}. Copy what "
-                    f"it links to into {train_data_dir!r}, or train on the folder that holds it."
-                )
-        found += [os.path.join(current, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return found
-
-
 def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageRecords:
     """Images under ``train_data_dir`` (recursively); with ``class_conditional`` each top-level sub-folder is a class.
 
@@ -70,7 +47,7 @@ def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageR
         class_names = sorted(d for d in os.listdir(train_data_dir) if os.path.isdir(os.path.join(train_data_dir, d)))
         files, labels = [], []
         for label, name in enumerate(class_names):
-            class_files = _image_files(os.path.join(train_data_dir, name), train_data_dir)
+            class_files = image_files(os.path.join(train_data_dir, name), train_data_dir, "--train_data_dir")
             files += class_files
             labels += [label] * len(class_files)
         if len(class_names) < 2 or len(set(labels)) < len(class_names):
@@ -79,7 +56,7 @@ def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageR
                 f"{train_data_dir!r}: it needs at least 2 sub-folders, each with images; found {class_names}."
             )
     else:
-        files, labels, class_names = _image_files(train_data_dir, train_data_dir), None, []
+        files, labels, class_names = image_files(train_data_dir, train_data_dir, "--train_data_dir"), None, []
     if not files:
         raise ValueError(f"`--train_data_dir` {train_data_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
     for path in files:  # decode every file once before training starts: a bad one stops the run, named

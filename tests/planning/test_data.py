@@ -35,3 +35,16 @@ def test_a_floating_point_image_is_refused_by_name(tmp_path):
     Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "fine.png")
     with pytest.raises(ValueError, match="`train_data_dir` holds a floating-point image \\(mode 'F'\\).*float.tif"):
         load_images(str(tmp_path), resolution=4, num_channels=1)
+
+
+def test_links_out_of_the_folder_are_refused_and_links_inside_it_are_read(tmp_path):
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    data.mkdir(), outside.mkdir()
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(data / "a.png")
+    Image.fromarray(np.full((4, 4), 255, dtype=np.uint8)).save(outside / "private.png")
+    (data / "b.png").symlink_to(data / "a.png")  # a link inside the folder: read
+    assert load_images(str(data), resolution=4, num_channels=1).shape == (2, 1, 4, 4)
+    (data / "private.png").symlink_to(outside / "private.png")  # a link out of it: refused, named
+    with pytest.raises(ValueError, match="`train_data_dir` holds a link to a file or folder outside it") as e:
+        load_images(str(data), resolution=4, num_channels=1)
+    assert repr(str(data / "private.png")) in str(e.value) and repr(str(outside / "private.png")) in str(e.value)

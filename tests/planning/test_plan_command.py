@@ -139,3 +139,17 @@ def test_a_budget_plans_the_decoder_widths_of_the_written_config(digit_folder, t
         run([*common, "--budget", "1000", "--num_inference_steps", "10"])
     with pytest.raises(SystemExit):
         run([*common, "--num_inference_steps", "10"])  # what a budget pays for, without a budget
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--budget", "nan"), ("--budget", "-1"), ("--num_inference_steps", "0"), ("--batch_size", "-2")]
+)
+def test_bad_budget_options_are_refused_by_name_before_any_image_is_read(tmp_path, capsys, option, value):
+    model_config = tmp_path / "config.json"
+    model_config.write_text("{}")
+    budget = [] if option == "--budget" else ["--budget", "1e9"]
+    missing = str(tmp_path / "no-such-folder")  # never read: the options are checked first
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", missing, *FAST, "--model_config", str(model_config), *budget, option, value])
+    assert exit_info.value.code == 2
+    assert f"`{option}` must be a positive" in capsys.readouterr().err

@@ -21,9 +21,9 @@ from ...loss import diffusion_loss
 from ...models.expert_routing import ExpertRoutingModel, expert_folder
 from ...models.unet_multistage_condition import MultiStageUNet2DConditionModel
 from ...partition import TimestepPartition
-from ...planning.data import open_image_file
+from ...planning.data import is_inside, open_image_file
 from ..args import partition_from_args
-from ..data import ImageRecords, is_inside, load_train_split
+from ..data import ImageRecords, load_train_split
 from .base import Draw, TrainingTask
 
 METHODS = ("multistage", "experts")
