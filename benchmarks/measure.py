@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from diffusers_stages.evaluation import count_flops  # the library's; re-exported for the benchmarks
+from diffusers_stages.models.checks import check_device
 
 __all__ = ["count_flops", "default_device", "device_option", "interleaved_medians", "non_negative_int", "positive_int"]
 
@@ -40,15 +41,12 @@ def _integer_at_least(text: str, low: int) -> int:
 
 
 def device_option(text: str) -> str:
-    """An argparse ``type``: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``), else a usage error."""
+    """An argparse ``type``: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``; see the library's
+    `check_device`), else a usage error."""
     try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"must be a torch device such as 'cpu' or 'cuda', got {text!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+        check_device(text, "--device")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return text
 
 

@@ -20,6 +20,7 @@ import sys
 import torch
 
 from .cli import check_input_file, check_output_file, load_saved_folder, make_parent_folder
+from .models.checks import check_device, check_positive_integers
 from .planning import (
     METHODS,
     NoiseSchedule,
@@ -113,26 +114,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse, before any image is loaded, a device torch does not know (or a CUDA one without CUDA) and input or
+    """Refuse, before any image is loaded, a device this machine lacks, a bad budget or step count, and input or
     output paths that cannot be used (a `ValueError` naming the option and the value)."""
     if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except (RuntimeError, ValueError):
-            raise ValueError(
-                f"`--device` must be a torch device such as 'cpu' or 'cuda', got {args.device!r}."
-            ) from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"`--device` {args.device!r}: no CUDA device is available here; use `--device cpu`.")
+        check_device(args.device, "--device")
     if args.budget is not None:
-        try:
-            check_budget(args.budget)
-        except ValueError:
-            raise ValueError(f"`--budget` must be a positive number of FLOPs, got {args.budget!r}.") from None
-    for option in ("num_inference_steps", "batch_size"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            raise ValueError(f"`--{option}` must be a positive integer, got {value!r}.")
+        check_budget(args.budget, "--budget")
+    check_positive_integers(
+        **{f"--{option}": getattr(args, option) for option in ("num_inference_steps", "batch_size")
+           if getattr(args, option) is not None}
+    )  # fmt: skip
     check_input_file(args.model_config, "--model_config", json_object=True)
     if args.scheduler_config is not None:
         check_input_file(_scheduler_config_file(args.scheduler_config), "--scheduler_config", json_object=True)

@@ -18,6 +18,8 @@ from accelerate.utils import send_to_device
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import get_device
 
+from ..models.checks import check_device
+
 DEFAULT_NUM_INFERENCE_STEPS = 50  # `StagedDiffusionPipeline.__call__`'s default
 
 
@@ -201,8 +203,8 @@ class StageOffloadMixin:
                 "`device` must be given on a machine without an accelerator, got None (`device='cpu'` runs the "
                 "hooks on the CPU, where the moves cost nothing)."
             )
-        device = _device(get_device() if device is None else device, "device")
-        offload_device = _device(offload_device, "offload_device")
+        device = check_device(get_device() if device is None else device, "device")
+        offload_device = check_device(offload_device, "offload_device")
         if device.type not in ("cpu", "mps") and device.index is None:
             device = torch.device(device.type, torch.get_device_module(device.type).current_device())
         self.disable_stage_offload()  # enabling again replaces the hooks
@@ -285,23 +287,3 @@ def _place_outside(module: torch.nn.Module, skip: set[int], device: torch.device
     module._apply(lambda tensor: tensor.to(device), recurse=False)
     for child in module.children():
         _place_outside(child, skip, device)
-
-
-def _device(value: torch.device | str, name: str) -> torch.device:
-    """``value`` as a `torch.device` this machine has; a `ValueError` naming the argument ``name`` when it is not one
-    (a device torch knows but this machine lacks, or ``meta``, where the weights would be lost)."""
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"`{name}` must be a torch device (e.g. 'cuda', 'cpu'), got {value!r}.") from error
-    if device.type == "cpu":
-        return device
-    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
-    available = callable(getattr(backend, "is_available", None)) and backend.is_available()
-    count = backend.device_count() if available and callable(getattr(backend, "device_count", None)) else None
-    if not available or (device.index is not None and count is not None and device.index >= count):
-        raise ValueError(
-            f"`{name}` must be a device this machine has, got {value!r} "
-            f"({'no ' + device.type + ' device is available' if not available else f'{count} {device.type} devices'})."
-        )
-    return device

@@ -38,6 +38,27 @@ def check_positive_integers(optional: tuple[str, ...] = (), **values) -> None:
             raise ValueError(f"`{name}` must be a positive integer{or_none}, got {value!r}.")
 
 
+def check_device(value: torch.device | str, name: str) -> torch.device:
+    """``value`` as a `torch.device` this machine has; a `ValueError` naming the argument ``name`` when it is not one
+    (not a device torch knows, one this machine lacks, or ``meta``, where weights would be lost)."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"`{name}` must be a torch device such as 'cpu' or 'cuda', got {value!r}.") from error
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    available = callable(getattr(backend, "is_available", None)) and backend.is_available()
+    count = backend.device_count() if available and callable(getattr(backend, "device_count", None)) else None
+    if not available or (device.index is not None and count is not None and device.index >= count):
+        raise ValueError(
+            f"`{name}` must be a device this machine has, got {value!r} "
+            f"({f'no {device.type} device is available' if not available else f'{count} {device.type} devices'}; use 'cpu' "
+            "or one this machine has)."
+        )
+    return device
+
+
 def compute_dtype(model: nn.Module) -> torch.dtype:
     r"""
     The dtype ``model`` computes in (the dtype its input must have), read from its first layer with floating-point

@@ -70,10 +70,11 @@ class BudgetPlan:
         }
 
 
-def check_budget(budget: float) -> float:
-    """``budget`` as a float: a finite positive number (a python or numpy number), else a `ValueError` naming it."""
+def check_budget(budget: float, name: str = "budget") -> float:
+    """``budget`` as a float: a finite positive number (a python or numpy number), else a `ValueError` naming it as
+    ``name`` (``--budget`` on the command line)."""
     if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real) or not 0 < budget < math.inf:
-        raise ValueError(f"`budget` must be a positive number of FLOPs, got {budget!r}.")
+        raise ValueError(f"`{name}` must be a positive number of FLOPs, got {budget!r}.")
     return float(budget)
 
 
