@@ -7,6 +7,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -266,18 +267,12 @@ def check_args(
         )
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise ValueError(f"`--train_data_dir` must be an existing folder of images, got {args.train_data_dir!r}.")
-    for name in ("resolution", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",
-                 "save_images_steps", "num_sample_images", "num_inference_steps", "num_train_timesteps",
-                 "layers_per_block", "attention_head_dim", "norm_num_groups"):  # fmt: skip
-        value = getattr(args, name)  # None: left to the source model (train_text_to_image.py's shape options)
-        if value is not None and value < 1:
-            raise ValueError(f"`--{name}` must be a positive integer, got {value}.")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise ValueError(f"`--max_train_steps` must be a positive integer, got {args.max_train_steps}.")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError(
-            f"`--checkpoints_total_limit` must be a positive integer, got {args.checkpoints_total_limit}."
-        )
+    check_positive_options(
+        args,
+        ("resolution", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",
+         "save_images_steps", "num_sample_images", "num_inference_steps", "num_train_timesteps", "layers_per_block",
+         "attention_head_dim", "norm_num_groups", "max_train_steps", "checkpoints_total_limit", "save_model_epochs"),
+    )  # fmt: skip
     if args.dataloader_num_workers < 0:
         raise ValueError(
             f"`--dataloader_num_workers` must be a non-negative integer, got {args.dataloader_num_workers}."
@@ -309,10 +304,17 @@ def check_args(
         )
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. `your-name/multistage-cifar10`).")
-    if args.save_model_epochs is not None and args.save_model_epochs < 1:
-        raise ValueError(f"`--save_model_epochs` must be a positive integer, got {args.save_model_epochs}.")
     check_optimisation_numbers(args)
     check_device_options(args)
+
+
+def check_positive_options(args: argparse.Namespace, names: Sequence[str]) -> None:
+    """Each ``--<name>`` of ``names`` a positive integer, or None (not given: left to a source model or a default);
+    else a `ValueError` naming the option and the value."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"`--{name}` must be a positive integer, got {value}.")
 
 
 def check_output_dir(args: argparse.Namespace) -> None:

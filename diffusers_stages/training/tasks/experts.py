@@ -17,7 +17,7 @@ from ...models.meme import meme_expert_configs
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
 from ...timestep_sampling import MEME_OWN_INTERVAL_PROBABILITIES, soft_assignment_timesteps, stage_counts
-from ..args import partition_from_args, unet_shape_kwargs
+from ..args import check_positive_options, partition_from_args, unet_shape_kwargs
 from .base import Draw, TrainingTask, _unet_downsampling
 
 
@@ -28,8 +28,7 @@ class ExpertTask(TrainingTask):
     tags = ("multi-expert", "meme")
 
     def build_partition(self, args):
-        if args.num_experts < 1:
-            raise ValueError(f"`--num_experts` must be a positive integer, got {args.num_experts}.")
+        check_positive_options(args, ("num_experts",))
         partition = partition_from_args(args, TimestepPartition.uniform(args.num_experts, args.num_train_timesteps))
         widths = args.expert_block_out_channels
         if widths is not None and len(widths) != partition.num_stages:
