@@ -29,6 +29,7 @@ Everything is measured in one run and printed as ratios to the baseline measured
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import subprocess
 import sys
@@ -224,20 +225,23 @@ def mixed_batches(args, small) -> list[tuple]:
     """Section 4: a batch spread evenly over the stages (sample i in stage i mod stages) against the same batch in
     one stage (baseline column), decoded stage by stage and fused (`enable_fused_decoders`, any padding), on one
     thread: the median wall time and this process's median CPU time (steadier on a shared machine), inference; one
-    training step (forward and backward) at 8 stages and batch 16; and a wider model at 4 stages and batch 16."""
+    training step (forward and backward) at 8 stages and batch 16, where the fused pass is also timed with its
+    parameters copied into a stack in every forward (without `stack_decoder_storage`'s layout); and a wider model at
+    4 stages and batch 16."""
     device, rows, threads = args.device, [], torch.get_num_threads()
     torch.set_num_threads(1)
     for count, batch in MIXED_CASES:
-        staged, fused, fns, counts = mixed_case(small, count, batch, device)
+        models, fns, counts = mixed_case(small, count, batch, device, copied_stack=(count, batch) == (8, 16))
         name = f"mixed batch, {count} stages, batch {batch} ({'/'.join(str(n) for n in counts)})"
         with torch.inference_mode():
             rows += mixed_rows(name, fns(), args.repeats * 2, device)
         if (count, batch) == (8, 16):
-            staged.train(), fused.train()
+            for model in models:
+                model.train()
             rows += mixed_rows(f"{name}, training step", fns(training_step), args.repeats, device)
     # a wider model, where grouped convolutions cost more than the per-decoder calls they save
     wide = UNet2DModel(**encoder_kwargs(64, 32))
-    _, _, fns, counts = mixed_case(wide, 4, 16, device)
+    _, fns, counts = mixed_case(wide, 4, 16, device)
     size, widths = wide.config.sample_size, tuple(wide.config.block_out_channels)
     name = f"mixed batch, widths {widths} at {size}x{size}, 4 stages, batch 16 ({'/'.join(str(n) for n in counts)})"
     with torch.inference_mode():
@@ -246,17 +250,21 @@ def mixed_batches(args, small) -> list[tuple]:
     return rows
 
 
-def mixed_case(unet: UNet2DModel, count: int, batch: int, device: str) -> tuple:
-    """``(staged, fused, fns, counts)``: a per-stage and a fused copy of ``unet`` with ``count`` uniform stages,
+def mixed_case(unet: UNet2DModel, count: int, batch: int, device: str, copied_stack: bool = False) -> tuple:
+    """``(models, fns, counts)``: ``models`` a per-stage and a fused copy of ``unet`` with ``count`` uniform stages,
     ``fns(step)`` the callables that run ``step(model, x, t)`` (default: a forward) on one input batch with its
     timesteps all in one stage ("single") and spread evenly, sample i in stage i mod ``count`` ("per_stage",
-    "fused"), and the samples per stage of the spread batch."""
+    "fused"; with ``copied_stack`` also "fused, stack copied": the fused pass with its decoders' parameters copied into a
+    stack in every forward, as before `stack_decoder_storage` laid them out), and the samples per stage of the spread
+    batch."""
     partition = TimestepPartition.uniform(count)
     staged, fused = (
         MultiStageUNet2DModel.from_unet(unet, stage_boundaries=partition.boundaries).to(device).eval()
         for _ in range(2)
     )
     fused.enable_fused_decoders(max_padding=float("inf"))
+    # a deep copy gives every tensor storage of its own: the fused pass then copies the parameters into a stack
+    fused_copied = copy.deepcopy(fused) if copied_stack else None
     edges = [0, *partition.boundaries]
     mixed = torch.tensor([edges[i % count] + 1 for i in range(batch)], device=device)
     single = torch.full((batch,), edges[count // 2] + 1, device=device)
@@ -269,9 +277,10 @@ def mixed_case(unet: UNet2DModel, count: int, batch: int, device: str) -> tuple:
             "single": lambda: step(staged, x, single),
             "per_stage": lambda: step(staged, x, mixed),
             "fused": lambda: step(fused, x, mixed),
+            **({"fused, stack copied": lambda: step(fused_copied, x, mixed)} if copied_stack else {}),
         }
 
-    return staged, fused, fns, counts
+    return [model for model in (staged, fused, fused_copied) if model is not None], fns, counts
 
 
 def mixed_rows(name: str, fns: dict, repeats: int, device: str) -> list[tuple]:
@@ -279,7 +288,7 @@ def mixed_rows(name: str, fns: dict, repeats: int, device: str) -> list[tuple]:
     rows = []
     for clock, unit in ((time.perf_counter, "ms"), (time.process_time, "ms CPU")):
         times = interleaved_medians(fns, repeats, device, warmup=1, warmup_before_each=1, clock=clock)
-        for path in ("per_stage", "fused"):
+        for path in (path for path in fns if path != "single"):
             rows.append((f"{name}: {path} vs one stage", times["single"] * 1e3, times[path] * 1e3, unit))
     return rows
 

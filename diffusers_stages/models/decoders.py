@@ -302,11 +302,10 @@ def fused_decoders(decoders: Sequence[nn.Module]) -> Callable[..., torch.Tensor]
     the decoders' channels side by side: a convolution of all decoders is one grouped convolution, a group norm one
     group norm, a linear layer one batched matrix product. The parameters are stacked on every call, inside
     autograd: gradients reach each decoder's own parameters, and an optimizer step or a load is seen by the next
-    call (nothing stacked is kept).
-
-    The stack is not kept between calls, also without gradients: an in-place write through ``param.data`` (as
-    diffusers' `EMAModel.copy_to` does) changes no version counter, so no cheap check could tell a kept stack from
-    stale weights.
+    call (nothing stacked is kept). Where the decoders' tensors of one name are consecutive rows of one storage (as
+    [`stack_decoder_storage`] lays them out), their stack is a view of that storage instead of a copy: it reads the
+    decoders' current values, so an in-place write through ``param.data`` (as diffusers' `EMAModel.copy_to` does),
+    which changes no version counter, is still seen; anywhere else they are copied into a stack.
 
     Example:
 
@@ -329,6 +328,21 @@ def fused_decoders(decoders: Sequence[nn.Module]) -> Callable[..., torch.Tensor]
 
     ```
     """
+    found = _fusable(decoders)
+    if found is None or not packable(decoders[0]):
+        return None
+    names, tensors = found
+
+    def stacked() -> dict[str, torch.Tensor]:
+        # every decoder's tensors on a stage axis (in autograd: gradients reach the originals)
+        return {name: stage_stack(stage_tensors) for name, stage_tensors in zip(names, zip(*tensors))}
+
+    return packed_decoders(decoders[0], len(decoders), stacked)
+
+
+def _fusable(decoders: Sequence[nn.Module]) -> tuple[list[str], list[list[torch.Tensor]]] | None:
+    """The names of the first decoder's parameters and buffers and each decoder's tensors in that order, or `None`
+    where the decoders differ in structure or one is not fusable (see `_fusable_state`)."""
     keys, names, tensors = [], [], []
     for decoder in decoders:
         key, tensors_of_decoder = [], []
@@ -336,11 +350,89 @@ def fused_decoders(decoders: Sequence[nn.Module]) -> Callable[..., torch.Tensor]
             return None
         keys.append(key)
         tensors.append(tensors_of_decoder)
-    if any(key != keys[0] for key in keys[1:]) or not packable(decoders[0]):
+    if any(key != keys[0] for key in keys[1:]):
         return None
+    return names, tensors
 
-    def stacked() -> dict[str, torch.Tensor]:
-        # every decoder's parameters stacked on a stage axis (in autograd: gradients reach the originals)
-        return {name: torch.stack(stage_tensors) for name, stage_tensors in zip(names, zip(*tensors))}
 
-    return packed_decoders(decoders[0], len(decoders), stacked)
+def stack_decoder_storage(decoders: Sequence[nn.Module]) -> bool:
+    r"""
+    Lay out the parameters and buffers of decoders of one structure as one stacked tensor per name, stage axis
+    first, each decoder's tensor a view of its row, so that a fused pass (`fused_decoders`) reads them as one
+    tensor instead of copying them into a stack on every call. Values, the parameter objects (so an optimizer's
+    references), gradients and the state dict are unchanged, and names laid out already are left as they are. A
+    `.to()` of the decoders themselves, a load with ``assign=True`` or a `copy.deepcopy` gives each tensor storage
+    of its own again (the fused pass then copies, with the same results; a staged model's own `.to()` and casts lay
+    its decoders out again while fused decoders are enabled). Returns whether the decoders could be laid out
+    (`False`, and nothing changed, where `fused_decoders` would refuse them).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_stages import MultiStageUNet2DModel
+    >>> from diffusers_stages.models.decoders import stack_decoder_storage
+    >>> model = MultiStageUNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+    ...     down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    ...     stage_boundaries=[300, 600])
+    >>> decoders = list(model.decoders)
+    >>> before = [p.clone() for p in decoders[1].parameters()]
+    >>> stack_decoder_storage(decoders)
+    True
+    >>> first, second = decoders[0].conv_out.weight, decoders[1].conv_out.weight
+    >>> second.data_ptr() - first.data_ptr() == first.numel() * first.element_size()
+    True
+    >>> all(torch.equal(p, q) for p, q in zip(decoders[1].parameters(), before))
+    True
+
+    ```
+    """
+    found = _fusable(decoders)
+    if found is None:
+        return False
+    with torch.no_grad():
+        for stage_tensors in zip(*found[1]):
+            if _consecutive_rows(stage_tensors):  # laid out already (an in-place `.to()`, `share_memory()`)
+                continue
+            rows = torch.stack([tensor.detach() for tensor in stage_tensors])
+            for tensor, row in zip(stage_tensors, rows):
+                tensor.data = row
+    return True
+
+
+class _StorageRows(torch.autograd.Function):
+    """The stack of tensors that are consecutive rows of one storage, as a view of it; its gradient is split back
+    into one per tensor."""
+
+    @staticmethod
+    def forward(ctx, *tensors: torch.Tensor) -> torch.Tensor:
+        first = tensors[0]
+        return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return grad.unbind(0)
+
+
+def stage_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)`` of tensors of one shape, dtype and device: a view without a copy where they are
+    consecutive rows of one storage (as `stack_decoder_storage` lays them out), with the same gradients."""
+    if _consecutive_rows(tensors):
+        first = tensors[0]
+        if torch.is_grad_enabled() and first.requires_grad:
+            return _StorageRows.apply(*tensors)
+        return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()))
+    return torch.stack(list(tensors))
+
+
+def _consecutive_rows(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether tensors of one shape, dtype and device are contiguous and follow each other in the storage of the
+    first (the rows of a stack)."""
+    first = tensors[0]
+    size = first.numel() * first.element_size()
+    start = first.data_ptr()
+    return bool(
+        size
+        and first.storage_offset() * first.element_size() + len(tensors) * size <= first.untyped_storage().nbytes()
+        and all(t.data_ptr() == start + k * size and t.is_contiguous() for k, t in enumerate(tensors))
+    )

@@ -22,7 +22,7 @@ from torch import nn
 from ..partition import TimestepPartition
 from ..routing import dispatch_by_stage, fits_padding
 from .checks import check_class_labels, check_sample, per_sample_timesteps
-from .decoders import fused_decoders
+from .decoders import fused_decoders, stack_decoder_storage
 from .loading import reexport_source
 
 PACKAGE = __name__.split(".")[0]
@@ -233,10 +233,13 @@ class StagedModelMixin(StageCompileMixin):
         modules and parameter shapes: what `from_unet` gives and training from it keeps): the decoders run as one
         network whose channels are theirs side by side (a convolution of all stages is one grouped convolution, a
         group norm one group norm of every stage's groups, a linear layer one batched matrix product; see
-        `diffusers_stages.models.packed_decoders`). Every decoder's parameters are stacked in each forward (inside
-        autograd, so gradients reach each decoder and an optimizer step, a load or a write through ``param.data`` is
-        seen by the next call; nothing is added to the state dict). Outputs and gradients are the per-stage path's
-        (to float rounding).
+        `diffusers_stages.models.packed_decoders`). The pass reads every decoder's parameters stacked on a stage
+        axis: this call lays each name's tensors out as rows of one storage (`stack_decoder_storage`; the model's
+        `.to()` and casts keep that layout), so the stack is a view of them rather than a copy per forward. It stays
+        inside autograd, so gradients reach each decoder, and an optimizer step, a load or a write through
+        ``param.data`` is seen by the next call; nothing is added to the state dict. Where the layout is gone (a
+        load with ``assign=True``, a `copy.deepcopy`), the tensors are copied into a stack in each forward instead:
+        same results, slower. Outputs and gradients are the per-stage path's (to float rounding).
 
         Each stage's rows are padded to the largest stage count (repeating its last sample), so a batch is fused
         only when that padding adds at most ``max_padding`` of the batch. Otherwise, and with ``stage_index``, a
@@ -248,7 +251,7 @@ class StagedModelMixin(StageCompileMixin):
         It is off by default because grouped convolutions cost more per FLOP than one convolution over the whole
         batch, which wins back per-decoder overhead only for small decoders. On CPU (one thread), the small benchmark
         model (16x16, widths (32, 64)) decodes a mixed batch of 16 in 0.59-0.99x the per-stage time at 3-16
-        stages (a training step at 8 stages: 0.75-0.83x), but a wider model (widths (64, 128, 128), 32x32) 4 stages
+        stages (a training step at 8 stages: 0.74-0.83x), but a wider model (widths (64, 128, 128), 32x32) 4 stages
         at batch 16 in 0.92-1.08x, depending on the run (`benchmarks/bench_multistage.py --sections mixed`). Not
         measured on a GPU.
 
@@ -264,6 +267,14 @@ class StagedModelMixin(StageCompileMixin):
         if isinstance(max_padding, bool) or not isinstance(max_padding, (int, float)) or not max_padding >= 0:
             raise ValueError(f"`max_padding` must be a number >= 0, got {max_padding!r}.")
         self._fused_decoders_max_padding = float(max_padding)
+        stack_decoder_storage(self.decoders)
+
+    def _apply(self, fn, *args, **kwargs):
+        # `.to()`, `.half()`, `.cuda()`...: new tensors per parameter; lay fused decoders out as one stack again
+        module = super()._apply(fn, *args, **kwargs)
+        if self._fused_decoders_max_padding is not None:
+            stack_decoder_storage(self.decoders)
+        return module
 
     def disable_fused_decoders(self) -> None:
         """Decode mixed batches stage by stage again (the default; see `enable_fused_decoders`)."""

@@ -31,3 +31,24 @@ def test_overhead_and_pipeline_sections_report_the_method_and_the_null_control()
         "pipeline time per step (small model, batch 1, CPU time): null control, DDIMPipeline over a copy",
     ]
     assert all(base > 0 and method > 0 for _, base, method, _ in rows)
+
+
+def test_the_mixed_batch_case_times_the_fused_pass_with_and_without_the_stacked_layout():
+    torch.manual_seed(0)
+    models, fns, counts = bench.mixed_case(UNet2DModel(**TINY_UNET), 4, 8, "cpu", copied_stack=True)
+    paths = fns()
+    assert list(paths) == ["single", "per_stage", "fused", "fused, stack copied"] and counts == [2, 2, 2, 2]
+    fused, copied = models[1], models[2]
+    first, second = (decoder.conv_out.weight for decoder in fused.decoders[:2])
+    assert second.data_ptr() - first.data_ptr() == first.numel() * first.element_size()  # laid out as one stack
+    weight = copied.decoders[0].conv_out.weight
+    assert weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()  # storage of its own
+    with torch.no_grad():
+        outputs = {path: fn().sample for path, fn in paths.items() if path != "single"}
+    assert all(torch.allclose(out, outputs["per_stage"], atol=1e-5) for out in outputs.values())
+    rows = bench.mixed_rows("mixed", paths, 1, "cpu")
+    assert [name for name, *_ in rows][:3] == [
+        "mixed: per_stage vs one stage",
+        "mixed: fused vs one stage",
+        "mixed: fused, stack copied vs one stage",
+    ]

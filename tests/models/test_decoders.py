@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from diffusers_stages import MultiStageDDPMppUNet2DModel, MultiStageUNet2DModel
 from diffusers_stages.models import packed_decoders as packed_module
-from diffusers_stages.models.decoders import StageDecoder, fused_decoders
+from diffusers_stages.models.decoders import StageDecoder, fused_decoders, stack_decoder_storage, stage_stack
 from diffusers_stages.models.packed_decoders import packable
 from tests.conftest import TINY_UNET
 from tests.models.test_unet_multistage_ddpmpp import TINY as TINY_DDPMPP
@@ -277,3 +277,82 @@ def test_writes_through_param_data_are_seen_by_the_next_fused_call(model):
     ema.copy_to(model.parameters())
     zeros, reference = fused_and_one_at_a_time()
     assert torch.allclose(zeros, reference, atol=1e-6) and zeros.abs().max() == 0
+
+
+def laid_out(decoders) -> bool:
+    """Whether every parameter of ``decoders`` is the row of its stage in one storage per name."""
+    rows = zip(*(list(decoder.parameters()) for decoder in decoders))
+    return all(
+        t.data_ptr() == row[0].data_ptr() + k * t.numel() * t.element_size() for row in rows for k, t in enumerate(row)
+    )
+
+
+def test_enabling_lays_the_decoders_out_as_one_stack_and_the_fused_pass_reads_it_without_a_copy(model, monkeypatch):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not laid_out(model.decoders)
+    model.enable_fused_decoders()
+    assert laid_out(model.decoders)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # values and keys unchanged
+    stacks = []
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or torch.cat([t[None] for t in a[0]]))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            model(torch.randn(4, 3, 8, 8), torch.tensor([10, 300, 600, 900]), class_labels=torch.arange(4))
+    assert stacks == []  # every parameter stack was a view
+    model(torch.randn(3, 3, 8, 8), torch.tensor([10, 300, 900]), class_labels=torch.arange(3))
+    assert stacks  # stages 0, 1 and 3: not consecutive rows, so copied
+
+
+def test_a_stack_of_rows_is_a_view_with_the_gradients_of_torch_stack():
+    rows = torch.randn(3, 2, 5)
+    tensors = [torch.nn.Parameter(row) for row in rows]  # rows of one storage
+    apart = [torch.nn.Parameter(row.clone()) for row in rows]
+    weight = torch.randn(3, 2, 5)
+    for group in (tensors, apart):
+        stacked = stage_stack(group)
+        assert torch.equal(stacked, rows) and stacked.requires_grad
+        (stacked * weight).sum().backward()
+        assert all(torch.equal(t.grad, w) for t, w in zip(group, weight))
+    assert stage_stack(tensors).data_ptr() == rows.data_ptr()
+    assert stage_stack(apart).data_ptr() not in [t.data_ptr() for t in apart]
+    assert stage_stack(tensors[1:]).data_ptr() == tensors[1].data_ptr()  # consecutive rows from the second
+    assert stage_stack(tensors[::2]).data_ptr() != tensors[0].data_ptr()  # rows 0 and 2: a copy
+    transposed = [torch.nn.Parameter(torch.randn(5, 2).t()) for _ in range(2)]
+    assert torch.equal(stage_stack(transposed), torch.stack(transposed))
+    with torch.inference_mode():
+        assert stage_stack(tensors).data_ptr() == rows.data_ptr()
+
+
+def test_the_stacked_layout_survives_casts_and_moves_and_saving(model, tmp_path):
+    model.enable_fused_decoders()
+    x, t, labels = torch.randn(4, 3, 8, 8), torch.tensor([10, 300, 600, 900]), torch.arange(4)
+    with torch.no_grad():
+        reference = model(x, t, class_labels=labels).sample
+        model.to(torch.float64)
+        assert laid_out(model.decoders) and model.decoders[0].conv_out.weight.dtype == torch.float64
+        assert torch.allclose(model(x.double(), t, class_labels=labels).sample.float(), reference, atol=1e-5)
+        model.float()
+        pointers = [p.data_ptr() for p in model.parameters()]
+        model.to("cpu")  # nothing to move: nothing copied
+        assert [p.data_ptr() for p in model.parameters()] == pointers
+        model.share_memory()  # moves each storage as a whole: laid out still, and not copied out of shared memory
+        assert laid_out(model.decoders) and all(p.is_shared() for p in model.decoders.parameters())
+    model.save_pretrained(tmp_path)  # safetensors of rows of one storage
+    loaded = MultiStageUNet2DModel.from_pretrained(tmp_path)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    loaded.enable_fused_decoders()
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, t, class_labels=labels).sample, reference, atol=1e-5)
+
+
+def test_decoders_that_lost_the_layout_are_fused_from_a_copy(model, monkeypatch):
+    import copy
+
+    model.enable_fused_decoders()
+    twin = copy.deepcopy(model)  # deepcopy gives every tensor storage of its own
+    assert not laid_out(twin.decoders)
+    t, counts = [10, 300, 600, 900], Counts(monkeypatch)
+    assert_same(run(model, t, fuse=False), run(twin, t, fuse=None))
+    assert counts.fused == 1
+    assert stack_decoder_storage(list(twin.decoders)) and laid_out(twin.decoders)
+    assert not stack_decoder_storage([twin.decoders[0], model.decoders[0].to(torch.float64)])  # not one structure
