@@ -88,9 +88,11 @@ def dispatch_by_stage(
 
     ``fuse`` offers a fused path for mixed batches: ``fuse(counts)`` gets the number of samples of every stage (at
     least two stages hold some) and returns a callable that runs the networks of the stages present in one pass, or
-    `None` to decline (then the per-stage path runs). That callable gets ``inputs`` padded to one block of ``rows``
-    rows per present stage, in stage order (``rows`` the largest count; a stage with fewer samples repeats its last
-    one), and returns one output row per input row; the padding rows are dropped (see [`padded_order`]).
+    `None` to decline (then the per-stage path runs). That callable gets ``inputs`` padded to ``slots`` samples per
+    present stage (``slots`` the largest count; a stage with fewer samples repeats its last one), slot-major: row
+    ``slot * P + p`` holds a sample of the ``p``-th of the ``P`` present stages, so that a channel-packed pass can view
+    the rows of one slot as one sample of every stage without a copy. It returns one output row per input row; the
+    padding rows are dropped (see [`padded_order`]).
 
     Example:
 
@@ -165,28 +167,25 @@ def fits_padding(counts: list[int], max_padding: float) -> bool:
 
 def padded_order(counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
-    The layout of a fused pass over the stages present in ``counts`` (samples per stage): ``rows``, for each of
-    ``max(counts)`` slots of each present stage, the position of its sample in the batch sorted by stage (a stage
-    with fewer samples repeats its last one: real values, so that the padding computes nothing out of range), and
-    ``kept``, the slots that hold a real sample, in sorted order.
+    The layout of a fused pass over the stages present in ``counts`` (samples per stage), slot-major: ``rows``, for
+    each of ``max(counts)`` slots and each present stage in turn, the position of the stage's sample in the batch
+    sorted by stage (a stage with fewer samples repeats its last one: real values, so that the padding computes
+    nothing out of range), and ``kept``, the rows that hold a real sample, in sorted order.
 
     Example:
 
     ```py
     >>> from diffusers_stages.routing import padded_order
-    >>> rows, kept = padded_order([1, 0, 3])
+    >>> rows, kept = padded_order([1, 0, 3])  # slots (stage 0, stage 2): (0, 1), (0, 2), (0, 3)
     >>> rows.tolist(), kept.tolist()
-    ([0, 0, 0, 1, 2, 3], [0, 3, 4, 5])
+    ([0, 1, 0, 2, 0, 3], [0, 1, 3, 5])
 
     ```
     """
-    width = max(counts)
-    rows, kept, start = [], [], 0
-    for count in counts:
-        if count:
-            rows += [start + min(slot, count - 1) for slot in range(width)]
-            kept += [len(rows) - width + slot for slot in range(count)]
-            start += count
+    present = [count for count in counts if count]
+    starts = [sum(present[:p]) for p in range(len(present))]  # where each present stage begins, sorted by stage
+    rows = [start + min(slot, count - 1) for slot in range(max(present)) for start, count in zip(starts, present)]
+    kept = [slot * len(present) + p for p, count in enumerate(present) for slot in range(count)]
     return torch.tensor(rows), torch.tensor(kept)
 
 

@@ -121,7 +121,7 @@ def test_list_inputs_are_handed_over():
     assert whole is one_stage[0]  # one stage: the inputs themselves, no copy
 
 
-def test_a_fused_pass_gets_every_stage_padded_to_one_block():
+def test_a_fused_pass_gets_every_stage_padded_to_one_count_slot_major():
     partition = TimestepPartition.uniform(4)
     timesteps = torch.tensor([900, 10, 20, 30, 950, 600])  # stages 3, 0, 0, 0, 3, 2; stage 1 holds no sample
     x = torch.arange(6.0)[:, None] * torch.ones(6, 2)
@@ -134,8 +134,8 @@ def test_a_fused_pass_gets_every_stage_padded_to_one_block():
     with _OpCounts() as ops:
         out = dispatch_by_stage(partition, timesteps, None, lambda s, x: pytest.fail("per-stage path"), [x], fuse=fuse)
     assert offered == [[3, 0, 1, 2]]  # every stage's count
-    # three rows per stage (the largest count), stage-major; short stages repeat their last sample
-    assert padded_inputs[0][0][:, 0].tolist() == [1, 2, 3, 5, 5, 5, 0, 4, 4]
+    # three slots (the largest count) of one sample of stages 0, 2 and 3 each; short stages repeat their last sample
+    assert padded_inputs[0][0][:, 0].tolist() == [1, 5, 0, 2, 5, 4, 3, 5, 4]
     assert torch.equal(out, x * 10)  # the padding dropped, every row back in place
     assert ops.counts["sort"] == 1 and ops.counts["index"] == 3 and ops.counts["index_put_"] == 1
 
@@ -152,7 +152,7 @@ def test_fuse_is_asked_only_for_mixed_batches_and_may_decline():
 
 
 def test_padded_order_of_uneven_and_empty_stages():
-    rows, kept = padded_order([0, 2, 0, 1])
-    assert rows.tolist() == [0, 1, 2, 2] and kept.tolist() == [0, 1, 2]
+    rows, kept = padded_order([0, 2, 0, 1])  # slots of (stage 1, stage 3): (0, 2), (1, 2)
+    assert rows.tolist() == [0, 2, 1, 2] and kept.tolist() == [0, 2, 1]
     rows, kept = padded_order([1, 1, 1])
     assert rows.tolist() == [0, 1, 2] and kept.tolist() == [0, 1, 2]  # even stages: no padding

@@ -297,8 +297,9 @@ def fused_decoders(decoders: Sequence[nn.Module]) -> Callable[..., torch.Tensor]
     and buffer names, shapes, dtypes and devices, train mode), none has hooks or is compiled, and they are
     `StageDecoder`s of the layers that have a channel-packed form (see
     [`~diffusers_stages.models.packed_decoders.packable`]): what `MultiStageUNet2DModel.from_unet` gives, and what
-    training from it keeps. The returned callable takes the decoders' inputs (``hidden``, ``skips``, ``emb``) with
-    one block of rows per decoder, in the order of ``decoders``, and runs them as one network whose channels are
+    training from it keeps. The returned callable takes the decoders' inputs (``hidden``, ``skips``, ``emb``)
+    sample-major (row ``i * len(decoders) + k`` is the ``i``-th sample of ``decoders[k]``, the layout
+    `dispatch_by_stage` gives a fused pass) and runs them as one network whose channels are
     the decoders' channels side by side: a convolution of all decoders is one grouped convolution, a group norm one
     group norm, a linear layer one batched matrix product. The parameters are stacked on every call, inside
     autograd: gradients reach each decoder's own parameters, and an optimizer step or a load is seen by the next
@@ -320,10 +321,10 @@ def fused_decoders(decoders: Sequence[nn.Module]) -> Callable[..., torch.Tensor]
     >>> run = fused_decoders(list(model.decoders))
     >>> shapes = [(8, 8, 8), (8, 8, 8), (8, 4, 4), (16, 4, 4)]  # the encoder's skips, per sample
     >>> hidden, skips, emb = torch.randn(4, 16, 4, 4), [torch.randn(4, *shape) for shape in shapes], torch.randn(4, 32)
-    >>> out = run(hidden, list(skips), emb)  # rows 0-1 for the first decoder, rows 2-3 for the second
-    >>> first = model.decoders[0](hidden[:2], [skip[:2] for skip in skips], emb[:2])
-    >>> second = model.decoders[1](hidden[2:], [skip[2:] for skip in skips], emb[2:])
-    >>> torch.allclose(out, torch.cat([first, second]), atol=1e-5)
+    >>> out = run(hidden, list(skips), emb)  # rows 0 and 2 for the first decoder, rows 1 and 3 for the second
+    >>> first = model.decoders[0](hidden[0::2], [skip[0::2] for skip in skips], emb[0::2])
+    >>> second = model.decoders[1](hidden[1::2], [skip[1::2] for skip in skips], emb[1::2])
+    >>> torch.allclose(out[0::2], first, atol=1e-5) and torch.allclose(out[1::2], second, atol=1e-5)
     True
 
     ```

@@ -230,8 +230,8 @@ class _Packed:
         decoder, stages = self.template, self.stages
         n = hidden.shape[0] // stages
 
-        def pack(t: torch.Tensor) -> torch.Tensor:  # (S * n, C, H, W), stage-major -> (n, S * C, H, W)
-            return t.unflatten(0, (stages, n)).transpose(0, 1).flatten(1, 2)
+        def pack(t: torch.Tensor) -> torch.Tensor:  # (n * S, C, H, W), sample-major -> (n, S * C, H, W): a view
+            return t.reshape(n, -1, *t.shape[2:])
 
         # 1. the inputs packed (the skips freed from the caller's list), through the skip adapters
         packed_skips = [pack(skip) for skip in skips]
@@ -245,7 +245,7 @@ class _Packed:
             for (name, adapter), value in zip(adapters, packed)
         ]
         sample, skips = packed[0], packed[1:]
-        emb = emb.unflatten(0, (stages, n))  # (S, n, D): the stages' rows for the batched projections
+        emb = emb.unflatten(0, (n, stages)).transpose(0, 1)  # (S, n, D): the stages' rows for the projections
 
         # 2. the up path, block by block as UpBlock2D / AttnUpBlock2D run it
         for b, block in enumerate(decoder.up_blocks):
@@ -262,18 +262,19 @@ class _Packed:
                 else:
                     sample = self.upsample(sample, upsampler, name)
 
-        # 3. the output head, and the rows back in stage-major order
+        # 3. the output head, and its rows back to one per input row (sample-major: a view)
         sample = decoder.conv_act(self.norm(sample, decoder.conv_norm_out, "conv_norm_out"))
         sample = self.conv(sample, decoder.conv_out, "conv_out")
-        return sample.unflatten(1, (stages, -1)).transpose(0, 1).flatten(0, 1)
+        return sample.reshape(n * stages, -1, *sample.shape[2:])
 
 
 def packed_decoders(
     template: nn.Module, stages: int, stacked: Callable[[], dict[str, torch.Tensor]]
 ) -> Callable[..., torch.Tensor]:
     """The packed pass of ``stages`` decoders shaped like ``template`` (checked with [`packable`]), with their
-    parameters stacked on a stage axis by ``stacked()``: it takes ``hidden``, ``skips`` and ``emb`` with one block of
-    rows per stage (stage-major) and returns the decoders' outputs in the same order."""
+    parameters stacked on a stage axis by ``stacked()``: it takes ``hidden``, ``skips`` and ``emb`` sample-major
+    (row ``i * stages + s`` is the ``i``-th sample of stage ``s``) and returns the decoders' outputs in the same
+    order."""
 
     def run(hidden: torch.Tensor, skips: Sequence[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
         return _Packed(template, stacked(), stages)(hidden, skips if isinstance(skips, list) else list(skips), emb)
