@@ -187,17 +187,20 @@ def test_existing_checkpoints_need_resume_or_overwrite(examples, script, image_f
         examples.train(script, args)
 
 
-def test_two_processes_agree_on_weights(examples, script, image_folder, tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_two_processes_agree_on_weights(examples, script, image_folder, tmp_path, fused):
+    # fused: DDP over decoders laid out as one stack per parameter (`stack_decoder_storage`), batches of 2 per stage
     out, dump = str(tmp_path / "run"), str(tmp_path / "dump")
     os.makedirs(dump)
+    fusing = ["--fused_decoders", "--stage_shares", "1,1,1", "--train_batch_size", "6"] if fused else []
     args = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--max_train_steps", "2",
-            "--class_conditional"]  # fmt: skip
+            "--class_conditional", *fusing]  # fmt: skip
     result = examples.run_subprocess(
         ["-m", "torch.distributed.run", "--nproc_per_node", "2", examples.RUNNER, "--dump-weights", dump,
          examples.SCRIPTS["multistage"], *args]
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(8 in total)" in result.stderr  # 2 processes x batch 4
+    assert f"({12 if fused else 8} in total)" in result.stderr  # 2 processes x batch 4 (6 fused)
     rank0, rank1 = load_file(f"{dump}/rank0_model0.safetensors"), load_file(f"{dump}/rank1_model0.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     initial = script.MultiStageTask(script.parse_args(args)).build_networks(3, 8, 4)["unet"].state_dict()
