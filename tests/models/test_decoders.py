@@ -332,6 +332,15 @@ def test_the_stacked_layout_survives_casts_and_moves_and_saving(model, tmp_path)
         assert laid_out(model.decoders) and model.decoders[0].conv_out.weight.dtype == torch.float64
         assert torch.allclose(model(x.double(), t, class_labels=labels).sample.float(), reference, atol=1e-5)
         model.float()
+        model.to(memory_format=torch.channels_last)  # convolution weights channels-last: rows of one layout still
+        assert laid_out(model.decoders) and model.decoders[1].conv_out.weight.is_contiguous(
+            memory_format=torch.channels_last
+        )
+        assert (
+            stage_stack([d.conv_out.weight for d in model.decoders]).data_ptr()
+            == model.decoders[0].conv_out.weight.data_ptr()
+        )
+        assert torch.allclose(model(x, t, class_labels=labels).sample, reference, atol=1e-5)
         pointers = [p.data_ptr() for p in model.parameters()]
         model.to("cpu")  # nothing to move: nothing copied
         assert [p.data_ptr() for p in model.parameters()] == pointers
