@@ -431,11 +431,14 @@ def _consecutive_rows(tensors: Sequence[torch.Tensor]) -> bool:
     ``model.to(memory_format=torch.channels_last)`` leaves convolution weights), have one layout and follow each other
     in the storage of the first (the rows of a stack)."""
     first = tensors[0]
-    size, stride = first.numel() * first.element_size(), first.stride()
+    size, stride, contiguous = first.numel() * first.element_size(), first.stride(), first.is_contiguous()
     start = first.data_ptr()
     return bool(
         size
-        and (first.is_contiguous() or (first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last)))
+        and (contiguous or (first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last)))
         and first.storage_offset() * first.element_size() + len(tensors) * size <= first.untyped_storage().nbytes()
-        and all(t.data_ptr() == start + k * size and t.stride() == stride for k, t in enumerate(tensors))
+        and all(
+            t.data_ptr() == start + k * size and (t.is_contiguous() if contiguous else t.stride() == stride)
+            for k, t in enumerate(tensors)
+        )
     )
