@@ -5,6 +5,7 @@ tailored decoder's widths, the check of each stage's decoder widths, and one sta
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Callable, Sequence
 
@@ -364,7 +365,9 @@ def stack_decoder_storage(decoders: Sequence[nn.Module]) -> bool:
     references), gradients and the state dict are unchanged, and names laid out already are left as they are. A
     `.to()` of the decoders themselves, a load with ``assign=True`` or a `copy.deepcopy` gives each tensor storage
     of its own again (the fused pass then copies, with the same results; a staged model's own `.to()` and casts lay
-    its decoders out again while fused decoders are enabled). Returns whether the decoders could be laid out
+    its decoders out again while fused decoders are enabled). The decoders' state dicts give each row on a storage
+    of its own (an alias, not a copy), so that accelerate's `save_state`, safetensors' `load_model` and `torch.save`
+    see separate tensors, not weights tied to each other. Returns whether the decoders could be laid out
     (`False`, and nothing changed, where `fused_decoders` would refuse them).
 
     Example:
@@ -398,7 +401,36 @@ def stack_decoder_storage(decoders: Sequence[nn.Module]) -> bool:
             rows = torch.stack([tensor.detach() for tensor in stage_tensors])
             for tensor, row in zip(stage_tensors, rows):
                 tensor.data = row
+    for decoder in decoders:
+        if _rows_of_their_own not in decoder._state_dict_hooks.values():
+            decoder.register_state_dict_post_hook(_rows_of_their_own)
     return True
+
+
+def _rows_of_their_own(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """A state dict hook of laid-out decoders: each of ``module``'s tensors that is part of a larger storage (a row
+    of `stack_decoder_storage`'s stack) is given as an alias of its own memory on a storage of its own (a slice of the
+    stack's, no copy). Tools that take tensors sharing a storage for tied weights then see none: accelerate's
+    `save_state` and `save_model` would drop all decoders but the first, safetensors' `load_model` refuses such a
+    model, and `torch.save` of one decoder's state dict would write the whole stack. Entries that are the module's
+    own tensors (``keep_vars=True``) are left as they are."""
+    own = {id(t) for t in itertools.chain(module.parameters(), module.buffers())}
+    for key, tensor in state_dict.items():
+        if (
+            not key.startswith(prefix)
+            or not isinstance(tensor, torch.Tensor)
+            or id(tensor) in own
+            or tensor.device.type == "meta"
+            or not tensor.is_contiguous()
+        ):
+            continue
+        size = tensor.numel() * tensor.element_size()
+        storage = tensor.untyped_storage()
+        if not size or storage.nbytes() <= size:
+            continue
+        start = tensor.storage_offset() * tensor.element_size()
+        alias = tensor.new_empty(0).set_(storage[start : start + size], 0, tensor.shape, tensor.stride())
+        state_dict[key] = alias
 
 
 class _StorageRows(torch.autograd.Function):

@@ -356,3 +356,50 @@ def test_decoders_that_lost_the_layout_are_fused_from_a_copy(model, monkeypatch)
     assert counts.fused == 1
     assert stack_decoder_storage(list(twin.decoders)) and laid_out(twin.decoders)
     assert not stack_decoder_storage([twin.decoders[0], model.decoders[0].to(torch.float64)])  # not one structure
+
+
+def test_a_laid_out_model_saves_and_loads_with_accelerate_and_safetensors(model, tmp_path):
+    # accelerate (`save_state`, `save_model`) drops tensors that share a storage as tied weights, and safetensors'
+    # `load_model` refuses a model whose tensors are parts of one storage: the state dict gives each row its own
+    from accelerate import Accelerator
+    from safetensors.torch import load_model, save_model
+
+    model.enable_fused_decoders(max_padding=math.inf)
+    optimizer = torch.optim.AdamW(model.parameters())
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerator.save_state(tmp_path / "state")
+    accelerator.save_model(model, tmp_path / "model")
+    save_model(model, tmp_path / "plain.safetensors")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    for load in (
+        lambda: accelerator.load_state(tmp_path / "state"),
+        lambda: load_model(model, tmp_path / "model" / "model.safetensors"),
+        lambda: load_model(model, tmp_path / "plain.safetensors"),
+    ):
+        load()
+        assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+        assert laid_out(model.decoders)  # loaded in place
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+    state = model.state_dict()
+    state["decoders.1.conv_out.bias"].add_(1.0)  # state dict entries still alias the parameters
+    assert torch.equal(model.decoders[1].conv_out.bias, torch.ones_like(model.decoders[1].conv_out.bias))
+    kept = model.decoders[0].state_dict(keep_vars=True)
+    assert kept["conv_out.weight"] is model.decoders[0].conv_out.weight
+
+
+def test_one_laid_out_decoder_saves_its_own_values_only(model, tmp_path):
+    torch.save(model.decoders[1].state_dict(), tmp_path / "one before.bin")
+    torch.save(model.state_dict(), tmp_path / "all before.bin")
+    model.enable_fused_decoders()
+    torch.save(model.decoders[1].state_dict(), tmp_path / "one.bin")
+    torch.save(model.state_dict(), tmp_path / "all.bin")
+    for name in ("one", "all"):  # the same records as before the layout (not the whole stack of every name)
+        assert (tmp_path / f"{name}.bin").stat().st_size <= 1.05 * (tmp_path / f"{name} before.bin").stat().st_size
+    loaded = torch.load(tmp_path / "all.bin", weights_only=True)
+    assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
