@@ -435,15 +435,19 @@ def _rows_of_their_own(module: nn.Module, state_dict: dict, prefix: str, local_m
 
 class _StorageRows(torch.autograd.Function):
     """The stack of tensors that are consecutive rows of one storage, as a view of it; its gradient is split back
-    into one per tensor."""
+    into one per tensor. The view shares the first tensor's version counter only: the tensors are saved for
+    backward, so that an in-place change of any of them between forward and backward is autograd's error, as it is
+    on the per-stage path, rather than gradients computed with the changed values."""
 
     @staticmethod
     def forward(ctx, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*tensors)
         first = tensors[0]
         return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.saved_tensors  # noqa: B018 (unpacking checks the tensors' versions)
         return grad.unbind(0)
 
 

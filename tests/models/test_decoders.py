@@ -403,3 +403,16 @@ def test_one_laid_out_decoder_saves_its_own_values_only(model, tmp_path):
         assert (tmp_path / f"{name}.bin").stat().st_size <= 1.05 * (tmp_path / f"{name} before.bin").stat().st_size
     loaded = torch.load(tmp_path / "all.bin", weights_only=True)
     assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_an_in_place_update_between_forward_and_backward_is_an_error_as_per_stage(model, stage):
+    # the stack is a view of the first decoder's storage: a change of another decoder's weights after the forward
+    # would otherwise go unnoticed, and its gradients be computed with the new weights
+    model.enable_fused_decoders()
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([10, 300, 600, 900])
+    out = model(x, t, class_labels=torch.arange(4)).sample
+    with torch.no_grad():
+        model.decoders[stage].conv_out.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|has been modified inplace"):
+        out.sum().backward()
