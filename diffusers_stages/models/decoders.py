@@ -421,16 +421,25 @@ def _rows_of_their_own(module: nn.Module, state_dict: dict, prefix: str, local_m
             or not isinstance(tensor, torch.Tensor)
             or id(tensor) in own
             or tensor.device.type == "meta"
-            or not tensor.is_contiguous()
+            or not _dense(tensor)
         ):
             continue
         size = tensor.numel() * tensor.element_size()
         storage = tensor.untyped_storage()
         if not size or storage.nbytes() <= size:
             continue
-        start = tensor.storage_offset() * tensor.element_size()
-        alias = tensor.new_empty(0).set_(storage[start : start + size], 0, tensor.shape, tensor.stride())
+        start = tensor.storage_offset() * tensor.element_size()  # a dense tensor spans its size from its offset
+        try:
+            alias = tensor.new_empty(0).set_(storage[start : start + size], 0, tensor.shape, tensor.stride())
+        except (RuntimeError, NotImplementedError, TypeError):  # a storage that cannot be sliced: left as it is
+            continue
         state_dict[key] = alias
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` covers its memory without gaps from its storage offset on (contiguous or channels-last,
+    the layouts a model's `.to()` gives)."""
+    return tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last))
 
 
 class _StorageRows(torch.autograd.Function):

@@ -416,3 +416,15 @@ def test_an_in_place_update_between_forward_and_backward_is_an_error_as_per_stag
         model.decoders[stage].conv_out.weight.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation|has been modified inplace"):
         out.sum().backward()
+
+
+def test_a_channels_last_laid_out_model_keeps_every_state_dict_entry_for_accelerate(model):
+    from accelerate.utils import clean_state_dict_for_safetensors
+
+    model.enable_fused_decoders()
+    model.to(memory_format=torch.channels_last)  # rows of one storage still, in channels-last order
+    assert model.decoders[1].conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    state = model.state_dict()
+    cleaned = clean_state_dict_for_safetensors(dict(state))  # what accelerate saves: nothing dropped as tied
+    assert cleaned.keys() == state.keys()
+    assert all(torch.equal(cleaned[k], v) for k, v in state.items())
