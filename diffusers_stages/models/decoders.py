@@ -472,13 +472,14 @@ def stage_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _consecutive_rows(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether tensors of one shape, dtype and device are contiguous and follow each other in the storage of the
-    first (the rows of a stack)."""
+    """Whether tensors of one shape, dtype and device are dense in one layout (contiguous, or all channels-last) and
+    follow each other in the storage of the first (the rows of a stack)."""
     first = tensors[0]
     size = first.numel() * first.element_size()
-    start = first.data_ptr()
+    start, stride = first.data_ptr(), first.stride()
     return bool(
         size
+        and _dense(first)
         and first.storage_offset() * first.element_size() + len(tensors) * size <= first.untyped_storage().nbytes()
-        and all(t.data_ptr() == start + k * size and t.is_contiguous() for k, t in enumerate(tensors))
+        and all(t.data_ptr() == start + k * size and t.stride() == stride for k, t in enumerate(tensors))
     )

@@ -428,3 +428,16 @@ def test_a_channels_last_laid_out_model_keeps_every_state_dict_entry_for_acceler
     cleaned = clean_state_dict_for_safetensors(dict(state))  # what accelerate saves: nothing dropped as tied
     assert cleaned.keys() == state.keys()
     assert all(torch.equal(cleaned[k], v) for k, v in state.items())
+
+
+def test_a_channels_last_laid_out_model_still_reads_its_stack_as_a_view(model, monkeypatch):
+    model.enable_fused_decoders(max_padding=math.inf)
+    t = [10, 20, 300, 600, 900]
+    reference = run(model, t, fuse=False)
+    model.enable_fused_decoders(max_padding=math.inf)
+    model.to(memory_format=torch.channels_last)
+    stacks = []
+    stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or stack(*a, **k))
+    assert_same(reference, run(model, t))
+    assert stacks == []  # every parameter stack was a view, channels-last rows included
