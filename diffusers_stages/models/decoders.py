@@ -5,6 +5,7 @@ tailored decoder's widths, the check of each stage's decoder widths, and one sta
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Callable, Sequence
 
@@ -364,7 +365,9 @@ def stack_decoder_storage(decoders: Sequence[nn.Module]) -> bool:
     references), gradients and the state dict are unchanged, and names laid out already are left as they are. A
     `.to()` of the decoders themselves, a load with ``assign=True`` or a `copy.deepcopy` gives each tensor storage
     of its own again (the fused pass then copies, with the same results; a staged model's own `.to()` and casts lay
-    its decoders out again while fused decoders are enabled). Returns whether the decoders could be laid out
+    its decoders out again while fused decoders are enabled). The decoders' state dicts give each row on a storage
+    of its own (an alias, not a copy), so that accelerate's `save_state`, safetensors' `load_model` and `torch.save`
+    see separate tensors, not weights tied to each other. Returns whether the decoders could be laid out
     (`False`, and nothing changed, where `fused_decoders` would refuse them).
 
     Example:
@@ -398,20 +401,62 @@ def stack_decoder_storage(decoders: Sequence[nn.Module]) -> bool:
             rows = torch.stack([tensor.detach() for tensor in stage_tensors])
             for tensor, row in zip(stage_tensors, rows):
                 tensor.data = row
+    for decoder in decoders:
+        if _rows_of_their_own not in decoder._state_dict_hooks.values():
+            decoder.register_state_dict_post_hook(_rows_of_their_own)
     return True
+
+
+def _rows_of_their_own(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """A state dict hook of laid-out decoders: each of ``module``'s tensors that is part of a larger storage (a row
+    of `stack_decoder_storage`'s stack) is given as an alias of its own memory on a storage of its own (a slice of the
+    stack's, no copy). Tools that take tensors sharing a storage for tied weights then see none: accelerate's
+    `save_state` and `save_model` would drop all decoders but the first, safetensors' `load_model` refuses such a
+    model, and `torch.save` of one decoder's state dict would write the whole stack. Entries that are the module's
+    own tensors (``keep_vars=True``) are left as they are."""
+    own = {id(t) for t in itertools.chain(module.parameters(), module.buffers())}
+    for key, tensor in state_dict.items():
+        if (
+            not key.startswith(prefix)
+            or not isinstance(tensor, torch.Tensor)
+            or id(tensor) in own
+            or tensor.device.type == "meta"
+            or not _dense(tensor)
+        ):
+            continue
+        size = tensor.numel() * tensor.element_size()
+        storage = tensor.untyped_storage()
+        if not size or storage.nbytes() <= size:
+            continue
+        start = tensor.storage_offset() * tensor.element_size()  # a dense tensor spans its size from its offset
+        try:
+            alias = tensor.new_empty(0).set_(storage[start : start + size], 0, tensor.shape, tensor.stride())
+        except (RuntimeError, NotImplementedError, TypeError):  # a storage that cannot be sliced: left as it is
+            continue
+        state_dict[key] = alias
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` covers its memory without gaps from its storage offset on (contiguous or channels-last,
+    the layouts a model's `.to()` gives)."""
+    return tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last))
 
 
 class _StorageRows(torch.autograd.Function):
     """The stack of tensors that are consecutive rows of one storage, as a view of it; its gradient is split back
-    into one per tensor."""
+    into one per tensor. The view shares the first tensor's version counter only: the tensors are saved for
+    backward, so that an in-place change of any of them between forward and backward is autograd's error, as it is
+    on the per-stage path, rather than gradients computed with the changed values."""
 
     @staticmethod
     def forward(ctx, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*tensors)
         first = tensors[0]
         return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.saved_tensors  # noqa: B018 (unpacking checks the tensors' versions)
         return grad.unbind(0)
 
 
@@ -427,15 +472,15 @@ def stage_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _consecutive_rows(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether tensors of one shape, dtype and device are dense (contiguous, or channels-last, as
-    ``model.to(memory_format=torch.channels_last)`` leaves convolution weights), have one layout and follow each other
-    in the storage of the first (the rows of a stack)."""
+    """Whether tensors of one shape, dtype and device are dense in one layout (contiguous, or all channels-last, as
+    ``model.to(memory_format=torch.channels_last)`` leaves convolution weights) and follow each other in the storage
+    of the first (the rows of a stack)."""
     first = tensors[0]
     size, stride, contiguous = first.numel() * first.element_size(), first.stride(), first.is_contiguous()
     start = first.data_ptr()
     return bool(
         size
-        and (contiguous or (first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last)))
+        and _dense(first)
         and first.storage_offset() * first.element_size() + len(tensors) * size <= first.untyped_storage().nbytes()
         and all(
             t.data_ptr() == start + k * size and (t.is_contiguous() if contiguous else t.stride() == stride)

@@ -332,15 +332,6 @@ def test_the_stacked_layout_survives_casts_and_moves_and_saving(model, tmp_path)
         assert laid_out(model.decoders) and model.decoders[0].conv_out.weight.dtype == torch.float64
         assert torch.allclose(model(x.double(), t, class_labels=labels).sample.float(), reference, atol=1e-5)
         model.float()
-        model.to(memory_format=torch.channels_last)  # convolution weights channels-last: rows of one layout still
-        assert laid_out(model.decoders) and model.decoders[1].conv_out.weight.is_contiguous(
-            memory_format=torch.channels_last
-        )
-        assert (
-            stage_stack([d.conv_out.weight for d in model.decoders]).data_ptr()
-            == model.decoders[0].conv_out.weight.data_ptr()
-        )
-        assert torch.allclose(model(x, t, class_labels=labels).sample, reference, atol=1e-5)
         pointers = [p.data_ptr() for p in model.parameters()]
         model.to("cpu")  # nothing to move: nothing copied
         assert [p.data_ptr() for p in model.parameters()] == pointers
@@ -365,3 +356,88 @@ def test_decoders_that_lost_the_layout_are_fused_from_a_copy(model, monkeypatch)
     assert counts.fused == 1
     assert stack_decoder_storage(list(twin.decoders)) and laid_out(twin.decoders)
     assert not stack_decoder_storage([twin.decoders[0], model.decoders[0].to(torch.float64)])  # not one structure
+
+
+def test_a_laid_out_model_saves_and_loads_with_accelerate_and_safetensors(model, tmp_path):
+    # accelerate (`save_state`, `save_model`) drops tensors that share a storage as tied weights, and safetensors'
+    # `load_model` refuses a model whose tensors are parts of one storage: the state dict gives each row its own
+    from accelerate import Accelerator
+    from safetensors.torch import load_model, save_model
+
+    model.enable_fused_decoders(max_padding=math.inf)
+    optimizer = torch.optim.AdamW(model.parameters())
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerator.save_state(tmp_path / "state")
+    accelerator.save_model(model, tmp_path / "model")
+    save_model(model, tmp_path / "plain.safetensors")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    for load in (
+        lambda: accelerator.load_state(tmp_path / "state"),
+        lambda: load_model(model, tmp_path / "model" / "model.safetensors"),
+        lambda: load_model(model, tmp_path / "plain.safetensors"),
+    ):
+        load()
+        assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+        assert laid_out(model.decoders)  # loaded in place
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+    state = model.state_dict()
+    state["decoders.1.conv_out.bias"].add_(1.0)  # state dict entries still alias the parameters
+    assert torch.equal(model.decoders[1].conv_out.bias, torch.ones_like(model.decoders[1].conv_out.bias))
+    kept = model.decoders[0].state_dict(keep_vars=True)
+    assert kept["conv_out.weight"] is model.decoders[0].conv_out.weight
+
+
+def test_one_laid_out_decoder_saves_its_own_values_only(model, tmp_path):
+    torch.save(model.decoders[1].state_dict(), tmp_path / "one before.bin")
+    torch.save(model.state_dict(), tmp_path / "all before.bin")
+    model.enable_fused_decoders()
+    torch.save(model.decoders[1].state_dict(), tmp_path / "one.bin")
+    torch.save(model.state_dict(), tmp_path / "all.bin")
+    for name in ("one", "all"):  # the same records as before the layout (not the whole stack of every name)
+        assert (tmp_path / f"{name}.bin").stat().st_size <= 1.05 * (tmp_path / f"{name} before.bin").stat().st_size
+    loaded = torch.load(tmp_path / "all.bin", weights_only=True)
+    assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_an_in_place_update_between_forward_and_backward_is_an_error_as_per_stage(model, stage):
+    # the stack is a view of the first decoder's storage: a change of another decoder's weights after the forward
+    # would otherwise go unnoticed, and its gradients be computed with the new weights
+    model.enable_fused_decoders()
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([10, 300, 600, 900])
+    out = model(x, t, class_labels=torch.arange(4)).sample
+    with torch.no_grad():
+        model.decoders[stage].conv_out.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|has been modified inplace"):
+        out.sum().backward()
+
+
+def test_a_channels_last_laid_out_model_keeps_every_state_dict_entry_for_accelerate(model):
+    from accelerate.utils import clean_state_dict_for_safetensors
+
+    model.enable_fused_decoders()
+    model.to(memory_format=torch.channels_last)  # rows of one storage still, in channels-last order
+    assert model.decoders[1].conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    state = model.state_dict()
+    cleaned = clean_state_dict_for_safetensors(dict(state))  # what accelerate saves: nothing dropped as tied
+    assert cleaned.keys() == state.keys()
+    assert all(torch.equal(cleaned[k], v) for k, v in state.items())
+
+
+def test_a_channels_last_laid_out_model_still_reads_its_stack_as_a_view(model, monkeypatch):
+    model.enable_fused_decoders(max_padding=math.inf)
+    t = [10, 20, 300, 600, 900]
+    reference = run(model, t, fuse=False)
+    model.enable_fused_decoders(max_padding=math.inf)
+    model.to(memory_format=torch.channels_last)
+    stacks = []
+    stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or stack(*a, **k))
+    assert_same(reference, run(model, t))
+    assert stacks == []  # every parameter stack was a view, channels-last rows included
