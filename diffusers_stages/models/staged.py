@@ -239,7 +239,9 @@ class StagedModelMixin(StageCompileMixin):
         inside autograd, so gradients reach each decoder, and an optimizer step, a load or a write through
         ``param.data`` is seen by the next call; nothing is added to the state dict. Where the layout is gone (a
         load with ``assign=True``, a `copy.deepcopy`), the tensors are copied into a stack in each forward instead:
-        same results, slower. Outputs and gradients are the per-stage path's (to float rounding).
+        same results, slower. A cast of a laid-out model (``.half()``, ``.to(torch.bfloat16)``) holds each old stack
+        until every decoder's copy of it is cast, so it briefly needs the decoders' memory in both dtypes. Outputs
+        and gradients are the per-stage path's (to float rounding).
 
         Each stage's rows are padded to the largest stage count (repeating its last sample), so a batch is fused
         only when that padding adds at most ``max_padding`` of the batch. Otherwise, and with ``stage_index``, a
