@@ -225,9 +225,9 @@ def mixed_batches(args, small) -> list[tuple]:
     """Section 4: a batch spread evenly over the stages (sample i in stage i mod stages) against the same batch in
     one stage (baseline column), decoded stage by stage and fused (`enable_fused_decoders`, any padding), on one
     thread: the median wall time and this process's median CPU time (steadier on a shared machine), inference; one
-    training step (forward and backward) at 8 stages and batch 16, where the fused pass is also timed with its
-    parameters copied into a stack in every forward (without `stack_decoder_storage`'s layout); and a wider model at
-    4 stages and batch 16."""
+    training step (forward and backward) at 8 stages and batch 16; at 8 stages and batch 16 (inference and the
+    training step), the fused pass also with its parameters copied into a stack in every forward (without
+    `stack_decoder_storage`'s layout); and a wider model at 4 stages and batch 16."""
     device, rows, threads = args.device, [], torch.get_num_threads()
     torch.set_num_threads(1)
     for count, batch in MIXED_CASES:

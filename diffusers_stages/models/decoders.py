@@ -345,6 +345,8 @@ def fused_decoders(decoders: Sequence[nn.Module]) -> Callable[..., torch.Tensor]
 def _fusable(decoders: Sequence[nn.Module]) -> tuple[list[str], list[list[torch.Tensor]]] | None:
     """The names of the first decoder's parameters and buffers and each decoder's tensors in that order, or `None`
     where the decoders differ in structure or one is not fusable (see `_fusable_state`)."""
+    if not decoders:
+        raise ValueError("`decoders` must hold at least one decoder, got none.")
     keys, names, tensors = [], [], []
     for decoder in decoders:
         key, tensors_of_decoder = [], []
@@ -451,8 +453,7 @@ class _StorageRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *tensors: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(*tensors)
-        first = tensors[0]
-        return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()))
+        return _rows_view(tensors)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -463,12 +464,19 @@ class _StorageRows(torch.autograd.Function):
 def stage_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``torch.stack(tensors)`` of tensors of one shape, dtype and device: a view without a copy where they are
     consecutive rows of one storage (as `stack_decoder_storage` lays them out), with the same gradients."""
+    if not tensors:
+        raise ValueError("`tensors` must hold at least one tensor to stack, got none.")
     if _consecutive_rows(tensors):
-        first = tensors[0]
-        if torch.is_grad_enabled() and first.requires_grad:
+        if torch.is_grad_enabled() and tensors[0].requires_grad:
             return _StorageRows.apply(*tensors)
-        return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()))
+        return _rows_view(tensors)
     return torch.stack(list(tensors))
+
+
+def _rows_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The stack of consecutive rows (see `_consecutive_rows`) as a view of the first one's storage."""
+    first = tensors[0]
+    return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()))
 
 
 def _consecutive_rows(tensors: Sequence[torch.Tensor]) -> bool:
@@ -480,7 +488,7 @@ def _consecutive_rows(tensors: Sequence[torch.Tensor]) -> bool:
     start = first.data_ptr()
     return bool(
         size
-        and _dense(first)
+        and (contiguous or _dense(first))
         and first.storage_offset() * first.element_size() + len(tensors) * size <= first.untyped_storage().nbytes()
         and all(
             t.data_ptr() == start + k * size and (t.is_contiguous() if contiguous else t.stride() == stride)

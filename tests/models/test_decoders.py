@@ -319,6 +319,10 @@ def test_a_stack_of_rows_is_a_view_with_the_gradients_of_torch_stack():
     assert stage_stack(tensors[::2]).data_ptr() != tensors[0].data_ptr()  # rows 0 and 2: a copy
     transposed = [torch.nn.Parameter(torch.randn(5, 2).t()) for _ in range(2)]
     assert torch.equal(stage_stack(transposed), torch.stack(transposed))
+    with pytest.raises(ValueError, match="`tensors` must hold at least one tensor"):
+        stage_stack([])
+    with pytest.raises(ValueError, match="`decoders` must hold at least one decoder"):
+        stack_decoder_storage([])
     with torch.inference_mode():
         assert stage_stack(tensors).data_ptr() == rows.data_ptr()
 
