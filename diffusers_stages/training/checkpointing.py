@@ -116,7 +116,7 @@ def publish_checkpoint(partial: str, path: str, step: int) -> None:
     """Mark ``partial`` complete (the marker is its last file) and rename it to ``path``, replacing a folder there."""
     with open(os.path.join(partial, COMPLETE_MARKER), "w", encoding="utf-8") as f:
         json.dump({"step": step}, f)
-    if os.path.exists(path):
+    if os.path.lexists(path):
         discard_checkpoint(path)  # one of the same step (an older run's, or an interrupted one): ours replaces it
     os.rename(partial, path)
 
@@ -148,7 +148,7 @@ def remove_leftovers(output_dir: str) -> list[str]:
         return []
     names = sorted(name for name in os.listdir(output_dir) if LEFTOVER_PATTERN.match(name))
     for name in names:
-        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        _remove(os.path.join(output_dir, name), ignore_errors=True)
     return names
 
 
@@ -163,17 +163,26 @@ def is_finished(checkpoint: str) -> bool:
 
 
 def discard_checkpoint(folder: str) -> None:
-    """Delete a checkpoint folder without ever leaving a half-deleted one under its name: hide it, then delete."""
+    """Delete a checkpoint folder without ever leaving a half-deleted one under its name: hide it, then delete. A
+    link named like a checkpoint (one moved to another disk) is removed as a link: what it points to is left."""
     hidden = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.deleted")
-    shutil.rmtree(hidden, ignore_errors=True)
+    _remove(hidden, ignore_errors=True)
     os.rename(folder, hidden)
-    shutil.rmtree(hidden)
+    _remove(hidden)
+
+
+def _remove(path: str, ignore_errors: bool = False) -> None:
+    """Delete the folder ``path``; a link is unlinked, never followed (`shutil.rmtree` refuses links)."""
+    if os.path.islink(path):
+        os.unlink(path)
+    elif os.path.lexists(path) or not ignore_errors:
+        shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 def discard_checkpoints(folders: list[str]) -> None:
     """`discard_checkpoint` each of ``folders`` that still exists."""
     for folder in folders:
-        if os.path.isdir(folder):
+        if os.path.isdir(folder) or os.path.islink(folder):
             discard_checkpoint(folder)
 
 

@@ -228,3 +228,25 @@ def test_a_hub_model_id_that_is_no_repository_name_is_refused_before_training(tm
     with pytest.raises(ValueError, match=r"`--push_to_hub`: cannot create the Hub repository `--hub_model_id`"):
         create_hub_repo(args)
     assert not (tmp_path / "outside").exists()
+
+
+def test_a_linked_checkpoint_is_pruned_as_a_link_and_its_target_is_kept(tmp_path):
+    run, elsewhere = tmp_path / "run", tmp_path / "other-disk"
+    target = _checkpoint(elsewhere, 2)  # a checkpoint moved to another disk, linked back under its name
+    os.makedirs(run)
+    os.symlink(target, run / "checkpoint-2")
+    _checkpoint(run, 4)
+    os.symlink(target, run / "checkpoint-6")  # a link of a later step, replaced when step 6 is published
+    partial = run / ".checkpoint-6.partial"
+    _touch(str(partial / "optimizer.bin"))
+    publish_checkpoint(str(partial), str(run / "checkpoint-6"), 6)
+    assert not os.path.islink(run / "checkpoint-6") and _names(run / "checkpoint-6") == [
+        COMPLETE_MARKER,
+        "optimizer.bin",
+    ]
+    prune_checkpoints(str(run), total_limit=1)
+    assert _names(run) == ["checkpoint-6"]
+    assert _names(target) == [COMPLETE_MARKER, "unet"]  # what the links pointed to is untouched
+    os.symlink(target, run / ".checkpoint-8.partial")  # leftovers that are links: unlinked, not followed
+    assert remove_leftovers(str(run)) == [".checkpoint-8.partial"]
+    assert _names(run) == ["checkpoint-6"] and _names(target) == [COMPLETE_MARKER, "unet"]
