@@ -9,6 +9,10 @@
 3. Compilation: each pipeline's networks compiled (`compile_stages()` for the staged models, `torch.compile` for the
    U-ViTs), the first run's time (compiling included), the compiled run's median time against the eager one, and
    the graphs compiled in the first run and in a second one (which must compile none).
+4. Fused decoders on the device: `enable_fused_decoders()` lays the staged U-Net's decoders out as one stack per
+   parameter name; a mixed batch (every stage present) decoded in one fused pass against stage by stage, whether the
+   pass read the stack as a view (no copy), and whether a safetensors round trip (`save_model`/`load_model`, which
+   refuse tensors that share storage, as accelerate's `save_state` drops them) keeps every decoder's weights.
 
 Every row is printed as a Markdown table and written to ``--output_dir/gpu_checks.json`` as soon as its section ends,
 so that a run stopped by a time limit keeps what it finished.
@@ -26,6 +30,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 
@@ -213,6 +218,51 @@ def compilation(pipes: dict, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def fused_decoders(pipes: dict, args: argparse.Namespace) -> list[dict]:
+    """Section 4: the staged U-Net's fused decoders on the device (layout, results, state dict)."""
+    from safetensors.torch import load_model, save_model
+
+    from diffusers_stages.models import decoders
+
+    model = networks(pipes["MultiStagePipeline"])[0].to(args.device)
+    count = model.partition.num_stages
+    size = model.config.sample_size
+    x = torch.randn(2 * count, model.config.in_channels, size, size, device=args.device)
+    edges = [0, *model.partition.boundaries]
+    t = torch.tensor([edges[i % count] + 1 for i in range(2 * count)], device=args.device)  # every stage, twice
+    with torch.no_grad():
+        per_stage = model(x, t).sample
+        model.enable_fused_decoders()
+        fused = model(x, t).sample
+    _, tensors = decoders._fusable(list(model.decoders))
+    views = sum(decoders._consecutive_rows(stage_tensors) for stage_tensors in zip(*tensors))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.safetensors")
+        try:
+            save_model(model, path)
+            reloaded = MultiStageUNet2DModel.from_config(model.config).to(args.device)
+            load_model(reloaded, path)
+            state = model.state_dict()
+            saved = f"{sum(torch.equal(v, state[k]) for k, v in reloaded.state_dict().items())} of {len(state)} equal"
+        except Exception as error:  # reported, not raised: the other rows still count
+            saved = f"failed: {type(error).__name__}: {error}"
+    model.disable_fused_decoders()
+    model.to("cpu")
+    return [
+        {
+            "section": "fused",
+            "check": "fused vs per-stage mixed batch, max abs diff",
+            "result": float((fused - per_stage).abs().max()),
+        },
+        {
+            "section": "fused",
+            "check": "parameter stacks the fused pass reads as views",
+            "result": f"{views} of {len(tensors[0])}",
+        },
+        {"section": "fused", "check": "safetensors save_model/load_model round trip", "result": saved},
+    ]
+
+
 def report(rows: list[dict], output_dir: str | None, all_rows: list[dict]) -> None:
     """Print ``rows`` as a Markdown table and rewrite ``output_dir/gpu_checks.json`` with every row so far."""
     keys = list(dict.fromkeys(key for row in rows for key in row))
@@ -233,7 +283,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, {args.steps} DDIM steps, batch {args.batch_size}")
     pipes, all_rows = build_pipelines(args.quick), []
-    for section in (synchronisations, precisions, compilation):
+    for section in (synchronisations, precisions, compilation, fused_decoders):
         report(section(pipes, args), args.output_dir, all_rows)
     return all_rows
 

@@ -1,6 +1,7 @@
 """`benchmarks/gpu_checks.py` on CPU: the sections run, float16 and bfloat16 stay close to float32, a compiled
-pipeline gives the eager images and compiles nothing in its second run, and the synchronisation check says it was
-skipped rather than passing without CUDA."""
+pipeline gives the eager images and compiles nothing in its second run, fused decoders read their stacks as views,
+match the per-stage path and survive a safetensors round trip, and the synchronisation check says it was skipped
+rather than passing without CUDA."""
 
 import os
 import sys
@@ -25,3 +26,14 @@ def test_the_sections_run_and_report_on_cpu(tmp_path):
     written = []
     gpu_checks.report(rows, str(tmp_path), written)
     assert os.path.exists(tmp_path / "gpu_checks.json") and len(written) == 9
+
+
+def test_the_fused_decoder_section_checks_results_layout_and_saving():
+    args = gpu_checks.parse_args(["--device", "cpu", "--quick"])
+    rows = gpu_checks.fused_decoders(gpu_checks.build_pipelines(quick=True), args)
+    difference, views, saved = (row["result"] for row in rows)
+    assert difference < 1e-5
+    count, total = views.split(" of ")
+    assert count == total and int(total) > 0
+    count, total = saved.split(" equal")[0].split(" of ")
+    assert count == total and int(total) > 0
