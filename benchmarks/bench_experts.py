@@ -14,7 +14,10 @@ after a warm-up. Every run uses the package's one sampling loop and the same sch
 cost does not depend on them.
 
     python benchmarks/bench_experts.py [--device cuda] [--steps 10] [--batch_size 4] [--repeats 5] [--threads 1]
-        [--evidence_preset default|quick|none]
+        [--evidence_preset default|quick|gpu|none] [--timing_batch N] [--evidence_steps N]
+
+``--timing_batch`` and ``--evidence_steps`` override section 3's batch and steps, so that the GPU preset's wider
+models can be timed on a CPU (``--evidence_preset gpu --timing_batch 8 --evidence_steps 10``).
 """
 
 from __future__ import annotations
@@ -113,6 +116,12 @@ def main() -> None:
     parser.add_argument(
         "--evidence_preset", default="default", choices=[*PRESETS, "none"], help="section 3's sizes ('none': skip)"
     )
+    parser.add_argument(
+        "--timing_batch", type=positive_int, default=None, help="section 3's batch (default: the preset's)"
+    )
+    parser.add_argument(
+        "--evidence_steps", type=positive_int, default=None, help="section 3's DDIM steps (default: the preset's)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,11 +191,13 @@ def evidence_sizes(args, preset) -> None:
     """MEME and DuoDiff at an evidence preset's sizes (32x32x1 for Fashion-MNIST, 8x8x1 for digits), class-conditional,
     timed as `run_evidence.py` times them: its timing batch of balanced labels, its number of DDIM steps."""
     size = 8 if preset.dataset == "digits" else 32
-    labels = balanced_labels(preset.timing_batch)
-    run = {"batch_size": 1, "class_labels": labels, "num_inference_steps": preset.num_inference_steps}
-    print(
-        f"evidence preset {preset.name!r}: {size}x{size}x1, batch {preset.timing_batch}, {run['num_inference_steps']} steps"
-    )
+    labels = balanced_labels(args.timing_batch or preset.timing_batch)
+    run = {
+        "batch_size": 1,
+        "class_labels": labels,
+        "num_inference_steps": args.evidence_steps or preset.num_inference_steps,
+    }
+    print(f"evidence preset {preset.name!r}: {size}x{size}x1, batch {len(labels)}, {run['num_inference_steps']} steps")
 
     # 3a. 4 MEME iU-Net experts (half the large model's widths) vs the large U-Net
     torch.manual_seed(preset.seed)
@@ -215,10 +226,10 @@ def evidence_sizes(args, preset) -> None:
     dual = DualBackbonePipeline(
         shallow=shallow, deep=deep, scheduler=sampling_scheduler(), switch_step_fraction=args.switch_step_fraction
     )
-    shallow_steps = sum(e == 1 for _, e in dual.expert_schedule(preset.num_inference_steps))
+    shallow_steps = sum(e == 1 for _, e in dual.expert_schedule(run["num_inference_steps"]))
     baseline, ours = compare(ExpertRoutingPipeline(single(deep), sampling_scheduler()), dual, args, **run)
     report(
-        f"U-ViT dual backbone (depth 3 on {shallow_steps}/{preset.num_inference_steps} steps, then 13; width "
+        f"U-ViT dual backbone (depth 3 on {shallow_steps}/{run['num_inference_steps']} steps, then 13; width "
         f"{preset.early_exit_hidden_size}) vs the deep U-ViT alone",
         baseline,
         ours,
