@@ -166,6 +166,12 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """The ``guidance_scale`` of the last run, as given (one value, or one per stage)."""
         return self._guidance_scale
 
+    @property
+    def interrupt(self) -> bool:
+        """Whether the current run was interrupted: a `callback_on_step_end` that sets ``pipe._interrupt = True``
+        skips the remaining steps, and the latents so far are decoded (diffusers' contract). Reset at every call."""
+        return self._interrupt
+
     def _sample_shape(
         self, config, stages: Sequence[int], batch_size: int, height: int | None, width: int | None
     ) -> tuple[int, int, int, int]:
@@ -271,7 +277,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called
                 after every model call as ``callback_on_step_end(pipe, i, t, callback_kwargs)``; ``callback_kwargs``
                 holds the tensors named in `callback_on_step_end_tensor_inputs`, and a ``"latents"`` entry in the
-                returned dict replaces the latents.
+                returned dict replaces the latents. A callback that sets ``pipe._interrupt = True`` stops the run:
+                the remaining steps are skipped and the latents so far are the output.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to the
                 callback, among the pipeline's ``_callback_tensor_inputs``.
 
@@ -316,6 +323,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
+        self._interrupt = False
         if len(timesteps) != len(schedule):
             raise RuntimeError(f"The dry run of {type(self.scheduler).__name__} disagrees with its timesteps.")
 
@@ -324,6 +332,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
 
         # 4. denoising loop: every model call goes to the network of the stage its noise level falls in
         for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:  # set by a callback: the remaining steps are skipped, as in diffusers' pipelines
+                continue
             stage = schedule[i][1]  # the stage switch (a Heun-type predictor/corrector pair stays in one stage)
             model_input = latents
             if hasattr(self.scheduler, "scale_model_input"):

@@ -152,6 +152,30 @@ def test_pipeline_callback_objects_are_accepted(pipe):
     assert torch.count_nonzero(images) == 0
 
 
+def test_a_callback_can_interrupt_the_loop_as_in_diffusers(pipe):
+    """diffusers' contract (`StableDiffusionPipeline`, `WanPipeline`): a callback sets ``pipe._interrupt = True``, the
+    remaining steps are skipped (no model call, no callback), and the latents so far are the output."""
+    seen, first = [], {}
+
+    def callback(p, i, t, kwargs):
+        seen.append(i)
+        first.setdefault("latents", kwargs["latents"].clone())
+        p._interrupt = i == 0
+        return {}
+
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in _stage_networks(pipe)]
+    try:
+        out = pipe(callback_on_step_end=callback, generator=torch.manual_seed(0), **{**RUN, "output_type": "latent"})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == [0] and len(calls) == 1 and pipe.interrupt
+    assert torch.equal(out.images, first["latents"])
+    # the next run starts uninterrupted
+    assert torch.equal(_images(pipe), _images(pipe, callback_on_step_end=lambda *a: {})) and not pipe.interrupt
+
+
 def test_bad_callbacks_are_refused(pipe):
     with pytest.raises(ValueError, match="`callback_on_step_end` must be callable, got 3"):
         pipe(callback_on_step_end=3, **RUN)
