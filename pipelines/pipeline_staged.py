@@ -123,17 +123,21 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         class_labels: torch.Tensor | None,
         guidance_scale: float,
     ) -> torch.Tensor:
-        """One model call of ``stage``'s network, with classifier-free guidance when ``guidance_scale > 1``."""
+        """One model call of ``stage``'s network, with classifier-free guidance when ``guidance_scale > 1``. The
+        network gets ``sample`` in its own dtype (the stage networks may differ, e.g. after a per-component
+        ``torch_dtype``), and the prediction comes back in ``sample``'s."""
         model, kwargs = self.stage_denoiser(stage)
+        dtype = compute_dtype(model)
         if class_labels is None or guidance_scale == 1.0:
-            labels = self.label_conditioning(class_labels, sample.dtype)
-            return self._mean_prediction(model(sample, timestep, **labels, **kwargs).sample, sample)
+            labels = self.label_conditioning(class_labels, dtype)
+            output = model(sample.to(dtype), timestep, **labels, **kwargs).sample
+            return self._mean_prediction(output, sample).to(sample.dtype)
         null = torch.full_like(class_labels, null_class_label(class_embedding_count(self.label_config(model))))
         if torch.is_tensor(timestep) and timestep.ndim == 1:
             timestep = torch.cat([timestep, timestep])
-        labels = self.label_conditioning(torch.cat([class_labels, null]), sample.dtype)
-        both = model(torch.cat([sample, sample]), timestep, **labels, **kwargs)
-        cond, uncond = self._mean_prediction(both.sample, sample).chunk(2)
+        labels = self.label_conditioning(torch.cat([class_labels, null]), dtype)
+        both = model(torch.cat([sample, sample]).to(dtype), timestep, **labels, **kwargs)
+        cond, uncond = self._mean_prediction(both.sample, sample).to(sample.dtype).chunk(2)
         return uncond + guidance_scale * (cond - uncond)  # classifier-free guidance (Ho & Salimans, eq. 6)
 
     def _mean_prediction(self, output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:

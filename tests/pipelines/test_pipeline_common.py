@@ -94,6 +94,21 @@ def test_to_dtype_converts_every_model_and_samples(kind):
     assert torch.allclose(latents.float(), reference, atol=5e-3)  # DDIM amplifies the rounding at t=999
 
 
+@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("kind", ["experts", "dual_backbone"])
+def test_stage_networks_in_different_dtypes_sample(kind, stage):
+    """A per-component ``torch_dtype`` (``{"deep": torch.float16, "default": torch.float32}``) leaves the stage
+    networks in different dtypes: each gets the latents in its own dtype (a torch dtype error before)."""
+    pipe = _pipeline(kind)
+    noise = torch.randn(1, 3, 8, 8, generator=torch.manual_seed(0))
+    reference = pipe(latents=noise, **{**RUN, "output_type": "latent"}).images
+    pipe.stage_denoiser(stage)[0].to(torch.float64)
+    assert {s for _, s in pipe.expert_schedule(RUN["num_inference_steps"])} == {0, 1}  # both networks run
+    latents = pipe(latents=noise, **{**RUN, "output_type": "latent"}).images
+    assert latents.dtype == pipe.stage_denoiser(1)[0].dtype  # the latents' dtype: the first network to run's
+    assert torch.allclose(latents.float(), reference, atol=1e-4)
+
+
 def test_inference_mode(pipe):
     with torch.inference_mode():
         images = _images(pipe)
