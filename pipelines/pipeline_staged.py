@@ -180,12 +180,18 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         self, config, stages: Sequence[int], batch_size: int, height: int | None, width: int | None
     ) -> tuple[int, int, int, int]:
         """``(batch, channels, latent height, latent width)`` of the initial noise for images of ``height`` x
-        ``width`` pixels (default: the model's ``sample_size``, times the VAE's scale factor)."""
+        ``width`` pixels (default: the model's ``sample_size``, times the VAE's scale factor; both must be given for
+        a model without one)."""
         vae = getattr(self, "vae", None)
         vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         multiple = math.lcm(*(spatial_multiple(self.stage_denoiser(stage)[0].config) for stage in stages)) * vae_scale
         size = config.sample_size
-        default = (size, size) if isinstance(size, int) else tuple(size)
+        if size is None and (height is None or width is None):  # `UNet2DModel`'s default: no size to fall back on
+            raise ValueError(
+                f"`height` and `width` must be given: the model has no `sample_size` to default to, got "
+                f"height={height!r}, width={width!r}."
+            )
+        default = (None, None) if size is None else (size, size) if isinstance(size, int) else tuple(size)
         sides = []
         for name, value, fallback in (("height", height, default[0]), ("width", width, default[1])):
             value = fallback * vae_scale if value is None else value
@@ -268,7 +274,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             num_images_per_prompt (`int`, defaults to 1): images per class label (each label repeated, in order);
                 for an unconditional model the batch is ``batch_size * num_images_per_prompt``.
             height (`int`, *optional*): image height in pixels, defaults to the model's ``sample_size`` (times the
-                VAE's scale factor); a multiple of the networks' downsampling factor (and of the VAE's).
+                VAE's scale factor; required, with `width`, for a model whose ``sample_size`` is None); a multiple of
+                the networks' downsampling factor (and of the VAE's).
             width (`int`, *optional*): image width, as ``height``.
             latents (`torch.Tensor`, *optional*): the initial noise, shape ``(batch, in_channels, height, width)`` in
                 latent pixels, drawn from a unit normal; it is scaled by the scheduler's ``init_noise_sigma`` as in

@@ -220,6 +220,19 @@ def test_height_and_width(pipe):
             _images(pipe, **{name: value})
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_model_without_sample_size_samples_at_the_height_and_width_given(kind):
+    """`UNet2DModel`'s default ``sample_size`` is None: ``height`` and ``width`` say the size (a TypeError before,
+    even with both given), and without them the error names them."""
+    pipe = _pipeline(kind)
+    for stage in range(2):
+        pipe.stage_denoiser(stage)[0].register_to_config(sample_size=None)
+    assert _images(pipe, height=8, width=16).shape == (1, 3, 8, 16)
+    for given in ({}, {"height": 8}, {"width": 8}):
+        with pytest.raises(ValueError, match="`height` and `width` must be given: .*no `sample_size`"):
+            _images(pipe, **given)
+
+
 def test_num_images_per_prompt_repeats_each_label(conditional):
     labels = []
     for model in _stage_networks(conditional):
