@@ -231,6 +231,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                 f"`callback_on_step_end_tensor_inputs` must be a list of names, got the string {tensor_inputs!r}: "
                 f"pass [{tensor_inputs!r}]."
             )
+        if not isinstance(tensor_inputs, (list, tuple)):
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a list of names, got {tensor_inputs!r}.")
         unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(
@@ -291,7 +293,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                 returned dict replaces the latents. A callback that sets ``pipe._interrupt = True`` stops the run:
                 the remaining steps are skipped and the latents so far are the output.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to the
-                callback, among the pipeline's ``_callback_tensor_inputs``.
+                callback, among the pipeline's ``_callback_tensor_inputs``; None is the default.
 
         Returns:
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the generated images.
@@ -304,6 +306,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:  # as diffusers' checks let it through: the default
+            callback_on_step_end_tensor_inputs = ("latents",)
         self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
         partition = self.resolve_partition(num_inference_steps)
