@@ -123,17 +123,21 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         class_labels: torch.Tensor | None,
         guidance_scale: float,
     ) -> torch.Tensor:
-        """One model call of ``stage``'s network, with classifier-free guidance when ``guidance_scale > 1``."""
+        """One model call of ``stage``'s network, with classifier-free guidance when ``guidance_scale > 1``. The
+        network gets ``sample`` in its own dtype (the stage networks may differ, e.g. after a per-component
+        ``torch_dtype``), and the prediction comes back in ``sample``'s."""
         model, kwargs = self.stage_denoiser(stage)
+        dtype = compute_dtype(model)
         if class_labels is None or guidance_scale == 1.0:
-            labels = self.label_conditioning(class_labels, sample.dtype)
-            return self._mean_prediction(model(sample, timestep, **labels, **kwargs).sample, sample)
+            labels = self.label_conditioning(class_labels, dtype)
+            output = model(sample.to(dtype), timestep, **labels, **kwargs).sample
+            return self._mean_prediction(output, sample).to(sample.dtype)
         null = torch.full_like(class_labels, null_class_label(class_embedding_count(self.label_config(model))))
         if torch.is_tensor(timestep) and timestep.ndim == 1:
             timestep = torch.cat([timestep, timestep])
-        labels = self.label_conditioning(torch.cat([class_labels, null]), sample.dtype)
-        both = model(torch.cat([sample, sample]), timestep, **labels, **kwargs)
-        cond, uncond = self._mean_prediction(both.sample, sample).chunk(2)
+        labels = self.label_conditioning(torch.cat([class_labels, null]), dtype)
+        both = model(torch.cat([sample, sample]).to(dtype), timestep, **labels, **kwargs)
+        cond, uncond = self._mean_prediction(both.sample, sample).to(sample.dtype).chunk(2)
         return uncond + guidance_scale * (cond - uncond)  # classifier-free guidance (Ho & Salimans, eq. 6)
 
     def _mean_prediction(self, output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
@@ -166,16 +170,28 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """The ``guidance_scale`` of the last run, as given (one value, or one per stage)."""
         return self._guidance_scale
 
+    @property
+    def interrupt(self) -> bool:
+        """Whether the current run was interrupted: a `callback_on_step_end` that sets ``pipe._interrupt = True``
+        skips the remaining steps, and the latents so far are decoded (diffusers' contract). Reset at every call."""
+        return self._interrupt
+
     def _sample_shape(
         self, config, stages: Sequence[int], batch_size: int, height: int | None, width: int | None
     ) -> tuple[int, int, int, int]:
         """``(batch, channels, latent height, latent width)`` of the initial noise for images of ``height`` x
-        ``width`` pixels (default: the model's ``sample_size``, times the VAE's scale factor)."""
+        ``width`` pixels (default: the model's ``sample_size``, times the VAE's scale factor; both must be given for
+        a model without one)."""
         vae = getattr(self, "vae", None)
         vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         multiple = math.lcm(*(spatial_multiple(self.stage_denoiser(stage)[0].config) for stage in stages)) * vae_scale
         size = config.sample_size
-        default = (size, size) if isinstance(size, int) else tuple(size)
+        if size is None and (height is None or width is None):  # `UNet2DModel`'s default: no size to fall back on
+            raise ValueError(
+                f"`height` and `width` must be given: the model has no `sample_size` to default to, got "
+                f"height={height!r}, width={width!r}."
+            )
+        default = (None, None) if size is None else (size, size) if isinstance(size, int) else tuple(size)
         sides = []
         for name, value, fallback in (("height", height, default[0]), ("width", width, default[1])):
             value = fallback * vae_scale if value is None else value
@@ -215,6 +231,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                 f"`callback_on_step_end_tensor_inputs` must be a list of names, got the string {tensor_inputs!r}: "
                 f"pass [{tensor_inputs!r}]."
             )
+        if not isinstance(tensor_inputs, (list, tuple)):
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a list of names, got {tensor_inputs!r}.")
         unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(
@@ -258,7 +276,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             num_images_per_prompt (`int`, defaults to 1): images per class label (each label repeated, in order);
                 for an unconditional model the batch is ``batch_size * num_images_per_prompt``.
             height (`int`, *optional*): image height in pixels, defaults to the model's ``sample_size`` (times the
-                VAE's scale factor); a multiple of the networks' downsampling factor (and of the VAE's).
+                VAE's scale factor; required, with `width`, for a model whose ``sample_size`` is None); a multiple of
+                the networks' downsampling factor (and of the VAE's).
             width (`int`, *optional*): image width, as ``height``.
             latents (`torch.Tensor`, *optional*): the initial noise, shape ``(batch, in_channels, height, width)`` in
                 latent pixels, drawn from a unit normal; it is scaled by the scheduler's ``init_noise_sigma`` as in
@@ -271,9 +290,10 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called
                 after every model call as ``callback_on_step_end(pipe, i, t, callback_kwargs)``; ``callback_kwargs``
                 holds the tensors named in `callback_on_step_end_tensor_inputs`, and a ``"latents"`` entry in the
-                returned dict replaces the latents.
+                returned dict replaces the latents. A callback that sets ``pipe._interrupt = True`` stops the run:
+                the remaining steps are skipped and the latents so far are the output.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to the
-                callback, among the pipeline's ``_callback_tensor_inputs``.
+                callback, among the pipeline's ``_callback_tensor_inputs``; None is the default.
 
         Returns:
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the generated images.
@@ -286,6 +306,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:  # as diffusers' checks let it through: the default
+            callback_on_step_end_tensor_inputs = ("latents",)
         self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
         partition = self.resolve_partition(num_inference_steps)
@@ -316,6 +338,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
+        self._interrupt = False
         if len(timesteps) != len(schedule):
             raise RuntimeError(f"The dry run of {type(self.scheduler).__name__} disagrees with its timesteps.")
 
@@ -324,6 +347,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
 
         # 4. denoising loop: every model call goes to the network of the stage its noise level falls in
         for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:  # set by a callback: the remaining steps are skipped, as in diffusers' pipelines
+                continue
             stage = schedule[i][1]  # the stage switch (a Heun-type predictor/corrector pair stays in one stage)
             model_input = latents
             if hasattr(self.scheduler, "scale_model_input"):

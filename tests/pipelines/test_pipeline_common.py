@@ -94,6 +94,21 @@ def test_to_dtype_converts_every_model_and_samples(kind):
     assert torch.allclose(latents.float(), reference, atol=5e-3)  # DDIM amplifies the rounding at t=999
 
 
+@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("kind", ["experts", "dual_backbone"])
+def test_stage_networks_in_different_dtypes_sample(kind, stage):
+    """A per-component ``torch_dtype`` (``{"deep": torch.float16, "default": torch.float32}``) leaves the stage
+    networks in different dtypes: each gets the latents in its own dtype (a torch dtype error before)."""
+    pipe = _pipeline(kind)
+    noise = torch.randn(1, 3, 8, 8, generator=torch.manual_seed(0))
+    reference = pipe(latents=noise, **{**RUN, "output_type": "latent"}).images
+    pipe.stage_denoiser(stage)[0].to(torch.float64)
+    assert {s for _, s in pipe.expert_schedule(RUN["num_inference_steps"])} == {0, 1}  # both networks run
+    latents = pipe(latents=noise, **{**RUN, "output_type": "latent"}).images
+    assert latents.dtype == pipe.stage_denoiser(1)[0].dtype  # the latents' dtype: the first network to run's
+    assert torch.allclose(latents.float(), reference, atol=1e-4)
+
+
 def test_inference_mode(pipe):
     with torch.inference_mode():
         images = _images(pipe)
@@ -152,6 +167,30 @@ def test_pipeline_callback_objects_are_accepted(pipe):
     assert torch.count_nonzero(images) == 0
 
 
+def test_a_callback_can_interrupt_the_loop_as_in_diffusers(pipe):
+    """diffusers' contract (`StableDiffusionPipeline`, `WanPipeline`): a callback sets ``pipe._interrupt = True``, the
+    remaining steps are skipped (no model call, no callback), and the latents so far are the output."""
+    seen, first = [], {}
+
+    def callback(p, i, t, kwargs):
+        seen.append(i)
+        first.setdefault("latents", kwargs["latents"].clone())
+        p._interrupt = i == 0
+        return {}
+
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in _stage_networks(pipe)]
+    try:
+        out = pipe(callback_on_step_end=callback, generator=torch.manual_seed(0), **{**RUN, "output_type": "latent"})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == [0] and len(calls) == 1 and pipe.interrupt
+    assert torch.equal(out.images, first["latents"])
+    # the next run starts uninterrupted
+    assert torch.equal(_images(pipe), _images(pipe, callback_on_step_end=lambda *a: {})) and not pipe.interrupt
+
+
 def test_bad_callbacks_are_refused(pipe):
     with pytest.raises(ValueError, match="`callback_on_step_end` must be callable, got 3"):
         pipe(callback_on_step_end=3, **RUN)
@@ -179,6 +218,19 @@ def test_height_and_width(pipe):
     for name, value in (("height", 7), ("width", 0), ("height", 8.0), ("width", True)):
         with pytest.raises(ValueError, match=f"`{name}` must be a positive multiple of 2 .*got {value}"):
             _images(pipe, **{name: value})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_model_without_sample_size_samples_at_the_height_and_width_given(kind):
+    """`UNet2DModel`'s default ``sample_size`` is None: ``height`` and ``width`` say the size (a TypeError before,
+    even with both given), and without them the error names them."""
+    pipe = _pipeline(kind)
+    for stage in range(2):
+        pipe.stage_denoiser(stage)[0].register_to_config(sample_size=None)
+    assert _images(pipe, height=8, width=16).shape == (1, 3, 8, 16)
+    for given in ({}, {"height": 8}, {"width": 8}):
+        with pytest.raises(ValueError, match="`height` and `width` must be given: .*no `sample_size`"):
+            _images(pipe, **given)
 
 
 def test_num_images_per_prompt_repeats_each_label(conditional):

@@ -128,6 +128,23 @@ def test_bad_callbacks_generators_and_step_kwargs_name_the_argument(unconditiona
         unconditional(batch_size=2, **RUN, **kwargs)
 
 
+def test_callback_tensor_inputs_none_is_the_default_and_a_non_list_is_named(unconditional):
+    # None (which diffusers' checks let through) was a TypeError, even without a callback
+    reference = unconditional(generator=torch.manual_seed(0), **RUN).images
+    assert torch.equal(
+        unconditional(callback_on_step_end_tensor_inputs=None, generator=torch.manual_seed(0), **RUN).images, reference
+    )
+    seen = []
+    unconditional(
+        callback_on_step_end=lambda p, i, t, kw: seen.append(sorted(kw)) or {},
+        callback_on_step_end_tensor_inputs=None,
+        **RUN,
+    )
+    assert seen == [["latents"]] * RUN["num_inference_steps"]
+    with pytest.raises(ValueError, match="`callback_on_step_end_tensor_inputs` must be a list of names, got 3"):
+        unconditional(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=3, **RUN)
+
+
 @pytest.mark.parametrize("steps", [0, 1.5, "4", 4.0, True])
 def test_expert_schedule_checks_its_step_count(unconditional, steps):
     # 0 was a ZeroDivisionError inside the scheduler, "4" a TypeError, 1.5 a silent schedule
