@@ -168,6 +168,21 @@ def per_sample_timesteps(
     return timesteps.reshape(-1).expand(batch).contiguous()  # a real tensor: bucketize warns on expanded views
 
 
+def check_table_timesteps(timesteps: torch.Tensor, table_size: int, check_values: bool) -> None:
+    """Check the per-sample ``timesteps`` of a learned time embedding (``time_embedding_type="learned"``: one table
+    row per training timestep): integer indices, and (with ``check_values``, a host read) in ``[0, table_size)``."""
+    if timesteps.is_floating_point():
+        raise ValueError(
+            f"`timestep` must be integer training timesteps for a learned time embedding (one table row each), got "
+            f"dtype {timesteps.dtype}."
+        )
+    if check_values and bool(((timesteps < 0) | (timesteps >= table_size)).any()):
+        raise ValueError(
+            f"`timestep` must lie in [0, {table_size}) for a learned time embedding of {table_size} rows "
+            f"(`num_train_timesteps`), got {_preview(timesteps)}."
+        )
+
+
 def check_class_labels(
     class_labels: torch.Tensor | None,
     batch: int,

@@ -178,6 +178,24 @@ def test_the_stage_index_path_reads_no_tensor_value(class_conditional, host_read
         assert host_reads(lambda: class_conditional(X, t, class_labels=labels)) > 0
 
 
+@pytest.mark.parametrize(
+    ("timestep", "kwargs", "message"),
+    [
+        (1000, {}, r"`timestep` must lie in \[0, 1000\).*got \[1000, 1000\]"),  # inside the partition's range
+        (torch.tensor([10, -1]), {}, r"`timestep` must lie in \[0, 1000\).*got \[10, -1\]"),
+        (500.5, {}, r"`timestep` must be integer training timesteps .*got dtype torch.float32"),
+        (torch.tensor([500.0, 20.0]), {"stage_index": 0}, r"`timestep` must be integer .*got dtype torch.float32"),
+    ],
+)
+def test_a_learned_time_embedding_names_timesteps_it_has_no_row_for(tiny_unet_kwargs, timestep, kwargs, message):
+    # were an IndexError or an `embedding` dtype RuntimeError from inside the time embedding
+    model = MultiStageUNet2DModel(**tiny_unet_kwargs, time_embedding_type="learned", stage_boundaries=(500,)).eval()
+    with torch.no_grad():
+        assert model(X, torch.tensor([0, 999])).sample.shape == X.shape  # the table's first and last rows
+        with pytest.raises(ValueError, match=message):
+            model(X, timestep, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # decoders as the authors' code builds them: no adapters, per-decoder attention placement
 ATTN, PLAIN = "AttnUpBlock2D", "UpBlock2D"
