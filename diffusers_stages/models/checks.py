@@ -92,13 +92,26 @@ def is_positive_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def check_sample(sample: torch.Tensor, in_channels: int | None, multiple_of: int = 1, size: int | None = None) -> None:
+def check_sample(
+    sample: torch.Tensor,
+    in_channels: int | None,
+    multiple_of: int = 1,
+    size: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Check a model's ``sample``: a floating-point ``(batch, in_channels, height, width)`` tensor, ``batch >= 1``,
-    with height and width multiples of ``multiple_of`` (``2**downsamplings`` for a U-Net), or both ``size``. With
-    ``in_channels=None`` (a container whose members check the rest) only the dtype and the batch are checked."""
+    with height and width multiples of ``multiple_of`` (``2**downsamplings`` for a U-Net), or both ``size``, and of
+    ``dtype`` (the `compute_dtype` of the layer that reads it) unless `torch.autocast` is on for its device (mixed
+    precision casts it there). With ``in_channels=None`` (a container whose members check the rest) only the dtype
+    and the batch are checked."""
     if not torch.is_tensor(sample) or not sample.is_floating_point():
         got = f"dtype {sample.dtype}" if torch.is_tensor(sample) else type(sample).__name__
         raise ValueError(f"`sample` must be a floating-point tensor, got {got}.")
+    if dtype is not None and sample.dtype != dtype and not torch.is_autocast_enabled(sample.device.type):
+        raise ValueError(
+            f"`sample` must have the model's dtype {dtype}, got {sample.dtype}: cast it (`sample.to(model.dtype)`), "
+            "or run the model under `torch.autocast`."
+        )
     shape = tuple(sample.shape)
     if in_channels is None:
         if sample.ndim == 0 or shape[0] < 1:

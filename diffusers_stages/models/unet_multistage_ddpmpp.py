@@ -432,7 +432,8 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
         # 0. check the inputs (values only when routing, see above)
         config = self.config
         timesteps = self.check_inputs(sample, timestep, stage_index, config.in_channels,
-                                      multiple_of=2 ** (len(config.channel_mult) - 1))  # fmt: skip
+                                      multiple_of=2 ** (len(config.channel_mult) - 1),
+                                      dtype=compute_dtype(self.conv_in))  # fmt: skip
         self.check_labels(class_labels, sample.shape[0], stage_index, config.num_class_embeds, one_hot=True)
 
         # 1. embeddings and the shared encoder, once on the whole batch

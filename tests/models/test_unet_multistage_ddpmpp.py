@@ -234,3 +234,9 @@ def test_ncsnpp_samples_with_the_continuous_vp_dpm_solver(tmp_path):
     # 5 calls: 999 t = 999 (stage 2), 800 (2), 536 (1), 194 (0), 11 (0)
     assert [stage for _, stage in pipe.expert_schedule(5)] == [2, 2, 1, 0, 0]
     assert images[0].images.shape == (2, 8, 8, 3) and (images[0].images == images[1].images).all()
+
+
+def test_a_sample_of_another_dtype_is_named(model):
+    # was torch's "Input type (double) and bias type (float) should be the same" from inside `conv_in`
+    with pytest.raises(ValueError, match="`sample` must have the model's dtype torch.float32, got torch.float64"):
+        model(torch.randn(1, 3, 8, 8, dtype=torch.float64), c_noise(1.0))
