@@ -107,7 +107,7 @@ def check_sample(
     if not torch.is_tensor(sample) or not sample.is_floating_point():
         got = f"dtype {sample.dtype}" if torch.is_tensor(sample) else type(sample).__name__
         raise ValueError(f"`sample` must be a floating-point tensor, got {got}.")
-    if dtype is not None and sample.dtype != dtype and not torch.is_autocast_enabled(sample.device.type):
+    if dtype is not None and sample.dtype != dtype and not _autocasting(sample.device):
         raise ValueError(
             f"`sample` must have the model's dtype {dtype}, got {sample.dtype}: cast it (`sample.to(model.dtype)`), "
             "or run the model under `torch.autocast`."
@@ -126,6 +126,15 @@ def check_sample(
             f"`sample`'s height and width must be multiples of {multiple_of} (the model halves them "
             f"{multiple_of.bit_length() - 1} times), got shape {shape}."
         )
+
+
+def _autocasting(device: torch.device) -> bool:
+    """Whether `torch.autocast` is on for ``device``'s type (never for a type autocast does not know, such as
+    ``meta``, where torch raises)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
 
 
 def check_encoder_hidden_states(states: torch.Tensor, batch: int, width: int | Sequence[int]) -> None:

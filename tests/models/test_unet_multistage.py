@@ -206,6 +206,8 @@ def test_a_sample_of_another_dtype_runs_under_autocast_and_in_a_cast_model(tiny_
         assert tiny_multistage.to(torch.bfloat16)(X.bfloat16(), 10).sample.dtype == torch.bfloat16
         with pytest.raises(ValueError, match="`sample` must have the model's dtype torch.bfloat16, got torch.float32"):
             tiny_multistage(X, 10)
+        with pytest.raises(ValueError, match="`sample` must have the model's dtype"):  # not autocast's RuntimeError
+            tiny_multistage.to("meta")(X.to("meta"), 10, stage_index=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
