@@ -92,13 +92,26 @@ def is_positive_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def check_sample(sample: torch.Tensor, in_channels: int | None, multiple_of: int = 1, size: int | None = None) -> None:
+def check_sample(
+    sample: torch.Tensor,
+    in_channels: int | None,
+    multiple_of: int = 1,
+    size: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Check a model's ``sample``: a floating-point ``(batch, in_channels, height, width)`` tensor, ``batch >= 1``,
-    with height and width multiples of ``multiple_of`` (``2**downsamplings`` for a U-Net), or both ``size``. With
-    ``in_channels=None`` (a container whose members check the rest) only the dtype and the batch are checked."""
+    with height and width multiples of ``multiple_of`` (``2**downsamplings`` for a U-Net), or both ``size``, and of
+    ``dtype`` (the `compute_dtype` of the layer that reads it) unless `torch.autocast` is on for its device (mixed
+    precision casts it there). With ``in_channels=None`` (a container whose members check the rest) only the dtype
+    and the batch are checked."""
     if not torch.is_tensor(sample) or not sample.is_floating_point():
         got = f"dtype {sample.dtype}" if torch.is_tensor(sample) else type(sample).__name__
         raise ValueError(f"`sample` must be a floating-point tensor, got {got}.")
+    if dtype is not None and sample.dtype != dtype and not _autocasting(sample.device):
+        raise ValueError(
+            f"`sample` must have the model's dtype {dtype}, got {sample.dtype}: cast it (`sample.to(model.dtype)`), "
+            "or run the model under `torch.autocast`."
+        )
     shape = tuple(sample.shape)
     if in_channels is None:
         if sample.ndim == 0 or shape[0] < 1:
@@ -113,6 +126,15 @@ def check_sample(sample: torch.Tensor, in_channels: int | None, multiple_of: int
             f"`sample`'s height and width must be multiples of {multiple_of} (the model halves them "
             f"{multiple_of.bit_length() - 1} times), got shape {shape}."
         )
+
+
+def _autocasting(device: torch.device) -> bool:
+    """Whether `torch.autocast` is on for ``device``'s type (never for a type autocast does not know, such as
+    ``meta``, where torch raises)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
 
 
 def check_encoder_hidden_states(states: torch.Tensor, batch: int, width: int | Sequence[int]) -> None:
@@ -166,6 +188,21 @@ def per_sample_timesteps(
     if check_values and timesteps.is_floating_point() and not bool(torch.isfinite(timesteps).all()):
         raise ValueError(f"`timestep` must be finite, got {_preview(timesteps)}.")
     return timesteps.reshape(-1).expand(batch).contiguous()  # a real tensor: bucketize warns on expanded views
+
+
+def check_table_timesteps(timesteps: torch.Tensor, table_size: int, check_values: bool) -> None:
+    """Check the per-sample ``timesteps`` of a learned time embedding (``time_embedding_type="learned"``: one table
+    row per training timestep): integer indices, and (with ``check_values``, a host read) in ``[0, table_size)``."""
+    if timesteps.is_floating_point():
+        raise ValueError(
+            f"`timestep` must be integer training timesteps for a learned time embedding (one table row each), got "
+            f"dtype {timesteps.dtype}."
+        )
+    if check_values and bool(((timesteps < 0) | (timesteps >= table_size)).any()):
+        raise ValueError(
+            f"`timestep` must lie in [0, {table_size}) for a learned time embedding of {table_size} rows "
+            f"(`num_train_timesteps`), got {_preview(timesteps)}."
+        )
 
 
 def check_class_labels(

@@ -405,6 +405,11 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         download = {k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs}
         folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
         if not os.path.isdir(folder):
+            if os.path.exists(pretrained_model_name_or_path):  # a local path, not a Hub repository id
+                raise OSError(
+                    f"{folder} is not a folder: `pretrained_model_name_or_path` (with `subfolder`) must name the "
+                    f"folder `{cls.__name__}.save_pretrained` wrote."
+                )
             folder = _download(str(pretrained_model_name_or_path), subfolder, load_experts, download)
         check_folder_files(folder)
         config = cls.load_config(folder)

@@ -32,6 +32,7 @@ from .checks import (
     check_class_labels,
     check_positive_integers,
     check_sample,
+    compute_dtype,
     is_positive_integer,
     per_sample_timesteps,
 )
@@ -317,7 +318,7 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         """
         # 0. check the inputs: shapes always, values not (no host read per call, as `UNet2DModel`)
         config = self.config
-        check_sample(sample, config.in_channels)
+        check_sample(sample, config.in_channels, dtype=compute_dtype(self.conv_in))
         timesteps = per_sample_timesteps(timestep, sample.shape[0], sample.device, check_values=False)
         check_class_labels(class_labels, sample.shape[0], self.class_embedding is not None, config.num_class_embeds,
                            check_values=False)  # fmt: skip

@@ -197,10 +197,12 @@ class StagedModelMixin(StageCompileMixin):
         stage_index: int | None,
         in_channels: int | None = None,
         multiple_of: int = 1,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Check ``sample`` and ``timestep`` (values only on the routed path, ``stage_index=None``: see
-        `diffusers_stages.models.checks`) and return one timestep per sample."""
-        check_sample(sample, in_channels, multiple_of=multiple_of)
+        """Check ``sample`` (of ``dtype``, the dtype of the layer that reads it, when given) and ``timestep`` (values
+        only on the routed path, ``stage_index=None``: see `diffusers_stages.models.checks`) and return one timestep
+        per sample."""
+        check_sample(sample, in_channels, multiple_of=multiple_of, dtype=dtype)
         return per_sample_timesteps(timestep, sample.shape[0], sample.device, check_values=stage_index is None)
 
     def check_labels(

@@ -23,7 +23,13 @@ from torch import nn
 
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..partition import TimestepPartition
-from .checks import check_positive_integers, compute_dtype, is_positive_integer, per_sample_timesteps
+from .checks import (
+    check_positive_integers,
+    check_table_timesteps,
+    compute_dtype,
+    is_positive_integer,
+    per_sample_timesteps,
+)
 from .decoders import (
     CONCATENATING_UP_BLOCKS,
     SkipAdapters,
@@ -378,7 +384,10 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         # 0. check the inputs (values only when routing, see above), then centre the sample
         config = self.config
         timestep = self.check_inputs(sample, timestep, stage_index, config.in_channels,
-                                     multiple_of=2 ** (len(config.block_out_channels) - 1))  # fmt: skip
+                                     multiple_of=2 ** (len(config.block_out_channels) - 1),
+                                     dtype=compute_dtype(self.conv_in))  # fmt: skip
+        if config.time_embedding_type == "learned":  # table rows: the partition's range ends one step further
+            check_table_timesteps(timestep, config.num_train_timesteps, check_values=stage_index is None)
         num_labels = config.num_class_embeds if config.class_embed_type is None else None
         self.check_labels(class_labels, sample.shape[0], stage_index, num_labels)
         if config.center_input_sample:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..routing import dispatch_by_stage
-from .checks import check_encoder_hidden_states
+from .checks import check_encoder_hidden_states, compute_dtype
 from .decoders import resolve_decoder_widths
 from .loading import StrictLoadingMixin
 from .staged import StagedModelMixin
@@ -415,7 +415,9 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
                 data-dependent routing (it makes `torch.compile(fullgraph=True)` work).
         """
         # 0. check the input; masks become additive biases with a query axis (as UNet2DConditionModel)
-        timesteps = self.check_inputs(sample, timestep, stage_index, self.config.in_channels)
+        timesteps = self.check_inputs(
+            sample, timestep, stage_index, self.config.in_channels, dtype=compute_dtype(self.conv_in)
+        )
         check_encoder_hidden_states(encoder_hidden_states, sample.shape[0], self.config.cross_attention_dim)
         if down_intrablock_additional_residuals is not None:
             raise ValueError("`down_intrablock_additional_residuals` (T2I-Adapter) are not supported by this model.")

@@ -187,6 +187,18 @@ class DDPMppStageDecoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(hidden)))
 
 
+def check_augment_labels(augment_labels: torch.Tensor, batch: int, augment_dim: int) -> None:
+    """Check EDM's ``augment_labels``: a tensor of shape ``(batch, augment_dim)``, or one row for every sample
+    (``(1, augment_dim)`` or ``(augment_dim,)``); a `ValueError` naming them otherwise."""
+    shape = tuple(augment_labels.shape) if torch.is_tensor(augment_labels) else None
+    if shape is None or len(shape) not in (1, 2) or shape[-1] != augment_dim or shape[:-1] not in ((), (1,), (batch,)):
+        got = f"shape {shape}" if shape is not None else type(augment_labels).__name__
+        raise ValueError(
+            f"`augment_labels` must have shape ({batch}, {augment_dim}): one row of `augment_dim` augmentation labels "
+            f"per sample (or one row for all), got {got}."
+        )
+
+
 class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
     r"""
     EDM's DDPM++ U-Net with one shared encoder and one tailored decoder per stage (the multi-stage EDM model of
@@ -432,8 +444,11 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
         # 0. check the inputs (values only when routing, see above)
         config = self.config
         timesteps = self.check_inputs(sample, timestep, stage_index, config.in_channels,
-                                      multiple_of=2 ** (len(config.channel_mult) - 1))  # fmt: skip
+                                      multiple_of=2 ** (len(config.channel_mult) - 1),
+                                      dtype=compute_dtype(self.conv_in))  # fmt: skip
         self.check_labels(class_labels, sample.shape[0], stage_index, config.num_class_embeds, one_hot=True)
+        if augment_labels is not None and self.augment_embedding is not None:
+            check_augment_labels(augment_labels, sample.shape[0], config.augment_dim)
 
         # 1. embeddings and the shared encoder, once on the whole batch
         emb = self.embed(timesteps, class_labels, augment_labels)

@@ -16,7 +16,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from .checks import check_class_labels, check_positive_integers, check_sample, per_sample_timesteps
+from .checks import (
+    check_class_labels,
+    check_positive_integers,
+    check_sample,
+    compute_dtype,
+    per_sample_timesteps,
+)
 from .loading import StrictLoadingMixin
 
 
@@ -178,7 +184,7 @@ class UViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         """Check the inputs (a `ValueError` naming the argument) and return one timestep per sample."""
         config = self.config
-        check_sample(sample, config.in_channels, size=config.sample_size)
+        check_sample(sample, config.in_channels, size=config.sample_size, dtype=compute_dtype(self.patch_embed))
         timesteps = per_sample_timesteps(timestep, sample.shape[0], sample.device, check_values=values)
         check_class_labels(class_labels, sample.shape[0], self.class_embed is not None, config.num_class_embeds,
                            check_values=values)  # fmt: skip

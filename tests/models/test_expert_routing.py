@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -217,6 +218,16 @@ def test_load_only_the_experts_a_run_needs(three_experts, tmp_path):
         ExpertRoutingModel.from_pretrained(tmp_path, load_experts=[True])  # not the folder `expert_True`
     with pytest.raises(ValueError, match="`load_experts` must be a list of expert indices, got 2"):
         ExpertRoutingModel.from_pretrained(tmp_path, load_experts=2)  # not a TypeError
+
+
+def test_a_local_path_that_is_not_a_saved_folder_is_named_not_taken_for_a_hub_id(three_experts, tmp_path):
+    # was huggingface_hub's "Repo id must be in the form 'repo_name' or 'namespace/repo_name'" (as diffusers' own
+    # models do, a local path is not sent to the Hub)
+    three_experts.save_pretrained(tmp_path / "experts")
+    for path, subfolder in ((tmp_path, "expert"), (tmp_path / "experts" / "config.json", None)):
+        with pytest.raises(OSError, match=f"{re.escape(str(path))}.* is not a folder"):
+            ExpertRoutingModel.from_pretrained(path, subfolder=subfolder)
+    assert ExpertRoutingModel.from_pretrained(tmp_path, subfolder="experts").num_stages == 3
 
 
 def test_checkpoint_that_disagrees_with_its_config_is_refused(three_experts, tmp_path):

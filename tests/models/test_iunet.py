@@ -186,3 +186,9 @@ def test_bad_inputs_are_named(inputs, message):
     call = {"sample": torch.randn(2, 3, 8, 8), "timestep": 5, "class_labels": torch.tensor([0, 1]), **inputs}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         model(**call)
+
+
+def test_a_sample_of_another_dtype_is_named():
+    # was torch's "Input type (double) and bias type (float) should be the same" from inside `conv_in`
+    with pytest.raises(ValueError, match="`sample` must have the model's dtype torch.float32, got torch.float64"):
+        build()(torch.randn(1, 3, 8, 8, dtype=torch.float64), 10)

@@ -135,6 +135,8 @@ X = torch.randn(2, 3, 8, 8)
         ((torch.randn(2, 3, 9, 9), 10), {}, r"`sample`'s height and width must be multiples of 2.*\(2, 3, 9, 9\)"),
         ((torch.randn(3, 8, 8), 10), {}, r"`sample` must have shape \(batch, 3, height, width\)"),
         ((X.long(), 10), {}, r"`sample` must be a floating-point tensor, got dtype torch.int64"),
+        ((X.double(), 10), {}, r"`sample` must have the model's dtype torch.float32, got torch.float64"),
+        ((X.half(), 10), {"stage_index": 1}, r"`sample` must have the model's dtype torch.float32, got torch.float16"),
         ((X, torch.tensor([10, 20, 30])), {}, r"`timestep` must be one value or one per sample \(2\)"),
         ((X, torch.tensor([[10], [20]])), {}, r"`timestep` .*got shape \(2, 1\)"),
         ((X, torch.tensor([10.0, float("nan")])), {}, r"`timestep` must be finite, got \[10.0, nan\]"),
@@ -176,6 +178,36 @@ def test_the_stage_index_path_reads_no_tensor_value(class_conditional, host_read
     with torch.no_grad():
         assert host_reads(lambda: class_conditional(X, t, class_labels=labels, stage_index=1)) == 0
         assert host_reads(lambda: class_conditional(X, t, class_labels=labels)) > 0
+
+
+@pytest.mark.parametrize(
+    ("timestep", "kwargs", "message"),
+    [
+        (1000, {}, r"`timestep` must lie in \[0, 1000\).*got \[1000, 1000\]"),  # inside the partition's range
+        (torch.tensor([10, -1]), {}, r"`timestep` must lie in \[0, 1000\).*got \[10, -1\]"),
+        (500.5, {}, r"`timestep` must be integer training timesteps .*got dtype torch.float32"),
+        (torch.tensor([500.0, 20.0]), {"stage_index": 0}, r"`timestep` must be integer .*got dtype torch.float32"),
+    ],
+)
+def test_a_learned_time_embedding_names_timesteps_it_has_no_row_for(tiny_unet_kwargs, timestep, kwargs, message):
+    # were an IndexError or an `embedding` dtype RuntimeError from inside the time embedding
+    model = MultiStageUNet2DModel(**tiny_unet_kwargs, time_embedding_type="learned", stage_boundaries=(500,)).eval()
+    with torch.no_grad():
+        assert model(X, torch.tensor([0, 999])).sample.shape == X.shape  # the table's first and last rows
+        with pytest.raises(ValueError, match=message):
+            model(X, timestep, **kwargs)
+
+
+def test_a_sample_of_another_dtype_runs_under_autocast_and_in_a_cast_model(tiny_multistage):
+    # the dtype check follows the model's dtype and leaves mixed precision (autocast) alone
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert tiny_multistage(X.bfloat16(), 10).sample.shape == X.shape
+        assert tiny_multistage.to(torch.bfloat16)(X.bfloat16(), 10).sample.dtype == torch.bfloat16
+        with pytest.raises(ValueError, match="`sample` must have the model's dtype torch.bfloat16, got torch.float32"):
+            tiny_multistage(X, 10)
+        with pytest.raises(ValueError, match="`sample` must have the model's dtype"):  # not autocast's RuntimeError
+            tiny_multistage.to("meta")(X.to("meta"), 10, stage_index=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

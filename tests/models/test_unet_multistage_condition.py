@@ -298,3 +298,11 @@ def test_bad_inputs_are_refused_by_name(tiny_cond_unet):
             staged(x, 10, bad, added_cond_kwargs=added)
     with pytest.raises(ValueError, match="UNet2DConditionModel"):
         MultiStageUNet2DConditionModel.from_unet(torch.nn.Linear(2, 2))
+
+
+def test_a_sample_of_another_dtype_is_named(tiny_cond_unet):
+    # was torch's "Input type (double) and bias type (float) should be the same" from inside `conv_in`
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(1)
+    with pytest.raises(ValueError, match="`sample` must have the model's dtype torch.float32, got torch.float64"):
+        staged(x.double(), 10, **kwargs)

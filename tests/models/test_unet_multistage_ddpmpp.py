@@ -1,5 +1,7 @@
 """MultiStageDDPMppUNet2DModel: routing, save/reload, class labels, training and sampling with EDM schedulers."""
 
+import re
+
 import pytest
 import torch
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
@@ -107,6 +109,21 @@ def test_bad_inputs_name_the_argument(model):
         model(torch.randn(1, 3, 8, 8), c_noise(1.0), class_labels=torch.tensor([0]))
     with pytest.raises(ValueError, match="augment_labels"):
         model(torch.randn(1, 3, 8, 8), c_noise(1.0), augment_labels=torch.zeros(1, 9))
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (3, 9), (2, 9, 1), ()], ids=["width", "batch", "rank", "scalar"])
+def test_augment_labels_of_another_shape_are_named(shape):
+    # were torch's "mat1 and mat2 shapes cannot be multiplied" or a broadcast error inside the embedding
+    torch.manual_seed(0)
+    model = MultiStageDDPMppUNet2DModel(**TINY, augment_dim=9).eval()
+    x, t = torch.randn(2, 3, 8, 8), c_noise(1.0, 1.0)
+    with torch.no_grad():
+        for fine in ((2, 9), (1, 9), (9,)):  # one row per sample, or one row for all
+            assert model(x, t, augment_labels=torch.zeros(fine)).sample.shape == x.shape
+        with pytest.raises(
+            ValueError, match=rf"`augment_labels` must have shape \(2, 9\).*got shape {re.escape(str(shape))}"
+        ):
+            model(x, t, augment_labels=torch.zeros(shape))
 
 
 @pytest.mark.parametrize(
@@ -234,3 +251,9 @@ def test_ncsnpp_samples_with_the_continuous_vp_dpm_solver(tmp_path):
     # 5 calls: 999 t = 999 (stage 2), 800 (2), 536 (1), 194 (0), 11 (0)
     assert [stage for _, stage in pipe.expert_schedule(5)] == [2, 2, 1, 0, 0]
     assert images[0].images.shape == (2, 8, 8, 3) and (images[0].images == images[1].images).all()
+
+
+def test_a_sample_of_another_dtype_is_named(model):
+    # was torch's "Input type (double) and bias type (float) should be the same" from inside `conv_in`
+    with pytest.raises(ValueError, match="`sample` must have the model's dtype torch.float32, got torch.float64"):
+        model(torch.randn(1, 3, 8, 8, dtype=torch.float64), c_noise(1.0))

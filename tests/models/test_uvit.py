@@ -149,3 +149,9 @@ def test_dual_backbone_configs():
         dual_uvit_configs(13, 3, hidden_size=16, patch_size=2, num_attention_heads=2)
     with pytest.raises(ValueError, match="`deep_depth`"):
         dual_uvit_configs(3, 12, hidden_size=16, patch_size=2, num_attention_heads=2)
+
+
+def test_a_sample_of_another_dtype_is_named(model):
+    # was torch's "Input type (double) and bias type (float) should be the same" from inside the patch embedding
+    with pytest.raises(ValueError, match="`sample` must have the model's dtype torch.float32, got torch.float64"):
+        model(torch.randn(1, 3, 8, 8, dtype=torch.float64), 10)
