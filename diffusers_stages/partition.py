@@ -137,7 +137,8 @@ class TimestepPartition:
         return timestep
 
     def stage_for_noise_level(self, noise_level: torch.Tensor | float | int) -> torch.Tensor:
-        """Stage of each noise level (in this partition's units), as a ``long`` tensor of the same shape."""
+        """Stage of each noise level (in this partition's units), as a ``long`` tensor of the same shape; a level is
+        compared by its exact value, whatever its dtype (a float32 ``442.0`` stays below a boundary at ``442.00001``)."""
         levels = torch.as_tensor(noise_level)
         low, high = self._domain(self.units, self.num_train_timesteps)
         # one reduction, read on the host (a NaN extremum fails both comparisons)
@@ -160,7 +161,16 @@ class TimestepPartition:
         key = (space, dtype, device)
         if key not in self._bounds:
             bounds = torch.tensor(self.boundaries, dtype=dtype)
-            bounds = 0.25 * torch.log(bounds) if space == "c_noise" else bounds  # as EDM schedulers compute it
+            if space == "c_noise":
+                bounds = 0.25 * torch.log(bounds)  # as EDM schedulers compute it
+            else:
+                # a boundary the dtype cannot hold is rounded towards the stage that owns it (the noisier one for
+                # [b_{s-1}, b_s), the cleaner one for (b_{s-1}, b_s]), so that a level compares as its exact value
+                exact = torch.tensor(self.boundaries, dtype=torch.float64)
+                noisier = self.units == "timestep"
+                off = bounds.double() < exact if noisier else bounds.double() > exact
+                toward = torch.full_like(bounds, math.inf if noisier else -math.inf)
+                bounds = torch.where(off, torch.nextafter(bounds, toward), bounds)
             self._bounds[key] = bounds.to(device)
         return self._bounds[key]
 

@@ -107,3 +107,28 @@ def test_boundaries_that_are_not_a_sequence_of_numbers_are_refused(boundaries):
     # a string was read character by character ("1" was the boundary 1.0, "500" the unsorted 5, 0, 0)
     with pytest.raises(ValueError, match=f"`boundaries` must be a sequence of numbers, got {boundaries!r}"):
         TimestepPartition(boundaries)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_timestep_is_routed_by_its_value_whatever_its_dtype(dtype):
+    # boundaries that the dtype cannot hold were rounded into it: 442.00001 became 442.0 in float32, and 633 became
+    # 632 in bfloat16, so the timestep 442.0 (or 632) went to the noisier stage although it lies below the boundary
+    for boundary in (442.00001, 631.2, 633.0, 300.9902699737328):
+        partition = TimestepPartition([boundary])
+        values = torch.tensor([boundary], dtype=torch.float64).to(dtype)
+        values = torch.cat([values, torch.nextafter(values, torch.full_like(values, 0.0))])
+        values = torch.cat([values, torch.nextafter(values[:1], torch.full_like(values[:1], 1e4))])
+        expected = [int(v >= boundary) for v in values.double().tolist()]
+        assert partition.stage_for_timestep(values).tolist() == expected, (boundary, values)
+        assert [int(partition.stage_for_timestep(float(v))) for v in values] == expected  # as expert_schedule reads it
+
+
+def test_a_sigma_on_a_boundary_is_routed_by_its_value_whatever_its_dtype():
+    partition = TimestepPartition([0.1, 2.5103], units="sigma")  # neither is a float32 value
+    for boundary in partition.boundaries:
+        values = torch.tensor([boundary], dtype=torch.float64).float()
+        values = torch.cat(
+            [values, torch.nextafter(values, torch.zeros(1)), torch.nextafter(values, torch.ones(1) * 9)]
+        )
+        expected = [sum(v > b for b in partition.boundaries) for v in values.double().tolist()]
+        assert partition.stage_for_noise_level(values).tolist() == expected, (boundary, values)
