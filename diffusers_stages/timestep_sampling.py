@@ -264,9 +264,9 @@ def stage_sampled_timesteps(
         stage = process_index % num_stages
     else:
         shares = stage_mass(partition, p_mean, p_std) if stage_shares is None else list(stage_shares)
-        if len(shares) != num_stages or any(s < 0 for s in shares) or sum(shares) <= 0:
+        if len(shares) != num_stages or any(not math.isfinite(s) or s < 0 for s in shares) or sum(shares) <= 0:
             raise ValueError(
-                f"`stage_shares` needs {num_stages} non-negative values with a positive sum, got {shares}."
+                f"`stage_shares` needs {num_stages} non-negative values (finite) with a positive sum, got {shares}."
             )
         stage = int(torch.multinomial(torch.tensor(shares, dtype=torch.float64), 1, generator=generator))
     timesteps = _draw_in_interval(partition, stage, batch_size, generator, p_mean, p_std)

@@ -156,3 +156,10 @@ def test_per_rank_under_two_launched_processes(tmp_path):
     assert [r["num_processes"] for r in ranks] == [2, 2]
     assert ranks[0]["stages"] == [0] * 4 and ranks[1]["stages"] == [1] * 4  # rank % 2 stages
     assert max(ranks[0]["t"]) < 500 <= min(ranks[1]["t"])
+
+
+@pytest.mark.parametrize("share", [float("nan"), float("inf")])
+def test_per_batch_shares_that_are_not_finite_are_refused_by_name(share):
+    # were handed to torch.multinomial, which raised a RuntimeError about its probability tensor
+    with pytest.raises(ValueError, match="`stage_shares`.*finite"):
+        stage_sampled_timesteps(TimestepPartition([442, 631]), 4, "per_batch", stage_shares=[share, 1, 1])
