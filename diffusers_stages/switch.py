@@ -39,9 +39,20 @@ class SwitchRecommendation:
     units: str  # "timestep" or "sigma"
 
     def pipeline_kwargs(self) -> dict:
-        """Keyword arguments of `DualBackbonePipeline` for this switch (``switch_timestep`` / ``switch_sigma``)."""
+        """Keyword arguments of `DualBackbonePipeline` for this switch (``switch_timestep`` / ``switch_sigma``), with
+        which it runs the shallow model on exactly the measured levels ``>= switch``: ``switch_timestep`` is the
+        switch (a timestep on a boundary belongs to the noisier stage); ``switch_sigma`` is the geometric mean of the
+        switch and the measured level below it (a sigma on a boundary belongs to the cleaner stage)."""
         if self.switch is None:
             raise ValueError(f"No switch meets tolerance {self.tolerance}: use the deep model alone, or loosen it.")
+        below = self.levels[self.levels < self.switch]
+        if not len(below):
+            raise ValueError(
+                f"The shallow model meets tolerance {self.tolerance} at every measured level, down to {self.switch:.4g}: "
+                "there is no switch to make, sample with the shallow model alone (or tighten the tolerance)."
+            )
+        if self.units == "sigma":
+            return {"switch_sigma": math.sqrt(float(below.max()) * self.switch)}
         return {f"switch_{self.units}": self.switch}
 
     def shallow_share(self) -> float:
@@ -119,8 +130,8 @@ def recommend_switch(
     ...     up_block_types=("UpBlock2D",) * 2)
     >>> images = torch.rand(8, 1, 8, 8) * 2 - 1
     >>> found = recommend_switch(unet, unet, DDPMScheduler(), images, tolerance=0.0, num_levels=5)
-    >>> found.switch, found.pipeline_kwargs()  # identical models: the shallow one may take the whole schedule
-    (0.0, {'switch_timestep': 0.0})
+    >>> found.switch, found.shallow_share()  # identical models: the shallow one may take the whole schedule
+    (0.0, 1.0)
 
     ```
     """
@@ -307,6 +318,11 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     print(f"shallow/deep FLOPs per call: {ratio:.3f}")
     if found.switch is None:
         print(f"No switch meets tolerance {args.tolerance}: the shallow model is worse even at the noisiest level.")
+    elif share == 1.0:
+        print(
+            f"The shallow model meets tolerance {args.tolerance} at every measured level: sample with it alone "
+            f"(estimated FLOPs speed-up {1.0 / ratio:.2f}x), or tighten the tolerance."
+        )
     else:
         speedup = 1.0 / (share * ratio + (1.0 - share))
         print(

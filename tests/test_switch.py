@@ -80,7 +80,7 @@ def test_command_prints_the_switch_and_saves_the_plot(tiny_unet_kwargs, tmp_path
     printed = capsys.readouterr().out
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert "shallow/deep FLOPs per call" in printed and f"plot: {plot}" in printed
-    assert ("recommended switch" in printed) == (found.switch is not None)
+    assert ("recommended switch" in printed) == (found.switch is not None and found.shallow_share() < 1)
     assert len(found.levels) == 4 and math.isfinite(float(found.deep_error.sum()))
 
 
@@ -149,3 +149,60 @@ def test_command_measures_a_class_conditional_pair(tiny_unet_kwargs, tmp_path, c
         Image.fromarray(np.full((8, 8), 60 * i, dtype=np.uint8), mode="L").save(folder / f"{i}.png")
     found = main([*common, "--data", str(folder), "--plot", str(tmp_path / "folder.png")])  # the unconditional label
     assert math.isfinite(float(found.deep_error.sum())) and "class labels: " in capsys.readouterr().out
+
+
+def _pipeline_for(found, scheduler, tiny_unet_kwargs):
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    return DualBackbonePipeline(
+        shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=scheduler, **found.pipeline_kwargs()
+    )
+
+
+@pytest.mark.parametrize("edm", [False, True])
+def test_the_pipeline_hands_the_shallow_model_exactly_the_recommended_levels(edm, tiny_unet_kwargs):
+    # sigma stages are (b_{s-1}, b_s]: switch_sigma = the lowest good level handed that level to the deep model, so
+    # a switch at the noisiest measured level ran the shallow model on none of them
+    from diffusers import EDMEulerScheduler
+
+    from diffusers_stages.switch import SwitchRecommendation, noise_levels
+
+    scheduler = EDMEulerScheduler() if edm else DDPMScheduler()
+    levels = noise_levels(scheduler, 5)
+    errors = torch.ones(5, dtype=torch.float64)
+    for index in (1, 2, 4):
+        found = SwitchRecommendation(levels, errors, errors, 0.0, float(levels[index]), "sigma" if edm else "timestep")
+        partition = _pipeline_for(found, scheduler, tiny_unet_kwargs).partition
+        shallow = partition.stage_for_noise_level(levels.double()) == 1
+        assert shallow.tolist() == (levels >= found.switch).tolist()
+        if edm:  # and as the sampling loop routes them: by the c_noise the scheduler hands the model
+            c_noise = scheduler.precondition_noise(levels)
+            assert (partition.stage_for_timestep(c_noise) == 1).tolist() == shallow.tolist()
+        assert shallow.double().mean() == found.shallow_share()
+
+
+@pytest.mark.parametrize("edm", [False, True])
+def test_a_shallow_model_good_everywhere_is_told_to_run_alone(edm):
+    # the switch at the clean end gave {'switch_timestep': 0.0}, which DualBackbonePipeline refuses as a boundary
+    from diffusers import EDMEulerScheduler
+
+    from diffusers_stages.switch import SwitchRecommendation, noise_levels
+
+    levels = noise_levels(EDMEulerScheduler() if edm else DDPMScheduler(), 5)
+    errors = torch.ones(5, dtype=torch.float64)
+    found = SwitchRecommendation(levels, errors, errors, 0.0, float(levels[0]), "sigma" if edm else "timestep")
+    assert found.shallow_share() == 1.0
+    with pytest.raises(ValueError, match="every measured level.*shallow model alone"):
+        found.pipeline_kwargs()
+
+
+def test_command_says_to_run_the_shallow_model_alone_when_it_is_good_everywhere(tiny_unet_kwargs, tmp_path, capsys):
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    torch.manual_seed(0)
+    pipe = DualBackbonePipeline(
+        shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler(), switch_timestep=500
+    )
+    pipe.save_pretrained(tmp_path / "pipe")
+    argv = ["--pipeline", str(tmp_path / "pipe"), "--num_images", "4", "--num_levels", "3", "--tolerance", "1e9"]
+    found = main([*argv, "--plot", str(tmp_path / "switch.png")])
+    printed = capsys.readouterr().out
+    assert found.shallow_share() == 1.0 and "sample with it alone" in printed and "recommended switch" not in printed
