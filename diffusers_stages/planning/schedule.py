@@ -126,8 +126,11 @@ class NoiseSchedule:
         return self.levels.numel()
 
     def log_snr(self) -> torch.Tensor:
-        """``log(a^2 / s^2)`` at every level (decreasing)."""
-        return 2 * (self.signal_scale.log() - self.noise_scale.log())
+        """``log(a^2 / s^2)`` at every level (decreasing). A zero-terminal-SNR schedule (``rescale_betas_zero_snr``:
+        ``a = 0`` at its noisy end) is read there as diffusers' Euler-type schedulers read it, ``a^2 = 2**-24``, so
+        that its log-SNR stays finite."""
+        signal = torch.where(self.signal_scale == 0, torch.full_like(self.signal_scale, 2.0**-12), self.signal_scale)
+        return 2 * (signal.log() - self.noise_scale.log())
 
     def fraction(self, level: float) -> float:
         """Position of a level on the schedule in [0, 1]: ``t / T`` for timesteps, by log-sigma for sigmas."""

@@ -222,3 +222,15 @@ def test_the_plot_draws_alpha_and_the_running_means_that_cross_it(digits, tmp_pa
     monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y=0, *a, **k: drawn.append((y, k["label"])))
     path = plot_plan(plan, tmp_path / "plan.png")
     assert open(path, "rb").read(4) == b"\x89PNG" and drawn == [(0.9, "alpha = 0.9 (mean-similarity threshold)")]
+
+
+@pytest.mark.parametrize("method", ["snr", "snr_clustering"])
+def test_log_snr_baselines_plan_a_zero_terminal_snr_schedule(method):
+    # DDPM's rescale_betas_zero_snr ends at alphas_cumprod 0: log-SNR -inf made the boundaries NaN ("must be finite
+    # numbers") or the clustering infeasible; diffusers' Euler scheduler reads that end as alphas_cumprod 2**-24
+    from diffusers import EulerDiscreteScheduler
+
+    ddpm = plan_stages(None, DDPMScheduler(rescale_betas_zero_snr=True), 3, method=method, num_levels=30)
+    euler = plan_stages(None, EulerDiscreteScheduler(rescale_betas_zero_snr=True), 3, method=method, num_levels=30)
+    assert ddpm.partition.boundaries == pytest.approx(euler.partition.boundaries, rel=1e-6)
+    assert bool(torch.isfinite(ddpm.curves["log-SNR"]).all())
