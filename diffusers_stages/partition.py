@@ -60,18 +60,8 @@ class TimestepPartition:
     def __init__(self, boundaries: Sequence[float], num_train_timesteps: int = 1000, units: str = "timestep"):
         if units not in UNITS:
             raise ValueError(f"`units` must be one of {UNITS}, got {units!r}.")
-        if (
-            not isinstance(num_train_timesteps, int)
-            or isinstance(num_train_timesteps, bool)
-            or num_train_timesteps < 1
-        ):
-            raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
-        try:
-            if isinstance(boundaries, (str, bytes)) or any(isinstance(b, (str, bytes, bool)) for b in boundaries):
-                raise TypeError  # a string's characters or a bool are not boundaries, even where float() takes them
-            values = [float(b) for b in boundaries]
-        except (TypeError, ValueError):
-            raise ValueError(f"`boundaries` must be a sequence of numbers, got {boundaries!r}.") from None
+        _check_num_train_timesteps(num_train_timesteps)
+        values = _numbers(boundaries, "boundaries")
         if any(not math.isfinite(b) for b in values):
             raise ValueError(f"`boundaries` must be finite numbers, got {list(boundaries)}.")
         if any(b >= a for a, b in zip(values[1:], values[:-1])):
@@ -92,17 +82,20 @@ class TimestepPartition:
     @classmethod
     def uniform(cls, num_stages: int, num_train_timesteps: int = 1000) -> TimestepPartition:
         """Equal-length stages in training-timestep units (MEME's intervals ``((n-1)T/N, nT/N]``)."""
-        if not isinstance(num_stages, int) or num_stages < 1:
+        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"`num_stages` must be a positive integer, got {num_stages!r}.")
+        _check_num_train_timesteps(num_train_timesteps)
         step = num_train_timesteps / num_stages
         return cls([step * i for i in range(1, num_stages)], num_train_timesteps, "timestep")
 
     @classmethod
     def from_fractions(cls, fractions: Sequence[float], num_train_timesteps: int = 1000) -> TimestepPartition:
         """Boundaries given as fractions of the training schedule (e.g. ``[0.442, 0.631]``)."""
-        if any(not 0.0 < float(f) < 1.0 for f in fractions):
+        _check_num_train_timesteps(num_train_timesteps)
+        values = _numbers(fractions, "fractions")
+        if any(not 0.0 < f < 1.0 for f in values):
             raise ValueError(f"`fractions` must lie strictly inside (0, 1), got {list(fractions)}.")
-        return cls([float(f) * num_train_timesteps for f in fractions], num_train_timesteps, "timestep")
+        return cls([f * num_train_timesteps for f in values], num_train_timesteps, "timestep")
 
     @classmethod
     def from_config(cls, config: dict) -> TimestepPartition:
@@ -210,3 +203,18 @@ class TimestepPartition:
             f"TimestepPartition(boundaries={list(self.boundaries)}, num_train_timesteps={self.num_train_timesteps}, "
             f"units={self.units!r})"
         )
+
+
+def _check_num_train_timesteps(num_train_timesteps: int) -> None:
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+        raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
+
+
+def _numbers(values: Sequence[float], name: str) -> list[float]:
+    """``values`` as floats, else a `ValueError` naming them as ``name``."""
+    try:
+        if isinstance(values, (str, bytes)) or any(isinstance(v, (str, bytes, bool)) for v in values):
+            raise TypeError  # a string's characters or a bool are not numbers here, even where float() takes them
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a sequence of numbers, got {values!r}.") from None

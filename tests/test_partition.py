@@ -132,3 +132,22 @@ def test_a_sigma_on_a_boundary_is_routed_by_its_value_whatever_its_dtype():
         )
         expected = [sum(v > b for b in partition.boundaries) for v in values.double().tolist()]
         assert partition.stage_for_noise_level(values).tolist() == expected, (boundary, values)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: TimestepPartition.uniform(True), "`num_stages` must be a positive integer, got True"),
+        (lambda: TimestepPartition.uniform(3, "1000"), "`num_train_timesteps` must be a positive integer, got '1000'"),
+        (lambda: TimestepPartition.uniform(3, 1000.0), "`num_train_timesteps` must be a positive integer, got 1000.0"),
+        (lambda: TimestepPartition.from_fractions(["a"]), "`fractions` must be a sequence of numbers"),
+        (lambda: TimestepPartition.from_fractions(0.5), "`fractions` must be a sequence of numbers, got 0.5"),
+        (lambda: TimestepPartition.from_fractions([True]), "`fractions` must be a sequence of numbers"),
+        (lambda: TimestepPartition.from_fractions([0.5], 0), "`num_train_timesteps` must be a positive integer"),
+    ],
+)
+def test_constructors_name_a_bad_argument(build, match):
+    # uniform(True) was one stage, from_fractions([True]) the boundary 1000 refused as outside the schedule, and the
+    # others raised TypeError or float()'s ValueError without the argument's name
+    with pytest.raises(ValueError, match=match):
+        build()
