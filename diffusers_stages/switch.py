@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cli import check_output_file, load_saved_folder, make_parent_folder
@@ -68,6 +69,23 @@ def noise_levels(scheduler, num_levels: int) -> torch.Tensor:
     return torch.linspace(0, scheduler.config.num_train_timesteps - 1, num_levels).round().long()
 
 
+def training_scheduler(scheduler):
+    """The scheduler whose forward process the denoising error is measured on: an EDM scheduler itself, else a
+    `DDPMScheduler` with ``scheduler``'s config and training noise schedule (``alphas_cumprod``). A sampler's own
+    ``add_noise`` does not give the model's training input: Euler-type schedulers noise to ``x0 + sigma eps`` (the
+    model sees it scaled), multistep solvers look the noise level up on their inference grid."""
+    if is_edm_scheduler(scheduler):
+        return scheduler
+    if getattr(scheduler, "alphas_cumprod", None) is None:
+        raise ValueError(
+            f"`scheduler` {type(scheduler).__name__} has no training noise schedule (`alphas_cumprod`, or EDM sigmas) "
+            "to measure the denoising error on: give the DDPM-style or EDM scheduler the models were trained with."
+        )
+    ddpm = DDPMScheduler.from_config(scheduler.config)
+    ddpm.alphas_cumprod = scheduler.alphas_cumprod.clone()
+    return ddpm
+
+
 @torch.no_grad()
 def denoising_error(
     model: torch.nn.Module,
@@ -78,8 +96,10 @@ def denoising_error(
     seed: int = 0,
     class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean denoising loss of ``model`` on ``images`` at each noise level; the noise depends only on ``seed``, so
-    two models are compared on the very same noisy inputs."""
+    """Mean denoising loss of ``model`` on ``images`` at each noise level, on ``scheduler``'s training noise
+    ([`training_scheduler`]); the noise depends only on ``seed``, so two models are compared on the very same noisy
+    inputs."""
+    scheduler = training_scheduler(scheduler)
     errors = torch.zeros(len(levels), dtype=torch.float64)
     device = next(model.parameters()).device
     for i, level in enumerate(levels):

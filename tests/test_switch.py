@@ -206,3 +206,29 @@ def test_command_says_to_run_the_shallow_model_alone_when_it_is_good_everywhere(
     found = main([*argv, "--plot", str(tmp_path / "switch.png")])
     printed = capsys.readouterr().out
     assert found.shallow_share() == 1.0 and "sample with it alone" in printed and "recommended switch" not in printed
+
+
+def test_the_error_is_measured_on_the_training_noise_whatever_the_pipelines_scheduler(tiny_unet_kwargs):
+    # diffusion_loss noised with the given scheduler's add_noise: Euler-type ones give x0 + sigma eps (unscaled),
+    # multistep solvers index their inference sigmas, so the same model measured different errors per scheduler
+    import diffusers
+
+    from diffusers_stages.switch import denoising_error, noise_levels
+
+    torch.manual_seed(0)
+    model = UNet2DModel(**{**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1})
+    images = torch.rand(4, 1, *(2 * [tiny_unet_kwargs["sample_size"]])) * 2 - 1
+    levels = noise_levels(DDPMScheduler(), 3)
+    expected = denoising_error(model, DDPMScheduler(beta_schedule="squaredcos_cap_v2"), images, levels)
+    for name in ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler"):
+        scheduler = getattr(diffusers, name)(beta_schedule="squaredcos_cap_v2")
+        assert torch.allclose(denoising_error(model, scheduler, images, levels), expected), name
+
+
+def test_a_scheduler_without_a_training_noise_schedule_is_refused_by_name(tiny_unet_kwargs):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model = UNet2DModel(**{**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1})
+    images = torch.rand(2, 1, *(2 * [tiny_unet_kwargs["sample_size"]])) * 2 - 1
+    with pytest.raises(ValueError, match="`scheduler` FlowMatchEulerDiscreteScheduler"):  # was an AttributeError
+        recommend_switch(model, model, FlowMatchEulerDiscreteScheduler(), images, num_levels=2)
