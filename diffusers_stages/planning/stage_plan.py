@@ -84,11 +84,17 @@ def _plan(schedule: NoiseSchedule, method: str, boundaries, curves: dict) -> Sta
 
 
 def _level_at(schedule: NoiseSchedule, position: float) -> float:
-    """The noise level at a fractional grid index (linear between grid levels; whole timesteps when discrete)."""
+    """The noise level at a fractional grid index (linear between grid levels; whole timesteps when discrete). A
+    position past a grid level gives a boundary past it (that level stays in the cleaner stage of ``[b_{s-1}, b_s)``)
+    and not past the next one, also where rounding would not (consecutive timesteps: ``t + 0.5`` gives ``t + 1``)."""
     low = min(math.floor(position), schedule.num_levels - 2)
     w = position - low
-    level = (1 - w) * float(schedule.levels[low]) + w * float(schedule.levels[low + 1])
-    return float(round(level)) if schedule.units == "timestep" else level
+    below, above = float(schedule.levels[low]), float(schedule.levels[low + 1])
+    level = (1 - w) * below + w * above
+    if schedule.units != "timestep":
+        return level
+    rounded = float(round(level))
+    return rounded if w == 0 or below < rounded <= above else min(math.floor(below) + 1.0, above)
 
 
 def _interpolate(xs: torch.Tensor, ys: torch.Tensor, x: torch.Tensor) -> float:

@@ -75,3 +75,16 @@ def test_plan_on_digits_through_plan_stages():
 def test_bad_arguments_are_refused(similarity, num_stages, min_levels, match):
     with pytest.raises(ValueError, match=match):
         ilp_boundaries(similarity, num_stages, min_levels)
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.001])
+def test_boundaries_between_consecutive_timesteps_keep_every_stage(eta):
+    # with every training timestep on the grid, the half-way boundaries t + 0.5 were rounded half to even: a cut
+    # after level 0 became the boundary 0, two adjacent cuts one boundary ("must be strictly increasing")
+    data = torch.from_numpy(load_digits().images[:64]).float()[:, None] / 8 - 1
+    scheduler = DDPMScheduler(num_train_timesteps=20)
+    plan = plan_stages(
+        data, scheduler, 4, "ilp", eta=eta, num_samples=8, num_levels=20, generator=torch.manual_seed(0)
+    )
+    stages = plan.partition.stage_for_noise_level(plan.levels)
+    assert torch.bincount(stages, minlength=4).min() >= 1  # every stage holds a grid level, as the program chose
