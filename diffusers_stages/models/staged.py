@@ -37,17 +37,21 @@ class StageCompileMixin:
     def compile_regions(self) -> list[nn.Module]:
         """The regions `compile_stages` compiles: each child module with parameters, and each member with parameters
         of a child `nn.ModuleList` (the encoder's blocks; the decoders or experts, one region per stage); not single
-        layers of `torch.nn` (a convolution alone: nothing to fuse, and `torch.compile` runs them as they are)."""
+        layers of `torch.nn` (a convolution alone: nothing to fuse, and `torch.compile` runs them as they are). A
+        member that is itself a staged model (a multi-stage expert) gives its own regions, so that its routing stays
+        eager too."""
         regions = []
         for child in self.children():
             members = list(child) if isinstance(child, nn.ModuleList) else [child]
-            regions += [
-                m
-                for m in members
-                if m is not None
-                and next(m.parameters(), None) is not None
-                and not type(m).__module__.startswith("torch.nn.")
-            ]
+            for m in members:
+                if isinstance(m, StageCompileMixin):
+                    regions += m.compile_regions()
+                elif (
+                    m is not None
+                    and next(m.parameters(), None) is not None
+                    and not type(m).__module__.startswith("torch.nn.")
+                ):
+                    regions.append(m)
         return regions
 
     def compile_stages(self, warmup: Mapping[str, Any] | None = None, **compile_kwargs) -> StageCompileMixin:
@@ -61,7 +65,8 @@ class StageCompileMixin:
         identical decoders compile once.
 
         Tailored networks of different widths compile once each, and each again for some new inputs (a batch of 1, a
-        batch over 15, a first change of batch size without ``dynamic=True``). The compiled graphs of all regions of
+        batch over 15, a batch whose samples times channels pass 15 in FIR resampling, a first change of
+        batch size without ``dynamic=True``). The compiled graphs of all regions of
         one class are cached on their shared ``forward``, so that many stages never hit
         ``torch._dynamo.config.recompile_limit`` (then the later stages would run uncompiled, silently), it and
         ``accumulated_recompile_limit`` are raised to torch's default (8) times the largest number of regions of one

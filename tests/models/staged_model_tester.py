@@ -50,9 +50,13 @@ class GraphCounter:
         return graph_module.forward
 
 
-def assert_compile_stages_compiles_each_stage_once(model, x: torch.Tensor, t: torch.Tensor) -> GraphCounter:
+def assert_compile_stages_compiles_each_stage_once(
+    model, x: torch.Tensor, t: torch.Tensor, new_batch_recompiles: bool = False
+) -> GraphCounter:
     """`compile_stages` with a warm-up compiles every region once, up front: switching stages and mixed batches
-    (``x``, ``t``: at least two samples in each stage) compile nothing more, and give the eager model's outputs."""
+    (``x``, ``t``: at least two samples in each stage) compile nothing more, and give the eager model's outputs.
+    With ``new_batch_recompiles``, the mixed batch (larger than the warm-up's) may compile each region once more
+    (torch guards some graphs on the batch size; see `compile_stages`), and nothing after that."""
     torch._dynamo.reset()
     with torch.no_grad():
         expected = model(x, t).sample
@@ -60,11 +64,19 @@ def assert_compile_stages_compiles_each_stage_once(model, x: torch.Tensor, t: to
     # dynamic batch sizes from the start (a warm-up batch of 2: a batch of 1 would be specialised)
     model.compile_stages(warmup={"sample": x[:2], "timestep": t[:2]}, backend=counter, dynamic=True)
     compiled = counter.graphs
-    assert 0 < compiled <= len(model.compile_regions())  # regions of one structure share their graph
+    regions = len(model.compile_regions())
+    assert 0 < compiled <= regions  # regions of one structure share their graph
     with torch.no_grad():
         for stage in reversed(range(model.num_stages)):  # every stage again, in another order
             model(x[:2], t[:2], stage_index=stage)
+        assert counter.graphs == compiled
         assert torch.allclose(model(x, t).sample, expected, atol=1e-6)  # every stage's network, on its own rows
+        if new_batch_recompiles:
+            assert counter.graphs - compiled <= regions
+            compiled = counter.graphs
+            for stage in range(model.num_stages):
+                model(x[:2], t[:2], stage_index=stage)
+            assert torch.allclose(model(x, t).sample, expected, atol=1e-6)
     assert counter.graphs == compiled
     torch._dynamo.reset()
     return counter
@@ -98,6 +110,7 @@ class StagedModelTesterMixin:
     mixed_timesteps: Sequence[float]  # a batch across the stages ...
     mixed_stage_counts: Sequence[int]  # ... and how many of its samples each stage gets, per stage
     compile_stage = 1
+    compile_new_batch_recompiles = False  # whether the compile test's mixed batch may recompile (see the helper)
     weight_files = ("diffusion_pytorch_model.safetensors",)
     shared_parameter: str | None = "conv_in.weight"  # a parameter every stage trains (None: nothing is shared)
     min_trainable_tensors = 1
@@ -156,7 +169,7 @@ class StagedModelTesterMixin:
     @pytest.mark.slow  # tracing every block of the full tiny configuration (attention, experts) takes a while
     def test_compile_stages_compiles_each_stage_once(self, model):
         x, t = self.inputs([*self.stage_timesteps] * 2)
-        assert_compile_stages_compiles_each_stage_once(model, x, t)
+        assert_compile_stages_compiles_each_stage_once(model, x, t, self.compile_new_batch_recompiles)
 
     # ---- saving and loading -----------------------------------------------------------------------------------
     def test_save_reload_is_bit_identical_and_safetensors_only(self, model, tmp_path):

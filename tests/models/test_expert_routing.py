@@ -309,3 +309,13 @@ def test_a_container_config_of_the_wrong_shape_is_named(three_experts, tmp_path,
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="config.json"):
         ExpertRoutingModel.from_pretrained(tmp_path)
+
+
+def test_a_multi_stage_expert_is_compiled_by_its_own_regions():
+    """`compile_stages` compiles a multi-stage expert block by block and decoder by decoder, as it compiles that model
+    alone: compiled whole, its routing (a host read of the stage counts) broke the graph and recompiled per stage."""
+    multistage = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,)).eval()
+    model = ExpertRoutingModel([_unet(TINY_UNET, 0), multistage], stage_boundaries=(500,))
+    regions = model.compile_regions()
+    assert multistage not in regions and model.experts[0] in regions
+    assert [r for r in regions if r is not model.experts[0]] == multistage.compile_regions()

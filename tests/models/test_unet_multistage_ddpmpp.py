@@ -212,6 +212,11 @@ class TestNCSNppOptions(StagedModelTesterMixin):
         ({"stage_boundaries": (442.0, 1000.0)}, "boundaries"),
     )
 
+    # the input pyramid's FIR down-sampling convolves every image channel of every sample on its own (diffusers'
+    # upfirdn2d_native), and torch guards that graph on batch x channels < 16: the mixed batch of 6 after a warm-up
+    # on 2 compiles the pyramid once more
+    compile_new_batch_recompiles = True
+
     def get_init_kwargs(self) -> dict:
         return dict(NCSNPP)
 
