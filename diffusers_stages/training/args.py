@@ -18,6 +18,9 @@ from ..timestep_sampling import STAGE_SAMPLING
 # the learning-rate schedules `get_scheduler` builds from the loop's arguments alone
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
+# the beta schedules of `DDPMScheduler` (DDIM, which samples the grids of a new model, has all but "sigmoid")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+
 UNET_CONFIG_KEYS = (
     "block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
     "norm_num_groups", "dropout",
@@ -134,7 +137,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--num_train_timesteps", "--ddpm_num_steps", type=int, default=1000, action=RenamedOption,
                        help="Length of the training noise schedule (DDPM steps; also EDM's scheduler config). "
                        "`--ddpm_num_steps` (diffusers' train_unconditional.py name) is a deprecated alias.")  # fmt: skip
-    model.add_argument("--ddpm_beta_schedule", type=str, default="linear")
+    model.add_argument("--ddpm_beta_schedule", type=str, default="linear", choices=BETA_SCHEDULES)
     model.add_argument("--prediction_type", choices=("epsilon", "v_prediction", "sample"), default="epsilon")
     model.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (DDPM-style).")
 

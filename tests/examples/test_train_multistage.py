@@ -135,6 +135,8 @@ def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_pa
         # encoded) and the accelerator and the VAE were set up
         (["--norm_num_groups", "3"], "The model arguments describe no network that can be built: Every decoder needs"),
         (["--down_block_types", "DownBlock2D", "Foo"], "describe no network that can be built: Foo does not exist."),
+        # were a traceback from torch's DDPM / DDIM schedulers
+        (["--ddpm_beta_schedule", "sigmoid"], "`--ddpm_beta_schedule sigmoid` is not implemented by DDIMScheduler"),
     ],
 )
 def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_path, capsys, extra, message):
@@ -166,6 +168,13 @@ def test_train_refuses_bad_model_arguments_before_reading_the_data(
     with pytest.raises(ValueError, match="The model arguments describe no network that can be built"):
         script.main(args)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_beta_schedule_is_refused_by_the_parser(examples, script, image_folder, tmp_path, capsys):
+    # was a NotImplementedError traceback from DDPMScheduler
+    with pytest.raises(SystemExit):
+        script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--ddpm_beta_schedule", "foo"])
+    assert "argument --ddpm_beta_schedule: invalid choice: 'foo'" in capsys.readouterr().err
 
 
 def test_a_short_schedule_takes_given_boundaries(examples, script, image_folder, tmp_path):

@@ -65,7 +65,14 @@ def noise_schedulers(args: argparse.Namespace, source: dict | None = None):
         beta_schedule=args.ddpm_beta_schedule,
         prediction_type=args.prediction_type,
     )
-    return scheduler, DDIMScheduler.from_config(scheduler.config)
+    try:
+        sampling = DDIMScheduler.from_config(scheduler.config)
+    except NotImplementedError:
+        raise ValueError(
+            f"`--ddpm_beta_schedule {args.ddpm_beta_schedule}` is not implemented by DDIMScheduler, which samples the "
+            "sample grids and the saved pipeline: use linear, scaled_linear or squaredcos_cap_v2."
+        ) from None
+    return scheduler, sampling
 
 
 def _unet_downsampling(shape: dict) -> int:
