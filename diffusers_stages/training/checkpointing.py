@@ -20,6 +20,7 @@ from .sharding import gathered_networks
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it was interrupted
 FINISHED_MARKER = "training_finished.json"  # in the last step's checkpoint, once the run's final outputs are written
+NOISE_SCHEDULER_FOLDER = "noise_scheduler"  # the training scheduler's config: resuming checks the schedule is the same
 LEFTOVER_PATTERN = re.compile(r"^\.checkpoint-\d+\.(partial|deleted)$")
 
 
@@ -214,10 +215,34 @@ def _check_same_config(model, loaded, name: str, input_dir: str) -> None:
         )
 
 
-def register_checkpoint_hooks(accelerator: Accelerator, names: list[str], emas: dict[str, EMAModel]) -> None:
+def _check_same_noise_schedule(noise_scheduler, input_dir: str) -> None:
+    """Refuse to resume training with another noise schedule (`--prediction_type`, `--ddpm_beta_schedule`,
+    `--num_train_timesteps`) than the run that wrote ``input_dir``, which holds its training scheduler's config as
+    ``NOISE_SCHEDULER_FOLDER`` (a checkpoint written before it did is not checked)."""
+    folder = os.path.join(input_dir, NOISE_SCHEDULER_FOLDER)
+    if not os.path.isdir(folder):
+        return
+    then = type(noise_scheduler).load_config(folder)
+    now = json.loads(noise_scheduler.to_json_string())
+    differ = sorted(k for k in now.keys() | then.keys() if not k.startswith("_") and now.get(k) != then.get(k))
+    if differ:
+        values = "; ".join(f"`{k}` {then.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+        raise ValueError(
+            f"`--resume_from_checkpoint` {input_dir!r} was written with another noise schedule ({values}): resume with "
+            "the arguments of the run that wrote it (`--prediction_type`, `--ddpm_beta_schedule`, "
+            "`--num_train_timesteps`), or train into a new `--output_dir`."
+        )
+
+
+def register_checkpoint_hooks(
+    accelerator: Accelerator, names: list[str], emas: dict[str, EMAModel], noise_scheduler=None
+) -> None:
     """Make `accelerator.save_state` / `load_state` write and read each network as ``<dir>/<name>`` and its EMA as
     ``<dir>/<name>_ema`` (`save_pretrained` folders), instead of anonymous state dicts. A sharded (FSDP) network is
-    gathered and written the same way; it is resumed from Accelerate's shards, which its checkpoint holds too."""
+    gathered and written the same way; it is resumed from Accelerate's shards, which its checkpoint holds too.
+
+    ``noise_scheduler`` (the training scheduler) is saved as ``<dir>/noise_scheduler``: resuming with another noise
+    schedule is refused, naming the values, before any state loads."""
 
     def save_hook(models, weights, output_dir):
         networks = gathered_networks(accelerator, names, models)  # sharded (FSDP): every process joins the gathering
@@ -226,9 +251,13 @@ def register_checkpoint_hooks(accelerator: Accelerator, names: list[str], emas: 
                 network.save_pretrained(os.path.join(output_dir, name))
             for name, ema in emas.items():
                 ema.save_pretrained(os.path.join(output_dir, f"{name}_ema"))
+            if noise_scheduler is not None:
+                noise_scheduler.save_pretrained(os.path.join(output_dir, NOISE_SCHEDULER_FOLDER))
         weights.clear()  # the folders above hold the weights; accelerate must not save them again
 
     def load_hook(models, input_dir):
+        if noise_scheduler is not None:
+            _check_same_noise_schedule(noise_scheduler, input_dir)
         # (sharded: `models` is empty, Accelerate has loaded the shards of its own checkpoint files)
         for name, model in zip(names, models):
             model = accelerator.unwrap_model(model)

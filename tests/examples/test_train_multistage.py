@@ -261,3 +261,16 @@ def test_resuming_with_other_model_arguments_names_them(examples, script, image_
                        r"631.0\] there, \[500.0\] now\): resume with the model arguments"):  # fmt: skip
         examples.train(script, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest",
                                 "--stage_boundaries", "500"])  # fmt: skip
+
+
+def test_resuming_with_another_noise_schedule_names_it(examples, script, image_folder, tmp_path):
+    out = str(tmp_path / "run")
+    base = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--checkpointing_steps", "1"]
+    examples.train(script, [*base, "--max_train_steps", "1"])
+    # was a silent switch of the objective: epsilon-trained weights went on training (and were saved) as v-prediction
+    with pytest.raises(ValueError, match=r"was written with another noise schedule \(`prediction_type` 'epsilon' "
+                       r"there, 'v_prediction' now\): resume with the arguments"):  # fmt: skip
+        examples.train(script, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest",
+                                "--prediction_type", "v_prediction"])  # fmt: skip
+    examples.train(script, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert os.path.isdir(os.path.join(out, "checkpoint-2"))
