@@ -44,7 +44,10 @@ def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageR
     if not os.path.isdir(train_data_dir):
         raise ValueError(f"`--train_data_dir` must be an existing folder of images, got {train_data_dir!r}.")
     if class_conditional:
-        class_names = sorted(d for d in os.listdir(train_data_dir) if os.path.isdir(os.path.join(train_data_dir, d)))
+        entries = sorted(os.listdir(train_data_dir))
+        class_names = [d for d in entries if os.path.isdir(os.path.join(train_data_dir, d))]
+        stray = [os.path.join(train_data_dir, name) for name in entries
+                 if name not in class_names and name.lower().endswith(IMAGE_EXTENSIONS)]  # fmt: skip
         files, labels = [], []
         for label, name in enumerate(class_names):
             class_files = image_files(os.path.join(train_data_dir, name), train_data_dir, "--train_data_dir")
@@ -54,6 +57,13 @@ def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageR
             raise ValueError(
                 f"`--class_conditional` takes the classes from the sub-folders of `--train_data_dir` "
                 f"{train_data_dir!r}: it needs at least 2 sub-folders, each with images; found {class_names}."
+            )
+        if stray:  # in no class: never trained on, which must not pass in silence
+            raise ValueError(
+                f"`--class_conditional` takes the classes from the sub-folders of `--train_data_dir` "
+                f"{train_data_dir!r}, but it holds images in no class sub-folder: {stray[:5]}"
+                f"{f' and {len(stray) - 5} more' if len(stray) > 5 else ''}. Move them into their class's folder, "
+                "or remove them."
             )
     else:
         files, labels, class_names = image_files(train_data_dir, train_data_dir, "--train_data_dir"), None, []

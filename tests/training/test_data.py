@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -35,6 +36,17 @@ def test_folder_errors(folder, tmp_path):
         image_folder_records(str(tmp_path / "empty"), False)
     with pytest.raises(ValueError, match="at least 2 sub-folders"):
         image_folder_records(os.path.join(folder, "cat"), True)
+
+
+def test_class_conditional_refuses_images_outside_the_class_folders(folder):
+    # were skipped in silence (neither decoded nor trained on), against "nothing is skipped silently"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(os.path.join(folder, "stray.png"))
+    stray = os.path.join(folder, "stray.png")
+    with pytest.raises(
+        ValueError, match=f"`--class_conditional`.*in no class sub-folder: \\[{re.escape(repr(stray))}\\]"
+    ):
+        image_folder_records(folder, class_conditional=True)
+    assert len(image_folder_records(folder, class_conditional=False)) == 7
 
 
 def test_resize_and_crop():
