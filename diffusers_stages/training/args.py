@@ -320,6 +320,15 @@ def check_positive_options(args: argparse.Namespace, names: Sequence[str]) -> No
             raise ValueError(f"`--{name}` must be a positive integer, got {value}.")
 
 
+def check_no_block_types(args: argparse.Namespace, networks: str) -> None:
+    """Refuse `--down_block_types` / `--up_block_types` where ``networks`` (their description) are built without
+    them: those options have no default, so a value given was meant, and ignoring it would train another model."""
+    for name in ("down_block_types", "up_block_types"):
+        value = getattr(args, name, None)
+        if value is not None:
+            raise ValueError(f"`--{name}` {list(value)} is not used by {networks}: drop it.")
+
+
 def check_output_dir(args: argparse.Namespace) -> None:
     """Refuse an `--output_dir` that cannot be a folder (it, or a folder above it, is a file), or that lies inside the
     data folder (`--train_data_dir`, or a local `--dataset_name` folder): the run's samples and checkpoints would
