@@ -17,7 +17,9 @@ from diffusers.training_utils import EMAModel
 
 from .sharding import gathered_networks
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# the step as the loop writes it: ASCII digits without a leading zero (`\d` and `int` would take "checkpoint-01" and
+# other scripts' digits for a second folder of the same step)
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it was interrupted
 FINISHED_MARKER = "training_finished.json"  # in the last step's checkpoint, once the run's final outputs are written
 NOISE_SCHEDULER_FOLDER = "noise_scheduler"  # the training scheduler's config: resuming checks the schedule is the same
@@ -25,10 +27,15 @@ LEFTOVER_PATTERN = re.compile(r"^\.checkpoint-\d+\.(partial|deleted)$")
 
 
 def checkpoint_folders(output_dir: str) -> list[str]:
-    """The ``checkpoint-<step>`` folders in ``output_dir``, oldest first (complete or not)."""
+    """The ``checkpoint-<step>`` folders in ``output_dir``, oldest first (complete or not); a file of such a name is
+    none (never resumed from nor pruned)."""
     if not os.path.isdir(output_dir):
         return []
-    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(name))]
+    found = [
+        (int(m.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (m := CHECKPOINT_PATTERN.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+    ]
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 

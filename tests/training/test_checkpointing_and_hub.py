@@ -61,6 +61,19 @@ def test_latest_and_pruning(tmp_path):
         resolve_resume_checkpoint(str(tmp_path), "checkpoint-7")
 
 
+def test_names_that_are_no_checkpoint_folders_are_left_alone(tmp_path):
+    # a file named like a checkpoint was pruned with `shutil.rmtree` (NotADirectoryError after the save); a step in
+    # other digits than 0-9 (`int` reads "checkpoint-\u0661" as step 1) or with a leading zero was a second step 1
+    _checkpoint(tmp_path, 1)
+    _touch(os.path.join(tmp_path, "checkpoint-0"))
+    for name in ("checkpoint-\u0661", "checkpoint-01"):
+        os.rename(_checkpoint(tmp_path, 2), os.path.join(tmp_path, name))
+    assert [os.path.basename(f) for f in checkpoint_folders(str(tmp_path))] == ["checkpoint-1"]
+    prune_checkpoints(str(tmp_path), total_limit=1)
+    assert _names(tmp_path) == ["checkpoint-0", "checkpoint-01", "checkpoint-1", "checkpoint-\u0661"]
+    assert resolve_resume_checkpoint(str(tmp_path), "latest").endswith("checkpoint-1")
+
+
 def test_latest_skips_incomplete_checkpoints_and_names_them(tmp_path):
     _checkpoint(tmp_path, 2)
     _checkpoint(tmp_path, 4, complete=False)  # killed while being written
