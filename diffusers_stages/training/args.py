@@ -174,7 +174,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     outputs = parser.add_argument_group("checkpoints, logs, samples, Hub")
     outputs.add_argument("--checkpointing_steps", type=int, default=500)
     outputs.add_argument("--checkpoints_total_limit", type=int, default=None)
-    outputs.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or `latest`.")
+    outputs.add_argument(
+        "--resume_from_checkpoint", type=str, default=None,
+        help="`latest`, a checkpoint of `--output_dir` by name (`checkpoint-500`), or a checkpoint folder's path.",
+    )  # fmt: skip
     outputs.add_argument("--logger", choices=("tensorboard", "wandb", "none"), default="tensorboard",
                          help="`wandb` needs the `wandb` package (`pip install wandb`).")  # fmt: skip
     outputs.add_argument("--logging_dir", type=str, default="logs", help="Inside `--output_dir`.")

@@ -53,7 +53,7 @@ def checkpoint_step(folder: str) -> int:
 
 def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
     """``"latest"`` -> the newest *complete* checkpoint in ``output_dir`` (None when there is no checkpoint yet), a
-    path -> that path. A checkpoint that was interrupted while being written is never resumed from: ``"latest"``
+    name -> that checkpoint of ``output_dir``, a path -> that path. A checkpoint that was interrupted while being written is never resumed from: ``"latest"``
     skips it, an explicit path to it is a `ValueError`, as is ``"latest"`` when no checkpoint is complete."""
     if resume_from_checkpoint is None:
         return None
@@ -67,9 +67,11 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
                 "without `--resume_from_checkpoint`, with `--overwrite_output_dir`."
             )
         return complete[-1] if complete else None
-    path = resume_from_checkpoint
-    if not os.path.isdir(path):
-        path = os.path.join(output_dir, resume_from_checkpoint)
+    # a bare name is a checkpoint of `output_dir` (as in diffusers' scripts), else of the current folder; a path is
+    # that folder, else one inside `output_dir`
+    path, inside = resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)
+    if not os.path.isdir(path) or (os.path.basename(path) == path and os.path.isdir(inside)):
+        path = inside
     if not os.path.isdir(path):
         raise ValueError(
             f"`--resume_from_checkpoint` {resume_from_checkpoint!r} is not a checkpoint folder (complete checkpoints "

@@ -74,6 +74,18 @@ def test_names_that_are_no_checkpoint_folders_are_left_alone(tmp_path):
     assert resolve_resume_checkpoint(str(tmp_path), "latest").endswith("checkpoint-1")
 
 
+def test_a_checkpoint_name_is_one_of_the_output_dir(tmp_path, monkeypatch):
+    # a bare name was looked up in the current folder first, as diffusers' scripts never do: run from another run's
+    # folder, `--resume_from_checkpoint checkpoint-2` resumed that run's checkpoint
+    out, other = tmp_path / "out", tmp_path / "other"
+    _checkpoint(out, 2)
+    _checkpoint(other, 2)
+    monkeypatch.chdir(other)
+    assert resolve_resume_checkpoint(str(out), "checkpoint-2") == os.path.join(str(out), "checkpoint-2")
+    assert resolve_resume_checkpoint(str(out), "./checkpoint-2") == "./checkpoint-2"  # a path: that folder
+    assert resolve_resume_checkpoint(str(tmp_path / "new"), "checkpoint-2") == "checkpoint-2"  # none in out: here
+
+
 def test_latest_skips_incomplete_checkpoints_and_names_them(tmp_path):
     _checkpoint(tmp_path, 2)
     _checkpoint(tmp_path, 4, complete=False)  # killed while being written
