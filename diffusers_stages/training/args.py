@@ -300,6 +300,10 @@ def check_args(
             f"`--stage_shares` needs {partition.num_stages} non-negative values (finite, one per stage, clean stage "
             f"first) with a positive sum, got {list(args.stage_shares)}."
         )
+    if args.vae_subfolder is not None and args.vae_path is None:  # else pixel space (or a source's own VAE)
+        raise ValueError(
+            f"`--vae_subfolder` {args.vae_subfolder!r} is a folder inside `--vae_path`: give `--vae_path` too."
+        )
     if args.cache_latents and (vae_path or args.vae_path) is None:
         raise ValueError("`--cache_latents` caches VAE latents: give `--vae_path` too.")
     if args.cache_latents and not args.center_crop:
