@@ -92,7 +92,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="Folder of images (sub-folders = classes). Every file is decoded once before training: one that is not a "
         "readable image (truncated, or not an image) stops the run, named.",
     )
-    data.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset name or local path.")
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="A `datasets` dataset name or local path (a `save_to_disk` folder too).",
+    )
     data.add_argument("--dataset_config_name", type=str, default=None)
     data.add_argument("--image_column", type=str, default="image")
     data.add_argument("--label_column", type=str, default="label")

@@ -119,14 +119,19 @@ def _class_labels(dataset, label_column: str) -> tuple[list[int], list[str]]:
 
 
 def load_train_split(dataset_name: str, dataset_config_name: str | None, cache_dir: str | None, columns: dict):
-    """The ``train`` split of `--dataset_name`, checked to have the ``columns`` (``{argument: column or None}``); a
-    dataset that cannot be loaded or lacks a column is a `ValueError` naming the argument."""
+    """The ``train`` split of `--dataset_name` (a Hub name, a local path `datasets.load_dataset` reads, or a
+    `save_to_disk` folder), checked to have the ``columns`` (``{argument: column or None}``); a dataset that cannot be
+    loaded or lacks a column is a `ValueError` naming the argument."""
     try:
         import datasets
     except ImportError:
         raise ValueError("`--dataset_name` needs the `datasets` package: `pip install datasets`.") from None
     try:
-        dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+        if os.path.isfile(os.path.join(dataset_name, "dataset_info.json")):  # a `save_to_disk` folder
+            dataset = datasets.load_from_disk(dataset_name)
+            dataset = dataset["train"] if isinstance(dataset, datasets.DatasetDict) else dataset
+        else:
+            dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
     except Exception as error:  # noqa: BLE001 (offline, unknown name, no train split: one line, not a traceback)
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(

@@ -123,6 +123,20 @@ def test_an_unreachable_dataset_is_one_line_naming_the_argument(monkeypatch):
     assert "\n" not in message and "--train_data_dir" in message and error.value.__cause__ is None
 
 
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_save_to_disk_folder_is_a_dataset(tmp_path, as_dict):
+    # was refused ("saved using `save_to_disk`. Please use `load_from_disk`"), though the plan command reads it
+    datasets = pytest.importorskip("datasets")
+    from diffusers_stages.training.data import hf_dataset_records
+
+    images = [Image.fromarray(np.full((8, 8, 3), 30 * i, dtype=np.uint8)) for i in range(4)]
+    dataset = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 1]})
+    (datasets.DatasetDict(train=dataset) if as_dict else dataset).save_to_disk(str(tmp_path / "ds"))
+    records = hf_dataset_records(str(tmp_path / "ds"), class_conditional=True)
+    assert len(records) == 4 and records.labels == [0, 1, 0, 1]
+    assert np.asarray(records.load(3))[0, 0, 0] == 90
+
+
 def test_16_bit_grey_images_keep_their_grey_levels(tmp_path):
     # was white: Pillow's conversion of a 16-bit image to RGB clips every level above 255
     levels = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
