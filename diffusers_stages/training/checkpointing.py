@@ -231,9 +231,11 @@ def _check_same_noise_schedule(noise_scheduler, input_dir: str) -> None:
     folder = os.path.join(input_dir, NOISE_SCHEDULER_FOLDER)
     if not os.path.isdir(folder):
         return
-    then = type(noise_scheduler).load_config(folder)
-    now = json.loads(noise_scheduler.to_json_string())
-    differ = sorted(k for k in now.keys() | then.keys() if not k.startswith("_") and now.get(k) != then.get(k))
+    # built from the saved config, so that the keys of another diffusers version count as their defaults (a key
+    # missing there) or not at all (one this version does not know)
+    loaded = type(noise_scheduler).from_pretrained(folder)
+    now, then = (json.loads(s.to_json_string()) for s in (noise_scheduler, loaded))
+    differ = sorted(k for k in now if not k.startswith("_") and now[k] != then.get(k))
     if differ:
         values = "; ".join(f"`{k}` {then.get(k)!r} there, {now.get(k)!r} now" for k in differ)
         raise ValueError(

@@ -86,6 +86,23 @@ def test_a_checkpoint_name_is_one_of_the_output_dir(tmp_path, monkeypatch):
     assert resolve_resume_checkpoint(str(tmp_path / "new"), "checkpoint-2") == "checkpoint-2"  # none in out: here
 
 
+def test_the_noise_schedule_check_takes_a_config_of_another_diffusers_version(tmp_path):
+    import json
+
+    from diffusers import DDPMScheduler
+
+    from diffusers_stages.training.checkpointing import NOISE_SCHEDULER_FOLDER, _check_same_noise_schedule
+
+    DDPMScheduler().save_pretrained(tmp_path / NOISE_SCHEDULER_FOLDER)
+    file = tmp_path / NOISE_SCHEDULER_FOLDER / "scheduler_config.json"
+    config = json.loads(file.read_text())
+    del config["rescale_betas_zero_snr"]  # an older version's: without a key, which takes its default
+    file.write_text(json.dumps({**config, "retired_option": 1}))  # a key this version does not know
+    _check_same_noise_schedule(DDPMScheduler(), str(tmp_path))
+    with pytest.raises(ValueError, match=r"another noise schedule \(`prediction_type` 'epsilon' there, 'v_prediction"):
+        _check_same_noise_schedule(DDPMScheduler(prediction_type="v_prediction"), str(tmp_path))
+
+
 def test_latest_skips_incomplete_checkpoints_and_names_them(tmp_path):
     _checkpoint(tmp_path, 2)
     _checkpoint(tmp_path, 4, complete=False)  # killed while being written
