@@ -93,9 +93,6 @@ def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
             ["--backbone", "uvit", "--uvit_num_attention_heads", "-2"],
             "`--uvit_num_attention_heads` must be a positive",
         ),
-        # were ignored in silence: U-ViTs have no U-Net blocks
-        (["--backbone", "uvit", "--up_block_types", "UpBlock2D"], "`--up_block_types` ['UpBlock2D'] is not used by"),
-        (["--backbone", "early_exit", "--down_block_types", "DownBlock2D"], "`--down_block_types` ['DownBlock2D'] is"),
         # were the model's traceback once the data was read
         (["--norm_num_groups", "3"], "describe no network that can be built: num_channels (8) must be divisible by"),
         (["--down_block_types", "DownBlock2D", "Foo"], "describe no network that can be built: Foo does not exist."),

@@ -11,7 +11,7 @@ from ...models.uvit import UViT2DModel, dual_uvit_configs
 from ...partition import TimestepPartition
 from ...pipelines import DualBackbonePipeline
 from ...pipelines.pipeline_dual_backbone import DEFAULT_SWITCH_STEP_FRACTION  # said once, in the pipeline
-from ..args import check_no_block_types, check_positive_options, unet_shape_kwargs
+from ..args import check_positive_options, unet_shape_kwargs
 from .base import Draw, TrainingTask, _unet_downsampling
 
 BACKBONE_INTEGERS = ("shallow_layers_per_block", "uvit_hidden_size", "uvit_patch_size", "uvit_num_attention_heads")
@@ -21,8 +21,6 @@ def check_backbone_arguments(args) -> None:
     """The backbone shape options of the dual-backbone script, positive (a ValueError naming the option, before the
     resolution check divides by the patch size and before the networks are built)."""
     check_positive_options(args, BACKBONE_INTEGERS)
-    if getattr(args, "backbone", "unet") != "unet":
-        check_no_block_types(args, f"`--backbone {args.backbone}` (U-ViT blocks, not U-Net ones)")
     widths = getattr(args, "shallow_block_out_channels", None)
     if widths is not None and not (widths and all(w > 0 for w in widths)):
         raise ValueError(f"`--shallow_block_out_channels` must be positive integers, got {list(widths)}.")
