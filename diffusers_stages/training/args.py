@@ -18,6 +18,9 @@ from ..timestep_sampling import STAGE_SAMPLING
 # the learning-rate schedules `get_scheduler` builds from the loop's arguments alone
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
+# the beta schedules of `DDPMScheduler` (DDIM, which samples the grids of a new model, has all but "sigmoid")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+
 UNET_CONFIG_KEYS = (
     "block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
     "norm_num_groups", "dropout",
@@ -89,7 +92,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="Folder of images (sub-folders = classes). Every file is decoded once before training: one that is not a "
         "readable image (truncated, or not an image) stops the run, named.",
     )
-    data.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset name or local path.")
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="A `datasets` dataset name or local path (a `save_to_disk` folder too).",
+    )
     data.add_argument("--dataset_config_name", type=str, default=None)
     data.add_argument("--image_column", type=str, default="image")
     data.add_argument("--label_column", type=str, default="label")
@@ -134,7 +142,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--num_train_timesteps", "--ddpm_num_steps", type=int, default=1000, action=RenamedOption,
                        help="Length of the training noise schedule (DDPM steps; also EDM's scheduler config). "
                        "`--ddpm_num_steps` (diffusers' train_unconditional.py name) is a deprecated alias.")  # fmt: skip
-    model.add_argument("--ddpm_beta_schedule", type=str, default="linear")
+    model.add_argument("--ddpm_beta_schedule", type=str, default="linear", choices=BETA_SCHEDULES)
     model.add_argument("--prediction_type", choices=("epsilon", "v_prediction", "sample"), default="epsilon")
     model.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (DDPM-style).")
 
@@ -171,7 +179,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     outputs = parser.add_argument_group("checkpoints, logs, samples, Hub")
     outputs.add_argument("--checkpointing_steps", type=int, default=500)
     outputs.add_argument("--checkpoints_total_limit", type=int, default=None)
-    outputs.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or `latest`.")
+    outputs.add_argument(
+        "--resume_from_checkpoint", type=str, default=None,
+        help="`latest`, a checkpoint of `--output_dir` by name (`checkpoint-500`), or a checkpoint folder's path.",
+    )  # fmt: skip
     outputs.add_argument("--logger", choices=("tensorboard", "wandb", "none"), default="tensorboard",
                          help="`wandb` needs the `wandb` package (`pip install wandb`).")  # fmt: skip
     outputs.add_argument("--logging_dir", type=str, default="logs", help="Inside `--output_dir`.")
@@ -294,6 +305,10 @@ def check_args(
             f"`--stage_shares` needs {partition.num_stages} non-negative values (finite, one per stage, clean stage "
             f"first) with a positive sum, got {list(args.stage_shares)}."
         )
+    if args.vae_subfolder is not None and args.vae_path is None:  # else pixel space (or a source's own VAE)
+        raise ValueError(
+            f"`--vae_subfolder` {args.vae_subfolder!r} is a folder inside `--vae_path`: give `--vae_path` too."
+        )
     if args.cache_latents and (vae_path or args.vae_path) is None:
         raise ValueError("`--cache_latents` caches VAE latents: give `--vae_path` too.")
     if args.cache_latents and not args.center_crop:
@@ -315,6 +330,15 @@ def check_positive_options(args: argparse.Namespace, names: Sequence[str]) -> No
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"`--{name}` must be a positive integer, got {value}.")
+
+
+def check_no_block_types(args: argparse.Namespace, networks: str) -> None:
+    """Refuse `--down_block_types` / `--up_block_types` where ``networks`` (their description) are built without
+    them: those options have no default, so a value given was meant, and ignoring it would train another model."""
+    for name in ("down_block_types", "up_block_types"):
+        value = getattr(args, name, None)
+        if value is not None:
+            raise ValueError(f"`--{name}` {list(value)} is not used by {networks}: drop it.")
 
 
 def check_output_dir(args: argparse.Namespace) -> None:

@@ -17,17 +17,25 @@ from diffusers.training_utils import EMAModel
 
 from .sharding import gathered_networks
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# the step as the loop writes it: ASCII digits without a leading zero (`\d` and `int` would take "checkpoint-01" and
+# other scripts' digits for a second folder of the same step)
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it was interrupted
 FINISHED_MARKER = "training_finished.json"  # in the last step's checkpoint, once the run's final outputs are written
+NOISE_SCHEDULER_FOLDER = "noise_scheduler"  # the training scheduler's config: resuming checks the schedule is the same
 LEFTOVER_PATTERN = re.compile(r"^\.checkpoint-\d+\.(partial|deleted)$")
 
 
 def checkpoint_folders(output_dir: str) -> list[str]:
-    """The ``checkpoint-<step>`` folders in ``output_dir``, oldest first (complete or not)."""
+    """The ``checkpoint-<step>`` folders in ``output_dir``, oldest first (complete or not); a file of such a name is
+    none (never resumed from nor pruned)."""
     if not os.path.isdir(output_dir):
         return []
-    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(name))]
+    found = [
+        (int(m.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (m := CHECKPOINT_PATTERN.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+    ]
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
@@ -45,7 +53,7 @@ def checkpoint_step(folder: str) -> int:
 
 def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
     """``"latest"`` -> the newest *complete* checkpoint in ``output_dir`` (None when there is no checkpoint yet), a
-    path -> that path. A checkpoint that was interrupted while being written is never resumed from: ``"latest"``
+    name -> that checkpoint of ``output_dir``, a path -> that path. A checkpoint that was interrupted while being written is never resumed from: ``"latest"``
     skips it, an explicit path to it is a `ValueError`, as is ``"latest"`` when no checkpoint is complete."""
     if resume_from_checkpoint is None:
         return None
@@ -59,9 +67,11 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
                 "without `--resume_from_checkpoint`, with `--overwrite_output_dir`."
             )
         return complete[-1] if complete else None
-    path = resume_from_checkpoint
-    if not os.path.isdir(path):
-        path = os.path.join(output_dir, resume_from_checkpoint)
+    # a bare name is a checkpoint of `output_dir` (as in diffusers' scripts), else of the current folder; a path is
+    # that folder, else one inside `output_dir`
+    path, inside = resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)
+    if not os.path.isdir(path) or (os.path.basename(path) == path and os.path.isdir(inside)):
+        path = inside
     if not os.path.isdir(path):
         raise ValueError(
             f"`--resume_from_checkpoint` {resume_from_checkpoint!r} is not a checkpoint folder (complete checkpoints "
@@ -214,10 +224,36 @@ def _check_same_config(model, loaded, name: str, input_dir: str) -> None:
         )
 
 
-def register_checkpoint_hooks(accelerator: Accelerator, names: list[str], emas: dict[str, EMAModel]) -> None:
+def _check_same_noise_schedule(noise_scheduler, input_dir: str) -> None:
+    """Refuse to resume training with another noise schedule (`--prediction_type`, `--ddpm_beta_schedule`,
+    `--num_train_timesteps`) than the run that wrote ``input_dir``, which holds its training scheduler's config as
+    ``NOISE_SCHEDULER_FOLDER`` (a checkpoint written before it did is not checked)."""
+    folder = os.path.join(input_dir, NOISE_SCHEDULER_FOLDER)
+    if not os.path.isdir(folder):
+        return
+    # built from the saved config, so that the keys of another diffusers version count as their defaults (a key
+    # missing there) or not at all (one this version does not know)
+    loaded = type(noise_scheduler).from_pretrained(folder)
+    now, then = (json.loads(s.to_json_string()) for s in (noise_scheduler, loaded))
+    differ = sorted(k for k in now if not k.startswith("_") and now[k] != then.get(k))
+    if differ:
+        values = "; ".join(f"`{k}` {then.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+        raise ValueError(
+            f"`--resume_from_checkpoint` {input_dir!r} was written with another noise schedule ({values}): resume with "
+            "the arguments of the run that wrote it (`--prediction_type`, `--ddpm_beta_schedule`, "
+            "`--num_train_timesteps`), or train into a new `--output_dir`."
+        )
+
+
+def register_checkpoint_hooks(
+    accelerator: Accelerator, names: list[str], emas: dict[str, EMAModel], noise_scheduler=None
+) -> None:
     """Make `accelerator.save_state` / `load_state` write and read each network as ``<dir>/<name>`` and its EMA as
     ``<dir>/<name>_ema`` (`save_pretrained` folders), instead of anonymous state dicts. A sharded (FSDP) network is
-    gathered and written the same way; it is resumed from Accelerate's shards, which its checkpoint holds too."""
+    gathered and written the same way; it is resumed from Accelerate's shards, which its checkpoint holds too.
+
+    ``noise_scheduler`` (the training scheduler) is saved as ``<dir>/noise_scheduler``: resuming with another noise
+    schedule is refused, naming the values, before any state loads."""
 
     def save_hook(models, weights, output_dir):
         networks = gathered_networks(accelerator, names, models)  # sharded (FSDP): every process joins the gathering
@@ -226,9 +262,13 @@ def register_checkpoint_hooks(accelerator: Accelerator, names: list[str], emas: 
                 network.save_pretrained(os.path.join(output_dir, name))
             for name, ema in emas.items():
                 ema.save_pretrained(os.path.join(output_dir, f"{name}_ema"))
+            if noise_scheduler is not None:
+                noise_scheduler.save_pretrained(os.path.join(output_dir, NOISE_SCHEDULER_FOLDER))
         weights.clear()  # the folders above hold the weights; accelerate must not save them again
 
     def load_hook(models, input_dir):
+        if noise_scheduler is not None:
+            _check_same_noise_schedule(noise_scheduler, input_dir)
         # (sharded: `models` is empty, Accelerate has loaded the shards of its own checkpoint files)
         for name, model in zip(names, models):
             model = accelerator.unwrap_model(model)

@@ -44,7 +44,10 @@ def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageR
     if not os.path.isdir(train_data_dir):
         raise ValueError(f"`--train_data_dir` must be an existing folder of images, got {train_data_dir!r}.")
     if class_conditional:
-        class_names = sorted(d for d in os.listdir(train_data_dir) if os.path.isdir(os.path.join(train_data_dir, d)))
+        entries = sorted(os.listdir(train_data_dir))
+        class_names = [d for d in entries if os.path.isdir(os.path.join(train_data_dir, d))]
+        stray = [os.path.join(train_data_dir, name) for name in entries
+                 if name not in class_names and name.lower().endswith(IMAGE_EXTENSIONS)]  # fmt: skip
         files, labels = [], []
         for label, name in enumerate(class_names):
             class_files = image_files(os.path.join(train_data_dir, name), train_data_dir, "--train_data_dir")
@@ -54,6 +57,13 @@ def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageR
             raise ValueError(
                 f"`--class_conditional` takes the classes from the sub-folders of `--train_data_dir` "
                 f"{train_data_dir!r}: it needs at least 2 sub-folders, each with images; found {class_names}."
+            )
+        if stray:  # in no class: never trained on, which must not pass in silence
+            raise ValueError(
+                f"`--class_conditional` takes the classes from the sub-folders of `--train_data_dir` "
+                f"{train_data_dir!r}, but it holds images in no class sub-folder: {stray[:5]}"
+                f"{f' and {len(stray) - 5} more' if len(stray) > 5 else ''}. Move them into their class's folder, "
+                "or remove them."
             )
     else:
         files, labels, class_names = image_files(train_data_dir, train_data_dir, "--train_data_dir"), None, []
@@ -109,14 +119,19 @@ def _class_labels(dataset, label_column: str) -> tuple[list[int], list[str]]:
 
 
 def load_train_split(dataset_name: str, dataset_config_name: str | None, cache_dir: str | None, columns: dict):
-    """The ``train`` split of `--dataset_name`, checked to have the ``columns`` (``{argument: column or None}``); a
-    dataset that cannot be loaded or lacks a column is a `ValueError` naming the argument."""
+    """The ``train`` split of `--dataset_name` (a Hub name, a local path `datasets.load_dataset` reads, or a
+    `save_to_disk` folder), checked to have the ``columns`` (``{argument: column or None}``); a dataset that cannot be
+    loaded or lacks a column is a `ValueError` naming the argument."""
     try:
         import datasets
     except ImportError:
         raise ValueError("`--dataset_name` needs the `datasets` package: `pip install datasets`.") from None
     try:
-        dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+        if os.path.isfile(os.path.join(dataset_name, "dataset_info.json")):  # a `save_to_disk` folder
+            dataset = datasets.load_from_disk(dataset_name)
+            dataset = dataset["train"] if isinstance(dataset, datasets.DatasetDict) else dataset
+        else:
+            dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
     except Exception as error:  # noqa: BLE001 (offline, unknown name, no train split: one line, not a traceback)
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(

@@ -93,6 +93,7 @@ def parse_and_check(parser: argparse.ArgumentParser, task_class: type[TrainingTa
         task = task_class(args)
         check_args(args, task.partition, task.downsampling * vae_shape(args, task)[1], task.vae_path)
         check_sampling_steps(args, task)
+        check_networks(args, task)
     except ValueError as error:
         parser.error(str(error))
     _checked = (args, dict(vars(args)), task)
@@ -115,6 +116,18 @@ def check_sampling_steps(args: argparse.Namespace, task: TrainingTask) -> None:
         ) from None
 
 
+# the class embeddings the network check builds with when the data gives labels (read later): 2 classes + the null
+PLACEHOLDER_CLASS_EMBEDS = 3
+
+
+def check_networks(args: argparse.Namespace, task: TrainingTask) -> None:
+    """`TrainingTask.check_networks` for samples of the arguments' shape (channels and size, after the VAE), before
+    the data is read (its class count is not known yet: `PLACEHOLDER_CLASS_EMBEDS`)."""
+    in_channels, vae_factor = vae_shape(args, task)
+    num_class_embeds = PLACEHOLDER_CLASS_EMBEDS if task.uses_labels else None
+    task.check_networks(in_channels, args.resolution // vae_factor, num_class_embeds)
+
+
 def build_task(task_class: type[TrainingTask], args: argparse.Namespace) -> TrainingTask:
     """The ``task_class`` task of ``args``: the one `parse_and_check` built for them when they are unchanged since,
     else a new one."""
@@ -131,6 +144,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     in_channels, vae_factor = vae_shape(args, task)
     check_args(args, task.partition, task.downsampling * vae_factor, task.vae_path)
     check_sampling_steps(args, task)
+    check_networks(args, task)
     existing, resume_path = _check_output_dir(args)
     if args.push_to_hub:
         create_hub_repo(args)
@@ -164,8 +178,8 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     *models, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         *networks.values(), optimizer, train_dataloader, lr_scheduler
     )
-    register_checkpoint_hooks(accelerator, list(networks), emas)
     noise_scheduler, sampling_scheduler = noise_schedulers(args, task.scheduler_config)
+    register_checkpoint_hooks(accelerator, list(networks), emas, noise_scheduler)
     state = RunState(
         accelerator, args, task, list(networks), models, emas, optimizer, lr_scheduler, noise_scheduler,
         sampling_scheduler, vae, weight_dtype, records.num_classes if task.uses_labels else 0, max_train_steps,

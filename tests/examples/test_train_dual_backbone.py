@@ -93,6 +93,9 @@ def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
             ["--backbone", "uvit", "--uvit_num_attention_heads", "-2"],
             "`--uvit_num_attention_heads` must be a positive",
         ),
+        # were the model's traceback once the data was read
+        (["--norm_num_groups", "3"], "describe no network that can be built: num_channels (8) must be divisible by"),
+        (["--down_block_types", "DownBlock2D", "Foo"], "describe no network that can be built: Foo does not exist."),
     ],
 )
 def test_a_switch_the_pipeline_would_refuse_is_refused_before_training(

@@ -86,6 +86,10 @@ def test_model_config_gives_every_expert_that_unet(examples, script, image_folde
         (["--attention_head_dim", "3"], "must be multiples of `attention_head_dim`=3"),
         (["--num_experts", "0"], "`--num_experts` must be a positive integer, got 0."),  # was named `num_stages`
         (["--num_experts", "-1"], "`--num_experts` must be a positive integer, got -1."),
+        (  # were ignored in silence: the presets' iU-Nets have their own blocks
+            ["--down_block_types", "DownBlock2D", "AttnDownBlock2D"],
+            "`--down_block_types` ['DownBlock2D', 'AttnDownBlock2D'] is not used by the MEME presets' iU-Nets",
+        ),
     ],
 )
 def test_bad_expert_arguments(examples, script, image_folder, tmp_path, capsys, extra, message):

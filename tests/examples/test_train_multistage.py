@@ -131,6 +131,12 @@ def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_pa
             "a batch of 4 splits [1, 2, 1] over the stages, and padding every stage to 2 samples would add more than "
             "25% rows, so batches would be decoded stage by stage: pass a `--train_batch_size` that is a multiple of 3",
         ),
+        # were the model's traceback from `build_networks`, once every image was read (and, with `--cache_latents`,
+        # encoded) and the accelerator and the VAE were set up
+        (["--norm_num_groups", "3"], "The model arguments describe no network that can be built: Every decoder needs"),
+        (["--down_block_types", "DownBlock2D", "Foo"], "describe no network that can be built: Foo does not exist."),
+        # were a traceback from torch's DDPM / DDIM schedulers
+        (["--ddpm_beta_schedule", "sigmoid"], "`--ddpm_beta_schedule sigmoid` is not implemented by DDIMScheduler"),
     ],
 )
 def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_path, capsys, extra, message):
@@ -140,6 +146,35 @@ def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_
         script.parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_model_config_the_model_refuses_is_a_usage_error(examples, script, image_folder, tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text('{"block_out_channels": [8, 16], "norm_num_groups": 4, "no_such_argument": 1}')
+    with pytest.raises(SystemExit):
+        script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+                           "--model_config", str(config)])  # fmt: skip
+    assert "unexpected keyword argument 'no_such_argument'" in capsys.readouterr().err
+
+
+def test_train_refuses_bad_model_arguments_before_reading_the_data(
+    examples, script, image_folder, tmp_path, monkeypatch
+):
+    from diffusers_stages.training import loop
+
+    args = script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run")])
+    args.norm_num_groups = 3  # a library call of `train` with arguments that `parse_args` did not check
+    monkeypatch.setattr(loop, "_read_records", lambda args: pytest.fail("the data was read"))
+    with pytest.raises(ValueError, match="The model arguments describe no network that can be built"):
+        script.main(args)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_beta_schedule_is_refused_by_the_parser(examples, script, image_folder, tmp_path, capsys):
+    # was a NotImplementedError traceback from DDPMScheduler
+    with pytest.raises(SystemExit):
+        script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--ddpm_beta_schedule", "foo"])
+    assert "argument --ddpm_beta_schedule: invalid choice: 'foo'" in capsys.readouterr().err
 
 
 def test_a_short_schedule_takes_given_boundaries(examples, script, image_folder, tmp_path):
@@ -226,3 +261,16 @@ def test_resuming_with_other_model_arguments_names_them(examples, script, image_
                        r"631.0\] there, \[500.0\] now\): resume with the model arguments"):  # fmt: skip
         examples.train(script, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest",
                                 "--stage_boundaries", "500"])  # fmt: skip
+
+
+def test_resuming_with_another_noise_schedule_names_it(examples, script, image_folder, tmp_path):
+    out = str(tmp_path / "run")
+    base = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--checkpointing_steps", "1"]
+    examples.train(script, [*base, "--max_train_steps", "1"])
+    # was a silent switch of the objective: epsilon-trained weights went on training (and were saved) as v-prediction
+    with pytest.raises(ValueError, match=r"was written with another noise schedule \(`prediction_type` 'epsilon' "
+                       r"there, 'v_prediction' now\): resume with the arguments"):  # fmt: skip
+        examples.train(script, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest",
+                                "--prediction_type", "v_prediction"])  # fmt: skip
+    examples.train(script, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert os.path.isdir(os.path.join(out, "checkpoint-2"))

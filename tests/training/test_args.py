@@ -91,6 +91,8 @@ def _checked(tmp_path, *argv):
             "`--stage_shares` needs 3 non-negative values \\(finite.* got \\[inf, 1.0, 1.0\\]",
         ),
         (["--dataloader_num_workers", "-1"], "`--dataloader_num_workers` must be a non-negative integer, got -1"),
+        # was ignored in silence: the run trained in pixel space
+        (["--vae_subfolder", "vae"], "`--vae_subfolder` 'vae' is a folder inside `--vae_path`: give `--vae_path` too"),
     ],
 )
 def test_options_refused_before_training(tmp_path, monkeypatch, argv, message):

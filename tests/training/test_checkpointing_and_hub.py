@@ -61,6 +61,48 @@ def test_latest_and_pruning(tmp_path):
         resolve_resume_checkpoint(str(tmp_path), "checkpoint-7")
 
 
+def test_names_that_are_no_checkpoint_folders_are_left_alone(tmp_path):
+    # a file named like a checkpoint was pruned with `shutil.rmtree` (NotADirectoryError after the save); a step in
+    # other digits than 0-9 (`int` reads "checkpoint-\u0661" as step 1) or with a leading zero was a second step 1
+    _checkpoint(tmp_path, 1)
+    _touch(os.path.join(tmp_path, "checkpoint-0"))
+    for name in ("checkpoint-\u0661", "checkpoint-01"):
+        os.rename(_checkpoint(tmp_path, 2), os.path.join(tmp_path, name))
+    assert [os.path.basename(f) for f in checkpoint_folders(str(tmp_path))] == ["checkpoint-1"]
+    prune_checkpoints(str(tmp_path), total_limit=1)
+    assert _names(tmp_path) == ["checkpoint-0", "checkpoint-01", "checkpoint-1", "checkpoint-\u0661"]
+    assert resolve_resume_checkpoint(str(tmp_path), "latest").endswith("checkpoint-1")
+
+
+def test_a_checkpoint_name_is_one_of_the_output_dir(tmp_path, monkeypatch):
+    # a bare name was looked up in the current folder first, as diffusers' scripts never do: run from another run's
+    # folder, `--resume_from_checkpoint checkpoint-2` resumed that run's checkpoint
+    out, other = tmp_path / "out", tmp_path / "other"
+    _checkpoint(out, 2)
+    _checkpoint(other, 2)
+    monkeypatch.chdir(other)
+    assert resolve_resume_checkpoint(str(out), "checkpoint-2") == os.path.join(str(out), "checkpoint-2")
+    assert resolve_resume_checkpoint(str(out), "./checkpoint-2") == "./checkpoint-2"  # a path: that folder
+    assert resolve_resume_checkpoint(str(tmp_path / "new"), "checkpoint-2") == "checkpoint-2"  # none in out: here
+
+
+def test_the_noise_schedule_check_takes_a_config_of_another_diffusers_version(tmp_path):
+    import json
+
+    from diffusers import DDPMScheduler
+
+    from diffusers_stages.training.checkpointing import NOISE_SCHEDULER_FOLDER, _check_same_noise_schedule
+
+    DDPMScheduler().save_pretrained(tmp_path / NOISE_SCHEDULER_FOLDER)
+    file = tmp_path / NOISE_SCHEDULER_FOLDER / "scheduler_config.json"
+    config = json.loads(file.read_text())
+    del config["rescale_betas_zero_snr"]  # an older version's: without a key, which takes its default
+    file.write_text(json.dumps({**config, "retired_option": 1}))  # a key this version does not know
+    _check_same_noise_schedule(DDPMScheduler(), str(tmp_path))
+    with pytest.raises(ValueError, match=r"another noise schedule \(`prediction_type` 'epsilon' there, 'v_prediction"):
+        _check_same_noise_schedule(DDPMScheduler(prediction_type="v_prediction"), str(tmp_path))
+
+
 def test_latest_skips_incomplete_checkpoints_and_names_them(tmp_path):
     _checkpoint(tmp_path, 2)
     _checkpoint(tmp_path, 4, complete=False)  # killed while being written

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -35,6 +36,17 @@ def test_folder_errors(folder, tmp_path):
         image_folder_records(str(tmp_path / "empty"), False)
     with pytest.raises(ValueError, match="at least 2 sub-folders"):
         image_folder_records(os.path.join(folder, "cat"), True)
+
+
+def test_class_conditional_refuses_images_outside_the_class_folders(folder):
+    # were skipped in silence (neither decoded nor trained on), against "nothing is skipped silently"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(os.path.join(folder, "stray.png"))
+    stray = os.path.join(folder, "stray.png")
+    with pytest.raises(
+        ValueError, match=f"`--class_conditional`.*in no class sub-folder: \\[{re.escape(repr(stray))}\\]"
+    ):
+        image_folder_records(folder, class_conditional=True)
+    assert len(image_folder_records(folder, class_conditional=False)) == 7
 
 
 def test_resize_and_crop():
@@ -109,6 +121,20 @@ def test_an_unreachable_dataset_is_one_line_naming_the_argument(monkeypatch):
     message = str(error.value)
     assert message.startswith("`--dataset_name` 'me/cats' could not be loaded (ConnectionError: Couldn't reach")
     assert "\n" not in message and "--train_data_dir" in message and error.value.__cause__ is None
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_save_to_disk_folder_is_a_dataset(tmp_path, as_dict):
+    # was refused ("saved using `save_to_disk`. Please use `load_from_disk`"), though the plan command reads it
+    datasets = pytest.importorskip("datasets")
+    from diffusers_stages.training.data import hf_dataset_records
+
+    images = [Image.fromarray(np.full((8, 8, 3), 30 * i, dtype=np.uint8)) for i in range(4)]
+    dataset = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 1]})
+    (datasets.DatasetDict(train=dataset) if as_dict else dataset).save_to_disk(str(tmp_path / "ds"))
+    records = hf_dataset_records(str(tmp_path / "ds"), class_conditional=True)
+    assert len(records) == 4 and records.labels == [0, 1, 0, 1]
+    assert np.asarray(records.load(3))[0, 0, 0] == 90
 
 
 def test_16_bit_grey_images_keep_their_grey_levels(tmp_path):

@@ -65,7 +65,14 @@ def noise_schedulers(args: argparse.Namespace, source: dict | None = None):
         beta_schedule=args.ddpm_beta_schedule,
         prediction_type=args.prediction_type,
     )
-    return scheduler, DDIMScheduler.from_config(scheduler.config)
+    try:
+        sampling = DDIMScheduler.from_config(scheduler.config)
+    except NotImplementedError:
+        raise ValueError(
+            f"`--ddpm_beta_schedule {args.ddpm_beta_schedule}` is not implemented by DDIMScheduler, which samples the "
+            "sample grids and the saved pipeline: use linear, scaled_linear or squaredcos_cap_v2."
+        ) from None
+    return scheduler, sampling
 
 
 def _unet_downsampling(shape: dict) -> int:
@@ -102,6 +109,21 @@ class TrainingTask:
         self, in_channels: int, sample_size: int, num_class_embeds: int | None
     ) -> dict[str, ModelMixin]:
         raise NotImplementedError
+
+    def check_networks(self, in_channels: int, sample_size: int, num_class_embeds: int | None) -> None:
+        """Build the networks of the arguments on the meta device (no weights, no memory) for samples of this shape,
+        so that model arguments they refuse (a `--norm_num_groups` that does not divide the widths, an unknown
+        `--down_block_types` entry, a `--model_config` key that is no constructor argument) are a ValueError before
+        any data is read, not the model's traceback after it. A task whose networks load from a source folder
+        overrides it (`check_data` checks those)."""
+        try:
+            with torch.device("meta"):
+                self.build_networks(in_channels, sample_size, num_class_embeds)
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"The model arguments describe no network that can be built: {error} Fix the argument it names (or "
+                "`--model_config`)."
+            ) from None
 
     def check_data(self, in_channels: int, sample_size: int, num_class_embeds: int | None) -> None:
         """Refuse training data that networks loaded from a checkpoint cannot take (a ValueError naming the

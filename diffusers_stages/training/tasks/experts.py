@@ -17,7 +17,7 @@ from ...models.meme import meme_expert_configs
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
 from ...timestep_sampling import MEME_OWN_INTERVAL_PROBABILITIES, soft_assignment_timesteps, stage_counts
-from ..args import check_positive_options, partition_from_args, unet_shape_kwargs
+from ..args import check_no_block_types, check_positive_options, partition_from_args, unet_shape_kwargs
 from .base import Draw, TrainingTask, _unet_downsampling
 
 
@@ -58,6 +58,10 @@ class ExpertTask(TrainingTask):
         self._every_network_every_step(args, 1 if args.expert_index is not None else partition.num_stages, "expert")
         self.partition = partition  # `_shape` reads it
         if args.model_config is None:  # the iU-Net presets' shapes, before any data is read
+            check_no_block_types(
+                args,
+                "the MEME presets' iU-Nets, which have their own blocks (give a UNet2DModel with `--model_config`)",
+            )
             for i in self.trained_experts:
                 IUNet2DModel.check_config(**self._shape(i))
         return partition

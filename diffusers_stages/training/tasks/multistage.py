@@ -280,6 +280,10 @@ class MultiStageTask(TrainingTask):
             return self.source.downsampling
         return _unet_downsampling(unet_shape_kwargs(self.args))
 
+    def check_networks(self, in_channels, sample_size, num_class_embeds):
+        if self.source is None:  # fine-tuning loads the source's model: `check_data` checks the data against it
+            super().check_networks(in_channels, sample_size, num_class_embeds)
+
     def check_data(self, in_channels, sample_size, num_class_embeds):
         if self.source is None:
             return

@@ -208,6 +208,9 @@ class TextToImageTask(TrainingTask):
         self.captions = captions
         return ImageRecords(load, len(captions), list(range(len(captions))), captions)
 
+    def check_networks(self, in_channels, sample_size, num_class_embeds):
+        """Nothing to build up front: the networks are the source pipeline's (`check_data` checks them)."""
+
     def check_data(self, in_channels, sample_size, num_class_embeds):
         config = self._network_config()
         if in_channels != config["in_channels"]:
