@@ -32,7 +32,8 @@ def warm_start(
     num_train_timesteps: int | None,
 ) -> ModelMixin:
     """A multi-stage ``cls`` built from ``unet``'s config whose encoder is ``unet``'s down path and whose decoders
-    are copies of its up path (``unet`` must be a ``source_class``), on ``unet``'s device and dtype."""
+    are copies of its up path (``unet`` must be a ``source_class``), on ``unet``'s device and dtype and in its mode
+    (a source from ``from_pretrained`` is in eval mode: dropout then stays off, as in the source)."""
     if not isinstance(unet, source_class):
         message = f"`unet` must be a diffusers {source_class.__name__}, got {type(unet).__name__}."
         raise ValueError(message)  # noqa: TRY004
@@ -49,6 +50,7 @@ def warm_start(
         boundary_units=boundary_units,
     )
     model.load_state_dict(unet_state_dict_to_multistage(unet.state_dict(), model.num_stages), strict=True)
+    model.train(unet.training)
     if unet.dtype != model.dtype:
         model = model.to(dtype=unet.dtype)
     return model.to(device=unet.device)

@@ -44,6 +44,17 @@ def test_from_unet_is_exact_at_every_timestep_stage_and_mixed_batch(tiny_cond_un
         assert torch.allclose(staged(x, t, **kwargs).sample, unet(x, t, **kwargs).sample, atol=1e-5)
 
 
+def test_from_unet_keeps_the_source_mode_so_dropout_configs_match_too(tiny_cond_unet):
+    # a source from `from_pretrained` is in eval mode: the warm start must be too (or dropout > 0 samples noise)
+    unet = tiny_cond_unet(0, dropout=0.3)
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES)
+    assert not staged.training
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        assert torch.equal(staged(x, 450, **kwargs).sample, unet(x, 450, **kwargs).sample)
+    assert MultiStageUNet2DConditionModel.from_unet(unet.train(), stage_boundaries=BOUNDARIES).training
+
+
 def test_mixed_batch_decodes_each_stage_on_its_own_rows_of_every_tensor(tiny_cond_unet):
     torch.manual_seed(0)
     staged = MultiStageUNet2DConditionModel(
