@@ -9,6 +9,8 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 
 DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
+# copies of the q/k/v projections that `fuse_qkv_projections` adds (and `unfuse_qkv_projections` leaves in place)
+FUSED_PROJECTIONS = (".to_qkv.", ".to_kv.", ".to_added_qkv.")
 
 
 def unet_state_dict_to_multistage(state_dict: dict[str, torch.Tensor], num_stages: int) -> dict[str, torch.Tensor]:
@@ -49,7 +51,12 @@ def warm_start(
         else stage_boundaries,
         boundary_units=boundary_units,
     )
-    model.load_state_dict(unet_state_dict_to_multistage(unet.state_dict(), model.num_stages), strict=True)
+    # a fused source: its q/k/v projections are copied, and the copy fused again if the source runs fused
+    state_dict = {k: v for k, v in unet.state_dict().items() if not any(p in k for p in FUSED_PROJECTIONS)}
+    model.load_state_dict(unet_state_dict_to_multistage(state_dict, model.num_stages), strict=True)
+    processors = getattr(unet, "attn_processors", {}).values()
+    if any(type(processor).__name__.startswith("Fused") for processor in processors):
+        model.fuse_qkv_projections()
     model.train(unet.training)
     if unet.dtype != model.dtype:
         model = model.to(dtype=unet.dtype)

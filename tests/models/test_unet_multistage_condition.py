@@ -55,6 +55,23 @@ def test_from_unet_keeps_the_source_mode_so_dropout_configs_match_too(tiny_cond_
     assert MultiStageUNet2DConditionModel.from_unet(unet.train(), stage_boundaries=BOUNDARIES).training
 
 
+def test_from_unet_of_a_fused_source_is_exact_and_fused_as_the_source(tiny_cond_unet):
+    # `pipe.fuse_qkv_projections()` adds `to_qkv`/`to_kv` copies of the projections, and diffusers'
+    # `unfuse_qkv_projections()` keeps them: a source fused at any time still warm-starts exactly
+    unet = tiny_cond_unet(0)
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        expected = unet(x, 450, **kwargs).sample
+        unet.fuse_qkv_projections()
+        staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES)
+        assert {type(p).__name__ for p in staged.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+        assert torch.allclose(staged(x, 450, **kwargs).sample, expected, atol=1e-5)
+        unet.unfuse_qkv_projections()
+        staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES)
+        assert "FusedAttnProcessor2_0" not in {type(p).__name__ for p in staged.attn_processors.values()}
+        assert torch.equal(staged(x, 450, **kwargs).sample, expected)
+
+
 def test_mixed_batch_decodes_each_stage_on_its_own_rows_of_every_tensor(tiny_cond_unet):
     torch.manual_seed(0)
     staged = MultiStageUNet2DConditionModel(
