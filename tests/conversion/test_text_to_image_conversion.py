@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from diffusers_stages import MultiStageUNet2DConditionModel
-from diffusers_stages.conversion import multistage_to_unet, unet_to_multistage
+from diffusers_stages.conversion import multistage_to_unet, pipelines_to_experts, unet_to_multistage
 
 
 def _images(pipe) -> np.ndarray:
@@ -74,3 +74,16 @@ def test_text_to_image_sources_are_refused_by_name(tiny_sd_components, tmp_path)
         multistage_to_unet.main(
             multistage_to_unet.parse_args(["--source", sd, "--stage", "0", "--output_path", str(tmp_path / "e")])
         )
+
+
+def test_pipelines_to_experts_refuses_text_to_image_sources_without_calling_them_supported(
+    tiny_sd_components, tmp_path
+):
+    StableDiffusionPipeline(**tiny_sd_components).save_pretrained(tmp_path / "sd")
+    sd, out = str(tmp_path / "sd"), str(tmp_path / "routed")
+    args = pipelines_to_experts.parse_args(["--sources", sd, sd, "--stage_boundaries", "500", "--output_path", out])
+    # it said "supported pipelines are [..., 'StableDiffusionPipeline', ...]" while refusing one
+    with pytest.raises(ValueError, match=r"holds a StableDiffusionPipeline.*ExpertRoutingModel\(\[") as error:
+        pipelines_to_experts.main(args)
+    assert "supported pipelines are" not in str(error.value)
+    assert not (tmp_path / "routed").exists()
