@@ -11,6 +11,7 @@ from diffusers.models.modeling_utils import ModelMixin
 DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
 # copies of the q/k/v projections that `fuse_qkv_projections` adds (and `unfuse_qkv_projections` leaves in place)
 FUSED_PROJECTIONS = (".to_qkv.", ".to_kv.", ".to_added_qkv.")
+FREEU = ("s1", "s2", "b1", "b2")  # what `enable_freeu` sets on each up block (neither config nor weights)
 
 
 def unet_state_dict_to_multistage(state_dict: dict[str, torch.Tensor], num_stages: int) -> dict[str, torch.Tensor]:
@@ -35,7 +36,8 @@ def warm_start(
 ) -> ModelMixin:
     """A multi-stage ``cls`` built from ``unet``'s config whose encoder is ``unet``'s down path and whose decoders
     are copies of its up path (``unet`` must be a ``source_class``), on ``unet``'s device and dtype and in its mode
-    (a source from ``from_pretrained`` is in eval mode: dropout then stays off, as in the source)."""
+    (a source from ``from_pretrained`` is in eval mode: dropout then stays off, as in the source), with its fused
+    projections and FreeU settings, if any."""
     if not isinstance(unet, source_class):
         message = f"`unet` must be a diffusers {source_class.__name__}, got {type(unet).__name__}."
         raise ValueError(message)  # noqa: TRY004
@@ -57,6 +59,12 @@ def warm_start(
     processors = getattr(unet, "attn_processors", {}).values()
     if any(type(processor).__name__.startswith("Fused") for processor in processors):
         model.fuse_qkv_projections()
+    # FreeU enabled on the source's up blocks: on every decoder's copy of them too
+    for index, block in enumerate(getattr(unet, "up_blocks", [])):
+        for name in FREEU:
+            if getattr(block, name, None) is not None:
+                for decoder in model.decoders:
+                    setattr(decoder.up_blocks[index], name, getattr(block, name))
     model.train(unet.training)
     if unet.dtype != model.dtype:
         model = model.to(dtype=unet.dtype)

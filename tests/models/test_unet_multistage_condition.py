@@ -72,6 +72,20 @@ def test_from_unet_of_a_fused_source_is_exact_and_fused_as_the_source(tiny_cond_
         assert torch.equal(staged(x, 450, **kwargs).sample, expected)
 
 
+def test_from_unet_of_a_source_with_freeu_keeps_it(tiny_cond_unet):
+    # `pipe.enable_freeu(...)` sets FreeU on the source's up blocks (not in its config or weights): the warm start of
+    # such a source equals it too, and `disable_freeu` turns FreeU off in every decoder
+    unet = tiny_cond_unet(0)
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES)
+        assert torch.equal(staged(x, 450, **kwargs).sample, unet(x, 450, **kwargs).sample)
+        staged.disable_freeu()
+        unet.disable_freeu()
+        assert torch.equal(staged(x, 450, **kwargs).sample, unet(x, 450, **kwargs).sample)
+
+
 def test_mixed_batch_decodes_each_stage_on_its_own_rows_of_every_tensor(tiny_cond_unet):
     torch.manual_seed(0)
     staged = MultiStageUNet2DConditionModel(
