@@ -8,9 +8,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from diffusers.models.modeling_utils import ModelMixin
 
+from .loading import FUSED_PROJECTIONS  # what `fuse_qkv_projections` adds (`unfuse_qkv_projections` keeps them)
+
 DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
-# copies of the q/k/v projections that `fuse_qkv_projections` adds (and `unfuse_qkv_projections` leaves in place)
-FUSED_PROJECTIONS = (".to_qkv.", ".to_kv.", ".to_added_qkv.")
 FREEU = ("s1", "s2", "b1", "b2")  # what `enable_freeu` sets on each up block (neither config nor weights)
 
 

@@ -177,3 +177,17 @@ def test_fused_qkv_projections_of_an_expert_routing_unet_give_the_unfused_images
     pipe.unfuse_qkv_projections()
     assert "FusedAttnProcessor2_0" not in {type(p).__name__ for p in pipe.unet.attn_processors.values()}
     np.testing.assert_allclose(_images(pipe), images, atol=1e-5)
+
+
+def test_a_staged_pipeline_saved_fused_reloads_as_a_plain_one_does(tiny_sd_components, tmp_path):
+    # `fuse_qkv_projections` adds `to_qkv`/`to_kv` copies that `save_pretrained` writes; diffusers reloads such a
+    # folder (the copies are ignored, rebuilt by the next fusion), the strict loading refused them as unexpected keys
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    pipe.unet = MultiStageUNet2DConditionModel.from_unet(pipe.unet, stage_boundaries=BOUNDARIES)
+    images = _images(pipe)
+    pipe.fuse_qkv_projections(vae=False)
+    pipe.save_pretrained(tmp_path)
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path)
+    np.testing.assert_allclose(_images(loaded), images, atol=1e-5)
+    loaded.fuse_qkv_projections(vae=False)
+    np.testing.assert_allclose(_images(loaded), images, atol=1e-5)
