@@ -87,3 +87,19 @@ def test_pipelines_to_experts_refuses_text_to_image_sources_without_calling_them
         pipelines_to_experts.main(args)
     assert "supported pipelines are" not in str(error.value)
     assert not (tmp_path / "routed").exists()
+
+
+def test_stage_export_of_a_fused_or_freeu_model_equals_that_stage(tiny_cond_unet):
+    # a fused model's `to_qkv`/`to_kv` copies were a RuntimeError of `load_state_dict`; FreeU (set on the decoder's
+    # up blocks, not in config or weights) was dropped, so the export differed from the stage it claims to equal
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=(300, 600))
+    x, text = torch.randn(2, 4, 8, 8, generator=torch.manual_seed(0)), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        staged.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+        unet = multistage_to_unet.multistage_stage_to_unet(staged, 1)
+        assert torch.equal(unet(x, 450, text).sample, staged(x, 450, text).sample)
+        staged.disable_freeu()
+        staged.fuse_qkv_projections()
+        unet = multistage_to_unet.multistage_stage_to_unet(staged, 1)
+        assert {type(p).__name__ for p in unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+        assert torch.allclose(unet(x, 450, text).sample, staged(x, 450, text).sample, atol=1e-6)
