@@ -45,8 +45,21 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="Run the source and the converted model on the same tiny input and print the largest difference; "
         "fail (and write nothing) if it exceeds --tolerance.",
     )
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="Largest difference --verify accepts.")
+    parser.add_argument(
+        "--tolerance", type=tolerance_value, default=1e-4, help="Largest difference --verify accepts (a number >= 0)."
+    )
     return parser
+
+
+def tolerance_value(text: str) -> float:
+    """``--tolerance``: a number >= 0 (a negative or NaN one would fail every ``--verify``, after the conversion)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
 
 
 INPUT_OPTIONS = ("source", "sources", "checkpoint", "original_config", "vae", "original_repo")  # what scripts read

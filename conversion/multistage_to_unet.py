@@ -34,6 +34,8 @@ from diffusers_stages.conversion.common import (
     staged_output,
 )
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
+from diffusers_stages.models.loading import FUSED_PROJECTIONS
+from diffusers_stages.models.warm_start import FREEU
 
 STAGE_KEYS = ("stage_boundaries", "boundary_units", "decoder_block_out_channels")
 EXPORTS = {MultiStageUNet2DModel: UNet2DModel, MultiStageUNet2DConditionModel: UNet2DConditionModel}  # staged -> plain
@@ -113,15 +115,26 @@ def multistage_stage_to_unet(
             f"Stage {stage}'s decoder attends with {own} heads per block, not the encoder's {plain}: a "
             f"{unet_class.__name__} gives its up blocks the encoder's heads, so this stage cannot be exported."
         )
-    # 2. weights: the shared encoder as is, the stage's decoder without its `decoders.{stage}.` prefix
+    # 2. weights: the shared encoder as is, the stage's decoder without its `decoders.{stage}.` prefix (a fused
+    # model's q/k/v copies skipped: the U-Net is fused again below if the model runs fused)
     prefix = f"decoders.{stage}."
     state_dict = {}
     for key, value in model.state_dict().items():
+        if any(p in key for p in FUSED_PROJECTIONS):
+            continue
         if key.startswith(prefix):
             state_dict[key[len(prefix) :]] = value
         elif not key.startswith("decoders."):
             state_dict[key] = value
     unet.load_state_dict(state_dict, strict=True)
+    # 3. what is neither config nor weights: fused projections, FreeU on the stage decoder's up blocks
+    processors = model.attn_processors.values() if hasattr(model, "attn_processors") else []
+    if any(type(p).__name__.startswith("Fused") for p in processors) and hasattr(unet, "fuse_qkv_projections"):
+        unet.fuse_qkv_projections()
+    for block, own in zip(unet.up_blocks, model.decoders[stage].up_blocks):
+        for name in FREEU:
+            if getattr(own, name, None) is not None:
+                setattr(block, name, getattr(own, name))
     unet = unet.to(device=model.device)
     return (unet if unet.dtype == model.dtype else unet.to(dtype=model.dtype)).eval()
 

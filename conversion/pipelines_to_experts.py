@@ -27,7 +27,7 @@ from diffusers_stages.conversion.common import (
     run,
     staged_output,
 )
-from diffusers_stages.conversion.unet_to_multistage import load_source
+from diffusers_stages.conversion.unet_to_multistage import load_source, text_to_image_class
 from diffusers_stages.models import ExpertRoutingModel
 from diffusers_stages.pipelines import DualBackbonePipeline, ExpertRoutingPipeline
 from diffusers_stages.training.args import BoundaryList
@@ -68,6 +68,13 @@ def gather_sources(paths: list[str]):
     """``(denoisers, scheduler, vae)``: the sources' U-Nets, and the one schedule and VAE they must share."""
     unets, scheduler, vae = [], None, None
     for path in paths:
+        text_to_image = text_to_image_class(path)
+        if text_to_image is not None:
+            raise ValueError(
+                f"{path} holds a {text_to_image.__name__}: this script combines unconditional pipelines only. Route "
+                "text-to-image U-Nets inside one standard pipeline in code: `pipe.unet = ExpertRoutingModel([clean.unet, "
+                "noisy.unet], stage_boundaries=(500,))`, then `pipe.save_pretrained(folder)` (see the README)."
+            )
         unet, source_scheduler, source_vae, pipeline_class = load_source(path)
         unets.append(unet)
         if pipeline_class is not None and scheduler is None:

@@ -76,11 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Plan the boundaries from the source's noise schedule instead of giving them: 'uniform' (equal shares "
         "of the training timesteps) or 'snr' (equal steps of log-SNR). Data-driven plans: see diffusers_stages.planning.",
     )
-    parser.add_argument("--num_stages", type=int, default=3, help="Number of stages for --plan.")
+    parser.add_argument("--num_stages", type=int, help="Number of stages for --plan (default: 3).")
     parser.add_argument("--verify_steps", type=int, default=3, help="Sampling steps of the --verify comparison.")
     args = parser.parse_args(argv)
     if (args.stage_boundaries is None) == (args.plan is None):
         parser.error("give exactly one of --stage_boundaries and --plan")
+    if args.num_stages is not None and args.plan is None:
+        parser.error(f"--num_stages {args.num_stages} is for --plan: --stage_boundaries give the stages already")
+    if args.num_stages is None:
+        args.num_stages = 3
     if args.verify_steps < 1:
         parser.error(f"--verify_steps must be a positive integer, got {args.verify_steps}")
     return args

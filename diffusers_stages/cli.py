@@ -56,8 +56,10 @@ COMMANDS = {
     ),
 }
 CONVERSIONS = {
-    "unet_to_multistage": "a UNet2DModel / DDPM / DDIM / LDM folder -> MultiStagePipeline (decoders copy the up path)",
-    "multistage_to_unet": "one stage of a MultiStagePipeline -> a plain UNet2DModel",
+    "unet_to_multistage": "a UNet2DModel / DDPM / DDIM / LDM folder -> MultiStagePipeline (decoders copy the up path); "
+    "a Stable Diffusion (XL) folder -> the same pipeline with a staged unet",
+    "multistage_to_unet": "one stage of a MultiStagePipeline -> a plain UNet2DModel (of a staged Stable Diffusion "
+    "unet: a UNet2DConditionModel)",
     "original_multistage": "a checkpoint of the authors' multi-stage code (LDM fork) -> MultiStagePipeline",
     "original_multistage_edm": "a checkpoint of the authors' EDM multi-stage model -> MultiStagePipeline",
     "original_multistage_ncsnpp": "a checkpoint of the authors' score_sde NCSN++ multi-stage model -> MultiStagePipeline",

@@ -271,6 +271,24 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                 continue
             expert._set_gradient_checkpointing(enable, gradient_checkpointing_func)
 
+    def fuse_qkv_projections(self) -> None:
+        """`pipe.fuse_qkv_projections()`: each loaded expert fuses its q/k/v projections with its own
+        ``fuse_qkv_projections`` (`AttentionMixin`'s version fuses only the newer attention classes, and the pipeline
+        then sets a fused processor on the experts' unfused layers). An expert without one is a `ValueError`."""
+        for i in self.loaded_experts:
+            expert = self.experts[i]
+            if not callable(getattr(expert, "fuse_qkv_projections", None)):
+                raise ValueError(f"Expert {i} ({type(expert).__name__}) cannot fuse its q/k/v projections.")
+        for i in self.loaded_experts:
+            self.experts[i].fuse_qkv_projections()
+
+    def unfuse_qkv_projections(self) -> None:
+        """Undo `fuse_qkv_projections`: each loaded expert's own ``unfuse_qkv_projections``."""
+        for i in self.loaded_experts:
+            unfuse = getattr(self.experts[i], "unfuse_qkv_projections", None)
+            if callable(unfuse):
+                unfuse()
+
     @property
     def loaded_experts(self) -> list[int]:
         """Indices of the experts held in memory."""

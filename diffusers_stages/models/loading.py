@@ -12,6 +12,9 @@ import torch
 from ..hub import SaveThenPushMixin
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # ASCII only: no unicode look-alikes of the package's names
+# copies of the q/k/v projections that `fuse_qkv_projections` adds and `save_pretrained` then writes: rebuilt from
+# `to_q`/`to_k`/`to_v` by the next fusion, so a folder saved fused loads (as diffusers loads it) without them
+FUSED_PROJECTIONS = (".to_qkv.", ".to_kv.", ".to_added_qkv.")
 
 
 class StrictLoadingMixin(SaveThenPushMixin):
@@ -49,7 +52,11 @@ class StrictLoadingMixin(SaveThenPushMixin):
 
 def refuse_mismatched_keys(info: dict, path: str | os.PathLike | None, class_name: str) -> None:
     """The strict key check: a `ValueError` naming the first missing, unexpected or mismatched keys of a
-    `from_pretrained` loading ``info``."""
+    `from_pretrained` loading ``info`` (fused projection copies, see ``FUSED_PROJECTIONS``, are not unexpected)."""
+    info = dict(info)
+    info["unexpected_keys"] = [
+        k for k in info.get("unexpected_keys", []) if not any(p in str(k) for p in FUSED_PROJECTIONS)
+    ]
     problems = {k: sorted(map(str, v))[:10] for k, v in info.items() if k.endswith("_keys") and v}
     if problems:
         raise ValueError(

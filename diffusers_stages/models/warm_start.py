@@ -8,7 +8,10 @@ from collections.abc import Iterable, Sequence
 import torch
 from diffusers.models.modeling_utils import ModelMixin
 
+from .loading import FUSED_PROJECTIONS  # what `fuse_qkv_projections` adds (`unfuse_qkv_projections` keeps them)
+
 DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
+FREEU = ("s1", "s2", "b1", "b2")  # what `enable_freeu` sets on each up block (neither config nor weights)
 
 
 def unet_state_dict_to_multistage(state_dict: dict[str, torch.Tensor], num_stages: int) -> dict[str, torch.Tensor]:
@@ -32,7 +35,9 @@ def warm_start(
     num_train_timesteps: int | None,
 ) -> ModelMixin:
     """A multi-stage ``cls`` built from ``unet``'s config whose encoder is ``unet``'s down path and whose decoders
-    are copies of its up path (``unet`` must be a ``source_class``), on ``unet``'s device and dtype."""
+    are copies of its up path (``unet`` must be a ``source_class``), on ``unet``'s device and dtype and in its mode
+    (a source from ``from_pretrained`` is in eval mode: dropout then stays off, as in the source), with its fused
+    projections and FreeU settings, if any."""
     if not isinstance(unet, source_class):
         message = f"`unet` must be a diffusers {source_class.__name__}, got {type(unet).__name__}."
         raise ValueError(message)  # noqa: TRY004
@@ -48,7 +53,19 @@ def warm_start(
         else stage_boundaries,
         boundary_units=boundary_units,
     )
-    model.load_state_dict(unet_state_dict_to_multistage(unet.state_dict(), model.num_stages), strict=True)
+    # a fused source: its q/k/v projections are copied, and the copy fused again if the source runs fused
+    state_dict = {k: v for k, v in unet.state_dict().items() if not any(p in k for p in FUSED_PROJECTIONS)}
+    model.load_state_dict(unet_state_dict_to_multistage(state_dict, model.num_stages), strict=True)
+    processors = getattr(unet, "attn_processors", {}).values()
+    if any(type(processor).__name__.startswith("Fused") for processor in processors):
+        model.fuse_qkv_projections()
+    # FreeU enabled on the source's up blocks: on every decoder's copy of them too
+    for index, block in enumerate(getattr(unet, "up_blocks", [])):
+        for name in FREEU:
+            if getattr(block, name, None) is not None:
+                for decoder in model.decoders:
+                    setattr(decoder.up_blocks[index], name, getattr(block, name))
+    model.train(unet.training)
     if unet.dtype != model.dtype:
         model = model.to(dtype=unet.dtype)
     return model.to(device=unet.device)

@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from diffusers_stages import MultiStageUNet2DConditionModel
-from diffusers_stages.conversion import multistage_to_unet, unet_to_multistage
+from diffusers_stages.conversion import multistage_to_unet, pipelines_to_experts, unet_to_multistage
 
 
 def _images(pipe) -> np.ndarray:
@@ -74,3 +74,32 @@ def test_text_to_image_sources_are_refused_by_name(tiny_sd_components, tmp_path)
         multistage_to_unet.main(
             multistage_to_unet.parse_args(["--source", sd, "--stage", "0", "--output_path", str(tmp_path / "e")])
         )
+
+
+def test_pipelines_to_experts_refuses_text_to_image_sources_without_calling_them_supported(
+    tiny_sd_components, tmp_path
+):
+    StableDiffusionPipeline(**tiny_sd_components).save_pretrained(tmp_path / "sd")
+    sd, out = str(tmp_path / "sd"), str(tmp_path / "routed")
+    args = pipelines_to_experts.parse_args(["--sources", sd, sd, "--stage_boundaries", "500", "--output_path", out])
+    # it said "supported pipelines are [..., 'StableDiffusionPipeline', ...]" while refusing one
+    with pytest.raises(ValueError, match=r"holds a StableDiffusionPipeline.*ExpertRoutingModel\(\[") as error:
+        pipelines_to_experts.main(args)
+    assert "supported pipelines are" not in str(error.value)
+    assert not (tmp_path / "routed").exists()
+
+
+def test_stage_export_of_a_fused_or_freeu_model_equals_that_stage(tiny_cond_unet):
+    # a fused model's `to_qkv`/`to_kv` copies were a RuntimeError of `load_state_dict`; FreeU (set on the decoder's
+    # up blocks, not in config or weights) was dropped, so the export differed from the stage it claims to equal
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=(300, 600))
+    x, text = torch.randn(2, 4, 8, 8, generator=torch.manual_seed(0)), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        staged.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+        unet = multistage_to_unet.multistage_stage_to_unet(staged, 1)
+        assert torch.equal(unet(x, 450, text).sample, staged(x, 450, text).sample)
+        staged.disable_freeu()
+        staged.fuse_qkv_projections()
+        unet = multistage_to_unet.multistage_stage_to_unet(staged, 1)
+        assert {type(p).__name__ for p in unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+        assert torch.allclose(unet(x, 450, text).sample, staged(x, 450, text).sample, atol=1e-6)

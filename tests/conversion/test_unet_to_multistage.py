@@ -169,3 +169,23 @@ def test_a_source_unet_config_that_is_not_a_json_object_is_named(tmp_path):
     (tmp_path / "unet" / "config.json").write_text("[1]")
     with pytest.raises(ValueError, match="config.json"):
         convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500")
+
+
+def test_num_stages_without_plan_is_a_usage_error(ddpm_folder, capsys):
+    args = ["--source", ddpm_folder, "--output_path", "x"]
+    # --num_stages is for --plan: with --stage_boundaries it was silently ignored (3 stages written, not 5)
+    with pytest.raises(SystemExit):
+        unet_to_multistage.parse_args([*args, "--stage_boundaries", "442", "631", "--num_stages", "5"])
+    assert "--num_stages 5 is for --plan" in capsys.readouterr().err
+    assert unet_to_multistage.parse_args([*args, "--plan", "snr"]).num_stages == 3  # the default is kept
+    assert unet_to_multistage.parse_args([*args, "--plan", "snr", "--num_stages", "4"]).num_stages == 4
+
+
+def test_a_tolerance_no_difference_can_meet_is_a_usage_error(ddpm_folder, capsys):
+    # a negative or NaN --tolerance failed every --verify, after the whole conversion had run (every script's option)
+    args = ["--source", ddpm_folder, "--output_path", "x", "--stage_boundaries", "500", "--verify"]
+    for tolerance in ("-1", "nan", "abc"):
+        with pytest.raises(SystemExit):
+            unet_to_multistage.parse_args([*args, "--tolerance", tolerance])
+        assert f"argument --tolerance: must be a number >= 0, got '{tolerance}'" in capsys.readouterr().err
+    assert unet_to_multistage.parse_args([*args, "--tolerance", "0"]).tolerance == 0.0

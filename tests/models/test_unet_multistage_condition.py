@@ -44,6 +44,48 @@ def test_from_unet_is_exact_at_every_timestep_stage_and_mixed_batch(tiny_cond_un
         assert torch.allclose(staged(x, t, **kwargs).sample, unet(x, t, **kwargs).sample, atol=1e-5)
 
 
+def test_from_unet_keeps_the_source_mode_so_dropout_configs_match_too(tiny_cond_unet):
+    # a source from `from_pretrained` is in eval mode: the warm start must be too (or dropout > 0 samples noise)
+    unet = tiny_cond_unet(0, dropout=0.3)
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES)
+    assert not staged.training
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        assert torch.equal(staged(x, 450, **kwargs).sample, unet(x, 450, **kwargs).sample)
+    assert MultiStageUNet2DConditionModel.from_unet(unet.train(), stage_boundaries=BOUNDARIES).training
+
+
+def test_from_unet_of_a_fused_source_is_exact_and_fused_as_the_source(tiny_cond_unet):
+    # `pipe.fuse_qkv_projections()` adds `to_qkv`/`to_kv` copies of the projections, and diffusers'
+    # `unfuse_qkv_projections()` keeps them: a source fused at any time still warm-starts exactly
+    unet = tiny_cond_unet(0)
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        expected = unet(x, 450, **kwargs).sample
+        unet.fuse_qkv_projections()
+        staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES)
+        assert {type(p).__name__ for p in staged.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+        assert torch.allclose(staged(x, 450, **kwargs).sample, expected, atol=1e-5)
+        unet.unfuse_qkv_projections()
+        staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES)
+        assert "FusedAttnProcessor2_0" not in {type(p).__name__ for p in staged.attn_processors.values()}
+        assert torch.equal(staged(x, 450, **kwargs).sample, expected)
+
+
+def test_from_unet_of_a_source_with_freeu_keeps_it(tiny_cond_unet):
+    # `pipe.enable_freeu(...)` sets FreeU on the source's up blocks (not in its config or weights): the warm start of
+    # such a source equals it too, and `disable_freeu` turns FreeU off in every decoder
+    unet = tiny_cond_unet(0)
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES)
+        assert torch.equal(staged(x, 450, **kwargs).sample, unet(x, 450, **kwargs).sample)
+        staged.disable_freeu()
+        unet.disable_freeu()
+        assert torch.equal(staged(x, 450, **kwargs).sample, unet(x, 450, **kwargs).sample)
+
+
 def test_mixed_batch_decodes_each_stage_on_its_own_rows_of_every_tensor(tiny_cond_unet):
     torch.manual_seed(0)
     staged = MultiStageUNet2DConditionModel(

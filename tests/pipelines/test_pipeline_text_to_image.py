@@ -163,3 +163,31 @@ def test_experts_must_agree_on_what_the_pipeline_builds_once(tiny_cond_unet):
         sdxl = tiny_cond_unet(0, sdxl=True)
         refiner_like = tiny_cond_unet(1, sdxl=True, projection_class_embeddings_input_dim=5 * 8 + 32)
         ExpertRoutingModel([sdxl, refiner_like], stage_boundaries=(500,))
+
+
+def test_fused_qkv_projections_of_an_expert_routing_unet_give_the_unfused_images(tiny_sd_components, two_experts):
+    # the container's inherited AttentionMixin.fuse_qkv_projections fused nothing in the experts' `Attention` layers,
+    # then the pipeline set fused processors on them: "'Attention' object has no attribute 'to_qkv'" at sampling
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    pipe.unet = two_experts()
+    images = _images(pipe)
+    pipe.fuse_qkv_projections()
+    assert all(expert.original_attn_processors is not None for expert in pipe.unet.experts)
+    np.testing.assert_allclose(_images(pipe), images, atol=1e-5)
+    pipe.unfuse_qkv_projections()
+    assert "FusedAttnProcessor2_0" not in {type(p).__name__ for p in pipe.unet.attn_processors.values()}
+    np.testing.assert_allclose(_images(pipe), images, atol=1e-5)
+
+
+def test_a_staged_pipeline_saved_fused_reloads_as_a_plain_one_does(tiny_sd_components, tmp_path):
+    # `fuse_qkv_projections` adds `to_qkv`/`to_kv` copies that `save_pretrained` writes; diffusers reloads such a
+    # folder (the copies are ignored, rebuilt by the next fusion), the strict loading refused them as unexpected keys
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    pipe.unet = MultiStageUNet2DConditionModel.from_unet(pipe.unet, stage_boundaries=BOUNDARIES)
+    images = _images(pipe)
+    pipe.fuse_qkv_projections(vae=False)
+    pipe.save_pretrained(tmp_path)
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path)
+    np.testing.assert_allclose(_images(loaded), images, atol=1e-5)
+    loaded.fuse_qkv_projections(vae=False)
+    np.testing.assert_allclose(_images(loaded), images, atol=1e-5)
