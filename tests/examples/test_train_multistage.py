@@ -252,25 +252,23 @@ def test_datasets_dataset_as_data_source(examples, script, image_folder, tmp_pat
     assert MultiStagePipeline.from_pretrained(out).unet.config.num_class_embeds == 4  # folders 0, 1, 2 + null label
 
 
-def test_resuming_with_other_model_arguments_names_them(examples, script, image_folder, tmp_path):
+@pytest.mark.parametrize(
+    "changed, message",
+    [
+        # was a RuntimeError from load_state_dict on the first mismatched tensor
+        (["--stage_boundaries", "500"], r"holds a `unet` of another configuration \(`stage_boundaries` \[442.0, "
+         r"631.0\] there, \[500.0\] now\): resume with the model arguments"),
+        # was a silent switch of the objective: epsilon-trained weights went on training (and were saved) as v-prediction
+        (["--prediction_type", "v_prediction"], r"was written with another noise schedule \(`prediction_type` "
+         r"'epsilon' there, 'v_prediction' now\): resume with the arguments"),
+    ],
+    ids=["model", "noise_schedule"],
+)  # fmt: skip
+def test_resuming_with_other_arguments_names_them(examples, script, image_folder, tmp_path, changed, message):
     out = str(tmp_path / "run")
     base = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--checkpointing_steps", "1"]
     examples.train(script, [*base, "--max_train_steps", "1"])
-    # was a RuntimeError from load_state_dict on the first mismatched tensor
-    with pytest.raises(ValueError, match=r"holds a `unet` of another configuration \(`stage_boundaries` \[442.0, "
-                       r"631.0\] there, \[500.0\] now\): resume with the model arguments"):  # fmt: skip
-        examples.train(script, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest",
-                                "--stage_boundaries", "500"])  # fmt: skip
-
-
-def test_resuming_with_another_noise_schedule_names_it(examples, script, image_folder, tmp_path):
-    out = str(tmp_path / "run")
-    base = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--checkpointing_steps", "1"]
-    examples.train(script, [*base, "--max_train_steps", "1"])
-    # was a silent switch of the objective: epsilon-trained weights went on training (and were saved) as v-prediction
-    with pytest.raises(ValueError, match=r"was written with another noise schedule \(`prediction_type` 'epsilon' "
-                       r"there, 'v_prediction' now\): resume with the arguments"):  # fmt: skip
-        examples.train(script, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest",
-                                "--prediction_type", "v_prediction"])  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        examples.train(script, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest", *changed])
     examples.train(script, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
     assert os.path.isdir(os.path.join(out, "checkpoint-2"))
