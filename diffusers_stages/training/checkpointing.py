@@ -53,8 +53,9 @@ def checkpoint_step(folder: str) -> int:
 
 def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
     """``"latest"`` -> the newest *complete* checkpoint in ``output_dir`` (None when there is no checkpoint yet), a
-    name -> that checkpoint of ``output_dir``, a path -> that path. A checkpoint that was interrupted while being written is never resumed from: ``"latest"``
-    skips it, an explicit path to it is a `ValueError`, as is ``"latest"`` when no checkpoint is complete."""
+    name -> that checkpoint of ``output_dir``, a path -> that path. A checkpoint that was interrupted while being
+    written is never resumed from: ``"latest"`` skips it, an explicit path to it is a `ValueError`, as is
+    ``"latest"`` when no checkpoint is complete."""
     if resume_from_checkpoint is None:
         return None
     folders = checkpoint_folders(output_dir)
