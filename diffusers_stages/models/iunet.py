@@ -87,11 +87,17 @@ class InceptionMixer(nn.Module):
 
     def _low(self, x: torch.Tensor) -> torch.Tensor:
         # iFormer Sec. 3.2, low-frequency mixer: Y_l = Upsample(MSA(AvgPooling(X_l)))
-        size = x.shape[-2:]
+        height, width = x.shape[-2:]
         if self.pool_size > 1:
             x = F.avg_pool2d(x, self.pool_size, ceil_mode=True)
         x = self.attention(x)
-        return x if self.pool_size == 1 else F.interpolate(x, size=size, mode="nearest")
+        if self.pool_size == 1:
+            return x
+        # upsample by the pooling factor (iFormer's `nn.Upsample(scale_factor=pool_size)`), then crop the cells that
+        # `ceil_mode` padded: every pixel gets the output of the cell it was pooled into, also when the factor does
+        # not divide the map (resizing to the map's size would spread the cells evenly over it instead)
+        x = F.interpolate(x, scale_factor=self.pool_size, mode="nearest")
+        return x[..., :height, :width]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # 1. split the channels into X_h2, X_h1 (high frequency) and X_l (low frequency)

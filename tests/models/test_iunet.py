@@ -192,3 +192,16 @@ def test_a_sample_of_another_dtype_is_named():
     # was torch's "Input type (double) and bias type (float) should be the same" from inside `conv_in`
     with pytest.raises(ValueError, match="`sample` must have the model's dtype torch.float32, got torch.float64"):
         build()(torch.randn(1, 3, 8, 8, dtype=torch.float64), 10)
+
+
+@pytest.mark.parametrize("size, pool_size", [(7, 3), (6, 4), (8, 2), (5, 2), (2, 4)])
+def test_pooled_attention_goes_back_to_the_pixels_of_its_cell(size, pool_size):
+    # iFormer's low-frequency path: Upsample(MSA(AvgPool(X))), the upsampling by the pooling factor: every pixel gets
+    # the attention output of the pooled cell it was averaged into. Resizing to the map's size instead misplaced rows
+    # and columns whenever the pooling factor did not divide the map (7 by 3: pixel 5 took cell 2's output, not 1's)
+    mixer = InceptionMixer(8, 8, 4, pool_size, 4, 1e-5)
+    mixer.attention = torch.nn.Identity()  # the pooled grid itself comes back
+    x = torch.randn(1, 8, size, size)
+    cell = torch.arange(size) // pool_size
+    expected = torch.nn.functional.avg_pool2d(x, pool_size, ceil_mode=True)[:, :, cell][:, :, :, cell]
+    assert torch.equal(mixer._low(x), expected)
