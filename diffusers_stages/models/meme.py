@@ -42,6 +42,8 @@ def _per_expert(value, num_experts: int, name: str) -> list:
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise ValueError(f"`{name}` must be a list of widths, or one list per expert, got {value!r}.")
     if value and isinstance(value[0], Sequence):
+        if any(not isinstance(v, Sequence) or isinstance(v, str) for v in value):
+            raise ValueError(f"`{name}` must be a list of widths, or one list per expert, got {value!r}.")
         if len(value) != num_experts:
             raise ValueError(f"`{name}` must be given once or once per expert ({num_experts}), got {len(value)}.")
         return [tuple(v) for v in value]
@@ -89,6 +91,7 @@ def meme_expert_configs(
     ```
     """
     check_positive_integers(num_experts=num_experts)
+    check_positive_integers(("out_channels",), out_channels=out_channels)  # 0 would become `in_channels` below
     widths = _per_expert(block_out_channels, num_experts, "block_out_channels")
     levels = len(widths[0])
     if any(len(w) != levels for w in widths):

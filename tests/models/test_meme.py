@@ -62,3 +62,14 @@ def test_bad_presets_are_refused():
     with pytest.raises(ValueError, match="Inception mixers"):
         attention_share(UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
                                     down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2))  # fmt: skip
+
+
+def test_bad_out_channels_and_mixed_widths_are_named():
+    # `out_channels=0` became `in_channels` silently; a width list mixing lists and numbers was a TypeError
+    with pytest.raises(ValueError, match="`out_channels` must be a positive integer or None, got 0"):
+        meme_expert_configs(num_experts=2, out_channels=0)
+    with pytest.raises(
+        ValueError, match=r"`block_out_channels` must be a list of widths, or one list per expert, got"
+    ):
+        meme_expert_configs(num_experts=2, block_out_channels=[(8, 16), 16])
+    assert meme_expert_configs(num_experts=2, in_channels=1)[0]["out_channels"] == 1  # None: as `in_channels`
