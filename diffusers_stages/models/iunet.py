@@ -226,7 +226,7 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         # 0. check the configuration
         ratios, pools = self.check_config(block_out_channels, attention_ratios, attention_head_dim,
                                           attention_pool_sizes, layers_per_block, norm_num_groups,
-                                          in_channels=in_channels, out_channels=out_channels,
+                                          sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
                                           num_class_embeds=num_class_embeds)  # fmt: skip
         widths, levels = list(block_out_channels), len(block_out_channels)
         temb = 4 * widths[0]
@@ -280,8 +280,8 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         **other,
     ) -> tuple[list[float], list[int]]:
         """Check a configuration's shape arguments before building anything (a `ValueError` naming the argument);
-        returns the attention ratio and pooling factor of each level. Of the other config keys, ``in_channels``,
-        ``out_channels`` and ``num_class_embeds`` are checked when given; the rest are ignored."""
+        returns the attention ratio and pooling factor of each level. Of the other config keys, ``sample_size``,
+        ``in_channels``, ``out_channels`` and ``num_class_embeds`` are checked when given; the rest are ignored."""
         if (
             not isinstance(block_out_channels, (list, tuple))
             or not block_out_channels
@@ -304,6 +304,12 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         if not all(is_positive_integer(p) for p in pools):
             raise ValueError(f"`attention_pool_sizes` must be positive integers, got {pools}.")
         check_positive_integers(layers_per_block=layers_per_block)
+        size = other.get("sample_size")
+        pair = isinstance(size, (list, tuple)) and len(size) == 2 and all(is_positive_integer(s) for s in size)
+        if size is not None and not is_positive_integer(size) and not pair:
+            raise ValueError(
+                f"`sample_size` must be a positive integer, a (height, width) pair of them or None, got {size!r}."
+            )
         given = {name: other[name] for name in ("in_channels", "out_channels", "num_class_embeds") if name in other}
         check_positive_integers(("num_class_embeds",), **given)
         return ratios, pools

@@ -126,6 +126,13 @@ def test_inside_expert_routing_and_the_pipeline(tmp_path):
         ({"attention_ratios": True}, "`attention_ratios` must lie in [0, 1]"),
         ({"in_channels": 0}, "`in_channels` must be a positive integer, got 0"),
         ({"num_class_embeds": -1}, "`num_class_embeds` must be a positive integer or None, got -1"),
+        # were accepted, and the pipelines later failed on a `height` the caller never gave (or an IndexError)
+        (
+            {"sample_size": 0},
+            "`sample_size` must be a positive integer, a (height, width) pair of them or None, got 0",
+        ),
+        ({"sample_size": "8"}, "`sample_size` must be a positive integer, a (height, width) pair of them or None"),
+        ({"sample_size": (8,)}, "`sample_size` must be a positive integer, a (height, width) pair of them or None"),
     ],
 )
 def test_bad_configs_are_refused(kwargs, message):
