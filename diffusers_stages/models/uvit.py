@@ -262,12 +262,16 @@ def dual_uvit_configs(
 
     ```
     """
-    if shallow_depth >= deep_depth:
-        raise ValueError(f"`shallow_depth` ({shallow_depth}) must be smaller than `deep_depth` ({deep_depth}).")
-    shared = {"hidden_size": hidden_size, "patch_size": patch_size, "num_attention_heads": num_attention_heads}
-    configs = {}
     for name, depth in (("shallow", shallow_depth), ("deep", deep_depth)):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1 or depth % 2 == 0:
             raise ValueError(f"`{name}_depth` must be an odd positive number of U-ViT blocks, got {depth!r}.")
-        configs[name] = {**shared, **common, "num_layers": depth}
-    return configs
+    if shallow_depth >= deep_depth:
+        raise ValueError(f"`shallow_depth` ({shallow_depth}) must be smaller than `deep_depth` ({deep_depth}).")
+    if "num_layers" in common:
+        raise ValueError(
+            f"`num_layers` ({common['num_layers']!r}) is set per backbone by `shallow_depth` and `deep_depth`: leave it "
+            "out of the common arguments."
+        )
+    shared = {"hidden_size": hidden_size, "patch_size": patch_size, "num_attention_heads": num_attention_heads}
+    depths = {"shallow": shallow_depth, "deep": deep_depth}
+    return {name: {**shared, **common, "num_layers": depth} for name, depth in depths.items()}

@@ -155,3 +155,12 @@ def test_a_sample_of_another_dtype_is_named(model):
     # was torch's "Input type (double) and bias type (float) should be the same" from inside the patch embedding
     with pytest.raises(ValueError, match="`sample` must have the model's dtype torch.float32, got torch.float64"):
         model(torch.randn(1, 3, 8, 8, dtype=torch.float64), 10)
+
+
+def test_dual_backbone_configs_name_a_bad_depth_and_refuse_num_layers():
+    # a depth that is not a number was a TypeError from the depth comparison; `num_layers` among the common keys
+    # was silently replaced by each backbone's depth
+    with pytest.raises(ValueError, match="`shallow_depth` must be an odd positive number of U-ViT blocks, got '3'"):
+        dual_uvit_configs("3", 13, hidden_size=16, patch_size=2, num_attention_heads=2)
+    with pytest.raises(ValueError, match="`num_layers`"):
+        dual_uvit_configs(3, 13, hidden_size=16, patch_size=2, num_attention_heads=2, num_layers=5)
