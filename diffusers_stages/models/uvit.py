@@ -75,6 +75,11 @@ def check_uvit_config(
         )
     if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
         raise ValueError(f"`mlp_ratio` must be a positive number, got {mlp_ratio!r}.")
+    if int(hidden_size * mlp_ratio) < 1:  # the feed-forward width: 0 would leave each block's MLP a constant
+        raise ValueError(
+            f"`mlp_ratio`={mlp_ratio!r} gives a feed-forward layer of no width at `hidden_size`={hidden_size} "
+            f"(int(hidden_size * mlp_ratio) = 0): give at least {1 / hidden_size:g}."
+        )
     optional = ("num_class_embeds", "out_channels")
     check_positive_integers(optional, num_class_embeds=num_class_embeds, out_channels=out_channels)
 
