@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel, U
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..models.expert_routing import ExpertRoutingModel
+from ..models.expert_routing import CONDITIONING_KEYS, CONTRACT_KEYS, ExpertRoutingModel, _config_value
 from ..models.iunet import IUNet2DModel
 from ..models.uvit import UViT2DModel
 from ..partition import TimestepPartition
@@ -115,6 +115,7 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
             raise ValueError(f"`{key}` must be a number, got {value!r}.")
         if key == "switch_step_fraction" and not 0.0 < value < 1.0:
             raise ValueError(f"`switch_step_fraction` must be in (0, 1), got {value}.")
+        _check_interchangeable(shallow, deep)
         self.register_modules(shallow=shallow, deep=deep, scheduler=scheduler, vae=vae)
         self.register_to_config(**switch)
         if key != "switch_step_fraction":
@@ -182,6 +183,18 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         middle = (timesteps[shallow_steps - 1] + timesteps[shallow_steps]) / 2
         level = TimestepPartition([], steps, units).noise_level(middle)  # model timestep -> partition units
         return TimestepPartition([float(level)], steps, units)
+
+
+def _check_interchangeable(shallow: Backbone | None, deep: Backbone | None) -> None:
+    """The deep backbone continues the shallow one's samples: they must agree on their inputs, outputs and labels
+    (what `ExpertRoutingModel` requires of its experts), checked at construction rather than at the switch."""
+    backbones = {"shallow": shallow, "deep": deep}
+    for key in CONTRACT_KEYS + CONDITIONING_KEYS:
+        values = {name: _config_value(model.config, key) for name, model in backbones.items()
+                  if model is not None and getattr(model, "config", None) is not None and key in model.config}  # fmt: skip
+        if len(set(values.values())) > 1:
+            raise ValueError(f"`shallow` and `deep` must agree on `{key}` (the deep one continues the shallow one's "
+                             f"samples), got {values}.")  # fmt: skip
 
 
 def _replacing_switch(kwargs: dict) -> dict:

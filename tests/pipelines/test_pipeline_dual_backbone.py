@@ -151,3 +151,17 @@ def test_bad_switches_are_refused(backbones):
     pipe = _dual(shallow, deep, DDIMScheduler(), switch_step_fraction=0.5)
     with pytest.raises(ValueError, match=">= 2"):
         pipe(num_inference_steps=1)
+
+
+@pytest.mark.parametrize(
+    ("change", "key"), [({"sample_size": 16}, "sample_size"), ({"in_channels": 1}, "in_channels"),
+                        ({"num_class_embeds": 3}, "num_class_embeds")]
+)  # fmt: skip
+def test_backbones_that_are_not_interchangeable_are_refused_at_construction(change, key):
+    # the deep backbone continues the shallow one's samples: a pair that disagrees on its inputs, outputs or labels
+    # was accepted, ran every shallow step and failed at the switch (as an `ExpertRoutingModel` of the two refuses)
+    torch.manual_seed(0)
+    tiny = {"sample_size": 8, "hidden_size": 16, "num_attention_heads": 2}
+    shallow, deep = UViT2DModel(**tiny, num_layers=1), UViT2DModel(**{**tiny, **change}, num_layers=3)
+    with pytest.raises(ValueError, match=f"`shallow` and `deep` must agree on `{key}`"):
+        DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=DDIMScheduler())
