@@ -157,10 +157,13 @@ class StageOffloadMixin:
 
     def stage_network(self, stage: int) -> torch.nn.Module:
         """The module only ``stage`` runs: its decoder when the stages share an encoder (``decoders[stage]`` of a
-        multi-stage U-Net), else its whole denoiser (an expert, a backbone)."""
-        model = self.stage_denoiser(stage)[0]
+        multi-stage U-Net, which the pipeline calls with ``stage_index=stage``), else its whole denoiser (an expert, a
+        backbone; one that is itself a multi-stage U-Net routes among its own decoders, which are not the pipeline's
+        stages)."""
+        model, kwargs = self.stage_denoiser(stage)
         decoders = getattr(model, "decoders", None)
-        return decoders[stage] if isinstance(decoders, torch.nn.ModuleList) else model
+        shared = kwargs.get("stage_index") == stage and isinstance(decoders, torch.nn.ModuleList)
+        return decoders[stage] if shared else model
 
     def enable_stage_offload(
         self,

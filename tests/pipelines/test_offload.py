@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, HeunDiscreteScheduler, PNDMScheduler, UNet2DModel
 
-from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
+from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, MultiStageUNet2DModel
 from diffusers_stages.pipelines.offload import StageOffload
 from tests.conftest import TINY_UNET
 from tests.pipelines.conftest import KINDS, tiny_pipeline
@@ -237,4 +237,20 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_moves():
     with pytest.raises(ValueError, match="`offload_device` must be a device this machine has, got 'meta'"):
         pipe.enable_stage_offload(device="cpu", offload_device="meta")
     assert pipe._stage_offload is None and all(p.device.type == "cpu" for p in pipe.experts.parameters())
+    np.testing.assert_array_equal(_images(pipe), expected)
+
+
+@pytest.mark.parametrize("multistage_expert", [0, 2])
+def test_a_multi_stage_expert_is_offloaded_whole(multistage_expert, recorded):
+    """An expert that is itself a multi-stage U-Net is its stage's network as a whole: its decoders are its own
+    stages, not the pipeline's. Its decoder of the pipeline's stage index was taken instead (an IndexError for the
+    last of 3 experts, and for the first one its encoder and other decoders never left the accelerator)."""
+    torch.manual_seed(0)
+    experts = [UNet2DModel(**TINY_UNET).eval() for _ in range(3)]
+    experts[multistage_expert] = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(800,)).eval()
+    pipe = ExpertRoutingPipeline(ExpertRoutingModel(experts, stage_boundaries=(300, 600)), DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    expected = _images(pipe)
+    pipe.enable_stage_offload(device="cpu", prefetch=False)
+    assert pipe._stage_offload.units == experts and all(pipe.stage_network(s) is experts[s] for s in range(3))
     np.testing.assert_array_equal(_images(pipe), expected)
