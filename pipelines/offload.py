@@ -180,7 +180,7 @@ class StageOffloadMixin:
         call two stage networks are resident. Images are the same as without offload.
 
         It replaces `enable_model_cpu_offload` (which moves whole components, every stage network at once) and is
-        refused with it, with `enable_sequential_cpu_offload` and with a ``device_map``. Move the pipeline
+        refused with it, with `enable_sequential_cpu_offload`, with group offloading and with a ``device_map``. Move the pipeline
         (``pipe.to(device)``; a dtype alone may change) and copy it with `from_pipe` only after
         `disable_stage_offload` (or `remove_all_hooks`, which removes these hooks too): the hooks track where each
         network is, and both are refused before.
@@ -200,6 +200,12 @@ class StageOffloadMixin:
                 "`enable_stage_offload` cannot be combined with `enable_model_cpu_offload`, "
                 f"`enable_sequential_cpu_offload` or a `device_map` (hooked components: {hooked or 'none'}, "
                 f"device map: {self.hf_device_map}): call `remove_all_hooks()` / `reset_device_map()` first."
+            )
+        if self._maybe_raise_error_if_group_offload_active():
+            raise ValueError(
+                "`enable_stage_offload` cannot be combined with group offloading (`enable_group_offload`, "
+                "`apply_group_offloading`), which moves the same weights by its own hooks (diffusers refuses its "
+                "model and sequential offload with it too): load the pipeline again without group offloading."
             )
         if device is None and get_device() == "cpu":
             raise ValueError(
@@ -274,6 +280,10 @@ class StageOffloadMixin:
     def enable_sequential_cpu_offload(self, *args, **kwargs) -> None:
         self._refuse_with_stage_offload("enable_sequential_cpu_offload")
         super().enable_sequential_cpu_offload(*args, **kwargs)
+
+    def enable_group_offload(self, *args, **kwargs) -> None:
+        self._refuse_with_stage_offload("enable_group_offload")
+        super().enable_group_offload(*args, **kwargs)
 
     def _refuse_with_stage_offload(self, method: str) -> None:
         if self._stage_offload is not None:

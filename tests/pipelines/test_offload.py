@@ -254,3 +254,22 @@ def test_a_multi_stage_expert_is_offloaded_whole(multistage_expert, recorded):
     pipe.enable_stage_offload(device="cpu", prefetch=False)
     assert pipe._stage_offload.units == experts and all(pipe.stage_network(s) is experts[s] for s in range(3))
     np.testing.assert_array_equal(_images(pipe), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_refused_with_group_offload_either_order(kind):
+    """diffusers refuses its model and sequential offload with group offloading; stage offload moves whole networks
+    too, and was accepted on a group-offloaded pipeline (and group offloading on a stage-offloaded one), each
+    moving the other's weights behind its back."""
+    pipe = tiny_pipeline(kind)
+    expected = _images(pipe)
+    pipe.enable_stage_offload(device="cpu")
+    with pytest.raises(ValueError, match="`enable_group_offload` cannot be combined with `enable_stage_offload`"):
+        pipe.enable_group_offload(onload_device=CPU, offload_type="leaf_level")
+    assert not any(pipe._maybe_raise_error_if_group_offload_active(module=c) for c in pipe._stage_offload.components)
+    pipe.disable_stage_offload()
+    pipe.enable_group_offload(onload_device=CPU, offload_type="leaf_level")
+    with pytest.raises(ValueError, match="`enable_stage_offload` cannot be combined with group offloading"):
+        pipe.enable_stage_offload(device="cpu")
+    assert pipe._stage_offload is None
+    np.testing.assert_array_equal(_images(pipe), expected)
