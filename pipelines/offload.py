@@ -273,13 +273,21 @@ class StageOffloadMixin:
             )
         return super().from_pipe(pipeline, **kwargs)
 
-    def enable_model_cpu_offload(self, *args, **kwargs) -> None:
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """As diffusers', refused under `enable_stage_offload`; a ``device`` this machine lacks, or a ``gpu_id`` that is
+        not an index, is a `ValueError` before anything moves."""
         self._refuse_with_stage_offload("enable_model_cpu_offload")
-        super().enable_model_cpu_offload(*args, **kwargs)
+        _check_offload_arguments(gpu_id, device)
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
 
-    def enable_sequential_cpu_offload(self, *args, **kwargs) -> None:
+    def enable_sequential_cpu_offload(
+        self, gpu_id: int | None = None, device: torch.device | str | None = None
+    ) -> None:
+        """As diffusers', refused under `enable_stage_offload`; a ``device`` this machine lacks, or a ``gpu_id`` that is
+        not an index, is a `ValueError` before anything moves."""
         self._refuse_with_stage_offload("enable_sequential_cpu_offload")
-        super().enable_sequential_cpu_offload(*args, **kwargs)
+        _check_offload_arguments(gpu_id, device)
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
 
     def enable_group_offload(self, *args, **kwargs) -> None:
         self._refuse_with_stage_offload("enable_group_offload")
@@ -291,6 +299,16 @@ class StageOffloadMixin:
                 f"`{method}` cannot be combined with `enable_stage_offload`, which already keeps one stage network "
                 "on the accelerator at a time: call `disable_stage_offload()` first."
             )
+
+
+def _check_offload_arguments(gpu_id: int | None, device: torch.device | str | None) -> None:
+    """diffusers' offload arguments: ``gpu_id`` None or an index, ``device`` None or a device this machine has
+    (diffusers accepts a missing accelerator until the first call, and reads a bad ``gpu_id`` as part of a device
+    string)."""
+    if gpu_id is not None and (isinstance(gpu_id, bool) or not isinstance(gpu_id, int) or gpu_id < 0):
+        raise ValueError(f"`gpu_id` must be a non-negative integer (the accelerator's index) or None, got {gpu_id!r}.")
+    if device is not None:
+        check_device(device, "device")
 
 
 def _place_outside(module: torch.nn.Module, skip: set[int], device: torch.device) -> None:

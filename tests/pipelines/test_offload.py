@@ -273,3 +273,26 @@ def test_refused_with_group_offload_either_order(kind):
         pipe.enable_stage_offload(device="cpu")
     assert pipe._stage_offload is None
     np.testing.assert_array_equal(_images(pipe), expected)
+
+
+@pytest.mark.parametrize("method", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
+def test_diffusers_offload_refuses_a_bad_device_or_gpu_id_before_anything_moves(method):
+    """A `device` this machine lacks was accepted and failed at the first call (an AssertionError from torch's CUDA
+    stub), "mps" on Linux failed half-way through enabling, and a `gpu_id` that is not an index was a RuntimeError
+    about a device string the user never wrote: each is a `ValueError` naming the argument, as `enable_stage_offload`
+    gives, with the pipeline untouched."""
+    pipe = tiny_pipeline("experts")
+    expected = _images(pipe)
+    enable = getattr(pipe, method)
+    missing = [] if torch.cuda.is_available() else ["cuda"]
+    missing += [] if torch.backends.mps.is_available() else ["mps"]
+    for device in [*missing, "meta"]:
+        with pytest.raises(ValueError, match=f"`device` must be a device this machine has, got '{device}'"):
+            enable(device=device)
+    with pytest.raises(ValueError, match="`device` must be a torch device such as 'cpu' or 'cuda', got 'gpu0'"):
+        enable(device="gpu0")
+    for gpu_id in ("x", -1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"`gpu_id` must be a non-negative integer .*got {gpu_id!r}"):
+            enable(gpu_id=gpu_id, device="cpu")
+    assert not getattr(pipe, "_all_hooks", None) and not hasattr(pipe.experts, "_hf_hook")
+    np.testing.assert_array_equal(_images(pipe), expected)
