@@ -33,7 +33,8 @@ class StageNetworkHook(ModelHook):
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         self.offload.activate(self.unit)
-        return send_to_device(args, self.offload.device), send_to_device(kwargs, self.offload.device)
+        device = self.offload.device
+        return tuple(_send_in_place(arg, device) for arg in args), send_to_device(kwargs, device)
 
     def post_forward(self, module: torch.nn.Module, output):
         self.offload.after_call(self.unit)
@@ -309,6 +310,16 @@ def _check_offload_arguments(gpu_id: int | None, device: torch.device | str | No
         raise ValueError(f"`gpu_id` must be a non-negative integer (the accelerator's index) or None, got {gpu_id!r}.")
     if device is not None:
         check_device(device, "device")
+
+
+def _send_in_place(value, device: torch.device):
+    """``value`` on ``device`` (`send_to_device`), a list in place: a network that empties a list it is handed (a
+    decoder its skips, each freed once read) then empties the caller's, not a copy that leaves the caller's list
+    holding every tensor to the end of the call."""
+    if isinstance(value, list):
+        value[:] = [send_to_device(item, device) for item in value]
+        return value
+    return send_to_device(value, device)
 
 
 def _place_outside(module: torch.nn.Module, skip: set[int], device: torch.device) -> None:

@@ -8,6 +8,7 @@ import torch
 from diffusers import DDIMScheduler, HeunDiscreteScheduler, PNDMScheduler, UNet2DModel
 
 from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, MultiStageUNet2DModel
+from diffusers_stages.models.staged import StagedModelMixin
 from diffusers_stages.pipelines.offload import StageOffload
 from tests.conftest import TINY_UNET
 from tests.pipelines.conftest import KINDS, tiny_pipeline
@@ -296,3 +297,28 @@ def test_diffusers_offload_refuses_a_bad_device_or_gpu_id_before_anything_moves(
             enable(gpu_id=gpu_id, device="cpu")
     assert not getattr(pipe, "_all_hooks", None) and not hasattr(pipe.experts, "_hf_hook")
     np.testing.assert_array_equal(_images(pipe), expected)
+
+
+def test_a_decoder_still_frees_the_encoder_skips(monkeypatch):
+    """A decoder empties the list of skips it is given, so that each skip is freed once read (`decode`): the hook
+    handed the decoder a copy of the list, and the routing's list kept every skip alive to the end of the decoder."""
+    left = []
+    route = StagedModelMixin.route
+
+    def recording_route(self, timesteps, stage_index, run_stage, inputs, fuse=None):
+        def run(stage, stage_inputs):  # each decoder's call, and what is left of the skips it was handed
+            out = run_stage(stage, stage_inputs)
+            left.append(len(stage_inputs[1]))
+            return out
+
+        return route(self, timesteps, stage_index, run, inputs, fuse=fuse)
+
+    monkeypatch.setattr(StagedModelMixin, "route", recording_route)
+    pipe = tiny_pipeline("multistage")
+    sample = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = pipe.unet(sample, 500, stage_index=1).sample
+        pipe.enable_stage_offload(device="cpu")
+        torch.testing.assert_close(pipe.unet(sample, 500, stage_index=1).sample, expected, rtol=0, atol=0)
+        assert pipe.unet(sample, torch.tensor([100, 900])).sample.shape == expected.shape  # a mixed batch
+    assert left == [0, 0, 0, 0]  # one call, one call, and a mixed batch's two
