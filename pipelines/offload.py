@@ -184,7 +184,8 @@ class StageOffloadMixin:
         refused with it, with `enable_sequential_cpu_offload`, with group offloading and with a ``device_map``. Move the pipeline
         (``pipe.to(device)``; a dtype alone may change) and copy it with `from_pipe` only after
         `disable_stage_offload` (or `remove_all_hooks`, which removes these hooks too): the hooks track where each
-        network is, and both are refused before.
+        network is, and both are refused before (so is `enable_stage_offload` of another pipeline built on the same
+        networks).
 
         Args:
             device (`torch.device` or `str`, *optional*): the execution device; defaults to the accelerator found
@@ -217,11 +218,24 @@ class StageOffloadMixin:
         offload_device = check_device(offload_device, "offload_device")
         if device.type not in ("cpu", "mps") and device.index is None:
             device = torch.device(device.type, torch.get_device_module(device.type).current_device())
-        self.disable_stage_offload()  # enabling again replaces the hooks
         # a step-fraction switch needs a step count: the sampling default, which every scheduler takes (PNDM's
         # Runge-Kutta warm-up refuses fewer than 4); the number of stages does not depend on it
         num_stages = self.resolve_partition(DEFAULT_NUM_INFERENCE_STEPS).num_stages
         networks = [self.stage_network(stage) for stage in range(num_stages)]
+        own = self._stage_offload
+        foreign = [
+            f"stage {stage} ({type(network).__name__})"
+            for stage, network in enumerate(networks)
+            if hasattr(network, "_hf_hook")
+            and not (isinstance(network._hf_hook, StageNetworkHook) and network._hf_hook.offload is own)
+        ]
+        if foreign:
+            raise ValueError(
+                f"`enable_stage_offload` cannot hook {', '.join(foreign)}: these stage networks are offloaded by "
+                "another pipeline built on them (or carry other accelerate hooks), which would lose track of them. "
+                "Call `disable_stage_offload()` (or `remove_all_hooks()`) on that pipeline first."
+            )
+        self.disable_stage_offload()  # enabling again replaces the hooks
         components = [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
         self._stage_offload = StageOffload(components, networks, device, offload_device, prefetch)
 

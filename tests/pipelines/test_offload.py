@@ -322,3 +322,23 @@ def test_a_decoder_still_frees_the_encoder_skips(monkeypatch):
         torch.testing.assert_close(pipe.unet(sample, 500, stage_index=1).sample, expected, rtol=0, atol=0)
         assert pipe.unet(sample, torch.tensor([100, 900])).sample.shape == expected.shape  # a mixed batch
     assert left == [0, 0, 0, 0]  # one call, one call, and a mixed batch's two
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_networks_offloaded_by_another_pipeline_are_refused(kind):
+    """A second pipeline built on the networks of a stage-offloaded one (what `from_pipe` refuses) took their hooks
+    from it silently: the first pipeline's `disable_stage_offload` then removed the second's hooks, which sampled on
+    with its networks left on the offload device."""
+    pipe = tiny_pipeline(kind)
+    expected = _images(pipe)
+    pipe.enable_stage_offload(device="cpu")
+    other = type(pipe)(**pipe.components)
+    other.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="stage networks are offloaded by another pipeline"):
+        other.enable_stage_offload(device="cpu")
+    assert other._stage_offload is None
+    assert all(unit._hf_hook.offload is pipe._stage_offload for unit in pipe._stage_offload.units)
+    np.testing.assert_array_equal(_images(pipe), expected)
+    pipe.disable_stage_offload()
+    other.enable_stage_offload(device="cpu")
+    np.testing.assert_array_equal(_images(other), expected)
