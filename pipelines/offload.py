@@ -181,8 +181,8 @@ class StageOffloadMixin:
         call two stage networks are resident. Images are the same as without offload.
 
         It replaces `enable_model_cpu_offload` (which moves whole components, every stage network at once) and is
-        refused with it, with `enable_sequential_cpu_offload`, with group offloading and with a ``device_map``. Move the pipeline
-        (``pipe.to(device)``; a dtype alone may change) and copy it with `from_pipe` only after
+        refused with it, with `enable_sequential_cpu_offload`, with group offloading and with a ``device_map``. Move
+        the pipeline (``pipe.to(device)``; a dtype alone may change) and copy it with `from_pipe` only after
         `disable_stage_offload` (or `remove_all_hooks`, which removes these hooks too): the hooks track where each
         network is, and both are refused before (so is `enable_stage_offload` of another pipeline built on the same
         networks).
@@ -289,8 +289,8 @@ class StageOffloadMixin:
         return super().from_pipe(pipeline, **kwargs)
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
-        """As diffusers', refused under `enable_stage_offload`; a ``device`` this machine lacks, or a ``gpu_id`` that is
-        not an index, is a `ValueError` before anything moves."""
+        """As diffusers', refused under `enable_stage_offload`; a ``device`` this machine lacks, or a ``gpu_id`` that
+        is not an index, is a `ValueError` before anything moves."""
         self._refuse_with_stage_offload("enable_model_cpu_offload")
         _check_offload_arguments(gpu_id, device)
         super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
@@ -298,8 +298,8 @@ class StageOffloadMixin:
     def enable_sequential_cpu_offload(
         self, gpu_id: int | None = None, device: torch.device | str | None = None
     ) -> None:
-        """As diffusers', refused under `enable_stage_offload`; a ``device`` this machine lacks, or a ``gpu_id`` that is
-        not an index, is a `ValueError` before anything moves."""
+        """As diffusers', refused under `enable_stage_offload`; a ``device`` this machine lacks, or a ``gpu_id`` that
+        is not an index, is a `ValueError` before anything moves."""
         self._refuse_with_stage_offload("enable_sequential_cpu_offload")
         _check_offload_arguments(gpu_id, device)
         super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
