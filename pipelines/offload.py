@@ -33,7 +33,8 @@ class StageNetworkHook(ModelHook):
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         self.offload.activate(self.unit)
-        return send_to_device(args, self.offload.device), send_to_device(kwargs, self.offload.device)
+        device = self.offload.device
+        return tuple(_send_in_place(arg, device) for arg in args), send_to_device(kwargs, device)
 
     def post_forward(self, module: torch.nn.Module, output):
         self.offload.after_call(self.unit)
@@ -157,10 +158,13 @@ class StageOffloadMixin:
 
     def stage_network(self, stage: int) -> torch.nn.Module:
         """The module only ``stage`` runs: its decoder when the stages share an encoder (``decoders[stage]`` of a
-        multi-stage U-Net), else its whole denoiser (an expert, a backbone)."""
-        model = self.stage_denoiser(stage)[0]
+        multi-stage U-Net, which the pipeline calls with ``stage_index=stage``), else its whole denoiser (an expert, a
+        backbone; one that is itself a multi-stage U-Net routes among its own decoders, which are not the pipeline's
+        stages)."""
+        model, kwargs = self.stage_denoiser(stage)
         decoders = getattr(model, "decoders", None)
-        return decoders[stage] if isinstance(decoders, torch.nn.ModuleList) else model
+        shared = kwargs.get("stage_index") == stage and isinstance(decoders, torch.nn.ModuleList)
+        return decoders[stage] if shared else model
 
     def enable_stage_offload(
         self,
@@ -177,10 +181,11 @@ class StageOffloadMixin:
         call two stage networks are resident. Images are the same as without offload.
 
         It replaces `enable_model_cpu_offload` (which moves whole components, every stage network at once) and is
-        refused with it, with `enable_sequential_cpu_offload` and with a ``device_map``. Move the pipeline
-        (``pipe.to(device)``; a dtype alone may change) and copy it with `from_pipe` only after
+        refused with it, with `enable_sequential_cpu_offload`, with group offloading and with a ``device_map``. Move
+        the pipeline (``pipe.to(device)``; a dtype alone may change) and copy it with `from_pipe` only after
         `disable_stage_offload` (or `remove_all_hooks`, which removes these hooks too): the hooks track where each
-        network is, and both are refused before.
+        network is, and both are refused before (so is `enable_stage_offload` of another pipeline built on the same
+        networks).
 
         Args:
             device (`torch.device` or `str`, *optional*): the execution device; defaults to the accelerator found
@@ -198,6 +203,12 @@ class StageOffloadMixin:
                 f"`enable_sequential_cpu_offload` or a `device_map` (hooked components: {hooked or 'none'}, "
                 f"device map: {self.hf_device_map}): call `remove_all_hooks()` / `reset_device_map()` first."
             )
+        if self._maybe_raise_error_if_group_offload_active():
+            raise ValueError(
+                "`enable_stage_offload` cannot be combined with group offloading (`enable_group_offload`, "
+                "`apply_group_offloading`), which moves the same weights by its own hooks (diffusers refuses its "
+                "model and sequential offload with it too): load the pipeline again without group offloading."
+            )
         if device is None and get_device() == "cpu":
             raise ValueError(
                 "`device` must be given on a machine without an accelerator, got None (`device='cpu'` runs the "
@@ -207,11 +218,24 @@ class StageOffloadMixin:
         offload_device = check_device(offload_device, "offload_device")
         if device.type not in ("cpu", "mps") and device.index is None:
             device = torch.device(device.type, torch.get_device_module(device.type).current_device())
-        self.disable_stage_offload()  # enabling again replaces the hooks
         # a step-fraction switch needs a step count: the sampling default, which every scheduler takes (PNDM's
         # Runge-Kutta warm-up refuses fewer than 4); the number of stages does not depend on it
         num_stages = self.resolve_partition(DEFAULT_NUM_INFERENCE_STEPS).num_stages
         networks = [self.stage_network(stage) for stage in range(num_stages)]
+        own = self._stage_offload
+        foreign = [
+            f"stage {stage} ({type(network).__name__})"
+            for stage, network in enumerate(networks)
+            if hasattr(network, "_hf_hook")
+            and not (isinstance(network._hf_hook, StageNetworkHook) and network._hf_hook.offload is own)
+        ]
+        if foreign:
+            raise ValueError(
+                f"`enable_stage_offload` cannot hook {', '.join(foreign)}: these stage networks are offloaded by "
+                "another pipeline built on them (or carry other accelerate hooks), which would lose track of them. "
+                "Call `disable_stage_offload()` (or `remove_all_hooks()`) on that pipeline first."
+            )
+        self.disable_stage_offload()  # enabling again replaces the hooks
         components = [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
         self._stage_offload = StageOffload(components, networks, device, offload_device, prefetch)
 
@@ -264,13 +288,25 @@ class StageOffloadMixin:
             )
         return super().from_pipe(pipeline, **kwargs)
 
-    def enable_model_cpu_offload(self, *args, **kwargs) -> None:
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """As diffusers', refused under `enable_stage_offload`; a ``device`` this machine lacks, or a ``gpu_id`` that
+        is not an index, is a `ValueError` before anything moves."""
         self._refuse_with_stage_offload("enable_model_cpu_offload")
-        super().enable_model_cpu_offload(*args, **kwargs)
+        _check_offload_arguments(gpu_id, device)
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
 
-    def enable_sequential_cpu_offload(self, *args, **kwargs) -> None:
+    def enable_sequential_cpu_offload(
+        self, gpu_id: int | None = None, device: torch.device | str | None = None
+    ) -> None:
+        """As diffusers', refused under `enable_stage_offload`; a ``device`` this machine lacks, or a ``gpu_id`` that
+        is not an index, is a `ValueError` before anything moves."""
         self._refuse_with_stage_offload("enable_sequential_cpu_offload")
-        super().enable_sequential_cpu_offload(*args, **kwargs)
+        _check_offload_arguments(gpu_id, device)
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def enable_group_offload(self, *args, **kwargs) -> None:
+        self._refuse_with_stage_offload("enable_group_offload")
+        super().enable_group_offload(*args, **kwargs)
 
     def _refuse_with_stage_offload(self, method: str) -> None:
         if self._stage_offload is not None:
@@ -278,6 +314,26 @@ class StageOffloadMixin:
                 f"`{method}` cannot be combined with `enable_stage_offload`, which already keeps one stage network "
                 "on the accelerator at a time: call `disable_stage_offload()` first."
             )
+
+
+def _check_offload_arguments(gpu_id: int | None, device: torch.device | str | None) -> None:
+    """diffusers' offload arguments: ``gpu_id`` None or an index, ``device`` None or a device this machine has
+    (diffusers accepts a missing accelerator until the first call, and reads a bad ``gpu_id`` as part of a device
+    string)."""
+    if gpu_id is not None and (isinstance(gpu_id, bool) or not isinstance(gpu_id, int) or gpu_id < 0):
+        raise ValueError(f"`gpu_id` must be a non-negative integer (the accelerator's index) or None, got {gpu_id!r}.")
+    if device is not None:
+        check_device(device, "device")
+
+
+def _send_in_place(value, device: torch.device):
+    """``value`` on ``device`` (`send_to_device`), a list in place: a network that empties a list it is handed (a
+    decoder its skips, each freed once read) then empties the caller's, not a copy that leaves the caller's list
+    holding every tensor to the end of the call."""
+    if isinstance(value, list):
+        value[:] = [send_to_device(item, device) for item in value]
+        return value
+    return send_to_device(value, device)
 
 
 def _place_outside(module: torch.nn.Module, skip: set[int], device: torch.device) -> None:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, HeunDiscreteScheduler, PNDMScheduler, UNet2DModel
 
-from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
+from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, MultiStageUNet2DModel
+from diffusers_stages.models.staged import StagedModelMixin
 from diffusers_stages.pipelines.offload import StageOffload
 from tests.conftest import TINY_UNET
 from tests.pipelines.conftest import KINDS, tiny_pipeline
@@ -238,3 +239,106 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_moves():
         pipe.enable_stage_offload(device="cpu", offload_device="meta")
     assert pipe._stage_offload is None and all(p.device.type == "cpu" for p in pipe.experts.parameters())
     np.testing.assert_array_equal(_images(pipe), expected)
+
+
+@pytest.mark.parametrize("multistage_expert", [0, 2])
+def test_a_multi_stage_expert_is_offloaded_whole(multistage_expert, recorded):
+    """An expert that is itself a multi-stage U-Net is its stage's network as a whole: its decoders are its own
+    stages, not the pipeline's. Its decoder of the pipeline's stage index was taken instead (an IndexError for the
+    last of 3 experts, and for the first one its encoder and other decoders never left the accelerator)."""
+    torch.manual_seed(0)
+    experts = [UNet2DModel(**TINY_UNET).eval() for _ in range(3)]
+    experts[multistage_expert] = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(800,)).eval()
+    pipe = ExpertRoutingPipeline(ExpertRoutingModel(experts, stage_boundaries=(300, 600)), DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    expected = _images(pipe)
+    pipe.enable_stage_offload(device="cpu", prefetch=False)
+    assert pipe._stage_offload.units == experts and all(pipe.stage_network(s) is experts[s] for s in range(3))
+    np.testing.assert_array_equal(_images(pipe), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_refused_with_group_offload_either_order(kind):
+    """diffusers refuses its model and sequential offload with group offloading; stage offload moves whole networks
+    too, and was accepted on a group-offloaded pipeline (and group offloading on a stage-offloaded one), each
+    moving the other's weights behind its back."""
+    pipe = tiny_pipeline(kind)
+    expected = _images(pipe)
+    pipe.enable_stage_offload(device="cpu")
+    with pytest.raises(ValueError, match="`enable_group_offload` cannot be combined with `enable_stage_offload`"):
+        pipe.enable_group_offload(onload_device=CPU, offload_type="leaf_level")
+    assert not any(pipe._maybe_raise_error_if_group_offload_active(module=c) for c in pipe._stage_offload.components)
+    pipe.disable_stage_offload()
+    pipe.enable_group_offload(onload_device=CPU, offload_type="leaf_level")
+    with pytest.raises(ValueError, match="`enable_stage_offload` cannot be combined with group offloading"):
+        pipe.enable_stage_offload(device="cpu")
+    assert pipe._stage_offload is None
+    np.testing.assert_array_equal(_images(pipe), expected)
+
+
+@pytest.mark.parametrize("method", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
+def test_diffusers_offload_refuses_a_bad_device_or_gpu_id_before_anything_moves(method):
+    """A `device` this machine lacks was accepted and failed at the first call (an AssertionError from torch's CUDA
+    stub), "mps" on Linux failed half-way through enabling, and a `gpu_id` that is not an index was a RuntimeError
+    about a device string the user never wrote: each is a `ValueError` naming the argument, as `enable_stage_offload`
+    gives, with the pipeline untouched."""
+    pipe = tiny_pipeline("experts")
+    expected = _images(pipe)
+    enable = getattr(pipe, method)
+    missing = [] if torch.cuda.is_available() else ["cuda"]
+    missing += [] if torch.backends.mps.is_available() else ["mps"]
+    for device in [*missing, "meta"]:
+        with pytest.raises(ValueError, match=f"`device` must be a device this machine has, got '{device}'"):
+            enable(device=device)
+    with pytest.raises(ValueError, match="`device` must be a torch device such as 'cpu' or 'cuda', got 'gpu0'"):
+        enable(device="gpu0")
+    for gpu_id in ("x", -1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"`gpu_id` must be a non-negative integer .*got {gpu_id!r}"):
+            enable(gpu_id=gpu_id, device="cpu")
+    assert not getattr(pipe, "_all_hooks", None) and not hasattr(pipe.experts, "_hf_hook")
+    np.testing.assert_array_equal(_images(pipe), expected)
+
+
+def test_a_decoder_still_frees_the_encoder_skips(monkeypatch):
+    """A decoder empties the list of skips it is given, so that each skip is freed once read (`decode`): the hook
+    handed the decoder a copy of the list, and the routing's list kept every skip alive to the end of the decoder."""
+    left = []
+    route = StagedModelMixin.route
+
+    def recording_route(self, timesteps, stage_index, run_stage, inputs, fuse=None):
+        def run(stage, stage_inputs):  # each decoder's call, and what is left of the skips it was handed
+            out = run_stage(stage, stage_inputs)
+            left.append(len(stage_inputs[1]))
+            return out
+
+        return route(self, timesteps, stage_index, run, inputs, fuse=fuse)
+
+    monkeypatch.setattr(StagedModelMixin, "route", recording_route)
+    pipe = tiny_pipeline("multistage")
+    sample = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = pipe.unet(sample, 500, stage_index=1).sample
+        pipe.enable_stage_offload(device="cpu")
+        torch.testing.assert_close(pipe.unet(sample, 500, stage_index=1).sample, expected, rtol=0, atol=0)
+        assert pipe.unet(sample, torch.tensor([100, 900])).sample.shape == expected.shape  # a mixed batch
+    assert left == [0, 0, 0, 0]  # one call, one call, and a mixed batch's two
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_networks_offloaded_by_another_pipeline_are_refused(kind):
+    """A second pipeline built on the networks of a stage-offloaded one (what `from_pipe` refuses) took their hooks
+    from it silently: the first pipeline's `disable_stage_offload` then removed the second's hooks, which sampled on
+    with its networks left on the offload device."""
+    pipe = tiny_pipeline(kind)
+    expected = _images(pipe)
+    pipe.enable_stage_offload(device="cpu")
+    other = type(pipe)(**pipe.components)
+    other.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="stage networks are offloaded by another pipeline"):
+        other.enable_stage_offload(device="cpu")
+    assert other._stage_offload is None
+    assert all(unit._hf_hook.offload is pipe._stage_offload for unit in pipe._stage_offload.units)
+    np.testing.assert_array_equal(_images(pipe), expected)
+    pipe.disable_stage_offload()
+    other.enable_stage_offload(device="cpu")
+    np.testing.assert_array_equal(_images(other), expected)
