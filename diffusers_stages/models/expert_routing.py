@@ -30,6 +30,7 @@ from .loading import (
     DOWNLOAD_KWARGS,
     check_folder_files,
     check_name,
+    check_subfolder,
     component_folder,
     download_weights,
     realign_storage,
@@ -429,6 +430,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                     f"folder `{cls.__name__}.save_pretrained` wrote."
                 )
             folder = _download(str(pretrained_model_name_or_path), subfolder, load_experts, download)
+        else:
+            check_subfolder(pretrained_model_name_or_path, subfolder)
         check_folder_files(folder)
         config = cls.load_config(folder)
         if config.get("_class_name") != cls.__name__ or "expert_classes" not in config:

@@ -33,6 +33,7 @@ class StrictLoadingMixin(SaveThenPushMixin):
             raise ValueError("`ignore_mismatched_sizes=True` is not supported: it would leave random weights behind.")
         folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         if os.path.isdir(folder):
+            check_subfolder(pretrained_model_name_or_path, kwargs.get("subfolder"))
             check_folder_files(folder)
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
@@ -212,6 +213,20 @@ def _allowed_roots(folder: str | os.PathLike) -> list[str]:
         if parts[last - 1].startswith(("models--", "datasets--", "spaces--")):
             roots.append(os.sep.join([*parts[:last], "blobs"]))
     return roots
+
+
+def check_subfolder(root: str | os.PathLike, subfolder: str | None) -> None:
+    """Refuse a ``subfolder`` of the local folder ``root`` that leads out of it (a symbolic link to another folder,
+    ``..``, an absolute path): a `ValueError` naming it, as the files read from there would be another folder's."""
+    if not subfolder:
+        return
+    real_root = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(root, subfolder))
+    if not target.startswith(os.path.join(real_root, "")):
+        raise ValueError(
+            f"`subfolder` {subfolder!r} of {root} leads to {target!r}, outside the folder: refused (load that folder "
+            "itself if you trust it)."
+        )
 
 
 def component_folder(root: str | os.PathLike, name: str) -> str:
