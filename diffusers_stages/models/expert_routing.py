@@ -35,6 +35,7 @@ from .loading import (
     download_weights,
     realign_storage,
     refuse_mismatched_keys,
+    refuse_non_float_weights,
 )
 from .staged import StagedModelMixin
 
@@ -459,6 +460,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                     f"Expert {i} at {path} could not be loaded as {expert_class.__name__}: {error}"
                 ) from error
             refuse_mismatched_keys(info, path, expert_class.__name__)
+            refuse_non_float_weights(expert, path)  # diffusers' own experts would be cast silently
             realign_storage(expert)  # bit-identical outputs after a reload
             experts[i], infos[i] = expert, info
         model = cls(
