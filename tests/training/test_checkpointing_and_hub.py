@@ -292,3 +292,25 @@ def test_a_linked_checkpoint_is_pruned_as_a_link_and_its_target_is_kept(tmp_path
     os.symlink(target, run / ".checkpoint-8.partial")  # leftovers that are links: unlinked, not followed
     assert remove_leftovers(str(run)) == [".checkpoint-8.partial"]
     assert _names(run) == ["checkpoint-6"] and _names(target) == [COMPLETE_MARKER, "unet"]
+
+
+def test_push_refuses_a_file_that_links_out_of_the_output_folder(tmp_path, monkeypatch):
+    # `HfApi.upload_folder` follows links: the file a link leads to (a token, a key) would be published
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out, secret = tmp_path / "out", tmp_path / "secret"
+    _touch(str(out / "model_index.json"))
+    secret.write_text("hf_token")
+    os.symlink(secret, out / "notes.txt")
+    os.symlink(tmp_path, out / "checkpoint-5")  # a linked checkpoint is left out of the push, as its files
+    _touch(str(out / "logs" / "run" / "x"))
+    os.symlink(secret, out / "logs" / "run" / "linked")  # left out too
+    with pytest.raises(ValueError, match="'notes.txt'.*outside"):
+        push_output_folder(
+            str(out), "me/model", "card", [], api=LocalHubApi(str(tmp_path / "hub")), class_conditional=False
+        )
+    assert not (tmp_path / "hub" / "me" / "model" / "notes.txt").exists()
+    os.remove(out / "notes.txt")
+    push_output_folder(
+        str(out), "me/model", "card", [], api=LocalHubApi(str(tmp_path / "hub")), class_conditional=False
+    )
+    assert sorted(os.listdir(tmp_path / "hub" / "me" / "model")) == ["README.md", "model_index.json"]
