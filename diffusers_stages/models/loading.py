@@ -140,6 +140,20 @@ def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
+def load_strictly(model_class: type, folder: str | os.PathLike):
+    """``model_class.from_pretrained(folder)`` (a local folder), as strict for diffusers' own classes as for the
+    package's (which are strict themselves): a `ValueError` naming the file or keys if a file links out of the folder
+    or the checkpoint has missing, unexpected or non-float weights, which diffusers would leave on the ``meta``
+    device or cast silently."""
+    if model_class.__module__.split(".")[0] != "diffusers":
+        return model_class.from_pretrained(folder)
+    check_folder_files(folder)
+    model, info = model_class.from_pretrained(folder, output_loading_info=True)
+    refuse_mismatched_keys(info, folder, model_class.__name__)
+    refuse_non_float_weights(model, folder)
+    return model
+
+
 def read_json(path: str, argument: str) -> dict:
     """The JSON object in file ``path`` (given as ``argument``: a command-line option, or the file's role such as
     ``model_index.json``), or a `ValueError` that says why not."""

@@ -14,7 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ...models.expert_routing import ExpertRoutingModel, expert_folder
 from ...models.iunet import IUNet2DModel
-from ...models.loading import check_folder_files, exported_class, refuse_mismatched_keys, refuse_non_float_weights
+from ...models.loading import exported_class, load_strictly
 from ...models.meme import meme_expert_configs
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
@@ -175,18 +175,7 @@ def _load_expert(folder: str) -> ModelMixin:
             f"`--assemble_experts`: {folder!r} holds a {name}, not one of the experts this script trains "
             f"({sorted(EXPERT_CLASSES)})."
         )
-    return _load_strictly(EXPERT_CLASSES[name], folder)
-
-
-def _load_strictly(model_class: type[ModelMixin], folder: str) -> ModelMixin:
-    """``model_class.from_pretrained(folder)``, refused (a `ValueError` naming the keys or tensors) if a file links out
-    of the folder or the checkpoint has missing, unexpected or non-float weights, which diffusers' own classes would
-    leave on the ``meta`` device or cast silently."""
-    check_folder_files(folder)
-    model, info = model_class.from_pretrained(folder, output_loading_info=True)
-    refuse_mismatched_keys(info, folder, model_class.__name__)
-    refuse_non_float_weights(model, folder)
-    return model
+    return load_strictly(EXPERT_CLASSES[name], folder)
 
 
 def assemble_expert_runs(run_dirs: list[str]):
@@ -226,5 +215,5 @@ def assemble_expert_runs(run_dirs: list[str]):
         )
     scheduler = scheduler_class.from_pretrained(scheduler_path)
     vae_path = os.path.join(first, "vae")
-    vae = _load_strictly(diffusers.AutoencoderKL, vae_path) if os.path.isdir(vae_path) else None
+    vae = load_strictly(diffusers.AutoencoderKL, vae_path) if os.path.isdir(vae_path) else None
     return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)
