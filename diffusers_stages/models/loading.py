@@ -140,17 +140,22 @@ def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
-def load_strictly(model_class: type, folder: str | os.PathLike):
-    """``model_class.from_pretrained(folder)`` (a local folder), as strict for diffusers' own classes as for the
-    package's (which are strict themselves): a `ValueError` naming the file or keys if a file links out of the folder
-    or the checkpoint has missing, unexpected or non-float weights, which diffusers would leave on the ``meta``
-    device or cast silently."""
+def load_strictly(model_class: type, path: str | os.PathLike, subfolder: str | None = None):
+    """``model_class.from_pretrained(path, subfolder=subfolder)``, as strict for diffusers' own classes as for the
+    package's (which are strict themselves): a `ValueError` naming the keys if the checkpoint has missing or
+    unexpected weights, which diffusers would leave on the ``meta`` device or ignore, and for a local folder naming
+    the file if one links out of the folder or stores non-float weights (which diffusers would cast silently)."""
     if model_class.__module__.split(".")[0] != "diffusers":
-        return model_class.from_pretrained(folder)
-    check_folder_files(folder)
-    model, info = model_class.from_pretrained(folder, output_loading_info=True)
+        return model_class.from_pretrained(path, subfolder=subfolder)
+    folder = os.path.join(str(path), subfolder or "")
+    local = os.path.isdir(folder)
+    if local:
+        check_subfolder(path, subfolder)
+        check_folder_files(folder)
+    model, info = model_class.from_pretrained(path, subfolder=subfolder, output_loading_info=True)
     refuse_mismatched_keys(info, folder, model_class.__name__)
-    refuse_non_float_weights(model, folder)
+    if local:
+        refuse_non_float_weights(model, folder)
     return model
 
 
