@@ -45,10 +45,22 @@ class StrictLoadingMixin(SaveThenPushMixin):
                 ) from error
             raise
         refuse_mismatched_keys(info, pretrained_model_name_or_path, cls.__name__)
-        if os.path.isdir(folder):
-            refuse_non_float_weights(model, folder)
+        if not os.path.isdir(folder):  # a Hub repository: the snapshot folder diffusers has just read
+            folder = os.path.join(
+                _cached_snapshot(pretrained_model_name_or_path, kwargs), kwargs.get("subfolder") or ""
+            )
+        refuse_non_float_weights(model, folder)
         realign_storage(model)
         return (model, info) if wants_info else model
+
+
+def _cached_snapshot(repo_id: str | os.PathLike, kwargs: dict) -> str:
+    """The local snapshot folder of Hub repository ``repo_id`` that `from_pretrained` (called with ``kwargs``) has
+    just loaded from, found in the cache without any download."""
+    from huggingface_hub import snapshot_download
+
+    where = {k: kwargs[k] for k in ("cache_dir", "revision") if kwargs.get(k) is not None}
+    return snapshot_download(str(repo_id), local_files_only=True, **where)
 
 
 def refuse_mismatched_keys(info: dict, path: str | os.PathLike | None, class_name: str) -> None:

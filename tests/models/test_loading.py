@@ -142,3 +142,20 @@ def test_a_subfolder_that_links_out_of_the_folder_is_refused(saved_model, tmp_pa
     with pytest.raises(ValueError, match="'unet'.*outside"):
         model_class.from_pretrained(repo, subfolder="unet")
     assert model_class.from_pretrained(folder.parent, subfolder=folder.name) is not None  # a real sub-folder loads
+
+
+def test_weights_saved_as_integers_are_refused_from_the_hub_too(saved_model, tmp_path):
+    # a Hub repository id was not checked (only a local folder was): diffusers cast the integers silently
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = saved_model
+    cache, revision = tmp_path / "cache", "0" * 40
+    snapshot = cache / "models--me--staged" / "snapshots" / revision
+    shutil.copytree(folder, snapshot)
+    (cache / "models--me--staged" / "refs").mkdir()
+    (cache / "models--me--staged" / "refs" / "main").write_text(revision)
+    assert MultiStageUNet2DModel.from_pretrained("me/staged", cache_dir=cache, local_files_only=True) is not None
+    state = load_file(snapshot / WEIGHTS)
+    save_file({**state, "conv_in.weight": state["conv_in.weight"].to(torch.int64)}, snapshot / WEIGHTS)
+    with pytest.raises(ValueError, match=r"conv_in\.weight.*I64"):
+        MultiStageUNet2DModel.from_pretrained("me/staged", cache_dir=cache, local_files_only=True)
