@@ -22,6 +22,26 @@ def pop_push_kwargs(kwargs: dict) -> dict:
     return {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
 
 
+def check_upload_folder(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> None:
+    """Refuse to push ``folder`` if a file it would upload (one not matched by ``ignore_patterns``) is a symbolic link
+    to a file outside it: `HfApi.upload_folder` follows links, so the target (any file of the user's: a token, a key)
+    would be published. A `ValueError` naming the link; nothing is uploaded. (Linked folders are not followed.)"""
+    from huggingface_hub.utils import filter_repo_objects
+
+    root = os.path.join(os.path.realpath(folder), "")
+    links = {}
+    for current, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(current, name)
+            if os.path.islink(path) and not os.path.realpath(path).startswith(root):
+                links[os.path.relpath(path, folder).replace(os.sep, "/")] = os.path.realpath(path)
+    for relative in filter_repo_objects(sorted(links), ignore_patterns=ignore_patterns):
+        raise ValueError(
+            f"{relative!r} in {str(folder)!r} links to {links[relative]!r}, outside the folder: a push would publish "
+            "that file. Remove the link (or copy the file in, if it belongs to the model) and push again."
+        )
+
+
 def push_saved_folder(
     saved,
     save_directory: str | os.PathLike,
@@ -39,6 +59,7 @@ def push_saved_folder(
     from huggingface_hub import create_repo
 
     save_directory = str(save_directory)
+    check_upload_folder(save_directory)
     repo_id = repo_id or os.path.basename(os.path.normpath(save_directory))
     try:
         repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id

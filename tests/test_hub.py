@@ -75,3 +75,20 @@ def test_push_keyword_arguments_never_reach_the_save(tmp_path):
     model = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,))
     model.save_pretrained(tmp_path / "m", repo_id="me/m", token="unused", private=True)  # no push: nothing contacted
     assert "config.json" in os.listdir(tmp_path / "m")
+
+
+def test_push_refuses_a_file_that_links_out_of_the_folder(tiny_multistage, tmp_path, offline, monkeypatch):
+    # `HfApi.upload_folder` follows links: the file a link leads to (a token, a key) would be published
+    hub = LocalHubApi(str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+    upload = lambda self, folder, repo_id, **kwargs: hub.upload_folder(repo_id=repo_id, folder_path=folder)  # noqa: E731
+    monkeypatch.setattr(MultiStageUNet2DModel, "_upload_folder", upload)
+    (tmp_path / "secret").write_text("hf_token")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    os.symlink(tmp_path / "secret", folder / "notes.txt")
+    with pytest.raises(ValueError, match="'notes.txt'.*outside"):
+        tiny_multistage.save_pretrained(folder, push_to_hub=True, repo_id="me/model")
+    assert not (tmp_path / "hub" / "me" / "model" / "notes.txt").exists()
+    os.remove(folder / "notes.txt")
+    assert MultiStageUNet2DModel.from_pretrained(folder) is not None  # the saved folder is complete

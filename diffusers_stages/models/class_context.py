@@ -10,9 +10,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..conventions import num_data_classes
+from .loading import StrictLoadingMixin
 
 
-class ClassContextEmbedding(ModelMixin, ConfigMixin):
+class ClassContextEmbedding(StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""
     A learned vector per class, given to a cross-attention U-Net as a one-token ``encoder_hidden_states``: class
     ``c`` becomes the context ``(1, cross_attention_dim)`` its attention layers attend to.

@@ -30,10 +30,12 @@ from .loading import (
     DOWNLOAD_KWARGS,
     check_folder_files,
     check_name,
+    check_subfolder,
     component_folder,
     download_weights,
     realign_storage,
     refuse_mismatched_keys,
+    refuse_non_float_weights,
 )
 from .staged import StagedModelMixin
 
@@ -429,6 +431,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                     f"folder `{cls.__name__}.save_pretrained` wrote."
                 )
             folder = _download(str(pretrained_model_name_or_path), subfolder, load_experts, download)
+        else:
+            check_subfolder(pretrained_model_name_or_path, subfolder)
         check_folder_files(folder)
         config = cls.load_config(folder)
         if config.get("_class_name") != cls.__name__ or "expert_classes" not in config:
@@ -456,6 +460,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                     f"Expert {i} at {path} could not be loaded as {expert_class.__name__}: {error}"
                 ) from error
             refuse_mismatched_keys(info, path, expert_class.__name__)
+            refuse_non_float_weights(expert, path)  # diffusers' own experts would be cast silently
             realign_storage(expert)  # bit-identical outputs after a reload
             experts[i], infos[i] = expert, info
         model = cls(

@@ -33,6 +33,7 @@ class StrictLoadingMixin(SaveThenPushMixin):
             raise ValueError("`ignore_mismatched_sizes=True` is not supported: it would leave random weights behind.")
         folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         if os.path.isdir(folder):
+            check_subfolder(pretrained_model_name_or_path, kwargs.get("subfolder"))
             check_folder_files(folder)
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
@@ -44,10 +45,22 @@ class StrictLoadingMixin(SaveThenPushMixin):
                 ) from error
             raise
         refuse_mismatched_keys(info, pretrained_model_name_or_path, cls.__name__)
-        if os.path.isdir(folder):
-            refuse_non_float_weights(model, folder)
+        if not os.path.isdir(folder):  # a Hub repository: the snapshot folder diffusers has just read
+            folder = os.path.join(
+                _cached_snapshot(pretrained_model_name_or_path, kwargs), kwargs.get("subfolder") or ""
+            )
+        refuse_non_float_weights(model, folder)
         realign_storage(model)
         return (model, info) if wants_info else model
+
+
+def _cached_snapshot(repo_id: str | os.PathLike, kwargs: dict) -> str:
+    """The local snapshot folder of Hub repository ``repo_id`` that `from_pretrained` (called with ``kwargs``) has
+    just loaded from, found in the cache without any download."""
+    from huggingface_hub import snapshot_download
+
+    where = {k: kwargs[k] for k in ("cache_dir", "revision") if kwargs.get(k) is not None}
+    return snapshot_download(str(repo_id), local_files_only=True, **where)
 
 
 def refuse_mismatched_keys(info: dict, path: str | os.PathLike | None, class_name: str) -> None:
@@ -139,6 +152,25 @@ def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
+def load_strictly(model_class: type, path: str | os.PathLike, subfolder: str | None = None):
+    """``model_class.from_pretrained(path, subfolder=subfolder)``, as strict for diffusers' own classes as for the
+    package's (which are strict themselves): a `ValueError` naming the keys if the checkpoint has missing or
+    unexpected weights, which diffusers would leave on the ``meta`` device or ignore, and for a local folder naming
+    the file if one links out of the folder or stores non-float weights (which diffusers would cast silently)."""
+    if model_class.__module__.split(".")[0] != "diffusers":
+        return model_class.from_pretrained(path, subfolder=subfolder)
+    folder = os.path.join(str(path), subfolder or "")
+    local = os.path.isdir(folder)
+    if local:
+        check_subfolder(path, subfolder)
+        check_folder_files(folder)
+    model, info = model_class.from_pretrained(path, subfolder=subfolder, output_loading_info=True)
+    refuse_mismatched_keys(info, folder, model_class.__name__)
+    if local:
+        refuse_non_float_weights(model, folder)
+    return model
+
+
 def read_json(path: str, argument: str) -> dict:
     """The JSON object in file ``path`` (given as ``argument``: a command-line option, or the file's role such as
     ``model_index.json``), or a `ValueError` that says why not."""
@@ -212,6 +244,20 @@ def _allowed_roots(folder: str | os.PathLike) -> list[str]:
         if parts[last - 1].startswith(("models--", "datasets--", "spaces--")):
             roots.append(os.sep.join([*parts[:last], "blobs"]))
     return roots
+
+
+def check_subfolder(root: str | os.PathLike, subfolder: str | None) -> None:
+    """Refuse a ``subfolder`` of the local folder ``root`` that leads out of it (a symbolic link to another folder,
+    ``..``, an absolute path): a `ValueError` naming it, as the files read from there would be another folder's."""
+    if not subfolder:
+        return
+    real_root = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(root, subfolder))
+    if not target.startswith(os.path.join(real_root, "")):
+        raise ValueError(
+            f"`subfolder` {subfolder!r} of {root} leads to {target!r}, outside the folder: refused (load that folder "
+            "itself if you trust it)."
+        )
 
 
 def component_folder(root: str | os.PathLike, name: str) -> str:

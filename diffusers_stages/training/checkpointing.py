@@ -15,6 +15,7 @@ import shutil
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
+from ..models.loading import load_strictly
 from .sharding import gathered_networks
 
 # the step as the loop writes it: ASCII digits without a leading zero (`\d` and `int` would take "checkpoint-01" and
@@ -273,7 +274,7 @@ def register_checkpoint_hooks(
         # (sharded: `models` is empty, Accelerate has loaded the shards of its own checkpoint files)
         for name, model in zip(names, models):
             model = accelerator.unwrap_model(model)
-            loaded = type(model).from_pretrained(_network_folder(input_dir, name))
+            loaded = load_strictly(type(model), _network_folder(input_dir, name))  # none left random or cast
             _check_same_config(model, loaded, name, input_dir)
             model.load_state_dict(loaded.state_dict())
             del loaded

@@ -12,7 +12,7 @@ from huggingface_hub import create_repo
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from ..conventions import num_data_classes
-from ..hub import error_summary
+from ..hub import check_upload_folder, error_summary
 
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "samples/*", "*.pkl", "*.bin"]
 MODEL_CARD_TODO_START = "## Intended uses & limitations"
@@ -106,6 +106,7 @@ def push_output_folder(
         relative = os.path.relpath(os.path.join(output_dir, logging_dir), output_dir).replace(os.sep, "/")
         if relative != ".." and not relative.startswith("../"):  # outside the folder: nothing of it is uploaded
             ignore.append(f"{relative}/*")
+    check_upload_folder(output_dir, ignore)
     if api is None:
         from huggingface_hub import HfApi
 

@@ -29,6 +29,7 @@ from diffusers.utils import is_tensorboard_available
 from tqdm.auto import tqdm
 
 from ..conventions import null_class_label, num_data_classes, vae_to_model_latents
+from ..models.loading import load_strictly
 from .args import check_args
 from .checkpointing import (
     checkpoint_folders,
@@ -282,7 +283,7 @@ def _load_vae(task: TrainingTask, device: torch.device, dtype: torch.dtype) -> A
     """The frozen VAE of latent training (None in pixel space)."""
     if task.vae_path is None:
         return None
-    vae = AutoencoderKL.from_pretrained(task.vae_path, subfolder=task.vae_subfolder).to(device, dtype)
+    vae = load_strictly(AutoencoderKL, task.vae_path, task.vae_subfolder).to(device, dtype)  # no weight left random
     vae.requires_grad_(False)
     return vae.eval()
 

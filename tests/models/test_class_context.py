@@ -32,3 +32,20 @@ def test_bad_sizes_and_labels_are_refused_by_name(kwargs, name):
         embed(torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="`class_labels`"):
         embed(torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("corruption", ["missing", "unexpected", "integers"])
+def test_a_checkpoint_that_disagrees_with_its_config_is_refused_not_left_random(tmp_path, corruption):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    ClassContextEmbedding(num_class_embeds=5, cross_attention_dim=8).save_pretrained(tmp_path)
+    state = {
+        "missing": {},
+        "unexpected": {"embedding.weight": torch.zeros(5, 8), "extra.weight": torch.zeros(1)},
+        "integers": {"embedding.weight": torch.ones(5, 8, dtype=torch.int32)},
+    }[corruption]
+    save_file(state, weights)
+    match = "I32" if corruption == "integers" else "does not match its config"
+    with pytest.raises(ValueError, match=match):  # diffusers leaves a missing embedding on the `meta` device
+        ClassContextEmbedding.from_pretrained(tmp_path)

@@ -113,3 +113,49 @@ def test_weights_saved_as_integers_are_refused_not_cast(saved_model, dtype):
     save_file(state, folder / WEIGHTS)
     with pytest.raises(ValueError, match=r"conv_in\.weight.*(I64|BOOL)"):
         MultiStageUNet2DModel.from_pretrained(folder)
+
+
+def _experts():
+    from diffusers import UNet2DModel
+
+    from diffusers_stages import ExpertRoutingModel
+
+    small = dict(
+        sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
+        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+    )  # fmt: skip
+    return ExpertRoutingModel([UNet2DModel(**small), UNet2DModel(**small)], stage_boundaries=(500,))
+
+
+@pytest.mark.parametrize("kind", ["staged", "experts"])
+def test_a_subfolder_that_links_out_of_the_folder_is_refused(saved_model, tmp_path, kind):
+    from diffusers_stages import ExpertRoutingModel
+
+    folder, _ = saved_model
+    if kind == "experts":
+        folder = tmp_path / "experts"
+        _experts().save_pretrained(folder)
+    model_class = ExpertRoutingModel if kind == "experts" else MultiStageUNet2DModel
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    os.symlink(folder, repo / "unet")  # the repository's `unet` is another folder of the user's
+    with pytest.raises(ValueError, match="'unet'.*outside"):
+        model_class.from_pretrained(repo, subfolder="unet")
+    assert model_class.from_pretrained(folder.parent, subfolder=folder.name) is not None  # a real sub-folder loads
+
+
+def test_weights_saved_as_integers_are_refused_from_the_hub_too(saved_model, tmp_path):
+    # a Hub repository id was not checked (only a local folder was): diffusers cast the integers silently
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = saved_model
+    cache, revision = tmp_path / "cache", "0" * 40
+    snapshot = cache / "models--me--staged" / "snapshots" / revision
+    shutil.copytree(folder, snapshot)
+    (cache / "models--me--staged" / "refs").mkdir()
+    (cache / "models--me--staged" / "refs" / "main").write_text(revision)
+    assert MultiStageUNet2DModel.from_pretrained("me/staged", cache_dir=cache, local_files_only=True) is not None
+    state = load_file(snapshot / WEIGHTS)
+    save_file({**state, "conv_in.weight": state["conv_in.weight"].to(torch.int64)}, snapshot / WEIGHTS)
+    with pytest.raises(ValueError, match=r"conv_in\.weight.*I64"):
+        MultiStageUNet2DModel.from_pretrained("me/staged", cache_dir=cache, local_files_only=True)

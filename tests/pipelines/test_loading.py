@@ -348,3 +348,16 @@ def test_a_component_checkpoint_with_missing_or_unexpected_keys_is_refused_in_ev
     save_file({**state, "extra.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match=f"does not match its config.*{key}"):
         pipeline_class.from_pretrained(folder)
+
+
+def test_weights_saved_as_integers_are_refused_not_cast_in_every_component(saved):
+    from safetensors.torch import load_file, save_file
+
+    folder, pipeline_class, _ = saved
+    for path in sorted(folder.rglob("*.safetensors")):  # diffusers' own models too (expert, shallow and deep U-Nets)
+        state = load_file(path)
+        key = sorted(state)[0]
+        save_file({**state, key: (state[key] * 1000).to(torch.int32)}, path)  # corrupted: diffusers casts it back
+        with pytest.raises(ValueError, match=f"{path.name}.*{key}.*I32"):
+            pipeline_class.from_pretrained(folder)
+        save_file(state, path)

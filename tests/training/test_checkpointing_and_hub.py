@@ -292,3 +292,59 @@ def test_a_linked_checkpoint_is_pruned_as_a_link_and_its_target_is_kept(tmp_path
     os.symlink(target, run / ".checkpoint-8.partial")  # leftovers that are links: unlinked, not followed
     assert remove_leftovers(str(run)) == [".checkpoint-8.partial"]
     assert _names(run) == ["checkpoint-6"] and _names(target) == [COMPLETE_MARKER, "unet"]
+
+
+def test_push_refuses_a_file_that_links_out_of_the_output_folder(tmp_path, monkeypatch):
+    # `HfApi.upload_folder` follows links: the file a link leads to (a token, a key) would be published
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out, secret = tmp_path / "out", tmp_path / "secret"
+    _touch(str(out / "model_index.json"))
+    secret.write_text("hf_token")
+    os.symlink(secret, out / "notes.txt")
+    os.symlink(tmp_path, out / "checkpoint-5")  # a linked checkpoint is left out of the push, as its files
+    _touch(str(out / "logs" / "run" / "x"))
+    os.symlink(secret, out / "logs" / "run" / "linked")  # left out too
+    with pytest.raises(ValueError, match="'notes.txt'.*outside"):
+        push_output_folder(
+            str(out), "me/model", "card", [], api=LocalHubApi(str(tmp_path / "hub")), class_conditional=False
+        )
+    assert not (tmp_path / "hub" / "me" / "model" / "notes.txt").exists()
+    os.remove(out / "notes.txt")
+    push_output_folder(
+        str(out), "me/model", "card", [], api=LocalHubApi(str(tmp_path / "hub")), class_conditional=False
+    )
+    assert sorted(os.listdir(tmp_path / "hub" / "me" / "model")) == ["README.md", "model_index.json"]
+
+
+@pytest.mark.parametrize("corruption", ["integers", "link"])
+def test_resuming_reads_a_checkpoint_network_strictly(tmp_path, corruption):
+    # a diffusers network (UNet2DModel) of a checkpoint was read leniently: integer weights resumed cast
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file, save_file
+
+    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
+    from tests.conftest import TINY_UNET
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        model = accelerator.prepare(UNet2DModel(**TINY_UNET))
+        register_checkpoint_hooks(accelerator, ["unet"], {})
+        accelerator.save_state(str(tmp_path / "checkpoint-1"))
+        path = tmp_path / "checkpoint-1" / "unet" / "diffusion_pytorch_model.safetensors"
+        state = load_file(path)
+        key = sorted(state)[0]
+        if corruption == "link":
+            os.rename(path, tmp_path / "elsewhere.safetensors")
+            os.symlink(tmp_path / "elsewhere.safetensors", path)
+        else:
+            save_file({**state, key: state[key].int()}, path)
+        with pytest.raises(ValueError, match="outside" if corruption == "link" else key):
+            accelerator.load_state(str(tmp_path / "checkpoint-1"))
+        assert model is not None
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()

@@ -10,9 +10,11 @@ import diffusers
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ...models.expert_routing import ExpertRoutingModel, expert_folder
 from ...models.iunet import IUNet2DModel
+from ...models.loading import exported_class, load_strictly
 from ...models.meme import meme_expert_configs
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
@@ -173,7 +175,7 @@ def _load_expert(folder: str) -> ModelMixin:
             f"`--assemble_experts`: {folder!r} holds a {name}, not one of the experts this script trains "
             f"({sorted(EXPERT_CLASSES)})."
         )
-    return EXPERT_CLASSES[name].from_pretrained(folder)
+    return load_strictly(EXPERT_CLASSES[name], folder)
 
 
 def assemble_expert_runs(run_dirs: list[str]):
@@ -204,8 +206,14 @@ def assemble_expert_runs(run_dirs: list[str]):
         experts[info["expert_index"]] = _load_expert(os.path.join(run, expert_folder(info["expert_index"])))
     model = ExpertRoutingModel(experts, prediction_type=shared[0]["prediction_type"], **partition.to_config())
     first = runs[0][0]
-    scheduler_class = getattr(diffusers, DDPMScheduler.load_config(os.path.join(first, "scheduler"))["_class_name"])
-    scheduler = scheduler_class.from_pretrained(os.path.join(first, "scheduler"))
+    scheduler_path = os.path.join(first, "scheduler")
+    name = DDPMScheduler.load_config(scheduler_path).get("_class_name")
+    scheduler_class = exported_class(name, SchedulerMixin, (diffusers,))
+    if scheduler_class is None:
+        raise ValueError(
+            f"`--assemble_experts`: `_class_name` {name!r} of {scheduler_path!r} is not a diffusers scheduler."
+        )
+    scheduler = scheduler_class.from_pretrained(scheduler_path)
     vae_path = os.path.join(first, "vae")
-    vae = diffusers.AutoencoderKL.from_pretrained(vae_path) if os.path.isdir(vae_path) else None
+    vae = load_strictly(diffusers.AutoencoderKL, vae_path) if os.path.isdir(vae_path) else None
     return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)

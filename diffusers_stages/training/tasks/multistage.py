@@ -62,7 +62,15 @@ class PretrainedSource:
                 f"one of {sorted(PRETRAINED_UNETS)}: convert it first (e.g. `python -m "
                 "diffusers_stages.conversion.unet_to_multistage` for a UNet2DModel or DDPM/DDIM/LDM pipeline)."
             )
-        vae = index.get("vae") or [None, None]  # [library, class], or [None, None] for a pixel-space pipeline
+        vae = index.get("vae")  # [library, class], or [None, None] (or none) for a pixel-space pipeline
+        vae = [None, None] if vae is None else vae
+        if not (
+            isinstance(vae, list) and len(vae) == 2 and (vae == [None, None] or all(isinstance(x, str) for x in vae))
+        ):
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {path!r}: the `vae` entry of its model_index.json must be "
+                f"[library, class] (or [null, null]), got {vae!r}."
+            )
         return cls(path, unet_config, scheduler_config, vae[1] if vae[0] is not None else None)
 
     @property

@@ -1,0 +1,73 @@
+"""Assembling one-expert-per-run folders (`--assemble_experts`): the run folders are read as hostile input."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from diffusers_stages.training.tasks.experts import EXPERT_RUN_FILE, assemble_expert_runs
+
+SMALL = dict(
+    sample_size=8,
+    block_out_channels=(8, 8),
+    norm_num_groups=4,
+    layers_per_block=1,
+    down_block_types=("DownBlock2D",) * 2,
+    up_block_types=("UpBlock2D",) * 2,
+)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """Two finished `--expert_index` runs (experts 0 and 1 of a two-stage split)."""
+    folders = []
+    for index in range(2):
+        run = tmp_path / f"run{index}"
+        torch.manual_seed(index)
+        UNet2DModel(**SMALL).save_pretrained(run / f"expert_{index}")
+        DDPMScheduler().save_pretrained(run / "scheduler")
+        info = {"expert_index": index, "prediction_type": "epsilon", "stage_boundaries": [500.0]}
+        (run / EXPERT_RUN_FILE).write_text(
+            json.dumps({**info, "num_train_timesteps": 1000, "boundary_units": "timestep"})
+        )
+        folders.append(run)
+    return folders
+
+
+def test_runs_assemble(runs):
+    pipe = assemble_expert_runs([str(r) for r in runs])
+    assert pipe.experts.loaded_experts == [0, 1] and type(pipe.scheduler) is DDPMScheduler
+
+
+@pytest.mark.parametrize("name", ["UNet2DModel", "DiffusionPipeline", 5])
+def test_a_scheduler_class_that_is_no_diffusers_scheduler_is_refused(runs, name):
+    path = runs[0] / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": name}))
+    with pytest.raises(ValueError, match="_class_name"):
+        assemble_expert_runs([str(r) for r in runs])
+
+
+@pytest.mark.parametrize("corruption", ["missing", "integers"])
+def test_an_expert_checkpoint_that_disagrees_with_its_config_is_refused(runs, corruption):
+    from safetensors.torch import load_file, save_file
+
+    path = runs[1] / "expert_1" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    key = sorted(state)[0]
+    state = (
+        {k: v for k, v in state.items() if k != key} if corruption == "missing" else {**state, key: state[key].int()}
+    )
+    save_file(state, path)
+    with pytest.raises(ValueError, match=key):
+        assemble_expert_runs([str(r) for r in runs])
+
+
+def test_an_expert_file_that_links_out_of_its_run_is_refused(runs, tmp_path):
+    import os
+
+    path = runs[1] / "expert_1" / "diffusion_pytorch_model.safetensors"
+    os.rename(path, tmp_path / "elsewhere.safetensors")
+    os.symlink(tmp_path / "elsewhere.safetensors", path)
+    with pytest.raises(ValueError, match="outside"):
+        assemble_expert_runs([str(r) for r in runs])
