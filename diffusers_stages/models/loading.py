@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -46,21 +47,31 @@ class StrictLoadingMixin(SaveThenPushMixin):
             raise
         refuse_mismatched_keys(info, pretrained_model_name_or_path, cls.__name__)
         if not os.path.isdir(folder):  # a Hub repository: the snapshot folder diffusers has just read
-            folder = os.path.join(
-                _cached_snapshot(pretrained_model_name_or_path, kwargs), kwargs.get("subfolder") or ""
-            )
-        refuse_non_float_weights(model, folder)
+            folder = _cached_snapshot(pretrained_model_name_or_path, kwargs)
+        if folder is not None:
+            refuse_non_float_weights(model, folder)
         realign_storage(model)
         return (model, info) if wants_info else model
 
 
-def _cached_snapshot(repo_id: str | os.PathLike, kwargs: dict) -> str:
-    """The local snapshot folder of Hub repository ``repo_id`` that `from_pretrained` (called with ``kwargs``) has
-    just loaded from, found in the cache without any download."""
+def _cached_snapshot(repo_id: str | os.PathLike, kwargs: dict) -> str | None:
+    """The local snapshot folder (with ``kwargs``' subfolder) of Hub repository ``repo_id`` that `from_pretrained`
+    (called with ``kwargs``) has just loaded from, found in the cache without any download; `None`, with a warning
+    that the integer-weights check was skipped, where the cache does not say (a cache laid out by other tools)."""
     from huggingface_hub import snapshot_download
 
     where = {k: kwargs[k] for k in ("cache_dir", "revision") if kwargs.get(k) is not None}
-    return snapshot_download(str(repo_id), local_files_only=True, **where)
+    try:
+        snapshot = snapshot_download(str(repo_id), local_files_only=True, **where)
+    except (OSError, ValueError) as error:  # huggingface_hub's LocalEntryNotFoundError is both
+        warnings.warn(
+            f"The weights of {repo_id!r} were loaded, but its snapshot was not found in the Hub cache ({error}), so "
+            "they were not checked for floating-point weights stored as integers (which diffusers casts silently).",
+            stacklevel=3,
+        )
+        return None
+    folder = os.path.join(snapshot, kwargs.get("subfolder") or "")
+    return folder if os.path.isdir(folder) else None
 
 
 def refuse_mismatched_keys(info: dict, path: str | os.PathLike | None, class_name: str) -> None:

@@ -159,3 +159,26 @@ def test_weights_saved_as_integers_are_refused_from_the_hub_too(saved_model, tmp
     save_file({**state, "conv_in.weight": state["conv_in.weight"].to(torch.int64)}, snapshot / WEIGHTS)
     with pytest.raises(ValueError, match=r"conv_in\.weight.*I64"):
         MultiStageUNet2DModel.from_pretrained("me/staged", cache_dir=cache, local_files_only=True)
+
+
+def test_a_hub_snapshot_the_cache_does_not_name_skips_the_integer_check_with_a_warning(
+    saved_model, tmp_path, monkeypatch
+):
+    # the weights loaded; only the check's lookup of the snapshot failed: loading goes on, and says what it skipped
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    folder, _ = saved_model
+    cache, revision = tmp_path / "cache", "0" * 40
+    snapshot = cache / "models--me--staged" / "snapshots" / revision
+    shutil.copytree(folder, snapshot)
+    (cache / "models--me--staged" / "refs").mkdir()
+    (cache / "models--me--staged" / "refs" / "main").write_text(revision)
+
+    def not_found(*args, **kwargs):
+        raise LocalEntryNotFoundError("no snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_found)
+    with pytest.warns(UserWarning, match=r"'me/staged'.*not checked for floating-point weights stored as integers"):
+        model = MultiStageUNet2DModel.from_pretrained("me/staged", cache_dir=cache, local_files_only=True)
+    assert model is not None
