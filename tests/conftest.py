@@ -177,3 +177,37 @@ def tiny_sdxl_components(tiny_tokenizer) -> dict:
         "tokenizer_2": tiny_tokenizer,
         "scheduler": diffusers.DDIMScheduler(),
     }
+
+
+SMALL_UNET = dict(  # the smallest U-Net of two levels without attention (loading and assembling tests)
+    sample_size=8,
+    block_out_channels=(8, 8),
+    norm_num_groups=4,
+    layers_per_block=1,
+    down_block_types=("DownBlock2D",) * 2,
+    up_block_types=("UpBlock2D",) * 2,
+)
+
+
+def corrupt_weights(path, corruption: str, outside=None) -> str:
+    """Corrupt the safetensors file ``path`` as a hostile folder would: ``"missing"`` drops its first tensor,
+    ``"integers"`` stores it as integers, ``"link"`` makes the file a link to a copy in ``outside`` (default: beside
+    the file's folder). Returns the first tensor's name (what the loader's error must name; for a link it says the
+    file is ``outside``)."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    key = sorted(state)[0]
+    if corruption == "link":
+        elsewhere = os.path.join(outside or os.path.dirname(os.path.dirname(path)), "elsewhere.safetensors")
+        os.rename(path, elsewhere)
+        os.symlink(elsewhere, path)
+    elif corruption == "integers":
+        save_file({**state, key: state[key].int()}, path)
+    elif corruption == "missing":
+        save_file({k: v for k, v in state.items() if k != key}, path)
+    else:
+        raise ValueError(f"`corruption` must be 'missing', 'integers' or 'link', got {corruption!r}.")
+    return key

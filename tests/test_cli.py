@@ -9,6 +9,7 @@ import pytest
 
 from diffusers_stages import cli
 from diffusers_stages.plan import main as plan_main
+from tests.conftest import corrupt_weights
 
 BIN = os.path.dirname(sys.executable)
 
@@ -209,18 +210,9 @@ def test_switch_takes_the_two_models_and_the_scheduler_as_folders(tiny_unet_kwar
 def test_a_saved_model_folder_loads_strictly(tiny_unet_kwargs, tmp_path, corruption):
     # diffusers' own classes, as the package's: no weight left on `meta`, none cast from integers, none from elsewhere
     from diffusers import UNet2DModel
-    from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "unet"
     UNet2DModel(**tiny_unet_kwargs).save_pretrained(folder)
-    path = folder / "diffusion_pytorch_model.safetensors"
-    state = load_file(path)
-    key = sorted(state)[0]
-    if corruption == "link":
-        os.rename(path, tmp_path / "elsewhere.safetensors")
-        os.symlink(tmp_path / "elsewhere.safetensors", path)
-    else:
-        save_file({k: v for k, v in state.items() if k != key or corruption == "integers"} | (
-            {key: state[key].int()} if corruption == "integers" else {}), path)  # fmt: skip
+    key = corrupt_weights(folder / "diffusion_pytorch_model.safetensors", corruption)
     with pytest.raises(ValueError, match="outside" if corruption == "link" else key):
         cli.load_saved_folder(str(folder), "--shallow")

@@ -144,16 +144,22 @@ def test_a_subfolder_that_links_out_of_the_folder_is_refused(saved_model, tmp_pa
     assert model_class.from_pretrained(folder.parent, subfolder=folder.name) is not None  # a real sub-folder loads
 
 
-def test_weights_saved_as_integers_are_refused_from_the_hub_too(saved_model, tmp_path):
-    # a Hub repository id was not checked (only a local folder was): diffusers cast the integers silently
-    from safetensors.torch import load_file, save_file
-
-    folder, _ = saved_model
+def _hub_cache(folder, tmp_path):
+    """A Hub cache holding ``folder`` as the snapshot of repository ``me/staged`` (what a download leaves): the cache
+    folder and the snapshot folder."""
     cache, revision = tmp_path / "cache", "0" * 40
     snapshot = cache / "models--me--staged" / "snapshots" / revision
     shutil.copytree(folder, snapshot)
     (cache / "models--me--staged" / "refs").mkdir()
     (cache / "models--me--staged" / "refs" / "main").write_text(revision)
+    return cache, snapshot
+
+
+def test_weights_saved_as_integers_are_refused_from_the_hub_too(saved_model, tmp_path):
+    # a Hub repository id was not checked (only a local folder was): diffusers cast the integers silently
+    from safetensors.torch import load_file, save_file
+
+    cache, snapshot = _hub_cache(saved_model[0], tmp_path)
     assert MultiStageUNet2DModel.from_pretrained("me/staged", cache_dir=cache, local_files_only=True) is not None
     state = load_file(snapshot / WEIGHTS)
     save_file({**state, "conv_in.weight": state["conv_in.weight"].to(torch.int64)}, snapshot / WEIGHTS)
@@ -168,12 +174,7 @@ def test_a_hub_snapshot_the_cache_does_not_name_skips_the_integer_check_with_a_w
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    folder, _ = saved_model
-    cache, revision = tmp_path / "cache", "0" * 40
-    snapshot = cache / "models--me--staged" / "snapshots" / revision
-    shutil.copytree(folder, snapshot)
-    (cache / "models--me--staged" / "refs").mkdir()
-    (cache / "models--me--staged" / "refs" / "main").write_text(revision)
+    cache, snapshot = _hub_cache(saved_model[0], tmp_path)
 
     def not_found(*args, **kwargs):
         raise LocalEntryNotFoundError("no snapshot")

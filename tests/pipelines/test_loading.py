@@ -20,15 +20,9 @@ from diffusers_stages import (
     MultiStagePipeline,
     StagedDiffusionPipeline,
 )
+from tests.conftest import SMALL_UNET
 
-SMALL = dict(
-    sample_size=8,
-    block_out_channels=(8, 8),
-    norm_num_groups=4,
-    layers_per_block=1,
-    down_block_types=("DownBlock2D",) * 2,
-    up_block_types=("UpBlock2D",) * 2,
-)
+SMALL = SMALL_UNET
 
 
 def _unet(seed: int) -> UNet2DModel:

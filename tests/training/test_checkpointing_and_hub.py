@@ -28,7 +28,7 @@ from diffusers_stages.training.hub import (
     write_model_card,
 )
 from diffusers_stages.training.state import sample_grid
-from tests.conftest import TINY_UNET
+from tests.conftest import TINY_UNET, corrupt_weights
 
 
 def _touch(path):
@@ -322,10 +322,8 @@ def test_resuming_reads_a_checkpoint_network_strictly(tmp_path, corruption):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from diffusers import UNet2DModel
-    from safetensors.torch import load_file, save_file
 
     from diffusers_stages.training.checkpointing import register_checkpoint_hooks
-    from tests.conftest import TINY_UNET
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -334,14 +332,8 @@ def test_resuming_reads_a_checkpoint_network_strictly(tmp_path, corruption):
         model = accelerator.prepare(UNet2DModel(**TINY_UNET))
         register_checkpoint_hooks(accelerator, ["unet"], {})
         accelerator.save_state(str(tmp_path / "checkpoint-1"))
-        path = tmp_path / "checkpoint-1" / "unet" / "diffusion_pytorch_model.safetensors"
-        state = load_file(path)
-        key = sorted(state)[0]
-        if corruption == "link":
-            os.rename(path, tmp_path / "elsewhere.safetensors")
-            os.symlink(tmp_path / "elsewhere.safetensors", path)
-        else:
-            save_file({**state, key: state[key].int()}, path)
+        weights = tmp_path / "checkpoint-1" / "unet" / "diffusion_pytorch_model.safetensors"
+        key = corrupt_weights(weights, corruption, outside=tmp_path)
         with pytest.raises(ValueError, match="outside" if corruption == "link" else key):
             accelerator.load_state(str(tmp_path / "checkpoint-1"))
         assert model is not None

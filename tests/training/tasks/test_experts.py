@@ -7,15 +7,9 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from diffusers_stages.training.tasks.experts import EXPERT_RUN_FILE, assemble_expert_runs
+from tests.conftest import SMALL_UNET
 
-SMALL = dict(
-    sample_size=8,
-    block_out_channels=(8, 8),
-    norm_num_groups=4,
-    layers_per_block=1,
-    down_block_types=("DownBlock2D",) * 2,
-    up_block_types=("UpBlock2D",) * 2,
-)
+SMALL = SMALL_UNET
 
 
 @pytest.fixture
