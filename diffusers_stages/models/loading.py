@@ -32,24 +32,7 @@ class StrictLoadingMixin(SaveThenPushMixin):
         wants_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("ignore_mismatched_sizes"):
             raise ValueError("`ignore_mismatched_sizes=True` is not supported: it would leave random weights behind.")
-        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
-        if os.path.isdir(folder):
-            check_subfolder(pretrained_model_name_or_path, kwargs.get("subfolder"))
-            check_folder_files(folder)
-        try:
-            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        except (RuntimeError, ValueError) as error:
-            if "size mismatch" in str(error) or "shape" in str(error):
-                raise ValueError(
-                    f"The checkpoint at {pretrained_model_name_or_path} does not match its config for "
-                    f"{cls.__name__}: {error}"
-                ) from error
-            raise
-        refuse_mismatched_keys(info, pretrained_model_name_or_path, cls.__name__)
-        if not os.path.isdir(folder):  # a Hub repository: the snapshot folder diffusers has just read
-            folder = _cached_snapshot(pretrained_model_name_or_path, kwargs)
-        if folder is not None:
-            refuse_non_float_weights(model, folder)
+        model, info = _load_checked(super().from_pretrained, cls.__name__, pretrained_model_name_or_path, kwargs)
         realign_storage(model)
         return (model, info) if wants_info else model
 
@@ -67,7 +50,7 @@ def _cached_snapshot(repo_id: str | os.PathLike, kwargs: dict) -> str | None:
         warnings.warn(
             f"The weights of {repo_id!r} were loaded, but its snapshot was not found in the Hub cache ({error}), so "
             "they were not checked for floating-point weights stored as integers (which diffusers casts silently).",
-            stacklevel=3,
+            stacklevel=4,  # the caller of `from_pretrained`
         )
         return None
     folder = os.path.join(snapshot, kwargs.get("subfolder") or "")
@@ -163,23 +146,39 @@ def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
+def _load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: dict) -> tuple:
+    """``load(path, output_loading_info=True, **kwargs)`` (a `from_pretrained`) with the strict checks: for a local
+    folder, a subfolder that leads out of it and files that do are refused before loading; after it, missing,
+    unexpected or mis-shaped weights, and floating-point weights stored as integers (read from the folder, or from
+    the Hub snapshot it was loaded from), are a `ValueError` naming them. Returns ``(model, loading info)``."""
+    folder = os.path.join(str(path), kwargs.get("subfolder") or "")
+    if os.path.isdir(folder):
+        check_subfolder(path, kwargs.get("subfolder"))
+        check_folder_files(folder)
+    try:
+        model, info = load(path, output_loading_info=True, **kwargs)
+    except (RuntimeError, ValueError) as error:
+        if "size mismatch" in str(error) or "shape" in str(error):
+            raise ValueError(
+                f"The checkpoint at {path} does not match its config for {class_name}: {error}"
+            ) from error
+        raise
+    refuse_mismatched_keys(info, path, class_name)
+    if not os.path.isdir(folder):  # a Hub repository: the snapshot folder diffusers has just read
+        folder = _cached_snapshot(path, kwargs)
+    if folder is not None:
+        refuse_non_float_weights(model, folder)
+    return model, info
+
+
 def load_strictly(model_class: type, path: str | os.PathLike, subfolder: str | None = None):
     """``model_class.from_pretrained(path, subfolder=subfolder)``, as strict for diffusers' own classes as for the
-    package's (which are strict themselves): a `ValueError` naming the keys if the checkpoint has missing or
-    unexpected weights, which diffusers would leave on the ``meta`` device or ignore, and for a local folder naming
-    the file if one links out of the folder or stores non-float weights (which diffusers would cast silently)."""
+    package's (which are strict themselves, by the same checks): a `ValueError` naming the keys if the checkpoint has
+    missing or unexpected weights, which diffusers would leave on the ``meta`` device or ignore, and naming the file
+    if one links out of a local folder or stores non-float weights (which diffusers would cast silently)."""
     if model_class.__module__.split(".")[0] != "diffusers":
         return model_class.from_pretrained(path, subfolder=subfolder)
-    folder = os.path.join(str(path), subfolder or "")
-    local = os.path.isdir(folder)
-    if local:
-        check_subfolder(path, subfolder)
-        check_folder_files(folder)
-    model, info = model_class.from_pretrained(path, subfolder=subfolder, output_loading_info=True)
-    refuse_mismatched_keys(info, folder, model_class.__name__)
-    if local:
-        refuse_non_float_weights(model, folder)
-    return model
+    return _load_checked(model_class.from_pretrained, model_class.__name__, path, {"subfolder": subfolder})[0]
 
 
 def read_json(path: str, argument: str) -> dict:
