@@ -125,7 +125,13 @@ def save_checkpoint(
 
 
 def publish_checkpoint(partial: str, path: str, step: int) -> None:
-    """Mark ``partial`` complete (the marker is its last file) and rename it to ``path``, replacing a folder there."""
+    """Mark ``partial`` complete (the marker is its last file) and rename it to ``path``, replacing a folder there (or
+    a link, unlinked). A file of that name is no checkpoint: a `ValueError` names it, and it is left as it is."""
+    if os.path.lexists(path) and not os.path.islink(path) and not os.path.isdir(path):
+        raise ValueError(
+            f"Cannot save checkpoint {path!r}: a file of that name is in the output folder and is no checkpoint "
+            "folder (it was not deleted). Move it away, then resume with `--resume_from_checkpoint latest`."
+        )
     with open(os.path.join(partial, COMPLETE_MARKER), "w", encoding="utf-8") as f:
         json.dump({"step": step}, f)
     if os.path.lexists(path):

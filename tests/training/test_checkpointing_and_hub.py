@@ -340,3 +340,13 @@ def test_resuming_reads_a_checkpoint_network_strictly(tmp_path, corruption):
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def test_a_file_named_like_the_checkpoint_being_saved_is_named_and_kept(tmp_path):
+    # was renamed to a hidden leftover name, then rmtree raised NotADirectoryError
+    (tmp_path / "checkpoint-4").write_text("notes")
+    partial = tmp_path / ".checkpoint-4.partial"
+    _touch(str(partial / "optimizer.bin"))
+    with pytest.raises(ValueError, match=r"checkpoint-4'.*a file of that name.*not deleted"):
+        publish_checkpoint(str(partial), str(tmp_path / "checkpoint-4"), 4)
+    assert (tmp_path / "checkpoint-4").read_text() == "notes"
