@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
-from .models.checks import check_positive_integers
+from .models.checks import positive_integer_arguments
 
 T = TypeVar("T")
 
@@ -153,7 +153,7 @@ class Evaluator:
     """
 
     def __init__(self, classifier: FeatureClassifier, real_images: torch.Tensor, batch_size: int = 1000):
-        check_positive_integers(batch_size=batch_size)
+        (batch_size,) = positive_integer_arguments(batch_size=batch_size)
         _check_images(real_images, "real_images")
         self.classifier = classifier
         self.batch_size = batch_size

@@ -20,6 +20,8 @@ import torch
 from diffusers import DPMSolverSinglestepScheduler
 from diffusers.configuration_utils import register_to_config
 
+from .models.checks import positive_integer_arguments
+
 if TYPE_CHECKING:
     from .partition import TimestepPartition
 
@@ -310,12 +312,7 @@ class ContinuousVPDPMSolverSinglestepScheduler(DPMSolverSinglestepScheduler):
         """The authors' grid for ``num_inference_steps`` model calls (see the class docstring)."""
         if timesteps is not None or mu is not None:
             raise ValueError(f"{type(self).__name__} places its own timesteps: give only `num_inference_steps`.")
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
         config = self.config
         orders = dpm_solver_fast_orders(num_inference_steps, config.solver_order)
         ends = torch.tensor([config.t_start, config.t_end], dtype=torch.float64)

@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..conventions import class_embedding_count, model_to_vae_latents, null_class_label, num_data_classes
 from ..hub import pop_push_kwargs, push_saved_folder
-from ..models.checks import check_positive_integers, compute_dtype
+from ..models.checks import compute_dtype, positive_integer_arguments
 from ..partition import TimestepPartition
 from ..routing import StageRouter
 from ..schedulers import model_call_timesteps
@@ -152,7 +152,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """``(timestep, stage)`` of every model call a run with ``num_inference_steps`` makes: which network runs
         which step (stage 0 is the clean end). It is the schedule the sampling loop follows, from a dry run of a fresh
         copy of the scheduler (no model is called)."""
-        check_positive_integers(num_inference_steps=num_inference_steps)
+        (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
         return self._stage_schedule(self.resolve_partition(num_inference_steps), num_inference_steps)
 
     def _stage_schedule(self, partition: TimestepPartition, num_inference_steps: int) -> list[tuple[float, int]]:
@@ -195,12 +195,12 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         sides = []
         for name, value, fallback in (("height", height, default[0]), ("width", width, default[1])):
             value = fallback * vae_scale if value is None else value
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % multiple:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or value % multiple:
                 raise ValueError(
                     f"`{name}` must be a positive multiple of {multiple} (the networks' downsampling"
                     f"{' times the VAE scale factor' if vae_scale > 1 else ''}), got {value!r}."
                 )
-            sides.append(value // vae_scale)
+            sides.append(int(value) // vae_scale)  # a numpy integer too, as a Python int
         return (batch_size, config.in_channels, *sides)
 
     def _prepare_latents(
@@ -299,9 +299,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the generated images.
         """
         # 1. check the inputs
-        check_positive_integers(
+        batch_size, num_inference_steps, num_images_per_prompt = positive_integer_arguments(
             batch_size=batch_size, num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt
-        )
+        )  # numpy integers, as diffusers takes them, become Python ints
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -250,6 +251,10 @@ def test_continuous_vp_dpm_solver_places_its_own_timesteps():
         scheduler.set_timesteps(timesteps=[999, 500])
     with pytest.raises(ValueError, match="num_inference_steps"):
         scheduler.set_timesteps(0)
+    scheduler.set_timesteps(np.int64(6))  # a numpy integer, as diffusers' schedulers take it
+    timesteps = scheduler.timesteps.clone()
+    scheduler.set_timesteps(6)
+    assert torch.equal(scheduler.timesteps, timesteps)
 
 
 def test_pndm_warm_up_needs_four_steps_and_is_refused_before_set_timesteps():

@@ -28,14 +28,46 @@ def _preview(values: torch.Tensor, limit: int = 8) -> str:
 
 
 def check_positive_integers(optional: tuple[str, ...] = (), **values) -> None:
-    """A `ValueError` naming the first of ``values`` that is not a positive integer (bools refused); the names in
-    ``optional`` may also be None. For configuration and call arguments that would otherwise fail inside torch."""
+    """A `ValueError` naming the first of ``values`` that is not a positive Python integer (bools refused); the names
+    in ``optional`` may also be None. For configuration values, which are saved as JSON: a numpy integer is refused
+    with a hint to pass ``int(...)`` (call arguments take it: `positive_integer_arguments`)."""
     for name, value in values.items():
         if value is None and name in optional:
             continue
         if not is_positive_integer(value):
             or_none = " or None" if name in optional else ""
+            numpy = " (a Python int: the config is saved as JSON; pass int(...))" if _is_integral(value) else ""
+            raise ValueError(f"`{name}` must be a positive integer{or_none}{numpy}, got {value!r}.")
+
+
+def positive_integer_arguments(optional: tuple[str, ...] = (), **values) -> tuple[int | None, ...]:
+    r"""
+    The call arguments ``values``, in order, as Python ints: each must be a positive integer, a Python or numpy one
+    (any `numbers.Integral`, as diffusers' pipelines take them; bools, numpy's too, and floats such as 2.0 are
+    refused with a `ValueError` naming the argument); the names in ``optional`` may also be None (kept).
+
+    Example:
+
+    ```py
+    >>> import numpy as np
+    >>> from diffusers_stages.models.checks import positive_integer_arguments
+    >>> positive_integer_arguments(batch_size=np.int64(2), num_inference_steps=4)
+    (2, 4)
+
+    ```
+    """
+    for name, value in values.items():
+        if value is None and name in optional:
+            continue
+        if not _is_integral(value) or value < 1:
+            or_none = " or None" if name in optional else ""
             raise ValueError(f"`{name}` must be a positive integer{or_none}, got {value!r}.")
+    return tuple(None if value is None else int(value) for value in values.values())
+
+
+def _is_integral(value: object) -> bool:
+    """Whether ``value`` is an integer of any kind (`numbers.Integral`: Python's, numpy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_device(value: torch.device | str, name: str) -> torch.device:

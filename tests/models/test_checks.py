@@ -2,12 +2,20 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
 
 from diffusers_stages import MultiStageUNet2DModel
-from diffusers_stages.models.checks import check_class_labels, check_sample, compute_dtype, per_sample_timesteps
+from diffusers_stages.models.checks import (
+    check_class_labels,
+    check_positive_integers,
+    check_sample,
+    compute_dtype,
+    per_sample_timesteps,
+    positive_integer_arguments,
+)
 
 CPU = torch.device("cpu")
 
@@ -125,3 +133,14 @@ def test_python_float_timesteps_reach_a_sigma_model_untruncated(tiny_unet_kwargs
     with torch.no_grad():
         assert torch.equal(model(x, 0.3).sample, model(x, torch.tensor(0.3)).sample)
         assert not torch.allclose(model(x, 0.3).sample, model(x, 0).sample)
+
+
+def test_call_arguments_take_numpy_integers_as_python_ints_and_configs_say_why_not():
+    values = positive_integer_arguments(("max_images",), batch_size=np.int64(2), steps=np.uint8(4), max_images=None)
+    assert values == (2, 4, None) and all(type(v) is int for v in values[:2])
+    for bad in (np.bool_(True), True, 2.0, np.float32(2), np.int64(0)):
+        with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer, got "):
+            positive_integer_arguments(batch_size=bad)
+    # a config is saved as JSON: a numpy integer stays refused there, with the reason
+    with pytest.raises(ValueError, match=r"`in_channels` must be a positive integer \(a Python int: the config is"):
+        check_positive_integers(in_channels=np.int64(3))

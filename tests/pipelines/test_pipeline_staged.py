@@ -150,3 +150,21 @@ def test_expert_schedule_checks_its_step_count(unconditional, steps):
     # 0 was a ZeroDivisionError inside the scheduler, "4" a TypeError, 1.5 a silent schedule
     with pytest.raises(ValueError, match=f"`num_inference_steps` must be a positive integer, got {steps!r}"):
         unconditional.expert_schedule(steps)
+
+
+def test_numpy_integer_arguments_are_accepted_as_python_ints(unconditional):
+    # diffusers' pipelines take numpy integers (e.g. a step count read from an array); they were refused here
+    reference = unconditional(batch_size=2, generator=torch.manual_seed(0), height=8, width=8, **RUN).images
+    numpy_run = {**RUN, "num_inference_steps": np.int64(RUN["num_inference_steps"])}
+    images = unconditional(
+        batch_size=np.int32(2), num_images_per_prompt=np.int64(1), height=np.int64(8), width=np.uint8(8),
+        generator=torch.manual_seed(0), **numpy_run,
+    ).images  # fmt: skip
+    assert torch.equal(images, reference)
+    assert unconditional.expert_schedule(np.int64(4)) == unconditional.expert_schedule(4)
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got np.True_|got True"):
+        unconditional(batch_size=np.bool_(True), **RUN)
+    with pytest.raises(
+        ValueError, match="`num_inference_steps` must be a positive integer, got np.int64\\(0\\)|got 0"
+    ):
+        unconditional.expert_schedule(np.int64(0))
