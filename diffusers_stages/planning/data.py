@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 
@@ -11,6 +12,8 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ..models.checks import check_positive_integers
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -59,13 +62,34 @@ def is_inside(path: str, folder: str) -> bool:
     return real == root or real.startswith(os.path.join(root, ""))
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder ``name`` is hidden (starts with "."): never training data, as in `datasets`'
+    ``imagefolder`` (Jupyter's ``.ipynb_checkpoints`` holds copies of the images beside it)."""
+    return name.startswith(".")
+
+
+def warn_skipped(skipped: list[str], argument: str) -> None:
+    """Log a warning naming the hidden folders and image files of ``argument`` that were skipped (if any)."""
+    if skipped:
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        logger.warning(
+            f"`{argument}`: skipped {len(skipped)} hidden folder(s) or image file(s) (names starting with '.'): "
+            f"{', '.join(map(repr, skipped[:5]))}{more}."
+        )
+
+
 def image_files(folder: str, root: str, argument: str) -> list[str]:
     """The image files under ``folder`` (recursively; folders and files sorted, a folder's files before its
-    sub-folders'). A link in it (or ``folder`` itself) that leads out of ``root`` is a `ValueError` naming it and
-    ``argument``: the data is what the folder holds, never files elsewhere."""
-    found = []
+    sub-folders'). Hidden folders and files (`is_hidden`) are skipped, with a warning naming them. A link in it (or
+    ``folder`` itself) that leads out of ``root`` is a `ValueError` naming it and ``argument``: the data is what the
+    folder holds, never files elsewhere."""
+    found, skipped = [], []
     for current, dirs, files in os.walk(folder):
-        dirs.sort()
+        skipped += [os.path.join(current, name) for name in sorted(dirs) if is_hidden(name)]
+        skipped += [os.path.join(current, name) for name in sorted(files)
+                    if is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)]  # fmt: skip
+        dirs[:] = sorted(name for name in dirs if not is_hidden(name))  # os.walk does not enter the hidden ones
+        files = [name for name in files if not is_hidden(name)]
         for path in [current, *(os.path.join(current, name) for name in dirs + files)]:
             if os.path.islink(path) and not is_inside(path, root):
                 real = os.path.realpath(path)
@@ -74,6 +98,7 @@ def image_files(folder: str, root: str, argument: str) -> list[str]:
                     f"it links to into {root!r}, or use the folder that holds it."
                 )
         found += [os.path.join(current, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    warn_skipped(skipped, argument)
     return found
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..planning.data import IMAGE_EXTENSIONS, eight_bit, image_files, open_image_file
+from ..planning.data import IMAGE_EXTENSIONS, eight_bit, image_files, is_hidden, open_image_file, warn_skipped
 
 
 class ImageRecords:
@@ -38,6 +38,8 @@ class ImageRecords:
 
 def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageRecords:
     """Images under ``train_data_dir`` (recursively); with ``class_conditional`` each top-level sub-folder is a class.
+    Hidden folders and files (names starting with ".", such as Jupyter's ``.ipynb_checkpoints``) are skipped, with a
+    warning naming them: never a class, nor training images.
 
     Every file is decoded once here, before any training: a file that is not a readable image (truncated, or not an
     image) is a `ValueError` naming it, never skipped in silence nor found hours into a run."""
@@ -45,6 +47,11 @@ def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageR
         raise ValueError(f"`--train_data_dir` must be an existing folder of images, got {train_data_dir!r}.")
     if class_conditional:
         entries = sorted(os.listdir(train_data_dir))
+        hidden = [name for name in entries if is_hidden(name)]  # e.g. .ipynb_checkpoints: never a class
+        warn_skipped([os.path.join(train_data_dir, name) for name in hidden
+                      if os.path.isdir(os.path.join(train_data_dir, name)) or name.lower().endswith(IMAGE_EXTENSIONS)],
+                     "--train_data_dir")  # fmt: skip
+        entries = [name for name in entries if not is_hidden(name)]
         class_names = [d for d in entries if os.path.isdir(os.path.join(train_data_dir, d))]
         stray = [os.path.join(train_data_dir, name) for name in entries
                  if name not in class_names and name.lower().endswith(IMAGE_EXTENSIONS)]  # fmt: skip

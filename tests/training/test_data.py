@@ -49,6 +49,28 @@ def test_class_conditional_refuses_images_outside_the_class_folders(folder):
     assert len(image_folder_records(folder, class_conditional=False)) == 7
 
 
+def test_hidden_folders_and_files_are_skipped_with_a_warning_naming_them(folder, caplog):
+    # Jupyter's checkpoint copies became a class (and, unconditionally, duplicate training images)
+    image = Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8))
+    for hidden in (".ipynb_checkpoints", os.path.join("cat", ".ipynb_checkpoints")):
+        os.makedirs(os.path.join(folder, hidden))
+        image.save(os.path.join(folder, hidden, "0-checkpoint.png"))
+    image.save(os.path.join(folder, "dog", ".hidden.png"))
+    image.save(os.path.join(folder, ".stray.png"))  # hidden: skipped, not an image outside the classes
+    with caplog.at_level("WARNING"):
+        records = image_folder_records(folder, class_conditional=True)
+    assert records.class_names == ["cat", "dog"] and records.labels == [0, 0, 0, 1, 1, 1]
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    for skipped in (".ipynb_checkpoints", os.path.join("cat", ".ipynb_checkpoints"), ".stray.png"):
+        assert repr(os.path.join(folder, skipped)) in warned
+    assert repr(os.path.join(folder, "dog", ".hidden.png")) in warned
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert len(image_folder_records(folder, class_conditional=False)) == 6
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "skipped" in warned and repr(os.path.join(folder, ".ipynb_checkpoints")) in warned
+
+
 def test_resize_and_crop():
     image = Image.fromarray(np.zeros((12, 16, 3), dtype=np.uint8))
     pixels = preprocess_image(image, 8, center_crop=True, rng=None)
