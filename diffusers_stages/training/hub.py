@@ -122,8 +122,10 @@ def push_output_folder(
     )
 
 
-def model_card_text(args: argparse.Namespace, task, steps: int, has_grid: bool) -> str:
-    """The model card's description: the method, its stages, how it was trained, how to sample, a sample grid."""
+def model_card_text(args: argparse.Namespace, task, steps: int, has_grid: bool, *, mixed_precision: str) -> str:
+    """The model card's description: the method, its stages, how it was trained, how to sample, a sample grid.
+    ``mixed_precision`` is what the run used (``accelerator.mixed_precision``: `--mixed_precision`, or else the
+    ``accelerate config`` file's), not the command-line argument."""
     data = args.train_data_dir and os.path.basename(os.path.normpath(args.train_data_dir)) or args.dataset_name
     space = f"latent space of `{task.vae_path}`" if task.vae_path else "pixel space"
     lines = [
@@ -142,7 +144,7 @@ def model_card_text(args: argparse.Namespace, task, steps: int, has_grid: bool) 
             f"- {steps} optimisation steps, batch {args.train_batch_size} per device x {args.gradient_accumulation_steps} "
             f"accumulation, AdamW lr {args.learning_rate:g} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)"
         ),
-        f"- mixed precision: {args.mixed_precision or 'no'}, EMA: {'yes' if args.use_ema else 'no'}, seed {args.seed}",
+        f"- mixed precision: {mixed_precision}, EMA: {'yes' if args.use_ema else 'no'}, seed {args.seed}",
     ]
     return "\n".join(lines + _usage_and_samples(task.usage(args.hub_model_id), has_grid))
 

@@ -472,7 +472,8 @@ def _finish(state: RunState, global_step: int) -> None:
             shutil.copyfile(grid_path, os.path.join(args.output_dir, "sample_grid.png"))
         if args.push_to_hub:
             api = LocalHubApi(args.hub_local_dir) if args.hub_local_dir else None
-            description = model_card_text(args, task, state.max_train_steps, grid_path is not None)
+            description = model_card_text(args, task, state.max_train_steps, grid_path is not None,
+                                          mixed_precision=accelerator.mixed_precision)  # fmt: skip
             push_output_folder(args.output_dir, args.hub_model_id, description, task.tags, api=api, token=args.hub_token,
                                class_conditional=args.class_conditional, private=args.hub_private_repo,
                                logging_dir=args.logging_dir)  # fmt: skip

@@ -182,7 +182,7 @@ def test_training_card_tags_installs_and_samples(tmp_path, monkeypatch, class_co
         usage=lambda repo_id: pipeline_usage("StagedDiffusionPipeline", repo_id, class_conditional),
     )  # fmt: skip
     args = _card_args(class_conditional=class_conditional)
-    text = model_card_text(args, task, steps=3, has_grid=True)
+    text = model_card_text(args, task, steps=3, has_grid=True, mixed_precision="no")
     card = open(
         write_model_card(str(tmp_path), "me/model", text, ["multi-stage"], class_conditional=class_conditional)
     ).read()
@@ -191,6 +191,17 @@ def test_training_card_tags_installs_and_samples(tmp_path, monkeypatch, class_co
     assert "not on a package index" in card and "`pip install .`" in card and "pypi.org" not in card
     call = "pipe(class_labels=[0])" if class_conditional else "pipe(batch_size=1)"
     assert call in _readme_python(card) and "![samples](sample_grid.png)" in card
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, "bf16"), ("fp16", "fp16"), (None, "no")])
+def test_training_card_reports_the_mixed_precision_accelerate_used(given, used):
+    # the card showed `--mixed_precision` (None: "no") even where an `accelerate config` file set bf16
+    task = SimpleNamespace(
+        vae_path=None, method="multi-stage", description=lambda: "Stages.", scheduler_config=None,
+        usage=lambda repo_id: "",
+    )  # fmt: skip
+    text = model_card_text(_card_args(mixed_precision=given), task, steps=3, has_grid=False, mixed_precision=used)
+    assert f"- mixed precision: {used}, EMA: no" in text
 
 
 def test_text_to_image_card_has_no_image_generation_tag(tmp_path, monkeypatch):
