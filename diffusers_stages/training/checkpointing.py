@@ -253,6 +253,27 @@ def _check_same_noise_schedule(noise_scheduler, input_dir: str) -> None:
         )
 
 
+def _load_ema(ema: EMAModel, folder: str) -> None:
+    """Resume ``ema`` from its `EMAModel.save_pretrained` ``folder`` as strictly as the networks resume: missing,
+    unexpected, mis-shaped or non-float weights (which `EMAModel.from_pretrained` loads leniently through diffusers),
+    and an EMA of another configuration or parameter shapes than ``ema``'s model, are a `ValueError` naming
+    ``folder``; ``ema`` is left as it was."""
+    loaded = load_strictly(ema.model_cls, folder)  # none left random, ignored or cast
+    now = json.loads(json.dumps(dict(ema.model_config), default=str))
+    then = json.loads(loaded.to_json_string())
+    differ = sorted(k for k in now if not k.startswith("_") and now[k] != then.get(k))
+    shapes = [tuple(p.shape) for p in loaded.parameters()]
+    if differ or shapes != [tuple(p.shape) for p in ema.shadow_params]:
+        values = "; ".join(f"`{k}` {then.get(k)!r} there, {now[k]!r} now" for k in differ) or "other parameter shapes"
+        raise ValueError(
+            f"The EMA weights at {folder} do not match the model being trained ({values}): resume with the model "
+            "arguments of the run that wrote the checkpoint, or train into a new `--output_dir`."
+        )
+    saved = then  # `save_pretrained` stores the EMA's own state (decay, optimization_step, ...) in the config
+    ema_state = {k: saved[k] for k in ema.state_dict() if k != "shadow_params" and k in saved}
+    ema.load_state_dict({**ema_state, "shadow_params": [p.detach().clone() for p in loaded.parameters()]})
+
+
 def register_checkpoint_hooks(
     accelerator: Accelerator, names: list[str], emas: dict[str, EMAModel], noise_scheduler=None
 ) -> None:
@@ -285,8 +306,7 @@ def register_checkpoint_hooks(
             model.load_state_dict(loaded.state_dict())
             del loaded
         for name, ema in emas.items():
-            loaded = EMAModel.from_pretrained(_network_folder(input_dir, f"{name}_ema"), ema.model_cls)
-            ema.load_state_dict(loaded.state_dict())
+            _load_ema(ema, _network_folder(input_dir, f"{name}_ema"))
             ema.to(accelerator.device)
         models.clear()
 

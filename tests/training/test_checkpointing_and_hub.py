@@ -3,11 +3,13 @@ model card, offline."""
 
 import argparse
 import os
+import re
 from types import SimpleNamespace
 
 import huggingface_hub.constants
 import numpy as np
 import pytest
+import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, MultiStagePipeline
@@ -347,6 +349,50 @@ def test_resuming_reads_a_checkpoint_network_strictly(tmp_path, corruption):
         key = corrupt_weights(weights, corruption, outside=tmp_path)
         with pytest.raises(ValueError, match="outside" if corruption == "link" else key):
             accelerator.load_state(str(tmp_path / "checkpoint-1"))
+        assert model is not None
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+@pytest.mark.parametrize("corruption", ["missing", "unexpected", "integers", "other_config"])
+def test_resuming_reads_a_checkpoint_ema_strictly(tmp_path, corruption):
+    # `EMAModel.from_pretrained` loaded through diffusers leniently: missing weights were left random, and an EMA of
+    # another configuration replaced the shadow parameters whatever their shapes
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from diffusers.training_utils import EMAModel
+    from safetensors.torch import load_file, save_file
+
+    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        network = UNet2DModel(**TINY_UNET)
+        ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config)
+        model = accelerator.prepare(network)
+        register_checkpoint_hooks(accelerator, ["unet"], {"unet": ema})
+        checkpoint = tmp_path / "checkpoint-1"
+        ema.optimization_step = 7
+        accelerator.save_state(str(checkpoint))
+        folder = checkpoint / "unet_ema"
+        ema.optimization_step = 0
+        accelerator.load_state(str(checkpoint))  # intact: resumes, the EMA's own state too
+        assert ema.optimization_step == 7
+        weights = folder / "diffusion_pytorch_model.safetensors"
+        if corruption == "unexpected":
+            save_file({**load_file(weights), "extra.weight": torch.zeros(2)}, weights)
+        elif corruption == "other_config":  # a complete EMA folder, of a wider network
+            other = UNet2DModel(**{**TINY_UNET, "block_out_channels": (8, 32)})
+            EMAModel(other.parameters(), model_cls=UNet2DModel, model_config=other.config).save_pretrained(folder)
+        else:
+            corrupt_weights(weights, corruption, outside=tmp_path)
+        shadow = [p.clone() for p in ema.shadow_params]
+        with pytest.raises(ValueError, match=re.escape(str(folder))):
+            accelerator.load_state(str(checkpoint))
+        assert all(torch.equal(a, b) for a, b in zip(shadow, ema.shadow_params, strict=True))  # left as it was
         assert model is not None
     finally:
         AcceleratorState._reset_state(True)
