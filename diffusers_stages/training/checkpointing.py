@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
@@ -25,6 +26,10 @@ COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint witho
 FINISHED_MARKER = "training_finished.json"  # in the last step's checkpoint, once the run's final outputs are written
 NOISE_SCHEDULER_FOLDER = "noise_scheduler"  # the training scheduler's config: resuming checks the schedule is the same
 LEFTOVER_PATTERN = re.compile(r"^\.checkpoint-\d+\.(partial|deleted)$")
+# the final pipeline is written into PIPELINE_PARTIAL, renamed to PIPELINE_NEW once complete (from then on the swap
+# is finished, by the next run if this one is killed), and swapped in entry by entry, the old entries kept in
+# PIPELINE_OLD until every new one is in place
+PIPELINE_PARTIAL, PIPELINE_NEW, PIPELINE_OLD = ".pipeline.partial", ".pipeline.new", ".pipeline.old"
 
 
 def checkpoint_folders(output_dir: str) -> list[str]:
@@ -160,14 +165,66 @@ def prune_checkpoints(output_dir: str, total_limit: int | None, saved_step: int 
 
 
 def remove_leftovers(output_dir: str) -> list[str]:
-    """Delete the hidden folders a killed run left in ``output_dir`` (an unfinished checkpoint, one being deleted);
-    returns their names."""
+    """Delete the hidden folders a killed run left in ``output_dir`` (an unfinished checkpoint, one being deleted, an
+    unfinished final pipeline), after finishing the swap of a complete final pipeline (`publish_pipeline`) that a
+    kill interrupted; returns their names."""
     if not os.path.isdir(output_dir):
         return []
-    names = sorted(name for name in os.listdir(output_dir) if LEFTOVER_PATTERN.match(name))
+    if os.path.isdir(os.path.join(output_dir, PIPELINE_NEW)):
+        _swap_in_pipeline(output_dir)
+    leftovers = (PIPELINE_PARTIAL, PIPELINE_NEW, PIPELINE_OLD)
+    names = sorted(name for name in os.listdir(output_dir) if LEFTOVER_PATTERN.match(name) or name in leftovers)
     for name in names:
         _remove(os.path.join(output_dir, name), ignore_errors=True)
     return names
+
+
+def publish_pipeline(output_dir: str, write: Callable[[str], None]) -> None:
+    """Have ``write(folder)`` save the trained pipeline (``save_pretrained``), all or nothing, into ``output_dir``:
+    into the hidden ``PIPELINE_PARTIAL`` folder first, then swapped in. Only the entries the new save holds are
+    replaced (checkpoints, logs and samples beside them stay), and the previous save's are deleted only once every
+    new one is in place. A failure while writing leaves the previous save as it was (the partial folder deleted; a
+    kill leaves it for `remove_leftovers`). The swap moves the top-level files (``model_index.json``, which marks a
+    pipeline folder) out first and in last, so that a kill during the swap never leaves a mix of the two saves that
+    loads as a pipeline; the next run's `remove_leftovers` finishes it."""
+    partial, new = os.path.join(output_dir, PIPELINE_PARTIAL), os.path.join(output_dir, PIPELINE_NEW)
+    if os.path.isdir(new):  # a complete save a killed run did not finish swapping in: finish it first
+        _swap_in_pipeline(output_dir)
+    _remove(partial, ignore_errors=True)  # left by a run killed while writing
+    os.makedirs(partial)
+    try:
+        write(partial)
+    except BaseException:
+        _remove(partial, ignore_errors=True)
+        raise
+    os.rename(partial, new)  # complete: from here on the swap is finished, by this run or the next
+    _swap_in_pipeline(output_dir)
+
+
+def _swap_in_pipeline(output_dir: str) -> None:
+    """Move the entries of ``PIPELINE_NEW`` into ``output_dir``, the ones they replace into ``PIPELINE_OLD``, then
+    delete both folders. Idempotent: an entry still in ``PIPELINE_NEW`` has not replaced its namesake yet, so a
+    swap that a kill interrupted is finished by running this again."""
+    new, old = os.path.join(output_dir, PIPELINE_NEW), os.path.join(output_dir, PIPELINE_OLD)
+    os.makedirs(old, exist_ok=True)
+    entries = sorted(os.listdir(new), key=lambda name: (os.path.isdir(os.path.join(new, name)), name))  # files first
+    for name in entries:  # out: the previous save's files first, its folders after
+        target = os.path.join(output_dir, name)
+        if os.path.lexists(target):
+            _remove_entry(os.path.join(old, name))
+            os.rename(target, os.path.join(old, name))
+    for name in reversed(entries):  # in: folders first, files (model_index.json) last
+        os.rename(os.path.join(new, name), os.path.join(output_dir, name))
+    _remove(new, ignore_errors=True)
+    _remove(old, ignore_errors=True)
+
+
+def _remove_entry(path: str) -> None:
+    """Delete the file, link or folder ``path`` if there is one."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
 
 
 def mark_finished(checkpoint: str) -> None:

@@ -38,6 +38,7 @@ from .checkpointing import (
     is_complete,
     is_finished,
     mark_finished,
+    publish_pipeline,
     register_checkpoint_hooks,
     remove_leftovers,
     resolve_resume_checkpoint,
@@ -265,7 +266,9 @@ def _prepare_output_dir(
     deleted only once this run has a complete checkpoint (`save_checkpoint`) or its final outputs."""
     if accelerator.is_main_process:
         for name in remove_leftovers(args.output_dir):
-            logger.info(f"Removed {name}, left in {args.output_dir} by a run killed while saving a checkpoint.")
+            logger.info(
+                f"Removed {name}, left in {args.output_dir} by a run killed while saving a checkpoint or the pipeline."
+            )
         os.makedirs(args.output_dir, exist_ok=True)
     accelerator.wait_for_everyone()
     return list(existing) if args.overwrite_output_dir and resume_path is None else []
@@ -378,7 +381,10 @@ def _train_epochs(state: RunState, train_dataloader, sampler, start: tuple[int, 
             break
         if args.save_model_epochs and (epoch + 1) % args.save_model_epochs == 0 and accelerator.is_main_process:
             with state.ema_weights() as networks:
-                state.task.save(networks, state.sampling_scheduler, state.vae, args.output_dir)
+                publish_pipeline(
+                    args.output_dir,
+                    lambda folder: state.task.save(networks, state.sampling_scheduler, state.vae, folder),
+                )  # all or nothing: the previous save stays complete until this one is
             logger.info(f"Saved the pipeline of epoch {epoch + 1} to {args.output_dir}")
     return global_step
 
@@ -466,7 +472,9 @@ def _finish(state: RunState, global_step: int) -> None:
     if accelerator.is_main_process:
         for name, ema in state.emas.items():
             ema.copy_to(trained[name].parameters())
-        task.save(trained, state.sampling_scheduler, state.vae, args.output_dir)
+        publish_pipeline(
+            args.output_dir, lambda folder: task.save(trained, state.sampling_scheduler, state.vae, folder)
+        )
         grid_path = save_samples(state, global_step, use_ema=False)  # the EMA weights are the networks' now
         if grid_path is not None:
             shutil.copyfile(grid_path, os.path.join(args.output_dir, "sample_grid.png"))
@@ -490,7 +498,7 @@ def save_assembled_experts(args: argparse.Namespace) -> str:
 
     pipeline = assemble_expert_runs(args.assemble_experts)
     os.makedirs(args.output_dir, exist_ok=True)
-    pipeline.save_pretrained(args.output_dir)
+    publish_pipeline(args.output_dir, pipeline.save_pretrained)  # all or nothing, as the training runs' saves
     num_classes = num_data_classes(pipeline.experts.experts[0].config.num_class_embeds)
     grid, _ = sample_grid(pipeline, args, num_classes)
     grid.save(os.path.join(args.output_dir, "sample_grid.png"))

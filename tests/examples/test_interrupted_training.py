@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from diffusers_stages.training.checkpointing import COMPLETE_MARKER, FINISHED_MARKER
 
@@ -111,3 +111,36 @@ def test_a_checkpoint_without_a_network_folder_is_a_clear_error(examples, script
     shutil.rmtree(os.path.join(out, "checkpoint-4", "unet_ema"))  # not the Hub's "is not a valid model identifier"
     with pytest.raises(ValueError, match=r"Checkpoint '.*checkpoint-4' has no 'unet_ema' folder"):
         examples.train(script, [*run_args, "--output_dir", out, "--resume_from_checkpoint", "latest"])
+
+
+def test_a_final_save_that_fails_midway_leaves_the_previous_complete_save(
+    examples, script, run_args, straight, tmp_path, capsys, monkeypatch
+):
+    # the final `save_pretrained` wrote into --output_dir in place: a crash midway left a mix of new and old files
+    # (here: new components without the re-export files) that looked like a complete pipeline
+    from diffusers_stages.pipelines import pipeline_staged
+
+    out = str(tmp_path / "resaved")
+    shutil.copytree(straight, out)
+    os.remove(os.path.join(out, "checkpoint-4", FINISHED_MARKER))  # resuming writes the final outputs again
+    old = load_file(os.path.join(out, "unet", WEIGHTS))
+    save_file({k: torch.zeros_like(v) for k, v in old.items()}, os.path.join(out, "unet", WEIGHTS))  # the old save
+
+    def pipeline_files():
+        return {k: v for k, v in _snapshot(out).items() if k.split(os.sep)[0] not in ("logs", "samples")}
+
+    before = pipeline_files()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed while saving")
+
+    monkeypatch.setattr(pipeline_staged, "write_reexport_files", crash)  # after the components were written
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        _resume(examples, script, run_args, out, capsys)
+    assert pipeline_files() == before  # the previous save, complete; the checkpoints untouched
+    assert not [name for name in os.listdir(out) if name.startswith(".")]  # no temporary folder left
+    monkeypatch.undo()
+    _resume(examples, script, run_args, out, capsys)  # the new save replaces the old one, checkpoints and logs kept
+    assert _same_weights(straight, out, "unet")
+    assert sorted(os.listdir(out)) == sorted(os.listdir(straight))
+    assert os.path.isfile(os.path.join(out, "checkpoint-4", FINISHED_MARKER))

@@ -80,7 +80,9 @@ def test_save_model_epochs_saves_the_pipeline_during_training(examples, script, 
     out = str(tmp_path / "run")
     examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out,
                             "--train_batch_size", "12", "--num_epochs", "3", "--save_model_epochs", "1"])  # fmt: skip
-    assert saves == [out] * 3  # after epochs 1 and 2, and the final save after epoch 3
+    # after epochs 1 and 2, and the final save after epoch 3; each written beside, then swapped in
+    assert saves == [os.path.join(out, ".pipeline.partial")] * 3
+    assert not [name for name in os.listdir(out) if name.startswith(".")]
     assert MultiStagePipeline.from_pretrained(out).unet.num_stages == 3
 
 

@@ -19,6 +19,7 @@ from diffusers_stages.training.checkpointing import (
     checkpoint_folders,
     prune_checkpoints,
     publish_checkpoint,
+    publish_pipeline,
     remove_leftovers,
     resolve_resume_checkpoint,
     skipped_checkpoints,
@@ -143,6 +144,66 @@ def test_publish_replaces_a_folder_of_the_same_step_and_leftovers_are_removed(tm
     assert remove_leftovers(str(tmp_path)) == [".checkpoint-2.deleted", ".checkpoint-6.partial"]
     assert _names(tmp_path) == [".unrelated", "checkpoint-4"]
     assert remove_leftovers(str(tmp_path / "none")) == []
+
+
+def _pipeline_save(version: str):
+    """A stand-in for a pipeline's `save_pretrained`: an index file and two component folders, tagged ``version``."""
+
+    def write(folder):
+        for name in ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json"):
+            _touch(os.path.join(folder, name))
+            with open(os.path.join(folder, name), "w") as f:
+                f.write(version)
+
+    return write
+
+
+def _saved(root) -> dict:
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(folder, name)) as f:
+                files[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return files
+
+
+def test_the_final_pipeline_replaces_the_previous_one_all_or_nothing(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    _checkpoint(out, 2)
+    _touch(os.path.join(out, "logs", "events"))
+    publish_pipeline(out, _pipeline_save("old"))
+    old = _saved(out)
+    assert old["unet/config.json"] == "old" and "checkpoint-2/checkpoint_complete.json" in old
+
+    def fail_midway(folder):
+        _pipeline_save("new")(folder)
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):  # a failed write: the previous save, as it was
+        publish_pipeline(out, fail_midway)
+    assert _saved(out) == old and sorted(os.listdir(out)) == ["checkpoint-2", "logs", "model_index.json",
+                                                              "scheduler", "unet"]  # fmt: skip
+    os.makedirs(os.path.join(out, ".pipeline.partial", "unet"))  # a kill while writing: removed by the next run
+    assert remove_leftovers(out) == [".pipeline.partial"] and _saved(out) == old
+
+    renames, rename = [], os.rename
+
+    def killed_after_three_renames(source, target):
+        if len(renames) == 3:
+            raise KeyboardInterrupt  # as a kill midway through the swap
+        renames.append(target)
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", killed_after_three_renames)
+    with pytest.raises(KeyboardInterrupt):
+        publish_pipeline(out, _pipeline_save("new"))
+    monkeypatch.undo()
+    assert "model_index.json" not in os.listdir(out)  # a half-swapped folder does not load as a pipeline
+    assert remove_leftovers(out) == []  # the next run finishes the swap
+    new = {k: "new" if v == "old" else v for k, v in old.items()}
+    assert _saved(out) == new and not [name for name in os.listdir(out) if name.startswith(".")]
+    publish_pipeline(out, _pipeline_save("newer"))  # and a complete swap in one go
+    assert _saved(out) == {k: "newer" if v == "new" else v for k, v in new.items()}
 
 
 def test_push_selects_files_like_the_hub_and_writes_a_card(tmp_path, monkeypatch):
