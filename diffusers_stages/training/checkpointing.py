@@ -16,7 +16,7 @@ from collections.abc import Callable
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
-from ..models.loading import load_strictly
+from ..models.loading import load_strictly, read_json
 from .sharding import gathered_networks
 
 # the step as the loop writes it: ASCII digits without a leading zero (`\d` and `int` would take "checkpoint-01" and
@@ -326,7 +326,7 @@ def _load_ema(ema: EMAModel, folder: str) -> None:
             f"The EMA weights at {folder} do not match the model being trained ({values}): resume with the model "
             "arguments of the run that wrote the checkpoint, or train into a new `--output_dir`."
         )
-    saved = then  # `save_pretrained` stores the EMA's own state (decay, optimization_step, ...) in the config
+    saved = read_json(os.path.join(folder, "config.json"), "config.json")  # also the EMA's state (decay, step, ...)
     ema_state = {k: saved[k] for k in ema.state_dict() if k != "shadow_params" and k in saved}
     ema.load_state_dict({**ema_state, "shadow_params": [p.detach().clone() for p in loaded.parameters()]})
 
