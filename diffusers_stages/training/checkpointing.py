@@ -7,6 +7,7 @@ last complete checkpoint in place, and the leftovers (hidden folders) are remove
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -327,8 +328,13 @@ def _load_ema(ema: EMAModel, folder: str) -> None:
             "arguments of the run that wrote the checkpoint, or train into a new `--output_dir`."
         )
     saved = read_json(os.path.join(folder, "config.json"), "config.json")  # also the EMA's state (decay, step, ...)
-    ema_state = {k: saved[k] for k in ema.state_dict() if k != "shadow_params" and k in saved}
-    ema.load_state_dict({**ema_state, "shadow_params": [p.detach().clone() for p in loaded.parameters()]})
+    state = {k: saved[k] for k in ema.state_dict() if k != "shadow_params" and k in saved}
+    state["shadow_params"] = [p.detach().clone() for p in loaded.parameters()]
+    try:  # on a copy first: `EMAModel.load_state_dict` sets each value before checking it
+        copy.copy(ema).load_state_dict(state)
+    except ValueError as error:
+        raise ValueError(f"The EMA state in {os.path.join(folder, 'config.json')} is not valid: {error}") from None
+    ema.load_state_dict(state)
 
 
 def register_checkpoint_hooks(

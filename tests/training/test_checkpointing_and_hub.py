@@ -2,6 +2,7 @@
 model card, offline."""
 
 import argparse
+import json
 import os
 import re
 from types import SimpleNamespace
@@ -416,7 +417,7 @@ def test_resuming_reads_a_checkpoint_network_strictly(tmp_path, corruption):
         GradientState._reset_state()
 
 
-@pytest.mark.parametrize("corruption", ["missing", "unexpected", "integers", "other_config"])
+@pytest.mark.parametrize("corruption", ["missing", "unexpected", "integers", "other_config", "decay"])
 def test_resuming_reads_a_checkpoint_ema_strictly(tmp_path, corruption):
     # `EMAModel.from_pretrained` loaded through diffusers leniently: missing weights were left random, and an EMA of
     # another configuration replaced the shadow parameters whatever their shapes
@@ -445,15 +446,19 @@ def test_resuming_reads_a_checkpoint_ema_strictly(tmp_path, corruption):
         weights = folder / "diffusion_pytorch_model.safetensors"
         if corruption == "unexpected":
             save_file({**load_file(weights), "extra.weight": torch.zeros(2)}, weights)
+        elif corruption == "decay":  # the EMA's own state, out of range
+            config = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**config, "decay": 2.0}))
         elif corruption == "other_config":  # a complete EMA folder, of a wider network
             other = UNet2DModel(**{**TINY_UNET, "block_out_channels": (8, 32)})
             EMAModel(other.parameters(), model_cls=UNet2DModel, model_config=other.config).save_pretrained(folder)
         else:
             corrupt_weights(weights, corruption, outside=tmp_path)
-        shadow = [p.clone() for p in ema.shadow_params]
+        shadow, decay = [p.clone() for p in ema.shadow_params], ema.decay
         with pytest.raises(ValueError, match=re.escape(str(folder))):
             accelerator.load_state(str(checkpoint))
         assert all(torch.equal(a, b) for a, b in zip(shadow, ema.shadow_params, strict=True))  # left as it was
+        assert ema.decay == decay
         assert model is not None
     finally:
         AcceleratorState._reset_state(True)
