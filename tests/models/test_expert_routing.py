@@ -319,3 +319,42 @@ def test_a_multi_stage_expert_is_compiled_by_its_own_regions():
     regions = model.compile_regions()
     assert multistage not in regions and model.experts[0] in regions
     assert [r for r in regions if r is not model.experts[0]] == multistage.compile_regions()
+
+
+def test_from_config_builds_a_fresh_model_of_the_same_architecture(three_experts, tmp_path):
+    # was `TypeError: missing 'experts'`: diffusers' EMAModel and training scripts call `from_config(model.config)`
+    fresh = ExpertRoutingModel.from_config(three_experts.config)
+    assert [type(e) for e in fresh.experts] == [type(e) for e in three_experts.experts]
+    assert fresh.config.stage_boundaries == three_experts.config.stage_boundaries
+    shapes = {k: v.shape for k, v in three_experts.state_dict().items()}
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == shapes
+    fresh.load_state_dict(three_experts.state_dict())
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([10, 650, 400])
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x, t).sample, three_experts(x, t).sample)
+    # a saved folder's config too, and an experts' set given explicitly
+    three_experts.save_pretrained(tmp_path)
+    again = ExpertRoutingModel.from_config(ExpertRoutingModel.load_config(tmp_path))
+    assert [e.config for e in again.experts] == [e.config for e in fresh.experts]
+    experts = [ExpertRoutingModel.from_config(three_experts.config).experts[i] for i in range(3)]
+    assert ExpertRoutingModel.from_config(three_experts.config, experts=experts).experts[1] is experts[1]
+
+
+def test_diffusers_ema_model_saves_and_reloads_the_container(three_experts, tmp_path):
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(three_experts.parameters(), model_cls=ExpertRoutingModel, model_config=three_experts.config)
+    ema.save_pretrained(tmp_path / "ema")
+    loaded = EMAModel.from_pretrained(tmp_path / "ema", model_cls=ExpertRoutingModel)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.shadow_params, ema.shadow_params))
+
+
+def test_from_config_builds_only_the_classes_diffusers_and_the_package_export(three_experts, tmp_path):
+    config = dict(three_experts.config)
+    config["expert_classes"] = [["tests.models.test_expert_routing", "Net"], *config["expert_classes"][1:]]
+    with pytest.raises(ValueError, match=r"Expert 0 .*tests.models.test_expert_routing.*experts=\["):
+        ExpertRoutingModel.from_config(config)
+    # a config saved without the experts' configs says what to call instead
+    config = {k: v for k, v in three_experts.config.items() if k != "expert_configs"}
+    with pytest.raises(ValueError, match=r"`expert_configs`.*from_pretrained.*experts=\["):
+        ExpertRoutingModel.from_config(config)
