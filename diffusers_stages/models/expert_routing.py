@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import diffusers
 import torch
@@ -37,6 +38,7 @@ from .loading import (
     realign_storage,
     refuse_mismatched_keys,
     refuse_non_float_weights,
+    refuse_other_model_class,
 )
 from .staged import StagedModelMixin
 
@@ -218,6 +220,10 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
     """
 
     ignore_for_config = ("experts",)
+    # a folder of one model: the container is built from experts (`refuse_other_model_class`)
+    _plain_class_conversions: ClassVar[dict[str, str]] = {
+        "*": "build a container of such experts with `{cls}([{name}.from_pretrained({args}), ...], stage_boundaries=...)`"
+    }
     _supports_gradient_checkpointing = True  # each expert's own (see `_set_gradient_checkpointing`)
 
     @register_to_config
@@ -548,6 +554,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             check_subfolder(pretrained_model_name_or_path, subfolder)
         check_folder_files(folder)
         config = cls.load_config(folder)
+        refuse_other_model_class(cls, config, pretrained_model_name_or_path, subfolder)
         if config.get("_class_name") != cls.__name__ or "expert_classes" not in config:
             raise ValueError(f"{folder} does not hold a saved {cls.__name__} (see its `config.json`).")
         missing = [key for key in CONTAINER_CONFIG if key not in config]
