@@ -163,6 +163,14 @@ def pipeline_config(experts: Sequence[nn.Module | None]) -> dict:
     return declared
 
 
+def expert_pattern(index: int, pattern: str) -> str:
+    """Expert ``index``'s layerwise-casting skip ``pattern`` (a regular expression searched in its module names) as a
+    pattern of the container's module names: it matches only inside ``experts.{index}.``, and one anchored with ``^``
+    at the expert's root is anchored there."""
+    prefix = rf"^experts\.{index}\."
+    return prefix + (pattern[1:] if pattern.startswith("^") else f".*(?:{pattern})")
+
+
 def _positional_hidden_states(expert: nn.Module, class_labels, expert_kwargs: dict) -> tuple:
     """``(class_labels, expert_kwargs)`` as ``expert`` takes them. A `UNet2DConditionModel` takes
     ``encoder_hidden_states`` third, where this container takes ``class_labels``: a call ``model(x, t, text)`` gives
@@ -391,6 +399,49 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                     raise ValueError(f"Expert {i} ({type(expert).__name__}) does not support gradient checkpointing.")
                 continue
             expert._set_gradient_checkpointing(enable, gradient_checkpointing_func)
+
+    @property
+    def _skip_layerwise_casting_patterns(self) -> list[str]:
+        """What diffusers' `enable_layerwise_casting` must leave uncast: each loaded expert's own declaration (its
+        class's ``_skip_layerwise_casting_patterns`` and ``_keep_in_fp32_modules``), scoped to that expert's modules
+        (``experts.{i}.``; a pattern anchored at the expert's root, such as ``^proj_out$``, stays anchored there)."""
+        patterns = []
+        for i in self.loaded_experts:
+            expert = self.experts[i]
+            declared = [
+                *(getattr(expert, "_skip_layerwise_casting_patterns", None) or ()),
+                *(getattr(expert, "_keep_in_fp32_modules", None) or ()),
+            ]
+            patterns += [expert_pattern(i, pattern) for pattern in declared]
+        return patterns
+
+    def enable_layerwise_casting(
+        self,
+        storage_dtype: torch.dtype = torch.float8_e4m3fn,
+        compute_dtype: torch.dtype | None = None,
+        skip_modules_pattern: tuple[str, ...] | None = None,
+        skip_modules_classes: tuple[type[nn.Module], ...] | None = None,
+        non_blocking: bool = False,
+    ) -> None:
+        r"""
+        diffusers' layerwise casting (weights stored in ``storage_dtype``, each layer cast to ``compute_dtype`` for
+        its call; see [`~diffusers.ModelMixin.enable_layerwise_casting`]). Without ``skip_modules_pattern`` each
+        loaded expert is cast by its own `enable_layerwise_casting`, exactly as alone: diffusers' default patterns
+        and the expert's own (``_skip_layerwise_casting_patterns``, ``_keep_in_fp32_modules``) apply to its module
+        names. Patterns given name the container's modules (``experts.{i}....``), as on any diffusers model, and
+        each expert's own declarations still hold. ``compute_dtype`` defaults to the container's dtype.
+        """
+        if compute_dtype is None:
+            compute_dtype = self.dtype
+        if skip_modules_pattern is not None:
+            super().enable_layerwise_casting(
+                storage_dtype, compute_dtype, skip_modules_pattern, skip_modules_classes, non_blocking
+            )
+            return
+        for i in self.loaded_experts:
+            self.experts[i].enable_layerwise_casting(
+                storage_dtype, compute_dtype, skip_modules_classes=skip_modules_classes, non_blocking=non_blocking
+            )
 
     def fuse_qkv_projections(self) -> None:
         """`pipe.fuse_qkv_projections()`: each loaded expert fuses its q/k/v projections with its own

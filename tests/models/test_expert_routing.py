@@ -358,3 +358,44 @@ def test_from_config_builds_only_the_classes_diffusers_and_the_package_export(th
     config = {k: v for k, v in three_experts.config.items() if k != "expert_configs"}
     with pytest.raises(ValueError, match=r"`expert_configs`.*from_pretrained.*experts=\["):
         ExpertRoutingModel.from_config(config)
+
+
+class _UNetKeepingItsOutput(UNet2DModel):
+    """A diffusers-style class that declares what layerwise casting must skip (anchored to its own module names)."""
+
+    _skip_layerwise_casting_patterns = ["^conv_out$", "norm"]  # noqa: RUF012 (as diffusers declares it)
+    _keep_in_fp32_modules = ["time_embedding"]  # noqa: RUF012
+
+
+def _cast_layers(model) -> set[str]:
+    return {
+        name
+        for name, module in model.named_modules()
+        if getattr(module, "_diffusers_hook", None) is not None
+        and module._diffusers_hook.get_hook("layerwise_casting") is not None
+    }
+
+
+def test_layerwise_casting_casts_each_expert_as_alone(tiny_unet_kwargs):
+    # the container applied diffusers' patterns to its own names: an expert's anchored patterns (`^conv_out$`) and
+    # `_keep_in_fp32_modules` were lost, and its float32 layers were cast
+    def experts():
+        torch.manual_seed(0)
+        uvit = UViT2DModel(sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2)
+        return [_UNetKeepingItsOutput(**tiny_unet_kwargs).eval(), uvit.eval()]
+
+    alone = experts()
+    for expert in alone:
+        expert.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    model = ExpertRoutingModel(experts(), stage_boundaries=(500,))
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    expected = {f"experts.{i}.{name}" for i, expert in enumerate(alone) for name in _cast_layers(expert)}
+    assert _cast_layers(model) == expected and "experts.0.conv_out" not in expected
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 8, 8), torch.tensor([10, 900])).sample
+    assert torch.isfinite(out).all()
+    # patterns given by the caller name the container's modules, as on any diffusers model
+    model = ExpertRoutingModel(experts(), stage_boundaries=(500,))
+    model.enable_layerwise_casting(torch.float8_e4m3fn, torch.float32, skip_modules_pattern=(r"^experts\.1\.",))
+    assert _cast_layers(model) and not any(name.startswith("experts.1.") for name in _cast_layers(model))
+    assert "experts.0.conv_out" not in _cast_layers(model)  # the expert's own patterns still hold
