@@ -443,6 +443,26 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                 storage_dtype, compute_dtype, skip_modules_classes=skip_modules_classes, non_blocking=non_blocking
             )
 
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        r"""FreeU (https://huggingface.co/papers/2309.11497) in every loaded expert, by the expert's own
+        ``enable_freeu`` (what `pipe.enable_freeu` calls on ``pipe.unet``): ``s1``/``s2`` filter the skip features,
+        ``b1``/``b2`` scale the backbone features of its up path, as in
+        [`~diffusers.UNet2DConditionModel.enable_freeu`]. An expert without FreeU (diffusers' `UNet2DModel`, and
+        `MultiStageUNet2DModel` built on it, have none) is a `ValueError` naming it, before any expert is changed."""
+        for i in self.loaded_experts:
+            expert = self.experts[i]
+            if not callable(getattr(expert, "enable_freeu", None)):
+                raise ValueError(f"Expert {i} ({type(expert).__name__}) does not support FreeU (no `enable_freeu`).")
+        for i in self.loaded_experts:
+            self.experts[i].enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def disable_freeu(self) -> None:
+        """Undo `enable_freeu`: each loaded expert's own ``disable_freeu``."""
+        for i in self.loaded_experts:
+            disable = getattr(self.experts[i], "disable_freeu", None)
+            if callable(disable):
+                disable()
+
     def fuse_qkv_projections(self) -> None:
         """`pipe.fuse_qkv_projections()`: each loaded expert fuses its q/k/v projections with its own
         ``fuse_qkv_projections`` (`AttentionMixin`'s version fuses only the newer attention classes, and the pipeline

@@ -399,3 +399,44 @@ def test_layerwise_casting_casts_each_expert_as_alone(tiny_unet_kwargs):
     model.enable_layerwise_casting(torch.float8_e4m3fn, torch.float32, skip_modules_pattern=(r"^experts\.1\.",))
     assert _cast_layers(model) and not any(name.startswith("experts.1.") for name in _cast_layers(model))
     assert "experts.0.conv_out" not in _cast_layers(model)  # the expert's own patterns still hold
+
+
+FREEU = {"s1": 0.9, "s2": 0.2, "b1": 1.2, "b2": 1.4}
+
+
+def _freeu_factors(expert) -> list:
+    decoders = getattr(expert, "decoders", None) or [expert]
+    return [(b.s1, b.s2, b.b1, b.b2) for d in decoders for b in d.up_blocks if getattr(b, "s1", None) is not None]
+
+
+def test_enable_freeu_reaches_every_expert(tiny_cond_unet):
+    # `pipe.enable_freeu(...)` calls `pipe.unet.enable_freeu`: the container had none (AttributeError)
+    from diffusers_stages import MultiStageUNet2DConditionModel
+
+    def experts():
+        staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(1), stage_boundaries=(500,))
+        return [tiny_cond_unet(0), staged.eval()]
+
+    model, alone = ExpertRoutingModel(experts(), stage_boundaries=(500,)), experts()
+    model.enable_freeu(**FREEU)
+    for expert in alone:
+        expert.enable_freeu(**FREEU)
+    assert all(_freeu_factors(e) and set(_freeu_factors(e)) == {tuple(FREEU.values())} for e in model.experts)
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        for stage, t in ((0, 10), (1, 900)):
+            expected = alone[stage](x, t, encoder_hidden_states=text).sample
+            assert torch.equal(model(x, t, encoder_hidden_states=text).sample, expected)
+        model.disable_freeu()
+        assert not any(_freeu_factors(e) for e in model.experts)
+
+
+def test_enable_freeu_names_an_expert_without_it(tiny_unet_kwargs):
+    # diffusers' UNet2DModel (as MultiStageUNet2DModel, built on it) has no FreeU
+    model = ExpertRoutingModel(
+        [MultiStageUNet2DModel(**tiny_unet_kwargs, stage_boundaries=(500,)), _unet(tiny_unet_kwargs, 0)],
+        stage_boundaries=(500,),
+    )
+    with pytest.raises(ValueError, match=r"Expert 0 \(MultiStageUNet2DModel\) does not support FreeU"):
+        model.enable_freeu(**FREEU)
+    model.disable_freeu()  # nothing to switch off: no error
