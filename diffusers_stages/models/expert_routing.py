@@ -103,10 +103,14 @@ def import_class(entry: Sequence[str], loaded_modules: bool = True) -> type:
     return cls
 
 
-def expert_config(expert: ModelMixin) -> dict:
+def expert_config(expert: ModelMixin) -> dict | None:
     """``expert``'s config as its `config.json` holds it, without diffusers' private entries (``_class_name``,
-    ``_diffusers_version``, ...) and ``auto_map``: what its class's `from_config` builds the same architecture from."""
-    config = json.loads(expert.to_json_string())
+    ``_diffusers_version``, ...) and ``auto_map``: what its class's `from_config` builds the same architecture from;
+    `None` for a config that does not serialise (such an expert cannot be saved either, but it may still run)."""
+    try:
+        config = json.loads(expert.to_json_string())
+    except (TypeError, ValueError):
+        return None
     return {key: value for key, value in config.items() if not key.startswith("_") and key != "auto_map"}
 
 

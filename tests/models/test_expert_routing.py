@@ -440,3 +440,13 @@ def test_enable_freeu_names_an_expert_without_it(tiny_unet_kwargs):
     with pytest.raises(ValueError, match=r"Expert 0 \(MultiStageUNet2DModel\) does not support FreeU"):
         model.enable_freeu(**FREEU)
     model.disable_freeu()  # nothing to switch off: no error
+
+
+def test_an_expert_whose_config_does_not_serialise_still_builds_a_container(tiny_unet_kwargs):
+    # keeping each expert's config must not stop a container of experts that run but could not be saved
+    odd = _unet(tiny_unet_kwargs, 0)
+    odd.register_to_config(note=object())
+    model = ExpertRoutingModel([odd, _unet(tiny_unet_kwargs, 1)], stage_boundaries=(500,))
+    assert model.config.expert_configs[0] is None and model.config.expert_configs[1] is not None
+    with pytest.raises(ValueError, match=r"no `expert_configs` entry for experts \[0\]"):
+        ExpertRoutingModel.from_config(model.config)
