@@ -56,6 +56,8 @@ CONDITIONING_KEYS = (
 # config keys diffusers' pipelines read from `pipe.unet` (StableDiffusionPipeline, StableDiffusionXLPipeline)
 PIPELINE_KEYS = ("in_channels", "out_channels", "sample_size", "time_cond_proj_dim", "addition_time_embed_dim")
 TRUSTED_LIBRARIES = ("diffusers", "diffusers_stages")
+# where a trusted library exports its model classes: the package's own `models` exports some the top level does not
+TRUSTED_EXPORTS = {"diffusers": ("diffusers",), "diffusers_stages": ("diffusers_stages", "diffusers_stages.models")}
 # what a saved container's `config.json` must hold besides its `_class_name`
 CONTAINER_CONFIG = ("expert_classes", "stage_boundaries", "boundary_units", "num_train_timesteps", "prediction_type")
 
@@ -74,17 +76,19 @@ def class_entry(model: nn.Module) -> list[str]:
 
 
 def import_class(entry: Sequence[str], loaded_modules: bool = True) -> type:
-    """The `ModelMixin` class named by a ``[module, class]`` entry: a class diffusers or this package exports, or
-    (with ``loaded_modules``) one of a module the caller has already imported. No module a config names is imported
-    (one such as ``diffusers_stages.demo.__main__`` would run on import), so nothing runs that the user has not chosen
-    to run. Without ``loaded_modules`` any other entry is a `ValueError` naming it."""
+    """The `ModelMixin` class named by a ``[module, class]`` entry: a class diffusers or this package (or its
+    ``models`` package) exports, or (with ``loaded_modules``) one of a module the caller has already imported. No
+    module a config names is imported (one such as ``diffusers_stages.demo.__main__`` would run on import), so
+    nothing runs that the user has not chosen to run. Without ``loaded_modules`` any other entry is a `ValueError`
+    naming it."""
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
         raise ValueError(f"Expert class entry must be [module, class], got {entry!r}.")
     module_name, class_name = entry
     check_name(module_name, "expert module", dotted=True)
     check_name(class_name, "expert class")
     library = module_name.split(".")[0]
-    cls = getattr(importlib.import_module(library), class_name, None) if library in TRUSTED_LIBRARIES else None
+    exports = [importlib.import_module(name) for name in TRUSTED_EXPORTS.get(library, ())]
+    cls = next((getattr(m, class_name) for m in exports if isinstance(getattr(m, class_name, None), type)), None)
     if not (isinstance(cls, type) and module_name in (library, cls.__module__)):  # not the library's export
         if not loaded_modules:
             raise ValueError(

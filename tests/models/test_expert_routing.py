@@ -450,3 +450,14 @@ def test_an_expert_whose_config_does_not_serialise_still_builds_a_container(tiny
     assert model.config.expert_configs[0] is None and model.config.expert_configs[1] is not None
     with pytest.raises(ValueError, match=r"no `expert_configs` entry for experts \[0\]"):
         ExpertRoutingModel.from_config(model.config)
+
+
+def test_from_config_builds_the_package_classes_exported_by_its_models_module():
+    # `EarlyExitUViT2DModel` is exported by `diffusers_stages.models` only: it was refused as an unknown class
+    from diffusers_stages.models import EarlyExitUViT2DModel
+
+    torch.manual_seed(0)
+    expert = EarlyExitUViT2DModel(sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2).eval()
+    fresh = ExpertRoutingModel.from_config(ExpertRoutingModel([expert], stage_boundaries=()).config)
+    public = [{k: v for k, v in e.config.items() if not k.startswith("_")} for e in (fresh.experts[0], expert)]
+    assert type(fresh.experts[0]) is EarlyExitUViT2DModel and public[0] == public[1]
