@@ -39,6 +39,8 @@ class StrictLoadingMixin(SaveThenPushMixin):
         path, subfolder = pretrained_model_name_or_path, kwargs.get("subfolder")
         config_file = os.path.join(str(path), subfolder or "", "config.json")
         if os.path.isfile(config_file):  # a local folder: a model of another class is named before anything is built
+            check_subfolder(path, subfolder)  # (the folder's files are checked before any is read)
+            check_folder_files(os.path.dirname(config_file))
             refuse_other_model_class(cls, read_json(config_file, "config.json"), path, subfolder)
         try:
             model, info = _load_checked(super().from_pretrained, cls.__name__, path, kwargs)

@@ -249,3 +249,14 @@ def test_a_subclass_loads_its_base_class_folder(saved_model, tmp_path):
         pass
 
     assert type(Tuned.from_pretrained(saved_model[0])) is Tuned
+
+
+def test_a_config_that_links_out_of_the_folder_is_refused_before_it_is_read(saved_model, tmp_path):
+    # the check of the folder's class read `config.json` before the folder's files were checked
+    _plain_unet().save_pretrained(tmp_path / "plain")
+    linked = tmp_path / "linked"
+    shutil.copytree(saved_model[0], linked)
+    (linked / "config.json").unlink()
+    (linked / "config.json").symlink_to(tmp_path / "plain" / "config.json")
+    with pytest.raises(ValueError, match="links to .*outside the folder"):
+        MultiStageUNet2DModel.from_pretrained(linked)
