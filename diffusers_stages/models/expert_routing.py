@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import diffusers
 import torch
@@ -36,6 +38,7 @@ from .loading import (
     realign_storage,
     refuse_mismatched_keys,
     refuse_non_float_weights,
+    refuse_other_model_class,
 )
 from .staged import StagedModelMixin
 
@@ -53,6 +56,8 @@ CONDITIONING_KEYS = (
 # config keys diffusers' pipelines read from `pipe.unet` (StableDiffusionPipeline, StableDiffusionXLPipeline)
 PIPELINE_KEYS = ("in_channels", "out_channels", "sample_size", "time_cond_proj_dim", "addition_time_embed_dim")
 TRUSTED_LIBRARIES = ("diffusers", "diffusers_stages")
+# where a trusted library exports its model classes: the package's own `models` exports some the top level does not
+TRUSTED_EXPORTS = {"diffusers": ("diffusers",), "diffusers_stages": ("diffusers_stages", "diffusers_stages.models")}
 # what a saved container's `config.json` must hold besides its `_class_name`
 CONTAINER_CONFIG = ("expert_classes", "stage_boundaries", "boundary_units", "num_train_timesteps", "prediction_type")
 
@@ -70,18 +75,26 @@ def class_entry(model: nn.Module) -> list[str]:
     return [cls.__module__, cls.__name__]
 
 
-def import_class(entry: Sequence[str]) -> type:
-    """The `ModelMixin` class named by a ``[module, class]`` entry: a class diffusers or this package exports, or one
-    of a module the caller has already imported. No module a config names is imported (one such as
-    ``diffusers_stages.demo.__main__`` would run on import), so nothing runs that the user has not chosen to run."""
+def import_class(entry: Sequence[str], loaded_modules: bool = True) -> type:
+    """The `ModelMixin` class named by a ``[module, class]`` entry: a class diffusers or this package (or its
+    ``models`` package) exports, or (with ``loaded_modules``) one of a module the caller has already imported. No
+    module a config names is imported (one such as ``diffusers_stages.demo.__main__`` would run on import), so
+    nothing runs that the user has not chosen to run. Without ``loaded_modules`` any other entry is a `ValueError`
+    naming it."""
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
         raise ValueError(f"Expert class entry must be [module, class], got {entry!r}.")
     module_name, class_name = entry
     check_name(module_name, "expert module", dotted=True)
     check_name(class_name, "expert class")
     library = module_name.split(".")[0]
-    cls = getattr(importlib.import_module(library), class_name, None) if library in TRUSTED_LIBRARIES else None
+    exports = [importlib.import_module(name) for name in TRUSTED_EXPORTS.get(library, ())]
+    cls = next((getattr(m, class_name) for m in exports if isinstance(getattr(m, class_name, None), type)), None)
     if not (isinstance(cls, type) and module_name in (library, cls.__module__)):  # not the library's export
+        if not loaded_modules:
+            raise ValueError(
+                f"Expert class {class_name} of module {module_name!r} is not a class diffusers or diffusers_stages "
+                "exports."
+            )
         if module_name not in sys.modules:
             raise ValueError(
                 f"Expert class {class_name} lives in module {module_name!r}, which is not loaded and is not the "
@@ -92,6 +105,17 @@ def import_class(entry: Sequence[str]) -> type:
     if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
         raise ValueError(f"Expert class entry {list(entry)} does not name a diffusers ModelMixin class.")  # noqa: TRY004
     return cls
+
+
+def expert_config(expert: ModelMixin) -> dict | None:
+    """``expert``'s config as its `config.json` holds it, without diffusers' private entries (``_class_name``,
+    ``_diffusers_version``, ...) and ``auto_map``: what its class's `from_config` builds the same architecture from;
+    `None` for a config that does not serialise (such an expert cannot be saved either, but it may still run)."""
+    try:
+        config = json.loads(expert.to_json_string())
+    except (TypeError, ValueError):
+        return None
+    return {key: value for key, value in config.items() if not key.startswith("_") and key != "auto_map"}
 
 
 def resolve_prediction_type(prediction_type: str | Sequence[str], experts: Sequence[nn.Module | None]) -> str:
@@ -147,6 +171,14 @@ def pipeline_config(experts: Sequence[nn.Module | None]) -> dict:
     return declared
 
 
+def expert_pattern(index: int, pattern: str) -> str:
+    """Expert ``index``'s layerwise-casting skip ``pattern`` (a regular expression searched in its module names) as a
+    pattern of the container's module names: it matches only inside ``experts.{index}.``, and one anchored with ``^``
+    at the expert's root is anchored there."""
+    prefix = rf"^experts\.{index}\."
+    return prefix + (pattern[1:] if pattern.startswith("^") else f".*(?:{pattern})")
+
+
 def _positional_hidden_states(expert: nn.Module, class_labels, expert_kwargs: dict) -> tuple:
     """``(class_labels, expert_kwargs)`` as ``expert`` takes them. A `UNet2DConditionModel` takes
     ``encoder_hidden_states`` third, where this container takes ``class_labels``: a call ``model(x, t, text)`` gives
@@ -178,6 +210,11 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             (one per expert) is accepted to check experts gathered from different pipelines, and must agree.
         expert_classes (`list[list[str]]`, *optional*):
             ``[module, class]`` of each expert; derived from ``experts`` when omitted, required for unloaded ones.
+        expert_configs (`list[dict | None]`, *optional*):
+            Each expert's config (what its class's `from_config` takes), kept in the container's config so that
+            ``ExpertRoutingModel.from_config(model.config)`` builds fresh experts of the same architectures (as
+            diffusers' `EMAModel` and training scripts call it); taken from the loaded experts, kept as given for
+            unloaded ones (`None` where unknown).
 
     Example:
 
@@ -199,6 +236,10 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
     """
 
     ignore_for_config = ("experts",)
+    # a folder of one model: the container is built from experts (`refuse_other_model_class`)
+    _plain_class_conversions: ClassVar[dict[str, str]] = {
+        "*": "build a container of such experts with `{cls}([{name}.from_pretrained({args}), ...], stage_boundaries=...)`"
+    }
     _supports_gradient_checkpointing = True  # each expert's own (see `_set_gradient_checkpointing`)
 
     @register_to_config
@@ -210,6 +251,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         num_train_timesteps: int = 1000,
         prediction_type: str | Sequence[str] = "epsilon",
         expert_classes: Sequence[Sequence[str]] | None = None,
+        expert_configs: Sequence[dict | None] | None = None,
     ):
         super().__init__()
         # 1. check the configuration and keep the partition: one expert per stage, interchangeable
@@ -224,13 +266,106 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         expert_classes = [list(entry) for entry in expert_classes]
         if len(expert_classes) != len(experts) or any(d not in (None, c) for d, c in zip(derived, expert_classes)):
             raise ValueError(f"`expert_classes`={expert_classes} does not match the experts given: {derived}.")
+        if expert_configs is None:
+            expert_configs = [None] * len(experts)
+        if not isinstance(expert_configs, (list, tuple)) or len(expert_configs) != len(experts):
+            raise ValueError(
+                f"`expert_configs` must be a list of one config (or None) per expert ({len(experts)}), got "
+                f"{expert_configs!r}."
+            )
+        if any(c is not None and not isinstance(c, dict) for c in expert_configs):
+            raise ValueError(f"`expert_configs` must hold dicts or None, got {expert_configs!r}.")
+        expert_configs = [
+            expert_config(e) if e is not None else (dict(c) if c is not None else None)
+            for e, c in zip(experts, expert_configs)
+        ]
         self.register_to_config(
             stage_boundaries=list(self.partition.boundaries),
             prediction_type=resolve_prediction_type(prediction_type, experts),
             expert_classes=expert_classes,
+            expert_configs=expert_configs,
         )
         self.register_to_config(**pipeline_config(experts))
         self.experts = nn.ModuleList(experts)
+
+    @classmethod
+    def from_config(
+        cls, config: dict | str | os.PathLike | None = None, return_unused_kwargs: bool = False, **kwargs
+    ) -> ExpertRoutingModel | tuple[ExpertRoutingModel, dict]:
+        r"""
+        A fresh model of the architecture ``config`` describes (``model.config``, or `load_config` of a saved
+        folder): each expert is built, with fresh weights, by its class's own ``from_config`` from the
+        ``expert_configs`` entry, as diffusers' `ModelMixin.from_config` does for one model (diffusers' `EMAModel`
+        and training scripts call ``from_config(model.config)``).
+
+        Only the classes diffusers or diffusers_stages export are built from a config (nothing a config names is
+        imported or run); another expert class, or a config without ``expert_configs`` (saved before they were
+        kept), is a `ValueError`: build the experts and pass them as ``experts=[...]``, or load the saved folder
+        with `from_pretrained`.
+
+        Args:
+            config (`dict`): the container's config (a path, as diffusers still accepts, is read with
+                `load_config`).
+            return_unused_kwargs (`bool`, defaults to `False`): also return the config entries and ``kwargs`` not
+                used, as diffusers does.
+            kwargs: ``experts`` (the experts to use instead of fresh ones) and config entries to override.
+        """
+        if config is None:
+            raise ValueError("`config` must be the config of an ExpertRoutingModel (`model.config`), got None.")
+        experts = kwargs.pop("experts", None)
+        if not isinstance(config, dict):  # a path: diffusers' deprecated form, which `EMAModel.from_pretrained` uses
+            config, kwargs = cls.load_config(config, return_unused_kwargs=True, **kwargs)
+        if experts is None:
+            experts = cls._fresh_experts(config)
+        init_dict, unused_kwargs, hidden_dict = cls.extract_init_dict(config, **kwargs)
+        model = cls(experts, **init_dict)
+        if "_class_name" in hidden_dict:
+            hidden_dict["_class_name"] = cls.__name__
+        model.register_to_config(**hidden_dict)
+        unused_kwargs = {**unused_kwargs, **hidden_dict}
+        return (model, unused_kwargs) if return_unused_kwargs else model
+
+    @staticmethod
+    def _fresh_experts(config: dict) -> list[ModelMixin]:
+        """Fresh experts (new weights) of the classes and configs ``config`` names; a `ValueError` that says what to
+        call instead where it cannot (see `from_config`)."""
+        entries, configs = config.get("expert_classes"), config.get("expert_configs")
+        if not isinstance(entries, list):
+            raise ValueError(f"`config` must hold `expert_classes`, a list of [module, class], got {entries!r}.")
+        missing = (
+            list(range(len(entries)))
+            if not isinstance(configs, list) or len(configs) != len(entries)
+            else [i for i, c in enumerate(configs) if not isinstance(c, dict)]
+        )
+        if missing:
+            raise ValueError(
+                f"`config` holds no `expert_configs` entry for experts {missing} (a config saved before they were "
+                "kept, or with experts unloaded), so their architecture is unknown: load the saved folder with "
+                "`ExpertRoutingModel.from_pretrained(folder)`, or build the experts and call "
+                "`ExpertRoutingModel.from_config(config, experts=[...])`."
+            )
+        experts = []
+        for i, (entry, expert_config_) in enumerate(zip(entries, configs)):
+            try:
+                expert_class = import_class(entry, loaded_modules=False)
+            except ValueError as error:
+                raise ValueError(
+                    f"Expert {i} ({entry!r}) cannot be built from a config: {error} `from_config` builds only those "
+                    "(it never imports or runs a class a config names); build that expert yourself and call "
+                    "`ExpertRoutingModel.from_config(config, experts=[...])`."
+                ) from error
+            try:
+                experts.append(expert_class.from_config(expert_config_))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"Expert {i}'s config does not build a {expert_class.__name__}: {error}") from error
+        return experts
+
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict, **kwargs):
+        """As `StagedModelMixin`'s, without the pipeline entries the experts' configs give (`PIPELINE_KEYS`): they
+        are derived from the experts, not constructor arguments."""
+        config_dict = {key: value for key, value in config_dict.items() if key not in PIPELINE_KEYS}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     @staticmethod
     def _check_config(
@@ -272,6 +407,69 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                     raise ValueError(f"Expert {i} ({type(expert).__name__}) does not support gradient checkpointing.")
                 continue
             expert._set_gradient_checkpointing(enable, gradient_checkpointing_func)
+
+    @property
+    def _skip_layerwise_casting_patterns(self) -> list[str]:
+        """What diffusers' `enable_layerwise_casting` must leave uncast: each loaded expert's own declaration (its
+        class's ``_skip_layerwise_casting_patterns`` and ``_keep_in_fp32_modules``), scoped to that expert's modules
+        (``experts.{i}.``; a pattern anchored at the expert's root, such as ``^proj_out$``, stays anchored there)."""
+        patterns = []
+        for i in self.loaded_experts:
+            expert = self.experts[i]
+            declared = [
+                *(getattr(expert, "_skip_layerwise_casting_patterns", None) or ()),
+                *(getattr(expert, "_keep_in_fp32_modules", None) or ()),
+            ]
+            patterns += [expert_pattern(i, pattern) for pattern in declared]
+        return patterns
+
+    def enable_layerwise_casting(
+        self,
+        storage_dtype: torch.dtype = torch.float8_e4m3fn,
+        compute_dtype: torch.dtype | None = None,
+        skip_modules_pattern: tuple[str, ...] | None = None,
+        skip_modules_classes: tuple[type[nn.Module], ...] | None = None,
+        non_blocking: bool = False,
+    ) -> None:
+        r"""
+        diffusers' layerwise casting (weights stored in ``storage_dtype``, each layer cast to ``compute_dtype`` for
+        its call; see [`~diffusers.ModelMixin.enable_layerwise_casting`]). Without ``skip_modules_pattern`` each
+        loaded expert is cast by its own `enable_layerwise_casting`, exactly as alone: diffusers' default patterns
+        and the expert's own (``_skip_layerwise_casting_patterns``, ``_keep_in_fp32_modules``) apply to its module
+        names. Patterns given name the container's modules (``experts.{i}....``), as on any diffusers model, and
+        each expert's own declarations still hold. ``compute_dtype`` defaults to the container's dtype.
+        """
+        if compute_dtype is None:
+            compute_dtype = self.dtype
+        if skip_modules_pattern is not None:
+            super().enable_layerwise_casting(
+                storage_dtype, compute_dtype, skip_modules_pattern, skip_modules_classes, non_blocking
+            )
+            return
+        for i in self.loaded_experts:
+            self.experts[i].enable_layerwise_casting(
+                storage_dtype, compute_dtype, skip_modules_classes=skip_modules_classes, non_blocking=non_blocking
+            )
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        r"""FreeU (https://huggingface.co/papers/2309.11497) in every loaded expert, by the expert's own
+        ``enable_freeu`` (what `pipe.enable_freeu` calls on ``pipe.unet``): ``s1``/``s2`` filter the skip features,
+        ``b1``/``b2`` scale the backbone features of its up path, as in
+        [`~diffusers.UNet2DConditionModel.enable_freeu`]. An expert without FreeU (diffusers' `UNet2DModel`, and
+        `MultiStageUNet2DModel` built on it, have none) is a `ValueError` naming it, before any expert is changed."""
+        for i in self.loaded_experts:
+            expert = self.experts[i]
+            if not callable(getattr(expert, "enable_freeu", None)):
+                raise ValueError(f"Expert {i} ({type(expert).__name__}) does not support FreeU (no `enable_freeu`).")
+        for i in self.loaded_experts:
+            self.experts[i].enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def disable_freeu(self) -> None:
+        """Undo `enable_freeu`: each loaded expert's own ``disable_freeu``."""
+        for i in self.loaded_experts:
+            disable = getattr(self.experts[i], "disable_freeu", None)
+            if callable(disable):
+                disable()
 
     def fuse_qkv_projections(self) -> None:
         """`pipe.fuse_qkv_projections()`: each loaded expert fuses its q/k/v projections with its own
@@ -435,6 +633,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             check_subfolder(pretrained_model_name_or_path, subfolder)
         check_folder_files(folder)
         config = cls.load_config(folder)
+        refuse_other_model_class(cls, config, pretrained_model_name_or_path, subfolder)
         if config.get("_class_name") != cls.__name__ or "expert_classes" not in config:
             raise ValueError(f"{folder} does not hold a saved {cls.__name__} (see its `config.json`).")
         missing = [key for key in CONTAINER_CONFIG if key not in config]
@@ -466,6 +665,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         model = cls(
             experts,
             expert_classes=entries,
+            expert_configs=config.get("expert_configs"),
             **{key: config[key] for key in CONTAINER_CONFIG[1:]},
         )
         model.eval()

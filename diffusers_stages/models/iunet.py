@@ -16,6 +16,7 @@ the pipelines unchanged.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -205,6 +206,7 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["IUNetBlock"]  # a block is one unit (`device_map`, FSDP wrapping)
+    _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["norm"]  # as diffusers' UNet2DModel
 
     @register_to_config
     def __init__(

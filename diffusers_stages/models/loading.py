@@ -7,6 +7,7 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -27,14 +28,71 @@ class StrictLoadingMixin(SaveThenPushMixin):
     that silently yields a broken model, so here it raises a `ValueError` that names the keys.
     """
 
+    # how a folder of another model class (its config's ``_class_name``) becomes this class: `other_class_error`
+    _plain_class_conversions: ClassVar[dict[str, str]] = {}
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, **kwargs):
         wants_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("ignore_mismatched_sizes"):
             raise ValueError("`ignore_mismatched_sizes=True` is not supported: it would leave random weights behind.")
-        model, info = _load_checked(super().from_pretrained, cls.__name__, pretrained_model_name_or_path, kwargs)
+        path, subfolder = pretrained_model_name_or_path, kwargs.get("subfolder")
+        config_file = os.path.join(str(path), subfolder or "", "config.json")
+        if os.path.isfile(config_file):  # a local folder: a model of another class is named before anything is built
+            check_subfolder(path, subfolder)  # (the folder's files are checked before any is read)
+            check_folder_files(os.path.dirname(config_file))
+            refuse_other_model_class(cls, read_json(config_file, "config.json"), path, subfolder)
+        try:
+            model, info = _load_checked(super().from_pretrained, cls.__name__, path, kwargs)
+        except (TypeError, ValueError) as error:
+            if not os.path.isfile(config_file):  # a Hub repository: its config is in the cache by now
+                refuse_other_model_class(cls, _cached_config(cls, path, kwargs), path, subfolder, cause=error)
+            raise
         realign_storage(model)
         return (model, info) if wants_info else model
+
+
+def _cached_config(cls: type, repo_id: str | os.PathLike | None, kwargs: dict) -> dict | None:
+    """The config of Hub repository ``repo_id`` (with ``kwargs``' subfolder) from the cache, without any download;
+    `None` where it is not there."""
+    where = {k: kwargs[k] for k in ("cache_dir", "revision", "subfolder") if kwargs.get(k) is not None}
+    try:
+        return cls.load_config(str(repo_id), local_files_only=True, **where)
+    except (OSError, ValueError):
+        return None
+
+
+def refuse_other_model_class(
+    cls: type,
+    config: object,
+    path: str | os.PathLike | None,
+    subfolder: str | None = None,
+    cause: BaseException | None = None,
+) -> None:
+    """A `ValueError` where ``config`` (a saved folder's `config.json`) is that of another model class that diffusers
+    or this package exports (its ``_class_name``; a base class of ``cls`` is fine, as diffusers loads one): it names
+    that class and what to call instead, ``cls``'s conversion of it where ``cls._plain_class_conversions`` has one
+    (``MultiStageUNet2DModel.from_unet(UNet2DModel.from_pretrained(...))``), else that class's own `from_pretrained`.
+    Other configs pass. Nothing a config names is imported."""
+    import diffusers
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from .. import models as package_models
+
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name == cls.__name__:
+        return
+    other = exported_class(name, ModelMixin, [diffusers, package_models])
+    if other is None or other in cls.__mro__:
+        return
+    args = repr(str(path)) + (f", subfolder={subfolder!r}" if subfolder else "")
+    conversions = getattr(cls, "_plain_class_conversions", {})
+    template = conversions.get(name, conversions.get("*", "load it with `{name}.from_pretrained({args})`"))
+    where = repr(str(path)) + (f" (subfolder {subfolder!r})" if subfolder else "")
+    raise ValueError(
+        f"{where} holds a model of class {name} (`_class_name` of its config.json), not of class {cls.__name__}: "
+        f"{template.format(cls=cls.__name__, name=name, args=args)}."
+    ) from cause
 
 
 def _cached_snapshot(repo_id: str | os.PathLike, kwargs: dict) -> str | None:

@@ -131,6 +131,9 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
     _supports_gradient_checkpointing = True
     _supports_fused_decoders = True
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["norm"]
+    _plain_class_conversions: ClassVar[dict[str, str]] = {
+        "UNet2DModel": "convert it with `{cls}.from_unet({name}.from_pretrained({args}), stage_boundaries=...)`"
+    }
     _no_split_modules: ClassVar[list[str]] = ["StageDecoder"]  # a decoder is one unit for `device_map`
 
     @register_to_config

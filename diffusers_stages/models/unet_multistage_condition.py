@@ -122,6 +122,9 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
         "UpBlock2D",
     ]
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["norm"]
+    _plain_class_conversions: ClassVar[dict[str, str]] = {
+        "UNet2DConditionModel": "convert it with `{cls}.from_unet({name}.from_pretrained({args}), stage_boundaries=...)`"
+    }
     _repeated_blocks: ClassVar[list[str]] = ["BasicTransformerBlock"]
 
     # the encoder's embeddings and the attention helpers are UNet2DConditionModel's own (same config keys)

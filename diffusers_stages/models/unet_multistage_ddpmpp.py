@@ -61,6 +61,19 @@ def group_count(channels: int, norm_num_groups: int, min_channels_per_group: int
     return groups
 
 
+class CastingFirDownsample2D(FirDownsample2D):
+    """diffusers' `FirDownsample2D` (same parameters, same state dict) that reads its convolution's weights in the
+    input's dtype: it uses ``Conv2d_0.weight`` directly instead of calling the layer, so diffusers' layerwise casting
+    (a hook on each layer's call) would leave them in their storage dtype (float8, bfloat16) at compute time."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.use_conv:
+            return super().forward(hidden_states)
+        weight, bias = (p.to(hidden_states.dtype) for p in (self.Conv2d_0.weight, self.Conv2d_0.bias))
+        hidden_states = self._downsample_2d(hidden_states, weight=weight, kernel=self.fir_kernel)
+        return hidden_states + bias.reshape(1, -1, 1, 1)
+
+
 class DDPMppBlock(nn.Module):
     """One DDPM++ block (EDM's ``UNetBlock``): a residual block, optionally resampling, then optional self-attention.
 
@@ -325,7 +338,9 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
                 skips.append(width)
                 if encoder_type == "residual":
                     source = pyramid[-1].out_channels if pyramid else in_channels
-                    pyramid.append(FirDownsample2D(source, width, use_conv=True, fir_kernel=tuple(resample_filter)))
+                    pyramid.append(
+                        CastingFirDownsample2D(source, width, use_conv=True, fir_kernel=tuple(resample_filter))
+                    )
             for _ in range(layers_per_block):
                 attend = (sample_size >> level) in attention_resolutions
                 blocks.append(DDPMppBlock(width, encoder_channels * mult, attention=attend, **block_kwargs))

@@ -7,6 +7,8 @@ noisiest sampling steps and a deep one (depth 13) for the rest. The AdaDiff earl
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -119,6 +121,9 @@ class UViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["BasicTransformerBlock"]  # a transformer block is one unit (`device_map`, FSDP wrapping)
+    # layerwise casting keeps these in the model's dtype (as diffusers' DiT): the tokens are computed in their dtype,
+    # then cast to the blocks' compute dtype (`embed`)
+    _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["pos_embed", "patch_embed", "norm"]
 
     @register_to_config
     def __init__(
@@ -189,23 +194,31 @@ class UViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         """Check the inputs (a `ValueError` naming the argument) and return one timestep per sample."""
         config = self.config
-        check_sample(sample, config.in_channels, size=config.sample_size, dtype=compute_dtype(self.patch_embed))
+        check_sample(sample, config.in_channels, size=config.sample_size, dtype=self.input_dtype())
         timesteps = per_sample_timesteps(timestep, sample.shape[0], sample.device, check_values=values)
         check_class_labels(class_labels, sample.shape[0], self.class_embed is not None, config.num_class_embeds,
                            check_values=values)  # fmt: skip
         return timesteps
 
+    def input_dtype(self) -> torch.dtype:
+        """The dtype ``sample`` must have: the blocks' compute dtype (the model's dtype; under diffusers' layerwise
+        casting its ``compute_dtype``, which ``model.dtype`` reports too)."""
+        return compute_dtype(self.blocks[0].attn1)
+
     def embed(self, sample: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        """The token sequence ``[time, (class), patches]`` plus the position embedding, ``(B, extra + N, D)``."""
-        batch = sample.shape[0]
-        time_token = self.time_proj(timesteps).to(sample.dtype)
+        """The token sequence ``[time, (class), patches]`` plus the position embedding, ``(B, extra + N, D)``, in
+        ``sample``'s dtype. The patch embedding runs in its own dtype and the position embedding is cast: layerwise
+        casting keeps both in the model's dtype while the blocks compute in another."""
+        batch, dtype = sample.shape[0], sample.dtype
+        time_token = self.time_proj(timesteps).to(dtype)
         if self.time_embed is not None:
             time_token = self.time_embed(time_token)
         tokens = [time_token[:, None]]
         if self.class_embed is not None:
             tokens.append(self.class_embed(class_labels.reshape(-1).expand(batch))[:, None])
-        tokens.append(self.patch_embed(sample).flatten(2).transpose(1, 2))
-        return torch.cat(tokens, dim=1) + self.pos_embed
+        patches = self.patch_embed(sample.to(compute_dtype(self.patch_embed))).to(dtype)
+        tokens.append(patches.flatten(2).transpose(1, 2))
+        return torch.cat(tokens, dim=1) + self.pos_embed.to(dtype)
 
     def block(self, layer: int, hidden: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         """Run block ``layer``: an out-block first merges the long skip of its mirror in-block (popped from

@@ -100,6 +100,34 @@ def _public(config) -> dict:
     return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
 
 
+def assert_layerwise_casting_works(model, run) -> None:
+    """diffusers' `enable_layerwise_casting` on (copies of) the float32 ``model``, run by ``run(model, dtype)`` (the
+    model's output for the test inputs cast to ``dtype``): with bfloat16 storage (float32 compute) the output is
+    finite and close to the float32 model's, with float8 storage it is finite, and with float8 storage and bfloat16
+    compute (what ``model.dtype`` then says) it is finite and bfloat16. The weights are stored in the storage dtype."""
+    import copy
+
+    with torch.no_grad():
+        reference = run(model, torch.float32)
+    for storage, compute in (
+        (torch.bfloat16, torch.float32),
+        (torch.float8_e4m3fn, torch.float32),
+        (torch.float8_e4m3fn, torch.bfloat16),
+    ):
+        cast = copy.deepcopy(model)
+        cast.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
+        assert cast.dtype == compute
+        stored = [p for p in cast.parameters() if p.dtype == storage]
+        assert sum(p.numel() for p in stored) > sum(p.numel() for p in cast.parameters()) / 2, "weights not cast"
+        with torch.no_grad():
+            out = run(cast, cast.dtype)
+        assert out.dtype == compute and torch.isfinite(out).all(), (storage, compute)
+        if storage == torch.bfloat16:
+            assert torch.allclose(out, reference, atol=2e-2, rtol=2e-2), (out - reference).abs().max()
+        else:
+            assert (out.float() - reference).abs().max() < 1.0  # float8 keeps 3 bits of mantissa: close, not equal
+
+
 class StagedModelTesterMixin:
     """Shared tests of a staged model; see the module docstring."""
 
@@ -133,6 +161,11 @@ class StagedModelTesterMixin:
     @pytest.fixture
     def model(self):
         return self.build_model()
+
+    def test_layerwise_casting_runs_and_stays_close(self, model):
+        # diffusers' `enable_layerwise_casting`, as on its own models: its skip patterns and the model's own
+        x, t = self.inputs(self.mixed_timesteps)
+        assert_layerwise_casting_works(model, lambda m, dtype: m(x.to(dtype), t).sample)
 
     # ---- routing ------------------------------------------------------------------------------------------------
     def test_mixed_batch_matches_per_sample_reference(self, model):

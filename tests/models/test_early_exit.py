@@ -7,6 +7,7 @@ from diffusers import DDIMScheduler
 from diffusers_stages.models import EarlyExitUViT2DModel
 from diffusers_stages.models.early_exit import early_exit_loss
 from diffusers_stages.pipelines import record_exit_profile
+from tests.models.staged_model_tester import assert_layerwise_casting_works
 
 TINY = {"sample_size": 8, "hidden_size": 16, "num_layers": 3, "num_attention_heads": 2}
 
@@ -136,3 +137,8 @@ def test_per_sample_loss_averages_to_the_batch_loss(model):
     assert torch.allclose(per_sample.mean(), early_exit_loss(model, noisy, t, target), atol=1e-6)
     with pytest.raises(ValueError, match="reduction"):
         early_exit_loss(model, noisy, t, target, reduction="sum")
+
+
+def test_layerwise_casting_runs_and_stays_close(model):
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
+    assert_layerwise_casting_works(model, lambda m, dtype: m(x.to(dtype), t).sample)

@@ -319,3 +319,145 @@ def test_a_multi_stage_expert_is_compiled_by_its_own_regions():
     regions = model.compile_regions()
     assert multistage not in regions and model.experts[0] in regions
     assert [r for r in regions if r is not model.experts[0]] == multistage.compile_regions()
+
+
+def test_from_config_builds_a_fresh_model_of_the_same_architecture(three_experts, tmp_path):
+    # was `TypeError: missing 'experts'`: diffusers' EMAModel and training scripts call `from_config(model.config)`
+    fresh = ExpertRoutingModel.from_config(three_experts.config)
+    assert [type(e) for e in fresh.experts] == [type(e) for e in three_experts.experts]
+    assert fresh.config.stage_boundaries == three_experts.config.stage_boundaries
+    shapes = {k: v.shape for k, v in three_experts.state_dict().items()}
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == shapes
+    fresh.load_state_dict(three_experts.state_dict())
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([10, 650, 400])
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x, t).sample, three_experts(x, t).sample)
+    # a saved folder's config too, and an experts' set given explicitly
+    three_experts.save_pretrained(tmp_path)
+    again = ExpertRoutingModel.from_config(ExpertRoutingModel.load_config(tmp_path))
+    assert [e.config for e in again.experts] == [e.config for e in fresh.experts]
+    experts = [ExpertRoutingModel.from_config(three_experts.config).experts[i] for i in range(3)]
+    assert ExpertRoutingModel.from_config(three_experts.config, experts=experts).experts[1] is experts[1]
+
+
+def test_diffusers_ema_model_saves_and_reloads_the_container(three_experts, tmp_path):
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(three_experts.parameters(), model_cls=ExpertRoutingModel, model_config=three_experts.config)
+    ema.save_pretrained(tmp_path / "ema")
+    loaded = EMAModel.from_pretrained(tmp_path / "ema", model_cls=ExpertRoutingModel)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.shadow_params, ema.shadow_params))
+
+
+def test_from_config_builds_only_the_classes_diffusers_and_the_package_export(three_experts, tmp_path):
+    config = dict(three_experts.config)
+    config["expert_classes"] = [["tests.models.test_expert_routing", "Net"], *config["expert_classes"][1:]]
+    with pytest.raises(ValueError, match=r"Expert 0 .*tests.models.test_expert_routing.*experts=\["):
+        ExpertRoutingModel.from_config(config)
+    # a config saved without the experts' configs says what to call instead
+    config = {k: v for k, v in three_experts.config.items() if k != "expert_configs"}
+    with pytest.raises(ValueError, match=r"`expert_configs`.*from_pretrained.*experts=\["):
+        ExpertRoutingModel.from_config(config)
+
+
+class _UNetKeepingItsOutput(UNet2DModel):
+    """A diffusers-style class that declares what layerwise casting must skip (anchored to its own module names)."""
+
+    _skip_layerwise_casting_patterns = ["^conv_out$", "norm"]  # noqa: RUF012 (as diffusers declares it)
+    _keep_in_fp32_modules = ["time_embedding"]  # noqa: RUF012
+
+
+def _cast_layers(model) -> set[str]:
+    return {
+        name
+        for name, module in model.named_modules()
+        if getattr(module, "_diffusers_hook", None) is not None
+        and module._diffusers_hook.get_hook("layerwise_casting") is not None
+    }
+
+
+def test_layerwise_casting_casts_each_expert_as_alone(tiny_unet_kwargs):
+    # the container applied diffusers' patterns to its own names: an expert's anchored patterns (`^conv_out$`) and
+    # `_keep_in_fp32_modules` were lost, and its float32 layers were cast
+    def experts():
+        torch.manual_seed(0)
+        uvit = UViT2DModel(sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2)
+        return [_UNetKeepingItsOutput(**tiny_unet_kwargs).eval(), uvit.eval()]
+
+    alone = experts()
+    for expert in alone:
+        expert.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    model = ExpertRoutingModel(experts(), stage_boundaries=(500,))
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    expected = {f"experts.{i}.{name}" for i, expert in enumerate(alone) for name in _cast_layers(expert)}
+    assert _cast_layers(model) == expected and "experts.0.conv_out" not in expected
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 8, 8), torch.tensor([10, 900])).sample
+    assert torch.isfinite(out).all()
+    # patterns given by the caller name the container's modules, as on any diffusers model
+    model = ExpertRoutingModel(experts(), stage_boundaries=(500,))
+    model.enable_layerwise_casting(torch.float8_e4m3fn, torch.float32, skip_modules_pattern=(r"^experts\.1\.",))
+    assert _cast_layers(model) and not any(name.startswith("experts.1.") for name in _cast_layers(model))
+    assert "experts.0.conv_out" not in _cast_layers(model)  # the expert's own patterns still hold
+
+
+FREEU = {"s1": 0.9, "s2": 0.2, "b1": 1.2, "b2": 1.4}
+
+
+def _freeu_factors(expert) -> list:
+    decoders = getattr(expert, "decoders", None) or [expert]
+    return [(b.s1, b.s2, b.b1, b.b2) for d in decoders for b in d.up_blocks if getattr(b, "s1", None) is not None]
+
+
+def test_enable_freeu_reaches_every_expert(tiny_cond_unet):
+    # `pipe.enable_freeu(...)` calls `pipe.unet.enable_freeu`: the container had none (AttributeError)
+    from diffusers_stages import MultiStageUNet2DConditionModel
+
+    def experts():
+        staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(1), stage_boundaries=(500,))
+        return [tiny_cond_unet(0), staged.eval()]
+
+    model, alone = ExpertRoutingModel(experts(), stage_boundaries=(500,)), experts()
+    model.enable_freeu(**FREEU)
+    for expert in alone:
+        expert.enable_freeu(**FREEU)
+    assert all(_freeu_factors(e) and set(_freeu_factors(e)) == {tuple(FREEU.values())} for e in model.experts)
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        for stage, t in ((0, 10), (1, 900)):
+            expected = alone[stage](x, t, encoder_hidden_states=text).sample
+            assert torch.equal(model(x, t, encoder_hidden_states=text).sample, expected)
+        model.disable_freeu()
+        assert not any(_freeu_factors(e) for e in model.experts)
+
+
+def test_enable_freeu_names_an_expert_without_it(tiny_unet_kwargs):
+    # diffusers' UNet2DModel (as MultiStageUNet2DModel, built on it) has no FreeU
+    model = ExpertRoutingModel(
+        [MultiStageUNet2DModel(**tiny_unet_kwargs, stage_boundaries=(500,)), _unet(tiny_unet_kwargs, 0)],
+        stage_boundaries=(500,),
+    )
+    with pytest.raises(ValueError, match=r"Expert 0 \(MultiStageUNet2DModel\) does not support FreeU"):
+        model.enable_freeu(**FREEU)
+    model.disable_freeu()  # nothing to switch off: no error
+
+
+def test_an_expert_whose_config_does_not_serialise_still_builds_a_container(tiny_unet_kwargs):
+    # keeping each expert's config must not stop a container of experts that run but could not be saved
+    odd = _unet(tiny_unet_kwargs, 0)
+    odd.register_to_config(note=object())
+    model = ExpertRoutingModel([odd, _unet(tiny_unet_kwargs, 1)], stage_boundaries=(500,))
+    assert model.config.expert_configs[0] is None and model.config.expert_configs[1] is not None
+    with pytest.raises(ValueError, match=r"no `expert_configs` entry for experts \[0\]"):
+        ExpertRoutingModel.from_config(model.config)
+
+
+def test_from_config_builds_the_package_classes_exported_by_its_models_module():
+    # `EarlyExitUViT2DModel` is exported by `diffusers_stages.models` only: it was refused as an unknown class
+    from diffusers_stages.models import EarlyExitUViT2DModel
+
+    torch.manual_seed(0)
+    expert = EarlyExitUViT2DModel(sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2).eval()
+    fresh = ExpertRoutingModel.from_config(ExpertRoutingModel([expert], stage_boundaries=()).config)
+    public = [{k: v for k, v in e.config.items() if not k.startswith("_")} for e in (fresh.experts[0], expert)]
+    assert type(fresh.experts[0]) is EarlyExitUViT2DModel and public[0] == public[1]

@@ -6,6 +6,7 @@ from diffusers import DDIMScheduler
 
 from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, IUNet2DModel, TimestepPartition
 from diffusers_stages.models.iunet import InceptionMixer
+from tests.models.staged_model_tester import assert_layerwise_casting_works
 
 TINY = {
     "sample_size": 8,
@@ -212,3 +213,9 @@ def test_pooled_attention_goes_back_to_the_pixels_of_its_cell(size, pool_size):
     cell = torch.arange(size) // pool_size
     expected = torch.nn.functional.avg_pool2d(x, pool_size, ceil_mode=True)[:, :, cell][:, :, :, cell]
     assert torch.equal(mixer._low(x), expected)
+
+
+def test_layerwise_casting_runs_and_stays_close():
+    model = build(num_class_embeds=3).eval()
+    x, t, labels = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), torch.tensor([0, 2])
+    assert_layerwise_casting_works(model, lambda m, dtype: m(x.to(dtype), t, class_labels=labels).sample)

@@ -183,3 +183,80 @@ def test_a_hub_snapshot_the_cache_does_not_name_skips_the_integer_check_with_a_w
     with pytest.warns(UserWarning, match=r"'me/staged'.*not checked for floating-point weights stored as integers"):
         model = MultiStageUNet2DModel.from_pretrained("me/staged", cache_dir=cache, local_files_only=True)
     assert model is not None
+
+
+def _plain_unet():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**TINY_UNET)
+
+
+def _plain_cond_unet():
+    from diffusers import UNet2DConditionModel
+
+    from tests.conftest import TINY_COND_UNET
+
+    return UNet2DConditionModel(**TINY_COND_UNET)
+
+
+def _plain_uvit():
+    from diffusers_stages import UViT2DModel
+
+    return UViT2DModel(sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2)
+
+
+@pytest.mark.parametrize(
+    ("model_class", "plain", "hint"),
+    [
+        ("MultiStageUNet2DModel", _plain_unet, r"MultiStageUNet2DModel\.from_unet\(UNet2DModel\.from_pretrained\("),
+        (
+            "MultiStageUNet2DConditionModel",
+            _plain_cond_unet,
+            r"MultiStageUNet2DConditionModel\.from_unet\(UNet2DConditionModel\.from_pretrained\(",
+        ),
+        ("ExpertRoutingModel", _plain_unet, r"ExpertRoutingModel\(\[UNet2DModel\.from_pretrained\(.*\), \.\.\.\]"),
+        ("IUNet2DModel", _plain_unet, r"load it with `UNet2DModel\.from_pretrained\("),
+        ("EarlyExitUViT2DModel", _plain_unet, r"load it with `UNet2DModel\.from_pretrained\("),
+        ("UViT2DModel", _plain_cond_unet, r"load it with `UNet2DConditionModel\.from_pretrained\("),
+        ("MultiStageDDPMppUNet2DModel", _plain_uvit, r"load it with `UViT2DModel\.from_pretrained\("),
+    ],
+)
+def test_a_folder_of_another_model_class_is_named_with_what_to_call(tmp_path, model_class, plain, hint):
+    # was a misleading error (`num_train_timesteps` must be a positive integer, got None) from the config of a
+    # plain UNet2DModel read as a MultiStageUNet2DModel's
+    import diffusers_stages.models
+
+    plain().save_pretrained(tmp_path / "plain")
+    name = type(plain()).__name__
+    with pytest.raises(
+        ValueError,
+        match=rf"holds a model of class {name} \(`_class_name` of its config.json\), not of class {model_class}.*{hint}",
+    ):
+        getattr(diffusers_stages.models, model_class).from_pretrained(tmp_path / "plain")
+
+
+def test_a_hub_repository_of_another_model_class_is_named_too(tmp_path):
+    _plain_unet().save_pretrained(tmp_path / "plain")
+    cache, _ = _hub_cache(tmp_path / "plain", tmp_path)
+    with pytest.raises(
+        ValueError, match=r"holds a model of class UNet2DModel .*MultiStageUNet2DModel\.from_unet\(UNet2DModel"
+    ):
+        MultiStageUNet2DModel.from_pretrained("me/staged", cache_dir=cache, local_files_only=True)
+
+
+def test_a_subclass_loads_its_base_class_folder(saved_model, tmp_path):
+    class Tuned(MultiStageUNet2DModel):
+        pass
+
+    assert type(Tuned.from_pretrained(saved_model[0])) is Tuned
+
+
+def test_a_config_that_links_out_of_the_folder_is_refused_before_it_is_read(saved_model, tmp_path):
+    # the check of the folder's class read `config.json` before the folder's files were checked
+    _plain_unet().save_pretrained(tmp_path / "plain")
+    linked = tmp_path / "linked"
+    shutil.copytree(saved_model[0], linked)
+    (linked / "config.json").unlink()
+    (linked / "config.json").symlink_to(tmp_path / "plain" / "config.json")
+    with pytest.raises(ValueError, match="links to .*outside the folder"):
+        MultiStageUNet2DModel.from_pretrained(linked)

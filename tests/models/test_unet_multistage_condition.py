@@ -5,6 +5,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from diffusers_stages import MultiStageUNet2DConditionModel
+from tests.models.staged_model_tester import assert_layerwise_casting_works
 
 BOUNDARIES = (300, 600)
 TIMESTEPS = [0, 299, 300, 450, 599.5, 600, 999, 1000]
@@ -348,3 +349,14 @@ def test_a_sample_of_another_dtype_is_named(tiny_cond_unet):
     x, kwargs = _inputs(1)
     with pytest.raises(ValueError, match="`sample` must have the model's dtype torch.float32, got torch.float64"):
         staged(x.double(), 10, **kwargs)
+
+
+def test_layerwise_casting_runs_and_stays_close(tiny_cond_unet):
+    model = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(), stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(3)
+    t = torch.tensor([10, 450, 900])
+
+    def run(m, dtype):
+        return m(x.to(dtype), t, encoder_hidden_states=kwargs["encoder_hidden_states"].to(dtype)).sample
+
+    assert_layerwise_casting_works(model, run)

@@ -4,6 +4,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from diffusers_stages import UViT2DModel
 from diffusers_stages.models.uvit import dual_uvit_configs
+from tests.models.staged_model_tester import assert_layerwise_casting_works
 
 TINY = {"sample_size": 8, "hidden_size": 16, "num_layers": 5, "num_attention_heads": 2, "patch_size": 2}
 
@@ -165,3 +166,14 @@ def test_dual_backbone_configs_name_a_bad_depth_and_refuse_num_layers():
         dual_uvit_configs("3", 13, hidden_size=16, patch_size=2, num_attention_heads=2)
     with pytest.raises(ValueError, match="`num_layers`"):
         dual_uvit_configs(3, 13, hidden_size=16, patch_size=2, num_attention_heads=2, num_layers=5)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_class_embeds": 3, "mlp_time_embed": True}], ids=["plain", "class"])
+def test_layerwise_casting_runs_and_stays_close(kwargs):
+    # the patch embedding and `pos_embed` (kept in the model's dtype, by diffusers' default patterns) refused a
+    # bfloat16 compute dtype's input, which `model.dtype` asks for
+    torch.manual_seed(0)
+    model = UViT2DModel(**TINY, **kwargs).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
+    labels = torch.tensor([0, 2]) if kwargs else None
+    assert_layerwise_casting_works(model, lambda m, dtype: m(x.to(dtype), t, class_labels=labels).sample)
