@@ -36,7 +36,8 @@ def check_positive_integers(optional: tuple[str, ...] = (), **values) -> None:
             continue
         if not is_positive_integer(value):
             or_none = " or None" if name in optional else ""
-            numpy = " (a Python int: the config is saved as JSON; pass int(...))" if _is_integral(value) else ""
+            numpy_int = _is_integral(value) and not isinstance(value, int) and value >= 1
+            numpy = " (a Python int: the config is saved as JSON; pass int(...))" if numpy_int else ""
             raise ValueError(f"`{name}` must be a positive integer{or_none}{numpy}, got {value!r}.")
 
 
