@@ -92,6 +92,8 @@ def test_same_seed_same_report_numbers(demo, tmp_path):
         (["--steps", "0"], "`--steps` must be a positive integer, got 0"),
         (["--num_threads", "0"], "`--num_threads` must be a positive integer, got 0"),
         (["--device", "tpu"], "`--device` must be 'cpu' or 'cuda', got 'tpu'"),
+        (["--seed", "-1"], "`--seed` must be in [0, 2**32), got -1"),  # not a traceback from the training loop
+        (["--seed", str(2**32)], f"`--seed` must be in [0, 2**32), got {2**32}"),
     ],
 )
 def test_bad_flags_are_usage_errors(flags, message, capsys):

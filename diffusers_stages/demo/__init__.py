@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the shallow backbone gets B/4, the experts B/2.",
     )
     parser.add_argument("--device", default=None, help="cuda or cpu. Default: cuda when available, else cpu.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of training, planning and sampling.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of training, planning and sampling, in [0, 2**32).")
     parser.add_argument("--quick", action="store_true", help="Tiny budgets: a smoke run in well under a minute.")
     parser.add_argument("--num_threads", type=int, default=1,
                         help="CPU threads of torch. The demo's models are tiny, so more threads gain little, while on "
@@ -73,6 +73,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--steps` must be a positive integer, got {args.steps}.")
     if args.num_threads < 1:
         raise ValueError(f"`--num_threads` must be a positive integer, got {args.num_threads}.")
+    if not 0 <= args.seed < 2**32:  # what the training loop accepts (NumPy's seeds), checked before any work
+        raise ValueError(f"`--seed` must be in [0, 2**32), got {args.seed}.")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device not in ("cpu", "cuda"):
