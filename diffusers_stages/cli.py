@@ -44,8 +44,9 @@ class Command:
 COMMANDS = {
     "demo": Command(
         "diffusers_stages.demo",
-        "the main job on sklearn digits (no download): plan stages, train the three methods and a UNet2DModel "
-        "baseline at equal FLOPs, sample, score (FD-classifier), write pipelines, grids, a plot and REPORT.md",
+        "the main job on sklearn digits (no download): plan stages, train a UNet2DModel baseline (its training "
+        "FLOPs are the budget B) and the three methods (multi-stage U-Net on B, shallow backbone on B/4, experts on "
+        "B/2), sample, score (FD-classifier), write pipelines, grids, a plot and REPORT.md",
     ),
     "plan": Command(
         "diffusers_stages.plan",

@@ -22,6 +22,7 @@ def test_help_lists_every_subcommand_and_conversion(capsys):
     for name in ("demo", "plan", "switch", "convert", *cli.CONVERSIONS):
         assert name in text
     assert "optimal-denoiser" in text and "dual-backbone switch" in text  # what each is for
+    assert "equal FLOPs" not in text and "B/4" in text  # the demo's methods train on shares of one budget B
     # the text-to-image conversions the README documents (a Stable Diffusion folder in, one staged stage out)
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ") and line.split()}
     assert "Stable Diffusion" in lines["unet_to_multistage"] and "UNet2DConditionModel" in lines["multistage_to_unet"]

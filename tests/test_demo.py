@@ -103,6 +103,16 @@ def test_bad_flags_are_usage_errors(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_help_states_the_defaults_the_demo_uses(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "None" not in text  # the defaults that depend on the machine or the clock are described, not "None"
+    for default in ("demo-<time>", "240; 3 with --quick", "cuda when available", "Default: 0.",
+                    "Default: 1."):  # fmt: skip
+        assert default in text, default
+
+
 def test_refuses_a_non_empty_output_dir(tmp_path, capsys):
     (tmp_path / "old.txt").write_text("keep me")
     with pytest.raises(SystemExit):

@@ -40,7 +40,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="diffusers-stages demo",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--output_dir", default=None, help="A new or empty folder. Default: ./diffusers-stages-demo-<time>."
@@ -53,12 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the shallow backbone gets B/4, the experts B/2.",
     )
     parser.add_argument("--device", default=None, help="cuda or cpu. Default: cuda when available, else cpu.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of training, planning and sampling, in [0, 2**32).")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of training, planning and sampling, in [0, 2**32). Default: 0."
+    )
     parser.add_argument("--quick", action="store_true", help="Tiny budgets: a smoke run in well under a minute.")
     parser.add_argument("--num_threads", type=int, default=1,
                         help="CPU threads of torch. The demo's models are tiny, so more threads gain little, while on "
                         "a busy machine they can be many times slower (threads waiting for each other); one thread "
-                        "also gives the same numbers on every machine.")  # fmt: skip
+                        "also gives the same numbers on every machine. Default: 1.")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         check_args(args)
