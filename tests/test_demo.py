@@ -119,3 +119,14 @@ def test_refuses_a_non_empty_output_dir(tmp_path, capsys):
         parse_args(["--output_dir", str(tmp_path)])
     assert "exists and is not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "old.txt").read_text() == "keep me"
+
+
+def test_refuses_an_output_dir_that_cannot_be_created(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--output_dir", str(tmp_path / "a_file" / "out")])  # not a traceback at step 1
+    assert exit_info.value.code == 2
+    assert f"`--output_dir` {str(tmp_path / 'a_file' / 'out')!r} cannot be created" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--output_dir", ""])
+    assert "`--output_dir` must name a folder, got ''" in capsys.readouterr().err

@@ -84,8 +84,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("`--device cuda`: no CUDA device is available here; use `--device cpu`.")
     if args.output_dir is None:
         args.output_dir = os.path.abspath(f"diffusers-stages-demo-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if not args.output_dir:
+        raise ValueError("`--output_dir` must name a folder, got ''.")
     if os.path.exists(args.output_dir) and (not os.path.isdir(args.output_dir) or os.listdir(args.output_dir)):
         raise ValueError(f"`--output_dir` {args.output_dir!r} exists and is not an empty folder: give a new one.")
+    parent = os.path.dirname(os.path.abspath(args.output_dir))
+    while not os.path.exists(parent):  # the folders the demo will create: their nearest existing one must take them
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"`--output_dir` {args.output_dir!r} cannot be created: {parent!r} is not a writable folder.")
 
 
 def settings_of(args: argparse.Namespace) -> dict:
