@@ -194,9 +194,13 @@ class Evaluator:
 
 
 def _check_images(images: torch.Tensor, name: str) -> None:
-    """A batch of at least two finite images ``(N, C, H, W)``, or a `ValueError` naming ``name``."""
+    """A batch of at least two finite floating-point images ``(N, C, H, W)``, or a `ValueError` naming ``name``."""
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"`{name}` must be a batch (N >= 2, C, H, W), got shape {shape}.")
+    if not images.is_floating_point():  # 8-bit images would reach the classifier as 0..255, scored without a word
+        raise ValueError(
+            f"`{name}` must be floating point in [-1, 1], got {images.dtype} (8-bit images: `images / 127.5 - 1`)."
+        )
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"`{name}` hold NaN or infinite values: the Frechet distance would be meaningless.")

@@ -86,6 +86,11 @@ def test_fewer_images_than_a_batch_still_train_the_classifier(digits):
             "`labels` must hold one class per image \\(397\\) as an integer tensor, got shape \\(10,\\)",
         ),
         (lambda test: test, lambda labels: labels.float(), "`labels` must hold one class per image"),
+        (  # 8-bit images: the classifier would see 0..255 and score them silently
+            lambda test: ((test + 1) * 127.5).round().to(torch.uint8),
+            None,
+            "`images` must be floating point in \\[-1, 1\\], got torch.uint8",
+        ),
     ],
 )
 def test_score_refuses_images_and_labels_that_do_not_fit(digits, images, labels, match):
@@ -101,5 +106,7 @@ def test_evaluator_refuses_bad_real_images_and_batch_size(digits):
         Evaluator(FeatureClassifier(8), train[0])
     with pytest.raises(ValueError, match="`real_images` hold NaN"):
         Evaluator(FeatureClassifier(8), train[:8] * float("nan"))
+    with pytest.raises(ValueError, match="`real_images` must be floating point in \\[-1, 1\\], got torch.uint8"):
+        Evaluator(FeatureClassifier(8), ((train[:8] + 1) * 127.5).to(torch.uint8))
     with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got 0"):
         Evaluator(FeatureClassifier(8), train[:8], batch_size=0)
