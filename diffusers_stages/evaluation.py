@@ -178,6 +178,12 @@ class Evaluator:
             raise ValueError(
                 f"`labels` must hold one class per image ({len(images)}) as an integer tensor, got {got}."
             )
+        num_classes = getattr(getattr(self.classifier, "head", None), "out_features", None)
+        if labels is not None and num_classes is not None and not 0 <= labels.min() <= labels.max() < num_classes:
+            bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+            raise ValueError(  # such a label is never predicted: it would only lower the accuracy, silently
+                f"`labels` must be classes of the classifier, in [0, {num_classes}), got {bad}."
+            )
         self.fd.reset()  # forgets the generated features only (reset_real_features=False)
         correct = 0
         for i, chunk in enumerate(images.split(self.batch_size)):

@@ -86,6 +86,16 @@ def test_fewer_images_than_a_batch_still_train_the_classifier(digits):
             "`labels` must hold one class per image \\(397\\) as an integer tensor, got shape \\(10,\\)",
         ),
         (lambda test: test, lambda labels: labels.float(), "`labels` must hold one class per image"),
+        (
+            lambda test: test,
+            lambda labels: labels + 1,
+            "`labels` must be classes of the classifier, in \\[0, 10\\), got 10",
+        ),
+        (
+            lambda test: test,
+            lambda labels: labels - 1,
+            "`labels` must be classes of the classifier, in \\[0, 10\\), got -1",
+        ),
         (  # 8-bit images: the classifier would see 0..255 and score them silently
             lambda test: ((test + 1) * 127.5).round().to(torch.uint8),
             None,
