@@ -122,10 +122,18 @@ def train_classifier(
             f"`images` must be a batch (N >= 2, C, H, W) with one label each, got shape {tuple(images.shape)} and "
             f"{len(labels)} labels."
         )
+    _check_images(images, "images")
+    check_positive_integers(("num_classes",), epochs=epochs, batch_size=batch_size, max_steps=max_steps,
+                            width=width, num_classes=num_classes)  # fmt: skip
+    if not torch.is_tensor(labels) or labels.is_floating_point() or labels.is_complex() or labels.ndim != 1:
+        got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if torch.is_tensor(labels) else type(labels)
+        raise ValueError(f"`labels` must be integer classes, one per image, got {got}.")
+    num_classes = num_classes or int(labels.max()) + 1
+    if not 0 <= labels.min() <= labels.max() < num_classes:  # cross_entropy would fail with an index error
+        bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+        raise ValueError(f"`labels` must be classes in [0, {num_classes}), got {bad}.")
     torch.manual_seed(seed)
-    net = FeatureClassifier(
-        images.shape[-1], images.shape[1], width=width, num_classes=num_classes or int(labels.max()) + 1
-    )
+    net = FeatureClassifier(images.shape[-1], images.shape[1], width=width, num_classes=num_classes)
     if cache_path is not None and os.path.isfile(cache_path):
         net.load_state_dict(load_file(cache_path))
         return net.eval().requires_grad_(False)

@@ -120,3 +120,27 @@ def test_evaluator_refuses_bad_real_images_and_batch_size(digits):
         Evaluator(FeatureClassifier(8), ((train[:8] + 1) * 127.5).to(torch.uint8))
     with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got 0"):
         Evaluator(FeatureClassifier(8), train[:8], batch_size=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_steps": 0}, "`max_steps` must be a positive integer, got 0"),  # was: an untrained classifier
+        ({"images": lambda images: ((images + 1) * 127.5).to(torch.uint8)}, "`images` must be floating point"),
+        ({"epochs": 0}, "`epochs` must be a positive integer, got 0"),
+        ({"batch_size": 0}, "`batch_size` must be a positive integer, got 0"),
+        ({"labels": lambda labels: labels.float()}, "`labels` must be integer classes"),
+        ({"labels": lambda labels: labels - 1}, "`labels` must be classes in \\[0, 9\\), got -1"),
+        (
+            {"num_classes": 5},
+            "`labels` must be classes in \\[0, 5\\), got [5-9]",
+        ),  # was: an IndexError in cross_entropy
+    ],
+)
+def test_train_classifier_refuses_bad_labels_and_step_counts(digits, kwargs, match):
+    images, labels, _, _ = digits
+    kwargs = dict(kwargs)
+    images = kwargs.pop("images", lambda images: images)(images[:64])
+    labels = kwargs.pop("labels", lambda labels: labels)(labels[:64])
+    with pytest.raises(ValueError, match=match):
+        train_classifier(images, labels, **kwargs)
