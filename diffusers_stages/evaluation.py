@@ -132,8 +132,9 @@ def train_classifier(
     if not 0 <= labels.min() <= labels.max() < num_classes:  # cross_entropy would fail with an index error
         bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
         raise ValueError(f"`labels` must be classes in [0, {num_classes}), got {bad}.")
-    torch.manual_seed(seed)
-    net = FeatureClassifier(images.shape[-1], images.shape[1], width=width, num_classes=num_classes)
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's global random state is left as it was
+        torch.manual_seed(seed)
+        net = FeatureClassifier(images.shape[-1], images.shape[1], width=width, num_classes=num_classes)
     if cache_path is not None and os.path.isfile(cache_path):
         net.load_state_dict(load_file(cache_path))
         return net.eval().requires_grad_(False)

@@ -144,3 +144,12 @@ def test_train_classifier_refuses_bad_labels_and_step_counts(digits, kwargs, mat
     labels = kwargs.pop("labels", lambda labels: labels)(labels[:64])
     with pytest.raises(ValueError, match=match):
         train_classifier(images, labels, **kwargs)
+
+
+def test_train_classifier_leaves_the_global_random_state_as_it_was(digits):
+    images, labels, _, _ = digits
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_classifier(images[:64], labels[:64], max_steps=2)
+    assert torch.equal(torch.rand(3), expected)  # the caller's seed still decides what comes next
