@@ -148,8 +148,14 @@ def train_classifier(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    if cache_path is not None:
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, cache_path)
+    if cache_path is not None:  # written beside it, then renamed: an interrupted write leaves no half file to load
+        partial = f"{cache_path}.partial-{os.getpid()}"
+        try:
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, partial)
+            os.replace(partial, cache_path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
     return net.eval().requires_grad_(False)
 
 

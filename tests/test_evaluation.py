@@ -1,5 +1,7 @@
 """FD-classifier: a seeded classifier on the data, a Frechet distance that orders real < noisy < noise."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -153,3 +155,22 @@ def test_train_classifier_leaves_the_global_random_state_as_it_was(digits):
     torch.manual_seed(123)
     train_classifier(images[:64], labels[:64], max_steps=2)
     assert torch.equal(torch.rand(3), expected)  # the caller's seed still decides what comes next
+
+
+def test_an_interrupted_cache_write_leaves_no_cache_file(digits, tmp_path, monkeypatch):
+    images, labels, _, _ = digits
+    path = tmp_path / "classifier.safetensors"
+
+    def interrupted(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 10)  # a partial file, as a crash or Ctrl-C mid-write leaves it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("diffusers_stages.evaluation.save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(images[:64], labels[:64], max_steps=1, cache_path=str(path))
+    assert os.listdir(tmp_path) == []  # nothing that a later call would load as the classifier
+    monkeypatch.undo()
+    net = train_classifier(images[:64], labels[:64], max_steps=1, cache_path=str(path))
+    cached = train_classifier(images[:64], labels[:64], max_steps=1, cache_path=str(path))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), cached.state_dict().values()))
