@@ -116,6 +116,13 @@ def diffusion_loss(
             f"`noise_scheduler` {type(noise_scheduler).__name__} is neither DDPM-style (alphas_cumprod, add_noise) "
             "nor EDM-style: train with DDPMScheduler or EDMEulerScheduler."
         )
+    num_train_timesteps = len(noise_scheduler.alphas_cumprod)
+    outside = (timesteps != timesteps.round()) | (timesteps < 0) | (timesteps >= num_train_timesteps)
+    if bool(outside.any()):  # a fraction would be truncated and -1 would index the noisiest level, silently
+        raise ValueError(
+            f"`timesteps` must be integer training timesteps in [0, {num_train_timesteps}), got "
+            f"{timesteps[outside][0].item():g}."
+        )
     timesteps = timesteps.long()
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
     output = _model_output(model, noisy, timesteps, class_labels, model_kwargs)

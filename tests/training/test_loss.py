@@ -70,3 +70,22 @@ def test_errors_name_the_argument():
         diffusion_loss(model, EDMEulerScheduler(), CLEAN, torch.ones(4), snr_gamma=5.0)
     with pytest.raises(ValueError, match="sigma > 0"):
         diffusion_loss(model, EDMEulerScheduler(), CLEAN, torch.zeros(4))
+
+
+@pytest.mark.parametrize(
+    "timesteps, got",
+    [
+        (torch.tensor([0.3, 10.0, 500.0, 999.0]), "0.3"),  # was: truncated to 0 without a word
+        (torch.tensor([-1, 10, 500, 999]), "-1"),  # was: alphas_cumprod[-1], the noisiest level
+        (torch.tensor([0, 10, 500, 1000]), "1000"),  # was: an IndexError inside add_noise
+    ],
+)
+def test_ddpm_timesteps_must_be_training_timesteps(timesteps, got):
+    with pytest.raises(
+        ValueError, match=f"`timesteps` must be integer training timesteps in \\[0, 1000\\), got {got}"
+    ):
+        diffusion_loss(lambda x, t, class_labels=None: x, DDPMScheduler(), CLEAN, timesteps, noise=NOISE)
+    whole = diffusion_loss(lambda x, t, class_labels=None: x, DDPMScheduler(), CLEAN, T.float(), noise=NOISE)
+    assert torch.equal(
+        whole, diffusion_loss(lambda x, t, class_labels=None: x, DDPMScheduler(), CLEAN, T, noise=NOISE)
+    )
