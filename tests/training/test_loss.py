@@ -89,3 +89,10 @@ def test_ddpm_timesteps_must_be_training_timesteps(timesteps, got):
     assert torch.equal(
         whole, diffusion_loss(lambda x, t, class_labels=None: x, DDPMScheduler(), CLEAN, T, noise=NOISE)
     )
+
+
+@pytest.mark.parametrize("snr_gamma", [0.0, -5.0, float("nan"), float("inf"), True])
+def test_snr_gamma_must_be_a_positive_number(snr_gamma):
+    # 0 gave a zero loss, -5 a negative one and NaN a NaN one, without a word
+    with pytest.raises(ValueError, match=f"`snr_gamma` must be a finite number > 0, got {snr_gamma}"):
+        diffusion_loss(lambda x, t, class_labels=None: x, DDPMScheduler(), CLEAN, T, noise=NOISE, snr_gamma=snr_gamma)
