@@ -18,8 +18,15 @@ from .schedulers import is_edm_scheduler
 def _model_output(model: Callable, sample: torch.Tensor, timestep: torch.Tensor, class_labels, kwargs) -> torch.Tensor:
     out = model(sample, timestep, class_labels=class_labels, **kwargs)
     if hasattr(out, "sample"):
-        return out.sample
-    return out[0] if isinstance(out, tuple) else out
+        out = out.sample
+    elif isinstance(out, tuple):
+        out = out[0]
+    if tuple(out.shape) != tuple(sample.shape):  # it would be broadcast against the target and scored, silently
+        raise ValueError(
+            f"The model's output has shape {tuple(out.shape)}, not the shape of `clean` {tuple(sample.shape)}: "
+            "a model that also predicts the variance (twice the channels) needs its first half taken out."
+        )
+    return out
 
 
 def _per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

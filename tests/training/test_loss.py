@@ -96,3 +96,12 @@ def test_snr_gamma_must_be_a_positive_number(snr_gamma):
     # 0 gave a zero loss, -5 a negative one and NaN a NaN one, without a word
     with pytest.raises(ValueError, match=f"`snr_gamma` must be a finite number > 0, got {snr_gamma}"):
         diffusion_loss(lambda x, t, class_labels=None: x, DDPMScheduler(), CLEAN, T, noise=NOISE, snr_gamma=snr_gamma)
+
+
+@pytest.mark.parametrize("scheduler, timesteps", [(DDPMScheduler(), T), (EDMEulerScheduler(), torch.ones(4))])
+def test_a_model_output_of_another_shape_is_refused(scheduler, timesteps):
+    # (4, 1, 8, 8) against (4, 3, 8, 8) was broadcast over the channels and scored without a word
+    with pytest.raises(
+        ValueError, match=r"model's output has shape \(4, 1, 8, 8\), not the shape of `clean` \(4, 3, 8, 8\)"
+    ):
+        diffusion_loss(lambda x, t, class_labels=None: x[:, :1], scheduler, CLEAN, timesteps, noise=NOISE)
