@@ -114,8 +114,9 @@ def diffusion_loss(
                 "`snr_gamma` applies to DDPM-style schedulers only; EDM uses its own weighting lambda(sigma)."
             )
         sigma = timesteps.float().reshape(view)
-        if bool((sigma <= 0).any()):
-            raise ValueError(f"EDM `timesteps` must be noise levels sigma > 0, got a minimum of {sigma.min().item()}.")
+        bad = ~torch.isfinite(sigma) | (sigma <= 0)
+        if bool(bad.any()):
+            raise ValueError(f"EDM `timesteps` must be finite noise levels sigma > 0, got {sigma[bad][0].item()}.")
         noisy = clean + sigma * noise
         model_input = noise_scheduler.precondition_inputs(noisy, sigma).to(clean.dtype)
         c_noise = noise_scheduler.precondition_noise(sigma.flatten())

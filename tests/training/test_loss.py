@@ -105,3 +105,10 @@ def test_a_model_output_of_another_shape_is_refused(scheduler, timesteps):
         ValueError, match=r"model's output has shape \(4, 1, 8, 8\), not the shape of `clean` \(4, 3, 8, 8\)"
     ):
         diffusion_loss(lambda x, t, class_labels=None: x[:, :1], scheduler, CLEAN, timesteps, noise=NOISE)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_edm_sigmas_must_be_finite(bad):
+    sigma = torch.tensor([bad, 1.0, 2.0, 3.0])  # was: a NaN loss for that sample, without a word
+    with pytest.raises(ValueError, match=f"EDM `timesteps` must be finite noise levels sigma > 0, got {bad}"):
+        diffusion_loss(lambda x, c, class_labels=None: x, EDMEulerScheduler(), CLEAN, sigma, noise=NOISE)
