@@ -161,8 +161,8 @@ def diffusion_loss(
     if snr_gamma is not None:
         snr = compute_snr(noise_scheduler, timesteps).float()
         weight = torch.clamp(snr, max=snr_gamma)
-        if prediction_type == "epsilon":
-            weight = weight / snr
+        if prediction_type == "epsilon":  # at SNR 0 (zero terminal SNR), the limit of min(SNR, gamma) / SNR: 1
+            weight = torch.where(snr > 0, weight / snr, torch.ones_like(snr))
         elif prediction_type == "v_prediction":
             weight = weight / (snr + 1)
         loss = loss * weight

@@ -112,3 +112,15 @@ def test_edm_sigmas_must_be_finite(bad):
     sigma = torch.tensor([bad, 1.0, 2.0, 3.0])  # was: a NaN loss for that sample, without a word
     with pytest.raises(ValueError, match=f"EDM `timesteps` must be finite noise levels sigma > 0, got {bad}"):
         diffusion_loss(lambda x, c, class_labels=None: x, EDMEulerScheduler(), CLEAN, sigma, noise=NOISE)
+
+
+def test_min_snr_weighting_with_zero_terminal_snr_is_finite():
+    scheduler = DDPMScheduler(rescale_betas_zero_snr=True)  # SNR 0 at t = 999
+
+    def zero(x, t, class_labels=None):
+        return torch.zeros_like(x)
+
+    plain = diffusion_loss(zero, scheduler, CLEAN, T, noise=NOISE)
+    weighted = diffusion_loss(zero, scheduler, CLEAN, T, noise=NOISE, snr_gamma=5.0)
+    assert torch.isfinite(weighted).all()  # was NaN: min(SNR, gamma) / SNR = 0 / 0
+    assert weighted[-1] == plain[-1]  # its limit as SNR -> 0: weight 1
