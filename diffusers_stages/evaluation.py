@@ -96,10 +96,13 @@ class FeatureClassifier(nn.Module):
         self.num_features = num_features  # read by torchmetrics
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(images.float())
+        return self._features(images).float()  # float32 features whatever the classifier's dtype (the FD's precision)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self(images))
+        return self.head(self._features(images))
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images.to(self.head.weight))  # images of any float dtype and device: the classifier's
 
 
 def train_classifier(
@@ -174,6 +177,7 @@ class Evaluator:
         self.batch_size = batch_size
         self.image_shape = tuple(real_images.shape[1:])
         self.fd = FrechetInceptionDistance(feature=classifier, reset_real_features=False)
+        self.fd.to(next(classifier.parameters()).device)  # the feature sums live where the classifier computes
         for chunk in real_images.split(batch_size):
             self.fd.update(chunk, real=True)
 
@@ -205,9 +209,8 @@ class Evaluator:
             self.fd.update(chunk, real=False)
             if labels is not None:
                 logits = self.classifier.logits(chunk)
-                correct += int(
-                    (logits.argmax(1) == labels[i * self.batch_size : i * self.batch_size + len(chunk)]).sum()
-                )
+                chunk_labels = labels[i * self.batch_size : i * self.batch_size + len(chunk)].to(logits.device)
+                correct += int((logits.argmax(1) == chunk_labels).sum())
         result = {"fd": float(self.fd.compute())}
         if labels is not None:
             result["accuracy"] = correct / len(images)

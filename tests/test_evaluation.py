@@ -1,5 +1,6 @@
 """FD-classifier: a seeded classifier on the data, a Frechet distance that orders real < noisy < noise."""
 
+import copy
 import os
 
 import numpy as np
@@ -174,3 +175,15 @@ def test_an_interrupted_cache_write_leaves_no_cache_file(digits, tmp_path, monke
     net = train_classifier(images[:64], labels[:64], max_steps=1, cache_path=str(path))
     cached = train_classifier(images[:64], labels[:64], max_steps=1, cache_path=str(path))
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), cached.state_dict().values()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_classifier_in_another_dtype_scores_float32_images(digits, dtype):
+    train, train_labels, test, test_labels = digits
+    torch.manual_seed(0)
+    classifier = FeatureClassifier(8)
+    reference = Evaluator(classifier, train[:256]).score(test[:64], test_labels[:64])
+    # was: RuntimeError "Input type (float) and bias type (double) should be the same"
+    result = Evaluator(copy.deepcopy(classifier).to(dtype), train[:256]).score(test[:64], test_labels[:64])
+    assert result["fd"] == pytest.approx(reference["fd"], rel=1e-4 if dtype == torch.float64 else 0.1)
+    assert isinstance(result["fd"], float) and abs(result["accuracy"] - reference["accuracy"]) <= 0.1
