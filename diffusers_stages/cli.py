@@ -98,11 +98,12 @@ def check_input_file(path: str | None, option: str, json_object: bool = False) -
 
 
 def check_output_file(path: str | None, option: str) -> None:
-    """Refuse, before any work, an output file path that cannot be written: an existing folder, or a folder part
-    that is a file (the missing folders are created when writing). A `ValueError` naming ``option`` and the path."""
+    """Refuse, before any work, an output file path that cannot be written: a folder (existing, or a path ending in a
+    separator), or a folder part that is a file (the missing folders are created when writing). A `ValueError` naming
+    ``option`` and the path."""
     if path is None:
         return
-    if path == "" or os.path.isdir(path):
+    if path == "" or path.endswith(("/", os.sep)) or os.path.isdir(path):  # "new/": a folder, even before it exists
         raise ValueError(f"`{option}` {path!r} is a folder (or empty): give a file path.")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):

@@ -159,6 +159,8 @@ PLAN_ERRORS = [
     ),
     (["--method", "snr", "--output_plot", "{root}/empty"], 2, "`--output_plot` '{root}/empty' is a folder"),
     (["--method", "snr", "--output_plot", "{root}/file.txt/plan.png"], 2, "`--output_plot` '{root}/file.txt/plan.pn"),
+    # a path ending in a separator names a folder, even one not there yet (the plan was computed, then writing failed)
+    (["--method", "snr", "--output_plot", "{root}/new/"], 2, "`--output_plot` '{root}/new/' is a folder"),
 ]
 
 
