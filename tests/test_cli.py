@@ -219,3 +219,10 @@ def test_a_saved_model_folder_loads_strictly(tiny_unet_kwargs, tmp_path, corrupt
     key = corrupt_weights(folder / "diffusion_pytorch_model.safetensors", corruption)
     with pytest.raises(ValueError, match="outside" if corruption == "link" else key):
         cli.load_saved_folder(str(folder), "--shallow")
+
+
+def test_the_readme_command_line_section_names_every_conversion():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    section = readme.split("### Command line", 1)[1].split("\n## ", 1)[0]
+    for name in cli.CONVERSIONS:
+        assert name in section, name
