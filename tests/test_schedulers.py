@@ -257,3 +257,11 @@ def test_pndm_warm_up_needs_four_steps_and_is_refused_before_set_timesteps():
         model_call_timesteps(PNDMScheduler(), 3)
     assert len(model_call_timesteps(PNDMScheduler(), 4)) == 13  # 4 Runge-Kutta steps of 3 calls, then one PLMS
     assert len(model_call_timesteps(PNDMScheduler(skip_prk_steps=True), 3)) == 4
+
+
+@pytest.mark.parametrize("steps", [0, -2, 2.5, True])
+def test_model_calls_need_a_positive_integer_step_count(steps):
+    # was: [] for 0 or -2 and three calls for 2.5 (DDIM), a ZeroDivisionError or a TypeError elsewhere
+    for scheduler in (DDIMScheduler(), HeunDiscreteScheduler()):
+        with pytest.raises(ValueError, match=f"`num_inference_steps` must be a positive integer, got {steps!r}"):
+            model_call_timesteps(scheduler, steps)
