@@ -94,6 +94,7 @@ class FeatureClassifier(nn.Module):
         self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * 16, num_features), nn.SiLU())
         self.head = nn.Linear(num_features, num_classes)
         self.num_features = num_features  # read by torchmetrics
+        self.input_shape = (in_channels, image_size, image_size)  # (C, H, W) of the images it takes
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self._features(images).float()  # float32 features whatever the classifier's dtype (the FD's precision)
@@ -126,6 +127,8 @@ def train_classifier(
             f"{len(labels)} labels."
         )
     _check_images(images, "images")
+    if images.shape[-2] != images.shape[-1]:
+        raise ValueError(f"`images` must be square (the classifier's input), got shape {tuple(images.shape)}.")
     check_positive_integers(("num_classes",), epochs=epochs, batch_size=batch_size, max_steps=max_steps,
                             width=width, num_classes=num_classes)  # fmt: skip
     if not torch.is_tensor(labels) or labels.is_floating_point() or labels.is_complex() or labels.ndim != 1:
@@ -173,6 +176,12 @@ class Evaluator:
     def __init__(self, classifier: FeatureClassifier, real_images: torch.Tensor, batch_size: int = 1000):
         check_positive_integers(batch_size=batch_size)
         _check_images(real_images, "real_images")
+        input_shape = getattr(classifier, "input_shape", None)
+        if input_shape is not None and tuple(real_images.shape[1:]) != tuple(input_shape):
+            raise ValueError(
+                f"`real_images` must be of the classifier's input shape (N, {', '.join(map(str, input_shape))}), got "
+                f"{tuple(real_images.shape)}."
+            )
         self.classifier = classifier
         self.batch_size = batch_size
         self.image_shape = tuple(real_images.shape[1:])

@@ -2,6 +2,7 @@
 
 import copy
 import os
+import re
 
 import numpy as np
 import pytest
@@ -187,3 +188,17 @@ def test_a_classifier_in_another_dtype_scores_float32_images(digits, dtype):
     result = Evaluator(copy.deepcopy(classifier).to(dtype), train[:256]).score(test[:64], test_labels[:64])
     assert result["fd"] == pytest.approx(reference["fd"], rel=1e-4 if dtype == torch.float64 else 0.1)
     assert isinstance(result["fd"], float) and abs(result["accuracy"] - reference["accuracy"]) <= 0.1
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 16, 16), (4, 3, 8, 8), (4, 1, 8, 16)])
+def test_real_images_must_fit_the_classifier(shape):
+    # was: a RuntimeError from inside the network ("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(
+        ValueError, match=re.escape(f"`real_images` must be of the classifier's input shape (N, 1, 8, 8), got {shape}")
+    ):
+        Evaluator(FeatureClassifier(8), torch.zeros(shape))
+
+
+def test_train_classifier_refuses_non_square_images():
+    with pytest.raises(ValueError, match="`images` must be square"):
+        train_classifier(torch.zeros(4, 1, 8, 16), torch.tensor([0, 1, 0, 1]), max_steps=1)
