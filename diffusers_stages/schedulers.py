@@ -280,6 +280,12 @@ class ContinuousVPDPMSolverSinglestepScheduler(DPMSolverSinglestepScheduler):
         t_start: float = 1.0,
         t_end: float = 1e-4,
     ):
+        if (
+            isinstance(num_train_timesteps, bool)
+            or not isinstance(num_train_timesteps, int)
+            or num_train_timesteps < 2
+        ):
+            raise ValueError(f"`num_train_timesteps` must be an integer >= 2, got {num_train_timesteps!r}.")
         if solver_order not in (1, 2, 3):
             raise ValueError(f"`solver_order` must be 1, 2 or 3, got {solver_order!r}.")
         if algorithm_type not in ("dpmsolver", "dpmsolver++"):

@@ -237,6 +237,9 @@ def test_continuous_vp_dpm_solver_saves_and_reloads(tmp_path, caplog):
         ({"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
         ({"t_end": 1.0}, "t_end"),
         ({"beta_min": 30.0}, "beta_min"),
+        ({"num_train_timesteps": 1}, "`num_train_timesteps` must be an integer >= 2, got 1"),  # was: every label 0
+        ({"num_train_timesteps": 0}, "`num_train_timesteps` must be an integer >= 2, got 0"),  # was: ZeroDivisionError
+        ({"num_train_timesteps": 2.5}, "`num_train_timesteps` must be an integer >= 2, got 2.5"),
     ],
 )
 def test_continuous_vp_dpm_solver_refuses_bad_arguments(kwargs, message):
