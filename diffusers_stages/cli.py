@@ -44,8 +44,9 @@ class Command:
 COMMANDS = {
     "demo": Command(
         "diffusers_stages.demo",
-        "the main job on sklearn digits (no download): plan stages, train the three methods and a UNet2DModel "
-        "baseline at equal FLOPs, sample, score (FD-classifier), write pipelines, grids, a plot and REPORT.md",
+        "the main job on sklearn digits (no download): plan stages, train a UNet2DModel baseline (its training "
+        "FLOPs are the budget B) and the three methods (multi-stage U-Net on B, shallow backbone on B/4, experts on "
+        "B/2), sample, score (FD-classifier), write pipelines, grids, a plot and REPORT.md",
     ),
     "plan": Command(
         "diffusers_stages.plan",
@@ -97,11 +98,12 @@ def check_input_file(path: str | None, option: str, json_object: bool = False) -
 
 
 def check_output_file(path: str | None, option: str) -> None:
-    """Refuse, before any work, an output file path that cannot be written: an existing folder, or a folder part
-    that is a file (the missing folders are created when writing). A `ValueError` naming ``option`` and the path."""
+    """Refuse, before any work, an output file path that cannot be written: a folder (existing, or a path ending in a
+    separator), or a folder part that is a file (the missing folders are created when writing). A `ValueError` naming
+    ``option`` and the path."""
     if path is None:
         return
-    if path == "" or os.path.isdir(path):
+    if path == "" or path.endswith(("/", os.sep)) or os.path.isdir(path):  # "new/": a folder, even before it exists
         raise ValueError(f"`{option}` {path!r} is a folder (or empty): give a file path.")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):

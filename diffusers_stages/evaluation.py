@@ -94,12 +94,16 @@ class FeatureClassifier(nn.Module):
         self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * 16, num_features), nn.SiLU())
         self.head = nn.Linear(num_features, num_classes)
         self.num_features = num_features  # read by torchmetrics
+        self.input_shape = (in_channels, image_size, image_size)  # (C, H, W) of the images it takes
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(images.float())
+        return self._features(images).float()  # float32 features whatever the classifier's dtype (the FD's precision)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self(images))
+        return self.head(self._features(images))
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images.to(self.head.weight))  # images of any float dtype and device: the classifier's
 
 
 def train_classifier(
@@ -122,10 +126,21 @@ def train_classifier(
             f"`images` must be a batch (N >= 2, C, H, W) with one label each, got shape {tuple(images.shape)} and "
             f"{len(labels)} labels."
         )
-    torch.manual_seed(seed)
-    net = FeatureClassifier(
-        images.shape[-1], images.shape[1], width=width, num_classes=num_classes or int(labels.max()) + 1
-    )
+    _check_images(images, "images")
+    if images.shape[-2] != images.shape[-1]:
+        raise ValueError(f"`images` must be square (the classifier's input), got shape {tuple(images.shape)}.")
+    check_positive_integers(("num_classes",), epochs=epochs, batch_size=batch_size, max_steps=max_steps,
+                            width=width, num_classes=num_classes)  # fmt: skip
+    if not torch.is_tensor(labels) or labels.is_floating_point() or labels.is_complex() or labels.ndim != 1:
+        got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if torch.is_tensor(labels) else type(labels)
+        raise ValueError(f"`labels` must be integer classes, one per image, got {got}.")
+    num_classes = num_classes or int(labels.max()) + 1
+    if not 0 <= labels.min() <= labels.max() < num_classes:  # cross_entropy would fail with an index error
+        bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+        raise ValueError(f"`labels` must be classes in [0, {num_classes}), got {bad}.")
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's global random state is left as it was
+        torch.manual_seed(seed)
+        net = FeatureClassifier(images.shape[-1], images.shape[1], width=width, num_classes=num_classes)
     if cache_path is not None and os.path.isfile(cache_path):
         net.load_state_dict(load_file(cache_path))
         return net.eval().requires_grad_(False)
@@ -139,8 +154,14 @@ def train_classifier(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    if cache_path is not None:
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, cache_path)
+    if cache_path is not None:  # written beside it, then renamed: an interrupted write leaves no half file to load
+        partial = f"{cache_path}.partial-{os.getpid()}"
+        try:
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, partial)
+            os.replace(partial, cache_path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
     return net.eval().requires_grad_(False)
 
 
@@ -155,10 +176,17 @@ class Evaluator:
     def __init__(self, classifier: FeatureClassifier, real_images: torch.Tensor, batch_size: int = 1000):
         (batch_size,) = positive_integer_arguments(batch_size=batch_size)
         _check_images(real_images, "real_images")
+        input_shape = getattr(classifier, "input_shape", None)
+        if input_shape is not None and tuple(real_images.shape[1:]) != tuple(input_shape):
+            raise ValueError(
+                f"`real_images` must be of the classifier's input shape (N, {', '.join(map(str, input_shape))}), got "
+                f"{tuple(real_images.shape)}."
+            )
         self.classifier = classifier
         self.batch_size = batch_size
         self.image_shape = tuple(real_images.shape[1:])
         self.fd = FrechetInceptionDistance(feature=classifier, reset_real_features=False)
+        self.fd.to(next(classifier.parameters()).device)  # the feature sums live where the classifier computes
         for chunk in real_images.split(batch_size):
             self.fd.update(chunk, real=True)
 
@@ -178,15 +206,20 @@ class Evaluator:
             raise ValueError(
                 f"`labels` must hold one class per image ({len(images)}) as an integer tensor, got {got}."
             )
+        num_classes = getattr(getattr(self.classifier, "head", None), "out_features", None)
+        if labels is not None and num_classes is not None and not 0 <= labels.min() <= labels.max() < num_classes:
+            bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+            raise ValueError(  # such a label is never predicted: it would only lower the accuracy, silently
+                f"`labels` must be classes of the classifier, in [0, {num_classes}), got {bad}."
+            )
         self.fd.reset()  # forgets the generated features only (reset_real_features=False)
         correct = 0
         for i, chunk in enumerate(images.split(self.batch_size)):
             self.fd.update(chunk, real=False)
             if labels is not None:
                 logits = self.classifier.logits(chunk)
-                correct += int(
-                    (logits.argmax(1) == labels[i * self.batch_size : i * self.batch_size + len(chunk)]).sum()
-                )
+                chunk_labels = labels[i * self.batch_size : i * self.batch_size + len(chunk)].to(logits.device)
+                correct += int((logits.argmax(1) == chunk_labels).sum())
         result = {"fd": float(self.fd.compute())}
         if labels is not None:
             result["accuracy"] = correct / len(images)
@@ -194,9 +227,13 @@ class Evaluator:
 
 
 def _check_images(images: torch.Tensor, name: str) -> None:
-    """A batch of at least two finite images ``(N, C, H, W)``, or a `ValueError` naming ``name``."""
+    """A batch of at least two finite floating-point images ``(N, C, H, W)``, or a `ValueError` naming ``name``."""
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"`{name}` must be a batch (N >= 2, C, H, W), got shape {shape}.")
+    if not images.is_floating_point():  # 8-bit images would reach the classifier as 0..255, scored without a word
+        raise ValueError(
+            f"`{name}` must be floating point in [-1, 1], got {images.dtype} (8-bit images: `images / 127.5 - 1`)."
+        )
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"`{name}` hold NaN or infinite values: the Frechet distance would be meaningless.")

@@ -6,6 +6,7 @@ Per-sample values (rather than the batch mean) let a training loop log the loss 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -17,8 +18,15 @@ from .schedulers import is_edm_scheduler
 def _model_output(model: Callable, sample: torch.Tensor, timestep: torch.Tensor, class_labels, kwargs) -> torch.Tensor:
     out = model(sample, timestep, class_labels=class_labels, **kwargs)
     if hasattr(out, "sample"):
-        return out.sample
-    return out[0] if isinstance(out, tuple) else out
+        out = out.sample
+    elif isinstance(out, tuple):
+        out = out[0]
+    if tuple(out.shape) != tuple(sample.shape):  # it would be broadcast against the target and scored, silently
+        raise ValueError(
+            f"The model's output has shape {tuple(out.shape)}, not the shape of `clean` {tuple(sample.shape)}: "
+            "a model that also predicts the variance (twice the channels) needs its first half taken out."
+        )
+    return out
 
 
 def _per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -88,6 +96,13 @@ def diffusion_loss(
         noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
     elif noise.shape != clean.shape:
         raise ValueError(f"`noise` must have the shape of `clean` {tuple(clean.shape)}, got {tuple(noise.shape)}.")
+    if snr_gamma is not None and (
+        isinstance(snr_gamma, bool)
+        or not isinstance(snr_gamma, (int, float))
+        or not math.isfinite(snr_gamma)
+        or snr_gamma <= 0
+    ):  # 0 would zero every loss, a negative gamma flip its sign, NaN make it NaN
+        raise ValueError(f"`snr_gamma` must be a finite number > 0, got {snr_gamma!r}.")
     model_kwargs = model_kwargs or {}
     prediction_type = noise_scheduler.config.prediction_type
     view = (-1,) + (1,) * (clean.ndim - 1)
@@ -99,8 +114,9 @@ def diffusion_loss(
                 "`snr_gamma` applies to DDPM-style schedulers only; EDM uses its own weighting lambda(sigma)."
             )
         sigma = timesteps.float().reshape(view)
-        if bool((sigma <= 0).any()):
-            raise ValueError(f"EDM `timesteps` must be noise levels sigma > 0, got a minimum of {sigma.min().item()}.")
+        bad = ~torch.isfinite(sigma) | (sigma <= 0)
+        if bool(bad.any()):
+            raise ValueError(f"EDM `timesteps` must be finite noise levels sigma > 0, got {sigma[bad][0].item()}.")
         noisy = clean + sigma * noise
         model_input = noise_scheduler.precondition_inputs(noisy, sigma).to(clean.dtype)
         c_noise = noise_scheduler.precondition_noise(sigma.flatten())
@@ -115,6 +131,13 @@ def diffusion_loss(
         raise ValueError(
             f"`noise_scheduler` {type(noise_scheduler).__name__} is neither DDPM-style (alphas_cumprod, add_noise) "
             "nor EDM-style: train with DDPMScheduler or EDMEulerScheduler."
+        )
+    num_train_timesteps = len(noise_scheduler.alphas_cumprod)
+    outside = (timesteps != timesteps.round()) | (timesteps < 0) | (timesteps >= num_train_timesteps)
+    if bool(outside.any()):  # a fraction would be truncated and -1 would index the noisiest level, silently
+        raise ValueError(
+            f"`timesteps` must be integer training timesteps in [0, {num_train_timesteps}), got "
+            f"{timesteps[outside][0].item():g}."
         )
     timesteps = timesteps.long()
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
@@ -138,8 +161,8 @@ def diffusion_loss(
     if snr_gamma is not None:
         snr = compute_snr(noise_scheduler, timesteps).float()
         weight = torch.clamp(snr, max=snr_gamma)
-        if prediction_type == "epsilon":
-            weight = weight / snr
+        if prediction_type == "epsilon":  # at SNR 0 (zero terminal SNR), the limit of min(SNR, gamma) / SNR: 1
+            weight = torch.where(snr > 0, weight / snr, torch.ones_like(snr))
         elif prediction_type == "v_prediction":
             weight = weight / (snr + 1)
         loss = loss * weight

@@ -134,9 +134,12 @@ def scheduler_step_kwargs(
 
 
 def check_num_inference_steps(scheduler, num_inference_steps: int) -> None:
-    """Refuse, before any step, a step count ``scheduler`` cannot run: PNDM's Runge-Kutta warm-up
-    (``skip_prk_steps=False``, its default) needs ``pndm_order`` (4) steps, and fewer fail inside its
+    """Refuse, before any step, a step count ``scheduler`` cannot run: one that is not a positive integer (diffusers'
+    schedulers give no steps, a fraction's worth, or a ZeroDivisionError), and, for PNDM's Runge-Kutta warm-up
+    (``skip_prk_steps=False``, its default), fewer than ``pndm_order`` (4) steps, which fail inside its
     ``set_timesteps`` with a NumPy broadcasting error."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
     warm_up = getattr(scheduler, "pndm_order", None) if not getattr(scheduler.config, "skip_prk_steps", True) else None
     if warm_up is not None and num_inference_steps < warm_up:
         raise ValueError(
@@ -279,6 +282,12 @@ class ContinuousVPDPMSolverSinglestepScheduler(DPMSolverSinglestepScheduler):
         t_start: float = 1.0,
         t_end: float = 1e-4,
     ):
+        if (
+            isinstance(num_train_timesteps, bool)
+            or not isinstance(num_train_timesteps, int)
+            or num_train_timesteps < 2
+        ):
+            raise ValueError(f"`num_train_timesteps` must be an integer >= 2, got {num_train_timesteps!r}.")
         if solver_order not in (1, 2, 3):
             raise ValueError(f"`solver_order` must be 1, 2 or 3, got {solver_order!r}.")
         if algorithm_type not in ("dpmsolver", "dpmsolver++"):

@@ -22,6 +22,7 @@ def test_help_lists_every_subcommand_and_conversion(capsys):
     for name in ("demo", "plan", "switch", "convert", *cli.CONVERSIONS):
         assert name in text
     assert "optimal-denoiser" in text and "dual-backbone switch" in text  # what each is for
+    assert "equal FLOPs" not in text and "B/4" in text  # the demo's methods train on shares of one budget B
     # the text-to-image conversions the README documents (a Stable Diffusion folder in, one staged stage out)
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ") and line.split()}
     assert "Stable Diffusion" in lines["unet_to_multistage"] and "UNet2DConditionModel" in lines["multistage_to_unet"]
@@ -158,6 +159,8 @@ PLAN_ERRORS = [
     ),
     (["--method", "snr", "--output_plot", "{root}/empty"], 2, "`--output_plot` '{root}/empty' is a folder"),
     (["--method", "snr", "--output_plot", "{root}/file.txt/plan.png"], 2, "`--output_plot` '{root}/file.txt/plan.pn"),
+    # a path ending in a separator names a folder, even one not there yet (the plan was computed, then writing failed)
+    (["--method", "snr", "--output_plot", "{root}/new/"], 2, "`--output_plot` '{root}/new/' is a folder"),
 ]
 
 
@@ -216,3 +219,10 @@ def test_a_saved_model_folder_loads_strictly(tiny_unet_kwargs, tmp_path, corrupt
     key = corrupt_weights(folder / "diffusion_pytorch_model.safetensors", corruption)
     with pytest.raises(ValueError, match="outside" if corruption == "link" else key):
         cli.load_saved_folder(str(folder), "--shallow")
+
+
+def test_the_readme_command_line_section_names_every_conversion():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    section = readme.split("### Command line", 1)[1].split("\n## ", 1)[0]
+    for name in cli.CONVERSIONS:
+        assert name in section, name

@@ -92,6 +92,8 @@ def test_same_seed_same_report_numbers(demo, tmp_path):
         (["--steps", "0"], "`--steps` must be a positive integer, got 0"),
         (["--num_threads", "0"], "`--num_threads` must be a positive integer, got 0"),
         (["--device", "tpu"], "`--device` must be 'cpu' or 'cuda', got 'tpu'"),
+        (["--seed", "-1"], "`--seed` must be in [0, 2**32), got -1"),  # not a traceback from the training loop
+        (["--seed", str(2**32)], f"`--seed` must be in [0, 2**32), got {2**32}"),
     ],
 )
 def test_bad_flags_are_usage_errors(flags, message, capsys):
@@ -101,9 +103,30 @@ def test_bad_flags_are_usage_errors(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_help_states_the_defaults_the_demo_uses(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "None" not in text  # the defaults that depend on the machine or the clock are described, not "None"
+    for default in ("demo-<time>", "240; 3 with --quick", "cuda when available", "Default: 0.",
+                    "Default: 1."):  # fmt: skip
+        assert default in text, default
+
+
 def test_refuses_a_non_empty_output_dir(tmp_path, capsys):
     (tmp_path / "old.txt").write_text("keep me")
     with pytest.raises(SystemExit):
         parse_args(["--output_dir", str(tmp_path)])
     assert "exists and is not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "old.txt").read_text() == "keep me"
+
+
+def test_refuses_an_output_dir_that_cannot_be_created(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--output_dir", str(tmp_path / "a_file" / "out")])  # not a traceback at step 1
+    assert exit_info.value.code == 2
+    assert f"`--output_dir` {str(tmp_path / 'a_file' / 'out')!r} cannot be created" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--output_dir", ""])
+    assert "`--output_dir` must name a folder, got ''" in capsys.readouterr().err

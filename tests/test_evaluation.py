@@ -1,5 +1,9 @@
 """FD-classifier: a seeded classifier on the data, a Frechet distance that orders real < noisy < noise."""
 
+import copy
+import os
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -86,6 +90,21 @@ def test_fewer_images_than_a_batch_still_train_the_classifier(digits):
             "`labels` must hold one class per image \\(397\\) as an integer tensor, got shape \\(10,\\)",
         ),
         (lambda test: test, lambda labels: labels.float(), "`labels` must hold one class per image"),
+        (
+            lambda test: test,
+            lambda labels: labels + 1,
+            "`labels` must be classes of the classifier, in \\[0, 10\\), got 10",
+        ),
+        (
+            lambda test: test,
+            lambda labels: labels - 1,
+            "`labels` must be classes of the classifier, in \\[0, 10\\), got -1",
+        ),
+        (  # 8-bit images: the classifier would see 0..255 and score them silently
+            lambda test: ((test + 1) * 127.5).round().to(torch.uint8),
+            None,
+            "`images` must be floating point in \\[-1, 1\\], got torch.uint8",
+        ),
     ],
 )
 def test_score_refuses_images_and_labels_that_do_not_fit(digits, images, labels, match):
@@ -101,5 +120,85 @@ def test_evaluator_refuses_bad_real_images_and_batch_size(digits):
         Evaluator(FeatureClassifier(8), train[0])
     with pytest.raises(ValueError, match="`real_images` hold NaN"):
         Evaluator(FeatureClassifier(8), train[:8] * float("nan"))
+    with pytest.raises(ValueError, match="`real_images` must be floating point in \\[-1, 1\\], got torch.uint8"):
+        Evaluator(FeatureClassifier(8), ((train[:8] + 1) * 127.5).to(torch.uint8))
     with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got 0"):
         Evaluator(FeatureClassifier(8), train[:8], batch_size=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_steps": 0}, "`max_steps` must be a positive integer, got 0"),  # was: an untrained classifier
+        ({"images": lambda images: ((images + 1) * 127.5).to(torch.uint8)}, "`images` must be floating point"),
+        ({"epochs": 0}, "`epochs` must be a positive integer, got 0"),
+        ({"batch_size": 0}, "`batch_size` must be a positive integer, got 0"),
+        ({"labels": lambda labels: labels.float()}, "`labels` must be integer classes"),
+        ({"labels": lambda labels: labels - 1}, "`labels` must be classes in \\[0, 9\\), got -1"),
+        (
+            {"num_classes": 5},
+            "`labels` must be classes in \\[0, 5\\), got [5-9]",
+        ),  # was: an IndexError in cross_entropy
+    ],
+)
+def test_train_classifier_refuses_bad_labels_and_step_counts(digits, kwargs, match):
+    images, labels, _, _ = digits
+    kwargs = dict(kwargs)
+    images = kwargs.pop("images", lambda images: images)(images[:64])
+    labels = kwargs.pop("labels", lambda labels: labels)(labels[:64])
+    with pytest.raises(ValueError, match=match):
+        train_classifier(images, labels, **kwargs)
+
+
+def test_train_classifier_leaves_the_global_random_state_as_it_was(digits):
+    images, labels, _, _ = digits
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_classifier(images[:64], labels[:64], max_steps=2)
+    assert torch.equal(torch.rand(3), expected)  # the caller's seed still decides what comes next
+
+
+def test_an_interrupted_cache_write_leaves_no_cache_file(digits, tmp_path, monkeypatch):
+    images, labels, _, _ = digits
+    path = tmp_path / "classifier.safetensors"
+
+    def interrupted(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 10)  # a partial file, as a crash or Ctrl-C mid-write leaves it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("diffusers_stages.evaluation.save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(images[:64], labels[:64], max_steps=1, cache_path=str(path))
+    assert os.listdir(tmp_path) == []  # nothing that a later call would load as the classifier
+    monkeypatch.undo()
+    net = train_classifier(images[:64], labels[:64], max_steps=1, cache_path=str(path))
+    cached = train_classifier(images[:64], labels[:64], max_steps=1, cache_path=str(path))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), cached.state_dict().values()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_classifier_in_another_dtype_scores_float32_images(digits, dtype):
+    train, train_labels, test, test_labels = digits
+    torch.manual_seed(0)
+    classifier = FeatureClassifier(8)
+    reference = Evaluator(classifier, train[:256]).score(test[:64], test_labels[:64])
+    # was: RuntimeError "Input type (float) and bias type (double) should be the same"
+    result = Evaluator(copy.deepcopy(classifier).to(dtype), train[:256]).score(test[:64], test_labels[:64])
+    assert result["fd"] == pytest.approx(reference["fd"], rel=1e-4 if dtype == torch.float64 else 0.1)
+    assert isinstance(result["fd"], float) and abs(result["accuracy"] - reference["accuracy"]) <= 0.1
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 16, 16), (4, 3, 8, 8), (4, 1, 8, 16)])
+def test_real_images_must_fit_the_classifier(shape):
+    # was: a RuntimeError from inside the network ("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(
+        ValueError, match=re.escape(f"`real_images` must be of the classifier's input shape (N, 1, 8, 8), got {shape}")
+    ):
+        Evaluator(FeatureClassifier(8), torch.zeros(shape))
+
+
+def test_train_classifier_refuses_non_square_images():
+    with pytest.raises(ValueError, match="`images` must be square"):
+        train_classifier(torch.zeros(4, 1, 8, 16), torch.tensor([0, 1, 0, 1]), max_steps=1)

@@ -238,6 +238,9 @@ def test_continuous_vp_dpm_solver_saves_and_reloads(tmp_path, caplog):
         ({"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
         ({"t_end": 1.0}, "t_end"),
         ({"beta_min": 30.0}, "beta_min"),
+        ({"num_train_timesteps": 1}, "`num_train_timesteps` must be an integer >= 2, got 1"),  # was: every label 0
+        ({"num_train_timesteps": 0}, "`num_train_timesteps` must be an integer >= 2, got 0"),  # was: ZeroDivisionError
+        ({"num_train_timesteps": 2.5}, "`num_train_timesteps` must be an integer >= 2, got 2.5"),
     ],
 )
 def test_continuous_vp_dpm_solver_refuses_bad_arguments(kwargs, message):
@@ -262,3 +265,11 @@ def test_pndm_warm_up_needs_four_steps_and_is_refused_before_set_timesteps():
         model_call_timesteps(PNDMScheduler(), 3)
     assert len(model_call_timesteps(PNDMScheduler(), 4)) == 13  # 4 Runge-Kutta steps of 3 calls, then one PLMS
     assert len(model_call_timesteps(PNDMScheduler(skip_prk_steps=True), 3)) == 4
+
+
+@pytest.mark.parametrize("steps", [0, -2, 2.5, True])
+def test_model_calls_need_a_positive_integer_step_count(steps):
+    # was: [] for 0 or -2 and three calls for 2.5 (DDIM), a ZeroDivisionError or a TypeError elsewhere
+    for scheduler in (DDIMScheduler(), HeunDiscreteScheduler()):
+        with pytest.raises(ValueError, match=f"`num_inference_steps` must be a positive integer, got {steps!r}"):
+            model_call_timesteps(scheduler, steps)

@@ -40,7 +40,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="diffusers-stages demo",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--output_dir", default=None, help="A new or empty folder. Default: ./diffusers-stages-demo-<time>."
@@ -53,12 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the shallow backbone gets B/4, the experts B/2.",
     )
     parser.add_argument("--device", default=None, help="cuda or cpu. Default: cuda when available, else cpu.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of training, planning and sampling.")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of training, planning and sampling, in [0, 2**32). Default: 0."
+    )
     parser.add_argument("--quick", action="store_true", help="Tiny budgets: a smoke run in well under a minute.")
     parser.add_argument("--num_threads", type=int, default=1,
                         help="CPU threads of torch. The demo's models are tiny, so more threads gain little, while on "
                         "a busy machine they can be many times slower (threads waiting for each other); one thread "
-                        "also gives the same numbers on every machine.")  # fmt: skip
+                        "also gives the same numbers on every machine. Default: 1.")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         check_args(args)
@@ -73,6 +74,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--steps` must be a positive integer, got {args.steps}.")
     if args.num_threads < 1:
         raise ValueError(f"`--num_threads` must be a positive integer, got {args.num_threads}.")
+    if not 0 <= args.seed < 2**32:  # what the training loop accepts (NumPy's seeds), checked before any work
+        raise ValueError(f"`--seed` must be in [0, 2**32), got {args.seed}.")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device not in ("cpu", "cuda"):
@@ -81,8 +84,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("`--device cuda`: no CUDA device is available here; use `--device cpu`.")
     if args.output_dir is None:
         args.output_dir = os.path.abspath(f"diffusers-stages-demo-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if not args.output_dir:
+        raise ValueError("`--output_dir` must name a folder, got ''.")
     if os.path.exists(args.output_dir) and (not os.path.isdir(args.output_dir) or os.listdir(args.output_dir)):
         raise ValueError(f"`--output_dir` {args.output_dir!r} exists and is not an empty folder: give a new one.")
+    parent = os.path.dirname(os.path.abspath(args.output_dir))
+    while not os.path.exists(parent):  # the folders the demo will create: their nearest existing one must take them
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"`--output_dir` {args.output_dir!r} cannot be created: {parent!r} is not a writable folder.")
 
 
 def settings_of(args: argparse.Namespace) -> dict:

@@ -118,7 +118,7 @@ def save_plot(rows: list[Row], floor: dict, path: str) -> str:
     ax.set_xlabel("sampling time per image (ms)")
     ax.set_ylabel("FD-classifier (lower is better)")
     ax.set_yscale("log")
-    ax.set_title("Quality vs sampling time, equal training FLOPs")
+    ax.set_title("Quality vs sampling time (training budgets: REPORT.md)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -70,3 +70,57 @@ def test_errors_name_the_argument():
         diffusion_loss(model, EDMEulerScheduler(), CLEAN, torch.ones(4), snr_gamma=5.0)
     with pytest.raises(ValueError, match="sigma > 0"):
         diffusion_loss(model, EDMEulerScheduler(), CLEAN, torch.zeros(4))
+
+
+@pytest.mark.parametrize(
+    "timesteps, got",
+    [
+        (torch.tensor([0.3, 10.0, 500.0, 999.0]), "0.3"),  # was: truncated to 0 without a word
+        (torch.tensor([-1, 10, 500, 999]), "-1"),  # was: alphas_cumprod[-1], the noisiest level
+        (torch.tensor([0, 10, 500, 1000]), "1000"),  # was: an IndexError inside add_noise
+    ],
+)
+def test_ddpm_timesteps_must_be_training_timesteps(timesteps, got):
+    with pytest.raises(
+        ValueError, match=f"`timesteps` must be integer training timesteps in \\[0, 1000\\), got {got}"
+    ):
+        diffusion_loss(lambda x, t, class_labels=None: x, DDPMScheduler(), CLEAN, timesteps, noise=NOISE)
+    whole = diffusion_loss(lambda x, t, class_labels=None: x, DDPMScheduler(), CLEAN, T.float(), noise=NOISE)
+    assert torch.equal(
+        whole, diffusion_loss(lambda x, t, class_labels=None: x, DDPMScheduler(), CLEAN, T, noise=NOISE)
+    )
+
+
+@pytest.mark.parametrize("snr_gamma", [0.0, -5.0, float("nan"), float("inf"), True])
+def test_snr_gamma_must_be_a_positive_number(snr_gamma):
+    # 0 gave a zero loss, -5 a negative one and NaN a NaN one, without a word
+    with pytest.raises(ValueError, match=f"`snr_gamma` must be a finite number > 0, got {snr_gamma}"):
+        diffusion_loss(lambda x, t, class_labels=None: x, DDPMScheduler(), CLEAN, T, noise=NOISE, snr_gamma=snr_gamma)
+
+
+@pytest.mark.parametrize("scheduler, timesteps", [(DDPMScheduler(), T), (EDMEulerScheduler(), torch.ones(4))])
+def test_a_model_output_of_another_shape_is_refused(scheduler, timesteps):
+    # (4, 1, 8, 8) against (4, 3, 8, 8) was broadcast over the channels and scored without a word
+    with pytest.raises(
+        ValueError, match=r"model's output has shape \(4, 1, 8, 8\), not the shape of `clean` \(4, 3, 8, 8\)"
+    ):
+        diffusion_loss(lambda x, t, class_labels=None: x[:, :1], scheduler, CLEAN, timesteps, noise=NOISE)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_edm_sigmas_must_be_finite(bad):
+    sigma = torch.tensor([bad, 1.0, 2.0, 3.0])  # was: a NaN loss for that sample, without a word
+    with pytest.raises(ValueError, match=f"EDM `timesteps` must be finite noise levels sigma > 0, got {bad}"):
+        diffusion_loss(lambda x, c, class_labels=None: x, EDMEulerScheduler(), CLEAN, sigma, noise=NOISE)
+
+
+def test_min_snr_weighting_with_zero_terminal_snr_is_finite():
+    scheduler = DDPMScheduler(rescale_betas_zero_snr=True)  # SNR 0 at t = 999
+
+    def zero(x, t, class_labels=None):
+        return torch.zeros_like(x)
+
+    plain = diffusion_loss(zero, scheduler, CLEAN, T, noise=NOISE)
+    weighted = diffusion_loss(zero, scheduler, CLEAN, T, noise=NOISE, snr_gamma=5.0)
+    assert torch.isfinite(weighted).all()  # was NaN: min(SNR, gamma) / SNR = 0 / 0
+    assert weighted[-1] == plain[-1]  # its limit as SNR -> 0: weight 1
