@@ -192,7 +192,7 @@ def sigma_to_timestep(scheduler, sigma: float) -> float:
         )
     if not sigma > 0:
         raise ValueError(f"`switch_sigma` must be a noise level > 0, got {sigma}.")
-    log_sigmas = np.log(((1 - alphas_cumprod) / alphas_cumprod).double().sqrt().numpy())
+    log_sigmas = np.log(((1 - alphas_cumprod) / alphas_cumprod).double().sqrt().cpu().numpy())
     if not log_sigmas[0] < math.log(sigma) < log_sigmas[-1]:
         raise ValueError(
             f"`switch_sigma` must lie inside the training schedule's noise levels "
