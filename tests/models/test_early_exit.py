@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -136,3 +137,17 @@ def test_per_sample_loss_averages_to_the_batch_loss(model):
     assert torch.allclose(per_sample.mean(), early_exit_loss(model, noisy, t, target), atol=1e-6)
     with pytest.raises(ValueError, match="reduction"):
         early_exit_loss(model, noisy, t, target, reduction="sum")
+
+
+def test_a_threshold_set_on_the_model_is_saved_with_it(model, tmp_path):
+    # what the training task's description says to do: set the trained model's threshold, then save the pipeline
+    model.exit_threshold = 0.7
+    assert model.config.exit_threshold == 0.7
+    model.save_pretrained(tmp_path)
+    assert EarlyExitUViT2DModel.from_pretrained(tmp_path).exit_threshold == 0.7
+    with pytest.raises(ValueError, match="`exit_threshold` must be a finite number or None, got nan"):
+        model.exit_threshold = float("nan")  # refused when set, not at the next call
+    assert model.exit_threshold == 0.7
+    model.exit_threshold = np.float32(0.25)  # a numpy number (a quantile of measured uncertainties) saves too
+    model.save_pretrained(tmp_path)
+    assert EarlyExitUViT2DModel.from_pretrained(tmp_path).exit_threshold == 0.25
