@@ -43,7 +43,8 @@ def warm_start(
         raise ValueError(message)  # noqa: TRY004
     config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     unet_steps = config.pop("num_train_timesteps", None)
-    num_train_timesteps = num_train_timesteps or unet_steps or 1000
+    if num_train_timesteps is None:  # anything given (a 0 too) goes to the model's check as given
+        num_train_timesteps = unet_steps or 1000
     model = cls(
         **config,
         num_train_timesteps=num_train_timesteps,
