@@ -45,6 +45,11 @@ def warm_start(
     unet_steps = config.pop("num_train_timesteps", None)
     if num_train_timesteps is None:  # anything given (a 0 too) goes to the model's check as given
         num_train_timesteps = unet_steps or 1000
+    elif config.get("time_embedding_type") == "learned" and num_train_timesteps != unet_steps:
+        raise ValueError(
+            f"`num_train_timesteps`={num_train_timesteps!r} differs from the source's {unet_steps}, the length of its "
+            f"learned time embedding (`time_embedding_type`='learned': one row per training timestep); leave it out."
+        )
     model = cls(
         **config,
         num_train_timesteps=num_train_timesteps,
