@@ -37,6 +37,7 @@ from .unet_multistage_condition_blocks import (
     SUPPORTED_UP_BLOCKS,
     CrossAttnStageDecoder,
     check_config,
+    check_encoder_attention_mask,
     cross_attn_down_blocks,
     mask_to_bias,
 )
@@ -419,6 +420,7 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
             sample, timestep, stage_index, self.config.in_channels, dtype=compute_dtype(self.conv_in)
         )
         check_encoder_hidden_states(encoder_hidden_states, sample.shape[0], self.config.cross_attention_dim)
+        check_encoder_attention_mask(encoder_attention_mask, *encoder_hidden_states.shape[:2])
         if down_intrablock_additional_residuals is not None:
             raise ValueError("`down_intrablock_additional_residuals` (T2I-Adapter) are not supported by this model.")
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):

@@ -348,3 +348,16 @@ def test_a_sample_of_another_dtype_is_named(tiny_cond_unet):
     x, kwargs = _inputs(1)
     with pytest.raises(ValueError, match="`sample` must have the model's dtype torch.float32, got torch.float64"):
         staged(x.double(), 10, **kwargs)
+
+
+def test_a_text_mask_of_another_shape_is_named(tiny_cond_unet):
+    # was a shape error from inside the attention (masks of the wrong length or batch), or an AttributeError (a list)
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        for good in (keep, keep.bool(), keep[:, None].float()):  # (batch, tokens) or (batch, 1, tokens), as diffusers
+            staged(x, torch.tensor([10, 900]), **kwargs, encoder_attention_mask=good)
+    for bad in (keep[:, :4], keep[:1], keep[0], keep[:, :, None], keep.tolist()):
+        with pytest.raises(ValueError, match=r"`encoder_attention_mask` must be a tensor of shape \(2, 5\)"):
+            staged(x, 10, **kwargs, encoder_attention_mask=bad)
