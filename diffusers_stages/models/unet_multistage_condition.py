@@ -26,7 +26,7 @@ from torch import nn
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..routing import dispatch_by_stage
 from .checks import check_encoder_hidden_states, compute_dtype
-from .decoders import resolve_decoder_widths
+from .decoders import resolve_decoder_widths, skip_channels
 from .loading import StrictLoadingMixin
 from .staged import StagedModelMixin
 from .unet_multistage_condition_blocks import (
@@ -427,6 +427,12 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
             raise ValueError(
                 "ControlNet residuals come in pairs: give both `down_block_additional_residuals` and "
                 "`mid_block_additional_residual`, or neither."
+            )
+        num_skips = len(skip_channels(self.config.block_out_channels, self.config.layers_per_block))
+        if down_block_additional_residuals is not None and len(down_block_additional_residuals) != num_skips:
+            raise ValueError(
+                f"`down_block_additional_residuals` must hold {num_skips} tensors, one per skip connection of the "
+                f"encoder (a ControlNet of this U-Net's layout gives them), got {len(down_block_additional_residuals)}."
             )
         conditioning = {
             "attention_mask": mask_to_bias(attention_mask, sample.dtype),

@@ -361,3 +361,13 @@ def test_a_text_mask_of_another_shape_is_named(tiny_cond_unet):
     for bad in (keep[:, :4], keep[:1], keep[0], keep[:, :, None], keep.tolist()):
         with pytest.raises(ValueError, match=r"`encoder_attention_mask` must be a tensor of shape \(2, 5\)"):
             staged(x, 10, **kwargs, encoder_attention_mask=bad)
+
+
+def test_controlnet_residuals_of_another_count_are_named(tiny_cond_unet):
+    # one too few was a shape error inside the first up block; one too many was dropped silently
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    down = tuple(torch.randn(2, *shape) for shape in [(8, 8, 8), (8, 8, 8), (8, 4, 4), (16, 4, 4)])
+    for bad in (down[:-1], (*down, down[-1])):
+        with pytest.raises(ValueError, match=rf"`down_block_additional_residuals` must hold 4 .*got {len(bad)}"):
+            staged(x, 10, **kwargs, down_block_additional_residuals=bad, mid_block_additional_residual=down[-1])
