@@ -53,6 +53,8 @@ class ClassContextEmbedding(StrictLoadingMixin, ModelMixin, ConfigMixin):
         """``(batch,)`` class indices (the unconditional label included) to a ``(batch, 1, dim)`` context; with
         ``check_values`` (a host read; the pipelines, which check the labels once per run, skip it on each step's
         call) the indices must lie in ``[0, num_class_embeds)``."""
+        if not torch.is_tensor(class_labels):
+            raise ValueError(f"`class_labels` must be a 1-D integer tensor, got {type(class_labels).__name__}.")
         if class_labels.ndim != 1 or class_labels.is_floating_point():
             raise ValueError(
                 f"`class_labels` must be a 1-D integer tensor, got shape {tuple(class_labels.shape)} of "

@@ -59,3 +59,13 @@ def test_a_label_out_of_range_is_named(host_reads):
             embed(torch.tensor(bad))
     # the pipelines, which check the labels once per run, read no tensor value on each step's call
     assert host_reads(lambda: embed(torch.tensor([4, 0]), check_values=False)) == 0
+
+
+def test_labels_that_are_not_a_tensor_are_named():
+    # was an AttributeError ('list' object has no attribute 'ndim')
+    embed = ClassContextEmbedding(num_class_embeds=5, cross_attention_dim=8)
+    for bad in ([1, 2], 3):
+        with pytest.raises(
+            ValueError, match=rf"`class_labels` must be a 1-D integer tensor, got {type(bad).__name__}"
+        ):
+            embed(bad)
