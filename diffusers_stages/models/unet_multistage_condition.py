@@ -421,6 +421,9 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
         )
         check_encoder_hidden_states(encoder_hidden_states, sample.shape[0], self.config.cross_attention_dim)
         check_encoder_attention_mask(encoder_attention_mask, *encoder_hidden_states.shape[:2])
+        if self.class_embedding is not None:  # (labels given to a model without one are ignored, as diffusers does)
+            num_labels = self.config.num_class_embeds if self.config.class_embed_type is None else None
+            self.check_labels(class_labels, sample.shape[0], stage_index, num_labels)
         if down_intrablock_additional_residuals is not None:
             raise ValueError("`down_intrablock_additional_residuals` (T2I-Adapter) are not supported by this model.")
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):

@@ -371,3 +371,30 @@ def test_controlnet_residuals_of_another_count_are_named(tiny_cond_unet):
     for bad in (down[:-1], (*down, down[-1])):
         with pytest.raises(ValueError, match=rf"`down_block_additional_residuals` must hold 4 .*got {len(bad)}"):
             staged(x, 10, **kwargs, down_block_additional_residuals=bad, mid_block_additional_residual=down[-1])
+
+
+def test_class_labels_of_a_class_conditional_unet_are_checked_as_the_other_models_check_them(
+    tiny_cond_unet, host_reads
+):
+    # an index out of range was torch's IndexError (a device-side assert on an accelerator); labels of another batch
+    # a shape error in the time embedding's sum
+    unet = tiny_cond_unet(0, num_class_embeds=3)
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        for good in (torch.tensor([0, 2]), torch.tensor([1]), torch.tensor(1)):  # one per sample, or one for all
+            expected = unet(x, torch.tensor([10, 900]), **kwargs, class_labels=good).sample
+            assert torch.allclose(
+                staged(x, torch.tensor([10, 900]), **kwargs, class_labels=good).sample, expected, atol=1e-5
+            )
+        for bad, match in (
+            (torch.tensor([0, 3]), r"`class_labels` must be class indices in \[0, 3\), got \[0, 3\]"),
+            (torch.tensor([0, 1, 2]), r"`class_labels` must hold one label or one per sample \(2\)"),
+            (torch.tensor([0.0, 1.0]), r"`class_labels` must be integer class indices"),
+            (None, r"`class_labels` must be given"),
+        ):
+            with pytest.raises(ValueError, match=match):
+                staged(x, 10, **kwargs, class_labels=bad)
+        # the pipelines' per-step call (a stage index) reads no tensor value for the check
+        labels = torch.tensor([0, 2])
+        assert host_reads(lambda: staged(x, 10, **kwargs, class_labels=labels, stage_index=0)) == 0
