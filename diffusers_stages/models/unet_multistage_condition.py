@@ -357,6 +357,8 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
         conditioning = conditioning or {}
         # 1. time, class and added (SDXL text/time) embeddings, as UNet2DConditionModel
         emb = self.time_embedding(self.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
+        if self.config.class_embed_type == "timestep" and torch.is_tensor(class_labels):
+            class_labels = class_labels.reshape(-1)  # one label as a 0-d tensor too (`Timesteps` takes 1-D)
         class_emb = self.get_class_embed(sample=sample, class_labels=class_labels)
         if class_emb is not None:
             emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb

@@ -398,3 +398,14 @@ def test_class_labels_of_a_class_conditional_unet_are_checked_as_the_other_model
         # the pipelines' per-step call (a stage index) reads no tensor value for the check
         labels = torch.tensor([0, 2])
         assert host_reads(lambda: staged(x, 10, **kwargs, class_labels=labels, stage_index=0)) == 0
+
+
+def test_one_class_label_as_a_number_tensor_serves_a_timestep_class_embedding(tiny_cond_unet):
+    # a 0-d label failed diffusers' `Timesteps` assertion ("should be a 1d-array")
+    unet = tiny_cond_unet(0, class_embed_type="timestep")
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        expected = unet(x, t, **kwargs, class_labels=torch.tensor([7])).sample
+        assert torch.allclose(staged(x, t, **kwargs, class_labels=torch.tensor(7)).sample, expected, atol=1e-5)
