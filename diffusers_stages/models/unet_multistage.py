@@ -174,6 +174,7 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         # 0. check the configuration (every problem is a ValueError that names the argument) and keep the partition;
         # `self.config` holds every argument above already (@register_to_config sets it before this body runs)
         self.partition, decoder_block_out_channels, decoder_up_block_types = self._check_config()
+        self.register_to_config(stage_boundaries=list(self.partition.boundaries))  # floats: JSON whatever was given
         self.sample_size = sample_size
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
 

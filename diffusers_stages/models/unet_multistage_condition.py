@@ -222,6 +222,7 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
         self.partition, decoders, per_block = check_config(
             self, **{name: self.config[name] for name in CHECKED_ARGUMENTS}
         )
+        self.register_to_config(stage_boundaries=list(self.partition.boundaries))  # floats: JSON whatever was given
         self.sample_size = sample_size
 
         # 1. shared encoder, part 1: input convolution; time, class and added embeddings (UNet2DConditionModel's)

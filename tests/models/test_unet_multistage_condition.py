@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
@@ -409,3 +410,11 @@ def test_one_class_label_as_a_number_tensor_serves_a_timestep_class_embedding(ti
     with torch.no_grad():
         expected = unet(x, t, **kwargs, class_labels=torch.tensor([7])).sample
         assert torch.allclose(staged(x, t, **kwargs, class_labels=torch.tensor(7)).sample, expected, atol=1e-5)
+
+
+def test_boundaries_given_as_a_numpy_array_save_and_reload(tiny_cond_unet, tmp_path):
+    # `from_unet` turned the array into numpy integers: save_pretrained raised "not JSON serializable"
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=np.array(BOUNDARIES))
+    staged.save_pretrained(tmp_path)
+    loaded = MultiStageUNet2DConditionModel.from_pretrained(tmp_path)
+    assert loaded.partition.boundaries == staged.partition.boundaries == (300.0, 600.0)
