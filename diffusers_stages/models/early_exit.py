@@ -199,6 +199,9 @@ def early_exit_loss(
     if reduction not in ("mean", "none"):
         raise ValueError(f"`reduction` must be 'mean' or 'none', got {reduction!r}.")
     predictions, uncertainties = model(noisy, timesteps, class_labels=class_labels, return_all_exits=True)
+    if not torch.is_tensor(target) or target.shape != predictions[0].shape:  # it would broadcast, silently
+        got = tuple(target.shape) if torch.is_tensor(target) else type(target).__name__
+        raise ValueError(f"`target` must have the predictions' shape {tuple(predictions[0].shape)}, got {got}.")
     p = getattr(model, "module", model).config.patch_size  # a DDP-wrapped model (training) as well
     loss = noisy.new_zeros(len(noisy), dtype=torch.float32)
     for prediction, uncertainty in zip(predictions, uncertainties):

@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -151,3 +152,13 @@ def test_a_threshold_set_on_the_model_is_saved_with_it(model, tmp_path):
     model.exit_threshold = np.float32(0.25)  # a numpy number (a quantile of measured uncertainties) saves too
     model.save_pretrained(tmp_path)
     assert EarlyExitUViT2DModel.from_pretrained(tmp_path).exit_threshold == 0.25
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8), (1, 3, 8, 8), (2, 1, 8, 8)])
+def test_a_target_of_another_shape_than_the_prediction_is_named(model, shape):
+    # each broadcast against the (2, 3, 8, 8) predictions: a loss against the wrong target, silently
+    noisy, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
+    with pytest.raises(
+        ValueError, match=rf"`target` must have the predictions' shape \(2, 3, 8, 8\), got {re.escape(str(shape))}"
+    ):
+        early_exit_loss(model, noisy, t, torch.randn(shape))
