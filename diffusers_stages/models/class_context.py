@@ -10,6 +10,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..conventions import num_data_classes
+from .checks import _preview
 from .loading import StrictLoadingMixin
 
 
@@ -48,13 +49,20 @@ class ClassContextEmbedding(StrictLoadingMixin, ModelMixin, ConfigMixin):
                 raise ValueError(f"`{name}` must be an integer >= {least}, got {value!r}.")
         self.embedding = nn.Embedding(num_class_embeds, cross_attention_dim)  # latent-diffusion's name
 
-    def forward(self, class_labels: torch.Tensor) -> torch.Tensor:
-        """``(batch,)`` class indices (the unconditional label included) to a ``(batch, 1, dim)`` context."""
+    def forward(self, class_labels: torch.Tensor, check_values: bool = True) -> torch.Tensor:
+        """``(batch,)`` class indices (the unconditional label included) to a ``(batch, 1, dim)`` context; with
+        ``check_values`` (a host read; the pipelines, which check the labels once per run, skip it on each step's
+        call) the indices must lie in ``[0, num_class_embeds)``."""
+        if not torch.is_tensor(class_labels):
+            raise ValueError(f"`class_labels` must be a 1-D integer tensor, got {type(class_labels).__name__}.")
         if class_labels.ndim != 1 or class_labels.is_floating_point():
             raise ValueError(
                 f"`class_labels` must be a 1-D integer tensor, got shape {tuple(class_labels.shape)} of "
                 f"{class_labels.dtype}."
             )
+        count = self.config.num_class_embeds
+        if check_values and bool(((class_labels < 0) | (class_labels >= count)).any()):
+            raise ValueError(f"`class_labels` must be class indices in [0, {count}), got {_preview(class_labels)}.")
         return self.embedding(class_labels)[:, None]
 
     @property

@@ -31,7 +31,8 @@ class EarlyExitUViT2DModel(UViT2DModel):
             mlp_ratio, qkv_bias, mlp_time_embed, num_class_embeds, final_conv: as [`UViT2DModel`] (defaults here:
             width 128, 7 blocks, 4 heads).
         exit_threshold (`float`, *optional*): each sample exits at the first block whose mean uncertainty is below
-            it; `None` always runs every block. Can be changed per call (``forward(..., exit_threshold=)``).
+            it; `None` always runs every block. Can be changed per call (``forward(..., exit_threshold=)``) or on the
+            model (``model.exit_threshold = 0.1``: checked, and kept in its config, so `save_pretrained` saves it).
 
     After each call, ``last_exit_layers`` holds the exit depth of every sample (1-based, ``(batch,)``) and
     ``last_exit_layer`` the deepest of them (the blocks that call ran).
@@ -81,9 +82,20 @@ class EarlyExitUViT2DModel(UViT2DModel):
         )
         self.uncertainty_heads = nn.ModuleList([nn.Linear(hidden_size, 1) for _ in range(num_layers)])
         self._init_weights()
-        self.exit_threshold = _checked_threshold(exit_threshold)
+        self.exit_threshold = exit_threshold  # checked by the setter
         self.last_exit_layers: torch.Tensor | None = None
         self.last_exit_layer: int | None = None
+
+    @property
+    def exit_threshold(self) -> float | None:
+        """The threshold of the sampling path (`None`: every block); the config's value, so that a threshold set on
+        the model is saved with it."""
+        return self.config.exit_threshold
+
+    @exit_threshold.setter
+    def exit_threshold(self, value: float | None) -> None:
+        value = _checked_threshold(value)
+        self.register_to_config(exit_threshold=None if value is None else float(value))  # a JSON number (numpy's too)
 
     def _prediction(self, layer: int, hidden: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Prediction ``(B, C, H, W)`` of exit ``layer``."""
@@ -187,6 +199,9 @@ def early_exit_loss(
     if reduction not in ("mean", "none"):
         raise ValueError(f"`reduction` must be 'mean' or 'none', got {reduction!r}.")
     predictions, uncertainties = model(noisy, timesteps, class_labels=class_labels, return_all_exits=True)
+    if not torch.is_tensor(target) or target.shape != predictions[0].shape:  # it would broadcast, silently
+        got = tuple(target.shape) if torch.is_tensor(target) else type(target).__name__
+        raise ValueError(f"`target` must have the predictions' shape {tuple(predictions[0].shape)}, got {got}.")
     p = getattr(model, "module", model).config.patch_size  # a DDP-wrapped model (training) as well
     loss = noisy.new_zeros(len(noisy), dtype=torch.float32)
     for prediction, uncertainty in zip(predictions, uncertainties):

@@ -177,6 +177,7 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         # 0. check the configuration (every problem is a ValueError that names the argument) and keep the partition;
         # `self.config` holds every argument above already (@register_to_config sets it before this body runs)
         self.partition, decoder_block_out_channels, decoder_up_block_types = self._check_config()
+        self.register_to_config(stage_boundaries=list(self.partition.boundaries))  # floats: JSON whatever was given
         self.sample_size = sample_size
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
 
@@ -344,8 +345,8 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         dtype = compute_dtype(self.time_embedding.linear_1)
         emb = self.time_embedding(self.time_proj(timesteps).to(dtype=dtype))
         if self.class_embedding is not None:
-            if self.config.class_embed_type == "timestep":
-                class_labels = self.time_proj(class_labels)
+            if self.config.class_embed_type == "timestep":  # one label as a 0-d tensor too (`Timesteps` takes 1-D)
+                class_labels = self.time_proj(class_labels.reshape(-1))
             emb = emb + self.class_embedding(class_labels).to(dtype=dtype)
 
         # down path and middle block

@@ -26,7 +26,7 @@ from torch import nn
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..routing import dispatch_by_stage
 from .checks import check_encoder_hidden_states, compute_dtype
-from .decoders import resolve_decoder_widths
+from .decoders import resolve_decoder_widths, skip_channels
 from .loading import StrictLoadingMixin
 from .staged import StagedModelMixin
 from .unet_multistage_condition_blocks import (
@@ -37,6 +37,7 @@ from .unet_multistage_condition_blocks import (
     SUPPORTED_UP_BLOCKS,
     CrossAttnStageDecoder,
     check_config,
+    check_encoder_attention_mask,
     cross_attn_down_blocks,
     mask_to_bias,
 )
@@ -224,6 +225,7 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
         self.partition, decoders, per_block = check_config(
             self, **{name: self.config[name] for name in CHECKED_ARGUMENTS}
         )
+        self.register_to_config(stage_boundaries=list(self.partition.boundaries))  # floats: JSON whatever was given
         self.sample_size = sample_size
 
         # 1. shared encoder, part 1: input convolution; time, class and added embeddings (UNet2DConditionModel's)
@@ -359,6 +361,8 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
         conditioning = conditioning or {}
         # 1. time, class and added (SDXL text/time) embeddings, as UNet2DConditionModel
         emb = self.time_embedding(self.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
+        if self.config.class_embed_type == "timestep" and torch.is_tensor(class_labels):
+            class_labels = class_labels.reshape(-1)  # one label as a 0-d tensor too (`Timesteps` takes 1-D)
         class_emb = self.get_class_embed(sample=sample, class_labels=class_labels)
         if class_emb is not None:
             emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb
@@ -422,12 +426,22 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
             sample, timestep, stage_index, self.config.in_channels, dtype=compute_dtype(self.conv_in)
         )
         check_encoder_hidden_states(encoder_hidden_states, sample.shape[0], self.config.cross_attention_dim)
+        check_encoder_attention_mask(encoder_attention_mask, *encoder_hidden_states.shape[:2])
+        if self.class_embedding is not None:  # (labels given to a model without one are ignored, as diffusers does)
+            num_labels = self.config.num_class_embeds if self.config.class_embed_type is None else None
+            self.check_labels(class_labels, sample.shape[0], stage_index, num_labels)
         if down_intrablock_additional_residuals is not None:
             raise ValueError("`down_intrablock_additional_residuals` (T2I-Adapter) are not supported by this model.")
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise ValueError(
                 "ControlNet residuals come in pairs: give both `down_block_additional_residuals` and "
                 "`mid_block_additional_residual`, or neither."
+            )
+        num_skips = len(skip_channels(self.config.block_out_channels, self.config.layers_per_block))
+        if down_block_additional_residuals is not None and len(down_block_additional_residuals) != num_skips:
+            raise ValueError(
+                f"`down_block_additional_residuals` must hold {num_skips} tensors, one per skip connection of the "
+                f"encoder (a ControlNet of this U-Net's layout gives them), got {len(down_block_additional_residuals)}."
             )
         conditioning = {
             "attention_mask": mask_to_bias(attention_mask, sample.dtype),

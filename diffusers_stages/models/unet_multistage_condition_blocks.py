@@ -319,6 +319,20 @@ class CrossAttnStageDecoder(SkipAdapters):
         return self.conv_out(sample)
 
 
+def check_encoder_attention_mask(mask: torch.Tensor | None, batch: int, tokens: int) -> None:
+    """Check a keep(1)/discard(0) mask of the text tokens: ``(batch, tokens)``, or ``(batch, 1, tokens)`` (both of
+    which `UNet2DConditionModel` takes), of the ``encoder_hidden_states``' batch and token count."""
+    if mask is None:
+        return
+    shape = tuple(mask.shape) if torch.is_tensor(mask) else None
+    if shape not in ((batch, tokens), (batch, 1, tokens)):
+        got = f"shape {shape}" if shape is not None else type(mask).__name__
+        raise ValueError(
+            f"`encoder_attention_mask` must be a tensor of shape ({batch}, {tokens}) (or ({batch}, 1, {tokens})): one "
+            f"keep (1) / discard (0) flag per token of `encoder_hidden_states`, per sample; got {got}."
+        )
+
+
 def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A keep(1)/discard(0) mask of shape ``(batch, tokens)`` as an additive bias ``(batch, 1, tokens)``."""
     if mask is None:

@@ -314,6 +314,7 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
             raise ValueError(f"`decoder_mid_blocks` must be True or False, got {decoder_mid_blocks!r}.")
         self.partition = self._check_config(stage_boundaries, num_train_timesteps, boundary_units, decoder_channels,
                                             sample_size, channel_mult, num_class_embeds)  # fmt: skip
+        self.register_to_config(stage_boundaries=list(self.partition.boundaries))  # floats: JSON whatever was given
         kernel = self._check_options(resample_filter, encoder_type)
         noise_channels, emb_channels = encoder_channels, encoder_channels * channel_mult_emb
         block_kwargs = {"temb_channels": emb_channels, "norm_num_groups": norm_num_groups, "norm_eps": norm_eps,

@@ -43,7 +43,13 @@ def warm_start(
         raise ValueError(message)  # noqa: TRY004
     config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     unet_steps = config.pop("num_train_timesteps", None)
-    num_train_timesteps = num_train_timesteps or unet_steps or 1000
+    if num_train_timesteps is None:  # anything given (a 0 too) goes to the model's check as given
+        num_train_timesteps = unet_steps or 1000
+    elif config.get("time_embedding_type") == "learned" and num_train_timesteps != unet_steps:
+        raise ValueError(
+            f"`num_train_timesteps`={num_train_timesteps!r} differs from the source's {unet_steps}, the length of its "
+            f"learned time embedding (`time_embedding_type`='learned': one row per training timestep); leave it out."
+        )
     model = cls(
         **config,
         num_train_timesteps=num_train_timesteps,

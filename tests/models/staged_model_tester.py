@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoModel
@@ -208,6 +209,15 @@ class StagedModelTesterMixin:
     def test_save_reload_is_bit_identical_and_safetensors_only(self, model, tmp_path):
         x, t = self.inputs(self.mixed_timesteps)
         assert_save_reload_bit_identical(model, tmp_path, x, t, self.weight_files)
+
+    def test_boundaries_given_as_numpy_numbers_save_and_reload(self, model, tmp_path):
+        # numpy numbers (a planner's np.quantile, the items of an array; `from_unet` turns an array into them):
+        # save_pretrained raised "Object of type float32 is not JSON serializable"
+        given = list(np.asarray(model.partition.boundaries, dtype=np.float32))
+        built = self.build_model(stage_boundaries=given)
+        built.save_pretrained(tmp_path)
+        loaded = self.model_class.from_pretrained(tmp_path)
+        assert loaded.partition.boundaries == built.partition.boundaries == tuple(map(float, given))
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     def test_loads_in_another_dtype(self, model, tmp_path, dtype):

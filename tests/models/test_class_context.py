@@ -49,3 +49,23 @@ def test_a_checkpoint_that_disagrees_with_its_config_is_refused_not_left_random(
     match = "I32" if corruption == "integers" else "does not match its config"
     with pytest.raises(ValueError, match=match):  # diffusers leaves a missing embedding on the `meta` device
         ClassContextEmbedding.from_pretrained(tmp_path)
+
+
+def test_a_label_out_of_range_is_named(host_reads):
+    # was torch's IndexError "index out of range in self" (a device-side assert on an accelerator)
+    embed = ClassContextEmbedding(num_class_embeds=5, cross_attention_dim=8)
+    for bad in ([0, 5], [-1, 2]):
+        with pytest.raises(ValueError, match=rf"`class_labels` must be class indices in \[0, 5\), got \{bad}"):
+            embed(torch.tensor(bad))
+    # the pipelines, which check the labels once per run, read no tensor value on each step's call
+    assert host_reads(lambda: embed(torch.tensor([4, 0]), check_values=False)) == 0
+
+
+def test_labels_that_are_not_a_tensor_are_named():
+    # was an AttributeError ('list' object has no attribute 'ndim')
+    embed = ClassContextEmbedding(num_class_embeds=5, cross_attention_dim=8)
+    for bad in ([1, 2], 3):
+        with pytest.raises(
+            ValueError, match=rf"`class_labels` must be a 1-D integer tensor, got {type(bad).__name__}"
+        ):
+            embed(bad)

@@ -1,5 +1,7 @@
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -142,3 +144,27 @@ def test_per_sample_loss_averages_to_the_batch_loss(model):
 def test_layerwise_casting_runs_and_stays_close(model):
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
     assert_layerwise_casting_works(model, lambda m, dtype: m(x.to(dtype), t).sample)
+
+
+def test_a_threshold_set_on_the_model_is_saved_with_it(model, tmp_path):
+    # what the training task's description says to do: set the trained model's threshold, then save the pipeline
+    model.exit_threshold = 0.7
+    assert model.config.exit_threshold == 0.7
+    model.save_pretrained(tmp_path)
+    assert EarlyExitUViT2DModel.from_pretrained(tmp_path).exit_threshold == 0.7
+    with pytest.raises(ValueError, match="`exit_threshold` must be a finite number or None, got nan"):
+        model.exit_threshold = float("nan")  # refused when set, not at the next call
+    assert model.exit_threshold == 0.7
+    model.exit_threshold = np.float32(0.25)  # a numpy number (a quantile of measured uncertainties) saves too
+    model.save_pretrained(tmp_path)
+    assert EarlyExitUViT2DModel.from_pretrained(tmp_path).exit_threshold == 0.25
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8), (1, 3, 8, 8), (2, 1, 8, 8)])
+def test_a_target_of_another_shape_than_the_prediction_is_named(model, shape):
+    # each broadcast against the (2, 3, 8, 8) predictions: a loss against the wrong target, silently
+    noisy, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
+    with pytest.raises(
+        ValueError, match=rf"`target` must have the predictions' shape \(2, 3, 8, 8\), got {re.escape(str(shape))}"
+    ):
+        early_exit_loss(model, noisy, t, torch.randn(shape))

@@ -431,3 +431,14 @@ def test_decoder_widths_of_another_form_are_refused_by_name(widths):
 def test_decoder_up_block_types_of_another_form_are_refused_by_name(types):
     with pytest.raises(ValueError, match="`decoder_up_block_types` must be one list of up block names per decoder"):
         MultiStageUNet2DModel(**TINY_UNET, decoder_up_block_types=types)
+
+
+def test_one_class_label_as_a_number_tensor_serves_a_timestep_class_embedding(tiny_unet_kwargs):
+    # a 0-d label passed the label check, then failed diffusers' `Timesteps` assertion ("should be a 1d-array")
+    torch.manual_seed(0)
+    unet = UNet2DModel(**tiny_unet_kwargs, class_embed_type="timestep").eval()
+    staged = MultiStageUNet2DModel.from_unet(unet, stage_boundaries=(300, 650)).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad():
+        expected = unet(x, t, class_labels=torch.tensor([7])).sample
+        assert torch.allclose(staged(x, t, class_labels=torch.tensor(7)).sample, expected, atol=1e-5)

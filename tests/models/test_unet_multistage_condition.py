@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
@@ -360,3 +361,72 @@ def test_layerwise_casting_runs_and_stays_close(tiny_cond_unet):
         return m(x.to(dtype), t, encoder_hidden_states=kwargs["encoder_hidden_states"].to(dtype)).sample
 
     assert_layerwise_casting_works(model, run)
+
+
+def test_a_text_mask_of_another_shape_is_named(tiny_cond_unet):
+    # was a shape error from inside the attention (masks of the wrong length or batch), or an AttributeError (a list)
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        for good in (keep, keep.bool(), keep[:, None].float()):  # (batch, tokens) or (batch, 1, tokens), as diffusers
+            staged(x, torch.tensor([10, 900]), **kwargs, encoder_attention_mask=good)
+    for bad in (keep[:, :4], keep[:1], keep[0], keep[:, :, None], keep.tolist()):
+        with pytest.raises(ValueError, match=r"`encoder_attention_mask` must be a tensor of shape \(2, 5\)"):
+            staged(x, 10, **kwargs, encoder_attention_mask=bad)
+
+
+def test_controlnet_residuals_of_another_count_are_named(tiny_cond_unet):
+    # one too few was a shape error inside the first up block; one too many was dropped silently
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    down = tuple(torch.randn(2, *shape) for shape in [(8, 8, 8), (8, 8, 8), (8, 4, 4), (16, 4, 4)])
+    for bad in (down[:-1], (*down, down[-1])):
+        with pytest.raises(ValueError, match=rf"`down_block_additional_residuals` must hold 4 .*got {len(bad)}"):
+            staged(x, 10, **kwargs, down_block_additional_residuals=bad, mid_block_additional_residual=down[-1])
+
+
+def test_class_labels_of_a_class_conditional_unet_are_checked_as_the_other_models_check_them(
+    tiny_cond_unet, host_reads
+):
+    # an index out of range was torch's IndexError (a device-side assert on an accelerator); labels of another batch
+    # a shape error in the time embedding's sum
+    unet = tiny_cond_unet(0, num_class_embeds=3)
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        for good in (torch.tensor([0, 2]), torch.tensor([1]), torch.tensor(1)):  # one per sample, or one for all
+            expected = unet(x, torch.tensor([10, 900]), **kwargs, class_labels=good).sample
+            assert torch.allclose(
+                staged(x, torch.tensor([10, 900]), **kwargs, class_labels=good).sample, expected, atol=1e-5
+            )
+        for bad, match in (
+            (torch.tensor([0, 3]), r"`class_labels` must be class indices in \[0, 3\), got \[0, 3\]"),
+            (torch.tensor([0, 1, 2]), r"`class_labels` must hold one label or one per sample \(2\)"),
+            (torch.tensor([0.0, 1.0]), r"`class_labels` must be integer class indices"),
+            (None, r"`class_labels` must be given"),
+        ):
+            with pytest.raises(ValueError, match=match):
+                staged(x, 10, **kwargs, class_labels=bad)
+        # the pipelines' per-step call (a stage index) reads no tensor value for the check
+        labels = torch.tensor([0, 2])
+        assert host_reads(lambda: staged(x, 10, **kwargs, class_labels=labels, stage_index=0)) == 0
+
+
+def test_one_class_label_as_a_number_tensor_serves_a_timestep_class_embedding(tiny_cond_unet):
+    # a 0-d label failed diffusers' `Timesteps` assertion ("should be a 1d-array")
+    unet = tiny_cond_unet(0, class_embed_type="timestep")
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        expected = unet(x, t, **kwargs, class_labels=torch.tensor([7])).sample
+        assert torch.allclose(staged(x, t, **kwargs, class_labels=torch.tensor(7)).sample, expected, atol=1e-5)
+
+
+def test_boundaries_given_as_a_numpy_array_save_and_reload(tiny_cond_unet, tmp_path):
+    # `from_unet` turned the array into numpy integers: save_pretrained raised "not JSON serializable"
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=np.array(BOUNDARIES))
+    staged.save_pretrained(tmp_path)
+    loaded = MultiStageUNet2DConditionModel.from_pretrained(tmp_path)
+    assert loaded.partition.boundaries == staged.partition.boundaries == (300.0, 600.0)
