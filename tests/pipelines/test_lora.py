@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from diffusers_stages import MultiStageUNet2DConditionModel
+from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DConditionModel
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig  # noqa: E402
@@ -197,3 +197,74 @@ def test_without_peft_the_user_is_told_to_install_it(source_and_staged, tmp_path
         staged.load_lora_weights(folder)
     with pytest.raises(ImportError, match="pip install peft"):
         staged.unet.load_lora_adapter(folder, prefix="unet")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ExpertRoutingModel: the source's LoRA on every expert
+@pytest.fixture
+def source_and_routed(tiny_sd_components):
+    """``(source_pipe, routed_pipe)``: the tiny SD pipeline, and the same one whose unet routes to two copies of it."""
+    source = StableDiffusionPipeline(**tiny_sd_components)
+    experts = [copy.deepcopy(source.unet) for _ in range(2)]
+    routed = StableDiffusionPipeline(**dict(tiny_sd_components, unet=copy.deepcopy(source.unet)))
+    routed.unet = ExpertRoutingModel(experts, stage_boundaries=(500,))
+    return source, routed
+
+
+def test_source_lora_on_every_expert_gives_the_source_images(source_and_routed, tmp_path):
+    source, routed = source_and_routed
+    plain = _images(source)
+    folder = _source_lora(source.unet, tmp_path)
+    source.load_lora_weights(folder)
+    routed.load_lora_weights(folder)
+    with_lora = _images(source)
+    assert np.abs(with_lora - plain).max() > 1e-2
+    assert np.abs(_images(routed) - with_lora).max() < 1e-5
+    for expert in routed.unet.experts:
+        assert list(expert.peft_config) == ["default_0"] and len(_lora_layers(expert)) == len(
+            _lora_layers(source.unet)
+        )
+    assert routed.get_list_adapters() == {"unet": ["default_0"]}
+
+    # the switches reach every expert
+    for pipe in (source, routed):
+        pipe.set_adapters("default_0", adapter_weights=0.5)
+    assert np.abs(_images(routed) - _images(source)).max() < 1e-5
+    for pipe in (source, routed):
+        pipe.disable_lora()
+    assert np.abs(_images(routed) - plain).max() < 1e-5
+    for pipe in (source, routed):
+        pipe.enable_lora()
+        pipe.fuse_lora(components=["unet"])
+    assert np.abs(_images(routed) - _images(source)).max() < 1e-5
+    for pipe in (source, routed):
+        pipe.unfuse_lora(components=["unet"])
+        pipe.unload_lora_weights()
+    assert np.abs(_images(routed) - plain).max() < 1e-5
+    assert not _lora_layers(routed.unet) and routed.get_list_adapters() == {}
+
+
+def test_an_expert_of_other_widths_refuses_the_lora_before_any_change(tiny_cond_unet, tmp_path):
+    source = tiny_cond_unet(0)
+    routed = ExpertRoutingModel([copy.deepcopy(source), tiny_cond_unet(1, block_out_channels=(16, 32))], (500,))
+    state_dict, _ = StableDiffusionPipeline.lora_state_dict(_source_lora(source, tmp_path))
+    with pytest.raises(ValueError, match=r"expert 1\b.*shape"):
+        routed.load_lora_adapter(state_dict, prefix="unet")
+    assert not _lora_layers(routed)
+    assert all(not getattr(expert, "peft_config", None) for expert in routed.experts)
+
+
+def test_lora_trained_on_the_experts_saves_and_reloads_as_is(source_and_routed, tmp_path):
+    _, pipe = source_and_routed
+    base = copy.deepcopy(pipe.unet)
+    _add_lora(pipe.unet, seed=4)
+    assert all(list(expert.peft_config) == ["default"] for expert in pipe.unet.experts)
+    with torch.no_grad():
+        for name, parameter in pipe.unet.experts[1].named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.1)  # the experts' adapters differ
+    trained = _images(pipe)
+    folder = _save_lora(pipe.unet, tmp_path)
+    pipe.unet = base
+    pipe.load_lora_weights(folder)
+    assert np.abs(_images(pipe) - trained).max() < 1e-5
