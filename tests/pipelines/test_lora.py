@@ -268,3 +268,16 @@ def test_lora_trained_on_the_experts_saves_and_reloads_as_is(source_and_routed, 
     pipe.unet = base
     pipe.load_lora_weights(folder)
     assert np.abs(_images(pipe) - trained).max() < 1e-5
+
+
+def test_warm_start_from_a_source_with_a_lora_loaded_is_refused_by_name(source_and_staged, tmp_path):
+    source, _ = source_and_staged
+    source.load_lora_weights(_source_lora(source.unet, tmp_path), adapter_name="style")
+    with pytest.raises(ValueError, match=r"`unet` has LoRA adapters loaded \(\['style'\]\)"):
+        MultiStageUNet2DConditionModel.from_unet(source.unet, stage_boundaries=BOUNDARIES)
+    # the way the message gives: the LoRA baked in, then the exact warm start of the fused U-Net
+    with_lora = _images(source)
+    source.unet.fuse_lora()
+    source.unet.unload_lora()
+    source.unet = MultiStageUNet2DConditionModel.from_unet(source.unet, stage_boundaries=BOUNDARIES)
+    assert np.abs(_images(source) - with_lora).max() < 1e-5
