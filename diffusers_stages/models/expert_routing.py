@@ -431,7 +431,13 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         state_dict = fetch_lora(pretrained_model_name_or_path_or_dict, kwargs)
         shares = self._lora_per_expert(state_dict, prefix)
         for i, (expert, share) in enumerate(zip(experts, shares)):
-            check_lora_fits(expert, share, prefix, lambda name, i=i: f"expert {i}")
+            if callable(getattr(expert, "_prepare_lora", None)):  # a staged expert renames the LoRA onto itself
+                try:
+                    expert._prepare_lora(share, prefix)
+                except ValueError as error:
+                    raise ValueError(f"Expert {i} ({type(expert).__name__}): {error}") from error
+            else:
+                check_lora_fits(expert, share, prefix, lambda name, i=i: f"expert {i}")
         kwargs["adapter_name"] = kwargs.get("adapter_name") or get_adapter_name(self)
         loaded = []
         try:

@@ -35,6 +35,11 @@ def fetch_lora(
     adapter metadata, if any, in ``kwargs["metadata"]``."""
     if isinstance(pretrained_model_name_or_path_or_dict, dict):
         return dict(pretrained_model_name_or_path_or_dict)
+    if not isinstance(pretrained_model_name_or_path_or_dict, (str, os.PathLike)):
+        raise ValueError(
+            "`pretrained_model_name_or_path_or_dict` must be a LoRA state dict, a folder or a Hub repository id, got "
+            f"{type(pretrained_model_name_or_path_or_dict).__name__}."
+        )
     from diffusers.loaders.lora_base import _fetch_state_dict
 
     if kwargs.pop("use_safetensors", True) is False:

@@ -310,22 +310,38 @@ class MultiStageUNet2DConditionModel(
         """
         require_peft()
         state_dict = fetch_lora(pretrained_model_name_or_path_or_dict, kwargs)
+        state_dict, kwargs["network_alphas"], kwargs["metadata"] = self._prepare_lora(
+            state_dict, prefix, kwargs.get("network_alphas"), kwargs.get("metadata")
+        )
+        super().load_lora_adapter(state_dict, prefix=prefix, hotswap=hotswap, **kwargs)
+
+    def _prepare_lora(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        prefix: str | None,
+        network_alphas: dict[str, float] | None = None,
+        metadata: dict | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, dict | None]:
+        """A LoRA state dict (with its alphas and metadata) in this model's names, in PEFT's key format, checked
+        against the layers it lands on (a `ValueError` naming the decoder and the shapes); nothing is changed."""
         first = next((key for key in state_dict if prefix is None or key.startswith(f"{prefix}.")), None)
         if first is not None and "lora_A" not in first and ".lokr_" not in first:  # diffusers' older key format
             state_dict = convert_unet_state_dict_to_peft(state_dict)
-        state_dict, kwargs["network_alphas"], kwargs["metadata"] = lora_to_stages(
-            state_dict, self.num_stages, prefix, kwargs.get("network_alphas"), kwargs.get("metadata")
+        state_dict, network_alphas, metadata = lora_to_stages(
+            state_dict, self.num_stages, prefix, network_alphas, metadata
         )
+        tailored = self.config.decoder_block_out_channels is not None
 
         def where(name: str) -> str:
-            if name.startswith("decoders."):
-                stage = int(name.split(".")[1])
-                tailored = " (decoders of tailored widths, `decoder_block_out_channels`, cannot take the source U-Net's up-path LoRA)"
-                return f"decoder {stage}{tailored if self.config.decoder_block_out_channels else ''}"
-            return "the shared encoder"
+            if not name.startswith("decoders."):
+                return "the shared encoder"
+            why = (
+                " (a decoder of tailored widths, `decoder_block_out_channels`, cannot take the source's up-path LoRA)"
+            )
+            return f"decoder {name.split('.')[1]}{why if tailored else ''}"
 
         check_lora_fits(self, state_dict, prefix, where)
-        super().load_lora_adapter(state_dict, prefix=prefix, hotswap=hotswap, **kwargs)
+        return state_dict, network_alphas, metadata
 
     def set_adapters(
         self,

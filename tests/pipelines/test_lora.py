@@ -281,3 +281,20 @@ def test_warm_start_from_a_source_with_a_lora_loaded_is_refused_by_name(source_a
     source.unet.unload_lora()
     source.unet = MultiStageUNet2DConditionModel.from_unet(source.unet, stage_boundaries=BOUNDARIES)
     assert np.abs(_images(source) - with_lora).max() < 1e-5
+
+
+def test_source_lora_on_staged_experts_and_bad_input(source_and_routed, tmp_path):
+    source, routed = source_and_routed
+    experts = routed.unet.experts
+    routed.unet = ExpertRoutingModel(
+        [MultiStageUNet2DConditionModel.from_unet(experts[0], stage_boundaries=(250,)), experts[1]], (500,)
+    )
+    folder = _source_lora(source.unet, tmp_path)
+    with pytest.raises(ValueError, match="`pretrained_model_name_or_path_or_dict` must be .* got list"):
+        routed.unet.load_lora_adapter([folder], prefix="unet")
+    with pytest.raises(ValueError, match="`weight_name` must name a .safetensors file"):
+        routed.unet.experts[0].load_lora_adapter(folder, prefix="unet", weight_name="lora.bin")
+    source.load_lora_weights(folder)
+    routed.load_lora_weights(folder)
+    assert np.abs(_images(routed) - _images(source)).max() < 1e-5
+    assert any(name.startswith("experts.0.decoders.1.") for name in _lora_layers(routed.unet))
