@@ -36,7 +36,7 @@ setup(
         "torchmetrics>=1.4",  # the Frechet distance of `diffusers_stages.evaluation`
     ],
     extras_require={
-        "test": ["pytest>=8.0", "tensorboard>=2.15", "datasets>=2.19", "ruff>=0.17,<0.18"],
+        "test": ["pytest>=8.0", "tensorboard>=2.15", "datasets>=2.19", "ruff>=0.17,<0.18", "peft>=0.17"],
     },
     entry_points={
         "console_scripts": [

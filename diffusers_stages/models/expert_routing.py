@@ -9,6 +9,7 @@ holds its own `config.json` (the partition and each expert's ``[module, class]``
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import json
@@ -40,6 +41,7 @@ from .loading import (
     refuse_non_float_weights,
     refuse_other_model_class,
 )
+from .lora import check_lora_fits, fetch_lora, require_peft
 from .staged import StagedModelMixin
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
@@ -550,6 +552,169 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         expert = self.expert(stage)
         class_labels, expert_kwargs = _positional_hidden_states(expert, class_labels, expert_kwargs)
         return expert(sample, timestep, class_labels=class_labels, return_dict=False, **expert_kwargs)[0]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # LoRA: what the pipelines' LoRA loader calls on `pipe.unet`, each expert's own (diffusers' `PeftAdapterMixin`)
+    def _peft_experts(self, action: str) -> list[ModelMixin]:
+        """The experts, each able to take LoRA adapters; a `ValueError` naming an unloaded or unable one."""
+        missing = [i for i, expert in enumerate(self.experts) if expert is None]
+        if missing:
+            raise ValueError(f"Experts {missing} are not loaded: load every expert before you {action}.")
+        for i, expert in enumerate(self.experts):
+            if not callable(getattr(expert, "load_lora_adapter", None)):
+                raise ValueError(f"Expert {i} ({type(expert).__name__}) cannot {action}: it has no LoRA loader.")
+        return list(self.experts)
+
+    def _lora_per_expert(self, state_dict: dict, prefix: str | None) -> list[dict]:
+        """Each expert's share of a LoRA: its own keys (``experts.{i}.``, as this container saves them, the prefix
+        kept), or the whole LoRA (one for the source U-Net) for every expert."""
+        head = f"{prefix}." if prefix else ""
+        own = [key for key in state_dict if key.startswith(f"{head}experts.")]
+        if not own:
+            return [state_dict] * self.num_stages
+        if len(own) != sum(key.startswith(head) for key in state_dict):
+            raise ValueError(
+                f"The LoRA `state_dict` mixes keys of this container's experts (e.g. {own[0]!r}) with keys of one "
+                "U-Net: it must be in one naming or the other."
+            )
+        shares = [{key: value for key, value in state_dict.items() if not key.startswith(head)}]
+        shares = [dict(shares[0]) for _ in range(self.num_stages)]
+        for key in own:
+            index, _, rest = key[len(head) + len("experts.") :].partition(".")
+            if not index.isdigit() or int(index) >= self.num_stages:
+                raise ValueError(f"The LoRA key {key!r} names no expert of this model ({self.num_stages} experts).")
+            shares[int(index)][head + rest] = state_dict[key]
+        return shares
+
+    def load_lora_adapter(
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+        prefix: str | None = "transformer",
+        hotswap: bool = False,
+        **kwargs,
+    ) -> None:
+        r"""
+        Load a LoRA into every expert with the expert's own
+        [`~diffusers.loaders.PeftAdapterMixin.load_lora_adapter`] (what `pipe.load_lora_weights` calls, with
+        ``prefix="unet"``): a LoRA of one U-Net (the source the experts were made from) goes to every expert, one
+        saved from this container (keys ``experts.{i}.``) to each expert its own part. Every expert gets the same
+        adapter name. The LoRA is checked against every expert before any changes (an expert of other widths is a
+        `ValueError` naming it and the shapes), and an expert that fails to load it leaves the others as they were.
+        Files are read from safetensors only.
+
+        Example:
+
+        ```py
+        >>> import copy, torch
+        >>> from diffusers import UNet2DConditionModel
+        >>> from peft import LoraConfig
+        >>> from peft.utils import get_peft_model_state_dict
+        >>> from diffusers_stages import ExpertRoutingModel
+        >>> unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
+        ...     norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
+        ...     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        ...     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+        >>> model = ExpertRoutingModel([copy.deepcopy(unet), copy.deepcopy(unet)], stage_boundaries=(500,))
+        >>> unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_v"]))
+        >>> model.load_lora_adapter(get_peft_model_state_dict(unet), prefix=None, adapter_name="style")
+        >>> [list(expert.peft_config) for expert in model.experts]
+        [['style'], ['style']]
+
+        ```
+        """
+        require_peft()
+        from diffusers.utils.peft_utils import get_adapter_name
+
+        experts = self._peft_experts("load a LoRA")
+        state_dict = fetch_lora(pretrained_model_name_or_path_or_dict, kwargs)
+        shares = self._lora_per_expert(state_dict, prefix)
+        for i, (expert, share) in enumerate(zip(experts, shares)):
+            if callable(getattr(expert, "_prepare_lora", None)):  # a staged expert renames the LoRA onto itself
+                try:
+                    expert._prepare_lora(share, prefix)
+                except ValueError as error:
+                    raise ValueError(f"Expert {i} ({type(expert).__name__}): {error}") from error
+            else:
+                check_lora_fits(expert, share, prefix, lambda name, i=i: f"expert {i}")
+        kwargs["adapter_name"] = kwargs.get("adapter_name") or get_adapter_name(self)
+        loaded = []
+        try:
+            for expert, share in zip(experts, shares):
+                expert.load_lora_adapter(share, prefix=prefix, hotswap=hotswap, **kwargs)
+                loaded.append(expert)
+        except Exception:
+            if not hotswap:
+                for expert in loaded:
+                    expert.delete_adapters(kwargs["adapter_name"])
+            raise
+
+    @property
+    def peft_config(self) -> dict:
+        """The LoRA adapters of the experts (each has the same ones): the first expert's ``peft_config``."""
+        for expert in self.experts:
+            if expert is not None and getattr(expert, "peft_config", None):
+                return expert.peft_config
+        raise AttributeError(f"{type(self).__name__} has no LoRA adapters loaded (no `peft_config`).")
+
+    def _each_expert(self, method: str, *args, **kwargs) -> None:
+        for expert in self._peft_experts(f"use `{method}`"):
+            getattr(expert, method)(*args, **kwargs)
+
+    def add_adapter(self, adapter_config, adapter_name: str = "default") -> None:
+        """[`~diffusers.loaders.PeftAdapterMixin.add_adapter`] on every expert (LoRA training), each its own copy."""
+        self._each_expert("add_adapter", copy.deepcopy(adapter_config), adapter_name)
+
+    def set_adapters(
+        self,
+        adapter_names: list[str] | str,
+        weights: float | dict | list[float] | list[dict] | list[None] | None = None,
+    ) -> None:
+        """[`~diffusers.loaders.PeftAdapterMixin.set_adapters`] on every expert (block-wise scales as each takes)."""
+        self._each_expert("set_adapters", adapter_names, copy.deepcopy(weights))
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` the active adapter(s) of every expert."""
+        self._each_expert("set_adapter", adapter_name)
+
+    def disable_adapters(self) -> None:
+        """Disable every expert's adapters."""
+        self._each_expert("disable_adapters")
+
+    def enable_adapters(self) -> None:
+        """Enable every expert's adapters."""
+        self._each_expert("enable_adapters")
+
+    def active_adapters(self) -> list[str]:
+        """The active adapters (the first expert's; every expert has the same)."""
+        return self._peft_experts("use `active_adapters`")[0].active_adapters()
+
+    def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: list[str] | None = None):
+        """Fuse the LoRA weights into every expert's layers (what `pipe.fuse_lora` calls)."""
+        self._each_expert("fuse_lora", lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
+
+    def unfuse_lora(self) -> None:
+        """Undo `fuse_lora` in every expert."""
+        self._each_expert("unfuse_lora")
+
+    def unload_lora(self) -> None:
+        """Remove every LoRA layer from every expert (what `pipe.unload_lora_weights` calls)."""
+        self._each_expert("unload_lora")
+
+    def disable_lora(self) -> None:
+        """Disable the LoRA layers of every expert (what `pipe.disable_lora` calls)."""
+        self._each_expert("disable_lora")
+
+    def enable_lora(self) -> None:
+        """Enable the LoRA layers of every expert (what `pipe.enable_lora` calls)."""
+        self._each_expert("enable_lora")
+
+    def delete_adapters(self, adapter_names: list[str] | str) -> None:
+        """Delete the adapters ``adapter_names`` from every expert (what `pipe.delete_adapters` calls)."""
+        self._each_expert("delete_adapters", adapter_names)
+
+    def enable_lora_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
+        """Prepare every expert for LoRA hotswapping (what `pipe.enable_lora_hotswap` calls)."""
+        self._each_expert("enable_lora_hotswap", target_rank=target_rank, check_compiled=check_compiled)
 
     @property
     def add_embedding(self) -> nn.Module:

@@ -9,11 +9,15 @@ diffusers' own pipelines (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders.peft import PeftAdapterMixin
+from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
 from diffusers.models.activations import get_activation
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import TimestepEmbedding
@@ -21,6 +25,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import get_mid_block
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 from diffusers.utils.peft_utils import apply_lora_scale
+from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from torch import nn
 
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
@@ -28,6 +33,7 @@ from ..routing import dispatch_by_stage
 from .checks import check_encoder_hidden_states, compute_dtype
 from .decoders import resolve_decoder_widths, skip_channels
 from .loading import StrictLoadingMixin
+from .lora import check_lora_fits, fetch_lora, lora_to_stages, require_peft
 from .staged import StagedModelMixin
 from .unet_multistage_condition_blocks import (
     CHECKED_ARGUMENTS,
@@ -55,7 +61,9 @@ __all__ = [
 ]
 
 
-class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
+class MultiStageUNet2DConditionModel(
+    StagedModelMixin, StrictLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin
+):
     r"""
     A text-conditional 2D U-Net with one shared encoder and one decoder per stage of the noise schedule, a drop-in
     ``unet`` for diffusers' Stable Diffusion pipelines.
@@ -265,6 +273,104 @@ class MultiStageUNet2DConditionModel(StagedModelMixin, StrictLoadingMixin, Model
         """Disable FreeU in every stage's decoder."""
         for decoder in self.decoders:
             UNet2DConditionModel.disable_freeu(decoder)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # LoRA: diffusers' `PeftAdapterMixin` on the module tree; a source U-Net's LoRA renamed onto it first
+    def load_lora_adapter(
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+        prefix: str | None = "transformer",
+        hotswap: bool = False,
+        **kwargs,
+    ) -> None:
+        r"""
+        [`~diffusers.loaders.PeftAdapterMixin.load_lora_adapter`] (what `pipe.load_lora_weights` calls, with
+        ``prefix="unet"``) for a LoRA of the source `UNet2DConditionModel` or of this model. A source LoRA's down
+        and middle keys go to the shared encoder, its up-path keys to every decoder, each decoder its own copy of
+        the adapter (see [`~diffusers_stages.models.lora.lora_to_stages`]); a LoRA saved from this model (keys
+        ``decoders.{s}.``) loads as it is. Every tensor is checked against the layer it lands on before anything
+        changes: decoders of tailored widths (``decoder_block_out_channels``) cannot take the source's up-path
+        LoRA (a `ValueError` naming the decoder and the shapes). Files are read from safetensors only.
+
+        Example:
+
+        ```py
+        >>> import torch
+        >>> from diffusers import UNet2DConditionModel
+        >>> from peft import LoraConfig
+        >>> from peft.utils import get_peft_model_state_dict
+        >>> from diffusers_stages import MultiStageUNet2DConditionModel
+        >>> unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
+        ...     norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
+        ...     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        ...     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+        >>> staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=(500,))
+        >>> unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_v"]))
+        >>> staged.load_lora_adapter(get_peft_model_state_dict(unet), prefix=None, adapter_name="style")
+        >>> x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+        >>> torch.allclose(staged(x, 700, text).sample, unet(x, 700, text).sample, atol=1e-5)
+        True
+
+        ```
+        """
+        require_peft()
+        state_dict = fetch_lora(pretrained_model_name_or_path_or_dict, kwargs)
+        state_dict, kwargs["network_alphas"], kwargs["metadata"] = self._prepare_lora(
+            state_dict, prefix, kwargs.get("network_alphas"), kwargs.get("metadata")
+        )
+        super().load_lora_adapter(state_dict, prefix=prefix, hotswap=hotswap, **kwargs)
+
+    def _prepare_lora(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        prefix: str | None,
+        network_alphas: dict[str, float] | None = None,
+        metadata: dict | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, dict | None]:
+        """A LoRA state dict (with its alphas and metadata) in this model's names, in PEFT's key format, checked
+        against the layers it lands on (a `ValueError` naming the decoder and the shapes); nothing is changed."""
+        first = next((key for key in state_dict if prefix is None or key.startswith(f"{prefix}.")), None)
+        if first is not None and "lora_A" not in first and ".lokr_" not in first:  # diffusers' older key format
+            state_dict = convert_unet_state_dict_to_peft(state_dict)
+        state_dict, network_alphas, metadata = lora_to_stages(
+            state_dict, self.num_stages, prefix, network_alphas, metadata
+        )
+        tailored = self.config.decoder_block_out_channels is not None
+
+        def where(name: str) -> str:
+            if not name.startswith("decoders."):
+                return "the shared encoder"
+            why = (
+                " (a decoder of tailored widths, `decoder_block_out_channels`, cannot take the source's up-path LoRA)"
+            )
+            return f"decoder {name.split('.')[1]}{why if tailored else ''}"
+
+        check_lora_fits(self, state_dict, prefix, where)
+        return state_dict, network_alphas, metadata
+
+    def set_adapters(
+        self,
+        adapter_names: list[str] | str,
+        weights: float | dict | list[float] | list[dict] | list[None] | None = None,
+    ) -> None:
+        """[`~diffusers.loaders.PeftAdapterMixin.set_adapters`], with the block-wise scales of
+        `UNet2DConditionModel` (``{"down": ..., "mid": ..., "up": {"block_0": ...}}``): ``"up"`` scales every
+        decoder's up blocks alike."""
+        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        listed = weights if isinstance(weights, list) else [weights] * len(names)
+        if any(isinstance(weight, dict) for weight in listed) and len(listed) == len(names):
+            # the blocks with attention, as `_maybe_expand_lora_scales` reads them from a `UNet2DConditionModel`
+            up_blocks = [
+                SimpleNamespace(attentions=None)
+                if any(hasattr(decoder.up_blocks[i], "attentions") for decoder in self.decoders)
+                else SimpleNamespace()
+                for i in range(len(self.decoders[0].up_blocks))
+            ]
+            view = SimpleNamespace(
+                down_blocks=self.down_blocks, up_blocks=up_blocks, config=self.config, state_dict=self.state_dict
+            )
+            weights = _maybe_expand_lora_scales(view, [1.0 if weight is None else weight for weight in listed])
+        super().set_adapters(adapter_names, weights)
 
     def _build_embeddings(self) -> int:
         """The input convolution and the time, class and added embeddings, as `UNet2DConditionModel` builds them;

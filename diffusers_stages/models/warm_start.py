@@ -41,6 +41,13 @@ def warm_start(
     if not isinstance(unet, source_class):
         message = f"`unet` must be a diffusers {source_class.__name__}, got {type(unet).__name__}."
         raise ValueError(message)  # noqa: TRY004
+    adapters = getattr(unet, "peft_config", None)
+    if adapters:  # its LoRA-wrapped layers have other state-dict names; the adapters would be lost or misplaced
+        raise ValueError(
+            f"`unet` has LoRA adapters loaded ({sorted(adapters)}): build the staged model from the plain U-Net and "
+            "load the LoRA into it afterwards (`pipe.load_lora_weights` takes the source's LoRA), or bake the LoRA "
+            "in first with `unet.fuse_lora()` and `unet.unload_lora()`."
+        )
     config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     unet_steps = config.pop("num_train_timesteps", None)
     if num_train_timesteps is None:  # anything given (a 0 too) goes to the model's check as given

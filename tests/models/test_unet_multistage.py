@@ -442,3 +442,20 @@ def test_one_class_label_as_a_number_tensor_serves_a_timestep_class_embedding(ti
     with torch.no_grad():
         expected = unet(x, t, class_labels=torch.tensor([7])).sample
         assert torch.allclose(staged(x, t, class_labels=torch.tensor(7)).sample, expected, atol=1e-5)
+
+
+def test_peft_lora_training_works_on_the_unconditional_model(tiny_multistage):
+    """diffusers' `UNet2DModel` has no LoRA loader, nor does this model, but PEFT injects LoRA layers into it
+    directly (LoRA training): the injected model gives the base model's output, and a mixed batch trains the
+    adapters of the decoders it visits."""
+    peft = pytest.importorskip("peft")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([100, 900])  # stages 0 and 2
+    reference = tiny_multistage(x, t).sample
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v"]), tiny_multistage)
+    out = tiny_multistage(x, t).sample
+    assert torch.allclose(out, reference, atol=1e-6)  # lora_B starts at zero
+    out.sum().backward()
+    grads = {n: p.grad for n, p in tiny_multistage.named_parameters() if "lora_" in n}
+    trained = {n.split(".")[1] for n, grad in grads.items() if n.startswith("decoders.") and grad is not None}
+    assert trained == {"0", "2"} and grads["mid_block.attentions.0.to_q.lora_A.default.weight"] is not None
+    assert len(peft.utils.get_peft_model_state_dict(tiny_multistage)) > 0
