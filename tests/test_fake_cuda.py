@@ -1,0 +1,234 @@
+"""The package on a stand-in accelerator (`tests.fake_cuda`): models, routing, sampling and training losses with
+every tensor on "cuda", where a CPU-only mix, a ``.numpy()`` of a device tensor or a CPU generator for a device
+draw fails as it would on a GPU."""
+
+import diffusers
+import pytest
+import torch
+from diffusers import DDPMScheduler, EDMEulerScheduler, UNet2DModel
+
+from diffusers_stages import (
+    ExpertRoutingModel,
+    MultiStageDDPMppUNet2DModel,
+    MultiStageUNet2DConditionModel,
+    MultiStageUNet2DModel,
+    TimestepPartition,
+    UViT2DModel,
+)
+from diffusers_stages.models.early_exit import EarlyExitUViT2DModel, early_exit_loss
+from diffusers_stages.models.iunet import IUNet2DModel
+from diffusers_stages.routing import StageRouter, dispatch_by_stage
+from diffusers_stages.schedulers import ContinuousVPDPMSolverSinglestepScheduler, sigma_to_timestep
+from diffusers_stages.timestep_sampling import stage_counts, stratified_timesteps
+from diffusers_stages.training import diffusion_loss
+from tests.conftest import TINY_COND_UNET, TINY_UNET
+from tests.fake_cuda import DeviceMismatch, fake_cuda
+from tests.pipelines.conftest import KINDS, tiny_pipeline
+
+
+def cuda_randn(*shape):
+    return torch.randn(*shape, device="cuda")
+
+
+def cuda_tensor(values):
+    return torch.tensor(values, device="cuda")
+
+
+def small_unet(width: int = 8) -> UNet2DModel:
+    return UNet2DModel(
+        sample_size=8, block_out_channels=(width, width), norm_num_groups=4, layers_per_block=1,
+        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+    ).eval()  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stand-in itself: what fails on a GPU fails here, what works there works here
+def test_the_stand_in_refuses_what_cuda_refuses():
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    with fake_cuda():
+        conv.to("cuda")
+        x = cuda_randn(2, 3, 4, 4)
+        y = conv(x)
+        assert y.device != torch.device("cpu") and y.device == x.device
+        with pytest.raises(DeviceMismatch):
+            conv(torch.randn(2, 3, 4, 4))
+        with pytest.raises(DeviceMismatch):
+            y + torch.ones(4, 1, 1)
+        with pytest.raises(DeviceMismatch):
+            torch.bucketize(y, torch.tensor([0.0, 1.0]))
+        with pytest.raises(DeviceMismatch):
+            torch.randn(2, generator=torch.Generator().manual_seed(0), device="cuda")
+        with pytest.raises(TypeError, match="numpy"):
+            y.numpy()
+        # what CUDA allows: scalars, CPU indices, host reads, copies, diffusers' CPU-generator draws
+        assert (y * torch.tensor(2.0)).device == y.device and y[torch.tensor([1, 0])].device == y.device
+        out = torch.empty_like(y)
+        out[torch.tensor([1, 0])] = y
+        assert torch.equal(out.cpu()[0], y.cpu()[1]) and y.cpu().numpy().shape == (2, 4, 4, 4)
+        assert isinstance(y.sum().item(), float) and len(y.tolist()) == 2
+        noise = diffusers.utils.torch_utils.randn_tensor(
+            (2,), generator=torch.Generator().manual_seed(0), device=x.device
+        )
+        assert noise.device == x.device
+
+
+def test_sigma_to_timestep_after_a_device_add_noise():
+    # DDPMScheduler.add_noise moves alphas_cumprod onto the sample's device
+    scheduler = DDPMScheduler()
+    expected = sigma_to_timestep(scheduler, 1.0)
+    with fake_cuda():
+        x = cuda_randn(1, 3, 8, 8)
+        scheduler.add_noise(x, x, cuda_tensor([5]))
+        assert scheduler.alphas_cumprod.device == x.device
+        assert sigma_to_timestep(scheduler, 1.0) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models: routed mixed batches, one-stage batches, forced stages, Python-number and CPU timesteps
+def test_multistage_unet():
+    torch.manual_seed(0)
+    model = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(400, 700), num_class_embeds=4).eval()
+    fused = MultiStageUNet2DModel.from_unet(UNet2DModel(**TINY_UNET), stage_boundaries=(300, 600)).eval()
+    fused.enable_fused_decoders()
+    with fake_cuda():
+        model.to("cuda")
+        fused.to("cuda")
+        x, labels = cuda_randn(3, 3, 8, 8), cuda_tensor([0, 1, 2])
+        for t in (cuda_tensor([10, 500, 900]), torch.tensor([10, 500, 900]), 500, cuda_tensor(500.0)):
+            assert model(x, t, class_labels=labels).sample.device == x.device
+        assert model(x, 500, class_labels=labels, stage_index=1).sample.device == x.device
+        assert fused(cuda_randn(4, 3, 8, 8), cuda_tensor([10, 500, 900, 20])).sample.device == x.device
+
+
+def test_multistage_condition_unet():
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**TINY_COND_UNET).eval()
+    model = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=(300, 600)).eval()
+    with fake_cuda():
+        model.to("cuda")
+        x, text = cuda_randn(3, 4, 8, 8), cuda_randn(3, 5, 32)
+        assert model(x, cuda_tensor([100, 450, 900]), text).sample.device == x.device
+        assert model(x, 700, text).sample.device == x.device
+
+
+def test_ddpmpp_unet():
+    torch.manual_seed(0)
+    model = MultiStageDDPMppUNet2DModel(
+        sample_size=8, encoder_channels=16, decoder_channels=(24, 16, 8), channel_mult=(1, 2), layers_per_block=1,
+        attention_resolutions=(4,), dropout=0.0, num_class_embeds=3,
+    ).eval()  # fmt: skip
+    with fake_cuda():
+        model.to("cuda")
+        x, c_noise = cuda_randn(3, 3, 8, 8), cuda_tensor([0.5, 5.0, 40.0]).log() / 4
+        assert model(x, c_noise, class_labels=cuda_tensor([0, 1, 2])).sample.device == x.device
+
+
+def test_iunet_uvit_and_early_exit():
+    torch.manual_seed(0)
+    iunet = IUNet2DModel(
+        sample_size=8, block_out_channels=(8, 16), attention_ratios=(0.5, 1.0), attention_head_dim=4,
+        layers_per_block=1, norm_num_groups=4,
+    ).eval()  # fmt: skip
+    uvit = UViT2DModel(sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2, num_class_embeds=3).eval()
+    early = EarlyExitUViT2DModel(sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2).eval()
+    with fake_cuda():
+        for model in (iunet, uvit, early):
+            model.to("cuda")
+        x = cuda_randn(2, 3, 8, 8)
+        assert iunet(x, 500).sample.device == x.device
+        assert iunet(x, cuda_tensor([1, 600])).sample.device == x.device
+        assert uvit(x, 500, class_labels=cuda_tensor([0, 2])).sample.device == x.device
+        for threshold in (1.0, 0.3, None):
+            assert early(x, 500, exit_threshold=threshold).sample.device == x.device
+        assert early_exit_loss(early, x, cuda_tensor([3, 700]), x).device == x.device
+
+
+def test_expert_routing_model():
+    torch.manual_seed(0)
+    model = ExpertRoutingModel([small_unet(16), small_unet(8)], stage_boundaries=(500,)).eval()
+    with fake_cuda():
+        model.to("cuda")
+        x = cuda_randn(3, 3, 8, 8)
+        assert model(x, cuda_tensor([10, 700, 20])).sample.device == x.device
+        assert model(x, 700).sample.device == x.device
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# routing
+def test_routing():
+    partition = TimestepPartition([400, 700])
+    with fake_cuda():
+        t, x = cuda_tensor([900, 10, 500, 950]), cuda_randn(4, 3)
+        out = dispatch_by_stage(partition, t, None, lambda stage, x: x * stage, x)
+        assert torch.equal(out.cpu(), x.cpu() * torch.tensor([2.0, 0.0, 1.0, 2.0])[:, None])
+        out = dispatch_by_stage(partition, t, None, lambda stage, x: x * stage, x, fuse=lambda c: lambda i: i * 2)
+        assert out.device == x.device
+        sigma = TimestepPartition([1.0, 10.0], units="sigma")
+        c_noise = cuda_tensor([0.5, 20.0, 3.0]).log() / 4
+        assert dispatch_by_stage(sigma, c_noise, None, lambda stage, x: x * stage, x[:3]).device == x.device
+        scheduler = diffusers.HeunDiscreteScheduler()
+        scheduler.set_timesteps(4, device="cuda")
+        router = StageRouter(partition, scheduler)
+        assert [router(t) for t in scheduler.timesteps][0] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling: a few steps of every pipeline kind, with CPU generators as users pass them
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        diffusers.DDIMScheduler,
+        diffusers.DDPMScheduler,
+        diffusers.HeunDiscreteScheduler,
+        diffusers.DPMSolverMultistepScheduler,
+        diffusers.EDMEulerScheduler,
+        ContinuousVPDPMSolverSinglestepScheduler,
+    ],
+)
+def test_pipelines(kind, scheduler):
+    pipe = tiny_pipeline(kind, scheduler(), num_class_embeds=4)
+    with fake_cuda():
+        pipe.to("cuda")
+        images = pipe(
+            class_labels=[0, 2], guidance_scale=2.0, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images  # fmt: skip
+        assert images.shape == (2, 3, 8, 8)
+        pipe(
+            class_labels=cuda_tensor([1]), num_images_per_prompt=2, num_inference_steps=2, output_type="np",
+            generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)],
+        )  # fmt: skip
+        pipe(class_labels=[1, 2], latents=torch.randn(2, 3, 8, 8), num_inference_steps=2, output_type="pil")
+
+
+def test_dual_backbone_sigma_switch():
+    pipe = tiny_pipeline("dual_backbone", switch_sigma=1.0)
+    with fake_cuda():
+        pipe.to("cuda")
+        assert pipe(batch_size=2, num_inference_steps=3, output_type="pt").images.shape == (2, 3, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training: timestep sampling (on the CPU, then moved, as the loop does) and the losses on the device
+def test_timestep_sampling():
+    generator = torch.Generator().manual_seed(0)
+    with fake_cuda():
+        timesteps, stages = stratified_timesteps(TimestepPartition([400, 700]), 8, None, generator=generator)
+        assert sorted(stage_counts(8, [0.2, 0.3, 0.5], generator)) == [2, 2, 4]
+        timesteps, stages = timesteps.to("cuda"), stages.to("cuda")
+        assert TimestepPartition([400, 700]).stage_for_timestep(timesteps).device == timesteps.device
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_diffusion_loss(prediction_type):
+    torch.manual_seed(0)
+    model, scheduler = small_unet(), DDPMScheduler(prediction_type=prediction_type)
+    with fake_cuda():
+        model.to("cuda")
+        clean, t = cuda_randn(2, 3, 8, 8), cuda_tensor([3, 700])
+        assert diffusion_loss(model, scheduler, clean, t, noise=cuda_randn(2, 3, 8, 8)).device == clean.device
+        assert diffusion_loss(model, scheduler, clean, t, snr_gamma=5.0).device == clean.device
+        assert diffusion_loss(model, scheduler, clean, torch.tensor([3, 700])).device == clean.device
+        edm = diffusion_loss(model, EDMEulerScheduler(), clean, cuda_tensor([0.5, 20.0]))
+        assert edm.device == clean.device
