@@ -232,3 +232,16 @@ def test_diffusion_loss(prediction_type):
         assert diffusion_loss(model, scheduler, clean, torch.tensor([3, 700])).device == clean.device
         edm = diffusion_loss(model, EDMEulerScheduler(), clean, cuda_tensor([0.5, 20.0]))
         assert edm.device == clean.device
+
+
+def test_diffusion_loss_draws_the_noise_with_a_cpu_generator():
+    # the generator users pass (the training loop's is a CPU one); the noise is the one it draws on the CPU
+    torch.manual_seed(0)
+    model, scheduler, clean = small_unet(), DDPMScheduler(), torch.randn(2, 3, 8, 8)
+    expected = diffusion_loss(model, scheduler, clean, torch.tensor([3, 700]), generator=torch.manual_seed(1))
+    with fake_cuda():
+        model.to("cuda")
+        loss = diffusion_loss(
+            model, scheduler, clean.to("cuda"), cuda_tensor([3, 700]), generator=torch.Generator().manual_seed(1)
+        )
+        assert torch.allclose(loss.cpu(), expected)
