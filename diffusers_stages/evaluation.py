@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
-from .models.checks import positive_integer_arguments
+from .models.checks import check_positive_integers, positive_integer_arguments
 
 T = TypeVar("T")
 
