@@ -15,8 +15,8 @@ Host reads (``.item()``, ``.tolist()``, ``bool(tensor)``) work, as on CUDA (wher
 
 Limits: the stand-in tensors report ``device.type == "meta"`` (a CPU-only torch has no device guard for "cuda",
 which many ops ask for), so code that branches on ``device.type == "cuda"`` (streams, autocast) takes its other
-branch; and autograd is off inside the block (no "cuda" gradient accumulator either): forwards, losses and sampling
-only.
+branch; and autograd cannot run through stand-in tensors (no "cuda" gradient accumulator either): forwards, losses
+and sampling, and training only of what stays on the CPU.
 """
 
 from __future__ import annotations
@@ -164,6 +164,10 @@ class _FakeCudaFunctions(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if torch.is_grad_enabled() and any(
+            isinstance(t, CudaTagged) and t.requires_grad for t in tree_flatten((args, kwargs))[0]
+        ):  # refused here: the CPU-only torch would abort the process building its gradient accumulator
+            raise RuntimeError("fake_cuda: autograd through stand-in tensors is not supported")
         if func is torch.Tensor.to:
             device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args[1:], **kwargs)
             if _is_cuda(device):
@@ -193,13 +197,14 @@ class _FakeCudaFunctions(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def fake_cuda():
-    """Within this block, ``"cuda"`` is the stand-in device (see the module docstring); gradients are off."""
+def fake_cuda(grad: bool = False):
+    """Within this block, ``"cuda"`` is the stand-in device (see the module docstring). Gradients are off, unless
+    ``grad``: then autograd runs for what stays on the CPU (a model trained there on inputs from the device)."""
     lazy_init, overwrite = torch.cuda._lazy_init, torch.__future__.get_overwrite_module_params_on_conversion()
     torch.cuda._lazy_init = lambda: None  # what ``.to("cuda")`` calls first on a CPU-only torch (it raises there)
     torch.__future__.set_overwrite_module_params_on_conversion(True)  # ``module.to("cuda")``: wrapped parameters
     try:
-        with torch.no_grad(), _FakeCudaFunctions(), _FakeCudaMode():
+        with torch.set_grad_enabled(grad), _FakeCudaFunctions(), _FakeCudaMode():
             yield
     finally:
         torch.cuda._lazy_init = lazy_init
