@@ -245,3 +245,49 @@ def test_diffusion_loss_draws_the_noise_with_a_cpu_generator():
             model, scheduler, clean.to("cuda"), cuda_tensor([3, 700]), generator=torch.Generator().manual_seed(1)
         )
         assert torch.allclose(loss.cpu(), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# more sampling: class labels as a cross-attention context, staged U-Nets in diffusers' Stable Diffusion pipeline,
+# and the stage offload (without its CUDA side stream, which a CPU-only torch cannot create)
+def test_class_context_pipeline(tiny_cond_unet):
+    from diffusers_stages import ClassContextEmbedding, MultiStagePipeline
+
+    unet = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=(400, 700)).eval()
+    embedder = ClassContextEmbedding(num_class_embeds=4, cross_attention_dim=32).eval()
+    pipe = MultiStagePipeline(unet=unet, scheduler=diffusers.DDIMScheduler(), class_embedder=embedder)
+    pipe.set_progress_bar_config(disable=True)
+    with fake_cuda():
+        pipe.to("cuda")
+        images = pipe(class_labels=[0, 2], guidance_scale=2.0, num_inference_steps=2, output_type="pt").images
+        assert images.shape == (2, 4, 8, 8)
+
+
+@pytest.mark.parametrize("kind", ["multistage", "experts"])
+def test_staged_unets_in_stable_diffusion(tiny_sd_components, tiny_cond_unet, kind):
+    pipe = diffusers.StableDiffusionPipeline(**dict(tiny_sd_components, scheduler=diffusers.HeunDiscreteScheduler()))
+    if kind == "multistage":
+        pipe.unet = MultiStageUNet2DConditionModel.from_unet(pipe.unet, stage_boundaries=(400, 700)).eval()
+    else:
+        pipe.unet = ExpertRoutingModel([tiny_cond_unet(0), tiny_cond_unet(1)], stage_boundaries=(500,)).eval()
+    pipe.set_progress_bar_config(disable=True)
+    with fake_cuda():
+        pipe.to("cuda")
+        images = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+        assert images.images.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stage_offload(kind, monkeypatch):
+    from diffusers_stages.pipelines import offload
+
+    monkeypatch.setattr(offload, "check_device", lambda value, name: torch.device(value))  # "cuda": the stand-in
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    pipe = tiny_pipeline(kind, num_class_embeds=4)
+    with fake_cuda():
+        pipe.enable_stage_offload(device="cuda", prefetch=False)
+        images = pipe(class_labels=[0, 2], guidance_scale=2.0, num_inference_steps=3, output_type="pt").images
+        assert images.shape == (2, 3, 8, 8)
+        for stage in range(pipe.resolve_partition(3).num_stages):  # every stage network back on the CPU after the run
+            assert {p.device.type for p in pipe.stage_network(stage).parameters()} == {"cpu"}
+        pipe.disable_stage_offload()
