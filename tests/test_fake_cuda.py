@@ -22,6 +22,7 @@ from diffusers_stages.schedulers import ContinuousVPDPMSolverSinglestepScheduler
 from diffusers_stages.timestep_sampling import stage_counts, stratified_timesteps
 from diffusers_stages.training import diffusion_loss
 from tests.conftest import TINY_COND_UNET, TINY_UNET
+from tests.fake_cuda import CUDA as CUDA_DEVICE
 from tests.fake_cuda import DeviceMismatch, fake_cuda
 from tests.pipelines.conftest import KINDS, tiny_pipeline
 
@@ -291,3 +292,37 @@ def test_stage_offload(kind, monkeypatch):
         for stage in range(pipe.resolve_partition(3).num_stages):  # every stage network back on the CPU after the run
             assert {p.device.type for p in pipe.stage_network(stage).parameters()} == {"cpu"}
         pipe.disable_stage_offload()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a model whose stage networks are on different devices (a `device_map` over several GPUs, or one offloaded to the
+# CPU): accelerate's hooks run each network on its own device, the routing brings the outputs back together
+def test_routing_joins_stage_outputs_from_different_devices():
+    partition = TimestepPartition([400, 700])
+
+    def run(stage, x):  # stage 1's network on the CPU, the others on the device
+        return x.cpu() * stage if stage == 1 else x * stage
+
+    with fake_cuda():
+        t, x = cuda_tensor([900, 10, 500, 950]), cuda_randn(4, 3)
+        for timesteps in (t, cuda_tensor([500, 600, 450, 401])):
+            out = dispatch_by_stage(partition, timesteps, None, run, x)
+            stages = partition.stage_for_timestep(timesteps).cpu()
+            assert out.device == x.device and torch.equal(out.cpu(), x.cpu() * stages[:, None])
+
+
+def test_multistage_unet_with_a_decoder_on_another_device():
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    torch.manual_seed(0)
+    model = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(400, 700)).eval()
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        expected = model(x, t).sample
+    with fake_cuda():
+        model.to("cuda")
+        model.decoders[0].to("cpu")
+        add_hook_to_module(model.decoders[0], AlignDevicesHook(execution_device=torch.device("cpu")))
+        out = model(x.to("cuda"), t.to("cuda")).sample
+        assert out.device == CUDA_DEVICE and torch.allclose(out.cpu(), expected, atol=1e-6)
+        assert model(x.to("cuda"), cuda_tensor([10, 20, 30])).sample.device == CUDA_DEVICE
