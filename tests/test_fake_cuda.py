@@ -326,3 +326,16 @@ def test_multistage_unet_with_a_decoder_on_another_device():
         out = model(x.to("cuda"), t.to("cuda")).sample
         assert out.device == CUDA_DEVICE and torch.allclose(out.cpu(), expected, atol=1e-6)
         assert model(x.to("cuda"), cuda_tensor([10, 20, 30])).sample.device == CUDA_DEVICE
+
+
+def test_expert_routing_model_takes_timesteps_from_the_cpu():
+    # as the multi-stage U-Nets do: one timestep per sample given on the CPU, the samples on the device
+    torch.manual_seed(0)
+    model = ExpertRoutingModel([small_unet(16), small_unet(8)], stage_boundaries=(500,)).eval()
+    x = torch.randn(3, 3, 8, 8)
+    for t in (torch.tensor([10, 700, 20]), torch.tensor([10, 20, 30]), torch.tensor([700]), torch.tensor(700)):
+        with torch.no_grad():
+            expected = model.to("cpu")(x, t).sample
+        with fake_cuda():
+            out = model.to("cuda")(x.to("cuda"), t).sample
+            assert out.device == CUDA_DEVICE and torch.allclose(out.cpu(), expected, atol=1e-6)
