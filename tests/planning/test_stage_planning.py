@@ -250,3 +250,21 @@ def test_stage_difficulty_of_training_images_on_an_accelerator():
         assert stage_difficulty(data.to("cuda"), schedule, partition) == pytest.approx(expected)
         got = data_spectrum(data.to("cuda"), max_dim=8, max_images=32, generator=torch.manual_seed(1))
         assert torch.allclose(got.cpu(), subset)
+
+
+def test_schedule_of_a_scheduler_used_on_an_accelerator():
+    # DDPMScheduler.add_noise moves alphas_cumprod onto the samples' device (a training scheduler, planned from)
+    from tests.fake_cuda import fake_cuda
+
+    data = torch.rand(16, 1, 4, 4, generator=torch.manual_seed(0)) * 2 - 1
+    scheduler = DDPMScheduler()
+    expected = plan_stages(data, scheduler, num_levels=21, num_samples=4, generator=torch.manual_seed(0), device="cpu")
+    with fake_cuda():
+        x = torch.randn(1, 1, 4, 4, device="cuda")
+        scheduler.add_noise(x, x, torch.tensor([5], device="cuda"))
+        schedule = NoiseSchedule.from_scheduler(scheduler, num_levels=21)
+        assert {t.device.type for t in (schedule.levels, schedule.signal_scale, schedule.noise_scale)} == {"cpu"}
+        found = plan_stages(
+            data, scheduler, num_levels=21, num_samples=4, generator=torch.manual_seed(0), device="cpu"
+        )
+    assert found.partition == expected.partition
