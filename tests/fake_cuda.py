@@ -189,7 +189,7 @@ class _FakeCudaFunctions(TorchFunctionMode):
             return None
         elif func is torch.Tensor.cuda:
             return CudaTagged(_unwrap(args[0]).clone()) if not isinstance(args[0], CudaTagged) else args[0]
-        elif _is_cuda(kwargs.get("device")):  # a factory function on "cuda"
+        elif _is_cuda(kwargs.get("device")) and func is not torch._C._nn._parse_to:  # a factory on "cuda"
             _check_generator(func, args, kwargs, on_cuda=True)
             kwargs["device"] = torch.device("cpu")
             return _wrap_outputs(func(*args, **kwargs))

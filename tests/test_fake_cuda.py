@@ -339,3 +339,16 @@ def test_expert_routing_model_takes_timesteps_from_the_cpu():
         with fake_cuda():
             out = model.to("cuda")(x.to("cuda"), t).sample
             assert out.device == CUDA_DEVICE and torch.allclose(out.cpu(), expected, atol=1e-6)
+
+
+def test_warm_start_from_a_unet_on_the_device(tiny_cond_unet):
+    torch.manual_seed(0)
+    unet, cond = UNet2DModel(**TINY_UNET).eval(), tiny_cond_unet(0)
+    with fake_cuda():
+        unet.to(device=torch.device("cuda"))  # as `module.to(device=...)` is called too
+        cond.to("cuda")
+        model = MultiStageUNet2DModel.from_unet(unet, stage_boundaries=(300, 600))
+        cond_model = MultiStageUNet2DConditionModel.from_unet(cond, stage_boundaries=(300, 600))
+        t = cuda_tensor([10, 500, 900])
+        assert model(cuda_randn(3, 3, 8, 8), t).sample.device == CUDA_DEVICE
+        assert cond_model(cuda_randn(3, 4, 8, 8), t, cuda_randn(3, 5, 32)).sample.device == CUDA_DEVICE
