@@ -145,6 +145,7 @@ def train_classifier(
         net.load_state_dict(load_file(cache_path))
         return net.eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
+    labels = labels.to(net.head.weight.device)  # the classifier's (images get there in `_features`), moved once
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = min(max_steps, epochs * max(1, len(images) // batch_size))  # fewer images than a batch: still trained
     for _ in tqdm(range(steps), desc="classifier", disable=not progress_bar):

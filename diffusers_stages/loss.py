@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 from diffusers.training_utils import compute_snr
+from diffusers.utils.torch_utils import randn_tensor
 
 from .schedulers import is_edm_scheduler
 
@@ -68,7 +69,7 @@ def diffusion_loss(
         class_labels: class labels passed to the model.
         model_kwargs: further keyword arguments of the model call (e.g. ``stage_index``).
         snr_gamma: Min-SNR-gamma weighting for DDPM-style schedulers; ``None`` for plain MSE.
-        generator: draws ``noise`` when it is not given.
+        generator: draws ``noise`` when it is not given (a CPU generator draws on the CPU, whatever the device).
 
     Example:
 
@@ -93,7 +94,8 @@ def diffusion_loss(
             f"`timesteps` must hold one value per sample ({clean.shape[0]}), got shape {tuple(timesteps.shape)}."
         )
     if noise is None:
-        noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+        # diffusers' draw: a CPU generator draws on the CPU, then the noise moves to ``clean``'s device
+        noise = randn_tensor(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
     elif noise.shape != clean.shape:
         raise ValueError(f"`noise` must have the shape of `clean` {tuple(clean.shape)}, got {tuple(noise.shape)}.")
     if snr_gamma is not None and (

@@ -80,7 +80,8 @@ def dispatch_by_stage(
     contiguous slice (a view), and the outputs are put back in order with one scatter: the cost is
     ``sum_s network_s(B_s)`` plus one gather and one scatter, whatever the number of stages. The routed path reads
     on the host the timesteps' smallest and largest value (the partition's range check) and the per-stage counts,
-    whatever the number of stages; the ``stage_index`` path reads no tensor value.
+    whatever the number of stages; the ``stage_index`` path reads no tensor value. The routed output is on
+    ``timesteps``' device, whichever device each stage's network ran on (a ``device_map`` may place them on several).
 
     ``inputs`` given as a list are handed over: the routing empties the list once it has gathered them, and hands
     each network a list of its own, so that a network that empties what it reads (the package's decoders do) frees
@@ -114,7 +115,7 @@ def dispatch_by_stage(
     batch = stages.numel()
     counts = torch.bincount(stages, minlength=partition.num_stages).tolist()
     if batch in counts:
-        return run_stage(counts.index(batch), inputs)
+        return run_stage(counts.index(batch), inputs).to(timesteps.device)
     order = torch.argsort(stages, stable=True)
     run_fused = fuse(counts) if fuse is not None else None
     if run_fused is not None:
@@ -141,7 +142,7 @@ def dispatch_by_stage(
             parts.append(run_stage(stage, stage_inputs))
             start += count
     # 4. one scatter back to the caller's order
-    ordered_out = torch.cat(parts)
+    ordered_out = torch.cat([part.to(timesteps.device) for part in parts])
     out = torch.empty_like(ordered_out)
     out[order] = ordered_out
     return out

@@ -202,3 +202,18 @@ def test_real_images_must_fit_the_classifier(shape):
 def test_train_classifier_refuses_non_square_images():
     with pytest.raises(ValueError, match="`images` must be square"):
         train_classifier(torch.zeros(4, 1, 8, 16), torch.tensor([0, 1, 0, 1]), max_steps=1)
+
+
+def test_classifier_and_evaluator_take_images_and_labels_on_an_accelerator(digits):
+    # the classifier trains and scores on the CPU; generated images and their labels may come from a GPU
+    from tests.fake_cuda import fake_cuda
+
+    images, labels, test_images, test_labels = digits
+    expected = train_classifier(images[:64], labels[:64], max_steps=3)
+    with fake_cuda(grad=True):
+        net = train_classifier(images[:64].to("cuda"), labels[:64].to("cuda"), max_steps=3)
+        evaluator = Evaluator(net, images[:64].to("cuda"))
+        scores = evaluator.score(test_images[:32].to("cuda"), test_labels[:32].to("cuda"))
+    for a, b in zip(net.state_dict().values(), expected.state_dict().values()):
+        assert torch.equal(a, b)
+    assert np.isfinite(scores["fd"]) and 0 <= scores["accuracy"] <= 1

@@ -537,6 +537,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         timesteps = self.check_inputs(sample, timestep, stage_index, in_channels=self.config.get("in_channels"))
         if torch.is_tensor(timestep) and timestep.ndim == 0:
             timestep = timesteps
+        elif torch.is_tensor(timestep):  # on the samples' device, as `timesteps` (a CPU tensor: copied there)
+            timestep = timestep.to(timesteps.device)
 
         # 2. each expert only on its own samples (the whole batch, called exactly as alone, when one stage holds it;
         # a mixed batch has one timestep per sample, split with the rest)

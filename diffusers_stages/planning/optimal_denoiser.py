@@ -172,7 +172,7 @@ def optimal_predictions(
     )
     picks = torch.randint(flat.shape[0], (num_samples,), generator=generator)
     noise = torch.randn(num_samples, flat.shape[1], generator=generator, dtype=torch.float64)
-    clean = flat[picks].to(torch.float64)
+    clean = flat[picks].to("cpu", torch.float64)  # the draws stay on the CPU, as the noise, whatever the data's device
     if device.type == "cuda":
         flat = flat.to(device)  # one copy of the training set on the accelerator, chunks read from it
     # every (level, draw) pair is one query row: levels are batched together so each matmul is large

@@ -24,7 +24,7 @@ class NoiseSchedule:
     Args:
         levels (`torch.Tensor`): the grid, strictly increasing, in ``units`` (training timesteps or sigmas).
         signal_scale (`torch.Tensor`): ``a`` of each level.
-        noise_scale (`torch.Tensor`): ``s`` of each level.
+        noise_scale (`torch.Tensor`): ``s`` of each level (the three are kept as float64 on the CPU).
         units (`str`): ``"timestep"`` or ``"sigma"``.
         num_train_timesteps (`int`, defaults to 1000): length of the training schedule (``"timestep"`` units).
         sigma_data (`float`, defaults to 0.5): EDM's data standard deviation (preconditioning, ``"sigma"`` units).
@@ -52,8 +52,9 @@ class NoiseSchedule:
         num_train_timesteps: int = 1000,
         sigma_data: float = 0.5,
     ):
+        # on the CPU, where the planning computes (a scheduler's alphas_cumprod may be on an accelerator)
         levels, signal_scale, noise_scale = (
-            torch.as_tensor(v, dtype=torch.float64) for v in (levels, signal_scale, noise_scale)
+            torch.as_tensor(v, dtype=torch.float64, device="cpu") for v in (levels, signal_scale, noise_scale)
         )
         if levels.ndim != 1 or levels.numel() < 3:
             raise ValueError(

@@ -26,12 +26,12 @@ PAPER_SCALES = (0.125, 1.5)  # Zhang et al., CIFAR-10: decoders 16 and 192 aroun
 
 def data_spectrum(data: torch.Tensor, max_dim: int = 4096, max_images: int = 2048, generator=None) -> torch.Tensor:
     """Eigenvalues of the data covariance: exact (streamed ``D x D``) when ``D <= max_dim``, else the non-zero ones
-    of a random subset of ``max_images`` images (never an ``N x N`` matrix)."""
+    of a random subset of ``max_images`` images (never an ``N x N`` matrix); on the data's device."""
     flat = _check_data(data)
     n, dim = flat.shape
     mean = flat.double().mean(0)
     if dim <= max_dim:
-        cov = torch.zeros(dim, dim, dtype=torch.float64)
+        cov = torch.zeros(dim, dim, dtype=torch.float64, device=flat.device)
         for start in range(0, n, 4096):
             centred = flat[start : start + 4096].double() - mean
             cov += centred.T @ centred
@@ -60,7 +60,7 @@ def stage_difficulty(data: torch.Tensor, schedule: NoiseSchedule, partition: Tim
     if partition.units != schedule.units:
         raise ValueError(f"`partition` is in {partition.units!r} units but `schedule` in {schedule.units!r} units.")
     dim = check_planning_data(data).shape[1]
-    spectrum = data_spectrum(data)
+    spectrum = data_spectrum(data).cpu()  # where the schedule's scales are
     a2, s2 = schedule.signal_scale[:, None] ** 2, schedule.noise_scale[:, None] ** 2
     per_level = (a2 * spectrum / (a2 * spectrum + s2)).sum(1) / dim
     stages = partition.stage_for_noise_level(schedule.levels)

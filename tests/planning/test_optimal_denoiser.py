@@ -93,3 +93,18 @@ def test_two_antipodal_images_give_the_closed_form_curves_and_boundaries():
     expected_levels = [float(np.interp(p, range(60), schedule.levels.numpy())) for p in expected]
     for got, want in zip(plan.partition.boundaries, expected_levels):
         assert abs(got - want) <= 10, (plan.partition.boundaries, expected_levels)  # 0.01 of T
+
+
+@pytest.mark.parametrize("target", ["sample", "epsilon"])
+def test_training_images_on_an_accelerator(target):
+    # the draws (images, noise) and the predictions are on the CPU whatever the data's device: the same as from the CPU
+    from tests.fake_cuda import fake_cuda
+
+    data = torch.randn(9, 1, 4, 4, generator=torch.manual_seed(0))
+    schedule = NoiseSchedule.edm(num_levels=3)
+    expected = optimal_predictions(data, schedule, 4, torch.manual_seed(1), target, device="cpu")
+    with fake_cuda():
+        for device in ("cuda", "cpu"):
+            got = optimal_predictions(data.to("cuda"), schedule, 4, torch.manual_seed(1), target, device=device)
+            for a, b in zip(got, expected):
+                assert a.device == torch.device("cpu") and torch.allclose(a, b)

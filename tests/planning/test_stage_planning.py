@@ -234,3 +234,37 @@ def test_log_snr_baselines_plan_a_zero_terminal_snr_schedule(method):
     euler = plan_stages(None, EulerDiscreteScheduler(rescale_betas_zero_snr=True), 3, method=method, num_levels=30)
     assert ddpm.partition.boundaries == pytest.approx(euler.partition.boundaries, rel=1e-6)
     assert bool(torch.isfinite(ddpm.curves["log-SNR"]).all())
+
+
+def test_stage_difficulty_of_training_images_on_an_accelerator():
+    # the same difficulties as from the CPU, whether the spectrum is exact (D <= max_dim) or from a subset
+    from diffusers_stages.planning.sizing import data_spectrum
+    from tests.fake_cuda import fake_cuda
+
+    data = torch.randn(64, 16, generator=torch.manual_seed(0))
+    schedule = NoiseSchedule.edm(num_levels=20)
+    partition = schedule.partition([0.5, 5.0])
+    expected = stage_difficulty(data, schedule, partition)
+    subset = data_spectrum(data, max_dim=8, max_images=32, generator=torch.manual_seed(1))
+    with fake_cuda():
+        assert stage_difficulty(data.to("cuda"), schedule, partition) == pytest.approx(expected)
+        got = data_spectrum(data.to("cuda"), max_dim=8, max_images=32, generator=torch.manual_seed(1))
+        assert torch.allclose(got.cpu(), subset)
+
+
+def test_schedule_of_a_scheduler_used_on_an_accelerator():
+    # DDPMScheduler.add_noise moves alphas_cumprod onto the samples' device (a training scheduler, planned from)
+    from tests.fake_cuda import fake_cuda
+
+    data = torch.rand(16, 1, 4, 4, generator=torch.manual_seed(0)) * 2 - 1
+    scheduler = DDPMScheduler()
+    expected = plan_stages(data, scheduler, num_levels=21, num_samples=4, generator=torch.manual_seed(0), device="cpu")
+    with fake_cuda():
+        x = torch.randn(1, 1, 4, 4, device="cuda")
+        scheduler.add_noise(x, x, torch.tensor([5], device="cuda"))
+        schedule = NoiseSchedule.from_scheduler(scheduler, num_levels=21)
+        assert {t.device.type for t in (schedule.levels, schedule.signal_scale, schedule.noise_scale)} == {"cpu"}
+        found = plan_stages(
+            data, scheduler, num_levels=21, num_samples=4, generator=torch.manual_seed(0), device="cpu"
+        )
+    assert found.partition == expected.partition
