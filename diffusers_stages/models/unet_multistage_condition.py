@@ -9,6 +9,7 @@ diffusers' own pipelines (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders.peft import PeftAdapterMixin
+from diffusers.loaders.unet import _LOW_CPU_MEM_USAGE_DEFAULT
 from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
 from diffusers.models.activations import get_activation
 from diffusers.models.attention import AttentionMixin
@@ -32,6 +34,7 @@ from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..routing import dispatch_by_stage
 from .checks import check_encoder_hidden_states, compute_dtype
 from .decoders import resolve_decoder_widths, skip_channels
+from .ip_adapter import check_image_embeds, check_ip_adapter_fits, check_ip_adapter_state_dicts, ip_adapter_layers
 from .loading import StrictLoadingMixin
 from .lora import check_lora_fits, fetch_lora, lora_to_stages, require_peft
 from .staged import StagedModelMixin
@@ -372,6 +375,97 @@ class MultiStageUNet2DConditionModel(
             weights = _maybe_expand_lora_scales(view, [1.0 if weight is None else weight for weight in listed])
         super().set_adapters(adapter_names, weights)
 
+    # ------------------------------------------------------------------------------------------------------------
+    # IP-Adapter: what diffusers' `IPAdapterMixin` (`pipe.load_ip_adapter`, `set_ip_adapter_scale`,
+    # `unload_ip_adapter`) calls on `pipe.unet`, with the source U-Net's layers renamed onto the stages
+    @property
+    def up_blocks(self) -> tuple:
+        """No up path of its own (each decoder has one, ``decoders[s].up_blocks``): empty, so that diffusers'
+        ``set_ip_adapter_scale``, which reads ``unet.up_blocks``, takes a float scale for every layer (a block-wise
+        dict does not reach the decoders' layers: diffusers matches it to the source U-Net's layer names)."""
+        return ()
+
+    def _ip_adapter_where(self, name: str) -> str:
+        if not name:
+            return "this model (its source U-Net's layout)"
+        if not name.startswith("decoders."):
+            return "the shared encoder"
+        why = " (a decoder of tailored widths, `decoder_block_out_channels`, cannot take the source's up-path weights)"
+        return f"decoder {name.split('.')[1]}{why if self.config.decoder_block_out_channels is not None else ''}"
+
+    def _check_ip_adapter(self, state_dicts: list[dict] | dict) -> list[dict]:
+        """The IP-Adapter state dicts as a list, checked against the layers they land on (a `ValueError` naming
+        the decoder and the shapes); nothing is changed."""
+        state_dicts = check_ip_adapter_state_dicts(state_dicts)
+        check_ip_adapter_fits(self, state_dicts, self._ip_adapter_where)
+        return state_dicts
+
+    def _load_ip_adapter_weights(
+        self, state_dicts: list[dict] | dict, low_cpu_mem_usage: bool = _LOW_CPU_MEM_USAGE_DEFAULT
+    ) -> None:
+        r"""
+        Load IP-Adapters made for the source `UNet2DConditionModel` (what `pipe.load_ip_adapter` calls): the image
+        projection becomes the shared encoder's ``encoder_hid_proj``, the down and middle layers' ``to_k_ip`` /
+        ``to_v_ip`` go to the encoder's processors and each up-path layer's to that layer of every decoder (each
+        decoder its own copy), built by diffusers' own conversion. The forward then turns
+        ``added_cond_kwargs["image_embeds"]`` into the image tokens once, in the encoder, and routes them with the
+        rest of each sample's conditioning. Every tensor is checked first: decoders of tailored widths
+        (``decoder_block_out_channels``) cannot take the source's up-path weights (a `ValueError` naming the decoder
+        and the shapes, nothing changed).
+
+        Example:
+
+        ```py
+        >>> import torch
+        >>> from diffusers import UNet2DConditionModel
+        >>> from diffusers_stages import MultiStageUNet2DConditionModel
+        >>> unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
+        ...     norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
+        ...     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        ...     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+        >>> staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=(500,))
+        >>> widths = [unet.get_submodule(n[:-10]).to_k.weight.shape for n in unet.attn_processors if "attn2" in n]
+        >>> adapter = {"image_proj": {"proj.weight": torch.randn(64, 12), "proj.bias": torch.zeros(64),
+        ...     "norm.weight": torch.ones(16), "norm.bias": torch.zeros(16)},
+        ...     "ip_adapter": {f"{2 * i + 1}.to_{p}_ip.weight": torch.randn(w) for i, w in enumerate(widths) for p in "kv"}}
+        >>> unet._load_ip_adapter_weights([adapter]); staged._load_ip_adapter_weights([adapter])
+        >>> x, text, image = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16), {"image_embeds": [torch.randn(2, 1, 12)]}
+        >>> t = torch.tensor([100, 900])  # one sample per stage
+        >>> torch.allclose(staged(x, t, text, added_cond_kwargs=image).sample,
+        ...     unet(x, t, text, added_cond_kwargs=image).sample, atol=1e-5)
+        True
+
+        ```
+        """
+        state_dicts = self._check_ip_adapter(state_dicts)
+        UNet2DConditionModel._load_ip_adapter_weights(self, state_dicts, low_cpu_mem_usage=low_cpu_mem_usage)
+
+    def _convert_ip_adapter_attn_to_diffusers(
+        self, state_dicts: list[dict], low_cpu_mem_usage: bool = _LOW_CPU_MEM_USAGE_DEFAULT
+    ) -> dict[str, nn.Module]:
+        """diffusers' conversion on the source's view of the layers (its names and order), each up-path
+        processor copied to every decoder."""
+        layers = ip_adapter_layers(self)
+        processors = self.attn_processors
+        view = SimpleNamespace(
+            attn_processors={source: processors[targets[0]] for source, targets in layers.items()}, config=self.config
+        )
+        converted = UNet2DConditionModel._convert_ip_adapter_attn_to_diffusers(view, state_dicts, low_cpu_mem_usage)
+        return {
+            target: converted[source] if i == 0 else copy.deepcopy(converted[source])
+            for source, targets in layers.items()
+            for i, target in enumerate(targets)
+        }
+
+    def _load_ip_adapter_loras(self, state_dicts: list[dict]) -> dict:
+        """The LoRAs of IP-Adapter FaceID state dicts in the source U-Net's names (``unet.up_blocks...``), which
+        `pipe.load_lora_weights` then renames onto the decoders (see `load_lora_adapter`)."""
+        layers = ip_adapter_layers(self)
+        view = SimpleNamespace(attn_processors=dict.fromkeys(layers))
+        return UNet2DConditionModel._load_ip_adapter_loras(view, state_dicts)
+
+    _convert_ip_adapter_image_proj_to_diffusers = UNet2DConditionModel._convert_ip_adapter_image_proj_to_diffusers
+
     def _build_embeddings(self) -> int:
         """The input convolution and the time, class and added embeddings, as `UNet2DConditionModel` builds them;
         returns the width of the embedding the blocks take."""
@@ -536,6 +630,8 @@ class MultiStageUNet2DConditionModel(
         if self.class_embedding is not None:  # (labels given to a model without one are ignored, as diffusers does)
             num_labels = self.config.num_class_embeds if self.config.class_embed_type is None else None
             self.check_labels(class_labels, sample.shape[0], stage_index, num_labels)
+        if self.encoder_hid_proj is not None and self.config.encoder_hid_dim_type == "ip_image_proj":
+            check_image_embeds(added_cond_kwargs, sample.shape[0])
         if down_intrablock_additional_residuals is not None:
             raise ValueError("`down_intrablock_additional_residuals` (T2I-Adapter) are not supported by this model.")
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):

@@ -48,6 +48,12 @@ def warm_start(
             "load the LoRA into it afterwards (`pipe.load_lora_weights` takes the source's LoRA), or bake the LoRA "
             "in first with `unet.fuse_lora()` and `unet.unload_lora()`."
         )
+    if getattr(unet.config, "encoder_hid_dim_type", None) == "ip_image_proj":  # set by `load_ip_adapter`
+        raise ValueError(
+            "`unet` has an IP-Adapter loaded (its image projection and processors are not part of the U-Net's "
+            "architecture): build the staged model from the plain U-Net (`pipe.unload_ip_adapter()` first) and load "
+            "the IP-Adapter into it afterwards (`pipe.load_ip_adapter` takes the source's IP-Adapter)."
+        )
     config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     unet_steps = config.pop("num_train_timesteps", None)
     if num_train_timesteps is None:  # anything given (a 0 too) goes to the model's check as given

@@ -1,0 +1,238 @@
+"""IP-Adapter on the staged text-to-image U-Nets: `pipe.load_ip_adapter` with an IP-Adapter made for the source
+`UNet2DConditionModel` (its down/mid cross-attention layers to the shared encoder, its up-path ones to every
+decoder), `set_ip_adapter_scale`, `unload_ip_adapter`, and the refusals."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+from safetensors.torch import save_file
+
+from diffusers_stages import MultiStageUNet2DConditionModel
+
+BOUNDARIES = (350, 700)  # three stages; 3 DDIM steps (999, 666, 333) visit all three
+IMAGE_EMBED_DIM = 12  # the width of the (stand-in) CLIP image embedding
+
+
+def ip_adapter_state_dict(unet, seed: int = 0) -> dict:
+    """An IP-Adapter for ``unet`` in the original format diffusers' `load_ip_adapter` reads: ``image_proj``
+    (``proj``/``norm`` of an `ImageProjection`, 4 tokens) and ``ip_adapter`` (``{i}.to_k_ip``/``{i}.to_v_ip`` per
+    cross-attention layer, ``i`` = 1, 3, 5, ... in ``attn_processors`` order)."""
+    generator = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    image_proj = {
+        "proj.weight": torch.randn(4 * cross, IMAGE_EMBED_DIM, generator=generator) * 0.3,
+        "proj.bias": torch.randn(4 * cross, generator=generator) * 0.1,
+        "norm.weight": 1 + 0.1 * torch.randn(cross, generator=generator),
+        "norm.bias": 0.1 * torch.randn(cross, generator=generator),
+    }
+    ip_adapter, key_id = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            shape = unet.get_submodule(name[: -len(".processor")]).to_k.weight.shape
+            ip_adapter[f"{key_id}.to_k_ip.weight"] = torch.randn(shape, generator=generator) * 0.5
+            ip_adapter[f"{key_id}.to_v_ip.weight"] = torch.randn(shape, generator=generator) * 0.5
+            key_id += 2
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def save_ip_adapter(state_dict: dict, folder) -> str:
+    """``state_dict`` as an IP-Adapter folder: ``models/ip-adapter.safetensors`` with ``image_proj.``/``ip_adapter.``
+    keys (the layout of ``h94/IP-Adapter``)."""
+    flat = {f"{part}.{key}": value for part, tensors in state_dict.items() for key, value in tensors.items()}
+    (folder / "models").mkdir(parents=True, exist_ok=True)
+    save_file(flat, str(folder / "models" / "ip-adapter.safetensors"))
+    return str(folder)
+
+
+def _embeds(seed: int = 1) -> list[torch.Tensor]:
+    """One image's embedding, negative and positive (classifier-free guidance): ``[(2, 1, IMAGE_EMBED_DIM)]``."""
+    return [torch.randn(2, 1, IMAGE_EMBED_DIM, generator=torch.Generator().manual_seed(seed))]
+
+
+def _images(pipe, ip: bool = True, steps: int = 3) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    extra = {"ip_adapter_image_embeds": _embeds()} if ip else {}
+    return pipe(
+        "a cat",
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        generator=torch.manual_seed(0),
+        output_type="np",
+        **extra,
+    ).images
+
+
+def _load(pipe, adapter) -> None:
+    if isinstance(adapter, dict):
+        pipe.load_ip_adapter(adapter, subfolder="", weight_name="", image_encoder_folder=None)
+    else:
+        pipe.load_ip_adapter(
+            adapter, subfolder="models", weight_name="ip-adapter.safetensors", image_encoder_folder=None
+        )
+
+
+def _ip_processors(model) -> dict:
+    return {
+        name: processor
+        for name, processor in model.attn_processors.items()
+        if isinstance(processor, IPAdapterAttnProcessor2_0)
+    }
+
+
+@pytest.fixture
+def source_and_staged(tiny_sd_components):
+    """``(source_pipe, staged_pipe)``: the tiny SD pipeline, and the same one with the staged warm start as unet."""
+    source = StableDiffusionPipeline(**tiny_sd_components)
+    staged = StableDiffusionPipeline(**dict(tiny_sd_components, unet=copy.deepcopy(source.unet)))
+    staged.unet = MultiStageUNet2DConditionModel.from_unet(staged.unet, stage_boundaries=BOUNDARIES)
+    return source, staged
+
+
+def _check_scale_and_unload(source, other, plain: np.ndarray, with_ip: np.ndarray) -> None:
+    """``other`` follows ``source`` through `set_ip_adapter_scale` (0 gives the plain images) and `unload_ip_adapter`."""
+    for scale, expected in ((0.0, plain), (0.4, None)):
+        for pipe in (source, other):
+            pipe.set_ip_adapter_scale(scale)
+        images = _images(other)
+        assert np.abs(images - _images(source)).max() < 1e-5
+        if expected is not None:
+            assert np.abs(images - expected).max() < 1e-5
+        else:
+            assert np.abs(images - with_ip).max() > 1e-3 and np.abs(images - plain).max() > 1e-3
+    for pipe in (source, other):
+        pipe.unload_ip_adapter()
+    assert not _ip_processors(other.unet) and other.unet.encoder_hid_proj is None
+    assert np.abs(_images(other, ip=False) - plain).max() < 1e-5
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["folder", "state-dict"])
+def test_source_ip_adapter_on_the_staged_pipeline_gives_the_source_images(source_and_staged, tmp_path, as_dict):
+    source, staged = source_and_staged
+    plain = _images(source, ip=False)
+    state_dict = ip_adapter_state_dict(source.unet)
+    adapter = state_dict if as_dict else save_ip_adapter(state_dict, tmp_path)
+    _load(source, adapter)
+    _load(staged, adapter)
+    with_ip = _images(source)
+    assert np.abs(with_ip - plain).max() > 1e-2  # the IP-Adapter changes the images
+    assert np.abs(_images(staged) - with_ip).max() < 1e-5
+
+    # down/mid layers are the encoder's, each up-path layer's weights are in every decoder, each decoder its own copy
+    processors, source_processors = _ip_processors(staged.unet), _ip_processors(source.unet)
+    up = [name for name in source_processors if name.startswith("up_blocks.")]
+    assert up and all(f"decoders.{s}.{name}" in processors for s in range(3) for name in up)
+    assert all(name in processors for name in source_processors if not name.startswith("up_blocks."))
+    assert len(processors) == len(source_processors) + 2 * len(up)
+    weights = [processors[f"decoders.{s}.{up[0]}"].to_k_ip[0].weight for s in range(3)]
+    assert weights[0].data_ptr() != weights[1].data_ptr() and torch.equal(weights[0], weights[1])
+    assert torch.equal(weights[0], source_processors[up[0]].to_k_ip[0].weight)
+    assert staged.unet.config.encoder_hid_dim_type == "ip_image_proj"
+
+    _check_scale_and_unload(source, staged, plain, with_ip)
+
+
+def test_an_ip_adapter_image_goes_through_the_image_encoder_as_for_the_source(tiny_sd_components):
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+        patch_size=8, projection_dim=IMAGE_EMBED_DIM,
+    )  # fmt: skip
+    components = dict(
+        tiny_sd_components,
+        image_encoder=CLIPVisionModelWithProjection(vision).eval(),
+        feature_extractor=CLIPImageProcessor(size=16, crop_size=16),
+    )
+    source = StableDiffusionPipeline(**components)
+    staged = StableDiffusionPipeline(**dict(components, unet=copy.deepcopy(source.unet)))
+    staged.unet = MultiStageUNet2DConditionModel.from_unet(staged.unet, stage_boundaries=BOUNDARIES)
+    state_dict = ip_adapter_state_dict(source.unet)
+    _load(source, state_dict)
+    _load(staged, state_dict)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+
+    def images(pipe) -> np.ndarray:
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.manual_seed(0)
+        return pipe(
+            "a cat", num_inference_steps=3, generator=generator, output_type="np", ip_adapter_image=image
+        ).images
+
+    with_image = images(source)
+    assert np.abs(images(staged) - with_image).max() < 1e-5
+    staged.set_ip_adapter_scale(0.0)
+    assert np.abs(images(staged) - with_image).max() > 1e-2  # the image prompt did act
+
+
+def test_a_mixed_batch_routes_the_image_embeddings_with_the_rest(source_and_staged):
+    source, staged = source_and_staged
+    state_dict = ip_adapter_state_dict(source.unet)
+    _load(source, state_dict)
+    _load(staged, state_dict)
+    torch.manual_seed(3)
+    x, text = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 32)
+    added = {"image_embeds": [torch.randn(3, 1, IMAGE_EMBED_DIM)]}
+    t = torch.tensor([900, 100, 500])  # one sample per stage, in no stage order
+    expected = source.unet(x, t, text, added_cond_kwargs=added).sample
+    assert torch.allclose(staged.unet(x, t, text, added_cond_kwargs=added).sample, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="image_embeds"):  # as diffusers: the adapter needs the image embeddings
+        staged.unet(x, t, text)
+    with pytest.raises(ValueError, match=r"image_embeds.*one row per sample \(3\).*\(2, 1, 12\)"):
+        staged.unet(x, t, text, added_cond_kwargs={"image_embeds": [torch.randn(2, 1, IMAGE_EMBED_DIM)]})
+
+
+def test_source_ip_adapter_on_a_staged_sdxl_pipeline(tiny_sdxl_components):
+    source = StableDiffusionXLPipeline(**tiny_sdxl_components)
+    staged = StableDiffusionXLPipeline(**dict(tiny_sdxl_components, unet=copy.deepcopy(source.unet)))
+    staged.unet = MultiStageUNet2DConditionModel.from_unet(staged.unet, stage_boundaries=BOUNDARIES)
+    plain = _images(source, ip=False)
+    state_dict = ip_adapter_state_dict(source.unet)
+    _load(source, state_dict)
+    _load(staged, state_dict)
+    with_ip = _images(source)
+    assert np.abs(with_ip - plain).max() > 1e-2
+    assert np.abs(_images(staged) - with_ip).max() < 1e-5
+    _check_scale_and_unload(source, staged, plain, with_ip)
+
+
+def test_tailored_decoders_refuse_the_source_up_path_ip_adapter_before_any_change(tiny_cond_unet):
+    source = tiny_cond_unet(0)
+    config = {k: v for k, v in source.config.items() if not k.startswith("_")}
+    tailored = MultiStageUNet2DConditionModel(
+        **config, stage_boundaries=(500,), decoder_block_out_channels=((8, 16), (16, 32))
+    )
+    processors = {name: type(p) for name, p in tailored.attn_processors.items()}
+    before = {k: v.clone() for k, v in tailored.state_dict().items()}
+    with pytest.raises(ValueError, match=r"decoder 1\b.*shape") as error:
+        tailored._load_ip_adapter_weights([ip_adapter_state_dict(source)])
+    assert "decoder_block_out_channels" in str(error.value)
+    assert {name: type(p) for name, p in tailored.attn_processors.items()} == processors
+    assert tailored.encoder_hid_proj is None and tailored.config.encoder_hid_dim_type is None
+    after = tailored.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_ip_adapter_of_another_layout_is_refused_by_name(source_and_staged, tiny_cond_unet):
+    source, staged = source_and_staged
+    other = ip_adapter_state_dict(tiny_cond_unet(0, layers_per_block=2))  # more cross-attention layers
+    with pytest.raises(ValueError, match=r"ip_adapter.*cross-attention layers"):
+        staged.unet._load_ip_adapter_weights([other])
+    assert not _ip_processors(staged.unet) and staged.unet.encoder_hid_proj is None
+    with pytest.raises(ValueError, match="state_dicts"):
+        staged.unet._load_ip_adapter_weights(["not a state dict"])
+
+
+def test_warm_start_from_a_source_with_an_ip_adapter_loaded_is_refused_by_name(source_and_staged):
+    source, _ = source_and_staged
+    _load(source, ip_adapter_state_dict(source.unet))
+    with pytest.raises(ValueError, match="IP-Adapter loaded.*unload_ip_adapter"):
+        MultiStageUNet2DConditionModel.from_unet(source.unet, stage_boundaries=BOUNDARIES)
+    source.unload_ip_adapter()  # the way out: the plain U-Net, then the IP-Adapter into the staged model
+    staged = MultiStageUNet2DConditionModel.from_unet(source.unet, stage_boundaries=BOUNDARIES)
+    assert staged.encoder_hid_proj is None
