@@ -22,6 +22,7 @@ import diffusers
 import torch
 import torch.utils.checkpoint
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders.unet import _LOW_CPU_MEM_USAGE_DEFAULT
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
@@ -29,6 +30,7 @@ from torch import nn
 
 from ..hub import pop_push_kwargs, push_saved_folder
 from ..partition import TimestepPartition
+from .ip_adapter import check_ip_adapter_fits, check_ip_adapter_state_dicts
 from .loading import (
     DOWNLOAD_KWARGS,
     check_folder_files,
@@ -717,6 +719,105 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
     def enable_lora_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
         """Prepare every expert for LoRA hotswapping (what `pipe.enable_lora_hotswap` calls)."""
         self._each_expert("enable_lora_hotswap", target_rank=target_rank, check_compiled=check_compiled)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # IP-Adapter: what diffusers' `IPAdapterMixin` calls on `pipe.unet`, each expert's own
+    def _ip_adapter_experts(self) -> list[ModelMixin]:
+        """The experts, each able to take an IP-Adapter; a `ValueError` naming an unloaded or unable one."""
+        missing = [i for i, expert in enumerate(self.experts) if expert is None]
+        if missing:
+            raise ValueError(f"Experts {missing} are not loaded: load every expert before you load an IP-Adapter.")
+        for i, expert in enumerate(self.experts):
+            if not callable(getattr(expert, "_load_ip_adapter_weights", None)):
+                raise ValueError(f"Expert {i} ({type(expert).__name__}) cannot take an IP-Adapter.")
+        return list(self.experts)
+
+    def _load_ip_adapter_weights(
+        self, state_dicts: list[dict] | dict, low_cpu_mem_usage: bool = _LOW_CPU_MEM_USAGE_DEFAULT
+    ) -> None:
+        r"""
+        Load IP-Adapters made for the source U-Net into every expert, each with its own
+        ``_load_ip_adapter_weights`` (what `pipe.load_ip_adapter` calls): every expert its own image projection and
+        processors, so that each stage's samples take the image prompt as the source does. The IP-Adapters are
+        checked against every expert before any changes (an expert of other widths is a `ValueError` naming it and
+        the shapes).
+
+        Example:
+
+        ```py
+        >>> import copy, torch
+        >>> from diffusers import UNet2DConditionModel
+        >>> from diffusers_stages import ExpertRoutingModel
+        >>> unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
+        ...     norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
+        ...     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        ...     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+        >>> model = ExpertRoutingModel([copy.deepcopy(unet), copy.deepcopy(unet)], stage_boundaries=(500,))
+        >>> widths = [unet.get_submodule(n[:-10]).to_k.weight.shape for n in unet.attn_processors if "attn2" in n]
+        >>> adapter = {"image_proj": {"proj.weight": torch.randn(64, 12), "proj.bias": torch.zeros(64),
+        ...     "norm.weight": torch.ones(16), "norm.bias": torch.zeros(16)},
+        ...     "ip_adapter": {f"{2 * i + 1}.to_{p}_ip.weight": torch.randn(w) for i, w in enumerate(widths) for p in "kv"}}
+        >>> model._load_ip_adapter_weights([adapter])
+        >>> [expert.config.encoder_hid_dim_type for expert in model.experts]
+        ['ip_image_proj', 'ip_image_proj']
+
+        ```
+        """
+        experts = self._ip_adapter_experts()
+        state_dicts = check_ip_adapter_state_dicts(state_dicts)
+        for i, expert in enumerate(experts):
+            try:
+                if callable(getattr(expert, "_check_ip_adapter", None)):  # a staged expert: onto its decoders
+                    expert._check_ip_adapter(state_dicts)
+                else:
+                    check_ip_adapter_fits(expert, state_dicts, lambda name: "the expert")
+            except ValueError as error:
+                raise ValueError(f"Expert {i} ({type(expert).__name__}): {error}") from error
+        for expert in experts:
+            expert._load_ip_adapter_weights(state_dicts, low_cpu_mem_usage=low_cpu_mem_usage)
+        # as diffusers marks a U-Net with an IP-Adapter (an attribute of the config, not saved); `layers_per_block`
+        # for diffusers' `set_ip_adapter_scale`, which reads it (with `down_blocks`/`up_blocks`) from `pipe.unet`
+        self.config.encoder_hid_dim_type = "ip_image_proj"
+        self.config.layers_per_block = getattr(experts[0].config, "layers_per_block", 1)
+
+    def _load_ip_adapter_loras(self, state_dicts: list[dict]) -> dict:
+        """The LoRAs of IP-Adapter FaceID state dicts in the source U-Net's names (the first expert's reading), which
+        `pipe.load_lora_weights` then puts into every expert (see `load_lora_adapter`)."""
+        return self._ip_adapter_experts()[0]._load_ip_adapter_loras(state_dicts)
+
+    @property
+    def encoder_hid_proj(self) -> nn.Module | None:
+        """The first expert's image projection (`MultiIPAdapterImageProjection` with an IP-Adapter loaded), which
+        the pipelines read to prepare the image embeddings; setting it to `None` (`pipe.unload_ip_adapter`) removes
+        every expert's IP-Adapter projection, as diffusers does for one U-Net."""
+        expert = next((e for e in self.experts if e is not None), None)
+        return getattr(expert, "encoder_hid_proj", None)
+
+    @encoder_hid_proj.setter
+    def encoder_hid_proj(self, value: None) -> None:
+        if value is not None:
+            raise ValueError(
+                f"`encoder_hid_proj` of an {type(self).__name__} can only be set to None (each expert holds its own), "
+                f"got {type(value).__name__}."
+            )
+        for expert in self.experts:
+            if expert is None or getattr(expert.config, "encoder_hid_dim_type", None) != "ip_image_proj":
+                continue
+            expert.encoder_hid_proj = None  # as diffusers' `unload_ip_adapter` does for one U-Net
+            expert.config.encoder_hid_dim_type = None
+            if getattr(expert, "text_encoder_hid_proj", None) is not None:
+                expert.encoder_hid_proj = expert.text_encoder_hid_proj
+                expert.text_encoder_hid_proj = None
+                expert.config.encoder_hid_dim_type = "text_proj"
+
+    @property
+    def down_blocks(self) -> tuple:
+        """No blocks of its own (each expert has its own): empty, so that diffusers' ``set_ip_adapter_scale``, which
+        reads ``unet.down_blocks`` and ``unet.up_blocks``, takes a float scale for every layer of every expert (a
+        block-wise dict reaches none: diffusers matches it to one U-Net's layer names)."""
+        return ()
+
+    up_blocks = down_blocks
 
     @property
     def add_embedding(self) -> nn.Module:

@@ -1,6 +1,6 @@
 """IP-Adapter on the staged text-to-image U-Nets: `pipe.load_ip_adapter` with an IP-Adapter made for the source
 `UNet2DConditionModel` (its down/mid cross-attention layers to the shared encoder, its up-path ones to every
-decoder), `set_ip_adapter_scale`, `unload_ip_adapter`, and the refusals."""
+decoder; every expert of an `ExpertRoutingModel`), `set_ip_adapter_scale`, `unload_ip_adapter`, and the refusals."""
 
 import copy
 
@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from safetensors.torch import save_file
 
-from diffusers_stages import MultiStageUNet2DConditionModel
+from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DConditionModel
 
 BOUNDARIES = (350, 700)  # three stages; 3 DDIM steps (999, 666, 333) visit all three
 IMAGE_EMBED_DIM = 12  # the width of the (stand-in) CLIP image embedding
@@ -226,6 +226,53 @@ def test_an_ip_adapter_of_another_layout_is_refused_by_name(source_and_staged, t
     assert not _ip_processors(staged.unet) and staged.unet.encoder_hid_proj is None
     with pytest.raises(ValueError, match="state_dicts"):
         staged.unet._load_ip_adapter_weights(["not a state dict"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ExpertRoutingModel: the source's IP-Adapter in every expert
+@pytest.fixture
+def source_and_routed(tiny_sd_components):
+    """``(source_pipe, routed_pipe)``: the tiny SD pipeline, and the same one whose unet routes to two copies of it."""
+    source = StableDiffusionPipeline(**tiny_sd_components)
+    experts = [copy.deepcopy(source.unet) for _ in range(2)]
+    routed = StableDiffusionPipeline(**dict(tiny_sd_components, unet=copy.deepcopy(source.unet)))
+    routed.unet = ExpertRoutingModel(experts, stage_boundaries=(500,))
+    return source, routed
+
+
+def test_source_ip_adapter_in_every_expert_gives_the_source_images(source_and_routed, tmp_path):
+    source, routed = source_and_routed
+    plain = _images(source, ip=False)
+    adapter = save_ip_adapter(ip_adapter_state_dict(source.unet), tmp_path)
+    _load(source, adapter)
+    _load(routed, adapter)
+    with_ip = _images(source)
+    assert np.abs(with_ip - plain).max() > 1e-2
+    assert np.abs(_images(routed) - with_ip).max() < 1e-5
+    for expert in routed.unet.experts:
+        assert len(_ip_processors(expert)) == len(_ip_processors(source.unet))
+        assert expert.config.encoder_hid_dim_type == "ip_image_proj"
+    assert routed.unet.config.encoder_hid_dim_type == "ip_image_proj"
+    _check_scale_and_unload(source, routed, plain, with_ip)
+    assert all(expert.encoder_hid_proj is None for expert in routed.unet.experts)
+    assert all(expert.config.encoder_hid_dim_type is None for expert in routed.unet.experts)
+
+
+def test_staged_experts_take_the_source_ip_adapter(source_and_routed):
+    source, routed = source_and_routed
+    routed.unet.experts[1] = MultiStageUNet2DConditionModel.from_unet(routed.unet.experts[1], stage_boundaries=(700,))
+    state_dict = ip_adapter_state_dict(source.unet)
+    _load(source, state_dict)
+    _load(routed, state_dict)
+    assert np.abs(_images(routed) - _images(source)).max() < 1e-5
+
+
+def test_an_expert_of_other_widths_refuses_the_ip_adapter_before_any_change(tiny_cond_unet):
+    experts = [tiny_cond_unet(0), tiny_cond_unet(1, block_out_channels=(16, 32))]
+    routed = ExpertRoutingModel(experts, stage_boundaries=(500,))
+    with pytest.raises(ValueError, match=r"Expert 1\b.*shape"):
+        routed._load_ip_adapter_weights([ip_adapter_state_dict(experts[0])])
+    assert all(not _ip_processors(expert) and expert.encoder_hid_proj is None for expert in experts)
 
 
 def test_warm_start_from_a_source_with_an_ip_adapter_loaded_is_refused_by_name(source_and_staged):
