@@ -24,13 +24,13 @@ from ..models.loading import (
     DOWNLOAD_KWARGS,
     check_folder_files,
     check_name,
+    check_weight_files,
     component_folder,
     download_weights,
     read_json,
     realign_storage,
     reexport_source,
     refuse_mismatched_keys,
-    refuse_non_float_weights,
 )
 
 # passed on to each model
@@ -156,7 +156,7 @@ def load_component(folder: str, name: str, component_class: type, kwargs: dict) 
         # only warns, and leaves the missing weights on the `meta` device)
         model, info = component_class.from_pretrained(path, output_loading_info=True, **options)
         refuse_mismatched_keys(info, path, component_class.__name__)
-        refuse_non_float_weights(model, path)  # diffusers casts integer weights silently
+        check_weight_files(model, path)  # shards against their index; diffusers casts integer weights silently
     else:
         model = component_class.from_pretrained(path, **options)
     realign_storage(model)  # bit-identical outputs after a reload: same seed, same images

@@ -34,11 +34,11 @@ from .loading import (
     check_folder_files,
     check_name,
     check_subfolder,
+    check_weight_files,
     component_folder,
     download_weights,
     realign_storage,
     refuse_mismatched_keys,
-    refuse_non_float_weights,
     refuse_other_model_class,
 )
 from .lora import check_lora_fits, fetch_lora, require_peft
@@ -826,7 +826,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                     f"Expert {i} at {path} could not be loaded as {expert_class.__name__}: {error}"
                 ) from error
             refuse_mismatched_keys(info, path, expert_class.__name__)
-            refuse_non_float_weights(expert, path)  # diffusers' own experts would be cast silently
+            check_weight_files(expert, path)  # diffusers' own experts: shards and integer weights
             realign_storage(expert)  # bit-identical outputs after a reload
             experts[i], infos[i] = expert, info
         model = cls(

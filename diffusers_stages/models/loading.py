@@ -130,6 +130,58 @@ def refuse_mismatched_keys(info: dict, path: str | os.PathLike | None, class_nam
         )
 
 
+def check_weight_files(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """The checks of the weight files ``model`` was just loaded from (``folder``) that diffusers' own loading info
+    cannot give: `refuse_inconsistent_shards` and `refuse_non_float_weights`."""
+    refuse_inconsistent_shards(folder)
+    refuse_non_float_weights(model, folder)
+
+
+def refuse_inconsistent_shards(folder: str | os.PathLike) -> None:
+    """A `ValueError` naming the shard and the keys where a sharded checkpoint of ``folder`` (each weight index,
+    ``*.index.json``, and the shards it names) holds other tensors than its index maps to each shard.
+
+    diffusers takes a sharded checkpoint's keys from its index, not from the shards, so its missing and unexpected
+    keys (`refuse_mismatched_keys`) cannot see a tensor missing from its shard (left on the ``meta`` device, or as
+    uninitialised memory) or one the index does not list (ignored). Reads the safetensors headers only (``.bin``
+    shards are memory-mapped onto the ``meta`` device with ``weights_only=True``); a shard that is not there is left
+    to diffusers, which names it."""
+    for index_name in sorted(f for f in os.listdir(folder) if f.endswith(".index.json")):
+        weight_map = read_json(os.path.join(folder, index_name), index_name).get("weight_map")
+        if not isinstance(weight_map, dict):  # named by `check_folder_files`
+            continue
+        listed: dict[str, set[str]] = {}
+        for key, shard in weight_map.items():
+            listed.setdefault(str(shard), set()).add(key)
+        for shard, keys in sorted(listed.items()):
+            path = os.path.join(folder, shard)
+            if os.path.basename(shard) != shard or not os.path.isfile(path):
+                continue
+            held = set(_tensor_names(path))
+            missing, unexpected = sorted(keys - held), sorted(held - keys)
+            if missing or unexpected:
+                raise ValueError(
+                    f"The sharded checkpoint in {folder} does not match its index {index_name}: {shard} lacks "
+                    f"{len(missing)} weights the index maps to it (first: {missing[:10]}) and holds {len(unexpected)} "
+                    f"it does not list (first: {unexpected[:10]}). Is a shard corrupted or from another save?"
+                )
+
+
+def _tensor_names(path: str) -> list[str]:
+    """The tensor names a weight file holds, read without loading its data (and, for ``.bin``, unpickled with
+    ``weights_only=True``)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as weights:
+            return list(weights.keys())
+    try:
+        state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    except RuntimeError:  # a `.bin` of torch's legacy (not zip) format cannot be memory-mapped
+        state = torch.load(path, map_location="meta", weights_only=True)
+    return list(state) if isinstance(state, dict) else []
+
+
 def refuse_non_float_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
     """A `ValueError` naming the tensors of ``folder``'s safetensors files that are stored as integers, booleans or
     complex numbers where ``model`` has floating-point weights (diffusers casts them silently: a corrupted checkpoint
@@ -225,7 +277,7 @@ def _load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs:
     if not os.path.isdir(folder):  # a Hub repository: the snapshot folder diffusers has just read
         folder = _cached_snapshot(path, kwargs)
     if folder is not None:
-        refuse_non_float_weights(model, folder)
+        check_weight_files(model, folder)
     return model, info
 
 

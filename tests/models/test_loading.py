@@ -3,6 +3,7 @@ saved folder are hostile input (links out of the folder, malformed configs and w
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -260,3 +261,42 @@ def test_a_config_that_links_out_of_the_folder_is_refused_before_it_is_read(save
     (linked / "config.json").symlink_to(tmp_path / "plain" / "config.json")
     with pytest.raises(ValueError, match="links to .*outside the folder"):
         MultiStageUNet2DModel.from_pretrained(linked)
+
+
+def _corrupt_second_shard(folder, corruption: str) -> str:
+    """Drop the first tensor of ``folder``'s second safetensors shard (its index still maps it there), or add a tensor
+    the index does not list; returns the tensor's name."""
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(folder.glob("*-00002-of-*.safetensors"))[0]
+    state = load_file(shard)
+    key = sorted(state)[0] if corruption == "missing" else "extra.weight"
+    state = {k: v for k, v in state.items() if k != key} if corruption == "missing" else {**state, key: torch.ones(2)}
+    save_file(state, shard)
+    return key
+
+
+@pytest.mark.parametrize("corruption", ["missing", "unexpected"])
+@pytest.mark.parametrize("kind", ["staged", "experts", "diffusers"])
+def test_a_sharded_checkpoint_with_missing_or_unexpected_keys_is_refused(tmp_path, kind, corruption):
+    # diffusers reads a sharded checkpoint's keys from its index, not from the shards: a tensor missing from its shard
+    # was left on the `meta` device (uninitialised memory with `low_cpu_mem_usage=False`), one the index does not list
+    # was ignored, and both loaded without a word
+    from diffusers import UNet2DModel
+
+    from diffusers_stages import ExpertRoutingModel
+    from diffusers_stages.models.loading import load_strictly
+
+    torch.manual_seed(0)
+    model = {"staged": lambda: MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,)), "experts": _experts}
+    model = model.get(kind, lambda: UNet2DModel(**TINY_UNET))()
+    model.save_pretrained(tmp_path, max_shard_size="10KB")
+    load = {
+        "staged": MultiStageUNet2DModel.from_pretrained,
+        "experts": ExpertRoutingModel.from_pretrained,
+        "diffusers": lambda path: load_strictly(UNet2DModel, path),
+    }[kind]
+    assert load(tmp_path) is not None  # the intact sharded folder loads
+    key = _corrupt_second_shard(tmp_path / "expert_0" if kind == "experts" else tmp_path, corruption)
+    with pytest.raises(ValueError, match=rf"-00002-of-.*{re.escape(key)}"):
+        load(tmp_path)

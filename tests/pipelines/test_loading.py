@@ -355,3 +355,19 @@ def test_weights_saved_as_integers_are_refused_not_cast_in_every_component(saved
         with pytest.raises(ValueError, match=f"{path.name}.*{key}.*I32"):
             pipeline_class.from_pretrained(folder)
         save_file(state, path)
+
+
+def test_a_sharded_component_with_a_tensor_missing_from_its_shard_is_refused_in_every_pipeline(saved, tmp_path):
+    # diffusers reads a sharded checkpoint's keys from its index: the tensor was left on the `meta` device, silently
+    from safetensors.torch import load_file, save_file
+
+    folder, pipeline_class, images = saved
+    sharded = tmp_path / "sharded"
+    pipeline_class.from_pretrained(folder).save_pretrained(sharded, max_shard_size="10KB")
+    assert np.array_equal(_samples(pipeline_class.from_pretrained(sharded)), images)
+    shard = sorted(sharded.rglob("*-00002-of-*.safetensors"))[0]  # of a diffusers U-Net in every pipeline
+    state = load_file(shard)
+    key = sorted(state)[0]
+    save_file({k: v for k, v in state.items() if k != key}, shard)
+    with pytest.raises(ValueError, match=rf"{shard.name} lacks 1 weights.*{key}"):
+        pipeline_class.from_pretrained(sharded)
