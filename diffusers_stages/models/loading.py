@@ -167,32 +167,50 @@ def refuse_inconsistent_shards(folder: str | os.PathLike) -> None:
                 )
 
 
-def _tensor_names(path: str) -> list[str]:
-    """The tensor names a weight file holds, read without loading its data (and, for ``.bin``, unpickled with
-    ``weights_only=True``)."""
+def _tensor_dtypes(path: str) -> dict[str, str | torch.dtype]:
+    """The tensors a weight file holds, by name, with their dtypes (safetensors' names, ``"F32"``, ``"I64"``, ...; a
+    torch dtype for a ``.bin``), read without loading any data: safetensors headers, or a ``.bin`` unpickled with
+    ``weights_only=True`` onto the ``meta`` device."""
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(path, "pt") as weights:
-            return list(weights.keys())
+            return {k: weights.get_slice(k).get_dtype() for k in weights.keys()}
     try:
         state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
     except RuntimeError:  # a `.bin` of torch's legacy (not zip) format cannot be memory-mapped
         state = torch.load(path, map_location="meta", weights_only=True)
-    return list(state) if isinstance(state, dict) else []
+    if not isinstance(state, dict):
+        return {}
+    return {str(k): v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _tensor_names(path: str) -> list[str]:
+    """The tensor names a weight file holds (see `_tensor_dtypes`)."""
+    return list(_tensor_dtypes(path))
+
+
+def _is_float_dtype(dtype: str | torch.dtype) -> bool:
+    return dtype.is_floating_point if isinstance(dtype, torch.dtype) else dtype.startswith(("F", "BF"))
+
+
+BIN_WEIGHTS_PREFIX = "diffusion_pytorch_model"  # diffusers' `.bin` weight files (and their shards, variants)
 
 
 def refuse_non_float_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """A `ValueError` naming the tensors of ``folder``'s safetensors files that are stored as integers, booleans or
-    complex numbers where ``model`` has floating-point weights (diffusers casts them silently: a corrupted checkpoint
-    would load as truncated weights). Reads the files' headers only."""
-    from safetensors import safe_open
-
+    """A `ValueError` naming the tensors of ``folder``'s weight files (safetensors, and diffusers' ``.bin`` files
+    saved with ``safe_serialization=False``) that are stored as integers, booleans or complex numbers where ``model``
+    has floating-point weights (diffusers casts them silently: a corrupted checkpoint would load as truncated
+    weights). Reads no tensor data (see `_tensor_dtypes`)."""
     floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
-    for name in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
-        with safe_open(os.path.join(folder, name), "pt") as weights:
-            dtypes = {k: weights.get_slice(k).get_dtype() for k in weights.keys() if k in floating}
-        wrong = [f"{k}: {dtype}" for k, dtype in sorted(dtypes.items()) if not dtype.startswith(("F", "BF"))]
+    names = sorted(
+        f
+        for f in os.listdir(folder)
+        if f.endswith(".safetensors") or (f.endswith(".bin") and f.startswith(BIN_WEIGHTS_PREFIX))
+    )
+    for name in names:
+        dtypes = {k: d for k, d in _tensor_dtypes(os.path.join(folder, name)).items() if k in floating}
+        wrong = [f"{k}: {dtype}" for k, dtype in sorted(dtypes.items()) if not _is_float_dtype(dtype)]
         if wrong:
             raise ValueError(
                 f"{name} in {folder} stores {len(wrong)} floating-point weights of {type(model).__name__} as another "

@@ -300,3 +300,17 @@ def test_a_sharded_checkpoint_with_missing_or_unexpected_keys_is_refused(tmp_pat
     key = _corrupt_second_shard(tmp_path / "expert_0" if kind == "experts" else tmp_path, corruption)
     with pytest.raises(ValueError, match=rf"-00002-of-.*{re.escape(key)}"):
         load(tmp_path)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_bin_weights_saved_as_integers_are_refused_too(tmp_path, sharded):
+    # only safetensors files were checked: a `.bin` checkpoint (`safe_serialization=False`) was cast silently
+    torch.manual_seed(0)
+    model = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,))
+    model.save_pretrained(tmp_path, safe_serialization=False, **({"max_shard_size": "10KB"} if sharded else {}))
+    path = sorted(tmp_path.glob("*-00002-of-*.bin" if sharded else "*.bin"))[0]
+    state = torch.load(path, weights_only=True)
+    key = sorted(state)[0]
+    torch.save({**state, key: state[key].to(torch.int32)}, path)
+    with pytest.raises(ValueError, match=rf"{path.name} .*{re.escape(key)}: torch.int32"):
+        MultiStageUNet2DModel.from_pretrained(tmp_path, use_safetensors=False)
