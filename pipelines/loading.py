@@ -22,6 +22,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.loading import (
     DOWNLOAD_KWARGS,
+    NAME,
     check_folder_files,
     check_name,
     check_weight_files,
@@ -169,6 +170,20 @@ def _is_model(component_class: type) -> bool:
     return issubclass(component_class, (ModelMixin, PreTrainedModel))
 
 
+def check_variant(folder: str, index: dict, variant: str | None) -> None:
+    """As diffusers: a ``variant`` that no component folder of the saved pipeline has files of is a `ValueError`
+    (a component without them loads its default files, but a pipeline with none would load only default weights)."""
+    if variant is None:
+        return
+    names = [name for name in index if not name.startswith("_") and isinstance(name, str) and NAME.fullmatch(name)]
+    folders = [os.path.join(folder, name) for name in names if os.path.isdir(os.path.join(folder, name))]
+    if not any(_has_variant(path, variant) for path in folders):
+        raise ValueError(
+            f"You are trying to load the model files of the `variant={variant}`, but no such modeling files are "
+            f"available in {folder}."
+        )
+
+
 def _has_variant(path: str, variant: str) -> bool:
     """Whether any weight file under ``path`` (expert sub-folders included) is of ``variant``."""
     for _, _, files in os.walk(path):
@@ -194,6 +209,7 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
     check_folder_files(folder)
     index = read_json(index_path, "model_index.json")
     pipeline_class = resolve_pipeline_class(cls, index.get("_class_name"))
+    check_variant(folder, index, kwargs.get("variant"))
 
     # 1. every component: passed by the caller, or loaded by the class the allow-list gives for its entry
     expected, optional = pipeline_class._get_signature_keys(pipeline_class)

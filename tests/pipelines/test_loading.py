@@ -371,3 +371,11 @@ def test_a_sharded_component_with_a_tensor_missing_from_its_shard_is_refused_in_
     save_file({k: v for k, v in state.items() if k != key}, shard)
     with pytest.raises(ValueError, match=rf"{shard.name} lacks 1 weights.*{key}"):
         pipeline_class.from_pretrained(sharded)
+
+
+def test_a_variant_no_component_has_is_an_error_as_in_diffusers(saved):
+    # the variant was dropped component by component, so the default weights loaded without a word; diffusers
+    # (`DDIMPipeline.from_pretrained(folder, variant="fp16")`) raises when no component has files of the variant
+    folder, pipeline_class, _ = saved
+    with pytest.raises(ValueError, match=r"`variant=fp16`, but no such modeling files are available"):
+        pipeline_class.from_pretrained(folder, variant="fp16")
