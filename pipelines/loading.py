@@ -35,7 +35,7 @@ from ..models.loading import (
 )
 
 # passed on to each model
-MODEL_KWARGS = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "disable_mmap")
+MODEL_KWARGS = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "disable_mmap", "device_map")
 
 
 def package_classes() -> dict[str, type]:
@@ -192,14 +192,37 @@ def _has_variant(path: str, variant: str) -> bool:
     return False
 
 
+def check_device_map(cls: type, kwargs: dict) -> str | None:
+    """The pipeline's ``device_map`` as diffusers takes it: one device (``"cpu"``, or the accelerator diffusers
+    found) that every model loaded from the folder is put on; `None` without one. diffusers' ``"balanced"``
+    (components spread over several accelerators) and anything else are a `ValueError`, and so is
+    ``low_cpu_mem_usage=False`` with a device map (as in diffusers)."""
+    from diffusers.pipelines.pipeline_utils import SUPPORTED_DEVICE_MAP
+
+    device_map = kwargs.get("device_map")
+    if device_map is None:
+        return None
+    devices = [d for d in SUPPORTED_DEVICE_MAP if d != "balanced"]
+    if not isinstance(device_map, str) or device_map not in devices:
+        raise ValueError(
+            f"`device_map` of {cls.__name__}.from_pretrained must be one of {devices} (every model on that device), "
+            f"got {device_map!r}; to spread the components over devices use `enable_model_cpu_offload()`."
+        )
+    if kwargs.get("low_cpu_mem_usage") is False:
+        raise ValueError(
+            f"You cannot set `low_cpu_mem_usage` to False while using device_map={device_map} for loading and "
+            "dispatching the pipeline's models."
+        )
+    return device_map
+
+
 def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
     """Build ``cls`` (or the package pipeline subclass the folder names) from a saved folder or Hub repository."""
-    for key in ("custom_pipeline", "device_map"):
-        if kwargs.get(key) is not None:
-            raise ValueError(
-                f"`{key}` is not supported by {cls.__name__}.from_pretrained, got {kwargs[key]!r}"
-                + (": use `enable_model_cpu_offload()` instead." if key == "device_map" else ".")
-            )
+    if kwargs.get("custom_pipeline") is not None:
+        raise ValueError(
+            f"`custom_pipeline` is not supported by {cls.__name__}.from_pretrained, got {kwargs['custom_pipeline']!r}."
+        )
+    device_map = check_device_map(cls, kwargs)
     folder = str(pretrained_model_name_or_path)
     if not os.path.isdir(folder):
         folder = download_weights(folder, **{k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs})
@@ -245,6 +268,8 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
         raise ValueError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments {leftover}.")
     pipeline = pipeline_class(**init_kwargs)
     pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+    if device_map is not None:
+        pipeline.hf_device_map = device_map  # as diffusers: `pipe.to(...)` then asks for `reset_device_map()` first
     return pipeline
 
 

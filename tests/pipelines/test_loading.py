@@ -379,3 +379,20 @@ def test_a_variant_no_component_has_is_an_error_as_in_diffusers(saved):
     folder, pipeline_class, _ = saved
     with pytest.raises(ValueError, match=r"`variant=fp16`, but no such modeling files are available"):
         pipeline_class.from_pretrained(folder, variant="fp16")
+
+
+def test_a_device_map_of_one_device_loads_every_model_there_as_in_diffusers(saved):
+    # `device_map="cpu"` was refused ("not supported"), where `DDIMPipeline.from_pretrained(folder, device_map="cpu")`
+    # loads every model onto that device and records it as the pipeline's `hf_device_map`
+    folder, pipeline_class, images = saved
+    pipe = pipeline_class.from_pretrained(folder, device_map="cpu")
+    assert pipe.hf_device_map == "cpu"
+    assert all(
+        p.device.type == "cpu"
+        for m in pipe.components.values()
+        if isinstance(m, torch.nn.Module)
+        for p in m.parameters()
+    )
+    assert np.array_equal(_samples(pipe), images)
+    with pytest.raises(ValueError, match="low_cpu_mem_usage"):
+        pipeline_class.from_pretrained(folder, device_map="cpu", low_cpu_mem_usage=False)
