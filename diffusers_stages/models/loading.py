@@ -17,6 +17,9 @@ NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # ASCII only: no unicode look-alik
 # copies of the q/k/v projections that `fuse_qkv_projections` adds and `save_pretrained` then writes: rebuilt from
 # `to_q`/`to_k`/`to_v` by the next fusion, so a folder saved fused loads (as diffusers loads it) without them
 FUSED_PROJECTIONS = (".to_qkv.", ".to_kv.", ".to_added_qkv.")
+# a weight index: `diffusion_pytorch_model.safetensors.index.json`, and a variant's, which diffusers names
+# `diffusion_pytorch_model.safetensors.index.fp16.json` (`.bin` alike)
+WEIGHT_INDEX = re.compile(r".+\.index(\.[^./]+)?\.json")
 
 
 class StrictLoadingMixin(SaveThenPushMixin):
@@ -139,14 +142,15 @@ def check_weight_files(model: torch.nn.Module, folder: str | os.PathLike) -> Non
 
 def refuse_inconsistent_shards(folder: str | os.PathLike) -> None:
     """A `ValueError` naming the shard and the keys where a sharded checkpoint of ``folder`` (each weight index,
-    ``*.index.json``, and the shards it names) holds other tensors than its index maps to each shard.
+    ``*.index.json`` or a variant's ``*.index.<variant>.json``, and the shards it names) holds other tensors than
+    its index maps to each shard.
 
     diffusers takes a sharded checkpoint's keys from its index, not from the shards, so its missing and unexpected
     keys (`refuse_mismatched_keys`) cannot see a tensor missing from its shard (left on the ``meta`` device, or as
     uninitialised memory) or one the index does not list (ignored). Reads the safetensors headers only (``.bin``
     shards are memory-mapped onto the ``meta`` device with ``weights_only=True``); a shard that is not there is left
     to diffusers, which names it."""
-    for index_name in sorted(f for f in os.listdir(folder) if f.endswith(".index.json")):
+    for index_name in sorted(f for f in os.listdir(folder) if WEIGHT_INDEX.fullmatch(f)):
         weight_map = read_json(os.path.join(folder, index_name), index_name).get("weight_map")
         if not isinstance(weight_map, dict):  # named by `check_folder_files`
             continue
@@ -353,7 +357,8 @@ def check_folder_files(folder: str | os.PathLike) -> None:
     """Refuse a saved model folder whose files lead out of it or that `from_pretrained` would misread: a `ValueError`
     naming the file for a symbolic link to a file outside the folder (a Hub cache snapshot's links to its own blobs
     are fine; sub-folders are checked by `component_folder`), a `config.json` that is not a JSON object, or a weight
-    index (``*.index.json``) whose ``weight_map`` is not an object of plain file names in the folder."""
+    index (``*.index.json``, a variant's ``*.index.<variant>.json``) whose ``weight_map`` is not an object of plain
+    file names in the folder."""
     roots = _allowed_roots(folder)
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         target = os.path.realpath(entry.path)
@@ -362,7 +367,7 @@ def check_folder_files(folder: str | os.PathLike) -> None:
             raise ValueError(f"{entry.name!r} in {folder} links to {target!r}, outside the folder: refused.")
         if entry.name == "config.json" and entry.is_file():
             read_json(entry.path, "config.json")
-        elif entry.name.endswith(".index.json") and entry.is_file():
+        elif WEIGHT_INDEX.fullmatch(entry.name) and entry.is_file():
             weight_map = read_json(entry.path, entry.name).get("weight_map")
             names = weight_map.values() if isinstance(weight_map, dict) else [weight_map]
             if not all(isinstance(n, str) and n not in ("", ".", "..") and os.path.basename(n) == n for n in names):

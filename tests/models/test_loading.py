@@ -314,3 +314,15 @@ def test_bin_weights_saved_as_integers_are_refused_too(tmp_path, sharded):
     torch.save({**state, key: state[key].to(torch.int32)}, path)
     with pytest.raises(ValueError, match=rf"{path.name} .*{re.escape(key)}: torch.int32"):
         MultiStageUNet2DModel.from_pretrained(tmp_path, use_safetensors=False)
+
+
+def test_a_sharded_variant_with_a_tensor_missing_from_its_shard_is_refused(tmp_path):
+    # a variant's index is `diffusion_pytorch_model.safetensors.index.fp16.json`, not `*.index.json`: the shard check
+    # passed over it, and the missing tensor was left on the `meta` device
+    torch.manual_seed(0)
+    MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,)).save_pretrained(
+        tmp_path, max_shard_size="10KB", variant="fp16"
+    )
+    key = _corrupt_second_shard(tmp_path, "missing")
+    with pytest.raises(ValueError, match=rf"index\.fp16\.json.*-00002-of-.*{re.escape(key)}"):
+        MultiStageUNet2DModel.from_pretrained(tmp_path, variant="fp16")
