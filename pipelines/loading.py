@@ -223,6 +223,11 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
             f"`custom_pipeline` is not supported by {cls.__name__}.from_pretrained, got {kwargs['custom_pipeline']!r}."
         )
     device_map = check_device_map(cls, kwargs)
+    if kwargs.get("dtype") is not None:  # diffusers 0.42's name; `torch_dtype` is the deprecated one
+        if kwargs.get("torch_dtype") is not None:
+            raise ValueError("You have passed both `dtype` and `torch_dtype`. Please only pass `dtype`.")
+        kwargs["torch_dtype"] = kwargs.pop("dtype")
+    kwargs.pop("dtype", None)
     folder = str(pretrained_model_name_or_path)
     if not os.path.isdir(folder):
         folder = download_weights(folder, **{k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs})

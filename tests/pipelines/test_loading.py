@@ -396,3 +396,15 @@ def test_a_device_map_of_one_device_loads_every_model_there_as_in_diffusers(save
     assert np.array_equal(_samples(pipe), images)
     with pytest.raises(ValueError, match="low_cpu_mem_usage"):
         pipeline_class.from_pretrained(folder, device_map="cpu", low_cpu_mem_usage=False)
+
+
+def test_dtype_the_name_diffusers_prefers_to_torch_dtype_is_taken_too(saved):
+    # diffusers 0.42 deprecates `torch_dtype` for `dtype` (`DDIMPipeline.from_pretrained(folder, dtype=...)`); the
+    # package's pipelines refused `dtype` as an unexpected keyword
+    folder, pipeline_class, _ = saved
+    for dtype in (torch.float16, {"default": torch.bfloat16}):
+        loaded = pipeline_class.from_pretrained(folder, dtype=dtype)
+        expected = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+        assert all(m.dtype == expected for m in loaded.components.values() if isinstance(m, torch.nn.Module))
+    with pytest.raises(ValueError, match="both `dtype` and `torch_dtype`"):
+        pipeline_class.from_pretrained(folder, dtype=torch.float16, torch_dtype=torch.float16)
