@@ -34,6 +34,23 @@ from ..models.loading import (
     refuse_mismatched_keys,
 )
 
+# options of diffusers' `DiffusionPipeline.from_pretrained` these loaders do not implement, with their defaults: taken
+# at the default (wrappers pass them along), a `ValueError` naming them otherwise
+UNSUPPORTED_OPTIONS = {
+    "proxies": None,
+    "custom_revision": None,
+    "provider": None,
+    "sess_options": None,
+    "provider_options": None,
+    "max_memory": None,
+    "offload_folder": None,
+    "offload_state_dict": None,
+    "use_onnx": None,
+    "load_connected_pipeline": False,
+    "quantization_config": None,
+    "use_flashpack": False,
+    "dduf_file": None,
+}
 # passed on to each model
 MODEL_KWARGS = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "disable_mmap", "device_map")
 
@@ -222,6 +239,9 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
         raise ValueError(
             f"`custom_pipeline` is not supported by {cls.__name__}.from_pretrained, got {kwargs['custom_pipeline']!r}."
         )
+    for key, default in UNSUPPORTED_OPTIONS.items():
+        if key in kwargs and kwargs.pop(key) not in (default, None):
+            raise ValueError(f"`{key}` is not supported by {cls.__name__}.from_pretrained (only its default).")
     device_map = check_device_map(cls, kwargs)
     if kwargs.get("dtype") is not None:  # diffusers 0.42's name; `torch_dtype` is the deprecated one
         if kwargs.get("torch_dtype") is not None:

@@ -408,3 +408,15 @@ def test_dtype_the_name_diffusers_prefers_to_torch_dtype_is_taken_too(saved):
         assert all(m.dtype == expected for m in loaded.components.values() if isinstance(m, torch.nn.Module))
     with pytest.raises(ValueError, match="both `dtype` and `torch_dtype`"):
         pipeline_class.from_pretrained(folder, dtype=torch.float16, torch_dtype=torch.float16)
+
+
+def test_diffusers_loading_options_at_their_defaults_are_taken_and_others_named(saved):
+    # `DDIMPipeline.from_pretrained(folder, quantization_config=None, proxies=None, ...)` (what wrappers pass along)
+    # loads; the package's pipelines refused every such option as an unexpected keyword, even at its default
+    folder, pipeline_class, images = saved
+    defaults = dict(proxies=None, quantization_config=None, max_memory=None, offload_folder=None, use_flashpack=False)
+    assert np.array_equal(_samples(pipeline_class.from_pretrained(folder, **defaults)), images)
+    with pytest.raises(ValueError, match=r"`quantization_config` is not supported by .*from_pretrained"):
+        pipeline_class.from_pretrained(folder, quantization_config={"load_in_8bit": True})
+    with pytest.raises(ValueError, match="unexpected keyword"):
+        pipeline_class.from_pretrained(folder, no_such_option=None)
