@@ -161,7 +161,10 @@ def refuse_inconsistent_shards(folder: str | os.PathLike) -> None:
             path = os.path.join(folder, shard)
             if os.path.basename(shard) != shard or not os.path.isfile(path):
                 continue
-            held = set(_tensor_names(path))
+            names = _tensor_names(path)
+            if names is None:  # a `.bin` diffusers cannot have loaded either
+                continue
+            held = set(names)
             missing, unexpected = sorted(keys - held), sorted(held - keys)
             if missing or unexpected:
                 raise ValueError(
@@ -171,27 +174,35 @@ def refuse_inconsistent_shards(folder: str | os.PathLike) -> None:
                 )
 
 
-def _tensor_dtypes(path: str) -> dict[str, str | torch.dtype]:
+def _tensor_dtypes(path: str) -> dict[str, str | torch.dtype] | None:
     """The tensors a weight file holds, by name, with their dtypes (safetensors' names, ``"F32"``, ``"I64"``, ...; a
     torch dtype for a ``.bin``), read without loading any data: safetensors headers, or a ``.bin`` unpickled with
-    ``weights_only=True`` onto the ``meta`` device."""
+    ``weights_only=True`` onto the ``meta`` device. `None` for a ``.bin`` that torch's weights-only unpickler
+    refuses: diffusers, which reads ``.bin`` files the same way, cannot have loaded it (a planted file never runs,
+    nor stops the weights that were loaded)."""
+    import pickle
+
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(path, "pt") as weights:
             return {k: weights.get_slice(k).get_dtype() for k in weights.keys()}
     try:
-        state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
-    except RuntimeError:  # a `.bin` of torch's legacy (not zip) format cannot be memory-mapped
-        state = torch.load(path, map_location="meta", weights_only=True)
+        try:
+            state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        except RuntimeError:  # a `.bin` of torch's legacy (not zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="meta", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):
+        return None
     if not isinstance(state, dict):
         return {}
     return {str(k): v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _tensor_names(path: str) -> list[str]:
-    """The tensor names a weight file holds (see `_tensor_dtypes`)."""
-    return list(_tensor_dtypes(path))
+def _tensor_names(path: str) -> list[str] | None:
+    """The tensor names a weight file holds (see `_tensor_dtypes`; `None` for an unreadable ``.bin``)."""
+    dtypes = _tensor_dtypes(path)
+    return None if dtypes is None else list(dtypes)
 
 
 def _is_float_dtype(dtype: str | torch.dtype) -> bool:
@@ -213,7 +224,7 @@ def refuse_non_float_weights(model: torch.nn.Module, folder: str | os.PathLike) 
         if f.endswith(".safetensors") or (f.endswith(".bin") and f.startswith(BIN_WEIGHTS_PREFIX))
     )
     for name in names:
-        dtypes = {k: d for k, d in _tensor_dtypes(os.path.join(folder, name)).items() if k in floating}
+        dtypes = {k: d for k, d in (_tensor_dtypes(os.path.join(folder, name)) or {}).items() if k in floating}
         wrong = [f"{k}: {dtype}" for k, dtype in sorted(dtypes.items()) if not _is_float_dtype(dtype)]
         if wrong:
             raise ValueError(

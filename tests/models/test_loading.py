@@ -326,3 +326,21 @@ def test_a_sharded_variant_with_a_tensor_missing_from_its_shard_is_refused(tmp_p
     key = _corrupt_second_shard(tmp_path, "missing")
     with pytest.raises(ValueError, match=rf"index\.fp16\.json.*-00002-of-.*{re.escape(key)}"):
         MultiStageUNet2DModel.from_pretrained(tmp_path, variant="fp16")
+
+
+def test_a_bin_file_beside_the_safetensors_that_was_not_loaded_never_blocks_or_runs(saved_model, tmp_path):
+    # the integer-weights check reads `.bin` weight files too; one that torch's weights-only unpickler refuses (a
+    # planted pickle) was not what diffusers loaded, so it must neither run nor stop the safetensors from loading
+    import pickle
+
+    folder, model = saved_model
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(folder / "diffusion_pytorch_model.bin", "wb") as f:
+        pickle.dump({"conv_in.weight": Payload()}, f, protocol=2)
+    loaded = MultiStageUNet2DModel.from_pretrained(folder)
+    assert torch.equal(loaded.conv_in.weight, model.conv_in.weight) and not marker.exists()
