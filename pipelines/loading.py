@@ -22,19 +22,37 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.loading import (
     DOWNLOAD_KWARGS,
+    NAME,
     check_folder_files,
     check_name,
+    check_weight_files,
     component_folder,
     download_weights,
     read_json,
     realign_storage,
     reexport_source,
     refuse_mismatched_keys,
-    refuse_non_float_weights,
 )
 
+# options of diffusers' `DiffusionPipeline.from_pretrained` these loaders do not implement, with their defaults: taken
+# at the default (wrappers pass them along), a `ValueError` naming them otherwise
+UNSUPPORTED_OPTIONS = {
+    "proxies": None,
+    "custom_revision": None,
+    "provider": None,
+    "sess_options": None,
+    "provider_options": None,
+    "max_memory": None,
+    "offload_folder": None,
+    "offload_state_dict": None,
+    "use_onnx": None,
+    "load_connected_pipeline": False,
+    "quantization_config": None,
+    "use_flashpack": False,
+    "dduf_file": None,
+}
 # passed on to each model
-MODEL_KWARGS = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "disable_mmap")
+MODEL_KWARGS = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "disable_mmap", "device_map")
 
 
 def package_classes() -> dict[str, type]:
@@ -156,7 +174,7 @@ def load_component(folder: str, name: str, component_class: type, kwargs: dict) 
         # only warns, and leaves the missing weights on the `meta` device)
         model, info = component_class.from_pretrained(path, output_loading_info=True, **options)
         refuse_mismatched_keys(info, path, component_class.__name__)
-        refuse_non_float_weights(model, path)  # diffusers casts integer weights silently
+        check_weight_files(model, path)  # shards against their index; diffusers casts integer weights silently
     else:
         model = component_class.from_pretrained(path, **options)
     realign_storage(model)  # bit-identical outputs after a reload: same seed, same images
@@ -169,6 +187,20 @@ def _is_model(component_class: type) -> bool:
     return issubclass(component_class, (ModelMixin, PreTrainedModel))
 
 
+def check_variant(folder: str, index: dict, variant: str | None) -> None:
+    """As diffusers: a ``variant`` that no component folder of the saved pipeline has files of is a `ValueError`
+    (a component without them loads its default files, but a pipeline with none would load only default weights)."""
+    if variant is None:
+        return
+    names = [name for name in index if not name.startswith("_") and isinstance(name, str) and NAME.fullmatch(name)]
+    folders = [os.path.join(folder, name) for name in names if os.path.isdir(os.path.join(folder, name))]
+    if not any(_has_variant(path, variant) for path in folders):
+        raise ValueError(
+            f"You are trying to load the model files of the `variant={variant}`, but no such modeling files are "
+            f"available in {folder}."
+        )
+
+
 def _has_variant(path: str, variant: str) -> bool:
     """Whether any weight file under ``path`` (expert sub-folders included) is of ``variant``."""
     for _, _, files in os.walk(path):
@@ -177,14 +209,45 @@ def _has_variant(path: str, variant: str) -> bool:
     return False
 
 
+def check_device_map(cls: type, kwargs: dict) -> str | None:
+    """The pipeline's ``device_map`` as diffusers takes it: one device (``"cpu"``, or the accelerator diffusers
+    found) that every model loaded from the folder is put on; `None` without one. diffusers' ``"balanced"``
+    (components spread over several accelerators) and anything else are a `ValueError`, and so is
+    ``low_cpu_mem_usage=False`` with a device map (as in diffusers)."""
+    from diffusers.pipelines.pipeline_utils import SUPPORTED_DEVICE_MAP
+
+    device_map = kwargs.get("device_map")
+    if device_map is None:
+        return None
+    devices = [d for d in SUPPORTED_DEVICE_MAP if d != "balanced"]
+    if not isinstance(device_map, str) or device_map not in devices:
+        raise ValueError(
+            f"`device_map` of {cls.__name__}.from_pretrained must be one of {devices} (every model on that device), "
+            f"got {device_map!r}; to spread the components over devices use `enable_model_cpu_offload()`."
+        )
+    if kwargs.get("low_cpu_mem_usage") is False:
+        raise ValueError(
+            f"You cannot set `low_cpu_mem_usage` to False while using device_map={device_map} for loading and "
+            "dispatching the pipeline's models."
+        )
+    return device_map
+
+
 def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
     """Build ``cls`` (or the package pipeline subclass the folder names) from a saved folder or Hub repository."""
-    for key in ("custom_pipeline", "device_map"):
-        if kwargs.get(key) is not None:
-            raise ValueError(
-                f"`{key}` is not supported by {cls.__name__}.from_pretrained, got {kwargs[key]!r}"
-                + (": use `enable_model_cpu_offload()` instead." if key == "device_map" else ".")
-            )
+    if kwargs.get("custom_pipeline") is not None:
+        raise ValueError(
+            f"`custom_pipeline` is not supported by {cls.__name__}.from_pretrained, got {kwargs['custom_pipeline']!r}."
+        )
+    for key, default in UNSUPPORTED_OPTIONS.items():
+        if key in kwargs and kwargs.pop(key) not in (default, None):
+            raise ValueError(f"`{key}` is not supported by {cls.__name__}.from_pretrained (only its default).")
+    device_map = check_device_map(cls, kwargs)
+    if kwargs.get("dtype") is not None:  # diffusers 0.42's name; `torch_dtype` is the deprecated one
+        if kwargs.get("torch_dtype") is not None:
+            raise ValueError("You have passed both `dtype` and `torch_dtype`. Please only pass `dtype`.")
+        kwargs["torch_dtype"] = kwargs.pop("dtype")
+    kwargs.pop("dtype", None)
     folder = str(pretrained_model_name_or_path)
     if not os.path.isdir(folder):
         folder = download_weights(folder, **{k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs})
@@ -194,6 +257,7 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
     check_folder_files(folder)
     index = read_json(index_path, "model_index.json")
     pipeline_class = resolve_pipeline_class(cls, index.get("_class_name"))
+    check_variant(folder, index, kwargs.get("variant"))
 
     # 1. every component: passed by the caller, or loaded by the class the allow-list gives for its entry
     expected, optional = pipeline_class._get_signature_keys(pipeline_class)
@@ -229,6 +293,8 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
         raise ValueError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments {leftover}.")
     pipeline = pipeline_class(**init_kwargs)
     pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+    if device_map is not None:
+        pipeline.hf_device_map = device_map  # as diffusers: `pipe.to(...)` then asks for `reset_device_map()` first
     return pipeline
 
 

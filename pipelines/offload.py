@@ -197,7 +197,8 @@ class StageOffloadMixin:
             raise ValueError(f"`prefetch` must be a bool, got {prefetch!r}.")
         hooks = {name: getattr(component, "_hf_hook", None) for name, component in self.components.items()}
         hooked = [name for name, hook in hooks.items() if hook is not None and not isinstance(hook, StageNetworkHook)]
-        if hooked or getattr(self, "_all_hooks", None) or self.hf_device_map is not None:
+        # a device map of one device (`from_pretrained(folder, device_map="cpu")`) places nothing, as diffusers reads it
+        if hooked or getattr(self, "_all_hooks", None) or self._is_pipeline_device_mapped():
             raise ValueError(
                 "`enable_stage_offload` cannot be combined with `enable_model_cpu_offload`, "
                 f"`enable_sequential_cpu_offload` or a `device_map` (hooked components: {hooked or 'none'}, "

@@ -403,8 +403,10 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         class the package resolves itself, and a component of the wrong kind is a `ValueError`. With
         ``trust_remote_code=True`` the folder is loaded by diffusers itself, re-export files included (only for a
         folder you trust). Components may be passed to replace the saved ones (``scheduler=...``);
-        ``torch_dtype`` (one dtype or a ``{component: dtype, "default": dtype}`` dict), ``variant``,
-        ``use_safetensors`` and ``low_cpu_mem_usage`` are passed on to every model.
+        ``dtype`` (or diffusers' deprecated ``torch_dtype``: one dtype or a ``{component: dtype, "default": dtype}``
+        dict), ``variant``, ``use_safetensors`` and ``low_cpu_mem_usage`` are passed on to every model, and so is a
+        ``device_map`` of one device (``"cpu"``, ``"cuda"``), which becomes the pipeline's ``hf_device_map`` as in
+        diffusers.
         """
         if kwargs.get("trust_remote_code"):  # the user's explicit choice: diffusers' own loading, code files included
             pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)

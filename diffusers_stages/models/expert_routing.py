@@ -36,11 +36,11 @@ from .loading import (
     check_folder_files,
     check_name,
     check_subfolder,
+    check_weight_files,
     component_folder,
     download_weights,
     realign_storage,
     refuse_mismatched_keys,
-    refuse_non_float_weights,
     refuse_other_model_class,
 )
 from .lora import check_lora_fits, fetch_lora, require_peft
@@ -884,6 +884,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             kwargs: passed to every expert's own `from_pretrained` (``torch_dtype``, ``device_map``, ``variant``,
                 ...); ``cache_dir``, ``token``, ``revision``, ``force_download`` and ``local_files_only`` are used
                 for the download. A checkpoint that does not match its expert's config raises a `ValueError`.
+                With ``output_loading_info=True`` it returns ``(model, info)``, ``info`` in diffusers' shape
+                (``missing_keys``, ...) with the container's key names (``experts.{i}.``).
         """
         if load_experts is not None and not isinstance(load_experts, (list, tuple, range)):
             raise ValueError(f"`load_experts` must be a list of expert indices, got {load_experts!r}.")
@@ -927,7 +929,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                     f"Expert {i} at {path} could not be loaded as {expert_class.__name__}: {error}"
                 ) from error
             refuse_mismatched_keys(info, path, expert_class.__name__)
-            refuse_non_float_weights(expert, path)  # diffusers' own experts would be cast silently
+            check_weight_files(expert, path)  # diffusers' own experts: shards and integer weights
             realign_storage(expert)  # bit-identical outputs after a reload
             experts[i], infos[i] = expert, info
         model = cls(
@@ -937,7 +939,27 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             **{key: config[key] for key in CONTAINER_CONFIG[1:]},
         )
         model.eval()
-        return (model, infos) if wants_info else model
+        return (model, _merged_loading_info(infos)) if wants_info else model
+
+
+def _merged_loading_info(infos: dict[int, dict]) -> dict[str, list]:
+    """The experts' loading infos as one in diffusers' shape (``missing_keys``, ``unexpected_keys``,
+    ``mismatched_keys``, ``error_msgs``): each key named as in the container's ``state_dict`` (``experts.{i}.``)."""
+    merged: dict[str, list] = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    for i, info in sorted(infos.items()):
+        for field, values in info.items():
+            if field.endswith("_keys"):
+                merged.setdefault(field, []).extend(_prefixed(f"experts.{i}.", value) for value in values)
+            else:
+                merged.setdefault(field, []).extend(values)
+    return merged
+
+
+def _prefixed(prefix: str, value):
+    """``value`` (a key, or a ``(key, checkpoint shape, model shape)`` tuple of mismatched keys) under ``prefix``."""
+    if isinstance(value, tuple) and value and isinstance(value[0], str):
+        return (prefix + value[0], *value[1:])
+    return prefix + str(value)
 
 
 def _download(repo_id: str, subfolder: str | None, load_experts: Sequence[int] | None, download: dict) -> str:

@@ -17,6 +17,9 @@ NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # ASCII only: no unicode look-alik
 # copies of the q/k/v projections that `fuse_qkv_projections` adds and `save_pretrained` then writes: rebuilt from
 # `to_q`/`to_k`/`to_v` by the next fusion, so a folder saved fused loads (as diffusers loads it) without them
 FUSED_PROJECTIONS = (".to_qkv.", ".to_kv.", ".to_added_qkv.")
+# a weight index: `diffusion_pytorch_model.safetensors.index.json`, and a variant's, which diffusers names
+# `diffusion_pytorch_model.safetensors.index.fp16.json` (`.bin` alike)
+WEIGHT_INDEX = re.compile(r".+\.index(\.[^./]+)?\.json")
 
 
 class StrictLoadingMixin(SaveThenPushMixin):
@@ -130,17 +133,99 @@ def refuse_mismatched_keys(info: dict, path: str | os.PathLike | None, class_nam
         )
 
 
-def refuse_non_float_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """A `ValueError` naming the tensors of ``folder``'s safetensors files that are stored as integers, booleans or
-    complex numbers where ``model`` has floating-point weights (diffusers casts them silently: a corrupted checkpoint
-    would load as truncated weights). Reads the files' headers only."""
-    from safetensors import safe_open
+def check_weight_files(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """The checks of the weight files ``model`` was just loaded from (``folder``) that diffusers' own loading info
+    cannot give: `refuse_inconsistent_shards` and `refuse_non_float_weights`."""
+    refuse_inconsistent_shards(folder)
+    refuse_non_float_weights(model, folder)
 
+
+def refuse_inconsistent_shards(folder: str | os.PathLike) -> None:
+    """A `ValueError` naming the shard and the keys where a sharded checkpoint of ``folder`` (each weight index,
+    ``*.index.json`` or a variant's ``*.index.<variant>.json``, and the shards it names) holds other tensors than
+    its index maps to each shard.
+
+    diffusers takes a sharded checkpoint's keys from its index, not from the shards, so its missing and unexpected
+    keys (`refuse_mismatched_keys`) cannot see a tensor missing from its shard (left on the ``meta`` device, or as
+    uninitialised memory) or one the index does not list (ignored). Reads the safetensors headers only (``.bin``
+    shards are memory-mapped onto the ``meta`` device with ``weights_only=True``); a shard that is not there is left
+    to diffusers, which names it."""
+    for index_name in sorted(f for f in os.listdir(folder) if WEIGHT_INDEX.fullmatch(f)):
+        weight_map = read_json(os.path.join(folder, index_name), index_name).get("weight_map")
+        if not isinstance(weight_map, dict):  # named by `check_folder_files`
+            continue
+        listed: dict[str, set[str]] = {}
+        for key, shard in weight_map.items():
+            listed.setdefault(str(shard), set()).add(key)
+        for shard, keys in sorted(listed.items()):
+            path = os.path.join(folder, shard)
+            if os.path.basename(shard) != shard or not os.path.isfile(path):
+                continue
+            names = _tensor_names(path)
+            if names is None:  # a `.bin` diffusers cannot have loaded either
+                continue
+            held = set(names)
+            missing, unexpected = sorted(keys - held), sorted(held - keys)
+            if missing or unexpected:
+                raise ValueError(
+                    f"The sharded checkpoint in {folder} does not match its index {index_name}: {shard} lacks "
+                    f"{len(missing)} weights the index maps to it (first: {missing[:10]}) and holds {len(unexpected)} "
+                    f"it does not list (first: {unexpected[:10]}). Is a shard corrupted or from another save?"
+                )
+
+
+def _tensor_dtypes(path: str) -> dict[str, str | torch.dtype] | None:
+    """The tensors a weight file holds, by name, with their dtypes (safetensors' names, ``"F32"``, ``"I64"``, ...; a
+    torch dtype for a ``.bin``), read without loading any data: safetensors headers, or a ``.bin`` unpickled with
+    ``weights_only=True`` onto the ``meta`` device. `None` for a ``.bin`` that torch's weights-only unpickler
+    refuses: diffusers, which reads ``.bin`` files the same way, cannot have loaded it (a planted file never runs,
+    nor stops the weights that were loaded)."""
+    import pickle
+
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as weights:
+            return {k: weights.get_slice(k).get_dtype() for k in weights.keys()}
+    try:
+        try:
+            state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        except RuntimeError:  # a `.bin` of torch's legacy (not zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="meta", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):
+        return None
+    if not isinstance(state, dict):
+        return {}
+    return {str(k): v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _tensor_names(path: str) -> list[str] | None:
+    """The tensor names a weight file holds (see `_tensor_dtypes`; `None` for an unreadable ``.bin``)."""
+    dtypes = _tensor_dtypes(path)
+    return None if dtypes is None else list(dtypes)
+
+
+def _is_float_dtype(dtype: str | torch.dtype) -> bool:
+    return dtype.is_floating_point if isinstance(dtype, torch.dtype) else dtype.startswith(("F", "BF"))
+
+
+BIN_WEIGHTS_PREFIX = "diffusion_pytorch_model"  # diffusers' `.bin` weight files (and their shards, variants)
+
+
+def refuse_non_float_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """A `ValueError` naming the tensors of ``folder``'s weight files (safetensors, and diffusers' ``.bin`` files
+    saved with ``safe_serialization=False``) that are stored as integers, booleans or complex numbers where ``model``
+    has floating-point weights (diffusers casts them silently: a corrupted checkpoint would load as truncated
+    weights). Reads no tensor data (see `_tensor_dtypes`)."""
     floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
-    for name in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
-        with safe_open(os.path.join(folder, name), "pt") as weights:
-            dtypes = {k: weights.get_slice(k).get_dtype() for k in weights.keys() if k in floating}
-        wrong = [f"{k}: {dtype}" for k, dtype in sorted(dtypes.items()) if not dtype.startswith(("F", "BF"))]
+    names = sorted(
+        f
+        for f in os.listdir(folder)
+        if f.endswith(".safetensors") or (f.endswith(".bin") and f.startswith(BIN_WEIGHTS_PREFIX))
+    )
+    for name in names:
+        dtypes = {k: d for k, d in (_tensor_dtypes(os.path.join(folder, name)) or {}).items() if k in floating}
+        wrong = [f"{k}: {dtype}" for k, dtype in sorted(dtypes.items()) if not _is_float_dtype(dtype)]
         if wrong:
             raise ValueError(
                 f"{name} in {folder} stores {len(wrong)} floating-point weights of {type(model).__name__} as another "
@@ -225,7 +310,7 @@ def _load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs:
     if not os.path.isdir(folder):  # a Hub repository: the snapshot folder diffusers has just read
         folder = _cached_snapshot(path, kwargs)
     if folder is not None:
-        refuse_non_float_weights(model, folder)
+        check_weight_files(model, folder)
     return model, info
 
 
@@ -283,7 +368,8 @@ def check_folder_files(folder: str | os.PathLike) -> None:
     """Refuse a saved model folder whose files lead out of it or that `from_pretrained` would misread: a `ValueError`
     naming the file for a symbolic link to a file outside the folder (a Hub cache snapshot's links to its own blobs
     are fine; sub-folders are checked by `component_folder`), a `config.json` that is not a JSON object, or a weight
-    index (``*.index.json``) whose ``weight_map`` is not an object of plain file names in the folder."""
+    index (``*.index.json``, a variant's ``*.index.<variant>.json``) whose ``weight_map`` is not an object of plain
+    file names in the folder."""
     roots = _allowed_roots(folder)
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         target = os.path.realpath(entry.path)
@@ -292,7 +378,7 @@ def check_folder_files(folder: str | os.PathLike) -> None:
             raise ValueError(f"{entry.name!r} in {folder} links to {target!r}, outside the folder: refused.")
         if entry.name == "config.json" and entry.is_file():
             read_json(entry.path, "config.json")
-        elif entry.name.endswith(".index.json") and entry.is_file():
+        elif WEIGHT_INDEX.fullmatch(entry.name) and entry.is_file():
             weight_map = read_json(entry.path, entry.name).get("weight_map")
             names = weight_map.values() if isinstance(weight_map, dict) else [weight_map]
             if not all(isinstance(n, str) and n not in ("", ".", "..") and os.path.basename(n) == n for n in names):

@@ -461,3 +461,15 @@ def test_from_config_builds_the_package_classes_exported_by_its_models_module():
     fresh = ExpertRoutingModel.from_config(ExpertRoutingModel([expert], stage_boundaries=()).config)
     public = [{k: v for k, v in e.config.items() if not k.startswith("_")} for e in (fresh.experts[0], expert)]
     assert type(fresh.experts[0]) is EarlyExitUViT2DModel and public[0] == public[1]
+
+
+def test_output_loading_info_has_diffusers_shape_with_the_containers_key_names(tiny_unet_kwargs, tmp_path):
+    # it was a dict of per-expert infos ({0: {...}, 1: {...}}): `info["missing_keys"]`, as for any diffusers model,
+    # was a KeyError
+    experts = ExpertRoutingModel([_unet(tiny_unet_kwargs, 0), _unet(tiny_unet_kwargs, 1)], stage_boundaries=(500,))
+    experts.save_pretrained(tmp_path)
+    _, reference = UNet2DModel.from_pretrained(tmp_path / "expert_0", output_loading_info=True)
+    model, info = ExpertRoutingModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info) == set(reference) and all(value == [] for value in info.values())
+    _, info = ExpertRoutingModel.from_pretrained(tmp_path, output_loading_info=True, load_experts=[1])
+    assert set(info) == set(reference)

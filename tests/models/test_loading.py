@@ -3,6 +3,7 @@ saved folder are hostile input (links out of the folder, malformed configs and w
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -260,3 +261,86 @@ def test_a_config_that_links_out_of_the_folder_is_refused_before_it_is_read(save
     (linked / "config.json").symlink_to(tmp_path / "plain" / "config.json")
     with pytest.raises(ValueError, match="links to .*outside the folder"):
         MultiStageUNet2DModel.from_pretrained(linked)
+
+
+def _corrupt_second_shard(folder, corruption: str) -> str:
+    """Drop the first tensor of ``folder``'s second safetensors shard (its index still maps it there), or add a tensor
+    the index does not list; returns the tensor's name."""
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(folder.glob("*-00002-of-*.safetensors"))[0]
+    state = load_file(shard)
+    key = sorted(state)[0] if corruption == "missing" else "extra.weight"
+    state = {k: v for k, v in state.items() if k != key} if corruption == "missing" else {**state, key: torch.ones(2)}
+    save_file(state, shard)
+    return key
+
+
+@pytest.mark.parametrize("corruption", ["missing", "unexpected"])
+@pytest.mark.parametrize("kind", ["staged", "experts", "diffusers"])
+def test_a_sharded_checkpoint_with_missing_or_unexpected_keys_is_refused(tmp_path, kind, corruption):
+    # diffusers reads a sharded checkpoint's keys from its index, not from the shards: a tensor missing from its shard
+    # was left on the `meta` device (uninitialised memory with `low_cpu_mem_usage=False`), one the index does not list
+    # was ignored, and both loaded without a word
+    from diffusers import UNet2DModel
+
+    from diffusers_stages import ExpertRoutingModel
+    from diffusers_stages.models.loading import load_strictly
+
+    torch.manual_seed(0)
+    model = {"staged": lambda: MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,)), "experts": _experts}
+    model = model.get(kind, lambda: UNet2DModel(**TINY_UNET))()
+    model.save_pretrained(tmp_path, max_shard_size="10KB")
+    load = {
+        "staged": MultiStageUNet2DModel.from_pretrained,
+        "experts": ExpertRoutingModel.from_pretrained,
+        "diffusers": lambda path: load_strictly(UNet2DModel, path),
+    }[kind]
+    assert load(tmp_path) is not None  # the intact sharded folder loads
+    key = _corrupt_second_shard(tmp_path / "expert_0" if kind == "experts" else tmp_path, corruption)
+    with pytest.raises(ValueError, match=rf"-00002-of-.*{re.escape(key)}"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_bin_weights_saved_as_integers_are_refused_too(tmp_path, sharded):
+    # only safetensors files were checked: a `.bin` checkpoint (`safe_serialization=False`) was cast silently
+    torch.manual_seed(0)
+    model = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,))
+    model.save_pretrained(tmp_path, safe_serialization=False, **({"max_shard_size": "10KB"} if sharded else {}))
+    path = sorted(tmp_path.glob("*-00002-of-*.bin" if sharded else "*.bin"))[0]
+    state = torch.load(path, weights_only=True)
+    key = sorted(state)[0]
+    torch.save({**state, key: state[key].to(torch.int32)}, path)
+    with pytest.raises(ValueError, match=rf"{path.name} .*{re.escape(key)}: torch.int32"):
+        MultiStageUNet2DModel.from_pretrained(tmp_path, use_safetensors=False)
+
+
+def test_a_sharded_variant_with_a_tensor_missing_from_its_shard_is_refused(tmp_path):
+    # a variant's index is `diffusion_pytorch_model.safetensors.index.fp16.json`, not `*.index.json`: the shard check
+    # passed over it, and the missing tensor was left on the `meta` device
+    torch.manual_seed(0)
+    MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,)).save_pretrained(
+        tmp_path, max_shard_size="10KB", variant="fp16"
+    )
+    key = _corrupt_second_shard(tmp_path, "missing")
+    with pytest.raises(ValueError, match=rf"index\.fp16\.json.*-00002-of-.*{re.escape(key)}"):
+        MultiStageUNet2DModel.from_pretrained(tmp_path, variant="fp16")
+
+
+def test_a_bin_file_beside_the_safetensors_that_was_not_loaded_never_blocks_or_runs(saved_model, tmp_path):
+    # the integer-weights check reads `.bin` weight files too; one that torch's weights-only unpickler refuses (a
+    # planted pickle) was not what diffusers loaded, so it must neither run nor stop the safetensors from loading
+    import pickle
+
+    folder, model = saved_model
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(folder / "diffusion_pytorch_model.bin", "wb") as f:
+        pickle.dump({"conv_in.weight": Payload()}, f, protocol=2)
+    loaded = MultiStageUNet2DModel.from_pretrained(folder)
+    assert torch.equal(loaded.conv_in.weight, model.conv_in.weight) and not marker.exists()

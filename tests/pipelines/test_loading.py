@@ -355,3 +355,68 @@ def test_weights_saved_as_integers_are_refused_not_cast_in_every_component(saved
         with pytest.raises(ValueError, match=f"{path.name}.*{key}.*I32"):
             pipeline_class.from_pretrained(folder)
         save_file(state, path)
+
+
+def test_a_sharded_component_with_a_tensor_missing_from_its_shard_is_refused_in_every_pipeline(saved, tmp_path):
+    # diffusers reads a sharded checkpoint's keys from its index: the tensor was left on the `meta` device, silently
+    from safetensors.torch import load_file, save_file
+
+    folder, pipeline_class, images = saved
+    sharded = tmp_path / "sharded"
+    pipeline_class.from_pretrained(folder).save_pretrained(sharded, max_shard_size="10KB")
+    assert np.array_equal(_samples(pipeline_class.from_pretrained(sharded)), images)
+    shard = sorted(sharded.rglob("*-00002-of-*.safetensors"))[0]  # of a diffusers U-Net in every pipeline
+    state = load_file(shard)
+    key = sorted(state)[0]
+    save_file({k: v for k, v in state.items() if k != key}, shard)
+    with pytest.raises(ValueError, match=rf"{shard.name} lacks 1 weights.*{key}"):
+        pipeline_class.from_pretrained(sharded)
+
+
+def test_a_variant_no_component_has_is_an_error_as_in_diffusers(saved):
+    # the variant was dropped component by component, so the default weights loaded without a word; diffusers
+    # (`DDIMPipeline.from_pretrained(folder, variant="fp16")`) raises when no component has files of the variant
+    folder, pipeline_class, _ = saved
+    with pytest.raises(ValueError, match=r"`variant=fp16`, but no such modeling files are available"):
+        pipeline_class.from_pretrained(folder, variant="fp16")
+
+
+def test_a_device_map_of_one_device_loads_every_model_there_as_in_diffusers(saved):
+    # `device_map="cpu"` was refused ("not supported"), where `DDIMPipeline.from_pretrained(folder, device_map="cpu")`
+    # loads every model onto that device and records it as the pipeline's `hf_device_map`
+    folder, pipeline_class, images = saved
+    pipe = pipeline_class.from_pretrained(folder, device_map="cpu")
+    assert pipe.hf_device_map == "cpu"
+    assert all(
+        p.device.type == "cpu"
+        for m in pipe.components.values()
+        if isinstance(m, torch.nn.Module)
+        for p in m.parameters()
+    )
+    assert np.array_equal(_samples(pipe), images)
+    with pytest.raises(ValueError, match="low_cpu_mem_usage"):
+        pipeline_class.from_pretrained(folder, device_map="cpu", low_cpu_mem_usage=False)
+
+
+def test_dtype_the_name_diffusers_prefers_to_torch_dtype_is_taken_too(saved):
+    # diffusers 0.42 deprecates `torch_dtype` for `dtype` (`DDIMPipeline.from_pretrained(folder, dtype=...)`); the
+    # package's pipelines refused `dtype` as an unexpected keyword
+    folder, pipeline_class, _ = saved
+    for dtype in (torch.float16, {"default": torch.bfloat16}):
+        loaded = pipeline_class.from_pretrained(folder, dtype=dtype)
+        expected = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+        assert all(m.dtype == expected for m in loaded.components.values() if isinstance(m, torch.nn.Module))
+    with pytest.raises(ValueError, match="both `dtype` and `torch_dtype`"):
+        pipeline_class.from_pretrained(folder, dtype=torch.float16, torch_dtype=torch.float16)
+
+
+def test_diffusers_loading_options_at_their_defaults_are_taken_and_others_named(saved):
+    # `DDIMPipeline.from_pretrained(folder, quantization_config=None, proxies=None, ...)` (what wrappers pass along)
+    # loads; the package's pipelines refused every such option as an unexpected keyword, even at its default
+    folder, pipeline_class, images = saved
+    defaults = dict(proxies=None, quantization_config=None, max_memory=None, offload_folder=None, use_flashpack=False)
+    assert np.array_equal(_samples(pipeline_class.from_pretrained(folder, **defaults)), images)
+    with pytest.raises(ValueError, match=r"`quantization_config` is not supported by .*from_pretrained"):
+        pipeline_class.from_pretrained(folder, quantization_config={"load_in_8bit": True})
+    with pytest.raises(ValueError, match="unexpected keyword"):
+        pipeline_class.from_pretrained(folder, no_such_option=None)

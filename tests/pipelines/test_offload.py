@@ -342,3 +342,18 @@ def test_networks_offloaded_by_another_pipeline_are_refused(kind):
     pipe.disable_stage_offload()
     other.enable_stage_offload(device="cpu")
     np.testing.assert_array_equal(_images(other), expected)
+
+
+def test_a_pipeline_loaded_onto_one_device_takes_the_stage_offload(tmp_path):
+    # `from_pretrained(folder, device_map="cpu")` records the device as `hf_device_map`; diffusers' own offloading
+    # accepts such a pipeline (a device map of one device places nothing), the stage offload refused it
+    pipe = tiny_pipeline("dual_backbone")
+    expected = _images(pipe)
+    pipe.save_pretrained(tmp_path)
+    loaded = type(pipe).from_pretrained(tmp_path, device_map="cpu")
+    loaded.enable_stage_offload(device="cpu")
+    np.testing.assert_array_equal(_images(loaded), expected)
+    loaded.disable_stage_offload()
+    loaded.hf_device_map = {"shallow": "cpu", "deep": "cuda:1"}  # components spread over devices: still refused
+    with pytest.raises(ValueError, match="`enable_stage_offload` cannot be combined with .*device_map"):
+        loaded.enable_stage_offload(device="cpu")
