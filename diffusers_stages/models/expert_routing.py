@@ -559,15 +559,20 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
 
     # ------------------------------------------------------------------------------------------------------------
     # LoRA: what the pipelines' LoRA loader calls on `pipe.unet`, each expert's own (diffusers' `PeftAdapterMixin`)
-    def _peft_experts(self, action: str) -> list[ModelMixin]:
-        """The experts, each able to take LoRA adapters; a `ValueError` naming an unloaded or unable one."""
+    def _experts_with(self, method: str, action: str) -> list[ModelMixin]:
+        """The experts, each with ``method`` (``load_lora_adapter``, ``_load_ip_adapter_weights``: what the
+        pipelines' loaders call on `pipe.unet`); a `ValueError` naming an unloaded expert or one without it."""
         missing = [i for i, expert in enumerate(self.experts) if expert is None]
         if missing:
             raise ValueError(f"Experts {missing} are not loaded: load every expert before you {action}.")
         for i, expert in enumerate(self.experts):
-            if not callable(getattr(expert, "load_lora_adapter", None)):
-                raise ValueError(f"Expert {i} ({type(expert).__name__}) cannot {action}: it has no LoRA loader.")
+            if not callable(getattr(expert, method, None)):
+                raise ValueError(f"Expert {i} ({type(expert).__name__}) cannot {action}: it has no `{method}`.")
         return list(self.experts)
+
+    def _peft_experts(self, action: str) -> list[ModelMixin]:
+        """The experts, each able to take LoRA adapters (see `_experts_with`)."""
+        return self._experts_with("load_lora_adapter", action)
 
     def _lora_per_expert(self, state_dict: dict, prefix: str | None) -> list[dict]:
         """Each expert's share of a LoRA: its own keys (``experts.{i}.``, as this container saves them, the prefix
@@ -723,14 +728,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
     # ------------------------------------------------------------------------------------------------------------
     # IP-Adapter: what diffusers' `IPAdapterMixin` calls on `pipe.unet`, each expert's own
     def _ip_adapter_experts(self) -> list[ModelMixin]:
-        """The experts, each able to take an IP-Adapter; a `ValueError` naming an unloaded or unable one."""
-        missing = [i for i, expert in enumerate(self.experts) if expert is None]
-        if missing:
-            raise ValueError(f"Experts {missing} are not loaded: load every expert before you load an IP-Adapter.")
-        for i, expert in enumerate(self.experts):
-            if not callable(getattr(expert, "_load_ip_adapter_weights", None)):
-                raise ValueError(f"Expert {i} ({type(expert).__name__}) cannot take an IP-Adapter.")
-        return list(self.experts)
+        """The experts, each able to take an IP-Adapter (see `_experts_with`)."""
+        return self._experts_with("_load_ip_adapter_weights", "load an IP-Adapter")
 
     def _load_ip_adapter_weights(
         self, state_dicts: list[dict] | dict, low_cpu_mem_usage: bool = _LOW_CPU_MEM_USAGE_DEFAULT

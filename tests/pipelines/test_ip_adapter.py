@@ -283,3 +283,18 @@ def test_warm_start_from_a_source_with_an_ip_adapter_loaded_is_refused_by_name(s
     source.unload_ip_adapter()  # the way out: the plain U-Net, then the IP-Adapter into the staged model
     staged = MultiStageUNet2DConditionModel.from_unet(source.unet, stage_boundaries=BOUNDARIES)
     assert staged.encoder_hid_proj is None
+
+
+def test_experts_without_the_loaders_are_named_before_an_adapter_loads():
+    # experts of a class diffusers gives no LoRA or IP-Adapter loader (UNet2DModel): each refusal names the method
+    from diffusers import UNet2DModel
+
+    from tests.conftest import TINY_UNET
+
+    model = ExpertRoutingModel([UNet2DModel(**TINY_UNET), UNet2DModel(**TINY_UNET)], stage_boundaries=(500,))
+    with pytest.raises(ValueError, match=r"Expert 0 \(UNet2DModel\) cannot load an IP-Adapter: it has no `_load_ip"):
+        model._load_ip_adapter_weights([{}])
+    with pytest.raises(
+        ValueError, match=r"Expert 0 \(UNet2DModel\) cannot load a LoRA: it has no `load_lora_adapter`"
+    ):
+        model.load_lora_adapter({})
