@@ -89,10 +89,11 @@ class LossLog:
     def reduce(self, accelerator: Accelerator) -> dict[str, float]:
         """The means since the last call, over every process; the sums start again from zero."""
         num_stages, num_networks = self.num_stages, len(self.names)
-        totals = accelerator.reduce(self.sums.clone(), reduction="sum")
-        mean = (totals[0] / totals[1].clamp(min=1)).tolist()
-        logs = {"loss": totals[0, :num_stages].sum().item() / max(totals[1, :num_stages].sum().item(), 1)}
-        logs.update({f"loss/stage_{s}": mean[s] for s in range(num_stages) if totals[1, s] > 0})
+        # one copy to the host (reading each value on its own would wait for an accelerator once per value)
+        sums, counts = accelerator.reduce(self.sums.clone(), reduction="sum").tolist()
+        mean = [total / max(count, 1) for total, count in zip(sums, counts)]
+        logs = {"loss": sum(sums[:num_stages]) / max(sum(counts[:num_stages]), 1)}
+        logs.update({f"loss/stage_{s}": mean[s] for s in range(num_stages) if counts[s] > 0})
         if num_networks > 1:
             logs.update({f"loss/{name}": mean[num_stages + k] for k, name in enumerate(self.names)})
         self.sums.zero_()
