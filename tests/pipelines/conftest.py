@@ -1,13 +1,17 @@
 """Tiny pipelines of the package's three kinds, shared by the pipeline tests."""
 
+import copy
+
+import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DModel
 
 from diffusers_stages import (
     DualBackbonePipeline,
     ExpertRoutingModel,
     ExpertRoutingPipeline,
     MultiStagePipeline,
+    MultiStageUNet2DConditionModel,
     MultiStageUNet2DModel,
 )
 from diffusers_stages.schedulers import is_edm_scheduler
@@ -36,3 +40,27 @@ def tiny_pipeline(kind: str, scheduler=None, num_class_embeds: int | None = None
         pipe = DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=scheduler, **dual_switch)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# the text-to-image adapters' tests (LoRA, IP-Adapter): a tiny SD pipeline against the same one with a staged or
+# expert-routing unet
+SD_BOUNDARIES = (350, 700)  # three stages; 3 DDIM steps (999, 666, 333) visit all three
+
+
+@pytest.fixture
+def source_and_staged(tiny_sd_components):
+    """``(source_pipe, staged_pipe)``: the tiny SD pipeline, and the same one with the staged warm start as unet."""
+    source = StableDiffusionPipeline(**tiny_sd_components)
+    staged = StableDiffusionPipeline(**dict(tiny_sd_components, unet=copy.deepcopy(source.unet)))
+    staged.unet = MultiStageUNet2DConditionModel.from_unet(staged.unet, stage_boundaries=SD_BOUNDARIES)
+    return source, staged
+
+
+@pytest.fixture
+def source_and_routed(tiny_sd_components):
+    """``(source_pipe, routed_pipe)``: the tiny SD pipeline, and the same one whose unet routes to two copies of it."""
+    source = StableDiffusionPipeline(**tiny_sd_components)
+    experts = [copy.deepcopy(source.unet) for _ in range(2)]
+    routed = StableDiffusionPipeline(**dict(tiny_sd_components, unet=copy.deepcopy(source.unet)))
+    routed.unet = ExpertRoutingModel(experts, stage_boundaries=(500,))
+    return source, routed

@@ -12,8 +12,8 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from safetensors.torch import save_file
 
 from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DConditionModel
+from tests.pipelines.conftest import SD_BOUNDARIES as BOUNDARIES
 
-BOUNDARIES = (350, 700)  # three stages; 3 DDIM steps (999, 666, 333) visit all three
 IMAGE_EMBED_DIM = 12  # the width of the (stand-in) CLIP image embedding
 
 
@@ -81,15 +81,6 @@ def _ip_processors(model) -> dict:
         for name, processor in model.attn_processors.items()
         if isinstance(processor, IPAdapterAttnProcessor2_0)
     }
-
-
-@pytest.fixture
-def source_and_staged(tiny_sd_components):
-    """``(source_pipe, staged_pipe)``: the tiny SD pipeline, and the same one with the staged warm start as unet."""
-    source = StableDiffusionPipeline(**tiny_sd_components)
-    staged = StableDiffusionPipeline(**dict(tiny_sd_components, unet=copy.deepcopy(source.unet)))
-    staged.unet = MultiStageUNet2DConditionModel.from_unet(staged.unet, stage_boundaries=BOUNDARIES)
-    return source, staged
 
 
 def _check_scale_and_unload(source, other, plain: np.ndarray, with_ip: np.ndarray) -> None:
@@ -230,16 +221,6 @@ def test_an_ip_adapter_of_another_layout_is_refused_by_name(source_and_staged, t
 
 # ---------------------------------------------------------------------------------------------------------------
 # ExpertRoutingModel: the source's IP-Adapter in every expert
-@pytest.fixture
-def source_and_routed(tiny_sd_components):
-    """``(source_pipe, routed_pipe)``: the tiny SD pipeline, and the same one whose unet routes to two copies of it."""
-    source = StableDiffusionPipeline(**tiny_sd_components)
-    experts = [copy.deepcopy(source.unet) for _ in range(2)]
-    routed = StableDiffusionPipeline(**dict(tiny_sd_components, unet=copy.deepcopy(source.unet)))
-    routed.unet = ExpertRoutingModel(experts, stage_boundaries=(500,))
-    return source, routed
-
-
 def test_source_ip_adapter_in_every_expert_gives_the_source_images(source_and_routed, tmp_path):
     source, routed = source_and_routed
     plain = _images(source, ip=False)

@@ -10,6 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DConditionModel
+from tests.pipelines.conftest import SD_BOUNDARIES as BOUNDARIES
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig  # noqa: E402
@@ -17,7 +18,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-BOUNDARIES = (350, 700)  # three stages; 3 DDIM steps (999, 666, 333) visit all three
 
 
 def _images(pipe, steps: int = 3) -> np.ndarray:
@@ -49,15 +49,6 @@ def _source_lora(unet, folder, seed: int = 0, metadata: bool = True, pipeline_cl
 
 def _lora_layers(model) -> dict:
     return {name: module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
-
-
-@pytest.fixture
-def source_and_staged(tiny_sd_components):
-    """``(source_pipe, staged_pipe)``: the tiny SD pipeline, and the same one with the staged warm start as unet."""
-    source = StableDiffusionPipeline(**tiny_sd_components)
-    staged = StableDiffusionPipeline(**dict(tiny_sd_components, unet=copy.deepcopy(source.unet)))
-    staged.unet = MultiStageUNet2DConditionModel.from_unet(staged.unet, stage_boundaries=BOUNDARIES)
-    return source, staged
 
 
 @pytest.mark.parametrize("metadata", [True, False], ids=["metadata", "no-metadata"])
@@ -201,16 +192,6 @@ def test_without_peft_the_user_is_told_to_install_it(source_and_staged, tmp_path
 
 # ---------------------------------------------------------------------------------------------------------------
 # ExpertRoutingModel: the source's LoRA on every expert
-@pytest.fixture
-def source_and_routed(tiny_sd_components):
-    """``(source_pipe, routed_pipe)``: the tiny SD pipeline, and the same one whose unet routes to two copies of it."""
-    source = StableDiffusionPipeline(**tiny_sd_components)
-    experts = [copy.deepcopy(source.unet) for _ in range(2)]
-    routed = StableDiffusionPipeline(**dict(tiny_sd_components, unet=copy.deepcopy(source.unet)))
-    routed.unet = ExpertRoutingModel(experts, stage_boundaries=(500,))
-    return source, routed
-
-
 def test_source_lora_on_every_expert_gives_the_source_images(source_and_routed, tmp_path):
     source, routed = source_and_routed
     plain = _images(source)
