@@ -95,18 +95,18 @@ def ip_adapter_layers(model: nn.Module) -> dict[str, list[str]]:
     return layers
 
 
-def check_ip_adapter_fits(
-    model: nn.Module, state_dicts: list[dict], where: Callable[[str], str], layers: dict[str, list[str]] | None = None
-) -> None:
+def check_ip_adapter_fits(model: nn.Module, state_dicts: list[dict], where: Callable[[str], str]) -> None:
     """A `ValueError` unless every IP-Adapter in ``state_dicts`` has one ``to_k_ip``/``to_v_ip`` pair per
     cross-attention layer of ``model`` (``{i}.`` with ``i`` = 1, 3, 5, ... in the source's order, see
     [`ip_adapter_layers`]), each of the shape of the layer's ``to_k``/``to_v`` weight; ``where(name)`` names the part
     of the model (``"decoder 1"``, ``"expert 0"``) in the message. Nothing is changed."""
-    layers = ip_adapter_layers(model) if layers is None else layers
-    cross = [(source, targets) for source, targets in layers.items() if source.endswith("attn2.processor")]
+    cross = [
+        (source, targets) for source, targets in ip_adapter_layers(model).items() if source.endswith("attn2.processor")
+    ]
     expected = {2 * i + 1 for i in range(len(cross))}
     for index, state_dict in enumerate(state_dicts):
-        ids = {int(key.split(".")[0]) for key in state_dict["ip_adapter"] if key.endswith(".to_k_ip.weight")}
+        prefixes = [key.split(".")[0] for key in state_dict["ip_adapter"] if key.endswith(".to_k_ip.weight")]
+        ids = {int(prefix) if prefix.isdigit() else prefix for prefix in prefixes}  # a name from a file: any string
         if ids != expected:
             raise ValueError(
                 f"The IP-Adapter {index}'s `ip_adapter` weights are for {len(ids)} cross-attention layers, but "

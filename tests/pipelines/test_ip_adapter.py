@@ -217,6 +217,11 @@ def test_an_ip_adapter_of_another_layout_is_refused_by_name(source_and_staged, t
     assert not _ip_processors(staged.unet) and staged.unet.encoder_hid_proj is None
     with pytest.raises(ValueError, match="state_dicts"):
         staged.unet._load_ip_adapter_weights(["not a state dict"])
+    # a layer number that is not a number (a file's key: any string) is the same refusal, not int()'s error
+    renamed = ip_adapter_state_dict(source.unet)
+    renamed["ip_adapter"] = {key.replace("1.", "x.", 1): value for key, value in renamed["ip_adapter"].items()}
+    with pytest.raises(ValueError, match=r"ip_adapter.*cross-attention layers"):
+        staged.unet._load_ip_adapter_weights([renamed])
 
 
 # ---------------------------------------------------------------------------------------------------------------
