@@ -455,18 +455,23 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                 storage_dtype, compute_dtype, skip_modules_classes=skip_modules_classes, non_blocking=non_blocking
             )
 
+    def _loaded_experts_with(self, method: str, cannot: str) -> list[ModelMixin]:
+        """The loaded experts, each with ``method``; a `ValueError` "Expert {i} ({class}) {cannot}" naming the first
+        without it, before any expert is changed."""
+        for i in self.loaded_experts:
+            expert = self.experts[i]
+            if not callable(getattr(expert, method, None)):
+                raise ValueError(f"Expert {i} ({type(expert).__name__}) {cannot}.")
+        return [self.experts[i] for i in self.loaded_experts]
+
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         r"""FreeU (https://huggingface.co/papers/2309.11497) in every loaded expert, by the expert's own
         ``enable_freeu`` (what `pipe.enable_freeu` calls on ``pipe.unet``): ``s1``/``s2`` filter the skip features,
         ``b1``/``b2`` scale the backbone features of its up path, as in
         [`~diffusers.UNet2DConditionModel.enable_freeu`]. An expert without FreeU (diffusers' `UNet2DModel`, and
         `MultiStageUNet2DModel` built on it, have none) is a `ValueError` naming it, before any expert is changed."""
-        for i in self.loaded_experts:
-            expert = self.experts[i]
-            if not callable(getattr(expert, "enable_freeu", None)):
-                raise ValueError(f"Expert {i} ({type(expert).__name__}) does not support FreeU (no `enable_freeu`).")
-        for i in self.loaded_experts:
-            self.experts[i].enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+        for expert in self._loaded_experts_with("enable_freeu", "does not support FreeU (no `enable_freeu`)"):
+            expert.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
 
     def disable_freeu(self) -> None:
         """Undo `enable_freeu`: each loaded expert's own ``disable_freeu``."""
@@ -479,12 +484,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         """`pipe.fuse_qkv_projections()`: each loaded expert fuses its q/k/v projections with its own
         ``fuse_qkv_projections`` (`AttentionMixin`'s version fuses only the newer attention classes, and the pipeline
         then sets a fused processor on the experts' unfused layers). An expert without one is a `ValueError`."""
-        for i in self.loaded_experts:
-            expert = self.experts[i]
-            if not callable(getattr(expert, "fuse_qkv_projections", None)):
-                raise ValueError(f"Expert {i} ({type(expert).__name__}) cannot fuse its q/k/v projections.")
-        for i in self.loaded_experts:
-            self.experts[i].fuse_qkv_projections()
+        for expert in self._loaded_experts_with("fuse_qkv_projections", "cannot fuse its q/k/v projections"):
+            expert.fuse_qkv_projections()
 
     def unfuse_qkv_projections(self) -> None:
         """Undo `fuse_qkv_projections`: each loaded expert's own ``unfuse_qkv_projections``."""
@@ -565,10 +566,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         missing = [i for i, expert in enumerate(self.experts) if expert is None]
         if missing:
             raise ValueError(f"Experts {missing} are not loaded: load every expert before you {action}.")
-        for i, expert in enumerate(self.experts):
-            if not callable(getattr(expert, method, None)):
-                raise ValueError(f"Expert {i} ({type(expert).__name__}) cannot {action}: it has no `{method}`.")
-        return list(self.experts)
+        return self._loaded_experts_with(method, f"cannot {action}: it has no `{method}`")
 
     def _peft_experts(self, action: str) -> list[ModelMixin]:
         """The experts, each able to take LoRA adapters (see `_experts_with`)."""
@@ -586,8 +584,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                 f"The LoRA `state_dict` mixes keys of this container's experts (e.g. {own[0]!r}) with keys of one "
                 "U-Net: it must be in one naming or the other."
             )
-        shares = [{key: value for key, value in state_dict.items() if not key.startswith(head)}]
-        shares = [dict(shares[0]) for _ in range(self.num_stages)]
+        common = {key: value for key, value in state_dict.items() if not key.startswith(head)}  # other components'
+        shares = [dict(common) for _ in range(self.num_stages)]
         for key in own:
             index, _, rest = key[len(head) + len("experts.") :].partition(".")
             if not index.isdigit() or int(index) >= self.num_stages:

@@ -338,17 +338,7 @@ class MultiStageUNet2DConditionModel(
         state_dict, network_alphas, metadata = lora_to_stages(
             state_dict, self.num_stages, prefix, network_alphas, metadata
         )
-        tailored = self.config.decoder_block_out_channels is not None
-
-        def where(name: str) -> str:
-            if not name.startswith("decoders."):
-                return "the shared encoder"
-            why = (
-                " (a decoder of tailored widths, `decoder_block_out_channels`, cannot take the source's up-path LoRA)"
-            )
-            return f"decoder {name.split('.')[1]}{why if tailored else ''}"
-
-        check_lora_fits(self, state_dict, prefix, where)
+        check_lora_fits(self, state_dict, prefix, lambda name: self._adapter_where(name, "LoRA"))
         return state_dict, network_alphas, metadata
 
     def set_adapters(
@@ -385,19 +375,22 @@ class MultiStageUNet2DConditionModel(
         dict does not reach the decoders' layers: diffusers matches it to the source U-Net's layer names)."""
         return ()
 
-    def _ip_adapter_where(self, name: str) -> str:
+    def _adapter_where(self, name: str, what: str = "weights") -> str:
+        """The part of this model that layer ``name`` belongs to, for an adapter's (LoRA, IP-Adapter) error
+        messages: ``"the shared encoder"``, or ``"decoder {s}"`` with why a tailored one cannot take the source's
+        up-path ``what``; no name: the model as a whole."""
         if not name:
             return "this model (its source U-Net's layout)"
         if not name.startswith("decoders."):
             return "the shared encoder"
-        why = " (a decoder of tailored widths, `decoder_block_out_channels`, cannot take the source's up-path weights)"
+        why = f" (a decoder of tailored widths, `decoder_block_out_channels`, cannot take the source's up-path {what})"
         return f"decoder {name.split('.')[1]}{why if self.config.decoder_block_out_channels is not None else ''}"
 
     def _check_ip_adapter(self, state_dicts: list[dict] | dict) -> list[dict]:
         """The IP-Adapter state dicts as a list, checked against the layers they land on (a `ValueError` naming
         the decoder and the shapes); nothing is changed."""
         state_dicts = check_ip_adapter_state_dicts(state_dicts)
-        check_ip_adapter_fits(self, state_dicts, self._ip_adapter_where)
+        check_ip_adapter_fits(self, state_dicts, self._adapter_where)
         return state_dicts
 
     def _load_ip_adapter_weights(
