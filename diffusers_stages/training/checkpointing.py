@@ -171,7 +171,7 @@ def remove_leftovers(output_dir: str) -> list[str]:
     kill interrupted; returns their names."""
     if not os.path.isdir(output_dir):
         return []
-    if os.path.isdir(os.path.join(output_dir, PIPELINE_NEW)):
+    if _is_folder(os.path.join(output_dir, PIPELINE_NEW)):
         _swap_in_pipeline(output_dir)
     leftovers = (PIPELINE_PARTIAL, PIPELINE_NEW, PIPELINE_OLD)
     names = sorted(name for name in os.listdir(output_dir) if LEFTOVER_PATTERN.match(name) or name in leftovers)
@@ -189,7 +189,7 @@ def publish_pipeline(output_dir: str, write: Callable[[str], None]) -> None:
     pipeline folder) out first and in last, so that a kill during the swap never leaves a mix of the two saves that
     loads as a pipeline; the next run's `remove_leftovers` finishes it."""
     partial, new = os.path.join(output_dir, PIPELINE_PARTIAL), os.path.join(output_dir, PIPELINE_NEW)
-    if os.path.isdir(new):  # a complete save a killed run did not finish swapping in: finish it first
+    if _is_folder(new):  # a complete save a killed run did not finish swapping in: finish it first
         _swap_in_pipeline(output_dir)
     _remove(partial, ignore_errors=True)  # left by a run killed while writing
     os.makedirs(partial)
@@ -207,6 +207,8 @@ def _swap_in_pipeline(output_dir: str) -> None:
     delete both folders. Idempotent: an entry still in ``PIPELINE_NEW`` has not replaced its namesake yet, so a
     swap that a kill interrupted is finished by running this again."""
     new, old = os.path.join(output_dir, PIPELINE_NEW), os.path.join(output_dir, PIPELINE_OLD)
+    if os.path.lexists(old) and not _is_folder(old):  # a link (or file) in its place is removed, never followed
+        _remove_entry(old)
     os.makedirs(old, exist_ok=True)
     entries = sorted(os.listdir(new), key=lambda name: (os.path.isdir(os.path.join(new, name)), name))  # files first
     for name in entries:  # out: the previous save's files first, its folders after
@@ -218,6 +220,11 @@ def _swap_in_pipeline(output_dir: str) -> None:
         os.rename(os.path.join(new, name), os.path.join(output_dir, name))
     _remove(new, ignore_errors=True)
     _remove(old, ignore_errors=True)
+
+
+def _is_folder(path: str) -> bool:
+    """Whether ``path`` is a folder of its own, not a link to one (a link is never followed into)."""
+    return os.path.isdir(path) and not os.path.islink(path)
 
 
 def _remove_entry(path: str) -> None:

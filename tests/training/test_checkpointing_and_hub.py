@@ -473,3 +473,20 @@ def test_a_file_named_like_the_checkpoint_being_saved_is_named_and_kept(tmp_path
     with pytest.raises(ValueError, match=r"checkpoint-4'.*a file of that name.*not deleted"):
         publish_checkpoint(str(partial), str(tmp_path / "checkpoint-4"), 4)
     assert (tmp_path / "checkpoint-4").read_text() == "notes"
+
+
+def test_pipeline_swap_folders_that_are_links_are_removed_never_followed(tmp_path):
+    # a `.pipeline.new` or `.pipeline.old` linking elsewhere: the swap moved the target's entries in, or deleted and
+    # moved files inside the target
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "model_index.json").write_text("theirs")
+    os.symlink(elsewhere, out / ".pipeline.new")
+    assert remove_leftovers(str(out)) == [".pipeline.new"]
+    assert os.listdir(out) == [] and (elsewhere / "model_index.json").read_text() == "theirs"
+    _pipeline_save("old")(str(out))  # a previous save, whose files the swap moves aside
+    os.symlink(elsewhere, out / ".pipeline.old")
+    publish_pipeline(str(out), _pipeline_save("new"))
+    assert (elsewhere / "model_index.json").read_text() == "theirs" and os.listdir(elsewhere) == ["model_index.json"]
+    assert _saved(str(out))["model_index.json"] == "new" and not os.path.lexists(out / ".pipeline.old")
