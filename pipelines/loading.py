@@ -25,13 +25,12 @@ from ..models.loading import (
     NAME,
     check_folder_files,
     check_name,
-    check_weight_files,
     component_folder,
     download_weights,
+    load_checked,
     read_json,
     realign_storage,
     reexport_source,
-    refuse_mismatched_keys,
 )
 
 # options of diffusers' `DiffusionPipeline.from_pretrained` these loaders do not implement, with their defaults: taken
@@ -172,9 +171,8 @@ def load_component(folder: str, name: str, component_class: type, kwargs: dict) 
     if issubclass(component_class, ModelMixin) and component_class.__module__.split(".")[0] == "diffusers":
         # diffusers' own models, as strictly as the package's: missing or unexpected keys are an error (diffusers
         # only warns, and leaves the missing weights on the `meta` device)
-        model, info = component_class.from_pretrained(path, output_loading_info=True, **options)
-        refuse_mismatched_keys(info, path, component_class.__name__)
-        check_weight_files(model, path)  # shards against their index; diffusers casts integer weights silently
+        # (and shards against their index; diffusers casts integer weights silently)
+        model = load_checked(component_class.from_pretrained, component_class.__name__, path, options)[0]
     else:
         model = component_class.from_pretrained(path, **options)
     realign_storage(model)  # bit-identical outputs after a reload: same seed, same images

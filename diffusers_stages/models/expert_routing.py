@@ -36,11 +36,10 @@ from .loading import (
     check_folder_files,
     check_name,
     check_subfolder,
-    check_weight_files,
     component_folder,
     download_weights,
+    load_checked,
     realign_storage,
-    refuse_mismatched_keys,
     refuse_other_model_class,
 )
 from .lora import check_lora_fits, fetch_lora, require_peft
@@ -920,13 +919,12 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             path = component_folder(folder, expert_folder(i))
             expert_class = import_class(entries[i])
             try:
-                expert, info = expert_class.from_pretrained(path, output_loading_info=True, **kwargs)
+                # diffusers' own experts as strictly as the package's: keys, shards and integer weights
+                expert, info = load_checked(expert_class.from_pretrained, expert_class.__name__, path, kwargs)
             except (RuntimeError, ValueError) as error:
                 raise ValueError(
                     f"Expert {i} at {path} could not be loaded as {expert_class.__name__}: {error}"
                 ) from error
-            refuse_mismatched_keys(info, path, expert_class.__name__)
-            check_weight_files(expert, path)  # diffusers' own experts: shards and integer weights
             realign_storage(expert)  # bit-identical outputs after a reload
             experts[i], infos[i] = expert, info
         model = cls(

@@ -46,7 +46,7 @@ class StrictLoadingMixin(SaveThenPushMixin):
             check_folder_files(os.path.dirname(config_file))
             refuse_other_model_class(cls, read_json(config_file, "config.json"), path, subfolder)
         try:
-            model, info = _load_checked(super().from_pretrained, cls.__name__, path, kwargs)
+            model, info = load_checked(super().from_pretrained, cls.__name__, path, kwargs)
         except (TypeError, ValueError) as error:
             if not os.path.isfile(config_file):  # a Hub repository: its config is in the cache by now
                 refuse_other_model_class(cls, _cached_config(cls, path, kwargs), path, subfolder, cause=error)
@@ -289,7 +289,7 @@ def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
-def _load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: dict) -> tuple:
+def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: dict) -> tuple:
     """``load(path, output_loading_info=True, **kwargs)`` (a `from_pretrained`) with the strict checks: for a local
     folder, a subfolder that leads out of it and files that do are refused before loading; after it, missing,
     unexpected or mis-shaped weights, and floating-point weights stored as integers (read from the folder, or from
@@ -321,7 +321,7 @@ def load_strictly(model_class: type, path: str | os.PathLike, subfolder: str | N
     if one links out of a local folder or stores non-float weights (which diffusers would cast silently)."""
     if model_class.__module__.split(".")[0] != "diffusers":
         return model_class.from_pretrained(path, subfolder=subfolder)
-    return _load_checked(model_class.from_pretrained, model_class.__name__, path, {"subfolder": subfolder})[0]
+    return load_checked(model_class.from_pretrained, model_class.__name__, path, {"subfolder": subfolder})[0]
 
 
 def read_json(path: str, argument: str) -> dict:

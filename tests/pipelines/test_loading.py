@@ -344,6 +344,20 @@ def test_a_component_checkpoint_with_missing_or_unexpected_keys_is_refused_in_ev
         pipeline_class.from_pretrained(folder)
 
 
+def test_a_component_weight_of_another_shape_is_the_named_error_in_every_pipeline(saved):
+    # diffusers' own components (the dual backbone's U-Nets, the experts) raised torch's bare "size mismatch"
+    # RuntimeError (the experts' wrapped in a ValueError); every pipeline now names the checkpoint and the class
+    from safetensors.torch import load_file, save_file
+
+    folder, pipeline_class, _ = saved
+    path = sorted(folder.rglob("*.safetensors"))[0]  # the first model component (deep, expert_0, unet)
+    state = load_file(path)
+    key = next(k for k in sorted(state) if state[k].ndim == 4)
+    save_file({**state, key: torch.zeros(*state[key].shape[:-1], state[key].shape[-1] + 2)}, path)
+    with pytest.raises(ValueError, match=r"The checkpoint at .* does not match its config for \w+"):
+        pipeline_class.from_pretrained(folder)
+
+
 def test_weights_saved_as_integers_are_refused_not_cast_in_every_component(saved):
     from safetensors.torch import load_file, save_file
 
