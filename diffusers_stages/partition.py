@@ -31,6 +31,13 @@ import torch
 UNITS = ("timestep", "sigma")
 
 
+def exact_float(device: torch.device | str) -> torch.dtype:
+    """The dtype noise levels are compared in on ``device``: float64, except on Apple's MPS, which has none; float32
+    there still holds every integer timestep below 2**24 exactly, and the boundaries are rounded toward the stage that
+    owns them (`TimestepPartition._bounds_tensor`), so integer timesteps route as in float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 class TimestepPartition:
     r"""
     Stage boundaries over a noise schedule, and the lookup from noise levels to stage indices.
@@ -126,7 +133,7 @@ class TimestepPartition:
         """Convert what the model receives as ``timestep`` into a noise level in this partition's units."""
         timestep = torch.as_tensor(timestep, dtype=torch.float64 if not torch.is_tensor(timestep) else None)
         if self.units == "sigma":
-            return torch.exp(4.0 * timestep.double())  # EDM: c_noise = ln(sigma) / 4
+            return torch.exp(4.0 * timestep.to(exact_float(timestep.device)))  # EDM: c_noise = ln(sigma) / 4
         return timestep
 
     def stage_for_noise_level(self, noise_level: torch.Tensor | float | int) -> torch.Tensor:
@@ -144,7 +151,7 @@ class TimestepPartition:
                     f"from {smallest} to {largest}."
                 )
         bounds = self._bounds_tensor(
-            "level", levels.dtype if levels.is_floating_point() else torch.float64, levels.device
+            "level", levels.dtype if levels.is_floating_point() else exact_float(levels.device), levels.device
         )
         # timestep stages are [b_{s-1}, b_s) (Zhang et al.'s [0, 442)); sigma stages (b_{s-1}, b_s] (the EDM code's)
         return torch.bucketize(levels.to(bounds.dtype), bounds, right=self.units == "timestep")
@@ -174,7 +181,7 @@ class TimestepPartition:
         if self.units != "sigma":
             return self.stage_for_noise_level(self.noise_level(timestep))
         c_noise = torch.as_tensor(timestep)
-        c_noise = c_noise if c_noise.is_floating_point() else c_noise.double()
+        c_noise = c_noise if c_noise.is_floating_point() else c_noise.to(exact_float(c_noise.device))
         if c_noise.numel() and bool(c_noise.isnan().any()):
             raise ValueError(f"`timestep` must be c_noise = ln(sigma)/4 values, got NaN in {c_noise.tolist()}.")
         return torch.bucketize(c_noise, self._bounds_tensor("c_noise", c_noise.dtype, c_noise.device), right=False)

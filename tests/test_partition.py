@@ -151,3 +151,23 @@ def test_constructors_name_a_bad_argument(build, match):
     # others raised TypeError or float()'s ValueError without the argument's name
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_integer_timesteps_route_without_float64_where_the_device_has_none(monkeypatch):
+    # Apple's MPS has no float64: integer timesteps (every DDPM-style scheduler's, on the pipeline's device) were
+    # compared in float64 on their own device, which fails there; they are compared in `exact_float(device)`
+    import diffusers_stages.partition as partition_module
+
+    assert partition_module.exact_float("mps") == torch.float32
+    assert partition_module.exact_float(torch.device("cpu")) == torch.float64
+    timesteps = torch.arange(0, 1001)
+    boundaries = [300.9902699737328, 442.00001, 631.2, 633.0]
+    expected = TimestepPartition(boundaries).stage_for_timestep(timesteps)
+    assert expected.tolist() == [sum(int(t) >= b for b in boundaries) for t in timesteps]
+    seen = []
+    monkeypatch.setattr(partition_module, "exact_float", lambda device: seen.append(device) or torch.float32)
+    assert torch.equal(TimestepPartition(boundaries).stage_for_timestep(timesteps), expected)  # as on MPS
+    sigma = TimestepPartition([0.5, 2.0], units="sigma")
+    assert sigma.noise_level(torch.tensor([0])).dtype == torch.float32  # c_noise 0: sigma 1
+    assert sigma.stage_for_timestep(torch.tensor([-1, 0, 1])).tolist() == [0, 1, 2]  # sigma e^-4, 1, e^4
+    assert seen and all(torch.device(d).type == "cpu" for d in seen)
