@@ -192,7 +192,8 @@ def sigma_to_timestep(scheduler, sigma: float) -> float:
         )
     if not sigma > 0:
         raise ValueError(f"`switch_sigma` must be a noise level > 0, got {sigma}.")
-    log_sigmas = np.log(((1 - alphas_cumprod) / alphas_cumprod).double().sqrt().cpu().numpy())
+    alphas_cumprod = alphas_cumprod.cpu().double()  # on the CPU first: `add_noise` moves it to the samples' device
+    log_sigmas = np.log(((1 - alphas_cumprod) / alphas_cumprod).sqrt().numpy())
     if not log_sigmas[0] < math.log(sigma) < log_sigmas[-1]:
         raise ValueError(
             f"`switch_sigma` must lie inside the training schedule's noise levels "

@@ -16,6 +16,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import is_tensorboard_available, make_image_grid
 from PIL import Image
 
+from ..partition import exact_float
 from .sharding import is_sharded
 from .tasks import TrainingTask
 
@@ -78,13 +79,14 @@ class LossLog:
 
     def __init__(self, num_stages: int, names: list[str], device: torch.device):
         self.num_stages, self.names = num_stages, names
-        self.sums = torch.zeros(2, num_stages + len(names), dtype=torch.float64, device=device)
+        # float64 where the device has it (Apple's MPS has none)
+        self.sums = torch.zeros(2, num_stages + len(names), dtype=exact_float(device), device=device)
 
     def add(self, stages: torch.Tensor, networks: torch.Tensor, losses: torch.Tensor) -> None:
         groups = torch.cat([stages, self.num_stages + networks]).to(self.sums.device)
-        detached = losses.detach().double().to(self.sums.device)
+        detached = losses.detach().to(self.sums.device, self.sums.dtype)
         self.sums[0].index_add_(0, groups, torch.cat([detached, detached]))
-        self.sums[1].index_add_(0, groups, torch.ones_like(groups, dtype=torch.float64))
+        self.sums[1].index_add_(0, groups, torch.ones_like(groups, dtype=self.sums.dtype))
 
     def reduce(self, accelerator: Accelerator) -> dict[str, float]:
         """The means since the last call, over every process; the sums start again from zero."""
