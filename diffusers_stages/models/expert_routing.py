@@ -24,13 +24,19 @@ import torch.utils.checkpoint
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders.unet import _LOW_CPU_MEM_USAGE_DEFAULT
 from diffusers.models.attention import AttentionMixin
+from diffusers.models.attention_processor import AttentionProcessor
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from ..hub import pop_push_kwargs, push_saved_folder
 from ..partition import TimestepPartition
-from .ip_adapter import check_ip_adapter_fits, check_ip_adapter_state_dicts
+from .ip_adapter import (
+    blocks_with_attentions,
+    check_ip_adapter_fits,
+    check_ip_adapter_state_dicts,
+    with_source_layer_names,
+)
 from .loading import (
     DOWNLOAD_KWARGS,
     check_folder_files,
@@ -808,12 +814,22 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
 
     @property
     def down_blocks(self) -> tuple:
-        """No blocks of its own (each expert has its own): empty, so that diffusers' ``set_ip_adapter_scale``, which
-        reads ``unet.down_blocks`` and ``unet.up_blocks``, takes a float scale for every layer of every expert (a
-        block-wise dict reaches none: diffusers matches it to one U-Net's layer names)."""
-        return ()
+        """No blocks of its own (each expert has its own): the experts' down blocks as diffusers'
+        ``set_ip_adapter_scale`` reads a U-Net's for a block-wise (dict) scale, block ``i`` with ``attentions``
+        where an expert's has them (see `blocks_with_attentions`)."""
+        return blocks_with_attentions([e for e in self.experts if e is not None], "down_blocks")
 
-    up_blocks = down_blocks
+    @property
+    def up_blocks(self) -> tuple:
+        """The experts' up blocks, as `down_blocks`."""
+        return blocks_with_attentions([e for e in self.experts if e is not None], "up_blocks")
+
+    @property
+    def attn_processors(self) -> dict[str, AttentionProcessor]:
+        """The attention processors by name, an expert's name (``experts.{e}.down_blocks...``) also starting with
+        the source U-Net's (``down_blocks...``, see `SourceLayerName`): diffusers' ``set_ip_adapter_scale`` gives a
+        block-wise (dict) scale to every expert's layers as to one U-Net's."""
+        return with_source_layer_names(super().attn_processors)
 
     @property
     def add_embedding(self) -> nn.Module:

@@ -2,11 +2,14 @@
 `UNet2DConditionModel` numbers its ``to_k_ip``/``to_v_ip`` weights by the source's cross-attention layers (in its
 ``attn_processors`` order: down blocks, up blocks, middle block); the staged model's down and middle layers are the
 source's, and each up-path layer is the same layer of every decoder. The layers are listed in the source's order,
-checked against the state dicts, and diffusers' conversion builds the processors on that view."""
+checked against the state dicts, and diffusers' conversion builds the processors on that view. Block-wise (dict)
+scales reach every decoder's (every expert's) layer through its name, which also starts with the source's."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -93,6 +96,44 @@ def ip_adapter_layers(model: nn.Module) -> dict[str, list[str]]:
     layers.update({name: [f"decoders.{s}.{name}" for s in range(len(decoders))] for name in per_decoder[0]})
     layers.update({name: [name] for name in encoder if name.startswith("mid_block.")})
     return layers
+
+
+def source_layer_name(name: str) -> str:
+    """The source U-Net's name of a layer of a staged model: ``name`` without its leading ``experts.{e}.`` and
+    ``decoders.{s}.`` (``experts.1.decoders.0.up_blocks.0...`` is the source's ``up_blocks.0...``)."""
+    return re.sub(r"^(experts\.\d+\.)?(decoders\.\d+\.)?", "", name)
+
+
+class SourceLayerName(str):
+    """An attention processor's name in a staged model whose `startswith` also answers for the source U-Net's name
+    of the layer (see [`source_layer_name`]): diffusers' `set_ip_adapter_scale` gives a block-wise (dict) scale to
+    the processors whose name starts with ``down_blocks.{i}.attentions.{j}`` (``up_blocks``, ``mid_block``), so
+    each decoder's (each expert's) layer takes the scale of the source's layer. Equal to (and hashed as) the name."""
+
+    __slots__ = ()
+
+    def startswith(self, prefix: str | tuple[str, ...], *bounds: int) -> bool:
+        return str.startswith(self, prefix, *bounds) or str.startswith(source_layer_name(self), prefix, *bounds)
+
+
+def with_source_layer_names(processors: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """``processors`` (a model's ``attn_processors``) with each name that is not the source's a
+    [`SourceLayerName`]."""
+    return {SourceLayerName(n) if source_layer_name(n) != n else n: p for n, p in processors.items()}
+
+
+def blocks_with_attentions(parts: Sequence[nn.Module], blocks: str) -> tuple[SimpleNamespace, ...]:
+    """The ``blocks`` (``"down_blocks"``, ``"up_blocks"``) of the U-Nets or decoders ``parts`` as diffusers'
+    `_maybe_expand_lora_scales` reads a U-Net's (for block-wise LoRA and IP-Adapter scales): block ``i`` has
+    ``attentions`` where a part's block ``i`` has them, so that each part takes a scale as a U-Net of its own
+    layout would (a block without attention layers takes none)."""
+    listed = [getattr(part, blocks, ()) for part in parts]
+    return tuple(
+        SimpleNamespace(attentions=None)
+        if any(i < len(b) and hasattr(b[i], "attentions") for b in listed)
+        else SimpleNamespace()
+        for i in range(max(map(len, listed), default=0))
+    )
 
 
 def check_ip_adapter_fits(model: nn.Module, state_dicts: list[dict], where: Callable[[str], str]) -> None:

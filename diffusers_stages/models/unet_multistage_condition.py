@@ -22,6 +22,7 @@ from diffusers.loaders.unet import _LOW_CPU_MEM_USAGE_DEFAULT
 from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
 from diffusers.models.activations import get_activation
 from diffusers.models.attention import AttentionMixin
+from diffusers.models.attention_processor import AttentionProcessor
 from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import get_mid_block
@@ -34,7 +35,14 @@ from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..routing import dispatch_by_stage
 from .checks import check_encoder_hidden_states, compute_dtype
 from .decoders import resolve_decoder_widths, skip_channels
-from .ip_adapter import check_image_embeds, check_ip_adapter_fits, check_ip_adapter_state_dicts, ip_adapter_layers
+from .ip_adapter import (
+    blocks_with_attentions,
+    check_image_embeds,
+    check_ip_adapter_fits,
+    check_ip_adapter_state_dicts,
+    ip_adapter_layers,
+    with_source_layer_names,
+)
 from .loading import StrictLoadingMixin
 from .lora import check_lora_fits, fetch_lora, lora_to_stages, require_peft
 from .staged import StagedModelMixin
@@ -352,17 +360,7 @@ class MultiStageUNet2DConditionModel(
         names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
         listed = weights if isinstance(weights, list) else [weights] * len(names)
         if any(isinstance(weight, dict) for weight in listed) and len(listed) == len(names):
-            # the blocks with attention, as `_maybe_expand_lora_scales` reads them from a `UNet2DConditionModel`
-            up_blocks = [
-                SimpleNamespace(attentions=None)
-                if any(hasattr(decoder.up_blocks[i], "attentions") for decoder in self.decoders)
-                else SimpleNamespace()
-                for i in range(len(self.decoders[0].up_blocks))
-            ]
-            view = SimpleNamespace(
-                down_blocks=self.down_blocks, up_blocks=up_blocks, config=self.config, state_dict=self.state_dict
-            )
-            weights = _maybe_expand_lora_scales(view, [1.0 if weight is None else weight for weight in listed])
+            weights = _maybe_expand_lora_scales(self, [1.0 if weight is None else weight for weight in listed])
         super().set_adapters(adapter_names, weights)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -370,10 +368,17 @@ class MultiStageUNet2DConditionModel(
     # `unload_ip_adapter`) calls on `pipe.unet`, with the source U-Net's layers renamed onto the stages
     @property
     def up_blocks(self) -> tuple:
-        """No up path of its own (each decoder has one, ``decoders[s].up_blocks``): empty, so that diffusers'
-        ``set_ip_adapter_scale``, which reads ``unet.up_blocks``, takes a float scale for every layer (a block-wise
-        dict does not reach the decoders' layers: diffusers matches it to the source U-Net's layer names)."""
-        return ()
+        """No up path of its own (each decoder has one, ``decoders[s].up_blocks``): the decoders' up blocks as
+        diffusers' block-wise scales (``set_ip_adapter_scale``, ``set_adapters`` with a dict) read a U-Net's, block
+        ``i`` with ``attentions`` where a decoder's has them (see `blocks_with_attentions`)."""
+        return blocks_with_attentions(self.decoders, "up_blocks")
+
+    @property
+    def attn_processors(self) -> dict[str, AttentionProcessor]:
+        """The attention processors by name, a decoder's name (``decoders.{s}.up_blocks...``) also starting with the
+        source U-Net's (``up_blocks...``, see `SourceLayerName`): diffusers' ``set_ip_adapter_scale`` gives a
+        block-wise (dict) scale's ``"up"`` entries to every decoder's layers."""
+        return with_source_layer_names(super().attn_processors)
 
     def _adapter_where(self, name: str, what: str = "weights") -> str:
         """The part of this model that layer ``name`` belongs to, for an adapter's (LoRA, IP-Adapter) error

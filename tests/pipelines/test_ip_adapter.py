@@ -3,6 +3,7 @@
 decoder; every expert of an `ExpertRoutingModel`), `set_ip_adapter_scale`, `unload_ip_adapter`, and the refusals."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -284,3 +285,63 @@ def test_experts_without_the_loaders_are_named_before_an_adapter_loads():
         ValueError, match=r"Expert 0 \(UNet2DModel\) cannot load a LoRA: it has no `load_lora_adapter`"
     ):
         model.load_lora_adapter({})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# block-wise (dict) scales, diffusers' InstantStyle form: the same layers as on the source U-Net
+STYLE = {"down": {"block_1": 0.0}, "up": {"block_0": [0.0, 1.0]}}  # the tiny SD layout: down 1 and up 0 attend
+STAGED_PREFIX = re.compile(r"^(experts\.\d+\.)?(decoders\.\d+\.)?")  # a layer's name less this is the source's
+
+
+def _assert_source_scales(source, other) -> None:
+    """Every IP-Adapter processor of ``other`` has the scales of the source's processor of the same layer (its name
+    without ``experts.{e}.`` and ``decoders.{s}.``)."""
+    expected = {name: list(p.scale) for name, p in _ip_processors(source.unet).items()}
+    scales = {name: list(p.scale) for name, p in _ip_processors(other.unet).items()}
+    assert scales and len({STAGED_PREFIX.sub("", name) for name in scales}) == len(expected)
+    for name, scale in scales.items():
+        assert scale == expected[STAGED_PREFIX.sub("", name)], name
+
+
+@pytest.mark.parametrize("kind", ["staged", "routed", "staged-expert"])
+def test_a_dict_scale_sets_the_source_layers_scales(source_and_staged, source_and_routed, kind):
+    source, other = source_and_routed if kind != "staged" else source_and_staged
+    if kind == "staged-expert":
+        other.unet.experts[1] = MultiStageUNet2DConditionModel.from_unet(
+            other.unet.experts[1], stage_boundaries=(700,)
+        )
+    state_dict = ip_adapter_state_dict(source.unet)
+    _load(source, state_dict)
+    _load(other, state_dict)
+    uniform = _images(source)
+    for pipe in (source, other):
+        pipe.set_ip_adapter_scale(STYLE)
+    assert {tuple(p.scale) for p in _ip_processors(source.unet).values()} == {(0.0,), (1.0,)}
+    _assert_source_scales(source, other)
+    images = _images(other)
+    assert np.abs(images - _images(source)).max() < 1e-5
+    assert np.abs(images - uniform).max() > 1e-3  # the dict did act
+    for pipe in (source, other):  # a float scale again: every layer
+        pipe.set_ip_adapter_scale(0.7)
+    _assert_source_scales(source, other)
+
+
+def test_a_dict_scale_per_ip_adapter_sets_the_source_layers_scales(source_and_staged):
+    source, staged = source_and_staged
+    adapters = [ip_adapter_state_dict(source.unet, seed) for seed in (0, 1)]
+    for pipe in (source, staged):
+        pipe.load_ip_adapter(adapters, subfolder=["", ""], weight_name=["", ""], image_encoder_folder=None)
+        pipe.set_ip_adapter_scale([STYLE, {"up": {"block_0": [0.5, 0.0]}, "mid": 0.3}])
+    _assert_source_scales(source, staged)
+    for pipe in (source, staged):
+        pipe.set_ip_adapter_scale([0.2, 0.9])
+    _assert_source_scales(source, staged)
+
+
+def test_a_dict_scale_with_the_wrong_number_of_layers_is_diffusers_error(source_and_staged):
+    source, staged = source_and_staged
+    state_dict = ip_adapter_state_dict(source.unet)
+    for pipe in (source, staged):
+        _load(pipe, state_dict)
+        with pytest.raises(ValueError, match=r"Expected 2 scales for up\.block_0, got 3"):
+            pipe.set_ip_adapter_scale({"up": {"block_0": [0.0, 1.0, 0.0]}})
