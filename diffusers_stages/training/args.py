@@ -345,6 +345,8 @@ def check_output_dir(args: argparse.Namespace) -> None:
     """Refuse an `--output_dir` that cannot be a folder (it, or a folder above it, is a file), or that lies inside the
     data folder (`--train_data_dir`, or a local `--dataset_name` folder): the run's samples and checkpoints would
     become training images of the next run."""
+    if not args.output_dir:  # '' would be the current folder to the checks, and no folder to `os.makedirs`
+        raise ValueError("`--output_dir` must name a folder, got ''.")
     parent = os.path.abspath(args.output_dir)
     while not os.path.lexists(parent):  # the nearest part of the path that exists (the root at worst)
         parent = os.path.dirname(parent)

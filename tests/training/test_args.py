@@ -122,6 +122,8 @@ def test_an_output_dir_that_cannot_hold_the_run_is_refused(tmp_path):
         check_args(args, TimestepPartition([442, 631]), 1)
     assert _checked(data, "--output_dir", str(tmp_path / "run")).output_dir == str(tmp_path / "run")
     assert _checked(data, "--output_dir", str(tmp_path / "data-run")).output_dir  # a name sharing the prefix
+    with pytest.raises(ValueError, match="`--output_dir` must name a folder, got ''"):  # was makedirs('') mid-run
+        _checked(data, "--output_dir", "")
 
 
 def test_an_unknown_lr_scheduler_is_refused_by_the_parser(capsys):
