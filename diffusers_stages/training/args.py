@@ -151,7 +151,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     optim.add_argument("--overwrite_output_dir", action="store_true")
     optim.add_argument("--seed", type=int, default=0)
     optim.add_argument("--train_batch_size", type=int, default=16, help="Per device.")
-    optim.add_argument("--num_epochs", type=int, default=100)
+    optim.add_argument("--num_epochs", "--num_train_epochs", type=int, default=100,
+                       help="`--num_train_epochs`: diffusers' train_text_to_image.py name.")  # fmt: skip
     optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides `--num_epochs`.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     optim.add_argument("--gradient_checkpointing", action="store_true")
@@ -183,8 +184,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "--resume_from_checkpoint", type=str, default=None,
         help="`latest`, a checkpoint of `--output_dir` by name (`checkpoint-500`), or a checkpoint folder's path.",
     )  # fmt: skip
-    outputs.add_argument("--logger", choices=("tensorboard", "wandb", "none"), default="tensorboard",
-                         help="`wandb` needs the `wandb` package (`pip install wandb`).")  # fmt: skip
+    outputs.add_argument("--logger", "--report_to", choices=("tensorboard", "wandb", "none"), default="tensorboard",
+                         help="`wandb` needs the `wandb` package (`pip install wandb`). `--report_to`: diffusers' "
+                         "train_text_to_image.py name.")  # fmt: skip
     outputs.add_argument("--logging_dir", type=str, default="logs", help="Inside `--output_dir`.")
     outputs.add_argument(
         "--save_images_steps", type=int, default=1000, help="Sample grid every N steps (and at the end)."

@@ -180,3 +180,10 @@ def test_ddpm_num_steps_is_a_deprecated_alias_of_num_train_timesteps():
     with pytest.warns(FutureWarning, match="--num_train_timesteps"):
         args = parser.parse_args(["--ddpm_num_steps", "400"])
     assert args.num_train_timesteps == 400 and not hasattr(args, "ddpm_num_steps")
+
+
+def test_diffusers_text_to_image_names_of_the_logger_and_the_epochs():
+    # diffusers' train_text_to_image.py says `--report_to` and `--num_train_epochs` (train_unconditional.py:
+    # `--logger`, `--num_epochs`); they were "unrecognized arguments"
+    args = build_parser("test").parse_args(["--report_to", "none", "--num_train_epochs", "3"])
+    assert args.logger == "none" and args.num_epochs == 3
