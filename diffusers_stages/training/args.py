@@ -321,6 +321,11 @@ def check_args(
         )
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. `your-name/multistage-cifar10`).")
+    if args.hub_token is not None and args.logger == "wandb":  # as diffusers' scripts refuse it
+        raise ValueError(
+            "`--hub_token` cannot be used with `--logger wandb` (`--report_to wandb`): wandb uploads the command "
+            "line, token included. Log in with `hf auth login` and drop `--hub_token`, or log with TensorBoard."
+        )
     check_optimisation_numbers(args)
     check_device_options(args)
 

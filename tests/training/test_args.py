@@ -93,6 +93,8 @@ def _checked(tmp_path, *argv):
         (["--dataloader_num_workers", "-1"], "`--dataloader_num_workers` must be a non-negative integer, got -1"),
         # was ignored in silence: the run trained in pixel space
         (["--vae_subfolder", "vae"], "`--vae_subfolder` 'vae' is a folder inside `--vae_path`: give `--vae_path` too"),
+        # wandb uploads the command line, token included (diffusers' scripts refuse the pair too)
+        (["--logger", "wandb", "--hub_token", "hf_x"], "`--hub_token` cannot be used with `--logger wandb`"),
     ],
 )
 def test_options_refused_before_training(tmp_path, monkeypatch, argv, message):
