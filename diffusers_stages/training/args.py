@@ -319,6 +319,21 @@ def check_args(
         raise ValueError(
             "EDM-style training (`--boundary_units sigma`) takes neither `--snr_gamma` nor `--prediction_type sample`."
         )
+    check_hub_options(args)
+    check_optimisation_numbers(args)
+    check_device_options(args)
+
+
+def check_assembly_args(args: argparse.Namespace) -> None:
+    """The checks of a run that trains nothing (`--assemble_experts`): the output folder, the sample grid and the
+    Hub options; raises ValueError naming the argument."""
+    check_output_dir(args)
+    check_positive_options(args, ("num_sample_images", "num_inference_steps"))
+    check_hub_options(args)
+
+
+def check_hub_options(args: argparse.Namespace) -> None:
+    """`--push_to_hub` has a repository to push to, and `--hub_token` is kept off wandb."""
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. `your-name/multistage-cifar10`).")
     if args.hub_token is not None and args.logger == "wandb":  # as diffusers' scripts refuse it
@@ -326,8 +341,6 @@ def check_args(
             "`--hub_token` cannot be used with `--logger wandb` (`--report_to wandb`): wandb uploads the command "
             "line, token included. Log in with `hf auth login` and drop `--hub_token`, or log with TensorBoard."
         )
-    check_optimisation_numbers(args)
-    check_device_options(args)
 
 
 def check_positive_options(args: argparse.Namespace, names: Sequence[str]) -> None:
