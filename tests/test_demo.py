@@ -130,3 +130,62 @@ def test_refuses_an_output_dir_that_cannot_be_created(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--output_dir", ""])
     assert "`--output_dir` must name a folder, got ''" in capsys.readouterr().err
+
+
+def fill_the_disk(monkeypatch):
+    """From now on, weights writes stop half-way with an `OSError` (a full disk), leaving a truncated file."""
+    import safetensors.torch
+
+    def half_write(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 16)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_write)
+
+
+def _dual_backbone_folder(folder, tiny_unet_kwargs):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    torch.manual_seed(0)
+    DualBackbonePipeline(
+        shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler()
+    ).save_pretrained(folder)
+    return sorted(os.listdir(folder))
+
+
+def test_a_failed_pipeline_resave_leaves_the_saved_pipeline(tmp_path, tiny_unet_kwargs, monkeypatch):
+    from types import SimpleNamespace
+
+    from diffusers_stages.demo.run import evaluate_all
+
+    folder = tmp_path / "dual_backbone"
+    entries = _dual_backbone_folder(folder, tiny_unet_kwargs)
+    method = SimpleNamespace(name="DualBackbonePipeline", folder="dual_backbone", summary="")
+    settings = {"num_eval_images": 2, "num_inference_steps": 2, "seed": 0}
+    fill_the_disk(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate_all(
+            SimpleNamespace(device="cpu", output_dir=str(tmp_path)),
+            settings,
+            [(method, 1, 1.0, str(folder))],
+            None,
+            0.0,
+        )
+    assert sorted(os.listdir(folder)) == entries  # no partial folder left
+    monkeypatch.undo()
+    DualBackbonePipeline.from_pretrained(folder)  # the training's save, whole
+
+
+def test_a_failed_report_write_leaves_no_report(tmp_path, monkeypatch):
+    from diffusers_stages.demo import report
+
+    def fail(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(report.json, "dump", fail)
+    floor = {"fd": 1.0, "accuracy": 1.0, "count": 1}
+    with pytest.raises(OSError, match="No space left"):
+        report.write_report(str(tmp_path), ["header"], [], floor, "table")
+    assert os.listdir(tmp_path) == []  # neither REPORT.md nor a hidden partial folder

@@ -26,6 +26,7 @@ from ..models.expert_routing import expert_folder
 from ..pipelines import DualBackbonePipeline
 from ..training import DualBackboneTask, ExpertTask, MultiStageTask, TrainingTask, build_parser, train
 from ..training.args import default_block_types
+from ..training.checkpointing import publish_pipeline
 from ..training.tasks import noise_schedulers
 
 # the shared U-Net shape: two resolution levels (8x8 and 4x4), self-attention at 4x4
@@ -162,12 +163,12 @@ def train_method(method: Method, data_dir: str, output_dir: str, budget: float |
 
 def assemble_dual_backbone(folder: str, deep_folder: str) -> DualBackbonePipeline:
     """The example's recipe for one backbone per run: the shallow run's U-Net and a deep U-Net (here the baseline's)
-    in one `DualBackbonePipeline`, saved into ``folder``."""
+    in one `DualBackbonePipeline`, saved into ``folder`` (all or nothing, as the training loop saves)."""
     pipeline = DualBackbonePipeline(
         shallow=UNet2DModel.from_pretrained(os.path.join(folder, "shallow")),
         deep=UNet2DModel.from_pretrained(os.path.join(deep_folder, "experts", expert_folder(0))),
         scheduler=DDIMScheduler.from_pretrained(os.path.join(folder, "scheduler")),
         switch_step_fraction=SWITCH_STEP_FRACTION,
     )
-    pipeline.save_pretrained(folder)
+    publish_pipeline(folder, pipeline.save_pretrained)
     return pipeline

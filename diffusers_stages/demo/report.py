@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler
 from PIL import Image, ImageDraw
 
 from ..evaluation import Evaluator, count_flops
+from ..training.checkpointing import publish_pipeline
 
 NUM_CLASSES = 10
 GRID_SCALE = 4  # 8x8 digits drawn as 32x32 (nearest neighbour)
@@ -148,10 +149,15 @@ def markdown_table(rows: list[Row], floor: dict) -> str:
 
 
 def write_report(folder: str, header: list[str], rows: list[Row], floor: dict, table: str) -> None:
-    """``REPORT.md`` (the table with how it was made) and ``report.json`` (every number)."""
+    """``REPORT.md`` (the table with how it was made) and ``report.json`` (every number), both or neither: written
+    into a hidden folder, then moved into ``folder`` (`publish_pipeline`), so a failure leaves no partial report."""
     lines = ["# diffusers-stages demo", "", *header, "", table, "", "![quality vs time](quality_vs_time.png)", ""]
     lines += [f"![{r.method}](grid_{r.folder}.png)" for r in rows]
-    with open(f"{folder}/REPORT.md", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(f"{folder}/report.json", "w", encoding="utf-8") as f:
-        json.dump({"rows": [asdict(r) for r in rows], "real": floor}, f, indent=2)
+
+    def write(partial: str) -> None:
+        with open(f"{partial}/REPORT.md", "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(f"{partial}/report.json", "w", encoding="utf-8") as f:
+            json.dump({"rows": [asdict(r) for r in rows], "real": floor}, f, indent=2)
+
+    publish_pipeline(folder, write)

@@ -13,6 +13,7 @@ from diffusers import DDPMScheduler
 from ..evaluation import Evaluator, train_classifier
 from ..pipelines import DualBackbonePipeline, ExpertRoutingPipeline, MultiStagePipeline
 from ..planning import NoiseSchedule, plan_stages, stage_difficulty, suggest_decoder_widths
+from ..training.checkpointing import publish_pipeline
 from . import NUM_EXPERTS, header_lines
 from .methods import UNET_SHAPE, assemble_dual_backbone, methods, train_method, write_image_folder, write_unet_config
 from .report import Row, markdown_table, sampling_scheduler, save_grid, save_plot, score, write_report
@@ -114,7 +115,9 @@ def evaluate_all(args, settings, trained, evaluator, start) -> list[Row]:
                    f"{settings['num_inference_steps']} steps, seed {settings['seed']}")  # fmt: skip
         pipeline = PIPELINES[method.folder].from_pretrained(folder)
         pipeline.scheduler = sampling_scheduler(pipeline.scheduler.config)
-        pipeline.save_pretrained(folder)  # what `from_pretrained(folder)` gives now samples exactly as here
+        # what `from_pretrained(folder)` gives now samples exactly as here; all or nothing: a failure leaves the
+        # training's save as it was
+        publish_pipeline(folder, pipeline.save_pretrained)
         pipeline.to(args.device)
         result, images = score(pipeline, evaluator, settings)
         params = sum(p.numel() for m in pipeline.components.values() if isinstance(m, torch.nn.Module)

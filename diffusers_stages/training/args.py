@@ -151,7 +151,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     optim.add_argument("--overwrite_output_dir", action="store_true")
     optim.add_argument("--seed", type=int, default=0)
     optim.add_argument("--train_batch_size", type=int, default=16, help="Per device.")
-    optim.add_argument("--num_epochs", type=int, default=100)
+    optim.add_argument("--num_epochs", "--num_train_epochs", type=int, default=100,
+                       help="`--num_train_epochs`: diffusers' train_text_to_image.py name.")  # fmt: skip
     optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides `--num_epochs`.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     optim.add_argument("--gradient_checkpointing", action="store_true")
@@ -183,8 +184,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "--resume_from_checkpoint", type=str, default=None,
         help="`latest`, a checkpoint of `--output_dir` by name (`checkpoint-500`), or a checkpoint folder's path.",
     )  # fmt: skip
-    outputs.add_argument("--logger", choices=("tensorboard", "wandb", "none"), default="tensorboard",
-                         help="`wandb` needs the `wandb` package (`pip install wandb`).")  # fmt: skip
+    outputs.add_argument("--logger", "--report_to", choices=("tensorboard", "wandb", "none"), default="tensorboard",
+                         help="`wandb` needs the `wandb` package (`pip install wandb`). `--report_to`: diffusers' "
+                         "train_text_to_image.py name.")  # fmt: skip
     outputs.add_argument("--logging_dir", type=str, default="logs", help="Inside `--output_dir`.")
     outputs.add_argument(
         "--save_images_steps", type=int, default=1000, help="Sample grid every N steps (and at the end)."
@@ -317,10 +319,28 @@ def check_args(
         raise ValueError(
             "EDM-style training (`--boundary_units sigma`) takes neither `--snr_gamma` nor `--prediction_type sample`."
         )
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. `your-name/multistage-cifar10`).")
+    check_hub_options(args)
     check_optimisation_numbers(args)
     check_device_options(args)
+
+
+def check_assembly_args(args: argparse.Namespace) -> None:
+    """The checks of a run that trains nothing (`--assemble_experts`): the output folder, the sample grid and the
+    Hub options; raises ValueError naming the argument."""
+    check_output_dir(args)
+    check_positive_options(args, ("num_sample_images", "num_inference_steps"))
+    check_hub_options(args)
+
+
+def check_hub_options(args: argparse.Namespace) -> None:
+    """`--push_to_hub` has a repository to push to, and `--hub_token` is kept off wandb."""
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. `your-name/multistage-cifar10`).")
+    if args.hub_token is not None and args.logger == "wandb":  # as diffusers' scripts refuse it
+        raise ValueError(
+            "`--hub_token` cannot be used with `--logger wandb` (`--report_to wandb`): wandb uploads the command "
+            "line, token included. Log in with `hf auth login` and drop `--hub_token`, or log with TensorBoard."
+        )
 
 
 def check_positive_options(args: argparse.Namespace, names: Sequence[str]) -> None:
@@ -345,6 +365,8 @@ def check_output_dir(args: argparse.Namespace) -> None:
     """Refuse an `--output_dir` that cannot be a folder (it, or a folder above it, is a file), or that lies inside the
     data folder (`--train_data_dir`, or a local `--dataset_name` folder): the run's samples and checkpoints would
     become training images of the next run."""
+    if not args.output_dir:  # '' would be the current folder to the checks, and no folder to `os.makedirs`
+        raise ValueError("`--output_dir` must name a folder, got ''.")
     parent = os.path.abspath(args.output_dir)
     while not os.path.lexists(parent):  # the nearest part of the path that exists (the root at worst)
         parent = os.path.dirname(parent)

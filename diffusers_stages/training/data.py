@@ -12,6 +12,7 @@ import numbers
 import os
 import random
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import numpy as np
 import torch
@@ -34,6 +35,16 @@ class ImageRecords:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+# the loaders of `ImageRecords`: module functions (bound with `partial`), not lambdas, since dataloader workers that
+# are spawned (macOS, Windows; `--dataloader_num_workers`) receive the dataset pickled
+def folder_image(files: list[str], index: int) -> Image.Image:
+    return open_image_file(files[index], "--train_data_dir")
+
+
+def dataset_image(dataset, column: str, index: int) -> Image.Image:
+    return dataset[index][column]
 
 
 def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageRecords:
@@ -78,7 +89,7 @@ def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageR
         raise ValueError(f"`--train_data_dir` {train_data_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
     for path in files:  # decode every file once before training starts: a bad one stops the run, named
         open_image_file(path, "--train_data_dir").close()
-    return ImageRecords(lambda i: open_image_file(files[i], "--train_data_dir"), len(files), labels, class_names)
+    return ImageRecords(partial(folder_image, files), len(files), labels, class_names)
 
 
 def hf_dataset_records(
@@ -97,7 +108,7 @@ def hf_dataset_records(
     labels, class_names = None, []
     if class_conditional:
         labels, class_names = _class_labels(dataset, label_column)
-    return ImageRecords(lambda i: dataset[i][image_column], len(dataset), labels, class_names)
+    return ImageRecords(partial(dataset_image, dataset, image_column), len(dataset), labels, class_names)
 
 
 def _is_class_index(value) -> bool:

@@ -7,8 +7,8 @@ import os
 import shutil
 from types import SimpleNamespace
 
-from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
-from huggingface_hub import create_repo
+from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+from huggingface_hub import ModelCard, ModelCardData, create_repo
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from ..conventions import num_data_classes
@@ -66,17 +66,20 @@ class LocalHubApi:
 
 def write_model_card(
     output_dir: str,
-    repo_id: str,
     description: str,
     tags: list[str],
     *,
     class_conditional: bool,
-    token: str | None = None,
 ) -> str:
     """Write ``output_dir/README.md`` from diffusers' training model card template and ``description``, tagged
     ``class-conditional-image-generation`` or ``unconditional-image-generation`` as ``class_conditional`` says
-    (neither for a ``text-to-image`` model)."""
-    card = load_or_create_model_card(repo_id, token=token, from_training=True, model_description=description)
+    (neither for a ``text-to-image`` model). The card is always this run's, from the template diffusers' training
+    scripts start from: a README the Hub repository already holds (a former run's) is replaced, never read."""
+    card = ModelCard.from_template(
+        card_data=ModelCardData(library_name="diffusers"),
+        template_path=MODEL_CARD_TEMPLATE_PATH,
+        model_description=description,
+    )
     task_tag = [] if "text-to-image" in tags else [generation_tag(class_conditional)]  # a caption-conditioned model
     card = populate_model_card(card, tags=["diffusers", "diffusers-stages", *task_tag, *tags])
     # the template's placeholder sections ("TODO: ...") are answered by the description above
@@ -112,7 +115,7 @@ def push_output_folder(
 
         api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
-    write_model_card(output_dir, repo_id, description, tags, class_conditional=class_conditional, token=token)
+    write_model_card(output_dir, description, tags, class_conditional=class_conditional)
     return api.upload_folder(
         repo_id=repo_id,
         folder_path=output_dir,

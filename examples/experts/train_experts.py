@@ -20,6 +20,7 @@ from diffusers_stages.training import (
     parse_and_check,
     train,
 )
+from diffusers_stages.training.args import check_assembly_args
 from diffusers_stages.training.loop import save_assembled_experts
 
 
@@ -49,7 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Instead of training: gather the output folders of `--expert_index` runs into one pipeline in `--output_dir`.",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.assemble_experts is not None:
+    if args.assemble_experts is not None:  # nothing is trained: only the output and Hub options are checked
+        try:
+            check_assembly_args(args)
+        except ValueError as error:
+            parser.error(str(error))
         return args
     return parse_and_check(parser, ExpertTask, argv)
 

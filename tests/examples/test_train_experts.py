@@ -96,3 +96,18 @@ def test_bad_expert_arguments(examples, script, image_folder, tmp_path, capsys, 
     with pytest.raises(SystemExit):
         script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path), *extra])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--push_to_hub"], "`--push_to_hub` needs `--hub_model_id`"),
+        (["--num_sample_images", "0"], "`--num_sample_images` must be a positive integer, got 0."),
+        (["--output_dir", ""], "`--output_dir` must name a folder, got ''"),
+    ],
+)
+def test_bad_assembly_arguments_are_refused_before_assembling(script, tmp_path, capsys, extra, message):
+    # were accepted unchecked: a traceback once the experts were assembled and saved (the push, the sample grid)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--assemble_experts", str(tmp_path / "a"), str(tmp_path / "b"), *extra])
+    assert message in capsys.readouterr().err

@@ -93,6 +93,8 @@ def _checked(tmp_path, *argv):
         (["--dataloader_num_workers", "-1"], "`--dataloader_num_workers` must be a non-negative integer, got -1"),
         # was ignored in silence: the run trained in pixel space
         (["--vae_subfolder", "vae"], "`--vae_subfolder` 'vae' is a folder inside `--vae_path`: give `--vae_path` too"),
+        # wandb uploads the command line, token included (diffusers' scripts refuse the pair too)
+        (["--logger", "wandb", "--hub_token", "hf_x"], "`--hub_token` cannot be used with `--logger wandb`"),
     ],
 )
 def test_options_refused_before_training(tmp_path, monkeypatch, argv, message):
@@ -122,6 +124,8 @@ def test_an_output_dir_that_cannot_hold_the_run_is_refused(tmp_path):
         check_args(args, TimestepPartition([442, 631]), 1)
     assert _checked(data, "--output_dir", str(tmp_path / "run")).output_dir == str(tmp_path / "run")
     assert _checked(data, "--output_dir", str(tmp_path / "data-run")).output_dir  # a name sharing the prefix
+    with pytest.raises(ValueError, match="`--output_dir` must name a folder, got ''"):  # was makedirs('') mid-run
+        _checked(data, "--output_dir", "")
 
 
 def test_an_unknown_lr_scheduler_is_refused_by_the_parser(capsys):
@@ -178,3 +182,10 @@ def test_ddpm_num_steps_is_a_deprecated_alias_of_num_train_timesteps():
     with pytest.warns(FutureWarning, match="--num_train_timesteps"):
         args = parser.parse_args(["--ddpm_num_steps", "400"])
     assert args.num_train_timesteps == 400 and not hasattr(args, "ddpm_num_steps")
+
+
+def test_diffusers_text_to_image_names_of_the_logger_and_the_epochs():
+    # diffusers' train_text_to_image.py says `--report_to` and `--num_train_epochs` (train_unconditional.py:
+    # `--logger`, `--num_epochs`); they were "unrecognized arguments"
+    args = build_parser("test").parse_args(["--report_to", "none", "--num_train_epochs", "3"])
+    assert args.logger == "none" and args.num_epochs == 3

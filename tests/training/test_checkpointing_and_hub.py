@@ -247,9 +247,7 @@ def test_training_card_tags_installs_and_samples(tmp_path, monkeypatch, class_co
     )  # fmt: skip
     args = _card_args(class_conditional=class_conditional)
     text = model_card_text(args, task, steps=3, has_grid=True, mixed_precision="no")
-    card = open(
-        write_model_card(str(tmp_path), "me/model", text, ["multi-stage"], class_conditional=class_conditional)
-    ).read()
+    card = open(write_model_card(str(tmp_path), text, ["multi-stage"], class_conditional=class_conditional)).read()
     tag = "class-conditional-image-generation" if class_conditional else "unconditional-image-generation"
     assert f"- {tag}" in card and card.count("image-generation") == 1
     assert "not on a package index" in card and "`pip install .`" in card and "pypi.org" not in card
@@ -268,9 +266,22 @@ def test_training_card_reports_the_mixed_precision_accelerate_used(given, used):
     assert f"- mixed precision: {used}, EMA: no" in text
 
 
+def test_the_card_is_this_runs_whatever_card_the_hub_holds(tmp_path, monkeypatch):
+    # the card was the Hub repository's own README when it had one (a re-push kept the former run's settings, and a
+    # `--hub_local_dir` push read a stranger's card from the network), with this run's description dropped
+    from huggingface_hub import ModelCard
+
+    def hub_card(*args, **kwargs):
+        return ModelCard("---\nlicense: mit\n---\n# A former run's card\n")
+
+    monkeypatch.setattr(ModelCard, "load", hub_card)
+    card = open(write_model_card(str(tmp_path), "This run.", ["meme"], class_conditional=True)).read()
+    assert "This run." in card and "former run" not in card and card.count("- meme") == 1
+
+
 def test_text_to_image_card_has_no_image_generation_tag(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    path = write_model_card(str(tmp_path), "me/sd", "A card.", ["text-to-image"], class_conditional=False)
+    path = write_model_card(str(tmp_path), "A card.", ["text-to-image"], class_conditional=False)
     card = open(path).read()
     assert "- text-to-image" in card and "image-generation" not in card
 
@@ -280,7 +291,7 @@ def test_assembled_experts_card_has_usage_settings_and_grid(tmp_path, monkeypatc
     experts = [UNet2DModel(**TINY_UNET, num_class_embeds=4, class_embed_type=None) for _ in range(2)]
     pipe = ExpertRoutingPipeline(ExpertRoutingModel(experts, stage_boundaries=[500]), DDIMScheduler())
     text = assembled_experts_card_text(_card_args(), pipe, has_grid=True)
-    card = open(write_model_card(str(tmp_path), "me/experts", text, ["meme"], class_conditional=True)).read()
+    card = open(write_model_card(str(tmp_path), text, ["meme"], class_conditional=True)).read()
     for part in ("MEME", "| 0 | [0, 500) |", "| 1 | [500, 1000) |", "## Settings", "`UNet2DModel`", "3 classes",
                  "`DDIMScheduler`, 1000 training steps, prediction type `epsilon`", "4 samples, 3 steps, seed 0",
                  "- class-conditional-image-generation", "![samples](sample_grid.png)"):  # fmt: skip

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import pickle
 import re
 
 import numpy as np
@@ -84,6 +85,14 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(folder):
     assert any(not torch.equal(first[k], first[k + 6]) for k in range(6))  # other crops/flips in epoch 1
 
 
+def test_the_dataset_pickles_for_spawned_workers(folder):
+    # `--dataloader_num_workers` > 0 where workers are spawned (macOS, Windows) pickles the dataset: its image loader
+    # was a lambda ("Can't pickle local object")
+    dataset = TrainingImages(image_folder_records(folder, True), 8, center_crop=False, random_flip=True, seed=3)
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert torch.equal(copy[10]["pixel_values"], dataset[10]["pixel_values"]) and copy[10]["labels"] == 1  # epoch 1
+
+
 def test_epoch_sampler():
     sampler = EpochShuffleSampler(5, seed=0)
     epoch0 = list(sampler)
@@ -157,6 +166,7 @@ def test_a_save_to_disk_folder_is_a_dataset(tmp_path, as_dict):
     records = hf_dataset_records(str(tmp_path / "ds"), class_conditional=True)
     assert len(records) == 4 and records.labels == [0, 1, 0, 1]
     assert np.asarray(records.load(3))[0, 0, 0] == 90
+    assert np.asarray(pickle.loads(pickle.dumps(records)).load(3))[0, 0, 0] == 90  # for spawned workers
 
 
 def test_16_bit_grey_images_keep_their_grey_levels(tmp_path):

@@ -37,6 +37,11 @@ class EarlyExitTask(TrainingTask):
                 "`--backbone early_exit` trains noise prediction on a DDPM schedule (AdaDiff's setting): "
                 f"got `--boundary_units` {args.boundary_units!r}, `--prediction_type` {args.prediction_type!r}."
             )
+        if args.snr_gamma is not None:
+            raise ValueError(
+                f"`--backbone early_exit` trains with AdaDiff's loss (every exit's error and its uncertainty), which "
+                f"has no Min-SNR weighting: drop `--snr_gamma` (got {args.snr_gamma})."
+            )
         if args.deep_depth < 1 or args.deep_depth % 2 == 0:
             raise ValueError(f"`--deep_depth` must be an odd positive number of U-ViT blocks, got {args.deep_depth}.")
         return TimestepPartition([], args.num_train_timesteps, args.boundary_units)  # one stage: the whole schedule

@@ -11,6 +11,7 @@ import argparse
 import copy
 import json
 import os
+from functools import partial
 
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
@@ -23,7 +24,7 @@ from ...models.unet_multistage_condition import MultiStageUNet2DConditionModel
 from ...partition import TimestepPartition
 from ...planning.data import is_inside, open_image_file
 from ..args import partition_from_args
-from ..data import ImageRecords, load_train_split
+from ..data import ImageRecords, dataset_image, folder_image, load_train_split
 from .base import Draw, TrainingTask
 
 METHODS = ("multistage", "experts")
@@ -199,12 +200,12 @@ class TextToImageTask(TrainingTask):
         """The images and their captions (label ``i`` = caption ``i``; the null label is the empty caption)."""
         if args.train_data_dir is not None:
             paths, captions = captioned_folder(args.train_data_dir, args.caption_column)
-            load = lambda i: open_image_file(paths[i], "--train_data_dir")  # noqa: E731
+            load = partial(folder_image, paths)  # picklable, for spawned dataloader workers
         else:
             columns = {"--image_column": args.image_column, "--caption_column": args.caption_column}
             dataset = load_train_split(args.dataset_name, args.dataset_config_name, args.cache_dir, columns)
             captions = [str(c) for c in dataset[args.caption_column]]
-            load = lambda i: dataset[i][args.image_column]  # noqa: E731
+            load = partial(dataset_image, dataset, args.image_column)
         self.captions = captions
         return ImageRecords(load, len(captions), list(range(len(captions))), captions)
 
