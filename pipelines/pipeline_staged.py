@@ -36,7 +36,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     label used by classifier-free guidance, as the package's training scripts do; a `DiTTransformer2DModel`'s
     unconditional label is likewise the one after its ``num_embeds_ada_norm`` classes. A model that predicts a
     learned variance as well (``out_channels`` twice ``in_channels``, as DiT) gives the scheduler its first half,
-    unless the scheduler uses learned variances itself.
+    unless the scheduler uses learned variances itself (guidance then applies to the first half only, and the
+    variance is the conditional prediction's, as in DiT).
     """
 
     _optional_components: ClassVar[list[str]] = ["vae"]
@@ -138,7 +139,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         labels = self.label_conditioning(torch.cat([class_labels, null]), dtype)
         both = model(torch.cat([sample, sample]).to(dtype), timestep, **labels, **kwargs)
         cond, uncond = self._mean_prediction(both.sample, sample).to(sample.dtype).chunk(2)
-        return uncond + guidance_scale * (cond - uncond)  # classifier-free guidance (Ho & Salimans, eq. 6)
+        guided = uncond + guidance_scale * (cond - uncond)  # classifier-free guidance (Ho & Salimans, eq. 6)
+        # a learned variance the scheduler reads (DiT's second half) is the conditional one, as DiT's sampler takes it
+        return torch.cat([guided[:, : sample.shape[1]], cond[:, sample.shape[1] :]], dim=1)
 
     def _mean_prediction(self, output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """The prediction without a learned variance (DiT's second half), unless the scheduler reads it."""
