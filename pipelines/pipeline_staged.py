@@ -371,13 +371,25 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         images = latents
         if output_type != "latent":
             if getattr(self, "vae", None) is not None:
-                images = model_to_vae_latents(self.vae, latents)
-                images = self.vae.decode(images.to(self.vae.dtype), return_dict=False)[0]
+                images = self._decode(latents)
             images = VaeImageProcessor(do_resize=False).postprocess(images.float(), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's images of sampled ``latents``. A float16 VAE whose config asks for it (``force_upcast``: SDXL's
+        VAE overflows in float16) decodes in float32 and is left in float16, as diffusers' SDXL pipeline does."""
+        vae = self.vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            return vae.decode(model_to_vae_latents(vae, latents).to(vae.dtype), return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
 
     # --------------------------------------------------------------------------------------------------------------
     # saving: a folder that loads with `<Pipeline>.from_pretrained`, and with

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -145,6 +146,25 @@ def test_latent_diffusion_decodes_scaled_latents(tiny_unet_kwargs, vae_class, ex
     assert type(loaded.vae) is type(vae)
     again = loaded(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
     assert torch.equal(images, again)
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_a_float16_vae_decodes_in_float32_when_its_config_asks_as_in_diffusers(tiny_unet_kwargs, force_upcast):
+    """A float16 AutoencoderKL with ``force_upcast`` (the default; SDXL's VAE overflows in float16) decodes in float32
+    and is left in float16, as diffusers' SDXL pipeline does; without it, it decodes in float16."""
+    torch.manual_seed(0)
+    unet = MultiStageUNet2DModel(**{**tiny_unet_kwargs, "in_channels": 4, "out_channels": 4, "sample_size": 4})
+    pipe = _pipe(unet.eval(), DDIMScheduler(), _tiny_vae(AutoencoderKL, force_upcast=force_upcast).half())
+    run = {"batch_size": 2, "num_inference_steps": 2, "generator": torch.manual_seed(0)}
+    latents = pipe(output_type="latent", **run).images
+    seen = []
+    pipe.vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    images = pipe(output_type="pt", **{**run, "generator": torch.manual_seed(0)}).images
+    assert seen == [torch.float32 if force_upcast else torch.float16] and pipe.vae.dtype == torch.float16
+    if force_upcast:  # the float16 weights, in float32
+        with torch.no_grad():
+            expected = copy.deepcopy(pipe.vae).float().decode(latents / pipe.vae.config.scaling_factor).sample
+        assert torch.allclose(images, (expected / 2 + 0.5).clamp(0, 1), atol=1e-6)
 
 
 def test_class_conditional_guidance(tiny_unet_kwargs):
