@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import diffusers
+import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -233,6 +234,17 @@ def check_device_map(cls: type, kwargs: dict) -> str | None:
     return device_map
 
 
+def check_dtype(dtype: Any, name: str) -> None:
+    """``dtype`` as the loaders take it: None, a `torch.dtype`, or a ``{component or "default": torch.dtype}`` dict.
+    diffusers only warns about anything else (transformers' spelling ``"float16"``) and loads it as float32."""
+    values = list(dtype.values()) if isinstance(dtype, dict) else [dtype]
+    if dtype is not None and not all(isinstance(value, torch.dtype) for value in values):
+        raise ValueError(
+            f"`{name}` must be a torch.dtype (torch.float16, ...) or a dict of them by component name and "
+            f"'default', got {dtype!r}."
+        )
+
+
 def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
     """Build ``cls`` (or the package pipeline subclass the folder names) from a saved folder or Hub repository."""
     if kwargs.get("custom_pipeline") is not None:
@@ -246,8 +258,10 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
     if kwargs.get("dtype") is not None:  # diffusers 0.42's name; `torch_dtype` is the deprecated one
         if kwargs.get("torch_dtype") is not None:
             raise ValueError("You have passed both `dtype` and `torch_dtype`. Please only pass `dtype`.")
+        check_dtype(kwargs["dtype"], "dtype")
         kwargs["torch_dtype"] = kwargs.pop("dtype")
     kwargs.pop("dtype", None)
+    check_dtype(kwargs.get("torch_dtype"), "torch_dtype")
     folder = str(pretrained_model_name_or_path)
     if not os.path.isdir(folder):
         folder = download_weights(folder, **{k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs})
