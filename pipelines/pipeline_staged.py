@@ -145,10 +145,25 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
 
     def _mean_prediction(self, output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """The prediction without a learned variance (DiT's second half), unless the scheduler reads it."""
-        learned = getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
-        if output.shape[1] == 2 * sample.shape[1] and not learned:
+        if output.shape[1] == 2 * sample.shape[1] and not self._scheduler_reads_variance():
             return output[:, : sample.shape[1]]
         return output
+
+    def _scheduler_reads_variance(self) -> bool:
+        """Whether the scheduler takes a learned variance from the model's output (``variance_type`` learned)."""
+        return getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+
+    def _check_variance_output(self, config) -> None:
+        """Refuse, before sampling, a scheduler that reads a learned variance for a model that predicts none
+        (diffusers' step then fails on ``None`` arithmetic)."""
+        in_channels, out_channels = getattr(config, "in_channels", None), getattr(config, "out_channels", None)
+        if self._scheduler_reads_variance() and in_channels and out_channels and out_channels != 2 * in_channels:
+            raise ValueError(
+                f"`scheduler` {type(self.scheduler).__name__} has variance_type="
+                f"{self.scheduler.config.variance_type!r}, which reads a learned variance from the model's output, but "
+                f"the model predicts none (out_channels={out_channels}, not twice in_channels={in_channels}): build "
+                "the scheduler with `variance_type='fixed_small'` (or its default)."
+            )
 
     # --------------------------------------------------------------------------------------------------------------
     def expert_schedule(self, num_inference_steps: int = 50) -> list[tuple[float, int]]:
@@ -319,6 +334,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             self._stage_offload.set_plan([stage for _, stage in schedule])
         denoiser = self.stage_denoiser(schedule[0][1])[0]  # the first network to run: shape, dtype, labels
         config, model_dtype = denoiser.config, compute_dtype(denoiser)  # `.dtype` would walk every submodule
+        self._check_variance_output(config)
         label_config = self.label_config(denoiser)
         class_labels, batch_size = self._prepare_class_labels(class_labels, batch_size, label_config, device)
         if class_labels is not None:
