@@ -298,6 +298,13 @@ def test_class_context_pipeline_refuses_mismatched_components(tiny_cond_unet, ti
         MultiStagePipeline(unet=labelled, scheduler=DDIMScheduler(), class_embedder=pipe.class_embedder)
     with pytest.raises(ValueError, match="width 16.*`cross_attention_dim`=32"):
         MultiStagePipeline(unet=pipe.unet, scheduler=DDIMScheduler(), class_embedder=ClassContextEmbedding(4, 16))
+    # a torch.compile'd cross-attention U-Net is one too (it was refused as having no use for the class embedder)
+    compiled = MultiStagePipeline(
+        unet=torch.compile(pipe.unet), scheduler=DDIMScheduler(), class_embedder=pipe.class_embedder
+    )
+    assert compiled.unet._orig_mod is pipe.unet
+    with pytest.raises(ValueError, match="`class_embedder` must be given exactly when"):
+        MultiStagePipeline(unet=torch.compile(pipe.unet), scheduler=DDIMScheduler())
 
 
 def test_a_unet_that_is_not_staged_is_refused_by_name(tiny_multistage, tiny_unet_kwargs, tmp_path):
