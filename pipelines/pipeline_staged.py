@@ -168,8 +168,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     # --------------------------------------------------------------------------------------------------------------
     def expert_schedule(self, num_inference_steps: int = 50) -> list[tuple[float, int]]:
         """``(timestep, stage)`` of every model call a run with ``num_inference_steps`` makes: which network runs
-        which step (stage 0 is the clean end). It is the schedule the sampling loop follows, from a dry run of a fresh
-        copy of the scheduler (no model is called)."""
+        which step (stage 0 is the clean end). It is the schedule the sampling loop follows, from a dry run of a copy
+        of the scheduler (no model is called)."""
         (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
         return self._stage_schedule(self.resolve_partition(num_inference_steps), num_inference_steps)
 

@@ -73,6 +73,20 @@ def test_every_scheduler_runs_and_routes_each_call_to_its_stage(tiny_unet_kwargs
     assert {s for _, s, _ in calls} == {0, 1, 2}, "6 steps over the whole schedule visit every stage"
 
 
+def test_a_scheduler_state_beyond_its_config_routes_each_call_by_its_own_timestep(tiny_multistage):
+    """`FlowMatchEulerDiscreteScheduler.set_shift` changes the timesteps without changing the config: the schedule
+    (and so the routing) was a dry run of a fresh scheduler built from the config, so the calls went to the stages
+    of the unshifted timesteps (t=800 to the clean decoder)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = _pipe(tiny_multistage, FlowMatchEulerDiscreteScheduler())
+    pipe.scheduler.set_shift(8.0)
+    calls = _record_calls(pipe)
+    pipe(num_inference_steps=4, output_type="pt")
+    assert [stage for _, stage, _ in calls] == [_expected_stage(t, edm=False) for t, _, _ in calls]
+    assert [t for t, _ in pipe.expert_schedule(4)] == [t for t, _, _ in calls]
+
+
 def test_same_seed_same_images_also_after_save_and_reload(tiny_multistage, tmp_path):
     pipe = _pipe(tiny_multistage, EulerAncestralDiscreteScheduler())  # stochastic sampler: uses the generator
     first = pipe(batch_size=2, num_inference_steps=4, generator=torch.manual_seed(3), output_type="np").images
