@@ -421,6 +421,14 @@ def test_a_dtype_that_is_not_a_torch_dtype_is_named_not_loaded_as_float32(saved,
             pipeline_class.from_pretrained(folder, **{name: dtype})
 
 
+def test_a_per_component_dtype_for_a_component_the_pipeline_lacks_is_named(saved):
+    # {"unet": torch.float16} for an ExpertRoutingPipeline (whose model is "experts") loaded everything in float32
+    folder, pipeline_class, _ = saved
+    for name in ("torch_dtype", "dtype"):
+        with pytest.raises(ValueError, match=rf"`{name}` names components .* does not have: \['no_such_part'\]"):
+            pipeline_class.from_pretrained(folder, **{name: {"no_such_part": torch.float16, "default": torch.float32}})
+
+
 def test_diffusers_loading_options_at_their_defaults_are_taken_and_others_named(saved):
     # `DDIMPipeline.from_pretrained(folder, quantization_config=None, proxies=None, ...)` (what wrappers pass along)
     # loads; the package's pipelines refused every such option as an unexpected keyword, even at its default
