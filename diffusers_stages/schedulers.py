@@ -8,6 +8,7 @@ switch read all of that through the functions below.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -152,7 +153,8 @@ def check_num_inference_steps(scheduler, num_inference_steps: int) -> None:
 def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[float, bool]]:
     r"""
     ``(timestep, is_corrector)`` of every model call a run of ``num_inference_steps`` makes, in order: a dry run of a
-    fresh copy of ``scheduler`` (no model is called; ``scheduler`` itself is left as it is). ``is_corrector`` marks
+    copy of ``scheduler`` (no model is called; ``scheduler`` itself is left as it is). The copy keeps the state that
+    is not in the config (FlowMatch's ``set_shift``), which a run's ``set_timesteps`` reads too. ``is_corrector`` marks
     the second call of a Heun-type predictor/corrector pair (``state_in_first_order`` false), which must stay with
     its predictor's network.
 
@@ -167,7 +169,7 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
     ```
     """
     check_num_inference_steps(scheduler, num_inference_steps)
-    scheduler = fresh_scheduler(scheduler)
+    scheduler = copy.deepcopy(scheduler)  # `set_timesteps` resets the run state (step index, model history)
     scheduler.set_timesteps(num_inference_steps)
     if not hasattr(scheduler, "state_in_first_order"):  # one model call per listed timestep: no dry steps needed
         return [(float(t), False) for t in scheduler.timesteps]

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import diffusers
+import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -231,6 +232,17 @@ def check_device_map(cls: type, kwargs: dict) -> str | None:
     return device_map
 
 
+def check_dtype(dtype: Any, name: str) -> None:
+    """``dtype`` as the loaders take it: None, a `torch.dtype`, or a ``{component or "default": torch.dtype}`` dict.
+    diffusers only warns about anything else (transformers' spelling ``"float16"``) and loads it as float32."""
+    values = list(dtype.values()) if isinstance(dtype, dict) else [dtype]
+    if dtype is not None and not all(isinstance(value, torch.dtype) for value in values):
+        raise ValueError(
+            f"`{name}` must be a torch.dtype (torch.float16, ...) or a dict of them by component name and "
+            f"'default', got {dtype!r}."
+        )
+
+
 def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
     """Build ``cls`` (or the package pipeline subclass the folder names) from a saved folder or Hub repository."""
     if kwargs.get("custom_pipeline") is not None:
@@ -241,11 +253,13 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
         if key in kwargs and kwargs.pop(key) not in (default, None):
             raise ValueError(f"`{key}` is not supported by {cls.__name__}.from_pretrained (only its default).")
     device_map = check_device_map(cls, kwargs)
+    dtype_name = "dtype" if kwargs.get("dtype") is not None else "torch_dtype"  # the name the caller used
     if kwargs.get("dtype") is not None:  # diffusers 0.42's name; `torch_dtype` is the deprecated one
         if kwargs.get("torch_dtype") is not None:
             raise ValueError("You have passed both `dtype` and `torch_dtype`. Please only pass `dtype`.")
         kwargs["torch_dtype"] = kwargs.pop("dtype")
     kwargs.pop("dtype", None)
+    check_dtype(kwargs.get("torch_dtype"), dtype_name)
     folder = str(pretrained_model_name_or_path)
     if not os.path.isdir(folder):
         folder = download_weights(folder, **{k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs})
@@ -259,6 +273,13 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
 
     # 1. every component: passed by the caller, or loaded by the class the allow-list gives for its entry
     expected, optional = pipeline_class._get_signature_keys(pipeline_class)
+    if isinstance(kwargs.get("torch_dtype"), dict):  # diffusers ignores a name it does not know: float32 silently
+        unknown = sorted(set(kwargs["torch_dtype"]) - set(expected) - {"default"})
+        if unknown:
+            raise ValueError(
+                f"`{dtype_name}` names components {pipeline_class.__name__} does not have: {unknown} (its components: "
+                f"{sorted(expected)}, or 'default')."
+            )
     init_kwargs = {}
     for name in expected:
         if name in kwargs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from accelerate.hooks import CpuOffload
 from diffusers import AutoencoderKL, VQModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -86,6 +87,16 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
     def stage_denoiser(self, stage: int) -> tuple[torch.nn.Module, dict]:
         # the expert itself, called exactly as a single-model pipeline would call it
         return self.experts.expert(stage), {}
+
+    def denoise(self, stage: int, *args, **kwargs) -> torch.Tensor:
+        """As the base class's, after `enable_model_cpu_offload`'s hook of the `experts` component: the loop calls an
+        expert, not the container the hook is on, so the hook is run as the container's forward would run it (it
+        moves the experts onto the accelerator)."""
+        hook = getattr(self.experts, "_hf_hook", None)
+        for offload in getattr(hook, "hooks", [hook]):  # accelerate's `SequentialHook` holds several
+            if isinstance(offload, CpuOffload):
+                offload.pre_forward(self.experts)
+        return super().denoise(stage, *args, **kwargs)
 
 
 @torch.no_grad()

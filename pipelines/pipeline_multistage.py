@@ -60,16 +60,17 @@ class MultiStagePipeline(StagedDiffusionPipeline):
     ):
         super().__init__()
         staged = (MultiStageUNet2DModel, MultiStageDDPMppUNet2DModel, MultiStageUNet2DConditionModel)
-        if not isinstance(getattr(unet, "_orig_mod", unet), staged):  # a torch.compile'd model is its `_orig_mod`
+        model = getattr(unet, "_orig_mod", unet)  # a torch.compile'd model is its `_orig_mod`
+        if not isinstance(model, staged):
             raise ValueError(
                 f"`unet` must be a {', '.join(c.__name__ for c in staged)}, got {type(unet).__name__} (a plain "
                 "UNet2DModel converts with `MultiStageUNet2DModel.from_unet`)."
             )
-        cross_attention = isinstance(unet, MultiStageUNet2DConditionModel)
+        cross_attention = isinstance(model, MultiStageUNet2DConditionModel)
         if cross_attention != (class_embedder is not None):
             raise ValueError(
                 "`class_embedder` must be given exactly when `unet` is a cross-attention MultiStageUNet2DConditionModel"
-                f" (it turns class labels into the context the U-Net attends to), got a {type(unet).__name__} and "
+                f" (it turns class labels into the context the U-Net attends to), got a {type(model).__name__} and "
                 f"`class_embedder`={type(class_embedder).__name__ if class_embedder is not None else None}. For text "
                 "prompts, use the U-Net as the `unet` of diffusers' StableDiffusionPipeline."
             )

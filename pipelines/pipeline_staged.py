@@ -36,7 +36,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     label used by classifier-free guidance, as the package's training scripts do; a `DiTTransformer2DModel`'s
     unconditional label is likewise the one after its ``num_embeds_ada_norm`` classes. A model that predicts a
     learned variance as well (``out_channels`` twice ``in_channels``, as DiT) gives the scheduler its first half,
-    unless the scheduler uses learned variances itself.
+    unless the scheduler uses learned variances itself (guidance then applies to the first half only, and the
+    variance is the conditional prediction's, as in DiT).
     """
 
     _optional_components: ClassVar[list[str]] = ["vae"]
@@ -138,20 +139,37 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         labels = self.label_conditioning(torch.cat([class_labels, null]), dtype)
         both = model(torch.cat([sample, sample]).to(dtype), timestep, **labels, **kwargs)
         cond, uncond = self._mean_prediction(both.sample, sample).to(sample.dtype).chunk(2)
-        return uncond + guidance_scale * (cond - uncond)  # classifier-free guidance (Ho & Salimans, eq. 6)
+        guided = uncond + guidance_scale * (cond - uncond)  # classifier-free guidance (Ho & Salimans, eq. 6)
+        # a learned variance the scheduler reads (DiT's second half) is the conditional one, as DiT's sampler takes it
+        return torch.cat([guided[:, : sample.shape[1]], cond[:, sample.shape[1] :]], dim=1)
 
     def _mean_prediction(self, output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """The prediction without a learned variance (DiT's second half), unless the scheduler reads it."""
-        learned = getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
-        if output.shape[1] == 2 * sample.shape[1] and not learned:
+        if output.shape[1] == 2 * sample.shape[1] and not self._scheduler_reads_variance():
             return output[:, : sample.shape[1]]
         return output
+
+    def _scheduler_reads_variance(self) -> bool:
+        """Whether the scheduler takes a learned variance from the model's output (``variance_type`` learned)."""
+        return getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+
+    def _check_variance_output(self, config) -> None:
+        """Refuse, before sampling, a scheduler that reads a learned variance for a model that predicts none
+        (diffusers' step then fails on ``None`` arithmetic)."""
+        in_channels, out_channels = getattr(config, "in_channels", None), getattr(config, "out_channels", None)
+        if self._scheduler_reads_variance() and in_channels and out_channels and out_channels != 2 * in_channels:
+            raise ValueError(
+                f"`scheduler` {type(self.scheduler).__name__} has variance_type="
+                f"{self.scheduler.config.variance_type!r}, which reads a learned variance from the model's output, but "
+                f"the model predicts none (out_channels={out_channels}, not twice in_channels={in_channels}): build "
+                "the scheduler with `variance_type='fixed_small'` (or its default)."
+            )
 
     # --------------------------------------------------------------------------------------------------------------
     def expert_schedule(self, num_inference_steps: int = 50) -> list[tuple[float, int]]:
         """``(timestep, stage)`` of every model call a run with ``num_inference_steps`` makes: which network runs
-        which step (stage 0 is the clean end). It is the schedule the sampling loop follows, from a dry run of a fresh
-        copy of the scheduler (no model is called)."""
+        which step (stage 0 is the clean end). It is the schedule the sampling loop follows, from a dry run of a copy
+        of the scheduler (no model is called)."""
         (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
         return self._stage_schedule(self.resolve_partition(num_inference_steps), num_inference_steps)
 
@@ -316,6 +334,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             self._stage_offload.set_plan([stage for _, stage in schedule])
         denoiser = self.stage_denoiser(schedule[0][1])[0]  # the first network to run: shape, dtype, labels
         config, model_dtype = denoiser.config, compute_dtype(denoiser)  # `.dtype` would walk every submodule
+        self._check_variance_output(config)
         label_config = self.label_config(denoiser)
         class_labels, batch_size = self._prepare_class_labels(class_labels, batch_size, label_config, device)
         if class_labels is not None:
@@ -368,13 +387,25 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         images = latents
         if output_type != "latent":
             if getattr(self, "vae", None) is not None:
-                images = model_to_vae_latents(self.vae, latents)
-                images = self.vae.decode(images.to(self.vae.dtype), return_dict=False)[0]
+                images = self._decode(latents)
             images = VaeImageProcessor(do_resize=False).postprocess(images.float(), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's images of sampled ``latents``. A float16 VAE whose config asks for it (``force_upcast``: SDXL's
+        VAE overflows in float16) decodes in float32 and is left in float16, as diffusers' SDXL pipeline does."""
+        vae = self.vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            return vae.decode(model_to_vae_latents(vae, latents).to(vae.dtype), return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
 
     # --------------------------------------------------------------------------------------------------------------
     # saving: a folder that loads with `<Pipeline>.from_pretrained`, and with

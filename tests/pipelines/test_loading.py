@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import py_compile
+import re
 
 import numpy as np
 import pytest
@@ -422,6 +423,24 @@ def test_dtype_the_name_diffusers_prefers_to_torch_dtype_is_taken_too(saved):
         assert all(m.dtype == expected for m in loaded.components.values() if isinstance(m, torch.nn.Module))
     with pytest.raises(ValueError, match="both `dtype` and `torch_dtype`"):
         pipeline_class.from_pretrained(folder, dtype=torch.float16, torch_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dtype", ["float16", {"default": "bfloat16"}, {"default": torch.float16, "vae": 16}])
+def test_a_dtype_that_is_not_a_torch_dtype_is_named_not_loaded_as_float32(saved, dtype):
+    # diffusers only warns and loads such a dtype (transformers' spelling "float16") as float32: the user asked for
+    # half precision and silently got full precision
+    folder, pipeline_class, _ = saved
+    for name in ("torch_dtype", "dtype"):
+        with pytest.raises(ValueError, match=rf"`{name}` must be a torch.dtype .* got {re.escape(repr(dtype))}"):
+            pipeline_class.from_pretrained(folder, **{name: dtype})
+
+
+def test_a_per_component_dtype_for_a_component_the_pipeline_lacks_is_named(saved):
+    # {"unet": torch.float16} for an ExpertRoutingPipeline (whose model is "experts") loaded everything in float32
+    folder, pipeline_class, _ = saved
+    for name in ("torch_dtype", "dtype"):
+        with pytest.raises(ValueError, match=rf"`{name}` names components .* does not have: \['no_such_part'\]"):
+            pipeline_class.from_pretrained(folder, **{name: {"no_such_part": torch.float16, "default": torch.float32}})
 
 
 def test_diffusers_loading_options_at_their_defaults_are_taken_and_others_named(saved):

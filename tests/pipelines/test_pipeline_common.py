@@ -265,7 +265,35 @@ def test_model_cpu_offload_runs(kind):
     reference = _images(pipe)
     pipe.enable_model_cpu_offload(device="cpu")
     assert all(hasattr(m, "_hf_hook") for m in _denoisers(pipe))
+    onloads = _record_onloads(pipe)
     assert torch.equal(_images(pipe), reference)
+    # every model call first runs its component's offload hook, which moves the component onto the accelerator: the
+    # loop calls an `ExpertRoutingModel`'s experts, not the hooked container, whose weights then stayed on the CPU
+    steps = RUN["num_inference_steps"]
+    assert sorted(set(onloads)) == sorted({_owner(pipe, n) for n in _stage_networks(pipe)}) and len(onloads) >= steps
+
+
+def _owner(pipe, network: torch.nn.Module) -> str:
+    """The name of the pipeline component that holds ``network``."""
+    return next(k for k, m in pipe.components.items() if isinstance(m, torch.nn.Module) and network in m.modules())
+
+
+def _record_onloads(pipe) -> list[str]:
+    """Record the component of every `enable_model_cpu_offload` hook that runs (the hook moves it in)."""
+    onloads = []
+    for name, model in pipe.components.items():
+        hook = getattr(model, "_hf_hook", None)
+        if hook is not None and name != "vae":
+            hook.pre_forward = _recording(hook.pre_forward, onloads, name)
+    return onloads
+
+
+def _recording(pre_forward, onloads: list, name: str):
+    def recorded(module, *args, **kwargs):
+        onloads.append(name)
+        return pre_forward(module, *args, **kwargs)
+
+    return recorded
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -197,8 +197,9 @@ def test_per_expert_guidance_scale(tiny_unet_kwargs):
         pipe(generator=torch.manual_seed(0), guidance_scale=[2.0, 2.0], **run)
 
 
-def test_dit_experts_sample_with_their_own_null_label_and_learned_variance(tmp_path):
-    # two DiTs of different depths predicting (epsilon, variance) as DiT does: 6 output channels for 3 input ones
+def _dit_experts() -> list[DiTTransformer2DModel]:
+    """Two DiTs of different depths predicting (epsilon, variance) as DiT does: 6 output channels for 3 input ones,
+    10 classes (the unconditional label is 10)."""
     experts = []
     for depth in (1, 2):
         torch.manual_seed(depth)
@@ -214,6 +215,11 @@ def test_dit_experts_sample_with_their_own_null_label_and_learned_variance(tmp_p
                 num_embeds_ada_norm=10,
             ).eval()
         )
+    return experts
+
+
+def test_dit_experts_sample_with_their_own_null_label_and_learned_variance(tmp_path):
+    experts = _dit_experts()
     pipe = _pipe(ExpertRoutingModel(experts, stage_boundaries=(500,)), DDIMScheduler())
     labels_seen = []
     for expert in experts:
@@ -230,6 +236,25 @@ def test_dit_experts_sample_with_their_own_null_label_and_learned_variance(tmp_p
     reloaded = ExpertRoutingPipeline.from_pretrained(tmp_path)
     reloaded.set_progress_bar_config(disable=True)
     assert (reloaded(generator=torch.manual_seed(0), **run).images == images).all()
+
+
+def test_guidance_leaves_a_learned_variance_the_conditional_one_as_dit_does():
+    """With a scheduler that reads DiT's learned variance, guidance extrapolates only the epsilon half: the variance
+    half is the conditional prediction's, as DiT's sampler (and diffusers' DiTPipeline) takes it. Extrapolating it
+    too would push DiT's interpolation fraction out of [-1, 1], outside the scheduler's variance range."""
+    from diffusers import DDPMScheduler
+
+    experts = _dit_experts()
+    pipe = _pipe(ExpertRoutingModel(experts, stage_boundaries=(500,)), DDPMScheduler(variance_type="learned_range"))
+    x, labels, scale = torch.randn(2, 3, 8, 8), torch.tensor([1, 9]), 4.0
+    with torch.no_grad():
+        guided = pipe.denoise(1, x, torch.tensor([700, 700]), labels, scale)
+        both = experts[1](torch.cat([x, x]), torch.tensor([700] * 4), class_labels=torch.tensor([1, 9, 10, 10])).sample
+    cond, uncond = both.chunk(2)
+    assert torch.allclose(guided[:, :3], uncond[:, :3] + scale * (cond[:, :3] - uncond[:, :3]), atol=1e-5)
+    assert torch.allclose(guided[:, 3:], cond[:, 3:], atol=1e-6)
+    images = pipe(class_labels=[1, 9], guidance_scale=scale, num_inference_steps=3, output_type="np").images
+    assert np.isfinite(images).all()
 
 
 def test_latent_experts_decode_through_the_vae(tiny_unet_kwargs):

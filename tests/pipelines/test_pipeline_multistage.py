@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -70,6 +71,20 @@ def test_every_scheduler_runs_and_routes_each_call_to_its_stage(tiny_unet_kwargs
         else:  # the corrector of a Heun-type pair stays with its predictor
             assert stage == calls[i - 1][1]
     assert {s for _, s, _ in calls} == {0, 1, 2}, "6 steps over the whole schedule visit every stage"
+
+
+def test_a_scheduler_state_beyond_its_config_routes_each_call_by_its_own_timestep(tiny_multistage):
+    """`FlowMatchEulerDiscreteScheduler.set_shift` changes the timesteps without changing the config: the schedule
+    (and so the routing) was a dry run of a fresh scheduler built from the config, so the calls went to the stages
+    of the unshifted timesteps (t=800 to the clean decoder)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = _pipe(tiny_multistage, FlowMatchEulerDiscreteScheduler())
+    pipe.scheduler.set_shift(8.0)
+    calls = _record_calls(pipe)
+    pipe(num_inference_steps=4, output_type="pt")
+    assert [stage for _, stage, _ in calls] == [_expected_stage(t, edm=False) for t, _, _ in calls]
+    assert [t for t, _ in pipe.expert_schedule(4)] == [t for t, _, _ in calls]
 
 
 def test_same_seed_same_images_also_after_save_and_reload(tiny_multistage, tmp_path):
@@ -145,6 +160,25 @@ def test_latent_diffusion_decodes_scaled_latents(tiny_unet_kwargs, vae_class, ex
     assert type(loaded.vae) is type(vae)
     again = loaded(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
     assert torch.equal(images, again)
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_a_float16_vae_decodes_in_float32_when_its_config_asks_as_in_diffusers(tiny_unet_kwargs, force_upcast):
+    """A float16 AutoencoderKL with ``force_upcast`` (the default; SDXL's VAE overflows in float16) decodes in float32
+    and is left in float16, as diffusers' SDXL pipeline does; without it, it decodes in float16."""
+    torch.manual_seed(0)
+    unet = MultiStageUNet2DModel(**{**tiny_unet_kwargs, "in_channels": 4, "out_channels": 4, "sample_size": 4})
+    pipe = _pipe(unet.eval(), DDIMScheduler(), _tiny_vae(AutoencoderKL, force_upcast=force_upcast).half())
+    run = {"batch_size": 2, "num_inference_steps": 2, "generator": torch.manual_seed(0)}
+    latents = pipe(output_type="latent", **run).images
+    seen = []
+    pipe.vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    images = pipe(output_type="pt", **{**run, "generator": torch.manual_seed(0)}).images
+    assert seen == [torch.float32 if force_upcast else torch.float16] and pipe.vae.dtype == torch.float16
+    if force_upcast:  # the float16 weights, in float32
+        with torch.no_grad():
+            expected = copy.deepcopy(pipe.vae).float().decode(latents / pipe.vae.config.scaling_factor).sample
+        assert torch.allclose(images, (expected / 2 + 0.5).clamp(0, 1), atol=1e-6)
 
 
 def test_class_conditional_guidance(tiny_unet_kwargs):
@@ -278,6 +312,13 @@ def test_class_context_pipeline_refuses_mismatched_components(tiny_cond_unet, ti
         MultiStagePipeline(unet=labelled, scheduler=DDIMScheduler(), class_embedder=pipe.class_embedder)
     with pytest.raises(ValueError, match="width 16.*`cross_attention_dim`=32"):
         MultiStagePipeline(unet=pipe.unet, scheduler=DDIMScheduler(), class_embedder=ClassContextEmbedding(4, 16))
+    # a torch.compile'd cross-attention U-Net is one too (it was refused as having no use for the class embedder)
+    compiled = MultiStagePipeline(
+        unet=torch.compile(pipe.unet), scheduler=DDIMScheduler(), class_embedder=pipe.class_embedder
+    )
+    assert compiled.unet._orig_mod is pipe.unet
+    with pytest.raises(ValueError, match="`class_embedder` must be given exactly when"):
+        MultiStagePipeline(unet=torch.compile(pipe.unet), scheduler=DDIMScheduler())
 
 
 def test_a_unet_that_is_not_staged_is_refused_by_name(tiny_multistage, tiny_unet_kwargs, tmp_path):

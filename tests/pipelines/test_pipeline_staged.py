@@ -168,3 +168,13 @@ def test_numpy_integer_arguments_are_accepted_as_python_ints(unconditional):
         ValueError, match="`num_inference_steps` must be a positive integer, got np.int64\\(0\\)|got 0"
     ):
         unconditional.expert_schedule(np.int64(0))
+
+
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range"])
+def test_a_scheduler_reading_a_learned_variance_needs_a_model_that_predicts_one(unconditional, variance_type):
+    # diffusers' DDPM step failed on None arithmetic (a TypeError) for a model without a variance half
+    from diffusers import DDPMScheduler
+
+    pipe = type(unconditional)(**{**unconditional.components, "scheduler": DDPMScheduler(variance_type=variance_type)})
+    with pytest.raises(ValueError, match=f"variance_type='{variance_type}'.*out_channels=3, not twice in_channels=3"):
+        pipe(**RUN)
