@@ -224,7 +224,10 @@ def fused_decoders(pipes: dict, args: argparse.Namespace) -> list[dict]:
 
     from diffusers_stages.models import decoders
 
-    model = networks(pipes["MultiStagePipeline"])[0].to(args.device)
+    source = networks(pipes["MultiStagePipeline"])[0]
+    model = MultiStageUNet2DModel.from_config(source.config)  # an uncompiled copy: compiled decoders do not fuse
+    model.load_state_dict(source.state_dict())
+    model.to(args.device)
     count = model.partition.num_stages
     size = model.config.sample_size
     x = torch.randn(2 * count, model.config.in_channels, size, size, device=args.device)
@@ -246,8 +249,6 @@ def fused_decoders(pipes: dict, args: argparse.Namespace) -> list[dict]:
             saved = f"{sum(torch.equal(v, state[k]) for k, v in reloaded.state_dict().items())} of {len(state)} equal"
         except Exception as error:  # reported, not raised: the other rows still count
             saved = f"failed: {type(error).__name__}: {error}"
-    model.disable_fused_decoders()
-    model.to("cpu")
     return [
         {
             "section": "fused",

@@ -37,3 +37,12 @@ def test_the_fused_decoder_section_checks_results_layout_and_saving():
     assert count == total and int(total) > 0
     count, total = saved.split(" equal")[0].split(" of ")
     assert count == total and int(total) > 0
+
+
+def test_the_fused_decoder_section_runs_after_the_compile_section():
+    # compiled decoders do not fuse: the section checks an uncompiled copy, as `main` runs it after compilation
+    args = gpu_checks.parse_args(["--device", "cpu", "--quick"])
+    pipes = gpu_checks.build_pipelines(quick=True)
+    gpu_checks.networks(pipes["MultiStagePipeline"])[0].compile_stages(backend="eager")
+    difference, views, _ = (row["result"] for row in gpu_checks.fused_decoders(pipes, args))
+    assert difference < 1e-5 and views.split(" of ")[0] == views.split(" of ")[1]
