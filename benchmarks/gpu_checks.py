@@ -15,7 +15,9 @@
    refuse tensors that share storage, as accelerate's `save_state` drops them) keeps every decoder's weights.
 
 Every row is printed as a Markdown table and written to ``--output_dir/gpu_checks.json`` as soon as its section ends,
-so that a run stopped by a time limit keeps what it finished.
+so that a run stopped by a time limit keeps what it finished: sections 1, 2 and 4 run first, then section 3 one
+pipeline at a time. A section that fails is one row with its error, the sections after it still run, and the exit
+status is then 1.
 
     python benchmarks/gpu_checks.py --device cuda --output_dir benchmarks/results/gpu
     python benchmarks/gpu_checks.py --device cpu --quick     # a smoke run: tiny models, `eager` compile backend
@@ -32,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 
 import numpy as np
@@ -278,16 +281,33 @@ def report(rows: list[dict], output_dir: str | None, all_rows: list[dict]) -> No
             json.dump(all_rows, f, indent=1)
 
 
+def sections(pipes: dict, args: argparse.Namespace):
+    """``(name, run)`` of each section in the order they run: the quick ones first, then compilation (minutes with
+    inductor) one pipeline at a time, so that a run stopped by a time limit keeps every row it finished."""
+    yield "sync", lambda: synchronisations(pipes, args)
+    yield "precision", lambda: precisions(pipes, args)
+    yield "fused", lambda: fused_decoders(pipes, args)
+    for name in pipes:
+        yield f"compile {name}", lambda name=name: compilation({name: pipes[name]}, args)
+
+
 def main(args: argparse.Namespace) -> list[dict]:
+    """Every section's rows; a section that raises is one row with its ``error`` (its traceback on stderr), and
+    the sections after it still run."""
     diffusers_logging.set_verbosity_error()  # not diffusers' warning on every `.to(dtype)`
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, {args.steps} DDIM steps, batch {args.batch_size}")
     pipes, all_rows = build_pipelines(args.quick), []
-    for section in (synchronisations, precisions, compilation, fused_decoders):
-        report(section(pipes, args), args.output_dir, all_rows)
+    for section, run in sections(pipes, args):
+        try:
+            rows = run()
+        except Exception as error:  # reported, not raised: one device run must still measure what it can
+            traceback.print_exc()
+            rows = [{"section": section, "check": "failed", "error": f"{type(error).__name__}: {error}"}]
+        report(rows, args.output_dir, all_rows)
     return all_rows
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(1 if any("error" in row for row in main(parse_args())) else 0)
