@@ -6,6 +6,9 @@ rather than passing without CUDA."""
 import json
 import os
 import sys
+import warnings
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -70,3 +73,21 @@ def test_a_failing_section_is_a_row_and_the_sections_after_it_still_run(tmp_path
     with open(tmp_path / "gpu_checks.json", encoding="utf-8") as f:
         assert json.load(f) == rows
     assert rows[0]["section"] == "sync" and rows[0]["error"] == "RuntimeError: boom" and len(rows) == 5
+
+
+def test_the_sync_section_on_a_stand_in_cuda_counts_only_synchronisation_warnings(monkeypatch):
+    from tests.fake_cuda import fake_cuda
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)  # a CPU-only torch has none
+    args = gpu_checks.parse_args(["--device", "cpu", "--quick"])
+    args.device = "cuda"
+    pipes = gpu_checks.build_pipelines(quick=True)
+    for name in ("MultiStagePipeline", "ExpertRoutingPipeline"):  # a warning other than CUDA's, in every forward
+        gpu_checks.networks(pipes[name])[0].register_forward_pre_hook(
+            lambda *_: warnings.warn("not a sync", stacklevel=2)
+        )
+    with fake_cuda():
+        rows = gpu_checks.synchronisations(pipes, args)
+    assert [row["result"] for row in rows] == ["no synchronisation", 0] * 2
+    assert modes == ["error", "default", "warn", "default"] * 2
