@@ -314,7 +314,9 @@ def load_peak(small) -> list[tuple]:
     staged = MultiStageUNet2DModel.from_unet(wide)
     with tempfile.TemporaryDirectory() as folder:
         staged.save_pretrained(folder)
-        result = subprocess.run([sys.executable, "-c", LOAD_PEAK, folder], capture_output=True, text=True, check=True)
+        # -P: not the working directory's `diffusers_stages` (the checkout's folder shadows an installed package)
+        command = [sys.executable, "-P", "-c", LOAD_PEAK, folder]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
     peak, params = (float(v) for v in result.stdout.split()[-2:])
     return [("load: peak memory added vs parameter bytes", params / 2**20, peak / 2**20, "MiB")]
 

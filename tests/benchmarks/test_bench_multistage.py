@@ -69,3 +69,14 @@ def test_each_section_prints_its_rows_when_it_ends(monkeypatch, capsys):
     with pytest.raises(KeyboardInterrupt):
         bench.main(args)
     assert "| overhead row | 1.000 ms | 2.000 ms | 2.000 |" in capsys.readouterr().out
+
+
+def test_the_load_section_imports_the_installed_package_from_any_working_directory(monkeypatch, tmp_path):
+    # its subprocess (`python -c`) must not import a `diffusers_stages` folder in the working directory (the
+    # checkout's root, where the scripts are run, holds one without pipelines/)
+    (tmp_path / "diffusers_stages").mkdir()
+    (tmp_path / "diffusers_stages" / "__init__.py").write_text("raise ImportError('the working directory')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "UNet2DModel", lambda **kwargs: UNet2DModel(**TINY_UNET))  # not ~0.3 GB
+    ((name, params, peak, unit),) = bench.load_peak(None)
+    assert params > 0 and unit == "MiB"
