@@ -37,7 +37,8 @@ if ! "$python" -P -c "import diffusers_stages.pipelines" 2>/dev/null; then
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$python" -P -c "import torch, diffusers_stages.pipelines; assert torch.cuda.is_available(), 'no CUDA device'
-print(torch.cuda.get_device_name(), 'torch', torch.__version__)" || exit 1
+print(torch.cuda.get_device_name(), 'torch', torch.__version__)" \
+    || { echo "needs CUDA and the package's requirements (carry missing wheels: WHEELS=folder)"; exit 1; }
 
 step gpu_checks 150 benchmarks/gpu_checks.py --device cuda --output_dir "$out"
 step bench_offload 45 benchmarks/bench_offload.py --device cuda --steps 20 --repeats 3
