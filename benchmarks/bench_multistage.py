@@ -129,20 +129,23 @@ def main(args: argparse.Namespace) -> None:
     kwargs = encoder_kwargs(args.width, args.resolution)
     baseline = UNet2DModel(**kwargs).to(device).eval()
     print(f"device {device} ({torch.get_num_threads()} threads)")
-    rows = []
     if {"flops", "sampling"} & set(args.sections):
-        rows += tailored_costs(args, baseline, kwargs)
+        print_rows(tailored_costs(args, baseline, kwargs))
     if "overhead" in args.sections:
-        rows += routing_overhead(args, baseline)
+        print_rows(routing_overhead(args, baseline))
     small = UNet2DModel(**SMALL).to(device).eval()
     if "mixed" in args.sections:
-        rows += mixed_batches(args, small)
+        print_rows(mixed_batches(args, small))
     if "load" in args.sections:
-        rows += load_peak(small)
+        print_rows(load_peak(small))
     if "pipeline" in args.sections:
-        rows += pipeline_overhead(args, small)
+        print_rows(pipeline_overhead(args, small))
     if "compile" in args.sections:
-        rows += compiled_stages(args, small)
+        print_rows(compiled_stages(args, small))
+
+
+def print_rows(rows: list[tuple]) -> None:
+    """One section's table, printed when the section ends: a run stopped later keeps it."""
     print("\n| measure | baseline | multi-stage | ratio |\n|---|---|---|---|")
     for name, base, staged, unit in rows:
         print(f"| {name} | {base:.3f} {unit} | {staged:.3f} {unit} | {staged / base:.3f} |")
@@ -311,7 +314,9 @@ def load_peak(small) -> list[tuple]:
     staged = MultiStageUNet2DModel.from_unet(wide)
     with tempfile.TemporaryDirectory() as folder:
         staged.save_pretrained(folder)
-        result = subprocess.run([sys.executable, "-c", LOAD_PEAK, folder], capture_output=True, text=True, check=True)
+        # -P: not the working directory's `diffusers_stages` (the checkout's folder shadows an installed package)
+        command = [sys.executable, "-P", "-c", LOAD_PEAK, folder]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
     peak, params = (float(v) for v in result.stdout.split()[-2:])
     return [("load: peak memory added vs parameter bytes", params / 2**20, peak / 2**20, "MiB")]
 

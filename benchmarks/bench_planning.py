@@ -101,6 +101,7 @@ def measure(num_images: int, chunk_size: int, args: argparse.Namespace) -> dict:
     cuda = args.device.startswith("cuda")
     schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), args.num_levels)
     data = load_data(args.dataset, num_images)
+    num_images = len(data)  # fewer where the data set holds fewer (digits: 1,797)
     loaded = reset_peak_rss()
     times, fractions = [], []
     for seed in range(args.repeats):
@@ -121,7 +122,7 @@ def measure(num_images: int, chunk_size: int, args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - start)
         fractions.append([round(f, 4) for f in plan.fractions])
     if args.plot:
-        plot_plan(plan, args.plot, title=f"Fashion-MNIST, {num_images} images: optimal-denoiser clustering")
+        plot_plan(plan, args.plot, title=f"{args.dataset}, {num_images} images: optimal-denoiser clustering")
     return {
         "num_images": num_images,
         "chunk_size": chunk_size or num_images,
@@ -136,6 +137,7 @@ def measure(num_images: int, chunk_size: int, args: argparse.Namespace) -> dict:
 def compare_rules(args: argparse.Namespace) -> dict:
     """Boundaries (fractions of T) of the thresholded rule and of the integer program on the same data and draws."""
     data = load_data(args.dataset, args.num_images)
+    print(f"{args.dataset}, {len(data)} images, K={args.num_samples} draws: boundaries as fractions of T")
     results = {}
     for num_levels in (21, args.num_levels):
         schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), num_levels)
@@ -262,7 +264,6 @@ def main() -> None:
         print(json.dumps(result))
         return
     if args.compare:
-        print(f"{args.dataset}, {args.num_images} images, K={args.num_samples} draws: boundaries as fractions of T")
         print(json.dumps(compare_rules(args)))
         return
 
@@ -288,7 +289,7 @@ def main() -> None:
         return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
     print(
-        f"Fashion-MNIST 28x28, device {args.device}, {torch.get_num_threads()} threads, K={args.num_samples} draws, "
+        f"{args.dataset}, device {args.device}, {torch.get_num_threads()} threads, K={args.num_samples} draws, "
         f"{args.num_levels} levels; peak RSS is measured above the RSS with the data loaded, one process per row"
     )
     rows = {
@@ -305,13 +306,14 @@ def main() -> None:
             f"peak RSS +{row['peak_rss_above_data_mib']:.0f} MiB{cuda}; boundaries (fraction of T) {row['fractions']}"
         )
     streamed, direct = rows["streamed (chunks of 1024)"], rows["baseline: one chunk of N"]
+    n, large = streamed["num_images"], rows[f"streamed, {args.large} images"]["num_images"] if args.large else 0
     spread = np.ptp(np.array(streamed["fractions"]), axis=0).max()
     print(
         f"streamed / baseline: wall time {streamed['median_s'] / direct['median_s']:.2f}x, peak memory "
         f"{streamed['peak_rss_above_data_mib'] / direct['peak_rss_above_data_mib']:.2f}x; same boundaries: "
         f"{streamed['fractions'] == direct['fractions']}; spread over {args.repeats} seeds {spread:.4f} of T; "
-        f"an N x N float64 matrix: {args.num_images**2 * 8 / 2**20:.0f} MiB at N={args.num_images}"
-        + (f", {args.large**2 * 8 / 2**30:.1f} GiB at N={args.large}" if args.large else "")
+        f"an N x N float64 matrix: {n**2 * 8 / 2**20:.0f} MiB at N={n}"
+        + (f", {large**2 * 8 / 2**30:.1f} GiB at N={large}" if args.large else "")
     )
     if args.plot:
         print("plot:", args.plot)

@@ -15,7 +15,9 @@
    refuse tensors that share storage, as accelerate's `save_state` drops them) keeps every decoder's weights.
 
 Every row is printed as a Markdown table and written to ``--output_dir/gpu_checks.json`` as soon as its section ends,
-so that a run stopped by a time limit keeps what it finished.
+so that a run stopped by a time limit keeps what it finished: sections 1, 2 and 4 run first, then section 3 one
+pipeline at a time. A section that fails is one row with its error, the sections after it still run, and the exit
+status is then 1.
 
     python benchmarks/gpu_checks.py --device cuda --output_dir benchmarks/results/gpu
     python benchmarks/gpu_checks.py --device cpu --quick     # a smoke run: tiny models, `eager` compile backend
@@ -32,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 
 import numpy as np
@@ -55,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks.measure import _synchronize, default_device, device_option, positive_int
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's warning under set_sync_debug_mode("warn")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,6 +149,8 @@ def synchronisations(pipes: dict, args: argparse.Namespace) -> list[dict]:
                 model(x, t, stage_index=0)
                 result = "no synchronisation"
             except RuntimeError as error:
+                if SYNC_WARNING not in str(error):
+                    raise  # another failure: the section's error row, not a synchronisation
                 result = f"synchronised: {error}"
             finally:
                 torch.cuda.set_sync_debug_mode("default")
@@ -156,7 +162,8 @@ def synchronisations(pipes: dict, args: argparse.Namespace) -> list[dict]:
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
         rows.append({"section": "sync", "check": f"{name}: forward with stage_index", "result": result})
-        rows.append({"section": "sync", "check": f"{name}: routed forward, synchronisations", "result": len(caught)})
+        count = sum(SYNC_WARNING in str(warning.message) for warning in caught)  # not other warnings of the call
+        rows.append({"section": "sync", "check": f"{name}: routed forward, synchronisations", "result": count})
         model.to("cpu")
     return rows
 
@@ -224,7 +231,10 @@ def fused_decoders(pipes: dict, args: argparse.Namespace) -> list[dict]:
 
     from diffusers_stages.models import decoders
 
-    model = networks(pipes["MultiStagePipeline"])[0].to(args.device)
+    source = networks(pipes["MultiStagePipeline"])[0]
+    model = MultiStageUNet2DModel.from_config(source.config)  # an uncompiled copy: compiled decoders do not fuse
+    model.load_state_dict(source.state_dict())
+    model.to(args.device)
     count = model.partition.num_stages
     size = model.config.sample_size
     x = torch.randn(2 * count, model.config.in_channels, size, size, device=args.device)
@@ -246,8 +256,6 @@ def fused_decoders(pipes: dict, args: argparse.Namespace) -> list[dict]:
             saved = f"{sum(torch.equal(v, state[k]) for k, v in reloaded.state_dict().items())} of {len(state)} equal"
         except Exception as error:  # reported, not raised: the other rows still count
             saved = f"failed: {type(error).__name__}: {error}"
-    model.disable_fused_decoders()
-    model.to("cpu")
     return [
         {
             "section": "fused",
@@ -277,16 +285,33 @@ def report(rows: list[dict], output_dir: str | None, all_rows: list[dict]) -> No
             json.dump(all_rows, f, indent=1)
 
 
+def sections(pipes: dict, args: argparse.Namespace):
+    """``(name, run)`` of each section in the order they run: the quick ones first, then compilation (minutes with
+    inductor) one pipeline at a time, so that a run stopped by a time limit keeps every row it finished."""
+    yield "sync", lambda: synchronisations(pipes, args)
+    yield "precision", lambda: precisions(pipes, args)
+    yield "fused", lambda: fused_decoders(pipes, args)
+    for name in pipes:
+        yield f"compile {name}", lambda name=name: compilation({name: pipes[name]}, args)
+
+
 def main(args: argparse.Namespace) -> list[dict]:
+    """Every section's rows; a section that raises is one row with its ``error`` (its traceback on stderr), and
+    the sections after it still run."""
     diffusers_logging.set_verbosity_error()  # not diffusers' warning on every `.to(dtype)`
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, {args.steps} DDIM steps, batch {args.batch_size}")
     pipes, all_rows = build_pipelines(args.quick), []
-    for section in (synchronisations, precisions, compilation, fused_decoders):
-        report(section(pipes, args), args.output_dir, all_rows)
+    for section, run in sections(pipes, args):
+        try:
+            rows = run()
+        except Exception as error:  # reported, not raised: one device run must still measure what it can
+            traceback.print_exc()
+            rows = [{"section": section, "check": "failed", "error": f"{type(error).__name__}: {error}"}]
+        report(rows, args.output_dir, all_rows)
     return all_rows
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(1 if any("error" in row for row in main(parse_args())) else 0)

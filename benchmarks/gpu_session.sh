@@ -1,28 +1,58 @@
 #!/usr/bin/env bash
-# One prepared run for a session that is lent a GPU (issue 16's GPU items), in about 8 minutes on one H200:
+# One prepared run for a session that is lent a GPU (issue 16's GPU items), in about 7 minutes on one H200:
 #   OUT=benchmarks/results/gpu bash benchmarks/gpu_session.sh
 # Not run yet (no GPU has been lent to this project's sessions): the settings are estimates, sized by per-step time
-# limits; each step writes its own file under $OUT as it finishes, so a step cut by its limit loses only itself.
-# The package must import on the GPU machine, which cannot download anything (carry the virtual environment, and
-# name its interpreter: PYTHON=.venv/bin/python; default: `python` on the PATH).
+# limits (415 s in all, plus the install and checks below); each step writes its own file under $OUT as it runs
+# (unbuffered), so a step that fails or is cut by its limit loses only itself; the last line names the steps that
+# failed, and the exit status is then 1.
+# The GPU machine cannot download anything. Its interpreter (PYTHON, default python3) needs torch; where the package
+# does not import there, the checkout is installed into a temporary folder, with the wheels in $WHEELS (a folder of
+# .whl files carried along, e.g. diffusers and importlib_metadata: `pip download --no-deps diffusers==0.42.1 ...`).
+# Files: gpu_checks.json and one NAME.md per step, and the evidence run's results.json as evidence_results.json
+# (its report is in evidence.md); 7 files in all.
 set -uo pipefail
 out="${OUT:-benchmarks/results/gpu}"
-python="${PYTHON:-python}"
-mkdir -p "$out"
+python="${PYTHON:-python3}"
+mkdir -p "$out" && out="$(cd "$out" && pwd)" || exit 1
+cd "$(dirname "$0")/.." || exit 1  # the repository root: the steps' paths are relative to it
+export PYTHONUNBUFFERED=1         # a step killed by its limit keeps what it printed
+failed=()
 
 step() {  # step NAME SECONDS SCRIPT ARGS...: run one benchmark under its own time limit, output to $out/NAME.md
-    local name=$1 limit=$2
+    local name=$1 limit=$2 status
     shift 2
     echo "== $name (limit ${limit} s): $python $*"
-    timeout "$limit" "$python" "$@" >"$out/$name.md" 2>&1
-    echo "   exit $? ($(tail -n 1 "$out/$name.md"))"
+    timeout -k 10 "$limit" "$python" "$@" >"$out/$name.md" 2>&1
+    status=$?
+    echo "   exit $status ($(tail -n 1 "$out/$name.md"))"
+    [ "$status" -eq 0 ] || failed+=("$name (exit $status)")
 }
 
-"$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1
+# -P: the package as installed, not the checkout's folder of the same name (which lacks its pipelines)
+if ! "$python" -P -c "import diffusers_stages.pipelines" 2>/dev/null; then
+    site="$(mktemp -d)"
+    echo "== installing the checkout${WHEELS:+ and $WHEELS/*.whl} into $site (no index)"
+    "$python" -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" ${WHEELS:+"$WHEELS"/*.whl} . \
+        || exit 1
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$python" -P -c "import torch, diffusers_stages.pipelines; assert torch.cuda.is_available(), 'no CUDA device'
+print(torch.cuda.get_device_name(), 'torch', torch.__version__)" \
+    || { echo "needs CUDA and the package's requirements (carry missing wheels: WHEELS=folder)"; exit 1; }
+
 step gpu_checks 150 benchmarks/gpu_checks.py --device cuda --output_dir "$out"
-step bench_offload 60 benchmarks/bench_offload.py --device cuda --steps 20 --repeats 3
-step bench_multistage 90 benchmarks/bench_multistage.py --device cuda --sections overhead mixed pipeline \
-    --width 32 --resolution 16 --repeats 5 --steps 10
-step bench_experts 60 benchmarks/bench_experts.py --device cuda --repeats 3 --evidence_preset none
-step evidence 120 benchmarks/run_evidence.py --preset gpu --budget_steps 300 --num_eval_samples 1000 \
-    --output_dir "$out/evidence"
+step bench_offload 45 benchmarks/bench_offload.py --device cuda --steps 20 --repeats 3
+step bench_multistage 75 benchmarks/bench_multistage.py --device cuda --sections overhead mixed pipeline \
+    --width 32 --resolution 16 --repeats 5 --steps 10 --decoder_counts 2 4 16
+step bench_experts 45 benchmarks/bench_experts.py --device cuda --repeats 3 --evidence_preset none
+# the GPU preset (shortened) needs Fashion-MNIST on that machine; else the quick preset (scikit-learn's digits)
+evidence="$(mktemp -d)"
+if "$python" -c "from benchmarks.evidence.data import ensure_fashion_mnist; ensure_fashion_mnist()" 2>/dev/null; then
+    step evidence 100 benchmarks/run_evidence.py --preset gpu --budget_steps 300 --num_eval_samples 1000 \
+        --output_dir "$evidence"
+else
+    step evidence 100 benchmarks/run_evidence.py --quick --output_dir "$evidence"
+fi
+cp "$evidence"/*/results.json "$out/evidence_results.json" 2>/dev/null  # saved after each comparison
+echo "failed: ${failed[*]:-none}"
+[ ${#failed[@]} -eq 0 ]

@@ -100,12 +100,12 @@ def interleaved_medians(
     """
     if repeats < 1:
         raise ValueError(f"`repeats` must be at least 1, got {repeats}.")
+    if baseline is not None and baseline not in fns:
+        raise ValueError(f"`baseline` must name one of {list(fns)}, got {baseline!r}.")
     device = torch.device(device)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    if baseline is not None and baseline not in fns:
-        raise ValueError(f"`baseline` must name one of {list(fns)}, got {baseline!r}.")
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_index in range(repeats):
         items = list(fns.items())

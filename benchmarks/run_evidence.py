@@ -22,6 +22,8 @@ import time
 
 import torch
 
+import diffusers_stages  # noqa: F401  # the installed package, before the root's folder of that name could shadow it
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from benchmarks.evidence import comparisons as C

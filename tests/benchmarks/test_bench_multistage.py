@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+import pytest
 import torch
 from diffusers import UNet2DModel
 
@@ -52,3 +53,30 @@ def test_the_mixed_batch_case_times_the_fused_pass_with_and_without_the_stacked_
         "mixed: fused vs one stage",
         "mixed: fused, stack copied vs one stage",
     ]
+
+
+def test_each_section_prints_its_rows_when_it_ends(monkeypatch, capsys):
+    # a run stopped during a later section (a time limit, an error) keeps the rows measured before it
+    monkeypatch.setattr(bench, "routing_overhead", lambda args, baseline: [("overhead row", 1.0, 2.0, "ms")])
+
+    def cut(args, small):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "mixed_batches", cut)
+    args = bench.parse_args(
+        ["--device", "cpu", "--sections", "overhead", "mixed", "--width", "8", "--resolution", "8"]
+    )
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(args)
+    assert "| overhead row | 1.000 ms | 2.000 ms | 2.000 |" in capsys.readouterr().out
+
+
+def test_the_load_section_imports_the_installed_package_from_any_working_directory(monkeypatch, tmp_path):
+    # its subprocess (`python -c`) must not import a `diffusers_stages` folder in the working directory (the
+    # checkout's root, where the scripts are run, holds one without pipelines/)
+    (tmp_path / "diffusers_stages").mkdir()
+    (tmp_path / "diffusers_stages" / "__init__.py").write_text("raise ImportError('the working directory')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "UNet2DModel", lambda **kwargs: UNet2DModel(**TINY_UNET))  # not ~0.3 GB
+    ((name, params, peak, unit),) = bench.load_peak(None)
+    assert params > 0 and unit == "MiB"

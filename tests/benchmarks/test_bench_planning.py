@@ -1,6 +1,7 @@
 """`benchmarks/bench_planning.py` installs nothing: missing data is an error that says what to install, and the
 paper's decoder ratios are fitted to a sampling budget."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -33,3 +34,10 @@ def test_paper_ratios_are_scaled_to_fit_the_budget(tiny_unet_kwargs):
     budget = expected_flops(config, partition, [(8, 16)] * 3, 4, scheduler)
     widths = bench.paper_widths_at_budget(config, partition, budget, 4, scheduler)
     assert widths[0] > widths[1] > widths[2] and expected_flops(config, partition, widths, 4, scheduler) <= budget
+
+
+def test_a_row_reports_the_images_it_planned_on_when_the_data_set_has_fewer():
+    # scikit-learn's digits hold 1,797 images: a run asked for 10,000 plans on those and must say so
+    args = argparse.Namespace(device="cpu", dataset="digits", num_levels=4, num_samples=2, repeats=1, plot=None)
+    row = bench.measure(10_000, 0, args)
+    assert row["num_images"] == row["chunk_size"] == 1797

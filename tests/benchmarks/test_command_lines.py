@@ -2,6 +2,7 @@
 know or this machine lacks, or an unknown compile backend is a usage error (exit 2) naming the option, before any
 model is built (they were tracebacks from deep inside a run: ZeroDivisionError, CUDA's AttributeError, ...)."""
 
+import ast
 import os
 import sys
 
@@ -77,3 +78,22 @@ def test_the_default_device_is_one_this_machine_has():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     for script in (bench_multistage, bench_text_to_image, gpu_checks, run_evidence):
         assert script.parse_args([]).device == expected
+
+
+def test_the_scripts_import_the_package_before_putting_the_repository_root_on_the_path():
+    # the checkout's `diffusers_stages` folder lacks `pipelines` (setup.py maps it in at install): first on the path,
+    # it would shadow a regular (not editable) install, as on a GPU machine where gpu_session.sh installs the package
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        imported = False
+        for node in tree.body:
+            if isinstance(node, ast.Expr) and "sys.path.insert" in ast.unparse(node):
+                assert imported, f"{name} puts the repository root on sys.path before importing diffusers_stages"
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [getattr(node, "module", "")]
+            imported |= isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+                (m or "").split(".")[0] == "diffusers_stages" for m in modules
+            )

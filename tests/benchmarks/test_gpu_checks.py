@@ -3,8 +3,12 @@ pipeline gives the eager images and compiles nothing in its second run, fused de
 match the per-stage path and survive a safetensors round trip, and the synchronisation check says it was skipped
 rather than passing without CUDA."""
 
+import json
 import os
 import sys
+import warnings
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -37,3 +41,53 @@ def test_the_fused_decoder_section_checks_results_layout_and_saving():
     assert count == total and int(total) > 0
     count, total = saved.split(" equal")[0].split(" of ")
     assert count == total and int(total) > 0
+
+
+def test_the_fused_decoder_section_runs_after_the_compile_section():
+    # compiled decoders do not fuse: the section checks an uncompiled copy, as `main` runs it after compilation
+    args = gpu_checks.parse_args(["--device", "cpu", "--quick"])
+    pipes = gpu_checks.build_pipelines(quick=True)
+    gpu_checks.networks(pipes["MultiStagePipeline"])[0].compile_stages(backend="eager")
+    difference, views, _ = (row["result"] for row in gpu_checks.fused_decoders(pipes, args))
+    assert difference < 1e-5 and views.split(" of ")[0] == views.split(" of ")[1]
+
+
+def test_a_failing_section_is_a_row_and_the_sections_after_it_still_run(tmp_path, monkeypatch):
+    # one device run has a few minutes: a section that fails (an inductor error, say) must not end it
+    ran = []
+
+    def fails(pipes, args):
+        raise RuntimeError("boom")
+
+    def section(name):
+        return lambda pipes, args: ran.append((name, *pipes)) or [{"section": name, "check": "ok", "result": 1.0}]
+
+    monkeypatch.setattr(gpu_checks, "build_pipelines", lambda quick: {"A": None, "B": None})
+    monkeypatch.setattr(gpu_checks, "synchronisations", fails)
+    for name in ("precisions", "fused_decoders", "compilation"):
+        monkeypatch.setattr(gpu_checks, name, section(name))
+    args = gpu_checks.parse_args(["--device", "cpu", "--quick", "--output_dir", str(tmp_path)])
+    rows = gpu_checks.main(args)
+    # the cheap sections first; compilation last, one pipeline at a time (each row written as it ends)
+    assert ran == [("precisions", "A", "B"), ("fused_decoders", "A", "B"), ("compilation", "A"), ("compilation", "B")]
+    with open(tmp_path / "gpu_checks.json", encoding="utf-8") as f:
+        assert json.load(f) == rows
+    assert rows[0]["section"] == "sync" and rows[0]["error"] == "RuntimeError: boom" and len(rows) == 5
+
+
+def test_the_sync_section_on_a_stand_in_cuda_counts_only_synchronisation_warnings(monkeypatch):
+    from tests.fake_cuda import fake_cuda
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)  # a CPU-only torch has none
+    args = gpu_checks.parse_args(["--device", "cpu", "--quick"])
+    args.device = "cuda"
+    pipes = gpu_checks.build_pipelines(quick=True)
+    for name in ("MultiStagePipeline", "ExpertRoutingPipeline"):  # a warning other than CUDA's, in every forward
+        gpu_checks.networks(pipes[name])[0].register_forward_pre_hook(
+            lambda *_: warnings.warn("not a sync", stacklevel=2)
+        )
+    with fake_cuda():
+        rows = gpu_checks.synchronisations(pipes, args)
+    assert [row["result"] for row in rows] == ["no synchronisation", 0] * 2
+    assert modes == ["error", "default", "warn", "default"] * 2

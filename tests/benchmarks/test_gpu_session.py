@@ -16,7 +16,7 @@ def steps() -> list[tuple[str, list[str]]]:
         text = f.read().replace("\\\n", " ")
     found = []
     for line in text.splitlines():
-        if line.startswith("step "):
+        if line.strip().startswith("step "):
             words = line.split()
             found.append((words[3], [w for w in words[4:] if w.startswith("--")]))
     return found
@@ -31,14 +31,43 @@ def test_the_session_script_is_valid_bash_and_passes_known_options():
         "benchmarks/bench_multistage.py",
         "benchmarks/bench_experts.py",
         "benchmarks/run_evidence.py",
+        "benchmarks/run_evidence.py",  # with Fashion-MNIST there, and without
     ]
     # the scripts' own parsers, all started at once (each import of torch and diffusers takes seconds)
-    helps = [
-        subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    helps = {
+        script: subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
         for script, _ in found
-    ]
-    for (script, options), process in zip(found, helps):
-        usage, _ = process.communicate()
-        assert process.returncode == 0, script
-        known = set(re.findall(r"--[a-z_]+", usage))
+    }
+    usages = {script: process.communicate()[0] for script, process in helps.items()}
+    for script, options in found:
+        assert helps[script].returncode == 0, script
+        known = set(re.findall(r"--[a-z_]+", usages[script]))
         assert set(options) <= known, (script, set(options) - known)
+
+
+# an interpreter standing in for python on the GPU machine: logs its arguments, fails bench_offload.py
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+case "$*" in
+    *bench_offload.py*) echo "offload broke"; exit 3 ;;
+    *ensure_fashion_mnist*) exit 1 ;;
+    *) echo "ran in $PWD, PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-unset}" ;;
+esac
+"""
+
+
+def test_a_failing_step_keeps_its_output_and_the_later_steps_run_and_the_exit_status_says_so(tmp_path):
+    python, out, calls = tmp_path / "python", tmp_path / "out", tmp_path / "calls"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), "OUT": str(out), "CALLS": str(calls)}
+    result = subprocess.run(["bash", SESSION], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "bench_offload" in result.stdout.splitlines()[-1]  # the summary names the step that failed
+    assert (out / "bench_offload.md").read_text() == "offload broke\n"
+    for name in ("gpu_checks", "bench_multistage", "bench_experts", "evidence"):
+        # from the repository root (the scripts' relative paths), unbuffered (a step cut by its limit keeps its output)
+        assert (out / f"{name}.md").read_text() == f"ran in {ROOT}, PYTHONUNBUFFERED=1\n", name
+    # no Fashion-MNIST there: the evidence step runs the quick preset (digits, from scikit-learn), not a failure
+    evidence = calls.read_text().splitlines()[-1]
+    assert "run_evidence.py" in evidence and "--quick" in evidence

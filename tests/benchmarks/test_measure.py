@@ -46,8 +46,10 @@ def test_paired_differences_alternate_the_order_and_subtract_the_baseline_per_ro
     differences = interleaved_medians(fns, repeats=4, warmup=0, clock=clock, baseline="a")
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert differences == {"a": 0.0, "b": 2.0}
+    calls.clear()
     with pytest.raises(ValueError, match="baseline"):
         interleaved_medians(fns, repeats=1, baseline="c")
+    assert calls == []  # refused before the warm-up runs anything
 
 
 def test_docstring_examples():
