@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from safetensors.torch import load_file
 
-from diffusers_stages.models.loading import StrictLoadingMixin, read_json
+from diffusers_stages.models.loading import StrictLoadingMixin, _is_float_dtype, _tensor_dtypes, read_json
 
 try:
     import fcntl
@@ -277,6 +277,40 @@ def load_strict(model_class: type, path: str, subfolder: str | None = None):
         raise ValueError(f"Cannot load a {model_class.__name__} from {where} (safetensors only): {error}") from error
     model.__class__ = model_class  # the plain class again, so it saves and registers as itself
     return model.eval()
+
+
+# the weight files a component folder loads by default (no variant's `.fp16.safetensors`), sharded or not
+DEFAULT_WEIGHT_FILE = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors")
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def stored_dtype(folder: str | os.PathLike) -> torch.dtype | None:
+    """The floating-point dtype ``folder``'s default weight files store (read from their headers), or None when it
+    has none or several."""
+    if not os.path.isdir(folder):
+        return None
+    dtypes = set()
+    for name in sorted(os.listdir(folder)):
+        if DEFAULT_WEIGHT_FILE.fullmatch(name):
+            dtypes |= {d for d in _tensor_dtypes(os.path.join(folder, name)).values() if _is_float_dtype(d)}
+    return SAFETENSORS_DTYPES.get(dtypes.pop()) if len(dtypes) == 1 else None
+
+
+def save_in_stored_dtypes(pipeline, folder: str, sources: dict[str, str | os.PathLike]) -> None:
+    """``pipeline.save_pretrained(folder)``, each component ``name`` of ``sources`` stored in the dtype of its source
+    folder ``sources[name]`` (a float16 source stays float16, not twice its size), though the conversion loaded it,
+    and `--verify` compares it, in float32. The components are cast back afterwards."""
+    restore = {}
+    for name, source in sources.items():
+        module, dtype = getattr(pipeline, name, None), stored_dtype(source)
+        if isinstance(module, torch.nn.Module) and dtype is not None and dtype != module.dtype:
+            restore[name] = module.dtype
+            module.to(dtype)
+    try:
+        pipeline.save_pretrained(folder)
+    finally:
+        for name, dtype in restore.items():
+            getattr(pipeline, name).to(dtype)
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:

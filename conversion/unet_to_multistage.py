@@ -30,6 +30,7 @@ from diffusers_stages.conversion.common import (
     read_json,
     report_verification,
     run,
+    save_in_stored_dtypes,
     source_folder,
     staged_output,
 )
@@ -113,6 +114,15 @@ def load_source(path: str) -> tuple[UNet2DModel, object, object, str | None]:
         if vae_class is not None:
             vae = load_strict(vae_class, path, subfolder=name)
     return unet, scheduler, vae, pipeline_class
+
+
+def source_component_folders(path: str) -> dict[str, str]:
+    """The folders of a UNet2DModel or unconditional pipeline source that the converted pipeline's ``unet`` and
+    ``vae`` come from."""
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        return {"unet": path}
+    vae = next((name for name in VAE_COMPONENTS if os.path.isdir(os.path.join(path, name))), VAE_COMPONENTS[0])
+    return {"unet": os.path.join(path, "unet"), "vae": os.path.join(path, vae)}
 
 
 def source_component_class(index: dict, name: str, base: type, optional: bool = False) -> type | None:
@@ -270,14 +280,19 @@ def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
     refuse_staged_source(args.source, read_class_name(os.path.join(args.source, "unet", "config.json")))
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unet = load_strict(UNet2DConditionModel, args.source, subfolder="unet")
-        source = pipeline_class.from_pretrained(args.source, unet=unet, use_safetensors=True)
+        # in float32, as `unet`, whatever the folder stores (transformers would load float16 text encoders as such)
+        source = pipeline_class.from_pretrained(args.source, unet=unet, use_safetensors=True, dtype=torch.float32)
         boundaries, units = choose_boundaries(args, source.scheduler)
         check_units(source.scheduler, units)  # the pipeline hands its scheduler's timesteps to the unet
         staged = MultiStageUNet2DConditionModel.from_unet(
             unet, boundaries, units, num_train_timesteps=source.scheduler.config.get("num_train_timesteps")
         )
-        pipeline_class(**{**source.components, "unet": staged.eval()}).save_pretrained(tmp)
-        converted = pipeline_class.from_pretrained(tmp)  # what was written, reloaded by the standard class
+        staged_pipeline = pipeline_class(**{**source.components, "unet": staged.eval()})
+        save_in_stored_dtypes(
+            staged_pipeline, tmp, {name: os.path.join(args.source, name) for name in source.components}
+        )
+        # what was written, reloaded by the standard class
+        converted = pipeline_class.from_pretrained(tmp, dtype=torch.float32)
         if args.verify:
             verify_text_to_image(source, converted, args.verify_steps, args.tolerance)
     partition = converted.unet.partition
@@ -297,8 +312,10 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unet, scheduler, vae, pipeline_class = load_source(args.source)
         boundaries, units = choose_boundaries(args, scheduler)
-        convert(unet, scheduler, vae, boundaries, units).save_pretrained(tmp)
-        converted = MultiStagePipeline.from_pretrained(tmp)  # what was written, reloaded strictly
+        save_in_stored_dtypes(
+            convert(unet, scheduler, vae, boundaries, units), tmp, source_component_folders(args.source)
+        )
+        converted = MultiStagePipeline.from_pretrained(tmp)  # what was written, reloaded strictly (in float32)
         if args.verify:
             verify(source_pipeline(unet, scheduler, vae, pipeline_class), converted, args.verify_steps, args.tolerance)
     print(

@@ -1,6 +1,8 @@
 """Stable Diffusion / SDXL pipeline folders -> the same pipeline with a staged unet, and one stage back out as a plain
 `UNet2DConditionModel` (issue 15, part 4)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,28 @@ def test_stage_export_of_a_fused_or_freeu_model_equals_that_stage(tiny_cond_unet
         unet = multistage_to_unet.multistage_stage_to_unet(staged, 1)
         assert {type(p).__name__ for p in unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
         assert torch.allclose(unet(x, 450, text).sample, staged(x, 450, text).sample, atol=1e-6)
+
+
+def _stored_dtypes(folder) -> set:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".safetensors"))), "pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+def test_a_half_precision_folder_verifies_and_stays_half_precision(tiny_sd_components, tmp_path, capsys):
+    # --verify was a torch RuntimeError (text encoder loaded in float16, the U-Nets in float32), and the unet and vae
+    # were written in float32: a mixed folder twice the source's size
+    StableDiffusionPipeline(**tiny_sd_components).to(torch.float16).save_pretrained(tmp_path / "fp16")
+    out = tmp_path / "staged"
+    args = ["--source", str(tmp_path / "fp16"), "--output_path", str(out), "--stage_boundaries", "500"]
+    unet_to_multistage.main(
+        unet_to_multistage.parse_args([*args, "--verify", "--verify_steps", "2", "--tolerance", "0"])
+    )
+    assert capsys.readouterr().out.count("max |source - converted| = 0.000e+00") == 3
+    for component in ("unet", "vae", "text_encoder"):
+        assert _stored_dtypes(out / component) == {"F16"}, component
+    # and the stage exported from it
+    export = ["--source", str(out), "--stage", "1", "--output_path", str(tmp_path / "stage1"), "--verify"]
+    multistage_to_unet.main(multistage_to_unet.parse_args([*export, "--tolerance", "0"]))
+    assert _stored_dtypes(tmp_path / "stage1") == {"F16"}

@@ -189,3 +189,12 @@ def test_a_tolerance_no_difference_can_meet_is_a_usage_error(ddpm_folder, capsys
             unet_to_multistage.parse_args([*args, "--tolerance", tolerance])
         assert f"argument --tolerance: must be a number >= 0, got '{tolerance}'" in capsys.readouterr().err
     assert unet_to_multistage.parse_args([*args, "--tolerance", "0"]).tolerance == 0.0
+
+
+def test_a_half_precision_source_stays_half_precision(tmp_path, capsys):
+    # the converted unet was written in float32: twice the source's size, for weights that are float16 values
+    DDPMPipeline(unet=tiny_unet().half(), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "fp16")
+    convert(str(tmp_path / "fp16"), str(tmp_path / "out"), "--stage_boundaries", "500", "--verify", "--tolerance", "0")
+    assert capsys.readouterr().out.count("max |source - converted| = 0.000e+00") == 3
+    weights = load_file(str(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float16}
