@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def gather_sources(paths: list[str]):
     """``(denoisers, scheduler, vae)``: the sources' U-Nets, and the one schedule and VAE they must share."""
     unets, scheduler, vae = [], None, None
+    pixel_source = latent_source = None  # a pipeline without a VAE, one with (a bare U-Net folder could be either)
     for path in paths:
         text_to_image = text_to_image_class(path)
         if text_to_image is not None:
@@ -86,6 +87,14 @@ def gather_sources(paths: list[str]):
                     f"{path} was trained on another noise schedule than {reference} ({differ} differ): experts "
                     "replace one another mid-trajectory, so they must share the training schedule."
                 )
+        if pipeline_class is not None and source_vae is None:
+            pixel_source = pixel_source or (path, pipeline_class)
+        latent_source = latent_source or (path if source_vae is not None else None)
+        if pixel_source and latent_source:
+            raise ValueError(
+                f"{pixel_source[0]} is a {pixel_source[1]}, without a VAE, and {latent_source} a latent pipeline: "
+                "experts replace one another mid-trajectory, so they must all denoise pixels or all one VAE's latents."
+            )
         if source_vae is not None and vae is None:
             vae = source_vae
         elif source_vae is not None and any(

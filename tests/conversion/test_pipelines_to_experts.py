@@ -77,3 +77,12 @@ def test_sources_must_share_the_training_schedule(large_and_small, tmp_path):
     with pytest.raises(ValueError, match="needs --stage_boundaries"):
         combine(large_and_small, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_pixel_and_latent_sources_are_refused(ddpm_folder, ldm_folder, tmp_path):
+    # a DDPMPipeline (pixels) and an LDMPipeline (latents) of the same shapes were combined: the pixel expert then
+    # denoised latents
+    for sources in ([ddpm_folder, ldm_folder], [ldm_folder, ddpm_folder]):
+        with pytest.raises(ValueError, match=r"ddpm is a DDPMPipeline, without a VAE, .*ldm"):
+            combine(sources, str(tmp_path / "out"), "--stage_boundaries", "500")
+    assert not (tmp_path / "out").exists()
