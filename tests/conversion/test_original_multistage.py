@@ -477,3 +477,34 @@ def test_cross_attention_checkpoints_without_a_class_context_are_refused(tmp_pat
     with pytest.raises(ValueError, match=match):
         convert_files(checkpoint, config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _unet_config(config):
+    return config["model"]["params"]["unet_config"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("model: [unclosed", "is not YAML"),
+        (lambda c: _unet_config(c).update(target=5), "describes a 5, not ldm's UNetModel_multistage"),
+        (lambda c: c["model"]["params"].update(unet_config=[1]), "unet_config must be a mapping"),
+        (lambda c: _unet_config(c).pop("params"), "unet_config.params must be a mapping"),
+        (lambda c: _unet_config(c)["params"].pop("image_size"), r"lacks the U-Net options \['image_size'\]"),
+        (lambda c: c["model"]["params"].update(parameterization="score"), "`parameterization`='score'"),
+    ],
+    ids=["not-yaml", "target-not-a-string", "unet-config-list", "no-params", "no-image-size", "parameterization"],
+)
+def test_a_malformed_config_is_named_and_writes_nothing(tmp_path, edit, message):
+    # each was a yaml, Key, Attribute or Type error with a traceback, not the scripts' one-line error
+    checkpoint, config_path = write_source(tmp_path, TINY)
+    with open(config_path) as f:
+        config = yaml.safe_load(f)
+    if callable(edit):
+        edit(config)
+    with open(config_path, "w") as f:
+        f.write(edit if isinstance(edit, str) else yaml.safe_dump(config))
+    argv = ["--checkpoint", checkpoint, "--original_config", config_path, "--output_path", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=message):
+        original_multistage.main(original_multistage.parse_args(argv))
+    assert not (tmp_path / "out").exists()
