@@ -358,6 +358,19 @@ def take(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     return state_dict.pop(key)
 
 
+@contextlib.contextmanager
+def rearranging(key: str, value: torch.Tensor) -> Iterator[None]:
+    """Around the reshapes, splits and transpositions of checkpoint tensor ``key``: a shape they cannot take is a
+    `ValueError` naming the tensor, not a torch error from inside the rename."""
+    try:
+        yield
+    except (RuntimeError, IndexError) as error:
+        raise ValueError(
+            f"The checkpoint's {key!r} of shape {tuple(value.shape)} does not have its layer's layout ({error}): is it "
+            "from another architecture or configuration?"
+        ) from None
+
+
 def move_layer(
     state_dict: dict[str, torch.Tensor], source: str, target: str, out: dict, optional: bool = False
 ) -> None:

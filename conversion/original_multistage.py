@@ -52,6 +52,7 @@ from diffusers_stages.conversion.common import (
     max_difference,
     move_layer,
     probe_timesteps,
+    rearranging,
     report_verification,
     run,
     staged_output,
@@ -294,16 +295,17 @@ def rename_attention(
             )
     for param in ("weight", "bias"):
         qkv = take(state_dict, f"{prefix_from}.qkv.{param}")
-        channels = qkv.shape[0] // 3
-        # legacy order: heads first, then (q, k, v) per head; new order: (q, k, v) first, then heads
-        rows = (
-            qkv.reshape(heads, 3, channels // heads, -1)
-            if legacy_order
-            else qkv.reshape(3, heads, channels // heads, -1).transpose(0, 1)
-        )
-        for i, name in enumerate(("to_q", "to_k", "to_v")):
-            value = rows[:, i].reshape(channels, -1)
-            out[f"{prefix_to}.{name}.{param}"] = value if param == "weight" else value.reshape(channels)
+        with rearranging(f"{prefix_from}.qkv.{param}", qkv):
+            channels = qkv.shape[0] // 3
+            # legacy order: heads first, then (q, k, v) per head; new order: (q, k, v) first, then heads
+            rows = (
+                qkv.reshape(heads, 3, channels // heads, -1)
+                if legacy_order
+                else qkv.reshape(3, heads, channels // heads, -1).transpose(0, 1)
+            )
+            for i, name in enumerate(("to_q", "to_k", "to_v")):
+                value = rows[:, i].reshape(channels, -1)
+                out[f"{prefix_to}.{name}.{param}"] = value if param == "weight" else value.reshape(channels)
 
 
 def move_transformer(prefix_from: str, prefix_to: str, state_dict: dict, out: dict) -> None:

@@ -68,6 +68,7 @@ from diffusers_stages.conversion.common import (
     move_layer,
     probe_timesteps,
     read_json,
+    rearranging,
     report_verification,
     run,
     stage_interval_boundaries,
@@ -296,7 +297,9 @@ def rename_module(kind: str, source: str, target: str, state_dict: dict, out: di
     table, prefix = (RESNET, "resnet") if kind == "resnet" else (ATTENTION, "attention")
     for layer, name in table.items():
         if kind == "attention" and layer.startswith("NIN"):
-            out[f"{target}.{prefix}.{name}.weight"] = take(state_dict, f"{source}.{layer}.W").t().contiguous()
+            weight = take(state_dict, f"{source}.{layer}.W")
+            with rearranging(f"{source}.{layer}.W", weight):
+                out[f"{target}.{prefix}.{name}.weight"] = weight.t().contiguous()
             out[f"{target}.{prefix}.{name}.bias"] = take(state_dict, f"{source}.{layer}.b")
         else:
             move_layer(state_dict, f"{source}.{layer}", f"{target}.{prefix}.{name}", out, optional=layer == "Conv_2")

@@ -6,6 +6,7 @@ MULTISTAGE_DIFFUSION_REPO to a checkout's `latent-diffusion` folder also runs th
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -507,4 +508,15 @@ def test_a_malformed_config_is_named_and_writes_nothing(tmp_path, edit, message)
     argv = ["--checkpoint", checkpoint, "--original_config", config_path, "--output_path", str(tmp_path / "out")]
     with pytest.raises(ValueError, match=message):
         original_multistage.main(original_multistage.parse_args(argv))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("param, shape", [("weight", (97, 32, 1)), ("bias", (5,)), ("weight", ())])
+def test_a_fused_qkv_of_another_shape_is_named(tmp_path, param, shape):
+    # a torch RuntimeError (or IndexError) of the per-head split before
+    p = {**TINY, "channel_mult": [1], "attention_resolutions": [1], "num_head_channels": 8}
+    key = f"model.diffusion_model.middle_block.1.qkv.{param}"
+    match = rf"'middle_block.1.qkv.{param}' of shape {re.escape(str(shape))}"
+    with pytest.raises(ValueError, match=match):
+        convert(tmp_path, p, edit=lambda s: s.update({key: torch.zeros(shape)}), ema=False, use_ema=False)
     assert not (tmp_path / "out").exists()

@@ -324,8 +324,17 @@ def test_options_without_an_equivalent_are_refused(tmp_path, config_edit, messag
         (lambda s: s.update({"decs.3.8x8_aux_conv.bias": torch.zeros(3)}), "keys the original architecture does not"),
         (lambda s: s.update({"enc.4x4_down.conv0.resample_filter": torch.ones(1, 1, 2, 2)}), "resample_filter"),
         (lambda s: s.update({"enc.8x8_block0.conv0.weight": torch.zeros(16, 16, 1, 1)}), "wrong shape"),
+        # the next two were torch RuntimeErrors of the rename's reshapes
+        (
+            lambda s: s.update({"decs.1.4x4_in0.qkv.weight": torch.zeros(97, 32, 1, 1)}),
+            r"decs.1.4x4_in0.qkv.weight'.*\(97, 32, 1, 1\)",
+        ),
+        (
+            lambda s: s.update({"enc.4x4_down.conv0.resample_filter": torch.ones(3)}),
+            "enc.4x4_down.conv0.resample_filter",
+        ),
     ],
-    ids=["missing", "unexpected", "other-filter", "shape"],
+    ids=["missing", "unexpected", "other-filter", "shape", "qkv-shape", "filter-shape"],
 )
 def test_bad_checkpoints_are_refused_and_leave_nothing(tmp_path, edit, message):
     checkpoint, config, _ = write_source(tmp_path, TINY, edit=edit)

@@ -343,8 +343,10 @@ def test_options_without_an_equivalent_are_refused(tmp_path, config_edit, messag
         (lambda s: s.pop("de_modules.2.10.bias"), "lacks 'de_modules.2.10.bias'"),
         (lambda s: s.update({"de_modules.3.0.bias": torch.zeros(3)}), "keys the original architecture does not"),
         (lambda s: s.update({"en_modules.3.Conv_0.weight": torch.zeros(16, 16, 1, 1)}), "wrong shape"),
+        # a torch RuntimeError of the transposition before
+        (lambda s: s.update({"en_modules.7.NIN_0.W": torch.zeros(2, 2, 2)}), r"en_modules.7.NIN_0.W'.*\(2, 2, 2\)"),
     ],
-    ids=["missing", "unexpected", "shape"],
+    ids=["missing", "unexpected", "shape", "nin-shape"],
 )
 def test_bad_checkpoints_are_refused_and_leave_nothing(tmp_path, edit, message):
     checkpoint, config, _, _ = write_source(tmp_path, edit=edit)
