@@ -287,7 +287,8 @@ def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
         staged = MultiStageUNet2DConditionModel.from_unet(
             unet, boundaries, units, num_train_timesteps=source.scheduler.config.get("num_train_timesteps")
         )
-        staged_pipeline = pipeline_class(**{**source.components, "unet": staged.eval()})
+        # from_pipe: the source's components and its own options (SDXL's force_zeros_for_empty_prompt, ...)
+        staged_pipeline = pipeline_class.from_pipe(source, unet=staged.eval())
         save_in_stored_dtypes(
             staged_pipeline, tmp, {name: os.path.join(args.source, name) for name in source.components}
         )

@@ -130,3 +130,20 @@ def test_a_half_precision_folder_verifies_and_stays_half_precision(tiny_sd_compo
     export = ["--source", str(out), "--stage", "1", "--output_path", str(tmp_path / "stage1"), "--verify"]
     multistage_to_unet.main(multistage_to_unet.parse_args([*export, "--tolerance", "0"]))
     assert _stored_dtypes(tmp_path / "stage1") == {"F16"}
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_the_pipelines_own_options_are_kept(tiny_sd_components, tiny_sdxl_components, tmp_path, sdxl):
+    # the pipeline was rebuilt from its components only: SDXL's force_zeros_for_empty_prompt=False became True (other
+    # negative embeddings, other images: --verify failed) and SD's requires_safety_checker=False became True
+    pipeline_class, option = (
+        (StableDiffusionXLPipeline, "force_zeros_for_empty_prompt")
+        if sdxl
+        else (StableDiffusionPipeline, "requires_safety_checker")
+    )
+    components = tiny_sdxl_components if sdxl else tiny_sd_components
+    pipeline_class(**{**components, option: False}).save_pretrained(tmp_path / "source")
+    out = str(tmp_path / "staged")
+    args = ["--source", str(tmp_path / "source"), "--output_path", out, "--stage_boundaries", "500", "--verify"]
+    unet_to_multistage.main(unet_to_multistage.parse_args([*args, "--verify_steps", "2"]))
+    assert pipeline_class.from_pretrained(out).config[option] is False
