@@ -284,10 +284,10 @@ DEFAULT_WEIGHT_FILE = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
-def stored_dtype(folder: str | os.PathLike) -> torch.dtype | None:
+def stored_dtype(folder: str | os.PathLike | None) -> torch.dtype | None:
     """The floating-point dtype ``folder``'s default weight files store (read from their headers), or None when it
-    has none or several."""
-    if not os.path.isdir(folder):
+    has none or several (or is None)."""
+    if folder is None or not os.path.isdir(folder):
         return None
     dtypes = set()
     for name in sorted(os.listdir(folder)):
@@ -296,21 +296,21 @@ def stored_dtype(folder: str | os.PathLike) -> torch.dtype | None:
     return SAFETENSORS_DTYPES.get(dtypes.pop()) if len(dtypes) == 1 else None
 
 
-def save_in_stored_dtypes(pipeline, folder: str, sources: dict[str, str | os.PathLike]) -> None:
-    """``pipeline.save_pretrained(folder)``, each component ``name`` of ``sources`` stored in the dtype of its source
-    folder ``sources[name]`` (a float16 source stays float16, not twice its size), though the conversion loaded it,
-    and `--verify` compares it, in float32. The components are cast back afterwards."""
-    restore = {}
-    for name, source in sources.items():
-        module, dtype = getattr(pipeline, name, None), stored_dtype(source)
+def save_in_stored_dtypes(pipeline, folder: str, sources: Iterable[tuple[object, str | os.PathLike]]) -> None:
+    """``pipeline.save_pretrained(folder)``, each model of ``sources`` (``(model, source folder)`` pairs) stored in the
+    dtype its source folder stores (a float16 source stays float16, not twice its size), though the conversion
+    loaded it, and `--verify` compares it, in float32. The models are cast back afterwards."""
+    restore = []
+    for module, source in sources:
+        dtype = stored_dtype(source)
         if isinstance(module, torch.nn.Module) and dtype is not None and dtype != module.dtype:
-            restore[name] = module.dtype
+            restore.append((module, module.dtype))
             module.to(dtype)
     try:
         pipeline.save_pretrained(folder)
     finally:
-        for name, dtype in restore.items():
-            getattr(pipeline, name).to(dtype)
+        for module, dtype in restore:
+            module.to(dtype)
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:

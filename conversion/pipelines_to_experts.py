@@ -25,9 +25,10 @@ from diffusers_stages.conversion.common import (
     max_difference,
     report_verification,
     run,
+    save_in_stored_dtypes,
     staged_output,
 )
-from diffusers_stages.conversion.unet_to_multistage import load_source, text_to_image_class
+from diffusers_stages.conversion.unet_to_multistage import load_source, source_model_folders, text_to_image_class
 from diffusers_stages.models import ExpertRoutingModel
 from diffusers_stages.pipelines import DualBackbonePipeline, ExpertRoutingPipeline
 from diffusers_stages.training.args import BoundaryList
@@ -176,7 +177,11 @@ def main(args: argparse.Namespace):
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unets, scheduler, vae = gather_sources(args.sources)
         built = build(args, unets, scheduler, vae)
-        built.save_pretrained(tmp)
+        # each expert stored as its source stores it (float16 stays float16), the VAE as the first latent source's
+        folders = [source_model_folders(path) for path in args.sources]
+        vae_folder = next((vae for _, vae in folders if vae is not None), None)
+        models = [*zip(written_experts(built), (unet for unet, _ in folders)), (built.vae, vae_folder)]
+        save_in_stored_dtypes(built, tmp, models)
         written = pipeline_class.from_pretrained(tmp)
         if args.verify:
             verify(written, built, unets, args.tolerance)

@@ -116,13 +116,12 @@ def load_source(path: str) -> tuple[UNet2DModel, object, object, str | None]:
     return unet, scheduler, vae, pipeline_class
 
 
-def source_component_folders(path: str) -> dict[str, str]:
-    """The folders of a UNet2DModel or unconditional pipeline source that the converted pipeline's ``unet`` and
-    ``vae`` come from."""
+def source_model_folders(path: str) -> tuple[str, str | None]:
+    """``(unet folder, vae folder or None)`` of a UNet2DModel or unconditional pipeline source."""
     if not os.path.isfile(os.path.join(path, "model_index.json")):
-        return {"unet": path}
-    vae = next((name for name in VAE_COMPONENTS if os.path.isdir(os.path.join(path, name))), VAE_COMPONENTS[0])
-    return {"unet": os.path.join(path, "unet"), "vae": os.path.join(path, vae)}
+        return path, None
+    vae = next((os.path.join(path, name) for name in VAE_COMPONENTS if os.path.isdir(os.path.join(path, name))), None)
+    return os.path.join(path, "unet"), vae
 
 
 def source_component_class(index: dict, name: str, base: type, optional: bool = False) -> type | None:
@@ -289,9 +288,8 @@ def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
         )
         # from_pipe: the source's components and its own options (SDXL's force_zeros_for_empty_prompt, ...)
         staged_pipeline = pipeline_class.from_pipe(source, unet=staged.eval())
-        save_in_stored_dtypes(
-            staged_pipeline, tmp, {name: os.path.join(args.source, name) for name in source.components}
-        )
+        components = staged_pipeline.components.items()
+        save_in_stored_dtypes(staged_pipeline, tmp, [(c, os.path.join(args.source, name)) for name, c in components])
         # what was written, reloaded by the standard class
         converted = pipeline_class.from_pretrained(tmp, dtype=torch.float32)
         if args.verify:
@@ -313,9 +311,8 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unet, scheduler, vae, pipeline_class = load_source(args.source)
         boundaries, units = choose_boundaries(args, scheduler)
-        save_in_stored_dtypes(
-            convert(unet, scheduler, vae, boundaries, units), tmp, source_component_folders(args.source)
-        )
+        staged = convert(unet, scheduler, vae, boundaries, units)
+        save_in_stored_dtypes(staged, tmp, zip((staged.unet, staged.vae), source_model_folders(args.source)))
         converted = MultiStagePipeline.from_pretrained(tmp)  # what was written, reloaded strictly (in float32)
         if args.verify:
             verify(source_pipeline(unet, scheduler, vae, pipeline_class), converted, args.verify_steps, args.tolerance)
