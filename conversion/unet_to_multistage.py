@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import types
 
 import diffusers
 import torch
@@ -249,6 +250,26 @@ def text_to_image_class(path: str) -> type | None:
     return getattr(diffusers, name) if name in TEXT_TO_IMAGE_PIPELINES else None
 
 
+def check_text_to_image_index(path: str, pipeline_class: type) -> None:
+    """Check each component entry of a text-to-image source's `model_index.json` by the pipelines' allow-list before
+    diffusers' loader reads it (a malformed or foreign entry was an OSError, a TypeError or a message about a
+    built-in function): the scheduler a scheduler, the unet and vae models, the required ones present."""
+    index = read_json(os.path.join(path, "model_index.json"), "model_index.json")
+    bases = {"scheduler": SchedulerMixin, "unet": ModelMixin, "vae": ModelMixin}
+    for name in pipeline_class._get_signature_keys(pipeline_class)[0]:
+        entry = index.get(name)
+        library = getattr(diffusers.pipelines, entry[0], None) if _is_entry(entry) else None
+        if isinstance(library, types.ModuleType) and library.__name__.startswith("diffusers.pipelines."):
+            continue  # a class of one of diffusers' pipeline modules (SD's ["stable_diffusion", safety checker])
+        optional = name in pipeline_class._optional_components
+        source_component_class(index, name, bases.get(name, object), optional=optional)
+
+
+def _is_entry(entry: object) -> bool:
+    """Whether ``entry`` has the ``[library, class]`` form of a `model_index.json` component."""
+    return isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)
+
+
 def verify_text_to_image(source, converted, steps: int, tolerance: float) -> None:
     """Compare the U-Nets at one timestep per stage (random text conditioning), then sample one prompt with both
     pipelines from the same seed."""
@@ -277,6 +298,7 @@ def verify_text_to_image(source, converted, steps: int, tolerance: float) -> Non
 def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
     """Convert a Stable Diffusion / SDXL folder: same pipeline class and components, a staged ``unet``."""
     refuse_staged_source(args.source, read_class_name(os.path.join(args.source, "unet", "config.json")))
+    check_text_to_image_index(args.source, pipeline_class)
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unet = load_strict(UNet2DConditionModel, args.source, subfolder="unet")
         # in float32, as `unet`, whatever the folder stores (transformers would load float16 text encoders as such)

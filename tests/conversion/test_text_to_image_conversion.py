@@ -147,3 +147,51 @@ def test_the_pipelines_own_options_are_kept(tiny_sd_components, tiny_sdxl_compon
     args = ["--source", str(tmp_path / "source"), "--output_path", out, "--stage_boundaries", "500", "--verify"]
     unet_to_multistage.main(unet_to_multistage.parse_args([*args, "--verify_steps", "2"]))
     assert pipeline_class.from_pretrained(out).config[option] is False
+
+
+@pytest.mark.parametrize(
+    "name, entry, message",
+    [
+        (
+            "scheduler",
+            ["diffusers", "UNet2DModel"],
+            "'scheduler' of `--source` is a UNet2DModel, not a SchedulerMixin",
+        ),
+        ("scheduler", None, "has no 'scheduler' component, got None"),
+        ("vae", 5, r"entry 'vae' must be \[library, class\], got 5"),
+        ("text_encoder", ["os", "system"], "'text_encoder' comes from 'os'"),
+    ],
+    ids=["scheduler-is-a-model", "no-scheduler", "vae-number", "foreign-library"],
+)
+def test_a_malformed_source_index_is_named_and_writes_nothing(tiny_sd_components, tmp_path, name, entry, message):
+    # diffusers' loader raised an OSError or TypeError (or its own message about a built-in function) for these
+    import json
+
+    StableDiffusionPipeline(**tiny_sd_components).save_pretrained(tmp_path / "sd")
+    index_path = tmp_path / "sd" / "model_index.json"
+    index_path.write_text(json.dumps({**json.loads(index_path.read_text()), name: entry}))
+    args = ["--source", str(tmp_path / "sd"), "--output_path", str(tmp_path / "out"), "--stage_boundaries", "500"]
+    with pytest.raises(ValueError, match=message):
+        unet_to_multistage.main(unet_to_multistage.parse_args(args))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_with_a_safety_checker_converts(tiny_sd_components, tmp_path):
+    # Stable Diffusion 1.x's layout: the safety checker is ["stable_diffusion", ...], a class of diffusers' own
+    # pipeline module, which the index check must leave to diffusers
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    tiny = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(text_config=tiny, vision_config={**tiny, "image_size": 32, "patch_size": 4}, projection_dim=32)
+    components = {
+        **tiny_sd_components,
+        "safety_checker": StableDiffusionSafetyChecker(config).eval(),
+        "feature_extractor": CLIPImageProcessor(crop_size=32, size=32),
+        "requires_safety_checker": True,
+    }
+    StableDiffusionPipeline(**components).save_pretrained(tmp_path / "sd")
+    assert '"stable_diffusion"' in (tmp_path / "sd" / "model_index.json").read_text()
+    args = ["--source", str(tmp_path / "sd"), "--output_path", str(tmp_path / "out"), "--stage_boundaries", "500"]
+    converted = unet_to_multistage.main(unet_to_multistage.parse_args(args))
+    assert isinstance(converted.safety_checker, StableDiffusionSafetyChecker)
