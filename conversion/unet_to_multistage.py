@@ -66,9 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--boundary_units",
-        default="timestep",
         choices=("timestep", "sigma"),
-        help="Units of --stage_boundaries: those of the source's scheduler. A DDPM-type source (a beta schedule: "
+        help="Units of --stage_boundaries (default: timestep): those of the source's scheduler. A DDPM-type source (a beta schedule: "
         "DDPM, DDIM, PNDM, ...; every bare UNet2DModel folder) conditions on training timesteps, so 'sigma' is "
         "refused for it (the converted pipeline could not sample); 'sigma' is for a source with an EDM scheduler.",
     )
@@ -87,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_stages {args.num_stages} is for --plan: --stage_boundaries give the stages already")
     if args.num_stages is None:
         args.num_stages = 3
+    if args.boundary_units is not None and args.plan is not None:
+        parser.error(f"--boundary_units {args.boundary_units} is for --stage_boundaries: --plan takes the scheduler's")
+    if args.boundary_units is None:
+        args.boundary_units = "timestep"
     if args.verify_steps < 1:
         parser.error(f"--verify_steps must be a positive integer, got {args.verify_steps}")
     return args

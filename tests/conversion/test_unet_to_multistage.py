@@ -198,3 +198,17 @@ def test_a_half_precision_source_stays_half_precision(tmp_path, capsys):
     assert capsys.readouterr().out.count("max |source - converted| = 0.000e+00") == 3
     weights = load_file(str(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert {v.dtype for v in weights.values()} == {torch.float16}
+
+
+def test_boundary_units_with_plan_is_a_usage_error(ddpm_folder, capsys):
+    # --plan takes its units from the scheduler: --boundary_units was silently ignored
+    args = ["--source", ddpm_folder, "--output_path", "x", "--plan", "snr"]
+    with pytest.raises(SystemExit):
+        unet_to_multistage.parse_args([*args, "--boundary_units", "sigma"])
+    assert "--boundary_units sigma is for --stage_boundaries" in capsys.readouterr().err
+    assert (
+        unet_to_multistage.parse_args(
+            ["--source", ddpm_folder, "--output_path", "x", "--stage_boundaries", "500"]
+        ).boundary_units
+        == "timestep"
+    )
