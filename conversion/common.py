@@ -348,6 +348,25 @@ def stage_interval_boundaries(
     return [edge[0] for edge in edges[1:]]
 
 
+def check_option_kinds(options: dict, defaults: dict, source: str, prefix: str = "") -> None:
+    """Refuse an option of ``options`` that is not of its default's kind in ``defaults``: a list where the default is
+    a list, a number where it is a number (a config of the wrong type was a TypeError from inside the conversion).
+    ``prefix`` names the option's section (``model.``) in the message."""
+    for option, default in defaults.items():
+        value = options.get(option, default)
+        if isinstance(default, (list, tuple)) and not isinstance(value, (list, tuple)):
+            kind = "list"
+        elif isinstance(default, (int, float)) and not isinstance(default, bool) and not _is_number(value):
+            kind = "number"
+        else:
+            continue
+        raise ValueError(f"{source}: `{prefix}{option}`={value!r} must be a {kind} like its default {default!r}.")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def take(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     """Remove and return ``key``; a checkpoint without it is refused by name."""
     if key not in state_dict:

@@ -45,6 +45,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, VQModel
 from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
+    check_option_kinds,
     input_paths,
     load_converted,
     load_state_dict,
@@ -88,6 +89,9 @@ DECODER_OUT = {"0": "conv_norm_out", "2": "conv_out"}  # outs.{s}.{i}
 # the U-Net options the conversion reads that have no default here (channel_mult's original default is not assumed)
 REQUIRED_OPTIONS = ("image_size", "in_channels", "out_channels", "model_channels", "num_res_blocks",
                     "attention_resolutions", "channel_mult")  # fmt: skip
+# the kind of value each architecture option has (a list, a number), checked before the conversion reads them
+OPTION_KINDS = {"image_size": 0, "in_channels": 0, "out_channels": 0, "model_channels": 0, "num_res_blocks": 0,
+                "attention_resolutions": [], "channel_mult": [], "de_nfs": [], "stage_interval": []}  # fmt: skip
 PARAMETERIZATIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}  # LatentDiffusion's -> diffusers'
 UNSUPPORTED_OPTIONS = {  # original option -> (value that converts, why other values do not)
     "dims": (2, "only 2D U-Nets have a diffusers UNet2DModel equivalent"),
@@ -173,6 +177,7 @@ def read_config(path: str) -> tuple[dict, dict]:
     missing = [option for option in REQUIRED_OPTIONS if option not in unet["params"]]
     if missing:
         raise ValueError(f"{path} lacks the U-Net options {missing} (model.params.unet_config.params).")
+    check_option_kinds(unet["params"], OPTION_KINDS, f"`--original_config` {path}")
     if params.get("parameterization", "eps") not in PARAMETERIZATIONS:
         raise ValueError(
             f"{path} sets `parameterization`={params['parameterization']!r}: one of {list(PARAMETERIZATIONS)} converts."

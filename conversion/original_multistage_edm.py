@@ -50,6 +50,7 @@ from diffusers_stages.conventions import num_data_classes
 from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
+    check_option_kinds,
     input_paths,
     load_converted,
     load_state_dict,
@@ -155,6 +156,7 @@ def read_config(path: str) -> dict:
             f"The original network uses {precond}, which does not convert: only EDMPrecond's preconditioning "
             "(c_noise = ln(sigma)/4) is what diffusers' EDM schedulers compute."
         )
+    check_option_kinds(kwargs, DEFAULTS, f"`--original_config` {path}")
     p = {**DEFAULTS, **kwargs}
     for option, (supported, why) in UNSUPPORTED_OPTIONS.items():
         if p.get(option, supported) != supported:

@@ -61,6 +61,7 @@ import torch
 from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
+    check_option_kinds,
     input_paths,
     load_converted,
     load_state_dict,
@@ -202,6 +203,7 @@ def read_config(path: str) -> dict:
         given = config.get(section, {})
         if not isinstance(given, dict):
             raise ValueError(f"`--original_config` {path}: section {section!r} must be a JSON object.")
+        check_option_kinds(given, defaults, f"`--original_config` {path}", prefix=f"{section}.")
         p[section] = {**defaults, **given}
     for (section, option), (supported, why) in REQUIRED.items():
         if p[section][option] != supported:

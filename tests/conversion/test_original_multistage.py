@@ -520,3 +520,20 @@ def test_a_fused_qkv_of_another_shape_is_named(tmp_path, param, shape):
     with pytest.raises(ValueError, match=match):
         convert(tmp_path, p, edit=lambda s: s.update({key: torch.zeros(shape)}), ema=False, use_ema=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value", [("channel_mult", 5), ("attention_resolutions", 4), ("de_nfs", 32), ("image_size", "big")]
+)
+def test_an_option_of_the_wrong_type_is_named(tmp_path, option, value):
+    # a TypeError ("'int' object is not iterable", ...) from inside the conversion before
+    checkpoint, config_path = write_source(tmp_path, TINY)
+    with open(config_path) as f:
+        config = yaml.safe_load(f)
+    _unet_config(config)["params"][option] = value
+    with open(config_path, "w") as f:
+        yaml.safe_dump(config, f)
+    argv = ["--checkpoint", checkpoint, "--original_config", config_path, "--output_path", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=rf"`{option}`={value!r} must be a (list|number) like"):
+        original_multistage.main(original_multistage.parse_args(argv))
+    assert not (tmp_path / "out").exists()

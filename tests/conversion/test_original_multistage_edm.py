@@ -381,3 +381,14 @@ def test_scheduler_steps_through_the_authors_noise_levels(tmp_path):
     i = torch.arange(18, dtype=torch.float64)
     authors = (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert torch.allclose(scheduler.sigmas[:-1].double(), authors, rtol=1e-5) and scheduler.sigmas[-1] == 0
+
+
+@pytest.mark.parametrize(
+    "option, value", [("channel_mult", 5), ("stage_interval", 5), ("attn_resolutions", 5), ("dropout", "high")]
+)
+def test_an_option_of_the_wrong_type_is_named(tmp_path, option, value):
+    # a TypeError ("'int' object is not iterable") from inside the conversion, or float()'s own message
+    checkpoint, config, _ = write_source(tmp_path, TINY, config_edit=lambda c: c.update({option: value}))
+    with pytest.raises(ValueError, match=rf"`{option}`={value!r} must be a (list|number) like its default"):
+        convert(tmp_path, checkpoint, config)
+    assert not (tmp_path / "out").exists()

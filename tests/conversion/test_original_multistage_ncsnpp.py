@@ -373,3 +373,12 @@ def test_matches_the_original_network_and_sampler(tmp_path, name, capsys):
     convert(tmp_path, checkpoint, config, "--verify", "--original_repo", os.environ["MULTISTAGE_DIFFUSION_DPM_REPO"])
     verified = [line for line in capsys.readouterr().out.splitlines() if line.startswith("verify:")]
     assert len(verified) == len(stage_labels(model_options(CONFIGS[name]))) + 1  # every stage, and the sampler
+
+
+@pytest.mark.parametrize("option, value", [("ch_mult", 2), ("attn_resolutions", 16), ("num_res_blocks", "many")])
+def test_an_option_of_the_wrong_type_is_named(tmp_path, option, value):
+    # a TypeError from inside the conversion before
+    checkpoint, config, _, _ = write_source(tmp_path, config_edit=lambda c: c["model"].update({option: value}))
+    with pytest.raises(ValueError, match=rf"`model.{option}`={value!r} must be a (list|number) like its default"):
+        convert(tmp_path, checkpoint, config)
+    assert not (tmp_path / "out").exists()
