@@ -421,6 +421,12 @@ def probe_timesteps(partition) -> list[float]:
     return probes
 
 
+def probe_tensor(partition, t: float) -> torch.Tensor:
+    """A `probe_timesteps` probe as a sampling loop gives it to the model: an integer timestep in timestep units (a
+    learned time embedding is an `nn.Embedding`, which takes no float), a float otherwise."""
+    return torch.tensor(int(t) if partition.units == "timestep" else t)
+
+
 def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
 

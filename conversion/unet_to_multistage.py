@@ -27,6 +27,7 @@ from diffusers_stages.conversion.common import (
     input_paths,
     load_strict,
     max_difference,
+    probe_tensor,
     probe_timesteps,
     read_json,
     report_verification,
@@ -217,7 +218,7 @@ def verify(source, converted: MultiStagePipeline, steps: int, tolerance: float) 
     labels = torch.arange(2) % config.num_class_embeds if config.num_class_embeds else None
     differences = {}
     for stage, t in enumerate(probe_timesteps(converted.partition)):
-        t = torch.tensor(t)
+        t = probe_tensor(converted.partition, t)
         differences[f"denoiser at timestep {t.item():g} (stage {stage})"] = max_difference(
             source.unet(x, t, class_labels=labels).sample, converted.unet(x, t, class_labels=labels).sample
         )
@@ -282,7 +283,7 @@ def verify_text_to_image(source, converted, steps: int, tolerance: float) -> Non
     kwargs = conditioning(config, 2)
     differences = {}
     for stage, t in enumerate(probe_timesteps(converted.unet.partition)):
-        t = torch.tensor(t)
+        t = probe_tensor(converted.unet.partition, t)
         differences[f"unet at timestep {t.item():g} (stage {stage})"] = max_difference(
             source.unet(x, t, **kwargs).sample, converted.unet(x, t, **kwargs).sample
         )

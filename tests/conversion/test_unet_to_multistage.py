@@ -212,3 +212,20 @@ def test_boundary_units_with_plan_is_a_usage_error(ddpm_folder, capsys):
         ).boundary_units
         == "timestep"
     )
+
+
+def test_a_learned_time_embedding_verifies_with_integer_timesteps(tmp_path, capsys):
+    # --verify probed each stage at a float timestep (250.0): a learned (nn.Embedding) time embedding needs integers,
+    # and the check was a torch RuntimeError on both scripts
+    from diffusers_stages.conversion import multistage_to_unet
+
+    torch.manual_seed(0)
+    UNet2DModel(**TINY_UNET, time_embedding_type="learned", num_train_timesteps=1000).save_pretrained(
+        tmp_path / "unet"
+    )
+    convert(
+        str(tmp_path / "unet"), str(tmp_path / "staged"), "--stage_boundaries", "500", "--verify", "--tolerance", "0"
+    )
+    args = ["--source", str(tmp_path / "staged"), "--stage", "1", "--output_path", str(tmp_path / "stage1")]
+    multistage_to_unet.main(multistage_to_unet.parse_args([*args, "--verify", "--tolerance", "0"]))
+    assert capsys.readouterr().out.count("= 0.000e+00") == 4  # two stages, the samples, the export
