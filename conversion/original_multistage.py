@@ -92,6 +92,7 @@ REQUIRED_OPTIONS = ("image_size", "in_channels", "out_channels", "model_channels
 # the kind of value each architecture option has (a list, a number), checked before the conversion reads them
 OPTION_KINDS = {"image_size": 0, "in_channels": 0, "out_channels": 0, "model_channels": 0, "num_res_blocks": 0,
                 "attention_resolutions": [], "channel_mult": [], "de_nfs": [], "stage_interval": []}  # fmt: skip
+SCHEDULE_DEFAULTS = {"timesteps": 1000, "linear_start": 0.0015, "linear_end": 0.0195}  # LatentDiffusion's
 PARAMETERIZATIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}  # LatentDiffusion's -> diffusers'
 UNSUPPORTED_OPTIONS = {  # original option -> (value that converts, why other values do not)
     "dims": (2, "only 2D U-Nets have a diffusers UNet2DModel equivalent"),
@@ -178,6 +179,10 @@ def read_config(path: str) -> tuple[dict, dict]:
     if missing:
         raise ValueError(f"{path} lacks the U-Net options {missing} (model.params.unet_config.params).")
     check_option_kinds(unet["params"], OPTION_KINDS, f"`--original_config` {path}")
+    check_option_kinds(params, SCHEDULE_DEFAULTS, f"`--original_config` {path}")
+    timesteps = params.get("timesteps", SCHEDULE_DEFAULTS["timesteps"])
+    if not float(timesteps).is_integer() or timesteps < 1:
+        raise ValueError(f"{path}: `timesteps` must be a positive integer, got {timesteps!r}.")
     if params.get("parameterization", "eps") not in PARAMETERIZATIONS:
         raise ValueError(
             f"{path} sets `parameterization`={params['parameterization']!r}: one of {list(PARAMETERIZATIONS)} converts."
@@ -485,9 +490,9 @@ def scheduler_from_config(params: dict) -> DDIMScheduler:
     """
     prediction = PARAMETERIZATIONS[params.get("parameterization", "eps")]
     return DDIMScheduler(
-        num_train_timesteps=params.get("timesteps", 1000),
-        beta_start=params.get("linear_start", 0.0015),
-        beta_end=params.get("linear_end", 0.0195),
+        num_train_timesteps=int(params.get("timesteps", SCHEDULE_DEFAULTS["timesteps"])),
+        beta_start=params.get("linear_start", SCHEDULE_DEFAULTS["linear_start"]),
+        beta_end=params.get("linear_end", SCHEDULE_DEFAULTS["linear_end"]),
         beta_schedule="scaled_linear",
         clip_sample=False,
         set_alpha_to_one=False,

@@ -493,8 +493,21 @@ def _unet_config(config):
         (lambda c: _unet_config(c).pop("params"), "unet_config.params must be a mapping"),
         (lambda c: _unet_config(c)["params"].pop("image_size"), r"lacks the U-Net options \['image_size'\]"),
         (lambda c: c["model"]["params"].update(parameterization="score"), "`parameterization`='score'"),
+        (lambda c: c["model"]["params"].update(timesteps="1000"), "`timesteps`='1000' must be a number"),
+        (lambda c: c["model"]["params"].update(linear_start=None), "`linear_start`=None must be a number"),
+        (lambda c: c["model"]["params"].update(timesteps=-5), "`timesteps` must be a positive integer, got -5"),
     ],
-    ids=["not-yaml", "target-not-a-string", "unet-config-list", "no-params", "no-image-size", "parameterization"],
+    ids=[
+        "not-yaml",
+        "target-not-a-string",
+        "unet-config-list",
+        "no-params",
+        "no-image-size",
+        "parameterization",
+        "timesteps-string",
+        "linear-start-null",
+        "timesteps-negative",
+    ],  # fmt: skip
 )
 def test_a_malformed_config_is_named_and_writes_nothing(tmp_path, edit, message):
     # each was a yaml, Key, Attribute or Type error with a traceback, not the scripts' one-line error
