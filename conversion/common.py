@@ -33,7 +33,12 @@ except ImportError:  # no advisory locks (Windows): every leftover folder counts
 def build_parser(description: str) -> argparse.ArgumentParser:
     """A parser with the arguments every script takes: ``--output_path``, ``--overwrite`` and ``--verify``."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_path", required=True, help="Folder to write. It must not exist (see --overwrite).")
+    parser.add_argument(
+        "--output_path",
+        required=True,
+        type=output_path_value,
+        help="Folder to write. It must not exist (see --overwrite).",
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -49,6 +54,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "--tolerance", type=tolerance_value, default=1e-4, help="Largest difference --verify accepts (a number >= 0)."
     )
     return parser
+
+
+def output_path_value(text: str) -> str:
+    """``--output_path``: not empty (an unset shell variable would name the current directory, which --overwrite
+    replaces)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a folder, got {text!r}")
+    return text
 
 
 def tolerance_value(text: str) -> float:
