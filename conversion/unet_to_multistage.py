@@ -38,6 +38,7 @@ from diffusers_stages.conversion.common import (
 )
 from diffusers_stages.conversion.multistage_to_unet import conditioning
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
+from diffusers_stages.models.loading import component_folder
 from diffusers_stages.pipelines import MultiStagePipeline
 from diffusers_stages.pipelines.loading import resolve_component_class
 from diffusers_stages.schedulers import is_edm_scheduler
@@ -254,19 +255,23 @@ def text_to_image_class(path: str) -> type | None:
     return getattr(diffusers, name) if name in TEXT_TO_IMAGE_PIPELINES else None
 
 
-def check_text_to_image_index(path: str, pipeline_class: type) -> None:
+def check_text_to_image_index(path: str, pipeline_class: type) -> dict:
     """Check each component entry of a text-to-image source's `model_index.json` by the pipelines' allow-list before
     diffusers' loader reads it (a malformed or foreign entry was an OSError, a TypeError or a message about a
-    built-in function): the scheduler a scheduler, the unet and vae models, the required ones present."""
+    built-in function): the scheduler a scheduler, the unet and vae models, the required ones present, each
+    component's folder inside the source with no file linking out of it. Returns the index."""
     index = read_json(os.path.join(path, "model_index.json"), "model_index.json")
     bases = {"scheduler": SchedulerMixin, "unet": ModelMixin, "vae": ModelMixin}
     for name in pipeline_class._get_signature_keys(pipeline_class)[0]:
         entry = index.get(name)
         library = getattr(diffusers.pipelines, entry[0], None) if _is_entry(entry) else None
         if isinstance(library, types.ModuleType) and library.__name__.startswith("diffusers.pipelines."):
-            continue  # a class of one of diffusers' pipeline modules (SD's ["stable_diffusion", safety checker])
+            component_folder(path, name)  # a class of diffusers' own pipeline modules (SD's safety checker)
+            continue
         optional = name in pipeline_class._optional_components
-        source_component_class(index, name, bases.get(name, object), optional=optional)
+        if source_component_class(index, name, bases.get(name, object), optional=optional) is not None:
+            component_folder(path, name)
+    return index
 
 
 def _is_entry(entry: object) -> bool:
@@ -302,11 +307,15 @@ def verify_text_to_image(source, converted, steps: int, tolerance: float) -> Non
 def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
     """Convert a Stable Diffusion / SDXL folder: same pipeline class and components, a staged ``unet``."""
     refuse_staged_source(args.source, read_class_name(os.path.join(args.source, "unet", "config.json")))
-    check_text_to_image_index(args.source, pipeline_class)
+    index = check_text_to_image_index(args.source, pipeline_class)
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
+        # the U-Net and the VAE strictly (diffusers only warns of missing weights, and casts integer ones)
         unet = load_strict(UNet2DConditionModel, args.source, subfolder="unet")
+        vae = load_strict(source_component_class(index, "vae", ModelMixin), args.source, subfolder="vae")
         # in float32, as `unet`, whatever the folder stores (transformers would load float16 text encoders as such)
-        source = pipeline_class.from_pretrained(args.source, unet=unet, use_safetensors=True, dtype=torch.float32)
+        source = pipeline_class.from_pretrained(
+            args.source, unet=unet, vae=vae, use_safetensors=True, dtype=torch.float32
+        )
         boundaries, units = choose_boundaries(args, source.scheduler)
         check_units(source.scheduler, units)  # the pipeline hands its scheduler's timesteps to the unet
         staged = MultiStageUNet2DConditionModel.from_unet(

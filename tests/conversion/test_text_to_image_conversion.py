@@ -195,3 +195,21 @@ def test_a_folder_with_a_safety_checker_converts(tiny_sd_components, tmp_path):
     args = ["--source", str(tmp_path / "sd"), "--output_path", str(tmp_path / "out"), "--stage_boundaries", "500"]
     converted = unet_to_multistage.main(unet_to_multistage.parse_args(args))
     assert isinstance(converted.safety_checker, StableDiffusionSafetyChecker)
+
+
+@pytest.mark.parametrize(
+    "component, corruption",
+    [("vae", "link"), ("vae", "integers"), ("vae", "missing"), ("text_encoder", "link")],
+)
+def test_a_corrupted_component_is_refused_and_writes_nothing(tiny_sd_components, tmp_path, component, corruption):
+    # the unet was loaded strictly, the other components by diffusers' loader: a weight file linking out of the folder
+    # was read, integer weights were cast, a missing VAE weight left randomly initialised, and all written out
+    from tests.conftest import corrupt_weights
+
+    StableDiffusionPipeline(**tiny_sd_components).save_pretrained(tmp_path / "sd")
+    weights = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    key = corrupt_weights(str(tmp_path / "sd" / component / weights), corruption, outside=str(tmp_path))
+    args = ["--source", str(tmp_path / "sd"), "--output_path", str(tmp_path / "out"), "--stage_boundaries", "500"]
+    with pytest.raises(ValueError, match="outside the folder" if corruption == "link" else key):
+        unet_to_multistage.main(unet_to_multistage.parse_args(args))
+    assert not (tmp_path / "out").exists()
