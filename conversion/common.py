@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from safetensors.torch import load_file
 
-from diffusers_stages.models.loading import StrictLoadingMixin, read_json
+from diffusers_stages.models.loading import StrictLoadingMixin, _is_float_dtype, _tensor_dtypes, read_json
 
 try:
     import fcntl
@@ -33,7 +33,12 @@ except ImportError:  # no advisory locks (Windows): every leftover folder counts
 def build_parser(description: str) -> argparse.ArgumentParser:
     """A parser with the arguments every script takes: ``--output_path``, ``--overwrite`` and ``--verify``."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_path", required=True, help="Folder to write. It must not exist (see --overwrite).")
+    parser.add_argument(
+        "--output_path",
+        required=True,
+        type=output_path_value,
+        help="Folder to write. It must not exist (see --overwrite).",
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -49,6 +54,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "--tolerance", type=tolerance_value, default=1e-4, help="Largest difference --verify accepts (a number >= 0)."
     )
     return parser
+
+
+def output_path_value(text: str) -> str:
+    """``--output_path``: not empty (an unset shell variable would name the current directory, which --overwrite
+    replaces)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a folder, got {text!r}")
+    return text
 
 
 def tolerance_value(text: str) -> float:
@@ -279,6 +292,40 @@ def load_strict(model_class: type, path: str, subfolder: str | None = None):
     return model.eval()
 
 
+# the weight files a component folder loads by default (no variant's `.fp16.safetensors`), sharded or not
+DEFAULT_WEIGHT_FILE = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors")
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def stored_dtype(folder: str | os.PathLike | None) -> torch.dtype | None:
+    """The floating-point dtype ``folder``'s default weight files store (read from their headers), or None when it
+    has none or several (or is None)."""
+    if folder is None or not os.path.isdir(folder):
+        return None
+    dtypes = set()
+    for name in sorted(os.listdir(folder)):
+        if DEFAULT_WEIGHT_FILE.fullmatch(name):
+            dtypes |= {d for d in _tensor_dtypes(os.path.join(folder, name)).values() if _is_float_dtype(d)}
+    return SAFETENSORS_DTYPES.get(dtypes.pop()) if len(dtypes) == 1 else None
+
+
+def save_in_stored_dtypes(pipeline, folder: str, sources: Iterable[tuple[object, str | os.PathLike]]) -> None:
+    """``pipeline.save_pretrained(folder)``, each model of ``sources`` (``(model, source folder)`` pairs) stored in the
+    dtype its source folder stores (a float16 source stays float16, not twice its size), though the conversion
+    loaded it, and `--verify` compares it, in float32. The models are cast back afterwards."""
+    restore = []
+    for module, source in sources:
+        dtype = stored_dtype(source)
+        if isinstance(module, torch.nn.Module) and dtype is not None and dtype != module.dtype:
+            restore.append((module, module.dtype))
+            module.to(dtype)
+    try:
+        pipeline.save_pretrained(folder)
+    finally:
+        for module, dtype in restore:
+            module.to(dtype)
+
+
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` state dict (the only checkpoint format the scripts read)."""
     if not path.endswith(".safetensors") or not os.path.isfile(path):
@@ -314,6 +361,25 @@ def stage_interval_boundaries(
     return [edge[0] for edge in edges[1:]]
 
 
+def check_option_kinds(options: dict, defaults: dict, source: str, prefix: str = "") -> None:
+    """Refuse an option of ``options`` that is not of its default's kind in ``defaults``: a list where the default is
+    a list, a number where it is a number (a config of the wrong type was a TypeError from inside the conversion).
+    ``prefix`` names the option's section (``model.``) in the message."""
+    for option, default in defaults.items():
+        value = options.get(option, default)
+        if isinstance(default, (list, tuple)) and not isinstance(value, (list, tuple)):
+            kind = "list"
+        elif isinstance(default, (int, float)) and not isinstance(default, bool) and not _is_number(value):
+            kind = "number"
+        else:
+            continue
+        raise ValueError(f"{source}: `{prefix}{option}`={value!r} must be a {kind} like its default {default!r}.")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def take(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     """Remove and return ``key``; a checkpoint without it is refused by name."""
     if key not in state_dict:
@@ -322,6 +388,19 @@ def take(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
             "configuration?"
         )
     return state_dict.pop(key)
+
+
+@contextlib.contextmanager
+def rearranging(key: str, value: torch.Tensor) -> Iterator[None]:
+    """Around the reshapes, splits and transpositions of checkpoint tensor ``key``: a shape they cannot take is a
+    `ValueError` naming the tensor, not a torch error from inside the rename."""
+    try:
+        yield
+    except (RuntimeError, IndexError) as error:
+        raise ValueError(
+            f"The checkpoint's {key!r} of shape {tuple(value.shape)} does not have its layer's layout ({error}): is it "
+            "from another architecture or configuration?"
+        ) from None
 
 
 def move_layer(
@@ -353,6 +432,12 @@ def probe_timesteps(partition) -> list[float]:
         sigma = (low * high) ** 0.5 if 0 < low and high < math.inf else 2 * low if low > 0 else min(high / 2, 1.0)
         probes.append(math.log(sigma) / 4)
     return probes
+
+
+def probe_tensor(partition, t: float) -> torch.Tensor:
+    """A `probe_timesteps` probe as a sampling loop gives it to the model: an integer timestep in timestep units (a
+    learned time embedding is an `nn.Embedding`, which takes no float), a float otherwise."""
+    return torch.tensor(int(t) if partition.units == "timestep" else t)
 
 
 def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -26,12 +26,14 @@ from diffusers_stages.conversion.common import (
     input_paths,
     load_strict,
     max_difference,
+    probe_tensor,
     probe_timesteps,
     read_json,
     report_verification,
     run,
     source_folder,
     staged_output,
+    stored_dtype,
 )
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
 from diffusers_stages.models.loading import FUSED_PROJECTIONS
@@ -146,9 +148,14 @@ def _up_path_heads(module: torch.nn.Module) -> list[int]:
     ]
 
 
+def source_subfolder(path: str) -> str | None:
+    """Where the staged model of ``--source`` is: ``unet`` in a pipeline folder, the folder itself otherwise."""
+    return "unet" if os.path.isfile(os.path.join(path, "model_index.json")) else None
+
+
 def load_multistage(path: str) -> MultiStageUNet2DModel | MultiStageUNet2DConditionModel:
     source_folder(path)
-    subfolder = "unet" if os.path.isfile(os.path.join(path, "model_index.json")) else None
+    subfolder = source_subfolder(path)
     config_path = os.path.join(path, subfolder or "", "config.json")
     if os.path.isfile(config_path):
         class_name = read_json(config_path, "config.json").get("_class_name")
@@ -185,7 +192,7 @@ def verify(model, unet, stage: int, tolerance: float) -> None:
     config = model.config
     size = (config.sample_size,) * 2 if isinstance(config.sample_size, int) else tuple(config.sample_size)
     x = torch.randn(2, config.in_channels, *size, generator=torch.manual_seed(0))
-    t = torch.tensor(probe_timesteps(model.partition)[stage])
+    t = probe_tensor(model.partition, probe_timesteps(model.partition)[stage])
     labels = torch.zeros(2, dtype=torch.long) if config.num_class_embeds else None
     kwargs = conditioning(config, 2)
     reference = model(x, t, class_labels=labels, stage_index=stage, **kwargs).sample
@@ -197,7 +204,10 @@ def verify(model, unet, stage: int, tolerance: float) -> None:
 def main(args: argparse.Namespace) -> UNet2DModel | UNet2DConditionModel:
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         model = load_multistage(args.source)
-        multistage_stage_to_unet(model, args.stage).save_pretrained(tmp, safe_serialization=True)
+        exported = multistage_stage_to_unet(model, args.stage)
+        # stored as the source stores its weights (a float16 model stays float16); loaded and verified in float32
+        dtype = stored_dtype(os.path.join(args.source, source_subfolder(args.source) or "")) or exported.dtype
+        exported.to(dtype).save_pretrained(tmp, safe_serialization=True)
         unet = load_strict(EXPORTS[type(model)], tmp)  # what was written, reloaded strictly
         if args.verify:
             verify(model, unet, args.stage, args.tolerance)

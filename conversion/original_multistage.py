@@ -45,6 +45,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, VQModel
 from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
+    check_option_kinds,
     input_paths,
     load_converted,
     load_state_dict,
@@ -52,6 +53,7 @@ from diffusers_stages.conversion.common import (
     max_difference,
     move_layer,
     probe_timesteps,
+    rearranging,
     report_verification,
     run,
     staged_output,
@@ -84,6 +86,14 @@ TOP_LEVEL = {
     "input_blocks.0.0": "conv_in",
 }
 DECODER_OUT = {"0": "conv_norm_out", "2": "conv_out"}  # outs.{s}.{i}
+# the U-Net options the conversion reads that have no default here (channel_mult's original default is not assumed)
+REQUIRED_OPTIONS = ("image_size", "in_channels", "out_channels", "model_channels", "num_res_blocks",
+                    "attention_resolutions", "channel_mult")  # fmt: skip
+# the kind of value each architecture option has (a list, a number), checked before the conversion reads them
+OPTION_KINDS = {"image_size": 0, "in_channels": 0, "out_channels": 0, "model_channels": 0, "num_res_blocks": 0,
+                "attention_resolutions": [], "channel_mult": [], "de_nfs": [], "stage_interval": []}  # fmt: skip
+SCHEDULE_DEFAULTS = {"timesteps": 1000, "linear_start": 0.0015, "linear_end": 0.0195}  # LatentDiffusion's
+PARAMETERIZATIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}  # LatentDiffusion's -> diffusers'
 UNSUPPORTED_OPTIONS = {  # original option -> (value that converts, why other values do not)
     "dims": (2, "only 2D U-Nets have a diffusers UNet2DModel equivalent"),
     "resblock_updown": (False, "UNet2DModel up/down-samples with convolutions, not residual blocks"),
@@ -145,18 +155,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------------------------------------------
 def read_config(path: str) -> tuple[dict, dict]:
-    """``(unet_params, diffusion_params)`` from an original latent-diffusion YAML config."""
+    """``(unet_params, diffusion_params)`` from an original latent-diffusion YAML config, checked to hold the U-Net
+    options the conversion reads and a known ``parameterization``."""
     if not os.path.isfile(path):
         raise ValueError(f"`--original_config` must be an existing YAML file, got {path!r}.")
     with open(path, encoding="utf-8") as f:
-        config = yaml.safe_load(f)
+        try:
+            config = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ValueError(f"`--original_config` {path} is not YAML: {error}") from None
     try:
         params = config["model"]["params"]
         unet = params["unet_config"]
     except (KeyError, TypeError):
         raise ValueError(f"{path} is not a latent-diffusion config: it has no model.params.unet_config.") from None
-    if not unet.get("target", "").endswith("UNetModel_multistage"):
+    if not isinstance(unet, dict):
+        raise ValueError(f"{path}: model.params.unet_config must be a mapping, got {unet!r}.")
+    if not str(unet.get("target", "")).endswith("UNetModel_multistage"):
         raise ValueError(f"{path} describes a {unet.get('target')}, not ldm's UNetModel_multistage.")
+    if not isinstance(unet.get("params"), dict):
+        raise ValueError(f"{path}: model.params.unet_config.params must be a mapping, got {unet.get('params')!r}.")
+    missing = [option for option in REQUIRED_OPTIONS if option not in unet["params"]]
+    if missing:
+        raise ValueError(f"{path} lacks the U-Net options {missing} (model.params.unet_config.params).")
+    check_option_kinds(unet["params"], OPTION_KINDS, f"`--original_config` {path}")
+    check_option_kinds(params, SCHEDULE_DEFAULTS, f"`--original_config` {path}")
+    timesteps = params.get("timesteps", SCHEDULE_DEFAULTS["timesteps"])
+    if not float(timesteps).is_integer() or timesteps < 1:
+        raise ValueError(f"{path}: `timesteps` must be a positive integer, got {timesteps!r}.")
+    if params.get("parameterization", "eps") not in PARAMETERIZATIONS:
+        raise ValueError(
+            f"{path} sets `parameterization`={params['parameterization']!r}: one of {list(PARAMETERIZATIONS)} converts."
+        )
     return dict(unet["params"]), params
 
 
@@ -275,16 +305,17 @@ def rename_attention(
             )
     for param in ("weight", "bias"):
         qkv = take(state_dict, f"{prefix_from}.qkv.{param}")
-        channels = qkv.shape[0] // 3
-        # legacy order: heads first, then (q, k, v) per head; new order: (q, k, v) first, then heads
-        rows = (
-            qkv.reshape(heads, 3, channels // heads, -1)
-            if legacy_order
-            else qkv.reshape(3, heads, channels // heads, -1).transpose(0, 1)
-        )
-        for i, name in enumerate(("to_q", "to_k", "to_v")):
-            value = rows[:, i].reshape(channels, -1)
-            out[f"{prefix_to}.{name}.{param}"] = value if param == "weight" else value.reshape(channels)
+        with rearranging(f"{prefix_from}.qkv.{param}", qkv):
+            channels = qkv.shape[0] // 3
+            # legacy order: heads first, then (q, k, v) per head; new order: (q, k, v) first, then heads
+            rows = (
+                qkv.reshape(heads, 3, channels // heads, -1)
+                if legacy_order
+                else qkv.reshape(3, heads, channels // heads, -1).transpose(0, 1)
+            )
+            for i, name in enumerate(("to_q", "to_k", "to_v")):
+                value = rows[:, i].reshape(channels, -1)
+                out[f"{prefix_to}.{name}.{param}"] = value if param == "weight" else value.reshape(channels)
 
 
 def move_transformer(prefix_from: str, prefix_to: str, state_dict: dict, out: dict) -> None:
@@ -457,11 +488,11 @@ def scheduler_from_config(params: dict) -> DDIMScheduler:
     - the last step's previous alpha is ``alphas_cumprod[0]``, not 1 (``set_alpha_to_one=False``); no clipping.
     The authors' published samples use ``eta=0`` and 20 steps (``sample.sh``: ``-e 0 -c 20``).
     """
-    prediction = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[params.get("parameterization", "eps")]
+    prediction = PARAMETERIZATIONS[params.get("parameterization", "eps")]
     return DDIMScheduler(
-        num_train_timesteps=params.get("timesteps", 1000),
-        beta_start=params.get("linear_start", 0.0015),
-        beta_end=params.get("linear_end", 0.0195),
+        num_train_timesteps=int(params.get("timesteps", SCHEDULE_DEFAULTS["timesteps"])),
+        beta_start=params.get("linear_start", SCHEDULE_DEFAULTS["linear_start"]),
+        beta_end=params.get("linear_end", SCHEDULE_DEFAULTS["linear_end"]),
         beta_schedule="scaled_linear",
         clip_sample=False,
         set_alpha_to_one=False,

@@ -50,6 +50,7 @@ from diffusers_stages.conventions import num_data_classes
 from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
+    check_option_kinds,
     input_paths,
     load_converted,
     load_state_dict,
@@ -57,6 +58,7 @@ from diffusers_stages.conversion.common import (
     move_layer,
     probe_timesteps,
     read_json,
+    rearranging,
     report_verification,
     run,
     stage_interval_boundaries,
@@ -154,6 +156,7 @@ def read_config(path: str) -> dict:
             f"The original network uses {precond}, which does not convert: only EDMPrecond's preconditioning "
             "(c_noise = ln(sigma)/4) is what diffusers' EDM schedulers compute."
         )
+    check_option_kinds(kwargs, DEFAULTS, f"`--original_config` {path}")
     p = {**DEFAULTS, **kwargs}
     for option, (supported, why) in UNSUPPORTED_OPTIONS.items():
         if p.get(option, supported) != supported:
@@ -230,7 +233,7 @@ def rename_block(source: str, target: str, state_dict: dict, out: dict) -> None:
     resampling filters (buffers, fixed by the architecture) checked and dropped."""
     for layer in ("conv0", "skip"):
         buffer = state_dict.pop(f"{source}.{layer}.resample_filter", None)
-        if buffer is not None and not torch.equal(buffer.float().reshape(1, 1, 2, 2), AVERAGE_2X2):
+        if buffer is not None and not torch.equal(buffer.float().reshape(-1), AVERAGE_2X2.reshape(-1)):
             raise ValueError(f"{source}.{layer}.resample_filter is not the [1, 1] filter this conversion supports.")
     for key in [k for k in state_dict if k.startswith(source + ".")]:
         layer, param = key[len(source) + 1 :].rsplit(".", 1)
@@ -246,10 +249,11 @@ def rename_block(source: str, target: str, state_dict: dict, out: dict) -> None:
         if f"{source}.qkv.{param}" not in state_dict:
             continue
         qkv = take(state_dict, f"{source}.qkv.{param}")
-        channels = qkv.shape[0] // 3
-        rows = qkv.reshape(channels, 3, -1)  # the original reads channel c of q, k, v from rows 3c, 3c+1, 3c+2
-        for i, name in enumerate(("to_q", "to_k", "to_v")):
-            out[f"{target}.attention.{name}.{param}"] = rows[:, i].reshape(channels, *qkv.shape[1:2]).clone()
+        with rearranging(f"{source}.qkv.{param}", qkv):
+            channels = qkv.shape[0] // 3
+            rows = qkv.reshape(channels, 3, -1)  # the original reads channel c of q, k, v from rows 3c, 3c+1, 3c+2
+            for i, name in enumerate(("to_q", "to_k", "to_v")):
+                out[f"{target}.attention.{name}.{param}"] = rows[:, i].reshape(channels, *qkv.shape[1:2]).clone()
 
 
 def edm_to_ddpmpp(state_dict: dict[str, torch.Tensor], p: dict, resolution: int) -> dict[str, torch.Tensor]:

@@ -61,6 +61,7 @@ import torch
 from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
+    check_option_kinds,
     input_paths,
     load_converted,
     load_state_dict,
@@ -68,6 +69,7 @@ from diffusers_stages.conversion.common import (
     move_layer,
     probe_timesteps,
     read_json,
+    rearranging,
     report_verification,
     run,
     stage_interval_boundaries,
@@ -201,6 +203,7 @@ def read_config(path: str) -> dict:
         given = config.get(section, {})
         if not isinstance(given, dict):
             raise ValueError(f"`--original_config` {path}: section {section!r} must be a JSON object.")
+        check_option_kinds(given, defaults, f"`--original_config` {path}", prefix=f"{section}.")
         p[section] = {**defaults, **given}
     for (section, option), (supported, why) in REQUIRED.items():
         if p[section][option] != supported:
@@ -296,7 +299,9 @@ def rename_module(kind: str, source: str, target: str, state_dict: dict, out: di
     table, prefix = (RESNET, "resnet") if kind == "resnet" else (ATTENTION, "attention")
     for layer, name in table.items():
         if kind == "attention" and layer.startswith("NIN"):
-            out[f"{target}.{prefix}.{name}.weight"] = take(state_dict, f"{source}.{layer}.W").t().contiguous()
+            weight = take(state_dict, f"{source}.{layer}.W")
+            with rearranging(f"{source}.{layer}.W", weight):
+                out[f"{target}.{prefix}.{name}.weight"] = weight.t().contiguous()
             out[f"{target}.{prefix}.{name}.bias"] = take(state_dict, f"{source}.{layer}.b")
         else:
             move_layer(state_dict, f"{source}.{layer}", f"{target}.{prefix}.{name}", out, optional=layer == "Conv_2")

@@ -25,9 +25,10 @@ from diffusers_stages.conversion.common import (
     max_difference,
     report_verification,
     run,
+    save_in_stored_dtypes,
     staged_output,
 )
-from diffusers_stages.conversion.unet_to_multistage import load_source, text_to_image_class
+from diffusers_stages.conversion.unet_to_multistage import load_source, source_model_folders, text_to_image_class
 from diffusers_stages.models import ExpertRoutingModel
 from diffusers_stages.pipelines import DualBackbonePipeline, ExpertRoutingPipeline
 from diffusers_stages.training.args import BoundaryList
@@ -67,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def gather_sources(paths: list[str]):
     """``(denoisers, scheduler, vae)``: the sources' U-Nets, and the one schedule and VAE they must share."""
     unets, scheduler, vae = [], None, None
+    pixel_source = latent_source = None  # a pipeline without a VAE, one with (a bare U-Net folder could be either)
     for path in paths:
         text_to_image = text_to_image_class(path)
         if text_to_image is not None:
@@ -86,6 +88,14 @@ def gather_sources(paths: list[str]):
                     f"{path} was trained on another noise schedule than {reference} ({differ} differ): experts "
                     "replace one another mid-trajectory, so they must share the training schedule."
                 )
+        if pipeline_class is not None and source_vae is None:
+            pixel_source = pixel_source or (path, pipeline_class)
+        latent_source = latent_source or (path if source_vae is not None else None)
+        if pixel_source and latent_source:
+            raise ValueError(
+                f"{pixel_source[0]} is a {pixel_source[1]}, without a VAE, and {latent_source} a latent pipeline: "
+                "experts replace one another mid-trajectory, so they must all denoise pixels or all one VAE's latents."
+            )
         if source_vae is not None and vae is None:
             vae = source_vae
         elif source_vae is not None and any(
@@ -167,7 +177,11 @@ def main(args: argparse.Namespace):
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unets, scheduler, vae = gather_sources(args.sources)
         built = build(args, unets, scheduler, vae)
-        built.save_pretrained(tmp)
+        # each expert stored as its source stores it (float16 stays float16), the VAE as the first latent source's
+        folders = [source_model_folders(path) for path in args.sources]
+        vae_folder = next((vae for _, vae in folders if vae is not None), None)
+        models = [*zip(written_experts(built), (unet for unet, _ in folders)), (built.vae, vae_folder)]
+        save_in_stored_dtypes(built, tmp, models)
         written = pipeline_class.from_pretrained(tmp)
         if args.verify:
             verify(written, built, unets, args.tolerance)

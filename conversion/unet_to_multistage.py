@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import types
 
 import diffusers
 import torch
@@ -26,15 +27,18 @@ from diffusers_stages.conversion.common import (
     input_paths,
     load_strict,
     max_difference,
+    probe_tensor,
     probe_timesteps,
     read_json,
     report_verification,
     run,
+    save_in_stored_dtypes,
     source_folder,
     staged_output,
 )
 from diffusers_stages.conversion.multistage_to_unet import conditioning
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
+from diffusers_stages.models.loading import component_folder
 from diffusers_stages.pipelines import MultiStagePipeline
 from diffusers_stages.pipelines.loading import resolve_component_class
 from diffusers_stages.schedulers import is_edm_scheduler
@@ -64,9 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--boundary_units",
-        default="timestep",
         choices=("timestep", "sigma"),
-        help="Units of --stage_boundaries: those of the source's scheduler. A DDPM-type source (a beta schedule: "
+        help="Units of --stage_boundaries (default: timestep): those of the source's scheduler. A DDPM-type source (a beta schedule: "
         "DDPM, DDIM, PNDM, ...; every bare UNet2DModel folder) conditions on training timesteps, so 'sigma' is "
         "refused for it (the converted pipeline could not sample); 'sigma' is for a source with an EDM scheduler.",
     )
@@ -85,6 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_stages {args.num_stages} is for --plan: --stage_boundaries give the stages already")
     if args.num_stages is None:
         args.num_stages = 3
+    if args.boundary_units is not None and args.plan is not None:
+        parser.error(f"--boundary_units {args.boundary_units} is for --stage_boundaries: --plan takes the scheduler's")
+    if args.boundary_units is None:
+        args.boundary_units = "timestep"
     if args.verify_steps < 1:
         parser.error(f"--verify_steps must be a positive integer, got {args.verify_steps}")
     return args
@@ -113,6 +120,14 @@ def load_source(path: str) -> tuple[UNet2DModel, object, object, str | None]:
         if vae_class is not None:
             vae = load_strict(vae_class, path, subfolder=name)
     return unet, scheduler, vae, pipeline_class
+
+
+def source_model_folders(path: str) -> tuple[str, str | None]:
+    """``(unet folder, vae folder or None)`` of a UNet2DModel or unconditional pipeline source."""
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        return path, None
+    vae = next((os.path.join(path, name) for name in VAE_COMPONENTS if os.path.isdir(os.path.join(path, name))), None)
+    return os.path.join(path, "unet"), vae
 
 
 def source_component_class(index: dict, name: str, base: type, optional: bool = False) -> type | None:
@@ -204,7 +219,7 @@ def verify(source, converted: MultiStagePipeline, steps: int, tolerance: float) 
     labels = torch.arange(2) % config.num_class_embeds if config.num_class_embeds else None
     differences = {}
     for stage, t in enumerate(probe_timesteps(converted.partition)):
-        t = torch.tensor(t)
+        t = probe_tensor(converted.partition, t)
         differences[f"denoiser at timestep {t.item():g} (stage {stage})"] = max_difference(
             source.unet(x, t, class_labels=labels).sample, converted.unet(x, t, class_labels=labels).sample
         )
@@ -240,6 +255,30 @@ def text_to_image_class(path: str) -> type | None:
     return getattr(diffusers, name) if name in TEXT_TO_IMAGE_PIPELINES else None
 
 
+def check_text_to_image_index(path: str, pipeline_class: type) -> dict:
+    """Check each component entry of a text-to-image source's `model_index.json` by the pipelines' allow-list before
+    diffusers' loader reads it (a malformed or foreign entry was an OSError, a TypeError or a message about a
+    built-in function): the scheduler a scheduler, the unet and vae models, the required ones present, each
+    component's folder inside the source with no file linking out of it. Returns the index."""
+    index = read_json(os.path.join(path, "model_index.json"), "model_index.json")
+    bases = {"scheduler": SchedulerMixin, "unet": ModelMixin, "vae": ModelMixin}
+    for name in pipeline_class._get_signature_keys(pipeline_class)[0]:
+        entry = index.get(name)
+        library = getattr(diffusers.pipelines, entry[0], None) if _is_entry(entry) else None
+        if isinstance(library, types.ModuleType) and library.__name__.startswith("diffusers.pipelines."):
+            component_folder(path, name)  # a class of diffusers' own pipeline modules (SD's safety checker)
+            continue
+        optional = name in pipeline_class._optional_components
+        if source_component_class(index, name, bases.get(name, object), optional=optional) is not None:
+            component_folder(path, name)
+    return index
+
+
+def _is_entry(entry: object) -> bool:
+    """Whether ``entry`` has the ``[library, class]`` form of a `model_index.json` component."""
+    return isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)
+
+
 def verify_text_to_image(source, converted, steps: int, tolerance: float) -> None:
     """Compare the U-Nets at one timestep per stage (random text conditioning), then sample one prompt with both
     pipelines from the same seed."""
@@ -249,7 +288,7 @@ def verify_text_to_image(source, converted, steps: int, tolerance: float) -> Non
     kwargs = conditioning(config, 2)
     differences = {}
     for stage, t in enumerate(probe_timesteps(converted.unet.partition)):
-        t = torch.tensor(t)
+        t = probe_tensor(converted.unet.partition, t)
         differences[f"unet at timestep {t.item():g} (stage {stage})"] = max_difference(
             source.unet(x, t, **kwargs).sample, converted.unet(x, t, **kwargs).sample
         )
@@ -268,16 +307,26 @@ def verify_text_to_image(source, converted, steps: int, tolerance: float) -> Non
 def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
     """Convert a Stable Diffusion / SDXL folder: same pipeline class and components, a staged ``unet``."""
     refuse_staged_source(args.source, read_class_name(os.path.join(args.source, "unet", "config.json")))
+    index = check_text_to_image_index(args.source, pipeline_class)
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
+        # the U-Net and the VAE strictly (diffusers only warns of missing weights, and casts integer ones)
         unet = load_strict(UNet2DConditionModel, args.source, subfolder="unet")
-        source = pipeline_class.from_pretrained(args.source, unet=unet, use_safetensors=True)
+        vae = load_strict(source_component_class(index, "vae", ModelMixin), args.source, subfolder="vae")
+        # in float32, as `unet`, whatever the folder stores (transformers would load float16 text encoders as such)
+        source = pipeline_class.from_pretrained(
+            args.source, unet=unet, vae=vae, use_safetensors=True, dtype=torch.float32
+        )
         boundaries, units = choose_boundaries(args, source.scheduler)
         check_units(source.scheduler, units)  # the pipeline hands its scheduler's timesteps to the unet
         staged = MultiStageUNet2DConditionModel.from_unet(
             unet, boundaries, units, num_train_timesteps=source.scheduler.config.get("num_train_timesteps")
         )
-        pipeline_class(**{**source.components, "unet": staged.eval()}).save_pretrained(tmp)
-        converted = pipeline_class.from_pretrained(tmp)  # what was written, reloaded by the standard class
+        # from_pipe: the source's components and its own options (SDXL's force_zeros_for_empty_prompt, ...)
+        staged_pipeline = pipeline_class.from_pipe(source, unet=staged.eval())
+        components = staged_pipeline.components.items()
+        save_in_stored_dtypes(staged_pipeline, tmp, [(c, os.path.join(args.source, name)) for name, c in components])
+        # what was written, reloaded by the standard class
+        converted = pipeline_class.from_pretrained(tmp, dtype=torch.float32)
         if args.verify:
             verify_text_to_image(source, converted, args.verify_steps, args.tolerance)
     partition = converted.unet.partition
@@ -297,8 +346,9 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unet, scheduler, vae, pipeline_class = load_source(args.source)
         boundaries, units = choose_boundaries(args, scheduler)
-        convert(unet, scheduler, vae, boundaries, units).save_pretrained(tmp)
-        converted = MultiStagePipeline.from_pretrained(tmp)  # what was written, reloaded strictly
+        staged = convert(unet, scheduler, vae, boundaries, units)
+        save_in_stored_dtypes(staged, tmp, zip((staged.unet, staged.vae), source_model_folders(args.source)))
+        converted = MultiStagePipeline.from_pretrained(tmp)  # what was written, reloaded strictly (in float32)
         if args.verify:
             verify(source_pipeline(unet, scheduler, vae, pipeline_class), converted, args.verify_steps, args.tolerance)
     print(

@@ -158,3 +158,11 @@ def test_load_converted_refuses_weights_that_are_not_real_floats(dtype):
         common.load_converted(model, converted, "source.safetensors")
     common.load_converted(model, {"weight": torch.ones(2, 2, dtype=torch.float16), "bias": torch.zeros(2)}, "fp16")
     assert model.weight.dtype == torch.float32 and torch.equal(model.weight, torch.ones(2, 2))
+
+
+def test_an_empty_output_path_is_a_usage_error(tmp_path, capsys):
+    # `--output_path ""` (an unset shell variable) was the current directory: with --overwrite, replaced wholesale
+    argv = ["--source", str(tmp_path), "--stage", "0", "--output_path", "", "--overwrite"]
+    with pytest.raises(SystemExit):
+        multistage_to_unet.parse_args(argv)
+    assert "argument --output_path: must name a folder, got ''" in capsys.readouterr().err

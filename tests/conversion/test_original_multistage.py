@@ -6,6 +6,7 @@ MULTISTAGE_DIFFUSION_REPO to a checkout's `latent-diffusion` folder also runs th
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -476,4 +477,76 @@ def test_cross_attention_checkpoints_without_a_class_context_are_refused(tmp_pat
         yaml.safe_dump(document, open(config, "w"))
     with pytest.raises(ValueError, match=match):
         convert_files(checkpoint, config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _unet_config(config):
+    return config["model"]["params"]["unet_config"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("model: [unclosed", "is not YAML"),
+        (lambda c: _unet_config(c).update(target=5), "describes a 5, not ldm's UNetModel_multistage"),
+        (lambda c: c["model"]["params"].update(unet_config=[1]), "unet_config must be a mapping"),
+        (lambda c: _unet_config(c).pop("params"), "unet_config.params must be a mapping"),
+        (lambda c: _unet_config(c)["params"].pop("image_size"), r"lacks the U-Net options \['image_size'\]"),
+        (lambda c: c["model"]["params"].update(parameterization="score"), "`parameterization`='score'"),
+        (lambda c: c["model"]["params"].update(timesteps="1000"), "`timesteps`='1000' must be a number"),
+        (lambda c: c["model"]["params"].update(linear_start=None), "`linear_start`=None must be a number"),
+        (lambda c: c["model"]["params"].update(timesteps=-5), "`timesteps` must be a positive integer, got -5"),
+    ],
+    ids=[
+        "not-yaml",
+        "target-not-a-string",
+        "unet-config-list",
+        "no-params",
+        "no-image-size",
+        "parameterization",
+        "timesteps-string",
+        "linear-start-null",
+        "timesteps-negative",
+    ],  # fmt: skip
+)
+def test_a_malformed_config_is_named_and_writes_nothing(tmp_path, edit, message):
+    # each was a yaml, Key, Attribute or Type error with a traceback, not the scripts' one-line error
+    checkpoint, config_path = write_source(tmp_path, TINY)
+    with open(config_path) as f:
+        config = yaml.safe_load(f)
+    if callable(edit):
+        edit(config)
+    with open(config_path, "w") as f:
+        f.write(edit if isinstance(edit, str) else yaml.safe_dump(config))
+    argv = ["--checkpoint", checkpoint, "--original_config", config_path, "--output_path", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=message):
+        original_multistage.main(original_multistage.parse_args(argv))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("param, shape", [("weight", (97, 32, 1)), ("bias", (5,)), ("weight", ())])
+def test_a_fused_qkv_of_another_shape_is_named(tmp_path, param, shape):
+    # a torch RuntimeError (or IndexError) of the per-head split before
+    p = {**TINY, "channel_mult": [1], "attention_resolutions": [1], "num_head_channels": 8}
+    key = f"model.diffusion_model.middle_block.1.qkv.{param}"
+    match = rf"'middle_block.1.qkv.{param}' of shape {re.escape(str(shape))}"
+    with pytest.raises(ValueError, match=match):
+        convert(tmp_path, p, edit=lambda s: s.update({key: torch.zeros(shape)}), ema=False, use_ema=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value", [("channel_mult", 5), ("attention_resolutions", 4), ("de_nfs", 32), ("image_size", "big")]
+)
+def test_an_option_of_the_wrong_type_is_named(tmp_path, option, value):
+    # a TypeError ("'int' object is not iterable", ...) from inside the conversion before
+    checkpoint, config_path = write_source(tmp_path, TINY)
+    with open(config_path) as f:
+        config = yaml.safe_load(f)
+    _unet_config(config)["params"][option] = value
+    with open(config_path, "w") as f:
+        yaml.safe_dump(config, f)
+    argv = ["--checkpoint", checkpoint, "--original_config", config_path, "--output_path", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=rf"`{option}`={value!r} must be a (list|number) like"):
+        original_multistage.main(original_multistage.parse_args(argv))
     assert not (tmp_path / "out").exists()

@@ -324,8 +324,17 @@ def test_options_without_an_equivalent_are_refused(tmp_path, config_edit, messag
         (lambda s: s.update({"decs.3.8x8_aux_conv.bias": torch.zeros(3)}), "keys the original architecture does not"),
         (lambda s: s.update({"enc.4x4_down.conv0.resample_filter": torch.ones(1, 1, 2, 2)}), "resample_filter"),
         (lambda s: s.update({"enc.8x8_block0.conv0.weight": torch.zeros(16, 16, 1, 1)}), "wrong shape"),
+        # the next two were torch RuntimeErrors of the rename's reshapes
+        (
+            lambda s: s.update({"decs.1.4x4_in0.qkv.weight": torch.zeros(97, 32, 1, 1)}),
+            r"decs.1.4x4_in0.qkv.weight'.*\(97, 32, 1, 1\)",
+        ),
+        (
+            lambda s: s.update({"enc.4x4_down.conv0.resample_filter": torch.ones(3)}),
+            "enc.4x4_down.conv0.resample_filter",
+        ),
     ],
-    ids=["missing", "unexpected", "other-filter", "shape"],
+    ids=["missing", "unexpected", "other-filter", "shape", "qkv-shape", "filter-shape"],
 )
 def test_bad_checkpoints_are_refused_and_leave_nothing(tmp_path, edit, message):
     checkpoint, config, _ = write_source(tmp_path, TINY, edit=edit)
@@ -372,3 +381,14 @@ def test_scheduler_steps_through_the_authors_noise_levels(tmp_path):
     i = torch.arange(18, dtype=torch.float64)
     authors = (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert torch.allclose(scheduler.sigmas[:-1].double(), authors, rtol=1e-5) and scheduler.sigmas[-1] == 0
+
+
+@pytest.mark.parametrize(
+    "option, value", [("channel_mult", 5), ("stage_interval", 5), ("attn_resolutions", 5), ("dropout", "high")]
+)
+def test_an_option_of_the_wrong_type_is_named(tmp_path, option, value):
+    # a TypeError ("'int' object is not iterable") from inside the conversion, or float()'s own message
+    checkpoint, config, _ = write_source(tmp_path, TINY, config_edit=lambda c: c.update({option: value}))
+    with pytest.raises(ValueError, match=rf"`{option}`={value!r} must be a (list|number) like its default"):
+        convert(tmp_path, checkpoint, config)
+    assert not (tmp_path / "out").exists()

@@ -343,8 +343,10 @@ def test_options_without_an_equivalent_are_refused(tmp_path, config_edit, messag
         (lambda s: s.pop("de_modules.2.10.bias"), "lacks 'de_modules.2.10.bias'"),
         (lambda s: s.update({"de_modules.3.0.bias": torch.zeros(3)}), "keys the original architecture does not"),
         (lambda s: s.update({"en_modules.3.Conv_0.weight": torch.zeros(16, 16, 1, 1)}), "wrong shape"),
+        # a torch RuntimeError of the transposition before
+        (lambda s: s.update({"en_modules.7.NIN_0.W": torch.zeros(2, 2, 2)}), r"en_modules.7.NIN_0.W'.*\(2, 2, 2\)"),
     ],
-    ids=["missing", "unexpected", "shape"],
+    ids=["missing", "unexpected", "shape", "nin-shape"],
 )
 def test_bad_checkpoints_are_refused_and_leave_nothing(tmp_path, edit, message):
     checkpoint, config, _, _ = write_source(tmp_path, edit=edit)
@@ -371,3 +373,12 @@ def test_matches_the_original_network_and_sampler(tmp_path, name, capsys):
     convert(tmp_path, checkpoint, config, "--verify", "--original_repo", os.environ["MULTISTAGE_DIFFUSION_DPM_REPO"])
     verified = [line for line in capsys.readouterr().out.splitlines() if line.startswith("verify:")]
     assert len(verified) == len(stage_labels(model_options(CONFIGS[name]))) + 1  # every stage, and the sampler
+
+
+@pytest.mark.parametrize("option, value", [("ch_mult", 2), ("attn_resolutions", 16), ("num_res_blocks", "many")])
+def test_an_option_of_the_wrong_type_is_named(tmp_path, option, value):
+    # a TypeError from inside the conversion before
+    checkpoint, config, _, _ = write_source(tmp_path, config_edit=lambda c: c["model"].update({option: value}))
+    with pytest.raises(ValueError, match=rf"`model.{option}`={value!r} must be a (list|number) like its default"):
+        convert(tmp_path, checkpoint, config)
+    assert not (tmp_path / "out").exists()

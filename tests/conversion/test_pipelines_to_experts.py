@@ -1,5 +1,7 @@
 """Several single diffusers pipelines -> one expert-routing or dual-backbone pipeline."""
 
+import os
+
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -77,3 +79,28 @@ def test_sources_must_share_the_training_schedule(large_and_small, tmp_path):
     with pytest.raises(ValueError, match="needs --stage_boundaries"):
         combine(large_and_small, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_pixel_and_latent_sources_are_refused(ddpm_folder, ldm_folder, tmp_path):
+    # a DDPMPipeline (pixels) and an LDMPipeline (latents) of the same shapes were combined: the pixel expert then
+    # denoised latents
+    for sources in ([ddpm_folder, ldm_folder], [ldm_folder, ddpm_folder]):
+        with pytest.raises(ValueError, match=r"ddpm is a DDPMPipeline, without a VAE, .*ldm"):
+            combine(sources, str(tmp_path / "out"), "--stage_boundaries", "500")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pipeline", ["experts", "dual_backbone"])
+def test_half_precision_sources_stay_half_precision(tmp_path, pipeline):
+    # the experts were written in float32: twice their sources' size, for weights that are float16 values
+    from safetensors.torch import load_file
+
+    sources = []
+    for name, width in (("large", 16), ("small", 8)):
+        sources.append(str(tmp_path / name))
+        DDPMPipeline(unet=tiny_unet(width, width).half(), scheduler=DDPMScheduler()).save_pretrained(sources[-1])
+    switch = ["--stage_boundaries", "600"] if pipeline == "experts" else ["--switch_step_fraction", "0.5"]
+    combine(sources, str(tmp_path / "out"), "--pipeline", pipeline, *switch, "--verify", "--tolerance", "0")
+    weights = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "out") for f in fs if f.endswith(".safetensors")]
+    assert len(weights) == 2
+    assert {v.dtype for path in weights for v in load_file(path).values()} == {torch.float16}

@@ -1,6 +1,8 @@
 """Stable Diffusion / SDXL pipeline folders -> the same pipeline with a staged unet, and one stage back out as a plain
 `UNet2DConditionModel` (issue 15, part 4)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,111 @@ def test_stage_export_of_a_fused_or_freeu_model_equals_that_stage(tiny_cond_unet
         unet = multistage_to_unet.multistage_stage_to_unet(staged, 1)
         assert {type(p).__name__ for p in unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
         assert torch.allclose(unet(x, 450, text).sample, staged(x, 450, text).sample, atol=1e-6)
+
+
+def _stored_dtypes(folder) -> set:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".safetensors"))), "pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+def test_a_half_precision_folder_verifies_and_stays_half_precision(tiny_sd_components, tmp_path, capsys):
+    # --verify was a torch RuntimeError (text encoder loaded in float16, the U-Nets in float32), and the unet and vae
+    # were written in float32: a mixed folder twice the source's size
+    StableDiffusionPipeline(**tiny_sd_components).to(torch.float16).save_pretrained(tmp_path / "fp16")
+    out = tmp_path / "staged"
+    args = ["--source", str(tmp_path / "fp16"), "--output_path", str(out), "--stage_boundaries", "500"]
+    unet_to_multistage.main(
+        unet_to_multistage.parse_args([*args, "--verify", "--verify_steps", "2", "--tolerance", "0"])
+    )
+    assert capsys.readouterr().out.count("max |source - converted| = 0.000e+00") == 3
+    for component in ("unet", "vae", "text_encoder"):
+        assert _stored_dtypes(out / component) == {"F16"}, component
+    # and the stage exported from it
+    export = ["--source", str(out), "--stage", "1", "--output_path", str(tmp_path / "stage1"), "--verify"]
+    multistage_to_unet.main(multistage_to_unet.parse_args([*export, "--tolerance", "0"]))
+    assert _stored_dtypes(tmp_path / "stage1") == {"F16"}
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_the_pipelines_own_options_are_kept(tiny_sd_components, tiny_sdxl_components, tmp_path, sdxl):
+    # the pipeline was rebuilt from its components only: SDXL's force_zeros_for_empty_prompt=False became True (other
+    # negative embeddings, other images: --verify failed) and SD's requires_safety_checker=False became True
+    pipeline_class, option = (
+        (StableDiffusionXLPipeline, "force_zeros_for_empty_prompt")
+        if sdxl
+        else (StableDiffusionPipeline, "requires_safety_checker")
+    )
+    components = tiny_sdxl_components if sdxl else tiny_sd_components
+    pipeline_class(**{**components, option: False}).save_pretrained(tmp_path / "source")
+    out = str(tmp_path / "staged")
+    args = ["--source", str(tmp_path / "source"), "--output_path", out, "--stage_boundaries", "500", "--verify"]
+    unet_to_multistage.main(unet_to_multistage.parse_args([*args, "--verify_steps", "2"]))
+    assert pipeline_class.from_pretrained(out).config[option] is False
+
+
+@pytest.mark.parametrize(
+    "name, entry, message",
+    [
+        (
+            "scheduler",
+            ["diffusers", "UNet2DModel"],
+            "'scheduler' of `--source` is a UNet2DModel, not a SchedulerMixin",
+        ),
+        ("scheduler", None, "has no 'scheduler' component, got None"),
+        ("vae", 5, r"entry 'vae' must be \[library, class\], got 5"),
+        ("text_encoder", ["os", "system"], "'text_encoder' comes from 'os'"),
+    ],
+    ids=["scheduler-is-a-model", "no-scheduler", "vae-number", "foreign-library"],
+)
+def test_a_malformed_source_index_is_named_and_writes_nothing(tiny_sd_components, tmp_path, name, entry, message):
+    # diffusers' loader raised an OSError or TypeError (or its own message about a built-in function) for these
+    import json
+
+    StableDiffusionPipeline(**tiny_sd_components).save_pretrained(tmp_path / "sd")
+    index_path = tmp_path / "sd" / "model_index.json"
+    index_path.write_text(json.dumps({**json.loads(index_path.read_text()), name: entry}))
+    args = ["--source", str(tmp_path / "sd"), "--output_path", str(tmp_path / "out"), "--stage_boundaries", "500"]
+    with pytest.raises(ValueError, match=message):
+        unet_to_multistage.main(unet_to_multistage.parse_args(args))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_with_a_safety_checker_converts(tiny_sd_components, tmp_path):
+    # Stable Diffusion 1.x's layout: the safety checker is ["stable_diffusion", ...], a class of diffusers' own
+    # pipeline module, which the index check must leave to diffusers
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    tiny = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(text_config=tiny, vision_config={**tiny, "image_size": 32, "patch_size": 4}, projection_dim=32)
+    components = {
+        **tiny_sd_components,
+        "safety_checker": StableDiffusionSafetyChecker(config).eval(),
+        "feature_extractor": CLIPImageProcessor(crop_size=32, size=32),
+        "requires_safety_checker": True,
+    }
+    StableDiffusionPipeline(**components).save_pretrained(tmp_path / "sd")
+    assert '"stable_diffusion"' in (tmp_path / "sd" / "model_index.json").read_text()
+    args = ["--source", str(tmp_path / "sd"), "--output_path", str(tmp_path / "out"), "--stage_boundaries", "500"]
+    converted = unet_to_multistage.main(unet_to_multistage.parse_args(args))
+    assert isinstance(converted.safety_checker, StableDiffusionSafetyChecker)
+
+
+@pytest.mark.parametrize(
+    "component, corruption",
+    [("vae", "link"), ("vae", "integers"), ("vae", "missing"), ("text_encoder", "link")],
+)
+def test_a_corrupted_component_is_refused_and_writes_nothing(tiny_sd_components, tmp_path, component, corruption):
+    # the unet was loaded strictly, the other components by diffusers' loader: a weight file linking out of the folder
+    # was read, integer weights were cast, a missing VAE weight left randomly initialised, and all written out
+    from tests.conftest import corrupt_weights
+
+    StableDiffusionPipeline(**tiny_sd_components).save_pretrained(tmp_path / "sd")
+    weights = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    key = corrupt_weights(str(tmp_path / "sd" / component / weights), corruption, outside=str(tmp_path))
+    args = ["--source", str(tmp_path / "sd"), "--output_path", str(tmp_path / "out"), "--stage_boundaries", "500"]
+    with pytest.raises(ValueError, match="outside the folder" if corruption == "link" else key):
+        unet_to_multistage.main(unet_to_multistage.parse_args(args))
+    assert not (tmp_path / "out").exists()

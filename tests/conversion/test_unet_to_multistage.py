@@ -189,3 +189,43 @@ def test_a_tolerance_no_difference_can_meet_is_a_usage_error(ddpm_folder, capsys
             unet_to_multistage.parse_args([*args, "--tolerance", tolerance])
         assert f"argument --tolerance: must be a number >= 0, got '{tolerance}'" in capsys.readouterr().err
     assert unet_to_multistage.parse_args([*args, "--tolerance", "0"]).tolerance == 0.0
+
+
+def test_a_half_precision_source_stays_half_precision(tmp_path, capsys):
+    # the converted unet was written in float32: twice the source's size, for weights that are float16 values
+    DDPMPipeline(unet=tiny_unet().half(), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "fp16")
+    convert(str(tmp_path / "fp16"), str(tmp_path / "out"), "--stage_boundaries", "500", "--verify", "--tolerance", "0")
+    assert capsys.readouterr().out.count("max |source - converted| = 0.000e+00") == 3
+    weights = load_file(str(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+
+
+def test_boundary_units_with_plan_is_a_usage_error(ddpm_folder, capsys):
+    # --plan takes its units from the scheduler: --boundary_units was silently ignored
+    args = ["--source", ddpm_folder, "--output_path", "x", "--plan", "snr"]
+    with pytest.raises(SystemExit):
+        unet_to_multistage.parse_args([*args, "--boundary_units", "sigma"])
+    assert "--boundary_units sigma is for --stage_boundaries" in capsys.readouterr().err
+    assert (
+        unet_to_multistage.parse_args(
+            ["--source", ddpm_folder, "--output_path", "x", "--stage_boundaries", "500"]
+        ).boundary_units
+        == "timestep"
+    )
+
+
+def test_a_learned_time_embedding_verifies_with_integer_timesteps(tmp_path, capsys):
+    # --verify probed each stage at a float timestep (250.0): a learned (nn.Embedding) time embedding needs integers,
+    # and the check was a torch RuntimeError on both scripts
+    from diffusers_stages.conversion import multistage_to_unet
+
+    torch.manual_seed(0)
+    UNet2DModel(**TINY_UNET, time_embedding_type="learned", num_train_timesteps=1000).save_pretrained(
+        tmp_path / "unet"
+    )
+    convert(
+        str(tmp_path / "unet"), str(tmp_path / "staged"), "--stage_boundaries", "500", "--verify", "--tolerance", "0"
+    )
+    args = ["--source", str(tmp_path / "staged"), "--stage", "1", "--output_path", str(tmp_path / "stage1")]
+    multistage_to_unet.main(multistage_to_unet.parse_args([*args, "--verify", "--tolerance", "0"]))
+    assert capsys.readouterr().out.count("= 0.000e+00") == 4  # two stages, the samples, the export
