@@ -345,8 +345,8 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         dtype = compute_dtype(self.time_embedding.linear_1)
         emb = self.time_embedding(self.time_proj(timesteps).to(dtype=dtype))
         if self.class_embedding is not None:
-            if self.config.class_embed_type == "timestep":  # one label as a 0-d tensor too (`Timesteps` takes 1-D)
-                class_labels = self.time_proj(class_labels.reshape(-1))
+            if self.config.class_embed_type == "timestep":  # one label as a 0-d tensor too (`Timesteps` takes 1-D);
+                class_labels = self.time_proj(class_labels.reshape(-1)).to(dtype=dtype)  # float32: cast as the time's
             emb = emb + self.class_embedding(class_labels).to(dtype=dtype)
 
         # down path and middle block

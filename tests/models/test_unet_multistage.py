@@ -444,6 +444,19 @@ def test_one_class_label_as_a_number_tensor_serves_a_timestep_class_embedding(ti
         assert torch.allclose(staged(x, t, class_labels=torch.tensor(7)).sample, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_timestep_class_embedding_runs_in_a_cast_model(tiny_unet_kwargs, dtype):
+    # the labels' sinusoidal projection is float32: it entered the cast class embedding as is ("mat1 and mat2 must
+    # have the same dtype", as in diffusers' UNet2DModel); now it is cast to the embedding's dtype, as the time's is
+    torch.manual_seed(0)
+    model = MultiStageUNet2DModel(**tiny_unet_kwargs, class_embed_type="timestep", stage_boundaries=(500,)).eval()
+    x, t, labels = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), torch.tensor([3, 7])
+    with torch.no_grad():
+        expected = model(x, t, class_labels=labels).sample
+        out = model.to(dtype)(x.to(dtype), t, class_labels=labels).sample
+    assert out.dtype == dtype and torch.allclose(out.float(), expected, atol=5e-2)
+
+
 def test_peft_lora_training_works_on_the_unconditional_model(tiny_multistage):
     """diffusers' `UNet2DModel` has no LoRA loader, nor does this model, but PEFT injects LoRA layers into it
     directly (LoRA training): the injected model gives the base model's output, and a mixed batch trains the
