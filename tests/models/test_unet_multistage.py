@@ -84,6 +84,22 @@ def test_from_unet_with_skip_blocks_and_fourier_embedding():
         assert torch.allclose(staged(x, t).sample, unet(x, t).sample, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_fourier_model_cast_to_half_precision_returns_its_dtype(dtype):
+    # the output is divided by the float32 timesteps: a half-precision model returned float32 (as diffusers'
+    # UNet2DModel does), so a sampling loop's next sample was float32 and the model refused it (not its dtype)
+    torch.manual_seed(0)
+    model = MultiStageUNet2DModel(**TINY_UNET, time_embedding_type="fourier", stage_boundaries=(0.5,),
+                                  boundary_units="sigma").eval()  # fmt: skip
+    x, sigmas = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 2.0])
+    with torch.no_grad():
+        expected = model(x, sigmas).sample
+        out = model.to(dtype)(x.to(dtype), sigmas).sample
+        assert out.dtype == dtype and (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+        assert model.to(dtype)(out, sigmas).sample.dtype == dtype  # the next step takes it
+        assert model.float()(x, sigmas.double()).sample.dtype == torch.float32  # float64 timesteps too
+
+
 @pytest.mark.parametrize(
     "edit",
     [
