@@ -345,8 +345,8 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         dtype = compute_dtype(self.time_embedding.linear_1)
         emb = self.time_embedding(self.time_proj(timesteps).to(dtype=dtype))
         if self.class_embedding is not None:
-            if self.config.class_embed_type == "timestep":  # one label as a 0-d tensor too (`Timesteps` takes 1-D)
-                class_labels = self.time_proj(class_labels.reshape(-1))
+            if self.config.class_embed_type == "timestep":  # one label as a 0-d tensor too (`Timesteps` takes 1-D);
+                class_labels = self.time_proj(class_labels.reshape(-1)).to(dtype=dtype)  # float32: cast as the time's
             emb = emb + self.class_embedding(class_labels).to(dtype=dtype)
 
         # down path and middle block
@@ -404,9 +404,10 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         # 2. route: each stage's decoder on its own samples only (the whole batch when one stage holds it)
         out = self.decode(hidden, skips, emb, timesteps, stage_index)
 
-        # 3. fourier-embedded models predict a scaled output (as UNet2DModel)
+        # 3. fourier-embedded models predict a scaled output (as UNet2DModel), in the model's dtype (float32
+        # timesteps would promote a half-precision output)
         if self.config.time_embedding_type == "fourier":
-            out = out / timesteps.reshape((out.shape[0], *([1] * (out.ndim - 1))))
+            out = out / timesteps.reshape((out.shape[0], *([1] * (out.ndim - 1)))).to(out.dtype)
         if not return_dict:
             return (out,)
         return UNet2DOutput(sample=out)

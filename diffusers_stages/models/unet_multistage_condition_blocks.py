@@ -15,6 +15,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from ..partition import TimestepPartition
+from .checks import check_positive_integers, is_positive_integer
 from .decoders import SkipAdapters, resolve_decoder_up_block_types, resolve_decoder_widths, take_encoder_widths
 
 # the options Stable Diffusion 1.x/2.x and SDXL configs use; anything else is refused by name
@@ -78,7 +79,8 @@ CHECKED_ARGUMENTS = ("stage_boundaries", "num_train_timesteps", "boundary_units"
                      "reverse_transformer_layers_per_block", "attention_head_dim", "mid_block_type",
                      "addition_embed_type", "encoder_hid_dim", "encoder_hid_dim_type", "num_attention_heads",
                      "dual_cross_attention", "attention_type", "decoder_up_block_types", "decoder_skip_adapters",
-                     "decoder_attention_head_dim")  # fmt: skip
+                     "decoder_attention_head_dim", "in_channels", "out_channels", "conv_in_kernel",
+                     "conv_out_kernel")  # fmt: skip
 
 
 def check_config(
@@ -101,6 +103,10 @@ def check_config(
     decoder_up_block_types: Sequence[Sequence[str]] | None,
     decoder_skip_adapters: bool,
     decoder_attention_head_dim: Sequence[int | Sequence[int]] | None,
+    in_channels: int,
+    out_channels: int,
+    conv_in_kernel: int,
+    conv_out_kernel: int,
     **unsupported: Any,
 ) -> tuple[TimestepPartition, list[dict[str, Any]], dict[str, list]]:
     """Check a configuration of `MultiStageUNet2DConditionModel` (``model``) before anything is built, each problem
@@ -109,6 +115,10 @@ def check_config(
     the partition, each decoder's layout (``block_out_channels``, ``up_block_types`` and its per-block values, in
     encoder order) and the encoder's per-block values."""
     _check_supported(down_block_types=down_block_types, up_block_types=up_block_types, **unsupported)
+    check_positive_integers(in_channels=in_channels, out_channels=out_channels)
+    for name, kernel in (("conv_in_kernel", conv_in_kernel), ("conv_out_kernel", conv_out_kernel)):
+        if not is_positive_integer(kernel) or kernel % 2 == 0:  # padding (kernel - 1) // 2 keeps only odd sizes
+            raise ValueError(f"`{name}` must be an odd positive integer (the map keeps its size), got {kernel!r}.")
     num_attention_heads = attention_head_dim  # diffusers' historical naming (UNet2DConditionModel, issue 2011)
     UNet2DConditionModel._check_config(
         model,

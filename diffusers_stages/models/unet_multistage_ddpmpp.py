@@ -312,6 +312,11 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
             )
         if not isinstance(decoder_mid_blocks, bool):
             raise ValueError(f"`decoder_mid_blocks` must be True or False, got {decoder_mid_blocks!r}.")
+        if not isinstance(attention_resolutions, Sequence) or isinstance(attention_resolutions, str):
+            raise ValueError(
+                "`attention_resolutions` must be a list of resolutions (the map sizes that attend, e.g. (16,); () for "
+                f"none), got {attention_resolutions!r}."
+            )
         self.partition = self._check_config(stage_boundaries, num_train_timesteps, boundary_units, decoder_channels,
                                             sample_size, channel_mult, num_class_embeds)  # fmt: skip
         self.register_to_config(stage_boundaries=list(self.partition.boundaries))  # floats: JSON whatever was given
@@ -383,6 +388,12 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
         """Check a configuration before anything is built (a `ValueError` naming the argument; group counts are
         checked as the layers are built); returns the partition."""
         partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
+        if not isinstance(decoder_channels, Sequence) or isinstance(decoder_channels, str):
+            raise ValueError(
+                f"`decoder_channels` must be a list of widths, one per stage ({partition.num_stages} stages from "
+                f"`stage_boundaries`={tuple(stage_boundaries)}), got {decoder_channels!r}."
+            )
+        check_positive_integers(**{f"decoder_channels[{i}]": width for i, width in enumerate(decoder_channels)})
         if len(decoder_channels) != partition.num_stages:
             raise ValueError(
                 f"`decoder_channels` must give one width per stage ({partition.num_stages} stages from "

@@ -84,6 +84,22 @@ def test_from_unet_with_skip_blocks_and_fourier_embedding():
         assert torch.allclose(staged(x, t).sample, unet(x, t).sample, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_fourier_model_cast_to_half_precision_returns_its_dtype(dtype):
+    # the output is divided by the float32 timesteps: a half-precision model returned float32 (as diffusers'
+    # UNet2DModel does), so a sampling loop's next sample was float32 and the model refused it (not its dtype)
+    torch.manual_seed(0)
+    model = MultiStageUNet2DModel(**TINY_UNET, time_embedding_type="fourier", stage_boundaries=(0.5,),
+                                  boundary_units="sigma").eval()  # fmt: skip
+    x, sigmas = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 2.0])
+    with torch.no_grad():
+        expected = model(x, sigmas).sample
+        out = model.to(dtype)(x.to(dtype), sigmas).sample
+        assert out.dtype == dtype and (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+        assert model.to(dtype)(out, sigmas).sample.dtype == dtype  # the next step takes it
+        assert model.float()(x, sigmas.double()).sample.dtype == torch.float32  # float64 timesteps too
+
+
 @pytest.mark.parametrize(
     "edit",
     [
@@ -442,6 +458,19 @@ def test_one_class_label_as_a_number_tensor_serves_a_timestep_class_embedding(ti
     with torch.no_grad():
         expected = unet(x, t, class_labels=torch.tensor([7])).sample
         assert torch.allclose(staged(x, t, class_labels=torch.tensor(7)).sample, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_timestep_class_embedding_runs_in_a_cast_model(tiny_unet_kwargs, dtype):
+    # the labels' sinusoidal projection is float32: it entered the cast class embedding as is ("mat1 and mat2 must
+    # have the same dtype", as in diffusers' UNet2DModel); now it is cast to the embedding's dtype, as the time's is
+    torch.manual_seed(0)
+    model = MultiStageUNet2DModel(**tiny_unet_kwargs, class_embed_type="timestep", stage_boundaries=(500,)).eval()
+    x, t, labels = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), torch.tensor([3, 7])
+    with torch.no_grad():
+        expected = model(x, t, class_labels=labels).sample
+        out = model.to(dtype)(x.to(dtype), t, class_labels=labels).sample
+    assert out.dtype == dtype and torch.allclose(out.float(), expected, atol=5e-2)
 
 
 def test_peft_lora_training_works_on_the_unconditional_model(tiny_multistage):

@@ -251,6 +251,11 @@ def test_save_and_reload_is_identical_and_strict(tiny_cond_unet, tmp_path):
         ({"decoder_attention_head_dim": (2, 2)}, "decoder_attention_head_dim"),
         ({"decoder_attention_head_dim": (2, (2, 0), 2)}, "decoder_attention_head_dim"),
         ({"decoder_attention_head_dim": (2, 2, 3)}, "attention heads"),  # 16 channels do not split into 3 heads
+        # an even kernel's padding shrinks the map: a shape error at the first forward; zero channels: empty layers
+        ({"conv_in_kernel": 4}, "`conv_in_kernel` must be an odd positive integer"),
+        ({"conv_out_kernel": 2}, "`conv_out_kernel` must be an odd positive integer"),
+        ({"in_channels": 0}, "`in_channels` must be a positive integer"),
+        ({"out_channels": 0}, "`out_channels` must be a positive integer"),
     ],
 )
 def test_bad_configurations_are_refused_by_name(tiny_cond_unet, overrides, match):

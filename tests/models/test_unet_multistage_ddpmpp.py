@@ -138,6 +138,11 @@ def test_augment_labels_of_another_shape_are_named(shape):
         ("augment_dim", -1, "`augment_dim` must be an integer >= 0.*got -1"),  # was a RuntimeError
         ("decoder_mid_blocks", "x", "`decoder_mid_blocks` must be True or False, got 'x'"),  # taken as True
         ("sample_size", 0, "`sample_size` must be a positive integer divisible by 2"),  # built silently
+        # one number where a list belongs, or a float width: TypeErrors ('int' is not iterable, has no len())
+        ("attention_resolutions", 4, r"`attention_resolutions` must be a list of resolutions.*got 4"),
+        ("attention_resolutions", "16", r"`attention_resolutions` must be a list of resolutions.*got '16'"),
+        ("decoder_channels", 16, r"`decoder_channels` must be a list of widths, one per stage.*got 16"),
+        ("decoder_channels", (24, 16.0, 8), r"`decoder_channels\[1\]` must be a positive integer, got 16.0"),
     ],
 )
 def test_bad_sizes_name_the_argument_and_the_value(name, value, message):
