@@ -144,6 +144,19 @@ def test_plan_goes_into_a_model_config_and_survives_save_and_reload(tmp_path, ti
         partition_to_model_config(dict(config, decoder_block_out_channels=[[8, 16]] * 3), plan.partition)
 
 
+def test_the_plan_goes_into_the_config_of_a_model_built_with_defaults(gray_unet_kwargs):
+    # a model's config lists the arguments left at their defaults in `_use_default_values`, and from_config drops those
+    # keys: the planned boundaries, units and timesteps (all at their defaults in `source`) must not be dropped
+    source = MultiStageUNet2DModel.from_config(gray_unet_kwargs)
+    for partition, widths in [
+        (TimestepPartition([100.0, 300.0], num_train_timesteps=500), None),
+        (TimestepPartition([0.5, 2.0], units="sigma"), [(4, 8), (8, 16), (12, 24)]),
+    ]:
+        model = MultiStageUNet2DModel.from_config(partition_to_model_config(source, partition, widths))
+        assert model.partition == partition
+        assert model.config.decoder_block_out_channels == (widths and [list(w) for w in widths])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input
 @pytest.mark.parametrize(
