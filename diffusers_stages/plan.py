@@ -106,6 +106,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--budget needs --model_config (the model whose decoder widths are planned).")
     if (args.num_inference_steps is not None or args.batch_size != 1) and args.budget is None:
         parser.error("--num_inference_steps and --batch_size say what --budget pays for: give --budget too.")
+    # options the command would otherwise ignore
+    if not args.edm and any(
+        getattr(args, name) != parser.get_default(name) for name in ("sigma_min", "sigma_max", "rho")
+    ):
+        parser.error(
+            "--sigma_min, --sigma_max and --rho shape the --edm schedule: give --edm too (the default DDPM schedule "
+            "and a --scheduler_config have their own noise levels)."
+        )
+    if args.model_path and args.method != "gradient":
+        parser.error(f"--model_path is read by --method gradient only, not {args.method}: drop it or use gradient.")
+    if args.train_data_dir and any(
+        getattr(args, name) != parser.get_default(name) for name in ("image_column", "split")
+    ):
+        parser.error("--image_column and --split choose what is read of a --dataset, not of --train_data_dir.")
     try:
         check_args(args)
     except ValueError as error:

@@ -92,6 +92,21 @@ def test_bad_command_lines_are_refused(digit_folder):
         run(["--method", "snr", "--output_config", "x.json"])  # needs --model_config
 
 
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (["--sigma_max", "10"], "--sigma_min, --sigma_max and --rho"),  # shape only the --edm schedule
+        (["--rho", "3", "--scheduler_config", "x.json"], "--sigma_min, --sigma_max and --rho"),
+        (["--model_path", "model"], "--model_path"),  # read by --method gradient only
+        (["--split", "test"], "--image_column and --split"),  # of a --dataset, not of an image folder
+    ],
+)
+def test_options_the_command_would_ignore_are_refused(digit_folder, capsys, options, named):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", str(digit_folder), *FAST, *options])
+    assert exit_info.value.code == 2 and named in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["truncated", "text"])
 def test_a_bad_image_file_is_named_before_planning(digit_folder, tmp_path, kind):
     folder = tmp_path / "images"
