@@ -318,6 +318,12 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     check_settings(args.tolerance, args.num_levels, args.num_images)  # before any model or data is loaded
     check_output_file(args.plot, "--plot")
     if args.pipeline:
+        given = [f"`--{name}`" for name in ("shallow", "deep", "scheduler") if getattr(args, name) is not None]
+        if given:  # the pipeline's models and scheduler would be measured, these ignored
+            raise ValueError(
+                f"`--pipeline` holds the models: {', '.join(given)} would be ignored. Give `--pipeline DIR`, or "
+                "`--shallow DIR --deep DIR --scheduler DIR` without it."
+            )
         check_dual_backbone_folder(args.pipeline)
 
     shallow, deep, scheduler = _load_models(args)

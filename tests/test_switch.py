@@ -91,6 +91,8 @@ def test_command_prints_the_switch_and_saves_the_plot(tiny_unet_kwargs, tmp_path
         (["--num_levels", "1"], "`num_levels` must be an integer >= 2, got 1"),
         (["--num_images", "0"], "`num_images` must be an integer >= 1, got 0"),
         (["--tolerance", "nan"], "`tolerance` must be a non-negative number, got nan"),
+        (["--shallow", "other"], "`--pipeline` holds the models: `--shallow`"),  # would be ignored
+        (["--scheduler", "other"], "`--pipeline` holds the models: `--scheduler`"),
     ],
 )
 def test_command_refuses_bad_settings_before_loading_anything(argv, match):
