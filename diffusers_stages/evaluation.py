@@ -228,7 +228,8 @@ class Evaluator:
 
 
 def _check_images(images: torch.Tensor, name: str) -> None:
-    """A batch of at least two finite floating-point images ``(N, C, H, W)``, or a `ValueError` naming ``name``."""
+    """A batch of at least two finite floating-point images ``(N, C, H, W)`` that can be in ``[-1, 1]`` (slightly
+    outside is fine: unclamped samples, added noise), or a `ValueError` naming ``name``."""
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"`{name}` must be a batch (N >= 2, C, H, W), got shape {shape}.")
@@ -238,3 +239,9 @@ def _check_images(images: torch.Tensor, name: str) -> None:
         )
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"`{name}` hold NaN or infinite values: the Frechet distance would be meaningless.")
+    low, high = float(images.min()), float(images.max())
+    if low >= 0 and high > 1:  # no pixel below mid-grey and some past white: levels in [0, 255] (or [0, x]) as floats
+        raise ValueError(
+            f"`{name}` must be in [-1, 1], got values in [{low:g}, {high:g}] (levels in [0, 255]: "
+            "`images / 127.5 - 1`; in [0, 1]: `images * 2 - 1`)."
+        )
