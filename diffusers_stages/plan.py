@@ -139,6 +139,8 @@ def check_args(args: argparse.Namespace) -> None:
            if getattr(args, option) is not None}
     )  # fmt: skip
     check_input_file(args.model_config, "--model_config", json_object=True)
+    if args.model_config is not None:
+        _check_model_config(args.model_config)
     if args.scheduler_config is not None:
         check_input_file(_scheduler_config_file(args.scheduler_config), "--scheduler_config", json_object=True)
     if args.model_path is not None:
@@ -150,6 +152,33 @@ def check_args(args: argparse.Namespace) -> None:
             f"`--output_config` {args.output_config!r} is the `--model_config` file: writing the plan there would "
             "replace the source config; give another path."
         )
+
+
+PLANNED_FROM = ("UNet2DModel", "MultiStageUNet2DModel")  # the configs whose encoder the planned stages share
+
+
+def _check_model_config(path: str) -> None:
+    """Refuse a ``--model_config`` that is not a config of `PLANNED_FROM` or does not build one (built on the
+    ``meta`` device: no memory): the planned config would not load."""
+    import diffusers
+
+    import diffusers_stages
+
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    name = config.get("_class_name", "UNet2DModel")  # a config without a class name: read as a UNet2DModel's
+    if name not in PLANNED_FROM:
+        raise ValueError(
+            f"`--model_config` {path!r} is a {name} config: the plan is written into a config of one of "
+            f"{', '.join(PLANNED_FROM)} (their stages share its encoder)."
+        )
+    try:
+        with torch.device("meta"):
+            getattr(diffusers_stages if name.startswith("MultiStage") else diffusers, name).from_config(config)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
+        raise ValueError(
+            f"`--model_config` {path!r} does not build a {name}: {type(error).__name__}: {error}"
+        ) from None
 
 
 def _scheduler_config_file(path: str) -> str:

@@ -157,6 +157,26 @@ def test_a_budget_plans_the_decoder_widths_of_the_written_config(digit_folder, t
 
 
 @pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}, "is a DDPMScheduler config"),  # was a KeyError
+        ({"_class_name": "UNet2DConditionModel"}, "is a UNet2DConditionModel config"),  # was written, did not load
+        ({"block_out_channels": [8, 16], "norm_num_groups": 32}, "does not build a UNet2DModel: ValueError"),
+    ],
+)
+def test_a_model_config_no_planned_model_can_be_built_from_is_refused_before_any_image_is_read(
+    tmp_path, capsys, config, match
+):
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(config))
+    missing = str(tmp_path / "no-such-folder")  # never read: the config is checked first
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", missing, *FAST, "--model_config", str(model_config), "--output_config", "x.json"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"`--model_config` {str(model_config)!r}" in err and match in err
+
+
+@pytest.mark.parametrize(
     "option, value", [("--budget", "nan"), ("--budget", "-1"), ("--num_inference_steps", "0"), ("--batch_size", "-2")]
 )
 def test_bad_budget_options_are_refused_by_name_before_any_image_is_read(tmp_path, capsys, option, value):
