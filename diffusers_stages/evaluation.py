@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
+from .cli import write_atomically
 from .models.checks import check_positive_integers, positive_integer_arguments
 
 T = TypeVar("T")
@@ -156,13 +157,8 @@ def train_classifier(
         loss.backward()
         optimizer.step()
     if cache_path is not None:  # written beside it, then renamed: an interrupted write leaves no half file to load
-        partial = f"{cache_path}.partial-{os.getpid()}"
-        try:
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, partial)
-            os.replace(partial, cache_path)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+        weights = {k: v.contiguous() for k, v in net.state_dict().items()}
+        write_atomically(cache_path, lambda partial: save_file(weights, partial))
     return net.eval().requires_grad_(False)
 
 

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from .cli import check_input_file, check_output_file, load_saved_folder, make_parent_folder
+from .cli import check_input_file, check_output_file, load_saved_folder, write_atomically
 from .models.checks import check_device, check_positive_integers
 from .planning import (
     METHODS,
@@ -181,6 +181,26 @@ def _check_model_config(path: str) -> None:
         ) from None
 
 
+def _check_planned_config(planned: dict) -> None:
+    """Refuse to write a planned config that `MultiStageUNet2DModel.from_config` would not take (built on the
+    ``meta`` device)."""
+    from .models.unet_multistage import MultiStageUNet2DModel
+
+    try:
+        with torch.device("meta"):
+            MultiStageUNet2DModel.from_config(planned)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
+        raise ValueError(
+            f"The planned config does not build a MultiStageUNet2DModel ({type(error).__name__}: {error}); it was not "
+            "written. Fix `--model_config`."
+        ) from None
+
+
+def _write_json(config: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+
+
 def _scheduler_config_file(path: str) -> str:
     """A scheduler config given as a file or as a folder holding ``scheduler_config.json``."""
     return os.path.join(path, "scheduler_config.json") if os.path.isdir(path) else path
@@ -302,12 +322,15 @@ def plan_command(args: argparse.Namespace) -> dict:
     if config is not None:
         widths = _decoder_widths(args, plan, config, data, schedule, result)
         if args.output_config:
-            with open(make_parent_folder(args.output_config), "w", encoding="utf-8") as f:
-                planned = partition_to_model_config(config, plan.partition, widths)
-                json.dump({**planned, "_class_name": "MultiStageUNet2DModel"}, f, indent=2)
+            planned = {
+                **partition_to_model_config(config, plan.partition, widths),
+                "_class_name": "MultiStageUNet2DModel",
+            }
+            _check_planned_config(planned)
+            write_atomically(args.output_config, lambda path: _write_json(planned, path))
             print(f"  model config written to {args.output_config}")
     if args.output_plot:
-        print(f"  plot written to {plot_plan(plan, make_parent_folder(args.output_plot))}")
+        print(f"  plot written to {write_atomically(args.output_plot, lambda path: plot_plan(plan, path))}")
     print(json.dumps(result))
     return result
 

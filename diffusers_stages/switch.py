@@ -21,7 +21,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import check_output_file, load_saved_folder, make_parent_folder
+from .cli import check_output_file, load_saved_folder, write_atomically
 from .conventions import class_embedding_count, null_class_label, num_data_classes
 from .loss import diffusion_loss
 from .models.checks import check_positive_integers
@@ -220,9 +220,10 @@ def plot_switch(found: SwitchRecommendation, path: str | os.PathLike, flops_rati
     ax.set_title(f"Dual-backbone switch, tolerance {found.tolerance:g}{extra}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    # at exactly ``path``, whatever its extension (matplotlib would add one)
-    fig.savefig(make_parent_folder(path), format="png")
-    plt.close(fig)
+    try:  # at exactly ``path``, whatever its extension (matplotlib would add one), replaced whole
+        write_atomically(path, lambda partial: fig.savefig(partial, format="png"))
+    finally:
+        plt.close(fig)
     return str(path)
 
 

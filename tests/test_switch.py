@@ -234,3 +234,23 @@ def test_a_scheduler_without_a_training_noise_schedule_is_refused_by_name(tiny_u
     images = torch.rand(2, 1, *(2 * [tiny_unet_kwargs["sample_size"]])) * 2 - 1
     with pytest.raises(ValueError, match="`scheduler` FlowMatchEulerDiscreteScheduler"):  # was an AttributeError
         recommend_switch(model, model, FlowMatchEulerDiscreteScheduler(), images, num_levels=2)
+
+
+def test_an_interrupted_plot_leaves_an_earlier_plot_as_it_was(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from diffusers_stages.switch import SwitchRecommendation, plot_switch
+
+    found = SwitchRecommendation(torch.tensor([0, 500, 999]), torch.ones(3), torch.ones(3), 0.05, 500.0, "timestep")
+    plot = tmp_path / "switch.png"
+    plot.write_text("earlier plot")
+
+    def interrupted(figure, path, **kwargs):
+        with open(path, "w") as f:
+            f.write("half")  # as a full disk or Ctrl-C mid-write leaves it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        plot_switch(found, plot)
+    assert plot.read_text() == "earlier plot" and [p.name for p in tmp_path.iterdir()] == ["switch.png"]

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import matplotlib.figure
 import numpy as np
 import pytest
 import torch
@@ -174,6 +175,44 @@ def test_a_model_config_no_planned_model_can_be_built_from_is_refused_before_any
         run(["--train_data_dir", missing, *FAST, "--model_config", str(model_config), "--output_config", "x.json"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"`--model_config` {str(model_config)!r}" in err and match in err
+
+
+def test_outputs_are_replaced_whole_or_left_as_they_were(digit_folder, tmp_path, monkeypatch, tiny_unet_kwargs):
+    model_config, output_config, plot = tmp_path / "config.json", tmp_path / "planned.json", tmp_path / "plan.png"
+    model_config.write_text(json.dumps(dict(tiny_unet_kwargs, in_channels=1, out_channels=1)))
+    output_config.write_text("earlier plan")
+    plot.write_text("earlier plot")
+
+    def half_written(obj, f, **kwargs):  # the write stops half-way (a full disk, Ctrl-C)
+        f.write("{")
+        raise OSError("No space left on device")
+
+    def half_saved(figure, path, **kwargs):
+        half_written(None, open(path, "w"))
+
+    common = ["--train_data_dir", str(digit_folder), *FAST, "--model_config", str(model_config)]
+    for patched, name, replacement, output in (
+        (json, "dump", half_written, ["--output_config", str(output_config)]),
+        (matplotlib.figure.Figure, "savefig", half_saved, ["--output_plot", str(plot)]),
+    ):
+        with monkeypatch.context() as patch:
+            patch.setattr(patched, name, replacement)
+            with pytest.raises(OSError):
+                run([*common, *output])
+        assert output_config.read_text() == "earlier plan" and plot.read_text() == "earlier plot"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "config.json",
+            "plan.png",
+            "planned.json",
+        ]  # no half file
+    output_config.write_text("earlier plan")
+    # a planned config that would not load is refused before anything is written (3 stages, 2 decoder block types)
+    config = dict(tiny_unet_kwargs, in_channels=1, out_channels=1, stage_boundaries=[500])
+    model_config.write_text(json.dumps({**config, "_class_name": "MultiStageUNet2DModel",
+                                        "decoder_up_block_types": [config["up_block_types"]] * 2}))  # fmt: skip
+    with pytest.raises(ValueError, match="The planned config does not build a MultiStageUNet2DModel"):
+        run([*common, "--output_config", str(output_config)])
+    assert output_config.read_text() == "earlier plan"
 
 
 @pytest.mark.parametrize(
