@@ -219,7 +219,12 @@ def _scheduler_from_config(path: str):
     scheduler_class = exported_class(name, SchedulerMixin, (diffusers,))
     if scheduler_class is None:
         raise ValueError(f"`--scheduler_config` {path!r} names no diffusers scheduler (_class_name {name!r}).")
-    return scheduler_class.from_config(config)
+    try:
+        return scheduler_class.from_config(config)
+    except (ValueError, TypeError, KeyError, NotImplementedError, RuntimeError) as error:  # a value it cannot take
+        raise ValueError(
+            f"`--scheduler_config` {path!r} does not build a {name}: {type(error).__name__}: {error}"
+        ) from None
 
 
 def _schedule(args: argparse.Namespace) -> tuple[NoiseSchedule, object]:

@@ -216,6 +216,19 @@ def test_outputs_are_replaced_whole_or_left_as_they_were(digit_folder, tmp_path,
 
 
 @pytest.mark.parametrize(
+    "config, cause",
+    [
+        ({"_class_name": "DDPMScheduler", "beta_schedule": "bogus"}, "NotImplementedError"),  # were tracebacks
+        ({"_class_name": "DDPMScheduler", "trained_betas": "abc"}, "TypeError"),
+    ],
+)
+def test_a_scheduler_config_that_builds_no_scheduler_is_refused_by_name(tmp_path, config, cause):
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"`--scheduler_config` .* does not build a DDPMScheduler: {cause}"):
+        run(["--method", "uniform", "--num_levels", "10", "--scheduler_config", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
     "option, value", [("--budget", "nan"), ("--budget", "-1"), ("--num_inference_steps", "0"), ("--batch_size", "-2")]
 )
 def test_bad_budget_options_are_refused_by_name_before_any_image_is_read(tmp_path, capsys, option, value):

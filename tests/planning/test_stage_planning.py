@@ -216,6 +216,9 @@ def test_bad_schedules_are_refused():
         NoiseSchedule.edm(sigma_min=1.0, sigma_max=0.5)
     with pytest.raises(ValueError, match="`num_levels` must be an integer in \\[3, 1000\\], got 2"):
         NoiseSchedule.from_scheduler(DDPMScheduler(), num_levels=2)
+    # a beta above 1 gives negative alphas_cumprod, so NaN signal scales (were planned on: NaN similarities)
+    with pytest.raises(ValueError, match="`signal_scale` must be finite and >= 0 at every level, got nan"):
+        NoiseSchedule.from_scheduler(DDPMScheduler(4, trained_betas=[0.1, 0.2, 1.5, 0.3]), num_levels=4)
 
 
 def test_the_plot_draws_alpha_and_the_running_means_that_cross_it(digits, tmp_path, monkeypatch):
