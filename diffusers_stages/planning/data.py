@@ -34,6 +34,12 @@ def open_image_file(path: str, argument: str = "train_data_dir") -> Image.Image:
             f"`{argument}` holds a floating-point image (mode 'F'), which has no fixed range of grey levels: {path!r}. "
             "Save it as an 8- or 16-bit image."
         )
+    if image.mode == "I" and image.getextrema()[1] > 255:  # converting to grey would clip every level past 255
+        raise ValueError(
+            f"`{argument}` holds a 32-bit integer image (mode 'I') with levels up to {image.getextrema()[1]}, which "
+            f"has no fixed range of grey levels (converted, every level past 255 would be white): {path!r}. Save it "
+            "as an 8- or 16-bit image."
+        )
     return image
 
 
