@@ -242,6 +242,18 @@ def _load_data(name: str, resolution: int, channels: int, num_images: int) -> to
     return load_images(**source, resolution=resolution, num_channels=channels, max_images=num_images)
 
 
+def _image_side(sample_size) -> int:
+    """The side of the square images the models are measured on: ``sample_size``, an int or a pair of equal sides
+    (diffusers takes ``(8, 8)``, saved as a list)."""
+    sides = {sample_size} if isinstance(sample_size, int) else set(sample_size)
+    if len(sides) != 1:
+        raise ValueError(
+            f"The switch is measured on square images, but the deep model's `sample_size` is {sample_size}: give "
+            "models of square images."
+        )
+    return sides.pop()
+
+
 def _class_labels(config, data: str, num_images: int) -> tuple[torch.Tensor | None, str]:
     """Labels for a class-conditional pair, and what they are: the digits' own classes when the models have their 10,
     else the unconditional label (the one classifier-free guidance trains) for every image; None for unconditional
@@ -329,7 +341,7 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
 
     shallow, deep, scheduler = _load_models(args)
     config = deep.config
-    images = _load_data(args.data, config.sample_size, config.in_channels, args.num_images)
+    images = _load_data(args.data, _image_side(config.sample_size), config.in_channels, args.num_images)
     labels, labelled = _class_labels(config, args.data, len(images))
     if labels is not None:
         print(f"class labels: {labelled}")

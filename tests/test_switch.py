@@ -254,3 +254,23 @@ def test_an_interrupted_plot_leaves_an_earlier_plot_as_it_was(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         plot_switch(found, plot)
     assert plot.read_text() == "earlier plot" and [p.name for p in tmp_path.iterdir()] == ["switch.png"]
+
+
+def test_command_measures_models_whose_sample_size_is_a_pair(tiny_unet_kwargs, tmp_path):
+    # diffusers takes sample_size=(8, 8) (saved as a list): the command failed on it (a TypeError, or `resolution`)
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1, "sample_size": (8, 8)}
+    torch.manual_seed(0)
+    pipe = DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(tmp_path / "b.png")
+    common = ["--pipeline", str(tmp_path / "pipe"), "--num_images", "4", "--num_levels", "3", "--plot"]
+    for data in ("digits", str(tmp_path)):
+        assert len(main([*common, str(tmp_path / "switch.png"), "--data", data]).levels) == 3
+    for model in (pipe.shallow, pipe.deep):
+        model.register_to_config(sample_size=[8, 16])
+    pipe.save_pretrained(tmp_path / "wide")
+    with pytest.raises(
+        ValueError, match="measured on square images, but the deep model's `sample_size` is \\[8, 16\\]"
+    ):
+        main(["--pipeline", str(tmp_path / "wide"), "--plot", str(tmp_path / "switch.png")])
