@@ -99,18 +99,23 @@ def denoising_error(
     """Mean denoising loss of ``model`` on ``images`` at each noise level, on ``scheduler``'s training noise
     ([`training_scheduler`]); the noise depends only on ``seed``, so two models are compared on the very same noisy
     inputs."""
+    from .training.state import eval_mode
+
     scheduler = training_scheduler(scheduler)
     errors = torch.zeros(len(levels), dtype=torch.float64)
     device = next(model.parameters()).device
-    for i, level in enumerate(levels):
-        generator = torch.Generator().manual_seed(seed + i)
-        for start in range(0, len(images), batch_size):
-            clean = images[start : start + batch_size]
-            noise = torch.randn(clean.shape, generator=generator)
-            labels = None if class_labels is None else class_labels[start : start + batch_size].to(device)
-            t = level.repeat(len(clean)).to(device)
-            loss = diffusion_loss(model, scheduler, clean.to(device), t, noise=noise.to(device), class_labels=labels)
-            errors[i] += loss.double().sum().cpu()
+    with eval_mode({"model": model}):  # no dropout (a model just trained is in training mode): the seed alone decides
+        for i, level in enumerate(levels):
+            generator = torch.Generator().manual_seed(seed + i)
+            for start in range(0, len(images), batch_size):
+                clean = images[start : start + batch_size]
+                noise = torch.randn(clean.shape, generator=generator)
+                labels = None if class_labels is None else class_labels[start : start + batch_size].to(device)
+                t = level.repeat(len(clean)).to(device)
+                loss = diffusion_loss(
+                    model, scheduler, clean.to(device), t, noise=noise.to(device), class_labels=labels
+                )
+                errors[i] += loss.double().sum().cpu()
     return errors / len(images)
 
 

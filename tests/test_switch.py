@@ -274,3 +274,14 @@ def test_command_measures_models_whose_sample_size_is_a_pair(tiny_unet_kwargs, t
         ValueError, match="measured on square images, but the deep model's `sample_size` is \\[8, 16\\]"
     ):
         main(["--pipeline", str(tmp_path / "wide"), "--plot", str(tmp_path / "switch.png")])
+
+
+def test_the_errors_depend_on_the_seed_alone_for_models_left_in_training_mode(tiny_unet_kwargs):
+    # a model just trained is in training mode: its dropout drew from the global random state at every call
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1, "dropout": 0.5}
+    torch.manual_seed(0)
+    shallow, deep = UNet2DModel(**shape).train(), UNet2DModel(**shape).train()
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    first, again = (recommend_switch(shallow, deep, DDPMScheduler(), images, num_levels=3) for _ in range(2))
+    assert torch.equal(first.deep_error, again.deep_error) and torch.equal(first.shallow_error, again.shallow_error)
+    assert shallow.training and deep.training  # left as they were
