@@ -19,6 +19,7 @@ from diffusers_stages.planning import (
     stage_difficulty,
     suggest_decoder_widths,
 )
+from diffusers_stages.planning.baselines import gradient_affinity
 
 
 @pytest.fixture
@@ -92,6 +93,20 @@ def test_gradient_baseline_with_and_without_a_model(digits, gray_unet_kwargs, ti
         schedule, 3, tiny_multistage, torch.rand(16, 3, 8, 8) * 2 - 1, num_gradient_levels=8, batch_size=4
     )
     assert plan.partition.num_stages == 3
+
+
+def test_gradient_affinity_depends_on_the_seed_alone_and_leaves_the_model_as_it_was(gray_unet_kwargs):
+    # a model just trained runs its dropout on the global random state; a frozen one (requires_grad False) had no
+    # gradients to compare (an IndexError)
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 10)
+    torch.manual_seed(0)
+    model, data = UNet2DModel(**gray_unet_kwargs, dropout=0.5).train(), torch.rand(4, 1, 8, 8) * 2 - 1
+    seeded = [torch.Generator().manual_seed(0) for _ in range(3)]  # not the global generator dropout draws from
+    first, again = (gradient_affinity(model, data, schedule, [0, 5, 9], seeded[i]) for i in range(2))
+    assert torch.equal(first, again) and model.training
+    model.eval().requires_grad_(False)
+    assert torch.equal(gradient_affinity(model, data, schedule, [0, 5, 9], seeded[2]), first)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------------
