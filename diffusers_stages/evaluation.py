@@ -21,6 +21,7 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -120,8 +121,8 @@ def train_classifier(
     progress_bar: bool = False,
 ) -> FeatureClassifier:
     """Train a [`FeatureClassifier`] on ``images`` ``(N, C, H, W)`` in ``[-1, 1]`` and their class ``labels``
-    (seeded: same seed, same weights), or load it from ``cache_path`` (a safetensors file) when that exists; a newly
-    trained one is saved there. ``num_classes`` defaults to the largest label + 1."""
+    (seeded: same seed, same weights), or load it from ``cache_path`` (a safetensors file) when that exists (one of
+    another classifier is a `ValueError`); a newly trained one is saved there. ``num_classes`` defaults to the largest label + 1."""
     if images.ndim != 4 or len(images) != len(labels) or len(images) < 2:
         raise ValueError(
             f"`images` must be a batch (N >= 2, C, H, W) with one label each, got shape {tuple(images.shape)} and "
@@ -143,7 +144,13 @@ def train_classifier(
         torch.manual_seed(seed)
         net = FeatureClassifier(images.shape[-1], images.shape[1], width=width, num_classes=num_classes)
     if cache_path is not None and os.path.isfile(cache_path):
-        net.load_state_dict(load_file(cache_path))
+        try:
+            net.load_state_dict(load_file(cache_path))
+        except (RuntimeError, SafetensorError, OSError) as error:  # other widths, image size or classes; not weights
+            raise ValueError(
+                f"`cache_path` {cache_path!r} holds another classifier than the one asked for ({type(error).__name__}: "
+                f"{str(error).splitlines()[0]}): delete it or give another path."
+            ) from None
         return net.eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     labels = labels.to(net.head.weight.device)  # the classifier's (images get there in `_features`), moved once

@@ -225,3 +225,14 @@ def test_classifier_and_evaluator_take_images_and_labels_on_an_accelerator(digit
     for a, b in zip(net.state_dict().values(), expected.state_dict().values()):
         assert torch.equal(a, b)
     assert np.isfinite(scores["fd"]) and 0 <= scores["accuracy"] <= 1
+
+
+def test_a_cache_file_of_another_classifier_is_refused_by_name(digits, tmp_path):
+    images, labels, _, _ = digits
+    path = str(tmp_path / "classifier.safetensors")
+    train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)  # width 16
+    with pytest.raises(ValueError, match="`cache_path` .* holds another classifier .*: delete it or give another"):
+        train_classifier(images[:64], labels[:64], max_steps=1, width=8, cache_path=path)  # was a RuntimeError
+    (tmp_path / "classifier.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="`cache_path` .* holds another classifier"):
+        train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)
