@@ -67,6 +67,11 @@ def test_folder_and_saved_dataset_load_the_same_images(digit_folder, tmp_path):
     assert torch.equal(from_folder, from_dataset)
     with pytest.raises(ValueError, match="`image_column` 'image' is not a column"):
         load_images(dataset=str(tmp_path / "ds"), resolution=8)
+    # the image folder's refusals hold for a dataset's images too (a floating-point image was read as all black)
+    float_images = [Image.fromarray(np.full((8, 8), v, dtype=np.float32)) for v in (0.2, 0.8)]
+    datasets.Dataset.from_dict({"image": float_images}).save_to_disk(str(tmp_path / "float"))
+    with pytest.raises(ValueError, match="`dataset` holds a floating-point image \\(mode 'F'\\).*row 0"):
+        load_images(dataset=str(tmp_path / "float"), resolution=8)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="No images found"):
         load_images(train_data_dir=str(tmp_path / "empty"), resolution=8)
