@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train_data_dir",
         help="A folder of training images (searched recursively; files not ending in an image extension such as "
         ".png or .jpg are skipped). Every image file is decoded before planning: one that is not a readable image "
-        "(truncated, or not an image) is an error naming it; at least 2 different images. Any size and mode: each is "
+        "(truncated, or not an image) is an error naming it; at least 2 different images. Any size, 8- or 16-bit levels: each is "
         "converted to --num_channels, resized and centre-cropped to --resolution. Not read by --method uniform, snr "
         "and snr_clustering unless --model_config is given (the decoder widths are measured on the images).",
     )
