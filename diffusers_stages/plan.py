@@ -147,11 +147,13 @@ def check_args(args: argparse.Namespace) -> None:
         check_input_file(os.path.join(args.model_path, "config.json"), "--model_path", json_object=True)
     check_output_file(args.output_plot, "--output_plot")
     check_output_file(args.output_config, "--output_config")
-    if args.output_config and os.path.realpath(args.output_config) == os.path.realpath(args.model_config):
-        raise ValueError(
-            f"`--output_config` {args.output_config!r} is the `--model_config` file: writing the plan there would "
-            "replace the source config; give another path."
-        )
+    files = {"--model_config": args.model_config, "--output_config": args.output_config}
+    for option, path in (("--output_config", args.output_config), ("--output_plot", args.output_plot)):
+        for other, other_path in files.items():
+            if path and other != option and other_path and os.path.realpath(path) == os.path.realpath(other_path):
+                raise ValueError(
+                    f"`{option}` {path!r} is the `{other}` file: writing there would replace it; give another path."
+                )
 
 
 PLANNED_FROM = ("UNet2DModel", "MultiStageUNet2DModel")  # the configs whose encoder the planned stages share

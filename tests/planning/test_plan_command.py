@@ -233,6 +233,20 @@ def test_a_scheduler_config_that_builds_no_scheduler_is_refused_by_name(tmp_path
         run(["--method", "uniform", "--num_levels", "10", "--scheduler_config", str(tmp_path)])
 
 
+def test_an_output_over_an_input_or_another_output_is_refused_before_any_image_is_read(tmp_path, capsys):
+    model_config = tmp_path / "config.json"
+    model_config.write_text("{}")
+    common = ["--train_data_dir", str(tmp_path / "no-such-folder"), *FAST, "--model_config", str(model_config)]
+    for outputs, named in (
+        (["--output_plot", str(model_config)], "`--output_plot`"),  # the PNG would replace the source config
+        (["--output_config", "same", "--output_plot", "same"], "`--output_plot`"),  # the PNG would replace the plan
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run([*common, *outputs])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and named in err and "give another path" in err
+
+
 @pytest.mark.parametrize(
     "option, value", [("--budget", "nan"), ("--budget", "-1"), ("--num_inference_steps", "0"), ("--batch_size", "-2")]
 )
