@@ -66,7 +66,13 @@ def noise_levels(scheduler, num_levels: int) -> torch.Tensor:
     if is_edm_scheduler(scheduler):
         low, high = math.log(scheduler.config.sigma_min), math.log(scheduler.config.sigma_max)
         return torch.linspace(low, high, num_levels, dtype=torch.float64).exp().float()
-    return torch.linspace(0, scheduler.config.num_train_timesteps - 1, num_levels).round().long()
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    if num_levels > num_train_timesteps:  # rounded, levels would repeat: measured and counted twice
+        raise ValueError(
+            f"`num_levels`={num_levels} exceeds the {num_train_timesteps} training timesteps of the scheduler: give at "
+            f"most {num_train_timesteps}."
+        )
+    return torch.linspace(0, num_train_timesteps - 1, num_levels).round().long()
 
 
 def training_scheduler(scheduler):

@@ -285,3 +285,11 @@ def test_the_errors_depend_on_the_seed_alone_for_models_left_in_training_mode(ti
     first, again = (recommend_switch(shallow, deep, DDPMScheduler(), images, num_levels=3) for _ in range(2))
     assert torch.equal(first.deep_error, again.deep_error) and torch.equal(first.shallow_error, again.shallow_error)
     assert shallow.training and deep.training  # left as they were
+
+
+def test_more_levels_than_training_timesteps_are_refused():
+    # 25 levels over 10 timesteps measured most timesteps twice (and counted them twice in the shallow share)
+    model = Analytic(DDPMScheduler(10), exact=False)
+    with pytest.raises(ValueError, match="`num_levels`=25 exceeds the 10 training timesteps"):
+        recommend_switch(model, model, DDPMScheduler(10), torch.zeros(2, 1, 8, 8), num_levels=25)
+    assert len(recommend_switch(model, model, DDPMScheduler(10), torch.zeros(2, 1, 8, 8), num_levels=10).levels) == 10
