@@ -118,6 +118,19 @@ def make_parent_folder(path: str | os.PathLike) -> str | os.PathLike:
     return path
 
 
+def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> str | os.PathLike:
+    """Write the file ``path`` with ``write(temporary path)`` beside it, then rename it into place: a failed or
+    interrupted write leaves no half file, and a file already at ``path`` as it was. Its folders are created."""
+    partial = f"{make_parent_folder(path)}.partial-{os.getpid()}"
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.lexists(partial):
+            os.remove(partial)
+    return path
+
+
 def load_saved_folder(path: str, option: str, scheduler: bool = False):
     """A saved model folder (``config.json``) or, with ``scheduler``, a scheduler folder (``scheduler_config.json``),
     loaded with the class its config names: one of diffusers-stages' models or a diffusers class (no code is run from

@@ -21,12 +21,14 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
+from .cli import write_atomically
 from .models.checks import check_positive_integers, positive_integer_arguments
 
 T = TypeVar("T")
@@ -119,8 +121,8 @@ def train_classifier(
     progress_bar: bool = False,
 ) -> FeatureClassifier:
     """Train a [`FeatureClassifier`] on ``images`` ``(N, C, H, W)`` in ``[-1, 1]`` and their class ``labels``
-    (seeded: same seed, same weights), or load it from ``cache_path`` (a safetensors file) when that exists; a newly
-    trained one is saved there. ``num_classes`` defaults to the largest label + 1."""
+    (seeded: same seed, same weights), or load it from ``cache_path`` (a safetensors file) when that exists (one of
+    another classifier is a `ValueError`); a newly trained one is saved there. ``num_classes`` defaults to the largest label + 1."""
     if images.ndim != 4 or len(images) != len(labels) or len(images) < 2:
         raise ValueError(
             f"`images` must be a batch (N >= 2, C, H, W) with one label each, got shape {tuple(images.shape)} and "
@@ -142,7 +144,13 @@ def train_classifier(
         torch.manual_seed(seed)
         net = FeatureClassifier(images.shape[-1], images.shape[1], width=width, num_classes=num_classes)
     if cache_path is not None and os.path.isfile(cache_path):
-        net.load_state_dict(load_file(cache_path))
+        try:
+            net.load_state_dict(load_file(cache_path))
+        except (RuntimeError, SafetensorError, OSError) as error:  # other widths, image size or classes; not weights
+            raise ValueError(
+                f"`cache_path` {cache_path!r} holds another classifier than the one asked for ({type(error).__name__}: "
+                f"{str(error).splitlines()[0]}): delete it or give another path."
+            ) from None
         return net.eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     labels = labels.to(net.head.weight.device)  # the classifier's (images get there in `_features`), moved once
@@ -156,13 +164,8 @@ def train_classifier(
         loss.backward()
         optimizer.step()
     if cache_path is not None:  # written beside it, then renamed: an interrupted write leaves no half file to load
-        partial = f"{cache_path}.partial-{os.getpid()}"
-        try:
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, partial)
-            os.replace(partial, cache_path)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+        weights = {k: v.contiguous() for k, v in net.state_dict().items()}
+        write_atomically(cache_path, lambda partial: save_file(weights, partial))
     return net.eval().requires_grad_(False)
 
 
@@ -228,7 +231,8 @@ class Evaluator:
 
 
 def _check_images(images: torch.Tensor, name: str) -> None:
-    """A batch of at least two finite floating-point images ``(N, C, H, W)``, or a `ValueError` naming ``name``."""
+    """A batch of at least two finite floating-point images ``(N, C, H, W)`` that can be in ``[-1, 1]`` (slightly
+    outside is fine: unclamped samples, added noise), or a `ValueError` naming ``name``."""
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"`{name}` must be a batch (N >= 2, C, H, W), got shape {shape}.")
@@ -238,3 +242,9 @@ def _check_images(images: torch.Tensor, name: str) -> None:
         )
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"`{name}` hold NaN or infinite values: the Frechet distance would be meaningless.")
+    low, high = float(images.min()), float(images.max())
+    if low >= 0 and high > 1:  # no pixel below mid-grey and some past white: levels in [0, 255] (or [0, x]) as floats
+        raise ValueError(
+            f"`{name}` must be in [-1, 1], got values in [{low:g}, {high:g}] (levels in [0, 255]: "
+            "`images / 127.5 - 1`; in [0, 1]: `images * 2 - 1`)."
+        )

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from .cli import check_input_file, check_output_file, load_saved_folder, make_parent_folder
+from .cli import check_input_file, check_output_file, load_saved_folder, write_atomically
 from .models.checks import check_device, check_positive_integers
 from .planning import (
     METHODS,
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train_data_dir",
         help="A folder of training images (searched recursively; files not ending in an image extension such as "
         ".png or .jpg are skipped). Every image file is decoded before planning: one that is not a readable image "
-        "(truncated, or not an image) is an error naming it; at least 2 different images. Any size and mode: each is "
+        "(truncated, or not an image) is an error naming it; at least 2 different images. Any size, 8- or 16-bit levels: each is "
         "converted to --num_channels, resized and centre-cropped to --resolution. Not read by --method uniform, snr "
         "and snr_clustering unless --model_config is given (the decoder widths are measured on the images).",
     )
@@ -106,6 +106,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--budget needs --model_config (the model whose decoder widths are planned).")
     if (args.num_inference_steps is not None or args.batch_size != 1) and args.budget is None:
         parser.error("--num_inference_steps and --batch_size say what --budget pays for: give --budget too.")
+    # options the command would otherwise ignore
+    if not args.edm and any(
+        getattr(args, name) != parser.get_default(name) for name in ("sigma_min", "sigma_max", "rho")
+    ):
+        parser.error(
+            "--sigma_min, --sigma_max and --rho shape the --edm schedule: give --edm too (the default DDPM schedule "
+            "and a --scheduler_config have their own noise levels)."
+        )
+    if args.model_path and args.method != "gradient":
+        parser.error(f"--model_path is read by --method gradient only, not {args.method}: drop it or use gradient.")
+    if args.train_data_dir and any(
+        getattr(args, name) != parser.get_default(name) for name in ("image_column", "split")
+    ):
+        parser.error("--image_column and --split choose what is read of a --dataset, not of --train_data_dir.")
     try:
         check_args(args)
     except ValueError as error:
@@ -125,17 +139,68 @@ def check_args(args: argparse.Namespace) -> None:
            if getattr(args, option) is not None}
     )  # fmt: skip
     check_input_file(args.model_config, "--model_config", json_object=True)
+    if args.model_config is not None:
+        _check_model_config(args.model_config)
     if args.scheduler_config is not None:
         check_input_file(_scheduler_config_file(args.scheduler_config), "--scheduler_config", json_object=True)
     if args.model_path is not None:
         check_input_file(os.path.join(args.model_path, "config.json"), "--model_path", json_object=True)
     check_output_file(args.output_plot, "--output_plot")
     check_output_file(args.output_config, "--output_config")
-    if args.output_config and os.path.realpath(args.output_config) == os.path.realpath(args.model_config):
+    files = {"--model_config": args.model_config, "--output_config": args.output_config}
+    for option, path in (("--output_config", args.output_config), ("--output_plot", args.output_plot)):
+        for other, other_path in files.items():
+            if path and other != option and other_path and os.path.realpath(path) == os.path.realpath(other_path):
+                raise ValueError(
+                    f"`{option}` {path!r} is the `{other}` file: writing there would replace it; give another path."
+                )
+
+
+PLANNED_FROM = ("UNet2DModel", "MultiStageUNet2DModel")  # the configs whose encoder the planned stages share
+
+
+def _check_model_config(path: str) -> None:
+    """Refuse a ``--model_config`` that is not a config of `PLANNED_FROM` or does not build one (built on the
+    ``meta`` device: no memory): the planned config would not load."""
+    import diffusers
+
+    import diffusers_stages
+
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    name = config.get("_class_name", "UNet2DModel")  # a config without a class name: read as a UNet2DModel's
+    if name not in PLANNED_FROM:
         raise ValueError(
-            f"`--output_config` {args.output_config!r} is the `--model_config` file: writing the plan there would "
-            "replace the source config; give another path."
+            f"`--model_config` {path!r} is a {name} config: the plan is written into a config of one of "
+            f"{', '.join(PLANNED_FROM)} (their stages share its encoder)."
         )
+    try:
+        with torch.device("meta"):
+            getattr(diffusers_stages if name.startswith("MultiStage") else diffusers, name).from_config(config)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
+        raise ValueError(
+            f"`--model_config` {path!r} does not build a {name}: {type(error).__name__}: {error}"
+        ) from None
+
+
+def _check_planned_config(planned: dict) -> None:
+    """Refuse to write a planned config that `MultiStageUNet2DModel.from_config` would not take (built on the
+    ``meta`` device)."""
+    from .models.unet_multistage import MultiStageUNet2DModel
+
+    try:
+        with torch.device("meta"):
+            MultiStageUNet2DModel.from_config(planned)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
+        raise ValueError(
+            f"The planned config does not build a MultiStageUNet2DModel ({type(error).__name__}: {error}); it was not "
+            "written. Fix `--model_config`."
+        ) from None
+
+
+def _write_json(config: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
 
 
 def _scheduler_config_file(path: str) -> str:
@@ -156,7 +221,12 @@ def _scheduler_from_config(path: str):
     scheduler_class = exported_class(name, SchedulerMixin, (diffusers,))
     if scheduler_class is None:
         raise ValueError(f"`--scheduler_config` {path!r} names no diffusers scheduler (_class_name {name!r}).")
-    return scheduler_class.from_config(config)
+    try:
+        return scheduler_class.from_config(config)
+    except (ValueError, TypeError, KeyError, NotImplementedError, RuntimeError) as error:  # a value it cannot take
+        raise ValueError(
+            f"`--scheduler_config` {path!r} does not build a {name}: {type(error).__name__}: {error}"
+        ) from None
 
 
 def _schedule(args: argparse.Namespace) -> tuple[NoiseSchedule, object]:
@@ -259,12 +329,15 @@ def plan_command(args: argparse.Namespace) -> dict:
     if config is not None:
         widths = _decoder_widths(args, plan, config, data, schedule, result)
         if args.output_config:
-            with open(make_parent_folder(args.output_config), "w", encoding="utf-8") as f:
-                planned = partition_to_model_config(config, plan.partition, widths)
-                json.dump({**planned, "_class_name": "MultiStageUNet2DModel"}, f, indent=2)
+            planned = {
+                **partition_to_model_config(config, plan.partition, widths),
+                "_class_name": "MultiStageUNet2DModel",
+            }
+            _check_planned_config(planned)
+            write_atomically(args.output_config, lambda path: _write_json(planned, path))
             print(f"  model config written to {args.output_config}")
     if args.output_plot:
-        print(f"  plot written to {plot_plan(plan, make_parent_folder(args.output_plot))}")
+        print(f"  plot written to {write_atomically(args.output_plot, lambda path: plot_plan(plan, path))}")
     print(json.dumps(result))
     return result
 

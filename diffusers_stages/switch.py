@@ -21,7 +21,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import check_output_file, load_saved_folder, make_parent_folder
+from .cli import check_output_file, load_saved_folder, write_atomically
 from .conventions import class_embedding_count, null_class_label, num_data_classes
 from .loss import diffusion_loss
 from .models.checks import check_positive_integers
@@ -66,7 +66,13 @@ def noise_levels(scheduler, num_levels: int) -> torch.Tensor:
     if is_edm_scheduler(scheduler):
         low, high = math.log(scheduler.config.sigma_min), math.log(scheduler.config.sigma_max)
         return torch.linspace(low, high, num_levels, dtype=torch.float64).exp().float()
-    return torch.linspace(0, scheduler.config.num_train_timesteps - 1, num_levels).round().long()
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    if num_levels > num_train_timesteps:  # rounded, levels would repeat: measured and counted twice
+        raise ValueError(
+            f"`num_levels`={num_levels} exceeds the {num_train_timesteps} training timesteps of the scheduler: give at "
+            f"most {num_train_timesteps}."
+        )
+    return torch.linspace(0, num_train_timesteps - 1, num_levels).round().long()
 
 
 def training_scheduler(scheduler):
@@ -99,18 +105,23 @@ def denoising_error(
     """Mean denoising loss of ``model`` on ``images`` at each noise level, on ``scheduler``'s training noise
     ([`training_scheduler`]); the noise depends only on ``seed``, so two models are compared on the very same noisy
     inputs."""
+    from .training.state import eval_mode
+
     scheduler = training_scheduler(scheduler)
     errors = torch.zeros(len(levels), dtype=torch.float64)
     device = next(model.parameters()).device
-    for i, level in enumerate(levels):
-        generator = torch.Generator().manual_seed(seed + i)
-        for start in range(0, len(images), batch_size):
-            clean = images[start : start + batch_size]
-            noise = torch.randn(clean.shape, generator=generator)
-            labels = None if class_labels is None else class_labels[start : start + batch_size].to(device)
-            t = level.repeat(len(clean)).to(device)
-            loss = diffusion_loss(model, scheduler, clean.to(device), t, noise=noise.to(device), class_labels=labels)
-            errors[i] += loss.double().sum().cpu()
+    with eval_mode({"model": model}):  # no dropout (a model just trained is in training mode): the seed alone decides
+        for i, level in enumerate(levels):
+            generator = torch.Generator().manual_seed(seed + i)
+            for start in range(0, len(images), batch_size):
+                clean = images[start : start + batch_size]
+                noise = torch.randn(clean.shape, generator=generator)
+                labels = None if class_labels is None else class_labels[start : start + batch_size].to(device)
+                t = level.repeat(len(clean)).to(device)
+                loss = diffusion_loss(
+                    model, scheduler, clean.to(device), t, noise=noise.to(device), class_labels=labels
+                )
+                errors[i] += loss.double().sum().cpu()
     return errors / len(images)
 
 
@@ -220,9 +231,10 @@ def plot_switch(found: SwitchRecommendation, path: str | os.PathLike, flops_rati
     ax.set_title(f"Dual-backbone switch, tolerance {found.tolerance:g}{extra}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    # at exactly ``path``, whatever its extension (matplotlib would add one)
-    fig.savefig(make_parent_folder(path), format="png")
-    plt.close(fig)
+    try:  # at exactly ``path``, whatever its extension (matplotlib would add one), replaced whole
+        write_atomically(path, lambda partial: fig.savefig(partial, format="png"))
+    finally:
+        plt.close(fig)
     return str(path)
 
 
@@ -239,6 +251,18 @@ def _load_data(name: str, resolution: int, channels: int, num_images: int) -> to
 
     source = {"train_data_dir": name} if os.path.isdir(name) else {"dataset": name}
     return load_images(**source, resolution=resolution, num_channels=channels, max_images=num_images)
+
+
+def _image_side(sample_size) -> int:
+    """The side of the square images the models are measured on: ``sample_size``, an int or a pair of equal sides
+    (diffusers takes ``(8, 8)``, saved as a list)."""
+    sides = {sample_size} if isinstance(sample_size, int) else set(sample_size)
+    if len(sides) != 1:
+        raise ValueError(
+            f"The switch is measured on square images, but the deep model's `sample_size` is {sample_size}: give "
+            "models of square images."
+        )
+    return sides.pop()
 
 
 def _class_labels(config, data: str, num_images: int) -> tuple[torch.Tensor | None, str]:
@@ -318,11 +342,17 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     check_settings(args.tolerance, args.num_levels, args.num_images)  # before any model or data is loaded
     check_output_file(args.plot, "--plot")
     if args.pipeline:
+        given = [f"`--{name}`" for name in ("shallow", "deep", "scheduler") if getattr(args, name) is not None]
+        if given:  # the pipeline's models and scheduler would be measured, these ignored
+            raise ValueError(
+                f"`--pipeline` holds the models: {', '.join(given)} would be ignored. Give `--pipeline DIR`, or "
+                "`--shallow DIR --deep DIR --scheduler DIR` without it."
+            )
         check_dual_backbone_folder(args.pipeline)
 
     shallow, deep, scheduler = _load_models(args)
     config = deep.config
-    images = _load_data(args.data, config.sample_size, config.in_channels, args.num_images)
+    images = _load_data(args.data, _image_side(config.sample_size), config.in_channels, args.num_images)
     labels, labelled = _class_labels(config, args.data, len(images))
     if labels is not None:
         print(f"class labels: {labelled}")

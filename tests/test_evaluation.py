@@ -105,6 +105,11 @@ def test_fewer_images_than_a_batch_still_train_the_classifier(digits):
             None,
             "`images` must be floating point in \\[-1, 1\\], got torch.uint8",
         ),
+        (  # the same levels as floats (PIL -> float tensor): never negative, up to 255
+            lambda test: (test + 1) * 127.5,
+            None,
+            "`images` must be in \\[-1, 1\\], got values in \\[0, 255\\]",
+        ),
     ],
 )
 def test_score_refuses_images_and_labels_that_do_not_fit(digits, images, labels, match):
@@ -122,6 +127,8 @@ def test_evaluator_refuses_bad_real_images_and_batch_size(digits):
         Evaluator(FeatureClassifier(8), train[:8] * float("nan"))
     with pytest.raises(ValueError, match="`real_images` must be floating point in \\[-1, 1\\], got torch.uint8"):
         Evaluator(FeatureClassifier(8), ((train[:8] + 1) * 127.5).to(torch.uint8))
+    with pytest.raises(ValueError, match="`real_images` must be in \\[-1, 1\\], got values in \\[0, 255\\]"):
+        Evaluator(FeatureClassifier(8), (train[:8] + 1) * 127.5)
     with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got 0"):
         Evaluator(FeatureClassifier(8), train[:8], batch_size=0)
 
@@ -131,6 +138,7 @@ def test_evaluator_refuses_bad_real_images_and_batch_size(digits):
     [
         ({"max_steps": 0}, "`max_steps` must be a positive integer, got 0"),  # was: an untrained classifier
         ({"images": lambda images: ((images + 1) * 127.5).to(torch.uint8)}, "`images` must be floating point"),
+        ({"images": lambda images: (images + 1) * 127.5}, "`images` must be in \\[-1, 1\\], got values in"),
         ({"epochs": 0}, "`epochs` must be a positive integer, got 0"),
         ({"batch_size": 0}, "`batch_size` must be a positive integer, got 0"),
         ({"labels": lambda labels: labels.float()}, "`labels` must be integer classes"),
@@ -217,3 +225,14 @@ def test_classifier_and_evaluator_take_images_and_labels_on_an_accelerator(digit
     for a, b in zip(net.state_dict().values(), expected.state_dict().values()):
         assert torch.equal(a, b)
     assert np.isfinite(scores["fd"]) and 0 <= scores["accuracy"] <= 1
+
+
+def test_a_cache_file_of_another_classifier_is_refused_by_name(digits, tmp_path):
+    images, labels, _, _ = digits
+    path = str(tmp_path / "classifier.safetensors")
+    train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)  # width 16
+    with pytest.raises(ValueError, match="`cache_path` .* holds another classifier .*: delete it or give another"):
+        train_classifier(images[:64], labels[:64], max_steps=1, width=8, cache_path=path)  # was a RuntimeError
+    (tmp_path / "classifier.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="`cache_path` .* holds another classifier"):
+        train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)

@@ -91,6 +91,8 @@ def test_command_prints_the_switch_and_saves_the_plot(tiny_unet_kwargs, tmp_path
         (["--num_levels", "1"], "`num_levels` must be an integer >= 2, got 1"),
         (["--num_images", "0"], "`num_images` must be an integer >= 1, got 0"),
         (["--tolerance", "nan"], "`tolerance` must be a non-negative number, got nan"),
+        (["--shallow", "other"], "`--pipeline` holds the models: `--shallow`"),  # would be ignored
+        (["--scheduler", "other"], "`--pipeline` holds the models: `--scheduler`"),
     ],
 )
 def test_command_refuses_bad_settings_before_loading_anything(argv, match):
@@ -232,3 +234,62 @@ def test_a_scheduler_without_a_training_noise_schedule_is_refused_by_name(tiny_u
     images = torch.rand(2, 1, *(2 * [tiny_unet_kwargs["sample_size"]])) * 2 - 1
     with pytest.raises(ValueError, match="`scheduler` FlowMatchEulerDiscreteScheduler"):  # was an AttributeError
         recommend_switch(model, model, FlowMatchEulerDiscreteScheduler(), images, num_levels=2)
+
+
+def test_an_interrupted_plot_leaves_an_earlier_plot_as_it_was(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from diffusers_stages.switch import SwitchRecommendation, plot_switch
+
+    found = SwitchRecommendation(torch.tensor([0, 500, 999]), torch.ones(3), torch.ones(3), 0.05, 500.0, "timestep")
+    plot = tmp_path / "switch.png"
+    plot.write_text("earlier plot")
+
+    def interrupted(figure, path, **kwargs):
+        with open(path, "w") as f:
+            f.write("half")  # as a full disk or Ctrl-C mid-write leaves it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        plot_switch(found, plot)
+    assert plot.read_text() == "earlier plot" and [p.name for p in tmp_path.iterdir()] == ["switch.png"]
+
+
+def test_command_measures_models_whose_sample_size_is_a_pair(tiny_unet_kwargs, tmp_path):
+    # diffusers takes sample_size=(8, 8) (saved as a list): the command failed on it (a TypeError, or `resolution`)
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1, "sample_size": (8, 8)}
+    torch.manual_seed(0)
+    pipe = DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(tmp_path / "b.png")
+    common = ["--pipeline", str(tmp_path / "pipe"), "--num_images", "4", "--num_levels", "3", "--plot"]
+    for data in ("digits", str(tmp_path)):
+        assert len(main([*common, str(tmp_path / "switch.png"), "--data", data]).levels) == 3
+    for model in (pipe.shallow, pipe.deep):
+        model.register_to_config(sample_size=[8, 16])
+    pipe.save_pretrained(tmp_path / "wide")
+    with pytest.raises(
+        ValueError, match="measured on square images, but the deep model's `sample_size` is \\[8, 16\\]"
+    ):
+        main(["--pipeline", str(tmp_path / "wide"), "--plot", str(tmp_path / "switch.png")])
+
+
+def test_the_errors_depend_on_the_seed_alone_for_models_left_in_training_mode(tiny_unet_kwargs):
+    # a model just trained is in training mode: its dropout drew from the global random state at every call
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1, "dropout": 0.5}
+    torch.manual_seed(0)
+    shallow, deep = UNet2DModel(**shape).train(), UNet2DModel(**shape).train()
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    first, again = (recommend_switch(shallow, deep, DDPMScheduler(), images, num_levels=3) for _ in range(2))
+    assert torch.equal(first.deep_error, again.deep_error) and torch.equal(first.shallow_error, again.shallow_error)
+    assert shallow.training and deep.training  # left as they were
+
+
+def test_more_levels_than_training_timesteps_are_refused():
+    # 25 levels over 10 timesteps measured most timesteps twice (and counted them twice in the shallow share)
+    model = Analytic(DDPMScheduler(10), exact=False)
+    with pytest.raises(ValueError, match="`num_levels`=25 exceeds the 10 training timesteps"):
+        recommend_switch(model, model, DDPMScheduler(10), torch.zeros(2, 1, 8, 8), num_levels=25)
+    assert len(recommend_switch(model, model, DDPMScheduler(10), torch.zeros(2, 1, 8, 8), num_levels=10).levels) == 10

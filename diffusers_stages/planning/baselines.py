@@ -100,7 +100,19 @@ def gradient_affinity(
     """Cosine similarity of the model's loss gradients (w.r.t. its parameters) between noise levels, on one fixed
     batch and one fixed noise (Go et al., NeurIPS 2023). ``model(sample, timestep).sample`` predicts the noise for
     ``"timestep"`` schedules and EDM's preconditioned ``F`` for ``"sigma"`` schedules."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    from ..training.state import eval_mode
+
+    params = list(model.parameters())
+    trainable = [p.requires_grad for p in params]
+    try:  # every parameter's gradient (a frozen model has none), without dropout: the seed alone decides
+        with eval_mode({"model": model.requires_grad_(True)}):
+            return _gradient_affinity(model, params, data, schedule, level_indices, generator, progress_bar)
+    finally:
+        for p, flag in zip(params, trainable):
+            p.requires_grad_(flag)
+
+
+def _gradient_affinity(model, params, data, schedule, level_indices, generator, progress_bar) -> torch.Tensor:
     device = params[0].device
     clean = data.to(device=device, dtype=params[0].dtype)
     noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype).to(device)

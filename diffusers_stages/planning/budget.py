@@ -35,7 +35,7 @@ from ..evaluation import count_flops
 from ..partition import TimestepPartition
 from ..schedulers import check_scheduler_units, model_call_timesteps
 from ..timestep_sampling import stage_mass
-from .sizing import partition_to_model_config, scaled_widths
+from .sizing import partition_to_model_config, plain_config, scaled_widths
 
 ARCHITECTURES = ("multistage", "experts")
 DEFAULT_SCALES = tuple(k / 8 for k in range(1, 17))  # x0.125 (the paper's smallest decoder) to x2 of the encoder
@@ -140,7 +140,7 @@ def measure_stage_flops(
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"`architecture` must be one of {ARCHITECTURES}, got {architecture!r}.")
-    config = dict(getattr(config, "config", config))
+    config = plain_config(getattr(config, "config", config))  # the widths written over it are what is counted
     key = json.dumps(config, sort_keys=True, default=str)  # a model config is plain JSON
     calls, capacity = _measure(key, tuple(tuple(int(x) for x in w) for w in widths), architecture, training)
     return list(calls), list(capacity)

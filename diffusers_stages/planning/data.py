@@ -29,10 +29,24 @@ def open_image_file(path: str, argument: str = "train_data_dir") -> Image.Image:
             f"`{argument}` holds a file that is not a readable image: {path!r} ({type(error).__name__}: {error}). "
             "Fix or remove it."
         ) from None
-    if image.mode == "F":
+    return check_image_mode(image, repr(path), argument)
+
+
+def check_image_mode(image, where: str, argument: str):
+    """``image`` if its grey levels can be read (see `eight_bit`); a floating-point image, or a 32-bit integer one
+    past 255, is a `ValueError` naming ``where`` (a file, a dataset row) and ``argument``. Anything else (an array)
+    is returned as it is."""
+    mode = getattr(image, "mode", None)
+    if mode == "F":
         raise ValueError(
-            f"`{argument}` holds a floating-point image (mode 'F'), which has no fixed range of grey levels: {path!r}. "
+            f"`{argument}` holds a floating-point image (mode 'F'), which has no fixed range of grey levels: {where}. "
             "Save it as an 8- or 16-bit image."
+        )
+    if mode == "I" and image.getextrema()[1] > 255:  # converting to grey would clip every level past 255
+        raise ValueError(
+            f"`{argument}` holds a 32-bit integer image (mode 'I') with levels up to {image.getextrema()[1]}, which "
+            f"has no fixed range of grey levels (converted, every level past 255 would be white): {where}. Save it "
+            "as an 8- or 16-bit image."
         )
     return image
 
@@ -141,7 +155,8 @@ def load_images(
     else:
         images = _load_dataset(dataset, split, image_column)
         images = images.select(range(min(max_images, len(images)))) if max_images is not None else images
-        images, load = (row[image_column] for row in images), (lambda image: image)
+        rows = enumerate(row[image_column] for row in images)
+        images, load = (check_image_mode(image, f"row {i}", "dataset") for i, image in rows), (lambda image: image)
     tensors = [
         image_to_tensor(load(image), resolution, num_channels)
         for image in tqdm(images, desc="loading images", disable=not progress_bar)

@@ -64,6 +64,10 @@ class NoiseSchedule:
             raise ValueError("`levels` must be strictly increasing (clean end first).")
         if signal_scale.shape != levels.shape or noise_scale.shape != levels.shape:
             raise ValueError("`signal_scale` and `noise_scale` need one value per level.")
+        for name, scale in (("signal_scale", signal_scale), ("noise_scale", noise_scale)):
+            bad = ~torch.isfinite(scale) | (scale < 0)
+            if bool(bad.any()):  # e.g. betas above 1: negative alphas_cumprod, NaN scales
+                raise ValueError(f"`{name}` must be finite and >= 0 at every level, got {scale[bad][0].item()}.")
         if not bool((noise_scale > 0).all()):
             raise ValueError("`noise_scale` must be positive at every level (plan from the first noisy level on).")
         # the partition's validation of units and num_train_timesteps, reused

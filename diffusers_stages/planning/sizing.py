@@ -115,6 +115,13 @@ def scaled_widths(block_out_channels: Sequence[int], scale: float, norm_num_grou
     )
 
 
+def plain_config(config: Mapping) -> dict:
+    """A copy of a model config without ``_use_default_values``: a model's config lists there the arguments left at
+    their defaults, and ``from_config`` drops those keys, so values written over them (planned boundaries, units,
+    widths) would be lost. Every value the config holds is then used, as in a saved ``config.json``."""
+    return {key: value for key, value in config.items() if key != "_use_default_values"}
+
+
 def partition_to_model_config(
     config,
     partition: TimestepPartition,
@@ -144,7 +151,7 @@ def partition_to_model_config(
         raise ValueError(f"`config` must be a model config (a mapping) or a model, got {type(config).__name__}.")
     if not isinstance(partition, TimestepPartition):
         raise ValueError(f"`partition` must be a TimestepPartition, got {type(partition).__name__}.")
-    new = dict(config)
+    new = plain_config(config)
     new.update(partition.to_config())
     if decoder_block_out_channels is not None:
         new["decoder_block_out_channels"] = [list(w) for w in decoder_block_out_channels]

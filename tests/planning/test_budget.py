@@ -73,6 +73,19 @@ def test_counted_costs_equal_real_counts_on_real_models(gray_unet_kwargs):
     assert expert == _real_flops(unet)
 
 
+def test_costs_of_a_model_config_with_default_values(gray_unet_kwargs):
+    # a model's config lists the arguments left at their defaults (`_use_default_values`), which from_config drops:
+    # the candidate widths written over them must still be the ones counted
+    widths = [(4, 8), (12, 24)]
+    source = MultiStageUNet2DModel.from_config(gray_unet_kwargs)  # decoder widths at their default
+    assert measure_stage_flops(source.config, widths) == measure_stage_flops(gray_unet_kwargs, widths)
+    unet = UNet2DModel.from_config({"sample_size": 8})  # block_out_channels at their default
+    plain = {k: v for k, v in unet.config.items() if k != "_use_default_values"}
+    assert measure_stage_flops(unet.config, [(32, 32, 64, 64)], "experts") == measure_stage_flops(
+        plain, [(32, 32, 64, 64)], "experts"
+    )
+
+
 def test_widths_are_the_exact_optimum_within_the_budget(gray_unet_kwargs):
     scheduler, difficulty = _sampling_scheduler(), [0.9, 0.4, 0.05]
     budget = expected_flops(gray_unet_kwargs, PARTITION, [(8, 16)] * 3, 10, scheduler)

@@ -37,6 +37,15 @@ def test_a_floating_point_image_is_refused_by_name(tmp_path):
         load_images(str(tmp_path), resolution=4, num_channels=1)
 
 
+def test_a_32_bit_image_past_255_is_refused_by_name_and_one_within_is_read(tmp_path):
+    # Pillow's conversion to grey clips mode 'I' at 255: 16-bit levels in a 32-bit TIFF were read as all white
+    Image.fromarray(np.full((4, 4), 30000, dtype=np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(ValueError, match="`train_data_dir` holds a 32-bit integer image .* up to 30000.*wide.tif"):
+        load_images(str(tmp_path), resolution=4, num_channels=1)
+    Image.fromarray(np.full((4, 4), 51, dtype=np.int32)).save(tmp_path / "wide.tif")  # 8-bit levels: read as they are
+    assert torch.allclose(load_images(str(tmp_path), resolution=4, num_channels=1), torch.tensor(51 / 127.5 - 1))
+
+
 def test_links_out_of_the_folder_are_refused_and_links_inside_it_are_read(tmp_path):
     data, outside = tmp_path / "data", tmp_path / "outside"
     data.mkdir(), outside.mkdir()

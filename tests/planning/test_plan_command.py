@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import matplotlib.figure
 import numpy as np
 import pytest
 import torch
@@ -66,6 +67,11 @@ def test_folder_and_saved_dataset_load_the_same_images(digit_folder, tmp_path):
     assert torch.equal(from_folder, from_dataset)
     with pytest.raises(ValueError, match="`image_column` 'image' is not a column"):
         load_images(dataset=str(tmp_path / "ds"), resolution=8)
+    # the image folder's refusals hold for a dataset's images too (a floating-point image was read as all black)
+    float_images = [Image.fromarray(np.full((8, 8), v, dtype=np.float32)) for v in (0.2, 0.8)]
+    datasets.Dataset.from_dict({"image": float_images}).save_to_disk(str(tmp_path / "float"))
+    with pytest.raises(ValueError, match="`dataset` holds a floating-point image \\(mode 'F'\\).*row 0"):
+        load_images(dataset=str(tmp_path / "float"), resolution=8)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="No images found"):
         load_images(train_data_dir=str(tmp_path / "empty"), resolution=8)
@@ -90,6 +96,21 @@ def test_bad_command_lines_are_refused(digit_folder):
         run(FAST)
     with pytest.raises(SystemExit):
         run(["--method", "snr", "--output_config", "x.json"])  # needs --model_config
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (["--sigma_max", "10"], "--sigma_min, --sigma_max and --rho"),  # shape only the --edm schedule
+        (["--rho", "3", "--scheduler_config", "x.json"], "--sigma_min, --sigma_max and --rho"),
+        (["--model_path", "model"], "--model_path"),  # read by --method gradient only
+        (["--split", "test"], "--image_column and --split"),  # of a --dataset, not of an image folder
+    ],
+)
+def test_options_the_command_would_ignore_are_refused(digit_folder, capsys, options, named):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", str(digit_folder), *FAST, *options])
+    assert exit_info.value.code == 2 and named in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["truncated", "text"])
@@ -139,6 +160,91 @@ def test_a_budget_plans_the_decoder_widths_of_the_written_config(digit_folder, t
         run([*common, "--budget", "1000", "--num_inference_steps", "10"])
     with pytest.raises(SystemExit):
         run([*common, "--num_inference_steps", "10"])  # what a budget pays for, without a budget
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}, "is a DDPMScheduler config"),  # was a KeyError
+        ({"_class_name": "UNet2DConditionModel"}, "is a UNet2DConditionModel config"),  # was written, did not load
+        ({"block_out_channels": [8, 16], "norm_num_groups": 32}, "does not build a UNet2DModel: ValueError"),
+    ],
+)
+def test_a_model_config_no_planned_model_can_be_built_from_is_refused_before_any_image_is_read(
+    tmp_path, capsys, config, match
+):
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(config))
+    missing = str(tmp_path / "no-such-folder")  # never read: the config is checked first
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", missing, *FAST, "--model_config", str(model_config), "--output_config", "x.json"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"`--model_config` {str(model_config)!r}" in err and match in err
+
+
+def test_outputs_are_replaced_whole_or_left_as_they_were(digit_folder, tmp_path, monkeypatch, tiny_unet_kwargs):
+    model_config, output_config, plot = tmp_path / "config.json", tmp_path / "planned.json", tmp_path / "plan.png"
+    model_config.write_text(json.dumps(dict(tiny_unet_kwargs, in_channels=1, out_channels=1)))
+    output_config.write_text("earlier plan")
+    plot.write_text("earlier plot")
+
+    def half_written(obj, f, **kwargs):  # the write stops half-way (a full disk, Ctrl-C)
+        f.write("{")
+        raise OSError("No space left on device")
+
+    def half_saved(figure, path, **kwargs):
+        half_written(None, open(path, "w"))
+
+    common = ["--train_data_dir", str(digit_folder), *FAST, "--model_config", str(model_config)]
+    for patched, name, replacement, output in (
+        (json, "dump", half_written, ["--output_config", str(output_config)]),
+        (matplotlib.figure.Figure, "savefig", half_saved, ["--output_plot", str(plot)]),
+    ):
+        with monkeypatch.context() as patch:
+            patch.setattr(patched, name, replacement)
+            with pytest.raises(OSError):
+                run([*common, *output])
+        assert output_config.read_text() == "earlier plan" and plot.read_text() == "earlier plot"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "config.json",
+            "plan.png",
+            "planned.json",
+        ]  # no half file
+    output_config.write_text("earlier plan")
+    # a planned config that would not load is refused before anything is written (3 stages, 2 decoder block types)
+    config = dict(tiny_unet_kwargs, in_channels=1, out_channels=1, stage_boundaries=[500])
+    model_config.write_text(json.dumps({**config, "_class_name": "MultiStageUNet2DModel",
+                                        "decoder_up_block_types": [config["up_block_types"]] * 2}))  # fmt: skip
+    with pytest.raises(ValueError, match="The planned config does not build a MultiStageUNet2DModel"):
+        run([*common, "--output_config", str(output_config)])
+    assert output_config.read_text() == "earlier plan"
+
+
+@pytest.mark.parametrize(
+    "config, cause",
+    [
+        ({"_class_name": "DDPMScheduler", "beta_schedule": "bogus"}, "NotImplementedError"),  # were tracebacks
+        ({"_class_name": "DDPMScheduler", "trained_betas": "abc"}, "TypeError"),
+    ],
+)
+def test_a_scheduler_config_that_builds_no_scheduler_is_refused_by_name(tmp_path, config, cause):
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"`--scheduler_config` .* does not build a DDPMScheduler: {cause}"):
+        run(["--method", "uniform", "--num_levels", "10", "--scheduler_config", str(tmp_path)])
+
+
+def test_an_output_over_an_input_or_another_output_is_refused_before_any_image_is_read(tmp_path, capsys):
+    model_config = tmp_path / "config.json"
+    model_config.write_text("{}")
+    common = ["--train_data_dir", str(tmp_path / "no-such-folder"), *FAST, "--model_config", str(model_config)]
+    for outputs, named in (
+        (["--output_plot", str(model_config)], "`--output_plot`"),  # the PNG would replace the source config
+        (["--output_config", "same", "--output_plot", "same"], "`--output_plot`"),  # the PNG would replace the plan
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run([*common, *outputs])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and named in err and "give another path" in err
 
 
 @pytest.mark.parametrize(

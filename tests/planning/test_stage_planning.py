@@ -19,6 +19,7 @@ from diffusers_stages.planning import (
     stage_difficulty,
     suggest_decoder_widths,
 )
+from diffusers_stages.planning.baselines import gradient_affinity
 
 
 @pytest.fixture
@@ -94,6 +95,20 @@ def test_gradient_baseline_with_and_without_a_model(digits, gray_unet_kwargs, ti
     assert plan.partition.num_stages == 3
 
 
+def test_gradient_affinity_depends_on_the_seed_alone_and_leaves_the_model_as_it_was(gray_unet_kwargs):
+    # a model just trained runs its dropout on the global random state; a frozen one (requires_grad False) had no
+    # gradients to compare (an IndexError)
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 10)
+    torch.manual_seed(0)
+    model, data = UNet2DModel(**gray_unet_kwargs, dropout=0.5).train(), torch.rand(4, 1, 8, 8) * 2 - 1
+    seeded = [torch.Generator().manual_seed(0) for _ in range(3)]  # not the global generator dropout draws from
+    first, again = (gradient_affinity(model, data, schedule, [0, 5, 9], seeded[i]) for i in range(2))
+    assert torch.equal(first, again) and model.training
+    model.eval().requires_grad_(False)
+    assert torch.equal(gradient_affinity(model, data, schedule, [0, 5, 9], seeded[2]), first)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # optimal-denoiser clustering on real data
 def test_digits_boundaries_are_stable_across_seeds(digits):
@@ -142,6 +157,19 @@ def test_plan_goes_into_a_model_config_and_survives_save_and_reload(tmp_path, ti
     assert MultiStageUNet2DModel.from_pretrained(tmp_path).partition == plan.partition
     with pytest.raises(ValueError, match="decoder_block_out_channels"):  # 3 decoders in the config, 4 stages planned
         partition_to_model_config(dict(config, decoder_block_out_channels=[[8, 16]] * 3), plan.partition)
+
+
+def test_the_plan_goes_into_the_config_of_a_model_built_with_defaults(gray_unet_kwargs):
+    # a model's config lists the arguments left at their defaults in `_use_default_values`, and from_config drops those
+    # keys: the planned boundaries, units and timesteps (all at their defaults in `source`) must not be dropped
+    source = MultiStageUNet2DModel.from_config(gray_unet_kwargs)
+    for partition, widths in [
+        (TimestepPartition([100.0, 300.0], num_train_timesteps=500), None),
+        (TimestepPartition([0.5, 2.0], units="sigma"), [(4, 8), (8, 16), (12, 24)]),
+    ]:
+        model = MultiStageUNet2DModel.from_config(partition_to_model_config(source, partition, widths))
+        assert model.partition == partition
+        assert model.config.decoder_block_out_channels == (widths and [list(w) for w in widths])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,6 +231,9 @@ def test_bad_schedules_are_refused():
         NoiseSchedule.edm(sigma_min=1.0, sigma_max=0.5)
     with pytest.raises(ValueError, match="`num_levels` must be an integer in \\[3, 1000\\], got 2"):
         NoiseSchedule.from_scheduler(DDPMScheduler(), num_levels=2)
+    # a beta above 1 gives negative alphas_cumprod, so NaN signal scales (were planned on: NaN similarities)
+    with pytest.raises(ValueError, match="`signal_scale` must be finite and >= 0 at every level, got nan"):
+        NoiseSchedule.from_scheduler(DDPMScheduler(4, trained_betas=[0.1, 0.2, 1.5, 0.3]), num_levels=4)
 
 
 def test_the_plot_draws_alpha_and_the_running_means_that_cross_it(digits, tmp_path, monkeypatch):
