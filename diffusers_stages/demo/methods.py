@@ -56,7 +56,8 @@ def methods(boundaries: list[float], decoder_widths: tuple, num_experts: int, co
         Method(
             "UNet2DModel", "unet2d", ExpertTask,
             {**expert_args, "num_experts": 1, "assignment": "hard", "own_interval_probability": None,
-             "expert_block_out_channels": None, "model_config": config_path},
+             "expert_block_out_channels": None, "model_config": config_path,
+             **dict.fromkeys(UNET_SHAPE)},  # the config gives the shape (the same UNET_SHAPE)
             "one U-Net for every step (the baseline)",
         ),
         Method(

@@ -25,6 +25,15 @@ UNET_CONFIG_KEYS = (
     "block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
     "norm_num_groups", "dropout",
 )  # fmt: skip
+# the U-Net shape of a model built from the arguments, for each shape option not given: the options themselves default
+# to None, so that a value typed can be told from no value and refused where a source (`--model_config`, a pretrained
+# model) gives the shape instead of being dropped in silence
+UNET_SHAPE_DEFAULTS = {
+    "block_out_channels": (128, 256, 256, 256), "layers_per_block": 2, "attention_head_dim": 8, "norm_num_groups": 32,
+    "dropout": 0.0,
+}  # fmt: skip
+# every option of the U-Net shape (the block types have no default at all: attention in the last two resolutions)
+UNET_SHAPE_OPTIONS = (*UNET_SHAPE_DEFAULTS, "down_block_types", "up_block_types")
 
 
 def float_list(text: str) -> tuple[float, ...]:
@@ -117,19 +126,22 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model = parser.add_argument_group("model and noise schedule")
     model.add_argument(
         "--model_config", "--model_config_name_or_path", dest="model_config", type=str, default=None,
-        help="The model's config.json, or a folder holding one (overrides the shape arguments).",
+        help="The model's config.json, or a folder holding one (it gives the whole shape: the shape options below "
+        "are refused with it).",
     )  # fmt: skip
-    model.add_argument("--block_out_channels", type=int_list, default=(128, 256, 256, 256), help="e.g. 64,128,128")
-    model.add_argument("--layers_per_block", type=int, default=2)
+    scratch = "(when building from scratch; a source model or `--model_config` gives its own)"
+    model.add_argument("--block_out_channels", type=int_list, default=None,
+                       help=f"e.g. 64,128,128. Default: 128,256,256,256 {scratch}.")  # fmt: skip
+    model.add_argument("--layers_per_block", type=int, default=None, help=f"Default: 2 {scratch}.")
     model.add_argument(
         "--down_block_types", type=str, nargs="+", default=None, help="Default: attention in the last two."
     )
     model.add_argument(
         "--up_block_types", type=str, nargs="+", default=None, help="Default: mirror of the down blocks."
     )
-    model.add_argument("--attention_head_dim", type=int, default=8)
-    model.add_argument("--norm_num_groups", type=int, default=32)
-    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--attention_head_dim", type=int, default=None, help=f"Default: 8 {scratch}.")
+    model.add_argument("--norm_num_groups", type=int, default=None, help=f"Default: 32 {scratch}.")
+    model.add_argument("--dropout", type=float, default=None, help=f"Default: 0.0 {scratch}.")
     add_stage_boundaries_argument(model, default=None)
     model.add_argument("--boundary_units", choices=("timestep", "sigma"), default="timestep",
                        help="`sigma` trains an EDM-style model (EDMEulerScheduler, Karras et al. 2022).")  # fmt: skip
@@ -228,20 +240,43 @@ def read_model_config(args: argparse.Namespace) -> dict | None:
     return config
 
 
+def refuse_given_options(args: argparse.Namespace, names: Sequence[str], source: str, reason: str) -> None:
+    """A `ValueError` for the first option of ``names`` given (not None) where ``source`` (an option and its value)
+    decides instead, in the style of `MultiStageTask`'s refusals: ``reason`` says why it would be ignored."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ValueError(f"`--{name}` {shown} cannot be combined with {source}: {reason}. Drop `--{name}`.")
+
+
+def scratch_shape(args: argparse.Namespace) -> dict:
+    """The U-Net shape options of a model built from the arguments: each given value, else its default
+    (``UNET_SHAPE_DEFAULTS``)."""
+    return {name: default if getattr(args, name, None) is None else getattr(args, name)
+            for name, default in UNET_SHAPE_DEFAULTS.items()}  # fmt: skip
+
+
 def unet_shape_kwargs(args: argparse.Namespace) -> dict:
-    """The U-Net shape arguments (from `--model_config` when given, else from the command line); a saved model's
-    loader entries (``_class_name``, ``auto_map``) are not constructor arguments."""
+    """The U-Net shape arguments (from `--model_config` when given, else from the command line and
+    ``UNET_SHAPE_DEFAULTS``); a saved model's loader entries (``_class_name``, ``auto_map``) are not constructor
+    arguments. A shape option given with `--model_config` is a ValueError: the config gives the whole shape."""
     if args.model_config is not None:
+        source = f"`--model_config` {args.model_config!r}"
+        refuse_given_options(
+            args, UNET_SHAPE_OPTIONS, source, "the model's whole shape is that config's (edit it instead)"
+        )
         return {k: v for k, v in read_model_config(args).items() if not k.startswith("_") and k != "auto_map"}
-    down, up = default_block_types(len(args.block_out_channels))
+    shape = scratch_shape(args)
+    down, up = default_block_types(len(shape["block_out_channels"]))
     return {
-        "block_out_channels": tuple(args.block_out_channels),
-        "layers_per_block": args.layers_per_block,
+        "block_out_channels": tuple(shape["block_out_channels"]),
+        "layers_per_block": shape["layers_per_block"],
         "down_block_types": tuple(args.down_block_types or down),
         "up_block_types": tuple(args.up_block_types or up),
-        "attention_head_dim": args.attention_head_dim,
-        "norm_num_groups": args.norm_num_groups,
-        "dropout": args.dropout,
+        "attention_head_dim": shape["attention_head_dim"],
+        "norm_num_groups": shape["norm_num_groups"],
+        "dropout": shape["dropout"],
     }
 
 

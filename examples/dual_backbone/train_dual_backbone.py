@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument(
         "--backbone", choices=("unet", "uvit", "early_exit"), default="unet",
         help="`uvit`: DuoDiff's backbones, two U-ViTs (Bao et al. 2023) of one width and depths "
-        "`--shallow_depth`/`--deep_depth`; the U-Net arguments above are then unused. `early_exit`: DuoDiff's "
+        "`--shallow_depth`/`--deep_depth`; the U-Net arguments above are then refused. `early_exit`: DuoDiff's "
         "baseline instead, one AdaDiff-style U-ViT of `--deep_depth` blocks with an exit after every block.",
     )  # fmt: skip
     group.add_argument("--shallow_depth", type=int, default=3, help="U-ViT blocks of the shallow model (odd).")

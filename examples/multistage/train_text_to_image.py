@@ -22,18 +22,18 @@ does); `--checkpointing_steps`, `--checkpoints_total_limit` and `--resume_from_c
 import argparse
 
 from diffusers_stages.training import build_parser, build_task, parse_and_check, train
-from diffusers_stages.training.tasks.text_to_image import METHODS, SOURCE_OPTIONS, TextToImageTask
+from diffusers_stages.training.tasks.text_to_image import METHODS, TextToImageTask
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser(__doc__)
     # diffusers' text-to-image defaults; `--class_dropout_prob` is the rate of captions replaced by the empty one; the
-    # source pipeline gives the U-Net, the VAE and the noise schedule (options that would choose them are refused)
+    # source pipeline gives the U-Net, the VAE and the noise schedule (options that would choose them are refused;
+    # `text_to_image.SOURCE_OPTIONS`, unset by default in the shared parser)
     parser.set_defaults(
         resolution=512, learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=0, class_dropout_prob=0.0,
         adam_beta1=0.9, adam_weight_decay=1e-2,
         prediction_type=None, output_dir="sd-model-finetuned-stages", ddpm_beta_schedule=None,
-        **dict.fromkeys(SOURCE_OPTIONS),
     )  # fmt: skip
     group = parser.add_argument_group("text-to-image")
     group.add_argument(

@@ -16,9 +16,9 @@ SCRIPTS = {
     "dual_backbone": os.path.join(REPO, "examples", "dual_backbone", "train_dual_backbone.py"),
 }
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "instrumented_run.py")
-TINY = [
-    "--resolution",
-    "8",
+# the U-Net shape of the scripts' tiny models: refused where a source gives the shape (`--model_config`, a pretrained
+# folder, U-ViT backbones), so those runs take `TINY_RUN` (the rest of `TINY`) and their own shape
+TINY_SHAPE = [
     "--block_out_channels",
     "8,16",
     "--layers_per_block",
@@ -27,6 +27,10 @@ TINY = [
     "4",
     "--attention_head_dim",
     "4",
+]
+TINY_RUN = [
+    "--resolution",
+    "8",
     "--train_batch_size",
     "4",
     "--save_images_steps",
@@ -40,6 +44,7 @@ TINY = [
     "--lr_warmup_steps",
     "1",
 ]
+TINY = [*TINY_RUN[:2], *TINY_SHAPE, *TINY_RUN[2:]]
 
 
 def load_script(name: str):

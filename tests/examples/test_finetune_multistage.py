@@ -47,7 +47,7 @@ def converted(tmp_path_factory) -> str:
 
 
 def _finetune_args(examples, image_folder: str, source: str, out: str, *extra: str) -> list[str]:
-    return [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--pretrained_model_name_or_path",
+    return [*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", out, "--pretrained_model_name_or_path",
             source, "--max_train_steps", "2", "--learning_rate", "1e-3", *extra]  # fmt: skip
 
 
@@ -169,6 +169,12 @@ def _other_channels(tmp_path) -> str:
         ({"boundary_units": "sigma"}, "`--boundary_units` sigma disagrees with the model of"),
         ({"resolution": 16}, "`--resolution` 16 gives 16x16 samples, but the model of"),
         ({"class_conditional": True}, "`--class_conditional`: the data give 3 classes (+ the null label: num_class_embeds=4)"),
+        # had defaults, so a value given was dropped in silence: the source's model trained instead
+        ({"block_out_channels": (64, 128)}, "`--block_out_channels` [64, 128] cannot be combined with `--pretrained_model_name_or_path`: fine-tuning keeps the model of"),
+        ({"layers_per_block": 2}, "`--layers_per_block` 2 cannot be combined with `--pretrained_model_name_or_path`"),
+        ({"attention_head_dim": 8}, "`--attention_head_dim` 8 cannot be combined with `--pretrained_model_name_or_path`"),
+        ({"norm_num_groups": 4}, "`--norm_num_groups` 4 cannot be combined with `--pretrained_model_name_or_path`"),
+        ({"dropout": 0.0}, "`--dropout` 0.0 cannot be combined with `--pretrained_model_name_or_path`"),
     ],
 )  # fmt: skip
 def test_contradictions_are_value_errors_before_training(
@@ -190,6 +196,11 @@ def test_command_line_contradictions_are_usage_errors(examples, script, image_fo
     with pytest.raises(SystemExit) as exit_info:
         script.parse_args(argv)  # the schedule mismatch (no --ddpm_beta_schedule) is reported after this one
     assert exit_info.value.code == 2 and "`--stage_boundaries` [500.0] cannot be combined" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # had a default, so the value given was dropped in silence
+        script.parse_args([*argv[:-2], "--block_out_channels", "64,128"])
+    assert "`--block_out_channels` [64, 128] cannot be combined with `--pretrained_model_name_or_path`" in (
+        capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):
         examples.load_script("experts").parse_args([*argv[:-2], "--ddpm_beta_schedule", "scaled_linear"])
     assert "unrecognized arguments: --pretrained_model_name_or_path" in capsys.readouterr().err

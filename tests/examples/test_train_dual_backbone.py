@@ -46,7 +46,7 @@ def test_one_backbone_per_run_edm(examples, script, image_folder, tmp_path):
 
 def test_uvit_backbones_train_reload_and_sample(examples, script, image_folder, tmp_path, capsys):
     out = str(tmp_path / "uvit")
-    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--backbone", "uvit",
+    examples.train(script, [*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", out, "--backbone", "uvit",
          "--shallow_depth", "3", "--deep_depth", "5", "--uvit_hidden_size", "16", "--uvit_num_attention_heads", "2",
          "--uvit_patch_size", "2", "--switch_step_fraction", "0.5", "--max_train_steps", "2",
          "--gradient_checkpointing"])  # fmt: skip
@@ -63,7 +63,7 @@ def test_uvit_backbones_train_reload_and_sample(examples, script, image_folder, 
     assert first.shape == (2, 8, 8, 3) and (first == second).all()
     # an even depth is refused before any training starts
     with pytest.raises(SystemExit):
-        script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--backbone", "uvit",
+        script.parse_args([*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", out, "--backbone", "uvit",
                            "--deep_depth", "12"])  # fmt: skip
     assert "`deep_depth`" in capsys.readouterr().err
 
@@ -98,14 +98,29 @@ def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
         # were the model's traceback once the data was read
         (["--norm_num_groups", "3"], "describe no network that can be built: num_channels (8) must be divisible by"),
         (["--down_block_types", "DownBlock2D", "Foo"], "describe no network that can be built: Foo does not exist."),
+        # were ignored in silence: U-ViTs take no U-Net arguments
+        (
+            ["--backbone", "uvit", "--block_out_channels", "8,16"],
+            "`--block_out_channels` [8, 16] cannot be combined with `--backbone uvit`: its U-ViTs take no U-Net arguments",
+        ),
+        (
+            ["--backbone", "uvit", "--shallow_block_out_channels", "8,16"],
+            "`--shallow_block_out_channels` [8, 16] cannot",
+        ),
+        (
+            ["--backbone", "early_exit", "--dropout", "0.1"],
+            "`--dropout` 0.1 cannot be combined with `--backbone early_exit`",
+        ),
+        (["--backbone", "early_exit", "--model_config", "unet.json"], "`--model_config` unet.json cannot be combined"),
     ],
 )
 def test_a_switch_the_pipeline_would_refuse_is_refused_before_training(
     examples, script, image_folder, tmp_path, capsys, extra, message
 ):
-    # refused by the arguments' check, not by the pipeline built after the last training step
+    # refused by the arguments' check, not by the pipeline built after the last training step (U-ViTs: no U-Net shape)
+    tiny = examples.TINY_RUN if "--backbone" in extra else examples.TINY
     with pytest.raises(SystemExit):
-        script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path), *extra])
+        script.parse_args([*tiny, "--train_data_dir", image_folder, "--output_dir", str(tmp_path), *extra])
     assert message in capsys.readouterr().err
 
 
@@ -114,7 +129,7 @@ def test_early_exit_baseline_trains_through_the_loop_and_samples(examples, scrip
     from diffusers_stages.models import EarlyExitUViT2DModel
 
     out = str(tmp_path / "early")
-    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--backbone",
+    examples.train(script, [*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", out, "--backbone",
          "early_exit", "--deep_depth", "3", "--uvit_hidden_size", "16", "--uvit_num_attention_heads", "2",
          "--uvit_patch_size", "2", "--max_train_steps", "2"])  # fmt: skip
     pipe = ExpertRoutingPipeline.from_pretrained(out)
@@ -129,6 +144,6 @@ def test_early_exit_baseline_trains_through_the_loop_and_samples(examples, scrip
     # switch and stage arguments mean nothing here: refused before training
     for extra in (["--switch_step_fraction", "0.5"], ["--deep_depth", "4"], ["--backbones", "deep"]):
         with pytest.raises(SystemExit):
-            script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--backbone",
+            script.parse_args([*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", out, "--backbone",
                                "early_exit", *extra])  # fmt: skip
         assert extra[0] in capsys.readouterr().err

@@ -67,11 +67,31 @@ def test_model_config_gives_every_expert_that_unet(examples, script, image_folde
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)  # fmt: skip
     unet.save_config(tmp_path / "unet")
     out = str(tmp_path / "run")
-    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--num_experts", "2",
+    examples.train(script, [*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", out, "--num_experts", "2",
          "--model_config", str(tmp_path / "unet" / "config.json"), "--assignment", "hard", "--max_train_steps", "1"])  # fmt: skip
     pipe = ExpertRoutingPipeline.from_pretrained(out)
     assert [type(e) for e in pipe.experts.experts] == [UNet2DModel, UNet2DModel]
     assert _sample(pipe, batch_size=1).shape == (1, 8, 8, 3)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [  # were ignored in silence: the config's UNet2DModel trained instead
+        (["--layers_per_block", "1"], "`--layers_per_block` 1 cannot be combined with `--model_config`"),
+        (["--block_out_channels", "8,16"], "`--block_out_channels` [8, 16] cannot be combined with `--model_config`"),
+        (["--expert_block_out_channels", "8,16", "8,16"], "`--expert_block_out_channels` [(8, 16), (8, 16)] cannot"),
+        (["--expert_attention_shares", "0,1"], "`--expert_attention_shares` [0.0, 1.0] cannot be combined with `--model_config`"),
+    ],
+)  # fmt: skip
+def test_model_config_refuses_the_shape_options_it_would_ignore(
+    examples, script, image_folder, tmp_path, capsys, extra, message
+):
+    config = tmp_path / "config.json"
+    config.write_text('{"block_out_channels": [8, 16], "norm_num_groups": 4, "layers_per_block": 1}')
+    with pytest.raises(SystemExit):
+        script.parse_args([*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+                           "--num_experts", "2", "--assignment", "hard", "--model_config", str(config), *extra])  # fmt: skip
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -152,7 +152,7 @@ def test_a_model_config_the_model_refuses_is_a_usage_error(examples, script, ima
     config = tmp_path / "config.json"
     config.write_text('{"block_out_channels": [8, 16], "norm_num_groups": 4, "no_such_argument": 1}')
     with pytest.raises(SystemExit):
-        script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+        script.parse_args([*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
                            "--model_config", str(config)])  # fmt: skip
     assert "unexpected keyword argument 'no_such_argument'" in capsys.readouterr().err
 

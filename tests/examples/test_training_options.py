@@ -34,7 +34,7 @@ def planned_folder(tmp_path) -> str:
 
 def test_a_planned_config_trains_as_planned(examples, script, image_folder, planned_folder, tmp_path, capsys):
     out = str(tmp_path / "run")
-    base = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--max_train_steps", "1"]
+    base = [*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", out, "--max_train_steps", "1"]
     examples.train(script, [*base, "--model_config", planned_folder])
     unet = MultiStagePipeline.from_pretrained(out).unet
     assert unet.config.stage_boundaries == [300.0, 700.0] and unet.num_stages == 3

@@ -163,6 +163,56 @@ def test_model_config_is_a_file_or_a_folder(tmp_path):
         read_model_config(build_parser("").parse_args(["--model_config", str(tmp_path / "missing")]))
 
 
+# the shape options' former parser defaults (with the block types they implied)
+FORMER_DEFAULTS = {
+    "block_out_channels": (128, 256, 256, 256), "layers_per_block": 2, "attention_head_dim": 8, "norm_num_groups": 32,
+    "dropout": 0.0, "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+}  # fmt: skip
+
+
+def test_a_model_from_scratch_without_shape_options_has_the_former_default_shape(tmp_path):
+    # the shape options are unset in the parser (so that a value given can be refused where a source gives the
+    # shape); from scratch they still default to the same model
+    from tests.examples.conftest import load_script
+
+    args = build_parser("").parse_args([])
+    assert all(getattr(args, name) is None for name in FORMER_DEFAULTS)
+    assert unet_shape_kwargs(args) == FORMER_DEFAULTS
+    script = load_script("multistage")
+    (tmp_path / "data").mkdir()
+    args = script.parse_args(["--train_data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run")])
+    with torch.device("meta"):
+        unet = script.build_task(script.MultiStageTask, args).build_networks(3, 64, None)["unet"]
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in unet.config.items() if k in FORMER_DEFAULTS} == (
+        FORMER_DEFAULTS
+    )
+    _checked(tmp_path)  # the range checks skip options not given
+    with pytest.raises(ValueError, match="`--norm_num_groups` must be a positive integer, got 0"):
+        _checked(tmp_path, "--norm_num_groups", "0")  # ...and check those given
+
+
+@pytest.mark.parametrize(
+    "argv, shown",
+    [
+        (["--block_out_channels", "64,128"], "`--block_out_channels` [64, 128]"),
+        (["--layers_per_block", "1"], "`--layers_per_block` 1"),
+        (["--attention_head_dim", "8"], "`--attention_head_dim` 8"),  # the former default, given: meant
+        (["--norm_num_groups", "4"], "`--norm_num_groups` 4"),
+        (["--dropout", "0.1"], "`--dropout` 0.1"),
+        (["--down_block_types", "DownBlock2D", "DownBlock2D"], "`--down_block_types` ['DownBlock2D', 'DownBlock2D']"),
+    ],
+)
+def test_shape_options_are_refused_with_a_model_config(tmp_path, argv, shown):
+    # were dropped in silence: the config's model trained instead
+    (tmp_path / "config.json").write_text(json.dumps({"block_out_channels": [8, 16]}))
+    args = build_parser("").parse_args(["--model_config", str(tmp_path), *argv])
+    with pytest.raises(ValueError) as error:
+        unet_shape_kwargs(args)
+    assert str(error.value).startswith(f"{shown} cannot be combined with `--model_config` {str(tmp_path)!r}: the ")
+    assert str(error.value).endswith(f"Drop `{argv[0]}`.")
+
+
 def test_model_config_of_a_saved_model_folder_builds_that_model(tmp_path):
     # a saved folder's config.json holds `auto_map` (for diffusers' AutoModel): a loader entry, not an argument
     from diffusers_stages import MultiStageUNet2DModel

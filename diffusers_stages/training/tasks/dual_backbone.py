@@ -11,7 +11,7 @@ from ...models.uvit import UViT2DModel, dual_uvit_configs
 from ...partition import TimestepPartition
 from ...pipelines import DualBackbonePipeline
 from ...pipelines.pipeline_dual_backbone import DEFAULT_SWITCH_STEP_FRACTION  # said once, in the pipeline
-from ..args import check_positive_options, unet_shape_kwargs
+from ..args import UNET_SHAPE_OPTIONS, check_positive_options, refuse_given_options, unet_shape_kwargs
 from .base import Draw, TrainingTask, _unet_downsampling
 
 BACKBONE_INTEGERS = ("shallow_layers_per_block", "uvit_hidden_size", "uvit_patch_size", "uvit_num_attention_heads")
@@ -26,6 +26,15 @@ def check_backbone_arguments(args) -> None:
         raise ValueError(f"`--shallow_block_out_channels` must be positive integers, got {list(widths)}.")
 
 
+def check_no_unet_arguments(args) -> None:
+    """Refuse the U-Net options where `--backbone` builds U-ViTs, which take none of them: they have no default, so a
+    value given was meant, and ignoring it would train another model than the one asked for."""
+    refuse_given_options(
+        args, ("model_config", *UNET_SHAPE_OPTIONS, "shallow_block_out_channels"), f"`--backbone {args.backbone}`",
+        "its U-ViTs take no U-Net arguments (their shape: `--uvit_*`, `--shallow_depth`, `--deep_depth`)",
+    )  # fmt: skip
+
+
 class DualBackboneTask(TrainingTask):
     """DuoDiff (arXiv 2410.09633): a shallow and a deep denoiser, both trained on all timesteps."""
 
@@ -34,6 +43,8 @@ class DualBackboneTask(TrainingTask):
 
     def build_partition(self, args):
         check_backbone_arguments(args)
+        if self._uvit:
+            check_no_unet_arguments(args)
         if args.switch_step_fraction is not None and args.switch_timestep is not None:
             raise ValueError(
                 "Give one of `--switch_step_fraction` and `--switch_timestep` (the sampling switch), not both."

@@ -10,7 +10,7 @@ from ...models.expert_routing import ExpertRoutingModel
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
 from .base import Draw, TrainingTask
-from .dual_backbone import check_backbone_arguments
+from .dual_backbone import check_backbone_arguments, check_no_unet_arguments
 
 
 class EarlyExitTask(TrainingTask):
@@ -23,6 +23,7 @@ class EarlyExitTask(TrainingTask):
 
     def build_partition(self, args):
         check_backbone_arguments(args)
+        check_no_unet_arguments(args)
         given = [name for name in ("stage_boundaries", "stage_shares", "switch_step_fraction", "switch_timestep")
                  if getattr(args, name, None) is not None]  # fmt: skip
         if getattr(args, "backbones", "both") != "both":

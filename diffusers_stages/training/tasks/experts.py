@@ -19,7 +19,14 @@ from ...models.meme import meme_expert_configs
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
 from ...timestep_sampling import MEME_OWN_INTERVAL_PROBABILITIES, soft_assignment_timesteps, stage_counts
-from ..args import check_no_block_types, check_positive_options, partition_from_args, unet_shape_kwargs
+from ..args import (
+    check_no_block_types,
+    check_positive_options,
+    partition_from_args,
+    refuse_given_options,
+    scratch_shape,
+    unet_shape_kwargs,
+)
 from .base import Draw, TrainingTask, _unet_downsampling
 
 
@@ -59,7 +66,12 @@ class ExpertTask(TrainingTask):
         self.probabilities = probabilities
         self._every_network_every_step(args, 1 if args.expert_index is not None else partition.num_stages, "expert")
         self.partition = partition  # `_shape` reads it
-        if args.model_config is None:  # the iU-Net presets' shapes, before any data is read
+        if args.model_config is not None:  # every expert that `UNet2DModel`: the presets' options would be ignored
+            refuse_given_options(
+                args, ("expert_block_out_channels", "expert_attention_shares"), f"`--model_config` {args.model_config!r}",
+                "every expert is that config's UNet2DModel, and these shape the MEME presets' iU-Nets",
+            )  # fmt: skip
+        else:  # the iU-Net presets' shapes, before any data is read
             check_no_block_types(
                 args,
                 "the MEME presets' iU-Nets, which have their own blocks (give a UNet2DModel with `--model_config`)",
@@ -76,12 +88,13 @@ class ExpertTask(TrainingTask):
         if self.args.model_config is not None:
             return unet_shape_kwargs(self.args)
         # MEME presets: iU-Nets, convolution-heavy near the data, attention-heavy toward the noise
-        widths = self.args.expert_block_out_channels or tuple(self.args.block_out_channels)
+        shape = scratch_shape(self.args)
+        widths = self.args.expert_block_out_channels or tuple(shape["block_out_channels"])
         configs = meme_expert_configs(
             num_experts=self.partition.num_stages, block_out_channels=widths,
-            attention_shares=self.args.expert_attention_shares, layers_per_block=self.args.layers_per_block,
-            attention_head_dim=self.args.attention_head_dim, norm_num_groups=self.args.norm_num_groups,
-            dropout=self.args.dropout,
+            attention_shares=self.args.expert_attention_shares, layers_per_block=shape["layers_per_block"],
+            attention_head_dim=shape["attention_head_dim"], norm_num_groups=shape["norm_num_groups"],
+            dropout=shape["dropout"],
         )  # fmt: skip
         return configs[expert]
 

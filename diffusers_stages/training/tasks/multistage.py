@@ -20,7 +20,7 @@ from ...pipelines import MultiStagePipeline
 from ...routing import fits_padding
 from ...schedulers import check_scheduler_units, is_edm_scheduler
 from ...timestep_sampling import stage_counts, stage_mass, stage_sampled_timesteps
-from ..args import partition_from_args, read_model_config, unet_shape_kwargs
+from ..args import UNET_SHAPE_OPTIONS, partition_from_args, read_model_config, unet_shape_kwargs
 from .base import Draw, TrainingTask, _unet_downsampling, noise_schedulers
 
 # the classes a pretrained `unet` folder may hold, and the config key with one entry per resolution level
@@ -28,9 +28,9 @@ PRETRAINED_UNETS = {
     "MultiStageUNet2DModel": (MultiStageUNet2DModel, "block_out_channels"),
     "MultiStageDDPMppUNet2DModel": (MultiStageDDPMppUNet2DModel, "channel_mult"),
 }
-# arguments that would define the stages or the architecture anew; they have no default, so given means meant
-REFUSED_WITH_PRETRAINED = ("stage_boundaries", "decoder_block_out_channels", "model_config", "down_block_types",
-                           "up_block_types")  # fmt: skip
+# arguments that would define the stages or the architecture anew; they have no default (the U-Net shape's apply
+# only from scratch, `UNET_SHAPE_DEFAULTS`), so given means meant
+REFUSED_WITH_PRETRAINED = ("stage_boundaries", "decoder_block_out_channels", "model_config", *UNET_SHAPE_OPTIONS)
 
 
 @dataclass
