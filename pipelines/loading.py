@@ -16,7 +16,6 @@ import os
 from typing import Any
 
 import diffusers
-import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -24,6 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from ..models.loading import (
     DOWNLOAD_KWARGS,
     NAME,
+    check_dtype,
     check_folder_files,
     check_name,
     component_folder,
@@ -230,17 +230,6 @@ def check_device_map(cls: type, kwargs: dict) -> str | None:
             "dispatching the pipeline's models."
         )
     return device_map
-
-
-def check_dtype(dtype: Any, name: str) -> None:
-    """``dtype`` as the loaders take it: None, a `torch.dtype`, or a ``{component or "default": torch.dtype}`` dict.
-    diffusers only warns about anything else (transformers' spelling ``"float16"``) and loads it as float32."""
-    values = list(dtype.values()) if isinstance(dtype, dict) else [dtype]
-    if dtype is not None and not all(isinstance(value, torch.dtype) for value in values):
-        raise ValueError(
-            f"`{name}` must be a torch.dtype (torch.float16, ...) or a dict of them by component name and "
-            f"'default', got {dtype!r}."
-        )
 
 
 def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, **kwargs):

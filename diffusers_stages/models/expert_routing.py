@@ -40,6 +40,7 @@ from .ip_adapter import (
 from .loading import (
     DOWNLOAD_KWARGS,
     check_folder_files,
+    check_model_dtype,
     check_name,
     check_subfolder,
     component_folder,
@@ -902,6 +903,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         if load_experts is not None and not isinstance(load_experts, (list, tuple, range)):
             raise ValueError(f"`load_experts` must be a list of expert indices, got {load_experts!r}.")
         wants_info = kwargs.pop("output_loading_info", False)
+        check_model_dtype(kwargs)
         download = {k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs}
         folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
         if not os.path.isdir(folder):

@@ -7,7 +7,7 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,6 +37,7 @@ class StrictLoadingMixin(SaveThenPushMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, **kwargs):
         wants_info = kwargs.pop("output_loading_info", False)
+        check_model_dtype(kwargs)
         if kwargs.get("ignore_mismatched_sizes"):
             raise ValueError("`ignore_mismatched_sizes=True` is not supported: it would leave random weights behind.")
         path, subfolder = pretrained_model_name_or_path, kwargs.get("subfolder")
@@ -116,6 +117,25 @@ def _cached_snapshot(repo_id: str | os.PathLike, kwargs: dict) -> str | None:
         return None
     folder = os.path.join(snapshot, kwargs.get("subfolder") or "")
     return folder if os.path.isdir(folder) else None
+
+
+def check_dtype(dtype: Any, name: str, per_component: bool = True) -> None:
+    """``dtype`` as the loaders take it: None, a `torch.dtype`, or (a pipeline's, ``per_component``) a
+    ``{component or "default": torch.dtype}`` dict. diffusers only warns about anything else (transformers' spelling
+    ``"float16"``) and loads it as float32."""
+    values = list(dtype.values()) if per_component and isinstance(dtype, dict) else [dtype]
+    if dtype is not None and not all(isinstance(value, torch.dtype) for value in values):
+        raise ValueError(
+            f"`{name}` must be a torch.dtype (torch.float16, ...)"
+            + (" or a dict of them by component name and 'default'" if per_component else "")
+            + f", got {dtype!r}."
+        )
+
+
+def check_model_dtype(kwargs: dict) -> None:
+    """`check_dtype` of a model's ``from_pretrained`` options ``dtype`` and ``torch_dtype`` (one torch.dtype each)."""
+    for name in ("dtype", "torch_dtype"):
+        check_dtype(kwargs.get(name), name, per_component=False)
 
 
 def refuse_mismatched_keys(info: dict, path: str | os.PathLike | None, class_name: str) -> None:

@@ -344,3 +344,21 @@ def test_a_bin_file_beside_the_safetensors_that_was_not_loaded_never_blocks_or_r
         pickle.dump({"conv_in.weight": Payload()}, f, protocol=2)
     loaded = MultiStageUNet2DModel.from_pretrained(folder)
     assert torch.equal(loaded.conv_in.weight, model.conv_in.weight) and not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["torch_dtype", "dtype"])
+def test_a_dtype_that_is_not_a_torch_dtype_is_named_not_loaded_as_float32(tmp_path, name):
+    # diffusers only warns about transformers' spelling "float16" and loads the model in float32
+    from diffusers import UNet2DModel
+
+    from diffusers_stages import ExpertRoutingModel
+    from tests.conftest import SMALL_UNET
+
+    staged, routed = tmp_path / "staged", tmp_path / "routed"
+    MultiStageUNet2DModel(**TINY_UNET).save_pretrained(staged)
+    ExpertRoutingModel([UNet2DModel(**SMALL_UNET)] * 2, stage_boundaries=(500,)).save_pretrained(routed)
+    for model_class, folder in [(MultiStageUNet2DModel, staged), (ExpertRoutingModel, routed)]:
+        for wrong in ["float16", {"default": torch.float16}]:
+            with pytest.raises(ValueError, match=rf"`{name}` must be a torch.dtype \(torch.float16, ...\), got"):
+                model_class.from_pretrained(folder, **{name: wrong})
+        assert model_class.from_pretrained(folder, **{name: torch.float16}).dtype == torch.float16
