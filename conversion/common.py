@@ -361,10 +361,11 @@ def stage_interval_boundaries(
     return [edge[0] for edge in edges[1:]]
 
 
-def check_option_kinds(options: dict, defaults: dict, source: str, prefix: str = "") -> None:
+def check_option_kinds(options: dict, defaults: dict, source: str, prefix: str = "", kinds_only: bool = False) -> None:
     """Refuse an option of ``options`` that is not of its default's kind in ``defaults``: a list where the default is
     a list, a number where it is a number (a config of the wrong type was a TypeError from inside the conversion).
-    ``prefix`` names the option's section (``model.``) in the message."""
+    ``prefix`` names the option's section (``model.``) in the message; with ``kinds_only`` the values of
+    ``defaults`` only stand for their kind (no default is named)."""
     for option, default in defaults.items():
         value = options.get(option, default)
         if isinstance(default, (list, tuple)) and not isinstance(value, (list, tuple)):
@@ -373,7 +374,8 @@ def check_option_kinds(options: dict, defaults: dict, source: str, prefix: str =
             kind = "number"
         else:
             continue
-        raise ValueError(f"{source}: `{prefix}{option}`={value!r} must be a {kind} like its default {default!r}.")
+        named = "" if kinds_only else f" like its default {default!r}"
+        raise ValueError(f"{source}: `{prefix}{option}`={value!r} must be a {kind}{named}.")
 
 
 def _is_number(value: object) -> bool:

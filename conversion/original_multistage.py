@@ -178,7 +178,7 @@ def read_config(path: str) -> tuple[dict, dict]:
     missing = [option for option in REQUIRED_OPTIONS if option not in unet["params"]]
     if missing:
         raise ValueError(f"{path} lacks the U-Net options {missing} (model.params.unet_config.params).")
-    check_option_kinds(unet["params"], OPTION_KINDS, f"`--original_config` {path}")
+    check_option_kinds(unet["params"], OPTION_KINDS, f"`--original_config` {path}", kinds_only=True)
     check_option_kinds(params, SCHEDULE_DEFAULTS, f"`--original_config` {path}")
     timesteps = params.get("timesteps", SCHEDULE_DEFAULTS["timesteps"])
     if not float(timesteps).is_integer() or timesteps < 1:

@@ -19,6 +19,7 @@ import diffusers
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.deprecation_utils import _maybe_remap_transformers_class
 
 from ..models.loading import (
     DOWNLOAD_KWARGS,
@@ -90,6 +91,9 @@ def resolve_component_class(name: str, entry: Any) -> type | None:
             )
         return cls
     if library in ("diffusers", "transformers"):
+        # a class transformers 5 removed, renamed as diffusers' loader does (SD 1.x's CLIPFeatureExtractor)
+        if library == "transformers":
+            class_name = _maybe_remap_transformers_class(class_name) or class_name
         cls = getattr(diffusers if library == "diffusers" else _transformers(), class_name, None)
         if isinstance(cls, type) and issubclass(cls, _loadable_bases()):
             return cls

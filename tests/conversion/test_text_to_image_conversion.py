@@ -176,9 +176,13 @@ def test_a_malformed_source_index_is_named_and_writes_nothing(tiny_sd_components
     assert not (tmp_path / "out").exists()
 
 
-def test_a_folder_with_a_safety_checker_converts(tiny_sd_components, tmp_path):
+@pytest.mark.parametrize("feature_extractor", ["CLIPImageProcessor", "CLIPFeatureExtractor"])
+def test_a_folder_with_a_safety_checker_converts(tiny_sd_components, tmp_path, feature_extractor):
     # Stable Diffusion 1.x's layout: the safety checker is ["stable_diffusion", ...], a class of diffusers' own
-    # pipeline module, which the index check must leave to diffusers
+    # pipeline module, which the index check must leave to diffusers; older folders name the feature extractor
+    # CLIPFeatureExtractor, gone from transformers 5, which diffusers loads as CLIPImageProcessor (the check refused it)
+    import json
+
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor
 
@@ -191,10 +195,14 @@ def test_a_folder_with_a_safety_checker_converts(tiny_sd_components, tmp_path):
         "requires_safety_checker": True,
     }
     StableDiffusionPipeline(**components).save_pretrained(tmp_path / "sd")
-    assert '"stable_diffusion"' in (tmp_path / "sd" / "model_index.json").read_text()
+    index_path = tmp_path / "sd" / "model_index.json"
+    assert '"stable_diffusion"' in index_path.read_text()
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({**index, "feature_extractor": ["transformers", feature_extractor]}))
     args = ["--source", str(tmp_path / "sd"), "--output_path", str(tmp_path / "out"), "--stage_boundaries", "500"]
     converted = unet_to_multistage.main(unet_to_multistage.parse_args(args))
     assert isinstance(converted.safety_checker, StableDiffusionSafetyChecker)
+    assert isinstance(StableDiffusionPipeline.from_pretrained(tmp_path / "out").feature_extractor, CLIPImageProcessor)
 
 
 @pytest.mark.parametrize(
