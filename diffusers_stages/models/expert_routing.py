@@ -544,7 +544,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         """
         # 1. one timestep per sample (DiT-style experts need one per sample; the routing reads them)
         timesteps = self.check_inputs(sample, timestep, stage_index, in_channels=self.config.get("in_channels"))
-        if not torch.is_tensor(timestep) or timestep.ndim == 0:  # a number too: DiT takes tensors only
+        if torch.is_tensor(timestep) and timestep.ndim == 0:
             timestep = timesteps
         elif torch.is_tensor(timestep):  # on the samples' device, as `timesteps` (a CPU tensor: copied there)
             timestep = timestep.to(timesteps.device)

@@ -162,19 +162,6 @@ def test_experts_of_other_diffusers_classes_with_per_sample_arguments(tiny_unet_
         assert torch.allclose(out[1:2], second(x[1:2], t[1:2], text[1:2]).sample, atol=1e-6)
 
 
-def test_a_python_number_timestep_reaches_a_dit_expert_as_one_per_sample(tiny_unet_kwargs):
-    # `timestep` may be a number (the signature says so, as UNet2DModel's): a DiT expert needs a tensor of one
-    # timestep per sample, as it gets for a 0-d tensor (a number was handed on as is: 'int' has no attribute 'shape')
-    unet = _unet(tiny_unet_kwargs, 0, num_class_embeds=10)
-    model = ExpertRoutingModel([unet, _tiny_dit()], stage_boundaries=(500,))
-    x, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 2, 3])
-    with torch.no_grad():
-        for t, dtype in ((900, torch.long), (900.5, torch.float32)):
-            expected = model.experts[1](x, torch.full((3,), t, dtype=dtype), class_labels=y).sample
-            assert torch.equal(model(x, t, class_labels=y).sample, expected), t
-        assert torch.equal(model(x, 10, class_labels=y).sample, unet(x, 10, class_labels=y).sample)
-
-
 def test_out_channels_none_means_in_channels(tiny_unet_kwargs):
     # U-ViT and DiT leave `out_channels=None` in their configs for "as `in_channels`": they mix with U-Nets of 3
     unet = _unet(tiny_unet_kwargs, 0)
