@@ -162,6 +162,18 @@ def test_experts_of_other_diffusers_classes_with_per_sample_arguments(tiny_unet_
         assert torch.allclose(out[1:2], second(x[1:2], t[1:2], text[1:2]).sample, atol=1e-6)
 
 
+def test_a_python_number_timestep_reaches_each_expert_as_it_would_alone(tiny_unet_kwargs):
+    # a number is handed on as is, so each expert reads it by its own rule: UNet2DModel truncates a float (a learned
+    # time embedding then looks it up); a one-per-sample float tensor instead failed there and gave other outputs
+    learned = _unet(tiny_unet_kwargs, 1, time_embedding_type="learned", num_train_timesteps=1000)
+    model = ExpertRoutingModel([_unet(tiny_unet_kwargs, 0), learned], stage_boundaries=(500,))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for t in (300.7, 900.0, 900):
+            expert = model.experts[int(t >= 500)]
+            assert torch.equal(model(x, t).sample, expert(x, t).sample), t
+
+
 def test_out_channels_none_means_in_channels(tiny_unet_kwargs):
     # U-ViT and DiT leave `out_channels=None` in their configs for "as `in_channels`": they mix with U-Nets of 3
     unet = _unet(tiny_unet_kwargs, 0)
