@@ -147,7 +147,12 @@ def check_args(args: argparse.Namespace) -> None:
         check_input_file(os.path.join(args.model_path, "config.json"), "--model_path", json_object=True)
     check_output_file(args.output_plot, "--output_plot")
     check_output_file(args.output_config, "--output_config")
-    files = {"--model_config": args.model_config, "--output_config": args.output_config}
+    files = {  # the input files and the outputs: none may be written over another
+        "--model_config": args.model_config,
+        "--scheduler_config": args.scheduler_config and _scheduler_config_file(args.scheduler_config),
+        "--model_path": args.model_path and os.path.join(args.model_path, "config.json"),
+        "--output_config": args.output_config,
+    }
     for option, path in (("--output_config", args.output_config), ("--output_plot", args.output_plot)):
         for other, other_path in files.items():
             if path and other != option and other_path and os.path.realpath(path) == os.path.realpath(other_path):

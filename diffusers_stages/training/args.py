@@ -257,6 +257,19 @@ def scratch_shape(args: argparse.Namespace) -> dict:
             for name, default in UNET_SHAPE_DEFAULTS.items()}  # fmt: skip
 
 
+def tracker_config(args: argparse.Namespace) -> dict:
+    """The arguments as the trackers log them (TensorBoard's hparams, wandb's config): plain values, without the
+    `--hub_token` secret. A model built from the arguments logs the U-Net shape it was built with (an option not
+    given is None: its ``UNET_SHAPE_DEFAULTS`` value); where a source gives the shape (`--model_config`, a pretrained
+    model, U-ViT backbones) the options stay as given."""
+    values = dict(vars(args))
+    values.pop("hub_token", None)  # a secret: never in the logs (nor on wandb's servers)
+    from_source = args.model_config is not None or getattr(args, "pretrained_model_name_or_path", None) is not None
+    if not from_source and getattr(args, "backbone", "unet") == "unet":
+        values.update(scratch_shape(args))
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
+
+
 def unet_shape_kwargs(args: argparse.Namespace) -> dict:
     """The U-Net shape arguments (from `--model_config` when given, else from the command line and
     ``UNET_SHAPE_DEFAULTS``); a saved model's loader entries (``_class_name``, ``auto_map``) are not constructor

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..planning.data import IMAGE_EXTENSIONS, eight_bit, image_files, is_hidden, open_image_file, warn_skipped
+from ..planning.data import (
+    IMAGE_EXTENSIONS,
+    check_image_mode,
+    eight_bit,
+    image_files,
+    is_hidden,
+    open_image_file,
+    warn_skipped,
+)
 
 
 class ImageRecords:
@@ -44,7 +52,8 @@ def folder_image(files: list[str], index: int) -> Image.Image:
 
 
 def dataset_image(dataset, column: str, index: int) -> Image.Image:
-    return dataset[index][column]
+    # the image folder's mode checks: a floating-point image, or a 32-bit one past 255, has no grey levels to convert
+    return check_image_mode(dataset[index][column], f"row {index}", "--dataset_name")
 
 
 def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageRecords:

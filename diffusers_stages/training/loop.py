@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..conventions import null_class_label, num_data_classes, vae_to_model_latents
 from ..models.loading import load_strictly
-from .args import check_args
+from .args import check_args, tracker_config
 from .checkpointing import (
     checkpoint_folders,
     checkpoint_step,
@@ -194,8 +194,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     if start is None:
         return args.output_dir
     if accelerator.is_main_process:
-        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        config.pop("hub_token", None)  # a secret: never in the logs (nor on wandb's servers)
+        config = tracker_config(args)  # no `--hub_token`; the U-Net shape used
         accelerator.init_trackers(os.path.basename(os.path.normpath(args.output_dir)), config=config)
     logger.info(
         f"***** {task.method}: {len(dataset)} examples, {math.ceil(max_train_steps / steps_per_epoch)} epochs, batch "

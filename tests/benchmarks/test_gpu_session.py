@@ -3,6 +3,7 @@ session's few minutes must not end in a usage error)."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -71,3 +72,54 @@ def test_a_failing_step_keeps_its_output_and_the_later_steps_run_and_the_exit_st
     # no Fashion-MNIST there: the evidence step runs the quick preset (digits, from scikit-learn), not a failure
     evidence = calls.read_text().splitlines()[-1]
     assert "run_evidence.py" in evidence and "--quick" in evidence
+
+
+# an interpreter where the package does not import until it is on PYTHONPATH, and whose pip cannot build a source
+# tree (no setuptools with `bdist_wheel` there, as in an interpreter without the `wheel` package), only install wheels
+BARE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+case "$*" in
+    *"import diffusers_stages.pipelines"*|*"import torch, diffusers_stages.pipelines"*)
+        [ -f "${PYTHONPATH%%:*}/diffusers_stages/pipelines/__init__.py" ] || exit 1
+        echo "fake GPU" ;;
+    *"-m pip install"*" .") echo "error: invalid command 'bdist_wheel'"; exit 1 ;;
+    *"-m pip install"*) ;;
+    *ensure_fashion_mnist*) exit 1 ;;
+    *) echo "ran with PYTHONPATH=$PYTHONPATH" ;;
+esac
+"""
+
+
+def test_where_the_package_does_not_import_it_is_assembled_without_a_build_step(tmp_path):
+    # the fallback was `pip install --no-build-isolation .`, which needs setuptools' `bdist_wheel` (or the `wheel`
+    # package) on the GPU machine: without it the session ended before its first step
+    python, out, calls, wheels = tmp_path / "python", tmp_path / "out", tmp_path / "calls", tmp_path / "wheels"
+    python.write_text(BARE_PYTHON)
+    python.chmod(0o755)
+    wheels.mkdir()
+    (wheels / "diffusers-0.42.1-py3-none-any.whl").write_text("")
+    env = {**os.environ, "PYTHON": str(python), "OUT": str(out), "CALLS": str(calls), "WHEELS": str(wheels)}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(["bash", SESSION], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    site = (out / "gpu_checks.md").read_text().removeprefix("ran with PYTHONPATH=").strip().split(":")[0]
+    assert any(
+        "pip install" in line and "diffusers-0.42.1-py3-none-any.whl" in line
+        for line in calls.read_text().splitlines()
+    )
+    # the package as setup.py lays it out, importable from there (pipelines/ and conversion/ inside it)
+    found = subprocess.run(
+        [
+            sys.executable,
+            "-P",
+            "-c",
+            "import diffusers_stages.pipelines as p, diffusers_stages.conversion as c; "
+            "print(p.__file__); print(c.__file__)",
+        ],
+        env={**os.environ, "PYTHONPATH": site},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert all(path.startswith(site) for path in found), (site, found)
+    shutil.rmtree(site)  # the script's temporary folder (on the GPU machine, left for the session's end)

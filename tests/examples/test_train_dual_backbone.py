@@ -109,7 +109,9 @@ def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
         ),
         (
             ["--backbone", "early_exit", "--dropout", "0.1"],
-            "`--dropout` 0.1 cannot be combined with `--backbone early_exit`",
+            # its one U-ViT has no shallow model: the message named `--shallow_depth`, which it ignores
+            "`--dropout` 0.1 cannot be combined with `--backbone early_exit`: its U-ViT takes no U-Net arguments "
+            "(its shape: `--uvit_*`, `--deep_depth`)",
         ),
         (["--backbone", "early_exit", "--model_config", "unet.json"], "`--model_config` unet.json cannot be combined"),
     ],

@@ -159,3 +159,22 @@ def test_the_hub_token_is_not_logged_to_the_trackers(examples, script, image_fol
                             "1", "--hub_token", "hf_secret123"])  # fmt: skip
     assert len(configs) == 1 and configs[0]["max_train_steps"] == 1
     assert "hf_secret123" not in json.dumps(configs[0])
+
+
+def test_the_trackers_log_the_unet_shape_the_run_used(
+    examples, script, image_folder, planned_folder, tmp_path, monkeypatch
+):
+    # the shape options default to None (so that a value given can be refused where a source gives the shape): a
+    # model built from the arguments was logged with `layers_per_block` and `dropout` "None", not the 2 and 0.0 it had
+    from accelerate import Accelerator
+
+    configs = []
+    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, name, config=None, **kw: configs.append(config))
+    base = [*examples.TINY_RUN, "--train_data_dir", image_folder, "--max_train_steps", "1"]
+    shape = ["--block_out_channels", "8,16", "--norm_num_groups", "4", "--attention_head_dim", "4"]
+    examples.train(script, [*base, *shape, "--output_dir", str(tmp_path / "scratch")])
+    assert configs[0]["layers_per_block"] == 2 and configs[0]["dropout"] == 0.0
+    assert configs[0]["block_out_channels"] == str((8, 16)) and configs[0]["norm_num_groups"] == 4
+    # where the config gives the shape, the scratch defaults are not logged as if they were used
+    examples.train(script, [*base, "--model_config", planned_folder, "--output_dir", str(tmp_path / "planned")])
+    assert configs[1]["layers_per_block"] != 2 and configs[1]["block_out_channels"] != str((128, 256, 256, 256))

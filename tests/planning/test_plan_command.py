@@ -259,3 +259,28 @@ def test_bad_budget_options_are_refused_by_name_before_any_image_is_read(tmp_pat
         run(["--train_data_dir", missing, *FAST, "--model_config", str(model_config), *budget, option, value])
     assert exit_info.value.code == 2
     assert f"`{option}` must be a positive" in capsys.readouterr().err
+
+
+def test_an_output_over_the_scheduler_or_model_path_config_is_refused_before_any_image_is_read(tmp_path, capsys):
+    # only `--model_config` was guarded: the plot or the plan replaced the `--scheduler_config` (a file, or the
+    # folder's scheduler_config.json) or the `--model_path` model's config.json
+    scheduler = tmp_path / "scheduler"
+    scheduler.mkdir()
+    (scheduler / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    common = ["--train_data_dir", str(tmp_path / "no-such-folder"), *FAST]
+    for inputs, outputs, named in (
+        (["--scheduler_config", str(scheduler)], ["--output_plot", str(scheduler / "scheduler_config.json")],
+         "`--output_plot`"),
+        (["--scheduler_config", str(scheduler / "scheduler_config.json")],
+         ["--output_plot", str(scheduler / "scheduler_config.json")], "`--output_plot`"),
+        (["--method", "gradient", "--model_path", str(model)], ["--output_plot", str(model / "config.json")],
+         "`--output_plot`"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            run([*common, *inputs, *outputs])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and named in err and "give another path" in err, err
+    assert json.loads((scheduler / "scheduler_config.json").read_text()) == {"_class_name": "DDPMScheduler"}

@@ -223,3 +223,15 @@ def test_dataset_labels_must_be_class_indices(monkeypatch, labels, names, shown)
     with pytest.raises(ValueError) as error:
         data.hf_dataset_records("me/pets", class_conditional=True)
     assert shown in str(error.value)
+
+
+def test_a_dataset_of_float_images_is_refused_by_name(tmp_path):
+    # the plan command refused them (check_image_mode); training converted a float image to clipped RGB, silently
+    datasets = pytest.importorskip("datasets")
+    from diffusers_stages.training.data import hf_dataset_records
+
+    images = [Image.fromarray(np.full((8, 8), 300.0 * i, dtype=np.float32)) for i in range(2)]
+    datasets.Dataset.from_dict({"image": images}).save_to_disk(str(tmp_path / "ds"))
+    records = hf_dataset_records(str(tmp_path / "ds"), class_conditional=False)
+    with pytest.raises(ValueError, match="`--dataset_name` holds a floating-point image \\(mode 'F'\\).*: row 1"):
+        records.load(1)

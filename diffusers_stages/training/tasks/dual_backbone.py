@@ -29,10 +29,12 @@ def check_backbone_arguments(args) -> None:
 def check_no_unet_arguments(args) -> None:
     """Refuse the U-Net options where `--backbone` builds U-ViTs, which take none of them: they have no default, so a
     value given was meant, and ignoring it would train another model than the one asked for."""
-    refuse_given_options(
-        args, ("model_config", *UNET_SHAPE_OPTIONS, "shallow_block_out_channels"), f"`--backbone {args.backbone}`",
-        "its U-ViTs take no U-Net arguments (their shape: `--uvit_*`, `--shallow_depth`, `--deep_depth`)",
+    reason = (  # early_exit: one U-ViT of `--deep_depth` blocks (`--shallow_depth` is not read)
+        "its U-ViT takes no U-Net arguments (its shape: `--uvit_*`, `--deep_depth`)" if args.backbone == "early_exit"
+        else "its U-ViTs take no U-Net arguments (their shape: `--uvit_*`, `--shallow_depth`, `--deep_depth`)"
     )  # fmt: skip
+    options = ("model_config", *UNET_SHAPE_OPTIONS, "shallow_block_out_channels")
+    refuse_given_options(args, options, f"`--backbone {args.backbone}`", reason)
 
 
 class DualBackboneTask(TrainingTask):
