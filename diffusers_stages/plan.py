@@ -33,6 +33,7 @@ from .planning import (
 )
 from .planning.budget import check_budget
 from .planning.optimal_denoiser import check_planning_data
+from .planning.sizing import width_multiple
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -280,7 +281,7 @@ def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: Nois
         )
         return plan.decoder_block_out_channels
     difficulty = stage_difficulty(data, schedule, plan.partition)
-    widths = suggest_decoder_widths(config["block_out_channels"], difficulty, config.get("norm_num_groups", 32))
+    widths = suggest_decoder_widths(config["block_out_channels"], difficulty, width_multiple(config))
     result["stage_difficulty"] = [round(d, 4) for d in difficulty]
     result["decoder_block_out_channels"] = [list(w) for w in widths]
     print(f"  heuristic decoder widths (clean stage first): {result['decoder_block_out_channels']}")

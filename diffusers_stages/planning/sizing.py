@@ -13,6 +13,7 @@ with ``lambda_i`` the eigenvalues of the data covariance. It is ~1 where the noi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -113,6 +114,17 @@ def scaled_widths(block_out_channels: Sequence[int], scale: float, norm_num_grou
     return tuple(
         max(norm_num_groups, round(w * scale / norm_num_groups) * norm_num_groups) for w in block_out_channels
     )
+
+
+def width_multiple(config: Mapping) -> int:
+    """What every decoder width of a model of ``config`` must be a multiple of: ``norm_num_groups``, and, where its
+    blocks attend with a fixed ``attention_head_dim``, that too (a narrower width would have no head)."""
+    groups = config.get("norm_num_groups") or 1
+    head_dim = config.get("attention_head_dim")
+    blocks = [*(config.get("down_block_types") or ()), *(config.get("up_block_types") or ())]
+    if isinstance(head_dim, int) and head_dim > 0 and any("Attn" in str(block) for block in blocks):
+        return math.lcm(groups, head_dim)
+    return groups
 
 
 def plain_config(config: Mapping) -> dict:

@@ -215,3 +215,14 @@ def test_a_numpy_budget_plans_as_the_same_python_float(gray_unet_kwargs):
         for value in (float(np.float32(budget)), np.float32(budget))
     ]
     assert planned[0] == planned[1] and type(planned[1].budget) is float
+
+
+def test_budget_candidates_give_every_attention_layer_a_head():
+    # the budget's candidate widths were multiples of norm_num_groups alone, as the heuristic's were
+    from diffusers_stages.planning.sizing import width_multiple
+
+    attn = {"norm_num_groups": 4, "attention_head_dim": 8, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"]}
+    assert width_multiple(attn) == 8
+    assert width_multiple(dict(attn, attention_head_dim=6)) == 12
+    assert width_multiple(dict(attn, down_block_types=["DownBlock2D"] * 2)) == 4  # no attention: no head
+    assert width_multiple(dict(attn, attention_head_dim=None)) == 4  # one head as wide as the block

@@ -57,6 +57,22 @@ def test_image_folder_to_boundaries_plot_and_model_config(digit_folder, tmp_path
     assert [list(w) for w in model.config.decoder_block_out_channels] == result["decoder_block_out_channels"]
 
 
+def test_heuristic_widths_give_every_attention_layer_a_head(digit_folder, tmp_path, tiny_unet_kwargs):
+    # widths were multiples of norm_num_groups alone: with groups 4 and heads 8 channels wide the narrow decoder got
+    # width 4, no head, and the planned config was refused as if `--model_config` were broken
+    model_config, output_config = tmp_path / "config.json", tmp_path / "planned.json"
+    shape = dict(tiny_unet_kwargs, in_channels=1, out_channels=1, attention_head_dim=8)
+    model_config.write_text(json.dumps(shape))
+    common = ["--train_data_dir", str(digit_folder), *FAST, "--model_config", str(model_config)]
+    result = run([*common, "--output_config", str(output_config)])
+    assert all(w % 8 == 0 for widths in result["decoder_block_out_channels"] for w in widths)
+    MultiStageUNet2DModel.from_config(json.loads(output_config.read_text()))  # builds
+    model_config.write_text(
+        json.dumps(dict(shape, down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2))
+    )
+    assert min(w for widths in run(common)["decoder_block_out_channels"] for w in widths) == 4  # no attention
+
+
 def test_folder_and_saved_dataset_load_the_same_images(digit_folder, tmp_path):
     datasets = pytest.importorskip("datasets")
     from_folder = load_images(train_data_dir=str(digit_folder), resolution=8, num_channels=1)
