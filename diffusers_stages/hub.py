@@ -16,10 +16,33 @@ def error_summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line}"
 
 
-def pop_push_kwargs(kwargs: dict) -> dict:
+def pop_push_kwargs(kwargs: dict, save_directory: str | os.PathLike | None = None, push_to_hub: bool = False) -> dict:
     """Take the push arguments of `save_pretrained` (``repo_id``, ``token``, ``private``, ``commit_message``,
-    ``create_pr``) out of ``kwargs``, so that the save itself never sees them."""
-    return {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
+    ``create_pr``) out of ``kwargs``, so that the save itself never sees them. With ``push_to_hub`` the repository id
+    (default: the name of ``save_directory``, as in diffusers) is checked before anything is saved: a `ValueError`
+    naming it, where the push would fail only after the save."""
+    push = {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
+    if push_to_hub:
+        push["repo_id"] = check_repo_id(push.get("repo_id"), save_directory)
+    return push
+
+
+def check_repo_id(repo_id: str | None, save_directory: str | os.PathLike) -> str:
+    """``repo_id``, or the name of ``save_directory`` when it is not given, if it is a valid Hub repository id
+    (``name`` or ``namespace/name``); a `ValueError` naming it otherwise (``../x``, an absolute path, a space)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    given = repo_id is not None
+    repo_id = repo_id if given else os.path.basename(os.path.normpath(str(save_directory)))
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        where = "" if given else f" (the name of `save_directory` {str(save_directory)!r}: pass `repo_id`)"
+        raise ValueError(
+            f"`repo_id` must be a Hub repository id ('name' or 'namespace/name' of letters, digits, '-', '_' and "
+            f"'.'), got {repo_id!r}{where}; nothing was saved. {error_summary(error)}"
+        ) from None
+    return repo_id
 
 
 def check_upload_folder(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> None:
@@ -95,7 +118,7 @@ class SaveThenPushMixin:
         use_flashpack: bool = False,
         **kwargs,
     ) -> None:
-        push = pop_push_kwargs(kwargs)
+        push = pop_push_kwargs(kwargs, save_directory, push_to_hub)
         super().save_pretrained(
             save_directory,
             is_main_process=is_main_process,

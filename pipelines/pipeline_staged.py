@@ -418,7 +418,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` find the package's classes. With
         ``push_to_hub=True`` the complete folder is then uploaded (``repo_id``, ``token``, ``private``,
         ``commit_message``, ``create_pr`` as in diffusers); a failed push is an `OSError` naming the repository."""
-        push = pop_push_kwargs(kwargs)
+        push = pop_push_kwargs(kwargs, save_directory, push_to_hub)
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
         write_reexport_files(save_directory, type(self))
         if push_to_hub:

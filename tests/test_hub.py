@@ -92,3 +92,24 @@ def test_push_refuses_a_file_that_links_out_of_the_folder(tiny_multistage, tmp_p
     assert not (tmp_path / "hub" / "me" / "model" / "notes.txt").exists()
     os.remove(folder / "notes.txt")
     assert MultiStageUNet2DModel.from_pretrained(folder) is not None  # the saved folder is complete
+
+
+@pytest.mark.parametrize("repo_id", ["../x", "/abs/x", "a b"])
+@pytest.mark.parametrize("kind", ["model", "experts", "pipeline"])
+def test_an_invalid_repository_id_is_refused_before_anything_is_saved(
+    tiny_multistage, tmp_path, offline, repo_id, kind
+):
+    # was an `OSError` after the save, as if the push had failed, whose advice (`hf upload ../x ...`) fails the same way
+    saved = {
+        "model": tiny_multistage,
+        "experts": ExpertRoutingModel([UNet2DModel(**TINY_UNET), UNet2DModel(**TINY_UNET)], stage_boundaries=[500]),
+        "pipeline": MultiStagePipeline(unet=tiny_multistage, scheduler=DDIMScheduler()),
+    }[kind]
+    with pytest.raises(ValueError, match=f"`repo_id` must be a Hub repository id .*got {repo_id!r}"):
+        saved.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id=repo_id)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(
+        ValueError, match="`repo_id` .*got 'my model'.*pass `repo_id`"
+    ):  # the default: the folder's name
+        saved.save_pretrained(tmp_path / "my model", push_to_hub=True)
+    assert not (tmp_path / "my model").exists()

@@ -864,6 +864,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         missing = [i for i, e in enumerate(self.experts) if e is None]
         if missing:
             raise ValueError(f"Experts {missing} are not loaded: load every expert before `save_pretrained`.")
+        push = pop_push_kwargs(kwargs, save_directory, push_to_hub)
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` must be a directory, got the file {save_directory}.")
         os.makedirs(save_directory, exist_ok=True)
@@ -876,7 +877,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                 path, is_main_process=is_main_process, safe_serialization=safe_serialization, variant=variant, **shard
             )
         if push_to_hub and is_main_process:
-            push_saved_folder(self, save_directory, is_pipeline=False, **pop_push_kwargs(kwargs))
+            push_saved_folder(self, save_directory, is_pipeline=False, **push)
 
     @classmethod
     def from_pretrained(
