@@ -982,4 +982,5 @@ def _download(repo_id: str, subfolder: str | None, load_experts: Sequence[int] |
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     prefixes = [prefix] if load_experts is None else [f"{prefix}{expert_folder(i)}/" for i in load_experts]
     root = download_weights(repo_id, prefixes, files=[f"{prefix}config.json"], **download)
+    check_subfolder(root, subfolder)  # `..` would lead out of the snapshot, to another folder of the cache
     return os.path.join(root, prefix)

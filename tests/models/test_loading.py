@@ -145,15 +145,32 @@ def test_a_subfolder_that_links_out_of_the_folder_is_refused(saved_model, tmp_pa
     assert model_class.from_pretrained(folder.parent, subfolder=folder.name) is not None  # a real sub-folder loads
 
 
-def _hub_cache(folder, tmp_path):
-    """A Hub cache holding ``folder`` as the snapshot of repository ``me/staged`` (what a download leaves): the cache
+def _hub_cache(folder, tmp_path, name: str = "staged"):
+    """A Hub cache holding ``folder`` as the snapshot of repository ``me/{name}`` (what a download leaves): the cache
     folder and the snapshot folder."""
     cache, revision = tmp_path / "cache", "0" * 40
-    snapshot = cache / "models--me--staged" / "snapshots" / revision
+    snapshot = cache / f"models--me--{name}" / "snapshots" / revision
     shutil.copytree(folder, snapshot)
-    (cache / "models--me--staged" / "refs").mkdir()
-    (cache / "models--me--staged" / "refs" / "main").write_text(revision)
+    (cache / f"models--me--{name}" / "refs").mkdir()
+    (cache / f"models--me--{name}" / "refs" / "main").write_text(revision)
     return cache, snapshot
+
+
+def test_an_expert_container_subfolder_that_leads_out_of_the_hub_snapshot_is_refused(tmp_path):
+    # the Hub path read the folder `subfolder` led to (another cached repository here); a local folder refused it
+    from diffusers import UNet2DModel
+
+    from diffusers_stages import ExpertRoutingModel
+
+    ExpertRoutingModel([UNet2DModel(**TINY_UNET), UNet2DModel(**TINY_UNET)], stage_boundaries=(500,)).save_pretrained(
+        tmp_path / "m"
+    )
+    cache, _ = _hub_cache(tmp_path / "m", tmp_path, "experts")
+    _, other = _hub_cache(tmp_path / "m", tmp_path, "other")
+    subfolder = os.path.relpath(other, cache / "models--me--experts" / "snapshots" / other.name)
+    with pytest.raises(ValueError, match=r"`subfolder` '\.\./.*outside the folder"):
+        ExpertRoutingModel.from_pretrained("me/experts", subfolder=subfolder, cache_dir=cache, local_files_only=True)
+    assert ExpertRoutingModel.from_pretrained("me/experts", cache_dir=cache, local_files_only=True) is not None
 
 
 def test_weights_saved_as_integers_are_refused_from_the_hub_too(saved_model, tmp_path):
