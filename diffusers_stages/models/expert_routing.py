@@ -677,6 +677,25 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         """[`~diffusers.loaders.PeftAdapterMixin.add_adapter`] on every expert (LoRA training), each its own copy."""
         self._each_expert("add_adapter", copy.deepcopy(adapter_config), adapter_name)
 
+    def save_lora_adapter(
+        self,
+        save_directory: str | os.PathLike,
+        adapter_name: str = "default",
+        upcast_before_saving: bool = False,
+        safe_serialization: bool = True,
+        weight_name: str | None = None,
+    ) -> None:
+        """[`~diffusers.loaders.PeftAdapterMixin.save_lora_adapter`]: every expert's adapter ``adapter_name`` in one
+        file, keys ``experts.{i}.`` (each expert its own part), which `load_lora_adapter(folder, prefix=None)` gives
+        back to each expert."""
+        from diffusers.loaders.peft import PeftAdapterMixin
+
+        require_peft()
+        self._peft_experts("use `save_lora_adapter`")
+        PeftAdapterMixin.save_lora_adapter(
+            self, save_directory, adapter_name, upcast_before_saving, safe_serialization, weight_name
+        )
+
     def set_adapters(
         self,
         adapter_names: list[str] | str,

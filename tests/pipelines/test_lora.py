@@ -246,8 +246,13 @@ def test_lora_trained_on_the_experts_saves_and_reloads_as_is(source_and_routed, 
                 parameter.add_(0.1)  # the experts' adapters differ
     trained = _images(pipe)
     folder = _save_lora(pipe.unet, tmp_path)
-    pipe.unet = base
+    pipe.unet.save_lora_adapter(str(tmp_path / "adapter"))  # the model's own (was an AttributeError)
+    pipe.unet = copy.deepcopy(base)
     pipe.load_lora_weights(folder)
+    assert np.abs(_images(pipe) - trained).max() < 1e-5
+    pipe.unet = base
+    pipe.unet.load_lora_adapter(str(tmp_path / "adapter"), prefix=None, adapter_name="x")
+    assert [list(expert.peft_config) for expert in pipe.unet.experts] == [["x"], ["x"]]
     assert np.abs(_images(pipe) - trained).max() < 1e-5
 
 
