@@ -471,7 +471,13 @@ def download_weights(
 
     patterns = [*files, *(f"{prefix}{pattern}" for prefix in prefixes for pattern in WEIGHT_PATTERNS)]
     folder = snapshot_download(repo_id, allow_patterns=patterns, **download_kwargs)
-    if prefixes and not any(f.endswith(".safetensors") for _, _, names in os.walk(folder) for f in names):
-        patterns += [f"{prefix}*.bin" for prefix in prefixes]
+    # under each prefix only: the snapshot also holds whatever else of the repository was fetched before
+    bare = [prefix for prefix in prefixes if not _holds_safetensors(os.path.join(folder, prefix))]
+    if bare:
+        patterns += [f"{prefix}*.bin" for prefix in bare]
         folder = snapshot_download(repo_id, allow_patterns=patterns, **download_kwargs)
     return folder
+
+
+def _holds_safetensors(folder: str) -> bool:
+    return any(name.endswith(".safetensors") for _, _, names in os.walk(folder) for name in names)

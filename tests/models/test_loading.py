@@ -173,6 +173,38 @@ def test_an_expert_container_subfolder_that_leads_out_of_the_hub_snapshot_is_ref
     assert ExpertRoutingModel.from_pretrained("me/experts", cache_dir=cache, local_files_only=True) is not None
 
 
+def test_bin_weights_of_an_expert_container_are_fetched_though_the_snapshot_holds_other_safetensors(
+    tmp_path, monkeypatch
+):
+    # the `.bin` fallback looked for safetensors in the whole snapshot: another folder of the repository fetched
+    # before (a pipeline's `unet/`) kept the container's `.bin` weights from being downloaded
+    import fnmatch
+
+    import huggingface_hub
+    from diffusers import UNet2DModel
+
+    from diffusers_stages import ExpertRoutingModel
+
+    remote, snapshot = tmp_path / "remote", tmp_path / "snapshot"
+    model = ExpertRoutingModel([UNet2DModel(**TINY_UNET), UNet2DModel(**TINY_UNET)], stage_boundaries=(500,))
+    model.save_pretrained(remote / "experts", safe_serialization=False)
+    UNet2DModel(**TINY_UNET).save_pretrained(remote / "unet")
+    files = [p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file()]
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):  # as the Hub cache: files add up in the snapshot
+        for name in (f for f in files if any(fnmatch.fnmatch(f, p) for p in allow_patterns)):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(remote / name, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    snapshot_download("me/repo", allow_patterns=["unet/*"])  # fetched before, by another load
+    loaded = ExpertRoutingModel.from_pretrained("me/repo", subfolder="experts", load_experts=[1])
+    x = torch.randn(1, 3, 8, 8, generator=torch.manual_seed(0))
+    assert torch.equal(loaded.experts[1](x, 100).sample, model.experts[1](x, 100).sample)
+    assert not (snapshot / "experts" / "expert_0").exists()
+
+
 def test_weights_saved_as_integers_are_refused_from_the_hub_too(saved_model, tmp_path):
     # a Hub repository id was not checked (only a local folder was): diffusers cast the integers silently
     from safetensors.torch import load_file, save_file
