@@ -321,6 +321,31 @@ def test_stage_offload(kind, prefetch, monkeypatch):
         pipe.disable_stage_offload()  # waits for a copy still pending
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_stage_offloaded_run_stopped_by_an_exception(kind, monkeypatch):
+    """A run stopped by an exception (a callback raising, Ctrl-C) right after a prefetch left that copy running and
+    the networks on the device: saving or casting the pipeline then read weights still being copied."""
+    from diffusers_stages.pipelines import offload
+
+    monkeypatch.setattr(offload, "check_device", lambda value, name: torch.device(value))  # "cuda": the stand-in
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    pipe = tiny_pipeline(kind)
+
+    def stop_after_a_prefetch(pipe, i, t, callback_kwargs):
+        if pipe._stage_offload.pending:
+            raise KeyboardInterrupt
+        return {}
+
+    with fake_cuda():
+        pipe.enable_stage_offload(device="cuda")
+        with pytest.raises(KeyboardInterrupt):
+            pipe(num_inference_steps=4, callback_on_step_end=stop_after_a_prefetch, output_type="pt")
+        networks = pipe._stage_offload.units
+        assert all(tensor.cpu() is not None for network in networks for tensor in network.state_dict().values())
+        assert not pipe._stage_offload.resident  # every stage network back on the offload device, as after a run
+        pipe.disable_stage_offload()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # a model whose stage networks are on different devices (a `device_map` over several GPUs, or one offloaded to the
 # CPU): accelerate's hooks run each network on its own device, the routing brings the outputs back together
