@@ -10,7 +10,8 @@ stage is prefetched right after the last call before a switch (on CUDA on a side
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
@@ -147,6 +148,23 @@ class StageOffload:
         for tensor in [*self.units[unit].parameters(), *self.units[unit].buffers()]:
             tensor.data.record_stream(current)
         self.pending.discard(unit)
+
+
+def offloaded_on_error(call: Callable) -> Callable:
+    """Decorates a pipeline's ``__call__``: a run stopped by an exception (a callback raising, Ctrl-C) ends as a
+    finished one does under `enable_stage_offload`, every stage network back on the offload device, so that no
+    prefetch is still copying (on its side stream) when the pipeline is saved, cast or read next."""
+
+    @functools.wraps(call)
+    def run(self, *args, **kwargs):
+        try:
+            return call(self, *args, **kwargs)
+        except BaseException:
+            if self._stage_offload is not None:
+                self._stage_offload.offload_all()
+            raise
+
+    return run
 
 
 class StageOffloadMixin:

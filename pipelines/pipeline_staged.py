@@ -23,7 +23,7 @@ from ..routing import StageRouter
 from ..schedulers import model_call_timesteps
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
 from .loading import load_pipeline, write_reexport_files
-from .offload import StageOffloadMixin
+from .offload import StageOffloadMixin, offloaded_on_error
 
 
 class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
@@ -258,6 +258,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             )
 
     @torch.no_grad()
+    @offloaded_on_error
     def __call__(
         self,
         batch_size: int = 1,

@@ -13,15 +13,23 @@ would fail on a GPU fails here:
 
 Host reads (``.item()``, ``.tolist()``, ``bool(tensor)``) work, as on CUDA (where they synchronise).
 
+Streams (``torch.cuda.Stream``, ``torch.cuda.stream``, ``torch.cuda.current_stream``, ``Tensor.record_stream``) are
+stand-ins too, with CUDA's ordering rule enforced: a tensor made on one stream (a copy under
+``with torch.cuda.stream(side):``) and read by an op on another raises `StreamRace`, unless the reading stream
+waited for it (``wait_stream``, after the tensor was made) and the tensor was marked as used there
+(``record_stream``, without which its memory may be reused while that stream still reads it).
+
 Limits: the stand-in tensors report ``device.type == "meta"`` (a CPU-only torch has no device guard for "cuda",
-which many ops ask for), so code that branches on ``device.type == "cuda"`` (streams, autocast) takes its other
-branch; and autograd cannot run through stand-in tensors (no "cuda" gradient accumulator either): forwards, losses
-and sampling, and training only of what stays on the CPU.
+which many ops ask for), so code that branches on a tensor's ``device.type == "cuda"`` (autocast) takes its other
+branch (code that branches on the ``torch.device("cuda")`` it was given takes the CUDA one, streams included); and
+autograd cannot run through stand-in tensors (no "cuda" gradient accumulator either): forwards, losses and
+sampling, and training only of what stays on the CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -36,10 +44,63 @@ class DeviceMismatch(RuntimeError):
     """An op that CUDA would refuse: tensors on different devices, or a CPU generator for a CUDA op."""
 
 
+class StreamRace(RuntimeError):
+    """A tensor read on another stream than the one that made it, without ``wait_stream`` and ``record_stream``."""
+
+
+class FakeStream:
+    """A stand-in CUDA stream: records which streams it waited for, and when (see the module docstring)."""
+
+    def __init__(self, device=None, priority: int = 0):
+        self.device, self.waited = device, {}
+
+    def wait_stream(self, stream: FakeStream) -> None:
+        self.waited[stream] = next(_STREAMS["clock"])
+
+    def synchronize(self) -> None:  # the host waits: every stream may read what this one made so far
+        _STREAMS["synchronized"][self] = next(_STREAMS["clock"])
+
+
+# the stream ops run on (None outside `fake_cuda()`), one default stream for every block, and the order of events
+_DEFAULT_STREAM = FakeStream()
+_STREAMS = {"current": None, "clock": itertools.count(1), "synchronized": {}}
+
+
+@contextlib.contextmanager
+def _stream(stream: FakeStream | None):
+    previous = _STREAMS["current"]
+    _STREAMS["current"] = stream or previous
+    try:
+        yield
+    finally:
+        _STREAMS["current"] = previous
+
+
+def _record_stream(tensor: torch.Tensor, stream: FakeStream) -> None:
+    if isinstance(tensor, CudaTagged):
+        tensor.origin["recorded"].add(stream)
+
+
+def _check_streams(func, args, kwargs) -> None:
+    """`StreamRace` for an input made on another stream than the current one, not waited for or not recorded."""
+    current = _STREAMS["current"]
+    for tensor in tree_flatten((args, kwargs))[0]:
+        origin = getattr(tensor, "origin", None)
+        if current is None or origin is None or origin["stream"] in (None, current):
+            continue
+        made = origin["time"]
+        waited = max(current.waited.get(origin["stream"], 0), _STREAMS["synchronized"].get(origin["stream"], 0))
+        if waited < made:
+            raise StreamRace(f"{func}: reads a tensor made on another stream, with no `wait_stream` for it since")
+        if current not in origin["recorded"]:
+            raise StreamRace(f"{func}: reads a tensor made on another stream, with no `record_stream` for this one")
+
+
 class CudaTagged(torch.Tensor):
-    """A CPU tensor (``elem``) on the stand-in device."""
+    """A CPU tensor (``elem``) on the stand-in device, made on the stream ``origin["stream"]``."""
 
     elem: torch.Tensor
+    origin: dict
 
     @staticmethod
     def __new__(cls, elem: torch.Tensor):
@@ -54,6 +115,7 @@ class CudaTagged(torch.Tensor):
             requires_grad=False,
         )
         out.elem = elem
+        out.origin = {"stream": _STREAMS["current"], "time": next(_STREAMS["clock"]), "recorded": set()}
         return out
 
     def __repr__(self) -> str:
@@ -82,6 +144,7 @@ _COPIES = {  # ops that move data between devices by design
     torch.ops.aten.detach.default,
     torch.ops.aten.alias.default,
 }
+_ALIASES = {torch.ops.aten.detach.default, torch.ops.aten.alias.default}  # ``.data``: no read, the same memory
 _INDEXING = {
     torch.ops.aten.index.Tensor,
     torch.ops.aten.index_put_.default,
@@ -129,6 +192,8 @@ class _FakeCudaMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         _check_devices(func, args, kwargs)
+        if func not in _ALIASES:
+            _check_streams(func, args, kwargs)
         inputs_on_cuda = any(isinstance(t, CudaTagged) for t in tree_flatten((args, kwargs))[0])
         if "device" in kwargs:
             on_cuda = _is_cuda(kwargs["device"])
@@ -149,9 +214,12 @@ class _FakeCudaMode(TorchDispatchMode):
         # an in-place op returns its (wrapped) first argument
         if isinstance(out, torch.Tensor) and args and isinstance(args[0], CudaTagged) and out is args[0].elem:
             return args[0]
-        return tree_map(
+        out = tree_map(
             lambda t: CudaTagged(t) if isinstance(t, torch.Tensor) and not isinstance(t, CudaTagged) else t, out
         )
+        if func in _ALIASES and isinstance(args[0], CudaTagged):  # the same memory: its stream and records
+            out.origin = args[0].origin
+        return out
 
 
 def _wrap_outputs(out):
@@ -201,11 +269,21 @@ def fake_cuda(grad: bool = False):
     """Within this block, ``"cuda"`` is the stand-in device (see the module docstring). Gradients are off, unless
     ``grad``: then autograd runs for what stays on the CPU (a model trained there on inputs from the device)."""
     lazy_init, overwrite = torch.cuda._lazy_init, torch.__future__.get_overwrite_module_params_on_conversion()
+    streams = {"Stream": torch.cuda.Stream, "stream": torch.cuda.stream, "current_stream": torch.cuda.current_stream}
+    record_stream = torch.Tensor.record_stream
     torch.cuda._lazy_init = lambda: None  # what ``.to("cuda")`` calls first on a CPU-only torch (it raises there)
     torch.__future__.set_overwrite_module_params_on_conversion(True)  # ``module.to("cuda")``: wrapped parameters
+    torch.cuda.Stream, torch.cuda.stream = FakeStream, _stream
+    torch.cuda.current_stream = lambda device=None: _STREAMS["current"]
+    torch.Tensor.record_stream = _record_stream
+    _STREAMS["current"] = _DEFAULT_STREAM
     try:
         with torch.set_grad_enabled(grad), _FakeCudaFunctions(), _FakeCudaMode():
             yield
     finally:
         torch.cuda._lazy_init = lazy_init
         torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+        for name, value in streams.items():
+            setattr(torch.cuda, name, value)
+        torch.Tensor.record_stream = record_stream
+        _STREAMS["current"] = None

@@ -23,7 +23,7 @@ from diffusers_stages.timestep_sampling import stage_counts, stratified_timestep
 from diffusers_stages.training import diffusion_loss
 from tests.conftest import TINY_COND_UNET, TINY_UNET
 from tests.fake_cuda import CUDA as CUDA_DEVICE
-from tests.fake_cuda import DeviceMismatch, fake_cuda
+from tests.fake_cuda import DeviceMismatch, StreamRace, fake_cuda
 from tests.pipelines.conftest import KINDS, tiny_pipeline
 
 
@@ -71,6 +71,24 @@ def test_the_stand_in_refuses_what_cuda_refuses():
             (2,), generator=torch.Generator().manual_seed(0), device=x.device
         )
         assert noise.device == x.device
+
+
+def test_the_stand_in_streams_refuse_a_read_before_the_copy_is_done():
+    weight = torch.randn(4, 4)
+    with fake_cuda():
+        side, current = torch.cuda.Stream(), torch.cuda.current_stream()
+        x = cuda_randn(2, 4)
+        current.wait_stream(side)  # a wait before the copy does not cover it
+        with torch.cuda.stream(side):
+            w = weight.to("cuda", non_blocking=True)
+        assert torch.cuda.current_stream() is current
+        with pytest.raises(StreamRace, match="no `wait_stream`"):
+            x @ w
+        current.wait_stream(side)
+        with pytest.raises(StreamRace, match="no `record_stream`"):
+            x @ w
+        w.data.record_stream(current)  # `.data` is the same memory
+        torch.testing.assert_close((x @ w).cpu(), x.cpu() @ weight)
 
 
 def test_sigma_to_timestep_after_a_device_add_noise():
@@ -250,7 +268,7 @@ def test_diffusion_loss_draws_the_noise_with_a_cpu_generator():
 
 # ---------------------------------------------------------------------------------------------------------------
 # more sampling: class labels as a cross-attention context, staged U-Nets in diffusers' Stable Diffusion pipeline,
-# and the stage offload (without its CUDA side stream, which a CPU-only torch cannot create)
+# and the stage offload (its prefetch on a CUDA side stream on the stand-in streams)
 def test_class_context_pipeline(tiny_cond_unet):
     from diffusers_stages import ClassContextEmbedding, MultiStagePipeline
 
@@ -278,19 +296,53 @@ def test_staged_unets_in_stable_diffusion(tiny_sd_components, tiny_cond_unet, ki
         assert images.images.shape == (1, 16, 16, 3)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_stage_offload(kind, monkeypatch):
+def test_stage_offload(kind, prefetch, monkeypatch):
+    # with prefetch, the next network is copied on a side stream: each network's first call must wait for its copy
     from diffusers_stages.pipelines import offload
 
     monkeypatch.setattr(offload, "check_device", lambda value, name: torch.device(value))  # "cuda": the stand-in
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     pipe = tiny_pipeline(kind, num_class_embeds=4)
+    run = {"class_labels": [0, 2], "guidance_scale": 2.0, "num_inference_steps": 3, "output_type": "pt"}
+    expected = pipe(generator=torch.Generator().manual_seed(0), **run).images
     with fake_cuda():
-        pipe.enable_stage_offload(device="cuda", prefetch=False)
-        images = pipe(class_labels=[0, 2], guidance_scale=2.0, num_inference_steps=3, output_type="pt").images
-        assert images.shape == (2, 3, 8, 8)
+        pipe.enable_stage_offload(device="cuda", prefetch=prefetch)
+        for _ in range(2):  # a second run reuses the hooks
+            images = pipe(generator=torch.Generator().manual_seed(0), **run).images
+            torch.testing.assert_close(images.cpu(), expected, rtol=1e-4, atol=1e-4)
         for stage in range(pipe.resolve_partition(3).num_stages):  # every stage network back on the CPU after the run
             assert {p.device.type for p in pipe.stage_network(stage).parameters()} == {"cpu"}
+        if prefetch:  # the stand-in streams catch a prefetched network used before its copy is done
+            with monkeypatch.context() as patch, pytest.raises(StreamRace):
+                patch.setattr(offload.StageOffload, "_wait", lambda self, unit: None)
+                pipe(**run)
+        pipe.disable_stage_offload()  # waits for a copy still pending
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_stage_offloaded_run_stopped_by_an_exception(kind, monkeypatch):
+    """A run stopped by an exception (a callback raising, Ctrl-C) right after a prefetch left that copy running and
+    the networks on the device: saving or casting the pipeline then read weights still being copied."""
+    from diffusers_stages.pipelines import offload
+
+    monkeypatch.setattr(offload, "check_device", lambda value, name: torch.device(value))  # "cuda": the stand-in
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    pipe = tiny_pipeline(kind)
+
+    def stop_after_a_prefetch(pipe, i, t, callback_kwargs):
+        if pipe._stage_offload.pending:
+            raise KeyboardInterrupt
+        return {}
+
+    with fake_cuda():
+        pipe.enable_stage_offload(device="cuda")
+        with pytest.raises(KeyboardInterrupt):
+            pipe(num_inference_steps=4, callback_on_step_end=stop_after_a_prefetch, output_type="pt")
+        networks = pipe._stage_offload.units
+        assert all(tensor.cpu() is not None for network in networks for tensor in network.state_dict().values())
+        assert not pipe._stage_offload.resident  # every stage network back on the offload device, as after a run
         pipe.disable_stage_offload()
 
 
