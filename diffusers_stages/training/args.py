@@ -242,7 +242,7 @@ def read_model_config(args: argparse.Namespace) -> dict | None:
 
 def refuse_given_options(args: argparse.Namespace, names: Sequence[str], source: str, reason: str) -> None:
     """A `ValueError` for the first option of ``names`` given (not None) where ``source`` (an option and its value)
-    decides instead, in the style of `MultiStageTask`'s refusals: ``reason`` says why it would be ignored."""
+    decides instead: ``reason`` says why it would be ignored."""
     for name in names:
         value = getattr(args, name, None)
         if value is not None:

@@ -20,7 +20,7 @@ from ...pipelines import MultiStagePipeline
 from ...routing import fits_padding
 from ...schedulers import check_scheduler_units, is_edm_scheduler
 from ...timestep_sampling import stage_counts, stage_mass, stage_sampled_timesteps
-from ..args import UNET_SHAPE_OPTIONS, partition_from_args, read_model_config, unet_shape_kwargs
+from ..args import UNET_SHAPE_OPTIONS, partition_from_args, read_model_config, refuse_given_options, unet_shape_kwargs
 from .base import Draw, TrainingTask, _unet_downsampling, noise_schedulers
 
 # the classes a pretrained `unet` folder may hold, and the config key with one entry per resolution level
@@ -241,15 +241,13 @@ class MultiStageTask(TrainingTask):
         """The loaded model's partition, after refusing every argument that contradicts the source."""
         path, config = self.source.path, self.source.unet_config
         partition = TimestepPartition.from_config(config)
-        for name in REFUSED_WITH_PRETRAINED:
-            value = getattr(args, name, None)
-            if value is not None:
-                shown = list(value) if isinstance(value, tuple) else value
-                raise ValueError(
-                    f"`--{name}` {shown} cannot be combined with `--pretrained_model_name_or_path`: fine-tuning keeps "
-                    f"the model of {path!r} (stage boundaries {list(partition.boundaries)} in {partition.units!r} "
-                    f"units, its own architecture). Drop `--{name}`."
-                )
+        refuse_given_options(
+            args,
+            REFUSED_WITH_PRETRAINED,
+            "`--pretrained_model_name_or_path`",
+            f"fine-tuning keeps the model of {path!r} (stage boundaries {list(partition.boundaries)} in "
+            f"{partition.units!r} units, its own architecture)",
+        )
         if args.boundary_units != partition.units:
             raise ValueError(
                 f"`--boundary_units` {args.boundary_units} disagrees with the model of {path!r}, whose stage "
