@@ -180,13 +180,9 @@ def _check_model_config(path: str) -> None:
             f"`--model_config` {path!r} is a {name} config: the plan is written into a config of one of "
             f"{', '.join(PLANNED_FROM)} (their stages share its encoder)."
         )
-    try:
-        with torch.device("meta"):
-            getattr(diffusers_stages if name.startswith("MultiStage") else diffusers, name).from_config(config)
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
-        raise ValueError(
-            f"`--model_config` {path!r} does not build a {name}: {type(error).__name__}: {error}"
-        ) from None
+    error = _build_error(getattr(diffusers_stages if name.startswith("MultiStage") else diffusers, name), config)
+    if error is not None:
+        raise ValueError(f"`--model_config` {path!r} does not build a {name}: {error}")
 
 
 def _check_planned_config(planned: dict) -> None:
@@ -194,14 +190,23 @@ def _check_planned_config(planned: dict) -> None:
     ``meta`` device)."""
     from .models.unet_multistage import MultiStageUNet2DModel
 
+    error = _build_error(MultiStageUNet2DModel, planned)
+    if error is not None:
+        raise ValueError(
+            f"The planned config does not build a MultiStageUNet2DModel ({error}); it was not written. Fix "
+            "`--model_config`."
+        )
+
+
+def _build_error(model_class: type, config: dict) -> str | None:
+    """Why ``model_class.from_config(config)`` fails (``"ErrorType: message"``), built on the ``meta`` device (no
+    memory); None when it builds."""
     try:
         with torch.device("meta"):
-            MultiStageUNet2DModel.from_config(planned)
+            model_class.from_config(config)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
-        raise ValueError(
-            f"The planned config does not build a MultiStageUNet2DModel ({type(error).__name__}: {error}); it was not "
-            "written. Fix `--model_config`."
-        ) from None
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def _write_json(config: dict, path: str) -> None:
