@@ -140,6 +140,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         both = model(torch.cat([sample, sample]).to(dtype), timestep, **labels, **kwargs)
         cond, uncond = self._mean_prediction(both.sample, sample).to(sample.dtype).chunk(2)
         guided = uncond + guidance_scale * (cond - uncond)  # classifier-free guidance (Ho & Salimans, eq. 6)
+        if cond.shape[1] == sample.shape[1]:  # no learned variance: no copy
+            return guided
         # a learned variance the scheduler reads (DiT's second half) is the conditional one, as DiT's sampler takes it
         return torch.cat([guided[:, : sample.shape[1]], cond[:, sample.shape[1] :]], dim=1)
 
