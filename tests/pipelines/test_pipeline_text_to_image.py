@@ -191,3 +191,28 @@ def test_a_staged_pipeline_saved_fused_reloads_as_a_plain_one_does(tiny_sd_compo
     np.testing.assert_allclose(_images(loaded), images, atol=1e-5)
     loaded.fuse_qkv_projections(vae=False)
     np.testing.assert_allclose(_images(loaded), images, atol=1e-5)
+
+
+def test_attention_slicing_of_an_expert_routing_unet_slices_every_expert(
+    tiny_sd_components, two_experts, tiny_unet_kwargs
+):
+    # `pipe.enable_attention_slicing()` calls `set_attention_slice` on components that have it: the container had
+    # none, so the experts' attention stayed unsliced without a word
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    pipe.unet = two_experts()
+    images = _images(pipe)
+    for slice_size in ("auto", "max", 1):
+        pipe.enable_attention_slicing(slice_size)
+        assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"SlicedAttnProcessor"}
+        np.testing.assert_allclose(_images(pipe), images, atol=1e-5)
+    pipe.disable_attention_slicing()
+    assert "SlicedAttnProcessor" not in {type(p).__name__ for p in pipe.unet.attn_processors.values()}
+    np.testing.assert_allclose(_images(pipe), images, atol=1e-5)
+
+    # an expert that cannot slice (diffusers' UNet2DModel has no `set_attention_slice`) is named, nothing changed
+    unconditional = ExpertRoutingModel(
+        [diffusers.UNet2DModel(**tiny_unet_kwargs) for _ in range(2)], stage_boundaries=(500,)
+    )
+    with pytest.raises(ValueError, match=r"Expert 0 \(UNet2DModel\).*attention slicing"):
+        unconditional.set_attention_slice("auto")
+    unconditional.set_attention_slice(None)  # disabling: nothing to undo
