@@ -216,3 +216,44 @@ def test_attention_slicing_of_an_expert_routing_unet_slices_every_expert(
     with pytest.raises(ValueError, match=r"Expert 0 \(UNet2DModel\).*attention slicing"):
         unconditional.set_attention_slice("auto")
     unconditional.set_attention_slice(None)  # disabling: nothing to undo
+
+
+def _image_to_image_case(name: str, sd: dict, sdxl: dict, tiny_cond_unet) -> tuple:
+    """``(pipeline_class, components, call kwargs)`` of a standard pipeline other than text-to-image."""
+    image = torch.rand(1, 3, 16, 16, generator=torch.manual_seed(1))
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    if name == "img2img":  # strength < 1: the run starts mid-schedule
+        return diffusers.StableDiffusionImg2ImgPipeline, sd, {"image": image, "strength": 0.6, "steps": 5}
+    if name == "inpaint":  # a 9-channel U-Net (latents, mask, masked image)
+        components = dict(sd, unet=tiny_cond_unet(0, in_channels=9))
+        return diffusers.StableDiffusionInpaintPipeline, components, {"image": image, "mask_image": mask}
+    if name == "controlnet":  # residuals of a trained (here: perturbed) ControlNet reach the encoder's skips
+        controlnet = diffusers.ControlNetModel.from_unet(sd["unet"], conditioning_embedding_out_channels=(4, 8))
+        with torch.no_grad():
+            for parameter in controlnet.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.manual_seed(2)))
+        return diffusers.StableDiffusionControlNetPipeline, dict(sd, controlnet=controlnet), {"image": image}
+    if name == "lcm":  # `timestep_cond` from the guidance embedding (`time_cond_proj_dim`)
+        components = dict(sd, unet=tiny_cond_unet(0, time_cond_proj_dim=8), scheduler=diffusers.LCMScheduler())
+        return StableDiffusionPipeline, components, {"guidance_rescale": 0.7, "num_images_per_prompt": 2}
+    # an SDXL refiner run: the second half of the schedule only
+    components = dict(sdxl, requires_aesthetics_score=False)
+    return diffusers.StableDiffusionXLImg2ImgPipeline, components, {"image": image, "denoising_start": 0.5, "steps": 4}
+
+
+@pytest.mark.parametrize("name", ["img2img", "inpaint", "controlnet", "lcm", "sdxl_refiner"])
+def test_staged_unet_in_other_standard_pipelines_gives_the_source_images(
+    tiny_sd_components, tiny_sdxl_components, tiny_cond_unet, name
+):
+    pipeline_class, components, kwargs = _image_to_image_case(
+        name, tiny_sd_components, tiny_sdxl_components, tiny_cond_unet
+    )
+    pipe = pipeline_class(**components)
+    source = _images(pipe, **kwargs)
+    pipe.unet = MultiStageUNet2DConditionModel.from_unet(pipe.unet, stage_boundaries=BOUNDARIES)
+    calls = _record_stages(pipe.unet)
+    np.testing.assert_allclose(_images(pipe, **kwargs), source, atol=1e-5)
+    # from its first step on, every call went to the decoder of its timestep's stage
+    expected = pipe.unet.partition.stage_for_timestep(torch.tensor([t for t, _ in calls])).tolist()
+    assert calls and [stage for _, stage in calls] == expected
