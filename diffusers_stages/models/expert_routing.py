@@ -503,12 +503,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
     def set_attention_slice(self, slice_size: str | int | list[int] | None) -> None:
         """`pipe.enable_attention_slicing(slice_size)`: each loaded expert slices its attention by its own
         ``set_attention_slice`` (``"auto"``/``"max"`` worked out per expert, as diffusers' U-Nets do). An expert
-        without one (diffusers' `UNet2DModel` has none) is a `ValueError` naming it, before any expert is changed;
-        ``None`` (`disable_attention_slicing`) skips such experts."""
-        if slice_size is not None:
-            self._loaded_experts_with(
-                "set_attention_slice", "does not support attention slicing (no `set_attention_slice`)"
-            )
+        without one (diffusers' `UNet2DModel`) is left as it is, as diffusers' pipelines leave a component without
+        one (`DDPMPipeline.enable_attention_slicing()` changes nothing)."""
         for i in self.loaded_experts:
             set_slice = getattr(self.experts[i], "set_attention_slice", None)
             if callable(set_slice):
