@@ -205,7 +205,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         vae = getattr(self, "vae", None)
         vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         multiple = math.lcm(*(spatial_multiple(self.stage_denoiser(stage)[0].config) for stage in stages)) * vae_scale
-        size = config.sample_size
+        size = getattr(config, "sample_size", None)  # a custom backbone's config may have no such entry
         if size is None and (height is None or width is None):  # `UNet2DModel`'s default: no size to fall back on
             raise ValueError(
                 f"`height` and `width` must be given: the model has no `sample_size` to default to, got "
