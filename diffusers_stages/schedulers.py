@@ -12,6 +12,7 @@ import copy
 import functools
 import inspect
 import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -113,7 +114,8 @@ def scheduler_step_kwargs(
     kwargs = {"generator": generator} if "generator" in accepted else {}
     name = type(scheduler).__name__
     if eta is not None:
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        # any real number, numpy's too (a bool is not one)
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"`eta` must be a finite number >= 0, got {eta!r}.")
         if "eta" not in accepted:
             raise ValueError(

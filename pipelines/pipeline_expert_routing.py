@@ -10,7 +10,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from ..models.early_exit import EarlyExitUViT2DModel
 from ..models.expert_routing import ExpertRoutingModel
 from ..partition import TimestepPartition
-from ..schedulers import scheduler_prediction_type
+from ..schedulers import scheduler_prediction_type, scheduler_units
 from .pipeline_staged import StagedDiffusionPipeline
 
 __all__ = ["ExpertRoutingPipeline", "scheduler_prediction_type"]  # the latter's old home
@@ -137,7 +137,15 @@ def record_exit_profile(
 
     handle = model.register_forward_hook(record)
     try:
-        single = ExpertRoutingModel([model], stage_boundaries=(), prediction_type=scheduler.config.prediction_type)
+        # one stage in the scheduler's own units, steps and prediction type (a flow-matching scheduler has none in
+        # its config): a single model has no boundary for them to disagree with
+        single = ExpertRoutingModel(
+            [model],
+            stage_boundaries=(),
+            boundary_units=scheduler_units(scheduler),
+            num_train_timesteps=getattr(scheduler.config, "num_train_timesteps", None) or 1000,
+            prediction_type=scheduler_prediction_type(scheduler),
+        )
         pipe = ExpertRoutingPipeline(experts=single, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
         pipe(batch_size=batch_size, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")

@@ -187,7 +187,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
 
     @property
     def guidance_scale(self) -> float | Sequence[float]:
-        """The ``guidance_scale`` of the last run, as given (one value, or one per stage)."""
+        """The ``guidance_scale`` of the last run, as given (one value, or one per stage). A `callback_on_step_end`
+        that sets ``pipe._guidance_scale`` changes the guidance of the following steps, as in diffusers (checked as
+        the argument is: 1 turns guidance off)."""
         return self._guidance_scale
 
     @property
@@ -205,7 +207,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         vae = getattr(self, "vae", None)
         vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         multiple = math.lcm(*(spatial_multiple(self.stage_denoiser(stage)[0].config) for stage in stages)) * vae_scale
-        size = config.sample_size
+        size = getattr(config, "sample_size", None)  # a custom backbone's config may have no such entry
         if size is None and (height is None or width is None):  # `UNet2DModel`'s default: no size to fall back on
             raise ValueError(
                 f"`height` and `width` must be given: the model has no `sample_size` to default to, got "
@@ -312,7 +314,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                 after every model call as ``callback_on_step_end(pipe, i, t, callback_kwargs)``; ``callback_kwargs``
                 holds the tensors named in `callback_on_step_end_tensor_inputs`, and a ``"latents"`` entry in the
                 returned dict replaces the latents. A callback that sets ``pipe._interrupt = True`` stops the run:
-                the remaining steps are skipped and the latents so far are the output.
+                the remaining steps are skipped and the latents so far are the output; one that sets
+                ``pipe._guidance_scale`` changes the guidance of the following steps (1 turns it off).
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to the
                 callback, among the pipeline's ``_callback_tensor_inputs``; None is the default.
 
@@ -385,6 +388,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                     callback_kwargs[k] = locals()[k]
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                 latents = _callback_latents(callback_outputs, latents)
+                if self._guidance_scale is not guidance_scale:  # set by the callback: diffusers' dynamic guidance
+                    guidance_scale = self._guidance_scale
+                    scales = self._guidance_scales(guidance_scale, partition.num_stages, class_labels is not None)
 
         # 5. decode latents (latent diffusion) and convert to the requested output type
         images = latents

@@ -82,6 +82,14 @@ def test_bad_eta_is_refused(eta):
         scheduler_step_kwargs(DDIMScheduler(), eta=eta)
 
 
+def test_a_numpy_eta_is_taken_as_a_python_float():
+    """`np.float32(0.5)` (a sweep's value) is a finite number >= 0, as `guidance_scale`'s numpy numbers are."""
+    kwargs = scheduler_step_kwargs(DDIMScheduler(), eta=np.float32(0.5))
+    assert kwargs["eta"] == 0.5 and type(kwargs["eta"]) is float
+    with pytest.raises(ValueError, match="`eta` must be a finite number >= 0, got np.float32\\(-0.5\\)"):
+        scheduler_step_kwargs(DDIMScheduler(), eta=np.float32(-0.5))
+
+
 def test_extra_step_arguments_must_be_taken_by_the_step():
     assert scheduler_step_kwargs(EulerDiscreteScheduler(), extra={"s_churn": 0.5})["s_churn"] == 0.5
     with pytest.raises(ValueError, match="'s_churn', which DDIMScheduler.step does not take"):

@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffusers_stages.models import EarlyExitUViT2DModel
 from diffusers_stages.models.early_exit import early_exit_loss
@@ -64,6 +64,20 @@ def test_exit_profile_over_a_sampling_run(model):
     assert model.exit_threshold is None  # restored after the run
     batch = record_exit_profile(model, DDIMScheduler(), num_inference_steps=3, exit_threshold=0.7, batch_size=4)
     assert batch == early  # one entry per call, whatever the batch
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [FlowMatchEulerDiscreteScheduler(), EDMEulerScheduler(), DDIMScheduler(num_train_timesteps=500)],
+    ids=["flow_matching", "edm", "500_train_steps"],
+)
+def test_exit_profile_takes_any_scheduler_the_pipelines_take(model, scheduler):
+    """The profile's one-model pipeline follows the scheduler (its prediction type, its timestep units, its training
+    steps): a flow-matching scheduler has no `prediction_type` config, an EDM one conditions on ln(sigma)/4, and a
+    single model has no stage boundaries these could disagree with."""
+    _set_uncertainties(model, [0.9, 0.6, 0.2])
+    profile = record_exit_profile(model, scheduler, num_inference_steps=2, exit_threshold=0.7)
+    assert [layer for _, layer in profile] == [2, 2]
 
 
 def test_save_reload_and_bad_configs(model, tmp_path):

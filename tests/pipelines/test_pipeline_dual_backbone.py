@@ -165,3 +165,28 @@ def test_backbones_that_are_not_interchangeable_are_refused_at_construction(chan
     shallow, deep = UViT2DModel(**tiny, num_layers=1), UViT2DModel(**{**tiny, **change}, num_layers=3)
     with pytest.raises(ValueError, match=f"`shallow` and `deep` must agree on `{key}`"):
         DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=DDIMScheduler())
+
+
+def test_a_backbone_whose_config_has_no_sample_size_samples_at_the_height_and_width_given():
+    """A backbone may be "any other denoiser" (the class docstring): one whose config has no `sample_size` entry
+    at all samples at the `height` and `width` given, and without them the error names them (an AttributeError on
+    the config before, even with both given)."""
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+    from diffusers.models.unets.unet_2d import UNet2DOutput
+
+    class Denoiser(ModelMixin, ConfigMixin):
+        @register_to_config
+        def __init__(self, in_channels: int = 3, out_channels: int = 3):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+        def forward(self, sample, timestep, **kwargs):
+            return UNet2DOutput(sample=self.conv(sample))
+
+    torch.manual_seed(0)
+    pipe = _dual(Denoiser().eval(), Denoiser().eval(), DDIMScheduler(), switch_step_fraction=0.5)
+    run = {"num_inference_steps": 2, "output_type": "pt"}
+    assert pipe(height=8, width=12, **run).images.shape == (1, 3, 8, 12)
+    with pytest.raises(ValueError, match="`height` and `width` must be given: .*no `sample_size`"):
+        pipe(**run)
