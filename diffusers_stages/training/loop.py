@@ -330,7 +330,10 @@ def _resume(state: RunState, resume_path: str | None, steps_per_epoch: int) -> t
     skipped = [os.path.basename(folder) for folder in skipped_checkpoints(resume_path)]
     accelerator.print(f"Resuming from {resume_path}" + (f" ({', '.join(skipped)}: incomplete)" if skipped else ""))
     global_step = checkpoint_step(resume_path)
-    if global_step >= max_train_steps and is_finished(resume_path):
+    # finished: the final outputs are in the folder of the checkpoint, so only resuming into that folder has nothing
+    # left to do (another run's checkpoint resumed into a new `--output_dir` writes its outputs there)
+    own = os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), args.output_dir)
+    if global_step >= max_train_steps and own and is_finished(resume_path):
         accelerator.print(
             f"Training is already complete: {resume_path} is step {global_step} of `--max_train_steps` "
             f"{max_train_steps} and its final outputs are written in {args.output_dir}. Nothing to do."

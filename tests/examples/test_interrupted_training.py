@@ -144,3 +144,18 @@ def test_a_final_save_that_fails_midway_leaves_the_previous_complete_save(
     assert _same_weights(straight, out, "unet")
     assert sorted(os.listdir(out)) == sorted(os.listdir(straight))
     assert os.path.isfile(os.path.join(out, "checkpoint-4", FINISHED_MARKER))
+
+
+def test_a_finished_checkpoint_of_another_folder_writes_its_outputs_into_the_output_dir(
+    examples, script, run_args, straight, tmp_path, capsys
+):
+    # resuming the last (finished) checkpoint of another run into a new `--output_dir` said "its final outputs are
+    # written in <new folder>" and wrote nothing there: that run's outputs are in its own folder
+    out = str(tmp_path / "exported")
+    capsys.readouterr()
+    examples.train(
+        script, [*run_args, "--output_dir", out, "--resume_from_checkpoint", os.path.join(straight, "checkpoint-4")]
+    )
+    assert "Training is complete at " in capsys.readouterr().out
+    assert _same_weights(straight, out, "unet")
+    assert os.path.isfile(os.path.join(straight, "checkpoint-4", FINISHED_MARKER))  # the other run left as it was
