@@ -235,10 +235,16 @@ def _remove_entry(path: str) -> None:
         os.unlink(path)
 
 
-def mark_finished(checkpoint: str) -> None:
-    """Record in the last step's checkpoint that the run's final outputs were written after it."""
-    with open(os.path.join(checkpoint, FINISHED_MARKER), "w", encoding="utf-8") as f:
-        json.dump({"step": checkpoint_step(checkpoint)}, f)
+def mark_finished(output_dir: str, step: int) -> None:
+    """Record that the final outputs in ``output_dir`` are those of step ``step``: in its checkpoint if it has a
+    complete one, and in no other (their outputs were replaced, so resuming one of them writes its outputs again)."""
+    for folder in checkpoint_folders(output_dir):
+        if checkpoint_step(folder) != step and is_finished(folder):
+            os.remove(os.path.join(folder, FINISHED_MARKER))
+    last = os.path.join(output_dir, f"checkpoint-{step}")
+    if is_complete(last):  # resuming from it has nothing left to do
+        with open(os.path.join(last, FINISHED_MARKER), "w", encoding="utf-8") as f:
+            json.dump({"step": step}, f)
 
 
 def is_finished(checkpoint: str) -> bool:

@@ -35,7 +35,6 @@ from .checkpointing import (
     checkpoint_folders,
     checkpoint_step,
     discard_checkpoints,
-    is_complete,
     is_finished,
     mark_finished,
     publish_pipeline,
@@ -488,9 +487,7 @@ def _finish(state: RunState, global_step: int) -> None:
                                class_conditional=args.class_conditional, private=args.hub_private_repo,
                                logging_dir=args.logging_dir)  # fmt: skip
         _discard_replaced(state)  # this run saved no checkpoint: its final outputs replace the former run's
-        last = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-        if is_complete(last):  # resuming from it has nothing left to do
-            mark_finished(last)
+        mark_finished(args.output_dir, global_step)
     accelerator.end_training()
 
 
