@@ -180,7 +180,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
         *networks.values(), optimizer, train_dataloader, lr_scheduler
     )
     noise_scheduler, sampling_scheduler = noise_schedulers(args, task.scheduler_config)
-    register_checkpoint_hooks(accelerator, list(networks), emas, noise_scheduler)
+    register_checkpoint_hooks(accelerator, list(networks), emas, noise_scheduler, task.partition)
     state = RunState(
         accelerator, args, task, list(networks), models, emas, optimizer, lr_scheduler, noise_scheduler,
         sampling_scheduler, vae, weight_dtype, records.num_classes if task.uses_labels else 0, max_train_steps,
