@@ -461,10 +461,17 @@ def check_device_options(args: argparse.Namespace) -> None:
     """The options that need a GPU or an optional package: refused up front rather than failing mid-run."""
     from diffusers.utils import is_wandb_available, is_xformers_available
 
-    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
-    if args.mixed_precision == "fp16" and not on_gpu:
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    on_gpu = torch.cuda.is_available() and not on_cpu
+    # the precision Accelerate trains in: the option, else `accelerate launch --mixed_precision` or its config (on
+    # CPU, Accelerate runs fp16 in fp32 without a word); fp16 runs on a CUDA GPU or Apple's MPS, as Accelerate's
+    if args.mixed_precision is None and os.environ.get("ACCELERATE_MIXED_PRECISION") == "fp16":
+        given = "`--mixed_precision fp16` (ACCELERATE_MIXED_PRECISION, set by `accelerate launch` or its config)"
+    else:
+        given = "`--mixed_precision fp16`" if args.mixed_precision == "fp16" else None
+    if given is not None and not (on_gpu or (torch.backends.mps.is_available() and not on_cpu)):
         raise ValueError(
-            "`--mixed_precision fp16` needs a CUDA GPU, and none is in use: train in fp32 (`--mixed_precision no`) "
+            f"{given} needs a CUDA GPU or Apple's MPS, and none is in use: train in fp32 (`--mixed_precision no`) "
             "or in bf16 (`--mixed_precision bf16`, which runs on CPU)."
         )
     if args.enable_xformers_memory_efficient_attention:

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
 from ..models.loading import load_strictly, read_json
+from ..partition import TimestepPartition
 from .sharding import gathered_networks
 
 # the step as the loop writes it: ASCII digits without a leading zero (`\d` and `int` would take "checkpoint-01" and
@@ -26,6 +27,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
 COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it was interrupted
 FINISHED_MARKER = "training_finished.json"  # in the last step's checkpoint, once the run's final outputs are written
 NOISE_SCHEDULER_FOLDER = "noise_scheduler"  # the training scheduler's config: resuming checks the schedule is the same
+PARTITION_FILE = "stage_partition.json"  # the stages the networks train on: resuming checks they are the same
 LEFTOVER_PATTERN = re.compile(r"^\.checkpoint-\d+\.(partial|deleted)$")
 # the final pipeline is written into PIPELINE_PARTIAL, renamed to PIPELINE_NEW once complete (from then on the swap
 # is finished, by the next run if this one is killed), and swapped in entry by entry, the old entries kept in
@@ -235,10 +237,16 @@ def _remove_entry(path: str) -> None:
         os.unlink(path)
 
 
-def mark_finished(checkpoint: str) -> None:
-    """Record in the last step's checkpoint that the run's final outputs were written after it."""
-    with open(os.path.join(checkpoint, FINISHED_MARKER), "w", encoding="utf-8") as f:
-        json.dump({"step": checkpoint_step(checkpoint)}, f)
+def mark_finished(output_dir: str, step: int) -> None:
+    """Record that the final outputs in ``output_dir`` are those of step ``step``: in its checkpoint if it has a
+    complete one, and in no other (their outputs were replaced, so resuming one of them writes its outputs again)."""
+    for folder in checkpoint_folders(output_dir):
+        if checkpoint_step(folder) != step and is_finished(folder):
+            os.remove(os.path.join(folder, FINISHED_MARKER))
+    last = os.path.join(output_dir, f"checkpoint-{step}")
+    if is_complete(last):  # resuming from it has nothing left to do
+        with open(os.path.join(last, FINISHED_MARKER), "w", encoding="utf-8") as f:
+            json.dump({"step": step}, f)
 
 
 def is_finished(checkpoint: str) -> bool:
@@ -318,6 +326,25 @@ def _check_same_noise_schedule(noise_scheduler, input_dir: str) -> None:
         )
 
 
+def _check_same_partition(partition: TimestepPartition, input_dir: str) -> None:
+    """Refuse to resume training on other stages (`--stage_boundaries`, `--boundary_units`, the expert count) than
+    the run that wrote ``input_dir``, which holds them as ``PARTITION_FILE``: an expert's own config holds no
+    boundaries, so its weights would go on training on another interval (a checkpoint written before it did is not
+    checked)."""
+    path = os.path.join(input_dir, PARTITION_FILE)
+    if not os.path.isfile(path):
+        return
+    now, then = partition.to_config(), read_json(path, PARTITION_FILE)
+    differ = sorted(k for k in now if now[k] != then.get(k))
+    if differ:
+        values = "; ".join(f"`{k}` {then.get(k)!r} there, {now[k]!r} now" for k in differ)
+        raise ValueError(
+            f"`--resume_from_checkpoint` {input_dir!r} was written with other stages ({values}): resume with the "
+            "arguments of the run that wrote it (`--stage_boundaries`, `--boundary_units`, `--num_experts`), or train "
+            "into a new `--output_dir`."
+        )
+
+
 def _load_ema(ema: EMAModel, folder: str) -> None:
     """Resume ``ema`` from its `EMAModel.save_pretrained` ``folder`` as strictly as the networks resume: missing,
     unexpected, mis-shaped or non-float weights (which `EMAModel.from_pretrained` loads leniently through diffusers),
@@ -345,14 +372,19 @@ def _load_ema(ema: EMAModel, folder: str) -> None:
 
 
 def register_checkpoint_hooks(
-    accelerator: Accelerator, names: list[str], emas: dict[str, EMAModel], noise_scheduler=None
+    accelerator: Accelerator,
+    names: list[str],
+    emas: dict[str, EMAModel],
+    noise_scheduler=None,
+    partition: TimestepPartition | None = None,
 ) -> None:
     """Make `accelerator.save_state` / `load_state` write and read each network as ``<dir>/<name>`` and its EMA as
     ``<dir>/<name>_ema`` (`save_pretrained` folders), instead of anonymous state dicts. A sharded (FSDP) network is
     gathered and written the same way; it is resumed from Accelerate's shards, which its checkpoint holds too.
 
     ``noise_scheduler`` (the training scheduler) is saved as ``<dir>/noise_scheduler``: resuming with another noise
-    schedule is refused, naming the values, before any state loads."""
+    schedule is refused, naming the values, before any state loads. ``partition`` (the stages the networks train on)
+    is saved as ``<dir>/stage_partition.json``: resuming on other stages is refused, naming the values."""
 
     def save_hook(models, weights, output_dir):
         networks = gathered_networks(accelerator, names, models)  # sharded (FSDP): every process joins the gathering
@@ -363,6 +395,9 @@ def register_checkpoint_hooks(
                 ema.save_pretrained(os.path.join(output_dir, f"{name}_ema"))
             if noise_scheduler is not None:
                 noise_scheduler.save_pretrained(os.path.join(output_dir, NOISE_SCHEDULER_FOLDER))
+            if partition is not None:
+                with open(os.path.join(output_dir, PARTITION_FILE), "w", encoding="utf-8") as f:
+                    json.dump(partition.to_config(), f)
         weights.clear()  # the folders above hold the weights; accelerate must not save them again
 
     def load_hook(models, input_dir):
@@ -375,6 +410,8 @@ def register_checkpoint_hooks(
             _check_same_config(model, loaded, name, input_dir)
             model.load_state_dict(loaded.state_dict())
             del loaded
+        if partition is not None:  # after the networks' own configs, which name a staged model's boundaries
+            _check_same_partition(partition, input_dir)
         for name, ema in emas.items():
             _load_ema(ema, _network_folder(input_dir, f"{name}_ema"))
             ema.to(accelerator.device)

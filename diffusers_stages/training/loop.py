@@ -35,7 +35,6 @@ from .checkpointing import (
     checkpoint_folders,
     checkpoint_step,
     discard_checkpoints,
-    is_complete,
     is_finished,
     mark_finished,
     publish_pipeline,
@@ -181,7 +180,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
         *networks.values(), optimizer, train_dataloader, lr_scheduler
     )
     noise_scheduler, sampling_scheduler = noise_schedulers(args, task.scheduler_config)
-    register_checkpoint_hooks(accelerator, list(networks), emas, noise_scheduler)
+    register_checkpoint_hooks(accelerator, list(networks), emas, noise_scheduler, task.partition)
     state = RunState(
         accelerator, args, task, list(networks), models, emas, optimizer, lr_scheduler, noise_scheduler,
         sampling_scheduler, vae, weight_dtype, records.num_classes if task.uses_labels else 0, max_train_steps,
@@ -330,7 +329,10 @@ def _resume(state: RunState, resume_path: str | None, steps_per_epoch: int) -> t
     skipped = [os.path.basename(folder) for folder in skipped_checkpoints(resume_path)]
     accelerator.print(f"Resuming from {resume_path}" + (f" ({', '.join(skipped)}: incomplete)" if skipped else ""))
     global_step = checkpoint_step(resume_path)
-    if global_step >= max_train_steps and is_finished(resume_path):
+    # finished: the final outputs are in the folder of the checkpoint, so only resuming into that folder has nothing
+    # left to do (another run's checkpoint resumed into a new `--output_dir` writes its outputs there)
+    own = os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), args.output_dir)
+    if global_step >= max_train_steps and own and is_finished(resume_path):
         accelerator.print(
             f"Training is already complete: {resume_path} is step {global_step} of `--max_train_steps` "
             f"{max_train_steps} and its final outputs are written in {args.output_dir}. Nothing to do."
@@ -485,9 +487,7 @@ def _finish(state: RunState, global_step: int) -> None:
                                class_conditional=args.class_conditional, private=args.hub_private_repo,
                                logging_dir=args.logging_dir)  # fmt: skip
         _discard_replaced(state)  # this run saved no checkpoint: its final outputs replace the former run's
-        last = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-        if is_complete(last):  # resuming from it has nothing left to do
-            mark_finished(last)
+        mark_finished(args.output_dir, global_step)
     accelerator.end_training()
 
 

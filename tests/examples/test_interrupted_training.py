@@ -144,3 +144,36 @@ def test_a_final_save_that_fails_midway_leaves_the_previous_complete_save(
     assert _same_weights(straight, out, "unet")
     assert sorted(os.listdir(out)) == sorted(os.listdir(straight))
     assert os.path.isfile(os.path.join(out, "checkpoint-4", FINISHED_MARKER))
+
+
+def test_a_finished_checkpoint_of_another_folder_writes_its_outputs_into_the_output_dir(
+    examples, script, run_args, straight, tmp_path, capsys
+):
+    # resuming the last (finished) checkpoint of another run into a new `--output_dir` said "its final outputs are
+    # written in <new folder>" and wrote nothing there: that run's outputs are in its own folder
+    out = str(tmp_path / "exported")
+    capsys.readouterr()
+    examples.train(
+        script, [*run_args, "--output_dir", out, "--resume_from_checkpoint", os.path.join(straight, "checkpoint-4")]
+    )
+    assert "Training is complete at " in capsys.readouterr().out
+    assert _same_weights(straight, out, "unet")
+    assert os.path.isfile(os.path.join(straight, "checkpoint-4", FINISHED_MARKER))  # the other run left as it was
+
+
+def test_a_checkpoint_whose_outputs_a_later_run_replaced_writes_them_again(
+    examples, script, run_args, straight, tmp_path, capsys
+):
+    # checkpoint-4 kept its "finished" marker after a resumed run wrote step 5's outputs over its own: resuming it
+    # to re-export step 4 said "its final outputs are written" and left step 5's
+    out = str(tmp_path / "extended")
+    shutil.copytree(straight, out)
+    longer = [*run_args, "--max_train_steps", "5"]  # the last value given counts
+    _resume(examples, script, longer, out, capsys)  # step 5: no checkpoint of its own
+    assert not _same_weights(straight, out, "unet")
+    assert not os.path.isfile(os.path.join(out, "checkpoint-4", FINISHED_MARKER))
+    capsys.readouterr()
+    examples.train(script, [*run_args, "--output_dir", out, "--resume_from_checkpoint", "checkpoint-4"])
+    assert "writing its final outputs only" in capsys.readouterr().out
+    assert _same_weights(straight, out, "unet")
+    assert os.path.isfile(os.path.join(out, "checkpoint-4", FINISHED_MARKER))

@@ -131,3 +131,17 @@ def test_bad_assembly_arguments_are_refused_before_assembling(script, tmp_path, 
     with pytest.raises(SystemExit):
         script.parse_args(["--assemble_experts", str(tmp_path / "a"), str(tmp_path / "b"), *extra])
     assert message in capsys.readouterr().err
+
+
+def test_resuming_with_other_stage_boundaries_names_them(examples, script, image_folder, tmp_path):
+    # an expert's config holds no boundaries: a resumed run went on training every expert on another interval
+    out = str(tmp_path / "run")
+    base = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--checkpointing_steps", "1",
+            "--assignment", "hard"]  # fmt: skip
+    examples.train(script, [*base, "--max_train_steps", "1"])
+    resume = [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]
+    with pytest.raises(ValueError, match=r"was written with other stages \(`stage_boundaries` \[250.0, 500.0, 750.0\] "
+                       r"there, \[100.0, 200.0, 300.0\] now\): resume with the arguments"):  # fmt: skip
+        examples.train(script, [*resume, "--stage_boundaries", "100", "200", "300"])
+    examples.train(script, resume)
+    assert os.path.isdir(os.path.join(out, "checkpoint-2"))

@@ -110,6 +110,28 @@ def test_mixed_precision_fp16_on_cpu_is_a_usage_error(examples, script, image_fo
     assert "`--mixed_precision fp16` needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_fp16_from_accelerate_launch_on_cpu_is_a_usage_error(examples, script, image_folder, monkeypatch, capsys):
+    # `accelerate launch --mixed_precision fp16` (or its config) on CPU: Accelerate trained in fp32 without a word,
+    # and the model card said fp16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(SystemExit):
+        script.parse_args([*examples.TINY, "--train_data_dir", image_folder])
+    assert (
+        "`--mixed_precision fp16` (ACCELERATE_MIXED_PRECISION, set by `accelerate launch`" in capsys.readouterr().err
+    )
+    # given on the command line, the script's own value is the one Accelerate uses
+    script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--mixed_precision", "no"])
+
+
+def test_fp16_on_apple_mps_is_accepted_as_accelerate_accepts_it(examples, script, image_folder, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # was refused: "needs a CUDA GPU"
+    args = script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--mixed_precision", "fp16"])
+    assert args.mixed_precision == "fp16"
+
+
 def test_sample_grids_are_drawn_without_dropout_as_the_saved_pipeline_samples(
     examples, script, image_folder, tmp_path
 ):
