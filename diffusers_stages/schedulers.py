@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from diffusers import DPMSolverSinglestepScheduler
+from diffusers import CMStochasticIterativeScheduler, DPMSolverSinglestepScheduler
 from diffusers.configuration_utils import register_to_config
 
 from .models.checks import positive_integer_arguments
@@ -35,19 +35,34 @@ def is_edm_scheduler(scheduler) -> bool:
     return hasattr(scheduler, "precondition_noise")
 
 
+def check_scheduler_supported(scheduler) -> None:
+    """Refuse a scheduler whose model timesteps are in no partition's units: `CMStochasticIterativeScheduler`
+    conditions the model on ``250 ln(sigma)`` (neither training timesteps nor EDM's ``ln(sigma)/4``) and reads its
+    output as a consistency model's."""
+    if isinstance(scheduler, CMStochasticIterativeScheduler):
+        raise ValueError(
+            f"`scheduler` {type(scheduler).__name__} samples consistency models: it conditions the model on "
+            "250 ln(sigma), which no stage boundaries are in (training timesteps, or sigma as EDM's ln(sigma)/4): use "
+            "a DDPM-style scheduler (DDIMScheduler, EulerDiscreteScheduler, ...) or, for an EDM-style model, "
+            "EDMEulerScheduler or EDMDPMSolverMultistepScheduler."
+        )
+
+
 def scheduler_prediction_type(scheduler) -> str:
     """What a scheduler expects the model to predict (flow-matching schedulers: the velocity)."""
+    check_scheduler_supported(scheduler)
     return getattr(scheduler.config, "prediction_type", None) or "flow_prediction"
 
 
 def scheduler_units(scheduler) -> str:
     """The units a partition must be in to route this scheduler's model calls: ``"sigma"`` (EDM) or ``"timestep"``."""
+    check_scheduler_supported(scheduler)
     return "sigma" if is_edm_scheduler(scheduler) else "timestep"
 
 
 def check_scheduler_units(scheduler, partition: TimestepPartition) -> None:
     """Refuse a scheduler whose timesteps are not in the partition's units (RESEARCH.md section 3)."""
-    edm = is_edm_scheduler(scheduler)
+    edm = scheduler_units(scheduler) == "sigma"
     if edm and partition.units != "sigma":
         raise ValueError(
             f"`scheduler` {type(scheduler).__name__} conditions the model on c_noise = ln(sigma)/4, but the stage "

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    CMStochasticIterativeScheduler,
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
@@ -51,6 +52,19 @@ def test_units_and_prediction_types():
     check_scheduler_units(EDMEulerScheduler(), TimestepPartition([2.5], units="sigma"))
     with pytest.raises(ValueError, match="c_noise"):
         check_scheduler_units(EDMEulerScheduler(), TimestepPartition([500]))
+
+
+def test_a_consistency_model_scheduler_is_refused_by_name():
+    # was: "num_train_timesteps=40 ...", "boundaries must lie strictly inside (0, 40)" or "build the scheduler with
+    # prediction_type='epsilon'" (it takes none): its timesteps are 250 ln(sigma), in no partition's units
+    scheduler = CMStochasticIterativeScheduler()
+    for check in (
+        lambda: scheduler_units(scheduler),
+        lambda: scheduler_prediction_type(scheduler),
+        lambda: check_scheduler_units(scheduler, TimestepPartition([2.5], units="sigma")),
+    ):
+        with pytest.raises(ValueError, match=r"CMStochasticIterativeScheduler .*250 ln\(sigma\).*EDMEulerScheduler"):
+            check()
 
 
 @pytest.mark.parametrize(

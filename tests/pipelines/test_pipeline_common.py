@@ -4,7 +4,12 @@
 import diffusers
 import pytest
 import torch
-from diffusers import DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
+from diffusers import (
+    CMStochasticIterativeScheduler,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
 from diffusers.callbacks import PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -339,3 +344,9 @@ def test_pndm_with_runge_kutta_warm_up_refuses_too_few_steps_up_front(kind):
     assert _images(pipe, num_inference_steps=4).shape == (1, 3, 8, 8)
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     assert _images(pipe, num_inference_steps=2).shape == (1, 3, 8, 8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_consistency_model_scheduler_is_refused_by_name(kind):
+    with pytest.raises(ValueError, match="CMStochasticIterativeScheduler .*consistency models"):
+        _images(_pipeline(kind, CMStochasticIterativeScheduler()))
