@@ -165,6 +165,19 @@ def check_num_inference_steps(scheduler, num_inference_steps: int) -> None:
         )
 
 
+def check_timesteps_from_step_count(scheduler) -> None:
+    """Refuse a scheduler whose ``set_timesteps`` needs more than the step count the pipelines give it: a
+    flow-matching scheduler with ``use_dynamic_shifting=True`` needs ``mu``, the image-size-dependent shift that
+    Flux's and SD3's pipelines compute (diffusers fails inside ``set_timesteps``)."""
+    if getattr(scheduler.config, "use_dynamic_shifting", False):
+        name = type(scheduler).__name__
+        raise ValueError(
+            f"`scheduler` {name} has use_dynamic_shifting=True, which needs a `mu` (an image-size-dependent shift) "
+            "at every `set_timesteps`, but the pipelines set the timesteps from `num_inference_steps` alone: use "
+            f"`{name}.from_config(scheduler.config, use_dynamic_shifting=False, shift=...)` (a fixed shift)."
+        )
+
+
 def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[float, bool]]:
     r"""
     ``(timestep, is_corrector)`` of every model call a run of ``num_inference_steps`` makes, in order: a dry run of a
@@ -184,6 +197,7 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
     ```
     """
     check_num_inference_steps(scheduler, num_inference_steps)
+    check_timesteps_from_step_count(scheduler)
     scheduler = copy.deepcopy(scheduler)  # `set_timesteps` resets the run state (step index, model history)
     scheduler.set_timesteps(num_inference_steps)
     if not hasattr(scheduler, "state_in_first_order"):  # one model call per listed timestep: no dry steps needed

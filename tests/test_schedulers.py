@@ -67,6 +67,14 @@ def test_a_consistency_model_scheduler_is_refused_by_name():
             check()
 
 
+def test_flow_matching_with_dynamic_shifting_is_refused_before_set_timesteps():
+    # was: diffusers' "`mu` must be passed" from inside `set_timesteps`, which the pipelines give no way to pass
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    with pytest.raises(ValueError, match=r"use_dynamic_shifting=True.*`mu`.*use_dynamic_shifting=False"):
+        model_call_timesteps(scheduler, 4)
+    assert len(model_call_timesteps(FlowMatchEulerDiscreteScheduler(shift=3.0), 4)) == 4  # a fixed shift works
+
+
 @pytest.mark.parametrize(
     ("scheduler_class", "takes_generator", "takes_eta"),
     [
