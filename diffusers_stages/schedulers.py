@@ -54,20 +54,29 @@ def scheduler_prediction_type(scheduler) -> str:
     return getattr(scheduler.config, "prediction_type", None) or "flow_prediction"
 
 
+def has_continuous_timesteps(scheduler) -> bool:
+    """`EulerDiscreteScheduler` with ``timestep_type="continuous"`` and v-prediction (CosXL-style models) passes the
+    model ``0.25 ln(sigma)``, EDM's ``c_noise``, instead of training timesteps."""
+    config = scheduler.config
+    return getattr(config, "timestep_type", None) == "continuous" and config.get("prediction_type") == "v_prediction"
+
+
 def scheduler_units(scheduler) -> str:
-    """The units a partition must be in to route this scheduler's model calls: ``"sigma"`` (EDM) or ``"timestep"``."""
+    """The units a partition must be in to route this scheduler's model calls: ``"sigma"`` (the schedulers that pass
+    ``c_noise = ln(sigma)/4``: EDM's, continuous-timestep Euler) or ``"timestep"``."""
     check_scheduler_supported(scheduler)
-    return "sigma" if is_edm_scheduler(scheduler) else "timestep"
+    return "sigma" if is_edm_scheduler(scheduler) or has_continuous_timesteps(scheduler) else "timestep"
 
 
 def check_scheduler_units(scheduler, partition: TimestepPartition) -> None:
     """Refuse a scheduler whose timesteps are not in the partition's units (RESEARCH.md section 3)."""
     edm = scheduler_units(scheduler) == "sigma"
     if edm and partition.units != "sigma":
+        other = "`timestep_type='discrete'`" if has_continuous_timesteps(scheduler) else "a DDPM-style scheduler"
         raise ValueError(
             f"`scheduler` {type(scheduler).__name__} conditions the model on c_noise = ln(sigma)/4, but the stage "
             f"boundaries are in {partition.units!r} units: use a model with `boundary_units='sigma'` (EDM-style), or "
-            "a DDPM-style scheduler."
+            f"{other}."
         )
     if not edm and partition.units == "sigma":
         raise ValueError(

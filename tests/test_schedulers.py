@@ -54,6 +54,20 @@ def test_units_and_prediction_types():
         check_scheduler_units(EDMEulerScheduler(), TimestepPartition([500]))
 
 
+def test_euler_with_continuous_timesteps_routes_by_sigma():
+    # was: routed as training timesteps, so its c_noise = ln(sigma)/4 failed in the router ("inside [0.0, 1000.0]")
+    scheduler = EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction")
+    assert scheduler_units(scheduler) == "sigma"
+    router = StageRouter(TimestepPartition([2.5], units="sigma"), scheduler)
+    scheduler.set_timesteps(6)
+    stages = [router(t) for t in scheduler.timesteps]
+    assert stages == [int(sigma > 2.5) for sigma in scheduler.sigmas[:-1]] and set(stages) == {0, 1}
+    with pytest.raises(
+        ValueError, match=r"EulerDiscreteScheduler conditions the model on c_noise.*timestep_type='discrete'"
+    ):
+        check_scheduler_units(scheduler, TimestepPartition([500]))
+
+
 def test_a_consistency_model_scheduler_is_refused_by_name():
     # was: "num_train_timesteps=40 ...", "boundaries must lie strictly inside (0, 40)" or "build the scheduler with
     # prediction_type='epsilon'" (it takes none): its timesteps are 250 ln(sigma), in no partition's units
