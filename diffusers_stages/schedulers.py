@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from diffusers import CMStochasticIterativeScheduler, DPMSolverSinglestepScheduler
+from diffusers import DPMSolverSinglestepScheduler
 from diffusers.configuration_utils import register_to_config
 
 from .models.checks import positive_integer_arguments
@@ -35,17 +35,27 @@ def is_edm_scheduler(scheduler) -> bool:
     return hasattr(scheduler, "precondition_noise")
 
 
+# schedulers of other model families, whose model timesteps are in no partition's units (training timesteps, or
+# sigma as EDM's ln(sigma)/4), by class name (KarrasVeScheduler's module is deprecated: not imported here)
+UNSUPPORTED_SCHEDULERS = {
+    "CMStochasticIterativeScheduler": "consistency models: it conditions the model on 250 ln(sigma)",
+    "SCMScheduler": "sCM consistency models: it conditions the model on TrigFlow times arctan(sigma / sigma_data)",
+    "ScoreSdeVeScheduler": "variance-exploding score models (NCSN): it conditions the model on sigma itself",
+    "KarrasVeScheduler": "variance-exploding score models: it conditions the model on sigma itself",
+}
+
+
 def check_scheduler_supported(scheduler) -> None:
-    """Refuse a scheduler whose model timesteps are in no partition's units: `CMStochasticIterativeScheduler`
-    conditions the model on ``250 ln(sigma)`` (neither training timesteps nor EDM's ``ln(sigma)/4``) and reads its
-    output as a consistency model's."""
-    if isinstance(scheduler, CMStochasticIterativeScheduler):
-        raise ValueError(
-            f"`scheduler` {type(scheduler).__name__} samples consistency models: it conditions the model on "
-            "250 ln(sigma), which no stage boundaries are in (training timesteps, or sigma as EDM's ln(sigma)/4): use "
-            "a DDPM-style scheduler (DDIMScheduler, EulerDiscreteScheduler, ...) or, for an EDM-style model, "
-            "EDMEulerScheduler or EDMDPMSolverMultistepScheduler."
-        )
+    """Refuse a scheduler of another model family (`UNSUPPORTED_SCHEDULERS`): its model timesteps are in no
+    partition's units, and its model output is not a DDPM- or EDM-style prediction."""
+    for cls in type(scheduler).__mro__:
+        if cls.__name__ in UNSUPPORTED_SCHEDULERS:
+            raise ValueError(
+                f"`scheduler` {type(scheduler).__name__} samples {UNSUPPORTED_SCHEDULERS[cls.__name__]}, which no "
+                "stage boundaries are in (training timesteps, or sigma as EDM's ln(sigma)/4): use a DDPM-style "
+                "scheduler (DDIMScheduler, EulerDiscreteScheduler, ...) or, for an EDM-style model, EDMEulerScheduler "
+                "or EDMDPMSolverMultistepScheduler."
+            )
 
 
 def scheduler_prediction_type(scheduler) -> str:

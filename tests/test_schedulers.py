@@ -1,7 +1,9 @@
 """The package's scheduler knowledge (`diffusers_stages.schedulers`), on real diffusers schedulers."""
 
 import math
+import warnings
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -79,6 +81,24 @@ def test_a_consistency_model_scheduler_is_refused_by_name():
     ):
         with pytest.raises(ValueError, match=r"CMStochasticIterativeScheduler .*250 ln\(sigma\).*EDMEulerScheduler"):
             check()
+
+
+@pytest.mark.parametrize(
+    ("name", "conditioning"),
+    [
+        ("SCMScheduler", "TrigFlow"),
+        ("ScoreSdeVeScheduler", "variance-exploding"),
+        ("KarrasVeScheduler", "variance-exploding"),
+    ],
+)
+def test_schedulers_of_other_model_families_are_refused_by_name(name, conditioning):
+    # was: "build the scheduler with prediction_type='epsilon'", a missing `step` or `sample_hat`, or SCM's
+    # "not supported when num_inference_steps != 2", from inside a run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # KarrasVeScheduler is deprecated
+        scheduler = getattr(diffusers, name)()
+    with pytest.raises(ValueError, match=rf"{name} samples .*{conditioning}.*DDIMScheduler"):
+        scheduler_units(scheduler)
 
 
 def test_flow_matching_with_dynamic_shifting_is_refused_before_set_timesteps():
