@@ -95,9 +95,11 @@ def check_scheduler_units(scheduler, partition: TimestepPartition) -> None:
         )
     train_steps = getattr(scheduler.config, "num_train_timesteps", None)
     if partition.units == "timestep" and train_steps is not None and train_steps != partition.num_train_timesteps:
+        name = type(scheduler).__name__
         raise ValueError(
-            f"`scheduler` has num_train_timesteps={train_steps}, but the stage boundaries are for a "
-            f"{partition.num_train_timesteps}-step schedule."
+            f"`scheduler` {name} has num_train_timesteps={train_steps}, but the stage boundaries are for a "
+            f"{partition.num_train_timesteps}-step schedule: build it with "
+            f"`{name}.from_config(scheduler.config, num_train_timesteps={partition.num_train_timesteps})`."
         )
 
 

@@ -42,7 +42,11 @@ def test_scheduler_and_partition_units_must_agree():
         StageRouter(TimestepPartition([500]), EDMEulerScheduler())
     with pytest.raises(ValueError, match="'sigma' units"):
         StageRouter(TimestepPartition([2.5], units="sigma"), DDIMScheduler())
-    with pytest.raises(ValueError, match="num_train_timesteps=500"):
+    with pytest.raises(  # was: no scheduler name and no way out
+        ValueError,
+        match=r"`scheduler` DDIMScheduler has num_train_timesteps=500.*1000-step schedule: build it with "
+        r"`DDIMScheduler.from_config\(scheduler.config, num_train_timesteps=1000\)`",
+    ):
         StageRouter(TimestepPartition([100]), DDIMScheduler(num_train_timesteps=500))
 
 
