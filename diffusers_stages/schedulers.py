@@ -42,6 +42,7 @@ UNSUPPORTED_SCHEDULERS = {
     "SCMScheduler": "sCM consistency models: it conditions the model on TrigFlow times arctan(sigma / sigma_data)",
     "ScoreSdeVeScheduler": "variance-exploding score models (NCSN): it conditions the model on sigma itself",
     "KarrasVeScheduler": "variance-exploding score models: it conditions the model on sigma itself",
+    "IPNDMScheduler": "models of its own sin^2 schedule: it conditions the model on a time t in [0, 1]",
 }
 
 

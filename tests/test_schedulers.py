@@ -89,6 +89,7 @@ def test_a_consistency_model_scheduler_is_refused_by_name():
         ("SCMScheduler", "TrigFlow"),
         ("ScoreSdeVeScheduler", "variance-exploding"),
         ("KarrasVeScheduler", "variance-exploding"),
+        ("IPNDMScheduler", r"t in \[0, 1\]"),  # was: every call routed to stage 0 (t <= 1), silently
     ],
 )
 def test_schedulers_of_other_model_families_are_refused_by_name(name, conditioning):
