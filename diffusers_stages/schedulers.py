@@ -203,10 +203,10 @@ def check_timesteps_from_step_count(scheduler) -> None:
 def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[float, bool]]:
     r"""
     ``(timestep, is_corrector)`` of every model call a run of ``num_inference_steps`` makes, in order: a dry run of a
-    copy of ``scheduler`` (no model is called; ``scheduler`` itself is left as it is). The copy keeps the state that
-    is not in the config (FlowMatch's ``set_shift``), which a run's ``set_timesteps`` reads too. ``is_corrector`` marks
-    the second call of a Heun-type predictor/corrector pair (``state_in_first_order`` false), which must stay with
-    its predictor's network.
+    copy of ``scheduler`` (no model is called; ``scheduler`` itself and the global random generator are left as they
+    are). The copy keeps the state that is not in the config (FlowMatch's ``set_shift``), which a run's
+    ``set_timesteps`` reads too. ``is_corrector`` marks the second call of a Heun-type predictor/corrector pair
+    (``state_in_first_order`` false), which must stay with its predictor's network.
 
     Example:
 
@@ -227,11 +227,12 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
     sample = torch.zeros(1, 1, 2, 2)
     step_kwargs = scheduler_step_kwargs(scheduler, generator=torch.Generator().manual_seed(0))
     calls = []
-    for t in scheduler.timesteps:
-        calls.append((float(t), getattr(scheduler, "state_in_first_order", True) is False))
-        if hasattr(scheduler, "scale_model_input"):
-            scheduler.scale_model_input(sample, t)  # some schedulers track this call
-        sample = scheduler.step(torch.zeros_like(sample), t, sample, **step_kwargs).prev_sample
+    with torch.random.fork_rng(devices=[]):  # a step may draw from the global generator (DPMSolverSDE's seed)
+        for t in scheduler.timesteps:
+            calls.append((float(t), getattr(scheduler, "state_in_first_order", True) is False))
+            if hasattr(scheduler, "scale_model_input"):
+                scheduler.scale_model_input(sample, t)  # some schedulers track this call
+            sample = scheduler.step(torch.zeros_like(sample), t, sample, **step_kwargs).prev_sample
     return calls
 
 

@@ -176,6 +176,24 @@ def test_model_calls_of_a_predictor_corrector_scheduler(scheduler_class):
     assert [corrector for _, corrector in calls] == [False] + [True, False] * 3  # a corrector after each predictor
 
 
+class GlobalRandomHeunScheduler(HeunDiscreteScheduler):
+    """A predictor/corrector scheduler whose step draws from the global generator, as `DPMSolverSDEScheduler` seeds
+    its Brownian tree (``noise_sampler_seed=None``, its default)."""
+
+    def step(self, *args, **kwargs):
+        torch.rand(1)
+        return super().step(*args, **kwargs)
+
+
+def test_the_dry_run_leaves_the_global_generator_as_it_is():
+    # was: the dry run's steps drew from it, so `expert_schedule` (and every run's own dry run) changed the noise a
+    # later `torch.manual_seed` user got, and `generator=torch.manual_seed(0)` drew other latents than `latents=`
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert len(model_call_timesteps(GlobalRandomHeunScheduler(), 3)) == 5
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_router_with_a_given_corrector_flag_matches_the_live_router():
     scheduler = HeunDiscreteScheduler()
     partition = TimestepPartition([500])
