@@ -41,7 +41,7 @@ from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUN
 from diffusers_stages.models.loading import component_folder
 from diffusers_stages.pipelines import MultiStagePipeline
 from diffusers_stages.pipelines.loading import resolve_component_class
-from diffusers_stages.schedulers import is_edm_scheduler
+from diffusers_stages.schedulers import scheduler_units as units_of
 from diffusers_stages.training.args import BoundaryList
 
 SOURCE_PIPELINES = {"DDPMPipeline": "unet", "DDIMPipeline": "unet", "LDMPipeline": "unet"}  # pipeline -> denoiser
@@ -171,7 +171,7 @@ def refuse_staged_source(path: str, class_entry: object) -> str | None:
 def check_units(scheduler, units: str) -> None:
     """Refuse boundary units the source's scheduler does not condition its model on: a converted pipeline keeps the
     source's scheduler, and could not sample with stages in other units."""
-    scheduler_units = "sigma" if is_edm_scheduler(scheduler) else "timestep"
+    scheduler_units = units_of(scheduler)  # what it passes the model: training timesteps, or c_noise of sigma
     if units != scheduler_units:
         raise ValueError(
             f"`--boundary_units {units}` does not fit the source: its {type(scheduler).__name__} conditions the model "

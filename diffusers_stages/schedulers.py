@@ -36,24 +36,59 @@ def is_edm_scheduler(scheduler) -> bool:
     return hasattr(scheduler, "precondition_noise")
 
 
+# schedulers of other model families, whose model timesteps are in no partition's units (training timesteps, or
+# sigma as EDM's ln(sigma)/4), by class name (KarrasVeScheduler's module is deprecated: not imported here)
+UNSUPPORTED_SCHEDULERS = {
+    "CMStochasticIterativeScheduler": "consistency models: it conditions the model on 250 ln(sigma)",
+    "SCMScheduler": "sCM consistency models: it conditions the model on TrigFlow times arctan(sigma / sigma_data)",
+    "ScoreSdeVeScheduler": "variance-exploding score models (NCSN): it conditions the model on sigma itself",
+    "KarrasVeScheduler": "variance-exploding score models: it conditions the model on sigma itself",
+    "IPNDMScheduler": "models of its own sin^2 schedule: it conditions the model on a time t in [0, 1]",
+}
+
+
+def check_scheduler_supported(scheduler) -> None:
+    """Refuse a scheduler of another model family (`UNSUPPORTED_SCHEDULERS`): its model timesteps are in no
+    partition's units, and its model output is not a DDPM- or EDM-style prediction."""
+    for cls in type(scheduler).__mro__:
+        if cls.__name__ in UNSUPPORTED_SCHEDULERS:
+            raise ValueError(
+                f"`scheduler` {type(scheduler).__name__} samples {UNSUPPORTED_SCHEDULERS[cls.__name__]}, which no "
+                "stage boundaries are in (training timesteps, or sigma as EDM's ln(sigma)/4): use a DDPM-style "
+                "scheduler (DDIMScheduler, EulerDiscreteScheduler, ...) or, for an EDM-style model, EDMEulerScheduler "
+                "or EDMDPMSolverMultistepScheduler."
+            )
+
+
 def scheduler_prediction_type(scheduler) -> str:
     """What a scheduler expects the model to predict (flow-matching schedulers: the velocity)."""
+    check_scheduler_supported(scheduler)
     return getattr(scheduler.config, "prediction_type", None) or "flow_prediction"
 
 
+def has_continuous_timesteps(scheduler) -> bool:
+    """`EulerDiscreteScheduler` with ``timestep_type="continuous"`` and v-prediction (CosXL-style models) passes the
+    model ``0.25 ln(sigma)``, EDM's ``c_noise``, instead of training timesteps."""
+    config = scheduler.config
+    return getattr(config, "timestep_type", None) == "continuous" and config.get("prediction_type") == "v_prediction"
+
+
 def scheduler_units(scheduler) -> str:
-    """The units a partition must be in to route this scheduler's model calls: ``"sigma"`` (EDM) or ``"timestep"``."""
-    return "sigma" if is_edm_scheduler(scheduler) else "timestep"
+    """The units a partition must be in to route this scheduler's model calls: ``"sigma"`` (the schedulers that pass
+    ``c_noise = ln(sigma)/4``: EDM's, continuous-timestep Euler) or ``"timestep"``."""
+    check_scheduler_supported(scheduler)
+    return "sigma" if is_edm_scheduler(scheduler) or has_continuous_timesteps(scheduler) else "timestep"
 
 
 def check_scheduler_units(scheduler, partition: TimestepPartition) -> None:
     """Refuse a scheduler whose timesteps are not in the partition's units (RESEARCH.md section 3)."""
-    edm = is_edm_scheduler(scheduler)
+    edm = scheduler_units(scheduler) == "sigma"
     if edm and partition.units != "sigma":
+        other = "`timestep_type='discrete'`" if has_continuous_timesteps(scheduler) else "a DDPM-style scheduler"
         raise ValueError(
             f"`scheduler` {type(scheduler).__name__} conditions the model on c_noise = ln(sigma)/4, but the stage "
             f"boundaries are in {partition.units!r} units: use a model with `boundary_units='sigma'` (EDM-style), or "
-            "a DDPM-style scheduler."
+            f"{other}."
         )
     if not edm and partition.units == "sigma":
         raise ValueError(
@@ -62,9 +97,11 @@ def check_scheduler_units(scheduler, partition: TimestepPartition) -> None:
         )
     train_steps = getattr(scheduler.config, "num_train_timesteps", None)
     if partition.units == "timestep" and train_steps is not None and train_steps != partition.num_train_timesteps:
+        name = type(scheduler).__name__
         raise ValueError(
-            f"`scheduler` has num_train_timesteps={train_steps}, but the stage boundaries are for a "
-            f"{partition.num_train_timesteps}-step schedule."
+            f"`scheduler` {name} has num_train_timesteps={train_steps}, but the stage boundaries are for a "
+            f"{partition.num_train_timesteps}-step schedule: build it with "
+            f"`{name}.from_config(scheduler.config, num_train_timesteps={partition.num_train_timesteps})`."
         )
 
 
@@ -152,13 +189,26 @@ def check_num_inference_steps(scheduler, num_inference_steps: int) -> None:
         )
 
 
+def check_timesteps_from_step_count(scheduler) -> None:
+    """Refuse a scheduler whose ``set_timesteps`` needs more than the step count the pipelines give it: a
+    flow-matching scheduler with ``use_dynamic_shifting=True`` needs ``mu``, the image-size-dependent shift that
+    Flux's and SD3's pipelines compute (diffusers fails inside ``set_timesteps``)."""
+    if getattr(scheduler.config, "use_dynamic_shifting", False):
+        name = type(scheduler).__name__
+        raise ValueError(
+            f"`scheduler` {name} has use_dynamic_shifting=True, which needs a `mu` (an image-size-dependent shift) "
+            "at every `set_timesteps`, but the pipelines set the timesteps from `num_inference_steps` alone: use "
+            f"`{name}.from_config(scheduler.config, use_dynamic_shifting=False, shift=...)` (a fixed shift)."
+        )
+
+
 def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[float, bool]]:
     r"""
     ``(timestep, is_corrector)`` of every model call a run of ``num_inference_steps`` makes, in order: a dry run of a
-    copy of ``scheduler`` (no model is called; ``scheduler`` itself is left as it is). The copy keeps the state that
-    is not in the config (FlowMatch's ``set_shift``), which a run's ``set_timesteps`` reads too. ``is_corrector`` marks
-    the second call of a Heun-type predictor/corrector pair (``state_in_first_order`` false), which must stay with
-    its predictor's network.
+    copy of ``scheduler`` (no model is called; ``scheduler`` itself and the global random generator are left as they
+    are). The copy keeps the state that is not in the config (FlowMatch's ``set_shift``), which a run's
+    ``set_timesteps`` reads too. ``is_corrector`` marks the second call of a Heun-type predictor/corrector pair
+    (``state_in_first_order`` false), which must stay with its predictor's network.
 
     Example:
 
@@ -171,6 +221,7 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
     ```
     """
     check_num_inference_steps(scheduler, num_inference_steps)
+    check_timesteps_from_step_count(scheduler)
     scheduler = copy.deepcopy(scheduler)  # `set_timesteps` resets the run state (step index, model history)
     scheduler.set_timesteps(num_inference_steps)
     if not hasattr(scheduler, "state_in_first_order"):  # one model call per listed timestep: no dry steps needed
@@ -178,11 +229,12 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
     sample = torch.zeros(1, 1, 2, 2)
     step_kwargs = scheduler_step_kwargs(scheduler, generator=torch.Generator().manual_seed(0))
     calls = []
-    for t in scheduler.timesteps:
-        calls.append((float(t), getattr(scheduler, "state_in_first_order", True) is False))
-        if hasattr(scheduler, "scale_model_input"):
-            scheduler.scale_model_input(sample, t)  # some schedulers track this call
-        sample = scheduler.step(torch.zeros_like(sample), t, sample, **step_kwargs).prev_sample
+    with torch.random.fork_rng(devices=[]):  # a step may draw from the global generator (DPMSolverSDE's seed)
+        for t in scheduler.timesteps:
+            calls.append((float(t), getattr(scheduler, "state_in_first_order", True) is False))
+            if hasattr(scheduler, "scale_model_input"):
+                scheduler.scale_model_input(sample, t)  # some schedulers track this call
+            sample = scheduler.step(torch.zeros_like(sample), t, sample, **step_kwargs).prev_sample
     return calls
 
 

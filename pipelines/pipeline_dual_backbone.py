@@ -176,7 +176,10 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
 
     def _partition_from_fraction(self, num_inference_steps: int, steps: int, units: str) -> TimestepPartition:
         calls = model_call_timesteps(self.scheduler, num_inference_steps)
-        timesteps = torch.unique_consecutive(torch.tensor([t for t, _ in calls], dtype=torch.float64))  # Heun repeats
+        # one timestep per step: a predictor/corrector pair is one step (KDPM2's corrector has a timestep of its own),
+        # and repeated timesteps (PNDM's Runge-Kutta calls) count once
+        predictors = [t for t, is_corrector in calls if not is_corrector]
+        timesteps = torch.unique_consecutive(torch.tensor(predictors, dtype=torch.float64))
         if len(timesteps) < 2:
             raise ValueError(f"A step-fraction switch needs `num_inference_steps` >= 2, got {num_inference_steps}.")
         shallow_steps = min(max(round(self.config.switch_step_fraction * len(timesteps)), 1), len(timesteps) - 1)

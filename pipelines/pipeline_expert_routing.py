@@ -65,13 +65,19 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
 
     def check_prediction_type(self) -> None:
         """Refuse a scheduler that expects another prediction type than the experts give."""
-        expected = scheduler_prediction_type(self.scheduler)
-        if expected != self.experts.config.prediction_type:
-            raise ValueError(
-                f"`scheduler` {type(self.scheduler).__name__} has prediction_type={expected!r}, but the experts predict "
-                f"{self.experts.config.prediction_type!r}: build the scheduler with "
-                f"`prediction_type={self.experts.config.prediction_type!r}`."
-            )
+        expected, predicted = scheduler_prediction_type(self.scheduler), self.experts.config.prediction_type
+        if expected == predicted:
+            return
+        name = type(self.scheduler).__name__
+        if predicted == "flow_prediction":  # no DDPM-style scheduler steps with a velocity
+            fix = "use a flow-matching scheduler (FlowMatchEulerDiscreteScheduler)"
+        elif "prediction_type" not in self.scheduler.config:  # flow matching: velocity only, no option to change it
+            fix = f"{name} takes no `prediction_type`: use e.g. `DDIMScheduler(prediction_type={predicted!r})`"
+        else:
+            fix = f"build the scheduler with `prediction_type={predicted!r}`"
+        raise ValueError(
+            f"`scheduler` {name} has prediction_type={expected!r}, but the experts predict {predicted!r}: {fix}."
+        )
 
     @property
     def partition(self) -> TimestepPartition:

@@ -1,5 +1,7 @@
+import math
 from collections import Counter
 
+import diffusers
 import pytest
 import torch
 from diffusers import DDIMScheduler, EDMEulerScheduler, HeunDiscreteScheduler
@@ -7,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers_stages import StageRouter, TimestepPartition
 from diffusers_stages.routing import dispatch_by_stage, padded_order
+from diffusers_stages.schedulers import model_call_timesteps, scheduler_units
 
 
 def test_router_follows_the_noise_level():
@@ -16,6 +19,41 @@ def test_router_follows_the_noise_level():
     stages = [router(t) for t in scheduler.timesteps]
     expected = [0 if t < 442 else 1 if t < 631 else 2 for t in scheduler.timesteps.tolist()]
     assert stages == expected
+
+
+# every scheduler configuration a DDPM-, v- or EDM-style model samples with (DPMSolverSDE needs torchsde)
+CONFIGURATIONS = [
+    *[(name, {}) for name in ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler")],
+    *[(name, {}) for name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler")],
+    *[(name, {}) for name in ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler")],
+    *[(name, {}) for name in ("DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "SASolverScheduler")],
+    *[(name, {}) for name in ("LCMScheduler", "TCDScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")],
+    ("DPMSolverSDEScheduler", {}),
+    *[("DPMSolverMultistepScheduler", {key: True}) for key in ("use_karras_sigmas", "use_lu_lambdas")],
+    ("DPMSolverMultistepScheduler", {"final_sigmas_type": "zero", "algorithm_type": "sde-dpmsolver++"}),
+    *[("DDIMScheduler", {"timestep_spacing": spacing}) for spacing in ("leading", "trailing", "linspace")],
+    ("EulerDiscreteScheduler", {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
+    ("EulerDiscreteScheduler", {"timestep_type": "continuous", "prediction_type": "v_prediction"}),  # c_noise
+    ("FlowMatchEulerDiscreteScheduler", {}),
+    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+]
+
+
+@pytest.mark.parametrize(("name", "config"), CONFIGURATIONS, ids=lambda v: v if isinstance(v, str) else str(v))
+def test_every_scheduler_routes_each_call_by_its_noise_level(name, config):
+    if name == "DPMSolverSDEScheduler":
+        pytest.importorskip("torchsde")
+    scheduler = getattr(diffusers, name)(**config)
+    sigma = scheduler_units(scheduler) == "sigma"
+    boundaries = (1.0, 10.0) if sigma else (442, 631)  # by hand: a sigma stage is (b, b'], a timestep one [b, b')
+    router = StageRouter(TimestepPartition(boundaries, units="sigma" if sigma else "timestep"), scheduler)
+    stages = []
+    for t, is_corrector in model_call_timesteps(scheduler, 7):
+        level = math.exp(4 * t) if sigma else t  # c_noise = ln(sigma) / 4
+        expected = stages[-1] if is_corrector else sum(level > b if sigma else level >= b for b in boundaries)
+        stages.append(router(t, is_corrector))
+        assert stages[-1] == expected, (t, stages)
+    assert set(stages) == {0, 1, 2}  # 7 steps visit every stage
 
 
 def test_heun_pair_is_never_split():
@@ -42,7 +80,11 @@ def test_scheduler_and_partition_units_must_agree():
         StageRouter(TimestepPartition([500]), EDMEulerScheduler())
     with pytest.raises(ValueError, match="'sigma' units"):
         StageRouter(TimestepPartition([2.5], units="sigma"), DDIMScheduler())
-    with pytest.raises(ValueError, match="num_train_timesteps=500"):
+    with pytest.raises(  # was: no scheduler name and no way out
+        ValueError,
+        match=r"`scheduler` DDIMScheduler has num_train_timesteps=500.*1000-step schedule: build it with "
+        r"`DDIMScheduler.from_config\(scheduler.config, num_train_timesteps=1000\)`",
+    ):
         StageRouter(TimestepPartition([100]), DDIMScheduler(num_train_timesteps=500))
 
 

@@ -1,11 +1,14 @@
 """The package's scheduler knowledge (`diffusers_stages.schedulers`), on real diffusers schedulers."""
 
 import math
+import warnings
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 from diffusers import (
+    CMStochasticIterativeScheduler,
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
@@ -51,6 +54,60 @@ def test_units_and_prediction_types():
     check_scheduler_units(EDMEulerScheduler(), TimestepPartition([2.5], units="sigma"))
     with pytest.raises(ValueError, match="c_noise"):
         check_scheduler_units(EDMEulerScheduler(), TimestepPartition([500]))
+
+
+def test_euler_with_continuous_timesteps_routes_by_sigma():
+    # was: routed as training timesteps, so its c_noise = ln(sigma)/4 failed in the router ("inside [0.0, 1000.0]")
+    scheduler = EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction")
+    assert scheduler_units(scheduler) == "sigma"
+    router = StageRouter(TimestepPartition([2.5], units="sigma"), scheduler)
+    scheduler.set_timesteps(6)
+    stages = [router(t) for t in scheduler.timesteps]
+    assert stages == [int(sigma > 2.5) for sigma in scheduler.sigmas[:-1]] and set(stages) == {0, 1}
+    with pytest.raises(
+        ValueError, match=r"EulerDiscreteScheduler conditions the model on c_noise.*timestep_type='discrete'"
+    ):
+        check_scheduler_units(scheduler, TimestepPartition([500]))
+
+
+def test_a_consistency_model_scheduler_is_refused_by_name():
+    # was: "num_train_timesteps=40 ...", "boundaries must lie strictly inside (0, 40)" or "build the scheduler with
+    # prediction_type='epsilon'" (it takes none): its timesteps are 250 ln(sigma), in no partition's units
+    scheduler = CMStochasticIterativeScheduler()
+    for check in (
+        lambda: scheduler_units(scheduler),
+        lambda: scheduler_prediction_type(scheduler),
+        lambda: check_scheduler_units(scheduler, TimestepPartition([2.5], units="sigma")),
+    ):
+        with pytest.raises(ValueError, match=r"CMStochasticIterativeScheduler .*250 ln\(sigma\).*EDMEulerScheduler"):
+            check()
+
+
+@pytest.mark.parametrize(
+    ("name", "conditioning"),
+    [
+        ("SCMScheduler", "TrigFlow"),
+        ("ScoreSdeVeScheduler", "variance-exploding"),
+        ("KarrasVeScheduler", "variance-exploding"),
+        ("IPNDMScheduler", r"t in \[0, 1\]"),  # was: every call routed to stage 0 (t <= 1), silently
+    ],
+)
+def test_schedulers_of_other_model_families_are_refused_by_name(name, conditioning):
+    # was: "build the scheduler with prediction_type='epsilon'", a missing `step` or `sample_hat`, or SCM's
+    # "not supported when num_inference_steps != 2", from inside a run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # KarrasVeScheduler is deprecated
+        scheduler = getattr(diffusers, name)()
+    with pytest.raises(ValueError, match=rf"{name} samples .*{conditioning}.*DDIMScheduler"):
+        scheduler_units(scheduler)
+
+
+def test_flow_matching_with_dynamic_shifting_is_refused_before_set_timesteps():
+    # was: diffusers' "`mu` must be passed" from inside `set_timesteps`, which the pipelines give no way to pass
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    with pytest.raises(ValueError, match=r"use_dynamic_shifting=True.*`mu`.*use_dynamic_shifting=False"):
+        model_call_timesteps(scheduler, 4)
+    assert len(model_call_timesteps(FlowMatchEulerDiscreteScheduler(shift=3.0), 4)) == 4  # a fixed shift works
 
 
 @pytest.mark.parametrize(
@@ -125,6 +182,24 @@ def test_model_calls_of_a_predictor_corrector_scheduler(scheduler_class):
     calls = model_call_timesteps(scheduler_class(), 4)
     assert len(calls) == 2 * 4 - 1
     assert [corrector for _, corrector in calls] == [False] + [True, False] * 3  # a corrector after each predictor
+
+
+class GlobalRandomHeunScheduler(HeunDiscreteScheduler):
+    """A predictor/corrector scheduler whose step draws from the global generator, as `DPMSolverSDEScheduler` seeds
+    its Brownian tree (``noise_sampler_seed=None``, its default)."""
+
+    def step(self, *args, **kwargs):
+        torch.rand(1)
+        return super().step(*args, **kwargs)
+
+
+def test_the_dry_run_leaves_the_global_generator_as_it_is():
+    # was: the dry run's steps drew from it, so `expert_schedule` (and every run's own dry run) changed the noise a
+    # later `torch.manual_seed` user got, and `generator=torch.manual_seed(0)` drew other latents than `latents=`
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert len(model_call_timesteps(GlobalRandomHeunScheduler(), 3)) == 5
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_router_with_a_given_corrector_flag_matches_the_live_router():

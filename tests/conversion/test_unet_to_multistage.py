@@ -109,6 +109,17 @@ def test_unsupported_pipeline_and_bad_arguments(tmp_path, ddpm_folder):
     assert not (tmp_path / "y").exists()
 
 
+def test_units_follow_what_the_source_scheduler_passes_the_model():
+    # was: "sigma" only for EDM schedulers, so a continuous-timestep Euler source (c_noise, CosXL-style) took timestep
+    # boundaries that its pipeline then refuses, and refused the sigma ones it routes by
+    from diffusers import EulerDiscreteScheduler
+
+    continuous = EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction")
+    unet_to_multistage.check_units(continuous, "sigma")
+    with pytest.raises(ValueError, match="`--boundary_units timestep` does not fit the source"):
+        unet_to_multistage.check_units(continuous, "timestep")
+
+
 def test_sigma_boundaries_on_a_timestep_source_are_refused_at_conversion(ddpm_folder, tmp_path, capsys):
     # without --verify nothing samples during conversion: the folder written would fail at its first sampling call
     with pytest.raises(ValueError, match="`--boundary_units sigma` does not fit the source: its DDPMScheduler"):

@@ -4,7 +4,13 @@
 import diffusers
 import pytest
 import torch
-from diffusers import DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
+from diffusers import (
+    CMStochasticIterativeScheduler,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+)
 from diffusers.callbacks import PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -364,3 +370,18 @@ def test_pndm_with_runge_kutta_warm_up_refuses_too_few_steps_up_front(kind):
     assert _images(pipe, num_inference_steps=4).shape == (1, 3, 8, 8)
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     assert _images(pipe, num_inference_steps=2).shape == (1, 3, 8, 8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_consistency_model_scheduler_is_refused_by_name(kind):
+    with pytest.raises(ValueError, match="CMStochasticIterativeScheduler .*consistency models"):
+        _images(_pipeline(kind, CMStochasticIterativeScheduler()))
+
+
+@pytest.mark.parametrize("kind", ["multistage", "dual_backbone"])  # experts predicting epsilon refuse flow matching
+def test_flow_matching_with_dynamic_shifting_is_refused_by_name(kind):
+    pipe = _pipeline(kind, FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler has use_dynamic_shifting=True"):
+        _images(pipe)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False)
+    assert _images(pipe).shape == (1, 3, 8, 8)

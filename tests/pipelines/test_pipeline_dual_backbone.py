@@ -11,6 +11,8 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     UNet2DModel,
 )
 
@@ -69,6 +71,18 @@ def test_step_fraction_gives_the_shallow_model_that_share_of_steps(backbones, sc
     assert counts["shallow"] == shallow_steps * calls_per_step  # a Heun pair is never split
     assert counts["shallow"] + counts["deep"] == len(pipe.scheduler.timesteps)
     assert pipe.resolve_partition(steps).units == ("sigma" if scheduler_class is EDMEulerScheduler else "timestep")
+
+
+@pytest.mark.parametrize(
+    "scheduler_class", [HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler]
+)
+@pytest.mark.parametrize(("fraction", "steps"), [(0.4, 4), (0.5, 3), (0.3, 7)])
+def test_step_fraction_counts_a_predictor_corrector_pair_as_one_step(backbones, scheduler_class, fraction, steps):
+    # was: KDPM2's correctors (at their own interpolated timesteps, KDPM2-a's 2e-4 above the next step's) counted as
+    # steps, so the shallow model ran one step where round(f * N) is two
+    shallow, deep = backbones
+    schedule = _dual(shallow, deep, scheduler_class(), switch_step_fraction=fraction).expert_schedule(steps)
+    assert sum(stage == 1 for _, stage in schedule) == 2 * round(fraction * steps)  # pairs: predictor + corrector
 
 
 def test_switch_sigma_follows_the_training_noise_schedule(backbones):

@@ -181,6 +181,17 @@ def test_prediction_type_mismatch_is_refused(different_experts):
         pipe(num_inference_steps=2)
 
 
+def test_a_prediction_type_mismatch_with_flow_matching_says_which_scheduler_fits(different_experts):
+    # was: "build the scheduler with `prediction_type='epsilon'`", which FlowMatchEulerDiscreteScheduler does not take
+    # (a TypeError), and `prediction_type='flow_prediction'` for DDIM, whose step refuses it
+    epsilon = _routing(different_experts, DDIMScheduler)
+    with pytest.raises(ValueError, match=r"takes no `prediction_type`.*DDIMScheduler\(prediction_type='epsilon'\)"):
+        ExpertRoutingPipeline(experts=epsilon, scheduler=FlowMatchEulerDiscreteScheduler())
+    flow = _routing(different_experts, FlowMatchEulerDiscreteScheduler)
+    with pytest.raises(ValueError, match="predict 'flow_prediction': use a flow-matching scheduler"):
+        ExpertRoutingPipeline(experts=flow, scheduler=DDIMScheduler())
+
+
 def test_per_expert_guidance_scale(tiny_unet_kwargs):
     experts = []
     for seed in range(3):
