@@ -29,6 +29,7 @@ from ..models.loading import (
     check_name,
     component_folder,
     download_weights,
+    is_config_class,
     load_checked,
     read_json,
     realign_storage,
@@ -95,7 +96,9 @@ def resolve_component_class(name: str, entry: Any) -> type | None:
         if library == "transformers":
             class_name = _maybe_remap_transformers_class(class_name) or class_name
         cls = getattr(diffusers if library == "diffusers" else _transformers(), class_name, None)
-        if isinstance(cls, type) and issubclass(cls, _loadable_bases()):
+        # (diffusers' classes built from a config: not its base classes `ModelMixin`, `SchedulerMixin`)
+        loadable = is_config_class if library == "diffusers" else _is_subclass
+        if loadable(cls, _loadable_bases()):
             return cls
         raise ValueError(f"Component {name!r} names {library}.{class_name}, which is not a loadable {library} class.")
     raise ValueError(
@@ -103,6 +106,10 @@ def resolve_component_class(name: str, entry: Any) -> type | None:
         "if you trust the folder's code, load it with `DiffusionPipeline.from_pretrained(folder, "
         "trust_remote_code=True)`."
     )
+
+
+def _is_subclass(cls: object, bases: tuple[type, ...]) -> bool:
+    return isinstance(cls, type) and issubclass(cls, bases)
 
 
 def _transformers():

@@ -221,6 +221,14 @@ def test_a_saved_model_folder_loads_strictly(tiny_unet_kwargs, tmp_path, corrupt
         cli.load_saved_folder(str(folder), "--shallow")
 
 
+@pytest.mark.parametrize("name, scheduler", [("ModelMixin", False), ("SchedulerMixin", True)])
+def test_a_saved_folder_naming_a_base_class_is_named_not_a_crash(tmp_path, name, scheduler):
+    config = tmp_path / ("scheduler_config.json" if scheduler else "config.json")
+    config.write_text(json.dumps({"_class_name": name}))
+    with pytest.raises(ValueError, match=f"`--shallow` .*_class_name.*{name}"):
+        cli.load_saved_folder(str(tmp_path), "--shallow", scheduler=scheduler)
+
+
 def test_the_readme_command_line_section_names_every_conversion():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
     section = readme.split("### Command line", 1)[1].split("\n## ", 1)[0]

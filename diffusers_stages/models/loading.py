@@ -361,15 +361,25 @@ def read_json(path: str, argument: str) -> dict:
 
 def exported_class(name: object, base: type, libraries: Sequence[object]) -> type | None:
     """The class that the first of ``libraries`` (imported modules, such as ``diffusers``) exporting one as ``name``
-    exports, if it is a subclass of ``base``; `None` for any other name or value. This is how a config's
-    ``_class_name`` is read: an attribute of a library already imported, never a module imported by name."""
+    exports, if it is a subclass of ``base`` built from a config (see `is_config_class`); `None` for any other name
+    or value. This is how a config's ``_class_name`` is read: an attribute of a library already imported, never a
+    module imported by name."""
     if not isinstance(name, str):
         return None
     for library in libraries:
         cls = getattr(library, name, None)
-        if isinstance(cls, type) and issubclass(cls, base):
+        if is_config_class(cls, base):
             return cls
     return None
+
+
+def is_config_class(cls: object, base: type | tuple[type, ...]) -> bool:
+    """Whether ``cls`` is a subclass of ``base`` that diffusers builds from a config (a `ConfigMixin`): diffusers
+    also exports its base classes (``ModelMixin``, ``SchedulerMixin``), which a folder may name but which have no
+    config to load (an `AttributeError` deep inside `from_pretrained`)."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    return isinstance(cls, type) and issubclass(cls, base) and issubclass(cls, ConfigMixin)
 
 
 def check_name(value: object, what: str, dotted: bool = False) -> str:

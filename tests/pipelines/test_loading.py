@@ -155,6 +155,22 @@ def test_injected_component_entries_are_refused(tiny_multistage, tmp_path, entry
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+    "name, entry",
+    [("scheduler", ["diffusers", "SchedulerMixin"]), ("shallow", ["diffusers", "ModelMixin"])],
+    ids=["SchedulerMixin", "ModelMixin"],
+)
+def test_a_base_class_as_a_component_is_named_not_a_crash(tmp_path, name, entry):
+    # diffusers exports its base classes too; they have no config to build from (an AttributeError deep inside)
+    folder = tmp_path / "saved"
+    _dual(None).save_pretrained(folder)
+    index = _index(folder)
+    index[name] = entry
+    _write_index(folder, index)
+    with pytest.raises(ValueError, match=f"{name}.*{entry[1]}"):
+        DualBackbonePipeline.from_pretrained(folder)
+
+
 def test_component_names_and_folders_that_leave_the_folder_are_refused(tiny_multistage, tmp_path):
     folder = tmp_path / "saved"
     _multistage(tiny_multistage).save_pretrained(folder)
@@ -273,8 +289,13 @@ def test_safetensors_by_default(saved):
 
 @pytest.mark.parametrize(
     "entry",
-    [["diffusers", "UNet2DModel; import os"], ["diffusers/../evil", "UNet2DModel"], ["evil_module", "Evil"]],
-    ids=["class-injection", "path", "foreign"],
+    [
+        ["diffusers", "UNet2DModel; import os"],
+        ["diffusers/../evil", "UNet2DModel"],
+        ["evil_module", "Evil"],
+        ["diffusers", "ModelMixin"],  # a base class: no config to build from
+    ],
+    ids=["class-injection", "path", "foreign", "base-class"],
 )
 def test_expert_container_refuses_injected_class_entries(tmp_path, entry):
     folder = tmp_path / "experts"

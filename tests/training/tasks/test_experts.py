@@ -34,7 +34,7 @@ def test_runs_assemble(runs):
     assert pipe.experts.loaded_experts == [0, 1] and type(pipe.scheduler) is DDPMScheduler
 
 
-@pytest.mark.parametrize("name", ["UNet2DModel", "DiffusionPipeline", 5])
+@pytest.mark.parametrize("name", ["UNet2DModel", "DiffusionPipeline", "SchedulerMixin", 5])
 def test_a_scheduler_class_that_is_no_diffusers_scheduler_is_refused(runs, name):
     path = runs[0] / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": name}))
