@@ -49,7 +49,7 @@ class StrictLoadingMixin(SaveThenPushMixin):
         try:
             model, info = load_checked(super().from_pretrained, cls.__name__, path, kwargs)
         except (TypeError, ValueError) as error:
-            if not os.path.isfile(config_file):  # a Hub repository: its config is in the cache by now
+            if not os.path.isdir(str(path)):  # a Hub repository: its config is in the cache by now
                 refuse_other_model_class(cls, _cached_config(cls, path, kwargs), path, subfolder, cause=error)
             raise
         realign_storage(model)
@@ -314,9 +314,16 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
     folder, a subfolder that leads out of it and files that do are refused before loading; after it, missing,
     unexpected or mis-shaped weights, and floating-point weights stored as integers (read from the folder, or from
     the Hub snapshot it was loaded from), are a `ValueError` naming them. Returns ``(model, loading info)``."""
-    folder = os.path.join(str(path), kwargs.get("subfolder") or "")
+    subfolder = kwargs.get("subfolder")
+    folder = os.path.join(str(path), subfolder or "")
+    if subfolder and os.path.isdir(str(path)):
+        # a local folder's subfolder is loaded as a folder of its own: diffusers reads the folder's own weight file
+        # before the subfolder's, and its config and weights when the subfolder is not there
+        if not os.path.isdir(folder):
+            raise ValueError(f"`subfolder` {subfolder!r} is not a folder of {path}: name one that is there.")
+        check_subfolder(path, subfolder)
+        path, kwargs = folder, {k: v for k, v in kwargs.items() if k != "subfolder"}
     if os.path.isdir(folder):
-        check_subfolder(path, kwargs.get("subfolder"))
         check_folder_files(folder)
     try:
         model, info = load(path, output_loading_info=True, **kwargs)
