@@ -20,6 +20,7 @@ FUSED_PROJECTIONS = (".to_qkv.", ".to_kv.", ".to_added_qkv.")
 # a weight index: `diffusion_pytorch_model.safetensors.index.json`, and a variant's, which diffusers names
 # `diffusion_pytorch_model.safetensors.index.fp16.json` (`.bin` alike)
 WEIGHT_INDEX = re.compile(r".+\.index(\.[^./]+)?\.json")
+CONFIG_FILES = ("config.json", "scheduler_config.json")  # a model's and a scheduler's: JSON objects (`read_json`)
 
 
 class StrictLoadingMixin(SaveThenPushMixin):
@@ -404,17 +405,17 @@ def check_name(value: object, what: str, dotted: bool = False) -> str:
 def check_folder_files(folder: str | os.PathLike) -> None:
     """Refuse a saved model folder whose files lead out of it or that `from_pretrained` would misread: a `ValueError`
     naming the file for a symbolic link to a file outside the folder (a Hub cache snapshot's links to its own blobs
-    are fine; sub-folders are checked by `component_folder`), a `config.json` that is not a JSON object, or a weight
-    index (``*.index.json``, a variant's ``*.index.<variant>.json``) whose ``weight_map`` is not an object of plain
-    file names in the folder."""
+    are fine; sub-folders are checked by `component_folder`), a `config.json` or `scheduler_config.json` that is not
+    a JSON object, or a weight index (``*.index.json``, a variant's ``*.index.<variant>.json``) whose ``weight_map``
+    is not an object of plain file names in the folder."""
     roots = _allowed_roots(folder)
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         target = os.path.realpath(entry.path)
         inside = any(target.startswith(os.path.join(root, "")) for root in roots)
         if entry.is_symlink() and not entry.is_dir() and not inside:
             raise ValueError(f"{entry.name!r} in {folder} links to {target!r}, outside the folder: refused.")
-        if entry.name == "config.json" and entry.is_file():
-            read_json(entry.path, "config.json")
+        if entry.name in CONFIG_FILES and entry.is_file():
+            read_json(entry.path, entry.name)
         elif WEIGHT_INDEX.fullmatch(entry.name) and entry.is_file():
             weight_map = read_json(entry.path, entry.name).get("weight_map")
             names = weight_map.values() if isinstance(weight_map, dict) else [weight_map]
