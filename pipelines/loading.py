@@ -31,6 +31,7 @@ from ..models.loading import (
     download_weights,
     is_config_class,
     load_checked,
+    load_scheduler,
     read_json,
     realign_storage,
     reexport_source,
@@ -170,7 +171,9 @@ def check_component_type(pipeline_class: type, name: str, component_class: type 
 def load_component(folder: str, name: str, component_class: type, kwargs: dict) -> Any:
     """One component through its own class's `from_pretrained`, with the model options that apply to it."""
     path = component_folder(folder, name)
-    if issubclass(component_class, SchedulerMixin) or not _is_model(component_class):
+    if issubclass(component_class, SchedulerMixin):
+        return load_scheduler(component_class, path, f"Component {name!r}")
+    if not _is_model(component_class):
         return component_class.from_pretrained(path)
     options = {k: kwargs[k] for k in MODEL_KWARGS if kwargs.get(k) is not None}
     dtype = options.get("torch_dtype")

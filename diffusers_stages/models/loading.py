@@ -352,6 +352,19 @@ def load_strictly(model_class: type, path: str | os.PathLike, subfolder: str | N
     return load_checked(model_class.from_pretrained, model_class.__name__, path, {"subfolder": subfolder})[0]
 
 
+def load_scheduler(scheduler_class: type, path: str | os.PathLike, what: str):
+    """``scheduler_class.from_pretrained(path)`` (a folder holding ``scheduler_config.json``; ``what`` names it, an
+    option or a component), with a value the scheduler cannot take (a negative or a string step count, an unknown
+    beta schedule) a `ValueError` naming ``what`` and the file, not an error from inside the scheduler."""
+    try:
+        return scheduler_class.from_pretrained(path)
+    except (ValueError, TypeError, KeyError, IndexError, NotImplementedError, RuntimeError) as error:
+        raise ValueError(
+            f"{what}: {os.path.join(str(path), 'scheduler_config.json')!r} does not build a "
+            f"{scheduler_class.__name__}: {type(error).__name__}: {error}"
+        ) from error
+
+
 def read_json(path: str, argument: str) -> dict:
     """The JSON object in file ``path`` (given as ``argument``: a command-line option, or the file's role such as
     ``model_index.json``), or a `ValueError` that says why not."""

@@ -332,6 +332,16 @@ def test_a_model_index_that_is_not_a_json_object_is_named(tiny_multistage, tmp_p
         MultiStagePipeline.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("value", [-5, "five"], ids=["negative", "string"])
+def test_a_scheduler_config_value_the_scheduler_cannot_take_is_named(saved, value):
+    # (a RuntimeError or TypeError from inside the scheduler's `torch.linspace`, naming no file)
+    folder, pipeline_class, _ = saved
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_train_timesteps": value}))
+    with pytest.raises(ValueError, match=r"scheduler_config\.json.*DDIMScheduler"):
+        pipeline_class.from_pretrained(folder)
+
+
 def test_a_required_component_saved_as_null_is_refused_not_left_out(saved):
     folder, pipeline_class, _ = saved
     index = _index(folder)

@@ -14,7 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ...models.expert_routing import ExpertRoutingModel, expert_folder
 from ...models.iunet import IUNet2DModel
-from ...models.loading import exported_class, load_strictly
+from ...models.loading import exported_class, load_scheduler, load_strictly
 from ...models.meme import meme_expert_configs
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
@@ -226,7 +226,7 @@ def assemble_expert_runs(run_dirs: list[str]):
         raise ValueError(
             f"`--assemble_experts`: `_class_name` {name!r} of {scheduler_path!r} is not a diffusers scheduler."
         )
-    scheduler = scheduler_class.from_pretrained(scheduler_path)
+    scheduler = load_scheduler(scheduler_class, scheduler_path, "`--assemble_experts`")
     vae_path = os.path.join(first, "vae")
     vae = load_strictly(diffusers.AutoencoderKL, vae_path) if os.path.isdir(vae_path) else None
     return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)

@@ -42,6 +42,13 @@ def test_a_scheduler_class_that_is_no_diffusers_scheduler_is_refused(runs, name)
         assemble_expert_runs([str(r) for r in runs])
 
 
+def test_a_scheduler_config_that_does_not_build_is_named(runs):
+    path = runs[0] / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_train_timesteps": "five"}))
+    with pytest.raises(ValueError, match="`--assemble_experts`.*scheduler_config.json"):
+        assemble_expert_runs([str(r) for r in runs])
+
+
 @pytest.mark.parametrize("corruption", ["missing", "integers"])
 def test_an_expert_checkpoint_that_disagrees_with_its_config_is_refused(runs, corruption):
     from safetensors.torch import load_file, save_file
