@@ -199,15 +199,18 @@ def _tensor_dtypes(path: str) -> dict[str, str | torch.dtype] | None:
     """The tensors a weight file holds, by name, with their dtypes (safetensors' names, ``"F32"``, ``"I64"``, ...; a
     torch dtype for a ``.bin``), read without loading any data: safetensors headers, or a ``.bin`` unpickled with
     ``weights_only=True`` onto the ``meta`` device. `None` for a ``.bin`` that torch's weights-only unpickler
-    refuses: diffusers, which reads ``.bin`` files the same way, cannot have loaded it (a planted file never runs,
-    nor stops the weights that were loaded)."""
+    refuses, or a ``.safetensors`` file safetensors cannot read: diffusers, which reads them the same way, cannot
+    have loaded it (a planted or broken file never runs, nor stops the weights that were loaded)."""
     import pickle
 
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(path, "pt") as weights:
-            return {k: weights.get_slice(k).get_dtype() for k in weights.keys()}
+        try:
+            with safe_open(path, "pt") as weights:
+                return {k: weights.get_slice(k).get_dtype() for k in weights.keys()}
+        except SafetensorError:
+            return None
     try:
         try:
             state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
@@ -221,7 +224,7 @@ def _tensor_dtypes(path: str) -> dict[str, str | torch.dtype] | None:
 
 
 def _tensor_names(path: str) -> list[str] | None:
-    """The tensor names a weight file holds (see `_tensor_dtypes`; `None` for an unreadable ``.bin``)."""
+    """The tensor names a weight file holds (see `_tensor_dtypes`; `None` for an unreadable file)."""
     dtypes = _tensor_dtypes(path)
     return None if dtypes is None else list(dtypes)
 

@@ -431,6 +431,15 @@ def test_a_bin_file_beside_the_safetensors_that_was_not_loaded_never_blocks_or_r
     assert torch.equal(loaded.conv_in.weight, model.conv_in.weight) and not marker.exists()
 
 
+def test_a_broken_safetensors_file_beside_the_one_loaded_never_blocks_it(saved_model):
+    # (a variant's file, or one planted: the integer-weights check read every .safetensors of the folder and failed
+    # on it with a SafetensorError, after the intact default weights had loaded)
+    folder, model = saved_model
+    (folder / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"not safetensors")
+    loaded = MultiStageUNet2DModel.from_pretrained(folder)
+    assert torch.equal(loaded.conv_in.weight, model.conv_in.weight)
+
+
 @pytest.mark.parametrize("name", ["torch_dtype", "dtype"])
 def test_a_dtype_that_is_not_a_torch_dtype_is_named_not_loaded_as_float32(tmp_path, name):
     # diffusers only warns about transformers' spelling "float16" and loads the model in float32
