@@ -72,3 +72,29 @@ def test_an_expert_file_that_links_out_of_its_run_is_refused(runs, tmp_path):
     os.symlink(tmp_path / "elsewhere.safetensors", path)
     with pytest.raises(ValueError, match="outside"):
         assemble_expert_runs([str(r) for r in runs])
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda run: (run / EXPERT_RUN_FILE).write_text("[1]"), EXPERT_RUN_FILE),
+        (
+            lambda run: (run / EXPERT_RUN_FILE).write_text(
+                json.dumps({**json.loads((run / EXPERT_RUN_FILE).read_text()), "expert_index": "1"})
+            ),
+            "expert_index",
+        ),
+        (
+            lambda run: (run / "expert_1" / "config.json").write_text(
+                json.dumps({**json.loads((run / "expert_1" / "config.json").read_text()), "_class_name": ["a"]})
+            ),
+            "holds a",
+        ),
+    ],
+    ids=["run-file-list", "index-string", "class-list"],
+)
+def test_run_files_of_the_wrong_json_types_are_named(runs, edit, message):
+    # (an AttributeError, a TypeError of `sorted` or an `unhashable type` before any check named them)
+    edit(runs[1])
+    with pytest.raises(ValueError, match=f"`--assemble_experts`.*{message}"):
+        assemble_expert_runs([str(r) for r in runs])
