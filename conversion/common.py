@@ -305,7 +305,8 @@ def stored_dtype(folder: str | os.PathLike | None) -> torch.dtype | None:
     dtypes = set()
     for name in sorted(os.listdir(folder)):
         if DEFAULT_WEIGHT_FILE.fullmatch(name):
-            dtypes |= {d for d in _tensor_dtypes(os.path.join(folder, name)).values() if _is_float_dtype(d)}
+            stored = _tensor_dtypes(os.path.join(folder, name)) or {}  # (None: a file safetensors cannot read)
+            dtypes |= {d for d in stored.values() if _is_float_dtype(d)}
     return SAFETENSORS_DTYPES.get(dtypes.pop()) if len(dtypes) == 1 else None
 
 

@@ -38,7 +38,7 @@ from diffusers_stages.conversion.common import (
 )
 from diffusers_stages.conversion.multistage_to_unet import conditioning
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
-from diffusers_stages.models.loading import component_folder
+from diffusers_stages.models.loading import component_folder, load_scheduler
 from diffusers_stages.pipelines import MultiStagePipeline
 from diffusers_stages.pipelines.loading import resolve_component_class
 from diffusers_stages.schedulers import scheduler_units as units_of
@@ -113,7 +113,8 @@ def load_source(path: str) -> tuple[UNet2DModel, object, object, str | None]:
             f"{sorted(SOURCE_PIPELINES) + list(TEXT_TO_IMAGE_PIPELINES)} (or give the UNet2DModel folder itself)."
         )
     unet = load_strict(UNet2DModel, path, subfolder=SOURCE_PIPELINES[pipeline_class])
-    scheduler = source_component_class(index, "scheduler", SchedulerMixin).from_pretrained(path, subfolder="scheduler")
+    scheduler_class = source_component_class(index, "scheduler", SchedulerMixin)
+    scheduler = load_scheduler(scheduler_class, component_folder(path, "scheduler"), "`--source`")
     vae = None
     for name in VAE_COMPONENTS:
         vae_class = source_component_class(index, name, ModelMixin, optional=True)

@@ -141,7 +141,7 @@ def load_saved_folder(path: str, option: str, scheduler: bool = False):
 
     import diffusers_stages
 
-    from .models.loading import exported_class, load_strictly
+    from .models.loading import exported_class, load_scheduler, load_strictly
 
     config_file = os.path.join(path, "scheduler_config.json" if scheduler else "config.json")
     check_input_file(config_file, option, json_object=True)
@@ -151,7 +151,7 @@ def load_saved_folder(path: str, option: str, scheduler: bool = False):
     if cls is None:
         kind = "a diffusers scheduler" if scheduler else "a diffusers or diffusers-stages model"
         raise ValueError(f"`{option}` {path!r}: `_class_name` {name!r} of {config_file!r} is not {kind}.")
-    return cls.from_pretrained(path) if scheduler else load_strictly(cls, path)
+    return load_scheduler(cls, path, f"`{option}` {path!r}") if scheduler else load_strictly(cls, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,9 @@ from ..models.loading import (
     check_name,
     component_folder,
     download_weights,
+    is_config_class,
     load_checked,
+    load_scheduler,
     read_json,
     realign_storage,
     reexport_source,
@@ -95,7 +97,9 @@ def resolve_component_class(name: str, entry: Any) -> type | None:
         if library == "transformers":
             class_name = _maybe_remap_transformers_class(class_name) or class_name
         cls = getattr(diffusers if library == "diffusers" else _transformers(), class_name, None)
-        if isinstance(cls, type) and issubclass(cls, _loadable_bases()):
+        # (diffusers' classes built from a config: not its base classes `ModelMixin`, `SchedulerMixin`)
+        loadable = is_config_class if library == "diffusers" else _is_subclass
+        if loadable(cls, _loadable_bases()):
             return cls
         raise ValueError(f"Component {name!r} names {library}.{class_name}, which is not a loadable {library} class.")
     raise ValueError(
@@ -103,6 +107,10 @@ def resolve_component_class(name: str, entry: Any) -> type | None:
         "if you trust the folder's code, load it with `DiffusionPipeline.from_pretrained(folder, "
         "trust_remote_code=True)`."
     )
+
+
+def _is_subclass(cls: object, bases: tuple[type, ...]) -> bool:
+    return isinstance(cls, type) and issubclass(cls, bases)
 
 
 def _transformers():
@@ -163,7 +171,9 @@ def check_component_type(pipeline_class: type, name: str, component_class: type 
 def load_component(folder: str, name: str, component_class: type, kwargs: dict) -> Any:
     """One component through its own class's `from_pretrained`, with the model options that apply to it."""
     path = component_folder(folder, name)
-    if issubclass(component_class, SchedulerMixin) or not _is_model(component_class):
+    if issubclass(component_class, SchedulerMixin):
+        return load_scheduler(component_class, path, f"Component {name!r}")
+    if not _is_model(component_class):
         return component_class.from_pretrained(path)
     options = {k: kwargs[k] for k in MODEL_KWARGS if kwargs.get(k) is not None}
     dtype = options.get("torch_dtype")

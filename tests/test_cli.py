@@ -221,6 +221,24 @@ def test_a_saved_model_folder_loads_strictly(tiny_unet_kwargs, tmp_path, corrupt
         cli.load_saved_folder(str(folder), "--shallow")
 
 
+@pytest.mark.parametrize("name, scheduler", [("ModelMixin", False), ("SchedulerMixin", True)])
+def test_a_saved_folder_naming_a_base_class_is_named_not_a_crash(tmp_path, name, scheduler):
+    config = tmp_path / ("scheduler_config.json" if scheduler else "config.json")
+    config.write_text(json.dumps({"_class_name": name}))
+    with pytest.raises(ValueError, match=f"`--shallow` .*_class_name.*{name}"):
+        cli.load_saved_folder(str(tmp_path), "--shallow", scheduler=scheduler)
+
+
+def test_a_scheduler_folder_whose_config_does_not_build_is_named(tmp_path):
+    from diffusers import DDPMScheduler
+
+    DDPMScheduler().save_pretrained(tmp_path)
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_train_timesteps": -5}))
+    with pytest.raises(ValueError, match="`--scheduler` .*scheduler_config.json.*DDPMScheduler"):
+        cli.load_saved_folder(str(tmp_path), "--scheduler", scheduler=True)
+
+
 def test_the_readme_command_line_section_names_every_conversion():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
     section = readme.split("### Command line", 1)[1].split("\n## ", 1)[0]

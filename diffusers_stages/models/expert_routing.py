@@ -45,6 +45,7 @@ from .loading import (
     check_subfolder,
     component_folder,
     download_weights,
+    is_config_class,
     load_checked,
     realign_storage,
     refuse_other_model_class,
@@ -112,8 +113,8 @@ def import_class(entry: Sequence[str], loaded_modules: bool = True) -> type:
                 "(only if you trust it), so that its class can be found."
             )
         cls = getattr(sys.modules[module_name], class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
-        raise ValueError(f"Expert class entry {list(entry)} does not name a diffusers ModelMixin class.")  # noqa: TRY004
+    if not is_config_class(cls, ModelMixin):  # a model class, not a base class such as ModelMixin itself
+        raise ValueError(f"Expert class entry {list(entry)} does not name a diffusers ModelMixin class.")
     return cls
 
 

@@ -20,6 +20,7 @@ FUSED_PROJECTIONS = (".to_qkv.", ".to_kv.", ".to_added_qkv.")
 # a weight index: `diffusion_pytorch_model.safetensors.index.json`, and a variant's, which diffusers names
 # `diffusion_pytorch_model.safetensors.index.fp16.json` (`.bin` alike)
 WEIGHT_INDEX = re.compile(r".+\.index(\.[^./]+)?\.json")
+CONFIG_FILES = ("config.json", "scheduler_config.json")  # a model's and a scheduler's: JSON objects (`read_json`)
 
 
 class StrictLoadingMixin(SaveThenPushMixin):
@@ -49,7 +50,7 @@ class StrictLoadingMixin(SaveThenPushMixin):
         try:
             model, info = load_checked(super().from_pretrained, cls.__name__, path, kwargs)
         except (TypeError, ValueError) as error:
-            if not os.path.isfile(config_file):  # a Hub repository: its config is in the cache by now
+            if not os.path.isdir(str(path)):  # a Hub repository: its config is in the cache by now
                 refuse_other_model_class(cls, _cached_config(cls, path, kwargs), path, subfolder, cause=error)
             raise
         realign_storage(model)
@@ -198,15 +199,18 @@ def _tensor_dtypes(path: str) -> dict[str, str | torch.dtype] | None:
     """The tensors a weight file holds, by name, with their dtypes (safetensors' names, ``"F32"``, ``"I64"``, ...; a
     torch dtype for a ``.bin``), read without loading any data: safetensors headers, or a ``.bin`` unpickled with
     ``weights_only=True`` onto the ``meta`` device. `None` for a ``.bin`` that torch's weights-only unpickler
-    refuses: diffusers, which reads ``.bin`` files the same way, cannot have loaded it (a planted file never runs,
-    nor stops the weights that were loaded)."""
+    refuses, or a ``.safetensors`` file safetensors cannot read: diffusers, which reads them the same way, cannot
+    have loaded it (a planted or broken file never runs, nor stops the weights that were loaded)."""
     import pickle
 
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(path, "pt") as weights:
-            return {k: weights.get_slice(k).get_dtype() for k in weights.keys()}
+        try:
+            with safe_open(path, "pt") as weights:
+                return {k: weights.get_slice(k).get_dtype() for k in weights.keys()}
+        except SafetensorError:
+            return None
     try:
         try:
             state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
@@ -220,7 +224,7 @@ def _tensor_dtypes(path: str) -> dict[str, str | torch.dtype] | None:
 
 
 def _tensor_names(path: str) -> list[str] | None:
-    """The tensor names a weight file holds (see `_tensor_dtypes`; `None` for an unreadable ``.bin``)."""
+    """The tensor names a weight file holds (see `_tensor_dtypes`; `None` for an unreadable file)."""
     dtypes = _tensor_dtypes(path)
     return None if dtypes is None else list(dtypes)
 
@@ -314,9 +318,16 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
     folder, a subfolder that leads out of it and files that do are refused before loading; after it, missing,
     unexpected or mis-shaped weights, and floating-point weights stored as integers (read from the folder, or from
     the Hub snapshot it was loaded from), are a `ValueError` naming them. Returns ``(model, loading info)``."""
-    folder = os.path.join(str(path), kwargs.get("subfolder") or "")
+    subfolder = kwargs.get("subfolder")
+    folder = os.path.join(str(path), subfolder or "")
+    if subfolder and os.path.isdir(str(path)):
+        # a local folder's subfolder is loaded as a folder of its own: diffusers reads the folder's own weight file
+        # before the subfolder's, and its config and weights when the subfolder is not there
+        if not os.path.isdir(folder):
+            raise ValueError(f"`subfolder` {subfolder!r} is not a folder of {path}: name one that is there.")
+        check_subfolder(path, subfolder)
+        path, kwargs = folder, {k: v for k, v in kwargs.items() if k != "subfolder"}
     if os.path.isdir(folder):
-        check_subfolder(path, kwargs.get("subfolder"))
         check_folder_files(folder)
     try:
         model, info = load(path, output_loading_info=True, **kwargs)
@@ -344,6 +355,19 @@ def load_strictly(model_class: type, path: str | os.PathLike, subfolder: str | N
     return load_checked(model_class.from_pretrained, model_class.__name__, path, {"subfolder": subfolder})[0]
 
 
+def load_scheduler(scheduler_class: type, path: str | os.PathLike, what: str):
+    """``scheduler_class.from_pretrained(path)`` (a folder holding ``scheduler_config.json``; ``what`` names it, an
+    option or a component), with a value the scheduler cannot take (a negative or a string step count, an unknown
+    beta schedule) a `ValueError` naming ``what`` and the file, not an error from inside the scheduler."""
+    try:
+        return scheduler_class.from_pretrained(path)
+    except (ValueError, TypeError, KeyError, IndexError, NotImplementedError, RuntimeError) as error:
+        raise ValueError(
+            f"{what}: {os.path.join(str(path), 'scheduler_config.json')!r} does not build a "
+            f"{scheduler_class.__name__}: {type(error).__name__}: {error}"
+        ) from error
+
+
 def read_json(path: str, argument: str) -> dict:
     """The JSON object in file ``path`` (given as ``argument``: a command-line option, or the file's role such as
     ``model_index.json``), or a `ValueError` that says why not."""
@@ -361,15 +385,25 @@ def read_json(path: str, argument: str) -> dict:
 
 def exported_class(name: object, base: type, libraries: Sequence[object]) -> type | None:
     """The class that the first of ``libraries`` (imported modules, such as ``diffusers``) exporting one as ``name``
-    exports, if it is a subclass of ``base``; `None` for any other name or value. This is how a config's
-    ``_class_name`` is read: an attribute of a library already imported, never a module imported by name."""
+    exports, if it is a subclass of ``base`` built from a config (see `is_config_class`); `None` for any other name
+    or value. This is how a config's ``_class_name`` is read: an attribute of a library already imported, never a
+    module imported by name."""
     if not isinstance(name, str):
         return None
     for library in libraries:
         cls = getattr(library, name, None)
-        if isinstance(cls, type) and issubclass(cls, base):
+        if is_config_class(cls, base):
             return cls
     return None
+
+
+def is_config_class(cls: object, base: type | tuple[type, ...]) -> bool:
+    """Whether ``cls`` is a subclass of ``base`` that diffusers builds from a config (a `ConfigMixin`): diffusers
+    also exports its base classes (``ModelMixin``, ``SchedulerMixin``), which a folder may name but which have no
+    config to load (an `AttributeError` deep inside `from_pretrained`)."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    return isinstance(cls, type) and issubclass(cls, base) and issubclass(cls, ConfigMixin)
 
 
 def check_name(value: object, what: str, dotted: bool = False) -> str:
@@ -387,17 +421,17 @@ def check_name(value: object, what: str, dotted: bool = False) -> str:
 def check_folder_files(folder: str | os.PathLike) -> None:
     """Refuse a saved model folder whose files lead out of it or that `from_pretrained` would misread: a `ValueError`
     naming the file for a symbolic link to a file outside the folder (a Hub cache snapshot's links to its own blobs
-    are fine; sub-folders are checked by `component_folder`), a `config.json` that is not a JSON object, or a weight
-    index (``*.index.json``, a variant's ``*.index.<variant>.json``) whose ``weight_map`` is not an object of plain
-    file names in the folder."""
+    are fine; sub-folders are checked by `component_folder`), a `config.json` or `scheduler_config.json` that is not
+    a JSON object, or a weight index (``*.index.json``, a variant's ``*.index.<variant>.json``) whose ``weight_map``
+    is not an object of plain file names in the folder."""
     roots = _allowed_roots(folder)
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         target = os.path.realpath(entry.path)
         inside = any(target.startswith(os.path.join(root, "")) for root in roots)
         if entry.is_symlink() and not entry.is_dir() and not inside:
             raise ValueError(f"{entry.name!r} in {folder} links to {target!r}, outside the folder: refused.")
-        if entry.name == "config.json" and entry.is_file():
-            read_json(entry.path, "config.json")
+        if entry.name in CONFIG_FILES and entry.is_file():
+            read_json(entry.path, entry.name)
         elif WEIGHT_INDEX.fullmatch(entry.name) and entry.is_file():
             weight_map = read_json(entry.path, entry.name).get("weight_map")
             names = weight_map.values() if isinstance(weight_map, dict) else [weight_map]

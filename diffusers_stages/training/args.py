@@ -237,6 +237,10 @@ def read_model_config(args: argparse.Namespace) -> dict | None:
         raise ValueError(
             f"`--model_config` must be a model config.json or a folder holding one, got {path!r}: {error}"
         ) from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"`--model_config` {file!r} must hold a JSON object (a model config), got a {type(config).__name__}."
+        )
     return config
 
 

@@ -182,6 +182,18 @@ def test_a_source_unet_config_that_is_not_a_json_object_is_named(tmp_path):
         convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500")
 
 
+@pytest.mark.parametrize(
+    "text", ["[1]", '{"_class_name": "DDPMScheduler", "num_train_timesteps": -5}'], ids=["list", "negative"]
+)
+def test_a_source_scheduler_config_that_does_not_build_is_named(ddpm_folder, tmp_path, text):
+    # (diffusers' OSError about reaching https://huggingface.co, or a RuntimeError from inside the scheduler)
+    with open(os.path.join(ddpm_folder, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
+        f.write(text)
+    with pytest.raises(ValueError, match="scheduler_config.json"):
+        convert(ddpm_folder, str(tmp_path / "out"), "--stage_boundaries", "500")
+    assert not (tmp_path / "out").exists()
+
+
 def test_num_stages_without_plan_is_a_usage_error(ddpm_folder, capsys):
     args = ["--source", ddpm_folder, "--output_path", "x"]
     # --num_stages is for --plan: with --stage_boundaries it was silently ignored (3 stages written, not 5)

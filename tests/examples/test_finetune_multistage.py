@@ -232,3 +232,22 @@ def test_fused_decoders_check_leaves_a_garbled_source_config_to_the_model(exampl
     with pytest.raises(ValueError, match="decoder_block_out_channels"):  # ...the model's own check refuses it by name
         script.main(args)
     assert not os.path.exists(tmp_path / "run" / "unet")
+
+
+@pytest.mark.parametrize(
+    "key, value", [("_class_name", ["MultiStageUNet2DModel"]), ("block_out_channels", 5)], ids=["class", "levels"]
+)
+def test_a_source_unet_config_of_the_wrong_json_types_is_named(
+    examples, script, image_folder, tmp_path, capsys, key, value
+):
+    # read from a folder: anything (a TypeError, `unhashable type` or `has no len()`, before any check named it)
+    MultiStagePipeline(unet=MultiStageUNet2DModel(**TINY_UNET), scheduler=DDPMScheduler()).save_pretrained(
+        tmp_path / "s"
+    )
+    config_path = tmp_path / "s" / "unet" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), key: value}))
+    argv = _finetune_args(examples, image_folder, str(tmp_path / "s"), str(tmp_path / "run"))
+    with pytest.raises(SystemExit):
+        script.parse_args(argv)
+    error = capsys.readouterr().err
+    assert "`--pretrained_model_name_or_path`" in error and str(value).replace("'", "") in error.replace("'", "")

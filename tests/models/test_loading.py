@@ -13,7 +13,7 @@ import torch
 
 from diffusers_stages import MultiStageUNet2DModel
 from diffusers_stages.models.loading import realign_storage
-from tests.conftest import TINY_UNET
+from tests.conftest import TINY_UNET, corrupt_weights
 
 PEAK = """
 import resource, sys
@@ -143,6 +143,42 @@ def test_a_subfolder_that_links_out_of_the_folder_is_refused(saved_model, tmp_pa
     with pytest.raises(ValueError, match="'unet'.*outside"):
         model_class.from_pretrained(repo, subfolder="unet")
     assert model_class.from_pretrained(folder.parent, subfolder=folder.name) is not None  # a real sub-folder loads
+
+
+@pytest.mark.parametrize("subfolder", ["unet", "a\x00b"], ids=["missing", "nul"])
+def test_a_subfolder_that_is_not_there_is_named_not_the_root_loaded(saved_model, subfolder):
+    # diffusers falls back to the folder's own config and weights: the saved model, silently, for any subfolder
+    folder, _ = saved_model
+    with pytest.raises(ValueError, match="`subfolder`"):
+        MultiStageUNet2DModel.from_pretrained(folder, subfolder=subfolder)
+
+
+@pytest.mark.parametrize("corruption", [None, "integers", "link"])
+def test_weights_beside_a_subfolder_are_never_loaded_in_its_place(saved_model, tmp_path, corruption):
+    # diffusers reads a folder's own weight file before its subfolder's: weights planted in a pipeline folder's root
+    # replaced the `unet`'s, unchecked (cast from integers, or linked from outside)
+    from diffusers import UNet2DModel
+
+    from diffusers_stages.models.loading import load_strictly
+
+    folder, model = saved_model
+    repo = tmp_path / "repo"
+    torch.manual_seed(1)
+    MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,)).save_pretrained(repo)  # planted: other weights
+    os.remove(repo / "config.json")
+    shutil.copytree(folder, repo / "unet")
+    if corruption is not None:
+        corrupt_weights(repo / WEIGHTS, corruption, outside=tmp_path)
+    loaded = MultiStageUNet2DModel.from_pretrained(repo, subfolder="unet")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+    torch.manual_seed(0)
+    plain = UNet2DModel(**TINY_UNET)
+    plain.save_pretrained(repo / "plain")
+    UNet2DModel(**TINY_UNET).save_pretrained(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / WEIGHTS, repo / WEIGHTS)
+    loaded = load_strictly(UNet2DModel, repo, "plain")  # diffusers' own classes, as strictly
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), plain.state_dict().values()))
 
 
 def _hub_cache(folder, tmp_path, name: str = "staged"):
@@ -393,6 +429,15 @@ def test_a_bin_file_beside_the_safetensors_that_was_not_loaded_never_blocks_or_r
         pickle.dump({"conv_in.weight": Payload()}, f, protocol=2)
     loaded = MultiStageUNet2DModel.from_pretrained(folder)
     assert torch.equal(loaded.conv_in.weight, model.conv_in.weight) and not marker.exists()
+
+
+def test_a_broken_safetensors_file_beside_the_one_loaded_never_blocks_it(saved_model):
+    # (a variant's file, or one planted: the integer-weights check read every .safetensors of the folder and failed
+    # on it with a SafetensorError, after the intact default weights had loaded)
+    folder, model = saved_model
+    (folder / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"not safetensors")
+    loaded = MultiStageUNet2DModel.from_pretrained(folder)
+    assert torch.equal(loaded.conv_in.weight, model.conv_in.weight)
 
 
 @pytest.mark.parametrize("name", ["torch_dtype", "dtype"])

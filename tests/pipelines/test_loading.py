@@ -155,6 +155,22 @@ def test_injected_component_entries_are_refused(tiny_multistage, tmp_path, entry
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+    "name, entry",
+    [("scheduler", ["diffusers", "SchedulerMixin"]), ("shallow", ["diffusers", "ModelMixin"])],
+    ids=["SchedulerMixin", "ModelMixin"],
+)
+def test_a_base_class_as_a_component_is_named_not_a_crash(tmp_path, name, entry):
+    # diffusers exports its base classes too; they have no config to build from (an AttributeError deep inside)
+    folder = tmp_path / "saved"
+    _dual(None).save_pretrained(folder)
+    index = _index(folder)
+    index[name] = entry
+    _write_index(folder, index)
+    with pytest.raises(ValueError, match=f"{name}.*{entry[1]}"):
+        DualBackbonePipeline.from_pretrained(folder)
+
+
 def test_component_names_and_folders_that_leave_the_folder_are_refused(tiny_multistage, tmp_path):
     folder = tmp_path / "saved"
     _multistage(tiny_multistage).save_pretrained(folder)
@@ -273,8 +289,13 @@ def test_safetensors_by_default(saved):
 
 @pytest.mark.parametrize(
     "entry",
-    [["diffusers", "UNet2DModel; import os"], ["diffusers/../evil", "UNet2DModel"], ["evil_module", "Evil"]],
-    ids=["class-injection", "path", "foreign"],
+    [
+        ["diffusers", "UNet2DModel; import os"],
+        ["diffusers/../evil", "UNet2DModel"],
+        ["evil_module", "Evil"],
+        ["diffusers", "ModelMixin"],  # a base class: no config to build from
+    ],
+    ids=["class-injection", "path", "foreign", "base-class"],
 )
 def test_expert_container_refuses_injected_class_entries(tmp_path, entry):
     folder = tmp_path / "experts"
@@ -301,12 +322,24 @@ def test_variants_and_per_component_dtypes_load_for_every_pipeline(saved, tmp_pa
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", "{not json", '"a string"'], ids=["list", "not-json", "string"])
-def test_a_model_index_that_is_not_a_json_object_is_named(tiny_multistage, tmp_path, text):
+@pytest.mark.parametrize("name", ["model_index.json", "scheduler/scheduler_config.json"], ids=["index", "scheduler"])
+def test_a_model_index_that_is_not_a_json_object_is_named(tiny_multistage, tmp_path, text, name):
+    # (a scheduler config was diffusers' message about the Hub: "couldn't connect to 'https://huggingface.co'")
     folder = tmp_path / "saved"
     _multistage(tiny_multistage).save_pretrained(folder)
-    (folder / "model_index.json").write_text(text)
-    with pytest.raises(ValueError, match="model_index.json"):
+    (folder / name).write_text(text)
+    with pytest.raises(ValueError, match=os.path.basename(name)):
         MultiStagePipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("value", [-5, "five"], ids=["negative", "string"])
+def test_a_scheduler_config_value_the_scheduler_cannot_take_is_named(saved, value):
+    # (a RuntimeError or TypeError from inside the scheduler's `torch.linspace`, naming no file)
+    folder, pipeline_class, _ = saved
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_train_timesteps": value}))
+    with pytest.raises(ValueError, match=r"scheduler_config\.json.*DDIMScheduler"):
+        pipeline_class.from_pretrained(folder)
 
 
 def test_a_required_component_saved_as_null_is_refused_not_left_out(saved):

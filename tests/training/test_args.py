@@ -161,6 +161,9 @@ def test_model_config_is_a_file_or_a_folder(tmp_path):
         assert unet_shape_kwargs(args) == {"block_out_channels": [8, 16]}
     with pytest.raises(ValueError, match="`--model_config` must be a model config.json or a folder holding one"):
         read_model_config(build_parser("").parse_args(["--model_config", str(tmp_path / "missing")]))
+    (tmp_path / "config.json").write_text("[8, 16]")  # JSON, but no config (an AttributeError on `.items()`)
+    with pytest.raises(ValueError, match="`--model_config` .*JSON object"):
+        unet_shape_kwargs(build_parser("").parse_args(["--model_config", str(tmp_path)]))
 
 
 # the shape options' former parser defaults (with the block types they implied)

@@ -14,7 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ...models.expert_routing import ExpertRoutingModel, expert_folder
 from ...models.iunet import IUNet2DModel
-from ...models.loading import exported_class, load_strictly
+from ...models.loading import exported_class, load_scheduler, load_strictly, read_json
 from ...models.meme import meme_expert_configs
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
@@ -183,7 +183,7 @@ EXPERT_CLASSES = {cls.__name__: cls for cls in (IUNet2DModel, UNet2DModel)}  # w
 def _load_expert(folder: str) -> ModelMixin:
     """An expert saved by an `--expert_index` run, with the class named in its `config.json`."""
     name = UNet2DModel.load_config(folder).get("_class_name")
-    if name not in EXPERT_CLASSES:
+    if not isinstance(name, str) or name not in EXPERT_CLASSES:  # read from a folder: anything
         raise ValueError(
             f"`--assemble_experts`: {folder!r} holds a {name}, not one of the experts this script trains "
             f"({sorted(EXPERT_CLASSES)})."
@@ -201,8 +201,12 @@ def assemble_expert_runs(run_dirs: list[str]):
             raise ValueError(
                 f"`--assemble_experts`: {run!r} is not a finished `--expert_index` run (no {EXPERT_RUN_FILE})."
             )
-        with open(path, encoding="utf-8") as f:
-            runs.append((run, json.load(f)))
+        info = read_json(path, "--assemble_experts")
+        if isinstance(info.get("expert_index"), bool) or not isinstance(info.get("expert_index"), int):
+            raise ValueError(
+                f"`--assemble_experts`: `expert_index` of {path!r} must be an integer, got {info.get('expert_index')!r}."
+            )
+        runs.append((run, info))
     shared = [{k: v for k, v in info.items() if k != "expert_index"} for _, info in runs]
     if any(s != shared[0] for s in shared):
         raise ValueError(
@@ -226,7 +230,7 @@ def assemble_expert_runs(run_dirs: list[str]):
         raise ValueError(
             f"`--assemble_experts`: `_class_name` {name!r} of {scheduler_path!r} is not a diffusers scheduler."
         )
-    scheduler = scheduler_class.from_pretrained(scheduler_path)
+    scheduler = load_scheduler(scheduler_class, scheduler_path, "`--assemble_experts`")
     vae_path = os.path.join(first, "vae")
     vae = load_strictly(diffusers.AutoencoderKL, vae_path) if os.path.isdir(vae_path) else None
     return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)

@@ -56,11 +56,18 @@ class PretrainedSource:
                 f"`--pretrained_model_name_or_path` {path!r} is not a MultiStagePipeline folder or Hub repository "
                 f"(model_index.json, unet/, scheduler/): {error}"
             ) from None
-        if unet_config.get("_class_name") not in PRETRAINED_UNETS:
+        name = unet_config.get("_class_name")  # read from a folder: anything (a list is no dict key)
+        if not isinstance(name, str) or name not in PRETRAINED_UNETS:
             raise ValueError(
-                f"`--pretrained_model_name_or_path` {path!r} holds a {unet_config.get('_class_name')} as its unet, not "
-                f"one of {sorted(PRETRAINED_UNETS)}: convert it first (e.g. `python -m "
+                f"`--pretrained_model_name_or_path` {path!r} holds a {name!r} (`_class_name`) as its unet, not one of "
+                f"{sorted(PRETRAINED_UNETS)}: convert it first (e.g. `python -m "
                 "diffusers_stages.conversion.unet_to_multistage` for a UNet2DModel or DDPM/DDIM/LDM pipeline)."
+            )
+        levels_key = PRETRAINED_UNETS[name][1]
+        if not isinstance(unet_config.get(levels_key), list) or not unet_config[levels_key]:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {path!r}: `{levels_key}` of its unet's config.json must be a list, "
+                f"one entry per resolution level, got {unet_config.get(levels_key)!r}."
             )
         vae = index.get("vae")  # [library, class], or [None, None] (or none) for a pixel-space pipeline
         vae = [None, None] if vae is None else vae

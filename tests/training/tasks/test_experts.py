@@ -34,11 +34,18 @@ def test_runs_assemble(runs):
     assert pipe.experts.loaded_experts == [0, 1] and type(pipe.scheduler) is DDPMScheduler
 
 
-@pytest.mark.parametrize("name", ["UNet2DModel", "DiffusionPipeline", 5])
+@pytest.mark.parametrize("name", ["UNet2DModel", "DiffusionPipeline", "SchedulerMixin", 5])
 def test_a_scheduler_class_that_is_no_diffusers_scheduler_is_refused(runs, name):
     path = runs[0] / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": name}))
     with pytest.raises(ValueError, match="_class_name"):
+        assemble_expert_runs([str(r) for r in runs])
+
+
+def test_a_scheduler_config_that_does_not_build_is_named(runs):
+    path = runs[0] / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_train_timesteps": "five"}))
+    with pytest.raises(ValueError, match="`--assemble_experts`.*scheduler_config.json"):
         assemble_expert_runs([str(r) for r in runs])
 
 
@@ -64,4 +71,30 @@ def test_an_expert_file_that_links_out_of_its_run_is_refused(runs, tmp_path):
     os.rename(path, tmp_path / "elsewhere.safetensors")
     os.symlink(tmp_path / "elsewhere.safetensors", path)
     with pytest.raises(ValueError, match="outside"):
+        assemble_expert_runs([str(r) for r in runs])
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda run: (run / EXPERT_RUN_FILE).write_text("[1]"), EXPERT_RUN_FILE),
+        (
+            lambda run: (run / EXPERT_RUN_FILE).write_text(
+                json.dumps({**json.loads((run / EXPERT_RUN_FILE).read_text()), "expert_index": "1"})
+            ),
+            "expert_index",
+        ),
+        (
+            lambda run: (run / "expert_1" / "config.json").write_text(
+                json.dumps({**json.loads((run / "expert_1" / "config.json").read_text()), "_class_name": ["a"]})
+            ),
+            "holds a",
+        ),
+    ],
+    ids=["run-file-list", "index-string", "class-list"],
+)
+def test_run_files_of_the_wrong_json_types_are_named(runs, edit, message):
+    # (an AttributeError, a TypeError of `sorted` or an `unhashable type` before any check named them)
+    edit(runs[1])
+    with pytest.raises(ValueError, match=f"`--assemble_experts`.*{message}"):
         assemble_expert_runs([str(r) for r in runs])
