@@ -31,8 +31,8 @@ evaluations: on a Gaussian-mixture data set with its exact denoiser, its samples
 0.012, against 0.133 for `EDMEulerScheduler` at 35 steps.
 
 The original routes a batch by its first sample's sigma, stage ``s`` when sigma exceeds the stage's lower bound;
-the converted model routes every sample by its own sigma, so the two agree everywhere except at a sigma exactly on a
-boundary (which the original gives to the lower stage, this package to the upper one).
+the converted model routes every sample by its own sigma, so the two agree on every batch whose samples share a stage
+(a sigma exactly on a boundary goes to the lower stage in both).
 """
 
 from __future__ import annotations

@@ -5,10 +5,13 @@ one temporary working folder per README (a block may read what an earlier block 
 What the example READMEs' training commands (bash blocks, hours of training) write is stood in for by tiny pipelines
 of the same classes at the same paths. A block fenced ```python no-run is not run as written; each is listed in
 `NO_RUN` with the reason and run on a local stand-in for what it would download.
+
+The prose's API names are checked too: every `diffusers_stages.<module>.<name>` and `<PackageClass>.<attribute>` exists.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from dataclasses import dataclass
@@ -175,3 +178,51 @@ def test_example_readme_blocks_run_after_their_training_commands(readme_env, rea
     TRAINING_OUTPUTS[readme](readme_env, {})
     for block in python_blocks(readme):
         _run(block, readme_env, {})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the names the READMEs' prose gives: `diffusers_stages.<module>.<name>` and `<PackageClass>.<attribute>` exist
+def _readme_texts() -> str:
+    return "".join((ROOT / readme).read_text(encoding="utf-8") for readme in READMES)
+
+
+def _resolve(dotted: str):
+    """The object a dotted name names (its longest importable module, then attributes); AttributeError if none."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:end]))
+        except ImportError:
+            continue
+        for part in parts[end:]:
+            obj = getattr(obj, part)
+        return obj
+    raise AttributeError(dotted)
+
+
+def test_every_dotted_package_name_a_readme_gives_exists():
+    names = set(re.findall(r"diffusers_stages(?:\.[A-Za-z_]\w*)+", _readme_texts()))
+    names = {name for name in names if not name.endswith(".py")}  # a re-export file's name, not an import path
+    assert len(names) > 10
+    missing = []
+    for name in sorted(names):
+        try:
+            _resolve(name)
+        except AttributeError:
+            missing.append(name)
+    assert not missing, missing
+
+
+def test_every_attribute_a_readme_names_of_a_package_class_exists():
+    import diffusers_stages
+    from diffusers_stages import models, pipelines, planning, training
+
+    spaces = (diffusers_stages, models, pipelines, planning, training)
+    named = set(re.findall(r"\b([A-Z][A-Za-z0-9]+)\.([a-z_]\w*)\b", _readme_texts()))
+    classes = {
+        name: getattr(space, name) for space in spaces for name in dir(space) if isinstance(getattr(space, name), type)
+    }
+    checked = [(cls, attribute) for cls, attribute in named if cls in classes]
+    assert len(checked) > 10
+    missing = [f"{cls}.{attribute}" for cls, attribute in sorted(checked) if not hasattr(classes[cls], attribute)]
+    assert not missing, missing

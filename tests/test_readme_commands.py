@@ -1,14 +1,21 @@
 """The training commands of README.md and examples/*/README.md parse as written: every `examples/*/train_*.py` command
 of a bash block (placeholders such as `<same arguments>` or `...` aside) goes through its script's own `parse_args`,
 which runs every check that needs no training. The data folder is the README's `./images` (sklearn's digits) whatever
-folder a command names, and a command for a GPU (`--mixed_precision fp16`) is checked as on a GPU."""
+folder a command names, and a command for a GPU (`--mixed_precision fp16`) is checked as on a GPU.
+
+Every other command the READMEs name (benchmarks, conversions, `diffusers-stages ...`, `python -m diffusers_stages...`,
+in bash blocks and in inline code) names a script that exists and only options its parser has."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
+import runpy
 import shlex
+import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,7 +24,8 @@ from sklearn.datasets import load_digits
 from diffusers_stages.demo.methods import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-BASH = re.compile(r"^```(?:bash|sh|shell)\n(?P<code>.*?)^```", re.MULTILINE | re.DOTALL)
+BASH = re.compile(r"^[ \t]*```(?:bash|sh|shell)\n(?P<code>.*?)^[ \t]*```", re.MULTILINE | re.DOTALL)  # in lists too
+FENCE = re.compile(r"^\s*```.*?^\s*```", re.MULTILINE | re.DOTALL)  # any fenced block (some are indented in lists)
 SCRIPT = re.compile(r"(examples/\w+/train_\w+\.py)")
 READMES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("examples/*/README.md"))]
 
@@ -78,3 +86,109 @@ def test_training_command_parses_as_written(where, script, argv, images, tmp_pat
         monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     args = _script(script).parse_args(argv)
     assert args.output_dir == argv[argv.index("--output_dir") + 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every command the READMEs name (bash blocks, placeholders included, and inline code): its options exist
+COMMAND = re.compile(
+    r"(?<![\w/.-])(?P<path>(?:benchmarks|conversion|examples/\w+)/\w+\.py)"
+    r"|python -m (?P<module>diffusers_stages(?:\.\w+)+)(?![.\w<])"
+    r"|diffusers-stages[ -](?P<command>demo|plan|switch|convert (?P<conversion>\w+))(?![\w-])"
+)
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9_]*")
+# scripts of other projects a README names for comparison, not this repository's
+ELSEWHERE = {"examples/unconditional_image_generation/train_unconditional.py"}
+
+
+def _command_target(match: re.Match) -> tuple[str, str]:
+    """``("path", script)`` or ``("module", module)``: what the command runs."""
+    from diffusers_stages import cli
+
+    if match["path"]:
+        return "path", match["path"]
+    if match["module"]:
+        return "module", match["module"]
+    if match["conversion"]:
+        return "module", f"diffusers_stages.conversion.{match['conversion']}"
+    return "module", cli.COMMANDS[match["command"]].module
+
+
+def command_mentions() -> list[tuple[str, tuple[str, str], list[str]]]:
+    """``(where, target, options)`` of every command line of the READMEs' bash blocks (a comment line right after a
+    command run directly gives more of its options: ``# or --shallow DIR ...``; after `accelerate launch` or `torchrun`
+    it names the launcher's) and of every inline code span naming a command (spans may wrap a line)."""
+    mentions = []
+    for readme in READMES:
+        text = (ROOT / readme).read_text(encoding="utf-8")
+        for block in BASH.finditer(text):
+            line_number = text.count("\n", 0, block.start()) + 2
+            last = None
+            for line in re.sub(r"\\\n\s*", " ", block["code"]).splitlines():
+                match = COMMAND.search(line)
+                if match and match["path"] not in ELSEWHERE:
+                    mention = (f"{readme}:{line_number}", _command_target(match), OPTION.findall(line[match.end() :]))
+                    mentions.append(mention)
+                    last = None if re.search(r"accelerate launch|torchrun", line) else mention
+                elif last and line.lstrip().startswith("#"):
+                    last[2].extend(OPTION.findall(line))
+                else:
+                    last = None
+                line_number += 1
+        prose = FENCE.sub(lambda fence: "\n" * fence[0].count("\n"), text)  # blocks out, line numbers kept
+        for span in re.finditer(r"`([^`]+)`", prose):
+            match = COMMAND.search(span[1])
+            if match and match["path"] not in ELSEWHERE:
+                where = f"{readme}:{prose.count(chr(10), 0, span.start()) + 1}"
+                mentions.append((where, _command_target(match), OPTION.findall(span[1][match.end() :])))
+    return mentions
+
+
+class _Parsed(Exception):
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+
+
+def parser_of(kind: str, target: str) -> argparse.ArgumentParser:
+    """The parser a script or module parses its command line with: run as `__main__`, stopped at its first parse."""
+
+    def capture(parser, args=None, namespace=None):
+        raise _Parsed(parser)
+
+    with (
+        mock.patch.object(argparse.ArgumentParser, "parse_known_args", capture),
+        mock.patch.object(sys, "argv", [target]),
+    ):
+        try:
+            if kind == "path":
+                runpy.run_path(str(ROOT / target), run_name="__main__")
+            else:
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+        except _Parsed as parsed:
+            return parsed.parser
+    raise AssertionError(f"{target} parsed no command line")
+
+
+MENTIONS = command_mentions()
+
+
+def test_the_readmes_name_commands_of_every_kind():
+    targets = {target for _, target, _ in MENTIONS}
+    assert ("module", "diffusers_stages.plan") in targets and ("module", "diffusers_stages.switch") in targets
+    assert {
+        ("module", f"diffusers_stages.conversion.{name}") for name in ("unet_to_multistage", "multistage_to_unet")
+    } <= targets
+    assert ("path", "benchmarks/run_evidence.py") in targets and ("path", "benchmarks/bench_multistage.py") in targets
+
+
+def test_every_script_a_readme_names_exists():
+    missing = [(where, name) for where, (kind, name), _ in MENTIONS if kind == "path" and not (ROOT / name).is_file()]
+    assert not missing, missing
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy: a conversion imported first
+@pytest.mark.parametrize("target", sorted({target for _, target, _ in MENTIONS}), ids=lambda target: target[1])
+def test_every_option_a_readme_names_for_a_command_exists(target):
+    options = set(parser_of(*target)._option_string_actions)
+    missing = [(where, option) for where, named, found in MENTIONS if named == target for option in found
+               if option not in options]  # fmt: skip
+    assert not missing, f"{target[1]} has no such option: {missing}"
