@@ -189,17 +189,19 @@ def check_num_inference_steps(scheduler, num_inference_steps: int) -> None:
         )
 
 
-def check_timesteps_from_step_count(scheduler) -> None:
-    """Refuse a scheduler whose ``set_timesteps`` needs more than the step count the pipelines give it: a
-    flow-matching scheduler with ``use_dynamic_shifting=True`` needs ``mu``, the image-size-dependent shift that
-    Flux's and SD3's pipelines compute (diffusers fails inside ``set_timesteps``)."""
+def check_timesteps_from_step_count(scheduler, error: ValueError) -> None:
+    """Name a scheduler whose ``set_timesteps`` failed with ``error`` because it needs more than the step count the
+    pipelines give it: with ``use_dynamic_shifting=True`` FlowMatch and UniPC need ``mu``, the image-size-dependent
+    shift that Flux's and SD3's pipelines compute (diffusers fails inside ``set_timesteps``); DPM-Solver and DEIS
+    take ``mu`` only as an option and run on their ``flow_shift`` without it, so they never get here."""
     if getattr(scheduler.config, "use_dynamic_shifting", False):
         name = type(scheduler).__name__
+        shift = "shift" if "shift" in scheduler.config else "flow_shift"  # FlowMatch's, or UniPC's
         raise ValueError(
             f"`scheduler` {name} has use_dynamic_shifting=True, which needs a `mu` (an image-size-dependent shift) "
             "at every `set_timesteps`, but the pipelines set the timesteps from `num_inference_steps` alone: use "
-            f"`{name}.from_config(scheduler.config, use_dynamic_shifting=False, shift=...)` (a fixed shift)."
-        )
+            f"`{name}.from_config(scheduler.config, use_dynamic_shifting=False, {shift}=...)` (a fixed shift)."
+        ) from error
 
 
 def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[float, bool]]:
@@ -221,9 +223,12 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
     ```
     """
     check_num_inference_steps(scheduler, num_inference_steps)
-    check_timesteps_from_step_count(scheduler)
     scheduler = copy.deepcopy(scheduler)  # `set_timesteps` resets the run state (step index, model history)
-    scheduler.set_timesteps(num_inference_steps)
+    try:
+        scheduler.set_timesteps(num_inference_steps)
+    except ValueError as error:
+        check_timesteps_from_step_count(scheduler, error)
+        raise
     if not hasattr(scheduler, "state_in_first_order"):  # one model call per listed timestep: no dry steps needed
         return [(float(t), False) for t in scheduler.timesteps]
     sample = torch.zeros(1, 1, 2, 2)

@@ -189,7 +189,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     def guidance_scale(self) -> float | Sequence[float]:
         """The ``guidance_scale`` of the last run, as given (one value, or one per stage). A `callback_on_step_end`
         that sets ``pipe._guidance_scale`` changes the guidance of the following steps, as in diffusers (checked as
-        the argument is: 1 turns guidance off)."""
+        the argument is: 1, or a value below it such as diffusers' callbacks' 0.0, turns guidance off)."""
         return self._guidance_scale
 
     @property
@@ -315,7 +315,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                 holds the tensors named in `callback_on_step_end_tensor_inputs`, and a ``"latents"`` entry in the
                 returned dict replaces the latents. A callback that sets ``pipe._interrupt = True`` stops the run:
                 the remaining steps are skipped and the latents so far are the output; one that sets
-                ``pipe._guidance_scale`` changes the guidance of the following steps (1 turns it off).
+                ``pipe._guidance_scale`` changes the guidance of the following steps (1 or 0.0 turns it off).
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to the
                 callback, among the pipeline's ``_callback_tensor_inputs``; None is the default.
 
@@ -390,7 +390,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                 latents = _callback_latents(callback_outputs, latents)
                 if self._guidance_scale is not guidance_scale:  # set by the callback: diffusers' dynamic guidance
                     guidance_scale = self._guidance_scale
-                    scales = self._guidance_scales(guidance_scale, partition.num_stages, class_labels is not None)
+                    scales = self._guidance_scales(
+                        _guidance_turned_off(guidance_scale), partition.num_stages, class_labels is not None
+                    )
 
         # 5. decode latents (latent diffusion) and convert to the requested output type
         images = latents
@@ -467,6 +469,15 @@ def spatial_multiple(config) -> int:
         return int(config.patch_size)
     levels = getattr(config, "channel_mult", None) or getattr(config, "block_out_channels", None) or (1,)
     return 2 ** (len(levels) - 1)
+
+
+def _guidance_turned_off(value: object) -> object:
+    """A scale a callback set: 1 for a number in [0, 1), with which diffusers' callbacks turn guidance off (its
+    pipelines guide only above 1; `SDCFGCutoffCallback` sets 0.0); anything else as it is, checked as the argument."""
+    plain = value.tolist() if hasattr(value, "tolist") else value  # tensor / numpy
+    if isinstance(plain, numbers.Real) and not isinstance(plain, bool) and 0 <= plain < 1:
+        return 1.0
+    return value
 
 
 def _callback_latents(callback_outputs, latents: torch.Tensor) -> torch.Tensor:

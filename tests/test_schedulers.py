@@ -111,6 +111,25 @@ def test_flow_matching_with_dynamic_shifting_is_refused_before_set_timesteps():
 
 
 @pytest.mark.parametrize(
+    "name", ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler"]
+)
+def test_dynamic_shifting_where_mu_is_optional_is_not_refused(name):
+    # was: refused as needing `mu`; these take `mu` only as an option and without it keep their `flow_shift`
+    flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}
+    shifting = getattr(diffusers, name)(use_dynamic_shifting=True, **flow)
+    assert model_call_timesteps(shifting, 4) == model_call_timesteps(getattr(diffusers, name)(**flow), 4)
+
+
+def test_dynamic_shifting_that_needs_mu_names_the_fixed_shift_its_scheduler_takes():
+    # was: "use `UniPCMultistepScheduler.from_config(..., shift=...)`", an option UniPC ignores (it takes flow_shift)
+    unipc = diffusers.UniPCMultistepScheduler(
+        use_dynamic_shifting=True, use_flow_sigmas=True, prediction_type="flow_prediction"
+    )
+    with pytest.raises(ValueError, match=r"UniPCMultistepScheduler has use_dynamic_shifting=True.*flow_shift=\.\.\."):
+        model_call_timesteps(unipc, 4)
+
+
+@pytest.mark.parametrize(
     ("scheduler_class", "takes_generator", "takes_eta"),
     [
         (DDIMScheduler, True, True),

@@ -199,7 +199,8 @@ def test_a_callback_can_interrupt_the_loop_as_in_diffusers(pipe):
 
 def test_a_callback_can_change_the_guidance_scale_as_in_diffusers(conditional):
     """diffusers' dynamic guidance (its callback guide, `SDCFGCutoffCallback`): a callback that sets
-    ``pipe._guidance_scale`` changes the guidance of the following steps (1 turns it off), checked as the argument is."""
+    ``pipe._guidance_scale`` changes the guidance of the following steps (1, or 0.0 as diffusers' callbacks set, turns
+    it off), checked as the argument is."""
     batches = []
     networks = _stage_networks(conditional)
     hooks = [m.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0])) for m in networks]
@@ -208,15 +209,25 @@ def test_a_callback_can_change_the_guidance_scale_as_in_diffusers(conditional):
         p._guidance_scale = 1.0
         return {}
 
-    def to_zero(p, i, t, kwargs):
+    def to_zero(p, i, t, kwargs):  # `SDCFGCutoffCallback`'s own value: diffusers guides only above 1
         p._guidance_scale = 0.0
+        return {}
+
+    def to_negative(p, i, t, kwargs):
+        p._guidance_scale = -2.0
         return {}
 
     try:
         _images(conditional, class_labels=[0, 2], guidance_scale=3.0, callback_on_step_end=cutoff)
         assert batches == [4, 2, 2]  # the first step guided (labels and null labels), the others not
-        with pytest.raises(ValueError, match=r"`guidance_scale` must be >= 1 \(1 disables guidance\), got 0.0"):
-            _images(conditional, class_labels=[0, 2], guidance_scale=3.0, callback_on_step_end=to_zero)
+        # was: "`guidance_scale` must be >= 1" after the first step, for diffusers' documented 0.0
+        guided_off = _images(conditional, class_labels=[0, 2], guidance_scale=3.0, callback_on_step_end=to_zero)
+        assert batches[3:] == [4, 2, 2]
+        assert torch.equal(
+            guided_off, _images(conditional, class_labels=[0, 2], guidance_scale=3.0, callback_on_step_end=cutoff)
+        )
+        with pytest.raises(ValueError, match=r"`guidance_scale` must be >= 1 \(1 disables guidance\), got -2.0"):
+            _images(conditional, class_labels=[0, 2], guidance_scale=3.0, callback_on_step_end=to_negative)
     finally:
         for hook in hooks:
             hook.remove()
