@@ -24,6 +24,8 @@ from ..evaluation import count_flops
 from ..loss import diffusion_loss
 from ..models.expert_routing import expert_folder
 from ..pipelines import DualBackbonePipeline
+from ..pipelines.pipeline_dual_backbone import DEFAULT_SWITCH_STEP_FRACTION
+from ..timestep_sampling import MEME_OWN_INTERVAL_PROBABILITIES  # expert n trains on its own interval with p_n
 from ..training import DualBackboneTask, ExpertTask, MultiStageTask, TrainingTask, build_parser, train
 from ..training.args import default_block_types
 from ..training.checkpointing import publish_pipeline
@@ -33,8 +35,6 @@ from ..training.tasks import noise_schedulers
 UNET_SHAPE = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 8}
 SHALLOW_WIDTHS = (16, 32)  # DuoDiff's shallow backbone: half the width, one layer per block
 EXPERT_WIDTHS = (16, 32)  # MEME's experts: half the width each
-SWITCH_STEP_FRACTION = 0.4  # DuoDiff's switch: the example script's default
-OWN_INTERVAL_PROBABILITY = (0.8, 0.4, 0.2, 0.1)  # MEME: expert n trains on its own interval with probability p_n
 
 
 @dataclass
@@ -69,18 +69,18 @@ def methods(boundaries: list[float], decoder_widths: tuple, num_experts: int, co
         Method(
             "DualBackbonePipeline", "dual_backbone", DualBackboneTask,
             {"backbones": "shallow", "shallow_block_out_channels": SHALLOW_WIDTHS, "shallow_layers_per_block": 1,
-             "switch_step_fraction": SWITCH_STEP_FRACTION, "switch_timestep": None},
-            f"a shallow {SHALLOW_WIDTHS[0]}-wide U-Net (trained on B/4) runs the first {SWITCH_STEP_FRACTION:.0%} of "
+             "switch_step_fraction": DEFAULT_SWITCH_STEP_FRACTION, "switch_timestep": None},
+            f"a shallow {SHALLOW_WIDTHS[0]}-wide U-Net (trained on B/4) runs the first {DEFAULT_SWITCH_STEP_FRACTION:.0%} of "
             "the steps, the baseline U-Net the rest",
             0.25,
         ),
         Method(
             "ExpertRoutingPipeline", "experts", ExpertTask,
             {**expert_args, "num_experts": num_experts, "assignment": "soft",
-             "own_interval_probability": OWN_INTERVAL_PROBABILITY[:num_experts],
+             "own_interval_probability": MEME_OWN_INTERVAL_PROBABILITIES[:num_experts],
              "expert_block_out_channels": (EXPERT_WIDTHS,) * num_experts},
             f"{num_experts} MEME experts ({EXPERT_WIDTHS[0]} wide) on uniform intervals, soft assignment "
-            f"{OWN_INTERVAL_PROBABILITY[:num_experts]}, trained on B/2 together",
+            f"{MEME_OWN_INTERVAL_PROBABILITIES[:num_experts]}, trained on B/2 together",
             0.5,
         ),
     ]  # fmt: skip
@@ -169,7 +169,7 @@ def assemble_dual_backbone(folder: str, deep_folder: str) -> DualBackbonePipelin
         shallow=UNet2DModel.from_pretrained(os.path.join(folder, "shallow")),
         deep=UNet2DModel.from_pretrained(os.path.join(deep_folder, "experts", expert_folder(0))),
         scheduler=DDIMScheduler.from_pretrained(os.path.join(folder, "scheduler")),
-        switch_step_fraction=SWITCH_STEP_FRACTION,
+        switch_step_fraction=DEFAULT_SWITCH_STEP_FRACTION,
     )
     publish_pipeline(folder, pipeline.save_pretrained)
     return pipeline
