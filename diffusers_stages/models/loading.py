@@ -318,7 +318,7 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
     folder, a subfolder that leads out of it and files that do are refused before loading; after it, missing,
     unexpected or mis-shaped weights, and floating-point weights stored as integers (read from the folder, or from
     the Hub snapshot it was loaded from), are a `ValueError` naming them. Returns ``(model, loading info)``."""
-    subfolder = kwargs.get("subfolder")
+    subfolder, name_or_path = kwargs.get("subfolder"), path
     folder = os.path.join(str(path), subfolder or "")
     if subfolder and os.path.isdir(str(path)):
         # a local folder's subfolder is loaded as a folder of its own: diffusers reads the folder's own weight file
@@ -338,6 +338,8 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
             ) from error
         raise
     refuse_mismatched_keys(info, path, class_name)
+    if path is not name_or_path:
+        model.register_to_config(_name_or_path=name_or_path)  # what diffusers records: the folder, not its subfolder
     if not os.path.isdir(folder):  # a Hub repository: the snapshot folder diffusers has just read
         folder = _cached_snapshot(path, kwargs)
     if folder is not None:
