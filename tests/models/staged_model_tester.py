@@ -129,6 +129,28 @@ def assert_layerwise_casting_works(model, run) -> None:
             assert (out.float() - reference).abs().max() < 1.0  # float8 keeps 3 bits of mantissa: close, not equal
 
 
+def assert_group_offload_keeps_outputs(model, run, folder) -> None:
+    """diffusers' `enable_group_offload` (block level, one and two blocks a group, and leaf level) on copies of
+    ``model``, run by ``run(model)`` (its output for the test inputs) twice, gives the model's outputs. The offloaded
+    weights go to files in ``folder`` (``offload_to_disk_path``), whose offload leaves uninitialised memory in their
+    place: as on an accelerator, a weight used without its group's hooks loading it first gives another output."""
+    import copy
+
+    with torch.no_grad():
+        reference = run(model)
+    for offload_type, blocks in (("block_level", 1), ("block_level", 2), ("leaf_level", None)):
+        offloaded = copy.deepcopy(model)
+        options = {"num_blocks_per_group": blocks} if blocks else {}
+        path = folder / f"{offload_type}_{blocks}"
+        offloaded.enable_group_offload(
+            torch.device("cpu"), offload_type=offload_type, offload_to_disk_path=path, **options
+        )
+        with torch.no_grad():
+            for _ in range(2):  # the first call writes the files, the next reads them back
+                out = run(offloaded)
+                assert torch.allclose(out, reference, atol=1e-6), (offload_type, blocks, (out - reference).abs().max())
+
+
 class StagedModelTesterMixin:
     """Shared tests of a staged model; see the module docstring."""
 
@@ -167,6 +189,11 @@ class StagedModelTesterMixin:
         # diffusers' `enable_layerwise_casting`, as on its own models: its skip patterns and the model's own
         x, t = self.inputs(self.mixed_timesteps)
         assert_layerwise_casting_works(model, lambda m, dtype: m(x.to(dtype), t).sample)
+
+    def test_group_offload_gives_the_same_outputs(self, model, tmp_path):
+        # diffusers' `enable_group_offload`: every stage's network is loaded by its group's hooks before its use
+        x, t = self.inputs(self.mixed_timesteps)
+        assert_group_offload_keeps_outputs(model, lambda m: m(x, t).sample, tmp_path)
 
     # ---- routing ------------------------------------------------------------------------------------------------
     def test_mixed_batch_matches_per_sample_reference(self, model):
