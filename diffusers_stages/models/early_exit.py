@@ -95,7 +95,13 @@ class EarlyExitUViT2DModel(UViT2DModel):
     @exit_threshold.setter
     def exit_threshold(self, value: float | None) -> None:
         value = _checked_threshold(value)
-        self.register_to_config(exit_threshold=None if value is None else float(value))  # a JSON number (numpy's too)
+        # no longer a default: diffusers' `from_config` (and so `EMAModel.save_pretrained`) drops the keys the config
+        # lists in `_use_default_values`, and would build the model without this threshold
+        defaults = [key for key in self.config.get("_use_default_values", []) if key != "exit_threshold"]
+        self.register_to_config(
+            exit_threshold=None if value is None else float(value),  # a JSON number (numpy's too)
+            _use_default_values=defaults,
+        )
 
     def _prediction(self, layer: int, hidden: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Prediction ``(B, C, H, W)`` of exit ``layer``."""

@@ -174,6 +174,20 @@ def test_a_threshold_set_on_the_model_is_saved_with_it(model, tmp_path):
     assert EarlyExitUViT2DModel.from_pretrained(tmp_path).exit_threshold == 0.25
 
 
+def test_a_threshold_set_on_the_model_is_kept_by_from_config_and_ema(model, tmp_path):
+    # diffusers' `from_config` drops the keys the config lists as defaults (`_use_default_values`): a threshold set
+    # after a build without one was lost by `from_config(model.config)` and by `EMAModel.save_pretrained`
+    from diffusers.training_utils import EMAModel
+
+    model.exit_threshold = 0.7
+    assert EarlyExitUViT2DModel.from_config(model.config).exit_threshold == 0.7
+    ema = EMAModel(model.parameters(), model_cls=EarlyExitUViT2DModel, model_config=model.config)
+    ema.save_pretrained(tmp_path)
+    assert EarlyExitUViT2DModel.from_pretrained(tmp_path).exit_threshold == 0.7
+    model.exit_threshold = None  # back to the default: no threshold either way
+    assert EarlyExitUViT2DModel.from_config(model.config).exit_threshold is None
+
+
 @pytest.mark.parametrize("shape", [(3, 8, 8), (1, 3, 8, 8), (2, 1, 8, 8)])
 def test_a_target_of_another_shape_than_the_prediction_is_named(model, shape):
     # each broadcast against the (2, 3, 8, 8) predictions: a loss against the wrong target, silently
