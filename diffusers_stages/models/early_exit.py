@@ -19,6 +19,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from .staged import refuse_grouped_offload
 from .uvit import UViT2DModel, UViTOutputHead
 
 
@@ -85,6 +86,13 @@ class EarlyExitUViT2DModel(UViT2DModel):
         self.exit_threshold = exit_threshold  # checked by the setter
         self.last_exit_layers: torch.Tensor | None = None
         self.last_exit_layer: int | None = None
+
+    def enable_group_offload(self, *args, **kwargs) -> None:
+        """diffusers' `enable_group_offload` (same arguments), refusing block-level groups of several blocks: a
+        sample leaving at one exit head would run it in a group loaded only by the head before it (see
+        `refuse_grouped_offload`)."""
+        refuse_grouped_offload(self, "exit_heads", args, kwargs)
+        super().enable_group_offload(*args, **kwargs)
 
     @property
     def exit_threshold(self) -> float | None:

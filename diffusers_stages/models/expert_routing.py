@@ -251,6 +251,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         "*": "build a container of such experts with `{cls}([{name}.from_pretrained({args}), ...], stage_boundaries=...)`"
     }
     _supports_gradient_checkpointing = True  # each expert's own (see `_set_gradient_checkpointing`)
+    _stage_networks = "experts"
 
     @register_to_config
     def __init__(

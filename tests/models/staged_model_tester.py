@@ -129,16 +129,16 @@ def assert_layerwise_casting_works(model, run) -> None:
             assert (out.float() - reference).abs().max() < 1.0  # float8 keeps 3 bits of mantissa: close, not equal
 
 
-def assert_group_offload_keeps_outputs(model, run, folder) -> None:
-    """diffusers' `enable_group_offload` (block level, one and two blocks a group, and leaf level) on copies of
-    ``model``, run by ``run(model)`` (its output for the test inputs) twice, gives the model's outputs. The offloaded
+def assert_group_offload_keeps_outputs(model, run, folder, blocks_per_group: Sequence[int] = (1, 2)) -> None:
+    """diffusers' `enable_group_offload` (block level, ``blocks_per_group`` blocks a group, and leaf level) on copies
+    of ``model``, run by ``run(model)`` (its output for the test inputs) twice, gives the model's outputs. The offloaded
     weights go to files in ``folder`` (``offload_to_disk_path``), whose offload leaves uninitialised memory in their
     place: as on an accelerator, a weight used without its group's hooks loading it first gives another output."""
     import copy
 
     with torch.no_grad():
         reference = run(model)
-    for offload_type, blocks in (("block_level", 1), ("block_level", 2), ("leaf_level", None)):
+    for offload_type, blocks in [*(("block_level", n) for n in blocks_per_group), ("leaf_level", None)]:
         offloaded = copy.deepcopy(model)
         options = {"num_blocks_per_group": blocks} if blocks else {}
         path = folder / f"{offload_type}_{blocks}"
@@ -191,9 +191,20 @@ class StagedModelTesterMixin:
         assert_layerwise_casting_works(model, lambda m, dtype: m(x.to(dtype), t).sample)
 
     def test_group_offload_gives_the_same_outputs(self, model, tmp_path):
-        # diffusers' `enable_group_offload`: every stage's network is loaded by its group's hooks before its use
+        # diffusers' `enable_group_offload`: every stage's network is loaded by its group's hooks before its use, in a
+        # mixed batch and in a batch of one stage (a sampling step's)
         x, t = self.inputs(self.mixed_timesteps)
-        assert_group_offload_keeps_outputs(model, lambda m: m(x, t).sample, tmp_path)
+        one, times = self.inputs(self.stage_timesteps)
+
+        def run(m):
+            alone = [m(one[i : i + 1], times[i : i + 1]).sample for i in range(len(times))]
+            return torch.cat([m(x, t).sample, *alone])
+
+        assert_group_offload_keeps_outputs(model, run, tmp_path, blocks_per_group=(1,))
+        # several stages' networks in one group: loaded only when the first of them runs, so refused
+        with pytest.raises(ValueError, match=r"`num_blocks_per_group`=2 .*num_blocks_per_group=1.*leaf_level"):
+            model.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=2)
+        assert not any(hasattr(module, "_diffusers_hook") for module in model.modules())  # nothing applied
 
     # ---- routing ------------------------------------------------------------------------------------------------
     def test_mixed_batch_matches_per_sample_reference(self, model):
