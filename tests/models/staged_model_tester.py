@@ -169,6 +169,7 @@ class StagedModelTesterMixin:
     num_attention_processors: int | None = None
     bad_configs: Sequence[tuple[dict, str]] = ()  # (overrides, regex the ValueError must match)
     device_maps: Sequence[str] = ("cpu", "auto")
+    picklable = True  # False where diffusers' own blocks are not (a `lambda` attribute), as the same diffusers model
 
     def get_init_kwargs(self) -> dict:
         raise NotImplementedError
@@ -247,6 +248,40 @@ class StagedModelTesterMixin:
     def test_save_reload_is_bit_identical_and_safetensors_only(self, model, tmp_path):
         x, t = self.inputs(self.mixed_timesteps)
         assert_save_reload_bit_identical(model, tmp_path, x, t, self.weight_files)
+
+    def test_sharded_save_in_a_subfolder_reloads_bit_identical(self, model, tmp_path):
+        # diffusers' sharded checkpoints (an index and its shards; the container's in each expert folder), loaded
+        # from a pipeline's component folder, with and without `low_cpu_mem_usage`
+        x, t = self.inputs(self.mixed_timesteps)
+        model.save_pretrained(tmp_path / "unet", max_shard_size="20KB")
+        assert len(list(tmp_path.rglob("*.safetensors.index.json"))) == len(self.weight_files)
+        with torch.no_grad():
+            expected = model(x, t).sample
+            for low_cpu_mem_usage in (True, False):
+                loaded = self.model_class.from_pretrained(
+                    tmp_path, subfolder="unet", low_cpu_mem_usage=low_cpu_mem_usage
+                )
+                assert torch.equal(loaded(x, t).sample, expected), low_cpu_mem_usage
+
+    def test_copies_pickles_and_state_dicts_give_the_same_outputs(self, model):
+        # `copy.deepcopy`, pickling, `torch.save(state_dict)` into a fresh model (`load_state_dict(strict=True)`) and
+        # `from_config(model.config)` (diffusers' EMAModel) keep the model
+        import copy
+        import io
+        import pickle
+
+        x, t = self.inputs(self.mixed_timesteps)
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        buffer.seek(0)
+        fresh = self.model_class.from_config(model.config).eval()
+        fresh.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+        with torch.no_grad():
+            expected = model(x, t).sample
+            pickled = [pickle.loads(pickle.dumps(model))] if self.picklable else []
+            for other in (copy.deepcopy(model), *pickled, fresh):
+                assert _public(other.config) == _public(model.config)
+                assert torch.equal(other(x, t).sample, expected), type(other)
 
     def test_boundaries_given_as_numpy_numbers_save_and_reload(self, model, tmp_path):
         # numpy numbers (a planner's np.quantile, the items of an array; `from_unet` turns an array into them):
