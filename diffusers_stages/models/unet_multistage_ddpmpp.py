@@ -69,7 +69,7 @@ class StridedFirConv2d(nn.Conv2d):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight, bias = (p.to(hidden_states.dtype) for p in (self.weight, self.bias))
-        return F.conv2d(hidden_states, weight, stride=2) + bias.reshape(1, -1, 1, 1)
+        return F.conv2d(hidden_states, weight, stride=self.stride) + bias.reshape(1, -1, 1, 1)
 
 
 class CastingFirDownsample2D(FirDownsample2D):
@@ -81,7 +81,7 @@ class CastingFirDownsample2D(FirDownsample2D):
     def __init__(self, channels: int, out_channels: int, fir_kernel: tuple[int, ...] = (1, 3, 3, 1)):
         super().__init__(channels, out_channels, use_conv=False, fir_kernel=fir_kernel)
         self.use_conv = True
-        self.Conv2d_0 = StridedFirConv2d(channels, out_channels, kernel_size=3)
+        self.Conv2d_0 = StridedFirConv2d(channels, out_channels, kernel_size=3, stride=2)  # diffusers' initialisation
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # `FirDownsample2D._downsample_2d`'s filter for a 3x3 convolution that halves the size
