@@ -19,6 +19,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from .staged import refuse_grouped_offload
 from .uvit import UViT2DModel, UViTOutputHead
 
 
@@ -86,6 +87,13 @@ class EarlyExitUViT2DModel(UViT2DModel):
         self.last_exit_layers: torch.Tensor | None = None
         self.last_exit_layer: int | None = None
 
+    def enable_group_offload(self, *args, **kwargs) -> None:
+        """diffusers' `enable_group_offload` (same arguments), refusing block-level groups of several blocks: a
+        sample leaving at one exit head would run it in a group loaded only by the head before it (see
+        `refuse_grouped_offload`)."""
+        refuse_grouped_offload(self, "exit_heads", args, kwargs)
+        super().enable_group_offload(*args, **kwargs)
+
     @property
     def exit_threshold(self) -> float | None:
         """The threshold of the sampling path (`None`: every block); the config's value, so that a threshold set on
@@ -95,7 +103,13 @@ class EarlyExitUViT2DModel(UViT2DModel):
     @exit_threshold.setter
     def exit_threshold(self, value: float | None) -> None:
         value = _checked_threshold(value)
-        self.register_to_config(exit_threshold=None if value is None else float(value))  # a JSON number (numpy's too)
+        # no longer a default: diffusers' `from_config` (and so `EMAModel.save_pretrained`) drops the keys the config
+        # lists in `_use_default_values`, and would build the model without this threshold
+        defaults = [key for key in self.config.get("_use_default_values", []) if key != "exit_threshold"]
+        self.register_to_config(
+            exit_threshold=None if value is None else float(value),  # a JSON number (numpy's too)
+            _use_default_values=defaults,
+        )
 
     def _prediction(self, layer: int, hidden: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Prediction ``(B, C, H, W)`` of exit ``layer``."""

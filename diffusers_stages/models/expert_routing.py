@@ -224,8 +224,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         expert_configs (`list[dict | None]`, *optional*):
             Each expert's config (what its class's `from_config` takes), kept in the container's config so that
             ``ExpertRoutingModel.from_config(model.config)`` builds fresh experts of the same architectures (as
-            diffusers' `EMAModel` and training scripts call it); taken from the loaded experts, kept as given for
-            unloaded ones (`None` where unknown).
+            diffusers' `EMAModel` and training scripts call it); taken from the loaded experts, `None` for unloaded
+            ones (whose `from_config` is then a `ValueError`, as their `save_pretrained` is).
 
     Example:
 
@@ -252,6 +252,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         "*": "build a container of such experts with `{cls}([{name}.from_pretrained({args}), ...], stage_boundaries=...)`"
     }
     _supports_gradient_checkpointing = True  # each expert's own (see `_set_gradient_checkpointing`)
+    _stage_networks = "experts"
 
     @register_to_config
     def __init__(
@@ -286,10 +287,9 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             )
         if any(c is not None and not isinstance(c, dict) for c in expert_configs):
             raise ValueError(f"`expert_configs` must hold dicts or None, got {expert_configs!r}.")
-        expert_configs = [
-            expert_config(e) if e is not None else (dict(c) if c is not None else None)
-            for e, c in zip(experts, expert_configs)
-        ]
+        # an unloaded expert's config is not kept: `from_config` (diffusers' `EMAModel.save_pretrained`) would build
+        # it, and the fresh container's parameters would no longer line up with this one's
+        expert_configs = [expert_config(e) if e is not None else None for e in experts]
         self.register_to_config(
             stage_boundaries=list(self.partition.boundaries),
             prediction_type=resolve_prediction_type(prediction_type, experts),

@@ -16,6 +16,7 @@ the pipelines unchanged.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -152,12 +153,34 @@ class IUNetBlock(nn.Module):
 
 
 class IUNetLevel(nn.Module):
-    """The blocks of one resolution level and the resampling after them (none at the end of the path)."""
+    """The blocks of one resolution level and the resampling after them (none at the end of the path). Run by
+    calling the level (not its blocks one by one), so that hooks on the level (diffusers' block-level group offload,
+    which loads a level's weights before its forward) see its use."""
 
     def __init__(self, blocks: list[IUNetBlock], resample: nn.Module | None):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.resample = resample
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        emb: torch.Tensor,
+        skips: Sequence[torch.Tensor] | None = None,
+        output_size: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Down path (no ``skips``): returns the output and every block's and the resampling's output (the skips
+        the level gives). Up path: each block concatenates the latest of the level's ``skips`` (one per block,
+        latest last), then a doubling to ``output_size`` (odd sizes too). The skips are arguments and outputs, not
+        a list changed in place: hooks (group offload's move to the device) pass copies of the arguments."""
+        outputs, skips = [], None if skips is None else list(skips)
+        for block in self.blocks:
+            hidden = block(hidden if skips is None else torch.cat([hidden, skips.pop()], dim=1), emb)
+            outputs.append(hidden)
+        if self.resample is not None:
+            hidden = self.resample(hidden) if skips is None else self.resample(hidden, output_size=output_size)
+            outputs.append(hidden)
+        return hidden, outputs
 
 
 def _per_level(value, levels: int, name: str) -> list:
@@ -346,12 +369,8 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         hidden = self.conv_in(sample).contiguous(memory_format=compute_memory_format(sample))
         skips = [hidden]
         for level in self.down_blocks:
-            for block in level.blocks:
-                hidden = block(hidden, emb)
-                skips.append(hidden)
-            if level.resample is not None:
-                hidden = level.resample(hidden)
-                skips.append(hidden)
+            hidden, given = level(hidden, emb)
+            skips += given
 
         # 3. middle blocks
         for block in self.mid_blocks:
@@ -359,10 +378,9 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
 
         # 4. up path: each block concatenates the latest skip; doubling to the next skip's size (odd sizes too)
         for level in self.up_blocks:
-            for block in level.blocks:
-                hidden = block(torch.cat([hidden, skips.pop()], dim=1), emb)
-            if level.resample is not None:
-                hidden = level.resample(hidden, output_size=skips[-1].shape[-2:])
+            taken = skips[-len(level.blocks) :]
+            del skips[-len(level.blocks) :]
+            hidden, _ = level(hidden, emb, taken, skips[-1].shape[-2:] if skips else None)
 
         # 5. output head
         out = self.conv_out(F.silu(self.conv_norm_out(hidden))).contiguous()  # the caller's usual layout

@@ -31,6 +31,28 @@ PACKAGE = __name__.split(".")[0]
 RECOMPILES_PER_REGION = 8  # `compile_stages`: torch's default `recompile_limit`, allowed to every region
 
 
+def refuse_grouped_offload(model: nn.Module, networks: str, args: tuple, kwargs: dict) -> None:
+    """A `ValueError` where ``enable_group_offload(*args, **kwargs)`` of ``model`` (diffusers' `ModelMixin` method)
+    asks for block-level groups of several blocks: diffusers groups the blocks of each top-level `ModuleList`, and
+    loads a group when its first block runs, so ``networks`` (the model's `ModuleList` of which a call runs some
+    members only: the stages' decoders or experts, the exit heads) would run another member on weights not loaded
+    (on an accelerator: left on the offload device). Streams make diffusers use groups of one: those pass."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    try:
+        options = inspect.signature(ModelMixin.enable_group_offload).bind(model, *args, **kwargs)
+    except TypeError:  # diffusers names the argument
+        return
+    options.apply_defaults()
+    blocks, options = options.arguments["num_blocks_per_group"], options.arguments
+    if options["offload_type"] == "block_level" and blocks not in (None, 1) and not options["use_stream"]:
+        raise ValueError(
+            f"`num_blocks_per_group`={blocks!r} would put several of {type(model).__name__}'s `{networks}` in one "
+            "offload group, loaded only when its first member runs, while a call runs some of them only: pass "
+            "num_blocks_per_group=1 (each its own group), or offload_type='leaf_level'."
+        )
+
+
 class StageCompileMixin:
     """`compile_stages`: regional `torch.compile` of a model with one network per stage (see there)."""
 
@@ -189,6 +211,14 @@ class StagedModelMixin(StageCompileMixin):
     def extract_init_dict(cls, config_dict: dict, **kwargs):
         """As diffusers', without the ``auto_map`` entry (it is for `AutoModel`, not a constructor argument)."""
         return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "auto_map"}, **kwargs)
+
+    _stage_networks = "decoders"  # the attribute holding one network per stage
+
+    def enable_group_offload(self, *args, **kwargs) -> None:
+        """diffusers' `enable_group_offload` (same arguments), refusing block-level groups of several blocks, which
+        would group the stages' networks (see `refuse_grouped_offload`)."""
+        refuse_grouped_offload(self, self._stage_networks, args, kwargs)
+        super().enable_group_offload(*args, **kwargs)
 
     @property
     def num_stages(self) -> int:

@@ -35,6 +35,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.models.upsampling import upfirdn2d_native
 from torch import nn
 
 from ..conventions import DEFAULT_SIGMA_BOUNDARIES, num_data_classes
@@ -61,17 +62,35 @@ def group_count(channels: int, norm_num_groups: int, min_channels_per_group: int
     return groups
 
 
-class CastingFirDownsample2D(FirDownsample2D):
-    """diffusers' `FirDownsample2D` (same parameters, same state dict) that reads its convolution's weights in the
-    input's dtype: it uses ``Conv2d_0.weight`` directly instead of calling the layer, so diffusers' layerwise casting
-    (a hook on each layer's call) would leave them in their storage dtype (float8, bfloat16) at compute time."""
+class StridedFirConv2d(nn.Conv2d):
+    """The convolution of `CastingFirDownsample2D` (diffusers' `FirDownsample2D.Conv2d_0`: same initialisation, same
+    state dict) as that downsampling applies it to the filtered input: stride 2, no padding, the bias added after, its
+    weights read in the input's dtype."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not self.use_conv:
-            return super().forward(hidden_states)
-        weight, bias = (p.to(hidden_states.dtype) for p in (self.Conv2d_0.weight, self.Conv2d_0.bias))
-        hidden_states = self._downsample_2d(hidden_states, weight=weight, kernel=self.fir_kernel)
-        return hidden_states + bias.reshape(1, -1, 1, 1)
+        weight, bias = (p.to(hidden_states.dtype) for p in (self.weight, self.bias))
+        return F.conv2d(hidden_states, weight, stride=self.stride) + bias.reshape(1, -1, 1, 1)
+
+
+class CastingFirDownsample2D(FirDownsample2D):
+    """diffusers' `FirDownsample2D` with a convolution (same parameters, same state dict, same outputs) that calls its
+    convolution layer instead of reading the layer's weights: hooks on the layer (diffusers' layerwise casting, which
+    casts the weights from their storage dtype, and leaf-level group offload, which loads them onto the device) then
+    see their use."""
+
+    def __init__(self, channels: int, out_channels: int, fir_kernel: tuple[int, ...] = (1, 3, 3, 1)):
+        super().__init__(channels, out_channels, use_conv=False, fir_kernel=fir_kernel)
+        self.use_conv = True
+        self.Conv2d_0 = StridedFirConv2d(channels, out_channels, kernel_size=3, stride=2)  # diffusers' initialisation
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # `FirDownsample2D._downsample_2d`'s filter for a 3x3 convolution that halves the size
+        kernel = torch.tensor(self.fir_kernel, dtype=torch.float32)
+        kernel = torch.outer(kernel, kernel) if kernel.ndim == 1 else kernel
+        kernel /= torch.sum(kernel)
+        pad = (kernel.shape[0] - 2) + (3 - 1)  # (filter taps - factor) + (convolution size - 1)
+        kernel = kernel.to(device=hidden_states.device, dtype=hidden_states.dtype)
+        return self.Conv2d_0(upfirdn2d_native(hidden_states, kernel, pad=((pad + 1) // 2, pad // 2)))
 
 
 class DDPMppBlock(nn.Module):
@@ -344,9 +363,7 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
                 skips.append(width)
                 if encoder_type == "residual":
                     source = pyramid[-1].out_channels if pyramid else in_channels
-                    pyramid.append(
-                        CastingFirDownsample2D(source, width, use_conv=True, fir_kernel=tuple(resample_filter))
-                    )
+                    pyramid.append(CastingFirDownsample2D(source, width, fir_kernel=tuple(resample_filter)))
             for _ in range(layers_per_block):
                 attend = (sample_size >> level) in attention_resolutions
                 blocks.append(DDPMppBlock(width, encoder_channels * mult, attention=attend, **block_kwargs))

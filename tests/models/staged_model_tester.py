@@ -129,6 +129,28 @@ def assert_layerwise_casting_works(model, run) -> None:
             assert (out.float() - reference).abs().max() < 1.0  # float8 keeps 3 bits of mantissa: close, not equal
 
 
+def assert_group_offload_keeps_outputs(model, run, folder, blocks_per_group: Sequence[int] = (1, 2)) -> None:
+    """diffusers' `enable_group_offload` (block level, ``blocks_per_group`` blocks a group, and leaf level) on copies
+    of ``model``, run by ``run(model)`` (its output for the test inputs) twice, gives the model's outputs. The offloaded
+    weights go to files in ``folder`` (``offload_to_disk_path``), whose offload leaves uninitialised memory in their
+    place: as on an accelerator, a weight used without its group's hooks loading it first gives another output."""
+    import copy
+
+    with torch.no_grad():
+        reference = run(model)
+    for offload_type, blocks in [*(("block_level", n) for n in blocks_per_group), ("leaf_level", None)]:
+        offloaded = copy.deepcopy(model)
+        options = {"num_blocks_per_group": blocks} if blocks else {}
+        path = folder / f"{offload_type}_{blocks}"
+        offloaded.enable_group_offload(
+            torch.device("cpu"), offload_type=offload_type, offload_to_disk_path=path, **options
+        )
+        with torch.no_grad():
+            for _ in range(2):  # the first call writes the files, the next reads them back
+                out = run(offloaded)
+                assert torch.allclose(out, reference, atol=1e-6), (offload_type, blocks, (out - reference).abs().max())
+
+
 class StagedModelTesterMixin:
     """Shared tests of a staged model; see the module docstring."""
 
@@ -147,6 +169,7 @@ class StagedModelTesterMixin:
     num_attention_processors: int | None = None
     bad_configs: Sequence[tuple[dict, str]] = ()  # (overrides, regex the ValueError must match)
     device_maps: Sequence[str] = ("cpu", "auto")
+    picklable = True  # False where diffusers' own blocks are not (a `lambda` attribute), as the same diffusers model
 
     def get_init_kwargs(self) -> dict:
         raise NotImplementedError
@@ -167,6 +190,22 @@ class StagedModelTesterMixin:
         # diffusers' `enable_layerwise_casting`, as on its own models: its skip patterns and the model's own
         x, t = self.inputs(self.mixed_timesteps)
         assert_layerwise_casting_works(model, lambda m, dtype: m(x.to(dtype), t).sample)
+
+    def test_group_offload_gives_the_same_outputs(self, model, tmp_path):
+        # diffusers' `enable_group_offload`: every stage's network is loaded by its group's hooks before its use, in a
+        # mixed batch and in a batch of one stage (a sampling step's)
+        x, t = self.inputs(self.mixed_timesteps)
+        one, times = self.inputs(self.stage_timesteps)
+
+        def run(m):
+            alone = [m(one[i : i + 1], times[i : i + 1]).sample for i in range(len(times))]
+            return torch.cat([m(x, t).sample, *alone])
+
+        assert_group_offload_keeps_outputs(model, run, tmp_path, blocks_per_group=(1,))
+        # several stages' networks in one group: loaded only when the first of them runs, so refused
+        with pytest.raises(ValueError, match=r"`num_blocks_per_group`=2 .*num_blocks_per_group=1.*leaf_level"):
+            model.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=2)
+        assert not any(hasattr(module, "_diffusers_hook") for module in model.modules())  # nothing applied
 
     # ---- routing ------------------------------------------------------------------------------------------------
     def test_mixed_batch_matches_per_sample_reference(self, model):
@@ -209,6 +248,40 @@ class StagedModelTesterMixin:
     def test_save_reload_is_bit_identical_and_safetensors_only(self, model, tmp_path):
         x, t = self.inputs(self.mixed_timesteps)
         assert_save_reload_bit_identical(model, tmp_path, x, t, self.weight_files)
+
+    def test_sharded_save_in_a_subfolder_reloads_bit_identical(self, model, tmp_path):
+        # diffusers' sharded checkpoints (an index and its shards; the container's in each expert folder), loaded
+        # from a pipeline's component folder, with and without `low_cpu_mem_usage`
+        x, t = self.inputs(self.mixed_timesteps)
+        model.save_pretrained(tmp_path / "unet", max_shard_size="20KB")
+        assert len(list(tmp_path.rglob("*.safetensors.index.json"))) == len(self.weight_files)
+        with torch.no_grad():
+            expected = model(x, t).sample
+            for low_cpu_mem_usage in (True, False):
+                loaded = self.model_class.from_pretrained(
+                    tmp_path, subfolder="unet", low_cpu_mem_usage=low_cpu_mem_usage
+                )
+                assert torch.equal(loaded(x, t).sample, expected), low_cpu_mem_usage
+
+    def test_copies_pickles_and_state_dicts_give_the_same_outputs(self, model):
+        # `copy.deepcopy`, pickling, `torch.save(state_dict)` into a fresh model (`load_state_dict(strict=True)`) and
+        # `from_config(model.config)` (diffusers' EMAModel) keep the model
+        import copy
+        import io
+        import pickle
+
+        x, t = self.inputs(self.mixed_timesteps)
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        buffer.seek(0)
+        fresh = self.model_class.from_config(model.config).eval()
+        fresh.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+        with torch.no_grad():
+            expected = model(x, t).sample
+            pickled = [pickle.loads(pickle.dumps(model))] if self.picklable else []
+            for other in (copy.deepcopy(model), *pickled, fresh):
+                assert _public(other.config) == _public(model.config)
+                assert torch.equal(other(x, t).sample, expected), type(other)
 
     def test_boundaries_given_as_numpy_numbers_save_and_reload(self, model, tmp_path):
         # numpy numbers (a planner's np.quantile, the items of an array; `from_unet` turns an array into them):

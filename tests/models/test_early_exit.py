@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteSc
 from diffusers_stages.models import EarlyExitUViT2DModel
 from diffusers_stages.models.early_exit import early_exit_loss
 from diffusers_stages.pipelines import record_exit_profile
-from tests.models.staged_model_tester import assert_layerwise_casting_works
+from tests.models.staged_model_tester import assert_group_offload_keeps_outputs, assert_layerwise_casting_works
 
 TINY = {"sample_size": 8, "hidden_size": 16, "num_layers": 3, "num_attention_heads": 2}
 
@@ -174,6 +174,20 @@ def test_a_threshold_set_on_the_model_is_saved_with_it(model, tmp_path):
     assert EarlyExitUViT2DModel.from_pretrained(tmp_path).exit_threshold == 0.25
 
 
+def test_a_threshold_set_on_the_model_is_kept_by_from_config_and_ema(model, tmp_path):
+    # diffusers' `from_config` drops the keys the config lists as defaults (`_use_default_values`): a threshold set
+    # after a build without one was lost by `from_config(model.config)` and by `EMAModel.save_pretrained`
+    from diffusers.training_utils import EMAModel
+
+    model.exit_threshold = 0.7
+    assert EarlyExitUViT2DModel.from_config(model.config).exit_threshold == 0.7
+    ema = EMAModel(model.parameters(), model_cls=EarlyExitUViT2DModel, model_config=model.config)
+    ema.save_pretrained(tmp_path)
+    assert EarlyExitUViT2DModel.from_pretrained(tmp_path).exit_threshold == 0.7
+    model.exit_threshold = None  # back to the default: no threshold either way
+    assert EarlyExitUViT2DModel.from_config(model.config).exit_threshold is None
+
+
 @pytest.mark.parametrize("shape", [(3, 8, 8), (1, 3, 8, 8), (2, 1, 8, 8)])
 def test_a_target_of_another_shape_than_the_prediction_is_named(model, shape):
     # each broadcast against the (2, 3, 8, 8) predictions: a loss against the wrong target, silently
@@ -182,3 +196,16 @@ def test_a_target_of_another_shape_than_the_prediction_is_named(model, shape):
         ValueError, match=rf"`target` must have the predictions' shape \(2, 3, 8, 8\), got {re.escape(str(shape))}"
     ):
         early_exit_loss(model, noisy, t, torch.randn(shape))
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_group_offload_gives_the_same_outputs(model, tmp_path, threshold):
+    # the exit heads too, on the early-exit path
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
+    _set_uncertainties(model, [0.9, 0.2, 0.1])  # with a threshold, the samples leave at the second exit head
+    assert_group_offload_keeps_outputs(
+        model, lambda m: m(x, t, exit_threshold=threshold).sample, tmp_path, blocks_per_group=(1,)
+    )
+    # groups of two exit heads were loaded only when the first ran: the second ran on weights not loaded (NaN)
+    with pytest.raises(ValueError, match="`num_blocks_per_group`=2 would put several of .*`exit_heads`"):
+        model.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=2)

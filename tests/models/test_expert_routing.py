@@ -361,6 +361,25 @@ def test_diffusers_ema_model_saves_and_reloads_the_container(three_experts, tmp_
     assert all(torch.equal(a, b) for a, b in zip(loaded.shadow_params, ema.shadow_params))
 
 
+def test_diffusers_ema_model_of_a_partly_loaded_container_is_refused_not_misaligned(tiny_unet_kwargs, tmp_path):
+    # `from_config` of a container loaded with `load_experts` built every expert, so `EMAModel.save_pretrained` copied
+    # the loaded expert's averages into expert 0 (`zip` of the parameters) and saved expert 1 with fresh weights
+    from diffusers.training_utils import EMAModel
+
+    experts = [_unet(tiny_unet_kwargs, 0), _unet(tiny_unet_kwargs, 1)]
+    ExpertRoutingModel(experts, stage_boundaries=(500,)).save_pretrained(tmp_path / "full")
+    partial = ExpertRoutingModel.from_pretrained(tmp_path / "full", load_experts=[1])
+    with pytest.raises(ValueError, match=r"no `expert_configs` entry for experts \[0\]"):
+        ExpertRoutingModel.from_config(partial.config)
+    ema = EMAModel(partial.parameters(), model_cls=ExpertRoutingModel, model_config=partial.config)
+    with pytest.raises(ValueError, match=r"experts \[0\]"):
+        ema.save_pretrained(tmp_path / "ema")
+    assert not (tmp_path / "ema").exists()
+    # every expert loaded: the same folder's config builds the whole container
+    fresh = ExpertRoutingModel.from_config(ExpertRoutingModel.load_config(tmp_path / "full"))
+    assert fresh.loaded_experts == [0, 1]
+
+
 def test_from_config_builds_only_the_classes_diffusers_and_the_package_export(three_experts, tmp_path):
     config = dict(three_experts.config)
     config["expert_classes"] = [["tests.models.test_expert_routing", "Net"], *config["expert_classes"][1:]]

@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler
 
 from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, IUNet2DModel, TimestepPartition
 from diffusers_stages.models.iunet import InceptionMixer
-from tests.models.staged_model_tester import assert_layerwise_casting_works
+from tests.models.staged_model_tester import assert_group_offload_keeps_outputs, assert_layerwise_casting_works
 
 TINY = {
     "sample_size": 8,
@@ -219,3 +219,11 @@ def test_layerwise_casting_runs_and_stays_close():
     model = build(num_class_embeds=3).eval()
     x, t, labels = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), torch.tensor([0, 2])
     assert_layerwise_casting_works(model, lambda m, dtype: m(x.to(dtype), t, class_labels=labels).sample)
+
+
+def test_group_offload_gives_the_same_outputs(tmp_path):
+    # block-level offload hooks each level (`down_blocks.{i}`): the forward ran the level's blocks without calling
+    # the level, so its weights were never loaded (on an accelerator they stayed on the offload device)
+    model = build(num_class_embeds=3).eval()
+    x, t, labels = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), torch.tensor([0, 2])
+    assert_group_offload_keeps_outputs(model, lambda m: m(x, t, class_labels=labels).sample, tmp_path)

@@ -6,7 +6,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from diffusers_stages import MultiStageUNet2DConditionModel
-from tests.models.staged_model_tester import assert_layerwise_casting_works
+from tests.models.staged_model_tester import assert_group_offload_keeps_outputs, assert_layerwise_casting_works
 
 BOUNDARIES = (300, 600)
 TIMESTEPS = [0, 299, 300, 450, 599.5, 600, 999, 1000]
@@ -435,3 +435,19 @@ def test_boundaries_given_as_a_numpy_array_save_and_reload(tiny_cond_unet, tmp_p
     staged.save_pretrained(tmp_path)
     loaded = MultiStageUNet2DConditionModel.from_pretrained(tmp_path)
     assert loaded.partition.boundaries == staged.partition.boundaries == (300.0, 600.0)
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_group_offload_gives_the_same_outputs(tiny_cond_unet, tmp_path, sdxl):
+    # diffusers' `enable_group_offload`: the shared encoder and every stage's decoder, on a batch across the stages
+    # and on one stage's (a sampling step's); groups of several decoders are refused (see the shared tester)
+    model = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0, sdxl=sdxl), stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(3, sdxl)
+    t = torch.tensor([10, 450, 900])
+
+    def run(m):
+        return torch.cat([m(x, t, **kwargs).sample, m(x, 450, **kwargs).sample, m(x, 900, **kwargs).sample])
+
+    assert_group_offload_keeps_outputs(model, run, tmp_path, blocks_per_group=(1,))
+    with pytest.raises(ValueError, match="`num_blocks_per_group`=2 would put several of .*`decoders`"):
+        model.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=2)

@@ -210,6 +210,9 @@ class TestNCSNppOptions(StagedModelTesterMixin):
     mixed_stage_counts = (2, 1, 1)
     min_trainable_tensors = 100
     num_attention_processors = 1 + 1 + 3  # the 4x4 encoder block, the shared middle, each decoder's 4x4 level
+    picklable = (
+        False  # diffusers' FIR `ResnetBlock2D` holds a lambda (its NCSN++ `UNet2DModel` does not pickle either)
+    )
     attention_prefixes = ("down_blocks.", "mid_blocks.", "decoders.0.", "decoders.1.", "decoders.2.")
     bad_configs = (
         ({"resample_filter": (1, 2, 1)}, "resample_filter"),
@@ -267,3 +270,22 @@ def test_a_sample_of_another_dtype_is_named(model):
     # was torch's "Input type (double) and bias type (float) should be the same" from inside `conv_in`
     with pytest.raises(ValueError, match="`sample` must have the model's dtype torch.float32, got torch.float64"):
         model(torch.randn(1, 3, 8, 8, dtype=torch.float64), c_noise(1.0))
+
+
+def test_the_input_pyramid_downsampling_is_diffusers_fir_downsampling():
+    # the pyramid's convolution is called as a layer (so that hooks see it), with diffusers' initialisation, state
+    # dict and outputs bit for bit
+    from diffusers.models.downsampling import FirDownsample2D
+
+    from diffusers_stages.models.unet_multistage_ddpmpp import CastingFirDownsample2D
+
+    torch.manual_seed(0)
+    reference = FirDownsample2D(3, 8, use_conv=True, fir_kernel=(1, 3, 3, 1))
+    torch.manual_seed(0)
+    pyramid = CastingFirDownsample2D(3, 8, fir_kernel=(1, 3, 3, 1))
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), pyramid.state_dict().values()))
+    assert reference.state_dict().keys() == pyramid.state_dict().keys()
+    x = torch.randn(2, 3, 8, 8)
+    calls = []
+    pyramid.Conv2d_0.register_forward_hook(lambda *args: calls.append(1))
+    assert torch.equal(pyramid(x), reference(x)) and calls == [1]

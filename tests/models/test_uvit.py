@@ -4,7 +4,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from diffusers_stages import UViT2DModel
 from diffusers_stages.models.uvit import dual_uvit_configs
-from tests.models.staged_model_tester import assert_layerwise_casting_works
+from tests.models.staged_model_tester import assert_group_offload_keeps_outputs, assert_layerwise_casting_works
 
 TINY = {"sample_size": 8, "hidden_size": 16, "num_layers": 5, "num_attention_heads": 2, "patch_size": 2}
 
@@ -177,3 +177,11 @@ def test_layerwise_casting_runs_and_stays_close(kwargs):
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
     labels = torch.tensor([0, 2]) if kwargs else None
     assert_layerwise_casting_works(model, lambda m, dtype: m(x.to(dtype), t, class_labels=labels).sample)
+
+
+def test_group_offload_gives_the_same_outputs(tmp_path):
+    # diffusers' `enable_group_offload`: every block and the embeddings are loaded by their hooks before their use
+    torch.manual_seed(0)
+    model = UViT2DModel(**TINY, num_class_embeds=3, mlp_time_embed=True).eval()
+    x, t, labels = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), torch.tensor([0, 2])
+    assert_group_offload_keeps_outputs(model, lambda m: m(x, t, class_labels=labels).sample, tmp_path)
