@@ -171,7 +171,9 @@ def test_weights_beside_a_subfolder_are_never_loaded_in_its_place(saved_model, t
         corrupt_weights(repo / WEIGHTS, corruption, outside=tmp_path)
     loaded = MultiStageUNet2DModel.from_pretrained(repo, subfolder="unet")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
-    assert str(loaded.config._name_or_path) == str(repo)  # as diffusers records it: the folder given, not its subfolder
+    assert str(loaded.config._name_or_path) == str(
+        repo
+    )  # as diffusers records it: the folder given, not its subfolder
 
     torch.manual_seed(0)
     plain = UNet2DModel(**TINY_UNET)
