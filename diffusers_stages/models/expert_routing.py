@@ -899,6 +899,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             raise ValueError(f"`save_directory` must be a directory, got the file {save_directory}.")
         os.makedirs(save_directory, exist_ok=True)
         if is_main_process:
+            # every expert is loaded now (set after a `load_experts` load too): the config describes each one
+            self.register_to_config(expert_configs=[expert_config(e) for e in self.experts])
             self.save_config(save_directory)
         shard = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
         for i, expert in enumerate(self.experts):

@@ -380,6 +380,20 @@ def test_diffusers_ema_model_of_a_partly_loaded_container_is_refused_not_misalig
     assert fresh.loaded_experts == [0, 1]
 
 
+def test_a_container_completed_after_a_partial_load_saves_every_experts_config(tiny_unet_kwargs, tmp_path):
+    # `model.experts[i] = ...` (what the unloaded-expert error suggests) completes the container: its saved
+    # `config.json` must describe every expert, not keep the `None` of the partial load
+    experts = [_unet(tiny_unet_kwargs, 0), _unet(tiny_unet_kwargs, 1)]
+    ExpertRoutingModel(experts, stage_boundaries=(500,)).save_pretrained(tmp_path / "full")
+    partial = ExpertRoutingModel.from_pretrained(tmp_path / "full", load_experts=[1])
+    partial.experts[0] = UNet2DModel.from_pretrained(tmp_path / "full" / "expert_0")
+    partial.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert saved["expert_configs"] == json.loads((tmp_path / "full" / "config.json").read_text())["expert_configs"]
+    fresh = ExpertRoutingModel.from_config(ExpertRoutingModel.load_config(tmp_path / "again"))
+    assert fresh.loaded_experts == [0, 1]
+
+
 def test_from_config_builds_only_the_classes_diffusers_and_the_package_export(three_experts, tmp_path):
     config = dict(three_experts.config)
     config["expert_classes"] = [["tests.models.test_expert_routing", "Net"], *config["expert_classes"][1:]]
