@@ -83,6 +83,44 @@ class RenamedOption(argparse._StoreAction):
         setattr(namespace, self.dest, values)
 
 
+# options of diffusers' train_unconditional.py / train_text_to_image.py that these scripts do not take: refused by name
+# with what takes their place (argparse's bare "unrecognized arguments" said neither)
+DIFFUSERS_ONLY_OPTIONS = {
+    "eval_batch_size": "the sample grids hold `--num_sample_images` images",
+    "save_images_epochs": "sample grids are drawn every `--save_images_steps` optimisation steps",
+    "validation_epochs": "sample grids are drawn every `--save_images_steps` optimisation steps",
+    "ddpm_num_inference_steps": "the sample grids are sampled with DDIM in `--num_inference_steps` steps",
+    "noise_offset": "the loop trains with plain Gaussian noise (no offset noise)",
+    "input_perturbation": "the model sees the noise it is scored on (no input perturbation)",
+    "use_8bit_adam": "the loop trains with torch's AdamW",
+    "max_train_samples": "every image of the data is trained on: pass a smaller data set",
+    "revision": "download that revision first (`hf download REPO --revision REV --local-dir DIR`) and pass the folder",
+    "variant": "pass a folder whose weights are the variant's",
+    "non_ema_revision": "pass the folder of the weights to fine-tune",
+    "offload_ema": "the EMA weights stay on the training device",
+    "foreach_ema": "the EMA updates with diffusers' default implementation",
+    "dream_training": "the loop trains with the plain denoising loss (no DREAM)",
+    "dream_detail_preservation": "the loop trains with the plain denoising loss (no DREAM)",
+    "image_interpolation_mode": "images are resized with bilinear interpolation",
+    "preserve_input_precision": "images are read as 8-bit RGB",
+}
+
+
+class DiffusersOnlyOption(argparse.Action):
+    """An option of diffusers' training scripts that this script does not take (`DIFFUSERS_ONLY_OPTIONS`): a usage
+    error naming it and what to do instead. Hidden from `--help`, and never in the parsed arguments."""
+
+    def __init__(self, option_strings, dest, instead: str = "", **kwargs):
+        super().__init__(option_strings, dest, nargs="*", default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+        self.instead = instead
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(
+            f"`{option_string}` (an option of diffusers' training scripts) is not taken by this script: "
+            f"{self.instead}. Drop it."
+        )
+
+
 def add_stage_boundaries_argument(
     parser, help: str = "Inner stage boundaries (at least one), e.g. `442 631`.", **kwargs
 ):
@@ -214,6 +252,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     outputs.add_argument("--hub_private_repo", action="store_true")
     outputs.add_argument("--hub_local_dir", type=str, default=None,
                          help="Push into <dir>/<hub_model_id> with the Hub's file selection instead of uploading.")  # fmt: skip
+    outputs.add_argument("--local_rank", type=int, default=-1,
+                         help="Taken as diffusers' scripts take it: `accelerate launch` gives each process its rank.")  # fmt: skip
+    for name, instead in DIFFUSERS_ONLY_OPTIONS.items():
+        parser.add_argument(f"--{name}", action=DiffusersOnlyOption, instead=instead)
     return parser
 
 

@@ -200,3 +200,33 @@ def test_the_trackers_log_the_unet_shape_the_run_used(
     # where the config gives the shape, the scratch defaults are not logged as if they were used
     examples.train(script, [*base, "--model_config", planned_folder, "--output_dir", str(tmp_path / "planned")])
     assert configs[1]["layers_per_block"] != 2 and configs[1]["block_out_channels"] != str((128, 256, 256, 256))
+
+
+@pytest.mark.parametrize(
+    "option, instead",
+    [
+        (["--eval_batch_size", "8"], "`--num_sample_images`"),
+        (["--save_images_epochs", "10"], "`--save_images_steps`"),
+        (["--ddpm_num_inference_steps", "1000"], "`--num_inference_steps`"),
+        (["--noise_offset", "0.1"], "offset noise"),
+        (["--input_perturbation", "0.1"], "input perturbation"),
+        (["--use_8bit_adam"], "AdamW"),
+        (["--max_train_samples", "100"], "smaller data set"),
+        (["--revision", "main"], "--revision"),
+    ],
+)
+def test_diffusers_script_options_not_taken_are_refused_by_name(
+    examples, script, image_folder, option, instead, capsys
+):
+    # a command line carried over from diffusers' train_unconditional.py / train_text_to_image.py: argparse's bare
+    # "unrecognized arguments" said neither that the option is diffusers' nor what takes its place here
+    with pytest.raises(SystemExit):
+        script.parse_args([*examples.TINY, "--train_data_dir", image_folder, *option])
+    err = capsys.readouterr().err
+    assert f"`{option[0]}`" in err and "diffusers" in err and instead in err
+
+
+def test_local_rank_is_taken_as_diffusers_scripts_take_it(examples, script, image_folder):
+    # diffusers' scripts accept `--local_rank` (a launcher's) and leave the rank to Accelerate: so does this one
+    args = script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--local_rank", "0"])
+    assert args.local_rank == 0
