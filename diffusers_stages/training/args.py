@@ -214,6 +214,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="Default: accelerate config. fp16 needs a GPU; bf16 runs on CPU too.",
     )  # fmt: skip
     optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--scale_lr", action="store_true",
+                       help="Multiply `--learning_rate` by the gradient accumulation steps, the per-device batch size "
+                       "and the process count (as diffusers' train_text_to_image.py).")  # fmt: skip
     optim.add_argument("--lr_scheduler", type=str, default="cosine", choices=LR_SCHEDULERS,
                        help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup")  # fmt: skip
     optim.add_argument("--lr_warmup_steps", type=int, default=500)
@@ -238,6 +241,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                          help="`wandb` needs the `wandb` package (`pip install wandb`). `--report_to`: diffusers' "
                          "train_text_to_image.py name.")  # fmt: skip
     outputs.add_argument("--logging_dir", type=str, default="logs", help="Inside `--output_dir`.")
+    outputs.add_argument(
+        "--tracker_project_name",
+        type=str,
+        default=None,
+        help="The trackers' project. Default: the `--output_dir` name.",
+    )
     outputs.add_argument(
         "--save_images_steps", type=int, default=1000, help="Sample grid every N steps (and at the end)."
     )

@@ -194,7 +194,8 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
         return args.output_dir
     if accelerator.is_main_process:
         config = tracker_config(args)  # no `--hub_token`; the U-Net shape used
-        accelerator.init_trackers(os.path.basename(os.path.normpath(args.output_dir)), config=config)
+        project = args.tracker_project_name or os.path.basename(os.path.normpath(args.output_dir))
+        accelerator.init_trackers(project, config=config)
     logger.info(
         f"***** {task.method}: {len(dataset)} examples, {math.ceil(max_train_steps / steps_per_epoch)} epochs, batch "
         f"{args.train_batch_size} per device ({args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} "
@@ -304,8 +305,11 @@ def _optimisation(args: argparse.Namespace, networks: dict[str, ModelMixin], acc
             )  # fmt: skip
             emas[name].to(accelerator.device)
     parameters = [p for network in networks.values() for p in network.parameters()]
+    learning_rate = args.learning_rate
+    if args.scale_lr:  # as diffusers' train_text_to_image.py: by the samples of one optimisation step
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = torch.optim.AdamW(
-        parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        parameters, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
     )  # fmt: skip
     batches_per_process = math.ceil(num_batches / accelerator.num_processes)

@@ -230,3 +230,36 @@ def test_local_rank_is_taken_as_diffusers_scripts_take_it(examples, script, imag
     # diffusers' scripts accept `--local_rank` (a launcher's) and leave the rank to Accelerate: so does this one
     args = script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--local_rank", "0"])
     assert args.local_rank == 0
+
+
+def test_scale_lr_multiplies_the_learning_rate_as_diffusers_does(
+    examples, script, image_folder, tmp_path, monkeypatch
+):
+    # diffusers' train_text_to_image.py: lr x gradient accumulation x per-device batch x processes
+    from diffusers_stages.training import loop
+
+    rates = []
+    optimisation = loop._optimisation
+
+    def recording(*args, **kwargs):
+        emas, optimizer, lr_scheduler, steps = optimisation(*args, **kwargs)
+        rates.append(optimizer.param_groups[0]["initial_lr"])
+        return emas, optimizer, lr_scheduler, steps
+
+    monkeypatch.setattr(loop, "_optimisation", recording)
+    base = [*examples.TINY, "--train_data_dir", image_folder, "--max_train_steps", "1", "--learning_rate", "1e-4"]
+    examples.train(script, [*base, "--output_dir", str(tmp_path / "a"), "--gradient_accumulation_steps", "2",
+                            "--scale_lr"])  # fmt: skip
+    examples.train(script, [*base, "--output_dir", str(tmp_path / "b")])
+    assert rates == [pytest.approx(1e-4 * 2 * 4 * 1), 1e-4]
+
+
+def test_tracker_project_name_names_the_trackers_project(examples, script, image_folder, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    names = []
+    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, name, config=None, **kw: names.append(name))
+    base = [*examples.TINY, "--train_data_dir", image_folder, "--max_train_steps", "1"]
+    examples.train(script, [*base, "--output_dir", str(tmp_path / "run"), "--tracker_project_name", "my-project"])
+    examples.train(script, [*base, "--output_dir", str(tmp_path / "run2")])
+    assert names == ["my-project", "run2"]  # by default the output folder's name, as before

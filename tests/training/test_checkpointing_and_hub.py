@@ -228,7 +228,7 @@ def test_push_selects_files_like_the_hub_and_writes_a_card(tmp_path, monkeypatch
 def _card_args(**overrides) -> argparse.Namespace:
     values = dict(hub_model_id="me/model", train_data_dir="data/digits", dataset_name=None, resolution=8,
                   class_conditional=True, boundary_units="timestep", num_train_timesteps=1000, ddpm_beta_schedule="linear",
-                  prediction_type="epsilon", train_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-4,
+                  prediction_type="epsilon", train_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-4, scale_lr=False,
                   lr_scheduler="constant", lr_warmup_steps=0, mixed_precision=None, use_ema=False, seed=0,
                   num_sample_images=4, num_inference_steps=3, assemble_experts=["run0", "run1"])  # fmt: skip
     return argparse.Namespace(**{**values, **overrides})
