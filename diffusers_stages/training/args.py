@@ -93,7 +93,6 @@ DIFFUSERS_ONLY_OPTIONS = {
     "noise_offset": "the loop trains with plain Gaussian noise (no offset noise)",
     "input_perturbation": "the model sees the noise it is scored on (no input perturbation)",
     "use_8bit_adam": "the loop trains with torch's AdamW",
-    "max_train_samples": "every image of the data is trained on: pass a smaller data set",
     "revision": "download that revision first (`hf download REPO --revision REV --local-dir DIR`) and pass the folder",
     "variant": "pass a folder whose weights are the variant's",
     "non_ema_revision": "pass the folder of the weights to fine-tune",
@@ -156,6 +155,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument(
         "--class_dropout_prob", type=float, default=0.1, help="Null-label rate (classifier-free guidance)."
     )
+    data.add_argument(
+        "--max_train_samples", type=int, default=None,
+        help="Train on the first N images after a shuffle seeded with `--seed` (as diffusers' train_text_to_image.py).",
+    )  # fmt: skip
     data.add_argument("--dataloader_num_workers", type=int, default=0)
     data.add_argument("--vae_path", type=str, default=None, help="AutoencoderKL folder: train in its latent space.")
     data.add_argument("--vae_subfolder", type=str, default=None, help="e.g. `vae` inside a pipeline folder.")
@@ -387,7 +390,7 @@ def check_args(
         args,
         ("resolution", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",
          "save_images_steps", "num_sample_images", "num_inference_steps", "num_train_timesteps", "layers_per_block",
-         "attention_head_dim", "norm_num_groups", "max_train_steps", "checkpoints_total_limit", "save_model_epochs"),
+         "attention_head_dim", "norm_num_groups", "max_train_steps", "checkpoints_total_limit", "save_model_epochs", "max_train_samples"),
     )  # fmt: skip
     if args.dataloader_num_workers < 0:
         raise ValueError(

@@ -56,6 +56,24 @@ def dataset_image(dataset, column: str, index: int) -> Image.Image:
     return check_image_mode(dataset[index][column], f"row {index}", "--dataset_name")
 
 
+def record_image(load: Callable[[int], Image.Image], indices: list[int], index: int) -> Image.Image:
+    return load(indices[index])
+
+
+def first_shuffled(records: ImageRecords, count: int, seed: int) -> ImageRecords:
+    """The first ``count`` of ``records`` after a shuffle seeded with ``seed``: the rows diffusers' scripts train on
+    with `--max_train_samples` (`datasets`' ``shuffle(seed=seed).select(range(count))`` draws this permutation). The
+    classes stay those of all the records."""
+    if count > len(records):
+        raise ValueError(
+            f"`--max_train_samples` {count} is more than the {len(records)} training images: pass at most "
+            f"{len(records)}, or drop it to train on all of them."
+        )
+    indices = np.random.default_rng(seed).permutation(len(records))[:count].tolist()
+    labels = None if records.labels is None else [records.labels[i] for i in indices]
+    return ImageRecords(partial(record_image, records.load, indices), count, labels, records.class_names)
+
+
 def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageRecords:
     """Images under ``train_data_dir`` (recursively); with ``class_conditional`` each top-level sub-folder is a class.
     Hidden folders and files (names starting with ".", such as Jupyter's ``.ipynb_checkpoints``) are skipped, with a

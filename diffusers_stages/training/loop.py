@@ -49,6 +49,7 @@ from .data import (
     ImageRecords,
     TrainingImages,
     encode_latent_cache,
+    first_shuffled,
     hf_dataset_records,
     image_folder_records,
 )
@@ -152,6 +153,8 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     records = task.read_records(args)
     if records is None:
         records = _read_records(args)
+    if args.max_train_samples is not None:
+        records = first_shuffled(records, args.max_train_samples, args.seed)
     num_class_embeds = records.num_classes + 1 if task.uses_labels else None  # last index = null label
     task.check_data(in_channels, args.resolution // vae_factor, num_class_embeds)
 

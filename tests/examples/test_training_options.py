@@ -211,7 +211,7 @@ def test_the_trackers_log_the_unet_shape_the_run_used(
         (["--noise_offset", "0.1"], "offset noise"),
         (["--input_perturbation", "0.1"], "input perturbation"),
         (["--use_8bit_adam"], "AdamW"),
-        (["--max_train_samples", "100"], "smaller data set"),
+        (["--validation_epochs", "5"], "`--save_images_steps`"),
         (["--revision", "main"], "--revision"),
     ],
 )
@@ -263,3 +263,35 @@ def test_tracker_project_name_names_the_trackers_project(examples, script, image
     examples.train(script, [*base, "--output_dir", str(tmp_path / "run"), "--tracker_project_name", "my-project"])
     examples.train(script, [*base, "--output_dir", str(tmp_path / "run2")])
     assert names == ["my-project", "run2"]  # by default the output folder's name, as before
+
+
+def test_max_train_samples_trains_on_the_first_images_after_a_seeded_shuffle(
+    examples, script, image_folder, tmp_path, monkeypatch
+):
+    # diffusers' train_text_to_image.py: `dataset.shuffle(seed=args.seed).select(range(args.max_train_samples))`
+    import numpy as np
+
+    from diffusers_stages.training import loop
+    from diffusers_stages.training.data import image_folder_records
+
+    seen = []
+    images = loop.TrainingImages
+
+    def recording(records, *args):
+        seen.append(records)
+        return images(records, *args)
+
+    monkeypatch.setattr(loop, "TrainingImages", recording)
+    base = [*examples.TINY, "--train_data_dir", image_folder, "--class_conditional", "--max_train_steps", "1"]
+    examples.train(script, [*base, "--output_dir", str(tmp_path / "run"), "--max_train_samples", "5", "--seed", "7"])
+    full = image_folder_records(image_folder, True)
+    chosen = np.random.default_rng(7).permutation(len(full))[:5]  # what `datasets`' shuffle(seed=7) draws
+    (records,) = seen
+    assert len(records) == 5 and records.labels == [full.labels[i] for i in chosen]
+    assert all(np.array_equal(np.array(records.load(k)), np.array(full.load(i))) for k, i in enumerate(chosen))
+    assert records.num_classes == full.num_classes
+
+    # more samples than the data holds is refused before training, named
+    with pytest.raises(ValueError, match="`--max_train_samples` 25 is more than the 24 training images"):
+        examples.train(script, [*base, "--output_dir", str(tmp_path / "more"), "--max_train_samples", "25"])
+    assert not os.path.exists(tmp_path / "more")
