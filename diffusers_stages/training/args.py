@@ -90,7 +90,6 @@ DIFFUSERS_ONLY_OPTIONS = {
     "save_images_epochs": "sample grids are drawn every `--save_images_steps` optimisation steps",
     "validation_epochs": "sample grids are drawn every `--save_images_steps` optimisation steps",
     "ddpm_num_inference_steps": "the sample grids are sampled with DDIM in `--num_inference_steps` steps",
-    "noise_offset": "the loop trains with plain Gaussian noise (no offset noise)",
     "input_perturbation": "the model sees the noise it is scored on (no input perturbation)",
     "use_8bit_adam": "the loop trains with torch's AdamW",
     "revision": "download that revision first (`hf download REPO --revision REV --local-dir DIR`) and pass the folder",
@@ -198,6 +197,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--ddpm_beta_schedule", type=str, default="linear", choices=BETA_SCHEDULES)
     model.add_argument("--prediction_type", choices=("epsilon", "v_prediction", "sample"), default="epsilon")
     model.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (DDPM-style).")
+    model.add_argument("--noise_offset", type=float, default=0.0,
+                       help="Offset noise: add this x N(0, 1) per sample and channel to the noise (as diffusers' "
+                       "train_text_to_image.py; DDPM-style).")  # fmt: skip
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--output_dir", type=str, default="stages-model")
@@ -421,9 +423,12 @@ def check_args(
         raise ValueError("`--cache_latents` caches VAE latents: give `--vae_path` too.")
     if args.cache_latents and not args.center_crop:
         raise ValueError("`--cache_latents` encodes each image once, so it needs `--center_crop` (no random crops).")
-    if args.boundary_units == "sigma" and (args.snr_gamma is not None or args.prediction_type == "sample"):
+    if args.boundary_units == "sigma" and (
+        args.snr_gamma is not None or args.prediction_type == "sample" or args.noise_offset
+    ):
         raise ValueError(
-            "EDM-style training (`--boundary_units sigma`) takes neither `--snr_gamma` nor `--prediction_type sample`."
+            "EDM-style training (`--boundary_units sigma`) takes neither `--snr_gamma`, `--noise_offset` nor "
+            "`--prediction_type sample`."
         )
     check_hub_options(args)
     check_optimisation_numbers(args)
@@ -504,6 +509,7 @@ def check_optimisation_numbers(args: argparse.Namespace) -> None:
         "adam_beta2": (0.0, 1.0, False),
         "adam_weight_decay": (0.0, math.inf, False),
         "adam_epsilon": (0.0, math.inf, False),
+        "noise_offset": (0.0, math.inf, False),
     }
     for name, (low, high, closed) in ranges.items():
         value = getattr(args, name)

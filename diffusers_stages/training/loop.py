@@ -425,7 +425,10 @@ def _train_step(state: RunState, batch: dict, generator: torch.Generator):
 
     # 2. the task's plan: which sample goes to which network at which noise level, and its loss there
     draw = task.draw(batch_size, generator)
-    noise = torch.randn((len(draw.rows), *clean.shape[1:]), generator=generator).to(clean.device)
+    noise = torch.randn((len(draw.rows), *clean.shape[1:]), generator=generator)
+    if args.noise_offset:  # offset noise, as diffusers' train_text_to_image.py: one shift per sample and channel
+        noise += args.noise_offset * torch.randn((len(draw.rows), clean.shape[1], 1, 1), generator=generator)
+    noise = noise.to(clean.device)
     losses = torch.zeros(len(draw.rows), device=clean.device)
     for k, network in enumerate(state.models):
         sel = (draw.network == k).nonzero().squeeze(1)

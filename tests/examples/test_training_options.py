@@ -11,7 +11,7 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 
 from diffusers_stages import MultiStagePipeline, TimestepPartition
 from diffusers_stages.planning import partition_to_model_config
-from diffusers_stages.training import MultiStageTask, build_task, hub
+from diffusers_stages.training import MultiStageTask, build_task, hub, train
 from diffusers_stages.training.loss import diffusion_loss
 
 
@@ -208,7 +208,6 @@ def test_the_trackers_log_the_unet_shape_the_run_used(
         (["--eval_batch_size", "8"], "`--num_sample_images`"),
         (["--save_images_epochs", "10"], "`--save_images_steps`"),
         (["--ddpm_num_inference_steps", "1000"], "`--num_inference_steps`"),
-        (["--noise_offset", "0.1"], "offset noise"),
         (["--input_perturbation", "0.1"], "input perturbation"),
         (["--use_8bit_adam"], "AdamW"),
         (["--validation_epochs", "5"], "`--save_images_steps`"),
@@ -295,3 +294,26 @@ def test_max_train_samples_trains_on_the_first_images_after_a_seeded_shuffle(
     with pytest.raises(ValueError, match="`--max_train_samples` 25 is more than the 24 training images"):
         examples.train(script, [*base, "--output_dir", str(tmp_path / "more"), "--max_train_samples", "25"])
     assert not os.path.exists(tmp_path / "more")
+
+
+def test_noise_offset_shifts_each_channels_noise_as_diffusers_does(examples, script, image_folder, tmp_path, capsys):
+    # diffusers' train_text_to_image.py: noise += noise_offset * randn(batch, channels, 1, 1), scored as drawn
+    noises = []
+
+    class Recording(MultiStageTask):
+        def loss(self, network, noise_scheduler, clean, timesteps, noise, class_labels=None):
+            noises.append(noise.clone())
+            return super().loss(network, noise_scheduler, clean, timesteps, noise, class_labels)
+
+    base = [*examples.TINY, "--train_data_dir", image_folder, "--max_train_steps", "1", "--stage_boundaries", "500"]
+    for name, extra in (("plain", []), ("offset", ["--noise_offset", "0.5"])):
+        args = script.parse_args([*base, "--output_dir", str(tmp_path / name), *extra])
+        train(args, Recording(args))
+    plain, offset = torch.cat(noises[: len(noises) // 2]), torch.cat(noises[len(noises) // 2 :])
+    shift = offset - plain  # the same plain noise (same seed), plus one offset per sample and channel
+    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-6) and shift.abs().min() > 0
+
+    with pytest.raises(SystemExit):  # EDM's loss has no offset noise
+        script.parse_args([*base, "--boundary_units", "sigma", "--stage_boundaries", "1.0", "--noise_offset", "0.1",
+                           "--output_dir", str(tmp_path / "edm")])  # fmt: skip
+    assert "`--noise_offset`" in capsys.readouterr().err
