@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # source pipeline gives the U-Net, the VAE and the noise schedule (options that would choose them are refused;
     # `text_to_image.SOURCE_OPTIONS`, unset by default in the shared parser)
     parser.set_defaults(
-        resolution=512, learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=0, class_dropout_prob=0.0,
+        resolution=512, learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=500, class_dropout_prob=0.0,
         adam_beta1=0.9, adam_weight_decay=1e-2,
         prediction_type=None, output_dir="sd-model-finetuned-stages", ddpm_beta_schedule=None,
     )  # fmt: skip

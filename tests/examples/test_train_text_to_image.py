@@ -181,7 +181,8 @@ def test_the_optimiser_defaults_are_diffusers_text_to_image_ones(script, source,
     args = script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
                               "caption", *TINY, "--output_dir", str(tmp_path / "o")])  # fmt: skip
     assert (args.adam_beta1, args.adam_beta2, args.adam_weight_decay, args.adam_epsilon) == (0.9, 0.999, 1e-2, 1e-8)
-    assert (args.lr_scheduler, args.lr_warmup_steps, args.resolution) == ("constant", 0, 16)
+    # diffusers' text-to-image warm-up default (500 steps; `constant`, the default schedule, has none)
+    assert (args.lr_scheduler, args.lr_warmup_steps, args.resolution) == ("constant", 500, 16)
 
 
 def test_old_path_runs_the_new_script(monkeypatch, capsys):
