@@ -203,3 +203,22 @@ def test_dataset_name_with_a_caption_column(script, source, tmp_path):
     assert type(StableDiffusionPipeline.from_pretrained(out).unet) is MultiStageUNet2DConditionModel
     with pytest.raises(ValueError, match="`--caption_column` 'title' is not a column"):
         _run(script, [*base, "--caption_column", "title", "--output_dir", str(tmp_path / "bad")])
+
+
+def test_max_train_samples_keeps_each_image_with_its_caption(script, source, tmp_path, monkeypatch):
+    # the captions ride on the label indices: the first N images after the seeded shuffle keep their own captions
+    from diffusers_stages.training import loop
+
+    seen = []
+    images = loop.TrainingImages
+    monkeypatch.setattr(loop, "TrainingImages", lambda records, *args: seen.append(records) or images(records, *args))
+    sd, data = source
+    out = str(tmp_path / "o")
+    _run(script, ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption",
+                  *TINY, "--stage_boundaries", "500", "--max_train_steps", "1", "--max_train_samples", "4",
+                  "--seed", "3", "--output_dir", out])  # fmt: skip
+    (records,) = seen
+    chosen = np.random.default_rng(3).permutation(16)[:4].tolist()
+    captions = ["a red cat", "a dog", "cat", "a big cat"]
+    assert [records.class_names[label] for label in records.labels] == [captions[i % 4] for i in chosen]
+    assert StableDiffusionPipeline.from_pretrained(out).unet.num_stages == 2
