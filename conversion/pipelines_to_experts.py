@@ -14,6 +14,7 @@ data). Nothing is retrained; every expert is its source, bit for bit.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 
 import torch
@@ -98,13 +99,24 @@ def gather_sources(paths: list[str]):
             )
         if source_vae is not None and vae is None:
             vae = source_vae
-        elif source_vae is not None and any(
-            not torch.equal(a, b) for a, b in zip(vae.state_dict().values(), source_vae.state_dict().values())
-        ):
-            raise ValueError(
-                f"{path} has another VAE than the first latent source: experts must share one latent space."
-            )
+        elif source_vae is not None:
+            check_same_vae(vae, source_vae, path)
     return unets, scheduler or load_source(paths[0])[1], vae
+
+
+def check_same_vae(vae, other, path: str) -> None:
+    """Refuse ``other`` (the VAE of source ``path``) unless it is ``vae``: the same class, options (a
+    ``scaling_factor`` too: it sets the latents' scale) and weights."""
+    # its constructor's options only: a key diffusers ignores (a folder of another version) is no part of it
+    arguments = inspect.signature(type(vae).__init__).parameters
+    options = [k for k in arguments if k in vae.config and vae.config.get(k) != other.config.get(k)]
+    first, second = vae.state_dict(), other.state_dict()
+    same_weights = first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    if type(vae) is not type(other) or options or not same_weights:
+        raise ValueError(
+            f"{path} has another VAE than the first latent source ({sorted(options) or 'its class or weights'} "
+            "differ): experts must share one latent space."
+        )
 
 
 def build(args: argparse.Namespace, unets, scheduler, vae):

@@ -120,3 +120,21 @@ def test_a_shorter_schedule_with_a_learned_time_embedding_verifies(tmp_path, pip
     combine(paths, str(tmp_path / "out"), "--pipeline", pipeline, "--verify", *extra)
     printed = capsys.readouterr().out
     assert "expert 1 vs its source at timestep 450: max |source - converted| = 0.000e+00" in printed
+
+
+def test_latent_sources_whose_vaes_scale_their_latents_differently_are_refused(ldm_folder, tmp_path):
+    """The same VQ-VAE weights with another `scaling_factor` are another latent space (its experts were trained on
+    latents of another scale): only the weights were compared, so the second source's VAE config was dropped."""
+    import json
+    import shutil
+
+    other = str(tmp_path / "other")
+    shutil.copytree(ldm_folder, other)
+    config_path = os.path.join(other, "vqvae", "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, "scaling_factor": 1.0}, f)
+    with pytest.raises(ValueError, match=r"other has another VAE than the first latent source.*scaling_factor"):
+        combine([ldm_folder, other], str(tmp_path / "out"), "--stage_boundaries", "500")
+    assert not (tmp_path / "out").exists()
