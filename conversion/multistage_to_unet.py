@@ -156,6 +156,14 @@ def source_subfolder(path: str) -> str | None:
 def load_multistage(path: str) -> MultiStageUNet2DModel | MultiStageUNet2DConditionModel:
     source_folder(path)
     subfolder = source_subfolder(path)
+    if subfolder is not None and not os.path.isdir(os.path.join(path, subfolder)):
+        entry = read_json(os.path.join(path, "model_index.json"), "model_index.json").get("_class_name")
+        name = entry[-1] if isinstance(entry, list) and entry else entry  # saved as `[file, class]` or by name
+        raise ValueError(
+            f"`--source` {path} holds a {name!r} without a `unet`: multistage_to_unet exports a stage of a "
+            "MultiStagePipeline or of a Stable Diffusion pipeline with a staged unet. An ExpertRoutingPipeline's "
+            "experts (`experts/expert_<i>`) and a DualBackbonePipeline's `deep` and `shallow` are plain U-Nets already."
+        )
     config_path = os.path.join(path, subfolder or "", "config.json")
     if os.path.isfile(config_path):
         class_name = read_json(config_path, "config.json").get("_class_name")

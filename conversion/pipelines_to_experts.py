@@ -14,6 +14,7 @@ data). Nothing is retrained; every expert is its source, bit for bit.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 
 import torch
@@ -98,13 +99,24 @@ def gather_sources(paths: list[str]):
             )
         if source_vae is not None and vae is None:
             vae = source_vae
-        elif source_vae is not None and any(
-            not torch.equal(a, b) for a, b in zip(vae.state_dict().values(), source_vae.state_dict().values())
-        ):
-            raise ValueError(
-                f"{path} has another VAE than the first latent source: experts must share one latent space."
-            )
+        elif source_vae is not None:
+            check_same_vae(vae, source_vae, path)
     return unets, scheduler or load_source(paths[0])[1], vae
+
+
+def check_same_vae(vae, other, path: str) -> None:
+    """Refuse ``other`` (the VAE of source ``path``) unless it is ``vae``: the same class, options (a
+    ``scaling_factor`` too: it sets the latents' scale) and weights."""
+    # its constructor's options only: a key diffusers ignores (a folder of another version) is no part of it
+    arguments = inspect.signature(type(vae).__init__).parameters
+    options = [k for k in arguments if k in vae.config and vae.config.get(k) != other.config.get(k)]
+    first, second = vae.state_dict(), other.state_dict()
+    same_weights = first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    if type(vae) is not type(other) or options or not same_weights:
+        raise ValueError(
+            f"{path} has another VAE than the first latent source ({sorted(options) or 'its class or weights'} "
+            "differ): experts must share one latent space."
+        )
 
 
 def build(args: argparse.Namespace, unets, scheduler, vae):
@@ -149,8 +161,8 @@ def written_experts(pipe) -> list:
 
 
 def verify(written, built, unets, tolerance: float, steps: int = 4) -> None:
-    """Each written expert against its source across the schedule, then samples of the reloaded pipeline against
-    the pipeline before saving (same seed)."""
+    """Each written expert against its source at 10% and 90% of the training schedule, then samples of the reloaded
+    pipeline against the pipeline before saving (same seed)."""
     config = unets[0].config
     size = (config.sample_size,) * 2 if isinstance(config.sample_size, int) else tuple(config.sample_size)
     x = torch.randn(2, config.in_channels, *size, generator=torch.manual_seed(1))
@@ -158,8 +170,11 @@ def verify(written, built, unets, tolerance: float, steps: int = 4) -> None:
     labels = None if class_embedding_count(config) is None else torch.zeros(2, dtype=torch.long)
     run = {"batch_size": 2} if labels is None else {"class_labels": labels}
     differences = {}
+    steps_trained = (
+        written.scheduler.config.num_train_timesteps
+    )  # inside it: a learned time embedding has no more rows
     for index, (expert, source) in enumerate(zip(written_experts(written), unets)):
-        for t in (torch.tensor(100), torch.tensor(900)):
+        for t in (torch.tensor(steps_trained // 10), torch.tensor(9 * steps_trained // 10)):
             differences[f"expert {index} vs its source at timestep {int(t)}"] = max_difference(
                 expert(x, t, class_labels=labels).sample, source(x, t, class_labels=labels).sample
             )

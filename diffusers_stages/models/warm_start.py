@@ -3,6 +3,7 @@ copy of the source's up path) and the model built from the source's config, whos
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -54,7 +55,10 @@ def warm_start(
             "architecture): build the staged model from the plain U-Net (`pipe.unload_ip_adapter()` first) and load "
             "the IP-Adapter into it afterwards (`pipe.load_ip_adapter` takes the source's IP-Adapter)."
         )
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    # the source's constructor arguments: a key diffusers ignored when it built the source (a folder saved by another
+    # diffusers version) is kept in `unet.config`, but is no part of its architecture
+    arguments = inspect.signature(source_class.__init__).parameters
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_") and k in arguments}
     unet_steps = config.pop("num_train_timesteps", None)
     if num_train_timesteps is None:  # anything given (a 0 too) goes to the model's check as given
         num_train_timesteps = unet_steps or 1000

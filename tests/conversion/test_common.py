@@ -1,6 +1,7 @@
 """All-or-nothing output folders (also across a kill) and strict key checks shared by the conversion scripts."""
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -166,3 +167,18 @@ def test_an_empty_output_path_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         multistage_to_unet.parse_args(argv)
     assert "argument --output_path: must name a folder, got ''" in capsys.readouterr().err
+
+
+def test_verify_fails_on_a_nan_the_source_does_not_have():
+    """A converted model giving NaN where its source does not was a NaN difference, which `max` skipped unless it
+    came first: --verify passed. It fails now; NaN (or inf) at the same place in both agree."""
+    from diffusers_stages.conversion.common import max_difference, report_verification
+
+    source = torch.tensor([1.0, 2.0, math.inf])
+    converted = torch.tensor([1.0, math.nan, math.inf])
+    assert max_difference(source, converted) == math.inf
+    assert max_difference(converted, converted) == 0.0  # a source that gives NaN itself: the same NaN agrees
+    with pytest.raises(ValueError, match="--verify failed: largest difference inf exceeds --tolerance 0.0001"):
+        report_verification({"denoiser": 0.0, "samples": max_difference(source, converted)}, 1e-4)
+    with pytest.raises(ValueError, match="--verify failed: largest difference nan exceeds --tolerance 0.0001"):
+        report_verification({"denoiser": 0.0, "samples": math.nan}, 1e-4)

@@ -67,3 +67,20 @@ def test_a_source_config_that_is_not_a_json_object_is_named(staged_folder, tmp_p
         f.write("[1]")
     with pytest.raises(ValueError, match="config.json"):
         export(staged_folder, str(tmp_path / "out"), 0)
+
+
+def test_a_pipeline_without_a_unet_is_named_with_where_its_plain_models_are(tmp_path):
+    """An expert-routing folder has no `unet`: the error named diffusers' `subfolder` argument, which the command
+    does not have; it names the pipeline and where its plain U-Nets are."""
+    from diffusers import DDPMScheduler
+
+    from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
+    from tests.conversion.conftest import tiny_unet
+
+    experts = ExpertRoutingModel([tiny_unet(0), tiny_unet(1)], stage_boundaries=(500,))
+    source = str(tmp_path / "routed")
+    ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler()).save_pretrained(source)
+    with pytest.raises(ValueError, match=r"holds a 'ExpertRoutingPipeline' without a `unet`.*experts/expert_<i>") as e:
+        export(source, str(tmp_path / "out"), 0)
+    assert "subfolder" not in str(e.value)
+    assert not (tmp_path / "out").exists()

@@ -104,3 +104,37 @@ def test_half_precision_sources_stay_half_precision(tmp_path, pipeline):
     weights = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "out") for f in fs if f.endswith(".safetensors")]
     assert len(weights) == 2
     assert {v.dtype for path in weights for v in load_file(path).values()} == {torch.float16}
+
+
+@pytest.mark.parametrize("pipeline", ["experts", "dual_backbone"])
+def test_a_shorter_schedule_with_a_learned_time_embedding_verifies(tmp_path, pipeline, capsys):
+    """--verify compared the experts at timesteps 100 and 900 whatever the schedule: past the 500 rows of a learned
+    time embedding that was an IndexError. It compares them at 10% and 90% of the sources' training schedule."""
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        unet = UNet2DModel(**TINY_UNET, time_embedding_type="learned", num_train_timesteps=500).eval()
+        paths.append(str(tmp_path / f"source{seed}"))
+        DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=500)).save_pretrained(paths[-1])
+    extra = ["--stage_boundaries", "250"] if pipeline == "experts" else ["--switch_step_fraction", "0.5"]
+    combine(paths, str(tmp_path / "out"), "--pipeline", pipeline, "--verify", *extra)
+    printed = capsys.readouterr().out
+    assert "expert 1 vs its source at timestep 450: max |source - converted| = 0.000e+00" in printed
+
+
+def test_latent_sources_whose_vaes_scale_their_latents_differently_are_refused(ldm_folder, tmp_path):
+    """The same VQ-VAE weights with another `scaling_factor` are another latent space (its experts were trained on
+    latents of another scale): only the weights were compared, so the second source's VAE config was dropped."""
+    import json
+    import shutil
+
+    other = str(tmp_path / "other")
+    shutil.copytree(ldm_folder, other)
+    config_path = os.path.join(other, "vqvae", "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, "scaling_factor": 1.0}, f)
+    with pytest.raises(ValueError, match=r"other has another VAE than the first latent source.*scaling_factor"):
+        combine([ldm_folder, other], str(tmp_path / "out"), "--stage_boundaries", "500")
+    assert not (tmp_path / "out").exists()

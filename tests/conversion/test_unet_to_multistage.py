@@ -252,3 +252,21 @@ def test_a_learned_time_embedding_verifies_with_integer_timesteps(tmp_path, caps
     args = ["--source", str(tmp_path / "staged"), "--stage", "1", "--output_path", str(tmp_path / "stage1")]
     multistage_to_unet.main(multistage_to_unet.parse_args([*args, "--verify", "--tolerance", "0"]))
     assert capsys.readouterr().out.count("= 0.000e+00") == 4  # two stages, the samples, the export
+
+
+def test_a_config_key_diffusers_ignores_is_left_out_not_a_type_error(tmp_path, capsys):
+    """A folder saved by another diffusers version may hold a config key `UNet2DModel` does not take: diffusers warns
+    and ignores it (keeping it in `unet.config`); the conversion ignored it too, not a TypeError, and writes no such
+    key."""
+    source = str(tmp_path / "ddpm")
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(source)
+    config_path = os.path.join(source, "unet", "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, "an_option_of_another_version": 3}, f)
+    out = str(tmp_path / "staged")
+    convert(source, out, "--stage_boundaries", "500", "--verify")
+    assert "3-step samples (seed 0): max |source - converted| = 0.000e+00" in capsys.readouterr().out
+    with open(os.path.join(out, "unet", "config.json")) as f:
+        assert "an_option_of_another_version" not in json.load(f)

@@ -23,3 +23,17 @@ def test_a_learned_time_embedding_keeps_its_table_length(steps):
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
     with torch.no_grad():
         assert torch.allclose(staged(x, t).sample, unet(x, t).sample, atol=1e-5)
+
+
+def test_config_keys_the_source_class_ignores_are_left_out(tiny_cond_unet):
+    """A config key diffusers ignored when it built the source (a folder of another diffusers version) is not
+    passed on to the staged class, where it was a TypeError."""
+    from diffusers_stages import MultiStageUNet2DConditionModel
+
+    unet = tiny_cond_unet(0)
+    unet.register_to_config(an_option_of_another_version=3)
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=(500,))
+    assert "an_option_of_another_version" not in staged.config
+    plain = UNet2DModel(**TINY_UNET)
+    plain.register_to_config(an_option_of_another_version=3)
+    assert "an_option_of_another_version" not in MultiStageUNet2DModel.from_unet(plain, stage_boundaries=(500,)).config
