@@ -34,6 +34,9 @@ from .planning import (
 from .planning.budget import check_budget
 from .planning.optimal_denoiser import check_planning_data
 from .planning.sizing import width_multiple
+from .planning.stage_plan import _check_unit_interval
+
+PLANNING_INTEGERS = ("resolution", "num_samples", "chunk_size", "max_images")  # checked before loading
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,6 +138,14 @@ def check_args(args: argparse.Namespace) -> None:
         check_device(args.device, "--device")
     if args.budget is not None:
         check_budget(args.budget, "--budget")
+    # the planning functions check these too, but only once every image is loaded
+    if args.num_stages < 2:
+        raise ValueError(f"`--num_stages` must be an integer >= 2, got {args.num_stages}.")
+    check_positive_integers(
+        ("--max_images",), **{f"--{option}": getattr(args, option) for option in PLANNING_INTEGERS}
+    )
+    for option in ("alpha", "eta"):
+        _check_unit_interval(f"--{option}", getattr(args, option))
     check_positive_integers(
         **{f"--{option}": getattr(args, option) for option in ("num_inference_steps", "batch_size")
            if getattr(args, option) is not None}

@@ -106,8 +106,6 @@ def test_module_entry_point_runs_for_an_edm_schedule():
 
 
 def test_bad_command_lines_are_refused(digit_folder):
-    with pytest.raises(ValueError, match="`alpha` must be in \\(0, 1\\], got 1.5"):
-        run(["--train_data_dir", str(digit_folder), *FAST, "--alpha", "1.5"])
     with pytest.raises(ValueError, match="Give exactly one of `train_data_dir` and `dataset`"):
         run(FAST)
     with pytest.raises(SystemExit):
@@ -300,3 +298,24 @@ def test_an_output_over_the_scheduler_or_model_path_config_is_refused_before_any
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and named in err and "give another path" in err, err
     assert json.loads((scheduler / "scheduler_config.json").read_text()) == {"_class_name": "DDPMScheduler"}
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--num_stages", "1", "`--num_stages` must be an integer >= 2, got 1"),
+        ("--num_samples", "0", "`--num_samples` must be a positive integer"),
+        ("--chunk_size", "0", "`--chunk_size` must be a positive integer"),
+        ("--max_images", "0", "`--max_images` must be a positive integer"),
+        ("--resolution", "0", "`--resolution` must be a positive integer"),
+        ("--alpha", "1.5", "`--alpha` must be in (0, 1], got 1.5"),
+        ("--eta", "0", "`--eta` must be in (0, 1], got 0.0"),
+    ],
+)
+def test_bad_planning_options_are_usage_errors_before_any_image_is_read(tmp_path, capsys, option, value, message):
+    # these were refused by the planning functions, after every image was loaded, with exit status 1 and the
+    # Python argument's name (`num_stages`)
+    missing = str(tmp_path / "no-such-folder")  # never read: the options are checked first
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", missing, *FAST, option, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
