@@ -147,6 +147,17 @@ def test_decoder_widths_follow_difficulty_and_norm_groups(digits, gray_unet_kwar
     assert model(torch.randn(3, 1, 8, 8), torch.tensor([10, 400, 900])).sample.shape == (3, 1, 8, 8)
 
 
+def test_decoder_widths_for_a_model_config_give_every_attention_layer_a_head(gray_unet_kwargs):
+    # rounded to norm_num_groups alone (4), the narrow decoder of a model whose heads are 8 channels wide got width 4:
+    # no head, and the model refused to build; given the model's config, the widths are multiples of both
+    config = dict(gray_unet_kwargs, attention_head_dim=8)
+    widths = suggest_decoder_widths(config["block_out_channels"], [1.0, 0.3, 0.0], config=config)
+    assert all(w % 8 == 0 for stage in widths for w in stage)
+    MultiStageUNet2DModel(**config, stage_boundaries=(300, 600), decoder_block_out_channels=widths)  # builds
+    with pytest.raises(ValueError, match="`norm_num_groups` and `config`"):
+        suggest_decoder_widths(config["block_out_channels"], [1.0, 0.0], norm_num_groups=4, config=config)
+
+
 def test_plan_goes_into_a_model_config_and_survives_save_and_reload(tmp_path, tiny_unet_kwargs):
     plan = plan_stages(None, DDPMScheduler(), 4, "snr_clustering")
     unet = UNet2DModel(**tiny_unet_kwargs)
