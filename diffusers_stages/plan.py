@@ -344,7 +344,10 @@ def plan_command(args: argparse.Namespace) -> dict:
     unit = "timestep" if schedule.units == "timestep" else "sigma"
     print(f"{args.method}: {plan.partition.num_stages} stages, boundaries in {unit} units")
     for s, (low, high) in enumerate(plan.partition.intervals()):
-        print(f"  stage {s}: [{low:.6g}, {high:.6g})")
+        if unit == "sigma":  # (b_{s-1}, b_s]: a sigma on a boundary is the cleaner stage's, as in the EDM code
+            print(f"  stage {s}: ({low:.6g}, {high:.6g}{')' if high == float('inf') else ']'}")
+        else:
+            print(f"  stage {s}: [{low:.6g}, {high:.6g})")
 
     # 3. decoder widths and the model config
     if config is not None:

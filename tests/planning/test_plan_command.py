@@ -319,3 +319,14 @@ def test_bad_planning_options_are_usage_errors_before_any_image_is_read(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         run(["--train_data_dir", missing, *FAST, option, value])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_printed_sigma_stages_hold_their_upper_boundary(capsys):
+    # sigma stages route as the authors' EDM code, (b_{s-1}, b_s] (a sigma on a boundary goes to the cleaner stage),
+    # but the command printed every stage as [low, high), the timestep convention
+    result = run(["--method", "snr", "--edm", "--num_stages", "3", "--num_levels", "20"])
+    low, high = (f"{b:.6g}" for b in result["stage_boundaries"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [f"  stage 0: (0, {low}]", f"  stage 1: ({low}, {high}]", f"  stage 2: ({high}, inf)"] == lines[1:4]
+    run(["--method", "snr", "--num_stages", "2", "--num_levels", "20"])
+    assert "  stage 0: [0, " in capsys.readouterr().out  # timesteps: [b_{s-1}, b_s)
