@@ -330,3 +330,15 @@ def test_printed_sigma_stages_hold_their_upper_boundary(capsys):
     assert [f"  stage 0: (0, {low}]", f"  stage 1: ({low}, {high}]", f"  stage 2: ({high}, inf)"] == lines[1:4]
     run(["--method", "snr", "--num_stages", "2", "--num_levels", "20"])
     assert "  stage 0: [0, " in capsys.readouterr().out  # timesteps: [b_{s-1}, b_s)
+
+
+def test_the_json_line_holds_the_keys_the_readme_lists(digit_folder, tmp_path, tiny_unet_kwargs):
+    plan_keys = ["method", "stage_boundaries", "num_train_timesteps", "boundary_units", "fractions"]
+    assert list(run(["--method", "snr", "--num_levels", "20"])) == plan_keys
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(dict(tiny_unet_kwargs, in_channels=1, out_channels=1)))
+    common = ["--train_data_dir", str(digit_folder), *FAST, "--method", "snr", "--model_config", str(model_config)]
+    widths = ["stage_difficulty", "decoder_block_out_channels"]
+    assert list(run(common)) == [*plan_keys, *widths]
+    budget = ["expected_flops", "budget", "stage_flops", "stage_calls"]
+    assert set(run([*common, "--budget", "1e9"])) == {*plan_keys, *widths, *budget}
