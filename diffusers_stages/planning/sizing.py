@@ -61,7 +61,8 @@ def stage_difficulty(data: torch.Tensor, schedule: NoiseSchedule, partition: Tim
     if partition.units != schedule.units:
         raise ValueError(f"`partition` is in {partition.units!r} units but `schedule` in {schedule.units!r} units.")
     dim = check_planning_data(data).shape[1]
-    spectrum = data_spectrum(data).cpu()  # where the schedule's scales are
+    # a fixed subset of wide data (see `data_spectrum`): the widths depend on the data alone, not the global seed
+    spectrum = data_spectrum(data, generator=torch.Generator().manual_seed(0)).cpu()  # where the schedule's scales are
     a2, s2 = schedule.signal_scale[:, None] ** 2, schedule.noise_scale[:, None] ** 2
     per_level = (a2 * spectrum / (a2 * spectrum + s2)).sum(1) / dim
     stages = partition.stage_for_noise_level(schedule.levels)

@@ -1,5 +1,6 @@
 """Stage planning: the boundary rule, baselines, units, stability on real data, sizes, configs and bad input."""
 
+import functools
 import math
 
 import pytest
@@ -310,3 +311,18 @@ def test_schedule_of_a_scheduler_used_on_an_accelerator():
             data, scheduler, num_levels=21, num_samples=4, generator=torch.manual_seed(0), device="cpu"
         )
     assert found.partition == expected.partition
+
+
+def test_stage_difficulty_of_wide_data_does_not_depend_on_the_global_random_state(monkeypatch):
+    # past max_dim pixels the spectrum is taken on a random subset of max_images images, drawn from the global random
+    # state: the heuristic and budget widths of plan_stages(..., generator=...) changed with torch.manual_seed
+    from diffusers_stages.planning import sizing
+
+    monkeypatch.setattr(sizing, "data_spectrum", functools.partial(sizing.data_spectrum, max_dim=4, max_images=8))
+    data = torch.randn(64, 16, generator=torch.manual_seed(0)) * torch.linspace(0.1, 2, 16)
+    schedule = NoiseSchedule.edm(num_levels=20)
+    partition = schedule.partition([0.5, 5.0])
+    torch.manual_seed(1)
+    first = stage_difficulty(data, schedule, partition)
+    torch.manual_seed(2)
+    assert stage_difficulty(data, schedule, partition) == first
