@@ -321,12 +321,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deep", help="a saved deep model folder")
     parser.add_argument("--scheduler", help="a saved scheduler folder")
     parser.add_argument("--data", default="digits", help="'digits' (sklearn), an image folder, or a datasets name")
-    parser.add_argument("--num_images", type=int, default=256)
-    parser.add_argument("--num_levels", type=int, default=25)
+    parser.add_argument(
+        "--num_images", type=int, default=256, help="the first N images of --data, at the deep model's sample_size"
+    )
+    parser.add_argument(
+        "--num_levels",
+        type=int,
+        default=25,
+        help="noise levels measured (>= 2): evenly spread training timesteps, or log-spaced sigmas for EDM",
+    )
     parser.add_argument(
         "--tolerance", type=float, default=0.05, help="allowed relative excess error of the shallow model"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise both models are measured on")
     parser.add_argument("--plot", default="switch.png", help="where to save the PNG (written as a PNG at this path)")
     return parser.parse_args(argv)
 

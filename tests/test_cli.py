@@ -244,3 +244,14 @@ def test_the_readme_command_line_section_names_every_conversion():
     section = readme.split("### Command line", 1)[1].split("\n## ", 1)[0]
     for name in cli.CONVERSIONS:
         assert name in section, name
+
+
+@pytest.mark.parametrize("command", ["plan", "switch"])
+def test_every_option_of_the_commands_has_a_help_text(capsys, command):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    lines = capsys.readouterr().out.split("options:")[1].splitlines()
+    for line, following in zip(lines, [*lines[1:], ""]):
+        bare = line.startswith("  -") and "  " not in line.strip()  # the option alone, its help (if any) below
+        if bare:
+            assert following.startswith(" " * 10), line  # help lines are indented past the options
