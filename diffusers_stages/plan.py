@@ -33,7 +33,9 @@ from .planning import (
 )
 from .planning.budget import check_budget
 from .planning.optimal_denoiser import check_planning_data
-from .planning.sizing import width_multiple
+from .planning.stage_plan import _check_unit_interval
+
+PLANNING_INTEGERS = ("resolution", "num_samples", "chunk_size", "max_images")  # checked before loading
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,6 +137,14 @@ def check_args(args: argparse.Namespace) -> None:
         check_device(args.device, "--device")
     if args.budget is not None:
         check_budget(args.budget, "--budget")
+    # the planning functions check these too, but only once every image is loaded
+    if args.num_stages < 2:
+        raise ValueError(f"`--num_stages` must be an integer >= 2, got {args.num_stages}.")
+    check_positive_integers(
+        ("--max_images",), **{f"--{option}": getattr(args, option) for option in PLANNING_INTEGERS}
+    )
+    for option in ("alpha", "eta"):
+        _check_unit_interval(f"--{option}", getattr(args, option))
     check_positive_integers(
         **{f"--{option}": getattr(args, option) for option in ("num_inference_steps", "batch_size")
            if getattr(args, option) is not None}
@@ -286,7 +296,7 @@ def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: Nois
         )
         return plan.decoder_block_out_channels
     difficulty = stage_difficulty(data, schedule, plan.partition)
-    widths = suggest_decoder_widths(config["block_out_channels"], difficulty, width_multiple(config))
+    widths = suggest_decoder_widths(config["block_out_channels"], difficulty, config=config)
     result["stage_difficulty"] = [round(d, 4) for d in difficulty]
     result["decoder_block_out_channels"] = [list(w) for w in widths]
     print(f"  heuristic decoder widths (clean stage first): {result['decoder_block_out_channels']}")
@@ -334,7 +344,10 @@ def plan_command(args: argparse.Namespace) -> dict:
     unit = "timestep" if schedule.units == "timestep" else "sigma"
     print(f"{args.method}: {plan.partition.num_stages} stages, boundaries in {unit} units")
     for s, (low, high) in enumerate(plan.partition.intervals()):
-        print(f"  stage {s}: [{low:.6g}, {high:.6g})")
+        if unit == "sigma":  # (b_{s-1}, b_s]: a sigma on a boundary is the cleaner stage's, as in the EDM code
+            print(f"  stage {s}: ({low:.6g}, {high:.6g}{')' if high == float('inf') else ']'}")
+        else:
+            print(f"  stage {s}: [{low:.6g}, {high:.6g})")
 
     # 3. decoder widths and the model config
     if config is not None:

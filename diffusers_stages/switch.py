@@ -103,8 +103,8 @@ def denoising_error(
     class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean denoising loss of ``model`` on ``images`` at each noise level, on ``scheduler``'s training noise
-    ([`training_scheduler`]); the noise depends only on ``seed``, so two models are compared on the very same noisy
-    inputs."""
+    ([`training_scheduler`]); the noise depends only on ``seed`` (not on ``batch_size``), so two models are compared
+    on the very same noisy inputs."""
     from .training.state import eval_mode
 
     scheduler = training_scheduler(scheduler)
@@ -112,10 +112,10 @@ def denoising_error(
     device = next(model.parameters()).device
     with eval_mode({"model": model}):  # no dropout (a model just trained is in training mode): the seed alone decides
         for i, level in enumerate(levels):
-            generator = torch.Generator().manual_seed(seed + i)
+            # the whole level's noise in one draw: torch's CPU sampler draws other values in other-sized pieces
+            noises = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed + i))
             for start in range(0, len(images), batch_size):
-                clean = images[start : start + batch_size]
-                noise = torch.randn(clean.shape, generator=generator)
+                clean, noise = images[start : start + batch_size], noises[start : start + batch_size]
                 labels = None if class_labels is None else class_labels[start : start + batch_size].to(device)
                 t = level.repeat(len(clean)).to(device)
                 loss = diffusion_loss(
@@ -321,12 +321,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deep", help="a saved deep model folder")
     parser.add_argument("--scheduler", help="a saved scheduler folder")
     parser.add_argument("--data", default="digits", help="'digits' (sklearn), an image folder, or a datasets name")
-    parser.add_argument("--num_images", type=int, default=256)
-    parser.add_argument("--num_levels", type=int, default=25)
+    parser.add_argument(
+        "--num_images", type=int, default=256, help="the first N images of --data, at the deep model's sample_size"
+    )
+    parser.add_argument(
+        "--num_levels",
+        type=int,
+        default=25,
+        help="noise levels measured (>= 2): evenly spread training timesteps, or log-spaced sigmas for EDM",
+    )
     parser.add_argument(
         "--tolerance", type=float, default=0.05, help="allowed relative excess error of the shallow model"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise both models are measured on")
     parser.add_argument("--plot", default="switch.png", help="where to save the PNG (written as a PNG at this path)")
     return parser.parse_args(argv)
 

@@ -128,10 +128,10 @@ PLAN_ERRORS = [
     (["--train_data_dir", "{root}/missing"], 1, "`train_data_dir` '{root}/missing' is not a folder"),
     (["--train_data_dir", "{root}/empty"], 1, "No images found in `train_data_dir` '{root}/empty'"),
     (["--train_data_dir", "{root}/text_only"], 1, "No images found in `train_data_dir` '{root}/text_only'"),
-    (["--train_data_dir", "{root}/empty", "--max_images", "-1"], 1, "`max_images` must be a positive integer"),
-    (["--train_data_dir", "{root}/empty", "--max_images", "0"], 1, "`max_images` must be a positive integer"),
-    (["--train_data_dir", "{root}/empty", "--resolution", "0"], 1, "`resolution` must be a positive integer, got 0"),
-    (["--method", "snr", "--num_stages", "1"], 1, "`num_stages` must be an integer >= 2, got 1"),
+    (["--train_data_dir", "{root}/empty", "--max_images", "-1"], 2, "`--max_images` must be a positive integer"),
+    (["--train_data_dir", "{root}/empty", "--max_images", "0"], 2, "`--max_images` must be a positive integer"),
+    (["--train_data_dir", "{root}/empty", "--resolution", "0"], 2, "`--resolution` must be a positive integer, got 0"),
+    (["--method", "snr", "--num_stages", "1"], 2, "`--num_stages` must be an integer >= 2, got 1"),
     (["--method", "snr", "--num_levels", "0"], 1, "`num_levels` must be an integer in [3, 1000], got 0"),
     (["--method", "snr", "--edm", "--rho", "0"], 1, "`rho` must be a positive finite number, got 0.0"),
     (["--method", "snr", "--edm", "--rho", "nan"], 1, "`rho` must be a positive finite number, got nan"),
@@ -244,3 +244,14 @@ def test_the_readme_command_line_section_names_every_conversion():
     section = readme.split("### Command line", 1)[1].split("\n## ", 1)[0]
     for name in cli.CONVERSIONS:
         assert name in section, name
+
+
+@pytest.mark.parametrize("command", ["plan", "switch"])
+def test_every_option_of_the_commands_has_a_help_text(capsys, command):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    lines = capsys.readouterr().out.split("options:")[1].splitlines()
+    for line, following in zip(lines, [*lines[1:], ""]):
+        bare = line.startswith("  -") and "  " not in line.strip()  # the option alone, its help (if any) below
+        if bare:
+            assert following.startswith(" " * 10), line  # help lines are indented past the options

@@ -7,7 +7,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from diffusers_stages import DualBackbonePipeline, MultiStagePipeline
-from diffusers_stages.switch import main, recommend_switch
+from diffusers_stages.switch import denoising_error, main, recommend_switch
 
 
 class Analytic(torch.nn.Module):
@@ -293,3 +293,16 @@ def test_more_levels_than_training_timesteps_are_refused():
     with pytest.raises(ValueError, match="`num_levels`=25 exceeds the 10 training timesteps"):
         recommend_switch(model, model, DDPMScheduler(10), torch.zeros(2, 1, 8, 8), num_levels=25)
     assert len(recommend_switch(model, model, DDPMScheduler(10), torch.zeros(2, 1, 8, 8), num_levels=10).levels) == 10
+
+
+def test_the_errors_do_not_depend_on_the_batch_size(tiny_unet_kwargs):
+    # the noise was drawn batch by batch from one generator per level, and torch's CPU normal sampler draws
+    # differently for tensors of other sizes: on 3x6x6 images another batch_size gave other noise and other errors
+    shape = {**tiny_unet_kwargs, "sample_size": 6}
+    torch.manual_seed(0)
+    model = UNet2DModel(**{**shape, "down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2})
+    images = torch.rand(5, 3, 6, 6) * 2 - 1
+    levels = torch.tensor([10, 500])
+    whole = denoising_error(model, DDPMScheduler(), images, levels, batch_size=64)
+    batched = denoising_error(model, DDPMScheduler(), images, levels, batch_size=2)
+    torch.testing.assert_close(batched, whole)

@@ -15,15 +15,20 @@ from ..models.checks import check_positive_integers
 
 logger = logging.getLogger(__name__)
 
+ORIENTATION = 0x0112  # the EXIF tag of a photo stored sideways
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def open_image_file(path: str, argument: str = "train_data_dir") -> Image.Image:
-    """Open and fully decode one image file; a file that is not a readable image (truncated, or not an image at all,
-    e.g. a text file named ``.png``) is a `ValueError` naming the file and ``argument``, the folder's argument."""
+    """Open and fully decode one image file, turned upright by its EXIF orientation (as `datasets` does); a file that
+    is not a readable image (truncated, or not an image at all, e.g. a text file named ``.png``) is a `ValueError`
+    naming the file and ``argument``, the folder's argument."""
     try:
         image = Image.open(path)
         image.load()  # decode now: a truncated file opens fine and fails only here
+        if image.getexif().get(ORIENTATION) is not None:  # upright, as `datasets` (diffusers' scripts) reads it
+            image, stored = ImageOps.exif_transpose(image), image
+            stored.close()
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as error:
         raise ValueError(
             f"`{argument}` holds a file that is not a readable image: {path!r} ({type(error).__name__}: {error}). "

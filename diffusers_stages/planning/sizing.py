@@ -61,7 +61,8 @@ def stage_difficulty(data: torch.Tensor, schedule: NoiseSchedule, partition: Tim
     if partition.units != schedule.units:
         raise ValueError(f"`partition` is in {partition.units!r} units but `schedule` in {schedule.units!r} units.")
     dim = check_planning_data(data).shape[1]
-    spectrum = data_spectrum(data).cpu()  # where the schedule's scales are
+    # a fixed subset of wide data (see `data_spectrum`): the widths depend on the data alone, not the global seed
+    spectrum = data_spectrum(data, generator=torch.Generator().manual_seed(0)).cpu()  # where the schedule's scales are
     a2, s2 = schedule.signal_scale[:, None] ** 2, schedule.noise_scale[:, None] ** 2
     per_level = (a2 * spectrum / (a2 * spectrum + s2)).sum(1) / dim
     stages = partition.stage_for_noise_level(schedule.levels)
@@ -73,14 +74,18 @@ def stage_difficulty(data: torch.Tensor, schedule: NoiseSchedule, partition: Tim
 def suggest_decoder_widths(
     block_out_channels: Sequence[int],
     difficulty: Sequence[float],
-    norm_num_groups: int = 32,
+    norm_num_groups: int | None = None,
     min_scale: float = PAPER_SCALES[0],
     max_scale: float = PAPER_SCALES[1],
+    *,
+    config: Mapping | None = None,
 ) -> tuple[tuple[int, ...], ...]:
     r"""
     Heuristic decoder widths per stage, clean stage first: ``block_out_channels`` scaled by
     ``min_scale + (max_scale - min_scale) * difficulty_s / max(difficulty)`` and rounded to a positive multiple of
-    ``norm_num_groups`` (so the result is a valid ``decoder_block_out_channels``).
+    ``norm_num_groups`` (default 32), or, given the model's ``config`` (a config or a model) instead, of its
+    ``norm_num_groups`` and, where its blocks attend, its ``attention_head_dim`` (`width_multiple`): the result is then
+    a valid ``decoder_block_out_channels`` of that model, every attention layer with a head.
 
     The defaults reproduce the extremes of the paper's CIFAR-10 decoders (x1.5 and x0.125 of the encoder).
 
@@ -93,6 +98,17 @@ def suggest_decoder_widths(
 
     ```
     """
+    if config is not None:
+        if norm_num_groups is not None:
+            raise ValueError(
+                f"Give one of `norm_num_groups` and `config`, got both (norm_num_groups={norm_num_groups!r}): the "
+                "widths are rounded to the config's norm_num_groups and attention_head_dim."
+            )
+        config = getattr(config, "config", config)
+        if not isinstance(config, Mapping):
+            raise ValueError(f"`config` must be a model config (a mapping) or a model, got {type(config).__name__}.")
+        norm_num_groups = width_multiple(config)
+    norm_num_groups = 32 if norm_num_groups is None else norm_num_groups
     if not 0 < min_scale <= max_scale:
         raise ValueError(f"Need 0 < `min_scale` <= `max_scale`, got min_scale={min_scale}, max_scale={max_scale}.")
     if not isinstance(norm_num_groups, int) or norm_num_groups < 1:

@@ -57,3 +57,18 @@ def test_links_out_of_the_folder_are_refused_and_links_inside_it_are_read(tmp_pa
     with pytest.raises(ValueError, match="`train_data_dir` holds a link to a file or folder outside it") as e:
         load_images(str(data), resolution=4, num_channels=1)
     assert repr(str(data / "private.png")) in str(e.value) and repr(str(outside / "private.png")) in str(e.value)
+
+
+def test_an_image_with_an_exif_orientation_is_read_upright_as_datasets_reads_it(tmp_path):
+    # a phone photo is stored sideways with an EXIF orientation tag: `datasets` (diffusers' training scripts, and
+    # `--dataset` here) turns it upright, the image folder read it sideways, so the same photos gave other data
+    pixels = np.zeros((8, 16), dtype=np.uint8)
+    pixels[:, :8] = 255  # the left half white: wide, so a quarter turn changes what the square crop holds
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "photo.png", exif=exif)
+    Image.fromarray(pixels).save(tmp_path / "plain.png")
+    upright = Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_270)  # what a viewer (and datasets) shows
+    loaded = load_images(train_data_dir=str(tmp_path), resolution=8, num_channels=1)
+    torch.testing.assert_close(loaded[0], image_to_tensor(upright, 8, 1))  # photo.png sorts first
+    torch.testing.assert_close(loaded[1], image_to_tensor(Image.fromarray(pixels), 8, 1))

@@ -106,8 +106,6 @@ def test_module_entry_point_runs_for_an_edm_schedule():
 
 
 def test_bad_command_lines_are_refused(digit_folder):
-    with pytest.raises(ValueError, match="`alpha` must be in \\(0, 1\\], got 1.5"):
-        run(["--train_data_dir", str(digit_folder), *FAST, "--alpha", "1.5"])
     with pytest.raises(ValueError, match="Give exactly one of `train_data_dir` and `dataset`"):
         run(FAST)
     with pytest.raises(SystemExit):
@@ -300,3 +298,47 @@ def test_an_output_over_the_scheduler_or_model_path_config_is_refused_before_any
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and named in err and "give another path" in err, err
     assert json.loads((scheduler / "scheduler_config.json").read_text()) == {"_class_name": "DDPMScheduler"}
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--num_stages", "1", "`--num_stages` must be an integer >= 2, got 1"),
+        ("--num_samples", "0", "`--num_samples` must be a positive integer"),
+        ("--chunk_size", "0", "`--chunk_size` must be a positive integer"),
+        ("--max_images", "0", "`--max_images` must be a positive integer"),
+        ("--resolution", "0", "`--resolution` must be a positive integer"),
+        ("--alpha", "1.5", "`--alpha` must be in (0, 1], got 1.5"),
+        ("--eta", "0", "`--eta` must be in (0, 1], got 0.0"),
+    ],
+)
+def test_bad_planning_options_are_usage_errors_before_any_image_is_read(tmp_path, capsys, option, value, message):
+    # these were refused by the planning functions, after every image was loaded, with exit status 1 and the
+    # Python argument's name (`num_stages`)
+    missing = str(tmp_path / "no-such-folder")  # never read: the options are checked first
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", missing, *FAST, option, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_printed_sigma_stages_hold_their_upper_boundary(capsys):
+    # sigma stages route as the authors' EDM code, (b_{s-1}, b_s] (a sigma on a boundary goes to the cleaner stage),
+    # but the command printed every stage as [low, high), the timestep convention
+    result = run(["--method", "snr", "--edm", "--num_stages", "3", "--num_levels", "20"])
+    low, high = (f"{b:.6g}" for b in result["stage_boundaries"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [f"  stage 0: (0, {low}]", f"  stage 1: ({low}, {high}]", f"  stage 2: ({high}, inf)"] == lines[1:4]
+    run(["--method", "snr", "--num_stages", "2", "--num_levels", "20"])
+    assert "  stage 0: [0, " in capsys.readouterr().out  # timesteps: [b_{s-1}, b_s)
+
+
+def test_the_json_line_holds_the_keys_the_readme_lists(digit_folder, tmp_path, tiny_unet_kwargs):
+    plan_keys = ["method", "stage_boundaries", "num_train_timesteps", "boundary_units", "fractions"]
+    assert list(run(["--method", "snr", "--num_levels", "20"])) == plan_keys
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(dict(tiny_unet_kwargs, in_channels=1, out_channels=1)))
+    common = ["--train_data_dir", str(digit_folder), *FAST, "--method", "snr", "--model_config", str(model_config)]
+    widths = ["stage_difficulty", "decoder_block_out_channels"]
+    assert list(run(common)) == [*plan_keys, *widths]
+    budget = ["expected_flops", "budget", "stage_flops", "stage_calls"]
+    assert set(run([*common, "--budget", "1e9"])) == {*plan_keys, *widths, *budget}

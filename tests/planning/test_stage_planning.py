@@ -1,5 +1,6 @@
 """Stage planning: the boundary rule, baselines, units, stability on real data, sizes, configs and bad input."""
 
+import functools
 import math
 
 import pytest
@@ -145,6 +146,17 @@ def test_decoder_widths_follow_difficulty_and_norm_groups(digits, gray_unet_kwar
     widths = suggest_decoder_widths(gray_unet_kwargs["block_out_channels"], difficulty, 4)
     model = MultiStageUNet2DModel(**gray_unet_kwargs, stage_boundaries=(300, 600), decoder_block_out_channels=widths)
     assert model(torch.randn(3, 1, 8, 8), torch.tensor([10, 400, 900])).sample.shape == (3, 1, 8, 8)
+
+
+def test_decoder_widths_for_a_model_config_give_every_attention_layer_a_head(gray_unet_kwargs):
+    # rounded to norm_num_groups alone (4), the narrow decoder of a model whose heads are 8 channels wide got width 4:
+    # no head, and the model refused to build; given the model's config, the widths are multiples of both
+    config = dict(gray_unet_kwargs, attention_head_dim=8)
+    widths = suggest_decoder_widths(config["block_out_channels"], [1.0, 0.3, 0.0], config=config)
+    assert all(w % 8 == 0 for stage in widths for w in stage)
+    MultiStageUNet2DModel(**config, stage_boundaries=(300, 600), decoder_block_out_channels=widths)  # builds
+    with pytest.raises(ValueError, match="`norm_num_groups` and `config`"):
+        suggest_decoder_widths(config["block_out_channels"], [1.0, 0.0], norm_num_groups=4, config=config)
 
 
 def test_plan_goes_into_a_model_config_and_survives_save_and_reload(tmp_path, tiny_unet_kwargs):
@@ -299,3 +311,18 @@ def test_schedule_of_a_scheduler_used_on_an_accelerator():
             data, scheduler, num_levels=21, num_samples=4, generator=torch.manual_seed(0), device="cpu"
         )
     assert found.partition == expected.partition
+
+
+def test_stage_difficulty_of_wide_data_does_not_depend_on_the_global_random_state(monkeypatch):
+    # past max_dim pixels the spectrum is taken on a random subset of max_images images, drawn from the global random
+    # state: the heuristic and budget widths of plan_stages(..., generator=...) changed with torch.manual_seed
+    from diffusers_stages.planning import sizing
+
+    monkeypatch.setattr(sizing, "data_spectrum", functools.partial(sizing.data_spectrum, max_dim=4, max_images=8))
+    data = torch.randn(64, 16, generator=torch.manual_seed(0)) * torch.linspace(0.1, 2, 16)
+    schedule = NoiseSchedule.edm(num_levels=20)
+    partition = schedule.partition([0.5, 5.0])
+    torch.manual_seed(1)
+    first = stage_difficulty(data, schedule, partition)
+    torch.manual_seed(2)
+    assert stage_difficulty(data, schedule, partition) == first
