@@ -145,7 +145,10 @@ def model_card_text(args: argparse.Namespace, task, steps: int, has_grid: bool, 
         f"- noise schedule: {_schedule_text(args, task.scheduler_config)}",
         (
             f"- {steps} optimisation steps, batch {args.train_batch_size} per device x {args.gradient_accumulation_steps} "
-            f"accumulation, AdamW lr {args.learning_rate:g}{' x total batch' if args.scale_lr else ''} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)"
+            f"accumulation, AdamW lr {args.learning_rate:g}{' x total batch' if args.scale_lr else ''} ({args.lr_scheduler}"
+            # diffusers' constant schedule ignores `--lr_warmup_steps` (text-to-image's default 500 included)
+            + ("" if args.lr_scheduler == "constant" else f", {args.lr_warmup_steps} warm-up steps")
+            + ")"
         ),
         f"- mixed precision: {mixed_precision}, EMA: {'yes' if args.use_ema else 'no'}, seed {args.seed}",
     ]

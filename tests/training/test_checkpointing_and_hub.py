@@ -501,3 +501,16 @@ def test_pipeline_swap_folders_that_are_links_are_removed_never_followed(tmp_pat
     publish_pipeline(str(out), _pipeline_save("new"))
     assert (elsewhere / "model_index.json").read_text() == "theirs" and os.listdir(elsewhere) == ["model_index.json"]
     assert _saved(str(out))["model_index.json"] == "new" and not os.path.lexists(out / ".pipeline.old")
+
+
+@pytest.mark.parametrize(("scheduler", "warmup"), [("constant", None), ("cosine", "500 warm-up steps")])
+def test_the_card_gives_warm_up_steps_only_for_a_schedule_that_warms_up(scheduler, warmup):
+    # text-to-image defaults to diffusers' --lr_warmup_steps 500 under the constant schedule, which ignores it: the
+    # card said "constant, 500 warm-up steps" of a run that never warmed up
+    task = SimpleNamespace(
+        vae_path=None, method="multi-stage", description=lambda: "Stages.", scheduler_config=None,
+        usage=lambda repo_id: "",
+    )  # fmt: skip
+    args = _card_args(lr_scheduler=scheduler, lr_warmup_steps=500)
+    text = model_card_text(args, task, steps=3, has_grid=False, mixed_precision="no")
+    assert f"({scheduler}{f', {warmup}' if warmup else ''})" in text and ("warm-up" in text) == bool(warmup)
