@@ -104,12 +104,21 @@ def gather_sources(paths: list[str]):
     return unets, scheduler or load_source(paths[0])[1], vae
 
 
+# VAE options that change how it is run, not its latents: the same weights saved with another tiling size or decoding
+# precision are one latent space (the first source's VAE, whose options the pipeline keeps, is used)
+SAMPLING_OPTIONS = ("sample_size", "force_upcast")
+
+
 def check_same_vae(vae, other, path: str) -> None:
     """Refuse ``other`` (the VAE of source ``path``) unless it is ``vae``: the same class, options (a
-    ``scaling_factor`` too: it sets the latents' scale) and weights."""
+    ``scaling_factor`` too: it sets the latents' scale; not `SAMPLING_OPTIONS`) and weights."""
     # its constructor's options only: a key diffusers ignores (a folder of another version) is no part of it
     arguments = inspect.signature(type(vae).__init__).parameters
-    options = [k for k in arguments if k in vae.config and vae.config.get(k) != other.config.get(k)]
+    options = [
+        k
+        for k in arguments
+        if k in vae.config and k not in SAMPLING_OPTIONS and vae.config.get(k) != other.config.get(k)
+    ]
     first, second = vae.state_dict(), other.state_dict()
     same_weights = first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     if type(vae) is not type(other) or options or not same_weights:

@@ -138,3 +138,22 @@ def test_latent_sources_whose_vaes_scale_their_latents_differently_are_refused(l
     with pytest.raises(ValueError, match=r"other has another VAE than the first latent source.*scaling_factor"):
         combine([ldm_folder, other], str(tmp_path / "out"), "--stage_boundaries", "500")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("key", "value"), [("sample_size", 16), ("force_upcast", False)])
+def test_latent_sources_whose_vaes_differ_in_sampling_options_only_are_combined(ldm_folder, tmp_path, key, value):
+    """The same VAE weights saved with another `sample_size` (its tiling size) or `force_upcast` (the precision it
+    decodes in) encode to the same latents: comparing every option refused such sources, whose experts share one
+    latent space."""
+    import json
+    import shutil
+
+    other = str(tmp_path / "other")
+    shutil.copytree(ldm_folder, other)
+    config_path = os.path.join(other, "vqvae", "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, key: value}, f)
+    combine([ldm_folder, other], str(tmp_path / "out"), "--stage_boundaries", "500")
+    assert (tmp_path / "out" / "model_index.json").is_file()
