@@ -122,29 +122,8 @@ def test_a_shorter_schedule_with_a_learned_time_embedding_verifies(tmp_path, pip
     assert "expert 1 vs its source at timestep 450: max |source - converted| = 0.000e+00" in printed
 
 
-def test_latent_sources_whose_vaes_scale_their_latents_differently_are_refused(ldm_folder, tmp_path):
-    """The same VQ-VAE weights with another `scaling_factor` are another latent space (its experts were trained on
-    latents of another scale): only the weights were compared, so the second source's VAE config was dropped."""
-    import json
-    import shutil
-
-    other = str(tmp_path / "other")
-    shutil.copytree(ldm_folder, other)
-    config_path = os.path.join(other, "vqvae", "config.json")
-    with open(config_path) as f:
-        config = json.load(f)
-    with open(config_path, "w") as f:
-        json.dump({**config, "scaling_factor": 1.0}, f)
-    with pytest.raises(ValueError, match=r"other has another VAE than the first latent source.*scaling_factor"):
-        combine([ldm_folder, other], str(tmp_path / "out"), "--stage_boundaries", "500")
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize(("key", "value"), [("sample_size", 16), ("force_upcast", False)])
-def test_latent_sources_whose_vaes_differ_in_sampling_options_only_are_combined(ldm_folder, tmp_path, key, value):
-    """The same VAE weights saved with another `sample_size` (its tiling size) or `force_upcast` (the precision it
-    decodes in) encode to the same latents: comparing every option refused such sources, whose experts share one
-    latent space."""
+def _copy_with_vae_option(ldm_folder: str, tmp_path, key: str, value) -> str:
+    """A copy of the latent source ``ldm_folder`` whose VQ-VAE config sets ``key`` to ``value`` (same weights)."""
     import json
     import shutil
 
@@ -155,5 +134,23 @@ def test_latent_sources_whose_vaes_differ_in_sampling_options_only_are_combined(
         config = json.load(f)
     with open(config_path, "w") as f:
         json.dump({**config, key: value}, f)
+    return other
+
+
+def test_latent_sources_whose_vaes_scale_their_latents_differently_are_refused(ldm_folder, tmp_path):
+    """The same VQ-VAE weights with another `scaling_factor` are another latent space (its experts were trained on
+    latents of another scale): only the weights were compared, so the second source's VAE config was dropped."""
+    other = _copy_with_vae_option(ldm_folder, tmp_path, "scaling_factor", 1.0)
+    with pytest.raises(ValueError, match=r"other has another VAE than the first latent source.*scaling_factor"):
+        combine([ldm_folder, other], str(tmp_path / "out"), "--stage_boundaries", "500")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("key", "value"), [("sample_size", 16), ("force_upcast", False)])
+def test_latent_sources_whose_vaes_differ_in_sampling_options_only_are_combined(ldm_folder, tmp_path, key, value):
+    """The same VAE weights saved with another `sample_size` (its tiling size) or `force_upcast` (the precision it
+    decodes in) encode to the same latents: comparing every option refused such sources, whose experts share one
+    latent space."""
+    other = _copy_with_vae_option(ldm_folder, tmp_path, key, value)
     combine([ldm_folder, other], str(tmp_path / "out"), "--stage_boundaries", "500")
     assert (tmp_path / "out" / "model_index.json").is_file()
