@@ -13,7 +13,6 @@ Only a decoder with the encoder's widths has a `UNet2DModel` equivalent (a tailo
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 
@@ -36,7 +35,7 @@ from diffusers_stages.conversion.common import (
     stored_dtype,
 )
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
-from diffusers_stages.models.loading import FUSED_PROJECTIONS
+from diffusers_stages.models.loading import FUSED_PROJECTIONS, constructor_options
 from diffusers_stages.models.warm_start import FREEU
 
 STAGE_KEYS = ("stage_boundaries", "boundary_units", "decoder_block_out_channels")
@@ -105,8 +104,7 @@ def multistage_stage_to_unet(
             "decoder has the encoder's widths can be exported."
         )
     # 1. config: the U-Net arguments of the multi-stage config, without the stage keys
-    unet_arguments = inspect.signature(unet_class.__init__).parameters
-    config = {k: v for k, v in model.config.items() if k in unet_arguments and k not in STAGE_KEYS}
+    config = {k: v for k, v in constructor_options(unet_class, model.config).items() if k not in STAGE_KEYS}
     if model.config.get("decoder_up_block_types"):  # decoders may attend at different levels
         config["up_block_types"] = tuple(model.config.decoder_up_block_types[stage])
     unet = unet_class(**config)

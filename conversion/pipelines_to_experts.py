@@ -14,7 +14,6 @@ data). Nothing is retrained; every expert is its source, bit for bit.
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 
 import torch
@@ -31,6 +30,7 @@ from diffusers_stages.conversion.common import (
 )
 from diffusers_stages.conversion.unet_to_multistage import load_source, source_model_folders, text_to_image_class
 from diffusers_stages.models import ExpertRoutingModel
+from diffusers_stages.models.loading import constructor_options
 from diffusers_stages.pipelines import DualBackbonePipeline, ExpertRoutingPipeline
 from diffusers_stages.training.args import BoundaryList
 
@@ -112,12 +112,10 @@ SAMPLING_OPTIONS = ("sample_size", "force_upcast")
 def check_same_vae(vae, other, path: str) -> None:
     """Refuse ``other`` (the VAE of source ``path``) unless it is ``vae``: the same class, options (a
     ``scaling_factor`` too: it sets the latents' scale; not `SAMPLING_OPTIONS`) and weights."""
-    # its constructor's options only: a key diffusers ignores (a folder of another version) is no part of it
-    arguments = inspect.signature(type(vae).__init__).parameters
     options = [
         k
-        for k in arguments
-        if k in vae.config and k not in SAMPLING_OPTIONS and vae.config.get(k) != other.config.get(k)
+        for k, v in constructor_options(type(vae), vae.config).items()
+        if k not in SAMPLING_OPTIONS and v != other.config.get(k)
     ]
     first, second = vae.state_dict(), other.state_dict()
     same_weights = first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
@@ -179,9 +177,8 @@ def verify(written, built, unets, tolerance: float, steps: int = 4) -> None:
     labels = None if class_embedding_count(config) is None else torch.zeros(2, dtype=torch.long)
     run = {"batch_size": 2} if labels is None else {"class_labels": labels}
     differences = {}
-    steps_trained = (
-        written.scheduler.config.num_train_timesteps
-    )  # inside it: a learned time embedding has no more rows
+    # probes inside the training schedule: a learned time embedding has no rows past its end
+    steps_trained = written.scheduler.config.num_train_timesteps
     for index, (expert, source) in enumerate(zip(written_experts(written), unets)):
         for t in (torch.tensor(steps_trained // 10), torch.tensor(9 * steps_trained // 10)):
             differences[f"expert {index} vs its source at timestep {int(t)}"] = max_difference(

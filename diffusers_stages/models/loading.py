@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -368,6 +369,14 @@ def load_scheduler(scheduler_class: type, path: str | os.PathLike, what: str):
             f"{what}: {os.path.join(str(path), 'scheduler_config.json')!r} does not build a "
             f"{scheduler_class.__name__}: {type(error).__name__}: {error}"
         ) from error
+
+
+def constructor_options(cls: type, config: Mapping) -> dict:
+    """The entries of ``config`` that ``cls``'s constructor takes: a key diffusers ignored when it built a model (a
+    folder saved by another diffusers version keeps it in ``model.config``) and private ``_`` keys are no part of
+    its architecture."""
+    arguments = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in config.items() if k in arguments and not k.startswith("_")}
 
 
 def read_json(path: str, argument: str) -> dict:

@@ -3,13 +3,15 @@ copy of the source's up path) and the model built from the source's config, whos
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Sequence
 
 import torch
 from diffusers.models.modeling_utils import ModelMixin
 
-from .loading import FUSED_PROJECTIONS  # what `fuse_qkv_projections` adds (`unfuse_qkv_projections` keeps them)
+from .loading import (
+    FUSED_PROJECTIONS,  # what `fuse_qkv_projections` adds (`unfuse_qkv_projections` keeps them)
+    constructor_options,
+)
 
 DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
 FREEU = ("s1", "s2", "b1", "b2")  # what `enable_freeu` sets on each up block (neither config nor weights)
@@ -55,10 +57,7 @@ def warm_start(
             "architecture): build the staged model from the plain U-Net (`pipe.unload_ip_adapter()` first) and load "
             "the IP-Adapter into it afterwards (`pipe.load_ip_adapter` takes the source's IP-Adapter)."
         )
-    # the source's constructor arguments: a key diffusers ignored when it built the source (a folder saved by another
-    # diffusers version) is kept in `unet.config`, but is no part of its architecture
-    arguments = inspect.signature(source_class.__init__).parameters
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_") and k in arguments}
+    config = constructor_options(source_class, unet.config)  # the source's architecture, no keys diffusers ignored
     unet_steps = config.pop("num_train_timesteps", None)
     if num_train_timesteps is None:  # anything given (a 0 too) goes to the model's check as given
         num_train_timesteps = unet_steps or 1000
