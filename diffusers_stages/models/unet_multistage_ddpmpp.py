@@ -22,6 +22,7 @@ and its stage boundaries are in sigma.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -421,9 +422,11 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
                 f"`sample_size` must be a positive integer divisible by 2**{len(channel_mult) - 1} (one halving per level of "
                 f"`channel_mult`={tuple(channel_mult)}), got {sample_size!r}."
             )
-        if num_class_embeds is not None and num_class_embeds < 2:
+        integral = isinstance(num_class_embeds, numbers.Integral) and not isinstance(num_class_embeds, bool)
+        if num_class_embeds is not None and (not integral or num_class_embeds < 2):
             raise ValueError(
-                f"`num_class_embeds` must be at least 2 (classes + the 'no class' label), got {num_class_embeds}."
+                "`num_class_embeds` must be an integer >= 2 (classes + the 'no class' label) or None (unconditional), "
+                f"got {num_class_embeds!r}."
             )
         return partition
 

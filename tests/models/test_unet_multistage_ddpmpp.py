@@ -143,6 +143,10 @@ def test_augment_labels_of_another_shape_are_named(shape):
         ("attention_resolutions", "16", r"`attention_resolutions` must be a list of resolutions.*got '16'"),
         ("decoder_channels", 16, r"`decoder_channels` must be a list of widths, one per stage.*got 16"),
         ("decoder_channels", (24, 16.0, 8), r"`decoder_channels\[1\]` must be a positive integer, got 16.0"),
+        # a float or a string count: TypeErrors inside torch's Linear or the comparison
+        ("num_class_embeds", 4.0, r"`num_class_embeds` must be an integer >= 2 .*got 4.0"),
+        ("num_class_embeds", "4", r"`num_class_embeds` must be an integer >= 2 .*got '4'"),
+        ("num_class_embeds", True, r"`num_class_embeds` must be an integer >= 2 .*got True"),
     ],
 )
 def test_bad_sizes_name_the_argument_and_the_value(name, value, message):
