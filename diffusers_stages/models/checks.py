@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+INDEX_DTYPES = (torch.int64, torch.int32)  # what an embedding table (`nn.Embedding`) takes as indices
+
 
 def _preview(values: torch.Tensor, limit: int = 8) -> str:
     """A short printable form of a tensor's values, for error messages."""
@@ -254,9 +256,9 @@ def check_class_labels(
         class_labels (`torch.Tensor`, *optional*): what the caller passed.
         batch (`int`): the number of samples.
         conditional (`bool`): whether the model has a class embedding.
-        num_labels (`int`, *optional*): labels are integer indices in ``[0, num_labels)``; `None` when the model
-            embeds labels some other way (``class_embed_type`` ``"timestep"`` or ``"identity"``): only their
-            presence and count are checked.
+        num_labels (`int`, *optional*): labels are int64 (or int32: what an embedding table takes) indices in
+            ``[0, num_labels)``; `None` when the model embeds labels some other way (``class_embed_type``
+            ``"timestep"`` or ``"identity"``): only their presence and count are checked.
         check_values (`bool`): check that indices lie in range (a host read; see the module docstring).
         one_hot (`bool`): floating-point rows of width ``num_labels - 1`` (EDM's one-hot labels, the last index
             meaning "no class") are accepted as well.
@@ -283,6 +285,11 @@ def check_class_labels(
     rows = f", or one-hot rows of width {num_labels - 1}" if one_hot else ""
     if class_labels.dtype == torch.bool or class_labels.is_floating_point() or class_labels.is_complex():
         raise ValueError(f"`class_labels` must be integer class indices{rows}, got dtype {class_labels.dtype}.")
+    if not one_hot and class_labels.dtype not in INDEX_DTYPES:
+        raise ValueError(
+            f"`class_labels` must be int64 (or int32) class indices, got dtype {class_labels.dtype}: pass "
+            "`class_labels.long()`."
+        )
     if class_labels.ndim > 1:
         raise ValueError(f"`class_labels` must be class indices of shape ({batch},){rows}, got shape {shape}.")
     if check_values and bool(((class_labels < 0) | (class_labels >= num_labels)).any()):

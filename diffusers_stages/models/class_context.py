@@ -10,7 +10,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..conventions import num_data_classes
-from .checks import _preview
+from .checks import INDEX_DTYPES, _preview
 from .loading import StrictLoadingMixin
 
 
@@ -59,6 +59,11 @@ class ClassContextEmbedding(StrictLoadingMixin, ModelMixin, ConfigMixin):
             raise ValueError(
                 f"`class_labels` must be a 1-D integer tensor, got shape {tuple(class_labels.shape)} of "
                 f"{class_labels.dtype}."
+            )
+        if class_labels.dtype not in INDEX_DTYPES:  # what the embedding table takes
+            raise ValueError(
+                f"`class_labels` must be a 1-D int64 (or int32) tensor, got {class_labels.dtype}: pass "
+                "`class_labels.long()`."
             )
         count = self.config.num_class_embeds
         if check_values and bool(((class_labels < 0) | (class_labels >= count)).any()):

@@ -104,6 +104,9 @@ def test_good_samples_pass():
         (torch.tensor([0, 1, 2]), {}, r"one label or one per sample \(2\), got shape \(3,\)"),
         (torch.tensor([0.0, 1.0]), {}, "integer class indices, got dtype torch.float32"),
         (torch.tensor([True, False]), {}, "integer class indices, got dtype torch.bool"),
+        # an embedding table takes int64/int32 indices only: was torch's RuntimeError inside nn.Embedding
+        (torch.tensor([0, 1], dtype=torch.uint8), {}, r"int64 \(or int32\) class indices, got dtype torch.uint8"),
+        (torch.tensor([0, 1], dtype=torch.int16), {}, r"got dtype torch.int16: pass `class_labels.long\(\)`"),
         (torch.tensor([[0], [1]]), {}, r"class indices of shape \(2,\), got shape \(2, 1\)"),
         (torch.tensor([0, 5]), {}, r"class indices in \[0, 5\), got \[0, 5\]"),
         (torch.tensor(-1), {}, r"class indices in \[0, 5\), got \[-1\]"),
@@ -121,6 +124,8 @@ def test_good_class_labels_pass_and_values_are_only_read_when_asked():
     for labels in (torch.tensor([0, 4]), torch.tensor([3]), torch.tensor(1), torch.tensor([1, 2], dtype=torch.int32)):
         check_class_labels(labels, 2, True, 5, check_values=True)
     check_class_labels(torch.eye(4)[:2], 2, True, 5, check_values=True, one_hot=True)
+    # indices compared with one-hot columns (EDM's DDPM++) may have any integer dtype
+    check_class_labels(torch.tensor([0, 4], dtype=torch.uint8), 2, True, 5, check_values=True, one_hot=True)
     check_class_labels(torch.randn(2, 16), 2, True, None, check_values=True)  # "identity" class embeddings
     check_class_labels(None, 2, False, None, check_values=True)
     check_class_labels(torch.tensor([0, 99]), 2, True, 5, check_values=False)  # the stage_index path reads no value

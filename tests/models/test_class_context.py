@@ -69,3 +69,12 @@ def test_labels_that_are_not_a_tensor_are_named():
             ValueError, match=rf"`class_labels` must be a 1-D integer tensor, got {type(bad).__name__}"
         ):
             embed(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.bool])
+def test_labels_of_a_dtype_the_table_cannot_index_are_named(dtype):
+    # was torch's RuntimeError "Expected tensor for argument #1 'indices' to have one of ... Long, Int"
+    embed = ClassContextEmbedding(num_class_embeds=5, cross_attention_dim=8)
+    with pytest.raises(ValueError, match=rf"`class_labels` must be a 1-D int64 \(or int32\) tensor.*{dtype}"):
+        embed(torch.tensor([1, 0]).to(dtype))
+    assert embed(torch.tensor([1, 0], dtype=torch.int32)).shape == (2, 1, 8)
