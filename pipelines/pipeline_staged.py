@@ -74,6 +74,14 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         self, class_labels: Sequence[int] | torch.Tensor | None, batch_size: int, config, device: torch.device
     ) -> tuple[torch.Tensor | None, int]:
         num_class_embeds = class_embedding_count(config)
+        embed_type = getattr(config, "class_embed_type", None)
+        if num_class_embeds is None and embed_type is not None:  # labels are values: no classes, no null label
+            raise ValueError(
+                f"This pipeline's model embeds its `class_labels` with `class_embed_type`={embed_type!r}, as values, "
+                "not class indices: the pipeline's `class_labels` are indices into `num_class_embeds` (the last one "
+                "the unconditional label), so it cannot drive this model. Call the model with its labels in your "
+                "own denoising loop."
+            )
         if class_labels is None:
             if num_class_embeds is not None:
                 raise ValueError("`class_labels` must be given: this pipeline's model is class-conditional.")

@@ -242,6 +242,16 @@ def test_class_labels_are_checked(tiny_unet_kwargs):
         pipe(batch_size=3, class_labels=[0, 1], num_inference_steps=2)
 
 
+@pytest.mark.parametrize("class_embed_type", ["timestep", "identity"])
+def test_a_model_that_embeds_label_values_is_refused_with_or_without_labels(tiny_unet_kwargs, class_embed_type):
+    # were contradictory: "`class_labels` must be given" without them, "not class-conditional" with them
+    unet = MultiStageUNet2DModel(**tiny_unet_kwargs, class_embed_type=class_embed_type).eval()
+    pipe = _pipe(unet, DDIMScheduler())
+    for kwargs in ({}, {"class_labels": [1, 2]}):
+        with pytest.raises(ValueError, match=rf"`class_embed_type`='{class_embed_type}'.*not class indices"):
+            pipe(num_inference_steps=2, **kwargs)
+
+
 def test_scheduler_in_other_units_is_refused(tiny_multistage):
     with pytest.raises(ValueError, match="boundary_units='sigma'"):
         _pipe(tiny_multistage, EDMEulerScheduler())(num_inference_steps=2)
