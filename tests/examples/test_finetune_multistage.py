@@ -124,6 +124,18 @@ def test_finetunes_an_edm_ddpmpp_pipeline(examples, script, image_folder, tmp_pa
     assert tuned(class_labels=[0, 2], num_inference_steps=3, output_type="np").images.shape == (2, 8, 8, 3)
 
 
+def test_a_score_sde_conversion_is_refused_as_a_schedule_the_script_does_not_train():
+    # was "... names 'ContinuousVPDPMSolverSinglestepScheduler', which is not a diffusers scheduler": the package's
+    # own scheduler, which `original_multistage_ncsnpp` writes
+    from diffusers_stages.schedulers import ContinuousVPDPMSolverSinglestepScheduler
+
+    scheduler = ContinuousVPDPMSolverSinglestepScheduler()
+    source = {"_class_name": type(scheduler).__name__, **scheduler.config}  # as `load_config` reads it
+    args = argparse.Namespace(pretrained_model_name_or_path="ncsnpp-staged")
+    with pytest.raises(ValueError, match=r"'ncsnpp-staged'.*ContinuousVPDPMSolverSinglestepScheduler.*not supported"):
+        noise_schedulers(args, source)
+
+
 def test_trains_in_the_latent_space_of_the_folders_vae(examples, script, image_folder, tmp_path):
     torch.manual_seed(0)
     unet = MultiStageUNet2DModel(**{**TINY_UNET, "in_channels": 4, "out_channels": 4})

@@ -14,7 +14,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from ...loss import diffusion_loss
 from ...models.loading import exported_class
 from ...partition import TimestepPartition
-from ...schedulers import is_edm_scheduler
+from ...schedulers import ContinuousVPDPMSolverSinglestepScheduler, is_edm_scheduler
 from ...timestep_sampling import stratified_timesteps
 from ..hub import pipeline_usage, stage_table
 
@@ -40,6 +40,12 @@ def noise_schedulers(args: argparse.Namespace, source: dict | None = None):
     """
     if source is not None:
         name = source.get("_class_name")
+        if name == ContinuousVPDPMSolverSinglestepScheduler.__name__:  # `original_multistage_ncsnpp`'s sampler
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r}: its {name} (a converted "
+                "score_sde NCSN++ model) samples a continuous-time VP SDE, while this script trains on DDPM-style "
+                "discrete timesteps or EDM sigmas only: fine-tuning such a folder is not supported."
+            )
         sampling_class = exported_class(name, SchedulerMixin, (diffusers,))
         if sampling_class is None:
             raise ValueError(
