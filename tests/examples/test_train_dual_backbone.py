@@ -44,6 +44,28 @@ def test_one_backbone_per_run_edm(examples, script, image_folder, tmp_path):
     assert images.shape == (1, 8, 8, 3)
 
 
+def test_a_one_backbone_runs_card_loads_that_backbone_and_samples_with_the_other_runs(
+    examples, script, image_folder, tmp_path
+):
+    # the card of a `--backbones shallow|deep` push said `StagedDiffusionPipeline.from_pretrained(repo)`, which fails
+    # on a repository with no pipeline in it (one network and the scheduler), and described a shallow and a deep model
+    hub = str(tmp_path / "hub")
+    for name in ("shallow", "deep"):
+        examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / name),
+             "--backbones", name, "--switch_timestep", "600", "--max_train_steps", "1", "--push_to_hub",
+             "--hub_model_id", f"me/{name}", "--hub_local_dir", hub])  # fmt: skip
+    with open(os.path.join(hub, "me", "shallow", "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    assert "StagedDiffusionPipeline" not in card and "The shallow network of a dual-backbone model" in card
+    code = card.split("```python\n")[1].split("```")[0]
+    assert 'UNet2DModel.from_pretrained("<repository of the deep run>", subfolder="deep")' in code
+    code = code.replace("<repository of the deep run>", "me/deep").replace('"me/', f'"{hub}/me/')
+    code = code.replace("pipe(", "pipe.set_progress_bar_config(disable=True) or pipe(num_inference_steps=2, ")
+    scope = {}
+    exec(code, scope)  # the card's own code: the two runs' backbones, the scheduler and the switch given
+    assert scope["pipe"].config.switch_timestep == 600 and scope["image"].size == (8, 8)
+
+
 def test_uvit_backbones_train_reload_and_sample(examples, script, image_folder, tmp_path, capsys):
     out = str(tmp_path / "uvit")
     examples.train(script, [*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", out, "--backbone", "uvit",

@@ -142,8 +142,42 @@ class DualBackboneTask(TrainingTask):
             if self.switch_step_fraction is not None
             else f"the shallow network runs every step at t >= {self.args.switch_timestep:g}"
         )
+        kind = "U-ViT" if self._uvit else "U-Net"
+        if self.args.backbones != "both":  # one network per run: the repository holds no pipeline
+            name, other = self.args.backbones, self._other_backbone
+            return (
+                f"The {name} network of a dual-backbone model (DuoDiff, arXiv 2410.09633): a {kind} trained on all "
+                f"timesteps in a run of its own, sampled together with the {other} network of another run (see Usage); "
+                f"at sampling time {switch}, the deep one the rest."
+            )
         return (
-            f"A dual-backbone model (DuoDiff, arXiv 2410.09633): a shallow and a deep "
-            f"{'U-ViT' if self._uvit else 'U-Net'}, both trained on all timesteps; at sampling time {switch}, the deep "
-            "one the rest."
+            f"A dual-backbone model (DuoDiff, arXiv 2410.09633): a shallow and a deep {kind}, both trained on all "
+            f"timesteps; at sampling time {switch}, the deep one the rest."
         )
+
+    def usage(self, repo_id):
+        if self.args.backbones == "both":
+            return super().usage(repo_id)
+        # one backbone and the scheduler, no pipeline: load them and the other run's backbone into one (README)
+        name, other = self.args.backbones, self._other_backbone
+        model = "UViT2DModel" if self._uvit else "UNet2DModel"
+        scheduler = "EDMEulerScheduler" if self.args.boundary_units == "sigma" else "DDIMScheduler"
+        switch = (
+            f"switch_step_fraction={self.switch_step_fraction:g}"
+            if self.switch_step_fraction is not None
+            else f"switch_timestep={self.args.switch_timestep:g}"
+        )
+        return [
+            f"from diffusers import {scheduler}" + ("" if self._uvit else ", UNet2DModel"),
+            "from diffusers_stages import DualBackbonePipeline" + (", UViT2DModel" if self._uvit else ""),
+            "",
+            f'{name} = {model}.from_pretrained("{repo_id}", subfolder="{name}")',
+            f'{other} = {model}.from_pretrained("<repository of the {other} run>", subfolder="{other}")  # its own run',
+            f'scheduler = {scheduler}.from_pretrained("{repo_id}", subfolder="scheduler")',
+            f"pipe = DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=scheduler, {switch})",
+            f"image = pipe({'class_labels=[0]' if self.args.class_conditional else 'batch_size=1'}).images[0]",
+        ]
+
+    @property
+    def _other_backbone(self) -> str:
+        return {"shallow": "deep", "deep": "shallow"}[self.args.backbones]
