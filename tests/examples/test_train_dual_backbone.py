@@ -117,6 +117,12 @@ def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
             ["--backbone", "uvit", "--uvit_num_attention_heads", "-2"],
             "`--uvit_num_attention_heads` must be a positive",
         ),
+        # named the model's `hidden_size` and `num_attention_heads`, no option, and pointed at `--model_config`
+        (
+            ["--backbone", "uvit", "--uvit_hidden_size", "12", "--uvit_num_attention_heads", "8"],
+            "`--uvit_hidden_size` 12 must be a multiple of `--uvit_num_attention_heads` 8",
+        ),
+        (["--backbone", "early_exit", "--uvit_hidden_size", "12"], "`--uvit_hidden_size` 12 must be a multiple of"),
         # were the model's traceback once the data was read
         (["--norm_num_groups", "3"], "describe no network that can be built: num_channels (8) must be divisible by"),
         (["--down_block_types", "DownBlock2D", "Foo"], "describe no network that can be built: Foo does not exist."),

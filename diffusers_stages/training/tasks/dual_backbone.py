@@ -21,6 +21,13 @@ def check_backbone_arguments(args) -> None:
     """The backbone shape options of the dual-backbone script, positive (a ValueError naming the option, before the
     resolution check divides by the patch size and before the networks are built)."""
     check_positive_options(args, BACKBONE_INTEGERS)
+    uvit = getattr(args, "backbone", "unet") != "unet"  # the demo's arguments have no U-ViT options
+    width, heads = (args.uvit_hidden_size, args.uvit_num_attention_heads) if uvit else (1, 1)
+    if width % heads:  # else the model's error, naming its arguments, not these options
+        raise ValueError(
+            f"`--uvit_hidden_size` {width} must be a multiple of `--uvit_num_attention_heads` {heads} (the heads split "
+            "the width evenly)."
+        )
     widths = getattr(args, "shallow_block_out_channels", None)
     if widths is not None and not (widths and all(w > 0 for w in widths)):
         raise ValueError(f"`--shallow_block_out_channels` must be positive integers, got {list(widths)}.")
