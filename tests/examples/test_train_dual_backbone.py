@@ -117,6 +117,8 @@ def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
             ["--backbone", "uvit", "--uvit_num_attention_heads", "-2"],
             "`--uvit_num_attention_heads` must be a positive",
         ),
+        # was trained, saved, then a crash at the final sample grid: a step fraction needs two steps to split
+        (["--num_inference_steps", "1"], "`--num_inference_steps` 1 cannot sample the sample grids: the switch"),
         # named the model's `hidden_size` and `num_attention_heads`, no option, and pointed at `--model_config`
         (
             ["--backbone", "uvit", "--uvit_hidden_size", "12", "--uvit_num_attention_heads", "8"],

@@ -64,6 +64,13 @@ class DualBackboneTask(TrainingTask):
             self.switch_step_fraction = DEFAULT_SWITCH_STEP_FRACTION
         if self.switch_step_fraction is not None and not 0.0 < self.switch_step_fraction < 1.0:
             raise ValueError(f"`--switch_step_fraction` must be in (0, 1), got {self.switch_step_fraction}.")
+        sampled = args.backbones == "both"  # one backbone per run samples no grid
+        if sampled and self.switch_step_fraction is not None and args.num_inference_steps < 2:
+            raise ValueError(
+                f"`--num_inference_steps` {args.num_inference_steps} cannot sample the sample grids: the switch is a "
+                f"step fraction ({self.switch_step_fraction:g}), which needs at least 2 steps to give one to each "
+                "network. Give `--num_inference_steps` 2 or more, or `--switch_timestep`."
+            )
         timestep = args.switch_timestep
         if timestep is not None and not 0.0 < timestep < args.num_train_timesteps:
             raise ValueError(
