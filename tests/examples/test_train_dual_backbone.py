@@ -179,3 +179,15 @@ def test_early_exit_baseline_trains_through_the_loop_and_samples(examples, scrip
             script.parse_args([*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", out, "--backbone",
                                "early_exit", *extra])  # fmt: skip
         assert extra[0] in capsys.readouterr().err
+
+
+def test_resuming_a_checkpoint_of_other_backbones_names_them(examples, script, image_folder, tmp_path):
+    # a `--backbones both` checkpoint resumed with `--backbones deep` loaded the deep network, then failed in torch's
+    # optimizer ("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+    args = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+            "--checkpointing_steps", "1"]  # fmt: skip
+    examples.train(script, [*args, "--max_train_steps", "1"])
+    with pytest.raises(ValueError, match=r"holds the networks \['deep', 'shallow'\], but this run trains \['deep'\]"):
+        examples.train(
+            script, [*args, "--max_train_steps", "2", "--backbones", "deep", "--resume_from_checkpoint", "latest"]
+        )
