@@ -110,6 +110,11 @@ def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
         (["--shallow_block_out_channels", "0,8"], "`--shallow_block_out_channels` must be positive integers, got"),
         (["--backbone", "uvit", "--uvit_patch_size", "0"], "`--uvit_patch_size` must be a positive integer, got 0."),
         (["--backbone", "early_exit", "--uvit_patch_size", "0"], "`--uvit_patch_size` must be a positive integer"),
+        # named only U-Net down blocks as the factor, where it is the U-ViT patch size
+        (
+            ["--backbone", "uvit", "--uvit_patch_size", "3"],
+            "`--resolution` 8 must be divisible by the model's total down-sampling factor 3 (U-Net down blocks or U-ViT patch size",
+        ),
         # was ignored in silence: AdaDiff's loss has no Min-SNR weighting
         (["--backbone", "early_exit", "--snr_gamma", "5"], "has no Min-SNR weighting: drop `--snr_gamma`"),
         (["--backbone", "uvit", "--uvit_hidden_size", "0"], "`--uvit_hidden_size` must be a positive integer, got 0"),
