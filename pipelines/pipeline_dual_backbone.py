@@ -117,7 +117,9 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
             raise ValueError(f"`switch_step_fraction` must be in (0, 1), got {value}.")
         _check_interchangeable(shallow, deep)
         self.register_modules(shallow=shallow, deep=deep, scheduler=scheduler, vae=vae)
-        self.register_to_config(**switch)
+        # saved as the float the signature names: an int (`switch_timestep=600`) made every load by diffusers'
+        # `DiffusionPipeline.from_pretrained` warn "Expected types for switch_timestep: (float, NoneType), got int"
+        self.register_to_config(**{**switch, key: float(value)})
         if key != "switch_step_fraction":
             check_scheduler_units(scheduler, self.resolve_partition(None))  # a fixed switch is checked now
 

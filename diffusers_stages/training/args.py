@@ -404,7 +404,7 @@ def check_args(
     if args.resolution % downsampling:
         raise ValueError(
             f"`--resolution` {args.resolution} must be divisible by the model's total down-sampling factor "
-            f"{downsampling} (U-Net down blocks x VAE); try {max(downsampling, args.resolution // downsampling * downsampling)}."
+            f"{downsampling} (U-Net down blocks or U-ViT patch size, x VAE); try {max(downsampling, args.resolution // downsampling * downsampling)}."
         )
     if args.stage_shares is not None and (
         len(args.stage_shares) != partition.num_stages

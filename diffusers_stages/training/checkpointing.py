@@ -292,6 +292,20 @@ def _names(folders: list[str]) -> str:
     return ", ".join(os.path.basename(folder) for folder in folders)
 
 
+def _check_same_networks(names: list[str], input_dir: str) -> None:
+    """Refuse to resume from a checkpoint of other networks (a `--backbones both` checkpoint resumed with `--backbones
+    deep`, another `--expert_index`), naming both, rather than fail in torch's optimizer on its parameter groups."""
+    saved = sorted(
+        entry for entry in os.listdir(input_dir)
+        if not entry.endswith("_ema") and os.path.isfile(os.path.join(input_dir, entry, "config.json"))
+    )  # fmt: skip
+    if saved != sorted(names):
+        raise ValueError(
+            f"Checkpoint {input_dir!r} holds the networks {saved}, but this run trains {sorted(names)}: resume it with "
+            "the options that wrote it (e.g. the same `--backbones` or `--expert_index`), or start a new run."
+        )
+
+
 def _check_same_config(model, loaded, name: str, input_dir: str) -> None:
     """Refuse to resume ``model`` from a checkpoint of another configuration (other model arguments than the run that
     wrote it), naming the values, rather than fail on the first mismatched tensor shape."""
@@ -403,6 +417,7 @@ def register_checkpoint_hooks(
     def load_hook(models, input_dir):
         if noise_scheduler is not None:
             _check_same_noise_schedule(noise_scheduler, input_dir)
+        _check_same_networks(names, input_dir)
         # (sharded: `models` is empty, Accelerate has loaded the shards of its own checkpoint files)
         for name, model in zip(names, models):
             model = accelerator.unwrap_model(model)

@@ -44,6 +44,28 @@ def test_one_backbone_per_run_edm(examples, script, image_folder, tmp_path):
     assert images.shape == (1, 8, 8, 3)
 
 
+def test_a_one_backbone_runs_card_loads_that_backbone_and_samples_with_the_other_runs(
+    examples, script, image_folder, tmp_path
+):
+    # the card of a `--backbones shallow|deep` push said `StagedDiffusionPipeline.from_pretrained(repo)`, which fails
+    # on a repository with no pipeline in it (one network and the scheduler), and described a shallow and a deep model
+    hub = str(tmp_path / "hub")
+    for name in ("shallow", "deep"):
+        examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / name),
+             "--backbones", name, "--switch_timestep", "600", "--max_train_steps", "1", "--push_to_hub",
+             "--hub_model_id", f"me/{name}", "--hub_local_dir", hub])  # fmt: skip
+    with open(os.path.join(hub, "me", "shallow", "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    assert "StagedDiffusionPipeline" not in card and "The shallow network of a dual-backbone model" in card
+    code = card.split("```python\n")[1].split("```")[0]
+    assert 'UNet2DModel.from_pretrained("<repository of the deep run>", subfolder="deep")' in code
+    code = code.replace("<repository of the deep run>", "me/deep").replace('"me/', f'"{hub}/me/')
+    code = code.replace("pipe(", "pipe.set_progress_bar_config(disable=True) or pipe(num_inference_steps=2, ")
+    scope = {}
+    exec(code, scope)  # the card's own code: the two runs' backbones, the scheduler and the switch given
+    assert scope["pipe"].config.switch_timestep == 600 and scope["image"].size == (8, 8)
+
+
 def test_uvit_backbones_train_reload_and_sample(examples, script, image_folder, tmp_path, capsys):
     out = str(tmp_path / "uvit")
     examples.train(script, [*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", out, "--backbone", "uvit",
@@ -88,6 +110,11 @@ def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
         (["--shallow_block_out_channels", "0,8"], "`--shallow_block_out_channels` must be positive integers, got"),
         (["--backbone", "uvit", "--uvit_patch_size", "0"], "`--uvit_patch_size` must be a positive integer, got 0."),
         (["--backbone", "early_exit", "--uvit_patch_size", "0"], "`--uvit_patch_size` must be a positive integer"),
+        # named only U-Net down blocks as the factor, where it is the U-ViT patch size
+        (
+            ["--backbone", "uvit", "--uvit_patch_size", "3"],
+            "`--resolution` 8 must be divisible by the model's total down-sampling factor 3 (U-Net down blocks or U-ViT patch size",
+        ),
         # was ignored in silence: AdaDiff's loss has no Min-SNR weighting
         (["--backbone", "early_exit", "--snr_gamma", "5"], "has no Min-SNR weighting: drop `--snr_gamma`"),
         (["--backbone", "uvit", "--uvit_hidden_size", "0"], "`--uvit_hidden_size` must be a positive integer, got 0"),
@@ -95,6 +122,14 @@ def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
             ["--backbone", "uvit", "--uvit_num_attention_heads", "-2"],
             "`--uvit_num_attention_heads` must be a positive",
         ),
+        # was trained, saved, then a crash at the final sample grid: a step fraction needs two steps to split
+        (["--num_inference_steps", "1"], "`--num_inference_steps` 1 cannot sample the sample grids: the switch"),
+        # named the model's `hidden_size` and `num_attention_heads`, no option, and pointed at `--model_config`
+        (
+            ["--backbone", "uvit", "--uvit_hidden_size", "12", "--uvit_num_attention_heads", "8"],
+            "`--uvit_hidden_size` 12 must be a multiple of `--uvit_num_attention_heads` 8",
+        ),
+        (["--backbone", "early_exit", "--uvit_hidden_size", "12"], "`--uvit_hidden_size` 12 must be a multiple of"),
         # were the model's traceback once the data was read
         (["--norm_num_groups", "3"], "describe no network that can be built: num_channels (8) must be divisible by"),
         (["--down_block_types", "DownBlock2D", "Foo"], "describe no network that can be built: Foo does not exist."),
@@ -149,3 +184,15 @@ def test_early_exit_baseline_trains_through_the_loop_and_samples(examples, scrip
             script.parse_args([*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", out, "--backbone",
                                "early_exit", *extra])  # fmt: skip
         assert extra[0] in capsys.readouterr().err
+
+
+def test_resuming_a_checkpoint_of_other_backbones_names_them(examples, script, image_folder, tmp_path):
+    # a `--backbones both` checkpoint resumed with `--backbones deep` loaded the deep network, then failed in torch's
+    # optimizer ("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+    args = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+            "--checkpointing_steps", "1"]  # fmt: skip
+    examples.train(script, [*args, "--max_train_steps", "1"])
+    with pytest.raises(ValueError, match=r"holds the networks \['deep', 'shallow'\], but this run trains \['deep'\]"):
+        examples.train(
+            script, [*args, "--max_train_steps", "2", "--backbones", "deep", "--resume_from_checkpoint", "latest"]
+        )

@@ -204,3 +204,31 @@ def test_a_backbone_whose_config_has_no_sample_size_samples_at_the_height_and_wi
     assert pipe(height=8, width=12, **run).images.shape == (1, 3, 8, 12)
     with pytest.raises(ValueError, match="`height` and `width` must be given: .*no `sample_size`"):
         pipe(**run)
+
+
+@pytest.mark.parametrize("switch", [{"switch_timestep": 600}, {"switch_sigma": 2}])
+def test_a_whole_number_switch_loads_without_a_type_warning(backbones, tmp_path, switch):
+    # a switch given as an int (the README's `switch_timestep=600`) was saved as one, and every load by diffusers'
+    # `DiffusionPipeline.from_pretrained` warned "Expected types for switch_timestep: (float, NoneType), got int"
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    shallow, deep = backbones
+    pipe = _dual(shallow, deep, DDIMScheduler(), **switch)
+    ((key, value),) = switch.items()
+    assert type(pipe.config[key]) is float and pipe.config[key] == value
+    pipe.save_pretrained(tmp_path)
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()  # the tests run at "error" (conftest.py)
+    try:
+        loaded = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+        logger.removeHandler(handler)
+    assert loaded.config[key] == value and not [m for m in messages if "Expected types" in m]

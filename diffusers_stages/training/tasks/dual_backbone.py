@@ -21,6 +21,13 @@ def check_backbone_arguments(args) -> None:
     """The backbone shape options of the dual-backbone script, positive (a ValueError naming the option, before the
     resolution check divides by the patch size and before the networks are built)."""
     check_positive_options(args, BACKBONE_INTEGERS)
+    uvit = getattr(args, "backbone", "unet") != "unet"  # the demo's arguments have no U-ViT options
+    width, heads = (args.uvit_hidden_size, args.uvit_num_attention_heads) if uvit else (1, 1)
+    if width % heads:  # else the model's error, naming its arguments, not these options
+        raise ValueError(
+            f"`--uvit_hidden_size` {width} must be a multiple of `--uvit_num_attention_heads` {heads} (the heads split "
+            "the width evenly)."
+        )
     widths = getattr(args, "shallow_block_out_channels", None)
     if widths is not None and not (widths and all(w > 0 for w in widths)):
         raise ValueError(f"`--shallow_block_out_channels` must be positive integers, got {list(widths)}.")
@@ -57,6 +64,13 @@ class DualBackboneTask(TrainingTask):
             self.switch_step_fraction = DEFAULT_SWITCH_STEP_FRACTION
         if self.switch_step_fraction is not None and not 0.0 < self.switch_step_fraction < 1.0:
             raise ValueError(f"`--switch_step_fraction` must be in (0, 1), got {self.switch_step_fraction}.")
+        sampled = args.backbones == "both"  # one backbone per run samples no grid
+        if sampled and self.switch_step_fraction is not None and args.num_inference_steps < 2:
+            raise ValueError(
+                f"`--num_inference_steps` {args.num_inference_steps} cannot sample the sample grids: the switch is a "
+                f"step fraction ({self.switch_step_fraction:g}), which needs at least 2 steps to give one to each "
+                "network. Give `--num_inference_steps` 2 or more, or `--switch_timestep`."
+            )
         timestep = args.switch_timestep
         if timestep is not None and not 0.0 < timestep < args.num_train_timesteps:
             raise ValueError(
@@ -142,8 +156,42 @@ class DualBackboneTask(TrainingTask):
             if self.switch_step_fraction is not None
             else f"the shallow network runs every step at t >= {self.args.switch_timestep:g}"
         )
+        kind = "U-ViT" if self._uvit else "U-Net"
+        if self.args.backbones != "both":  # one network per run: the repository holds no pipeline
+            name, other = self.args.backbones, self._other_backbone
+            return (
+                f"The {name} network of a dual-backbone model (DuoDiff, arXiv 2410.09633): a {kind} trained on all "
+                f"timesteps in a run of its own, sampled together with the {other} network of another run (see Usage); "
+                f"at sampling time {switch}, the deep one the rest."
+            )
         return (
-            f"A dual-backbone model (DuoDiff, arXiv 2410.09633): a shallow and a deep "
-            f"{'U-ViT' if self._uvit else 'U-Net'}, both trained on all timesteps; at sampling time {switch}, the deep "
-            "one the rest."
+            f"A dual-backbone model (DuoDiff, arXiv 2410.09633): a shallow and a deep {kind}, both trained on all "
+            f"timesteps; at sampling time {switch}, the deep one the rest."
         )
+
+    def usage(self, repo_id):
+        if self.args.backbones == "both":
+            return super().usage(repo_id)
+        # one backbone and the scheduler, no pipeline: load them and the other run's backbone into one (README)
+        name, other = self.args.backbones, self._other_backbone
+        model = "UViT2DModel" if self._uvit else "UNet2DModel"
+        scheduler = "EDMEulerScheduler" if self.args.boundary_units == "sigma" else "DDIMScheduler"
+        switch = (
+            f"switch_step_fraction={self.switch_step_fraction:g}"
+            if self.switch_step_fraction is not None
+            else f"switch_timestep={self.args.switch_timestep:g}"
+        )
+        return [
+            f"from diffusers import {scheduler}" + ("" if self._uvit else ", UNet2DModel"),
+            "from diffusers_stages import DualBackbonePipeline" + (", UViT2DModel" if self._uvit else ""),
+            "",
+            f'{name} = {model}.from_pretrained("{repo_id}", subfolder="{name}")',
+            f'{other} = {model}.from_pretrained("<repository of the {other} run>", subfolder="{other}")  # its own run',
+            f'scheduler = {scheduler}.from_pretrained("{repo_id}", subfolder="scheduler")',
+            f"pipe = DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=scheduler, {switch})",
+            f"image = pipe({'class_labels=[0]' if self.args.class_conditional else 'batch_size=1'}).images[0]",
+        ]
+
+    @property
+    def _other_backbone(self) -> str:
+        return {"shallow": "deep", "deep": "shallow"}[self.args.backbones]
