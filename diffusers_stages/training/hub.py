@@ -125,14 +125,18 @@ def push_output_folder(
     )
 
 
-def model_card_text(args: argparse.Namespace, task, steps: int, has_grid: bool, *, mixed_precision: str) -> str:
+def model_card_text(
+    args: argparse.Namespace, task, steps: int, has_grid: bool, *, mixed_precision: str, repo_id: str | None = None
+) -> str:
     """The model card's description: the method, its stages, how it was trained, how to sample, a sample grid.
     ``mixed_precision`` is what the run used (``accelerator.mixed_precision``: `--mixed_precision`, or else the
-    ``accelerate config`` file's), not the command-line argument."""
+    ``accelerate config`` file's), not the command-line argument. ``repo_id``: the repository `create_hub_repo`
+    created (``namespace/name``; default `--hub_model_id`), which the card's title and sampling code name."""
+    repo_id = repo_id or args.hub_model_id
     data = args.train_data_dir and os.path.basename(os.path.normpath(args.train_data_dir)) or args.dataset_name
     space = f"latent space of `{task.vae_path}`" if task.vae_path else "pixel space"
     lines = [
-        f"# {args.hub_model_id}",
+        f"# {repo_id}",
         "",
         f"A **{task.method}** diffusion model trained with diffusers-stages on its Accelerate training scripts.",
         "",
@@ -152,12 +156,13 @@ def model_card_text(args: argparse.Namespace, task, steps: int, has_grid: bool, 
         ),
         f"- mixed precision: {mixed_precision}, EMA: {'yes' if args.use_ema else 'no'}, seed {args.seed}",
     ]
-    return "\n".join(lines + _usage_and_samples(task.usage(args.hub_model_id), has_grid))
+    return "\n".join(lines + _usage_and_samples(task.usage(repo_id), has_grid))
 
 
-def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bool) -> str:
+def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bool, repo_id: str | None = None) -> str:
     """The card of `--assemble_experts`: the method, the experts and their intervals, the assembled runs' shared
-    settings, how to sample and the sample grid, as the training runs' cards."""
+    settings, how to sample and the sample grid, as the training runs' cards (``repo_id`` as `model_card_text`)."""
+    repo_id = repo_id or args.hub_model_id
     experts = pipeline.experts
     config = experts.expert(0).config
     num_class_embeds = config.get("num_class_embeds")
@@ -165,7 +170,7 @@ def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bo
     space = f"latent space of a `{type(pipeline.vae).__name__}`" if pipeline.vae is not None else "pixel space"
     parameters = [sum(p.numel() for p in experts.expert(s).parameters()) for s in range(experts.num_stages)]
     lines = [
-        f"# {args.hub_model_id}",
+        f"# {repo_id}",
         "",
         "A **multi-architecture multi-expert** diffusion model (MEME, Lee et al., AAAI 2024) assembled with "
         f"diffusers-stages from {len(args.assemble_experts)} runs of its Accelerate training script, one "
@@ -187,7 +192,7 @@ def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bo
         f"training steps, prediction type `{experts.config.prediction_type}`",
         f"- sample grid: {args.num_sample_images} samples, {args.num_inference_steps} steps, seed {args.seed}",
     ]
-    usage = pipeline_usage("ExpertRoutingPipeline", args.hub_model_id, bool(num_class_embeds))
+    usage = pipeline_usage("ExpertRoutingPipeline", repo_id, bool(num_class_embeds))
     return "\n".join(lines + _usage_and_samples(usage, has_grid))
 
 
@@ -233,7 +238,8 @@ def _schedule_text(args: argparse.Namespace, source: dict | None) -> str:
 
 def create_hub_repo(args: argparse.Namespace) -> str:
     """`--push_to_hub`: create (or find) the repository before any training, so that a run that cannot push (offline,
-    no token, no right to the namespace) stops in its first second instead of after training."""
+    no token, no right to the namespace) stops in its first second instead of after training. Returns its id as the
+    Hub gives it (`--hub_model_id` ``name`` is ``<user>/name``), for the model card."""
     try:
         if args.hub_local_dir:
             return LocalHubApi(args.hub_local_dir).create_repo(args.hub_model_id, exist_ok=True).repo_id

@@ -3,6 +3,7 @@ pipeline saves, and a Hub repository created before any training."""
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -101,6 +102,36 @@ def test_push_to_hub_fails_before_training_when_the_repository_cannot_be_created
     ):
         script.main(args)
     assert not os.path.exists(out)  # nothing trained, nothing written
+
+
+def test_a_repository_name_without_namespace_gets_the_full_id_on_the_card(
+    examples, script, image_folder, tmp_path, monkeypatch
+):
+    # `--hub_model_id tiny` is pushed to `<user>/tiny` (the Hub adds the namespace, as in diffusers' scripts), but the
+    # card was titled `tiny` and its usage code loaded `from_pretrained("tiny")`, a repository that is not the user's
+    import huggingface_hub
+
+    uploads = []
+
+    def create_repo(repo_id, **kwargs):  # the Hub's answer: the repository id with the token owner's namespace
+        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"me/{repo_id}")
+
+    class HfApi:
+        def __init__(self, token=None):
+            self.create_repo = create_repo
+
+        def upload_folder(self, **kwargs):
+            uploads.append(kwargs["repo_id"])
+
+    monkeypatch.setattr(hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "HfApi", HfApi)
+    out = str(tmp_path / "run")
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out,
+                            "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "tiny"])  # fmt: skip
+    with open(os.path.join(out, "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    assert uploads == ["me/tiny"]
+    assert "# me/tiny\n" in card and '.from_pretrained("me/tiny")' in card and '"tiny"' not in card
 
 
 def test_mixed_precision_fp16_on_cpu_is_a_usage_error(examples, script, image_folder, tmp_path, monkeypatch, capsys):
