@@ -99,11 +99,12 @@ def push_output_folder(
     class_conditional: bool,
     api=None,
     token: str | None = None,
-    private: bool = False,
+    private: bool | None = None,
     logging_dir: str | None = None,
 ) -> str:
     """Create the repository, write the model card and upload ``output_dir`` without checkpoints and logs (those of
-    `--logging_dir` ``logging_dir`` too, a folder relative to ``output_dir``)."""
+    `--logging_dir` ``logging_dir`` too, a folder relative to ``output_dir``). ``private=None``: the namespace's
+    default, as in diffusers (``False`` would make the repository public in an organisation that keeps them private)."""
     ignore = list(UPLOAD_IGNORE_PATTERNS)
     if logging_dir is not None:
         relative = os.path.relpath(os.path.join(output_dir, logging_dir), output_dir).replace(os.sep, "/")
