@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 from types import SimpleNamespace
 
@@ -115,15 +116,23 @@ def push_output_folder(
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
     write_model_card(output_dir, description, tags, class_conditional=class_conditional)
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=output_dir,
-        commit_message="End of training",
-        ignore_patterns=ignore,
-        token=token,
-    )
+    try:
+        repo_id = api.create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            commit_message="End of training",
+            ignore_patterns=ignore,
+            token=token,
+        )
+    except Exception as error:  # noqa: BLE001 (offline, HTTP 401/403, network errors: all named below)
+        excludes = " ".join(f"--exclude {shlex.quote(pattern)}" for pattern in ignore)
+        raise OSError(
+            f"The outputs in {output_dir!r} (and their README.md model card) are complete, but pushing them to the "
+            f"Hub repository {repo_id!r} failed ({error_summary(error)}). Upload them later with "
+            f"`hf upload {repo_id} {shlex.quote(output_dir)} {excludes}` (after `hf auth login`)."
+        ) from error
 
 
 def model_card_text(
