@@ -1,6 +1,8 @@
 """`examples/experts/train_experts.py`: all experts in one run (hard/soft), one expert per run and assembly."""
 
+import fnmatch
 import os
+import shutil
 
 import huggingface_hub
 import pytest
@@ -51,9 +53,17 @@ def test_one_expert_per_run_then_assemble(examples, script, image_folder, tmp_pa
     # pipeline) downloads the run, which assembles with the other runs
     with open(tmp_path / "hub0" / "me" / "expert0" / "README.md", encoding="utf-8") as f:
         code = f.read().split("```python\n")[1].split("```")[0]
-    monkeypatch.setattr(
-        huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: str(tmp_path / "hub0" / repo_id)
-    )
+
+    def snapshot_download(repo_id, allow_patterns, **kwargs):  # the files of the pushed repository it asks for
+        pushed, snapshot = tmp_path / "hub0" / repo_id, tmp_path / "snapshot"
+        for path in (p for p in pushed.rglob("*") if p.is_file()):
+            name = path.relative_to(pushed).as_posix()
+            if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     card = {}
     exec(code, card)
     runs[0] = card["run"]
