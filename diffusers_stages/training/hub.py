@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
 from huggingface_hub import ModelCard, ModelCardData, create_repo
-from huggingface_hub.utils import filter_repo_objects, validate_repo_id
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
 
 from ..conventions import num_data_classes
 from ..hub import check_upload_folder, error_summary
@@ -58,6 +58,7 @@ class LocalHubApi:
         files = []
         for root, _, names in os.walk(folder_path):
             files += [os.path.relpath(os.path.join(root, n), folder_path).replace(os.sep, "/") for n in names]
+        ignore_patterns = [*(ignore_patterns or []), *DEFAULT_IGNORE_PATTERNS]  # as `HfApi.upload_folder` adds them
         for relative in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
             target = os.path.join(self.root, repo_id, relative)
             os.makedirs(os.path.dirname(target), exist_ok=True)

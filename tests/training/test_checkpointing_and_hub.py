@@ -211,8 +211,9 @@ def test_push_selects_files_like_the_hub_and_writes_a_card(tmp_path, monkeypatch
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     out = tmp_path / "out"
     for name in ("model_index.json", "unet/config.json", "sample_grid.png", "checkpoint-5/optimizer.bin",
-                 "logs/run/events.out", "samples/step_000005.png"):  # fmt: skip
-        _touch(str(out / name))
+                 "logs/run/events.out", "samples/step_000005.png",
+                 ".git/config", ".cache/huggingface/upload/x"):  # fmt: skip
+        _touch(str(out / name))  # `.git` and `.cache/huggingface`: never uploaded by `HfApi.upload_folder`
     push_output_folder(
         str(out), "me/model", "My *description*.", ["multi-stage"], api=LocalHubApi(str(tmp_path / "hub")),
         class_conditional=False,
