@@ -87,7 +87,8 @@ def push_saved_folder(
     try:
         repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
         card = load_or_create_model_card(repo_id, token=token, is_pipeline=is_pipeline)
-        populate_model_card(card, tags=["diffusers-stages"]).save(os.path.join(save_directory, "README.md"))
+        tags = [tag for tag in ["diffusers-stages"] if tag not in (card.data.tags or [])]  # a re-push's card has it
+        populate_model_card(card, tags=tags).save(os.path.join(save_directory, "README.md"))
         saved._upload_folder(save_directory, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
     except Exception as error:  # noqa: BLE001 (offline, HTTP 401/403, network errors: all named below)
         raise OSError(

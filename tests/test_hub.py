@@ -113,3 +113,26 @@ def test_an_invalid_repository_id_is_refused_before_anything_is_saved(
     ):  # the default: the folder's name
         saved.save_pretrained(tmp_path / "my model", push_to_hub=True)
     assert not (tmp_path / "my model").exists()
+
+
+def test_a_second_push_lists_the_cards_tag_once(tiny_multistage, tmp_path, offline, monkeypatch):
+    # the card is the Hub repository's README when it has one (as in diffusers), and the package's tag was appended to
+    # its tags again: every push after the first wrote `- diffusers-stages` twice into the card's metadata
+    from huggingface_hub import ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
+
+    hub, load = LocalHubApi(str(tmp_path / "hub")), ModelCard.load
+    card = tmp_path / "hub" / "me" / "model" / "README.md"
+
+    def hub_card(repo_id, **kwargs):  # the Hub's README, once a push has written one
+        if not card.exists():
+            raise EntryNotFoundError("README.md")
+        return load(card)
+
+    monkeypatch.setattr(ModelCard, "load", hub_card)
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+    upload = lambda self, folder, repo_id, **kwargs: hub.upload_folder(repo_id=repo_id, folder_path=folder)  # noqa: E731
+    monkeypatch.setattr(MultiStageUNet2DModel, "_upload_folder", upload)
+    for _ in range(2):
+        tiny_multistage.save_pretrained(tmp_path / "model", push_to_hub=True, repo_id="me/model")
+    assert card.read_text().count("- diffusers-stages") == 1 and "library_name: diffusers" in card.read_text()

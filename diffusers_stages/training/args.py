@@ -263,7 +263,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     outputs.add_argument("--push_to_hub", action="store_true")
     outputs.add_argument("--hub_model_id", type=str, default=None)
     outputs.add_argument("--hub_token", type=str, default=None, help="Default: the token of `hf auth login`.")
-    outputs.add_argument("--hub_private_repo", action="store_true")
+    outputs.add_argument("--hub_private_repo", action="store_true", default=None,
+                         help="Default: the namespace's default (public unless your organisation's is private).")  # fmt: skip
     outputs.add_argument("--hub_local_dir", type=str, default=None,
                          help="Push into <dir>/<hub_model_id> with the Hub's file selection instead of uploading.")  # fmt: skip
     outputs.add_argument("--local_rank", type=int, default=-1,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 from types import SimpleNamespace
 
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
 from huggingface_hub import ModelCard, ModelCardData, create_repo
-from huggingface_hub.utils import filter_repo_objects, validate_repo_id
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
 
 from ..conventions import num_data_classes
 from ..hub import check_upload_folder, error_summary
@@ -57,6 +58,7 @@ class LocalHubApi:
         files = []
         for root, _, names in os.walk(folder_path):
             files += [os.path.relpath(os.path.join(root, n), folder_path).replace(os.sep, "/") for n in names]
+        ignore_patterns = [*(ignore_patterns or []), *DEFAULT_IGNORE_PATTERNS]  # as `HfApi.upload_folder` adds them
         for relative in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
             target = os.path.join(self.root, repo_id, relative)
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -99,11 +101,12 @@ def push_output_folder(
     class_conditional: bool,
     api=None,
     token: str | None = None,
-    private: bool = False,
+    private: bool | None = None,
     logging_dir: str | None = None,
 ) -> str:
     """Create the repository, write the model card and upload ``output_dir`` without checkpoints and logs (those of
-    `--logging_dir` ``logging_dir`` too, a folder relative to ``output_dir``)."""
+    `--logging_dir` ``logging_dir`` too, a folder relative to ``output_dir``). ``private=None``: the namespace's
+    default, as in diffusers (``False`` would make the repository public in an organisation that keeps them private)."""
     ignore = list(UPLOAD_IGNORE_PATTERNS)
     if logging_dir is not None:
         relative = os.path.relpath(os.path.join(output_dir, logging_dir), output_dir).replace(os.sep, "/")
@@ -114,25 +117,37 @@ def push_output_folder(
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
     write_model_card(output_dir, description, tags, class_conditional=class_conditional)
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=output_dir,
-        commit_message="End of training",
-        ignore_patterns=ignore,
-        token=token,
-    )
+    try:
+        repo_id = api.create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            commit_message="End of training",
+            ignore_patterns=ignore,
+            token=token,
+        )
+    except Exception as error:  # noqa: BLE001 (offline, HTTP 401/403, network errors: all named below)
+        excludes = " ".join(f"--exclude {shlex.quote(pattern)}" for pattern in ignore)
+        raise OSError(
+            f"The outputs in {output_dir!r} (and their README.md model card) are complete, but pushing them to the "
+            f"Hub repository {repo_id!r} failed ({error_summary(error)}). Upload them later with "
+            f"`hf upload {repo_id} {shlex.quote(output_dir)} {excludes}` (after `hf auth login`)."
+        ) from error
 
 
-def model_card_text(args: argparse.Namespace, task, steps: int, has_grid: bool, *, mixed_precision: str) -> str:
+def model_card_text(
+    args: argparse.Namespace, task, steps: int, has_grid: bool, *, mixed_precision: str, repo_id: str | None = None
+) -> str:
     """The model card's description: the method, its stages, how it was trained, how to sample, a sample grid.
     ``mixed_precision`` is what the run used (``accelerator.mixed_precision``: `--mixed_precision`, or else the
-    ``accelerate config`` file's), not the command-line argument."""
+    ``accelerate config`` file's), not the command-line argument. ``repo_id``: the repository `create_hub_repo`
+    created (``namespace/name``; default `--hub_model_id`), which the card's title and sampling code name."""
+    repo_id = repo_id or args.hub_model_id
     data = args.train_data_dir and os.path.basename(os.path.normpath(args.train_data_dir)) or args.dataset_name
     space = f"latent space of `{task.vae_path}`" if task.vae_path else "pixel space"
     lines = [
-        f"# {args.hub_model_id}",
+        f"# {repo_id}",
         "",
         f"A **{task.method}** diffusion model trained with diffusers-stages on its Accelerate training scripts.",
         "",
@@ -152,12 +167,13 @@ def model_card_text(args: argparse.Namespace, task, steps: int, has_grid: bool, 
         ),
         f"- mixed precision: {mixed_precision}, EMA: {'yes' if args.use_ema else 'no'}, seed {args.seed}",
     ]
-    return "\n".join(lines + _usage_and_samples(task.usage(args.hub_model_id), has_grid))
+    return "\n".join(lines + _usage_and_samples(task.usage(repo_id), has_grid))
 
 
-def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bool) -> str:
+def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bool, repo_id: str | None = None) -> str:
     """The card of `--assemble_experts`: the method, the experts and their intervals, the assembled runs' shared
-    settings, how to sample and the sample grid, as the training runs' cards."""
+    settings, how to sample and the sample grid, as the training runs' cards (``repo_id`` as `model_card_text`)."""
+    repo_id = repo_id or args.hub_model_id
     experts = pipeline.experts
     config = experts.expert(0).config
     num_class_embeds = config.get("num_class_embeds")
@@ -165,7 +181,7 @@ def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bo
     space = f"latent space of a `{type(pipeline.vae).__name__}`" if pipeline.vae is not None else "pixel space"
     parameters = [sum(p.numel() for p in experts.expert(s).parameters()) for s in range(experts.num_stages)]
     lines = [
-        f"# {args.hub_model_id}",
+        f"# {repo_id}",
         "",
         "A **multi-architecture multi-expert** diffusion model (MEME, Lee et al., AAAI 2024) assembled with "
         f"diffusers-stages from {len(args.assemble_experts)} runs of its Accelerate training script, one "
@@ -187,7 +203,7 @@ def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bo
         f"training steps, prediction type `{experts.config.prediction_type}`",
         f"- sample grid: {args.num_sample_images} samples, {args.num_inference_steps} steps, seed {args.seed}",
     ]
-    usage = pipeline_usage("ExpertRoutingPipeline", args.hub_model_id, bool(num_class_embeds))
+    usage = pipeline_usage("ExpertRoutingPipeline", repo_id, bool(num_class_embeds))
     return "\n".join(lines + _usage_and_samples(usage, has_grid))
 
 
@@ -233,7 +249,8 @@ def _schedule_text(args: argparse.Namespace, source: dict | None) -> str:
 
 def create_hub_repo(args: argparse.Namespace) -> str:
     """`--push_to_hub`: create (or find) the repository before any training, so that a run that cannot push (offline,
-    no token, no right to the namespace) stops in its first second instead of after training."""
+    no token, no right to the namespace) stops in its first second instead of after training. Returns its id as the
+    Hub gives it (`--hub_model_id` ``name`` is ``<user>/name``), for the model card."""
     try:
         if args.hub_local_dir:
             return LocalHubApi(args.hub_local_dir).create_repo(args.hub_model_id, exist_ok=True).repo_id

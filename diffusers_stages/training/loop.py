@@ -148,8 +148,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     check_sampling_steps(args, task)
     check_networks(args, task)
     existing, resume_path = _check_output_dir(args)
-    if args.push_to_hub:
-        create_hub_repo(args)
+    hub_repo_id = create_hub_repo(args) if args.push_to_hub else None  # `name` becomes `<user>/name`
     records = task.read_records(args)
     if records is None:
         records = _read_records(args)
@@ -187,7 +186,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     state = RunState(
         accelerator, args, task, list(networks), models, emas, optimizer, lr_scheduler, noise_scheduler,
         sampling_scheduler, vae, weight_dtype, records.num_classes if task.uses_labels else 0, max_train_steps,
-        replaced,
+        replaced, hub_repo_id,
     )  # fmt: skip
 
     # 5. resume, trackers
@@ -492,8 +491,8 @@ def _finish(state: RunState, global_step: int) -> None:
         if args.push_to_hub:
             api = LocalHubApi(args.hub_local_dir) if args.hub_local_dir else None
             description = model_card_text(args, task, state.max_train_steps, grid_path is not None,
-                                          mixed_precision=accelerator.mixed_precision)  # fmt: skip
-            push_output_folder(args.output_dir, args.hub_model_id, description, task.tags, api=api, token=args.hub_token,
+                                          mixed_precision=accelerator.mixed_precision, repo_id=state.hub_repo_id)  # fmt: skip
+            push_output_folder(args.output_dir, state.hub_repo_id, description, task.tags, api=api, token=args.hub_token,
                                class_conditional=args.class_conditional, private=args.hub_private_repo,
                                logging_dir=args.logging_dir)  # fmt: skip
         _discard_replaced(state)  # this run saved no checkpoint: its final outputs replace the former run's
@@ -505,6 +504,7 @@ def save_assembled_experts(args: argparse.Namespace) -> str:
     """`--assemble_experts`: one `ExpertRoutingPipeline` from one-expert-per-run folders, with a grid and a push."""
     from .tasks import assemble_expert_runs
 
+    hub_repo_id = create_hub_repo(args) if args.push_to_hub else None  # before assembling, as a training run
     pipeline = assemble_expert_runs(args.assemble_experts)
     os.makedirs(args.output_dir, exist_ok=True)
     publish_pipeline(args.output_dir, pipeline.save_pretrained)  # all or nothing, as the training runs' saves
@@ -512,9 +512,9 @@ def save_assembled_experts(args: argparse.Namespace) -> str:
     grid, _ = sample_grid(pipeline, args, num_classes)
     grid.save(os.path.join(args.output_dir, "sample_grid.png"))
     if args.push_to_hub:
-        description = assembled_experts_card_text(args, pipeline, has_grid=True)
+        description = assembled_experts_card_text(args, pipeline, has_grid=True, repo_id=hub_repo_id)
         api = LocalHubApi(args.hub_local_dir) if args.hub_local_dir else None
-        push_output_folder(args.output_dir, args.hub_model_id, description, ["multi-expert", "meme"], api=api,
+        push_output_folder(args.output_dir, hub_repo_id, description, ["multi-expert", "meme"], api=api,
                            token=args.hub_token, class_conditional=num_classes > 0,
                            private=args.hub_private_repo)  # fmt: skip
     return args.output_dir

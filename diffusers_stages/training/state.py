@@ -42,6 +42,7 @@ class RunState:
     num_classes: int  # classes of the data, 0 when unconditional (the null label is index `num_classes`)
     max_train_steps: int
     replaced_checkpoints: list[str] = field(default_factory=list)  # `--overwrite_output_dir`: the former run's
+    hub_repo_id: str | None = None  # `--push_to_hub`: the repository created, with the namespace the Hub gave it
 
     def unwrapped(self) -> dict[str, ModelMixin]:
         return {name: self.accelerator.unwrap_model(model) for name, model in zip(self.names, self.models)}

@@ -32,9 +32,22 @@ def test_one_backbone_per_run_edm(examples, script, image_folder, tmp_path):
     runs = {}
     for name in ("shallow", "deep"):
         runs[name] = str(tmp_path / name)
+        push = ["--push_to_hub", "--hub_model_id", "me/shallow", "--hub_local_dir", str(tmp_path / "hub")] * (
+            name == "shallow"
+        )
         examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", runs[name], "--backbones", name,
-             "--boundary_units", "sigma", "--max_train_steps", "1"])  # fmt: skip
+             "--boundary_units", "sigma", "--max_train_steps", "1", *push])  # fmt: skip
     nets = {name: UNet2DModel.from_pretrained(os.path.join(path, name)) for name, path in runs.items()}
+    # the pushed run's card: its code loads the backbone (was `StagedDiffusionPipeline.from_pretrained`, which refuses
+    # a folder without a pipeline)
+    pushed = tmp_path / "hub" / "me" / "shallow"
+    with open(pushed / "README.md", encoding="utf-8") as f:
+        code = f.read().split("```python\n")[1].split("```")[0]
+    card = {}
+    exec(code.replace('"me/shallow"', repr(str(pushed))), card)  # the repository, as a download would give it
+    assert all(
+        torch.equal(a, b) for a, b in zip(card["shallow"].state_dict().values(), nets["shallow"].state_dict().values())
+    )
     from diffusers import EDMEulerScheduler
 
     scheduler = EDMEulerScheduler.from_pretrained(os.path.join(runs["deep"], "scheduler"))

@@ -1,7 +1,10 @@
 """`examples/experts/train_experts.py`: all experts in one run (hard/soft), one expert per run and assembly."""
 
+import fnmatch
 import os
+import shutil
 
+import huggingface_hub
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -35,14 +38,35 @@ def test_all_experts_hard_assignment_meme_architectures(examples, script, image_
     assert _sample(pipe, class_labels=[0, 1]).shape == (2, 8, 8, 3)
 
 
-def test_one_expert_per_run_then_assemble(examples, script, image_folder, tmp_path):
+def test_one_expert_per_run_then_assemble(examples, script, image_folder, tmp_path, monkeypatch):
     runs = []
     for index in range(2):
         runs.append(str(tmp_path / f"expert{index}"))
+        push = ["--push_to_hub", "--hub_model_id", "me/expert0", "--hub_local_dir", str(tmp_path / "hub0")] * (
+            index == 0
+        )
         examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", runs[-1], "--num_experts", "2",
              "--expert_index", str(index), "--own_interval_probability", "0.9,0.7", "--max_train_steps", "1",
-             "--expert_block_out_channels", "16,16", "8,16", "--gradient_checkpointing"])  # fmt: skip
+             "--expert_block_out_channels", "16,16", "8,16", "--gradient_checkpointing", *push])  # fmt: skip
         assert os.path.isdir(os.path.join(runs[-1], f"expert_{index}"))
+    # the pushed run's card: its code (was `StagedDiffusionPipeline.from_pretrained`, which refuses a folder without a
+    # pipeline) downloads the run, which assembles with the other runs
+    with open(tmp_path / "hub0" / "me" / "expert0" / "README.md", encoding="utf-8") as f:
+        code = f.read().split("```python\n")[1].split("```")[0]
+
+    def snapshot_download(repo_id, allow_patterns, **kwargs):  # the files of the pushed repository it asks for
+        pushed, snapshot = tmp_path / "hub0" / repo_id, tmp_path / "snapshot"
+        for path in (p for p in pushed.rglob("*") if p.is_file()):
+            name = path.relative_to(pushed).as_posix()
+            if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    card = {}
+    exec(code, card)
+    runs[0] = card["run"]
     out, hub = str(tmp_path / "assembled"), str(tmp_path / "hub")
     examples.train(script, ["--assemble_experts", *runs, "--output_dir", out, "--num_sample_images", "4", "--num_inference_steps", "3",
          "--push_to_hub", "--hub_model_id", "me/experts", "--hub_local_dir", hub])  # fmt: skip

@@ -3,6 +3,7 @@ pipeline saves, and a Hub repository created before any training."""
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -101,6 +102,56 @@ def test_push_to_hub_fails_before_training_when_the_repository_cannot_be_created
     ):
         script.main(args)
     assert not os.path.exists(out)  # nothing trained, nothing written
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> list[tuple[str, dict]]:
+    """The Hub calls of a run, recorded (``("create_repo" | "upload_folder", keyword arguments)``); the Hub's answer to
+    `create_repo`: the repository id with the token owner's namespace ``me``."""
+    import huggingface_hub
+
+    calls = []
+
+    def create_repo(repo_id, **kwargs):
+        calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"me/{repo_id}")
+
+    class HfApi:
+        def __init__(self, token=None):
+            self.create_repo = create_repo
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs))
+
+    monkeypatch.setattr(hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "HfApi", HfApi)
+    return calls
+
+
+def test_a_repository_name_without_namespace_gets_the_full_id_on_the_card(
+    examples, script, image_folder, tmp_path, fake_hub
+):
+    # `--hub_model_id tiny` is pushed to `<user>/tiny` (the Hub adds the namespace, as in diffusers' scripts), but the
+    # card was titled `tiny` and its usage code loaded `from_pretrained("tiny")`, a repository that is not the user's
+    out = str(tmp_path / "run")
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out,
+                            "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "tiny"])  # fmt: skip
+    with open(os.path.join(out, "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    assert [kwargs["repo_id"] for call, kwargs in fake_hub if call == "upload_folder"] == ["me/tiny"]
+    assert "# me/tiny\n" in card and '.from_pretrained("me/tiny")' in card and '"tiny"' not in card
+
+
+@pytest.mark.parametrize(("flag", "private"), [([], None), (["--hub_private_repo"], True)])
+def test_the_repository_is_private_as_asked_or_as_the_namespace_default(
+    examples, script, image_folder, tmp_path, fake_hub, flag, private
+):
+    # without `--hub_private_repo` the repository was created with `private=False`: public even in an organisation
+    # whose repositories are private by default (`None`, as diffusers' `create_repo` calls pass, leaves it to the Hub)
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+                            "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/tiny", *flag])  # fmt: skip
+    creates = [kwargs for call, kwargs in fake_hub if call == "create_repo"]  # before training, then at the push
+    assert len(creates) == 2 and all(kwargs["private"] is private for kwargs in creates)
 
 
 def test_mixed_precision_fp16_on_cpu_is_a_usage_error(examples, script, image_folder, tmp_path, monkeypatch, capsys):

@@ -211,8 +211,9 @@ def test_push_selects_files_like_the_hub_and_writes_a_card(tmp_path, monkeypatch
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     out = tmp_path / "out"
     for name in ("model_index.json", "unet/config.json", "sample_grid.png", "checkpoint-5/optimizer.bin",
-                 "logs/run/events.out", "samples/step_000005.png"):  # fmt: skip
-        _touch(str(out / name))
+                 "logs/run/events.out", "samples/step_000005.png",
+                 ".git/config", ".cache/huggingface/upload/x"):  # fmt: skip
+        _touch(str(out / name))  # `.git` and `.cache/huggingface`: never uploaded by `HfApi.upload_folder`
     push_output_folder(
         str(out), "me/model", "My *description*.", ["multi-stage"], api=LocalHubApi(str(tmp_path / "hub")),
         class_conditional=False,
@@ -223,6 +224,28 @@ def test_push_selects_files_like_the_hub_and_writes_a_card(tmp_path, monkeypatch
     card = (pushed / "README.md").read_text()
     assert "My *description*." in card and "multi-stage" in card and "library_name: diffusers" in card
     assert "- unconditional-image-generation" in card and "class-conditional" not in card
+
+
+def test_a_failed_upload_names_the_repository_and_the_upload_command(tmp_path, monkeypatch):
+    # the end of a training run: the upload's own error (an HTTP 401, a network error) was all the run said, with no
+    # word that the output folder is complete nor of which files to leave out when uploading it by hand
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    _touch(str(out / "model_index.json"))
+
+    class Api(LocalHubApi):
+        def upload_folder(self, **kwargs):
+            raise ConnectionError("Connection reset by peer")
+
+    with pytest.raises(OSError) as caught:
+        push_output_folder(str(out), "me/model", "card", [], api=Api(str(tmp_path / "hub")), class_conditional=False)
+    message = str(caught.value)
+    assert "'me/model' failed (ConnectionError: Connection reset by peer)" in message and "README.md" in message
+    command = re.search(r"`(hf upload [^`]*)`", message).group(1).split()
+    assert command[2:4] == ["me/model", str(out)]
+    excluded = [command[i + 1].strip("'") for i, word in enumerate(command) if word == "--exclude"]
+    assert excluded == ["checkpoint-*", ".checkpoint-*", "logs/*", "samples/*", "*.pkl", "*.bin"]
+    assert os.path.isfile(out / "README.md")  # the card is written: the folder is ready to upload
 
 
 def _card_args(**overrides) -> argparse.Namespace:

@@ -156,6 +156,19 @@ class ExpertTask(TrainingTask):
             json.dump({"expert_index": self.args.expert_index, "prediction_type": self.args.prediction_type,
                        **self.partition.to_config()}, f, indent=2)  # fmt: skip
 
+    def usage(self, repo_id):
+        if self.args.expert_index is None:
+            return super().usage(repo_id)
+        # one expert alone is no pipeline: the card says how to get the run's folder for `--assemble_experts`
+        return [
+            "from huggingface_hub import snapshot_download",
+            "",
+            f"# expert {self.args.expert_index} of {self.partition.num_stages} alone does not sample: download each "
+            "expert's run, then assemble them with",
+            "# `python examples/experts/train_experts.py --assemble_experts <the runs' folders> --output_dir <folder>`",
+            f'run = snapshot_download("{repo_id}", allow_patterns=["*.json", "*.safetensors"])',
+        ]
+
     def description(self):
         what = "all experts in one run" if self.args.expert_index is None else f"expert {self.args.expert_index} only"
         assignment = self.args.assignment
