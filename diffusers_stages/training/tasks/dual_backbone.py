@@ -150,20 +150,6 @@ class DualBackboneTask(TrainingTask):
         network.save_pretrained(os.path.join(output_dir, name))
         scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
 
-    def usage(self, repo_id):
-        names = list(self._shapes())
-        if len(names) == 2:
-            return super().usage(repo_id)
-        # one backbone alone is no pipeline: the card loads the network, to be paired with the other run's
-        module, cls = ("diffusers_stages", "UViT2DModel") if self._uvit else ("diffusers", "UNet2DModel")
-        return [
-            f"from {module} import {cls}",
-            "",
-            "# one backbone alone does not sample: pair it with the other run's in a `DualBackbonePipeline`",
-            "# (examples/dual_backbone/README.md)",
-            f'{names[0]} = {cls}.from_pretrained("{repo_id}", subfolder="{names[0]}")',
-        ]
-
     def description(self):
         switch = (
             f"the shallow network runs the first {self.switch_step_fraction:g} of the sampling steps"
