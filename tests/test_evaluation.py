@@ -236,3 +236,26 @@ def test_a_cache_file_of_another_classifier_is_refused_by_name(digits, tmp_path)
     (tmp_path / "classifier.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="`cache_path` .* holds another classifier"):
         train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_train_classifier_takes_labels_of_any_integer_dtype(digits, dtype):
+    # int32 is NumPy's default integer on Windows (sklearn's digits.target there); was: a RuntimeError from
+    # cross_entropy ("expected target dtype to be Long or Byte, but got Int") at the first step
+    images, labels, _, _ = digits
+    expected = train_classifier(images[:64], labels[:64], max_steps=2)
+    net = train_classifier(images[:64], labels[:64].to(dtype), max_steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), expected.state_dict().values()))
+
+
+def test_boolean_labels_are_refused(digits):
+    images, labels, _, _ = digits
+    with pytest.raises(
+        ValueError, match="`labels` must be integer classes, one per image, got shape \\(64,\\), dtype torch.bool"
+    ):
+        train_classifier(images[:64], labels[:64] > 4, max_steps=1)
+    evaluator = Evaluator(FeatureClassifier(8), images[:64])
+    with pytest.raises(
+        ValueError, match="`labels` must hold one class per image \\(64\\) as an integer tensor, got .* torch.bool"
+    ):
+        evaluator.score(images[:64], labels[:64] > 4)  # was: scored as classes 0 and 1
