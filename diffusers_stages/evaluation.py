@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
-from .cli import write_atomically
+from .cli import check_output_file, write_atomically
 from .models.checks import check_positive_integers, positive_integer_arguments
 
 T = TypeVar("T")
@@ -140,6 +140,8 @@ def train_classifier(
     if not 0 <= labels.min() <= labels.max() < num_classes:  # cross_entropy would fail with an index error
         bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
         raise ValueError(f"`labels` must be classes in [0, {num_classes}), got {bad}.")
+    if cache_path is not None and not os.path.isfile(cache_path):
+        check_output_file(cache_path, "cache_path")  # a folder, or under a file: refused before training, not after
     with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's global random state is left as it was
         torch.manual_seed(seed)
         net = FeatureClassifier(images.shape[-1], images.shape[1], width=width, num_classes=num_classes)

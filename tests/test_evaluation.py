@@ -259,3 +259,13 @@ def test_boolean_labels_are_refused(digits):
         ValueError, match="`labels` must hold one class per image \\(64\\) as an integer tensor, got .* torch.bool"
     ):
         evaluator.score(images[:64], labels[:64] > 4)  # was: scored as classes 0 and 1
+
+
+def test_a_cache_path_that_cannot_be_written_is_refused_before_training(digits, tmp_path, monkeypatch):
+    images, labels, _, _ = digits
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr("diffusers_stages.evaluation.F.cross_entropy", None)  # training would fail: it must not start
+    for path, match in [(tmp_path, "is a folder"), (tmp_path / "a_file" / "net.safetensors", "cannot be written")]:
+        # was: an OSError from the write, after training
+        with pytest.raises(ValueError, match=f"`cache_path` {re.escape(repr(str(path)))} {match}"):
+            train_classifier(images[:64], labels[:64], max_steps=1, cache_path=str(path))
