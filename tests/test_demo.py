@@ -189,3 +189,21 @@ def test_a_failed_report_write_leaves_no_report(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         report.write_report(str(tmp_path), ["header"], [], floor, "table")
     assert os.listdir(tmp_path) == []  # neither REPORT.md nor a hidden partial folder
+
+
+def test_the_floor_is_scored_on_as_many_class_balanced_images_as_each_method(tmp_path):
+    # FD-classifier depends on the sample count (200 held-out digits score about 6, all 360 score 3.9): the floor was
+    # scored on the whole test split while each method is scored on `num_eval_images` class-balanced samples
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from diffusers_stages.demo import SIZES
+    from diffusers_stages.demo.run import balanced_indices, load_digits_split, prepare
+
+    settings = dict(SIZES["quick"], seed=0)
+    *_, floor, _ = prepare(SimpleNamespace(output_dir=str(tmp_path / "out")), settings, 0.0)
+    assert floor["count"] == settings["num_eval_images"]
+    labels = load_digits_split()["test"][1]
+    index = balanced_indices(labels, 200)
+    assert len(set(index.tolist())) == 200 and np.bincount(labels[index]).tolist() == [20] * 10
