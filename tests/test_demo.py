@@ -132,6 +132,20 @@ def test_refuses_an_output_dir_that_cannot_be_created(tmp_path, capsys):
     assert "`--output_dir` must name a folder, got ''" in capsys.readouterr().err
 
 
+def test_refuses_an_empty_output_dir_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(out) and real_access(path, mode))  # read-only
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--output_dir", str(out)])  # was: a PermissionError at step 1, after loading the data
+    assert exit_info.value.code == 2
+    assert f"`--output_dir` {str(out)!r} cannot be written: it is not a writable folder" in capsys.readouterr().err
+    # a writable empty folder in a read-only one is fine: the demo writes only inside it (was refused)
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path) and real_access(path, mode))
+    assert parse_args(["--output_dir", str(out)]).output_dir == str(out)
+
+
 def fill_the_disk(monkeypatch):
     """From now on, weights writes stop half-way with an `OSError` (a full disk), leaving a truncated file."""
     import safetensors.torch

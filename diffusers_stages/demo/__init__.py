@@ -88,6 +88,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("`--output_dir` must name a folder, got ''.")
     if os.path.exists(args.output_dir) and (not os.path.isdir(args.output_dir) or os.listdir(args.output_dir)):
         raise ValueError(f"`--output_dir` {args.output_dir!r} exists and is not an empty folder: give a new one.")
+    if os.path.isdir(args.output_dir):  # empty: the demo writes only inside it
+        if not os.access(args.output_dir, os.W_OK):
+            raise ValueError(f"`--output_dir` {args.output_dir!r} cannot be written: it is not a writable folder.")
+        return
     parent = os.path.dirname(os.path.abspath(args.output_dir))
     while not os.path.exists(parent):  # the folders the demo will create: their nearest existing one must take them
         parent = os.path.dirname(parent)
