@@ -269,3 +269,20 @@ def test_a_cache_path_that_cannot_be_written_is_refused_before_training(digits, 
         # was: an OSError from the write, after training
         with pytest.raises(ValueError, match=f"`cache_path` {re.escape(repr(str(path)))} {match}"):
             train_classifier(images[:64], labels[:64], max_steps=1, cache_path=str(path))
+
+
+def test_fd_is_the_frechet_distance_of_the_classifier_features(digits):
+    # FID's formula (Heusel et al. 2017, eq. 6) computed directly with scipy's sqrtm, on fewer generated images (30)
+    # than features (64): a singular covariance, whose square root has small imaginary parts
+    import scipy.linalg
+
+    train, train_labels, test, _ = digits
+    classifier = train_classifier(train[:256], train_labels[:256], max_steps=5)
+    generated = test[:30] + 0.3 * torch.randn(test[:30].shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        real, fake = (classifier(x).double().numpy() for x in (train[:256], generated))
+    mean_real, mean_fake = real.mean(0), fake.mean(0)
+    cov_real, cov_fake = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    root = scipy.linalg.sqrtm(cov_real @ cov_fake).real
+    expected = ((mean_real - mean_fake) ** 2).sum() + np.trace(cov_real + cov_fake - 2 * root)
+    assert Evaluator(classifier, train[:256]).score(generated)["fd"] == pytest.approx(expected, rel=1e-4)
