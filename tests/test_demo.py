@@ -146,6 +146,25 @@ def test_refuses_an_empty_output_dir_that_cannot_be_written(tmp_path, capsys, mo
     assert parse_args(["--output_dir", str(out)]).output_dir == str(out)
 
 
+def test_runs_started_in_the_same_second_get_their_own_default_output_dir(tmp_path, monkeypatch):
+    # was: both `diffusers-stages-demo-<time>`, which neither had created yet, so both passed the check and wrote
+    # their pipelines and reports into one folder (`for seed in 0 1; do diffusers-stages demo --seed $seed & done`)
+    import datetime
+    from types import SimpleNamespace
+
+    import diffusers_stages.demo as demo
+
+    now = datetime.datetime(2026, 1, 1, 12, 0, 0)
+    monkeypatch.setattr(demo, "datetime", SimpleNamespace(datetime=SimpleNamespace(now=lambda: now)))
+    monkeypatch.chdir(tmp_path)
+    folders = []
+    for pid in (101, 102):  # two processes
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        folders.append(parse_args([]).output_dir)
+    assert folders[0] != folders[1] and {os.path.dirname(f) for f in folders} == {str(tmp_path)}
+    assert os.path.basename(folders[0]).startswith("diffusers-stages-demo-20260101-120000")
+
+
 def fill_the_disk(monkeypatch):
     """From now on, weights writes stop half-way with an `OSError` (a full disk), leaving a truncated file."""
     import safetensors.torch
