@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
-from .cli import write_atomically
+from .cli import check_output_file, write_atomically
 from .models.checks import check_positive_integers, positive_integer_arguments
 
 T = TypeVar("T")
@@ -133,13 +133,15 @@ def train_classifier(
         raise ValueError(f"`images` must be square (the classifier's input), got shape {tuple(images.shape)}.")
     check_positive_integers(("num_classes",), epochs=epochs, batch_size=batch_size, max_steps=max_steps,
                             width=width, num_classes=num_classes)  # fmt: skip
-    if not torch.is_tensor(labels) or labels.is_floating_point() or labels.is_complex() or labels.ndim != 1:
+    if not _integer_tensor(labels) or labels.ndim != 1:
         got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if torch.is_tensor(labels) else type(labels)
         raise ValueError(f"`labels` must be integer classes, one per image, got {got}.")
     num_classes = num_classes or int(labels.max()) + 1
     if not 0 <= labels.min() <= labels.max() < num_classes:  # cross_entropy would fail with an index error
         bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
         raise ValueError(f"`labels` must be classes in [0, {num_classes}), got {bad}.")
+    if cache_path is not None and not os.path.isfile(cache_path):
+        check_output_file(cache_path, "cache_path")  # a folder, or under a file: refused before training, not after
     with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's global random state is left as it was
         torch.manual_seed(seed)
         net = FeatureClassifier(images.shape[-1], images.shape[1], width=width, num_classes=num_classes)
@@ -153,7 +155,9 @@ def train_classifier(
             ) from None
         return net.eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    labels = labels.to(net.head.weight.device)  # the classifier's (images get there in `_features`), moved once
+    # the classifier's device (images get there in `_features`), moved once; int64, what cross_entropy takes of any
+    # integer dtype (int32: NumPy's default integer on Windows)
+    labels = labels.to(net.head.weight.device, torch.long)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = min(max_steps, epochs * max(1, len(images) // batch_size))  # fewer images than a batch: still trained
     for _ in tqdm(range(steps), desc="classifier", disable=not progress_bar):
@@ -203,9 +207,7 @@ class Evaluator:
                 f"`images` must be of the shape (N, {', '.join(map(str, self.image_shape))}) of the real images, got "
                 f"{tuple(images.shape)}."
             )
-        if labels is not None and (
-            not torch.is_tensor(labels) or labels.is_floating_point() or labels.shape != (len(images),)
-        ):
+        if labels is not None and (not _integer_tensor(labels) or labels.shape != (len(images),)):
             got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if torch.is_tensor(labels) else type(labels)
             raise ValueError(
                 f"`labels` must hold one class per image ({len(images)}) as an integer tensor, got {got}."
@@ -228,6 +230,13 @@ class Evaluator:
         if labels is not None:
             result["accuracy"] = correct / len(images)
         return result
+
+
+def _integer_tensor(labels) -> bool:
+    """Whether ``labels`` is a tensor of integer classes (not float, complex or bool)."""
+    return torch.is_tensor(labels) and not (
+        labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool
+    )
 
 
 def _check_images(images: torch.Tensor, name: str) -> None:

@@ -132,6 +132,39 @@ def test_refuses_an_output_dir_that_cannot_be_created(tmp_path, capsys):
     assert "`--output_dir` must name a folder, got ''" in capsys.readouterr().err
 
 
+def test_refuses_an_empty_output_dir_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(out) and real_access(path, mode))  # read-only
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--output_dir", str(out)])  # was: a PermissionError at step 1, after loading the data
+    assert exit_info.value.code == 2
+    assert f"`--output_dir` {str(out)!r} cannot be written: it is not a writable folder" in capsys.readouterr().err
+    # a writable empty folder in a read-only one is fine: the demo writes only inside it (was refused)
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path) and real_access(path, mode))
+    assert parse_args(["--output_dir", str(out)]).output_dir == str(out)
+
+
+def test_runs_started_in_the_same_second_get_their_own_default_output_dir(tmp_path, monkeypatch):
+    # was: both `diffusers-stages-demo-<time>`, which neither had created yet, so both passed the check and wrote
+    # their pipelines and reports into one folder (`for seed in 0 1; do diffusers-stages demo --seed $seed & done`)
+    import datetime
+    from types import SimpleNamespace
+
+    import diffusers_stages.demo as demo
+
+    now = datetime.datetime(2026, 1, 1, 12, 0, 0)
+    monkeypatch.setattr(demo, "datetime", SimpleNamespace(datetime=SimpleNamespace(now=lambda: now)))
+    monkeypatch.chdir(tmp_path)
+    folders = []
+    for pid in (101, 102):  # two processes
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        folders.append(parse_args([]).output_dir)
+    assert folders[0] != folders[1] and {os.path.dirname(f) for f in folders} == {str(tmp_path)}
+    assert os.path.basename(folders[0]).startswith("diffusers-stages-demo-20260101-120000")
+
+
 def fill_the_disk(monkeypatch):
     """From now on, weights writes stop half-way with an `OSError` (a full disk), leaving a truncated file."""
     import safetensors.torch
@@ -189,3 +222,21 @@ def test_a_failed_report_write_leaves_no_report(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         report.write_report(str(tmp_path), ["header"], [], floor, "table")
     assert os.listdir(tmp_path) == []  # neither REPORT.md nor a hidden partial folder
+
+
+def test_the_floor_is_scored_on_as_many_class_balanced_images_as_each_method(tmp_path):
+    # FD-classifier depends on the sample count (200 held-out digits score about 6, all 360 score 3.9): the floor was
+    # scored on the whole test split while each method is scored on `num_eval_images` class-balanced samples
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from diffusers_stages.demo import SIZES
+    from diffusers_stages.demo.run import balanced_indices, load_digits_split, prepare
+
+    settings = dict(SIZES["quick"], seed=0)
+    *_, floor, _ = prepare(SimpleNamespace(output_dir=str(tmp_path / "out")), settings, 0.0)
+    assert floor["count"] == settings["num_eval_images"]
+    labels = load_digits_split()["test"][1]
+    index = balanced_indices(labels, 200)
+    assert len(set(index.tolist())) == 200 and np.bincount(labels[index]).tolist() == [20] * 10

@@ -236,3 +236,53 @@ def test_a_cache_file_of_another_classifier_is_refused_by_name(digits, tmp_path)
     (tmp_path / "classifier.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="`cache_path` .* holds another classifier"):
         train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_train_classifier_takes_labels_of_any_integer_dtype(digits, dtype):
+    # int32 is NumPy's default integer on Windows (sklearn's digits.target there); was: a RuntimeError from
+    # cross_entropy ("expected target dtype to be Long or Byte, but got Int") at the first step
+    images, labels, _, _ = digits
+    expected = train_classifier(images[:64], labels[:64], max_steps=2)
+    net = train_classifier(images[:64], labels[:64].to(dtype), max_steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), expected.state_dict().values()))
+
+
+def test_boolean_labels_are_refused(digits):
+    images, labels, _, _ = digits
+    with pytest.raises(
+        ValueError, match="`labels` must be integer classes, one per image, got shape \\(64,\\), dtype torch.bool"
+    ):
+        train_classifier(images[:64], labels[:64] > 4, max_steps=1)
+    evaluator = Evaluator(FeatureClassifier(8), images[:64])
+    with pytest.raises(
+        ValueError, match="`labels` must hold one class per image \\(64\\) as an integer tensor, got .* torch.bool"
+    ):
+        evaluator.score(images[:64], labels[:64] > 4)  # was: scored as classes 0 and 1
+
+
+def test_a_cache_path_that_cannot_be_written_is_refused_before_training(digits, tmp_path, monkeypatch):
+    images, labels, _, _ = digits
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr("diffusers_stages.evaluation.F.cross_entropy", None)  # training would fail: it must not start
+    for path, match in [(tmp_path, "is a folder"), (tmp_path / "a_file" / "net.safetensors", "cannot be written")]:
+        # was: an OSError from the write, after training
+        with pytest.raises(ValueError, match=f"`cache_path` {re.escape(repr(str(path)))} {match}"):
+            train_classifier(images[:64], labels[:64], max_steps=1, cache_path=str(path))
+
+
+def test_fd_is_the_frechet_distance_of_the_classifier_features(digits):
+    # FID's formula (Heusel et al. 2017, eq. 6) computed directly with scipy's sqrtm, on fewer generated images (30)
+    # than features (64): a singular covariance, whose square root has small imaginary parts
+    import scipy.linalg
+
+    train, train_labels, test, _ = digits
+    classifier = train_classifier(train[:256], train_labels[:256], max_steps=5)
+    generated = test[:30] + 0.3 * torch.randn(test[:30].shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        real, fake = (classifier(x).double().numpy() for x in (train[:256], generated))
+    mean_real, mean_fake = real.mean(0), fake.mean(0)
+    cov_real, cov_fake = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    root = scipy.linalg.sqrtm(cov_real @ cov_fake).real
+    expected = ((mean_real - mean_fake) ** 2).sum() + np.trace(cov_real + cov_fake - 2 * root)
+    assert Evaluator(classifier, train[:256]).score(generated)["fd"] == pytest.approx(expected, rel=1e-4)

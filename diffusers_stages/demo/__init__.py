@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument(
-        "--output_dir", default=None, help="A new or empty folder. Default: ./diffusers-stages-demo-<time>."
+        "--output_dir", default=None, help="A new or empty folder. Default: ./diffusers-stages-demo-<time>-<pid>."
     )
     parser.add_argument(
         "--steps",
@@ -82,12 +82,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--device` must be 'cpu' or 'cuda', got {args.device!r}.")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("`--device cuda`: no CUDA device is available here; use `--device cpu`.")
-    if args.output_dir is None:
-        args.output_dir = os.path.abspath(f"diffusers-stages-demo-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if args.output_dir is None:  # the process id: runs started in the same second each get their own folder
+        stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+        args.output_dir = os.path.abspath(f"diffusers-stages-demo-{stamp}")
     if not args.output_dir:
         raise ValueError("`--output_dir` must name a folder, got ''.")
     if os.path.exists(args.output_dir) and (not os.path.isdir(args.output_dir) or os.listdir(args.output_dir)):
         raise ValueError(f"`--output_dir` {args.output_dir!r} exists and is not an empty folder: give a new one.")
+    if os.path.isdir(args.output_dir):  # empty: the demo writes only inside it
+        if not os.access(args.output_dir, os.W_OK):
+            raise ValueError(f"`--output_dir` {args.output_dir!r} cannot be written: it is not a writable folder.")
+        return
     parent = os.path.dirname(os.path.abspath(args.output_dir))
     while not os.path.exists(parent):  # the folders the demo will create: their nearest existing one must take them
         parent = os.path.dirname(parent)

@@ -44,6 +44,16 @@ def as_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).float()[:, None] / 127.5 - 1.0
 
 
+def balanced_indices(labels: np.ndarray, count: int, num_classes: int = 10) -> np.ndarray:
+    """Indices of the first ``count // num_classes`` images of each class: a class-balanced subset of ``count``
+    images, as the methods' samples are (FD-classifier depends on the sample count: the floor is scored on as many)."""
+    per_class = count // num_classes
+    chosen = [np.flatnonzero(labels == c)[:per_class] for c in range(num_classes)]
+    if any(len(c) < per_class for c in chosen):
+        raise ValueError(f"`count` {count}: the held-out split has fewer than {per_class} images of some class.")
+    return np.sort(np.concatenate(chosen))
+
+
 def prepare(args: argparse.Namespace, settings: dict, start: float) -> tuple[str, Evaluator, dict, torch.Tensor]:
     """Step 1: the image folder, the metric and its floor (held-out real digits)."""
     split = load_digits_split()
@@ -59,8 +69,9 @@ def prepare(args: argparse.Namespace, settings: dict, start: float) -> tuple[str
     )  # fmt: skip
     evaluator = Evaluator(classifier, train_images)
     test_images, test_labels = split["test"]
-    floor = evaluator.score(as_tensor(test_images), torch.from_numpy(test_labels).long())
-    floor["count"] = len(test_images)
+    index = balanced_indices(test_labels, settings["num_eval_images"])  # as many as each method's samples
+    floor = evaluator.score(as_tensor(test_images[index]), torch.from_numpy(test_labels[index]).long())
+    floor["count"] = len(index)
     say(start, f"      held-out real digits score FD-classifier {floor['fd']:.2f}, accuracy {floor['accuracy']:.3f}")
     return data_dir, evaluator, floor, train_images
 
