@@ -193,7 +193,8 @@ def _load_expert(folder: str) -> ModelMixin:
 
 def assemble_expert_runs(run_dirs: list[str]):
     """Gather the experts of one-expert-per-run folders into an `ExpertRoutingPipeline` (scheduler and VAE of the
-    first run); refuses runs whose partitions or prediction types differ, or that miss or repeat an expert."""
+    first run); refuses runs whose partitions, prediction types, schedulers or VAEs differ, or that miss or repeat an
+    expert."""
     runs = []
     for run in run_dirs:
         path = os.path.join(run, EXPERT_RUN_FILE)
@@ -218,19 +219,62 @@ def assemble_expert_runs(run_dirs: list[str]):
         raise ValueError(
             f"`--assemble_experts` needs one run per expert 0..{partition.num_stages - 1}, got experts {indices}."
         )
+    first = runs[0][0]
+    scheduler, vae = _load_run_scheduler(first), _load_run_vae(first)
+    for run, _ in runs[1:]:  # experts replace one another mid-trajectory: one noise schedule, one latent space
+        _check_same_schedule(scheduler, _load_run_scheduler(run), run, first)
+        _check_same_latent_space(vae, _load_run_vae(run), run, first)
     experts = [None] * partition.num_stages
     for run, info in runs:
         experts[info["expert_index"]] = _load_expert(os.path.join(run, expert_folder(info["expert_index"])))
     model = ExpertRoutingModel(experts, prediction_type=shared[0]["prediction_type"], **partition.to_config())
-    first = runs[0][0]
-    scheduler_path = os.path.join(first, "scheduler")
+    return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)
+
+
+def _load_run_scheduler(run: str) -> SchedulerMixin:
+    """The scheduler an `--expert_index` run saved: only a class diffusers exports (the folder is hostile input)."""
+    scheduler_path = os.path.join(run, "scheduler")
     name = DDPMScheduler.load_config(scheduler_path).get("_class_name")
     scheduler_class = exported_class(name, SchedulerMixin, (diffusers,))
     if scheduler_class is None:
         raise ValueError(
             f"`--assemble_experts`: `_class_name` {name!r} of {scheduler_path!r} is not a diffusers scheduler."
         )
-    scheduler = load_scheduler(scheduler_class, scheduler_path, "`--assemble_experts`")
-    vae_path = os.path.join(first, "vae")
-    vae = load_strictly(diffusers.AutoencoderKL, vae_path) if os.path.isdir(vae_path) else None
-    return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)
+    return load_scheduler(scheduler_class, scheduler_path, "`--assemble_experts`")
+
+
+def _load_run_vae(run: str) -> diffusers.AutoencoderKL | None:
+    """The VAE of a latent-space run, None for a pixel-space one."""
+    vae_path = os.path.join(run, "vae")
+    return load_strictly(diffusers.AutoencoderKL, vae_path) if os.path.isdir(vae_path) else None
+
+
+def _check_same_schedule(scheduler: SchedulerMixin, other: SchedulerMixin, run: str, first: str) -> None:
+    """Refuse a run whose scheduler (class or options) is not the first run's: the pipeline samples every expert
+    with the first run's."""
+    keys = {**scheduler.config, **other.config}
+    differ = sorted(k for k in keys if not k.startswith("_") and scheduler.config.get(k) != other.config.get(k))
+    if type(other) is not type(scheduler) or differ:
+        raise ValueError(
+            f"`--assemble_experts`: {run!r} was trained with another noise scheduler than {first!r} "
+            f"({differ or [type(other).__name__, type(scheduler).__name__]} differ): the experts share one schedule, "
+            "so train every expert with the same scheduler options."
+        )
+
+
+def _check_same_latent_space(vae, other, run: str, first: str) -> None:
+    """Refuse a run in another space than the first run's (pixels, or another VAE's latents): the pipeline decodes
+    every expert's samples with the first run's VAE."""
+    from ...conversion.pipelines_to_experts import check_same_vae
+
+    if (vae is None) != (other is None):
+        spaces = ("pixels", "a VAE's latents") if other is None else ("a VAE's latents", "pixels")
+        raise ValueError(
+            f"`--assemble_experts`: {run!r} was trained on {spaces[0]} and {first!r} on {spaces[1]}: the experts must "
+            "share one space (one VAE, or none)."
+        )
+    if vae is not None:
+        try:
+            check_same_vae(vae, other, run)
+        except ValueError as error:
+            raise ValueError(f"`--assemble_experts`: {error}") from None

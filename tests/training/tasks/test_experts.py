@@ -98,3 +98,30 @@ def test_run_files_of_the_wrong_json_types_are_named(runs, edit, message):
     edit(runs[1])
     with pytest.raises(ValueError, match=f"`--assemble_experts`.*{message}"):
         assemble_expert_runs([str(r) for r in runs])
+
+
+def test_runs_trained_on_another_noise_schedule_are_refused(runs):
+    # only the first run's scheduler was kept: expert 1 sampled on a schedule it was never trained on, silently
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(runs[1] / "scheduler")
+    with pytest.raises(ValueError, match=r"`--assemble_experts`: .*run1.*\(\['beta_schedule'\] differ\)"):
+        assemble_expert_runs([str(r) for r in runs])
+
+
+@pytest.mark.parametrize("other", ["none", "weights"])
+def test_runs_in_another_latent_space_are_refused(runs, other):
+    # only the first run's VAE was kept: an expert trained on other latents (or on pixels) decoded with it, silently
+    from tests.conftest import tiny_vae
+
+    for index, run in enumerate(runs):
+        torch.manual_seed(index)
+        UNet2DModel(**{**SMALL, "in_channels": 4, "out_channels": 4}).save_pretrained(run / f"expert_{index}")
+    tiny_vae().save_pretrained(runs[0] / "vae")
+    if other == "weights":
+        vae = tiny_vae()
+        torch.nn.init.normal_(vae.decoder.conv_out.weight)
+        vae.save_pretrained(runs[1] / "vae")
+    with pytest.raises(ValueError, match=r"`--assemble_experts`: .*run1.*VAE"):
+        assemble_expert_runs([str(r) for r in runs])
+    if other == "weights":  # the same VAE in every run assembles
+        tiny_vae().save_pretrained(runs[1] / "vae")
+        assert assemble_expert_runs([str(r) for r in runs]).vae is not None
