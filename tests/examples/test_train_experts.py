@@ -106,6 +106,10 @@ def test_model_config_refuses_the_shape_options_it_would_ignore(
         (["--attention_head_dim", "3"], "must be multiples of `attention_head_dim`=3"),
         (["--num_experts", "0"], "`--num_experts` must be a positive integer, got 0."),  # was named `num_stages`
         (["--num_experts", "-1"], "`--num_experts` must be a positive integer, got -1."),
+        (  # was ignored in silence (and a zero share a ValueError at the first step): a run trains one expert
+            ["--expert_index", "1", "--stage_shares", "1,0,1,1"],
+            "`--stage_shares` [1.0, 0.0, 1.0, 1.0] cannot be combined with `--expert_index` 1",
+        ),
         (  # were ignored in silence: the presets' iU-Nets have their own blocks
             ["--down_block_types", "DownBlock2D", "AttnDownBlock2D"],
             "`--down_block_types` ['DownBlock2D', 'AttnDownBlock2D'] is not used by the MEME presets' iU-Nets",

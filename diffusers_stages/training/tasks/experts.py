@@ -47,6 +47,9 @@ class ExpertTask(TrainingTask):
             )
         if args.expert_index is not None and not 0 <= args.expert_index < partition.num_stages:
             raise ValueError(f"`--expert_index` must be in [0, {partition.num_stages}), got {args.expert_index}.")
+        if args.expert_index is not None:  # the batch is not split: the run's one expert takes all of it
+            refuse_given_options(args, ("stage_shares",), f"`--expert_index` {args.expert_index}",
+                                 "a run of one expert gives it the whole batch")  # fmt: skip
         probabilities = args.own_interval_probability
         if args.assignment == "hard":
             if probabilities is not None:
