@@ -206,6 +206,14 @@ def assemble_expert_runs(run_dirs: list[str]):
                 f"`--assemble_experts`: {run!r} is not a finished `--expert_index` run (no {EXPERT_RUN_FILE})."
             )
         info = read_json(path, "--assemble_experts")
+        missing = [
+            key for key in ("expert_index", "prediction_type", *TimestepPartition([]).to_config()) if key not in info
+        ]
+        if missing:
+            raise ValueError(
+                f"`--assemble_experts`: {path!r} lacks {missing}: it was not written by an `--expert_index` run of "
+                "train_experts.py, or was edited since."
+            )
         if isinstance(info.get("expert_index"), bool) or not isinstance(info.get("expert_index"), int):
             raise ValueError(
                 f"`--assemble_experts`: `expert_index` of {path!r} must be an integer, got {info.get('expert_index')!r}."

@@ -125,3 +125,13 @@ def test_runs_in_another_latent_space_are_refused(runs, other):
     if other == "weights":  # the same VAE in every run assembles
         tiny_vae().save_pretrained(runs[1] / "vae")
         assert assemble_expert_runs([str(r) for r in runs]).vae is not None
+
+
+@pytest.mark.parametrize("key", ["stage_boundaries", "num_train_timesteps", "boundary_units", "prediction_type"])
+def test_run_files_without_an_entry_are_named(runs, key):
+    # (a KeyError when every run lacked it)
+    for run in runs:
+        info = json.loads((run / EXPERT_RUN_FILE).read_text())
+        (run / EXPERT_RUN_FILE).write_text(json.dumps({k: v for k, v in info.items() if k != key}))
+    with pytest.raises(ValueError, match=f"`--assemble_experts`: .*{EXPERT_RUN_FILE}.* lacks \\['{key}'\\]"):
+        assemble_expert_runs([str(r) for r in runs])
