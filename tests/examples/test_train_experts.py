@@ -8,6 +8,7 @@ from diffusers import UNet2DModel
 
 from diffusers_stages import ExpertRoutingPipeline, IUNet2DModel
 from diffusers_stages.models.meme import attention_share
+from tests.conftest import SMALL_UNET
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +150,28 @@ def test_resuming_with_other_stage_boundaries_names_them(examples, script, image
         examples.train(script, [*resume, "--stage_boundaries", "100", "200", "300"])
     examples.train(script, resume)
     assert os.path.isdir(os.path.join(out, "checkpoint-2"))
+
+
+@pytest.mark.parametrize("model_config", [False, True])
+def test_the_card_of_a_one_expert_run_loads_its_expert(examples, script, image_folder, tmp_path, model_config):
+    # the card's code was `StagedDiffusionPipeline.from_pretrained(repo)`, which a one-expert run (no pipeline) fails
+    from diffusers_stages.training import ExpertTask, build_task
+
+    shape = [*examples.TINY_RUN]
+    if model_config:
+        config = tmp_path / "config.json"
+        UNet2DModel(**SMALL_UNET).save_config(tmp_path)
+        shape += ["--model_config", str(config)]
+    else:
+        shape = [*examples.TINY]
+    run = tmp_path / "run"
+    args = script.parse_args([*shape, "--train_data_dir", image_folder, "--output_dir", str(run), "--num_experts", "2",
+                              "--own_interval_probability", "0.9,0.7", "--expert_index", "1"])  # fmt: skip
+    task = build_task(ExpertTask, args)
+    expert = task.build_networks(3, 8, None)["expert_1"]
+    expert.save_pretrained(run / "expert_1")
+    code = "\n".join(task.usage(str(run)))
+    assert "--assemble_experts" in code
+    namespace = {}
+    exec(code, namespace)  # the card's code, on the run's folder
+    assert type(namespace["expert"]) is type(expert)

@@ -159,6 +159,20 @@ class ExpertTask(TrainingTask):
             json.dump({"expert_index": self.args.expert_index, "prediction_type": self.args.prediction_type,
                        **self.partition.to_config()}, f, indent=2)  # fmt: skip
 
+    def usage(self, repo_id):
+        if self.args.expert_index is None:
+            return super().usage(repo_id)
+        # one expert alone holds no pipeline: load the expert, sample once every expert's run is assembled
+        index, cls = self.args.expert_index, "UNet2DModel" if self.args.model_config is not None else "IUNet2DModel"
+        return [
+            f"from {'diffusers' if cls == 'UNet2DModel' else 'diffusers_stages'} import {cls}",
+            "",
+            f"# expert {index} of {self.partition.num_stages} (stage {index} above); to sample, download every expert's run",
+            "# (`huggingface_hub.snapshot_download`) and gather them into one pipeline with `python",
+            "# examples/experts/train_experts.py --assemble_experts RUN_0 ... RUN_N --output_dir OUT`",
+            f'expert = {cls}.from_pretrained("{repo_id}", subfolder="{expert_folder(index)}")',
+        ]
+
     def description(self):
         what = "all experts in one run" if self.args.expert_index is None else f"expert {self.args.expert_index} only"
         assignment = self.args.assignment
