@@ -107,6 +107,10 @@ def test_model_config_refuses_the_shape_options_it_would_ignore(
         (["--attention_head_dim", "3"], "must be multiples of `attention_head_dim`=3"),
         (["--num_experts", "0"], "`--num_experts` must be a positive integer, got 0."),  # was named `num_stages`
         (["--num_experts", "-1"], "`--num_experts` must be a positive integer, got -1."),
+        (  # the boundaries' 4 experts were trained in silence
+            ["--num_experts", "3", "--stage_boundaries", "300", "600", "900"],
+            "`--num_experts` 3 disagrees with `--stage_boundaries` [300.0, 600.0, 900.0] (4 experts)",
+        ),
         (  # was ignored in silence (and a zero share a ValueError at the first step): a run trains one expert
             ["--expert_index", "1", "--stage_shares", "1,0,1,1"],
             "`--stage_shares` [1.0, 0.0, 1.0, 1.0] cannot be combined with `--expert_index` 1",

@@ -29,6 +29,8 @@ from ..args import (
 )
 from .base import Draw, TrainingTask, _unet_downsampling
 
+MEME_NUM_EXPERTS = 4  # uniform intervals without `--num_experts` or `--stage_boundaries`
+
 
 class ExpertTask(TrainingTask):
     """MEME (Lee et al., AAAI 2024): one U-Net per interval, all in one run or one per run, soft or hard assignment."""
@@ -38,7 +40,13 @@ class ExpertTask(TrainingTask):
 
     def build_partition(self, args):
         check_positive_options(args, ("num_experts",))
-        partition = partition_from_args(args, TimestepPartition.uniform(args.num_experts, args.num_train_timesteps))
+        count = MEME_NUM_EXPERTS if args.num_experts is None else args.num_experts
+        partition = partition_from_args(args, TimestepPartition.uniform(count, args.num_train_timesteps))
+        if args.num_experts is not None and args.num_experts != partition.num_stages:  # both given, at odds
+            raise ValueError(
+                f"`--num_experts` {args.num_experts} disagrees with `--stage_boundaries` {list(partition.boundaries)} "
+                f"({partition.num_stages} experts): give one of them, or both for the same count."
+            )
         widths = args.expert_block_out_channels
         if widths is not None and len(widths) != partition.num_stages:
             raise ValueError(
