@@ -14,7 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ...models.expert_routing import ExpertRoutingModel, expert_folder
 from ...models.iunet import IUNet2DModel
-from ...models.loading import exported_class, load_scheduler, load_strictly, read_json
+from ...models.loading import component_folder, exported_class, load_scheduler, load_strictly, read_json
 from ...models.meme import meme_expert_configs
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
@@ -259,14 +259,14 @@ def assemble_expert_runs(run_dirs: list[str]):
         _check_same_latent_space(vae, _load_run_vae(run), run, first)
     experts = [None] * partition.num_stages
     for run, info in runs:
-        experts[info["expert_index"]] = _load_expert(os.path.join(run, expert_folder(info["expert_index"])))
+        experts[info["expert_index"]] = _load_expert(_run_folder(run, expert_folder(info["expert_index"])))
     model = ExpertRoutingModel(experts, prediction_type=shared[0]["prediction_type"], **partition.to_config())
     return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)
 
 
 def _load_run_scheduler(run: str) -> SchedulerMixin:
     """The scheduler an `--expert_index` run saved: only a class diffusers exports (the folder is hostile input)."""
-    scheduler_path = os.path.join(run, "scheduler")
+    scheduler_path = _run_folder(run, "scheduler")
     name = DDPMScheduler.load_config(scheduler_path).get("_class_name")
     scheduler_class = exported_class(name, SchedulerMixin, (diffusers,))
     if scheduler_class is None:
@@ -278,8 +278,18 @@ def _load_run_scheduler(run: str) -> SchedulerMixin:
 
 def _load_run_vae(run: str) -> diffusers.AutoencoderKL | None:
     """The VAE of a latent-space run, None for a pixel-space one."""
-    vae_path = os.path.join(run, "vae")
-    return load_strictly(diffusers.AutoencoderKL, vae_path) if os.path.isdir(vae_path) else None
+    if not os.path.lexists(os.path.join(run, "vae")):
+        return None
+    return load_strictly(diffusers.AutoencoderKL, _run_folder(run, "vae"))
+
+
+def _run_folder(run: str, name: str) -> str:
+    """The folder ``name`` of a run, which must be a directory inside it (a missing one would send diffusers'
+    loaders to the Hub with its path as a repository id)."""
+    try:
+        return component_folder(run, name)
+    except ValueError as error:
+        raise ValueError(f"`--assemble_experts`: {error} Is {run!r} a complete `--expert_index` run?") from None
 
 
 def _check_same_schedule(scheduler: SchedulerMixin, other: SchedulerMixin, run: str, first: str) -> None:

@@ -135,3 +135,14 @@ def test_run_files_without_an_entry_are_named(runs, key):
         (run / EXPERT_RUN_FILE).write_text(json.dumps({k: v for k, v in info.items() if k != key}))
     with pytest.raises(ValueError, match=f"`--assemble_experts`: .*{EXPERT_RUN_FILE}.* lacks \\['{key}'\\]"):
         assemble_expert_runs([str(r) for r in runs])
+
+
+@pytest.mark.parametrize("folder", ["expert_1", "scheduler"])
+def test_a_run_without_its_expert_or_scheduler_folder_is_named_not_looked_up_on_the_hub(runs, folder, monkeypatch):
+    # the missing folder's path (`run1/expert_1`, a valid repository id when relative) was sent to the Hub: an OSError
+    import shutil
+
+    shutil.rmtree(runs[1] / folder)
+    monkeypatch.chdir(runs[1].parent)
+    with pytest.raises(ValueError, match=f"`--assemble_experts`: .*{folder}"):
+        assemble_expert_runs(["run0", "run1"])
