@@ -260,7 +260,13 @@ def assemble_expert_runs(run_dirs: list[str]):
     experts = [None] * partition.num_stages
     for run, info in runs:
         experts[info["expert_index"]] = _load_expert(_run_folder(run, expert_folder(info["expert_index"])))
-    model = ExpertRoutingModel(experts, prediction_type=shared[0]["prediction_type"], **partition.to_config())
+    try:
+        model = ExpertRoutingModel(experts, prediction_type=shared[0]["prediction_type"], **partition.to_config())
+    except ValueError as error:  # the experts' contract: sizes, channels, classes
+        raise ValueError(
+            f"`--assemble_experts`: {error} Train every expert's run on the same data, `--resolution` (and "
+            "`--vae_path`) and with the same `--class_conditional`."
+        ) from None
     return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)
 
 

@@ -146,3 +146,12 @@ def test_a_run_without_its_expert_or_scheduler_folder_is_named_not_looked_up_on_
     monkeypatch.chdir(runs[1].parent)
     with pytest.raises(ValueError, match=f"`--assemble_experts`: .*{folder}"):
         assemble_expert_runs(["run0", "run1"])
+
+
+@pytest.mark.parametrize("key, value", [("sample_size", 16), ("in_channels", 4), ("num_class_embeds", 3)])
+def test_runs_of_other_sizes_channels_or_classes_are_named(runs, key, value):
+    # (the container's message named neither the assembly nor what to change in the runs)
+    torch.manual_seed(1)
+    UNet2DModel(**{**SMALL, key: value}).save_pretrained(runs[1] / "expert_1")
+    with pytest.raises(ValueError, match=f"`--assemble_experts`: .*`{key}`.*`--resolution`"):
+        assemble_expert_runs([str(r) for r in runs])
