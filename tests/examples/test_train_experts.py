@@ -107,6 +107,14 @@ def test_model_config_refuses_the_shape_options_it_would_ignore(
         (["--attention_head_dim", "3"], "must be multiples of `attention_head_dim`=3"),
         (["--num_experts", "0"], "`--num_experts` must be a positive integer, got 0."),  # was named `num_stages`
         (["--num_experts", "-1"], "`--num_experts` must be a positive integer, got -1."),
+        (  # expert 1 holds no integer timestep: a ValueError at the first step (soft), or never trained (hard)
+            ["--stage_boundaries", "500.2", "500.7", "--own_interval_probability", "0.5,0.5,0.5"],
+            "`--stage_boundaries` [500.2, 500.7] leave experts [1] no integer training timestep (expert 1: [500.2, 500.7))",
+        ),
+        (
+            ["--num_experts", "2000", "--assignment", "hard"],
+            "`--num_experts` 2000 leave experts [1, 3, 5, 7, 9, 11, 13, 15, ...] no integer training timestep",
+        ),
         (  # the boundaries' 4 experts were trained in silence
             ["--num_experts", "3", "--stage_boundaries", "300", "600", "900"],
             "`--num_experts` 3 disagrees with `--stage_boundaries` [300.0, 600.0, 900.0] (4 experts)",

@@ -18,7 +18,7 @@ from ...models.loading import component_folder, exported_class, load_scheduler, 
 from ...models.meme import meme_expert_configs
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
-from ...timestep_sampling import MEME_OWN_INTERVAL_PROBABILITIES, soft_assignment_timesteps, stage_counts
+from ...timestep_sampling import MEME_OWN_INTERVAL_PROBABILITIES, soft_assignment_timesteps, stage_counts, stage_mass
 from ..args import (
     check_no_block_types,
     check_positive_options,
@@ -47,6 +47,7 @@ class ExpertTask(TrainingTask):
                 f"`--num_experts` {args.num_experts} disagrees with `--stage_boundaries` {list(partition.boundaries)} "
                 f"({partition.num_stages} experts): give one of them, or both for the same count."
             )
+        self._check_every_interval_trains(args, partition)
         widths = args.expert_block_out_channels
         if widths is not None and len(widths) != partition.num_stages:
             raise ValueError(
@@ -90,6 +91,24 @@ class ExpertTask(TrainingTask):
             for i in self.trained_experts:
                 IUNet2DModel.check_config(**self._shape(i))
         return partition
+
+    @staticmethod
+    def _check_every_interval_trains(args, partition: TimestepPartition) -> None:
+        """Each expert's interval holds an integer training timestep (an empty one was a ValueError at the first step
+        with soft assignment, and left its expert untrained with hard assignment)."""
+        if partition.units != "timestep":
+            return
+        empty = [s for s, mass in enumerate(stage_mass(partition)) if mass == 0]
+        if empty:
+            source = "`--stage_boundaries`" if args.stage_boundaries is not None else "`--num_experts`"
+            given = list(partition.boundaries) if args.stage_boundaries is not None else args.num_experts
+            low, high = partition.intervals()[empty[0]]
+            shown = str(empty) if len(empty) <= 8 else str(empty[:8])[:-1] + ", ...]"
+            raise ValueError(
+                f"{source} {given} leave experts {shown} no integer "
+                f"training timestep (expert {empty[0]}: [{low:g}, {high:g})): they could never train. Widen their "
+                "intervals."
+            )
 
     @property
     def trained_experts(self) -> list[int]:
