@@ -30,7 +30,7 @@ from diffusers_stages.conversion.common import (
 )
 from diffusers_stages.conversion.unet_to_multistage import load_source, source_model_folders, text_to_image_class
 from diffusers_stages.models import ExpertRoutingModel
-from diffusers_stages.models.loading import constructor_options
+from diffusers_stages.models.loading import check_same_vae
 from diffusers_stages.pipelines import DualBackbonePipeline, ExpertRoutingPipeline
 from diffusers_stages.training.args import BoundaryList
 
@@ -102,28 +102,6 @@ def gather_sources(paths: list[str]):
         elif source_vae is not None:
             check_same_vae(vae, source_vae, path)
     return unets, scheduler or load_source(paths[0])[1], vae
-
-
-# VAE options that change how it is run, not its latents: the same weights saved with another tiling size or decoding
-# precision are one latent space (the first source's VAE, whose options the pipeline keeps, is used)
-SAMPLING_OPTIONS = ("sample_size", "force_upcast")
-
-
-def check_same_vae(vae, other, path: str) -> None:
-    """Refuse ``other`` (the VAE of source ``path``) unless it is ``vae``: the same class, options (a
-    ``scaling_factor`` too: it sets the latents' scale; not `SAMPLING_OPTIONS`) and weights."""
-    options = [
-        k
-        for k, v in constructor_options(type(vae), vae.config).items()
-        if k not in SAMPLING_OPTIONS and v != other.config.get(k)
-    ]
-    first, second = vae.state_dict(), other.state_dict()
-    same_weights = first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    if type(vae) is not type(other) or options or not same_weights:
-        raise ValueError(
-            f"{path} has another VAE than the first latent source ({sorted(options) or 'its class or weights'} "
-            "differ): experts must share one latent space."
-        )
 
 
 def build(args: argparse.Namespace, unets, scheduler, vae):

@@ -379,6 +379,28 @@ def constructor_options(cls: type, config: Mapping) -> dict:
     return {k: v for k, v in config.items() if k in arguments and not k.startswith("_")}
 
 
+# VAE options that change how it is run, not its latents: the same weights saved with another tiling size or decoding
+# precision are one latent space (the first source's VAE, whose options the pipeline keeps, is used)
+SAMPLING_OPTIONS = ("sample_size", "force_upcast")
+
+
+def check_same_vae(vae, other, path: str) -> None:
+    """Refuse ``other`` (the VAE of source ``path``) unless it is ``vae``: the same class, options (a
+    ``scaling_factor`` too: it sets the latents' scale; not `SAMPLING_OPTIONS`) and weights."""
+    options = [
+        k
+        for k, v in constructor_options(type(vae), vae.config).items()
+        if k not in SAMPLING_OPTIONS and v != other.config.get(k)
+    ]
+    first, second = vae.state_dict(), other.state_dict()
+    same_weights = first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    if type(vae) is not type(other) or options or not same_weights:
+        raise ValueError(
+            f"{path} has another VAE than the first latent source ({sorted(options) or 'its class or weights'} "
+            "differ): experts must share one latent space."
+        )
+
+
 def read_json(path: str, argument: str) -> dict:
     """The JSON object in file ``path`` (given as ``argument``: a command-line option, or the file's role such as
     ``model_index.json``), or a `ValueError` that says why not."""

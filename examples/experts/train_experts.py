@@ -27,7 +27,10 @@ from diffusers_stages.training.loop import save_assembled_experts
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser(__doc__)
     group = parser.add_argument_group("experts")
-    group.add_argument("--num_experts", type=int, default=4, help="Uniform intervals (without `--stage_boundaries`).")
+    group.add_argument(
+        "--num_experts", type=int, default=None,
+        help="Uniform intervals (MEME's 4 by default); with `--stage_boundaries`, their count.",
+    )  # fmt: skip
     group.add_argument("--assignment", choices=("soft", "hard"), default="soft")
     group.add_argument(
         "--own_interval_probability", type=float_list, default=None,

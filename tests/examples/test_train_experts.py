@@ -11,6 +11,7 @@ from diffusers import UNet2DModel
 
 from diffusers_stages import ExpertRoutingPipeline, IUNet2DModel
 from diffusers_stages.models.meme import attention_share
+from tests.conftest import SMALL_UNET
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,8 @@ def test_one_expert_per_run_then_assemble(examples, script, image_folder, tmp_pa
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     card = {}
-    exec(code, card)
+    exec(code.replace('"me/expert0"', repr(str(tmp_path / "hub0" / "me" / "expert0"))), card)  # as downloaded
+    assert type(card["expert"]) is IUNet2DModel
     runs[0] = card["run"]
     out, hub = str(tmp_path / "assembled"), str(tmp_path / "hub")
     examples.train(script, ["--assemble_experts", *runs, "--output_dir", out, "--num_sample_images", "4", "--num_inference_steps", "3",
@@ -130,6 +132,22 @@ def test_model_config_refuses_the_shape_options_it_would_ignore(
         (["--attention_head_dim", "3"], "must be multiples of `attention_head_dim`=3"),
         (["--num_experts", "0"], "`--num_experts` must be a positive integer, got 0."),  # was named `num_stages`
         (["--num_experts", "-1"], "`--num_experts` must be a positive integer, got -1."),
+        (  # expert 1 holds no integer timestep: a ValueError at the first step (soft), or never trained (hard)
+            ["--stage_boundaries", "500.2", "500.7", "--own_interval_probability", "0.5,0.5,0.5"],
+            "`--stage_boundaries` [500.2, 500.7] leave experts [1] no integer training timestep (expert 1: [500.2, 500.7))",
+        ),
+        (
+            ["--num_experts", "2000", "--assignment", "hard"],
+            "`--num_experts` 2000 leave experts [1, 3, 5, 7, 9, 11, 13, 15, ...] no integer training timestep",
+        ),
+        (  # the boundaries' 4 experts were trained in silence
+            ["--num_experts", "3", "--stage_boundaries", "300", "600", "900"],
+            "`--num_experts` 3 disagrees with `--stage_boundaries` [300.0, 600.0, 900.0] (4 experts)",
+        ),
+        (  # was ignored in silence (and a zero share a ValueError at the first step): a run trains one expert
+            ["--expert_index", "1", "--stage_shares", "1,0,1,1"],
+            "`--stage_shares` [1.0, 0.0, 1.0, 1.0] cannot be combined with `--expert_index` 1",
+        ),
         (  # were ignored in silence: the presets' iU-Nets have their own blocks
             ["--down_block_types", "DownBlock2D", "AttnDownBlock2D"],
             "`--down_block_types` ['DownBlock2D', 'AttnDownBlock2D'] is not used by the MEME presets' iU-Nets",
@@ -169,3 +187,32 @@ def test_resuming_with_other_stage_boundaries_names_them(examples, script, image
         examples.train(script, [*resume, "--stage_boundaries", "100", "200", "300"])
     examples.train(script, resume)
     assert os.path.isdir(os.path.join(out, "checkpoint-2"))
+
+
+@pytest.mark.parametrize("model_config", [False, True])
+def test_the_card_of_a_one_expert_run_loads_its_expert(
+    examples, script, image_folder, tmp_path, model_config, monkeypatch
+):
+    # the card's code was `StagedDiffusionPipeline.from_pretrained(repo)`, which a one-expert run (no pipeline) fails
+    from diffusers_stages.training import ExpertTask, build_task
+
+    shape = [*examples.TINY_RUN]
+    if model_config:
+        config = tmp_path / "config.json"
+        UNet2DModel(**SMALL_UNET).save_config(tmp_path)
+        shape += ["--model_config", str(config)]
+    else:
+        shape = [*examples.TINY]
+    run = tmp_path / "run"
+    args = script.parse_args([*shape, "--train_data_dir", image_folder, "--output_dir", str(run), "--num_experts", "2",
+                              "--own_interval_probability", "0.9,0.7", "--expert_index", "1"])  # fmt: skip
+    task = build_task(ExpertTask, args)
+    expert = task.build_networks(3, 8, None)["expert_1"]
+    expert.save_pretrained(run / "expert_1")
+    code = "\n".join(task.usage(str(run)))
+    assert "--assemble_experts" in code
+    namespace = {}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: repo_id)  # no network
+    exec(code, namespace)  # the card's code, on the run's folder
+    assert namespace["run"] == str(run)
+    assert type(namespace["expert"]) is type(expert)

@@ -14,11 +14,18 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ...models.expert_routing import ExpertRoutingModel, expert_folder
 from ...models.iunet import IUNet2DModel
-from ...models.loading import exported_class, load_scheduler, load_strictly, read_json
+from ...models.loading import (
+    check_same_vae,
+    component_folder,
+    exported_class,
+    load_scheduler,
+    load_strictly,
+    read_json,
+)
 from ...models.meme import meme_expert_configs
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
-from ...timestep_sampling import MEME_OWN_INTERVAL_PROBABILITIES, soft_assignment_timesteps, stage_counts
+from ...timestep_sampling import MEME_OWN_INTERVAL_PROBABILITIES, soft_assignment_timesteps, stage_counts, stage_mass
 from ..args import (
     check_no_block_types,
     check_positive_options,
@@ -29,6 +36,8 @@ from ..args import (
 )
 from .base import Draw, TrainingTask, _unet_downsampling
 
+MEME_NUM_EXPERTS = 4  # uniform intervals without `--num_experts` or `--stage_boundaries`
+
 
 class ExpertTask(TrainingTask):
     """MEME (Lee et al., AAAI 2024): one U-Net per interval, all in one run or one per run, soft or hard assignment."""
@@ -38,7 +47,14 @@ class ExpertTask(TrainingTask):
 
     def build_partition(self, args):
         check_positive_options(args, ("num_experts",))
-        partition = partition_from_args(args, TimestepPartition.uniform(args.num_experts, args.num_train_timesteps))
+        count = MEME_NUM_EXPERTS if args.num_experts is None else args.num_experts
+        partition = partition_from_args(args, TimestepPartition.uniform(count, args.num_train_timesteps))
+        if args.num_experts is not None and args.num_experts != partition.num_stages:  # both given, at odds
+            raise ValueError(
+                f"`--num_experts` {args.num_experts} disagrees with `--stage_boundaries` {list(partition.boundaries)} "
+                f"({partition.num_stages} experts): give one of them, or both for the same count."
+            )
+        self._check_every_interval_trains(args, partition)
         widths = args.expert_block_out_channels
         if widths is not None and len(widths) != partition.num_stages:
             raise ValueError(
@@ -47,6 +63,9 @@ class ExpertTask(TrainingTask):
             )
         if args.expert_index is not None and not 0 <= args.expert_index < partition.num_stages:
             raise ValueError(f"`--expert_index` must be in [0, {partition.num_stages}), got {args.expert_index}.")
+        if args.expert_index is not None:  # the batch is not split: the run's one expert takes all of it
+            refuse_given_options(args, ("stage_shares",), f"`--expert_index` {args.expert_index}",
+                                 "a run of one expert gives it the whole batch")  # fmt: skip
         probabilities = args.own_interval_probability
         if args.assignment == "hard":
             if probabilities is not None:
@@ -79,6 +98,24 @@ class ExpertTask(TrainingTask):
             for i in self.trained_experts:
                 IUNet2DModel.check_config(**self._shape(i))
         return partition
+
+    @staticmethod
+    def _check_every_interval_trains(args, partition: TimestepPartition) -> None:
+        """Each expert's interval holds an integer training timestep (an empty one was a ValueError at the first step
+        with soft assignment, and left its expert untrained with hard assignment)."""
+        if partition.units != "timestep":
+            return
+        empty = [s for s, mass in enumerate(stage_mass(partition)) if mass == 0]
+        if empty:
+            source = "`--stage_boundaries`" if args.stage_boundaries is not None else "`--num_experts`"
+            given = list(partition.boundaries) if args.stage_boundaries is not None else args.num_experts
+            low, high = partition.intervals()[empty[0]]
+            shown = str(empty) if len(empty) <= 8 else str(empty[:8])[:-1] + ", ...]"
+            raise ValueError(
+                f"{source} {given} leave experts {shown} no integer "
+                f"training timestep (expert {empty[0]}: [{low:g}, {high:g})): they could never train. Widen their "
+                "intervals."
+            )
 
     @property
     def trained_experts(self) -> list[int]:
@@ -159,12 +196,15 @@ class ExpertTask(TrainingTask):
     def usage(self, repo_id):
         if self.args.expert_index is None:
             return super().usage(repo_id)
-        # one expert alone is no pipeline: the card says how to get the run's folder for `--assemble_experts`
+        # one expert alone holds no pipeline: load the expert; to sample, download every expert's run and assemble them
+        index, cls = self.args.expert_index, "UNet2DModel" if self.args.model_config is not None else "IUNet2DModel"
         return [
+            f"from {'diffusers' if cls == 'UNet2DModel' else 'diffusers_stages'} import {cls}",
             "from huggingface_hub import snapshot_download",
             "",
-            f"# expert {self.args.expert_index} of {self.partition.num_stages} alone does not sample: download each "
-            "expert's run, then assemble them with",
+            f"# expert {index} of {self.partition.num_stages} (stage {index} above) alone does not sample:",
+            f'expert = {cls}.from_pretrained("{repo_id}", subfolder="{expert_folder(index)}")',
+            "# download each expert's run, then gather them into one pipeline with",
             "# `python examples/experts/train_experts.py --assemble_experts <the runs' folders> --output_dir <folder>`",
             f'run = snapshot_download("{repo_id}", allow_patterns=["*.json", "*.safetensors"])',
         ]
@@ -206,7 +246,8 @@ def _load_expert(folder: str) -> ModelMixin:
 
 def assemble_expert_runs(run_dirs: list[str]):
     """Gather the experts of one-expert-per-run folders into an `ExpertRoutingPipeline` (scheduler and VAE of the
-    first run); refuses runs whose partitions or prediction types differ, or that miss or repeat an expert."""
+    first run); refuses runs whose partitions, prediction types, schedulers or VAEs differ, or that miss or repeat an
+    expert."""
     runs = []
     for run in run_dirs:
         path = os.path.join(run, EXPERT_RUN_FILE)
@@ -215,6 +256,14 @@ def assemble_expert_runs(run_dirs: list[str]):
                 f"`--assemble_experts`: {run!r} is not a finished `--expert_index` run (no {EXPERT_RUN_FILE})."
             )
         info = read_json(path, "--assemble_experts")
+        missing = [
+            key for key in ("expert_index", "prediction_type", *TimestepPartition([]).to_config()) if key not in info
+        ]
+        if missing:
+            raise ValueError(
+                f"`--assemble_experts`: {path!r} lacks {missing}: it was not written by an `--expert_index` run of "
+                "train_experts.py, or was edited since."
+            )
         if isinstance(info.get("expert_index"), bool) or not isinstance(info.get("expert_index"), int):
             raise ValueError(
                 f"`--assemble_experts`: `expert_index` of {path!r} must be an integer, got {info.get('expert_index')!r}."
@@ -231,19 +280,76 @@ def assemble_expert_runs(run_dirs: list[str]):
         raise ValueError(
             f"`--assemble_experts` needs one run per expert 0..{partition.num_stages - 1}, got experts {indices}."
         )
+    first = runs[0][0]
+    scheduler, vae = _load_run_scheduler(first), _load_run_vae(first)
+    for run, _ in runs[1:]:  # experts replace one another mid-trajectory: one noise schedule, one latent space
+        _check_same_schedule(scheduler, _load_run_scheduler(run), run, first)
+        _check_same_latent_space(vae, _load_run_vae(run), run, first)
     experts = [None] * partition.num_stages
     for run, info in runs:
-        experts[info["expert_index"]] = _load_expert(os.path.join(run, expert_folder(info["expert_index"])))
-    model = ExpertRoutingModel(experts, prediction_type=shared[0]["prediction_type"], **partition.to_config())
-    first = runs[0][0]
-    scheduler_path = os.path.join(first, "scheduler")
+        experts[info["expert_index"]] = _load_expert(_run_folder(run, expert_folder(info["expert_index"])))
+    try:
+        model = ExpertRoutingModel(experts, prediction_type=shared[0]["prediction_type"], **partition.to_config())
+    except ValueError as error:  # the experts' contract: sizes, channels, classes
+        raise ValueError(
+            f"`--assemble_experts`: {error} Train every expert's run on the same data, `--resolution` (and "
+            "`--vae_path`) and with the same `--class_conditional`."
+        ) from None
+    return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)
+
+
+def _load_run_scheduler(run: str) -> SchedulerMixin:
+    """The scheduler an `--expert_index` run saved: only a class diffusers exports (the folder is hostile input)."""
+    scheduler_path = _run_folder(run, "scheduler")
     name = DDPMScheduler.load_config(scheduler_path).get("_class_name")
     scheduler_class = exported_class(name, SchedulerMixin, (diffusers,))
     if scheduler_class is None:
         raise ValueError(
             f"`--assemble_experts`: `_class_name` {name!r} of {scheduler_path!r} is not a diffusers scheduler."
         )
-    scheduler = load_scheduler(scheduler_class, scheduler_path, "`--assemble_experts`")
-    vae_path = os.path.join(first, "vae")
-    vae = load_strictly(diffusers.AutoencoderKL, vae_path) if os.path.isdir(vae_path) else None
-    return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)
+    return load_scheduler(scheduler_class, scheduler_path, "`--assemble_experts`")
+
+
+def _load_run_vae(run: str) -> diffusers.AutoencoderKL | None:
+    """The VAE of a latent-space run, None for a pixel-space one."""
+    if not os.path.lexists(os.path.join(run, "vae")):
+        return None
+    return load_strictly(diffusers.AutoencoderKL, _run_folder(run, "vae"))
+
+
+def _run_folder(run: str, name: str) -> str:
+    """The folder ``name`` of a run, which must be a directory inside it (a missing one would send diffusers'
+    loaders to the Hub with its path as a repository id)."""
+    try:
+        return component_folder(run, name)
+    except ValueError as error:
+        raise ValueError(f"`--assemble_experts`: {error} Is {run!r} a complete `--expert_index` run?") from None
+
+
+def _check_same_schedule(scheduler: SchedulerMixin, other: SchedulerMixin, run: str, first: str) -> None:
+    """Refuse a run whose scheduler (class or options) is not the first run's: the pipeline samples every expert
+    with the first run's."""
+    keys = {**scheduler.config, **other.config}
+    differ = sorted(k for k in keys if not k.startswith("_") and scheduler.config.get(k) != other.config.get(k))
+    if type(other) is not type(scheduler) or differ:
+        raise ValueError(
+            f"`--assemble_experts`: {run!r} was trained with another noise scheduler than {first!r} "
+            f"({differ or [type(other).__name__, type(scheduler).__name__]} differ): the experts share one schedule, "
+            "so train every expert with the same scheduler options."
+        )
+
+
+def _check_same_latent_space(vae, other, run: str, first: str) -> None:
+    """Refuse a run in another space than the first run's (pixels, or another VAE's latents): the pipeline decodes
+    every expert's samples with the first run's VAE."""
+    if (vae is None) != (other is None):
+        spaces = ("pixels", "a VAE's latents") if other is None else ("a VAE's latents", "pixels")
+        raise ValueError(
+            f"`--assemble_experts`: {run!r} was trained on {spaces[0]} and {first!r} on {spaces[1]}: the experts must "
+            "share one space (one VAE, or none)."
+        )
+    if vae is not None:
+        try:
+            check_same_vae(vae, other, run)
+        except ValueError as error:
+            raise ValueError(f"`--assemble_experts`: {error}") from None

@@ -98,3 +98,60 @@ def test_run_files_of_the_wrong_json_types_are_named(runs, edit, message):
     edit(runs[1])
     with pytest.raises(ValueError, match=f"`--assemble_experts`.*{message}"):
         assemble_expert_runs([str(r) for r in runs])
+
+
+def test_runs_trained_on_another_noise_schedule_are_refused(runs):
+    # only the first run's scheduler was kept: expert 1 sampled on a schedule it was never trained on, silently
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(runs[1] / "scheduler")
+    with pytest.raises(ValueError, match=r"`--assemble_experts`: .*run1.*\(\['beta_schedule'\] differ\)"):
+        assemble_expert_runs([str(r) for r in runs])
+
+
+@pytest.mark.parametrize("other", ["none", "weights"])
+def test_runs_in_another_latent_space_are_refused(runs, other):
+    # only the first run's VAE was kept: an expert trained on other latents (or on pixels) decoded with it, silently
+    from tests.conftest import tiny_vae
+
+    for index, run in enumerate(runs):
+        torch.manual_seed(index)
+        UNet2DModel(**{**SMALL, "in_channels": 4, "out_channels": 4}).save_pretrained(run / f"expert_{index}")
+    tiny_vae().save_pretrained(runs[0] / "vae")
+    if other == "weights":
+        vae = tiny_vae()
+        torch.nn.init.normal_(vae.decoder.conv_out.weight)
+        vae.save_pretrained(runs[1] / "vae")
+    with pytest.raises(ValueError, match=r"`--assemble_experts`: .*run1.*VAE"):
+        assemble_expert_runs([str(r) for r in runs])
+    if other == "weights":  # the same VAE in every run assembles
+        tiny_vae().save_pretrained(runs[1] / "vae")
+        assert assemble_expert_runs([str(r) for r in runs]).vae is not None
+
+
+@pytest.mark.parametrize("key", ["stage_boundaries", "num_train_timesteps", "boundary_units", "prediction_type"])
+def test_run_files_without_an_entry_are_named(runs, key):
+    # (a KeyError when every run lacked it)
+    for run in runs:
+        info = json.loads((run / EXPERT_RUN_FILE).read_text())
+        (run / EXPERT_RUN_FILE).write_text(json.dumps({k: v for k, v in info.items() if k != key}))
+    with pytest.raises(ValueError, match=f"`--assemble_experts`: .*{EXPERT_RUN_FILE}.* lacks \\['{key}'\\]"):
+        assemble_expert_runs([str(r) for r in runs])
+
+
+@pytest.mark.parametrize("folder", ["expert_1", "scheduler"])
+def test_a_run_without_its_expert_or_scheduler_folder_is_named_not_looked_up_on_the_hub(runs, folder, monkeypatch):
+    # the missing folder's path (`run1/expert_1`, a valid repository id when relative) was sent to the Hub: an OSError
+    import shutil
+
+    shutil.rmtree(runs[1] / folder)
+    monkeypatch.chdir(runs[1].parent)
+    with pytest.raises(ValueError, match=f"`--assemble_experts`: .*{folder}"):
+        assemble_expert_runs(["run0", "run1"])
+
+
+@pytest.mark.parametrize("key, value", [("sample_size", 16), ("in_channels", 4), ("num_class_embeds", 3)])
+def test_runs_of_other_sizes_channels_or_classes_are_named(runs, key, value):
+    # (the container's message named neither the assembly nor what to change in the runs)
+    torch.manual_seed(1)
+    UNet2DModel(**{**SMALL, key: value}).save_pretrained(runs[1] / "expert_1")
+    with pytest.raises(ValueError, match=f"`--assemble_experts`: .*`{key}`.*`--resolution`"):
+        assemble_expert_runs([str(r) for r in runs])
