@@ -54,7 +54,7 @@ from .data import (
     image_folder_records,
 )
 from .hub import LocalHubApi, assembled_experts_card_text, create_hub_repo, model_card_text, push_output_folder
-from .sharding import check_sharded_run, gathered_networks
+from .sharding import check_sharded_run, check_sharding_launched, gathered_networks
 from .state import LossLog, RunState, sample_grid, save_samples
 from .tasks import TrainingTask, noise_schedulers
 
@@ -249,6 +249,7 @@ def _accelerator(args: argparse.Namespace, task: TrainingTask) -> Accelerator:
         ),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)],
     )
+    check_sharding_launched(accelerator)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise ValueError(

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from accelerate import Accelerator, init_empty_weights
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, parse_flag_from_env
 from diffusers.models.modeling_utils import ModelMixin
 
 logger = get_logger(__name__)
@@ -24,6 +24,20 @@ logger = get_logger(__name__)
 def is_sharded(accelerator: Accelerator) -> bool:
     """Whether the run shards its networks (FSDP)."""
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_sharding_launched(accelerator: Accelerator) -> None:
+    """Refuse a launch that asks for FSDP (`accelerate launch` with an FSDP config sets ``ACCELERATE_USE_FSDP``) which
+    Accelerate does not shard: it runs FSDP on GPUs only, and elsewhere (CPU) would train the whole network on every
+    process without a word."""
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and not is_sharded(accelerator):
+        raise ValueError(
+            "The launch asks for sharded training (FSDP: an FSDP config such as "
+            "examples/accelerate_configs/fsdp.yaml sets ACCELERATE_USE_FSDP) but Accelerate runs "
+            f"`{accelerator.distributed_type.value}`, unsharded: it shards with FSDP on GPUs only. Launch on GPUs, or "
+            "without the FSDP config (on CPU: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            "--num_processes 2 ...`, each process holding the whole network)."
+        )
 
 
 def check_sharded_run(accelerator: Accelerator, args: argparse.Namespace, names: Sequence[str]) -> None:
