@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable
 
 from accelerate import Accelerator
+from accelerate.utils.constants import FSDP_MODEL_NAME
 from diffusers.training_utils import EMAModel
 
 from ..models.loading import load_strictly, read_json
@@ -94,6 +95,24 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
             f"being written). Complete checkpoints in {output_dir!r}: {_names(complete) or 'none'}."
         )
     return path
+
+
+def check_same_sharding(checkpoint: str, sharded: bool) -> None:
+    """Refuse to resume a sharded (FSDP) run's checkpoint without FSDP, or the other way round: Accelerate writes an
+    FSDP run's model and optimizer as its shards (``pytorch_model_fsdp*``), which only an FSDP run reads, and an
+    unsharded run's optimizer as one file, which an FSDP run does not read."""
+    written_sharded = any(name.startswith(FSDP_MODEL_NAME) for name in os.listdir(checkpoint))
+    if written_sharded and not sharded:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {checkpoint!r} was written by a sharded (FSDP) run: its model and optimizer "
+            "states are Accelerate's shards, which only an FSDP run reads. Resume it with the launch that wrote it "
+            "(`accelerate launch --config_file examples/accelerate_configs/fsdp.yaml ...`)."
+        )
+    if sharded and not written_sharded:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {checkpoint!r} was written by an unsharded run, which an FSDP run cannot "
+            "resume (its optimizer state is not sharded): resume it without the FSDP config."
+        )
 
 
 def skipped_checkpoints(resume_path: str) -> list[str]:

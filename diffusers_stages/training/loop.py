@@ -32,6 +32,7 @@ from ..conventions import null_class_label, num_data_classes, vae_to_model_laten
 from ..models.loading import load_strictly
 from .args import check_args, tracker_config
 from .checkpointing import (
+    check_same_sharding,
     checkpoint_folders,
     checkpoint_step,
     discard_checkpoints,
@@ -54,7 +55,7 @@ from .data import (
     image_folder_records,
 )
 from .hub import LocalHubApi, assembled_experts_card_text, create_hub_repo, model_card_text, push_output_folder
-from .sharding import check_sharded_run, check_sharding_launched, gathered_networks
+from .sharding import check_sharded_run, check_sharding_launched, gathered_networks, is_sharded
 from .state import LossLog, RunState, sample_grid, save_samples
 from .tasks import TrainingTask, noise_schedulers
 
@@ -346,6 +347,7 @@ def _resume(state: RunState, resume_path: str | None, steps_per_epoch: int) -> t
             f"{max_train_steps} and its final outputs are written in {args.output_dir}. Nothing to do."
         )
         return None
+    check_same_sharding(resume_path, is_sharded(accelerator))
     accelerator.load_state(resume_path)
     first_epoch, done = divmod(global_step, steps_per_epoch)
     if global_step >= max_train_steps:  # killed before its final outputs: write them, train no further step

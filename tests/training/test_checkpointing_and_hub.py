@@ -17,6 +17,7 @@ from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, MultiSta
 from diffusers_stages.training import LocalHubApi, push_output_folder
 from diffusers_stages.training.checkpointing import (
     COMPLETE_MARKER,
+    check_same_sharding,
     checkpoint_folders,
     prune_checkpoints,
     publish_checkpoint,
@@ -514,3 +515,18 @@ def test_the_card_gives_warm_up_steps_only_for_a_schedule_that_warms_up(schedule
     args = _card_args(lr_scheduler=scheduler, lr_warmup_steps=500)
     text = model_card_text(args, task, steps=3, has_grid=False, mixed_precision="no")
     assert f"({scheduler}{f', {warmup}' if warmup else ''})" in text and ("warm-up" in text) == bool(warmup)
+
+
+def test_a_checkpoint_resumes_only_as_sharded_as_the_run_that_wrote_it(tmp_path):
+    # Accelerate reads an FSDP run's model and optimizer from its shards, an unsharded run's optimizer from one file:
+    # either the other way round was a FileNotFoundError naming the file it looked for
+    unsharded, sharded = _checkpoint(tmp_path, 2), _checkpoint(tmp_path, 4)
+    _touch(os.path.join(unsharded, "optimizer.bin"))
+    for shards in ("pytorch_model_fsdp_0", "optimizer_0"):
+        _touch(os.path.join(sharded, shards, "__0_0.distcp"))
+    check_same_sharding(unsharded, sharded=False)
+    check_same_sharding(sharded, sharded=True)
+    with pytest.raises(ValueError, match="'.*checkpoint-4' was written by a sharded \\(FSDP\\) run"):
+        check_same_sharding(sharded, sharded=False)
+    with pytest.raises(ValueError, match="'.*checkpoint-2' was written by an unsharded run.*without the FSDP config"):
+        check_same_sharding(unsharded, sharded=True)
