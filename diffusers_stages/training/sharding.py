@@ -60,6 +60,14 @@ def check_sharded_run(accelerator: Accelerator, args: argparse.Namespace, names:
             "`--fused_decoders` cannot be used in a sharded (FSDP) run: each decoder is its own FSDP unit, gathered "
             "by its own hooks when it runs, which a fused pass over all decoders would bypass; drop it."
         )
+    scheme = getattr(args, "stage_sampling", "mixed")
+    if scheme != "mixed":
+        raise ValueError(
+            f"`--stage_sampling {scheme}` cannot be used in a sharded (FSDP) run: each decoder is an FSDP unit whose "
+            "weights all processes gather together when it runs, so every process must run every decoder at every "
+            "step, but with one stage per batch or per process they run different ones. Use `--stage_sampling "
+            "mixed` (the default)."
+        )
     if args.save_model_epochs is not None:
         raise ValueError(
             f"`--save_model_epochs` {args.save_model_epochs} cannot be used in a sharded (FSDP) run: every "

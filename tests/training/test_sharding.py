@@ -218,3 +218,21 @@ def test_an_fsdp_launch_that_accelerate_does_not_shard_is_refused(tmp_path, monk
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+@pytest.mark.parametrize("scheme", ["per_batch", "per_rank"])
+def test_a_sharded_run_refuses_stage_sampling_that_leaves_a_decoder_out_on_some_process(scheme):
+    # each decoder is an FSDP unit whose weights every process gathers together when it runs: with one stage per
+    # batch or per process, the processes ran different decoders, paired each other's gatherings (silently wrong
+    # weights where the decoders have one shape) and failed at the first checkpoint
+    PartialState()
+    sharded = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    args = argparse.Namespace(use_ema=False, save_model_epochs=None, stage_sampling=scheme)
+    with pytest.raises(
+        ValueError, match=f"`--stage_sampling {scheme}` cannot be used in a sharded .*`--stage_sampling mixed`"
+    ):
+        check_sharded_run(sharded, args, ["unet"])
+    check_sharded_run(
+        sharded, argparse.Namespace(use_ema=False, save_model_epochs=None, stage_sampling="mixed"), ["unet"]
+    )
+    check_sharded_run(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), args, ["unet"])  # DDP: allowed
