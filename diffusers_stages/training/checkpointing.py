@@ -14,13 +14,13 @@ import re
 import shutil
 from collections.abc import Callable
 
-from accelerate import Accelerator
+from accelerate import Accelerator, init_empty_weights
 from accelerate.utils.constants import FSDP_MODEL_NAME
 from diffusers.training_utils import EMAModel
 
 from ..models.loading import load_strictly, read_json
 from ..partition import TimestepPartition
-from .sharding import gathered_networks
+from .sharding import gathered_networks, plain_class
 
 # the step as the loop writes it: ASCII digits without a leading zero (`\d` and `int` would take "checkpoint-01" and
 # other scripts' digits for a second folder of the same step)
@@ -364,6 +364,21 @@ def _check_same_partition(partition: TimestepPartition, input_dir: str) -> None:
         )
 
 
+def check_sharded_resume(input_dir: str, networks: dict, noise_scheduler, partition: TimestepPartition) -> None:
+    """The load hook's checks of `register_checkpoint_hooks` for a sharded (FSDP) run, to call before
+    `accelerator.load_state`: Accelerate loads an FSDP run's shards before the hook runs (and hands it no model), so
+    a checkpoint of other model arguments would load (the same shapes) or fail on a tensor (other shapes).
+    ``networks`` are the run's networks by name; their configs are compared with the checkpoint's, read only."""
+    _check_same_noise_schedule(noise_scheduler, input_dir)
+    for name, network in networks.items():
+        cls = plain_class(network)  # as saved (FSDP2's subclass writes no `auto_map`)
+        with init_empty_weights():  # both configs with this version's defaults, and no weights
+            now = cls.from_config(network.config)
+            saved = cls.from_config(cls.load_config(_network_folder(input_dir, name)))
+        _check_same_config(now, saved, name, input_dir)
+    _check_same_partition(partition, input_dir)
+
+
 def _load_ema(ema: EMAModel, folder: str) -> None:
     """Resume ``ema`` from its `EMAModel.save_pretrained` ``folder`` as strictly as the networks resume: missing,
     unexpected, mis-shaped or non-float weights (which `EMAModel.from_pretrained` loads leniently through diffusers),
@@ -422,7 +437,7 @@ def register_checkpoint_hooks(
     def load_hook(models, input_dir):
         if noise_scheduler is not None:
             _check_same_noise_schedule(noise_scheduler, input_dir)
-        # (sharded: `models` is empty, Accelerate has loaded the shards of its own checkpoint files)
+        # (sharded: `models` is empty, Accelerate has loaded its shards, checked by `check_sharded_resume` first)
         for name, model in zip(names, models):
             model = accelerator.unwrap_model(model)
             loaded = load_strictly(type(model), _network_folder(input_dir, name))  # none left random or cast

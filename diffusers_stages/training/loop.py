@@ -33,6 +33,7 @@ from ..models.loading import load_strictly
 from .args import check_args, tracker_config
 from .checkpointing import (
     check_same_sharding,
+    check_sharded_resume,
     checkpoint_folders,
     checkpoint_step,
     discard_checkpoints,
@@ -348,6 +349,8 @@ def _resume(state: RunState, resume_path: str | None, steps_per_epoch: int) -> t
         )
         return None
     check_same_sharding(resume_path, is_sharded(accelerator))
+    if is_sharded(accelerator):  # Accelerate loads the shards before the load hook's checks
+        check_sharded_resume(resume_path, state.unwrapped(), state.noise_scheduler, state.task.partition)
     accelerator.load_state(resume_path)
     first_epoch, done = divmod(global_step, steps_per_epoch)
     if global_step >= max_train_steps:  # killed before its final outputs: write them, train no further step

@@ -83,11 +83,15 @@ def check_sharded_run(accelerator: Accelerator, args: argparse.Namespace, names:
 def plain_network(network: ModelMixin, state_dict: dict[str, torch.Tensor]) -> ModelMixin:
     """A new, unsharded instance of ``network``'s class and config holding ``state_dict`` (the full weights gathered
     from a sharded network): built on the meta device and given the tensors themselves, so nothing is copied."""
-    cls = next(c for c in type(network).__mro__ if not _is_fsdp_class(c))  # FSDP2 subclasses the network's class
     with init_empty_weights():
-        plain = cls.from_config(network.config)
+        plain = plain_class(network).from_config(network.config)
     plain.load_state_dict(state_dict, strict=True, assign=True)
     return plain
+
+
+def plain_class(network: ModelMixin) -> type[ModelMixin]:
+    """The class of ``network`` itself: FSDP2 subclasses a sharded network's class."""
+    return next(c for c in type(network).__mro__ if not _is_fsdp_class(c))
 
 
 def gathered_networks(

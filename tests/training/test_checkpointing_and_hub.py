@@ -18,6 +18,7 @@ from diffusers_stages.training import LocalHubApi, push_output_folder
 from diffusers_stages.training.checkpointing import (
     COMPLETE_MARKER,
     check_same_sharding,
+    check_sharded_resume,
     checkpoint_folders,
     prune_checkpoints,
     publish_checkpoint,
@@ -530,3 +531,29 @@ def test_a_checkpoint_resumes_only_as_sharded_as_the_run_that_wrote_it(tmp_path)
         check_same_sharding(sharded, sharded=False)
     with pytest.raises(ValueError, match="'.*checkpoint-2' was written by an unsharded run.*without the FSDP config"):
         check_same_sharding(unsharded, sharded=True)
+
+
+def test_a_sharded_resume_checks_the_networks_config_before_accelerate_loads_its_shards(tmp_path):
+    # Accelerate loads an FSDP run's shards before the load hook, where an unsharded run's network config is checked
+    # (and the hook gets no model): a run with other model arguments of the same shapes (`--dropout`) resumed
+    # silently, other shapes failed on the first tensor
+    from diffusers import DDPMScheduler
+
+    from diffusers_stages import MultiStageUNet2DModel, TimestepPartition
+
+    partition = TimestepPartition([442, 631])
+    MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(442, 631)).save_pretrained(tmp_path / "unet")
+    DDPMScheduler().save_pretrained(tmp_path / "noise_scheduler")
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded_class = type("FSDPMultiStageUNet2DModel", (FSDPModule, MultiStageUNet2DModel), {})  # as FSDP2 makes it
+    sharded_class.__module__ = FSDPModule.__module__
+    with torch.device("meta"):  # the checks read configs only
+        same = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(442, 631))
+        other = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(442, 631), dropout=0.1)
+    same.__class__ = sharded_class
+    check_sharded_resume(str(tmp_path), {"unet": same}, DDPMScheduler(), partition)
+    with pytest.raises(ValueError, match="holds a `unet` of another configuration \\(`dropout` 0.0 there, 0.1 now\\)"):
+        check_sharded_resume(str(tmp_path), {"unet": other}, DDPMScheduler(), partition)
+    with pytest.raises(ValueError, match="another noise schedule"):
+        check_sharded_resume(str(tmp_path), {"unet": same}, DDPMScheduler(prediction_type="v_prediction"), partition)
