@@ -77,7 +77,7 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
                 f"({_names(folders)} lack {COMPLETE_MARKER}: they were interrupted while being written). Start again "
                 "without `--resume_from_checkpoint`, with `--overwrite_output_dir`."
             )
-        return complete[-1] if complete else None
+        return _check_marked_step(complete[-1]) if complete else None
     # a bare name is a checkpoint of `output_dir` (as in diffusers' scripts), else of the current folder; a path is
     # that folder, else one inside `output_dir`
     path, inside = resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)
@@ -94,7 +94,26 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
             f"`--resume_from_checkpoint` {path!r} is incomplete (no {COMPLETE_MARKER}: it was interrupted while "
             f"being written). Complete checkpoints in {output_dir!r}: {_names(complete) or 'none'}."
         )
-    return path
+    return _check_marked_step(path)
+
+
+def _check_marked_step(checkpoint: str) -> str:
+    """``checkpoint``, whose name must give the step its completeness marker records (the step resumed from is read
+    from the name: a checkpoint renamed or linked under another step's name is refused). A marker that records no
+    step (written by hand, or by an older version) is not checked."""
+    try:
+        with open(os.path.join(checkpoint, COMPLETE_MARKER), encoding="utf-8") as f:
+            marked = json.load(f).get("step")
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        return checkpoint
+    step = checkpoint_step(checkpoint)
+    if isinstance(marked, int) and not isinstance(marked, bool) and marked != step:
+        raise ValueError(
+            f"`--resume_from_checkpoint`: {checkpoint!r} holds the state of step {marked} (its {COMPLETE_MARKER}), "
+            f"not of step {step}: it was renamed or linked under another step's name. Give it back its name "
+            f"`checkpoint-{marked}`, or resume from another checkpoint."
+        )
+    return checkpoint
 
 
 def check_same_sharding(checkpoint: str, sharded: bool) -> None:

@@ -557,3 +557,16 @@ def test_a_sharded_resume_checks_the_networks_config_before_accelerate_loads_its
         check_sharded_resume(str(tmp_path), {"unet": other}, DDPMScheduler(), partition)
     with pytest.raises(ValueError, match="another noise schedule"):
         check_sharded_resume(str(tmp_path), {"unet": same}, DDPMScheduler(prediction_type="v_prediction"), partition)
+
+
+def test_a_checkpoint_whose_folder_name_is_not_its_step_is_refused(tmp_path):
+    # the step resumed from is read from the folder name: a checkpoint renamed (or linked) under another step's name
+    # resumed its optimizer and schedule at their own step but counted steps, data and checkpoints from the name's
+    checkpoint = _checkpoint(tmp_path, 2)
+    with open(os.path.join(checkpoint, COMPLETE_MARKER), "w", encoding="utf-8") as f:
+        json.dump({"step": 2}, f)
+    assert resolve_resume_checkpoint(str(tmp_path), "latest") == checkpoint
+    os.rename(checkpoint, tmp_path / "checkpoint-5")
+    for name in ("latest", "checkpoint-5"):
+        with pytest.raises(ValueError, match=r"'.*checkpoint-5' holds the state of step 2 .* `checkpoint-2`"):
+            resolve_resume_checkpoint(str(tmp_path), name)
