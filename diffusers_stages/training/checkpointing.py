@@ -14,12 +14,13 @@ import re
 import shutil
 from collections.abc import Callable
 
-from accelerate import Accelerator
+from accelerate import Accelerator, init_empty_weights
+from accelerate.utils.constants import FSDP_MODEL_NAME
 from diffusers.training_utils import EMAModel
 
 from ..models.loading import load_strictly, read_json
 from ..partition import TimestepPartition
-from .sharding import gathered_networks
+from .sharding import gathered_networks, plain_class
 
 # the step as the loop writes it: ASCII digits without a leading zero (`\d` and `int` would take "checkpoint-01" and
 # other scripts' digits for a second folder of the same step)
@@ -76,7 +77,7 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
                 f"({_names(folders)} lack {COMPLETE_MARKER}: they were interrupted while being written). Start again "
                 "without `--resume_from_checkpoint`, with `--overwrite_output_dir`."
             )
-        return complete[-1] if complete else None
+        return _check_marked_step(complete[-1]) if complete else None
     # a bare name is a checkpoint of `output_dir` (as in diffusers' scripts), else of the current folder; a path is
     # that folder, else one inside `output_dir`
     path, inside = resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)
@@ -93,7 +94,44 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
             f"`--resume_from_checkpoint` {path!r} is incomplete (no {COMPLETE_MARKER}: it was interrupted while "
             f"being written). Complete checkpoints in {output_dir!r}: {_names(complete) or 'none'}."
         )
-    return path
+    return _check_marked_step(path)
+
+
+def _check_marked_step(checkpoint: str) -> str:
+    """``checkpoint``, whose name must give the step its completeness marker records (the step resumed from is read
+    from the name: a checkpoint renamed or linked under another step's name is refused). A marker that records no
+    step (written by hand, or by an older version) is not checked."""
+    try:
+        with open(os.path.join(checkpoint, COMPLETE_MARKER), encoding="utf-8") as f:
+            marked = json.load(f).get("step")
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        return checkpoint
+    step = checkpoint_step(checkpoint)
+    if isinstance(marked, int) and not isinstance(marked, bool) and marked != step:
+        raise ValueError(
+            f"`--resume_from_checkpoint`: {checkpoint!r} holds the state of step {marked} (its {COMPLETE_MARKER}), "
+            f"not of step {step}: it was renamed or linked under another step's name. Give it back its name "
+            f"`checkpoint-{marked}`, or resume from another checkpoint."
+        )
+    return checkpoint
+
+
+def check_same_sharding(checkpoint: str, sharded: bool) -> None:
+    """Refuse to resume a sharded (FSDP) run's checkpoint without FSDP, or the other way round: Accelerate writes an
+    FSDP run's model and optimizer as its shards (``pytorch_model_fsdp*``), which only an FSDP run reads, and an
+    unsharded run's optimizer as one file, which an FSDP run does not read."""
+    written_sharded = any(name.startswith(FSDP_MODEL_NAME) for name in os.listdir(checkpoint))
+    if written_sharded and not sharded:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {checkpoint!r} was written by a sharded (FSDP) run: its model and optimizer "
+            "states are Accelerate's shards, which only an FSDP run reads. Resume it with the launch that wrote it "
+            "(`accelerate launch --config_file examples/accelerate_configs/fsdp.yaml ...`)."
+        )
+    if sharded and not written_sharded:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {checkpoint!r} was written by an unsharded run, which an FSDP run cannot "
+            "resume (its optimizer state is not sharded): resume it without the FSDP config."
+        )
 
 
 def skipped_checkpoints(resume_path: str) -> list[str]:
@@ -359,6 +397,22 @@ def _check_same_partition(partition: TimestepPartition, input_dir: str) -> None:
         )
 
 
+def check_sharded_resume(input_dir: str, networks: dict, noise_scheduler, partition: TimestepPartition) -> None:
+    """The load hook's checks of `register_checkpoint_hooks` for a sharded (FSDP) run, to call before
+    `accelerator.load_state`: Accelerate loads an FSDP run's shards before the hook runs (and hands it no model), so
+    a checkpoint of other model arguments would load (the same shapes) or fail on a tensor (other shapes).
+    ``networks`` are the run's networks by name; their configs are compared with the checkpoint's, read only."""
+    _check_same_noise_schedule(noise_scheduler, input_dir)
+    _check_same_networks(list(networks), input_dir)
+    for name, network in networks.items():
+        cls = plain_class(network)  # as saved (FSDP2's subclass writes no `auto_map`)
+        with init_empty_weights():  # both configs with this version's defaults, and no weights
+            now = cls.from_config(network.config)
+            saved = cls.from_config(cls.load_config(_network_folder(input_dir, name)))
+        _check_same_config(now, saved, name, input_dir)
+    _check_same_partition(partition, input_dir)
+
+
 def _load_ema(ema: EMAModel, folder: str) -> None:
     """Resume ``ema`` from its `EMAModel.save_pretrained` ``folder`` as strictly as the networks resume: missing,
     unexpected, mis-shaped or non-float weights (which `EMAModel.from_pretrained` loads leniently through diffusers),
@@ -418,7 +472,7 @@ def register_checkpoint_hooks(
         if noise_scheduler is not None:
             _check_same_noise_schedule(noise_scheduler, input_dir)
         _check_same_networks(names, input_dir)
-        # (sharded: `models` is empty, Accelerate has loaded the shards of its own checkpoint files)
+        # (sharded: `models` is empty, Accelerate has loaded its shards, checked by `check_sharded_resume` first)
         for name, model in zip(names, models):
             model = accelerator.unwrap_model(model)
             loaded = load_strictly(type(model), _network_folder(input_dir, name))  # none left random or cast

@@ -32,6 +32,8 @@ from ..conventions import null_class_label, num_data_classes, vae_to_model_laten
 from ..models.loading import load_strictly
 from .args import check_args, tracker_config
 from .checkpointing import (
+    check_same_sharding,
+    check_sharded_resume,
     checkpoint_folders,
     checkpoint_step,
     discard_checkpoints,
@@ -54,7 +56,7 @@ from .data import (
     image_folder_records,
 )
 from .hub import LocalHubApi, assembled_experts_card_text, create_hub_repo, model_card_text, push_output_folder
-from .sharding import check_sharded_run, gathered_networks
+from .sharding import check_sharded_run, check_sharding_launched, gathered_networks, is_sharded
 from .state import LossLog, RunState, sample_grid, save_samples
 from .tasks import TrainingTask, noise_schedulers
 
@@ -248,6 +250,7 @@ def _accelerator(args: argparse.Namespace, task: TrainingTask) -> Accelerator:
         ),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)],
     )
+    check_sharding_launched(accelerator)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise ValueError(
@@ -344,6 +347,9 @@ def _resume(state: RunState, resume_path: str | None, steps_per_epoch: int) -> t
             f"{max_train_steps} and its final outputs are written in {args.output_dir}. Nothing to do."
         )
         return None
+    check_same_sharding(resume_path, is_sharded(accelerator))
+    if is_sharded(accelerator):  # Accelerate loads the shards before the load hook's checks
+        check_sharded_resume(resume_path, state.unwrapped(), state.noise_scheduler, state.task.partition)
     accelerator.load_state(resume_path)
     first_epoch, done = divmod(global_step, steps_per_epoch)
     if global_step >= max_train_steps:  # killed before its final outputs: write them, train no further step

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from accelerate import Accelerator, init_empty_weights
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, parse_flag_from_env
 from diffusers.models.modeling_utils import ModelMixin
 
 logger = get_logger(__name__)
@@ -24,6 +24,20 @@ logger = get_logger(__name__)
 def is_sharded(accelerator: Accelerator) -> bool:
     """Whether the run shards its networks (FSDP)."""
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_sharding_launched(accelerator: Accelerator) -> None:
+    """Refuse a launch that asks for FSDP (`accelerate launch` with an FSDP config sets ``ACCELERATE_USE_FSDP``) which
+    Accelerate does not shard: it runs FSDP on GPUs only, and elsewhere (CPU) would train the whole network on every
+    process without a word."""
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and not is_sharded(accelerator):
+        raise ValueError(
+            "The launch asks for sharded training (FSDP: an FSDP config such as "
+            "examples/accelerate_configs/fsdp.yaml sets ACCELERATE_USE_FSDP) but Accelerate runs "
+            f"`{accelerator.distributed_type.value}`, unsharded: it shards with FSDP on GPUs only. Launch on GPUs, or "
+            "without the FSDP config (on CPU: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            "--num_processes 2 ...`, each process holding the whole network)."
+        )
 
 
 def check_sharded_run(accelerator: Accelerator, args: argparse.Namespace, names: Sequence[str]) -> None:
@@ -46,6 +60,14 @@ def check_sharded_run(accelerator: Accelerator, args: argparse.Namespace, names:
             "`--fused_decoders` cannot be used in a sharded (FSDP) run: each decoder is its own FSDP unit, gathered "
             "by its own hooks when it runs, which a fused pass over all decoders would bypass; drop it."
         )
+    scheme = getattr(args, "stage_sampling", "mixed")
+    if scheme != "mixed":
+        raise ValueError(
+            f"`--stage_sampling {scheme}` cannot be used in a sharded (FSDP) run: each decoder is an FSDP unit whose "
+            "weights all processes gather together when it runs, so every process must run every decoder at every "
+            "step, but with one stage per batch or per process they run different ones. Use `--stage_sampling "
+            "mixed` (the default)."
+        )
     if args.save_model_epochs is not None:
         raise ValueError(
             f"`--save_model_epochs` {args.save_model_epochs} cannot be used in a sharded (FSDP) run: every "
@@ -61,11 +83,15 @@ def check_sharded_run(accelerator: Accelerator, args: argparse.Namespace, names:
 def plain_network(network: ModelMixin, state_dict: dict[str, torch.Tensor]) -> ModelMixin:
     """A new, unsharded instance of ``network``'s class and config holding ``state_dict`` (the full weights gathered
     from a sharded network): built on the meta device and given the tensors themselves, so nothing is copied."""
-    cls = next(c for c in type(network).__mro__ if not _is_fsdp_class(c))  # FSDP2 subclasses the network's class
     with init_empty_weights():
-        plain = cls.from_config(network.config)
+        plain = plain_class(network).from_config(network.config)
     plain.load_state_dict(state_dict, strict=True, assign=True)
     return plain
+
+
+def plain_class(network: ModelMixin) -> type[ModelMixin]:
+    """The class of ``network`` itself: FSDP2 subclasses a sharded network's class."""
+    return next(c for c in type(network).__mro__ if not _is_fsdp_class(c))
 
 
 def gathered_networks(

@@ -6,6 +6,8 @@ python instrumented_run.py --kill-before-rename[=N] SCRIPT [ARGS...]     # SIGKI
                                                                          # temporary folder is written, before it is
                                                                          # renamed into place and older ones pruned
 python instrumented_run.py --dump-weights DIR SCRIPT [ARGS...]           # each rank writes its final weights to DIR
+python instrumented_run.py --fsdp-on-cpu SCRIPT [ARGS...]                 # Accelerate's FSDP on CPU (gloo), under
+                                                                         # `accelerate launch --config_file fsdp.yaml`
 """
 
 import os
@@ -55,6 +57,20 @@ elif mode == "--dump-weights":
 
     accelerate.Accelerator.end_training = dump_then_end
     script_args = sys.argv[3:]
+elif mode == "--fsdp-on-cpu":
+    # Accelerate enables FSDP on GPUs only: switch it on after the Accelerator is built, as it does there
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    init = accelerate.Accelerator.__init__
+
+    def init_sharded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* settings
+
+    accelerate.Accelerator.__init__ = init_sharded
+    script_args = sys.argv[2:]
 else:
     raise SystemExit(f"unknown mode {mode!r}")
 sys.argv = script_args

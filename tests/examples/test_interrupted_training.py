@@ -113,6 +113,21 @@ def test_a_checkpoint_without_a_network_folder_is_a_clear_error(examples, script
         examples.train(script, [*run_args, "--output_dir", out, "--resume_from_checkpoint", "latest"])
 
 
+def test_a_checkpoint_of_a_sharded_run_resumed_unsharded_is_a_clear_error(
+    examples, script, run_args, straight, tmp_path
+):
+    # was a FileNotFoundError on optimizer.bin: an FSDP run writes its optimizer and model as Accelerate's shards
+    out = str(tmp_path / "sharded")
+    checkpoint = os.path.join(out, "checkpoint-4")
+    shutil.copytree(os.path.join(straight, "checkpoint-4"), checkpoint)
+    os.remove(os.path.join(checkpoint, FINISHED_MARKER))
+    os.remove(os.path.join(checkpoint, "optimizer.bin"))
+    for shards in ("pytorch_model_fsdp_0", "optimizer_0"):  # what an FSDP run writes (SHARDED_STATE_DICT)
+        os.makedirs(os.path.join(checkpoint, shards))
+    with pytest.raises(ValueError, match=r"'.*checkpoint-4' was written by a sharded \(FSDP\) run: .*fsdp\.yaml"):
+        examples.train(script, [*run_args, "--output_dir", out, "--resume_from_checkpoint", "latest"])
+
+
 def test_a_final_save_that_fails_midway_leaves_the_previous_complete_save(
     examples, script, run_args, straight, tmp_path, capsys, monkeypatch
 ):

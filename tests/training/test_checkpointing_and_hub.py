@@ -17,6 +17,8 @@ from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, MultiSta
 from diffusers_stages.training import LocalHubApi, push_output_folder
 from diffusers_stages.training.checkpointing import (
     COMPLETE_MARKER,
+    check_same_sharding,
+    check_sharded_resume,
     checkpoint_folders,
     prune_checkpoints,
     publish_checkpoint,
@@ -537,3 +539,57 @@ def test_the_card_gives_warm_up_steps_only_for_a_schedule_that_warms_up(schedule
     args = _card_args(lr_scheduler=scheduler, lr_warmup_steps=500)
     text = model_card_text(args, task, steps=3, has_grid=False, mixed_precision="no")
     assert f"({scheduler}{f', {warmup}' if warmup else ''})" in text and ("warm-up" in text) == bool(warmup)
+
+
+def test_a_checkpoint_resumes_only_as_sharded_as_the_run_that_wrote_it(tmp_path):
+    # Accelerate reads an FSDP run's model and optimizer from its shards, an unsharded run's optimizer from one file:
+    # either the other way round was a FileNotFoundError naming the file it looked for
+    unsharded, sharded = _checkpoint(tmp_path, 2), _checkpoint(tmp_path, 4)
+    _touch(os.path.join(unsharded, "optimizer.bin"))
+    for shards in ("pytorch_model_fsdp_0", "optimizer_0"):
+        _touch(os.path.join(sharded, shards, "__0_0.distcp"))
+    check_same_sharding(unsharded, sharded=False)
+    check_same_sharding(sharded, sharded=True)
+    with pytest.raises(ValueError, match="'.*checkpoint-4' was written by a sharded \\(FSDP\\) run"):
+        check_same_sharding(sharded, sharded=False)
+    with pytest.raises(ValueError, match="'.*checkpoint-2' was written by an unsharded run.*without the FSDP config"):
+        check_same_sharding(unsharded, sharded=True)
+
+
+def test_a_sharded_resume_checks_the_networks_config_before_accelerate_loads_its_shards(tmp_path):
+    # Accelerate loads an FSDP run's shards before the load hook, where an unsharded run's network config is checked
+    # (and the hook gets no model): a run with other model arguments of the same shapes (`--dropout`) resumed
+    # silently, other shapes failed on the first tensor
+    from diffusers import DDPMScheduler
+
+    from diffusers_stages import MultiStageUNet2DModel, TimestepPartition
+
+    partition = TimestepPartition([442, 631])
+    MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(442, 631)).save_pretrained(tmp_path / "unet")
+    DDPMScheduler().save_pretrained(tmp_path / "noise_scheduler")
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded_class = type("FSDPMultiStageUNet2DModel", (FSDPModule, MultiStageUNet2DModel), {})  # as FSDP2 makes it
+    sharded_class.__module__ = FSDPModule.__module__
+    with torch.device("meta"):  # the checks read configs only
+        same = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(442, 631))
+        other = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(442, 631), dropout=0.1)
+    same.__class__ = sharded_class
+    check_sharded_resume(str(tmp_path), {"unet": same}, DDPMScheduler(), partition)
+    with pytest.raises(ValueError, match="holds a `unet` of another configuration \\(`dropout` 0.0 there, 0.1 now\\)"):
+        check_sharded_resume(str(tmp_path), {"unet": other}, DDPMScheduler(), partition)
+    with pytest.raises(ValueError, match="another noise schedule"):
+        check_sharded_resume(str(tmp_path), {"unet": same}, DDPMScheduler(prediction_type="v_prediction"), partition)
+
+
+def test_a_checkpoint_whose_folder_name_is_not_its_step_is_refused(tmp_path):
+    # the step resumed from is read from the folder name: a checkpoint renamed (or linked) under another step's name
+    # resumed its optimizer and schedule at their own step but counted steps, data and checkpoints from the name's
+    checkpoint = _checkpoint(tmp_path, 2)
+    with open(os.path.join(checkpoint, COMPLETE_MARKER), "w", encoding="utf-8") as f:
+        json.dump({"step": 2}, f)
+    assert resolve_resume_checkpoint(str(tmp_path), "latest") == checkpoint
+    os.rename(checkpoint, tmp_path / "checkpoint-5")
+    for name in ("latest", "checkpoint-5"):
+        with pytest.raises(ValueError, match=r"'.*checkpoint-5' holds the state of step 2 .* `checkpoint-2`"):
+            resolve_resume_checkpoint(str(tmp_path), name)

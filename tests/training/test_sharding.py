@@ -27,7 +27,12 @@ from diffusers_stages import (
     MultiStageUNet2DModel,
     UViT2DModel,
 )
-from diffusers_stages.training.sharding import check_sharded_run, gathered_networks, plain_network
+from diffusers_stages.training.sharding import (
+    check_sharded_run,
+    check_sharding_launched,
+    gathered_networks,
+    plain_network,
+)
 from tests.conftest import TINY_UNET
 from tests.models.test_iunet import TINY as IUNET
 from tests.models.test_unet_multistage_ddpmpp import TINY as DDPMPP
@@ -188,3 +193,46 @@ def test_two_processes_train_as_one_on_the_whole_batch(tmp_path):
     optimizer.step()
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(sharded.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_an_fsdp_launch_that_accelerate_does_not_shard_is_refused(tmp_path, monkeypatch):
+    # `accelerate launch --config_file fsdp.yaml` on CPU: Accelerate runs FSDP on GPUs only, so with
+    # `ACCELERATE_USE_CPU=true` (which the launch error advised) every process trained the whole network (DDP)
+    # without a word, and without it the error named only the process count
+    from accelerate.state import AcceleratorState, GradientState
+
+    from diffusers_stages.training.loop import _accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets from the FSDP config
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = argparse.Namespace(logger="none", gradient_accumulation_steps=1, mixed_precision="no",
+                              output_dir=str(tmp_path), logging_dir="logs")  # fmt: skip
+    AcceleratorState._reset_state(True)
+    try:
+        with pytest.raises(ValueError, match=r"FSDP .*fsdp\.yaml.* Accelerate runs `NO`, unsharded: .*on GPUs only"):
+            _accelerator(args, SimpleNamespace(find_unused_parameters=False))
+        with pytest.raises(ValueError, match="Accelerate runs `MULTI_CPU`, unsharded"):  # `ACCELERATE_USE_CPU=true`
+            check_sharding_launched(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+        check_sharding_launched(SimpleNamespace(distributed_type=DistributedType.FSDP))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+@pytest.mark.parametrize("scheme", ["per_batch", "per_rank"])
+def test_a_sharded_run_refuses_stage_sampling_that_leaves_a_decoder_out_on_some_process(scheme):
+    # each decoder is an FSDP unit whose weights every process gathers together when it runs: with one stage per
+    # batch or per process, the processes ran different decoders, paired each other's gatherings (silently wrong
+    # weights where the decoders have one shape) and failed at the first checkpoint
+    PartialState()
+    sharded = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    args = argparse.Namespace(use_ema=False, save_model_epochs=None, stage_sampling=scheme)
+    with pytest.raises(
+        ValueError, match=f"`--stage_sampling {scheme}` cannot be used in a sharded .*`--stage_sampling mixed`"
+    ):
+        check_sharded_run(sharded, args, ["unet"])
+    check_sharded_run(
+        sharded, argparse.Namespace(use_ema=False, save_model_epochs=None, stage_sampling="mixed"), ["unet"]
+    )
+    check_sharded_run(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), args, ["unet"])  # DDP: allowed
