@@ -152,6 +152,10 @@ def test_model_config_refuses_the_shape_options_it_would_ignore(
             ["--down_block_types", "DownBlock2D", "AttnDownBlock2D"],
             "`--down_block_types` ['DownBlock2D', 'AttnDownBlock2D'] is not used by the MEME presets' iU-Nets",
         ),
+        *(  # were ignored in silence: every batch was stratified over the experts all the same
+            (["--stage_sampling", scheme], f"`--stage_sampling {scheme}` is not implemented for experts")
+            for scheme in ("per_batch", "per_rank")
+        ),
     ],
 )
 def test_bad_expert_arguments(examples, script, image_folder, tmp_path, capsys, extra, message):

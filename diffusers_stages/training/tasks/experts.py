@@ -66,6 +66,12 @@ class ExpertTask(TrainingTask):
         if args.expert_index is not None:  # the batch is not split: the run's one expert takes all of it
             refuse_given_options(args, ("stage_shares",), f"`--expert_index` {args.expert_index}",
                                  "a run of one expert gives it the whole batch")  # fmt: skip
+        if args.stage_sampling != "mixed":  # the option is the multi-stage scripts' (shared parser)
+            raise ValueError(
+                f"`--stage_sampling {args.stage_sampling}` is not implemented for experts: every batch is stratified "
+                "over the experts' intervals (`--stage_shares`). Drop it, or train a multi-stage U-Net with "
+                "`train_multistage.py`."
+            )
         probabilities = args.own_interval_probability
         if args.assignment == "hard":
             if probabilities is not None:
