@@ -176,3 +176,17 @@ def test_runs_that_differ_only_in_how_they_sample_assemble(runs, scheduler):
         scheduler.save_pretrained(runs[1] / "scheduler")
     pipe = assemble_expert_runs([str(r) for r in runs])
     assert type(pipe.scheduler) is DDPMScheduler and pipe.scheduler.config.timestep_spacing == "leading"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_runs_that_saved_the_same_vae_at_another_precision_assemble(runs, dtype):
+    # a run trained with `--mixed_precision fp16|bf16` saves the VAE it encoded with in that dtype: the same latent
+    # space as another run's float32 copy, but its weights were compared exactly and the run refused as "another VAE"
+    from tests.conftest import tiny_vae
+
+    for index, run in enumerate(runs):
+        torch.manual_seed(index)
+        UNet2DModel(**{**SMALL, "in_channels": 4, "out_channels": 4}).save_pretrained(run / f"expert_{index}")
+    tiny_vae().save_pretrained(runs[0] / "vae")
+    tiny_vae().to(dtype).save_pretrained(runs[1] / "vae")
+    assert assemble_expert_runs([str(r) for r in runs]).vae.dtype == torch.float32  # the first run's
