@@ -112,10 +112,15 @@ class ExpertTask(TrainingTask):
             given = list(partition.boundaries) if args.stage_boundaries is not None else args.num_experts
             low, high = partition.intervals()[empty[0]]
             shown = str(empty) if len(empty) <= 8 else str(empty[:8])[:-1] + ", ...]"
+            advice = (  # uniform intervals at least one timestep wide each hold one
+                "Widen their intervals."
+                if args.stage_boundaries is not None
+                else f"Give at most {partition.num_train_timesteps} experts (`--num_train_timesteps`) or "
+                "`--stage_boundaries`."
+            )
             raise ValueError(
                 f"{source} {given} leave experts {shown} no integer "
-                f"training timestep (expert {empty[0]}: [{low:g}, {high:g})): they could never train. Widen their "
-                "intervals."
+                f"training timestep (expert {empty[0]}: [{low:g}, {high:g})): they could never train. {advice}"
             )
 
     @property
