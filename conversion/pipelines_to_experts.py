@@ -32,9 +32,9 @@ from diffusers_stages.conversion.unet_to_multistage import load_source, source_m
 from diffusers_stages.models import ExpertRoutingModel
 from diffusers_stages.models.loading import check_same_vae
 from diffusers_stages.pipelines import DualBackbonePipeline, ExpertRoutingPipeline
+from diffusers_stages.schedulers import training_schedule_differences
 from diffusers_stages.training.args import BoundaryList
 
-SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
 PIPELINES = {"experts": ExpertRoutingPipeline, "dual_backbone": DualBackbonePipeline}
 
 
@@ -83,7 +83,7 @@ def gather_sources(paths: list[str]):
         if pipeline_class is not None and scheduler is None:
             scheduler, reference = source_scheduler, path
         elif pipeline_class is not None:
-            differ = [k for k in SCHEDULE_KEYS if source_scheduler.config.get(k) != scheduler.config.get(k)]
+            differ = training_schedule_differences(scheduler, source_scheduler)
             if differ:
                 raise ValueError(
                     f"{path} was trained on another noise schedule than {reference} ({differ} differ): experts "

@@ -97,12 +97,13 @@ def check_input_file(path: str | None, option: str, json_object: bool = False) -
         raise ValueError(f"`{option}` {path!r} holds JSON but not an object (a config): {type(loaded).__name__}.")
 
 
-def check_output_file(path: str | None, option: str) -> None:
+def check_output_file(path: str | os.PathLike | None, option: str) -> None:
     """Refuse, before any work, an output file path that cannot be written: a folder (existing, or a path ending in a
     separator), or a folder part that is a file (the missing folders are created when writing). A `ValueError` naming
     ``option`` and the path."""
     if path is None:
         return
+    path = os.fspath(path)  # a `pathlib.Path` too, as the writes take
     if path == "" or path.endswith(("/", os.sep)) or os.path.isdir(path):  # "new/": a folder, even before it exists
         raise ValueError(f"`{option}` {path!r} is a folder (or empty): give a file path.")
     parent = os.path.dirname(os.path.abspath(path))

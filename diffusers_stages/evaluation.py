@@ -117,7 +117,7 @@ def train_classifier(
     max_steps: int = 1000,
     width: int = 16,
     num_classes: int | None = None,
-    cache_path: str | None = None,
+    cache_path: str | os.PathLike | None = None,
     progress_bar: bool = False,
 ) -> FeatureClassifier:
     """Train a [`FeatureClassifier`] on ``images`` ``(N, C, H, W)`` in ``[-1, 1]`` and their class ``labels``

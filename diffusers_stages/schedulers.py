@@ -36,6 +36,21 @@ def is_edm_scheduler(scheduler) -> bool:
     return hasattr(scheduler, "precondition_noise")
 
 
+# the scheduler options that set what a model learns: the training noise schedule (DDPM betas, EDM's sigma_data that
+# weights and preconditions its loss) and the prediction type; the others (`timestep_spacing`, `steps_offset`,
+# `clip_sample`, the sampler's class, ...) only change how it samples
+TRAINING_SCHEDULE_KEYS = (
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
+    "prediction_type", "sigma_data",
+)  # fmt: skip
+
+
+def training_schedule_differences(scheduler, other) -> list[str]:
+    """The `TRAINING_SCHEDULE_KEYS` on which two schedulers' configs differ (none: a model trained with one was
+    trained with the other's schedule, whatever their classes and sampling options)."""
+    return [k for k in TRAINING_SCHEDULE_KEYS if scheduler.config.get(k) != other.config.get(k)]
+
+
 # schedulers of other model families, whose model timesteps are in no partition's units (training timesteps, or
 # sigma as EDM's ln(sigma)/4), by class name (KarrasVeScheduler's module is deprecated: not imported here)
 UNSUPPORTED_SCHEDULERS = {

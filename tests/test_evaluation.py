@@ -286,3 +286,14 @@ def test_fd_is_the_frechet_distance_of_the_classifier_features(digits):
     root = scipy.linalg.sqrtm(cov_real @ cov_fake).real
     expected = ((mean_real - mean_fake) ** 2).sum() + np.trace(cov_real + cov_fake - 2 * root)
     assert Evaluator(classifier, train[:256]).score(generated)["fd"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_cache_path_given_as_a_path_object_trains_then_loads(digits, tmp_path):
+    # the check added before training read it as a string (`path.endswith`): an AttributeError on a pathlib.Path,
+    # which trained, saved and loaded before, as diffusers' `save_pretrained` folders take one
+    images, labels, _, _ = digits
+    path = tmp_path / "new" / "classifier.safetensors"
+    net = train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)
+    cached = train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)  # loaded, not trained
+    assert path.is_file()
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), cached.state_dict().values()))

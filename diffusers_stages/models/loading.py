@@ -386,19 +386,28 @@ SAMPLING_OPTIONS = ("sample_size", "force_upcast")
 
 def check_same_vae(vae, other, path: str) -> None:
     """Refuse ``other`` (the VAE of source ``path``) unless it is ``vae``: the same class, options (a
-    ``scaling_factor`` too: it sets the latents' scale; not `SAMPLING_OPTIONS`) and weights."""
+    ``scaling_factor`` too: it sets the latents' scale; not `SAMPLING_OPTIONS`) and weights (or their float16/bfloat16 copy)."""
     options = [
         k
         for k, v in constructor_options(type(vae), vae.config).items()
         if k not in SAMPLING_OPTIONS and v != other.config.get(k)
     ]
     first, second = vae.state_dict(), other.state_dict()
-    same_weights = first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    same_weights = first.keys() == second.keys() and all(_same_weights(first[k], second[k]) for k in first)
     if type(vae) is not type(other) or options or not same_weights:
         raise ValueError(
             f"{path} has another VAE than the first latent source ({sorted(options) or 'its class or weights'} "
             "differ): experts must share one latent space."
         )
+
+
+def _same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same tensor, or the same one saved at half precision (a `--mixed_precision fp16|bf16` run saves the VAE it
+    encoded with in that dtype; it loads as float32): equal once both are rounded to that precision."""
+    if torch.equal(a, b):
+        return True
+    floating = a.is_floating_point() and b.is_floating_point() and a.shape == b.shape
+    return floating and any(torch.equal(a.to(d), b.to(d)) for d in (torch.float16, torch.bfloat16))
 
 
 def read_json(path: str, argument: str) -> dict:

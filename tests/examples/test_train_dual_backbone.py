@@ -206,3 +206,29 @@ def test_resuming_a_checkpoint_of_other_backbones_names_them(examples, script, i
         examples.train(
             script, [*args, "--max_train_steps", "2", "--backbones", "deep", "--resume_from_checkpoint", "latest"]
         )
+
+
+def test_one_backbone_runs_in_a_latent_space_keep_their_vae_for_the_cards_code(
+    examples, script, image_folder, tmp_path
+):
+    # a `--backbones shallow|deep --vae_path` run saved its network and scheduler but not the VAE, and its card's code
+    # built the pipeline without one: it "sampled" the latents as an 8x8 RGBA image, silently
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                  sample_size=16).save_pretrained(tmp_path / "vae")  # fmt: skip
+    hub = str(tmp_path / "hub")
+    for name in ("shallow", "deep"):
+        examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / name),
+             "--backbones", name, "--vae_path", str(tmp_path / "vae"), "--resolution", "16", "--max_train_steps", "1",
+             "--push_to_hub", "--hub_model_id", f"me/{name}", "--hub_local_dir", hub])  # fmt: skip
+        assert os.path.isdir(tmp_path / name / "vae")
+    with open(os.path.join(hub, "me", "shallow", "README.md"), encoding="utf-8") as f:
+        code = f.read().split("```python\n")[1].split("```")[0]
+    code = code.replace("<repository of the deep run>", "me/deep").replace('"me/', f'"{hub}/me/')
+    code = code.replace("pipe(", "pipe.set_progress_bar_config(disable=True) or pipe(num_inference_steps=2, ")
+    scope = {}
+    exec(code, scope)  # the card's own code, on the pushed repositories
+    assert scope["pipe"].vae is not None and (scope["image"].size, scope["image"].mode) == ((16, 16), "RGB")

@@ -140,6 +140,10 @@ def test_model_config_refuses_the_shape_options_it_would_ignore(
             ["--num_experts", "2000", "--assignment", "hard"],
             "`--num_experts` 2000 leave experts [1, 3, 5, 7, 9, 11, 13, 15, ...] no integer training timestep",
         ),
+        (  # advised to widen the intervals, which `--num_experts` gives no way to do
+            ["--num_experts", "2000", "--assignment", "hard"],
+            "they could never train. Give at most 1000 experts (`--num_train_timesteps`) or `--stage_boundaries`.",
+        ),
         (  # the boundaries' 4 experts were trained in silence
             ["--num_experts", "3", "--stage_boundaries", "300", "600", "900"],
             "`--num_experts` 3 disagrees with `--stage_boundaries` [300.0, 600.0, 900.0] (4 experts)",

@@ -149,6 +149,8 @@ class DualBackboneTask(TrainingTask):
         ((name, network),) = networks.items()
         network.save_pretrained(os.path.join(output_dir, name))
         scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
+        if vae is not None:  # a latent-space run: its samples are decoded with this VAE
+            vae.save_pretrained(os.path.join(output_dir, "vae"))
 
     def description(self):
         switch = (
@@ -181,14 +183,22 @@ class DualBackboneTask(TrainingTask):
             if self.switch_step_fraction is not None
             else f"switch_timestep={self.args.switch_timestep:g}"
         )
-        return [
-            f"from diffusers import {scheduler}" + ("" if self._uvit else ", UNet2DModel"),
+        latent = self.vae_path is not None  # its samples are latents: the run's VAE decodes them
+        lines = [
+            f"from diffusers import {'AutoencoderKL, ' if latent else ''}{scheduler}"
+            + ("" if self._uvit else ", UNet2DModel"),
             "from diffusers_stages import DualBackbonePipeline" + (", UViT2DModel" if self._uvit else ""),
             "",
             f'{name} = {model}.from_pretrained("{repo_id}", subfolder="{name}")',
             f'{other} = {model}.from_pretrained("<repository of the {other} run>", subfolder="{other}")  # its own run',
             f'scheduler = {scheduler}.from_pretrained("{repo_id}", subfolder="scheduler")',
-            f"pipe = DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=scheduler, {switch})",
+        ]
+        if latent:
+            lines.append(f'vae = AutoencoderKL.from_pretrained("{repo_id}", subfolder="vae")')
+        return [
+            *lines,
+            f"pipe = DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=scheduler, {switch}"
+            + (", vae=vae)" if latent else ")"),
             f"image = pipe({'class_labels=[0]' if self.args.class_conditional else 'batch_size=1'}).images[0]",
         ]
 

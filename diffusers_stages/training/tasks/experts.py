@@ -25,6 +25,7 @@ from ...models.loading import (
 from ...models.meme import meme_expert_configs
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
+from ...schedulers import training_schedule_differences
 from ...timestep_sampling import MEME_OWN_INTERVAL_PROBABILITIES, soft_assignment_timesteps, stage_counts, stage_mass
 from ..args import (
     check_no_block_types,
@@ -117,10 +118,15 @@ class ExpertTask(TrainingTask):
             given = list(partition.boundaries) if args.stage_boundaries is not None else args.num_experts
             low, high = partition.intervals()[empty[0]]
             shown = str(empty) if len(empty) <= 8 else str(empty[:8])[:-1] + ", ...]"
+            advice = (  # uniform intervals at least one timestep wide each hold one
+                "Widen their intervals."
+                if args.stage_boundaries is not None
+                else f"Give at most {partition.num_train_timesteps} experts (`--num_train_timesteps`) or "
+                "`--stage_boundaries`."
+            )
             raise ValueError(
                 f"{source} {given} leave experts {shown} no integer "
-                f"training timestep (expert {empty[0]}: [{low:g}, {high:g})): they could never train. Widen their "
-                "intervals."
+                f"training timestep (expert {empty[0]}: [{low:g}, {high:g})): they could never train. {advice}"
             )
 
     @property
@@ -333,15 +339,14 @@ def _run_folder(run: str, name: str) -> str:
 
 
 def _check_same_schedule(scheduler: SchedulerMixin, other: SchedulerMixin, run: str, first: str) -> None:
-    """Refuse a run whose scheduler (class or options) is not the first run's: the pipeline samples every expert
-    with the first run's."""
-    keys = {**scheduler.config, **other.config}
-    differ = sorted(k for k in keys if not k.startswith("_") and scheduler.config.get(k) != other.config.get(k))
-    if type(other) is not type(scheduler) or differ:
+    """Refuse a run trained on another noise schedule than the first run's (`training_schedule_differences`): the
+    pipeline samples every expert with the first run's scheduler, whose sampling-only options are then used."""
+    differ = training_schedule_differences(scheduler, other)
+    if differ:
         raise ValueError(
-            f"`--assemble_experts`: {run!r} was trained with another noise scheduler than {first!r} "
-            f"({differ or [type(other).__name__, type(scheduler).__name__]} differ): the experts share one schedule, "
-            "so train every expert with the same scheduler options."
+            f"`--assemble_experts`: {run!r} was trained on another noise schedule than {first!r} ({differ} differ): "
+            "the experts share one schedule, so train every expert with the same `--ddpm_beta_schedule`, "
+            "`--num_train_timesteps` and `--prediction_type`."
         )
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from diffusers_stages.training.tasks.experts import EXPERT_RUN_FILE, assemble_expert_runs
 from tests.conftest import SMALL_UNET
@@ -155,3 +155,38 @@ def test_runs_of_other_sizes_channels_or_classes_are_named(runs, key, value):
     UNet2DModel(**{**SMALL, key: value}).save_pretrained(runs[1] / "expert_1")
     with pytest.raises(ValueError, match=f"`--assemble_experts`: .*`{key}`.*`--resolution`"):
         assemble_expert_runs([str(r) for r in runs])
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        DDPMScheduler(timestep_spacing="trailing", steps_offset=1, clip_sample=False),  # how it samples only
+        DDIMScheduler(),  # another sampler of the same betas
+        None,  # a config key of another diffusers version
+    ],
+)
+def test_runs_that_differ_only_in_how_they_sample_assemble(runs, scheduler):
+    # every scheduler option was compared: sampling-only ones (`timestep_spacing`, `steps_offset`, `clip_sample`, a
+    # DDIM saved for the same training schedule, a key this diffusers version does not know) were refused as "trained
+    # with another noise scheduler", though the experts learned the same schedule; the first run's scheduler samples
+    path = runs[1] / "scheduler" / "scheduler_config.json"
+    if scheduler is None:
+        path.write_text(json.dumps({**json.loads(path.read_text()), "a_later_option": 1, "_diffusers_version": "9.0"}))
+    else:
+        scheduler.save_pretrained(runs[1] / "scheduler")
+    pipe = assemble_expert_runs([str(r) for r in runs])
+    assert type(pipe.scheduler) is DDPMScheduler and pipe.scheduler.config.timestep_spacing == "leading"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_runs_that_saved_the_same_vae_at_another_precision_assemble(runs, dtype):
+    # a run trained with `--mixed_precision fp16|bf16` saves the VAE it encoded with in that dtype: the same latent
+    # space as another run's float32 copy, but its weights were compared exactly and the run refused as "another VAE"
+    from tests.conftest import tiny_vae
+
+    for index, run in enumerate(runs):
+        torch.manual_seed(index)
+        UNet2DModel(**{**SMALL, "in_channels": 4, "out_channels": 4}).save_pretrained(run / f"expert_{index}")
+    tiny_vae().save_pretrained(runs[0] / "vae")
+    tiny_vae().to(dtype).save_pretrained(runs[1] / "vae")
+    assert assemble_expert_runs([str(r) for r in runs]).vae.dtype == torch.float32  # the first run's
