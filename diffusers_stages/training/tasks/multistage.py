@@ -159,6 +159,18 @@ class MultiStageTask(TrainingTask):
         more rows than `enable_fused_decoders` allows by default (``DEFAULT_MAX_PADDING``, 25%)."""
         if not getattr(args, "fused_decoders", False):
             return
+        # the fused pass does not checkpoint and packs diffusers' own attention only: with these, every training
+        # batch would be decoded stage by stage (`enable_fused_decoders`)
+        reasons = {
+            "gradient_checkpointing": "the fused pass does not checkpoint",
+            "enable_xformers_memory_efficient_attention": "xFormers attention has no channel-packed form",
+        }
+        for name, reason in reasons.items():
+            if getattr(args, name, False):
+                raise ValueError(
+                    f"`--fused_decoders` with `--{name}`: {reason}, so every batch would be decoded stage by stage; "
+                    "drop one of the two."
+                )
         scheme = getattr(args, "stage_sampling", "mixed")
         if scheme != "mixed":
             raise ValueError(
