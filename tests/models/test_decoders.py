@@ -445,3 +445,16 @@ def test_a_channels_last_laid_out_model_still_reads_its_stack_as_a_view(model, m
     monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or stack(*a, **k))
     assert_same(reference, run(model, t))
     assert stacks == []  # every parameter stack was a view, channels-last rows included
+
+
+def test_compiling_stages_and_fusing_decoders_refuse_each_other(model):
+    # compiled decoders run on their own, so the fused pass never ran: either order was silently per stage
+    model.enable_fused_decoders()
+    with pytest.raises(ValueError, match=r"`compile_stages` compiles each decoder on its own.*disable_fused_decoders"):
+        model.compile_stages(backend="eager")
+    assert not any(getattr(region, "_compiled_call_impl", None) for region in model.compile_regions())
+    model.disable_fused_decoders()
+    model.compile_stages(backend="eager")
+    with pytest.raises(ValueError, match=r"`enable_fused_decoders`: the decoders are compiled"):
+        model.enable_fused_decoders()
+    assert model._fused_decoders_max_padding is None
