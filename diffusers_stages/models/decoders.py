@@ -396,7 +396,7 @@ def stack_decoder_storage(decoders: Sequence[nn.Module]) -> bool:
     found = _fusable(decoders)
     if found is None:
         return False
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # the rows stay trainable when laid out in inference mode
         for stage_tensors in zip(*found[1]):
             if _consecutive_rows(stage_tensors):  # laid out already (an in-place `.to()`, `share_memory()`)
                 continue

@@ -458,3 +458,13 @@ def test_compiling_stages_and_fusing_decoders_refuse_each_other(model):
     with pytest.raises(ValueError, match=r"`enable_fused_decoders`: the decoders are compiled"):
         model.enable_fused_decoders()
     assert model._fused_decoders_max_padding is None
+
+
+def test_enabling_under_inference_mode_keeps_the_parameters_trainable(model):
+    # the stacks were made in inference mode: every decoder parameter became an inference tensor, and training
+    # afterwards failed on the per-stage path too ("Inference tensors cannot be saved for backward")
+    with torch.inference_mode():
+        model.enable_fused_decoders(max_padding=math.inf)
+    assert laid_out(model.decoders) and not any(p.is_inference() for p in model.parameters())
+    reference = run(model, CASES["even"], fuse=False)
+    assert_same(reference, run(model, CASES["even"], fuse=True))
