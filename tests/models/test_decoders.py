@@ -219,6 +219,9 @@ def test_tailored_or_compiled_decoders_and_stage_index_are_never_fused(tiny_mult
 def test_gradient_checkpointing_is_fused_only_without_gradients(model, monkeypatch):
     model.enable_gradient_checkpointing()
     model.enable_fused_decoders()
+    assert laid_out(model.decoders)  # was refused for checkpointing: every fused call copied the parameters
+    model.to(torch.float64).float()  # and a cast keeps the layout
+    assert laid_out(model.decoders)
     counts = Counts(monkeypatch)
     with torch.no_grad():
         model(torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), class_labels=torch.tensor([0, 1]))
