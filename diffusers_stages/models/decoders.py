@@ -370,7 +370,7 @@ def stack_decoder_storage(decoders: Sequence[nn.Module]) -> bool:
     its decoders out again while fused decoders are enabled). The decoders' state dicts give each row on a storage
     of its own (an alias, not a copy), so that accelerate's `save_state`, safetensors' `load_model` and `torch.save`
     see separate tensors, not weights tied to each other. Returns whether the decoders could be laid out
-    (`False`, and nothing changed, where `fused_decoders` would refuse them).
+    (`False`, and nothing changed, where `fused_decoders` would refuse them without gradients).
 
     Example:
 
@@ -393,10 +393,11 @@ def stack_decoder_storage(decoders: Sequence[nn.Module]) -> bool:
 
     ```
     """
-    found = _fusable(decoders)
+    with torch.no_grad():  # gradient checkpointing keeps the fused pass to calls without gradients: lay them out
+        found = _fusable(decoders)
     if found is None:
         return False
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # the rows stay trainable when laid out in inference mode
         for stage_tensors in zip(*found[1]):
             if _consecutive_rows(stage_tensors):  # laid out already (an in-place `.to()`, `share_memory()`)
                 continue

@@ -29,7 +29,10 @@ from torch import nn
 # activations that act per element, so that they apply to a packed tensor as they are
 _ELEMENTWISE = (nn.SiLU, nn.Mish, nn.GELU, nn.ReLU, nn.Identity)
 
-__all__ = ["packable", "packed_decoders"]
+__all__ = ["PACKED_UP_BLOCKS", "packable", "packed_decoders"]
+
+# the up blocks that have a packed form (`_block_packable`), by the names a config gives them
+PACKED_UP_BLOCKS = (UpBlock2D.__name__, AttnUpBlock2D.__name__)
 
 
 def _conv_packable(conv: nn.Module) -> bool:

@@ -128,6 +128,11 @@ class StageCompileMixin:
                 f"up in turn), got {type(warmup).__name__ if not isinstance(warmup, Mapping) else sorted(warmup)}."
             )
         _check_compile_kwargs(compile_kwargs)
+        if any(getattr(m, "_fused_decoders_max_padding", None) is not None for m in self.modules()):
+            raise ValueError(
+                "`compile_stages` compiles each decoder on its own, which the fused pass cannot run (every mixed batch "
+                "would be decoded stage by stage): call `disable_fused_decoders()` first, or do not compile."
+            )
         regions = self.compile_regions()
         # 1. room for each region's recompiles: the regions of one `forward` share its cache (dynamo keys on code)
         needed = RECOMPILES_PER_REGION * max(Counter(type(region).forward for region in regions).values(), default=0)
@@ -283,8 +288,8 @@ class StagedModelMixin(StageCompileMixin):
         Each stage's rows are padded to the largest stage count (repeating its last sample), so a batch is fused
         only when that padding adds at most ``max_padding`` of the batch. Otherwise, and with ``stage_index``, a
         batch in one stage, decoders of different architectures, hooks on a decoder (`enable_stage_offload`,
-        layerwise casting), compiled decoders (`compile_stages`), attention processors other than diffusers'
-        `AttnProcessor2_0`/`AttnProcessor`, FreeU, or gradient checkpointing while computing gradients, the
+        layerwise casting), compiled decoders (`compile_stages`; it and this call refuse each other), attention
+        processors other than diffusers' `AttnProcessor2_0`/`AttnProcessor`, FreeU, or gradient checkpointing while computing gradients, the
         per-stage path runs unchanged. Dropout draws different random numbers than the per-stage path.
 
         It is off by default because grouped convolutions cost more per FLOP than one convolution over the whole
@@ -305,6 +310,11 @@ class StagedModelMixin(StageCompileMixin):
             )
         if isinstance(max_padding, bool) or not isinstance(max_padding, (int, float)) or not max_padding >= 0:
             raise ValueError(f"`max_padding` must be a number >= 0, got {max_padding!r}.")
+        if any(getattr(decoder, "_compiled_call_impl", None) is not None for decoder in self.decoders):
+            raise ValueError(
+                "`enable_fused_decoders`: the decoders are compiled (`compile_stages`), and compiled decoders run on "
+                "their own, so no batch would be fused: enable it on a model that is not compiled."
+            )
         self._fused_decoders_max_padding = float(max_padding)
         stack_decoder_storage(self.decoders)
 

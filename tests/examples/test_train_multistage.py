@@ -122,6 +122,27 @@ def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_pa
             "fuses decoders of one architecture",
         ),
         (["--fused_decoders", "--train_batch_size", "64"], "a batch of 64 splits [28, 13, 23] over the stages"),
+        (  # up blocks without a channel-packed form: every batch was decoded stage by stage, silently
+            [
+                "--fused_decoders",
+                "--stage_shares",
+                "1,1,1",
+                "--train_batch_size",
+                "6",
+                "--up_block_types",
+                "ResnetUpsampleBlock2D",
+                "UpBlock2D",
+            ],
+            "`--fused_decoders` fuses up blocks among ('UpBlock2D', 'AttnUpBlock2D') only, got ['ResnetUpsampleBlock2D']",
+        ),
+        (  # the fused pass does not checkpoint: every training batch was decoded stage by stage, silently
+            ["--fused_decoders", "--gradient_checkpointing", "--stage_shares", "1,1,1", "--train_batch_size", "6"],
+            "`--fused_decoders` with `--gradient_checkpointing`: the fused pass does not checkpoint",
+        ),
+        (
+            ["--fused_decoders", "--enable_xformers_memory_efficient_attention", "--stage_shares", "1,1,1"],
+            "`--fused_decoders` with `--enable_xformers_memory_efficient_attention`: xFormers attention has no",
+        ),
         (
             ["--fused_decoders", "--train_batch_size", "64"],
             "pass equal `--stage_shares` (e.g. `--stage_shares 1,1,1`)",

@@ -219,6 +219,9 @@ def test_tailored_or_compiled_decoders_and_stage_index_are_never_fused(tiny_mult
 def test_gradient_checkpointing_is_fused_only_without_gradients(model, monkeypatch):
     model.enable_gradient_checkpointing()
     model.enable_fused_decoders()
+    assert laid_out(model.decoders)  # was refused for checkpointing: every fused call copied the parameters
+    model.to(torch.float64).float()  # and a cast keeps the layout
+    assert laid_out(model.decoders)
     counts = Counts(monkeypatch)
     with torch.no_grad():
         model(torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), class_labels=torch.tensor([0, 1]))
@@ -445,3 +448,26 @@ def test_a_channels_last_laid_out_model_still_reads_its_stack_as_a_view(model, m
     monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or stack(*a, **k))
     assert_same(reference, run(model, t))
     assert stacks == []  # every parameter stack was a view, channels-last rows included
+
+
+def test_compiling_stages_and_fusing_decoders_refuse_each_other(model):
+    # compiled decoders run on their own, so the fused pass never ran: either order was silently per stage
+    model.enable_fused_decoders()
+    with pytest.raises(ValueError, match=r"`compile_stages` compiles each decoder on its own.*disable_fused_decoders"):
+        model.compile_stages(backend="eager")
+    assert not any(getattr(region, "_compiled_call_impl", None) for region in model.compile_regions())
+    model.disable_fused_decoders()
+    model.compile_stages(backend="eager")
+    with pytest.raises(ValueError, match=r"`enable_fused_decoders`: the decoders are compiled"):
+        model.enable_fused_decoders()
+    assert model._fused_decoders_max_padding is None
+
+
+def test_enabling_under_inference_mode_keeps_the_parameters_trainable(model):
+    # the stacks were made in inference mode: every decoder parameter became an inference tensor, and training
+    # afterwards failed on the per-stage path too ("Inference tensors cannot be saved for backward")
+    with torch.inference_mode():
+        model.enable_fused_decoders(max_padding=math.inf)
+    assert laid_out(model.decoders) and not any(p.is_inference() for p in model.parameters())
+    reference = run(model, CASES["even"], fuse=False)
+    assert_same(reference, run(model, CASES["even"], fuse=True))

@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...conventions import num_data_classes, paper_boundaries
+from ...models.packed_decoders import PACKED_UP_BLOCKS
 from ...models.staged import DEFAULT_MAX_PADDING
 from ...models.unet_multistage import MultiStageUNet2DModel
 from ...models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
@@ -154,11 +155,24 @@ class MultiStageTask(TrainingTask):
             ) from None
 
     def _check_fused_decoders(self, args: argparse.Namespace, partition: TimestepPartition) -> None:
-        """Refuse `--fused_decoders` where no batch could be fused: a model without a packed form, batches of one
-        stage, decoders of different architectures, or stage counts so uneven that padding them to the largest adds
-        more rows than `enable_fused_decoders` allows by default (``DEFAULT_MAX_PADDING``, 25%)."""
+        """Refuse `--fused_decoders` where no batch could be fused: a model or up blocks without a packed form,
+        gradient checkpointing or xFormers, batches of one stage, decoders of different architectures, or stage
+        counts so uneven that padding them to the largest adds more rows than `enable_fused_decoders` allows by
+        default (``DEFAULT_MAX_PADDING``, 25%)."""
         if not getattr(args, "fused_decoders", False):
             return
+        # the fused pass does not checkpoint and packs diffusers' own attention only: with these, every training
+        # batch would be decoded stage by stage (`enable_fused_decoders`)
+        reasons = {
+            "gradient_checkpointing": "the fused pass does not checkpoint",
+            "enable_xformers_memory_efficient_attention": "xFormers attention has no channel-packed form",
+        }
+        for name, reason in reasons.items():
+            if getattr(args, name, False):
+                raise ValueError(
+                    f"`--fused_decoders` with `--{name}`: {reason}, so every batch would be decoded stage by stage; "
+                    "drop one of the two."
+                )
         scheme = getattr(args, "stage_sampling", "mixed")
         if scheme != "mixed":
             raise ValueError(
@@ -182,6 +196,16 @@ class MultiStageTask(TrainingTask):
             raise ValueError(
                 f"`--fused_decoders` fuses decoders of one architecture, but these differ (widths {widths}, up "
                 f"blocks {up_types}): every batch would be decoded stage by stage; drop `--fused_decoders`."
+            )
+        # every decoder's up blocks (the config's `up_block_types` where it gives no per-decoder ones) need a packed form
+        blocks = config.get("up_block_types") or getattr(args, "up_block_types", None) or PACKED_UP_BLOCKS
+        per_decoder = up_types if isinstance(up_types, (list, tuple)) else [blocks]
+        names = {t for types in per_decoder if isinstance(types, (list, tuple)) for t in types if isinstance(t, str)}
+        if names - set(PACKED_UP_BLOCKS):
+            raise ValueError(
+                f"`--fused_decoders` fuses up blocks among {PACKED_UP_BLOCKS} only, got "
+                f"{sorted(names - set(PACKED_UP_BLOCKS))}: every batch would be decoded stage by stage; drop "
+                "`--fused_decoders` or use those blocks."
             )
         shares = args.stage_shares if args.stage_shares is not None else stage_mass(partition)
         if len(shares) != partition.num_stages or any(s < 0 for s in shares) or not sum(shares):
