@@ -24,3 +24,26 @@ def test_the_vae_loads_strictly(tmp_path, corruption):
         return
     with pytest.raises(ValueError, match="outside" if corruption == "link" else key):
         _load_vae(task, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "statistics", [{"shift_factor": 0.25}, {"latents_mean": [0.1, -0.2], "latents_std": [2.0, 0.5]}]
+)
+def test_training_latents_are_what_the_pipeline_decodes(statistics):
+    """Training samples z = (E(x) - shift) * scale, or (E(x) - latents_mean) * scale / latents_std for a VAE with
+    per-channel statistics (diffusers' SDXL convention): the pipeline's decoder input is E(x) again."""
+    from diffusers_stages.conventions import model_to_vae_latents
+    from diffusers_stages.training.loop import _clean_samples
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**{**TINY_VAE, "latent_channels": 2, "scaling_factor": 0.5, **statistics}).eval()
+    pixels = torch.rand(2, 3, 8, 8) * 2 - 1
+    state = SimpleNamespace(vae=vae, weight_dtype=torch.float32)
+    latents = _clean_samples(state, {"pixel_values": pixels}, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        encoded = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(1))
+    mean, std = (
+        torch.tensor(statistics.get(k, d)).view(1, -1, 1, 1) for k, d in (("latents_mean", 0.25), ("latents_std", 1.0))
+    )
+    assert torch.allclose(latents, (encoded - mean) * 0.5 / std, atol=1e-6)
+    assert torch.allclose(model_to_vae_latents(vae, latents), encoded, atol=1e-6)
