@@ -4,7 +4,7 @@ refused by name."""
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLFlux2, AutoencoderTiny, VQModel
 
 from diffusers_stages.conventions import model_to_vae_latents, vae_to_model_latents
 
@@ -26,6 +26,16 @@ VAES = {
         **KL, scaling_factor=0.5, latents_mean=[0.1, -0.2, 0.3], latents_std=[2.0, 0.5, 4.0]
     ),
     "VQModel": lambda: VQModel(**KL, scaling_factor=0.7, num_vq_embeddings=16),
+    "AutoencoderTiny": lambda: AutoencoderTiny(
+        latent_channels=3, encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1),
+    ),
+    "AutoencoderDC": lambda: AutoencoderDC(
+        latent_channels=3, attention_head_dim=2, encoder_block_types="ResBlock", decoder_block_types="ResBlock",
+        encoder_block_out_channels=(6, 6), decoder_block_out_channels=(6, 6), encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()),
+        upsample_block_type="interpolate", downsample_block_type="Conv", decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.4,
+    ),
 }  # fmt: skip
 
 
@@ -68,3 +78,18 @@ def test_each_vae_class_decodes_with_the_inverse_of_the_training_transform(kind,
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.vae) is type(vae)
     assert torch.equal(images, loaded(generator=torch.manual_seed(0), output_type="pt", **run).images)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_vae_class_the_pipelines_cannot_decode_is_refused_by_name(kind):
+    """Flux 2's VAE takes patchified, batch-norm-normalized latents: decoding sampled latents directly would give
+    wrong images (it was an AttributeError on `scaling_factor`)."""
+    torch.manual_seed(0)
+    one_level = {"block_out_channels": (8,), "down_block_types": KL["down_block_types"][:1]}
+    vae = AutoencoderKLFlux2(**{**KL, **one_level, "up_block_types": KL["up_block_types"][:1]})
+    with pytest.raises(ValueError, match="`vae` must be an AutoencoderKL, .*got a AutoencoderKLFlux2"):
+        _latent_pipeline(kind, vae)
+    pipe = tiny_pipeline(kind, switch_timestep=500)
+    pipe.vae = vae  # set after construction: refused when sampling
+    with pytest.raises(ValueError, match="got a AutoencoderKLFlux2"):
+        pipe(num_inference_steps=2, output_type="pt")
