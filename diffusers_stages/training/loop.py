@@ -73,6 +73,12 @@ def vae_shape(args: argparse.Namespace, task: TrainingTask | None = None) -> tup
         config = AutoencoderKL.load_config(path, subfolder=subfolder)
     except (OSError, ValueError) as error:
         raise ValueError(f"`--vae_path` {path!r} is not an AutoencoderKL folder: {error}") from None
+    class_name = config.get("_class_name", "AutoencoderKL")  # training draws from AutoencoderKL's posterior only
+    if class_name != "AutoencoderKL":
+        raise ValueError(
+            f"`--vae_path` {path!r} holds a {class_name!s}, not an AutoencoderKL: training encodes images with an "
+            "AutoencoderKL's posterior (`latent_dist`) only; give an AutoencoderKL folder (or subfolder)."
+        )
     return config["latent_channels"], 2 ** (len(config["block_out_channels"]) - 1)
 
 

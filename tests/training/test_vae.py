@@ -47,3 +47,15 @@ def test_training_latents_are_what_the_pipeline_decodes(statistics):
     )
     assert torch.allclose(latents, (encoded - mean) * 0.5 / std, atol=1e-6)
     assert torch.allclose(model_to_vae_latents(vae, latents), encoded, atol=1e-6)
+
+
+def test_a_vae_that_is_not_an_autoencoder_kl_is_refused_by_name_before_training(tmp_path):
+    """Training draws from AutoencoderKL's posterior (`latent_dist`): a VQModel or AutoencoderTiny folder was read as
+    an AutoencoderKL config and failed only when its weights loaded (a shape error, or a GroupNorm one)."""
+    from diffusers import VQModel
+
+    from diffusers_stages.training.loop import vae_shape
+
+    VQModel(**TINY_VAE).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="`--vae_path` .* holds a VQModel, not an AutoencoderKL"):
+        vae_shape(SimpleNamespace(vae_path=str(tmp_path), vae_subfolder=None))
