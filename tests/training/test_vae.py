@@ -59,3 +59,18 @@ def test_a_vae_that_is_not_an_autoencoder_kl_is_refused_by_name_before_training(
     VQModel(**TINY_VAE).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="`--vae_path` .* holds a VQModel, not an AutoencoderKL"):
         vae_shape(SimpleNamespace(vae_path=str(tmp_path), vae_subfolder=None))
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_under_float16_a_vae_that_asks_for_it_encodes_in_float32(tmp_path, force_upcast):
+    """SDXL's VAE overflows in float16 (NaN latents, NaN loss): one whose config has ``force_upcast`` stays in float32
+    under fp16 mixed precision, as diffusers' SDXL training script keeps it; the batch is encoded in the VAE's dtype."""
+    from diffusers_stages.training.loop import _clean_samples
+
+    AutoencoderKL(**TINY_VAE, force_upcast=force_upcast).save_pretrained(tmp_path)
+    task = SimpleNamespace(vae_path=str(tmp_path), vae_subfolder=None)
+    vae = _load_vae(task, torch.device("cpu"), torch.float16)
+    assert vae.dtype == (torch.float32 if force_upcast else torch.float16)
+    state = SimpleNamespace(vae=vae, weight_dtype=torch.float16)
+    latents = _clean_samples(state, {"pixel_values": torch.rand(1, 3, 8, 8)}, torch.Generator().manual_seed(0))
+    assert latents.shape == (1, 4, 8, 8) and latents.dtype == torch.float32
