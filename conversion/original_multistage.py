@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -502,13 +503,27 @@ def scheduler_from_config(params: dict) -> DDIMScheduler:
     )
 
 
-def load_vae(path: str):
+def load_vae(path: str, diffusion: dict):
+    """The `--vae` folder's model, decoding at the latent scale the original was trained at: LatentDiffusion's
+    ``scale_factor`` (1.0 when absent), not the folder's own ``scaling_factor`` (VQModel's default is 0.18215), as
+    diffusers' conversion of latent-diffusion checkpoints sets it."""
+    scale = diffusion.get("scale_factor", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"`--original_config`: `scale_factor`={scale!r} must be a positive number.")
     for vae_class in (VQModel, AutoencoderKL):
         try:
-            return load_strict(vae_class, path)
+            vae = load_strict(vae_class, path)
+            break
         except ValueError as error:
             last = error
-    raise ValueError(f"`--vae` {path} is neither a VQModel nor an AutoencoderKL folder: {last}")
+    else:
+        raise ValueError(f"`--vae` {path} is neither a VQModel nor an AutoencoderKL folder: {last}")
+    if vae.config.scaling_factor != scale:
+        print(
+            f"`--vae` {path}: scaling_factor {vae.config.scaling_factor} -> {float(scale)} (the original's scale_factor)"
+        )
+        vae.register_to_config(scaling_factor=float(scale))
+    return vae
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -574,7 +589,7 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         converted = ldm_to_multistage(original, p, model)
         load_converted(model, converted, f"The checkpoint {args.checkpoint}")
         # 3. write the pipeline, reload it strictly, and compare with the original if asked
-        vae = load_vae(args.vae) if args.vae else None
+        vae = load_vae(args.vae, diffusion) if args.vae else None
         pipeline = write_and_verify(
             args, model, scheduler_from_config(diffusion), tmp, vae=vae, class_embedder=class_embedder,
             verify_original=lambda pipe: verify_against_original(

@@ -60,14 +60,25 @@ def null_class_label(num_class_embeds: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# latent diffusion: the model sees z = (E(x) - shift_factor) * scaling_factor, as diffusers' pipelines do
+# latent diffusion: the model sees z = (E(x) - shift_factor) * scaling_factor, as diffusers' pipelines do; with a VAE
+# that carries per-channel `latents_mean` / `latents_std` (SDXL-type AutoencoderKL): (E(x) - mean) * scaling / std
+def _latent_statistics(vae, latents: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """``(shift, std)`` of ``vae``'s latents, as tensors broadcast over ``latents``' channels or numbers."""
+    config = vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is None or std is None:
+        return getattr(config, "shift_factor", None) or 0.0, 1.0
+    shape = (1, -1) + (1,) * (latents.ndim - 2)
+    return tuple(torch.tensor(v, device=latents.device, dtype=latents.dtype).view(shape) for v in (mean, std))
+
+
 def vae_to_model_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """The VAE's latents (a posterior sample) as the denoiser is trained on them."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    shift, std = _latent_statistics(vae, latents)
+    return (latents - shift) * vae.config.scaling_factor / std
 
 
 def model_to_vae_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """The inverse of `vae_to_model_latents`: sampled latents as the VAE's decoder takes them."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return latents / vae.config.scaling_factor + shift
+    shift, std = _latent_statistics(vae, latents)
+    return latents * std / vae.config.scaling_factor + shift

@@ -9,7 +9,15 @@ import os
 import warnings
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel, VQModel
+from diffusers import (
+    AutoencoderDC,
+    AutoencoderKL,
+    AutoencoderTiny,
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    UNet2DModel,
+    VQModel,
+)
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -24,7 +32,7 @@ from ..schedulers import (
     scheduler_units,
     sigma_to_timestep,
 )
-from .pipeline_staged import StagedDiffusionPipeline
+from .pipeline_staged import StagedDiffusionPipeline, vae_scale_factor
 
 __all__ = ["DEFAULT_SWITCH_STEP_FRACTION", "DualBackbonePipeline", "sigma_to_timestep"]  # the last: its old home
 
@@ -62,7 +70,8 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
             first four over, another class is passed again: ``from_pipe(pipe, shallow=..., deep=...)``).
         deep ([`~diffusers.ModelMixin`]): the large denoiser, as ``shallow``.
         scheduler ([`~diffusers.SchedulerMixin`]): one scheduler for both.
-        vae ([`~diffusers.AutoencoderKL`] or [`~diffusers.VQModel`], *optional*): for latent diffusion.
+        vae ([`~diffusers.AutoencoderKL`], [`~diffusers.VQModel`], [`~diffusers.AutoencoderTiny`] or
+            [`~diffusers.AutoencoderDC`], *optional*): for latent diffusion.
         switch_step_fraction (`float`, *optional*): see above, in ``(0, 1)``; the default when no switch is given.
         switch_timestep (`float`, *optional*): see above.
         switch_sigma (`float`, *optional*): see above.
@@ -93,7 +102,7 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         shallow: Backbone,
         deep: Backbone,
         scheduler: SchedulerMixin,
-        vae: AutoencoderKL | VQModel | None = None,
+        vae: AutoencoderKL | VQModel | AutoencoderTiny | AutoencoderDC | None = None,
         switch_step_fraction: float | None = None,
         switch_timestep: float | None = None,
         switch_sigma: float | None = None,
@@ -116,6 +125,7 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         if key == "switch_step_fraction" and not 0.0 < value < 1.0:
             raise ValueError(f"`switch_step_fraction` must be in (0, 1), got {value}.")
         _check_interchangeable(shallow, deep)
+        vae_scale_factor(vae)  # refuses a VAE class the pipelines cannot decode
         self.register_modules(shallow=shallow, deep=deep, scheduler=scheduler, vae=vae)
         # saved as the float the signature names: an int (`switch_timestep=600`) made every load by diffusers'
         # `DiffusionPipeline.from_pretrained` warn "Expected types for switch_timestep: (float, NoneType), got int"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 from accelerate.hooks import CpuOffload
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderTiny, VQModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.early_exit import EarlyExitUViT2DModel
 from ..models.expert_routing import ExpertRoutingModel
 from ..partition import TimestepPartition
 from ..schedulers import scheduler_prediction_type, scheduler_units
-from .pipeline_staged import StagedDiffusionPipeline
+from .pipeline_staged import StagedDiffusionPipeline, vae_scale_factor
 
 __all__ = ["ExpertRoutingPipeline", "scheduler_prediction_type"]  # the latter's old home
 
@@ -29,7 +29,8 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
     Args:
         experts ([`ExpertRoutingModel`]): the denoisers, one per stage.
         scheduler ([`~diffusers.SchedulerMixin`]): any diffusers scheduler whose ``prediction_type`` is the experts'.
-        vae ([`~diffusers.AutoencoderKL`] or [`~diffusers.VQModel`], *optional*): for latent diffusion.
+        vae ([`~diffusers.AutoencoderKL`], [`~diffusers.VQModel`], [`~diffusers.AutoencoderTiny`] or
+            [`~diffusers.AutoencoderDC`], *optional*): for latent diffusion.
 
     Example:
 
@@ -57,9 +58,10 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
         self,
         experts: ExpertRoutingModel,
         scheduler: SchedulerMixin,
-        vae: AutoencoderKL | VQModel | None = None,
+        vae: AutoencoderKL | VQModel | AutoencoderTiny | AutoencoderDC | None = None,
     ):
         super().__init__()
+        vae_scale_factor(vae)  # refuses a VAE class the pipelines cannot decode
         self.register_modules(experts=experts, scheduler=scheduler, vae=vae)
         self.check_prediction_type()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderTiny, VQModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.class_context import ClassContextEmbedding
@@ -13,7 +13,7 @@ from ..models.unet_multistage import MultiStageUNet2DModel
 from ..models.unet_multistage_condition import MultiStageUNet2DConditionModel
 from ..models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 from ..partition import TimestepPartition
-from .pipeline_staged import StagedDiffusionPipeline
+from .pipeline_staged import StagedDiffusionPipeline, vae_scale_factor
 
 
 class MultiStagePipeline(StagedDiffusionPipeline):
@@ -26,8 +26,10 @@ class MultiStagePipeline(StagedDiffusionPipeline):
             multi-stage denoiser; a cross-attention U-Net needs ``class_embedder`` (for text prompts, use it as the
             ``unet`` of diffusers' `StableDiffusionPipeline` instead).
         scheduler ([`~diffusers.SchedulerMixin`]): any diffusers scheduler that fits the model's prediction type.
-        vae ([`~diffusers.AutoencoderKL`] or [`~diffusers.VQModel`], *optional*): for latent diffusion; latents are
-            divided by ``vae.config.scaling_factor`` and shifted by ``shift_factor`` before decoding.
+        vae ([`~diffusers.AutoencoderKL`], [`~diffusers.VQModel`], [`~diffusers.AutoencoderTiny`] or
+            [`~diffusers.AutoencoderDC`], *optional*): for latent diffusion; latents are divided by
+            ``vae.config.scaling_factor`` and shifted by ``shift_factor`` (or by ``latents_std`` and ``latents_mean``)
+            before decoding.
         class_embedder ([`ClassContextEmbedding`], *optional*): for a cross-attention U-Net conditioned on classes
             (the authors' class-conditional latent-diffusion models, ``cin-mul*``): each class label becomes the
             one-token ``encoder_hidden_states`` the U-Net attends to; its last embedding is the unconditional label.
@@ -55,7 +57,7 @@ class MultiStagePipeline(StagedDiffusionPipeline):
         self,
         unet: MultiStageUNet2DModel | MultiStageDDPMppUNet2DModel | MultiStageUNet2DConditionModel,
         scheduler: SchedulerMixin,
-        vae: AutoencoderKL | VQModel | None = None,
+        vae: AutoencoderKL | VQModel | AutoencoderTiny | AutoencoderDC | None = None,
         class_embedder: ClassContextEmbedding | None = None,
     ):
         super().__init__()
@@ -84,6 +86,7 @@ class MultiStagePipeline(StagedDiffusionPipeline):
                 f"`class_embedder` gives contexts of width {class_embedder.config.cross_attention_dim}, but the U-Net "
                 f"attends to width `cross_attention_dim`={unet.config.cross_attention_dim}."
             )
+        vae_scale_factor(vae)  # refuses a VAE class the pipelines cannot decode
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, class_embedder=class_embedder)
 
     @property

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderTiny, DiffusionPipeline, ImagePipelineOutput, VQModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
@@ -24,6 +24,28 @@ from ..schedulers import model_call_timesteps
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
 from .loading import load_pipeline, write_reexport_files
 from .offload import StageOffloadMixin, offloaded_on_error
+
+# the VAEs whose latents `conventions.model_to_vae_latents` scales as diffusers' pipelines for them do (SD, SDXL and
+# Flux's AutoencoderKL, LDM's VQModel, TAESD, Sana's AutoencoderDC); others (video, audio, Flux 2's patchified
+# latents, ...) would decode wrong images and are refused by name
+LATENT_VAE_CLASSES = (AutoencoderKL, VQModel, AutoencoderTiny, AutoencoderDC)
+
+
+def vae_scale_factor(vae) -> int:
+    """Image pixels per latent pixel along each side (1 without a VAE); a `ValueError` for a VAE class the pipelines
+    cannot decode."""
+    if vae is None:
+        return 1
+    module = getattr(vae, "_orig_mod", vae)  # a torch.compile'd VAE is its `_orig_mod`
+    if not isinstance(module, LATENT_VAE_CLASSES):
+        names = [c.__name__ for c in LATENT_VAE_CLASSES]
+        raise ValueError(
+            f"`vae` must be an {', '.join(names[:-1])} or {names[-1]} (the latent-diffusion VAEs whose latents the "
+            f"pipelines know how to scale and decode), got a {type(module).__name__}."
+        )
+    config = module.config
+    channels = config.encoder_block_out_channels if isinstance(module, AutoencoderDC) else config.block_out_channels
+    return 2 ** (len(channels) - 1)
 
 
 class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
@@ -212,8 +234,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """``(batch, channels, latent height, latent width)`` of the initial noise for images of ``height`` x
         ``width`` pixels (default: the model's ``sample_size``, times the VAE's scale factor; both must be given for
         a model without one)."""
-        vae = getattr(self, "vae", None)
-        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        vae_scale = vae_scale_factor(getattr(self, "vae", None))
         multiple = math.lcm(*(spatial_multiple(self.stage_denoiser(stage)[0].config) for stage in stages)) * vae_scale
         size = getattr(config, "sample_size", None)  # a custom backbone's config may have no such entry
         if size is None and (height is None or width is None):  # `UNet2DModel`'s default: no size to fall back on

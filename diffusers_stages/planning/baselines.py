@@ -165,6 +165,14 @@ def gradient_plan(
         raise ValueError("`data` is required by the 'gradient' method (the training images).")
     check_planning_data(data)
     if model is not None:
+        in_channels = getattr(getattr(model, "config", None), "in_channels", None)
+        if in_channels is not None and data.ndim == 4 and data.shape[1] != in_channels:
+            raise ValueError(
+                f"`model` takes {in_channels}-channel samples, but `data` has {data.shape[1]} channels: a latent-space "
+                "model is planned on the training images' VAE latents, scaled as it was trained on them "
+                "(`diffusers_stages.conventions.vae_to_model_latents`), not on the images (the `plan` command reads "
+                "images only: call `gradient_plan` on the latents)."
+            )
         picks = torch.randperm(data.shape[0], generator=generator)[:batch_size]
         grid = torch.linspace(0, schedule.num_levels - 1, min(num_gradient_levels, schedule.num_levels)).round().long()
         grid = grid.unique().tolist()

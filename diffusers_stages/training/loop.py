@@ -73,6 +73,12 @@ def vae_shape(args: argparse.Namespace, task: TrainingTask | None = None) -> tup
         config = AutoencoderKL.load_config(path, subfolder=subfolder)
     except (OSError, ValueError) as error:
         raise ValueError(f"`--vae_path` {path!r} is not an AutoencoderKL folder: {error}") from None
+    class_name = config.get("_class_name", "AutoencoderKL")  # training draws from AutoencoderKL's posterior only
+    if class_name != "AutoencoderKL":
+        raise ValueError(
+            f"`--vae_path` {path!r} holds a {class_name!s}, not an AutoencoderKL: training encodes images with an "
+            "AutoencoderKL's posterior (`latent_dist`) only; give an AutoencoderKL folder (or subfolder)."
+        )
     return config["latent_channels"], 2 ** (len(config["block_out_channels"]) - 1)
 
 
@@ -287,10 +293,14 @@ def _discard_replaced(state: RunState) -> None:
 
 
 def _load_vae(task: TrainingTask, device: torch.device, dtype: torch.dtype) -> AutoencoderKL | None:
-    """The frozen VAE of latent training (None in pixel space)."""
+    """The frozen VAE of latent training (None in pixel space), in ``dtype``; under float16 a VAE whose config has
+    ``force_upcast`` (SDXL's overflows in float16) stays in float32, as diffusers' SDXL training script keeps it."""
     if task.vae_path is None:
         return None
-    vae = load_strictly(AutoencoderKL, task.vae_path, task.vae_subfolder).to(device, dtype)  # no weight left random
+    vae = load_strictly(AutoencoderKL, task.vae_path, task.vae_subfolder)  # no weight left random
+    if dtype == torch.float16 and vae.config.force_upcast:
+        dtype = torch.float32
+    vae.to(device, dtype)
     vae.requires_grad_(False)
     return vae.eval()
 
@@ -406,10 +416,10 @@ def _clean_samples(state: RunState, batch: dict, generator: torch.Generator) -> 
     """The batch's clean samples: images, or latents z = (E(x) - shift) * scale drawn from the VAE posterior."""
     vae = state.vae
     if "latent_parameters" in batch:
-        posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(state.weight_dtype))
+        posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.dtype))
     elif vae is not None:
         with torch.no_grad():
-            posterior = vae.encode(batch["pixel_values"].to(state.weight_dtype)).latent_dist
+            posterior = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
     else:
         return batch["pixel_values"].float()
     return vae_to_model_latents(vae, posterior.sample(generator)).float()

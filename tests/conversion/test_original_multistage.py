@@ -552,3 +552,27 @@ def test_an_option_of_the_wrong_type_is_named(tmp_path, option, value):
     with pytest.raises(ValueError, match=rf"`{option}`={value!r} must be a (list|number)\.$"):
         original_multistage.main(original_multistage.parse_args(argv))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scale_factor", [None, 0.5])
+def test_the_vae_decodes_at_the_latent_scale_the_original_was_trained_at(tmp_path, scale_factor):
+    """latent-diffusion scales the first stage's latents by `model.params.scale_factor` (1.0 when absent, as in the
+    authors' VQ configs); the `--vae` folder's own `scaling_factor` (VQModel's default 0.18215) decoded the samples
+    5.5 times too large. The pipeline's VAE now carries the original's scale, as diffusers' SD conversion does."""
+    from diffusers import VQModel
+
+    vae_folder = str(tmp_path / "vq")
+    VQModel(block_out_channels=(8,), norm_num_groups=4, latent_channels=3, num_vq_embeddings=16).save_pretrained(
+        vae_folder
+    )
+    checkpoint, config_path = write_source(tmp_path, TINY)
+    if scale_factor is not None:
+        with open(config_path) as f:
+            config = yaml.safe_load(f)
+        config["model"]["params"]["scale_factor"] = scale_factor
+        with open(config_path, "w") as f:
+            f.write(yaml.safe_dump(config))
+    convert_files(checkpoint, config_path, tmp_path / "out", "--vae", vae_folder)
+    reloaded = MultiStagePipeline.from_pretrained(str(tmp_path / "out"))
+    assert type(reloaded.vae) is VQModel
+    assert reloaded.vae.config.scaling_factor == (1.0 if scale_factor is None else scale_factor)

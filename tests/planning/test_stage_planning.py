@@ -96,6 +96,14 @@ def test_gradient_baseline_with_and_without_a_model(digits, gray_unet_kwargs, ti
     assert plan.partition.num_stages == 3
 
 
+def test_gradient_baseline_refuses_a_model_of_other_channels_than_the_data(tiny_unet_kwargs):
+    """A latent-space model (4 VAE channels) given RGB images was a RuntimeError deep in its first convolution."""
+    model = UNet2DModel(**{**tiny_unet_kwargs, "in_channels": 4, "out_channels": 4})
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 40)
+    with pytest.raises(ValueError, match="`model` takes 4-channel samples, but `data` has 3 channels: .*latents"):
+        gradient_plan(schedule, 3, model, torch.rand(8, 3, 8, 8) * 2 - 1, num_gradient_levels=8, batch_size=4)
+
+
 def test_gradient_affinity_depends_on_the_seed_alone_and_leaves_the_model_as_it_was(gray_unet_kwargs):
     # a model just trained runs its dropout on the global random state; a frozen one (requires_grad False) had no
     # gradients to compare (an IndexError)

@@ -24,3 +24,53 @@ def test_the_vae_loads_strictly(tmp_path, corruption):
         return
     with pytest.raises(ValueError, match="outside" if corruption == "link" else key):
         _load_vae(task, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "statistics", [{"shift_factor": 0.25}, {"latents_mean": [0.1, -0.2], "latents_std": [2.0, 0.5]}]
+)
+def test_training_latents_are_what_the_pipeline_decodes(statistics):
+    """Training samples z = (E(x) - shift) * scale, or (E(x) - latents_mean) * scale / latents_std for a VAE with
+    per-channel statistics (diffusers' SDXL convention): the pipeline's decoder input is E(x) again."""
+    from diffusers_stages.conventions import model_to_vae_latents
+    from diffusers_stages.training.loop import _clean_samples
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**{**TINY_VAE, "latent_channels": 2, "scaling_factor": 0.5, **statistics}).eval()
+    pixels = torch.rand(2, 3, 8, 8) * 2 - 1
+    state = SimpleNamespace(vae=vae, weight_dtype=torch.float32)
+    latents = _clean_samples(state, {"pixel_values": pixels}, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        encoded = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(1))
+    mean, std = (
+        torch.tensor(statistics.get(k, d)).view(1, -1, 1, 1) for k, d in (("latents_mean", 0.25), ("latents_std", 1.0))
+    )
+    assert torch.allclose(latents, (encoded - mean) * 0.5 / std, atol=1e-6)
+    assert torch.allclose(model_to_vae_latents(vae, latents), encoded, atol=1e-6)
+
+
+def test_a_vae_that_is_not_an_autoencoder_kl_is_refused_by_name_before_training(tmp_path):
+    """Training draws from AutoencoderKL's posterior (`latent_dist`): a VQModel or AutoencoderTiny folder was read as
+    an AutoencoderKL config and failed only when its weights loaded (a shape error, or a GroupNorm one)."""
+    from diffusers import VQModel
+
+    from diffusers_stages.training.loop import vae_shape
+
+    VQModel(**TINY_VAE).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="`--vae_path` .* holds a VQModel, not an AutoencoderKL"):
+        vae_shape(SimpleNamespace(vae_path=str(tmp_path), vae_subfolder=None))
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_under_float16_a_vae_that_asks_for_it_encodes_in_float32(tmp_path, force_upcast):
+    """SDXL's VAE overflows in float16 (NaN latents, NaN loss): one whose config has ``force_upcast`` stays in float32
+    under fp16 mixed precision, as diffusers' SDXL training script keeps it; the batch is encoded in the VAE's dtype."""
+    from diffusers_stages.training.loop import _clean_samples
+
+    AutoencoderKL(**TINY_VAE, force_upcast=force_upcast).save_pretrained(tmp_path)
+    task = SimpleNamespace(vae_path=str(tmp_path), vae_subfolder=None)
+    vae = _load_vae(task, torch.device("cpu"), torch.float16)
+    assert vae.dtype == (torch.float32 if force_upcast else torch.float16)
+    state = SimpleNamespace(vae=vae, weight_dtype=torch.float16)
+    latents = _clean_samples(state, {"pixel_values": torch.rand(1, 3, 8, 8)}, torch.Generator().manual_seed(0))
+    assert latents.shape == (1, 4, 8, 8) and latents.dtype == torch.float32
