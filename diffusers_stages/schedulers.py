@@ -48,7 +48,15 @@ TRAINING_SCHEDULE_KEYS = (
 def training_schedule_differences(scheduler, other) -> list[str]:
     """The `TRAINING_SCHEDULE_KEYS` on which two schedulers' configs differ (none: a model trained with one was
     trained with the other's schedule, whatever their classes and sampling options)."""
-    return [k for k in TRAINING_SCHEDULE_KEYS if scheduler.config.get(k) != other.config.get(k)]
+    return [k for k in TRAINING_SCHEDULE_KEYS if _training_option(scheduler, k) != _training_option(other, k)]
+
+
+# what a scheduler that does not take the option trains on (PNDM, LMS, Heun... never rescale the betas)
+_TRAINING_DEFAULTS = {"rescale_betas_zero_snr": False}
+
+
+def _training_option(scheduler, key: str):
+    return scheduler.config.get(key, _TRAINING_DEFAULTS.get(key))
 
 
 # schedulers of other model families, whose model timesteps are in no partition's units (training timesteps, or

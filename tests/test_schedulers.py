@@ -33,6 +33,7 @@ from diffusers_stages.schedulers import (
     scheduler_units,
     sigma_to_timestep,
     step_parameters,
+    training_schedule_differences,
     vp_inverse_lambda,
     vp_lambda,
     vp_log_alpha,
@@ -380,3 +381,13 @@ def test_model_calls_need_a_positive_integer_step_count(steps):
     for scheduler in (DDIMScheduler(), HeunDiscreteScheduler()):
         with pytest.raises(ValueError, match=f"`num_inference_steps` must be a positive integer, got {steps!r}"):
             model_call_timesteps(scheduler, steps)
+
+
+def test_a_scheduler_without_an_option_trains_on_its_default():
+    # PNDM, LMS, Heun, DEIS... take no `rescale_betas_zero_snr`: they never rescale, as DDPM's default (False)
+    assert training_schedule_differences(DDPMScheduler(), PNDMScheduler()) == []
+    assert training_schedule_differences(PNDMScheduler(), DDIMScheduler(timestep_spacing="trailing")) == []
+    assert training_schedule_differences(DDPMScheduler(rescale_betas_zero_snr=True), PNDMScheduler()) == [
+        "rescale_betas_zero_snr"
+    ]
+    assert training_schedule_differences(DDPMScheduler(), EDMEulerScheduler())  # another family of schedule

@@ -406,8 +406,25 @@ def _same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
     encoded with in that dtype; it loads as float32): equal once both are rounded to that precision."""
     if torch.equal(a, b):
         return True
-    floating = a.is_floating_point() and b.is_floating_point() and a.shape == b.shape
-    return floating and any(torch.equal(a.to(d), b.to(d)) for d in (torch.float16, torch.bfloat16))
+    if not (a.is_floating_point() and b.is_floating_point() and a.shape == b.shape):
+        return False
+    a, b = a.float(), b.float()
+    if any(torch.equal(a.to(d), b.to(d)) for d in (torch.float16, torch.bfloat16)):
+        return True
+    # a float16 copy and a bfloat16 copy (runs of each precision): neither rounds to the other, but both round the
+    # same weights, so they lie within their two rounding errors of each other
+    for half, brain in ((a, b), (b, a)):
+        if torch.equal(half, half.half().float()) and torch.equal(brain, brain.bfloat16().float()):
+            return bool(((half - brain).abs() <= _half_ulp(half, 11, 2.0**-24) + _half_ulp(brain, 8, 0.0)).all())
+    return False
+
+
+def _half_ulp(x: torch.Tensor, precision: int, subnormal_ulp: float) -> torch.Tensor:
+    """Half the spacing of a floating-point format of ``precision`` significand bits around ``x`` (the larger one at
+    a power of two; at least half of ``subnormal_ulp``): the most that rounding to it moved a value."""
+    _, exponent = torch.frexp(x)
+    spacing = torch.where(x == 0, subnormal_ulp, torch.exp2(exponent.float() - precision))  # frexp(0): exponent 0
+    return torch.clamp(spacing, min=subnormal_ulp) / 2
 
 
 def read_json(path: str, argument: str) -> dict:

@@ -128,10 +128,14 @@ class StageCompileMixin:
                 f"up in turn), got {type(warmup).__name__ if not isinstance(warmup, Mapping) else sorted(warmup)}."
             )
         _check_compile_kwargs(compile_kwargs)
-        if any(getattr(m, "_fused_decoders_max_padding", None) is not None for m in self.modules()):
+        fused = [
+            name for name, m in self.named_modules() if getattr(m, "_fused_decoders_max_padding", None) is not None
+        ]
+        if fused:  # this model's or a staged expert's: named, since disabling them on this model would not do
+            calls = ", ".join(f"`{_attribute_path(name)}.disable_fused_decoders()`" for name in fused)
             raise ValueError(
                 "`compile_stages` compiles each decoder on its own, which the fused pass cannot run (every mixed batch "
-                "would be decoded stage by stage): call `disable_fused_decoders()` first, or do not compile."
+                f"would be decoded stage by stage): call {calls} first, or do not compile."
             )
         regions = self.compile_regions()
         # 1. room for each region's recompiles: the regions of one `forward` share its cache (dynamo keys on code)
@@ -147,6 +151,11 @@ class StageCompileMixin:
                 for stage in range(self.num_stages):
                     self(**warmup, stage_index=stage)
         return self
+
+
+def _attribute_path(name: str) -> str:
+    """A submodule's name as code reaches it from the model: ``experts.1`` -> ``model.experts[1]``."""
+    return "model" + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in name.split(".") if part)
 
 
 def _check_compile_kwargs(compile_kwargs: dict[str, Any]) -> None:

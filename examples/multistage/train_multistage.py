@@ -23,8 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fused_decoders", action="store_true",
         help="Decode each batch in one channel-packed pass through all decoders (`enable_fused_decoders`; same "
         "outputs and gradients). Faster with many stages of few samples each (README, Benchmarks). Refused where no "
-        "batch could be fused: `--stage_sampling` other than mixed, `--gradient_checkpointing`, xFormers attention, "
-        "up blocks other than UpBlock2D/AttnUpBlock2D, decoders of different widths, or a split of "
+        "batch could be fused: `--stage_sampling` other than mixed, `--gradient_checkpointing`, xFormers in decoders "
+        "with attention, up blocks other than UpBlock2D/AttnUpBlock2D, decoders of different widths, or a split of "
         "`--train_batch_size` over the stages so uneven that padding every stage to the largest count adds more "
         "than 25%% rows (pass equal `--stage_shares` and a batch size that is a multiple of the stage count).",
     )  # fmt: skip

@@ -143,6 +143,20 @@ def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_pa
             ["--fused_decoders", "--enable_xformers_memory_efficient_attention", "--stage_shares", "1,1,1"],
             "`--fused_decoders` with `--enable_xformers_memory_efficient_attention`: xFormers attention has no",
         ),
+        (  # decoders without attention fuse with xFormers (the encoder's attention is not fused): was refused
+            [
+                "--fused_decoders",
+                "--enable_xformers_memory_efficient_attention",
+                "--stage_shares",
+                "1,1,1",
+                "--train_batch_size",
+                "6",
+                "--up_block_types",
+                "UpBlock2D",
+                "UpBlock2D",
+            ],
+            "`--enable_xformers_memory_efficient_attention` needs a CUDA GPU",
+        ),
         (
             ["--fused_decoders", "--train_batch_size", "64"],
             "pass equal `--stage_shares` (e.g. `--stage_shares 1,1,1`)",

@@ -333,6 +333,17 @@ def test_a_multi_stage_expert_is_compiled_by_its_own_regions():
     assert [r for r in regions if r is not model.experts[0]] == multistage.compile_regions()
 
 
+def test_compiling_a_model_with_a_fused_expert_names_that_expert():
+    # the refusal said "call `disable_fused_decoders()` first", which on the routing model changed nothing
+    multistage = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,)).eval()
+    model = ExpertRoutingModel([_unet(TINY_UNET, 0), multistage], stage_boundaries=(500,))
+    multistage.enable_fused_decoders()
+    with pytest.raises(ValueError, match=r"call `model\.experts\[1\]\.disable_fused_decoders\(\)`"):
+        model.compile_stages(backend="eager")
+    model.experts[1].disable_fused_decoders()
+    model.compile_stages(backend="eager")  # as the message says
+
+
 def test_from_config_builds_a_fresh_model_of_the_same_architecture(three_experts, tmp_path):
     # was `TypeError: missing 'experts'`: diffusers' EMAModel and training scripts call `from_config(model.config)`
     fresh = ExpertRoutingModel.from_config(three_experts.config)

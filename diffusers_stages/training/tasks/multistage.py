@@ -161,18 +161,9 @@ class MultiStageTask(TrainingTask):
         default (``DEFAULT_MAX_PADDING``, 25%)."""
         if not getattr(args, "fused_decoders", False):
             return
-        # the fused pass does not checkpoint and packs diffusers' own attention only: with these, every training
-        # batch would be decoded stage by stage (`enable_fused_decoders`)
-        reasons = {
-            "gradient_checkpointing": "the fused pass does not checkpoint",
-            "enable_xformers_memory_efficient_attention": "xFormers attention has no channel-packed form",
-        }
-        for name, reason in reasons.items():
-            if getattr(args, name, False):
-                raise ValueError(
-                    f"`--fused_decoders` with `--{name}`: {reason}, so every batch would be decoded stage by stage; "
-                    "drop one of the two."
-                )
+        # the fused pass does not checkpoint: every training batch would be decoded stage by stage
+        if getattr(args, "gradient_checkpointing", False):
+            self._refuse_fused_with("gradient_checkpointing", "the fused pass does not checkpoint")
         scheme = getattr(args, "stage_sampling", "mixed")
         if scheme != "mixed":
             raise ValueError(
@@ -186,10 +177,8 @@ class MultiStageTask(TrainingTask):
                     f"{self.source.path!r}; only MultiStageUNet2DModel's decoders have a channel-packed form): drop it."
                 )
             config = self.source.unet_config
-        elif args.model_config is not None:
+        else:  # `--model_config`'s, or the arguments' shape (their default up blocks too)
             config = unet_shape_kwargs(args)
-        else:
-            config = {}
         widths = getattr(args, "decoder_block_out_channels", None) or config.get("decoder_block_out_channels")
         up_types = config.get("decoder_up_block_types")
         if any(_differ(value) for value in (widths, up_types)):
@@ -207,6 +196,11 @@ class MultiStageTask(TrainingTask):
                 f"{sorted(names - set(PACKED_UP_BLOCKS))}: every batch would be decoded stage by stage; drop "
                 "`--fused_decoders` or use those blocks."
             )
+        # it packs diffusers' own attention only; decoders without attention fuse (the encoder's is not fused)
+        if getattr(args, "enable_xformers_memory_efficient_attention", False) and any("Attn" in n for n in names):
+            self._refuse_fused_with(
+                "enable_xformers_memory_efficient_attention", "xFormers attention has no channel-packed form"
+            )
         shares = args.stage_shares if args.stage_shares is not None else stage_mass(partition)
         if len(shares) != partition.num_stages or any(s < 0 for s in shares) or not sum(shares):
             return  # refused with its own message by `check_args`
@@ -223,6 +217,13 @@ class MultiStageTask(TrainingTask):
                 f"every stage to {max(counts)} samples would add more than {DEFAULT_MAX_PADDING:.0%} rows, so batches "
                 f"would be decoded stage by stage: {fix}, or drop `--fused_decoders`."
             )
+
+    @staticmethod
+    def _refuse_fused_with(name: str, reason: str) -> None:
+        raise ValueError(
+            f"`--fused_decoders` with `--{name}`: {reason}, so every batch would be decoded stage by stage; drop one "
+            "of the two."
+        )
 
     def _planned_partition(self, args: argparse.Namespace) -> TimestepPartition | None:
         """The stages a `--model_config` holds (e.g. the plan command's output), after refusing every argument that
