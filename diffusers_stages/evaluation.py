@@ -29,7 +29,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
 from .cli import check_output_file, write_atomically
-from .models.checks import check_positive_integers, positive_integer_arguments
+from .models.checks import check_positive_integers, is_integer_tensor, positive_integer_arguments
 
 T = TypeVar("T")
 
@@ -133,7 +133,7 @@ def train_classifier(
         raise ValueError(f"`images` must be square (the classifier's input), got shape {tuple(images.shape)}.")
     check_positive_integers(("num_classes",), epochs=epochs, batch_size=batch_size, max_steps=max_steps,
                             width=width, num_classes=num_classes)  # fmt: skip
-    if not _integer_tensor(labels) or labels.ndim != 1:
+    if not is_integer_tensor(labels) or labels.ndim != 1:
         got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if torch.is_tensor(labels) else type(labels)
         raise ValueError(f"`labels` must be integer classes, one per image, got {got}.")
     num_classes = num_classes or int(labels.max()) + 1
@@ -207,7 +207,7 @@ class Evaluator:
                 f"`images` must be of the shape (N, {', '.join(map(str, self.image_shape))}) of the real images, got "
                 f"{tuple(images.shape)}."
             )
-        if labels is not None and (not _integer_tensor(labels) or labels.shape != (len(images),)):
+        if labels is not None and (not is_integer_tensor(labels) or labels.shape != (len(images),)):
             got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if torch.is_tensor(labels) else type(labels)
             raise ValueError(
                 f"`labels` must hold one class per image ({len(images)}) as an integer tensor, got {got}."
@@ -230,13 +230,6 @@ class Evaluator:
         if labels is not None:
             result["accuracy"] = correct / len(images)
         return result
-
-
-def _integer_tensor(labels) -> bool:
-    """Whether ``labels`` is a tensor of integer classes (not float, complex or bool)."""
-    return torch.is_tensor(labels) and not (
-        labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool
-    )
 
 
 def _check_images(images: torch.Tensor, name: str) -> None:

@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..conventions import class_embedding_count, model_to_vae_latents, null_class_label, num_data_classes
 from ..hub import pop_push_kwargs, push_saved_folder
-from ..models.checks import compute_dtype, positive_integer_arguments
+from ..models.checks import compute_dtype, is_integer_tensor, positive_integer_arguments
 from ..partition import TimestepPartition
 from ..routing import StageRouter
 from ..schedulers import model_call_timesteps
@@ -531,7 +531,7 @@ def _integer_labels(class_labels) -> torch.Tensor:
     is not silently truncated, and a bool is not a class)."""
     labels = torch.from_numpy(class_labels) if isinstance(class_labels, np.ndarray) else class_labels
     if torch.is_tensor(labels):
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        if not is_integer_tensor(labels):
             raise ValueError(f"`class_labels` must be integers, got a tensor of dtype {labels.dtype}.")
         return labels.reshape(-1).long()
     values = list(labels) if isinstance(labels, (list, tuple)) else [labels]

@@ -127,6 +127,13 @@ def is_positive_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def is_integer_tensor(value: object) -> bool:
+    """Whether ``value`` is a tensor of integers (class labels): not floating-point, complex or bool."""
+    return torch.is_tensor(value) and not (
+        value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+    )
+
+
 def check_sample(
     sample: torch.Tensor,
     in_channels: int | None,
@@ -283,7 +290,7 @@ def check_class_labels(
             )
         return
     rows = f", or one-hot rows of width {num_labels - 1}" if one_hot else ""
-    if class_labels.dtype == torch.bool or class_labels.is_floating_point() or class_labels.is_complex():
+    if not is_integer_tensor(class_labels):
         raise ValueError(f"`class_labels` must be integer class indices{rows}, got dtype {class_labels.dtype}.")
     if not one_hot and class_labels.dtype not in INDEX_DTYPES:
         raise ValueError(
