@@ -10,6 +10,8 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from ..partition import TimestepPartition
 from ..planning.data import is_inside
@@ -446,13 +448,31 @@ def check_assembly_args(args: argparse.Namespace) -> None:
 
 def check_hub_options(args: argparse.Namespace) -> None:
     """`--push_to_hub` has a repository to push to, and `--hub_token` is kept off wandb."""
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("`--push_to_hub` needs `--hub_model_id` (e.g. `your-name/multistage-cifar10`).")
+    if args.push_to_hub:
+        hub_repo_name(args)  # `--hub_model_id`, else the output folder's name: a valid repository name
     if args.hub_token is not None and args.logger == "wandb":  # as diffusers' scripts refuse it
         raise ValueError(
             "`--hub_token` cannot be used with `--logger wandb` (`--report_to wandb`): wandb uploads the command "
             "line, token included. Log in with `hf auth login` and drop `--hub_token`, or log with TensorBoard."
         )
+
+
+def hub_repo_name(args: argparse.Namespace) -> str:
+    """The repository `--push_to_hub` pushes to: `--hub_model_id`, else the output folder's name (as diffusers'
+    training scripts take it); a `ValueError` when that is not a valid Hub repository name."""
+    name = args.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
+    try:
+        validate_repo_id(name)
+    except HFValidationError as error:
+        where = (
+            "`--hub_model_id`"
+            if args.hub_model_id
+            else "`--push_to_hub` without `--hub_model_id` pushes to a repository named after `--output_dir`, but"
+        )
+        raise ValueError(
+            f"{where} {name!r} is not a Hub repository name ({str(error).rstrip('.')}). Pass `--hub_model_id your-name/model-name`."
+        ) from None
+    return name
 
 
 def check_positive_options(args: argparse.Namespace, names: Sequence[str]) -> None:

@@ -14,6 +14,7 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, 
 
 from ..conventions import num_data_classes
 from ..hub import check_upload_folder, error_summary
+from .args import hub_repo_name
 
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "samples/*", "*.pkl", "*.bin"]
 MODEL_CARD_TODO_START = "## Intended uses & limitations"
@@ -103,6 +104,7 @@ def push_output_folder(
     token: str | None = None,
     private: bool | None = None,
     logging_dir: str | None = None,
+    commit_message: str = "End of training",
 ) -> str:
     """Create the repository, write the model card and upload ``output_dir`` without checkpoints and logs (those of
     `--logging_dir` ``logging_dir`` too, a folder relative to ``output_dir``). ``private=None``: the namespace's
@@ -123,7 +125,7 @@ def push_output_folder(
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=output_dir,
-            commit_message="End of training",
+            commit_message=commit_message,
             ignore_patterns=ignore,
             token=token,
         )
@@ -142,8 +144,8 @@ def model_card_text(
     """The model card's description: the method, its stages, how it was trained, how to sample, a sample grid.
     ``mixed_precision`` is what the run used (``accelerator.mixed_precision``: `--mixed_precision`, or else the
     ``accelerate config`` file's), not the command-line argument. ``repo_id``: the repository `create_hub_repo`
-    created (``namespace/name``; default `--hub_model_id`), which the card's title and sampling code name."""
-    repo_id = repo_id or args.hub_model_id
+    created (``namespace/name``; default `hub_repo_name`), which the card's title and sampling code name."""
+    repo_id = repo_id or hub_repo_name(args)
     data = args.train_data_dir and os.path.basename(os.path.normpath(args.train_data_dir)) or args.dataset_name
     space = f"latent space of `{task.vae_path}`" if task.vae_path else "pixel space"
     lines = [
@@ -173,7 +175,7 @@ def model_card_text(
 def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bool, repo_id: str | None = None) -> str:
     """The card of `--assemble_experts`: the method, the experts and their intervals, the assembled runs' shared
     settings, how to sample and the sample grid, as the training runs' cards (``repo_id`` as `model_card_text`)."""
-    repo_id = repo_id or args.hub_model_id
+    repo_id = repo_id or hub_repo_name(args)
     experts = pipeline.experts
     config = experts.expert(0).config
     num_class_embeds = config.get("num_class_embeds")
@@ -249,15 +251,18 @@ def _schedule_text(args: argparse.Namespace, source: dict | None) -> str:
 
 def create_hub_repo(args: argparse.Namespace) -> str:
     """`--push_to_hub`: create (or find) the repository before any training, so that a run that cannot push (offline,
-    no token, no right to the namespace) stops in its first second instead of after training. Returns its id as the
-    Hub gives it (`--hub_model_id` ``name`` is ``<user>/name``), for the model card."""
+    no token, no right to the namespace) stops in its first second instead of after training. The repository is
+    `--hub_model_id`, else named after `--output_dir` (`hub_repo_name`, as diffusers' scripts). Returns its id as the
+    Hub gives it (``name`` is ``<user>/name``), for the model card."""
+    name = hub_repo_name(args)
     try:
         if args.hub_local_dir:
-            return LocalHubApi(args.hub_local_dir).create_repo(args.hub_model_id, exist_ok=True).repo_id
-        url = create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo, token=args.hub_token)
+            return LocalHubApi(args.hub_local_dir).create_repo(name, exist_ok=True).repo_id
+        url = create_repo(name, exist_ok=True, private=args.hub_private_repo, token=args.hub_token)
     except Exception as error:  # noqa: BLE001 (offline, HTTP 401/403, network errors: all stop the run here, named)
+        flag = "`--hub_model_id`" if args.hub_model_id else "(named after `--output_dir`)"
         raise ValueError(
-            f"`--push_to_hub`: cannot create the Hub repository `--hub_model_id` {args.hub_model_id!r} "
+            f"`--push_to_hub`: cannot create the Hub repository {flag} {name!r} "
             f"({error_summary(error)}). Check the network and `hf auth login` / `--hub_token`, or drop "
             "`--push_to_hub`; nothing was trained."
         ) from None

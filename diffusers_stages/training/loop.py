@@ -409,7 +409,23 @@ def _train_epochs(state: RunState, train_dataloader, sampler, start: tuple[int, 
                     lambda folder: state.task.save(networks, state.sampling_scheduler, state.vae, folder),
                 )  # all or nothing: the previous save stays complete until this one is
             logger.info(f"Saved the pipeline of epoch {epoch + 1} to {args.output_dir}")
+            if args.push_to_hub:  # as diffusers' train_unconditional.py: each saved pipeline is pushed
+                try:
+                    _push(state, global_step, False, f"Epoch {epoch + 1}")
+                except OSError as error:  # the network: training goes on, the final push uploads everything
+                    logger.warning(f"{error} Training goes on; the push at the end of training sends this save too.")
     return global_step
+
+
+def _push(state: RunState, steps: int, has_grid: bool, commit_message: str) -> None:
+    """Push the output folder, with a model card for ``steps`` optimisation steps, to the run's Hub repository."""
+    args = state.args
+    api = LocalHubApi(args.hub_local_dir) if args.hub_local_dir else None
+    description = model_card_text(args, state.task, steps, has_grid, mixed_precision=state.accelerator.mixed_precision,
+                                  repo_id=state.hub_repo_id)  # fmt: skip
+    push_output_folder(args.output_dir, state.hub_repo_id, description, state.task.tags, api=api, token=args.hub_token,
+                       class_conditional=args.class_conditional, private=args.hub_private_repo,
+                       logging_dir=args.logging_dir, commit_message=commit_message)  # fmt: skip
 
 
 def _clean_samples(state: RunState, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -505,12 +521,7 @@ def _finish(state: RunState, global_step: int) -> None:
         if grid_path is not None:
             shutil.copyfile(grid_path, os.path.join(args.output_dir, "sample_grid.png"))
         if args.push_to_hub:
-            api = LocalHubApi(args.hub_local_dir) if args.hub_local_dir else None
-            description = model_card_text(args, task, state.max_train_steps, grid_path is not None,
-                                          mixed_precision=accelerator.mixed_precision, repo_id=state.hub_repo_id)  # fmt: skip
-            push_output_folder(args.output_dir, state.hub_repo_id, description, task.tags, api=api, token=args.hub_token,
-                               class_conditional=args.class_conditional, private=args.hub_private_repo,
-                               logging_dir=args.logging_dir)  # fmt: skip
+            _push(state, state.max_train_steps, grid_path is not None, "End of training")
         _discard_replaced(state)  # this run saved no checkpoint: its final outputs replace the former run's
         mark_finished(args.output_dir, global_step)
     accelerator.end_training()

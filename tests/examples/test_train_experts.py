@@ -171,7 +171,7 @@ def test_bad_expert_arguments(examples, script, image_folder, tmp_path, capsys, 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--push_to_hub"], "`--push_to_hub` needs `--hub_model_id`"),
+        (["--push_to_hub", "--hub_model_id", "me/x y"], "`--hub_model_id` 'me/x y' is not a Hub repository name"),
         (["--num_sample_images", "0"], "`--num_sample_images` must be a positive integer, got 0."),
         (["--output_dir", ""], "`--output_dir` must name a folder, got ''"),
     ],

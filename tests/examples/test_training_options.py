@@ -142,6 +142,59 @@ def test_a_repository_name_without_namespace_gets_the_full_id_on_the_card(
     assert "# me/tiny\n" in card and '.from_pretrained("me/tiny")' in card and '"tiny"' not in card
 
 
+def test_push_without_a_repository_name_takes_the_output_folders_name(
+    examples, script, image_folder, tmp_path, fake_hub
+):
+    # `--push_to_hub` without `--hub_model_id` was refused; diffusers' scripts push to a repository named after
+    # `--output_dir`, as this run now does
+    out = str(tmp_path / "ddpm-tiny")
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out,
+                            "--max_train_steps", "1", "--push_to_hub"])  # fmt: skip
+    assert [kwargs["repo_id"] for call, kwargs in fake_hub] == ["ddpm-tiny", "me/ddpm-tiny", "me/ddpm-tiny"]
+    with open(os.path.join(out, "README.md"), encoding="utf-8") as f:
+        assert '.from_pretrained("me/ddpm-tiny")' in f.read()
+
+
+@pytest.mark.parametrize("output_dir", ["run-", "a b"])
+def test_push_to_an_output_folder_name_the_hub_refuses_is_a_usage_error(
+    examples, script, image_folder, tmp_path, monkeypatch, capsys, output_dir
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        script.parse_args(
+            [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", output_dir, "--push_to_hub"]
+        )
+    err = capsys.readouterr().err
+    assert "`--push_to_hub` without `--hub_model_id` pushes to a repository named after `--output_dir`" in err
+    assert "Pass `--hub_model_id your-name/model-name`" in err
+
+
+def test_each_pipeline_saved_during_training_is_pushed(
+    examples, script, image_folder, tmp_path, fake_hub, monkeypatch, caplog
+):
+    # `--save_model_epochs` saved the pipeline during training but pushed it only at the end; diffusers'
+    # train_unconditional.py pushes every save. A push that fails mid-run is a warning: the final push sends it again
+    calls = 0
+
+    def upload_folder(self, **kwargs):
+        nonlocal calls
+        calls += 1
+        fake_hub.append(("upload_folder", kwargs))
+        if calls == 1:
+            raise ConnectionError("the network is down")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    out = str(tmp_path / "run")
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out,
+                            "--train_batch_size", "12", "--num_epochs", "3", "--save_model_epochs", "1",
+                            "--push_to_hub", "--hub_model_id", "me/tiny"])  # fmt: skip
+    uploads = [kwargs["commit_message"] for call, kwargs in fake_hub if call == "upload_folder"]
+    assert uploads == ["Epoch 1", "Epoch 2", "End of training"]
+    assert "pushing them to the Hub repository 'me/tiny' failed" in caplog.text and "Training goes on" in caplog.text
+
+
 @pytest.mark.parametrize(("flag", "private"), [([], None), (["--hub_private_repo"], True)])
 def test_the_repository_is_private_as_asked_or_as_the_namespace_default(
     examples, script, image_folder, tmp_path, fake_hub, flag, private
