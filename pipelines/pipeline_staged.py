@@ -252,6 +252,15 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                     f"{' times the VAE scale factor' if vae_scale > 1 else ''}), got {value!r}."
                 )
             sides.append(int(value) // vae_scale)  # a numpy integer too, as a Python int
+        for network in {id(n): n for n in (self.stage_denoiser(stage)[0] for stage in stages)}.values():
+            fixed = network.config.sample_size if getattr(network, "_fixed_sample_size", False) else None
+            for name, side in zip(("height", "width"), sides):
+                if fixed is not None and side != fixed:  # e.g. U-ViT: a position embedding learned for one size
+                    raise ValueError(
+                        f"`{name}` must be {fixed * vae_scale}: the {type(network).__name__}'s position embedding is "
+                        f"learned for its `sample_size` {fixed}{' times the VAE scale factor' if vae_scale > 1 else ''}"
+                        f", got {side * vae_scale}. Leave `{name}` out, or train a network of that size."
+                    )
         return (batch_size, config.in_channels, *sides)
 
     def _prepare_latents(

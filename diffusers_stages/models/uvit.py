@@ -124,6 +124,8 @@ class UViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     # layerwise casting keeps these in the model's dtype (as diffusers' DiT): the tokens are computed in their dtype,
     # then cast to the blocks' compute dtype (`embed`)
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["pos_embed", "patch_embed", "norm"]
+    # its position embedding is learned for `sample_size` tokens: pipelines sample no other height or width
+    _fixed_sample_size: ClassVar[bool] = True
 
     @register_to_config
     def __init__(

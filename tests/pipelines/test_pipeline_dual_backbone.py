@@ -232,3 +232,14 @@ def test_a_whole_number_switch_loads_without_a_type_warning(backbones, tmp_path,
         diffusers_logging.set_verbosity(verbosity)
         logger.removeHandler(handler)
     assert loaded.config[key] == value and not [m for m in messages if "Expected types" in m]
+
+
+@pytest.mark.parametrize("side", ["height", "width"])
+def test_another_size_than_a_uvits_own_is_refused_naming_the_argument(side):
+    # `pipe(height=16)` on 8-px U-ViTs failed inside the model with an error about its `sample`, an argument the user
+    # never gave: the U-ViT's position embedding is learned for its `sample_size` only
+    shallow, deep = (UViT2DModel(sample_size=8, hidden_size=16, num_layers=n, num_attention_heads=2) for n in (1, 3))
+    pipe = _dual(shallow, deep, DDIMScheduler(num_train_timesteps=100), switch_step_fraction=0.5)
+    with pytest.raises(ValueError, match=f"`{side}` must be 8: the UViT2DModel's position embedding is learned for"):
+        pipe(num_inference_steps=2, **{side: 16})
+    assert pipe(num_inference_steps=2, height=8, width=8, output_type="np").images.shape == (1, 8, 8, 3)
