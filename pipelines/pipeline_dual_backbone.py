@@ -75,6 +75,8 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         switch_step_fraction (`float`, *optional*): see above, in ``(0, 1)``; the default when no switch is given.
         switch_timestep (`float`, *optional*): see above.
         switch_sigma (`float`, *optional*): see above.
+        id2label (`dict`, *optional*): class index -> name of a class-conditional model (saved in
+            ``model_index.json``; `get_label_ids` turns names into ``class_labels``), as `DiTPipeline`'s.
 
     Example:
 
@@ -106,6 +108,7 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         switch_step_fraction: float | None = None,
         switch_timestep: float | None = None,
         switch_sigma: float | None = None,
+        id2label: dict[str, str] | None = None,
     ):
         super().__init__()
         if switch_step_fraction is None and switch_timestep is None and switch_sigma is None:
@@ -130,6 +133,7 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         # saved as the float the signature names: an int (`switch_timestep=600`) made every load by diffusers'
         # `DiffusionPipeline.from_pretrained` warn "Expected types for switch_timestep: (float, NoneType), got int"
         self.register_to_config(**{**switch, key: float(value)})
+        self.register_class_names(id2label)
         if key != "switch_step_fraction":
             check_scheduler_units(scheduler, self.resolve_partition(None))  # a fixed switch is checked now
 

@@ -31,6 +31,8 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
         scheduler ([`~diffusers.SchedulerMixin`]): any diffusers scheduler whose ``prediction_type`` is the experts'.
         vae ([`~diffusers.AutoencoderKL`], [`~diffusers.VQModel`], [`~diffusers.AutoencoderTiny`] or
             [`~diffusers.AutoencoderDC`], *optional*): for latent diffusion.
+        id2label (`dict`, *optional*): class index -> name of a class-conditional model (saved in
+            ``model_index.json``; `get_label_ids` turns names into ``class_labels``), as `DiTPipeline`'s.
 
     Example:
 
@@ -59,10 +61,12 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
         experts: ExpertRoutingModel,
         scheduler: SchedulerMixin,
         vae: AutoencoderKL | VQModel | AutoencoderTiny | AutoencoderDC | None = None,
+        id2label: dict[str, str] | None = None,
     ):
         super().__init__()
         vae_scale_factor(vae)  # refuses a VAE class the pipelines cannot decode
         self.register_modules(experts=experts, scheduler=scheduler, vae=vae)
+        self.register_class_names(id2label)
         self.check_prediction_type()
 
     def check_prediction_type(self) -> None:

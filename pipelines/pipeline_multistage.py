@@ -33,6 +33,8 @@ class MultiStagePipeline(StagedDiffusionPipeline):
         class_embedder ([`ClassContextEmbedding`], *optional*): for a cross-attention U-Net conditioned on classes
             (the authors' class-conditional latent-diffusion models, ``cin-mul*``): each class label becomes the
             one-token ``encoder_hidden_states`` the U-Net attends to; its last embedding is the unconditional label.
+        id2label (`dict`, *optional*): class index -> name of a class-conditional model (saved in
+            ``model_index.json``; `get_label_ids` turns names into ``class_labels``), as `DiTPipeline`'s.
 
     Example:
 
@@ -59,6 +61,7 @@ class MultiStagePipeline(StagedDiffusionPipeline):
         scheduler: SchedulerMixin,
         vae: AutoencoderKL | VQModel | AutoencoderTiny | AutoencoderDC | None = None,
         class_embedder: ClassContextEmbedding | None = None,
+        id2label: dict[str, str] | None = None,
     ):
         super().__init__()
         staged = (MultiStageUNet2DModel, MultiStageDDPMppUNet2DModel, MultiStageUNet2DConditionModel)
@@ -88,6 +91,7 @@ class MultiStagePipeline(StagedDiffusionPipeline):
             )
         vae_scale_factor(vae)  # refuses a VAE class the pipelines cannot decode
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, class_embedder=class_embedder)
+        self.register_class_names(id2label)
 
     @property
     def partition(self) -> TimestepPartition:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -90,6 +90,35 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """The partition a run of ``num_inference_steps`` routes by: `partition`, unless a subclass's switch depends
         on the step count (`DualBackbonePipeline`'s step fraction)."""
         return self.partition
+
+    # --------------------------------------------------------------------------------------------------------------
+    # class names: DiTPipeline's `id2label` (saved in model_index.json) and `get_label_ids`
+    def register_class_names(self, id2label: Mapping[int | str, str] | None) -> None:
+        """Save ``id2label`` (class index -> name; a name may list synonyms separated by commas, as DiT's ImageNet
+        names) in the pipeline's config, with the indices as strings (as JSON keeps them); see `checked_id2label`."""
+        if id2label is not None:
+            num_class_embeds = class_embedding_count(self.label_config(self.stage_denoiser(0)[0]))
+            if num_class_embeds is None:
+                raise ValueError("`id2label` was given, but this pipeline's model is not class-conditional.")
+            id2label = checked_id2label(id2label, num_data_classes(num_class_embeds))
+        self.register_to_config(id2label=id2label)
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Each class name (and synonym) of the saved ``id2label`` -> its class index, sorted by name (DiTPipeline's
+        ``labels``); empty when the pipeline has no class names."""
+        return label_ids(getattr(self.config, "id2label", None) or {})
+
+    def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
+        """The class indices of ``label`` (a class name or a list of them), for ``class_labels``, as
+        `DiTPipeline.get_label_ids`. A `ValueError` names a label the pipeline does not know and lists its names."""
+        labels = [label] if isinstance(label, str) else list(label)
+        known = self.labels
+        unknown = [name for name in labels if name not in known]
+        if unknown:
+            listed = ", ".join(sorted(known)) if known else "none: this pipeline was saved without `id2label`"
+            raise ValueError(f"`label` {unknown} is not a class name of this pipeline; its names are: {listed}.")
+        return [known[name] for name in labels]
 
     # --------------------------------------------------------------------------------------------------------------
     def _prepare_class_labels(
@@ -498,6 +527,38 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             return pipeline
         kwargs.pop("trust_remote_code", None)
         return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
+
+
+def checked_id2label(id2label: Mapping[int | str, str], classes: int) -> dict[str, str]:
+    """``id2label`` with string indices, sorted; a `ValueError` names a key that is no class index in
+    ``[0, classes)``, a name that is no text, or a name (or comma-separated synonym) given to two classes."""
+    if not isinstance(id2label, Mapping):
+        raise ValueError(f"`id2label` must be a dict of class index -> name, got {type(id2label).__name__}.")
+    names = {}
+    for key, name in id2label.items():
+        text_index = isinstance(key, str) and key.isascii() and key.isdigit()  # JSON's keys are strings
+        index = int(key) if text_index or (isinstance(key, numbers.Integral) and not isinstance(key, bool)) else -1
+        if not 0 <= index < classes:
+            raise ValueError(
+                f"`id2label` keys must be class indices in [0, {classes}) (the model's classes, without the "
+                f"unconditional label), got {key!r}."
+            )
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"`id2label` names must be non-empty strings, got {name!r} for class {index}.")
+        names[index] = name
+    checked = {str(index): names[index] for index in sorted(names)}
+    label_ids(checked)  # a name given to two classes is refused now, not at `get_label_ids`
+    return checked
+
+
+def label_ids(id2label: Mapping[str, str]) -> dict[str, int]:
+    """Name (each comma-separated synonym) -> class index of a saved ``id2label``; a name of two classes is refused."""
+    ids = {}
+    for key, names in id2label.items():
+        for name in (n.strip() for n in names.split(",")):
+            if name and ids.setdefault(name, int(key)) != int(key):
+                raise ValueError(f"`id2label` gives the name {name!r} to classes {ids[name]} and {key}.")
+    return dict(sorted(ids.items()))
 
 
 def spatial_multiple(config) -> int:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..conventions import null_class_label, num_data_classes, vae_to_model_latents
 from ..models.loading import load_strictly
+from ..pipelines.pipeline_staged import checked_id2label
 from .args import check_args, tracker_config
 from .checkpointing import (
     check_same_sharding,
@@ -163,6 +164,15 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     if args.max_train_samples is not None:
         records = first_shuffled(records, args.max_train_samples, args.seed)
     num_class_embeds = records.num_classes + 1 if task.uses_labels else None  # last index = null label
+    if args.class_conditional:  # saved as the pipeline's `id2label`: names that cannot be saved stop the run now
+        task.class_names = list(records.class_names)
+        try:
+            checked_id2label(task.id2label, records.num_classes)
+        except ValueError as error:
+            raise ValueError(
+                f"The training data's class names {task.class_names} cannot be saved as the pipeline's class names: "
+                f"{error} Rename the class folders (or the dataset's label names)."
+            ) from None
     task.check_data(in_channels, args.resolution // vae_factor, num_class_embeds)
 
     # 2. accelerator, logging, output folder, seeds (the same initial weights on every process)

@@ -3,9 +3,11 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from diffusers_stages import MultiStagePipeline
@@ -37,6 +39,8 @@ def test_trains_reloads_and_samples_with_hub_push(examples, script, image_folder
     again.set_progress_bar_config(disable=True)
     same = again(class_labels=[0, 2], num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
     assert images.shape == (2, 8, 8, 3) and (images == same).all()
+    # the class folders' names are the pipeline's (DiTPipeline's `id2label`), in the order of the class indices
+    assert again.config.id2label == {"0": "0", "1": "1", "2": "2"} and again.get_label_ids(["2", "0"]) == [2, 0]
     assert sorted(os.listdir(os.path.join(out, "samples"))) == ["step_000002.png", "step_000003.png"]
     assert os.path.isdir(os.path.join(out, "checkpoint-2", "unet_ema"))
 
@@ -307,3 +311,33 @@ def test_resuming_with_other_arguments_names_them(examples, script, image_folder
         examples.train(script, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest", *changed])
     examples.train(script, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
     assert os.path.isdir(os.path.join(out, "checkpoint-2"))
+
+
+def test_class_folder_names_are_saved_as_the_pipelines_class_names(examples, script, tmp_path):
+    # a class-conditional run saved no class names: the user had to know the order of the data's sub-folders. As
+    # DiTPipeline, the pipeline now saves `id2label` and `get_label_ids` turns names into `class_labels`
+    import shutil
+
+    from sklearn.datasets import load_digits
+
+    digits, data = load_digits(), tmp_path / "data"
+    for name, digit in (("zero, nought", 0), ("one", 1)):  # a comma: DiT's synonyms
+        os.makedirs(data / name)
+        for i in [i for i in range(60) if digits.target[i] == digit][:4]:
+            Image.fromarray((digits.images[i] / 16 * 255).astype(np.uint8)).convert("RGB").save(
+                data / name / f"{i}.png"
+            )
+    out = str(tmp_path / "run")
+    examples.train(script, [*examples.TINY, "--train_data_dir", str(data), "--output_dir", out, "--class_conditional",
+                            "--max_train_steps", "1"])  # fmt: skip
+    pipe = MultiStagePipeline.from_pretrained(out)
+    assert pipe.config.id2label == {"0": "one", "1": "zero, nought"}  # sub-folders in sorted order
+    assert pipe.get_label_ids(["nought", "one", "zero"]) == [1, 0, 1]
+
+    # names that would give one name to two classes stop the run before training, not at the final save
+    shutil.copytree(data / "one", data / "one, zero")
+    with pytest.raises(ValueError, match=r"class names .* cannot be saved as the pipeline's class names: `id2label` "
+                       r"gives the name 'one' to classes 0 and 1"):  # fmt: skip
+        examples.train(script, [*examples.TINY, "--train_data_dir", str(data), "--output_dir", str(tmp_path / "b"),
+                                "--class_conditional", "--max_train_steps", "1"])  # fmt: skip
+    assert not os.path.exists(tmp_path / "b")

@@ -396,3 +396,54 @@ def test_flow_matching_with_dynamic_shifting_is_refused_by_name(kind):
         _images(pipe)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False)
     assert _images(pipe).shape == (1, 3, 8, 8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# class names: DiTPipeline's `id2label` and `get_label_ids`
+@pytest.mark.parametrize("kind", KINDS)
+def test_class_names_are_saved_and_turned_into_class_labels(kind, tmp_path):
+    # a class-conditional pipeline kept no class names: the user had to know which index was which class
+    pipe = _pipeline(kind, num_class_embeds=4)
+    names = {0: "cat, kitty", 2: "dog"}  # DiT's convention: comma-separated synonyms; not every class named
+    pipe = type(pipe)(**pipe.components, **_switch(pipe), id2label=names)
+    assert pipe.labels == {"cat": 0, "dog": 2, "kitty": 0} and pipe.get_label_ids(["dog", "kitty"]) == [2, 0]
+    pipe.save_pretrained(tmp_path)
+    again = type(pipe).from_pretrained(tmp_path)
+    again.set_progress_bar_config(disable=True)
+    assert again.config.id2label == {"0": "cat, kitty", "2": "dog"} and again.get_label_ids("cat") == [0]
+    by_name = _images(again, class_labels=again.get_label_ids(["dog", "cat"]))
+    assert torch.equal(by_name, _images(pipe, class_labels=[2, 0]))
+    with pytest.raises(ValueError, match=r"`label` \['bird'\] is not a class name of this pipeline; its names are: "):
+        again.get_label_ids(["cat", "bird"])
+
+
+def _switch(pipe) -> dict:
+    return (
+        {k: v for k, v in pipe.config.items() if k.startswith("switch_")} if "switch_timestep" in pipe.config else {}
+    )
+
+
+@pytest.mark.parametrize(
+    ("id2label", "match"),
+    [
+        ({3: "null"}, r"`id2label` keys must be class indices in \[0, 3\) .*got 3"),
+        ({-1: "x"}, r"keys must be class indices in \[0, 3\) .*got -1"),
+        ({True: "x"}, r"keys must be class indices .*got True"),
+        ({"one": "x"}, r"keys must be class indices .*got 'one'"),
+        ({0: ""}, r"`id2label` names must be non-empty strings, got '' for class 0"),
+        ({0: 7}, r"names must be non-empty strings, got 7"),
+        ({0: "cat", 1: "dog, cat"}, r"`id2label` gives the name 'cat' to classes 0 and 1"),
+        (["cat"], r"`id2label` must be a dict of class index -> name, got list"),
+    ],
+)
+def test_bad_class_names_are_refused(id2label, match):
+    pipe = _pipeline("multistage", num_class_embeds=4)
+    with pytest.raises(ValueError, match=match):
+        type(pipe)(**pipe.components, id2label=id2label)
+
+
+def test_class_names_of_an_unconditional_model_are_refused_and_none_are_named(pipe):
+    with pytest.raises(ValueError, match="`id2label` was given, but this pipeline's model is not class-conditional"):
+        type(pipe)(**pipe.components, **_switch(pipe), id2label={0: "cat"})
+    with pytest.raises(ValueError, match="its names are: none: this pipeline was saved without `id2label`"):
+        pipe.get_label_ids("cat")

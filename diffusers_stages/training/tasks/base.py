@@ -97,6 +97,7 @@ class TrainingTask:
         self.args = args  # read, never written: what a task derives from it is an attribute of the task
         self.vae_path, self.vae_subfolder = self.training_vae(args)
         self.partition = self.build_partition(args)
+        self.class_names: list[str] = []  # the training data's classes, set by the loop (the pipeline's id2label)
 
     def training_vae(self, args: argparse.Namespace) -> tuple[str | None, str | None]:
         """``(path, subfolder)`` of the AutoencoderKL whose latents are trained on (`--vae_path`), or ``(None,
@@ -145,6 +146,14 @@ class TrainingTask:
         """Whether each training image comes with a label index the loss conditions on (the class with
         `--class_conditional`; a task may use them for something else, e.g. caption indices)."""
         return self.args.class_conditional
+
+    @property
+    def id2label(self) -> dict[str, str] | None:
+        """The saved pipeline's class names (`id2label`, as `DiTPipeline`'s): with `--class_conditional`, the
+        training data's classes (the image folder's sub-folders, a dataset's `ClassLabel` names); else None."""
+        if not self.args.class_conditional or not self.class_names:
+            return None
+        return {str(index): name for index, name in enumerate(self.class_names)}
 
     def sample_inputs(self, count: int) -> dict | None:
         """The pipeline-call arguments of a sample grid of ``count`` images besides the generator and step count;

@@ -141,6 +141,7 @@ class DualBackboneTask(TrainingTask):
         return DualBackbonePipeline(
             shallow=networks["shallow"], deep=networks["deep"], scheduler=scheduler, vae=vae,
             switch_step_fraction=self.switch_step_fraction, switch_timestep=self.args.switch_timestep,
+            id2label=self.id2label,
         )  # fmt: skip
 
     def save(self, networks, scheduler, vae, output_dir):

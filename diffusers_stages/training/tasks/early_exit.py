@@ -74,7 +74,7 @@ class EarlyExitTask(TrainingTask):
             [networks["model"]], stage_boundaries=(), num_train_timesteps=self.args.num_train_timesteps,
             prediction_type=self.args.prediction_type,
         )  # fmt: skip
-        return ExpertRoutingPipeline(experts=experts, scheduler=scheduler, vae=vae)
+        return ExpertRoutingPipeline(experts=experts, scheduler=scheduler, vae=vae, id2label=self.id2label)
 
     def description(self):
         a = self.args

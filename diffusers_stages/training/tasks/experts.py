@@ -190,7 +190,9 @@ class ExpertTask(TrainingTask):
     def pipeline(self, networks, scheduler, vae=None):
         if self.args.expert_index is not None:
             return None  # one expert alone does not sample: assemble the runs with `--assemble_experts`
-        return ExpertRoutingPipeline(experts=self._routing_model(networks), scheduler=scheduler, vae=vae)
+        return ExpertRoutingPipeline(
+            experts=self._routing_model(networks), scheduler=scheduler, vae=vae, id2label=self.id2label
+        )
 
     def save(self, networks, scheduler, vae, output_dir):
         if self.args.expert_index is None:

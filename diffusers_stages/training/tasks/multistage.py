@@ -387,7 +387,7 @@ class MultiStageTask(TrainingTask):
         return Draw(torch.arange(batch_size), timesteps, zeros)
 
     def pipeline(self, networks, scheduler, vae=None):
-        return MultiStagePipeline(unet=networks["unet"], scheduler=scheduler, vae=vae)
+        return MultiStagePipeline(unet=networks["unet"], scheduler=scheduler, vae=vae, id2label=self.id2label)
 
     def description(self):
         planned = (
