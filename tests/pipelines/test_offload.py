@@ -357,3 +357,16 @@ def test_a_pipeline_loaded_onto_one_device_takes_the_stage_offload(tmp_path):
     loaded.hf_device_map = {"shallow": "cpu", "deep": "cuda:1"}  # components spread over devices: still refused
     with pytest.raises(ValueError, match="`enable_stage_offload` cannot be combined with .*device_map"):
         loaded.enable_stage_offload(device="cpu")
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offload_to_disk_keeps_each_backbone_its_own_weights(offload_type, tmp_path):
+    """diffusers names a group's file after the group's name inside its component: the dual backbone's two U-Nets
+    (one architecture) wrote the same files, and one backbone sampled with the other's weights."""
+    pipe = tiny_pipeline("dual_backbone")
+    expected = _images(pipe)
+    pipe.enable_group_offload(
+        onload_device=CPU, offload_type=offload_type, num_blocks_per_group=1, offload_to_disk_path=str(tmp_path)
+    )
+    np.testing.assert_array_equal(_images(pipe), expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "shallow"]  # a folder per component
