@@ -11,17 +11,20 @@ stage is prefetched right after the last call before a switch (on CUDA on a side
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
 from accelerate.utils import send_to_device
 from diffusers import DiffusionPipeline
+from diffusers.hooks import apply_group_offloading
 from diffusers.utils.torch_utils import get_device
 
 from ..models.checks import check_device
 
 DEFAULT_NUM_INFERENCE_STEPS = 50  # `StagedDiffusionPipeline.__call__`'s default
+CPU = torch.device("cpu")  # `enable_group_offload`'s default offload device, as diffusers'
 
 
 class StageNetworkHook(ModelHook):
@@ -323,9 +326,50 @@ class StageOffloadMixin:
         _check_offload_arguments(gpu_id, device)
         super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
 
-    def enable_group_offload(self, *args, **kwargs) -> None:
+    def enable_group_offload(
+        self,
+        onload_device: torch.device,
+        offload_device: torch.device = CPU,
+        offload_type: str = "block_level",
+        num_blocks_per_group: int | None = None,
+        non_blocking: bool = False,
+        use_stream: bool = False,
+        record_stream: bool = False,
+        low_cpu_mem_usage: bool = False,
+        offload_to_disk_path: str | None = None,
+        exclude_modules: str | list[str] | None = None,
+    ) -> None:
+        """As diffusers', refused under `enable_stage_offload`; with ``offload_to_disk_path`` each component writes
+        its groups under its own sub-folder (``<offload_to_disk_path>/<component>``): diffusers names a group's file
+        after the group's name inside its component, so the two backbones of one architecture (`DualBackbonePipeline`)
+        shared files and one sampled with the other's weights."""
         self._refuse_with_stage_offload("enable_group_offload")
-        super().enable_group_offload(*args, **kwargs)
+        options = {
+            "onload_device": onload_device,
+            "offload_device": offload_device,
+            "offload_type": offload_type,
+            "num_blocks_per_group": num_blocks_per_group,
+            "non_blocking": non_blocking,
+            "use_stream": use_stream,
+            "record_stream": record_stream,
+            "low_cpu_mem_usage": low_cpu_mem_usage,
+        }
+        if offload_to_disk_path is None:
+            super().enable_group_offload(**options, exclude_modules=exclude_modules)
+            return
+        # diffusers' loop over the components, each given its own folder
+        excluded = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules or [])
+        for name, component in self.components.items():
+            if name in excluded or not isinstance(component, torch.nn.Module):
+                continue
+            folder = os.path.join(offload_to_disk_path, name)
+            if hasattr(component, "enable_group_offload"):
+                component.enable_group_offload(**options, offload_to_disk_path=folder)
+            else:
+                apply_group_offloading(module=component, **options, offload_to_disk_path=folder)
+        for name in excluded:  # kept on the execution device, as diffusers keeps them
+            if isinstance(getattr(self, name, None), torch.nn.Module):
+                getattr(self, name).to(onload_device)
 
     def _refuse_with_stage_offload(self, method: str) -> None:
         if self._stage_offload is not None:

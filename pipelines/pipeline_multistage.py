@@ -52,7 +52,9 @@ class MultiStagePipeline(StagedDiffusionPipeline):
     ```
     """
 
-    model_cpu_offload_seq = "class_embedder->unet->vae"
+    # the class embedder runs at every step: out of the chain, as diffusers leaves a ControlNet, it is offloaded on its
+    # own (on the device from its first call to the end of the run) instead of moving in and out at every step
+    model_cpu_offload_seq = "unet->vae"
     _optional_components: ClassVar[list[str]] = ["vae", "class_embedder"]
 
     def __init__(

@@ -17,7 +17,12 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..conventions import class_embedding_count, model_to_vae_latents, null_class_label, num_data_classes
 from ..hub import pop_push_kwargs, push_saved_folder
-from ..models.checks import compute_dtype, is_integer_tensor, positive_integer_arguments
+from ..models.checks import (
+    check_not_offloaded_to_disk,
+    compute_dtype,
+    is_integer_tensor,
+    positive_integer_arguments,
+)
 from ..partition import TimestepPartition
 from ..routing import StageRouter
 from ..schedulers import model_call_timesteps
@@ -496,6 +501,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` find the package's classes. With
         ``push_to_hub=True`` the complete folder is then uploaded (``repo_id``, ``token``, ``private``,
         ``commit_message``, ``create_pr`` as in diffusers); a failed push is an `OSError` naming the repository."""
+        for name, component in self.components.items():  # before anything is written
+            if isinstance(component, torch.nn.Module):
+                check_not_offloaded_to_disk(component, f"`{name}`")
         push = pop_push_kwargs(kwargs, save_directory, push_to_hub)
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
         write_reexport_files(save_directory, type(self))

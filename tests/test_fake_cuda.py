@@ -282,6 +282,33 @@ def test_class_context_pipeline(tiny_cond_unet):
         assert images.shape == (2, 4, 8, 8)
 
 
+def test_class_context_is_not_moved_at_every_step_by_model_cpu_offload(tiny_cond_unet, monkeypatch):
+    """`enable_model_cpu_offload` chained the class embedder before the U-Net (`class_embedder->unet->vae`), but the
+    loop calls it at every step: each step moved it in, and the U-Net's hook out again (emptying the CUDA cache).
+    As diffusers does for a component called at every step (a ControlNet), it is now offloaded on its own: on the
+    device from its first call to the end of the run."""
+    from accelerate.hooks import UserCpuOffloadHook
+
+    from diffusers_stages import ClassContextEmbedding, MultiStagePipeline
+    from diffusers_stages.pipelines import offload
+
+    monkeypatch.setattr(offload, "check_device", lambda value, name: torch.device(value))  # "cuda": the stand-in
+    unet = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=(400, 700)).eval()
+    embedder = ClassContextEmbedding(num_class_embeds=4, cross_attention_dim=32).eval()
+    pipe = MultiStagePipeline(unet=unet, scheduler=diffusers.DDIMScheduler(), class_embedder=embedder)
+    pipe.set_progress_bar_config(disable=True)
+    run = {"class_labels": [0, 2], "guidance_scale": 2.0, "num_inference_steps": 4, "output_type": "pt"}
+    expected = pipe(generator=torch.Generator().manual_seed(0), **run).images
+    offloaded = []
+    move_out = UserCpuOffloadHook.offload
+    monkeypatch.setattr(UserCpuOffloadHook, "offload", lambda hook: (offloaded.append(hook.model), move_out(hook)))
+    with fake_cuda():
+        pipe.enable_model_cpu_offload(device="cuda")
+        images = pipe(generator=torch.Generator().manual_seed(0), **run).images
+    torch.testing.assert_close(images.cpu(), expected, rtol=1e-4, atol=1e-4)
+    assert embedder not in offloaded
+
+
 @pytest.mark.parametrize("kind", ["multistage", "experts"])
 def test_staged_unets_in_stable_diffusion(tiny_sd_components, tiny_cond_unet, kind):
     pipe = diffusers.StableDiffusionPipeline(**dict(tiny_sd_components, scheduler=diffusers.HeunDiscreteScheduler()))

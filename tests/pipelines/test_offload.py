@@ -357,3 +357,35 @@ def test_a_pipeline_loaded_onto_one_device_takes_the_stage_offload(tmp_path):
     loaded.hf_device_map = {"shallow": "cpu", "deep": "cuda:1"}  # components spread over devices: still refused
     with pytest.raises(ValueError, match="`enable_stage_offload` cannot be combined with .*device_map"):
         loaded.enable_stage_offload(device="cpu")
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offload_to_disk_keeps_each_backbone_its_own_weights(offload_type, tmp_path):
+    """diffusers names a group's file after the group's name inside its component: the dual backbone's two U-Nets
+    (one architecture) wrote the same files, and one backbone sampled with the other's weights."""
+    pipe = tiny_pipeline("dual_backbone")
+    expected = _images(pipe)
+    pipe.enable_group_offload(
+        onload_device=CPU, offload_type=offload_type, num_blocks_per_group=1, offload_to_disk_path=str(tmp_path)
+    )
+    np.testing.assert_array_equal(_images(pipe), expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "shallow"]  # a folder per component
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_pipeline_offloaded_to_disk_is_not_saved_with_its_placeholders(kind, tmp_path):
+    """Group offloading to disk keeps the weights in its files and leaves uninitialised placeholders in the modules:
+    `save_pretrained` wrote those, and the saved pipeline sampled garbage (NaNs)."""
+    pipe = tiny_pipeline(kind)
+    pipe.enable_group_offload(
+        onload_device=CPU, offload_type="leaf_level", offload_to_disk_path=str(tmp_path / "disk")
+    )
+    _images(pipe)
+    with pytest.raises(ValueError, match="cannot save .*: group offloading to disk .*`offload_to_disk_path`="):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()  # nothing written
+    if kind != "dual_backbone":  # the package's own models refuse it too (the backbones are diffusers' UNet2DModel)
+        model = pipe.unet if kind == "multistage" else pipe.experts
+        with pytest.raises(ValueError, match="group offloading to disk"):
+            model.save_pretrained(tmp_path / "model")
+        assert not (tmp_path / "model").exists()
