@@ -209,13 +209,21 @@ def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bo
     return "\n".join(lines + _usage_and_samples(usage, has_grid))
 
 
-def pipeline_usage(pipeline_class: str, repo_id: str, class_conditional: bool) -> list[str]:
-    """A card's sampling code (lines) for a folder of the package's ``pipeline_class``."""
+def pipeline_usage(
+    pipeline_class: str, repo_id: str, class_conditional: bool, class_name: str | None = None
+) -> list[str]:
+    """A card's sampling code (lines) for a folder of the package's ``pipeline_class``; a class-conditional one
+    samples class ``class_name`` by its name (the pipeline's `id2label`) where that is plain printable text, else
+    class 0."""
+    labels = "batch_size=1"
+    if class_conditional:
+        plain = class_name is not None and class_name.isprintable() and "`" not in class_name  # a data folder's name
+        labels = f"class_labels=pipe.get_label_ids([{class_name!r}])" if plain else "class_labels=[0]"
     return [
         f"from diffusers_stages import {pipeline_class}",
         "",
         f'pipe = {pipeline_class}.from_pretrained("{repo_id}")  # runs no code from the repository',
-        f"image = pipe({'class_labels=[0]' if class_conditional else 'batch_size=1'}).images[0]",
+        f"image = pipe({labels}).images[0]",
     ]
 
 

@@ -327,12 +327,20 @@ def test_class_folder_names_are_saved_as_the_pipelines_class_names(examples, scr
             Image.fromarray((digits.images[i] / 16 * 255).astype(np.uint8)).convert("RGB").save(
                 data / name / f"{i}.png"
             )
-    out = str(tmp_path / "run")
+    out, hub = str(tmp_path / "run"), str(tmp_path / "hub")
     examples.train(script, [*examples.TINY, "--train_data_dir", str(data), "--output_dir", out, "--class_conditional",
-                            "--max_train_steps", "1"])  # fmt: skip
+                            "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/digits",
+                            "--hub_local_dir", hub])  # fmt: skip
     pipe = MultiStagePipeline.from_pretrained(out)
     assert pipe.config.id2label == {"0": "one", "1": "zero, nought"}  # sub-folders in sorted order
     assert pipe.get_label_ids(["nought", "one", "zero"]) == [1, 0, 1]
+    # the model card samples the first class by its name, and its code runs on the pushed folder
+    with open(os.path.join(hub, "me", "digits", "README.md"), encoding="utf-8") as f:
+        code = f.read().split("```python\n")[1].split("```")[0]
+    assert "image = pipe(class_labels=pipe.get_label_ids(['one'])).images[0]" in code
+    card = {}
+    exec(code.replace('"me/digits"', repr(os.path.join(hub, "me", "digits"))), card)
+    assert card["image"].size == (8, 8)
 
     # names that would give one name to two classes stop the run before training, not at the final save
     shutil.copytree(data / "one", data / "one, zero")

@@ -280,6 +280,21 @@ def test_training_card_tags_installs_and_samples(tmp_path, monkeypatch, class_co
     assert call in _readme_python(card) and "![samples](sample_grid.png)" in card
 
 
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("golden retriever", "pipe(class_labels=pipe.get_label_ids(['golden retriever']))"),
+        ("it's", 'pipe(class_labels=pipe.get_label_ids(["it\'s"]))'),  # quoted as Python quotes it
+        ("a```b", "pipe(class_labels=[0])"),  # would close the card's code block: the index instead
+        ("a\nb", "pipe(class_labels=[0])"),
+        (None, "pipe(class_labels=[0])"),
+    ],
+)
+def test_a_card_samples_the_first_class_by_its_name(name, call):
+    lines = pipeline_usage("StagedDiffusionPipeline", "me/model", True, name)
+    assert lines[-1] == f"image = {call}.images[0]"
+
+
 @pytest.mark.parametrize(("given", "used"), [(None, "bf16"), ("fp16", "fp16"), (None, "no")])
 def test_training_card_reports_the_mixed_precision_accelerate_used(given, used):
     # the card showed `--mixed_precision` (None: "no") even where an `accelerate config` file set bf16

@@ -192,7 +192,8 @@ class TrainingTask:
 
     def usage(self, repo_id: str) -> list[str]:
         """The model card's sampling code (lines)."""
-        return pipeline_usage("StagedDiffusionPipeline", repo_id, self.args.class_conditional)
+        first_name = (self.id2label or {}).get("0", "").split(",")[0].strip() or None  # a synonym alone, as DiT's
+        return pipeline_usage("StagedDiffusionPipeline", repo_id, self.args.class_conditional, first_name)
 
     # helpers
     def _every_network_every_step(self, args: argparse.Namespace, count: int, kind: str) -> None:
