@@ -34,8 +34,21 @@ SOURCE_OPTIONS = ("vae_path", "vae_subfolder", "model_config", "block_out_channe
                   "down_block_types", "up_block_types", "attention_head_dim", "norm_num_groups", "dropout")  # fmt: skip
 
 
-def captioned_folder(folder: str, caption_column: str) -> tuple[list[str], list[str]]:
-    """``(image paths, captions)`` of an image folder with a ``metadata.jsonl`` (one ``{"file_name": ...,
+def caption_variants(value, where: str, caption_column: str) -> list[str]:
+    """The captions of one image: a string, or a non-empty list of strings, of which diffusers'
+    `train_text_to_image.py` trains on one at random each time (see `TextToImageTask.encode_captions`)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(
+        f"`--caption_column` {caption_column!r}: {where} has the caption {value!r}, which is neither a string nor a "
+        "list of strings; give each image a caption (or a list of captions)."
+    )
+
+
+def captioned_folder(folder: str, caption_column: str) -> tuple[list[str], list[list[str]]]:
+    """``(image paths, captions)`` (each image's list of captions) of an image folder with a ``metadata.jsonl`` (one ``{"file_name": ...,
     "<caption_column>": ...}`` per line, the `datasets` image-folder convention); every image is decoded once here."""
     index = os.path.join(folder, "metadata.jsonl")
     if not os.path.isfile(index):
@@ -66,7 +79,7 @@ def captioned_folder(folder: str, caption_column: str) -> tuple[list[str], list[
                     f"{folder!r} (a path relative to it that stays inside it)."
                 )
             paths.append(path)
-            captions.append(str(entry[caption_column]))
+            captions.append(caption_variants(entry[caption_column], f"{index} line {number}", caption_column))
     if not paths:
         raise ValueError(f"`--train_data_dir` {folder!r}: its metadata.jsonl lists no images.")
     for path in paths:  # decode every file once before training starts: a bad one stops the run, named
@@ -128,7 +141,8 @@ class TextToImageTask(TrainingTask):
             args.method
         ]
         self.text_encoder = self.tokenizer = self.token_ids = self._vae = None  # loaded with the networks
-        self.captions: list[str] = []
+        self.captions: list[str] = []  # each image's first caption (the default sample prompts)
+        self.caption_variants: list[list[str]] = []  # each image's captions, of which a step trains on one
         super().__init__(args)
 
     def _refuse_what_the_source_gives(self, args: argparse.Namespace) -> None:
@@ -204,10 +218,13 @@ class TextToImageTask(TrainingTask):
         else:
             columns = {"--image_column": args.image_column, "--caption_column": args.caption_column}
             dataset = load_train_split(args.dataset_name, args.dataset_config_name, args.cache_dir, columns)
-            captions = [str(c) for c in dataset[args.caption_column]]
+            captions = [
+                caption_variants(c, f"row {i}", args.caption_column)
+                for i, c in enumerate(dataset[args.caption_column])
+            ]
             load = partial(dataset_image, dataset, args.image_column)
-        self.captions = captions
-        return ImageRecords(load, len(captions), list(range(len(captions))), captions)
+        self.caption_variants, self.captions = captions, [variants[0] for variants in captions]
+        return ImageRecords(load, len(captions), list(range(len(captions))), self.captions)
 
     def check_networks(self, in_channels, sample_size, num_class_embeds):
         """Nothing to build up front: the networks are the source pipeline's (`check_data` checks them)."""
@@ -222,17 +239,21 @@ class TextToImageTask(TrainingTask):
 
     # the networks, the frozen text encoder, the steps
     def build_networks(self, in_channels, sample_size, num_class_embeds):
-        # 1. the frozen text encoder and the captions' tokens (the empty caption last: the null label)
+        # 1. the frozen text encoder and every caption's tokens, image by image (the empty caption last: the null
+        # label); `caption_rows[i]` is image i's first row, `caption_counts[i]` its number of captions
         pipe = StableDiffusionPipeline.from_pretrained(
             self.source, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             torch_dtype=torch.float32, use_safetensors=True,
         )  # fmt: skip
         self.text_encoder, self.tokenizer, self._vae = pipe.text_encoder.eval(), pipe.tokenizer, pipe.vae
         self.text_encoder.requires_grad_(False)
+        variants = [*self.caption_variants, [""]]
         self.token_ids = self.tokenizer(
-            [*self.captions, ""], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
+            [caption for captions in variants for caption in captions], padding="max_length",
+            max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt",
         ).input_ids  # fmt: skip
+        self.caption_counts = torch.tensor([len(captions) for captions in variants])
+        self.caption_rows = torch.cumsum(self.caption_counts, 0) - self.caption_counts
 
         # 2. the networks: kept (staged, routed source) or warm-started exactly from the plain unet
         unet, partition = pipe.unet, self.partition
@@ -256,9 +277,15 @@ class TextToImageTask(TrainingTask):
 
     @torch.no_grad()
     def encode_captions(self, labels: torch.Tensor) -> torch.Tensor:
-        """The frozen text encoder's hidden states of the captions ``labels`` index (the null label: ``""``)."""
-        self.text_encoder.to(labels.device)
-        return self.text_encoder(self.token_ids[labels.cpu()].to(labels.device))[0]
+        """The frozen text encoder's hidden states of the captions ``labels`` index (the null label: ``""``); of an
+        image with several captions, one drawn at random (from the global generator, which the loop seeds at every
+        step), as diffusers' `train_text_to_image.py` does."""
+        device = labels.device
+        self.text_encoder.to(device)
+        rows, counts = self.caption_rows[labels.cpu()], self.caption_counts[labels.cpu()]
+        if (counts > 1).any():  # no draw otherwise: runs with one caption per image keep their random streams
+            rows = rows + (torch.rand(len(rows)) * counts).long().clamp(max=counts - 1)
+        return self.text_encoder(self.token_ids[rows].to(device))[0]
 
     def loss(self, network, noise_scheduler, clean, timesteps, noise, class_labels=None):
         text = self.encode_captions(class_labels)
