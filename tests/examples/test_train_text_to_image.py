@@ -142,6 +142,8 @@ def test_experts_from_the_same_command(script, source, tmp_path):
         (["--caption_column", "caption", "--model_config", "unet.json"], "`--model_config` 'unet.json'"),
         (["--caption_column", "caption", "--num_train_timesteps", "500"], "`--num_train_timesteps` 500 disagrees"),
         (["--caption_column", "caption", "--ddpm_beta_schedule", "squaredcos_cap_v2"], "`--ddpm_beta_schedule`"),
+        # more prompts than the grid has images: the last ones were never sampled (TINY: 2 images)
+        (["--caption_column", "caption", "--validation_prompts", "a", "b", "c"], "`--validation_prompts` gives 3"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(script, source, tmp_path, capsys, extra, message):

@@ -136,6 +136,13 @@ class TextToImageTask(TrainingTask):
                 f"`--prediction_type` {args.prediction_type} disagrees with the source's scheduler ({source_type}): "
                 "the prediction type is the model's, drop the argument or give the source's."
             )
+        prompts = args.validation_prompts or []
+        if len(prompts) > args.num_sample_images:  # the grid samples prompt i % len(prompts) for image i
+            raise ValueError(
+                f"`--validation_prompts` gives {len(prompts)} prompts, but the sample grids hold "
+                f"`--num_sample_images` {args.num_sample_images} images: the last prompts would never be sampled. "
+                f"Give `--num_sample_images` {len(prompts)} or more, or fewer prompts."
+            )
         self._refuse_what_the_source_gives(args)
         self.method = {"multistage": "multi-stage multi-decoder U-Net", "experts": "multi-expert denoisers"}[
             args.method
