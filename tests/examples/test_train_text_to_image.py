@@ -270,3 +270,26 @@ def test_a_caption_that_is_no_text_is_refused_by_name(script, source, tmp_path, 
     with pytest.raises(ValueError, match=r"`--caption_column` 'text': .* line 2 .* neither a string nor a list"):
         _run(script, ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, *TINY, "--max_train_steps",
                       "1", "--output_dir", str(tmp_path / "o")])  # fmt: skip
+
+
+def test_captions_are_tokenized_batch_by_batch(script, source, tmp_path, monkeypatch):
+    # every caption of the data (images past --max_train_samples too) was tokenized and held as int64 token ids in
+    # every process before training; diffusers' script tokenizes each batch's captions
+    from transformers import CLIPTokenizer
+
+    from diffusers_stages.training.loop import build_task
+    from diffusers_stages.training.tasks.text_to_image import TextToImageTask
+
+    sd, data = source
+    args = script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
+                              "caption", *TINY, "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    task = build_task(TextToImageTask, args)
+    task.read_records(args)
+    seen, call = [], CLIPTokenizer.__call__
+    monkeypatch.setattr(
+        CLIPTokenizer, "__call__", lambda self, text, **kw: seen.append(text) or call(self, text, **kw)
+    )
+    task.build_networks(4, 2, None)
+    assert seen == []
+    task.encode_captions(torch.tensor([1, 16]))  # image 1's caption and the null label's
+    assert seen == [["a dog", ""]]

@@ -147,7 +147,7 @@ class TextToImageTask(TrainingTask):
         self.method = {"multistage": "multi-stage multi-decoder U-Net", "experts": "multi-expert denoisers"}[
             args.method
         ]
-        self.text_encoder = self.tokenizer = self.token_ids = self._vae = None  # loaded with the networks
+        self.text_encoder = self.tokenizer = self._vae = None  # loaded with the networks
         self.captions: list[str] = []  # each image's first caption (the default sample prompts)
         self.caption_variants: list[list[str]] = []  # each image's captions, of which a step trains on one
         super().__init__(args)
@@ -246,21 +246,13 @@ class TextToImageTask(TrainingTask):
 
     # the networks, the frozen text encoder, the steps
     def build_networks(self, in_channels, sample_size, num_class_embeds):
-        # 1. the frozen text encoder and every caption's tokens, image by image (the empty caption last: the null
-        # label); `caption_rows[i]` is image i's first row, `caption_counts[i]` its number of captions
+        # 1. the frozen text encoder (the captions are tokenized batch by batch, in `encode_captions`)
         pipe = StableDiffusionPipeline.from_pretrained(
             self.source, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             torch_dtype=torch.float32, use_safetensors=True,
         )  # fmt: skip
         self.text_encoder, self.tokenizer, self._vae = pipe.text_encoder.eval(), pipe.tokenizer, pipe.vae
         self.text_encoder.requires_grad_(False)
-        variants = [*self.caption_variants, [""]]
-        self.token_ids = self.tokenizer(
-            [caption for captions in variants for caption in captions], padding="max_length",
-            max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt",
-        ).input_ids  # fmt: skip
-        self.caption_counts = torch.tensor([len(captions) for captions in variants])
-        self.caption_rows = torch.cumsum(self.caption_counts, 0) - self.caption_counts
 
         # 2. the networks: kept (staged, routed source) or warm-started exactly from the plain unet
         unet, partition = pipe.unet, self.partition
@@ -286,13 +278,18 @@ class TextToImageTask(TrainingTask):
     def encode_captions(self, labels: torch.Tensor) -> torch.Tensor:
         """The frozen text encoder's hidden states of the captions ``labels`` index (the null label: ``""``); of an
         image with several captions, one drawn at random (from the global generator, which the loop seeds at every
-        step), as diffusers' `train_text_to_image.py` does."""
-        device = labels.device
-        self.text_encoder.to(device)
-        rows, counts = self.caption_rows[labels.cpu()], self.caption_counts[labels.cpu()]
-        if (counts > 1).any():  # no draw otherwise: runs with one caption per image keep their random streams
-            rows = rows + (torch.rand(len(rows)) * counts).long().clamp(max=counts - 1)
-        return self.text_encoder(self.token_ids[rows].to(device))[0]
+        step), as diffusers' `train_text_to_image.py` does; tokenized here, batch by batch, as there too."""
+        captions = [self.caption_variants[i] if i < len(self.caption_variants) else [""] for i in labels.tolist()]
+        chosen = [variants[0] for variants in captions]
+        if any(len(variants) > 1 for variants in captions):  # no draw otherwise: such runs keep their random streams
+            draws = torch.rand(len(captions)).tolist()
+            chosen = [variants[min(int(u * len(variants)), len(variants) - 1)] for variants, u in zip(captions, draws)]
+        token_ids = self.tokenizer(
+            chosen, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+        self.text_encoder.to(labels.device)
+        return self.text_encoder(token_ids.to(labels.device))[0]
 
     def loss(self, network, noise_scheduler, clean, timesteps, noise, class_labels=None):
         text = self.encode_captions(class_labels)
