@@ -66,15 +66,19 @@ def warm_start(
             f"`num_train_timesteps`={num_train_timesteps!r} differs from the source's {unet_steps}, the length of its "
             f"learned time embedding (`time_embedding_type`='learned': one row per training timestep); leave it out."
         )
-    model = cls(
-        **config,
-        num_train_timesteps=num_train_timesteps,
-        # a sequence as a tuple; anything else (a number, a string) as given, for the model's check to name it
-        stage_boundaries=tuple(stage_boundaries)
-        if isinstance(stage_boundaries, Iterable) and not isinstance(stage_boundaries, str)
-        else stage_boundaries,
-        boundary_units=boundary_units,
-    )
+    # built without weights (no random initialisation, no float32 copy in host memory: SDXL's U-Net with three
+    # stages would take about 22 GB), then given memory in the source's dtype on its device and filled from it
+    with torch.device("meta"):
+        model = cls(
+            **config,
+            num_train_timesteps=num_train_timesteps,
+            # a sequence as a tuple; anything else (a number, a string) as given, for the model's check to name it
+            stage_boundaries=tuple(stage_boundaries)
+            if isinstance(stage_boundaries, Iterable) and not isinstance(stage_boundaries, str)
+            else stage_boundaries,
+            boundary_units=boundary_units,
+        )
+    model = model.to_empty(device=unet.device).to(dtype=unet.dtype)
     # a fused source: its q/k/v projections are copied, and the copy fused again if the source runs fused
     state_dict = {k: v for k, v in unet.state_dict().items() if not any(p in k for p in FUSED_PROJECTIONS)}
     model.load_state_dict(unet_state_dict_to_multistage(state_dict, model.num_stages), strict=True)
@@ -88,6 +92,4 @@ def warm_start(
                 for decoder in model.decoders:
                     setattr(decoder.up_blocks[index], name, getattr(block, name))
     model.train(unet.training)
-    if unet.dtype != model.dtype:
-        model = model.to(dtype=unet.dtype)
-    return model.to(device=unet.device)
+    return model

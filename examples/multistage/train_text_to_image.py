@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--caption_column", type=str, default="text", help="The caption key of metadata.jsonl or column of the dataset.")  # fmt: skip
     group.add_argument(
         "--validation_prompts", type=str, nargs="+", default=None,
-        help="Prompts of the sample grids (every `--save_images_steps` and at the end); default: the first captions.",
+        help="Prompts of the sample grids (every `--save_images_steps` and at the end), at most `--num_sample_images` "
+        "(image i samples prompt i modulo their number); default: the first captions.",
     )  # fmt: skip
     group.add_argument("--train_decoders_only", action="store_true", help="Freeze the shared encoder (multistage).")
     return parse_and_check(parser, TextToImageTask, argv)

@@ -142,6 +142,8 @@ def test_experts_from_the_same_command(script, source, tmp_path):
         (["--caption_column", "caption", "--model_config", "unet.json"], "`--model_config` 'unet.json'"),
         (["--caption_column", "caption", "--num_train_timesteps", "500"], "`--num_train_timesteps` 500 disagrees"),
         (["--caption_column", "caption", "--ddpm_beta_schedule", "squaredcos_cap_v2"], "`--ddpm_beta_schedule`"),
+        # more prompts than the grid has images: the last ones were never sampled (TINY: 2 images)
+        (["--caption_column", "caption", "--validation_prompts", "a", "b", "c"], "`--validation_prompts` gives 3"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(script, source, tmp_path, capsys, extra, message):
@@ -222,3 +224,72 @@ def test_max_train_samples_keeps_each_image_with_its_caption(script, source, tmp
     captions = ["a red cat", "a dog", "cat", "a big cat"]
     assert [records.class_names[label] for label in records.labels] == [captions[i % 4] for i in chosen]
     assert StableDiffusionPipeline.from_pretrained(out).unet.num_stages == 2
+
+
+def _captioned(tmp_path, captions) -> str:
+    data = tmp_path / "listed"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, caption in enumerate(captions):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (data / "metadata.jsonl").write_text("\n".join(lines))
+    return str(data)
+
+
+def test_a_list_of_captions_trains_on_one_of_them_at_random(script, source, tmp_path):
+    # diffusers' train_text_to_image.py draws one caption of a list per step; they were trained as "['a', 'b']"
+    from diffusers_stages.training.loop import build_task
+    from diffusers_stages.training.tasks.text_to_image import TextToImageTask
+
+    sd, _ = source
+    data = _captioned(tmp_path, [["a red cat", "a dog"], "cat", ["a big cat"], "a dog"] * 2)
+    args = script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, *TINY,
+                              "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    task = build_task(TextToImageTask, args)
+    records = task.read_records(args)
+    assert records.class_names[:4] == ["a red cat", "cat", "a big cat", "a dog"]  # the first caption: prompts
+    task.build_networks(4, 2, None)
+    tokens = task.tokenizer(["a red cat", "a dog", "cat", "a big cat", ""], padding="max_length", truncation=True,
+                            max_length=task.tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+    encoded = task.text_encoder(tokens)[0]
+    torch.manual_seed(0)  # the loop seeds the global generator at every step: the draw repeats with the seed
+    seen = {i: set() for i in range(4)}
+    for _ in range(20):
+        states = task.encode_captions(torch.tensor([0, 1, 2, 8]))  # 8: the null label, the empty caption
+        for label, row in zip(range(4), states):
+            seen[label] |= {j for j in range(5) if torch.allclose(row, encoded[j], atol=1e-6)}
+    assert seen == {0: {0, 1}, 1: {2}, 2: {3}, 3: {4}}
+
+
+@pytest.mark.parametrize("caption", [None, 3, [], ["a cat", 2]])
+def test_a_caption_that_is_no_text_is_refused_by_name(script, source, tmp_path, caption):
+    sd, _ = source
+    data = _captioned(tmp_path, ["a cat", caption] * 4)
+    with pytest.raises(ValueError, match=r"`--caption_column` 'text': .* line 2 .* neither a string nor a list"):
+        _run(script, ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, *TINY, "--max_train_steps",
+                      "1", "--output_dir", str(tmp_path / "o")])  # fmt: skip
+
+
+def test_captions_are_tokenized_batch_by_batch(script, source, tmp_path, monkeypatch):
+    # every caption of the data (images past --max_train_samples too) was tokenized and held as int64 token ids in
+    # every process before training; diffusers' script tokenizes each batch's captions
+    from transformers import CLIPTokenizer
+
+    from diffusers_stages.training.loop import build_task
+    from diffusers_stages.training.tasks.text_to_image import TextToImageTask
+
+    sd, data = source
+    args = script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
+                              "caption", *TINY, "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    task = build_task(TextToImageTask, args)
+    task.read_records(args)
+    seen, call = [], CLIPTokenizer.__call__
+    monkeypatch.setattr(
+        CLIPTokenizer, "__call__", lambda self, text, **kw: seen.append(text) or call(self, text, **kw)
+    )
+    task.build_networks(4, 2, None)
+    assert seen == []
+    task.encode_captions(torch.tensor([1, 16]))  # image 1's caption and the null label's
+    assert seen == [["a dog", ""]]

@@ -37,3 +37,31 @@ def test_config_keys_the_source_class_ignores_are_left_out(tiny_cond_unet):
     plain = UNet2DModel(**TINY_UNET)
     plain.register_to_config(an_option_of_another_version=3)
     assert "an_option_of_another_version" not in MultiStageUNet2DModel.from_unet(plain, stage_boundaries=(500,)).config
+
+
+@pytest.mark.parametrize("conditional", [True, False], ids=["UNet2DConditionModel", "UNet2DModel"])
+def test_the_staged_model_is_built_in_the_source_dtype_without_a_random_float32_copy(tiny_cond_unet, conditional,
+                                                                                      monkeypatch):  # fmt: skip
+    # was built on the CPU in float32 with random weights, then filled and cast: for SDXL's U-Net with three stages
+    # about 22 GB of host memory (and its random initialisation) before a bfloat16 model on the GPU
+    from diffusers_stages import MultiStageUNet2DConditionModel
+
+    unet = (tiny_cond_unet(0) if conditional else UNet2DModel(**TINY_UNET)).to(torch.bfloat16)
+    staged_class = MultiStageUNet2DConditionModel if conditional else MultiStageUNet2DModel
+    initialised, init = [], torch.nn.init.kaiming_uniform_
+
+    def record(*args, **kwargs):
+        initialised.append((args[0] if args else kwargs["tensor"]).device.type)
+        return init(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", record)
+    staged = staged_class.from_unet(unet, stage_boundaries=(500,))
+    assert initialised and set(initialised) == {"meta"}  # no random weights in real memory
+    assert {p.dtype for p in staged.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in staged.parameters()} == {"cpu"}
+    source = unet.state_dict()
+    for key, value in staged.state_dict().items():  # the source's weights, each decoder its own copy
+        name = key.split(".", 2)[2] if key.startswith("decoders.") else key
+        assert torch.equal(value, source[name]), key
+    first, second = staged.decoders[0].conv_out.weight, staged.decoders[1].conv_out.weight
+    assert first.data_ptr() != second.data_ptr() and first.data_ptr() != unet.conv_out.weight.data_ptr()

@@ -34,8 +34,21 @@ SOURCE_OPTIONS = ("vae_path", "vae_subfolder", "model_config", "block_out_channe
                   "down_block_types", "up_block_types", "attention_head_dim", "norm_num_groups", "dropout")  # fmt: skip
 
 
-def captioned_folder(folder: str, caption_column: str) -> tuple[list[str], list[str]]:
-    """``(image paths, captions)`` of an image folder with a ``metadata.jsonl`` (one ``{"file_name": ...,
+def caption_variants(value, where: str, caption_column: str) -> list[str]:
+    """The captions of one image: a string, or a non-empty list of strings, of which diffusers'
+    `train_text_to_image.py` trains on one at random each time (see `TextToImageTask.encode_captions`)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(
+        f"`--caption_column` {caption_column!r}: {where} has the caption {value!r}, which is neither a string nor a "
+        "list of strings; give each image a caption (or a list of captions)."
+    )
+
+
+def captioned_folder(folder: str, caption_column: str) -> tuple[list[str], list[list[str]]]:
+    """``(image paths, captions)`` (each image's list of captions) of an image folder with a ``metadata.jsonl`` (one ``{"file_name": ...,
     "<caption_column>": ...}`` per line, the `datasets` image-folder convention); every image is decoded once here."""
     index = os.path.join(folder, "metadata.jsonl")
     if not os.path.isfile(index):
@@ -66,7 +79,7 @@ def captioned_folder(folder: str, caption_column: str) -> tuple[list[str], list[
                     f"{folder!r} (a path relative to it that stays inside it)."
                 )
             paths.append(path)
-            captions.append(str(entry[caption_column]))
+            captions.append(caption_variants(entry[caption_column], f"{index} line {number}", caption_column))
     if not paths:
         raise ValueError(f"`--train_data_dir` {folder!r}: its metadata.jsonl lists no images.")
     for path in paths:  # decode every file once before training starts: a bad one stops the run, named
@@ -123,12 +136,20 @@ class TextToImageTask(TrainingTask):
                 f"`--prediction_type` {args.prediction_type} disagrees with the source's scheduler ({source_type}): "
                 "the prediction type is the model's, drop the argument or give the source's."
             )
+        prompts = args.validation_prompts or []
+        if len(prompts) > args.num_sample_images:  # the grid samples prompt i % len(prompts) for image i
+            raise ValueError(
+                f"`--validation_prompts` gives {len(prompts)} prompts, but the sample grids hold "
+                f"`--num_sample_images` {args.num_sample_images} images: the last prompts would never be sampled. "
+                f"Give `--num_sample_images` {len(prompts)} or more, or fewer prompts."
+            )
         self._refuse_what_the_source_gives(args)
         self.method = {"multistage": "multi-stage multi-decoder U-Net", "experts": "multi-expert denoisers"}[
             args.method
         ]
-        self.text_encoder = self.tokenizer = self.token_ids = self._vae = None  # loaded with the networks
-        self.captions: list[str] = []
+        self.text_encoder = self.tokenizer = self._vae = None  # loaded with the networks
+        self.captions: list[str] = []  # each image's first caption (the default sample prompts)
+        self.caption_variants: list[list[str]] = []  # each image's captions, of which a step trains on one
         super().__init__(args)
 
     def _refuse_what_the_source_gives(self, args: argparse.Namespace) -> None:
@@ -204,10 +225,13 @@ class TextToImageTask(TrainingTask):
         else:
             columns = {"--image_column": args.image_column, "--caption_column": args.caption_column}
             dataset = load_train_split(args.dataset_name, args.dataset_config_name, args.cache_dir, columns)
-            captions = [str(c) for c in dataset[args.caption_column]]
+            captions = [
+                caption_variants(c, f"row {i}", args.caption_column)
+                for i, c in enumerate(dataset[args.caption_column])
+            ]
             load = partial(dataset_image, dataset, args.image_column)
-        self.captions = captions
-        return ImageRecords(load, len(captions), list(range(len(captions))), captions)
+        self.caption_variants, self.captions = captions, [variants[0] for variants in captions]
+        return ImageRecords(load, len(captions), list(range(len(captions))), self.captions)
 
     def check_networks(self, in_channels, sample_size, num_class_embeds):
         """Nothing to build up front: the networks are the source pipeline's (`check_data` checks them)."""
@@ -222,17 +246,13 @@ class TextToImageTask(TrainingTask):
 
     # the networks, the frozen text encoder, the steps
     def build_networks(self, in_channels, sample_size, num_class_embeds):
-        # 1. the frozen text encoder and the captions' tokens (the empty caption last: the null label)
+        # 1. the frozen text encoder (the captions are tokenized batch by batch, in `encode_captions`)
         pipe = StableDiffusionPipeline.from_pretrained(
             self.source, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             torch_dtype=torch.float32, use_safetensors=True,
         )  # fmt: skip
         self.text_encoder, self.tokenizer, self._vae = pipe.text_encoder.eval(), pipe.tokenizer, pipe.vae
         self.text_encoder.requires_grad_(False)
-        self.token_ids = self.tokenizer(
-            [*self.captions, ""], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids  # fmt: skip
 
         # 2. the networks: kept (staged, routed source) or warm-started exactly from the plain unet
         unet, partition = pipe.unet, self.partition
@@ -256,9 +276,20 @@ class TextToImageTask(TrainingTask):
 
     @torch.no_grad()
     def encode_captions(self, labels: torch.Tensor) -> torch.Tensor:
-        """The frozen text encoder's hidden states of the captions ``labels`` index (the null label: ``""``)."""
+        """The frozen text encoder's hidden states of the captions ``labels`` index (the null label: ``""``); of an
+        image with several captions, one drawn at random (from the global generator, which the loop seeds at every
+        step), as diffusers' `train_text_to_image.py` does; tokenized here, batch by batch, as there too."""
+        captions = [self.caption_variants[i] if i < len(self.caption_variants) else [""] for i in labels.tolist()]
+        chosen = [variants[0] for variants in captions]
+        if any(len(variants) > 1 for variants in captions):  # no draw otherwise: such runs keep their random streams
+            draws = torch.rand(len(captions)).tolist()
+            chosen = [variants[min(int(u * len(variants)), len(variants) - 1)] for variants, u in zip(captions, draws)]
+        token_ids = self.tokenizer(
+            chosen, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
         self.text_encoder.to(labels.device)
-        return self.text_encoder(self.token_ids[labels.cpu()].to(labels.device))[0]
+        return self.text_encoder(token_ids.to(labels.device))[0]
 
     def loss(self, network, noise_scheduler, clean, timesteps, noise, class_labels=None):
         text = self.encode_captions(class_labels)

@@ -22,10 +22,19 @@ def _folder(root, entries: list) -> str:
 
 
 def test_files_of_the_folder_and_their_captions(tmp_path):
-    folder = _folder(tmp_path, [{"file_name": "a.png", "text": "one"}, {"file_name": "sub/../sub/b.png", "text": 2}])
-    paths, captions = captioned_folder(folder, "text")
+    entries = [{"file_name": "a.png", "text": "one"}, {"file_name": "sub/../sub/b.png", "text": ["two", "2"]}]
+    paths, captions = captioned_folder(_folder(tmp_path, entries), "text")
+    folder = str(tmp_path / "data")
     assert paths == [os.path.join(folder, "a.png"), os.path.join(folder, "sub/../sub/b.png")]
-    assert captions == ["one", "2"]
+    assert captions == [["one"], ["two", "2"]]  # each image's captions (a list: one drawn per step, as diffusers)
+
+
+def test_a_caption_that_is_a_number_is_refused_as_diffusers_refuses_it(tmp_path):
+    # was trained as the text "2"; diffusers' train_text_to_image.py: "should contain either strings or lists of
+    # strings"
+    folder = _folder(tmp_path, [{"file_name": "a.png", "text": "one"}, {"file_name": "sub/b.png", "text": 2}])
+    with pytest.raises(ValueError, match=r"`--caption_column` 'text': .*line 2 has the caption 2, which is neither"):
+        captioned_folder(folder, "text")
 
 
 @pytest.mark.parametrize("file_name", ["../private.png", "sub/../../private.png", "ABSOLUTE", "link.png", 3, "", None])
