@@ -78,7 +78,9 @@ def warm_start(
             else stage_boundaries,
             boundary_units=boundary_units,
         )
-    model = model.to_empty(device=unet.device).to(dtype=unet.dtype)
+        # cast while still weightless: `torch.nn.Module.to`, as `ModelMixin.to(dtype)` warns of float32 modules
+        torch.nn.Module.to(model, dtype=unet.dtype)
+    model = model.to_empty(device=unet.device)
     # a fused source: its q/k/v projections are copied, and the copy fused again if the source runs fused
     state_dict = {k: v for k, v in unet.state_dict().items() if not any(p in k for p in FUSED_PROJECTIONS)}
     model.load_state_dict(unet_state_dict_to_multistage(state_dict, model.num_stages), strict=True)
