@@ -67,6 +67,8 @@ UNSUPPORTED_SCHEDULERS = {
     "ScoreSdeVeScheduler": "variance-exploding score models (NCSN): it conditions the model on sigma itself",
     "KarrasVeScheduler": "variance-exploding score models: it conditions the model on sigma itself",
     "IPNDMScheduler": "models of its own sin^2 schedule: it conditions the model on a time t in [0, 1]",
+    "DDPMWuerstchenScheduler": "Wuerstchen's cosine schedule: it conditions the model on a ratio r in [0, 1]",
+    "MiniMaxH3Scheduler": "MiniMax-H3's rectified flow: it conditions the model on t = 1 - sigma in [0, 1] (1: clean)",
     # an EDM-style scheduler (it has `precondition_noise`), but its c_noise is atan(sigma) 2/pi, not ln(sigma)/4
     "CosineDPMSolverMultistepScheduler": "Stable Audio's cosine schedule: it conditions the model on atan(sigma) 2/pi",
 }
