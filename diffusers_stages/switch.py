@@ -25,7 +25,7 @@ from .cli import check_output_file, load_saved_folder, write_atomically
 from .conventions import class_embedding_count, null_class_label, num_data_classes
 from .loss import diffusion_loss
 from .models.checks import check_positive_integers
-from .schedulers import is_edm_scheduler
+from .schedulers import has_continuous_timesteps, is_edm_scheduler
 
 
 @dataclass
@@ -82,6 +82,13 @@ def training_scheduler(scheduler):
     model sees it scaled), multistep solvers look the noise level up on their inference grid."""
     if is_edm_scheduler(scheduler):
         return scheduler
+    if has_continuous_timesteps(scheduler):  # its models are conditioned on ln(sigma)/4, not on training timesteps
+        raise ValueError(
+            f"`scheduler` {type(scheduler).__name__} has timestep_type='continuous' (v-prediction): its models are "
+            "conditioned on ln(sigma)/4, but the switch is measured on training timesteps (DDPM-style) or with an "
+            "EDM scheduler: give it with `timestep_type='discrete'` if the models were trained on training "
+            "timesteps, else set the pipeline's `switch_sigma` by hand."
+        )
     if getattr(scheduler, "alphas_cumprod", None) is None:
         raise ValueError(
             f"`scheduler` {type(scheduler).__name__} has no training noise schedule (`alphas_cumprod`, or EDM sigmas) "

@@ -236,6 +236,18 @@ def test_a_scheduler_without_a_training_noise_schedule_is_refused_by_name(tiny_u
         recommend_switch(model, model, FlowMatchEulerDiscreteScheduler(), images, num_levels=2)
 
 
+def test_a_scheduler_that_conditions_on_c_noise_is_refused_by_name(tiny_unet_kwargs):
+    # continuous-timestep Euler (CosXL-style) hands its model ln(sigma)/4: the error was measured on integer
+    # training timesteps, and the recommended `switch_timestep` was then refused by DualBackbonePipeline's units check
+    from diffusers import EulerDiscreteScheduler
+
+    model = UNet2DModel(**{**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1})
+    images = torch.rand(2, 1, *(2 * [tiny_unet_kwargs["sample_size"]])) * 2 - 1
+    scheduler = EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="`scheduler` EulerDiscreteScheduler .*timestep_type='continuous'"):
+        recommend_switch(model, model, scheduler, images, num_levels=2)
+
+
 def test_an_interrupted_plot_leaves_an_earlier_plot_as_it_was(tmp_path, monkeypatch):
     import matplotlib.figure
 
