@@ -20,7 +20,7 @@ from ..hub import pop_push_kwargs, push_saved_folder
 from ..models.checks import compute_dtype, is_integer_tensor, positive_integer_arguments
 from ..partition import TimestepPartition
 from ..routing import StageRouter
-from ..schedulers import model_call_timesteps
+from ..schedulers import model_call_timesteps, seed_noise_sampler
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
 from .loading import load_pipeline, write_reexport_files
 from .offload import StageOffloadMixin, offloaded_on_error
@@ -398,6 +398,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
 
         # 3. initial noise at the scheduler's first noise level
         latents = self._prepare_latents(shape, latents, generator, device, model_dtype)
+        seed_noise_sampler(self.scheduler, latents, generator)  # DPMSolverSDE's noise, from the generator too
 
         # 4. denoising loop: every model call goes to the network of the stage its noise level falls in
         for i, t in enumerate(self.progress_bar(timesteps)):

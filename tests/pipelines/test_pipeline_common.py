@@ -396,3 +396,22 @@ def test_flow_matching_with_dynamic_shifting_is_refused_by_name(kind):
         _images(pipe)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False)
     assert _images(pipe).shape == (1, 3, 8, 8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_sde_scheduler_draws_its_noise_from_the_generator(kind):
+    # DPMSolverSDEScheduler's step takes no generator: it seeded its Brownian noise from the global generator, so the
+    # same `generator` gave other images at every call
+    pytest.importorskip("torchsde")
+    pipe = _pipeline(kind, diffusers.DPMSolverSDEScheduler())
+
+    def run(seeds, global_seed):
+        torch.manual_seed(global_seed)
+        generator = [torch.Generator().manual_seed(s) for s in seeds]
+        one = generator if len(seeds) > 1 else generator[0]
+        return pipe(batch_size=len(seeds), generator=one, **{**RUN, "output_type": "latent"}).images
+
+    assert torch.equal(run([0], 1), run([0], 2))
+    assert not torch.allclose(run([0], 1), run([1], 1))
+    assert torch.allclose(run([5, 6], 1)[1:], run([6], 2), rtol=1e-5, atol=1e-5)  # one seed per image for a list
+    assert pipe.scheduler.noise_sampler_seed is None  # the scheduler's own option is left as it was
