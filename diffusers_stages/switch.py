@@ -264,6 +264,12 @@ def _load_data(name: str, resolution: int, channels: int, num_images: int) -> to
 def _image_side(sample_size) -> int:
     """The side of the square images the models are measured on: ``sample_size``, an int or a pair of equal sides
     (diffusers takes ``(8, 8)``, saved as a list)."""
+    if sample_size is None:  # diffusers' models take None (any size): the data need one
+        raise ValueError(
+            "The switch is measured on images of the models' size, but the deep model's `sample_size` is None: set "
+            "it in both models' configs (`model.register_to_config(sample_size=32)`, then save) to the size they "
+            "were trained at."
+        )
     sides = {sample_size} if isinstance(sample_size, int) else set(sample_size)
     if len(sides) != 1:
         raise ValueError(

@@ -317,6 +317,11 @@ def test_command_measures_models_whose_sample_size_is_a_pair(tiny_unet_kwargs, t
         ValueError, match="measured on square images, but the deep model's `sample_size` is \\[8, 16\\]"
     ):
         main(["--pipeline", str(tmp_path / "wide"), "--plot", str(tmp_path / "switch.png")])
+    for model in (pipe.shallow, pipe.deep):  # diffusers' UNet2DModel takes sample_size=None: was a TypeError
+        model.register_to_config(sample_size=None)
+    pipe.save_pretrained(tmp_path / "unsized")
+    with pytest.raises(ValueError, match="the deep model's `sample_size` is None.*sample_size"):
+        main(["--pipeline", str(tmp_path / "unsized"), "--plot", str(tmp_path / "switch.png")])
 
 
 def test_the_errors_depend_on_the_seed_alone_for_models_left_in_training_mode(tiny_unet_kwargs):
