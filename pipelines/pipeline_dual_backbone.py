@@ -176,8 +176,15 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         steps = getattr(scheduler.config, "num_train_timesteps", None) or 1000
         units = scheduler_units(scheduler)
         if config.switch_timestep is not None:
+            if not 0 < config.switch_timestep < steps:  # named here: the partition would name its `boundaries`
+                raise ValueError(
+                    f"`switch_timestep` must lie strictly inside the training schedule (0, {steps}) of "
+                    f"{type(scheduler).__name__}, got {config.switch_timestep}."
+                )
             return TimestepPartition([config.switch_timestep], steps, "timestep")
         if config.switch_sigma is not None:
+            if not config.switch_sigma > 0:
+                raise ValueError(f"`switch_sigma` must be a noise level > 0, got {config.switch_sigma}.")
             if units == "sigma":
                 return TimestepPartition([config.switch_sigma], steps, "sigma")
             return TimestepPartition([sigma_to_timestep(scheduler, config.switch_sigma)], steps, "timestep")
