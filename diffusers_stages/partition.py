@@ -38,6 +38,12 @@ def exact_float(device: torch.device | str) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
+def as_levels(value: torch.Tensor | float | Sequence[float]) -> torch.Tensor:
+    """``value`` as a tensor to route: a tensor as it is, Python numbers in float64, which holds them exactly (torch's
+    default float32 would round 441.99999 up to 442.0, across a boundary at 442)."""
+    return value if torch.is_tensor(value) else torch.as_tensor(value, dtype=torch.float64)
+
+
 class TimestepPartition:
     r"""
     Stage boundaries over a noise schedule, and the lookup from noise levels to stage indices.
@@ -131,7 +137,7 @@ class TimestepPartition:
 
     def noise_level(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
         """Convert what the model receives as ``timestep`` into a noise level in this partition's units."""
-        timestep = torch.as_tensor(timestep, dtype=torch.float64 if not torch.is_tensor(timestep) else None)
+        timestep = as_levels(timestep)
         if self.units == "sigma":
             return torch.exp(4.0 * timestep.to(exact_float(timestep.device)))  # EDM: c_noise = ln(sigma) / 4
         return timestep
@@ -139,7 +145,7 @@ class TimestepPartition:
     def stage_for_noise_level(self, noise_level: torch.Tensor | float | int) -> torch.Tensor:
         """Stage of each noise level (in this partition's units), as a ``long`` tensor of the same shape; a level is
         compared by its exact value, whatever its dtype (a float32 ``442.0`` stays below a boundary at ``442.00001``)."""
-        levels = torch.as_tensor(noise_level)
+        levels = as_levels(noise_level)
         low, high = self._domain(self.units, self.num_train_timesteps)
         # one reduction, read on the host (a NaN extremum fails both comparisons)
         if levels.numel():
@@ -180,7 +186,7 @@ class TimestepPartition:
         (for sigma units, compared in ``c_noise = ln(sigma) / 4`` space, see the module docstring)."""
         if self.units != "sigma":
             return self.stage_for_noise_level(self.noise_level(timestep))
-        c_noise = torch.as_tensor(timestep)
+        c_noise = as_levels(timestep)
         c_noise = c_noise if c_noise.is_floating_point() else c_noise.to(exact_float(c_noise.device))
         if c_noise.numel() and bool(c_noise.isnan().any()):
             raise ValueError(f"`timestep` must be c_noise = ln(sigma)/4 values, got NaN in {c_noise.tolist()}.")

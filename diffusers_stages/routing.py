@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from .partition import TimestepPartition
+from .partition import TimestepPartition, as_levels
 from .schedulers import check_scheduler_units, is_edm_scheduler  # noqa: F401  (their old home)
 
 
@@ -47,7 +47,7 @@ class StageRouter:
         if is_corrector is None:
             is_corrector = getattr(self.scheduler, "state_in_first_order", True) is False
         if self.stage is None or not is_corrector:
-            self.stage = int(self.partition.stage_for_timestep(torch.as_tensor(timestep).reshape(1))[0])
+            self.stage = int(self.partition.stage_for_timestep(as_levels(timestep).reshape(1))[0])
         return self.stage
 
 

@@ -67,6 +67,8 @@ UNSUPPORTED_SCHEDULERS = {
     "ScoreSdeVeScheduler": "variance-exploding score models (NCSN): it conditions the model on sigma itself",
     "KarrasVeScheduler": "variance-exploding score models: it conditions the model on sigma itself",
     "IPNDMScheduler": "models of its own sin^2 schedule: it conditions the model on a time t in [0, 1]",
+    "DDPMWuerstchenScheduler": "Wuerstchen's cosine schedule: it conditions the model on a ratio r in [0, 1]",
+    "MiniMaxH3Scheduler": "MiniMax-H3's rectified flow: it conditions the model on t = 1 - sigma in [0, 1] (1: clean)",
     # an EDM-style scheduler (it has `precondition_noise`), but its c_noise is atan(sigma) 2/pi, not ln(sigma)/4
     "CosineDPMSolverMultistepScheduler": "Stable Audio's cosine schedule: it conditions the model on atan(sigma) 2/pi",
 }
@@ -196,6 +198,24 @@ def scheduler_step_kwargs(
             )
         kwargs[key] = value
     return kwargs
+
+
+def seed_noise_sampler(
+    scheduler, sample: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None
+) -> None:
+    """Seed a `DPMSolverSDEScheduler` run from ``generator`` (after ``set_timesteps``): its ``step`` takes no
+    generator and seeds its Brownian noise from the global generator unless its config sets ``noise_sampler_seed``,
+    so a seeded run gave other images at every call. Its noise sampler is built here as its first ``step`` builds it,
+    with seeds drawn from ``generator`` (one per image for a list, which ``sample``'s batch must match)."""
+    if generator is None or getattr(scheduler, "noise_sampler_seed", 0) is not None or scheduler.noise_sampler:
+        return  # not an SDE scheduler, a seed of its own, or a sampler already built
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+    generators = generator if isinstance(generator, list) else [generator]
+    seeds = [int(torch.randint(0, 2**63 - 1, (), generator=g, device=g.device)) for g in generators]
+    sigmas = scheduler.sigmas
+    low, high = float(sigmas[sigmas > 0].min()), float(sigmas.max())
+    scheduler.noise_sampler = BrownianTreeNoiseSampler(sample, low, high, seeds if len(seeds) > 1 else seeds[0])
 
 
 def check_num_inference_steps(scheduler, num_inference_steps: int) -> None:

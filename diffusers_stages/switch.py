@@ -7,7 +7,8 @@ model's error stays within ``tolerance`` (relative) of the deep model's. Running
 changes each affected model call's error by at most that much.
 
 Command: ``python -m diffusers_stages.switch --pipeline DIR --data digits --tolerance 0.05 --plot switch.png``
-(a saved `DualBackbonePipeline`, or ``--shallow DIR --deep DIR --scheduler DIR``).
+(a saved `DualBackbonePipeline`, or ``--shallow DIR --deep DIR --scheduler DIR``, with ``--vae DIR`` for latent
+models: they are measured on the data's VAE latents).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cli import check_output_file, load_saved_folder, write_atomically
-from .conventions import class_embedding_count, null_class_label, num_data_classes
+from .conventions import class_embedding_count, null_class_label, num_data_classes, vae_to_model_latents
 from .loss import diffusion_loss
 from .models.checks import check_positive_integers
-from .schedulers import is_edm_scheduler
+from .schedulers import has_continuous_timesteps, is_edm_scheduler
 
 
 @dataclass
@@ -82,6 +83,13 @@ def training_scheduler(scheduler):
     model sees it scaled), multistep solvers look the noise level up on their inference grid."""
     if is_edm_scheduler(scheduler):
         return scheduler
+    if has_continuous_timesteps(scheduler):  # its models are conditioned on ln(sigma)/4, not on training timesteps
+        raise ValueError(
+            f"`scheduler` {type(scheduler).__name__} has timestep_type='continuous' (v-prediction): its models are "
+            "conditioned on ln(sigma)/4, but the switch is measured on training timesteps (DDPM-style) or with an "
+            "EDM scheduler: give it with `timestep_type='discrete'` if the models were trained on training "
+            "timesteps, else set the pipeline's `switch_sigma` by hand."
+        )
     if getattr(scheduler, "alphas_cumprod", None) is None:
         raise ValueError(
             f"`scheduler` {type(scheduler).__name__} has no training noise schedule (`alphas_cumprod`, or EDM sigmas) "
@@ -256,6 +264,12 @@ def _load_data(name: str, resolution: int, channels: int, num_images: int) -> to
 def _image_side(sample_size) -> int:
     """The side of the square images the models are measured on: ``sample_size``, an int or a pair of equal sides
     (diffusers takes ``(8, 8)``, saved as a list)."""
+    if sample_size is None:  # diffusers' models take None (any size): the data need one
+        raise ValueError(
+            "The switch is measured on images of the models' size, but the deep model's `sample_size` is None: set "
+            "it in both models' configs (`model.register_to_config(sample_size=32)`, then save) to the size they "
+            "were trained at."
+        )
     sides = {sample_size} if isinstance(sample_size, int) else set(sample_size)
     if len(sides) != 1:
         raise ValueError(
@@ -284,14 +298,32 @@ def _load_models(args) -> tuple:
         from .pipelines import DualBackbonePipeline
 
         pipe = DualBackbonePipeline.from_pretrained(args.pipeline)  # never runs code from the folder
-        return pipe.shallow, pipe.deep, pipe.scheduler
+        return pipe.shallow, pipe.deep, pipe.scheduler, pipe.vae
     if not (args.shallow and args.deep and args.scheduler):
         raise ValueError("Give `--pipeline DIR`, or all of `--shallow DIR --deep DIR --scheduler DIR`.")
     return (
         load_saved_folder(args.shallow, "--shallow"),
         load_saved_folder(args.deep, "--deep"),
         load_saved_folder(args.scheduler, "--scheduler", scheduler=True),
+        load_saved_folder(args.vae, "--vae") if args.vae else None,
     )
+
+
+@torch.no_grad()
+def _vae_latents(vae, images: torch.Tensor, seed: int, batch_size: int = 64) -> torch.Tensor:
+    """``images`` as a latent-diffusion pair is trained on them: seeded samples of ``vae``'s posterior, scaled by
+    `vae_to_model_latents` (what the training scripts do)."""
+    from diffusers import AutoencoderKL
+
+    if not isinstance(vae, AutoencoderKL):
+        raise ValueError(
+            f"The models' VAE is a {type(vae).__name__}: the switch is measured on an AutoencoderKL's latents (the "
+            "VAE the training scripts train with), as the models were trained on them."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    batches = [images[start : start + batch_size].to(vae.dtype) for start in range(0, len(images), batch_size)]
+    latents = [vae.encode(batch).latent_dist.sample(generator) for batch in batches]
+    return vae_to_model_latents(vae, torch.cat(latents)).float()
 
 
 def check_dual_backbone_folder(path: str) -> None:
@@ -320,6 +352,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shallow", help="a saved shallow model folder (with --deep and --scheduler)")
     parser.add_argument("--deep", help="a saved deep model folder")
     parser.add_argument("--scheduler", help="a saved scheduler folder")
+    parser.add_argument("--vae", help="with --shallow/--deep of latent models: the AutoencoderKL folder they train on")
     parser.add_argument("--data", default="digits", help="'digits' (sklearn), an image folder, or a datasets name")
     parser.add_argument(
         "--num_images", type=int, default=256, help="the first N images of --data, at the deep model's sample_size"
@@ -349,7 +382,7 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     check_settings(args.tolerance, args.num_levels, args.num_images)  # before any model or data is loaded
     check_output_file(args.plot, "--plot")
     if args.pipeline:
-        given = [f"`--{name}`" for name in ("shallow", "deep", "scheduler") if getattr(args, name) is not None]
+        given = [f"`--{name}`" for name in ("shallow", "deep", "scheduler", "vae") if getattr(args, name) is not None]
         if given:  # the pipeline's models and scheduler would be measured, these ignored
             raise ValueError(
                 f"`--pipeline` holds the models: {', '.join(given)} would be ignored. Give `--pipeline DIR`, or "
@@ -357,9 +390,15 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
             )
         check_dual_backbone_folder(args.pipeline)
 
-    shallow, deep, scheduler = _load_models(args)
-    config = deep.config
-    images = _load_data(args.data, _image_side(config.sample_size), config.in_channels, args.num_images)
+    shallow, deep, scheduler, vae = _load_models(args)
+    config, side = deep.config, _image_side(deep.config.sample_size)
+    if vae is None:
+        images = _load_data(args.data, side, config.in_channels, args.num_images)
+    else:  # latent models: measured on the data's VAE latents, as they were trained
+        from .pipelines.pipeline_staged import vae_scale_factor
+
+        pixels = _load_data(args.data, side * vae_scale_factor(vae), vae.config.in_channels, args.num_images)
+        images = _vae_latents(vae, pixels, args.seed)
     labels, labelled = _class_labels(config, args.data, len(images))
     if labels is not None:
         print(f"class labels: {labelled}")

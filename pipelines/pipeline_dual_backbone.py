@@ -54,7 +54,9 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
       one step each). It is resolved at every call from the scheduler's timesteps after ``set_timesteps``, so it
       means the same share of steps for any step count; the boundary is put halfway between the last shallow step's
       timestep and the first deep one's.
-    - ``switch_timestep``: a training timestep; the shallow model runs every call at ``t >= switch_timestep``.
+    - ``switch_timestep``: a training timestep; the shallow model runs every call at ``t >= switch_timestep``, the
+      rule `WanPipeline` applies to its high-noise ``transformer`` (Wan 2.2's ``boundary_ratio`` r is
+      ``switch_timestep = r * num_train_timesteps``, a fraction of the timestep range, not ``switch_step_fraction``).
       DuoDiff's sampler counts one step more: its ``--t_switch`` swaps in the deep model *after* the first call at
       ``t < 1000 - t_switch``, so that call still runs on the shallow model (with DDIM 50 steps and ``t_switch=300``:
       16 shallow calls of its 49, where ``switch_timestep=700`` gives 15 of 50 here). To reproduce its split, give
@@ -178,8 +180,15 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         steps = getattr(scheduler.config, "num_train_timesteps", None) or 1000
         units = scheduler_units(scheduler)
         if config.switch_timestep is not None:
+            if not 0 < config.switch_timestep < steps:  # named here: the partition would name its `boundaries`
+                raise ValueError(
+                    f"`switch_timestep` must lie strictly inside the training schedule (0, {steps}) of "
+                    f"{type(scheduler).__name__}, got {config.switch_timestep}."
+                )
             return TimestepPartition([config.switch_timestep], steps, "timestep")
         if config.switch_sigma is not None:
+            if not config.switch_sigma > 0:
+                raise ValueError(f"`switch_sigma` must be a noise level > 0, got {config.switch_sigma}.")
             if units == "sigma":
                 return TimestepPartition([config.switch_sigma], steps, "sigma")
             return TimestepPartition([sigma_to_timestep(scheduler, config.switch_sigma)], steps, "timestep")

@@ -25,7 +25,7 @@ from ..models.checks import (
 )
 from ..partition import TimestepPartition
 from ..routing import StageRouter
-from ..schedulers import model_call_timesteps
+from ..schedulers import model_call_timesteps, seed_noise_sampler
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
 from .loading import load_pipeline, write_reexport_files
 from .offload import StageOffloadMixin, offloaded_on_error
@@ -441,6 +441,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
 
         # 3. initial noise at the scheduler's first noise level
         latents = self._prepare_latents(shape, latents, generator, device, model_dtype)
+        seed_noise_sampler(self.scheduler, latents, generator)  # DPMSolverSDE's noise, from the generator too
 
         # 4. denoising loop: every model call goes to the network of the stage its noise level falls in
         for i, t in enumerate(self.progress_bar(timesteps)):

@@ -2,8 +2,9 @@ import math
 
 import pytest
 import torch
+from diffusers import DDIMScheduler, FlowMapEulerDiscreteScheduler
 
-from diffusers_stages import TimestepPartition
+from diffusers_stages import StageRouter, TimestepPartition
 
 
 def test_stage_lookup_matches_half_open_intervals():
@@ -171,3 +172,25 @@ def test_integer_timesteps_route_without_float64_where_the_device_has_none(monke
     assert sigma.noise_level(torch.tensor([0])).dtype == torch.float32  # c_noise 0: sigma 1
     assert sigma.stage_for_timestep(torch.tensor([-1, 0, 1])).tolist() == [0, 1, 2]  # sigma e^-4, 1, e^4
     assert seen and all(torch.device(d).type == "cpu" for d in seen)
+
+
+def test_a_python_number_is_routed_by_its_own_value():
+    # a Python float became a float32 tensor (torch's default dtype) in stage_for_noise_level and StageRouter:
+    # 441.99999 rounded up to 442.0 and went to the noisier stage, while stage_for_timestep (float64) said stage 0
+    partition = TimestepPartition([442])
+    assert int(partition.stage_for_noise_level(441.99999)) == 0
+    assert partition.stage_for_noise_level([441.99999, 442.0]).tolist() == [0, 1]
+    assert StageRouter(partition, DDIMScheduler())(441.99999) == 0
+    # expert_schedule routes the float of each scheduler timestep: a float64 one (FlowMapEulerDiscreteScheduler) must
+    # route as the model routes the tensor itself, also where its float32 rounding lies across the boundary
+    scheduler = FlowMapEulerDiscreteScheduler()
+    scheduler.set_timesteps(7)
+    t = scheduler.timesteps[1]
+    assert t.dtype == torch.float64 and t.float().double() != t
+    boundary = float((t + t.float().double()) / 2)  # between the value and its float32 rounding
+    partition = TimestepPartition([boundary])
+    expected = int(partition.stage_for_timestep(t.reshape(1))[0])
+    assert StageRouter(partition, scheduler)(float(t), is_corrector=False) == expected
+    sigma = TimestepPartition([2.0], units="sigma")
+    c_noise = 0.25 * math.log(2.0)  # on the boundary, computed in float64: the cleaner stage
+    assert int(sigma.stage_for_timestep(c_noise)) == int(sigma.stage_for_noise_level(2.0)) == 0

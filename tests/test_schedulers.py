@@ -93,6 +93,9 @@ def test_a_consistency_model_scheduler_is_refused_by_name():
         ("IPNDMScheduler", r"t in \[0, 1\]"),  # was: every call routed to stage 0 (t <= 1), silently
         # was: taken as EDM's ln(sigma)/4 (it has `precondition_noise`), so a sigma partition routed it wrongly
         ("CosineDPMSolverMultistepScheduler", r"atan\(sigma\)"),
+        # were: every call routed to stage 0 (timesteps in [0, 1]), silently; MiniMax-H3's run from 0 (noise) to 1
+        ("DDPMWuerstchenScheduler", r"ratio r in \[0, 1\]"),
+        ("MiniMaxH3Scheduler", r"1 - sigma in \[0, 1\]"),
     ],
 )
 def test_schedulers_of_other_model_families_are_refused_by_name(name, conditioning):

@@ -236,6 +236,49 @@ def test_a_scheduler_without_a_training_noise_schedule_is_refused_by_name(tiny_u
         recommend_switch(model, model, FlowMatchEulerDiscreteScheduler(), images, num_levels=2)
 
 
+def test_a_scheduler_that_conditions_on_c_noise_is_refused_by_name(tiny_unet_kwargs):
+    # continuous-timestep Euler (CosXL-style) hands its model ln(sigma)/4: the error was measured on integer
+    # training timesteps, and the recommended `switch_timestep` was then refused by DualBackbonePipeline's units check
+    from diffusers import EulerDiscreteScheduler
+
+    model = UNet2DModel(**{**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1})
+    images = torch.rand(2, 1, *(2 * [tiny_unet_kwargs["sample_size"]])) * 2 - 1
+    scheduler = EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="`scheduler` EulerDiscreteScheduler .*timestep_type='continuous'"):
+        recommend_switch(model, model, scheduler, images, num_levels=2)
+
+
+@pytest.mark.parametrize("source", ["pipeline", "folders"])
+def test_a_latent_pair_is_measured_on_its_vaes_latents(source, tiny_unet_kwargs, tmp_path, monkeypatch):
+    # the images were resized to the latent resolution and their channels repeated to the latent channels: the errors
+    # were measured on pixels posing as latents, not on the VAE latents the models were trained on
+    import diffusers_stages.switch as switch_module
+    from diffusers_stages.conventions import vae_to_model_latents
+    from tests.conftest import tiny_vae
+
+    shape = {**tiny_unet_kwargs, "in_channels": 4, "out_channels": 4}  # 8 px latents of 16 px images
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    pipe = DualBackbonePipeline(
+        shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler(), vae=vae
+    )
+    pipe.save_pretrained(tmp_path / "pipe")
+    seen = []
+    measure = switch_module.recommend_switch
+    monkeypatch.setattr(switch_module, "recommend_switch", lambda *a, **k: seen.append(a[3]) or measure(*a, **k))
+    if source == "pipeline":
+        models = ["--pipeline", str(tmp_path / "pipe")]
+    else:
+        models = [f"--{name}={tmp_path / 'pipe' / name}" for name in ("shallow", "deep", "scheduler", "vae")]
+    argv = [*models, "--num_images", "4", "--num_levels", "2", "--seed", "3", "--plot", str(tmp_path / "s.png")]
+    main(argv)
+    pixels = switch_module._load_data("digits", 16, 3, 4)
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+    expected = vae_to_model_latents(vae, posterior.sample(torch.Generator().manual_seed(3)))
+    assert seen[0].shape == (4, 4, 8, 8) and torch.allclose(seen[0], expected, atol=1e-6)
+
+
 def test_an_interrupted_plot_leaves_an_earlier_plot_as_it_was(tmp_path, monkeypatch):
     import matplotlib.figure
 
@@ -274,6 +317,11 @@ def test_command_measures_models_whose_sample_size_is_a_pair(tiny_unet_kwargs, t
         ValueError, match="measured on square images, but the deep model's `sample_size` is \\[8, 16\\]"
     ):
         main(["--pipeline", str(tmp_path / "wide"), "--plot", str(tmp_path / "switch.png")])
+    for model in (pipe.shallow, pipe.deep):  # diffusers' UNet2DModel takes sample_size=None: was a TypeError
+        model.register_to_config(sample_size=None)
+    pipe.save_pretrained(tmp_path / "unsized")
+    with pytest.raises(ValueError, match="the deep model's `sample_size` is None.*sample_size"):
+        main(["--pipeline", str(tmp_path / "unsized"), "--plot", str(tmp_path / "switch.png")])
 
 
 def test_the_errors_depend_on_the_seed_alone_for_models_left_in_training_mode(tiny_unet_kwargs):

@@ -447,3 +447,22 @@ def test_class_names_of_an_unconditional_model_are_refused_and_none_are_named(pi
         type(pipe)(**pipe.components, **_switch(pipe), id2label={0: "cat"})
     with pytest.raises(ValueError, match="its names are: none: this pipeline was saved without `id2label`"):
         pipe.get_label_ids("cat")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_sde_scheduler_draws_its_noise_from_the_generator(kind):
+    # DPMSolverSDEScheduler's step takes no generator: it seeded its Brownian noise from the global generator, so the
+    # same `generator` gave other images at every call
+    pytest.importorskip("torchsde")
+    pipe = _pipeline(kind, diffusers.DPMSolverSDEScheduler())
+
+    def run(seeds, global_seed):
+        torch.manual_seed(global_seed)
+        generator = [torch.Generator().manual_seed(s) for s in seeds]
+        one = generator if len(seeds) > 1 else generator[0]
+        return pipe(batch_size=len(seeds), generator=one, **{**RUN, "output_type": "latent"}).images
+
+    assert torch.equal(run([0], 1), run([0], 2))
+    assert not torch.allclose(run([0], 1), run([1], 1))
+    assert torch.allclose(run([5, 6], 1)[1:], run([6], 2), rtol=1e-5, atol=1e-5)  # one seed per image for a list
+    assert pipe.scheduler.noise_sampler_seed is None  # the scheduler's own option is left as it was

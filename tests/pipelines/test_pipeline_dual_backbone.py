@@ -155,13 +155,15 @@ def test_bad_switches_are_refused(backbones):
         _dual(shallow, deep, DDIMScheduler(), switch_timestep=300, switch_step_fraction=0.5)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         _dual(shallow, deep, DDIMScheduler(), switch_step_fraction=1.0)
-    with pytest.raises(ValueError, match="inside the schedule"):
-        _dual(shallow, deep, DDIMScheduler(), switch_timestep=1200)
+    for timestep in (1200, 1000, 0, -5):  # named as `boundaries`, an argument the caller never gave
+        with pytest.raises(ValueError, match=rf"`switch_timestep` must lie strictly inside .*\(0, 1000\).*{timestep}"):
+            _dual(shallow, deep, DDIMScheduler(), switch_timestep=timestep)
     with pytest.raises(ValueError, match="EDM"):
         _dual(shallow, deep, EDMEulerScheduler(), switch_timestep=300)
-    for sigma in (0.0, -1.0):  # no noise level: named, not a math domain error
-        with pytest.raises(ValueError, match="`switch_sigma` must be a noise level > 0"):
-            _dual(shallow, deep, DDIMScheduler(), switch_sigma=sigma)
+    for sigma in (0.0, -1.0):  # no noise level: named, not a math domain error (nor `boundaries` for EDM)
+        for scheduler in (DDIMScheduler(), EDMEulerScheduler()):
+            with pytest.raises(ValueError, match="`switch_sigma` must be a noise level > 0"):
+                _dual(shallow, deep, scheduler, switch_sigma=sigma)
     pipe = _dual(shallow, deep, DDIMScheduler(), switch_step_fraction=0.5)
     with pytest.raises(ValueError, match=">= 2"):
         pipe(num_inference_steps=1)
