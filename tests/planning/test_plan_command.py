@@ -14,9 +14,11 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from diffusers_stages import MultiStageUNet2DModel, TimestepPartition
+from diffusers_stages.conventions import vae_to_model_latents
 from diffusers_stages.plan import run
-from diffusers_stages.planning import load_images
+from diffusers_stages.planning import load_images, plan_stages
 from diffusers_stages.planning.budget import expected_flops
+from tests.conftest import tiny_vae
 
 FAST = ["--num_levels", "30", "--num_samples", "16", "--resolution", "8", "--num_channels", "1"]
 
@@ -342,3 +344,39 @@ def test_the_json_line_holds_the_keys_the_readme_lists(digit_folder, tmp_path, t
     assert list(run(common)) == [*plan_keys, *widths]
     budget = ["expected_flops", "budget", "stage_flops", "stage_calls"]
     assert set(run([*common, "--budget", "1e9"])) == {*plan_keys, *widths, *budget}
+
+
+def test_vae_path_plans_on_the_scaled_latents_training_sees(digit_folder, tmp_path, capsys):
+    # the command had no --vae_path: a latent run was planned on pixels, with boundaries for another data space
+    vae = tiny_vae()
+    vae.register_to_config(scaling_factor=0.5, shift_factor=0.25)  # the model sees (E(x) - shift) * scaling
+    vae.save_pretrained(tmp_path / "repo" / "vae")
+    fast = [*FAST[:-2], "--num_channels", "3", "--seed", "3"]  # RGB images: what the VAE encodes
+    result = run(["--train_data_dir", str(digit_folder), *fast, "--max_images", "60", "--vae_path",
+                  str(tmp_path / "repo"), "--vae_subfolder", "vae"])  # fmt: skip
+    assert "60 training latents of shape (4, 4, 4)" in capsys.readouterr().err
+    images = load_images(str(digit_folder), resolution=8, num_channels=3, max_images=60)
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+    latents = vae_to_model_latents(vae, posterior.sample(torch.Generator().manual_seed(3)))
+    expected = plan_stages(latents, DDPMScheduler(), 3, num_samples=16, num_levels=30, generator=torch.manual_seed(3))
+    assert result == expected.to_dict()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--vae_subfolder", "vae"], "`--vae_subfolder` 'vae' is a folder inside `--vae_path`: give `--vae_path`"),
+        (["--vae_path", "VAE", "--num_channels", "1"], "`--num_channels` 1 does not fit `--vae_path`"),
+        (["--vae_path", "MODEL"], "holds a UNet2DModel, not an AutoencoderKL"),
+        (["--vae_path", "VAE", "--method", "snr"], "--vae_path is read with the training images only"),
+    ],
+)
+def test_bad_vae_options_are_usage_errors_before_any_image_is_read(tmp_path, capsys, options, message):
+    tiny_vae().save_config(tmp_path / "vae")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    options = [{"VAE": str(tmp_path / "vae"), "MODEL": str(tmp_path / "model")}.get(o, o) for o in options]
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", str(tmp_path / "no-such-folder"), *FAST[:-2], *options])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
