@@ -200,13 +200,22 @@ def _check_vae(args: argparse.Namespace) -> None:
 
     from .training.loop import vae_shape
 
-    vae_shape(args)  # an AutoencoderKL config, else a ValueError naming --vae_path
+    latent_channels, _ = vae_shape(args)  # an AutoencoderKL config, else a ValueError naming --vae_path
     in_channels = AutoencoderKL.load_config(args.vae_path, subfolder=args.vae_subfolder).get("in_channels", 3)
     if args.num_channels != in_channels:
         raise ValueError(
             f"`--num_channels` {args.num_channels} does not fit `--vae_path` {args.vae_path!r}, which encodes "
             f"{in_channels}-channel images: give `--num_channels {in_channels}`."
         )
+    if args.model_config is not None:  # a latent model: it takes the VAE's latents
+        with open(args.model_config, encoding="utf-8") as f:
+            model_channels = json.load(f).get("in_channels", 3)
+        if model_channels != latent_channels:
+            raise ValueError(
+                f"`--model_config` {args.model_config!r} takes {model_channels}-channel samples, but `--vae_path` "
+                f"{args.vae_path!r} gives {latent_channels}-channel latents: give the latent model's config, or the "
+                "VAE it trains with."
+            )
 
 
 PLANNED_FROM = ("UNet2DModel", "MultiStageUNet2DModel")  # the configs whose encoder the planned stages share

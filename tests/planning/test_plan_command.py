@@ -370,13 +370,18 @@ def test_vae_path_plans_on_the_scaled_latents_training_sees(digit_folder, tmp_pa
         (["--vae_path", "VAE", "--num_channels", "1"], "`--num_channels` 1 does not fit `--vae_path`"),
         (["--vae_path", "MODEL"], "holds a UNet2DModel, not an AutoencoderKL"),
         (["--vae_path", "VAE", "--method", "snr"], "--vae_path is read with the training images only"),
+        (["--vae_path", "VAE", "--model_config", "PIXELS"], "takes 3-channel samples, but `--vae_path`"),
     ],
 )
 def test_bad_vae_options_are_usage_errors_before_any_image_is_read(tmp_path, capsys, options, message):
     tiny_vae().save_config(tmp_path / "vae")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
-    options = [{"VAE": str(tmp_path / "vae"), "MODEL": str(tmp_path / "model")}.get(o, o) for o in options]
+    blocks = {"down_block_types": ["DownBlock2D"] * 2, "up_block_types": ["UpBlock2D"] * 2}
+    pixels = {"block_out_channels": [8, 16], "norm_num_groups": 4, **blocks}  # in_channels 3: RGB pixels
+    (tmp_path / "pixels.json").write_text(json.dumps(pixels))
+    paths = {"VAE": tmp_path / "vae", "MODEL": tmp_path / "model", "PIXELS": tmp_path / "pixels.json"}
+    options = [str(paths[o]) if o in paths else o for o in options]
     with pytest.raises(SystemExit) as exit_info:
         run(["--train_data_dir", str(tmp_path / "no-such-folder"), *FAST[:-2], *options])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
