@@ -13,6 +13,7 @@ with ``lambda_i`` the eigenvalues of the data covariance. It is ~1 where the noi
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 
@@ -134,10 +135,19 @@ def scaled_widths(block_out_channels: Sequence[int], scale: float, norm_num_grou
 
 def width_multiple(config: Mapping) -> int:
     """What every decoder width of a model of ``config`` must be a multiple of: ``norm_num_groups``, and, where its
-    blocks attend with a fixed ``attention_head_dim``, that too (a narrower width would have no head)."""
-    groups = config.get("norm_num_groups") or 1
-    head_dim = config.get("attention_head_dim")
-    blocks = [*(config.get("down_block_types") or ()), *(config.get("up_block_types") or ())]
+    blocks attend with a fixed ``attention_head_dim``, that too (a narrower width would have no head). A key the
+    config leaves out has the value the model is built with: `UNet2DModel`'s default (`MultiStageUNet2DModel`'s are
+    the same)."""
+    from diffusers import UNet2DModel
+
+    defaults = inspect.signature(UNet2DModel.__init__).parameters
+
+    def value(key: str):
+        return config[key] if key in config else defaults[key].default
+
+    groups = value("norm_num_groups") or 1
+    head_dim = value("attention_head_dim")
+    blocks = [*(value("down_block_types") or ()), *(value("up_block_types") or ())]
     if isinstance(head_dim, int) and head_dim > 0 and any("Attn" in str(block) for block in blocks):
         return math.lcm(groups, head_dim)
     return groups

@@ -224,5 +224,6 @@ def test_budget_candidates_give_every_attention_layer_a_head():
     attn = {"norm_num_groups": 4, "attention_head_dim": 8, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"]}
     assert width_multiple(attn) == 8
     assert width_multiple(dict(attn, attention_head_dim=6)) == 12
-    assert width_multiple(dict(attn, down_block_types=["DownBlock2D"] * 2)) == 4  # no attention: no head
+    no_attention = dict(attn, down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2)
+    assert width_multiple(no_attention) == 4  # no attention: no head (diffusers' default up blocks attend)
     assert width_multiple(dict(attn, attention_head_dim=None)) == 4  # one head as wide as the block
