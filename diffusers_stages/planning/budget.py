@@ -78,6 +78,21 @@ def check_budget(budget: float, name: str = "budget") -> float:
     return float(budget)
 
 
+def check_sample_size(config: Mapping, name: str = "model_config") -> None:
+    """Refuse a model config whose ``sample_size`` is not a side or a ``[height, width]`` of positive integers (None,
+    `UNet2DModel`'s default, takes any size): a call's FLOPs depend on the size of its samples. ``name`` is the
+    argument the config came from."""
+    size = config.get("sample_size")
+    pair = isinstance(size, (list, tuple))  # [height, width], else one side
+    sides = list(size) if pair else [size]
+    if len(sides) != (2 if pair else 1) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sides):
+        raise ValueError(
+            f"`{name}` has no usable `sample_size` (got {size!r}): the FLOPs a budget pays for depend on the size of "
+            "the samples; set it to the side (or [height, width]) of the samples the model trains on (of its "
+            "latents, for a latent model)."
+        )
+
+
 def stage_calls(
     partition: TimestepPartition,
     num_inference_steps: int | None = None,
@@ -141,6 +156,7 @@ def measure_stage_flops(
     if architecture not in ARCHITECTURES:
         raise ValueError(f"`architecture` must be one of {ARCHITECTURES}, got {architecture!r}.")
     config = plain_config(getattr(config, "config", config))  # the widths written over it are what is counted
+    check_sample_size(config)
     key = json.dumps(config, sort_keys=True, default=str)  # a model config is plain JSON
     calls, capacity = _measure(key, tuple(tuple(int(x) for x in w) for w in widths), architecture, training)
     return list(calls), list(capacity)
