@@ -34,6 +34,7 @@ from .planning import (
 )
 from .planning.budget import check_budget, check_sample_size
 from .planning.optimal_denoiser import check_planning_data
+from .planning.sizing import config_value
 from .planning.stage_plan import _check_unit_interval
 
 PLANNING_INTEGERS = ("resolution", "num_samples", "chunk_size", "max_images")  # checked before loading
@@ -371,7 +372,7 @@ def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: Nois
         )
         return plan.decoder_block_out_channels
     difficulty = stage_difficulty(data, schedule, plan.partition)
-    widths = suggest_decoder_widths(config["block_out_channels"], difficulty, config=config)
+    widths = suggest_decoder_widths(config_value(config, "block_out_channels"), difficulty, config=config)
     result["stage_difficulty"] = [round(d, 4) for d in difficulty]
     result["decoder_block_out_channels"] = [list(w) for w in widths]
     print(f"  heuristic decoder widths (clean stage first): {result['decoder_block_out_channels']}")

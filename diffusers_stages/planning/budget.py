@@ -35,7 +35,7 @@ from ..evaluation import count_flops
 from ..partition import TimestepPartition
 from ..schedulers import check_scheduler_units, model_call_timesteps
 from ..timestep_sampling import stage_mass
-from .sizing import partition_to_model_config, plain_config, scaled_widths, width_multiple
+from .sizing import config_value, partition_to_model_config, plain_config, scaled_widths, width_multiple
 
 ARCHITECTURES = ("multistage", "experts")
 DEFAULT_SCALES = tuple(k / 8 for k in range(1, 17))  # x0.125 (the paper's smallest decoder) to x2 of the encoder
@@ -275,7 +275,7 @@ def widths_for_budget(
         )
     config = getattr(config, "config", config)
     calls = stage_calls(partition, num_inference_steps, scheduler, batch_size)
-    candidates = candidate_widths(config["block_out_channels"], width_multiple(config), scales)
+    candidates = candidate_widths(config_value(config, "block_out_channels"), width_multiple(config), scales)
     flops, capacity = measure_stage_flops(config, candidates, architecture, training=num_inference_steps is None)
     cheapest = sum(calls) * min(flops)
     if budget < cheapest:

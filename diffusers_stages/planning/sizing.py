@@ -133,21 +133,21 @@ def scaled_widths(block_out_channels: Sequence[int], scale: float, norm_num_grou
     )
 
 
+def config_value(config: Mapping, key: str):
+    """``config[key]``, or, where the config leaves it out, the value the model is built with: `UNet2DModel`'s
+    default (`MultiStageUNet2DModel`'s are the same)."""
+    from diffusers import UNet2DModel
+
+    return config[key] if key in config else inspect.signature(UNet2DModel.__init__).parameters[key].default
+
+
 def width_multiple(config: Mapping) -> int:
     """What every decoder width of a model of ``config`` must be a multiple of: ``norm_num_groups``, and, where its
     blocks attend with a fixed ``attention_head_dim``, that too (a narrower width would have no head). A key the
-    config leaves out has the value the model is built with: `UNet2DModel`'s default (`MultiStageUNet2DModel`'s are
-    the same)."""
-    from diffusers import UNet2DModel
-
-    defaults = inspect.signature(UNet2DModel.__init__).parameters
-
-    def value(key: str):
-        return config[key] if key in config else defaults[key].default
-
-    groups = value("norm_num_groups") or 1
-    head_dim = value("attention_head_dim")
-    blocks = [*(value("down_block_types") or ()), *(value("up_block_types") or ())]
+    config leaves out has its default (`config_value`)."""
+    groups = config_value(config, "norm_num_groups") or 1
+    head_dim = config_value(config, "attention_head_dim")
+    blocks = [*(config_value(config, "down_block_types") or ()), *(config_value(config, "up_block_types") or ())]
     if isinstance(head_dim, int) and head_dim > 0 and any("Attn" in str(block) for block in blocks):
         return math.lcm(groups, head_dim)
     return groups

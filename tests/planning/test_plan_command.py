@@ -17,7 +17,7 @@ from diffusers_stages import MultiStageUNet2DModel, TimestepPartition
 from diffusers_stages.conventions import vae_to_model_latents
 from diffusers_stages.plan import run
 from diffusers_stages.planning import load_images, plan_stages
-from diffusers_stages.planning.budget import expected_flops
+from diffusers_stages.planning.budget import expected_flops, widths_for_budget
 from tests.conftest import tiny_vae
 
 FAST = ["--num_levels", "30", "--num_samples", "16", "--resolution", "8", "--num_channels", "1"]
@@ -385,3 +385,18 @@ def test_bad_vae_options_are_usage_errors_before_any_image_is_read(tmp_path, cap
     with pytest.raises(SystemExit) as exit_info:
         run(["--train_data_dir", str(tmp_path / "no-such-folder"), *FAST[:-2], *options])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_model_config_that_leaves_out_block_out_channels_plans_the_default_widths(digit_folder, tmp_path):
+    # a config relying on diffusers' default `block_out_channels` (224, 448, 672, 896) failed after planning with
+    # "KeyError: 'block_out_channels'" (heuristic widths and budget alike)
+    model_config, output_config = tmp_path / "config.json", tmp_path / "planned.json"
+    model_config.write_text(json.dumps({"sample_size": 8, "in_channels": 1, "out_channels": 1}))
+    common = ["--train_data_dir", str(digit_folder), *FAST, "--method", "snr", "--model_config", str(model_config)]
+    result = run([*common, "--output_config", str(output_config)])
+    assert len(result["decoder_block_out_channels"][0]) == 4  # one width per level of the default encoder
+    MultiStageUNet2DModel.from_config(json.loads(output_config.read_text()))  # builds
+    config = json.loads(model_config.read_text())
+    plan = widths_for_budget(config, TimestepPartition([300, 600]), [0.9, 0.4, 0.1], 1e12, 2, DDPMScheduler(),
+                             scales=(0.125, 0.25))  # fmt: skip
+    assert plan.widths[0] == (64, 128, 160, 224)  # the default encoder (224, 448, 672, 896) x 0.25, groups of 32
