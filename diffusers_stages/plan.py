@@ -32,7 +32,7 @@ from .planning import (
     stage_difficulty,
     suggest_decoder_widths,
 )
-from .planning.budget import check_budget, check_sample_size
+from .planning.budget import check_budget, check_budget_config
 from .planning.optimal_denoiser import check_planning_data
 from .planning.sizing import config_value
 from .planning.stage_plan import _check_unit_interval
@@ -167,9 +167,9 @@ def check_args(args: argparse.Namespace) -> None:
     check_input_file(args.model_config, "--model_config", json_object=True)
     if args.model_config is not None:
         _check_model_config(args.model_config)
-    if args.budget is not None:  # the FLOPs of a call are counted at the config's sample size
+    if args.budget is not None:  # a config whose widths a budget cannot plan
         with open(args.model_config, encoding="utf-8") as f:
-            check_sample_size(json.load(f), "--model_config")
+            check_budget_config(json.load(f), "--model_config")
     if args.scheduler_config is not None:
         check_input_file(_scheduler_config_file(args.scheduler_config), "--scheduler_config", json_object=True)
     if args.model_path is not None:

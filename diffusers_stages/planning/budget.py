@@ -78,10 +78,11 @@ def check_budget(budget: float, name: str = "budget") -> float:
     return float(budget)
 
 
-def check_sample_size(config: Mapping, name: str = "model_config") -> None:
-    """Refuse a model config whose ``sample_size`` is not a side or a ``[height, width]`` of positive integers (None,
-    `UNet2DModel`'s default, takes any size): a call's FLOPs depend on the size of its samples. ``name`` is the
-    argument the config came from."""
+def check_budget_config(config: Mapping, name: str = "model_config") -> None:
+    """Refuse a model config whose widths a budget cannot plan: a ``sample_size`` that is not a side or a
+    ``[height, width]`` of positive integers (None, `UNet2DModel`'s default, takes any size, but a call's FLOPs depend
+    on the size of its samples), or per-stage ``decoder_up_block_types`` (the candidate decoders all use
+    ``up_block_types``). ``name`` is the argument the config came from."""
     size = config.get("sample_size")
     pair = isinstance(size, (list, tuple))  # [height, width], else one side
     sides = list(size) if pair else [size]
@@ -90,6 +91,11 @@ def check_sample_size(config: Mapping, name: str = "model_config") -> None:
             f"`{name}` has no usable `sample_size` (got {size!r}): the FLOPs a budget pays for depend on the size of "
             "the samples; set it to the side (or [height, width]) of the samples the model trains on (of its "
             "latents, for a latent model)."
+        )
+    if config.get("decoder_up_block_types") is not None:
+        raise ValueError(
+            f"`{name}` sets per-stage `decoder_up_block_types`={config['decoder_up_block_types']}: budget planning "
+            "sizes decoders that all use `up_block_types`; remove it to plan widths."
         )
 
 
@@ -156,7 +162,7 @@ def measure_stage_flops(
     if architecture not in ARCHITECTURES:
         raise ValueError(f"`architecture` must be one of {ARCHITECTURES}, got {architecture!r}.")
     config = plain_config(getattr(config, "config", config))  # the widths written over it are what is counted
-    check_sample_size(config)
+    check_budget_config(config)
     key = json.dumps(config, sort_keys=True, default=str)  # a model config is plain JSON
     calls, capacity = _measure(key, tuple(tuple(int(x) for x in w) for w in widths), architecture, training)
     return list(calls), list(capacity)
@@ -170,11 +176,6 @@ def _measure(key: str, widths: tuple, architecture: str, training: bool) -> tupl
     from ..models.unet_multistage import MultiStageUNet2DModel
 
     config = json.loads(key)
-    if config.get("decoder_up_block_types") is not None:
-        raise ValueError(
-            "Budget planning sizes decoders that all use `up_block_types`; the config sets per-stage "
-            f"`decoder_up_block_types`={config['decoder_up_block_types']}: remove it to plan widths."
-        )
     with torch.device("meta"), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         if architecture == "experts":
             models = [UNet2DModel.from_config({**config, "block_out_channels": w}) for w in widths]

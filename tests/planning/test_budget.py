@@ -251,3 +251,18 @@ def test_a_model_config_without_a_usable_sample_size_is_refused_by_name(
         run(["--train_data_dir", str(tmp_path / "missing"), "--model_config", str(tmp_path / "config.json"),
              "--budget", "1e9"])  # fmt: skip
     assert "`--model_config` has no usable `sample_size`" in capsys.readouterr().err
+
+
+def test_a_model_config_with_per_stage_up_blocks_is_refused_before_planning(gray_unet_kwargs, tmp_path, capsys):
+    # budget planning cannot size decoders of per-stage `decoder_up_block_types`: that was found only after the
+    # planning (and, in the plan command, after every image was loaded)
+    from diffusers_stages.plan import run
+
+    config = dict(gray_unet_kwargs, stage_boundaries=[500], decoder_up_block_types=[["UpBlock2D"] * 2] * 2)
+    with pytest.raises(ValueError, match="`model_config` sets per-stage `decoder_up_block_types`"):
+        plan_stages(torch.randn(16, 1, 8, 8), DDPMScheduler(), num_samples=0, budget=1e9, model_config=config)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "_class_name": "MultiStageUNet2DModel"}))
+    with pytest.raises(SystemExit):  # before any image is read
+        run(["--train_data_dir", str(tmp_path / "missing"), "--model_config", str(tmp_path / "config.json"),
+             "--budget", "1e9"])  # fmt: skip
+    assert "`--model_config` sets per-stage `decoder_up_block_types`" in capsys.readouterr().err
