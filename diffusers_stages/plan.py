@@ -18,6 +18,7 @@ import os
 import sys
 
 import torch
+from tqdm.auto import tqdm
 
 from .cli import check_input_file, check_output_file, load_saved_folder, write_atomically
 from .models.checks import check_device, check_positive_integers
@@ -31,8 +32,9 @@ from .planning import (
     stage_difficulty,
     suggest_decoder_widths,
 )
-from .planning.budget import check_budget
+from .planning.budget import check_budget, check_budget_config
 from .planning.optimal_denoiser import check_planning_data
+from .planning.sizing import config_value
 from .planning.stage_plan import _check_unit_interval
 
 PLANNING_INTEGERS = ("resolution", "num_samples", "chunk_size", "max_images")  # checked before loading
@@ -55,6 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=32, help="Side of the square images planned on.")
     parser.add_argument("--num_channels", type=int, default=3, choices=(1, 3), help="1 (grayscale) or 3 (RGB).")
     parser.add_argument("--max_images", type=int, default=None, help="Plan on the first N images (default: all).")
+    parser.add_argument(
+        "--vae_path",
+        default=None,
+        help="An AutoencoderKL folder (the training scripts' --vae_path): plan on the images' latents, drawn from its "
+        "posterior and scaled as the latent model sees them (`conventions.vae_to_model_latents`), not on pixels. "
+        "--eta is then in latent units.",
+    )
+    parser.add_argument("--vae_subfolder", default=None, help="The subfolder of --vae_path holding the VAE (`vae`).")
     parser.add_argument("--num_stages", type=int, default=3, help="Number of stages (>= 2).")
     parser.add_argument(
         "--method",
@@ -119,6 +129,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.model_path and args.method != "gradient":
         parser.error(f"--model_path is read by --method gradient only, not {args.method}: drop it or use gradient.")
+    if args.vae_path and args.method in ("uniform", "snr", "snr_clustering") and not args.model_config:
+        parser.error(
+            f"--vae_path is read with the training images only, which --method {args.method} without --model_config "
+            "does not read: drop it."
+        )
     if args.train_data_dir and any(
         getattr(args, name) != parser.get_default(name) for name in ("image_column", "split")
     ):
@@ -152,10 +167,14 @@ def check_args(args: argparse.Namespace) -> None:
     check_input_file(args.model_config, "--model_config", json_object=True)
     if args.model_config is not None:
         _check_model_config(args.model_config)
+    if args.budget is not None:  # a config whose widths a budget cannot plan
+        with open(args.model_config, encoding="utf-8") as f:
+            check_budget_config(json.load(f), "--model_config")
     if args.scheduler_config is not None:
         check_input_file(_scheduler_config_file(args.scheduler_config), "--scheduler_config", json_object=True)
     if args.model_path is not None:
         check_input_file(os.path.join(args.model_path, "config.json"), "--model_path", json_object=True)
+    _check_vae(args)
     check_output_file(args.output_plot, "--output_plot")
     check_output_file(args.output_config, "--output_config")
     files = {  # the input files and the outputs: none may be written over another
@@ -170,6 +189,37 @@ def check_args(args: argparse.Namespace) -> None:
                 raise ValueError(
                     f"`{option}` {path!r} is the `{other}` file: writing there would replace it; give another path."
                 )
+
+
+def _check_vae(args: argparse.Namespace) -> None:
+    """Refuse a ``--vae_subfolder`` without ``--vae_path``, a ``--vae_path`` that is not an AutoencoderKL folder
+    (the training scripts' check, on its config alone), and ``--num_channels`` other than the images it encodes."""
+    if args.vae_subfolder is not None and args.vae_path is None:
+        raise ValueError(
+            f"`--vae_subfolder` {args.vae_subfolder!r} is a folder inside `--vae_path`: give `--vae_path` too."
+        )
+    if args.vae_path is None:
+        return
+    from diffusers import AutoencoderKL
+
+    from .training.loop import vae_shape
+
+    latent_channels, _ = vae_shape(args)  # an AutoencoderKL config, else a ValueError naming --vae_path
+    in_channels = AutoencoderKL.load_config(args.vae_path, subfolder=args.vae_subfolder).get("in_channels", 3)
+    if args.num_channels != in_channels:
+        raise ValueError(
+            f"`--num_channels` {args.num_channels} does not fit `--vae_path` {args.vae_path!r}, which encodes "
+            f"{in_channels}-channel images: give `--num_channels {in_channels}`."
+        )
+    if args.model_config is not None:  # a latent model: it takes the VAE's latents
+        with open(args.model_config, encoding="utf-8") as f:
+            model_channels = json.load(f).get("in_channels", 3)
+        if model_channels != latent_channels:
+            raise ValueError(
+                f"`--model_config` {args.model_config!r} takes {model_channels}-channel samples, but `--vae_path` "
+                f"{args.vae_path!r} gives {latent_channels}-channel latents: give the latent model's config, or the "
+                "VAE it trains with."
+            )
 
 
 PLANNED_FROM = ("UNet2DModel", "MultiStageUNet2DModel")  # the configs whose encoder the planned stages share
@@ -281,9 +331,35 @@ def _training_images(args: argparse.Namespace) -> torch.Tensor | None:
         args.max_images,
         progress_bar=True,
     )
-    check_planning_data(data, "--train_data_dir" if args.train_data_dir else "--dataset")  # before any planning
-    print(f"{data.shape[0]} training images of shape {tuple(data.shape[1:])}", file=sys.stderr)
+    source = "--train_data_dir" if args.train_data_dir else "--dataset"
+    check_planning_data(data, source)  # before any planning (and any encoding)
+    if args.vae_path is not None:
+        data = _vae_latents(args, data)
+        check_planning_data(data, f"the `--vae_path` latents of {source}")
+    kind = "latents" if args.vae_path is not None else "images"
+    print(f"{data.shape[0]} training {kind} of shape {tuple(data.shape[1:])}", file=sys.stderr)
     return data
+
+
+@torch.no_grad()
+def _vae_latents(args: argparse.Namespace, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """The latents a latent run trains on: drawn from ``--vae_path``'s posterior (seeded by ``--seed``) and scaled as
+    the model sees them, ``(E(x) - shift) * scaling`` (`conventions.vae_to_model_latents`, as the training loop)."""
+    from diffusers import AutoencoderKL
+
+    from .conventions import vae_to_model_latents
+    from .models.loading import load_strictly
+
+    vae = load_strictly(AutoencoderKL, args.vae_path, args.vae_subfolder).eval()  # no weight left random
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vae.to(device, torch.float32)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    batches = range(0, images.shape[0], batch_size)
+    latents = [
+        vae_to_model_latents(vae, vae.encode(images[i : i + batch_size].to(device)).latent_dist.sample(generator))
+        for i in tqdm(batches, desc="encoding latents")
+    ]
+    return torch.cat(latents).float().cpu()
 
 
 def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: NoiseSchedule, result: dict):
@@ -296,7 +372,7 @@ def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: Nois
         )
         return plan.decoder_block_out_channels
     difficulty = stage_difficulty(data, schedule, plan.partition)
-    widths = suggest_decoder_widths(config["block_out_channels"], difficulty, config=config)
+    widths = suggest_decoder_widths(config_value(config, "block_out_channels"), difficulty, config=config)
     result["stage_difficulty"] = [round(d, 4) for d in difficulty]
     result["decoder_block_out_channels"] = [list(w) for w in widths]
     print(f"  heuristic decoder widths (clean stage first): {result['decoder_block_out_channels']}")

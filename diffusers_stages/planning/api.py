@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from ..models.checks import check_positive_integers
-from .budget import check_budget, widths_for_budget
+from .budget import check_budget, check_budget_config, widths_for_budget
 from .methods import (
     METHODS,
     StagePlan,
@@ -126,6 +126,7 @@ def _check_budget_arguments(data, budget, model_config, num_inference_steps, sam
     check_budget(budget)
     if model_config is None:
         raise ValueError("`budget` needs `model_config`: the model whose decoder widths are planned.")
+    check_budget_config(getattr(model_config, "config", model_config))
     if data is None:
         raise ValueError("`budget` needs `data` (the training images): the stages' difficulty is measured on them.")
     if num_inference_steps and sampling_scheduler is None and isinstance(schedule, NoiseSchedule):

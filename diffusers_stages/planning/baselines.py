@@ -170,8 +170,8 @@ def gradient_plan(
             raise ValueError(
                 f"`model` takes {in_channels}-channel samples, but `data` has {data.shape[1]} channels: a latent-space "
                 "model is planned on the training images' VAE latents, scaled as it was trained on them "
-                "(`diffusers_stages.conventions.vae_to_model_latents`), not on the images (the `plan` command reads "
-                "images only: call `gradient_plan` on the latents)."
+                "(`diffusers_stages.conventions.vae_to_model_latents`), not on the images (the `plan` command: give "
+                "it the run's `--vae_path`)."
             )
         picks = torch.randperm(data.shape[0], generator=generator)[:batch_size]
         grid = torch.linspace(0, schedule.num_levels - 1, min(num_gradient_levels, schedule.num_levels)).round().long()

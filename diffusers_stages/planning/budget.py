@@ -35,7 +35,7 @@ from ..evaluation import count_flops
 from ..partition import TimestepPartition
 from ..schedulers import check_scheduler_units, model_call_timesteps
 from ..timestep_sampling import stage_mass
-from .sizing import partition_to_model_config, plain_config, scaled_widths, width_multiple
+from .sizing import config_value, partition_to_model_config, plain_config, scaled_widths, width_multiple
 
 ARCHITECTURES = ("multistage", "experts")
 DEFAULT_SCALES = tuple(k / 8 for k in range(1, 17))  # x0.125 (the paper's smallest decoder) to x2 of the encoder
@@ -76,6 +76,27 @@ def check_budget(budget: float, name: str = "budget") -> float:
     if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real) or not 0 < budget < math.inf:
         raise ValueError(f"`{name}` must be a positive number of FLOPs, got {budget!r}.")
     return float(budget)
+
+
+def check_budget_config(config: Mapping, name: str = "model_config") -> None:
+    """Refuse a model config whose widths a budget cannot plan: a ``sample_size`` that is not a side or a
+    ``[height, width]`` of positive integers (None, `UNet2DModel`'s default, takes any size, but a call's FLOPs depend
+    on the size of its samples), or per-stage ``decoder_up_block_types`` (the candidate decoders all use
+    ``up_block_types``). ``name`` is the argument the config came from."""
+    size = config.get("sample_size")
+    pair = isinstance(size, (list, tuple))  # [height, width], else one side
+    sides = list(size) if pair else [size]
+    if len(sides) != (2 if pair else 1) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sides):
+        raise ValueError(
+            f"`{name}` has no usable `sample_size` (got {size!r}): the FLOPs a budget pays for depend on the size of "
+            "the samples; set it to the side (or [height, width]) of the samples the model trains on (of its "
+            "latents, for a latent model)."
+        )
+    if config.get("decoder_up_block_types") is not None:
+        raise ValueError(
+            f"`{name}` sets per-stage `decoder_up_block_types`={config['decoder_up_block_types']}: budget planning "
+            "sizes decoders that all use `up_block_types`; remove it to plan widths."
+        )
 
 
 def stage_calls(
@@ -141,6 +162,7 @@ def measure_stage_flops(
     if architecture not in ARCHITECTURES:
         raise ValueError(f"`architecture` must be one of {ARCHITECTURES}, got {architecture!r}.")
     config = plain_config(getattr(config, "config", config))  # the widths written over it are what is counted
+    check_budget_config(config)
     key = json.dumps(config, sort_keys=True, default=str)  # a model config is plain JSON
     calls, capacity = _measure(key, tuple(tuple(int(x) for x in w) for w in widths), architecture, training)
     return list(calls), list(capacity)
@@ -154,11 +176,6 @@ def _measure(key: str, widths: tuple, architecture: str, training: bool) -> tupl
     from ..models.unet_multistage import MultiStageUNet2DModel
 
     config = json.loads(key)
-    if config.get("decoder_up_block_types") is not None:
-        raise ValueError(
-            "Budget planning sizes decoders that all use `up_block_types`; the config sets per-stage "
-            f"`decoder_up_block_types`={config['decoder_up_block_types']}: remove it to plan widths."
-        )
     with torch.device("meta"), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         if architecture == "experts":
             models = [UNet2DModel.from_config({**config, "block_out_channels": w}) for w in widths]
@@ -259,7 +276,7 @@ def widths_for_budget(
         )
     config = getattr(config, "config", config)
     calls = stage_calls(partition, num_inference_steps, scheduler, batch_size)
-    candidates = candidate_widths(config["block_out_channels"], width_multiple(config), scales)
+    candidates = candidate_widths(config_value(config, "block_out_channels"), width_multiple(config), scales)
     flops, capacity = measure_stage_flops(config, candidates, architecture, training=num_inference_steps is None)
     cheapest = sum(calls) * min(flops)
     if budget < cheapest:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import reprlib
 import struct
 
 import numpy as np
@@ -37,11 +38,20 @@ def open_image_file(path: str, argument: str = "train_data_dir") -> Image.Image:
     return check_image_mode(image, repr(path), argument)
 
 
-def check_image_mode(image, where: str, argument: str):
-    """``image`` if its grey levels can be read (see `eight_bit`); a floating-point image, or a 32-bit integer one
-    past 255, is a `ValueError` naming ``where`` (a file, a dataset row) and ``argument``. Anything else (an array)
-    is returned as it is."""
-    mode = getattr(image, "mode", None)
+def check_image_mode(image, where: str, argument: str) -> Image.Image:
+    """``image`` (a PIL image, or an array Pillow reads: uint8) if its grey levels can be read (see `eight_bit`); a
+    floating-point image, a 32-bit integer one past 255, or a value that is no image (a label or a caption: the wrong
+    image column) is a `ValueError` naming ``where`` (a file, a dataset row) and ``argument``."""
+    if not isinstance(image, Image.Image):
+        try:
+            image = Image.fromarray(np.asarray(image))
+        except (TypeError, ValueError) as error:  # Pillow: "Cannot handle this data type"
+            raise ValueError(
+                f"`{argument}` {where} holds no image in its image column: {type(image).__name__} "
+                f"{reprlib.repr(image)} ({error}). Give the column of images (`image_column`): PIL images or uint8 "
+                "arrays."
+            ) from None
+    mode = image.mode
     if mode == "F":
         raise ValueError(
             f"`{argument}` holds a floating-point image (mode 'F'), which has no fixed range of grey levels: {where}. "

@@ -13,6 +13,7 @@ with ``lambda_i`` the eigenvalues of the data covariance. It is ~1 where the noi
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 
@@ -132,12 +133,21 @@ def scaled_widths(block_out_channels: Sequence[int], scale: float, norm_num_grou
     )
 
 
+def config_value(config: Mapping, key: str):
+    """``config[key]``, or, where the config leaves it out, the value the model is built with: `UNet2DModel`'s
+    default (`MultiStageUNet2DModel`'s are the same)."""
+    from diffusers import UNet2DModel
+
+    return config[key] if key in config else inspect.signature(UNet2DModel.__init__).parameters[key].default
+
+
 def width_multiple(config: Mapping) -> int:
     """What every decoder width of a model of ``config`` must be a multiple of: ``norm_num_groups``, and, where its
-    blocks attend with a fixed ``attention_head_dim``, that too (a narrower width would have no head)."""
-    groups = config.get("norm_num_groups") or 1
-    head_dim = config.get("attention_head_dim")
-    blocks = [*(config.get("down_block_types") or ()), *(config.get("up_block_types") or ())]
+    blocks attend with a fixed ``attention_head_dim``, that too (a narrower width would have no head). A key the
+    config leaves out has its default (`config_value`)."""
+    groups = config_value(config, "norm_num_groups") or 1
+    head_dim = config_value(config, "attention_head_dim")
+    blocks = [*(config_value(config, "down_block_types") or ()), *(config_value(config, "up_block_types") or ())]
     if isinstance(head_dim, int) and head_dim > 0 and any("Attn" in str(block) for block in blocks):
         return math.lcm(groups, head_dim)
     return groups

@@ -1,6 +1,7 @@
 """Decoder widths under a FLOP budget: counted costs, the exact optimum, the plan's config, experts, bad budgets."""
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -224,5 +225,44 @@ def test_budget_candidates_give_every_attention_layer_a_head():
     attn = {"norm_num_groups": 4, "attention_head_dim": 8, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"]}
     assert width_multiple(attn) == 8
     assert width_multiple(dict(attn, attention_head_dim=6)) == 12
-    assert width_multiple(dict(attn, down_block_types=["DownBlock2D"] * 2)) == 4  # no attention: no head
+    no_attention = dict(attn, down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2)
+    assert width_multiple(no_attention) == 4  # no attention: no head (diffusers' default up blocks attend)
     assert width_multiple(dict(attn, attention_head_dim=None)) == 4  # one head as wide as the block
+
+
+@pytest.mark.parametrize("sample_size", [None, "8", 0, [8], True])
+def test_a_model_config_without_a_usable_sample_size_is_refused_by_name(
+    gray_unet_kwargs, tmp_path, capsys, sample_size
+):
+    # a config without `sample_size` (UNet2DModel's default, None: any size) failed deep in the FLOP count with
+    # "TypeError: 'NoneType' object is not iterable" (the plan command: a traceback after every image was loaded)
+    from diffusers_stages.plan import run
+
+    config = {key: value for key, value in gray_unet_kwargs.items() if key != "sample_size"}
+    if sample_size is not None:
+        config["sample_size"] = sample_size
+    match = "`model_config` has no usable `sample_size`"
+    with pytest.raises(ValueError, match=match):
+        widths_for_budget(config, PARTITION, [0.9, 0.4, 0.1], 1e9, 10, _sampling_scheduler(), scales=SCALES)
+    with pytest.raises(ValueError, match=match):
+        plan_stages(torch.randn(16, 1, 8, 8), DDPMScheduler(), num_samples=0, budget=1e9, model_config=config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):  # before any image is read
+        run(["--train_data_dir", str(tmp_path / "missing"), "--model_config", str(tmp_path / "config.json"),
+             "--budget", "1e9"])  # fmt: skip
+    assert "`--model_config` has no usable `sample_size`" in capsys.readouterr().err
+
+
+def test_a_model_config_with_per_stage_up_blocks_is_refused_before_planning(gray_unet_kwargs, tmp_path, capsys):
+    # budget planning cannot size decoders of per-stage `decoder_up_block_types`: that was found only after the
+    # planning (and, in the plan command, after every image was loaded)
+    from diffusers_stages.plan import run
+
+    config = dict(gray_unet_kwargs, stage_boundaries=[500], decoder_up_block_types=[["UpBlock2D"] * 2] * 2)
+    with pytest.raises(ValueError, match="`model_config` sets per-stage `decoder_up_block_types`"):
+        plan_stages(torch.randn(16, 1, 8, 8), DDPMScheduler(), num_samples=0, budget=1e9, model_config=config)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "_class_name": "MultiStageUNet2DModel"}))
+    with pytest.raises(SystemExit):  # before any image is read
+        run(["--train_data_dir", str(tmp_path / "missing"), "--model_config", str(tmp_path / "config.json"),
+             "--budget", "1e9"])  # fmt: skip
+    assert "`--model_config` sets per-stage `decoder_up_block_types`" in capsys.readouterr().err

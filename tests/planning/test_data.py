@@ -72,3 +72,20 @@ def test_an_image_with_an_exif_orientation_is_read_upright_as_datasets_reads_it(
     loaded = load_images(train_data_dir=str(tmp_path), resolution=8, num_channels=1)
     torch.testing.assert_close(loaded[0], image_to_tensor(upright, 8, 1))  # photo.png sorts first
     torch.testing.assert_close(loaded[1], image_to_tensor(Image.fromarray(pixels), 8, 1))
+
+
+@pytest.mark.parametrize("column", ["label", "caption"])
+def test_a_dataset_column_that_holds_no_images_is_refused_by_name(tmp_path, column):
+    # `--image_column label` (or a caption column) raised Pillow's TypeError 'Cannot handle this data type', a
+    # traceback that named neither the column nor the row; the training scripts read rows by the same check
+    datasets = pytest.importorskip("datasets")
+    from diffusers_stages.training.data import dataset_image
+
+    images = [Image.fromarray(np.full((4, 4), 10 * i, dtype=np.uint8)) for i in range(3)]
+    rows = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2], "caption": ["a", "b", "c"]})
+    rows.save_to_disk(tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"`dataset` row 0 holds no image in its image column: (int 0|str 'a')"):
+        load_images(dataset=str(tmp_path / "saved"), image_column=column, resolution=4, num_channels=1)
+    with pytest.raises(ValueError, match=r"`--dataset_name` row 1 holds no image"):
+        dataset_image(rows, column, 1)
+    assert load_images(dataset=str(tmp_path / "saved"), resolution=4, num_channels=1).shape == (3, 1, 4, 4)

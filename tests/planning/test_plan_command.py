@@ -14,9 +14,11 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from diffusers_stages import MultiStageUNet2DModel, TimestepPartition
+from diffusers_stages.conventions import vae_to_model_latents
 from diffusers_stages.plan import run
-from diffusers_stages.planning import load_images
-from diffusers_stages.planning.budget import expected_flops
+from diffusers_stages.planning import load_images, plan_stages
+from diffusers_stages.planning.budget import expected_flops, widths_for_budget
+from tests.conftest import tiny_vae
 
 FAST = ["--num_levels", "30", "--num_samples", "16", "--resolution", "8", "--num_channels", "1"]
 
@@ -342,3 +344,59 @@ def test_the_json_line_holds_the_keys_the_readme_lists(digit_folder, tmp_path, t
     assert list(run(common)) == [*plan_keys, *widths]
     budget = ["expected_flops", "budget", "stage_flops", "stage_calls"]
     assert set(run([*common, "--budget", "1e9"])) == {*plan_keys, *widths, *budget}
+
+
+def test_vae_path_plans_on_the_scaled_latents_training_sees(digit_folder, tmp_path, capsys):
+    # the command had no --vae_path: a latent run was planned on pixels, with boundaries for another data space
+    vae = tiny_vae()
+    vae.register_to_config(scaling_factor=0.5, shift_factor=0.25)  # the model sees (E(x) - shift) * scaling
+    vae.save_pretrained(tmp_path / "repo" / "vae")
+    fast = [*FAST[:-2], "--num_channels", "3", "--seed", "3"]  # RGB images: what the VAE encodes
+    result = run(["--train_data_dir", str(digit_folder), *fast, "--max_images", "60", "--vae_path",
+                  str(tmp_path / "repo"), "--vae_subfolder", "vae"])  # fmt: skip
+    assert "60 training latents of shape (4, 4, 4)" in capsys.readouterr().err
+    images = load_images(str(digit_folder), resolution=8, num_channels=3, max_images=60)
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+    latents = vae_to_model_latents(vae, posterior.sample(torch.Generator().manual_seed(3)))
+    expected = plan_stages(latents, DDPMScheduler(), 3, num_samples=16, num_levels=30, generator=torch.manual_seed(3))
+    assert result == expected.to_dict()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--vae_subfolder", "vae"], "`--vae_subfolder` 'vae' is a folder inside `--vae_path`: give `--vae_path`"),
+        (["--vae_path", "VAE", "--num_channels", "1"], "`--num_channels` 1 does not fit `--vae_path`"),
+        (["--vae_path", "MODEL"], "holds a UNet2DModel, not an AutoencoderKL"),
+        (["--vae_path", "VAE", "--method", "snr"], "--vae_path is read with the training images only"),
+        (["--vae_path", "VAE", "--model_config", "PIXELS"], "takes 3-channel samples, but `--vae_path`"),
+    ],
+)
+def test_bad_vae_options_are_usage_errors_before_any_image_is_read(tmp_path, capsys, options, message):
+    tiny_vae().save_config(tmp_path / "vae")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    blocks = {"down_block_types": ["DownBlock2D"] * 2, "up_block_types": ["UpBlock2D"] * 2}
+    pixels = {"block_out_channels": [8, 16], "norm_num_groups": 4, **blocks}  # in_channels 3: RGB pixels
+    (tmp_path / "pixels.json").write_text(json.dumps(pixels))
+    paths = {"VAE": tmp_path / "vae", "MODEL": tmp_path / "model", "PIXELS": tmp_path / "pixels.json"}
+    options = [str(paths[o]) if o in paths else o for o in options]
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", str(tmp_path / "no-such-folder"), *FAST[:-2], *options])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_model_config_that_leaves_out_block_out_channels_plans_the_default_widths(digit_folder, tmp_path):
+    # a config relying on diffusers' default `block_out_channels` (224, 448, 672, 896) failed after planning with
+    # "KeyError: 'block_out_channels'" (heuristic widths and budget alike)
+    model_config, output_config = tmp_path / "config.json", tmp_path / "planned.json"
+    model_config.write_text(json.dumps({"sample_size": 8, "in_channels": 1, "out_channels": 1}))
+    common = ["--train_data_dir", str(digit_folder), *FAST, "--method", "snr", "--model_config", str(model_config)]
+    result = run([*common, "--output_config", str(output_config)])
+    assert len(result["decoder_block_out_channels"][0]) == 4  # one width per level of the default encoder
+    MultiStageUNet2DModel.from_config(json.loads(output_config.read_text()))  # builds
+    config = json.loads(model_config.read_text())
+    plan = widths_for_budget(config, TimestepPartition([300, 600]), [0.9, 0.4, 0.1], 1e12, 2, DDPMScheduler(),
+                             scales=(0.125, 0.25))  # fmt: skip
+    assert plan.widths[0] == (64, 128, 160, 224)  # the default encoder (224, 448, 672, 896) x 0.25, groups of 32

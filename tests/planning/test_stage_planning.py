@@ -167,6 +167,23 @@ def test_decoder_widths_for_a_model_config_give_every_attention_layer_a_head(gra
         suggest_decoder_widths(config["block_out_channels"], [1.0, 0.0], norm_num_groups=4, config=config)
 
 
+@pytest.mark.parametrize(
+    "changes, left_out",
+    [
+        ({}, ("attention_head_dim",)),  # diffusers' default: heads 8 channels wide
+        ({"block_out_channels": (32, 64), "attention_head_dim": None}, ("norm_num_groups",)),  # default: 32 groups
+        ({"block_out_channels": (8, 16, 16, 16), "attention_head_dim": 8}, ("down_block_types", "up_block_types")),
+    ],
+)
+def test_decoder_widths_round_to_the_model_defaults_a_config_leaves_out(gray_unet_kwargs, changes, left_out):
+    # a config without `attention_head_dim`, `norm_num_groups` or the block types (a hand-written one) was read as
+    # "no heads", "groups of 1" and "no attention", while the model builds with diffusers' defaults (8, 32, three
+    # attention levels of four): the widths did not fit it, and the model (the plan command's output) was refused
+    config = {key: value for key, value in {**gray_unet_kwargs, **changes}.items() if key not in left_out}
+    widths = suggest_decoder_widths(config["block_out_channels"], [1.0, 0.3, 0.001], config=config)
+    MultiStageUNet2DModel(**config, stage_boundaries=(300, 600), decoder_block_out_channels=widths)  # builds
+
+
 def test_plan_goes_into_a_model_config_and_survives_save_and_reload(tmp_path, tiny_unet_kwargs):
     plan = plan_stages(None, DDPMScheduler(), 4, "snr_clustering")
     unet = UNet2DModel(**tiny_unet_kwargs)
