@@ -189,6 +189,13 @@ def read_config(path: str) -> tuple[dict, dict]:
     if not float(timesteps).is_integer() or timesteps < 1:
         raise ValueError(f"{path}: `timesteps` must be a positive integer, got {timesteps!r}.")
     check_beta_schedule(params, path)
+    conditioning = params.get("conditioning_key")
+    if conditioning in ("concat", "hybrid") and not unet["params"].get("use_spatial_transformer", False):
+        raise ValueError(
+            f"{path} sets `conditioning_key`={conditioning!r}: the model takes an image concatenated to its input "
+            "(super-resolution, inpainting), which MultiStagePipeline does not give; unconditional, class-conditional "
+            "and ClassEmbedder (`cin-mul*`) models convert."
+        )
     if params.get("parameterization", "eps") not in PARAMETERIZATIONS:
         raise ValueError(
             f"{path} sets `parameterization`={params['parameterization']!r}: one of {list(PARAMETERIZATIONS)} converts."

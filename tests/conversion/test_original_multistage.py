@@ -619,3 +619,18 @@ def test_a_beta_schedule_diffusers_does_not_have_is_refused(tmp_path, options, m
     with pytest.raises(ValueError, match=message):
         convert_files(*write_schedule(tmp_path, **options), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["concat", "hybrid"])
+def test_a_model_conditioned_on_a_concatenated_image_is_refused(tmp_path, key):
+    # (super-resolution, inpainting): written as an unconditional pipeline whose first sampling step failed with
+    # "The size of tensor a (6) must match the size of tensor b (3)"
+    checkpoint, config_path = write_source(tmp_path, {**TINY, "in_channels": 6})
+    with open(config_path) as f:
+        config = yaml.safe_load(f)
+    config["model"]["params"]["conditioning_key"] = key
+    with open(config_path, "w") as f:
+        yaml.safe_dump(config, f)
+    with pytest.raises(ValueError, match=f"`conditioning_key`='{key}'.*concatenated"):
+        convert_files(checkpoint, config_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
