@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from diffusers_stages.models.loading import StrictLoadingMixin, _is_float_dtype, _tensor_dtypes, read_json
@@ -327,15 +328,23 @@ def save_in_stored_dtypes(pipeline, folder: str, sources: Iterable[tuple[object,
             module.to(dtype)
 
 
+EXPORT_HINT = (
+    "Export a PyTorch checkpoint once with `safetensors.torch.save_file({k: v.contiguous() for k, v in "
+    "state_dict.items()}, path)` in an environment where you trust it."
+)
+
+
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` state dict (the only checkpoint format the scripts read)."""
     if not path.endswith(".safetensors") or not os.path.isfile(path):
+        raise ValueError(f"`--checkpoint` must be an existing .safetensors file, got {path!r}. {EXPORT_HINT}")
+    try:
+        return load_file(path)
+    except SafetensorError as error:  # a renamed pickle (.ckpt, .pth) or a truncated file: never unpickled
         raise ValueError(
-            f"`--checkpoint` must be an existing .safetensors file, got {path!r}. Export a PyTorch checkpoint once "
-            "with `safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, path)` in an "
-            "environment where you trust it."
-        )
-    return load_file(path)
+            f"`--checkpoint` {path} is not a safetensors file ({error}): a PyTorch checkpoint renamed, or a "
+            f"truncated copy? {EXPORT_HINT}"
+        ) from None
 
 
 def stage_interval_boundaries(

@@ -93,7 +93,11 @@ REQUIRED_OPTIONS = ("image_size", "in_channels", "out_channels", "model_channels
 # the kind of value each architecture option has (a list, a number), checked before the conversion reads them
 OPTION_KINDS = {"image_size": 0, "in_channels": 0, "out_channels": 0, "model_channels": 0, "num_res_blocks": 0,
                 "attention_resolutions": [], "channel_mult": [], "de_nfs": [], "stage_interval": []}  # fmt: skip
-SCHEDULE_DEFAULTS = {"timesteps": 1000, "linear_start": 0.0015, "linear_end": 0.0195}  # LatentDiffusion's
+# LatentDiffusion's schedule defaults
+SCHEDULE_DEFAULTS = {"timesteps": 1000, "linear_start": 0.0015, "linear_end": 0.0195, "cosine_s": 8e-3}
+# ldm's `make_beta_schedule` names -> diffusers' `beta_schedule` for the same betas (cosine only at diffusers' fixed
+# offset s = 0.008, ldm's default `cosine_s`); "sqrt" and `given_betas` have no diffusers equivalent
+BETA_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "squaredcos_cap_v2"}
 PARAMETERIZATIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}  # LatentDiffusion's -> diffusers'
 UNSUPPORTED_OPTIONS = {  # original option -> (value that converts, why other values do not)
     "dims": (2, "only 2D U-Nets have a diffusers UNet2DModel equivalent"),
@@ -184,11 +188,37 @@ def read_config(path: str) -> tuple[dict, dict]:
     timesteps = params.get("timesteps", SCHEDULE_DEFAULTS["timesteps"])
     if not float(timesteps).is_integer() or timesteps < 1:
         raise ValueError(f"{path}: `timesteps` must be a positive integer, got {timesteps!r}.")
+    check_beta_schedule(params, path)
+    conditioning = params.get("conditioning_key")
+    if conditioning in ("concat", "hybrid") and not unet["params"].get("use_spatial_transformer", False):
+        raise ValueError(
+            f"{path} sets `conditioning_key`={conditioning!r}: the model takes an image concatenated to its input "
+            "(super-resolution, inpainting), which MultiStagePipeline does not give; unconditional, class-conditional "
+            "and ClassEmbedder (`cin-mul*`) models convert."
+        )
     if params.get("parameterization", "eps") not in PARAMETERIZATIONS:
         raise ValueError(
             f"{path} sets `parameterization`={params['parameterization']!r}: one of {list(PARAMETERIZATIONS)} converts."
         )
     return dict(unet["params"]), params
+
+
+def check_beta_schedule(params: dict, path: str) -> None:
+    """Refuse a noise schedule the pipeline's `DDIMScheduler` cannot reproduce (it would sample on other betas than
+    the model was trained on)."""
+    schedule, cosine_s = params.get("beta_schedule", "linear"), params.get("cosine_s", SCHEDULE_DEFAULTS["cosine_s"])
+    if params.get("given_betas") is not None:
+        raise ValueError(f"{path} sets `given_betas`: only ldm's named schedules {list(BETA_SCHEDULES)} convert.")
+    if not isinstance(schedule, str) or schedule not in BETA_SCHEDULES:
+        raise ValueError(
+            f"{path} sets `beta_schedule`={schedule!r}, which has no diffusers equivalent: one of "
+            f"{list(BETA_SCHEDULES)} converts."
+        )
+    if schedule == "cosine" and cosine_s != SCHEDULE_DEFAULTS["cosine_s"]:
+        raise ValueError(
+            f"{path} sets `cosine_s`={cosine_s!r}: diffusers' cosine schedule (squaredcos_cap_v2) has ldm's default "
+            f"offset {SCHEDULE_DEFAULTS['cosine_s']} only."
+        )
 
 
 def ldm_unet_config(p: dict) -> dict:
@@ -482,7 +512,8 @@ def class_embedder_from(
 def scheduler_from_config(params: dict) -> DDIMScheduler:
     """The authors' DDIM sampler (``ldm/models/diffusion/ddim.py``) as a diffusers `DDIMScheduler`.
 
-    - LDM's "linear" schedule is diffusers' "scaled_linear": betas = linspace(sqrt(start), sqrt(end))^2.
+    - LDM's "linear" schedule is diffusers' "scaled_linear": betas = linspace(sqrt(start), sqrt(end))^2; its
+      "sqrt_linear" is diffusers' "linear" and its "cosine" diffusers' "squaredcos_cap_v2" (`BETA_SCHEDULES`).
     - ``make_ddim_timesteps`` ("uniform") takes ``range(0, T, T // steps)`` and adds 1 to every timestep: diffusers'
       "leading" spacing with ``steps_offset=1`` (``1, 21, ..., 981`` for 50 steps). When ``steps`` does not divide
       ``T`` the original's ``range`` yields more steps than asked (31 for 30); diffusers gives exactly ``steps``.
@@ -494,7 +525,7 @@ def scheduler_from_config(params: dict) -> DDIMScheduler:
         num_train_timesteps=int(params.get("timesteps", SCHEDULE_DEFAULTS["timesteps"])),
         beta_start=params.get("linear_start", SCHEDULE_DEFAULTS["linear_start"]),
         beta_end=params.get("linear_end", SCHEDULE_DEFAULTS["linear_end"]),
-        beta_schedule="scaled_linear",
+        beta_schedule=BETA_SCHEDULES[params.get("beta_schedule", "linear")],
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,

@@ -121,6 +121,33 @@ def test_only_safetensors_checkpoints_are_read(tmp_path):
         load_state_dict(str(path))
 
 
+class _Payload:
+    """Creates the file ``marker`` if unpickled: what a hostile checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("kind", ["renamed-pickle", "truncated"])
+def test_a_checkpoint_that_is_not_safetensors_inside_is_named_and_never_unpickled(tmp_path, kind):
+    # a Lightning .ckpt renamed to .safetensors, or a cut-off download: safetensors' SafetensorError ("header too
+    # large") came out as a traceback instead of the scripts' one-line error saying what to do
+    path, marker = tmp_path / "last.safetensors", tmp_path / "ran"
+    if kind == "renamed-pickle":
+        torch.save({"state_dict": {"w": torch.zeros(2)}, "payload": _Payload(str(marker))}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(64)}, str(path))
+        path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"`--checkpoint` .*last.safetensors is not a safetensors file .*Export"):
+        load_state_dict(str(path))
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("text", ["[1]", "{not json"], ids=["list", "not-json"])
 def test_load_strict_names_a_config_that_is_not_a_json_object(tmp_path, text):
     UNet2DModel(**TINY_UNET).save_pretrained(tmp_path / "unet")

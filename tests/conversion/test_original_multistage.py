@@ -576,3 +576,61 @@ def test_the_vae_decodes_at_the_latent_scale_the_original_was_trained_at(tmp_pat
     reloaded = MultiStagePipeline.from_pretrained(str(tmp_path / "out"))
     assert type(reloaded.vae) is VQModel
     assert reloaded.vae.config.scaling_factor == (1.0 if scale_factor is None else scale_factor)
+
+
+def ldm_betas(schedule: str, start: float = 0.0015, end: float = 0.0195, n: int = 1000) -> torch.Tensor:
+    """ldm.modules.diffusionmodules.util.make_beta_schedule (cosine with its default cosine_s=8e-3)."""
+    if schedule == "linear":
+        return torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
+    if schedule == "sqrt_linear":
+        return torch.linspace(start, end, n, dtype=torch.float64)
+    steps = torch.arange(n + 1, dtype=torch.float64) / n + 8e-3
+    alphas = torch.cos(steps / (1 + 8e-3) * torch.pi / 2) ** 2
+    return (1 - alphas[1:] / alphas[:-1]).clamp(0, 0.999)
+
+
+def write_schedule(tmp_path, **options) -> tuple[str, str]:
+    checkpoint, config_path = write_source(tmp_path, TINY)
+    with open(config_path) as f:
+        config = yaml.safe_load(f)
+    config["model"]["params"].update(options)
+    with open(config_path, "w") as f:
+        yaml.safe_dump(config, f)
+    return checkpoint, config_path
+
+
+@pytest.mark.parametrize("schedule", ["linear", "sqrt_linear", "cosine"])
+def test_the_scheduler_has_the_configs_beta_schedule(tmp_path, schedule):
+    # `beta_schedule` was not read: a model trained on sqrt_linear or cosine betas sampled on LDM's "linear" ones
+    pipe = convert_files(*write_schedule(tmp_path, beta_schedule=schedule), tmp_path / "out")
+    assert torch.allclose(pipe.scheduler.betas.double(), ldm_betas(schedule), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"beta_schedule": "sqrt"}, "`beta_schedule`='sqrt'"),
+        ({"beta_schedule": "cosine", "cosine_s": 0.01}, "`cosine_s`=0.01"),
+        ({"given_betas": [0.1] * 1000}, "`given_betas`"),
+    ],
+    ids=["sqrt", "cosine-s", "given-betas"],
+)
+def test_a_beta_schedule_diffusers_does_not_have_is_refused(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        convert_files(*write_schedule(tmp_path, **options), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["concat", "hybrid"])
+def test_a_model_conditioned_on_a_concatenated_image_is_refused(tmp_path, key):
+    # (super-resolution, inpainting): written as an unconditional pipeline whose first sampling step failed with
+    # "The size of tensor a (6) must match the size of tensor b (3)"
+    checkpoint, config_path = write_source(tmp_path, {**TINY, "in_channels": 6})
+    with open(config_path) as f:
+        config = yaml.safe_load(f)
+    config["model"]["params"]["conditioning_key"] = key
+    with open(config_path, "w") as f:
+        yaml.safe_dump(config, f)
+    with pytest.raises(ValueError, match=f"`conditioning_key`='{key}'.*concatenated"):
+        convert_files(checkpoint, config_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
