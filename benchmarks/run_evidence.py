@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks.evidence import comparisons as C
 from benchmarks.evidence.presets import PRESETS, get_preset
 from benchmarks.evidence.report import write_markdown, write_plots
-from benchmarks.measure import default_device, device_option, positive_int
+from benchmarks.measure import default_device, device_option, positive_int, write_json, write_text
 
 COMPARISONS = ("1", "2", "3")
 
@@ -106,8 +106,9 @@ def run(args) -> dict:
             "fd_seed_spread": ctx.fd_seed_spread,
             "wall_minutes": (time.perf_counter() - start) / 60,
         }
-        with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-            json.dump({"header": header, "results": [r.to_dict() for r in results]}, f, indent=2)
+        write_json(
+            os.path.join(out_dir, "results.json"), {"header": header, "results": [r.to_dict() for r in results]}
+        )
 
     results = C.train_baseline(ctx)
     baseline = results[-1]
@@ -153,8 +154,7 @@ def write_index(output_dir: str) -> None:
             lines.append(
                 f"- [{name}]({name}/RESULTS.md): `{header['command']}`, {header['date']}, {header['machine']}"
             )
-    with open(os.path.join(output_dir, "RESULTS.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(os.path.join(output_dir, "RESULTS.md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

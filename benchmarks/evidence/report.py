@@ -9,6 +9,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from diffusers_stages.cli import write_atomically
+
+from ..measure import write_text
+
 TITLES = {
     "1": "Comparison 1: UNet2DModel vs multi-stage multi-decoder U-Net (Zhang et al., CVPR 2024)",
     "2": "Comparison 2: one large model vs 4 experts of different architectures (MEME, AAAI 2024)",
@@ -167,8 +171,7 @@ def write_markdown(path: str, header: dict, results: list[dict], spread: float) 
             )
         lines += [""] + [f"- {line}" for line in read.get(comparison, [])] + [""]
     lines += ["## Settings", "", "```json", _json(header["preset"]), "```", ""]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    write_text(path, "\n".join(lines))
 
 
 def _json(value) -> str:
@@ -233,6 +236,6 @@ def write_plots(directory: str, results: list[dict], reference_fd: float, spread
     for name, fig in quality_plots(results, reference_fd, spread).items():
         fig.tight_layout()
         paths.append(os.path.join(directory, name))
-        fig.savefig(paths[-1], dpi=120)
+        write_atomically(paths[-1], lambda partial, fig=fig: fig.savefig(partial, dpi=120, format="png"))
         plt.close(fig)
     return paths

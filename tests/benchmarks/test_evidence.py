@@ -189,10 +189,9 @@ def test_docstring_examples(name):
     assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
 
 
-def test_run_writes_to_a_temporary_folder_by_default(tmp_path, monkeypatch):
-    """Without --output_dir the benchmark writes into a new temporary folder, never into the checkout (the
-    comparisons themselves are stood in for: this checks where the outputs go, in a second)."""
-    import tempfile
+def stand_in_comparisons(monkeypatch):
+    """`run_evidence` with its comparisons stood in for (a baseline row, comparison 1 adding none): a run takes a
+    second."""
     from types import SimpleNamespace
 
     from benchmarks import run_evidence
@@ -209,6 +208,15 @@ def test_run_writes_to_a_temporary_folder_by_default(tmp_path, monkeypatch):
         compare_multistage=lambda ctx, base: [],
     )
     monkeypatch.setattr(run_evidence, "C", fake)
+    return run_evidence
+
+
+def test_run_writes_to_a_temporary_folder_by_default(tmp_path, monkeypatch):
+    """Without --output_dir the benchmark writes into a new temporary folder, never into the checkout (the
+    comparisons themselves are stood in for: this checks where the outputs go, in a second)."""
+    import tempfile
+
+    run_evidence = stand_in_comparisons(monkeypatch)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp creates its folder
     args = run_evidence.parse_args(["--quick", "--comparisons", "1"])
     assert args.output_dir is None
@@ -216,3 +224,26 @@ def test_run_writes_to_a_temporary_folder_by_default(tmp_path, monkeypatch):
     (made,) = os.listdir(tmp_path)
     assert made.startswith("diffusers-stages-evidence-") and args.output_dir == str(tmp_path / made)
     assert {"RESULTS.md", "results.json", "quality_vs_train_flops.png"} <= set(os.listdir(tmp_path / made / "quick"))
+
+
+def test_an_interrupted_save_keeps_the_results_saved_before(tmp_path, monkeypatch):
+    """results.json is rewritten after every comparison: a run stopped while writing it (a time limit, Ctrl-C) must
+    leave the results saved before whole, not a truncated file that `--report_only` cannot read."""
+    import json
+
+    run_evidence = stand_in_comparisons(monkeypatch)
+    args = ["--quick", "--comparisons", "1", "--output_dir", str(tmp_path)]
+    run_evidence.run(run_evidence.parse_args(args))
+    folder = tmp_path / "quick"
+    saved = {name: (folder / name).read_bytes() for name in ("results.json", "RESULTS.md")}
+
+    def interrupted_dump(value, f, **kwargs):
+        f.write('{"header": {"comm')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", interrupted_dump)
+    with pytest.raises(KeyboardInterrupt):
+        run_evidence.run(run_evidence.parse_args(args))
+    plots = ["quality_vs_sampling_time.png", "quality_vs_train_flops.png"]
+    assert sorted(os.listdir(folder)) == sorted(["RESULTS.md", "results.json", *plots])  # no partial file left
+    assert {name: (folder / name).read_bytes() for name in saved} == saved
