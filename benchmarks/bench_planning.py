@@ -286,8 +286,15 @@ def main() -> None:
             args.dataset,
         ]
         command += ["--plot", plot] if plot else []
-        return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+        # only the row is read: the worker's errors go to the terminal
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            raise SystemExit(
+                f"The worker planning {num_images} images failed (exit status {result.returncode}): see above."
+            )
+        return json.loads(result.stdout)
 
+    load_data(args.dataset, 1)  # a missing data set: what to install, before any worker starts
     print(
         f"{args.dataset}, device {args.device}, {torch.get_num_threads()} threads, K={args.num_samples} draws, "
         f"{args.num_levels} levels; peak RSS is measured above the RSS with the data loaded, one process per row"
