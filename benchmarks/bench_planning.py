@@ -51,7 +51,8 @@ from diffusers_stages.planning.sizing import scaled_widths
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from benchmarks.measure import default_device, device_option, non_negative_int, positive_int  # noqa: E402
+from benchmarks.evidence.presets import PRESETS  # noqa: E402
+from benchmarks.measure import default_device, device_option, non_negative_int, output_file, positive_int  # noqa: E402
 
 FASHION_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
@@ -242,11 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--large", type=non_negative_int, default=60_000, help="One more streamed run on this many images (0: skip)."
     )
     parser.add_argument("--device", type=device_option, default=default_device())
-    parser.add_argument("--plot", default=None)
+    parser.add_argument("--plot", type=output_file, default=None, help="Where to write a PNG of the plan's curves.")
     parser.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
     parser.add_argument("--compare", action="store_true", help="Compare the two boundary rules (see above).")
     parser.add_argument("--budget_fd", action="store_true", help="Widths at the baseline's FLOPs, by FD (see above).")
-    parser.add_argument("--preset", default="quick", help="The evidence preset of --budget_fd.")
+    parser.add_argument(
+        "--preset", default="quick", choices=sorted(PRESETS), help="The evidence preset of --budget_fd."
+    )
     for name in ("--budget_steps", "--num_eval_samples"):  # --budget_fd: override the preset's training and samples
         parser.add_argument(name, type=positive_int, default=None)
     parser.add_argument("--worker", nargs=2, type=int, metavar=("NUM_IMAGES", "CHUNK_SIZE"), help=argparse.SUPPRESS)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from diffusers_stages.cli import write_atomically
+from diffusers_stages.cli import check_output_file, write_atomically
 from diffusers_stages.evaluation import count_flops  # the library's; re-exported for the benchmarks
 from diffusers_stages.models.checks import check_device
 
@@ -25,6 +25,8 @@ __all__ = [
     "device_option",
     "interleaved_medians",
     "non_negative_int",
+    "open_fraction",
+    "output_file",
     "positive_int",
     "write_json",
     "write_text",
@@ -49,6 +51,27 @@ def _integer_at_least(text: str, low: int) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
     return value
+
+
+def open_fraction(text: str) -> float:
+    """An argparse ``type``: a number strictly between 0 and 1 (a share of the steps), else a usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:  # nan too
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}")
+    return value
+
+
+def output_file(text: str) -> str:
+    """An argparse ``type``: a file path that can be written (not a folder; see the package's `check_output_file`),
+    checked before the run rather than when its result is written."""
+    try:
+        check_output_file(text, "path")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def device_option(text: str) -> str:

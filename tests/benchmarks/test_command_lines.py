@@ -97,3 +97,17 @@ def test_the_scripts_import_the_package_before_putting_the_repository_root_on_th
             imported |= isinstance(node, (ast.Import, ast.ImportFrom)) and any(
                 (m or "").split(".")[0] == "diffusers_stages" for m in modules
             )
+
+
+def test_other_bad_values_are_usage_errors(capsys, monkeypatch, tmp_path):
+    # they were tracebacks once the models were built (a ValueError of the pipeline, of get_preset) or after the run
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    for value in ("0", "1", "1.5", "nan", "two"):
+        with pytest.raises(SystemExit) as exit_:
+            _parse(bench_experts, ["--switch_step_fraction", value])
+        assert exit_.value.code == 2
+        assert f"argument --switch_step_fraction: must be a number in (0, 1), got '{value}'" in capsys.readouterr().err
+    for argv in (["--budget_fd", "--preset", "bogus"], ["--plot", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_:
+            _parse(bench_planning, argv)
+        assert exit_.value.code == 2 and f"argument {argv[-2]}" in capsys.readouterr().err
