@@ -74,9 +74,13 @@ def parse_args(argv=None):
     return args
 
 
-def machine() -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    return f"{platform.machine()} {device}, torch {torch.__version__}"
+def machine(device: torch.device) -> str:
+    """The machine and the device the run used (not the GPU of a machine that has one, for a `--device cpu` run)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    return f"{platform.machine()} {name}, torch {torch.__version__}"
 
 
 def run(args) -> dict:
@@ -99,7 +103,7 @@ def run(args) -> dict:
         header = {
             "command": "python benchmarks/run_evidence.py " + " ".join(sys.argv[1:]),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": machine(),
+            "machine": machine(ctx.device),
             "preset": preset.to_dict(),
             "reference": ctx.reference,
             "budget_flops": ctx.budget,

@@ -202,7 +202,7 @@ def stand_in_comparisons(monkeypatch):
 
     fake = SimpleNamespace(
         Context=lambda preset, device, cache_dir: SimpleNamespace(
-            reference={"fd": 5.0, "accuracy": 0.9}, budget=1e12, fd_seed_spread=1.0
+            device=device, reference={"fd": 5.0, "accuracy": 0.9}, budget=1e12, fd_seed_spread=1.0
         ),
         train_baseline=baseline,
         compare_multistage=lambda ctx, base: [],
@@ -247,3 +247,15 @@ def test_an_interrupted_save_keeps_the_results_saved_before(tmp_path, monkeypatc
     plots = ["quality_vs_sampling_time.png", "quality_vs_train_flops.png"]
     assert sorted(os.listdir(folder)) == sorted(["RESULTS.md", "results.json", *plots])  # no partial file left
     assert {name: (folder / name).read_bytes() for name in saved} == saved
+
+
+def test_the_results_header_names_the_device_the_run_used(monkeypatch):
+    # a `--device cpu` run on a machine with a GPU was reported as run on that GPU (and `cuda:1` as on device 0)
+    from benchmarks import run_evidence
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {torch.device(device).index}")
+    assert "GPU" not in run_evidence.machine(torch.device("cpu")) and "CPU" in run_evidence.machine(
+        torch.device("cpu")
+    )
+    assert "GPU 1" in run_evidence.machine(torch.device("cuda:1"))
