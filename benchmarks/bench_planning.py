@@ -52,7 +52,7 @@ from diffusers_stages.planning.sizing import scaled_widths
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from benchmarks.evidence.presets import PRESETS  # noqa: E402
-from benchmarks.measure import default_device, device_option, non_negative_int, output_file, positive_int  # noqa: E402
+from benchmarks.measure import _synchronize, default_device, device_option, non_negative_int, output_file, positive_int  # noqa: E402
 
 FASHION_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
@@ -99,15 +99,14 @@ def peak_rss_mib() -> float:
 
 def measure(num_images: int, chunk_size: int, args: argparse.Namespace) -> dict:
     """Plan ``--repeats`` times (seeds 0, 1, ...) in this process; wall times and peak memory above the data."""
-    cuda = args.device.startswith("cuda")
+    device = torch.device(args.device)  # the one planned on: `cuda:1` is not the current device
     schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), args.num_levels)
     data = load_data(args.dataset, num_images)
     num_images = len(data)  # fewer where the data set holds fewer (digits: 1,797)
     loaded = reset_peak_rss()
     times, fractions = [], []
     for seed in range(args.repeats):
-        if cuda:
-            torch.cuda.synchronize()
+        _synchronize(device)
         start = time.perf_counter()
         plan = plan_stages(
             data,
@@ -118,8 +117,7 @@ def measure(num_images: int, chunk_size: int, args: argparse.Namespace) -> dict:
             device=args.device,
             generator=torch.Generator().manual_seed(seed),
         )
-        if cuda:
-            torch.cuda.synchronize()
+        _synchronize(device)
         times.append(time.perf_counter() - start)
         fractions.append([round(f, 4) for f in plan.fractions])
     if args.plot:
@@ -130,7 +128,7 @@ def measure(num_images: int, chunk_size: int, args: argparse.Namespace) -> dict:
         "times_s": times,
         "median_s": statistics.median(times),
         "peak_rss_above_data_mib": peak_rss_mib() - loaded,
-        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "fractions": fractions,
     }
 

@@ -71,3 +71,18 @@ def test_a_failing_worker_shows_its_error_and_stops_with_a_message(monkeypatch):
         bench.main()
     # the worker's stderr goes to the terminal (its error message), only its stdout (the row) is read
     assert len(calls) == 1 and "stderr" not in calls[0] and not calls[0].get("capture_output")
+
+
+def test_a_cuda_run_waits_for_and_reads_the_device_it_planned_on(monkeypatch):
+    # with --device cuda:1 the clock waited for (and the peak was read of) the current device, cuda:0
+    from types import SimpleNamespace
+
+    seen = []
+    monkeypatch.setattr(bench, "plan_stages", lambda *args, **kwargs: SimpleNamespace(fractions=[0.3, 0.6]))
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda device=None: seen.append(("sync", device)))
+    monkeypatch.setattr(
+        bench.torch.cuda, "max_memory_allocated", lambda device=None: seen.append(("peak", device)) or 0
+    )
+    args = argparse.Namespace(device="cuda:1", dataset="digits", num_levels=4, num_samples=2, repeats=1, plot=None)
+    bench.measure(10, 0, args)
+    assert seen and all(bench.torch.device(device) == bench.torch.device("cuda:1") for _, device in seen)
