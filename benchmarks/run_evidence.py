@@ -6,7 +6,9 @@
 
 Writes ``<output_dir>/<preset>/RESULTS.md`` (table and verdicts), ``results.json`` and two PNG plots, and refreshes
 the index ``<output_dir>/RESULTS.md``. ``--output_dir`` defaults to a new temporary folder; the committed results were
-written with ``--output_dir benchmarks/results``.
+written with ``--output_dir benchmarks/results``. results.json is saved after every comparison; a run of some
+comparisons (``--comparisons 3``, to finish a stopped run) keeps the folder's rows of the others when they were saved
+with the same settings.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ def run(args) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     print(f"writing results to {out_dir}")
 
+    kept, kept_from = saved_rows(out_dir, preset, args.comparisons)
+
     def save(results):  # after every comparison, so that an interrupted run keeps what it measured
         header = {
             "command": "python benchmarks/run_evidence.py " + " ".join(sys.argv[1:]),
@@ -109,10 +113,10 @@ def run(args) -> dict:
             "budget_flops": ctx.budget,
             "fd_seed_spread": ctx.fd_seed_spread,
             "wall_minutes": (time.perf_counter() - start) / 60,
+            **({"kept": kept_from} if kept else {}),
         }
-        write_json(
-            os.path.join(out_dir, "results.json"), {"header": header, "results": [r.to_dict() for r in results]}
-        )
+        rows = sorted(kept + [r.to_dict() for r in results], key=lambda r: r["comparison"])  # stable: in order
+        write_json(os.path.join(out_dir, "results.json"), {"header": header, "results": rows})
 
     results = C.train_baseline(ctx)
     baseline = results[-1]
@@ -127,6 +131,30 @@ def run(args) -> dict:
         results += steps[comparison]()
         save(results)
     return write_outputs(args.output_dir, preset.name)
+
+
+def saved_rows(out_dir: str, preset, comparisons: tuple[str, ...]) -> tuple[list[dict], str]:
+    """The rows of the comparisons not run now from the folder's results.json, when it was written with the same
+    settings (a run stopped during comparison 3 is finished with ``--comparisons 3``), and where they came from;
+    none otherwise (rows of other settings are not comparable)."""
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.isfile(path):
+        return [], ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        same = saved["header"]["preset"] == json.loads(json.dumps(preset.to_dict()))  # tuples saved as lists
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"not keeping anything of {path}, which cannot be read: {type(error).__name__}: {error}")
+        return [], ""
+    if not same:
+        return [], ""
+    rows = [row for row in saved["results"] if row["comparison"] not in comparisons]
+    done = sorted({row["comparison"] for row in rows})
+    if rows:
+        print(f"keeping comparison(s) {', '.join(done)} of {path} (same settings)")
+    label = f"comparison {', '.join(done)} kept from `{saved['header']['command']}` on {saved['header']['date']}"
+    return rows, label
 
 
 def write_outputs(output_dir: str, preset_name: str) -> dict:

@@ -127,7 +127,8 @@ def write_markdown(path: str, header: dict, results: list[dict], spread: float) 
         f"# Evidence benchmark: preset `{header['preset']['name']}` ({header['preset']['dataset']})",
         "",
         f"Produced by `{header['command']}` on {header['date']} ({header['machine']}); total "
-        f"{header['wall_minutes']:.1f} min. Written by the benchmark: do not edit by hand.",
+        f"{header['wall_minutes']:.1f} min{'; ' + header['kept'] if header.get('kept') else ''}. Written by the "
+        "benchmark: do not edit by hand.",
         "",
         "**Metric.** FD-classifier = Frechet distance between the features of a small CNN classifier trained "
         "(seeded, cached) on the training split, for generated images vs the training images "

@@ -259,3 +259,29 @@ def test_the_results_header_names_the_device_the_run_used(monkeypatch):
         torch.device("cpu")
     )
     assert "GPU 1" in run_evidence.machine(torch.device("cuda:1"))
+
+
+def test_running_some_comparisons_again_keeps_the_others_saved_with_the_same_settings(tmp_path, monkeypatch):
+    """A run stopped during comparison 3 is finished with `--comparisons 3` into the same folder: that must not
+    erase comparisons 1 and 2 from results.json (it did: the file held only what the new run measured); rows
+    saved with other settings are not mixed in."""
+    import json
+
+    from benchmarks.evidence.comparisons import Result
+
+    run_evidence = stand_in_comparisons(monkeypatch)
+    fd = {"2": 30.0}
+    run_evidence.C.compare_experts = lambda ctx, base: [Result("2", "MEME 4 experts", 1e12, 1.0, fd["2"], 0.5, 10)]
+    folder = ["--quick", "--output_dir", str(tmp_path)]
+
+    def rows():
+        with open(tmp_path / "quick" / "results.json", encoding="utf-8") as f:
+            return [(r["comparison"], r["method"], r["fd"]) for r in json.load(f)["results"]]
+
+    run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "1,2"]))
+    fd["2"] = 25.0
+    run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "2"]))
+    assert rows() == [("1", "UNet2DModel", 20.0), ("2", "MEME 4 experts", 25.0)]
+    assert "comparison 1 kept from" in (tmp_path / "quick" / "RESULTS.md").read_text()
+    run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "2", "--budget_steps", "7"]))
+    assert rows() == [("2", "MEME 4 experts", 25.0)]  # another budget: the earlier rows are not comparable
