@@ -285,3 +285,13 @@ def test_running_some_comparisons_again_keeps_the_others_saved_with_the_same_set
     assert "comparison 1 kept from" in (tmp_path / "quick" / "RESULTS.md").read_text()
     run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "2", "--budget_steps", "7"]))
     assert rows() == [("2", "MEME 4 experts", 25.0)]  # another budget: the earlier rows are not comparable
+
+
+def test_sampling_flops_per_image_are_counted_on_seeded_noise():
+    # an early-exit model's FLOPs depend on the noise it denoises: counted on unseeded noise, they changed from run to
+    # run (and differed between the methods' counts)
+    def pipeline(batch_size, num_inference_steps, class_labels, generator, output_type):
+        size = 1 + int(1000 * abs(float(torch.randn(1, generator=generator))))  # work that depends on the noise
+        return torch.ones(size, 1) @ torch.ones(1, 1)
+
+    assert sampling_flops_per_image(pipeline, 1) == sampling_flops_per_image(pipeline, 1)
