@@ -243,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", type=device_option, default=default_device())
     parser.add_argument("--plot", type=output_file, default=None, help="Where to write a PNG of the plan's curves.")
     parser.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
-    parser.add_argument("--compare", action="store_true", help="Compare the two boundary rules (see above).")
-    parser.add_argument("--budget_fd", action="store_true", help="Widths at the baseline's FLOPs, by FD (see above).")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--compare", action="store_true", help="Compare the two boundary rules (see above).")
+    mode.add_argument("--budget_fd", action="store_true", help="Widths at the baseline's FLOPs, by FD (see above).")
     parser.add_argument(
         "--preset", default="quick", choices=sorted(PRESETS), help="The evidence preset of --budget_fd."
     )
@@ -254,8 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with those of --budget_fd refused without it (the other modes would ignore them)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = [
+        name
+        for name in ("preset", "budget_steps", "num_eval_samples")
+        if getattr(args, name) != parser.get_default(name)
+    ]
+    if given and not args.budget_fd:
+        parser.error(
+            f"{', '.join('--' + name for name in given)} set what --budget_fd measures: give --budget_fd too."
+        )
+    return args
+
+
 def main() -> None:
-    args = build_parser().parse_args()
+    args = parse_args()
     if args.worker:  # one configuration in a fresh process, so that its peak RSS is its own
         print(json.dumps(measure(*args.worker, args)))
         return

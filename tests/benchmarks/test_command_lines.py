@@ -28,7 +28,7 @@ def _parse(script, argv):
     if script is bench_offload:
         return bench_offload.main(argv)
     if script is bench_planning:
-        return bench_planning.build_parser().parse_args(argv)
+        return bench_planning.parse_args(argv)
     return script.parse_args(argv)
 
 
@@ -111,3 +111,16 @@ def test_other_bad_values_are_usage_errors(capsys, monkeypatch, tmp_path):
         with pytest.raises(SystemExit) as exit_:
             _parse(bench_planning, argv)
         assert exit_.value.code == 2 and f"argument {argv[-2]}" in capsys.readouterr().err
+
+
+def test_bench_planning_refuses_options_its_mode_would_ignore(capsys):
+    # --budget_steps 50 without --budget_fd ran the timing benchmark and ignored it; --compare --budget_fd ran one
+    for argv, message in (
+        (["--budget_steps", "50"], "--budget_steps"),
+        (["--preset", "gpu"], "--preset"),
+        (["--compare", "--budget_fd"], "--compare"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            bench_planning.parse_args(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert bench_planning.parse_args(["--budget_fd", "--budget_steps", "50"]).budget_steps == 50
