@@ -66,9 +66,10 @@ def parse_args(argv=None):
     )
     args = parser.parse_args(argv)
     chosen = tuple(c.strip() for c in args.comparisons.split(",") if c.strip())
-    if not chosen or any(c not in COMPARISONS for c in chosen):
+    if not chosen or any(c not in COMPARISONS for c in chosen) or len(set(chosen)) < len(chosen):
         parser.error(
-            f"--comparisons must be a comma-separated subset of {','.join(COMPARISONS)}, got {args.comparisons!r}"
+            f"--comparisons must be a comma-separated subset of {','.join(COMPARISONS)}, each once, got "
+            f"{args.comparisons!r}"
         )
     args.comparisons = chosen
     if args.quick:

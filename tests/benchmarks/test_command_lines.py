@@ -124,3 +124,11 @@ def test_bench_planning_refuses_options_its_mode_would_ignore(capsys):
             bench_planning.parse_args(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert bench_planning.parse_args(["--budget_fd", "--budget_steps", "50"]).budget_steps == 50
+
+
+def test_run_evidence_refuses_a_comparison_named_twice(capsys):
+    # --comparisons 1,1 ran comparison 1 twice and wrote each of its rows twice into the table
+    assert run_evidence.parse_args(["--comparisons", "3, 1"]).comparisons == ("3", "1")
+    with pytest.raises(SystemExit) as exit_:
+        run_evidence.parse_args(["--comparisons", "1,1"])
+    assert exit_.value.code == 2 and "--comparisons" in capsys.readouterr().err
