@@ -46,7 +46,14 @@ from benchmarks.evidence.comparisons import meme_expert_models, unet_config
 from benchmarks.evidence.data import NUM_CLASSES
 from benchmarks.evidence.presets import PRESETS
 from benchmarks.evidence.sampling import balanced_labels, sampling_scheduler
-from benchmarks.measure import count_flops, device_option, interleaved_medians, non_negative_int, positive_int
+from benchmarks.measure import (
+    count_flops,
+    device_option,
+    interleaved_medians,
+    non_negative_int,
+    open_fraction,
+    positive_int,
+)
 
 SIZE, CHANNELS = 32, 3
 DEEP = {
@@ -106,7 +113,9 @@ def main() -> None:
     parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--batch_size", type=positive_int, default=4)
     parser.add_argument("--repeats", type=positive_int, default=5)
-    parser.add_argument("--switch_step_fraction", type=float, default=0.4)
+    parser.add_argument(
+        "--switch_step_fraction", type=open_fraction, default=0.4, help="share of the steps the shallow model runs"
+    )
     parser.add_argument(
         "--early_exit_steps", type=non_negative_int, default=0, help="train the early-exit baseline this long"
     )

@@ -51,7 +51,8 @@ from diffusers_stages.planning.sizing import scaled_widths
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from benchmarks.measure import default_device, device_option, non_negative_int, positive_int  # noqa: E402
+from benchmarks.evidence.presets import PRESETS  # noqa: E402
+from benchmarks.measure import _synchronize, default_device, device_option, non_negative_int, output_file, positive_int  # noqa: E402
 
 FASHION_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
@@ -98,15 +99,14 @@ def peak_rss_mib() -> float:
 
 def measure(num_images: int, chunk_size: int, args: argparse.Namespace) -> dict:
     """Plan ``--repeats`` times (seeds 0, 1, ...) in this process; wall times and peak memory above the data."""
-    cuda = args.device.startswith("cuda")
+    device = torch.device(args.device)  # the one planned on: `cuda:1` is not the current device
     schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), args.num_levels)
     data = load_data(args.dataset, num_images)
     num_images = len(data)  # fewer where the data set holds fewer (digits: 1,797)
     loaded = reset_peak_rss()
     times, fractions = [], []
     for seed in range(args.repeats):
-        if cuda:
-            torch.cuda.synchronize()
+        _synchronize(device)
         start = time.perf_counter()
         plan = plan_stages(
             data,
@@ -117,8 +117,7 @@ def measure(num_images: int, chunk_size: int, args: argparse.Namespace) -> dict:
             device=args.device,
             generator=torch.Generator().manual_seed(seed),
         )
-        if cuda:
-            torch.cuda.synchronize()
+        _synchronize(device)
         times.append(time.perf_counter() - start)
         fractions.append([round(f, 4) for f in plan.fractions])
     if args.plot:
@@ -129,7 +128,7 @@ def measure(num_images: int, chunk_size: int, args: argparse.Namespace) -> dict:
         "times_s": times,
         "median_s": statistics.median(times),
         "peak_rss_above_data_mib": peak_rss_mib() - loaded,
-        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "fractions": fractions,
     }
 
@@ -242,19 +241,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--large", type=non_negative_int, default=60_000, help="One more streamed run on this many images (0: skip)."
     )
     parser.add_argument("--device", type=device_option, default=default_device())
-    parser.add_argument("--plot", default=None)
+    parser.add_argument("--plot", type=output_file, default=None, help="Where to write a PNG of the plan's curves.")
     parser.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
-    parser.add_argument("--compare", action="store_true", help="Compare the two boundary rules (see above).")
-    parser.add_argument("--budget_fd", action="store_true", help="Widths at the baseline's FLOPs, by FD (see above).")
-    parser.add_argument("--preset", default="quick", help="The evidence preset of --budget_fd.")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--compare", action="store_true", help="Compare the two boundary rules (see above).")
+    mode.add_argument("--budget_fd", action="store_true", help="Widths at the baseline's FLOPs, by FD (see above).")
+    parser.add_argument(
+        "--preset", default="quick", choices=sorted(PRESETS), help="The evidence preset of --budget_fd."
+    )
     for name in ("--budget_steps", "--num_eval_samples"):  # --budget_fd: override the preset's training and samples
         parser.add_argument(name, type=positive_int, default=None)
     parser.add_argument("--worker", nargs=2, type=int, metavar=("NUM_IMAGES", "CHUNK_SIZE"), help=argparse.SUPPRESS)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with those of --budget_fd refused without it (the other modes would ignore them)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = [
+        name
+        for name in ("preset", "budget_steps", "num_eval_samples")
+        if getattr(args, name) != parser.get_default(name)
+    ]
+    if given and not args.budget_fd:
+        parser.error(
+            f"{', '.join('--' + name for name in given)} set what --budget_fd measures: give --budget_fd too."
+        )
+    return args
+
+
 def main() -> None:
-    args = build_parser().parse_args()
+    args = parse_args()
     if args.worker:  # one configuration in a fresh process, so that its peak RSS is its own
         print(json.dumps(measure(*args.worker, args)))
         return
@@ -286,8 +304,15 @@ def main() -> None:
             args.dataset,
         ]
         command += ["--plot", plot] if plot else []
-        return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+        # only the row is read: the worker's errors go to the terminal
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            raise SystemExit(
+                f"The worker planning {num_images} images failed (exit status {result.returncode}): see above."
+            )
+        return json.loads(result.stdout)
 
+    load_data(args.dataset, 1)  # a missing data set: what to install, before any worker starts
     print(
         f"{args.dataset}, device {args.device}, {torch.get_num_threads()} threads, K={args.num_samples} draws, "
         f"{args.num_levels} levels; peak RSS is measured above the RSS with the data loaded, one process per row"

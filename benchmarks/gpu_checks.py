@@ -28,7 +28,6 @@ status is then 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -55,7 +54,7 @@ from diffusers_stages.models.uvit import UViT2DModel, dual_uvit_configs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from benchmarks.measure import _synchronize, default_device, device_option, positive_int
+from benchmarks.measure import _synchronize, default_device, device_option, positive_int, write_json
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's warning under set_sync_debug_mode("warn")
@@ -280,9 +279,8 @@ def report(rows: list[dict], output_dir: str | None, all_rows: list[dict]) -> No
         print("| " + " | ".join(cells) + " |")
     all_rows += rows
     if output_dir is not None:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "gpu_checks.json"), "w", encoding="utf-8") as f:
-            json.dump(all_rows, f, indent=1)
+        # atomically: a run stopped by its time limit while writing keeps the rows written before
+        write_json(os.path.join(output_dir, "gpu_checks.json"), all_rows)
 
 
 def sections(pipes: dict, args: argparse.Namespace):

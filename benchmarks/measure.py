@@ -8,16 +8,29 @@ The scripts put the repository root on ``sys.path`` and import this as ``benchma
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable, Mapping
 
 import torch
 
+from diffusers_stages.cli import check_output_file, write_atomically
 from diffusers_stages.evaluation import count_flops  # the library's; re-exported for the benchmarks
 from diffusers_stages.models.checks import check_device
 
-__all__ = ["count_flops", "default_device", "device_option", "interleaved_medians", "non_negative_int", "positive_int"]
+__all__ = [
+    "count_flops",
+    "default_device",
+    "device_option",
+    "interleaved_medians",
+    "non_negative_int",
+    "open_fraction",
+    "output_file",
+    "positive_int",
+    "write_json",
+    "write_text",
+]
 
 
 def positive_int(text: str) -> int:
@@ -40,6 +53,27 @@ def _integer_at_least(text: str, low: int) -> int:
     return value
 
 
+def open_fraction(text: str) -> float:
+    """An argparse ``type``: a number strictly between 0 and 1 (a share of the steps), else a usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:  # nan too
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}")
+    return value
+
+
+def output_file(text: str) -> str:
+    """An argparse ``type``: a file path that can be written (not a folder; see the package's `check_output_file`),
+    checked before the run rather than when its result is written."""
+    try:
+        check_output_file(text, "path")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def device_option(text: str) -> str:
     """An argparse ``type``: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``; see the library's
     `check_device`), else a usage error."""
@@ -53,6 +87,27 @@ def device_option(text: str) -> str:
 def default_device() -> str:
     """The benchmarks' default ``--device``: ``cuda`` when available, else ``cpu``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a results file atomically: a run stopped while writing it (a time limit, Ctrl-C) leaves the file as it
+    was before, not truncated."""
+
+    def write(partial: str) -> None:
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_atomically(path, write)
+
+
+def write_json(path: str, value: object) -> None:
+    """Write ``value`` as indented JSON to ``path`` atomically (see `write_text`)."""
+
+    def write(partial: str) -> None:
+        with open(partial, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=2)
+
+    write_atomically(path, write)
 
 
 def _synchronize(device: torch.device) -> None:

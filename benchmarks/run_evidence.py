@@ -6,7 +6,9 @@
 
 Writes ``<output_dir>/<preset>/RESULTS.md`` (table and verdicts), ``results.json`` and two PNG plots, and refreshes
 the index ``<output_dir>/RESULTS.md``. ``--output_dir`` defaults to a new temporary folder; the committed results were
-written with ``--output_dir benchmarks/results``.
+written with ``--output_dir benchmarks/results``. results.json is saved after every comparison; a run of some
+comparisons (``--comparisons 3``, to finish a stopped run) keeps the folder's rows of the others when they were saved
+with the same settings.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks.evidence import comparisons as C
 from benchmarks.evidence.presets import PRESETS, get_preset
 from benchmarks.evidence.report import write_markdown, write_plots
-from benchmarks.measure import default_device, device_option, positive_int
+from benchmarks.measure import default_device, device_option, positive_int, write_json, write_text
 
 COMPARISONS = ("1", "2", "3")
 
@@ -64,9 +66,10 @@ def parse_args(argv=None):
     )
     args = parser.parse_args(argv)
     chosen = tuple(c.strip() for c in args.comparisons.split(",") if c.strip())
-    if not chosen or any(c not in COMPARISONS for c in chosen):
+    if not chosen or any(c not in COMPARISONS for c in chosen) or len(set(chosen)) < len(chosen):
         parser.error(
-            f"--comparisons must be a comma-separated subset of {','.join(COMPARISONS)}, got {args.comparisons!r}"
+            f"--comparisons must be a comma-separated subset of {','.join(COMPARISONS)}, each once, got "
+            f"{args.comparisons!r}"
         )
     args.comparisons = chosen
     if args.quick:
@@ -74,9 +77,13 @@ def parse_args(argv=None):
     return args
 
 
-def machine() -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    return f"{platform.machine()} {device}, torch {torch.__version__}"
+def machine(device: torch.device) -> str:
+    """The machine and the device the run used (not the GPU of a machine that has one, for a `--device cpu` run)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    return f"{platform.machine()} {name}, torch {torch.__version__}"
 
 
 def run(args) -> dict:
@@ -95,19 +102,22 @@ def run(args) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     print(f"writing results to {out_dir}")
 
+    kept, kept_from = saved_rows(out_dir, preset, args.comparisons)
+
     def save(results):  # after every comparison, so that an interrupted run keeps what it measured
         header = {
             "command": "python benchmarks/run_evidence.py " + " ".join(sys.argv[1:]),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": machine(),
+            "machine": machine(ctx.device),
             "preset": preset.to_dict(),
             "reference": ctx.reference,
             "budget_flops": ctx.budget,
             "fd_seed_spread": ctx.fd_seed_spread,
             "wall_minutes": (time.perf_counter() - start) / 60,
+            **({"kept": kept_from} if kept else {}),
         }
-        with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-            json.dump({"header": header, "results": [r.to_dict() for r in results]}, f, indent=2)
+        rows = sorted(kept + [r.to_dict() for r in results], key=lambda r: r["comparison"])  # stable: in order
+        write_json(os.path.join(out_dir, "results.json"), {"header": header, "results": rows})
 
     results = C.train_baseline(ctx)
     baseline = results[-1]
@@ -122,6 +132,30 @@ def run(args) -> dict:
         results += steps[comparison]()
         save(results)
     return write_outputs(args.output_dir, preset.name)
+
+
+def saved_rows(out_dir: str, preset, comparisons: tuple[str, ...]) -> tuple[list[dict], str]:
+    """The rows of the comparisons not run now from the folder's results.json, when it was written with the same
+    settings (a run stopped during comparison 3 is finished with ``--comparisons 3``), and where they came from;
+    none otherwise (rows of other settings are not comparable)."""
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.isfile(path):
+        return [], ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        same = saved["header"]["preset"] == json.loads(json.dumps(preset.to_dict()))  # tuples saved as lists
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"not keeping anything of {path}, which cannot be read: {type(error).__name__}: {error}")
+        return [], ""
+    if not same:
+        return [], ""
+    rows = [row for row in saved["results"] if row["comparison"] not in comparisons]
+    done = sorted({row["comparison"] for row in rows})
+    if rows:
+        print(f"keeping comparison(s) {', '.join(done)} of {path} (same settings)")
+    label = f"comparison {', '.join(done)} kept from `{saved['header']['command']}` on {saved['header']['date']}"
+    return rows, label
 
 
 def write_outputs(output_dir: str, preset_name: str) -> dict:
@@ -153,8 +187,7 @@ def write_index(output_dir: str) -> None:
             lines.append(
                 f"- [{name}]({name}/RESULTS.md): `{header['command']}`, {header['date']}, {header['machine']}"
             )
-    with open(os.path.join(output_dir, "RESULTS.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(os.path.join(output_dir, "RESULTS.md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from diffusers_stages.cli import write_atomically
+
+from ..measure import write_text
+
 TITLES = {
     "1": "Comparison 1: UNet2DModel vs multi-stage multi-decoder U-Net (Zhang et al., CVPR 2024)",
     "2": "Comparison 2: one large model vs 4 experts of different architectures (MEME, AAAI 2024)",
@@ -123,7 +127,8 @@ def write_markdown(path: str, header: dict, results: list[dict], spread: float) 
         f"# Evidence benchmark: preset `{header['preset']['name']}` ({header['preset']['dataset']})",
         "",
         f"Produced by `{header['command']}` on {header['date']} ({header['machine']}); total "
-        f"{header['wall_minutes']:.1f} min. Written by the benchmark: do not edit by hand.",
+        f"{header['wall_minutes']:.1f} min{'; ' + header['kept'] if header.get('kept') else ''}. Written by the "
+        "benchmark: do not edit by hand.",
         "",
         "**Metric.** FD-classifier = Frechet distance between the features of a small CNN classifier trained "
         "(seeded, cached) on the training split, for generated images vs the training images "
@@ -167,8 +172,7 @@ def write_markdown(path: str, header: dict, results: list[dict], spread: float) 
             )
         lines += [""] + [f"- {line}" for line in read.get(comparison, [])] + [""]
     lines += ["## Settings", "", "```json", _json(header["preset"]), "```", ""]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    write_text(path, "\n".join(lines))
 
 
 def _json(value) -> str:
@@ -233,6 +237,6 @@ def write_plots(directory: str, results: list[dict], reference_fd: float, spread
     for name, fig in quality_plots(results, reference_fd, spread).items():
         fig.tight_layout()
         paths.append(os.path.join(directory, name))
-        fig.savefig(paths[-1], dpi=120)
+        write_atomically(paths[-1], lambda partial, fig=fig: fig.savefig(partial, dpi=120, format="png"))
         plt.close(fig)
     return paths

@@ -41,3 +41,48 @@ def test_a_row_reports_the_images_it_planned_on_when_the_data_set_has_fewer():
     args = argparse.Namespace(device="cpu", dataset="digits", num_levels=4, num_samples=2, repeats=1, plot=None)
     row = bench.measure(10_000, 0, args)
     assert row["num_images"] == row["chunk_size"] == 1797
+
+
+def test_the_main_run_says_what_to_install_before_starting_any_worker(monkeypatch, tmp_path):
+    # the rows run in worker processes: a missing data set was their error, captured and dropped, and the run ended
+    # in a CalledProcessError traceback without the instructions
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the benchmark ran a command: {args}")
+
+    monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(bench, "FASHION_TRAIN", str(tmp_path / "missing.gz"))
+    monkeypatch.setattr(sys, "argv", ["bench_planning.py", "--num_images", "10", "--large", "0"])
+    with pytest.raises(SystemExit, match="missing: install Debian's dataset-fashion-mnist"):
+        bench.main()
+
+
+def test_a_failing_worker_shows_its_error_and_stops_with_a_message(monkeypatch):
+    calls = []
+
+    def failing_worker(command, **kwargs):
+        calls.append(kwargs)
+        return subprocess.CompletedProcess(command, 1, stdout="")
+
+    monkeypatch.setattr(subprocess, "run", failing_worker)
+    monkeypatch.setattr(
+        sys, "argv", ["bench_planning.py", "--dataset", "digits", "--num_images", "10", "--large", "0"]
+    )
+    with pytest.raises(SystemExit, match="exit status 1"):
+        bench.main()
+    # the worker's stderr goes to the terminal (its error message), only its stdout (the row) is read
+    assert len(calls) == 1 and "stderr" not in calls[0] and not calls[0].get("capture_output")
+
+
+def test_a_cuda_run_waits_for_and_reads_the_device_it_planned_on(monkeypatch):
+    # with --device cuda:1 the clock waited for (and the peak was read of) the current device, cuda:0
+    from types import SimpleNamespace
+
+    seen = []
+    monkeypatch.setattr(bench, "plan_stages", lambda *args, **kwargs: SimpleNamespace(fractions=[0.3, 0.6]))
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda device=None: seen.append(("sync", device)))
+    monkeypatch.setattr(
+        bench.torch.cuda, "max_memory_allocated", lambda device=None: seen.append(("peak", device)) or 0
+    )
+    args = argparse.Namespace(device="cuda:1", dataset="digits", num_levels=4, num_samples=2, repeats=1, plot=None)
+    bench.measure(10, 0, args)
+    assert seen and all(bench.torch.device(device) == bench.torch.device("cuda:1") for _, device in seen)

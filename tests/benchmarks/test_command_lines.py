@@ -28,7 +28,7 @@ def _parse(script, argv):
     if script is bench_offload:
         return bench_offload.main(argv)
     if script is bench_planning:
-        return bench_planning.build_parser().parse_args(argv)
+        return bench_planning.parse_args(argv)
     return script.parse_args(argv)
 
 
@@ -97,3 +97,38 @@ def test_the_scripts_import_the_package_before_putting_the_repository_root_on_th
             imported |= isinstance(node, (ast.Import, ast.ImportFrom)) and any(
                 (m or "").split(".")[0] == "diffusers_stages" for m in modules
             )
+
+
+def test_other_bad_values_are_usage_errors(capsys, monkeypatch, tmp_path):
+    # they were tracebacks once the models were built (a ValueError of the pipeline, of get_preset) or after the run
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    for value in ("0", "1", "1.5", "nan", "two"):
+        with pytest.raises(SystemExit) as exit_:
+            _parse(bench_experts, ["--switch_step_fraction", value])
+        assert exit_.value.code == 2
+        assert f"argument --switch_step_fraction: must be a number in (0, 1), got '{value}'" in capsys.readouterr().err
+    for argv in (["--budget_fd", "--preset", "bogus"], ["--plot", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_:
+            _parse(bench_planning, argv)
+        assert exit_.value.code == 2 and f"argument {argv[-2]}" in capsys.readouterr().err
+
+
+def test_bench_planning_refuses_options_its_mode_would_ignore(capsys):
+    # --budget_steps 50 without --budget_fd ran the timing benchmark and ignored it; --compare --budget_fd ran one
+    for argv, message in (
+        (["--budget_steps", "50"], "--budget_steps"),
+        (["--preset", "gpu"], "--preset"),
+        (["--compare", "--budget_fd"], "--compare"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            bench_planning.parse_args(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert bench_planning.parse_args(["--budget_fd", "--budget_steps", "50"]).budget_steps == 50
+
+
+def test_run_evidence_refuses_a_comparison_named_twice(capsys):
+    # --comparisons 1,1 ran comparison 1 twice and wrote each of its rows twice into the table
+    assert run_evidence.parse_args(["--comparisons", "3, 1"]).comparisons == ("3", "1")
+    with pytest.raises(SystemExit) as exit_:
+        run_evidence.parse_args(["--comparisons", "1,1"])
+    assert exit_.value.code == 2 and "--comparisons" in capsys.readouterr().err

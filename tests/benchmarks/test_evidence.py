@@ -189,10 +189,9 @@ def test_docstring_examples(name):
     assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
 
 
-def test_run_writes_to_a_temporary_folder_by_default(tmp_path, monkeypatch):
-    """Without --output_dir the benchmark writes into a new temporary folder, never into the checkout (the
-    comparisons themselves are stood in for: this checks where the outputs go, in a second)."""
-    import tempfile
+def stand_in_comparisons(monkeypatch):
+    """`run_evidence` with its comparisons stood in for (a baseline row, comparison 1 adding none): a run takes a
+    second."""
     from types import SimpleNamespace
 
     from benchmarks import run_evidence
@@ -203,12 +202,21 @@ def test_run_writes_to_a_temporary_folder_by_default(tmp_path, monkeypatch):
 
     fake = SimpleNamespace(
         Context=lambda preset, device, cache_dir: SimpleNamespace(
-            reference={"fd": 5.0, "accuracy": 0.9}, budget=1e12, fd_seed_spread=1.0
+            device=device, reference={"fd": 5.0, "accuracy": 0.9}, budget=1e12, fd_seed_spread=1.0
         ),
         train_baseline=baseline,
         compare_multistage=lambda ctx, base: [],
     )
     monkeypatch.setattr(run_evidence, "C", fake)
+    return run_evidence
+
+
+def test_run_writes_to_a_temporary_folder_by_default(tmp_path, monkeypatch):
+    """Without --output_dir the benchmark writes into a new temporary folder, never into the checkout (the
+    comparisons themselves are stood in for: this checks where the outputs go, in a second)."""
+    import tempfile
+
+    run_evidence = stand_in_comparisons(monkeypatch)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp creates its folder
     args = run_evidence.parse_args(["--quick", "--comparisons", "1"])
     assert args.output_dir is None
@@ -216,3 +224,74 @@ def test_run_writes_to_a_temporary_folder_by_default(tmp_path, monkeypatch):
     (made,) = os.listdir(tmp_path)
     assert made.startswith("diffusers-stages-evidence-") and args.output_dir == str(tmp_path / made)
     assert {"RESULTS.md", "results.json", "quality_vs_train_flops.png"} <= set(os.listdir(tmp_path / made / "quick"))
+
+
+def test_an_interrupted_save_keeps_the_results_saved_before(tmp_path, monkeypatch):
+    """results.json is rewritten after every comparison: a run stopped while writing it (a time limit, Ctrl-C) must
+    leave the results saved before whole, not a truncated file that `--report_only` cannot read."""
+    import json
+
+    run_evidence = stand_in_comparisons(monkeypatch)
+    args = ["--quick", "--comparisons", "1", "--output_dir", str(tmp_path)]
+    run_evidence.run(run_evidence.parse_args(args))
+    folder = tmp_path / "quick"
+    saved = {name: (folder / name).read_bytes() for name in ("results.json", "RESULTS.md")}
+
+    def interrupted_dump(value, f, **kwargs):
+        f.write('{"header": {"comm')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", interrupted_dump)
+    with pytest.raises(KeyboardInterrupt):
+        run_evidence.run(run_evidence.parse_args(args))
+    plots = ["quality_vs_sampling_time.png", "quality_vs_train_flops.png"]
+    assert sorted(os.listdir(folder)) == sorted(["RESULTS.md", "results.json", *plots])  # no partial file left
+    assert {name: (folder / name).read_bytes() for name in saved} == saved
+
+
+def test_the_results_header_names_the_device_the_run_used(monkeypatch):
+    # a `--device cpu` run on a machine with a GPU was reported as run on that GPU (and `cuda:1` as on device 0)
+    from benchmarks import run_evidence
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {torch.device(device).index}")
+    assert "GPU" not in run_evidence.machine(torch.device("cpu")) and "CPU" in run_evidence.machine(
+        torch.device("cpu")
+    )
+    assert "GPU 1" in run_evidence.machine(torch.device("cuda:1"))
+
+
+def test_running_some_comparisons_again_keeps_the_others_saved_with_the_same_settings(tmp_path, monkeypatch):
+    """A run stopped during comparison 3 is finished with `--comparisons 3` into the same folder: that must not
+    erase comparisons 1 and 2 from results.json (it did: the file held only what the new run measured); rows
+    saved with other settings are not mixed in."""
+    import json
+
+    from benchmarks.evidence.comparisons import Result
+
+    run_evidence = stand_in_comparisons(monkeypatch)
+    fd = {"2": 30.0}
+    run_evidence.C.compare_experts = lambda ctx, base: [Result("2", "MEME 4 experts", 1e12, 1.0, fd["2"], 0.5, 10)]
+    folder = ["--quick", "--output_dir", str(tmp_path)]
+
+    def rows():
+        with open(tmp_path / "quick" / "results.json", encoding="utf-8") as f:
+            return [(r["comparison"], r["method"], r["fd"]) for r in json.load(f)["results"]]
+
+    run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "1,2"]))
+    fd["2"] = 25.0
+    run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "2"]))
+    assert rows() == [("1", "UNet2DModel", 20.0), ("2", "MEME 4 experts", 25.0)]
+    assert "comparison 1 kept from" in (tmp_path / "quick" / "RESULTS.md").read_text()
+    run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "2", "--budget_steps", "7"]))
+    assert rows() == [("2", "MEME 4 experts", 25.0)]  # another budget: the earlier rows are not comparable
+
+
+def test_sampling_flops_per_image_are_counted_on_seeded_noise():
+    # an early-exit model's FLOPs depend on the noise it denoises: counted on unseeded noise, they changed from run to
+    # run (and differed between the methods' counts)
+    def pipeline(batch_size, num_inference_steps, class_labels, generator, output_type):
+        size = 1 + int(1000 * abs(float(torch.randn(1, generator=generator))))  # work that depends on the noise
+        return torch.ones(size, 1) @ torch.ones(1, 1)
+
+    assert sampling_flops_per_image(pipeline, 1) == sampling_flops_per_image(pipeline, 1)

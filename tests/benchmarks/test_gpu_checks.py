@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -91,3 +92,20 @@ def test_the_sync_section_on_a_stand_in_cuda_counts_only_synchronisation_warning
         rows = gpu_checks.synchronisations(pipes, args)
     assert [row["result"] for row in rows] == ["no synchronisation", 0] * 2
     assert modes == ["error", "default", "warn", "default"] * 2
+
+
+def test_a_run_stopped_while_writing_keeps_the_rows_written_before(tmp_path, monkeypatch):
+    # gpu_session.sh stops this script at its time limit, perhaps while gpu_checks.json is being rewritten: the rows
+    # of the sections finished before must stay readable
+    written = []
+    gpu_checks.report([{"section": "sync", "check": "a", "result": 1.0}], str(tmp_path), written)
+    before = (tmp_path / "gpu_checks.json").read_bytes()
+
+    def stopped(value, f, **kwargs):
+        f.write('[{"section": "sy')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_checks.report([{"section": "precision", "check": "b", "result": 2.0}], str(tmp_path), written)
+    assert (tmp_path / "gpu_checks.json").read_bytes() == before and os.listdir(tmp_path) == ["gpu_checks.json"]
