@@ -397,6 +397,13 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     else:  # latent models: measured on the data's VAE latents, as they were trained
         from .pipelines.pipeline_staged import vae_scale_factor
 
+        latent_channels = getattr(vae.config, "latent_channels", None)
+        if latent_channels != config.in_channels:  # else named as `images` by `recommend_switch`
+            source = f"`--vae` {args.vae!r}" if args.vae else "the pipeline's `vae`"
+            raise ValueError(
+                f"{source} gives {latent_channels}-channel latents, but the models take {config.in_channels} channels: "
+                "give the VAE the models were trained on (none for pixel models)."
+            )
         pixels = _load_data(args.data, side * vae_scale_factor(vae), vae.config.in_channels, args.num_images)
         images = _vae_latents(vae, pixels, args.seed)
     labels, labelled = _class_labels(config, args.data, len(images))
