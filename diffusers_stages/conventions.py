@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 
 # Zhang et al. (CVPR 2024), Table 4: the optimal-denoiser split on CIFAR-10, as fractions of a DDPM schedule
@@ -76,6 +78,27 @@ def vae_to_model_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """The VAE's latents (a posterior sample) as the denoiser is trained on them."""
     shift, std = _latent_statistics(vae, latents)
     return (latents - shift) * vae.config.scaling_factor / std
+
+
+@torch.no_grad()
+def encode_model_latents(
+    vae,
+    images: torch.Tensor,
+    generator: torch.Generator,
+    batch_size: int = 64,
+    progress: Callable[[range], Iterable[int]] | None = None,
+) -> torch.Tensor:
+    """``images`` (in [-1, 1]) as a latent denoiser is trained on them: posterior samples of ``vae`` drawn from
+    ``generator``, ``batch_size`` images at a time (each batch wrapped in ``progress``, e.g. tqdm, if given), scaled
+    by `vae_to_model_latents`; float32, on ``vae``'s device."""
+    starts = range(0, len(images), batch_size)
+    latents = [
+        vae_to_model_latents(
+            vae, vae.encode(images[i : i + batch_size].to(vae.device, vae.dtype)).latent_dist.sample(generator)
+        )
+        for i in (starts if progress is None else progress(starts))
+    ]
+    return torch.cat(latents).float()
 
 
 def model_to_vae_latents(vae, latents: torch.Tensor) -> torch.Tensor:

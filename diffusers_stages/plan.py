@@ -13,6 +13,7 @@ with ``--budget``, widths chosen to fit a FLOP budget (here the sampling FLOPs p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -341,25 +342,20 @@ def _training_images(args: argparse.Namespace) -> torch.Tensor | None:
     return data
 
 
-@torch.no_grad()
 def _vae_latents(args: argparse.Namespace, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """The latents a latent run trains on: drawn from ``--vae_path``'s posterior (seeded by ``--seed``) and scaled as
     the model sees them, ``(E(x) - shift) * scaling`` (`conventions.vae_to_model_latents`, as the training loop)."""
     from diffusers import AutoencoderKL
 
-    from .conventions import vae_to_model_latents
+    from .conventions import encode_model_latents
     from .models.loading import load_strictly
 
     vae = load_strictly(AutoencoderKL, args.vae_path, args.vae_subfolder).eval()  # no weight left random
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae.to(device, torch.float32)
     generator = torch.Generator(device).manual_seed(args.seed)
-    batches = range(0, images.shape[0], batch_size)
-    latents = [
-        vae_to_model_latents(vae, vae.encode(images[i : i + batch_size].to(device)).latent_dist.sample(generator))
-        for i in tqdm(batches, desc="encoding latents")
-    ]
-    return torch.cat(latents).float().cpu()
+    progress = functools.partial(tqdm, desc="encoding latents")
+    return encode_model_latents(vae, images, generator, batch_size, progress).cpu()
 
 
 def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: NoiseSchedule, result: dict):

@@ -23,7 +23,7 @@ from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cli import check_output_file, load_saved_folder, write_atomically
-from .conventions import class_embedding_count, null_class_label, num_data_classes, vae_to_model_latents
+from .conventions import class_embedding_count, encode_model_latents, null_class_label, num_data_classes
 from .loss import diffusion_loss
 from .models.checks import check_positive_integers
 from .schedulers import has_continuous_timesteps, is_edm_scheduler
@@ -309,7 +309,6 @@ def _load_models(args) -> tuple:
     )
 
 
-@torch.no_grad()
 def _vae_latents(vae, images: torch.Tensor, seed: int, batch_size: int = 64) -> torch.Tensor:
     """``images`` as a latent-diffusion pair is trained on them: seeded samples of ``vae``'s posterior, scaled by
     `vae_to_model_latents` (what the training scripts do)."""
@@ -320,10 +319,7 @@ def _vae_latents(vae, images: torch.Tensor, seed: int, batch_size: int = 64) -> 
             f"The models' VAE is a {type(vae).__name__}: the switch is measured on an AutoencoderKL's latents (the "
             "VAE the training scripts train with), as the models were trained on them."
         )
-    generator = torch.Generator().manual_seed(seed)
-    batches = [images[start : start + batch_size].to(vae.dtype) for start in range(0, len(images), batch_size)]
-    latents = [vae.encode(batch).latent_dist.sample(generator) for batch in batches]
-    return vae_to_model_latents(vae, torch.cat(latents)).float()
+    return encode_model_latents(vae, images, torch.Generator(vae.device).manual_seed(seed), batch_size).cpu()
 
 
 def check_dual_backbone_folder(path: str) -> None:
@@ -397,6 +393,13 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     else:  # latent models: measured on the data's VAE latents, as they were trained
         from .pipelines.pipeline_staged import vae_scale_factor
 
+        latent_channels = getattr(vae.config, "latent_channels", None)
+        if latent_channels != config.in_channels:  # else named as `images` by `recommend_switch`
+            source = f"`--vae` {args.vae!r}" if args.vae else "the pipeline's `vae`"
+            raise ValueError(
+                f"{source} gives {latent_channels}-channel latents, but the models take {config.in_channels} channels: "
+                "give the VAE the models were trained on (none for pixel models)."
+            )
         pixels = _load_data(args.data, side * vae_scale_factor(vae), vae.config.in_channels, args.num_images)
         images = _vae_latents(vae, pixels, args.seed)
     labels, labelled = _class_labels(config, args.data, len(images))

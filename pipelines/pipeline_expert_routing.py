@@ -100,6 +100,11 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
         # the expert itself, called exactly as a single-model pipeline would call it
         return self.experts.expert(stage), {}
 
+    def _loaded_denoiser(self) -> torch.nn.Module:
+        # not expert 0: a container loaded with `load_experts` may hold only the noisy experts
+        loaded = self.experts.loaded_experts
+        return self.experts.experts[loaded[0]] if loaded else super()._loaded_denoiser()
+
     def denoise(self, stage: int, *args, **kwargs) -> torch.Tensor:
         """As the base class's, after `enable_model_cpu_offload`'s hook of the `experts` component: the loop calls an
         expert, not the container the hook is on, so the hook is run as the container's forward would run it (it

@@ -102,11 +102,15 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """Save ``id2label`` (class index -> name; a name may list synonyms separated by commas, as DiT's ImageNet
         names) in the pipeline's config, with the indices as strings (as JSON keeps them); see `checked_id2label`."""
         if id2label is not None:
-            num_class_embeds = class_embedding_count(self.label_config(self.stage_denoiser(0)[0]))
+            num_class_embeds = class_embedding_count(self.label_config(self._loaded_denoiser()))
             if num_class_embeds is None:
                 raise ValueError("`id2label` was given, but this pipeline's model is not class-conditional.")
             id2label = checked_id2label(id2label, num_data_classes(num_class_embeds))
         self.register_to_config(id2label=id2label)
+
+    def _loaded_denoiser(self) -> torch.nn.Module:
+        """A network of the pipeline that is in memory (its class count is the pipeline's)."""
+        return self.stage_denoiser(0)[0]
 
     @property
     def labels(self) -> dict[str, int]:

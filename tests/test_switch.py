@@ -279,6 +279,24 @@ def test_a_latent_pair_is_measured_on_its_vaes_latents(source, tiny_unet_kwargs,
     assert seen[0].shape == (4, 4, 8, 8) and torch.allclose(seen[0], expected, atol=1e-6)
 
 
+def test_a_vae_whose_latents_the_models_do_not_take_is_refused_naming_it(tiny_unet_kwargs, tmp_path):
+    # pixel models (3 channels) given `--vae` (4-channel latents) failed naming `images`, which the user never gave
+    from tests.conftest import tiny_vae
+
+    shape = {**tiny_unet_kwargs, "in_channels": 3, "out_channels": 3}
+    pipe = DualBackbonePipeline(
+        shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler(), vae=tiny_vae()
+    )
+    pipe.save_pretrained(tmp_path / "pipe")
+    folders = [f"--{name}={tmp_path / 'pipe' / name}" for name in ("shallow", "deep", "scheduler", "vae")]
+    run = ["--num_images", "4", "--num_levels", "2", "--plot", str(tmp_path / "s.png")]
+    with pytest.raises(ValueError, match=r"`--vae` .*vae' gives 4-channel latents, but the models take 3 channels"):
+        main([*folders, *run])
+    with pytest.raises(ValueError, match=r"the pipeline's `vae` gives 4-channel latents, but the models take 3"):
+        main(["--pipeline", str(tmp_path / "pipe"), *run])
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_an_interrupted_plot_leaves_an_earlier_plot_as_it_was(tmp_path, monkeypatch):
     import matplotlib.figure
 

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from diffusers.models.modeling_utils import ModelMixin
 
+from .checks import disk_offload_path
 from .loading import (
     FUSED_PROJECTIONS,  # what `fuse_qkv_projections` adds (`unfuse_qkv_projections` keeps them)
     constructor_options,
@@ -56,6 +57,13 @@ def warm_start(
             "`unet` has an IP-Adapter loaded (its image projection and processors are not part of the U-Net's "
             "architecture): build the staged model from the plain U-Net (`pipe.unload_ip_adapter()` first) and load "
             "the IP-Adapter into it afterwards (`pipe.load_ip_adapter` takes the source's IP-Adapter)."
+        )
+    path = disk_offload_path(unet)
+    if path is not None:  # its state dict holds placeholders, which every stage would copy
+        raise ValueError(
+            f"`from_unet` cannot copy `unet`: group offloading to disk (`offload_to_disk_path`={path!r}) keeps its "
+            "weights in that folder's files and leaves uninitialised placeholders in the model. Build the staged "
+            "model before `enable_group_offload(offload_to_disk_path=...)`, or load the U-Net again without it."
         )
     config = constructor_options(source_class, unet.config)  # the source's architecture, no keys diffusers ignored
     unet_steps = config.pop("num_train_timesteps", None)

@@ -65,3 +65,14 @@ def test_the_staged_model_is_built_in_the_source_dtype_without_a_random_float32_
         assert torch.equal(value, source[name]), key
     first, second = staged.decoders[0].conv_out.weight, staged.decoders[1].conv_out.weight
     assert first.data_ptr() != second.data_ptr() and first.data_ptr() != unet.conv_out.weight.data_ptr()
+
+
+def test_a_source_offloaded_to_disk_is_refused_not_copied_as_placeholders(tmp_path):
+    # group offloading to disk keeps the weights in its files and leaves uninitialised placeholders in the modules:
+    # `from_unet` copied those into every stage, silently (what `save_pretrained` already refuses)
+    unet = UNet2DModel(**TINY_UNET).eval()
+    unet.enable_group_offload(torch.device("cpu"), offload_type="leaf_level", offload_to_disk_path=str(tmp_path))
+    with pytest.raises(
+        ValueError, match=r"`from_unet` cannot copy `unet`: group offloading to disk .*offload_to_disk"
+    ):
+        MultiStageUNet2DModel.from_unet(unet, stage_boundaries=(500,))

@@ -169,6 +169,19 @@ def test_a_pipeline_with_only_some_experts_loaded_names_the_missing_one(differen
         pipe(num_inference_steps=4, generator=torch.manual_seed(0))
 
 
+def test_class_names_load_with_only_some_experts(tiny_unet_kwargs, tmp_path):
+    # the class names were checked against expert 0's classes: a pipeline saved with `id2label` could not be loaded
+    # with only the experts a run needs (the documented `load_experts` use), "Expert 0 ... is not loaded"
+    experts = [UNet2DModel(**tiny_unet_kwargs, num_class_embeds=4).eval() for _ in range(3)]
+    pipe = ExpertRoutingPipeline(_routing(experts, DDIMScheduler), DDIMScheduler(), id2label={0: "cat", 2: "dog"})
+    pipe.save_pretrained(tmp_path)
+    noisy_only = ExpertRoutingModel.from_pretrained(tmp_path / "experts", load_experts=[1, 2])
+    loaded = ExpertRoutingPipeline.from_pretrained(tmp_path, experts=noisy_only)
+    assert loaded.get_label_ids(["dog", "cat"]) == [2, 0]
+    with pytest.raises(ValueError, match=r"`id2label` keys must be class indices in \[0, 3\) .*got 3"):
+        ExpertRoutingPipeline(noisy_only, DDIMScheduler(), id2label={3: "null"})
+
+
 def test_prediction_type_mismatch_is_refused(different_experts):
     experts = _routing(different_experts, DDIMScheduler)
     with pytest.raises(ValueError, match="prediction_type='v_prediction'.*predict 'epsilon'"):
