@@ -558,6 +558,8 @@ def checked_id2label(id2label: Mapping[int | str, str], classes: int) -> dict[st
             )
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"`id2label` names must be non-empty strings, got {name!r} for class {index}.")
+        if index in names:  # `1` and `"1"`: one would silently replace the other
+            raise ValueError(f"`id2label` names class {index} twice ({names[index]!r} and {name!r}).")
         names[index] = name
     checked = {str(index): names[index] for index in sorted(names)}
     label_ids(checked)  # a name given to two classes is refused now, not at `get_label_ids`

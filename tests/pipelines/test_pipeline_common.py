@@ -433,6 +433,7 @@ def _switch(pipe) -> dict:
         ({0: ""}, r"`id2label` names must be non-empty strings, got '' for class 0"),
         ({0: 7}, r"names must be non-empty strings, got 7"),
         ({0: "cat", 1: "dog, cat"}, r"`id2label` gives the name 'cat' to classes 0 and 1"),
+        ({1: "a", "1": "b"}, r"`id2label` names class 1 twice \('a' and 'b'\)"),
         (["cat"], r"`id2label` must be a dict of class index -> name, got list"),
     ],
 )
