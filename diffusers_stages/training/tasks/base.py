@@ -14,6 +14,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from ...loss import diffusion_loss
 from ...models.loading import exported_class
 from ...partition import TimestepPartition
+from ...pipelines.pipeline_staged import label_ids
 from ...schedulers import ContinuousVPDPMSolverSinglestepScheduler, is_edm_scheduler
 from ...timestep_sampling import stratified_timesteps
 from ..hub import pipeline_usage, stage_table
@@ -193,6 +194,8 @@ class TrainingTask:
     def usage(self, repo_id: str) -> list[str]:
         """The model card's sampling code (lines)."""
         first_name = (self.id2label or {}).get("0", "").split(",")[0].strip() or None  # a synonym alone, as DiT's
+        if first_name not in label_ids(self.id2label or {}):  # another class's name too (ImageNet's "crane")
+            first_name = None
         return pipeline_usage("StagedDiffusionPipeline", repo_id, self.args.class_conditional, first_name)
 
     # helpers
