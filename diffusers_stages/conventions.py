@@ -78,6 +78,24 @@ def vae_to_model_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return (latents - shift) * vae.config.scaling_factor / std
 
 
+@torch.no_grad()
+def posterior_latents(
+    vae, images: torch.Tensor, generator: torch.Generator, batch_size: int = 64, progress_bar: bool = False
+) -> torch.Tensor:
+    """``images`` (in [-1, 1]) as a latent model is trained on them: samples of ``vae``'s posterior drawn with
+    ``generator`` (on ``vae``'s device), scaled by `vae_to_model_latents`; float32, on the CPU."""
+    batches = range(0, images.shape[0], batch_size)
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="encoding latents")
+    latents = []
+    for start in batches:
+        batch = images[start : start + batch_size].to(vae.device, vae.dtype)
+        latents.append(vae_to_model_latents(vae, vae.encode(batch).latent_dist.sample(generator)).float().cpu())
+    return torch.cat(latents)
+
+
 def model_to_vae_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """The inverse of `vae_to_model_latents`: sampled latents as the VAE's decoder takes them."""
     shift, std = _latent_statistics(vae, latents)

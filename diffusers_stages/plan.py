@@ -18,7 +18,6 @@ import os
 import sys
 
 import torch
-from tqdm.auto import tqdm
 
 from .cli import check_input_file, check_output_file, load_saved_folder, write_atomically
 from .models.checks import check_device, check_positive_integers
@@ -347,25 +346,18 @@ def _training_images(args: argparse.Namespace) -> torch.Tensor | None:
     return data
 
 
-@torch.no_grad()
-def _vae_latents(args: argparse.Namespace, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def _vae_latents(args: argparse.Namespace, images: torch.Tensor) -> torch.Tensor:
     """The latents a latent run trains on: drawn from ``--vae_path``'s posterior (seeded by ``--seed``) and scaled as
-    the model sees them, ``(E(x) - shift) * scaling`` (`conventions.vae_to_model_latents`, as the training loop)."""
+    the model sees them, ``(E(x) - shift) * scaling`` (`conventions.posterior_latents`, as the training loop)."""
     from diffusers import AutoencoderKL
 
-    from .conventions import vae_to_model_latents
+    from .conventions import posterior_latents
     from .models.loading import load_strictly
 
     vae = load_strictly(AutoencoderKL, args.vae_path, args.vae_subfolder).eval()  # no weight left random
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae.to(device, torch.float32)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    batches = range(0, images.shape[0], batch_size)
-    latents = [
-        vae_to_model_latents(vae, vae.encode(images[i : i + batch_size].to(device)).latent_dist.sample(generator))
-        for i in tqdm(batches, desc="encoding latents")
-    ]
-    return torch.cat(latents).float().cpu()
+    return posterior_latents(vae, images, torch.Generator(device).manual_seed(args.seed), progress_bar=True)
 
 
 def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: NoiseSchedule, result: dict):

@@ -23,7 +23,7 @@ from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cli import check_output_file, load_saved_folder, write_atomically
-from .conventions import class_embedding_count, null_class_label, num_data_classes, vae_to_model_latents
+from .conventions import class_embedding_count, null_class_label, num_data_classes, posterior_latents
 from .loss import diffusion_loss
 from .models.checks import check_positive_integers
 from .schedulers import has_continuous_timesteps, is_edm_scheduler
@@ -312,7 +312,7 @@ def _load_models(args) -> tuple:
 @torch.no_grad()
 def _vae_latents(vae, images: torch.Tensor, seed: int, batch_size: int = 64) -> torch.Tensor:
     """``images`` as a latent-diffusion pair is trained on them: seeded samples of ``vae``'s posterior, scaled by
-    `vae_to_model_latents` (what the training scripts do)."""
+    `vae_to_model_latents` (`conventions.posterior_latents`, what the training scripts do)."""
     from diffusers import AutoencoderKL
 
     if not isinstance(vae, AutoencoderKL):
@@ -320,10 +320,7 @@ def _vae_latents(vae, images: torch.Tensor, seed: int, batch_size: int = 64) -> 
             f"The models' VAE is a {type(vae).__name__}: the switch is measured on an AutoencoderKL's latents (the "
             "VAE the training scripts train with), as the models were trained on them."
         )
-    generator = torch.Generator().manual_seed(seed)
-    batches = [images[start : start + batch_size].to(vae.dtype) for start in range(0, len(images), batch_size)]
-    latents = [vae.encode(batch).latent_dist.sample(generator) for batch in batches]
-    return vae_to_model_latents(vae, torch.cat(latents)).float()
+    return posterior_latents(vae, images, torch.Generator(vae.device).manual_seed(seed), batch_size)
 
 
 def check_dual_backbone_folder(path: str) -> None:
