@@ -126,17 +126,25 @@ def check_not_offloaded_to_disk(module: nn.Module, name: str) -> None:
     """A `ValueError` before ``module`` (named ``name`` in the message) is saved while diffusers' group offloading to
     disk (``offload_to_disk_path``) is on: its weights are then in that folder's files, and the module holds
     uninitialised placeholders, which `save_pretrained` would write."""
+    path = disk_offload_path(module)
+    if path is not None:
+        raise ValueError(
+            f"`save_pretrained` cannot save {name}: group offloading to disk (`offload_to_disk_path`={path!r}) "
+            "keeps its weights in that folder's files and leaves uninitialised placeholders in the model, which "
+            "would be saved instead. Save before `enable_group_offload(offload_to_disk_path=...)`, or load the "
+            "model again without it."
+        )
+
+
+def disk_offload_path(module: nn.Module) -> str | None:
+    """The ``offload_to_disk_path`` of diffusers' group offloading on ``module`` (or a submodule), else None."""
     for submodule in module.modules():
         registry = getattr(submodule, "_diffusers_hook", None)
         hook = registry.get_hook("group_offloading") if registry is not None else None
         path = getattr(getattr(hook, "config", None), "offload_to_disk_path", None)
         if path is not None:
-            raise ValueError(
-                f"`save_pretrained` cannot save {name}: group offloading to disk (`offload_to_disk_path`={path!r}) "
-                "keeps its weights in that folder's files and leaves uninitialised placeholders in the model, which "
-                "would be saved instead. Save before `enable_group_offload(offload_to_disk_path=...)`, or load the "
-                "model again without it."
-            )
+            return path
+    return None
 
 
 def is_positive_integer(value: object) -> bool:

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from diffusers.models.modeling_utils import ModelMixin
 
+from .checks import disk_offload_path
 from .loading import (
     FUSED_PROJECTIONS,  # what `fuse_qkv_projections` adds (`unfuse_qkv_projections` keeps them)
     constructor_options,
@@ -56,6 +57,13 @@ def warm_start(
             "`unet` has an IP-Adapter loaded (its image projection and processors are not part of the U-Net's "
             "architecture): build the staged model from the plain U-Net (`pipe.unload_ip_adapter()` first) and load "
             "the IP-Adapter into it afterwards (`pipe.load_ip_adapter` takes the source's IP-Adapter)."
+        )
+    path = disk_offload_path(unet)
+    if path is not None:  # its modules hold uninitialised placeholders: the staged model would be filled from them
+        raise ValueError(
+            f"`unet` is group-offloaded to disk (`offload_to_disk_path`={path!r}): its weights are in that folder's "
+            "files and the model holds uninitialised placeholders. Build the staged model before "
+            "`enable_group_offload(offload_to_disk_path=...)`, or from a U-Net loaded again without it."
         )
     source_state = unet.state_dict()
     weightless = [name for name, tensor in source_state.items() if tensor.is_meta]

@@ -80,3 +80,14 @@ def test_a_source_whose_weights_are_not_in_memory_is_refused(tiny_cond_unet, con
     cpu_offload(unet, execution_device="cpu")  # what `enable_sequential_cpu_offload` does to a pipeline's unet
     with pytest.raises(ValueError, match=r"`unet` has weights on the meta device \('conv_in.weight'"):
         staged_class.from_unet(unet, stage_boundaries=(500,))
+
+
+def test_a_source_offloaded_to_disk_is_refused(tmp_path):
+    # group offloading to disk leaves uninitialised placeholders in the modules (the weights are in its files): the
+    # staged model was filled from them, silently
+    unet = UNet2DModel(**TINY_UNET)
+    unet.enable_group_offload(
+        torch.device("cpu"), offload_type="leaf_level", offload_to_disk_path=str(tmp_path / "disk")
+    )
+    with pytest.raises(ValueError, match=r"`unet` is group-offloaded to disk \(`offload_to_disk_path`="):
+        MultiStageUNet2DModel.from_unet(unet, stage_boundaries=(500,))
