@@ -118,8 +118,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """The class indices of ``label`` (a class name or a list of them), for ``class_labels``, as
         `DiTPipeline.get_label_ids`. A `ValueError` names a label the pipeline does not know and lists its names."""
         labels = [label] if isinstance(label, str) else list(label)
+        named = _name_classes(getattr(self.config, "id2label", None) or {})
         for name in labels:  # DiT's takes the last of them, silently
-            classes = _name_classes(getattr(self.config, "id2label", None) or {}).get(name, [])
+            classes = named.get(name, [])
             if len(classes) > 1:
                 raise ValueError(
                     f"`label` {name!r} names classes {', '.join(map(str, classes[:-1]))} and {classes[-1]}: pass its "
