@@ -194,7 +194,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _check_vae(args: argparse.Namespace) -> None:
     """Refuse a ``--vae_subfolder`` without ``--vae_path``, a ``--vae_path`` that is not an AutoencoderKL folder
-    (the training scripts' check, on its config alone), and ``--num_channels`` other than the images it encodes."""
+    (the training scripts' check, on its config alone), ``--num_channels`` other than the images it encodes, and a
+    ``--model_config`` or ``--model_path`` model that does not take its latents."""
     if args.vae_subfolder is not None and args.vae_path is None:
         raise ValueError(
             f"`--vae_subfolder` {args.vae_subfolder!r} is a folder inside `--vae_path`: give `--vae_path` too."
@@ -212,14 +213,19 @@ def _check_vae(args: argparse.Namespace) -> None:
             f"`--num_channels` {args.num_channels} does not fit `--vae_path` {args.vae_path!r}, which encodes "
             f"{in_channels}-channel images: give `--num_channels {in_channels}`."
         )
-    if args.model_config is not None:  # a latent model: it takes the VAE's latents
-        with open(args.model_config, encoding="utf-8") as f:
+    models = {"--model_config": args.model_config}
+    if args.model_path is not None:
+        models["--model_path"] = os.path.join(args.model_path, "config.json")
+    for option, path in models.items():  # a latent model: it takes the VAE's latents
+        if path is None:
+            continue
+        with open(path, encoding="utf-8") as f:
             model_channels = json.load(f).get("in_channels", 3)
         if model_channels != latent_channels:
+            given = args.model_path if option == "--model_path" else path
             raise ValueError(
-                f"`--model_config` {args.model_config!r} takes {model_channels}-channel samples, but `--vae_path` "
-                f"{args.vae_path!r} gives {latent_channels}-channel latents: give the latent model's config, or the "
-                "VAE it trains with."
+                f"`{option}` {given!r} takes {model_channels}-channel samples, but `--vae_path` {args.vae_path!r} "
+                f"gives {latent_channels}-channel latents: give the latent model, or the VAE it trains with."
             )
 
 
@@ -344,7 +350,7 @@ def _training_images(args: argparse.Namespace) -> torch.Tensor | None:
 
 def _vae_latents(args: argparse.Namespace, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """The latents a latent run trains on: drawn from ``--vae_path``'s posterior (seeded by ``--seed``) and scaled as
-    the model sees them, ``(E(x) - shift) * scaling`` (`conventions.vae_to_model_latents`, as the training loop)."""
+    the model sees them, ``(E(x) - shift) * scaling`` (`conventions.encode_model_latents`, as the training loop)."""
     from diffusers import AutoencoderKL
 
     from .conventions import encode_model_latents

@@ -311,7 +311,7 @@ def _load_models(args) -> tuple:
 
 def _vae_latents(vae, images: torch.Tensor, seed: int, batch_size: int = 64) -> torch.Tensor:
     """``images`` as a latent-diffusion pair is trained on them: seeded samples of ``vae``'s posterior, scaled by
-    `vae_to_model_latents` (what the training scripts do)."""
+    `vae_to_model_latents` (`conventions.encode_model_latents`, what the training scripts do)."""
     from diffusers import AutoencoderKL
 
     if not isinstance(vae, AutoencoderKL):

@@ -115,13 +115,21 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     @property
     def labels(self) -> dict[str, int]:
         """Each class name (and synonym) of the saved ``id2label`` -> its class index, sorted by name (DiTPipeline's
-        ``labels``); empty when the pipeline has no class names."""
+        ``labels``), but for a name of two classes; empty when the pipeline has no class names."""
         return label_ids(getattr(self.config, "id2label", None) or {})
 
     def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
         """The class indices of ``label`` (a class name or a list of them), for ``class_labels``, as
         `DiTPipeline.get_label_ids`. A `ValueError` names a label the pipeline does not know and lists its names."""
         labels = [label] if isinstance(label, str) else list(label)
+        named = _name_classes(getattr(self.config, "id2label", None) or {})
+        for name in labels:  # DiT's takes the last of them, silently
+            classes = named.get(name, [])
+            if len(classes) > 1:
+                raise ValueError(
+                    f"`label` {name!r} names classes {', '.join(map(str, classes[:-1]))} and {classes[-1]}: pass its "
+                    "index as `class_labels` (or one of the class's other names)."
+                )
         known = self.labels
         unknown = [name for name in labels if name not in known]
         if unknown:
@@ -544,7 +552,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
 
 def checked_id2label(id2label: Mapping[int | str, str], classes: int) -> dict[str, str]:
     """``id2label`` with string indices, sorted; a `ValueError` names a key that is no class index in
-    ``[0, classes)``, a name that is no text, or a name (or comma-separated synonym) given to two classes."""
+    ``[0, classes)`` or a name that is no text (a name may name two classes: see `get_label_ids`)."""
     if not isinstance(id2label, Mapping):
         raise ValueError(f"`id2label` must be a dict of class index -> name, got {type(id2label).__name__}.")
     names = {}
@@ -561,19 +569,23 @@ def checked_id2label(id2label: Mapping[int | str, str], classes: int) -> dict[st
         if index in names:  # `1` and `"1"`: one would silently replace the other
             raise ValueError(f"`id2label` names class {index} twice ({names[index]!r} and {name!r}).")
         names[index] = name
-    checked = {str(index): names[index] for index in sorted(names)}
-    label_ids(checked)  # a name given to two classes is refused now, not at `get_label_ids`
-    return checked
+    return {str(index): names[index] for index in sorted(names)}
 
 
 def label_ids(id2label: Mapping[str, str]) -> dict[str, int]:
-    """Name (each comma-separated synonym) -> class index of a saved ``id2label``; a name of two classes is refused."""
-    ids = {}
+    """Name (each comma-separated synonym) -> class index of a saved ``id2label``, of the names of one class only."""
+    return {name: classes[0] for name, classes in _name_classes(id2label).items() if len(classes) == 1}
+
+
+def _name_classes(id2label: Mapping[str, str]) -> dict[str, list[int]]:
+    """Name (each comma-separated synonym) -> the indices of the classes it names, sorted by name: a name may name
+    two classes (ImageNet's, as DiT's `id2label`, call classes 134 and 517 "crane")."""
+    classes = {}
     for key, names in id2label.items():
         for name in (n.strip() for n in names.split(",")):
-            if name and ids.setdefault(name, int(key)) != int(key):
-                raise ValueError(f"`id2label` gives the name {name!r} to classes {ids[name]} and {key}.")
-    return dict(sorted(ids.items()))
+            if name and int(key) not in classes.setdefault(name, []):
+                classes[name].append(int(key))
+    return dict(sorted(classes.items()))
 
 
 def spatial_multiple(config) -> int:

@@ -65,6 +65,14 @@ def warm_start(
             "weights in that folder's files and leaves uninitialised placeholders in the model. Build the staged "
             "model before `enable_group_offload(offload_to_disk_path=...)`, or load the U-Net again without it."
         )
+    source_state = unet.state_dict()
+    weightless = [name for name, tensor in source_state.items() if tensor.is_meta]
+    if weightless:  # the staged model is filled from these: it would be as weightless, silently
+        raise ValueError(
+            f"`unet` has weights on the meta device ({weightless[0]!r} and {len(weightless) - 1} more): they are not "
+            "loaded or are offloaded (`init_empty_weights`, a `device_map` offload, "
+            "`enable_sequential_cpu_offload`). Build the staged model from a U-Net loaded without offloading."
+        )
     config = constructor_options(source_class, unet.config)  # the source's architecture, no keys diffusers ignored
     unet_steps = config.pop("num_train_timesteps", None)
     if num_train_timesteps is None:  # anything given (a 0 too) goes to the model's check as given
@@ -90,7 +98,7 @@ def warm_start(
         torch.nn.Module.to(model, dtype=unet.dtype)
     model = model.to_empty(device=unet.device)
     # a fused source: its q/k/v projections are copied, and the copy fused again if the source runs fused
-    state_dict = {k: v for k, v in unet.state_dict().items() if not any(p in k for p in FUSED_PROJECTIONS)}
+    state_dict = {k: v for k, v in source_state.items() if not any(p in k for p in FUSED_PROJECTIONS)}
     model.load_state_dict(unet_state_dict_to_multistage(state_dict, model.num_stages), strict=True)
     processors = getattr(unet, "attn_processors", {}).values()
     if any(type(processor).__name__.startswith("Fused") for processor in processors):

@@ -14,6 +14,7 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, 
 
 from ..conventions import num_data_classes
 from ..hub import check_upload_folder, error_summary
+from ..pipelines.pipeline_staged import label_ids
 from .args import hub_repo_name
 
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "samples/*", "*.pkl", "*.bin"]
@@ -205,8 +206,17 @@ def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bo
         f"training steps, prediction type `{experts.config.prediction_type}`",
         f"- sample grid: {args.num_sample_images} samples, {args.num_inference_steps} steps, seed {args.seed}",
     ]
-    usage = pipeline_usage("ExpertRoutingPipeline", repo_id, bool(num_class_embeds))
+    usage = pipeline_usage(
+        "ExpertRoutingPipeline", repo_id, bool(num_class_embeds), first_class_name(pipeline.config.get("id2label"))
+    )
     return "\n".join(lines + _usage_and_samples(usage, has_grid))
+
+
+def first_class_name(id2label: dict[str, str] | None) -> str | None:
+    """The name a card samples class 0 by: its first synonym (as DiT's), unless another class has it too (ImageNet's
+    "crane"); None: by its index."""
+    first = (id2label or {}).get("0", "").split(",")[0].strip()
+    return first if first in label_ids(id2label or {}) else None
 
 
 def pipeline_usage(

@@ -224,3 +224,30 @@ def test_the_card_of_a_one_expert_run_loads_its_expert(
     exec(code, namespace)  # the card's code, on the run's folder
     assert namespace["run"] == str(run)
     assert type(namespace["expert"]) is type(expert)
+
+
+def test_assembled_one_expert_runs_keep_their_class_names(examples, script, image_folder, tmp_path):
+    # one-expert runs saved no class names (only all-experts runs' pipelines did): the assembled pipeline had none
+    import json
+
+    runs = [str(tmp_path / f"expert{index}") for index in range(2)]
+    for index, run in enumerate(runs):
+        examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", run, "--num_experts",
+                                "2", "--expert_index", str(index), "--class_conditional", "--max_train_steps", "1",
+                                "--assignment", "hard"])  # fmt: skip
+    out, hub = str(tmp_path / "assembled"), str(tmp_path / "hub")
+    examples.train(script, ["--assemble_experts", *runs, "--output_dir", out, "--num_sample_images", "2",
+                            "--num_inference_steps", "2", "--push_to_hub", "--hub_model_id", "me/experts",
+                            "--hub_local_dir", hub])  # fmt: skip
+    pipe = ExpertRoutingPipeline.from_pretrained(out)
+    assert pipe.config.id2label == {"0": "0", "1": "1", "2": "2"} and pipe.get_label_ids(["2"]) == [2]
+    with open(os.path.join(hub, "me", "experts", "README.md"), encoding="utf-8") as f:
+        assert "image = pipe(class_labels=pipe.get_label_ids(['0'])).images[0]" in f.read()
+    # runs trained on other class names do not assemble
+    path = os.path.join(runs[1], "expert_run.json")
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({**info, "id2label": {"0": "zero", "1": "one", "2": "two"}}, f)
+    with pytest.raises(ValueError, match=r"`--assemble_experts`: the runs were trained on data of other class names"):
+        examples.train(script, ["--assemble_experts", *runs, "--output_dir", str(tmp_path / "bad")])

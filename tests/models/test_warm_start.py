@@ -67,6 +67,21 @@ def test_the_staged_model_is_built_in_the_source_dtype_without_a_random_float32_
     assert first.data_ptr() != second.data_ptr() and first.data_ptr() != unet.conv_out.weight.data_ptr()
 
 
+@pytest.mark.parametrize("conditional", [True, False], ids=["UNet2DConditionModel", "UNet2DModel"])
+def test_a_source_whose_weights_are_not_in_memory_is_refused(tiny_cond_unet, conditional):
+    # built on the meta device and filled from the source, a source on the meta device (`init_empty_weights`, a
+    # `device_map` offload, `enable_sequential_cpu_offload`) gave a staged model without weights, silently
+    from accelerate import cpu_offload
+
+    from diffusers_stages import MultiStageUNet2DConditionModel
+
+    unet = tiny_cond_unet(0) if conditional else UNet2DModel(**TINY_UNET)
+    staged_class = MultiStageUNet2DConditionModel if conditional else MultiStageUNet2DModel
+    cpu_offload(unet, execution_device="cpu")  # what `enable_sequential_cpu_offload` does to a pipeline's unet
+    with pytest.raises(ValueError, match=r"`unet` has weights on the meta device \('conv_in.weight'"):
+        staged_class.from_unet(unet, stage_boundaries=(500,))
+
+
 def test_a_source_offloaded_to_disk_is_refused_not_copied_as_placeholders(tmp_path):
     # group offloading to disk keeps the weights in its files and leaves uninitialised placeholders in the modules:
     # `from_unet` copied those into every stage, silently (what `save_pretrained` already refuses)

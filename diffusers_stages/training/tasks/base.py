@@ -16,7 +16,7 @@ from ...models.loading import exported_class
 from ...partition import TimestepPartition
 from ...schedulers import ContinuousVPDPMSolverSinglestepScheduler, is_edm_scheduler
 from ...timestep_sampling import stratified_timesteps
-from ..hub import pipeline_usage, stage_table
+from ..hub import first_class_name, pipeline_usage, stage_table
 
 SCRIPT_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds", "num_train_timesteps",
                "stage_boundaries", "boundary_units")  # fmt: skip
@@ -192,7 +192,7 @@ class TrainingTask:
 
     def usage(self, repo_id: str) -> list[str]:
         """The model card's sampling code (lines)."""
-        first_name = (self.id2label or {}).get("0", "").split(",")[0].strip() or None  # a synonym alone, as DiT's
+        first_name = first_class_name(self.id2label)
         return pipeline_usage("StagedDiffusionPipeline", repo_id, self.args.class_conditional, first_name)
 
     # helpers

@@ -204,8 +204,9 @@ class ExpertTask(TrainingTask):
         if vae is not None:
             vae.save_pretrained(os.path.join(output_dir, "vae"))
         with open(os.path.join(output_dir, EXPERT_RUN_FILE), "w", encoding="utf-8") as f:
+            names = {"id2label": self.id2label} if self.id2label else {}  # the assembled pipeline's class names
             json.dump({"expert_index": self.args.expert_index, "prediction_type": self.args.prediction_type,
-                       **self.partition.to_config()}, f, indent=2)  # fmt: skip
+                       **self.partition.to_config(), **names}, f, indent=2)  # fmt: skip
 
     def usage(self, repo_id):
         if self.args.expert_index is None:
@@ -283,7 +284,13 @@ def assemble_expert_runs(run_dirs: list[str]):
                 f"`--assemble_experts`: `expert_index` of {path!r} must be an integer, got {info.get('expert_index')!r}."
             )
         runs.append((run, info))
-    shared = [{k: v for k, v in info.items() if k != "expert_index"} for _, info in runs]
+    names = {json.dumps(info["id2label"]) for _, info in runs if info.get("id2label")}  # runs before it saved none
+    if len(names) > 1:
+        raise ValueError(
+            f"`--assemble_experts`: the runs were trained on data of other class names (`id2label`): {sorted(names)}. "
+            "Train every expert's run on the same data."
+        )
+    shared = [{k: v for k, v in info.items() if k not in ("expert_index", "id2label")} for _, info in runs]
     if any(s != shared[0] for s in shared):
         raise ValueError(
             f"`--assemble_experts`: the runs were trained with different stage splits or targets: {shared}."
@@ -309,7 +316,8 @@ def assemble_expert_runs(run_dirs: list[str]):
             f"`--assemble_experts`: {error} Train every expert's run on the same data, `--resolution` (and "
             "`--vae_path`) and with the same `--class_conditional`."
         ) from None
-    return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)
+    id2label = json.loads(names.pop()) if names else None
+    return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae, id2label=id2label)
 
 
 def _load_run_scheduler(run: str) -> SchedulerMixin:
