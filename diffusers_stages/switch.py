@@ -309,16 +309,26 @@ def _load_models(args) -> tuple:
     )
 
 
-def _vae_latents(vae, images: torch.Tensor, seed: int, batch_size: int = 64) -> torch.Tensor:
-    """``images`` as a latent-diffusion pair is trained on them: seeded samples of ``vae``'s posterior, scaled by
-    `vae_to_model_latents` (`conventions.encode_model_latents`, what the training scripts do)."""
+def _check_vae(vae, in_channels: int, source: str) -> None:
+    """Refuse ``vae`` (named ``source``) unless it is an AutoencoderKL whose latents the models take, before any data
+    is read (`recommend_switch` would name its `images`)."""
     from diffusers import AutoencoderKL
 
     if not isinstance(vae, AutoencoderKL):
         raise ValueError(
-            f"The models' VAE is a {type(vae).__name__}: the switch is measured on an AutoencoderKL's latents (the "
-            "VAE the training scripts train with), as the models were trained on them."
+            f"{source} is a {type(vae).__name__}: the switch is measured on an AutoencoderKL's latents (the VAE the "
+            "training scripts train with), as the models were trained on them."
         )
+    if vae.config.latent_channels != in_channels:
+        raise ValueError(
+            f"{source} gives {vae.config.latent_channels}-channel latents, but the models take {in_channels} "
+            "channels: give the VAE the models were trained on (none for pixel models)."
+        )
+
+
+def _vae_latents(vae, images: torch.Tensor, seed: int, batch_size: int = 64) -> torch.Tensor:
+    """``images`` as a latent-diffusion pair is trained on them: seeded samples of ``vae``'s posterior, scaled by
+    `vae_to_model_latents` (`conventions.encode_model_latents`, what the training scripts do)."""
     return encode_model_latents(vae, images, torch.Generator(vae.device).manual_seed(seed), batch_size).cpu()
 
 
@@ -393,13 +403,7 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     else:  # latent models: measured on the data's VAE latents, as they were trained
         from .pipelines.pipeline_staged import vae_scale_factor
 
-        latent_channels = getattr(vae.config, "latent_channels", None)
-        if latent_channels != config.in_channels:  # else named as `images` by `recommend_switch`
-            source = f"`--vae` {args.vae!r}" if args.vae else "the pipeline's `vae`"
-            raise ValueError(
-                f"{source} gives {latent_channels}-channel latents, but the models take {config.in_channels} channels: "
-                "give the VAE the models were trained on (none for pixel models)."
-            )
+        _check_vae(vae, config.in_channels, f"`--vae` {args.vae!r}" if args.vae else "the pipeline's `vae`")
         pixels = _load_data(args.data, side * vae_scale_factor(vae), vae.config.in_channels, args.num_images)
         images = _vae_latents(vae, pixels, args.seed)
     labels, labelled = _class_labels(config, args.data, len(images))

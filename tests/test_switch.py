@@ -297,6 +297,21 @@ def test_a_vae_whose_latents_the_models_do_not_take_is_refused_naming_it(tiny_un
     assert not (tmp_path / "s.png").exists()
 
 
+def test_a_vae_that_is_no_autoencoder_kl_is_refused_naming_it(tiny_unet_kwargs, tmp_path):
+    # a model folder given as `--vae` was refused as a VAE giving "None-channel latents" (its config has no
+    # `latent_channels`), not as what it is
+    shape = {**tiny_unet_kwargs, "in_channels": 4, "out_channels": 4}
+    pipe = DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    folders = [f"--{name}={tmp_path / 'pipe' / name}" for name in ("shallow", "deep", "scheduler")]
+    run = ["--vae", str(tmp_path / "pipe" / "deep"), "--num_images", "4", "--num_levels", "2"]
+    with pytest.raises(
+        ValueError, match=r"`--vae` .*deep' is a UNet2DModel: the switch is measured on an AutoencoderKL"
+    ):
+        main([*folders, *run, "--plot", str(tmp_path / "s.png")])
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_an_interrupted_plot_leaves_an_earlier_plot_as_it_was(tmp_path, monkeypatch):
     import matplotlib.figure
 
