@@ -201,6 +201,7 @@ def _check_vae(args: argparse.Namespace) -> None:
             f"`--vae_subfolder` {args.vae_subfolder!r} is a folder inside `--vae_path`: give `--vae_path` too."
         )
     if args.vae_path is None:
+        _check_pixel_model(args)
         return
     from diffusers import AutoencoderKL
 
@@ -219,14 +220,34 @@ def _check_vae(args: argparse.Namespace) -> None:
     for option, path in models.items():  # a latent model: it takes the VAE's latents
         if path is None:
             continue
-        with open(path, encoding="utf-8") as f:
-            model_channels = json.load(f).get("in_channels", 3)
+        model_channels = _config_channels(path)
         if model_channels != latent_channels:
             given = args.model_path if option == "--model_path" else path
             raise ValueError(
                 f"`{option}` {given!r} takes {model_channels}-channel samples, but `--vae_path` {args.vae_path!r} "
                 f"gives {latent_channels}-channel latents: give the latent model, or the VAE it trains with."
             )
+
+
+def _check_pixel_model(args: argparse.Namespace) -> None:
+    """Without ``--vae_path``: refuse a ``--model_path`` model that does not take ``--num_channels`` images (a latent
+    model, say), before any image is read (`gradient_plan` would refuse it after all were read)."""
+    if args.model_path is None:
+        return
+    model_channels = _config_channels(os.path.join(args.model_path, "config.json"))
+    if model_channels != args.num_channels:
+        latent = model_channels not in (1, 3)
+        what = "the `--vae_path` it was trained with" if latent else f"`--num_channels {model_channels}`"
+        raise ValueError(
+            f"`--model_path` {args.model_path!r} takes {model_channels}-channel samples, but `--num_channels` "
+            f"{args.num_channels} gives {args.num_channels}-channel images: give {what}."
+        )
+
+
+def _config_channels(path: str) -> int:
+    """The channels of the samples the model of the config file ``path`` takes (UNet2DModel's default 3)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("in_channels", 3)
 
 
 PLANNED_FROM = ("UNet2DModel", "MultiStageUNet2DModel")  # the configs whose encoder the planned stages share

@@ -285,7 +285,7 @@ def test_an_output_over_the_scheduler_or_model_path_config_is_refused_before_any
     (scheduler / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text(json.dumps({"in_channels": 1}))  # the images of FAST
     common = ["--train_data_dir", str(tmp_path / "no-such-folder"), *FAST]
     for inputs, outputs, named in (
         (["--scheduler_config", str(scheduler)], ["--output_plot", str(scheduler / "scheduler_config.json")],
@@ -374,22 +374,31 @@ def test_vae_path_plans_on_the_scaled_latents_training_sees(digit_folder, tmp_pa
         # a pixel model's gradients on latents: was refused after every image was read and encoded, saying to give
         # the `--vae_path` that was given
         (["--vae_path", "VAE", "--method", "gradient", "--model_path", "MODEL"], "`--model_path` 'MODEL' takes 3-"),
+        # a latent model's gradients on pixels: was refused after every image was read, by `gradient_plan`
+        (
+            ["--method", "gradient", "--model_path", "LATENT"],
+            "`--model_path` 'LATENT' takes 4-channel samples, but "
+            "`--num_channels` 3 gives 3-channel images: give the `--vae_path` it was trained with",
+        ),
     ],
 )
 def test_bad_vae_options_are_usage_errors_before_any_image_is_read(tmp_path, capsys, options, message):
     tiny_vae().save_config(tmp_path / "vae")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    (tmp_path / "latent").mkdir()
+    (tmp_path / "latent" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "in_channels": 4}))
     blocks = {"down_block_types": ["DownBlock2D"] * 2, "up_block_types": ["UpBlock2D"] * 2}
     pixels = {"block_out_channels": [8, 16], "norm_num_groups": 4, **blocks}  # in_channels 3: RGB pixels
     (tmp_path / "pixels.json").write_text(json.dumps(pixels))
     paths = {"VAE": tmp_path / "vae", "MODEL": tmp_path / "model", "PIXELS": tmp_path / "pixels.json"}
+    paths["LATENT"] = tmp_path / "latent"
     options = [str(paths[o]) if o in paths else o for o in options]
     with pytest.raises(SystemExit) as exit_info:
         run(["--train_data_dir", str(tmp_path / "no-such-folder"), *FAST[:-2], *options])
-    assert (
-        exit_info.value.code == 2 and message.replace("'MODEL'", repr(str(paths["MODEL"]))) in capsys.readouterr().err
-    )
+    for name in ("MODEL", "LATENT"):
+        message = message.replace(f"'{name}'", repr(str(paths[name])))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_model_config_that_leaves_out_block_out_channels_plans_the_default_widths(digit_folder, tmp_path):
