@@ -249,5 +249,5 @@ def test_assembled_one_expert_runs_keep_their_class_names(examples, script, imag
         info = json.load(f)
     with open(path, "w", encoding="utf-8") as f:
         json.dump({**info, "id2label": {"0": "zero", "1": "one", "2": "two"}}, f)
-    with pytest.raises(ValueError, match=r"`--assemble_experts`: the runs were trained on data of other class names"):
+    with pytest.raises(ValueError, match=r"`--assemble_experts`: .*expert1' was trained on other class names"):
         examples.train(script, ["--assemble_experts", *runs, "--output_dir", str(tmp_path / "bad")])

@@ -284,12 +284,9 @@ def assemble_expert_runs(run_dirs: list[str]):
                 f"`--assemble_experts`: `expert_index` of {path!r} must be an integer, got {info.get('expert_index')!r}."
             )
         runs.append((run, info))
-    names = {json.dumps(info["id2label"]) for _, info in runs if info.get("id2label")}  # runs before it saved none
-    if len(names) > 1:
-        raise ValueError(
-            f"`--assemble_experts`: the runs were trained on data of other class names (`id2label`): {sorted(names)}. "
-            "Train every expert's run on the same data."
-        )
+    named = [(run, info["id2label"]) for run, info in runs if info.get("id2label")]  # runs before it saved none
+    for run, id2label in named[1:]:
+        _check_same_class_names(named[0][1], id2label, run, named[0][0])
     shared = [{k: v for k, v in info.items() if k not in ("expert_index", "id2label")} for _, info in runs]
     if any(s != shared[0] for s in shared):
         raise ValueError(
@@ -316,8 +313,22 @@ def assemble_expert_runs(run_dirs: list[str]):
             f"`--assemble_experts`: {error} Train every expert's run on the same data, `--resolution` (and "
             "`--vae_path`) and with the same `--class_conditional`."
         ) from None
-    id2label = json.loads(names.pop()) if names else None
-    return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae, id2label=id2label)
+    return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae, id2label=named[0][1] if named else None)
+
+
+def _check_same_class_names(expected, id2label, run: str, first: str) -> None:
+    """Refuse ``run``'s class names (its `id2label`) unless they are those of the run ``first`` (``expected``),
+    naming the first class whose names differ."""
+    if id2label == expected:
+        return
+    where = ""
+    if isinstance(expected, dict) and isinstance(id2label, dict):
+        key = next(k for k in sorted({*expected, *id2label}, key=str) if expected.get(k) != id2label.get(k))
+        where = f" (class {key}: {id2label.get(key)!r}, not {expected.get(key)!r})"
+    raise ValueError(
+        f"`--assemble_experts`: {run!r} was trained on other class names (`id2label` of {EXPERT_RUN_FILE}) than "
+        f"{first!r}{where}. Train every expert's run on the same data."
+    )
 
 
 def _load_run_scheduler(run: str) -> SchedulerMixin:

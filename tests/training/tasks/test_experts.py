@@ -198,3 +198,15 @@ def test_runs_that_saved_the_same_vae_at_another_precision_assemble(runs, first,
     tiny_vae().to(first).save_pretrained(runs[0] / "vae")
     tiny_vae().to(dtype).save_pretrained(runs[1] / "vae")
     assert assemble_expert_runs([str(r) for r in runs]).vae.dtype == torch.float32  # loaded as float32
+
+
+def test_runs_of_other_class_names_are_named(runs):
+    # the refusal listed every run's whole `id2label` as JSON (two thousand names for ImageNet), not which runs differ
+    for run, names in zip(runs, ({"0": "cat", "1": "dog"}, {"0": "cat", "1": "bird"})):
+        info = json.loads((run / EXPERT_RUN_FILE).read_text())
+        (run / EXPERT_RUN_FILE).write_text(json.dumps({**info, "id2label": names}))
+    with pytest.raises(ValueError) as error:
+        assemble_expert_runs([str(r) for r in runs])
+    message = str(error.value)
+    assert f"`--assemble_experts`: {str(runs[1])!r} was trained on other class names (`id2label` of" in message
+    assert f"than {str(runs[0])!r} (class 1: 'bird', not 'dog')" in message and "cat" not in message
