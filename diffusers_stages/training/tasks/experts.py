@@ -313,7 +313,15 @@ def assemble_expert_runs(run_dirs: list[str]):
             f"`--assemble_experts`: {error} Train every expert's run on the same data, `--resolution` (and "
             "`--vae_path`) and with the same `--class_conditional`."
         ) from None
-    return ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae, id2label=named[0][1] if named else None)
+    pipeline = ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)
+    if named:  # read from a run folder: a refusal names the file
+        try:
+            pipeline.register_class_names(named[0][1])
+        except ValueError as error:
+            raise ValueError(
+                f"`--assemble_experts`: {os.path.join(named[0][0], EXPERT_RUN_FILE)!r}: {error}"
+            ) from None
+    return pipeline
 
 
 def _check_same_class_names(expected, id2label, run: str, first: str) -> None:

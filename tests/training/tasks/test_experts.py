@@ -210,3 +210,12 @@ def test_runs_of_other_class_names_are_named(runs):
     message = str(error.value)
     assert f"`--assemble_experts`: {str(runs[1])!r} was trained on other class names (`id2label` of" in message
     assert f"than {str(runs[0])!r} (class 1: 'bird', not 'dog')" in message and "cat" not in message
+
+
+@pytest.mark.parametrize("names", [["cat"], {"0": "cat"}], ids=["list", "unconditional"])
+def test_class_names_the_pipeline_refuses_name_their_run_file(runs, names):
+    # an `id2label` that is no dict of names, or given to unconditional experts, was refused without naming the file
+    info = json.loads((runs[1] / EXPERT_RUN_FILE).read_text())
+    (runs[1] / EXPERT_RUN_FILE).write_text(json.dumps({**info, "id2label": names}))
+    with pytest.raises(ValueError, match=r"`--assemble_experts`: '.*run1/expert_run.json': `id2label`"):
+        assemble_expert_runs([str(r) for r in runs])
