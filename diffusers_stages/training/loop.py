@@ -530,10 +530,10 @@ def _finish(state: RunState, global_step: int) -> None:
         grid_path = save_samples(state, global_step, use_ema=False)  # the EMA weights are the networks' now
         if grid_path is not None:
             shutil.copyfile(grid_path, os.path.join(args.output_dir, "sample_grid.png"))
+        _discard_replaced(state)  # this run saved no checkpoint: its final outputs replace the former run's
+        mark_finished(args.output_dir, global_step)  # before the push: a failed upload leaves a finished run
         if args.push_to_hub:
             _push(state, state.max_train_steps, grid_path is not None, "End of training")
-        _discard_replaced(state)  # this run saved no checkpoint: its final outputs replace the former run's
-        mark_finished(args.output_dir, global_step)
     accelerator.end_training()
 
 

@@ -195,6 +195,25 @@ def test_each_pipeline_saved_during_training_is_pushed(
     assert "pushing them to the Hub repository 'me/tiny' failed" in caplog.text and "Training goes on" in caplog.text
 
 
+def test_a_failed_final_push_leaves_a_finished_run(examples, script, image_folder, tmp_path, fake_hub, monkeypatch):
+    # the final push ran before the run was marked finished: after a failed upload (the outputs complete, the error
+    # naming the `hf upload` command) resuming the last checkpoint trained nothing but wrote the outputs again
+    import huggingface_hub
+
+    from diffusers_stages.training.checkpointing import is_finished
+
+    def upload_folder(self, **kwargs):
+        raise ConnectionError("the network is down")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    out = str(tmp_path / "run")
+    with pytest.raises(OSError, match="pushing them to the Hub repository 'me/tiny' failed"):
+        examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out,
+                                "--max_train_steps", "2", "--checkpointing_steps", "2", "--push_to_hub",
+                                "--hub_model_id", "me/tiny"])  # fmt: skip
+    assert is_finished(os.path.join(out, "checkpoint-2"))
+
+
 @pytest.mark.parametrize(("flag", "private"), [([], None), (["--hub_private_repo"], True)])
 def test_the_repository_is_private_as_asked_or_as_the_namespace_default(
     examples, script, image_folder, tmp_path, fake_hub, flag, private
