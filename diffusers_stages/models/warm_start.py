@@ -66,7 +66,8 @@ def warm_start(
             "model before `enable_group_offload(offload_to_disk_path=...)`, or load the U-Net again without it."
         )
     source_state = unet.state_dict()
-    weightless = [name for name, tensor in source_state.items() if tensor.is_meta]
+    # plain tensors only: a tensor subclass (a wrapper around another tensor's storage) may report meta and hold weights
+    weightless = [name for name, tensor in source_state.items() if tensor.is_meta and type(tensor) is torch.Tensor]
     if weightless:  # the staged model is filled from these: it would be as weightless, silently
         raise ValueError(
             f"`unet` has weights on the meta device ({weightless[0]!r} and {len(weightless) - 1} more): they are not "
