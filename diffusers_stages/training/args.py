@@ -103,6 +103,9 @@ DIFFUSERS_ONLY_OPTIONS = {
     "dream_detail_preservation": "the loop trains with the plain denoising loss (no DREAM)",
     "image_interpolation_mode": "images are resized with bilinear interpolation",
     "preserve_input_precision": "images are read as 8-bit RGB",
+    # train_text_to_image_lora.py's: the staged U-Nets load diffusers' LoRA files (README, Text-to-image)
+    "rank": "this script trains the networks' own weights, not a LoRA; train a LoRA of the source U-Net with diffusers' "
+    "train_text_to_image_lora.py and load it into the staged pipeline with `pipe.load_lora_weights`",
 }
 
 

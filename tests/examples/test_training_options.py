@@ -335,6 +335,7 @@ def test_the_trackers_log_the_unet_shape_the_run_used(
         (["--use_8bit_adam"], "AdamW"),
         (["--validation_epochs", "5"], "`--save_images_steps`"),
         (["--revision", "main"], "--revision"),
+        (["--rank", "4"], "train_text_to_image_lora.py"),  # a LoRA run's: was argparse's "unrecognized arguments"
     ],
 )
 def test_diffusers_script_options_not_taken_are_refused_by_name(
