@@ -190,6 +190,13 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
             if not config.switch_sigma > 0:
                 raise ValueError(f"`switch_sigma` must be a noise level > 0, got {config.switch_sigma}.")
             if units == "sigma":
+                low, high = (getattr(scheduler.config, key, None) for key in ("sigma_min", "sigma_max"))
+                if low is not None and high is not None and not low < config.switch_sigma < high:
+                    raise ValueError(  # as a DDPM-style schedule refuses a switch outside its noise levels
+                        f"`switch_sigma` must lie inside the noise levels ({low:g}, {high:g}) of "
+                        f"{type(scheduler).__name__}'s `sigma_min` and `sigma_max` (else one backbone never runs), "
+                        f"got {config.switch_sigma}."
+                    )
                 return TimestepPartition([config.switch_sigma], steps, "sigma")
             return TimestepPartition([sigma_to_timestep(scheduler, config.switch_sigma)], steps, "timestep")
         if num_inference_steps is None:

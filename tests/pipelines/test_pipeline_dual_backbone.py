@@ -164,6 +164,11 @@ def test_bad_switches_are_refused(backbones):
         for scheduler in (DDIMScheduler(), EDMEulerScheduler()):
             with pytest.raises(ValueError, match="`switch_sigma` must be a noise level > 0"):
                 _dual(shallow, deep, scheduler, switch_sigma=sigma)
+    for sigma in (80.0, 100.0, 0.001):  # EDMEulerScheduler's (0.002, 80): one backbone never ran, silently
+        with pytest.raises(
+            ValueError, match=rf"`switch_sigma` must lie inside the noise levels \(0.002, 80\).*{sigma}"
+        ):
+            _dual(shallow, deep, EDMEulerScheduler(), switch_sigma=sigma)
     pipe = _dual(shallow, deep, DDIMScheduler(), switch_step_fraction=0.5)
     with pytest.raises(ValueError, match=">= 2"):
         pipe(num_inference_steps=1)
