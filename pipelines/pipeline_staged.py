@@ -130,12 +130,11 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                     f"`label` {name!r} names classes {', '.join(map(str, classes[:-1]))} and {classes[-1]}: pass its "
                     "index as `class_labels` (or one of the class's other names)."
                 )
-        known = self.labels
-        unknown = [name for name in labels if name not in known]
+        unknown = [name for name in labels if name not in named]
         if unknown:
-            listed = ", ".join(sorted(known)) if known else "none: this pipeline was saved without `id2label`"
+            listed = ", ".join(self.labels) or "none: this pipeline was saved without `id2label`"
             raise ValueError(f"`label` {unknown} is not a class name of this pipeline; its names are: {listed}.")
-        return [known[name] for name in labels]
+        return [named[name][0] for name in labels]  # each names one class (checked above)
 
     # --------------------------------------------------------------------------------------------------------------
     def _prepare_class_labels(
@@ -281,7 +280,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         ``width`` pixels (default: the model's ``sample_size``, times the VAE's scale factor; both must be given for
         a model without one)."""
         vae_scale = vae_scale_factor(getattr(self, "vae", None))
-        multiple = math.lcm(*(spatial_multiple(self.stage_denoiser(stage)[0].config) for stage in stages)) * vae_scale
+        networks = {id(n): n for n in (self.stage_denoiser(stage)[0] for stage in stages)}.values()  # each once
+        multiple = math.lcm(*(spatial_multiple(network.config) for network in networks)) * vae_scale
         size = getattr(config, "sample_size", None)  # a custom backbone's config may have no such entry
         if size is None and (height is None or width is None):  # `UNet2DModel`'s default: no size to fall back on
             raise ValueError(
@@ -298,7 +298,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                     f"{' times the VAE scale factor' if vae_scale > 1 else ''}), got {value!r}."
                 )
             sides.append(int(value) // vae_scale)  # a numpy integer too, as a Python int
-        for network in {id(n): n for n in (self.stage_denoiser(stage)[0] for stage in stages)}.values():
+        for network in networks:
             fixed = network.config.sample_size if getattr(network, "_fixed_sample_size", False) else None
             for name, side in zip(("height", "width"), sides):
                 if fixed is not None and side != fixed:  # e.g. U-ViT: a position embedding learned for one size
