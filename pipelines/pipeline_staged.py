@@ -121,7 +121,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
         """The class indices of ``label`` (a class name or a list of them), for ``class_labels``, as
         `DiTPipeline.get_label_ids`. A `ValueError` names a label the pipeline does not know and lists its names."""
-        labels = [label] if isinstance(label, str) else list(label)
+        labels = [label] if isinstance(label, str) else list(label) if isinstance(label, (list, tuple)) else None
+        if labels is None or not all(isinstance(name, str) for name in labels):  # an index is `class_labels`' value
+            raise ValueError(f"`label` must be a class name or a list of class names, got {label!r}.")
         named = _name_classes(getattr(self.config, "id2label", None) or {})
         for name in labels:  # DiT's takes the last of them, silently
             classes = named.get(name, [])

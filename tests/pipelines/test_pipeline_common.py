@@ -459,6 +459,9 @@ def test_class_names_of_an_unconditional_model_are_refused_and_none_are_named(pi
         type(pipe)(**pipe.components, **_switch(pipe), id2label={0: "cat"})
     with pytest.raises(ValueError, match="its names are: none: this pipeline was saved without `id2label`"):
         pipe.get_label_ids("cat")
+    for label in (3, [0, 1], None):  # a TypeError from `list(3)` before, or "not a class name" for indices
+        with pytest.raises(ValueError, match=r"`label` must be a class name or a list of class names, got "):
+            pipe.get_label_ids(label)
 
 
 @pytest.mark.parametrize("kind", KINDS)
