@@ -339,7 +339,7 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
             ) from error
         raise
     refuse_mismatched_keys(info, path, class_name)
-    if path is not name_or_path:
+    if path is not name_or_path and hasattr(model, "register_to_config"):  # (not a transformers model)
         model.register_to_config(_name_or_path=name_or_path)  # what diffusers records: the folder, not its subfolder
     if not os.path.isdir(folder):  # a Hub repository: the snapshot folder diffusers has just read
         folder = _cached_snapshot(path, kwargs)
@@ -348,14 +348,15 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
     return model, info
 
 
-def load_strictly(model_class: type, path: str | os.PathLike, subfolder: str | None = None):
-    """``model_class.from_pretrained(path, subfolder=subfolder)``, as strict for diffusers' own classes as for the
-    package's (which are strict themselves, by the same checks): a `ValueError` naming the keys if the checkpoint has
-    missing or unexpected weights, which diffusers would leave on the ``meta`` device or ignore, and naming the file
-    if one links out of a local folder or stores non-float weights (which diffusers would cast silently)."""
-    if model_class.__module__.split(".")[0] != "diffusers":
-        return model_class.from_pretrained(path, subfolder=subfolder)
-    return load_checked(model_class.from_pretrained, model_class.__name__, path, {"subfolder": subfolder})[0]
+def load_strictly(model_class: type, path: str | os.PathLike, subfolder: str | None = None, **kwargs):
+    """``model_class.from_pretrained(path, subfolder=subfolder, **kwargs)``, as strict for diffusers' and
+    transformers' own classes (a text encoder) as for the package's (which are strict themselves, by the same checks):
+    a `ValueError` naming the keys if the checkpoint has missing or unexpected weights, which diffusers would leave on
+    the ``meta`` device and transformers initialise at random, and naming the file if one links out of a local folder
+    or stores non-float weights (which both would cast silently)."""
+    if model_class.__module__.split(".")[0] not in ("diffusers", "transformers"):
+        return model_class.from_pretrained(path, subfolder=subfolder, **kwargs)
+    return load_checked(model_class.from_pretrained, model_class.__name__, path, {"subfolder": subfolder, **kwargs})[0]
 
 
 def load_scheduler(scheduler_class: type, path: str | os.PathLike, what: str):

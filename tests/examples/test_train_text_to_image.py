@@ -5,6 +5,7 @@ that `StableDiffusionPipeline` reloads (issue 15, part 5)."""
 import importlib.util
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DConditionModel
+from tests.conftest import corrupt_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "examples", "multistage", "train_text_to_image.py")
@@ -166,6 +168,38 @@ def test_bad_arguments_are_refused_by_name(script, source, tmp_path, capsys, ext
         assert message in str(error)
     else:
         pytest.fail(f"{extra} was accepted")
+
+
+@pytest.mark.parametrize(
+    "method, component, corruption",
+    [
+        ("multistage", "unet", "link"),
+        ("multistage", "unet", "integers"),
+        ("experts", "unet", "missing"),  # was torch's NotImplementedError on a meta tensor, deep in training
+        ("multistage", "text_encoder", "missing"),
+        ("multistage", "text_encoder", "link"),
+        ("multistage", "text_encoder", "integers"),
+        ("multistage", "tokenizer", "link"),
+    ],
+)
+def test_a_corrupted_source_is_refused_not_trained(script, source, tmp_path, method, component, corruption):
+    # diffusers' and transformers' loaders only warn of a missing weight (left random), cast integer weights
+    # silently and follow a file that links out of the folder: the source is hostile input, read strictly
+    sd, data = source
+    folder = os.path.join(sd, component)
+    if component == "tokenizer":  # no weights: its vocabulary linked to a file outside the folder
+        os.rename(os.path.join(folder, "tokenizer.json"), tmp_path / "tokenizer.json")
+        os.symlink(tmp_path / "tokenizer.json", os.path.join(folder, "tokenizer.json"))
+        key = "tokenizer.json"
+    else:
+        name = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        key = corrupt_weights(os.path.join(folder, name), corruption, outside=str(tmp_path))
+        key = name if corruption == "link" else key
+    args = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--method", method, "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(key)):
+        _run(script, args)
+    assert not os.path.exists(tmp_path / "o" / "model_index.json")
 
 
 def test_the_source_schedule_may_be_repeated(script, source, tmp_path):

@@ -20,15 +20,21 @@ from diffusers.models.modeling_utils import ModelMixin
 from ...conventions import paper_boundaries
 from ...loss import diffusion_loss
 from ...models.expert_routing import ExpertRoutingModel, expert_folder
+from ...models.loading import component_folder, load_strictly
 from ...models.unet_multistage_condition import MultiStageUNet2DConditionModel
 from ...partition import TimestepPartition
+from ...pipelines.loading import check_component_type, resolve_component_class
 from ...planning.data import is_inside, open_image_file
 from ..args import partition_from_args
 from ..data import ImageRecords, dataset_image, folder_image, load_train_split
 from .base import Draw, TrainingTask
 
 METHODS = ("multistage", "experts")
-SOURCE_UNETS = ("UNet2DConditionModel", "MultiStageUNet2DConditionModel", "ExpertRoutingModel")
+SOURCE_UNETS = {
+    "UNet2DConditionModel": UNet2DConditionModel,
+    "MultiStageUNet2DConditionModel": MultiStageUNet2DConditionModel,
+    "ExpertRoutingModel": ExpertRoutingModel,
+}
 # the shared parser's options for a model built from scratch, which the source pipeline gives here (unset by default)
 SOURCE_OPTIONS = ("vae_path", "vae_subfolder", "model_config", "block_out_channels", "layers_per_block",
                   "down_block_types", "up_block_types", "attention_head_dim", "norm_num_groups", "dropout")  # fmt: skip
@@ -101,7 +107,7 @@ class TextToImageTask(TrainingTask):
         # the source's configs (no weights yet): the stages, the noise schedule and every check follow them
         self.source = args.pretrained_model_name_or_path
         try:
-            index = DiffusionPipeline.load_config(self.source)
+            index = self.source_index = DiffusionPipeline.load_config(self.source)
             self.unet_config = UNet2DConditionModel.load_config(self.source, subfolder="unet")
             self.scheduler_config = DDPMScheduler.load_config(self.source, subfolder="scheduler")
         except (OSError, ValueError) as error:
@@ -115,7 +121,7 @@ class TextToImageTask(TrainingTask):
                 "StableDiffusionPipeline (SDXL's extra text encoder and size conditioning are not trained here)."
             )
         self.unet_class = self.unet_config.get("_class_name")
-        if self.unet_class not in SOURCE_UNETS:
+        if not isinstance(self.unet_class, str) or self.unet_class not in SOURCE_UNETS:
             raise ValueError(
                 f"`--pretrained_model_name_or_path` {self.source!r} holds a {self.unet_class} as its unet, not one of "
                 f"{list(SOURCE_UNETS)}."
@@ -247,9 +253,11 @@ class TextToImageTask(TrainingTask):
     # the networks, the frozen text encoder, the steps
     def build_networks(self, in_channels, sample_size, num_class_embeds):
         # 1. the frozen text encoder (the captions are tokenized batch by batch, in `encode_captions`)
+        self._check_source_folders()
         pipe = StableDiffusionPipeline.from_pretrained(
-            self.source, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            torch_dtype=torch.float32, use_safetensors=True,
+            self.source, unet=self._strict_source("unet"), text_encoder=self._strict_source("text_encoder"),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False, torch_dtype=torch.float32,
+            use_safetensors=True,
         )  # fmt: skip
         self.text_encoder, self.tokenizer, self._vae = pipe.text_encoder.eval(), pipe.tokenizer, pipe.vae
         self.text_encoder.requires_grad_(False)
@@ -309,6 +317,25 @@ class TextToImageTask(TrainingTask):
         experts = [networks[expert_folder(i)] for i in range(self.partition.num_stages)]
         prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         return ExpertRoutingModel(experts, prediction_type=prediction_type, **self.partition.to_config())
+
+    def _check_source_folders(self) -> None:
+        """Refuse a local source whose component folders (the tokenizer's too) hold a file linking out of them, or
+        lead out of the source themselves: a `ValueError` naming it (diffusers and transformers follow such links)."""
+        if not os.path.isdir(self.source):  # a Hub repository: a cache snapshot, checked as it is loaded
+            return
+        for component, entry in self.source_index.items():
+            saved = not component.startswith("_") and isinstance(entry, list) and entry[:1] != [None]
+            if saved and os.path.lexists(os.path.join(self.source, component)):
+                component_folder(self.source, component)
+
+    def _strict_source(self, name: str):
+        """The source's ``unet`` or ``text_encoder``, loaded strictly: diffusers and transformers only warn of a
+        missing weight (left on the ``meta`` device, or random) and cast integer weights silently."""
+        if name == "unet":
+            return load_strictly(SOURCE_UNETS[self.unet_class], self.source, "unet", use_safetensors=True)
+        text_encoder_class = resolve_component_class(name, self.source_index.get(name))
+        check_component_type(StableDiffusionPipeline, name, text_encoder_class)
+        return load_strictly(text_encoder_class, self.source, name, use_safetensors=True, dtype=torch.float32)
 
     def pipeline(self, networks, scheduler, vae=None):
         # the fp32 VAE of the source (the training one may be in the mixed-precision dtype)
