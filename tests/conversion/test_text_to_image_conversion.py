@@ -207,7 +207,8 @@ def test_a_folder_with_a_safety_checker_converts(tiny_sd_components, tmp_path, f
 
 @pytest.mark.parametrize(
     "component, corruption",
-    [("vae", "link"), ("vae", "integers"), ("vae", "missing"), ("text_encoder", "link")],
+    [("vae", "link"), ("vae", "integers"), ("vae", "missing")]
+    + [("text_encoder", corruption) for corruption in ("link", "missing", "integers")],
 )
 def test_a_corrupted_component_is_refused_and_writes_nothing(tiny_sd_components, tmp_path, component, corruption):
     # the unet was loaded strictly, the other components by diffusers' loader: a weight file linking out of the folder
