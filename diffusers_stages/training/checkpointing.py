@@ -18,7 +18,7 @@ from accelerate import Accelerator, init_empty_weights
 from accelerate.utils.constants import FSDP_MODEL_NAME
 from diffusers.training_utils import EMAModel
 
-from ..models.loading import load_strictly, read_json
+from ..models.loading import component_folder, load_scheduler, load_strictly, read_json
 from ..partition import TimestepPartition
 from .sharding import gathered_networks, plain_class
 
@@ -360,13 +360,14 @@ def _check_same_config(model, loaded, name: str, input_dir: str) -> None:
 def _check_same_noise_schedule(noise_scheduler, input_dir: str) -> None:
     """Refuse to resume training with another noise schedule (`--prediction_type`, `--ddpm_beta_schedule`,
     `--num_train_timesteps`) than the run that wrote ``input_dir``, which holds its training scheduler's config as
-    ``NOISE_SCHEDULER_FOLDER`` (a checkpoint written before it did is not checked)."""
-    folder = os.path.join(input_dir, NOISE_SCHEDULER_FOLDER)
-    if not os.path.isdir(folder):
+    ``NOISE_SCHEDULER_FOLDER`` (a checkpoint written before it did is not checked). A config the scheduler cannot
+    take, or one linking out of the checkpoint (hostile input), is a `ValueError` naming it."""
+    if not os.path.isdir(os.path.join(input_dir, NOISE_SCHEDULER_FOLDER)):
         return
+    folder = component_folder(input_dir, NOISE_SCHEDULER_FOLDER)
     # built from the saved config, so that the keys of another diffusers version count as their defaults (a key
     # missing there) or not at all (one this version does not know)
-    loaded = type(noise_scheduler).from_pretrained(folder)
+    loaded = load_scheduler(type(noise_scheduler), folder, f"`--resume_from_checkpoint` {input_dir!r}")
     now, then = (json.loads(s.to_json_string()) for s in (noise_scheduler, loaded))
     differ = sorted(k for k in now if not k.startswith("_") and now[k] != then.get(k))
     if differ:

@@ -109,6 +109,29 @@ def test_the_noise_schedule_check_takes_a_config_of_another_diffusers_version(tm
         _check_same_noise_schedule(DDPMScheduler(prediction_type="v_prediction"), str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    "key, value", [("num_train_timesteps", "x"), ("num_train_timesteps", -3), ("beta_schedule", "nope"), (None, None)]
+)
+def test_a_noise_schedule_of_a_tampered_checkpoint_is_named(tmp_path, key, value):
+    # the checkpoint is hostile input: a value the scheduler cannot take was a TypeError, NotImplementedError or
+    # RuntimeError from inside it, and a config linking out of the checkpoint was read
+    import json
+
+    from diffusers import DDPMScheduler
+
+    from diffusers_stages.training.checkpointing import NOISE_SCHEDULER_FOLDER, _check_same_noise_schedule
+
+    DDPMScheduler().save_pretrained(tmp_path / "run" / NOISE_SCHEDULER_FOLDER)
+    file = tmp_path / "run" / NOISE_SCHEDULER_FOLDER / "scheduler_config.json"
+    if key is None:  # the config linked to a file outside the checkpoint
+        file.rename(tmp_path / "elsewhere.json")
+        file.symlink_to(tmp_path / "elsewhere.json")
+    else:
+        file.write_text(json.dumps({**json.loads(file.read_text()), key: value}))
+    with pytest.raises(ValueError, match="outside the folder" if key is None else "scheduler_config.json"):
+        _check_same_noise_schedule(DDPMScheduler(), str(tmp_path / "run"))
+
+
 def test_latest_skips_incomplete_checkpoints_and_names_them(tmp_path):
     _checkpoint(tmp_path, 2)
     _checkpoint(tmp_path, 4, complete=False)  # killed while being written
