@@ -38,9 +38,9 @@ from diffusers_stages.conversion.common import (
 )
 from diffusers_stages.conversion.multistage_to_unet import conditioning
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
-from diffusers_stages.models.loading import component_folder, load_scheduler, load_strictly
+from diffusers_stages.models.loading import component_folder, load_scheduler
 from diffusers_stages.pipelines import MultiStagePipeline
-from diffusers_stages.pipelines.loading import resolve_component_class
+from diffusers_stages.pipelines.loading import load_transformers_components, resolve_component_class
 from diffusers_stages.schedulers import scheduler_units as units_of
 from diffusers_stages.training.args import BoundaryList
 
@@ -275,22 +275,6 @@ def check_text_to_image_index(path: str, pipeline_class: type) -> dict:
     return index
 
 
-def strict_text_encoders(path: str, index: dict, pipeline_class: type) -> dict:
-    """The transformers models of a text-to-image source (its text encoders), by component name, loaded strictly in
-    float32 from safetensors: transformers initialises a missing weight at random and casts integer weights silently,
-    which the converted folder would then hold; here either is a `ValueError` naming the weights."""
-    from transformers import PreTrainedModel
-
-    models = {}
-    for name in pipeline_class._get_signature_keys(pipeline_class)[0]:
-        entry = index.get(name)
-        if _is_entry(entry) and entry[0] == "transformers":
-            component_class = resolve_component_class(name, entry)
-            if issubclass(component_class, PreTrainedModel):
-                models[name] = load_strictly(component_class, path, name, use_safetensors=True, dtype=torch.float32)
-    return models
-
-
 def _is_entry(entry: object) -> bool:
     """Whether ``entry`` has the ``[library, class]`` form of a `model_index.json` component."""
     return isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)
@@ -331,7 +315,7 @@ def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
         vae = load_strict(source_component_class(index, "vae", ModelMixin), args.source, subfolder="vae")
         # in float32, as `unet`, whatever the folder stores (transformers would load float16 text encoders as such)
         source = pipeline_class.from_pretrained(
-            args.source, unet=unet, vae=vae, **strict_text_encoders(args.source, index, pipeline_class), use_safetensors=True,
+            args.source, unet=unet, vae=vae, **load_transformers_components(args.source, index, pipeline_class), use_safetensors=True,
             dtype=torch.float32,
         )  # fmt: skip
         boundaries, units = choose_boundaries(args, source.scheduler)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import types
 from typing import Any
 
 import diffusers
+import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -32,6 +34,7 @@ from ..models.loading import (
     is_config_class,
     load_checked,
     load_scheduler,
+    load_strictly,
     read_json,
     realign_storage,
     reexport_source,
@@ -107,6 +110,49 @@ def resolve_component_class(name: str, entry: Any) -> type | None:
         "if you trust the folder's code, load it with `DiffusionPipeline.from_pretrained(folder, "
         "trust_remote_code=True)`."
     )
+
+
+def pipeline_module_class(entry: Any) -> type | None:
+    """The class a ``[module, class]`` entry names from one of diffusers' own pipeline modules (Stable Diffusion 1.x's
+    ``["stable_diffusion", "StableDiffusionSafetyChecker"]``), as diffusers' loader resolves it; `None` for any other
+    entry. Nothing but diffusers' own pipeline modules is imported."""
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+        return None
+    if not all(NAME.fullmatch(x) for x in entry):
+        return None
+    module = getattr(diffusers.pipelines, entry[0], None)
+    if not (isinstance(module, types.ModuleType) and module.__name__.startswith("diffusers.pipelines.")):
+        return None
+    cls = getattr(module, entry[1], None)
+    return cls if isinstance(cls, type) else None
+
+
+def load_transformers_components(
+    path: str | os.PathLike,
+    index: dict,
+    pipeline_class: type,
+    names: tuple[str, ...] | None = None,
+    dtype: torch.dtype | None = torch.float32,
+) -> dict:
+    """The components of the diffusers pipeline folder or Hub repository ``path`` (``index``: its `model_index.json`)
+    that are transformers models (text encoders, Stable Diffusion 1.x's safety checker), of ``names`` (default: all),
+    loaded strictly from safetensors in ``dtype`` (`None`: transformers' default) with `load_strictly`: diffusers'
+    pipeline loader leaves them to transformers, which initialises a missing weight at random and casts integer
+    weights silently."""
+    from transformers import PreTrainedModel
+
+    models = {}
+    for name in pipeline_class._get_signature_keys(pipeline_class)[0]:
+        entry = index.get(name)
+        if names is not None and name not in names:
+            continue
+        cls = pipeline_module_class(entry)
+        if cls is None and isinstance(entry, (list, tuple)) and entry[:1] == ["transformers"]:
+            cls = resolve_component_class(name, entry)
+        if cls is not None and issubclass(cls, PreTrainedModel):
+            check_component_type(pipeline_class, name, cls)
+            models[name] = load_strictly(cls, path, name, use_safetensors=True, dtype=dtype)
+    return models
 
 
 def _is_subclass(cls: object, bases: tuple[type, ...]) -> bool:

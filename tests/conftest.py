@@ -166,6 +166,21 @@ def tiny_sd_components(tiny_tokenizer) -> dict:
     }
 
 
+def with_safety_checker(components: dict) -> dict:
+    """Stable Diffusion 1.x's components: a tiny safety checker and its feature extractor added."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    tiny = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(text_config=tiny, vision_config={**tiny, "image_size": 32, "patch_size": 4}, projection_dim=32)
+    return {
+        **components,
+        "safety_checker": StableDiffusionSafetyChecker(config).eval(),
+        "feature_extractor": CLIPImageProcessor(crop_size=32, size=32),
+        "requires_safety_checker": True,
+    }
+
+
 @pytest.fixture
 def tiny_sdxl_components(tiny_tokenizer) -> dict:
     """The components of a tiny `StableDiffusionXLPipeline`, with a DDIM scheduler."""

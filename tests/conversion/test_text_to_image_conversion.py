@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 
 from diffusers_stages import MultiStageUNet2DConditionModel
 from diffusers_stages.conversion import multistage_to_unet, pipelines_to_experts, unet_to_multistage
+from tests.conftest import with_safety_checker
 
 
 def _images(pipe) -> np.ndarray:
@@ -184,17 +185,9 @@ def test_a_folder_with_a_safety_checker_converts(tiny_sd_components, tmp_path, f
     import json
 
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor
+    from transformers import CLIPImageProcessor
 
-    tiny = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
-    config = CLIPConfig(text_config=tiny, vision_config={**tiny, "image_size": 32, "patch_size": 4}, projection_dim=32)
-    components = {
-        **tiny_sd_components,
-        "safety_checker": StableDiffusionSafetyChecker(config).eval(),
-        "feature_extractor": CLIPImageProcessor(crop_size=32, size=32),
-        "requires_safety_checker": True,
-    }
-    StableDiffusionPipeline(**components).save_pretrained(tmp_path / "sd")
+    StableDiffusionPipeline(**with_safety_checker(tiny_sd_components)).save_pretrained(tmp_path / "sd")
     index_path = tmp_path / "sd" / "model_index.json"
     assert '"stable_diffusion"' in index_path.read_text()
     index = json.loads(index_path.read_text())
@@ -208,15 +201,19 @@ def test_a_folder_with_a_safety_checker_converts(tiny_sd_components, tmp_path, f
 @pytest.mark.parametrize(
     "component, corruption",
     [("vae", "link"), ("vae", "integers"), ("vae", "missing")]
-    + [("text_encoder", corruption) for corruption in ("link", "missing", "integers")],
+    + [
+        (name, corruption)
+        for name in ("text_encoder", "safety_checker")
+        for corruption in ("link", "missing", "integers")
+    ],
 )
 def test_a_corrupted_component_is_refused_and_writes_nothing(tiny_sd_components, tmp_path, component, corruption):
     # the unet was loaded strictly, the other components by diffusers' loader: a weight file linking out of the folder
     # was read, integer weights were cast, a missing VAE weight left randomly initialised, and all written out
     from tests.conftest import corrupt_weights
 
-    StableDiffusionPipeline(**tiny_sd_components).save_pretrained(tmp_path / "sd")
-    weights = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    StableDiffusionPipeline(**with_safety_checker(tiny_sd_components)).save_pretrained(tmp_path / "sd")
+    weights = "diffusion_pytorch_model.safetensors" if component == "vae" else "model.safetensors"
     key = corrupt_weights(str(tmp_path / "sd" / component / weights), corruption, outside=str(tmp_path))
     args = ["--source", str(tmp_path / "sd"), "--output_path", str(tmp_path / "out"), "--stage_boundaries", "500"]
     with pytest.raises(ValueError, match="outside the folder" if corruption == "link" else key):

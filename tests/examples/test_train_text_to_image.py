@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DConditionModel
-from tests.conftest import corrupt_weights
+from tests.conftest import corrupt_weights, with_safety_checker
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "examples", "multistage", "train_text_to_image.py")
@@ -180,19 +180,25 @@ def test_bad_arguments_are_refused_by_name(script, source, tmp_path, capsys, ext
         ("multistage", "text_encoder", "link"),
         ("multistage", "text_encoder", "integers"),
         ("multistage", "tokenizer", "link"),
+        ("multistage", "safety_checker", "missing"),  # saved with the result: was written with a random weight
+        ("multistage", "safety_checker", "integers"),
     ],
 )
-def test_a_corrupted_source_is_refused_not_trained(script, source, tmp_path, method, component, corruption):
+def test_a_corrupted_source_is_refused_not_trained(
+    script, source, tiny_sd_components, tmp_path, method, component, corruption
+):
     # diffusers' and transformers' loaders only warn of a missing weight (left random), cast integer weights
     # silently and follow a file that links out of the folder: the source is hostile input, read strictly
     sd, data = source
+    if component == "safety_checker":
+        StableDiffusionPipeline(**with_safety_checker(tiny_sd_components)).save_pretrained(sd)
     folder = os.path.join(sd, component)
     if component == "tokenizer":  # no weights: its vocabulary linked to a file outside the folder
         os.rename(os.path.join(folder, "tokenizer.json"), tmp_path / "tokenizer.json")
         os.symlink(tmp_path / "tokenizer.json", os.path.join(folder, "tokenizer.json"))
         key = "tokenizer.json"
     else:
-        name = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        name = "diffusion_pytorch_model.safetensors" if component == "unet" else "model.safetensors"
         key = corrupt_weights(os.path.join(folder, name), corruption, outside=str(tmp_path))
         key = name if corruption == "link" else key
     args = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,

@@ -23,7 +23,7 @@ from ...models.expert_routing import ExpertRoutingModel, expert_folder
 from ...models.loading import component_folder, load_strictly
 from ...models.unet_multistage_condition import MultiStageUNet2DConditionModel
 from ...partition import TimestepPartition
-from ...pipelines.loading import check_component_type, resolve_component_class
+from ...pipelines.loading import load_transformers_components
 from ...planning.data import is_inside, open_image_file
 from ..args import partition_from_args
 from ..data import ImageRecords, dataset_image, folder_image, load_train_split
@@ -154,6 +154,7 @@ class TextToImageTask(TrainingTask):
             args.method
         ]
         self.text_encoder = self.tokenizer = self._vae = None  # loaded with the networks
+        self._saved_models: dict = {}  # the source's other transformers models, loaded with the networks
         self.captions: list[str] = []  # each image's first caption (the default sample prompts)
         self.caption_variants: list[list[str]] = []  # each image's captions, of which a step trains on one
         super().__init__(args)
@@ -255,10 +256,13 @@ class TextToImageTask(TrainingTask):
         # 1. the frozen text encoder (the captions are tokenized batch by batch, in `encode_captions`)
         self._check_source_folders()
         pipe = StableDiffusionPipeline.from_pretrained(
-            self.source, unet=self._strict_source("unet"), text_encoder=self._strict_source("text_encoder"),
+            self.source, unet=self._strict_unet(), **self._strict_transformers(("text_encoder",), torch.float32),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False, torch_dtype=torch.float32,
             use_safetensors=True,
         )  # fmt: skip
+        # the source's other transformers models (its safety checker), saved with the result: checked now, not after
+        # training, and in the dtype they are stored in, as diffusers' loader gives them
+        self._saved_models = self._strict_transformers(tuple(n for n in self.source_index if n != "text_encoder"))
         self.text_encoder, self.tokenizer, self._vae = pipe.text_encoder.eval(), pipe.tokenizer, pipe.vae
         self.text_encoder.requires_grad_(False)
 
@@ -328,14 +332,15 @@ class TextToImageTask(TrainingTask):
             if saved and os.path.lexists(os.path.join(self.source, component)):
                 component_folder(self.source, component)
 
-    def _strict_source(self, name: str):
-        """The source's ``unet`` or ``text_encoder``, loaded strictly: diffusers and transformers only warn of a
-        missing weight (left on the ``meta`` device, or random) and cast integer weights silently."""
-        if name == "unet":
-            return load_strictly(SOURCE_UNETS[self.unet_class], self.source, "unet", use_safetensors=True)
-        text_encoder_class = resolve_component_class(name, self.source_index.get(name))
-        check_component_type(StableDiffusionPipeline, name, text_encoder_class)
-        return load_strictly(text_encoder_class, self.source, name, use_safetensors=True, dtype=torch.float32)
+    def _strict_unet(self) -> ModelMixin:
+        """The source's ``unet``, loaded strictly: diffusers only warns of a missing weight (left on the ``meta``
+        device) and casts integer weights silently."""
+        return load_strictly(SOURCE_UNETS[self.unet_class], self.source, "unet", use_safetensors=True)
+
+    def _strict_transformers(self, names: tuple[str, ...], dtype: torch.dtype | None = None) -> dict:
+        """The source's transformers models among ``names`` (the text encoder, the safety checker), loaded strictly
+        (`load_transformers_components`) in ``dtype`` (`None`: as stored)."""
+        return load_transformers_components(self.source, self.source_index, StableDiffusionPipeline, names, dtype)
 
     def pipeline(self, networks, scheduler, vae=None):
         # the fp32 VAE of the source (the training one may be in the mixed-precision dtype)
@@ -348,7 +353,7 @@ class TextToImageTask(TrainingTask):
         # the source's own components (safety checker included) with the trained unet and the sampling scheduler
         pipe = StableDiffusionPipeline.from_pretrained(
             self.source, unet=self._unet(networks), scheduler=scheduler, text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer, vae=self._vae, use_safetensors=True,
+            tokenizer=self.tokenizer, vae=self._vae, use_safetensors=True, **self._saved_models,
         )  # fmt: skip
         pipe.save_pretrained(output_dir)
 
