@@ -509,18 +509,27 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     # saving: a folder that loads with `<Pipeline>.from_pretrained`, and with
     # `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` locally and from the Hub
     def save_pretrained(
-        self, save_directory: str | os.PathLike, safe_serialization: bool = True, push_to_hub: bool = False, **kwargs
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
     ) -> None:
         """Save every component as diffusers does (safetensors by default; ``safe_serialization=False`` writes
         ``.bin`` files, which are only ever read back with ``weights_only=True``), plus the re-export files that let
         `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` find the package's classes. With
         ``push_to_hub=True`` the complete folder is then uploaded (``repo_id``, ``token``, ``private``,
-        ``commit_message``, ``create_pr`` as in diffusers); a failed push is an `OSError` naming the repository."""
+        ``commit_message``, ``create_pr`` as in diffusers); a failed push is an `OSError` naming the repository. The
+        arguments come in diffusers' order (``variant`` and ``max_shard_size`` before ``push_to_hub``)."""
         for name, component in self.components.items():  # before anything is written
             if isinstance(component, torch.nn.Module):
                 check_not_offloaded_to_disk(component, f"`{name}`")
         push = pop_push_kwargs(kwargs, save_directory, push_to_hub)
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
+        super().save_pretrained(
+            save_directory, safe_serialization, variant=variant, max_shard_size=max_shard_size, **kwargs
+        )
         write_reexport_files(save_directory, type(self))
         if push_to_hub:
             push_saved_folder(self, save_directory, is_pipeline=True, **push)
