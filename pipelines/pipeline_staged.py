@@ -409,6 +409,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the generated images.
         """
         # 1. check the inputs
+        _refuse_labels_as_batch_size(batch_size)
         batch_size, num_inference_steps, num_images_per_prompt = positive_integer_arguments(
             batch_size=batch_size, num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt
         )  # numpy integers, as diffusers takes them, become Python ints
@@ -632,6 +633,16 @@ def _callback_latents(callback_outputs, latents: torch.Tensor) -> torch.Tensor:
             f"{tuple(latents.shape)}: got {got}."
         )
     return new
+
+
+def _refuse_labels_as_batch_size(batch_size: object) -> None:
+    """A `ValueError` for class labels given as the first argument, as `DiTPipeline` takes them (``pipe([1, 2])``):
+    the first argument here is ``batch_size``, as `DDPMPipeline`'s and `DDIMPipeline`'s."""
+    if isinstance(batch_size, (list, tuple, np.ndarray)) or (torch.is_tensor(batch_size) and batch_size.ndim > 0):
+        raise ValueError(
+            f"`batch_size` must be a positive integer, got {batch_size!r}: class labels go in `class_labels=` "
+            "(DiTPipeline's first argument is `batch_size` here)."
+        )
 
 
 def _integer_labels(class_labels) -> torch.Tensor:
