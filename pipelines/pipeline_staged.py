@@ -91,6 +91,10 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         itself, unless a subclass turns labels into another input (a cross-attention context)."""
         return {"class_labels": class_labels}
 
+    def check_components(self) -> None:
+        """Refuse components the constructor refuses, also when swapped in later (``pipe.unet = ...``, which diffusers
+        registers unchecked): run before every sampling run and `expert_schedule`. Nothing to check here."""
+
     def resolve_partition(self, num_inference_steps: int) -> TimestepPartition:
         """The partition a run of ``num_inference_steps`` routes by: `partition`, unless a subclass's switch depends
         on the step count (`DualBackbonePipeline`'s step fraction)."""
@@ -250,6 +254,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         which step (stage 0 is the clean end). It is the schedule the sampling loop follows, from a dry run of a copy
         of the scheduler (no model is called)."""
         (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
+        self.check_components()
         return self._stage_schedule(self.resolve_partition(num_inference_steps), num_inference_steps)
 
     def _stage_schedule(self, partition: TimestepPartition, num_inference_steps: int) -> list[tuple[float, int]]:
@@ -421,6 +426,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs = ("latents",)
         self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
+        self.check_components()
         partition = self.resolve_partition(num_inference_steps)
         schedule = self._stage_schedule(partition, num_inference_steps)  # which network runs which model call
         if self._stage_offload is not None:  # the order of the stage networks, for their prefetch
