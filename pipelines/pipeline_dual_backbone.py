@@ -170,6 +170,9 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         prediction_type = scheduler_prediction_type(self.scheduler)  # the backbones predict what the scheduler expects
         return ExpertRoutingModel([self.deep, self.shallow], prediction_type=prediction_type, **partition.to_config())
 
+    def check_components(self) -> None:
+        _check_interchangeable(self.shallow, self.deep)
+
     def stage_denoiser(self, stage: int) -> tuple[torch.nn.Module, dict]:
         # stage 0 is the clean end: the deep backbone; the shallow one runs the noisy first steps
         return (self.deep, self.shallow)[stage], {}

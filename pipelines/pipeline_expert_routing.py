@@ -64,6 +64,7 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
         id2label: dict[str, str] | None = None,
     ):
         super().__init__()
+        _check_experts(experts)
         vae_scale_factor(vae)  # refuses a VAE class the pipelines cannot decode
         self.register_modules(experts=experts, scheduler=scheduler, vae=vae)
         self.register_class_names(id2label)
@@ -84,6 +85,9 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
         raise ValueError(
             f"`scheduler` {name} has prediction_type={expected!r}, but the experts predict {predicted!r}: {fix}."
         )
+
+    def check_components(self) -> None:
+        _check_experts(self.experts)
 
     @property
     def partition(self) -> TimestepPartition:
@@ -114,6 +118,15 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
             if isinstance(offload, CpuOffload):
                 offload.pre_forward(self.experts)
         return super().denoise(stage, *args, **kwargs)
+
+
+def _check_experts(experts: torch.nn.Module) -> None:
+    """A `ValueError` for ``experts`` that are no `ExpertRoutingModel` (a single network has no stages to route)."""
+    if not isinstance(getattr(experts, "_orig_mod", experts), ExpertRoutingModel):  # a torch.compile'd one: its model
+        raise ValueError(
+            f"`experts` must be an ExpertRoutingModel, got {type(experts).__name__}: wrap the denoisers, one per "
+            "stage, as `ExpertRoutingModel([...], stage_boundaries=...)`."
+        )
 
 
 @torch.no_grad()

@@ -66,34 +66,13 @@ class MultiStagePipeline(StagedDiffusionPipeline):
         id2label: dict[str, str] | None = None,
     ):
         super().__init__()
-        staged = (MultiStageUNet2DModel, MultiStageDDPMppUNet2DModel, MultiStageUNet2DConditionModel)
-        model = getattr(unet, "_orig_mod", unet)  # a torch.compile'd model is its `_orig_mod`
-        if not isinstance(model, staged):
-            raise ValueError(
-                f"`unet` must be a {', '.join(c.__name__ for c in staged)}, got {type(unet).__name__} (a plain "
-                "UNet2DModel converts with `MultiStageUNet2DModel.from_unet`)."
-            )
-        cross_attention = isinstance(model, MultiStageUNet2DConditionModel)
-        if cross_attention != (class_embedder is not None):
-            raise ValueError(
-                "`class_embedder` must be given exactly when `unet` is a cross-attention MultiStageUNet2DConditionModel"
-                f" (it turns class labels into the context the U-Net attends to), got a {type(model).__name__} and "
-                f"`class_embedder`={type(class_embedder).__name__ if class_embedder is not None else None}. For text "
-                "prompts, use the U-Net as the `unet` of diffusers' StableDiffusionPipeline."
-            )
-        if cross_attention and unet.config.num_class_embeds is not None:
-            raise ValueError(
-                f"A cross-attention `unet` takes its class from `class_embedder` only, but it also has "
-                f"`num_class_embeds`={unet.config.num_class_embeds} (a class embedding added to the time embedding)."
-            )
-        if cross_attention and class_embedder.config.cross_attention_dim != unet.config.cross_attention_dim:
-            raise ValueError(
-                f"`class_embedder` gives contexts of width {class_embedder.config.cross_attention_dim}, but the U-Net "
-                f"attends to width `cross_attention_dim`={unet.config.cross_attention_dim}."
-            )
+        _check_unet(unet, class_embedder)
         vae_scale_factor(vae)  # refuses a VAE class the pipelines cannot decode
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, class_embedder=class_embedder)
         self.register_class_names(id2label)
+
+    def check_components(self) -> None:
+        _check_unet(self.unet, getattr(self, "class_embedder", None))
 
     @property
     def partition(self) -> TimestepPartition:
@@ -112,3 +91,32 @@ class MultiStagePipeline(StagedDiffusionPipeline):
             return {"class_labels": class_labels}
         # the U-Net attends to its class (labels checked once per run: no host read on each step)
         return {"encoder_hidden_states": class_embedder(class_labels, check_values=False).to(dtype)}
+
+
+def _check_unet(unet: torch.nn.Module, class_embedder: ClassContextEmbedding | None) -> None:
+    """A `ValueError` for a ``unet`` that is no multi-stage U-Net, or a ``class_embedder`` that does not fit it."""
+    staged = (MultiStageUNet2DModel, MultiStageDDPMppUNet2DModel, MultiStageUNet2DConditionModel)
+    model = getattr(unet, "_orig_mod", unet)  # a torch.compile'd model is its `_orig_mod`
+    if not isinstance(model, staged):
+        raise ValueError(
+            f"`unet` must be a {', '.join(c.__name__ for c in staged)}, got {type(unet).__name__} (a plain "
+            "UNet2DModel converts with `MultiStageUNet2DModel.from_unet`)."
+        )
+    cross_attention = isinstance(model, MultiStageUNet2DConditionModel)
+    if cross_attention != (class_embedder is not None):
+        raise ValueError(
+            "`class_embedder` must be given exactly when `unet` is a cross-attention MultiStageUNet2DConditionModel"
+            f" (it turns class labels into the context the U-Net attends to), got a {type(model).__name__} and "
+            f"`class_embedder`={type(class_embedder).__name__ if class_embedder is not None else None}. For text "
+            "prompts, use the U-Net as the `unet` of diffusers' StableDiffusionPipeline."
+        )
+    if cross_attention and unet.config.num_class_embeds is not None:
+        raise ValueError(
+            f"A cross-attention `unet` takes its class from `class_embedder` only, but it also has "
+            f"`num_class_embeds`={unet.config.num_class_embeds} (a class embedding added to the time embedding)."
+        )
+    if cross_attention and class_embedder.config.cross_attention_dim != unet.config.cross_attention_dim:
+        raise ValueError(
+            f"`class_embedder` gives contexts of width {class_embedder.config.cross_attention_dim}, but the U-Net "
+            f"attends to width `cross_attention_dim`={unet.config.cross_attention_dim}."
+        )

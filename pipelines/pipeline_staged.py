@@ -91,6 +91,10 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         itself, unless a subclass turns labels into another input (a cross-attention context)."""
         return {"class_labels": class_labels}
 
+    def check_components(self) -> None:
+        """Refuse components the constructor refuses, also when swapped in later (``pipe.unet = ...``, which diffusers
+        registers unchecked): run before every sampling run and `expert_schedule`. Nothing to check here."""
+
     def resolve_partition(self, num_inference_steps: int) -> TimestepPartition:
         """The partition a run of ``num_inference_steps`` routes by: `partition`, unless a subclass's switch depends
         on the step count (`DualBackbonePipeline`'s step fraction)."""
@@ -250,6 +254,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         which step (stage 0 is the clean end). It is the schedule the sampling loop follows, from a dry run of a copy
         of the scheduler (no model is called)."""
         (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
+        self.check_components()
         return self._stage_schedule(self.resolve_partition(num_inference_steps), num_inference_steps)
 
     def _stage_schedule(self, partition: TimestepPartition, num_inference_steps: int) -> list[tuple[float, int]]:
@@ -409,6 +414,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the generated images.
         """
         # 1. check the inputs
+        _refuse_labels_as_batch_size(batch_size)
         batch_size, num_inference_steps, num_images_per_prompt = positive_integer_arguments(
             batch_size=batch_size, num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt
         )  # numpy integers, as diffusers takes them, become Python ints
@@ -420,6 +426,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs = ("latents",)
         self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
+        self.check_components()
         partition = self.resolve_partition(num_inference_steps)
         schedule = self._stage_schedule(partition, num_inference_steps)  # which network runs which model call
         if self._stage_offload is not None:  # the order of the stage networks, for their prefetch
@@ -509,18 +516,27 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     # saving: a folder that loads with `<Pipeline>.from_pretrained`, and with
     # `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` locally and from the Hub
     def save_pretrained(
-        self, save_directory: str | os.PathLike, safe_serialization: bool = True, push_to_hub: bool = False, **kwargs
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
     ) -> None:
         """Save every component as diffusers does (safetensors by default; ``safe_serialization=False`` writes
         ``.bin`` files, which are only ever read back with ``weights_only=True``), plus the re-export files that let
         `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` find the package's classes. With
         ``push_to_hub=True`` the complete folder is then uploaded (``repo_id``, ``token``, ``private``,
-        ``commit_message``, ``create_pr`` as in diffusers); a failed push is an `OSError` naming the repository."""
+        ``commit_message``, ``create_pr`` as in diffusers); a failed push is an `OSError` naming the repository. The
+        arguments come in diffusers' order (``variant`` and ``max_shard_size`` before ``push_to_hub``)."""
         for name, component in self.components.items():  # before anything is written
             if isinstance(component, torch.nn.Module):
                 check_not_offloaded_to_disk(component, f"`{name}`")
         push = pop_push_kwargs(kwargs, save_directory, push_to_hub)
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
+        super().save_pretrained(
+            save_directory, safe_serialization, variant=variant, max_shard_size=max_shard_size, **kwargs
+        )
         write_reexport_files(save_directory, type(self))
         if push_to_hub:
             push_saved_folder(self, save_directory, is_pipeline=True, **push)
@@ -623,6 +639,16 @@ def _callback_latents(callback_outputs, latents: torch.Tensor) -> torch.Tensor:
             f"{tuple(latents.shape)}: got {got}."
         )
     return new
+
+
+def _refuse_labels_as_batch_size(batch_size: object) -> None:
+    """A `ValueError` for class labels given as the first argument, as `DiTPipeline` takes them (``pipe([1, 2])``):
+    the first argument here is ``batch_size``, as `DDPMPipeline`'s and `DDIMPipeline`'s."""
+    if isinstance(batch_size, (list, tuple, np.ndarray)) or (torch.is_tensor(batch_size) and batch_size.ndim > 0):
+        raise ValueError(
+            f"`batch_size` must be a positive integer, got {batch_size!r}: class labels go in `class_labels=` "
+            "(DiTPipeline's first argument is `batch_size` here)."
+        )
 
 
 def _integer_labels(class_labels) -> torch.Tensor:

@@ -878,6 +878,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         self,
         save_directory: str | os.PathLike,
         is_main_process: bool = True,
+        save_function: Callable | None = None,
         safe_serialization: bool = True,
         variant: str | None = None,
         max_shard_size: int | str | None = None,
@@ -888,7 +889,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         Write the container's `config.json` and each expert's own `save_pretrained` folder (``expert_{i}/``).
 
         Weights are safetensors unless ``safe_serialization=False`` (``.bin`` files, read back with
-        ``weights_only=True``). With ``push_to_hub=True`` the folder is uploaded to ``repo_id`` (default: the
+        ``weights_only=True``; ``save_function`` is passed on to each expert's: the arguments come in
+        `ModelMixin.save_pretrained`'s order). With ``push_to_hub=True`` the folder is uploaded to ``repo_id`` (default: the
         folder's name) once written; ``token``, ``private``, ``commit_message`` and ``create_pr`` are passed on as in
         diffusers, and a failed push is an `OSError` naming the repository.
         """
@@ -908,7 +910,12 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         for i, expert in enumerate(self.experts):
             path = os.path.join(save_directory, expert_folder(i))
             expert.save_pretrained(
-                path, is_main_process=is_main_process, safe_serialization=safe_serialization, variant=variant, **shard
+                path,
+                is_main_process=is_main_process,
+                save_function=save_function,
+                safe_serialization=safe_serialization,
+                variant=variant,
+                **shard,
             )
         if push_to_hub and is_main_process:
             push_saved_folder(self, save_directory, is_pipeline=False, **push)

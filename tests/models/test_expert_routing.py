@@ -214,6 +214,16 @@ def test_save_writes_one_plain_diffusers_folder_per_expert_and_reloads(three_exp
         assert torch.equal(loaded(x, t).sample, three_experts(x, t).sample)
 
 
+def test_save_takes_model_mixins_positional_arguments(three_experts, tmp_path):
+    # ModelMixin's order is (save_directory, is_main_process, save_function, safe_serialization, variant, ...): the
+    # third was `safe_serialization`, so `save_pretrained(folder, True, None)` wrote pickled .bin files
+    three_experts.save_pretrained(tmp_path, True, None, True, "fp16")
+    weights = [p.name for p in tmp_path.rglob("*") if p.suffix in (".bin", ".safetensors")]
+    assert len(weights) == 3 and all(name.endswith(".fp16.safetensors") for name in weights)
+    three_experts.save_pretrained(tmp_path / "bin", True, torch.save, False)  # pickled only when asked
+    assert len(list((tmp_path / "bin").rglob("*.bin"))) == 3 and not list((tmp_path / "bin").rglob("*.safetensors"))
+
+
 def test_load_only_the_experts_a_run_needs(three_experts, tmp_path):
     three_experts.save_pretrained(tmp_path)
     partial = ExpertRoutingModel.from_pretrained(tmp_path, load_experts=[2])

@@ -486,3 +486,21 @@ def test_diffusers_loading_options_at_their_defaults_are_taken_and_others_named(
         pipeline_class.from_pretrained(folder, quantization_config={"load_in_8bit": True})
     with pytest.raises(ValueError, match="unexpected keyword"):
         pipeline_class.from_pretrained(folder, no_such_option=None)
+
+
+def test_save_pretrained_takes_diffusers_positional_arguments_and_never_pushes_a_variant(saved, tmp_path, monkeypatch):
+    # diffusers' order: (save_directory, safe_serialization, variant, max_shard_size, push_to_hub); the variant given
+    # third was `push_to_hub`, so `save_pretrained(folder, True, "fp16")` tried to create a Hub repository
+    import huggingface_hub
+
+    folder, pipeline_class, images = saved
+
+    def no_push(*args, **kwargs):
+        raise AssertionError("save_pretrained without push_to_hub contacted the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", no_push)
+    variant_folder = tmp_path / "variant"
+    pipeline_class.from_pretrained(folder).save_pretrained(variant_folder, True, "fp16", "10GB")
+    weights = [p.name for p in variant_folder.rglob("*") if p.suffix in (".bin", ".safetensors")]
+    assert weights and all(name.endswith(".fp16.safetensors") for name in weights)
+    assert np.array_equal(_samples(pipeline_class.from_pretrained(variant_folder, variant="fp16")), images)

@@ -65,6 +65,27 @@ def test_from_pipe_shares_the_components_and_samples_the_same(pipe):
     assert torch.equal(_images(again), _images(pipe))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_component_swapped_in_after_construction_is_checked_as_the_constructor_checks_it(kind):
+    # diffusers' `pipe.unet = ...` bypasses the constructor: a plain UNet2DModel as the multi-stage `unet` was an
+    # AttributeError about `partition`, one as `experts` (in the constructor too) one about `prediction_type`, and a
+    # deep backbone of other channels a convolution's error
+    from diffusers import UNet2DModel
+
+    from tests.conftest import TINY_UNET
+
+    pipe = _pipeline(kind)
+    name, replacement, message = {
+        "multistage": ("unet", UNet2DModel(**TINY_UNET), "`unet` must be a MultiStageUNet2DModel"),
+        "experts": ("experts", UNet2DModel(**TINY_UNET), "`experts` must be an ExpertRoutingModel, got UNet2DModel"),
+        "dual_backbone": ("deep", UNet2DModel(**{**TINY_UNET, "in_channels": 4}), "must agree on `in_channels`"),
+    }[kind]
+    setattr(pipe, name, replacement)
+    for call in (lambda: pipe(**RUN), lambda: pipe.expert_schedule(3), lambda: type(pipe)(**pipe.components)):
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 @pytest.mark.parametrize("switch", [{"switch_timestep": 300.0}, {"switch_step_fraction": 0.7}])
 def test_dual_backbone_from_pipe_keeps_the_backbones_and_the_switch(switch):
     pipe = _pipeline("dual_backbone", **switch)

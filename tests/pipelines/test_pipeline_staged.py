@@ -106,6 +106,15 @@ def test_integer_arguments_refuse_bools_and_floats(unconditional, name, value):
         unconditional(**{**RUN, name: value})
 
 
+@pytest.mark.parametrize("labels", [[1, 2], (1,), torch.tensor([1, 2]), np.array([0, 2])], ids=repr)
+def test_class_labels_given_first_as_in_dit_pipeline_are_named(conditional, labels):
+    # DiTPipeline's first argument is `class_labels`; here it is `batch_size` (DDPMPipeline's), and `pipe([1, 2])`
+    # said only "`batch_size` must be a positive integer"
+    with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer, got .*class labels go in "
+                       r"`class_labels=` \(DiTPipeline's first argument is `batch_size` here\)"):  # fmt: skip
+        conditional(labels, **RUN)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
