@@ -532,9 +532,12 @@ def _finish(state: RunState, global_step: int) -> None:
     if accelerator.is_main_process:
         for name, ema in state.emas.items():
             ema.copy_to(trained[name].parameters())
+        state.vae = _saved_vae(state)  # training is over: saved and sampled as the pipeline folder holds it
         publish_pipeline(
-            args.output_dir, lambda folder: task.save(trained, state.sampling_scheduler, _saved_vae(state), folder)
+            args.output_dir, lambda folder: task.save(trained, state.sampling_scheduler, state.vae, folder)
         )
+        for model in state.models:  # the last grid as the saved pipeline samples: without Accelerate's autocast
+            accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         grid_path = save_samples(state, global_step, use_ema=False)  # the EMA weights are the networks' now
         if grid_path is not None:
             shutil.copyfile(grid_path, os.path.join(args.output_dir, "sample_grid.png"))
