@@ -183,6 +183,10 @@ def load_train_split(dataset_name: str, dataset_config_name: str | None, cache_d
             f"`--dataset_name` {dataset_name!r} could not be loaded ({type(error).__name__}: {first_line}). Offline, "
             "use a dataset already in the `datasets` cache, a local path, or `--train_data_dir` (a folder of images)."
         ) from None
+    if len(dataset) == 0:  # else a run with no batches, stopped by a division by zero once set up
+        raise ValueError(
+            f"`--dataset_name` {dataset_name!r} has no rows in its train split: give a dataset of images."
+        )
     for flag, column in columns.items():
         if column is not None and column not in dataset.column_names:
             raise ValueError(f"`{flag}` {column!r} is not a column of {dataset_name!r}: {dataset.column_names}.")

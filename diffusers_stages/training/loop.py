@@ -315,6 +315,14 @@ def _load_vae(task: TrainingTask, device: torch.device, dtype: torch.dtype) -> A
     return vae.eval()
 
 
+def _saved_vae(state: RunState) -> AutoencoderKL | None:
+    """The VAE a saved pipeline holds: the task's VAE as its folder gives it, not the training copy cast to the
+    mixed-precision dtype (saved, that copy is the VAE's weights rounded to bf16/fp16, which the pipeline decodes with)."""
+    if state.vae is None or state.vae.dtype == torch.float32:
+        return state.vae
+    return load_strictly(AutoencoderKL, state.task.vae_path, state.task.vae_subfolder).eval()
+
+
 def _optimisation(args: argparse.Namespace, networks: dict[str, ModelMixin], accelerator: Accelerator, num_batches):
     """``(EMAs, AdamW, learning-rate schedule, optimisation steps)`` of ``networks`` (``num_batches`` per epoch)."""
     emas = {}
@@ -416,7 +424,7 @@ def _train_epochs(state: RunState, train_dataloader, sampler, start: tuple[int, 
             with state.ema_weights() as networks:
                 publish_pipeline(
                     args.output_dir,
-                    lambda folder: state.task.save(networks, state.sampling_scheduler, state.vae, folder),
+                    lambda folder: state.task.save(networks, state.sampling_scheduler, _saved_vae(state), folder),
                 )  # all or nothing: the previous save stays complete until this one is
             logger.info(f"Saved the pipeline of epoch {epoch + 1} to {args.output_dir}")
             if args.push_to_hub:  # as diffusers' train_unconditional.py: each saved pipeline is pushed
@@ -524,9 +532,12 @@ def _finish(state: RunState, global_step: int) -> None:
     if accelerator.is_main_process:
         for name, ema in state.emas.items():
             ema.copy_to(trained[name].parameters())
+        state.vae = _saved_vae(state)  # training is over: saved and sampled as the pipeline folder holds it
         publish_pipeline(
             args.output_dir, lambda folder: task.save(trained, state.sampling_scheduler, state.vae, folder)
         )
+        for model in state.models:  # the last grid as the saved pipeline samples: without Accelerate's autocast
+            accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         grid_path = save_samples(state, global_step, use_ema=False)  # the EMA weights are the networks' now
         if grid_path is not None:
             shutil.copyfile(grid_path, os.path.join(args.output_dir, "sample_grid.png"))

@@ -176,6 +176,11 @@ def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_pa
         (["--down_block_types", "DownBlock2D", "Foo"], "describe no network that can be built: Foo does not exist."),
         # were a traceback from torch's DDPM / DDIM schedulers
         (["--ddpm_beta_schedule", "sigmoid"], "`--ddpm_beta_schedule sigmoid` is not implemented by DDIMScheduler"),
+        # was a ValueError naming `stage_sampling`='per_rank' at the first step, once the data and networks were set up
+        (
+            ["--stage_sampling", "per_rank"],
+            "`--stage_sampling per_rank` trains stage `rank % 3` on each process: launch a multiple of 3 processes",
+        ),
     ],
 )
 def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_path, capsys, extra, message):

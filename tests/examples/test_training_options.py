@@ -441,3 +441,41 @@ def test_noise_offset_shifts_each_channels_noise_as_diffusers_does(examples, scr
         script.parse_args([*base, "--boundary_units", "sigma", "--stage_boundaries", "1.0", "--noise_offset", "0.1",
                            "--output_dir", str(tmp_path / "edm")])  # fmt: skip
     assert "`--noise_offset`" in capsys.readouterr().err
+
+
+def test_a_mixed_precision_run_saves_its_vae_unrounded(examples, script, image_folder, tmp_path):
+    # the VAE is cast to the mixed-precision dtype for training (as diffusers' scripts cast it); that copy was the one
+    # saved: the pipeline held `--vae_path`'s weights rounded to bf16 and decoded with them
+    from safetensors.torch import load_file
+
+    from tests.conftest import tiny_vae
+
+    vae_dir, out = str(tmp_path / "vae"), str(tmp_path / "run")
+    tiny_vae().save_pretrained(vae_dir)
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--vae_path", vae_dir,
+                            "--resolution", "16", "--max_train_steps", "1", "--mixed_precision", "bf16"])  # fmt: skip
+    given, saved = (load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+                    for folder in (vae_dir, os.path.join(out, "vae")))  # fmt: skip
+    assert given.keys() == saved.keys() and all(torch.equal(given[k], saved[k]) for k in given)
+
+
+def test_the_final_grid_of_a_mixed_precision_run_is_what_the_saved_pipeline_samples(
+    examples, script, image_folder, tmp_path
+):
+    # was sampled with the networks under Accelerate's bf16 autocast and decoded with the VAE cast to bf16, while the
+    # saved pipeline runs in float32: sample_grid.png (the model card's samples) was not what the pipeline gives
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    from diffusers_stages.training.state import sample_grid
+    from tests.conftest import tiny_vae
+
+    vae_dir, out = str(tmp_path / "vae"), str(tmp_path / "run")
+    tiny_vae().save_pretrained(vae_dir)
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--vae_path", vae_dir,
+                            "--resolution", "16", "--max_train_steps", "1", "--mixed_precision", "bf16"])  # fmt: skip
+    settings = argparse.Namespace(num_sample_images=4, seed=0, num_inference_steps=3)
+    grid, _ = sample_grid(MultiStagePipeline.from_pretrained(out), settings, 0)
+    assert np.array_equal(np.asarray(grid), np.asarray(Image.open(os.path.join(out, "sample_grid.png"))))

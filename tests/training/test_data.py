@@ -235,3 +235,17 @@ def test_a_dataset_of_float_images_is_refused_by_name(tmp_path):
     records = hf_dataset_records(str(tmp_path / "ds"), class_conditional=False)
     with pytest.raises(ValueError, match="`--dataset_name` holds a floating-point image \\(mode 'F'\\).*: row 1"):
         records.load(1)
+
+
+@pytest.mark.parametrize("class_conditional", [False, True])
+def test_a_dataset_without_rows_is_refused_by_name(tmp_path, class_conditional):
+    # a train split of no rows was read as an empty dataset: the run set up its output folder and networks, then
+    # stopped on a ZeroDivisionError (no batches per epoch), or on `max()` of no labels without a ClassLabel
+    datasets = pytest.importorskip("datasets")
+    from diffusers_stages.training.data import hf_dataset_records
+
+    image = Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8))
+    empty = datasets.Dataset.from_dict({"image": [image], "label": [0]}).filter(lambda row: False)
+    empty.save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(ValueError, match="`--dataset_name` '.*ds' has no rows in its train split"):
+        hf_dataset_records(str(tmp_path / "ds"), class_conditional=class_conditional)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,13 @@ class MultiStageTask(TrainingTask):
             self._every_network_every_step(args, partition.num_stages, "decoder")
         else:  # one stage per batch or per process: the other decoders get no gradient in a step
             self.find_unused_parameters = True
+        launched = int(os.environ.get("WORLD_SIZE", "1"))  # the processes the loop checks Accelerate runs
+        if getattr(args, "stage_sampling", "mixed") == "per_rank" and launched % partition.num_stages:
+            raise ValueError(
+                f"`--stage_sampling per_rank` trains stage `rank % {partition.num_stages}` on each process: launch a "
+                f"multiple of {partition.num_stages} processes (one per stage or more), got {launched}, or use "
+                "`--stage_sampling mixed` (every stage in every batch) or `per_batch`."
+            )
         if self.source is not None and self.source.unet_config.get("augment_dim"):
             # EDM's augmentation embedding gets no gradient (the loop passes no augmentation labels): tell DDP
             self.find_unused_parameters = True
