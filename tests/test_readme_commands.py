@@ -4,7 +4,8 @@ which runs every check that needs no training. The data folder is the README's `
 folder a command names, and a command for a GPU (`--mixed_precision fp16`) is checked as on a GPU.
 
 Every other command the READMEs name (benchmarks, conversions, `diffusers-stages ...`, `python -m diffusers_stages...`,
-in bash blocks and in inline code) names a script that exists and only options its parser has."""
+in bash blocks and in inline code) names a script that exists and only options its parser has. README.md's conversions
+of diffusers pipelines run as written, on tiny folders of the names they read."""
 
 from __future__ import annotations
 
@@ -192,3 +193,50 @@ def test_every_option_a_readme_names_for_a_command_exists(target):
     missing = [(where, option) for where, named, found in MENTIONS if named == target for option in found
                if option not in options]  # fmt: skip
     assert not missing, f"{target[1]} has no such option: {missing}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the README's conversions of diffusers pipelines run as written, on tiny DDPM folders of the names they give (the
+# `original_*` conversions need the authors' checkpoints; tests/conversion builds those from their names and shapes)
+PIPELINE_CONVERSIONS = ("unet_to_multistage", "multistage_to_unet", "pipelines_to_experts")
+CONVERSION = re.compile(r"python -m diffusers_stages\.conversion\.(\w+)(?P<args>.*)")
+
+
+def conversion_commands() -> list[tuple[str, list[str]]]:
+    """``(name, argv)`` of every complete pipeline conversion command of README.md's bash blocks, in order."""
+    commands = []
+    for block in BASH.finditer((ROOT / "README.md").read_text(encoding="utf-8")):
+        for line in re.sub(r"\\\n\s*", " ", block["code"]).splitlines():
+            match = CONVERSION.search(line.split("#")[0])
+            if match and match[1] in PIPELINE_CONVERSIONS and not re.search(r"<[^>]+>|\.\.\.", line):
+                commands.append((match[1], shlex.split(match["args"])))
+    return commands
+
+
+def _sources(argv: list[str]) -> list[str]:
+    """The folders a conversion command reads (``--source`` or ``--sources``)."""
+    for option in ("--source", "--sources"):
+        if option in argv:
+            start = argv.index(option) + 1
+            end = next((i for i in range(start, len(argv)) if argv[i].startswith("--")), len(argv))
+            return argv[start:end]
+    return []
+
+
+def test_the_readmes_pipeline_conversion_commands_run_as_written(tmp_path, monkeypatch):
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from tests.conftest import TINY_UNET
+
+    commands = conversion_commands()
+    assert {name for name, _ in commands} == set(PIPELINE_CONVERSIONS)
+    monkeypatch.chdir(tmp_path)
+    for seed, (name, argv) in enumerate(commands):
+        for source in _sources(argv):
+            if not Path(source).exists():  # a trained pipeline of the user's, unless an earlier command wrote it
+                torch.manual_seed(seed)
+                DDPMPipeline(unet=UNet2DModel(**TINY_UNET), scheduler=DDPMScheduler()).save_pretrained(source)
+        module = importlib.import_module(f"diffusers_stages.conversion.{name}")
+        module.run(module.main, module.parse_args, argv)  # --verify: a difference above tolerance fails here
+        assert (tmp_path / argv[argv.index("--output_path") + 1]).is_dir()
