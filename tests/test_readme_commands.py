@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import re
 import runpy
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from unittest import mock
@@ -73,16 +75,43 @@ def images(tmp_path_factory) -> Path:
     return Path(write_image_folder((digits.images * 255 / 16).round().astype(np.uint8), digits.target, str(folder)))
 
 
+def _write_source(script: str, path: str, request) -> None:
+    """A tiny pipeline of the class the command fine-tunes: Stable Diffusion's, or a converted `MultiStagePipeline`."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
+    from tests.conftest import TINY_UNET
+
+    if script.endswith("train_text_to_image.py"):
+        StableDiffusionPipeline(**request.getfixturevalue("tiny_sd_components")).save_pretrained(path)
+    else:
+        unet = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(442, 631))
+        MultiStagePipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(path)
+
+
+def _captioned(images: Path, tmp_path: Path) -> Path:
+    """The README's `captioned` folder: some of the digits with a metadata.jsonl of `text` captions."""
+    folder = tmp_path / "captioned"
+    folder.mkdir()
+    lines = []
+    for index, image in enumerate(sorted(images.glob("*/*.png"))[:8]):
+        shutil.copy(image, folder / f"{index}.png")
+        lines.append(json.dumps({"file_name": f"{index}.png", "text": f"a digit {image.parent.name}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines))
+    return folder
+
+
 @pytest.mark.parametrize("where, script, argv", COMMANDS, ids=[where for where, _, _ in COMMANDS])
-def test_training_command_parses_as_written(where, script, argv, images, tmp_path, monkeypatch):
+def test_training_command_parses_as_written(where, script, argv, images, tmp_path, monkeypatch, request):
     argv = list(argv)
     monkeypatch.chdir(tmp_path)
     if "--assemble_experts" in argv:
         pytest.skip("assembles the folders of earlier runs")
-    if "--pretrained_model_name_or_path" in argv:
-        pytest.skip("fine-tunes the output of the conversion command before it")
+    if "--pretrained_model_name_or_path" in argv:  # the pipeline it fine-tunes, in tiny, at the path it names
+        _write_source(script, argv[argv.index("--pretrained_model_name_or_path") + 1], request)
     if "--train_data_dir" in argv:
-        argv[argv.index("--train_data_dir") + 1] = str(images)
+        data = _captioned(images, tmp_path) if script.endswith("train_text_to_image.py") else images
+        argv[argv.index("--train_data_dir") + 1] = str(data)
     if "--mixed_precision" in argv and argv[argv.index("--mixed_precision") + 1] == "fp16":
         monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     args = _script(script).parse_args(argv)
