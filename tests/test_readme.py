@@ -260,3 +260,27 @@ def test_the_layout_table_names_every_module_and_folder_of_the_package():
     parts += [ROOT / folder for folder in ("pipelines", "conversion", "examples", "benchmarks", "tests")]
     unnamed = sorted(str(p.relative_to(ROOT)) for p in parts if p.resolve() not in named)
     assert not unnamed, unnamed
+
+
+def _github_anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but `-` and `_` dropped, spaces as `-`."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("readme", READMES)
+def test_every_link_of_a_readme_leads_somewhere(readme):
+    text = (ROOT / readme).read_text(encoding="utf-8")
+    prose = re.sub(
+        r"^\s*```.*?^\s*```", "", text, flags=re.MULTILINE | re.DOTALL
+    )  # a `#` in a code block is no heading
+    anchors = {_github_anchor(line.lstrip("#")) for line in prose.splitlines() if line.startswith("#")}
+    links = re.findall(r"\]\(([^)\s]+)\)", prose)
+    assert links or readme != "README.md"
+    broken = [link for link in links if link.startswith("#") and link[1:] not in anchors]
+    broken += [
+        link
+        for link in links
+        if not link.startswith(("#", "http://", "https://"))
+        and not (ROOT / readme).parent.joinpath(link.split("#")[0]).exists()
+    ]
+    assert not broken, broken
