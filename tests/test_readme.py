@@ -7,6 +7,7 @@ of the same classes at the same paths. A block fenced ```python no-run is not ru
 `NO_RUN` with the reason and run on a local stand-in for what it would download.
 
 The prose's API names are checked too: every `diffusers_stages.<module>.<name>` and `<PackageClass>.<attribute>` exists.
+So are the READMEs' links (anchors and files) and README.md's repository-layout table against the tree.
 """
 
 from __future__ import annotations
