@@ -218,7 +218,9 @@ def test_every_script_a_readme_names_exists():
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy: a conversion imported first
 @pytest.mark.parametrize("target", sorted({target for _, target, _ in MENTIONS}), ids=lambda target: target[1])
 def test_every_option_a_readme_names_for_a_command_exists(target):
-    options = set(parser_of(*target)._option_string_actions)
+    parser = parser_of(*target)
+    assert parser.format_help().startswith("usage:")  # `--help` works (a bare `%` in a help text breaks it)
+    options = set(parser._option_string_actions)
     missing = [(where, option) for where, named, found in MENTIONS if named == target for option in found
                if option not in options]  # fmt: skip
     assert not missing, f"{target[1]} has no such option: {missing}"
