@@ -278,7 +278,9 @@ def check_device_map(cls: type, kwargs: dict) -> str | None:
     device_map = kwargs.get("device_map")
     if device_map is None:
         return None
-    devices = [d for d in SUPPORTED_DEVICE_MAP if d != "balanced"]
+    devices = list(
+        dict.fromkeys(d for d in SUPPORTED_DEVICE_MAP if d != "balanced")
+    )  # "cpu" twice without an accelerator
     if not isinstance(device_map, str) or device_map not in devices:
         raise ValueError(
             f"`device_map` of {cls.__name__}.from_pretrained must be one of {devices} (every model on that device), "

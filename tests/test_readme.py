@@ -7,6 +7,7 @@ of the same classes at the same paths. A block fenced ```python no-run is not ru
 `NO_RUN` with the reason and run on a local stand-in for what it would download.
 
 The prose's API names are checked too: every `diffusers_stages.<module>.<name>` and `<PackageClass>.<attribute>` exists.
+So are the READMEs' links (anchors and files) and README.md's repository-layout table against the tree.
 """
 
 from __future__ import annotations
@@ -226,3 +227,61 @@ def test_every_attribute_a_readme_names_of_a_package_class_exists():
     assert len(checked) > 10
     missing = [f"{cls}.{attribute}" for cls, attribute in sorted(checked) if not hasattr(classes[cls], attribute)]
     assert not missing, missing
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the repository-layout table: every path it names exists, and every part of the package is in it
+def _layout_rows() -> list[tuple[list[Path], list[str]]]:
+    """``(paths of the first cell, names of the second cell)`` per row; a first-cell name without a folder lies beside
+    the cell's first path (`diffusers_stages/conventions.py`, `loss.py`)."""
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## Repository layout", 1)[1]
+    rows = []
+    for first, second in re.findall(r"^\| (`[^|]*`) \| (.*) \|$", section, re.MULTILINE):
+        names = re.findall(r"`([^`]+)`", first)
+        base = Path(names[0].rstrip("/")).parent
+        paths = [ROOT / names[0]] + [ROOT / (name if "/" in name.rstrip("/") else base / name) for name in names[1:]]
+        rows.append((paths, re.findall(r"`([\w/*.-]+\.(?:py|yaml)|[\w-]+/)`", second)))
+    return rows
+
+
+def test_every_path_the_layout_table_names_exists():
+    rows = _layout_rows()
+    assert len(rows) > 10
+    missing = [str(path.relative_to(ROOT)) for paths, _ in rows for path in paths if not path.exists()]
+    for paths, names in rows:  # a file a row's text names lies in that row's folder (or is a path from the root)
+        folders = [path for path in paths if path.is_dir()] + [ROOT]
+        missing += [name for name in names if not any(list(folder.glob(name)) for folder in folders)]
+    assert not missing, missing
+
+
+def test_the_layout_table_names_every_module_and_folder_of_the_package():
+    named = {path.resolve() for paths, _ in _layout_rows() for path in paths}
+    parts = [p for p in (ROOT / "diffusers_stages").iterdir() if p.suffix == ".py" and p.name != "__init__.py"]
+    parts += [p for p in (ROOT / "diffusers_stages").iterdir() if (p / "__init__.py").is_file()]
+    parts += [ROOT / folder for folder in ("pipelines", "conversion", "examples", "benchmarks", "tests")]
+    unnamed = sorted(str(p.relative_to(ROOT)) for p in parts if p.resolve() not in named)
+    assert not unnamed, unnamed
+
+
+def _github_anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but `-` and `_` dropped, spaces as `-`."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("readme", READMES)
+def test_every_link_of_a_readme_leads_somewhere(readme):
+    text = (ROOT / readme).read_text(encoding="utf-8")
+    prose = re.sub(
+        r"^\s*```.*?^\s*```", "", text, flags=re.MULTILINE | re.DOTALL
+    )  # a `#` in a code block is no heading
+    anchors = {_github_anchor(line.lstrip("#")) for line in prose.splitlines() if line.startswith("#")}
+    links = re.findall(r"\]\(([^)\s]+)\)", prose)
+    assert links or readme != "README.md"
+    broken = [link for link in links if link.startswith("#") and link[1:] not in anchors]
+    broken += [
+        link
+        for link in links
+        if not link.startswith(("#", "http://", "https://"))
+        and not (ROOT / readme).parent.joinpath(link.split("#")[0]).exists()
+    ]
+    assert not broken, broken

@@ -4,15 +4,18 @@ which runs every check that needs no training. The data folder is the README's `
 folder a command names, and a command for a GPU (`--mixed_precision fp16`) is checked as on a GPU.
 
 Every other command the READMEs name (benchmarks, conversions, `diffusers-stages ...`, `python -m diffusers_stages...`,
-in bash blocks and in inline code) names a script that exists and only options its parser has."""
+in bash blocks and in inline code) names a script that exists and only options its parser has. README.md's conversions
+of diffusers pipelines run as written, on tiny folders of the names they read."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import re
 import runpy
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from unittest import mock
@@ -72,16 +75,43 @@ def images(tmp_path_factory) -> Path:
     return Path(write_image_folder((digits.images * 255 / 16).round().astype(np.uint8), digits.target, str(folder)))
 
 
+def _write_source(script: str, path: str, request) -> None:
+    """A tiny pipeline of the class the command fine-tunes: Stable Diffusion's, or a converted `MultiStagePipeline`."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
+    from tests.conftest import TINY_UNET
+
+    if script.endswith("train_text_to_image.py"):
+        StableDiffusionPipeline(**request.getfixturevalue("tiny_sd_components")).save_pretrained(path)
+    else:
+        unet = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(442, 631))
+        MultiStagePipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(path)
+
+
+def _captioned(images: Path, tmp_path: Path) -> Path:
+    """The README's `captioned` folder: some of the digits with a metadata.jsonl of `text` captions."""
+    folder = tmp_path / "captioned"
+    folder.mkdir()
+    lines = []
+    for index, image in enumerate(sorted(images.glob("*/*.png"))[:8]):
+        shutil.copy(image, folder / f"{index}.png")
+        lines.append(json.dumps({"file_name": f"{index}.png", "text": f"a digit {image.parent.name}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines))
+    return folder
+
+
 @pytest.mark.parametrize("where, script, argv", COMMANDS, ids=[where for where, _, _ in COMMANDS])
-def test_training_command_parses_as_written(where, script, argv, images, tmp_path, monkeypatch):
+def test_training_command_parses_as_written(where, script, argv, images, tmp_path, monkeypatch, request):
     argv = list(argv)
     monkeypatch.chdir(tmp_path)
     if "--assemble_experts" in argv:
         pytest.skip("assembles the folders of earlier runs")
-    if "--pretrained_model_name_or_path" in argv:
-        pytest.skip("fine-tunes the output of the conversion command before it")
+    if "--pretrained_model_name_or_path" in argv:  # the pipeline it fine-tunes, in tiny, at the path it names
+        _write_source(script, argv[argv.index("--pretrained_model_name_or_path") + 1], request)
     if "--train_data_dir" in argv:
-        argv[argv.index("--train_data_dir") + 1] = str(images)
+        data = _captioned(images, tmp_path) if script.endswith("train_text_to_image.py") else images
+        argv[argv.index("--train_data_dir") + 1] = str(data)
     if "--mixed_precision" in argv and argv[argv.index("--mixed_precision") + 1] == "fp16":
         monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     args = _script(script).parse_args(argv)
@@ -188,7 +218,56 @@ def test_every_script_a_readme_names_exists():
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy: a conversion imported first
 @pytest.mark.parametrize("target", sorted({target for _, target, _ in MENTIONS}), ids=lambda target: target[1])
 def test_every_option_a_readme_names_for_a_command_exists(target):
-    options = set(parser_of(*target)._option_string_actions)
+    parser = parser_of(*target)
+    assert parser.format_help().startswith("usage:")  # `--help` works (a bare `%` in a help text breaks it)
+    options = set(parser._option_string_actions)
     missing = [(where, option) for where, named, found in MENTIONS if named == target for option in found
                if option not in options]  # fmt: skip
     assert not missing, f"{target[1]} has no such option: {missing}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the README's conversions of diffusers pipelines run as written, on tiny DDPM folders of the names they give (the
+# `original_*` conversions need the authors' checkpoints; tests/conversion builds those from their names and shapes)
+PIPELINE_CONVERSIONS = ("unet_to_multistage", "multistage_to_unet", "pipelines_to_experts")
+CONVERSION = re.compile(r"python -m diffusers_stages\.conversion\.(\w+)(?P<args>.*)")
+
+
+def conversion_commands() -> list[tuple[str, list[str]]]:
+    """``(name, argv)`` of every complete pipeline conversion command of README.md's bash blocks, in order."""
+    commands = []
+    for block in BASH.finditer((ROOT / "README.md").read_text(encoding="utf-8")):
+        for line in re.sub(r"\\\n\s*", " ", block["code"]).splitlines():
+            match = CONVERSION.search(line.split("#")[0])
+            if match and match[1] in PIPELINE_CONVERSIONS and not re.search(r"<[^>]+>|\.\.\.", line):
+                commands.append((match[1], shlex.split(match["args"])))
+    return commands
+
+
+def _sources(argv: list[str]) -> list[str]:
+    """The folders a conversion command reads (``--source`` or ``--sources``)."""
+    for option in ("--source", "--sources"):
+        if option in argv:
+            start = argv.index(option) + 1
+            end = next((i for i in range(start, len(argv)) if argv[i].startswith("--")), len(argv))
+            return argv[start:end]
+    return []
+
+
+def test_the_readmes_pipeline_conversion_commands_run_as_written(tmp_path, monkeypatch):
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from tests.conftest import TINY_UNET
+
+    commands = conversion_commands()
+    assert {name for name, _ in commands} == set(PIPELINE_CONVERSIONS)
+    monkeypatch.chdir(tmp_path)
+    for seed, (name, argv) in enumerate(commands):
+        for source in _sources(argv):
+            if not Path(source).exists():  # a trained pipeline of the user's, unless an earlier command wrote it
+                torch.manual_seed(seed)
+                DDPMPipeline(unet=UNet2DModel(**TINY_UNET), scheduler=DDPMScheduler()).save_pretrained(source)
+        module = importlib.import_module(f"diffusers_stages.conversion.{name}")
+        module.run(module.main, module.parse_args, argv)  # --verify: a difference above tolerance fails here
+        assert (tmp_path / argv[argv.index("--output_path") + 1]).is_dir()

@@ -3,6 +3,7 @@
 Every attack writes a payload that would create a marker file; each test asserts the marker was never written.
 """
 
+import ast
 import json
 import os
 import pickle
@@ -444,6 +445,16 @@ def test_a_device_map_of_one_device_loads_every_model_there_as_in_diffusers(save
     assert np.array_equal(_samples(pipe), images)
     with pytest.raises(ValueError, match="low_cpu_mem_usage"):
         pipeline_class.from_pretrained(folder, device_map="cpu", low_cpu_mem_usage=False)
+
+
+def test_a_device_map_over_several_devices_is_refused_naming_each_device_once(saved):
+    # on a machine without an accelerator diffusers' list of device maps holds "cpu" twice, and the refusal said
+    # "must be one of ['cpu', 'cpu']"
+    folder, pipeline_class, _ = saved
+    with pytest.raises(ValueError, match=r"`device_map`.*got 'balanced'") as refused:
+        pipeline_class.from_pretrained(folder, device_map="balanced")
+    devices = ast.literal_eval(re.search(r"one of (\[.*?\])", str(refused.value))[1])
+    assert len(devices) == len(set(devices)), devices
 
 
 def test_dtype_the_name_diffusers_prefers_to_torch_dtype_is_taken_too(saved):
