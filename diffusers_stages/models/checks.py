@@ -152,6 +152,20 @@ def is_positive_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def check_sample_size(sample_size: object) -> None:
+    """A `ValueError` naming ``sample_size`` unless it is a positive integer, a ``(height, width)`` pair of them or
+    None (the config value the pipelines read the image size from)."""
+    pair = isinstance(sample_size, (list, tuple)) and len(sample_size) == 2
+    if (
+        sample_size is not None
+        and not is_positive_integer(sample_size)
+        and not (pair and all(is_positive_integer(side) for side in sample_size))
+    ):
+        raise ValueError(
+            f"`sample_size` must be a positive integer, a (height, width) pair of them or None, got {sample_size!r}."
+        )
+
+
 def is_integer_tensor(value: object) -> bool:
     """Whether ``value`` is a tensor of integers (class labels): not floating-point, complex or bool."""
     return torch.is_tensor(value) and not (

@@ -34,6 +34,7 @@ from .checks import (
     check_class_labels,
     check_positive_integers,
     check_sample,
+    check_sample_size,
     compute_dtype,
     is_positive_integer,
     per_sample_timesteps,
@@ -329,12 +330,7 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         if not all(is_positive_integer(p) for p in pools):
             raise ValueError(f"`attention_pool_sizes` must be positive integers, got {pools}.")
         check_positive_integers(layers_per_block=layers_per_block)
-        size = other.get("sample_size")
-        pair = isinstance(size, (list, tuple)) and len(size) == 2 and all(is_positive_integer(s) for s in size)
-        if size is not None and not is_positive_integer(size) and not pair:
-            raise ValueError(
-                f"`sample_size` must be a positive integer, a (height, width) pair of them or None, got {size!r}."
-            )
+        check_sample_size(other.get("sample_size"))
         given = {name: other[name] for name in ("in_channels", "out_channels", "num_class_embeds") if name in other}
         check_positive_integers(("num_class_embeds",), **given)
         return ratios, pools

@@ -25,6 +25,7 @@ from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..partition import TimestepPartition
 from .checks import (
     check_positive_integers,
+    check_sample_size,
     check_table_timesteps,
     compute_dtype,
     is_positive_integer,
@@ -254,10 +255,7 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         optional = ("attention_head_dim", "attn_norm_num_groups", "time_embedding_dim", "num_class_embeds")
         names = ("in_channels", "out_channels", "layers_per_block", "norm_num_groups", *optional)
         check_positive_integers(optional, **{name: getattr(c, name) for name in names})
-        size = c.sample_size
-        sides = size if isinstance(size, (list, tuple)) and len(size) == 2 else [size]  # (height, width) or one
-        if size is not None and not all(is_positive_integer(v) for v in sides):
-            raise ValueError(f"`sample_size` must be a positive integer, (height, width) or None, got {size!r}.")
+        check_sample_size(c.sample_size)
         kinds = {
             "downsample_type": ("conv", "resnet"),
             "upsample_type": ("conv", "resnet"),
