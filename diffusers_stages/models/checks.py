@@ -260,9 +260,12 @@ def per_sample_timesteps(
             )
         timesteps = timestep.to(device)
     elif isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
-        if not math.isfinite(timestep):
+        integral = isinstance(timestep, numbers.Integral)
+        # under torch.compile a number that changes between calls is symbolic: `math.isfinite` of it would break
+        # the graph (fullgraph=True: an error), so it is checked eagerly only (an integer always is finite)
+        if not integral and not torch.compiler.is_compiling() and not math.isfinite(timestep):
             raise ValueError(f"`timestep` must be finite, got {timestep}.")
-        dtype = torch.long if isinstance(timestep, numbers.Integral) else torch.float32
+        dtype = torch.long if integral else torch.float32
         timesteps = torch.tensor(timestep, dtype=dtype, device=device)
     else:
         raise ValueError(f"`timestep` must be a number or a tensor, got {type(timestep).__name__}.")
