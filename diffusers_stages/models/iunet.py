@@ -28,6 +28,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from .checks import (
@@ -231,6 +232,10 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
     _supports_gradient_checkpointing = True
     _no_split_modules = ["IUNetBlock"]  # a block is one unit (`device_map`, FSDP wrapping)
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["norm"]  # as diffusers' UNet2DModel
+    # every `Attention` fused (AttentionMixin's version fuses only diffusers' newer attention classes, leaving these
+    # unfused, silently), the fused processor set; unfusing restores the processors (UNet2DConditionModel's own)
+    fuse_qkv_projections = UNet2DConditionModel.fuse_qkv_projections
+    unfuse_qkv_projections = UNet2DConditionModel.unfuse_qkv_projections
 
     @register_to_config
     def __init__(
