@@ -19,6 +19,7 @@ from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbed
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
@@ -136,6 +137,10 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         "UNet2DModel": "convert it with `{cls}.from_unet({name}.from_pretrained({args}), stage_boundaries=...)`"
     }
     _no_split_modules: ClassVar[list[str]] = ["StageDecoder"]  # a decoder is one unit for `device_map`
+    # every `Attention` fused (AttentionMixin's version fuses only diffusers' newer attention classes, leaving these
+    # unfused, silently), the fused processor set; unfusing restores the processors (UNet2DConditionModel's own)
+    fuse_qkv_projections = UNet2DConditionModel.fuse_qkv_projections
+    unfuse_qkv_projections = UNet2DConditionModel.unfuse_qkv_projections
 
     @register_to_config
     def __init__(
