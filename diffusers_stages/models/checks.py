@@ -152,6 +152,20 @@ def is_positive_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def check_sample_size(sample_size: object) -> None:
+    """A `ValueError` naming ``sample_size`` unless it is a positive integer, a ``(height, width)`` pair of them or
+    None (the config value the pipelines read the image size from)."""
+    pair = isinstance(sample_size, (list, tuple)) and len(sample_size) == 2
+    if (
+        sample_size is not None
+        and not is_positive_integer(sample_size)
+        and not (pair and all(is_positive_integer(side) for side in sample_size))
+    ):
+        raise ValueError(
+            f"`sample_size` must be a positive integer, a (height, width) pair of them or None, got {sample_size!r}."
+        )
+
+
 def is_integer_tensor(value: object) -> bool:
     """Whether ``value`` is a tensor of integers (class labels): not floating-point, complex or bool."""
     return torch.is_tensor(value) and not (
@@ -246,9 +260,12 @@ def per_sample_timesteps(
             )
         timesteps = timestep.to(device)
     elif isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
-        if not math.isfinite(timestep):
+        integral = isinstance(timestep, numbers.Integral)
+        # under torch.compile a number that changes between calls is symbolic: `math.isfinite` of it would break
+        # the graph (fullgraph=True: an error), so it is checked eagerly only (an integer always is finite)
+        if not integral and not torch.compiler.is_compiling() and not math.isfinite(timestep):
             raise ValueError(f"`timestep` must be finite, got {timestep}.")
-        dtype = torch.long if isinstance(timestep, numbers.Integral) else torch.float32
+        dtype = torch.long if integral else torch.float32
         timesteps = torch.tensor(timestep, dtype=dtype, device=device)
     else:
         raise ValueError(f"`timestep` must be a number or a tensor, got {type(timestep).__name__}.")

@@ -174,6 +174,23 @@ def _config_value(config, key: str):
     return _hashable(value)
 
 
+def check_rows(value: object, batch: int, name: str) -> None:
+    """A `ValueError` naming ``name`` (``name['key']``, ``name[i]`` inside dicts, lists and tuples) where a tensor of
+    ``value`` has neither one row nor one per sample: the routing splits only per-sample tensors, so it would hand
+    such a tensor whole to every expert of a mixed batch (an attention mask of 2 rows for 3 samples then ran)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_rows(item, batch, f"{name}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_rows(item, batch, f"{name}[{i}]")
+    elif torch.is_tensor(value) and value.ndim > 0 and value.shape[0] not in (1, batch):
+        raise ValueError(
+            f"`{name}` must have one row or one per sample ({batch}), got shape {tuple(value.shape)}: each row "
+            "goes with its sample to that sample's expert."
+        )
+
+
 def pipeline_config(experts: Sequence[nn.Module | None]) -> dict:
     """The `PIPELINE_KEYS` the loaded experts declare (they agree on them), so that a diffusers pipeline reads
     ``pipe.unet.config.in_channels``, ``...sample_size``, ``...time_cond_proj_dim`` from the container."""
@@ -560,6 +577,10 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             timestep = timesteps
         elif torch.is_tensor(timestep):  # on the samples' device, as `timesteps` (a CPU tensor: copied there)
             timestep = timestep.to(timesteps.device)
+
+        check_rows(class_labels, sample.shape[0], "class_labels")
+        for name, value in expert_kwargs.items():
+            check_rows(value, sample.shape[0], name)
 
         # 2. each expert only on its own samples (the whole batch, called exactly as alone, when one stage holds it;
         # a mixed batch has one timestep per sample, split with the rest)

@@ -28,12 +28,14 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from .checks import (
     check_class_labels,
     check_positive_integers,
     check_sample,
+    check_sample_size,
     compute_dtype,
     is_positive_integer,
     per_sample_timesteps,
@@ -230,6 +232,10 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
     _supports_gradient_checkpointing = True
     _no_split_modules = ["IUNetBlock"]  # a block is one unit (`device_map`, FSDP wrapping)
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["norm"]  # as diffusers' UNet2DModel
+    # every `Attention` fused (AttentionMixin's version fuses only diffusers' newer attention classes, leaving these
+    # unfused, silently), the fused processor set; unfusing restores the processors (UNet2DConditionModel's own)
+    fuse_qkv_projections = UNet2DConditionModel.fuse_qkv_projections
+    unfuse_qkv_projections = UNet2DConditionModel.unfuse_qkv_projections
 
     @register_to_config
     def __init__(
@@ -329,12 +335,7 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         if not all(is_positive_integer(p) for p in pools):
             raise ValueError(f"`attention_pool_sizes` must be positive integers, got {pools}.")
         check_positive_integers(layers_per_block=layers_per_block)
-        size = other.get("sample_size")
-        pair = isinstance(size, (list, tuple)) and len(size) == 2 and all(is_positive_integer(s) for s in size)
-        if size is not None and not is_positive_integer(size) and not pair:
-            raise ValueError(
-                f"`sample_size` must be a positive integer, a (height, width) pair of them or None, got {size!r}."
-            )
+        check_sample_size(other.get("sample_size"))
         given = {name: other[name] for name in ("in_channels", "out_channels", "num_class_embeds") if name in other}
         check_positive_integers(("num_class_embeds",), **given)
         return ratios, pools

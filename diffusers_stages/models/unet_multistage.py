@@ -19,12 +19,14 @@ from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbed
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..partition import TimestepPartition
 from .checks import (
     check_positive_integers,
+    check_sample_size,
     check_table_timesteps,
     compute_dtype,
     is_positive_integer,
@@ -135,6 +137,10 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         "UNet2DModel": "convert it with `{cls}.from_unet({name}.from_pretrained({args}), stage_boundaries=...)`"
     }
     _no_split_modules: ClassVar[list[str]] = ["StageDecoder"]  # a decoder is one unit for `device_map`
+    # every `Attention` fused (AttentionMixin's version fuses only diffusers' newer attention classes, leaving these
+    # unfused, silently), the fused processor set; unfusing restores the processors (UNet2DConditionModel's own)
+    fuse_qkv_projections = UNet2DConditionModel.fuse_qkv_projections
+    unfuse_qkv_projections = UNet2DConditionModel.unfuse_qkv_projections
 
     @register_to_config
     def __init__(
@@ -254,10 +260,7 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         optional = ("attention_head_dim", "attn_norm_num_groups", "time_embedding_dim", "num_class_embeds")
         names = ("in_channels", "out_channels", "layers_per_block", "norm_num_groups", *optional)
         check_positive_integers(optional, **{name: getattr(c, name) for name in names})
-        size = c.sample_size
-        sides = size if isinstance(size, (list, tuple)) and len(size) == 2 else [size]  # (height, width) or one
-        if size is not None and not all(is_positive_integer(v) for v in sides):
-            raise ValueError(f"`sample_size` must be a positive integer, (height, width) or None, got {size!r}.")
+        check_sample_size(c.sample_size)
         kinds = {
             "downsample_type": ("conv", "resnet"),
             "upsample_type": ("conv", "resnet"),

@@ -15,7 +15,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from ..partition import TimestepPartition
-from .checks import check_positive_integers, is_positive_integer
+from .checks import check_positive_integers, check_sample_size, is_positive_integer
 from .decoders import SkipAdapters, resolve_decoder_up_block_types, resolve_decoder_widths, take_encoder_widths
 
 # the options Stable Diffusion 1.x/2.x and SDXL configs use; anything else is refused by name
@@ -33,10 +33,11 @@ def _per_block(value: Any, count: int) -> list:
 
 
 def _check_supported(**options: Any) -> None:
-    """Refuse the `UNet2DConditionModel` options this model does not implement, naming each."""
+    """Refuse the `UNet2DConditionModel` options this model does not implement (those of ``options``), naming each."""
     allowed = {
         "down_block_types": lambda v: all(t in SUPPORTED_DOWN_BLOCKS for t in v),
         "up_block_types": lambda v: all(t in SUPPORTED_UP_BLOCKS for t in v),
+        "decoder_up_block_types": lambda v: all(t in SUPPORTED_UP_BLOCKS for types in v for t in types),
         "mid_block_type": lambda v: v in SUPPORTED_MID_BLOCKS,
         "addition_embed_type": lambda v: v in SUPPORTED_ADDITION_EMBEDS,
         "encoder_hid_dim": lambda v: v is None,
@@ -45,8 +46,8 @@ def _check_supported(**options: Any) -> None:
         "dual_cross_attention": lambda v: v is False,
         "attention_type": lambda v: v == "default",
     }
-    for name, ok in allowed.items():
-        if not ok(options[name]):
+    for name, value in options.items():
+        if not allowed[name](value):
             raise ValueError(
                 f"`{name}`={options[name]!r} is not supported by MultiStageUNet2DConditionModel (supported: the "
                 f"options of Stable Diffusion 1.x/2.x and SDXL: down blocks {SUPPORTED_DOWN_BLOCKS}, up blocks "
@@ -80,7 +81,7 @@ CHECKED_ARGUMENTS = ("stage_boundaries", "num_train_timesteps", "boundary_units"
                      "addition_embed_type", "encoder_hid_dim", "encoder_hid_dim_type", "num_attention_heads",
                      "dual_cross_attention", "attention_type", "decoder_up_block_types", "decoder_skip_adapters",
                      "decoder_attention_head_dim", "in_channels", "out_channels", "conv_in_kernel",
-                     "conv_out_kernel")  # fmt: skip
+                     "conv_out_kernel", "sample_size")  # fmt: skip
 
 
 def check_config(
@@ -107,6 +108,7 @@ def check_config(
     out_channels: int,
     conv_in_kernel: int,
     conv_out_kernel: int,
+    sample_size: int | Sequence[int] | None,
     **unsupported: Any,
 ) -> tuple[TimestepPartition, list[dict[str, Any]], dict[str, list]]:
     """Check a configuration of `MultiStageUNet2DConditionModel` (``model``) before anything is built, each problem
@@ -119,6 +121,12 @@ def check_config(
     for name, kernel in (("conv_in_kernel", conv_in_kernel), ("conv_out_kernel", conv_out_kernel)):
         if not is_positive_integer(kernel) or kernel % 2 == 0:  # padding (kernel - 1) // 2 keeps only odd sizes
             raise ValueError(f"`{name}` must be an odd positive integer (the map keeps its size), got {kernel!r}.")
+    # sizes that diffusers builds without a word and that fail only in torch at the first forward
+    check_sample_size(sample_size)
+    check_positive_integers(norm_num_groups=norm_num_groups)  # None: only diffusers' K-blocks, unsupported here
+    for name, value in (("layers_per_block", layers_per_block), ("attention_head_dim", attention_head_dim)):
+        if not all(is_positive_integer(v) for v in _per_block(value, len(down_block_types))):
+            raise ValueError(f"`{name}` must be a positive integer or one per block, got {value!r}.")
     num_attention_heads = attention_head_dim  # diffusers' historical naming (UNet2DConditionModel, issue 2011)
     UNet2DConditionModel._check_config(
         model,
@@ -151,6 +159,7 @@ def check_config(
         decoder_up_block_types, up_block_types, partition.num_stages, decoder_skip_adapters,
         UP_BLOCKS_WITHOUT_ADAPTERS,
     )  # fmt: skip
+    _check_supported(decoder_up_block_types=decoder_up_block_types)
     decoder_heads = _decoder_heads(decoder_attention_head_dim, per_block["num_attention_heads"], partition.num_stages)
     check_heads(decoder_block_out_channels, decoder_up_block_types, decoder_heads)
     decoders = [

@@ -36,6 +36,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.models.upsampling import upfirdn2d_native
 from torch import nn
 
@@ -292,6 +293,10 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["norm"]
     # a decoder and an encoder block are units for `device_map`
     _no_split_modules: ClassVar[list[str]] = ["DDPMppStageDecoder", "DDPMppBlock"]
+    # every `Attention` fused (AttentionMixin's version fuses only diffusers' newer attention classes, leaving these
+    # unfused, silently), the fused processor set; unfusing restores the processors (UNet2DConditionModel's own)
+    fuse_qkv_projections = UNet2DConditionModel.fuse_qkv_projections
+    unfuse_qkv_projections = UNet2DConditionModel.unfuse_qkv_projections
 
     @register_to_config
     def __init__(

@@ -66,6 +66,19 @@ def test_bad_timesteps_name_the_argument_and_value(timestep, message):
         per_sample_timesteps(timestep, 3, CPU, check_values=True)
 
 
+def test_python_number_timesteps_compile_with_fullgraph():
+    # as UNet2DModel: a sampling loop of Python numbers under torch.compile(fullgraph=True); dynamo makes a number
+    # that changes between calls (700, then 701) symbolic, and `math.isfinite` of it was a graph break (an error)
+    def timesteps(x: torch.Tensor, t: float) -> torch.Tensor:
+        return per_sample_timesteps(t, x.shape[0], x.device, check_values=False)
+
+    compiled = torch.compile(timesteps, fullgraph=True, backend="eager")
+    x = torch.zeros(2)
+    for t in (700, 701, 700.5, 3.25):
+        got, expected = compiled(x, t), timesteps(x, t)
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
 def test_timestep_values_are_only_read_when_asked():
     # the stage_index path: shapes are checked, values are left to the caller (no host read)
     assert per_sample_timesteps(torch.tensor(math.nan), 2, CPU, check_values=False).isnan().all()

@@ -162,6 +162,35 @@ def test_experts_of_other_diffusers_classes_with_per_sample_arguments(tiny_unet_
         assert torch.allclose(out[1:2], second(x[1:2], t[1:2], text[1:2]).sample, atol=1e-6)
 
 
+def test_an_argument_of_neither_one_row_nor_one_per_sample_is_named(tiny_cond_unet, tiny_unet_kwargs):
+    # the routing splits only per-sample tensors: a mask of 2 rows for 3 samples went whole to each expert of a
+    # mixed batch and ran, silently (a one-stage batch fails inside diffusers), and 2 class labels for 3 samples were
+    # named against the sub-batch an expert got ("one per sample (1)")
+    model = ExpertRoutingModel([tiny_cond_unet(0), tiny_cond_unet(1)], stage_boundaries=(500,))
+    width = model.experts[0].config.cross_attention_dim
+    x, t, text = torch.randn(3, 4, 8, 8), torch.tensor([10, 700, 900]), torch.randn(3, 5, width)
+    with pytest.raises(
+        ValueError, match=r"`encoder_attention_mask` must have one row or one per sample \(3\), got shape \(2, 5\)"
+    ):
+        model(x, t, encoder_hidden_states=text, encoder_attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"`added_cond_kwargs\['time_ids'\]` must have one row or one per sample"):
+        model(x, t, encoder_hidden_states=text, added_cond_kwargs={"time_ids": torch.ones(2, 6)})
+    labelled = ExpertRoutingModel(
+        [_unet(tiny_unet_kwargs, 0, num_class_embeds=4), _unet(tiny_unet_kwargs, 1, num_class_embeds=4)],
+        stage_boundaries=(500,),
+    )
+    x = torch.randn(3, 3, 8, 8)
+    with pytest.raises(
+        ValueError, match=r"`class_labels` must have one row or one per sample \(3\), got shape \(2,\)"
+    ):
+        labelled(x, t, class_labels=torch.tensor([1, 2]))
+    with torch.no_grad():  # one row serves every sample, as it does for one expert
+        assert torch.equal(
+            labelled(x, t, class_labels=torch.tensor([2])).sample,
+            labelled(x, t, class_labels=torch.tensor([2] * 3)).sample,
+        )
+
+
 def test_a_python_number_timestep_reaches_each_expert_as_it_would_alone(tiny_unet_kwargs):
     # a number is handed on as is, so each expert reads it by its own rule: UNet2DModel truncates a float (a learned
     # time embedding then looks it up); a one-per-sample float tensor instead failed there and gave other outputs

@@ -256,6 +256,20 @@ def test_save_and_reload_is_identical_and_strict(tiny_cond_unet, tmp_path):
         ({"conv_out_kernel": 2}, "`conv_out_kernel` must be an odd positive integer"),
         ({"in_channels": 0}, "`in_channels` must be a positive integer"),
         ({"out_channels": 0}, "`out_channels` must be a positive integer"),
+        # built silently before, failing only in torch at the first forward (a shape, type or division error)
+        ({"layers_per_block": 0}, r"`layers_per_block` must be a positive integer or one per block, got 0"),
+        ({"layers_per_block": (1, 0)}, r"`layers_per_block` must be .* got \(1, 0\)"),
+        ({"layers_per_block": 1.0}, "`layers_per_block` must be a positive integer"),
+        ({"attention_head_dim": 0}, "`attention_head_dim` must be a positive integer or one per block, got 0"),
+        ({"norm_num_groups": 0}, "`norm_num_groups` must be a positive integer, got 0"),
+        ({"norm_num_groups": None}, "`norm_num_groups` must be a positive integer, got None"),
+        ({"sample_size": -3}, r"`sample_size` must be a positive integer, a \(height, width\) pair of them or None"),
+        # decoders' up blocks are refused as the encoder's are (one ran, as a block no option supports)
+        (
+            {"decoder_up_block_types": (("AttnUpBlock2D", "UpBlock2D"),) * 3},
+            "`decoder_up_block_types`=.* not supported",
+        ),
+        ({"decoder_up_block_types": (("Foo", "UpBlock2D"),) * 3}, "`decoder_up_block_types`=.* not supported"),
     ],
 )
 def test_bad_configurations_are_refused_by_name(tiny_cond_unet, overrides, match):

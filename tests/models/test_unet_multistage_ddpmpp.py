@@ -293,3 +293,21 @@ def test_the_input_pyramid_downsampling_is_diffusers_fir_downsampling():
     calls = []
     pyramid.Conv2d_0.register_forward_hook(lambda *args: calls.append(1))
     assert torch.equal(pyramid(x), reference(x)) and calls == [1]
+
+
+def test_fuse_qkv_projections_fuses_every_attention_and_unfuse_restores_the_processors(model):
+    # AttentionMixin's version fuses only diffusers' newer attention classes: these `Attention` layers stayed unfused
+    # (silently), and a fused processor set afterwards failed on their missing `to_qkv`
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
+
+    x, t = torch.randn(3, 3, 8, 8), c_noise(0.5, 5.0, 40.0)
+    with torch.no_grad():
+        expected = model(x, t).sample
+        model.fuse_qkv_projections()
+        attentions = [m for m in model.modules() if isinstance(m, Attention)]
+        assert attentions and all(a.fused_projections for a in attentions)
+        assert {type(p) for p in model.attn_processors.values()} == {FusedAttnProcessor2_0}
+        assert torch.allclose(model(x, t).sample, expected, atol=1e-5)
+        model.unfuse_qkv_projections()
+        assert {type(p) for p in model.attn_processors.values()} == {AttnProcessor2_0}
+        assert torch.allclose(model(x, t).sample, expected, atol=1e-5)
