@@ -21,6 +21,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import is_transformers_version
 from diffusers.utils.deprecation_utils import _maybe_remap_transformers_class
 
 from ..models.loading import (
@@ -141,6 +142,9 @@ def load_transformers_components(
     weights silently."""
     from transformers import PreTrainedModel
 
+    # transformers 4.56 renamed `torch_dtype` `dtype` (before, `dtype=` reaches the model's constructor: a TypeError)
+    dtype_option = "dtype" if is_transformers_version(">=", "4.56.0") else "torch_dtype"
+    options = {"use_safetensors": True, **({} if dtype is None else {dtype_option: dtype})}
     models = {}
     for name in pipeline_class._get_signature_keys(pipeline_class)[0]:
         entry = index.get(name)
@@ -151,7 +155,7 @@ def load_transformers_components(
             cls = resolve_component_class(name, entry)
         if cls is not None and issubclass(cls, PreTrainedModel):
             check_component_type(pipeline_class, name, cls)
-            models[name] = load_strictly(cls, path, name, use_safetensors=True, dtype=dtype)
+            models[name] = load_strictly(cls, path, name, **options)
     return models
 
 

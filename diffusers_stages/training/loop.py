@@ -317,10 +317,11 @@ def _load_vae(task: TrainingTask, device: torch.device, dtype: torch.dtype) -> A
 
 def _saved_vae(state: RunState) -> AutoencoderKL | None:
     """The VAE a saved pipeline holds: the task's VAE as its folder gives it, not the training copy cast to the
-    mixed-precision dtype (saved, that copy is the VAE's weights rounded to bf16/fp16, which the pipeline decodes with)."""
+    mixed-precision dtype (saved, that copy is the VAE's weights rounded to bf16/fp16, which the pipeline decodes with);
+    on the training copy's device, where the final grid decodes the networks' latents with it."""
     if state.vae is None or state.vae.dtype == torch.float32:
         return state.vae
-    return load_strictly(AutoencoderKL, state.task.vae_path, state.task.vae_subfolder).eval()
+    return load_strictly(AutoencoderKL, state.task.vae_path, state.task.vae_subfolder).to(state.vae.device).eval()
 
 
 def _optimisation(args: argparse.Namespace, networks: dict[str, ModelMixin], accelerator: Accelerator, num_batches):

@@ -333,3 +333,28 @@ def test_captions_are_tokenized_batch_by_batch(script, source, tmp_path, monkeyp
     assert seen == []
     task.encode_captions(torch.tensor([1, 16]))  # image 1's caption and the null label's
     assert seen == [["a dog", ""]]
+
+
+def test_the_sample_grid_decodes_on_the_device_the_networks_train_on(script, source, tmp_path):
+    # the float32 VAE of the source, which the grids and the saved pipeline decode with, stayed on the CPU while the
+    # networks and the text encoder trained on the accelerator: every grid of a GPU run was a device mismatch
+    from diffusers import DDIMScheduler
+
+    from diffusers_stages.training.loop import build_task
+    from diffusers_stages.training.tasks.text_to_image import TextToImageTask
+    from tests.fake_cuda import fake_cuda
+
+    sd, data = source
+    args = script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
+                              "caption", *TINY, "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    task = build_task(TextToImageTask, args)
+    task.read_records(args)
+    networks = task.build_networks(4, 8, None)
+    with fake_cuda():
+        networks = {name: network.to("cuda") for name, network in networks.items()}
+        task.text_encoder.to("cuda")  # as `encode_captions` leaves it after a step
+        pipe = task.pipeline(networks, DDIMScheduler(), None)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(["a cat"], height=16, width=16, num_inference_steps=2, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert images.shape == (1, 16, 16, 3)

@@ -515,3 +515,24 @@ def test_save_pretrained_takes_diffusers_positional_arguments_and_never_pushes_a
     weights = [p.name for p in variant_folder.rglob("*") if p.suffix in (".bin", ".safetensors")]
     assert weights and all(name.endswith(".fp16.safetensors") for name in weights)
     assert np.array_equal(_samples(pipeline_class.from_pretrained(variant_folder, variant="fp16")), images)
+
+
+@pytest.mark.parametrize("new_transformers", [True, False])
+def test_transformers_components_get_the_dtype_argument_of_the_installed_transformers(
+    tiny_sd_components, tmp_path, monkeypatch, new_transformers
+):
+    # `dtype=` is transformers 4.56's name: before it (the package takes 4.46 on) it reached the model's constructor,
+    # a TypeError; diffusers' loader passes `torch_dtype=` there, as here now (and nothing for "as stored")
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_stages.pipelines import loading
+
+    StableDiffusionPipeline(**tiny_sd_components).save_pretrained(tmp_path / "sd")
+    index = StableDiffusionPipeline.load_config(tmp_path / "sd")
+    monkeypatch.setattr(loading, "is_transformers_version", lambda op, version: new_transformers, raising=False)
+    calls = []
+    monkeypatch.setattr(loading, "load_strictly", lambda cls, path, name, **kwargs: calls.append(kwargs))
+    loading.load_transformers_components(tmp_path / "sd", index, StableDiffusionPipeline)
+    loading.load_transformers_components(tmp_path / "sd", index, StableDiffusionPipeline, dtype=None)
+    name = "dtype" if new_transformers else "torch_dtype"
+    assert calls == [{"use_safetensors": True, name: torch.float32}, {"use_safetensors": True}]

@@ -74,3 +74,21 @@ def test_under_float16_a_vae_that_asks_for_it_encodes_in_float32(tmp_path, force
     state = SimpleNamespace(vae=vae, weight_dtype=torch.float16)
     latents = _clean_samples(state, {"pixel_values": torch.rand(1, 3, 8, 8)}, torch.Generator().manual_seed(0))
     assert latents.shape == (1, 4, 8, 8) and latents.dtype == torch.float32
+
+
+def test_the_vae_a_mixed_precision_run_saves_and_samples_with_stays_on_the_training_device(tmp_path, monkeypatch):
+    # the float32 VAE reloaded for the saves of a bf16 run (the training copy is rounded) was left on the CPU, and
+    # the final grid decoded the accelerator's latents with it: a device mismatch on a GPU, after the pipeline's save
+    import copy
+
+    from diffusers_stages.training import loop
+    from tests.fake_cuda import fake_cuda
+
+    stored = AutoencoderKL(**TINY_VAE).eval()  # read from its folder on the CPU (the stand-in cannot load weights)
+    monkeypatch.setattr(loop, "load_strictly", lambda *args, **kwargs: copy.deepcopy(stored))
+    task = SimpleNamespace(vae_path="vae", vae_subfolder=None)
+    with fake_cuda():
+        device = torch.device("cuda")
+        saved = loop._saved_vae(SimpleNamespace(vae=loop._load_vae(task, device, torch.bfloat16), task=task))
+        assert saved.dtype == torch.float32
+        saved.decode(torch.randn(1, 4, 8, 8, device=device))  # as the final grid decodes the sampled latents

@@ -343,9 +343,13 @@ class TextToImageTask(TrainingTask):
         return load_transformers_components(self.source, self.source_index, StableDiffusionPipeline, names, dtype)
 
     def pipeline(self, networks, scheduler, vae=None):
-        # the fp32 VAE of the source (the training one may be in the mixed-precision dtype)
+        # the fp32 VAE of the source (the training one may be in the mixed-precision dtype), with the text encoder on
+        # the networks' device: the pipeline samples there
+        unet = self._unet(networks)
+        self._vae.to(unet.device)
+        self.text_encoder.to(unet.device)
         return StableDiffusionPipeline(
-            vae=self._vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self._unet(networks),
+            vae=self._vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )  # fmt: skip
 
