@@ -154,7 +154,7 @@ class TextToImageTask(TrainingTask):
             args.method
         ]
         self.text_encoder = self.tokenizer = self._vae = None  # loaded with the networks
-        self._saved_models: dict = {}  # the source's other transformers models, loaded with the networks
+        self._saved_names: tuple[str, ...] = ()  # the source's other transformers models (its safety checker)
         self.captions: list[str] = []  # each image's first caption (the default sample prompts)
         self.caption_variants: list[list[str]] = []  # each image's captions, of which a step trains on one
         super().__init__(args)
@@ -261,8 +261,9 @@ class TextToImageTask(TrainingTask):
             use_safetensors=True,
         )  # fmt: skip
         # the source's other transformers models (its safety checker), saved with the result: checked now, not after
-        # training, and in the dtype they are stored in, as diffusers' loader gives them
-        self._saved_models = self._strict_transformers(tuple(n for n in self.source_index if n != "text_encoder"))
+        # training, then released (about 1.2 GB for SD 1.5's, on every process) and loaded again at each save
+        self._saved_names = tuple(n for n in self.source_index if n != "text_encoder")
+        self._strict_transformers(self._saved_names)  # loaded strictly (the check), in the dtype they are stored in
         self.text_encoder, self.tokenizer, self._vae = pipe.text_encoder.eval(), pipe.tokenizer, pipe.vae
         self.text_encoder.requires_grad_(False)
 
@@ -354,10 +355,11 @@ class TextToImageTask(TrainingTask):
         )  # fmt: skip
 
     def save(self, networks, scheduler, vae, output_dir):
-        # the source's own components (safety checker included) with the trained unet and the sampling scheduler
+        # the source's own components (safety checker included, loaded strictly again, as diffusers' loader gives
+        # it) with the trained unet and the sampling scheduler
         pipe = StableDiffusionPipeline.from_pretrained(
             self.source, unet=self._unet(networks), scheduler=scheduler, text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer, vae=self._vae, use_safetensors=True, **self._saved_models,
+            tokenizer=self.tokenizer, vae=self._vae, use_safetensors=True, **self._strict_transformers(self._saved_names),
         )  # fmt: skip
         pipe.save_pretrained(output_dir)
 
