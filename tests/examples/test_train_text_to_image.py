@@ -237,6 +237,19 @@ def test_the_safety_checker_is_checked_up_front_not_held_and_saved_unchanged(
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("component", ["text_encoder", "tokenizer"])
+def test_a_source_without_its_text_encoder_is_refused_by_name(script, source, tiny_sd_components, component, capsys):
+    # was an AttributeError of None after the output folder and accelerator were set up: now a usage error
+    sd, data = source
+    StableDiffusionPipeline(**{**tiny_sd_components, component: None}).save_pretrained(sd)
+    args = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--max_train_steps", "1", "--output_dir", os.path.join(sd, "o")]  # fmt: skip
+    with pytest.raises(SystemExit):
+        _run(script, args)
+    assert f"holds no {component} (model_index.json: {component}=[None, None])" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(sd, "o"))
+
+
 def test_the_source_schedule_may_be_repeated(script, source, tmp_path):
     sd, data = source
     args = script.parse_args(

@@ -120,6 +120,13 @@ class TextToImageTask(TrainingTask):
                 f"`--pretrained_model_name_or_path` {self.source!r} is a {index.get('_class_name')}, not a "
                 "StableDiffusionPipeline (SDXL's extra text encoder and size conditioning are not trained here)."
             )
+        absent = [name for name in ("vae", "text_encoder", "tokenizer") if not _saved(index.get(name))]
+        if absent:  # a pipeline saved without them (`text_encoder=None`): nothing to encode captions or images with
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {self.source!r} holds no {', '.join(absent)} (model_index.json: "
+                f"{', '.join(f'{n}={index.get(n)!r}' for n in absent)}): text-to-image training needs the source's "
+                "VAE, text encoder and tokenizer."
+            )
         self.unet_class = self.unet_config.get("_class_name")
         if not isinstance(self.unet_class, str) or self.unet_class not in SOURCE_UNETS:
             raise ValueError(
@@ -329,8 +336,11 @@ class TextToImageTask(TrainingTask):
         if not os.path.isdir(self.source):  # a Hub repository: a cache snapshot, checked as it is loaded
             return
         for component, entry in self.source_index.items():
-            saved = not component.startswith("_") and isinstance(entry, list) and entry[:1] != [None]
-            if saved and os.path.lexists(os.path.join(self.source, component)):
+            if (
+                not component.startswith("_")
+                and _saved(entry)
+                and os.path.lexists(os.path.join(self.source, component))
+            ):
                 component_folder(self.source, component)
 
     def _strict_unet(self) -> ModelMixin:
@@ -384,3 +394,8 @@ class TextToImageTask(TrainingTask):
             "pipe = StableDiffusionPipeline.from_pretrained(folder)  # runs no code from the repository",
             'image = pipe("a photo of a cat").images[0]',
         ]
+
+
+def _saved(entry: object) -> bool:
+    """Whether a `model_index.json` entry names a saved component (``[library, class]``, not ``[null, null]``)."""
+    return isinstance(entry, list) and len(entry) == 2 and None not in entry
