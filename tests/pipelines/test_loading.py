@@ -515,3 +515,11 @@ def test_save_pretrained_takes_diffusers_positional_arguments_and_never_pushes_a
     weights = [p.name for p in variant_folder.rglob("*") if p.suffix in (".bin", ".safetensors")]
     assert weights and all(name.endswith(".fp16.safetensors") for name in weights)
     assert np.array_equal(_samples(pipeline_class.from_pretrained(variant_folder, variant="fp16")), images)
+
+
+def test_save_pretrained_takes_use_flashpack_sixth_as_diffusers(saved, tmp_path):
+    # diffusers' sixth argument (after push_to_hub) was a TypeError by position; flashpack is not installed here, so
+    # diffusers' own refusal shows that it reached the models' save
+    folder, pipeline_class, _ = saved
+    with pytest.raises(ImportError, match="flashpack"):
+        pipeline_class.from_pretrained(folder).save_pretrained(tmp_path / "flashpack", True, None, None, False, True)
