@@ -93,7 +93,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
 
     def check_components(self) -> None:
         """Refuse components the constructor refuses, also when swapped in later (``pipe.unet = ...``, which diffusers
-        registers unchecked): run before every sampling run and `expert_schedule`. Nothing to check here."""
+        registers unchecked): run before every sampling run, `expert_schedule` and `enable_stage_offload`. Nothing to
+        check here."""
 
     def resolve_partition(self, num_inference_steps: int) -> TimestepPartition:
         """The partition a run of ``num_inference_steps`` routes by: `partition`, unless a subclass's switch depends
