@@ -216,6 +216,7 @@ class StageOffloadMixin:
         """
         if not isinstance(prefetch, bool):
             raise ValueError(f"`prefetch` must be a bool, got {prefetch!r}.")
+        self.check_components()  # a component swapped in since construction, before its networks are hooked
         hooks = {name: getattr(component, "_hf_hook", None) for name, component in self.components.items()}
         hooked = [name for name, hook in hooks.items() if hook is not None and not isinstance(hook, StageNetworkHook)]
         # a device map of one device (`from_pretrained(folder, device_map="cpu")`) places nothing, as diffusers reads it

@@ -93,7 +93,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
 
     def check_components(self) -> None:
         """Refuse components the constructor refuses, also when swapped in later (``pipe.unet = ...``, which diffusers
-        registers unchecked): run before every sampling run and `expert_schedule`. Nothing to check here."""
+        registers unchecked): run before every sampling run, `expert_schedule` and `enable_stage_offload`. Nothing to
+        check here."""
 
     def resolve_partition(self, num_inference_steps: int) -> TimestepPartition:
         """The partition a run of ``num_inference_steps`` routes by: `partition`, unless a subclass's switch depends
@@ -522,6 +523,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         variant: str | None = None,
         max_shard_size: int | str | None = None,
         push_to_hub: bool = False,
+        use_flashpack: bool = False,
         **kwargs,
     ) -> None:
         """Save every component as diffusers does (safetensors by default; ``safe_serialization=False`` writes
@@ -529,13 +531,19 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` find the package's classes. With
         ``push_to_hub=True`` the complete folder is then uploaded (``repo_id``, ``token``, ``private``,
         ``commit_message``, ``create_pr`` as in diffusers); a failed push is an `OSError` naming the repository. The
-        arguments come in diffusers' order (``variant`` and ``max_shard_size`` before ``push_to_hub``)."""
+        arguments come in diffusers' order (``variant`` and ``max_shard_size`` before ``push_to_hub``, then
+        ``use_flashpack``)."""
         for name, component in self.components.items():  # before anything is written
             if isinstance(component, torch.nn.Module):
                 check_not_offloaded_to_disk(component, f"`{name}`")
         push = pop_push_kwargs(kwargs, save_directory, push_to_hub)
         super().save_pretrained(
-            save_directory, safe_serialization, variant=variant, max_shard_size=max_shard_size, **kwargs
+            save_directory,
+            safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            use_flashpack=use_flashpack,
+            **kwargs,
         )
         write_reexport_files(save_directory, type(self))
         if push_to_hub:

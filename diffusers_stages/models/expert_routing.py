@@ -904,16 +904,17 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         variant: str | None = None,
         max_shard_size: int | str | None = None,
         push_to_hub: bool = False,
+        use_flashpack: bool = False,
         **kwargs,
     ) -> None:
         r"""
         Write the container's `config.json` and each expert's own `save_pretrained` folder (``expert_{i}/``).
 
         Weights are safetensors unless ``safe_serialization=False`` (``.bin`` files, read back with
-        ``weights_only=True``; ``save_function`` is passed on to each expert's: the arguments come in
-        `ModelMixin.save_pretrained`'s order). With ``push_to_hub=True`` the folder is uploaded to ``repo_id`` (default: the
-        folder's name) once written; ``token``, ``private``, ``commit_message`` and ``create_pr`` are passed on as in
-        diffusers, and a failed push is an `OSError` naming the repository.
+        ``weights_only=True``; ``save_function`` and ``use_flashpack`` are passed on to each expert's: the arguments
+        come in `ModelMixin.save_pretrained`'s order). With ``push_to_hub=True`` the folder is uploaded to ``repo_id``
+        (default: the folder's name) once written; ``token``, ``private``, ``commit_message`` and ``create_pr`` are
+        passed on as in diffusers, and a failed push is an `OSError` naming the repository.
         """
         missing = [i for i, e in enumerate(self.experts) if e is None]
         if missing:
@@ -936,6 +937,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
                 save_function=save_function,
                 safe_serialization=safe_serialization,
                 variant=variant,
+                use_flashpack=use_flashpack,
                 **shard,
             )
         if push_to_hub and is_main_process:

@@ -1,3 +1,4 @@
+import inspect
 import json
 import re
 
@@ -251,6 +252,16 @@ def test_save_takes_model_mixins_positional_arguments(three_experts, tmp_path):
     assert len(weights) == 3 and all(name.endswith(".fp16.safetensors") for name in weights)
     three_experts.save_pretrained(tmp_path / "bin", True, torch.save, False)  # pickled only when asked
     assert len(list((tmp_path / "bin").rglob("*.bin"))) == 3 and not list((tmp_path / "bin").rglob("*.safetensors"))
+
+
+def test_save_passes_use_flashpack_on_to_each_expert(three_experts, tmp_path):
+    # ModelMixin's eighth argument: taken by keyword it was swallowed (safetensors written), by position a TypeError;
+    # diffusers' pipeline save passes it only to save methods that name it. flashpack is not installed here.
+    for call in (lambda: three_experts.save_pretrained(tmp_path / "a", use_flashpack=True),
+                 lambda: three_experts.save_pretrained(tmp_path / "b", True, None, True, None, "10GB", False, True)):  # fmt: skip
+        with pytest.raises(ImportError, match="flashpack"):
+            call()
+    assert "use_flashpack" in inspect.signature(three_experts.save_pretrained).parameters
 
 
 def test_load_only_the_experts_a_run_needs(three_experts, tmp_path):

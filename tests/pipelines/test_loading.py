@@ -536,3 +536,11 @@ def test_transformers_components_get_the_dtype_argument_of_the_installed_transfo
     loading.load_transformers_components(tmp_path / "sd", index, StableDiffusionPipeline, dtype=None)
     name = "dtype" if new_transformers else "torch_dtype"
     assert calls == [{"use_safetensors": True, name: torch.float32}, {"use_safetensors": True}]
+
+
+def test_save_pretrained_takes_use_flashpack_sixth_as_diffusers(saved, tmp_path):
+    # diffusers' sixth argument (after push_to_hub) was a TypeError by position; flashpack is not installed here, so
+    # diffusers' own refusal shows that it reached the models' save
+    folder, pipeline_class, _ = saved
+    with pytest.raises(ImportError, match="flashpack"):
+        pipeline_class.from_pretrained(folder).save_pretrained(tmp_path / "flashpack", True, None, None, False, True)

@@ -81,9 +81,13 @@ def test_a_component_swapped_in_after_construction_is_checked_as_the_constructor
         "dual_backbone": ("deep", UNet2DModel(**{**TINY_UNET, "in_channels": 4}), "must agree on `in_channels`"),
     }[kind]
     setattr(pipe, name, replacement)
-    for call in (lambda: pipe(**RUN), lambda: pipe.expert_schedule(3), lambda: type(pipe)(**pipe.components)):
+    calls = (lambda: pipe(**RUN), lambda: pipe.expert_schedule(3), lambda: type(pipe)(**pipe.components))
+    # `enable_stage_offload` hooks the stage networks: an AttributeError about `partition` or `prediction_type`, or
+    # (dual backbone) hooks installed on networks no run can use
+    for call in (*calls, lambda: pipe.enable_stage_offload(device="cpu")):
         with pytest.raises(ValueError, match=message):
             call()
+    assert pipe._stage_offload is None
 
 
 @pytest.mark.parametrize("switch", [{"switch_timestep": 300.0}, {"switch_step_fraction": 0.7}])
