@@ -564,7 +564,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             return_dict (`bool`, defaults to `True`): return a `UNet2DOutput` rather than a tuple.
             stage_index (`int`, *optional*): send the whole batch to this expert (no data-dependent routing).
             expert_kwargs: further arguments of the experts' forward (e.g. ``encoder_hidden_states``); tensors with
-                one row per sample are split with the batch.
+                one row per sample are split with the batch (a batch split over experts refuses one of neither one
+                row nor one per sample; a whole batch hands it to its expert as is).
 
         ``sample`` must be a floating-point tensor with a batch dimension (of shape ``(batch, in_channels, height,
         width)`` when the experts declare ``in_channels``) and ``timestep`` one value or one per sample (a
@@ -578,13 +579,18 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         elif torch.is_tensor(timestep):  # on the samples' device, as `timesteps` (a CPU tensor: copied there)
             timestep = timestep.to(timesteps.device)
 
-        check_rows(class_labels, sample.shape[0], "class_labels")
-        for name, value in expert_kwargs.items():
-            check_rows(value, sample.shape[0], name)
-
         # 2. each expert only on its own samples (the whole batch, called exactly as alone, when one stage holds it;
         # a mixed batch has one timestep per sample, split with the rest)
+        batch = sample.shape[0]
+
         def run(stage: int, inputs: list) -> torch.Tensor:
+            # a split batch only: a tensor of neither one row nor one per sample would reach each expert whole (a
+            # whole batch goes to its expert as alone, which reads such rows by its own rules: diffusers'
+            # `ip_adapter_masks` of one row per IP-Adapter)
+            if inputs[0].shape[0] != batch:
+                check_rows(class_labels, batch, "class_labels")
+                for name, value in expert_kwargs.items():
+                    check_rows(value, batch, name)
             return self._call_expert(stage, *inputs)
 
         out = self.route(timesteps, stage_index, run, [sample, timestep, class_labels, expert_kwargs])

@@ -254,6 +254,33 @@ def test_staged_experts_take_the_source_ip_adapter(source_and_routed):
     assert np.abs(_images(routed) - _images(source)).max() < 1e-5
 
 
+def test_masks_of_one_row_per_ip_adapter_reach_the_expert_as_for_the_source(source_and_routed):
+    # diffusers takes `ip_adapter_masks` as one tensor of one row per IP-Adapter (its backward-compatible form): rows
+    # that are not the samples', refused by the routing when the batch (4: 2 images per prompt, guidance) went
+    # whole to one expert, as the source takes them
+    source, routed = source_and_routed
+    adapters = [ip_adapter_state_dict(source.unet, seed) for seed in (0, 1)]
+    for pipe in (source, routed):
+        pipe.load_ip_adapter(adapters, subfolder=["", ""], weight_name=["", ""], image_encoder_folder=None)
+    masks = torch.ones(2, 1, 16, 16)
+    masks[0, :, :, 8:] = 0  # the first image prompt on the left half only
+
+    def images(pipe, **masked) -> np.ndarray:
+        return pipe(
+            "a cat",
+            num_inference_steps=2,
+            num_images_per_prompt=2,
+            generator=torch.manual_seed(0),
+            output_type="np",
+            ip_adapter_image_embeds=_embeds(1) + _embeds(2),
+            **masked,
+        ).images
+
+    masked = images(routed, cross_attention_kwargs={"ip_adapter_masks": masks})
+    assert np.abs(masked - images(source, cross_attention_kwargs={"ip_adapter_masks": masks})).max() < 1e-5
+    assert np.abs(masked - images(routed)).max() > 1e-3  # the masks did act
+
+
 def test_an_expert_of_other_widths_refuses_the_ip_adapter_before_any_change(tiny_cond_unet):
     experts = [tiny_cond_unet(0), tiny_cond_unet(1, block_out_channels=(16, 32))]
     routed = ExpertRoutingModel(experts, stage_boundaries=(500,))
