@@ -96,6 +96,24 @@ def assert_save_reload_bit_identical(model, folder, x: torch.Tensor, t: torch.Te
     return reloaded
 
 
+def assert_fuse_qkv_projections_round_trip(model, x: torch.Tensor, t: torch.Tensor) -> None:
+    """`fuse_qkv_projections` fuses every `Attention` (fused processors, same outputs) and `unfuse_qkv_projections`
+    restores the processors. (`AttentionMixin`'s version fuses only diffusers' newer attention classes: these layers
+    stayed unfused, silently, and a fused processor set afterwards failed on their missing `to_qkv`.)"""
+    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+    with torch.no_grad():
+        expected = model(x, t).sample
+        model.fuse_qkv_projections()
+        attentions = [m for m in model.modules() if isinstance(m, Attention)]
+        assert attentions and all(a.fused_projections for a in attentions)
+        assert {type(p) for p in model.attn_processors.values()} == {FusedAttnProcessor2_0}
+        assert torch.allclose(model(x, t).sample, expected, atol=1e-5)
+        model.unfuse_qkv_projections()
+        assert {type(p) for p in model.attn_processors.values()} == {AttnProcessor2_0}
+        assert torch.allclose(model(x, t).sample, expected, atol=1e-5)
+
+
 def _public(config) -> dict:
     """A config as its JSON file holds it (tuples as lists), without the private keys."""
     return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))

@@ -6,7 +6,11 @@ from diffusers import DDIMScheduler
 
 from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, IUNet2DModel, TimestepPartition
 from diffusers_stages.models.iunet import InceptionMixer
-from tests.models.staged_model_tester import assert_group_offload_keeps_outputs, assert_layerwise_casting_works
+from tests.models.staged_model_tester import (
+    assert_fuse_qkv_projections_round_trip,
+    assert_group_offload_keeps_outputs,
+    assert_layerwise_casting_works,
+)
 
 TINY = {
     "sample_size": 8,
@@ -230,19 +234,5 @@ def test_group_offload_gives_the_same_outputs(tmp_path):
 
 
 def test_fuse_qkv_projections_fuses_every_attention_and_unfuse_restores_the_processors():
-    # AttentionMixin's version fuses only diffusers' newer attention classes: these `Attention` layers stayed unfused
-    # (silently), and a fused processor set afterwards failed on their missing `to_qkv`
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
-
     model = build(attention_ratios=0.5)
-    x, t = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 990])
-    with torch.no_grad():
-        expected = model(x, t).sample
-        model.fuse_qkv_projections()
-        attentions = [m for m in model.modules() if isinstance(m, Attention)]
-        assert attentions and all(a.fused_projections for a in attentions)
-        assert {type(p) for p in model.attn_processors.values()} == {FusedAttnProcessor2_0}
-        assert torch.allclose(model(x, t).sample, expected, atol=1e-5)
-        model.unfuse_qkv_projections()
-        assert {type(p) for p in model.attn_processors.values()} == {AttnProcessor2_0}
-        assert torch.allclose(model(x, t).sample, expected, atol=1e-5)
+    assert_fuse_qkv_projections_round_trip(model, torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 990]))

@@ -11,6 +11,7 @@ from tests.conftest import TINY_UNET
 from tests.models.staged_model_tester import (
     GraphCounter,
     StagedModelTesterMixin,
+    assert_fuse_qkv_projections_round_trip,
     assert_mixed_batch_matches_reference,
     assert_save_reload_bit_identical,
     stage_batch_sizes,
@@ -491,19 +492,5 @@ def test_peft_lora_training_works_on_the_unconditional_model(tiny_multistage):
 
 
 def test_fuse_qkv_projections_fuses_every_attention_and_unfuse_restores_the_processors(tiny_multistage):
-    # AttentionMixin's version fuses only diffusers' newer attention classes: these `Attention` layers stayed unfused
-    # (silently), and a fused processor set afterwards failed on their missing `to_qkv`
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
-
     model = tiny_multistage.eval()
-    x, t = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 990])
-    with torch.no_grad():
-        expected = model(x, t).sample
-        model.fuse_qkv_projections()
-        attentions = [m for m in model.modules() if isinstance(m, Attention)]
-        assert attentions and all(a.fused_projections for a in attentions)
-        assert {type(p) for p in model.attn_processors.values()} == {FusedAttnProcessor2_0}
-        assert torch.allclose(model(x, t).sample, expected, atol=1e-5)
-        model.unfuse_qkv_projections()
-        assert {type(p) for p in model.attn_processors.values()} == {AttnProcessor2_0}
-        assert torch.allclose(model(x, t).sample, expected, atol=1e-5)
+    assert_fuse_qkv_projections_round_trip(model, torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 990]))

@@ -9,7 +9,7 @@ from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from diffusers_stages import MultiStageDDPMppUNet2DModel, MultiStagePipeline
 from diffusers_stages.schedulers import ContinuousVPDPMSolverSinglestepScheduler
 from diffusers_stages.training.loss import diffusion_loss
-from tests.models.staged_model_tester import StagedModelTesterMixin
+from tests.models.staged_model_tester import StagedModelTesterMixin, assert_fuse_qkv_projections_round_trip
 
 TINY = {
     "sample_size": 8,
@@ -296,18 +296,4 @@ def test_the_input_pyramid_downsampling_is_diffusers_fir_downsampling():
 
 
 def test_fuse_qkv_projections_fuses_every_attention_and_unfuse_restores_the_processors(model):
-    # AttentionMixin's version fuses only diffusers' newer attention classes: these `Attention` layers stayed unfused
-    # (silently), and a fused processor set afterwards failed on their missing `to_qkv`
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
-
-    x, t = torch.randn(3, 3, 8, 8), c_noise(0.5, 5.0, 40.0)
-    with torch.no_grad():
-        expected = model(x, t).sample
-        model.fuse_qkv_projections()
-        attentions = [m for m in model.modules() if isinstance(m, Attention)]
-        assert attentions and all(a.fused_projections for a in attentions)
-        assert {type(p) for p in model.attn_processors.values()} == {FusedAttnProcessor2_0}
-        assert torch.allclose(model(x, t).sample, expected, atol=1e-5)
-        model.unfuse_qkv_projections()
-        assert {type(p) for p in model.attn_processors.values()} == {AttnProcessor2_0}
-        assert torch.allclose(model(x, t).sample, expected, atol=1e-5)
+    assert_fuse_qkv_projections_round_trip(model, torch.randn(3, 3, 8, 8), c_noise(0.5, 5.0, 40.0))
