@@ -112,8 +112,13 @@ class TimestepPartition:
 
     @classmethod
     def from_config(cls, config: dict) -> TimestepPartition:
-        """Rebuild from the keys written by [`~TimestepPartition.to_config`] (a model or pipeline config)."""
-        return cls(config["stage_boundaries"], config["num_train_timesteps"], config["boundary_units"])
+        """Rebuild from the keys written by [`~TimestepPartition.to_config`] (a model or pipeline config, or a
+        model's arguments); a `ValueError` names those keys (``stage_boundaries``, ``boundary_units``)."""
+        try:
+            return cls(config["stage_boundaries"], config["num_train_timesteps"], config["boundary_units"])
+        except ValueError as error:
+            message = str(error).replace("`boundaries`", "`stage_boundaries`").replace("`units`", "`boundary_units`")
+            raise ValueError(message) from None
 
     def to_config(self) -> dict:
         """The keys that store this partition in a diffusers config (JSON-serialisable)."""

@@ -194,3 +194,25 @@ def test_a_python_number_is_routed_by_its_own_value():
     sigma = TimestepPartition([2.0], units="sigma")
     c_noise = 0.25 * math.log(2.0)  # on the boundary, computed in float64: the cleaner stage
     assert int(sigma.stage_for_timestep(c_noise)) == int(sigma.stage_for_noise_level(2.0)) == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"stage_boundaries": [600, 300]}, "`stage_boundaries` must be strictly increasing, got [600, 300]"),
+        ({"stage_boundaries": "500"}, "`stage_boundaries` must be a sequence of numbers, got '500'"),
+        ({"boundary_units": "steps"}, "`boundary_units` must be one of"),
+    ],
+)
+def test_from_config_names_the_config_keys(config, message):
+    # a model's arguments and saved configs say `stage_boundaries` and `boundary_units`: the errors named the
+    # partition's own `boundaries` and `units`, which a user of a model never wrote
+    from diffusers_stages.models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
+
+    full = {"stage_boundaries": [300], "num_train_timesteps": 1000, "boundary_units": "timestep", **config}
+    with pytest.raises(ValueError) as error:
+        TimestepPartition.from_config(full)
+    assert message in str(error.value)
+    with pytest.raises(ValueError) as error:  # a model built with such arguments says the same
+        MultiStageDDPMppUNet2DModel(**{k: v for k, v in config.items()})
+    assert message in str(error.value)

@@ -405,7 +405,13 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
     ) -> tuple[TimestepPartition, list[ModelMixin | None]]:
         """Check the experts against the partition (a `ValueError` naming the argument); returns the partition and
         the experts as a list."""
-        partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
+        partition = TimestepPartition.from_config(
+            {
+                "stage_boundaries": stage_boundaries,
+                "num_train_timesteps": num_train_timesteps,
+                "boundary_units": boundary_units,
+            }
+        )
         experts = list(experts) if isinstance(experts, (list, tuple, nn.ModuleList)) else None
         if experts is None or len(experts) != partition.num_stages:
             count = "not a list" if experts is None else f"{len(experts)} experts"

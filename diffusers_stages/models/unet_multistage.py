@@ -221,7 +221,7 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         partition and every decoder's widths and up block types (the encoder's where not given)."""
         c = self.config
         decoder_block_out_channels, decoder_up_block_types = c.decoder_block_out_channels, c.decoder_up_block_types
-        partition = TimestepPartition(c.stage_boundaries, c.num_train_timesteps, c.boundary_units)
+        partition = TimestepPartition.from_config(c)
         for name, kind, valid in BLOCK_LISTS:
             value = getattr(c, name)
             if not isinstance(value, (list, tuple)) or not value or not all(map(valid, value)):

@@ -141,7 +141,13 @@ def check_config(
         attention_head_dim=attention_head_dim,
         num_attention_heads=num_attention_heads,
     )
-    partition = TimestepPartition(stage_boundaries, num_train_timesteps, boundary_units)
+    partition = TimestepPartition.from_config(
+        {
+            "stage_boundaries": stage_boundaries,
+            "num_train_timesteps": num_train_timesteps,
+            "boundary_units": boundary_units,
+        }
+    )
     decoder_block_out_channels = resolve_decoder_widths(
         decoder_block_out_channels, block_out_channels, partition, norm_num_groups
     )

@@ -53,7 +53,8 @@ class TestExpertRoutingModel(StagedModelTesterMixin):
     shared_parameter = None  # the experts share nothing
     attention_prefixes = ("experts.0.", "experts.1.")  # the narrow expert has no attention
     bad_configs = (
-        ({"stage_boundaries": (600, 300)}, "strictly increasing"),
+        ({"stage_boundaries": (600, 300)}, "`stage_boundaries` must be strictly increasing"),
+        ({"boundary_units": "steps"}, "`boundary_units` must be one of"),
         ({"stage_boundaries": (500,)}, "gives 2 stages, got 3 experts"),
         ({"prediction_type": "noise"}, "prediction_type"),
     )

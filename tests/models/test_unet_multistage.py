@@ -27,12 +27,12 @@ class TestMultiStageUNet2DModel(StagedModelTesterMixin):
     mixed_stage_counts = (2, 1, 3)
     attention_prefixes = ("mid_block", "decoders.0.", "decoders.1.", "decoders.2.")
     bad_configs = (
-        ({"stage_boundaries": (631, 442)}, "`boundaries`"),
-        ({"stage_boundaries": (442, 1000)}, "`boundaries`"),
+        ({"stage_boundaries": (631, 442)}, "`stage_boundaries`"),
+        ({"stage_boundaries": (442, 1000)}, "`stage_boundaries`"),
         ({"decoder_block_out_channels": ((8, 16), (8, 16))}, "`decoder_block_out_channels`"),
         ({"decoder_block_out_channels": ((8, 16), (8, 16), (6, 8))}, "`decoder_block_out_channels`"),
         ({"decoder_block_out_channels": ((8, 16), (8, 16), (8,))}, "`decoder_block_out_channels`"),
-        ({"boundary_units": "seconds"}, "`units`"),
+        ({"boundary_units": "seconds"}, "`boundary_units`"),
         ({"up_block_types": ("UpBlock2D",)}, "`up_block_types`"),
         ({"attention_head_dim": 16, "decoder_block_out_channels": ((8, 16), (8, 16), (4, 8))}, "`attention_head_dim`"),
     )
@@ -139,7 +139,7 @@ def test_bad_inputs_name_the_argument(tiny_multistage, tiny_unet_kwargs):
     with pytest.raises(ValueError, match="`unet`"):
         MultiStageUNet2DModel.from_unet(torch.nn.Conv2d(3, 3, 1))
     for boundaries in (500, "500"):  # were a TypeError, and the unsorted boundaries 5, 0, 0
-        with pytest.raises(ValueError, match=f"`boundaries` must be a sequence of numbers, got {boundaries!r}"):
+        with pytest.raises(ValueError, match=f"`stage_boundaries` must be a sequence of numbers, got {boundaries!r}"):
             MultiStageUNet2DModel.from_unet(UNet2DModel(**tiny_unet_kwargs), stage_boundaries=boundaries)
 
 

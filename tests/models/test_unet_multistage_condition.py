@@ -245,7 +245,7 @@ def test_save_and_reload_is_identical_and_strict(tiny_cond_unet, tmp_path):
         ({"decoder_block_out_channels": ((8, 16),) * 2}, "one decoder per stage"),
         ({"decoder_block_out_channels": ((8, 16), (8, 16), (4, 6))}, "norm_num_groups"),
         ({"decoder_block_out_channels": ((8, 16), (8, 16), (4, 12)), "attention_head_dim": 8}, "attention heads"),
-        ({"stage_boundaries": (600, 300)}, "increasing"),
+        ({"stage_boundaries": (600, 300)}, "`stage_boundaries` must be strictly increasing"),
         ({"decoder_up_block_types": (("CrossAttnUpBlock2D", "UpBlock2D"),) * 2}, "decoder_up_block_types"),
         ({"decoder_skip_adapters": "no"}, "decoder_skip_adapters"),
         ({"decoder_attention_head_dim": (2, 2)}, "decoder_attention_head_dim"),
