@@ -315,13 +315,15 @@ def _load_vae(task: TrainingTask, device: torch.device, dtype: torch.dtype) -> A
     return vae.eval()
 
 
-def _saved_vae(state: RunState) -> AutoencoderKL | None:
+def _saved_vae(state: RunState, on_device: bool = False) -> AutoencoderKL | None:
     """The VAE a saved pipeline holds: the task's VAE as its folder gives it, not the training copy cast to the
     mixed-precision dtype (saved, that copy is the VAE's weights rounded to bf16/fp16, which the pipeline decodes with);
-    on the training copy's device, where the final grid decodes the networks' latents with it."""
+    on the host for a save during training (no second VAE on a busy accelerator), on the training copy's device with
+    ``on_device`` (the final grid decodes the networks' latents with it)."""
     if state.vae is None or state.vae.dtype == torch.float32:
         return state.vae
-    return load_strictly(AutoencoderKL, state.task.vae_path, state.task.vae_subfolder).to(state.vae.device).eval()
+    device = state.vae.device if on_device else "cpu"
+    return load_strictly(AutoencoderKL, state.task.vae_path, state.task.vae_subfolder).to(device).eval()
 
 
 def _optimisation(args: argparse.Namespace, networks: dict[str, ModelMixin], accelerator: Accelerator, num_batches):
@@ -533,7 +535,9 @@ def _finish(state: RunState, global_step: int) -> None:
     if accelerator.is_main_process:
         for name, ema in state.emas.items():
             ema.copy_to(trained[name].parameters())
-        state.vae = _saved_vae(state)  # training is over: saved and sampled as the pipeline folder holds it
+        state.vae = _saved_vae(
+            state, on_device=True
+        )  # training is over: saved and sampled as the pipeline folder holds it
         publish_pipeline(
             args.output_dir, lambda folder: task.save(trained, state.sampling_scheduler, state.vae, folder)
         )

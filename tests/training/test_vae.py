@@ -89,6 +89,9 @@ def test_the_vae_a_mixed_precision_run_saves_and_samples_with_stays_on_the_train
     task = SimpleNamespace(vae_path="vae", vae_subfolder=None)
     with fake_cuda():
         device = torch.device("cuda")
-        saved = loop._saved_vae(SimpleNamespace(vae=loop._load_vae(task, device, torch.bfloat16), task=task))
+        state = SimpleNamespace(vae=loop._load_vae(task, device, torch.bfloat16), task=task)
+        saved = loop._saved_vae(state, on_device=True)
         assert saved.dtype == torch.float32
+        # a save during training reads it onto the host: no second VAE on the accelerator
+        assert loop._saved_vae(state).device.type == "cpu"
         saved.decode(torch.randn(1, 4, 8, 8, device=device))  # as the final grid decodes the sampled latents
