@@ -195,8 +195,10 @@ def early_exit_loss(
     reduction: str = "mean",
 ) -> torch.Tensor:
     r"""
-    AdaDiff's training loss: the denoising MSE of every exit (equal weights) plus, for each uncertainty estimate,
-    the MSE to ``tanh`` of its exit's actual per-token error (stopped gradient). ``reduction="none"`` gives each
+    An AdaDiff-style training loss: the denoising MSE of every exit (equal weights) plus, for each uncertainty
+    estimate, the MSE to ``tanh`` of its exit's actual per-token error (stopped gradient), averaged over the exits.
+    AdaDiff (and DuoDiff's code for it) also weights each exit's MSE by one minus its uncertainty (the
+    "uncertainty-aware layer-wise loss"); that weighting is not applied here. ``reduction="none"`` gives each
     sample's loss (shape ``(batch,)``, as the training loop's tasks return it), ``"mean"`` their mean.
 
     Example:
