@@ -27,8 +27,11 @@ def train_classifier(
     max_steps: int = 1000,
     width: int = 16,
 ) -> FeatureClassifier:
-    """Train the feature classifier on ``dataset``'s training split (seeded), or load it from ``cache_dir``."""
-    images, labels = load_images(dataset, "train")
+    """Train the feature classifier on ``dataset``'s training split of ``seed`` (the split the benchmark scores
+    against, so that its test images stay held out), or load it from ``cache_dir``. The cache is keyed on the
+    settings, the classifier's architecture and the training images and labels themselves (a changed data file or
+    another split never reuses a stale classifier)."""
+    images, labels = load_images(dataset, "train", seed=seed)
     settings = {
         "dataset": dataset,
         "seed": seed,
@@ -36,8 +39,14 @@ def train_classifier(
         "batch_size": batch_size,
         "max_steps": max_steps,
         "width": width,
+        "architecture": repr(
+            FeatureClassifier(images.shape[-1], images.shape[1], width=width, num_classes=NUM_CLASSES)
+        ),
     }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for tensor in (images, labels):
+        digest.update(tensor.contiguous().numpy().tobytes())
+    key = digest.hexdigest()[:12]
     os.makedirs(cache_dir, exist_ok=True)
     return train_on_images(
         images, labels, seed=seed, epochs=epochs, batch_size=batch_size, max_steps=max_steps, width=width,

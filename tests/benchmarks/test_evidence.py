@@ -295,3 +295,21 @@ def test_sampling_flops_per_image_are_counted_on_seeded_noise():
         return torch.ones(size, 1) @ torch.ones(1, 1)
 
     assert sampling_flops_per_image(pipeline, 1) == sampling_flops_per_image(pipeline, 1)
+
+
+def test_the_classifier_trains_on_the_seeds_split_and_its_cache_is_keyed_on_the_data(tmp_path, monkeypatch):
+    import benchmarks.evidence.metric as metric
+
+    seen = []
+    monkeypatch.setattr(
+        metric, "train_on_images", lambda images, labels, **kw: seen.append((images, kw["cache_path"]))
+    )
+    train_classifier("digits", str(tmp_path), seed=1)
+    # the split the benchmark trains and scores on for this seed (its test images are held out from the classifier)
+    assert torch.equal(seen[0][0], load_images("digits", "train", seed=1)[0])
+    images, labels = load_images("digits", "train")
+    monkeypatch.setattr(metric, "load_images", lambda name, split, seed=0: (images.flip(0), labels.flip(0)))
+    train_classifier("digits", str(tmp_path))
+    monkeypatch.setattr(metric, "load_images", lambda name, split, seed=0: (images, labels))
+    train_classifier("digits", str(tmp_path))
+    assert seen[1][1] != seen[2][1]  # other images (a changed data set file, another split): never the same cache
