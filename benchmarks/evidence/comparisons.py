@@ -36,7 +36,7 @@ from .data import NUM_CLASSES, load_images
 from .flops import count_flops, sampling_flops_per_image
 from .metric import Evaluator, train_classifier
 from .presets import Preset
-from .sampling import generate, sampling_scheduler, seconds_per_image, single_model_pipeline
+from .sampling import balanced_labels, generate, sampling_scheduler, seconds_per_image, single_model_pipeline
 from .training import train_with_budget, uniform_timesteps
 
 PAPER_DECODER_DIFFICULTY = (1.0, (1.0 - 0.125) / (1.5 - 0.125), 0.0)  # -> decoder widths x1.5, x1, x0.125
@@ -191,9 +191,8 @@ class Context:
         pipelines = {name: pipe.to(self.device) for name, pipe in pipelines.items()}
         seconds = seconds_per_image(pipelines, steps, p.timing_batch, p.timing_repeats)
         self.log(f"[timing] {seconds}")
-        gflops = {
-            name: sampling_flops_per_image(pipe, steps, class_labels=[0]) / 1e9 for name, pipe in pipelines.items()
-        }
+        labels = balanced_labels(p.timing_batch).tolist()  # the timed batch (its first run's noise): mean per image
+        gflops = {name: sampling_flops_per_image(pipe, steps, labels) / 1e9 for name, pipe in pipelines.items()}
         return {name: (seconds[name], gflops[name]) for name in pipelines}
 
 

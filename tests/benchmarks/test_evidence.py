@@ -313,3 +313,14 @@ def test_the_classifier_trains_on_the_seeds_split_and_its_cache_is_keyed_on_the_
     monkeypatch.setattr(metric, "load_images", lambda name, split, seed=0: (images, labels))
     train_classifier("digits", str(tmp_path))
     assert seen[1][1] != seen[2][1]  # other images (a changed data set file, another split): never the same cache
+
+
+def test_sampling_flops_per_image_are_the_mean_over_the_timed_batch():
+    # an early-exit model's images cost different FLOPs: one image's count is not the per-image cost of the batch
+    # whose wall time is reported beside it
+    def pipeline(batch_size, num_inference_steps, class_labels, generator, output_type):
+        assert batch_size == len(class_labels)
+        for label in class_labels:  # 2 * (label + 1) FLOPs for each image
+            torch.ones(1, 1) @ torch.ones(1, label + 1)
+
+    assert sampling_flops_per_image(pipeline, 1, class_labels=[0, 1, 2, 3]) == 2 * (1 + 2 + 3 + 4) / 4
