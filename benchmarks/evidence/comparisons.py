@@ -34,7 +34,7 @@ from diffusers_stages.timestep_sampling import soft_assignment_timesteps, strati
 
 from .data import NUM_CLASSES, load_images
 from .flops import count_flops, sampling_flops_per_image
-from .metric import Evaluator, train_classifier
+from .metric import Evaluator, real_image_floor, train_classifier
 from .presets import Preset
 from .sampling import balanced_labels, generate, sampling_scheduler, seconds_per_image, single_model_pipeline
 from .training import train_with_budget, uniform_timesteps
@@ -127,9 +127,8 @@ class Context:
         classifier = train_classifier(p.dataset, self.cache_dir, seed=p.seed)
         reference = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(p.seed))
         self.evaluator = Evaluator(classifier, self.images[reference[: p.num_reference_images]])
-        # the metric's floor: held-out real images, as many as the generated sets
-        self.reference = self.evaluator.score(test_images[: p.num_eval_samples], test_labels[: p.num_eval_samples])
-        self.reference["count"] = min(len(test_images), p.num_eval_samples)
+        # the metric's floor: held-out real images at the generated sets' count (extrapolated when fewer are held out)
+        self.reference = real_image_floor(self.evaluator, test_images, test_labels, p.num_eval_samples, seed=p.seed)
         self.log(
             f"[metric] held-out real images: FD-classifier {self.reference['fd']:.2f}, "
             f"accuracy {self.reference['accuracy']:.3f}"

@@ -324,3 +324,24 @@ def test_sampling_flops_per_image_are_the_mean_over_the_timed_batch():
             torch.ones(1, 1) @ torch.ones(1, label + 1)
 
     assert sampling_flops_per_image(pipeline, 1, class_labels=[0, 1, 2, 3]) == 2 * (1 + 2 + 3 + 4) / 4
+
+
+def test_the_real_image_floor_is_scored_at_the_methods_sample_count():
+    # the Frechet distance falls with the sample count (about 1 / count): a floor scored on fewer images than the
+    # generated sets reads higher than a perfect generator's would
+    from benchmarks.evidence.metric import real_image_floor
+
+    torch.manual_seed(0)
+    net = FeatureClassifier(8, width=8).eval().requires_grad_(False)
+    reference = torch.rand(400, 1, 8, 8) * 2 - 1
+    held_out, labels = torch.rand(300, 1, 8, 8) * 2 - 1, torch.arange(300) % 7  # classes 7-9 absent: imbalanced
+    evaluator = Evaluator(net, reference)
+    floor = real_image_floor(evaluator, held_out, labels, 100)  # enough: as many images as the generated sets
+    assert floor["count"] == 100 and floor["held_out"] == 300
+    # classes in turn (as the generated labels 0, 1, ..., 9, 0, ...), each class's images in the data's order
+    balanced = torch.cat([torch.nonzero(labels == k)[: 15 if k < 2 else 14, 0] for k in range(7)])
+    assert floor["fd"] == pytest.approx(evaluator.score(held_out[balanced])["fd"], rel=1e-5)
+    floor = real_image_floor(evaluator, held_out, labels, 1000)  # too few: extrapolated in 1 / count to 1000
+    whole = evaluator.score(held_out, labels)
+    assert floor["count"] == 1000 and floor["held_out"] == 300 and floor["extrapolated"]
+    assert floor["fd"] < whole["fd"] and floor["accuracy"] == whole["accuracy"]
