@@ -345,3 +345,31 @@ def test_the_real_image_floor_is_scored_at_the_methods_sample_count():
     whole = evaluator.score(held_out, labels)
     assert floor["count"] == 1000 and floor["held_out"] == 300 and floor["extrapolated"]
     assert floor["fd"] < whole["fd"] and floor["accuracy"] == whole["accuracy"]
+
+
+def test_rows_measured_by_other_code_or_on_another_machine_are_not_kept(tmp_path, monkeypatch):
+    """The rows kept from an earlier run must have been measured by the same code on the same machine (timings of a
+    GPU run beside a CPU run's, or FLOPs counted before a counting fix, are not comparable); the results header
+    records the code's versions for the same reason."""
+    import json
+
+    from benchmarks.evidence.comparisons import Result
+
+    run_evidence = stand_in_comparisons(monkeypatch)
+    run_evidence.C.compare_experts = lambda ctx, base: [Result("2", "MEME 4 experts", 1e12, 1.0, 30.0, 0.5, 10)]
+    folder = ["--quick", "--output_dir", str(tmp_path)]
+
+    def saved():
+        with open(tmp_path / "quick" / "results.json", encoding="utf-8") as f:
+            return json.load(f)
+
+    run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "1,2"]))
+    versions = saved()["header"]["versions"]
+    assert {"diffusers_stages", "diffusers", "torch", "torchmetrics"} <= set(versions)
+    monkeypatch.setattr(run_evidence, "versions", lambda: {**versions, "diffusers_stages": "another commit"})
+    run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "2"]))
+    assert [r["comparison"] for r in saved()["results"]] == ["2"]
+    run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "1,2"]))
+    monkeypatch.setattr(run_evidence, "machine", lambda device: "another machine")
+    run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "2"]))
+    assert [r["comparison"] for r in saved()["results"]] == ["2"]
