@@ -127,7 +127,9 @@ def _floor_images(reference: dict) -> str:
             f"The {reference['held_out']} held-out real images (test split), extrapolated in 1 / count to "
             f"{reference['count']} images,"
         )
-    return f"{reference.get('count', 'The')} held-out real images (test split, classes in turn)"
+    if "extrapolated" in reference:  # scored by `real_image_floor`
+        return f"{reference['count']} held-out real images (test split, classes in turn)"
+    return f"{reference.get('count', 'The')} held-out real images (test split)"
 
 
 def write_markdown(path: str, header: dict, results: list[dict], spread: float) -> None:

@@ -345,6 +345,11 @@ def test_the_real_image_floor_is_scored_at_the_methods_sample_count():
     whole = evaluator.score(held_out, labels)
     assert floor["count"] == 1000 and floor["held_out"] == 300 and floor["extrapolated"]
     assert floor["fd"] < whole["fd"] and floor["accuracy"] == whole["accuracy"]
+    # the report says how the floor was had (and only what an older results.json recorded)
+    from benchmarks.evidence.report import _floor_images
+
+    assert "300 held-out real images (test split), extrapolated in 1 / count to 1000" in _floor_images(floor)
+    assert _floor_images({"fd": 6.4, "accuracy": 0.9, "count": 360}) == "360 held-out real images (test split)"
 
 
 def test_rows_measured_by_other_code_or_on_another_machine_are_not_kept(tmp_path, monkeypatch):
