@@ -8,7 +8,7 @@ Writes ``<output_dir>/<preset>/RESULTS.md`` (table and verdicts), ``results.json
 the index ``<output_dir>/RESULTS.md``. ``--output_dir`` defaults to a new temporary folder; the committed results were
 written with ``--output_dir benchmarks/results``. results.json is saved after every comparison; a run of some
 comparisons (``--comparisons 3``, to finish a stopped run) keeps the folder's rows of the others when they were saved
-with the same settings.
+with the same settings, code versions and machine (all recorded in its header).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,6 +87,29 @@ def machine(device: torch.device) -> str:
     return f"{platform.machine()} {name}, torch {torch.__version__}"
 
 
+def versions() -> dict[str, str]:
+    """The code that measured: the package (and its git commit when run from a checkout; not whether the checkout
+    has local changes, which a run writing into ``benchmarks/results`` makes itself) and the libraries whose kernels,
+    samplers and metric the numbers depend on."""
+    import diffusers
+    import torchmetrics
+
+    package = diffusers_stages.__version__
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:  # no git, or not a checkout: the package's version alone
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            package += f" ({commit.stdout.strip()})"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "diffusers_stages": package,
+        "diffusers": diffusers.__version__,
+        "torch": torch.__version__,
+        "torchmetrics": torchmetrics.__version__,
+    }
+
+
 def run(args) -> dict:
     start = time.perf_counter()
     overrides = {
@@ -102,13 +126,14 @@ def run(args) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     print(f"writing results to {out_dir}")
 
-    kept, kept_from = saved_rows(out_dir, preset, args.comparisons)
+    measured_by = {"machine": machine(ctx.device), "versions": versions()}  # kept rows must match these too
+    kept, kept_from = saved_rows(out_dir, preset, args.comparisons, measured_by)
 
     def save(results):  # after every comparison, so that an interrupted run keeps what it measured
         header = {
             "command": "python benchmarks/run_evidence.py " + " ".join(sys.argv[1:]),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": machine(ctx.device),
+            **measured_by,
             "preset": preset.to_dict(),
             "reference": ctx.reference,
             "budget_flops": ctx.budget,
@@ -134,10 +159,13 @@ def run(args) -> dict:
     return write_outputs(args.output_dir, preset.name)
 
 
-def saved_rows(out_dir: str, preset, comparisons: tuple[str, ...]) -> tuple[list[dict], str]:
+def saved_rows(
+    out_dir: str, preset, comparisons: tuple[str, ...], measured_by: dict | None = None
+) -> tuple[list[dict], str]:
     """The rows of the comparisons not run now from the folder's results.json, when it was written with the same
-    settings (a run stopped during comparison 3 is finished with ``--comparisons 3``), and where they came from;
-    none otherwise (rows of other settings are not comparable)."""
+    settings, and by the same code on the same machine (the header's entries ``measured_by``) (a run stopped during
+    comparison 3 is finished with ``--comparisons 3``), and where they came from; none otherwise (rows of other
+    settings, code or machines are not comparable)."""
     path = os.path.join(out_dir, "results.json")
     if not os.path.isfile(path):
         return [], ""
@@ -145,6 +173,7 @@ def saved_rows(out_dir: str, preset, comparisons: tuple[str, ...]) -> tuple[list
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
         same = saved["header"]["preset"] == json.loads(json.dumps(preset.to_dict()))  # tuples saved as lists
+        same = same and all(saved["header"].get(key) == value for key, value in (measured_by or {}).items())
     except (OSError, ValueError, KeyError, TypeError) as error:
         print(f"not keeping anything of {path}, which cannot be read: {type(error).__name__}: {error}")
         return [], ""

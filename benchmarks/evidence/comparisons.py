@@ -34,9 +34,9 @@ from diffusers_stages.timestep_sampling import soft_assignment_timesteps, strati
 
 from .data import NUM_CLASSES, load_images
 from .flops import count_flops, sampling_flops_per_image
-from .metric import Evaluator, train_classifier
+from .metric import Evaluator, real_image_floor, train_classifier
 from .presets import Preset
-from .sampling import generate, sampling_scheduler, seconds_per_image, single_model_pipeline
+from .sampling import balanced_labels, generate, sampling_scheduler, seconds_per_image, single_model_pipeline
 from .training import train_with_budget, uniform_timesteps
 
 PAPER_DECODER_DIFFICULTY = (1.0, (1.0 - 0.125) / (1.5 - 0.125), 0.0)  # -> decoder widths x1.5, x1, x0.125
@@ -127,9 +127,8 @@ class Context:
         classifier = train_classifier(p.dataset, self.cache_dir, seed=p.seed)
         reference = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(p.seed))
         self.evaluator = Evaluator(classifier, self.images[reference[: p.num_reference_images]])
-        # the metric's floor: held-out real images, as many as the generated sets
-        self.reference = self.evaluator.score(test_images[: p.num_eval_samples], test_labels[: p.num_eval_samples])
-        self.reference["count"] = min(len(test_images), p.num_eval_samples)
+        # the metric's floor: held-out real images at the generated sets' count (extrapolated when fewer are held out)
+        self.reference = real_image_floor(self.evaluator, test_images, test_labels, p.num_eval_samples, seed=p.seed)
         self.log(
             f"[metric] held-out real images: FD-classifier {self.reference['fd']:.2f}, "
             f"accuracy {self.reference['accuracy']:.3f}"
@@ -191,9 +190,8 @@ class Context:
         pipelines = {name: pipe.to(self.device) for name, pipe in pipelines.items()}
         seconds = seconds_per_image(pipelines, steps, p.timing_batch, p.timing_repeats)
         self.log(f"[timing] {seconds}")
-        gflops = {
-            name: sampling_flops_per_image(pipe, steps, class_labels=[0]) / 1e9 for name, pipe in pipelines.items()
-        }
+        labels = balanced_labels(p.timing_batch).tolist()  # the timed batch (its first run's noise): mean per image
+        gflops = {name: sampling_flops_per_image(pipe, steps, labels) / 1e9 for name, pipe in pipelines.items()}
         return {name: (seconds[name], gflops[name]) for name in pipelines}
 
 

@@ -120,6 +120,18 @@ def _fmt(value, pattern):
     return "" if value is None else pattern.format(value)
 
 
+def _floor_images(reference: dict) -> str:
+    """Which held-out images give the floor (results saved before `real_image_floor` name only a count)."""
+    if reference.get("extrapolated"):
+        return (
+            f"The {reference['held_out']} held-out real images (test split), extrapolated in 1 / count to "
+            f"{reference['count']} images,"
+        )
+    if "extrapolated" in reference:  # scored by `real_image_floor`
+        return f"{reference['count']} held-out real images (test split, classes in turn)"
+    return f"{reference.get('count', 'The')} held-out real images (test split)"
+
+
 def write_markdown(path: str, header: dict, results: list[dict], spread: float) -> None:
     """The results table, one section per comparison, with the command, machine and metric floor on top."""
     read = verdicts(results, spread)
@@ -137,8 +149,8 @@ def write_markdown(path: str, header: dict, results: list[dict], spread: float) 
         f"balanced). {header['preset']['num_eval_samples']} samples per score, DDIM "
         f"{header['preset']['num_inference_steps']} steps, no guidance.",
         "",
-        f"**Floor and noise.** {header['reference'].get('count', 'The')} held-out real images (test split) score "
-        f"FD-classifier {header['reference']['fd']:.2f} "
+        f"**Floor and noise.** {_floor_images(header['reference'])} score FD-classifier "
+        f"{header['reference']['fd']:.2f} "
         f"(accuracy {header['reference']['accuracy']:.3f}). Re-sampling the baseline with another seed moves its "
         f"score by {spread:.2f}: smaller differences are noise.",
         "",

@@ -295,3 +295,86 @@ def test_sampling_flops_per_image_are_counted_on_seeded_noise():
         return torch.ones(size, 1) @ torch.ones(1, 1)
 
     assert sampling_flops_per_image(pipeline, 1) == sampling_flops_per_image(pipeline, 1)
+
+
+def test_the_classifier_trains_on_the_seeds_split_and_its_cache_is_keyed_on_the_data(tmp_path, monkeypatch):
+    import benchmarks.evidence.metric as metric
+
+    seen = []
+    monkeypatch.setattr(
+        metric, "train_on_images", lambda images, labels, **kw: seen.append((images, kw["cache_path"]))
+    )
+    train_classifier("digits", str(tmp_path), seed=1)
+    # the split the benchmark trains and scores on for this seed (its test images are held out from the classifier)
+    assert torch.equal(seen[0][0], load_images("digits", "train", seed=1)[0])
+    images, labels = load_images("digits", "train")
+    monkeypatch.setattr(metric, "load_images", lambda name, split, seed=0: (images.flip(0), labels.flip(0)))
+    train_classifier("digits", str(tmp_path))
+    monkeypatch.setattr(metric, "load_images", lambda name, split, seed=0: (images, labels))
+    train_classifier("digits", str(tmp_path))
+    assert seen[1][1] != seen[2][1]  # other images (a changed data set file, another split): never the same cache
+
+
+def test_sampling_flops_per_image_are_the_mean_over_the_timed_batch():
+    # an early-exit model's images cost different FLOPs: one image's count is not the per-image cost of the batch
+    # whose wall time is reported beside it
+    def pipeline(batch_size, num_inference_steps, class_labels, generator, output_type):
+        assert batch_size == len(class_labels)
+        for label in class_labels:  # 2 * (label + 1) FLOPs for each image
+            torch.ones(1, 1) @ torch.ones(1, label + 1)
+
+    assert sampling_flops_per_image(pipeline, 1, class_labels=[0, 1, 2, 3]) == 2 * (1 + 2 + 3 + 4) / 4
+
+
+def test_the_real_image_floor_is_scored_at_the_methods_sample_count():
+    # the Frechet distance falls with the sample count (about 1 / count): a floor scored on fewer images than the
+    # generated sets reads higher than a perfect generator's would
+    from benchmarks.evidence.metric import real_image_floor
+
+    torch.manual_seed(0)
+    net = FeatureClassifier(8, width=8).eval().requires_grad_(False)
+    reference = torch.rand(400, 1, 8, 8) * 2 - 1
+    held_out, labels = torch.rand(300, 1, 8, 8) * 2 - 1, torch.arange(300) % 7  # classes 7-9 absent: imbalanced
+    evaluator = Evaluator(net, reference)
+    floor = real_image_floor(evaluator, held_out, labels, 100)  # enough: as many images as the generated sets
+    assert floor["count"] == 100 and floor["held_out"] == 300
+    # classes in turn (as the generated labels 0, 1, ..., 9, 0, ...), each class's images in the data's order
+    balanced = torch.cat([torch.nonzero(labels == k)[: 15 if k < 2 else 14, 0] for k in range(7)])
+    assert floor["fd"] == pytest.approx(evaluator.score(held_out[balanced])["fd"], rel=1e-5)
+    floor = real_image_floor(evaluator, held_out, labels, 1000)  # too few: extrapolated in 1 / count to 1000
+    whole = evaluator.score(held_out, labels)
+    assert floor["count"] == 1000 and floor["held_out"] == 300 and floor["extrapolated"]
+    assert floor["fd"] < whole["fd"] and floor["accuracy"] == whole["accuracy"]
+    # the report says how the floor was had (and only what an older results.json recorded)
+    from benchmarks.evidence.report import _floor_images
+
+    assert "300 held-out real images (test split), extrapolated in 1 / count to 1000" in _floor_images(floor)
+    assert _floor_images({"fd": 6.4, "accuracy": 0.9, "count": 360}) == "360 held-out real images (test split)"
+
+
+def test_rows_measured_by_other_code_or_on_another_machine_are_not_kept(tmp_path, monkeypatch):
+    """The rows kept from an earlier run must have been measured by the same code on the same machine (timings of a
+    GPU run beside a CPU run's, or FLOPs counted before a counting fix, are not comparable); the results header
+    records the code's versions for the same reason."""
+    import json
+
+    from benchmarks.evidence.comparisons import Result
+
+    run_evidence = stand_in_comparisons(monkeypatch)
+    run_evidence.C.compare_experts = lambda ctx, base: [Result("2", "MEME 4 experts", 1e12, 1.0, 30.0, 0.5, 10)]
+    folder = ["--quick", "--output_dir", str(tmp_path)]
+
+    def saved():
+        with open(tmp_path / "quick" / "results.json", encoding="utf-8") as f:
+            return json.load(f)
+
+    run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "1,2"]))
+    versions = saved()["header"]["versions"]
+    assert {"diffusers_stages", "diffusers", "torch", "torchmetrics"} <= set(versions)
+    monkeypatch.setattr(run_evidence, "versions", lambda: {**versions, "diffusers_stages": "another commit"})
+    run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "2"]))
+    assert [r["comparison"] for r in saved()["results"]] == ["2"]
+    run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "1,2"]))
+    monkeypatch.setattr(run_evidence, "machine", lambda device: "another machine")
+    run_evidence.run(run_evidence.parse_args([*folder, "--comparisons", "2"]))
+    assert [r["comparison"] for r in saved()["results"]] == ["2"]
