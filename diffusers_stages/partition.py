@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -111,9 +112,11 @@ class TimestepPartition:
         return cls([f * num_train_timesteps for f in values], num_train_timesteps, "timestep")
 
     @classmethod
-    def from_config(cls, config: dict) -> TimestepPartition:
-        """Rebuild from the keys written by [`~TimestepPartition.to_config`] (a model or pipeline config, or a
-        model's arguments); a `ValueError` names those keys (``stage_boundaries``, ``boundary_units``)."""
+    def from_config(cls, config: dict | None = None, /, **keys: Any) -> TimestepPartition:
+        """Rebuild from the keys written by [`~TimestepPartition.to_config`], given as a dict (a model or pipeline
+        config) or as keywords (a model's arguments); a `ValueError` names those keys (``stage_boundaries``,
+        ``boundary_units``)."""
+        config = {**(config or {}), **keys}
         try:
             return cls(config["stage_boundaries"], config["num_train_timesteps"], config["boundary_units"])
         except ValueError as error:

@@ -406,11 +406,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         """Check the experts against the partition (a `ValueError` naming the argument); returns the partition and
         the experts as a list."""
         partition = TimestepPartition.from_config(
-            {
-                "stage_boundaries": stage_boundaries,
-                "num_train_timesteps": num_train_timesteps,
-                "boundary_units": boundary_units,
-            }
+            stage_boundaries=stage_boundaries, num_train_timesteps=num_train_timesteps, boundary_units=boundary_units
         )
         experts = list(experts) if isinstance(experts, (list, tuple, nn.ModuleList)) else None
         if experts is None or len(experts) != partition.num_stages:

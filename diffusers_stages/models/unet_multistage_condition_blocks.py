@@ -142,11 +142,7 @@ def check_config(
         num_attention_heads=num_attention_heads,
     )
     partition = TimestepPartition.from_config(
-        {
-            "stage_boundaries": stage_boundaries,
-            "num_train_timesteps": num_train_timesteps,
-            "boundary_units": boundary_units,
-        }
+        stage_boundaries=stage_boundaries, num_train_timesteps=num_train_timesteps, boundary_units=boundary_units
     )
     decoder_block_out_channels = resolve_decoder_widths(
         decoder_block_out_channels, block_out_channels, partition, norm_num_groups

@@ -411,11 +411,7 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
         """Check a configuration before anything is built (a `ValueError` naming the argument; group counts are
         checked as the layers are built); returns the partition."""
         partition = TimestepPartition.from_config(
-            {
-                "stage_boundaries": stage_boundaries,
-                "num_train_timesteps": num_train_timesteps,
-                "boundary_units": boundary_units,
-            }
+            stage_boundaries=stage_boundaries, num_train_timesteps=num_train_timesteps, boundary_units=boundary_units
         )
         if not isinstance(decoder_channels, Sequence) or isinstance(decoder_channels, str):
             raise ValueError(

@@ -535,9 +535,8 @@ def _finish(state: RunState, global_step: int) -> None:
     if accelerator.is_main_process:
         for name, ema in state.emas.items():
             ema.copy_to(trained[name].parameters())
-        state.vae = _saved_vae(
-            state, on_device=True
-        )  # training is over: saved and sampled as the pipeline folder holds it
+        # training is over: saved and sampled as the pipeline folder holds it
+        state.vae = _saved_vae(state, on_device=True)
         publish_pipeline(
             args.output_dir, lambda folder: task.save(trained, state.sampling_scheduler, state.vae, folder)
         )
