@@ -65,6 +65,35 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     learned variance as well (``out_channels`` twice ``in_channels``, as DiT) gives the scheduler its first half,
     unless the scheduler uses learned variances itself (guidance then applies to the first half only, and the
     variance is the conditional prediction's, as in DiT).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import DDIMScheduler, UNet2DModel
+    >>> from diffusers_stages import StagedDiffusionPipeline, TimestepPartition
+    >>> class TwoUNetPipeline(StagedDiffusionPipeline):  # `noisy` denoises t >= 500, `clean` the rest
+    ...     def __init__(self, clean, noisy, scheduler):
+    ...         super().__init__()
+    ...         self.register_modules(clean=clean, noisy=noisy, scheduler=scheduler)
+    ...
+    ...     @property
+    ...     def partition(self):
+    ...         return TimestepPartition([500])
+    ...
+    ...     def stage_denoiser(self, stage):  # stage 0 is the clean end
+    ...         return (self.clean, self.noisy)[stage], {}
+    >>> def unet():
+    ...     return UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+    ...                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    >>> pipe = TwoUNetPipeline(unet(), unet(), DDIMScheduler())
+    >>> pipe.expert_schedule(num_inference_steps=4)  # (timestep, stage) of each model call
+    [(750.0, 1), (500.0, 1), (250.0, 0), (0.0, 0)]
+    >>> pipe.set_progress_bar_config(disable=True)
+    >>> pipe(batch_size=2, num_inference_steps=4, generator=torch.manual_seed(0), output_type="np").images.shape
+    (2, 8, 8, 3)
+
+    ```
     """
 
     _optional_components: ClassVar[list[str]] = ["vae"]

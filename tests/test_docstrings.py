@@ -1,8 +1,10 @@
-"""Every `>>>` example in the library's docstrings runs and gives what it shows."""
+"""Every `>>>` example in the library's docstrings runs and gives what it shows; every exported class shows one (the
+project's standard for its public API)."""
 
 import doctest
 import importlib
 import importlib.util
+import inspect
 import pkgutil
 
 import pytest
@@ -30,3 +32,22 @@ def test_docstring_examples(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
     assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
+
+
+# the public API: what these packages export in `__all__` (a package without `__all__` exports nothing checked here)
+PUBLIC_PACKAGES = [*ROOTS, "diffusers_stages.models", "diffusers_stages.planning", "diffusers_stages.training"]
+
+
+def _exports() -> list[tuple[str, object]]:
+    exports = []
+    for name in PUBLIC_PACKAGES:
+        if importlib.util.find_spec(name) is not None:
+            package = importlib.import_module(name)
+            exports += [(f"{name}.{export}", getattr(package, export)) for export in getattr(package, "__all__", ())]
+    return exports
+
+
+def test_public_classes_show_an_example():
+    """The project's standard: every exported class's own docstring has a `>>>` example (run by the test above)."""
+    missing = [name for name, obj in _exports() if inspect.isclass(obj) and ">>>" not in (obj.__doc__ or "")]
+    assert not missing, f"exported classes without a `>>>` example in their docstring: {sorted(set(missing))}"

@@ -174,7 +174,27 @@ def resolve_decoder_widths(
 
 
 class StageDecoder(SkipAdapters):
-    """One stage's decoder: skip adapters, the up path of a `UNet2DModel`, and the output head."""
+    """One stage's decoder: skip adapters, the up path of a `UNet2DModel`, and the output head.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_stages import MultiStageUNet2DModel
+    >>> from diffusers_stages.models import StageDecoder
+    >>> model = MultiStageUNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+    ...     down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    ...     stage_boundaries=[500], decoder_block_out_channels=((8, 16), (4, 8)))
+    >>> decoder = model.decoders[1]  # the noisy stage's, half as wide as the encoder: its adapters narrow the skips
+    >>> isinstance(decoder, StageDecoder), decoder.conv_out.in_channels
+    (True, 4)
+    >>> x = torch.randn(2, 3, 8, 8)
+    >>> hidden, skips, emb, _ = model.encode(x, 700)  # the shared encoder's outputs
+    >>> torch.allclose(decoder(hidden, list(skips), emb), model(x, 700).sample)
+    True
+
+    ```
+    """
 
     def __init__(
         self,

@@ -51,6 +51,24 @@ class BudgetPlan:
         budget: the budget.
         stage_flops: FLOPs of one model call (or one training sample) in each stage, encoder included.
         stage_calls: model calls per image (or samples per training step) falling in each stage.
+
+    Example:
+
+    ```py
+    >>> from diffusers import DDIMScheduler
+    >>> from diffusers_stages import TimestepPartition
+    >>> from diffusers_stages.planning import BudgetPlan, widths_for_budget
+    >>> config = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+    ...               down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    ...               norm_num_groups=8)
+    >>> plan = widths_for_budget(config, TimestepPartition([500]), difficulty=[0.8, 0.2], budget=3e7,  # per image
+    ...                          num_inference_steps=4, scheduler=DDIMScheduler(), scales=(0.5, 1.0))  # of 4 steps
+    >>> isinstance(plan, BudgetPlan), plan.widths, plan.stage_calls  # the harder (clean) stage keeps the full widths
+    (True, ((16, 32), (8, 16)), [2.0, 2.0])
+    >>> plan.expected_flops <= plan.budget
+    True
+
+    ```
     """
 
     widths: tuple[tuple[int, ...], ...]

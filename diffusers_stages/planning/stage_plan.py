@@ -32,6 +32,20 @@ class StagePlan:
         alpha: the mean-similarity threshold the boundaries were drawn with (Algorithm 1 only), for plotting.
         stage_difficulty: each stage's difficulty in ``[0, 1]``, when widths were planned ([`stage_difficulty`]).
         budget: the decoder widths chosen for a FLOP budget ([`~diffusers_stages.planning.budget.BudgetPlan`]).
+
+    Example:
+
+    ```py
+    >>> from diffusers import DDPMScheduler
+    >>> from diffusers_stages.planning import StagePlan, plan_stages
+    >>> plan = plan_stages(None, DDPMScheduler(), num_stages=4, method="uniform")
+    >>> isinstance(plan, StagePlan), plan.partition.boundaries, plan.fractions
+    (True, (250.0, 500.0, 750.0), [0.25, 0.5, 0.75])
+    >>> plan.to_dict()  # what `python -m diffusers_stages.plan` prints
+    {'method': 'uniform', 'stage_boundaries': [250.0, 500.0, 750.0], 'num_train_timesteps': 1000,
+     'boundary_units': 'timestep', 'fractions': [0.25, 0.5, 0.75]}
+
+    ```
     """
 
     partition: TimestepPartition

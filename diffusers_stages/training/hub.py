@@ -43,6 +43,23 @@ class LocalHubApi:
 
     Files are chosen by the same `filter_repo_objects` selection `HfApi.upload_folder` uses, so a push tested
     offline uploads exactly what a real one would.
+
+    Example:
+
+    ```py
+    >>> import os, tempfile
+    >>> from diffusers_stages.training import LocalHubApi, push_output_folder
+    >>> with tempfile.TemporaryDirectory() as root:
+    ...     run = os.path.join(root, "run")
+    ...     os.makedirs(os.path.join(run, "checkpoint-10"))
+    ...     for name in ("model_index.json", "checkpoint-10/optimizer.bin"):
+    ...         open(os.path.join(run, name), "w").close()
+    ...     api = LocalHubApi(os.path.join(root, "hub"))
+    ...     pushed = push_output_folder(run, "me/run", "A test run.", [], class_conditional=False, api=api)
+    ...     sorted(os.listdir(pushed))  # the model card is written, checkpoints are left out
+    ['README.md', 'model_index.json']
+
+    ```
     """
 
     def __init__(self, root: str):

@@ -86,7 +86,42 @@ def _unet_downsampling(shape: dict) -> int:
 
 
 class TrainingTask:
-    """Base class: a partition of the schedule, named networks, a batch plan per step, and a saved pipeline."""
+    """Base class: a partition of the schedule, named networks, a batch plan per step, and a saved pipeline.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
+    >>> from diffusers_stages import TimestepPartition
+    >>> from diffusers_stages.training import TrainingTask, build_parser
+    >>> from diffusers_stages.training.tasks import Draw
+    >>> class PlainUNetTask(TrainingTask):  # one UNet2DModel on every timestep, saved as a DDIMPipeline
+    ...     method, downsampling = "plain U-Net", 2
+    ...
+    ...     def build_partition(self, args):
+    ...         return TimestepPartition([], args.num_train_timesteps)  # one stage: the whole schedule
+    ...
+    ...     def build_networks(self, in_channels, sample_size, num_class_embeds):
+    ...         return {"unet": UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+    ...             block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+    ...             down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))}
+    ...
+    ...     def draw(self, batch_size, generator):  # every sample to network 0, at stratified timesteps
+    ...         timesteps, _ = self._stratified(batch_size, generator)
+    ...         return Draw(torch.arange(batch_size), timesteps, torch.zeros(batch_size, dtype=torch.long))
+    ...
+    ...     def pipeline(self, networks, scheduler, vae=None):
+    ...         return DDIMPipeline(unet=networks["unet"], scheduler=scheduler)
+    >>> task = PlainUNetTask(build_parser("train_plain_unet.py").parse_args([]))
+    >>> unet = task.build_networks(in_channels=3, sample_size=8, num_class_embeds=None)["unet"]
+    >>> draw = task.draw(batch_size=4, generator=torch.manual_seed(0))
+    >>> clean, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    >>> task.loss(unet, DDPMScheduler(), clean[draw.rows], draw.timesteps, noise).shape  # per sample, as the loop logs
+    torch.Size([4])
+
+    ```
+    """
 
     method = ""
     tags: tuple[str, ...] = ()

@@ -45,7 +45,29 @@ def check_no_unet_arguments(args) -> None:
 
 
 class DualBackboneTask(TrainingTask):
-    """DuoDiff (arXiv 2410.09633): a shallow and a deep denoiser, both trained on all timesteps."""
+    """DuoDiff (arXiv 2410.09633): a shallow and a deep denoiser, both trained on all timesteps.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import DDIMScheduler
+    >>> from diffusers_stages.training import DualBackboneTask, build_parser
+    >>> args = build_parser("train_dual_backbone.py").parse_args(["--block_out_channels", "8,16",
+    ...     "--layers_per_block", "2", "--norm_num_groups", "4"])
+    >>> vars(args).update(backbones="both", shallow_block_out_channels=None, shallow_layers_per_block=1,
+    ...     switch_step_fraction=None, switch_timestep=None)  # options of train_dual_backbone.py's own
+    >>> task = DualBackboneTask(args)
+    >>> networks = task.build_networks(in_channels=3, sample_size=8, num_class_embeds=None)
+    >>> {name: network.config.layers_per_block for name, network in networks.items()}
+    {'shallow': 1, 'deep': 2}
+    >>> task.draw(batch_size=2, generator=torch.manual_seed(0)).network  # each network gets the whole batch
+    tensor([0, 0, 1, 1])
+    >>> task.pipeline(networks, DDIMScheduler()).config.switch_step_fraction  # the default switch
+    0.4
+
+    ```
+    """
 
     method = "dual backbone (shallow + deep)"
     tags = ("dual-backbone", "duodiff")

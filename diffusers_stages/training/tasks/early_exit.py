@@ -16,7 +16,27 @@ from .dual_backbone import check_backbone_arguments, check_no_unet_arguments
 class EarlyExitTask(TrainingTask):
     """AdaDiff-style early exit: an `EarlyExitUViT2DModel` of `--deep_depth` blocks (the U-ViT arguments of the
     dual-backbone script), saved as a one-expert `ExpertRoutingPipeline`; set the model's ``exit_threshold`` to
-    sample with early exits."""
+    sample with early exits.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import DDIMScheduler, DDPMScheduler
+    >>> from diffusers_stages.training import EarlyExitTask, build_parser
+    >>> args = build_parser("train_dual_backbone.py").parse_args([])
+    >>> vars(args).update(backbone="early_exit", deep_depth=3, uvit_hidden_size=16, uvit_patch_size=2,
+    ...     uvit_num_attention_heads=2)  # options of train_dual_backbone.py's own
+    >>> task = EarlyExitTask(args)
+    >>> model = task.build_networks(in_channels=3, sample_size=8, num_class_embeds=None)["model"]
+    >>> clean, noise = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    >>> task.loss(model, DDPMScheduler(), clean, torch.tensor([10, 900]), noise).shape  # every exit's, per sample
+    torch.Size([2])
+    >>> type(task.pipeline({"model": model}, DDIMScheduler())).__name__
+    'ExpertRoutingPipeline'
+
+    ```
+    """
 
     method = "early exit (AdaDiff-style U-ViT)"
     tags = ("early-exit", "adadiff")

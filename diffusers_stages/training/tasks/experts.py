@@ -41,7 +41,28 @@ MEME_NUM_EXPERTS = 4  # uniform intervals without `--num_experts` or `--stage_bo
 
 
 class ExpertTask(TrainingTask):
-    """MEME (Lee et al., AAAI 2024): one U-Net per interval, all in one run or one per run, soft or hard assignment."""
+    """MEME (Lee et al., AAAI 2024): one U-Net per interval, all in one run or one per run, soft or hard assignment.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_stages.training import ExpertTask, build_parser
+    >>> args = build_parser("train_experts.py").parse_args(["--block_out_channels", "8,16", "--layers_per_block", "1",
+    ...     "--norm_num_groups", "4", "--train_batch_size", "6"])
+    >>> vars(args).update(num_experts=2, assignment="soft", own_interval_probability=(0.8, 0.4), expert_index=None,
+    ...     expert_block_out_channels=None, expert_attention_shares=None, assemble_experts=None)  # the script's own
+    >>> task = ExpertTask(args)
+    >>> task.partition
+    TimestepPartition(boundaries=[500.0], num_train_timesteps=1000, units='timestep')
+    >>> sorted(task.build_networks(in_channels=3, sample_size=8, num_class_embeds=None))
+    ['expert_0', 'expert_1']
+    >>> draw = task.draw(batch_size=6, generator=torch.manual_seed(0))
+    >>> draw.network, draw.timesteps  # soft assignment: expert 0 also draws from outside [0, 500) (601)
+    (tensor([0, 0, 0, 1, 1, 1]), tensor([497, 183, 601, 368, 294,  33]))
+
+    ```
+    """
 
     method = "multi-expert denoisers"
     tags = ("multi-expert", "meme")

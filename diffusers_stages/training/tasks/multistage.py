@@ -104,7 +104,25 @@ class MultiStageTask(TrainingTask):
     """Zhang et al. (CVPR 2024): shared encoder, one decoder per stage, all trained jointly on stratified batches.
 
     With `--pretrained_model_name_or_path` the networks, the stages and the noise schedule are those of an existing
-    `MultiStagePipeline` folder (fine-tuning) instead of being built from the arguments."""
+    `MultiStagePipeline` folder (fine-tuning) instead of being built from the arguments.
+
+    Example:
+
+    ```py
+    >>> from diffusers import DDIMScheduler
+    >>> from diffusers_stages.training import MultiStageTask, build_parser
+    >>> args = build_parser("train_multistage.py").parse_args(["--block_out_channels", "8,16", "--layers_per_block", "1",
+    ...     "--norm_num_groups", "4", "--stage_boundaries", "300", "600"])
+    >>> args.decoder_block_out_channels = [[8, 16], [8, 16], [4, 8]]  # an option of train_multistage.py's own
+    >>> task = MultiStageTask(args)
+    >>> unet = task.build_networks(in_channels=3, sample_size=8, num_class_embeds=None)["unet"]
+    >>> type(unet).__name__, unet.config.stage_boundaries, unet.config.decoder_block_out_channels
+    ('MultiStageUNet2DModel', [300.0, 600.0], [[8, 16], [8, 16], [4, 8]])
+    >>> type(task.pipeline({"unet": unet}, DDIMScheduler())).__name__  # what the run saves
+    'MultiStagePipeline'
+
+    ```
+    """
 
     method = "multi-stage multi-decoder U-Net"
     tags = ("multi-stage", "multi-decoder")
