@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -36,7 +37,7 @@ def _per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 def diffusion_loss(
     model: Callable,
-    noise_scheduler,
+    noise_scheduler: SchedulerMixin,
     clean: torch.Tensor,
     timesteps: torch.Tensor,
     noise: torch.Tensor | None = None,

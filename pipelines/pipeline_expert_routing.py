@@ -132,7 +132,7 @@ def _check_experts(experts: torch.nn.Module) -> None:
 @torch.no_grad()
 def record_exit_profile(
     model: EarlyExitUViT2DModel,
-    scheduler,
+    scheduler: SchedulerMixin,
     num_inference_steps: int = 50,
     exit_threshold: float | None = None,
     batch_size: int = 1,

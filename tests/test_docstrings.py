@@ -1,5 +1,5 @@
-"""Every `>>>` example in the library's docstrings runs and gives what it shows; every exported class shows one (the
-project's standard for its public API)."""
+"""Every `>>>` example in the library's docstrings runs and gives what it shows; every exported class shows one, and
+every exported function is typed (the project's standard for its public API)."""
 
 import doctest
 import importlib
@@ -47,7 +47,28 @@ def _exports() -> list[tuple[str, object]]:
     return exports
 
 
+def _unannotated(function) -> list[str]:
+    """The parameters (besides self, cls, *args and **kwargs) and the return of ``function`` that have no type."""
+    signature = inspect.signature(function)
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    missing = [
+        name
+        for name, parameter in signature.parameters.items()
+        if parameter.annotation is inspect.Parameter.empty
+        and name not in ("self", "cls")
+        and parameter.kind not in variadic
+    ]
+    return missing + (["return"] if signature.return_annotation is inspect.Signature.empty else [])
+
+
 def test_public_classes_show_an_example():
     """The project's standard: every exported class's own docstring has a `>>>` example (run by the test above)."""
     missing = [name for name, obj in _exports() if inspect.isclass(obj) and ">>>" not in (obj.__doc__ or "")]
     assert not missing, f"exported classes without a `>>>` example in their docstring: {sorted(set(missing))}"
+
+
+def test_public_functions_are_typed():
+    """The project's standard: every parameter and the return of an exported function are annotated."""
+    untyped = {name: _unannotated(obj) for name, obj in _exports() if callable(obj) and not inspect.isclass(obj)}
+    untyped = {name: missing for name, missing in untyped.items() if missing}
+    assert not untyped, f"exported functions with unannotated parameters or return: {untyped}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,10 +22,13 @@ from .methods import (
 from .schedule import NoiseSchedule
 from .sizing import stage_difficulty
 
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
 
 def plan_stages(
     data: torch.Tensor | None,
-    schedule,
+    schedule: NoiseSchedule | SchedulerMixin,
     num_stages: int = 3,
     method: str = "optimal_denoiser",
     alpha: float = 0.9,
@@ -40,7 +44,7 @@ def plan_stages(
     budget: float | None = None,
     model_config: Mapping | None = None,
     num_inference_steps: int | None = None,
-    sampling_scheduler=None,
+    sampling_scheduler: SchedulerMixin | None = None,
     batch_size: int = 1,
     architecture: str = "multistage",
 ) -> StagePlan:

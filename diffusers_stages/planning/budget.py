@@ -26,6 +26,7 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from ..partition import TimestepPartition
 from ..schedulers import check_scheduler_units, model_call_timesteps
 from ..timestep_sampling import stage_mass
 from .sizing import config_value, partition_to_model_config, plain_config, scaled_widths, width_multiple
+
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 ARCHITECTURES = ("multistage", "experts")
 DEFAULT_SCALES = tuple(k / 8 for k in range(1, 17))  # x0.125 (the paper's smallest decoder) to x2 of the encoder
@@ -230,7 +234,7 @@ def expected_flops(
     partition: TimestepPartition,
     widths: Sequence[Sequence[int]],
     num_inference_steps: int | None = None,
-    scheduler=None,
+    scheduler: SchedulerMixin | None = None,
     batch_size: int = 1,
     architecture: str = "multistage",
 ) -> float:
@@ -249,7 +253,7 @@ def widths_for_budget(
     difficulty: Sequence[float],
     budget: float,
     num_inference_steps: int | None = None,
-    scheduler=None,
+    scheduler: SchedulerMixin | None = None,
     batch_size: int = 1,
     architecture: str = "multistage",
     scales: Sequence[float] = DEFAULT_SCALES,

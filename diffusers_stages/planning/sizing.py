@@ -16,12 +16,16 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..partition import TimestepPartition
 from .optimal_denoiser import _check_data, check_planning_data
 from .schedule import NoiseSchedule
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
 PAPER_SCALES = (0.125, 1.5)  # Zhang et al., CIFAR-10: decoders 16 and 192 around a 128-wide encoder
 
@@ -161,7 +165,7 @@ def plain_config(config: Mapping) -> dict:
 
 
 def partition_to_model_config(
-    config,
+    config: Mapping | ModelMixin,
     partition: TimestepPartition,
     decoder_block_out_channels: Sequence[Sequence[int]] | None = None,
 ) -> dict:

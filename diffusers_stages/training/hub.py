@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
 from huggingface_hub import ModelCard, ModelCardData, create_repo
@@ -16,6 +17,9 @@ from ..conventions import num_data_classes
 from ..hub import check_upload_folder, error_summary
 from ..pipelines.pipeline_staged import label_ids
 from .args import hub_repo_name
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "samples/*", "*.pkl", "*.bin"]
 MODEL_CARD_TODO_START = "## Intended uses & limitations"
@@ -118,7 +122,7 @@ def push_output_folder(
     tags: list[str],
     *,
     class_conditional: bool,
-    api=None,
+    api: HfApi | LocalHubApi | None = None,
     token: str | None = None,
     private: bool | None = None,
     logging_dir: str | None = None,

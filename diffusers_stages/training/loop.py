@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -94,7 +95,9 @@ def step_generator(seed: int, process_index: int, micro_step: int) -> torch.Gene
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def parse_and_check(parser: argparse.ArgumentParser, task_class: type[TrainingTask], argv=None) -> argparse.Namespace:
+def parse_and_check(
+    parser: argparse.ArgumentParser, task_class: type[TrainingTask], argv: Sequence[str] | None = None
+) -> argparse.Namespace:
     """Parse a script's arguments and run every check that needs no training; a problem exits with a usage error.
 
     The task built for the checks is kept: `build_task` hands it to the training run of the same arguments."""

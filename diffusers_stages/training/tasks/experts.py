@@ -280,7 +280,7 @@ def _load_expert(folder: str) -> ModelMixin:
     return load_strictly(EXPERT_CLASSES[name], folder)
 
 
-def assemble_expert_runs(run_dirs: list[str]):
+def assemble_expert_runs(run_dirs: list[str]) -> ExpertRoutingPipeline:
     """Gather the experts of one-expert-per-run folders into an `ExpertRoutingPipeline` (scheduler and VAE of the
     first run); refuses runs whose partitions, prediction types, schedulers or VAEs differ, or that miss or repeat an
     expert."""
