@@ -60,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "expert n only (saved as any one-expert run, to assemble with the others). Its experts (IUNet2DModel or "
         "UNet2DModel), stage boundaries and noise schedule are kept, and the result is saved with its scheduler. "
         "Refused with it: `--num_experts`, `--stage_boundaries`, `--expert_block_out_channels`, "
-        "`--expert_attention_shares`, `--model_config` and the U-Net shape options. Must repeat the source's values (an "
-        "error names them): `--boundary_units`, `--num_train_timesteps`, `--ddpm_beta_schedule` (DDPM-style), "
+        "`--expert_attention_shares`, `--model_config` and the U-Net shape options. Must repeat the source's values "
+        "(an error names them): `--boundary_units`, `--num_train_timesteps`, `--ddpm_beta_schedule` (DDPM-style), "
         "`--prediction_type`. Without `--vae_path` the folder's own VAE is used, if it has one. The data must fit the "
         "experts: channels, `--resolution` = their sample_size (x the VAE's down-sampling), `--class_conditional` "
         "classes + 1 = their num_class_embeds.",

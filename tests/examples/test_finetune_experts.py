@@ -9,7 +9,6 @@ import shutil
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from safetensors.torch import load_file
 
 from diffusers_stages import (
     ExpertRoutingModel,
@@ -39,18 +38,14 @@ def source(tmp_path_factory) -> str:
 
 
 def _finetune_args(examples, image_folder: str, source: str, out: str, *extra: str) -> list[str]:
-    return [*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", out, "--pretrained_model_name_or_path",
-            source, "--ddpm_beta_schedule", "scaled_linear", "--max_train_steps", "1", "--lr_warmup_steps", "0", "--learning_rate", "1e-3",
-            "--assignment", "hard", *extra]  # fmt: skip
+    return examples.finetune_args(
+        image_folder, source, out, "--ddpm_beta_schedule", "scaled_linear", "--assignment", "hard", *extra
+    )
 
 
-def _weights(folder: str, expert: int) -> dict:
-    return load_file(os.path.join(folder, f"expert_{expert}", "diffusion_pytorch_model.safetensors"))
-
-
-def _changed(before: dict, after: dict) -> bool:
-    assert before.keys() == after.keys()  # the same architecture
-    return any(not torch.equal(before[k], after[k]) for k in before)
+def _changed(examples, before: str, after: str, expert: int) -> bool:
+    """Whether expert ``expert`` of folder ``after`` (a pipeline's `experts`, or a one-expert run) has other weights."""
+    return examples.weights_changed(os.path.join(before, f"expert_{expert}"), os.path.join(after, f"expert_{expert}"))
 
 
 def test_finetunes_every_expert_and_keeps_the_boundaries(examples, script, image_folder, source, tmp_path):
@@ -64,7 +59,7 @@ def test_finetunes_every_expert_and_keeps_the_boundaries(examples, script, image
         assert {k: v for k, v in a.config.items() if not k.startswith("_")} == {
             k: v for k, v in b.config.items() if not k.startswith("_")
         }
-    assert all(_changed(_weights(f"{source}/experts", i), _weights(f"{out}/experts", i)) for i in range(2))
+    assert all(_changed(examples, f"{source}/experts", f"{out}/experts", i) for i in range(2))
     # sampled with the source's scheduler class and schedule
     assert type(after.scheduler) is DDIMScheduler
     assert {k: after.scheduler.config[k] for k in LDM_SCHEDULE} == LDM_SCHEDULE
@@ -84,7 +79,7 @@ def test_finetunes_one_expert_per_run_and_the_runs_assemble(examples, script, im
         with open(os.path.join(run, "expert_run.json"), encoding="utf-8") as f:
             record = json.load(f)
         assert record["expert_index"] == index and record["stage_boundaries"] == [400.0]
-        assert _changed(_weights(f"{source}/experts", index), _weights(run, index))
+        assert _changed(examples, f"{source}/experts", run, index)
 
     out = str(tmp_path / "assembled")
     examples.train(script, ["--assemble_experts", *runs, "--output_dir", out, "--num_sample_images", "2",
@@ -92,7 +87,7 @@ def test_finetunes_one_expert_per_run_and_the_runs_assemble(examples, script, im
     pipe = ExpertRoutingPipeline.from_pretrained(out)
     assert pipe.partition.boundaries == (400.0,) and type(pipe.scheduler) is DDIMScheduler
     for index, run in enumerate(runs):
-        assert not _changed(_weights(run, index), _weights(f"{out}/experts", index))
+        assert not _changed(examples, run, f"{out}/experts", index)
 
 
 @pytest.mark.parametrize(
@@ -112,9 +107,8 @@ def test_finetunes_one_expert_per_run_and_the_runs_assemble(examples, script, im
     ],
 )  # fmt: skip
 def test_contradictions_are_usage_errors(examples, script, image_folder, source, tmp_path, capsys, extra, message):
-    with pytest.raises(SystemExit) as exit_info:
-        script.parse_args(_finetune_args(examples, image_folder, source, str(tmp_path / "run"), *extra))
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    examples.assert_usage_error(script, _finetune_args(examples, image_folder, source, str(tmp_path / "run"), *extra),
+                                message, capsys)  # fmt: skip
     assert not (tmp_path / "run").exists()
 
 
@@ -130,10 +124,9 @@ def test_data_that_does_not_fit_the_experts_is_refused_before_training(
     examples, script, image_folder, source, tmp_path, extra, message
 ):
     out = tmp_path / "run"
-    args = script.parse_args(_finetune_args(examples, image_folder, source, str(out), *extra))
-    with pytest.raises(ValueError) as error:
-        script.main(args)
-    assert message in str(error.value)
+    examples.assert_refused_before_training(
+        script, _finetune_args(examples, image_folder, source, str(out), *extra), message
+    )
     assert not (out / "experts").exists()
 
 
@@ -142,9 +135,8 @@ def test_a_folder_of_another_pipeline_or_expert_class_is_named(examples, script,
         tmp_path / "multistage"
     )
     argv = _finetune_args(examples, image_folder, str(tmp_path / "multistage"), str(tmp_path / "run"))
-    with pytest.raises(SystemExit):
-        script.parse_args([*argv, "--ddpm_beta_schedule", "linear"])
-    assert "is not an ExpertRoutingPipeline folder or Hub repository" in capsys.readouterr().err
+    examples.assert_usage_error(script, [*argv, "--ddpm_beta_schedule", "linear"],
+                                "is not an ExpertRoutingPipeline folder or Hub repository", capsys)  # fmt: skip
 
     # an expert class the script does not train (read from a folder: refused by name, nothing imported)
     experts = ExpertRoutingModel(

@@ -131,7 +131,7 @@ class ExpertTask(FineTuningTask):
         for folder in map(_source_folder, self.trained_experts):
             classes.append(self.source.read_model(folder, EXPERT_CLASSES, ": the script trains those experts only"))
             self.source.config_downsampling(folder)
-        kept = f"{partition.num_stages} experts at stage boundaries {list(partition.boundaries)} in {partition.units!r} units"
+        kept = f"{partition.num_stages} experts, stage boundaries {list(partition.boundaries)} in {partition.units!r}"
         self.check_source_arguments(args, partition, REFUSED_WITH_PRETRAINED, kept, classes)
 
     def _argument_partition(self, args) -> TimestepPartition:
