@@ -22,11 +22,12 @@ OPTION = "`--pretrained_model_name_or_path`"
 
 @dataclass
 class PipelineSource:
-    """What fine-tuning reads from a saved pipeline folder (or Hub repository) before any weights load: the configs
-    of its denoisers by folder (``unet``, ``experts/expert_0``, ``shallow``, ...), its scheduler's config, and the
-    class of its VAE (None when it has none)."""
+    """What fine-tuning reads from a saved pipeline folder (or Hub repository) before any weights load: its
+    `model_index.json`, the configs of its denoisers by folder (``unet``, ``experts/expert_0``, ``shallow``, ...),
+    its scheduler's config, and the class of its VAE (None when it has none)."""
 
     path: str
+    index: dict  # its model_index.json
     configs: dict[str, dict]
     scheduler_config: dict
     vae_class: str | None
@@ -54,7 +55,7 @@ class PipelineSource:
                 f"{OPTION} {path!r}: the `vae` entry of its model_index.json must be [library, class] (or [null, "
                 f"null]), got {vae!r}."
             )
-        return cls(path, configs, scheduler_config, vae[1] if vae[0] is not None else None)
+        return cls(path, index, configs, scheduler_config, vae[1] if vae[0] is not None else None)
 
     def read_model(self, folder: str, classes: Mapping[str, type[ModelMixin]], advice: str = "") -> type[ModelMixin]:
         """Read the config of the denoiser in ``folder`` (if not read yet) and return its class, which must be one of
@@ -79,7 +80,10 @@ class PipelineSource:
         if "patch_size" in config and levels_key not in config:
             size = config["patch_size"]
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"{OPTION} {self.path!r}: `patch_size` of its {folder}'s config.json must be a positive integer, got {size!r}.")  # fmt: skip
+                raise ValueError(
+                    f"{OPTION} {self.path!r}: `patch_size` of its {folder}'s config.json must be a positive integer, "
+                    f"got {size!r}."
+                )
             return size
         levels = config.get(levels_key)
         if not isinstance(levels, list) or not levels:
@@ -138,7 +142,8 @@ class FineTuningTask(TrainingTask):
         gives instead), `--boundary_units` other than ``partition``'s, a noise schedule other than the source
         scheduler's, and `--gradient_checkpointing` where one of ``model_classes`` has none."""
         path = self.source.path
-        refuse_given_options(args, refused, OPTION, f"fine-tuning keeps the model of {path!r} ({kept}, its own architecture)")  # fmt: skip
+        reason = f"fine-tuning keeps the model of {path!r} ({kept}, its own architecture)"
+        refuse_given_options(args, refused, OPTION, reason)
         if args.boundary_units != partition.units:
             raise ValueError(
                 f"`--boundary_units` {args.boundary_units} disagrees with the model of {path!r}, whose stage "
