@@ -17,7 +17,7 @@ from diffusers_stages import (
     MultiStagePipeline,
     MultiStageUNet2DModel,
 )
-from tests.conftest import LDM_SCHEDULE, TINY_UNET
+from tests.conftest import LDM_SCHEDULE, TINY_UNET, tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +175,28 @@ def test_assembling_refuses_a_pretrained_folder(script, source, tmp_path, capsys
     with pytest.raises(SystemExit):
         script.parse_args(["--assemble_experts", str(tmp_path / "a"), "--pretrained_model_name_or_path", source])
     assert "cannot be combined with `--assemble_experts`: assembling gathers" in capsys.readouterr().err
+
+
+def test_a_one_expert_run_of_a_latent_source_keeps_its_vae(examples, script, image_folder, tmp_path):
+    # without `--vae_path`: the folder's own VAE encodes the data, and is saved with the run (the runs must share it)
+    torch.manual_seed(0)
+    latent = {**TINY_UNET, "in_channels": 4, "out_channels": 4}
+    experts = ExpertRoutingModel([UNet2DModel(**latent), UNet2DModel(**latent)], stage_boundaries=(400,))
+    ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler(), vae=tiny_vae()).save_pretrained(tmp_path / "src")
+    source, out = str(tmp_path / "src"), str(tmp_path / "run")
+    examples.train(script, examples.finetune_args(image_folder, source, out, "--resolution", "16", "--expert_index", "0",
+                                                  "--assignment", "hard"))  # fmt: skip
+    assert _changed(examples, f"{source}/experts", out, 0)
+    assert not examples.weights_changed(f"{source}/vae", f"{out}/vae")
+
+
+def test_a_hostile_expert_class_entry_is_a_usage_error(examples, script, image_folder, source, tmp_path, capsys):
+    # read from a folder: the container's `[module, class]` entries are never imported nor run
+    hostile = tmp_path / "hostile"
+    shutil.copytree(source, hostile)
+    config = json.loads((hostile / "experts" / "config.json").read_text())
+    config["expert_classes"][0] = ["os", "system"]
+    (hostile / "experts" / "config.json").write_text(json.dumps(config))
+    argv = _finetune_args(examples, image_folder, str(hostile), str(tmp_path / "run"))
+    message = "entry 0 of `expert_classes` in its experts/config.json must name the class of experts/expert_0"
+    examples.assert_usage_error(script, argv, message, capsys)

@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ...models.expert_routing import CONTAINER_CONFIG, ExpertRoutingModel, expert_folder
+from ...models.expert_routing import CONTAINER_CONFIG, ExpertRoutingModel, expert_folder, import_class
 from ...models.iunet import IUNet2DModel
 from ...models.loading import (
     check_same_vae,
@@ -126,11 +126,25 @@ class ExpertTask(FineTuningTask):
 
     def _check_source_experts(self, args, partition: TimestepPartition) -> None:
         """Read the configs of the source's experts this run trains (each of a class the script trains, whose
-        down-sampling is known), then refuse every argument that contradicts the source."""
-        classes = []
-        for folder in map(_source_folder, self.trained_experts):
+        down-sampling is known, and which the container's `expert_classes` entry names: only the classes diffusers
+        and the package export are looked up, nothing is imported), then refuse every argument that contradicts the
+        source."""
+        classes, entries = [], self.source.configs["experts"]["expert_classes"]
+        for i in self.trained_experts:
+            folder = _source_folder(i)
             classes.append(self.source.read_model(folder, EXPERT_CLASSES, ": the script trains those experts only"))
             self.source.config_downsampling(folder)
+            entry = entries[i] if isinstance(entries, list) and len(entries) == partition.num_stages else entries
+            try:
+                named = import_class(entry, loaded_modules=False)
+            except ValueError:
+                named = None
+            if named is not classes[-1]:
+                raise ValueError(
+                    f"`--pretrained_model_name_or_path` {self.source.path!r}: entry {i} of `expert_classes` in its "
+                    f"experts/config.json must name the class of {folder}/config.json ({classes[-1].__name__}), got "
+                    f"{entry!r}."
+                )
         kept = f"{partition.num_stages} experts, stage boundaries {list(partition.boundaries)} in {partition.units!r}"
         self.check_source_arguments(args, partition, REFUSED_WITH_PRETRAINED, kept, classes)
 
