@@ -113,28 +113,13 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         id2label: dict[str, str] | None = None,
     ):
         super().__init__()
-        if switch_step_fraction is None and switch_timestep is None and switch_sigma is None:
-            switch_step_fraction = DEFAULT_SWITCH_STEP_FRACTION  # no switch given: the package's default
         switch = {"switch_step_fraction": switch_step_fraction, "switch_timestep": switch_timestep}
-        switch["switch_sigma"] = switch_sigma
-        given = {k: v for k, v in switch.items() if v is not None}
-        if len(given) != 1:
-            raise ValueError(
-                f"Give exactly one of {SWITCH_KEYS} (or none: the default step fraction), got {given} (to replace a "
-                "saved switch of another kind, load with `DualBackbonePipeline.from_pretrained`, or pass the other "
-                "keys as None)."
-            )
-        ((key, value),) = given.items()
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"`{key}` must be a number, got {value!r}.")
-        if key == "switch_step_fraction" and not 0.0 < value < 1.0:
-            raise ValueError(f"`switch_step_fraction` must be in (0, 1), got {value}.")
+        switch = checked_switch({**switch, "switch_sigma": switch_sigma})
+        key = next(k for k, v in switch.items() if v is not None)
         _check_interchangeable(shallow, deep)
         vae_scale_factor(vae)  # refuses a VAE class the pipelines cannot decode
         self.register_modules(shallow=shallow, deep=deep, scheduler=scheduler, vae=vae)
-        # saved as the float the signature names: an int (`switch_timestep=600`) made every load by diffusers'
-        # `DiffusionPipeline.from_pretrained` warn "Expected types for switch_timestep: (float, NoneType), got int"
-        self.register_to_config(**{**switch, key: float(value)})
+        self.register_to_config(**switch)
         self.register_class_names(id2label)
         if key != "switch_step_fraction":
             check_scheduler_units(scheduler, self.resolve_partition(None))  # a fixed switch is checked now
@@ -221,6 +206,28 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         middle = (timesteps[shallow_steps - 1] + timesteps[shallow_steps]) / 2
         level = TimestepPartition([], steps, units).noise_level(middle)  # model timestep -> partition units
         return TimestepPartition([float(level)], steps, units)
+
+
+def checked_switch(switch: dict) -> dict:
+    """The switch ``switch`` gives (its `SWITCH_KEYS` entries; none: the default step fraction) as a pipeline saves
+    it: every key, exactly one a float (an int such as ``switch_timestep=600`` made every load by diffusers'
+    `DiffusionPipeline.from_pretrained` warn "Expected types ... got int"); a `ValueError` naming the key otherwise."""
+    switch = {key: switch.get(key) for key in SWITCH_KEYS}
+    given = {k: v for k, v in switch.items() if v is not None}
+    if not given:  # no switch given: the package's default
+        given = {"switch_step_fraction": DEFAULT_SWITCH_STEP_FRACTION}
+    if len(given) != 1:
+        raise ValueError(
+            f"Give exactly one of {SWITCH_KEYS} (or none: the default step fraction), got {given} (to replace a "
+            "saved switch of another kind, load with `DualBackbonePipeline.from_pretrained`, or pass the other "
+            "keys as None)."
+        )
+    ((key, value),) = given.items()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{key}` must be a number, got {value!r}.")
+    if key == "switch_step_fraction" and not 0.0 < value < 1.0:
+        raise ValueError(f"`switch_step_fraction` must be in (0, 1), got {value}.")
+    return {**switch, key: float(value)}
 
 
 def _check_interchangeable(shallow: Backbone | None, deep: Backbone | None) -> None:

@@ -32,6 +32,10 @@ SCHEDULERS = [
     )
 ]
 
+# a latent-diffusion schedule (scaled_linear, LDM's betas): nothing like the training scripts' default linear one, so
+# a fine-tuning run that kept it is told from one that did not
+LDM_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False}
+
 TINY_UNET = dict(
     sample_size=8,
     in_channels=3,

@@ -76,14 +76,28 @@ def images(tmp_path_factory) -> Path:
 
 
 def _write_source(script: str, path: str, request) -> None:
-    """A tiny pipeline of the class the command fine-tunes: Stable Diffusion's, or a converted `MultiStagePipeline`."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    """A tiny pipeline of the class the command fine-tunes: Stable Diffusion's, a `DualBackbonePipeline`, an
+    `ExpertRoutingPipeline`, or a converted `MultiStagePipeline`."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DModel
 
-    from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
+    from diffusers_stages import (
+        DualBackbonePipeline,
+        ExpertRoutingModel,
+        ExpertRoutingPipeline,
+        MultiStagePipeline,
+        MultiStageUNet2DModel,
+    )
     from tests.conftest import TINY_UNET
 
     if script.endswith("train_text_to_image.py"):
         StableDiffusionPipeline(**request.getfixturevalue("tiny_sd_components")).save_pretrained(path)
+    elif script.endswith("train_dual_backbone.py"):
+        DualBackbonePipeline(
+            shallow=UNet2DModel(**TINY_UNET), deep=UNet2DModel(**TINY_UNET), scheduler=DDPMScheduler()
+        ).save_pretrained(path)
+    elif script.endswith("train_experts.py"):
+        experts = ExpertRoutingModel([UNet2DModel(**TINY_UNET), UNet2DModel(**TINY_UNET)], stage_boundaries=(500,))
+        ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler()).save_pretrained(path)
     else:
         unet = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(442, 631))
         MultiStagePipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(path)

@@ -3,7 +3,8 @@
 
 A shallow and a deep denoiser (U-Nets, or with `--backbone uvit` the paper's U-ViTs), each trained on every timestep (in one run by default, or one per run with
 `--backbones shallow|deep`); at sampling time the shallow one runs the first, noisiest steps and the deep one the
-rest. See README.md beside this file for the commands.
+rest. `--pretrained_model_name_or_path` fine-tunes an existing `DualBackbonePipeline` folder instead. See README.md
+beside this file for the commands.
 """
 
 import argparse
@@ -41,6 +42,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Share of the sampling steps (the noisy end) run by the shallow network; 0.4 when no switch is given.",
     )  # fmt: skip
     group.add_argument("--switch_timestep", type=float, default=None, help="Or: the shallow network runs t >= this.")
+    group.add_argument(
+        "--pretrained_model_name_or_path", type=str, default=None,
+        help="Fine-tune the backbones of this DualBackbonePipeline folder (e.g. an earlier run's output) instead of "
+        "training new ones: both, or one with `--backbones shallow|deep` (saved as any one-backbone run). Its "
+        "backbones (UNet2DModel or UViT2DModel), switch and noise schedule are kept, and the result is saved with its "
+        "scheduler. Refused with it: `--switch_step_fraction`, `--switch_timestep` (pass a switch to "
+        "`DualBackbonePipeline.from_pretrained` to change it), `--model_config`, `--shallow_block_out_channels`, "
+        "`--backbone early_exit` and the U-Net shape options; the U-ViT options and `--shallow_layers_per_block` are "
+        "not read. Must repeat the source's values (an error names them): `--boundary_units`, `--num_train_timesteps`, "
+        "`--ddpm_beta_schedule` (DDPM-style), `--prediction_type`. Without `--vae_path` the folder's own VAE is used, "
+        "if it has one. The data must fit the backbones: channels, `--resolution` = their sample_size (x the VAE's "
+        "down-sampling), `--class_conditional` classes + 1 = their num_class_embeds.",
+    )  # fmt: skip
     args, _ = parser.parse_known_args(argv)  # the task class depends on `--backbone`
     return parse_and_check(parser, task_class(args), argv)
 

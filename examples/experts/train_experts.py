@@ -6,7 +6,8 @@ give more channels to self-attention on the noisy intervals, more to convolution
 `UNet2DModel` of `--model_config`. Train all experts in one run (`--assignment hard`: every sample goes
 to the expert of its interval, stratified so each expert trains at every step; `--assignment soft`: the batch is
 split over the experts and expert n draws from its own interval with probability p_n), or one expert per run
-(`--expert_index n`) and gather the runs afterwards with `--assemble_experts`. See README.md beside this file.
+(`--expert_index n`) and gather the runs afterwards with `--assemble_experts`. `--pretrained_model_name_or_path`
+fine-tunes the experts of an existing `ExpertRoutingPipeline` folder instead. See README.md beside this file.
 """
 
 import argparse
@@ -20,7 +21,7 @@ from diffusers_stages.training import (
     parse_and_check,
     train,
 )
-from diffusers_stages.training.args import check_assembly_args
+from diffusers_stages.training.args import check_assembly_args, refuse_given_options
 from diffusers_stages.training.loop import save_assembled_experts
 
 
@@ -52,9 +53,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--assemble_experts", type=str, nargs="+", default=None,
         help="Instead of training: gather the output folders of `--expert_index` runs into one pipeline in `--output_dir`.",
     )  # fmt: skip
+    group.add_argument(
+        "--pretrained_model_name_or_path", type=str, default=None,
+        help="Fine-tune the experts of this ExpertRoutingPipeline folder (e.g. an earlier run's output, or one "
+        "assembled with `--assemble_experts`) instead of training new ones: all of them, or with `--expert_index n` "
+        "expert n only (saved as any one-expert run, to assemble with the others). Its experts (IUNet2DModel or "
+        "UNet2DModel), stage boundaries and noise schedule are kept, and the result is saved with its scheduler. "
+        "Refused with it: `--num_experts`, `--stage_boundaries`, `--expert_block_out_channels`, "
+        "`--expert_attention_shares`, `--model_config` and the U-Net shape options. Must repeat the source's values "
+        "(an error names them): `--boundary_units`, `--num_train_timesteps`, `--ddpm_beta_schedule` (DDPM-style), "
+        "`--prediction_type`. Without `--vae_path` the folder's own VAE is used, if it has one. The data must fit the "
+        "experts: channels, `--resolution` = their sample_size (x the VAE's down-sampling), `--class_conditional` "
+        "classes + 1 = their num_class_embeds.",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.assemble_experts is not None:  # nothing is trained: only the output and Hub options are checked
         try:
+            refuse_given_options(args, ("pretrained_model_name_or_path",), "`--assemble_experts`",
+                                 "assembling gathers the experts of finished runs and trains nothing")  # fmt: skip
             check_assembly_args(args)
         except ValueError as error:
             parser.error(str(error))

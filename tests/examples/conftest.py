@@ -47,6 +47,39 @@ TINY_RUN = [
 TINY = [*TINY_RUN[:2], *TINY_SHAPE, *TINY_RUN[2:]]
 
 
+def finetune_args(image_folder: str, source: str, out: str, *extra: str) -> list[str]:
+    """A one-step run fine-tuning ``source`` (`--pretrained_model_name_or_path`) on the tiny images into ``out``, at the
+    full learning rate from that step on (a warm-up step would leave the weights as they were)."""
+    return [*TINY_RUN, "--train_data_dir", image_folder, "--output_dir", out, "--pretrained_model_name_or_path", source,
+            "--max_train_steps", "1", "--lr_warmup_steps", "0", "--learning_rate", "1e-3", *extra]  # fmt: skip
+
+
+def weights_changed(before: str, after: str) -> bool:
+    """Whether the weights (`diffusion_pytorch_model.safetensors`) of model folder ``after`` differ from those of
+    ``before``, which must name the same tensors (the same architecture)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = (load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors")) for folder in (before, after))
+    assert a.keys() == b.keys()
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_usage_error(script, argv: list[str], message: str, capsys) -> None:
+    """``script``'s `parse_args(argv)` exits with a usage error (code 2) that says ``message``."""
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def assert_refused_before_training(script, argv: list[str], message: str) -> None:
+    """``argv`` parse, but the run is a ValueError that says ``message`` (a check of the data, read by the run)."""
+    args = script.parse_args(argv)
+    with pytest.raises(ValueError) as error:
+        script.main(args)
+    assert message in str(error.value)
+
+
 def load_script(name: str):
     """Import an example script as a module (its `parse_args` and `main`)."""
     spec = importlib.util.spec_from_file_location(f"train_{name}_script", SCRIPTS[name])

@@ -7,12 +7,19 @@ import os
 import torch
 from diffusers import UNet2DModel
 
+from ...models.loading import load_strictly
 from ...models.uvit import UViT2DModel, dual_uvit_configs
 from ...partition import TimestepPartition
 from ...pipelines import DualBackbonePipeline
-from ...pipelines.pipeline_dual_backbone import DEFAULT_SWITCH_STEP_FRACTION  # said once, in the pipeline
+from ...pipelines.pipeline_dual_backbone import (  # said once, in the pipeline
+    DEFAULT_SWITCH_STEP_FRACTION,
+    SWITCH_KEYS,
+    checked_switch,
+)
+from ...schedulers import scheduler_units
 from ..args import UNET_SHAPE_OPTIONS, check_positive_options, refuse_given_options, unet_shape_kwargs
-from .base import Draw, TrainingTask, _unet_downsampling
+from .base import Draw, _unet_downsampling, noise_schedulers
+from .pretrained import FineTuningTask, PipelineSource
 
 BACKBONE_INTEGERS = ("shallow_layers_per_block", "uvit_hidden_size", "uvit_patch_size", "uvit_num_attention_heads")
 
@@ -44,8 +51,19 @@ def check_no_unet_arguments(args) -> None:
     refuse_given_options(args, options, f"`--backbone {args.backbone}`", reason)
 
 
-class DualBackboneTask(TrainingTask):
+BACKBONE_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, UViT2DModel)}  # what `train_dual_backbone.py` trains
+# arguments that would define the backbones or the switch anew (none has a default: given means meant), refused when
+# fine-tuning a pipeline folder; the U-ViT options and `--shallow_layers_per_block` have defaults, and are not read
+REFUSED_WITH_PRETRAINED = (
+    "switch_step_fraction", "switch_timestep", "model_config", *UNET_SHAPE_OPTIONS, "shallow_block_out_channels",
+)  # fmt: skip
+
+
+class DualBackboneTask(FineTuningTask):
     """DuoDiff (arXiv 2410.09633): a shallow and a deep denoiser, both trained on all timesteps.
+
+    With `--pretrained_model_name_or_path` the backbones (both, or `--backbones`'), the switch and the noise schedule
+    are those of an existing `DualBackbonePipeline` folder (fine-tuning).
 
     Example:
 
@@ -72,8 +90,29 @@ class DualBackboneTask(TrainingTask):
     method = "dual backbone (shallow + deep)"
     tags = ("dual-backbone", "duodiff")
 
+    def read_source(self, path):
+        source = PipelineSource.read_pipeline(path, "DualBackbonePipeline", ("shallow", "deep"))
+        for name in ("shallow", "deep"):
+            source.read_model(name, BACKBONE_CLASSES, ": the script trains those backbones only")
+            source.config_downsampling(name)
+        return source
+
+    def source_configs(self):
+        return {name: self.source.configs[name] for name in self._trained}
+
+    @property
+    def _trained(self) -> tuple[str, ...]:
+        """The backbones this run trains."""
+        return ("shallow", "deep") if self.args.backbones == "both" else (self.args.backbones,)
+
     def build_partition(self, args):
         check_backbone_arguments(args)
+        if args.stage_boundaries is not None or args.stage_shares is not None:
+            raise ValueError(
+                "Dual-backbone training uses every timestep for both networks: drop `--stage_boundaries`/`--stage_shares`."
+            )
+        if self.source is not None:
+            return self._source_partition(args)
         if self._uvit:
             check_no_unet_arguments(args)
         if args.switch_step_fraction is not None and args.switch_timestep is not None:
@@ -81,18 +120,11 @@ class DualBackboneTask(TrainingTask):
                 "Give one of `--switch_step_fraction` and `--switch_timestep` (the sampling switch), not both."
             )
         # the sampling switch: the one given, or the default fraction when none is
-        self.switch_step_fraction = args.switch_step_fraction
+        fraction = args.switch_step_fraction
         if args.switch_step_fraction is None and args.switch_timestep is None:
-            self.switch_step_fraction = DEFAULT_SWITCH_STEP_FRACTION
-        if self.switch_step_fraction is not None and not 0.0 < self.switch_step_fraction < 1.0:
-            raise ValueError(f"`--switch_step_fraction` must be in (0, 1), got {self.switch_step_fraction}.")
-        sampled = args.backbones == "both"  # one backbone per run samples no grid
-        if sampled and self.switch_step_fraction is not None and args.num_inference_steps < 2:
-            raise ValueError(
-                f"`--num_inference_steps` {args.num_inference_steps} cannot sample the sample grids: the switch is a "
-                f"step fraction ({self.switch_step_fraction:g}), which needs at least 2 steps to give one to each "
-                "network. Give `--num_inference_steps` 2 or more, or `--switch_timestep`."
-            )
+            fraction = DEFAULT_SWITCH_STEP_FRACTION
+        if fraction is not None and not 0.0 < fraction < 1.0:
+            raise ValueError(f"`--switch_step_fraction` must be in (0, 1), got {fraction}.")
         timestep = args.switch_timestep
         if timestep is not None and not 0.0 < timestep < args.num_train_timesteps:
             raise ValueError(
@@ -103,11 +135,50 @@ class DualBackboneTask(TrainingTask):
                 "`--switch_timestep` is a DDPM timestep, but `--boundary_units sigma` trains EDM-style models: give "
                 "`--switch_step_fraction` instead."
             )
-        if args.stage_boundaries is not None or args.stage_shares is not None:
-            raise ValueError(
-                "Dual-backbone training uses every timestep for both networks: drop `--stage_boundaries`/`--stage_shares`."
-            )
+        self.switch = checked_switch({"switch_step_fraction": fraction, "switch_timestep": timestep})
+        self._check_switch_steps(args)
         return TimestepPartition([], args.num_train_timesteps, args.boundary_units)  # one stage: the whole schedule
+
+    def _source_partition(self, args) -> TimestepPartition:
+        """The source's schedule as one stage, after refusing every argument that contradicts the source; its switch
+        (`model_index.json`, read from a folder: checked as the pipeline checks it) is kept."""
+        path = self.source.path
+        names = {self.source.configs[name]["_class_name"] for name in self._trained}
+        if args.backbone == "uvit" and not self._uvit:  # `unet` is the default: only `uvit` can be told as given
+            raise ValueError(
+                f"`--backbone uvit` disagrees with the backbones of {path!r} ({', '.join(sorted(names))}): drop it "
+                "(fine-tuning keeps the source's backbones)."
+            )
+        try:
+            self.switch = checked_switch(self.source.index)
+        except ValueError as error:
+            raise ValueError(f"`--pretrained_model_name_or_path` {path!r}: its model_index.json: {error}") from None
+        _, sampling = noise_schedulers(args, self.source.scheduler_config)
+        partition = TimestepPartition([], sampling.config.num_train_timesteps, scheduler_units(sampling))
+        kept = (
+            f"its switch {self._switch_setting()}, which a switch given to `DualBackbonePipeline.from_pretrained` "
+            "replaces"
+        )
+        classes = [BACKBONE_CLASSES[name] for name in names]
+        self.check_source_arguments(args, partition, REFUSED_WITH_PRETRAINED, kept, classes)
+        self._check_switch_steps(args)
+        return partition
+
+    def _check_switch_steps(self, args) -> None:
+        """A step-fraction switch needs 2 sampling steps or more to sample the sample grids."""
+        fraction = self.switch["switch_step_fraction"]
+        sampled = args.backbones == "both"  # one backbone per run samples no grid
+        if sampled and fraction is not None and args.num_inference_steps < 2:
+            raise ValueError(
+                f"`--num_inference_steps` {args.num_inference_steps} cannot sample the sample grids: the switch is a "
+                f"step fraction ({fraction:g}), which needs at least 2 steps to give one to each "
+                "network. Give `--num_inference_steps` 2 or more, or `--switch_timestep`."
+            )
+
+    def _switch_setting(self) -> str:
+        """The switch as the pipeline's argument, e.g. ``switch_step_fraction=0.4``."""
+        ((key, value),) = ((k, v) for k, v in self.switch.items() if v is not None)
+        return f"{key}={value:g}"
 
     def _shapes(self) -> dict[str, dict]:
         wanted = ("shallow", "deep") if self.args.backbones == "both" else (self.args.backbones,)
@@ -124,15 +195,26 @@ class DualBackboneTask(TrainingTask):
 
     @property
     def _uvit(self) -> bool:
+        if self.source is not None:  # the source's backbones
+            return all(self.source.configs[name]["_class_name"] == "UViT2DModel" for name in self._trained)
         return getattr(self.args, "backbone", "unet") == "uvit"
 
     @property
     def downsampling(self):
+        if self.source is not None:
+            return max(self.source.config_downsampling(name) for name in self._trained)
         if self._uvit:
             return max(shape["patch_size"] for shape in self._shapes().values())
         return max(_unet_downsampling(shape) for shape in self._shapes().values())
 
     def build_networks(self, in_channels, sample_size, num_class_embeds):
+        if self.source is not None:  # the training loop has checked the data against them (`check_data`)
+            # strictly; fp32 master weights whatever the folder stores
+            return {
+                name: load_strictly(BACKBONE_CLASSES[config["_class_name"]], self.source.path, subfolder=name,
+                                    torch_dtype=torch.float32)
+                for name, config in self.source_configs().items()
+            }  # fmt: skip
         if self._uvit:
             common = {"sample_size": sample_size, "in_channels": in_channels, "num_class_embeds": num_class_embeds}
             return {name: UViT2DModel(**shape, **common) for name, shape in self._shapes().items()}
@@ -152,7 +234,7 @@ class DualBackboneTask(TrainingTask):
 
     def draw(self, batch_size, generator):
         # every network sees the whole batch at its own noise levels from the usual training distribution
-        count = len(self._shapes())
+        count = len(self._trained)
         timesteps = torch.cat([self._stratified(batch_size, generator)[0] for _ in range(count)])
         network = torch.arange(count).repeat_interleave(batch_size)
         return Draw(torch.arange(batch_size).repeat(count), timesteps, network)
@@ -162,8 +244,7 @@ class DualBackboneTask(TrainingTask):
             return None  # one backbone alone: load it next to the other one (see the example README)
         return DualBackbonePipeline(
             shallow=networks["shallow"], deep=networks["deep"], scheduler=scheduler, vae=vae,
-            switch_step_fraction=self.switch_step_fraction, switch_timestep=self.args.switch_timestep,
-            id2label=self.id2label,
+            **self.switch, id2label=self.id2label,
         )  # fmt: skip
 
     def save(self, networks, scheduler, vae, output_dir):
@@ -176,22 +257,26 @@ class DualBackboneTask(TrainingTask):
             vae.save_pretrained(os.path.join(output_dir, "vae"))
 
     def description(self):
+        fraction, timestep, sigma = (self.switch[key] for key in SWITCH_KEYS)
         switch = (
-            f"the shallow network runs the first {self.switch_step_fraction:g} of the sampling steps"
-            if self.switch_step_fraction is not None
-            else f"the shallow network runs every step at t >= {self.args.switch_timestep:g}"
+            f"the shallow network runs the first {fraction:g} of the sampling steps"
+            if fraction is not None
+            else f"the shallow network runs every step at t >= {timestep:g}"
+            if timestep is not None
+            else f"the shallow network runs every step at noise levels sigma >= {sigma:g}"
         )
         kind = "U-ViT" if self._uvit else "U-Net"
+        origin = "" if self.source is None else f" Fine-tuned from `{self.source.path}` (DualBackbonePipeline)."
         if self.args.backbones != "both":  # one network per run: the repository holds no pipeline
             name, other = self.args.backbones, self._other_backbone
             return (
                 f"The {name} network of a dual-backbone model (DuoDiff, arXiv 2410.09633): a {kind} trained on all "
                 f"timesteps in a run of its own, sampled together with the {other} network of another run (see Usage); "
-                f"at sampling time {switch}, the deep one the rest."
+                f"at sampling time {switch}, the deep one the rest.{origin}"
             )
         return (
             f"A dual-backbone model (DuoDiff, arXiv 2410.09633): a shallow and a deep {kind}, both trained on all "
-            f"timesteps; at sampling time {switch}, the deep one the rest."
+            f"timesteps; at sampling time {switch}, the deep one the rest.{origin}"
         )
 
     def usage(self, repo_id):
@@ -201,11 +286,7 @@ class DualBackboneTask(TrainingTask):
         name, other = self.args.backbones, self._other_backbone
         model = "UViT2DModel" if self._uvit else "UNet2DModel"
         scheduler = "EDMEulerScheduler" if self.args.boundary_units == "sigma" else "DDIMScheduler"
-        switch = (
-            f"switch_step_fraction={self.switch_step_fraction:g}"
-            if self.switch_step_fraction is not None
-            else f"switch_timestep={self.args.switch_timestep:g}"
-        )
+        switch = self._switch_setting()
         latent = self.vae_path is not None  # its samples are latents: the run's VAE decodes them
         lines = [
             f"from diffusers import {'AutoencoderKL, ' if latent else ''}{scheduler}"

@@ -44,8 +44,9 @@ class EarlyExitTask(TrainingTask):
     def build_partition(self, args):
         check_backbone_arguments(args)
         check_no_unet_arguments(args)
-        given = [name for name in ("stage_boundaries", "stage_shares", "switch_step_fraction", "switch_timestep")
-                 if getattr(args, name, None) is not None]  # fmt: skip
+        options = ("stage_boundaries", "stage_shares", "switch_step_fraction", "switch_timestep",
+                   "pretrained_model_name_or_path")  # fmt: skip
+        given = [name for name in options if getattr(args, name, None) is not None]
         if getattr(args, "backbones", "both") != "both":
             given.append("backbones")
         if given:

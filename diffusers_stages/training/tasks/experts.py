@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ...models.expert_routing import ExpertRoutingModel, expert_folder
+from ...models.expert_routing import CONTAINER_CONFIG, ExpertRoutingModel, expert_folder, import_class
 from ...models.iunet import IUNet2DModel
 from ...models.loading import (
     check_same_vae,
@@ -28,6 +28,7 @@ from ...pipelines import ExpertRoutingPipeline
 from ...schedulers import training_schedule_differences
 from ...timestep_sampling import MEME_OWN_INTERVAL_PROBABILITIES, soft_assignment_timesteps, stage_counts, stage_mass
 from ..args import (
+    UNET_SHAPE_OPTIONS,
     check_no_block_types,
     check_positive_options,
     partition_from_args,
@@ -35,13 +36,23 @@ from ..args import (
     scratch_shape,
     unet_shape_kwargs,
 )
-from .base import Draw, TrainingTask, _unet_downsampling
+from .base import Draw, _unet_downsampling
+from .pretrained import FineTuningTask, PipelineSource
 
 MEME_NUM_EXPERTS = 4  # uniform intervals without `--num_experts` or `--stage_boundaries`
+# arguments that would define the experts or their architecture anew (none has a default: given means meant),
+# refused when fine-tuning a pipeline folder
+REFUSED_WITH_PRETRAINED = (
+    "num_experts", "stage_boundaries", "expert_block_out_channels", "expert_attention_shares", "model_config",
+    *UNET_SHAPE_OPTIONS,
+)  # fmt: skip
 
 
-class ExpertTask(TrainingTask):
+class ExpertTask(FineTuningTask):
     """MEME (Lee et al., AAAI 2024): one U-Net per interval, all in one run or one per run, soft or hard assignment.
+
+    With `--pretrained_model_name_or_path` the experts (all, or `--expert_index`'s), their intervals and the noise
+    schedule are those of an existing `ExpertRoutingPipeline` folder (fine-tuning).
 
     Example:
 
@@ -67,22 +78,23 @@ class ExpertTask(TrainingTask):
     method = "multi-expert denoisers"
     tags = ("multi-expert", "meme")
 
+    def read_source(self, path):
+        source = PipelineSource.read_pipeline(path, "ExpertRoutingPipeline", ("experts",))
+        container = source.configs["experts"]
+        missing = [key for key in CONTAINER_CONFIG if key not in container]
+        if container.get("_class_name") != ExpertRoutingModel.__name__ or missing:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {path!r}: its experts/ holds a {container.get('_class_name')!r} "
+                f"(`_class_name`), not a saved ExpertRoutingModel with {list(CONTAINER_CONFIG)} in its config.json "
+                f"(it lacks {missing})."
+            )
+        return source
+
+    def source_configs(self):
+        return {folder: self.source.configs[folder] for folder in map(_source_folder, self.trained_experts)}
+
     def build_partition(self, args):
-        check_positive_options(args, ("num_experts",))
-        count = MEME_NUM_EXPERTS if args.num_experts is None else args.num_experts
-        partition = partition_from_args(args, TimestepPartition.uniform(count, args.num_train_timesteps))
-        if args.num_experts is not None and args.num_experts != partition.num_stages:  # both given, at odds
-            raise ValueError(
-                f"`--num_experts` {args.num_experts} disagrees with `--stage_boundaries` {list(partition.boundaries)} "
-                f"({partition.num_stages} experts): give one of them, or both for the same count."
-            )
-        self._check_every_interval_trains(args, partition)
-        widths = args.expert_block_out_channels
-        if widths is not None and len(widths) != partition.num_stages:
-            raise ValueError(
-                f"`--expert_block_out_channels` gives {len(widths)} experts, but the stage split has "
-                f"{partition.num_stages} stages: give one width list per expert."
-            )
+        partition = self._argument_partition(args) if self.source is None else self._source_partition(args)
         if args.expert_index is not None and not 0 <= args.expert_index < partition.num_stages:
             raise ValueError(f"`--expert_index` must be in [0, {partition.num_stages}), got {args.expert_index}.")
         if args.expert_index is not None:  # the batch is not split: the run's one expert takes all of it
@@ -112,8 +124,10 @@ class ExpertTask(TrainingTask):
             )
         self.probabilities = probabilities
         self._every_network_every_step(args, 1 if args.expert_index is not None else partition.num_stages, "expert")
-        self.partition = partition  # `_shape` reads it
-        if args.model_config is not None:  # every expert that `UNet2DModel`: the presets' options would be ignored
+        self.partition = partition  # `_shape` and `trained_experts` read it
+        if self.source is not None:
+            self._check_source_experts(args, partition)
+        elif args.model_config is not None:  # every expert that `UNet2DModel`: the presets' options would be ignored
             refuse_given_options(
                 args, ("expert_block_out_channels", "expert_attention_shares"), f"`--model_config` {args.model_config!r}",
                 "every expert is that config's UNet2DModel, and these shape the MEME presets' iU-Nets",
@@ -125,6 +139,53 @@ class ExpertTask(TrainingTask):
             )
             for i in self.trained_experts:
                 IUNet2DModel.check_config(**self._shape(i))
+        return partition
+
+    def _source_partition(self, args) -> TimestepPartition:
+        """The source's intervals (its experts' container config)."""
+        return TimestepPartition.from_config(self.source.configs["experts"])
+
+    def _check_source_experts(self, args, partition: TimestepPartition) -> None:
+        """Read the configs of the source's experts this run trains (each of a class the script trains, whose
+        down-sampling is known, and which the container's `expert_classes` entry names: only the classes diffusers
+        and the package export are looked up, nothing is imported), then refuse every argument that contradicts the
+        source."""
+        classes, entries = [], self.source.configs["experts"]["expert_classes"]
+        for i in self.trained_experts:
+            folder = _source_folder(i)
+            classes.append(self.source.read_model(folder, EXPERT_CLASSES, ": the script trains those experts only"))
+            self.source.config_downsampling(folder)
+            entry = entries[i] if isinstance(entries, list) and len(entries) == partition.num_stages else entries
+            try:
+                named = import_class(entry, loaded_modules=False)
+            except ValueError:
+                named = None
+            if named is not classes[-1]:
+                raise ValueError(
+                    f"`--pretrained_model_name_or_path` {self.source.path!r}: entry {i} of `expert_classes` in its "
+                    f"experts/config.json must name the class of {folder}/config.json ({classes[-1].__name__}), got "
+                    f"{entry!r}."
+                )
+        kept = f"{partition.num_stages} experts, stage boundaries {list(partition.boundaries)} in {partition.units!r}"
+        self.check_source_arguments(args, partition, REFUSED_WITH_PRETRAINED, kept, classes)
+
+    def _argument_partition(self, args) -> TimestepPartition:
+        """The intervals of `--num_experts` / `--stage_boundaries` (MEME's 4 uniform ones by default)."""
+        check_positive_options(args, ("num_experts",))
+        count = MEME_NUM_EXPERTS if args.num_experts is None else args.num_experts
+        partition = partition_from_args(args, TimestepPartition.uniform(count, args.num_train_timesteps))
+        if args.num_experts is not None and args.num_experts != partition.num_stages:  # both given, at odds
+            raise ValueError(
+                f"`--num_experts` {args.num_experts} disagrees with `--stage_boundaries` {list(partition.boundaries)} "
+                f"({partition.num_stages} experts): give one of them, or both for the same count."
+            )
+        self._check_every_interval_trains(args, partition)
+        widths = args.expert_block_out_channels
+        if widths is not None and len(widths) != partition.num_stages:
+            raise ValueError(
+                f"`--expert_block_out_channels` gives {len(widths)} experts, but the stage split has "
+                f"{partition.num_stages} stages: give one width list per expert."
+            )
         return partition
 
     @staticmethod
@@ -170,9 +231,17 @@ class ExpertTask(TrainingTask):
 
     @property
     def downsampling(self):
+        if self.source is not None:
+            return max(self.source.config_downsampling(_source_folder(i)) for i in self.trained_experts)
         return max(_unet_downsampling(self._shape(i)) for i in self.trained_experts)
 
     def build_networks(self, in_channels, sample_size, num_class_embeds):
+        if self.source is not None:  # the training loop has checked the data against them (`check_data`)
+            # strictly, only the experts trained; fp32 master weights whatever the folder stores
+            source = ExpertRoutingModel.from_pretrained(
+                self.source.path, subfolder="experts", load_experts=self.trained_experts, torch_dtype=torch.float32
+            )
+            return {expert_folder(i): source.experts[i] for i in self.trained_experts}
         networks = {}
         for i in self.trained_experts:
             contract = {"sample_size": sample_size, "in_channels": in_channels, "out_channels": in_channels,
@@ -233,7 +302,7 @@ class ExpertTask(TrainingTask):
         if self.args.expert_index is None:
             return super().usage(repo_id)
         # one expert alone holds no pipeline: load the expert; to sample, download every expert's run and assemble them
-        index, cls = self.args.expert_index, "UNet2DModel" if self.args.model_config is not None else "IUNet2DModel"
+        index, cls = self.args.expert_index, self._expert_class(self.args.expert_index)
         return [
             f"from {'diffusers' if cls == 'UNet2DModel' else 'diffusers_stages'} import {cls}",
             "from huggingface_hub import snapshot_download",
@@ -256,7 +325,16 @@ class ExpertTask(TrainingTask):
             f"with {assignment} interval assignment, {what}. {self._architecture()}\n\n" + self._stage_table()
         )
 
+    def _expert_class(self, expert: int) -> str:
+        """The class name of expert ``expert`` (one this run trains)."""
+        if self.source is not None:
+            return self.source.configs[_source_folder(expert)]["_class_name"]
+        return "UNet2DModel" if self.args.model_config is not None else "IUNet2DModel"
+
     def _architecture(self) -> str:
+        if self.source is not None:
+            classes = ", ".join(self._expert_class(i) for i in self.trained_experts)
+            return f"Fine-tuned from `{self.source.path}` (ExpertRoutingPipeline); experts trained: {classes}."
         if self.args.model_config is not None:
             return "Every expert is the `UNet2DModel` of `--model_config`."
         shares = ", ".join(f"{self._shape(i)['attention_ratios']:g}" for i in range(self.partition.num_stages))
@@ -264,6 +342,11 @@ class ExpertTask(TrainingTask):
 
 
 EXPERT_RUN_FILE = "expert_run.json"
+
+
+def _source_folder(expert: int) -> str:
+    """The folder of expert ``expert`` in an `ExpertRoutingPipeline` folder (its `experts` component's sub-folder)."""
+    return f"experts/{expert_folder(expert)}"
 
 
 EXPERT_CLASSES = {cls.__name__: cls for cls in (IUNet2DModel, UNet2DModel)}  # what `train_experts.py` trains

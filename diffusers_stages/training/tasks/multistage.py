@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
 
 import torch
 from accelerate import PartialState
-from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.models.modeling_utils import ModelMixin
 
-from ...conventions import num_data_classes, paper_boundaries
+from ...conventions import paper_boundaries
 from ...models.packed_decoders import PACKED_UP_BLOCKS
 from ...models.staged import DEFAULT_MAX_PADDING
 from ...models.unet_multistage import MultiStageUNet2DModel
@@ -20,67 +18,43 @@ from ...models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 from ...partition import TimestepPartition
 from ...pipelines import MultiStagePipeline
 from ...routing import fits_padding
-from ...schedulers import check_scheduler_units, is_edm_scheduler
 from ...timestep_sampling import stage_counts, stage_mass, stage_sampled_timesteps
-from ..args import UNET_SHAPE_OPTIONS, partition_from_args, read_model_config, refuse_given_options, unet_shape_kwargs
-from .base import Draw, TrainingTask, _unet_downsampling, noise_schedulers
+from ..args import UNET_SHAPE_OPTIONS, partition_from_args, read_model_config, unet_shape_kwargs
+from .base import Draw, _unet_downsampling
+from .pretrained import FineTuningTask, PipelineSource
 
 # the classes a pretrained `unet` folder may hold, and the config key with one entry per resolution level
 PRETRAINED_UNETS = {
     "MultiStageUNet2DModel": (MultiStageUNet2DModel, "block_out_channels"),
     "MultiStageDDPMppUNet2DModel": (MultiStageDDPMppUNet2DModel, "channel_mult"),
 }
+# what to do with a source whose unet is none of them
+CONVERT_FIRST = (
+    ": convert it first (e.g. `python -m diffusers_stages.conversion.unet_to_multistage` for a UNet2DModel or "
+    "DDPM/DDIM/LDM pipeline)"
+)
 # arguments that would define the stages or the architecture anew; they have no default (the U-Net shape's apply
 # only from scratch, `UNET_SHAPE_DEFAULTS`), so given means meant
 REFUSED_WITH_PRETRAINED = ("stage_boundaries", "decoder_block_out_channels", "model_config", *UNET_SHAPE_OPTIONS)
 
 
-@dataclass
-class PretrainedSource:
-    """What fine-tuning reads from a `MultiStagePipeline` folder before any weights load: the configs of its `unet`
-    and `scheduler`, and the class of its VAE (None when it has none)."""
-
-    path: str
-    unet_config: dict
-    scheduler_config: dict
-    vae_class: str | None
+class PretrainedSource(PipelineSource):
+    """What fine-tuning reads from a `MultiStagePipeline` folder before any weights load (`PipelineSource`): its
+    `unet` of one of ``PRETRAINED_UNETS``."""
 
     @classmethod
     def read(cls, path: str) -> PretrainedSource:
         """Read a `MultiStagePipeline` folder (or Hub repository); anything else is a ValueError naming
         `--pretrained_model_name_or_path`."""
-        try:
-            index = DiffusionPipeline.load_config(path)
-            unet_config = MultiStageUNet2DModel.load_config(path, subfolder="unet")
-            scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"`--pretrained_model_name_or_path` {path!r} is not a MultiStagePipeline folder or Hub repository "
-                f"(model_index.json, unet/, scheduler/): {error}"
-            ) from None
-        name = unet_config.get("_class_name")  # read from a folder: anything (a list is no dict key)
-        if not isinstance(name, str) or name not in PRETRAINED_UNETS:
-            raise ValueError(
-                f"`--pretrained_model_name_or_path` {path!r} holds a {name!r} (`_class_name`) as its unet, not one of "
-                f"{sorted(PRETRAINED_UNETS)}: convert it first (e.g. `python -m "
-                "diffusers_stages.conversion.unet_to_multistage` for a UNet2DModel or DDPM/DDIM/LDM pipeline)."
-            )
-        levels_key = PRETRAINED_UNETS[name][1]
-        if not isinstance(unet_config.get(levels_key), list) or not unet_config[levels_key]:
-            raise ValueError(
-                f"`--pretrained_model_name_or_path` {path!r}: `{levels_key}` of its unet's config.json must be a list, "
-                f"one entry per resolution level, got {unet_config.get(levels_key)!r}."
-            )
-        vae = index.get("vae")  # [library, class], or [None, None] (or none) for a pixel-space pipeline
-        vae = [None, None] if vae is None else vae
-        if not (
-            isinstance(vae, list) and len(vae) == 2 and (vae == [None, None] or all(isinstance(x, str) for x in vae))
-        ):
-            raise ValueError(
-                f"`--pretrained_model_name_or_path` {path!r}: the `vae` entry of its model_index.json must be "
-                f"[library, class] (or [null, null]), got {vae!r}."
-            )
-        return cls(path, unet_config, scheduler_config, vae[1] if vae[0] is not None else None)
+        source = cls.read_pipeline(path, "MultiStagePipeline", ("unet",))
+        classes = {name: model_class for name, (model_class, _) in PRETRAINED_UNETS.items()}
+        source.read_model("unet", classes, CONVERT_FIRST)
+        source.config_downsampling("unet", PRETRAINED_UNETS[source.unet_config["_class_name"]][1])  # checks its levels
+        return source
+
+    @property
+    def unet_config(self) -> dict:
+        return self.configs["unet"]
 
     @property
     def model_class(self) -> type[ModelMixin]:
@@ -89,7 +63,7 @@ class PretrainedSource:
     @property
     def downsampling(self) -> int:
         """The model's down-sampling factor: one halving per resolution level."""
-        return 2 ** (len(self.unet_config[PRETRAINED_UNETS[self.unet_config["_class_name"]][1]]) - 1)
+        return self.config_downsampling("unet", PRETRAINED_UNETS[self.unet_config["_class_name"]][1])
 
 
 def _differ(per_decoder: object) -> bool:
@@ -100,7 +74,7 @@ def _differ(per_decoder: object) -> bool:
     return len({repr(list(x)) for x in per_decoder}) > 1
 
 
-class MultiStageTask(TrainingTask):
+class MultiStageTask(FineTuningTask):
     """Zhang et al. (CVPR 2024): shared encoder, one decoder per stage, all trained jointly on stratified batches.
 
     With `--pretrained_model_name_or_path` the networks, the stages and the noise schedule are those of an existing
@@ -127,13 +101,11 @@ class MultiStageTask(TrainingTask):
     method = "multi-stage multi-decoder U-Net"
     tags = ("multi-stage", "multi-decoder")
 
-    def __init__(self, args: argparse.Namespace):
-        # fine-tuning: the source's configs (no weights yet) come first, the partition and every check follow them
-        path = getattr(args, "pretrained_model_name_or_path", None)
-        self.source = None if path is None else PretrainedSource.read(path)
-        if self.source is not None:
-            self.scheduler_config = self.source.scheduler_config
-        super().__init__(args)
+    def read_source(self, path):
+        return PretrainedSource.read(path)
+
+    def source_configs(self):
+        return {"unet": self.source.unet_config}
 
     def build_partition(self, args):
         if self.source is not None:
@@ -282,60 +254,11 @@ class MultiStageTask(TrainingTask):
             )
         return planned
 
-    def training_vae(self, args: argparse.Namespace) -> tuple[str | None, str | None]:
-        """Fine-tuning without `--vae_path`: the latent space of the source's own VAE (`--vae_path SOURCE
-        --vae_subfolder vae`), as that is the space its model denoises."""
-        vae_class = None if self.source is None else self.source.vae_class
-        if args.vae_path is not None or vae_class is None:
-            return super().training_vae(args)
-        if vae_class != "AutoencoderKL":
-            raise ValueError(
-                f"`--pretrained_model_name_or_path` {self.source.path!r} holds a {vae_class} as its VAE, but training "
-                "encodes images with an AutoencoderKL only: give one whose latents fit the model with `--vae_path`."
-            )
-        return self.source.path, "vae"
-
     def _source_partition(self, args: argparse.Namespace) -> TimestepPartition:
         """The loaded model's partition, after refusing every argument that contradicts the source."""
-        path, config = self.source.path, self.source.unet_config
-        partition = TimestepPartition.from_config(config)
-        refuse_given_options(
-            args,
-            REFUSED_WITH_PRETRAINED,
-            "`--pretrained_model_name_or_path`",
-            f"fine-tuning keeps the model of {path!r} (stage boundaries {list(partition.boundaries)} in "
-            f"{partition.units!r} units, its own architecture)",
-        )
-        if args.boundary_units != partition.units:
-            raise ValueError(
-                f"`--boundary_units` {args.boundary_units} disagrees with the model of {path!r}, whose stage "
-                f"boundaries are in {partition.units!r} units: pass `--boundary_units {partition.units}`."
-            )
-        # the schedule arguments must repeat the source's rather than be read from it: argparse cannot tell a
-        # default from a typed value, so a silent override could hide a value the user meant, while training with
-        # the arguments' schedule would fine-tune on a noise schedule the model never saw; the error names the fix
-        training, sampling = noise_schedulers(args, self.source.scheduler_config)
-        expected = {
-            "num_train_timesteps": training.config.num_train_timesteps,
-            "prediction_type": training.config.prediction_type,
-        }
-        if not is_edm_scheduler(training):  # EDM has no beta schedule (nor does fresh EDM training read one)
-            expected["ddpm_beta_schedule"] = training.config.beta_schedule
-        for name, value in expected.items():
-            if getattr(args, name) != value:
-                raise ValueError(
-                    f"`--{name}` {getattr(args, name)} disagrees with the scheduler of {path!r} ({value}): pass "
-                    f"`--{name} {value}` (fine-tuning keeps the source's noise schedule)."
-                )
-        try:  # EDM scheduler <-> sigma stages, and the stages' step count = the scheduler's
-            check_scheduler_units(sampling, partition)
-        except ValueError as error:
-            raise ValueError(f"`--pretrained_model_name_or_path` {path!r}: {error}") from None
-        if args.gradient_checkpointing and not self.source.model_class._supports_gradient_checkpointing:
-            raise ValueError(
-                f"`--gradient_checkpointing` is not supported by {self.source.model_class.__name__} (the model of "
-                f"{path!r}): drop it."
-            )
+        partition = TimestepPartition.from_config(self.source.unet_config)
+        kept = f"stage boundaries {list(partition.boundaries)} in {partition.units!r} units"
+        self.check_source_arguments(args, partition, REFUSED_WITH_PRETRAINED, kept, [self.source.model_class])
         return partition
 
     @property
@@ -343,43 +266,6 @@ class MultiStageTask(TrainingTask):
         if self.source is not None:
             return self.source.downsampling
         return _unet_downsampling(unet_shape_kwargs(self.args))
-
-    def check_networks(self, in_channels, sample_size, num_class_embeds):
-        if self.source is None:  # fine-tuning loads the source's model: `check_data` checks the data against it
-            super().check_networks(in_channels, sample_size, num_class_embeds)
-
-    def check_data(self, in_channels, sample_size, num_class_embeds):
-        if self.source is None:
-            return
-        path, config = self.source.path, self.source.unet_config
-        if in_channels != config["in_channels"]:
-            data = (
-                f"`--vae_path` {self.vae_path!r} gives latents of {in_channels} channels"
-                if self.vae_path is not None
-                else f"the data are RGB images ({in_channels} channels; a latent model needs `--vae_path`)"
-            )
-            raise ValueError(
-                f"`--pretrained_model_name_or_path` {path!r} holds a model with in_channels={config['in_channels']}, "
-                f"but {data}."
-            )
-        size = config.get("sample_size")  # an int, [height, width], or None (a U-Net of any size)
-        if size is not None and tuple(size if isinstance(size, (list, tuple)) else (size, size)) != (sample_size,) * 2:
-            factor = self.args.resolution // sample_size
-            fix = f"pass `--resolution {size * factor}`" if isinstance(size, int) else "the data are square"
-            raise ValueError(
-                f"`--resolution` {self.args.resolution} gives {sample_size}x{sample_size} samples, but the model of "
-                f"{path!r} has sample_size={size}: {fix}."
-            )
-        if num_class_embeds != config.get("num_class_embeds"):
-            data = (
-                f"{num_data_classes(num_class_embeds)} classes (+ the null label: num_class_embeds={num_class_embeds})"
-                if num_class_embeds is not None
-                else "no class labels (num_class_embeds=None)"
-            )
-            raise ValueError(
-                f"`--class_conditional`: the data give {data}, but the model of {path!r} has "
-                f"num_class_embeds={config.get('num_class_embeds')} (with `--class_conditional`, classes + 1)."
-            )
 
     def build_networks(self, in_channels, sample_size, num_class_embeds):
         unet = self._build_unet(in_channels, sample_size, num_class_embeds)

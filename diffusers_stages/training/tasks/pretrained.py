@@ -1,0 +1,216 @@
+"""Fine-tuning a saved pipeline folder (`--pretrained_model_name_or_path`), as the training scripts share it: its
+configs are read before any weights (nothing in it is run), and its noise schedule, VAE and architecture are kept,
+so the arguments and data that contradict them are refused by name."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers.models.modeling_utils import ModelMixin
+
+from ...conventions import num_data_classes
+from ...partition import TimestepPartition
+from ...schedulers import check_scheduler_units, is_edm_scheduler
+from ..args import refuse_given_options
+from .base import TrainingTask, noise_schedulers
+
+OPTION = "`--pretrained_model_name_or_path`"
+
+
+@dataclass
+class PipelineSource:
+    """What fine-tuning reads from a saved pipeline folder (or Hub repository) before any weights load: its
+    `model_index.json`, the configs of its denoisers by folder (``unet``, ``experts/expert_0``, ``shallow``, ...),
+    its scheduler's config, and the class of its VAE (None when it has none)."""
+
+    path: str
+    index: dict  # its model_index.json
+    configs: dict[str, dict]
+    scheduler_config: dict
+    vae_class: str | None
+
+    @classmethod
+    def read_pipeline(cls, path: str, pipeline: str, folders: Sequence[str]) -> PipelineSource:
+        """Read the `model_index.json`, the ``folders``' configs and the scheduler config of a ``pipeline`` folder;
+        anything else is a ValueError naming `--pretrained_model_name_or_path`."""
+        try:
+            index = DiffusionPipeline.load_config(path)
+            configs = {folder: UNet2DModel.load_config(path, subfolder=folder) for folder in folders}
+            scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
+        except (OSError, ValueError) as error:
+            parts = ", ".join(["model_index.json", *(f"{folder}/" for folder in (*folders, "scheduler"))])
+            article = "an" if pipeline[0] in "AEIOU" else "a"
+            raise ValueError(
+                f"{OPTION} {path!r} is not {article} {pipeline} folder or Hub repository ({parts}): {error}"
+            ) from None
+        vae = index.get("vae")  # [library, class], or [None, None] (or none) for a pixel-space pipeline
+        vae = [None, None] if vae is None else vae
+        if not (
+            isinstance(vae, list) and len(vae) == 2 and (vae == [None, None] or all(isinstance(x, str) for x in vae))
+        ):
+            raise ValueError(
+                f"{OPTION} {path!r}: the `vae` entry of its model_index.json must be [library, class] (or [null, "
+                f"null]), got {vae!r}."
+            )
+        return cls(path, index, configs, scheduler_config, vae[1] if vae[0] is not None else None)
+
+    def read_model(self, folder: str, classes: Mapping[str, type[ModelMixin]], advice: str = "") -> type[ModelMixin]:
+        """Read the config of the denoiser in ``folder`` (if not read yet) and return its class, which must be one of
+        ``classes`` (by ``_class_name``, read from a folder: anything; nothing it names is imported)."""
+        if folder not in self.configs:
+            try:
+                self.configs[folder] = UNet2DModel.load_config(self.path, subfolder=folder)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{OPTION} {self.path!r} holds no model config in {folder}/: {error}") from None
+        name = self.configs[folder].get("_class_name")
+        if not isinstance(name, str) or name not in classes:  # (a list is no dict key)
+            raise ValueError(
+                f"{OPTION} {self.path!r} holds a {name!r} (`_class_name`) as its {folder}, not one of "
+                f"{sorted(classes)}{advice}."
+            )
+        return classes[name]
+
+    def config_downsampling(self, folder: str, levels_key: str = "block_out_channels") -> int:
+        """The down-sampling factor of the model in ``folder``: its patch side (a U-ViT), else one halving per
+        resolution level (an entry of ``levels_key``), refused by name where the config does not give it."""
+        config = self.configs[folder]
+        if "patch_size" in config and levels_key not in config:
+            size = config["patch_size"]
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(
+                    f"{OPTION} {self.path!r}: `patch_size` of its {folder}'s config.json must be a positive integer, "
+                    f"got {size!r}."
+                )
+            return size
+        levels = config.get(levels_key)
+        if not isinstance(levels, list) or not levels:
+            raise ValueError(
+                f"{OPTION} {self.path!r}: `{levels_key}` of its {folder}'s config.json must be a list, one entry per "
+                f"resolution level, got {levels!r}."
+            )
+        return 2 ** (len(levels) - 1)
+
+
+class FineTuningTask(TrainingTask):
+    """A task that, given `--pretrained_model_name_or_path`, fine-tunes the networks of a saved pipeline folder
+    (`source`) instead of building them from the arguments: the folder's noise schedule samples and trains, its VAE
+    encodes the data (without `--vae_path`), and the data must fit its networks (`check_data`)."""
+
+    source: PipelineSource | None = None
+
+    def __init__(self, args: argparse.Namespace):
+        # the source's configs (no weights yet) come first: the partition and every check follow them
+        path = getattr(args, "pretrained_model_name_or_path", None)
+        self.source = None if path is None else self.read_source(path)
+        if self.source is not None:
+            self.scheduler_config = self.source.scheduler_config
+        super().__init__(args)
+
+    def read_source(self, path: str) -> PipelineSource:
+        """The source folder's configs, its denoisers' classes checked."""
+        raise NotImplementedError
+
+    def source_configs(self) -> dict[str, dict]:
+        """The configs of the source's networks this run trains, by their folder (read by `build_partition`)."""
+        raise NotImplementedError
+
+    def training_vae(self, args: argparse.Namespace) -> tuple[str | None, str | None]:
+        """Fine-tuning without `--vae_path`: the latent space of the source's own VAE (`--vae_path SOURCE
+        --vae_subfolder vae`), as that is the space its networks denoise."""
+        vae_class = None if self.source is None else self.source.vae_class
+        if args.vae_path is not None or vae_class is None:
+            return super().training_vae(args)
+        if vae_class != "AutoencoderKL":
+            raise ValueError(
+                f"{OPTION} {self.source.path!r} holds a {vae_class} as its VAE, but training encodes images with an "
+                "AutoencoderKL only: give one whose latents fit the model with `--vae_path`."
+            )
+        return self.source.path, "vae"
+
+    def check_source_arguments(
+        self,
+        args: argparse.Namespace,
+        partition: TimestepPartition,
+        refused: Sequence[str],
+        kept: str,
+        model_classes: Sequence[type[ModelMixin]],
+    ) -> None:
+        """Refuse every argument that contradicts the source: the ``refused`` options (``kept`` says what the source
+        gives instead), `--boundary_units` other than ``partition``'s, a noise schedule other than the source
+        scheduler's, and `--gradient_checkpointing` where one of ``model_classes`` has none."""
+        path = self.source.path
+        reason = f"fine-tuning keeps the model of {path!r} ({kept}, its own architecture)"
+        refuse_given_options(args, refused, OPTION, reason)
+        if args.boundary_units != partition.units:
+            raise ValueError(
+                f"`--boundary_units` {args.boundary_units} disagrees with the model of {path!r}, whose stage "
+                f"boundaries are in {partition.units!r} units: pass `--boundary_units {partition.units}`."
+            )
+        # the schedule arguments must repeat the source's rather than be read from it: argparse cannot tell a
+        # default from a typed value, so a silent override could hide a value the user meant, while training with
+        # the arguments' schedule would fine-tune on a noise schedule the model never saw; the error names the fix
+        training, sampling = noise_schedulers(args, self.source.scheduler_config)
+        expected = {
+            "num_train_timesteps": training.config.num_train_timesteps,
+            "prediction_type": training.config.prediction_type,
+        }
+        if not is_edm_scheduler(training):  # EDM has no beta schedule (nor does fresh EDM training read one)
+            expected["ddpm_beta_schedule"] = training.config.beta_schedule
+        for name, value in expected.items():
+            if getattr(args, name) != value:
+                raise ValueError(
+                    f"`--{name}` {getattr(args, name)} disagrees with the scheduler of {path!r} ({value}): pass "
+                    f"`--{name} {value}` (fine-tuning keeps the source's noise schedule)."
+                )
+        try:  # EDM scheduler <-> sigma stages, and the stages' step count = the scheduler's
+            check_scheduler_units(sampling, partition)
+        except ValueError as error:
+            raise ValueError(f"{OPTION} {path!r}: {error}") from None
+        unsupported = [cls.__name__ for cls in model_classes if not cls._supports_gradient_checkpointing]
+        if args.gradient_checkpointing and unsupported:
+            raise ValueError(
+                f"`--gradient_checkpointing` is not supported by {unsupported[0]} (the model of {path!r}): drop it."
+            )
+
+    def check_networks(self, in_channels, sample_size, num_class_embeds):
+        if self.source is None:  # fine-tuning loads the source's networks: `check_data` checks the data against them
+            super().check_networks(in_channels, sample_size, num_class_embeds)
+
+    def check_data(self, in_channels, sample_size, num_class_embeds):
+        if self.source is None:
+            return
+        for config in self.source_configs().values():
+            self._check_fits(config, in_channels, sample_size, num_class_embeds)
+
+    def _check_fits(self, config: dict, in_channels: int, sample_size: int, num_class_embeds: int | None) -> None:
+        path = self.source.path
+        if in_channels != config.get("in_channels"):
+            data = (
+                f"`--vae_path` {self.vae_path!r} gives latents of {in_channels} channels"
+                if self.vae_path is not None
+                else f"the data are RGB images ({in_channels} channels; a latent model needs `--vae_path`)"
+            )
+            raise ValueError(
+                f"{OPTION} {path!r} holds a model with in_channels={config.get('in_channels')}, but {data}."
+            )
+        size = config.get("sample_size")  # an int, [height, width], or None (a U-Net of any size)
+        if size is not None and tuple(size if isinstance(size, (list, tuple)) else (size, size)) != (sample_size,) * 2:
+            factor = self.args.resolution // sample_size
+            fix = f"pass `--resolution {size * factor}`" if isinstance(size, int) else "the data are square"
+            raise ValueError(
+                f"`--resolution` {self.args.resolution} gives {sample_size}x{sample_size} samples, but the model of "
+                f"{path!r} has sample_size={size}: {fix}."
+            )
+        if num_class_embeds != config.get("num_class_embeds"):
+            data = (
+                f"{num_data_classes(num_class_embeds)} classes (+ the null label: num_class_embeds={num_class_embeds})"
+                if num_class_embeds is not None
+                else "no class labels (num_class_embeds=None)"
+            )
+            raise ValueError(
+                f"`--class_conditional`: the data give {data}, but the model of {path!r} has "
+                f"num_class_embeds={config.get('num_class_embeds')} (with `--class_conditional`, classes + 1)."
+            )

@@ -1,0 +1,131 @@
+"""`train_dual_backbone.py --pretrained_model_name_or_path`: fine-tunes a `DualBackbonePipeline` folder (both
+backbones, or one with `--backbones`), keeps its switch and noise schedule, and refuses the shape and switch options."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+from diffusers_stages import DualBackbonePipeline, ExpertRoutingModel, ExpertRoutingPipeline, UViT2DModel
+from tests.conftest import LDM_SCHEDULE, SMALL_UNET, TINY_UNET
+
+
+@pytest.fixture(scope="module")
+def script(examples):
+    return examples.load_script("dual_backbone")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> str:
+    """A tiny `DualBackbonePipeline`: two U-Nets of different depths, switched at timestep 600."""
+    folder = tmp_path_factory.mktemp("dual") / "source"
+    torch.manual_seed(0)
+    DualBackbonePipeline(
+        shallow=UNet2DModel(**SMALL_UNET), deep=UNet2DModel(**TINY_UNET), scheduler=DDIMScheduler(**LDM_SCHEDULE),
+        switch_timestep=600,
+    ).save_pretrained(folder)  # fmt: skip
+    return str(folder)
+
+
+def _finetune_args(examples, image_folder: str, source: str, out: str, *extra: str) -> list[str]:
+    return examples.finetune_args(image_folder, source, out, "--ddpm_beta_schedule", "scaled_linear", *extra)
+
+
+def test_finetunes_both_backbones_and_keeps_the_switch(examples, script, image_folder, source, tmp_path):
+    out = str(tmp_path / "run")
+    examples.train(script, _finetune_args(examples, image_folder, source, out))
+
+    before, after = DualBackbonePipeline.from_pretrained(source), DualBackbonePipeline.from_pretrained(out)
+    assert after.config.switch_timestep == 600 and after.config.switch_step_fraction is None
+    for name in ("shallow", "deep"):
+        a, b = getattr(before, name), getattr(after, name)
+        assert {k: v for k, v in a.config.items() if not k.startswith("_")} == {
+            k: v for k, v in b.config.items() if not k.startswith("_")
+        }
+        assert examples.weights_changed(f"{source}/{name}", f"{out}/{name}")
+    assert type(after.scheduler) is DDIMScheduler
+    assert {k: after.scheduler.config[k] for k in LDM_SCHEDULE} == LDM_SCHEDULE
+    after.set_progress_bar_config(disable=True)
+    assert after(batch_size=1, num_inference_steps=3, output_type="np").images.shape == (1, 8, 8, 3)
+
+
+def test_finetunes_one_backbone_as_a_one_backbone_run(examples, script, image_folder, source, tmp_path):
+    out = str(tmp_path / "run")
+    examples.train(script, _finetune_args(examples, image_folder, source, out, "--backbones", "shallow"))
+    # the format of any one-backbone run: that backbone and the scheduler, no pipeline
+    assert sorted(n for n in os.listdir(out) if os.path.isdir(os.path.join(out, n)) and n != "logs") == [
+        "scheduler",
+        "shallow",
+    ]
+    assert examples.weights_changed(f"{source}/shallow", f"{out}/shallow")
+    shallow = UNet2DModel.from_pretrained(out, subfolder="shallow")
+    pipe = DualBackbonePipeline.from_pretrained(source, shallow=shallow)  # with the source's deep one
+    assert pipe.config.switch_timestep == 600
+
+
+def test_finetunes_uvit_backbones(examples, script, image_folder, tmp_path):
+    source, out = str(tmp_path / "uvit"), str(tmp_path / "run")
+    uvit = dict(sample_size=8, patch_size=2, hidden_size=16, num_attention_heads=2)
+    torch.manual_seed(0)
+    DualBackbonePipeline(shallow=UViT2DModel(**uvit, num_layers=1), deep=UViT2DModel(**uvit, num_layers=3),
+                         scheduler=DDPMScheduler(), switch_step_fraction=0.5).save_pretrained(source)  # fmt: skip
+    examples.train(script, [*_finetune_args(examples, image_folder, source, out), "--ddpm_beta_schedule", "linear"])
+    pipe = DualBackbonePipeline.from_pretrained(out)
+    assert isinstance(pipe.shallow, UViT2DModel) and len(pipe.deep.blocks) == 3
+    assert pipe.config.switch_step_fraction == 0.5 and all(
+        examples.weights_changed(f"{source}/{n}", f"{out}/{n}") for n in ("shallow", "deep")
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--switch_step_fraction", "0.5"], "`--switch_step_fraction` 0.5 cannot be combined with `--pretrained_model_name_or_path`: fine-tuning keeps the model of"),
+        (["--switch_timestep", "500"], "`--switch_timestep` 500.0 cannot be combined with `--pretrained_model_name_or_path`"),
+        (["--block_out_channels", "8,16"], "`--block_out_channels` [8, 16] cannot be combined with `--pretrained_model_name_or_path`"),
+        (["--shallow_block_out_channels", "8,8"], "`--shallow_block_out_channels` [8, 8] cannot be combined"),
+        (["--ddpm_beta_schedule", "linear"], "`--ddpm_beta_schedule` linear disagrees with the scheduler of"),
+        (["--backbone", "uvit"], "`--backbone uvit` disagrees with the backbones of"),
+        (["--backbone", "early_exit"], "drop --pretrained_model_name_or_path"),
+    ],  # the other checks of the source (FineTuningTask's) are those of the experts' and multi-stage scripts' tests
+)  # fmt: skip
+def test_contradictions_are_usage_errors(examples, script, image_folder, source, tmp_path, capsys, extra, message):
+    examples.assert_usage_error(script, _finetune_args(examples, image_folder, source, str(tmp_path / "run"), *extra),
+                                message, capsys)  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_that_does_not_fit_the_backbone_trained_is_refused_before_training(
+    examples, script, image_folder, source, tmp_path
+):
+    out = tmp_path / "run"
+    argv = _finetune_args(examples, image_folder, source, str(out), "--backbones", "deep", "--resolution", "16")
+    examples.assert_refused_before_training(script, argv, "`--resolution` 16 gives 16x16 samples, but the model of")
+    assert not (out / "deep").exists()
+
+
+def test_a_folder_of_another_pipeline_is_named(examples, script, image_folder, tmp_path, capsys):
+    experts = ExpertRoutingModel([UNet2DModel(**TINY_UNET), UNet2DModel(**TINY_UNET)], stage_boundaries=(400,))
+    ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "experts")
+    argv = [
+        *_finetune_args(examples, image_folder, str(tmp_path / "experts"), "run"),
+        "--ddpm_beta_schedule",
+        "linear",
+    ]
+    examples.assert_usage_error(script, argv, "is not a DualBackbonePipeline folder or Hub repository", capsys)
+
+
+@pytest.mark.parametrize("switch", [{"switch_timestep": "600"}, {"switch_step_fraction": 0.5, "switch_timestep": 600}])
+def test_a_saved_switch_the_pipeline_would_refuse_is_named(examples, script, image_folder, source, tmp_path, capsys,
+                                                           switch):  # fmt: skip
+    # read from a folder: anything, named before training (not by the pipeline once trained, at saving)
+    hostile = tmp_path / "hostile"
+    shutil.copytree(source, hostile)
+    index = json.loads((hostile / "model_index.json").read_text())
+    (hostile / "model_index.json").write_text(json.dumps({**index, **switch}))
+    with pytest.raises(SystemExit):
+        script.parse_args(_finetune_args(examples, image_folder, str(hostile), str(tmp_path / "run")))
+    assert f"{str(hostile)!r}: its model_index.json: " in capsys.readouterr().err

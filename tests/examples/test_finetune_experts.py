@@ -1,0 +1,202 @@
+"""`train_experts.py --pretrained_model_name_or_path`: fine-tunes an `ExpertRoutingPipeline` folder (all experts, or
+one with `--expert_index`), keeps its boundaries, experts and noise schedule, and refuses the shape options."""
+
+import argparse
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+from diffusers_stages import (
+    ExpertRoutingModel,
+    ExpertRoutingPipeline,
+    IUNet2DModel,
+    MultiStagePipeline,
+    MultiStageUNet2DModel,
+)
+from tests.conftest import LDM_SCHEDULE, TINY_UNET, tiny_vae
+
+
+@pytest.fixture(scope="module")
+def script(examples):
+    return examples.load_script("experts")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> str:
+    """A tiny two-expert `ExpertRoutingPipeline` (a UNet2DModel clean expert, an iU-Net noisy one) split at 400."""
+    folder = tmp_path_factory.mktemp("experts") / "source"
+    torch.manual_seed(0)
+    iunet = IUNet2DModel(sample_size=8, block_out_channels=(8, 16), attention_ratios=0.5, attention_head_dim=4,
+                         layers_per_block=1, norm_num_groups=4)  # fmt: skip
+    experts = ExpertRoutingModel([UNet2DModel(**TINY_UNET), iunet], stage_boundaries=(400,))
+    ExpertRoutingPipeline(experts=experts, scheduler=DDIMScheduler(**LDM_SCHEDULE)).save_pretrained(folder)
+    return str(folder)
+
+
+def _finetune_args(examples, image_folder: str, source: str, out: str, *extra: str) -> list[str]:
+    return examples.finetune_args(
+        image_folder, source, out, "--ddpm_beta_schedule", "scaled_linear", "--assignment", "hard", *extra
+    )
+
+
+def _changed(examples, before: str, after: str, expert: int) -> bool:
+    """Whether expert ``expert`` of folder ``after`` (a pipeline's `experts`, or a one-expert run) has other weights."""
+    return examples.weights_changed(os.path.join(before, f"expert_{expert}"), os.path.join(after, f"expert_{expert}"))
+
+
+def test_finetunes_every_expert_and_keeps_the_boundaries(examples, script, image_folder, source, tmp_path):
+    out = str(tmp_path / "run")
+    examples.train(script, _finetune_args(examples, image_folder, source, out))
+
+    before, after = ExpertRoutingPipeline.from_pretrained(source), ExpertRoutingPipeline.from_pretrained(out)
+    assert after.partition == before.partition and after.partition.boundaries == (400.0,)
+    assert [type(e) for e in after.experts.experts] == [UNet2DModel, IUNet2DModel]
+    for a, b in zip(before.experts.experts, after.experts.experts):
+        assert {k: v for k, v in a.config.items() if not k.startswith("_")} == {
+            k: v for k, v in b.config.items() if not k.startswith("_")
+        }
+    assert all(_changed(examples, f"{source}/experts", f"{out}/experts", i) for i in range(2))
+    # sampled with the source's scheduler class and schedule
+    assert type(after.scheduler) is DDIMScheduler
+    assert {k: after.scheduler.config[k] for k in LDM_SCHEDULE} == LDM_SCHEDULE
+    after.set_progress_bar_config(disable=True)
+    assert after(batch_size=1, num_inference_steps=3, output_type="np").images.shape == (1, 8, 8, 3)
+
+
+def test_finetunes_one_expert_per_run_and_the_runs_assemble(examples, script, image_folder, source, tmp_path):
+    runs = [str(tmp_path / f"expert{i}") for i in range(2)]
+    for index, run in enumerate(runs):
+        examples.train(script, _finetune_args(examples, image_folder, source, run, "--expert_index", str(index)))
+        # the format of any one-expert run: only its expert, the scheduler and the run's record
+        assert sorted(n for n in os.listdir(run) if os.path.isdir(os.path.join(run, n)) and n != "logs") == [
+            f"expert_{index}",
+            "scheduler",
+        ]
+        with open(os.path.join(run, "expert_run.json"), encoding="utf-8") as f:
+            record = json.load(f)
+        assert record["expert_index"] == index and record["stage_boundaries"] == [400.0]
+        assert _changed(examples, f"{source}/experts", run, index)
+
+    out = str(tmp_path / "assembled")
+    examples.train(script, ["--assemble_experts", *runs, "--output_dir", out, "--num_sample_images", "2",
+                            "--num_inference_steps", "3"])  # fmt: skip
+    pipe = ExpertRoutingPipeline.from_pretrained(out)
+    assert pipe.partition.boundaries == (400.0,) and type(pipe.scheduler) is DDIMScheduler
+    for index, run in enumerate(runs):
+        assert not _changed(examples, run, f"{out}/experts", index)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num_experts", "2"], "`--num_experts` 2 cannot be combined with `--pretrained_model_name_or_path`"),
+        (["--stage_boundaries", "500"], "`--stage_boundaries` [500.0] cannot be combined with `--pretrained_model_name_or_path`"),
+        (["--expert_block_out_channels", "8,16", "8,16"], "`--expert_block_out_channels` [(8, 16), (8, 16)] cannot be combined"),
+        (["--expert_attention_shares", "0.2,0.8"], "`--expert_attention_shares` [0.2, 0.8] cannot be combined"),
+        (["--model_config", "config.json"], "`--model_config` config.json cannot be combined"),
+        (["--block_out_channels", "8,16"], "`--block_out_channels` [8, 16] cannot be combined with `--pretrained_model_name_or_path`: fine-tuning keeps the model of"),
+        (["--layers_per_block", "2"], "`--layers_per_block` 2 cannot be combined"),
+        (["--ddpm_beta_schedule", "linear"], "`--ddpm_beta_schedule` linear disagrees with the scheduler of"),
+        (["--prediction_type", "v_prediction"], "`--prediction_type` v_prediction disagrees with the scheduler of"),
+        (["--boundary_units", "sigma"], "`--boundary_units` sigma disagrees with the model of"),
+        (["--expert_index", "2"], "`--expert_index` must be in [0, 2), got 2"),
+    ],
+)  # fmt: skip
+def test_contradictions_are_usage_errors(examples, script, image_folder, source, tmp_path, capsys, extra, message):
+    examples.assert_usage_error(script, _finetune_args(examples, image_folder, source, str(tmp_path / "run"), *extra),
+                                message, capsys)  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--class_conditional"], "`--class_conditional`: the data give 3 classes (+ the null label: num_class_embeds=4), but the model of"),
+        (["--resolution", "16"], "`--resolution` 16 gives 16x16 samples, but the model of"),
+        (["--expert_index", "1", "--resolution", "16"], "`--resolution` 16 gives 16x16 samples, but the model of"),
+    ],
+)  # fmt: skip
+def test_data_that_does_not_fit_the_experts_is_refused_before_training(
+    examples, script, image_folder, source, tmp_path, extra, message
+):
+    out = tmp_path / "run"
+    examples.assert_refused_before_training(
+        script, _finetune_args(examples, image_folder, source, str(out), *extra), message
+    )
+    assert not (out / "experts").exists()
+
+
+def test_a_folder_of_another_pipeline_or_expert_class_is_named(examples, script, image_folder, tmp_path, capsys):
+    MultiStagePipeline(unet=MultiStageUNet2DModel(**TINY_UNET), scheduler=DDPMScheduler()).save_pretrained(
+        tmp_path / "multistage"
+    )
+    argv = _finetune_args(examples, image_folder, str(tmp_path / "multistage"), str(tmp_path / "run"))
+    examples.assert_usage_error(script, [*argv, "--ddpm_beta_schedule", "linear"],
+                                "is not an ExpertRoutingPipeline folder or Hub repository", capsys)  # fmt: skip
+
+    # an expert class the script does not train (read from a folder: refused by name, nothing imported)
+    experts = ExpertRoutingModel(
+        [MultiStageUNet2DModel(**TINY_UNET), UNet2DModel(**TINY_UNET)], stage_boundaries=(400,)
+    )
+    ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "other")
+    argv = _finetune_args(examples, image_folder, str(tmp_path / "other"), str(tmp_path / "run"))
+    with pytest.raises(SystemExit):
+        script.parse_args([*argv, "--ddpm_beta_schedule", "linear"])
+    error = capsys.readouterr().err
+    assert "holds a 'MultiStageUNet2DModel' (`_class_name`) as its experts/expert_0" in error
+    assert "IUNet2DModel" in error and "UNet2DModel" in error
+
+
+def test_the_source_is_not_written_back_into_the_arguments(examples, script, image_folder, source, tmp_path):
+    args = script.parse_args(_finetune_args(examples, image_folder, source, str(tmp_path / "run")))
+    task = script.ExpertTask(args)
+    assert args.num_experts is None and task.partition.num_stages == 2
+    assert isinstance(args, argparse.Namespace) and args.pretrained_model_name_or_path == source
+
+
+def test_an_expert_folder_leading_out_of_the_source_is_refused(examples, script, image_folder, source, tmp_path):
+    # read from a folder: hostile input (a link to another folder's expert is not loaded)
+    hostile = tmp_path / "hostile"
+    shutil.copytree(source, hostile)
+    shutil.move(hostile / "experts" / "expert_1", tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", hostile / "experts" / "expert_1")
+    out = tmp_path / "run"
+    args = script.parse_args(_finetune_args(examples, image_folder, str(hostile), str(out)))
+    with pytest.raises(ValueError, match="'expert_1' must be a directory inside"):
+        script.main(args)
+    assert not (out / "experts").exists()
+
+
+def test_assembling_refuses_a_pretrained_folder(script, source, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--assemble_experts", str(tmp_path / "a"), "--pretrained_model_name_or_path", source])
+    assert "cannot be combined with `--assemble_experts`: assembling gathers" in capsys.readouterr().err
+
+
+def test_a_one_expert_run_of_a_latent_source_keeps_its_vae(examples, script, image_folder, tmp_path):
+    # without `--vae_path`: the folder's own VAE encodes the data, and is saved with the run (the runs must share it)
+    torch.manual_seed(0)
+    latent = {**TINY_UNET, "in_channels": 4, "out_channels": 4}
+    experts = ExpertRoutingModel([UNet2DModel(**latent), UNet2DModel(**latent)], stage_boundaries=(400,))
+    ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler(), vae=tiny_vae()).save_pretrained(tmp_path / "src")
+    source, out = str(tmp_path / "src"), str(tmp_path / "run")
+    examples.train(script, examples.finetune_args(image_folder, source, out, "--resolution", "16", "--expert_index", "0",
+                                                  "--assignment", "hard"))  # fmt: skip
+    assert _changed(examples, f"{source}/experts", out, 0)
+    assert not examples.weights_changed(f"{source}/vae", f"{out}/vae")
+
+
+def test_a_hostile_expert_class_entry_is_a_usage_error(examples, script, image_folder, source, tmp_path, capsys):
+    # read from a folder: the container's `[module, class]` entries are never imported nor run
+    hostile = tmp_path / "hostile"
+    shutil.copytree(source, hostile)
+    config = json.loads((hostile / "experts" / "config.json").read_text())
+    config["expert_classes"][0] = ["os", "system"]
+    (hostile / "experts" / "config.json").write_text(json.dumps(config))
+    argv = _finetune_args(examples, image_folder, str(hostile), str(tmp_path / "run"))
+    message = "entry 0 of `expert_classes` in its experts/config.json must name the class of experts/expert_0"
+    examples.assert_usage_error(script, argv, message, capsys)
