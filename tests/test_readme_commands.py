@@ -119,8 +119,6 @@ def _captioned(images: Path, tmp_path: Path) -> Path:
 def test_training_command_parses_as_written(where, script, argv, images, tmp_path, monkeypatch, request):
     argv = list(argv)
     monkeypatch.chdir(tmp_path)
-    if "--assemble_experts" in argv:
-        pytest.skip("assembles the folders of earlier runs")
     if "--pretrained_model_name_or_path" in argv:  # the pipeline it fine-tunes, in tiny, at the path it names
         _write_source(script, argv[argv.index("--pretrained_model_name_or_path") + 1], request)
     if "--train_data_dir" in argv:

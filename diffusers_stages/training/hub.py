@@ -194,9 +194,12 @@ def model_card_text(
     return "\n".join(lines + _usage_and_samples(task.usage(repo_id), has_grid))
 
 
-def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bool, repo_id: str | None = None) -> str:
+def assembled_experts_card_text(
+    args: argparse.Namespace, pipeline, has_grid: bool, repo_id: str | None = None, base: str | None = None
+) -> str:
     """The card of `--assemble_experts`: the method, the experts and their intervals, the assembled runs' shared
-    settings, how to sample and the sample grid, as the training runs' cards (``repo_id`` as `model_card_text`)."""
+    settings, how to sample and the sample grid, as the training runs' cards (``repo_id`` as `model_card_text`;
+    ``base``: the pipeline folder whose experts the runs replaced, if any)."""
     repo_id = repo_id or hub_repo_name(args)
     experts = pipeline.experts
     config = experts.expert(0).config
@@ -208,8 +211,14 @@ def assembled_experts_card_text(args: argparse.Namespace, pipeline, has_grid: bo
         f"# {repo_id}",
         "",
         "A **multi-architecture multi-expert** diffusion model (MEME, Lee et al., AAAI 2024) assembled with "
-        f"diffusers-stages from {len(args.assemble_experts)} runs of its Accelerate training script, one "
-        "independent denoiser per interval of the noise schedule, each trained in its own run.",
+        + (
+            f"diffusers-stages from {len(args.assemble_experts)} runs of its Accelerate training script, one "
+            "independent denoiser per interval of the noise schedule, each trained in its own run."
+            if base is None
+            else f"diffusers-stages from the ExpertRoutingPipeline `{base}`, its experts replaced by those of "
+            f"{len(args.assemble_experts) - 1} run(s) of its Accelerate training script (one expert each): one "
+            "independent denoiser per interval of the noise schedule."
+        ),
         "",
         stage_table(experts.partition),
         "",

@@ -556,8 +556,9 @@ def _finish(state: RunState, global_step: int) -> None:
 
 
 def save_assembled_experts(args: argparse.Namespace) -> str:
-    """`--assemble_experts`: one `ExpertRoutingPipeline` from one-expert-per-run folders, with a grid and a push."""
-    from .tasks import assemble_expert_runs
+    """`--assemble_experts`: one `ExpertRoutingPipeline` from one-expert-per-run folders (after the pipeline whose
+    experts they replace, if one is first), with a grid and a push."""
+    from .tasks.experts import assemble_expert_runs, assembly_base
 
     hub_repo_id = create_hub_repo(args) if args.push_to_hub else None  # before assembling, as a training run
     pipeline = assemble_expert_runs(args.assemble_experts)
@@ -567,7 +568,8 @@ def save_assembled_experts(args: argparse.Namespace) -> str:
     grid, _ = sample_grid(pipeline, args, num_classes)
     grid.save(os.path.join(args.output_dir, "sample_grid.png"))
     if args.push_to_hub:
-        description = assembled_experts_card_text(args, pipeline, has_grid=True, repo_id=hub_repo_id)
+        base = assembly_base(args.assemble_experts)
+        description = assembled_experts_card_text(args, pipeline, has_grid=True, repo_id=hub_repo_id, base=base)
         api = LocalHubApi(args.hub_local_dir) if args.hub_local_dir else None
         push_output_folder(args.output_dir, hub_repo_id, description, ["multi-expert", "meme"], api=api,
                            token=args.hub_token, class_conditional=num_classes > 0,

@@ -7,7 +7,8 @@ give more channels to self-attention on the noisy intervals, more to convolution
 to the expert of its interval, stratified so each expert trains at every step; `--assignment soft`: the batch is
 split over the experts and expert n draws from its own interval with probability p_n), or one expert per run
 (`--expert_index n`) and gather the runs afterwards with `--assemble_experts`. `--pretrained_model_name_or_path`
-fine-tunes the experts of an existing `ExpertRoutingPipeline` folder instead. See README.md beside this file.
+fine-tunes the experts of an existing `ExpertRoutingPipeline` folder instead (all, or one to put back into it with
+`--assemble_experts FOLDER RUN`). See README.md beside this file.
 """
 
 import argparse
@@ -51,7 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     group.add_argument(
         "--assemble_experts", type=str, nargs="+", default=None,
-        help="Instead of training: gather the output folders of `--expert_index` runs into one pipeline in `--output_dir`.",
+        help="Instead of training: gather the output folders of `--expert_index` runs into one pipeline in "
+        "`--output_dir` (one run per expert), or, after a saved ExpertRoutingPipeline folder given first, put the "
+        "experts of the runs in place of that pipeline's own (e.g. `--assemble_experts meme-ffhq64 "
+        "meme-expert-1-finetuned`: its other experts, scheduler, VAE and class names are kept). The runs must share "
+        "its (and one another's) stage split, prediction type, noise schedule, VAE and class names.",
     )  # fmt: skip
     group.add_argument(
         "--pretrained_model_name_or_path", type=str, default=None,

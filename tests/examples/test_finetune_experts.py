@@ -17,6 +17,7 @@ from diffusers_stages import (
     MultiStagePipeline,
     MultiStageUNet2DModel,
 )
+from diffusers_stages.training.tasks import assemble_expert_runs
 from tests.conftest import LDM_SCHEDULE, TINY_UNET, tiny_vae
 
 
@@ -88,6 +89,32 @@ def test_finetunes_one_expert_per_run_and_the_runs_assemble(examples, script, im
     assert pipe.partition.boundaries == (400.0,) and type(pipe.scheduler) is DDIMScheduler
     for index, run in enumerate(runs):
         assert not _changed(examples, run, f"{out}/experts", index)
+
+
+def test_a_finetuned_expert_assembles_back_into_its_source(examples, script, image_folder, source, tmp_path):
+    # the source pipeline first (the base): the run replaces its expert 1, the other experts are the source's (before,
+    # assembling needed a fine-tuned run of every expert: "is not a finished `--expert_index` run")
+    ft1, out = str(tmp_path / "ft1"), str(tmp_path / "assembled")
+    hub = tmp_path / "hub"
+    examples.train(script, _finetune_args(examples, image_folder, source, ft1, "--expert_index", "1", "--push_to_hub",
+                                          "--hub_model_id", "me/ft1", "--hub_local_dir", str(hub)))  # fmt: skip
+    card = (hub / "me" / "ft1" / "README.md").read_text(encoding="utf-8")  # says how to put it back
+    assert f"--assemble_experts <{source}'s folder> <this run's folder> --output_dir <folder>" in card
+    examples.train(script, ["--assemble_experts", source, ft1, "--output_dir", out, "--num_sample_images", "2",
+                            "--num_inference_steps", "3", "--push_to_hub", "--hub_model_id", "me/assembled",
+                            "--hub_local_dir", str(hub)])  # fmt: skip
+    card = (hub / "me" / "assembled" / "README.md").read_text(encoding="utf-8")
+    assert f"from the ExpertRoutingPipeline `{source}`, its experts replaced by those of 1 run(s)" in card
+    pipe = ExpertRoutingPipeline.from_pretrained(out)
+    assert pipe.partition.boundaries == (400.0,) and type(pipe.scheduler) is DDIMScheduler
+    assert [type(e) for e in pipe.experts.experts] == [UNet2DModel, IUNet2DModel]
+    assert not _changed(examples, ft1, f"{out}/experts", 1) and not _changed(
+        examples, f"{source}/experts", f"{out}/experts", 0
+    )
+    assert _changed(examples, f"{source}/experts", f"{out}/experts", 1)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(batch_size=1, num_inference_steps=3, output_type="np").images.shape == (1, 8, 8, 3)
+    assert os.path.isfile(os.path.join(out, "sample_grid.png"))
 
 
 @pytest.mark.parametrize(
@@ -188,6 +215,10 @@ def test_a_one_expert_run_of_a_latent_source_keeps_its_vae(examples, script, ima
                                                   "--assignment", "hard"))  # fmt: skip
     assert _changed(examples, f"{source}/experts", out, 0)
     assert not examples.weights_changed(f"{source}/vae", f"{out}/vae")
+    # and assembles back into its source, whose VAE it shares
+    pipe = assemble_expert_runs([source, out])
+    kept = ExpertRoutingPipeline.from_pretrained(source).vae.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in pipe.vae.state_dict().items())
 
 
 def test_a_hostile_expert_class_entry_is_a_usage_error(examples, script, image_folder, source, tmp_path, capsys):

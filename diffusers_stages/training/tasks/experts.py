@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 
 import diffusers
 import torch
@@ -25,6 +26,7 @@ from ...models.loading import (
 from ...models.meme import meme_expert_configs
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
+from ...pipelines.loading import resolve_pipeline_class
 from ...schedulers import training_schedule_differences
 from ...timestep_sampling import MEME_OWN_INTERVAL_PROBABILITIES, soft_assignment_timesteps, stage_counts, stage_mass
 from ..args import (
@@ -303,14 +305,17 @@ class ExpertTask(FineTuningTask):
             return super().usage(repo_id)
         # one expert alone holds no pipeline: load the expert; to sample, download every expert's run and assemble them
         index, cls = self.args.expert_index, self._expert_class(self.args.expert_index)
+        # a fine-tuned expert goes back into its source pipeline (given first), the source's other experts kept
+        runs = "<the runs' folders>" if self.source is None else f"<{self.source.path}'s folder> <this run's folder>"
+        fetched = "each expert's run" if self.source is None else "this run and its source pipeline"
         return [
             f"from {'diffusers' if cls == 'UNet2DModel' else 'diffusers_stages'} import {cls}",
             "from huggingface_hub import snapshot_download",
             "",
             f"# expert {index} of {self.partition.num_stages} (stage {index} above) alone does not sample:",
             f'expert = {cls}.from_pretrained("{repo_id}", subfolder="{expert_folder(index)}")',
-            "# download each expert's run, then gather them into one pipeline with",
-            "# `python examples/experts/train_experts.py --assemble_experts <the runs' folders> --output_dir <folder>`",
+            f"# download {fetched}, then gather them into one pipeline with",
+            f"# `python examples/experts/train_experts.py --assemble_experts {runs} --output_dir <folder>`",
             f'run = snapshot_download("{repo_id}", allow_patterns=["*.json", "*.safetensors"])',
         ]
 
@@ -364,73 +369,178 @@ def _load_expert(folder: str) -> ModelMixin:
 
 
 def assemble_expert_runs(run_dirs: list[str]) -> ExpertRoutingPipeline:
-    """Gather the experts of one-expert-per-run folders into an `ExpertRoutingPipeline` (scheduler and VAE of the
-    first run); refuses runs whose partitions, prediction types, schedulers or VAEs differ, or that miss or repeat an
-    expert."""
-    runs = []
-    for run in run_dirs:
-        path = os.path.join(run, EXPERT_RUN_FILE)
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"`--assemble_experts`: {run!r} is not a finished `--expert_index` run (no {EXPERT_RUN_FILE})."
-            )
-        info = read_json(path, "--assemble_experts")
-        missing = [
-            key for key in ("expert_index", "prediction_type", *TimestepPartition([]).to_config()) if key not in info
-        ]
-        if missing:
-            raise ValueError(
-                f"`--assemble_experts`: {path!r} lacks {missing}: it was not written by an `--expert_index` run of "
-                "train_experts.py, or was edited since."
-            )
-        if isinstance(info.get("expert_index"), bool) or not isinstance(info.get("expert_index"), int):
-            raise ValueError(
-                f"`--assemble_experts`: `expert_index` of {path!r} must be an integer, got {info.get('expert_index')!r}."
-            )
-        runs.append((run, info))
-    named = [(run, info["id2label"]) for run, info in runs if info.get("id2label")]  # runs before it saved none
-    for run, id2label in named[1:]:
+    """Gather the experts of one-expert-per-run folders into an `ExpertRoutingPipeline`: runs of every expert
+    (scheduler and VAE of the first run), or a saved `ExpertRoutingPipeline` folder first (the base) and runs that
+    replace the experts they hold (the base's other experts, scheduler, VAE and class names are kept). Refuses runs
+    whose partitions, prediction types, schedulers, VAEs or class names differ (from the base's, or from one
+    another's without a base), or that miss (without a base) or repeat an expert."""
+    base = assembly_base(run_dirs)
+    runs = [(run, _read_run(run)) for run in (run_dirs if base is None else run_dirs[1:])]
+    # the class names each folder gives, with the file that holds them (runs before it saved none)
+    named = [(run, info["id2label"], os.path.join(run, EXPERT_RUN_FILE)) for run, info in runs if info.get("id2label")]
+    if base is not None:  # its configs only (no weights yet): every run is checked against them
+        expected, base_names = _read_base(base)
+        if base_names:  # the base's class names, if it has them, are the runs'
+            named.insert(0, (base, base_names, os.path.join(base, PIPELINE_INDEX)))
+    for run, id2label, _ in named[1:]:
         _check_same_class_names(named[0][1], id2label, run, named[0][0])
     shared = [{k: v for k, v in info.items() if k not in ("expert_index", "id2label")} for _, info in runs]
-    if any(s != shared[0] for s in shared):
+    if base is not None:
+        _check_runs_fit_base(base, expected, runs, shared)
+        shared = [expected]
+    elif any(s != shared[0] for s in shared):
         raise ValueError(
             f"`--assemble_experts`: the runs were trained with different stage splits or targets: {shared}."
         )
     partition = TimestepPartition.from_config(shared[0])
     indices = sorted(info["expert_index"] for _, info in runs)
-    if indices != list(range(partition.num_stages)):
+    if base is None and indices != list(range(partition.num_stages)):
         raise ValueError(
             f"`--assemble_experts` needs one run per expert 0..{partition.num_stages - 1}, got experts {indices}."
         )
-    first = runs[0][0]
-    scheduler, vae = _load_run_scheduler(first), _load_run_vae(first)
-    for run, _ in runs[1:]:  # experts replace one another mid-trajectory: one noise schedule, one latent space
-        _check_same_schedule(scheduler, _load_run_scheduler(run), run, first)
-        _check_same_latent_space(vae, _load_run_vae(run), run, first)
-    experts = [None] * partition.num_stages
+    if base is not None:  # strictly, as any ExpertRoutingPipeline folder: the experts no run replaces only
+        kept = [i for i in range(partition.num_stages) if i not in indices]
+        experts = _load_base(base, ExpertRoutingModel.from_pretrained, subfolder="experts", load_experts=kept,
+                             torch_dtype=torch.float32)  # fmt: skip
+        # its class names are checked once the experts are assembled (they need a loaded expert)
+        pipeline = _load_base(base, ExpertRoutingPipeline.from_pretrained, experts=experts, id2label=None,
+                              torch_dtype=torch.float32)  # fmt: skip
+        reference, scheduler, vae, others = base, pipeline.scheduler, pipeline.vae, runs
+        experts = list(experts.experts)
+    else:
+        reference, others = runs[0][0], runs[1:]
+        scheduler, vae = _load_run_scheduler(reference), _load_run_vae(reference)
+        experts = [None] * partition.num_stages
+    for run, _ in others:  # experts replace one another mid-trajectory: one noise schedule, one latent space
+        _check_same_schedule(scheduler, _load_run_scheduler(run), run, reference)
+        _check_same_latent_space(vae, _load_run_vae(run), run, reference)
     for run, info in runs:
         experts[info["expert_index"]] = _load_expert(_run_folder(run, expert_folder(info["expert_index"])))
     try:
         model = ExpertRoutingModel(experts, prediction_type=shared[0]["prediction_type"], **partition.to_config())
     except ValueError as error:  # the experts' contract: sizes, channels, classes
-        raise ValueError(
-            f"`--assemble_experts`: {error} Train every expert's run on the same data, `--resolution` (and "
-            "`--vae_path`) and with the same `--class_conditional`."
-        ) from None
+        fix = (
+            f"Fine-tune from {base!r} on the same data, `--resolution` (and `--vae_path`) and `--class_conditional`."
+            if base is not None
+            else "Train every expert's run on the same data, `--resolution` (and `--vae_path`) and with the same "
+            "`--class_conditional`."
+        )
+        raise ValueError(f"`--assemble_experts`: {error} {fix}") from None
     pipeline = ExpertRoutingPipeline(experts=model, scheduler=scheduler, vae=vae)
-    if named:  # read from a run folder: a refusal names the file
+    if named:  # read from a folder: a refusal names the file
         try:
             pipeline.register_class_names(named[0][1])
         except ValueError as error:
-            raise ValueError(
-                f"`--assemble_experts`: {os.path.join(named[0][0], EXPERT_RUN_FILE)!r}: {error}"
-            ) from None
+            raise ValueError(f"`--assemble_experts`: {named[0][2]!r}: {error}") from None
     return pipeline
 
 
+PIPELINE_INDEX = "model_index.json"  # what marks a saved pipeline folder, the base of an assembly
+
+
+def assembly_base(folders: Sequence[str]) -> str | None:
+    """The base of `--assemble_experts` ``folders``: the first folder when it is a saved pipeline (it holds a
+    `model_index.json`), whose experts the runs after it replace; None without one. A pipeline folder anywhere else,
+    or with no run after it, is refused by name."""
+    pipelines = [i for i, folder in enumerate(folders) if os.path.isfile(os.path.join(folder, PIPELINE_INDEX))]
+    later = [folders[i] for i in pipelines if i > 0]
+    if later:
+        what = "a second saved pipeline folder" if pipelines[0] == 0 else "a saved pipeline folder but not the first"
+        raise ValueError(
+            f"`--assemble_experts`: {later[0]!r} is {what}: only the first folder may be an ExpertRoutingPipeline "
+            "(the base, whose experts the runs after it replace); the others must be `--expert_index` runs."
+        )
+    if not pipelines:
+        return None
+    if len(folders) == 1:
+        raise ValueError(
+            f"`--assemble_experts`: {folders[0]!r} is a saved pipeline folder with no run after it: give the "
+            "`--expert_index` runs whose experts replace its own after it."
+        )
+    return folders[0]
+
+
+def _read_run(run: str) -> dict:
+    """The `expert_run.json` of a finished `--expert_index` run, its entries checked."""
+    path = os.path.join(run, EXPERT_RUN_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"`--assemble_experts`: {run!r} is neither a finished `--expert_index` run (no {EXPERT_RUN_FILE}) nor, "
+            f"as the first folder, a saved ExpertRoutingPipeline (no {PIPELINE_INDEX})."
+        )
+    info = read_json(path, "--assemble_experts")
+    missing = [
+        key for key in ("expert_index", "prediction_type", *TimestepPartition([]).to_config()) if key not in info
+    ]
+    if missing:
+        raise ValueError(
+            f"`--assemble_experts`: {path!r} lacks {missing}: it was not written by an `--expert_index` run of "
+            "train_experts.py, or was edited since."
+        )
+    if isinstance(info.get("expert_index"), bool) or not isinstance(info.get("expert_index"), int):
+        raise ValueError(
+            f"`--assemble_experts`: `expert_index` of {path!r} must be an integer, got {info.get('expert_index')!r}."
+        )
+    return info
+
+
+def _read_base(base: str) -> tuple[dict, object]:
+    """The stage split and target of the base pipeline (as a run's `expert_run.json` holds them) and its class names
+    (`id2label` of its `model_index.json`, None without), from its configs only."""
+    index = read_json(os.path.join(base, PIPELINE_INDEX), "--assemble_experts")
+    try:  # the package's allow-list: nothing the folder names is imported
+        resolve_pipeline_class(ExpertRoutingPipeline, index.get("_class_name"))
+    except ValueError as error:
+        raise ValueError(
+            f"`--assemble_experts`: the first folder {base!r} is a saved pipeline ({PIPELINE_INDEX}) but not the "
+            f"ExpertRoutingPipeline whose experts the runs after it would replace: {error}"
+        ) from None
+    container = _load_base(base, ExpertRoutingModel.from_pretrained, subfolder="experts", load_experts=[])
+    expected = {"prediction_type": container.config.prediction_type, **container.partition.to_config()}
+    return expected, index.get("id2label")
+
+
+def _load_base(base: str, loader: Callable, **kwargs):
+    """``loader(base, **kwargs)`` (a strict loader of the package: nothing in the folder is run), any refusal a
+    `ValueError` naming `--assemble_experts` and the base."""
+    try:
+        return loader(base, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"`--assemble_experts`: the base pipeline {base!r} (the first folder, a saved pipeline) does not load as "
+            f"an ExpertRoutingPipeline: {error}"
+        ) from None
+
+
+def _check_runs_fit_base(base: str, expected: dict, runs: list[tuple[str, dict]], shared: list[dict]) -> None:
+    """Refuse a run trained with another stage split or target (``shared``: each run's) than the base's
+    (``expected``), of an expert the base does not have, or of an expert another run gives too."""
+    num_experts = TimestepPartition.from_config(expected).num_stages
+    given = {}
+    for (run, info), settings in zip(runs, shared):
+        if settings != expected:
+            raise ValueError(
+                f"`--assemble_experts`: {run!r} was trained with another stage split or target than the base "
+                f"pipeline {base!r} ({settings}, not {expected}): fine-tune its experts with `--expert_index` and "
+                f"`--pretrained_model_name_or_path {base}`."
+            )
+        index = info["expert_index"]
+        if not 0 <= index < num_experts:
+            raise ValueError(
+                f"`--assemble_experts`: {run!r} holds expert {index}, but the base pipeline {base!r} has "
+                f"{num_experts} experts (0..{num_experts - 1})."
+            )
+        if index in given:
+            raise ValueError(
+                f"`--assemble_experts`: two runs of expert {index}: {given[index]!r} and {run!r}; give one of them (the "
+                f"experts no run gives are those of {base!r})."
+            )
+        given[index] = run
+
+
 def _check_same_class_names(expected, id2label, run: str, first: str) -> None:
-    """Refuse ``run``'s class names (its `id2label`) unless they are those of the run ``first`` (``expected``),
-    naming the first class whose names differ."""
+    """Refuse ``run``'s class names (its `id2label`) unless they are those of the run (or base pipeline) ``first``
+    (``expected``), naming the first class whose names differ."""
     if id2label == expected:
         return
     where = ""

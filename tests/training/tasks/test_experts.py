@@ -219,3 +219,146 @@ def test_class_names_the_pipeline_refuses_name_their_run_file(runs, names):
     (runs[1] / EXPERT_RUN_FILE).write_text(json.dumps({**info, "id2label": names}))
     with pytest.raises(ValueError, match=r"`--assemble_experts`: '.*run1/expert_run.json': `id2label`"):
         assemble_expert_runs([str(r) for r in runs])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a saved ExpertRoutingPipeline first (the base): the runs after it replace its experts, every check is against it
+
+
+@pytest.fixture
+def base(tmp_path):
+    """A saved two-expert `ExpertRoutingPipeline` of the runs' split, schedule and expert shape (other weights)."""
+    from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
+
+    torch.manual_seed(5)
+    experts = ExpertRoutingModel([UNet2DModel(**SMALL), UNet2DModel(**SMALL)], stage_boundaries=(500,))
+    ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def test_a_run_replaces_its_expert_of_a_base_pipeline(base, runs):
+    from diffusers_stages import ExpertRoutingModel
+
+    pipe = assemble_expert_runs([str(base), str(runs[1])])
+    before = ExpertRoutingModel.from_pretrained(base, subfolder="experts")
+    run = UNet2DModel.from_pretrained(runs[1] / "expert_1")
+    for expected, expert in ((before.experts[0], pipe.experts.experts[0]), (run, pipe.experts.experts[1])):
+        weights = expected.state_dict()
+        assert all(torch.equal(weights[k], v) for k, v in expert.state_dict().items())
+    assert pipe.partition.boundaries == (500.0,) and type(pipe.scheduler) is DDPMScheduler
+
+
+def test_a_base_loads_only_the_experts_no_run_replaces(base, runs):
+    # the replaced expert's weights are never read: here they do not even load
+    (base / "experts" / "expert_1" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
+    pipe = assemble_expert_runs([str(base), str(runs[1])])
+    assert pipe.experts.loaded_experts == [0, 1]
+
+
+@pytest.mark.parametrize("run_names", [{"0": "cat", "1": "dog"}, None], ids=["same", "none"])
+def test_the_class_names_of_the_base_are_kept(runs, tmp_path, run_names):
+    from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
+
+    conditional = {**SMALL, "num_class_embeds": 3}
+    experts = ExpertRoutingModel([UNet2DModel(**conditional), UNet2DModel(**conditional)], stage_boundaries=(500,))
+    names = {"0": "cat", "1": "dog"}
+    ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler(), id2label=names).save_pretrained(tmp_path / "b")
+    UNet2DModel(**conditional).save_pretrained(runs[1] / "expert_1")
+    if run_names:
+        _edit_run(runs[1], id2label=run_names)
+    assert assemble_expert_runs([str(tmp_path / "b"), str(runs[1])]).config.id2label == names
+
+
+def _edit_run(run, **entries) -> None:
+    info = json.loads((run / EXPERT_RUN_FILE).read_text())
+    (run / EXPERT_RUN_FILE).write_text(json.dumps({**info, **entries}))
+
+
+@pytest.mark.parametrize(
+    "folders, message",
+    [
+        (lambda b, r: [r[0], b], "'{b}' is a saved pipeline folder but not the first"),
+        (lambda b, r: [b, b, r[1]], "'{b}' is a second saved pipeline folder"),
+        (lambda b, r: [b, r[1].parent / "nothing"], "'{n}' is neither a finished `--expert_index` run"),
+        (lambda b, r: [b, r[1], r[1]], "two runs of expert 1: '{r1}' and '{r1}'"),
+        (lambda b, r: [b], "'{b}' is a saved pipeline folder with no run after it"),
+    ],
+    ids=["pipeline-not-first", "two-pipelines", "neither", "same-expert-twice", "no-run"],
+)
+def test_assembling_with_a_base_refuses_folders_by_name(base, runs, folders, message):
+    names = {"b": str(base), "r1": str(runs[1]), "n": str(runs[1].parent / "nothing")}
+    with pytest.raises(ValueError) as error:
+        assemble_expert_runs([str(f) for f in folders(base, runs)])
+    assert str(error.value).startswith("`--assemble_experts`: ") and message.format(**names) in str(error.value)
+
+
+def test_a_run_of_an_expert_the_base_does_not_have_is_refused(base, runs):
+    _edit_run(runs[1], expert_index=2)
+    (runs[1] / "expert_1").rename(runs[1] / "expert_2")
+    with pytest.raises(ValueError, match=r"`--assemble_experts`: '.*run1' holds expert 2, but the base pipeline .* "
+                                         r"has 2 experts \(0\.\.1\)"):  # fmt: skip
+        assemble_expert_runs([str(base), str(runs[1])])
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ({"stage_boundaries": [400.0]}, "stage split or target than the base pipeline"),
+        ({"prediction_type": "v_prediction"}, "stage split or target than the base pipeline"),
+        ({"boundary_units": "sigma"}, "stage split or target than the base pipeline"),
+        ({"num_train_timesteps": 500}, "stage split or target than the base pipeline"),
+        ({"id2label": {"0": "cat"}}, "was trained on other class names"),
+    ],
+)
+def test_a_run_that_does_not_fit_the_base_is_refused(base, runs, entries, message):
+    # checked between each run and the base, not only between the runs
+    if "id2label" in entries:  # the base's class names (its model_index.json), when it has them
+        index = json.loads((base / "model_index.json").read_text())
+        (base / "model_index.json").write_text(json.dumps({**index, "id2label": {"0": "dog"}}))
+    _edit_run(runs[1], **entries)
+    with pytest.raises(ValueError, match=f"`--assemble_experts`: '.*run1'.*{message}"):
+        assemble_expert_runs([str(base), str(runs[1])])
+
+
+def test_a_run_of_another_noise_schedule_or_latent_space_than_the_base_is_refused(base, runs):
+    from tests.conftest import tiny_vae
+
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(runs[1] / "scheduler")
+    with pytest.raises(ValueError, match=r"`--assemble_experts`: .*run1.*another noise schedule than '.*base'"):
+        assemble_expert_runs([str(base), str(runs[1])])
+    DDPMScheduler().save_pretrained(runs[1] / "scheduler")
+    tiny_vae().save_pretrained(runs[1] / "vae")
+    with pytest.raises(
+        ValueError, match=r"`--assemble_experts`: .*run1' was trained on a VAE's latents and '.*base' on pixels"
+    ):
+        assemble_expert_runs([str(base), str(runs[1])])
+
+
+def test_a_run_that_breaks_the_experts_contract_of_the_base_is_refused(base, runs):
+    torch.manual_seed(1)
+    UNet2DModel(**{**SMALL, "sample_size": 16}).save_pretrained(runs[1] / "expert_1")
+    with pytest.raises(ValueError, match="`--assemble_experts`: .*`sample_size`"):
+        assemble_expert_runs([str(base), str(runs[1])])
+
+
+def test_a_base_of_another_pipeline_or_with_a_hostile_expert_entry_is_refused(base, runs, tmp_path):
+    # read from a folder: loaded through the package's strict loaders only, nothing it names imported or run
+    config = json.loads((base / "experts" / "config.json").read_text())
+    config["expert_classes"][0] = ["os", "system"]
+    (base / "experts" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"`--assemble_experts`: the base pipeline '.*base' .*does not load.*\['os', 'system'\]"
+    ):
+        assemble_expert_runs([str(base), str(runs[1])])
+
+    from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
+    from tests.conftest import TINY_UNET
+
+    MultiStagePipeline(unet=MultiStageUNet2DModel(**TINY_UNET), scheduler=DDPMScheduler()).save_pretrained(
+        tmp_path / "multistage"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"`--assemble_experts`: the first folder '.*multistage' is a saved pipeline .* holds a MultiStagePipeline",
+    ):
+        assemble_expert_runs([str(tmp_path / "multistage"), str(runs[1])])
