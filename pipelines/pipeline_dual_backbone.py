@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Mapping
 
 import torch
 from diffusers import (
@@ -122,7 +123,7 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         self.register_to_config(**switch)
         self.register_class_names(id2label)
         if key != "switch_step_fraction":
-            check_scheduler_units(scheduler, self.resolve_partition(None))  # a fixed switch is checked now
+            check_fixed_switch(switch, scheduler)  # a fixed switch is checked now
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DualBackbonePipeline:
@@ -164,29 +165,12 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
 
     def resolve_partition(self, num_inference_steps: int | None) -> TimestepPartition:
         """The deep/shallow boundary for this scheduler (and, for a step fraction, this number of steps)."""
-        config, scheduler = self.config, self.scheduler
+        fixed = fixed_switch_partition(self.config, self.scheduler)
+        if fixed is not None:
+            return fixed
+        scheduler = self.scheduler
         steps = getattr(scheduler.config, "num_train_timesteps", None) or 1000
         units = scheduler_units(scheduler)
-        if config.switch_timestep is not None:
-            if not 0 < config.switch_timestep < steps:  # named here: the partition would name its `boundaries`
-                raise ValueError(
-                    f"`switch_timestep` must lie strictly inside the training schedule (0, {steps}) of "
-                    f"{type(scheduler).__name__}, got {config.switch_timestep}."
-                )
-            return TimestepPartition([config.switch_timestep], steps, "timestep")
-        if config.switch_sigma is not None:
-            if not config.switch_sigma > 0:
-                raise ValueError(f"`switch_sigma` must be a noise level > 0, got {config.switch_sigma}.")
-            if units == "sigma":
-                low, high = (getattr(scheduler.config, key, None) for key in ("sigma_min", "sigma_max"))
-                if low is not None and high is not None and not low < config.switch_sigma < high:
-                    raise ValueError(  # as a DDPM-style schedule refuses a switch outside its noise levels
-                        f"`switch_sigma` must lie inside the noise levels ({low:g}, {high:g}) of "
-                        f"{type(scheduler).__name__}'s `sigma_min` and `sigma_max` (else one backbone never runs), "
-                        f"got {config.switch_sigma}."
-                    )
-                return TimestepPartition([config.switch_sigma], steps, "sigma")
-            return TimestepPartition([sigma_to_timestep(scheduler, config.switch_sigma)], steps, "timestep")
         if num_inference_steps is None:
             raise ValueError(
                 "The switch is a step fraction, which depends on the number of steps: call "
@@ -206,6 +190,41 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         middle = (timesteps[shallow_steps - 1] + timesteps[shallow_steps]) / 2
         level = TimestepPartition([], steps, units).noise_level(middle)  # model timestep -> partition units
         return TimestepPartition([float(level)], steps, units)
+
+
+def fixed_switch_partition(switch: Mapping, scheduler: SchedulerMixin) -> TimestepPartition | None:
+    """The deep/shallow boundary of a fixed switch (``switch_timestep`` or ``switch_sigma`` of ``switch``, a pipeline
+    config or `checked_switch`'s dict) for ``scheduler``; None for a step fraction (it depends on the step count)."""
+    timestep, sigma = switch["switch_timestep"], switch["switch_sigma"]
+    steps = getattr(scheduler.config, "num_train_timesteps", None) or 1000
+    if timestep is not None:
+        if not 0 < timestep < steps:  # named here: the partition would name its `boundaries`
+            raise ValueError(
+                f"`switch_timestep` must lie strictly inside the training schedule (0, {steps}) of "
+                f"{type(scheduler).__name__}, got {timestep}."
+            )
+        return TimestepPartition([timestep], steps, "timestep")
+    if sigma is None:
+        return None
+    if not sigma > 0:
+        raise ValueError(f"`switch_sigma` must be a noise level > 0, got {sigma}.")
+    if scheduler_units(scheduler) == "sigma":
+        low, high = (getattr(scheduler.config, key, None) for key in ("sigma_min", "sigma_max"))
+        if low is not None and high is not None and not low < sigma < high:
+            raise ValueError(  # as a DDPM-style schedule refuses a switch outside its noise levels
+                f"`switch_sigma` must lie inside the noise levels ({low:g}, {high:g}) of "
+                f"{type(scheduler).__name__}'s `sigma_min` and `sigma_max` (else one backbone never runs), got {sigma}."
+            )
+        return TimestepPartition([sigma], steps, "sigma")
+    return TimestepPartition([sigma_to_timestep(scheduler, sigma)], steps, "timestep")
+
+
+def check_fixed_switch(switch: Mapping, scheduler: SchedulerMixin) -> None:
+    """Refuse a fixed switch ``switch`` (as `fixed_switch_partition` reads it) that ``scheduler`` cannot sample: outside
+    its schedule, or in units it does not take (a `ValueError` naming the key)."""
+    partition = fixed_switch_partition(switch, scheduler)
+    if partition is not None:
+        check_scheduler_units(scheduler, partition)
 
 
 def checked_switch(switch: dict) -> dict:

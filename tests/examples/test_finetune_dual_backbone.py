@@ -118,7 +118,15 @@ def test_a_folder_of_another_pipeline_is_named(examples, script, image_folder, t
     examples.assert_usage_error(script, argv, "is not a DualBackbonePipeline folder or Hub repository", capsys)
 
 
-@pytest.mark.parametrize("switch", [{"switch_timestep": "600"}, {"switch_step_fraction": 0.5, "switch_timestep": 600}])
+@pytest.mark.parametrize(
+    "switch",
+    [
+        {"switch_timestep": "600"},
+        {"switch_step_fraction": 0.5, "switch_timestep": 600},
+        {"switch_timestep": 5000.0},  # outside the source scheduler's (0, 1000)
+        {"switch_timestep": None, "switch_sigma": -1.0},
+    ],
+)
 def test_a_saved_switch_the_pipeline_would_refuse_is_named(examples, script, image_folder, source, tmp_path, capsys,
                                                            switch):  # fmt: skip
     # read from a folder: anything, named before training (not by the pipeline once trained, at saving)

@@ -14,6 +14,7 @@ from ...pipelines import DualBackbonePipeline
 from ...pipelines.pipeline_dual_backbone import (  # said once, in the pipeline
     DEFAULT_SWITCH_STEP_FRACTION,
     SWITCH_KEYS,
+    check_fixed_switch,
     checked_switch,
 )
 from ...schedulers import scheduler_units
@@ -149,11 +150,12 @@ class DualBackboneTask(FineTuningTask):
                 f"`--backbone uvit` disagrees with the backbones of {path!r} ({', '.join(sorted(names))}): drop it "
                 "(fine-tuning keeps the source's backbones)."
             )
-        try:
+        _, sampling = noise_schedulers(args, self.source.scheduler_config)
+        try:  # as the pipeline checks it, before training rather than when the trained pipeline is built
             self.switch = checked_switch(self.source.index)
+            check_fixed_switch(self.switch, sampling)
         except ValueError as error:
             raise ValueError(f"`--pretrained_model_name_or_path` {path!r}: its model_index.json: {error}") from None
-        _, sampling = noise_schedulers(args, self.source.scheduler_config)
         partition = TimestepPartition([], sampling.config.num_train_timesteps, scheduler_units(sampling))
         kept = (
             f"its switch {self._switch_setting()}, which a switch given to `DualBackbonePipeline.from_pretrained` "
