@@ -29,6 +29,7 @@ COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint witho
 FINISHED_MARKER = "training_finished.json"  # in the last step's checkpoint, once the run's final outputs are written
 NOISE_SCHEDULER_FOLDER = "noise_scheduler"  # the training scheduler's config: resuming checks the schedule is the same
 PARTITION_FILE = "stage_partition.json"  # the stages the networks train on: resuming checks they are the same
+SOURCE_FILE = "pretrained_source.json"  # the folder fine-tuned, if any: resuming checks the run fine-tunes one too
 LEFTOVER_PATTERN = re.compile(r"^\.checkpoint-\d+\.(partial|deleted)$")
 # the final pipeline is written into PIPELINE_PARTIAL, renamed to PIPELINE_NEW once complete (from then on the swap
 # is finished, by the next run if this one is killed), and swapped in entry by entry, the old entries kept in
@@ -398,11 +399,37 @@ def _check_same_partition(partition: TimestepPartition, input_dir: str) -> None:
         )
 
 
-def check_sharded_resume(input_dir: str, networks: dict, noise_scheduler, partition: TimestepPartition) -> None:
+def _check_same_source(source: str | None, input_dir: str) -> None:
+    """Refuse to resume a fine-tuning run (`--pretrained_model_name_or_path`, saved as ``SOURCE_FILE``) without a
+    source, or a run from the arguments with one: what the source gives besides the weights (a dual-backbone switch,
+    the VAE, the noise schedule) would be the arguments' defaults, or the other way round (a checkpoint written before
+    it was saved is not checked)."""
+    path = os.path.join(input_dir, SOURCE_FILE)
+    if not os.path.isfile(path):
+        return
+    then = read_json(path, SOURCE_FILE).get("pretrained_model_name_or_path")
+    if (then is None) == (source is None):
+        return
+    if then is not None:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {input_dir!r} was written by a run fine-tuning {then!r}: resume with "
+            f"`--pretrained_model_name_or_path {then}` again (the noise schedule, VAE and switch are that folder's), "
+            "or train into a new `--output_dir`."
+        )
+    raise ValueError(
+        f"`--resume_from_checkpoint` {input_dir!r} was written by a run that trained its networks from the arguments: "
+        f"resume without `--pretrained_model_name_or_path` {source!r}, or train into a new `--output_dir`."
+    )
+
+
+def check_sharded_resume(
+    input_dir: str, networks: dict, noise_scheduler, partition: TimestepPartition, source: str | None = None
+) -> None:
     """The load hook's checks of `register_checkpoint_hooks` for a sharded (FSDP) run, to call before
     `accelerator.load_state`: Accelerate loads an FSDP run's shards before the hook runs (and hands it no model), so
     a checkpoint of other model arguments would load (the same shapes) or fail on a tensor (other shapes).
     ``networks`` are the run's networks by name; their configs are compared with the checkpoint's, read only."""
+    _check_same_source(source, input_dir)
     _check_same_noise_schedule(noise_scheduler, input_dir)
     _check_same_networks(list(networks), input_dir)
     for name, network in networks.items():
@@ -446,6 +473,7 @@ def register_checkpoint_hooks(
     emas: dict[str, EMAModel],
     noise_scheduler=None,
     partition: TimestepPartition | None = None,
+    source: str | None = None,
 ) -> None:
     """Make `accelerator.save_state` / `load_state` write and read each network as ``<dir>/<name>`` and its EMA as
     ``<dir>/<name>_ema`` (`save_pretrained` folders), instead of anonymous state dicts. A sharded (FSDP) network is
@@ -453,7 +481,9 @@ def register_checkpoint_hooks(
 
     ``noise_scheduler`` (the training scheduler) is saved as ``<dir>/noise_scheduler``: resuming with another noise
     schedule is refused, naming the values, before any state loads. ``partition`` (the stages the networks train on)
-    is saved as ``<dir>/stage_partition.json``: resuming on other stages is refused, naming the values."""
+    is saved as ``<dir>/stage_partition.json``: resuming on other stages is refused, naming the values. ``source``
+    (`--pretrained_model_name_or_path` of a fine-tuning run, or None) is saved as ``<dir>/pretrained_source.json``:
+    resuming a fine-tuning run without a source, or a run from the arguments with one, is refused."""
 
     def save_hook(models, weights, output_dir):
         networks = gathered_networks(accelerator, names, models)  # sharded (FSDP): every process joins the gathering
@@ -467,9 +497,12 @@ def register_checkpoint_hooks(
             if partition is not None:
                 with open(os.path.join(output_dir, PARTITION_FILE), "w", encoding="utf-8") as f:
                     json.dump(partition.to_config(), f)
+            with open(os.path.join(output_dir, SOURCE_FILE), "w", encoding="utf-8") as f:
+                json.dump({"pretrained_model_name_or_path": source}, f)
         weights.clear()  # the folders above hold the weights; accelerate must not save them again
 
     def load_hook(models, input_dir):
+        _check_same_source(source, input_dir)  # first: a source omitted changes the noise schedule too
         if noise_scheduler is not None:
             _check_same_noise_schedule(noise_scheduler, input_dir)
         _check_same_networks(names, input_dir)

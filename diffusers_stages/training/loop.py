@@ -203,7 +203,8 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
         *networks.values(), optimizer, train_dataloader, lr_scheduler
     )
     noise_scheduler, sampling_scheduler = noise_schedulers(args, task.scheduler_config)
-    register_checkpoint_hooks(accelerator, list(networks), emas, noise_scheduler, task.partition)
+    source = getattr(args, "pretrained_model_name_or_path", None)  # a fine-tuning run's, checked on resuming
+    register_checkpoint_hooks(accelerator, list(networks), emas, noise_scheduler, task.partition, source)
     state = RunState(
         accelerator, args, task, list(networks), models, emas, optimizer, lr_scheduler, noise_scheduler,
         sampling_scheduler, vae, weight_dtype, records.num_classes if task.uses_labels else 0, max_train_steps,
@@ -383,7 +384,8 @@ def _resume(state: RunState, resume_path: str | None, steps_per_epoch: int) -> t
         return None
     check_same_sharding(resume_path, is_sharded(accelerator))
     if is_sharded(accelerator):  # Accelerate loads the shards before the load hook's checks
-        check_sharded_resume(resume_path, state.unwrapped(), state.noise_scheduler, state.task.partition)
+        source = getattr(args, "pretrained_model_name_or_path", None)
+        check_sharded_resume(resume_path, state.unwrapped(), state.noise_scheduler, state.task.partition, source)
     accelerator.load_state(resume_path)
     first_epoch, done = divmod(global_step, steps_per_epoch)
     if global_step >= max_train_steps:  # killed before its final outputs: write them, train no further step

@@ -3,6 +3,7 @@ backbones, or one with `--backbones`), keeps its switch and noise schedule, and 
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -137,3 +138,29 @@ def test_a_saved_switch_the_pipeline_would_refuse_is_named(examples, script, ima
     with pytest.raises(SystemExit):
         script.parse_args(_finetune_args(examples, image_folder, str(hostile), str(tmp_path / "run")))
     assert f"{str(hostile)!r}: its model_index.json: " in capsys.readouterr().err
+
+
+def test_resuming_a_finetune_without_its_source_is_refused_by_name(examples, script, image_folder, tmp_path):
+    # a source the arguments can build again (a run of the script's own), whose switch is not the default: resumed
+    # without the source, the run would go on from the checkpoint and save the default switch instead of the source's
+    source, out = str(tmp_path / "source"), str(tmp_path / "run")
+    scratch = [*examples.TINY, "--train_data_dir", image_folder, "--max_train_steps", "1"]
+    examples.train(
+        script, [*scratch, "--output_dir", source, "--switch_timestep", "600", "--checkpointing_steps", "1"]
+    )
+    finetune = [*examples.finetune_args(image_folder, source, out, "--checkpointing_steps", "1")]
+    examples.train(script, finetune)
+    option = finetune.index("--pretrained_model_name_or_path")
+    resumed = [*finetune[:option], *finetune[option + 2 :], *examples.TINY_SHAPE, "--max_train_steps", "2"]
+    with pytest.raises(
+        ValueError, match=re.escape(f"fine-tuning {source!r}: resume with `--pretrained_model_name_or_path")
+    ):
+        examples.train(script, [*resumed, "--resume_from_checkpoint", "latest"])
+    # and a run from the arguments is not resumed as a fine-tuning one
+    again = examples.finetune_args(
+        image_folder, out, source, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"
+    )
+    with pytest.raises(
+        ValueError, match=re.escape(f"from the arguments: resume without `--pretrained_model_name_or_path` {out!r}")
+    ):
+        examples.train(script, again)
