@@ -164,3 +164,24 @@ def test_resuming_a_finetune_without_its_source_is_refused_by_name(examples, scr
         ValueError, match=re.escape(f"from the arguments: resume without `--pretrained_model_name_or_path` {out!r}")
     ):
         examples.train(script, again)
+
+
+def test_a_finetuned_backbones_card_samples_with_the_other_backbone_of_its_source(
+    examples, script, image_folder, tmp_path
+):
+    # the card said to load the other backbone from "<repository of the deep run>" (a run that does not exist: the
+    # source holds it), with the class of the fine-tuned one (a U-ViT source's deep U-Net loaded as a UViT2DModel)
+    source, hub = str(tmp_path / "source"), str(tmp_path / "hub")
+    uvit = UViT2DModel(sample_size=8, patch_size=2, hidden_size=16, num_layers=1, num_attention_heads=2)
+    DualBackbonePipeline(shallow=uvit, deep=UNet2DModel(**TINY_UNET), scheduler=DDPMScheduler(),
+                         switch_timestep=600).save_pretrained(source)  # fmt: skip
+    examples.train(script, examples.finetune_args(image_folder, source, str(tmp_path / "run"), "--backbones", "shallow",
+                   "--push_to_hub", "--hub_model_id", "me/shallow", "--hub_local_dir", hub))  # fmt: skip
+    with open(os.path.join(hub, "me", "shallow", "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    assert "sampled together with the deep network of its source pipeline" in card
+    code = card.split("```python\n")[1].split("```")[0].replace('"me/', f'"{hub}/me/')
+    code = code.replace("pipe(", "pipe.set_progress_bar_config(disable=True) or pipe(num_inference_steps=2, ")
+    scope = {}
+    exec(code, scope)  # the card's own code: the pushed backbone, the source's other one, the switch
+    assert type(scope["deep"]) is UNet2DModel and scope["pipe"].config.switch_timestep == 600

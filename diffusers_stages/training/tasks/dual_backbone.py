@@ -271,9 +271,10 @@ class DualBackboneTask(FineTuningTask):
         origin = "" if self.source is None else f" Fine-tuned from `{self.source.path}` (DualBackbonePipeline)."
         if self.args.backbones != "both":  # one network per run: the repository holds no pipeline
             name, other = self.args.backbones, self._other_backbone
+            partner = "another run" if self.source is None else "its source pipeline"
             return (
                 f"The {name} network of a dual-backbone model (DuoDiff, arXiv 2410.09633): a {kind} trained on all "
-                f"timesteps in a run of its own, sampled together with the {other} network of another run (see Usage); "
+                f"timesteps in a run of its own, sampled together with the {other} network of {partner} (see Usage); "
                 f"at sampling time {switch}, the deep one the rest.{origin}"
             )
         return (
@@ -287,16 +288,22 @@ class DualBackboneTask(FineTuningTask):
         # one backbone and the scheduler, no pipeline: load them and the other run's backbone into one (README)
         name, other = self.args.backbones, self._other_backbone
         model = "UViT2DModel" if self._uvit else "UNet2DModel"
+        # the other backbone: a fine-tuned one's source holds it (of its own class), else another run does
+        other_model, other_repo, where = model, f"<repository of the {other} run>", "its own run"
+        if self.source is not None:
+            other_model, other_repo = self.source.configs[other]["_class_name"], self.source.path
+            where = "the source pipeline's"
+        models = {model, other_model}
         scheduler = "EDMEulerScheduler" if self.args.boundary_units == "sigma" else "DDIMScheduler"
         switch = self._switch_setting()
         latent = self.vae_path is not None  # its samples are latents: the run's VAE decodes them
         lines = [
             f"from diffusers import {'AutoencoderKL, ' if latent else ''}{scheduler}"
-            + ("" if self._uvit else ", UNet2DModel"),
-            "from diffusers_stages import DualBackbonePipeline" + (", UViT2DModel" if self._uvit else ""),
+            + (", UNet2DModel" if "UNet2DModel" in models else ""),
+            "from diffusers_stages import DualBackbonePipeline" + (", UViT2DModel" if "UViT2DModel" in models else ""),
             "",
             f'{name} = {model}.from_pretrained("{repo_id}", subfolder="{name}")',
-            f'{other} = {model}.from_pretrained("<repository of the {other} run>", subfolder="{other}")  # its own run',
+            f'{other} = {other_model}.from_pretrained("{other_repo}", subfolder="{other}")  # {where}',
             f'scheduler = {scheduler}.from_pretrained("{repo_id}", subfolder="scheduler")',
         ]
         if latent:
