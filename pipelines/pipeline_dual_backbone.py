@@ -195,7 +195,7 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
 def fixed_switch_partition(switch: Mapping, scheduler: SchedulerMixin) -> TimestepPartition | None:
     """The deep/shallow boundary of a fixed switch (``switch_timestep`` or ``switch_sigma`` of ``switch``, a pipeline
     config or `checked_switch`'s dict) for ``scheduler``; None for a step fraction (it depends on the step count)."""
-    timestep, sigma = switch["switch_timestep"], switch["switch_sigma"]
+    timestep, sigma = switch.get("switch_timestep"), switch.get("switch_sigma")
     steps = getattr(scheduler.config, "num_train_timesteps", None) or 1000
     if timestep is not None:
         if not 0 < timestep < steps:  # named here: the partition would name its `boundaries`
