@@ -231,3 +231,16 @@ def test_a_hostile_expert_class_entry_is_a_usage_error(examples, script, image_f
     argv = _finetune_args(examples, image_folder, str(hostile), str(tmp_path / "run"))
     message = "entry 0 of `expert_classes` in its experts/config.json must name the class of experts/expert_0"
     examples.assert_usage_error(script, argv, message, capsys)
+
+
+def test_a_bad_partition_in_the_source_is_named_with_its_file(
+    examples, script, image_folder, source, tmp_path, capsys
+):
+    # read from a folder: the container's boundaries are checked as the model checks them, the file named
+    bad = tmp_path / "bad"
+    shutil.copytree(source, bad)
+    config = json.loads((bad / "experts" / "config.json").read_text())
+    (bad / "experts" / "config.json").write_text(json.dumps({**config, "stage_boundaries": [400, 1500]}))
+    argv = _finetune_args(examples, image_folder, str(bad), str(tmp_path / "run"))
+    message = f"`--pretrained_model_name_or_path` {str(bad)!r}: its experts/config.json: `stage_boundaries`"
+    examples.assert_usage_error(script, argv, message, capsys)

@@ -259,3 +259,19 @@ def test_a_source_unet_config_of_the_wrong_json_types_is_named(
         script.parse_args(argv)
     error = capsys.readouterr().err
     assert "`--pretrained_model_name_or_path`" in error and str(value).replace("'", "") in error.replace("'", "")
+
+
+def test_a_bad_partition_in_the_source_is_named_with_its_file(examples, script, image_folder, tmp_path, capsys):
+    # read from a folder: the stages are checked as the model checks them, the file named
+    MultiStagePipeline(unet=MultiStageUNet2DModel(**TINY_UNET), scheduler=DDPMScheduler()).save_pretrained(
+        tmp_path / "s"
+    )
+    config_path = tmp_path / "s" / "unet" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "boundary_units": "seconds"}))
+    argv = _finetune_args(examples, image_folder, str(tmp_path / "s"), str(tmp_path / "run"))
+    with pytest.raises(SystemExit):
+        script.parse_args(argv)
+    error = capsys.readouterr().err
+    assert (
+        f"`--pretrained_model_name_or_path` {str(tmp_path / 's')!r}: its unet/config.json: `boundary_units`" in error
+    )

@@ -145,7 +145,7 @@ class ExpertTask(FineTuningTask):
 
     def _source_partition(self, args) -> TimestepPartition:
         """The source's intervals (its experts' container config)."""
-        return TimestepPartition.from_config(self.source.configs["experts"])
+        return self.source.partition("experts")
 
     def _check_source_experts(self, args, partition: TimestepPartition) -> None:
         """Read the configs of the source's experts this run trains (each of a class the script trains, whose
@@ -168,7 +168,7 @@ class ExpertTask(FineTuningTask):
                     f"experts/config.json must name the class of {folder}/config.json ({classes[-1].__name__}), got "
                     f"{entry!r}."
                 )
-        kept = f"{partition.num_stages} experts, stage boundaries {list(partition.boundaries)} in {partition.units!r}"
+        kept = f"{partition.num_stages} experts, stage boundaries {list(partition.boundaries)} in {partition.units!r} units"
         self.check_source_arguments(args, partition, REFUSED_WITH_PRETRAINED, kept, classes)
 
     def _argument_partition(self, args) -> TimestepPartition:

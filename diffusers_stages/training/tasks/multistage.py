@@ -256,7 +256,7 @@ class MultiStageTask(FineTuningTask):
 
     def _source_partition(self, args: argparse.Namespace) -> TimestepPartition:
         """The loaded model's partition, after refusing every argument that contradicts the source."""
-        partition = TimestepPartition.from_config(self.source.unet_config)
+        partition = self.source.partition("unet")
         kept = f"stage boundaries {list(partition.boundaries)} in {partition.units!r} units"
         self.check_source_arguments(args, partition, REFUSED_WITH_PRETRAINED, kept, [self.source.model_class])
         return partition

@@ -57,6 +57,14 @@ class PipelineSource:
             )
         return cls(path, index, configs, scheduler_config, vae[1] if vae[0] is not None else None)
 
+    def partition(self, folder: str) -> TimestepPartition:
+        """The stages that the config of ``folder`` holds (``stage_boundaries``, ``boundary_units``,
+        ``num_train_timesteps``); a bad value is a ValueError naming the option and the file."""
+        try:
+            return TimestepPartition.from_config(self.configs[folder])
+        except ValueError as error:
+            raise ValueError(f"{OPTION} {self.path!r}: its {folder}/config.json: {error}") from None
+
     def read_model(self, folder: str, classes: Mapping[str, type[ModelMixin]], advice: str = "") -> type[ModelMixin]:
         """Read the config of the denoiser in ``folder`` (if not read yet) and return its class, which must be one of
         ``classes`` (by ``_class_name``, read from a folder: anything; nothing it names is imported)."""
