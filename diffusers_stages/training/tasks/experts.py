@@ -443,6 +443,13 @@ def assembly_base(folders: Sequence[str]) -> str | None:
     `model_index.json`), whose experts the runs after it replace; None without one. A pipeline folder anywhere else,
     or with no run after it, is refused by name."""
     pipelines = [i for i, folder in enumerate(folders) if os.path.isfile(os.path.join(folder, PIPELINE_INDEX))]
+    both = [folders[i] for i in pipelines if os.path.isfile(os.path.join(folders[i], EXPERT_RUN_FILE))]
+    if both:  # an output folder reused by another kind of run keeps the files the later save did not replace
+        raise ValueError(
+            f"`--assemble_experts`: {both[0]!r} holds both a saved pipeline ({PIPELINE_INDEX}) and an `--expert_index` "
+            f"run ({EXPERT_RUN_FILE}), so it cannot be told which it is: one was left there by an earlier run. Delete "
+            "the stale one, or give each run and the base pipeline an `--output_dir` of its own."
+        )
     later = [folders[i] for i in pipelines if i > 0]
     if later:
         what = "a second saved pipeline folder" if pipelines[0] == 0 else "a saved pipeline folder but not the first"

@@ -1,6 +1,7 @@
 """Assembling one-expert-per-run folders (`--assemble_experts`): the run folders are read as hostile input."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -362,3 +363,12 @@ def test_a_base_of_another_pipeline_or_with_a_hostile_expert_entry_is_refused(ba
         match=r"`--assemble_experts`: the first folder '.*multistage' is a saved pipeline .* holds a MultiStagePipeline",
     ):
         assemble_expert_runs([str(tmp_path / "multistage"), str(runs[1])])
+
+
+@pytest.mark.parametrize("position", [0, 1], ids=["first", "later"])
+def test_a_folder_that_is_both_a_pipeline_and_a_run_is_named(base, runs, position):
+    # an `--expert_index` run saved into a folder that held a pipeline keeps its stale model_index.json
+    (runs[1] / "model_index.json").write_text((base / "model_index.json").read_text())
+    folders = [str(base), str(runs[1])] if position else [str(runs[1]), str(runs[0])]
+    with pytest.raises(ValueError, match=f"{re.escape(repr(str(runs[1])))} holds both a saved pipeline"):
+        assemble_expert_runs(folders)
