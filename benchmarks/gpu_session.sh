@@ -7,7 +7,7 @@
 # failed, and the exit status is then 1.
 # The GPU machine cannot download anything. Its interpreter (PYTHON, default python3) needs torch; where the package
 # does not import there, the checkout's package is copied into a temporary folder (no build step), with the wheels in
-# $WHEELS (.whl files carried along, e.g. diffusers and importlib_metadata: `pip download --no-deps diffusers==0.42.1`).
+# $WHEELS (default benchmarks/wheels, which holds diffusers': the lent machine has every other requirement).
 # Files: gpu_checks.json and one NAME.md per step, and the evidence run's results.json as evidence_results.json
 # (its report is in evidence.md); 7 files in all.
 set -uo pipefail
@@ -31,13 +31,18 @@ step() {  # step NAME SECONDS SCRIPT ARGS...: run one benchmark under its own ti
 # -P: the package as installed, not the checkout's folder of the same name (which lacks its pipelines)
 if ! "$python" -P -c "import diffusers_stages.pipelines" 2>/dev/null; then
     site="$(mktemp -d)"
+    # the lent GPU machine has no diffusers: its wheel is committed under benchmarks/wheels (the default WHEELS)
+    wheels="${WHEELS:-benchmarks/wheels}"
     # the package laid out as setup.py installs it (pipelines/ and conversion/ inside it), copied: building the
-    # checkout would need setuptools with bdist_wheel there; pip only unpacks the carried wheels
-    echo "== the checkout's package${WHEELS:+ and $WHEELS/*.whl} into $site (no index, no build)"
+    # checkout would need setuptools with bdist_wheel there; pip only unpacks the wheels (--no-compile: seconds)
+    echo "== the checkout's package and $wheels/*.whl into $site (no index, no build)"
     { cp -R diffusers_stages "$site/" && cp -R pipelines "$site/diffusers_stages/pipelines" \
-        && cp -R conversion "$site/diffusers_stages/conversion"; } || exit 1
-    if [ -n "${WHEELS:-}" ]; then
-        "$python" -m pip install -q --no-index --no-deps --target "$site" "$WHEELS"/*.whl || exit 1
+        && cp -R conversion "$site/diffusers_stages/conversion"; } || { echo "copying the package failed"; exit 1; }
+    if compgen -G "$wheels/*.whl" >/dev/null; then
+        "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl \
+            || { echo "installing $wheels/*.whl failed"; exit 1; }
+    else
+        echo "no wheels in $wheels (WHEELS=folder of .whl files, e.g. \`pip download --no-deps diffusers==0.42.1\`)"
     fi
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi

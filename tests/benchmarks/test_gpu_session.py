@@ -123,3 +123,27 @@ def test_where_the_package_does_not_import_it_is_assembled_without_a_build_step(
     ).stdout.split()
     assert all(path.startswith(site) for path in found), (site, found)
     shutil.rmtree(site)  # the script's temporary folder (on the GPU machine, left for the session's end)
+
+
+def test_without_wheels_given_the_checkouts_wheels_are_installed(tmp_path):
+    # the lent GPU machine has no diffusers, and its session runs the script without WHEELS: the session ended at the
+    # import check. The default is now the checkout's benchmarks/wheels (a copy of the checkout here: its own wheel)
+    checkout, out, calls, python = tmp_path / "checkout", tmp_path / "out", tmp_path / "calls", tmp_path / "python"
+    for folder in ("benchmarks/wheels", "diffusers_stages", "pipelines", "conversion"):
+        (checkout / folder).mkdir(parents=True)
+    for package in ("diffusers_stages", "pipelines", "conversion"):
+        (checkout / package / "__init__.py").write_text("")
+    shutil.copy(SESSION, checkout / "benchmarks")
+    (checkout / "benchmarks" / "wheels" / "diffusers-0.42.1-py3-none-any.whl").write_text("")
+    python.write_text(BARE_PYTHON)
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), "OUT": str(out), "CALLS": str(calls)}
+    env.pop("PYTHONPATH", None)
+    env.pop("WHEELS", None)
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_session.sh"], cwd=checkout, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (install,) = [line for line in calls.read_text().splitlines() if "-m pip install" in line]
+    assert "--no-index --no-deps --no-compile" in install  # no byte-compiling diffusers' 1,000 files: seconds
+    assert install.endswith("benchmarks/wheels/diffusers-0.42.1-py3-none-any.whl")
