@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One prepared run for a session that is lent a GPU (issue 16's GPU items), in about 7 minutes on one H200:
-#   OUT=benchmarks/results/gpu bash benchmarks/gpu_session.sh
+#   bash benchmarks/gpu_session.sh
+# Files go to $OUT: on the lent machine the device tool sets it, and only files under it come back (never pass
+# OUT=benchmarks/...: the files would stay on that machine); elsewhere the default is benchmarks/results/gpu. Each
+# step's exit status and the end of its output are also printed, so that the tool's output tail holds the results.
 # Not run yet (no GPU has been lent to this project's sessions): the settings are estimates, sized by per-step time
 # limits (415 s in all, plus the install and checks below); each step writes its own file under $OUT as it runs
 # (unbuffered), so a step that fails or is cut by its limit loses only itself; the last line names the steps that
@@ -24,7 +27,12 @@ step() {  # step NAME SECONDS SCRIPT ARGS...: run one benchmark under its own ti
     echo "== $name (limit ${limit} s): $python $*"
     timeout -k 10 "$limit" "$python" "$@" >"$out/$name.md" 2>&1
     status=$?
-    echo "   exit $status ($(tail -n 1 "$out/$name.md"))"
+    case $status in
+        0) echo "   exit 0" ;;
+        124 | 137) echo "   exit $status: stopped at its ${limit} s limit (what it finished is in $name.md)" ;;
+        *) echo "   exit $status: failed (its error is at the end of $name.md)" ;;
+    esac
+    tail -c 2000 "$out/$name.md" | sed 's/^/   | /'  # the end of its output: its results, or its error
     [ "$status" -eq 0 ] || failed+=("$name (exit $status)")
 }
 

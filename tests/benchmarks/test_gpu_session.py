@@ -66,6 +66,9 @@ def test_a_failing_step_keeps_its_output_and_the_later_steps_run_and_the_exit_st
     assert result.returncode == 1, result.stdout + result.stderr
     assert "bench_offload" in result.stdout.splitlines()[-1]  # the summary names the step that failed
     assert (out / "bench_offload.md").read_text() == "offload broke\n"
+    # and on stdout, which the device tool returns even where the files under $OUT do not come back
+    assert "== bench_offload" in result.stdout and "   exit 3: failed" in result.stdout
+    assert "   | offload broke" in result.stdout
     for name in ("gpu_checks", "bench_multistage", "bench_experts", "evidence"):
         # from the repository root (the scripts' relative paths), unbuffered (a step cut by its limit keeps its output)
         assert (out / f"{name}.md").read_text() == f"ran in {ROOT}, PYTHONUNBUFFERED=1\n", name
