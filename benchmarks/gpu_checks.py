@@ -173,20 +173,22 @@ def precisions(pipes: dict, args: argparse.Namespace) -> list[dict]:
     for name, pipe in pipes.items():
         pipe.set_progress_bar_config(disable=True)
         reference = None
-        for dtype_name, dtype in DTYPES.items():
-            pipe.to(args.device, dtype)
-            images, _ = sample(pipe, args)
-            reference = images if reference is None else reference
-            rows.append(
-                {
-                    "section": "precision",
-                    "check": f"{name}, {dtype_name}",
-                    "finite": bool(np.isfinite(images).all()),
-                    "max_abs_diff_to_float32": float(np.abs(images - reference).max()),
-                    "median_seconds": median_time(pipe, args),
-                }
-            )
-        pipe.to("cpu", torch.float32)
+        try:
+            for dtype_name, dtype in DTYPES.items():
+                pipe.to(args.device, dtype)
+                images, _ = sample(pipe, args)
+                reference = images if reference is None else reference
+                rows.append(
+                    {
+                        "section": "precision",
+                        "check": f"{name}, {dtype_name}",
+                        "finite": bool(np.isfinite(images).all()),
+                        "max_abs_diff_to_float32": float(np.abs(images - reference).max()),
+                        "median_seconds": median_time(pipe, args),
+                    }
+                )
+        finally:  # also after a failed run: the later sections measure these pipelines in float32
+            pipe.to("cpu", torch.float32)
     return rows
 
 
@@ -196,7 +198,7 @@ def compilation(pipes: dict, args: argparse.Namespace) -> list[dict]:
 
     rows = []
     for name, pipe in pipes.items():
-        pipe.to(args.device)
+        pipe.to(args.device, torch.float32)
         eager, _ = sample(pipe, args)
         eager_time = median_time(pipe, args)
         for network in networks(pipe):

@@ -109,3 +109,23 @@ def test_a_run_stopped_while_writing_keeps_the_rows_written_before(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         gpu_checks.report([{"section": "precision", "check": "b", "result": 2.0}], str(tmp_path), written)
     assert (tmp_path / "gpu_checks.json").read_bytes() == before and os.listdir(tmp_path) == ["gpu_checks.json"]
+
+
+def test_a_precision_run_that_fails_leaves_the_pipeline_in_float32_on_the_cpu(monkeypatch):
+    # the section's error is one row, and the sections after it use the same pipelines: the fused and compile
+    # sections must not measure a float16 copy left on the device by a failed half-precision run
+    args = gpu_checks.parse_args(["--device", "cpu", "--quick"])
+    pipes = gpu_checks.build_pipelines(quick=True)
+    sample = gpu_checks.sample
+
+    def fails_in_float16(pipe, args):
+        if gpu_checks.networks(pipe)[0].dtype == torch.float16:
+            raise RuntimeError("no float16 kernel")
+        return sample(pipe, args)
+
+    monkeypatch.setattr(gpu_checks, "sample", fails_in_float16)
+    with pytest.raises(RuntimeError, match="float16"):
+        gpu_checks.precisions({"MultiStagePipeline": pipes["MultiStagePipeline"]}, args)
+    assert {(p.dtype, p.device.type) for p in pipes["MultiStagePipeline"].unet.parameters()} == {
+        (torch.float32, "cpu")
+    }
