@@ -2,7 +2,8 @@
 
 1. Synchronisations: a staged model's forward with ``stage_index`` reads no tensor value on the host, so on CUDA it
    must run under `torch.cuda.set_sync_debug_mode("error")`; the routed forward (no ``stage_index``) reads the
-   timesteps' range and the stage counts, and the number of synchronisations it makes is reported.
+   timesteps' range and the stage counts, and the number of synchronisations it makes is reported, with the lines
+   that made them (a synchronising ``stage_index`` forward names its line too).
 2. Precision: `MultiStagePipeline` (a warm-started 3-stage U-Net), `ExpertRoutingPipeline` (4 MEME iU-Net experts)
    and `DualBackbonePipeline` (a DuoDiff U-ViT pair) sampled in float32, float16 and bfloat16 from one seed: whether
    every image is finite, the largest difference to float32, and the median time of a run.
@@ -28,6 +29,7 @@ status is then 1.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 import sys
@@ -150,7 +152,8 @@ def synchronisations(pipes: dict, args: argparse.Namespace) -> list[dict]:
             except RuntimeError as error:
                 if SYNC_WARNING not in str(error):
                     raise  # another failure: the section's error row, not a synchronisation
-                result = f"synchronised: {error}"
+                frame = _outside_torch(traceback.extract_tb(error.__traceback__))[-1]
+                result = f"synchronised at {_place(frame.filename, frame.lineno)}: {error}"
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             with warnings.catch_warnings(record=True) as caught:
@@ -161,10 +164,29 @@ def synchronisations(pipes: dict, args: argparse.Namespace) -> list[dict]:
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
         rows.append({"section": "sync", "check": f"{name}: forward with stage_index", "result": result})
-        count = sum(SYNC_WARNING in str(warning.message) for warning in caught)  # not other warnings of the call
-        rows.append({"section": "sync", "check": f"{name}: routed forward, synchronisations", "result": count})
+        syncs = [w for w in caught if SYNC_WARNING in str(w.message)]  # not other warnings of the call
+        places = collections.Counter(_place(w.filename, w.lineno) for w in syncs)  # the lines that called them
+        rows.append(
+            {
+                "section": "sync",
+                "check": f"{name}: routed forward, synchronisations",
+                "result": len(syncs),
+                "where": ", ".join(f"{place} x{n}" for place, n in places.items()),
+            }
+        )
         model.to("cpu")
     return rows
+
+
+def _outside_torch(frames: list) -> list:
+    """The frames of a traceback outside torch's own files (the code that called the synchronising op), else all."""
+    torch_dir = os.path.dirname(torch.__file__)
+    return [f for f in frames if not f.filename.startswith(torch_dir)] or frames
+
+
+def _place(filename: str, lineno: int) -> str:
+    """``folder/file.py:line``: enough to find a line of the package, diffusers or torch."""
+    return f"{os.path.join(*filename.split(os.sep)[-2:])}:{lineno}"
 
 
 def precisions(pipes: dict, args: argparse.Namespace) -> list[dict]:

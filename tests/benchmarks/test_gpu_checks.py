@@ -129,3 +129,28 @@ def test_a_precision_run_that_fails_leaves_the_pipeline_in_float32_on_the_cpu(mo
     assert {(p.dtype, p.device.type) for p in pipes["MultiStagePipeline"].unet.parameters()} == {
         (torch.float32, "cpu")
     }
+
+
+def test_a_synchronisation_names_the_line_that_made_it(monkeypatch):
+    # on the GPU the row is all a session gets: "synchronised" must say where, so it can be fixed without a rerun
+    from tests.fake_cuda import fake_cuda
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    args = gpu_checks.parse_args(["--device", "cpu", "--quick"])
+    args.device = "cuda"
+    pipes = gpu_checks.build_pipelines(quick=True)
+
+    def synchronises(*_):  # as torch does under set_sync_debug_mode: an error under "error", a warning under "warn"
+        if modes and modes[-1] == "error":
+            raise RuntimeError(gpu_checks.SYNC_WARNING)
+        if modes and modes[-1] == "warn":
+            warnings.warn(gpu_checks.SYNC_WARNING, stacklevel=1)
+
+    line = synchronises.__code__.co_firstlineno
+    for name in ("MultiStagePipeline", "ExpertRoutingPipeline"):
+        gpu_checks.networks(pipes[name])[0].register_forward_pre_hook(synchronises)
+    with fake_cuda():
+        rows = gpu_checks.synchronisations(pipes, args)
+    assert rows[0]["result"].startswith(f"synchronised at benchmarks/test_gpu_checks.py:{line + 2}: ")
+    assert rows[1]["result"] == 1 and rows[1]["where"] == f"benchmarks/test_gpu_checks.py:{line + 4} x1"
