@@ -10,7 +10,8 @@
 # failed, and the exit status is then 1.
 # The GPU machine cannot download anything. Its interpreter (PYTHON, default python3) needs torch; where the package
 # does not import there, the checkout's package is copied into a temporary folder (no build step), with the wheels in
-# $WHEELS (default benchmarks/wheels, which holds diffusers': the lent machine has every other requirement).
+# $WHEELS (default benchmarks/wheels, git-ignored: the lent machine lacks only diffusers, so before the run
+# `pip download --no-deps diffusers==0.42.1 -d benchmarks/wheels` where there is a network, and carry that folder).
 # Files: gpu_checks.json and one NAME.md per step, and the evidence run's results.json as evidence_results.json
 # (its report is in evidence.md); 7 files in all.
 set -uo pipefail
@@ -39,7 +40,7 @@ step() {  # step NAME SECONDS SCRIPT ARGS...: run one benchmark under its own ti
 # -P: the package as installed, not the checkout's folder of the same name (which lacks its pipelines)
 if ! "$python" -P -c "import diffusers_stages.pipelines" 2>/dev/null; then
     site="$(mktemp -d)"
-    # the lent GPU machine has no diffusers: its wheel is committed under benchmarks/wheels (the default WHEELS)
+    # the lent GPU machine has no diffusers: its wheel, downloaded beforehand, in benchmarks/wheels (the default)
     wheels="${WHEELS:-benchmarks/wheels}"
     # the package laid out as setup.py installs it (pipelines/ and conversion/ inside it), copied: building the
     # checkout would need setuptools with bdist_wheel there; pip only unpacks the wheels (--no-compile: seconds)
