@@ -114,16 +114,19 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         id2label: dict[str, str] | None = None,
     ):
         super().__init__()
-        switch = {"switch_step_fraction": switch_step_fraction, "switch_timestep": switch_timestep}
-        switch = checked_switch({**switch, "switch_sigma": switch_sigma})
-        key = next(k for k, v in switch.items() if v is not None)
+        switch = checked_switch(
+            {
+                "switch_step_fraction": switch_step_fraction,
+                "switch_timestep": switch_timestep,
+                "switch_sigma": switch_sigma,
+            }
+        )
         _check_interchangeable(shallow, deep)
         vae_scale_factor(vae)  # refuses a VAE class the pipelines cannot decode
         self.register_modules(shallow=shallow, deep=deep, scheduler=scheduler, vae=vae)
         self.register_to_config(**switch)
         self.register_class_names(id2label)
-        if key != "switch_step_fraction":
-            check_fixed_switch(switch, scheduler)  # a fixed switch is checked now
+        check_fixed_switch(switch, scheduler)  # a fixed switch now; a step fraction depends on the step count
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DualBackbonePipeline:
