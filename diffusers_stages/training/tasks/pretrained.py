@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...conventions import num_data_classes
@@ -37,9 +38,9 @@ class PipelineSource:
         """Read the `model_index.json`, the ``folders``' configs and the scheduler config of a ``pipeline`` folder;
         anything else is a ValueError naming `--pretrained_model_name_or_path`."""
         try:
-            index = DiffusionPipeline.load_config(path)
-            configs = {folder: UNet2DModel.load_config(path, subfolder=folder) for folder in folders}
-            scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
+            index = _load_config(DiffusionPipeline, path)
+            configs = {folder: _load_config(UNet2DModel, path, folder) for folder in folders}
+            scheduler_config = _load_config(DDPMScheduler, path, "scheduler")
         except (OSError, ValueError) as error:
             parts = ", ".join(["model_index.json", *(f"{folder}/" for folder in (*folders, "scheduler"))])
             article = "an" if pipeline[0] in "AEIOU" else "a"
@@ -70,7 +71,7 @@ class PipelineSource:
         ``classes`` (by ``_class_name``, read from a folder: anything; nothing it names is imported)."""
         if folder not in self.configs:
             try:
-                self.configs[folder] = UNet2DModel.load_config(self.path, subfolder=folder)
+                self.configs[folder] = _load_config(UNet2DModel, self.path, folder)
             except (OSError, ValueError) as error:
                 raise ValueError(f"{OPTION} {self.path!r} holds no model config in {folder}/: {error}") from None
         name = self.configs[folder].get("_class_name")
@@ -100,6 +101,16 @@ class PipelineSource:
                 f"resolution level, got {levels!r}."
             )
         return 2 ** (len(levels) - 1)
+
+
+def _load_config(config_class: type[ConfigMixin], path: str, subfolder: str | None = None) -> dict:
+    """``config_class``'s config file (``model_index.json``, ``config.json``, ...) of ``path`` (in ``subfolder``),
+    which must hold a JSON object (read from a folder: anything)."""
+    config = config_class.load_config(path, subfolder=subfolder)
+    if not isinstance(config, dict):
+        file = "/".join([*([subfolder] if subfolder else []), config_class.config_name])
+        raise ValueError(f"its {file} must hold a JSON object, got {type(config).__name__}.")
+    return config
 
 
 class FineTuningTask(TrainingTask):

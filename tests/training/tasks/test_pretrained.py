@@ -1,0 +1,44 @@
+"""`PipelineSource`: the configs of a `--pretrained_model_name_or_path` folder are hostile input, read before any
+weights."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
+from diffusers_stages.training.tasks.pretrained import PipelineSource
+from tests.conftest import TINY_UNET
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> str:
+    """A tiny two-expert `ExpertRoutingPipeline` folder."""
+    folder = tmp_path_factory.mktemp("pretrained") / "source"
+    torch.manual_seed(0)
+    experts = ExpertRoutingModel([UNet2DModel(**TINY_UNET), UNet2DModel(**TINY_UNET)], stage_boundaries=(400,))
+    ExpertRoutingPipeline(experts=experts, scheduler=DDIMScheduler()).save_pretrained(folder)
+    return str(folder)
+
+
+def _read(path: str) -> PipelineSource:
+    source = PipelineSource.read_pipeline(path, "ExpertRoutingPipeline", ("experts",))
+    source.read_model("experts/expert_0", {"UNet2DModel": UNet2DModel})
+    return source
+
+
+@pytest.mark.parametrize(
+    "file",
+    ["model_index.json", "experts/config.json", "scheduler/scheduler_config.json", "experts/expert_0/config.json"],
+)
+def test_a_config_that_is_no_json_object_is_named(source, tmp_path, file):
+    # before, a list was an AttributeError ("'list' object has no attribute 'get'") from inside the checks
+    bad = tmp_path / "bad"
+    shutil.copytree(source, bad)
+    (bad / file).write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="`--pretrained_model_name_or_path`") as error:
+        _read(str(bad))
+    assert os.path.basename(file) in str(error.value) and "JSON object" in str(error.value)
