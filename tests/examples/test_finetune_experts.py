@@ -185,17 +185,18 @@ def test_the_source_is_not_written_back_into_the_arguments(examples, script, ima
     assert isinstance(args, argparse.Namespace) and args.pretrained_model_name_or_path == source
 
 
-def test_an_expert_folder_leading_out_of_the_source_is_refused(examples, script, image_folder, source, tmp_path):
-    # read from a folder: hostile input (a link to another folder's expert is not loaded)
+def test_an_expert_folder_leading_out_of_the_source_is_refused(
+    examples, script, image_folder, source, tmp_path, capsys
+):
+    # read from a folder: hostile input (a link to another folder's expert is not read, its config neither)
     hostile = tmp_path / "hostile"
     shutil.copytree(source, hostile)
     shutil.move(hostile / "experts" / "expert_1", tmp_path / "elsewhere")
     os.symlink(tmp_path / "elsewhere", hostile / "experts" / "expert_1")
     out = tmp_path / "run"
-    args = script.parse_args(_finetune_args(examples, image_folder, str(hostile), str(out)))
-    with pytest.raises(ValueError, match="'expert_1' must be a directory inside"):
-        script.main(args)
-    assert not (out / "experts").exists()
+    argv = _finetune_args(examples, image_folder, str(hostile), str(out))
+    examples.assert_usage_error(script, argv, "`subfolder` 'experts/expert_1' of", capsys)
+    assert not out.exists()
 
 
 def test_assembling_refuses_a_pretrained_folder(script, source, tmp_path, capsys):

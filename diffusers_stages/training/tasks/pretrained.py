@@ -5,6 +5,7 @@ so the arguments and data that contradict them are refused by name."""
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...conventions import num_data_classes
+from ...models.loading import check_folder_files, check_subfolder
 from ...partition import TimestepPartition
 from ...schedulers import check_scheduler_units, is_edm_scheduler
 from ..args import refuse_given_options
@@ -73,7 +75,7 @@ class PipelineSource:
             try:
                 self.configs[folder] = _load_config(UNet2DModel, self.path, folder)
             except (OSError, ValueError) as error:
-                raise ValueError(f"{OPTION} {self.path!r} holds no model config in {folder}/: {error}") from None
+                raise ValueError(f"{OPTION} {self.path!r}: no model config read from its {folder}/: {error}") from None
         name = self.configs[folder].get("_class_name")
         if not isinstance(name, str) or name not in classes:  # (a list is no dict key)
             raise ValueError(
@@ -105,7 +107,13 @@ class PipelineSource:
 
 def _load_config(config_class: type[ConfigMixin], path: str, subfolder: str | None = None) -> dict:
     """``config_class``'s config file (``model_index.json``, ``config.json``, ...) of ``path`` (in ``subfolder``),
-    which must hold a JSON object (read from a folder: anything)."""
+    which must hold a JSON object (read from a folder: anything). A local folder's files are checked as the loaders
+    check them (`check_subfolder`, `check_folder_files`): nothing is read through a link out of the folder."""
+    if os.path.isdir(path):
+        check_subfolder(path, subfolder)
+        folder = os.path.join(path, subfolder or "")
+        if os.path.isdir(folder):  # (a missing one is the loader's error)
+            check_folder_files(folder)
     config = config_class.load_config(path, subfolder=subfolder)
     if not isinstance(config, dict):
         file = "/".join([*([subfolder] if subfolder else []), config_class.config_name])

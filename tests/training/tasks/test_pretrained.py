@@ -42,3 +42,16 @@ def test_a_config_that_is_no_json_object_is_named(source, tmp_path, file):
     with pytest.raises(ValueError, match="`--pretrained_model_name_or_path`") as error:
         _read(str(bad))
     assert os.path.basename(file) in str(error.value) and "JSON object" in str(error.value)
+
+
+@pytest.mark.parametrize("entry", ["scheduler/scheduler_config.json", "model_index.json", "scheduler"])
+def test_a_config_leading_out_of_the_source_is_refused(source, tmp_path, entry):
+    # as the loaders refuse it (`check_folder_files`, `check_subfolder`): before, the scheduler config was read
+    # through the link, and the run trained and sampled on another folder's noise schedule
+    hostile, elsewhere = tmp_path / "hostile", tmp_path / "elsewhere"
+    shutil.copytree(source, hostile)
+    shutil.move(hostile / entry, elsewhere)
+    os.symlink(elsewhere, hostile / entry)
+    with pytest.raises(ValueError, match="outside the folder") as error:
+        _read(str(hostile))
+    assert "`--pretrained_model_name_or_path`" in str(error.value)
