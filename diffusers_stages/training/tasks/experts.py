@@ -357,15 +357,19 @@ def _source_folder(expert: int) -> str:
 EXPERT_CLASSES = {cls.__name__: cls for cls in (IUNet2DModel, UNet2DModel)}  # what `train_experts.py` trains
 
 
-def _load_expert(folder: str) -> ModelMixin:
-    """An expert saved by an `--expert_index` run, with the class named in its `config.json`."""
-    name = UNet2DModel.load_config(folder).get("_class_name")
-    if not isinstance(name, str) or name not in EXPERT_CLASSES:  # read from a folder: anything
-        raise ValueError(
-            f"`--assemble_experts`: {folder!r} holds a {name}, not one of the experts this script trains "
-            f"({sorted(EXPERT_CLASSES)})."
-        )
-    return load_strictly(EXPERT_CLASSES[name], folder)
+def _load_expert(run: str, index: int) -> ModelMixin:
+    """Expert ``index`` of an `--expert_index` run, with the class named in its `config.json`."""
+    folder = _run_folder(run, expert_folder(index))
+    try:
+        name = UNet2DModel.load_config(folder).get("_class_name")
+        if not isinstance(name, str) or name not in EXPERT_CLASSES:  # read from a folder: anything
+            raise ValueError(
+                f"`--assemble_experts`: {folder!r} holds a {name}, not one of the experts this script trains "
+                f"({sorted(EXPERT_CLASSES)})."
+            )
+        return load_strictly(EXPERT_CLASSES[name], folder)
+    except OSError as error:  # a file missing: diffusers' message names neither the option nor the run
+        raise ValueError(f"`--assemble_experts`: {error} Is {run!r} a complete `--expert_index` run?") from None
 
 
 def assemble_expert_runs(run_dirs: list[str]) -> ExpertRoutingPipeline:
@@ -415,7 +419,7 @@ def assemble_expert_runs(run_dirs: list[str]) -> ExpertRoutingPipeline:
         _check_same_schedule(scheduler, _load_run_scheduler(run), run, reference)
         _check_same_latent_space(vae, _load_run_vae(run), run, reference)
     for run, info in runs:
-        experts[info["expert_index"]] = _load_expert(_run_folder(run, expert_folder(info["expert_index"])))
+        experts[info["expert_index"]] = _load_expert(run, info["expert_index"])
     try:
         model = ExpertRoutingModel(experts, prediction_type=shared[0]["prediction_type"], **partition.to_config())
     except ValueError as error:  # the experts' contract: sizes, channels, classes

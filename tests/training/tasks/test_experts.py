@@ -149,6 +149,17 @@ def test_a_run_without_its_expert_or_scheduler_folder_is_named_not_looked_up_on_
         assemble_expert_runs(["run0", "run1"])
 
 
+@pytest.mark.parametrize("file", ["config.json", "diffusion_pytorch_model.safetensors"])
+def test_a_run_whose_expert_folder_lacks_a_file_is_named(runs, file):
+    # (diffusers' OSError "no file named config.json / diffusion_pytorch_model.bin found", naming neither the option
+    # nor the run)
+    (runs[1] / "expert_1" / file).unlink()
+    with pytest.raises(
+        ValueError, match=f"`--assemble_experts`: .*expert_1.*Is '{runs[1]}' a complete `--expert_index` run"
+    ):
+        assemble_expert_runs([str(r) for r in runs])
+
+
 @pytest.mark.parametrize("key, value", [("sample_size", 16), ("in_channels", 4), ("num_class_embeds", 3)])
 def test_runs_of_other_sizes_channels_or_classes_are_named(runs, key, value):
     # (the container's message named neither the assembly nor what to change in the runs)
