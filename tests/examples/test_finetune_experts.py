@@ -245,3 +245,18 @@ def test_a_bad_partition_in_the_source_is_named_with_its_file(
     argv = _finetune_args(examples, image_folder, str(bad), str(tmp_path / "run"))
     message = f"`--pretrained_model_name_or_path` {str(bad)!r}: its experts/config.json: `stage_boundaries`"
     examples.assert_usage_error(script, argv, message, capsys)
+
+
+def test_a_source_saved_as_a_variant_only_is_refused_before_training(examples, script, image_folder, tmp_path):
+    # (diffusers' OSError "no file named diffusion_pytorch_model.bin found" once the networks were built, after the
+    # accelerator, the VAE and the data)
+    torch.manual_seed(0)
+    experts = ExpertRoutingModel([UNet2DModel(**TINY_UNET), UNet2DModel(**TINY_UNET)], stage_boundaries=(400,))
+    pipe = ExpertRoutingPipeline(experts=experts, scheduler=DDIMScheduler(**LDM_SCHEDULE))
+    pipe.save_pretrained(tmp_path / "fp16", variant="fp16")
+    out = tmp_path / "run"
+    message = "its experts/expert_0/ holds no weights to load without a variant, only ['diffusion_pytorch_model.fp16"
+    examples.assert_refused_before_training(
+        script, _finetune_args(examples, image_folder, str(tmp_path / "fp16"), str(out)), message
+    )
+    assert not out.exists()

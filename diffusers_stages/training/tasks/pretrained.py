@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from ...conventions import num_data_classes
 from ...models.loading import check_folder_files, check_subfolder
@@ -21,6 +22,8 @@ from ..args import refuse_given_options
 from .base import TrainingTask, noise_schedulers
 
 OPTION = "`--pretrained_model_name_or_path`"
+# the weight files a model folder is loaded from without `variant=` (one file, or the index of shards)
+PLAIN_WEIGHTS = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
 
 
 @dataclass
@@ -83,6 +86,19 @@ class PipelineSource:
                 f"{sorted(classes)}{advice}."
             )
         return classes[name]
+
+    def check_weights(self, folder: str) -> None:
+        """Refuse a local source whose ``folder`` holds no weights that loading without a variant reads (a folder
+        saved with ``variant="fp16"`` only), before the run loads its data; a Hub repository is its loader's."""
+        local = os.path.join(self.path, folder)
+        if not os.path.isdir(local) or any(os.path.isfile(os.path.join(local, name)) for name in PLAIN_WEIGHTS):
+            return
+        found = sorted(name for name in os.listdir(local) if name.startswith("diffusion_pytorch_model."))
+        raise ValueError(
+            f"{OPTION} {self.path!r}: its {folder}/ holds no weights to load without a variant, only {found} (one of "
+            f"{list(PLAIN_WEIGHTS)} is needed): fine-tuning loads a folder's plain weights, so save a copy without "
+            "`variant=` (`pipe.save_pretrained(folder)`) and fine-tune that."
+        )
 
     def config_downsampling(self, folder: str, levels_key: str = "block_out_channels") -> int:
         """The down-sampling factor of the model in ``folder``: its patch side (a U-ViT), else one halving per
@@ -209,8 +225,9 @@ class FineTuningTask(TrainingTask):
     def check_data(self, in_channels, sample_size, num_class_embeds):
         if self.source is None:
             return
-        for config in self.source_configs().values():
+        for folder, config in self.source_configs().items():
             self._check_fits(config, in_channels, sample_size, num_class_embeds)
+            self.source.check_weights(folder)
 
     def _check_fits(self, config: dict, in_channels: int, sample_size: int, num_class_embeds: int | None) -> None:
         path = self.source.path
