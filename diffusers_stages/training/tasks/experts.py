@@ -13,7 +13,13 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ...models.expert_routing import CONTAINER_CONFIG, ExpertRoutingModel, expert_folder, import_class
+from ...models.expert_routing import (
+    CONTAINER_CONFIG,
+    PREDICTION_TYPES,
+    ExpertRoutingModel,
+    expert_folder,
+    import_class,
+)
 from ...models.iunet import IUNet2DModel
 from ...models.loading import (
     check_same_vae,
@@ -492,6 +498,12 @@ def _read_run(run: str) -> dict:
         raise ValueError(
             f"`--assemble_experts`: `expert_index` of {path!r} must be an integer, got {info.get('expert_index')!r}."
         )
+    try:  # read from a folder: the stage split and target as the experts' container checks them
+        TimestepPartition.from_config(info)
+        if not isinstance(info["prediction_type"], str) or info["prediction_type"] not in PREDICTION_TYPES:
+            raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {info['prediction_type']!r}.")
+    except ValueError as error:
+        raise ValueError(f"`--assemble_experts`: {path!r}: {error}") from None
     return info
 
 
