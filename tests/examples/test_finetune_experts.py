@@ -260,3 +260,20 @@ def test_a_source_saved_as_a_variant_only_is_refused_before_training(examples, s
         script, _finetune_args(examples, image_folder, str(tmp_path / "fp16"), str(out)), message
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "key, value", [("block_out_channels", ["8", "16"]), ("layers_per_block", "1"), ("norm_num_groups", 3)]
+)
+def test_an_expert_config_that_does_not_build_is_a_usage_error(
+    examples, script, image_folder, source, tmp_path, capsys, key, value
+):
+    # read from a folder: before, a TypeError from inside the model (or the loader's ValueError) once the networks
+    # were built, after the accelerator, the VAE and the data
+    bad = tmp_path / "bad"
+    shutil.copytree(source, bad)
+    config = json.loads((bad / "experts" / "expert_0" / "config.json").read_text())
+    (bad / "experts" / "expert_0" / "config.json").write_text(json.dumps({**config, key: value}))
+    argv = _finetune_args(examples, image_folder, str(bad), str(tmp_path / "run"))
+    message = "its experts/expert_0/config.json does not build a UNet2DModel"
+    examples.assert_usage_error(script, argv, message, capsys)

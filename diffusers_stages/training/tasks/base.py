@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler, Scheduler
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...loss import diffusion_loss
-from ...models.loading import SCHEDULER_CONFIG_ERRORS, exported_class
+from ...models.loading import CONFIG_VALUE_ERRORS, exported_class
 from ...partition import TimestepPartition
 from ...schedulers import ContinuousVPDPMSolverSinglestepScheduler, is_edm_scheduler
 from ...timestep_sampling import stratified_timesteps
@@ -57,7 +57,7 @@ def noise_schedulers(args: argparse.Namespace, source: dict | None = None):
             if is_edm_scheduler(sampling):
                 return EDMEulerScheduler.from_config(source), sampling
             training = DDPMScheduler.from_config(source) if hasattr(sampling, "alphas_cumprod") else None
-        except SCHEDULER_CONFIG_ERRORS as error:
+        except CONFIG_VALUE_ERRORS as error:
             raise ValueError(
                 f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r}: its scheduler config does "
                 f"not build a {sampling_class.__name__} (or the scheduler training uses): {type(error).__name__}: "

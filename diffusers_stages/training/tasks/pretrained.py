@@ -7,15 +7,16 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from accelerate import init_empty_weights
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from ...conventions import num_data_classes
-from ...models.loading import check_folder_files, check_subfolder
+from ...models.loading import CONFIG_VALUE_ERRORS, check_folder_files, check_subfolder
 from ...partition import TimestepPartition
 from ...schedulers import check_scheduler_units, is_edm_scheduler
 from ..args import refuse_given_options
@@ -37,6 +38,7 @@ class PipelineSource:
     configs: dict[str, dict]
     scheduler_config: dict
     vae_class: str | None
+    classes: dict[str, type[ModelMixin]] = field(default_factory=dict)  # of the models read (`read_model`), by folder
 
     @classmethod
     def read_pipeline(cls, path: str, pipeline: str, folders: Sequence[str]) -> PipelineSource:
@@ -85,7 +87,22 @@ class PipelineSource:
                 f"{OPTION} {self.path!r} holds a {name!r} (`_class_name`) as its {folder}, not one of "
                 f"{sorted(classes)}{advice}."
             )
+        self.classes[folder] = classes[name]
         return classes[name]
+
+    def check_builds(self, folder: str) -> None:
+        """Build the model of ``folder`` (read by `read_model`) from its config without weights (as diffusers loads
+        one, `init_empty_weights`): a value its class cannot take is a ValueError naming the option and the file
+        before the run loads its data, not an error from inside the model once it has."""
+        model_class = self.classes[folder]
+        try:
+            with init_empty_weights():
+                model_class.from_config(self.configs[folder])
+        except CONFIG_VALUE_ERRORS as error:
+            raise ValueError(
+                f"{OPTION} {self.path!r}: its {folder}/config.json does not build a {model_class.__name__}: "
+                f"{type(error).__name__}: {error}"
+            ) from None
 
     def check_weights(self, folder: str) -> None:
         """Refuse a local source whose ``folder`` holds no weights that loading without a variant reads (a folder
@@ -221,6 +238,9 @@ class FineTuningTask(TrainingTask):
     def check_networks(self, in_channels, sample_size, num_class_embeds):
         if self.source is None:  # fine-tuning loads the source's networks: `check_data` checks the data against them
             super().check_networks(in_channels, sample_size, num_class_embeds)
+            return
+        for folder in self.source_configs():  # the networks this run loads build from their configs
+            self.source.check_builds(folder)
 
     def check_data(self, in_channels, sample_size, num_class_embeds):
         if self.source is None:
