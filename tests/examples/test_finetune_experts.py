@@ -247,7 +247,7 @@ def test_a_bad_partition_in_the_source_is_named_with_its_file(
     examples.assert_usage_error(script, argv, message, capsys)
 
 
-def test_a_source_saved_as_a_variant_only_is_refused_before_training(examples, script, image_folder, tmp_path):
+def test_a_source_saved_as_a_variant_only_is_refused_before_training(examples, script, image_folder, tmp_path, capsys):
     # (diffusers' OSError "no file named diffusion_pytorch_model.bin found" once the networks were built, after the
     # accelerator, the VAE and the data)
     torch.manual_seed(0)
@@ -256,8 +256,8 @@ def test_a_source_saved_as_a_variant_only_is_refused_before_training(examples, s
     pipe.save_pretrained(tmp_path / "fp16", variant="fp16")
     out = tmp_path / "run"
     message = "its experts/expert_0/ holds no weights to load without a variant, only ['diffusion_pytorch_model.fp16"
-    examples.assert_refused_before_training(
-        script, _finetune_args(examples, image_folder, str(tmp_path / "fp16"), str(out)), message
+    examples.assert_usage_error(
+        script, _finetune_args(examples, image_folder, str(tmp_path / "fp16"), str(out)), message, capsys
     )
     assert not out.exists()
 
@@ -277,3 +277,16 @@ def test_an_expert_config_that_does_not_build_is_a_usage_error(
     argv = _finetune_args(examples, image_folder, str(bad), str(tmp_path / "run"))
     message = "its experts/expert_0/config.json does not build a UNet2DModel"
     examples.assert_usage_error(script, argv, message, capsys)
+
+
+def test_a_latent_source_saved_as_a_variant_only_is_a_usage_error(examples, script, image_folder, tmp_path, capsys):
+    # its VAE failed to load with diffusers' OSError once the accelerator was set up
+    torch.manual_seed(0)
+    latent = {**TINY_UNET, "in_channels": 4, "out_channels": 4}
+    experts = ExpertRoutingModel([UNet2DModel(**latent), UNet2DModel(**latent)], stage_boundaries=(400,))
+    pipe = ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler(), vae=tiny_vae())
+    pipe.save_pretrained(tmp_path / "fp16", variant="fp16")
+    argv = examples.finetune_args(image_folder, str(tmp_path / "fp16"), str(tmp_path / "run"), "--resolution", "16",
+                                  "--assignment", "hard")  # fmt: skip
+    examples.assert_usage_error(script, argv, "its vae/ holds no weights to load without a variant", capsys)
+    assert not (tmp_path / "run").exists()

@@ -106,7 +106,7 @@ class PipelineSource:
 
     def check_weights(self, folder: str) -> None:
         """Refuse a local source whose ``folder`` holds no weights that loading without a variant reads (a folder
-        saved with ``variant="fp16"`` only), before the run loads its data; a Hub repository is its loader's."""
+        saved with ``variant="fp16"`` only), when the arguments are checked; a Hub repository is its loader's."""
         local = os.path.join(self.path, folder)
         if not os.path.isdir(local) or any(os.path.isfile(os.path.join(local, name)) for name in PLAIN_WEIGHTS):
             return
@@ -188,6 +188,7 @@ class FineTuningTask(TrainingTask):
                 f"{OPTION} {self.source.path!r} holds a {vae_class} as its VAE, but training encodes images with an "
                 "AutoencoderKL only: give one whose latents fit the model with `--vae_path`."
             )
+        self.source.check_weights("vae")
         return self.source.path, "vae"
 
     def check_source_arguments(
@@ -239,15 +240,15 @@ class FineTuningTask(TrainingTask):
         if self.source is None:  # fine-tuning loads the source's networks: `check_data` checks the data against them
             super().check_networks(in_channels, sample_size, num_class_embeds)
             return
-        for folder in self.source_configs():  # the networks this run loads build from their configs
+        for folder in self.source_configs():  # the networks this run loads build from their configs, and have weights
             self.source.check_builds(folder)
+            self.source.check_weights(folder)
 
     def check_data(self, in_channels, sample_size, num_class_embeds):
         if self.source is None:
             return
-        for folder, config in self.source_configs().items():
+        for config in self.source_configs().values():
             self._check_fits(config, in_channels, sample_size, num_class_embeds)
-            self.source.check_weights(folder)
 
     def _check_fits(self, config: dict, in_channels: int, sample_size: int, num_class_embeds: int | None) -> None:
         path = self.source.path
