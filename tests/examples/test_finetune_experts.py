@@ -290,3 +290,21 @@ def test_a_latent_source_saved_as_a_variant_only_is_a_usage_error(examples, scri
                                   "--assignment", "hard")  # fmt: skip
     examples.assert_usage_error(script, argv, "its vae/ holds no weights to load without a variant", capsys)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("entry", ["vae", "vae/config.json"])
+def test_a_source_vae_leading_out_of_the_source_is_a_usage_error(
+    examples, script, image_folder, tmp_path, capsys, entry
+):
+    # (refused only when the run loaded the VAE, after the accelerator was set up, naming neither the option)
+    torch.manual_seed(0)
+    latent = {**TINY_UNET, "in_channels": 4, "out_channels": 4}
+    experts = ExpertRoutingModel([UNet2DModel(**latent), UNet2DModel(**latent)], stage_boundaries=(400,))
+    hostile = tmp_path / "hostile"
+    ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler(), vae=tiny_vae()).save_pretrained(hostile)
+    shutil.move(hostile / entry, tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", hostile / entry)
+    argv = examples.finetune_args(image_folder, str(hostile), str(tmp_path / "run"), "--resolution", "16",
+                                  "--assignment", "hard")  # fmt: skip
+    examples.assert_usage_error(script, argv, f"`--pretrained_model_name_or_path` {str(hostile)!r}: its vae/", capsys)
+    assert not (tmp_path / "run").exists()

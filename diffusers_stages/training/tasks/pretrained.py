@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from accelerate import init_empty_weights
-from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
@@ -188,6 +188,10 @@ class FineTuningTask(TrainingTask):
                 f"{OPTION} {self.source.path!r} holds a {vae_class} as its VAE, but training encodes images with an "
                 "AutoencoderKL only: give one whose latents fit the model with `--vae_path`."
             )
+        try:  # read from a folder: checked as the loader checks it, before the run starts
+            _load_config(AutoencoderKL, self.source.path, "vae")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{OPTION} {self.source.path!r}: its vae/: {error}") from None
         self.source.check_weights("vae")
         return self.source.path, "vae"
 
