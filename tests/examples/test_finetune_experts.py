@@ -308,3 +308,18 @@ def test_a_source_vae_leading_out_of_the_source_is_a_usage_error(
                                   "--assignment", "hard")  # fmt: skip
     examples.assert_usage_error(script, argv, f"`--pretrained_model_name_or_path` {str(hostile)!r}: its vae/", capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_source_vae_config_of_another_class_names_the_source(examples, script, image_folder, tmp_path, capsys):
+    # (the error said "`--vae_path` <source> holds a AutoencoderTiny", an option not given)
+    torch.manual_seed(0)
+    latent = {**TINY_UNET, "in_channels": 4, "out_channels": 4}
+    experts = ExpertRoutingModel([UNet2DModel(**latent), UNet2DModel(**latent)], stage_boundaries=(400,))
+    odd = tmp_path / "odd"
+    ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler(), vae=tiny_vae()).save_pretrained(odd)
+    config = json.loads((odd / "vae" / "config.json").read_text())
+    (odd / "vae" / "config.json").write_text(json.dumps({**config, "_class_name": "AutoencoderTiny"}))
+    argv = examples.finetune_args(image_folder, str(odd), str(tmp_path / "run"), "--resolution", "16",
+                                  "--assignment", "hard")  # fmt: skip
+    message = f"`--pretrained_model_name_or_path` {str(odd)!r} holds a 'AutoencoderTiny' in its vae/config.json"
+    examples.assert_usage_error(script, argv, message, capsys)

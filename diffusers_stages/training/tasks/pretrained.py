@@ -189,9 +189,14 @@ class FineTuningTask(TrainingTask):
                 "AutoencoderKL only: give one whose latents fit the model with `--vae_path`."
             )
         try:  # read from a folder: checked as the loader checks it, before the run starts
-            _load_config(AutoencoderKL, self.source.path, "vae")
+            name = _load_config(AutoencoderKL, self.source.path, "vae").get("_class_name")
         except (OSError, ValueError) as error:
             raise ValueError(f"{OPTION} {self.source.path!r}: its vae/: {error}") from None
+        if name != vae_class:  # (as `--vae_path` would be refused, but naming the option given)
+            raise ValueError(
+                f"{OPTION} {self.source.path!r} holds a {name!r} in its vae/config.json (`_class_name`), not the "
+                f"{vae_class} its model_index.json names: training encodes images with an AutoencoderKL only."
+            )
         self.source.check_weights("vae")
         return self.source.path, "vae"
 
