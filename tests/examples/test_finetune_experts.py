@@ -323,3 +323,18 @@ def test_a_source_vae_config_of_another_class_names_the_source(examples, script,
                                   "--assignment", "hard")  # fmt: skip
     message = f"`--pretrained_model_name_or_path` {str(odd)!r} holds a 'AutoencoderTiny' in its vae/config.json"
     examples.assert_usage_error(script, argv, message, capsys)
+
+
+def test_a_square_sample_size_pair_of_another_size_gives_the_resolution_to_pass(
+    examples, script, image_folder, source, tmp_path
+):
+    # (a [16, 16] expert refused 8x8 samples with "the data are square", which they were)
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    for expert in ("expert_0", "expert_1"):
+        config = json.loads((other / "experts" / expert / "config.json").read_text())
+        (other / "experts" / expert / "config.json").write_text(json.dumps({**config, "sample_size": [16, 16]}))
+    message = "has sample_size=[16, 16]: pass `--resolution 16`."
+    examples.assert_refused_before_training(
+        script, _finetune_args(examples, image_folder, str(other), str(tmp_path / "run")), message
+    )

@@ -271,9 +271,11 @@ class FineTuningTask(TrainingTask):
                 f"{OPTION} {path!r} holds a model with in_channels={config.get('in_channels')}, but {data}."
             )
         size = config.get("sample_size")  # an int, [height, width], or None (a U-Net of any size)
-        if size is not None and tuple(size if isinstance(size, (list, tuple)) else (size, size)) != (sample_size,) * 2:
+        sides = tuple(size if isinstance(size, (list, tuple)) else (size, size))
+        if size is not None and sides != (sample_size,) * 2:
             factor = self.args.resolution // sample_size
-            fix = f"pass `--resolution {size * factor}`" if isinstance(size, int) else "the data are square"
+            square = len(sides) == 2 and sides[0] == sides[1] and isinstance(sides[0], int)
+            fix = f"pass `--resolution {sides[0] * factor}`" if square else "the data are square"
             raise ValueError(
                 f"`--resolution` {self.args.resolution} gives {sample_size}x{sample_size} samples, but the model of "
                 f"{path!r} has sample_size={size}: {fix}."
