@@ -18,6 +18,7 @@ from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, W
 from ...conventions import num_data_classes
 from ...models.loading import CONFIG_VALUE_ERRORS, check_folder_files, check_subfolder
 from ...partition import TimestepPartition
+from ...pipelines.loading import package_classes, resolve_pipeline_class
 from ...schedulers import check_scheduler_units, is_edm_scheduler
 from ..args import refuse_given_options
 from .base import TrainingTask, noise_schedulers
@@ -46,6 +47,8 @@ class PipelineSource:
         anything else is a ValueError naming `--pretrained_model_name_or_path`."""
         try:
             index = _load_config(DiffusionPipeline, path)
+            # the package's allow-list, as `from_pretrained` reads it (nothing named is imported)
+            resolve_pipeline_class(package_classes()[pipeline], index.get("_class_name"))
             configs = {folder: _load_config(UNet2DModel, path, folder) for folder in folders}
             scheduler_config = _load_config(DDPMScheduler, path, "scheduler")
         except (OSError, ValueError) as error:

@@ -55,3 +55,23 @@ def test_a_config_leading_out_of_the_source_is_refused(source, tmp_path, entry):
     with pytest.raises(ValueError, match="outside the folder") as error:
         _read(str(hostile))
     assert "`--pretrained_model_name_or_path`" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("DualBackbonePipeline", "holds a DualBackbonePipeline, not a ExpertRoutingPipeline"),
+        ("../../evil", "`_class_name`"),
+        (["os", "system"], "`_class_name`"),
+    ],
+)
+def test_a_folder_that_names_another_pipeline_is_refused(source, tmp_path, name, message):
+    # as `ExpertRoutingPipeline.from_pretrained` refuses it (the package's allow-list, nothing imported): before, the
+    # `_class_name` of its model_index.json was not read
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": name}))
+    with pytest.raises(ValueError, match="`--pretrained_model_name_or_path`") as error:
+        _read(str(other))
+    assert message in str(error.value)
