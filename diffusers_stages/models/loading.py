@@ -359,13 +359,18 @@ def load_strictly(model_class: type, path: str | os.PathLike, subfolder: str | N
     return load_checked(model_class.from_pretrained, model_class.__name__, path, {"subfolder": subfolder, **kwargs})[0]
 
 
+# what a scheduler or model raises from inside for a config value it cannot take (a string step count, an unknown
+# schedule or block type)
+CONFIG_VALUE_ERRORS = (ValueError, TypeError, KeyError, IndexError, NotImplementedError, RuntimeError)
+
+
 def load_scheduler(scheduler_class: type, path: str | os.PathLike, what: str):
     """``scheduler_class.from_pretrained(path)`` (a folder holding ``scheduler_config.json``; ``what`` names it, an
     option or a component), with a value the scheduler cannot take (a negative or a string step count, an unknown
     beta schedule) a `ValueError` naming ``what`` and the file, not an error from inside the scheduler."""
     try:
         return scheduler_class.from_pretrained(path)
-    except (ValueError, TypeError, KeyError, IndexError, NotImplementedError, RuntimeError) as error:
+    except CONFIG_VALUE_ERRORS as error:
         raise ValueError(
             f"{what}: {os.path.join(str(path), 'scheduler_config.json')!r} does not build a "
             f"{scheduler_class.__name__}: {type(error).__name__}: {error}"

@@ -185,3 +185,23 @@ def test_a_finetuned_backbones_card_samples_with_the_other_backbone_of_its_sourc
     scope = {}
     exec(code, scope)  # the card's own code: the pushed backbone, the source's other one, the switch
     assert type(scope["deep"]) is UNet2DModel and scope["pipe"].config.switch_timestep == 600
+
+
+def test_a_finetuned_backbones_card_samples_with_the_scheduler_class_of_its_source(
+    examples, script, image_folder, source, tmp_path
+):
+    # the card loaded the run's scheduler as a DDIMScheduler whatever class the source (and the run) saved: a
+    # DPMSolverMultistepScheduler source sampled with DDIM
+    from diffusers import DPMSolverMultistepScheduler
+
+    dpm, hub = str(tmp_path / "dpm"), str(tmp_path / "hub")
+    pipe = DualBackbonePipeline.from_pretrained(source)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(dpm)
+    examples.train(script, _finetune_args(examples, image_folder, dpm, str(tmp_path / "run"), "--backbones", "deep",
+                                          "--push_to_hub", "--hub_model_id", "me/deep", "--hub_local_dir", hub))  # fmt: skip
+    with open(os.path.join(hub, "me", "deep", "README.md"), encoding="utf-8") as f:
+        code = f.read().split("```python\n")[1].split("```")[0].replace('"me/', f'"{hub}/me/')
+    scope = {}
+    exec(code.replace("image = pipe(", "pass  # "), scope)  # the card's own code, up to sampling
+    assert type(scope["pipe"].scheduler) is DPMSolverMultistepScheduler

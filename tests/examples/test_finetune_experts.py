@@ -185,17 +185,18 @@ def test_the_source_is_not_written_back_into_the_arguments(examples, script, ima
     assert isinstance(args, argparse.Namespace) and args.pretrained_model_name_or_path == source
 
 
-def test_an_expert_folder_leading_out_of_the_source_is_refused(examples, script, image_folder, source, tmp_path):
-    # read from a folder: hostile input (a link to another folder's expert is not loaded)
+def test_an_expert_folder_leading_out_of_the_source_is_refused(
+    examples, script, image_folder, source, tmp_path, capsys
+):
+    # read from a folder: hostile input (a link to another folder's expert is not read, its config neither)
     hostile = tmp_path / "hostile"
     shutil.copytree(source, hostile)
     shutil.move(hostile / "experts" / "expert_1", tmp_path / "elsewhere")
     os.symlink(tmp_path / "elsewhere", hostile / "experts" / "expert_1")
     out = tmp_path / "run"
-    args = script.parse_args(_finetune_args(examples, image_folder, str(hostile), str(out)))
-    with pytest.raises(ValueError, match="'expert_1' must be a directory inside"):
-        script.main(args)
-    assert not (out / "experts").exists()
+    argv = _finetune_args(examples, image_folder, str(hostile), str(out))
+    examples.assert_usage_error(script, argv, "`subfolder` 'experts/expert_1' of", capsys)
+    assert not out.exists()
 
 
 def test_assembling_refuses_a_pretrained_folder(script, source, tmp_path, capsys):
@@ -244,3 +245,96 @@ def test_a_bad_partition_in_the_source_is_named_with_its_file(
     argv = _finetune_args(examples, image_folder, str(bad), str(tmp_path / "run"))
     message = f"`--pretrained_model_name_or_path` {str(bad)!r}: its experts/config.json: `stage_boundaries`"
     examples.assert_usage_error(script, argv, message, capsys)
+
+
+def test_a_source_saved_as_a_variant_only_is_refused_before_training(examples, script, image_folder, tmp_path, capsys):
+    # (diffusers' OSError "no file named diffusion_pytorch_model.bin found" once the networks were built, after the
+    # accelerator, the VAE and the data)
+    torch.manual_seed(0)
+    experts = ExpertRoutingModel([UNet2DModel(**TINY_UNET), UNet2DModel(**TINY_UNET)], stage_boundaries=(400,))
+    pipe = ExpertRoutingPipeline(experts=experts, scheduler=DDIMScheduler(**LDM_SCHEDULE))
+    pipe.save_pretrained(tmp_path / "fp16", variant="fp16")
+    out = tmp_path / "run"
+    message = "its experts/expert_0/ holds no weights to load without a variant, only ['diffusion_pytorch_model.fp16"
+    examples.assert_usage_error(
+        script, _finetune_args(examples, image_folder, str(tmp_path / "fp16"), str(out)), message, capsys
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "key, value", [("block_out_channels", ["8", "16"]), ("layers_per_block", "1"), ("norm_num_groups", 3)]
+)
+def test_an_expert_config_that_does_not_build_is_a_usage_error(
+    examples, script, image_folder, source, tmp_path, capsys, key, value
+):
+    # read from a folder: before, a TypeError from inside the model (or the loader's ValueError) once the networks
+    # were built, after the accelerator, the VAE and the data
+    bad = tmp_path / "bad"
+    shutil.copytree(source, bad)
+    config = json.loads((bad / "experts" / "expert_0" / "config.json").read_text())
+    (bad / "experts" / "expert_0" / "config.json").write_text(json.dumps({**config, key: value}))
+    argv = _finetune_args(examples, image_folder, str(bad), str(tmp_path / "run"))
+    message = "its experts/expert_0/config.json does not build a UNet2DModel"
+    examples.assert_usage_error(script, argv, message, capsys)
+
+
+def test_a_latent_source_saved_as_a_variant_only_is_a_usage_error(examples, script, image_folder, tmp_path, capsys):
+    # its VAE failed to load with diffusers' OSError once the accelerator was set up
+    torch.manual_seed(0)
+    latent = {**TINY_UNET, "in_channels": 4, "out_channels": 4}
+    experts = ExpertRoutingModel([UNet2DModel(**latent), UNet2DModel(**latent)], stage_boundaries=(400,))
+    pipe = ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler(), vae=tiny_vae())
+    pipe.save_pretrained(tmp_path / "fp16", variant="fp16")
+    argv = examples.finetune_args(image_folder, str(tmp_path / "fp16"), str(tmp_path / "run"), "--resolution", "16",
+                                  "--assignment", "hard")  # fmt: skip
+    examples.assert_usage_error(script, argv, "its vae/ holds no weights to load without a variant", capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("entry", ["vae", "vae/config.json"])
+def test_a_source_vae_leading_out_of_the_source_is_a_usage_error(
+    examples, script, image_folder, tmp_path, capsys, entry
+):
+    # (refused only when the run loaded the VAE, after the accelerator was set up, naming neither the option)
+    torch.manual_seed(0)
+    latent = {**TINY_UNET, "in_channels": 4, "out_channels": 4}
+    experts = ExpertRoutingModel([UNet2DModel(**latent), UNet2DModel(**latent)], stage_boundaries=(400,))
+    hostile = tmp_path / "hostile"
+    ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler(), vae=tiny_vae()).save_pretrained(hostile)
+    shutil.move(hostile / entry, tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", hostile / entry)
+    argv = examples.finetune_args(image_folder, str(hostile), str(tmp_path / "run"), "--resolution", "16",
+                                  "--assignment", "hard")  # fmt: skip
+    examples.assert_usage_error(script, argv, f"`--pretrained_model_name_or_path` {str(hostile)!r}: its vae/", capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_source_vae_config_of_another_class_names_the_source(examples, script, image_folder, tmp_path, capsys):
+    # (the error said "`--vae_path` <source> holds a AutoencoderTiny", an option not given)
+    torch.manual_seed(0)
+    latent = {**TINY_UNET, "in_channels": 4, "out_channels": 4}
+    experts = ExpertRoutingModel([UNet2DModel(**latent), UNet2DModel(**latent)], stage_boundaries=(400,))
+    odd = tmp_path / "odd"
+    ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler(), vae=tiny_vae()).save_pretrained(odd)
+    config = json.loads((odd / "vae" / "config.json").read_text())
+    (odd / "vae" / "config.json").write_text(json.dumps({**config, "_class_name": "AutoencoderTiny"}))
+    argv = examples.finetune_args(image_folder, str(odd), str(tmp_path / "run"), "--resolution", "16",
+                                  "--assignment", "hard")  # fmt: skip
+    message = f"`--pretrained_model_name_or_path` {str(odd)!r} holds a 'AutoencoderTiny' in its vae/config.json"
+    examples.assert_usage_error(script, argv, message, capsys)
+
+
+def test_a_square_sample_size_pair_of_another_size_gives_the_resolution_to_pass(
+    examples, script, image_folder, source, tmp_path
+):
+    # (a [16, 16] expert refused 8x8 samples with "the data are square", which they were)
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    for expert in ("expert_0", "expert_1"):
+        config = json.loads((other / "experts" / expert / "config.json").read_text())
+        (other / "experts" / expert / "config.json").write_text(json.dumps({**config, "sample_size": [16, 16]}))
+    message = "has sample_size=[16, 16]: pass `--resolution 16`."
+    examples.assert_refused_before_training(
+        script, _finetune_args(examples, image_folder, str(other), str(tmp_path / "run")), message
+    )

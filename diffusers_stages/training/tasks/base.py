@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler, Scheduler
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...loss import diffusion_loss
-from ...models.loading import exported_class
+from ...models.loading import CONFIG_VALUE_ERRORS, exported_class
 from ...partition import TimestepPartition
 from ...schedulers import ContinuousVPDPMSolverSinglestepScheduler, is_edm_scheduler
 from ...timestep_sampling import stratified_timesteps
@@ -52,15 +52,23 @@ def noise_schedulers(args: argparse.Namespace, source: dict | None = None):
                 f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r}: its scheduler config names "
                 f"{name!r}, which is not a diffusers scheduler."
             )
-        sampling = sampling_class.from_config(source)
-        if is_edm_scheduler(sampling):
-            return EDMEulerScheduler.from_config(source), sampling
-        if not hasattr(sampling, "alphas_cumprod"):
+        try:  # read from a folder: a value the scheduler cannot take fails inside it
+            sampling = sampling_class.from_config(source)
+            if is_edm_scheduler(sampling):
+                return EDMEulerScheduler.from_config(source), sampling
+            training = DDPMScheduler.from_config(source) if hasattr(sampling, "alphas_cumprod") else None
+        except CONFIG_VALUE_ERRORS as error:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r}: its scheduler config does "
+                f"not build a {sampling_class.__name__} (or the scheduler training uses): {type(error).__name__}: "
+                f"{error}"
+            ) from None
+        if training is None:
             raise ValueError(
                 f"`--pretrained_model_name_or_path` {args.pretrained_model_name_or_path!r}: its {name} is neither "
                 "DDPM-style (a beta schedule) nor EDM-style, the two kinds of noise schedule this script trains with."
             )
-        return DDPMScheduler.from_config(source), sampling
+        return training, sampling
     if args.boundary_units == "sigma":
         scheduler = EDMEulerScheduler(
             num_train_timesteps=args.num_train_timesteps, prediction_type=args.prediction_type

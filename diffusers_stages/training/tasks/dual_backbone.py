@@ -295,6 +295,8 @@ class DualBackboneTask(FineTuningTask):
             where = "the source pipeline's"
         models = {model, other_model}
         scheduler = "EDMEulerScheduler" if self.args.boundary_units == "sigma" else "DDIMScheduler"
+        if self.source is not None:  # the run saves the source's (a diffusers class, checked by `noise_schedulers`)
+            scheduler = self.source.scheduler_config["_class_name"]
         switch = self._switch_setting()
         latent = self.vae_path is not None  # its samples are latents: the run's VAE decodes them
         lines = [

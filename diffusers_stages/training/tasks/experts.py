@@ -13,7 +13,13 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ...models.expert_routing import CONTAINER_CONFIG, ExpertRoutingModel, expert_folder, import_class
+from ...models.expert_routing import (
+    CONTAINER_CONFIG,
+    PREDICTION_TYPES,
+    ExpertRoutingModel,
+    expert_folder,
+    import_class,
+)
 from ...models.iunet import IUNet2DModel
 from ...models.loading import (
     check_same_vae,
@@ -357,15 +363,19 @@ def _source_folder(expert: int) -> str:
 EXPERT_CLASSES = {cls.__name__: cls for cls in (IUNet2DModel, UNet2DModel)}  # what `train_experts.py` trains
 
 
-def _load_expert(folder: str) -> ModelMixin:
-    """An expert saved by an `--expert_index` run, with the class named in its `config.json`."""
-    name = UNet2DModel.load_config(folder).get("_class_name")
-    if not isinstance(name, str) or name not in EXPERT_CLASSES:  # read from a folder: anything
-        raise ValueError(
-            f"`--assemble_experts`: {folder!r} holds a {name}, not one of the experts this script trains "
-            f"({sorted(EXPERT_CLASSES)})."
-        )
-    return load_strictly(EXPERT_CLASSES[name], folder)
+def _load_expert(run: str, index: int) -> ModelMixin:
+    """Expert ``index`` of an `--expert_index` run, with the class named in its `config.json`."""
+    folder = _run_folder(run, expert_folder(index))
+    try:
+        name = UNet2DModel.load_config(folder).get("_class_name")
+        if not isinstance(name, str) or name not in EXPERT_CLASSES:  # read from a folder: anything
+            raise ValueError(
+                f"`--assemble_experts`: {folder!r} holds a {name}, not one of the experts this script trains "
+                f"({sorted(EXPERT_CLASSES)})."
+            )
+        return load_strictly(EXPERT_CLASSES[name], folder)
+    except OSError as error:  # a file missing: diffusers' message names neither the option nor the run
+        raise ValueError(f"`--assemble_experts`: {error} Is {run!r} a complete `--expert_index` run?") from None
 
 
 def assemble_expert_runs(run_dirs: list[str]) -> ExpertRoutingPipeline:
@@ -415,7 +425,7 @@ def assemble_expert_runs(run_dirs: list[str]) -> ExpertRoutingPipeline:
         _check_same_schedule(scheduler, _load_run_scheduler(run), run, reference)
         _check_same_latent_space(vae, _load_run_vae(run), run, reference)
     for run, info in runs:
-        experts[info["expert_index"]] = _load_expert(_run_folder(run, expert_folder(info["expert_index"])))
+        experts[info["expert_index"]] = _load_expert(run, info["expert_index"])
     try:
         model = ExpertRoutingModel(experts, prediction_type=shared[0]["prediction_type"], **partition.to_config())
     except ValueError as error:  # the experts' contract: sizes, channels, classes
@@ -488,6 +498,12 @@ def _read_run(run: str) -> dict:
         raise ValueError(
             f"`--assemble_experts`: `expert_index` of {path!r} must be an integer, got {info.get('expert_index')!r}."
         )
+    try:  # read from a folder: the stage split and target as the experts' container checks them
+        TimestepPartition.from_config(info)
+        if not isinstance(info["prediction_type"], str) or info["prediction_type"] not in PREDICTION_TYPES:
+            raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {info['prediction_type']!r}.")
+    except ValueError as error:
+        raise ValueError(f"`--assemble_experts`: {path!r}: {error}") from None
     return info
 
 

@@ -5,19 +5,27 @@ so the arguments and data that contradict them are refused by name."""
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from ...conventions import num_data_classes
+from ...models.loading import CONFIG_VALUE_ERRORS, check_folder_files, check_subfolder
 from ...partition import TimestepPartition
+from ...pipelines.loading import package_classes, resolve_pipeline_class
 from ...schedulers import check_scheduler_units, is_edm_scheduler
 from ..args import refuse_given_options
 from .base import TrainingTask, noise_schedulers
 
 OPTION = "`--pretrained_model_name_or_path`"
+# the weight files a model folder is loaded from without `variant=` (one file, or the index of shards)
+PLAIN_WEIGHTS = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
 
 
 @dataclass
@@ -31,15 +39,18 @@ class PipelineSource:
     configs: dict[str, dict]
     scheduler_config: dict
     vae_class: str | None
+    classes: dict[str, type[ModelMixin]] = field(default_factory=dict)  # of the models read (`read_model`), by folder
 
     @classmethod
     def read_pipeline(cls, path: str, pipeline: str, folders: Sequence[str]) -> PipelineSource:
         """Read the `model_index.json`, the ``folders``' configs and the scheduler config of a ``pipeline`` folder;
         anything else is a ValueError naming `--pretrained_model_name_or_path`."""
         try:
-            index = DiffusionPipeline.load_config(path)
-            configs = {folder: UNet2DModel.load_config(path, subfolder=folder) for folder in folders}
-            scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
+            index = _load_config(DiffusionPipeline, path)
+            # the package's allow-list, as `from_pretrained` reads it (nothing named is imported)
+            resolve_pipeline_class(package_classes()[pipeline], index.get("_class_name"))
+            configs = {folder: _load_config(UNet2DModel, path, folder) for folder in folders}
+            scheduler_config = _load_config(DDPMScheduler, path, "scheduler")
         except (OSError, ValueError) as error:
             parts = ", ".join(["model_index.json", *(f"{folder}/" for folder in (*folders, "scheduler"))])
             article = "an" if pipeline[0] in "AEIOU" else "a"
@@ -70,16 +81,44 @@ class PipelineSource:
         ``classes`` (by ``_class_name``, read from a folder: anything; nothing it names is imported)."""
         if folder not in self.configs:
             try:
-                self.configs[folder] = UNet2DModel.load_config(self.path, subfolder=folder)
+                self.configs[folder] = _load_config(UNet2DModel, self.path, folder)
             except (OSError, ValueError) as error:
-                raise ValueError(f"{OPTION} {self.path!r} holds no model config in {folder}/: {error}") from None
+                raise ValueError(f"{OPTION} {self.path!r}: no model config read from its {folder}/: {error}") from None
         name = self.configs[folder].get("_class_name")
         if not isinstance(name, str) or name not in classes:  # (a list is no dict key)
             raise ValueError(
                 f"{OPTION} {self.path!r} holds a {name!r} (`_class_name`) as its {folder}, not one of "
                 f"{sorted(classes)}{advice}."
             )
+        self.classes[folder] = classes[name]
         return classes[name]
+
+    def check_builds(self, folder: str) -> None:
+        """Build the model of ``folder`` (read by `read_model`) from its config without weights (as diffusers loads
+        one, `init_empty_weights`): a value its class cannot take is a ValueError naming the option and the file
+        before the run loads its data, not an error from inside the model once it has."""
+        model_class = self.classes[folder]
+        try:
+            with init_empty_weights():
+                model_class.from_config(self.configs[folder])
+        except CONFIG_VALUE_ERRORS as error:
+            raise ValueError(
+                f"{OPTION} {self.path!r}: its {folder}/config.json does not build a {model_class.__name__}: "
+                f"{type(error).__name__}: {error}"
+            ) from None
+
+    def check_weights(self, folder: str) -> None:
+        """Refuse a local source whose ``folder`` holds no weights that loading without a variant reads (a folder
+        saved with ``variant="fp16"`` only), when the arguments are checked; a Hub repository is its loader's."""
+        local = os.path.join(self.path, folder)
+        if not os.path.isdir(local) or any(os.path.isfile(os.path.join(local, name)) for name in PLAIN_WEIGHTS):
+            return
+        found = sorted(name for name in os.listdir(local) if name.startswith("diffusion_pytorch_model."))
+        raise ValueError(
+            f"{OPTION} {self.path!r}: its {folder}/ holds no weights to load without a variant, only {found} (one of "
+            f"{list(PLAIN_WEIGHTS)} is needed): fine-tuning loads a folder's plain weights, so save a copy without "
+            "`variant=` (`pipe.save_pretrained(folder)`) and fine-tune that."
+        )
 
     def config_downsampling(self, folder: str, levels_key: str = "block_out_channels") -> int:
         """The down-sampling factor of the model in ``folder``: its patch side (a U-ViT), else one halving per
@@ -100,6 +139,22 @@ class PipelineSource:
                 f"resolution level, got {levels!r}."
             )
         return 2 ** (len(levels) - 1)
+
+
+def _load_config(config_class: type[ConfigMixin], path: str, subfolder: str | None = None) -> dict:
+    """``config_class``'s config file (``model_index.json``, ``config.json``, ...) of ``path`` (in ``subfolder``),
+    which must hold a JSON object (read from a folder: anything). A local folder's files are checked as the loaders
+    check them (`check_subfolder`, `check_folder_files`): nothing is read through a link out of the folder."""
+    if os.path.isdir(path):
+        check_subfolder(path, subfolder)
+        folder = os.path.join(path, subfolder or "")
+        if os.path.isdir(folder):  # (a missing one is the loader's error)
+            check_folder_files(folder)
+    config = config_class.load_config(path, subfolder=subfolder)
+    if not isinstance(config, dict):
+        file = "/".join([*([subfolder] if subfolder else []), config_class.config_name])
+        raise ValueError(f"its {file} must hold a JSON object, got {type(config).__name__}.")
+    return config
 
 
 class FineTuningTask(TrainingTask):
@@ -136,6 +191,16 @@ class FineTuningTask(TrainingTask):
                 f"{OPTION} {self.source.path!r} holds a {vae_class} as its VAE, but training encodes images with an "
                 "AutoencoderKL only: give one whose latents fit the model with `--vae_path`."
             )
+        try:  # read from a folder: checked as the loader checks it, before the run starts
+            name = _load_config(AutoencoderKL, self.source.path, "vae").get("_class_name")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{OPTION} {self.source.path!r}: its vae/: {error}") from None
+        if name != vae_class:  # (as `--vae_path` would be refused, but naming the option given)
+            raise ValueError(
+                f"{OPTION} {self.source.path!r} holds a {name!r} in its vae/config.json (`_class_name`), not the "
+                f"{vae_class} its model_index.json names: training encodes images with an AutoencoderKL only."
+            )
+        self.source.check_weights("vae")
         return self.source.path, "vae"
 
     def check_source_arguments(
@@ -186,6 +251,10 @@ class FineTuningTask(TrainingTask):
     def check_networks(self, in_channels, sample_size, num_class_embeds):
         if self.source is None:  # fine-tuning loads the source's networks: `check_data` checks the data against them
             super().check_networks(in_channels, sample_size, num_class_embeds)
+            return
+        for folder in self.source_configs():  # the networks this run loads build from their configs, and have weights
+            self.source.check_builds(folder)
+            self.source.check_weights(folder)
 
     def check_data(self, in_channels, sample_size, num_class_embeds):
         if self.source is None:
@@ -205,9 +274,11 @@ class FineTuningTask(TrainingTask):
                 f"{OPTION} {path!r} holds a model with in_channels={config.get('in_channels')}, but {data}."
             )
         size = config.get("sample_size")  # an int, [height, width], or None (a U-Net of any size)
-        if size is not None and tuple(size if isinstance(size, (list, tuple)) else (size, size)) != (sample_size,) * 2:
+        sides = tuple(size if isinstance(size, (list, tuple)) else (size, size))
+        if size is not None and sides != (sample_size,) * 2:
             factor = self.args.resolution // sample_size
-            fix = f"pass `--resolution {size * factor}`" if isinstance(size, int) else "the data are square"
+            square = len(sides) == 2 and sides[0] == sides[1] and isinstance(sides[0], int)
+            fix = f"pass `--resolution {sides[0] * factor}`" if square else "the data are square"
             raise ValueError(
                 f"`--resolution` {self.args.resolution} gives {sample_size}x{sample_size} samples, but the model of "
                 f"{path!r} has sample_size={size}: {fix}."

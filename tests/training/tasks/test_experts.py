@@ -149,6 +149,17 @@ def test_a_run_without_its_expert_or_scheduler_folder_is_named_not_looked_up_on_
         assemble_expert_runs(["run0", "run1"])
 
 
+@pytest.mark.parametrize("file", ["config.json", "diffusion_pytorch_model.safetensors"])
+def test_a_run_whose_expert_folder_lacks_a_file_is_named(runs, file):
+    # (diffusers' OSError "no file named config.json / diffusion_pytorch_model.bin found", naming neither the option
+    # nor the run)
+    (runs[1] / "expert_1" / file).unlink()
+    with pytest.raises(
+        ValueError, match=f"`--assemble_experts`: .*expert_1.*Is '{runs[1]}' a complete `--expert_index` run"
+    ):
+        assemble_expert_runs([str(r) for r in runs])
+
+
 @pytest.mark.parametrize("key, value", [("sample_size", 16), ("in_channels", 4), ("num_class_embeds", 3)])
 def test_runs_of_other_sizes_channels_or_classes_are_named(runs, key, value):
     # (the container's message named neither the assembly nor what to change in the runs)
@@ -276,6 +287,27 @@ def _edit_run(run, **entries) -> None:
 
 
 @pytest.mark.parametrize(
+    "entries, message",
+    [
+        ({"stage_boundaries": "x"}, "`stage_boundaries` must be a sequence of numbers"),
+        ({"stage_boundaries": [500.0, 200.0]}, "`stage_boundaries` must be strictly increasing"),
+        ({"num_train_timesteps": "1000"}, "`num_train_timesteps` must be a positive integer"),
+        ({"boundary_units": 5}, "`boundary_units` must be one of"),
+        ({"prediction_type": ["epsilon"]}, "`prediction_type` must be one of"),
+        ({"prediction_type": "nonsense"}, "`prediction_type` must be one of"),
+    ],
+)
+def test_run_files_of_bad_stage_splits_or_targets_name_the_file(runs, entries, message):
+    # (the partition's own message named neither the option nor the file; a bad target was blamed on the runs'
+    # data and `--resolution`)
+    for run in runs:
+        _edit_run(run, **entries)
+    path = re.escape(repr(str(runs[0] / EXPERT_RUN_FILE)))
+    with pytest.raises(ValueError, match=f"^`--assemble_experts`: {path}: {re.escape(message)}"):
+        assemble_expert_runs([str(r) for r in runs])
+
+
+@pytest.mark.parametrize(
     "folders, message",
     [
         (lambda b, r: [r[0], b], "'{b}' is a saved pipeline folder but not the first"),
@@ -307,7 +339,7 @@ def test_a_run_of_an_expert_the_base_does_not_have_is_refused(base, runs):
         ({"stage_boundaries": [400.0]}, "stage split or target than the base pipeline"),
         ({"prediction_type": "v_prediction"}, "stage split or target than the base pipeline"),
         ({"boundary_units": "sigma"}, "stage split or target than the base pipeline"),
-        ({"num_train_timesteps": 500}, "stage split or target than the base pipeline"),
+        ({"num_train_timesteps": 2000}, "stage split or target than the base pipeline"),
         ({"id2label": {"0": "cat"}}, "was trained on other class names"),
     ],
 )
