@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import numbers
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -33,7 +34,7 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..evaluation import count_flops
-from ..partition import TimestepPartition
+from ..partition import TimestepPartition, _numbers
 from ..schedulers import check_scheduler_units, model_call_timesteps
 from ..timestep_sampling import stage_mass
 from .sizing import config_value, partition_to_model_config, plain_config, scaled_widths, width_multiple
@@ -95,7 +96,8 @@ class BudgetPlan:
 def check_budget(budget: float, name: str = "budget") -> float:
     """``budget`` as a float: a finite positive number (a python or numpy number), else a `ValueError` naming it as
     ``name`` (``--budget`` on the command line)."""
-    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real) or not 0 < budget < math.inf:
+    real = isinstance(budget, numbers.Real) and not isinstance(budget, (bool, np.bool_))
+    if not real or not 0 < budget <= sys.float_info.max:  # a float holds it (not 10**400)
         raise ValueError(f"`{name}` must be a positive number of FLOPs, got {budget!r}.")
     return float(budget)
 
@@ -165,9 +167,10 @@ def candidate_widths(
 ) -> list[tuple[int, ...]]:
     """``block_out_channels`` scaled by each of ``scales`` and rounded to positive multiples of ``norm_num_groups``
     (duplicates dropped, smallest first)."""
-    if not scales or any(isinstance(s, bool) or not s > 0 for s in scales):
-        raise ValueError(f"`scales` must be positive numbers, got {list(scales)}.")
-    return sorted({scaled_widths(block_out_channels, s, norm_num_groups) for s in scales}, key=sum)
+    values = _numbers(scales, "scales")
+    if not values or not all(0 < s < math.inf for s in values):
+        raise ValueError(f"`scales` must be positive numbers, got {values}.")
+    return sorted({scaled_widths(block_out_channels, s, norm_num_groups) for s in values}, key=sum)
 
 
 def measure_stage_flops(
@@ -267,7 +270,7 @@ def widths_for_budget(
         config: the model config (a `UNet2DModel` or `MultiStageUNet2DModel` config, or a model); its
             ``block_out_channels`` are the encoder's, which ``scales`` multiply.
         partition: the stages.
-        difficulty: one value ``>= 0`` per stage, not all 0 ([`stage_difficulty`]).
+        difficulty: one finite value ``>= 0`` per stage, not all 0 ([`stage_difficulty`]).
         budget: FLOPs: per image of ``num_inference_steps`` sampling steps of ``scheduler``, or (when
             ``num_inference_steps`` is None) per training step of ``batch_size`` images.
         scales: the widths each stage may take, as multiples of ``block_out_channels`` (rounded to multiples of
@@ -291,10 +294,15 @@ def widths_for_budget(
     ```
     """
     budget = check_budget(budget)
-    difficulty = [float(d) for d in difficulty]
-    if len(difficulty) != partition.num_stages or any(not d >= 0 for d in difficulty) or max(difficulty) <= 0:
+    difficulty = _numbers(difficulty, "difficulty")
+    if (
+        len(difficulty) != partition.num_stages
+        or not all(0 <= d < math.inf for d in difficulty)
+        or max(difficulty) <= 0
+    ):
         raise ValueError(
-            f"`difficulty` needs one value >= 0 per stage ({partition.num_stages}), not all 0, got {difficulty}."
+            f"`difficulty` needs one finite value >= 0 per stage ({partition.num_stages}), not all 0, got "
+            f"{difficulty}."
         )
     config = getattr(config, "config", config)
     calls = stage_calls(partition, num_inference_steps, scheduler, batch_size)

@@ -177,11 +177,22 @@ def test_plan_stages_with_a_budget_gives_a_config_that_trains_as_planned(gray_un
         (np.float32("nan"), {}, "`budget` must be a positive number of FLOPs, got np.float32\\(nan\\)"),
         (np.bool_(True), {}, "`budget` must be a positive number of FLOPs, got np.True_"),
         ("1e9", {}, "`budget` must be a positive number of FLOPs, got '1e9'"),
+        pytest.param(10**400, {}, "`budget` must be a positive number of FLOPs, got 1000", id="no-float-holds-it"),
         (1e5, {}, "`budget`=1e\\+05 FLOPs is below what the smallest allowed widths cost"),
         (1e9, {"num_inference_steps": 0}, "`num_inference_steps` must be a positive integer, got 0"),
         (1e9, {"architecture": "dit"}, "`architecture` must be one of"),
-        (1e9, {"difficulty": [0.0, 0.0, 0.0]}, "`difficulty` needs one value >= 0 per stage"),
+        (1e9, {"difficulty": [0.0, 0.0, 0.0]}, "`difficulty` needs one finite value >= 0 per stage"),
         (1e9, {"scales": (0.5, -1.0)}, "`scales` must be positive numbers"),
+        # each of these failed inside the width rounding or the solver, with an error that named no argument
+        (1e9, {"scales": (0.5, float("inf"))}, "`scales` must be positive numbers, got \\[0.5, inf\\]"),
+        (1e9, {"scales": 0.5}, "`scales` must be a sequence of numbers, got 0.5"),
+        (1e9, {"scales": None}, "`scales` must be a sequence of numbers, got None"),
+        (1e9, {"scales": "0.5"}, "`scales` must be a sequence of numbers, got '0.5'"),
+        (1e9, {"scales": ("0.5",)}, "`scales` must be a sequence of numbers, got \\('0.5',\\)"),
+        (1e9, {"scales": np.array([0.5, -1.0])}, "`scales` must be positive numbers, got \\[0.5, -1.0\\]"),
+        (1e9, {"difficulty": [float("inf"), 0.4, 0.1]}, "`difficulty` needs one finite value >= 0 per stage"),
+        (1e9, {"difficulty": None}, "`difficulty` must be a sequence of numbers, got None"),
+        (1e9, {"difficulty": ["hard", 0.4, 0.1]}, "`difficulty` must be a sequence of numbers, got \\['hard'"),
     ],
 )
 def test_bad_budgets_are_refused(gray_unet_kwargs, budget, kwargs, match):
