@@ -270,7 +270,7 @@ def widths_for_budget(
         config: the model config (a `UNet2DModel` or `MultiStageUNet2DModel` config, or a model); its
             ``block_out_channels`` are the encoder's, which ``scales`` multiply.
         partition: the stages.
-        difficulty: one finite value ``>= 0`` per stage, not all 0 ([`stage_difficulty`]).
+        difficulty: one finite value ``>= 0`` per stage, not all 0 ([`stage_difficulty`]); only their ratios count.
         budget: FLOPs: per image of ``num_inference_steps`` sampling steps of ``scheduler``, or (when
             ``num_inference_steps`` is None) per training step of ``batch_size`` images.
         scales: the widths each stage may take, as multiples of ``block_out_channels`` (rounded to multiples of
@@ -314,7 +314,7 @@ def widths_for_budget(
             f"`budget`={budget:.4g} FLOPs is below what the smallest allowed widths cost ({cheapest:.4g} FLOPs, "
             f"every stage at {candidates[int(np.argmin(flops))]}): raise the budget or allow smaller `scales`."
         )
-    weights = [n * d for n, d in zip(calls, difficulty)]
+    weights = [n * d / max(difficulty) for n, d in zip(calls, difficulty)]  # only ratios count (1e308 * n: inf)
     picks = _multiple_choice_knapsack(weights, difficulty, calls, flops, capacity, budget)
     return BudgetPlan(
         tuple(candidates[k] for k in picks),
@@ -340,7 +340,9 @@ def _multiple_choice_knapsack(
     num_stages, num_candidates = len(weights), len(flops)
     log_capacity = np.log(np.maximum(np.asarray(capacity), 1.0))
     cost = np.outer(calls, flops)  # (stage, candidate) FLOPs of that choice
-    # 1. maximise the weighted log-capacity (milp minimises), with a tie-break that favours the cheaper choice
+    # 1. maximise the weighted log-capacity (milp minimises; weights scaled to at most 1, the tie-break's scale), with
+    # a tie-break that favours the cheaper choice
+    weights = np.asarray(weights) / (max(weights) or 1.0)
     objective = -np.outer(weights, log_capacity) + 1e-9 * cost / budget
     # 2. one candidate per stage, the budget, and capacity ordered as difficulty is
     one_each = np.kron(np.eye(num_stages), np.ones(num_candidates))

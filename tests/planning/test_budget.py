@@ -118,6 +118,17 @@ def test_widths_are_the_exact_optimum_within_the_budget(gray_unet_kwargs):
     assert value([candidates.index(w) for w in larger.widths]) > value(best)
 
 
+def test_the_widths_depend_on_the_difficulties_ratios_not_their_scale(gray_unet_kwargs):
+    # the objective sum_s n_s d_s log(capacity) has the same optimum for d and k * d, but small difficulties were
+    # outweighed by the solver's cheaper-choice tie-break (the widths shrank), and large ones made SciPy fail
+    scheduler, difficulty = _sampling_scheduler(), [0.9, 0.4, 0.05]
+    budget = expected_flops(gray_unet_kwargs, PARTITION, [(8, 16)] * 3, 10, scheduler)
+    plan = widths_for_budget(gray_unet_kwargs, PARTITION, difficulty, budget, 10, scheduler, scales=SCALES)
+    for k in (1e-6, 1e-12, 1e100, 1e300):
+        scaled = [k * d for d in difficulty]
+        assert widths_for_budget(gray_unet_kwargs, PARTITION, scaled, budget, 10, scheduler, scales=SCALES) == plan
+
+
 def test_training_budget_and_experts(gray_unet_kwargs):
     difficulty, few = [0.9, 0.4, 0.05], (0.5, 1.0, 1.5)
     unet = UNet2DModel(**gray_unet_kwargs)
