@@ -341,9 +341,9 @@ def _multiple_choice_knapsack(
     log_capacity = np.log(np.maximum(np.asarray(capacity), 1.0))
     cost = np.outer(calls, flops)  # (stage, candidate) FLOPs of that choice
     # 1. maximise the weighted log-capacity (milp minimises; weights scaled to at most 1, the tie-break's scale), with
-    # a tie-break that favours the cheaper choice
+    # a tie-break that favours the cheaper choice, and the narrower one in a stage no call reaches (it costs nothing)
     weights = np.asarray(weights) / (max(weights) or 1.0)
-    objective = -np.outer(weights, log_capacity) + 1e-9 * cost / budget
+    objective = -np.outer(weights, log_capacity) + 1e-9 * (cost / budget + np.asarray(flops) / max(flops))
     # 2. one candidate per stage, the budget, and capacity ordered as difficulty is
     one_each = np.kron(np.eye(num_stages), np.ones(num_candidates))
     order = [

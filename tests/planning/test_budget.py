@@ -129,6 +129,17 @@ def test_the_widths_depend_on_the_difficulties_ratios_not_their_scale(gray_unet_
         assert widths_for_budget(gray_unet_kwargs, PARTITION, scaled, budget, 10, scheduler, scales=SCALES) == plan
 
 
+def test_a_stage_no_model_call_reaches_takes_the_smallest_width_its_order_allows(gray_unet_kwargs):
+    # Heun, 2 steps: no call falls in stage 1, whose width costs nothing; it took any width between its neighbours'
+    scheduler = HeunDiscreteScheduler()
+    assert stage_calls(PARTITION, 2, scheduler) == [1.0, 0.0, 2.0]
+    budget = expected_flops(gray_unet_kwargs, PARTITION, [(8, 16)] * 3, 2, scheduler)
+    for difficulty in ([0.9, 0.4, 0.05], [0.05, 0.4, 0.9]):
+        plan = widths_for_budget(gray_unet_kwargs, PARTITION, difficulty, budget, 2, scheduler, scales=SCALES)
+        easier = min(plan.widths[0], plan.widths[2], key=sum)  # stage 1 is harder than this one: no smaller
+        assert plan.widths[1] == easier != max(plan.widths[0], plan.widths[2], key=sum)
+
+
 def test_training_budget_and_experts(gray_unet_kwargs):
     difficulty, few = [0.9, 0.4, 0.05], (0.5, 1.0, 1.5)
     unet = UNet2DModel(**gray_unet_kwargs)
