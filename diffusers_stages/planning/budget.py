@@ -27,10 +27,10 @@ import numbers
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..evaluation import count_flops
@@ -38,9 +38,6 @@ from ..partition import TimestepPartition, _numbers
 from ..schedulers import check_scheduler_units, model_call_timesteps
 from ..timestep_sampling import stage_mass
 from .sizing import config_value, partition_to_model_config, plain_config, scaled_widths, width_multiple
-
-if TYPE_CHECKING:
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 ARCHITECTURES = ("multistage", "experts")
 DEFAULT_SCALES = tuple(k / 8 for k in range(1, 17))  # x0.125 (the paper's smallest decoder) to x2 of the encoder
@@ -106,7 +103,9 @@ def check_budget_config(config: Mapping, name: str = "model_config") -> None:
     """Refuse a model config whose widths a budget cannot plan: a ``sample_size`` that is not a side or a
     ``[height, width]`` of positive integers (None, `UNet2DModel`'s default, takes any size, but a call's FLOPs depend
     on the size of its samples), or per-stage ``decoder_up_block_types`` (the candidate decoders all use
-    ``up_block_types``). ``name`` is the argument the config came from."""
+    ``up_block_types``), or no config at all. ``name`` is the argument the config came from."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"`{name}` must be a model config (a mapping) or a model, got {type(config).__name__}.")
     size = config.get("sample_size")
     pair = isinstance(size, (list, tuple))  # [height, width], else one side
     sides = list(size) if pair else [size]
@@ -145,6 +144,8 @@ def stage_calls(
 
     ```
     """
+    if not isinstance(partition, TimestepPartition):
+        raise ValueError(f"`partition` must be a TimestepPartition, got {type(partition).__name__}.")
     if num_inference_steps is None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
@@ -153,6 +154,8 @@ def stage_calls(
         raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
     if scheduler is None:
         raise ValueError("`scheduler` is required with `num_inference_steps` (its steps are the ones counted).")
+    if not isinstance(scheduler, SchedulerMixin):
+        raise ValueError(f"`scheduler` must be a diffusers scheduler, got {type(scheduler).__name__}.")
     check_scheduler_units(scheduler, partition)
     counts, stage = [0.0] * partition.num_stages, 0
     for timestep, is_corrector in model_call_timesteps(scheduler, num_inference_steps):
@@ -186,8 +189,9 @@ def measure_stage_flops(
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"`architecture` must be one of {ARCHITECTURES}, got {architecture!r}.")
-    config = plain_config(getattr(config, "config", config))  # the widths written over it are what is counted
+    config = getattr(config, "config", config)
     check_budget_config(config)
+    config = plain_config(config)  # the widths written over it are what is counted
     key = json.dumps(config, sort_keys=True, default=str)  # a model config is plain JSON
     calls, capacity = _measure(key, tuple(tuple(int(x) for x in w) for w in widths), architecture, training)
     return list(calls), list(capacity)
@@ -243,9 +247,9 @@ def expected_flops(
 ) -> float:
     """What ``widths`` (one per stage, clean stage first) cost: sampling FLOPs per image of ``num_inference_steps``
     steps of ``scheduler``, or, when ``num_inference_steps`` is None, training FLOPs per step of ``batch_size``."""
+    calls = stage_calls(partition, num_inference_steps, scheduler, batch_size)
     if len(widths) != partition.num_stages:
         raise ValueError(f"`widths` needs one entry per stage ({partition.num_stages}), got {len(widths)}.")
-    calls = stage_calls(partition, num_inference_steps, scheduler, batch_size)
     flops, _ = measure_stage_flops(config, widths, architecture, training=num_inference_steps is None)
     return float(sum(n * f for n, f in zip(calls, flops)))
 
@@ -294,6 +298,9 @@ def widths_for_budget(
     ```
     """
     budget = check_budget(budget)
+    config = getattr(config, "config", config)
+    check_budget_config(config)
+    calls = stage_calls(partition, num_inference_steps, scheduler, batch_size)
     difficulty = _numbers(difficulty, "difficulty")
     if (
         len(difficulty) != partition.num_stages
@@ -304,8 +311,6 @@ def widths_for_budget(
             f"`difficulty` needs one finite value >= 0 per stage ({partition.num_stages}), not all 0, got "
             f"{difficulty}."
         )
-    config = getattr(config, "config", config)
-    calls = stage_calls(partition, num_inference_steps, scheduler, batch_size)
     candidates = candidate_widths(config_value(config, "block_out_channels"), width_multiple(config), scales)
     flops, capacity = measure_stage_flops(config, candidates, architecture, training=num_inference_steps is None)
     cheapest = sum(calls) * min(flops)

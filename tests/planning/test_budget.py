@@ -223,6 +223,25 @@ def test_bad_budgets_are_refused(gray_unet_kwargs, budget, kwargs, match):
         widths_for_budget(gray_unet_kwargs, PARTITION, budget=budget, scheduler=_sampling_scheduler(), **kwargs)
 
 
+def test_arguments_of_the_wrong_kind_are_refused_by_name(gray_unet_kwargs):
+    # each was an AttributeError or TypeError from deep inside ('str' object has no attribute 'config', ...)
+    kwargs = {"difficulty": [0.9, 0.4, 0.1], "budget": 1e9, "num_inference_steps": 10, "scales": SCALES}
+    scheduler = _sampling_scheduler()
+    for call, match in (
+        (lambda: widths_for_budget(gray_unet_kwargs, [442, 631], scheduler=scheduler, **kwargs),
+         "`partition` must be a TimestepPartition, got list"),
+        (lambda: widths_for_budget(gray_unet_kwargs, PARTITION, scheduler="ddim", **kwargs),
+         "`scheduler` must be a diffusers scheduler, got str"),
+        (lambda: widths_for_budget(None, PARTITION, scheduler=scheduler, **kwargs),
+         "`model_config` must be a model config \\(a mapping\\) or a model, got NoneType"),
+        (lambda: expected_flops([1, 2], PARTITION, [(8, 16)] * 3, 10, scheduler),
+         "`model_config` must be a model config \\(a mapping\\) or a model, got list"),
+        (lambda: stage_calls((442, 631), batch_size=4), "`partition` must be a TimestepPartition, got tuple"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 def test_plan_stages_refuses_a_budget_it_cannot_plan_before_planning(gray_unet_kwargs):
     data = torch.randn(16, 1, 8, 8)
     with pytest.raises(ValueError, match="`budget` needs `model_config`"):
