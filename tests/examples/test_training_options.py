@@ -89,6 +89,22 @@ def test_a_planned_config_for_other_samples_is_refused_not_rewritten(
     assert re.search(match, capsys.readouterr().err)
 
 
+def test_a_planned_config_too_large_to_build_is_a_usage_error(
+    examples, image_folder, planned_folder, tmp_path, capsys
+):
+    # a hostile (or mistyped) width: building it even on the meta device overflowed torch's storage size, a
+    # RuntimeError that the network check let through as a traceback
+    config_file = os.path.join(planned_folder, "config.json")
+    with open(config_file) as f:
+        planned = json.load(f)
+    with open(config_file, "w") as f:
+        json.dump({**planned, "decoder_block_out_channels": [[8, 10**9], [8, 8], [4, 8]]}, f)
+    base = [*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit):
+        examples.load_script("multistage").parse_args([*base, "--model_config", planned_folder])
+    assert "describe no network that can be built: Storage size calculation overflowed" in capsys.readouterr().err
+
+
 def test_the_loop_trains_with_the_tasks_loss_and_builds_the_task_once(examples, script, image_folder, tmp_path):
     class HalfLoss(MultiStageTask):
         """A task with its own objective: half the diffusion loss, counting its calls."""

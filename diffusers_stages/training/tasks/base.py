@@ -156,12 +156,12 @@ class TrainingTask:
         """Build the networks of the arguments on the meta device (no weights, no memory) for samples of this shape,
         so that model arguments they refuse (a `--norm_num_groups` that does not divide the widths, an unknown
         `--down_block_types` entry, a `--model_config` key that is no constructor argument) are a ValueError before
-        any data is read, not the model's traceback after it. A task whose networks load from a source folder
-        overrides it (`check_data` checks those)."""
+        any data is read, not the model's traceback after it (nor torch's, for widths too large to build at all). A
+        task whose networks load from a source folder overrides it (`check_data` checks those)."""
         try:
             with torch.device("meta"):
                 self.build_networks(in_channels, sample_size, num_class_embeds)
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, RuntimeError) as error:
             raise ValueError(
                 f"The model arguments describe no network that can be built: {error} Fix the argument it names (or "
                 "`--model_config`)."
