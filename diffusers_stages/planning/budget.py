@@ -193,7 +193,13 @@ def measure_stage_flops(
     check_budget_config(config)
     config = plain_config(config)  # the widths written over it are what is counted
     key = json.dumps(config, sort_keys=True, default=str)  # a model config is plain JSON
-    calls, capacity = _measure(key, tuple(tuple(int(x) for x in w) for w in widths), architecture, training)
+    widths = tuple(tuple(int(x) for x in w) for w in widths)
+    try:
+        calls, capacity = _measure(key, widths, architecture, training)
+    except (ValueError, TypeError, RuntimeError) as error:  # torch's, for a size too large to build even on meta
+        raise ValueError(
+            f"`model_config` builds no model of the candidate widths {list(widths)}: {type(error).__name__}: {error}"
+        ) from None
     return list(calls), list(capacity)
 
 

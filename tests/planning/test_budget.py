@@ -242,6 +242,20 @@ def test_arguments_of_the_wrong_kind_are_refused_by_name(gray_unet_kwargs):
             call()
 
 
+def test_a_config_or_scales_no_model_can_be_built_at_is_refused_by_name(gray_unet_kwargs):
+    # built on the meta device, such a model failed in torch with "Storage size calculation overflowed" (a
+    # RuntimeError) or a TypeError from its shape, naming no argument
+    kwargs = {
+        "difficulty": [0.9, 0.4, 0.1],
+        "budget": 1e9,
+        "num_inference_steps": 10,
+        "scheduler": _sampling_scheduler(),
+    }
+    for config, scales in ((dict(gray_unet_kwargs, sample_size=2**40), SCALES), (gray_unet_kwargs, (1e300,))):
+        with pytest.raises(ValueError, match="(?i)`model_config` builds no model of the candidate widths .*overflow"):
+            widths_for_budget(config, PARTITION, scales=scales, **kwargs)
+
+
 def test_plan_stages_refuses_a_budget_it_cannot_plan_before_planning(gray_unet_kwargs):
     data = torch.randn(16, 1, 8, 8)
     with pytest.raises(ValueError, match="`budget` needs `model_config`"):
