@@ -369,7 +369,15 @@ def _multiple_choice_knapsack(
     ]
     if order:
         constraints.append(LinearConstraint(np.stack(order), -1e-9, np.inf))
-    result = milp(objective.ravel(), constraints=constraints, integrality=np.ones(cost.size), bounds=Bounds(0, 1))
-    if not result.success:
-        raise ValueError(f"No widths fit the budget {budget:.4g} FLOPs: {result.message}")
-    return [int(k) for k in result.x.reshape(num_stages, num_candidates).argmax(1)]
+    # 3. the solver's tolerances may let a choice a few FLOPs over the budget through: each one is cut off (that
+    # choice alone) and the problem solved again, until the choice's exact cost is within the budget
+    while True:
+        result = milp(objective.ravel(), constraints=constraints, integrality=np.ones(cost.size), bounds=Bounds(0, 1))
+        if not result.success:
+            raise ValueError(f"No widths fit the budget {budget:.4g} FLOPs: {result.message}")
+        picks = [int(k) for k in result.x.reshape(num_stages, num_candidates).argmax(1)]
+        if sum(cost[s, k] for s, k in enumerate(picks)) <= budget:
+            return picks
+        chosen = np.zeros(cost.shape)
+        chosen[range(num_stages), picks] = 1
+        constraints.append(LinearConstraint(chosen.reshape(1, -1), -np.inf, num_stages - 1))

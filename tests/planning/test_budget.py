@@ -140,6 +140,19 @@ def test_a_stage_no_model_call_reaches_takes_the_smallest_width_its_order_allows
         assert plan.widths[1] == easier != max(plan.widths[0], plan.widths[2], key=sum)
 
 
+def test_widths_stay_within_a_budget_of_a_large_model_even_a_few_flops_short(tiny_unet_kwargs):
+    # the solver's budget row was loosened by 1e-12 of the budget (and HiGHS allows its own tolerance): a budget 1,000
+    # FLOPs short of the widths' cost (of 1.86e15) bought them anyway, and expected_flops exceeded the budget
+    config = dict(tiny_unet_kwargs, sample_size=1024, block_out_channels=(64, 128), norm_num_groups=32,
+                  down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)  # fmt: skip
+    scheduler = _sampling_scheduler()
+    full = expected_flops(config, PARTITION, [(64, 128)] * 3, 50, scheduler)
+    assert full > 1e15
+    for short in (1, 1000):
+        plan = widths_for_budget(config, PARTITION, [0.9, 0.4, 0.1], full - short, 50, scheduler, scales=(0.5, 1.0))
+        assert plan.expected_flops <= plan.budget == full - short and plan.widths[0] == (64, 128) != plan.widths[2]
+
+
 def test_training_budget_and_experts(gray_unet_kwargs):
     difficulty, few = [0.9, 0.4, 0.05], (0.5, 1.0, 1.5)
     unet = UNet2DModel(**gray_unet_kwargs)
