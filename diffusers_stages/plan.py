@@ -37,6 +37,7 @@ from .planning.budget import check_budget, check_budget_config
 from .planning.optimal_denoiser import check_planning_data
 from .planning.sizing import config_value
 from .planning.stage_plan import _check_unit_interval
+from .schedulers import model_call_timesteps
 
 PLANNING_INTEGERS = ("resolution", "num_samples", "chunk_size", "max_images")  # checked before loading
 
@@ -147,8 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse, before any image is loaded, a device this machine lacks, a bad budget or step count, and input or
-    output paths that cannot be used (a `ValueError` naming the option and the value)."""
+    """Refuse, before any image is loaded, a device this machine lacks, a bad budget or step count (one the sampling
+    scheduler cannot run too), and input or output paths that cannot be used (a `ValueError` naming the option and the value)."""
     if args.device is not None:
         check_device(args.device, "--device")
     if args.budget is not None:
@@ -173,6 +174,8 @@ def check_args(args: argparse.Namespace) -> None:
             check_budget_config(json.load(f), "--model_config")
     if args.scheduler_config is not None:
         check_input_file(_scheduler_config_file(args.scheduler_config), "--scheduler_config", json_object=True)
+    if args.budget is not None and args.num_inference_steps is not None:  # steps the sampling scheduler can run
+        model_call_timesteps(_schedule(args)[1], args.num_inference_steps)
     if args.model_path is not None:
         check_input_file(os.path.join(args.model_path, "config.json"), "--model_path", json_object=True)
     _check_vae(args)

@@ -433,6 +433,22 @@ def test_a_model_config_for_other_samples_than_those_planned_on_is_refused(
         assert message in err
 
 
+def test_a_step_count_the_sampling_scheduler_cannot_run_is_refused_before_any_image_is_read(
+    tmp_path, capsys, tiny_unet_kwargs
+):
+    # PNDM's Runge-Kutta warm-up needs 4 steps: the budget's step count was refused only after every image was loaded
+    # and the stages planned
+    from diffusers import PNDMScheduler
+
+    PNDMScheduler().save_config(tmp_path / "pndm")
+    (tmp_path / "config.json").write_text(json.dumps(dict(tiny_unet_kwargs, in_channels=1, out_channels=1)))
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", str(tmp_path / "missing"), *FAST, "--model_config", str(tmp_path / "config.json"),
+             "--budget", "1e9", "--num_inference_steps", "2", "--scheduler_config", str(tmp_path / "pndm")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "needs `num_inference_steps` of at least 4, got 2" in err
+
+
 def test_a_model_config_that_leaves_out_block_out_channels_plans_the_default_widths(digit_folder, tmp_path):
     # a config relying on diffusers' default `block_out_channels` (224, 448, 672, 896) failed after planning with
     # "KeyError: 'block_out_channels'" (heuristic widths and budget alike)
