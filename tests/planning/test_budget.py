@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, HeunDiscreteScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, HeunDiscreteScheduler, PNDMScheduler, UNet2DModel
 from sklearn.datasets import load_digits
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -281,6 +281,15 @@ def test_plan_stages_refuses_a_budget_it_cannot_plan_before_planning(gray_unet_k
     for kwargs, match in (
         ({"num_inference_steps": 0}, "`num_inference_steps` must be a positive integer or None, got 0"),
         ({"batch_size": 0}, "`batch_size` must be a positive integer, got 0"),
+        # a step count the sampling scheduler cannot run (PNDM's warm-up needs 4) was found only after planning
+        (
+            {"num_inference_steps": 2, "sampling_scheduler": PNDMScheduler()},
+            "needs `num_inference_steps` of at least 4",
+        ),
+        (
+            {"num_inference_steps": 2, "sampling_scheduler": "ddim"},
+            "`sampling_scheduler` must be a diffusers scheduler",
+        ),
     ):
         with pytest.raises(ValueError, match=match):
             plan_stages(data, DDPMScheduler(), num_samples=0, budget=1e9, model_config=gray_unet_kwargs, **kwargs)
