@@ -37,6 +37,7 @@ from .planning.budget import check_budget, check_budget_config
 from .planning.optimal_denoiser import check_planning_data
 from .planning.sizing import config_value
 from .planning.stage_plan import _check_unit_interval
+from .schedulers import model_call_timesteps
 
 PLANNING_INTEGERS = ("resolution", "num_samples", "chunk_size", "max_images")  # checked before loading
 
@@ -147,8 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse, before any image is loaded, a device this machine lacks, a bad budget or step count, and input or
-    output paths that cannot be used (a `ValueError` naming the option and the value)."""
+    """Refuse, before any image is loaded, a device this machine lacks, a bad budget or step count (one the sampling
+    scheduler cannot run too), and input or output paths that cannot be used (a `ValueError` naming the option and the value)."""
     if args.device is not None:
         check_device(args.device, "--device")
     if args.budget is not None:
@@ -173,6 +174,8 @@ def check_args(args: argparse.Namespace) -> None:
             check_budget_config(json.load(f), "--model_config")
     if args.scheduler_config is not None:
         check_input_file(_scheduler_config_file(args.scheduler_config), "--scheduler_config", json_object=True)
+    if args.budget is not None and args.num_inference_steps is not None:  # steps the sampling scheduler can run
+        model_call_timesteps(_schedule(args)[1], args.num_inference_steps)
     if args.model_path is not None:
         check_input_file(os.path.join(args.model_path, "config.json"), "--model_path", json_object=True)
     _check_vae(args)
@@ -202,12 +205,14 @@ def _check_vae(args: argparse.Namespace) -> None:
         )
     if args.vae_path is None:
         _check_pixel_model(args)
+        _check_model_config_size(args, args.resolution)
         return
     from diffusers import AutoencoderKL
 
     from .training.loop import vae_shape
 
-    latent_channels, _ = vae_shape(args)  # an AutoencoderKL config, else a ValueError naming --vae_path
+    latent_channels, factor = vae_shape(args)  # an AutoencoderKL config, else a ValueError naming --vae_path
+    _check_model_config_size(args, args.resolution // factor, factor)
     in_channels = AutoencoderKL.load_config(args.vae_path, subfolder=args.vae_subfolder).get("in_channels", 3)
     if args.num_channels != in_channels:
         raise ValueError(
@@ -231,16 +236,37 @@ def _check_vae(args: argparse.Namespace) -> None:
 
 def _check_pixel_model(args: argparse.Namespace) -> None:
     """Without ``--vae_path``: refuse a ``--model_path`` model that does not take ``--num_channels`` images (a latent
-    model, say), before any image is read (`gradient_plan` would refuse it after all were read)."""
-    if args.model_path is None:
+    model, say), before any image is read (`gradient_plan` would refuse it after all were read), and a
+    ``--model_config`` model either (its widths would be planned on other data than it takes)."""
+    models = {"--model_path": args.model_path and os.path.join(args.model_path, "config.json")}
+    models["--model_config"] = args.model_config
+    for option, path in models.items():
+        if path is None:
+            continue
+        model_channels = _config_channels(path)
+        if model_channels != args.num_channels:
+            latent = model_channels not in (1, 3)
+            what = "the `--vae_path` it was trained with" if latent else f"`--num_channels {model_channels}`"
+            given = args.model_path if option == "--model_path" else path
+            raise ValueError(
+                f"`{option}` {given!r} takes {model_channels}-channel samples, but `--num_channels` "
+                f"{args.num_channels} gives {args.num_channels}-channel images: give {what}."
+            )
+
+
+def _check_model_config_size(args: argparse.Namespace, side: int, factor: int = 1) -> None:
+    """Refuse a ``--model_config`` whose ``sample_size`` (when it gives one) is not that of the samples planned on,
+    ``side`` (``--resolution``, divided by the VAE's down-sampling ``factor``): a budget's FLOPs are counted at its
+    size, and the training scripts train at ``--resolution``."""
+    if args.model_config is None:
         return
-    model_channels = _config_channels(os.path.join(args.model_path, "config.json"))
-    if model_channels != args.num_channels:
-        latent = model_channels not in (1, 3)
-        what = "the `--vae_path` it was trained with" if latent else f"`--num_channels {model_channels}`"
+    with open(args.model_config, encoding="utf-8") as f:
+        size = json.load(f).get("sample_size")
+    if size is not None and size not in (side, [side, side]):
+        fix = f"`--resolution {size * factor}`" if type(size) is int and size > 0 else "a config of that size"
         raise ValueError(
-            f"`--model_path` {args.model_path!r} takes {model_channels}-channel samples, but `--num_channels` "
-            f"{args.num_channels} gives {args.num_channels}-channel images: give {what}."
+            f"`--model_config` {args.model_config!r} is for samples of size {size}, but `--resolution` "
+            f"{args.resolution} gives samples of size {side}: give {fix}."
         )
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.checks import check_positive_integers
+from ..schedulers import model_call_timesteps
 from .budget import check_budget, check_budget_config, widths_for_budget
 from .methods import (
     METHODS,
@@ -21,9 +22,6 @@ from .methods import (
 )
 from .schedule import NoiseSchedule
 from .sizing import stage_difficulty
-
-if TYPE_CHECKING:
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 
 def plan_stages(
@@ -106,6 +104,11 @@ def plan_stages(
             ("num_inference_steps",), num_inference_steps=num_inference_steps, batch_size=batch_size
         )
         sampling_scheduler = schedule if sampling_scheduler is None and num_inference_steps else sampling_scheduler
+        if num_inference_steps is not None:  # a step count the scheduler can run (the budget's own count)
+            if not isinstance(sampling_scheduler, SchedulerMixin):
+                name = type(sampling_scheduler).__name__
+                raise ValueError(f"`sampling_scheduler` must be a diffusers scheduler, got {name}.")
+            model_call_timesteps(sampling_scheduler, num_inference_steps)
     if not isinstance(schedule, NoiseSchedule):
         schedule = NoiseSchedule.from_scheduler(schedule, num_levels)
     plan = _boundaries(

@@ -24,22 +24,20 @@ import functools
 import json
 import math
 import numbers
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..evaluation import count_flops
-from ..partition import TimestepPartition
+from ..partition import TimestepPartition, _numbers
 from ..schedulers import check_scheduler_units, model_call_timesteps
 from ..timestep_sampling import stage_mass
 from .sizing import config_value, partition_to_model_config, plain_config, scaled_widths, width_multiple
-
-if TYPE_CHECKING:
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 ARCHITECTURES = ("multistage", "experts")
 DEFAULT_SCALES = tuple(k / 8 for k in range(1, 17))  # x0.125 (the paper's smallest decoder) to x2 of the encoder
@@ -95,7 +93,8 @@ class BudgetPlan:
 def check_budget(budget: float, name: str = "budget") -> float:
     """``budget`` as a float: a finite positive number (a python or numpy number), else a `ValueError` naming it as
     ``name`` (``--budget`` on the command line)."""
-    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real) or not 0 < budget < math.inf:
+    real = isinstance(budget, numbers.Real) and not isinstance(budget, (bool, np.bool_))
+    if not real or not 0 < budget <= sys.float_info.max:  # a float holds it (not 10**400)
         raise ValueError(f"`{name}` must be a positive number of FLOPs, got {budget!r}.")
     return float(budget)
 
@@ -104,7 +103,9 @@ def check_budget_config(config: Mapping, name: str = "model_config") -> None:
     """Refuse a model config whose widths a budget cannot plan: a ``sample_size`` that is not a side or a
     ``[height, width]`` of positive integers (None, `UNet2DModel`'s default, takes any size, but a call's FLOPs depend
     on the size of its samples), or per-stage ``decoder_up_block_types`` (the candidate decoders all use
-    ``up_block_types``). ``name`` is the argument the config came from."""
+    ``up_block_types``), or no config at all. ``name`` is the argument the config came from."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"`{name}` must be a model config (a mapping) or a model, got {type(config).__name__}.")
     size = config.get("sample_size")
     pair = isinstance(size, (list, tuple))  # [height, width], else one side
     sides = list(size) if pair else [size]
@@ -143,6 +144,8 @@ def stage_calls(
 
     ```
     """
+    if not isinstance(partition, TimestepPartition):
+        raise ValueError(f"`partition` must be a TimestepPartition, got {type(partition).__name__}.")
     if num_inference_steps is None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
@@ -151,6 +154,8 @@ def stage_calls(
         raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
     if scheduler is None:
         raise ValueError("`scheduler` is required with `num_inference_steps` (its steps are the ones counted).")
+    if not isinstance(scheduler, SchedulerMixin):
+        raise ValueError(f"`scheduler` must be a diffusers scheduler, got {type(scheduler).__name__}.")
     check_scheduler_units(scheduler, partition)
     counts, stage = [0.0] * partition.num_stages, 0
     for timestep, is_corrector in model_call_timesteps(scheduler, num_inference_steps):
@@ -165,9 +170,10 @@ def candidate_widths(
 ) -> list[tuple[int, ...]]:
     """``block_out_channels`` scaled by each of ``scales`` and rounded to positive multiples of ``norm_num_groups``
     (duplicates dropped, smallest first)."""
-    if not scales or any(isinstance(s, bool) or not s > 0 for s in scales):
-        raise ValueError(f"`scales` must be positive numbers, got {list(scales)}.")
-    return sorted({scaled_widths(block_out_channels, s, norm_num_groups) for s in scales}, key=sum)
+    values = _numbers(scales, "scales")
+    if not values or not all(0 < s < math.inf for s in values):
+        raise ValueError(f"`scales` must be positive numbers, got {values}.")
+    return sorted({scaled_widths(block_out_channels, s, norm_num_groups) for s in values}, key=sum)
 
 
 def measure_stage_flops(
@@ -183,10 +189,17 @@ def measure_stage_flops(
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"`architecture` must be one of {ARCHITECTURES}, got {architecture!r}.")
-    config = plain_config(getattr(config, "config", config))  # the widths written over it are what is counted
+    config = getattr(config, "config", config)
     check_budget_config(config)
+    config = plain_config(config)  # the widths written over it are what is counted
     key = json.dumps(config, sort_keys=True, default=str)  # a model config is plain JSON
-    calls, capacity = _measure(key, tuple(tuple(int(x) for x in w) for w in widths), architecture, training)
+    widths = tuple(tuple(int(x) for x in w) for w in widths)
+    try:
+        calls, capacity = _measure(key, widths, architecture, training)
+    except (ValueError, TypeError, RuntimeError) as error:  # torch's, for a size too large to build even on meta
+        raise ValueError(
+            f"`model_config` builds no model of the candidate widths {list(widths)}: {type(error).__name__}: {error}"
+        ) from None
     return list(calls), list(capacity)
 
 
@@ -240,9 +253,9 @@ def expected_flops(
 ) -> float:
     """What ``widths`` (one per stage, clean stage first) cost: sampling FLOPs per image of ``num_inference_steps``
     steps of ``scheduler``, or, when ``num_inference_steps`` is None, training FLOPs per step of ``batch_size``."""
+    calls = stage_calls(partition, num_inference_steps, scheduler, batch_size)
     if len(widths) != partition.num_stages:
         raise ValueError(f"`widths` needs one entry per stage ({partition.num_stages}), got {len(widths)}.")
-    calls = stage_calls(partition, num_inference_steps, scheduler, batch_size)
     flops, _ = measure_stage_flops(config, widths, architecture, training=num_inference_steps is None)
     return float(sum(n * f for n, f in zip(calls, flops)))
 
@@ -267,7 +280,7 @@ def widths_for_budget(
         config: the model config (a `UNet2DModel` or `MultiStageUNet2DModel` config, or a model); its
             ``block_out_channels`` are the encoder's, which ``scales`` multiply.
         partition: the stages.
-        difficulty: one value ``>= 0`` per stage, not all 0 ([`stage_difficulty`]).
+        difficulty: one finite value ``>= 0`` per stage, not all 0 ([`stage_difficulty`]); only their ratios count.
         budget: FLOPs: per image of ``num_inference_steps`` sampling steps of ``scheduler``, or (when
             ``num_inference_steps`` is None) per training step of ``batch_size`` images.
         scales: the widths each stage may take, as multiples of ``block_out_channels`` (rounded to multiples of
@@ -291,13 +304,19 @@ def widths_for_budget(
     ```
     """
     budget = check_budget(budget)
-    difficulty = [float(d) for d in difficulty]
-    if len(difficulty) != partition.num_stages or any(not d >= 0 for d in difficulty) or max(difficulty) <= 0:
-        raise ValueError(
-            f"`difficulty` needs one value >= 0 per stage ({partition.num_stages}), not all 0, got {difficulty}."
-        )
     config = getattr(config, "config", config)
+    check_budget_config(config)
     calls = stage_calls(partition, num_inference_steps, scheduler, batch_size)
+    difficulty = _numbers(difficulty, "difficulty")
+    if (
+        len(difficulty) != partition.num_stages
+        or not all(0 <= d < math.inf for d in difficulty)
+        or max(difficulty) <= 0
+    ):
+        raise ValueError(
+            f"`difficulty` needs one finite value >= 0 per stage ({partition.num_stages}), not all 0, got "
+            f"{difficulty}."
+        )
     candidates = candidate_widths(config_value(config, "block_out_channels"), width_multiple(config), scales)
     flops, capacity = measure_stage_flops(config, candidates, architecture, training=num_inference_steps is None)
     cheapest = sum(calls) * min(flops)
@@ -306,7 +325,7 @@ def widths_for_budget(
             f"`budget`={budget:.4g} FLOPs is below what the smallest allowed widths cost ({cheapest:.4g} FLOPs, "
             f"every stage at {candidates[int(np.argmin(flops))]}): raise the budget or allow smaller `scales`."
         )
-    weights = [n * d for n, d in zip(calls, difficulty)]
+    weights = [n * d / max(difficulty) for n, d in zip(calls, difficulty)]  # only ratios count (1e308 * n: inf)
     picks = _multiple_choice_knapsack(weights, difficulty, calls, flops, capacity, budget)
     return BudgetPlan(
         tuple(candidates[k] for k in picks),
@@ -332,8 +351,10 @@ def _multiple_choice_knapsack(
     num_stages, num_candidates = len(weights), len(flops)
     log_capacity = np.log(np.maximum(np.asarray(capacity), 1.0))
     cost = np.outer(calls, flops)  # (stage, candidate) FLOPs of that choice
-    # 1. maximise the weighted log-capacity (milp minimises), with a tie-break that favours the cheaper choice
-    objective = -np.outer(weights, log_capacity) + 1e-9 * cost / budget
+    # 1. maximise the weighted log-capacity (milp minimises; weights scaled to at most 1, the tie-break's scale), with
+    # a tie-break that favours the cheaper choice, and the narrower one in a stage no call reaches (it costs nothing)
+    weights = np.asarray(weights) / (max(weights) or 1.0)
+    objective = -np.outer(weights, log_capacity) + 1e-9 * (cost / budget + np.asarray(flops) / max(flops))
     # 2. one candidate per stage, the budget, and capacity ordered as difficulty is
     one_each = np.kron(np.eye(num_stages), np.ones(num_candidates))
     order = [
@@ -348,7 +369,15 @@ def _multiple_choice_knapsack(
     ]
     if order:
         constraints.append(LinearConstraint(np.stack(order), -1e-9, np.inf))
-    result = milp(objective.ravel(), constraints=constraints, integrality=np.ones(cost.size), bounds=Bounds(0, 1))
-    if not result.success:
-        raise ValueError(f"No widths fit the budget {budget:.4g} FLOPs: {result.message}")
-    return [int(k) for k in result.x.reshape(num_stages, num_candidates).argmax(1)]
+    # 3. the solver's tolerances may let a choice a few FLOPs over the budget through: each one is cut off (that
+    # choice alone) and the problem solved again, until the choice's exact cost is within the budget
+    while True:
+        result = milp(objective.ravel(), constraints=constraints, integrality=np.ones(cost.size), bounds=Bounds(0, 1))
+        if not result.success:
+            raise ValueError(f"No widths fit the budget {budget:.4g} FLOPs: {result.message}")
+        picks = [int(k) for k in result.x.reshape(num_stages, num_candidates).argmax(1)]
+        if sum(cost[s, k] for s, k in enumerate(picks)) <= budget:
+            return picks
+        chosen = np.zeros(cost.shape)
+        chosen[range(num_stages), picks] = 1
+        constraints.append(LinearConstraint(chosen.reshape(1, -1), -np.inf, num_stages - 1))

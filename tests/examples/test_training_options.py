@@ -3,6 +3,7 @@ pipeline saves, and a Hub repository created before any training."""
 
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -52,6 +53,56 @@ def test_a_planned_config_trains_as_planned(examples, script, image_folder, plan
     with pytest.raises(SystemExit):
         script.parse_args([*base, "--model_config", planned_folder, "--num_train_timesteps", "500"])
     assert "`--num_train_timesteps` 500 disagrees with `--model_config`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "given, match",
+    [
+        ({"sample_size": 16}, "`--model_config` .* is for samples of size 16, but this run trains on size 8"),
+        ({"sample_size": [8, 16]}, "is for samples of size \\[8, 16\\], but this run trains on size 8"),
+        ({"in_channels": 1}, "`--model_config` .* is for 1-channel samples, but this run trains on 3-channel ones"),
+    ],
+)
+def test_a_planned_config_for_other_samples_is_refused_not_rewritten(
+    examples, image_folder, planned_folder, tmp_path, capsys, given, match
+):
+    # the plan command sizes a budget's decoders at the config's sample_size and in_channels; the scripts replaced
+    # both with the run's (`--resolution`, RGB) without a word, so the model trained was not the one planned (a plan
+    # for 8-pixel gray images trained at the default --resolution 64 in RGB costs about 64 times its budget)
+    config_file = os.path.join(planned_folder, "config.json")
+    with open(config_file) as f:
+        planned = json.load(f)
+    with open(config_file, "w") as f:
+        json.dump({**planned, **given}, f)
+    base = [*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit):
+        examples.load_script("multistage").parse_args([*base, "--model_config", planned_folder])
+    assert re.search(match, capsys.readouterr().err)
+    # the experts' UNet2DModel config too (one for every expert)
+    unet = {k: v for k, v in planned.items() if k not in ("stage_boundaries", "decoder_block_out_channels")}
+    with open(config_file, "w") as f:
+        json.dump({**unet, "_class_name": "UNet2DModel", **given}, f)
+    with pytest.raises(SystemExit):
+        examples.load_script("experts").parse_args(
+            [*base, "--model_config", planned_folder, "--num_experts", "2", "--assignment", "hard"]
+        )
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_a_planned_config_too_large_to_build_is_a_usage_error(
+    examples, image_folder, planned_folder, tmp_path, capsys
+):
+    # a hostile (or mistyped) width: building it even on the meta device overflowed torch's storage size, a
+    # RuntimeError that the network check let through as a traceback
+    config_file = os.path.join(planned_folder, "config.json")
+    with open(config_file) as f:
+        planned = json.load(f)
+    with open(config_file, "w") as f:
+        json.dump({**planned, "decoder_block_out_channels": [[8, 10**9], [8, 8], [4, 8]]}, f)
+    base = [*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit):
+        examples.load_script("multistage").parse_args([*base, "--model_config", planned_folder])
+    assert "describe no network that can be built: Storage size calculation overflowed" in capsys.readouterr().err
 
 
 def test_the_loop_trains_with_the_tasks_loss_and_builds_the_task_once(examples, script, image_folder, tmp_path):

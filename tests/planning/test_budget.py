@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, HeunDiscreteScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, HeunDiscreteScheduler, PNDMScheduler, UNet2DModel
 from sklearn.datasets import load_digits
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -118,6 +118,41 @@ def test_widths_are_the_exact_optimum_within_the_budget(gray_unet_kwargs):
     assert value([candidates.index(w) for w in larger.widths]) > value(best)
 
 
+def test_the_widths_depend_on_the_difficulties_ratios_not_their_scale(gray_unet_kwargs):
+    # the objective sum_s n_s d_s log(capacity) has the same optimum for d and k * d, but small difficulties were
+    # outweighed by the solver's cheaper-choice tie-break (the widths shrank), and large ones made SciPy fail
+    scheduler, difficulty = _sampling_scheduler(), [0.9, 0.4, 0.05]
+    budget = expected_flops(gray_unet_kwargs, PARTITION, [(8, 16)] * 3, 10, scheduler)
+    plan = widths_for_budget(gray_unet_kwargs, PARTITION, difficulty, budget, 10, scheduler, scales=SCALES)
+    for k in (1e-6, 1e-12, 1e100, 1e300):
+        scaled = [k * d for d in difficulty]
+        assert widths_for_budget(gray_unet_kwargs, PARTITION, scaled, budget, 10, scheduler, scales=SCALES) == plan
+
+
+def test_a_stage_no_model_call_reaches_takes_the_smallest_width_its_order_allows(gray_unet_kwargs):
+    # Heun, 2 steps: no call falls in stage 1, whose width costs nothing; it took any width between its neighbours'
+    scheduler = HeunDiscreteScheduler()
+    assert stage_calls(PARTITION, 2, scheduler) == [1.0, 0.0, 2.0]
+    budget = expected_flops(gray_unet_kwargs, PARTITION, [(8, 16)] * 3, 2, scheduler)
+    for difficulty in ([0.9, 0.4, 0.05], [0.05, 0.4, 0.9]):
+        plan = widths_for_budget(gray_unet_kwargs, PARTITION, difficulty, budget, 2, scheduler, scales=SCALES)
+        easier = min(plan.widths[0], plan.widths[2], key=sum)  # stage 1 is harder than this one: no smaller
+        assert plan.widths[1] == easier != max(plan.widths[0], plan.widths[2], key=sum)
+
+
+def test_widths_stay_within_a_budget_of_a_large_model_even_a_few_flops_short(tiny_unet_kwargs):
+    # the solver's budget row was loosened by 1e-12 of the budget (and HiGHS allows its own tolerance): a budget 1,000
+    # FLOPs short of the widths' cost (of 1.86e15) bought them anyway, and expected_flops exceeded the budget
+    config = dict(tiny_unet_kwargs, sample_size=1024, block_out_channels=(64, 128), norm_num_groups=32,
+                  down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)  # fmt: skip
+    scheduler = _sampling_scheduler()
+    full = expected_flops(config, PARTITION, [(64, 128)] * 3, 50, scheduler)
+    assert full > 1e15
+    for short in (1, 1000):
+        plan = widths_for_budget(config, PARTITION, [0.9, 0.4, 0.1], full - short, 50, scheduler, scales=(0.5, 1.0))
+        assert plan.expected_flops <= plan.budget == full - short and plan.widths[0] == (64, 128) != plan.widths[2]
+
+
 def test_training_budget_and_experts(gray_unet_kwargs):
     difficulty, few = [0.9, 0.4, 0.05], (0.5, 1.0, 1.5)
     unet = UNet2DModel(**gray_unet_kwargs)
@@ -177,17 +212,61 @@ def test_plan_stages_with_a_budget_gives_a_config_that_trains_as_planned(gray_un
         (np.float32("nan"), {}, "`budget` must be a positive number of FLOPs, got np.float32\\(nan\\)"),
         (np.bool_(True), {}, "`budget` must be a positive number of FLOPs, got np.True_"),
         ("1e9", {}, "`budget` must be a positive number of FLOPs, got '1e9'"),
+        pytest.param(10**400, {}, "`budget` must be a positive number of FLOPs, got 1000", id="no-float-holds-it"),
         (1e5, {}, "`budget`=1e\\+05 FLOPs is below what the smallest allowed widths cost"),
         (1e9, {"num_inference_steps": 0}, "`num_inference_steps` must be a positive integer, got 0"),
         (1e9, {"architecture": "dit"}, "`architecture` must be one of"),
-        (1e9, {"difficulty": [0.0, 0.0, 0.0]}, "`difficulty` needs one value >= 0 per stage"),
+        (1e9, {"difficulty": [0.0, 0.0, 0.0]}, "`difficulty` needs one finite value >= 0 per stage"),
         (1e9, {"scales": (0.5, -1.0)}, "`scales` must be positive numbers"),
+        # each of these failed inside the width rounding or the solver, with an error that named no argument
+        (1e9, {"scales": (0.5, float("inf"))}, "`scales` must be positive numbers, got \\[0.5, inf\\]"),
+        (1e9, {"scales": 0.5}, "`scales` must be a sequence of numbers, got 0.5"),
+        (1e9, {"scales": None}, "`scales` must be a sequence of numbers, got None"),
+        (1e9, {"scales": "0.5"}, "`scales` must be a sequence of numbers, got '0.5'"),
+        (1e9, {"scales": ("0.5",)}, "`scales` must be a sequence of numbers, got \\('0.5',\\)"),
+        (1e9, {"scales": np.array([0.5, -1.0])}, "`scales` must be positive numbers, got \\[0.5, -1.0\\]"),
+        (1e9, {"difficulty": [float("inf"), 0.4, 0.1]}, "`difficulty` needs one finite value >= 0 per stage"),
+        (1e9, {"difficulty": None}, "`difficulty` must be a sequence of numbers, got None"),
+        (1e9, {"difficulty": ["hard", 0.4, 0.1]}, "`difficulty` must be a sequence of numbers, got \\['hard'"),
     ],
 )
 def test_bad_budgets_are_refused(gray_unet_kwargs, budget, kwargs, match):
     kwargs = {"difficulty": [0.9, 0.4, 0.1], "num_inference_steps": 10, "scales": SCALES, **kwargs}
     with pytest.raises(ValueError, match=match):
         widths_for_budget(gray_unet_kwargs, PARTITION, budget=budget, scheduler=_sampling_scheduler(), **kwargs)
+
+
+def test_arguments_of_the_wrong_kind_are_refused_by_name(gray_unet_kwargs):
+    # each was an AttributeError or TypeError from deep inside ('str' object has no attribute 'config', ...)
+    kwargs = {"difficulty": [0.9, 0.4, 0.1], "budget": 1e9, "num_inference_steps": 10, "scales": SCALES}
+    scheduler = _sampling_scheduler()
+    for call, match in (
+        (lambda: widths_for_budget(gray_unet_kwargs, [442, 631], scheduler=scheduler, **kwargs),
+         "`partition` must be a TimestepPartition, got list"),
+        (lambda: widths_for_budget(gray_unet_kwargs, PARTITION, scheduler="ddim", **kwargs),
+         "`scheduler` must be a diffusers scheduler, got str"),
+        (lambda: widths_for_budget(None, PARTITION, scheduler=scheduler, **kwargs),
+         "`model_config` must be a model config \\(a mapping\\) or a model, got NoneType"),
+        (lambda: expected_flops([1, 2], PARTITION, [(8, 16)] * 3, 10, scheduler),
+         "`model_config` must be a model config \\(a mapping\\) or a model, got list"),
+        (lambda: stage_calls((442, 631), batch_size=4), "`partition` must be a TimestepPartition, got tuple"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_a_config_or_scales_no_model_can_be_built_at_is_refused_by_name(gray_unet_kwargs):
+    # built on the meta device, such a model failed in torch with "Storage size calculation overflowed" (a
+    # RuntimeError) or a TypeError from its shape, naming no argument
+    kwargs = {
+        "difficulty": [0.9, 0.4, 0.1],
+        "budget": 1e9,
+        "num_inference_steps": 10,
+        "scheduler": _sampling_scheduler(),
+    }
+    for config, scales in ((dict(gray_unet_kwargs, sample_size=2**40), SCALES), (gray_unet_kwargs, (1e300,))):
+        with pytest.raises(ValueError, match="(?i)`model_config` builds no model of the candidate widths .*overflow"):
+            widths_for_budget(config, PARTITION, scales=scales, **kwargs)
 
 
 def test_plan_stages_refuses_a_budget_it_cannot_plan_before_planning(gray_unet_kwargs):
@@ -202,6 +281,15 @@ def test_plan_stages_refuses_a_budget_it_cannot_plan_before_planning(gray_unet_k
     for kwargs, match in (
         ({"num_inference_steps": 0}, "`num_inference_steps` must be a positive integer or None, got 0"),
         ({"batch_size": 0}, "`batch_size` must be a positive integer, got 0"),
+        # a step count the sampling scheduler cannot run (PNDM's warm-up needs 4) was found only after planning
+        (
+            {"num_inference_steps": 2, "sampling_scheduler": PNDMScheduler()},
+            "needs `num_inference_steps` of at least 4",
+        ),
+        (
+            {"num_inference_steps": 2, "sampling_scheduler": "ddim"},
+            "`sampling_scheduler` must be a diffusers scheduler",
+        ),
     ):
         with pytest.raises(ValueError, match=match):
             plan_stages(data, DDPMScheduler(), num_samples=0, budget=1e9, model_config=gray_unet_kwargs, **kwargs)

@@ -150,7 +150,8 @@ def test_a_folder_of_one_image_or_of_copies_is_refused_by_its_cause(digit_folder
     for i in range(count):
         shutil.copy(digit_folder / "0000.png", folder / f"{i}.png")
     held = "1 image" if count == 1 else f"{count} images, all identical"
-    (tmp_path / "config.json").write_text("{}")  # never read: the images are refused first
+    # a model of the images' channels, whose widths are never planned: the images are refused first
+    (tmp_path / "config.json").write_text('{"in_channels": 1, "out_channels": 1}')
     for method in (
         ["--method", "optimal_denoiser"],
         ["--method", "snr", "--model_config", str(tmp_path / "config.json")],
@@ -251,7 +252,7 @@ def test_a_scheduler_config_that_builds_no_scheduler_is_refused_by_name(tmp_path
 
 def test_an_output_over_an_input_or_another_output_is_refused_before_any_image_is_read(tmp_path, capsys):
     model_config = tmp_path / "config.json"
-    model_config.write_text("{}")
+    model_config.write_text('{"in_channels": 1, "out_channels": 1}')  # a model of FAST's gray images
     common = ["--train_data_dir", str(tmp_path / "no-such-folder"), *FAST, "--model_config", str(model_config)]
     for outputs, named in (
         (["--output_plot", str(model_config)], "`--output_plot`"),  # the PNG would replace the source config
@@ -399,6 +400,53 @@ def test_bad_vae_options_are_usage_errors_before_any_image_is_read(tmp_path, cap
     for name in ("MODEL", "LATENT"):
         message = message.replace(f"'{name}'", repr(str(paths[name])))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--num_channels", "3"], "takes 1-channel samples, but `--num_channels` 3 gives 3-channel images: give "
+                                  "`--num_channels 1`"),
+        (["--resolution", "16"], "is for samples of size 8, but `--resolution` 16 gives samples of size 16: give "
+                                 "`--resolution 8`"),
+        (["--resolution", "4", "--vae_path", "VAE", "--num_channels", "3"], "is for samples of size 8, but "
+         "`--resolution` 4 gives samples of size 2: give `--resolution 16`"),
+    ],
+)  # fmt: skip
+def test_a_model_config_for_other_samples_than_those_planned_on_is_refused(
+    tmp_path, capsys, tiny_unet_kwargs, options, message
+):
+    # the widths of a 1-channel 8-pixel config were planned on 3-channel or 16-pixel images (a budget's FLOPs counted
+    # at 8 pixels), and the config then trained at --resolution 16 (or in RGB) was not the model planned
+    tiny_vae().save_config(tmp_path / "vae")  # 4 latent channels, down-sampling by 4 (two levels: by 2)
+    config = dict(tiny_unet_kwargs, in_channels=1, out_channels=1)
+    if "VAE" in options:
+        config["in_channels"] = config["out_channels"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    options = [str(tmp_path / "vae") if o == "VAE" else o for o in options]
+    for budget in ([], ["--budget", "1e9"]):
+        with pytest.raises(SystemExit) as exit_info:  # before any image is read
+            run(["--train_data_dir", str(tmp_path / "missing"), *FAST, "--model_config", str(tmp_path / "config.json"),
+                 *options, *budget])  # fmt: skip
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"`--model_config` {str(tmp_path / 'config.json')!r}" in err
+        assert message in err
+
+
+def test_a_step_count_the_sampling_scheduler_cannot_run_is_refused_before_any_image_is_read(
+    tmp_path, capsys, tiny_unet_kwargs
+):
+    # PNDM's Runge-Kutta warm-up needs 4 steps: the budget's step count was refused only after every image was loaded
+    # and the stages planned
+    from diffusers import PNDMScheduler
+
+    PNDMScheduler().save_config(tmp_path / "pndm")
+    (tmp_path / "config.json").write_text(json.dumps(dict(tiny_unet_kwargs, in_channels=1, out_channels=1)))
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", str(tmp_path / "missing"), *FAST, "--model_config", str(tmp_path / "config.json"),
+             "--budget", "1e9", "--num_inference_steps", "2", "--scheduler_config", str(tmp_path / "pndm")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "needs `num_inference_steps` of at least 4, got 2" in err
 
 
 def test_a_model_config_that_leaves_out_block_out_channels_plans_the_default_widths(digit_folder, tmp_path):

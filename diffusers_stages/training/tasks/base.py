@@ -164,12 +164,12 @@ class TrainingTask:
         """Build the networks of the arguments on the meta device (no weights, no memory) for samples of this shape,
         so that model arguments they refuse (a `--norm_num_groups` that does not divide the widths, an unknown
         `--down_block_types` entry, a `--model_config` key that is no constructor argument) are a ValueError before
-        any data is read, not the model's traceback after it. A task whose networks load from a source folder
-        overrides it (`check_data` checks those)."""
+        any data is read, not the model's traceback after it (nor torch's, for widths too large to build at all). A
+        task whose networks load from a source folder overrides it (`check_data` checks those)."""
         try:
             with torch.device("meta"):
                 self.build_networks(in_channels, sample_size, num_class_embeds)
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, RuntimeError) as error:
             raise ValueError(
                 f"The model arguments describe no network that can be built: {error} Fix the argument it names (or "
                 "`--model_config`)."
@@ -253,6 +253,23 @@ class TrainingTask:
         return stratified_timesteps(self.partition, batch_size, self.args.stage_shares, generator=generator)
 
     def _script_config(self, config: dict, **values) -> dict:
+        """``config`` (the arguments' shape, or `--model_config`'s) with the run's ``values`` of `SCRIPT_KEYS`. A
+        `--model_config` made for other samples (a ``sample_size`` or ``in_channels`` the run's data do not have) is
+        a ValueError rather than rewritten: the model trained would not be the one it describes (or was planned)."""
+        given = getattr(self.args, "model_config", None) is not None  # a preset's (MEME's iU-Nets') is rewritten
+        size, channels = (config.get("sample_size"), config.get("in_channels")) if given else (None, None)
+        run_size, run_channels = values.get("sample_size"), values.get("in_channels")
+        if size is not None and run_size is not None and size not in (run_size, [run_size] * 2, (run_size,) * 2):
+            raise ValueError(
+                f"`--model_config` {self.args.model_config!r} is for samples of size {size}, but this run trains on "
+                f"size {run_size} (`--resolution`, divided by the VAE's down-sampling): give `--resolution` for that "
+                "size, or a config for this one."
+            )
+        if channels is not None and run_channels is not None and channels != run_channels:
+            raise ValueError(
+                f"`--model_config` {self.args.model_config!r} is for {channels}-channel samples, but this run trains on "
+                f"{run_channels}-channel ones (RGB images, or the latents of `--vae_path`): give a config for those."
+            )
         config = {k: v for k, v in config.items() if k not in SCRIPT_KEYS}
         return {**config, **values}
 
