@@ -1,5 +1,6 @@
 """Measuring helpers shared by every benchmark: FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` (the
-library's `diffusers_stages.evaluation.count_flops`), and median wall times of callables timed in interleaved rounds.
+library's `diffusers_stages.evaluation.count_flops`), and wall times (each call's, or their medians) of callables
+timed in interleaved rounds.
 
 The scripts put the repository root on ``sys.path`` and import this as ``benchmarks.measure``, as the
 ``benchmarks.evidence`` package does.
@@ -24,6 +25,7 @@ __all__ = [
     "default_device",
     "device_option",
     "interleaved_medians",
+    "interleaved_times",
     "non_negative_int",
     "open_fraction",
     "output_file",
@@ -125,7 +127,38 @@ def interleaved_medians(
     baseline: str | None = None,
 ) -> dict[str, float]:
     """Median wall time in seconds of each callable over ``repeats`` timed calls, timed in interleaved rounds
-    (A, B, C, A, B, C, ...) so that drifts in machine load hit all of them alike.
+    (A, B, C, A, B, C, ...) so that drifts in machine load hit all of them alike: the medians of `interleaved_times`,
+    which takes the same arguments (and keeps every call's time, for the spread of the repeats).
+
+    Returns:
+        ``{name: median seconds of one call}``, in the order of ``fns`` (with ``baseline``: the median of the
+        per-round differences from that callable's time).
+
+    Example:
+
+    ```py
+    >>> medians = interleaved_medians({"a": lambda: sum(range(1000)), "b": lambda: sorted(range(1000))}, repeats=3)
+    >>> list(medians), all(seconds > 0 for seconds in medians.values())
+    (['a', 'b'], True)
+
+    ```
+    """
+    times = interleaved_times(fns, repeats, device, warmup, warmup_before_each, clock, baseline)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def interleaved_times(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int,
+    device: str | torch.device = "cpu",
+    warmup: int = 1,
+    warmup_before_each: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
+    baseline: str | None = None,
+) -> dict[str, list[float]]:
+    """Wall time in seconds of every timed call of each callable, timed in interleaved rounds (A, B, C, A, B, C, ...)
+    so that drifts in machine load hit all of them alike; `interleaved_medians` gives their medians. Their spread
+    shows what the medians hide: a job that started during one callable's calls slows only its repeats.
 
     Args:
         fns: the callables by name, each called without arguments.
@@ -137,21 +170,12 @@ def interleaved_medians(
         clock: the clock read around each call; ``time.process_time`` gives this process's CPU seconds instead of
             wall seconds (steadier on a shared machine, where wall time also counts the time other jobs hold the
             cores).
-        baseline: the name of one callable: then each value is the median of the per-round *differences* from that
-            callable's time (paired, the rounds alternating forward and reverse order), which resolves differences
-            far below the spread of the times themselves.
+        baseline: the name of one callable: then each value is the per-round *difference* from that callable's time
+            (paired, the rounds alternating forward and reverse order), whose median resolves differences far below
+            the spread of the times themselves.
 
     Returns:
-        ``{name: median seconds of one call}``, in the order of ``fns``.
-
-    Example:
-
-    ```py
-    >>> medians = interleaved_medians({"a": lambda: sum(range(1000)), "b": lambda: sorted(range(1000))}, repeats=3)
-    >>> list(medians), all(seconds > 0 for seconds in medians.values())
-    (['a', 'b'], True)
-
-    ```
+        ``{name: [seconds of each timed call, round by round]}``, in the order of ``fns``.
     """
     if repeats < 1:
         raise ValueError(f"`repeats` must be at least 1, got {repeats}.")
@@ -174,5 +198,5 @@ def interleaved_medians(
             times[name].append(clock() - start)
     if baseline is not None:
         base = times[baseline]
-        return {name: statistics.median(a - b for a, b in zip(values, base)) for name, values in times.items()}
-    return {name: statistics.median(values) for name, values in times.items()}
+        return {name: [a - b for a, b in zip(values, base)] for name, values in times.items()}
+    return times

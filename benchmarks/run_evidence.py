@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from benchmarks.evidence import comparisons as C
 from benchmarks.evidence.presets import PRESETS, get_preset
-from benchmarks.evidence.report import write_markdown, write_plots
+from benchmarks.evidence.report import unreliable_timings, write_markdown, write_plots
 from benchmarks.measure import default_device, device_option, positive_int, write_json, write_text
 
 COMPARISONS = ("1", "2", "3")
@@ -197,6 +197,9 @@ def write_outputs(output_dir: str, preset_name: str) -> dict:
     write_markdown(os.path.join(out_dir, "RESULTS.md"), header, rows, header["fd_seed_spread"])
     write_index(output_dir)
     print(open(os.path.join(out_dir, "RESULTS.md"), encoding="utf-8").read())
+    warning = unreliable_timings(rows)  # last, where it is seen
+    if warning:
+        print(f"warning: {warning}")
     return saved
 
 

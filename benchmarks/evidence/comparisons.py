@@ -11,6 +11,7 @@ comparison 3's deep-only model, and its 1 - f snapshot is DuoDiff's deep model (
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -97,6 +98,7 @@ class Result:
     seconds_per_image: float | None = None
     sampling_gflops_per_image: float | None = None
     notes: str = ""
+    seconds_per_image_repeats: list[float] | None = None  # each timed run's (the median is `seconds_per_image`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -188,11 +190,12 @@ class Context:
         p = self.preset
         steps = num_inference_steps or p.num_inference_steps
         pipelines = {name: pipe.to(self.device) for name, pipe in pipelines.items()}
-        seconds = seconds_per_image(pipelines, steps, p.timing_batch, p.timing_repeats)
-        self.log(f"[timing] {seconds}")
+        repeats = seconds_per_image(pipelines, steps, p.timing_batch, p.timing_repeats)
+        seconds = {name: statistics.median(values) for name, values in repeats.items()}
+        self.log(f"[timing] median {seconds}, repeats {repeats}")
         labels = balanced_labels(p.timing_batch).tolist()  # the timed batch (its first run's noise): mean per image
         gflops = {name: sampling_flops_per_image(pipe, steps, labels) / 1e9 for name, pipe in pipelines.items()}
-        return {name: (seconds[name], gflops[name]) for name in pipelines}
+        return {name: (seconds[name], gflops[name], repeats[name]) for name in pipelines}
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -207,7 +210,8 @@ def _load(model, snapshot):
 def _timed(results: list[Result], timings: dict) -> list[Result]:
     for result in results:
         if result.method in timings:
-            result.seconds_per_image, result.sampling_gflops_per_image = timings[result.method]
+            timing = timings[result.method]  # median, GFLOPs, each repeat's seconds
+            result.seconds_per_image, result.sampling_gflops_per_image, result.seconds_per_image_repeats = timing
     return results
 
 

@@ -101,19 +101,62 @@ def _speed_line(row: dict, base: dict, spread: float, claim: str | None) -> str:
     return line
 
 
-def _timing_stability(results: list[dict]) -> str:
-    """How much the baseline's own wall time moved between the timing groups of one run (machine load)."""
-    times = [r["seconds_per_image"] for r in results if r["method"] == "UNet2DModel" and r.get("seconds_per_image")]
-    if len(times) < 2:
-        return ""
-    low, high = min(times) * 1e3, max(times) * 1e3
-    text = f"**Timing stability.** The baseline's own time per image ranged {low:.2f}-{high:.2f} ms across the timing groups."
-    if high > 1.5 * low:
-        text += (
-            " The machine's load changed during the run (it was shared): wall-time ratios are only as good as "
-            "the interleaving within a group; the FLOP ratios are exact."
+# a method's timing repeats (max / min) spread by more than this: a load that hit some of them, not the method
+UNRELIABLE_SPREAD = 1.25
+
+
+def _repeat_ranges(results: list[dict]) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """``{(comparison, method): (fastest, median, slowest repeat)}`` in ms per image, for the rows whose timing
+    repeats were recorded (results saved before they were have none); one entry per timing group and method."""
+    return {
+        (r["comparison"], r["method"]): (
+            min(r["seconds_per_image_repeats"]) * 1e3,
+            r["seconds_per_image"] * 1e3,
+            max(r["seconds_per_image_repeats"]) * 1e3,
         )
-    return text
+        for r in results
+        if r.get("seconds_per_image_repeats")
+    }
+
+
+def unreliable_timings(results: list[dict]) -> str:
+    """A sentence naming every method whose timing repeats spread by more than `UNRELIABLE_SPREAD` (slowest / fastest)
+    with their range, and the comparisons to rerun; ``""`` when none did (or none were recorded)."""
+    spread = {key: r for key, r in _repeat_ranges(results).items() if r[2] > UNRELIABLE_SPREAD * r[0]}
+    if not spread:
+        return ""
+    named = "; ".join(
+        f"{method} (comparison {comparison}): {low:.2f}-{high:.2f} ms/image (median {median:.2f})"
+        for (comparison, method), (low, median, high) in spread.items()
+    )
+    again = sorted({comparison for comparison, _ in spread})
+    which = "that comparison" if len(again) == 1 else "those comparisons"
+    return (
+        f"Unreliable timings, repeats spread by more than {UNRELIABLE_SPREAD}x: {named}. A job that ran during some "
+        f"of a method's repeats inflates its median: rerun {which} (`--comparisons {','.join(again)}`) "
+        "on an idle machine before reading these times."
+    )
+
+
+def _timing_stability(results: list[dict]) -> str:
+    """How much the baseline's own wall time moved between the timing groups of one run (machine load), and which
+    methods' repeats within a group spread (a load that hit some of them)."""
+    parts = []
+    times = [r["seconds_per_image"] for r in results if r["method"] == "UNet2DModel" and r.get("seconds_per_image")]
+    if len(times) >= 2:
+        low, high = min(times) * 1e3, max(times) * 1e3
+        parts.append(f"The baseline's own time per image ranged {low:.2f}-{high:.2f} ms across the timing groups.")
+        if high > 1.5 * low:
+            parts.append(
+                "The machine's load changed during the run (it was shared): wall-time ratios are only as good as "
+                "the interleaving within a group; the FLOP ratios are exact."
+            )
+    if _repeat_ranges(results):
+        parts.append(
+            unreliable_timings(results)
+            or f"Every method's timing repeats were within {UNRELIABLE_SPREAD}x of each other in each group."
+        )
+    return "**Timing stability.** " + " ".join(parts) if parts else ""
 
 
 def _fmt(value, pattern):

@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler
 
 from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
 
-from ..measure import interleaved_medians
+from ..measure import interleaved_times
 from .data import NUM_CLASSES
 
 
@@ -50,9 +50,10 @@ def generate(pipeline, num_images: int, num_inference_steps: int, seed: int, bat
 @torch.no_grad()
 def seconds_per_image(
     pipelines: Mapping[str, object], num_inference_steps: int, batch_size: int, repeats: int
-) -> dict[str, float]:
-    """Median wall time per image of each pipeline; runs are interleaved (A, B, C, A, B, C, ...) so that machine
-    load drifts hit every pipeline alike, after one warm-up run each. The pipelines must be on one device."""
+) -> dict[str, list[float]]:
+    """Wall time per image of each pipeline in each of its ``repeats`` timed runs (their median is the time reported;
+    their spread shows a load that hit some of them only); runs are interleaved (A, B, C, A, B, C, ...) so that
+    machine load drifts hit every pipeline alike, after one warm-up run each. The pipelines must be on one device."""
     labels = balanced_labels(batch_size)
 
     def run(pipeline):
@@ -65,5 +66,5 @@ def seconds_per_image(
         )
 
     device = next((pipeline.device for pipeline in pipelines.values()), "cpu")  # all on one device
-    seconds = interleaved_medians({name: run(pipeline) for name, pipeline in pipelines.items()}, repeats, device)
-    return {name: value / batch_size for name, value in seconds.items()}
+    seconds = interleaved_times({name: run(pipeline) for name, pipeline in pipelines.items()}, repeats, device)
+    return {name: [value / batch_size for value in values] for name, values in seconds.items()}

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import benchmarks.measure
-from benchmarks.measure import count_flops, interleaved_medians
+from benchmarks.measure import count_flops, interleaved_medians, interleaved_times
 
 
 def test_count_flops_of_a_matmul_and_its_backward():
@@ -50,6 +50,24 @@ def test_paired_differences_alternate_the_order_and_subtract_the_baseline_per_ro
     with pytest.raises(ValueError, match="baseline"):
         interleaved_medians(fns, repeats=1, baseline="c")
     assert calls == []  # refused before the warm-up runs anything
+
+
+def test_interleaved_times_keeps_every_timed_call_for_the_spread_of_the_repeats():
+    # the medians alone hid a job that slowed 2 of a method's 3 repeats: every repeat's time is kept, in round order
+    calls, ticks = [], iter(range(1000))
+    cost = {"a": [1, 5, 2], "b": [3, 3, 4]}  # the ticks of each timed call of `name`, in turn
+
+    def clock() -> float:
+        return float(next(ticks) if not calls else sum(cost[n][calls[:i].count(n)] for i, n in enumerate(calls)))
+
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    times = interleaved_times(fns, repeats=3, warmup=0, clock=clock)
+    assert times == {"a": [1.0, 5.0, 2.0], "b": [3.0, 3.0, 4.0]}
+    calls.clear()
+    ticks = iter(range(1000))
+    assert interleaved_medians(fns, repeats=3, warmup=0, clock=clock) == {"a": 2.0, "b": 3.0}  # the same runs' medians
+    with pytest.raises(ValueError, match="repeats"):
+        interleaved_times(fns, repeats=0)
 
 
 def test_docstring_examples():
