@@ -338,9 +338,15 @@ def check_dual_backbone_folder(path: str) -> None:
     from diffusers import DiffusionPipeline
 
     try:
-        entry = DiffusionPipeline.load_config(path).get("_class_name")
+        config = DiffusionPipeline.load_config(path)
     except (OSError, ValueError) as error:
         raise ValueError(f"`--pipeline` {path!r} is not a saved pipeline folder (model_index.json): {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"`--pipeline` {path!r}: its model_index.json is not a JSON object (a config), got a "
+            f"{type(config).__name__}."
+        )
+    entry = config.get("_class_name")
     name = entry[-1] if isinstance(entry, list) and entry else entry  # saved as [file, class] by this package
     if name != "DualBackbonePipeline":
         raise ValueError(

@@ -387,3 +387,11 @@ def test_the_errors_do_not_depend_on_the_batch_size(tiny_unet_kwargs):
     whole = denoising_error(model, DDPMScheduler(), images, levels, batch_size=64)
     batched = denoising_error(model, DDPMScheduler(), images, levels, batch_size=2)
     torch.testing.assert_close(batched, whole)
+
+
+def test_a_model_index_that_is_not_a_json_object_is_refused_naming_it(tmp_path):
+    # a JSON list in model_index.json was an AttributeError ('list' object has no attribute 'get')
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="`--pipeline` .*model_index.json.* not a JSON object.*list"):
+        main(["--pipeline", str(tmp_path / "pipe"), "--plot", str(tmp_path / "switch.png")])
