@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .cli import check_output_file, load_saved_folder, write_atomically
 from .conventions import class_embedding_count, encode_model_latents, null_class_label, num_data_classes
 from .loss import diffusion_loss
-from .models.checks import check_positive_integers
+from .models.checks import check_positive_integers, check_sample_size
 from .schedulers import has_continuous_timesteps, is_edm_scheduler
 
 
@@ -270,13 +270,20 @@ def _image_side(sample_size) -> int:
             "it in both models' configs (`model.register_to_config(sample_size=32)`, then save) to the size they "
             "were trained at."
         )
-    sides = {sample_size} if isinstance(sample_size, int) else set(sample_size)
-    if len(sides) != 1:
+    try:
+        check_sample_size(sample_size)
+    except ValueError as error:
+        raise ValueError(
+            f"The switch is measured on images of the models' size, but the deep model's `sample_size` is "
+            f"{sample_size!r}: {error}"
+        ) from None
+    sides = [sample_size] if isinstance(sample_size, int) else sample_size
+    if len(set(sides)) != 1:
         raise ValueError(
             f"The switch is measured on square images, but the deep model's `sample_size` is {sample_size}: give "
             "models of square images."
         )
-    return sides.pop()
+    return sides[0]
 
 
 def _class_labels(config, data: str, num_images: int) -> tuple[torch.Tensor | None, str]:

@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -394,4 +395,17 @@ def test_a_model_index_that_is_not_a_json_object_is_refused_naming_it(tmp_path):
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="`--pipeline` .*model_index.json.* not a JSON object.*list"):
+        main(["--pipeline", str(tmp_path / "pipe"), "--plot", str(tmp_path / "switch.png")])
+
+
+@pytest.mark.parametrize("sample_size", [8.0, 0, -2, True, [8, 0], [8, 8, 8]])
+def test_a_sample_size_no_images_can_have_is_refused_naming_it(sample_size, tiny_unet_kwargs, tmp_path):
+    # a hostile saved config: a float, 0, a negative or a bool was a TypeError or torch's RuntimeError from the
+    # resize, three sides were measured as 8x8 images
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    pipe = DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler())
+    for model in (pipe.shallow, pipe.deep):
+        model.register_to_config(sample_size=sample_size)
+    pipe.save_pretrained(tmp_path / "pipe")
+    with pytest.raises(ValueError, match=f"the deep model's `sample_size` is {re.escape(repr(sample_size))}"):
         main(["--pipeline", str(tmp_path / "pipe"), "--plot", str(tmp_path / "switch.png")])
