@@ -308,9 +308,13 @@ def _load_models(args) -> tuple:
         return pipe.shallow, pipe.deep, pipe.scheduler, pipe.vae
     if not (args.shallow and args.deep and args.scheduler):
         raise ValueError("Give `--pipeline DIR`, or all of `--shallow DIR --deep DIR --scheduler DIR`.")
+    from .pipelines.pipeline_dual_backbone import _check_interchangeable
+
+    shallow, deep = load_saved_folder(args.shallow, "--shallow"), load_saved_folder(args.deep, "--deep")
+    _check_interchangeable(shallow, deep)  # as `DualBackbonePipeline` refuses the pair: measured on one input
     return (
-        load_saved_folder(args.shallow, "--shallow"),
-        load_saved_folder(args.deep, "--deep"),
+        shallow,
+        deep,
         load_saved_folder(args.scheduler, "--scheduler", scheduler=True),
         load_saved_folder(args.vae, "--vae") if args.vae else None,
     )

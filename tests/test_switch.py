@@ -409,3 +409,21 @@ def test_a_sample_size_no_images_can_have_is_refused_naming_it(sample_size, tiny
     pipe.save_pretrained(tmp_path / "pipe")
     with pytest.raises(ValueError, match=f"the deep model's `sample_size` is {re.escape(repr(sample_size))}"):
         main(["--pipeline", str(tmp_path / "pipe"), "--plot", str(tmp_path / "switch.png")])
+
+
+@pytest.mark.parametrize(
+    "shallow_kwargs, key",
+    [({"in_channels": 3, "out_channels": 3}, "in_channels"), ({"num_class_embeds": 11}, "num_class_embeds")],
+)
+def test_command_refuses_shallow_and_deep_folders_no_pipeline_could_pair(
+    shallow_kwargs, key, tiny_unet_kwargs, tmp_path
+):
+    # `--shallow`/`--deep` were measured unchecked: torch's RuntimeError on the channels, diffusers' "class_labels
+    # should be provided", or a pair DualBackbonePipeline refuses measured silently (a 16 px shallow model at 8 px)
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    UNet2DModel(**shape).save_pretrained(tmp_path / "deep")
+    UNet2DModel(**{**shape, **shallow_kwargs}).save_pretrained(tmp_path / "shallow")
+    DDPMScheduler().save_pretrained(tmp_path / "scheduler")
+    folders = [f"--{name}={tmp_path / name}" for name in ("shallow", "deep", "scheduler")]
+    with pytest.raises(ValueError, match=f"`shallow` and `deep` must agree on `{key}`"):
+        main([*folders, "--num_images", "4", "--num_levels", "3", "--plot", str(tmp_path / "switch.png")])
