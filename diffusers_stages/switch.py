@@ -65,7 +65,13 @@ class SwitchRecommendation:
 def noise_levels(scheduler, num_levels: int) -> torch.Tensor:
     """Evenly spread training timesteps (DDPM-style) or log-spaced sigmas (EDM-style), low to high."""
     if is_edm_scheduler(scheduler):
-        low, high = math.log(scheduler.config.sigma_min), math.log(scheduler.config.sigma_max)
+        sigma_min, sigma_max = scheduler.config.sigma_min, scheduler.config.sigma_max
+        if not 0 < sigma_min < sigma_max < math.inf:  # else no levels from low to high to walk down
+            raise ValueError(
+                f"`scheduler` {type(scheduler).__name__} has `sigma_min` {sigma_min!r} and `sigma_max` {sigma_max!r}: "
+                "the switch is measured at noise levels between them, which needs 0 < sigma_min < sigma_max < inf."
+            )
+        low, high = math.log(sigma_min), math.log(sigma_max)
         return torch.linspace(low, high, num_levels, dtype=torch.float64).exp().float()
     num_train_timesteps = scheduler.config.num_train_timesteps
     if num_levels > num_train_timesteps:  # rounded, levels would repeat: measured and counted twice

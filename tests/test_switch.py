@@ -427,3 +427,17 @@ def test_command_refuses_shallow_and_deep_folders_no_pipeline_could_pair(
     folders = [f"--{name}={tmp_path / name}" for name in ("shallow", "deep", "scheduler")]
     with pytest.raises(ValueError, match=f"`shallow` and `deep` must agree on `{key}`"):
         main([*folders, "--num_images", "4", "--num_levels", "3", "--plot", str(tmp_path / "switch.png")])
+
+
+@pytest.mark.parametrize("sigmas", [(0.0, 80.0), (-1.0, 80.0), (80.0, 0.002), (1.0, 1.0), (0.002, math.inf)])
+def test_an_edm_scheduler_without_a_range_of_noise_levels_is_refused_naming_it(sigmas):
+    # a hostile saved scheduler: sigma_min <= 0 was "math domain error", swapped or equal ends measured levels from
+    # high to low (the switch walked the wrong end) or one level repeated
+    from diffusers import EDMEulerScheduler
+
+    from diffusers_stages.switch import noise_levels
+
+    sigma_min, sigma_max = sigmas
+    scheduler = EDMEulerScheduler(sigma_min=sigma_min, sigma_max=sigma_max)
+    with pytest.raises(ValueError, match=f"`sigma_min` {sigma_min!r} and `sigma_max` {sigma_max!r}"):
+        noise_levels(scheduler, 5)
