@@ -186,6 +186,13 @@ def recommend_switch(
     levels = noise_levels(scheduler, num_levels)
     shallow_error = denoising_error(shallow, scheduler, images, levels, **error_kwargs)
     deep_error = denoising_error(deep, scheduler, images, levels, **error_kwargs)
+    for name, error in (("shallow", shallow_error), ("deep", deep_error)):
+        if not bool(torch.isfinite(error).all()):  # NaN compares false: it would read as "not good enough"
+            bad = levels[~torch.isfinite(error)].tolist()
+            raise ValueError(
+                f"`{name}` gives a non-finite denoising error at levels {bad}: its weights (or outputs) hold NaN or "
+                "infinite values, no switch can be measured with it."
+            )
     good = shallow_error <= (1.0 + tolerance) * deep_error
     switch = None
     for i in range(len(levels) - 1, -1, -1):  # walk down from the noisy end while the shallow model is good enough

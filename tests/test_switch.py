@@ -441,3 +441,15 @@ def test_an_edm_scheduler_without_a_range_of_noise_levels_is_refused_naming_it(s
     scheduler = EDMEulerScheduler(sigma_min=sigma_min, sigma_max=sigma_max)
     with pytest.raises(ValueError, match=f"`sigma_min` {sigma_min!r} and `sigma_max` {sigma_max!r}"):
         noise_levels(scheduler, 5)
+
+
+@pytest.mark.parametrize("broken", ["shallow", "deep"])
+def test_a_model_whose_error_is_not_finite_is_refused_naming_it(broken, tiny_unet_kwargs):
+    # NaN weights (a hostile or diverged checkpoint) gave NaN errors, read as "the shallow model is worse even at the
+    # noisiest level" (or, for a broken shallow model, a switch above its NaN levels)
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    models = {"shallow": UNet2DModel(**shape), "deep": UNet2DModel(**shape)}
+    with torch.no_grad():
+        models[broken].conv_out.bias.fill_(math.nan)
+    with pytest.raises(ValueError, match=f"`{broken}` gives a non-finite denoising error"):
+        recommend_switch(models["shallow"], models["deep"], DDPMScheduler(), torch.zeros(4, 1, 8, 8), num_levels=3)
