@@ -180,7 +180,10 @@ def recommend_switch(
 
     ```
     """
+    from .pipelines.pipeline_dual_backbone import _check_interchangeable
+
     check_settings(tolerance, num_levels)
+    _check_interchangeable(shallow, deep)  # as `DualBackbonePipeline` refuses the pair: both measured on `images`
     _check_images(images, deep)
     check_positive_integers(batch_size=error_kwargs.get("batch_size", 1))
     levels = noise_levels(scheduler, num_levels)
@@ -321,13 +324,9 @@ def _load_models(args) -> tuple:
         return pipe.shallow, pipe.deep, pipe.scheduler, pipe.vae
     if not (args.shallow and args.deep and args.scheduler):
         raise ValueError("Give `--pipeline DIR`, or all of `--shallow DIR --deep DIR --scheduler DIR`.")
-    from .pipelines.pipeline_dual_backbone import _check_interchangeable
-
-    shallow, deep = load_saved_folder(args.shallow, "--shallow"), load_saved_folder(args.deep, "--deep")
-    _check_interchangeable(shallow, deep)  # as `DualBackbonePipeline` refuses the pair: measured on one input
     return (
-        shallow,
-        deep,
+        load_saved_folder(args.shallow, "--shallow"),
+        load_saved_folder(args.deep, "--deep"),
         load_saved_folder(args.scheduler, "--scheduler", scheduler=True),
         load_saved_folder(args.vae, "--vae") if args.vae else None,
     )

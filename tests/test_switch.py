@@ -453,3 +453,11 @@ def test_a_model_whose_error_is_not_finite_is_refused_naming_it(broken, tiny_une
         models[broken].conv_out.bias.fill_(math.nan)
     with pytest.raises(ValueError, match=f"`{broken}` gives a non-finite denoising error"):
         recommend_switch(models["shallow"], models["deep"], DDPMScheduler(), torch.zeros(4, 1, 8, 8), num_levels=3)
+
+
+def test_recommend_switch_refuses_models_no_pipeline_could_pair(tiny_unet_kwargs):
+    # the Python API measured them unchecked too: torch's RuntimeError on the channels
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    shallow = UNet2DModel(**{**shape, "in_channels": 3, "out_channels": 3})
+    with pytest.raises(ValueError, match="`shallow` and `deep` must agree on `in_channels`"):
+        recommend_switch(shallow, UNet2DModel(**shape), DDPMScheduler(), torch.zeros(4, 1, 8, 8), num_levels=3)
