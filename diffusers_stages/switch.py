@@ -360,6 +360,10 @@ def check_dual_backbone_folder(path: str) -> None:
     measured between its two backbones."""
     from diffusers import DiffusionPipeline
 
+    if os.path.isfile(path):  # `load_config` would read it as the config itself
+        raise ValueError(
+            f"`--pipeline` {path!r} is a file, not a saved pipeline folder: give the folder that holds it."
+        )
     try:
         config = DiffusionPipeline.load_config(path)
     except (OSError, ValueError) as error:

@@ -461,3 +461,11 @@ def test_recommend_switch_refuses_models_no_pipeline_could_pair(tiny_unet_kwargs
     shallow = UNet2DModel(**{**shape, "in_channels": 3, "out_channels": 3})
     with pytest.raises(ValueError, match="`shallow` and `deep` must agree on `in_channels`"):
         recommend_switch(shallow, UNet2DModel(**shape), DDPMScheduler(), torch.zeros(4, 1, 8, 8), num_levels=3)
+
+
+def test_command_refuses_a_pipeline_that_is_a_file_naming_the_option(tmp_path):
+    # diffusers' `load_config` reads a file path as the config itself, so a model_index.json passed as `--pipeline`
+    # passed the check and failed in huggingface_hub ("Repo id must be in the form ..."), naming no option
+    (tmp_path / "model_index.json").write_text('{"_class_name": "DualBackbonePipeline"}')
+    with pytest.raises(ValueError, match="`--pipeline` .*model_index.json' is a file, not a saved pipeline folder"):
+        main(["--pipeline", str(tmp_path / "model_index.json"), "--plot", str(tmp_path / "switch.png")])
