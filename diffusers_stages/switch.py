@@ -406,6 +406,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tolerance", type=float, default=0.05, help="allowed relative excess error of the shallow model"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise both models are measured on")
+    parser.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=50,
+        help="sampling steps the split of model calls and the speed-up are reported for (with the scheduler given)",
+    )
     parser.add_argument("--plot", default="switch.png", help="where to save the PNG (written as a PNG at this path)")
     return parser.parse_args(argv)
 
@@ -419,6 +425,7 @@ def main(argv: list[str] | None = None) -> SwitchRecommendation:
 def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     """The command on parsed arguments: measure, print and plot the recommended switch."""
     check_settings(args.tolerance, args.num_levels, args.num_images)  # before any model or data is loaded
+    check_positive_integers(num_inference_steps=args.num_inference_steps)
     check_output_file(args.plot, "--plot")
     if args.pipeline:
         given = [f"`--{name}`" for name in ("shallow", "deep", "scheduler", "vae") if getattr(args, name) is not None]
@@ -459,11 +466,17 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
             f"The shallow model meets tolerance {args.tolerance} at every measured level: sample with it alone "
             f"(estimated FLOPs speed-up {1.0 / ratio:.2f}x), or tighten the tolerance."
         )
-    else:
-        speedup = 1.0 / (share * ratio + (1.0 - share))
+    else:  # the split the pipeline samples with this switch, on this scheduler's grid (not the measured levels')
+        from .pipelines import DualBackbonePipeline
+
+        kwargs, steps = found.pipeline_kwargs(), args.num_inference_steps
+        pipe = DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=scheduler, **kwargs)
+        stages = [stage for _, stage in pipe.expert_schedule(steps)]  # 1: the shallow model
+        speedup = len(stages) / (sum(stages) * ratio + len(stages) - sum(stages))
         print(
-            f"recommended switch: {found.pipeline_kwargs()} (shallow model on {share:.0%} of the measured levels; "
-            f"estimated FLOPs speed-up for evenly spread steps {speedup:.2f}x)"
+            f"recommended switch: {kwargs} (shallow model on {share:.0%} of the measured levels, and on "
+            f"{sum(stages)} of the {len(stages)} model calls of {steps} steps of {type(scheduler).__name__}: "
+            f"estimated FLOPs speed-up {speedup:.2f}x)"
         )
     print(f"plot: {plot_switch(found, args.plot, ratio)}")
     return found

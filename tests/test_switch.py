@@ -469,3 +469,39 @@ def test_command_refuses_a_pipeline_that_is_a_file_naming_the_option(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "DualBackbonePipeline"}')
     with pytest.raises(ValueError, match="`--pipeline` .*model_index.json' is a file, not a saved pipeline folder"):
         main(["--pipeline", str(tmp_path / "model_index.json"), "--plot", str(tmp_path / "switch.png")])
+
+
+@pytest.mark.parametrize("edm", [False, True])
+def test_command_reports_the_split_of_steps_the_pipeline_then_samples(
+    edm, tiny_unet_kwargs, tmp_path, capsys, monkeypatch
+):
+    # the command reported the shallow model's share of the measured levels, and a speed-up "for evenly spread
+    # steps": with EDM's Karras grid the sampler runs the shallow model on more steps than that share (at 25 log-spaced
+    # levels, a switch at sigma 2.34 holds 36% of the levels and 50% of EDMEulerScheduler's 50 steps)
+    from diffusers import EDMEulerScheduler
+
+    import diffusers_stages.switch as switch
+
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    deep, shallow = UNet2DModel(**shape), UNet2DModel(**{**shape, "block_out_channels": (4, 8)})
+    scheduler = EDMEulerScheduler() if edm else DDPMScheduler()
+    DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
+
+    def error(model, scheduler, images, levels, **kwargs):  # the shallow model is good on the noisiest 9 of 25 levels
+        good = torch.arange(len(levels)) >= len(levels) - 9
+        is_shallow = model.config.block_out_channels[0] == 4
+        return torch.where(good | (not is_shallow), 1.0, 2.0).double()
+
+    monkeypatch.setattr(switch, "denoising_error", error)
+    argv = ["--pipeline", str(tmp_path / "pipe"), "--num_images", "4", "--num_inference_steps", "50"]
+    found = main([*argv, "--plot", str(tmp_path / "switch.png")])
+    printed = capsys.readouterr().out
+    pipe = DualBackbonePipeline.from_pretrained(tmp_path / "pipe", **found.pipeline_kwargs())
+    calls = [stage for _, stage in pipe.expert_schedule(50)]
+    assert (
+        f"and on {sum(calls)} of the {len(calls)} model calls of 50 steps of {type(pipe.scheduler).__name__}"
+        in printed
+    )
+    assert found.shallow_share() == 9 / 25
+    if edm:
+        assert sum(calls) / len(calls) >= 0.5  # not the 36% of the levels
