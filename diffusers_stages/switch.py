@@ -26,7 +26,7 @@ from .cli import check_output_file, load_saved_folder, write_atomically
 from .conventions import class_embedding_count, encode_model_latents, null_class_label, num_data_classes
 from .loss import diffusion_loss
 from .models.checks import check_positive_integers, check_sample_size
-from .schedulers import has_continuous_timesteps, is_edm_scheduler
+from .schedulers import has_continuous_timesteps, is_edm_scheduler, model_call_timesteps
 
 
 @dataclass
@@ -437,6 +437,9 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
         check_dual_backbone_folder(args.pipeline)
 
     shallow, deep, scheduler, vae = _load_models(args)
+    model_call_timesteps(
+        scheduler, args.num_inference_steps
+    )  # a step count it cannot sample: refused before measuring
     config, side = deep.config, _image_side(deep.config.sample_size)
     if vae is None:
         images = _load_data(args.data, side, config.in_channels, args.num_images)

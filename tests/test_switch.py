@@ -505,3 +505,18 @@ def test_command_reports_the_split_of_steps_the_pipeline_then_samples(
     assert found.shallow_share() == 9 / 25
     if edm:
         assert sum(calls) / len(calls) >= 0.5  # not the 36% of the levels
+
+
+def test_command_refuses_a_step_count_its_scheduler_cannot_sample_before_measuring(
+    tiny_unet_kwargs, tmp_path, monkeypatch
+):
+    import diffusers_stages.switch as switch
+
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    scheduler = DDPMScheduler(num_train_timesteps=10)
+    DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=scheduler).save_pretrained(
+        tmp_path / "pipe"
+    )
+    monkeypatch.setattr(switch, "denoising_error", lambda *args, **kwargs: pytest.fail("measured"))
+    with pytest.raises(ValueError, match="`num_inference_steps`: 50 cannot be larger"):
+        main(["--pipeline", str(tmp_path / "pipe"), "--num_levels", "3", "--plot", str(tmp_path / "switch.png")])
