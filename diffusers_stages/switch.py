@@ -25,8 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .cli import check_output_file, load_saved_folder, write_atomically
 from .conventions import class_embedding_count, encode_model_latents, null_class_label, num_data_classes
 from .loss import diffusion_loss
-from .models.checks import check_positive_integers
-from .schedulers import has_continuous_timesteps, is_edm_scheduler
+from .models.checks import check_positive_integers, check_sample_size
+from .schedulers import has_continuous_timesteps, is_edm_scheduler, model_call_timesteps
 
 
 @dataclass
@@ -65,7 +65,13 @@ class SwitchRecommendation:
 def noise_levels(scheduler, num_levels: int) -> torch.Tensor:
     """Evenly spread training timesteps (DDPM-style) or log-spaced sigmas (EDM-style), low to high."""
     if is_edm_scheduler(scheduler):
-        low, high = math.log(scheduler.config.sigma_min), math.log(scheduler.config.sigma_max)
+        sigma_min, sigma_max = scheduler.config.sigma_min, scheduler.config.sigma_max
+        if not 0 < sigma_min < sigma_max < math.inf:  # else no levels from low to high to walk down
+            raise ValueError(
+                f"`scheduler` {type(scheduler).__name__} has `sigma_min` {sigma_min!r} and `sigma_max` {sigma_max!r}: "
+                "the switch is measured at noise levels between them, which needs 0 < sigma_min < sigma_max < inf."
+            )
+        low, high = math.log(sigma_min), math.log(sigma_max)
         return torch.linspace(low, high, num_levels, dtype=torch.float64).exp().float()
     num_train_timesteps = scheduler.config.num_train_timesteps
     if num_levels > num_train_timesteps:  # rounded, levels would repeat: measured and counted twice
@@ -174,12 +180,22 @@ def recommend_switch(
 
     ```
     """
+    from .pipelines.pipeline_dual_backbone import _check_interchangeable
+
     check_settings(tolerance, num_levels)
+    _check_interchangeable(shallow, deep)  # as `DualBackbonePipeline` refuses the pair: both measured on `images`
     _check_images(images, deep)
     check_positive_integers(batch_size=error_kwargs.get("batch_size", 1))
     levels = noise_levels(scheduler, num_levels)
     shallow_error = denoising_error(shallow, scheduler, images, levels, **error_kwargs)
     deep_error = denoising_error(deep, scheduler, images, levels, **error_kwargs)
+    for name, error in (("shallow", shallow_error), ("deep", deep_error)):
+        if not bool(torch.isfinite(error).all()):  # NaN compares false: it would read as "not good enough"
+            bad = levels[~torch.isfinite(error)].tolist()
+            raise ValueError(
+                f"`{name}` gives a non-finite denoising error at levels {bad}: its weights (or outputs) hold NaN or "
+                "infinite values, no switch can be measured with it."
+            )
     good = shallow_error <= (1.0 + tolerance) * deep_error
     switch = None
     for i in range(len(levels) - 1, -1, -1):  # walk down from the noisy end while the shallow model is good enough
@@ -270,13 +286,20 @@ def _image_side(sample_size) -> int:
             "it in both models' configs (`model.register_to_config(sample_size=32)`, then save) to the size they "
             "were trained at."
         )
-    sides = {sample_size} if isinstance(sample_size, int) else set(sample_size)
-    if len(sides) != 1:
+    try:
+        check_sample_size(sample_size)
+    except ValueError as error:
+        raise ValueError(
+            f"The switch is measured on images of the models' size, but the deep model's `sample_size` is "
+            f"{sample_size!r}: {error}"
+        ) from None
+    sides = [sample_size] if isinstance(sample_size, int) else sample_size
+    if len(set(sides)) != 1:
         raise ValueError(
             f"The switch is measured on square images, but the deep model's `sample_size` is {sample_size}: give "
             "models of square images."
         )
-    return sides.pop()
+    return sides[0]
 
 
 def _class_labels(config, data: str, num_images: int) -> tuple[torch.Tensor | None, str]:
@@ -337,10 +360,20 @@ def check_dual_backbone_folder(path: str) -> None:
     measured between its two backbones."""
     from diffusers import DiffusionPipeline
 
+    if os.path.isfile(path):  # `load_config` would read it as the config itself
+        raise ValueError(
+            f"`--pipeline` {path!r} is a file, not a saved pipeline folder: give the folder that holds it."
+        )
     try:
-        entry = DiffusionPipeline.load_config(path).get("_class_name")
+        config = DiffusionPipeline.load_config(path)
     except (OSError, ValueError) as error:
         raise ValueError(f"`--pipeline` {path!r} is not a saved pipeline folder (model_index.json): {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"`--pipeline` {path!r}: its model_index.json is not a JSON object (a config), got a "
+            f"{type(config).__name__}."
+        )
+    entry = config.get("_class_name")
     name = entry[-1] if isinstance(entry, list) and entry else entry  # saved as [file, class] by this package
     if name != "DualBackbonePipeline":
         raise ValueError(
@@ -373,6 +406,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tolerance", type=float, default=0.05, help="allowed relative excess error of the shallow model"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise both models are measured on")
+    parser.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=50,
+        help="sampling steps the split of model calls and the speed-up are reported for (with the scheduler given)",
+    )
     parser.add_argument("--plot", default="switch.png", help="where to save the PNG (written as a PNG at this path)")
     return parser.parse_args(argv)
 
@@ -386,6 +425,7 @@ def main(argv: list[str] | None = None) -> SwitchRecommendation:
 def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     """The command on parsed arguments: measure, print and plot the recommended switch."""
     check_settings(args.tolerance, args.num_levels, args.num_images)  # before any model or data is loaded
+    check_positive_integers(num_inference_steps=args.num_inference_steps)
     check_output_file(args.plot, "--plot")
     if args.pipeline:
         given = [f"`--{name}`" for name in ("shallow", "deep", "scheduler", "vae") if getattr(args, name) is not None]
@@ -397,6 +437,9 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
         check_dual_backbone_folder(args.pipeline)
 
     shallow, deep, scheduler, vae = _load_models(args)
+    model_call_timesteps(
+        scheduler, args.num_inference_steps
+    )  # a step count it cannot sample: refused before measuring
     config, side = deep.config, _image_side(deep.config.sample_size)
     if vae is None:
         images = _load_data(args.data, side, config.in_channels, args.num_images)
@@ -426,11 +469,17 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
             f"The shallow model meets tolerance {args.tolerance} at every measured level: sample with it alone "
             f"(estimated FLOPs speed-up {1.0 / ratio:.2f}x), or tighten the tolerance."
         )
-    else:
-        speedup = 1.0 / (share * ratio + (1.0 - share))
+    else:  # the split the pipeline samples with this switch, on this scheduler's grid (not the measured levels')
+        from .pipelines import DualBackbonePipeline
+
+        kwargs, steps = found.pipeline_kwargs(), args.num_inference_steps
+        pipe = DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=scheduler, **kwargs)
+        stages = [stage for _, stage in pipe.expert_schedule(steps)]  # 1: the shallow model
+        speedup = len(stages) / (sum(stages) * ratio + len(stages) - sum(stages))
         print(
-            f"recommended switch: {found.pipeline_kwargs()} (shallow model on {share:.0%} of the measured levels; "
-            f"estimated FLOPs speed-up for evenly spread steps {speedup:.2f}x)"
+            f"recommended switch: {kwargs} (shallow model on {share:.0%} of the measured levels, and on "
+            f"{sum(stages)} of the {len(stages)} model calls of {steps} steps of {type(scheduler).__name__}: "
+            f"estimated FLOPs speed-up {speedup:.2f}x)"
         )
     print(f"plot: {plot_switch(found, args.plot, ratio)}")
     return found

@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -387,3 +388,135 @@ def test_the_errors_do_not_depend_on_the_batch_size(tiny_unet_kwargs):
     whole = denoising_error(model, DDPMScheduler(), images, levels, batch_size=64)
     batched = denoising_error(model, DDPMScheduler(), images, levels, batch_size=2)
     torch.testing.assert_close(batched, whole)
+
+
+def test_a_model_index_that_is_not_a_json_object_is_refused_naming_it(tmp_path):
+    # a JSON list in model_index.json was an AttributeError ('list' object has no attribute 'get')
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="`--pipeline` .*model_index.json.* not a JSON object.*list"):
+        main(["--pipeline", str(tmp_path / "pipe"), "--plot", str(tmp_path / "switch.png")])
+
+
+@pytest.mark.parametrize("sample_size", [8.0, 0, -2, True, [8, 0], [8, 8, 8]])
+def test_a_sample_size_no_images_can_have_is_refused_naming_it(sample_size, tiny_unet_kwargs, tmp_path):
+    # a hostile saved config: a float, 0, a negative or a bool was a TypeError or torch's RuntimeError from the
+    # resize, three sides were measured as 8x8 images
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    pipe = DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler())
+    for model in (pipe.shallow, pipe.deep):
+        model.register_to_config(sample_size=sample_size)
+    pipe.save_pretrained(tmp_path / "pipe")
+    with pytest.raises(ValueError, match=f"the deep model's `sample_size` is {re.escape(repr(sample_size))}"):
+        main(["--pipeline", str(tmp_path / "pipe"), "--plot", str(tmp_path / "switch.png")])
+
+
+@pytest.mark.parametrize(
+    "shallow_kwargs, key",
+    [({"in_channels": 3, "out_channels": 3}, "in_channels"), ({"num_class_embeds": 11}, "num_class_embeds")],
+)
+def test_command_refuses_shallow_and_deep_folders_no_pipeline_could_pair(
+    shallow_kwargs, key, tiny_unet_kwargs, tmp_path
+):
+    # `--shallow`/`--deep` were measured unchecked: torch's RuntimeError on the channels, diffusers' "class_labels
+    # should be provided", or a pair DualBackbonePipeline refuses measured silently (a 16 px shallow model at 8 px)
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    UNet2DModel(**shape).save_pretrained(tmp_path / "deep")
+    UNet2DModel(**{**shape, **shallow_kwargs}).save_pretrained(tmp_path / "shallow")
+    DDPMScheduler().save_pretrained(tmp_path / "scheduler")
+    folders = [f"--{name}={tmp_path / name}" for name in ("shallow", "deep", "scheduler")]
+    with pytest.raises(ValueError, match=f"`shallow` and `deep` must agree on `{key}`"):
+        main([*folders, "--num_images", "4", "--num_levels", "3", "--plot", str(tmp_path / "switch.png")])
+
+
+@pytest.mark.parametrize("sigmas", [(0.0, 80.0), (-1.0, 80.0), (80.0, 0.002), (1.0, 1.0), (0.002, math.inf)])
+def test_an_edm_scheduler_without_a_range_of_noise_levels_is_refused_naming_it(sigmas):
+    # a hostile saved scheduler: sigma_min <= 0 was "math domain error", swapped or equal ends measured levels from
+    # high to low (the switch walked the wrong end) or one level repeated
+    from diffusers import EDMEulerScheduler
+
+    from diffusers_stages.switch import noise_levels
+
+    sigma_min, sigma_max = sigmas
+    scheduler = EDMEulerScheduler(sigma_min=sigma_min, sigma_max=sigma_max)
+    with pytest.raises(ValueError, match=f"`sigma_min` {sigma_min!r} and `sigma_max` {sigma_max!r}"):
+        noise_levels(scheduler, 5)
+
+
+@pytest.mark.parametrize("broken", ["shallow", "deep"])
+def test_a_model_whose_error_is_not_finite_is_refused_naming_it(broken, tiny_unet_kwargs):
+    # NaN weights (a hostile or diverged checkpoint) gave NaN errors, read as "the shallow model is worse even at the
+    # noisiest level" (or, for a broken shallow model, a switch above its NaN levels)
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    models = {"shallow": UNet2DModel(**shape), "deep": UNet2DModel(**shape)}
+    with torch.no_grad():
+        models[broken].conv_out.bias.fill_(math.nan)
+    with pytest.raises(ValueError, match=f"`{broken}` gives a non-finite denoising error"):
+        recommend_switch(models["shallow"], models["deep"], DDPMScheduler(), torch.zeros(4, 1, 8, 8), num_levels=3)
+
+
+def test_recommend_switch_refuses_models_no_pipeline_could_pair(tiny_unet_kwargs):
+    # the Python API measured them unchecked too: torch's RuntimeError on the channels
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    shallow = UNet2DModel(**{**shape, "in_channels": 3, "out_channels": 3})
+    with pytest.raises(ValueError, match="`shallow` and `deep` must agree on `in_channels`"):
+        recommend_switch(shallow, UNet2DModel(**shape), DDPMScheduler(), torch.zeros(4, 1, 8, 8), num_levels=3)
+
+
+def test_command_refuses_a_pipeline_that_is_a_file_naming_the_option(tmp_path):
+    # diffusers' `load_config` reads a file path as the config itself, so a model_index.json passed as `--pipeline`
+    # passed the check and failed in huggingface_hub ("Repo id must be in the form ..."), naming no option
+    (tmp_path / "model_index.json").write_text('{"_class_name": "DualBackbonePipeline"}')
+    with pytest.raises(ValueError, match="`--pipeline` .*model_index.json' is a file, not a saved pipeline folder"):
+        main(["--pipeline", str(tmp_path / "model_index.json"), "--plot", str(tmp_path / "switch.png")])
+
+
+@pytest.mark.parametrize("edm", [False, True])
+def test_command_reports_the_split_of_steps_the_pipeline_then_samples(
+    edm, tiny_unet_kwargs, tmp_path, capsys, monkeypatch
+):
+    # the command reported the shallow model's share of the measured levels, and a speed-up "for evenly spread
+    # steps": with EDM's Karras grid the sampler runs the shallow model on more steps than that share (at 25 log-spaced
+    # levels, a switch at sigma 2.34 holds 36% of the levels and 50% of EDMEulerScheduler's 50 steps)
+    from diffusers import EDMEulerScheduler
+
+    import diffusers_stages.switch as switch
+
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    deep, shallow = UNet2DModel(**shape), UNet2DModel(**{**shape, "block_out_channels": (4, 8)})
+    scheduler = EDMEulerScheduler() if edm else DDPMScheduler()
+    DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
+
+    def error(model, scheduler, images, levels, **kwargs):  # the shallow model is good on the noisiest 9 of 25 levels
+        good = torch.arange(len(levels)) >= len(levels) - 9
+        is_shallow = model.config.block_out_channels[0] == 4
+        return torch.where(good | (not is_shallow), 1.0, 2.0).double()
+
+    monkeypatch.setattr(switch, "denoising_error", error)
+    argv = ["--pipeline", str(tmp_path / "pipe"), "--num_images", "4", "--num_inference_steps", "50"]
+    found = main([*argv, "--plot", str(tmp_path / "switch.png")])
+    printed = capsys.readouterr().out
+    pipe = DualBackbonePipeline.from_pretrained(tmp_path / "pipe", **found.pipeline_kwargs())
+    calls = [stage for _, stage in pipe.expert_schedule(50)]
+    assert (
+        f"and on {sum(calls)} of the {len(calls)} model calls of 50 steps of {type(pipe.scheduler).__name__}"
+        in printed
+    )
+    assert found.shallow_share() == 9 / 25
+    if edm:
+        assert sum(calls) / len(calls) >= 0.5  # not the 36% of the levels
+
+
+def test_command_refuses_a_step_count_its_scheduler_cannot_sample_before_measuring(
+    tiny_unet_kwargs, tmp_path, monkeypatch
+):
+    import diffusers_stages.switch as switch
+
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    scheduler = DDPMScheduler(num_train_timesteps=10)
+    DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=scheduler).save_pretrained(
+        tmp_path / "pipe"
+    )
+    monkeypatch.setattr(switch, "denoising_error", lambda *args, **kwargs: pytest.fail("measured"))
+    with pytest.raises(ValueError, match="`num_inference_steps`: 50 cannot be larger"):
+        main(["--pipeline", str(tmp_path / "pipe"), "--num_levels", "3", "--plot", str(tmp_path / "switch.png")])

@@ -367,7 +367,10 @@ CONFIG_VALUE_ERRORS = (ValueError, TypeError, KeyError, IndexError, NotImplement
 def load_scheduler(scheduler_class: type, path: str | os.PathLike, what: str):
     """``scheduler_class.from_pretrained(path)`` (a folder holding ``scheduler_config.json``; ``what`` names it, an
     option or a component), with a value the scheduler cannot take (a negative or a string step count, an unknown
-    beta schedule) a `ValueError` naming ``what`` and the file, not an error from inside the scheduler."""
+    beta schedule) a `ValueError` naming ``what`` and the file, not an error from inside the scheduler. A local
+    folder's files are checked first (`check_folder_files`: no link out of it)."""
+    if os.path.isdir(path):
+        check_folder_files(path)
     try:
         return scheduler_class.from_pretrained(path)
     except CONFIG_VALUE_ERRORS as error:

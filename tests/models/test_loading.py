@@ -459,3 +459,18 @@ def test_a_dtype_that_is_not_a_torch_dtype_is_named_not_loaded_as_float32(tmp_pa
             with pytest.raises(ValueError, match=rf"`{name}` must be a torch.dtype \(torch.float16, ...\), got"):
                 model_class.from_pretrained(folder, **{name: wrong})
         assert model_class.from_pretrained(folder, **{name: torch.float16}).dtype == torch.float16
+
+
+def test_a_scheduler_folder_whose_config_links_out_of_it_is_refused(tmp_path):
+    # `load_scheduler` (the switch command's `--scheduler`, the experts task's and a checkpoint's scheduler) read a
+    # `scheduler_config.json` linked from anywhere; a model folder, and a pipeline's scheduler, refused it
+    from diffusers import DDIMScheduler
+
+    from diffusers_stages.models.loading import load_scheduler
+
+    DDIMScheduler().save_pretrained(tmp_path / "elsewhere")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "scheduler_config.json").symlink_to(tmp_path / "elsewhere" / "scheduler_config.json")
+    with pytest.raises(ValueError, match="'scheduler_config.json' in .*linked links to .*outside the folder"):
+        load_scheduler(DDIMScheduler, tmp_path / "linked", "`--scheduler`")
+    assert isinstance(load_scheduler(DDIMScheduler, tmp_path / "elsewhere", "`--scheduler`"), DDIMScheduler)
