@@ -35,6 +35,19 @@ def tiny_unet():
     )
 
 
+def _report_header() -> dict:
+    """A results header as `run_evidence.py` writes one (quick preset), for the report tests."""
+    return {
+        "preset": get_preset("quick").to_dict(),
+        "command": "cmd",
+        "date": "now",
+        "machine": "cpu",
+        "wall_minutes": 1.0,
+        "reference": {"fd": 5.0, "accuracy": 0.9},
+        "budget_flops": 1e12,
+    }
+
+
 def test_digits_split_is_seeded_and_disjoint():
     train, train_labels = load_images("digits", "train")
     test, _ = load_images("digits", "test")
@@ -142,15 +155,7 @@ def test_verdicts_and_report(tmp_path):
     assert "does not hold" in read["3"][1]
     assert "2.00x the sampling speed of early exit, full depth" in read["3"][2] and "worse" in read["3"][2]
     assert "mixed: better quality, slower" in read["3"][3]
-    header = {
-        "preset": get_preset("quick").to_dict(),
-        "command": "cmd",
-        "date": "now",
-        "machine": "cpu",
-        "wall_minutes": 1.0,
-        "reference": {"fd": 5.0, "accuracy": 0.9},
-        "budget_flops": 1e12,
-    }
+    header = _report_header()
     write_markdown(str(tmp_path / "RESULTS.md"), header, rows, 1.0)
     text = (tmp_path / "RESULTS.md").read_text()
     assert "not FID" in text and "| MultiStageUNet2DModel | 0.500 | 50% | 19.00 |" in text and "Not run." in text
@@ -406,15 +411,7 @@ def test_each_timing_group_records_every_methods_repeats_and_the_report_names_th
         rows[1]["seconds_per_image_repeats"] == [0.0322, 0.1203, 0.1250] and rows[1]["sampling_gflops_per_image"] == 2
     )
 
-    header = {
-        "preset": get_preset("quick").to_dict(),
-        "command": "cmd",
-        "date": "now",
-        "machine": "cpu",
-        "wall_minutes": 1.0,
-        "reference": {"fd": 5.0, "accuracy": 0.9},
-        "budget_flops": 1e12,
-    }
+    header = _report_header()
     warning = unreliable_timings(rows)
     assert "MultiStageUNet2DModel (comparison 1): 32.20-125.00 ms/image (median 120.30)" in warning
     assert "UNet2DModel (comparison 1)" not in warning.replace("MultiStageUNet2DModel", "")  # 25.3-27.6: steady
