@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cli import check_input_file, check_output_file, load_saved_folder, write_atomically
-from .models.checks import check_device, check_positive_integers
+from .models.checks import check_device, check_positive_integers, sample_size_is
 from .planning import (
     METHODS,
     NoiseSchedule,
@@ -262,7 +262,7 @@ def _check_model_config_size(args: argparse.Namespace, side: int, factor: int = 
         return
     with open(args.model_config, encoding="utf-8") as f:
         size = json.load(f).get("sample_size")
-    if size is not None and size not in (side, [side, side]):
+    if size is not None and not sample_size_is(size, side):
         fix = f"`--resolution {size * factor}`" if type(size) is int and size > 0 else "a config of that size"
         raise ValueError(
             f"`--model_config` {args.model_config!r} is for samples of size {size}, but `--resolution` "

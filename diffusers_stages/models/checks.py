@@ -166,6 +166,22 @@ def check_sample_size(sample_size: object) -> None:
         )
 
 
+def sample_size_is(sample_size: object, side: int) -> bool:
+    """Whether a config's ``sample_size`` (one side, or a ``[height, width]`` pair) gives ``side`` x ``side``
+    samples.
+
+    Example:
+
+    ```py
+    >>> sample_size_is(16, 16), sample_size_is([16, 16], 16), sample_size_is([16, 8], 16), sample_size_is(8, 16)
+    (True, True, False, False)
+
+    ```
+    """
+    sides = list(sample_size) if isinstance(sample_size, (list, tuple)) else [sample_size, sample_size]
+    return sides == [side, side]
+
+
 def is_integer_tensor(value: object) -> bool:
     """Whether ``value`` is a tensor of integers (class labels): not floating-point, complex or bool."""
     return torch.is_tensor(value) and not (

@@ -12,6 +12,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler, Scheduler
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...loss import diffusion_loss
+from ...models.checks import sample_size_is
 from ...models.loading import CONFIG_VALUE_ERRORS, exported_class
 from ...partition import TimestepPartition
 from ...schedulers import ContinuousVPDPMSolverSinglestepScheduler, is_edm_scheduler
@@ -259,7 +260,7 @@ class TrainingTask:
         given = getattr(self.args, "model_config", None) is not None  # a preset's (MEME's iU-Nets') is rewritten
         size, channels = (config.get("sample_size"), config.get("in_channels")) if given else (None, None)
         run_size, run_channels = values.get("sample_size"), values.get("in_channels")
-        if size is not None and run_size is not None and size not in (run_size, [run_size] * 2, (run_size,) * 2):
+        if size is not None and run_size is not None and not sample_size_is(size, run_size):
             raise ValueError(
                 f"`--model_config` {self.args.model_config!r} is for samples of size {size}, but this run trains on "
                 f"size {run_size} (`--resolution`, divided by the VAE's down-sampling): give `--resolution` for that "

@@ -16,6 +16,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from ...conventions import num_data_classes
+from ...models.checks import sample_size_is
 from ...models.loading import CONFIG_VALUE_ERRORS, check_folder_files, check_subfolder
 from ...partition import TimestepPartition
 from ...pipelines.loading import package_classes, resolve_pipeline_class
@@ -274,8 +275,8 @@ class FineTuningTask(TrainingTask):
                 f"{OPTION} {path!r} holds a model with in_channels={config.get('in_channels')}, but {data}."
             )
         size = config.get("sample_size")  # an int, [height, width], or None (a U-Net of any size)
-        sides = tuple(size if isinstance(size, (list, tuple)) else (size, size))
-        if size is not None and sides != (sample_size,) * 2:
+        if size is not None and not sample_size_is(size, sample_size):
+            sides = tuple(size if isinstance(size, (list, tuple)) else (size, size))
             factor = self.args.resolution // sample_size
             square = len(sides) == 2 and sides[0] == sides[1] and isinstance(sides[0], int)
             fix = f"pass `--resolution {sides[0] * factor}`" if square else "the data are square"
