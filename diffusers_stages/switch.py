@@ -437,9 +437,8 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
         check_dual_backbone_folder(args.pipeline)
 
     shallow, deep, scheduler, vae = _load_models(args)
-    model_call_timesteps(
-        scheduler, args.num_inference_steps
-    )  # a step count it cannot sample: refused before measuring
+    # a step count the scheduler cannot sample is refused before anything is measured
+    model_call_timesteps(scheduler, args.num_inference_steps)
     config, side = deep.config, _image_side(deep.config.sample_size)
     if vae is None:
         images = _load_data(args.data, side, config.in_channels, args.num_images)
