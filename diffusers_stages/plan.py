@@ -16,6 +16,7 @@ import argparse
 import functools
 import json
 import os
+import shlex
 import sys
 
 import torch
@@ -33,7 +34,7 @@ from .planning import (
     stage_difficulty,
     suggest_decoder_widths,
 )
-from .planning.budget import check_budget, check_budget_config
+from .planning.budget import ARCHITECTURES, check_budget, check_budget_config
 from .planning.optimal_denoiser import check_planning_data
 from .planning.sizing import config_value
 from .planning.stage_plan import _check_unit_interval
@@ -106,6 +107,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "sampling FLOPs per image of --num_inference_steps steps of the scheduler, or without it the training FLOPs "
         "(forward and backward) of one step of --batch_size images.",
     )
+    parser.add_argument(
+        "--architecture",
+        choices=ARCHITECTURES,
+        default="multistage",
+        help="What --budget sizes: multistage (one decoder per stage on the shared encoder of --model_config, written "
+        "into --output_config) or experts (one whole UNet2DModel of --model_config per stage, MEME-style: each "
+        "expert's block widths, printed as the `examples/experts/train_experts.py` arguments that train them).",
+    )
     parser.add_argument("--num_inference_steps", type=int, default=None, help="Sampling steps the budget pays for.")
     parser.add_argument("--batch_size", type=int, default=1, help="Training batch the budget pays for.")
     parser.add_argument(
@@ -119,6 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--output_config needs --model_config (the config to write the plan into).")
     if args.budget is not None and not args.model_config:
         parser.error("--budget needs --model_config (the model whose decoder widths are planned).")
+    if args.architecture == "experts" and args.budget is None:
+        parser.error("--architecture experts sizes the experts for a --budget: give --budget (and --model_config).")
+    if args.architecture == "experts" and args.output_config:
+        parser.error(
+            "--output_config writes a MultiStageUNet2DModel config; experts keep --model_config's and take the planned "
+            "widths as `train_experts.py --expert_block_out_channels` (printed): drop --output_config."
+        )
     if (args.num_inference_steps is not None or args.batch_size != 1) and args.budget is None:
         parser.error("--num_inference_steps and --batch_size say what --budget pays for: give --budget too.")
     # options the command would otherwise ignore
@@ -168,7 +184,7 @@ def check_args(args: argparse.Namespace) -> None:
     )  # fmt: skip
     check_input_file(args.model_config, "--model_config", json_object=True)
     if args.model_config is not None:
-        _check_model_config(args.model_config)
+        _check_model_config(args.model_config, args.architecture)
     if args.budget is not None:  # a config whose widths a budget cannot plan
         with open(args.model_config, encoding="utf-8") as f:
             check_budget_config(json.load(f), "--model_config")
@@ -276,12 +292,13 @@ def _config_channels(path: str) -> int:
         return json.load(f).get("in_channels", 3)
 
 
-PLANNED_FROM = ("UNet2DModel", "MultiStageUNet2DModel")  # the configs whose encoder the planned stages share
+# the configs a plan sizes: the multi-stage U-Net's shared encoder, or the U-Net every expert is
+PLANNED_FROM = {"multistage": ("UNet2DModel", "MultiStageUNet2DModel"), "experts": ("UNet2DModel",)}
 
 
-def _check_model_config(path: str) -> None:
-    """Refuse a ``--model_config`` that is not a config of `PLANNED_FROM` or does not build one (built on the
-    ``meta`` device: no memory): the planned config would not load."""
+def _check_model_config(path: str, architecture: str = "multistage") -> None:
+    """Refuse a ``--model_config`` that is not a config of `PLANNED_FROM` ``[architecture]`` or does not build one
+    (built on the ``meta`` device: no memory): the planned model would not load."""
     import diffusers
 
     import diffusers_stages
@@ -289,11 +306,14 @@ def _check_model_config(path: str) -> None:
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     name = config.get("_class_name", "UNet2DModel")  # a config without a class name: read as a UNet2DModel's
-    if name not in PLANNED_FROM:
-        raise ValueError(
-            f"`--model_config` {path!r} is a {name} config: the plan is written into a config of one of "
-            f"{', '.join(PLANNED_FROM)} (their stages share its encoder)."
+    if name not in PLANNED_FROM[architecture]:
+        what = (
+            "each expert is a UNet2DModel of that config (`train_experts.py --model_config`)"
+            if architecture == "experts"
+            else f"the plan is written into a config of one of {', '.join(PLANNED_FROM[architecture])} (their "
+            "stages share its encoder)"
         )
+        raise ValueError(f"`--model_config` {path!r} is a {name} config: {what}.")
     error = _build_error(getattr(diffusers_stages if name.startswith("MultiStage") else diffusers, name), config)
     if error is not None:
         raise ValueError(f"`--model_config` {path!r} does not build a {name}: {error}")
@@ -415,17 +435,33 @@ def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: Nois
     """The widths planned for ``--budget``, else the heuristic ones (written into ``result``), printed."""
     if plan.budget is not None:
         paid = f"{args.num_inference_steps} sampling steps" if args.num_inference_steps else "a training step"
+        sized = "expert" if args.architecture == "experts" else "decoder"
         print(
-            f"  decoder widths for a budget of {args.budget:.4g} FLOPs per {paid} (clean stage first): "
-            f"{[list(w) for w in plan.decoder_block_out_channels]}, expected {plan.budget.expected_flops:.4g} FLOPs"
+            f"  {sized} widths for a budget of {args.budget:.4g} FLOPs per {paid} (clean stage first): "
+            f"{[list(w) for w in plan.budget.widths]}, expected {plan.budget.expected_flops:.4g} FLOPs"
         )
-        return plan.decoder_block_out_channels
+        if args.architecture == "experts":
+            command = shlex.join(_expert_arguments(args, plan))
+            print(f"  train them with the data and schedule options: examples/experts/train_experts.py {command}")
+        return plan.budget.widths
     difficulty = stage_difficulty(data, schedule, plan.partition)
     widths = suggest_decoder_widths(config_value(config, "block_out_channels"), difficulty, config=config)
     result["stage_difficulty"] = [round(d, 4) for d in difficulty]
     result["decoder_block_out_channels"] = [list(w) for w in widths]
     print(f"  heuristic decoder widths (clean stage first): {result['decoder_block_out_channels']}")
     return widths
+
+
+def _expert_arguments(args: argparse.Namespace, plan) -> list[str]:
+    """The `train_experts.py` arguments that train the experts of a budget ``plan`` (with the data options)."""
+    partition = plan.partition
+    units = ["--boundary_units", "sigma"] if partition.units == "sigma" else [
+        "--num_train_timesteps", str(partition.num_train_timesteps)]  # fmt: skip
+    return [
+        "--model_config", args.model_config,
+        "--stage_boundaries", *(str(float(b)) for b in partition.boundaries), *units,
+        "--expert_block_out_channels", *(",".join(map(str, w)) for w in plan.budget.widths),
+    ]  # fmt: skip
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -448,7 +484,7 @@ def plan_command(args: argparse.Namespace) -> dict:
     budget = {}
     if args.budget is not None:
         budget = dict(budget=args.budget, model_config=config, num_inference_steps=args.num_inference_steps)
-        budget.update(sampling_scheduler=scheduler, batch_size=args.batch_size)
+        budget.update(sampling_scheduler=scheduler, batch_size=args.batch_size, architecture=args.architecture)
     plan = plan_stages(
         data,
         schedule,

@@ -53,6 +53,9 @@ class BudgetPlan:
         budget: the budget.
         stage_flops: FLOPs of one model call (or one training sample) in each stage, encoder included.
         stage_calls: model calls per image (or samples per training step) falling in each stage.
+        architecture: what ``widths`` size: ``"multistage"`` (decoders; ``decoder_block_out_channels`` in
+            [`to_dict`]) or ``"experts"`` (whole experts; ``expert_block_out_channels``, what ``train_experts.py
+            --expert_block_out_channels`` takes).
 
     Example:
 
@@ -78,11 +81,13 @@ class BudgetPlan:
     budget: float
     stage_flops: list[float]
     stage_calls: list[float]
+    architecture: str = "multistage"
 
     def to_dict(self) -> dict:
         """JSON-serialisable summary."""
+        sized = "expert" if self.architecture == "experts" else "decoder"
         return {
-            "decoder_block_out_channels": [list(w) for w in self.widths],
+            f"{sized}_block_out_channels": [list(w) for w in self.widths],
             "expected_flops": self.expected_flops,
             "budget": self.budget,
             "stage_flops": self.stage_flops,
@@ -317,7 +322,9 @@ def widths_for_budget(
             f"`difficulty` needs one finite value >= 0 per stage ({partition.num_stages}), not all 0, got "
             f"{difficulty}."
         )
-    candidates = candidate_widths(config_value(config, "block_out_channels"), width_multiple(config), scales)
+    candidates = candidate_widths(
+        config_value(config, "block_out_channels"), width_multiple(config, architecture), scales
+    )
     flops, capacity = measure_stage_flops(config, candidates, architecture, training=num_inference_steps is None)
     cheapest = sum(calls) * min(flops)
     if budget < cheapest:
@@ -333,6 +340,7 @@ def widths_for_budget(
         float(budget),
         [flops[k] for k in picks],
         calls,
+        architecture,
     )
 
 

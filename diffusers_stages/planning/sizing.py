@@ -145,16 +145,18 @@ def config_value(config: Mapping, key: str):
     return config[key] if key in config else inspect.signature(UNet2DModel.__init__).parameters[key].default
 
 
-def width_multiple(config: Mapping) -> int:
-    """What every decoder width of a model of ``config`` must be a multiple of: ``norm_num_groups``, and, where its
-    blocks attend with a fixed ``attention_head_dim``, that too (a narrower width would have no head). A key the
-    config leaves out has its default (`config_value`)."""
+def width_multiple(config: Mapping, architecture: str = "multistage") -> int:
+    """What every width sized for a model of ``config`` must be a multiple of: ``norm_num_groups``, and, where the
+    sized part attends with a fixed ``attention_head_dim``, that too (a narrower width would have no head). The sized
+    part is a decoder (``architecture="multistage"``: its up blocks), or a whole `UNet2DModel` (``"experts"``: its
+    down and up blocks, and its middle block, which attends unless ``add_attention`` is off). A key the config leaves
+    out has its default (`config_value`)."""
     groups = config_value(config, "norm_num_groups") or 1
     head_dim = config_value(config, "attention_head_dim")
     blocks = [*(config_value(config, "down_block_types") or ()), *(config_value(config, "up_block_types") or ())]
-    if isinstance(head_dim, int) and head_dim > 0 and any("Attn" in str(block) for block in blocks):
-        return math.lcm(groups, head_dim)
-    return groups
+    attends = any("Attn" in str(block) for block in blocks)
+    attends = attends or (architecture == "experts" and bool(config_value(config, "add_attention")))
+    return math.lcm(groups, head_dim) if isinstance(head_dim, int) and head_dim > 0 and attends else groups
 
 
 def plain_config(config: Mapping) -> dict:

@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--expert_index", type=int, default=None, help="Train only this expert (one expert per run).")
     group.add_argument(
         "--expert_block_out_channels", type=int_list, nargs="+", default=None,
-        help="Block widths of each expert, clean expert first, e.g. `64,128 64,128 32,64 32,64`.",
+        help="Block widths of each expert, clean expert first, e.g. `64,128 64,128 32,64 32,64`: of the MEME "
+        "presets' iU-Nets, or, with `--model_config`, of its UNet2DModel (as `diffusers-stages plan --architecture "
+        "experts --budget ...` prints them).",
     )  # fmt: skip
     group.add_argument(
         "--expert_attention_shares", type=float_list, default=None,

@@ -1,16 +1,21 @@
 """`examples/experts/train_experts.py`: all experts in one run (hard/soft), one expert per run and assembly."""
 
 import fnmatch
+import json
 import os
+import shlex
 import shutil
 
 import huggingface_hub
 import pytest
 import torch
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 
-from diffusers_stages import ExpertRoutingPipeline, IUNet2DModel
+from diffusers_stages import ExpertRoutingPipeline, IUNet2DModel, TimestepPartition
+from diffusers_stages.evaluation import count_flops
 from diffusers_stages.models.meme import attention_share
+from diffusers_stages.plan import run as plan_run
+from diffusers_stages.planning.budget import expected_flops
 from tests.conftest import SMALL_UNET
 
 
@@ -100,13 +105,41 @@ def test_model_config_gives_every_expert_that_unet(examples, script, image_folde
     assert _sample(pipe, batch_size=1).shape == (1, 8, 8, 3)
 
 
+def test_a_budget_plan_of_experts_trains_as_planned(examples, script, image_folder, tmp_path, capsys):
+    """`plan --architecture experts --budget` prints the `train_experts.py` arguments of its experts (before, an
+    experts plan could not be trained: `--expert_block_out_channels` was refused with `--model_config`), and the
+    trained pipeline samples at exactly the FLOPs the plan expected."""
+    config = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=[8, 16], layers_per_block=1,
+                  norm_num_groups=4, down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2)  # fmt: skip
+    path = tmp_path / "unet.json"
+    path.write_text(json.dumps(config))
+    budget = 1.2 * expected_flops(config, TimestepPartition([500]), [(8, 16)] * 2, 4, DDPMScheduler())
+    planned = plan_run(["--train_data_dir", image_folder, "--resolution", "8", "--num_channels", "3", "--num_levels",
+                        "30", "--num_samples", "16", "--num_stages", "2", "--model_config", str(path), "--budget",
+                        str(budget), "--num_inference_steps", "4", "--architecture", "experts"])  # fmt: skip
+    printed = [line for line in capsys.readouterr().out.splitlines() if "train_experts.py " in line]
+    assert len(printed) == 1 and "decoder_block_out_channels" not in planned
+    assert planned["expected_flops"] <= budget and planned["expert_block_out_channels"] != [[8, 16]] * 2
+    out = str(tmp_path / "run")
+    examples.train(script, [*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", out, "--assignment",
+                            "hard", "--max_train_steps", "1", *shlex.split(printed[0].split("train_experts.py ")[1])])  # fmt: skip
+    pipe = ExpertRoutingPipeline.from_pretrained(out)
+    assert [list(e.config.block_out_channels) for e in pipe.experts.experts] == planned["expert_block_out_channels"]
+    assert list(pipe.experts.partition.boundaries) == planned["stage_boundaries"]
+    pipe.scheduler = DDPMScheduler()  # the plan's sampler (the command's default schedule)
+    pipe.set_progress_bar_config(disable=True)
+    flops, _ = count_flops(lambda: pipe(batch_size=1, num_inference_steps=4, output_type="pt"))
+    assert flops == planned["expected_flops"]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [  # were ignored in silence: the config's UNet2DModel trained instead
         (["--layers_per_block", "1"], "`--layers_per_block` 1 cannot be combined with `--model_config`"),
         (["--block_out_channels", "8,16"], "`--block_out_channels` [8, 16] cannot be combined with `--model_config`"),
-        (["--expert_block_out_channels", "8,16", "8,16"], "`--expert_block_out_channels` [(8, 16), (8, 16)] cannot"),
         (["--expert_attention_shares", "0,1"], "`--expert_attention_shares` [0.0, 1.0] cannot be combined with `--model_config`"),
+        # each expert's own widths are taken (a budget plan's), but one per block of the config's U-Net
+        (["--expert_block_out_channels", "8,16", "8,16,16"], "gives expert 1 the widths [8, 16, 16], but the U-Net"),
     ],
 )  # fmt: skip
 def test_model_config_refuses_the_shape_options_it_would_ignore(

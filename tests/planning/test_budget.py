@@ -316,6 +316,13 @@ def test_budget_candidates_give_every_attention_layer_a_head():
     no_attention = dict(attn, down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2)
     assert width_multiple(no_attention) == 4  # no attention: no head (diffusers' default up blocks attend)
     assert width_multiple(dict(attn, attention_head_dim=None)) == 4  # one head as wide as the block
+    # an expert is a whole UNet2DModel: its middle block attends too (`add_attention`, on by default), which a
+    # multi-stage decoder leaves to the shared encoder; an expert 4 wide had no head (ZeroDivisionError in diffusers)
+    assert width_multiple(no_attention, "experts") == 8 and width_multiple(no_attention) == 4
+    assert width_multiple(dict(no_attention, add_attention=False), "experts") == 4
+    experts = widths_for_budget(dict(no_attention, sample_size=8, block_out_channels=(8, 16)), TimestepPartition([500]),
+                                [1.0, 0.1], 1e12, 4, DDIMScheduler(), architecture="experts")  # fmt: skip
+    assert all(w % 8 == 0 for widths in experts.widths for w in widths)
 
 
 @pytest.mark.parametrize("sample_size", [None, "8", 0, [8], True])

@@ -462,3 +462,22 @@ def test_a_model_config_that_leaves_out_block_out_channels_plans_the_default_wid
     plan = widths_for_budget(config, TimestepPartition([300, 600]), [0.9, 0.4, 0.1], 1e12, 2, DDPMScheduler(),
                              scales=(0.125, 0.25))  # fmt: skip
     assert plan.widths[0] == (64, 128, 160, 224)  # the default encoder (224, 448, 672, 896) x 0.25, groups of 32
+
+
+@pytest.mark.parametrize(
+    "config, extra, match",
+    [
+        ({"in_channels": 1}, [], "--architecture experts sizes the experts for a --budget"),
+        ({"in_channels": 1}, ["--budget", "1e9", "--output_config", "x.json"], "experts keep --model_config's"),
+        ({"_class_name": "MultiStageUNet2DModel", "in_channels": 1}, ["--budget", "1e9"],
+         "each expert is a UNet2DModel of that config"),
+    ],
+)  # fmt: skip
+def test_an_experts_plan_it_cannot_make_is_refused_before_any_image_is_read(tmp_path, capsys, config, extra, match):
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(config))
+    missing = str(tmp_path / "no-such-folder")  # never read: the options are checked first
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", missing, *FAST, "--model_config", str(model_config), "--architecture", "experts",
+             *extra])  # fmt: skip
+    assert exit_info.value.code == 2 and match in capsys.readouterr().err

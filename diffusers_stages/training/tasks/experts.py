@@ -135,11 +135,12 @@ class ExpertTask(FineTuningTask):
         self.partition = partition  # `_shape` and `trained_experts` read it
         if self.source is not None:
             self._check_source_experts(args, partition)
-        elif args.model_config is not None:  # every expert that `UNet2DModel`: the presets' options would be ignored
+        elif args.model_config is not None:  # every expert that `UNet2DModel` (of its own widths, when given)
             refuse_given_options(
-                args, ("expert_block_out_channels", "expert_attention_shares"), f"`--model_config` {args.model_config!r}",
-                "every expert is that config's UNet2DModel, and these shape the MEME presets' iU-Nets",
+                args, ("expert_attention_shares",), f"`--model_config` {args.model_config!r}",
+                "every expert is that config's UNet2DModel, and the shares shape the MEME presets' iU-Nets",
             )  # fmt: skip
+            self._check_expert_widths(args)
         else:  # the iU-Net presets' shapes, before any data is read
             check_no_block_types(
                 args,
@@ -148,6 +149,18 @@ class ExpertTask(FineTuningTask):
             for i in self.trained_experts:
                 IUNet2DModel.check_config(**self._shape(i))
         return partition
+
+    @staticmethod
+    def _check_expert_widths(args) -> None:
+        """`--expert_block_out_channels` with `--model_config` (e.g. a budget plan's: `plan --architecture experts`):
+        one width per block of that config's U-Net."""
+        blocks = len(unet_shape_kwargs(args).get("block_out_channels", ()))
+        for i, widths in enumerate(args.expert_block_out_channels or ()):
+            if len(widths) != blocks:
+                raise ValueError(
+                    f"`--expert_block_out_channels` gives expert {i} the widths {list(widths)}, but the U-Net of "
+                    f"`--model_config` {args.model_config!r} has {blocks} blocks: give {blocks} widths per expert."
+                )
 
     def _source_partition(self, args) -> TimestepPartition:
         """The source's intervals (its experts' container config)."""
@@ -224,8 +237,10 @@ class ExpertTask(FineTuningTask):
         return list(range(self.partition.num_stages)) if self.args.expert_index is None else [self.args.expert_index]
 
     def _shape(self, expert: int) -> dict:
-        if self.args.model_config is not None:
-            return unet_shape_kwargs(self.args)
+        if self.args.model_config is not None:  # its widths, or the expert's own (a budget plan's)
+            shape = unet_shape_kwargs(self.args)
+            widths = self.args.expert_block_out_channels
+            return shape if widths is None else {**shape, "block_out_channels": tuple(widths[expert])}
         # MEME presets: iU-Nets, convolution-heavy near the data, attention-heavy toward the noise
         shape = scratch_shape(self.args)
         widths = self.args.expert_block_out_channels or tuple(shape["block_out_channels"])
@@ -347,7 +362,13 @@ class ExpertTask(FineTuningTask):
             classes = ", ".join(self._expert_class(i) for i in self.trained_experts)
             return f"Fine-tuned from `{self.source.path}` (ExpertRoutingPipeline); experts trained: {classes}."
         if self.args.model_config is not None:
-            return "Every expert is the `UNet2DModel` of `--model_config`."
+            widths = self.args.expert_block_out_channels
+            own = (
+                ""
+                if widths is None
+                else f", with block widths {', '.join(str(list(w)) for w in widths)} (clean first)"
+            )
+            return f"Every expert is the `UNet2DModel` of `--model_config`{own}."
         shares = ", ".join(f"{self._shape(i)['attention_ratios']:g}" for i in range(self.partition.num_stages))
         return f"Experts: iU-Nets (`IUNet2DModel`) with attention shares {shares} (clean expert first)."
 
