@@ -153,6 +153,18 @@ def test_model_config_refuses_the_shape_options_it_would_ignore(
     assert message in capsys.readouterr().err
 
 
+def test_expert_widths_count_the_blocks_of_unet2dmodels_default_widths(
+    examples, script, image_folder, tmp_path, capsys
+):
+    config = tmp_path / "config.json"  # no `block_out_channels`: UNet2DModel's default, 4 blocks
+    config.write_text('{"norm_num_groups": 4, "layers_per_block": 1}')
+    with pytest.raises(SystemExit):
+        script.parse_args([*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+                           "--num_experts", "2", "--assignment", "hard", "--model_config", str(config),
+                           "--expert_block_out_channels", "8,16,16,16", "8,16"])  # fmt: skip
+    assert "gives expert 1 the widths [8, 16], but the U-Net of `--model_config`" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

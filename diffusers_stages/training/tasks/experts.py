@@ -33,6 +33,7 @@ from ...models.meme import meme_expert_configs
 from ...partition import TimestepPartition
 from ...pipelines import ExpertRoutingPipeline
 from ...pipelines.loading import resolve_pipeline_class
+from ...planning.sizing import config_value
 from ...schedulers import training_schedule_differences
 from ...timestep_sampling import MEME_OWN_INTERVAL_PROBABILITIES, soft_assignment_timesteps, stage_counts, stage_mass
 from ..args import (
@@ -154,7 +155,7 @@ class ExpertTask(FineTuningTask):
     def _check_expert_widths(args) -> None:
         """`--expert_block_out_channels` with `--model_config` (e.g. a budget plan's: `plan --architecture experts`):
         one width per block of that config's U-Net."""
-        blocks = len(unet_shape_kwargs(args).get("block_out_channels", ()))
+        blocks = len(config_value(unet_shape_kwargs(args), "block_out_channels"))  # UNet2DModel's default if unset
         for i, widths in enumerate(args.expert_block_out_channels or ()):
             if len(widths) != blocks:
                 raise ValueError(
