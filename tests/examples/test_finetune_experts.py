@@ -338,3 +338,33 @@ def test_a_square_sample_size_pair_of_another_size_gives_the_resolution_to_pass(
     examples.assert_refused_before_training(
         script, _finetune_args(examples, image_folder, str(other), str(tmp_path / "run")), message
     )
+
+
+@pytest.mark.parametrize(
+    "names, extra, said",
+    [
+        (["cat", "dog", "bird"], [], "saved with the data's (the pipeline's `id2label`)"),
+        (["cat", "dog", "bird"], ["--expert_index", "1"], "`--assemble_experts` with it as the base refuses them"),
+        (["0", "1", "2"], [], None),
+    ],
+)
+def test_a_class_conditional_source_of_other_class_names_is_a_warning(
+    examples, script, image_folder, tmp_path, caplog, names, extra, said
+):
+    # before, the data's class names replaced the source's silently (a one-expert run's were refused only when
+    # assembled back into its source): transfer to other labels may be meant, so the run goes on, but says so
+    torch.manual_seed(0)
+    labelled = {**TINY_UNET, "num_class_embeds": 4}  # the image folder's 3 classes + the null label
+    experts = ExpertRoutingModel([UNet2DModel(**labelled), UNet2DModel(**labelled)], stage_boundaries=(400,))
+    id2label = {str(i): name for i, name in enumerate(names)}
+    pipe = ExpertRoutingPipeline(experts=experts, scheduler=DDIMScheduler(**LDM_SCHEDULE), id2label=id2label)
+    pipe.save_pretrained(tmp_path / "src")
+    source, out = str(tmp_path / "src"), str(tmp_path / "run")
+    examples.train(script, _finetune_args(examples, image_folder, source, out, "--class_conditional", *extra))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "class names" in r.getMessage()]
+    if said is None:
+        assert warnings == []
+        return
+    (warning,) = warnings
+    assert f"`--pretrained_model_name_or_path` {source!r}" in warning and said in warning
+    assert "['cat', 'dog', 'bird']" in warning and "['0', '1', '2']" in warning

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -262,6 +263,21 @@ class FineTuningTask(TrainingTask):
             return
         for config in self.source_configs().values():
             self._check_fits(config, in_channels, sample_size, num_class_embeds)
+
+    def data_warnings(self):
+        names = None if self.source is None or not self.args.class_conditional else self.source.index.get("id2label")
+        if names is None or names == self.id2label:  # (transfer to other labels may be meant: said, not refused)
+            return []
+        shown = reprlib.repr(list(names.values()) if isinstance(names, dict) else names)
+        return [
+            f"{OPTION} {self.source.path!r} has the class names {shown} (`id2label` of its model_index.json), but the "
+            f"training data's are {reprlib.repr(self.class_names)}: the data's class i fine-tunes the source's class "
+            f"i, {self.saved_class_names()}."
+        ]
+
+    def saved_class_names(self) -> str:
+        """What this run saves of the data's class names, for `data_warnings` (the end of its sentence)."""
+        return "and the result is saved with the data's (the pipeline's `id2label`)"
 
     def _check_fits(self, config: dict, in_channels: int, sample_size: int, num_class_embeds: int | None) -> None:
         path = self.source.path
