@@ -13,6 +13,7 @@ import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..cli import check_seed
 from ..partition import TimestepPartition
 from ..planning.data import is_inside
 from ..timestep_sampling import STAGE_SAMPLING
@@ -562,8 +563,7 @@ def check_optimisation_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"`--{name}` must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value}.")
     if args.lr_warmup_steps < 0:
         raise ValueError(f"`--lr_warmup_steps` must be a non-negative integer, got {args.lr_warmup_steps}.")
-    if not 0 <= args.seed < 2**32:
-        raise ValueError(f"`--seed` must be in [0, 2**32), got {args.seed}.")
+    check_seed(args.seed)
 
 
 def check_device_options(args: argparse.Namespace) -> None:
