@@ -368,3 +368,31 @@ def test_a_class_conditional_source_of_other_class_names_is_a_warning(
     (warning,) = warnings
     assert f"`--pretrained_model_name_or_path` {source!r}" in warning and said in warning
     assert "['cat', 'dog', 'bird']" in warning and "['0', '1', '2']" in warning
+
+
+@pytest.mark.parametrize(
+    "save", [{}, {"max_shard_size": "10KB"}, {"safe_serialization": False}], ids=["file", "shards", "bin"]
+)
+def test_source_weights_of_another_width_are_refused_before_the_data_are_read(
+    examples, script, image_folder, source, tmp_path, capsys, save
+):
+    # were refused by the strict loading only once the networks were built, after the data were read (minutes on a
+    # real data set): the weight files' headers are read against the config's model when the arguments are checked
+    bad = tmp_path / "bad"
+    shutil.copytree(source, bad)
+    expert = bad / "experts" / "expert_0"
+    for name in os.listdir(expert):
+        if name.startswith("diffusion_pytorch_model"):
+            os.remove(expert / name)
+    config = json.loads((expert / "config.json").read_text())
+    UNet2DModel(**{**TINY_UNET, "block_out_channels": (8, 24)}).save_pretrained(tmp_path / "wide", **save)
+    for name in os.listdir(tmp_path / "wide"):
+        if name.startswith("diffusion_pytorch_model"):
+            shutil.copy(tmp_path / "wide" / name, expert / name)
+    assert json.loads((expert / "config.json").read_text()) == config  # the config still says (8, 16)
+    message = (
+        f"`--pretrained_model_name_or_path` {str(bad)!r}: the weights in its experts/expert_0/ do not fit its "
+        "config.json: down_blocks.1.attentions.0.group_norm.bias has shape [24] there, [16] in the UNet2DModel it builds"
+    )
+    examples.assert_usage_error(script, _finetune_args(examples, image_folder, str(bad), str(tmp_path / "run")),
+                                message, capsys)  # fmt: skip
