@@ -97,6 +97,14 @@ def check_input_file(path: str | None, option: str, json_object: bool = False) -
         raise ValueError(f"`{option}` {path!r} holds JSON but not an object (a config): {type(loaded).__name__}.")
 
 
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """Refuse, before any work, a seed outside [0, 2**32): what the training loop's seeding (NumPy's) accepts, and
+    every command takes the same (torch's generators overflow past 64 bits). A `ValueError` naming ``option`` and
+    the value."""
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"`{option}` must be in [0, 2**32), got {seed}.")
+
+
 def check_output_file(path: str | os.PathLike | None, option: str) -> None:
     """Refuse, before any work, an output file path that cannot be written: a folder (existing, or a path ending in a
     separator), or a folder part that is a file (the missing folders are created when writing). A `ValueError` naming

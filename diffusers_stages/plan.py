@@ -22,7 +22,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from .cli import check_input_file, check_output_file, load_saved_folder, write_atomically
+from .cli import check_input_file, check_output_file, check_seed, load_saved_folder, write_atomically
 from .models.checks import check_device, check_positive_integers, sample_size_is
 from .planning import (
     METHODS,
@@ -120,7 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output_plot", default=None, help="Where to write a PNG of the curves with the boundaries marked."
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the Monte Carlo draws: same seed, same plan.")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of the Monte Carlo draws, in [0, 2**32): same seed, same plan."
+    )
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--chunk_size", type=int, default=1024, help="Training images per streamed chunk.")
     args = parser.parse_args(argv)
@@ -173,6 +175,7 @@ def check_args(args: argparse.Namespace) -> None:
     # the planning functions check these too, but only once every image is loaded
     if args.num_stages < 2:
         raise ValueError(f"`--num_stages` must be an integer >= 2, got {args.num_stages}.")
+    check_seed(args.seed)
     check_positive_integers(
         ("--max_images",), **{f"--{option}": getattr(args, option) for option in PLANNING_INTEGERS}
     )

@@ -22,7 +22,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import check_output_file, load_saved_folder, write_atomically
+from .cli import check_output_file, check_seed, load_saved_folder, write_atomically
 from .conventions import class_embedding_count, encode_model_latents, null_class_label, num_data_classes
 from .loss import diffusion_loss
 from .models.checks import check_positive_integers, check_sample_size
@@ -405,7 +405,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tolerance", type=float, default=0.05, help="allowed relative excess error of the shallow model"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise both models are measured on")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the noise both models are measured on, in [0, 2**32)"
+    )
     parser.add_argument(
         "--num_inference_steps",
         type=int,
@@ -426,6 +428,7 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     """The command on parsed arguments: measure, print and plot the recommended switch."""
     check_settings(args.tolerance, args.num_levels, args.num_images)  # before any model or data is loaded
     check_positive_integers(num_inference_steps=args.num_inference_steps)
+    check_seed(args.seed)
     check_output_file(args.plot, "--plot")
     if args.pipeline:
         given = [f"`--{name}`" for name in ("shallow", "deep", "scheduler", "vae") if getattr(args, name) is not None]

@@ -161,6 +161,8 @@ PLAN_ERRORS = [
     (["--method", "snr", "--output_plot", "{root}/file.txt/plan.png"], 2, "`--output_plot` '{root}/file.txt/plan.pn"),
     # a path ending in a separator names a folder, even one not there yet (the plan was computed, then writing failed)
     (["--method", "snr", "--output_plot", "{root}/new/"], 2, "`--output_plot` '{root}/new/' is a folder"),
+    # was torch's "Overflow when unpacking long long", once the images were read
+    (["--method", "snr", "--seed", str(2**64)], 2, f"`--seed` must be in [0, 2**32), got {2**64}"),
 ]
 
 

@@ -94,6 +94,9 @@ def test_command_prints_the_switch_and_saves_the_plot(tiny_unet_kwargs, tmp_path
         (["--tolerance", "nan"], "`tolerance` must be a non-negative number, got nan"),
         (["--shallow", "other"], "`--pipeline` holds the models: `--shallow`"),  # would be ignored
         (["--scheduler", "other"], "`--pipeline` holds the models: `--scheduler`"),
+        # were torch's "Overflow when unpacking long long", once the models and data were loaded
+        (["--seed", str(2**64)], re.escape(f"`--seed` must be in [0, 2**32), got {2**64}")),
+        (["--seed", "-1"], re.escape("`--seed` must be in [0, 2**32), got -1")),  # as the other commands' seeds
     ],
 )
 def test_command_refuses_bad_settings_before_loading_anything(argv, match):

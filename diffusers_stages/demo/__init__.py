@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from ..cli import check_seed
+
 SIZES = {
     # steps: the baseline's training steps (every other method gets its FLOPs); eval: images scored per method
     "default": {"steps": 240, "batch_size": 32, "learning_rate": 2e-3, "num_inference_steps": 20,
@@ -74,8 +76,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--steps` must be a positive integer, got {args.steps}.")
     if args.num_threads < 1:
         raise ValueError(f"`--num_threads` must be a positive integer, got {args.num_threads}.")
-    if not 0 <= args.seed < 2**32:  # what the training loop accepts (NumPy's seeds), checked before any work
-        raise ValueError(f"`--seed` must be in [0, 2**32), got {args.seed}.")
+    check_seed(args.seed)  # what the training loop accepts, checked before any work
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device not in ("cpu", "cuda"):

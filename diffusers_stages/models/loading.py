@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from ..hub import SaveThenPushMixin
 
@@ -21,6 +22,8 @@ FUSED_PROJECTIONS = (".to_qkv.", ".to_kv.", ".to_added_qkv.")
 # a weight index: `diffusion_pytorch_model.safetensors.index.json`, and a variant's, which diffusers names
 # `diffusion_pytorch_model.safetensors.index.fp16.json` (`.bin` alike)
 WEIGHT_INDEX = re.compile(r".+\.index(\.[^./]+)?\.json")
+# the weight files a model folder is loaded from without `variant=`, in the order diffusers looks for them
+PLAIN_WEIGHT_FILES = (SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 CONFIG_FILES = ("config.json", "scheduler_config.json")  # a model's and a scheduler's: JSON objects (`read_json`)
 
 
@@ -196,12 +199,12 @@ def refuse_inconsistent_shards(folder: str | os.PathLike) -> None:
                 )
 
 
-def _tensor_dtypes(path: str) -> dict[str, str | torch.dtype] | None:
+def _tensor_headers(path: str) -> dict[str, tuple[str | torch.dtype, list[int]]] | None:
     """The tensors a weight file holds, by name, with their dtypes (safetensors' names, ``"F32"``, ``"I64"``, ...; a
-    torch dtype for a ``.bin``), read without loading any data: safetensors headers, or a ``.bin`` unpickled with
-    ``weights_only=True`` onto the ``meta`` device. `None` for a ``.bin`` that torch's weights-only unpickler
-    refuses, or a ``.safetensors`` file safetensors cannot read: diffusers, which reads them the same way, cannot
-    have loaded it (a planted or broken file never runs, nor stops the weights that were loaded)."""
+    torch dtype for a ``.bin``) and shapes, read without loading any data: safetensors headers, or a ``.bin``
+    unpickled with ``weights_only=True`` onto the ``meta`` device. `None` for a ``.bin`` that torch's weights-only
+    unpickler refuses, or a ``.safetensors`` file safetensors cannot read: diffusers, which reads them the same way,
+    cannot have loaded it (a planted or broken file never runs, nor stops the weights that were loaded)."""
     import pickle
 
     if path.endswith(".safetensors"):
@@ -209,7 +212,9 @@ def _tensor_dtypes(path: str) -> dict[str, str | torch.dtype] | None:
 
         try:
             with safe_open(path, "pt") as weights:
-                return {k: weights.get_slice(k).get_dtype() for k in weights.keys()}
+                return {
+                    k: (weights.get_slice(k).get_dtype(), weights.get_slice(k).get_shape()) for k in weights.keys()
+                }
         except SafetensorError:
             return None
     try:
@@ -221,13 +226,41 @@ def _tensor_dtypes(path: str) -> dict[str, str | torch.dtype] | None:
         return None
     if not isinstance(state, dict):
         return {}
-    return {str(k): v.dtype for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {str(k): (v.dtype, list(v.shape)) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _tensor_dtypes(path: str) -> dict[str, str | torch.dtype] | None:
+    """The dtypes of the tensors a weight file holds, by name (see `_tensor_headers`; `None` for an unreadable file)."""
+    headers = _tensor_headers(path)
+    return None if headers is None else {k: dtype for k, (dtype, _) in headers.items()}
 
 
 def _tensor_names(path: str) -> list[str] | None:
-    """The tensor names a weight file holds (see `_tensor_dtypes`; `None` for an unreadable file)."""
+    """The tensor names a weight file holds (see `_tensor_headers`; `None` for an unreadable file)."""
     dtypes = _tensor_dtypes(path)
     return None if dtypes is None else list(dtypes)
+
+
+def first_shape_mismatch(model: torch.nn.Module, folder: str | os.PathLike) -> str | None:
+    """The first tensor (by name) that the weight files ``folder`` loads from without a variant (the shards of its
+    index, or its one file) hold with another shape than ``model`` (built from the folder's config, on the ``meta``
+    device) has, said as "NAME has shape [...] there, [...] in the CLASS it builds"; None when every tensor both
+    have fits, or no file can be read. Reads headers only (`_tensor_headers`); missing and unexpected tensors are
+    left to the strict loading (diffusers renames some old ones as it loads)."""
+    found = [n for n in PLAIN_WEIGHT_FILES if os.path.isfile(os.path.join(folder, n))][:1]
+    if found and found[0].endswith(".json"):  # the shards its index lists (a name leading elsewhere: the loader's)
+        weight_map = read_json(os.path.join(folder, found[0]), found[0]).get("weight_map")
+        shards = weight_map.values() if isinstance(weight_map, dict) else []
+        found = sorted({s for s in shards if isinstance(s, str) and os.path.basename(s) == s})
+    held = {}
+    for name in found:
+        if os.path.isfile(os.path.join(folder, name)):
+            held.update(_tensor_headers(os.path.join(folder, name)) or {})
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    for key in sorted(shapes.keys() & held.keys()):
+        if list(held[key][1]) != shapes[key]:
+            return f"{key} has shape {list(held[key][1])} there, {shapes[key]} in the {type(model).__name__} it builds"
+    return None
 
 
 def _is_float_dtype(dtype: str | torch.dtype) -> bool:

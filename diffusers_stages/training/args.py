@@ -13,9 +13,11 @@ import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..cli import check_seed
 from ..partition import TimestepPartition
 from ..planning.data import is_inside
 from ..timestep_sampling import STAGE_SAMPLING
+from .checkpointing import checkpoint_folders
 
 # the learning-rate schedules `get_scheduler` builds from the loop's arguments alone
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -445,8 +447,28 @@ def check_assembly_args(args: argparse.Namespace) -> None:
     """The checks of a run that trains nothing (`--assemble_experts`): the output folder, the sample grid and the
     Hub options; raises ValueError naming the argument."""
     check_output_dir(args)
+    check_not_a_run_folder(args.output_dir)
     check_positive_options(args, ("num_sample_images", "num_inference_steps"))
     check_hub_options(args)
+
+
+def check_not_a_run_folder(output_dir: str) -> None:
+    """Refuse to write the assembled pipeline into a training run's folder (its `expert_run.json`, or checkpoints),
+    among the run's files: such a folder is then refused as a run to assemble (`assembly_base`: it holds both), and
+    the run, resumed, saves over the pipeline. A saved pipeline's folder (overwritten), an empty or a new one is fine."""
+    from .tasks.experts import EXPERT_RUN_FILE  # (the tasks import this module)
+
+    checkpoints = checkpoint_folders(output_dir)
+    if os.path.isfile(os.path.join(output_dir, EXPERT_RUN_FILE)):
+        found = f"{EXPERT_RUN_FILE}, an `--expert_index` run's record"
+    elif checkpoints:
+        found = f"checkpoints: {os.path.basename(checkpoints[-1])}"
+    else:
+        return
+    raise ValueError(
+        f"`--output_dir` {output_dir!r} is the folder of a training run (it holds {found}): the assembled pipeline "
+        "would be written among the run's files. Give the assembled pipeline a folder of its own."
+    )
 
 
 def check_hub_options(args: argparse.Namespace) -> None:
@@ -541,8 +563,7 @@ def check_optimisation_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"`--{name}` must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value}.")
     if args.lr_warmup_steps < 0:
         raise ValueError(f"`--lr_warmup_steps` must be a non-negative integer, got {args.lr_warmup_steps}.")
-    if not 0 <= args.seed < 2**32:
-        raise ValueError(f"`--seed` must be in [0, 2**32), got {args.seed}.")
+    check_seed(args.seed)
 
 
 def check_device_options(args: argparse.Namespace) -> None:

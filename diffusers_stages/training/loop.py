@@ -180,6 +180,8 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
 
     # 2. accelerator, logging, output folder, seeds (the same initial weights on every process)
     accelerator = _accelerator(args, task)
+    for warning in task.data_warnings():  # (the logger needs the accelerator)
+        logger.warning(warning)
     replaced = _prepare_output_dir(accelerator, args, existing, resume_path)
     set_seed(args.seed)
 

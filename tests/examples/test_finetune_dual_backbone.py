@@ -205,3 +205,19 @@ def test_a_finetuned_backbones_card_samples_with_the_scheduler_class_of_its_sour
     scope = {}
     exec(code.replace("image = pipe(", "pass  # "), scope)  # the card's own code, up to sampling
     assert type(scope["pipe"].scheduler) is DPMSolverMultistepScheduler
+
+
+def test_a_one_backbone_run_of_other_class_names_says_it_saves_none(examples, script, image_folder, tmp_path):
+    # (the warning itself, logged by the training loop, is tested with the experts script)
+    labelled = {"num_class_embeds": 4}  # the image folder's 3 classes + the null label
+    DualBackbonePipeline(
+        shallow=UNet2DModel(**SMALL_UNET, **labelled), deep=UNet2DModel(**TINY_UNET, **labelled),
+        scheduler=DDIMScheduler(**LDM_SCHEDULE), switch_timestep=600, id2label={"0": "cat", "1": "dog", "2": "bird"},
+    ).save_pretrained(tmp_path / "src")  # fmt: skip
+    argv = _finetune_args(examples, image_folder, str(tmp_path / "src"), str(tmp_path / "run"), "--class_conditional")
+    task = script.DualBackboneTask(script.parse_args([*argv, "--backbones", "shallow"]))
+    task.class_names = ["0", "1", "2"]
+    (warning,) = task.data_warnings()
+    assert "['cat', 'dog', 'bird']" in warning and "the run saves no class names" in warning
+    task.class_names = ["cat", "dog", "bird"]
+    assert task.data_warnings() == []

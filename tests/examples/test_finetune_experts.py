@@ -338,3 +338,61 @@ def test_a_square_sample_size_pair_of_another_size_gives_the_resolution_to_pass(
     examples.assert_refused_before_training(
         script, _finetune_args(examples, image_folder, str(other), str(tmp_path / "run")), message
     )
+
+
+@pytest.mark.parametrize(
+    "names, extra, said",
+    [
+        (["cat", "dog", "bird"], [], "saved with the data's (the pipeline's `id2label`)"),
+        (["cat", "dog", "bird"], ["--expert_index", "1"], "`--assemble_experts` with it as the base refuses them"),
+        (["0", "1", "2"], [], None),
+    ],
+)
+def test_a_class_conditional_source_of_other_class_names_is_a_warning(
+    examples, script, image_folder, tmp_path, caplog, names, extra, said
+):
+    # before, the data's class names replaced the source's silently (a one-expert run's were refused only when
+    # assembled back into its source): transfer to other labels may be meant, so the run goes on, but says so
+    torch.manual_seed(0)
+    labelled = {**TINY_UNET, "num_class_embeds": 4}  # the image folder's 3 classes + the null label
+    experts = ExpertRoutingModel([UNet2DModel(**labelled), UNet2DModel(**labelled)], stage_boundaries=(400,))
+    id2label = {str(i): name for i, name in enumerate(names)}
+    pipe = ExpertRoutingPipeline(experts=experts, scheduler=DDIMScheduler(**LDM_SCHEDULE), id2label=id2label)
+    pipe.save_pretrained(tmp_path / "src")
+    source, out = str(tmp_path / "src"), str(tmp_path / "run")
+    examples.train(script, _finetune_args(examples, image_folder, source, out, "--class_conditional", *extra))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "class names" in r.getMessage()]
+    if said is None:
+        assert warnings == []
+        return
+    (warning,) = warnings
+    assert f"`--pretrained_model_name_or_path` {source!r}" in warning and said in warning
+    assert "['cat', 'dog', 'bird']" in warning and "['0', '1', '2']" in warning
+
+
+@pytest.mark.parametrize(
+    "save", [{}, {"max_shard_size": "10KB"}, {"safe_serialization": False}], ids=["file", "shards", "bin"]
+)
+def test_source_weights_of_another_width_are_refused_before_the_data_are_read(
+    examples, script, image_folder, source, tmp_path, capsys, save
+):
+    # were refused by the strict loading only once the networks were built, after the data were read (minutes on a
+    # real data set): the weight files' headers are read against the config's model when the arguments are checked
+    bad = tmp_path / "bad"
+    shutil.copytree(source, bad)
+    expert = bad / "experts" / "expert_0"
+    for name in os.listdir(expert):
+        if name.startswith("diffusion_pytorch_model"):
+            os.remove(expert / name)
+    config = json.loads((expert / "config.json").read_text())
+    UNet2DModel(**{**TINY_UNET, "block_out_channels": (8, 24)}).save_pretrained(tmp_path / "wide", **save)
+    for name in os.listdir(tmp_path / "wide"):
+        if name.startswith("diffusion_pytorch_model"):
+            shutil.copy(tmp_path / "wide" / name, expert / name)
+    assert json.loads((expert / "config.json").read_text()) == config  # the config still says (8, 16)
+    message = (
+        f"`--pretrained_model_name_or_path` {str(bad)!r}: the weights in its experts/expert_0/ do not fit its "
+        "config.json: down_blocks.1.attentions.0.group_norm.bias has shape [24] there, [16] in the UNet2DModel it builds"
+    )
+    examples.assert_usage_error(script, _finetune_args(examples, image_folder, str(bad), str(tmp_path / "run")),
+                                message, capsys)  # fmt: skip

@@ -228,6 +228,34 @@ def test_bad_assembly_arguments_are_refused_before_assembling(script, tmp_path, 
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("expert_run.json", "(it holds expert_run.json, an `--expert_index` run's record)"),
+        ("checkpoint-3/", "(it holds checkpoints: checkpoint-3)"),
+        ("model_index.json", None),  # a saved pipeline, overwritten as before
+        ("", None),  # an empty folder
+        (None, None),  # no folder yet
+    ],
+)
+def test_assembling_into_a_training_run_folder_is_refused(script, tmp_path, capsys, entry, message):
+    # was written into the run's folder, beside its own files: that folder was then refused as a run (it "holds both a
+    # saved pipeline and an `--expert_index` run"), and the run, resumed, saved over the pipeline
+    out = tmp_path / "out"
+    if entry is not None:
+        out.mkdir()
+    if entry:
+        (out / entry.rstrip("/")).mkdir() if entry.endswith("/") else (out / entry).write_text("{}")
+    argv = ["--assemble_experts", str(tmp_path / "a"), str(tmp_path / "b"), "--output_dir", str(out)]
+    if message is None:
+        assert script.parse_args(argv).output_dir == str(out)
+        return
+    with pytest.raises(SystemExit):
+        script.parse_args(argv)
+    error = capsys.readouterr().err
+    assert f"`--output_dir` {str(out)!r} is the folder of a training run" in error and message in error
+
+
 def test_resuming_with_other_stage_boundaries_names_them(examples, script, image_folder, tmp_path):
     # an expert's config holds no boundaries: a resumed run went on training every expert on another interval
     out = str(tmp_path / "run")

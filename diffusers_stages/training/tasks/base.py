@@ -180,6 +180,11 @@ class TrainingTask:
         """Refuse training data that networks loaded from a checkpoint cannot take (a ValueError naming the
         argument); networks built from the arguments fit any data, so by default there is nothing to check."""
 
+    def data_warnings(self) -> list[str]:
+        """What about the training data does not stop the run but should be said, once the data are read (logged as
+        warnings by the training loop; what the run refuses is `check_data`'s): by default nothing."""
+        return []
+
     def read_records(self, args: argparse.Namespace):
         """The training images and their labels when the task reads them itself (e.g. captions, see
         `TextToImageTask`); None for the loop's own reading of `--train_data_dir` / `--dataset_name`."""

@@ -258,6 +258,11 @@ class DualBackboneTask(FineTuningTask):
         if vae is not None:  # a latent-space run: its samples are decoded with this VAE
             vae.save_pretrained(os.path.join(output_dir, "vae"))
 
+    def saved_class_names(self):
+        if self.args.backbones == "both":
+            return super().saved_class_names()
+        return "and the run saves no class names (one backbone alone holds no pipeline)"
+
     def description(self):
         fraction, timestep, sigma = (self.switch[key] for key in SWITCH_KEYS)
         switch = (

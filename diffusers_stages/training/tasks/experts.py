@@ -322,6 +322,14 @@ class ExpertTask(FineTuningTask):
             json.dump({"expert_index": self.args.expert_index, "prediction_type": self.args.prediction_type,
                        **self.partition.to_config(), **names}, f, indent=2)  # fmt: skip
 
+    def saved_class_names(self):
+        if self.args.expert_index is None:
+            return super().saved_class_names()
+        return (
+            f"and the run saves the data's (in its {EXPERT_RUN_FILE}): `--assemble_experts` with it as the base "
+            "refuses them (to put the expert back, train on data of the source's class names)"
+        )
+
     def usage(self, repo_id):
         if self.args.expert_index is None:
             return super().usage(repo_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -13,11 +14,16 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from ...conventions import num_data_classes
 from ...models.checks import sample_size_is
-from ...models.loading import CONFIG_VALUE_ERRORS, check_folder_files, check_subfolder
+from ...models.loading import (
+    CONFIG_VALUE_ERRORS,
+    PLAIN_WEIGHT_FILES,
+    check_folder_files,
+    check_subfolder,
+    first_shape_mismatch,
+)
 from ...partition import TimestepPartition
 from ...pipelines.loading import package_classes, resolve_pipeline_class
 from ...schedulers import check_scheduler_units, is_edm_scheduler
@@ -25,8 +31,6 @@ from ..args import refuse_given_options
 from .base import TrainingTask, noise_schedulers
 
 OPTION = "`--pretrained_model_name_or_path`"
-# the weight files a model folder is loaded from without `variant=` (one file, or the index of shards)
-PLAIN_WEIGHTS = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
 
 
 @dataclass
@@ -96,28 +100,35 @@ class PipelineSource:
 
     def check_builds(self, folder: str) -> None:
         """Build the model of ``folder`` (read by `read_model`) from its config without weights (as diffusers loads
-        one, `init_empty_weights`): a value its class cannot take is a ValueError naming the option and the file
-        before the run loads its data, not an error from inside the model once it has."""
+        one, `init_empty_weights`): a value its class cannot take, or (a local folder) a weight file's tensor of
+        another shape (its header read, `first_shape_mismatch`), is a ValueError naming the option and the file
+        before the run loads its data, not an error from inside the model (or the strict loading) once it has."""
         model_class = self.classes[folder]
         try:
             with init_empty_weights():
-                model_class.from_config(self.configs[folder])
+                model = model_class.from_config(self.configs[folder])
         except CONFIG_VALUE_ERRORS as error:
             raise ValueError(
                 f"{OPTION} {self.path!r}: its {folder}/config.json does not build a {model_class.__name__}: "
                 f"{type(error).__name__}: {error}"
             ) from None
+        local = os.path.join(self.path, folder)  # (a Hub repository's weights are its loader's)
+        mismatch = first_shape_mismatch(model, local) if os.path.isdir(local) else None
+        if mismatch is not None:
+            raise ValueError(
+                f"{OPTION} {self.path!r}: the weights in its {folder}/ do not fit its config.json: {mismatch}."
+            )
 
     def check_weights(self, folder: str) -> None:
         """Refuse a local source whose ``folder`` holds no weights that loading without a variant reads (a folder
         saved with ``variant="fp16"`` only), when the arguments are checked; a Hub repository is its loader's."""
         local = os.path.join(self.path, folder)
-        if not os.path.isdir(local) or any(os.path.isfile(os.path.join(local, name)) for name in PLAIN_WEIGHTS):
+        if not os.path.isdir(local) or any(os.path.isfile(os.path.join(local, name)) for name in PLAIN_WEIGHT_FILES):
             return
         found = sorted(name for name in os.listdir(local) if name.startswith("diffusion_pytorch_model."))
         raise ValueError(
             f"{OPTION} {self.path!r}: its {folder}/ holds no weights to load without a variant, only {found} (one of "
-            f"{list(PLAIN_WEIGHTS)} is needed): fine-tuning loads a folder's plain weights, so save a copy without "
+            f"{list(PLAIN_WEIGHT_FILES)} is needed): fine-tuning loads a folder's plain weights, so save a copy without "
             "`variant=` (`pipe.save_pretrained(folder)`) and fine-tune that."
         )
 
@@ -262,6 +273,21 @@ class FineTuningTask(TrainingTask):
             return
         for config in self.source_configs().values():
             self._check_fits(config, in_channels, sample_size, num_class_embeds)
+
+    def data_warnings(self):
+        names = None if self.source is None or not self.args.class_conditional else self.source.index.get("id2label")
+        if names is None or names == self.id2label:  # (transfer to other labels may be meant: said, not refused)
+            return []
+        shown = reprlib.repr(list(names.values()) if isinstance(names, dict) else names)
+        return [
+            f"{OPTION} {self.source.path!r} has the class names {shown} (`id2label` of its model_index.json), but the "
+            f"training data's are {reprlib.repr(self.class_names)}: the data's class i fine-tunes the source's class "
+            f"i, {self.saved_class_names()}."
+        ]
+
+    def saved_class_names(self) -> str:
+        """What this run saves of the data's class names, for `data_warnings` (the end of its sentence)."""
+        return "and the result is saved with the data's (the pipeline's `id2label`)"
 
     def _check_fits(self, config: dict, in_channels: int, sample_size: int, num_class_embeds: int | None) -> None:
         path = self.source.path
