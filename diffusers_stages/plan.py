@@ -58,7 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_column", default="image", help="The image column of --dataset.")
     parser.add_argument("--split", default="train", help="The split of --dataset.")
     parser.add_argument("--resolution", type=int, default=32, help="Side of the square images planned on.")
-    parser.add_argument("--num_channels", type=int, default=3, choices=(1, 3), help="1 (grayscale) or 3 (RGB).")
+    parser.add_argument(
+        "--num_channels",
+        type=int,
+        default=3,
+        choices=(1, 3),
+        help="1 (grayscale) or 3 (RGB). The training scripts read every image as RGB: plan with 3 for them (1 plans "
+        "for a grayscale model trained otherwise, e.g. from Python).",
+    )
     parser.add_argument("--max_images", type=int, default=None, help="Plan on the first N images (default: all).")
     parser.add_argument(
         "--vae_path",
