@@ -12,6 +12,7 @@ from diffusers import (
     EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
     EulerAncestralDiscreteScheduler,
+    FlowMapEulerDiscreteScheduler,
     UNet2DModel,
     VQModel,
 )
@@ -94,6 +95,10 @@ def test_a_scheduler_state_beyond_its_config_routes_each_call_by_its_own_timeste
         (EDMEulerScheduler, "sigma", False),
         (EDMEulerScheduler, "sigma", True),
         (EDMDPMSolverMultistepScheduler, "sigma", False),
+        (DDIMScheduler, "timestep", False),
+        (DDIMScheduler, "timestep", True),
+        (FlowMapEulerDiscreteScheduler, "timestep", False),  # float64 timesteps
+        (FlowMapEulerDiscreteScheduler, "timestep", True),
     ],
 )
 def test_a_direct_call_on_a_boundary_the_scheduler_samples_runs_the_pipelines_decoder(
@@ -101,8 +106,9 @@ def test_a_direct_call_on_a_boundary_the_scheduler_samples_runs_the_pipelines_de
 ):
     """A model called without `stage_index` (a user's loop, diffusers' own pipelines) must run the decoder the
     pipeline's schedule picks, also where a boundary is a noise level the scheduler samples: with a sigma boundary
-    the model routed the float32 c_noise to the cleaner stage, the schedule its float to the noisier one."""
-    steps = 8
+    the model routed the float32 c_noise to the cleaner stage, the schedule its float to the noisier one; a timestep
+    given as a Python float (``t.item()``) was read as float32, so a float64 timestep on a boundary went below it."""
+    steps = 12  # FlowMapEulerDiscreteScheduler then has float64 timesteps above their float32 rounding
     scheduler = scheduler_class()
     probe = scheduler_class.from_config(scheduler.config)
     probe.set_timesteps(steps)
