@@ -14,10 +14,15 @@ Two units are supported, matching the two ways diffusers models are conditioned 
 - ``"sigma"``: EDM-style models. Boundaries are noise standard deviations; the model is conditioned on EDM's
   ``c_noise = ln(sigma) / 4``, which is what diffusers' EDM schedulers pass as ``timestep``. As in the authors'
   EDM code (a stage is chosen by ``sigma > lower bound``), a sigma stage is the interval ``(b_{s-1}, b_s]``: a noise
-  level exactly on a boundary belongs to the cleaner stage. Model timesteps are compared with the boundaries'
-  ``c_noise`` computed in the timestep's own precision, the way the schedulers compute it, so a boundary routes the
-  same way whether it is given as sigma or reaches the model as ``c_noise`` (no ``exp``/``log`` round trip); a
-  float32 ``c_noise`` tells noise levels apart down to about 2.4e-7 relative.
+  level exactly on a boundary belongs to the cleaner stage. A model timestep is compared by its value alone, whatever
+  its dtype (the scheduler's float32 tensor that a model receives, its Python float that `expert_schedule` routes,
+  a float64 one), with each boundary ``b``'s ``c_noise``, taken as the larger of ``ln(b)/4`` (in float64) and the
+  float32 next at or above ``ln(b32)/4``, ``b32`` being ``b`` rounded to float32: the schedulers hold sigmas in
+  float32 and take their log in float32, and any float32 ``log`` accurate to one ulp (torch's on the CPU; CUDA's
+  ``logf``) gives ``b32`` a ``c_noise`` at or below that bound. So a sigma the scheduler samples on (or within
+  float32 rounding of) a boundary goes to the cleaner stage, from the model's own routing and the pipelines' alike,
+  and no ``exp``/``log`` round trip is made; a float32 ``c_noise`` tells noise levels apart down to about 2.4e-7
+  relative.
 """
 
 from __future__ import annotations
@@ -171,21 +176,19 @@ class TimestepPartition:
         return torch.bucketize(levels.to(bounds.dtype), bounds, right=self.units == "timestep")
 
     def _bounds_tensor(self, space: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The boundaries as a tensor (``space`` "c_noise": as ``ln(sigma)/4``), built once per dtype and device."""
+        """The boundaries as a tensor (``space`` "c_noise": as ``ln(sigma)/4``, see the module docstring), built once
+        per dtype and device."""
         key = (space, dtype, device)
         if key not in self._bounds:
-            bounds = torch.tensor(self.boundaries, dtype=dtype)
-            if space == "c_noise":
-                bounds = 0.25 * torch.log(bounds)  # as EDM schedulers compute it
-            else:
-                # a boundary the dtype cannot hold is rounded towards the stage that owns it (the noisier one for
-                # [b_{s-1}, b_s), the cleaner one for (b_{s-1}, b_s]), so that a level compares as its exact value
-                exact = torch.tensor(self.boundaries, dtype=torch.float64)
-                noisier = self.units == "timestep"
-                off = bounds.double() < exact if noisier else bounds.double() > exact
-                toward = torch.full_like(bounds, math.inf if noisier else -math.inf)
-                bounds = torch.where(off, torch.nextafter(bounds, toward), bounds)
-            self._bounds[key] = bounds.to(device)
+            exact = torch.tensor(self.boundaries, dtype=torch.float64)
+            if space == "c_noise":  # see the module docstring
+                sigma32 = exact.float().double()  # infinite beyond float32's range: then the float64 value alone
+                from_float32 = _rounded(0.25 * torch.log(sigma32), torch.float32, up=True).double()
+                from_float32 = torch.where(sigma32.isinf(), -math.inf, from_float32)
+                exact = torch.maximum(0.25 * torch.log(exact), from_float32)
+            # a boundary the dtype cannot hold is rounded towards the stage that owns it (the noisier one for
+            # [b_{s-1}, b_s), the cleaner one for (b_{s-1}, b_s]), so that a level compares as its exact value
+            self._bounds[key] = _rounded(exact, dtype, up=self.units == "timestep").to(device)
         return self._bounds[key]
 
     def stage_for_timestep(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
@@ -224,6 +227,13 @@ class TimestepPartition:
             f"TimestepPartition(boundaries={list(self.boundaries)}, num_train_timesteps={self.num_train_timesteps}, "
             f"units={self.units!r})"
         )
+
+
+def _rounded(values: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """float64 ``values`` in ``dtype``, each rounded up (``up``) or down to a value of ``dtype`` where it holds none."""
+    rounded = values.to(dtype)
+    off = rounded.double() < values if up else rounded.double() > values
+    return torch.where(off, torch.nextafter(rounded, torch.full_like(rounded, math.inf if up else -math.inf)), rounded)
 
 
 def _check_num_train_timesteps(num_train_timesteps: int) -> None:

@@ -2,7 +2,12 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, FlowMapEulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
+    FlowMapEulerDiscreteScheduler,
+)
 
 from diffusers_stages import StageRouter, TimestepPartition
 
@@ -194,6 +199,29 @@ def test_a_python_number_is_routed_by_its_own_value():
     sigma = TimestepPartition([2.0], units="sigma")
     c_noise = 0.25 * math.log(2.0)  # on the boundary, computed in float64: the cleaner stage
     assert int(sigma.stage_for_timestep(c_noise)) == int(sigma.stage_for_noise_level(2.0)) == 0
+
+
+@pytest.mark.parametrize("scheduler_class", [EDMEulerScheduler, EDMDPMSolverMultistepScheduler])
+def test_a_sampled_sigma_on_a_boundary_routes_alike_as_a_tensor_and_as_a_float(scheduler_class):
+    # a boundary on a sigma the scheduler samples: the model routed the float32 c_noise against ln(b)/4 computed in
+    # float32 (the cleaner stage), expert_schedule (StageRouter) its float against ln(b)/4 in float64, where about half
+    # the float32 roundings lie above it (the noisier stage): the pipeline ran one decoder, a plain loop the other
+    scheduler = scheduler_class()
+    scheduler.set_timesteps(12)
+    for sigma, t in zip(scheduler.sigmas[1:-2].tolist(), scheduler.timesteps[1:-1]):
+        # on the boundary, and the boundary within float32 rounding of it, on either side
+        for boundary in (sigma, sigma * (1 + 2**-26), sigma * (1 - 2**-26)):
+            partition = TimestepPartition([boundary], units="sigma")
+            direct = int(partition.stage_for_timestep(t.reshape(1))[0])  # as the model routes the scheduler's tensor
+            assert StageRouter(partition, scheduler)(float(t), is_corrector=False) == direct, (sigma, boundary)
+            assert int(partition.stage_for_timestep(float(t))) == direct, (sigma, boundary)
+            assert direct == 0, (sigma, boundary)  # a level on its boundary belongs to the cleaner stage
+        # a float32 log of another library (CUDA's logf, accurate to one ulp) may round ln(sigma)/4 up instead
+        exact = torch.tensor([0.25 * math.log(sigma)], dtype=torch.float64)
+        above = (
+            exact.float() if float(exact.float()) >= float(exact) else torch.nextafter(exact.float(), torch.ones(1))
+        )
+        assert int(TimestepPartition([sigma], units="sigma").stage_for_timestep(above)[0]) == 0, sigma
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..partition import exact_float
+
 INDEX_DTYPES = (torch.int64, torch.int32)  # what an embedding table (`nn.Embedding`) takes as indices
 
 
@@ -253,8 +255,10 @@ def per_sample_timesteps(
 ) -> torch.Tensor:
     r"""
     Check ``timestep`` (a number, or a tensor of one value or one per sample) and return one timestep per sample,
-    shape ``(batch,)``, on ``device``. Python integers become ``long`` (as in `UNet2DModel`), other numbers stay
-    floating point, tensors keep their dtype. With ``check_values`` the values must also be finite (a host read).
+    shape ``(batch,)``, on ``device``. Python integers become ``long`` (as in `UNet2DModel`), other numbers float64
+    (as in `UNet2DConditionModel`; float32 on Apple's MPS, which has none: `exact_float`), so that the routing sees
+    the value the caller gave (in float32, 441.99999 would be 442.0, across a boundary at 442); tensors keep their
+    dtype. With ``check_values`` the values must also be finite (a host read).
 
     Example:
 
@@ -281,7 +285,7 @@ def per_sample_timesteps(
         # the graph (fullgraph=True: an error), so it is checked eagerly only (an integer always is finite)
         if not integral and not torch.compiler.is_compiling() and not math.isfinite(timestep):
             raise ValueError(f"`timestep` must be finite, got {timestep}.")
-        dtype = torch.long if integral else torch.float32
+        dtype = torch.long if integral else exact_float(device)
         timesteps = torch.tensor(timestep, dtype=dtype, device=device)
     else:
         raise ValueError(f"`timestep` must be a number or a tensor, got {type(timestep).__name__}.")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from diffusers_stages import MultiStageUNet2DModel
+from diffusers_stages import MultiStageUNet2DModel, TimestepPartition
 from diffusers_stages.models.checks import (
     check_class_labels,
     check_positive_integers,
@@ -35,7 +35,7 @@ def test_compute_dtype_agrees_with_model_dtype_without_walking_the_model(tiny_mu
     ("timestep", "dtype", "values"),
     [
         (7, torch.long, [7, 7, 7]),
-        (0.25, torch.float32, [0.25] * 3),  # python floats are not truncated (EDM's c_noise is fractional)
+        (0.25, torch.float64, [0.25] * 3),  # python floats are not truncated (EDM's c_noise is fractional)
         (torch.tensor(5), torch.long, [5] * 3),
         (torch.tensor([2.5]), torch.float32, [2.5] * 3),
         (torch.tensor([1, 2, 3]), torch.long, [1, 2, 3]),
@@ -44,6 +44,16 @@ def test_compute_dtype_agrees_with_model_dtype_without_walking_the_model(tiny_mu
 def test_per_sample_timesteps_gives_one_per_sample(timestep, dtype, values):
     timesteps = per_sample_timesteps(timestep, 3, CPU, check_values=True)
     assert timesteps.dtype == dtype and timesteps.tolist() == values
+
+
+def test_a_python_float_timestep_keeps_its_value_for_the_routing():
+    # a Python float was read as float32: 441.99999 became 442.0, which a model routed to the noisier stage of a
+    # boundary at 442 while the partition (and the pipelines' schedule) put 441.99999 below it; it is read in float64
+    # now, as diffusers' UNet2DConditionModel reads one (float32 on Apple's MPS, which has no float64)
+    timesteps = per_sample_timesteps(441.99999, 2, CPU, check_values=True)
+    assert timesteps.tolist() == [441.99999] * 2
+    partition = TimestepPartition([442])
+    assert partition.stage_for_timestep(timesteps).tolist() == [int(partition.stage_for_timestep(441.99999))] * 2
 
 
 @pytest.mark.parametrize(

@@ -202,7 +202,7 @@ def test_the_stage_index_path_reads_no_tensor_value(class_conditional, host_read
     [
         (1000, {}, r"`timestep` must lie in \[0, 1000\).*got \[1000, 1000\]"),  # inside the partition's range
         (torch.tensor([10, -1]), {}, r"`timestep` must lie in \[0, 1000\).*got \[10, -1\]"),
-        (500.5, {}, r"`timestep` must be integer training timesteps .*got dtype torch.float32"),
+        (500.5, {}, r"`timestep` must be integer training timesteps .*got dtype torch.float64"),
         (torch.tensor([500.0, 20.0]), {"stage_index": 0}, r"`timestep` must be integer .*got dtype torch.float32"),
     ],
 )

@@ -9,8 +9,10 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
+    EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
     EulerAncestralDiscreteScheduler,
+    FlowMapEulerDiscreteScheduler,
     UNet2DModel,
     VQModel,
 )
@@ -85,6 +87,43 @@ def test_a_scheduler_state_beyond_its_config_routes_each_call_by_its_own_timeste
     pipe(num_inference_steps=4, output_type="pt")
     assert [stage for _, stage, _ in calls] == [_expected_stage(t, edm=False) for t, _, _ in calls]
     assert [t for t, _ in pipe.expert_schedule(4)] == [t for t, _, _ in calls]
+
+
+@pytest.mark.parametrize(
+    ("scheduler_class", "units", "as_number"),
+    [
+        (EDMEulerScheduler, "sigma", False),
+        (EDMEulerScheduler, "sigma", True),
+        (EDMDPMSolverMultistepScheduler, "sigma", False),
+        (DDIMScheduler, "timestep", False),
+        (DDIMScheduler, "timestep", True),
+        (FlowMapEulerDiscreteScheduler, "timestep", False),  # float64 timesteps
+        (FlowMapEulerDiscreteScheduler, "timestep", True),
+    ],
+)
+def test_a_direct_call_on_a_boundary_the_scheduler_samples_runs_the_pipelines_decoder(
+    tiny_unet_kwargs, scheduler_class, units, as_number
+):
+    """A model called without `stage_index` (a user's loop, diffusers' own pipelines) must run the decoder the
+    pipeline's schedule picks, also where a boundary is a noise level the scheduler samples: with a sigma boundary
+    the model routed the float32 c_noise to the cleaner stage, the schedule its float to the noisier one; a timestep
+    given as a Python float (``t.item()``) was read as float32, so a float64 timestep on a boundary went below it."""
+    steps = 12  # FlowMapEulerDiscreteScheduler then has float64 timesteps above their float32 rounding
+    scheduler = scheduler_class()
+    probe = scheduler_class.from_config(scheduler.config)
+    probe.set_timesteps(steps)
+    x = torch.randn(1, 3, 8, 8, generator=torch.manual_seed(0))
+    for i in range(1, steps - 1):
+        t = probe.timesteps[i]
+        boundary = float(probe.sigmas[i]) if units == "sigma" else float(t)
+        torch.manual_seed(0)
+        unet = MultiStageUNet2DModel(**tiny_unet_kwargs, stage_boundaries=[boundary], boundary_units=units).eval()
+        stage = _pipe(unet, scheduler).expert_schedule(steps)[i][1]
+        with torch.no_grad():
+            direct = unet(x, t.item() if as_number else t).sample
+            by_stage = [unet(x, t, stage_index=s).sample for s in range(2)]
+        ran = [s for s in range(2) if torch.equal(direct, by_stage[s])]
+        assert ran == [stage], f"call {i} at t={float(t)} (boundary {boundary}): the pipeline runs {stage}, not {ran}"
 
 
 def test_same_seed_same_images_also_after_save_and_reload(tiny_multistage, tmp_path):
