@@ -456,14 +456,19 @@ def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: Nois
 
 
 def _expert_arguments(args: argparse.Namespace, plan) -> list[str]:
-    """The `train_experts.py` arguments that train the experts of a budget ``plan`` (with the data options)."""
+    """The `train_experts.py` arguments that train the experts of a budget ``plan`` (with the data options); for a
+    training budget also the batch it pays for: `--batch_size` images, each trained by the expert of its interval
+    (`--assignment hard`: the batch stratified by the stages' mass, as `stage_calls` counts it; soft assignment
+    splits it equally over the experts)."""
     partition = plan.partition
     units = ["--boundary_units", "sigma"] if partition.units == "sigma" else [
         "--num_train_timesteps", str(partition.num_train_timesteps)]  # fmt: skip
+    paid = [] if args.num_inference_steps is not None else [
+        "--train_batch_size", str(args.batch_size), "--assignment", "hard"]  # fmt: skip
     return [
         "--model_config", args.model_config,
         "--stage_boundaries", *(str(float(b)) for b in partition.boundaries), *units,
-        "--expert_block_out_channels", *(",".join(map(str, w)) for w in plan.budget.widths),
+        "--expert_block_out_channels", *(",".join(map(str, w)) for w in plan.budget.widths), *paid,
     ]  # fmt: skip
 
 
