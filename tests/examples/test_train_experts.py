@@ -170,6 +170,8 @@ def test_a_training_budget_plan_of_experts_prints_the_batch_it_paid_for(examples
         (["--expert_attention_shares", "0,1"], "`--expert_attention_shares` [0.0, 1.0] cannot be combined with `--model_config`"),
         # each expert's own widths are taken (a budget plan's), but one per block of the config's U-Net
         (["--expert_block_out_channels", "8,16", "8,16,16"], "gives expert 1 the widths [8, 16, 16], but the U-Net"),
+        # a width of 0 built (on the meta device too) and failed in the first convolution, after the data were read
+        (["--expert_block_out_channels", "8,16", "0,16"], "gives expert 1 the widths [0, 16]: each must be a positive"),
     ],
 )  # fmt: skip
 def test_model_config_refuses_the_shape_options_it_would_ignore(
