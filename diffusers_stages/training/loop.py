@@ -61,6 +61,7 @@ from .hub import LocalHubApi, assembled_experts_card_text, create_hub_repo, mode
 from .sharding import check_sharded_run, check_sharding_launched, gathered_networks, is_sharded
 from .state import LossLog, RunState, sample_grid, save_samples
 from .tasks import TrainingTask, noise_schedulers
+from .tasks.pretrained import check_source_folder
 
 logger = get_logger(__name__)
 
@@ -146,14 +147,20 @@ def check_networks(args: argparse.Namespace, task: TrainingTask) -> None:
 
 
 def check_vae_weights(path: str | None, subfolder: str | None, option: str) -> None:
-    """Refuse a local VAE folder (``path``, in ``subfolder``) whose weight files hold a tensor of another shape than
-    the AutoencoderKL its config builds (the safetensors of another width, say), reading their headers only
-    (`first_shape_mismatch`): the strict loading (`_load_vae`) refuses it only once the data are read. A
-    `ValueError` naming ``option`` (where the VAE came from) and the tensor; a Hub repository is its loader's."""
+    """Refuse a local VAE folder (``path``, in ``subfolder``) whose files its loader refuses (`check_source_folder`:
+    a link out of it, a weight index that is no JSON object of file names) or whose weight files hold a tensor of
+    another shape than the AutoencoderKL its config builds (the safetensors of another width, say), reading their
+    headers only (`first_shape_mismatch`): the strict loading (`_load_vae`) refuses it only once the data are read.
+    A `ValueError` naming ``option`` (where the VAE came from) and the file or tensor; a Hub repository is its
+    loader's."""
     folder = None if path is None else os.path.join(path, subfolder or "")
     if folder is None or not os.path.isdir(folder):
         return
     where = f"the weights in its {subfolder}/ do not" if subfolder else "its weights do not"
+    try:
+        check_source_folder(path, subfolder)
+    except ValueError as error:
+        raise ValueError(f"{option} {path!r}: {error}") from None
     try:
         with init_empty_weights():
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder=subfolder))

@@ -136,3 +136,21 @@ def test_a_vae_whose_weights_do_not_fit_its_config_is_refused_before_the_data_ar
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and option in error
     assert "do not fit its config.json: decoder.conv_in.bias has shape [16] there, [8] in the AutoencoderKL" in error
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json", '{"weight_map": {"a": "../elsewhere.safetensors"}}'])
+def test_a_malformed_weight_index_of_a_vae_path_is_refused_naming_the_option(tmp_path, capsys, content):
+    # the weight headers read when the arguments are checked go through the folder's index: a malformed one is
+    # refused there, naming `--vae_path` (as the loader's check, `check_folder_files`, refused it after the data)
+    from tests.conftest import tiny_vae
+    from tests.examples.conftest import TINY, load_script
+
+    empty, vae_dir = tmp_path / "no-images", tmp_path / "vae"
+    empty.mkdir()
+    tiny_vae().save_pretrained(vae_dir)
+    (vae_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(content)
+    with pytest.raises(SystemExit):
+        load_script("multistage").parse_args([*TINY, "--resolution", "16", "--vae_path", str(vae_dir),
+                                              "--train_data_dir", str(empty), "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert f"`--vae_path` {str(vae_dir)!r}: " in error and "diffusion_pytorch_model.safetensors.index.json" in error
