@@ -216,8 +216,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _check_vae(args: argparse.Namespace) -> None:
     """Refuse a ``--vae_subfolder`` without ``--vae_path``, a ``--vae_path`` that is not an AutoencoderKL folder
-    (the training scripts' check, on its config alone), ``--num_channels`` other than the images it encodes, and a
-    ``--model_config`` or ``--model_path`` model that does not take its latents."""
+    or whose weights do not fit its config (the training scripts' checks, on its config and weight headers),
+    ``--num_channels`` other than the images it encodes, and a ``--model_config`` or ``--model_path`` model that
+    does not take its latents."""
     if args.vae_subfolder is not None and args.vae_path is None:
         raise ValueError(
             f"`--vae_subfolder` {args.vae_subfolder!r} is a folder inside `--vae_path`: give `--vae_path` too."
@@ -228,9 +229,10 @@ def _check_vae(args: argparse.Namespace) -> None:
         return
     from diffusers import AutoencoderKL
 
-    from .training.loop import vae_shape
+    from .training.loop import check_vae_weights, vae_shape
 
     latent_channels, factor = vae_shape(args)  # an AutoencoderKL config, else a ValueError naming --vae_path
+    check_vae_weights(args.vae_path, args.vae_subfolder, "`--vae_path`")  # its weight headers fit that config
     _check_model_config_size(args, args.resolution // factor, factor)
     in_channels = AutoencoderKL.load_config(args.vae_path, subfolder=args.vae_subfolder).get("in_channels", 3)
     if args.num_channels != in_channels:

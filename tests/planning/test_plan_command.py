@@ -402,6 +402,23 @@ def test_bad_vae_options_are_usage_errors_before_any_image_is_read(tmp_path, cap
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_vae_whose_weights_do_not_fit_its_config_is_refused_before_any_image_is_read(tmp_path, capsys):
+    # the VAE loads strictly (`_vae_latents`) only once every image is read: its weight headers are read against the
+    # AutoencoderKL of its config when the options are checked, as the training scripts check them
+    from diffusers import AutoencoderKL
+
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "vae")
+    AutoencoderKL.from_config({**vae.config, "block_out_channels": [8, 16]}).save_pretrained(tmp_path / "wide")
+    (tmp_path / "wide" / "diffusion_pytorch_model.safetensors").replace(
+        tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", str(tmp_path / "no-such-folder"), *FAST[:-2], "--vae_path", str(tmp_path / "vae")])
+    message = f"`--vae_path` {str(tmp_path / 'vae')!r}: its weights do not fit its config.json: decoder.conv_in.bias"
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
