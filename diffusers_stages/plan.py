@@ -191,6 +191,13 @@ def check_args(args: argparse.Namespace) -> None:
     if args.budget is not None:  # a config whose widths a budget cannot plan
         with open(args.model_config, encoding="utf-8") as f:
             check_budget_config(json.load(f), "--model_config")
+    training_experts = args.architecture == "experts" and args.num_inference_steps is None
+    if training_experts and args.batch_size < args.num_stages:  # the printed `--train_batch_size` would be refused
+        raise ValueError(
+            f"`--batch_size` {args.batch_size} is fewer than the {args.num_stages} experts (`--num_stages`): "
+            "`train_experts.py` trains every expert at every step, so the batch a training budget pays for (its "
+            f"`--train_batch_size`) must hold at least {args.num_stages} images."
+        )
     if args.scheduler_config is not None:
         check_input_file(_scheduler_config_file(args.scheduler_config), "--scheduler_config", json_object=True)
     if args.budget is not None and args.num_inference_steps is not None:  # steps the sampling scheduler can run

@@ -488,6 +488,12 @@ def test_a_model_config_that_leaves_out_block_out_channels_plans_the_default_wid
         ({"in_channels": 1}, ["--budget", "1e9", "--output_config", "x.json"], "experts keep --model_config's"),
         ({"_class_name": "MultiStageUNet2DModel", "in_channels": 1}, ["--budget", "1e9"],
          "each expert is a UNet2DModel of that config"),
+        # a training budget of fewer images than experts: the printed `--train_batch_size` would be refused, as
+        # train_experts.py trains every expert at every step
+        ({"in_channels": 1, "sample_size": 8}, ["--budget", "1e9"],
+         "`--batch_size` 1 is fewer than the 3 experts (`--num_stages`)"),
+        ({"in_channels": 1, "sample_size": 8}, ["--budget", "1e9", "--batch_size", "2"],
+         "`--batch_size` 2 is fewer than the 3 experts (`--num_stages`)"),
     ],
 )  # fmt: skip
 def test_an_experts_plan_it_cannot_make_is_refused_before_any_image_is_read(tmp_path, capsys, config, extra, match):
