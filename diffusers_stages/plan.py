@@ -198,6 +198,13 @@ def check_args(args: argparse.Namespace) -> None:
     if args.budget is not None:  # a config whose widths a budget cannot plan
         with open(args.model_config, encoding="utf-8") as f:
             check_budget_config(json.load(f), "--model_config")
+    training_experts = args.architecture == "experts" and args.num_inference_steps is None
+    if training_experts and args.batch_size < args.num_stages:  # the printed `--train_batch_size` would be refused
+        raise ValueError(
+            f"`--batch_size` {args.batch_size} is fewer than the {args.num_stages} experts (`--num_stages`): "
+            "`train_experts.py` trains every expert at every step, so the batch a training budget pays for (its "
+            f"`--train_batch_size`) must hold at least {args.num_stages} images."
+        )
     if args.scheduler_config is not None:
         check_input_file(_scheduler_config_file(args.scheduler_config), "--scheduler_config", json_object=True)
     if args.budget is not None and args.num_inference_steps is not None:  # steps the sampling scheduler can run
@@ -223,8 +230,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _check_vae(args: argparse.Namespace) -> None:
     """Refuse a ``--vae_subfolder`` without ``--vae_path``, a ``--vae_path`` that is not an AutoencoderKL folder
-    (the training scripts' check, on its config alone), ``--num_channels`` other than the images it encodes, and a
-    ``--model_config`` or ``--model_path`` model that does not take its latents."""
+    or whose weights do not fit its config (the training scripts' checks, on its config and weight headers),
+    ``--num_channels`` other than the images it encodes, and a ``--model_config`` or ``--model_path`` model that
+    does not take its latents."""
     if args.vae_subfolder is not None and args.vae_path is None:
         raise ValueError(
             f"`--vae_subfolder` {args.vae_subfolder!r} is a folder inside `--vae_path`: give `--vae_path` too."
@@ -235,9 +243,10 @@ def _check_vae(args: argparse.Namespace) -> None:
         return
     from diffusers import AutoencoderKL
 
-    from .training.loop import vae_shape
+    from .training.loop import check_vae_weights, vae_shape
 
     latent_channels, factor = vae_shape(args)  # an AutoencoderKL config, else a ValueError naming --vae_path
+    check_vae_weights(args.vae_path, args.vae_subfolder, "`--vae_path`")  # its weight headers fit that config
     _check_model_config_size(args, args.resolution // factor, factor)
     in_channels = AutoencoderKL.load_config(args.vae_path, subfolder=args.vae_subfolder).get("in_channels", 3)
     if args.num_channels != in_channels:
@@ -463,14 +472,19 @@ def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: Nois
 
 
 def _expert_arguments(args: argparse.Namespace, plan) -> list[str]:
-    """The `train_experts.py` arguments that train the experts of a budget ``plan`` (with the data options)."""
+    """The `train_experts.py` arguments that train the experts of a budget ``plan`` (with the data options); for a
+    training budget also the batch it pays for: `--batch_size` images, each trained by the expert of its interval
+    (`--assignment hard`: the batch stratified by the stages' mass, as `stage_calls` counts it; soft assignment
+    splits it equally over the experts)."""
     partition = plan.partition
     units = ["--boundary_units", "sigma"] if partition.units == "sigma" else [
         "--num_train_timesteps", str(partition.num_train_timesteps)]  # fmt: skip
+    paid = [] if args.num_inference_steps is not None else [
+        "--train_batch_size", str(args.batch_size), "--assignment", "hard"]  # fmt: skip
     return [
         "--model_config", args.model_config,
         "--stage_boundaries", *(str(float(b)) for b in partition.boundaries), *units,
-        "--expert_block_out_channels", *(",".join(map(str, w)) for w in plan.budget.widths),
+        "--expert_block_out_channels", *(",".join(map(str, w)) for w in plan.budget.widths), *paid,
     ]  # fmt: skip
 
 

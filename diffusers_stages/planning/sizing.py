@@ -149,13 +149,16 @@ def width_multiple(config: Mapping, architecture: str = "multistage") -> int:
     """What every width sized for a model of ``config`` must be a multiple of: ``norm_num_groups``, and, where the
     sized part attends with a fixed ``attention_head_dim``, that too (a narrower width would have no head). The sized
     part is a decoder (``architecture="multistage"``: its up blocks), or a whole `UNet2DModel` (``"experts"``: its
-    down and up blocks, and its middle block, which attends unless ``add_attention`` is off). A key the config leaves
-    out has its default (`config_value`)."""
+    down and up blocks, and its middle block, which attends unless ``add_attention`` is off, normalising in
+    ``attn_norm_num_groups`` groups when set). A key the config leaves out has its default (`config_value`)."""
     groups = config_value(config, "norm_num_groups") or 1
     head_dim = config_value(config, "attention_head_dim")
     blocks = [*(config_value(config, "down_block_types") or ()), *(config_value(config, "up_block_types") or ())]
     attends = any("Attn" in str(block) for block in blocks)
-    attends = attends or (architecture == "experts" and bool(config_value(config, "add_attention")))
+    middle = architecture == "experts" and bool(config_value(config, "add_attention"))
+    if middle and isinstance(config_value(config, "attn_norm_num_groups"), int):
+        groups = math.lcm(groups, max(config_value(config, "attn_norm_num_groups"), 1))
+    attends = attends or middle
     return math.lcm(groups, head_dim) if isinstance(head_dim, int) and head_dim > 0 and attends else groups
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, init_empty_weights
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
@@ -30,7 +30,7 @@ from diffusers.utils import is_tensorboard_available
 from tqdm.auto import tqdm
 
 from ..conventions import null_class_label, num_data_classes, vae_to_model_latents
-from ..models.loading import load_strictly
+from ..models.loading import CONFIG_VALUE_ERRORS, first_shape_mismatch, load_strictly
 from ..pipelines.pipeline_staged import checked_id2label
 from .args import check_args, tracker_config
 from .checkpointing import (
@@ -61,6 +61,7 @@ from .hub import LocalHubApi, assembled_experts_card_text, create_hub_repo, mode
 from .sharding import check_sharded_run, check_sharding_launched, gathered_networks, is_sharded
 from .state import LossLog, RunState, sample_grid, save_samples
 from .tasks import TrainingTask, noise_schedulers
+from .tasks.pretrained import check_source_folder
 
 logger = get_logger(__name__)
 
@@ -136,10 +137,41 @@ PLACEHOLDER_CLASS_EMBEDS = 3
 
 def check_networks(args: argparse.Namespace, task: TrainingTask) -> None:
     """`TrainingTask.check_networks` for samples of the arguments' shape (channels and size, after the VAE), before
-    the data is read (its class count is not known yet: `PLACEHOLDER_CLASS_EMBEDS`)."""
+    the data is read (its class count is not known yet: `PLACEHOLDER_CLASS_EMBEDS`), and the VAE's weights
+    (`check_vae_weights`)."""
     in_channels, vae_factor = vae_shape(args, task)
     num_class_embeds = PLACEHOLDER_CLASS_EMBEDS if task.uses_labels else None
     task.check_networks(in_channels, args.resolution // vae_factor, num_class_embeds)
+    given = "`--vae_path`" if args.vae_path is not None else "`--pretrained_model_name_or_path`"  # or a source's own
+    check_vae_weights(task.vae_path, task.vae_subfolder, given)
+
+
+def check_vae_weights(path: str | None, subfolder: str | None, option: str) -> None:
+    """Refuse a local VAE folder (``path``, in ``subfolder``) whose files its loader refuses (`check_source_folder`:
+    a link out of it, a weight index that is no JSON object of file names) or whose weight files hold a tensor of
+    another shape than the AutoencoderKL its config builds (the safetensors of another width, say), reading their
+    headers only (`first_shape_mismatch`): the strict loading (`_load_vae`) refuses it only once the data are read.
+    A `ValueError` naming ``option`` (where the VAE came from) and the file or tensor; a Hub repository is its
+    loader's."""
+    folder = None if path is None else os.path.join(path, subfolder or "")
+    if folder is None or not os.path.isdir(folder):
+        return
+    where = f"the weights in its {subfolder}/ do not" if subfolder else "its weights do not"
+    try:
+        check_source_folder(path, subfolder)
+    except ValueError as error:
+        raise ValueError(f"{option} {path!r}: {error}") from None
+    try:
+        with init_empty_weights():
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder=subfolder))
+    except CONFIG_VALUE_ERRORS as error:
+        raise ValueError(
+            f"{option} {path!r}: {where} load, as its config.json builds no AutoencoderKL: {type(error).__name__}: "
+            f"{error}"
+        ) from None
+    mismatch = first_shape_mismatch(vae, folder)
+    if mismatch is not None:
+        raise ValueError(f"{option} {path!r}: {where} fit its config.json: {mismatch}.")
 
 
 def build_task(task_class: type[TrainingTask], args: argparse.Namespace) -> TrainingTask:

@@ -16,6 +16,8 @@ from diffusers_stages.evaluation import count_flops
 from diffusers_stages.models.meme import attention_share
 from diffusers_stages.plan import run as plan_run
 from diffusers_stages.planning.budget import expected_flops
+from diffusers_stages.timestep_sampling import stage_mass
+from diffusers_stages.training import ExpertTask
 from tests.conftest import SMALL_UNET
 
 
@@ -132,6 +134,34 @@ def test_a_budget_plan_of_experts_trains_as_planned(examples, script, image_fold
     assert flops == planned["expected_flops"]
 
 
+def test_a_training_budget_plan_of_experts_prints_the_batch_it_paid_for(examples, script, image_folder, tmp_path,
+                                                                        capsys):  # fmt: skip
+    """A training budget pays for one step of `plan --batch_size` images, each trained by the expert of its interval
+    (the batch stratified by the stages' mass, the plan's `stage_calls`). The printed arguments left the batch to the
+    script's default (16) and the assignment to its default, soft, which splits the batch equally over the experts:
+    the run trained at another cost per step than the plan expected."""
+    config = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=[8, 16], layers_per_block=1,
+                  norm_num_groups=4, down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2)  # fmt: skip
+    path = tmp_path / "unet.json"
+    path.write_text(json.dumps(config))
+    planned = plan_run(["--train_data_dir", image_folder, "--resolution", "8", "--num_channels", "3", "--num_levels",
+                        "30", "--num_samples", "16", "--num_stages", "2", "--model_config", str(path), "--budget",
+                        "1e8", "--batch_size", "6", "--architecture", "experts"])  # fmt: skip
+    printed = [line for line in capsys.readouterr().out.splitlines() if "train_experts.py " in line]
+    arguments = shlex.split(printed[0].split("train_experts.py ")[1])
+    at = examples.TINY_RUN.index("--train_batch_size")
+    run = examples.TINY_RUN[:at] + examples.TINY_RUN[at + 2 :]  # the batch is the plan's
+    args = script.parse_args([*run, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+                              "--max_train_steps", "1", *arguments])  # fmt: skip
+    assert args.train_batch_size == 6 and args.assignment == "hard"
+    task = ExpertTask(args)  # each sample to its interval's expert, in the proportions the plan paid for
+    assert [6 * mass for mass in stage_mass(task.partition)] == planned["stage_calls"]
+    examples.train(script, [*run, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+                            "--max_train_steps", "1", *arguments])  # fmt: skip
+    pipe = ExpertRoutingPipeline.from_pretrained(str(tmp_path / "run"))
+    assert [list(e.config.block_out_channels) for e in pipe.experts.experts] == planned["expert_block_out_channels"]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [  # were ignored in silence: the config's UNet2DModel trained instead
@@ -140,6 +170,8 @@ def test_a_budget_plan_of_experts_trains_as_planned(examples, script, image_fold
         (["--expert_attention_shares", "0,1"], "`--expert_attention_shares` [0.0, 1.0] cannot be combined with `--model_config`"),
         # each expert's own widths are taken (a budget plan's), but one per block of the config's U-Net
         (["--expert_block_out_channels", "8,16", "8,16,16"], "gives expert 1 the widths [8, 16, 16], but the U-Net"),
+        # a width of 0 built (on the meta device too) and failed in the first convolution, after the data were read
+        (["--expert_block_out_channels", "8,16", "0,16"], "gives expert 1 the widths [0, 16]: each must be a positive"),
     ],
 )  # fmt: skip
 def test_model_config_refuses_the_shape_options_it_would_ignore(

@@ -185,7 +185,7 @@ def test_bad_arguments_are_refused_by_name(script, source, tmp_path, capsys, ext
     ],
 )
 def test_a_corrupted_source_is_refused_not_trained(
-    script, source, tiny_sd_components, tmp_path, method, component, corruption
+    script, source, tiny_sd_components, tmp_path, capsys, method, component, corruption
 ):
     # diffusers' and transformers' loaders only warn of a missing weight (left random), cast integer weights
     # silently and follow a file that links out of the folder: the source is hostile input, read strictly
@@ -203,6 +203,12 @@ def test_a_corrupted_source_is_refused_not_trained(
         key = name if corruption == "link" else key
     args = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
             "--method", method, "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    if corruption == "link":  # a file leading out of the folder: refused with the arguments, before the data
+        with pytest.raises(SystemExit):
+            script.parse_args(args)
+        error = capsys.readouterr().err
+        assert f"`--pretrained_model_name_or_path` {sd!r}" in error and f"{key!r} in {folder}" in error
+        return
     with pytest.raises(ValueError, match=re.escape(key)):
         _run(script, args)
     assert not os.path.exists(tmp_path / "o" / "model_index.json")

@@ -325,6 +325,22 @@ def test_budget_candidates_give_every_attention_layer_a_head():
     assert all(w % 8 == 0 for widths in experts.widths for w in widths)
 
 
+def test_expert_candidates_fit_the_group_norm_of_their_attending_middle_block():
+    # an expert's middle block normalises its attention input in `attn_norm_num_groups` groups (UNet2DModel's
+    # option, the middle block's only): candidates were multiples of norm_num_groups (and the head) alone, so an
+    # expert 4 wide was a GroupNorm of 8 groups over 4 channels, and the whole plan failed once the images were read
+    from diffusers_stages.planning.sizing import width_multiple
+
+    config = {"norm_num_groups": 4, "attention_head_dim": None, "attn_norm_num_groups": 8,
+              "down_block_types": ["DownBlock2D"] * 2, "up_block_types": ["UpBlock2D"] * 2}  # fmt: skip
+    assert width_multiple(config, "experts") == 8
+    assert width_multiple(config) == 4  # a decoder has no middle block (the shared encoder's is not sized)
+    assert width_multiple(dict(config, add_attention=False), "experts") == 4  # a middle block without attention
+    experts = widths_for_budget(dict(config, sample_size=8, block_out_channels=(8, 16)), TimestepPartition([500]),
+                                [1.0, 0.1], 1e12, 4, DDIMScheduler(), architecture="experts")  # fmt: skip
+    assert all(w % 8 == 0 for widths in experts.widths for w in widths)
+
+
 @pytest.mark.parametrize("sample_size", [None, "8", 0, [8], True])
 def test_a_model_config_without_a_usable_sample_size_is_refused_by_name(
     gray_unet_kwargs, tmp_path, capsys, sample_size

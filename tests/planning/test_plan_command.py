@@ -402,6 +402,23 @@ def test_bad_vae_options_are_usage_errors_before_any_image_is_read(tmp_path, cap
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_vae_whose_weights_do_not_fit_its_config_is_refused_before_any_image_is_read(tmp_path, capsys):
+    # the VAE loads strictly (`_vae_latents`) only once every image is read: its weight headers are read against the
+    # AutoencoderKL of its config when the options are checked, as the training scripts check them
+    from diffusers import AutoencoderKL
+
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "vae")
+    AutoencoderKL.from_config({**vae.config, "block_out_channels": [8, 16]}).save_pretrained(tmp_path / "wide")
+    (tmp_path / "wide" / "diffusion_pytorch_model.safetensors").replace(
+        tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", str(tmp_path / "no-such-folder"), *FAST[:-2], "--vae_path", str(tmp_path / "vae")])
+    message = f"`--vae_path` {str(tmp_path / 'vae')!r}: its weights do not fit its config.json: decoder.conv_in.bias"
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -471,6 +488,12 @@ def test_a_model_config_that_leaves_out_block_out_channels_plans_the_default_wid
         ({"in_channels": 1}, ["--budget", "1e9", "--output_config", "x.json"], "experts keep --model_config's"),
         ({"_class_name": "MultiStageUNet2DModel", "in_channels": 1}, ["--budget", "1e9"],
          "each expert is a UNet2DModel of that config"),
+        # a training budget of fewer images than experts: the printed `--train_batch_size` would be refused, as
+        # train_experts.py trains every expert at every step
+        ({"in_channels": 1, "sample_size": 8}, ["--budget", "1e9"],
+         "`--batch_size` 1 is fewer than the 3 experts (`--num_stages`)"),
+        ({"in_channels": 1, "sample_size": 8}, ["--budget", "1e9", "--batch_size", "2"],
+         "`--batch_size` 2 is fewer than the 3 experts (`--num_stages`)"),
     ],
 )  # fmt: skip
 def test_an_experts_plan_it_cannot_make_is_refused_before_any_image_is_read(tmp_path, capsys, config, extra, match):

@@ -1,5 +1,7 @@
 """The frozen VAE of latent training is read as strictly as the package's models (its folder may be a download)."""
 
+import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -95,3 +97,60 @@ def test_the_vae_a_mixed_precision_run_saves_and_samples_with_stays_on_the_train
         # a save during training reads it onto the host: no second VAE on the accelerator
         assert loop._saved_vae(state).device.type == "cpu"
         saved.decode(torch.randn(1, 4, 8, 8, device=device))  # as the final grid decodes the sampled latents
+
+
+@pytest.mark.parametrize("given", ["vae_path", "source"])
+def test_a_vae_whose_weights_do_not_fit_its_config_is_refused_before_the_data_are_read(tmp_path, capsys, given):
+    """A VAE folder holding the safetensors of another width was refused by the strict loading only when the loop
+    loaded the VAE (`_load_vae`), after the training data were read: its weight headers are read against the
+    AutoencoderKL its config builds when the arguments are checked, naming the option it came from and the tensor."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline
+    from tests.conftest import TINY_UNET, tiny_vae
+    from tests.examples.conftest import TINY, TINY_RUN, load_script
+
+    empty = tmp_path / "no-images"  # never read: the arguments are checked first
+    empty.mkdir()
+    if given == "vae_path":
+        script, vae_dir = load_script("multistage"), tmp_path / "vae"
+        tiny_vae().save_pretrained(vae_dir)
+        argv = [*TINY, "--resolution", "16", "--vae_path", str(vae_dir)]
+        option = f"`--vae_path` {str(vae_dir)!r}: its weights"
+    else:  # fine-tuning: the source pipeline's own VAE
+        script, source = load_script("experts"), tmp_path / "source"
+        experts = ExpertRoutingModel([UNet2DModel(**{**TINY_UNET, "in_channels": 4, "out_channels": 4})] * 2,
+                                     stage_boundaries=(400,))  # fmt: skip
+        ExpertRoutingPipeline(experts=experts, scheduler=DDPMScheduler(), vae=tiny_vae()).save_pretrained(source)
+        vae_dir = source / "vae"
+        argv = [*TINY_RUN, "--resolution", "16", "--pretrained_model_name_or_path", str(source),
+                "--assignment", "hard"]  # fmt: skip
+        option = f"`--pretrained_model_name_or_path` {str(source)!r}: the weights in its vae/"
+    config = json.loads((vae_dir / "config.json").read_text())
+    wide = tmp_path / "wide"
+    AutoencoderKL.from_config({**config, "block_out_channels": [8, 16]}).save_pretrained(wide)
+    shutil.copy(wide / "diffusion_pytorch_model.safetensors", vae_dir / "diffusion_pytorch_model.safetensors")
+    assert json.loads((vae_dir / "config.json").read_text()) == config  # the config still says [8, 8]
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args([*argv, "--train_data_dir", str(empty), "--output_dir", str(tmp_path / "run")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and option in error
+    assert "do not fit its config.json: decoder.conv_in.bias has shape [16] there, [8] in the AutoencoderKL" in error
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json", '{"weight_map": {"a": "../elsewhere.safetensors"}}'])
+def test_a_malformed_weight_index_of_a_vae_path_is_refused_naming_the_option(tmp_path, capsys, content):
+    # the weight headers read when the arguments are checked go through the folder's index: a malformed one is
+    # refused there, naming `--vae_path` (as the loader's check, `check_folder_files`, refused it after the data)
+    from tests.conftest import tiny_vae
+    from tests.examples.conftest import TINY, load_script
+
+    empty, vae_dir = tmp_path / "no-images", tmp_path / "vae"
+    empty.mkdir()
+    tiny_vae().save_pretrained(vae_dir)
+    (vae_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(content)
+    with pytest.raises(SystemExit):
+        load_script("multistage").parse_args([*TINY, "--resolution", "16", "--vae_path", str(vae_dir),
+                                              "--train_data_dir", str(empty), "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert f"`--vae_path` {str(vae_dir)!r}: " in error and "diffusion_pytorch_model.safetensors.index.json" in error

@@ -154,13 +154,18 @@ class ExpertTask(FineTuningTask):
     @staticmethod
     def _check_expert_widths(args) -> None:
         """`--expert_block_out_channels` with `--model_config` (e.g. a budget plan's: `plan --architecture experts`):
-        one width per block of that config's U-Net."""
+        one positive width per block of that config's U-Net (a width of 0 builds, and fails in the first step)."""
         blocks = len(config_value(unet_shape_kwargs(args), "block_out_channels"))  # UNet2DModel's default if unset
         for i, widths in enumerate(args.expert_block_out_channels or ()):
             if len(widths) != blocks:
                 raise ValueError(
                     f"`--expert_block_out_channels` gives expert {i} the widths {list(widths)}, but the U-Net of "
                     f"`--model_config` {args.model_config!r} has {blocks} blocks: give {blocks} widths per expert."
+                )
+            if min(widths) < 1:
+                raise ValueError(
+                    f"`--expert_block_out_channels` gives expert {i} the widths {list(widths)}: each must be a positive "
+                    "integer."
                 )
 
     def _source_partition(self, args) -> TimestepPartition:

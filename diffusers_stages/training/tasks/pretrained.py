@@ -155,18 +155,25 @@ class PipelineSource:
 
 def _load_config(config_class: type[ConfigMixin], path: str, subfolder: str | None = None) -> dict:
     """``config_class``'s config file (``model_index.json``, ``config.json``, ...) of ``path`` (in ``subfolder``),
-    which must hold a JSON object (read from a folder: anything). A local folder's files are checked as the loaders
-    check them (`check_subfolder`, `check_folder_files`): nothing is read through a link out of the folder."""
-    if os.path.isdir(path):
-        check_subfolder(path, subfolder)
-        folder = os.path.join(path, subfolder or "")
-        if os.path.isdir(folder):  # (a missing one is the loader's error)
-            check_folder_files(folder)
+    which must hold a JSON object (read from a folder: anything). A local folder's files are checked first
+    (`check_source_folder`)."""
+    check_source_folder(path, subfolder)
     config = config_class.load_config(path, subfolder=subfolder)
     if not isinstance(config, dict):
         file = "/".join([*([subfolder] if subfolder else []), config_class.config_name])
         raise ValueError(f"its {file} must hold a JSON object, got {type(config).__name__}.")
     return config
+
+
+def check_source_folder(path: str, subfolder: str | None = None) -> None:
+    """Check the files of a local source folder ``path`` (in ``subfolder``) as the loaders check them
+    (`check_subfolder`, `check_folder_files`): nothing is read through a link out of the folder, and its config and
+    weight index files are JSON objects. A Hub repository, or a missing folder, is the loader's."""
+    if os.path.isdir(path):
+        check_subfolder(path, subfolder)
+        folder = os.path.join(path, subfolder or "")
+        if os.path.isdir(folder):  # (a missing one is the loader's error)
+            check_folder_files(folder)
 
 
 class FineTuningTask(TrainingTask):

@@ -28,6 +28,7 @@ from ...planning.data import is_inside, open_image_file
 from ..args import partition_from_args
 from ..data import ImageRecords, dataset_image, folder_image, load_train_split
 from .base import Draw, TrainingTask
+from .pretrained import _load_config, check_source_folder
 
 METHODS = ("multistage", "experts")
 SOURCE_UNETS = {
@@ -107,9 +108,9 @@ class TextToImageTask(TrainingTask):
         # the source's configs (no weights yet): the stages, the noise schedule and every check follow them
         self.source = args.pretrained_model_name_or_path
         try:
-            index = self.source_index = DiffusionPipeline.load_config(self.source)
-            self.unet_config = UNet2DConditionModel.load_config(self.source, subfolder="unet")
-            self.scheduler_config = DDPMScheduler.load_config(self.source, subfolder="scheduler")
+            index = self.source_index = _load_config(DiffusionPipeline, self.source)
+            self.unet_config = _load_config(UNet2DConditionModel, self.source, "unet")
+            self.scheduler_config = _load_config(DDPMScheduler, self.source, "scheduler")
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"`--pretrained_model_name_or_path` {self.source!r} is not a Stable Diffusion pipeline folder or Hub "
@@ -127,6 +128,11 @@ class TextToImageTask(TrainingTask):
                 f"{', '.join(f'{n}={index.get(n)!r}' for n in absent)}): text-to-image training needs the source's "
                 "VAE, text encoder and tokenizer."
             )
+        for name in ("vae", "text_encoder", "tokenizer"):  # loaded with the networks, once the data are read
+            try:
+                check_source_folder(self.source, name)
+            except ValueError as error:
+                raise ValueError(f"`--pretrained_model_name_or_path` {self.source!r}: its {name}/: {error}") from None
         self.unet_class = self.unet_config.get("_class_name")
         if not isinstance(self.unet_class, str) or self.unet_class not in SOURCE_UNETS:
             raise ValueError(

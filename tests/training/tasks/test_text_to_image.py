@@ -56,3 +56,37 @@ def test_a_line_that_is_not_json_is_named(tmp_path):
     folder = _folder(tmp_path, [{"file_name": "a.png", "text": "one"}, "{file_name: b.png}"])
     with pytest.raises(ValueError, match=r"`--train_data_dir`: .*metadata.jsonl line 2 is not JSON \(Expecting"):
         captioned_folder(folder, "text")
+
+
+@pytest.mark.parametrize(
+    "file",
+    ["unet/config.json", "vae/config.json", "text_encoder/config.json",
+     "unet/diffusion_pytorch_model.safetensors.index.json", "vae/diffusion_pytorch_model.safetensors.index.json",
+     "text_encoder/model.safetensors.index.json"],
+)  # fmt: skip
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json"], ids=["not-an-object", "not-json"])
+def test_a_malformed_file_of_a_source_folder_names_the_option_and_the_file(
+    tiny_sd_components, tmp_path, capsys, file, content
+):
+    # were read as the networks loaded, after the data: an AttributeError ("'list' object has no attribute 'get'")
+    # for a config that is no object, the loaders' check (`check_folder_files`) naming neither the option nor the
+    # source for the others (and `--vae_path`, not given, for a VAE config that is not JSON)
+    import importlib.util
+
+    from diffusers import StableDiffusionPipeline
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    path = os.path.join(repo, "examples", "multistage", "train_text_to_image.py")
+    spec = importlib.util.spec_from_file_location("train_text_to_image_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    sd = tmp_path / "sd"
+    StableDiffusionPipeline(**tiny_sd_components).save_pretrained(sd)
+    (sd / file).write_text(content)
+    data = _folder(tmp_path, [{"file_name": "a.png", "text": "one"}, {"file_name": "sub/b.png", "text": "two"}])
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--pretrained_model_name_or_path", str(sd), "--train_data_dir", data, "--resolution", "16",
+                           "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"`--pretrained_model_name_or_path` {str(sd)!r}" in error
+    assert str(sd / file) in error
