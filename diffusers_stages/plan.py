@@ -453,7 +453,11 @@ def _vae_latents(args: argparse.Namespace, images: torch.Tensor, batch_size: int
 def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: NoiseSchedule, result: dict):
     """The widths planned for ``--budget``, else the heuristic ones (written into ``result``), printed."""
     if plan.budget is not None:
-        paid = f"{args.num_inference_steps} sampling steps" if args.num_inference_steps else "a training step"
+        paid = (
+            f"{args.num_inference_steps} sampling steps"
+            if args.num_inference_steps
+            else f"training step of {args.batch_size} images (train with `--train_batch_size {args.batch_size}`)"
+        )
         sized = "expert" if args.architecture == "experts" else "decoder"
         print(
             f"  {sized} widths for a budget of {args.budget:.4g} FLOPs per {paid} (clean stage first): "

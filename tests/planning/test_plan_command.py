@@ -504,3 +504,16 @@ def test_an_experts_plan_it_cannot_make_is_refused_before_any_image_is_read(tmp_
         run(["--train_data_dir", missing, *FAST, "--model_config", str(model_config), "--architecture", "experts",
              *extra])  # fmt: skip
     assert exit_info.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_a_training_budget_says_the_batch_it_paid_for(digit_folder, tmp_path, capsys, tiny_unet_kwargs):
+    # the widths fit the training FLOPs of one step of `--batch_size` images: training at another batch costs
+    # another amount per step, and the command did not say which batch to train with
+    config = dict(tiny_unet_kwargs, in_channels=1, out_channels=1)
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(config))
+    result = run(["--train_data_dir", str(digit_folder), *FAST, "--model_config", str(model_config), "--budget",
+                  "1e12", "--batch_size", "4"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "per training step of 4 images (train with `--train_batch_size 4`)" in printed
+    assert result["expected_flops"] <= 1e12
