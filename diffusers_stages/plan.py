@@ -464,8 +464,11 @@ def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: Nois
             f"{[list(w) for w in plan.budget.widths]}, expected {plan.budget.expected_flops:.4g} FLOPs"
         )
         if args.architecture == "experts":
-            command = shlex.join(_expert_arguments(args, plan))
-            print(f"  train them with the data and schedule options: examples/experts/train_experts.py {command}")
+            schedule_options, unmatched = _training_schedule(args, plan.partition)
+            command = shlex.join([*_expert_arguments(args, plan), *schedule_options])
+            print(f"  train them with the data options: examples/experts/train_experts.py {command}")
+            if unmatched:
+                print(f"  note: {unmatched}")
         return plan.budget.widths
     difficulty = stage_difficulty(data, schedule, plan.partition)
     widths = suggest_decoder_widths(config_value(config, "block_out_channels"), difficulty, config=config)
@@ -490,6 +493,40 @@ def _expert_arguments(args: argparse.Namespace, plan) -> list[str]:
         "--stage_boundaries", *(str(float(b)) for b in partition.boundaries), *units,
         "--expert_block_out_channels", *(",".join(map(str, w)) for w in plan.budget.widths), *paid,
     ]  # fmt: skip
+
+
+def _training_schedule(args: argparse.Namespace, partition) -> tuple[list[str], str | None]:
+    """The `train_experts.py` options that give its run the noise schedule planned on, and what its options cannot
+    give (a note to print, or None): the script trains DDPM-style schedules of `--ddpm_beta_schedule` and
+    `--num_train_timesteps`, and EDM's with `EDMEulerScheduler`'s default sigma range."""
+    from diffusers import DDPMScheduler, EDMEulerScheduler
+
+    from .training.args import BETA_SCHEDULES
+
+    scheduler = _schedule(args)[1]
+    if partition.units == "sigma":
+        default = EDMEulerScheduler().config
+        differs = [f"{k}={scheduler.config.get(k)!r}" for k in ("sigma_min", "sigma_max", "rho")
+                   if scheduler.config.get(k, default[k]) != default[k]]  # fmt: skip
+        note = (
+            f"the plan's EDM schedule has {', '.join(differs)}; the experts' training script trains and samples with "
+            f"EDMEulerScheduler's defaults ({', '.join(f'{k}={default[k]!r}' for k in ('sigma_min', 'sigma_max', 'rho'))}), "
+            "so its sampling steps fall elsewhere than the budget counted."
+        )
+        return [], note if differs else None
+    beta = scheduler.config.get("beta_schedule", "linear")
+    options = ["--ddpm_beta_schedule", beta] if beta in BETA_SCHEDULES and beta != "linear" else []
+    trained = None
+    if beta in BETA_SCHEDULES:
+        trained = DDPMScheduler(num_train_timesteps=partition.num_train_timesteps, beta_schedule=beta).alphas_cumprod
+    planned = getattr(scheduler, "alphas_cumprod", None)
+    if trained is not None and planned is not None and torch.equal(trained, planned.to(trained.dtype)):
+        return options, None
+    return options, (
+        "the experts' training script's noise schedule (`--ddpm_beta_schedule` with its default beta range, "
+        "`--num_train_timesteps`) is not the one planned on (--scheduler_config): the experts' intervals hold "
+        "other noise levels than planned."
+    )
 
 
 def run(argv: list[str] | None = None) -> dict:

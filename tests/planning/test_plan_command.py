@@ -517,3 +517,32 @@ def test_a_training_budget_says_the_batch_it_paid_for(digit_folder, tmp_path, ca
     printed = capsys.readouterr().out
     assert "per training step of 4 images (train with `--train_batch_size 4`)" in printed
     assert result["expected_flops"] <= 1e12
+
+
+@pytest.mark.parametrize(
+    "schedule, option, note",
+    [
+        ([], None, None),  # DDPM's linear schedule: the script's default
+        (["--scheduler_config", "{dir}/scaled.json"], "--ddpm_beta_schedule scaled_linear", None),
+        (["--scheduler_config", "{dir}/range.json"], None, "is not the one planned on"),  # a beta range it cannot take
+        (["--edm"], None, None),
+        (["--edm", "--sigma_max", "40"], None, "the plan's EDM schedule has sigma_max=40.0"),
+    ],
+)
+def test_an_experts_plan_gives_the_noise_schedule_it_was_planned_on(
+    digit_folder, tmp_path, capsys, tiny_unet_kwargs, schedule, option, note
+):
+    # the printed arguments trained the script's default schedule (DDPM linear) whatever the plan's was
+    (tmp_path / "scaled.json").write_text(
+        json.dumps({"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear"})
+    )
+    (tmp_path / "range.json").write_text(json.dumps({"_class_name": "DDPMScheduler", "beta_end": 0.03}))
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(dict(tiny_unet_kwargs, in_channels=1, out_channels=1)))
+    run(["--train_data_dir", str(digit_folder), *FAST, "--model_config", str(model_config), "--budget", "1e12",
+         "--num_inference_steps", "4", "--architecture", "experts", *(a.format(dir=tmp_path) for a in schedule)])  # fmt: skip
+    printed = capsys.readouterr().out
+    (command,) = [line for line in printed.splitlines() if "train_experts.py " in line]
+    assert ("--ddpm_beta_schedule" in command) == (option is not None) and (option or "") in command
+    notes = [line for line in printed.splitlines() if line.strip().startswith("note:")]
+    assert notes == [] if note is None else (len(notes) == 1 and note in notes[0])
