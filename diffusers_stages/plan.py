@@ -451,7 +451,8 @@ def _vae_latents(args: argparse.Namespace, images: torch.Tensor, batch_size: int
 
 
 def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: NoiseSchedule, result: dict):
-    """The widths planned for ``--budget``, else the heuristic ones (written into ``result``), printed."""
+    """The widths planned for ``--budget``, else the heuristic ones (written into ``result``), printed with how to
+    train them on the noise schedule planned on."""
     if plan.budget is not None:
         paid = (
             f"{args.num_inference_steps} sampling steps"
@@ -463,18 +464,21 @@ def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: Nois
             f"  {sized} widths for a budget of {args.budget:.4g} FLOPs per {paid} (clean stage first): "
             f"{[list(w) for w in plan.budget.widths]}, expected {plan.budget.expected_flops:.4g} FLOPs"
         )
-        if args.architecture == "experts":
-            schedule_options, unmatched = _training_schedule(args, plan.partition)
-            command = shlex.join([*_expert_arguments(args, plan), *schedule_options])
-            print(f"  train them with the data options: examples/experts/train_experts.py {command}")
-            if unmatched:
-                print(f"  note: {unmatched}")
-        return plan.budget.widths
-    difficulty = stage_difficulty(data, schedule, plan.partition)
-    widths = suggest_decoder_widths(config_value(config, "block_out_channels"), difficulty, config=config)
-    result["stage_difficulty"] = [round(d, 4) for d in difficulty]
-    result["decoder_block_out_channels"] = [list(w) for w in widths]
-    print(f"  heuristic decoder widths (clean stage first): {result['decoder_block_out_channels']}")
+        widths = plan.budget.widths
+    else:
+        difficulty = stage_difficulty(data, schedule, plan.partition)
+        widths = suggest_decoder_widths(config_value(config, "block_out_channels"), difficulty, config=config)
+        result["stage_difficulty"] = [round(d, 4) for d in difficulty]
+        result["decoder_block_out_channels"] = [list(w) for w in widths]
+        print(f"  heuristic decoder widths (clean stage first): {result['decoder_block_out_channels']}")
+    schedule_options, unmatched = _training_schedule(args, plan.partition)
+    if args.architecture == "experts":
+        command = shlex.join([*_expert_arguments(args, plan), *schedule_options])
+        print(f"  train them with the data options: examples/experts/train_experts.py {command}")
+    elif schedule_options:  # the planned config holds the stages, not the noise schedule
+        print(f"  train the planned model with `{shlex.join(schedule_options)}` (the schedule planned on)")
+    if unmatched:
+        print(f"  note: {unmatched}")
     return widths
 
 
@@ -496,8 +500,8 @@ def _expert_arguments(args: argparse.Namespace, plan) -> list[str]:
 
 
 def _training_schedule(args: argparse.Namespace, partition) -> tuple[list[str], str | None]:
-    """The `train_experts.py` options that give its run the noise schedule planned on, and what its options cannot
-    give (a note to print, or None): the script trains DDPM-style schedules of `--ddpm_beta_schedule` and
+    """The training scripts' options that give a run the noise schedule planned on, and what their options cannot
+    give (a note to print, or None): they train DDPM-style schedules of `--ddpm_beta_schedule` and
     `--num_train_timesteps`, and EDM's with `EDMEulerScheduler`'s default sigma range."""
     from diffusers import DDPMScheduler, EDMEulerScheduler
 
@@ -509,7 +513,7 @@ def _training_schedule(args: argparse.Namespace, partition) -> tuple[list[str], 
         differs = [f"{k}={scheduler.config.get(k)!r}" for k in ("sigma_min", "sigma_max", "rho")
                    if scheduler.config.get(k, default[k]) != default[k]]  # fmt: skip
         note = (
-            f"the plan's EDM schedule has {', '.join(differs)}; the experts' training script trains and samples with "
+            f"the plan's EDM schedule has {', '.join(differs)}; the training scripts train and sample with "
             f"EDMEulerScheduler's defaults ({', '.join(f'{k}={default[k]!r}' for k in ('sigma_min', 'sigma_max', 'rho'))}), "
             "so its sampling steps fall elsewhere than the budget counted."
         )
@@ -523,8 +527,8 @@ def _training_schedule(args: argparse.Namespace, partition) -> tuple[list[str], 
     if trained is not None and planned is not None and torch.equal(trained, planned.to(trained.dtype)):
         return options, None
     return options, (
-        "the experts' training script's noise schedule (`--ddpm_beta_schedule` with its default beta range, "
-        "`--num_train_timesteps`) is not the one planned on (--scheduler_config): the experts' intervals hold "
+        "the training scripts' noise schedule (`--ddpm_beta_schedule` with its default beta range, "
+        "`--num_train_timesteps`) is not the one planned on (--scheduler_config): the stages' intervals would hold "
         "other noise levels than planned."
     )
 

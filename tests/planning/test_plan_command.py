@@ -546,3 +546,18 @@ def test_an_experts_plan_gives_the_noise_schedule_it_was_planned_on(
     assert ("--ddpm_beta_schedule" in command) == (option is not None) and (option or "") in command
     notes = [line for line in printed.splitlines() if line.strip().startswith("note:")]
     assert notes == [] if note is None else (len(notes) == 1 and note in notes[0])
+
+
+@pytest.mark.parametrize(
+    "budget", [[], ["--budget", "1e12", "--num_inference_steps", "4"]], ids=["heuristic", "budget"]
+)
+def test_a_multistage_plan_says_the_beta_schedule_to_train_with(
+    digit_folder, tmp_path, capsys, tiny_unet_kwargs, budget
+):
+    scaled = tmp_path / "scaled.json"
+    scaled.write_text(json.dumps({"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear"}))
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(dict(tiny_unet_kwargs, in_channels=1, out_channels=1)))
+    run(["--train_data_dir", str(digit_folder), *FAST, "--model_config", str(model_config), *budget,
+         "--scheduler_config", str(scaled)])  # fmt: skip
+    assert "train the planned model with `--ddpm_beta_schedule scaled_linear`" in capsys.readouterr().out
