@@ -48,7 +48,7 @@ def _record_calls(pipe):
 def _expected_stage(timestep: float, edm: bool) -> int:
     if edm:  # EDM schedulers pass c_noise = ln(sigma)/4
         sigma = math.exp(4 * timestep)
-        return sum(sigma >= b for b in SIGMA_BOUNDARIES)
+        return sum(sigma > b for b in SIGMA_BOUNDARIES)  # a sigma on a boundary is the cleaner stage's
     return sum(timestep >= b for b in BOUNDARIES)
 
 
