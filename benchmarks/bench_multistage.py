@@ -40,6 +40,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
 from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel, TimestepPartition
+from diffusers_stages.planning.sizing import scaled_widths, width_multiple
 from diffusers_stages.timestep_sampling import stratified_timesteps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
@@ -99,8 +100,11 @@ def encoder_kwargs(width: int, resolution: int) -> dict:
 
 
 def tailored_widths(width: int) -> tuple[tuple[int, ...], ...]:
-    """The paper's CIFAR-10 decoders (192 / 128 / 16 around an encoder of 128), scaled to `width`."""
-    return tuple((round(width * f), 2 * round(width * f), 2 * round(width * f)) for f in (1.5, 1.0, 0.125))
+    """The paper's CIFAR-10 decoders (192 / 128 / 16 around an encoder of 128), scaled to `width`: each width rounded
+    to a positive multiple of what the decoders' norms and attention heads need (`width_multiple`)."""
+    kwargs = encoder_kwargs(width, 32)  # the resolution plays no part
+    multiple = width_multiple(kwargs)
+    return tuple(scaled_widths(kwargs["block_out_channels"], f, multiple) for f in (1.5, 1.0, 0.125))
 
 
 def paired_medians(fns: dict, repeats: int, device: str) -> dict[str, float]:

@@ -80,3 +80,12 @@ def test_the_load_section_imports_the_installed_package_from_any_working_directo
     monkeypatch.setattr(bench, "UNet2DModel", lambda **kwargs: UNet2DModel(**TINY_UNET))  # not ~0.3 GB
     ((name, params, peak, unit),) = bench.load_peak(None)
     assert params > 0 and unit == "MiB"
+
+
+@pytest.mark.parametrize("width", [8, 32, 64])
+def test_the_tailored_decoders_fit_every_width_the_options_take(width):
+    # before: at --width 32 (README's small model) the clean-end decoder was 4 channels wide, which 8 norm groups
+    # cannot split, and sections flops and sampling stopped in a traceback
+    kwargs = bench.encoder_kwargs(width, 8)
+    model = bench.MultiStageUNet2DModel(**kwargs, decoder_block_out_channels=bench.tailored_widths(width))
+    assert model.num_stages == 3
