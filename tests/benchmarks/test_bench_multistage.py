@@ -82,6 +82,16 @@ def test_the_load_section_imports_the_installed_package_from_any_working_directo
     assert params > 0 and unit == "MiB"
 
 
+@pytest.mark.parametrize(("option", "value"), [("--width", "12"), ("--resolution", "6")])
+def test_a_width_or_resolution_the_u_net_cannot_take_is_refused_up_front(option, value, capsys):
+    # before: the run built the models first and then stopped in a traceback (a group norm of 12 channels in 8
+    # groups, a skip of 3x3 against an up-sampled 4x4)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", option, value])
+    err = capsys.readouterr().err
+    assert f"{option} must be a multiple of" in err and f"got {value}" in err
+
+
 @pytest.mark.parametrize("width", [8, 32, 64])
 def test_the_tailored_decoders_fit_every_width_the_options_take(width):
     # before: at --width 32 (README's small model) the clean-end decoder was 4 channels wide, which 8 norm groups
