@@ -132,6 +132,9 @@ def main() -> None:
         "--evidence_steps", type=positive_int, default=None, help="section 3's DDIM steps (default: the preset's)"
     )
     args = parser.parse_args()
+    for option in ("steps", "evidence_steps"):  # the dual backbone's step-fraction switch needs a step on each side
+        if getattr(args, option) == 1:
+            parser.error(f"--{option} must be at least 2 (the dual backbone switches models between steps), got 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

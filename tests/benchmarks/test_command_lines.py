@@ -132,3 +132,13 @@ def test_run_evidence_refuses_a_comparison_named_twice(capsys):
     with pytest.raises(SystemExit) as exit_:
         run_evidence.parse_args(["--comparisons", "1,1"])
     assert exit_.value.code == 2 and "--comparisons" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--steps", "--evidence_steps"])
+def test_bench_experts_refuses_a_single_step(option, capsys, monkeypatch):
+    # one step passed --steps' check, then the dual backbone's step-fraction switch stopped the run in a traceback
+    # once sections 1 (and 2) had built their models
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    with pytest.raises(SystemExit) as exit_:
+        _parse(bench_experts, [option, "1"])
+    assert exit_.value.code == 2 and f"{option} must be at least 2" in capsys.readouterr().err
