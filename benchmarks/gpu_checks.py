@@ -56,7 +56,7 @@ from diffusers_stages.models.uvit import UViT2DModel, dual_uvit_configs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from benchmarks.measure import _synchronize, default_device, device_option, positive_int, write_json
+from benchmarks.measure import _synchronize, default_device, device_option, output_folder, positive_int, write_json
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's warning under set_sync_debug_mode("warn")
@@ -70,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs (medians are reported)")
     parser.add_argument("--backend", default=None, help="torch.compile backend (default: inductor; --quick: eager)")
-    parser.add_argument("--output_dir", default=None, help="where gpu_checks.json goes (default: nowhere)")
+    parser.add_argument(
+        "--output_dir", type=output_folder, default=None, help="where gpu_checks.json goes (default: nowhere)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch_size, args.repeats = 2, 2, 1

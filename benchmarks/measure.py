@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ __all__ = [
     "non_negative_int",
     "open_fraction",
     "output_file",
+    "output_folder",
     "positive_int",
     "write_json",
     "write_text",
@@ -73,6 +75,16 @@ def output_file(text: str) -> str:
         check_output_file(text, "path")
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def output_folder(text: str) -> str:
+    """An argparse ``type``: a folder that results can be written into (created where missing; not a file, nor a
+    path inside one), checked before the run rather than when its first result is written."""
+    try:
+        check_output_file(os.path.join(text, "results"), "path")  # a file in it: its folders must be creatable
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a folder that can be written (or created), got {text!r}") from None
     return text
 
 

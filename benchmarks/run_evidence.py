@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks.evidence import comparisons as C
 from benchmarks.evidence.presets import PRESETS, get_preset
 from benchmarks.evidence.report import unreliable_timings, write_markdown, write_plots
-from benchmarks.measure import default_device, device_option, positive_int, write_json, write_text
+from benchmarks.measure import default_device, device_option, output_folder, positive_int, write_json, write_text
 
 COMPARISONS = ("1", "2", "3")
 
@@ -44,6 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--comparisons", default="1,2,3", help="which comparisons to run, e.g. '1,3'")
     parser.add_argument(
         "--output_dir",
+        type=output_folder,
         default=None,
         help="where results go (default: a new temporary folder, printed at the end; pass benchmarks/results to "
         "refresh the committed results)",

@@ -142,3 +142,18 @@ def test_bench_experts_refuses_a_single_step(option, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         _parse(bench_experts, [option, "1"])
     assert exit_.value.code == 2 and f"{option} must be at least 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", [gpu_checks, run_evidence], ids=lambda s: s.__name__.split(".")[-1])
+def test_an_output_folder_that_is_a_file_is_a_usage_error(script, capsys, tmp_path):
+    # gpu_checks ran its first section, run_evidence loaded the data and the metric's classifier (training it where
+    # not cached), before a FileExistsError / NotADirectoryError traceback when the first result was written
+    results = tmp_path / "results.json"
+    results.write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        script.parse_args(["--device", "cpu", "--output_dir", str(results)])
+    assert exit_.value.code == 2 and "argument --output_dir:" in capsys.readouterr().err
+    assert results.read_text() == "{}"
+    assert script.parse_args(["--device", "cpu", "--output_dir", str(tmp_path / "new")]).output_dir == str(
+        tmp_path / "new"
+    )
