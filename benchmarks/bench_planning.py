@@ -231,11 +231,22 @@ def compare_widths_at_budget(args: argparse.Namespace) -> dict:
     }
 
 
+def levels_option(text: str) -> int:
+    """An argparse ``type``: a number of noise levels the planner takes (`NoiseSchedule.from_scheduler`'s check, on
+    the DDPM schedule planned on here), else a usage error."""
+    value = positive_int(text)
+    try:
+        NoiseSchedule.from_scheduler(DDPMScheduler(), value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_images", type=positive_int, default=10_000)
     parser.add_argument("--num_samples", type=positive_int, default=128)
-    parser.add_argument("--num_levels", type=positive_int, default=100)
+    parser.add_argument("--num_levels", type=levels_option, default=100)
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument(
         "--large", type=non_negative_int, default=60_000, help="One more streamed run on this many images (0: skip)."

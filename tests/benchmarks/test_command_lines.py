@@ -157,3 +157,14 @@ def test_an_output_folder_that_is_a_file_is_a_usage_error(script, capsys, tmp_pa
     assert script.parse_args(["--device", "cpu", "--output_dir", str(tmp_path / "new")]).output_dir == str(
         tmp_path / "new"
     )
+
+
+def test_bench_planning_refuses_a_grid_the_planner_cannot_take(capsys):
+    # --num_levels 2 passed its check (an integer >= 1); each worker then loaded the data and stopped in the
+    # planner's ValueError, after which the run failed with "The worker planning ... failed"
+    for levels in ("1", "2", "1001"):
+        with pytest.raises(SystemExit) as exit_:
+            bench_planning.parse_args(["--num_levels", levels])
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2 and "argument --num_levels:" in error and f"got {levels}" in error
+    assert bench_planning.parse_args(["--num_levels", "3"]).num_levels == 3
