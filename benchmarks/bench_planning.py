@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
+from diffusers_stages.cli import write_atomically
 from diffusers_stages.planning import NoiseSchedule, plan_stages, plot_plan, stage_difficulty
 from diffusers_stages.planning.budget import expected_flops, widths_for_budget
 from diffusers_stages.planning.methods import AUTHORS_ETA
@@ -120,8 +121,9 @@ def measure(num_images: int, chunk_size: int, args: argparse.Namespace) -> dict:
         _synchronize(device)
         times.append(time.perf_counter() - start)
         fractions.append([round(f, 4) for f in plan.fractions])
-    if args.plot:
-        plot_plan(plan, args.plot, title=f"{args.dataset}, {num_images} images: optimal-denoiser clustering")
+    if args.plot:  # atomically, as the plan command writes it: a run stopped while saving leaves no half file
+        title = f"{args.dataset}, {num_images} images: optimal-denoiser clustering"
+        write_atomically(args.plot, lambda path: plot_plan(plan, path, title=title))
     return {
         "num_images": num_images,
         "chunk_size": chunk_size or num_images,

@@ -86,3 +86,20 @@ def test_a_cuda_run_waits_for_and_reads_the_device_it_planned_on(monkeypatch):
     args = argparse.Namespace(device="cuda:1", dataset="digits", num_levels=4, num_samples=2, repeats=1, plot=None)
     bench.measure(10, 0, args)
     assert seen and all(bench.torch.device(device) == bench.torch.device("cuda:1") for _, device in seen)
+
+
+def test_a_plot_stopped_while_writing_leaves_the_file_that_was_there(monkeypatch, tmp_path):
+    # --plot was written in place by matplotlib: a run stopped while saving (a time limit, Ctrl-C) left a truncated PNG
+    path = tmp_path / "plan.png"
+    path.write_bytes(b"the earlier plot")
+
+    def stopped(plan, target, title=None):
+        with open(target, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "plot_plan", stopped)
+    args = argparse.Namespace(device="cpu", dataset="digits", num_levels=4, num_samples=2, repeats=1, plot=str(path))
+    with pytest.raises(KeyboardInterrupt):
+        bench.measure(20, 0, args)
+    assert path.read_bytes() == b"the earlier plot" and os.listdir(tmp_path) == ["plan.png"]
