@@ -76,6 +76,14 @@ def parse_args(argv=None):
     args.comparisons = chosen
     if args.quick:
         args.preset = "quick"
+    if args.report_only:
+        if args.output_dir is None:
+            parser.error("--report_only needs --output_dir (the folder holding <preset>/results.json)")
+        saved = os.path.join(args.output_dir, args.preset, "results.json")
+        if not os.path.isfile(saved):
+            parser.error(
+                f"--report_only needs --output_dir with the preset's results, got {args.output_dir!r}: no {saved}"
+            )
     return args
 
 
@@ -226,8 +234,6 @@ def write_index(output_dir: str) -> None:
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.report_only:
-        if arguments.output_dir is None:
-            raise SystemExit("--report_only needs --output_dir (the folder holding <preset>/results.json)")
         write_outputs(arguments.output_dir, arguments.preset)
     else:
         run(arguments)

@@ -168,3 +168,18 @@ def test_bench_planning_refuses_a_grid_the_planner_cannot_take(capsys):
         error = capsys.readouterr().err
         assert exit_.value.code == 2 and "argument --num_levels:" in error and f"got {levels}" in error
     assert bench_planning.parse_args(["--num_levels", "3"]).num_levels == 3
+
+
+def test_run_evidence_report_only_needs_saved_results_of_the_preset(capsys, tmp_path):
+    # a folder without <preset>/results.json (another preset's, or none) ended in a FileNotFoundError traceback
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "results.json").write_text("{}")
+    assert run_evidence.parse_args(["--report_only", "--quick", "--output_dir", str(tmp_path)]).report_only
+    for argv, option in (
+        (["--report_only", "--output_dir", str(tmp_path)], "--output_dir"),  # the default preset's are not there
+        (["--report_only"], "--output_dir"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            run_evidence.parse_args(argv)
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"--report_only needs {option}" in error
