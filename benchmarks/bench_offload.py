@@ -4,7 +4,8 @@ held on the accelerator and against diffusers' `enable_model_cpu_offload`.
 The pipeline is `bench_experts.py`'s MEME setup: 4 experts of different sizes (wider near the data) on uniform
 intervals (IU-Nets). Each mode is measured on its own, one after the other: the peak is `torch.cuda.max_memory_allocated` over
 one sampling run (weights, activations and moves included) above what was allocated before the mode was set up;
-the time is the median of ``--repeats`` runs after that one. On CPU (``--device cpu``) only the stage offload runs,
+the time is the median of ``--repeats`` runs after that one. Each mode is then printed as ratios to the resident
+pipeline's peak and time. On CPU (``--device cpu``) only the stage offload runs,
 with the CPU as its execution device (a smoke run: no memory is reported and the moves cost nothing).
 
     python benchmarks/bench_offload.py --device cuda [--steps 50] [--batch_size 16] [--repeats 5]
@@ -74,6 +75,19 @@ def measure(pipe: ExpertRoutingPipeline, mode: str, args: argparse.Namespace) ->
     return peak, statistics.median(times)
 
 
+def ratios_to_resident(results: dict[str, tuple[float | None, float]]) -> list[str]:
+    """Each mode's peak memory and median time over the resident pipeline's, measured in the same run (none where
+    the resident pipeline was not measured: a CPU run)."""
+    if "resident" not in results:
+        return []
+    base_peak, base_seconds = results["resident"]
+    return [
+        f"{mode} / resident: peak memory {peak / base_peak:.3f}, time {seconds / base_seconds:.3f}"
+        for mode, (peak, seconds) in results.items()
+        if mode != "resident"
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict[str, tuple[float | None, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", type=device_option, default=default_device())
@@ -95,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float | None, float]]
         print(f"{mode}: {memory}, median {seconds:.3f} s per run of {args.steps} steps, batch {args.batch_size}")
         del pipe
         gc.collect()
+    for line in ratios_to_resident(results):
+        print(line)
     return results
 
 

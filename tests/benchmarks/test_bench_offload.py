@@ -16,3 +16,15 @@ def test_runs_on_cpu(capsys):
     assert list(results) == ["stage_offload", "stage_offload_no_prefetch"]
     assert all(peak is None and seconds > 0 for peak, seconds in results.values())
     assert "4 experts:" in capsys.readouterr().out
+
+
+def test_each_mode_is_printed_as_ratios_to_the_resident_pipeline_of_the_same_run():
+    # the modes' peaks and times were printed alone: the project's benchmarks print ratios to a baseline of the run
+    from benchmarks.bench_offload import ratios_to_resident
+
+    results = {"resident": (100.0, 2.0), "model_cpu_offload": (50.0, 3.0), "stage_offload": (25.0, 2.5)}
+    assert ratios_to_resident(results) == [
+        "model_cpu_offload / resident: peak memory 0.500, time 1.500",
+        "stage_offload / resident: peak memory 0.250, time 1.250",
+    ]
+    assert ratios_to_resident({"stage_offload": (None, 1.0)}) == []  # CPU: no resident baseline measured
