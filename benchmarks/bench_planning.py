@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--compare", action="store_true", help="Compare the two boundary rules (see above).")
     mode.add_argument("--budget_fd", action="store_true", help="Widths at the baseline's FLOPs, by FD (see above).")
     parser.add_argument(
-        "--preset", default="quick", choices=sorted(PRESETS), help="The evidence preset of --budget_fd."
+        "--preset", default=None, choices=sorted(PRESETS), help="The evidence preset of --budget_fd (default: quick)."
     )
     for name in ("--budget_steps", "--num_eval_samples"):  # --budget_fd: override the preset's training and samples
         parser.add_argument(name, type=positive_int, default=None)
@@ -281,6 +281,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"{', '.join('--' + name for name in given)} set what --budget_fd measures: give --budget_fd too."
         )
+    args.preset = args.preset or "quick"  # None until here: a --preset given without --budget_fd is seen
     return args
 
 

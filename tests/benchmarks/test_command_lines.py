@@ -118,12 +118,14 @@ def test_bench_planning_refuses_options_its_mode_would_ignore(capsys):
     for argv, message in (
         (["--budget_steps", "50"], "--budget_steps"),
         (["--preset", "gpu"], "--preset"),
+        (["--preset", "quick"], "--preset"),  # the default's name was accepted and ignored
         (["--compare", "--budget_fd"], "--compare"),
     ):
         with pytest.raises(SystemExit) as exit_:
             bench_planning.parse_args(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert bench_planning.parse_args(["--budget_fd", "--budget_steps", "50"]).budget_steps == 50
+    assert bench_planning.parse_args(["--budget_fd"]).preset == "quick"  # the documented default
 
 
 def test_run_evidence_refuses_a_comparison_named_twice(capsys):
