@@ -82,14 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
     args = parser.parse_args(argv)
+    if args.quick:  # defaults only: the options given with it keep their values
+        parser.set_defaults(repeats=3, steps=5)
+        args = parser.parse_args(argv)
     kwargs = encoder_kwargs(args.width, args.resolution)
     multiple, down = width_multiple(kwargs), 2 ** (len(kwargs["block_out_channels"]) - 1)
     if args.width % multiple:  # the encoder's group norms and attention heads
         parser.error(f"--width must be a multiple of {multiple}, got {args.width}")
     if args.resolution % down:  # every down-sampling halves it; the up path must meet the same sizes
         parser.error(f"--resolution must be a multiple of {down}, got {args.resolution}")
-    if args.quick:
-        args.repeats, args.steps = 3, 5
     return args
 
 

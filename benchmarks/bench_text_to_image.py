@@ -71,8 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.steps, args.routing_repeats = 2, 4, 20
+    if args.quick:  # defaults only: the options given with it keep their values
+        parser.set_defaults(repeats=2, steps=4, routing_repeats=20)
+        args = parser.parse_args(argv)
     return args
 
 

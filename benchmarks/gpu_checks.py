@@ -74,8 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--output_dir", type=output_folder, default=None, help="where gpu_checks.json goes (default: nowhere)"
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.batch_size, args.repeats = 2, 2, 1
+    if args.quick:  # defaults only: the options given with it keep their values
+        parser.set_defaults(steps=2, batch_size=2, repeats=1)
+        args = parser.parse_args(argv)
     args.backend = args.backend or ("eager" if args.quick else "inductor")
     if args.backend not in torch.compiler.list_backends(exclude_tags=()):
         parser.error(

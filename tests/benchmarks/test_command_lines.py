@@ -185,3 +185,18 @@ def test_run_evidence_report_only_needs_saved_results_of_the_preset(capsys, tmp_
             run_evidence.parse_args(argv)
         error = capsys.readouterr().err
         assert exit_.value.code == 2 and f"--report_only needs {option}" in error
+
+
+@pytest.mark.parametrize(
+    ("script", "quick"),
+    [(bench_multistage, {"repeats": 3, "steps": 5}), (bench_text_to_image, {"repeats": 2, "steps": 4, "routing_repeats": 20}),
+     (gpu_checks, {"steps": 2, "batch_size": 2, "repeats": 1})],
+    ids=lambda s: s.__name__.split(".")[-1] if hasattr(s, "__name__") else "",
+)  # fmt: skip
+def test_quick_sets_what_the_command_line_leaves_out(script, quick):
+    # --quick overwrote the options given with it: `--quick --repeats 1` ran 3 repeats
+    assert {name: getattr(script.parse_args(["--device", "cpu", "--quick"]), name) for name in quick} == quick
+    for name, value in quick.items():
+        given = script.parse_args(["--device", "cpu", "--quick", f"--{name}", str(value + 1)])
+        assert getattr(given, name) == value + 1
+        assert all(getattr(given, other) == quick[other] for other in quick if other != name)
