@@ -268,10 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what --compare and --budget_fd read besides --device (the timing run reads every option but --budget_fd's)
+MODE_OPTIONS = {
+    "compare": ("dataset", "num_images", "num_samples", "num_levels"),
+    "budget_fd": ("preset", "budget_steps", "num_eval_samples"),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The options, with those of --budget_fd refused without it (the other modes would ignore them)."""
+    """The options, with those of --budget_fd refused without it, and those --compare or --budget_fd do not read
+    refused with it (the mode would ignore them)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    on_command_line = build_parser()
+    for action in on_command_line._actions:
+        action.default = argparse.SUPPRESS  # only the options given are parsed into the namespace
+    given_options = set(vars(on_command_line.parse_args(argv)))
+    for mode, read in MODE_OPTIONS.items():
+        ignored = sorted(given_options - {"device", mode, *read}) if getattr(args, mode) else []
+        if ignored:
+            parser.error(f"{', '.join('--' + name for name in ignored)} is not used with --{mode}.")
     given = [
         name
         for name in ("preset", "budget_steps", "num_eval_samples")

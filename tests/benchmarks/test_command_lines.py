@@ -200,3 +200,22 @@ def test_quick_sets_what_the_command_line_leaves_out(script, quick):
         given = script.parse_args(["--device", "cpu", "--quick", f"--{name}", str(value + 1)])
         assert getattr(given, name) == value + 1
         assert all(getattr(given, other) == quick[other] for other in quick if other != name)
+
+
+def test_bench_planning_refuses_options_the_other_modes_would_ignore(capsys, tmp_path):
+    # --compare --plot drew nothing, --budget_fd --dataset fashion-mnist scored the preset's digits, and --budget_fd
+    # --large / --compare --repeats did nothing: each ran without a word
+    plot = str(tmp_path / "plan.png")
+    for argv, option in (
+        (["--compare", "--plot", plot], "--plot"),
+        (["--compare", "--repeats", "3"], "--repeats"),
+        (["--budget_fd", "--dataset", "fashion-mnist"], "--dataset"),
+        (["--budget_fd", "--large", "0"], "--large"),
+        (["--budget_fd", "--num_levels", "30"], "--num_levels"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            bench_planning.parse_args(argv)
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"{option} is not used with {argv[0]}" in error
+    assert bench_planning.parse_args(["--compare", "--dataset", "digits", "--num_levels", "30"]).num_levels == 30
+    assert bench_planning.parse_args(["--dataset", "digits", "--plot", plot, "--large", "0"]).plot == plot
