@@ -39,7 +39,7 @@ COMPARISONS = ("1", "2", "3")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="(default: default)")
     parser.add_argument("--quick", action="store_true", help="same as --preset quick")
     parser.add_argument("--comparisons", default="1,2,3", help="which comparisons to run, e.g. '1,3'")
     parser.add_argument(
@@ -74,8 +74,9 @@ def parse_args(argv=None):
             f"{args.comparisons!r}"
         )
     args.comparisons = chosen
-    if args.quick:
-        args.preset = "quick"
+    if args.quick and args.preset not in (None, "quick"):
+        parser.error(f"--quick is --preset quick, got --preset {args.preset}")
+    args.preset = "quick" if args.quick else args.preset or "default"
     if args.report_only:
         if args.output_dir is None:
             parser.error("--report_only needs --output_dir (the folder holding <preset>/results.json)")

@@ -219,3 +219,15 @@ def test_bench_planning_refuses_options_the_other_modes_would_ignore(capsys, tmp
         assert exit_.value.code == 2 and f"{option} is not used with {argv[0]}" in error
     assert bench_planning.parse_args(["--compare", "--dataset", "digits", "--num_levels", "30"]).num_levels == 30
     assert bench_planning.parse_args(["--dataset", "digits", "--plot", plot, "--large", "0"]).plot == plot
+
+
+def test_run_evidence_refuses_quick_with_another_preset(capsys):
+    # --quick --preset gpu ran the quick preset without a word
+    assert run_evidence.parse_args([]).preset == "default"
+    assert run_evidence.parse_args(["--quick"]).preset == run_evidence.parse_args(["--preset", "quick"]).preset
+    assert run_evidence.parse_args(["--quick", "--preset", "quick"]).preset == "quick"
+    for preset in ("gpu", "default"):
+        with pytest.raises(SystemExit) as exit_:
+            run_evidence.parse_args(["--quick", "--preset", preset])
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"--quick is --preset quick, got --preset {preset}" in error
