@@ -8,7 +8,7 @@ the time is the median of ``--repeats`` runs after that one. Each mode is then p
 pipeline's peak and time. On CPU (``--device cpu``) only the stage offload runs,
 with the CPU as its execution device (a smoke run: no memory is reported and the moves cost nothing).
 
-    python benchmarks/bench_offload.py --device cuda [--steps 50] [--batch_size 16] [--repeats 5]
+    python benchmarks/bench_offload.py --device cuda [--steps 50] [--batch_size 16] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -94,7 +94,12 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float | None, float]]
     parser.add_argument("--steps", type=positive_int, default=50)
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     source = meme_pipeline()
     experts = source.experts.experts
     print(f"4 experts: {params(experts):.2f} M parameters, the largest {max(params([e]) for e in experts):.2f} M")

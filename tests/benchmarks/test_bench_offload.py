@@ -28,3 +28,26 @@ def test_each_mode_is_printed_as_ratios_to_the_resident_pipeline_of_the_same_run
         "stage_offload / resident: peak memory 0.250, time 1.250",
     ]
     assert ratios_to_resident({"stage_offload": (None, 1.0)}) == []  # CPU: no resident baseline measured
+
+
+def test_threads_sets_torch_s_cpu_threads_before_anything_is_built(monkeypatch):
+    # it had no --threads: on a shared 2-core machine its CPU run took 3.2 s per 1-step run at torch's 2 threads
+    # against 0.05 s at one
+    import torch
+
+    from benchmarks import bench_offload
+
+    seen = []
+
+    def built():
+        seen.append(torch.get_num_threads())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_offload, "meme_pipeline", built)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(["--device", "cpu", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1]

@@ -35,7 +35,7 @@ def _parse(script, argv):
 SCRIPTS = {
     bench_experts: ["--steps", "--batch_size", "--repeats", "--threads", "--timing_batch", "--evidence_steps"],
     bench_multistage: ["--width", "--resolution", "--steps", "--train_batch", "--repeats", "--threads"],
-    bench_offload: ["--steps", "--batch_size", "--repeats"],
+    bench_offload: ["--steps", "--batch_size", "--repeats", "--threads"],
     bench_planning: ["--num_images", "--num_samples", "--num_levels", "--repeats", "--budget_steps"],
     bench_text_to_image: ["--latent_size", "--steps", "--train_batch", "--repeats", "--routing_repeats"],
     gpu_checks: ["--steps", "--batch_size", "--repeats"],
