@@ -132,6 +132,9 @@ def main() -> None:
         "--evidence_steps", type=positive_int, default=None, help="section 3's DDIM steps (default: the preset's)"
     )
     args = parser.parse_args()
+    for option in ("timing_batch", "evidence_steps"):
+        if args.evidence_preset == "none" and getattr(args, option) is not None:
+            parser.error(f"--{option} sets section 3, which --evidence_preset none skips")
     for option in ("steps", "evidence_steps"):  # the dual backbone's step-fraction switch needs a step on each side
         if getattr(args, option) == 1:
             parser.error(f"--{option} must be at least 2 (the dual backbone switches models between steps), got 1")

@@ -231,3 +231,14 @@ def test_run_evidence_refuses_quick_with_another_preset(capsys):
             run_evidence.parse_args(["--quick", "--preset", preset])
         error = capsys.readouterr().err
         assert exit_.value.code == 2 and f"--quick is --preset quick, got --preset {preset}" in error
+
+
+@pytest.mark.parametrize("option", ["--timing_batch", "--evidence_steps"])
+def test_bench_experts_refuses_section_3_options_with_no_section_3(option, capsys, monkeypatch):
+    # --evidence_preset none skips section 3, whose batch and steps these set: they were accepted and ignored
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    with pytest.raises(SystemExit) as exit_:
+        _parse(bench_experts, ["--evidence_preset", "none", option, "8"])
+    assert exit_.value.code == 2 and f"{option} sets section 3, which --evidence_preset none skips" in (
+        capsys.readouterr().err
+    )
