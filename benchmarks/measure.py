@@ -81,10 +81,11 @@ def output_file(text: str) -> str:
 def output_folder(text: str) -> str:
     """An argparse ``type``: a folder that results can be written into (created where missing; not a file, nor a
     path inside one), checked before the run rather than when its first result is written."""
-    try:
-        check_output_file(os.path.join(text, "results"), "path")  # a file in it: its folders must be creatable
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a folder that can be written (or created), got {text!r}") from None
+    path = os.path.abspath(text)
+    while not os.path.exists(path) and os.path.dirname(path) != path:  # the nearest part that is there
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):  # the folder is a file, or lies inside one
+        raise argparse.ArgumentTypeError(f"must be a folder that can be written (or created), got {text!r}")
     return text
 
 

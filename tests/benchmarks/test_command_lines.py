@@ -155,10 +155,12 @@ def test_an_output_folder_that_is_a_file_is_a_usage_error(script, capsys, tmp_pa
     with pytest.raises(SystemExit) as exit_:
         script.parse_args(["--device", "cpu", "--output_dir", str(results)])
     assert exit_.value.code == 2 and "argument --output_dir:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a folder inside a file
+        script.parse_args(["--device", "cpu", "--output_dir", str(results / "sub")])
     assert results.read_text() == "{}"
-    assert script.parse_args(["--device", "cpu", "--output_dir", str(tmp_path / "new")]).output_dir == str(
-        tmp_path / "new"
-    )
+    (tmp_path / "old" / "results").mkdir(parents=True)  # a folder holding a `results` folder (as benchmarks/ does)
+    for folder in (tmp_path / "new", tmp_path / "new" / "deeper", tmp_path / "old"):
+        assert script.parse_args(["--device", "cpu", "--output_dir", str(folder)]).output_dir == str(folder)
 
 
 def test_bench_planning_refuses_a_grid_the_planner_cannot_take(capsys):
