@@ -450,9 +450,9 @@ def _vae_latents(args: argparse.Namespace, images: torch.Tensor, batch_size: int
     return encode_model_latents(vae, images, generator, batch_size, progress).cpu()
 
 
-def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: NoiseSchedule, result: dict):
+def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: NoiseSchedule, scheduler, result: dict):
     """The widths planned for ``--budget``, else the heuristic ones (written into ``result``), printed with how to
-    train them on the noise schedule planned on."""
+    train them on the noise schedule planned on (``scheduler``'s)."""
     if plan.budget is not None:
         paid = (
             f"{args.num_inference_steps} sampling steps"
@@ -471,7 +471,7 @@ def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: Nois
         result["stage_difficulty"] = [round(d, 4) for d in difficulty]
         result["decoder_block_out_channels"] = [list(w) for w in widths]
         print(f"  heuristic decoder widths (clean stage first): {result['decoder_block_out_channels']}")
-    schedule_options, unmatched = _training_schedule(args, plan.partition)
+    schedule_options, unmatched = _training_schedule(scheduler, plan.partition)
     if args.architecture == "experts":
         command = shlex.join([*_expert_arguments(args, plan), *schedule_options])
         print(f"  train them with the data options: examples/experts/train_experts.py {command}")
@@ -499,15 +499,15 @@ def _expert_arguments(args: argparse.Namespace, plan) -> list[str]:
     ]  # fmt: skip
 
 
-def _training_schedule(args: argparse.Namespace, partition) -> tuple[list[str], str | None]:
-    """The training scripts' options that give a run the noise schedule planned on, and what their options cannot
-    give (a note to print, or None): they train DDPM-style schedules of `--ddpm_beta_schedule` and
+def _training_schedule(scheduler, partition) -> tuple[list[str], str | None]:
+    """The training scripts' options that give a run the noise schedule planned on (``scheduler``'s), and what their
+    options cannot give (a note to print, or None): they train DDPM-style schedules of `--ddpm_beta_schedule` and
     `--num_train_timesteps`, and EDM's with `EDMEulerScheduler`'s default sigma range."""
     from diffusers import DDPMScheduler, EDMEulerScheduler
 
+    from .schedulers import training_schedule_differences
     from .training.args import BETA_SCHEDULES
 
-    scheduler = _schedule(args)[1]
     if partition.units == "sigma":
         default = EDMEulerScheduler().config
         differs = [f"{k}={scheduler.config.get(k)!r}" for k in ("sigma_min", "sigma_max", "rho")
@@ -520,16 +520,18 @@ def _training_schedule(args: argparse.Namespace, partition) -> tuple[list[str], 
         return [], note if differs else None
     beta = scheduler.config.get("beta_schedule", "linear")
     options = ["--ddpm_beta_schedule", beta] if beta in BETA_SCHEDULES and beta != "linear" else []
-    trained = None
-    if beta in BETA_SCHEDULES:
-        trained = DDPMScheduler(num_train_timesteps=partition.num_train_timesteps, beta_schedule=beta).alphas_cumprod
-    planned = getattr(scheduler, "alphas_cumprod", None)
-    if trained is not None and planned is not None and torch.equal(trained, planned.to(trained.dtype)):
+    trained = DDPMScheduler(  # what the scripts train with these options (the prediction type is theirs to choose)
+        num_train_timesteps=partition.num_train_timesteps, beta_schedule=beta if beta in BETA_SCHEDULES else "linear"
+    )
+    differs = [
+        k for k in training_schedule_differences(trained, scheduler) if k not in ("prediction_type", "sigma_data")
+    ]
+    if not differs:
         return options, None
     return options, (
-        "the training scripts' noise schedule (`--ddpm_beta_schedule` with its default beta range, "
-        "`--num_train_timesteps`) is not the one planned on (--scheduler_config): the stages' intervals would hold "
-        "other noise levels than planned."
+        f"the training scripts' noise schedule (`--ddpm_beta_schedule` with its default beta range, "
+        f"`--num_train_timesteps`) is not the one planned on (--scheduler_config differs in {', '.join(differs)}): "
+        "the stages' intervals would hold other noise levels than planned."
     )
 
 
@@ -581,7 +583,7 @@ def plan_command(args: argparse.Namespace) -> dict:
 
     # 3. decoder widths and the model config
     if config is not None:
-        widths = _decoder_widths(args, plan, config, data, schedule, result)
+        widths = _decoder_widths(args, plan, config, data, schedule, scheduler, result)
         if args.output_config:
             planned = {
                 **partition_to_model_config(config, plan.partition, widths),
