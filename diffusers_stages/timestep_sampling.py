@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .models.checks import positive_integer_arguments
 from .partition import TimestepPartition
 
 MEME_OWN_INTERVAL_PROBABILITIES = (0.8, 0.4, 0.2, 0.1)  # Lee et al. (AAAI 2024), clean expert first
@@ -69,8 +70,7 @@ def _draw_in_interval(
 def stage_counts(batch_size: int, shares: Sequence[float], generator: torch.Generator | None = None) -> list[int]:
     """Split ``batch_size`` over stages in proportion to ``shares``: at least one sample per stage (when the batch
     allows it), the remainder given to the largest fractional parts, ties broken at random."""
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
+    (batch_size,) = positive_integer_arguments(batch_size=batch_size)
     total = float(sum(shares))
     if any(not math.isfinite(s) or s < 0 for s in shares) or total <= 0:  # nan fails no comparison
         raise ValueError(f"`stage_shares` must be finite and non-negative, with a positive sum, got {list(shares)}.")
@@ -118,6 +118,7 @@ def stratified_timesteps(
 
     ```
     """
+    (batch_size,) = positive_integer_arguments(batch_size=batch_size)
     shares = stage_mass(partition, p_mean, p_std) if stage_shares is None else list(stage_shares)
     if len(shares) != partition.num_stages:
         raise ValueError(f"`stage_shares` needs {partition.num_stages} values (one per stage), got {len(shares)}.")
@@ -245,10 +246,9 @@ def stage_sampled_timesteps(
     """
     if scheme not in STAGE_SAMPLING:
         raise ValueError(f"`stage_sampling` must be one of {STAGE_SAMPLING}, got {scheme!r}.")
+    (batch_size,) = positive_integer_arguments(batch_size=batch_size)
     if scheme == "mixed":
         return stratified_timesteps(partition, batch_size, stage_shares, generator, p_mean, p_std)
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
     num_stages = partition.num_stages
     if scheme == "per_rank":
         if stage_shares is not None:

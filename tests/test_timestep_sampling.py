@@ -1,9 +1,11 @@
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +165,21 @@ def test_per_batch_shares_that_are_not_finite_are_refused_by_name(share):
     # were handed to torch.multinomial, which raised a RuntimeError about its probability tensor
     with pytest.raises(ValueError, match="`stage_shares`.*finite"):
         stage_sampled_timesteps(TimestepPartition([442, 631]), 4, "per_batch", stage_shares=[share, 1, 1])
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, 4.0, True, "4", None])
+@pytest.mark.parametrize("scheme", ["mixed", "per_batch", "per_rank"])
+def test_a_batch_size_that_is_not_a_positive_integer_is_refused_by_name(scheme, batch_size):
+    # a float, a bool or a string raised a TypeError deep inside torch (randperm, randint) or at a comparison
+    partition = TimestepPartition([442, 631])
+    with pytest.raises(
+        ValueError, match=rf"`batch_size` must be a positive integer, got {re.escape(repr(batch_size))}"
+    ):
+        stage_sampled_timesteps(partition, batch_size, scheme, process_index=0, num_processes=3)
+    with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer"):
+        stage_counts(batch_size, [1, 1, 1])
+    if scheme == "mixed":
+        with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer"):
+            stratified_timesteps(partition, batch_size)
+    t, stages = stratified_timesteps(partition, np.int64(4), generator=torch.manual_seed(0))  # numpy's ints work
+    assert t.shape == stages.shape == (4,)
