@@ -30,8 +30,19 @@ def _normal_cdf(x: float) -> float:
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
 
+def _check_log_normal(p_mean: float, p_std: float) -> None:
+    """Refuse a log-normal ``ln(sigma) ~ N(p_mean, p_std^2)`` that has no finite mean or positive spread, naming the
+    argument (read by ``"sigma"`` partitions only)."""
+    for name, value, positive in (("p_mean", p_mean, False), ("p_std", p_std, True)):
+        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not real or not math.isfinite(value) or (positive and value <= 0):
+            raise ValueError(f"`{name}` must be a finite number{' > 0' if positive else ''}, got {value!r}.")
+
+
 def stage_mass(partition: TimestepPartition, p_mean: float = EDM_P_MEAN, p_std: float = EDM_P_STD) -> list[float]:
     """Share of the usual training distribution that falls in each stage (uniform t, or EDM's log-normal sigma)."""
+    if partition.units == "sigma":
+        _check_log_normal(p_mean, p_std)
     masses = []
     for low, high in partition.intervals():
         if partition.units == "timestep":
@@ -60,6 +71,7 @@ def _draw_in_interval(
             raise ValueError(f"Stage {stage} ({low}, {high}) holds no integer timestep; widen it.")
         return torch.randint(lo, hi, (count,), generator=generator)
     # inverse-CDF sampling of the log-normal, truncated to [low, high)
+    _check_log_normal(p_mean, p_std)
     lo = 0.0 if low <= 0 else _normal_cdf((math.log(low) - p_mean) / p_std)
     hi = 1.0 if math.isinf(high) else _normal_cdf((math.log(high) - p_mean) / p_std)
     u = lo + (hi - lo) * torch.rand(count, generator=generator, dtype=torch.float64)

@@ -183,3 +183,34 @@ def test_a_batch_size_that_is_not_a_positive_integer_is_refused_by_name(scheme, 
             stratified_timesteps(partition, batch_size)
     t, stages = stratified_timesteps(partition, np.int64(4), generator=torch.manual_seed(0))  # numpy's ints work
     assert t.shape == stages.shape == (4,)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        ("p_std", 0.0, "`p_std` must be a finite number > 0, got 0.0"),
+        ("p_std", -1.2, "`p_std` must be a finite number > 0, got -1.2"),
+        ("p_std", float("nan"), "`p_std` must be a finite number > 0, got nan"),
+        ("p_std", float("inf"), "`p_std` must be a finite number > 0, got inf"),
+        ("p_std", "1.2", "`p_std` must be a finite number > 0, got '1.2'"),
+        ("p_mean", float("nan"), "`p_mean` must be a finite number, got nan"),
+        ("p_mean", float("-inf"), "`p_mean` must be a finite number, got -inf"),
+    ],
+)
+def test_a_bad_log_normal_of_sigma_units_is_refused_by_name(name, value, match):
+    # p_std=0 was a ZeroDivisionError, a negative or nan p_std or a nan p_mean a ValueError blaming `stage_shares`,
+    # and p_std=inf drew sigma 0 and inf, outside every stage
+    partition = TimestepPartition([0.5, 2.0], units="sigma")
+    calls = [
+        lambda **kw: stage_mass(partition, **kw),
+        lambda **kw: stratified_timesteps(partition, 4, **kw),
+        lambda **kw: stratified_timesteps(partition, 4, stage_shares=[1, 1, 1], **kw),
+        lambda **kw: stage_sampled_timesteps(partition, 4, "per_batch", stage_shares=[1, 1, 1], **kw),
+        lambda **kw: stage_sampled_timesteps(partition, 4, "per_rank", process_index=0, num_processes=3, **kw),
+        lambda **kw: soft_assignment_timesteps(partition, 0, 4, own_interval_probability=0.5, **kw),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            call(**{name: value})
+    # timestep units do not read the log-normal
+    assert len(stratified_timesteps(TimestepPartition([442, 631]), 4, **{name: value})[0]) == 4
