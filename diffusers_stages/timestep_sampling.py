@@ -267,13 +267,16 @@ def stage_sampled_timesteps(
             raise ValueError(
                 "`stage_shares` cannot be given with `stage_sampling`='per_rank': each process trains one stage."
             )
-        if num_processes < 1 or num_processes % num_stages or not 0 <= process_index < num_processes:
+        integers = all(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (process_index, num_processes)
+        )
+        if not integers or num_processes < 1 or num_processes % num_stages or not 0 <= process_index < num_processes:
             raise ValueError(
                 f"`stage_sampling`='per_rank' gives each of the {num_stages} stages an equal share of the processes: "
-                f"the number of processes must be a multiple of {num_stages}, got process {process_index} of "
-                f"{num_processes}."
+                f"the number of processes must be a multiple of {num_stages}, got process {process_index!r} of "
+                f"{num_processes!r}."
             )
-        stage = process_index % num_stages
+        stage = int(process_index) % num_stages
     else:
         shares = stage_mass(partition, p_mean, p_std) if stage_shares is None else list(stage_shares)
         if len(shares) != num_stages or any(not math.isfinite(s) or s < 0 for s in shares) or sum(shares) <= 0:

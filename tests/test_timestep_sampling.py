@@ -214,3 +214,12 @@ def test_a_bad_log_normal_of_sigma_units_is_refused_by_name(name, value, match):
             call(**{name: value})
     # timestep units do not read the log-normal
     assert len(stratified_timesteps(TimestepPartition([442, 631]), 4, **{name: value})[0]) == 4
+
+
+@pytest.mark.parametrize(("process_index", "num_processes"), [(0.5, 3), (True, 3), (0, 3.0), (0, True), ("0", 3)])
+def test_per_rank_process_numbers_that_are_not_integers_are_refused_by_name(process_index, num_processes):
+    # process 0.5 was a TypeError (a list index), process True trained stage 1 and 3.0 processes passed
+    with pytest.raises(ValueError, match=rf"got process {re.escape(repr(process_index))} of {num_processes!r}"):
+        stage_sampled_timesteps(TimestepPartition([442, 631]), 4, "per_rank", None, None, process_index, num_processes)
+    _, stages = stage_sampled_timesteps(TimestepPartition([442, 631]), 2, "per_rank", None, None, np.int64(4), 6)
+    assert stages.tolist() == [1, 1]
