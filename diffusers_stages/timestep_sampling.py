@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -82,6 +82,19 @@ def _draw_in_interval(
 def stage_counts(batch_size: int, shares: Sequence[float], generator: torch.Generator | None = None) -> list[int]:
     """Split ``batch_size`` over stages in proportion to ``shares``: at least one sample per stage (when the batch
     allows it), the remainder given to the largest fractional parts, ties broken at random."""
+    return _split(batch_size, shares, lambda counts: torch.rand(len(shares), generator=generator).tolist())
+
+
+def most_even_stage_counts(batch_size: int, shares: Sequence[float]) -> list[int]:
+    """The split of `stage_counts` with its ties broken towards the stages that hold the fewest samples: of the
+    splits it can draw, one whose largest count is the smallest (the one that padding every stage to the largest
+    count, as fused decoders do, costs least)."""
+    return _split(batch_size, shares, lambda counts: [-count for count in counts])
+
+
+def _split(batch_size: int, shares: Sequence[float], tie_break: Callable[[list[int]], Sequence[float]]) -> list[int]:
+    """`stage_counts`' split, ``tie_break(counts)`` ordering (highest first) the stages whose remainders tie, given
+    the counts before the remainder is handed out."""
     (batch_size,) = positive_integer_arguments(batch_size=batch_size)
     total = float(sum(shares))
     if any(not math.isfinite(s) or s < 0 for s in shares) or total <= 0:  # nan fails no comparison
@@ -90,8 +103,8 @@ def stage_counts(batch_size: int, shares: Sequence[float], generator: torch.Gene
     rest = batch_size - sum(guaranteed)
     exact = [rest * s / total for s in shares]
     counts = [g + math.floor(e) for g, e in zip(guaranteed, exact)]
-    jitter = torch.rand(len(shares), generator=generator).tolist()
-    order = sorted(range(len(shares)), key=lambda i: (exact[i] - math.floor(exact[i]), jitter[i]), reverse=True)
+    ties = tie_break(counts)
+    order = sorted(range(len(shares)), key=lambda i: (exact[i] - math.floor(exact[i]), ties[i]), reverse=True)
     for i in order[: batch_size - sum(counts)]:
         counts[i] += 1
     return counts

@@ -11,6 +11,7 @@ import torch
 
 from diffusers_stages import TimestepPartition
 from diffusers_stages.timestep_sampling import (
+    most_even_stage_counts,
     soft_assignment_timesteps,
     stage_counts,
     stage_mass,
@@ -223,3 +224,13 @@ def test_per_rank_process_numbers_that_are_not_integers_are_refused_by_name(proc
         stage_sampled_timesteps(TimestepPartition([442, 631]), 4, "per_rank", None, None, process_index, num_processes)
     _, stages = stage_sampled_timesteps(TimestepPartition([442, 631]), 2, "per_rank", None, None, np.int64(4), 6)
     assert stages.tolist() == [1, 1]
+
+
+def test_the_most_even_split_is_one_stage_counts_draws_with_the_smallest_largest_count():
+    # a tie between stages of different counts: stage_counts draws [1, 3] or [2, 2]
+    drawn = {tuple(stage_counts(4, [1, 3], torch.manual_seed(seed))) for seed in range(40)}
+    assert drawn == {(1, 3), (2, 2)} and most_even_stage_counts(4, [1, 3]) == [2, 2]
+    assert most_even_stage_counts(64, stage_mass(TimestepPartition([442, 631]))) == [28, 13, 23]  # no tie
+    assert sorted(most_even_stage_counts(4, [1, 1, 1])) == [1, 1, 2]
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got 0"):
+        most_even_stage_counts(0, [1, 1])

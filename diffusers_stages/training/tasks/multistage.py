@@ -18,7 +18,7 @@ from ...models.unet_multistage_ddpmpp import MultiStageDDPMppUNet2DModel
 from ...partition import TimestepPartition
 from ...pipelines import MultiStagePipeline
 from ...routing import fits_padding
-from ...timestep_sampling import stage_counts, stage_mass, stage_sampled_timesteps
+from ...timestep_sampling import most_even_stage_counts, stage_mass, stage_sampled_timesteps
 from ..args import UNET_SHAPE_OPTIONS, partition_from_args, read_model_config, unet_shape_kwargs
 from .base import Draw, _unet_downsampling
 from .pretrained import FineTuningTask, PipelineSource
@@ -202,7 +202,7 @@ class MultiStageTask(FineTuningTask):
         shares = args.stage_shares if args.stage_shares is not None else stage_mass(partition)
         if len(shares) != partition.num_stages or any(s < 0 for s in shares) or not sum(shares):
             return  # refused with its own message by `check_args`
-        counts = [c for c in stage_counts(args.train_batch_size, shares, torch.Generator().manual_seed(0)) if c]
+        counts = [c for c in most_even_stage_counts(args.train_batch_size, shares) if c]
         if len(counts) > 1 and not fits_padding(counts, DEFAULT_MAX_PADDING):
             equal = f"`--stage_shares {','.join(['1'] * partition.num_stages)}`"
             fix = (  # equal shares split a batch size that is a multiple of the stage count evenly
