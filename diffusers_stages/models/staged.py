@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import numbers
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -317,7 +318,7 @@ class StagedModelMixin(StageCompileMixin):
                 f"`enable_fused_decoders` is not supported by {type(self).__name__}: its decoders have no "
                 "channel-packed form (only `MultiStageUNet2DModel`'s do)."
             )
-        if isinstance(max_padding, bool) or not isinstance(max_padding, (int, float)) or not max_padding >= 0:
+        if isinstance(max_padding, bool) or not isinstance(max_padding, numbers.Real) or not max_padding >= 0:
             raise ValueError(f"`max_padding` must be a number >= 0, got {max_padding!r}.")
         if any(getattr(decoder, "_compiled_call_impl", None) is not None for decoder in self.decoders):
             raise ValueError(

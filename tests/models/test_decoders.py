@@ -2,7 +2,9 @@
 per-stage path's outputs and gradients, and the per-stage path wherever fusing is not valid."""
 
 import math
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
@@ -256,6 +258,13 @@ def test_fusing_is_off_by_default_and_bounded_by_the_padding(model, max_padding,
 def test_a_bad_max_padding_names_the_argument(model, max_padding):
     with pytest.raises(ValueError, match="`max_padding` must be a number >= 0"):
         model.enable_fused_decoders(max_padding=max_padding)
+
+
+@pytest.mark.parametrize("max_padding", [np.float32(0.5), np.float64(0.5), np.int64(1), Fraction(1, 2)])
+def test_a_max_padding_of_any_real_number_type_is_taken(model, max_padding):
+    # numpy's float32 (a ratio computed with numpy) was refused as "must be a number >= 0"
+    model.enable_fused_decoders(max_padding=max_padding)
+    assert model._fused_decoders_max_padding == float(max_padding)
 
 
 def test_writes_through_param_data_are_seen_by_the_next_fused_call(model):
