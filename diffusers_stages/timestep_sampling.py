@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .models.checks import positive_integer_arguments
+from .models.checks import _is_integral, positive_integer_arguments
 from .partition import TimestepPartition
 
 MEME_OWN_INTERVAL_PROBABILITIES = (0.8, 0.4, 0.2, 0.1)  # Lee et al. (AAAI 2024), clean expert first
@@ -185,10 +185,11 @@ def soft_assignment_timesteps(
     ```
     """
     num_stages = partition.num_stages
-    if isinstance(expert_index, bool) or not isinstance(expert_index, int) or not 0 <= expert_index < num_stages:
+    if not _is_integral(expert_index) or not 0 <= expert_index < num_stages:
         raise ValueError(f"`expert_index` must be in [0, {num_stages}), got {expert_index!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+    if not _is_integral(batch_size) or batch_size < 0:
         raise ValueError(f"`batch_size` must be a non-negative integer, got {batch_size!r}.")
+    expert_index, batch_size = int(expert_index), int(batch_size)
     if own_interval_probability is None:
         if num_stages != len(MEME_OWN_INTERVAL_PROBABILITIES):
             raise ValueError(
@@ -280,9 +281,7 @@ def stage_sampled_timesteps(
             raise ValueError(
                 "`stage_shares` cannot be given with `stage_sampling`='per_rank': each process trains one stage."
             )
-        integers = all(
-            isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (process_index, num_processes)
-        )
+        integers = _is_integral(process_index) and _is_integral(num_processes)
         if not integers or num_processes < 1 or num_processes % num_stages or not 0 <= process_index < num_processes:
             raise ValueError(
                 f"`stage_sampling`='per_rank' gives each of the {num_stages} stages an equal share of the processes: "

@@ -234,3 +234,16 @@ def test_the_most_even_split_is_one_stage_counts_draws_with_the_smallest_largest
     assert sorted(most_even_stage_counts(4, [1, 1, 1])) == [1, 1, 2]
     with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got 0"):
         most_even_stage_counts(0, [1, 1])
+
+
+def test_soft_assignment_takes_numpy_integers_as_the_other_samplers_do():
+    # np.int64(1) was refused as "`expert_index` must be in [0, 4), got np.int64(1)", a value inside that range
+    partition = TimestepPartition.uniform(4)
+    t = soft_assignment_timesteps(partition, np.int64(1), np.int64(6), 1.0, generator=torch.manual_seed(0))
+    assert t.shape == (6,) and partition.stage_for_noise_level(t).tolist() == [1] * 6
+    for kwargs, match in (
+        ({"expert_index": np.True_}, "`expert_index`"),
+        ({"batch_size": np.float64(4)}, "`batch_size`"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            soft_assignment_timesteps(partition, **{"expert_index": 0, "batch_size": 4, **kwargs})
