@@ -390,7 +390,9 @@ def stack_decoder_storage(decoders: Sequence[nn.Module]) -> bool:
     its decoders out again while fused decoders are enabled). The decoders' state dicts give each row on a storage
     of its own (an alias, not a copy), so that accelerate's `save_state`, safetensors' `load_model` and `torch.save`
     see separate tensors, not weights tied to each other. Returns whether the decoders could be laid out
-    (`False`, and nothing changed, where `fused_decoders` would refuse them without gradients).
+    (`False`, and nothing changed, for decoders that differ in structure or run code a fused pass would not run,
+    such as hooks; decoders laid out may still run stage by stage where the packed pass has no form for them, e.g.
+    with FreeU).
 
     Example:
 
@@ -487,6 +489,8 @@ def stage_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     consecutive rows of one storage (as `stack_decoder_storage` lays them out), with the same gradients."""
     if not tensors:
         raise ValueError("`tensors` must hold at least one tensor to stack, got none.")
+    if torch.compiler.is_compiling():  # traced by torch.compile: storage pointers cannot be traced, so a plain stack
+        return torch.stack(list(tensors))
     if _consecutive_rows(tensors):
         if torch.is_grad_enabled() and tensors[0].requires_grad:
             return _StorageRows.apply(*tensors)

@@ -75,8 +75,8 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
     The encoder (time/class embedding, down blocks, middle block) runs once on the whole batch; each sample is then
     decoded by the decoder of its stage only, so a mixed batch costs ``encoder(B) + sum_s decoder_s(B_s)``. With
     decoders of one architecture (`from_unet`), `enable_fused_decoders()` decodes a mixed batch in one pass through
-    all its stages' decoders (one channel-packed network, same outputs and gradients): opt-in, as it is faster only
-    for small decoders (see [`~StagedModelMixin.enable_fused_decoders`]).
+    all its stages' decoders (one channel-packed network, same outputs and gradients but for dropout's random
+    numbers): opt-in, as it is faster only for small decoders (see [`~StagedModelMixin.enable_fused_decoders`]).
 
     The encoder arguments are those of [`~diffusers.UNet2DModel`]; the multi-stage arguments are:
 

@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument(
         "--fused_decoders", action="store_true",
         help="Decode each batch in one channel-packed pass through all decoders (`enable_fused_decoders`; same "
-        "outputs and gradients). Faster with many stages of few samples each (README, Benchmarks). Refused where no "
+        "outputs and gradients, except that dropout draws other random numbers). Faster with many stages of few samples each (README, Benchmarks). Refused where no "
         "batch could be fused: `--stage_sampling` other than mixed, `--gradient_checkpointing`, xFormers in decoders "
         "with attention, up blocks other than UpBlock2D/AttnUpBlock2D, decoders of different widths, or a split of "
         "`--train_batch_size` over the stages so uneven that padding every stage to the largest count adds more "

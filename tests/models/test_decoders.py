@@ -480,3 +480,28 @@ def test_enabling_under_inference_mode_keeps_the_parameters_trainable(model):
     assert laid_out(model.decoders) and not any(p.is_inference() for p in model.parameters())
     reference = run(model, CASES["even"], fuse=False)
     assert_same(reference, run(model, CASES["even"], fuse=True))
+
+
+def test_torch_compile_of_a_fused_model_traces_the_stacks_without_recompiling(model, monkeypatch):
+    # torch.compile of the whole model (not `compile_stages`): the stacks are traced as plain stacks; tracing the
+    # view check (storage pointers) broke the graph in every stack and recompiled `stage_stack` for every parameter
+    # rank until dynamo's recompile limit made it run uncompiled
+    torch._dynamo.reset()
+    reference = run(model, CASES["even"], fuse=False)
+    model.enable_fused_decoders(max_padding=math.inf)
+    compiled = torch.compile(model, backend="eager")
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)  # an error, not a warning
+    try:
+        for _ in range(2):  # the second call reuses the graphs
+            model.zero_grad(set_to_none=True)
+            x = torch.randn(8, 3, 8, 8, generator=torch.manual_seed(1))
+            out = compiled(x, torch.tensor(CASES["even"]), class_labels=torch.arange(8) % 5).sample
+            (out * torch.randn(out.shape, generator=torch.manual_seed(2))).sum().backward()
+            grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+            assert_same(reference, (out.detach(), grads))
+        assert not any("stage_stack" in str(reason) for reason in torch._dynamo.utils.counters["recompiles"])
+        breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+        assert breaks < 15, torch._dynamo.utils.counters["graph_break"]  # the routing's host reads, not 8 per stack
+    finally:
+        torch._dynamo.reset()
