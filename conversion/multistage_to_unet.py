@@ -36,7 +36,7 @@ from diffusers_stages.conversion.common import (
 )
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
 from diffusers_stages.models.loading import FUSED_PROJECTIONS, constructor_options
-from diffusers_stages.models.warm_start import FREEU
+from diffusers_stages.models.warm_start import FREEU, refuse_loaded_adapters
 
 STAGE_KEYS = ("stage_boundaries", "boundary_units", "decoder_block_out_channels")
 EXPORTS = {MultiStageUNet2DModel: UNet2DModel, MultiStageUNet2DConditionModel: UNet2DConditionModel}  # staged -> plain
@@ -91,6 +91,13 @@ def multistage_stage_to_unet(
             f"`model` must be a MultiStageUNet2DModel or MultiStageUNet2DConditionModel, got {type(model).__name__}."
         )
     unet_class = EXPORTS[type(model)]
+    refuse_loaded_adapters(
+        model,
+        "model",
+        "bake the LoRA in first with `model.fuse_lora()` and `model.unload_lora()` (or export without it: "
+        "`model.unload_lora()`)",
+        "export without it (`pipe.unload_ip_adapter()` first) and load it into the U-Net afterwards",
+    )
     if not isinstance(stage, int) or not 0 <= stage < model.num_stages:
         raise ValueError(f"`stage` must be an integer in [0, {model.num_stages}), got {stage!r}.")
     encoder = tuple(model.config.block_out_channels)

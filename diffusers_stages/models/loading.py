@@ -19,6 +19,9 @@ NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # ASCII only: no unicode look-alik
 # copies of the q/k/v projections that `fuse_qkv_projections` adds and `save_pretrained` then writes: rebuilt from
 # `to_q`/`to_k`/`to_v` by the next fusion, so a folder saved fused loads (as diffusers loads it) without them
 FUSED_PROJECTIONS = (".to_qkv.", ".to_kv.", ".to_added_qkv.")
+# an IP-Adapter's weights (`load_ip_adapter`: the image projection, each attention processor's `to_k_ip`/`to_v_ip`),
+# which `save_pretrained` writes without the config entry that builds them: diffusers loads such a folder without them
+IP_ADAPTER_WEIGHTS = ("encoder_hid_proj.image_projection_layers.", ".processor.to_k_ip.", ".processor.to_v_ip.")
 # a weight index: `diffusion_pytorch_model.safetensors.index.json`, and a variant's, which diffusers names
 # `diffusion_pytorch_model.safetensors.index.fp16.json` (`.bin` alike)
 WEIGHT_INDEX = re.compile(r".+\.index(\.[^./]+)?\.json")
@@ -145,11 +148,12 @@ def check_model_dtype(kwargs: dict) -> None:
 
 def refuse_mismatched_keys(info: dict, path: str | os.PathLike | None, class_name: str) -> None:
     """The strict key check: a `ValueError` naming the first missing, unexpected or mismatched keys of a
-    `from_pretrained` loading ``info`` (fused projection copies, see ``FUSED_PROJECTIONS``, are not unexpected)."""
+    `from_pretrained` loading ``info`` (fused projection copies and a loaded IP-Adapter's weights, see
+    ``FUSED_PROJECTIONS`` and ``IP_ADAPTER_WEIGHTS``, are not unexpected: diffusers loads without them and names them
+    in a warning)."""
     info = dict(info)
-    info["unexpected_keys"] = [
-        k for k in info.get("unexpected_keys", []) if not any(p in str(k) for p in FUSED_PROJECTIONS)
-    ]
+    ignored = FUSED_PROJECTIONS + IP_ADAPTER_WEIGHTS
+    info["unexpected_keys"] = [k for k in info.get("unexpected_keys", []) if not any(p in str(k) for p in ignored)]
     problems = {k: sorted(map(str, v))[:10] for k, v in info.items() if k.endswith("_keys") and v}
     if problems:
         raise ValueError(

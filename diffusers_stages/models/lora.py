@@ -5,11 +5,12 @@ copied to every decoder), checked against the layers it lands on, and handed to 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from .ip_adapter import source_layer_name
 from .warm_start import DECODER_PREFIXES
 
 # how `_fetch_state_dict` locates a LoRA file (the rest of `load_lora_adapter`'s keywords go on to diffusers)
@@ -168,3 +169,31 @@ def check_lora_fits(
                 f"{name!r} has a weight of shape {tuple(weight.shape)} (lora_{kind} must match its "
                 f"{'input' if dim else 'output'} width). Nothing was loaded."
             )
+
+
+def with_decoder_scales(scales: dict[str, float], names: Iterable[str]) -> dict[str, float]:
+    r"""
+    A block-wise LoRA scale expanded for the source U-Net (``{"up_blocks.0.attentions.1": 0.5, "mid_block": 1.0,
+    ...}``, as diffusers' `_maybe_expand_lora_scales` gives it) with an entry for each LoRA layer in ``names`` that no
+    key names (``decoders.{s}.up_blocks.{i}.resnets.{j}.conv1``): diffusers' `set_adapters` gives such a layer of
+    the source (``up_blocks.{i}.resnets.{j}.conv1``) the scale of ``up_blocks.{i}.attentions.{j}`` (1.0 where there
+    is none), read from the first parts of its name, which for a decoder's layer are ``decoders.{s}``; the entry
+    gives it the source's scale. A name of fewer than four parts (``conv_out``) is left to diffusers, as for the
+    source.
+
+    Example:
+
+    ```py
+    >>> from diffusers_stages.models.lora import with_decoder_scales
+    >>> with_decoder_scales({"up_blocks.0.attentions.1": 0.5}, ["decoders.2.up_blocks.0.resnets.1.conv1"])
+    {'up_blocks.0.attentions.1': 0.5, 'decoders.2.up_blocks.0.resnets.1.conv1': 0.5}
+
+    ```
+    """
+    scales = dict(scales)
+    for name in names:
+        source, parts = source_layer_name(name), source_layer_name(name).split(".")
+        if source == name or len(parts) < 4 or any(key in name for key in scales):
+            continue
+        scales[name] = scales.get(f"{parts[0]}.{parts[1]}.attentions.{parts[3]}", 1.0)
+    return scales

@@ -44,7 +44,7 @@ from .ip_adapter import (
     with_source_layer_names,
 )
 from .loading import StrictLoadingMixin
-from .lora import check_lora_fits, fetch_lora, lora_to_stages, require_peft
+from .lora import check_lora_fits, fetch_lora, lora_to_stages, require_peft, with_decoder_scales
 from .staged import StagedModelMixin
 from .unet_multistage_condition_blocks import (
     CHECKED_ARGUMENTS,
@@ -356,11 +356,18 @@ class MultiStageUNet2DConditionModel(
     ) -> None:
         """[`~diffusers.loaders.PeftAdapterMixin.set_adapters`], with the block-wise scales of
         `UNet2DConditionModel` (``{"down": ..., "mid": ..., "up": {"block_0": ...}}``): ``"up"`` scales every
-        decoder's up blocks alike."""
+        decoder's up blocks alike, each layer as the source's (see `with_decoder_scales`)."""
+        from diffusers.utils import USE_PEFT_BACKEND
+
         names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
         listed = weights if isinstance(weights, list) else [weights] * len(names)
         if any(isinstance(weight, dict) for weight in listed) and len(listed) == len(names):
             weights = _maybe_expand_lora_scales(self, [1.0 if weight is None else weight for weight in listed])
+            if USE_PEFT_BACKEND:  # (without it diffusers' own error follows)
+                from peft.tuners.tuners_utils import BaseTunerLayer
+
+                layers = [name for name, module in self.named_modules() if isinstance(module, BaseTunerLayer)]
+                weights = [with_decoder_scales(w, layers) if isinstance(w, dict) else w for w in weights]
         super().set_adapters(adapter_names, weights)
 
     # ------------------------------------------------------------------------------------------------------------

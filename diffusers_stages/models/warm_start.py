@@ -30,6 +30,22 @@ def unet_state_dict_to_multistage(state_dict: dict[str, torch.Tensor], num_stage
     return converted
 
 
+def refuse_loaded_adapters(model: torch.nn.Module, name: str, lora_advice: str, ip_adapter_advice: str) -> None:
+    """A `ValueError` where ``model`` (the argument ``name``) has LoRA adapters or an IP-Adapter loaded, for the
+    conversions that copy its weights by name: its LoRA-wrapped layers have other state-dict names
+    (``to_q.base_layer.weight``), and an IP-Adapter's image projection and processors are not part of the U-Net's
+    architecture, so the adapters would be lost or misplaced. The message ends with ``lora_advice`` or
+    ``ip_adapter_advice``."""
+    adapters = getattr(model, "peft_config", None)
+    if adapters:
+        raise ValueError(f"`{name}` has LoRA adapters loaded ({sorted(adapters)}): {lora_advice}.")
+    if getattr(model.config, "encoder_hid_dim_type", None) == "ip_image_proj":  # set by `load_ip_adapter`
+        raise ValueError(
+            f"`{name}` has an IP-Adapter loaded (its image projection and processors are not part of the U-Net's "
+            f"architecture): {ip_adapter_advice}."
+        )
+
+
 def warm_start(
     cls: type[ModelMixin],
     source_class: type[ModelMixin],
@@ -45,19 +61,14 @@ def warm_start(
     if not isinstance(unet, source_class):
         message = f"`unet` must be a diffusers {source_class.__name__}, got {type(unet).__name__}."
         raise ValueError(message)  # noqa: TRY004
-    adapters = getattr(unet, "peft_config", None)
-    if adapters:  # its LoRA-wrapped layers have other state-dict names; the adapters would be lost or misplaced
-        raise ValueError(
-            f"`unet` has LoRA adapters loaded ({sorted(adapters)}): build the staged model from the plain U-Net and "
-            "load the LoRA into it afterwards (`pipe.load_lora_weights` takes the source's LoRA), or bake the LoRA "
-            "in first with `unet.fuse_lora()` and `unet.unload_lora()`."
-        )
-    if getattr(unet.config, "encoder_hid_dim_type", None) == "ip_image_proj":  # set by `load_ip_adapter`
-        raise ValueError(
-            "`unet` has an IP-Adapter loaded (its image projection and processors are not part of the U-Net's "
-            "architecture): build the staged model from the plain U-Net (`pipe.unload_ip_adapter()` first) and load "
-            "the IP-Adapter into it afterwards (`pipe.load_ip_adapter` takes the source's IP-Adapter)."
-        )
+    refuse_loaded_adapters(
+        unet,
+        "unet",
+        "build the staged model from the plain U-Net and load the LoRA into it afterwards (`pipe.load_lora_weights` "
+        "takes the source's LoRA), or bake the LoRA in first with `unet.fuse_lora()` and `unet.unload_lora()`",
+        "build the staged model from the plain U-Net (`pipe.unload_ip_adapter()` first) and load the IP-Adapter into "
+        "it afterwards (`pipe.load_ip_adapter` takes the source's IP-Adapter)",
+    )
     path = disk_offload_path(unet)
     if path is not None:  # its state dict holds placeholders, which every stage would copy
         raise ValueError(

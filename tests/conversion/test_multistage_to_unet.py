@@ -84,3 +84,30 @@ def test_a_pipeline_without_a_unet_is_named_with_where_its_plain_models_are(tmp_
         export(source, str(tmp_path / "out"), 0)
     assert "subfolder" not in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stage_with_an_adapter_loaded_is_refused_by_name(tiny_cond_unet):
+    # its state dict has the LoRA-wrapped layers' names (`to_q.base_layer.weight`) or the IP-Adapter's weights
+    # (`encoder_hid_proj.*`, `processor.to_k_ip.*`): the plain U-Net's strict load failed with a RuntimeError listing
+    # every key
+    from peft import LoraConfig
+
+    from diffusers_stages import MultiStageUNet2DConditionModel
+    from diffusers_stages.conversion.multistage_to_unet import multistage_stage_to_unet
+    from tests.pipelines.test_ip_adapter import ip_adapter_state_dict
+
+    source = tiny_cond_unet(0)
+    staged = MultiStageUNet2DConditionModel.from_unet(source, stage_boundaries=(500,))
+    torch.manual_seed(0)
+    staged.add_adapter(LoraConfig(r=2, init_lora_weights=False, target_modules=["to_q", "to_v"]), "style")
+    with pytest.raises(ValueError, match=r"`model` has LoRA adapters loaded \(\['style'\]\).*fuse_lora"):
+        multistage_stage_to_unet(staged, 1)
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expected = staged(x, 700, text).sample
+        staged.fuse_lora()  # the way the message gives: the LoRA baked in
+        staged.unload_lora()
+        assert torch.allclose(multistage_stage_to_unet(staged, 1)(x, 700, text).sample, expected, atol=1e-5)
+    staged._load_ip_adapter_weights([ip_adapter_state_dict(source)])
+    with pytest.raises(ValueError, match="`model` has an IP-Adapter loaded.*unload_ip_adapter"):
+        multistage_stage_to_unet(staged, 1)

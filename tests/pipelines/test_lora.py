@@ -28,9 +28,11 @@ def _images(pipe, steps: int = 3) -> np.ndarray:
 
 
 def _add_lora(model, seed: int = 0, name: str = "default", **config):
-    """A non-trivial LoRA (random ``lora_B``, alpha != rank) on ``model``'s attention projections."""
+    """A non-trivial LoRA (random ``lora_B``, alpha != rank) on ``model``'s attention projections (or ``config``'s
+    ``target_modules``)."""
     torch.manual_seed(seed)
-    model.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS, **config), name)
+    config = {"target_modules": TARGETS, **config}
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **config), name)
     return model
 
 
@@ -127,6 +129,24 @@ def test_adapter_switches_act_on_the_staged_pipeline_as_on_the_source(source_and
         pipe.unload_lora_weights()
     assert np.abs(same() - plain).max() < 1e-5
     assert not _lora_layers(staged.unet)
+
+
+def test_block_wise_scales_reach_the_decoders_resnet_layers_as_the_source_s(source_and_staged, tmp_path):
+    # diffusers' `set_adapters` gives a LoRA layer outside the attentions (`up_blocks.{i}.resnets.{j}.conv1`) the scale
+    # of `up_blocks.{i}.attentions.{j}`, reading the first parts of its name; a decoder's layer (`decoders.{s}.up_blocks
+    # ...`) took 1.0 instead, so the up path's resnet LoRA ignored the scale
+    source, staged = source_and_staged
+    folder = _save_lora(
+        _add_lora(copy.deepcopy(source.unet), seed=5, name="c", target_modules=[*TARGETS, "conv1", "conv2"]),
+        tmp_path,
+        name="c",
+    )
+    for pipe in (source, staged):
+        pipe.load_lora_weights(folder, adapter_name="c")
+    for weights in ({"up": {"block_0": 0.0}}, {"down": 0.5, "mid": 0.0, "up": 2.0}):
+        for pipe in (source, staged):
+            pipe.set_adapters("c", adapter_weights={"unet": weights})
+        assert np.abs(_images(staged) - _images(source)).max() < 1e-5
 
 
 def test_tailored_decoders_refuse_the_source_up_path_lora_before_any_change(tiny_cond_unet, tmp_path):
