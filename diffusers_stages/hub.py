@@ -119,9 +119,9 @@ class SaveThenPushMixin:
         use_flashpack: bool = False,
         **kwargs,
     ) -> None:
-        from .models.checks import check_not_offloaded_to_disk  # here: the models import this module
+        from .models.checks import check_savable  # here: the models import this module
 
-        check_not_offloaded_to_disk(self, f"the {type(self).__name__}")
+        check_savable(self, f"the {type(self).__name__}")
         push = pop_push_kwargs(kwargs, save_directory, push_to_hub)
         super().save_pretrained(
             save_directory,

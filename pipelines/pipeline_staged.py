@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..conventions import class_embedding_count, model_to_vae_latents, null_class_label, num_data_classes
 from ..hub import pop_push_kwargs, push_saved_folder
 from ..models.checks import (
-    check_not_offloaded_to_disk,
+    check_savable,
     compute_dtype,
     is_integer_tensor,
     positive_integer_arguments,
@@ -564,7 +564,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         ``use_flashpack``)."""
         for name, component in self.components.items():  # before anything is written
             if isinstance(component, torch.nn.Module):
-                check_not_offloaded_to_disk(component, f"`{name}`")
+                check_savable(component, f"`{name}`")
         push = pop_push_kwargs(kwargs, save_directory, push_to_hub)
         super().save_pretrained(
             save_directory,

@@ -136,9 +136,20 @@ def disk_offload_path(module: nn.Module) -> str | None:
     return None
 
 
-def check_not_offloaded_to_disk(module: nn.Module, name: str) -> None:
-    """A `ValueError` before ``module`` (named ``name`` in the message) is saved while diffusers' group offloading to
-    disk is on (`disk_offload_path`): `save_pretrained` would write its uninitialised placeholders."""
+def check_savable(module: nn.Module, name: str) -> None:
+    """A `ValueError` before ``module`` (named ``name`` in the message) is saved as a folder no loader reads: while
+    diffusers' group offloading to disk is on (`disk_offload_path`: `save_pretrained` would write its uninitialised
+    placeholders), or with LoRA adapters loaded in it or a submodule (fused or not: the wrapped layers' weights
+    would be saved under other names, ``to_q.base_layer.weight``, beside the adapters' ``lora_A``/``lora_B``)."""
+    adapters = sorted({a for m in module.modules() for a in (getattr(m, "peft_config", None) or {})})
+    if adapters:
+        raise ValueError(
+            f"`save_pretrained` cannot save {name}: it has LoRA adapters loaded ({adapters}), whose layers would be "
+            "saved under names no model loads (`to_q.base_layer.weight`, `lora_A`). Save the LoRA on its own "
+            "(`pipe.save_lora_weights` or `model.save_lora_adapter`) and the model after `unload_lora()` (or "
+            "`pipe.unload_lora_weights()`), or bake it into the weights first with `fuse_lora()` and then "
+            "`unload_lora()`."
+        )
     path = disk_offload_path(module)
     if path is not None:
         raise ValueError(

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..hub import pop_push_kwargs, push_saved_folder
 from ..partition import TimestepPartition
-from .checks import check_not_offloaded_to_disk
+from .checks import check_savable
 from .ip_adapter import (
     blocks_with_attentions,
     check_ip_adapter_fits,
@@ -927,7 +927,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         missing = [i for i, e in enumerate(self.experts) if e is None]
         if missing:
             raise ValueError(f"Experts {missing} are not loaded: load every expert before `save_pretrained`.")
-        check_not_offloaded_to_disk(self, f"the {type(self).__name__}")
+        check_savable(self, f"the {type(self).__name__}")
         push = pop_push_kwargs(kwargs, save_directory, push_to_hub)
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` must be a directory, got the file {save_directory}.")

@@ -304,3 +304,31 @@ def test_source_lora_on_staged_experts_and_bad_input(source_and_routed, tmp_path
     routed.load_lora_weights(folder)
     assert np.abs(_images(routed) - _images(source)).max() < 1e-5
     assert any(name.startswith("experts.0.decoders.1.") for name in _lora_layers(routed.unet))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["loaded", "fused-not-unloaded"])
+@pytest.mark.parametrize("fixture", ["source_and_staged", "source_and_routed"])
+def test_saving_with_a_lora_loaded_is_refused_before_anything_is_written(fixture, fused, tmp_path, request):
+    # the LoRA-wrapped layers save under other names (`to_q.base_layer.weight`, `lora_A`): a folder no loader reads
+    # (diffusers writes it for a plain U-Net, and its reload fails); refused, naming the ways out
+    source, pipe = request.getfixturevalue(fixture)
+    pipe.load_lora_weights(_source_lora(source.unet, tmp_path / "lora"))
+    if fused:
+        pipe.fuse_lora()
+    for save in (
+        lambda: pipe.unet.save_pretrained(tmp_path / "unet"),
+        lambda: pipe.save_pretrained(tmp_path / "pipe"),
+    ):
+        with pytest.raises(ValueError, match=r"LoRA adapters loaded.*save_lora_weights.*unload_lora"):
+            save()
+    assert not (tmp_path / "unet").exists()
+    assert not (tmp_path / "pipe" / "unet").exists()
+    expected = _images(pipe)
+    if fused:  # baked in: the weights save under their own names and load as they run
+        pipe.unload_lora_weights()
+    else:
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    pipe.unet.save_pretrained(tmp_path / "unet")
+    pipe.unet = type(pipe.unet).from_pretrained(tmp_path / "unet")
+    assert np.abs(_images(pipe) - expected).max() < 1e-5
