@@ -234,7 +234,9 @@ class Evaluator:
 
 def _check_images(images: torch.Tensor, name: str) -> None:
     """A batch of at least two finite floating-point images ``(N, C, H, W)`` that can be in ``[-1, 1]`` (slightly
-    outside is fine: unclamped samples, added noise), or a `ValueError` naming ``name``."""
+    outside is fine: unclamped samples, added noise), or a `ValueError` naming ``name``. A batch with no value below
+    0 and some above it is taken for levels in ``[0, 1]`` (a diffusers pipeline's ``output_type="pt"``) or
+    ``[0, 255]``: images in ``[-1, 1]`` with every pixel at least mid-grey are no data set's."""
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"`{name}` must be a batch (N >= 2, C, H, W), got shape {shape}.")
@@ -245,7 +247,7 @@ def _check_images(images: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"`{name}` hold NaN or infinite values: the Frechet distance would be meaningless.")
     low, high = float(images.min()), float(images.max())
-    if low >= 0 and high > 1:  # no pixel below mid-grey and some past white: levels in [0, 255] (or [0, x]) as floats
+    if low >= 0 and high > 0:  # no pixel below mid-grey, some brighter: levels in [0, 1] or [0, 255] as floats
         raise ValueError(
             f"`{name}` must be in [-1, 1], got values in [{low:g}, {high:g}] (levels in [0, 255]: "
             "`images / 127.5 - 1`; in [0, 1]: `images * 2 - 1`)."

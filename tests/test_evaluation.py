@@ -297,3 +297,16 @@ def test_a_cache_path_given_as_a_path_object_trains_then_loads(digits, tmp_path)
     cached = train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)  # loaded, not trained
     assert path.is_file()
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), cached.state_dict().values()))
+
+
+def test_images_in_zero_one_are_refused_as_levels_of_another_range(digits):
+    # a diffusers pipeline's `output_type="pt"` gives images in [0, 1]: they were scored silently as [-1, 1] ones
+    # (every pixel at least mid-grey), only values above 1 were refused
+    images, labels, test, test_labels = digits
+    with pytest.raises(ValueError, match=re.escape("`images` must be in [-1, 1], got values in [0, 1]")):
+        Evaluator(FeatureClassifier(8), images[:64]).score((test + 1) / 2, test_labels)
+    with pytest.raises(ValueError, match=re.escape("`real_images` must be in [-1, 1], got values in [0, 1]")):
+        Evaluator(FeatureClassifier(8), (images[:64] + 1) / 2)
+    with pytest.raises(ValueError, match=re.escape("`images` must be in [-1, 1], got values in [0, 1]")):
+        train_classifier((images[:64] + 1) / 2, labels[:64], max_steps=1)
+    Evaluator(FeatureClassifier(8), torch.zeros(4, 1, 8, 8)).score(torch.zeros(4, 1, 8, 8))  # mid-grey: no range told
