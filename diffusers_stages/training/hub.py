@@ -35,6 +35,15 @@ def generation_tag(class_conditional: bool) -> str:
     return "class-conditional-image-generation" if class_conditional else "unconditional-image-generation"
 
 
+def shared_name(source: str | os.PathLike) -> str:
+    """How a model card names a source the run read (a fine-tuned pipeline, a VAE, the base of an assembly): a Hub
+    repository id as it was given; a local folder by its name only, as the card names the data. The card is
+    published: a path on the training machine (a user name, a project) would be too, and loads nothing for the
+    card's reader."""
+    source = os.fspath(source)
+    return os.path.basename(os.path.normpath(source)) if os.path.exists(source) else source
+
+
 def stage_table(partition) -> str:
     """A Markdown table of a `TimestepPartition`'s stages and their noise intervals (stage 0 the cleanest)."""
     unit = "t" if partition.units == "timestep" else "sigma"
@@ -168,8 +177,9 @@ def model_card_text(
     ``accelerate config`` file's), not the command-line argument. ``repo_id``: the repository `create_hub_repo`
     created (``namespace/name``; default `hub_repo_name`), which the card's title and sampling code name."""
     repo_id = repo_id or hub_repo_name(args)
-    data = args.train_data_dir and os.path.basename(os.path.normpath(args.train_data_dir)) or args.dataset_name
-    space = f"latent space of `{task.vae_path}`" if task.vae_path else "pixel space"
+    data = args.train_data_dir or args.dataset_name  # `load_dataset` takes a local folder too
+    data = data and (os.path.basename(os.path.normpath(data)) if args.train_data_dir else shared_name(data))
+    space = f"latent space of `{shared_name(task.vae_path)}`" if task.vae_path else "pixel space"
     lines = [
         f"# {repo_id}",
         "",
@@ -215,7 +225,7 @@ def assembled_experts_card_text(
             f"diffusers-stages from {len(args.assemble_experts)} runs of its Accelerate training script, one "
             "independent denoiser per interval of the noise schedule, each trained in its own run."
             if base is None
-            else f"diffusers-stages from the ExpertRoutingPipeline `{base}`, its experts replaced by those of "
+            else f"diffusers-stages from the ExpertRoutingPipeline `{shared_name(base)}`, its experts replaced by those of "
             f"{len(args.assemble_experts) - 1} run(s) of its Accelerate training script (one expert each): one "
             "independent denoiser per interval of the noise schedule."
         ),

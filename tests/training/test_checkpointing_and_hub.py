@@ -631,3 +631,29 @@ def test_a_checkpoint_whose_folder_name_is_not_its_step_is_refused(tmp_path):
     for name in ("latest", "checkpoint-5"):
         with pytest.raises(ValueError, match=r"'.*checkpoint-5' holds the state of step 2 .* `checkpoint-2`"):
             resolve_resume_checkpoint(str(tmp_path), name)
+
+
+def test_a_card_names_local_sources_by_their_folder_name_never_their_path(tmp_path, monkeypatch):
+    # the card is published: it said "latent space of `/home/<user>/<project>/vae`" and "from the ExpertRoutingPipeline
+    # `/home/<user>/...`" (a path on the training machine, which loads nothing for the card's reader); a Hub
+    # repository id is kept as it is
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    local = tmp_path / "private" / "my-vae"
+    local.mkdir(parents=True)
+    task = SimpleNamespace(
+        vae_path=str(local), method="multi-stage", description=lambda: "Stages.", scheduler_config=None,
+        usage=lambda repo_id: [],
+    )  # fmt: skip
+    text = model_card_text(_card_args(), task, steps=3, has_grid=False, mixed_precision="no")
+    assert "latent space of `my-vae`" in text and str(tmp_path) not in text
+    text = model_card_text(_card_args(train_data_dir=None, dataset_name=str(local)), task, steps=3, has_grid=False,
+                           mixed_precision="no")  # fmt: skip
+    assert "- data: my-vae, 8x8" in text and str(tmp_path) not in text  # a local `--dataset_name` folder
+    task.vae_path = "stabilityai/sd-vae-ft-mse"
+    text = model_card_text(_card_args(train_data_dir=None, dataset_name="me/data"), task, steps=3, has_grid=False,
+                           mixed_precision="no")  # fmt: skip
+    assert "latent space of `stabilityai/sd-vae-ft-mse`" in text and "- data: me/data, 8x8" in text
+    experts = [UNet2DModel(**TINY_UNET) for _ in range(2)]
+    pipe = ExpertRoutingPipeline(ExpertRoutingModel(experts, stage_boundaries=[500]), DDIMScheduler())
+    text = assembled_experts_card_text(_card_args(), pipe, has_grid=False, base=str(local) + os.sep)
+    assert "from the ExpertRoutingPipeline `my-vae`" in text and str(tmp_path) not in text
