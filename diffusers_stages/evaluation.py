@@ -28,8 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
-from .cli import check_output_file, write_atomically
-from .models.checks import check_positive_integers, is_integer_tensor, positive_integer_arguments
+from .cli import check_output_file, check_seed, write_atomically
+from .models.checks import _is_integral, check_positive_integers, is_integer_tensor, positive_integer_arguments
 
 T = TypeVar("T")
 
@@ -121,21 +121,25 @@ def train_classifier(
     progress_bar: bool = False,
 ) -> FeatureClassifier:
     """Train a [`FeatureClassifier`] on ``images`` ``(N, C, H, W)`` in ``[-1, 1]`` and their class ``labels``
-    (seeded: same seed, same weights), or load it from ``cache_path`` (a safetensors file) when that exists (one of
+    (seeded, ``seed`` in ``[0, 2**32)``: same seed, same weights), or load it from ``cache_path`` (a safetensors file) when that exists (one of
     another classifier is a `ValueError`); a newly trained one is saved there. ``num_classes`` defaults to the largest label + 1."""
-    if images.ndim != 4 or len(images) != len(labels) or len(images) < 2:
+    _check_images(images, "images")
+    if not is_integer_tensor(labels) or labels.ndim != 1:
+        got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if torch.is_tensor(labels) else type(labels)
+        raise ValueError(f"`labels` must be integer classes, one per image, got {got}.")
+    if len(images) != len(labels):
         raise ValueError(
             f"`images` must be a batch (N >= 2, C, H, W) with one label each, got shape {tuple(images.shape)} and "
             f"{len(labels)} labels."
         )
-    _check_images(images, "images")
+    if not _is_integral(seed):  # torch's seeding would take -1 (as 2**64 - 1) and fail on others with its own words
+        raise ValueError(f"`seed` must be an integer in [0, 2**32), got {seed!r}.")
+    check_seed(seed, "seed")
+    seed = int(seed)  # a numpy integer too: `torch.Generator.manual_seed` takes Python ints only
     if images.shape[-2] != images.shape[-1]:
         raise ValueError(f"`images` must be square (the classifier's input), got shape {tuple(images.shape)}.")
     check_positive_integers(("num_classes",), epochs=epochs, batch_size=batch_size, max_steps=max_steps,
                             width=width, num_classes=num_classes)  # fmt: skip
-    if not is_integer_tensor(labels) or labels.ndim != 1:
-        got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if torch.is_tensor(labels) else type(labels)
-        raise ValueError(f"`labels` must be integer classes, one per image, got {got}.")
     num_classes = num_classes or int(labels.max()) + 1
     if not 0 <= labels.min() <= labels.max() < num_classes:  # cross_entropy would fail with an index error
         bad = labels[(labels < 0) | (labels >= num_classes)][0].item()

@@ -310,3 +310,23 @@ def test_images_in_zero_one_are_refused_as_levels_of_another_range(digits):
     with pytest.raises(ValueError, match=re.escape("`images` must be in [-1, 1], got values in [0, 1]")):
         train_classifier((images[:64] + 1) / 2, labels[:64], max_steps=1)
     Evaluator(FeatureClassifier(8), torch.zeros(4, 1, 8, 8)).score(torch.zeros(4, 1, 8, 8))  # mid-grey: no range told
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True, "0"])
+def test_train_classifier_refuses_a_seed_that_is_no_integer_in_range(digits, seed):
+    # was: a RuntimeError from torch ("manual_seed expected a long, but got float"), an overflow or int()'s message,
+    # or -1 taken (torch wraps it to 2**64 - 1)
+    images, labels, _, _ = digits
+    with pytest.raises(
+        ValueError, match=f"`seed` must be (an integer )?in \\[0, 2\\*\\*32\\), got {re.escape(repr(seed))}"
+    ):
+        train_classifier(images[:64], labels[:64], seed=seed, max_steps=1)
+    net = train_classifier(images[:64], labels[:64], seed=np.int64(3), max_steps=1)  # a numpy integer is one
+    expected = train_classifier(images[:64], labels[:64], seed=3, max_steps=1)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), expected.state_dict().values()))
+
+
+def test_train_classifier_refuses_images_that_are_no_tensor():
+    # was: an AttributeError ("'list' object has no attribute 'ndim'")
+    with pytest.raises(ValueError, match="`images` must be a batch \\(N >= 2, C, H, W\\), got shape list"):
+        train_classifier([[0.0] * 64] * 4, torch.tensor([0, 1, 0, 1]), max_steps=1)
