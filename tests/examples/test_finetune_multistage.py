@@ -75,6 +75,7 @@ def test_finetunes_a_converted_pipeline_on_its_schedule(examples, script, image_
     with open(os.path.join(hub, "me", "tuned", "README.md"), encoding="utf-8") as f:
         card = f.read()  # the local source by its folder name: its path on this machine is never published
     assert "Fine-tuned from `staged` (MultiStageUNet2DModel)" in card and converted not in card
+    assert "base_model" not in card  # a local folder is no Hub model
 
     _assert_same_model_new_weights(converted, out)
     tuned = MultiStagePipeline.from_pretrained(out)

@@ -657,3 +657,27 @@ def test_a_card_names_local_sources_by_their_folder_name_never_their_path(tmp_pa
     pipe = ExpertRoutingPipeline(ExpertRoutingModel(experts, stage_boundaries=[500]), DDIMScheduler())
     text = assembled_experts_card_text(_card_args(), pipe, has_grid=False, base=str(local) + os.sep)
     assert "from the ExpertRoutingPipeline `my-vae`" in text and str(tmp_path) not in text
+
+
+def test_a_card_names_the_hub_model_it_was_fine_tuned_from_in_its_metadata(tmp_path, monkeypatch):
+    # the card's metadata had no `base_model` (diffusers' training scripts write it), so the Hub listed a fine-tuned
+    # model as a model of its own; a local source is no Hub model: named in the text only (`shared_name`)
+    import yaml
+
+    from diffusers_stages.training.hub import base_model
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "local-source").mkdir()
+    assert base_model("me/source") == "me/source" and base_model(None) is None
+    assert base_model(str(tmp_path / "local-source")) is None and base_model("../x") is None
+    monkeypatch.chdir(tmp_path)
+    assert base_model("local-source") is None  # a folder here, though its name could be a repository's
+    for source, expected in (("me/source", {"base_model": "me/source"}), (str(tmp_path / "local-source"), {})):
+        out = tmp_path / "out"
+        _touch(str(out / "model_index.json"))
+        push_output_folder(str(out), "me/model", "A card.", [], api=LocalHubApi(str(tmp_path / "hub")),
+                           class_conditional=False, base_model=base_model(source))  # fmt: skip
+        card = (tmp_path / "hub" / "me" / "model" / "README.md").read_text()
+        metadata = yaml.safe_load(card.split("---")[1])
+        assert {k: v for k, v in metadata.items() if k == "base_model"} == expected
+        assert metadata["library_name"] == "diffusers" and str(tmp_path) not in card
