@@ -87,8 +87,12 @@ class FeatureClassifier(nn.Module):
         self, image_size: int, in_channels: int = 1, width: int = 32, num_features: int = 64, num_classes: int = 10
     ):
         super().__init__()
-        if image_size not in (8, 16, 32):
-            raise ValueError(f"`image_size` must be 8, 16 or 32, got {image_size}.")
+        if not _is_integral(image_size) or image_size not in (8, 16, 32):
+            raise ValueError(f"`image_size` must be 8, 16 or 32, got {image_size!r}.")
+        image_size, in_channels, width, num_features, num_classes = positive_integer_arguments(
+            image_size=image_size, in_channels=in_channels, width=width, num_features=num_features,
+            num_classes=num_classes,
+        )  # fmt: skip
         layers, channels, size = [nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU()], width, image_size
         while size > 4:  # halve the resolution down to 4x4, doubling the width
             layers += [nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.SiLU()]

@@ -330,3 +330,20 @@ def test_train_classifier_refuses_images_that_are_no_tensor():
     # was: an AttributeError ("'list' object has no attribute 'ndim'")
     with pytest.raises(ValueError, match="`images` must be a batch \\(N >= 2, C, H, W\\), got shape list"):
         train_classifier([[0.0] * 64] * 4, torch.tensor([0, 1, 0, 1]), max_steps=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"image_size": 8.0}, "`image_size` must be 8, 16 or 32, got 8.0"),  # was built: input_shape (1, 8.0, 8.0)
+        ({"width": 0}, "`width` must be a positive integer, got 0"),  # was a RuntimeError at the first forward call
+        ({"width": 1.5}, "`width` must be a positive integer, got 1.5"),
+        ({"in_channels": 0}, "`in_channels` must be a positive integer, got 0"),
+        ({"num_features": 0}, "`num_features` must be a positive integer, got 0"),  # was built: 0 features, FD 0
+        ({"num_classes": 0}, "`num_classes` must be a positive integer, got 0"),
+    ],
+)
+def test_feature_classifier_refuses_sizes_that_build_no_classifier(kwargs, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        FeatureClassifier(**{"image_size": 8, **kwargs})
+    assert FeatureClassifier(np.int64(8), width=np.int64(4)).input_shape == (1, 8, 8)  # numpy integers are integers
