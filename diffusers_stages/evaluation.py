@@ -28,8 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
-from .cli import check_output_file, write_atomically
-from .models.checks import check_positive_integers, is_integer_tensor, positive_integer_arguments
+from .cli import check_output_file, check_seed, write_atomically
+from .models.checks import _is_integral, check_positive_integers, is_integer_tensor, positive_integer_arguments
 
 T = TypeVar("T")
 
@@ -87,8 +87,12 @@ class FeatureClassifier(nn.Module):
         self, image_size: int, in_channels: int = 1, width: int = 32, num_features: int = 64, num_classes: int = 10
     ):
         super().__init__()
-        if image_size not in (8, 16, 32):
-            raise ValueError(f"`image_size` must be 8, 16 or 32, got {image_size}.")
+        if not _is_integral(image_size) or image_size not in (8, 16, 32):
+            raise ValueError(f"`image_size` must be 8, 16 or 32, got {image_size!r}.")
+        image_size, in_channels, width, num_features, num_classes = positive_integer_arguments(
+            image_size=image_size, in_channels=in_channels, width=width, num_features=num_features,
+            num_classes=num_classes,
+        )  # fmt: skip
         layers, channels, size = [nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU()], width, image_size
         while size > 4:  # halve the resolution down to 4x4, doubling the width
             layers += [nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.SiLU()]
@@ -121,21 +125,25 @@ def train_classifier(
     progress_bar: bool = False,
 ) -> FeatureClassifier:
     """Train a [`FeatureClassifier`] on ``images`` ``(N, C, H, W)`` in ``[-1, 1]`` and their class ``labels``
-    (seeded: same seed, same weights), or load it from ``cache_path`` (a safetensors file) when that exists (one of
+    (seeded, ``seed`` in ``[0, 2**32)``: same seed, same weights), or load it from ``cache_path`` (a safetensors file) when that exists (one of
     another classifier is a `ValueError`); a newly trained one is saved there. ``num_classes`` defaults to the largest label + 1."""
-    if images.ndim != 4 or len(images) != len(labels) or len(images) < 2:
+    _check_images(images, "images")
+    if not is_integer_tensor(labels) or labels.ndim != 1:
+        got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if torch.is_tensor(labels) else type(labels)
+        raise ValueError(f"`labels` must be integer classes, one per image, got {got}.")
+    if len(images) != len(labels):
         raise ValueError(
             f"`images` must be a batch (N >= 2, C, H, W) with one label each, got shape {tuple(images.shape)} and "
             f"{len(labels)} labels."
         )
-    _check_images(images, "images")
+    if not _is_integral(seed):  # torch's seeding would take -1 (as 2**64 - 1) and fail on others with its own words
+        raise ValueError(f"`seed` must be an integer in [0, 2**32), got {seed!r}.")
+    check_seed(seed, "seed")
+    seed = int(seed)  # a numpy integer too: `torch.Generator.manual_seed` takes Python ints only
     if images.shape[-2] != images.shape[-1]:
         raise ValueError(f"`images` must be square (the classifier's input), got shape {tuple(images.shape)}.")
     check_positive_integers(("num_classes",), epochs=epochs, batch_size=batch_size, max_steps=max_steps,
                             width=width, num_classes=num_classes)  # fmt: skip
-    if not is_integer_tensor(labels) or labels.ndim != 1:
-        got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if torch.is_tensor(labels) else type(labels)
-        raise ValueError(f"`labels` must be integer classes, one per image, got {got}.")
     num_classes = num_classes or int(labels.max()) + 1
     if not 0 <= labels.min() <= labels.max() < num_classes:  # cross_entropy would fail with an index error
         bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
@@ -234,7 +242,9 @@ class Evaluator:
 
 def _check_images(images: torch.Tensor, name: str) -> None:
     """A batch of at least two finite floating-point images ``(N, C, H, W)`` that can be in ``[-1, 1]`` (slightly
-    outside is fine: unclamped samples, added noise), or a `ValueError` naming ``name``."""
+    outside is fine: unclamped samples, added noise), or a `ValueError` naming ``name``. A batch with no value below
+    0 and some above it is taken for levels in ``[0, 1]`` (a diffusers pipeline's ``output_type="pt"``) or
+    ``[0, 255]``: images in ``[-1, 1]`` with every pixel at least mid-grey are no data set's."""
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"`{name}` must be a batch (N >= 2, C, H, W), got shape {shape}.")
@@ -245,7 +255,7 @@ def _check_images(images: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"`{name}` hold NaN or infinite values: the Frechet distance would be meaningless.")
     low, high = float(images.min()), float(images.max())
-    if low >= 0 and high > 1:  # no pixel below mid-grey and some past white: levels in [0, 255] (or [0, x]) as floats
+    if low >= 0 and high > 0:  # no pixel below mid-grey, some brighter: levels in [0, 1] or [0, 255] as floats
         raise ValueError(
             f"`{name}` must be in [-1, 1], got values in [{low:g}, {high:g}] (levels in [0, 255]: "
             "`images / 127.5 - 1`; in [0, 1]: `images * 2 - 1`)."

@@ -297,3 +297,53 @@ def test_a_cache_path_given_as_a_path_object_trains_then_loads(digits, tmp_path)
     cached = train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)  # loaded, not trained
     assert path.is_file()
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), cached.state_dict().values()))
+
+
+def test_images_in_zero_one_are_refused_as_levels_of_another_range(digits):
+    # a diffusers pipeline's `output_type="pt"` gives images in [0, 1]: they were scored silently as [-1, 1] ones
+    # (every pixel at least mid-grey), only values above 1 were refused
+    images, labels, test, test_labels = digits
+    with pytest.raises(ValueError, match=re.escape("`images` must be in [-1, 1], got values in [0, 1]")):
+        Evaluator(FeatureClassifier(8), images[:64]).score((test + 1) / 2, test_labels)
+    with pytest.raises(ValueError, match=re.escape("`real_images` must be in [-1, 1], got values in [0, 1]")):
+        Evaluator(FeatureClassifier(8), (images[:64] + 1) / 2)
+    with pytest.raises(ValueError, match=re.escape("`images` must be in [-1, 1], got values in [0, 1]")):
+        train_classifier((images[:64] + 1) / 2, labels[:64], max_steps=1)
+    Evaluator(FeatureClassifier(8), torch.zeros(4, 1, 8, 8)).score(torch.zeros(4, 1, 8, 8))  # mid-grey: no range told
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True, "0"])
+def test_train_classifier_refuses_a_seed_that_is_no_integer_in_range(digits, seed):
+    # was: a RuntimeError from torch ("manual_seed expected a long, but got float"), an overflow or int()'s message,
+    # or -1 taken (torch wraps it to 2**64 - 1)
+    images, labels, _, _ = digits
+    with pytest.raises(
+        ValueError, match=f"`seed` must be (an integer )?in \\[0, 2\\*\\*32\\), got {re.escape(repr(seed))}"
+    ):
+        train_classifier(images[:64], labels[:64], seed=seed, max_steps=1)
+    net = train_classifier(images[:64], labels[:64], seed=np.int64(3), max_steps=1)  # a numpy integer is one
+    expected = train_classifier(images[:64], labels[:64], seed=3, max_steps=1)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), expected.state_dict().values()))
+
+
+def test_train_classifier_refuses_images_that_are_no_tensor():
+    # was: an AttributeError ("'list' object has no attribute 'ndim'")
+    with pytest.raises(ValueError, match="`images` must be a batch \\(N >= 2, C, H, W\\), got shape list"):
+        train_classifier([[0.0] * 64] * 4, torch.tensor([0, 1, 0, 1]), max_steps=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"image_size": 8.0}, "`image_size` must be 8, 16 or 32, got 8.0"),  # was built: input_shape (1, 8.0, 8.0)
+        ({"width": 0}, "`width` must be a positive integer, got 0"),  # was a RuntimeError at the first forward call
+        ({"width": 1.5}, "`width` must be a positive integer, got 1.5"),
+        ({"in_channels": 0}, "`in_channels` must be a positive integer, got 0"),
+        ({"num_features": 0}, "`num_features` must be a positive integer, got 0"),  # was built: 0 features, FD 0
+        ({"num_classes": 0}, "`num_classes` must be a positive integer, got 0"),
+    ],
+)
+def test_feature_classifier_refuses_sizes_that_build_no_classifier(kwargs, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        FeatureClassifier(**{"image_size": 8, **kwargs})
+    assert FeatureClassifier(np.int64(8), width=np.int64(4)).input_shape == (1, 8, 8)  # numpy integers are integers

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
 from huggingface_hub import ModelCard, ModelCardData, create_repo
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
 
 from ..conventions import num_data_classes
 from ..hub import check_upload_folder, error_summary
@@ -33,6 +33,28 @@ INSTALL_TEXT = (
 def generation_tag(class_conditional: bool) -> str:
     """The card's task tag: a model with class embeddings (``num_class_embeds``) is not unconditional."""
     return "class-conditional-image-generation" if class_conditional else "unconditional-image-generation"
+
+
+def shared_name(source: str | os.PathLike) -> str:
+    """How a model card names a source the run read (a fine-tuned pipeline, a VAE, the base of an assembly): a Hub
+    repository id as it was given; a local folder by its name only, as the card names the data. The card is
+    published: a path on the training machine (a user name, a project) would be too, and loads nothing for the
+    card's reader."""
+    source = os.fspath(source)
+    return os.path.basename(os.path.normpath(source)) if os.path.exists(source) else source
+
+
+def base_model(source: str | None) -> str | None:
+    """The card's ``base_model`` of a run that fine-tuned ``source`` (`--pretrained_model_name_or_path`): a Hub
+    repository id, as diffusers' training scripts write it (the Hub lists the run under that model); None without a
+    source or for a local folder, which is no Hub model (the card's text names it, `shared_name`)."""
+    if source is None or os.path.exists(source):
+        return None
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return None
+    return source
 
 
 def stage_table(partition) -> str:
@@ -95,13 +117,15 @@ def write_model_card(
     tags: list[str],
     *,
     class_conditional: bool,
+    base_model: str | None = None,
 ) -> str:
     """Write ``output_dir/README.md`` from diffusers' training model card template and ``description``, tagged
     ``class-conditional-image-generation`` or ``unconditional-image-generation`` as ``class_conditional`` says
-    (neither for a ``text-to-image`` model). The card is always this run's, from the template diffusers' training
-    scripts start from: a README the Hub repository already holds (a former run's) is replaced, never read."""
+    (neither for a ``text-to-image`` model), with the Hub model fine-tuned (`base_model`) in its metadata. The card
+    is always this run's, from the template diffusers' training scripts start from: a README the Hub repository
+    already holds (a former run's) is replaced, never read."""
     card = ModelCard.from_template(
-        card_data=ModelCardData(library_name="diffusers"),
+        card_data=ModelCardData(library_name="diffusers", base_model=base_model),
         template_path=MODEL_CARD_TEMPLATE_PATH,
         model_description=description,
     )
@@ -127,9 +151,11 @@ def push_output_folder(
     private: bool | None = None,
     logging_dir: str | None = None,
     commit_message: str = "End of training",
+    base_model: str | None = None,
 ) -> str:
-    """Create the repository, write the model card and upload ``output_dir`` without checkpoints and logs (those of
-    `--logging_dir` ``logging_dir`` too, a folder relative to ``output_dir``). ``private=None``: the namespace's
+    """Create the repository, write the model card (``base_model``: the Hub model fine-tuned, see `base_model`) and
+    upload ``output_dir`` without checkpoints and logs (those of `--logging_dir` ``logging_dir`` too, a folder
+    relative to ``output_dir``). ``private=None``: the namespace's
     default, as in diffusers (``False`` would make the repository public in an organisation that keeps them private)."""
     ignore = list(UPLOAD_IGNORE_PATTERNS)
     if logging_dir is not None:
@@ -141,7 +167,7 @@ def push_output_folder(
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-    write_model_card(output_dir, description, tags, class_conditional=class_conditional)
+    write_model_card(output_dir, description, tags, class_conditional=class_conditional, base_model=base_model)
     try:
         repo_id = api.create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
         return api.upload_folder(
@@ -168,8 +194,9 @@ def model_card_text(
     ``accelerate config`` file's), not the command-line argument. ``repo_id``: the repository `create_hub_repo`
     created (``namespace/name``; default `hub_repo_name`), which the card's title and sampling code name."""
     repo_id = repo_id or hub_repo_name(args)
-    data = args.train_data_dir and os.path.basename(os.path.normpath(args.train_data_dir)) or args.dataset_name
-    space = f"latent space of `{task.vae_path}`" if task.vae_path else "pixel space"
+    data = args.train_data_dir or args.dataset_name  # `load_dataset` takes a local folder too
+    data = data and (os.path.basename(os.path.normpath(data)) if args.train_data_dir else shared_name(data))
+    space = f"latent space of `{shared_name(task.vae_path)}`" if task.vae_path else "pixel space"
     lines = [
         f"# {repo_id}",
         "",
@@ -215,7 +242,7 @@ def assembled_experts_card_text(
             f"diffusers-stages from {len(args.assemble_experts)} runs of its Accelerate training script, one "
             "independent denoiser per interval of the noise schedule, each trained in its own run."
             if base is None
-            else f"diffusers-stages from the ExpertRoutingPipeline `{base}`, its experts replaced by those of "
+            else f"diffusers-stages from the ExpertRoutingPipeline `{shared_name(base)}`, its experts replaced by those of "
             f"{len(args.assemble_experts) - 1} run(s) of its Accelerate training script (one expert each): one "
             "independent denoiser per interval of the noise schedule."
         ),

@@ -57,7 +57,14 @@ from .data import (
     hf_dataset_records,
     image_folder_records,
 )
-from .hub import LocalHubApi, assembled_experts_card_text, create_hub_repo, model_card_text, push_output_folder
+from .hub import (
+    LocalHubApi,
+    assembled_experts_card_text,
+    base_model,
+    create_hub_repo,
+    model_card_text,
+    push_output_folder,
+)
 from .sharding import check_sharded_run, check_sharding_launched, gathered_networks, is_sharded
 from .state import LossLog, RunState, sample_grid, save_samples
 from .tasks import TrainingTask, noise_schedulers
@@ -485,7 +492,8 @@ def _push(state: RunState, steps: int, has_grid: bool, commit_message: str) -> N
                                   repo_id=state.hub_repo_id)  # fmt: skip
     push_output_folder(args.output_dir, state.hub_repo_id, description, state.task.tags, api=api, token=args.hub_token,
                        class_conditional=args.class_conditional, private=args.hub_private_repo,
-                       logging_dir=args.logging_dir, commit_message=commit_message)  # fmt: skip
+                       logging_dir=args.logging_dir, commit_message=commit_message,
+                       base_model=base_model(getattr(args, "pretrained_model_name_or_path", None)))  # fmt: skip
 
 
 def _clean_samples(state: RunState, batch: dict, generator: torch.Generator) -> torch.Tensor:

@@ -180,7 +180,9 @@ def test_a_finetuned_backbones_card_samples_with_the_other_backbone_of_its_sourc
     with open(os.path.join(hub, "me", "shallow", "README.md"), encoding="utf-8") as f:
         card = f.read()
     assert "sampled together with the deep network of its source pipeline" in card
+    assert "Fine-tuned from `source`" in card and str(tmp_path) not in card  # the local source by its name only
     code = card.split("```python\n")[1].split("```")[0].replace('"me/', f'"{hub}/me/')
+    code = code.replace('"source"', repr(source))  # where the reader has the source pipeline
     code = code.replace("pipe(", "pipe.set_progress_bar_config(disable=True) or pipe(num_inference_steps=2, ")
     scope = {}
     exec(code, scope)  # the card's own code: the pushed backbone, the source's other one, the switch
@@ -202,6 +204,7 @@ def test_a_finetuned_backbones_card_samples_with_the_scheduler_class_of_its_sour
                                           "--push_to_hub", "--hub_model_id", "me/deep", "--hub_local_dir", hub))  # fmt: skip
     with open(os.path.join(hub, "me", "deep", "README.md"), encoding="utf-8") as f:
         code = f.read().split("```python\n")[1].split("```")[0].replace('"me/', f'"{hub}/me/')
+    code = code.replace('"dpm"', repr(dpm))  # the local source, named by its folder name: where the reader has it
     scope = {}
     exec(code.replace("image = pipe(", "pass  # "), scope)  # the card's own code, up to sampling
     assert type(scope["pipe"].scheduler) is DPMSolverMultistepScheduler

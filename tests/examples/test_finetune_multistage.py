@@ -66,10 +66,16 @@ def _assert_same_model_new_weights(source: str, tuned: str) -> None:
 
 def test_finetunes_a_converted_pipeline_on_its_schedule(examples, script, image_folder, converted, tmp_path):
     out = str(tmp_path / "run")
+    hub = str(tmp_path / "hub")
     args = script.parse_args(
-        _finetune_args(examples, image_folder, converted, out, "--ddpm_beta_schedule", "scaled_linear")
-    )
+        _finetune_args(examples, image_folder, converted, out, "--ddpm_beta_schedule", "scaled_linear",
+                       "--push_to_hub", "--hub_model_id", "me/tuned", "--hub_local_dir", hub)
+    )  # fmt: skip
     script.main(args)
+    with open(os.path.join(hub, "me", "tuned", "README.md"), encoding="utf-8") as f:
+        card = f.read()  # the local source by its folder name: its path on this machine is never published
+    assert "Fine-tuned from `staged` (MultiStageUNet2DModel)" in card and converted not in card
+    assert "base_model" not in card  # a local folder is no Hub model
 
     _assert_same_model_new_weights(converted, out)
     tuned = MultiStagePipeline.from_pretrained(out)

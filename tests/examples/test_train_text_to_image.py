@@ -111,6 +111,7 @@ def test_experts_from_the_same_command(script, source, tmp_path):
         card = f.read()  # the source's noise schedule and a StableDiffusionPipeline to sample with
     assert "DDIMScheduler, 1000 steps, linear, prediction type `epsilon`" in card
     assert "pipe = StableDiffusionPipeline.from_pretrained(folder)" in card and "multi-expert" in card
+    assert f"the U-Net of `{os.path.basename(sd)}`" in card and sd not in card  # a local source: its name only
     pipe = StableDiffusionPipeline.from_pretrained(out)
     assert type(pipe.unet) is ExpertRoutingModel and pipe.unet.config.stage_boundaries == [500]
     source_unet = StableDiffusionPipeline.from_pretrained(sd).unet.state_dict()

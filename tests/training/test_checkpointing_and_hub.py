@@ -631,3 +631,53 @@ def test_a_checkpoint_whose_folder_name_is_not_its_step_is_refused(tmp_path):
     for name in ("latest", "checkpoint-5"):
         with pytest.raises(ValueError, match=r"'.*checkpoint-5' holds the state of step 2 .* `checkpoint-2`"):
             resolve_resume_checkpoint(str(tmp_path), name)
+
+
+def test_a_card_names_local_sources_by_their_folder_name_never_their_path(tmp_path, monkeypatch):
+    # the card is published: it said "latent space of `/home/<user>/<project>/vae`" and "from the ExpertRoutingPipeline
+    # `/home/<user>/...`" (a path on the training machine, which loads nothing for the card's reader); a Hub
+    # repository id is kept as it is
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    local = tmp_path / "private" / "my-vae"
+    local.mkdir(parents=True)
+    task = SimpleNamespace(
+        vae_path=str(local), method="multi-stage", description=lambda: "Stages.", scheduler_config=None,
+        usage=lambda repo_id: [],
+    )  # fmt: skip
+    text = model_card_text(_card_args(), task, steps=3, has_grid=False, mixed_precision="no")
+    assert "latent space of `my-vae`" in text and str(tmp_path) not in text
+    text = model_card_text(_card_args(train_data_dir=None, dataset_name=str(local)), task, steps=3, has_grid=False,
+                           mixed_precision="no")  # fmt: skip
+    assert "- data: my-vae, 8x8" in text and str(tmp_path) not in text  # a local `--dataset_name` folder
+    task.vae_path = "stabilityai/sd-vae-ft-mse"
+    text = model_card_text(_card_args(train_data_dir=None, dataset_name="me/data"), task, steps=3, has_grid=False,
+                           mixed_precision="no")  # fmt: skip
+    assert "latent space of `stabilityai/sd-vae-ft-mse`" in text and "- data: me/data, 8x8" in text
+    experts = [UNet2DModel(**TINY_UNET) for _ in range(2)]
+    pipe = ExpertRoutingPipeline(ExpertRoutingModel(experts, stage_boundaries=[500]), DDIMScheduler())
+    text = assembled_experts_card_text(_card_args(), pipe, has_grid=False, base=str(local) + os.sep)
+    assert "from the ExpertRoutingPipeline `my-vae`" in text and str(tmp_path) not in text
+
+
+def test_a_card_names_the_hub_model_it_was_fine_tuned_from_in_its_metadata(tmp_path, monkeypatch):
+    # the card's metadata had no `base_model` (diffusers' training scripts write it), so the Hub listed a fine-tuned
+    # model as a model of its own; a local source is no Hub model: named in the text only (`shared_name`)
+    import yaml
+
+    from diffusers_stages.training.hub import base_model
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "local-source").mkdir()
+    assert base_model("me/source") == "me/source" and base_model(None) is None
+    assert base_model(str(tmp_path / "local-source")) is None and base_model("../x") is None
+    monkeypatch.chdir(tmp_path)
+    assert base_model("local-source") is None  # a folder here, though its name could be a repository's
+    for source, expected in (("me/source", {"base_model": "me/source"}), (str(tmp_path / "local-source"), {})):
+        out = tmp_path / "out"
+        _touch(str(out / "model_index.json"))
+        push_output_folder(str(out), "me/model", "A card.", [], api=LocalHubApi(str(tmp_path / "hub")),
+                           class_conditional=False, base_model=base_model(source))  # fmt: skip
+        card = (tmp_path / "hub" / "me" / "model" / "README.md").read_text()
+        metadata = yaml.safe_load(card.split("---")[1])
+        assert {k: v for k, v in metadata.items() if k == "base_model"} == expected
+        assert metadata["library_name"] == "diffusers" and str(tmp_path) not in card

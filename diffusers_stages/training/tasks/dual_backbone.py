@@ -19,6 +19,7 @@ from ...pipelines.pipeline_dual_backbone import (  # said once, in the pipeline
 )
 from ...schedulers import scheduler_units
 from ..args import UNET_SHAPE_OPTIONS, check_positive_options, refuse_given_options, unet_shape_kwargs
+from ..hub import shared_name
 from .base import Draw, _unet_downsampling, noise_schedulers
 from .pretrained import FineTuningTask, PipelineSource
 
@@ -273,7 +274,11 @@ class DualBackboneTask(FineTuningTask):
             else f"the shallow network runs every step at noise levels sigma >= {sigma:g}"
         )
         kind = "U-ViT" if self._uvit else "U-Net"
-        origin = "" if self.source is None else f" Fine-tuned from `{self.source.path}` (DualBackbonePipeline)."
+        origin = (
+            ""
+            if self.source is None
+            else f" Fine-tuned from `{shared_name(self.source.path)}` (DualBackbonePipeline)."
+        )
         if self.args.backbones != "both":  # one network per run: the repository holds no pipeline
             name, other = self.args.backbones, self._other_backbone
             partner = "another run" if self.source is None else "its source pipeline"
@@ -296,7 +301,7 @@ class DualBackboneTask(FineTuningTask):
         # the other backbone: a fine-tuned one's source holds it (of its own class), else another run does
         other_model, other_repo, where = model, f"<repository of the {other} run>", "its own run"
         if self.source is not None:
-            other_model, other_repo = self.source.configs[other]["_class_name"], self.source.path
+            other_model, other_repo = self.source.configs[other]["_class_name"], shared_name(self.source.path)
             where = "the source pipeline's"
         models = {model, other_model}
         scheduler = "EDMEulerScheduler" if self.args.boundary_units == "sigma" else "DDIMScheduler"

@@ -45,6 +45,7 @@ from ..args import (
     scratch_shape,
     unet_shape_kwargs,
 )
+from ..hub import shared_name
 from .base import Draw, _unet_downsampling
 from .pretrained import FineTuningTask, PipelineSource
 
@@ -341,7 +342,11 @@ class ExpertTask(FineTuningTask):
         # one expert alone holds no pipeline: load the expert; to sample, download every expert's run and assemble them
         index, cls = self.args.expert_index, self._expert_class(self.args.expert_index)
         # a fine-tuned expert goes back into its source pipeline (given first), the source's other experts kept
-        runs = "<the runs' folders>" if self.source is None else f"<{self.source.path}'s folder> <this run's folder>"
+        runs = (
+            "<the runs' folders>"
+            if self.source is None
+            else f"<{shared_name(self.source.path)}'s folder> <this run's folder>"
+        )
         fetched = "each expert's run" if self.source is None else "this run and its source pipeline"
         return [
             f"from {'diffusers' if cls == 'UNet2DModel' else 'diffusers_stages'} import {cls}",
@@ -374,7 +379,7 @@ class ExpertTask(FineTuningTask):
     def _architecture(self) -> str:
         if self.source is not None:
             classes = ", ".join(self._expert_class(i) for i in self.trained_experts)
-            return f"Fine-tuned from `{self.source.path}` (ExpertRoutingPipeline); experts trained: {classes}."
+            return f"Fine-tuned from `{shared_name(self.source.path)}` (ExpertRoutingPipeline); experts trained: {classes}."
         if self.args.model_config is not None:
             widths = self.args.expert_block_out_channels
             own = (

@@ -20,6 +20,7 @@ from ...pipelines import MultiStagePipeline
 from ...routing import fits_padding
 from ...timestep_sampling import most_even_stage_counts, stage_mass, stage_sampled_timesteps
 from ..args import UNET_SHAPE_OPTIONS, partition_from_args, read_model_config, unet_shape_kwargs
+from ..hub import shared_name
 from .base import Draw, _unet_downsampling
 from .pretrained import FineTuningTask, PipelineSource
 
@@ -310,7 +311,7 @@ class MultiStageTask(FineTuningTask):
         if self.source is not None:
             config = self.source.unet_config
             widths = config.get("decoder_block_out_channels") or config.get("decoder_channels") or "the encoder's"
-            origin = f" Fine-tuned from `{self.source.path}` ({config['_class_name']})."
+            origin = f" Fine-tuned from `{shared_name(self.source.path)}` ({config['_class_name']})."
         return (
             "A multi-stage, multi-decoder U-Net (Zhang et al., CVPR 2024): one shared encoder and one decoder per "
             f"stage of the noise schedule, trained jointly (every decoder in every batch). Decoder widths: {widths}."

@@ -27,6 +27,7 @@ from ...pipelines.loading import load_transformers_components
 from ...planning.data import is_inside, open_image_file
 from ..args import partition_from_args
 from ..data import ImageRecords, dataset_image, folder_image, load_train_split
+from ..hub import shared_name
 from .base import Draw, TrainingTask
 from .pretrained import _load_config, check_source_folder
 
@@ -386,7 +387,7 @@ class TextToImageTask(TrainingTask):
             else "one `UNet2DConditionModel` expert per stage, routed by timestep (MEME, Lee et al., AAAI 2024)"
         )
         return (
-            f"Text-to-image: the U-Net of `{self.source}` fine-tuned as {kind}, every batch stratified over the "
+            f"Text-to-image: the U-Net of `{shared_name(self.source)}` fine-tuned as {kind}, every batch stratified over the "
             "stages; VAE and text encoder frozen.\n\n" + self._stage_table()
         )
 
