@@ -11,7 +11,7 @@
    `REPORT.md` into the output folder, and prints the table.
 
 ```bash
-diffusers-stages demo                      # about 3-5 minutes on 2 CPU cores
+diffusers-stages demo                      # about 2-5 minutes on 2 CPU cores
 diffusers-stages demo --quick              # a smoke run in well under a minute
 ```
 """
