@@ -10,7 +10,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderTiny, DiffusionPipeline, ImagePipelineOutput, VQModel
+from diffusers import (
+    AutoencoderDC,
+    AutoencoderKL,
+    AutoencoderTiny,
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    ImagePipelineOutput,
+    VQModel,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
@@ -336,6 +344,11 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                 )
             sides.append(int(value) // vae_scale)  # a numpy integer too, as a Python int
         for network in networks:
+            if isinstance(getattr(network, "_orig_mod", network), DiTTransformer2DModel) and sides[0] != sides[1]:
+                raise ValueError(  # its unpatchify takes a square token grid: a RuntimeError of its reshape otherwise
+                    f"`height` and `width` must be equal for a DiTTransformer2DModel (it samples square images "
+                    f"only), got height={sides[0] * vae_scale}, width={sides[1] * vae_scale}."
+                )
             fixed = network.config.sample_size if getattr(network, "_fixed_sample_size", False) else None
             for name, side in zip(("height", "width"), sides):
                 if fixed is not None and side != fixed:  # e.g. U-ViT: a position embedding learned for one size

@@ -3,6 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+from diffusers_stages import DualBackbonePipeline
 
 from .conftest import KINDS, tiny_pipeline
 
@@ -187,3 +190,22 @@ def test_a_scheduler_reading_a_learned_variance_needs_a_model_that_predicts_one(
     pipe = type(unconditional)(**{**unconditional.components, "scheduler": DDPMScheduler(variance_type=variance_type)})
     with pytest.raises(ValueError, match=f"variance_type='{variance_type}'.*out_channels=3, not twice in_channels=3"):
         pipe(**RUN)
+
+
+@pytest.mark.parametrize("height, width", [(8, 16), (16, 8)])
+def test_a_dit_is_refused_a_height_other_than_its_width(height, width):
+    """`DiTTransformer2DModel` unpatchifies square images only: a height other than the width was a RuntimeError of
+    the model's reshape ("shape '[-1, 5, 5, 2, 2, 6]' is invalid") after the checks had let it through; square sides
+    other than `sample_size` still sample."""
+    dits = [
+        DiTTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=4, in_channels=3, out_channels=6, num_layers=1, sample_size=8,
+            patch_size=2, num_embeds_ada_norm=10,
+        ).eval()
+        for _ in range(2)
+    ]  # fmt: skip
+    pipe = DualBackbonePipeline(shallow=dits[0], deep=dits[1], scheduler=DDIMScheduler(), switch_timestep=500)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match=f"`height` and `width` must be equal .*got height={height}, width={width}"):
+        pipe(class_labels=[1], height=height, width=width, **RUN)
+    assert pipe(class_labels=[1], height=16, width=16, **RUN).images.shape == (1, 3, 16, 16)
