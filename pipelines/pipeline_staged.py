@@ -61,6 +61,12 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(channels) - 1)
 
 
+def _vae_latent_channels(vae) -> int:
+    """The channels of the latents ``vae`` decodes (a VQModel's: its codebook's `vq_embed_dim`, when set)."""
+    config = getattr(vae, "_orig_mod", vae).config
+    return config.get("vq_embed_dim") or config.latent_channels
+
+
 class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     r"""
     Base class of the package's pipelines: one scheduler, one network per stage of a [`TimestepPartition`], and an
@@ -324,7 +330,15 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """``(batch, channels, latent height, latent width)`` of the initial noise for images of ``height`` x
         ``width`` pixels (default: the model's ``sample_size``, times the VAE's scale factor; both must be given for
         a model without one)."""
-        vae_scale = vae_scale_factor(getattr(self, "vae", None))
+        vae = getattr(self, "vae", None)
+        vae_scale = vae_scale_factor(vae)
+        channels = None if vae is None else _vae_latent_channels(vae)
+        if channels is not None and channels != config.in_channels:  # else its decoder fails, after every step
+            raise ValueError(
+                f"`vae` {type(getattr(vae, '_orig_mod', vae)).__name__} decodes latents of "
+                f"{channels} channels, but the networks denoise latents of `in_channels`="
+                f"{config.in_channels}: give a VAE whose latents the networks were trained on."
+            )
         networks = {id(n): n for n in (self.stage_denoiser(stage)[0] for stage in stages)}.values()  # each once
         multiple = math.lcm(*(spatial_multiple(network.config) for network in networks)) * vae_scale
         size = getattr(config, "sample_size", None)  # a custom backbone's config may have no such entry

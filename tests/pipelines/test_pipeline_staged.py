@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, VQModel
 
 from diffusers_stages import DualBackbonePipeline
 
@@ -209,3 +209,22 @@ def test_a_dit_is_refused_a_height_other_than_its_width(height, width):
     with pytest.raises(ValueError, match=f"`height` and `width` must be equal .*got height={height}, width={width}"):
         pipe(class_labels=[1], height=height, width=width, **RUN)
     assert pipe(class_labels=[1], height=16, width=16, **RUN).images.shape == (1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("vae_name", ["AutoencoderKL", "VQModel"])
+def test_a_vae_whose_latents_the_networks_do_not_take_is_refused_before_sampling(unconditional, vae_name):
+    """A VAE with 4 latent channels behind networks of 3 was taken, sampled every step and then failed in the VAE's
+    decoder (RuntimeError "expected input[1, 3, 8, 8] to have 4 channels"); a VQModel decodes `vq_embed_dim`
+    channels."""
+    vae_class, extra = {"AutoencoderKL": (AutoencoderKL, {}), "VQModel": (VQModel, {"vq_embed_dim": 4})}[vae_name]
+    vae = vae_class(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=3 if extra else 4, norm_num_groups=4,
+        layers_per_block=1, **extra,
+    ).eval()  # fmt: skip
+    pipe = type(unconditional)(**{**unconditional.components, "vae": vae})
+    calls = []
+    pipe.stage_denoiser(0)[0].register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=f"`vae` {vae_name} decodes latents of 4 channels, but the networks .*3"):
+        pipe(**RUN)
+    assert not calls  # refused before the first model call
