@@ -281,9 +281,16 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         return getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
 
     def _check_variance_output(self, config) -> None:
-        """Refuse, before sampling, a scheduler that reads a learned variance for a model that predicts none
-        (diffusers' step then fails on ``None`` arithmetic)."""
+        """Refuse, before sampling, a model whose prediction is neither the latents' channels nor twice them (a
+        learned variance), which the scheduler's step would broadcast over the latents or fail on, and a scheduler
+        that reads a learned variance for a model that predicts none (diffusers' step then fails on ``None``
+        arithmetic)."""
         in_channels, out_channels = getattr(config, "in_channels", None), getattr(config, "out_channels", None)
+        if in_channels and out_channels and out_channels not in (in_channels, 2 * in_channels):
+            raise ValueError(
+                f"The model predicts out_channels={out_channels}, but denoises in_channels={in_channels}: its "
+                "prediction must have the latents' channels (or twice them, with a learned variance as DiT's)."
+            )
         if self._scheduler_reads_variance() and in_channels and out_channels and out_channels != 2 * in_channels:
             raise ValueError(
                 f"`scheduler` {type(self.scheduler).__name__} has variance_type="

@@ -3,9 +3,16 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, VQModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, UNet2DModel, VQModel
 
-from diffusers_stages import DualBackbonePipeline
+from diffusers_stages import (
+    DualBackbonePipeline,
+    ExpertRoutingModel,
+    ExpertRoutingPipeline,
+    MultiStagePipeline,
+    MultiStageUNet2DModel,
+)
+from tests.conftest import TINY_UNET
 
 from .conftest import KINDS, tiny_pipeline
 
@@ -228,3 +235,29 @@ def test_a_vae_whose_latents_the_networks_do_not_take_is_refused_before_sampling
     with pytest.raises(ValueError, match=f"`vae` {vae_name} decodes latents of 4 channels, but the networks .*3"):
         pipe(**RUN)
     assert not calls  # refused before the first model call
+
+
+def _pipeline_predicting(kind: str, out_channels: int):
+    """A tiny pipeline of ``kind`` whose networks take 3 channels and predict ``out_channels``."""
+    shape = {**TINY_UNET, "out_channels": out_channels}
+    if kind == "multistage":
+        return MultiStagePipeline(
+            unet=MultiStageUNet2DModel(**shape, stage_boundaries=(500,)), scheduler=DDIMScheduler()
+        )
+    if kind == "experts":
+        experts = ExpertRoutingModel([UNet2DModel(**shape), UNet2DModel(**shape)], stage_boundaries=(500,))
+        return ExpertRoutingPipeline(experts=experts, scheduler=DDIMScheduler())
+    return DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDIMScheduler())
+
+
+@pytest.mark.parametrize("out_channels", [1, 4])
+@pytest.mark.parametrize("kind", KINDS)
+def test_networks_that_predict_other_channels_than_they_take_are_refused(kind, out_channels):
+    """A prediction of 1 channel for latents of 3 was broadcast over them by the scheduler's step (images sampled,
+    silently wrong); one of 4 was a RuntimeError of the step ("size of tensor a (3) must match ... b (4)"). Twice the
+    channels (DiT's learned variance) is taken."""
+    pipe = _pipeline_predicting(kind, out_channels)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match=f"out_channels={out_channels}, .*in_channels=3"):
+        pipe(**RUN)
+    assert _pipeline_predicting(kind, 6)(**RUN).images.shape == (1, 3, 8, 8)
