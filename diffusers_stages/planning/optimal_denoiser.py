@@ -97,6 +97,11 @@ def optimal_denoiser_mean(
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}.")
+    with torch.no_grad():  # a closed form: recorded for backward, every chunk would be kept (memory O(Q x N))
+        return _streamed_posterior_mean(noisy, data, signal_scale, noise_scale, chunk_size)
+
+
+def _streamed_posterior_mean(noisy, data, signal_scale, noise_scale, chunk_size: int) -> torch.Tensor:
     x = noisy.to(torch.float64)
     a = torch.as_tensor(signal_scale, dtype=torch.float64, device=x.device).reshape(-1, 1)
     inv_two_var = 1 / (2 * torch.as_tensor(noise_scale, dtype=torch.float64, device=x.device).reshape(-1, 1) ** 2)
@@ -162,7 +167,7 @@ def optimal_predictions(
 
     ```
     """
-    flat = _check_data(data)
+    flat = _check_data(data).detach()  # images that require grad (latents encoded with autograd on) build no graph
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
     if target not in TARGETS:

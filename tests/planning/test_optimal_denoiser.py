@@ -108,3 +108,16 @@ def test_training_images_on_an_accelerator(target):
             got = optimal_predictions(data.to("cuda"), schedule, 4, torch.manual_seed(1), target, device=device)
             for a, b in zip(got, expected):
                 assert a.device == torch.device("cpu") and torch.allclose(a, b)
+
+
+def test_training_images_that_require_grad_are_planned_on_without_an_autograd_graph():
+    # latents encoded outside `torch.no_grad()` require grad: every chunk of the streamed softmax was recorded for
+    # backward, so memory grew with the data set (O(queries x N)) instead of staying O(queries x chunk)
+    data = torch.randn(40, 1, 4, 4, generator=torch.manual_seed(0)).requires_grad_(True)
+    schedule = NoiseSchedule.edm(num_levels=3)
+    for target in ("sample", "epsilon"):
+        predictions, clean, noise = optimal_predictions(data, schedule, 4, torch.manual_seed(1), target, chunk_size=8)
+        assert not predictions.requires_grad and not clean.requires_grad and not noise.requires_grad
+    noisy = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    scale = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    assert not optimal_denoiser_mean(noisy, data.reshape(40, -1), scale, scale, chunk_size=8).requires_grad
