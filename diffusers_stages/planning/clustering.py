@@ -138,9 +138,10 @@ def optimal_denoiser_plan(
 
     ```
     """
-    _check_unit_interval("alpha", alpha)
+    alpha = _check_unit_interval("alpha", alpha)
+    num_stages, eta = _check_num_stages(num_stages, schedule), _check_unit_interval("eta", eta)
     predictions = _checked_predictions(
-        data, schedule, num_stages, eta, num_samples, generator, target, chunk_size, device, progress_bar
+        data, schedule, num_samples, generator, target, chunk_size, device, progress_bar
     )
     positions, anchor_curves = boundaries_from_similarity(
         lambda anchor: pixel_agreement(predictions, anchor, eta), schedule.num_levels, num_stages, alpha
@@ -170,11 +171,10 @@ def _running_mean(curve: torch.Tensor, anchor: int, from_clean_end: bool) -> tor
 
 
 def _checked_predictions(
-    data, schedule, num_stages, eta, num_samples, generator, target, chunk_size, device, progress_bar
+    data, schedule, num_samples, generator, target, chunk_size, device, progress_bar
 ) -> torch.Tensor:
-    """The optimal denoiser's predictions on the grid, after checking the arguments both similarity methods share."""
-    _check_num_stages(num_stages, schedule)
-    _check_unit_interval("eta", eta)
+    """The optimal denoiser's predictions on the grid, after checking the data (both similarity methods check
+    ``num_stages`` and ``eta`` first, with `_check_num_stages` and `_check_unit_interval`)."""
     check_planning_data(data)
     predictions, _, _ = optimal_predictions(
         data, schedule, num_samples, generator, target, chunk_size=chunk_size, device=device, progress_bar=progress_bar

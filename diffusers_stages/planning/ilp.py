@@ -10,7 +10,7 @@ from scipy.sparse import coo_matrix
 from .clustering import _checked_predictions
 from .optimal_denoiser import similarity_matrix
 from .schedule import NoiseSchedule
-from .stage_plan import StagePlan, _level_at, _plan
+from .stage_plan import StagePlan, _check_num_stages, _check_unit_interval, _level_at, _plan
 
 
 def ilp_boundaries(similarity: torch.Tensor, num_stages: int, min_levels: int = 1) -> list[int]:
@@ -130,8 +130,9 @@ def ilp_plan(
 
     ```
     """
+    num_stages, eta = _check_num_stages(num_stages, schedule), _check_unit_interval("eta", eta)
     predictions = _checked_predictions(
-        data, schedule, num_stages, eta, num_samples, generator, target, chunk_size, device, progress_bar
+        data, schedule, num_samples, generator, target, chunk_size, device, progress_bar
     )
     similarity = similarity_matrix(predictions, eta)
     cuts = ilp_boundaries(similarity, num_stages, min_levels)

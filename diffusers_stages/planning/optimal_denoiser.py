@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..models.checks import positive_integer_arguments
 from .schedule import NoiseSchedule
 
 
@@ -95,8 +96,7 @@ def optimal_denoiser_mean(
 
     ```
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}.")
+    (chunk_size,) = positive_integer_arguments(chunk_size=chunk_size)
     with torch.no_grad():  # a closed form: recorded for backward, every chunk would be kept (memory O(Q x N))
         return _streamed_posterior_mean(noisy, data, signal_scale, noise_scale, chunk_size)
 
@@ -168,8 +168,7 @@ def optimal_predictions(
     ```
     """
     flat = _check_data(data).detach()  # images that require grad (latents encoded with autograd on) build no graph
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
+    (num_samples,) = positive_integer_arguments(num_samples=num_samples)
     if target not in TARGETS:
         raise ValueError(f"`target` must be one of {TARGETS}, got {target!r}.")
     device = (

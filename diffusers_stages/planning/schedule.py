@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ..models.checks import _is_integral
 from ..partition import TimestepPartition
 from ..schedulers import is_edm_scheduler
 
@@ -82,8 +83,9 @@ class NoiseSchedule:
         """A discrete schedule from its ``alphas_cumprod`` (one value per training timestep, 0 first)."""
         alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
         num_train_timesteps = alphas_cumprod.numel()
-        if not isinstance(num_levels, int) or not 3 <= num_levels <= num_train_timesteps:
+        if not _is_integral(num_levels) or not 3 <= num_levels <= num_train_timesteps:
             raise ValueError(f"`num_levels` must be an integer in [3, {num_train_timesteps}], got {num_levels!r}.")
+        num_levels = int(num_levels)
         timesteps = torch.linspace(0, num_train_timesteps - 1, num_levels, dtype=torch.float64).round().unique()
         abar = alphas_cumprod[timesteps.long()]
         return cls(timesteps, abar.sqrt(), (1 - abar).sqrt(), "timestep", num_train_timesteps)
@@ -102,8 +104,9 @@ class NoiseSchedule:
             raise ValueError(
                 f"Need 0 < `sigma_min` < `sigma_max` < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}."
             )
-        if not isinstance(num_levels, int) or num_levels < 3:
+        if not _is_integral(num_levels) or num_levels < 3:
             raise ValueError(f"`num_levels` must be an integer >= 3, got {num_levels!r}.")
+        num_levels = int(num_levels)
         if not 0 < rho < math.inf:
             raise ValueError(f"`rho` must be a positive finite number, got {rho!r}.")
         ramp = torch.linspace(0, 1, num_levels, dtype=torch.float64)

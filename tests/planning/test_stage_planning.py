@@ -351,3 +351,22 @@ def test_stage_difficulty_of_wide_data_does_not_depend_on_the_global_random_stat
     first = stage_difficulty(data, schedule, partition)
     torch.manual_seed(2)
     assert stage_difficulty(data, schedule, partition) == first
+
+
+@pytest.mark.parametrize("method", ["optimal_denoiser", "ilp", "uniform", "snr", "snr_clustering", "gradient"])
+def test_numpy_numbers_plan_as_the_python_numbers_they_hold(method):
+    # numpy's numbers (a config read with numpy, a sweep over np.linspace) were refused with a value inside the
+    # range: "`num_stages` must be an integer >= 2, got np.int64(3)", "`alpha` must be in (0, 1], got np.float32(...)"
+    import numpy as np
+
+    data = torch.randn(16, 1, 4, 4, generator=torch.manual_seed(0))
+    numpy_args = dict(alpha=np.float32(0.875), eta=np.float32(0.125), num_samples=np.int64(8), chunk_size=np.int64(4))
+    python_args = dict(alpha=0.875, eta=0.125, num_samples=8, chunk_size=4)
+    plans = [
+        plan_stages(
+            data, DDPMScheduler(), num_stages, method, num_levels=num_levels, **args, generator=torch.manual_seed(0)
+        )
+        for num_stages, num_levels, args in [(np.int64(3), np.int32(12), numpy_args), (3, 12, python_args)]
+    ]
+    assert plans[0].partition == plans[1].partition and plans[0].to_dict() == plans[1].to_dict()
+    assert NoiseSchedule.edm(num_levels=np.int64(5)).levels.tolist() == NoiseSchedule.edm(num_levels=5).levels.tolist()
