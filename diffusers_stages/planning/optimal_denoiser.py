@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..models.checks import positive_integer_arguments
+from ..models.checks import check_device, positive_integer_arguments
 from .schedule import NoiseSchedule
 
 
@@ -172,7 +172,9 @@ def optimal_predictions(
     if target not in TARGETS:
         raise ValueError(f"`target` must be one of {TARGETS}, got {target!r}.")
     device = (
-        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        check_device(device, "device")
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     picks = torch.randint(flat.shape[0], (num_samples,), generator=generator)
     noise = torch.randn(num_samples, flat.shape[1], generator=generator, dtype=torch.float64)

@@ -96,9 +96,11 @@ def test_two_antipodal_images_give_the_closed_form_curves_and_boundaries():
 
 
 @pytest.mark.parametrize("target", ["sample", "epsilon"])
-def test_training_images_on_an_accelerator(target):
+def test_training_images_on_an_accelerator(target, monkeypatch):
     # the draws (images, noise) and the predictions are on the CPU whatever the data's device: the same as from the CPU
     from tests.fake_cuda import fake_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with CUDA, whose stand-in this is
 
     data = torch.randn(9, 1, 4, 4, generator=torch.manual_seed(0))
     schedule = NoiseSchedule.edm(num_levels=3)

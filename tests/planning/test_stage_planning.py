@@ -227,6 +227,9 @@ def test_the_plan_goes_into_the_config_of_a_model_built_with_defaults(gray_unet_
         ({"num_samples": True}, "`num_samples` must be a positive integer, got True"),
         ({"chunk_size": True}, "`chunk_size` must be a positive integer, got True"),
         ({"alpha": True}, "`alpha` must be in \\(0, 1\\], got True"),
+        # were torch's RuntimeError ("Expected one of cpu, cuda, ...") and AssertionError ("Torch not compiled with CUDA")
+        (dict(device="gpu0"), "`device` must be a torch device such as 'cpu' or 'cuda', got 'gpu0'"),
+        (dict(device="cuda:99"), "`device` must be a device this machine has, got 'cuda:99'"),
     ],
 )
 def test_bad_parameters_are_refused(kwargs, match):
