@@ -23,7 +23,8 @@ def boundaries_from_similarity(
     from the noisy end, the smallest ``tau`` with ``mean_{[tau, anchor]} S(t, anchor) >= alpha``. With 3 stages this
     is Algorithm 1 (anchors ``t = 0`` and ``t = T``; the middle stage is what is left). With ``S`` stages,
     ``ceil((S-1)/2)`` boundaries come from the clean end and the rest from the noisy end, each new stage anchored at
-    the first grid level past the previous boundary; the middle stage takes what is left. The running mean's crossing
+    the first grid level past the previous boundary; the middle stage takes what is left, and must hold a grid level
+    (stages that meet between two levels are refused, as stages that overlap are). The running mean's crossing
     of ``alpha`` is interpolated linearly between grid levels, so a boundary is not tied to the grid. Means are taken
     over the grid's levels: uniform in ``t`` for discrete schedules (the paper's setting), Karras-spaced for EDM.
 
@@ -69,7 +70,10 @@ def boundaries_from_similarity(
         anchor = math.ceil(noisy_positions[-1]) - 1  # last grid level of the next (cleaner) stage
     positions += noisy_positions[::-1]
     inside = all(0 < p < num_levels - 1 for p in positions)
-    if len(positions) != num_stages - 1 or not inside or any(b <= a for a, b in zip(positions, positions[1:])):
+    # every stage holds a grid level (stage [a, b) holds level ceil(a) if it lies below b): stages that meet between
+    # two levels leave the middle nothing the rule measured, and may round to one whole timestep
+    meet = any(b <= math.ceil(a) for a, b in zip(positions, positions[1:]))
+    if len(positions) != num_stages - 1 or not inside or meet:
         raise ValueError(
             f"`alpha`={alpha} leaves no room for {num_stages} stages: the stages grown from the ends of the schedule "
             f"reach the other end, or meet (boundaries at grid positions {[round(p, 2) for p in positions]} of "

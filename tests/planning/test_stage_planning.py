@@ -51,6 +51,25 @@ def test_boundary_rule_on_linear_similarities_any_number_of_stages():
         boundaries_from_similarity(linear(11), 11, 4, 0.8)  # the end stages would meet
 
 
+def test_boundary_rule_refuses_stages_that_meet_between_two_grid_levels():
+    # the clean-end stage ended at 4.3 and the noisy-end one started at 4.8: the middle stage held no grid level (on
+    # digits, 21 levels, alpha=0.8, eta=0.1: boundaries 368 / 370 of T), and with every timestep on the grid both
+    # became timestep 5: "`boundaries` must be strictly increasing, got [5.0, 5.0]", not the rule's own error
+    def similarity(clean_levels, noisy_levels):
+        def curve(anchor):
+            out = torch.zeros(8, dtype=torch.float64)
+            out[:clean_levels] = float(anchor == 0)  # each end is alike, the other end unlike it
+            out[8 - noisy_levels :] = float(anchor != 0)
+            return out
+
+        return curve
+
+    with pytest.raises(ValueError, match="`alpha`=0.95 leaves no room for 3 stages: .* meet .*\\[4.3, 4.8\\]"):
+        boundaries_from_similarity(similarity(5, 3), 8, 3, 0.95)
+    positions, _ = boundaries_from_similarity(similarity(4, 3), 8, 3, 0.9)  # level 4 is left to the middle stage
+    assert positions == pytest.approx([3.5, 4.6])
+
+
 def test_interval_clustering_finds_blocks():
     groups = torch.tensor([0] * 5 + [1] * 7 + [2] * 6)
     affinity = (groups[:, None] == groups[None]).double() + 0.01 * torch.rand(18, 18, generator=torch.manual_seed(0))
