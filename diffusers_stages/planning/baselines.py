@@ -16,7 +16,7 @@ from .stage_plan import StagePlan, _check_num_stages, _interpolate, _plan
 
 def uniform_plan(schedule: NoiseSchedule, num_stages: int = 3) -> StagePlan:
     """Equal-length stages: equal shares of the training timesteps, or of log-sigma for EDM schedules."""
-    num_stages = _check_num_stages(num_stages, schedule)
+    num_stages = _check_num_stages(num_stages, schedule.num_levels)
     if schedule.units == "timestep":
         boundaries = TimestepPartition.uniform(num_stages, schedule.num_train_timesteps).boundaries
     else:
@@ -29,7 +29,7 @@ def uniform_plan(schedule: NoiseSchedule, num_stages: int = 3) -> StagePlan:
 
 def snr_plan(schedule: NoiseSchedule, num_stages: int = 3) -> StagePlan:
     """Equal spacing in log-SNR, ``log(a^2 / s^2)``, between the two ends of the schedule."""
-    num_stages = _check_num_stages(num_stages, schedule)
+    num_stages = _check_num_stages(num_stages, schedule.num_levels)
     log_snr = schedule.log_snr()
     targets = torch.linspace(float(log_snr[0]), float(log_snr[-1]), num_stages + 1, dtype=torch.float64)[1:-1]
     # log-SNR decreases along the grid: interpolate the level at each target (linear between grid points)
@@ -41,7 +41,7 @@ def snr_clustering_plan(schedule: NoiseSchedule, num_stages: int = 3) -> StagePl
     """The "SNR" baseline of Zhang et al. (Table 4): Go et al.'s [`interval_clustering`] of the grid with affinity
     ``-|log-SNR(t) - log-SNR(t')|``. On DDPM's linear schedule with every timestep on the grid it gives 0.347 / 0.708
     of T; the paper reports 0.348 / 0.709."""
-    num_stages = _check_num_stages(num_stages, schedule)
+    num_stages = _check_num_stages(num_stages, schedule.num_levels)
     log_snr = schedule.log_snr()
     cuts = interval_clustering(-(log_snr[:, None] - log_snr[None]).abs(), num_stages)
     return _plan(schedule, "snr_clustering", schedule.levels[cuts], {"log-SNR": log_snr})
@@ -160,7 +160,7 @@ def gradient_plan(
       denoiser on ``data``, with boundaries splitting its total variation ``int |dL/dt| dt`` into equal shares (each
       stage sees the same amount of change in the loss).
     """
-    num_stages = _check_num_stages(num_stages, schedule)
+    num_stages = _check_num_stages(num_stages, schedule.num_levels)
     if data is None:
         raise ValueError("`data` is required by the 'gradient' method (the training images).")
     check_planning_data(data)

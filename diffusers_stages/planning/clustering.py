@@ -50,6 +50,7 @@ def boundaries_from_similarity(
 
     ```
     """
+    num_stages, alpha = _check_num_stages(num_stages, num_levels), _check_unit_interval("alpha", alpha)
     num_clean = math.ceil((num_stages - 1) / 2)
     curves, positions = {}, []
     anchor = 0
@@ -143,7 +144,7 @@ def optimal_denoiser_plan(
     ```
     """
     alpha = _check_unit_interval("alpha", alpha)
-    num_stages, eta = _check_num_stages(num_stages, schedule), _check_unit_interval("eta", eta)
+    num_stages, eta = _check_num_stages(num_stages, schedule.num_levels), _check_unit_interval("eta", eta)
     predictions = _checked_predictions(
         data, schedule, num_samples, generator, target, chunk_size, device, progress_bar
     )

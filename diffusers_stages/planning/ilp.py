@@ -142,7 +142,7 @@ def ilp_plan(
 
     ```
     """
-    num_stages, eta = _check_num_stages(num_stages, schedule), _check_unit_interval("eta", eta)
+    num_stages, eta = _check_num_stages(num_stages, schedule.num_levels), _check_unit_interval("eta", eta)
     _check_stages_fit(num_stages, min_levels, schedule.num_levels)  # before the (long) optimal denoiser
     predictions = _checked_predictions(
         data, schedule, num_samples, generator, target, chunk_size, device, progress_bar

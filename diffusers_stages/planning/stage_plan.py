@@ -78,14 +78,14 @@ class StagePlan:
         return summary
 
 
-def _check_num_stages(num_stages: int, schedule: NoiseSchedule) -> int:
-    """``num_stages`` as a Python int: an integer of any kind (numpy's too, not a bool) from 2 to the grid's size."""
+def _check_num_stages(num_stages: int, num_levels: int) -> int:
+    """``num_stages`` as a Python int: an integer of any kind (numpy's too, not a bool) from 2 to the grid's size,
+    ``num_levels``."""
     if not _is_integral(num_stages) or num_stages < 2:
         raise ValueError(f"`num_stages` must be an integer >= 2, got {num_stages!r}.")
-    if num_stages > schedule.num_levels:
+    if num_stages > num_levels:
         raise ValueError(
-            f"`num_stages`={num_stages} exceeds the {schedule.num_levels} noise levels of the planning grid; "
-            "raise `num_levels`."
+            f"`num_stages`={num_stages} exceeds the {num_levels} noise levels of the planning grid; raise `num_levels`."
         )
     return int(num_stages)
 

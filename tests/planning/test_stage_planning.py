@@ -51,6 +51,24 @@ def test_boundary_rule_on_linear_similarities_any_number_of_stages():
         boundaries_from_similarity(linear(11), 11, 4, 0.8)  # the end stages would meet
 
 
+@pytest.mark.parametrize(
+    "num_stages, alpha, match",
+    [  # were "`alpha`=0.8 leaves no room for 0 stages", torch's RuntimeError, a KeyError and a TypeError
+        (0, 0.8, "`num_stages` must be an integer >= 2, got 0"),
+        (1, 0.8, "`num_stages` must be an integer >= 2, got 1"),
+        (2.0, 0.8, "`num_stages` must be an integer >= 2, got 2.0"),
+        (12, 0.8, "`num_stages`=12 exceeds the 11 noise levels"),
+        (3, 1.5, "`alpha` must be in \\(0, 1\\], got 1.5"),
+        (3, 0.0, "`alpha` must be in \\(0, 1\\], got 0.0"),
+    ],
+)
+def test_boundary_rule_refuses_bad_arguments_by_name(num_stages, alpha, match):
+    ramp = torch.linspace(1, 0, 11, dtype=torch.float64)
+    curves = {0: ramp, 10: ramp.flip(0)}
+    with pytest.raises(ValueError, match=match):
+        boundaries_from_similarity(curves.__getitem__, 11, num_stages, alpha)
+
+
 def test_boundary_rule_refuses_stages_that_meet_between_two_grid_levels():
     # the clean-end stage ended at 4.3 and the noisy-end one started at 4.8: the middle stage held no grid level (on
     # digits, 21 levels, alpha=0.8, eta=0.1: boundaries 368 / 370 of T), and with every timestep on the grid both
