@@ -98,13 +98,20 @@ def optimal_denoiser_mean(
     """
     (chunk_size,) = positive_integer_arguments(chunk_size=chunk_size)
     with torch.no_grad():  # a closed form: recorded for backward, every chunk would be kept (memory O(Q x N))
-        return _streamed_posterior_mean(noisy, data, signal_scale, noise_scale, chunk_size)
+        x = noisy.to(torch.float64)
+        a = torch.as_tensor(signal_scale, dtype=torch.float64, device=x.device).reshape(-1, 1)
+        s = torch.as_tensor(noise_scale, dtype=torch.float64, device=x.device).reshape(-1, 1)
+        if not bool(torch.isfinite(a).all()):
+            raise ValueError(f"`signal_scale` must be finite, got {a[~torch.isfinite(a)][0].item()}.")
+        bad = ~torch.isfinite(s) | (s <= 0)  # s = 0 divides by zero (NaN); s < 0 is no standard deviation
+        if bool(bad.any()):
+            raise ValueError(f"`noise_scale` must be finite and > 0, got {s[bad][0].item()}.")
+        return _streamed_posterior_mean(x, data, a, s, chunk_size)
 
 
-def _streamed_posterior_mean(noisy, data, signal_scale, noise_scale, chunk_size: int) -> torch.Tensor:
-    x = noisy.to(torch.float64)
-    a = torch.as_tensor(signal_scale, dtype=torch.float64, device=x.device).reshape(-1, 1)
-    inv_two_var = 1 / (2 * torch.as_tensor(noise_scale, dtype=torch.float64, device=x.device).reshape(-1, 1) ** 2)
+def _streamed_posterior_mean(x: torch.Tensor, data, a: torch.Tensor, s: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``E[y | x]`` for float64 ``x`` ``(Q, D)`` and scales ``(Q or 1, 1)``: see `optimal_denoiser_mean`."""
+    inv_two_var = 1 / (2 * s**2)
     x_sq = (x * x).sum(1, keepdim=True)
     running_max = torch.full((x.shape[0], 1), -torch.inf, dtype=torch.float64, device=x.device)
     running_sum = torch.zeros_like(running_max)

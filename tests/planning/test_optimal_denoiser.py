@@ -123,3 +123,19 @@ def test_training_images_that_require_grad_are_planned_on_without_an_autograd_gr
     noisy = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
     scale = torch.ones(3, dtype=torch.float64, requires_grad=True)
     assert not optimal_denoiser_mean(noisy, data.reshape(40, -1), scale, scale, chunk_size=8).requires_grad
+
+
+@pytest.mark.parametrize(
+    "signal_scale, noise_scale, match",
+    [  # were NaN posterior means (s = 0, nan, inf), or taken as |s| (s < 0)
+        (1.0, 0.0, "`noise_scale` must be finite and > 0, got 0.0"),
+        (1.0, -1.0, "`noise_scale` must be finite and > 0, got -1.0"),
+        (1.0, math.inf, "`noise_scale` must be finite and > 0, got inf"),
+        (1.0, torch.tensor([1.0, 0.0]), "`noise_scale` must be finite and > 0, got 0.0"),
+        (math.nan, 1.0, "`signal_scale` must be finite, got nan"),
+    ],
+)
+def test_optimal_denoiser_mean_refuses_scales_it_has_no_answer_for(signal_scale, noise_scale, match):
+    data = torch.randn(4, 3, generator=torch.manual_seed(0))
+    with pytest.raises(ValueError, match=match):
+        optimal_denoiser_mean(data[:2].double() + 1, data, signal_scale, noise_scale)
