@@ -8,6 +8,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..models.checks import _is_integral
 from ..partition import TimestepPartition
 from .optimal_denoiser import check_planning_data, optimal_predictions
 from .schedule import NoiseSchedule
@@ -67,6 +68,9 @@ def interval_clustering(affinity: torch.Tensor, num_clusters: int) -> list[int]:
     ```
     """
     n, k = affinity.shape[0], num_clusters
+    if not _is_integral(k) or not 1 <= k <= n:
+        raise ValueError(f"`num_clusters` must be an integer in [1, {n}], got {num_clusters!r}.")
+    k = int(k)
     low, high = max(1, math.floor(n / (2 * k))), math.ceil(3 * n / (2 * k))
     # prefix sums: the affinity of items i..j-1 to a centre c is prefix[c, j] - prefix[c, i]
     prefix = torch.cat([torch.zeros(n, 1, dtype=torch.float64), affinity.double().cumsum(1)], dim=1)

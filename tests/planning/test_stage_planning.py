@@ -94,6 +94,13 @@ def test_interval_clustering_finds_blocks():
     assert interval_clustering(affinity, 3) == [5, 12]
 
 
+@pytest.mark.parametrize("num_clusters", [0, -1, 2.0, True, 7])
+def test_interval_clustering_refuses_a_number_of_clusters_it_cannot_make(num_clusters):
+    # were a ZeroDivisionError (0), IndexErrors (-1, True), torch's TypeError (2.0), an error on interval sizes (7)
+    with pytest.raises(ValueError, match=f"`num_clusters` must be an integer in \\[1, 6\\], got {num_clusters!r}"):
+        interval_clustering(torch.rand(6, 6, generator=torch.manual_seed(0)), num_clusters)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # baselines
 def test_uniform_and_snr_baselines():
