@@ -8,7 +8,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ..models.checks import _is_integral
+from ..models.checks import _is_integral, positive_integer_arguments
 from ..partition import TimestepPartition
 from .optimal_denoiser import check_planning_data, optimal_predictions
 from .schedule import NoiseSchedule
@@ -177,6 +177,9 @@ def gradient_plan(
                 "(`diffusers_stages.conventions.vae_to_model_latents`), not on the images (the `plan` command: give "
                 "it the run's `--vae_path`)."
             )
+        num_gradient_levels, batch_size = positive_integer_arguments(
+            num_gradient_levels=num_gradient_levels, batch_size=batch_size
+        )
         picks = torch.randperm(data.shape[0], generator=generator)[:batch_size]
         grid = torch.linspace(0, schedule.num_levels - 1, min(num_gradient_levels, schedule.num_levels)).round().long()
         grid = grid.unique().tolist()

@@ -148,6 +148,23 @@ def test_gradient_baseline_refuses_a_model_of_other_channels_than_the_data(tiny_
         gradient_plan(schedule, 3, model, torch.rand(8, 3, 8, 8) * 2 - 1, num_gradient_levels=8, batch_size=4)
 
 
+@pytest.mark.parametrize(
+    "kwargs, bad",
+    [  # were a RuntimeError in the model (0), all the images but 3 (-3), TypeErrors (2.0, True, 2.5)
+        (dict(batch_size=0), "`batch_size` must be a positive integer, got 0"),
+        (dict(batch_size=-3), "`batch_size` must be a positive integer, got -3"),
+        (dict(batch_size=2.0), "`batch_size` must be a positive integer, got 2.0"),
+        (dict(num_gradient_levels=True), "`num_gradient_levels` must be a positive integer, got True"),
+        (dict(num_gradient_levels=2.5), "`num_gradient_levels` must be a positive integer, got 2.5"),
+    ],
+)
+def test_gradient_baseline_refuses_bad_counts_by_name(gray_unet_kwargs, kwargs, bad):
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 40)
+    model, data = UNet2DModel(**gray_unet_kwargs), torch.rand(16, 1, 8, 8) * 2 - 1
+    with pytest.raises(ValueError, match=bad):
+        gradient_plan(schedule, 3, model, data, **{"num_gradient_levels": 8, "batch_size": 4, **kwargs})
+
+
 def test_gradient_affinity_depends_on_the_seed_alone_and_leaves_the_model_as_it_was(gray_unet_kwargs):
     # a model just trained runs its dropout on the global random state; a frozen one (requires_grad False) had no
     # gradients to compare (an IndexError)
