@@ -226,7 +226,14 @@ def pixel_agreement(predictions: torch.Tensor, anchor: int, eta: float) -> torch
 
     ```
     """
-    return ((predictions - predictions[anchor]).abs() <= eta).float().mean(dim=(1, 2)).double()
+    reference = predictions[anchor]
+    return torch.stack([_agreement(level, reference, eta) for level in predictions])
+
+
+def _agreement(first: torch.Tensor, second: torch.Tensor, eta: float) -> torch.Tensor:
+    """The fraction of entries where two levels' ``(num_samples, D)`` predictions differ by at most ``eta``, float64:
+    one level at a time, so that memory stays that of one level (not of the whole grid)."""
+    return ((first - second).abs() <= eta).count_nonzero().double() / first.numel()
 
 
 def similarity_matrix(predictions: torch.Tensor, eta: float) -> torch.Tensor:
@@ -249,4 +256,9 @@ def similarity_matrix(predictions: torch.Tensor, eta: float) -> torch.Tensor:
 
     ```
     """
-    return torch.stack([pixel_agreement(predictions, anchor, eta) for anchor in range(predictions.shape[0])])
+    num_levels = predictions.shape[0]
+    similarity = torch.eye(num_levels, dtype=torch.float64, device=predictions.device)
+    for i in range(num_levels):  # each pair once: the agreement is symmetric
+        for j in range(i + 1, num_levels):
+            similarity[i, j] = similarity[j, i] = _agreement(predictions[i], predictions[j], eta)
+    return similarity

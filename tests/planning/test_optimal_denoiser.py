@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers_stages.planning import (
     NoiseSchedule,
@@ -15,6 +16,7 @@ from diffusers_stages.planning import (
     optimal_predictions,
     pixel_agreement,
 )
+from diffusers_stages.planning.optimal_denoiser import similarity_matrix
 
 
 def test_streamed_softmax_equals_direct_posterior_mean():
@@ -139,3 +141,30 @@ def test_optimal_denoiser_mean_refuses_scales_it_has_no_answer_for(signal_scale,
     data = torch.randn(4, 3, generator=torch.manual_seed(0))
     with pytest.raises(ValueError, match=match):
         optimal_denoiser_mean(data[:2].double() + 1, data, signal_scale, noise_scale)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an op makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t)]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+def test_similarity_is_measured_one_level_at_a_time():
+    # every anchor compared all (num_levels, K, D) predictions at once: temporaries of twice the predictions (the
+    # ilp's 100 x 100 matrix on 128 draws of 32x32 RGB images took 23 s), now one level's (K, D) at a time (2 s)
+    predictions = torch.rand(6, 5, 8, generator=torch.manual_seed(0))  # 6 levels, 5 draws, 8 pixels
+    expected = ((predictions[:, None] - predictions[None]).abs() <= 0.3).double().mean(dim=(2, 3))
+    with _LargestTensor() as mode:
+        similarity = similarity_matrix(predictions, 0.3)
+        curve = pixel_agreement(predictions, 4, 0.3)
+    assert mode.largest <= 5 * 8  # one level's predictions (the 6 x 6 matrix is smaller)
+    torch.testing.assert_close(similarity, expected, rtol=0, atol=1e-15)
+    assert torch.equal(similarity, similarity.T) and torch.equal(curve, similarity[4])
