@@ -23,7 +23,8 @@ class NoiseSchedule:
     A grid of noise levels, clean end first, in the units of a [`TimestepPartition`].
 
     Args:
-        levels (`torch.Tensor`): the grid, strictly increasing, in ``units`` (training timesteps or sigmas).
+        levels (`torch.Tensor`): the grid, strictly increasing, in ``units`` (training timesteps in
+            ``[0, num_train_timesteps]``, or positive finite sigmas).
         signal_scale (`torch.Tensor`): ``a`` of each level.
         noise_scale (`torch.Tensor`): ``s`` of each level (the three are kept as float64 on the CPU).
         units (`str`): ``"timestep"`` or ``"sigma"``.
@@ -63,6 +64,13 @@ class NoiseSchedule:
             )
         if not bool((levels[1:] > levels[:-1]).all()):
             raise ValueError("`levels` must be strictly increasing (clean end first).")
+        # the partition's validation of units and num_train_timesteps, reused
+        TimestepPartition([], num_train_timesteps, units)
+        ends = f"got {levels[0].item()} to {levels[-1].item()}"
+        if units == "timestep" and not 0 <= levels[0] <= levels[-1] <= num_train_timesteps:
+            raise ValueError(f"`levels` must lie in [0, {num_train_timesteps}] ('timestep' units), {ends}.")
+        if units == "sigma" and not 0 < levels[0] <= levels[-1] < math.inf:  # boundaries are placed by log-sigma
+            raise ValueError(f"`levels` must be positive and finite sigmas ('sigma' units), {ends}.")
         if signal_scale.shape != levels.shape or noise_scale.shape != levels.shape:
             raise ValueError("`signal_scale` and `noise_scale` need one value per level.")
         for name, scale in (("signal_scale", signal_scale), ("noise_scale", noise_scale)):
@@ -71,8 +79,6 @@ class NoiseSchedule:
                 raise ValueError(f"`{name}` must be finite and >= 0 at every level, got {scale[bad][0].item()}.")
         if not bool((noise_scale > 0).all()):
             raise ValueError("`noise_scale` must be positive at every level (plan from the first noisy level on).")
-        # the partition's validation of units and num_train_timesteps, reused
-        TimestepPartition([], num_train_timesteps, units)
         self.levels, self.signal_scale, self.noise_scale = levels, signal_scale, noise_scale
         self.units, self.num_train_timesteps, self.sigma_data = units, num_train_timesteps, sigma_data
 

@@ -323,6 +323,33 @@ def test_stage_difficulty_refuses_a_single_image():
         stage_difficulty(torch.randn(1, 16), schedule, schedule.partition([1.0]))
 
 
+@pytest.mark.parametrize(
+    "levels, units, match",
+    [  # were planned on, then refused as "`boundaries` must lie strictly inside the schedule" or "be finite numbers"
+        (
+            [0.0, 1500.0, 3000.0],
+            "timestep",
+            "`levels` must lie in \\[0, 1000\\] \\('timestep' units\\), got -?\\d.* to 3000.0",
+        ),
+        ([-5.0, 0.0, 5.0], "timestep", "`levels` must lie in \\[0, 1000\\] \\('timestep' units\\), got -5.0 to 5.0"),
+        (
+            [-5.0, 0.0, 5.0],
+            "sigma",
+            "`levels` must be positive and finite sigmas \\('sigma' units\\), got -5.0 to 5.0",
+        ),
+        (
+            [0.5, 1.0, math.inf],
+            "sigma",
+            "`levels` must be positive and finite sigmas \\('sigma' units\\), got 0.5 to inf",
+        ),
+    ],
+)
+def test_a_schedule_of_levels_outside_its_units_is_refused(levels, units, match):
+    scale = torch.tensor([0.1, 0.5, 1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match=match):
+        NoiseSchedule(torch.tensor(levels), (1 - scale**2).sqrt(), scale, units)
+
+
 def test_bad_schedules_are_refused():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
