@@ -8,6 +8,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..models.checks import _is_integral, positive_integer_arguments
 from ..partition import TimestepPartition
 from .optimal_denoiser import check_planning_data, optimal_predictions
 from .schedule import NoiseSchedule
@@ -16,7 +17,7 @@ from .stage_plan import StagePlan, _check_num_stages, _interpolate, _plan
 
 def uniform_plan(schedule: NoiseSchedule, num_stages: int = 3) -> StagePlan:
     """Equal-length stages: equal shares of the training timesteps, or of log-sigma for EDM schedules."""
-    _check_num_stages(num_stages, schedule)
+    num_stages = _check_num_stages(num_stages, schedule.num_levels)
     if schedule.units == "timestep":
         boundaries = TimestepPartition.uniform(num_stages, schedule.num_train_timesteps).boundaries
     else:
@@ -29,7 +30,7 @@ def uniform_plan(schedule: NoiseSchedule, num_stages: int = 3) -> StagePlan:
 
 def snr_plan(schedule: NoiseSchedule, num_stages: int = 3) -> StagePlan:
     """Equal spacing in log-SNR, ``log(a^2 / s^2)``, between the two ends of the schedule."""
-    _check_num_stages(num_stages, schedule)
+    num_stages = _check_num_stages(num_stages, schedule.num_levels)
     log_snr = schedule.log_snr()
     targets = torch.linspace(float(log_snr[0]), float(log_snr[-1]), num_stages + 1, dtype=torch.float64)[1:-1]
     # log-SNR decreases along the grid: interpolate the level at each target (linear between grid points)
@@ -41,7 +42,7 @@ def snr_clustering_plan(schedule: NoiseSchedule, num_stages: int = 3) -> StagePl
     """The "SNR" baseline of Zhang et al. (Table 4): Go et al.'s [`interval_clustering`] of the grid with affinity
     ``-|log-SNR(t) - log-SNR(t')|``. On DDPM's linear schedule with every timestep on the grid it gives 0.347 / 0.708
     of T; the paper reports 0.348 / 0.709."""
-    _check_num_stages(num_stages, schedule)
+    num_stages = _check_num_stages(num_stages, schedule.num_levels)
     log_snr = schedule.log_snr()
     cuts = interval_clustering(-(log_snr[:, None] - log_snr[None]).abs(), num_stages)
     return _plan(schedule, "snr_clustering", schedule.levels[cuts], {"log-SNR": log_snr})
@@ -67,6 +68,9 @@ def interval_clustering(affinity: torch.Tensor, num_clusters: int) -> list[int]:
     ```
     """
     n, k = affinity.shape[0], num_clusters
+    if not _is_integral(k) or not 1 <= k <= n:
+        raise ValueError(f"`num_clusters` must be an integer in [1, {n}], got {num_clusters!r}.")
+    k = int(k)
     low, high = max(1, math.floor(n / (2 * k))), math.ceil(3 * n / (2 * k))
     # prefix sums: the affinity of items i..j-1 to a centre c is prefix[c, j] - prefix[c, i]
     prefix = torch.cat([torch.zeros(n, 1, dtype=torch.float64), affinity.double().cumsum(1)], dim=1)
@@ -160,7 +164,7 @@ def gradient_plan(
       denoiser on ``data``, with boundaries splitting its total variation ``int |dL/dt| dt`` into equal shares (each
       stage sees the same amount of change in the loss).
     """
-    _check_num_stages(num_stages, schedule)
+    num_stages = _check_num_stages(num_stages, schedule.num_levels)
     if data is None:
         raise ValueError("`data` is required by the 'gradient' method (the training images).")
     check_planning_data(data)
@@ -173,6 +177,9 @@ def gradient_plan(
                 "(`diffusers_stages.conventions.vae_to_model_latents`), not on the images (the `plan` command: give "
                 "it the run's `--vae_path`)."
             )
+        num_gradient_levels, batch_size = positive_integer_arguments(
+            num_gradient_levels=num_gradient_levels, batch_size=batch_size
+        )
         picks = torch.randperm(data.shape[0], generator=generator)[:batch_size]
         grid = torch.linspace(0, schedule.num_levels - 1, min(num_gradient_levels, schedule.num_levels)).round().long()
         grid = grid.unique().tolist()

@@ -23,7 +23,8 @@ def boundaries_from_similarity(
     from the noisy end, the smallest ``tau`` with ``mean_{[tau, anchor]} S(t, anchor) >= alpha``. With 3 stages this
     is Algorithm 1 (anchors ``t = 0`` and ``t = T``; the middle stage is what is left). With ``S`` stages,
     ``ceil((S-1)/2)`` boundaries come from the clean end and the rest from the noisy end, each new stage anchored at
-    the first grid level past the previous boundary; the middle stage takes what is left. The running mean's crossing
+    the first grid level past the previous boundary; the middle stage takes what is left, and must hold a grid level
+    (stages that meet between two levels are refused, as stages that overlap are). The running mean's crossing
     of ``alpha`` is interpolated linearly between grid levels, so a boundary is not tied to the grid. Means are taken
     over the grid's levels: uniform in ``t`` for discrete schedules (the paper's setting), Karras-spaced for EDM.
 
@@ -49,6 +50,7 @@ def boundaries_from_similarity(
 
     ```
     """
+    num_stages, alpha = _check_num_stages(num_stages, num_levels), _check_unit_interval("alpha", alpha)
     num_clean = math.ceil((num_stages - 1) / 2)
     curves, positions = {}, []
     anchor = 0
@@ -69,7 +71,10 @@ def boundaries_from_similarity(
         anchor = math.ceil(noisy_positions[-1]) - 1  # last grid level of the next (cleaner) stage
     positions += noisy_positions[::-1]
     inside = all(0 < p < num_levels - 1 for p in positions)
-    if len(positions) != num_stages - 1 or not inside or any(b <= a for a, b in zip(positions, positions[1:])):
+    # every stage holds a grid level (stage [a, b) holds level ceil(a) if it lies below b): stages that meet between
+    # two levels leave the middle nothing the rule measured, and may round to one whole timestep
+    meet = any(b <= math.ceil(a) for a, b in zip(positions, positions[1:]))
+    if len(positions) != num_stages - 1 or not inside or meet:
         raise ValueError(
             f"`alpha`={alpha} leaves no room for {num_stages} stages: the stages grown from the ends of the schedule "
             f"reach the other end, or meet (boundaries at grid positions {[round(p, 2) for p in positions]} of "
@@ -138,9 +143,10 @@ def optimal_denoiser_plan(
 
     ```
     """
-    _check_unit_interval("alpha", alpha)
+    alpha = _check_unit_interval("alpha", alpha)
+    num_stages, eta = _check_num_stages(num_stages, schedule.num_levels), _check_unit_interval("eta", eta)
     predictions = _checked_predictions(
-        data, schedule, num_stages, eta, num_samples, generator, target, chunk_size, device, progress_bar
+        data, schedule, num_samples, generator, target, chunk_size, device, progress_bar
     )
     positions, anchor_curves = boundaries_from_similarity(
         lambda anchor: pixel_agreement(predictions, anchor, eta), schedule.num_levels, num_stages, alpha
@@ -170,11 +176,10 @@ def _running_mean(curve: torch.Tensor, anchor: int, from_clean_end: bool) -> tor
 
 
 def _checked_predictions(
-    data, schedule, num_stages, eta, num_samples, generator, target, chunk_size, device, progress_bar
+    data, schedule, num_samples, generator, target, chunk_size, device, progress_bar
 ) -> torch.Tensor:
-    """The optimal denoiser's predictions on the grid, after checking the arguments both similarity methods share."""
-    _check_num_stages(num_stages, schedule)
-    _check_unit_interval("eta", eta)
+    """The optimal denoiser's predictions on the grid, after checking the data (both similarity methods check
+    ``num_stages`` and ``eta`` first, with `_check_num_stages` and `_check_unit_interval`)."""
     check_planning_data(data)
     predictions, _, _ = optimal_predictions(
         data, schedule, num_samples, generator, target, chunk_size=chunk_size, device=device, progress_bar=progress_bar

@@ -7,10 +7,11 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
+from ..models.checks import _is_integral, positive_integer_arguments
 from .clustering import _checked_predictions
 from .optimal_denoiser import similarity_matrix
 from .schedule import NoiseSchedule
-from .stage_plan import StagePlan, _level_at, _plan
+from .stage_plan import StagePlan, _check_num_stages, _check_unit_interval, _level_at, _plan
 
 
 def ilp_boundaries(similarity: torch.Tensor, num_stages: int, min_levels: int = 1) -> list[int]:
@@ -48,10 +49,7 @@ def ilp_boundaries(similarity: torch.Tensor, num_stages: int, min_levels: int = 
     n = similarity.shape[0]
     if similarity.ndim != 2 or similarity.shape[1] != n:
         raise ValueError(f"`similarity` must be a square matrix, got shape {tuple(similarity.shape)}.")
-    if not 2 <= num_stages or min_levels < 1 or num_stages * min_levels > n:
-        raise ValueError(
-            f"`num_stages`={num_stages} stages of at least `min_levels`={min_levels} levels do not fit {n} levels."
-        )
+    num_stages, min_levels = _check_stages_fit(num_stages, min_levels, n)
     # 1. the value of every candidate stage [a, b) of the grid: the mean of S over its pairs (2-D prefix sums); this
     #    linearises the authors' product of stage labels and 1 / n_k
     prefix = torch.nn.functional.pad(similarity.double().cumsum(0).cumsum(1), (1, 0, 1, 0))
@@ -94,6 +92,20 @@ def ilp_boundaries(similarity: torch.Tensor, num_stages: int, min_levels: int = 
     return sorted(int(first[i]) for i in np.flatnonzero(result.x > 0.5))[1:]
 
 
+def _check_stages_fit(num_stages: int, min_levels: int, num_levels: int) -> tuple[int, int]:
+    """``num_stages`` (an integer >= 2) and ``min_levels`` (a positive integer) as Python ints, when that many stages
+    of that many levels fit ``num_levels`` grid levels."""
+    if not _is_integral(num_stages) or num_stages < 2:
+        raise ValueError(f"`num_stages` must be an integer >= 2, got {num_stages!r}.")
+    (min_levels,) = positive_integer_arguments(min_levels=min_levels)
+    if num_stages * min_levels > num_levels:
+        raise ValueError(
+            f"`num_stages`={num_stages} stages of at least `min_levels`={min_levels} levels do not fit {num_levels} "
+            "levels."
+        )
+    return int(num_stages), min_levels
+
+
 def ilp_plan(
     data: torch.Tensor,
     schedule: NoiseSchedule,
@@ -130,8 +142,10 @@ def ilp_plan(
 
     ```
     """
+    num_stages, eta = _check_num_stages(num_stages, schedule.num_levels), _check_unit_interval("eta", eta)
+    _check_stages_fit(num_stages, min_levels, schedule.num_levels)  # before the (long) optimal denoiser
     predictions = _checked_predictions(
-        data, schedule, num_stages, eta, num_samples, generator, target, chunk_size, device, progress_bar
+        data, schedule, num_samples, generator, target, chunk_size, device, progress_bar
     )
     similarity = similarity_matrix(predictions, eta)
     cuts = ilp_boundaries(similarity, num_stages, min_levels)

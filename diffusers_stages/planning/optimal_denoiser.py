@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..models.checks import check_device, positive_integer_arguments
 from .schedule import NoiseSchedule
 
 
@@ -95,11 +96,22 @@ def optimal_denoiser_mean(
 
     ```
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}.")
-    x = noisy.to(torch.float64)
-    a = torch.as_tensor(signal_scale, dtype=torch.float64, device=x.device).reshape(-1, 1)
-    inv_two_var = 1 / (2 * torch.as_tensor(noise_scale, dtype=torch.float64, device=x.device).reshape(-1, 1) ** 2)
+    (chunk_size,) = positive_integer_arguments(chunk_size=chunk_size)
+    with torch.no_grad():  # a closed form: recorded for backward, every chunk would be kept (memory O(Q x N))
+        x = noisy.to(torch.float64)
+        a = torch.as_tensor(signal_scale, dtype=torch.float64, device=x.device).reshape(-1, 1)
+        s = torch.as_tensor(noise_scale, dtype=torch.float64, device=x.device).reshape(-1, 1)
+        if not bool(torch.isfinite(a).all()):
+            raise ValueError(f"`signal_scale` must be finite, got {a[~torch.isfinite(a)][0].item()}.")
+        bad = ~torch.isfinite(s) | (s <= 0)  # s = 0 divides by zero (NaN); s < 0 is no standard deviation
+        if bool(bad.any()):
+            raise ValueError(f"`noise_scale` must be finite and > 0, got {s[bad][0].item()}.")
+        return _streamed_posterior_mean(x, data, a, s, chunk_size)
+
+
+def _streamed_posterior_mean(x: torch.Tensor, data, a: torch.Tensor, s: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``E[y | x]`` for float64 ``x`` ``(Q, D)`` and scales ``(Q or 1, 1)``: see `optimal_denoiser_mean`."""
+    inv_two_var = 1 / (2 * s**2)
     x_sq = (x * x).sum(1, keepdim=True)
     running_max = torch.full((x.shape[0], 1), -torch.inf, dtype=torch.float64, device=x.device)
     running_sum = torch.zeros_like(running_max)
@@ -162,13 +174,14 @@ def optimal_predictions(
 
     ```
     """
-    flat = _check_data(data)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
+    flat = _check_data(data).detach()  # images that require grad (latents encoded with autograd on) build no graph
+    (num_samples,) = positive_integer_arguments(num_samples=num_samples)
     if target not in TARGETS:
         raise ValueError(f"`target` must be one of {TARGETS}, got {target!r}.")
     device = (
-        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        check_device(device, "device")
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     picks = torch.randint(flat.shape[0], (num_samples,), generator=generator)
     noise = torch.randn(num_samples, flat.shape[1], generator=generator, dtype=torch.float64)
@@ -213,7 +226,14 @@ def pixel_agreement(predictions: torch.Tensor, anchor: int, eta: float) -> torch
 
     ```
     """
-    return ((predictions - predictions[anchor]).abs() <= eta).float().mean(dim=(1, 2)).double()
+    reference = predictions[anchor]
+    return torch.stack([_agreement(level, reference, eta) for level in predictions])
+
+
+def _agreement(first: torch.Tensor, second: torch.Tensor, eta: float) -> torch.Tensor:
+    """The fraction of entries where two levels' ``(num_samples, D)`` predictions differ by at most ``eta``, float64:
+    one level at a time, so that memory stays that of one level (not of the whole grid)."""
+    return ((first - second).abs() <= eta).count_nonzero().double() / first.numel()
 
 
 def similarity_matrix(predictions: torch.Tensor, eta: float) -> torch.Tensor:
@@ -236,4 +256,9 @@ def similarity_matrix(predictions: torch.Tensor, eta: float) -> torch.Tensor:
 
     ```
     """
-    return torch.stack([pixel_agreement(predictions, anchor, eta) for anchor in range(predictions.shape[0])])
+    num_levels = predictions.shape[0]
+    similarity = torch.eye(num_levels, dtype=torch.float64, device=predictions.device)
+    for i in range(num_levels):  # each pair once: the agreement is symmetric
+        for j in range(i + 1, num_levels):
+            similarity[i, j] = similarity[j, i] = _agreement(predictions[i], predictions[j], eta)
+    return similarity

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ..models.checks import _is_integral
 from ..partition import TimestepPartition
 from ..schedulers import is_edm_scheduler
 
@@ -22,7 +23,8 @@ class NoiseSchedule:
     A grid of noise levels, clean end first, in the units of a [`TimestepPartition`].
 
     Args:
-        levels (`torch.Tensor`): the grid, strictly increasing, in ``units`` (training timesteps or sigmas).
+        levels (`torch.Tensor`): the grid, strictly increasing, in ``units`` (training timesteps in
+            ``[0, num_train_timesteps]``, or positive finite sigmas).
         signal_scale (`torch.Tensor`): ``a`` of each level.
         noise_scale (`torch.Tensor`): ``s`` of each level (the three are kept as float64 on the CPU).
         units (`str`): ``"timestep"`` or ``"sigma"``.
@@ -62,6 +64,13 @@ class NoiseSchedule:
             )
         if not bool((levels[1:] > levels[:-1]).all()):
             raise ValueError("`levels` must be strictly increasing (clean end first).")
+        # the partition's validation of units and num_train_timesteps, reused
+        TimestepPartition([], num_train_timesteps, units)
+        ends = f"got {levels[0].item()} to {levels[-1].item()}"
+        if units == "timestep" and not 0 <= levels[0] <= levels[-1] <= num_train_timesteps:
+            raise ValueError(f"`levels` must lie in [0, {num_train_timesteps}] ('timestep' units), {ends}.")
+        if units == "sigma" and not 0 < levels[0] <= levels[-1] < math.inf:  # boundaries are placed by log-sigma
+            raise ValueError(f"`levels` must be positive and finite sigmas ('sigma' units), {ends}.")
         if signal_scale.shape != levels.shape or noise_scale.shape != levels.shape:
             raise ValueError("`signal_scale` and `noise_scale` need one value per level.")
         for name, scale in (("signal_scale", signal_scale), ("noise_scale", noise_scale)):
@@ -70,8 +79,6 @@ class NoiseSchedule:
                 raise ValueError(f"`{name}` must be finite and >= 0 at every level, got {scale[bad][0].item()}.")
         if not bool((noise_scale > 0).all()):
             raise ValueError("`noise_scale` must be positive at every level (plan from the first noisy level on).")
-        # the partition's validation of units and num_train_timesteps, reused
-        TimestepPartition([], num_train_timesteps, units)
         self.levels, self.signal_scale, self.noise_scale = levels, signal_scale, noise_scale
         self.units, self.num_train_timesteps, self.sigma_data = units, num_train_timesteps, sigma_data
 
@@ -82,8 +89,9 @@ class NoiseSchedule:
         """A discrete schedule from its ``alphas_cumprod`` (one value per training timestep, 0 first)."""
         alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
         num_train_timesteps = alphas_cumprod.numel()
-        if not isinstance(num_levels, int) or not 3 <= num_levels <= num_train_timesteps:
+        if not _is_integral(num_levels) or not 3 <= num_levels <= num_train_timesteps:
             raise ValueError(f"`num_levels` must be an integer in [3, {num_train_timesteps}], got {num_levels!r}.")
+        num_levels = int(num_levels)
         timesteps = torch.linspace(0, num_train_timesteps - 1, num_levels, dtype=torch.float64).round().unique()
         abar = alphas_cumprod[timesteps.long()]
         return cls(timesteps, abar.sqrt(), (1 - abar).sqrt(), "timestep", num_train_timesteps)
@@ -102,8 +110,9 @@ class NoiseSchedule:
             raise ValueError(
                 f"Need 0 < `sigma_min` < `sigma_max` < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}."
             )
-        if not isinstance(num_levels, int) or num_levels < 3:
+        if not _is_integral(num_levels) or num_levels < 3:
             raise ValueError(f"`num_levels` must be an integer >= 3, got {num_levels!r}.")
+        num_levels = int(num_levels)
         if not 0 < rho < math.inf:
             raise ValueError(f"`rho` must be a positive finite number, got {rho!r}.")
         ramp = torch.linspace(0, 1, num_levels, dtype=torch.float64)

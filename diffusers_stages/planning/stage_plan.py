@@ -4,11 +4,13 @@ conversions between grid positions and noise levels."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..models.checks import _is_integral
 from ..partition import TimestepPartition
 from .schedule import NoiseSchedule
 
@@ -76,19 +78,23 @@ class StagePlan:
         return summary
 
 
-def _check_num_stages(num_stages: int, schedule: NoiseSchedule) -> None:
-    if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 2:
+def _check_num_stages(num_stages: int, num_levels: int) -> int:
+    """``num_stages`` as a Python int: an integer of any kind (numpy's too, not a bool) from 2 to the grid's size,
+    ``num_levels``."""
+    if not _is_integral(num_stages) or num_stages < 2:
         raise ValueError(f"`num_stages` must be an integer >= 2, got {num_stages!r}.")
-    if num_stages > schedule.num_levels:
+    if num_stages > num_levels:
         raise ValueError(
-            f"`num_stages`={num_stages} exceeds the {schedule.num_levels} noise levels of the planning grid; "
-            "raise `num_levels`."
+            f"`num_stages`={num_stages} exceeds the {num_levels} noise levels of the planning grid; raise `num_levels`."
         )
+    return int(num_stages)
 
 
-def _check_unit_interval(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+def _check_unit_interval(name: str, value: float) -> float:
+    """``value`` as a Python float: a real number of any kind (numpy's too, not a bool) in ``(0, 1]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
         raise ValueError(f"`{name}` must be in (0, 1], got {value!r}.")
+    return float(value)
 
 
 def _plan(schedule: NoiseSchedule, method: str, boundaries, curves: dict) -> StagePlan:

@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler
 from sklearn.datasets import load_digits
 
 from diffusers_stages.planning import NoiseSchedule, plan_stages
-from diffusers_stages.planning.methods import AUTHORS_ETA, ilp_boundaries
+from diffusers_stages.planning.methods import AUTHORS_ETA, ilp_boundaries, ilp_plan
 
 
 def objective(similarity: torch.Tensor, cuts: list[int]) -> float:
@@ -69,12 +69,28 @@ def test_plan_on_digits_through_plan_stages():
         (torch.ones(4, 5), 2, 1, "square matrix"),
         (torch.ones(4, 4), 5, 1, "do not fit 4 levels"),
         (torch.ones(4, 4), 3, 2, "do not fit 4 levels"),
-        (torch.ones(4, 4), 1, 1, "`num_stages`=1"),
+        (torch.ones(4, 4), 1, 1, "`num_stages` must be an integer >= 2, got 1"),
+        # were "... stages of at least `min_levels`=0 levels do not fit 4 levels" and TypeErrors from torch
+        (torch.ones(4, 4), 2, 0, "`min_levels` must be a positive integer, got 0"),
+        (torch.ones(4, 4), 2, 1.5, "`min_levels` must be a positive integer, got 1.5"),
+        (torch.ones(4, 4), 2, True, "`min_levels` must be a positive integer, got True"),
+        (torch.ones(4, 4), 2.5, 1, "`num_stages` must be an integer >= 2, got 2.5"),
     ],
 )
 def test_bad_arguments_are_refused(similarity, num_stages, min_levels, match):
     with pytest.raises(ValueError, match=match):
         ilp_boundaries(similarity, num_stages, min_levels)
+
+
+@pytest.mark.parametrize("min_levels, match", [(8, "do not fit 20 levels"), (0, "`min_levels` must be a positive")])
+def test_ilp_plan_refuses_stages_that_cannot_fit_before_planning(monkeypatch, min_levels, match):
+    # min_levels was checked by the program only, after the optimal denoiser had run over the whole grid
+    import diffusers_stages.planning.clustering as clustering
+
+    monkeypatch.setattr(clustering, "optimal_predictions", lambda *args, **kwargs: pytest.fail("planned first"))
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 20)
+    with pytest.raises(ValueError, match=match):
+        ilp_plan(torch.randn(8, 1, 4, 4), schedule, 3, min_levels=min_levels)
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.001])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers_stages.planning import (
     NoiseSchedule,
@@ -15,6 +16,7 @@ from diffusers_stages.planning import (
     optimal_predictions,
     pixel_agreement,
 )
+from diffusers_stages.planning.optimal_denoiser import similarity_matrix
 
 
 def test_streamed_softmax_equals_direct_posterior_mean():
@@ -96,9 +98,11 @@ def test_two_antipodal_images_give_the_closed_form_curves_and_boundaries():
 
 
 @pytest.mark.parametrize("target", ["sample", "epsilon"])
-def test_training_images_on_an_accelerator(target):
+def test_training_images_on_an_accelerator(target, monkeypatch):
     # the draws (images, noise) and the predictions are on the CPU whatever the data's device: the same as from the CPU
     from tests.fake_cuda import fake_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with CUDA, whose stand-in this is
 
     data = torch.randn(9, 1, 4, 4, generator=torch.manual_seed(0))
     schedule = NoiseSchedule.edm(num_levels=3)
@@ -108,3 +112,59 @@ def test_training_images_on_an_accelerator(target):
             got = optimal_predictions(data.to("cuda"), schedule, 4, torch.manual_seed(1), target, device=device)
             for a, b in zip(got, expected):
                 assert a.device == torch.device("cpu") and torch.allclose(a, b)
+
+
+def test_training_images_that_require_grad_are_planned_on_without_an_autograd_graph():
+    # latents encoded outside `torch.no_grad()` require grad: every chunk of the streamed softmax was recorded for
+    # backward, so memory grew with the data set (O(queries x N)) instead of staying O(queries x chunk)
+    data = torch.randn(40, 1, 4, 4, generator=torch.manual_seed(0)).requires_grad_(True)
+    schedule = NoiseSchedule.edm(num_levels=3)
+    for target in ("sample", "epsilon"):
+        predictions, clean, noise = optimal_predictions(data, schedule, 4, torch.manual_seed(1), target, chunk_size=8)
+        assert not predictions.requires_grad and not clean.requires_grad and not noise.requires_grad
+    noisy = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    scale = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    assert not optimal_denoiser_mean(noisy, data.reshape(40, -1), scale, scale, chunk_size=8).requires_grad
+
+
+@pytest.mark.parametrize(
+    "signal_scale, noise_scale, match",
+    [  # were NaN posterior means (s = 0, nan, inf), or taken as |s| (s < 0)
+        (1.0, 0.0, "`noise_scale` must be finite and > 0, got 0.0"),
+        (1.0, -1.0, "`noise_scale` must be finite and > 0, got -1.0"),
+        (1.0, math.inf, "`noise_scale` must be finite and > 0, got inf"),
+        (1.0, torch.tensor([1.0, 0.0]), "`noise_scale` must be finite and > 0, got 0.0"),
+        (math.nan, 1.0, "`signal_scale` must be finite, got nan"),
+    ],
+)
+def test_optimal_denoiser_mean_refuses_scales_it_has_no_answer_for(signal_scale, noise_scale, match):
+    data = torch.randn(4, 3, generator=torch.manual_seed(0))
+    with pytest.raises(ValueError, match=match):
+        optimal_denoiser_mean(data[:2].double() + 1, data, signal_scale, noise_scale)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an op makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t)]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+def test_similarity_is_measured_one_level_at_a_time():
+    # every anchor compared all (num_levels, K, D) predictions at once: temporaries of twice the predictions (the
+    # ilp's 100 x 100 matrix on 128 draws of 32x32 RGB images took 23 s), now one level's (K, D) at a time (2 s)
+    predictions = torch.rand(6, 5, 8, generator=torch.manual_seed(0))  # 6 levels, 5 draws, 8 pixels
+    expected = ((predictions[:, None] - predictions[None]).abs() <= 0.3).double().mean(dim=(2, 3))
+    with _LargestTensor() as mode:
+        similarity = similarity_matrix(predictions, 0.3)
+        curve = pixel_agreement(predictions, 4, 0.3)
+    assert mode.largest <= 5 * 8  # one level's predictions (the 6 x 6 matrix is smaller)
+    torch.testing.assert_close(similarity, expected, rtol=0, atol=1e-15)
+    assert torch.equal(similarity, similarity.T) and torch.equal(curve, similarity[4])

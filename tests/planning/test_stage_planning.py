@@ -51,10 +51,54 @@ def test_boundary_rule_on_linear_similarities_any_number_of_stages():
         boundaries_from_similarity(linear(11), 11, 4, 0.8)  # the end stages would meet
 
 
+@pytest.mark.parametrize(
+    "num_stages, alpha, match",
+    [  # were "`alpha`=0.8 leaves no room for 0 stages", torch's RuntimeError, a KeyError and a TypeError
+        (0, 0.8, "`num_stages` must be an integer >= 2, got 0"),
+        (1, 0.8, "`num_stages` must be an integer >= 2, got 1"),
+        (2.0, 0.8, "`num_stages` must be an integer >= 2, got 2.0"),
+        (12, 0.8, "`num_stages`=12 exceeds the 11 noise levels"),
+        (3, 1.5, "`alpha` must be in \\(0, 1\\], got 1.5"),
+        (3, 0.0, "`alpha` must be in \\(0, 1\\], got 0.0"),
+    ],
+)
+def test_boundary_rule_refuses_bad_arguments_by_name(num_stages, alpha, match):
+    ramp = torch.linspace(1, 0, 11, dtype=torch.float64)
+    curves = {0: ramp, 10: ramp.flip(0)}
+    with pytest.raises(ValueError, match=match):
+        boundaries_from_similarity(curves.__getitem__, 11, num_stages, alpha)
+
+
+def test_boundary_rule_refuses_stages_that_meet_between_two_grid_levels():
+    # the clean-end stage ended at 4.3 and the noisy-end one started at 4.8: the middle stage held no grid level (on
+    # digits, 21 levels, alpha=0.8, eta=0.1: boundaries 368 / 370 of T), and with every timestep on the grid both
+    # became timestep 5: "`boundaries` must be strictly increasing, got [5.0, 5.0]", not the rule's own error
+    def similarity(clean_levels, noisy_levels):
+        def curve(anchor):
+            out = torch.zeros(8, dtype=torch.float64)
+            out[:clean_levels] = float(anchor == 0)  # each end is alike, the other end unlike it
+            out[8 - noisy_levels :] = float(anchor != 0)
+            return out
+
+        return curve
+
+    with pytest.raises(ValueError, match="`alpha`=0.95 leaves no room for 3 stages: .* meet .*\\[4.3, 4.8\\]"):
+        boundaries_from_similarity(similarity(5, 3), 8, 3, 0.95)
+    positions, _ = boundaries_from_similarity(similarity(4, 3), 8, 3, 0.9)  # level 4 is left to the middle stage
+    assert positions == pytest.approx([3.5, 4.6])
+
+
 def test_interval_clustering_finds_blocks():
     groups = torch.tensor([0] * 5 + [1] * 7 + [2] * 6)
     affinity = (groups[:, None] == groups[None]).double() + 0.01 * torch.rand(18, 18, generator=torch.manual_seed(0))
     assert interval_clustering(affinity, 3) == [5, 12]
+
+
+@pytest.mark.parametrize("num_clusters", [0, -1, 2.0, True, 7])
+def test_interval_clustering_refuses_a_number_of_clusters_it_cannot_make(num_clusters):
+    # were a ZeroDivisionError (0), IndexErrors (-1, True), torch's TypeError (2.0), an error on interval sizes (7)
+    with pytest.raises(ValueError, match=f"`num_clusters` must be an integer in \\[1, 6\\], got {num_clusters!r}"):
+        interval_clustering(torch.rand(6, 6, generator=torch.manual_seed(0)), num_clusters)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,6 +146,23 @@ def test_gradient_baseline_refuses_a_model_of_other_channels_than_the_data(tiny_
     schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 40)
     with pytest.raises(ValueError, match="`model` takes 4-channel samples, but `data` has 3 channels: .*latents"):
         gradient_plan(schedule, 3, model, torch.rand(8, 3, 8, 8) * 2 - 1, num_gradient_levels=8, batch_size=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, bad",
+    [  # were a RuntimeError in the model (0), all the images but 3 (-3), TypeErrors (2.0, True, 2.5)
+        (dict(batch_size=0), "`batch_size` must be a positive integer, got 0"),
+        (dict(batch_size=-3), "`batch_size` must be a positive integer, got -3"),
+        (dict(batch_size=2.0), "`batch_size` must be a positive integer, got 2.0"),
+        (dict(num_gradient_levels=True), "`num_gradient_levels` must be a positive integer, got True"),
+        (dict(num_gradient_levels=2.5), "`num_gradient_levels` must be a positive integer, got 2.5"),
+    ],
+)
+def test_gradient_baseline_refuses_bad_counts_by_name(gray_unet_kwargs, kwargs, bad):
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 40)
+    model, data = UNet2DModel(**gray_unet_kwargs), torch.rand(16, 1, 8, 8) * 2 - 1
+    with pytest.raises(ValueError, match=bad):
+        gradient_plan(schedule, 3, model, data, **{"num_gradient_levels": 8, "batch_size": 4, **kwargs})
 
 
 def test_gradient_affinity_depends_on_the_seed_alone_and_leaves_the_model_as_it_was(gray_unet_kwargs):
@@ -227,6 +288,9 @@ def test_the_plan_goes_into_the_config_of_a_model_built_with_defaults(gray_unet_
         ({"num_samples": True}, "`num_samples` must be a positive integer, got True"),
         ({"chunk_size": True}, "`chunk_size` must be a positive integer, got True"),
         ({"alpha": True}, "`alpha` must be in \\(0, 1\\], got True"),
+        # were torch's RuntimeError ("Expected one of cpu, cuda, ...") and AssertionError ("Torch not compiled with CUDA")
+        (dict(device="gpu0"), "`device` must be a torch device such as 'cpu' or 'cuda', got 'gpu0'"),
+        (dict(device="cuda:99"), "`device` must be a device this machine has, got 'cuda:99'"),
     ],
 )
 def test_bad_parameters_are_refused(kwargs, match):
@@ -257,6 +321,33 @@ def test_stage_difficulty_refuses_a_single_image():
     schedule = NoiseSchedule.edm(num_levels=10)
     with pytest.raises(ValueError, match="`data` holds 1 image"):
         stage_difficulty(torch.randn(1, 16), schedule, schedule.partition([1.0]))
+
+
+@pytest.mark.parametrize(
+    "levels, units, match",
+    [  # were planned on, then refused as "`boundaries` must lie strictly inside the schedule" or "be finite numbers"
+        (
+            [0.0, 1500.0, 3000.0],
+            "timestep",
+            "`levels` must lie in \\[0, 1000\\] \\('timestep' units\\), got -?\\d.* to 3000.0",
+        ),
+        ([-5.0, 0.0, 5.0], "timestep", "`levels` must lie in \\[0, 1000\\] \\('timestep' units\\), got -5.0 to 5.0"),
+        (
+            [-5.0, 0.0, 5.0],
+            "sigma",
+            "`levels` must be positive and finite sigmas \\('sigma' units\\), got -5.0 to 5.0",
+        ),
+        (
+            [0.5, 1.0, math.inf],
+            "sigma",
+            "`levels` must be positive and finite sigmas \\('sigma' units\\), got 0.5 to inf",
+        ),
+    ],
+)
+def test_a_schedule_of_levels_outside_its_units_is_refused(levels, units, match):
+    scale = torch.tensor([0.1, 0.5, 1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match=match):
+        NoiseSchedule(torch.tensor(levels), (1 - scale**2).sqrt(), scale, units)
 
 
 def test_bad_schedules_are_refused():
@@ -351,3 +442,22 @@ def test_stage_difficulty_of_wide_data_does_not_depend_on_the_global_random_stat
     first = stage_difficulty(data, schedule, partition)
     torch.manual_seed(2)
     assert stage_difficulty(data, schedule, partition) == first
+
+
+@pytest.mark.parametrize("method", ["optimal_denoiser", "ilp", "uniform", "snr", "snr_clustering", "gradient"])
+def test_numpy_numbers_plan_as_the_python_numbers_they_hold(method):
+    # numpy's numbers (a config read with numpy, a sweep over np.linspace) were refused with a value inside the
+    # range: "`num_stages` must be an integer >= 2, got np.int64(3)", "`alpha` must be in (0, 1], got np.float32(...)"
+    import numpy as np
+
+    data = torch.randn(16, 1, 4, 4, generator=torch.manual_seed(0))
+    numpy_args = dict(alpha=np.float32(0.875), eta=np.float32(0.125), num_samples=np.int64(8), chunk_size=np.int64(4))
+    python_args = dict(alpha=0.875, eta=0.125, num_samples=8, chunk_size=4)
+    plans = [
+        plan_stages(
+            data, DDPMScheduler(), num_stages, method, num_levels=num_levels, **args, generator=torch.manual_seed(0)
+        )
+        for num_stages, num_levels, args in [(np.int64(3), np.int32(12), numpy_args), (3, 12, python_args)]
+    ]
+    assert plans[0].partition == plans[1].partition and plans[0].to_dict() == plans[1].to_dict()
+    assert NoiseSchedule.edm(num_levels=np.int64(5)).levels.tolist() == NoiseSchedule.edm(num_levels=5).levels.tolist()
