@@ -28,7 +28,7 @@ setup(
         "safetensors>=0.4",
         "huggingface-hub>=0.34",
         "numpy>=1.26",
-        "scipy>=1.9",  # scipy.optimize.milp (HiGHS): the authors' boundary program, planning method "ilp"
+        "scipy>=1.9",  # scipy.optimize.milp (HiGHS): the budget planner's knapsack (`plan_stages(..., budget=...)`)
         "tqdm>=4.66",
         "pillow>=10.0",
         "matplotlib>=3.8",

@@ -1,11 +1,8 @@
-"""The boundary program of Zhang et al.'s public code, solved exactly with SciPy's MILP solver (HiGHS)."""
+"""The boundary program of Zhang et al.'s public code, solved exactly (a longest path, by dynamic programming)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import coo_matrix
 
 from ..models.checks import _is_integral, positive_integer_arguments
 from .clustering import _checked_predictions
@@ -17,13 +14,14 @@ from .stage_plan import StagePlan, _check_num_stages, _check_unit_interval, _lev
 def ilp_boundaries(similarity: torch.Tensor, num_stages: int, min_levels: int = 1) -> list[int]:
     r"""
     The boundary program of Zhang et al.'s public code (``interval_split/analysis/solver.py``, solved there with
-    Gurobi), solved exactly with SciPy's open MILP solver (HiGHS): split the ``n`` grid levels into ``num_stages``
+    Gurobi), solved exactly without a solver: split the ``n`` grid levels into ``num_stages``
     contiguous, non-empty stages maximising the sum over stages of the mean pairwise similarity inside the stage,
 
         max  sum_k (1 / n_k^2) sum_{i, j in stage k} S[i, j].
 
     The authors state it with per-level stage labels (quadratic, with a ``1 / n_k^2`` variable); since stages are
-    contiguous it is linear in a choice of labelled intervals, which is what is solved here (see the comments). A
+    contiguous it is a choice of labelled intervals that chain from the first level to the last, i.e. a longest path
+    through a layered graph, which dynamic programming finds exactly in ``O(num_stages n^2)`` (see the comments). A
     stage of a single level scores ``S[i, i] = 1``, the most a stage can, so the program favours a one-level stage
     where similarity falls fast, as the authors' does; ``min_levels`` (not in the authors' program) rules that out.
 
@@ -56,40 +54,24 @@ def ilp_boundaries(similarity: torch.Tensor, num_stages: int, min_levels: int = 
     value = torch.zeros(n + 1, n + 1, dtype=torch.float64)
     a, b = torch.triu_indices(n + 1, n + 1, offset=min_levels)
     value[a, b] = (prefix[b, b] - prefix[a, b] - prefix[b, a] + prefix[a, a]) / (b - a).double() ** 2
-    # 2. one binary variable per (stage k, interval [a, b)) that can hold it (room for the stages before and after):
-    #    the authors' label interval[i] = k on the levels a <= i < b
-    arcs = [
-        (k, a[fit], b[fit])
-        for k in range(num_stages)
-        if (fit := (a >= k * min_levels) & (b <= n - (num_stages - 1 - k) * min_levels)).any()
-    ]
-    stage = torch.cat([torch.full_like(first, k) for k, first, _ in arcs])
-    first, end = torch.cat([x for _, x, _ in arcs]), torch.cat([x for _, _, x in arcs])
-    # 3. contiguity and order (labels start at 1, end at num_stages, step by 0 or 1) as a path through the layered
-    #    graph of nodes (k, i) = "stage k starts at level i": stage k's interval [a, b) leads from (k, a) to
-    #    (k + 1, b); one unit of flow from (0, 0) to (num_stages, n). The constraint matrix is a network matrix
-    #    (totally unimodular), so the linear relaxation is already integral and HiGHS solves it at the root.
-    count, nodes = first.numel(), (num_stages + 1) * (n + 1)
-    tail, head = (stage * (n + 1) + first).numpy(), ((stage + 1) * (n + 1) + end).numpy()
-    columns = np.arange(count)
-    flow = coo_matrix(
-        (np.r_[np.ones(count), -np.ones(count)], (np.r_[tail, head], np.r_[columns, columns])), shape=(nodes, count)
-    )
-    balance = np.zeros(nodes)
-    balance[0], balance[-1] = 1.0, -1.0
-    # 4. maximise the total value (milp minimises) over binary choices
-    result = milp(
-        -value[first, end].numpy(),
-        constraints=LinearConstraint(flow.tocsr(), balance, balance),
-        integrality=np.ones(count),
-        bounds=Bounds(0, 1),
-        options={"presolve": False},  # presolve only slows down a problem whose relaxation is integral
-    )
-    if not result.success:
-        raise ValueError(
-            f"The stage program found no solution for {num_stages} stages of {n} levels: {result.message}"
-        )
-    return sorted(int(first[i]) for i in np.flatnonzero(result.x > 0.5))[1:]
+    # 2. the authors' labels (interval[i] = k on the levels a <= i < b) as a path through the layered graph of nodes
+    #    (k, b) = "stages 0..k-1 cover levels [0, b)": stage k's interval [a, b) leads from (k, a) to (k + 1, b), and
+    #    the best split is the longest path from (0, 0) to (num_stages, n), found exactly layer by layer (dynamic
+    #    programming: O(num_stages n^2), where a MILP over the same arcs took 18 s at 300 levels and minutes at 1000)
+    arcs = torch.full_like(value, -torch.inf)
+    arcs[a, b] = value[a, b]  # intervals of at least `min_levels` levels
+    best = torch.full((n + 1,), -torch.inf, dtype=torch.float64)
+    best[0] = 0.0
+    starts = []
+    for _ in range(num_stages):
+        best, start = (best[:, None] + arcs).max(dim=0)  # for every end b: the best start a of the next stage
+        starts.append(start)
+    # 3. follow the best path back from the end of the grid (ties: the first maximum, so the result is deterministic)
+    cuts, end = [], n
+    for start in reversed(starts):
+        end = int(start[end])
+        cuts.append(end)
+    return sorted(cuts)[1:]
 
 
 def _check_stages_fit(num_stages: int, min_levels: int, num_levels: int) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""The authors' integer program for the stage boundaries (`method="ilp"`), solved with SciPy's HiGHS."""
+"""The authors' integer program for the stage boundaries (`method="ilp"`), solved exactly as a longest path."""
 
 import itertools
 
@@ -34,15 +34,30 @@ def test_block_similarity_is_split_at_its_blocks():
     assert ilp_boundaries(similarity, 4) == [5, 8, 15]
 
 
-@pytest.mark.parametrize("num_stages, min_levels", [(2, 1), (3, 1), (4, 1), (3, 3)])
-def test_optimum_equals_exhaustive_search(num_stages, min_levels):
+def test_a_grid_of_a_thousand_levels_is_split_at_its_blocks():
+    # `num_levels=1000` is a grid plan_stages takes: the MILP over its (stage, interval) arcs ran for minutes (18 s at
+    # 300 levels); the longest path through the same graph is exact in O(num_stages n^2)
+    sizes = [180, 320, 90, 410]
+    groups = torch.repeat_interleave(torch.arange(4), torch.tensor(sizes))
+    noise = torch.rand(1000, 1000, generator=torch.manual_seed(0), dtype=torch.float64) * 0.1
+    similarity = (groups[:, None] == groups[None]).double() * 0.9 + (noise + noise.T) / 2
+    similarity.fill_diagonal_(1.0)
+    assert ilp_boundaries(similarity, 4, min_levels=5) == [180, 500, 590]
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("num_stages, min_levels", [(2, 1), (3, 1), (4, 1), (3, 3), (5, 2)])
+def test_optimum_equals_exhaustive_search(num_stages, min_levels, ties):
     # a similarity that falls with the distance between levels, as the optimal denoiser's does, plus noise
     n = 11
     levels = torch.arange(n, dtype=torch.float64)
     noise = torch.rand(n, n, generator=torch.manual_seed(num_stages), dtype=torch.float64) * 0.3
     similarity = torch.exp(-(levels[:, None] - levels[None]).abs() / 3) * (1 - (noise + noise.T) / 2)
+    if ties:  # few distinct values: many splits of the same score
+        similarity = (similarity * 4).round() / 4
     similarity.fill_diagonal_(1.0)
     cuts = ilp_boundaries(similarity, num_stages, min_levels)
+    assert cuts == ilp_boundaries(similarity, num_stages, min_levels)  # one of the optima, always the same
     assert len(cuts) == num_stages - 1 and cuts == sorted(set(cuts))
     assert min(b - a for a, b in itertools.pairwise([0, *cuts, n])) >= min_levels
     assert objective(similarity, cuts) == pytest.approx(brute_force(similarity, num_stages, min_levels), abs=1e-9)
