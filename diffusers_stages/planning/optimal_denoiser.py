@@ -26,12 +26,14 @@ from .schedule import NoiseSchedule
 
 
 def _check_data(data: torch.Tensor) -> torch.Tensor:
+    """``data`` flattened to ``(N, D)`` and detached (images that require grad, latents encoded with autograd on,
+    build no graph in planning), or a `ValueError` for data that is no non-empty finite tensor of images."""
     if not torch.is_tensor(data) or data.ndim < 2 or data.shape[0] == 0 or data[0].numel() == 0:
         shape = tuple(data.shape) if torch.is_tensor(data) else type(data).__name__
         raise ValueError(f"`data` must be a non-empty tensor of training images (N, ...), got {shape}.")
     if not bool(torch.isfinite(data).all()):
         raise ValueError("`data` holds NaN or infinite values.")
-    return data.reshape(data.shape[0], -1)
+    return data.detach().reshape(data.shape[0], -1)
 
 
 def check_planning_data(data: torch.Tensor, name: str = "data") -> torch.Tensor:
@@ -174,7 +176,7 @@ def optimal_predictions(
 
     ```
     """
-    flat = _check_data(data).detach()  # images that require grad (latents encoded with autograd on) build no graph
+    flat = _check_data(data)  # detached: images that require grad build no graph
     (num_samples,) = positive_integer_arguments(num_samples=num_samples)
     if target not in TARGETS:
         raise ValueError(f"`target` must be one of {TARGETS}, got {target!r}.")
