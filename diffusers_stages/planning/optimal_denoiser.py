@@ -155,7 +155,8 @@ def optimal_predictions(
         target (`str`): ``"sample"`` for the posterior mean ``E[x0 | x_t]`` (what the authors' public code compares),
             or ``"epsilon"`` for ``eps*_t = (x_t - a_t E[x0 | x_t]) / s_t``.
         chunk_size (`int`): training images per chunk; query_batch (`int`): noisy samples per pass over the data.
-            Peak memory is about ``query_batch x (chunk_size + 2 D)`` float64 on ``device``, plus the
+            Peak memory is about ``query_batch x (chunk_size + 2 D)`` plus ``chunk_size x D`` float64 on
+            ``device`` (on CUDA also one copy of the training set, in its dtype), plus the
             ``(num_levels x num_samples x D)`` float32 predictions on the CPU.
 
     Returns:
