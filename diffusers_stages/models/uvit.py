@@ -7,6 +7,7 @@ noisiest sampling steps and a deep one (depth 13) for the rest. The AdaDiff earl
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -75,8 +76,8 @@ def check_uvit_config(
         raise ValueError(
             f"`hidden_size`={hidden_size} must be a multiple of `num_attention_heads`={num_attention_heads}."
         )
-    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
-        raise ValueError(f"`mlp_ratio` must be a positive number, got {mlp_ratio!r}.")
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < math.inf:
+        raise ValueError(f"`mlp_ratio` must be a positive finite number, got {mlp_ratio!r}.")
     if int(hidden_size * mlp_ratio) < 1:  # the feed-forward width: 0 would leave each block's MLP a constant
         raise ValueError(
             f"`mlp_ratio`={mlp_ratio!r} gives a feed-forward layer of no width at `hidden_size`={hidden_size} "

@@ -123,6 +123,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         ({"num_attention_heads": 0}, "num_attention_heads"),
         ({"mlp_ratio": 0.0}, "mlp_ratio"),
         ({"mlp_ratio": 0.05}, "mlp_ratio"),  # int(16 * 0.05) = 0: a feed-forward layer of no width before
+        ({"mlp_ratio": float("inf")}, "mlp_ratio"),  # an OverflowError inside the constructor before
         ({"num_class_embeds": 0}, "num_class_embeds"),
         ({"in_channels": 0}, "in_channels"),
         ({"num_class_embeds": True}, "num_class_embeds"),  # a TypeError inside torch before
