@@ -38,6 +38,9 @@ class EarlyExitUViT2DModel(UViT2DModel):
     After each call, ``last_exit_layers`` holds the exit depth of every sample (1-based, ``(batch,)``) and
     ``last_exit_layer`` the deepest of them (the blocks that call ran).
 
+    Without a threshold (and with ``return_all_exits``) the model compiles with ``torch.compile(fullgraph=True)``;
+    with one, each exit test reads the uncertainties on the host and shrinks the batch: a graph break per block.
+
     Example:
 
     ```py
@@ -137,8 +140,9 @@ class EarlyExitUViT2DModel(UViT2DModel):
             return_all_exits (`bool`): run every block and return ``(predictions, uncertainties)``, one per exit
                 (for training with [`early_exit_loss`]).
         """
-        # 0. check the inputs (a `ValueError` naming the argument): the exit test reads values on the host anyway
-        timesteps = self._check_inputs(sample, timestep, class_labels, values=True)
+        # 0. check the inputs (a `ValueError` naming the argument): the exit test reads values on the host anyway;
+        # not under torch.compile, where a host read breaks the graph
+        timesteps = self._check_inputs(sample, timestep, class_labels, values=not torch.compiler.is_compiling())
         batch, _, height, width = sample.shape
         hidden, skips = self.embed(sample, timesteps, class_labels), []
         num_layers = len(self.blocks)
@@ -161,6 +165,9 @@ class EarlyExitUViT2DModel(UViT2DModel):
         image = None
         for layer in range(num_layers):
             hidden = self.block(layer, hidden, skips)
+            if layer == num_layers - 1 and image is None:  # no sample left early: no indexing, no host read
+                image = self._prediction(layer, hidden, height, width)
+                break
             if layer == num_layers - 1:
                 done = torch.ones(len(active), dtype=torch.bool, device=sample.device)
             elif threshold is not None:
@@ -180,7 +187,7 @@ class EarlyExitUViT2DModel(UViT2DModel):
             if not len(active):
                 break
         self.last_exit_layers = exit_layers
-        self.last_exit_layer = int(exit_layers.max())
+        self.last_exit_layer = num_layers if threshold is None else int(exit_layers.max())
         if not return_dict:
             return (image,)
         return UNet2DOutput(sample=image)

@@ -16,6 +16,7 @@ the pipelines unchanged.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -258,7 +259,8 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         ratios, pools = self.check_config(block_out_channels, attention_ratios, attention_head_dim,
                                           attention_pool_sizes, layers_per_block, norm_num_groups,
                                           sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
-                                          num_class_embeds=num_class_embeds)  # fmt: skip
+                                          num_class_embeds=num_class_embeds, norm_eps=norm_eps,
+                                          dropout=dropout)  # fmt: skip
         widths, levels = list(block_out_channels), len(block_out_channels)
         temb = 4 * widths[0]
         block = {"temb_channels": temb, "head_dim": attention_head_dim, "groups": norm_num_groups, "eps": norm_eps,
@@ -312,7 +314,8 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
     ) -> tuple[list[float], list[int]]:
         """Check a configuration's shape arguments before building anything (a `ValueError` naming the argument);
         returns the attention ratio and pooling factor of each level. Of the other config keys, ``sample_size``,
-        ``in_channels``, ``out_channels`` and ``num_class_embeds`` are checked when given; the rest are ignored."""
+        ``in_channels``, ``out_channels``, ``num_class_embeds``, ``norm_eps`` and ``dropout`` are checked when given;
+        the rest are ignored."""
         if (
             not isinstance(block_out_channels, (list, tuple))
             or not block_out_channels
@@ -338,6 +341,12 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         check_sample_size(other.get("sample_size"))
         given = {name: other[name] for name in ("in_channels", "out_channels", "num_class_embeds") if name in other}
         check_positive_integers(("num_class_embeds",), **given)
+        eps, dropout = other.get("norm_eps", 1.0), other.get("dropout", 0.0)
+        # a nan epsilon makes every output nan, 0 divides by zero on a flat map; a dropout of 1 drops every branch
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
+            raise ValueError(f"`norm_eps` must be a positive finite number, got {eps!r}.")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+            raise ValueError(f"`dropout` must be a number in [0, 1), got {dropout!r}.")
         return ratios, pools
 
     def forward(

@@ -7,15 +7,17 @@ noisiest sampling steps and a deep one (depth 13) for the rest. The AdaDiff earl
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention import AttentionMixin, BasicTransformerBlock
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from .checks import (
@@ -75,8 +77,8 @@ def check_uvit_config(
         raise ValueError(
             f"`hidden_size`={hidden_size} must be a multiple of `num_attention_heads`={num_attention_heads}."
         )
-    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
-        raise ValueError(f"`mlp_ratio` must be a positive number, got {mlp_ratio!r}.")
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < math.inf:
+        raise ValueError(f"`mlp_ratio` must be a positive finite number, got {mlp_ratio!r}.")
     if int(hidden_size * mlp_ratio) < 1:  # the feed-forward width: 0 would leave each block's MLP a constant
         raise ValueError(
             f"`mlp_ratio`={mlp_ratio!r} gives a feed-forward layer of no width at `hidden_size`={hidden_size} "
@@ -86,7 +88,7 @@ def check_uvit_config(
     check_positive_integers(optional, num_class_embeds=num_class_embeds, out_channels=out_channels)
 
 
-class UViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
+class UViT2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
     r"""
     A U-ViT denoiser: every input is a token (the time, the class, the image patches), pre-norm transformer blocks,
     and long skips from each block of the first half to its mirror block of the second half (concatenate, then a
@@ -126,6 +128,10 @@ class UViT2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["pos_embed", "patch_embed", "norm"]
     # its position embedding is learned for `sample_size` tokens: pipelines sample no other height or width
     _fixed_sample_size: ClassVar[bool] = True
+    # every block's `Attention` fused (AttentionMixin's version fuses only diffusers' newer attention classes), as in
+    # `IUNet2DModel`; unfusing restores the processors
+    fuse_qkv_projections = UNet2DConditionModel.fuse_qkv_projections
+    unfuse_qkv_projections = UNet2DConditionModel.unfuse_qkv_projections
 
     @register_to_config
     def __init__(

@@ -209,3 +209,15 @@ def test_group_offload_gives_the_same_outputs(model, tmp_path, threshold):
     # groups of two exit heads were loaded only when the first ran: the second ran on weights not loaded (NaN)
     with pytest.raises(ValueError, match="`num_blocks_per_group`=2 would put several of .*`exit_heads`"):
         model.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=2)
+
+
+def test_without_a_threshold_the_model_compiles_with_fullgraph(model):
+    # no threshold runs every block, yet the sampling path read the host (the last exit's `done.any()`, boolean
+    # indexing, the value checks): `torch.compile(fullgraph=True)` failed on a data-dependent expression
+    torch._dynamo.reset()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        expected = model(x, t).sample
+        assert torch.equal(compiled(x, t).sample, expected)
+    assert model.last_exit_layer == TINY["num_layers"] and model.last_exit_layers.tolist() == [3, 3]

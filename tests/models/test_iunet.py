@@ -138,6 +138,15 @@ def test_inside_expert_routing_and_the_pipeline(tmp_path):
         ),
         ({"sample_size": "8"}, "`sample_size` must be a positive integer, a (height, width) pair of them or None"),
         ({"sample_size": (8,)}, "`sample_size` must be a positive integer, a (height, width) pair of them or None"),
+        # were built: a dropout of 1 (every residual branch zeroed in training) or nan (a RuntimeError at the first
+        # call), torch's unnamed message outside [0, 1], a TypeError for a string; an epsilon of nan made every
+        # output nan, 0 or below a group norm that divides by zero on a flat feature map
+        ({"dropout": 1.0}, "`dropout` must be a number in [0, 1), got 1.0"),
+        ({"dropout": -0.1}, "`dropout` must be a number in [0, 1), got -0.1"),
+        ({"dropout": float("nan")}, "`dropout` must be a number in [0, 1), got nan"),
+        ({"dropout": "0.1"}, "`dropout` must be a number in [0, 1), got '0.1'"),
+        ({"norm_eps": float("nan")}, "`norm_eps` must be a positive finite number, got nan"),
+        ({"norm_eps": 0.0}, "`norm_eps` must be a positive finite number, got 0.0"),
     ],
 )
 def test_bad_configs_are_refused(kwargs, message):

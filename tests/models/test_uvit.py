@@ -4,7 +4,11 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from diffusers_stages import UViT2DModel
 from diffusers_stages.models.uvit import dual_uvit_configs
-from tests.models.staged_model_tester import assert_group_offload_keeps_outputs, assert_layerwise_casting_works
+from tests.models.staged_model_tester import (
+    assert_fuse_qkv_projections_round_trip,
+    assert_group_offload_keeps_outputs,
+    assert_layerwise_casting_works,
+)
 
 TINY = {"sample_size": 8, "hidden_size": 16, "num_layers": 5, "num_attention_heads": 2, "patch_size": 2}
 
@@ -123,6 +127,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         ({"num_attention_heads": 0}, "num_attention_heads"),
         ({"mlp_ratio": 0.0}, "mlp_ratio"),
         ({"mlp_ratio": 0.05}, "mlp_ratio"),  # int(16 * 0.05) = 0: a feed-forward layer of no width before
+        ({"mlp_ratio": float("inf")}, "mlp_ratio"),  # an OverflowError inside the constructor before
         ({"num_class_embeds": 0}, "num_class_embeds"),
         ({"in_channels": 0}, "in_channels"),
         ({"num_class_embeds": True}, "num_class_embeds"),  # a TypeError inside torch before
@@ -185,3 +190,19 @@ def test_group_offload_gives_the_same_outputs(tmp_path):
     model = UViT2DModel(**TINY, num_class_embeds=3, mlp_time_embed=True).eval()
     x, t, labels = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), torch.tensor([0, 2])
     assert_group_offload_keeps_outputs(model, lambda m: m(x, t, class_labels=labels).sample, tmp_path)
+
+
+def test_attention_processors_are_listed_set_and_fused(model):
+    # the blocks hold diffusers' `Attention`, but the model had no `attn_processors`/`set_attn_processor` (an
+    # AttributeError, unlike `IUNet2DModel`) and no `fuse_qkv_projections`
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    assert sorted(model.attn_processors) == [f"blocks.{i}.attn1.processor" for i in range(TINY["num_layers"])]
+    with torch.no_grad():
+        expected = model(x, t).sample
+        model.set_attn_processor(AttnProcessor())
+        assert {type(p) for p in model.attn_processors.values()} == {AttnProcessor}
+        assert torch.allclose(model(x, t).sample, expected, atol=1e-5)
+    model.set_attn_processor(dict.fromkeys(model.attn_processors, AttnProcessor2_0()))
+    assert_fuse_qkv_projections_round_trip(model, x, t)
