@@ -133,6 +133,11 @@ def staged_output(
     recover_output(output_path)
     if os.path.exists(output_path) and not overwrite:
         raise ValueError(f"`--output_path` {output_path} already exists: choose another folder or pass --overwrite.")
+    parent = os.path.dirname(output_path)
+    while not os.path.exists(parent):  # the nearest existing folder above: the missing ones are created
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"`--output_path` {output_path} cannot be created: {parent} is not a folder.")
     os.makedirs(os.path.dirname(output_path), exist_ok=True)
     locks = []  # our hidden folders stay locked while we live: a concurrent run's recovery leaves them alone
     try:

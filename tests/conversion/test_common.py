@@ -209,3 +209,13 @@ def test_verify_fails_on_a_nan_the_source_does_not_have():
         report_verification({"denoiser": 0.0, "samples": max_difference(source, converted)}, 1e-4)
     with pytest.raises(ValueError, match="--verify failed: largest difference nan exceeds --tolerance 0.0001"):
         report_verification({"denoiser": 0.0, "samples": math.nan}, 1e-4)
+
+
+def test_an_output_path_under_a_file_is_a_value_error_naming_it(tmp_path):
+    """`--output_path file/out` was a FileExistsError traceback from `os.makedirs`; it is refused by name now."""
+    (tmp_path / "notes.txt").write_text("not a folder")
+    out = tmp_path / "notes.txt" / "out"
+    message = r"`--output_path` .*notes\.txt/out cannot be created: .*notes\.txt is not a folder"
+    with pytest.raises(ValueError, match=message), staged_output(out):
+        pass
+    assert (tmp_path / "notes.txt").read_text() == "not a folder"
