@@ -140,6 +140,7 @@ def staged_output(
         raise ValueError(f"`--output_path` {output_path} cannot be created: {parent} is not a folder.")
     os.makedirs(os.path.dirname(output_path), exist_ok=True)
     locks = []  # our hidden folders stay locked while we live: a concurrent run's recovery leaves them alone
+    succeeded = False
     try:
         tmp = _hidden_folder(output_path, "partial", locks)
         umask = os.umask(0)
@@ -157,9 +158,15 @@ def staged_output(
         os.rename(tmp, output_path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        succeeded = True
     finally:
         for lock in locks:
             os.close(lock)
+        created = os.path.dirname(output_path)
+        while not succeeded and created != parent:  # a failure leaves none of the folders made above the output
+            with contextlib.suppress(OSError):  # (one another run filled meanwhile stays)
+                os.rmdir(created)
+            created = os.path.dirname(created)
 
 
 def recover_output(output_path: str | os.PathLike) -> None:

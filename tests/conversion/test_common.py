@@ -219,3 +219,13 @@ def test_an_output_path_under_a_file_is_a_value_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match=message), staged_output(out):
         pass
     assert (tmp_path / "notes.txt").read_text() == "not a folder"
+
+
+def test_a_failed_conversion_leaves_no_folder_it_created_above_the_output(tmp_path):
+    """`--output_path new/deeper/out` created `new/deeper` before converting and left it behind on a failure."""
+    with pytest.raises(RuntimeError), staged_output(tmp_path / "new" / "deeper" / "out"):
+        raise RuntimeError("conversion failed")
+    assert os.listdir(tmp_path) == []
+    with staged_output(tmp_path / "new" / "deeper" / "out") as tmp:
+        open(os.path.join(tmp, "weights.safetensors"), "w").close()
+    assert os.listdir(tmp_path / "new" / "deeper" / "out") == ["weights.safetensors"]
