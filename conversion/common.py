@@ -203,11 +203,11 @@ def recover_output(output_path: str | os.PathLike) -> None:
             os.close(lock)
 
 
-def source_folder(path: str) -> str:
-    """``path`` (a `--source`) checked to be a folder, after recovering an interrupted ``--overwrite`` of it."""
+def source_folder(path: str, option: str = "--source") -> str:
+    """``path`` (given as ``option``) checked to be a folder, after recovering an interrupted ``--overwrite`` of it."""
     recover_output(path)
     if not os.path.isdir(path):
-        raise ValueError(f"`--source` must be a folder, got {path!r}.")
+        raise ValueError(f"`{option}` must be a folder, got {path!r}.")
     return path
 
 

@@ -78,7 +78,7 @@ def gather_sources(paths: list[str]):
                 "text-to-image U-Nets inside one standard pipeline in code: `pipe.unet = ExpertRoutingModel([clean.unet, "
                 "noisy.unet], stage_boundaries=(500,))`, then `pipe.save_pretrained(folder)` (see the README)."
             )
-        unet, source_scheduler, source_vae, pipeline_class = load_source(path)
+        unet, source_scheduler, source_vae, pipeline_class = load_source(path, "--sources")
         unets.append(unet)
         if pipeline_class is not None and scheduler is None:
             scheduler, reference = source_scheduler, path
@@ -101,7 +101,7 @@ def gather_sources(paths: list[str]):
             vae = source_vae
         elif source_vae is not None:
             check_same_vae(vae, source_vae, path)
-    return unets, scheduler or load_source(paths[0])[1], vae
+    return unets, scheduler or load_source(paths[0], "--sources")[1], vae
 
 
 def build(args: argparse.Namespace, unets, scheduler, vae):

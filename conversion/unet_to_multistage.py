@@ -97,27 +97,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_source(path: str) -> tuple[UNet2DModel, object, object, str | None]:
-    """``(unet, scheduler, vae, source_pipeline_class)`` from a UNet2DModel or supported pipeline folder."""
-    source_folder(path)
+def load_source(path: str, option: str = "--source") -> tuple[UNet2DModel, object, object, str | None]:
+    """``(unet, scheduler, vae, source_pipeline_class)`` from a UNet2DModel or supported pipeline folder (given as
+    ``option``, which errors name)."""
+    source_folder(path, option)
     index_path = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_path):
-        refuse_staged_source(path, read_class_name(os.path.join(path, "config.json")))
+        refuse_staged_source(path, read_class_name(os.path.join(path, "config.json")), option)
         unet = load_strict(UNet2DModel, path)
         return unet, DDPMScheduler(num_train_timesteps=unet.config.num_train_timesteps or 1000), None, None
     index = read_json(index_path, "model_index.json")
-    pipeline_class = refuse_staged_source(path, index.get("_class_name"))
+    pipeline_class = refuse_staged_source(path, index.get("_class_name"), option)
     if pipeline_class not in SOURCE_PIPELINES:
         raise ValueError(
-            f"`--source` holds a {pipeline_class}; supported pipelines are "
+            f"`{option}` {path!r} holds a {pipeline_class}; supported pipelines are "
             f"{sorted(SOURCE_PIPELINES) + list(TEXT_TO_IMAGE_PIPELINES)} (or give the UNet2DModel folder itself)."
         )
     unet = load_strict(UNet2DModel, path, subfolder=SOURCE_PIPELINES[pipeline_class])
-    scheduler_class = source_component_class(index, "scheduler", SchedulerMixin)
-    scheduler = load_scheduler(scheduler_class, component_folder(path, "scheduler"), "`--source`")
+    scheduler_class = source_component_class(index, "scheduler", SchedulerMixin, option=option)
+    scheduler = load_scheduler(scheduler_class, component_folder(path, "scheduler"), f"`{option}`")
     vae = None
     for name in VAE_COMPONENTS:
-        vae_class = source_component_class(index, name, ModelMixin, optional=True)
+        vae_class = source_component_class(index, name, ModelMixin, optional=True, option=option)
         if vae_class is not None:
             vae = load_strict(vae_class, path, subfolder=name)
     return unet, scheduler, vae, pipeline_class
@@ -131,17 +132,19 @@ def source_model_folders(path: str) -> tuple[str, str | None]:
     return os.path.join(path, "unet"), vae
 
 
-def source_component_class(index: dict, name: str, base: type, optional: bool = False) -> type | None:
-    """The class of component ``name`` in the source's `model_index.json`, resolved by the pipelines' allow-list
-    (never imported from a name the folder gives) and checked to be a ``base``; `None` for an ``optional``
-    component that is absent or saved as null."""
+def source_component_class(
+    index: dict, name: str, base: type, optional: bool = False, option: str = "--source"
+) -> type | None:
+    """The class of component ``name`` in the `model_index.json` of the source (given as ``option``), resolved by the
+    pipelines' allow-list (never imported from a name the folder gives) and checked to be a ``base``; `None` for an
+    ``optional`` component that is absent or saved as null."""
     entry = index.get(name)
     component_class = None if entry is None else resolve_component_class(name, entry)
     if component_class is None and not optional:
-        raise ValueError(f"`model_index.json` of `--source` has no {name!r} component, got {entry!r}.")
+        raise ValueError(f"`model_index.json` of `{option}` has no {name!r} component, got {entry!r}.")
     if component_class is not None and not issubclass(component_class, base):
         raise ValueError(
-            f"Component {name!r} of `--source` is a {component_class.__name__}, not a {base.__name__}: {entry!r}."
+            f"Component {name!r} of `{option}` is a {component_class.__name__}, not a {base.__name__}: {entry!r}."
         )
     return component_class
 
@@ -153,14 +156,14 @@ def read_class_name(config_path: str) -> object:
     return read_json(config_path, "config.json").get("_class_name")
 
 
-def refuse_staged_source(path: str, class_entry: object) -> str | None:
-    """Refuse a source that is already one of this package's staged pipelines or models (saved as ``[file, class]``
-    or by class name); return the class name otherwise."""
+def refuse_staged_source(path: str, class_entry: object, option: str = "--source") -> str | None:
+    """Refuse a source (given as ``option``) that is already one of this package's staged pipelines or models (saved
+    as ``[file, class]`` or by class name); return the class name otherwise."""
     name = class_entry[-1] if isinstance(class_entry, list) and class_entry else class_entry
     name = None if name is None else str(name)
     if name is not None and isinstance(getattr(diffusers_stages, name, None), type):
         raise ValueError(
-            f"`--source` {path!r} is already staged (it holds a {name}): unet_to_multistage converts a plain "
+            f"`{option}` {path!r} is already staged (it holds a {name}): unet_to_multistage converts a plain "
             f"UNet2DModel or a {'/'.join([*SOURCE_PIPELINES, *TEXT_TO_IMAGE_PIPELINES])} folder. Fine-tune a "
             "MultiStagePipeline with `train_multistage.py --pretrained_model_name_or_path` (a Stable Diffusion one "
             "with `train_text_to_image.py`), or export one stage as a plain U-Net with "

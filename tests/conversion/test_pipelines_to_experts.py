@@ -154,3 +154,22 @@ def test_latent_sources_whose_vaes_differ_in_sampling_options_only_are_combined(
     other = _copy_with_vae_option(ldm_folder, tmp_path, key, value)
     combine([ldm_folder, other], str(tmp_path / "out"), "--stage_boundaries", "500")
     assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+def test_errors_about_a_source_name_the_option_sources(large_and_small, tmp_path):
+    """A missing, staged or unsupported source was reported as a `--source`, an option this script does not have."""
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "model_index.json").write_text('{"_class_name": ["pipeline_multistage", "MultiStagePipeline"]}')
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "DiTPipeline"}')
+    for source, message in (
+        (tmp_path / "none", "must be a folder"),
+        (staged, "is already staged"),
+        (other, "DiTPipeline"),
+    ):
+        with pytest.raises(ValueError, match=message) as error:
+            combine([large_and_small[0], str(source)], str(tmp_path / "out"), "--stage_boundaries", "600")
+        assert "`--sources`" in str(error.value) and "`--source`" not in str(error.value)
+    assert not (tmp_path / "out").exists()
