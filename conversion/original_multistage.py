@@ -57,6 +57,7 @@ from diffusers_stages.conversion.common import (
     rearranging,
     report_verification,
     run,
+    source_folder,
     staged_output,
     take,
     write_and_verify,
@@ -537,7 +538,9 @@ def scheduler_from_config(params: dict) -> DDIMScheduler:
 def load_vae(path: str, diffusion: dict):
     """The `--vae` folder's model, decoding at the latent scale the original was trained at: LatentDiffusion's
     ``scale_factor`` (1.0 when absent), not the folder's own ``scaling_factor`` (VQModel's default is 0.18215), as
-    diffusers' conversion of latent-diffusion checkpoints sets it."""
+    diffusers' conversion of latent-diffusion checkpoints sets it. A path that is not a folder is refused by name
+    (diffusers would take it for a Hub repository id)."""
+    source_folder(path, "--vae")
     scale = diffusion.get("scale_factor", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"`--original_config`: `scale_factor`={scale!r} must be a positive number.")
@@ -603,6 +606,7 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         # 1. read the architecture and the weights; fail early on anything that does not convert exactly
         p, diffusion = read_config(args.original_config)
+        vae = load_vae(args.vae, diffusion) if args.vae else None
         raw = load_state_dict(args.checkpoint)
         original = unet_state_dict(raw, not args.no_ema, diffusion.get("use_ema", True))
         config = ldm_unet_config(p)
@@ -620,7 +624,6 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         converted = ldm_to_multistage(original, p, model)
         load_converted(model, converted, f"The checkpoint {args.checkpoint}")
         # 3. write the pipeline, reload it strictly, and compare with the original if asked
-        vae = load_vae(args.vae, diffusion) if args.vae else None
         pipeline = write_and_verify(
             args, model, scheduler_from_config(diffusion), tmp, vae=vae, class_embedder=class_embedder,
             verify_original=lambda pipe: verify_against_original(

@@ -634,3 +634,18 @@ def test_a_model_conditioned_on_a_concatenated_image_is_refused(tmp_path, key):
     with pytest.raises(ValueError, match=f"`conditioning_key`='{key}'.*concatenated"):
         convert_files(checkpoint, config_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_vae_that_is_not_a_folder_is_named_before_any_work(tmp_path, monkeypatch):
+    """A mistyped `--vae` was only loaded after the conversion, and as a Hub repository id: diffusers went online and
+    the error spoke of the internet connection. It is refused first, by name, as every other input folder."""
+    checkpoint, config = write_source(tmp_path, TINY)
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the checkpoint was converted before --vae was checked")
+
+    monkeypatch.setattr(original_multistage, "ldm_to_multistage", no_conversion)
+    for vae in (tmp_path / "vq-f8-diffusers", tmp_path / "last.safetensors"):
+        with pytest.raises(ValueError, match=f"`--vae` must be a folder, got '{vae}'"):
+            convert_files(checkpoint, config, tmp_path / "out", "--vae", str(vae))
+    assert not (tmp_path / "out").exists()
