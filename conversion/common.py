@@ -136,8 +136,8 @@ def staged_output(
     parent = os.path.dirname(output_path)
     while not os.path.exists(parent):  # the nearest existing folder above: the missing ones are created
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"`--output_path` {output_path} cannot be created: {parent} is not a folder.")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"`--output_path` {output_path} cannot be created: {parent} is not a writable folder.")
     os.makedirs(os.path.dirname(output_path), exist_ok=True)
     locks = []  # our hidden folders stay locked while we live: a concurrent run's recovery leaves them alone
     succeeded = False

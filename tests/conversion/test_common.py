@@ -215,7 +215,7 @@ def test_an_output_path_under_a_file_is_a_value_error_naming_it(tmp_path):
     """`--output_path file/out` was a FileExistsError traceback from `os.makedirs`; it is refused by name now."""
     (tmp_path / "notes.txt").write_text("not a folder")
     out = tmp_path / "notes.txt" / "out"
-    message = r"`--output_path` .*notes\.txt/out cannot be created: .*notes\.txt is not a folder"
+    message = r"`--output_path` .*notes\.txt/out cannot be created: .*notes\.txt is not a writable folder"
     with pytest.raises(ValueError, match=message), staged_output(out):
         pass
     assert (tmp_path / "notes.txt").read_text() == "not a folder"
@@ -229,3 +229,16 @@ def test_a_failed_conversion_leaves_no_folder_it_created_above_the_output(tmp_pa
     with staged_output(tmp_path / "new" / "deeper" / "out") as tmp:
         open(os.path.join(tmp, "weights.safetensors"), "w").close()
     assert os.listdir(tmp_path / "new" / "deeper" / "out") == ["weights.safetensors"]
+
+
+def test_an_output_path_in_a_folder_that_cannot_be_written_is_a_value_error_naming_it(tmp_path, monkeypatch):
+    """An --output_path in a read-only folder was a PermissionError traceback from creating the temporary folder."""
+    (tmp_path / "read-only").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: path != str(tmp_path / "read-only") and real_access(path, mode)
+    )
+    message = r"`--output_path` .*read-only/new/out cannot be created: .*read-only is not a writable folder"
+    with pytest.raises(ValueError, match=message), staged_output(tmp_path / "read-only" / "new" / "out"):
+        pass
+    assert os.listdir(tmp_path / "read-only") == []
