@@ -76,6 +76,14 @@ def tolerance_value(text: str) -> float:
     return value
 
 
+def folder_value(text: str) -> str:
+    """An input folder option (``--original_repo``): an existing folder, checked when the arguments are parsed (a
+    mistyped one was only found at the end of the conversion)."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"must be a folder, got {text!r}")
+    return text
+
+
 INPUT_OPTIONS = ("source", "sources", "checkpoint", "original_config", "vae", "original_repo")  # what scripts read
 
 

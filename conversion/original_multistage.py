@@ -47,6 +47,7 @@ from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
     check_option_kinds,
+    folder_value,
     input_paths,
     load_converted,
     load_state_dict,
@@ -153,6 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--original_repo",
+        type=folder_value,
         help="For --verify: the `latent-diffusion` folder of a LucasYFL/Multistage_Diffusion checkout, to run the "
         "original model on the same input. Without it --verify only reloads and checks the written folder.",
     )

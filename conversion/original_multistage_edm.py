@@ -51,6 +51,7 @@ from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
     check_option_kinds,
+    folder_value,
     input_paths,
     load_converted,
     load_state_dict,
@@ -137,6 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--original_repo",
+        type=folder_value,
         help="For --verify: the `edm` folder of a LucasYFL/Multistage_Diffusion checkout, to run the original "
         "network on the same input. Without it --verify only reloads and checks the written folder.",
     )

@@ -62,6 +62,7 @@ from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
     check_option_kinds,
+    folder_value,
     input_paths,
     load_converted,
     load_state_dict,
@@ -187,6 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--original_repo",
+        type=folder_value,
         help="For --verify: the `dpm-solver/score_sde_pytorch` folder of a LucasYFL/Multistage_Diffusion checkout, "
         "to run the original network and sampler on the same input. Without it --verify only reloads and checks.",
     )

@@ -1,6 +1,7 @@
 """All-or-nothing output folders (also across a kill) and strict key checks shared by the conversion scripts."""
 
 import argparse
+import importlib
 import math
 import os
 import subprocess
@@ -242,3 +243,16 @@ def test_an_output_path_in_a_folder_that_cannot_be_written_is_a_value_error_nami
     with pytest.raises(ValueError, match=message), staged_output(tmp_path / "read-only" / "new" / "out"):
         pass
     assert os.listdir(tmp_path / "read-only") == []
+
+
+@pytest.mark.parametrize("name", ["original_multistage", "original_multistage_edm", "original_multistage_ncsnpp"])
+def test_an_original_repo_that_is_not_a_folder_is_a_usage_error(tmp_path, capsys, name):
+    """A mistyped `--original_repo` was only found after the whole conversion (at the end of `--verify`, a minute
+    and 11 GB in at full size); it is a usage error now, before any work."""
+    script = importlib.import_module(f"diffusers_stages.conversion.{name}")
+    missing = str(tmp_path / "latent-diffusion")
+    argv = ["--checkpoint", "c.safetensors", "--original_config", "c", "--output_path", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        script.parse_args([*argv, "--verify", "--original_repo", missing])
+    assert f"argument --original_repo: must be a folder, got {missing!r}" in capsys.readouterr().err
+    assert script.parse_args([*argv, "--original_repo", str(tmp_path)]).original_repo == str(tmp_path)
