@@ -367,6 +367,7 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
         path, kwargs = folder, {k: v for k, v in kwargs.items() if k != "subfolder"}
     if os.path.isdir(folder):
         check_folder_files(folder)
+        refuse_config_of_other_sizes(getattr(load, "__self__", None), folder, class_name)
     try:
         model, info = load(path, output_loading_info=True, **kwargs)
     except (RuntimeError, ValueError) as error:
@@ -383,6 +384,29 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
     if folder is not None:
         check_weight_files(model, folder)
     return model, info
+
+
+def refuse_config_of_other_sizes(model_class: object, folder: str | os.PathLike, class_name: str) -> None:
+    """Before a diffusers model class (``model_class``, named ``class_name``; any other value is left alone) is
+    loaded from the local ``folder``: build it from the folder's ``config.json`` on the ``meta`` device (no memory)
+    and refuse, with the `ValueError` the strict loading gives a mis-shaped weight, a tensor of another shape than
+    the weight files hold (`first_shape_mismatch`, headers only). diffusers builds the model in memory before it
+    reads a weight, so a config edited to huge sizes (``block_out_channels: [65536, 65536]``) would otherwise be
+    allocated (tens of gigabytes) before being found not to fit. A config its class cannot build is left to the
+    loader, which names it."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    config_file = os.path.join(str(folder), "config.json")
+    if not (is_config_class(model_class, ModelMixin) and os.path.isfile(config_file)):
+        return
+    try:
+        with torch.device("meta"):
+            model = model_class.from_config(read_json(config_file, "config.json"))
+    except CONFIG_VALUE_ERRORS:
+        return
+    mismatch = first_shape_mismatch(model, folder)
+    if mismatch is not None:
+        raise ValueError(f"The checkpoint at {folder} does not match its config for {class_name}: {mismatch}.")
 
 
 def load_strictly(model_class: type, path: str | os.PathLike, subfolder: str | None = None, **kwargs):
