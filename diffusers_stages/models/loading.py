@@ -245,12 +245,9 @@ def _tensor_names(path: str) -> list[str] | None:
     return None if dtypes is None else list(dtypes)
 
 
-def first_shape_mismatch(model: torch.nn.Module, folder: str | os.PathLike) -> str | None:
-    """The first tensor (by name) that the weight files ``folder`` loads from without a variant (the shards of its
-    index, or its one file) hold with another shape than ``model`` (built from the folder's config, on the ``meta``
-    device) has, said as "NAME has shape [...] there, [...] in the CLASS it builds"; None when every tensor both
-    have fits, or no file can be read. Reads headers only (`_tensor_headers`); missing and unexpected tensors are
-    left to the strict loading (diffusers renames some old ones as it loads)."""
+def plain_weight_headers(folder: str | os.PathLike) -> dict[str, tuple[str | torch.dtype, list[int]]]:
+    """The tensors (dtype, shape) that the weight files ``folder`` loads from without a variant hold: the shards of
+    its index, or its one file, read by `_tensor_headers` (headers only); empty when no file can be read."""
     found = [n for n in PLAIN_WEIGHT_FILES if os.path.isfile(os.path.join(folder, n))][:1]
     if found and found[0].endswith(".json"):  # the shards its index lists (a name leading elsewhere: the loader's)
         weight_map = read_json(os.path.join(folder, found[0]), found[0]).get("weight_map")
@@ -260,6 +257,16 @@ def first_shape_mismatch(model: torch.nn.Module, folder: str | os.PathLike) -> s
     for name in found:
         if os.path.isfile(os.path.join(folder, name)):
             held.update(_tensor_headers(os.path.join(folder, name)) or {})
+    return held
+
+
+def first_shape_mismatch(model: torch.nn.Module, folder: str | os.PathLike) -> str | None:
+    """The first tensor (by name) that the weight files ``folder`` loads from without a variant
+    (`plain_weight_headers`) hold with another shape than ``model`` (built from the folder's config, on the ``meta``
+    device) has, said as "NAME has shape [...] there, [...] in the CLASS it builds"; None when every tensor both
+    have fits, or no file can be read. Reads headers only (`_tensor_headers`); missing and unexpected tensors are
+    left to the strict loading (diffusers renames some old ones as it loads)."""
+    held = plain_weight_headers(folder)
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     for key in sorted(shapes.keys() & held.keys()):
         if list(held[key][1]) != shapes[key]:
@@ -389,10 +396,11 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
 def refuse_config_of_other_sizes(model_class: object, folder: str | os.PathLike, class_name: str) -> None:
     """Before a diffusers model class (``model_class``, named ``class_name``; any other value is left alone) is
     loaded from the local ``folder``: build it from the folder's ``config.json`` on the ``meta`` device (no memory)
-    and refuse, with the `ValueError` the strict loading gives a mis-shaped weight, a tensor of another shape than
-    the weight files hold (`first_shape_mismatch`, headers only). diffusers builds the model in memory before it
-    reads a weight, so a config edited to huge sizes (``block_out_channels: [65536, 65536]``) would otherwise be
-    allocated (tens of gigabytes) before being found not to fit. A config its class cannot build is left to the
+    and refuse, with the `ValueError` the strict loading gives a mis-shaped or missing weight, a tensor of another
+    shape than the weight files hold (`first_shape_mismatch`, headers only), or weights the files lack of more than
+    ``LACKING_BYTES`` and than the files' own size. diffusers builds the model in memory before it reads a weight,
+    so a config edited to huge sizes (``block_out_channels: [65536, 65536]``, ``num_class_embeds: 2**26``) would
+    otherwise be allocated (gigabytes) before being found not to fit. A config its class cannot build is left to the
     loader, which names it."""
     from diffusers.models.modeling_utils import ModelMixin
 
@@ -405,8 +413,27 @@ def refuse_config_of_other_sizes(model_class: object, folder: str | os.PathLike,
     except CONFIG_VALUE_ERRORS:
         return
     mismatch = first_shape_mismatch(model, folder)
+    held = plain_weight_headers(folder)
+    lacking = {k: v for k, v in model.state_dict().items() if k not in held}
+    size = sum(v.numel() * v.element_size() for v in lacking.values())
+    if mismatch is None and held and size > max(LACKING_BYTES, _bytes_on_disk(folder)):
+        largest = sorted(lacking, key=lambda k: lacking[k].numel(), reverse=True)[:5]
+        mismatch = (
+            f"it builds {size / 2**30:.1f} GiB of weights its weight files lack (largest: {largest}), more than "
+            "the folder's weight files hold"
+        )
     if mismatch is not None:
         raise ValueError(f"The checkpoint at {folder} does not match its config for {class_name}: {mismatch}.")
+
+
+# the most memory of weights that a model's weight files lack (renamed keys of an old checkpoint, which diffusers
+# converts) that `refuse_config_of_other_sizes` lets the loader allocate before the strict loading names them
+LACKING_BYTES = 2**30
+
+
+def _bytes_on_disk(folder: str | os.PathLike) -> int:
+    """The size of the weight files in ``folder``."""
+    return sum(e.stat().st_size for e in os.scandir(folder) if e.name.endswith((".safetensors", ".bin")))
 
 
 def load_strictly(model_class: type, path: str | os.PathLike, subfolder: str | None = None, **kwargs):

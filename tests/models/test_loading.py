@@ -509,3 +509,14 @@ def test_a_config_edited_to_huge_sizes_is_named_before_anything_is_allocated(sav
         assert run.returncode == 0, run.stderr[-2000:]
         assert "does not match its config" in run.stdout, run.stdout
         assert re.search(r"has shape \[8\S*\] there, \[65536\S*\] in the", run.stdout), run.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="limits the memory of a process")
+def test_a_config_edited_to_add_huge_weights_its_files_lack_is_named_before_anything_is_allocated(tmp_path):
+    plain = tmp_path / "plain"
+    UNet2DModel(**TINY_UNET).save_pretrained(plain)
+    config = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps({**config, "num_class_embeds": 2**26}))  # an 8 GiB embedding
+    run = subprocess.run([sys.executable, "-c", HUGE_CONFIG, str(plain), "diffusers"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "does not match its config" in run.stdout and "class_embedding.weight" in run.stdout, run.stdout
