@@ -407,16 +407,20 @@ def refuse_config_of_other_sizes(model_class: object, folder: str | os.PathLike,
     config_file = os.path.join(str(folder), "config.json")
     if not (is_config_class(model_class, ModelMixin) and os.path.isfile(config_file)):
         return
+    held = plain_weight_headers(folder)
+    if not held:  # no plain weight files to measure the config by (a variant's): the loader's
+        return
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _TensorBudget(len(held)):
             model = model_class.from_config(read_json(config_file, "config.json"))
+    except _TensorBudget.Exceeded as error:
+        raise ValueError(f"The checkpoint at {folder} does not match its config for {class_name}: {error}") from None
     except CONFIG_VALUE_ERRORS:
         return
     mismatch = first_shape_mismatch(model, folder)
-    held = plain_weight_headers(folder)
     lacking = {k: v for k, v in model.state_dict().items() if k not in held}
     size = sum(v.numel() * v.element_size() for v in lacking.values())
-    if mismatch is None and held and size > max(LACKING_BYTES, _bytes_on_disk(folder)):
+    if mismatch is None and size > max(LACKING_BYTES, _bytes_on_disk(folder)):
         largest = sorted(lacking, key=lambda k: lacking[k].numel(), reverse=True)[:5]
         mismatch = (
             f"it builds {size / 2**30:.1f} GiB of weights its weight files lack (largest: {largest}), more than "
@@ -424,6 +428,29 @@ def refuse_config_of_other_sizes(model_class: object, folder: str | os.PathLike,
         )
     if mismatch is not None:
         raise ValueError(f"The checkpoint at {folder} does not match its config for {class_name}: {mismatch}.")
+
+
+class _TensorBudget(torch.overrides.TorchFunctionMode):
+    """Stop a model's construction (a `_TensorBudget.Exceeded`) once it has made far more tensors (`torch.empty`,
+    what every layer's weights are made with) than its weight files hold (``num_tensors``): a config edited to
+    countless layers (``layers_per_block: 10**9``) would otherwise build for ever, even on the ``meta`` device."""
+
+    class Exceeded(Exception):
+        pass
+
+    def __init__(self, num_tensors: int):
+        super().__init__()
+        self.num_tensors, self.made = num_tensors, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.empty:
+            self.made += 1
+            if self.made > 2 * self.num_tensors + 1000:
+                raise self.Exceeded(
+                    f"it builds more tensors than {self.made - 1}, far more than the {self.num_tensors} its weight "
+                    "files hold (a size in its config.json such as `layers_per_block` edited?)."
+                )
+        return func(*args, **(kwargs or {}))
 
 
 # the most memory of weights that a model's weight files lack (renamed keys of an old checkpoint, which diffusers

@@ -520,3 +520,15 @@ def test_a_config_edited_to_add_huge_weights_its_files_lack_is_named_before_anyt
     run = subprocess.run([sys.executable, "-c", HUGE_CONFIG, str(plain), "diffusers"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "does not match its config" in run.stdout and "class_embedding.weight" in run.stdout, run.stdout
+
+
+def test_a_config_edited_to_build_countless_layers_is_named_before_they_are_built(tmp_path):
+    plain = tmp_path / "plain"
+    UNet2DModel(**TINY_UNET).save_pretrained(plain)
+    config = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps({**config, "layers_per_block": 10**9}))  # never done building
+    run = subprocess.run(
+        [sys.executable, "-c", HUGE_CONFIG, str(plain), "diffusers"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "does not match its config" in run.stdout and "more tensors than" in run.stdout, run.stdout
