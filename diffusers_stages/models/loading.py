@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -411,9 +412,9 @@ def refuse_config_of_other_sizes(model_class: object, folder: str | os.PathLike,
     if not held:  # no plain weight files to measure the config by (a variant's): the loader's
         return
     try:
-        with torch.device("meta"), _TensorBudget(len(held)):
+        with torch.device("meta"), TensorBudget(len(held)):
             model = model_class.from_config(read_json(config_file, "config.json"))
-    except _TensorBudget.Exceeded as error:
+    except TensorBudget.Exceeded as error:
         raise ValueError(f"The checkpoint at {folder} does not match its config for {class_name}: {error}") from None
     except CONFIG_VALUE_ERRORS:
         return
@@ -430,8 +431,15 @@ def refuse_config_of_other_sizes(model_class: object, folder: str | os.PathLike,
         raise ValueError(f"The checkpoint at {folder} does not match its config for {class_name}: {mismatch}.")
 
 
-class _TensorBudget(torch.overrides.TorchFunctionMode):
-    """Stop a model's construction (a `_TensorBudget.Exceeded`) once it has made far more tensors (`torch.empty`,
+def tensor_budget(folder: str | os.PathLike) -> contextlib.AbstractContextManager:
+    """A `TensorBudget` of the tensors that ``folder``'s weight files hold (`plain_weight_headers`), for building its
+    model from its config; no limit where it holds none that can be read."""
+    held = plain_weight_headers(folder)
+    return TensorBudget(len(held)) if held else contextlib.nullcontext()
+
+
+class TensorBudget(torch.overrides.TorchFunctionMode):
+    """Stop a model's construction (a `TensorBudget.Exceeded`) once it has made far more tensors (`torch.empty`,
     what every layer's weights are made with) than its weight files hold (``num_tensors``): a config edited to
     countless layers (``layers_per_block: 10**9``) would otherwise build for ever, even on the ``meta`` device."""
 

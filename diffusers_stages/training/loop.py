@@ -30,7 +30,13 @@ from diffusers.utils import is_tensorboard_available
 from tqdm.auto import tqdm
 
 from ..conventions import null_class_label, num_data_classes, vae_to_model_latents
-from ..models.loading import CONFIG_VALUE_ERRORS, first_shape_mismatch, load_strictly
+from ..models.loading import (
+    CONFIG_VALUE_ERRORS,
+    TensorBudget,
+    first_shape_mismatch,
+    load_strictly,
+    tensor_budget,
+)
 from ..pipelines.pipeline_staged import checked_id2label
 from .args import check_args, tracker_config
 from .checkpointing import (
@@ -169,8 +175,10 @@ def check_vae_weights(path: str | None, subfolder: str | None, option: str) -> N
     except ValueError as error:
         raise ValueError(f"{option} {path!r}: {error}") from None
     try:
-        with init_empty_weights():
+        with init_empty_weights(), tensor_budget(folder):  # (a config edited to countless layers: named, not built)
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder=subfolder))
+    except TensorBudget.Exceeded as error:
+        raise ValueError(f"{option} {path!r}: {where} fit its config.json: {error}") from None
     except CONFIG_VALUE_ERRORS as error:
         raise ValueError(
             f"{option} {path!r}: {where} load, as its config.json builds no AutoencoderKL: {type(error).__name__}: "
