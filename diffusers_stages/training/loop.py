@@ -95,7 +95,19 @@ def vae_shape(args: argparse.Namespace, task: TrainingTask | None = None) -> tup
             f"`--vae_path` {path!r} holds a {class_name!s}, not an AutoencoderKL: training encodes images with an "
             "AutoencoderKL's posterior (`latent_dist`) only; give an AutoencoderKL folder (or subfolder)."
         )
-    return config["latent_channels"], 2 ** (len(config["block_out_channels"]) - 1)
+    channels, levels = config.get("latent_channels"), config.get("block_out_channels")
+    blocks = config.get("down_block_types", levels)
+    if not (type(channels) is int and channels > 0 and isinstance(levels, list) and levels):
+        raise ValueError(
+            f"`--vae_path` {path!r}: its config.json must give `latent_channels` (a positive integer) and "
+            f"`block_out_channels` (a list of one width per level), got {channels!r} and {levels!r}."
+        )
+    if not isinstance(blocks, list) or len(blocks) != len(levels):  # the factor counts levels: one block each
+        raise ValueError(
+            f"`--vae_path` {path!r}: its config.json gives {len(levels)} `block_out_channels` for "
+            f"{len(blocks) if isinstance(blocks, list) else blocks!r} `down_block_types`: one width per block."
+        )
+    return channels, 2 ** (len(levels) - 1)
 
 
 def step_generator(seed: int, process_index: int, micro_step: int) -> torch.Generator:
