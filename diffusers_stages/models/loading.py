@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -245,12 +246,9 @@ def _tensor_names(path: str) -> list[str] | None:
     return None if dtypes is None else list(dtypes)
 
 
-def first_shape_mismatch(model: torch.nn.Module, folder: str | os.PathLike) -> str | None:
-    """The first tensor (by name) that the weight files ``folder`` loads from without a variant (the shards of its
-    index, or its one file) hold with another shape than ``model`` (built from the folder's config, on the ``meta``
-    device) has, said as "NAME has shape [...] there, [...] in the CLASS it builds"; None when every tensor both
-    have fits, or no file can be read. Reads headers only (`_tensor_headers`); missing and unexpected tensors are
-    left to the strict loading (diffusers renames some old ones as it loads)."""
+def plain_weight_headers(folder: str | os.PathLike) -> dict[str, tuple[str | torch.dtype, list[int]]]:
+    """The tensors (dtype, shape) that the weight files ``folder`` loads from without a variant hold: the shards of
+    its index, or its one file, read by `_tensor_headers` (headers only); empty when no file can be read."""
     found = [n for n in PLAIN_WEIGHT_FILES if os.path.isfile(os.path.join(folder, n))][:1]
     if found and found[0].endswith(".json"):  # the shards its index lists (a name leading elsewhere: the loader's)
         weight_map = read_json(os.path.join(folder, found[0]), found[0]).get("weight_map")
@@ -260,6 +258,16 @@ def first_shape_mismatch(model: torch.nn.Module, folder: str | os.PathLike) -> s
     for name in found:
         if os.path.isfile(os.path.join(folder, name)):
             held.update(_tensor_headers(os.path.join(folder, name)) or {})
+    return held
+
+
+def first_shape_mismatch(model: torch.nn.Module, folder: str | os.PathLike) -> str | None:
+    """The first tensor (by name) that the weight files ``folder`` loads from without a variant
+    (`plain_weight_headers`) hold with another shape than ``model`` (built from the folder's config, on the ``meta``
+    device) has, said as "NAME has shape [...] there, [...] in the CLASS it builds"; None when every tensor both
+    have fits, or no file can be read. Reads headers only (`_tensor_headers`); missing and unexpected tensors are
+    left to the strict loading (diffusers renames some old ones as it loads)."""
+    held = plain_weight_headers(folder)
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     for key in sorted(shapes.keys() & held.keys()):
         if list(held[key][1]) != shapes[key]:
@@ -367,6 +375,7 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
         path, kwargs = folder, {k: v for k, v in kwargs.items() if k != "subfolder"}
     if os.path.isdir(folder):
         check_folder_files(folder)
+        refuse_config_of_other_sizes(getattr(load, "__self__", None), folder, class_name)
     try:
         model, info = load(path, output_loading_info=True, **kwargs)
     except (RuntimeError, ValueError) as error:
@@ -383,6 +392,83 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
     if folder is not None:
         check_weight_files(model, folder)
     return model, info
+
+
+def refuse_config_of_other_sizes(model_class: object, folder: str | os.PathLike, class_name: str) -> None:
+    """Before a diffusers model class (``model_class``, named ``class_name``; any other value is left alone) is
+    loaded from the local ``folder``: build it from the folder's ``config.json`` on the ``meta`` device (no memory)
+    and refuse, with the `ValueError` the strict loading gives a mis-shaped or missing weight, a tensor of another
+    shape than the weight files hold (`first_shape_mismatch`, headers only), or weights the files lack of more than
+    ``LACKING_BYTES`` and than the files' own size. diffusers builds the model in memory before it reads a weight,
+    so a config edited to huge sizes (``block_out_channels: [65536, 65536]``, ``num_class_embeds: 2**26``) would
+    otherwise be allocated (gigabytes) before being found not to fit. A config its class cannot build is left to the
+    loader, which names it."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    config_file = os.path.join(str(folder), "config.json")
+    if not (is_config_class(model_class, ModelMixin) and os.path.isfile(config_file)):
+        return
+    held = plain_weight_headers(folder)
+    if not held:  # no plain weight files to measure the config by (a variant's): the loader's
+        return
+    try:
+        with torch.device("meta"), TensorBudget(len(held)):
+            model = model_class.from_config(read_json(config_file, "config.json"))
+    except TensorBudget.Exceeded as error:
+        raise ValueError(f"The checkpoint at {folder} does not match its config for {class_name}: {error}") from None
+    except CONFIG_VALUE_ERRORS:
+        return
+    mismatch = first_shape_mismatch(model, folder)
+    lacking = {k: v for k, v in model.state_dict().items() if k not in held}
+    size = sum(v.numel() * v.element_size() for v in lacking.values())
+    if mismatch is None and size > max(LACKING_BYTES, _bytes_on_disk(folder)):
+        largest = sorted(lacking, key=lambda k: lacking[k].numel(), reverse=True)[:5]
+        mismatch = (
+            f"it builds {size / 2**30:.1f} GiB of weights its weight files lack (largest: {largest}), more than "
+            "the folder's weight files hold"
+        )
+    if mismatch is not None:
+        raise ValueError(f"The checkpoint at {folder} does not match its config for {class_name}: {mismatch}.")
+
+
+def tensor_budget(folder: str | os.PathLike) -> contextlib.AbstractContextManager:
+    """A `TensorBudget` of the tensors that ``folder``'s weight files hold (`plain_weight_headers`), for building its
+    model from its config; no limit where it holds none that can be read."""
+    held = plain_weight_headers(folder)
+    return TensorBudget(len(held)) if held else contextlib.nullcontext()
+
+
+class TensorBudget(torch.overrides.TorchFunctionMode):
+    """Stop a model's construction (a `TensorBudget.Exceeded`) once it has made far more tensors (`torch.empty`,
+    what every layer's weights are made with) than its weight files hold (``num_tensors``): a config edited to
+    countless layers (``layers_per_block: 10**9``) would otherwise build for ever, even on the ``meta`` device."""
+
+    class Exceeded(Exception):
+        pass
+
+    def __init__(self, num_tensors: int):
+        super().__init__()
+        self.num_tensors, self.made = num_tensors, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.empty:
+            self.made += 1
+            if self.made > 2 * self.num_tensors + 1000:
+                raise self.Exceeded(
+                    f"it builds more tensors than {self.made - 1}, far more than the {self.num_tensors} its weight "
+                    "files hold (a size in its config.json such as `layers_per_block` edited?)."
+                )
+        return func(*args, **(kwargs or {}))
+
+
+# the most memory of weights that a model's weight files lack (renamed keys of an old checkpoint, which diffusers
+# converts) that `refuse_config_of_other_sizes` lets the loader allocate before the strict loading names them
+LACKING_BYTES = 2**30
+
+
+def _bytes_on_disk(folder: str | os.PathLike) -> int:
+    """The size of the weight files in ``folder``."""
+    return sum(e.stat().st_size for e in os.scandir(folder) if e.name.endswith((".safetensors", ".bin")))
 
 
 def load_strictly(model_class: type, path: str | os.PathLike, subfolder: str | None = None, **kwargs):

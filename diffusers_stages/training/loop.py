@@ -30,7 +30,13 @@ from diffusers.utils import is_tensorboard_available
 from tqdm.auto import tqdm
 
 from ..conventions import null_class_label, num_data_classes, vae_to_model_latents
-from ..models.loading import CONFIG_VALUE_ERRORS, first_shape_mismatch, load_strictly
+from ..models.loading import (
+    CONFIG_VALUE_ERRORS,
+    TensorBudget,
+    first_shape_mismatch,
+    load_strictly,
+    tensor_budget,
+)
 from ..pipelines.pipeline_staged import checked_id2label
 from .args import check_args, tracker_config
 from .checkpointing import (
@@ -89,7 +95,19 @@ def vae_shape(args: argparse.Namespace, task: TrainingTask | None = None) -> tup
             f"`--vae_path` {path!r} holds a {class_name!s}, not an AutoencoderKL: training encodes images with an "
             "AutoencoderKL's posterior (`latent_dist`) only; give an AutoencoderKL folder (or subfolder)."
         )
-    return config["latent_channels"], 2 ** (len(config["block_out_channels"]) - 1)
+    channels, levels = config.get("latent_channels"), config.get("block_out_channels")
+    blocks = config.get("down_block_types", levels)
+    if not (type(channels) is int and channels > 0 and isinstance(levels, list) and levels):
+        raise ValueError(
+            f"`--vae_path` {path!r}: its config.json must give `latent_channels` (a positive integer) and "
+            f"`block_out_channels` (a list of one width per level), got {channels!r} and {levels!r}."
+        )
+    if not isinstance(blocks, list) or len(blocks) != len(levels):  # the factor counts levels: one block each
+        raise ValueError(
+            f"`--vae_path` {path!r}: its config.json gives {len(levels)} `block_out_channels` for "
+            f"{len(blocks) if isinstance(blocks, list) else blocks!r} `down_block_types`: one width per block."
+        )
+    return channels, 2 ** (len(levels) - 1)
 
 
 def step_generator(seed: int, process_index: int, micro_step: int) -> torch.Generator:
@@ -169,8 +187,10 @@ def check_vae_weights(path: str | None, subfolder: str | None, option: str) -> N
     except ValueError as error:
         raise ValueError(f"{option} {path!r}: {error}") from None
     try:
-        with init_empty_weights():
+        with init_empty_weights(), tensor_budget(folder):  # (a config edited to countless layers: named, not built)
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder=subfolder))
+    except TensorBudget.Exceeded as error:
+        raise ValueError(f"{option} {path!r}: {where} fit its config.json: {error}") from None
     except CONFIG_VALUE_ERRORS as error:
         raise ValueError(
             f"{option} {path!r}: {where} load, as its config.json builds no AutoencoderKL: {type(error).__name__}: "

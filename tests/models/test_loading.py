@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from diffusers import UNet2DModel
 
 from diffusers_stages import MultiStageUNet2DModel
 from diffusers_stages.models.loading import realign_storage
@@ -17,6 +18,8 @@ from tests.conftest import TINY_UNET, corrupt_weights
 
 PEAK = """
 import resource, sys
+from diffusers import UNet2DModel
+
 from diffusers_stages import MultiStageUNet2DModel
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 model = MultiStageUNet2DModel.from_pretrained(sys.argv[1])
@@ -474,3 +477,58 @@ def test_a_scheduler_folder_whose_config_links_out_of_it_is_refused(tmp_path):
     with pytest.raises(ValueError, match="'scheduler_config.json' in .*linked links to .*outside the folder"):
         load_scheduler(DDIMScheduler, tmp_path / "linked", "`--scheduler`")
     assert isinstance(load_scheduler(DDIMScheduler, tmp_path / "elsewhere", "`--scheduler`"), DDIMScheduler)
+
+
+HUGE_CONFIG = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))  # a 36 GB weight would fail to allocate, not swap
+from diffusers import UNet2DModel
+from diffusers import UNet2DModel
+
+from diffusers_stages import MultiStageUNet2DModel
+from diffusers_stages.models.loading import load_strictly
+load = MultiStageUNet2DModel.from_pretrained if sys.argv[2] == "staged" else lambda f: load_strictly(UNet2DModel, f)
+try:
+    load(sys.argv[1])
+except ValueError as error:
+    print("ValueError:", error)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="limits the memory of a process")
+def test_a_config_edited_to_huge_sizes_is_named_before_anything_is_allocated(saved_model, tmp_path):
+    folder, _ = saved_model
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "block_out_channels": [2**16, 2**16]}))
+    plain = tmp_path / "plain"
+    UNet2DModel(**TINY_UNET).save_pretrained(plain)
+    config = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps({**config, "block_out_channels": [2**16, 2**16]}))
+    for path, kind in ((folder, "staged"), (plain, "diffusers")):  # the package's strict loading, and diffusers'
+        run = subprocess.run([sys.executable, "-c", HUGE_CONFIG, str(path), kind], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "does not match its config" in run.stdout, run.stdout
+        assert re.search(r"has shape \[8\S*\] there, \[65536\S*\] in the", run.stdout), run.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="limits the memory of a process")
+def test_a_config_edited_to_add_huge_weights_its_files_lack_is_named_before_anything_is_allocated(tmp_path):
+    plain = tmp_path / "plain"
+    UNet2DModel(**TINY_UNET).save_pretrained(plain)
+    config = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps({**config, "num_class_embeds": 2**26}))  # an 8 GiB embedding
+    run = subprocess.run([sys.executable, "-c", HUGE_CONFIG, str(plain), "diffusers"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "does not match its config" in run.stdout and "class_embedding.weight" in run.stdout, run.stdout
+
+
+def test_a_config_edited_to_build_countless_layers_is_named_before_they_are_built(tmp_path):
+    plain = tmp_path / "plain"
+    UNet2DModel(**TINY_UNET).save_pretrained(plain)
+    config = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps({**config, "layers_per_block": 10**9}))  # never done building
+    run = subprocess.run(
+        [sys.executable, "-c", HUGE_CONFIG, str(plain), "diffusers"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "does not match its config" in run.stdout and "more tensors than" in run.stdout, run.stdout

@@ -154,3 +154,43 @@ def test_a_malformed_weight_index_of_a_vae_path_is_refused_naming_the_option(tmp
                                               "--train_data_dir", str(empty), "--output_dir", str(tmp_path / "run")])  # fmt: skip
     error = capsys.readouterr().err
     assert f"`--vae_path` {str(vae_dir)!r}: " in error and "diffusion_pytorch_model.safetensors.index.json" in error
+
+
+def test_a_vae_config_edited_to_countless_layers_is_named_not_built_for_ever(tmp_path):
+    """check_vae_weights built the AutoencoderKL of a config edited to 10**9 layers per block without end before
+    reading a weight header; it now stops once far more tensors are made than the files hold."""
+    import subprocess
+    import sys
+
+    from tests.conftest import tiny_vae
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, "layers_per_block": 10**9}))
+    check = (
+        "import sys\nfrom diffusers_stages.training.loop import check_vae_weights\n"
+        "try:\n    check_vae_weights(sys.argv[1], None, '`--vae_path`')\nexcept ValueError as error:\n    print(error)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", check, str(tmp_path / "vae")], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("`--vae_path`") and "more tensors than" in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"block_out_channels": 5}, {"latent_channels": None}, {"block_out_channels": [8] * 10**5}],
+    ids=["not-a-list", "no-channels", "more-levels-than-blocks"],
+)
+def test_a_vae_config_whose_latent_shape_cannot_be_read_is_named(tmp_path, change):
+    """vae_shape read a VAE config's latent channels and levels unchecked: a TypeError (`len` of an int), a None
+    channel count, or a down-sampling factor of 2**99999 (an error about converting an integer of 30103 digits)."""
+    from diffusers_stages.training.loop import vae_shape
+    from tests.conftest import tiny_vae
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=r"`--vae_path` .*(latent_channels|block_out_channels)"):
+        vae_shape(SimpleNamespace(vae_path=str(tmp_path / "vae"), vae_subfolder=None))

@@ -5,6 +5,7 @@ so the arguments and data that contradict them are refused by name."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import reprlib
 from collections.abc import Mapping, Sequence
@@ -20,9 +21,11 @@ from ...models.checks import sample_size_is
 from ...models.loading import (
     CONFIG_VALUE_ERRORS,
     PLAIN_WEIGHT_FILES,
+    TensorBudget,
     check_folder_files,
     check_subfolder,
     first_shape_mismatch,
+    tensor_budget,
 )
 from ...partition import TimestepPartition
 from ...pipelines.loading import package_classes, resolve_pipeline_class
@@ -104,15 +107,20 @@ class PipelineSource:
         another shape (its header read, `first_shape_mismatch`), is a ValueError naming the option and the file
         before the run loads its data, not an error from inside the model (or the strict loading) once it has."""
         model_class = self.classes[folder]
+        local = os.path.join(self.path, folder)  # (a Hub repository's weights are its loader's)
+        budget = tensor_budget(local) if os.path.isdir(local) else contextlib.nullcontext()
         try:
-            with init_empty_weights():
+            with init_empty_weights(), budget:  # (a config edited to countless layers: named, not built)
                 model = model_class.from_config(self.configs[folder])
+        except TensorBudget.Exceeded as error:
+            raise ValueError(
+                f"{OPTION} {self.path!r}: the weights in its {folder}/ do not fit its config.json: {error}"
+            ) from None
         except CONFIG_VALUE_ERRORS as error:
             raise ValueError(
                 f"{OPTION} {self.path!r}: its {folder}/config.json does not build a {model_class.__name__}: "
                 f"{type(error).__name__}: {error}"
             ) from None
-        local = os.path.join(self.path, folder)  # (a Hub repository's weights are its loader's)
         mismatch = first_shape_mismatch(model, local) if os.path.isdir(local) else None
         if mismatch is not None:
             raise ValueError(

@@ -75,3 +75,24 @@ def test_a_folder_that_names_another_pipeline_is_refused(source, tmp_path, name,
     with pytest.raises(ValueError, match="`--pretrained_model_name_or_path`") as error:
         _read(str(other))
     assert message in str(error.value)
+
+
+def test_a_config_edited_to_countless_layers_is_named_not_built_for_ever(source, tmp_path):
+    # before, check_builds built the 10**9 layers of an expert's config (on the meta device, but without end)
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad"
+    shutil.copytree(source, bad)
+    config = json.loads((bad / "experts/expert_0/config.json").read_text())
+    (bad / "experts/expert_0/config.json").write_text(json.dumps({**config, "layers_per_block": 10**9}))
+    check = (
+        "import sys\nfrom diffusers import UNet2DModel\n"
+        "from diffusers_stages.training.tasks.pretrained import PipelineSource\n"
+        "source = PipelineSource.read_pipeline(sys.argv[1], 'ExpertRoutingPipeline', ('experts',))\n"
+        "source.read_model('experts/expert_0', {'UNet2DModel': UNet2DModel})\n"
+        "try:\n    source.check_builds('experts/expert_0')\nexcept ValueError as error:\n    print(error)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", check, str(bad)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "`--pretrained_model_name_or_path`" in run.stdout and "more tensors than" in run.stdout, run.stdout
