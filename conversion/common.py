@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from diffusers_stages.cli import existing_ancestor, is_writable_folder
 from diffusers_stages.models.loading import StrictLoadingMixin, _is_float_dtype, _tensor_dtypes, read_json
 
 try:
@@ -141,10 +142,8 @@ def staged_output(
     recover_output(output_path)
     if os.path.exists(output_path) and not overwrite:
         raise ValueError(f"`--output_path` {output_path} already exists: choose another folder or pass --overwrite.")
-    parent = os.path.dirname(output_path)
-    while not os.path.exists(parent):  # the nearest existing folder above: the missing ones are created
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    parent = existing_ancestor(output_path)  # the missing folders below it are created
+    if not is_writable_folder(parent):
         raise ValueError(f"`--output_path` {output_path} cannot be created: {parent} is not a writable folder.")
     os.makedirs(os.path.dirname(output_path), exist_ok=True)
     locks = []  # our hidden folders stay locked while we live: a concurrent run's recovery leaves them alone

@@ -114,11 +114,23 @@ def check_output_file(path: str | os.PathLike | None, option: str) -> None:
     path = os.fspath(path)  # a `pathlib.Path` too, as the writes take
     if path == "" or path.endswith(("/", os.sep)) or os.path.isdir(path):  # "new/": a folder, even before it exists
         raise ValueError(f"`{option}` {path!r} is a folder (or empty): give a file path.")
+    parent = existing_ancestor(path)
+    if not is_writable_folder(parent):
+        raise ValueError(f"`{option}` {path!r} cannot be written: {parent!r} is not a writable folder.")
+
+
+def existing_ancestor(path: str | os.PathLike) -> str:
+    """The nearest folder above ``path`` (made absolute) that exists, or a file there: what must take the folders
+    that writing ``path`` creates."""
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ValueError(f"`{option}` {path!r} cannot be written: {parent!r} is not a writable folder.")
+    return parent
+
+
+def is_writable_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder that files and folders can be created in (writable and searchable)."""
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
 def make_parent_folder(path: str | os.PathLike) -> str | os.PathLike:

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from ..cli import check_seed
+from ..cli import check_seed, existing_ancestor, is_writable_folder
 
 SIZES = {
     # steps: the baseline's training steps (every other method gets its FLOPs); eval: images scored per method
@@ -94,10 +94,8 @@ def check_args(args: argparse.Namespace) -> None:
         if not os.access(args.output_dir, os.W_OK):
             raise ValueError(f"`--output_dir` {args.output_dir!r} cannot be written: it is not a writable folder.")
         return
-    parent = os.path.dirname(os.path.abspath(args.output_dir))
-    while not os.path.exists(parent):  # the folders the demo will create: their nearest existing one must take them
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    parent = existing_ancestor(args.output_dir)  # the folders the demo will create: it must take them
+    if not is_writable_folder(parent):
         raise ValueError(f"`--output_dir` {args.output_dir!r} cannot be created: {parent!r} is not a writable folder.")
 
 
