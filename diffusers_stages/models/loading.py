@@ -261,13 +261,14 @@ def plain_weight_headers(folder: str | os.PathLike) -> dict[str, tuple[str | tor
     return held
 
 
-def first_shape_mismatch(model: torch.nn.Module, folder: str | os.PathLike) -> str | None:
-    """The first tensor (by name) that the weight files ``folder`` loads from without a variant
-    (`plain_weight_headers`) hold with another shape than ``model`` (built from the folder's config, on the ``meta``
-    device) has, said as "NAME has shape [...] there, [...] in the CLASS it builds"; None when every tensor both
-    have fits, or no file can be read. Reads headers only (`_tensor_headers`); missing and unexpected tensors are
-    left to the strict loading (diffusers renames some old ones as it loads)."""
-    held = plain_weight_headers(folder)
+def first_shape_mismatch(
+    model: torch.nn.Module, held: Mapping[str, tuple[str | torch.dtype, list[int]]]
+) -> str | None:
+    """The first tensor (by name) that a folder's weight files hold (``held``: their headers, `plain_weight_headers`)
+    with another shape than ``model`` (built from the folder's config, on the ``meta`` device) has, said as "NAME has
+    shape [...] there, [...] in the CLASS it builds"; None when every tensor both have fits, or no file could be
+    read. Missing and unexpected tensors are left to the strict loading (diffusers renames some old ones as it
+    loads)."""
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     for key in sorted(shapes.keys() & held.keys()):
         if list(held[key][1]) != shapes[key]:
@@ -418,7 +419,7 @@ def refuse_config_of_other_sizes(model_class: object, folder: str | os.PathLike,
         raise ValueError(f"The checkpoint at {folder} does not match its config for {class_name}: {error}") from None
     except CONFIG_VALUE_ERRORS:
         return
-    mismatch = first_shape_mismatch(model, folder)
+    mismatch = first_shape_mismatch(model, held)
     lacking = {k: v for k, v in model.state_dict().items() if k not in held}
     size = sum(v.numel() * v.element_size() for v in lacking.values())
     if mismatch is None and size > max(LACKING_BYTES, _bytes_on_disk(folder)):
@@ -431,10 +432,9 @@ def refuse_config_of_other_sizes(model_class: object, folder: str | os.PathLike,
         raise ValueError(f"The checkpoint at {folder} does not match its config for {class_name}: {mismatch}.")
 
 
-def tensor_budget(folder: str | os.PathLike) -> contextlib.AbstractContextManager:
-    """A `TensorBudget` of the tensors that ``folder``'s weight files hold (`plain_weight_headers`), for building its
-    model from its config; no limit where it holds none that can be read."""
-    held = plain_weight_headers(folder)
+def tensor_budget(held: Mapping[str, object]) -> contextlib.AbstractContextManager:
+    """A `TensorBudget` of the tensors that a folder's weight files hold (``held``: their headers,
+    `plain_weight_headers`), for building its model from its config; no limit where none could be read."""
     return TensorBudget(len(held)) if held else contextlib.nullcontext()
 
 

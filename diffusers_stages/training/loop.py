@@ -35,6 +35,7 @@ from ..models.loading import (
     TensorBudget,
     first_shape_mismatch,
     load_strictly,
+    plain_weight_headers,
     tensor_budget,
 )
 from ..pipelines.pipeline_staged import checked_id2label
@@ -186,8 +187,9 @@ def check_vae_weights(path: str | None, subfolder: str | None, option: str) -> N
         check_source_folder(path, subfolder)
     except ValueError as error:
         raise ValueError(f"{option} {path!r}: {error}") from None
+    held = plain_weight_headers(folder)  # headers only
     try:
-        with init_empty_weights(), tensor_budget(folder):  # (a config edited to countless layers: named, not built)
+        with init_empty_weights(), tensor_budget(held):  # (a config edited to countless layers: named, not built)
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder=subfolder))
     except TensorBudget.Exceeded as error:
         raise ValueError(f"{option} {path!r}: {where} fit its config.json: {error}") from None
@@ -196,7 +198,7 @@ def check_vae_weights(path: str | None, subfolder: str | None, option: str) -> N
             f"{option} {path!r}: {where} load, as its config.json builds no AutoencoderKL: {type(error).__name__}: "
             f"{error}"
         ) from None
-    mismatch = first_shape_mismatch(vae, folder)
+    mismatch = first_shape_mismatch(vae, held)
     if mismatch is not None:
         raise ValueError(f"{option} {path!r}: {where} fit its config.json: {mismatch}.")
 

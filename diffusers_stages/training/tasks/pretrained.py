@@ -5,7 +5,6 @@ so the arguments and data that contradict them are refused by name."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import reprlib
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ from ...models.loading import (
     check_folder_files,
     check_subfolder,
     first_shape_mismatch,
+    plain_weight_headers,
     tensor_budget,
 )
 from ...partition import TimestepPartition
@@ -108,9 +108,9 @@ class PipelineSource:
         before the run loads its data, not an error from inside the model (or the strict loading) once it has."""
         model_class = self.classes[folder]
         local = os.path.join(self.path, folder)  # (a Hub repository's weights are its loader's)
-        budget = tensor_budget(local) if os.path.isdir(local) else contextlib.nullcontext()
+        held = plain_weight_headers(local) if os.path.isdir(local) else {}  # headers only
         try:
-            with init_empty_weights(), budget:  # (a config edited to countless layers: named, not built)
+            with init_empty_weights(), tensor_budget(held):  # (a config edited to countless layers: named, not built)
                 model = model_class.from_config(self.configs[folder])
         except TensorBudget.Exceeded as error:
             raise ValueError(
@@ -121,7 +121,7 @@ class PipelineSource:
                 f"{OPTION} {self.path!r}: its {folder}/config.json does not build a {model_class.__name__}: "
                 f"{type(error).__name__}: {error}"
             ) from None
-        mismatch = first_shape_mismatch(model, local) if os.path.isdir(local) else None
+        mismatch = first_shape_mismatch(model, held)
         if mismatch is not None:
             raise ValueError(
                 f"{OPTION} {self.path!r}: the weights in its {folder}/ do not fit its config.json: {mismatch}."
