@@ -192,7 +192,8 @@ def with_decoder_scales(scales: dict[str, float], names: Iterable[str]) -> dict[
     """
     scales = dict(scales)
     for name in names:
-        source, parts = source_layer_name(name), source_layer_name(name).split(".")
+        source = source_layer_name(name)
+        parts = source.split(".")
         if source == name or len(parts) < 4 or any(key in name for key in scales):
             continue
         scales[name] = scales.get(f"{parts[0]}.{parts[1]}.attentions.{parts[3]}", 1.0)
