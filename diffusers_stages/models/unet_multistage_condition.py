@@ -560,10 +560,14 @@ class MultiStageUNet2DConditionModel(
         timestep_cond: torch.Tensor | None = None,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         conditioning: dict[str, Any] | None = None,
+        down_intrablock_additional_residuals: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
         """Run the shared encoder on the whole batch: ``(hidden, skips, emb, encoder_hidden_states)``, the last as
-        the cross-attention blocks see them. ``conditioning`` holds the masks and ``cross_attention_kwargs``."""
+        the cross-attention blocks see them. ``conditioning`` holds the masks and ``cross_attention_kwargs``;
+        ``down_intrablock_additional_residuals`` (T2I-Adapter features) join the down path and the middle block's
+        output as in `UNet2DConditionModel` (the caller's sequence is not emptied)."""
         conditioning = conditioning or {}
+        adapter = list(down_intrablock_additional_residuals or ())
         # 1. time, class and added (SDXL text/time) embeddings, as UNet2DConditionModel
         emb = self.time_embedding(self.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
         if self.config.class_embed_type == "timestep" and torch.is_tensor(class_labels):
@@ -589,12 +593,19 @@ class MultiStageUNet2DConditionModel(
         hidden = self.conv_in(sample)
         skips = (hidden,)
         for down_block in self.down_blocks:
-            extra = conditioning if getattr(down_block, "has_cross_attention", False) else {}
-            hidden, res_samples = down_block(hidden_states=hidden, temb=emb, **extra)
+            if getattr(down_block, "has_cross_attention", False):
+                extra = {"additional_residuals": adapter.pop(0)} if adapter else {}
+                hidden, res_samples = down_block(hidden_states=hidden, temb=emb, **conditioning, **extra)
+            else:
+                hidden, res_samples = down_block(hidden_states=hidden, temb=emb)
+                if adapter:  # in place, as UNet2DConditionModel: the block's last skip is this tensor and takes it too
+                    hidden += adapter.pop(0)
             skips += res_samples
         if self.mid_block is not None:
             extra = conditioning if getattr(self.mid_block, "has_cross_attention", False) else {}
             hidden = self.mid_block(hidden, emb, **extra)
+            if adapter and hidden.shape == adapter[0].shape:
+                hidden += adapter.pop(0)
         return hidden, skips, emb, encoder_hidden_states
 
     @apply_lora_scale("cross_attention_kwargs")
@@ -622,7 +633,8 @@ class MultiStageUNet2DConditionModel(
             timestep (`torch.Tensor` or `float` or `int`): one timestep, or one per sample (stages may differ).
             down_block_additional_residuals, mid_block_additional_residual (*optional*): ControlNet residuals,
                 added to the shared encoder's skips and middle-block output.
-            down_intrablock_additional_residuals: T2I-Adapter residuals; not supported (a `ValueError`).
+            down_intrablock_additional_residuals (*optional*): T2I-Adapter residuals, added in the shared encoder as
+                `UNet2DConditionModel` adds them.
             stage_index (`int`, *optional*): decode every sample with this stage's decoder, skipping the
                 data-dependent routing (it makes `torch.compile(fullgraph=True)` work).
         """
@@ -637,12 +649,11 @@ class MultiStageUNet2DConditionModel(
             self.check_labels(class_labels, sample.shape[0], stage_index, num_labels)
         if self.encoder_hid_proj is not None and self.config.encoder_hid_dim_type == "ip_image_proj":
             check_image_embeds(added_cond_kwargs, sample.shape[0])
-        if down_intrablock_additional_residuals is not None:
-            raise ValueError("`down_intrablock_additional_residuals` (T2I-Adapter) are not supported by this model.")
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise ValueError(
                 "ControlNet residuals come in pairs: give both `down_block_additional_residuals` and "
-                "`mid_block_additional_residual`, or neither."
+                "`mid_block_additional_residual`, or neither (T2I-Adapter features go in "
+                "`down_intrablock_additional_residuals`)."
             )
         num_skips = len(skip_channels(self.config.block_out_channels, self.config.layers_per_block))
         if down_block_additional_residuals is not None and len(down_block_additional_residuals) != num_skips:
@@ -660,8 +671,9 @@ class MultiStageUNet2DConditionModel(
 
         # 1. shared encoder, once on the whole batch (ControlNet residuals added to its outputs)
         hidden, skips, emb, encoder_hidden_states = self.encode(
-            sample, timestep, encoder_hidden_states, class_labels, timestep_cond, added_cond_kwargs, conditioning
-        )
+            sample, timestep, encoder_hidden_states, class_labels, timestep_cond, added_cond_kwargs, conditioning,
+            down_intrablock_additional_residuals,
+        )  # fmt: skip
         if down_block_additional_residuals is not None:
             skips = tuple(skip + residual for skip, residual in zip(skips, down_block_additional_residuals))
             hidden = hidden + mid_block_additional_residual

@@ -150,8 +150,33 @@ def test_controlnet_residuals_match_the_source(tiny_cond_unet):
         assert torch.equal(staged(x, 10, **kwargs, **residuals).sample, expected)
         with pytest.raises(ValueError, match="pairs"):
             staged(x, 10, **kwargs, down_block_additional_residuals=down)
-        with pytest.raises(ValueError, match="down_intrablock_additional_residuals"):
-            staged(x, 10, **kwargs, down_intrablock_additional_residuals=down)
+
+
+@pytest.mark.parametrize("controlnet", [False, True], ids=["adapter", "adapter+controlnet"])
+def test_t2i_adapter_residuals_match_the_source(tiny_cond_unet, controlnet):
+    # `down_intrablock_additional_residuals` (what StableDiffusionAdapterPipeline passes) were refused: T2I-Adapter
+    # features join the shared encoder as in UNet2DConditionModel (after a plain down block, inside the last layer of
+    # a cross-attention one, after the middle block when of its shape), also beside ControlNet residuals
+    unet = tiny_cond_unet(0)
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(4)
+    t = torch.tensor([10, 450, 900, 900])  # a mixed batch: the residuals reach every decoder's rows
+    features = [torch.randn(4, *shape) for shape in [(8, 4, 4), (16, 4, 4), (16, 4, 4)]]  # block 0, 1, middle
+    if controlnet:
+        down = tuple(torch.randn(4, *shape) for shape in [(8, 8, 8), (8, 8, 8), (8, 4, 4), (16, 4, 4)])
+        kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=torch.randn(4, 16, 4, 4))
+    with torch.no_grad():
+        plain = unet(x, t, **kwargs).sample
+        expected = unet(x, t, **kwargs, down_intrablock_additional_residuals=[f.clone() for f in features]).sample
+        assert not torch.allclose(expected, plain, atol=1e-3)
+        given = list(features)
+        out = staged(x, t, **kwargs, down_intrablock_additional_residuals=given).sample
+        assert torch.allclose(out, expected, atol=1e-5)
+        assert len(given) == 3 and all(a is b for a, b in zip(given, features))  # the caller's list is left as it is
+        for stage in range(3):
+            out = staged(x, 450, **kwargs, down_intrablock_additional_residuals=list(features), stage_index=stage)
+            reference = unet(x, 450, **kwargs, down_intrablock_additional_residuals=list(features)).sample
+            assert torch.equal(out.sample, reference)
 
 
 def test_attention_processors_and_slicing(tiny_cond_unet):

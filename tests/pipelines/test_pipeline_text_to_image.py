@@ -236,6 +236,11 @@ def _image_to_image_case(name: str, sd: dict, sdxl: dict, tiny_cond_unet) -> tup
             for parameter in controlnet.parameters():
                 parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.manual_seed(2)))
         return diffusers.StableDiffusionControlNetPipeline, dict(sd, controlnet=controlnet), {"image": image}
+    if name == "t2i_adapter":  # `down_intrablock_additional_residuals` (were refused) reach the shared encoder
+        # features of the tiny U-Net's shapes: 8 channels at 4x4 (after down block 0), 16 (inside down block 1)
+        torch.manual_seed(2)
+        adapter = diffusers.T2IAdapter(channels=[8, 16], downscale_factor=4, adapter_type="full_adapter_xl")
+        return diffusers.StableDiffusionAdapterPipeline, dict(sd, adapter=adapter.eval()), {"image": image}
     if name == "lcm":  # `timestep_cond` from the guidance embedding (`time_cond_proj_dim`)
         components = dict(sd, unet=tiny_cond_unet(0, time_cond_proj_dim=8), scheduler=diffusers.LCMScheduler())
         return StableDiffusionPipeline, components, {"guidance_rescale": 0.7, "num_images_per_prompt": 2}
@@ -244,7 +249,7 @@ def _image_to_image_case(name: str, sd: dict, sdxl: dict, tiny_cond_unet) -> tup
     return diffusers.StableDiffusionXLImg2ImgPipeline, components, {"image": image, "denoising_start": 0.5, "steps": 4}
 
 
-@pytest.mark.parametrize("name", ["img2img", "inpaint", "controlnet", "lcm", "sdxl_refiner"])
+@pytest.mark.parametrize("name", ["img2img", "inpaint", "controlnet", "t2i_adapter", "lcm", "sdxl_refiner"])
 def test_staged_unet_in_other_standard_pipelines_gives_the_source_images(
     tiny_sd_components, tiny_sdxl_components, tiny_cond_unet, name
 ):
