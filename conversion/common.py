@@ -471,6 +471,22 @@ def probe_tensor(partition, t: float) -> torch.Tensor:
     return torch.tensor(int(t) if partition.units == "timestep" else t)
 
 
+def probe_class_labels(model: torch.nn.Module, batch: int) -> torch.Tensor | None:
+    """Class labels of ``batch`` samples that ``model``'s class embedding takes, for `--verify` (`None` without one):
+    indices ``0, 1, ...`` into a ``num_class_embeds`` table (or embedded as timesteps), or random vectors of the width
+    of a ``"projection"``/``"simple_projection"`` embedding's input or, for ``"identity"``, of the time embedding."""
+    if getattr(model, "class_embedding", None) is None:
+        return None
+    kind = model.config.get("class_embed_type")
+    if kind in ("projection", "simple_projection"):
+        width = model.config.projection_class_embeddings_input_dim
+    elif kind == "identity":
+        width = model.time_embedding.linear_2.out_features
+    else:
+        return torch.arange(batch) % (model.config.get("num_class_embeds") or batch)
+    return torch.randn(batch, width, generator=torch.manual_seed(2))
+
+
 def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     """The largest ``|a - b|``: equal values (the same inf, NaN in both at one place, a source that gives NaN itself)
     differ by 0, a NaN in one only by inf (a NaN difference would be skipped by `max` in `report_verification`)."""

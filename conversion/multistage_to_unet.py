@@ -25,6 +25,7 @@ from diffusers_stages.conversion.common import (
     input_paths,
     load_strict,
     max_difference,
+    probe_class_labels,
     probe_tensor,
     probe_timesteps,
     read_json,
@@ -206,7 +207,7 @@ def verify(model, unet, stage: int, tolerance: float) -> None:
     size = (config.sample_size,) * 2 if isinstance(config.sample_size, int) else tuple(config.sample_size)
     x = torch.randn(2, config.in_channels, *size, generator=torch.manual_seed(0))
     t = probe_tensor(model.partition, probe_timesteps(model.partition)[stage])
-    labels = torch.zeros(2, dtype=torch.long) if config.num_class_embeds else None
+    labels = probe_class_labels(model, 2)
     kwargs = conditioning(config, 2)
     reference = model(x, t, class_labels=labels, stage_index=stage, **kwargs).sample
     exported = unet(x, t, class_labels=labels, **kwargs).sample

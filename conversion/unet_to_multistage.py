@@ -27,6 +27,7 @@ from diffusers_stages.conversion.common import (
     input_paths,
     load_strict,
     max_difference,
+    probe_class_labels,
     probe_tensor,
     probe_timesteps,
     read_json,
@@ -220,7 +221,7 @@ def verify(source, converted: MultiStagePipeline, steps: int, tolerance: float) 
     x = torch.randn(
         2, config.in_channels, *((size, size) if isinstance(size, int) else size), generator=torch.manual_seed(1)
     )
-    labels = torch.arange(2) % config.num_class_embeds if config.num_class_embeds else None
+    labels = probe_class_labels(source.unet, 2)
     differences = {}
     for stage, t in enumerate(probe_timesteps(converted.partition)):
         t = probe_tensor(converted.partition, t)

@@ -111,3 +111,33 @@ def test_a_stage_with_an_adapter_loaded_is_refused_by_name(tiny_cond_unet):
     staged._load_ip_adapter_weights([ip_adapter_state_dict(source)])
     with pytest.raises(ValueError, match="`model` has an IP-Adapter loaded.*unload_ip_adapter"):
         multistage_stage_to_unet(staged, 1)
+
+
+@pytest.mark.parametrize(
+    "conditional, overrides",
+    [
+        (True, {"class_embed_type": "projection", "projection_class_embeddings_input_dim": 6}),  # SD unCLIP's
+        (True, {"class_embed_type": "simple_projection", "projection_class_embeddings_input_dim": 6}),
+        (True, {"class_embed_type": "timestep"}),
+        (True, {"class_embed_type": "identity"}),
+        (True, {"num_class_embeds": 10}),
+        (False, {"class_embed_type": "timestep"}),
+        (False, {"class_embed_type": "identity"}),
+    ],
+    ids=["cond-projection", "cond-simple_projection", "cond-timestep", "cond-identity", "cond-table", "timestep",
+         "identity"],
+)  # fmt: skip
+def test_verify_gives_the_labels_every_class_embedding_takes(tmp_path, tiny_cond_unet, conditional, overrides, capsys):
+    # `--verify` gave class labels only to a `num_class_embeds` table: a stage of any other class embedding (SD
+    # unCLIP's projection, a timestep or identity one) failed with "`class_labels` must be given" and wrote nothing
+    from diffusers_stages import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
+    from tests.conftest import TINY_UNET
+
+    if conditional:
+        staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0, **overrides), stage_boundaries=(500,))
+    else:
+        torch.manual_seed(0)
+        staged = MultiStageUNet2DModel.from_unet(UNet2DModel(**TINY_UNET, **overrides), stage_boundaries=(500,))
+    staged.save_pretrained(tmp_path / "staged")
+    export(str(tmp_path / "staged"), str(tmp_path / "stage1"), 1, "--verify", "--tolerance", "0")
+    assert "max |source - converted| = 0.000e+00" in capsys.readouterr().out

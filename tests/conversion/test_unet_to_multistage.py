@@ -53,15 +53,22 @@ def test_ddim_pipeline_and_bare_unet_folder(tmp_path):
     assert type(staged.scheduler).__name__ == "DDPMScheduler"  # a bare U-Net gets the DDPM training schedule
 
 
-def test_class_conditional_unet_verifies_its_denoisers_with_class_labels(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "embedding",
+    [{"num_class_embeds": 3}, {"class_embed_type": "timestep"}, {"class_embed_type": "identity"}],
+    ids=["table", "timestep", "identity"],
+)
+def test_class_conditional_unet_verifies_its_denoisers_with_class_labels(tmp_path, capsys, embedding):
+    # `--verify` gave labels to a `num_class_embeds` table only: a timestep or identity class embedding failed with
+    # "class_labels should be provided" and nothing was written
     torch.manual_seed(0)
-    UNet2DModel(**TINY_UNET, num_class_embeds=3).save_pretrained(tmp_path / "unet")
+    UNet2DModel(**TINY_UNET, **embedding).save_pretrained(tmp_path / "unet")
     staged = convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500", "--verify",
                      "--tolerance", "0")  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("max |source - converted| = 0.000e+00") == 2  # one probe per stage
     assert "DDPMPipeline cannot sample a class-conditional U-Net" in out
-    assert staged.unet.config.num_class_embeds == 3
+    assert staged.unet.config.num_class_embeds == embedding.get("num_class_embeds")
 
 
 def test_verify_steps_must_be_positive(ddpm_folder, tmp_path, capsys):
