@@ -241,10 +241,7 @@ class StageOffloadMixin:
         offload_device = check_device(offload_device, "offload_device")
         if device.type not in ("cpu", "mps") and device.index is None:
             device = torch.device(device.type, torch.get_device_module(device.type).current_device())
-        # a step-fraction switch needs a step count: the sampling default, which every scheduler takes (PNDM's
-        # Runge-Kutta warm-up refuses fewer than 4); the number of stages does not depend on it
-        num_stages = self.resolve_partition(DEFAULT_NUM_INFERENCE_STEPS).num_stages
-        networks = [self.stage_network(stage) for stage in range(num_stages)]
+        networks = self._stage_networks()
         own = self._stage_offload
         foreign = [
             f"stage {stage} ({type(network).__name__})"
@@ -259,8 +256,33 @@ class StageOffloadMixin:
                 "Call `disable_stage_offload()` (or `remove_all_hooks()`) on that pipeline first."
             )
         self.disable_stage_offload()  # enabling again replaces the hooks
-        components = [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
-        self._stage_offload = StageOffload(components, networks, device, offload_device, prefetch)
+        self._stage_offload = StageOffload(self._model_components(), networks, device, offload_device, prefetch)
+
+    def _stage_networks(self) -> list[torch.nn.Module]:
+        """The network of each stage (`stage_network`), stage 0 first."""
+        # a step-fraction switch needs a step count: the sampling default, which every scheduler takes (PNDM's
+        # Runge-Kutta warm-up refuses fewer than 4); the number of stages does not depend on it
+        num_stages = self.resolve_partition(DEFAULT_NUM_INFERENCE_STEPS).num_stages
+        return [self.stage_network(stage) for stage in range(num_stages)]
+
+    def _model_components(self) -> list[torch.nn.Module]:
+        """The pipeline's components that are modules (what `StageOffload` places)."""
+        return [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
+
+    def _plan_stage_offload(self, stages: Sequence[int]) -> None:
+        """Under `enable_stage_offload`, hand the hooks the coming run's stages (``expert_schedule``'s), after hooking
+        the pipeline again if a component was swapped in since (``pipe.unet = ...``, which diffusers registers
+        unchecked): its networks are then offloaded too, and the replaced one is left unhooked on the offload
+        device. Called by the sampling loop."""
+        offload = self._stage_offload
+        if offload is None:
+            return
+        hooked = [offload.units[unit] for unit in offload.unit_of_stage]
+        if not _same_modules(hooked, self._stage_networks()) or not _same_modules(
+            offload.components, self._model_components()
+        ):
+            self.enable_stage_offload(offload.device, offload.offload_device, offload.prefetch)
+        self._stage_offload.set_plan(stages)
 
     def disable_stage_offload(self) -> None:
         """Remove the hooks of `enable_stage_offload`, leaving the whole pipeline on the offload device (move it with
@@ -388,6 +410,11 @@ def _check_offload_arguments(gpu_id: int | None, device: torch.device | str | No
         raise ValueError(f"`gpu_id` must be a non-negative integer (the accelerator's index) or None, got {gpu_id!r}.")
     if device is not None:
         check_device(device, "device")
+
+
+def _same_modules(first: Sequence[torch.nn.Module], second: Sequence[torch.nn.Module]) -> bool:
+    """Whether ``first`` and ``second`` hold the same module objects, in the same order."""
+    return len(first) == len(second) and all(a is b for a, b in zip(first, second))
 
 
 def _send_in_place(value, device: torch.device):

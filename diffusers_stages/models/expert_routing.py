@@ -426,6 +426,11 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         """Every expert is one unit for `device_map` (whatever its class declares)."""
         return sorted({type(expert).__name__ for expert in self.experts if expert is not None})
 
+    @property
+    def _repeated_blocks(self) -> list[str]:
+        """What diffusers' `compile_repeated_blocks` compiles: the blocks each loaded expert's class declares."""
+        return sorted({block for e in self.experts if e is not None for block in getattr(e, "_repeated_blocks", ())})
+
     def _set_gradient_checkpointing(
         self, enable: bool = True, gradient_checkpointing_func: Callable = torch.utils.checkpoint.checkpoint
     ) -> None:

@@ -580,3 +580,23 @@ def test_output_loading_info_has_diffusers_shape_with_the_containers_key_names(t
     assert set(info) == set(reference) and all(value == [] for value in info.values())
     _, info = ExpertRoutingModel.from_pretrained(tmp_path, output_loading_info=True, load_experts=[1])
     assert set(info) == set(reference)
+
+
+def test_compile_repeated_blocks_compiles_each_experts_repeated_blocks(tiny_cond_unet):
+    """diffusers' `compile_repeated_blocks` (`pipe.unet.compile_repeated_blocks()` of a Stable Diffusion pipeline whose
+    unet routes to experts) was a `ValueError` telling the user to set `_repeated_blocks` on the package's class,
+    though its experts declare theirs (`UNet2DConditionModel`: `BasicTransformerBlock`): the container now declares
+    the union of its experts', and experts that declare none are refused by diffusers, as each of them alone."""
+    model = ExpertRoutingModel([tiny_cond_unet(0), tiny_cond_unet(1)], stage_boundaries=(500,)).eval()
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expected = model(x, t, encoder_hidden_states=text).sample
+    assert model._repeated_blocks == ["BasicTransformerBlock"]
+    model.compile_repeated_blocks(backend="eager")
+    blocks = [m for m in model.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert blocks and all(block._compiled_call_impl is not None for block in blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, encoder_hidden_states=text).sample, expected)
+    plain = ExpertRoutingModel([_unet(TINY_UNET, 0), _unet(TINY_UNET, 1)], stage_boundaries=(500,))
+    with pytest.raises(ValueError, match="`_repeated_blocks` attribute is empty"):  # as `UNet2DModel` alone
+        plain.compile_repeated_blocks(backend="eager")

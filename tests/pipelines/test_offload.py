@@ -389,3 +389,31 @@ def test_a_pipeline_offloaded_to_disk_is_not_saved_with_its_placeholders(kind, t
         with pytest.raises(ValueError, match="group offloading to disk"):
             model.save_pretrained(tmp_path / "model")
         assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_component_swapped_in_after_enabling_is_offloaded_at_the_next_run(kind, monkeypatch):
+    """``pipe.unet = other`` (diffusers registers it unchecked) after `enable_stage_offload`: the hooks stayed on the
+    replaced component, whose networks (and shared encoder) were left on the accelerator, and the new one ran where
+    it was, on the CPU: a device mismatch on a GPU (here the stand-in accelerator of `tests/fake_cuda.py`). The next
+    run now offloads the pipeline's current components, and hands the replaced one back unhooked."""
+    from diffusers_stages.pipelines import offload
+    from tests.fake_cuda import fake_cuda
+
+    monkeypatch.setattr(offload, "check_device", lambda value, name: torch.device(value))  # "cuda": the stand-in
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    pipe, name = tiny_pipeline(kind), {"multistage": "unet", "experts": "experts", "dual_backbone": "deep"}[kind]
+    expected = _images(pipe, output_type="pt")
+    new = getattr(tiny_pipeline(kind), name)  # the same weights (same seed), never offloaded
+    with fake_cuda():
+        pipe.enable_stage_offload(device="cuda")
+        old, old_networks = getattr(pipe, name), list(pipe._stage_offload.units)
+        setattr(pipe, name, new)
+        torch.testing.assert_close(_images(pipe, output_type="pt").cpu(), expected, rtol=1e-4, atol=1e-4)
+        networks = [pipe.stage_network(s) for s in range(len(pipe._stage_offload.unit_of_stage))]
+        assert all(network._hf_hook.offload is pipe._stage_offload for network in networks)
+        replaced = [network for network in old_networks if not any(network is n for n in networks)]
+        assert replaced and not any(hasattr(network, "_hf_hook") for network in replaced)
+        assert {p.device.type for p in old.parameters()} == {"cpu"}  # the replaced component left the accelerator
+        pipe.disable_stage_offload()
+    assert {p.device.type for p in new.parameters()} == {"cpu"}
