@@ -121,11 +121,19 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
 
 
 def _check_experts(experts: torch.nn.Module) -> None:
-    """A `ValueError` for ``experts`` that are no `ExpertRoutingModel` (a single network has no stages to route)."""
-    if not isinstance(getattr(experts, "_orig_mod", experts), ExpertRoutingModel):  # a torch.compile'd one: its model
+    """A `ValueError` for ``experts`` that are no `ExpertRoutingModel` (a single network has no stages to route), or
+    one compiled as a whole, whose compiled forward the pipeline would never run (it calls each expert directly)."""
+    if not isinstance(getattr(experts, "_orig_mod", experts), ExpertRoutingModel):
         raise ValueError(
             f"`experts` must be an ExpertRoutingModel, got {type(experts).__name__}: wrap the denoisers, one per "
             "stage, as `ExpertRoutingModel([...], stage_boundaries=...)`."
+        )
+    if hasattr(experts, "_orig_mod") or getattr(experts, "_compiled_call_impl", None) is not None:
+        raise ValueError(
+            "`experts` is a compiled ExpertRoutingModel (`torch.compile(experts)` or `experts.compile()`), but this "
+            "pipeline calls each expert directly, not the container's forward, so nothing would run compiled: "
+            "compile the experts instead, with `experts.compile_stages(**compile_kwargs)` on the uncompiled "
+            "container (each expert compiled on its own), or `torch.compile` each expert."
         )
 
 

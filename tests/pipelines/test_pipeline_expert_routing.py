@@ -302,3 +302,25 @@ def test_latent_experts_decode_through_the_vae(tiny_unet_kwargs):
     pipe = _pipe(ExpertRoutingModel(experts, stage_boundaries=(500,)), DDIMScheduler(), vae)
     images = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
     assert images.shape == (2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "Module.compile"])
+def test_a_compiled_container_is_refused_naming_the_call_that_compiles_the_experts(different_experts, how):
+    # the pipeline calls each expert directly, never the container's forward: a compiled container compiled nothing
+    pipe = _pipe(_routing(different_experts, DDIMScheduler), DDIMScheduler())
+    if how == "torch.compile":
+        pipe.experts = torch.compile(pipe.experts, backend="eager")
+    else:
+        pipe.experts.compile(backend="eager")
+    with pytest.raises(ValueError, match=r"`experts`.*compile_stages"):
+        pipe(batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0))
+    with pytest.raises(ValueError, match=r"`experts`.*compile_stages"):
+        ExpertRoutingPipeline(experts=pipe.experts, scheduler=DDIMScheduler())
+
+
+def test_compiled_experts_sample_the_same_images(different_experts):
+    pipe = _pipe(_routing(different_experts, DDIMScheduler), DDIMScheduler())
+    expected = pipe(batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    pipe.experts.compile_stages(backend="eager")
+    images = pipe(batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    np.testing.assert_array_equal(images, expected)
