@@ -34,10 +34,10 @@ def test_the_session_script_is_valid_bash_and_passes_known_options():
         "benchmarks/run_evidence.py",
         "benchmarks/run_evidence.py",  # with Fashion-MNIST there, and without
     ]
-    # the scripts' own parsers, all started at once (each import of torch and diffusers takes seconds)
+    # the scripts' own parsers, each once, all started at once (each import of torch and diffusers takes seconds)
     helps = {
         script: subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        for script, _ in found
+        for script in dict.fromkeys(script for script, _ in found)
     }
     usages = {script: process.communicate()[0] for script, process in helps.items()}
     for script, options in found:
