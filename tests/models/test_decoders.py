@@ -505,3 +505,14 @@ def test_torch_compile_of_a_fused_model_traces_the_stacks_without_recompiling(mo
         assert breaks < 15, torch._dynamo.utils.counters["graph_break"]  # the routing's host reads, not 8 per stack
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_the_packed_nearest_upsampling_is_interpolate_with_its_gradients(memory_format):
+    x = torch.randn(2, 6, 3, 5).contiguous(memory_format=memory_format).requires_grad_()
+    weights = torch.randn(2, 6, 6, 10)
+    out = packed_module._nearest_2x(x)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    reference = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    (reference_grad,) = torch.autograd.grad((reference * weights).sum(), x)
+    assert torch.equal(out, reference) and torch.allclose(grad, reference_grad, atol=1e-6)
