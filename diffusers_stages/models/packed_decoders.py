@@ -132,6 +132,11 @@ def _nearest_2x(x: torch.Tensor) -> torch.Tensor:
     return out.view(n, channels, 2 * height, 2 * width)
 
 
+def _divided(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x / factor``, without a pass over ``x`` for the factor of 1 that diffusers' blocks default to (exact)."""
+    return x if factor == 1 else x / factor
+
+
 class _Packed:
     """The packed forward of a template decoder over stacked parameters ``params`` (name -> ``(S, ...)``)."""
 
@@ -211,7 +216,7 @@ class _Packed:
         hidden = self.conv(self.dropout(resnet.nonlinearity(hidden), resnet.dropout), resnet.conv2, f"{name}.conv2")
         if resnet.conv_shortcut is not None:
             x = self.conv(x, resnet.conv_shortcut, f"{name}.conv_shortcut")
-        return (x + hidden) / resnet.output_scale_factor
+        return _divided(x + hidden, resnet.output_scale_factor)
 
     def attention(self, x: torch.Tensor, attn: Attention, name: str) -> torch.Tensor:
         n, channels, height, width = x.shape
@@ -237,7 +242,7 @@ class _Packed:
         out = out.view(self.stages, n, height * width, channels).permute(1, 0, 3, 2).reshape(x.shape)
         if attn.residual_connection:
             out = out + x
-        return out / attn.rescale_output_factor
+        return _divided(out, attn.rescale_output_factor)
 
     def upsample(self, x: torch.Tensor, upsampler: Upsample2D, name: str) -> torch.Tensor:
         x = _nearest_2x(x)
