@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.resnet import ResnetBlock2D
 
 from diffusers_stages import MultiStageDDPMppUNet2DModel, MultiStageUNet2DModel
 from diffusers_stages.models import packed_decoders as packed_module
@@ -16,6 +17,7 @@ from diffusers_stages.models.decoders import StageDecoder, fused_decoders, stack
 from diffusers_stages.models.packed_decoders import packable
 from tests.conftest import TINY_UNET
 from tests.models.test_unet_multistage_ddpmpp import TINY as TINY_DDPMPP
+from tests.test_routing import _OpCounts
 
 BOUNDARIES = (250, 500, 750)  # four stages
 CASES = {
@@ -505,3 +507,40 @@ def test_torch_compile_of_a_fused_model_traces_the_stacks_without_recompiling(mo
         assert breaks < 15, torch._dynamo.utils.counters["graph_break"]  # the routing's host reads, not 8 per stack
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_the_packed_nearest_upsampling_is_interpolate_with_its_gradients(memory_format):
+    x = torch.randn(2, 6, 3, 5).contiguous(memory_format=memory_format).requires_grad_()
+    weights = torch.randn(2, 6, 6, 10)
+    out = packed_module._nearest_2x(x)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    reference = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    (reference_grad,) = torch.autograd.grad((reference * weights).sum(), x)
+    assert torch.equal(out, reference) and torch.allclose(grad, reference_grad, atol=1e-6)
+
+
+def test_the_packed_pass_divides_only_by_output_factors_other_than_one(model, monkeypatch):
+    model.eval()
+    inputs = []
+    forward = StageDecoder.forward
+
+    def captured(decoder, hidden, skips, emb):
+        inputs.append((hidden, list(skips), emb))
+        return forward(decoder, hidden, skips, emb)
+
+    monkeypatch.setattr(StageDecoder, "forward", captured)
+    with torch.no_grad():
+        model(torch.randn(4, 3, 8, 8), torch.full((4,), 10), class_labels=torch.arange(4))
+    monkeypatch.setattr(StageDecoder, "forward", forward)
+    hidden, skips, emb = inputs[0]  # 4 rows: 2 samples of each of 2 decoders
+    counts = _OpCounts()
+    with torch.no_grad(), counts:
+        fused_decoders(list(model.decoders[:2]))(hidden, list(skips), emb)
+    assert counts.counts["div"] == 0  # diffusers' factors are 1: no pass over the activations for them
+    for block in (module for decoder in model.decoders for module in decoder.modules()):
+        if isinstance(block, ResnetBlock2D):
+            block.output_scale_factor = 2.0
+        elif isinstance(block, Attention):
+            block.rescale_output_factor = 3.0
+    assert_same(run(model, CASES["even"], False), run(model, CASES["even"], True))
