@@ -25,7 +25,14 @@ from .sharding import gathered_networks, plain_class
 # the step as the loop writes it: ASCII digits without a leading zero (`\d` and `int` would take "checkpoint-01" and
 # other scripts' digits for a second folder of the same step)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
-COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it was interrupted
+COMPLETE_MARKER = "checkpoint_complete.json"  # written last, before the checkpoint gets its name
+# what a `checkpoint-<step>` folder without the marker is: a save writes a hidden folder and names it only once it is
+# marked complete, so an interrupted save leaves no such folder (the next run removes the hidden one)
+UNMARKED = (
+    f"no {COMPLETE_MARKER}, which these scripts write last, before a checkpoint gets its name: another program wrote "
+    "it (diffusers' own training scripts, for one, whose checkpoints do not resume here), or a diffusers-stages "
+    "version that did not mark checkpoints, or it was copied in part"
+)
 FINISHED_MARKER = "training_finished.json"  # in the last step's checkpoint, once the run's final outputs are written
 NOISE_SCHEDULER_FOLDER = "noise_scheduler"  # the training scheduler's config: resuming checks the schedule is the same
 PARTITION_FILE = "stage_partition.json"  # the stages the networks train on: resuming checks they are the same
@@ -64,8 +71,8 @@ def checkpoint_step(folder: str) -> int:
 
 def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
     """``"latest"`` -> the newest *complete* checkpoint in ``output_dir`` (None when there is no checkpoint yet), a
-    name -> that checkpoint of ``output_dir``, a path -> that path. A checkpoint that was interrupted while being
-    written is never resumed from: ``"latest"`` skips it, an explicit path to it is a `ValueError`, as is
+    name -> that checkpoint of ``output_dir``, a path -> that path. A checkpoint without its completeness marker
+    (``UNMARKED``) is never resumed from: ``"latest"`` skips it, an explicit path to it is a `ValueError`, as is
     ``"latest"`` when no checkpoint is complete."""
     if resume_from_checkpoint is None:
         return None
@@ -74,9 +81,8 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
     if resume_from_checkpoint == "latest":
         if folders and not complete:
             raise ValueError(
-                f"`--resume_from_checkpoint latest`: no checkpoint in {output_dir!r} is complete "
-                f"({_names(folders)} lack {COMPLETE_MARKER}: they were interrupted while being written). Start again "
-                "without `--resume_from_checkpoint`, with `--overwrite_output_dir`."
+                f"`--resume_from_checkpoint latest`: no checkpoint in {output_dir!r} is complete ({_names(folders)}: "
+                f"{UNMARKED}). Start again without `--resume_from_checkpoint`, with `--overwrite_output_dir`."
             )
         return _check_marked_step(complete[-1]) if complete else None
     # a bare name is a checkpoint of `output_dir` (as in diffusers' scripts), else of the current folder; a path is
@@ -92,8 +98,8 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
     checkpoint_step(path)
     if not is_complete(path):
         raise ValueError(
-            f"`--resume_from_checkpoint` {path!r} is incomplete (no {COMPLETE_MARKER}: it was interrupted while "
-            f"being written). Complete checkpoints in {output_dir!r}: {_names(complete) or 'none'}."
+            f"`--resume_from_checkpoint` {path!r} is incomplete ({UNMARKED}). Complete checkpoints in "
+            f"{output_dir!r}: {_names(complete) or 'none'}."
         )
     return _check_marked_step(path)
 

@@ -145,8 +145,24 @@ def test_latest_skips_incomplete_checkpoints_and_names_them(tmp_path):
     with pytest.raises(ValueError, match=r"'checkpoint-6' is not a checkpoint folder \(complete checkpoints in .*: "):
         resolve_resume_checkpoint(str(tmp_path), "checkpoint-6")
     os.remove(os.path.join(tmp_path, "checkpoint-2", COMPLETE_MARKER))
-    with pytest.raises(ValueError, match=r"no checkpoint in .* is complete \(checkpoint-2, checkpoint-4 lack"):
+    with pytest.raises(
+        ValueError, match=r"no checkpoint in .* is complete \(checkpoint-2, checkpoint-4: no checkpoint_complete"
+    ):
         resolve_resume_checkpoint(str(tmp_path), "latest")
+
+
+def test_a_checkpoint_without_the_marker_is_not_said_to_be_interrupted(tmp_path):
+    # the save writes a hidden folder and names it `checkpoint-<step>` only once marked complete, so a checkpoint
+    # without the marker was written by another program (diffusers' own training scripts write none), not left by
+    # an interrupted save, which both messages said it was
+    folder = tmp_path / "checkpoint-10"
+    for name in ("unet/diffusion_pytorch_model.safetensors", "optimizer.bin", "random_states_0.pkl"):
+        _touch(str(folder / name))  # as diffusers' train_unconditional.py leaves it
+    for given in ("latest", "checkpoint-10"):
+        with pytest.raises(ValueError) as error:
+            resolve_resume_checkpoint(str(tmp_path), given)
+        assert "interrupted while being written" not in str(error.value)
+        assert "diffusers' own training scripts" in str(error.value) and "checkpoint-10" in str(error.value)
 
 
 def test_pruning_keeps_complete_checkpoints_and_newer_incomplete_ones(tmp_path):
