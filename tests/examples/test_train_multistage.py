@@ -192,6 +192,24 @@ def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_
     assert not out.exists()
 
 
+def test_stage_shares_with_per_rank_sampling_is_refused_before_training(
+    examples, script, image_folder, tmp_path, monkeypatch, capsys
+):
+    # each process trains one stage under `per_rank`, so the shares cannot apply: on a launch of a multiple of the
+    # stage count they passed every check and were a ValueError from the timestep draw at the first training step
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    argv = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+            "--stage_sampling", "per_rank", "--stage_shares", "1,1,1"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert (
+        "`--stage_shares` [1.0, 1.0, 1.0] cannot be combined with `--stage_sampling per_rank`"
+        in capsys.readouterr().err
+    )
+    script.parse_args(argv[:-2])  # without the shares: a launch of 3 processes trains one stage each
+
+
 @pytest.mark.parametrize("shares", ["1,3", "3,1"])
 def test_fused_decoders_are_refused_only_where_no_split_of_the_batch_fuses(examples, script, image_folder, tmp_path,
                                                                            shares):  # fmt: skip
