@@ -351,6 +351,22 @@ def _check_same_networks(names: list[str], input_dir: str) -> None:
         )
 
 
+def _check_no_unused_ema(emas: dict[str, EMAModel], input_dir: str) -> None:
+    """Refuse to resume a checkpoint's EMA weights into a run that keeps none (`--use_ema` left out): they would be
+    dropped, and the final pipeline saved with the raw weights (the other way round, a missing EMA folder is refused
+    as it is read)."""
+    unused = sorted(
+        entry for entry in os.listdir(input_dir)
+        if entry.endswith("_ema") and entry[: -len("_ema")] not in emas
+        and os.path.isfile(os.path.join(input_dir, entry, "config.json"))
+    )  # fmt: skip
+    if unused:
+        raise ValueError(
+            f"Checkpoint {input_dir!r} holds the EMA weights {unused}, which this run would drop: resume it with "
+            "`--use_ema` (and the `--ema_*` options of the run that wrote it), or start a new run."
+        )
+
+
 def _check_same_config(model, loaded, name: str, input_dir: str) -> None:
     """Refuse to resume ``model`` from a checkpoint of another configuration (other model arguments than the run that
     wrote it), naming the values, rather than fail on the first mismatched tensor shape."""
@@ -512,6 +528,7 @@ def register_checkpoint_hooks(
         if noise_scheduler is not None:
             _check_same_noise_schedule(noise_scheduler, input_dir)
         _check_same_networks(names, input_dir)
+        _check_no_unused_ema(emas, input_dir)
         # (sharded: `models` is empty, Accelerate has loaded its shards, checked by `check_sharded_resume` first)
         for name, model in zip(names, models):
             model = accelerator.unwrap_model(model)

@@ -555,6 +555,34 @@ def test_resuming_reads_a_checkpoint_ema_strictly(tmp_path, corruption):
         GradientState._reset_state()
 
 
+def test_resuming_a_run_with_ema_without_it_is_refused(tmp_path):
+    # the EMA weights of the checkpoint were dropped in silence (the final pipeline then held the raw weights), while
+    # the other way round (`--use_ema` on a checkpoint without them) is refused
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from diffusers.training_utils import EMAModel
+
+    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
+
+    checkpoint = str(tmp_path / "checkpoint-1")
+    try:
+        for use_ema in (True, False):
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            accelerator = Accelerator(cpu=True)
+            network = UNet2DModel(**TINY_UNET)
+            ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config)
+            accelerator.prepare(network)
+            register_checkpoint_hooks(accelerator, ["unet"], {"unet": ema} if use_ema else {})
+            if use_ema:
+                accelerator.save_state(checkpoint)
+        with pytest.raises(ValueError, match=r"holds the EMA weights \['unet_ema'\].*`--use_ema`"):
+            accelerator.load_state(checkpoint)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 def test_a_file_named_like_the_checkpoint_being_saved_is_named_and_kept(tmp_path):
     # was renamed to a hidden leftover name, then rmtree raised NotADirectoryError
     (tmp_path / "checkpoint-4").write_text("notes")
