@@ -444,6 +444,15 @@ def _check_same_source(source: str | None, input_dir: str) -> None:
     )
 
 
+def check_resume_arguments(input_dir: str, noise_scheduler, source: str | None = None) -> None:
+    """The checks of resuming from ``input_dir`` that need no network: the fine-tuning source (``source``:
+    `--pretrained_model_name_or_path`, or None) and the noise schedule of the run that wrote it. The load hook of
+    `register_checkpoint_hooks` runs them; the loop runs them first, before any data is read."""
+    _check_same_source(source, input_dir)  # first: a source omitted changes the noise schedule too
+    if noise_scheduler is not None:
+        _check_same_noise_schedule(noise_scheduler, input_dir)
+
+
 def check_sharded_resume(
     input_dir: str, networks: dict, noise_scheduler, partition: TimestepPartition, source: str | None = None
 ) -> None:
@@ -451,8 +460,7 @@ def check_sharded_resume(
     `accelerator.load_state`: Accelerate loads an FSDP run's shards before the hook runs (and hands it no model), so
     a checkpoint of other model arguments would load (the same shapes) or fail on a tensor (other shapes).
     ``networks`` are the run's networks by name; their configs are compared with the checkpoint's, read only."""
-    _check_same_source(source, input_dir)
-    _check_same_noise_schedule(noise_scheduler, input_dir)
+    check_resume_arguments(input_dir, noise_scheduler, source)
     _check_same_networks(list(networks), input_dir)
     for name, network in networks.items():
         cls = plain_class(network)  # as saved (FSDP2's subclass writes no `auto_map`)
@@ -524,9 +532,7 @@ def register_checkpoint_hooks(
         weights.clear()  # the folders above hold the weights; accelerate must not save them again
 
     def load_hook(models, input_dir):
-        _check_same_source(source, input_dir)  # first: a source omitted changes the noise schedule too
-        if noise_scheduler is not None:
-            _check_same_noise_schedule(noise_scheduler, input_dir)
+        check_resume_arguments(input_dir, noise_scheduler, source)
         _check_same_networks(names, input_dir)
         _check_no_unused_ema(emas, input_dir)
         # (sharded: `models` is empty, Accelerate has loaded its shards, checked by `check_sharded_resume` first)

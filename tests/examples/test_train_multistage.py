@@ -324,6 +324,30 @@ def test_datasets_dataset_as_data_source(examples, script, image_folder, tmp_pat
     assert MultiStagePipeline.from_pretrained(out).unet.config.num_class_embeds == 4  # folders 0, 1, 2 + null label
 
 
+def test_resuming_with_another_noise_schedule_is_refused_before_the_data_are_read(
+    examples, script, image_folder, tmp_path, monkeypatch
+):
+    # the checkpoint's noise schedule (and fine-tuning source) were compared in the load hook only, once every image
+    # was decoded, the networks built and prepared: hours into a large data set's set-up
+    from diffusers_stages.training import loop
+
+    out = str(tmp_path / "run")
+    base = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--checkpointing_steps", "1"]
+    examples.train(script, [*base, "--max_train_steps", "1"])
+    monkeypatch.setattr(loop, "_read_records", lambda args: pytest.fail("the data was read"))
+    resumed = [
+        *base,
+        "--max_train_steps",
+        "2",
+        "--resume_from_checkpoint",
+        "latest",
+        "--prediction_type",
+        "v_prediction",
+    ]
+    with pytest.raises(ValueError, match=r"was written with another noise schedule \(`prediction_type` 'epsilon'"):
+        examples.train(script, resumed)
+
+
 @pytest.mark.parametrize(
     "changed, message",
     [
