@@ -166,7 +166,12 @@ def save_checkpoint(
     if accelerator.is_main_process and os.path.exists(partial):
         shutil.rmtree(partial)  # left by a run killed at this very step
     accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
+    try:
+        accelerator.save_state(partial)
+    except BaseException:  # (a full disk, say): as `publish_pipeline`, no partial folder is left behind
+        if accelerator.is_main_process:
+            _remove(partial, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         discard_checkpoints([folder for folder in replaced if checkpoint_step(folder) > step])

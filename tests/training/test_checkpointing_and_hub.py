@@ -407,6 +407,22 @@ def test_a_checkpoint_saved_after_resuming_from_an_older_one_is_kept(tmp_path):
     GradientState._reset_state()
 
 
+def test_a_checkpoint_save_that_fails_leaves_no_partial_folder(tmp_path):
+    # a save that raised (a full disk, say) left its `.checkpoint-<step>.partial` folder, as large as a checkpoint,
+    # until the next run: the final pipeline's save removes its partial folder when the writing fails
+    from diffusers_stages.training.checkpointing import is_complete, save_checkpoint
+
+    def save_state(folder):
+        _touch(os.path.join(folder, "optimizer.bin"))
+        raise OSError(28, "No space left on device")
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
+    kept = _checkpoint(tmp_path, 2)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(accelerator, str(tmp_path), 4, total_limit=1)
+    assert _names(tmp_path) == ["checkpoint-2"] and is_complete(kept)
+
+
 def test_push_leaves_out_the_logs_of_a_custom_logging_dir(tmp_path, monkeypatch):
     # `--logging_dir tb`: its TensorBoard files were uploaded (only `logs/*` was left out)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
