@@ -76,6 +76,11 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
     ``"latest"`` when no checkpoint is complete."""
     if resume_from_checkpoint is None:
         return None
+    if not resume_from_checkpoint.strip():  # (an unset shell variable): not the output folder itself
+        raise ValueError(
+            f"`--resume_from_checkpoint` {resume_from_checkpoint!r} names no checkpoint: give `latest`, a checkpoint "
+            "of `--output_dir` by name (`checkpoint-500`) or a checkpoint folder's path, or leave the option out."
+        )
     folders = checkpoint_folders(output_dir)
     complete = [folder for folder in folders if is_complete(folder)]
     if resume_from_checkpoint == "latest":

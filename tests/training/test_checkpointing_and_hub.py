@@ -92,6 +92,15 @@ def test_a_checkpoint_name_is_one_of_the_output_dir(tmp_path, monkeypatch):
     assert resolve_resume_checkpoint(str(tmp_path / "new"), "checkpoint-2") == "checkpoint-2"  # none in out: here
 
 
+@pytest.mark.parametrize("given", ["", " "])
+def test_an_empty_checkpoint_name_is_named_as_given(tmp_path, given):
+    # '' (an unset shell variable) was taken as the output folder itself: "must name a `checkpoint-<step>` folder,
+    # got '<output_dir>/'", a value the user never gave
+    _checkpoint(tmp_path, 2)
+    with pytest.raises(ValueError, match=f"`--resume_from_checkpoint` {given!r} names no checkpoint"):
+        resolve_resume_checkpoint(str(tmp_path), given)
+
+
 def test_the_noise_schedule_check_takes_a_config_of_another_diffusers_version(tmp_path):
     import json
 
