@@ -249,6 +249,8 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
         logger.warning(warning)
     replaced = _prepare_output_dir(accelerator, args, existing, resume_path)
     set_seed(args.seed)
+    if args.allow_tf32:  # as diffusers' train_text_to_image.py
+        torch.backends.cuda.matmul.allow_tf32 = True
 
     # 3. data: images, or VAE latents (encoded every step, or once up front)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
