@@ -222,6 +222,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Needs a GPU and `xformers`."
     )
     optim.add_argument(
+        "--allow_tf32", action="store_true",
+        help="Allow TF32 matrix products on Ampere and later GPUs (as diffusers' train_text_to_image.py; no effect on "
+        "CPU).",
+    )  # fmt: skip
+    optim.add_argument(
         "--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
         help="Default: accelerate config. fp16 needs a GPU; bf16 runs on CPU too.",
     )  # fmt: skip

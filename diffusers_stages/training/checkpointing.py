@@ -25,7 +25,14 @@ from .sharding import gathered_networks, plain_class
 # the step as the loop writes it: ASCII digits without a leading zero (`\d` and `int` would take "checkpoint-01" and
 # other scripts' digits for a second folder of the same step)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
-COMPLETE_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it was interrupted
+COMPLETE_MARKER = "checkpoint_complete.json"  # written last, before the checkpoint gets its name
+# what a `checkpoint-<step>` folder without the marker is: a save writes a hidden folder and names it only once it is
+# marked complete, so an interrupted save leaves no such folder (the next run removes the hidden one)
+UNMARKED = (
+    f"no {COMPLETE_MARKER}, which these scripts write last, before a checkpoint gets its name: another program wrote "
+    "it (diffusers' own training scripts, for one, whose checkpoints do not resume here), or a diffusers-stages "
+    "version that did not mark checkpoints, or it was copied in part"
+)
 FINISHED_MARKER = "training_finished.json"  # in the last step's checkpoint, once the run's final outputs are written
 NOISE_SCHEDULER_FOLDER = "noise_scheduler"  # the training scheduler's config: resuming checks the schedule is the same
 PARTITION_FILE = "stage_partition.json"  # the stages the networks train on: resuming checks they are the same
@@ -64,19 +71,23 @@ def checkpoint_step(folder: str) -> int:
 
 def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
     """``"latest"`` -> the newest *complete* checkpoint in ``output_dir`` (None when there is no checkpoint yet), a
-    name -> that checkpoint of ``output_dir``, a path -> that path. A checkpoint that was interrupted while being
-    written is never resumed from: ``"latest"`` skips it, an explicit path to it is a `ValueError`, as is
+    name -> that checkpoint of ``output_dir``, a path -> that path. A checkpoint without its completeness marker
+    (``UNMARKED``) is never resumed from: ``"latest"`` skips it, an explicit path to it is a `ValueError`, as is
     ``"latest"`` when no checkpoint is complete."""
     if resume_from_checkpoint is None:
         return None
+    if not resume_from_checkpoint.strip():  # (an unset shell variable): not the output folder itself
+        raise ValueError(
+            f"`--resume_from_checkpoint` {resume_from_checkpoint!r} names no checkpoint: give `latest`, a checkpoint "
+            "of `--output_dir` by name (`checkpoint-500`) or a checkpoint folder's path, or leave the option out."
+        )
     folders = checkpoint_folders(output_dir)
     complete = [folder for folder in folders if is_complete(folder)]
     if resume_from_checkpoint == "latest":
         if folders and not complete:
             raise ValueError(
-                f"`--resume_from_checkpoint latest`: no checkpoint in {output_dir!r} is complete "
-                f"({_names(folders)} lack {COMPLETE_MARKER}: they were interrupted while being written). Start again "
-                "without `--resume_from_checkpoint`, with `--overwrite_output_dir`."
+                f"`--resume_from_checkpoint latest`: no checkpoint in {output_dir!r} is complete ({_names(folders)}: "
+                f"{UNMARKED}). Start again without `--resume_from_checkpoint`, with `--overwrite_output_dir`."
             )
         return _check_marked_step(complete[-1]) if complete else None
     # a bare name is a checkpoint of `output_dir` (as in diffusers' scripts), else of the current folder; a path is
@@ -92,8 +103,8 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
     checkpoint_step(path)
     if not is_complete(path):
         raise ValueError(
-            f"`--resume_from_checkpoint` {path!r} is incomplete (no {COMPLETE_MARKER}: it was interrupted while "
-            f"being written). Complete checkpoints in {output_dir!r}: {_names(complete) or 'none'}."
+            f"`--resume_from_checkpoint` {path!r} is incomplete ({UNMARKED}). Complete checkpoints in "
+            f"{output_dir!r}: {_names(complete) or 'none'}."
         )
     return _check_marked_step(path)
 
@@ -160,7 +171,12 @@ def save_checkpoint(
     if accelerator.is_main_process and os.path.exists(partial):
         shutil.rmtree(partial)  # left by a run killed at this very step
     accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
+    try:
+        accelerator.save_state(partial)
+    except BaseException:  # (a full disk, say): as `publish_pipeline`, no partial folder is left behind
+        if accelerator.is_main_process:
+            _remove(partial, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         discard_checkpoints([folder for folder in replaced if checkpoint_step(folder) > step])
@@ -345,6 +361,22 @@ def _check_same_networks(names: list[str], input_dir: str) -> None:
         )
 
 
+def _check_no_unused_ema(emas: dict[str, EMAModel], input_dir: str) -> None:
+    """Refuse to resume a checkpoint's EMA weights into a run that keeps none (`--use_ema` left out): they would be
+    dropped, and the final pipeline saved with the raw weights (the other way round, a missing EMA folder is refused
+    as it is read)."""
+    unused = sorted(
+        entry for entry in os.listdir(input_dir)
+        if entry.endswith("_ema") and entry[: -len("_ema")] not in emas
+        and os.path.isfile(os.path.join(input_dir, entry, "config.json"))
+    )  # fmt: skip
+    if unused:
+        raise ValueError(
+            f"Checkpoint {input_dir!r} holds the EMA weights {unused}, which this run would drop: resume it with "
+            "`--use_ema` (and the `--ema_*` options of the run that wrote it), or start a new run."
+        )
+
+
 def _check_same_config(model, loaded, name: str, input_dir: str) -> None:
     """Refuse to resume ``model`` from a checkpoint of another configuration (other model arguments than the run that
     wrote it), naming the values, rather than fail on the first mismatched tensor shape."""
@@ -422,6 +454,15 @@ def _check_same_source(source: str | None, input_dir: str) -> None:
     )
 
 
+def check_resume_arguments(input_dir: str, noise_scheduler, source: str | None = None) -> None:
+    """The checks of resuming from ``input_dir`` that need no network: the fine-tuning source (``source``:
+    `--pretrained_model_name_or_path`, or None) and the noise schedule of the run that wrote it. The load hook of
+    `register_checkpoint_hooks` runs them; the loop runs them first, before any data is read."""
+    _check_same_source(source, input_dir)  # first: a source omitted changes the noise schedule too
+    if noise_scheduler is not None:
+        _check_same_noise_schedule(noise_scheduler, input_dir)
+
+
 def check_sharded_resume(
     input_dir: str, networks: dict, noise_scheduler, partition: TimestepPartition, source: str | None = None
 ) -> None:
@@ -429,8 +470,7 @@ def check_sharded_resume(
     `accelerator.load_state`: Accelerate loads an FSDP run's shards before the hook runs (and hands it no model), so
     a checkpoint of other model arguments would load (the same shapes) or fail on a tensor (other shapes).
     ``networks`` are the run's networks by name; their configs are compared with the checkpoint's, read only."""
-    _check_same_source(source, input_dir)
-    _check_same_noise_schedule(noise_scheduler, input_dir)
+    check_resume_arguments(input_dir, noise_scheduler, source)
     _check_same_networks(list(networks), input_dir)
     for name, network in networks.items():
         cls = plain_class(network)  # as saved (FSDP2's subclass writes no `auto_map`)
@@ -502,10 +542,9 @@ def register_checkpoint_hooks(
         weights.clear()  # the folders above hold the weights; accelerate must not save them again
 
     def load_hook(models, input_dir):
-        _check_same_source(source, input_dir)  # first: a source omitted changes the noise schedule too
-        if noise_scheduler is not None:
-            _check_same_noise_schedule(noise_scheduler, input_dir)
+        check_resume_arguments(input_dir, noise_scheduler, source)
         _check_same_networks(names, input_dir)
+        _check_no_unused_ema(emas, input_dir)
         # (sharded: `models` is empty, Accelerate has loaded its shards, checked by `check_sharded_resume` first)
         for name, model in zip(names, models):
             model = accelerator.unwrap_model(model)

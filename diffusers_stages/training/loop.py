@@ -41,6 +41,7 @@ from ..models.loading import (
 from ..pipelines.pipeline_staged import checked_id2label
 from .args import check_args, tracker_config
 from .checkpointing import (
+    check_resume_arguments,
     check_same_sharding,
     check_sharded_resume,
     checkpoint_folders,
@@ -221,6 +222,9 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     check_sampling_steps(args, task)
     check_networks(args, task)
     existing, resume_path = _check_output_dir(args)
+    source = getattr(args, "pretrained_model_name_or_path", None)  # a fine-tuning run's, checked on resuming
+    if resume_path is not None:  # the checkpoint's source and noise schedule: before the data are read
+        check_resume_arguments(resume_path, noise_schedulers(args, task.scheduler_config)[0], source)
     hub_repo_id = create_hub_repo(args) if args.push_to_hub else None  # `name` becomes `<user>/name`
     records = task.read_records(args)
     if records is None:
@@ -245,6 +249,8 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
         logger.warning(warning)
     replaced = _prepare_output_dir(accelerator, args, existing, resume_path)
     set_seed(args.seed)
+    if args.allow_tf32:  # as diffusers' train_text_to_image.py
+        torch.backends.cuda.matmul.allow_tf32 = True
 
     # 3. data: images, or VAE latents (encoded every step, or once up front)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -266,7 +272,6 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
         *networks.values(), optimizer, train_dataloader, lr_scheduler
     )
     noise_scheduler, sampling_scheduler = noise_schedulers(args, task.scheduler_config)
-    source = getattr(args, "pretrained_model_name_or_path", None)  # a fine-tuning run's, checked on resuming
     register_checkpoint_hooks(accelerator, list(networks), emas, noise_scheduler, task.partition, source)
     state = RunState(
         accelerator, args, task, list(networks), models, emas, optimizer, lr_scheduler, noise_scheduler,

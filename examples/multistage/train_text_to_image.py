@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         resolution=512, learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=500, class_dropout_prob=0.0,
         adam_beta1=0.9, adam_weight_decay=1e-2,
         prediction_type=None, output_dir="sd-model-finetuned-stages", ddpm_beta_schedule=None,
+        num_train_timesteps=None,
     )  # fmt: skip
     group = parser.add_argument_group("text-to-image")
     group.add_argument(

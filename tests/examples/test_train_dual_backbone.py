@@ -159,6 +159,13 @@ def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
             "(its shape: `--uvit_*`, `--deep_depth`)",
         ),
         (["--backbone", "early_exit", "--model_config", "unet.json"], "`--model_config` unet.json cannot be combined"),
+        *(  # were ignored in silence: both networks train on every timestep of every batch
+            (
+                ["--stage_sampling", scheme],
+                f"`--stage_sampling {scheme}` is not implemented for dual-backbone training",
+            )
+            for scheme in ("per_batch", "per_rank")
+        ),
     ],
 )
 def test_a_switch_the_pipeline_would_refuse_is_refused_before_training(

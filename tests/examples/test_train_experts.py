@@ -203,7 +203,13 @@ def test_expert_widths_count_the_blocks_of_unet2dmodels_default_widths(
         (["--expert_index", "4"], "`--expert_index` must be in [0, 4)"),
         (["--own_interval_probability", "0.9,0.5"], "`--own_interval_probability` needs one value per expert (4)"),
         (["--assignment", "hard", "--own_interval_probability", "0.9,0.5,0.5,0.5"], "is for `--assignment soft`"),
-        (["--expert_attention_shares", "1,0.5,0,0"], "must not decrease toward the noise end"),
+        # the three were named by the library's arguments (`attention_shares`, `block_out_channels`), not the options
+        (["--expert_attention_shares", "1,0.5,0,0"], "`--expert_attention_shares` must not decrease toward the noise"),
+        (["--expert_attention_shares", "2,2,2,2"], "`--expert_attention_shares` must hold 4 values in [0, 1], got"),
+        (
+            ["--expert_block_out_channels", "8,16", "8", "8,16", "8,16"],
+            "Every expert needs the same number of levels in `--expert_block_out_channels`, got",
+        ),
         (["--num_experts", "2"], "`--own_interval_probability` must be given for 2 experts"),
         (["--own_interval_probability", "0.8,0.4,0,0.1"], "values must be in (0, 1]"),
         (["--attention_head_dim", "3"], "must be multiples of `attention_head_dim`=3"),

@@ -192,6 +192,24 @@ def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_
     assert not out.exists()
 
 
+def test_stage_shares_with_per_rank_sampling_is_refused_before_training(
+    examples, script, image_folder, tmp_path, monkeypatch, capsys
+):
+    # each process trains one stage under `per_rank`, so the shares cannot apply: on a launch of a multiple of the
+    # stage count they passed every check and were a ValueError from the timestep draw at the first training step
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    argv = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+            "--stage_sampling", "per_rank", "--stage_shares", "1,1,1"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert (
+        "`--stage_shares` [1.0, 1.0, 1.0] cannot be combined with `--stage_sampling per_rank`"
+        in capsys.readouterr().err
+    )
+    script.parse_args(argv[:-2])  # without the shares: a launch of 3 processes trains one stage each
+
+
 @pytest.mark.parametrize("shares", ["1,3", "3,1"])
 def test_fused_decoders_are_refused_only_where_no_split_of_the_batch_fuses(examples, script, image_folder, tmp_path,
                                                                            shares):  # fmt: skip
@@ -304,6 +322,30 @@ def test_datasets_dataset_as_data_source(examples, script, image_folder, tmp_pat
     examples.train(script, [*examples.TINY, "--dataset_name", image_folder, "--cache_dir", str(tmp_path / "cache"), "--class_conditional",
          "--output_dir", out, "--max_train_steps", "1"])  # fmt: skip
     assert MultiStagePipeline.from_pretrained(out).unet.config.num_class_embeds == 4  # folders 0, 1, 2 + null label
+
+
+def test_resuming_with_another_noise_schedule_is_refused_before_the_data_are_read(
+    examples, script, image_folder, tmp_path, monkeypatch
+):
+    # the checkpoint's noise schedule (and fine-tuning source) were compared in the load hook only, once every image
+    # was decoded, the networks built and prepared: hours into a large data set's set-up
+    from diffusers_stages.training import loop
+
+    out = str(tmp_path / "run")
+    base = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--checkpointing_steps", "1"]
+    examples.train(script, [*base, "--max_train_steps", "1"])
+    monkeypatch.setattr(loop, "_read_records", lambda args: pytest.fail("the data was read"))
+    resumed = [
+        *base,
+        "--max_train_steps",
+        "2",
+        "--resume_from_checkpoint",
+        "latest",
+        "--prediction_type",
+        "v_prediction",
+    ]
+    with pytest.raises(ValueError, match=r"was written with another noise schedule \(`prediction_type` 'epsilon'"):
+        examples.train(script, resumed)
 
 
 @pytest.mark.parametrize(

@@ -266,6 +266,24 @@ def test_the_source_schedule_may_be_repeated(script, source, tmp_path):
     assert args.ddpm_beta_schedule == "linear" and args.vae_path is None
 
 
+def test_a_source_schedule_of_other_length_is_kept_without_the_option(script, source, tmp_path, capsys):
+    # `--num_train_timesteps` defaulted to 1000 here (its siblings to None, "given by the source"), so a source
+    # scheduler of another length was refused with "drop `--num_train_timesteps`", an option the user never gave
+    sd, data = source
+    config_file = os.path.join(sd, "scheduler", "scheduler_config.json")
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    with open(config_file, "w", encoding="utf-8") as f:
+        json.dump({**config, "num_train_timesteps": 500}, f)
+    argv = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--stage_boundaries", "200", "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    args = script.parse_args(argv)
+    assert script.build_task(script.TextToImageTask, args).partition.num_train_timesteps == 500
+    with pytest.raises(SystemExit):  # a length given that is not the source's is still refused
+        script.parse_args([*argv, "--num_train_timesteps", "1000"])
+    assert "`--num_train_timesteps` 1000 disagrees with the scheduler" in capsys.readouterr().err
+
+
 def test_the_optimiser_defaults_are_diffusers_text_to_image_ones(script, source, tmp_path):
     # were train_unconditional.py's (beta1 0.95, weight decay 1e-6) under the text-to-image learning-rate defaults
     sd, data = source

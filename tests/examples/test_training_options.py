@@ -406,6 +406,18 @@ def test_local_rank_is_taken_as_diffusers_scripts_take_it(examples, script, imag
     assert args.local_rank == 0
 
 
+def test_allow_tf32_is_taken_as_diffusers_text_to_image_takes_it(
+    examples, script, image_folder, tmp_path, monkeypatch
+):
+    # diffusers' train_text_to_image.py `--allow_tf32` was "unrecognized arguments", neither taken nor refused by name
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # restored after the test
+    argv = [*examples.TINY, "--train_data_dir", image_folder, "--max_train_steps", "1"]
+    examples.train(script, [*argv, "--output_dir", str(tmp_path / "a")])
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    examples.train(script, [*argv, "--output_dir", str(tmp_path / "b"), "--allow_tf32"])
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+
+
 def test_scale_lr_multiplies_the_learning_rate_as_diffusers_does(
     examples, script, image_folder, tmp_path, monkeypatch
 ):

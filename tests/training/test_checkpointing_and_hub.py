@@ -92,6 +92,15 @@ def test_a_checkpoint_name_is_one_of_the_output_dir(tmp_path, monkeypatch):
     assert resolve_resume_checkpoint(str(tmp_path / "new"), "checkpoint-2") == "checkpoint-2"  # none in out: here
 
 
+@pytest.mark.parametrize("given", ["", " "])
+def test_an_empty_checkpoint_name_is_named_as_given(tmp_path, given):
+    # '' (an unset shell variable) was taken as the output folder itself: "must name a `checkpoint-<step>` folder,
+    # got '<output_dir>/'", a value the user never gave
+    _checkpoint(tmp_path, 2)
+    with pytest.raises(ValueError, match=f"`--resume_from_checkpoint` {given!r} names no checkpoint"):
+        resolve_resume_checkpoint(str(tmp_path), given)
+
+
 def test_the_noise_schedule_check_takes_a_config_of_another_diffusers_version(tmp_path):
     import json
 
@@ -145,8 +154,24 @@ def test_latest_skips_incomplete_checkpoints_and_names_them(tmp_path):
     with pytest.raises(ValueError, match=r"'checkpoint-6' is not a checkpoint folder \(complete checkpoints in .*: "):
         resolve_resume_checkpoint(str(tmp_path), "checkpoint-6")
     os.remove(os.path.join(tmp_path, "checkpoint-2", COMPLETE_MARKER))
-    with pytest.raises(ValueError, match=r"no checkpoint in .* is complete \(checkpoint-2, checkpoint-4 lack"):
+    with pytest.raises(
+        ValueError, match=r"no checkpoint in .* is complete \(checkpoint-2, checkpoint-4: no checkpoint_complete"
+    ):
         resolve_resume_checkpoint(str(tmp_path), "latest")
+
+
+def test_a_checkpoint_without_the_marker_is_not_said_to_be_interrupted(tmp_path):
+    # the save writes a hidden folder and names it `checkpoint-<step>` only once marked complete, so a checkpoint
+    # without the marker was written by another program (diffusers' own training scripts write none), not left by
+    # an interrupted save, which both messages said it was
+    folder = tmp_path / "checkpoint-10"
+    for name in ("unet/diffusion_pytorch_model.safetensors", "optimizer.bin", "random_states_0.pkl"):
+        _touch(str(folder / name))  # as diffusers' train_unconditional.py leaves it
+    for given in ("latest", "checkpoint-10"):
+        with pytest.raises(ValueError) as error:
+            resolve_resume_checkpoint(str(tmp_path), given)
+        assert "interrupted while being written" not in str(error.value)
+        assert "diffusers' own training scripts" in str(error.value) and "checkpoint-10" in str(error.value)
 
 
 def test_pruning_keeps_complete_checkpoints_and_newer_incomplete_ones(tmp_path):
@@ -391,6 +416,22 @@ def test_a_checkpoint_saved_after_resuming_from_an_older_one_is_kept(tmp_path):
     GradientState._reset_state()
 
 
+def test_a_checkpoint_save_that_fails_leaves_no_partial_folder(tmp_path):
+    # a save that raised (a full disk, say) left its `.checkpoint-<step>.partial` folder, as large as a checkpoint,
+    # until the next run: the final pipeline's save removes its partial folder when the writing fails
+    from diffusers_stages.training.checkpointing import is_complete, save_checkpoint
+
+    def save_state(folder):
+        _touch(os.path.join(folder, "optimizer.bin"))
+        raise OSError(28, "No space left on device")
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
+    kept = _checkpoint(tmp_path, 2)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(accelerator, str(tmp_path), 4, total_limit=1)
+    assert _names(tmp_path) == ["checkpoint-2"] and is_complete(kept)
+
+
 def test_push_leaves_out_the_logs_of_a_custom_logging_dir(tmp_path, monkeypatch):
     # `--logging_dir tb`: its TensorBoard files were uploaded (only `logs/*` was left out)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -534,6 +575,34 @@ def test_resuming_reads_a_checkpoint_ema_strictly(tmp_path, corruption):
         assert all(torch.equal(a, b) for a, b in zip(shadow, ema.shadow_params, strict=True))  # left as it was
         assert ema.decay == decay
         assert model is not None
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def test_resuming_a_run_with_ema_without_it_is_refused(tmp_path):
+    # the EMA weights of the checkpoint were dropped in silence (the final pipeline then held the raw weights), while
+    # the other way round (`--use_ema` on a checkpoint without them) is refused
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from diffusers.training_utils import EMAModel
+
+    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
+
+    checkpoint = str(tmp_path / "checkpoint-1")
+    try:
+        for use_ema in (True, False):
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            accelerator = Accelerator(cpu=True)
+            network = UNet2DModel(**TINY_UNET)
+            ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config)
+            accelerator.prepare(network)
+            register_checkpoint_hooks(accelerator, ["unet"], {"unet": ema} if use_ema else {})
+            if use_ema:
+                accelerator.save_state(checkpoint)
+        with pytest.raises(ValueError, match=r"holds the EMA weights \['unet_ema'\].*`--use_ema`"):
+            accelerator.load_state(checkpoint)
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()

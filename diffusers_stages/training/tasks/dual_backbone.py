@@ -40,6 +40,12 @@ def check_backbone_arguments(args) -> None:
     widths = getattr(args, "shallow_block_out_channels", None)
     if widths is not None and not (widths and all(w > 0 for w in widths)):
         raise ValueError(f"`--shallow_block_out_channels` must be positive integers, got {list(widths)}.")
+    scheme = getattr(args, "stage_sampling", "mixed")  # the multi-stage scripts' option (shared parser)
+    if scheme != "mixed":
+        raise ValueError(
+            f"`--stage_sampling {scheme}` is not implemented for dual-backbone training (nor `--backbone "
+            "early_exit`): its networks train on every timestep of every batch. Drop it."
+        )
 
 
 def check_no_unet_arguments(args) -> None:

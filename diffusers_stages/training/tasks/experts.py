@@ -251,12 +251,17 @@ class ExpertTask(FineTuningTask):
         # MEME presets: iU-Nets, convolution-heavy near the data, attention-heavy toward the noise
         shape = scratch_shape(self.args)
         widths = self.args.expert_block_out_channels or tuple(shape["block_out_channels"])
-        configs = meme_expert_configs(
-            num_experts=self.partition.num_stages, block_out_channels=widths,
-            attention_shares=self.args.expert_attention_shares, layers_per_block=shape["layers_per_block"],
-            attention_head_dim=shape["attention_head_dim"], norm_num_groups=shape["norm_num_groups"],
-            dropout=shape["dropout"],
-        )  # fmt: skip
+        try:
+            configs = meme_expert_configs(
+                num_experts=self.partition.num_stages, block_out_channels=widths,
+                attention_shares=self.args.expert_attention_shares, layers_per_block=shape["layers_per_block"],
+                attention_head_dim=shape["attention_head_dim"], norm_num_groups=shape["norm_num_groups"],
+                dropout=shape["dropout"],
+            )  # fmt: skip
+        except ValueError as error:  # named by the options that gave the values, not the library's arguments
+            width_option = "expert_block_out_channels" if self.args.expert_block_out_channels else "block_out_channels"
+            message = str(error).replace("`attention_shares`", "`--expert_attention_shares`")
+            raise ValueError(message.replace("`block_out_channels`", f"`--{width_option}`")) from None
         return configs[expert]
 
     @property

@@ -19,7 +19,13 @@ from ...partition import TimestepPartition
 from ...pipelines import MultiStagePipeline
 from ...routing import fits_padding
 from ...timestep_sampling import most_even_stage_counts, stage_mass, stage_sampled_timesteps
-from ..args import UNET_SHAPE_OPTIONS, partition_from_args, read_model_config, unet_shape_kwargs
+from ..args import (
+    UNET_SHAPE_OPTIONS,
+    partition_from_args,
+    read_model_config,
+    refuse_given_options,
+    unet_shape_kwargs,
+)
 from ..hub import shared_name
 from .base import Draw, _unet_downsampling
 from .pretrained import FineTuningTask, PipelineSource
@@ -133,6 +139,9 @@ class MultiStageTask(FineTuningTask):
                 f"multiple of {partition.num_stages} processes (one per stage or more), got {launched}, or use "
                 "`--stage_sampling mixed` (every stage in every batch) or `per_batch`."
             )
+        if getattr(args, "stage_sampling", "mixed") == "per_rank":  # (else refused by the first step's draw)
+            refuse_given_options(args, ("stage_shares",), "`--stage_sampling per_rank`",
+                                 "each process trains one stage, every stage on an equal share of the processes")  # fmt: skip
         if self.source is not None and self.source.unet_config.get("augment_dim"):
             # EDM's augmentation embedding gets no gradient (the loop passes no augmentation labels): tell DDP
             self.find_unused_parameters = True
