@@ -7,6 +7,7 @@ from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
     EDMEulerScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -83,6 +84,19 @@ def test_step_fraction_counts_a_predictor_corrector_pair_as_one_step(backbones, 
     shallow, deep = backbones
     schedule = _dual(shallow, deep, scheduler_class(), switch_step_fraction=fraction).expert_schedule(steps)
     assert sum(stage == 1 for _, stage in schedule) == 2 * round(fraction * steps)  # pairs: predictor + corrector
+
+
+@pytest.mark.parametrize(
+    ("switch", "steps", "shallow_timesteps"),
+    [({"switch_timestep": 500.0}, 5, [999, 799, 599]), ({"switch_step_fraction": 0.5}, 6, [999, 832, 666])],
+)
+def test_a_singlestep_solvers_calls_route_each_by_its_own_noise_level(backbones, switch, steps, shallow_timesteps):
+    # as the README says: only a Heun/KDPM2 pair stays with one network; DPM-Solver's singlestep order-2 update of
+    # (599, 400) (5 steps) or (666, 500) (6 steps) has its first call on the shallow model and its second on the deep
+    shallow, deep = backbones
+    schedule = _dual(shallow, deep, DPMSolverSinglestepScheduler(), **switch).expert_schedule(steps)
+    assert [round(t) for t, stage in schedule if stage == 1] == shallow_timesteps
+    assert len(schedule) == steps  # every call counts as a step of the fraction
 
 
 def test_switch_sigma_follows_the_training_noise_schedule(backbones):
