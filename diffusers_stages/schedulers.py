@@ -76,7 +76,8 @@ UNSUPPORTED_SCHEDULERS = {
 
 def check_scheduler_supported(scheduler) -> None:
     """Refuse a scheduler of another model family (`UNSUPPORTED_SCHEDULERS`): its model timesteps are in no
-    partition's units, and its model output is not a DDPM- or EDM-style prediction."""
+    partition's units, and its model output is not a DDPM- or EDM-style prediction; and a flow-matching scheduler
+    with ``invert_sigmas=True``, whose timesteps run from the noisy end at 0."""
     for cls in type(scheduler).__mro__:
         if cls.__name__ in UNSUPPORTED_SCHEDULERS:
             raise ValueError(
@@ -85,6 +86,13 @@ def check_scheduler_supported(scheduler) -> None:
                 "scheduler (DDIMScheduler, EulerDiscreteScheduler, ...) or, for an EDM-style model, EDMEulerScheduler "
                 "or EDMDPMSolverMultistepScheduler."
             )
+    if scheduler.config.get("invert_sigmas"):  # a flow-matching scheduler set up for Mochi's reversed timesteps
+        name = type(scheduler).__name__
+        raise ValueError(
+            f"`scheduler` {name} has invert_sigmas=True (Mochi's convention): it conditions the model on "
+            "num_train_timesteps * (1 - sigma), 0 at the noisy end, which the stage boundaries (noise levels) would "
+            f"route backwards: use `{name}.from_config(scheduler.config, invert_sigmas=False)`."
+        )
 
 
 def scheduler_prediction_type(scheduler) -> str:

@@ -111,6 +111,16 @@ def test_schedulers_of_other_model_families_are_refused_by_name(name, conditioni
         scheduler_units(scheduler)
 
 
+@pytest.mark.parametrize("name", ["FlowMatchEulerDiscreteScheduler", "FlowMatchLCMScheduler"])
+def test_flow_matching_with_inverted_sigmas_is_refused(name):
+    # was: Mochi's `invert_sigmas=True` passes the model 1000 (1 - sigma), 0 at the noisy end, and the routing took
+    # it as a noise level: the first, noisiest calls went to the clean stage (a dual backbone's deep model)
+    scheduler = getattr(diffusers, name)(invert_sigmas=True)
+    with pytest.raises(ValueError, match=rf"{name} has invert_sigmas=True.*1 - sigma.*invert_sigmas=False"):
+        scheduler_units(scheduler)
+    assert scheduler_units(getattr(diffusers, name)()) == "timestep"
+
+
 def test_flow_matching_with_dynamic_shifting_is_refused_before_set_timesteps():
     # was: diffusers' "`mu` must be passed" from inside `set_timesteps`, which the pipelines give no way to pass
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
