@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from diffusers import DPMSolverSinglestepScheduler
+from diffusers import DPMSolverSinglestepScheduler, PNDMScheduler
 from diffusers.configuration_utils import register_to_config
 
 from .models.checks import positive_integer_arguments
@@ -263,7 +263,8 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
     copy of ``scheduler`` (no model is called; ``scheduler`` itself and the global random generator are left as they
     are). The copy keeps the state that is not in the config (FlowMatch's ``set_shift``), which a run's
     ``set_timesteps`` reads too. ``is_corrector`` marks the second call of a Heun-type predictor/corrector pair
-    (``state_in_first_order`` false), which must stay with its predictor's network.
+    (``state_in_first_order`` false, or the second call of PNDM's first PLMS step with ``skip_prk_steps=True``),
+    which must stay with its predictor's network.
 
     Example:
 
@@ -283,7 +284,10 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
         check_timesteps_from_step_count(scheduler, error)
         raise
     if not hasattr(scheduler, "state_in_first_order"):  # one model call per listed timestep: no dry steps needed
-        return [(float(t), False) for t in scheduler.timesteps]
+        # but PLMS's first step (PNDM without its Runge-Kutta warm-up) is Heun's: its second call, at the next
+        # timestep, is averaged with the first and steps from the first call's sample
+        plms_pair = isinstance(scheduler, PNDMScheduler) and scheduler.config.skip_prk_steps
+        return [(float(t), plms_pair and i == 1) for i, t in enumerate(scheduler.timesteps)]
     sample = torch.zeros(1, 1, 2, 2)
     step_kwargs = scheduler_step_kwargs(scheduler, generator=torch.Generator().manual_seed(0))
     calls = []

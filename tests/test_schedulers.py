@@ -388,6 +388,22 @@ def test_pndm_warm_up_needs_four_steps_and_is_refused_before_set_timesteps():
     assert len(model_call_timesteps(PNDMScheduler(skip_prk_steps=True), 3)) == 4
 
 
+@pytest.mark.parametrize(
+    ("steps", "calls"),
+    [
+        (4, [(750, False), (500, True), (500, False), (250, False), (0, False)]),
+        (2, [(500, False), (0, True), (0, False)]),
+    ],
+)
+def test_pndms_first_plms_step_is_a_predictor_corrector_pair(steps, calls):
+    # was: no call of PNDMScheduler(skip_prk_steps=True) marked a corrector, so a boundary between its first two
+    # timesteps sent the second call (averaged with the first, from the first's sample: Heun's rule) to another network
+    assert [
+        (round(t), corrector) for t, corrector in model_call_timesteps(PNDMScheduler(skip_prk_steps=True), steps)
+    ] == calls
+    assert not any(corrector for _, corrector in model_call_timesteps(PNDMScheduler(), 4))  # Runge-Kutta: call by call
+
+
 @pytest.mark.parametrize("steps", [0, -2, 2.5, True])
 def test_model_calls_need_a_positive_integer_step_count(steps):
     # was: [] for 0 or -2 and three calls for 2.5 (DDIM), a ZeroDivisionError or a TypeError elsewhere

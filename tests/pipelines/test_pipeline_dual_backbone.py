@@ -14,6 +14,7 @@ from diffusers import (
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
+    PNDMScheduler,
     UNet2DModel,
 )
 
@@ -97,6 +98,14 @@ def test_a_singlestep_solvers_calls_route_each_by_its_own_noise_level(backbones,
     schedule = _dual(shallow, deep, DPMSolverSinglestepScheduler(), **switch).expert_schedule(steps)
     assert [round(t) for t, stage in schedule if stage == 1] == shallow_timesteps
     assert len(schedule) == steps  # every call counts as a step of the fraction
+
+
+@pytest.mark.parametrize("switch", [{"switch_step_fraction": 0.25}, {"switch_timestep": 600.0}])
+def test_pndms_first_plms_pair_stays_on_the_shallow_model(backbones, switch):
+    # was: the second call of PLMS's first step (t=500, averaged with the t=750 one) ran on the deep model
+    shallow, deep = backbones
+    schedule = _dual(shallow, deep, PNDMScheduler(skip_prk_steps=True), **switch).expert_schedule(4)
+    assert schedule == [(750.0, 1), (500.0, 1), (500.0, 0), (250.0, 0), (0.0, 0)]
 
 
 def test_switch_sigma_follows_the_training_noise_schedule(backbones):
