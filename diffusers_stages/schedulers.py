@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from diffusers import DPMSolverSinglestepScheduler
+from diffusers import DPMSolverSinglestepScheduler, PNDMScheduler
 from diffusers.configuration_utils import register_to_config
 
 from .models.checks import positive_integer_arguments
@@ -76,7 +76,8 @@ UNSUPPORTED_SCHEDULERS = {
 
 def check_scheduler_supported(scheduler) -> None:
     """Refuse a scheduler of another model family (`UNSUPPORTED_SCHEDULERS`): its model timesteps are in no
-    partition's units, and its model output is not a DDPM- or EDM-style prediction."""
+    partition's units, and its model output is not a DDPM- or EDM-style prediction; and a flow-matching scheduler
+    with ``invert_sigmas=True``, whose timesteps run from the noisy end at 0."""
     for cls in type(scheduler).__mro__:
         if cls.__name__ in UNSUPPORTED_SCHEDULERS:
             raise ValueError(
@@ -85,6 +86,13 @@ def check_scheduler_supported(scheduler) -> None:
                 "scheduler (DDIMScheduler, EulerDiscreteScheduler, ...) or, for an EDM-style model, EDMEulerScheduler "
                 "or EDMDPMSolverMultistepScheduler."
             )
+    if scheduler.config.get("invert_sigmas"):  # a flow-matching scheduler set up for Mochi's reversed timesteps
+        name = type(scheduler).__name__
+        raise ValueError(
+            f"`scheduler` {name} has invert_sigmas=True (Mochi's convention): it conditions the model on "
+            "num_train_timesteps * (1 - sigma), 0 at the noisy end, which the stage boundaries (noise levels) would "
+            f"route backwards: use `{name}.from_config(scheduler.config, invert_sigmas=False)`."
+        )
 
 
 def scheduler_prediction_type(scheduler) -> str:
@@ -255,7 +263,8 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
     copy of ``scheduler`` (no model is called; ``scheduler`` itself and the global random generator are left as they
     are). The copy keeps the state that is not in the config (FlowMatch's ``set_shift``), which a run's
     ``set_timesteps`` reads too. ``is_corrector`` marks the second call of a Heun-type predictor/corrector pair
-    (``state_in_first_order`` false), which must stay with its predictor's network.
+    (``state_in_first_order`` false, or the second call of PNDM's first PLMS step with ``skip_prk_steps=True``),
+    which must stay with its predictor's network.
 
     Example:
 
@@ -275,7 +284,10 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
         check_timesteps_from_step_count(scheduler, error)
         raise
     if not hasattr(scheduler, "state_in_first_order"):  # one model call per listed timestep: no dry steps needed
-        return [(float(t), False) for t in scheduler.timesteps]
+        # but PLMS's first step (PNDM without its Runge-Kutta warm-up) is Heun's: its second call, at the next
+        # timestep, is averaged with the first and steps from the first call's sample
+        plms_pair = isinstance(scheduler, PNDMScheduler) and scheduler.config.skip_prk_steps
+        return [(float(t), plms_pair and i == 1) for i, t in enumerate(scheduler.timesteps)]
     sample = torch.zeros(1, 1, 2, 2)
     step_kwargs = scheduler_step_kwargs(scheduler, generator=torch.Generator().manual_seed(0))
     calls = []

@@ -52,9 +52,10 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
     of ``DEFAULT_SWITCH_STEP_FRACTION`` = 0.4) and saved in the pipeline's config:
 
     - ``switch_step_fraction``: the shallow model runs the first ``round(f * num_inference_steps)`` steps (at least
-      one step each). It is resolved at every call from the scheduler's timesteps after ``set_timesteps``, so it
-      means the same share of steps for any step count; the boundary is put halfway between the last shallow step's
-      timestep and the first deep one's.
+      one step each; a Heun/KDPM2 predictor/corrector pair is one step, each timestep of DPM-Solver's singlestep
+      updates and of PNDM's Runge-Kutta warm-up is one: README, "Routing by noise level"). It is resolved at every
+      call from the scheduler's timesteps after ``set_timesteps``, so it means the same share of steps for any step
+      count; the boundary is put halfway between the last shallow step's timestep and the first deep one's.
     - ``switch_timestep``: a training timestep; the shallow model runs every call at ``t >= switch_timestep``, the
       rule `WanPipeline` applies to its high-noise ``transformer`` (Wan 2.2's ``boundary_ratio`` r is
       ``switch_timestep = r * num_train_timesteps``, a fraction of the timestep range, not ``switch_step_fraction``).

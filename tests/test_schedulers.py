@@ -111,6 +111,16 @@ def test_schedulers_of_other_model_families_are_refused_by_name(name, conditioni
         scheduler_units(scheduler)
 
 
+@pytest.mark.parametrize("name", ["FlowMatchEulerDiscreteScheduler", "FlowMatchLCMScheduler"])
+def test_flow_matching_with_inverted_sigmas_is_refused(name):
+    # was: Mochi's `invert_sigmas=True` passes the model 1000 (1 - sigma), 0 at the noisy end, and the routing took
+    # it as a noise level: the first, noisiest calls went to the clean stage (a dual backbone's deep model)
+    scheduler = getattr(diffusers, name)(invert_sigmas=True)
+    with pytest.raises(ValueError, match=rf"{name} has invert_sigmas=True.*1 - sigma.*invert_sigmas=False"):
+        scheduler_units(scheduler)
+    assert scheduler_units(getattr(diffusers, name)()) == "timestep"
+
+
 def test_flow_matching_with_dynamic_shifting_is_refused_before_set_timesteps():
     # was: diffusers' "`mu` must be passed" from inside `set_timesteps`, which the pipelines give no way to pass
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
@@ -376,6 +386,22 @@ def test_pndm_warm_up_needs_four_steps_and_is_refused_before_set_timesteps():
         model_call_timesteps(PNDMScheduler(), 3)
     assert len(model_call_timesteps(PNDMScheduler(), 4)) == 13  # 4 Runge-Kutta steps of 3 calls, then one PLMS
     assert len(model_call_timesteps(PNDMScheduler(skip_prk_steps=True), 3)) == 4
+
+
+@pytest.mark.parametrize(
+    ("steps", "calls"),
+    [
+        (4, [(750, False), (500, True), (500, False), (250, False), (0, False)]),
+        (2, [(500, False), (0, True), (0, False)]),
+    ],
+)
+def test_pndms_first_plms_step_is_a_predictor_corrector_pair(steps, calls):
+    # was: no call of PNDMScheduler(skip_prk_steps=True) marked a corrector, so a boundary between its first two
+    # timesteps sent the second call (averaged with the first, from the first's sample: Heun's rule) to another network
+    assert [
+        (round(t), corrector) for t, corrector in model_call_timesteps(PNDMScheduler(skip_prk_steps=True), steps)
+    ] == calls
+    assert not any(corrector for _, corrector in model_call_timesteps(PNDMScheduler(), 4))  # Runge-Kutta: call by call
 
 
 @pytest.mark.parametrize("steps", [0, -2, 2.5, True])

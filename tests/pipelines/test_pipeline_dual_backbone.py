@@ -7,12 +7,14 @@ from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
     EDMEulerScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
+    PNDMScheduler,
     UNet2DModel,
 )
 
@@ -83,6 +85,27 @@ def test_step_fraction_counts_a_predictor_corrector_pair_as_one_step(backbones, 
     shallow, deep = backbones
     schedule = _dual(shallow, deep, scheduler_class(), switch_step_fraction=fraction).expert_schedule(steps)
     assert sum(stage == 1 for _, stage in schedule) == 2 * round(fraction * steps)  # pairs: predictor + corrector
+
+
+@pytest.mark.parametrize(
+    ("switch", "steps", "shallow_timesteps"),
+    [({"switch_timestep": 500.0}, 5, [999, 799, 599]), ({"switch_step_fraction": 0.5}, 6, [999, 832, 666])],
+)
+def test_a_singlestep_solvers_calls_route_each_by_its_own_noise_level(backbones, switch, steps, shallow_timesteps):
+    # as the README says: only a Heun/KDPM2 pair stays with one network; DPM-Solver's singlestep order-2 update of
+    # (599, 400) (5 steps) or (666, 500) (6 steps) has its first call on the shallow model and its second on the deep
+    shallow, deep = backbones
+    schedule = _dual(shallow, deep, DPMSolverSinglestepScheduler(), **switch).expert_schedule(steps)
+    assert [round(t) for t, stage in schedule if stage == 1] == shallow_timesteps
+    assert len(schedule) == steps  # every call counts as a step of the fraction
+
+
+@pytest.mark.parametrize("switch", [{"switch_step_fraction": 0.25}, {"switch_timestep": 600.0}])
+def test_pndms_first_plms_pair_stays_on_the_shallow_model(backbones, switch):
+    # was: the second call of PLMS's first step (t=500, averaged with the t=750 one) ran on the deep model
+    shallow, deep = backbones
+    schedule = _dual(shallow, deep, PNDMScheduler(skip_prk_steps=True), **switch).expert_schedule(4)
+    assert schedule == [(750.0, 1), (500.0, 1), (500.0, 0), (250.0, 0), (0.0, 0)]
 
 
 def test_switch_sigma_follows_the_training_noise_schedule(backbones):
