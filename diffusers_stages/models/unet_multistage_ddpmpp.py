@@ -42,7 +42,7 @@ from torch import nn
 
 from ..conventions import DEFAULT_SIGMA_BOUNDARIES, num_data_classes
 from ..partition import TimestepPartition
-from .checks import check_positive_integers, compute_dtype
+from .checks import check_norm_eps_and_dropout, check_positive_integers, compute_dtype
 from .loading import StrictLoadingMixin
 from .staged import StagedModelMixin
 
@@ -326,8 +326,9 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
         # 0. check the configuration (every problem is a ValueError that names the argument) and keep the partition
         check_positive_integers(
             in_channels=in_channels, out_channels=out_channels, encoder_channels=encoder_channels,
-            channel_mult_emb=channel_mult_emb, layers_per_block=layers_per_block,
+            channel_mult_emb=channel_mult_emb, layers_per_block=layers_per_block, norm_num_groups=norm_num_groups,
         )  # fmt: skip
+        check_norm_eps_and_dropout(norm_eps, dropout)
         if not isinstance(channel_mult, Sequence) or not channel_mult:
             raise ValueError(f"`channel_mult` must be positive integers, one per level, got {channel_mult!r}.")
         check_positive_integers(**{f"channel_mult[{i}]": m for i, m in enumerate(channel_mult)})
