@@ -251,7 +251,8 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
         channel_mult (`tuple[int]`, defaults to `(2, 2, 2)`): width multiplier per resolution level.
         channel_mult_emb (`int`, defaults to 4): embedding width = ``encoder_channels * channel_mult_emb``.
         layers_per_block (`int`, defaults to 4): blocks per level in the encoder (the decoders have one more).
-        attention_resolutions (`tuple[int]`, defaults to `(16,)`): resolutions with self-attention.
+        attention_resolutions (`tuple[int]`, defaults to `(16,)`): the map sizes with self-attention (``sample_size``
+            halved per level; a size no level has is a `ValueError`).
         dropout (`float`, defaults to 0.13): dropout inside the residual blocks.
         num_class_embeds (`int`, *optional*): class-conditional when given: ``num_class_embeds - 1`` classes, fed
             as scaled one-hot vectors (EDM's ``map_label``), and the last label meaning "no class" (the zero vector,
@@ -345,6 +346,14 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
             )
         self.partition = self._check_config(stage_boundaries, num_train_timesteps, boundary_units, decoder_channels,
                                             sample_size, channel_mult, num_class_embeds)  # fmt: skip
+        sizes = [sample_size >> level for level in range(len(channel_mult))]
+        absent = [r for r in attention_resolutions if r not in sizes]
+        if absent:  # else built without that attention, silently
+            raise ValueError(
+                f"`attention_resolutions`={tuple(attention_resolutions)} must be map sizes of this model: "
+                f"{', '.join(map(str, sizes))} (`sample_size`={sample_size} halved per level of "
+                f"`channel_mult`={tuple(channel_mult)}), got {', '.join(map(repr, absent))}."
+            )
         self.register_to_config(stage_boundaries=list(self.partition.boundaries))  # floats: JSON whatever was given
         kernel = self._check_options(resample_filter, encoder_type)
         noise_channels, emb_channels = encoder_channels, encoder_channels * channel_mult_emb
