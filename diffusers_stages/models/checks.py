@@ -70,6 +70,16 @@ def positive_integer_arguments(optional: tuple[str, ...] = (), **values) -> tupl
     return tuple(None if value is None else int(value) for value in values.values())
 
 
+def check_norm_eps_and_dropout(norm_eps: object, dropout: object) -> None:
+    """A `ValueError` naming ``norm_eps`` unless it is a positive finite number (NaN makes every output NaN, a negative
+    one the norms of flat groups, 0 divides by zero on a flat map) or ``dropout`` unless it is a number in ``[0, 1)``
+    (1 drops every residual branch; torch's own errors name neither, some only in the first training forward)."""
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, numbers.Real) or not 0 < norm_eps < math.inf:
+        raise ValueError(f"`norm_eps` must be a positive finite number, got {norm_eps!r}.")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+        raise ValueError(f"`dropout` must be a number in [0, 1), got {dropout!r}.")
+
+
 def _is_integral(value: object) -> bool:
     """Whether ``value`` is an integer of any kind (`numbers.Integral`: Python's, numpy's), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -16,7 +16,6 @@ the pipelines unchanged.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -34,6 +33,7 @@ from torch import nn
 
 from .checks import (
     check_class_labels,
+    check_norm_eps_and_dropout,
     check_positive_integers,
     check_sample,
     check_sample_size,
@@ -341,12 +341,7 @@ class IUNet2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         check_sample_size(other.get("sample_size"))
         given = {name: other[name] for name in ("in_channels", "out_channels", "num_class_embeds") if name in other}
         check_positive_integers(("num_class_embeds",), **given)
-        eps, dropout = other.get("norm_eps", 1.0), other.get("dropout", 0.0)
-        # a nan epsilon makes every output nan, 0 divides by zero on a flat map; a dropout of 1 drops every branch
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
-            raise ValueError(f"`norm_eps` must be a positive finite number, got {eps!r}.")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
-            raise ValueError(f"`dropout` must be a number in [0, 1), got {dropout!r}.")
+        check_norm_eps_and_dropout(other.get("norm_eps", 1.0), other.get("dropout", 0.0))
         return ratios, pools
 
     def forward(

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..conventions import DEFAULT_SIGMA_BOUNDARIES, num_data_classes
 from ..partition import TimestepPartition
-from .checks import check_positive_integers, compute_dtype
+from .checks import check_norm_eps_and_dropout, check_positive_integers, compute_dtype
 from .loading import StrictLoadingMixin
 from .staged import StagedModelMixin
 
@@ -251,7 +251,8 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
         channel_mult (`tuple[int]`, defaults to `(2, 2, 2)`): width multiplier per resolution level.
         channel_mult_emb (`int`, defaults to 4): embedding width = ``encoder_channels * channel_mult_emb``.
         layers_per_block (`int`, defaults to 4): blocks per level in the encoder (the decoders have one more).
-        attention_resolutions (`tuple[int]`, defaults to `(16,)`): resolutions with self-attention.
+        attention_resolutions (`tuple[int]`, defaults to `(16,)`): the map sizes with self-attention (``sample_size``
+            halved per level; a size no level has is a `ValueError`).
         dropout (`float`, defaults to 0.13): dropout inside the residual blocks.
         num_class_embeds (`int`, *optional*): class-conditional when given: ``num_class_embeds - 1`` classes, fed
             as scaled one-hot vectors (EDM's ``map_label``), and the last label meaning "no class" (the zero vector,
@@ -326,8 +327,9 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
         # 0. check the configuration (every problem is a ValueError that names the argument) and keep the partition
         check_positive_integers(
             in_channels=in_channels, out_channels=out_channels, encoder_channels=encoder_channels,
-            channel_mult_emb=channel_mult_emb, layers_per_block=layers_per_block,
+            channel_mult_emb=channel_mult_emb, layers_per_block=layers_per_block, norm_num_groups=norm_num_groups,
         )  # fmt: skip
+        check_norm_eps_and_dropout(norm_eps, dropout)
         if not isinstance(channel_mult, Sequence) or not channel_mult:
             raise ValueError(f"`channel_mult` must be positive integers, one per level, got {channel_mult!r}.")
         check_positive_integers(**{f"channel_mult[{i}]": m for i, m in enumerate(channel_mult)})
@@ -344,6 +346,14 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
             )
         self.partition = self._check_config(stage_boundaries, num_train_timesteps, boundary_units, decoder_channels,
                                             sample_size, channel_mult, num_class_embeds)  # fmt: skip
+        sizes = [sample_size >> level for level in range(len(channel_mult))]
+        absent = [r for r in attention_resolutions if r not in sizes]
+        if absent:  # else built without that attention, silently
+            raise ValueError(
+                f"`attention_resolutions`={tuple(attention_resolutions)} must be map sizes of this model: "
+                f"{', '.join(map(str, sizes))} (`sample_size`={sample_size} halved per level of "
+                f"`channel_mult`={tuple(channel_mult)}), got {', '.join(map(repr, absent))}."
+            )
         self.register_to_config(stage_boundaries=list(self.partition.boundaries))  # floats: JSON whatever was given
         kernel = self._check_options(resample_filter, encoder_type)
         noise_channels, emb_channels = encoder_channels, encoder_channels * channel_mult_emb

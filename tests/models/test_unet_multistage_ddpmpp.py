@@ -147,6 +147,22 @@ def test_augment_labels_of_another_shape_are_named(shape):
         ("num_class_embeds", 4.0, r"`num_class_embeds` must be an integer >= 2 .*got 4.0"),
         ("num_class_embeds", "4", r"`num_class_embeds` must be an integer >= 2 .*got '4'"),
         ("num_class_embeds", True, r"`num_class_embeds` must be an integer >= 2 .*got True"),
+        # every output NaN (nan, a negative epsilon), or torch's errors without the argument's name, some only in
+        # the first training forward (a NaN dropout), or a TypeError (a string dropout, a bool group count)
+        ("norm_eps", float("nan"), "`norm_eps` must be a positive finite number, got nan"),
+        ("norm_eps", -1.0, "`norm_eps` must be a positive finite number, got -1.0"),
+        ("dropout", float("nan"), r"`dropout` must be a number in \[0, 1\), got nan"),
+        ("dropout", 1.5, r"`dropout` must be a number in \[0, 1\), got 1.5"),
+        ("dropout", "0.1", r"`dropout` must be a number in \[0, 1\), got '0.1'"),
+        ("norm_num_groups", True, "`norm_num_groups` must be a positive integer, got True"),
+        ("norm_num_groups", 2.5, "`norm_num_groups` must be a positive integer, got 2.5"),
+        # a size no level has (the default (16,) at 8x8): built silently, with attention only in the middle blocks
+        (
+            "attention_resolutions",
+            (16,),
+            r"`attention_resolutions`=\(16,\) must be map sizes of this model: 8, 4 \(`sample_size`=8 halved per "
+            r"level of `channel_mult`=\(1, 2\)\), got 16",
+        ),
     ],
 )
 def test_bad_sizes_name_the_argument_and_the_value(name, value, message):
