@@ -71,6 +71,12 @@ UNSUPPORTED_SCHEDULERS = {
     "MiniMaxH3Scheduler": "MiniMax-H3's rectified flow: it conditions the model on t = 1 - sigma in [0, 1] (1: clean)",
     # an EDM-style scheduler (it has `precondition_noise`), but its c_noise is atan(sigma) 2/pi, not ln(sigma)/4
     "CosineDPMSolverMultistepScheduler": "Stable Audio's cosine schedule: it conditions the model on atan(sigma) 2/pi",
+    # discrete-token models: their steps unmask or resample token indices, not denoise a continuous sample
+    "AmusedScheduler": "masked image tokens (aMUSEd): it conditions the model on token masks, not a noise level",
+    "VQDiffusionScheduler": "discrete tokens (VQ-Diffusion): its steps resample token indices from class probabilities",
+    "DiscreteDDIMScheduler": "discrete tokens (uniform corruption): its steps resample token indices from logits",
+    "EntropyBoundScheduler": "discrete tokens (uniform corruption): its steps resample token indices from logits",
+    "BlockRefinementScheduler": "discrete tokens refined block by block: its steps commit token indices by confidence",
 }
 
 

@@ -96,6 +96,12 @@ def test_a_consistency_model_scheduler_is_refused_by_name():
         # were: every call routed to stage 0 (timesteps in [0, 1]), silently; MiniMax-H3's run from 0 (noise) to 1
         ("DDPMWuerstchenScheduler", r"ratio r in \[0, 1\]"),
         ("MiniMaxH3Scheduler", r"1 - sigma in \[0, 1\]"),
+        # discrete-token schedulers: were a prediction-type error naming flow matching, or a shape error in diffusers
+        ("AmusedScheduler", "masked image tokens"),
+        ("VQDiffusionScheduler", "discrete tokens"),
+        ("DiscreteDDIMScheduler", "discrete tokens"),
+        ("EntropyBoundScheduler", "discrete tokens"),
+        ("BlockRefinementScheduler", "discrete tokens"),
     ],
 )
 def test_schedulers_of_other_model_families_are_refused_by_name(name, conditioning):
@@ -106,7 +112,9 @@ def test_schedulers_of_other_model_families_are_refused_by_name(name, conditioni
         cls = getattr(diffusers, name)
         # CosineDPMSolverMultistepScheduler needs torchsde to be built (diffusers' stand-in class without it): the
         # refusal reads only the class, so an instance that skips __init__ checks it either way
-        scheduler = object.__new__(cls) if name == "CosineDPMSolverMultistepScheduler" else cls()
+        # (aMUSEd's and VQ-Diffusion's take token counts to be built: the same)
+        bare = ("CosineDPMSolverMultistepScheduler", "AmusedScheduler", "VQDiffusionScheduler")
+        scheduler = object.__new__(cls) if name in bare else cls()
     with pytest.raises(ValueError, match=rf"{name} samples .*{conditioning}.*DDIMScheduler"):
         scheduler_units(scheduler)
 
