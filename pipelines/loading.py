@@ -316,11 +316,16 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
     kwargs.pop("dtype", None)
     check_dtype(kwargs.get("torch_dtype"), dtype_name)
     folder = str(pretrained_model_name_or_path)
-    if not os.path.isdir(folder):
+    from_hub = not os.path.isdir(folder)
+    if from_hub:
         folder = download_weights(folder, **{k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs})
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
-        raise ValueError(f"{pretrained_model_name_or_path} has no `model_index.json`: it is not a saved pipeline.")
+        # offline (`local_files_only`, `HF_HUB_OFFLINE`) the cache holds only what earlier loads fetched
+        partly = f" in the Hub cache ({folder}), or only part of it is there: load it once online" if from_hub else ""
+        raise ValueError(
+            f"{pretrained_model_name_or_path} has no `model_index.json`: it is not a saved pipeline{partly}."
+        )
     check_folder_files(folder)
     index = read_json(index_path, "model_index.json")
     pipeline_class = resolve_pipeline_class(cls, index.get("_class_name"))

@@ -111,7 +111,8 @@ def refuse_other_model_class(
 def _cached_snapshot(repo_id: str | os.PathLike, kwargs: dict) -> str | None:
     """The local snapshot folder (with ``kwargs``' subfolder) of Hub repository ``repo_id`` that `from_pretrained`
     (called with ``kwargs``) has just loaded from, found in the cache without any download; `None`, with a warning
-    that the integer-weights check was skipped, where the cache does not say (a cache laid out by other tools)."""
+    that the integer-weights and link checks were skipped, where the cache does not say (a cache laid out by other
+    tools)."""
     from huggingface_hub import snapshot_download
 
     where = {k: kwargs[k] for k in ("cache_dir", "revision") if kwargs.get(k) is not None}
@@ -120,7 +121,8 @@ def _cached_snapshot(repo_id: str | os.PathLike, kwargs: dict) -> str | None:
     except (OSError, ValueError) as error:  # huggingface_hub's LocalEntryNotFoundError is both
         warnings.warn(
             f"The weights of {repo_id!r} were loaded, but its snapshot was not found in the Hub cache ({error}), so "
-            "they were not checked for floating-point weights stored as integers (which diffusers casts silently).",
+            "they were not checked for floating-point weights stored as integers (which diffusers casts silently) "
+            "nor for files that link out of the repository's cache.",
             stacklevel=4,  # the caller of `from_pretrained`
         )
         return None
@@ -362,9 +364,10 @@ def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
 
 def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: dict) -> tuple:
     """``load(path, output_loading_info=True, **kwargs)`` (a `from_pretrained`) with the strict checks: for a local
-    folder, a subfolder that leads out of it and files that do are refused before loading; after it, missing,
-    unexpected or mis-shaped weights, and floating-point weights stored as integers (read from the folder, or from
-    the Hub snapshot it was loaded from), are a `ValueError` naming them. Returns ``(model, loading info)``."""
+    folder, a subfolder that leads out of it and files that do are refused before loading; after it, files of the Hub
+    snapshot it was loaded from that link out of the repository's cache, missing, unexpected or mis-shaped weights,
+    and floating-point weights stored as integers (read from the folder, or from the snapshot), are a `ValueError`
+    naming them. Returns ``(model, loading info)``."""
     subfolder, name_or_path = kwargs.get("subfolder"), path
     folder = os.path.join(str(path), subfolder or "")
     if subfolder and os.path.isdir(str(path)):
@@ -390,6 +393,8 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
         model.register_to_config(_name_or_path=name_or_path)  # what diffusers records: the folder, not its subfolder
     if not os.path.isdir(folder):  # a Hub repository: the snapshot folder diffusers has just read
         folder = _cached_snapshot(path, kwargs)
+        if folder is not None:  # its files may link to the repository's own blobs only
+            check_folder_files(folder)
     if folder is not None:
         check_weight_files(model, folder)
     return model, info

@@ -188,11 +188,16 @@ def test_weights_beside_a_subfolder_are_never_loaded_in_its_place(saved_model, t
 
 
 def _hub_cache(folder, tmp_path, name: str = "staged"):
-    """A Hub cache holding ``folder`` as the snapshot of repository ``me/{name}`` (what a download leaves): the cache
-    folder and the snapshot folder."""
+    """A Hub cache holding ``folder`` as the snapshot of repository ``me/{name}`` (what a download leaves: each file
+    a relative link to its blob, as huggingface_hub links them): the cache folder and the snapshot folder."""
     cache, revision = tmp_path / "cache", "0" * 40
-    snapshot = cache / f"models--me--{name}" / "snapshots" / revision
-    shutil.copytree(folder, snapshot)
+    snapshot, blobs = cache / f"models--me--{name}" / "snapshots" / revision, cache / f"models--me--{name}" / "blobs"
+    blobs.mkdir(parents=True)
+    for i, path in enumerate(sorted(p for p in folder.rglob("*") if p.is_file())):
+        shutil.copy(path, blobs / f"blob{i}")
+        link = snapshot / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blobs / f"blob{i}", link.parent), link)
     (cache / f"models--me--{name}" / "refs").mkdir()
     (cache / f"models--me--{name}" / "refs" / "main").write_text(revision)
     return cache, snapshot
@@ -257,6 +262,35 @@ def test_weights_saved_as_integers_are_refused_from_the_hub_too(saved_model, tmp
     save_file({**state, "conv_in.weight": state["conv_in.weight"].to(torch.int64)}, snapshot / WEIGHTS)
     with pytest.raises(ValueError, match=r"conv_in\.weight.*I64"):
         MultiStageUNet2DModel.from_pretrained("me/staged", cache_dir=cache, local_files_only=True)
+
+
+@pytest.mark.parametrize("linked", ["blob", "snapshot file"])
+@pytest.mark.parametrize("kind", ["package", "diffusers"])
+def test_a_hub_cache_file_that_links_out_of_the_cache_is_refused(saved_model, tmp_path, linked, kind):
+    # a model loaded by repository id (a pipeline's and a local folder's were checked) loaded whatever its snapshot's
+    # files or their blobs linked to: another model's weights here, any file of the user's
+    from diffusers import UNet2DModel
+
+    from diffusers_stages.models.loading import load_strictly
+
+    folder, _ = saved_model
+    if kind == "diffusers":
+        folder = tmp_path / "plain"
+        _plain_unet().save_pretrained(folder / "unet")
+    load = {
+        "package": lambda: MultiStageUNet2DModel.from_pretrained("me/staged", cache_dir=cache, local_files_only=True),
+        "diffusers": lambda: load_strictly(UNet2DModel, "me/staged", "unet", cache_dir=cache, local_files_only=True),
+    }[kind]
+    cache, snapshot = _hub_cache(folder, tmp_path)
+    assert load() is not None  # links to the repository's own blobs load
+    link = snapshot / ("unet" if kind == "diffusers" else "") / WEIGHTS
+    shutil.copy(link, tmp_path / "outside.safetensors")
+    if linked == "blob":
+        link = link.resolve()
+    os.remove(link)
+    os.symlink(tmp_path / "outside.safetensors", link)
+    with pytest.raises(ValueError, match=f"'{WEIGHTS}' in .*snapshots.* links to .*outside.safetensors', outside"):
+        load()
 
 
 def test_a_hub_snapshot_the_cache_does_not_name_skips_the_integer_check_with_a_warning(

@@ -231,6 +231,22 @@ def test_hub_downloads_never_fetch_code_files(tiny_multistage, tmp_path, monkeyp
     assert asked and all(not p.endswith(".py") and "*" != p for patterns in asked for p in patterns)
 
 
+def test_a_partly_cached_hub_repository_is_named_as_such_offline(tiny_multistage, tmp_path):
+    # the cache held only `unet/` (what `MultiStageUNet2DModel.from_pretrained(repo, subfolder="unet")` fetches): an
+    # offline load said the repository "is not a saved pipeline", though it is one the cache holds part of
+    import shutil
+
+    _multistage(tiny_multistage).save_pretrained(tmp_path / "saved")
+    snapshot = tmp_path / "cache" / "models--me--staged" / "snapshots" / ("0" * 40)
+    shutil.copytree(tmp_path / "saved" / "unet", snapshot / "unet")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    with pytest.raises(ValueError, match=r"me/staged has no `model_index.json`: .*Hub cache .*only part of it"):
+        MultiStagePipeline.from_pretrained("me/staged", cache_dir=tmp_path / "cache", local_files_only=True)
+    with pytest.raises(ValueError, match="it is not a saved pipeline.$"):  # a local folder: no cache to blame
+        MultiStagePipeline.from_pretrained(snapshot)
+
+
 @pytest.mark.parametrize("load_experts", [None, [1]], ids=["all", "one"])
 def test_expert_container_hub_downloads_never_fetch_code_files(tmp_path, monkeypatch, load_experts):
     import fnmatch
