@@ -236,6 +236,15 @@ class TimestepPartition:
         )
 
 
+def cleaner_stage_boundary(timestep: float) -> float:
+    """A ``"timestep"``-unit boundary that gives the noise level at ``timestep`` to the cleaner stage, as a boundary in
+    ``"sigma"`` units does (a sigma's boundary mapped to training timesteps): the float32 next above ``timestep``
+    rounded up to float32, so that ``timestep`` and its float32 rounding (what the schedulers hold) lie below it, and
+    every float32 timestep above them at or above it."""
+    at_or_above = _rounded(torch.tensor([float(timestep)], dtype=torch.float64), torch.float32, up=True)
+    return float(torch.nextafter(at_or_above, torch.full_like(at_or_above, math.inf)))
+
+
 def _rounded(values: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
     """float64 ``values`` in ``dtype``, each rounded up (``up``) or down to a value of ``dtype`` where it holds none."""
     rounded = values.to(dtype)
