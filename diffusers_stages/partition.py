@@ -151,6 +151,16 @@ class TimestepPartition:
         edges = [low, *self.boundaries, high]
         return list(zip(edges[:-1], edges[1:]))
 
+    def interval_text(self, stage: int, format_spec: str = "g") -> str:
+        """Stage ``stage``'s interval as messages write it, its ends formatted with ``format_spec``: ``[low, high)``
+        in ``"timestep"`` units, ``(low, high]`` in ``"sigma"`` units (a sigma on a boundary is the cleaner stage's),
+        ``(low, inf)`` for the noisiest sigma stage."""
+        low, high = self.intervals()[stage]
+        ends = f"{low:{format_spec}}, {high:{format_spec}}"
+        if self.units == "timestep":
+            return f"[{ends})"
+        return f"({ends}{')' if math.isinf(high) else ']'}"
+
     def noise_level(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
         """Convert what the model receives as ``timestep`` into a noise level in this partition's units."""
         timestep = as_levels(timestep)

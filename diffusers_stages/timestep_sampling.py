@@ -68,9 +68,9 @@ def _draw_in_interval(
         lo = math.ceil(low)
         hi = min(math.ceil(high), partition.num_train_timesteps)  # integer timesteps t with low <= t < high
         if hi <= lo:
-            raise ValueError(f"Stage {stage} ({low}, {high}) holds no integer timestep; widen it.")
+            raise ValueError(f"Stage {stage} {partition.interval_text(stage)} holds no integer timestep; widen it.")
         return torch.randint(lo, hi, (count,), generator=generator)
-    # inverse-CDF sampling of the log-normal, truncated to [low, high)
+    # inverse-CDF sampling of the log-normal, truncated to (low, high]
     _check_log_normal(p_mean, p_std)
     lo = 0.0 if low <= 0 else _normal_cdf((math.log(low) - p_mean) / p_std)
     hi = 1.0 if math.isinf(high) else _normal_cdf((math.log(high) - p_mean) / p_std)

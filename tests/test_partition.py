@@ -274,3 +274,15 @@ def test_a_sigma_level_goes_to_the_stage_its_c_noise_is_routed_to(boundary):
         partition.stage_for_noise_level(sigmas.double()).tolist()
         == partition.stage_for_timestep(0.25 * torch.log(sigmas.double())).tolist()
     )
+
+
+def test_a_stage_interval_is_written_with_the_brackets_of_its_units():
+    # sigma stages are (b_{s-1}, b_s]: messages and model cards wrote them [b_{s-1}, b_s), the timestep convention
+    sigma = TimestepPartition([2.5103, 7.6577], units="sigma")
+    assert [sigma.interval_text(s) for s in range(3)] == ["(0, 2.5103]", "(2.5103, 7.6577]", "(7.6577, inf)"]
+    timestep = TimestepPartition([442, 631])
+    assert [timestep.interval_text(s, ".1f") for s in range(3)] == [
+        "[0.0, 442.0)",
+        "[442.0, 631.0)",
+        "[631.0, 1000.0)",
+    ]
