@@ -15,6 +15,7 @@ float32 steps into its stage).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -80,17 +81,20 @@ def _draw_in_interval(
     u = u.clamp(1e-12, 1 - 1e-12)
     sigmas = torch.exp(p_mean + p_std * math.sqrt(2.0) * torch.special.erfinv(2 * u - 1)).float()
     # float32 rounding could carry a draw next to a boundary across it, as the model routes it
-    return sigmas.clamp(*_float32_sigma_limits(partition, stage))
+    return sigmas.clamp(*_float32_sigma_limits(partition.boundaries, stage))
 
 
-def _float32_sigma_limits(partition: TimestepPartition, stage: int) -> tuple[float, float]:
-    """The smallest and largest float32 sigma that a model routes to ``stage`` of a ``"sigma"`` partition, from its
-    ``c_noise = 0.25 * log(sigma)`` computed as the EDM schedulers do, also where a float32 ``log`` accurate to one ulp
-    (CUDA's ``logf``) rounds it the other way: each end of the stage's interval, in float32, moved inwards until so."""
+@functools.lru_cache(maxsize=64)
+def _float32_sigma_limits(boundaries: tuple[float, ...], stage: int) -> tuple[float, float]:
+    """The smallest and largest float32 sigma that a model routes to ``stage`` of a ``"sigma"`` partition of
+    ``boundaries``, from its ``c_noise = 0.25 * log(sigma)`` computed as the EDM schedulers do, also where a float32
+    ``log`` accurate to one ulp (CUDA's ``logf``) rounds it the other way: each end of the stage's interval, in
+    float32, moved inwards until so."""
+    partition = TimestepPartition(boundaries, units="sigma")
     limits = []
     for end, inwards in zip(partition.intervals()[stage], (math.inf, 0.0)):
         sigma = torch.tensor([end], dtype=torch.float32)
-        for _ in range(64):  # a few float32 steps next to a boundary; a stage that narrow holds none
+        for _ in range(1024):  # a few float32 steps (about 10 |c_noise|) next to a boundary
             c_noise = 0.25 * torch.log(sigma)
             near = torch.cat([c_noise, torch.nextafter(c_noise, c_noise - 1), torch.nextafter(c_noise, c_noise + 1)])
             if set(partition.stage_for_timestep(near).tolist()) == {stage}:

@@ -234,8 +234,8 @@ class ExpertTask(FineTuningTask):
                 "`--stage_boundaries`."
             )
             raise ValueError(
-                f"{source} {given} leave experts {shown} no integer "
-                f"training timestep (expert {empty[0]}: {partition.interval_text(empty[0])}): they could never train. {advice}"
+                f"{source} {given} leave experts {shown} no integer training timestep (expert {empty[0]}: "
+                f"{partition.interval_text(empty[0])}): they could never train. {advice}"
             )
 
     @property
