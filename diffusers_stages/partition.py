@@ -22,7 +22,10 @@ Two units are supported, matching the two ways diffusers models are conditioned 
   ``logf``) gives ``b32`` a ``c_noise`` at or below that bound. So a sigma the scheduler samples on (or within
   float32 rounding of) a boundary goes to the cleaner stage, from the model's own routing and the pipelines' alike,
   and no ``exp``/``log`` round trip is made; a float32 ``c_noise`` tells noise levels apart down to about 2.4e-7
-  relative.
+  relative. A sigma itself (`stage_for_noise_level`: the training loop's per-stage loss, the planners) goes where
+  its ``c_noise`` does, ``0.25 * log(sigma)`` computed as the EDM schedulers compute it (in the sigma's dtype, at
+  least float32): to the stage the model runs on it, up to another device's ``log`` rounding a ``c_noise`` within
+  that 2.4e-7 of a boundary the other way.
 """
 
 from __future__ import annotations
@@ -148,6 +151,16 @@ class TimestepPartition:
         edges = [low, *self.boundaries, high]
         return list(zip(edges[:-1], edges[1:]))
 
+    def interval_text(self, stage: int, format_spec: str = "g") -> str:
+        """Stage ``stage``'s interval as messages write it, its ends formatted with ``format_spec``: ``[low, high)``
+        in ``"timestep"`` units, ``(low, high]`` in ``"sigma"`` units (a sigma on a boundary is the cleaner stage's),
+        ``(low, inf)`` for the noisiest sigma stage."""
+        low, high = self.intervals()[stage]
+        ends = f"{low:{format_spec}}, {high:{format_spec}}"
+        if self.units == "timestep":
+            return f"[{ends})"
+        return f"({ends}{')' if math.isinf(high) else ']'}"
+
     def noise_level(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
         """Convert what the model receives as ``timestep`` into a noise level in this partition's units."""
         timestep = as_levels(timestep)
@@ -156,8 +169,11 @@ class TimestepPartition:
         return timestep
 
     def stage_for_noise_level(self, noise_level: torch.Tensor | float | int) -> torch.Tensor:
-        """Stage of each noise level (in this partition's units), as a ``long`` tensor of the same shape; a level is
-        compared by its exact value, whatever its dtype (a float32 ``442.0`` stays below a boundary at ``442.00001``)."""
+        """Stage of each noise level (in this partition's units), as a ``long`` tensor of the same shape; a timestep is
+        compared by its exact value, whatever its dtype (a float32 ``442.0`` stays below a boundary at ``442.00001``),
+        a sigma goes to the stage its model timestep ``c_noise = ln(sigma)/4`` (computed as the EDM schedulers do, in
+        the sigma's dtype, at least float32) is routed to by [`~TimestepPartition.stage_for_timestep`]: a sigma on a
+        boundary, or within float32 rounding of one, goes to the cleaner stage (see the module docstring)."""
         levels = as_levels(noise_level)
         low, high = self._domain(self.units, self.num_train_timesteps)
         # one reduction, read on the host (a NaN extremum fails both comparisons)
@@ -169,11 +185,12 @@ class TimestepPartition:
                     f"`timestep` must be a noise level inside [{low}, {high}] ({self.units!r} units), got values "
                     f"from {smallest} to {largest}."
                 )
-        bounds = self._bounds_tensor(
-            "level", levels.dtype if levels.is_floating_point() else exact_float(levels.device), levels.device
-        )
-        # timestep stages are [b_{s-1}, b_s) (Zhang et al.'s [0, 442)); sigma stages (b_{s-1}, b_s] (the EDM code's)
-        return torch.bucketize(levels.to(bounds.dtype), bounds, right=self.units == "timestep")
+        dtype = levels.dtype if levels.is_floating_point() else exact_float(levels.device)
+        if self.units == "sigma":  # one rule for a sigma and for its c_noise: the model's (stage_for_timestep)
+            return self.stage_for_timestep(0.25 * torch.log(levels.to(torch.promote_types(dtype, torch.float32))))
+        # timestep stages are [b_{s-1}, b_s) (Zhang et al.'s [0, 442))
+        bounds = self._bounds_tensor("level", dtype, levels.device)
+        return torch.bucketize(levels.to(dtype), bounds, right=True)
 
     def _bounds_tensor(self, space: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The boundaries as a tensor (``space`` "c_noise": as ``ln(sigma)/4``, see the module docstring), built once
@@ -227,6 +244,15 @@ class TimestepPartition:
             f"TimestepPartition(boundaries={list(self.boundaries)}, num_train_timesteps={self.num_train_timesteps}, "
             f"units={self.units!r})"
         )
+
+
+def cleaner_stage_boundary(timestep: float) -> float:
+    """A ``"timestep"``-unit boundary that gives the noise level at ``timestep`` to the cleaner stage, as a boundary in
+    ``"sigma"`` units does (a sigma's boundary mapped to training timesteps): the float32 next above ``timestep``
+    rounded up to float32, so that ``timestep`` and its float32 rounding (what the schedulers hold) lie below it, and
+    every float32 timestep above them at or above it."""
+    at_or_above = _rounded(torch.tensor([float(timestep)], dtype=torch.float64), torch.float32, up=True)
+    return float(torch.nextafter(at_or_above, torch.full_like(at_or_above, math.inf)))
 
 
 def _rounded(values: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:

@@ -575,11 +575,8 @@ def plan_command(args: argparse.Namespace) -> dict:
     result = plan.to_dict()
     unit = "timestep" if schedule.units == "timestep" else "sigma"
     print(f"{args.method}: {plan.partition.num_stages} stages, boundaries in {unit} units")
-    for s, (low, high) in enumerate(plan.partition.intervals()):
-        if unit == "sigma":  # (b_{s-1}, b_s]: a sigma on a boundary is the cleaner stage's, as in the EDM code
-            print(f"  stage {s}: ({low:.6g}, {high:.6g}{')' if high == float('inf') else ']'}")
-        else:
-            print(f"  stage {s}: [{low:.6g}, {high:.6g})")
+    for s in range(plan.partition.num_stages):  # (b_{s-1}, b_s] in sigma units: as in the EDM code
+        print(f"  stage {s}: {plan.partition.interval_text(s, '.6g')}")
 
     # 3. decoder widths and the model config
     if config is not None:

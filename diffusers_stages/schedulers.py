@@ -23,6 +23,7 @@ from diffusers import DPMSolverSinglestepScheduler, PNDMScheduler
 from diffusers.configuration_utils import register_to_config
 
 from .models.checks import positive_integer_arguments
+from .partition import cleaner_stage_boundary
 
 if TYPE_CHECKING:
     from .partition import TimestepPartition
@@ -306,8 +307,12 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
     return calls
 
 
-def sigma_to_timestep(scheduler, sigma: float) -> float:
-    """The (fractional) training timestep whose noise level is ``sigma``, from the scheduler's ``alphas_cumprod``."""
+def sigma_to_timestep(scheduler, sigma: float, to_boundary: bool = False) -> float:
+    """The (fractional) training timestep whose noise level is ``sigma``, from the scheduler's ``alphas_cumprod``.
+    With ``to_boundary``, ``sigma`` is a boundary (``switch_sigma``), and the result the boundary in training
+    timesteps that keeps the rule of ``"sigma"`` units: a sigma on the boundary, or within float32 rounding of it (the
+    schedulers hold sigmas in float32), belongs to the cleaner stage; that is, the timestep of the largest sigma that
+    rounds to float32 as ``sigma`` does, moved just above its float32 rounding by `cleaner_stage_boundary`."""
     alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
     if alphas_cumprod is None:
         raise ValueError(
@@ -323,7 +328,11 @@ def sigma_to_timestep(scheduler, sigma: float) -> float:
             f"`switch_sigma` must lie inside the training schedule's noise levels "
             f"({math.exp(log_sigmas[0]):.4g}, {math.exp(log_sigmas[-1]):.4g}), got {sigma}."
         )
-    return float(np.interp(math.log(sigma), log_sigmas, np.arange(len(log_sigmas))))
+    if to_boundary:  # the largest sigma that rounds to float32 as ``sigma`` does (a tie rounds to either)
+        rounded = np.float32(sigma)
+        sigma = max(sigma, (float(rounded) + float(np.nextafter(rounded, np.float32(np.inf)))) / 2)
+    timestep = float(np.interp(math.log(sigma), log_sigmas, np.arange(len(log_sigmas))))  # clamped at the ends
+    return cleaner_stage_boundary(timestep) if to_boundary else timestep
 
 
 # ------------------------------------------------------------------------------------------------------------------

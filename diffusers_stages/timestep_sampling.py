@@ -8,11 +8,14 @@
   `stratified_timesteps`), or the authors' one stage per batch (their EDM code) or per process (their LDM code).
 
 ``"timestep"`` partitions give integer training timesteps in ``[0, num_train_timesteps)``; ``"sigma"`` partitions
-give EDM noise levels drawn from EDM's log-normal ``ln(sigma) ~ N(p_mean, p_std^2)`` truncated to each stage.
+give EDM noise levels drawn from EDM's log-normal ``ln(sigma) ~ N(p_mean, p_std^2)`` truncated to each stage, as
+float32 sigmas whose ``c_noise`` the model routes to that stage (a draw that rounds onto a boundary is moved the few
+float32 steps into its stage).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -68,15 +71,41 @@ def _draw_in_interval(
         lo = math.ceil(low)
         hi = min(math.ceil(high), partition.num_train_timesteps)  # integer timesteps t with low <= t < high
         if hi <= lo:
-            raise ValueError(f"Stage {stage} ({low}, {high}) holds no integer timestep; widen it.")
+            raise ValueError(f"Stage {stage} {partition.interval_text(stage)} holds no integer timestep; widen it.")
         return torch.randint(lo, hi, (count,), generator=generator)
-    # inverse-CDF sampling of the log-normal, truncated to [low, high)
+    # inverse-CDF sampling of the log-normal, truncated to (low, high]
     _check_log_normal(p_mean, p_std)
     lo = 0.0 if low <= 0 else _normal_cdf((math.log(low) - p_mean) / p_std)
     hi = 1.0 if math.isinf(high) else _normal_cdf((math.log(high) - p_mean) / p_std)
     u = lo + (hi - lo) * torch.rand(count, generator=generator, dtype=torch.float64)
     u = u.clamp(1e-12, 1 - 1e-12)
-    return torch.exp(p_mean + p_std * math.sqrt(2.0) * torch.special.erfinv(2 * u - 1)).float()
+    sigmas = torch.exp(p_mean + p_std * math.sqrt(2.0) * torch.special.erfinv(2 * u - 1)).float()
+    # float32 rounding could carry a draw next to a boundary across it, as the model routes it
+    return sigmas.clamp(*_float32_sigma_limits(partition.boundaries, stage))
+
+
+@functools.lru_cache(maxsize=64)
+def _float32_sigma_limits(boundaries: tuple[float, ...], stage: int) -> tuple[float, float]:
+    """The smallest and largest float32 sigma that a model routes to ``stage`` of a ``"sigma"`` partition of
+    ``boundaries``, from its ``c_noise = 0.25 * log(sigma)`` computed as the EDM schedulers do, also where a float32
+    ``log`` accurate to one ulp (CUDA's ``logf``) rounds it the other way: each end of the stage's interval, in
+    float32, moved inwards until so."""
+    partition = TimestepPartition(boundaries, units="sigma")
+    limits = []
+    for end, inwards in zip(partition.intervals()[stage], (math.inf, 0.0)):
+        sigma = torch.tensor([end], dtype=torch.float32)
+        for _ in range(1024):  # a few float32 steps (about 10 |c_noise|) next to a boundary
+            c_noise = 0.25 * torch.log(sigma)
+            near = torch.cat([c_noise, torch.nextafter(c_noise, c_noise - 1), torch.nextafter(c_noise, c_noise + 1)])
+            if set(partition.stage_for_timestep(near).tolist()) == {stage}:
+                limits.append(float(sigma))
+                break
+            sigma = torch.nextafter(sigma, torch.full_like(sigma, inwards))
+    if len(limits) < 2 or limits[0] > limits[1]:
+        raise ValueError(
+            f"Stage {stage} {partition.interval_text(stage)} holds no float32 sigma that routes to it; widen it."
+        )
+    return limits[0], limits[1]
 
 
 def stage_counts(batch_size: int, shares: Sequence[float], generator: torch.Generator | None = None) -> list[int]:

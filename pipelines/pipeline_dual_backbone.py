@@ -66,7 +66,10 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
       `DDIMScheduler`'s default 50-step grid).
     - ``switch_sigma``: a noise level sigma (EDM-style models route on it directly; DDPM-style models through the
       scheduler's training schedule ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``, so shifted schedules are
-      handled).
+      handled). The deep model runs the sigmas ``<= switch_sigma``: a call at a sigma on the switch, or within float32
+      rounding of it, runs the deep model (a sigma on a boundary belongs to the cleaner stage), also on a DDPM-style
+      scheduler, whose switch is then the float32 timestep just above that of the largest sigma rounding to
+      ``switch_sigma``'s float32 (`sigma_to_timestep` with ``to_boundary``).
 
     Args:
         shallow ([`~diffusers.ModelMixin`]): the small denoiser, trained on all timesteps (a `UNet2DModel`,
@@ -220,7 +223,8 @@ def fixed_switch_partition(switch: Mapping, scheduler: SchedulerMixin) -> Timest
                 f"{type(scheduler).__name__}'s `sigma_min` and `sigma_max` (else one backbone never runs), got {sigma}."
             )
         return TimestepPartition([sigma], steps, "sigma")
-    return TimestepPartition([sigma_to_timestep(scheduler, sigma)], steps, "timestep")
+    # a sigma on the boundary is the cleaner stage's (the deep model's), also at its timestep
+    return TimestepPartition([sigma_to_timestep(scheduler, sigma, to_boundary=True)], steps, "timestep")
 
 
 def check_fixed_switch(switch: Mapping, scheduler: SchedulerMixin) -> None:

@@ -131,13 +131,18 @@ def test_a_timestep_is_routed_by_its_value_whatever_its_dtype(dtype):
 
 def test_a_sigma_on_a_boundary_is_routed_by_its_value_whatever_its_dtype():
     partition = TimestepPartition([0.1, 2.5103], units="sigma")  # neither is a float32 value
-    for boundary in partition.boundaries:
-        values = torch.tensor([boundary], dtype=torch.float64).float()
-        values = torch.cat(
-            [values, torch.nextafter(values, torch.zeros(1)), torch.nextafter(values, torch.ones(1) * 9)]
-        )
-        expected = [sum(v > b for b in partition.boundaries) for v in values.double().tolist()]
-        assert partition.stage_for_noise_level(values).tolist() == expected, (boundary, values)
+    for s, boundary in enumerate(partition.boundaries):
+        values = torch.tensor([boundary], dtype=torch.float64).float()  # the boundary rounded to float32
+        values = torch.cat([values, torch.nextafter(values, torch.zeros(1))])
+        # on the boundary or within float32 rounding of it: the cleaner stage, as the model routes its c_noise
+        assert partition.stage_for_noise_level(values).tolist() == [s, s], (boundary, values)
+        for dtype in (torch.float16, torch.bfloat16):  # their roundings lie farther off: compared by their value
+            values = torch.tensor([boundary], dtype=torch.float64).to(dtype)
+            values = torch.cat([values, torch.nextafter(values, torch.zeros(1, dtype=dtype))])
+            expected = [sum(v > b for b in partition.boundaries) for v in values.double().tolist()]
+            assert partition.stage_for_noise_level(values).tolist() == expected, (boundary, values)
+        beside = torch.tensor([boundary * (1 - 1e-6), boundary * (1 + 1e-6)], dtype=torch.float32)
+        assert partition.stage_for_noise_level(beside).tolist() == [s, s + 1], (boundary, beside)
 
 
 @pytest.mark.parametrize(
@@ -244,3 +249,40 @@ def test_from_config_names_the_config_keys(config, message):
     with pytest.raises(ValueError) as error:  # a model built with such arguments says the same
         MultiStageDDPMppUNet2DModel(**{k: v for k, v in config.items()})
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("boundary", [7.6577, 2.5103, 0.1, 1.0])
+def test_a_sigma_level_goes_to_the_stage_its_c_noise_is_routed_to(boundary):
+    # the float32 sigma 7.6577 (7.65770006, within float32 rounding of the boundary) went to the noisier stage in
+    # stage_for_noise_level, compared by its exact value, while the model, routing the c_noise the EDM scheduler
+    # hands it, ran the cleaner stage: training logged its loss under the other stage (training/loop.py)
+    from diffusers import EDMEulerScheduler
+
+    partition = TimestepPartition([boundary], units="sigma")
+    level = torch.tensor([boundary], dtype=torch.float64).float()
+    sigmas = [level]
+    for direction in (0.0, 100.0):
+        for _ in range(8):
+            sigmas.append(torch.nextafter(sigmas[-1], torch.full_like(level, direction)))
+    sigmas = torch.cat(sigmas)
+    c_noise = EDMEulerScheduler().precondition_noise(sigmas)  # what a model is called with
+    expected = partition.stage_for_timestep(c_noise)
+    assert partition.stage_for_noise_level(sigmas).tolist() == expected.tolist()
+    assert int(partition.stage_for_noise_level(level)) == 0  # on (or within float32 rounding of) the boundary
+    assert int(partition.stage_for_noise_level(boundary)) == 0  # the exact value, in float64
+    assert (
+        partition.stage_for_noise_level(sigmas.double()).tolist()
+        == partition.stage_for_timestep(0.25 * torch.log(sigmas.double())).tolist()
+    )
+
+
+def test_a_stage_interval_is_written_with_the_brackets_of_its_units():
+    # sigma stages are (b_{s-1}, b_s]: messages and model cards wrote them [b_{s-1}, b_s), the timestep convention
+    sigma = TimestepPartition([2.5103, 7.6577], units="sigma")
+    assert [sigma.interval_text(s) for s in range(3)] == ["(0, 2.5103]", "(2.5103, 7.6577]", "(7.6577, inf)"]
+    timestep = TimestepPartition([442, 631])
+    assert [timestep.interval_text(s, ".1f") for s in range(3)] == [
+        "[0.0, 442.0)",
+        "[442.0, 631.0)",
+        "[631.0, 1000.0)",
+    ]

@@ -247,3 +247,22 @@ def test_soft_assignment_takes_numpy_integers_as_the_other_samplers_do():
     ):
         with pytest.raises(ValueError, match=match):
             soft_assignment_timesteps(partition, **{"expert_index": 0, "batch_size": 4, **kwargs})
+
+
+def test_a_sigma_draw_is_routed_to_its_own_stage_after_float32_rounding():
+    # a draw of stage 1 next to its lower boundary 7.6577 rounded to the float32 7.65770006 (or to one of the three
+    # above), whose c_noise the model routes to stage 0 (about 3 in 10**7 draws): the stage then lacked its sample,
+    # which under DDP without unused parameters fails the step; draws now stay inside their stage, also where a
+    # float32 log (CUDA's) rounds c_noise one ulp the other way. A stage 1e-6 wide makes such draws common.
+    boundary = 7.6577
+    partition = TimestepPartition([boundary, boundary * (1 + 1e-6)], units="sigma")
+    t, stages = stage_sampled_timesteps(partition, 4000, "per_rank", process_index=1, num_processes=3)
+    assert t.dtype == torch.float32 and stages.tolist() == [1] * 4000
+    c_noise = 0.25 * torch.log(t)  # as the EDM schedulers precondition sigma
+    for c in (c_noise, torch.nextafter(c_noise, torch.full_like(c_noise, -1)), torch.nextafter(c_noise, c_noise + 1)):
+        assert set(partition.stage_for_timestep(c).tolist()) == {1}
+    wide = TimestepPartition([boundary], units="sigma")
+    t, stages = stratified_timesteps(wide, 2000, generator=torch.manual_seed(0))
+    assert wide.stage_for_noise_level(t).tolist() == stages.tolist()
+    with pytest.raises(ValueError, match=r"Stage 1 \(7.6577, 7.6577\] holds no float32 sigma"):
+        stratified_timesteps(TimestepPartition([boundary, boundary * (1 + 1e-7)], units="sigma"), 3)

@@ -546,11 +546,10 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         if not 0 <= stage < self.num_stages:
             raise ValueError(f"`stage` must be in [0, {self.num_stages}), got {stage}.")
         if self.experts[stage] is None:
-            low, high = self.partition.intervals()[stage]
             raise ValueError(
-                f"Expert {stage} (noise levels [{low}, {high}) in {self.partition.units!r} units) is not loaded, but "
-                f"this run needs it: load it with `ExpertRoutingModel.from_pretrained(path, load_experts=[..., {stage}])`"
-                f" or set `model.experts[{stage}]`."
+                f"Expert {stage} (noise levels {self.partition.interval_text(stage)} in {self.partition.units!r} "
+                "units) is not loaded, but this run needs it: load it with "
+                f"`ExpertRoutingModel.from_pretrained(path, load_experts=[..., {stage}])` or set `model.experts[{stage}]`."
             )
         return self.experts[stage]
 

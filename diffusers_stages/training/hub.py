@@ -60,7 +60,7 @@ def base_model(source: str | None) -> str | None:
 def stage_table(partition) -> str:
     """A Markdown table of a `TimestepPartition`'s stages and their noise intervals (stage 0 the cleanest)."""
     unit = "t" if partition.units == "timestep" else "sigma"
-    rows = [f"| {s} | [{lo:g}, {hi:g}) |" for s, (lo, hi) in enumerate(partition.intervals())]
+    rows = [f"| {s} | {partition.interval_text(s)} |" for s in range(partition.num_stages)]
     return f"| stage (0 = cleanest) | {unit} interval |\n| --- | --- |\n" + "\n".join(rows)
 
 

@@ -600,3 +600,15 @@ def test_compile_repeated_blocks_compiles_each_experts_repeated_blocks(tiny_cond
     plain = ExpertRoutingModel([_unet(TINY_UNET, 0), _unet(TINY_UNET, 1)], stage_boundaries=(500,))
     with pytest.raises(ValueError, match="`_repeated_blocks` attribute is empty"):  # as `UNet2DModel` alone
         plain.compile_repeated_blocks(backend="eager")
+
+
+def test_a_missing_expert_is_named_with_its_interval_in_its_units(three_experts):
+    # a sigma expert's interval (b_{s-1}, b_s] was written [b_{s-1}, b_s), the timestep convention
+    experts = list(three_experts.experts)
+    sigma = ExpertRoutingModel(experts, stage_boundaries=(2.5, 10.0), boundary_units="sigma")
+    sigma.experts[1] = None
+    with pytest.raises(ValueError, match=r"Expert 1 \(noise levels \(2.5, 10\] in 'sigma' units\) is not loaded"):
+        sigma.expert(1)
+    three_experts.experts[2] = None
+    with pytest.raises(ValueError, match=r"Expert 2 \(noise levels \[600, 1000\) in 'timestep' units\)"):
+        three_experts.expert(2)

@@ -121,6 +121,29 @@ def test_switch_sigma_follows_the_training_noise_schedule(backbones):
         _dual(shallow, deep, FlowMatchEulerDiscreteScheduler(), switch_sigma=0.5)
 
 
+def test_a_sampled_sigma_on_switch_sigma_runs_the_deep_model_whatever_the_rounding(backbones):
+    # a sigma on the boundary belongs to the cleaner stage (the deep model), as with EDM schedulers; on a DDPM-style
+    # scheduler the switch became the sigma's timestep, where a timestep on the boundary is the noisier stage's, so
+    # float rounding decided: DDIM's t=500 with its float32 sigma ran deep (boundary 500.000009), with its float64
+    # sigma shallow (500.0); Euler-Karras' sigmas[i] of 30 ran shallow for 15 of the 28 inner i
+    shallow, deep = backbones
+    ddim = DDIMScheduler()
+    alphas = ddim.alphas_cumprod
+    for t in (20, 300, 500, 980):
+        for alpha in (alphas[t], alphas[t].double()):
+            sigma = float(((1 - alpha) / alpha).sqrt())
+            schedule = _dual(shallow, deep, ddim, switch_sigma=sigma).expert_schedule(50)
+            assert [expert for timestep, expert in schedule if timestep == t] == [0], (t, alpha.dtype)
+            assert all(expert == 1 for timestep, expert in schedule if timestep > t)
+    # sigmas[27] of 30: its timestep 7.0310616 (float32) lies two float32 steps above the timestep of its float32
+    # sigma, whose rounding hides the scheduler's float64 one: the sigmas that round to it are on the switch too
+    euler = EulerDiscreteScheduler(use_karras_sigmas=True)
+    euler.set_timesteps(30)
+    for i in range(1, 29):
+        schedule = _dual(shallow, deep, euler, switch_sigma=float(euler.sigmas[i])).expert_schedule(30)
+        assert [expert for _, expert in schedule] == [1] * i + [0] * (30 - i), i
+
+
 def test_save_and_reload_keeps_the_switch_and_the_images(backbones, tmp_path):
     shallow, deep = backbones
     pipe = _dual(shallow, deep, EulerDiscreteScheduler(), switch_step_fraction=0.5)

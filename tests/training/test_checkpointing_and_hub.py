@@ -31,6 +31,7 @@ from diffusers_stages.training.hub import (
     assembled_experts_card_text,
     model_card_text,
     pipeline_usage,
+    stage_table,
     write_model_card,
 )
 from diffusers_stages.training.state import sample_grid
@@ -750,3 +751,14 @@ def test_a_card_names_the_hub_model_it_was_fine_tuned_from_in_its_metadata(tmp_p
         metadata = yaml.safe_load(card.split("---")[1])
         assert {k: v for k, v in metadata.items() if k == "base_model"} == expected
         assert metadata["library_name"] == "diffusers" and str(tmp_path) not in card
+
+
+def test_the_cards_stage_table_writes_each_interval_in_its_units():
+    # sigma stages are (b_{s-1}, b_s]: the card wrote [b_{s-1}, b_s), the timestep convention
+    from diffusers_stages import TimestepPartition
+
+    assert stage_table(TimestepPartition([2.5], units="sigma")).splitlines()[2:] == [
+        "| 0 | (0, 2.5] |",
+        "| 1 | (2.5, inf) |",
+    ]
+    assert stage_table(TimestepPartition([500])).splitlines()[2:] == ["| 0 | [0, 500) |", "| 1 | [500, 1000) |"]

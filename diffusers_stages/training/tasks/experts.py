@@ -226,7 +226,6 @@ class ExpertTask(FineTuningTask):
         if empty:
             source = "`--stage_boundaries`" if args.stage_boundaries is not None else "`--num_experts`"
             given = list(partition.boundaries) if args.stage_boundaries is not None else args.num_experts
-            low, high = partition.intervals()[empty[0]]
             shown = str(empty) if len(empty) <= 8 else str(empty[:8])[:-1] + ", ...]"
             advice = (  # uniform intervals at least one timestep wide each hold one
                 "Widen their intervals."
@@ -235,8 +234,8 @@ class ExpertTask(FineTuningTask):
                 "`--stage_boundaries`."
             )
             raise ValueError(
-                f"{source} {given} leave experts {shown} no integer "
-                f"training timestep (expert {empty[0]}: [{low:g}, {high:g})): they could never train. {advice}"
+                f"{source} {given} leave experts {shown} no integer training timestep (expert {empty[0]}: "
+                f"{partition.interval_text(empty[0])}): they could never train. {advice}"
             )
 
     @property
