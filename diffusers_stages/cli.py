@@ -81,6 +81,17 @@ def _program_name(prog: str) -> Iterator[None]:
         sys.argv[0] = saved
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` of the package's commands: the description as written (its example commands stay runnable when
+    copied), and each option's default where it has one that its help does not state itself (no `(default: None)`
+    beside an option whose help says what it defaults to, or that has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 def check_input_file(path: str | None, option: str, json_object: bool = False) -> None:
     """Refuse, before any work, an input file that is missing, not a file, unreadable, or (``json_object``) not a JSON
     object: a `ValueError` naming ``option`` and the path."""

@@ -22,7 +22,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from .cli import check_input_file, check_output_file, check_seed, load_saved_folder, write_atomically
+from .cli import HelpFormatter, check_input_file, check_output_file, check_seed, load_saved_folder, write_atomically
 from .models.checks import check_device, check_positive_integers, sample_size_is
 from .planning import (
     METHODS,
@@ -44,7 +44,9 @@ PLANNING_INTEGERS = ("resolution", "num_samples", "chunk_size", "max_images")  #
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # prog: the command that ran it
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )  # prog: the command that ran it
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--train_data_dir",

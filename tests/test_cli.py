@@ -257,3 +257,21 @@ def test_every_option_of_the_commands_has_a_help_text(capsys, command):
         bare = line.startswith("  -") and "  " not in line.strip()  # the option alone, its help (if any) below
         if bare:
             assert following.startswith(" " * 10), line  # help lines are indented past the options
+
+
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (["plan", "--help"], ["--alpha ALPHA Mean-similarity threshold in (0, 1]. (default: 0.9)", "(default: 128)"]),
+        (["switch", "--help"], ["(default: switch.png)", "(default: digits)", "(default: 0.05)"]),
+        (["convert", "unet_to_multistage", "--help"], ["(default: 0.0001)"]),
+    ],
+)
+def test_command_help_shows_the_defaults(capsys, argv, shown):
+    """`--help` gives each option's default (the switch command writes `switch.png` unless told otherwise), never
+    `(default: None)`, and a description's example commands as written."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(default in text for default in shown) and "(default: None)" not in text

@@ -13,7 +13,7 @@ import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..cli import check_seed
+from ..cli import HelpFormatter, check_seed
 from ..partition import TimestepPartition
 from ..planning.data import is_inside
 from ..timestep_sampling import STAGE_SAMPLING
@@ -133,9 +133,12 @@ def add_stage_boundaries_argument(
     return parser.add_argument("--stage_boundaries", nargs="+", action=BoundaryList, help=help, **kwargs)
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    """The arguments every training script takes (data, optimisation, checkpoints, logging, Hub, U-Net shape)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(
+    description: str, stage_boundaries_default: str = "the script's own split"
+) -> argparse.ArgumentParser:
+    """The arguments every training script takes (data, optimisation, checkpoints, logging, Hub, U-Net shape);
+    ``stage_boundaries_default`` says what the script trains without `--stage_boundaries` (its `--help`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument(
         "--train_data_dir",
@@ -189,7 +192,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--attention_head_dim", type=int, default=None, help=f"Default: 8 {scratch}.")
     model.add_argument("--norm_num_groups", type=int, default=None, help=f"Default: 32 {scratch}.")
     model.add_argument("--dropout", type=float, default=None, help=f"Default: 0.0 {scratch}.")
-    add_stage_boundaries_argument(model, default=None)
+    add_stage_boundaries_argument(
+        model, help=f"Inner stage boundaries (at least one), e.g. `442 631`. Default: {stage_boundaries_default}.",
+        default=None,
+    )  # fmt: skip
     model.add_argument("--boundary_units", choices=("timestep", "sigma"), default="timestep",
                        help="`sigma` trains an EDM-style model (EDMEulerScheduler, Karras et al. 2022).")  # fmt: skip
     model.add_argument(

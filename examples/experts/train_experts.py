@@ -27,7 +27,7 @@ from diffusers_stages.training.loop import save_assembled_experts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser(__doc__)
+    parser = build_parser(__doc__, "`--num_experts` uniform intervals (MEME's 4)")
     group = parser.add_argument_group("experts")
     group.add_argument(
         "--num_experts", type=int, default=None,

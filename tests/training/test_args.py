@@ -242,3 +242,42 @@ def test_diffusers_text_to_image_names_of_the_logger_and_the_epochs():
     # `--logger`, `--num_epochs`); they were "unrecognized arguments"
     args = build_parser("test").parse_args(["--report_to", "none", "--num_train_epochs", "3"])
     assert args.logger == "none" and args.num_epochs == 3
+
+
+def _script_help(path: str, capsys) -> str:
+    """A training script's `--help` text, as its command line prints it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("help_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_keeps_the_description_s_command_as_written(capsys):
+    # train_text_to_image.py's docstring shows a command continued with `\`: re-wrapped into one paragraph, its
+    # `\` landed mid-line (`sd-1.5 \ --train_data_dir`), a command that fails when copied
+    text = _script_help("examples/multistage/train_text_to_image.py", capsys)
+    assert "--pretrained_model_name_or_path sd-1.5 \\\n" in text
+    assert "\\ --" not in text
+
+
+@pytest.mark.parametrize(
+    ("script", "default"),
+    [
+        ("examples/multistage/train_multistage.py", "442 631"),
+        ("examples/experts/train_experts.py", "uniform intervals"),
+        ("examples/dual_backbone/train_dual_backbone.py", "refused here"),
+    ],
+)
+def test_help_states_defaults_as_the_scripts_use_them(script, default, capsys):
+    """No `(default: None)` beside an option whose help gives its real default (`--layers_per_block`: 2) or whose
+    default is the script's own (`--stage_boundaries`: the paper's split, MEME's intervals)."""
+    text = " ".join(_script_help(script, capsys).split())
+    assert "(default: None)" not in text
+    assert "Default: 2 (when building from scratch" in text and "(default: 1000)" in text  # given defaults still show
+    section = text.split("--stage_boundaries STAGE_BOUNDARIES [STAGE_BOUNDARIES ...] ")[1].split(" --")[0]
+    assert default in section
