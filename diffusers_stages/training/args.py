@@ -284,7 +284,8 @@ def build_parser(
     outputs.add_argument("--hub_private_repo", action="store_true", default=None,
                          help="Default: the namespace's default (public unless your organisation's is private).")  # fmt: skip
     outputs.add_argument("--hub_local_dir", type=str, default=None,
-                         help="Push into <dir>/<hub_model_id> with the Hub's file selection instead of uploading.")  # fmt: skip
+                         help="Push into <dir>/<repository> (`--hub_model_id`, else named after `--output_dir`) with the "
+                         "Hub's file selection instead of uploading.")  # fmt: skip
     outputs.add_argument("--local_rank", type=int, default=-1,
                          help="Taken as diffusers' scripts take it: `accelerate launch` gives each process its rank.")  # fmt: skip
     for name, instead in DIFFUSERS_ONLY_OPTIONS.items():

@@ -281,3 +281,9 @@ def test_help_states_defaults_as_the_scripts_use_them(script, default, capsys):
     assert "Default: 2 (when building from scratch" in text and "(default: 1000)" in text  # given defaults still show
     section = text.split("--stage_boundaries STAGE_BOUNDARIES [STAGE_BOUNDARIES ...] ")[1].split(" --")[0]
     assert default in section
+
+
+def test_help_names_the_local_hub_folder_as_the_run_writes_it(capsys):
+    # without `--hub_model_id` the repository (and so the `--hub_local_dir` sub-folder) is named after `--output_dir`
+    text = " ".join(_script_help("examples/multistage/train_multistage.py", capsys).split())
+    assert "<dir>/<repository> (`--hub_model_id`, else named after `--output_dir`)" in text
