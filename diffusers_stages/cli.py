@@ -108,6 +108,20 @@ def check_input_file(path: str | None, option: str, json_object: bool = False) -
         raise ValueError(f"`{option}` {path!r} holds JSON but not an object (a config): {type(loaded).__name__}.")
 
 
+def check_model_folder(path: str, option: str) -> None:
+    """Refuse, before any work, a model folder without a readable ``config.json`` (`check_input_file`); a pipeline
+    folder given for one of its models is a `ValueError` naming ``option`` and the folders of its models."""
+    if os.path.isfile(os.path.join(path, "model_index.json")) and not os.path.exists(
+        os.path.join(path, "config.json")
+    ):
+        models = sorted(os.path.join(path, name) for name in os.listdir(path)
+                        if os.path.isfile(os.path.join(path, name, "config.json")))  # fmt: skip
+        raise ValueError(
+            f"`{option}` {path!r} is a pipeline folder: give the folder of one of its models ({', '.join(models)})."
+        )
+    check_input_file(os.path.join(path, "config.json"), option, json_object=True)
+
+
 def check_seed(seed: int, option: str = "--seed") -> None:
     """Refuse, before any work, a seed outside [0, 2**32): what the training loop's seeding (NumPy's) accepts, and
     every command takes the same (torch's generators overflow past 64 bits). A `ValueError` naming ``option`` and
@@ -176,7 +190,10 @@ def load_saved_folder(path: str, option: str, scheduler: bool = False):
     from .models.loading import exported_class, load_scheduler, load_strictly
 
     config_file = os.path.join(path, "scheduler_config.json" if scheduler else "config.json")
-    check_input_file(config_file, option, json_object=True)
+    if scheduler:
+        check_input_file(config_file, option, json_object=True)
+    else:
+        check_model_folder(path, option)
     with open(config_file, encoding="utf-8") as f:
         name = json.load(f).get("_class_name")
     cls = exported_class(name, SchedulerMixin if scheduler else ModelMixin, (diffusers_stages, diffusers))

@@ -275,3 +275,21 @@ def test_command_help_shows_the_defaults(capsys, argv, shown):
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert all(default in text for default in shown) and "(default: None)" not in text
+
+
+def test_a_pipeline_folder_given_for_a_model_names_its_model_folders(tmp_path, capsys):
+    """A training run writes a pipeline folder; `--model_path` (plan) and `--shallow`/`--deep` (switch) read one model
+    of it: given the pipeline's folder, the error names the folders to give instead, not a missing config.json."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from tests.conftest import TINY_UNET
+
+    DDPMPipeline(unet=UNet2DModel(**TINY_UNET), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    with pytest.raises(SystemExit) as exit_info:
+        plan_main(["--method", "gradient", "--model_path", str(tmp_path / "pipe")])
+    assert exit_info.value.code == 2
+    assert f"is a pipeline folder: give the folder of one of its models ({tmp_path / 'pipe' / 'unet'})" in " ".join(
+        capsys.readouterr().err.split()
+    )
+    with pytest.raises(ValueError, match="is a pipeline folder: give the folder of one of its models"):
+        cli.load_saved_folder(str(tmp_path / "pipe"), "--shallow")
