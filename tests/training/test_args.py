@@ -287,3 +287,16 @@ def test_help_names_the_local_hub_folder_as_the_run_writes_it(capsys):
     # without `--hub_model_id` the repository (and so the `--hub_local_dir` sub-folder) is named after `--output_dir`
     text = " ".join(_script_help("examples/multistage/train_multistage.py", capsys).split())
     assert "<dir>/<repository> (`--hub_model_id`, else named after `--output_dir`)" in text
+
+
+@pytest.mark.parametrize(
+    ("script", "option", "default"),
+    [
+        ("examples/dual_backbone/train_dual_backbone.py", "--shallow_layers_per_block SHALLOW_LAYERS_PER_BLOCK", "1"),
+        ("examples/experts/train_experts.py", "--assignment {soft,hard}", "soft"),
+    ],
+)
+def test_help_shows_the_default_of_each_script_option(script, option, default, capsys):
+    # an option without a help text showed no default at all (argparse shows a default only beside a help text)
+    text = " ".join(_script_help(script, capsys).split())
+    assert f"(default: {default})" in text.split(f"{option} ")[-1].split(" --")[0]
