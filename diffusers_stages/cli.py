@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import json
 import os
@@ -85,6 +86,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """`--help` of the package's commands: the description as written (its example commands stay runnable when
     copied), and each option's default where it has one that its help does not state itself (no `(default: None)`
     beside an option whose help says what it defaults to, or that has none)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        off = action.default is None or action.default is False or action.default == argparse.SUPPRESS  # (0 is shown)
+        if not action.help and action.option_strings and not off:
+            action = copy.copy(action)  # argparse shows a default only beside a help text
+            action.help = "Default: %(default)s."
+        return super()._format_action(action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or "default" in (action.help or "").lower():

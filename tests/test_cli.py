@@ -293,3 +293,18 @@ def test_a_pipeline_folder_given_for_a_model_names_its_model_folders(tmp_path, c
     )
     with pytest.raises(ValueError, match="is a pipeline folder: give the folder of one of its models"):
         cli.load_saved_folder(str(tmp_path / "pipe"), "--shallow")
+
+
+def test_help_shows_the_default_of_an_option_without_a_help_text():
+    """argparse shows a default only beside a help text: `--learning_rate` and `--checkpointing_steps` (a checkpoint
+    every 500 steps unless told) showed none."""
+    import argparse
+
+    parser = argparse.ArgumentParser(formatter_class=cli.HelpFormatter)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flag", action="store_true")
+    parser.add_argument("--path", default=None)
+    text = " ".join(parser.format_help().split())
+    assert "--learning_rate LEARNING_RATE Default: 0.0001." in text and "--seed SEED Default: 0." in text
+    assert "--flag --path PATH" in text  # nothing to show: no default, or a flag that is off
