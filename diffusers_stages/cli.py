@@ -117,17 +117,22 @@ def check_input_file(path: str | None, option: str, json_object: bool = False) -
 
 
 def check_model_folder(path: str, option: str) -> None:
-    """Refuse, before any work, a model folder without a readable ``config.json`` (`check_input_file`); a pipeline
-    folder given for one of its models is a `ValueError` naming ``option`` and the folders of its models."""
-    if os.path.isfile(os.path.join(path, "model_index.json")) and not os.path.exists(
-        os.path.join(path, "config.json")
-    ):
-        models = sorted(os.path.join(path, name) for name in os.listdir(path)
-                        if os.path.isfile(os.path.join(path, name, "config.json")))  # fmt: skip
-        raise ValueError(
-            f"`{option}` {path!r} is a pipeline folder: give the folder of one of its models ({', '.join(models)})."
-        )
+    """Refuse, before any work, a model folder without a readable ``config.json`` (`check_input_file`) or a pipeline
+    folder given for one of its models (`refuse_pipeline_folder`)."""
+    refuse_pipeline_folder(path, option)
     check_input_file(os.path.join(path, "config.json"), option, json_object=True)
+
+
+def refuse_pipeline_folder(path: str, option: str) -> None:
+    """A pipeline folder (``model_index.json``, no ``config.json``) given for one of its models is a `ValueError`
+    naming ``option`` and the folders of its models."""
+    if not os.path.isfile(os.path.join(path, "model_index.json")) or os.path.exists(os.path.join(path, "config.json")):
+        return
+    models = sorted(os.path.join(path, name) for name in os.listdir(path)
+                    if os.path.isfile(os.path.join(path, name, "config.json")))  # fmt: skip
+    raise ValueError(
+        f"`{option}` {path!r} is a pipeline folder: give the folder of one of its models ({', '.join(models)})."
+    )
 
 
 def check_seed(seed: int, option: str = "--seed") -> None:

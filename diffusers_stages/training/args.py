@@ -13,7 +13,7 @@ import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..cli import HelpFormatter, check_seed
+from ..cli import HelpFormatter, check_seed, refuse_pipeline_folder
 from ..partition import TimestepPartition
 from ..planning.data import is_inside
 from ..timestep_sampling import STAGE_SAMPLING
@@ -305,6 +305,7 @@ def read_model_config(args: argparse.Namespace) -> dict | None:
     path = args.model_config
     if path is None:
         return None
+    refuse_pipeline_folder(path, "--model_config")
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     try:
         with open(file, encoding="utf-8") as f:

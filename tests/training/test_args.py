@@ -300,3 +300,12 @@ def test_help_shows_the_default_of_each_script_option(script, option, default, c
     # an option without a help text showed no default at all (argparse shows a default only beside a help text)
     text = " ".join(_script_help(script, capsys).split())
     assert f"(default: {default})" in text.split(f"{option} ")[-1].split(" --")[0]
+
+
+def test_a_pipeline_folder_given_as_model_config_names_its_model_folders(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a pipeline folder: give the folder of one of its models .*unet"):
+        read_model_config(build_parser("").parse_args(["--model_config", str(tmp_path)]))
+    assert read_model_config(build_parser("").parse_args(["--model_config", str(tmp_path / "unet")]))
