@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from diffusers_stages.cli import existing_ancestor, is_writable_folder
+from diffusers_stages.cli import HelpFormatter, existing_ancestor, is_writable_folder
 from diffusers_stages.models.loading import StrictLoadingMixin, _is_float_dtype, _tensor_dtypes, read_json
 
 try:
@@ -34,7 +34,7 @@ except ImportError:  # no advisory locks (Windows): every leftover folder counts
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     """A parser with the arguments every script takes: ``--output_path``, ``--overwrite`` and ``--verify``."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument(
         "--output_path",
         required=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import json
 import os
@@ -81,6 +82,24 @@ def _program_name(prog: str) -> Iterator[None]:
         sys.argv[0] = saved
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` of the package's commands: the description as written (its example commands stay runnable when
+    copied), and each option's default where it has one that its help does not state itself (no `(default: None)`
+    beside an option whose help says what it defaults to, or that has none)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        off = action.default is None or action.default is False or action.default == argparse.SUPPRESS  # (0 is shown)
+        if not action.help and action.option_strings and not off:
+            action = copy.copy(action)  # argparse shows a default only beside a help text
+            action.help = "Default: %(default)s."
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 def check_input_file(path: str | None, option: str, json_object: bool = False) -> None:
     """Refuse, before any work, an input file that is missing, not a file, unreadable, or (``json_object``) not a JSON
     object: a `ValueError` naming ``option`` and the path."""
@@ -95,6 +114,25 @@ def check_input_file(path: str | None, option: str, json_object: bool = False) -
         raise ValueError(f"`{option}` {path!r} cannot be read: {type(error).__name__}: {error}") from None
     if json_object and not isinstance(loaded, dict):
         raise ValueError(f"`{option}` {path!r} holds JSON but not an object (a config): {type(loaded).__name__}.")
+
+
+def check_model_folder(path: str, option: str) -> None:
+    """Refuse, before any work, a model folder without a readable ``config.json`` (`check_input_file`) or a pipeline
+    folder given for one of its models (`refuse_pipeline_folder`)."""
+    refuse_pipeline_folder(path, option)
+    check_input_file(os.path.join(path, "config.json"), option, json_object=True)
+
+
+def refuse_pipeline_folder(path: str, option: str) -> None:
+    """A pipeline folder (``model_index.json``, no ``config.json``) given for one of its models is a `ValueError`
+    naming ``option`` and the folders of its models."""
+    if not os.path.isfile(os.path.join(path, "model_index.json")) or os.path.exists(os.path.join(path, "config.json")):
+        return
+    models = sorted(os.path.join(path, name) for name in os.listdir(path)
+                    if os.path.isfile(os.path.join(path, name, "config.json")))  # fmt: skip
+    raise ValueError(
+        f"`{option}` {path!r} is a pipeline folder: give the folder of one of its models ({', '.join(models)})."
+    )
 
 
 def check_seed(seed: int, option: str = "--seed") -> None:
@@ -165,7 +203,10 @@ def load_saved_folder(path: str, option: str, scheduler: bool = False):
     from .models.loading import exported_class, load_scheduler, load_strictly
 
     config_file = os.path.join(path, "scheduler_config.json" if scheduler else "config.json")
-    check_input_file(config_file, option, json_object=True)
+    if scheduler:
+        check_input_file(config_file, option, json_object=True)
+    else:
+        check_model_folder(path, option)
     with open(config_file, encoding="utf-8") as f:
         name = json.load(f).get("_class_name")
     cls = exported_class(name, SchedulerMixin if scheduler else ModelMixin, (diffusers_stages, diffusers))

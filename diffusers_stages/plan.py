@@ -22,7 +22,15 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from .cli import check_input_file, check_output_file, check_seed, load_saved_folder, write_atomically
+from .cli import (
+    HelpFormatter,
+    check_input_file,
+    check_model_folder,
+    check_output_file,
+    check_seed,
+    load_saved_folder,
+    write_atomically,
+)
 from .models.checks import check_device, check_positive_integers, sample_size_is
 from .planning import (
     METHODS,
@@ -44,7 +52,9 @@ PLANNING_INTEGERS = ("resolution", "num_samples", "chunk_size", "max_images")  #
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # prog: the command that ran it
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )  # prog: the command that ran it
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--train_data_dir",
@@ -93,7 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sigma_max", type=float, default=80.0, help="--edm: the largest sigma.")
     parser.add_argument("--rho", type=float, default=7.0, help="--edm: Karras et al.'s rho (> 0).")
     parser.add_argument(
-        "--model_path", help="A trained model folder (diffusers or diffusers-stages), for --method gradient."
+        "--model_path",
+        help="A trained model folder (diffusers or diffusers-stages; of a pipeline, its model's folder such as "
+        "`unet/`), for --method gradient.",
     )
     parser.add_argument(
         "--model_config",
@@ -210,7 +222,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.budget is not None and args.num_inference_steps is not None:  # steps the sampling scheduler can run
         model_call_timesteps(_schedule(args)[1], args.num_inference_steps)
     if args.model_path is not None:
-        check_input_file(os.path.join(args.model_path, "config.json"), "--model_path", json_object=True)
+        check_model_folder(args.model_path, "--model_path")
     _check_vae(args)
     check_output_file(args.output_plot, "--output_plot")
     check_output_file(args.output_config, "--output_config")

@@ -22,7 +22,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import check_output_file, check_seed, load_saved_folder, write_atomically
+from .cli import HelpFormatter, check_output_file, check_seed, load_saved_folder, write_atomically
 from .conventions import class_embedding_count, encode_model_latents, null_class_label, num_data_classes
 from .loss import diffusion_loss
 from .models.checks import check_positive_integers, check_sample_size
@@ -386,7 +386,9 @@ def check_dual_backbone_folder(path: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command's options."""
-    parser = argparse.ArgumentParser(description="Recommend the dual-backbone switch from measured denoising errors.")
+    parser = argparse.ArgumentParser(
+        description="Recommend the dual-backbone switch from measured denoising errors.", formatter_class=HelpFormatter
+    )
     parser.add_argument("--pipeline", help="a saved DualBackbonePipeline folder")
     parser.add_argument("--shallow", help="a saved shallow model folder (with --deep and --scheduler)")
     parser.add_argument("--deep", help="a saved deep model folder")

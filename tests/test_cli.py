@@ -257,3 +257,54 @@ def test_every_option_of_the_commands_has_a_help_text(capsys, command):
         bare = line.startswith("  -") and "  " not in line.strip()  # the option alone, its help (if any) below
         if bare:
             assert following.startswith(" " * 10), line  # help lines are indented past the options
+
+
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (["plan", "--help"], ["--alpha ALPHA Mean-similarity threshold in (0, 1]. (default: 0.9)", "(default: 128)"]),
+        (["switch", "--help"], ["(default: switch.png)", "(default: digits)", "(default: 0.05)"]),
+        (["convert", "unet_to_multistage", "--help"], ["(default: 0.0001)"]),
+    ],
+)
+def test_command_help_shows_the_defaults(capsys, argv, shown):
+    """`--help` gives each option's default (the switch command writes `switch.png` unless told otherwise), never
+    `(default: None)`, and a description's example commands as written."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(default in text for default in shown) and "(default: None)" not in text
+
+
+def test_a_pipeline_folder_given_for_a_model_names_its_model_folders(tmp_path, capsys):
+    """A training run writes a pipeline folder; `--model_path` (plan) and `--shallow`/`--deep` (switch) read one model
+    of it: given the pipeline's folder, the error names the folders to give instead, not a missing config.json."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from tests.conftest import TINY_UNET
+
+    DDPMPipeline(unet=UNet2DModel(**TINY_UNET), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    with pytest.raises(SystemExit) as exit_info:
+        plan_main(["--method", "gradient", "--model_path", str(tmp_path / "pipe")])
+    assert exit_info.value.code == 2
+    assert f"is a pipeline folder: give the folder of one of its models ({tmp_path / 'pipe' / 'unet'})" in " ".join(
+        capsys.readouterr().err.split()
+    )
+    with pytest.raises(ValueError, match="is a pipeline folder: give the folder of one of its models"):
+        cli.load_saved_folder(str(tmp_path / "pipe"), "--shallow")
+
+
+def test_help_shows_the_default_of_an_option_without_a_help_text():
+    """argparse shows a default only beside a help text: `--learning_rate` and `--checkpointing_steps` (a checkpoint
+    every 500 steps unless told) showed none."""
+    import argparse
+
+    parser = argparse.ArgumentParser(formatter_class=cli.HelpFormatter)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flag", action="store_true")
+    parser.add_argument("--path", default=None)
+    text = " ".join(parser.format_help().split())
+    assert "--learning_rate LEARNING_RATE Default: 0.0001." in text and "--seed SEED Default: 0." in text
+    assert "--flag --path PATH" in text  # nothing to show: no default, or a flag that is off

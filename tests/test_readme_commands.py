@@ -130,6 +130,17 @@ def test_training_command_parses_as_written(where, script, argv, images, tmp_pat
     assert args.output_dir == argv[argv.index("--output_dir") + 1]
 
 
+def test_every_fp16_command_says_what_a_cpu_runs_instead():
+    """The set-up needs no GPU, and fp16 is refused without one: a block with an fp16 training command (under "One
+    CPU or one GPU") says what to pass on a CPU."""
+    blocks = [(readme, block["code"]) for readme in READMES
+              for block in BASH.finditer((ROOT / readme).read_text(encoding="utf-8"))]  # fmt: skip
+    fp16 = [(readme, code) for readme, code in blocks if "--mixed_precision fp16" in code]
+    assert fp16
+    silent = [readme for readme, code in fp16 if "# on a CPU: --mixed_precision bf16 or no instead" not in code]
+    assert not silent, silent
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # every command the READMEs name (bash blocks, placeholders included, and inline code): its options exist
 COMMAND = re.compile(

@@ -13,7 +13,7 @@ import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..cli import check_seed
+from ..cli import HelpFormatter, check_seed, refuse_pipeline_folder
 from ..partition import TimestepPartition
 from ..planning.data import is_inside
 from ..timestep_sampling import STAGE_SAMPLING
@@ -133,9 +133,12 @@ def add_stage_boundaries_argument(
     return parser.add_argument("--stage_boundaries", nargs="+", action=BoundaryList, help=help, **kwargs)
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    """The arguments every training script takes (data, optimisation, checkpoints, logging, Hub, U-Net shape)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(
+    description: str, stage_boundaries_default: str = "the script's own split"
+) -> argparse.ArgumentParser:
+    """The arguments every training script takes (data, optimisation, checkpoints, logging, Hub, U-Net shape);
+    ``stage_boundaries_default`` says what the script trains without `--stage_boundaries` (its `--help`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument(
         "--train_data_dir",
@@ -189,7 +192,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--attention_head_dim", type=int, default=None, help=f"Default: 8 {scratch}.")
     model.add_argument("--norm_num_groups", type=int, default=None, help=f"Default: 32 {scratch}.")
     model.add_argument("--dropout", type=float, default=None, help=f"Default: 0.0 {scratch}.")
-    add_stage_boundaries_argument(model, default=None)
+    add_stage_boundaries_argument(
+        model, help=f"Inner stage boundaries (at least one), e.g. `442 631`. Default: {stage_boundaries_default}.",
+        default=None,
+    )  # fmt: skip
     model.add_argument("--boundary_units", choices=("timestep", "sigma"), default="timestep",
                        help="`sigma` trains an EDM-style model (EDMEulerScheduler, Karras et al. 2022).")  # fmt: skip
     model.add_argument(
@@ -278,7 +284,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     outputs.add_argument("--hub_private_repo", action="store_true", default=None,
                          help="Default: the namespace's default (public unless your organisation's is private).")  # fmt: skip
     outputs.add_argument("--hub_local_dir", type=str, default=None,
-                         help="Push into <dir>/<hub_model_id> with the Hub's file selection instead of uploading.")  # fmt: skip
+                         help="Push into <dir>/<repository> (`--hub_model_id`, else named after `--output_dir`) with the "
+                         "Hub's file selection instead of uploading.")  # fmt: skip
     outputs.add_argument("--local_rank", type=int, default=-1,
                          help="Taken as diffusers' scripts take it: `accelerate launch` gives each process its rank.")  # fmt: skip
     for name, instead in DIFFUSERS_ONLY_OPTIONS.items():
@@ -298,6 +305,7 @@ def read_model_config(args: argparse.Namespace) -> dict | None:
     path = args.model_config
     if path is None:
         return None
+    refuse_pipeline_folder(path, "--model_config")
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     try:
         with open(file, encoding="utf-8") as f:

@@ -90,7 +90,9 @@ def vae_shape(args: argparse.Namespace, task: TrainingTask | None = None) -> tup
     try:
         config = AutoencoderKL.load_config(path, subfolder=subfolder)
     except (OSError, ValueError) as error:
-        raise ValueError(f"`--vae_path` {path!r} is not an AutoencoderKL folder: {error}") from None
+        pipeline = subfolder is None and os.path.isfile(os.path.join(path, "model_index.json"))
+        hint = " It is a pipeline folder: add `--vae_subfolder vae` (its VAE's folder)." if pipeline else ""
+        raise ValueError(f"`--vae_path` {path!r} is not an AutoencoderKL folder: {error}{hint}") from None
     class_name = config.get("_class_name", "AutoencoderKL")  # training draws from AutoencoderKL's posterior only
     if class_name != "AutoencoderKL":
         raise ValueError(

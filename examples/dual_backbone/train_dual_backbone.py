@@ -21,11 +21,13 @@ from diffusers_stages.training import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser(__doc__)
+    parser = build_parser(__doc__, "none (refused here: both backbones train on every timestep)")
     group = parser.add_argument_group("dual backbone (a deep U-Net takes the model arguments above)")
     group.add_argument("--backbones", choices=("both", "shallow", "deep"), default="both", help="Which to train.")
     group.add_argument("--shallow_block_out_channels", type=int_list, default=None, help="Default: the deep widths.")
-    group.add_argument("--shallow_layers_per_block", type=int, default=1)
+    group.add_argument(
+        "--shallow_layers_per_block", type=int, default=1, help="Layers per block of the shallow U-Net."
+    )
     group.add_argument(
         "--backbone", choices=("unet", "uvit", "early_exit"), default="unet",
         help="`uvit`: DuoDiff's backbones, two U-ViTs (Bao et al. 2023) of one width and depths "

@@ -27,13 +27,17 @@ from diffusers_stages.training.loop import save_assembled_experts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser(__doc__)
+    parser = build_parser(__doc__, "`--num_experts` uniform intervals (MEME's 4)")
     group = parser.add_argument_group("experts")
     group.add_argument(
         "--num_experts", type=int, default=None,
         help="Uniform intervals (MEME's 4 by default); with `--stage_boundaries`, their count.",
     )  # fmt: skip
-    group.add_argument("--assignment", choices=("soft", "hard"), default="soft")
+    group.add_argument(
+        "--assignment", choices=("soft", "hard"), default="soft",
+        help="soft (MEME): the batch is split over the experts, expert n drawing from its own interval with "
+        "probability p_n (`--own_interval_probability`); hard: every sample goes to the expert of its interval.",
+    )  # fmt: skip
     group.add_argument(
         "--own_interval_probability", type=float_list, default=None,
         help="p_n per expert for `--assignment soft`, clean expert first (default MEME's 0.8,0.4,0.2,0.1, as a "

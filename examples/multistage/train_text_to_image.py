@@ -26,7 +26,11 @@ from diffusers_stages.training.tasks.text_to_image import METHODS, TextToImageTa
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser(__doc__)
+    parser = build_parser(
+        __doc__,
+        "for a plain source unet, the paper's 442 631 (`--method multistage`) or the middle timestep "
+        "(`--method experts`), scaled to the source's schedule; a staged or routed source keeps its own (refused)",
+    )
     # diffusers' text-to-image defaults; `--class_dropout_prob` is the rate of captions replaced by the empty one; the
     # source pipeline gives the U-Net, the VAE and the noise schedule (options that would choose them are refused;
     # `text_to_image.SOURCE_OPTIONS`, unset by default in the shared parser)

@@ -242,3 +242,70 @@ def test_diffusers_text_to_image_names_of_the_logger_and_the_epochs():
     # `--logger`, `--num_epochs`); they were "unrecognized arguments"
     args = build_parser("test").parse_args(["--report_to", "none", "--num_train_epochs", "3"])
     assert args.logger == "none" and args.num_epochs == 3
+
+
+def _script_help(path: str, capsys) -> str:
+    """A training script's `--help` text, as its command line prints it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("help_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_keeps_the_description_s_command_as_written(capsys):
+    # train_text_to_image.py's docstring shows a command continued with `\`: re-wrapped into one paragraph, its
+    # `\` landed mid-line (`sd-1.5 \ --train_data_dir`), a command that fails when copied
+    text = _script_help("examples/multistage/train_text_to_image.py", capsys)
+    assert "--pretrained_model_name_or_path sd-1.5 \\\n" in text
+    assert "\\ --" not in text
+
+
+@pytest.mark.parametrize(
+    ("script", "default"),
+    [
+        ("examples/multistage/train_multistage.py", "442 631"),
+        ("examples/experts/train_experts.py", "uniform intervals"),
+        ("examples/dual_backbone/train_dual_backbone.py", "refused here"),
+    ],
+)
+def test_help_states_defaults_as_the_scripts_use_them(script, default, capsys):
+    """No `(default: None)` beside an option whose help gives its real default (`--layers_per_block`: 2) or whose
+    default is the script's own (`--stage_boundaries`: the paper's split, MEME's intervals)."""
+    text = " ".join(_script_help(script, capsys).split())
+    assert "(default: None)" not in text
+    assert "Default: 2 (when building from scratch" in text and "(default: 1000)" in text  # given defaults still show
+    section = text.split("--stage_boundaries STAGE_BOUNDARIES [STAGE_BOUNDARIES ...] ")[1].split(" --")[0]
+    assert default in section
+
+
+def test_help_names_the_local_hub_folder_as_the_run_writes_it(capsys):
+    # without `--hub_model_id` the repository (and so the `--hub_local_dir` sub-folder) is named after `--output_dir`
+    text = " ".join(_script_help("examples/multistage/train_multistage.py", capsys).split())
+    assert "<dir>/<repository> (`--hub_model_id`, else named after `--output_dir`)" in text
+
+
+@pytest.mark.parametrize(
+    ("script", "option", "default"),
+    [
+        ("examples/dual_backbone/train_dual_backbone.py", "--shallow_layers_per_block SHALLOW_LAYERS_PER_BLOCK", "1"),
+        ("examples/experts/train_experts.py", "--assignment {soft,hard}", "soft"),
+    ],
+)
+def test_help_shows_the_default_of_each_script_option(script, option, default, capsys):
+    # an option without a help text showed no default at all (argparse shows a default only beside a help text)
+    text = " ".join(_script_help(script, capsys).split())
+    assert f"(default: {default})" in text.split(f"{option} ")[-1].split(" --")[0]
+
+
+def test_a_pipeline_folder_given_as_model_config_names_its_model_folders(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a pipeline folder: give the folder of one of its models .*unet"):
+        read_model_config(build_parser("").parse_args(["--model_config", str(tmp_path)]))
+    assert read_model_config(build_parser("").parse_args(["--model_config", str(tmp_path / "unet")]))

@@ -194,3 +194,15 @@ def test_a_vae_config_whose_latent_shape_cannot_be_read_is_named(tmp_path, chang
     (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(ValueError, match=r"`--vae_path` .*(latent_channels|block_out_channels)"):
         vae_shape(SimpleNamespace(vae_path=str(tmp_path / "vae"), vae_subfolder=None))
+
+
+def test_a_pipeline_folder_given_as_vae_path_names_its_vae_subfolder(tmp_path):
+    """`--vae_path PIPELINE_DIR` without `--vae_subfolder vae` (the READMEs' latent runs take both) said only that
+    the folder holds no config.json."""
+    from diffusers_stages.training.loop import vae_shape
+
+    AutoencoderKL(**TINY_VAE).save_pretrained(tmp_path / "vae")
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a pipeline folder: add `--vae_subfolder vae`"):
+        vae_shape(SimpleNamespace(vae_path=str(tmp_path), vae_subfolder=None))
+    assert vae_shape(SimpleNamespace(vae_path=str(tmp_path), vae_subfolder="vae"))[0] == TINY_VAE["latent_channels"]
