@@ -258,27 +258,29 @@ class StageOffloadMixin:
         self.disable_stage_offload()  # enabling again replaces the hooks
         self._stage_offload = StageOffload(self._model_components(), networks, device, offload_device, prefetch)
 
-    def _stage_networks(self) -> list[torch.nn.Module]:
-        """The network of each stage (`stage_network`), stage 0 first."""
-        # a step-fraction switch needs a step count: the sampling default, which every scheduler takes (PNDM's
-        # Runge-Kutta warm-up refuses fewer than 4); the number of stages does not depend on it
-        num_stages = self.resolve_partition(DEFAULT_NUM_INFERENCE_STEPS).num_stages
+    def _stage_networks(self, num_stages: int | None = None) -> list[torch.nn.Module]:
+        """The network of each stage (`stage_network`), stage 0 first (``num_stages``: a partition's, already
+        resolved)."""
+        if num_stages is None:
+            # a step-fraction switch needs a step count: the sampling default, which every scheduler takes (PNDM's
+            # Runge-Kutta warm-up refuses fewer than 4); the number of stages does not depend on it
+            num_stages = self.resolve_partition(DEFAULT_NUM_INFERENCE_STEPS).num_stages
         return [self.stage_network(stage) for stage in range(num_stages)]
 
     def _model_components(self) -> list[torch.nn.Module]:
         """The pipeline's components that are modules (what `StageOffload` places)."""
         return [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
 
-    def _plan_stage_offload(self, stages: Sequence[int]) -> None:
-        """Under `enable_stage_offload`, hand the hooks the coming run's stages (``expert_schedule``'s), after hooking
-        the pipeline again if a component was swapped in since (``pipe.unet = ...``, which diffusers registers
-        unchecked): its networks are then offloaded too, and the replaced one is left unhooked on the offload
-        device. Called by the sampling loop."""
+    def _plan_stage_offload(self, stages: Sequence[int], num_stages: int) -> None:
+        """Under `enable_stage_offload`, hand the hooks the coming run's stages (``expert_schedule``'s, of its
+        partition's ``num_stages``), after hooking the pipeline again if a component was swapped in since
+        (``pipe.unet = ...``, which diffusers registers unchecked): its networks are then offloaded too, and the
+        replaced one is left unhooked on the offload device. Called by the sampling loop."""
         offload = self._stage_offload
         if offload is None:
             return
         hooked = [offload.units[unit] for unit in offload.unit_of_stage]
-        if not _same_modules(hooked, self._stage_networks()) or not _same_modules(
+        if not _same_modules(hooked, self._stage_networks(num_stages)) or not _same_modules(
             offload.components, self._model_components()
         ):
             self.enable_stage_offload(offload.device, offload.offload_device, offload.prefetch)

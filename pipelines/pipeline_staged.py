@@ -493,7 +493,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         self.check_components()
         partition = self.resolve_partition(num_inference_steps)
         schedule = self._stage_schedule(partition, num_inference_steps)  # which network runs which model call
-        self._plan_stage_offload([stage for _, stage in schedule])  # the stage networks' order, for their prefetch
+        # the stage networks' order, for their prefetch
+        self._plan_stage_offload([stage for _, stage in schedule], partition.num_stages)
         denoiser = self.stage_denoiser(schedule[0][1])[0]  # the first network to run: shape, dtype, labels
         config, model_dtype = denoiser.config, compute_dtype(denoiser)  # `.dtype` would walk every submodule
         self._check_variance_output(config)
