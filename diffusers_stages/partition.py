@@ -31,6 +31,7 @@ Two units are supported, matching the two ways diffusers models are conditioned 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -155,8 +156,15 @@ class TimestepPartition:
         """Stage ``stage``'s interval as messages write it, its ends formatted with ``format_spec``: ``[low, high)``
         in ``"timestep"`` units, ``(low, high]`` in ``"sigma"`` units (a sigma on a boundary is the cleaner stage's),
         ``(low, inf)`` for the noisiest sigma stage."""
+        if isinstance(stage, bool) or not isinstance(stage, numbers.Integral) or not 0 <= stage < self.num_stages:
+            raise ValueError(f"`stage` must be a stage index in [0, {self.num_stages}), got {stage!r}.")
         low, high = self.intervals()[stage]
-        ends = f"{low:{format_spec}}, {high:{format_spec}}"
+        try:
+            ends = f"{low:{format_spec}}, {high:{format_spec}}"
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"`format_spec` must be a format specification of floats ('g', '.6g', ...), got {format_spec!r}."
+            ) from None
         if self.units == "timestep":
             return f"[{ends})"
         return f"({ends}{')' if math.isinf(high) else ']'}"

@@ -286,3 +286,17 @@ def test_a_stage_interval_is_written_with_the_brackets_of_its_units():
         "[442.0, 631.0)",
         "[631.0, 1000.0)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("stage", "format_spec", "match"),
+    [(3, "g", r"`stage` must be a stage index in \[0, 3\), got 3"),
+     (-1, "g", r"`stage` must be a stage index in \[0, 3\), got -1"),
+     (True, "g", r"`stage` must be a stage index in \[0, 3\), got True"),
+     (1.0, "g", r"`stage` must be a stage index in \[0, 3\), got 1.0"),
+     (1, "q", r"`format_spec` must be a format specification of floats \('g', '.6g', ...\), got 'q'")],
+)  # fmt: skip
+def test_interval_text_refuses_a_bad_stage_or_format_naming_it(stage, format_spec, match):
+    # were: an IndexError, a negative index counted from the end, or Python's "Unknown format code" naming neither
+    with pytest.raises(ValueError, match=match):
+        TimestepPartition([442, 631]).interval_text(stage, format_spec)
