@@ -134,10 +134,12 @@ def add_stage_boundaries_argument(
 
 
 def build_parser(
-    description: str, stage_boundaries_default: str = "the script's own split"
+    description: str, stage_boundaries_default: str = "the script's own split", staged: bool = True
 ) -> argparse.ArgumentParser:
     """The arguments every training script takes (data, optimisation, checkpoints, logging, Hub, U-Net shape);
-    ``stage_boundaries_default`` says what the script trains without `--stage_boundaries` (its `--help`)."""
+    ``stage_boundaries_default`` says what the script trains without `--stage_boundaries` (its `--help`);
+    ``staged=False`` (a script whose networks all train on every timestep) says in `--help` that it refuses
+    `--stage_shares` and `--stage_sampling`."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -198,12 +200,14 @@ def build_parser(
     )  # fmt: skip
     model.add_argument("--boundary_units", choices=("timestep", "sigma"), default="timestep",
                        help="`sigma` trains an EDM-style model (EDMEulerScheduler, Karras et al. 2022).")  # fmt: skip
+    refused = "Refused by this script: its networks train on every timestep of every batch."
     model.add_argument(
-        "--stage_shares", type=float_list, default=None, help="Share of each batch per stage (clean first)."
-    )
+        "--stage_shares", type=float_list, default=None,
+        help="Share of each batch per stage (clean first)." if staged else refused,
+    )  # fmt: skip
     model.add_argument("--stage_sampling", choices=STAGE_SAMPLING, default="mixed",
                        help="mixed: every stage in every batch; per_batch: one stage per batch (the authors' EDM code); "
-                       "per_rank: one stage per process (their LDM code).")  # fmt: skip
+                       "per_rank: one stage per process (their LDM code)." if staged else refused)  # fmt: skip
     model.add_argument("--num_train_timesteps", "--ddpm_num_steps", type=int, default=1000, action=RenamedOption,
                        help="Length of the training noise schedule (DDPM steps; also EDM's scheduler config). "
                        "`--ddpm_num_steps` (diffusers' train_unconditional.py name) is a deprecated alias.")  # fmt: skip

@@ -21,7 +21,7 @@ from diffusers_stages.training import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser(__doc__, "none (refused here: both backbones train on every timestep)")
+    parser = build_parser(__doc__, "none (refused here: both backbones train on every timestep)", staged=False)
     group = parser.add_argument_group("dual backbone (a deep U-Net takes the model arguments above)")
     group.add_argument("--backbones", choices=("both", "shallow", "deep"), default="both", help="Which to train.")
     group.add_argument("--shallow_block_out_channels", type=int_list, default=None, help="Default: the deep widths.")

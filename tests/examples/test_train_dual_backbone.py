@@ -239,3 +239,14 @@ def test_one_backbone_runs_in_a_latent_space_keep_their_vae_for_the_cards_code(
     scope = {}
     exec(code, scope)  # the card's own code, on the pushed repositories
     assert scope["pipe"].vae is not None and (scope["image"].size, scope["image"].mode) == ((16, 16), "RGB")
+
+
+def test_help_says_the_stage_options_are_refused(script, capsys):
+    # the shared parser's help described per-stage batch shares and stage sampling, which this script refuses
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split()).split(" options: ", 1)[1]  # past the usage line
+    for option in ("--stage_shares", "--stage_sampling"):
+        after = help_text.split(option, 1)[1].split(" --", 1)[0]
+        assert "Refused by this script" in after, (option, after)
+    assert "Share of each batch per stage" not in help_text and "one stage per process" not in help_text
