@@ -64,6 +64,25 @@ def test_soft_assignment_probabilities():
         soft_assignment_timesteps(partition, 4, 8)
 
 
+def test_soft_assignment_spreads_the_rest_evenly_over_the_other_timesteps_and_keeps_interval_edges():
+    # MEME's soft assignment on integer timesteps: the expert's own interval [3, 6) (its edges 3 and 5 included, 6
+    # not) with probability p, every other timestep equally likely otherwise (the other intervals by their mass)
+    partition = TimestepPartition([3, 6], num_train_timesteps=10)
+    t = soft_assignment_timesteps(partition, 1, 70000, own_interval_probability=0.5, generator=torch.manual_seed(0))
+    share = torch.bincount(t, minlength=10).double() / len(t)
+    own = torch.tensor([3, 4, 5])
+    assert abs(share[own].sum().item() - 0.5) < 0.01 and (share[own] - 0.5 / 3).abs().max().item() < 0.01
+    other = torch.tensor([0, 1, 2, 6, 7, 8, 9])
+    assert (share[other] - 0.5 / 7).abs().max().item() < 0.006
+    # sigma units: the other intervals by their mass under EDM's log-normal, each draw routed to its interval
+    sigmas = TimestepPartition([0.5, 2.0], units="sigma")
+    drawn = soft_assignment_timesteps(sigmas, 2, 40000, own_interval_probability=0.25, generator=torch.manual_seed(1))
+    stages = torch.bincount(sigmas.stage_for_noise_level(drawn), minlength=3).double() / len(drawn)
+    mass = stage_mass(sigmas)
+    expected = [0.75 * mass[0] / (mass[0] + mass[1]), 0.75 * mass[1] / (mass[0] + mass[1]), 0.25]
+    assert (stages - torch.tensor(expected, dtype=torch.float64)).abs().max().item() < 0.01
+
+
 def test_soft_assignment_of_no_samples_and_bad_arguments():
     # an expert with no share of the batch (`--stage_shares 1,1,1,0`) draws nothing, not a RuntimeError
     assert soft_assignment_timesteps(TimestepPartition.uniform(4), 3, 0).shape == (0,)

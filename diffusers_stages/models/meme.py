@@ -15,7 +15,9 @@ What comes from the paper and what is this package's choice:
   its probabilities, so the values stay unconfirmed. A secondary source also gives the paper's FFHQ sizes (4
   experts of 82.9M parameters against a 274.1M LDM); the widths that give them are not reproduced here.
 - This package's choices: the per-expert shares ``(n + 1/2) / N`` (0.125, 0.375, 0.625, 0.875 for 4 experts: never
-  a pure convolution or pure attention mixer), the same share at every resolution level of an expert, attention
+  0 or 1, though each level rounds its share to whole heads of ``attention_head_dim``, so a narrow level can still
+  get a pure mixer: 0.875 of 32 channels in heads of 8 is 3.5 heads, rounded up to 4, all attention; check with
+  `attention_share` or each mixer's ``widths``), the same share at every resolution level of an expert, attention
   average-pooled by 2 at the highest-resolution level (iFormer's choice for its high-resolution stages) and at full
   resolution below, and the default widths. Every one of them is an argument.
 """

@@ -3,6 +3,10 @@
 DuoDiff (arXiv 2410.09633) uses two U-ViTs of the same width as its backbones: a shallow one (depth 3) for the first,
 noisiest sampling steps and a deep one (depth 13) for the rest. The AdaDiff early-exit baseline
 ([`EarlyExitUViT2DModel`]) is this model plus an exit head after every block.
+
+The time token embeds the timestep the model is called with, as U-ViT's code and diffusers' models do. DuoDiff's
+CIFAR-10 and CelebA configs divide the timestep by 1000 before the sinusoidal embedding (``normalize_timesteps``);
+that variant is not reproduced here.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 One denoiser per interval of the noise schedule: by default MEME's iU-Nets (`IUNet2DModel`: Inception mixers that
 give more channels to self-attention on the noisy intervals, more to convolution near the data), or every expert the
 `UNet2DModel` of `--model_config`. Train all experts in one run (`--assignment hard`: every sample goes
-to the expert of its interval, stratified so each expert trains at every step; `--assignment soft`: the batch is
-split over the experts and expert n draws from its own interval with probability p_n), or one expert per run
+to the expert of its interval, stratified so each expert trains at every step, each interval's share of the batch its
+share of the schedule; `--assignment soft`: the batch is split equally over the experts and expert n draws from its
+own interval with probability p_n; `--stage_shares` sets either split), or one expert per run
 (`--expert_index n`) and gather the runs afterwards with `--assemble_experts`. `--pretrained_model_name_or_path`
 fine-tunes the experts of an existing `ExpertRoutingPipeline` folder instead (all, or one to put back into it with
 `--assemble_experts FOLDER RUN`). See README.md beside this file.
@@ -35,8 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     group.add_argument(
         "--assignment", choices=("soft", "hard"), default="soft",
-        help="soft (MEME): the batch is split over the experts, expert n drawing from its own interval with "
-        "probability p_n (`--own_interval_probability`); hard: every sample goes to the expert of its interval.",
+        help="soft (MEME): the batch is split equally over the experts (or by `--stage_shares`), expert n drawing from "
+        "its own interval with probability p_n (`--own_interval_probability`); hard: every sample goes to the expert "
+        "of its interval, each interval's share of the batch its share of the schedule (or `--stage_shares`), so with "
+        "unequal intervals p_n = 1 is not hard assignment.",
     )  # fmt: skip
     group.add_argument(
         "--own_interval_probability", type=float_list, default=None,

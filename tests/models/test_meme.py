@@ -73,3 +73,15 @@ def test_bad_out_channels_and_mixed_widths_are_named():
     ):
         meme_expert_configs(num_experts=2, block_out_channels=[(8, 16), 16])
     assert meme_expert_configs(num_experts=2, in_channels=1)[0]["out_channels"] == 1  # None: as `in_channels`
+
+
+def test_rounding_to_whole_heads_can_make_a_narrow_level_a_pure_mixer():
+    # as the module docstring says: the shares (n + 1/2) / N are never 0 or 1, but each level rounds its share to
+    # whole heads, so the README's expert 3 (share 0.875) has a pure-attention mixer at its 32-channel level
+    # (3.5 heads of 8 round up to 4: no convolution or max-pool branch), and its 64-channel level keeps both paths
+    from diffusers_stages.models.iunet import InceptionMixer
+
+    config = meme_expert_configs(num_experts=4, block_out_channels=(32, 64, 64), norm_num_groups=16)[3]
+    expert = IUNet2DModel(**config)
+    widths = {m.widths for m in expert.modules() if isinstance(m, InceptionMixer)}
+    assert widths == {(0, 0, 32), (4, 4, 56)}  # (conv, max-pool, attention) channels

@@ -206,3 +206,23 @@ def test_attention_processors_are_listed_set_and_fused(model):
         assert torch.allclose(model(x, t).sample, expected, atol=1e-5)
     model.set_attn_processor(dict.fromkeys(model.attn_processors, AttnProcessor2_0()))
     assert_fuse_qkv_projections_round_trip(model, x, t)
+
+
+def test_the_time_token_is_uvits_sinusoid_of_the_raw_timestep():
+    # U-ViT's `timestep_embedding`: [cos(t f_i), sin(t f_i)], f_i = 10000^(-i / half), on the timestep as given (the
+    # README's U-ViT table: DuoDiff's CIFAR-10/CelebA configs divide it by 1000 first, which is not reproduced)
+    model = UViT2DModel(**TINY).eval()
+    t = torch.tensor([0.0, 7.0, 999.0])
+    half = TINY["hidden_size"] // 2
+    args = t[:, None] * torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half) / half)[None]
+    assert torch.allclose(model.time_proj(t), torch.cat([torch.cos(args), torch.sin(args)], dim=-1), atol=1e-5)
+
+
+def test_duodiffs_backbones_have_the_papers_sizes():
+    # DuoDiff on CIFAR-10: U-ViTs of width 512, 8 heads, patch 2; deep depth 13 (44.3M), shallow depth 3 (~10.1M)
+    configs = dual_uvit_configs(3, 13, hidden_size=512, patch_size=2, num_attention_heads=8, sample_size=32)
+    models = {name: UViT2DModel(**config) for name, config in configs.items()}
+    sizes = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    assert round(sizes["deep"] / 1e6, 1) == 44.3 and round(sizes["shallow"] / 1e6, 1) == 10.1
+    # long skips: 6 in-blocks, a middle block and 6 out-blocks; 1 + 1 + 1
+    assert len(models["deep"].skip_proj) == 6 and len(models["shallow"].skip_proj) == 1

@@ -277,7 +277,7 @@ class DualBackboneTask(FineTuningTask):
             if fraction is not None
             else f"the shallow network runs every step at t >= {timestep:g}"
             if timestep is not None
-            else f"the shallow network runs every step at noise levels sigma >= {sigma:g}"
+            else f"the shallow network runs every step at noise levels sigma > {sigma:g}"
         )
         kind = "U-ViT" if self._uvit else "U-Net"
         origin = (

@@ -404,3 +404,33 @@ def test_a_folder_that_is_both_a_pipeline_and_a_run_is_named(base, runs, positio
     folders = [str(base), str(runs[1])] if position else [str(runs[1]), str(runs[0])]
     with pytest.raises(ValueError, match=f"{re.escape(repr(str(runs[1])))} holds both a saved pipeline"):
         assemble_expert_runs(folders)
+
+
+def _experts_task(assignment, probabilities):
+    from diffusers_stages.training import ExpertTask, build_parser
+
+    args = build_parser("train_experts.py").parse_args(
+        ["--block_out_channels", "8,16", "--layers_per_block", "1", "--norm_num_groups", "4",
+         "--stage_boundaries", "100", "900"]
+    )  # fmt: skip
+    vars(args).update(
+        num_experts=None,
+        assignment=assignment,
+        own_interval_probability=probabilities,
+        expert_index=None,
+        expert_block_out_channels=None,
+        expert_attention_shares=None,
+        assemble_experts=None,
+    )  # the script's own options, as train_experts.py gives them
+    return ExpertTask(args)
+
+
+def test_soft_assignment_splits_the_batch_equally_and_hard_assignment_by_the_intervals_mass():
+    # as the script's help and README say: with unequal intervals, soft assignment with p_n = 1 is not hard assignment
+    soft = _experts_task("soft", (1.0, 1.0, 1.0)).draw(60, torch.manual_seed(0))
+    hard = _experts_task("hard", None).draw(60, torch.manual_seed(0))
+    assert torch.bincount(soft.network).tolist() == [20, 20, 20]
+    assert torch.bincount(hard.network).tolist() == [7, 46, 7]  # one each, then 0.1 / 0.8 / 0.1 of the rest
+    for draw in (soft, hard):  # every sample is drawn from its expert's own interval
+        stages = torch.bucketize(draw.timesteps, torch.tensor([100, 900]), right=True)
+        assert torch.equal(stages, draw.network)
