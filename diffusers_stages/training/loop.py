@@ -10,6 +10,8 @@ index)``, so a run resumed from a checkpoint continues exactly as an uninterrupt
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import logging
 import math
 import os
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 from ..conventions import null_class_label, num_data_classes, vae_to_model_latents
 from ..models.loading import (
     CONFIG_VALUE_ERRORS,
+    SAMPLING_OPTIONS,
     TensorBudget,
     first_shape_mismatch,
     load_strictly,
@@ -112,6 +115,23 @@ def vae_shape(args: argparse.Namespace, task: TrainingTask | None = None) -> tup
             f"{len(blocks) if isinstance(blocks, list) else blocks!r} `down_block_types`: one width per block."
         )
     return channels, 2 ** (len(levels) - 1)
+
+
+def latent_space(task: TrainingTask) -> dict:
+    """The data space of ``task``'s run, as its checkpoints record it (resuming checks it is the same):
+    ``{"vae_path", "vae_subfolder", "vae"}``, ``"vae"`` None in pixel space, else the options of the VAE's config
+    that set its latents (every AutoencoderKL constructor option, a missing one at its default, but the
+    `SAMPLING_OPTIONS`: another tiling size or decoding precision is the same latent space)."""
+    if task.vae_path is None:
+        return {"vae_path": None, "vae_subfolder": None, "vae": None}
+    config = AutoencoderKL.load_config(task.vae_path, subfolder=task.vae_subfolder)  # read by `vae_shape` first
+    parameters = inspect.signature(AutoencoderKL.__init__).parameters
+    options = {
+        name: config.get(name, parameter.default)
+        for name, parameter in parameters.items()
+        if parameter.default is not inspect.Parameter.empty and name not in SAMPLING_OPTIONS
+    }
+    return {"vae_path": task.vae_path, "vae_subfolder": task.vae_subfolder, "vae": json.loads(json.dumps(options))}
 
 
 def step_generator(seed: int, process_index: int, micro_step: int) -> torch.Generator:
@@ -226,7 +246,9 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     existing, resume_path = _check_output_dir(args)
     source = getattr(args, "pretrained_model_name_or_path", None)  # a fine-tuning run's, checked on resuming
     if resume_path is not None:  # the checkpoint's source and noise schedule: before the data are read
-        check_resume_arguments(resume_path, noise_schedulers(args, task.scheduler_config)[0], source)
+        check_resume_arguments(
+            resume_path, noise_schedulers(args, task.scheduler_config)[0], source, latent_space(task)
+        )
     hub_repo_id = create_hub_repo(args) if args.push_to_hub else None  # `name` becomes `<user>/name`
     records = task.read_records(args)
     if records is None:
@@ -274,7 +296,9 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
         *networks.values(), optimizer, train_dataloader, lr_scheduler
     )
     noise_scheduler, sampling_scheduler = noise_schedulers(args, task.scheduler_config)
-    register_checkpoint_hooks(accelerator, list(networks), emas, noise_scheduler, task.partition, source)
+    register_checkpoint_hooks(
+        accelerator, list(networks), emas, noise_scheduler, task.partition, source, latent_space(task)
+    )
     state = RunState(
         accelerator, args, task, list(networks), models, emas, optimizer, lr_scheduler, noise_scheduler,
         sampling_scheduler, vae, weight_dtype, records.num_classes if task.uses_labels else 0, max_train_steps,
