@@ -31,7 +31,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import is_tensorboard_available
 from tqdm.auto import tqdm
 
-from ..conventions import null_class_label, num_data_classes, vae_to_model_latents
+from ..conventions import null_class_label, num_data_classes
 from ..models.loading import (
     CONFIG_VALUE_ERRORS,
     SAMPLING_OPTIONS,
@@ -550,7 +550,8 @@ def _push(state: RunState, steps: int, has_grid: bool, commit_message: str) -> N
 
 
 def _clean_samples(state: RunState, batch: dict, generator: torch.Generator) -> torch.Tensor:
-    """The batch's clean samples: images, or latents z = (E(x) - shift) * scale drawn from the VAE posterior."""
+    """The batch's clean samples: images, or latents drawn from the VAE posterior and scaled as the task's pipeline
+    decodes them (`TrainingTask.model_latents`: z = (E(x) - shift) * scale for the package's pipelines)."""
     vae = state.vae
     if "latent_parameters" in batch:
         posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.dtype))
@@ -559,7 +560,7 @@ def _clean_samples(state: RunState, batch: dict, generator: torch.Generator) -> 
             posterior = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
     else:
         return batch["pixel_values"].float()
-    return vae_to_model_latents(vae, posterior.sample(generator)).float()
+    return state.task.model_latents(vae, posterior.sample(generator)).float()
 
 
 def _train_step(state: RunState, batch: dict, generator: torch.Generator):

@@ -9,9 +9,12 @@ import torch
 from diffusers import AutoencoderKL
 
 from diffusers_stages.training.loop import _load_vae
+from diffusers_stages.training.tasks import TrainingTask
 from tests.conftest import corrupt_weights
 
 TINY_VAE = dict(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, sample_size=8)
+# a task of the package's pipelines, for its latent scaling (`TrainingTask.model_latents`) only
+PIPELINE_TASK = TrainingTask.__new__(TrainingTask)
 
 
 @pytest.mark.parametrize("corruption", [None, "missing", "integers", "link"])
@@ -40,7 +43,7 @@ def test_training_latents_are_what_the_pipeline_decodes(statistics):
     torch.manual_seed(0)
     vae = AutoencoderKL(**{**TINY_VAE, "latent_channels": 2, "scaling_factor": 0.5, **statistics}).eval()
     pixels = torch.rand(2, 3, 8, 8) * 2 - 1
-    state = SimpleNamespace(vae=vae, weight_dtype=torch.float32)
+    state = SimpleNamespace(vae=vae, task=PIPELINE_TASK, weight_dtype=torch.float32)
     latents = _clean_samples(state, {"pixel_values": pixels}, torch.Generator().manual_seed(1))
     with torch.no_grad():
         encoded = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(1))
@@ -73,7 +76,7 @@ def test_under_float16_a_vae_that_asks_for_it_encodes_in_float32(tmp_path, force
     task = SimpleNamespace(vae_path=str(tmp_path), vae_subfolder=None)
     vae = _load_vae(task, torch.device("cpu"), torch.float16)
     assert vae.dtype == (torch.float32 if force_upcast else torch.float16)
-    state = SimpleNamespace(vae=vae, weight_dtype=torch.float16)
+    state = SimpleNamespace(vae=vae, task=PIPELINE_TASK, weight_dtype=torch.float16)
     latents = _clean_samples(state, {"pixel_values": torch.rand(1, 3, 8, 8)}, torch.Generator().manual_seed(0))
     assert latents.shape == (1, 4, 8, 8) and latents.dtype == torch.float32
 
