@@ -186,12 +186,20 @@ PLACEHOLDER_CLASS_EMBEDS = 3
 
 def check_networks(args: argparse.Namespace, task: TrainingTask) -> None:
     """`TrainingTask.check_networks` for samples of the arguments' shape (channels and size, after the VAE), before
-    the data is read (its class count is not known yet: `PLACEHOLDER_CLASS_EMBEDS`), and the VAE's weights
-    (`check_vae_weights`)."""
+    the data is read (its class count is not known yet: `PLACEHOLDER_CLASS_EMBEDS`), and the VAE: it must encode
+    RGB images, what training reads, and its weights must fit its config (`check_vae_weights`)."""
     in_channels, vae_factor = vae_shape(args, task)
     num_class_embeds = PLACEHOLDER_CLASS_EMBEDS if task.uses_labels else None
     task.check_networks(in_channels, args.resolution // vae_factor, num_class_embeds)
     given = "`--vae_path`" if args.vae_path is not None else "`--pretrained_model_name_or_path`"  # or a source's own
+    if task.vae_path is not None:
+        image_channels = AutoencoderKL.load_config(task.vae_path, subfolder=task.vae_subfolder).get("in_channels", 3)
+        if image_channels != 3:
+            where = f" ({task.vae_subfolder}/)" if task.vae_subfolder else ""
+            raise ValueError(
+                f"{given} {task.vae_path!r}{where} encodes {image_channels}-channel images (its `in_channels`), but training "
+                "reads RGB images (3 channels): give a VAE of RGB images."
+            )
     check_vae_weights(task.vae_path, task.vae_subfolder, given)
 
 

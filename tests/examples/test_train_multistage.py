@@ -370,6 +370,22 @@ def test_resuming_with_other_arguments_names_them(examples, script, image_folder
     assert os.path.isdir(os.path.join(out, "checkpoint-2"))
 
 
+def test_a_vae_of_other_than_rgb_images_is_a_usage_error(examples, script, image_folder, tmp_path, capsys):
+    # training reads RGB images: a VAE of grey (1-channel) images passed every check, and the first step failed in
+    # its first convolution (a RuntimeError: "expected input[4, 3, 16, 16] to have 1 channels"), the data read and
+    # the networks built
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                  sample_size=16).save_pretrained(tmp_path / "grey")  # fmt: skip
+    argv = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"), "--resolution",
+            "16", "--vae_path", str(tmp_path / "grey"), "--max_train_steps", "1"]  # fmt: skip
+    message = f"`--vae_path` {str(tmp_path / 'grey')!r} encodes 1-channel images (its `in_channels`), but training"
+    examples.assert_usage_error(script, argv, message, capsys)
+    assert not (tmp_path / "run").exists()
+
+
 def test_resuming_with_another_vae_is_refused_before_the_data_are_read(
     examples, script, image_folder, tmp_path, monkeypatch
 ):
