@@ -349,6 +349,21 @@ def _check_vae(vae, in_channels: int, source: str) -> None:
         )
 
 
+def _check_pixel_models(in_channels: int, pipeline: str | None) -> None:
+    """Without a VAE the models are measured on images: refuse models of other samples than grey or RGB images
+    (latent models, whose VAE is missing: `--vae`, or the ``pipeline`` saved without its ``vae``), which would be
+    measured on the data's pixels (the digits repeated over their channels) rather than on the latents they denoise."""
+    if in_channels in (1, 3):
+        return
+    fix = (
+        f"`--pipeline` {pipeline!r} holds no `vae`: give its models as `--shallow DIR --deep DIR --scheduler DIR` with "
+        "`--vae DIR` (the AutoencoderKL they were trained on)"
+        if pipeline
+        else "latent models are measured on their VAE's latents: give `--vae` (the AutoencoderKL they were trained on)"
+    )
+    raise ValueError(f"The models take {in_channels}-channel samples, not images (1 or 3 channels): {fix}.")
+
+
 def _vae_latents(vae, images: torch.Tensor, seed: int, batch_size: int = 64) -> torch.Tensor:
     """``images`` as a latent-diffusion pair is trained on them: seeded samples of ``vae``'s posterior, scaled by
     `vae_to_model_latents` (`conventions.encode_model_latents`, what the training scripts do)."""
@@ -446,6 +461,7 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     model_call_timesteps(scheduler, args.num_inference_steps)
     config, side = deep.config, _image_side(deep.config.sample_size)
     if vae is None:
+        _check_pixel_models(config.in_channels, args.pipeline)
         images = _load_data(args.data, side, config.in_channels, args.num_images)
     else:  # latent models: measured on the data's VAE latents, as they were trained
         from .pipelines.pipeline_staged import vae_scale_factor
