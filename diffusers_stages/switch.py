@@ -23,7 +23,13 @@ from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cli import HelpFormatter, check_output_file, check_seed, load_saved_folder, write_atomically
-from .conventions import class_embedding_count, encode_model_latents, null_class_label, num_data_classes
+from .conventions import (
+    class_embedding_count,
+    encode_model_latents,
+    latent_statistics_error,
+    null_class_label,
+    num_data_classes,
+)
 from .loss import diffusion_loss
 from .models.checks import check_positive_integers, check_sample_size
 from .schedulers import has_continuous_timesteps, is_edm_scheduler, model_call_timesteps
@@ -347,6 +353,9 @@ def _check_vae(vae, in_channels: int, source: str) -> None:
             f"{source} gives {vae.config.latent_channels}-channel latents, but the models take {in_channels} "
             "channels: give the VAE the models were trained on (none for pixel models)."
         )
+    statistics = latent_statistics_error(vae.config, in_channels)  # how its latents are scaled
+    if statistics is not None:
+        raise ValueError(f"{source}: {statistics}.")
 
 
 def _check_pixel_models(in_channels: int, pipeline: str | None) -> None:

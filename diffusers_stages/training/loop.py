@@ -31,7 +31,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import is_tensorboard_available
 from tqdm.auto import tqdm
 
-from ..conventions import null_class_label, num_data_classes
+from ..conventions import latent_statistics_error, null_class_label, num_data_classes
 from ..models.loading import (
     CONFIG_VALUE_ERRORS,
     SAMPLING_OPTIONS,
@@ -114,6 +114,9 @@ def vae_shape(args: argparse.Namespace, task: TrainingTask | None = None) -> tup
             f"`--vae_path` {path!r}: its config.json gives {len(levels)} `block_out_channels` for "
             f"{len(blocks) if isinstance(blocks, list) else blocks!r} `down_block_types`: one width per block."
         )
+    statistics = latent_statistics_error(config, channels)  # the latents' scaling (`vae_to_model_latents`)
+    if statistics is not None:
+        raise ValueError(f"`--vae_path` {path!r}: in its config.json, {statistics}.")
     return channels, 2 ** (len(levels) - 1)
 
 

@@ -1,6 +1,7 @@
 """The frozen VAE of latent training is read as strictly as the package's models (its folder may be a download)."""
 
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -209,3 +210,26 @@ def test_a_pipeline_folder_given_as_vae_path_names_its_vae_subfolder(tmp_path):
     with pytest.raises(ValueError, match="is a pipeline folder: add `--vae_subfolder vae`"):
         vae_shape(SimpleNamespace(vae_path=str(tmp_path), vae_subfolder=None))
     assert vae_shape(SimpleNamespace(vae_path=str(tmp_path), vae_subfolder="vae"))[0] == TINY_VAE["latent_channels"]
+
+
+@pytest.mark.parametrize(
+    "statistics, named",
+    [
+        ({"latents_mean": [0.1, 0.2], "latents_std": [1.0, 2.0]}, "`latents_mean` must give one number per latent channel (4)"),
+        ({"latents_mean": [0.0] * 4, "latents_std": 2.0}, "`latents_std` must give one number per latent channel (4)"),
+        ({"latents_mean": [0.0] * 4, "latents_std": [1.0, 0.0, 1.0, 1.0]}, "`latents_std` must be positive"),
+    ],
+    ids=["too-few", "a-number", "zero-std"],
+)  # fmt: skip
+def test_latent_statistics_that_do_not_fit_the_latents_are_named(tmp_path, statistics, named):
+    """A VAE config whose `latents_mean`/`latents_std` do not give one (positive, for the std) number per latent
+    channel passed the checks: training failed at its first step (a broadcasting RuntimeError, or the latents divided
+    by zero), after every image was read, and `plan` after encoding them."""
+    from diffusers_stages.training.loop import vae_shape
+
+    AutoencoderKL(**TINY_VAE).save_pretrained(tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, **statistics}))
+    with pytest.raises(ValueError, match=re.escape(named)) as error:
+        vae_shape(SimpleNamespace(vae_path=str(tmp_path / "vae"), vae_subfolder=None))
+    assert f"`--vae_path` {str(tmp_path / 'vae')!r}" in str(error.value)
