@@ -74,6 +74,24 @@ def _latent_statistics(vae, latents: torch.Tensor) -> tuple[torch.Tensor | float
     return tuple(torch.tensor(v, device=latents.device, dtype=latents.dtype).view(shape) for v in (mean, std))
 
 
+def latent_statistics_error(config, channels: int) -> str | None:
+    """Why the ``latents_mean`` / ``latents_std`` of a VAE ``config`` (a dict or a model's config; used when both
+    are given) cannot scale latents of ``channels`` channels: each must give one number per channel, the std
+    positive. None when they can, or are not used."""
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is None or std is None:
+        return None
+    for name, values in (("latents_mean", mean), ("latents_std", std)):
+        numbers = isinstance(values, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        )
+        if not numbers or len(values) != channels:
+            return f"`{name}` must give one number per latent channel ({channels}), got {values!r}"
+    if not all(v > 0 for v in std):  # (NaN too)
+        return f"`latents_std` must be positive (the latents are divided by it), got {list(std)!r}"
+    return None
+
+
 def vae_to_model_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """The VAE's latents (a posterior sample) as the denoiser is trained on them."""
     shift, std = _latent_statistics(vae, latents)

@@ -23,7 +23,13 @@ from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cli import HelpFormatter, check_output_file, check_seed, load_saved_folder, write_atomically
-from .conventions import class_embedding_count, encode_model_latents, null_class_label, num_data_classes
+from .conventions import (
+    class_embedding_count,
+    encode_model_latents,
+    latent_statistics_error,
+    null_class_label,
+    num_data_classes,
+)
 from .loss import diffusion_loss
 from .models.checks import check_positive_integers, check_sample_size
 from .schedulers import has_continuous_timesteps, is_edm_scheduler, model_call_timesteps
@@ -347,6 +353,24 @@ def _check_vae(vae, in_channels: int, source: str) -> None:
             f"{source} gives {vae.config.latent_channels}-channel latents, but the models take {in_channels} "
             "channels: give the VAE the models were trained on (none for pixel models)."
         )
+    statistics = latent_statistics_error(vae.config, in_channels)  # how its latents are scaled
+    if statistics is not None:
+        raise ValueError(f"{source}: {statistics}.")
+
+
+def _check_pixel_models(in_channels: int, pipeline: str | None) -> None:
+    """Without a VAE the models are measured on images: refuse models of other samples than grey or RGB images
+    (latent models, whose VAE is missing: `--vae`, or the ``pipeline`` saved without its ``vae``), which would be
+    measured on the data's pixels (the digits repeated over their channels) rather than on the latents they denoise."""
+    if in_channels in (1, 3):
+        return
+    fix = (
+        f"`--pipeline` {pipeline!r} holds no `vae`: give its models as `--shallow DIR --deep DIR --scheduler DIR` with "
+        "`--vae DIR` (the AutoencoderKL they were trained on)"
+        if pipeline
+        else "latent models are measured on their VAE's latents: give `--vae` (the AutoencoderKL they were trained on)"
+    )
+    raise ValueError(f"The models take {in_channels}-channel samples, not images (1 or 3 channels): {fix}.")
 
 
 def _vae_latents(vae, images: torch.Tensor, seed: int, batch_size: int = 64) -> torch.Tensor:
@@ -446,6 +470,7 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     model_call_timesteps(scheduler, args.num_inference_steps)
     config, side = deep.config, _image_side(deep.config.sample_size)
     if vae is None:
+        _check_pixel_models(config.in_channels, args.pipeline)
         images = _load_data(args.data, side, config.in_channels, args.num_images)
     else:  # latent models: measured on the data's VAE latents, as they were trained
         from .pipelines.pipeline_staged import vae_scale_factor

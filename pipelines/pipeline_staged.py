@@ -23,7 +23,13 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..conventions import class_embedding_count, model_to_vae_latents, null_class_label, num_data_classes
+from ..conventions import (
+    class_embedding_count,
+    latent_statistics_error,
+    model_to_vae_latents,
+    null_class_label,
+    num_data_classes,
+)
 from ..hub import pop_push_kwargs, push_saved_folder
 from ..models.checks import (
     check_savable,
@@ -346,6 +352,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                 f"{channels} channels, but the networks denoise latents of `in_channels`="
                 f"{config.in_channels}: give a VAE whose latents the networks were trained on."
             )
+        statistics = None if vae is None else latent_statistics_error(getattr(vae, "_orig_mod", vae).config, channels)
+        if statistics is not None:  # else the decoding fails (or divides by zero), after every step
+            raise ValueError(f"`vae` {type(getattr(vae, '_orig_mod', vae)).__name__}: {statistics}.")
         networks = {id(n): n for n in (self.stage_denoiser(stage)[0] for stage in stages)}.values()  # each once
         multiple = math.lcm(*(spatial_multiple(network.config) for network in networks)) * vae_scale
         size = getattr(config, "sample_size", None)  # a custom backbone's config may have no such entry

@@ -301,6 +301,40 @@ def test_a_vae_whose_latents_the_models_do_not_take_is_refused_naming_it(tiny_un
     assert not (tmp_path / "s.png").exists()
 
 
+def test_a_vae_whose_latent_statistics_do_not_fit_its_latents_is_refused_naming_it(tiny_unet_kwargs, tmp_path):
+    # `latents_mean`/`latents_std` of another length than the latent channels failed in the encoding (a
+    # broadcasting RuntimeError), after the data were read
+    from tests.conftest import tiny_vae
+
+    shape = {**tiny_unet_kwargs, "in_channels": 4, "out_channels": 4}
+    vae = tiny_vae()
+    vae.register_to_config(latents_mean=[0.1, 0.2], latents_std=[1.0, 2.0])
+    pipe = DualBackbonePipeline(
+        shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler(), vae=vae
+    )
+    pipe.save_pretrained(tmp_path / "pipe")
+    run = ["--num_images", "4", "--num_levels", "2", "--plot", str(tmp_path / "s.png")]
+    with pytest.raises(ValueError, match=r"the pipeline's `vae`: `latents_mean` must give one number per latent"):
+        main(["--pipeline", str(tmp_path / "pipe"), *run])
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_latent_models_without_a_vae_are_refused_saying_to_give_it(tiny_unet_kwargs, tmp_path):
+    # latent models (4 channels) given without `--vae`, or a pipeline of them saved without its VAE, were refused as
+    # "`num_channels` must be 1 or 3, got 4", an argument the command does not have
+    shape = {**tiny_unet_kwargs, "in_channels": 4, "out_channels": 4}
+    pipe = DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    folders = [f"--{name}={tmp_path / 'pipe' / name}" for name in ("shallow", "deep", "scheduler")]
+    run = ["--num_images", "4", "--num_levels", "2", "--plot", str(tmp_path / "s.png")]
+    with pytest.raises(ValueError, match=r"The models take 4-channel samples, not images \(1 or 3 channels\): .*give "
+                       r"`--vae` \(the AutoencoderKL"):  # fmt: skip
+        main([*folders, *run])
+    with pytest.raises(ValueError, match=r"The models take 4-channel samples, .*`--pipeline` .*pipe' holds no `vae`"):
+        main(["--pipeline", str(tmp_path / "pipe"), *run])
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_a_vae_that_is_no_autoencoder_kl_is_refused_naming_it(tiny_unet_kwargs, tmp_path):
     # a model folder given as `--vae` was refused as a VAE giving "None-channel latents" (its config has no
     # `latent_channels`), not as what it is

@@ -37,6 +37,7 @@ FINISHED_MARKER = "training_finished.json"  # in the last step's checkpoint, onc
 NOISE_SCHEDULER_FOLDER = "noise_scheduler"  # the training scheduler's config: resuming checks the schedule is the same
 PARTITION_FILE = "stage_partition.json"  # the stages the networks train on: resuming checks they are the same
 SOURCE_FILE = "pretrained_source.json"  # the folder fine-tuned, if any: resuming checks the run fine-tunes one too
+LATENT_SPACE_FILE = "latent_space.json"  # the VAE whose latents the networks train on: resuming checks it is the same
 LEFTOVER_PATTERN = re.compile(r"^\.checkpoint-\d+\.(partial|deleted)$")
 # the final pipeline is written into PIPELINE_PARTIAL, renamed to PIPELINE_NEW once complete (from then on the swap
 # is finished, by the next run if this one is killed), and swapped in entry by entry, the old entries kept in
@@ -454,13 +455,61 @@ def _check_same_source(source: str | None, input_dir: str) -> None:
     )
 
 
-def check_resume_arguments(input_dir: str, noise_scheduler, source: str | None = None) -> None:
+def _check_same_latent_space(latent_space: dict, input_dir: str) -> None:
+    """Refuse to resume in another data space than the run that wrote ``input_dir`` (``LATENT_SPACE_FILE``): pixels
+    or the latents of another VAE (`--vae_path`; its options that set the latents, `scaling_factor`,
+    `shift_factor`, `latents_mean`, ... compared: the weights are not), whose networks would go on training on
+    samples of another scale and be saved with the new VAE (a checkpoint written before it was saved is not
+    checked). ``latent_space`` is this run's: ``{"vae_path", "vae_subfolder", "vae"}``, ``"vae"`` the VAE's latent
+    options or None in pixel space."""
+    path = os.path.join(input_dir, LATENT_SPACE_FILE)
+    if not os.path.isfile(path):
+        return
+    then = read_json(path, LATENT_SPACE_FILE)
+    now_options, then_options = latent_space.get("vae"), then.get("vae")
+    if now_options == then_options:
+        return
+
+    def space(record: dict) -> str:
+        if record.get("vae") is None:
+            return "pixel space"
+        where = repr(record.get("vae_path")) + (
+            f" ({record['vae_subfolder']}/)" if record.get("vae_subfolder") else ""
+        )
+        return f"the latent space of {where}"
+
+    subfolder = f" --vae_subfolder {then['vae_subfolder']}" if then.get("vae_subfolder") else ""
+    fix = (
+        f"resume with `--vae_path {then.get('vae_path')}{subfolder}`"
+        if then_options
+        else "resume without `--vae_path`"
+    )
+    if now_options is None or then_options is None:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {input_dir!r} was written by a run in {space(then)}, but it is resumed in "
+            f"{space(latent_space)}: {fix} (the VAE its networks trained with), or train into a new `--output_dir`."
+        )
+    differ = sorted(k for k in {*now_options, *then_options} if now_options.get(k) != then_options.get(k))
+    values = "; ".join(f"`{k}` {then_options.get(k)!r} there, {now_options.get(k)!r} now" for k in differ)
+    raise ValueError(
+        f"`--resume_from_checkpoint` {input_dir!r} was written by a run in {space(then)}, but it is resumed in the "
+        f"latent space of another VAE ({values}): {fix} (the VAE its networks trained with), or train into a new "
+        "`--output_dir`."
+    )
+
+
+def check_resume_arguments(
+    input_dir: str, noise_scheduler, source: str | None = None, latent_space: dict | None = None
+) -> None:
     """The checks of resuming from ``input_dir`` that need no network: the fine-tuning source (``source``:
-    `--pretrained_model_name_or_path`, or None) and the noise schedule of the run that wrote it. The load hook of
+    `--pretrained_model_name_or_path`, or None), the noise schedule and the data space (``latent_space``: pixels or
+    a VAE's latents, see `_check_same_latent_space`; None: not checked) of the run that wrote it. The load hook of
     `register_checkpoint_hooks` runs them; the loop runs them first, before any data is read."""
     _check_same_source(source, input_dir)  # first: a source omitted changes the noise schedule too
     if noise_scheduler is not None:
         _check_same_noise_schedule(noise_scheduler, input_dir)
+    if latent_space is not None:
+        _check_same_latent_space(latent_space, input_dir)
 
 
 def check_sharded_resume(
@@ -514,6 +563,7 @@ def register_checkpoint_hooks(
     noise_scheduler=None,
     partition: TimestepPartition | None = None,
     source: str | None = None,
+    latent_space: dict | None = None,
 ) -> None:
     """Make `accelerator.save_state` / `load_state` write and read each network as ``<dir>/<name>`` and its EMA as
     ``<dir>/<name>_ema`` (`save_pretrained` folders), instead of anonymous state dicts. A sharded (FSDP) network is
@@ -523,7 +573,9 @@ def register_checkpoint_hooks(
     schedule is refused, naming the values, before any state loads. ``partition`` (the stages the networks train on)
     is saved as ``<dir>/stage_partition.json``: resuming on other stages is refused, naming the values. ``source``
     (`--pretrained_model_name_or_path` of a fine-tuning run, or None) is saved as ``<dir>/pretrained_source.json``:
-    resuming a fine-tuning run without a source, or a run from the arguments with one, is refused."""
+    resuming a fine-tuning run without a source, or a run from the arguments with one, is refused. ``latent_space``
+    (the data space, `_check_same_latent_space`) is saved as ``<dir>/latent_space.json``: resuming in pixel space or
+    in another VAE's latent space is refused, naming the values."""
 
     def save_hook(models, weights, output_dir):
         networks = gathered_networks(accelerator, names, models)  # sharded (FSDP): every process joins the gathering
@@ -539,10 +591,13 @@ def register_checkpoint_hooks(
                     json.dump(partition.to_config(), f)
             with open(os.path.join(output_dir, SOURCE_FILE), "w", encoding="utf-8") as f:
                 json.dump({"pretrained_model_name_or_path": source}, f)
+            if latent_space is not None:
+                with open(os.path.join(output_dir, LATENT_SPACE_FILE), "w", encoding="utf-8") as f:
+                    json.dump(latent_space, f)
         weights.clear()  # the folders above hold the weights; accelerate must not save them again
 
     def load_hook(models, input_dir):
-        check_resume_arguments(input_dir, noise_scheduler, source)
+        check_resume_arguments(input_dir, noise_scheduler, source, latent_space)
         _check_same_networks(names, input_dir)
         _check_no_unused_ema(emas, input_dir)
         # (sharded: `models` is empty, Accelerate has loaded its shards, checked by `check_sharded_resume` first)

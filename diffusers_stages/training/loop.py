@@ -10,6 +10,8 @@ index)``, so a run resumed from a checkpoint continues exactly as an uninterrupt
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import logging
 import math
 import os
@@ -29,9 +31,10 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import is_tensorboard_available
 from tqdm.auto import tqdm
 
-from ..conventions import null_class_label, num_data_classes, vae_to_model_latents
+from ..conventions import latent_statistics_error, null_class_label, num_data_classes
 from ..models.loading import (
     CONFIG_VALUE_ERRORS,
+    SAMPLING_OPTIONS,
     TensorBudget,
     first_shape_mismatch,
     load_strictly,
@@ -111,7 +114,27 @@ def vae_shape(args: argparse.Namespace, task: TrainingTask | None = None) -> tup
             f"`--vae_path` {path!r}: its config.json gives {len(levels)} `block_out_channels` for "
             f"{len(blocks) if isinstance(blocks, list) else blocks!r} `down_block_types`: one width per block."
         )
+    statistics = latent_statistics_error(config, channels)  # the latents' scaling (`vae_to_model_latents`)
+    if statistics is not None:
+        raise ValueError(f"`--vae_path` {path!r}: in its config.json, {statistics}.")
     return channels, 2 ** (len(levels) - 1)
+
+
+def latent_space(task: TrainingTask) -> dict:
+    """The data space of ``task``'s run, as its checkpoints record it (resuming checks it is the same):
+    ``{"vae_path", "vae_subfolder", "vae"}``, ``"vae"`` None in pixel space, else the options of the VAE's config
+    that set its latents (every AutoencoderKL constructor option, a missing one at its default, but the
+    `SAMPLING_OPTIONS`: another tiling size or decoding precision is the same latent space)."""
+    if task.vae_path is None:
+        return {"vae_path": None, "vae_subfolder": None, "vae": None}
+    config = AutoencoderKL.load_config(task.vae_path, subfolder=task.vae_subfolder)  # read by `vae_shape` first
+    parameters = inspect.signature(AutoencoderKL.__init__).parameters
+    options = {
+        name: config.get(name, parameter.default)
+        for name, parameter in parameters.items()
+        if parameter.default is not inspect.Parameter.empty and name not in SAMPLING_OPTIONS
+    }
+    return {"vae_path": task.vae_path, "vae_subfolder": task.vae_subfolder, "vae": json.loads(json.dumps(options))}
 
 
 def step_generator(seed: int, process_index: int, micro_step: int) -> torch.Generator:
@@ -166,12 +189,20 @@ PLACEHOLDER_CLASS_EMBEDS = 3
 
 def check_networks(args: argparse.Namespace, task: TrainingTask) -> None:
     """`TrainingTask.check_networks` for samples of the arguments' shape (channels and size, after the VAE), before
-    the data is read (its class count is not known yet: `PLACEHOLDER_CLASS_EMBEDS`), and the VAE's weights
-    (`check_vae_weights`)."""
+    the data is read (its class count is not known yet: `PLACEHOLDER_CLASS_EMBEDS`), and the VAE: it must encode
+    RGB images, what training reads, and its weights must fit its config (`check_vae_weights`)."""
     in_channels, vae_factor = vae_shape(args, task)
     num_class_embeds = PLACEHOLDER_CLASS_EMBEDS if task.uses_labels else None
     task.check_networks(in_channels, args.resolution // vae_factor, num_class_embeds)
     given = "`--vae_path`" if args.vae_path is not None else "`--pretrained_model_name_or_path`"  # or a source's own
+    if task.vae_path is not None:
+        image_channels = AutoencoderKL.load_config(task.vae_path, subfolder=task.vae_subfolder).get("in_channels", 3)
+        if image_channels != 3:
+            where = f" ({task.vae_subfolder}/)" if task.vae_subfolder else ""
+            raise ValueError(
+                f"{given} {task.vae_path!r}{where} encodes {image_channels}-channel images (its `in_channels`), but training "
+                "reads RGB images (3 channels): give a VAE of RGB images."
+            )
     check_vae_weights(task.vae_path, task.vae_subfolder, given)
 
 
@@ -226,7 +257,9 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     existing, resume_path = _check_output_dir(args)
     source = getattr(args, "pretrained_model_name_or_path", None)  # a fine-tuning run's, checked on resuming
     if resume_path is not None:  # the checkpoint's source and noise schedule: before the data are read
-        check_resume_arguments(resume_path, noise_schedulers(args, task.scheduler_config)[0], source)
+        check_resume_arguments(
+            resume_path, noise_schedulers(args, task.scheduler_config)[0], source, latent_space(task)
+        )
     hub_repo_id = create_hub_repo(args) if args.push_to_hub else None  # `name` becomes `<user>/name`
     records = task.read_records(args)
     if records is None:
@@ -274,7 +307,9 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
         *networks.values(), optimizer, train_dataloader, lr_scheduler
     )
     noise_scheduler, sampling_scheduler = noise_schedulers(args, task.scheduler_config)
-    register_checkpoint_hooks(accelerator, list(networks), emas, noise_scheduler, task.partition, source)
+    register_checkpoint_hooks(
+        accelerator, list(networks), emas, noise_scheduler, task.partition, source, latent_space(task)
+    )
     state = RunState(
         accelerator, args, task, list(networks), models, emas, optimizer, lr_scheduler, noise_scheduler,
         sampling_scheduler, vae, weight_dtype, records.num_classes if task.uses_labels else 0, max_train_steps,
@@ -526,7 +561,8 @@ def _push(state: RunState, steps: int, has_grid: bool, commit_message: str) -> N
 
 
 def _clean_samples(state: RunState, batch: dict, generator: torch.Generator) -> torch.Tensor:
-    """The batch's clean samples: images, or latents z = (E(x) - shift) * scale drawn from the VAE posterior."""
+    """The batch's clean samples: images, or latents drawn from the VAE posterior and scaled as the task's pipeline
+    decodes them (`TrainingTask.model_latents`: z = (E(x) - shift) * scale for the package's pipelines)."""
     vae = state.vae
     if "latent_parameters" in batch:
         posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.dtype))
@@ -535,7 +571,7 @@ def _clean_samples(state: RunState, batch: dict, generator: torch.Generator) -> 
             posterior = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
     else:
         return batch["pixel_values"].float()
-    return vae_to_model_latents(vae, posterior.sample(generator)).float()
+    return state.task.model_latents(vae, posterior.sample(generator)).float()
 
 
 def _train_step(state: RunState, batch: dict, generator: torch.Generator):

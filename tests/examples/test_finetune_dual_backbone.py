@@ -100,11 +100,12 @@ def test_contradictions_are_usage_errors(examples, script, image_folder, source,
 
 
 def test_data_that_does_not_fit_the_backbone_trained_is_refused_before_training(
-    examples, script, image_folder, source, tmp_path
+    examples, script, image_folder, source, tmp_path, capsys
 ):
     out = tmp_path / "run"
     argv = _finetune_args(examples, image_folder, source, str(out), "--backbones", "deep", "--resolution", "16")
-    examples.assert_refused_before_training(script, argv, "`--resolution` 16 gives 16x16 samples, but the model of")
+    message = "`--resolution` 16 gives 16x16 samples, but the model of"
+    examples.assert_usage_error(script, argv, message, capsys)  # the samples' size: before any image is read
     assert not (out / "deep").exists()
 
 

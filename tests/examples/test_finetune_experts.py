@@ -146,17 +146,20 @@ def test_contradictions_are_usage_errors(examples, script, image_folder, source,
     "extra, message",
     [
         (["--class_conditional"], "`--class_conditional`: the data give 3 classes (+ the null label: num_class_embeds=4), but the model of"),
+        # the samples' size is the arguments': a usage error, before any image is read
         (["--resolution", "16"], "`--resolution` 16 gives 16x16 samples, but the model of"),
         (["--expert_index", "1", "--resolution", "16"], "`--resolution` 16 gives 16x16 samples, but the model of"),
     ],
 )  # fmt: skip
 def test_data_that_does_not_fit_the_experts_is_refused_before_training(
-    examples, script, image_folder, source, tmp_path, extra, message
+    examples, script, image_folder, source, tmp_path, capsys, extra, message
 ):
     out = tmp_path / "run"
-    examples.assert_refused_before_training(
-        script, _finetune_args(examples, image_folder, source, str(out), *extra), message
-    )
+    argv = _finetune_args(examples, image_folder, source, str(out), *extra)
+    if "--resolution" in extra:
+        examples.assert_usage_error(script, argv, message, capsys)
+    else:
+        examples.assert_refused_before_training(script, argv, message)
     assert not (out / "experts").exists()
 
 
@@ -329,7 +332,7 @@ def test_a_source_vae_config_of_another_class_names_the_source(examples, script,
 
 
 def test_a_square_sample_size_pair_of_another_size_gives_the_resolution_to_pass(
-    examples, script, image_folder, source, tmp_path
+    examples, script, image_folder, source, tmp_path, capsys
 ):
     # (a [16, 16] expert refused 8x8 samples with "the data are square", which they were)
     other = tmp_path / "other"
@@ -338,9 +341,8 @@ def test_a_square_sample_size_pair_of_another_size_gives_the_resolution_to_pass(
         config = json.loads((other / "experts" / expert / "config.json").read_text())
         (other / "experts" / expert / "config.json").write_text(json.dumps({**config, "sample_size": [16, 16]}))
     message = "has sample_size=[16, 16]: pass `--resolution 16`."
-    examples.assert_refused_before_training(
-        script, _finetune_args(examples, image_folder, str(other), str(tmp_path / "run")), message
-    )
+    argv = _finetune_args(examples, image_folder, str(other), str(tmp_path / "run"))
+    examples.assert_usage_error(script, argv, message, capsys)  # before any image is read
 
 
 @pytest.mark.parametrize(

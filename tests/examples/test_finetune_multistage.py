@@ -167,6 +167,35 @@ def test_trains_in_the_latent_space_of_the_folders_vae(examples, script, image_f
         script.MultiStageTask(args)
 
 
+def test_a_vae_or_resolution_the_source_does_not_take_is_a_usage_error_before_any_image_is_read(
+    examples, script, image_folder, tmp_path, capsys, monkeypatch
+):
+    # a `--vae_path` whose latents have other channels than the source's networks take, or a `--resolution` of
+    # another latent size, passed every check of the command line: every image was read (decoded) first, and the run
+    # then stopped with a traceback
+    from diffusers_stages.training import loop
+
+    torch.manual_seed(0)
+    unet = MultiStageUNet2DModel(**{**TINY_UNET, "in_channels": 4, "out_channels": 4})
+    shape = dict(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, sample_size=16)  # fmt: skip
+    MultiStagePipeline(
+        unet=unet, scheduler=DDPMScheduler(), vae=AutoencoderKL(**shape, latent_channels=4)
+    ).save_pretrained(tmp_path / "latent")
+    AutoencoderKL(**shape, latent_channels=3).save_pretrained(tmp_path / "three")
+    source, out = str(tmp_path / "latent"), str(tmp_path / "run")
+    monkeypatch.setattr(loop, "_read_records", lambda args: pytest.fail("the data was read"))
+    for extra, message in [
+        (["--resolution", "16", "--vae_path", str(tmp_path / "three")],
+         f"holds a model with in_channels=4, but `--vae_path` {str(tmp_path / 'three')!r} gives latents of 3 channels"),
+        (["--resolution", "32"], "`--resolution` 32 gives 16x16 samples, but the model of"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            script.parse_args(_finetune_args(examples, image_folder, source, out, *extra))
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
 def _other_channels(tmp_path) -> str:
     torch.manual_seed(0)
     unet = MultiStageUNet2DModel(**{**TINY_UNET, "in_channels": 4, "out_channels": 4})

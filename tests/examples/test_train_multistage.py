@@ -370,6 +370,56 @@ def test_resuming_with_other_arguments_names_them(examples, script, image_folder
     assert os.path.isdir(os.path.join(out, "checkpoint-2"))
 
 
+def test_a_vae_of_other_than_rgb_images_is_a_usage_error(examples, script, image_folder, tmp_path, capsys):
+    # training reads RGB images: a VAE of grey (1-channel) images passed every check, and the first step failed in
+    # its first convolution (a RuntimeError: "expected input[4, 3, 16, 16] to have 1 channels"), the data read and
+    # the networks built
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                  sample_size=16).save_pretrained(tmp_path / "grey")  # fmt: skip
+    argv = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"), "--resolution",
+            "16", "--vae_path", str(tmp_path / "grey"), "--max_train_steps", "1"]  # fmt: skip
+    message = f"`--vae_path` {str(tmp_path / 'grey')!r} encodes 1-channel images (its `in_channels`), but training"
+    examples.assert_usage_error(script, argv, message, capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_with_another_vae_is_refused_before_the_data_are_read(
+    examples, script, image_folder, tmp_path, monkeypatch
+):
+    # a run resumed with another `--vae_path` (another scaling_factor, or other latent statistics) went on training
+    # the checkpoint's networks on latents of another scale and saved them with the new VAE; resumed without
+    # `--vae_path` it was refused only in the load hook, once every image was read, as "another configuration"
+    from diffusers import AutoencoderKL
+
+    from diffusers_stages.training import loop
+
+    shape = dict(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16)  # fmt: skip
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**shape, scaling_factor=0.5)
+    vae.save_pretrained(tmp_path / "vae")
+    vae.register_to_config(scaling_factor=0.25)  # the same weights, latents of another scale
+    vae.save_pretrained(tmp_path / "other")
+    out = str(tmp_path / "run")
+    base = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--resolution", "16",
+            "--checkpointing_steps", "1"]  # fmt: skip
+    examples.train(script, [*base, "--vae_path", str(tmp_path / "vae"), "--max_train_steps", "1"])
+    resumed = [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]
+    with monkeypatch.context() as patched:
+        patched.setattr(loop, "_read_records", lambda args: pytest.fail("the data was read"))
+        with pytest.raises(ValueError, match=r"latent space of another VAE \(`scaling_factor` 0.5 there, 0.25 now\)"):
+            examples.train(script, [*resumed, "--vae_path", str(tmp_path / "other")])
+        with pytest.raises(
+            ValueError, match=r"written by a run in the latent space of .*vae'.*resumed in pixel space"
+        ):
+            examples.train(script, resumed)
+    examples.train(script, [*resumed, "--vae_path", str(tmp_path / "vae")])  # its own VAE: resumes
+    assert os.path.isdir(os.path.join(out, "checkpoint-2"))
+
+
 def test_class_folder_names_are_saved_as_the_pipelines_class_names(examples, script, tmp_path):
     # a class-conditional run saved no class names: the user had to know the order of the data's sub-folders. As
     # DiTPipeline, the pipeline now saves `id2label` and `get_label_ids` turns names into `class_labels`

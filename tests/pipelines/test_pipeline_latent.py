@@ -93,3 +93,21 @@ def test_a_vae_class_the_pipelines_cannot_decode_is_refused_by_name(kind):
     pipe.vae = vae  # set after construction: refused when sampling
     with pytest.raises(ValueError, match="got a AutoencoderKLFlux2"):
         pipe(num_inference_steps=2, output_type="pt")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_vae_whose_latent_statistics_do_not_fit_its_latents_is_refused_before_sampling(kind):
+    """`latents_mean`/`latents_std` of another length than the latent channels failed in the decoding, after every
+    step (a broadcasting RuntimeError); a zero std divided the latents by zero, silently."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**KL, latents_mean=[0.1, 0.2], latents_std=[1.0, 2.0])
+    pipe = _latent_pipeline(kind, vae)
+    calls = []
+    pipe.scheduler.step = lambda *a, **k: calls.append(1)  # no step may run
+    with pytest.raises(ValueError, match=r"`vae` AutoencoderKL: `latents_mean` must give one number per latent channel "
+                       r"\(3\), got \[0.1, 0.2\]"):  # fmt: skip
+        pipe(batch_size=1, num_inference_steps=2, output_type="np")
+    assert not calls
+    vae.register_to_config(latents_mean=[0.0] * 3, latents_std=[1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="`vae` AutoencoderKL: `latents_std` must be positive"):
+        pipe(batch_size=1, num_inference_steps=2, output_type="np")

@@ -1,6 +1,7 @@
 """The frozen VAE of latent training is read as strictly as the package's models (its folder may be a download)."""
 
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -9,9 +10,12 @@ import torch
 from diffusers import AutoencoderKL
 
 from diffusers_stages.training.loop import _load_vae
+from diffusers_stages.training.tasks import TrainingTask
 from tests.conftest import corrupt_weights
 
 TINY_VAE = dict(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, sample_size=8)
+# a task of the package's pipelines, for its latent scaling (`TrainingTask.model_latents`) only
+PIPELINE_TASK = TrainingTask.__new__(TrainingTask)
 
 
 @pytest.mark.parametrize("corruption", [None, "missing", "integers", "link"])
@@ -40,7 +44,7 @@ def test_training_latents_are_what_the_pipeline_decodes(statistics):
     torch.manual_seed(0)
     vae = AutoencoderKL(**{**TINY_VAE, "latent_channels": 2, "scaling_factor": 0.5, **statistics}).eval()
     pixels = torch.rand(2, 3, 8, 8) * 2 - 1
-    state = SimpleNamespace(vae=vae, weight_dtype=torch.float32)
+    state = SimpleNamespace(vae=vae, task=PIPELINE_TASK, weight_dtype=torch.float32)
     latents = _clean_samples(state, {"pixel_values": pixels}, torch.Generator().manual_seed(1))
     with torch.no_grad():
         encoded = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(1))
@@ -73,7 +77,7 @@ def test_under_float16_a_vae_that_asks_for_it_encodes_in_float32(tmp_path, force
     task = SimpleNamespace(vae_path=str(tmp_path), vae_subfolder=None)
     vae = _load_vae(task, torch.device("cpu"), torch.float16)
     assert vae.dtype == (torch.float32 if force_upcast else torch.float16)
-    state = SimpleNamespace(vae=vae, weight_dtype=torch.float16)
+    state = SimpleNamespace(vae=vae, task=PIPELINE_TASK, weight_dtype=torch.float16)
     latents = _clean_samples(state, {"pixel_values": torch.rand(1, 3, 8, 8)}, torch.Generator().manual_seed(0))
     assert latents.shape == (1, 4, 8, 8) and latents.dtype == torch.float32
 
@@ -206,3 +210,26 @@ def test_a_pipeline_folder_given_as_vae_path_names_its_vae_subfolder(tmp_path):
     with pytest.raises(ValueError, match="is a pipeline folder: add `--vae_subfolder vae`"):
         vae_shape(SimpleNamespace(vae_path=str(tmp_path), vae_subfolder=None))
     assert vae_shape(SimpleNamespace(vae_path=str(tmp_path), vae_subfolder="vae"))[0] == TINY_VAE["latent_channels"]
+
+
+@pytest.mark.parametrize(
+    "statistics, named",
+    [
+        ({"latents_mean": [0.1, 0.2], "latents_std": [1.0, 2.0]}, "`latents_mean` must give one number per latent channel (4)"),
+        ({"latents_mean": [0.0] * 4, "latents_std": 2.0}, "`latents_std` must give one number per latent channel (4)"),
+        ({"latents_mean": [0.0] * 4, "latents_std": [1.0, 0.0, 1.0, 1.0]}, "`latents_std` must be positive"),
+    ],
+    ids=["too-few", "a-number", "zero-std"],
+)  # fmt: skip
+def test_latent_statistics_that_do_not_fit_the_latents_are_named(tmp_path, statistics, named):
+    """A VAE config whose `latents_mean`/`latents_std` do not give one (positive, for the std) number per latent
+    channel passed the checks: training failed at its first step (a broadcasting RuntimeError, or the latents divided
+    by zero), after every image was read, and `plan` after encoding them."""
+    from diffusers_stages.training.loop import vae_shape
+
+    AutoencoderKL(**TINY_VAE).save_pretrained(tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, **statistics}))
+    with pytest.raises(ValueError, match=re.escape(named)) as error:
+        vae_shape(SimpleNamespace(vae_path=str(tmp_path / "vae"), vae_subfolder=None))
+    assert f"`--vae_path` {str(tmp_path / 'vae')!r}" in str(error.value)

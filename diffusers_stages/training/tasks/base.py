@@ -11,6 +11,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler, SchedulerMixin
 from diffusers.models.modeling_utils import ModelMixin
 
+from ...conventions import vae_to_model_latents
 from ...loss import diffusion_loss
 from ...models.checks import sample_size_is
 from ...models.loading import CONFIG_VALUE_ERRORS, exported_class
@@ -179,6 +180,12 @@ class TrainingTask:
     def check_data(self, in_channels: int, sample_size: int, num_class_embeds: int | None) -> None:
         """Refuse training data that networks loaded from a checkpoint cannot take (a ValueError naming the
         argument); networks built from the arguments fit any data, so by default there is nothing to check."""
+
+    def model_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """``vae``'s latents (a posterior sample) as the networks train on them: the inverse of what the task's
+        pipeline hands its decoder. By default `conventions.vae_to_model_latents` (``(E(x) - shift_factor) *
+        scaling_factor``, or with the VAE's ``latents_mean``/``latents_std``), as the package's pipelines decode."""
+        return vae_to_model_latents(vae, latents)
 
     def data_warnings(self) -> list[str]:
         """What about the training data does not stop the run but should be said, once the data are read (logged as

@@ -276,18 +276,23 @@ class FineTuningTask(TrainingTask):
             )
 
     def check_networks(self, in_channels, sample_size, num_class_embeds):
-        if self.source is None:  # fine-tuning loads the source's networks: `check_data` checks the data against them
+        if self.source is None:
             super().check_networks(in_channels, sample_size, num_class_embeds)
             return
         for folder in self.source_configs():  # the networks this run loads build from their configs, and have weights
             self.source.check_builds(folder)
             self.source.check_weights(folder)
+        # the samples' shape is the arguments' (`--resolution`, the VAE's latents): checked before any data is read;
+        # the class count is the data's (`check_data`)
+        for config in self.source_configs().values():
+            self._check_shape(config, in_channels, sample_size)
 
     def check_data(self, in_channels, sample_size, num_class_embeds):
         if self.source is None:
             return
         for config in self.source_configs().values():
-            self._check_fits(config, in_channels, sample_size, num_class_embeds)
+            self._check_shape(config, in_channels, sample_size)
+            self._check_classes(config, num_class_embeds)
 
     def data_warnings(self):
         names = None if self.source is None or not self.args.class_conditional else self.source.index.get("id2label")
@@ -304,7 +309,9 @@ class FineTuningTask(TrainingTask):
         """What this run saves of the data's class names, for `data_warnings` (the end of its sentence)."""
         return "and the result is saved with the data's (the pipeline's `id2label`)"
 
-    def _check_fits(self, config: dict, in_channels: int, sample_size: int, num_class_embeds: int | None) -> None:
+    def _check_shape(self, config: dict, in_channels: int, sample_size: int) -> None:
+        """Refuse samples of ``in_channels`` channels and side ``sample_size`` (RGB or the VAE's latents, at
+        `--resolution`) that the source's network of ``config`` does not take, naming the argument to change."""
         path = self.source.path
         if in_channels != config.get("in_channels"):
             data = (
@@ -325,6 +332,11 @@ class FineTuningTask(TrainingTask):
                 f"`--resolution` {self.args.resolution} gives {sample_size}x{sample_size} samples, but the model of "
                 f"{path!r} has sample_size={size}: {fix}."
             )
+
+    def _check_classes(self, config: dict, num_class_embeds: int | None) -> None:
+        """Refuse data of ``num_class_embeds`` class embeddings (classes + 1, or None unlabelled) other than the
+        source's network of ``config`` has."""
+        path = self.source.path
         if num_class_embeds != config.get("num_class_embeds"):
             data = (
                 f"{num_data_classes(num_class_embeds)} classes (+ the null label: num_class_embeds={num_class_embeds})"

@@ -265,6 +265,11 @@ class TextToImageTask(TrainingTask):
                 f"its unet takes {config['in_channels']} channels."
             )
 
+    def model_latents(self, vae, latents):
+        """``latents * scaling_factor``, as diffusers' ``train_text_to_image.py`` encodes and the saved
+        `StableDiffusionPipeline` decodes (``latents / scaling_factor``: no ``shift_factor``, no ``latents_mean``)."""
+        return latents * vae.config.scaling_factor
+
     # the networks, the frozen text encoder, the steps
     def build_networks(self, in_channels, sample_size, num_class_embeds):
         # 1. the frozen text encoder (the captions are tokenized batch by batch, in `encode_captions`)

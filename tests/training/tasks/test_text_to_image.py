@@ -90,3 +90,43 @@ def test_a_malformed_file_of_a_source_folder_names_the_option_and_the_file(
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"`--pretrained_model_name_or_path` {str(sd)!r}" in error
     assert str(sd / file) in error
+
+
+@pytest.mark.parametrize(
+    "statistics",
+    [{"shift_factor": 0.25}, {"latents_mean": [0.1, -0.2, 0.3, 0.4], "latents_std": [2.0, 0.5, 1.0, 4.0]}],
+)
+def test_training_latents_are_those_the_stable_diffusion_pipeline_decodes(tiny_sd_components, tmp_path, statistics):
+    # the task saves a StableDiffusionPipeline, which decodes `latents / scaling_factor` (no shift_factor, no
+    # latents_mean), as diffusers' train_text_to_image.py encodes; the loop encoded (E(x) - shift) * scaling (the
+    # package's own pipelines' convention) for it too, so a source VAE with a shift or latent statistics was
+    # fine-tuned on latents its pipeline then decoded shifted
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_stages.training.loop import _clean_samples
+    from diffusers_stages.training.tasks.text_to_image import TextToImageTask
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    path = os.path.join(repo, "examples", "multistage", "train_text_to_image.py")
+    spec = importlib.util.spec_from_file_location("train_text_to_image_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    vae = tiny_sd_components["vae"]
+    vae.register_to_config(scaling_factor=0.5, **statistics)
+    sd = tmp_path / "sd"
+    StableDiffusionPipeline(**{**tiny_sd_components, "vae": vae.eval()}).save_pretrained(sd)
+    data = _folder(tmp_path, [{"file_name": "a.png", "text": "one"}, {"file_name": "sub/b.png", "text": "two"}])
+    args = script.parse_args(["--pretrained_model_name_or_path", str(sd), "--train_data_dir", data, "--resolution",
+                              "16", "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    task = TextToImageTask(args)
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    state = SimpleNamespace(vae=vae, task=task, weight_dtype=torch.float32)
+    latents = _clean_samples(state, {"pixel_values": pixels}, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        encoded = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(1))
+    assert torch.allclose(latents, encoded * 0.5, atol=1e-6)  # diffusers' train_text_to_image.py
+    assert torch.allclose(latents / StableDiffusionPipeline.from_pretrained(sd).vae.config.scaling_factor, encoded)
