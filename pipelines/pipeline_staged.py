@@ -156,6 +156,27 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             id2label = checked_id2label(id2label, num_data_classes(num_class_embeds))
         self.register_to_config(id2label=id2label)
 
+    def check_class_names(self) -> None:
+        """Refuse class names (``id2label``) that do not fit the pipeline's model, as the constructor refuses them,
+        also after a model was swapped in (``pipe.unet = ...``, which diffusers registers unchecked, keeps the
+        pipeline's class names): run before sampling, `get_label_ids` and `save_pretrained` (a folder whose names do
+        not fit its model would not load)."""
+        id2label = getattr(self.config, "id2label", None)
+        denoiser = self._loaded_denoiser() if id2label else None
+        if denoiser is None:
+            return
+        num_class_embeds = class_embedding_count(self.label_config(denoiser))
+        try:
+            if num_class_embeds is None:
+                raise ValueError("the model is not class-conditional.")
+            checked_id2label(id2label, num_data_classes(num_class_embeds))
+        except ValueError as error:
+            raise ValueError(
+                f"The pipeline's class names (`id2label`) do not fit its model: {error} A model swapped in after "
+                "construction keeps the pipeline's class names: give it its own with "
+                "`pipe.register_class_names({index: name, ...})`, or none with `pipe.register_class_names(None)`."
+            ) from None
+
     def _loaded_denoiser(self) -> torch.nn.Module:
         """A network of the pipeline that is in memory (its class count is the pipeline's)."""
         return self.stage_denoiser(0)[0]
@@ -169,6 +190,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
         """The class indices of ``label`` (a class name or a list of them), for ``class_labels``, as
         `DiTPipeline.get_label_ids`. A `ValueError` names a label the pipeline does not know and lists its names."""
+        self.check_class_names()
         labels = [label] if isinstance(label, str) else list(label) if isinstance(label, (list, tuple)) else None
         if labels is None or not all(isinstance(name, str) for name in labels):  # an index is `class_labels`' value
             raise ValueError(f"`label` must be a class name or a list of class names, got {label!r}.")
@@ -491,6 +513,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
         self.check_components()
+        self.check_class_names()
         partition = self.resolve_partition(num_inference_steps)
         schedule = self._stage_schedule(partition, num_inference_steps)  # which network runs which model call
         # the stage networks' order, for their prefetch
@@ -596,7 +619,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         ``commit_message``, ``create_pr`` as in diffusers); a failed push is an `OSError` naming the repository. The
         arguments come in diffusers' order (``variant`` and ``max_shard_size`` before ``push_to_hub``, then
         ``use_flashpack``)."""
-        for name, component in self.components.items():  # before anything is written
+        self.check_class_names()  # before anything is written
+        for name, component in self.components.items():
             if isinstance(component, torch.nn.Module):
                 check_savable(component, f"`{name}`")
         push = pop_push_kwargs(kwargs, save_directory, push_to_hub)

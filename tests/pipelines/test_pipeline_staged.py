@@ -261,3 +261,39 @@ def test_networks_that_predict_other_channels_than_they_take_are_refused(kind, o
     with pytest.raises(ValueError, match=f"out_channels={out_channels}, .*in_channels=3"):
         pipe(**RUN)
     assert _pipeline_predicting(kind, 6)(**RUN).images.shape == (1, 3, 8, 8)
+
+
+NETWORKS = ("unet", "experts", "shallow", "deep")  # the components a swap replaces
+
+
+@pytest.mark.parametrize("num_class_embeds", [None, 3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_class_names_that_do_not_fit_a_model_swapped_in_are_refused_before_use_or_saving(
+    kind, num_class_embeds, tmp_path
+):
+    # diffusers registers a component swapped in later (`pipe.unet = ...`) unchecked: the pipeline kept the class
+    # names of the model it was built with, named classes of an unconditional model (or classes the new one has not),
+    # sampled, and saved a folder that did not load ("`id2label` was given, but this pipeline's model is not
+    # class-conditional", an argument the user never gave)
+    switch = {"switch_timestep": 500} if kind == "dual_backbone" else {}
+    pipe = _pipeline(kind, num_class_embeds=4)
+    pipe = type(pipe)(**pipe.components, **switch, id2label={0: "cat", 1: "dog", 2: "fox"})
+    pipe.set_progress_bar_config(disable=True)
+    other = _pipeline(kind, num_class_embeds=num_class_embeds)  # unconditional, or 2 classes + the null label
+    for name in NETWORKS:
+        if name in pipe.components:
+            setattr(pipe, name, other.components[name])
+    match = r"The pipeline's class names \(`id2label`\) do not fit its model: "
+    labels = {} if num_class_embeds is None else {"class_labels": [0]}
+    for use in (
+        lambda: pipe.get_label_ids("cat"),
+        lambda: pipe(**labels, **RUN),
+        lambda: pipe.save_pretrained(tmp_path),
+    ):
+        with pytest.raises(ValueError, match=match):
+            use()
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+    pipe.register_class_names(None if num_class_embeds is None else {0: "cat", 1: "dog"})  # the fix the error names
+    pipe.save_pretrained(tmp_path)
+    again = type(pipe).from_pretrained(tmp_path)
+    assert again.config.id2label == (None if num_class_embeds is None else {"0": "cat", "1": "dog"})
