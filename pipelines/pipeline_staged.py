@@ -151,9 +151,15 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         names) in the pipeline's config, with the indices as strings (as JSON keeps them); see `checked_id2label`."""
         if id2label is not None:
             num_class_embeds = class_embedding_count(self.label_config(self._loaded_denoiser()))
-            if num_class_embeds is None:
-                raise ValueError("`id2label` was given, but this pipeline's model is not class-conditional.")
-            id2label = checked_id2label(id2label, num_data_classes(num_class_embeds))
+            try:
+                if num_class_embeds is None:
+                    raise ValueError("`id2label` was given, but this pipeline's model is not class-conditional.")
+                id2label = checked_id2label(id2label, num_data_classes(num_class_embeds))
+            except ValueError as error:  # `from_pipe` and `from_pretrained` pass the source's names on
+                raise ValueError(
+                    f"{error} Not passed by you, `id2label` was kept from the pipeline or folder `from_pipe` or "
+                    "`from_pretrained` started from: pass `id2label=None` to drop those names, or the new model's own."
+                ) from None
         self.register_to_config(id2label=id2label)
 
     def check_class_names(self) -> None:

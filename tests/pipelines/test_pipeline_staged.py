@@ -297,3 +297,26 @@ def test_class_names_that_do_not_fit_a_model_swapped_in_are_refused_before_use_o
     pipe.save_pretrained(tmp_path)
     again = type(pipe).from_pretrained(tmp_path)
     assert again.config.id2label == (None if num_class_embeds is None else {"0": "cat", "1": "dog"})
+
+
+@pytest.mark.parametrize("num_class_embeds", [None, 3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_class_names_kept_from_the_source_that_do_not_fit_a_new_model_say_how_to_drop_them(
+    kind, num_class_embeds, tmp_path
+):
+    # `from_pipe(pipe, unet=...)` and `from_pretrained(folder, unet=...)` keep the source's class names: a model of
+    # other classes was refused as "`id2label` was given, ...", an argument the user never passed, with no word on how
+    # to replace or drop the names
+    switch = {"switch_timestep": 500} if kind == "dual_backbone" else {}
+    pipe = _pipeline(kind, num_class_embeds=4)
+    pipe = type(pipe)(**pipe.components, **switch, id2label={0: "cat", 1: "dog", 2: "fox"})
+    pipe.save_pretrained(tmp_path)
+    networks = {k: v for k, v in _pipeline(kind, num_class_embeds).components.items() if k in NETWORKS}
+    names = None if num_class_embeds is None else {0: "cat", 1: "dog"}
+    for make in (
+        lambda **kw: type(pipe).from_pipe(pipe, **networks, **kw),
+        lambda **kw: type(pipe).from_pretrained(tmp_path, **networks, **kw),
+    ):
+        with pytest.raises(ValueError, match=r"`id2label` was kept from the pipeline or folder `from_pipe` or "):
+            make()
+        assert make(id2label=names).config.id2label == (names and {"0": "cat", "1": "dog"})
