@@ -233,13 +233,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             return None, batch_size
         if num_class_embeds is None:
             raise ValueError("`class_labels` were given, but this pipeline's model is not class-conditional.")
-        labels = _integer_labels(class_labels)
-        classes = num_data_classes(num_class_embeds)
-        if labels.numel() == 0 or bool((labels < 0).any()) or bool((labels >= classes).any()):
-            raise ValueError(
-                f"`class_labels` must be class indices in [0, {classes}) (the last of the "
-                f"{num_class_embeds} embeddings is the unconditional label), got {labels.tolist()}."
-            )
+        labels = _integer_labels(class_labels, num_class_embeds)
         if batch_size not in (1, labels.numel()):
             raise ValueError(f"`batch_size`={batch_size} disagrees with the {labels.numel()} `class_labels` given.")
         return labels.to(device), labels.numel()
@@ -752,18 +746,40 @@ def _refuse_labels_as_batch_size(batch_size: object) -> None:
         )
 
 
-def _integer_labels(class_labels) -> torch.Tensor:
-    """``class_labels`` as a 1-D ``long`` tensor: python ints or an integer tensor / array only (a float such as 1.7
-    is not silently truncated, and a bool is not a class)."""
+INT64_MAX = 2**63 - 1  # what a `long` label holds
+
+
+def _integer_labels(class_labels, num_class_embeds: int) -> torch.Tensor:
+    """``class_labels`` as a 1-D ``long`` tensor of class indices in ``[0, num_class_embeds - 1)``: python ints or an
+    integer tensor / array only (a float such as 1.7 is not silently truncated, and a bool is not a class). A value
+    out of range is a `ValueError` showing the values as given (one beyond int64 too: not torch's overflow, nor a
+    uint64 wrapped around into a negative label)."""
     labels = torch.from_numpy(class_labels) if isinstance(class_labels, np.ndarray) else class_labels
     if torch.is_tensor(labels):
         if not is_integer_tensor(labels):
             raise ValueError(f"`class_labels` must be integers, got a tensor of dtype {labels.dtype}.")
-        return labels.reshape(-1).long()
-    values = list(labels) if isinstance(labels, (list, tuple)) else [labels]
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
-        raise ValueError(f"`class_labels` must be integers (class indices), got {class_labels!r}.")
-    return torch.tensor([int(v) for v in values], dtype=torch.long)
+        if labels.dtype == torch.uint64 and any(v > INT64_MAX for v in labels.reshape(-1).tolist()):
+            raise _labels_out_of_range(labels.reshape(-1).tolist(), num_class_embeds)
+        labels = labels.reshape(-1).long()
+    else:
+        values = list(labels) if isinstance(labels, (list, tuple)) else [labels]
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
+            raise ValueError(f"`class_labels` must be integers (class indices), got {class_labels!r}.")
+        values = [int(v) for v in values]
+        if any(not -INT64_MAX - 1 <= v <= INT64_MAX for v in values):
+            raise _labels_out_of_range(values, num_class_embeds)
+        labels = torch.tensor(values, dtype=torch.long)
+    classes = num_data_classes(num_class_embeds)
+    if labels.numel() == 0 or bool((labels < 0).any()) or bool((labels >= classes).any()):
+        raise _labels_out_of_range(labels.tolist(), num_class_embeds)
+    return labels
+
+
+def _labels_out_of_range(values: list[int], num_class_embeds: int) -> ValueError:
+    return ValueError(
+        f"`class_labels` must be class indices in [0, {num_data_classes(num_class_embeds)}) (the last of the "
+        f"{num_class_embeds} embeddings is the unconditional label), got {values}."
+    )
 
 
 def _shown(value) -> str:

@@ -320,3 +320,20 @@ def test_class_names_kept_from_the_source_that_do_not_fit_a_new_model_say_how_to
         with pytest.raises(ValueError, match=r"`id2label` was kept from the pipeline or folder `from_pipe` or "):
             make()
         assert make(id2label=names).config.id2label == (names and {"0": "cat", "1": "dog"})
+
+
+@pytest.mark.parametrize(
+    ("labels", "shown"),
+    [
+        ([2**63], r"\[9223372036854775808\]"),
+        ([0, -(2**70)], r"\[0, -1180591620717411303424\]"),
+        (np.array([2**64 - 1], dtype=np.uint64), r"\[18446744073709551615\]"),
+        (torch.tensor([2**63 + 5], dtype=torch.uint64), r"\[9223372036854775813\]"),
+    ],
+    ids=["int", "negative int", "numpy uint64", "torch uint64"],
+)
+def test_class_labels_beyond_int64_are_named_with_their_values(conditional, labels, shown):
+    # a Python int beyond int64 was torch's "Overflow when unpacking long long", naming neither the argument nor the
+    # value, and a uint64 label wrapped around into a negative one, shown as such ("got [-1]" for 2**64 - 1)
+    with pytest.raises(ValueError, match=rf"`class_labels` must be class indices in \[0, 3\) .*got {shown}"):
+        conditional(class_labels=labels, **RUN)
