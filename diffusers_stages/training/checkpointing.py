@@ -37,6 +37,7 @@ FINISHED_MARKER = "training_finished.json"  # in the last step's checkpoint, onc
 NOISE_SCHEDULER_FOLDER = "noise_scheduler"  # the training scheduler's config: resuming checks the schedule is the same
 PARTITION_FILE = "stage_partition.json"  # the stages the networks train on: resuming checks they are the same
 SOURCE_FILE = "pretrained_source.json"  # the folder fine-tuned, if any: resuming checks the run fine-tunes one too
+CLASS_NAMES_FILE = "class_names.json"  # the classes of the labels trained on: resuming checks they are the same
 LEFTOVER_PATTERN = re.compile(r"^\.checkpoint-\d+\.(partial|deleted)$")
 # the final pipeline is written into PIPELINE_PARTIAL, renamed to PIPELINE_NEW once complete (from then on the swap
 # is finished, by the next run if this one is killed), and swapped in entry by entry, the old entries kept in
@@ -454,6 +455,32 @@ def _check_same_source(source: str | None, input_dir: str) -> None:
     )
 
 
+def check_same_class_names(input_dir: str, id2label: dict[str, str] | None) -> None:
+    """Refuse to resume on other classes (``id2label``: class index -> name, the training data's class sub-folders or
+    label names, None without `--class_conditional`) than the run that wrote ``input_dir``, which holds them as
+    ``CLASS_NAMES_FILE``: a class folder renamed, added in the middle or replaced shifts the indices, and the networks
+    would go on training each class index on another class's images (a checkpoint written before it was saved is not
+    checked)."""
+    path = os.path.join(input_dir, CLASS_NAMES_FILE)
+    if not os.path.isfile(path):
+        return
+    then = read_json(path, CLASS_NAMES_FILE).get("id2label")
+    if then == id2label:
+        return
+    if isinstance(then, dict) and isinstance(id2label, dict):
+        key = next(
+            (k for k in sorted({*then, *id2label}, key=lambda k: (len(k), k)) if then.get(k) != id2label.get(k)), None
+        )
+        differ = f"class {key}: {then.get(key)!r} there, {id2label.get(key)!r} now"
+    else:
+        differ = f"{then!r} there, {id2label!r} now"
+    raise ValueError(
+        f"`--resume_from_checkpoint` {input_dir!r} was written by a run on other classes ({differ}): its networks "
+        "learned each class index on that run's class, so resume with that run's training data (its class "
+        "sub-folders, or `--label_column` names), or train into a new `--output_dir`."
+    )
+
+
 def check_resume_arguments(input_dir: str, noise_scheduler, source: str | None = None) -> None:
     """The checks of resuming from ``input_dir`` that need no network: the fine-tuning source (``source``:
     `--pretrained_model_name_or_path`, or None) and the noise schedule of the run that wrote it. The load hook of
@@ -514,6 +541,7 @@ def register_checkpoint_hooks(
     noise_scheduler=None,
     partition: TimestepPartition | None = None,
     source: str | None = None,
+    id2label: dict[str, str] | None = None,
 ) -> None:
     """Make `accelerator.save_state` / `load_state` write and read each network as ``<dir>/<name>`` and its EMA as
     ``<dir>/<name>_ema`` (`save_pretrained` folders), instead of anonymous state dicts. A sharded (FSDP) network is
@@ -523,7 +551,9 @@ def register_checkpoint_hooks(
     schedule is refused, naming the values, before any state loads. ``partition`` (the stages the networks train on)
     is saved as ``<dir>/stage_partition.json``: resuming on other stages is refused, naming the values. ``source``
     (`--pretrained_model_name_or_path` of a fine-tuning run, or None) is saved as ``<dir>/pretrained_source.json``:
-    resuming a fine-tuning run without a source, or a run from the arguments with one, is refused."""
+    resuming a fine-tuning run without a source, or a run from the arguments with one, is refused. ``id2label`` (the
+    classes of the labels trained on, or None) is saved as ``<dir>/class_names.json``: resuming on other classes is
+    refused (`check_same_class_names`)."""
 
     def save_hook(models, weights, output_dir):
         networks = gathered_networks(accelerator, names, models)  # sharded (FSDP): every process joins the gathering
@@ -539,10 +569,13 @@ def register_checkpoint_hooks(
                     json.dump(partition.to_config(), f)
             with open(os.path.join(output_dir, SOURCE_FILE), "w", encoding="utf-8") as f:
                 json.dump({"pretrained_model_name_or_path": source}, f)
+            with open(os.path.join(output_dir, CLASS_NAMES_FILE), "w", encoding="utf-8") as f:
+                json.dump({"id2label": id2label}, f)
         weights.clear()  # the folders above hold the weights; accelerate must not save them again
 
     def load_hook(models, input_dir):
         check_resume_arguments(input_dir, noise_scheduler, source)
+        check_same_class_names(input_dir, id2label)
         _check_same_networks(names, input_dir)
         _check_no_unused_ema(emas, input_dir)
         # (sharded: `models` is empty, Accelerate has loaded its shards, checked by `check_sharded_resume` first)
