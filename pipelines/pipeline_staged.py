@@ -299,8 +299,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         return output
 
     def _scheduler_reads_variance(self) -> bool:
-        """Whether the scheduler takes a learned variance from the model's output (``variance_type`` learned)."""
-        return getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+        """Whether the scheduler takes a learned variance from the model's output (``variance_type`` learned), rather
+        than only dropping it (`VARIANCE_DROPPING_SCHEDULERS`, which are handed the mean half as any other)."""
+        return _learned_variance_type(self.scheduler) is not None and not _drops_learned_variance(self.scheduler)
 
     def _check_variance_output(self, config) -> None:
         """Refuse, before sampling, a model whose prediction is neither the latents' channels nor twice them (a
@@ -319,6 +320,14 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                 f"{self.scheduler.config.variance_type!r}, which reads a learned variance from the model's output, but "
                 f"the model predicts none (out_channels={out_channels}, not twice in_channels={in_channels}): build "
                 "the scheduler with `variance_type='fixed_small'` (or its default)."
+            )
+        variance_type = _learned_variance_type(self.scheduler)
+        if variance_type is not None and _drops_learned_variance(self.scheduler) and in_channels and in_channels != 3:
+            raise ValueError(
+                f"`scheduler` {type(self.scheduler).__name__} has variance_type={variance_type!r}, with which its step "
+                "takes the first 3 channels of the model's output as its prediction (diffusers' rule for RGB pixel "
+                f"models), but the model denoises in_channels={in_channels}: build it with `variance_type=None` (the "
+                "pipeline hands it the mean half of a learned-variance output itself)."
             )
 
     # --------------------------------------------------------------------------------------------------------------
@@ -661,6 +670,29 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             return pipeline
         kwargs.pop("trust_remote_code", None)
         return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
+
+
+# schedulers whose step, with variance_type "learned" or "learned_range", only drops a learned variance: it takes the
+# first 3 channels of the model's output as the prediction (diffusers' rule for RGB pixel models); SA-Solver also
+# draws its noise in the shape of the whole output. The pipelines hand them the mean half, as any scheduler that does
+# not read the variance, and refuse them for models of other channels, which they would cut.
+VARIANCE_DROPPING_SCHEDULERS = (
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DPMSolverMultistepInverseScheduler",
+    "SASolverScheduler",
+)
+
+
+def _learned_variance_type(scheduler) -> str | None:
+    """The scheduler's ``variance_type`` when it is a learned one ("learned", "learned_range"), else None."""
+    variance_type = getattr(scheduler.config, "variance_type", None)
+    return variance_type if variance_type in ("learned", "learned_range") else None
+
+
+def _drops_learned_variance(scheduler) -> bool:
+    """Whether ``scheduler`` (or a class it derives from) is one of `VARIANCE_DROPPING_SCHEDULERS`."""
+    return any(cls.__name__ in VARIANCE_DROPPING_SCHEDULERS for cls in type(scheduler).__mro__)
 
 
 def checked_id2label(id2label: Mapping[int | str, str], classes: int) -> dict[str, str]:

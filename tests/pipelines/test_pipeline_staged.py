@@ -337,3 +337,38 @@ def test_class_labels_beyond_int64_are_named_with_their_values(conditional, labe
     # value, and a uint64 label wrapped around into a negative one, shown as such ("got [-1]" for 2**64 - 1)
     with pytest.raises(ValueError, match=rf"`class_labels` must be class indices in \[0, 3\) .*got {shown}"):
         conditional(class_labels=labels, **RUN)
+
+
+@pytest.mark.parametrize(
+    "scheduler_name", ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "SASolverScheduler"]
+)
+def test_a_scheduler_that_drops_a_learned_variance_gets_the_mean_half_and_refuses_channels_it_would_cut(
+    scheduler_name,
+):
+    # with variance_type "learned"/"learned_range", DPM-Solver and SA-Solver take `model_output[:, :3]` as the
+    # prediction (diffusers' rule for RGB pixel models): a DiT of 4-channel latents failed after its first step with
+    # a shape RuntimeError, and SA-Solver, which draws its noise in the shape of the output it is given, failed on
+    # any DiT
+    import diffusers
+
+    scheduler_class = getattr(diffusers, scheduler_name)
+
+    def dit(channels: int) -> DiTTransformer2DModel:
+        torch.manual_seed(0)
+        return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=channels, num_layers=1,
+                                     out_channels=2 * channels, sample_size=4, patch_size=2, num_embeds_ada_norm=3)  # fmt: skip
+
+    def routed(channels: int, scheduler) -> ExpertRoutingPipeline:
+        pipe = ExpertRoutingPipeline(experts=ExpertRoutingModel([dit(channels).eval()], stage_boundaries=()),
+                                     scheduler=scheduler)  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    run = {"class_labels": [0, 1], "guidance_scale": 2.0, "num_inference_steps": 4, "output_type": "pt"}
+    images = routed(3, scheduler_class(variance_type="learned_range"))(generator=torch.manual_seed(0), **run).images
+    plain = routed(3, scheduler_class())(generator=torch.manual_seed(0), **run).images  # the mean half, as DiTPipeline
+    assert torch.allclose(images, plain, atol=1e-6)
+    match = (r"variance_type='learned', with which its step takes the first 3 channels of the model's output as its "
+             r"prediction .* in_channels=4: build it with `variance_type=None`")  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        routed(4, scheduler_class(variance_type="learned"))(**{**run, "output_type": "latent"})
