@@ -796,7 +796,9 @@ def _integer_labels(class_labels, num_class_embeds: int) -> torch.Tensor:
     else:
         values = list(labels) if isinstance(labels, (list, tuple)) else [labels]
         if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
-            raise ValueError(f"`class_labels` must be integers (class indices), got {class_labels!r}.")
+            names = any(isinstance(v, str) for v in values)
+            hint = ": turn class names into indices with `pipe.get_label_ids([...])`" if names else ""
+            raise ValueError(f"`class_labels` must be integers (class indices), got {class_labels!r}{hint}.")
         values = [int(v) for v in values]
         if any(not -INT64_MAX - 1 <= v <= INT64_MAX for v in values):
             raise _labels_out_of_range(values, num_class_embeds)

@@ -372,3 +372,11 @@ def test_a_scheduler_that_drops_a_learned_variance_gets_the_mean_half_and_refuse
              r"prediction .* in_channels=4: build it with `variance_type=None`")  # fmt: skip
     with pytest.raises(ValueError, match=match):
         routed(4, scheduler_class(variance_type="learned"))(**{**run, "output_type": "latent"})
+
+
+@pytest.mark.parametrize("labels", ["dog", ["dog", "cat"]])
+def test_class_names_given_as_class_labels_point_to_get_label_ids(conditional, labels):
+    # DiTPipeline users pass names through `get_label_ids`; a name given as `class_labels` was only "must be integers"
+    with pytest.raises(ValueError, match=r"must be integers \(class indices\), got .*: turn class names into indices "
+                       r"with `pipe.get_label_ids\(\[\.\.\.\]\)`"):  # fmt: skip
+        conditional(class_labels=labels, **RUN)
