@@ -22,7 +22,13 @@ from diffusers import (
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..models.expert_routing import CONDITIONING_KEYS, CONTRACT_KEYS, ExpertRoutingModel, _config_value
+from ..models.expert_routing import (
+    CONDITIONING_KEYS,
+    CONTRACT_KEYS,
+    ExpertRoutingModel,
+    _config_value,
+    class_embedding_counts,
+)
 from ..models.iunet import IUNet2DModel
 from ..models.uvit import UViT2DModel
 from ..partition import TimestepPartition
@@ -267,6 +273,13 @@ def _check_interchangeable(shallow: Backbone | None, deep: Backbone | None) -> N
         if len(set(values.values())) > 1:
             raise ValueError(f"`shallow` and `deep` must agree on `{key}` (the deep one continues the shallow one's "
                              f"samples), got {values}.")  # fmt: skip
+    counts = class_embedding_counts(backbones)
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            "`shallow` and `deep` must agree on their class embeddings (the classes and the unconditional label: "
+            "`num_class_embeds`, a DiT's `num_embeds_ada_norm` + 1; None: not class-conditional; the deep one continues "
+            f"the shallow one's samples), got {counts}."
+        )
 
 
 def _replacing_switch(kwargs: dict) -> dict:

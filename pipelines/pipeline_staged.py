@@ -157,10 +157,37 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         names) in the pipeline's config, with the indices as strings (as JSON keeps them); see `checked_id2label`."""
         if id2label is not None:
             num_class_embeds = class_embedding_count(self.label_config(self._loaded_denoiser()))
-            if num_class_embeds is None:
-                raise ValueError("`id2label` was given, but this pipeline's model is not class-conditional.")
-            id2label = checked_id2label(id2label, num_data_classes(num_class_embeds))
+            try:
+                if num_class_embeds is None:
+                    raise ValueError("`id2label` was given, but this pipeline's model is not class-conditional.")
+                id2label = checked_id2label(id2label, num_data_classes(num_class_embeds))
+            except ValueError as error:  # `from_pipe` and `from_pretrained` pass the source's names on
+                raise ValueError(
+                    f"{error} Not passed by you, `id2label` was kept from the pipeline or folder `from_pipe` or "
+                    "`from_pretrained` started from: pass `id2label=None` to drop those names, or the new model's own."
+                ) from None
         self.register_to_config(id2label=id2label)
+
+    def check_class_names(self) -> None:
+        """Refuse class names (``id2label``) that do not fit the pipeline's model, as the constructor refuses them,
+        also after a model was swapped in (``pipe.unet = ...``, which diffusers registers unchecked, keeps the
+        pipeline's class names): run before sampling, `get_label_ids` and `save_pretrained` (a folder whose names do
+        not fit its model would not load)."""
+        id2label = getattr(self.config, "id2label", None)
+        denoiser = self._loaded_denoiser() if id2label else None
+        if denoiser is None:
+            return
+        num_class_embeds = class_embedding_count(self.label_config(denoiser))
+        try:
+            if num_class_embeds is None:
+                raise ValueError("the model is not class-conditional.")
+            checked_id2label(id2label, num_data_classes(num_class_embeds))
+        except ValueError as error:
+            raise ValueError(
+                f"The pipeline's class names (`id2label`) do not fit its model: {error} A model swapped in after "
+                "construction keeps the pipeline's class names: give it its own with "
+                "`pipe.register_class_names({index: name, ...})`, or none with `pipe.register_class_names(None)`."
+            ) from None
 
     def _loaded_denoiser(self) -> torch.nn.Module:
         """A network of the pipeline that is in memory (its class count is the pipeline's)."""
@@ -175,6 +202,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
         """The class indices of ``label`` (a class name or a list of them), for ``class_labels``, as
         `DiTPipeline.get_label_ids`. A `ValueError` names a label the pipeline does not know and lists its names."""
+        self.check_class_names()
         labels = [label] if isinstance(label, str) else list(label) if isinstance(label, (list, tuple)) else None
         if labels is None or not all(isinstance(name, str) for name in labels):  # an index is `class_labels`' value
             raise ValueError(f"`label` must be a class name or a list of class names, got {label!r}.")
@@ -211,13 +239,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             return None, batch_size
         if num_class_embeds is None:
             raise ValueError("`class_labels` were given, but this pipeline's model is not class-conditional.")
-        labels = _integer_labels(class_labels)
-        classes = num_data_classes(num_class_embeds)
-        if labels.numel() == 0 or bool((labels < 0).any()) or bool((labels >= classes).any()):
-            raise ValueError(
-                f"`class_labels` must be class indices in [0, {classes}) (the last of the "
-                f"{num_class_embeds} embeddings is the unconditional label), got {labels.tolist()}."
-            )
+        labels = _integer_labels(class_labels, num_class_embeds)
         if batch_size not in (1, labels.numel()):
             raise ValueError(f"`batch_size`={batch_size} disagrees with the {labels.numel()} `class_labels` given.")
         return labels.to(device), labels.numel()
@@ -283,8 +305,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         return output
 
     def _scheduler_reads_variance(self) -> bool:
-        """Whether the scheduler takes a learned variance from the model's output (``variance_type`` learned)."""
-        return getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+        """Whether the scheduler takes a learned variance from the model's output (``variance_type`` learned), rather
+        than only dropping it (`VARIANCE_DROPPING_SCHEDULERS`, which are handed the mean half as any other)."""
+        return _learned_variance_type(self.scheduler) is not None and not _drops_learned_variance(self.scheduler)
 
     def _check_variance_output(self, config) -> None:
         """Refuse, before sampling, a model whose prediction is neither the latents' channels nor twice them (a
@@ -303,6 +326,14 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                 f"{self.scheduler.config.variance_type!r}, which reads a learned variance from the model's output, but "
                 f"the model predicts none (out_channels={out_channels}, not twice in_channels={in_channels}): build "
                 "the scheduler with `variance_type='fixed_small'` (or its default)."
+            )
+        variance_type = _learned_variance_type(self.scheduler)
+        if variance_type is not None and _drops_learned_variance(self.scheduler) and in_channels and in_channels != 3:
+            raise ValueError(
+                f"`scheduler` {type(self.scheduler).__name__} has variance_type={variance_type!r}, with which its step "
+                "takes the first 3 channels of the model's output as its prediction (diffusers' rule for RGB pixel "
+                f"models), but the model denoises in_channels={in_channels}: build it with `variance_type=None` (the "
+                "pipeline hands it the mean half of a learned-variance output itself)."
             )
 
     # --------------------------------------------------------------------------------------------------------------
@@ -500,6 +531,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
         self.check_components()
+        self.check_class_names()
         partition = self.resolve_partition(num_inference_steps)
         schedule = self._stage_schedule(partition, num_inference_steps)  # which network runs which model call
         # the stage networks' order, for their prefetch
@@ -605,7 +637,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         ``commit_message``, ``create_pr`` as in diffusers); a failed push is an `OSError` naming the repository. The
         arguments come in diffusers' order (``variant`` and ``max_shard_size`` before ``push_to_hub``, then
         ``use_flashpack``)."""
-        for name, component in self.components.items():  # before anything is written
+        self.check_class_names()  # before anything is written
+        for name, component in self.components.items():
             if isinstance(component, torch.nn.Module):
                 check_savable(component, f"`{name}`")
         push = pop_push_kwargs(kwargs, save_directory, push_to_hub)
@@ -646,6 +679,29 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             return pipeline
         kwargs.pop("trust_remote_code", None)
         return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
+
+
+# schedulers whose step, with variance_type "learned" or "learned_range", only drops a learned variance: it takes the
+# first 3 channels of the model's output as the prediction (diffusers' rule for RGB pixel models); SA-Solver also
+# draws its noise in the shape of the whole output. The pipelines hand them the mean half, as any scheduler that does
+# not read the variance, and refuse them for models of other channels, which they would cut.
+VARIANCE_DROPPING_SCHEDULERS = (
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DPMSolverMultistepInverseScheduler",
+    "SASolverScheduler",
+)
+
+
+def _learned_variance_type(scheduler) -> str | None:
+    """The scheduler's ``variance_type`` when it is a learned one ("learned", "learned_range"), else None."""
+    variance_type = getattr(scheduler.config, "variance_type", None)
+    return variance_type if variance_type in ("learned", "learned_range") else None
+
+
+def _drops_learned_variance(scheduler) -> bool:
+    """Whether ``scheduler`` (or a class it derives from) is one of `VARIANCE_DROPPING_SCHEDULERS`."""
+    return any(cls.__name__ in VARIANCE_DROPPING_SCHEDULERS for cls in type(scheduler).__mro__)
 
 
 def checked_id2label(id2label: Mapping[int | str, str], classes: int) -> dict[str, str]:
@@ -731,18 +787,42 @@ def _refuse_labels_as_batch_size(batch_size: object) -> None:
         )
 
 
-def _integer_labels(class_labels) -> torch.Tensor:
-    """``class_labels`` as a 1-D ``long`` tensor: python ints or an integer tensor / array only (a float such as 1.7
-    is not silently truncated, and a bool is not a class)."""
+INT64_MAX = 2**63 - 1  # what a `long` label holds
+
+
+def _integer_labels(class_labels, num_class_embeds: int) -> torch.Tensor:
+    """``class_labels`` as a 1-D ``long`` tensor of class indices in ``[0, num_class_embeds - 1)``: python ints or an
+    integer tensor / array only (a float such as 1.7 is not silently truncated, and a bool is not a class). A value
+    out of range is a `ValueError` showing the values as given (one beyond int64 too: not torch's overflow, nor a
+    uint64 wrapped around into a negative label)."""
     labels = torch.from_numpy(class_labels) if isinstance(class_labels, np.ndarray) else class_labels
     if torch.is_tensor(labels):
         if not is_integer_tensor(labels):
             raise ValueError(f"`class_labels` must be integers, got a tensor of dtype {labels.dtype}.")
-        return labels.reshape(-1).long()
-    values = list(labels) if isinstance(labels, (list, tuple)) else [labels]
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
-        raise ValueError(f"`class_labels` must be integers (class indices), got {class_labels!r}.")
-    return torch.tensor([int(v) for v in values], dtype=torch.long)
+        if labels.dtype == torch.uint64 and any(v > INT64_MAX for v in labels.reshape(-1).tolist()):
+            raise _labels_out_of_range(labels.reshape(-1).tolist(), num_class_embeds)
+        labels = labels.reshape(-1).long()
+    else:
+        values = list(labels) if isinstance(labels, (list, tuple)) else [labels]
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
+            names = any(isinstance(v, str) for v in values)
+            hint = ": turn class names into indices with `pipe.get_label_ids([...])`" if names else ""
+            raise ValueError(f"`class_labels` must be integers (class indices), got {class_labels!r}{hint}.")
+        values = [int(v) for v in values]
+        if any(not -INT64_MAX - 1 <= v <= INT64_MAX for v in values):
+            raise _labels_out_of_range(values, num_class_embeds)
+        labels = torch.tensor(values, dtype=torch.long)
+    classes = num_data_classes(num_class_embeds)
+    if labels.numel() == 0 or bool((labels < 0).any()) or bool((labels >= classes).any()):
+        raise _labels_out_of_range(labels.tolist(), num_class_embeds)
+    return labels
+
+
+def _labels_out_of_range(values: list[int], num_class_embeds: int) -> ValueError:
+    return ValueError(
+        f"`class_labels` must be class indices in [0, {num_data_classes(num_class_embeds)}) (the last of the "
+        f"{num_class_embeds} embeddings is the unconditional label), got {values}."
+    )
 
 
 def _shown(value) -> str:

@@ -29,6 +29,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from ..conventions import class_embedding_count
 from ..hub import pop_push_kwargs, push_saved_folder
 from ..partition import TimestepPartition
 from .checks import check_savable
@@ -160,6 +161,25 @@ def _check_contract(experts: Sequence[nn.Module | None]) -> None:
         values = {i: _config_value(e.config, key) for i, e in enumerate(experts) if e is not None and key in e.config}
         if len(set(values.values())) > 1:
             raise ValueError(f"Experts disagree on `{key}` (expert: value): {values}; they must be interchangeable.")
+    counts = class_embedding_counts(dict(enumerate(experts)))
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            "Experts disagree on their class embeddings (the classes and the unconditional label: `num_class_embeds`, "
+            f"a DiT's `num_embeds_ada_norm` + 1; None: not class-conditional), expert: count {counts}; they must be "
+            "interchangeable."
+        )
+
+
+def class_embedding_counts(networks: dict) -> dict:
+    """Name -> class embeddings, the unconditional label included (`conventions.class_embedding_count`: a U-Net's
+    ``num_class_embeds``, a DiT's classes + 1; None for an unconditional network), of the networks (None: not loaded)
+    that have a config: what networks that replace one another mid-trajectory must agree on, whatever their classes'
+    config keys."""
+    return {
+        name: class_embedding_count(network.config)
+        for name, network in networks.items()
+        if network is not None and getattr(network, "config", None) is not None
+    }
 
 
 def _hashable(value):

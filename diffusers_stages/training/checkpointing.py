@@ -38,6 +38,7 @@ NOISE_SCHEDULER_FOLDER = "noise_scheduler"  # the training scheduler's config: r
 PARTITION_FILE = "stage_partition.json"  # the stages the networks train on: resuming checks they are the same
 SOURCE_FILE = "pretrained_source.json"  # the folder fine-tuned, if any: resuming checks the run fine-tunes one too
 LATENT_SPACE_FILE = "latent_space.json"  # the VAE whose latents the networks train on: resuming checks it is the same
+CLASS_NAMES_FILE = "class_names.json"  # the classes of the labels trained on: resuming checks they are the same
 LEFTOVER_PATTERN = re.compile(r"^\.checkpoint-\d+\.(partial|deleted)$")
 # the final pipeline is written into PIPELINE_PARTIAL, renamed to PIPELINE_NEW once complete (from then on the swap
 # is finished, by the next run if this one is killed), and swapped in entry by entry, the old entries kept in
@@ -498,6 +499,32 @@ def _check_same_latent_space(latent_space: dict, input_dir: str) -> None:
     )
 
 
+def check_same_class_names(input_dir: str, id2label: dict[str, str] | None) -> None:
+    """Refuse to resume on other classes (``id2label``: class index -> name, the training data's class sub-folders or
+    label names, None without `--class_conditional`) than the run that wrote ``input_dir``, which holds them as
+    ``CLASS_NAMES_FILE``: a class folder renamed, added in the middle or replaced shifts the indices, and the networks
+    would go on training each class index on another class's images (a checkpoint written before it was saved is not
+    checked)."""
+    path = os.path.join(input_dir, CLASS_NAMES_FILE)
+    if not os.path.isfile(path):
+        return
+    then = read_json(path, CLASS_NAMES_FILE).get("id2label")
+    if then == id2label:
+        return
+    if isinstance(then, dict) and isinstance(id2label, dict):
+        key = next(
+            (k for k in sorted({*then, *id2label}, key=lambda k: (len(k), k)) if then.get(k) != id2label.get(k)), None
+        )
+        differ = f"class {key}: {then.get(key)!r} there, {id2label.get(key)!r} now"
+    else:
+        differ = f"{then!r} there, {id2label!r} now"
+    raise ValueError(
+        f"`--resume_from_checkpoint` {input_dir!r} was written by a run on other classes ({differ}): its networks "
+        "learned each class index on that run's class, so resume with that run's training data (its class "
+        "sub-folders, or `--label_column` names), or train into a new `--output_dir`."
+    )
+
+
 def check_resume_arguments(
     input_dir: str, noise_scheduler, source: str | None = None, latent_space: dict | None = None
 ) -> None:
@@ -564,6 +591,7 @@ def register_checkpoint_hooks(
     partition: TimestepPartition | None = None,
     source: str | None = None,
     latent_space: dict | None = None,
+    id2label: dict[str, str] | None = None,
 ) -> None:
     """Make `accelerator.save_state` / `load_state` write and read each network as ``<dir>/<name>`` and its EMA as
     ``<dir>/<name>_ema`` (`save_pretrained` folders), instead of anonymous state dicts. A sharded (FSDP) network is
@@ -575,7 +603,8 @@ def register_checkpoint_hooks(
     (`--pretrained_model_name_or_path` of a fine-tuning run, or None) is saved as ``<dir>/pretrained_source.json``:
     resuming a fine-tuning run without a source, or a run from the arguments with one, is refused. ``latent_space``
     (the data space, `_check_same_latent_space`) is saved as ``<dir>/latent_space.json``: resuming in pixel space or
-    in another VAE's latent space is refused, naming the values."""
+    in another VAE's latent space is refused, naming the values. ``id2label`` (the classes of the labels trained on,
+    or None) is saved as ``<dir>/class_names.json``: resuming on other classes is refused (`check_same_class_names`)."""
 
     def save_hook(models, weights, output_dir):
         networks = gathered_networks(accelerator, names, models)  # sharded (FSDP): every process joins the gathering
@@ -594,10 +623,13 @@ def register_checkpoint_hooks(
             if latent_space is not None:
                 with open(os.path.join(output_dir, LATENT_SPACE_FILE), "w", encoding="utf-8") as f:
                     json.dump(latent_space, f)
+            with open(os.path.join(output_dir, CLASS_NAMES_FILE), "w", encoding="utf-8") as f:
+                json.dump({"id2label": id2label}, f)
         weights.clear()  # the folders above hold the weights; accelerate must not save them again
 
     def load_hook(models, input_dir):
         check_resume_arguments(input_dir, noise_scheduler, source, latent_space)
+        check_same_class_names(input_dir, id2label)
         _check_same_networks(names, input_dir)
         _check_no_unused_ema(emas, input_dir)
         # (sharded: `models` is empty, Accelerate has loaded its shards, checked by `check_sharded_resume` first)

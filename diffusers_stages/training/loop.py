@@ -45,6 +45,7 @@ from ..pipelines.pipeline_staged import checked_id2label
 from .args import check_args, tracker_config
 from .checkpointing import (
     check_resume_arguments,
+    check_same_class_names,
     check_same_sharding,
     check_sharded_resume,
     checkpoint_folders,
@@ -276,6 +277,8 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
                 f"The training data's class names {task.class_names} cannot be saved as the pipeline's class names: "
                 f"{error} Rename the class folders (or the dataset's label names)."
             ) from None
+    if resume_path is not None:  # the class indices the checkpoint's networks learned must mean the same classes
+        check_same_class_names(resume_path, task.id2label)
     task.check_data(in_channels, args.resolution // vae_factor, num_class_embeds)
 
     # 2. accelerator, logging, output folder, seeds (the same initial weights on every process)
@@ -308,7 +311,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     )
     noise_scheduler, sampling_scheduler = noise_schedulers(args, task.scheduler_config)
     register_checkpoint_hooks(
-        accelerator, list(networks), emas, noise_scheduler, task.partition, source, latent_space(task)
+        accelerator, list(networks), emas, noise_scheduler, task.partition, source, latent_space(task), task.id2label
     )
     state = RunState(
         accelerator, args, task, list(networks), models, emas, optimizer, lr_scheduler, noise_scheduler,

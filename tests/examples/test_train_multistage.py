@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -346,6 +347,25 @@ def test_resuming_with_another_noise_schedule_is_refused_before_the_data_are_rea
     ]
     with pytest.raises(ValueError, match=r"was written with another noise schedule \(`prediction_type` 'epsilon'"):
         examples.train(script, resumed)
+
+
+def test_resuming_on_other_classes_is_refused_before_training(examples, script, image_folder, tmp_path):
+    # the class indices are the sorted class sub-folders: a folder renamed (or replaced by another class) between a run
+    # and its resume shifted the indices, and the resumed run went on training, silently, each class index on other
+    # images than the checkpoint's networks had learned, then saved the new names as the pipeline's
+    data, out = tmp_path / "data", str(tmp_path / "run")
+    shutil.copytree(image_folder, data)
+    base = [*examples.TINY, "--train_data_dir", str(data), "--output_dir", out, "--checkpointing_steps", "1",
+            "--class_conditional"]  # fmt: skip
+    examples.train(script, [*base, "--max_train_steps", "1"])
+    os.rename(data / "0", data / "9")  # folders 1, 2, 9: class 0 is now folder 1's images
+    resume = [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]
+    with pytest.raises(ValueError, match=r"was written by a run on other classes \(class 0: '0' there, '1' now\)"):
+        examples.train(script, resume)
+    assert not os.path.isdir(os.path.join(out, "checkpoint-2"))
+    os.rename(data / "9", data / "0")
+    examples.train(script, resume)
+    assert os.path.isdir(os.path.join(out, "checkpoint-2"))
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,39 @@ def test_a_planned_config_for_other_samples_is_refused_not_rewritten(
     assert re.search(match, capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(
+    ("given", "class_conditional", "match"),
+    [
+        ({"num_class_embeds": 10}, False, "is class-conditional \\(num_class_embeds=10\\), but this run is not "
+         "`--class_conditional`"),
+        ({"class_embed_type": "timestep"}, False, "embeds class labels with class_embed_type='timestep'"),
+        ({"class_embed_type": "identity"}, True, "embeds class labels with class_embed_type='identity'"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("name", ["multistage", "experts", "dual_backbone"])
+def test_a_config_of_other_class_labels_than_the_run_is_refused_not_rewritten(
+    examples, image_folder, planned_folder, tmp_path, capsys, name, given, class_conditional, match
+):
+    # a class-conditional config trained without `--class_conditional` became an unconditional model without a word;
+    # one with a `class_embed_type` (labels embedded as values, not indices) failed at the first training step, with
+    # "`class_labels` must be given" (or, with `--class_conditional` and "identity", a RuntimeError of the time
+    # embedding's shape)
+    config_file = os.path.join(planned_folder, "config.json")
+    with open(config_file) as f:
+        planned = json.load(f)
+    if name != "multistage":  # a UNet2DModel config
+        planned = {k: v for k, v in planned.items() if k not in ("stage_boundaries", "decoder_block_out_channels")}
+        planned["_class_name"] = "UNet2DModel"
+    with open(config_file, "w") as f:
+        json.dump({**planned, **given}, f)
+    base = [*examples.TINY_RUN, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run")]
+    extra = {"experts": ["--num_experts", "2", "--assignment", "hard"]}.get(name, [])
+    labels = ["--class_conditional"] if class_conditional else []
+    with pytest.raises(SystemExit):
+        examples.load_script(name).parse_args([*base, *extra, *labels, "--model_config", planned_folder])
+    assert re.search(f"`--model_config` .*{match}", capsys.readouterr().err)
+
+
 def test_a_planned_config_too_large_to_build_is_a_usage_error(
     examples, image_folder, planned_folder, tmp_path, capsys
 ):

@@ -79,7 +79,8 @@ class TestExpertRoutingModel(StagedModelTesterMixin):
             assert torch.equal(loaded(x, t).sample, staged(x, t).sample)
 
     def test_an_expert_without_gradient_checkpointing_is_named(self, tiny_unet_kwargs):
-        model = ExpertRoutingModel([_unet(tiny_unet_kwargs, 0), _tiny_dit()], stage_boundaries=(500,))
+        unet = _unet(tiny_unet_kwargs, 0, num_class_embeds=11)  # the DiT's 10 classes and its unconditional label
+        model = ExpertRoutingModel([unet, _tiny_dit()], stage_boundaries=(500,))
         model.experts[1]._supports_gradient_checkpointing = False  # as a class without it declares
         with pytest.raises(ValueError, match=r"Expert 1 \(DiTTransformer2DModel\) does not support gradient"):
             model.enable_gradient_checkpointing()
@@ -134,8 +135,9 @@ def test_the_stage_index_path_reads_no_tensor_value(three_experts, host_reads):
 
 
 def test_experts_of_other_diffusers_classes_with_per_sample_arguments(tiny_unet_kwargs):
-    # a class-conditional U-Net and a DiT: class labels are split with the batch; DiT gets one timestep per sample
-    unet = _unet(tiny_unet_kwargs, 0, num_class_embeds=10)
+    # a class-conditional U-Net and a DiT: class labels are split with the batch; DiT gets one timestep per sample (the
+    # U-Net's 11 embeddings are the DiT's 10 classes and its unconditional label)
+    unet = _unet(tiny_unet_kwargs, 0, num_class_embeds=11)
     model = ExpertRoutingModel([unet, _tiny_dit()], stage_boundaries=(500,))
     x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([10, 900, 20]), torch.tensor([1, 2, 3])
     with torch.no_grad():
@@ -162,6 +164,20 @@ def test_experts_of_other_diffusers_classes_with_per_sample_arguments(tiny_unet_
     with torch.no_grad():
         out = ExpertRoutingModel([first, second], stage_boundaries=(500,))(x, t, encoder_hidden_states=text).sample
         assert torch.allclose(out[1:2], second(x[1:2], t[1:2], text[1:2]).sample, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_class_embeds", [None, 10, 12])
+def test_experts_that_disagree_on_their_classes_are_refused_also_against_a_dit(tiny_unet_kwargs, num_class_embeds):
+    # a DiT counts its classes as `num_embeds_ada_norm` (its unconditional label is one more), a U-Net as
+    # `num_class_embeds` (the last the unconditional label): only the latter key was compared, so an unconditional
+    # U-Net with a DiT of 10 classes, or a U-Net of 9 classes with it, was accepted; the pipelines then failed inside
+    # the unconditional expert (a TypeError) or checked labels against one expert's classes only
+    unet = _unet(tiny_unet_kwargs, 0, num_class_embeds=num_class_embeds)
+    dit = _tiny_dit()  # 10 classes
+    with pytest.raises(ValueError, match=r"Experts disagree on their class embeddings \(the classes and the "):
+        ExpertRoutingModel([unet, dit], stage_boundaries=(500,))
+    # the same classes: the U-Net's 11 embeddings are the DiT's 10 classes and its unconditional label
+    ExpertRoutingModel([_unet(tiny_unet_kwargs, 0, num_class_embeds=11), _tiny_dit()], stage_boundaries=(500,))
 
 
 def test_an_argument_of_neither_one_row_nor_one_per_sample_is_named(tiny_cond_unet, tiny_unet_kwargs):
@@ -207,14 +223,20 @@ def test_a_python_number_timestep_reaches_each_expert_as_it_would_alone(tiny_une
 
 def test_out_channels_none_means_in_channels(tiny_unet_kwargs):
     # U-ViT and DiT leave `out_channels=None` in their configs for "as `in_channels`": they mix with U-Nets of 3
-    unet = _unet(tiny_unet_kwargs, 0)
-    uvit = UViT2DModel(sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2).eval()
+    unet = _unet(tiny_unet_kwargs, 0, num_class_embeds=11)  # class-conditional, as the DiT (10 classes + 1)
+    uvit = UViT2DModel(sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2, num_class_embeds=11).eval()
     dit = _tiny_dit(out_channels=None)
     assert uvit.config.out_channels is None and dit.config.out_channels is None
     model = ExpertRoutingModel([unet, uvit, dit], stage_boundaries=(300, 600))
     assert model.config.out_channels == 3
     with torch.no_grad():
-        assert model(torch.randn(2, 3, 8, 8), torch.tensor([10, 500])).sample.shape == (2, 3, 8, 8)
+        labels = torch.tensor([1, 2])
+        assert model(torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), class_labels=labels).sample.shape == (
+            2,
+            3,
+            8,
+            8,
+        )
     with pytest.raises(ValueError, match="out_channels"):
         ExpertRoutingModel([_unet(tiny_unet_kwargs, 1, out_channels=6), uvit], stage_boundaries=(500,))
 

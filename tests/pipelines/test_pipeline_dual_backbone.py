@@ -6,6 +6,7 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
+    DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     DPMSolverSinglestepScheduler,
     EDMEulerScheduler,
@@ -232,6 +233,26 @@ def test_backbones_that_are_not_interchangeable_are_refused_at_construction(chan
     shallow, deep = UViT2DModel(**tiny, num_layers=1), UViT2DModel(**{**tiny, **change}, num_layers=3)
     with pytest.raises(ValueError, match=f"`shallow` and `deep` must agree on `{key}`"):
         DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=DDIMScheduler())
+
+
+@pytest.mark.parametrize("num_class_embeds", [None, 3])
+def test_a_unet_and_a_dit_of_other_classes_are_refused_at_construction(num_class_embeds):
+    # a DiT counts its classes as `num_embeds_ada_norm` (its unconditional label one more), a U-Net as
+    # `num_class_embeds`: only the latter key was compared, so an unconditional U-Net with a DiT of 3 classes was
+    # accepted and failed at sampling with a TypeError inside the U-Net, and a U-Net of 3 embeddings (2 classes) with
+    # it checked the labels against the first backbone's classes only
+    torch.manual_seed(0)
+    tiny = {"sample_size": 8, "in_channels": 3, "out_channels": 3}
+    unet = UNet2DModel(**tiny, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                       num_class_embeds=num_class_embeds)  # fmt: skip
+    dit = DiTTransformer2DModel(**tiny, num_attention_heads=2, attention_head_dim=4, num_layers=1, patch_size=2,
+                                num_embeds_ada_norm=3)  # fmt: skip
+    match = r"`shallow` and `deep` must agree on their class embeddings \(the classes and the unconditional label"
+    with pytest.raises(ValueError, match=match):
+        DualBackbonePipeline(shallow=dit, deep=unet, scheduler=DDIMScheduler())
+    same = UNet2DModel.from_config(unet.config, num_class_embeds=4)  # the DiT's 3 classes and its unconditional label
+    DualBackbonePipeline(shallow=dit, deep=same, scheduler=DDIMScheduler())
 
 
 def test_a_backbone_whose_config_has_no_sample_size_samples_at_the_height_and_width_given():

@@ -281,6 +281,35 @@ def test_guidance_leaves_a_learned_variance_the_conditional_one_as_dit_does():
     assert np.isfinite(images).all()
 
 
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DPMSolverMultistepScheduler])
+def test_a_dit_samples_the_images_of_diffusers_dit_pipeline(scheduler_class):
+    """One DiT expert (and a dual backbone of it) samples, guided and not, the images of diffusers' `DiTPipeline` for
+    the same seed, labels and VAE: its null label (DiTPipeline's 1000, `num_embeds_ada_norm`), its one-timestep-per-
+    sample call, the mean half of its learned-variance output, and its latent decoding."""
+    from diffusers import AutoencoderKL, DiTPipeline
+
+    from diffusers_stages import DualBackbonePipeline
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8,
+                                num_layers=1, sample_size=4, patch_size=2, num_embeds_ada_norm=1000).eval()  # fmt: skip
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2, latent_channels=4,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, sample_size=8).eval()  # fmt: skip
+    names = {0: "tench, Tinca tinca", 1: "goldfish"}
+    reference = DiTPipeline(transformer=dit, vae=vae, scheduler=scheduler_class(), id2label=names)
+    routed = ExpertRoutingPipeline(experts=ExpertRoutingModel([dit], stage_boundaries=()), scheduler=scheduler_class(),
+                                   vae=vae, id2label=names)  # fmt: skip
+    dual = DualBackbonePipeline(shallow=dit, deep=dit, scheduler=scheduler_class(), vae=vae, id2label=names)
+    for pipe in (reference, routed, dual):
+        pipe.set_progress_bar_config(disable=True)
+    assert routed.get_label_ids(["goldfish", "tench"]) == reference.get_label_ids(["goldfish", "tench"]) == [1, 0]
+    for scale in (1.0, 4.0):
+        run = {"class_labels": [1, 0, 999], "guidance_scale": scale, "num_inference_steps": 3, "output_type": "np"}
+        expected = reference(generator=torch.manual_seed(0), **run).images
+        for pipe in (routed, dual):
+            np.testing.assert_allclose(pipe(generator=torch.manual_seed(0), **run).images, expected, atol=1e-5)
+
+
 def test_latent_experts_decode_through_the_vae(tiny_unet_kwargs):
     from diffusers import AutoencoderKL
 

@@ -261,3 +261,122 @@ def test_networks_that_predict_other_channels_than_they_take_are_refused(kind, o
     with pytest.raises(ValueError, match=f"out_channels={out_channels}, .*in_channels=3"):
         pipe(**RUN)
     assert _pipeline_predicting(kind, 6)(**RUN).images.shape == (1, 3, 8, 8)
+
+
+NETWORKS = ("unet", "experts", "shallow", "deep")  # the components a swap replaces
+
+
+@pytest.mark.parametrize("num_class_embeds", [None, 3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_class_names_that_do_not_fit_a_model_swapped_in_are_refused_before_use_or_saving(
+    kind, num_class_embeds, tmp_path
+):
+    # diffusers registers a component swapped in later (`pipe.unet = ...`) unchecked: the pipeline kept the class
+    # names of the model it was built with, named classes of an unconditional model (or classes the new one has not),
+    # sampled, and saved a folder that did not load ("`id2label` was given, but this pipeline's model is not
+    # class-conditional", an argument the user never gave)
+    switch = {"switch_timestep": 500} if kind == "dual_backbone" else {}
+    pipe = _pipeline(kind, num_class_embeds=4)
+    pipe = type(pipe)(**pipe.components, **switch, id2label={0: "cat", 1: "dog", 2: "fox"})
+    pipe.set_progress_bar_config(disable=True)
+    other = _pipeline(kind, num_class_embeds=num_class_embeds)  # unconditional, or 2 classes + the null label
+    for name in NETWORKS:
+        if name in pipe.components:
+            setattr(pipe, name, other.components[name])
+    match = r"The pipeline's class names \(`id2label`\) do not fit its model: "
+    labels = {} if num_class_embeds is None else {"class_labels": [0]}
+    for use in (
+        lambda: pipe.get_label_ids("cat"),
+        lambda: pipe(**labels, **RUN),
+        lambda: pipe.save_pretrained(tmp_path),
+    ):
+        with pytest.raises(ValueError, match=match):
+            use()
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+    pipe.register_class_names(None if num_class_embeds is None else {0: "cat", 1: "dog"})  # the fix the error names
+    pipe.save_pretrained(tmp_path)
+    again = type(pipe).from_pretrained(tmp_path)
+    assert again.config.id2label == (None if num_class_embeds is None else {"0": "cat", "1": "dog"})
+
+
+@pytest.mark.parametrize("num_class_embeds", [None, 3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_class_names_kept_from_the_source_that_do_not_fit_a_new_model_say_how_to_drop_them(
+    kind, num_class_embeds, tmp_path
+):
+    # `from_pipe(pipe, unet=...)` and `from_pretrained(folder, unet=...)` keep the source's class names: a model of
+    # other classes was refused as "`id2label` was given, ...", an argument the user never passed, with no word on how
+    # to replace or drop the names
+    switch = {"switch_timestep": 500} if kind == "dual_backbone" else {}
+    pipe = _pipeline(kind, num_class_embeds=4)
+    pipe = type(pipe)(**pipe.components, **switch, id2label={0: "cat", 1: "dog", 2: "fox"})
+    pipe.save_pretrained(tmp_path)
+    networks = {k: v for k, v in _pipeline(kind, num_class_embeds).components.items() if k in NETWORKS}
+    names = None if num_class_embeds is None else {0: "cat", 1: "dog"}
+    for make in (
+        lambda **kw: type(pipe).from_pipe(pipe, **networks, **kw),
+        lambda **kw: type(pipe).from_pretrained(tmp_path, **networks, **kw),
+    ):
+        with pytest.raises(ValueError, match=r"`id2label` was kept from the pipeline or folder `from_pipe` or "):
+            make()
+        assert make(id2label=names).config.id2label == (names and {"0": "cat", "1": "dog"})
+
+
+@pytest.mark.parametrize(
+    ("labels", "shown"),
+    [
+        ([2**63], r"\[9223372036854775808\]"),
+        ([0, -(2**70)], r"\[0, -1180591620717411303424\]"),
+        (np.array([2**64 - 1], dtype=np.uint64), r"\[18446744073709551615\]"),
+        (torch.tensor([2**63 + 5], dtype=torch.uint64), r"\[9223372036854775813\]"),
+    ],
+    ids=["int", "negative int", "numpy uint64", "torch uint64"],
+)
+def test_class_labels_beyond_int64_are_named_with_their_values(conditional, labels, shown):
+    # a Python int beyond int64 was torch's "Overflow when unpacking long long", naming neither the argument nor the
+    # value, and a uint64 label wrapped around into a negative one, shown as such ("got [-1]" for 2**64 - 1)
+    with pytest.raises(ValueError, match=rf"`class_labels` must be class indices in \[0, 3\) .*got {shown}"):
+        conditional(class_labels=labels, **RUN)
+
+
+@pytest.mark.parametrize(
+    "scheduler_name", ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "SASolverScheduler"]
+)
+def test_a_scheduler_that_drops_a_learned_variance_gets_the_mean_half_and_refuses_channels_it_would_cut(
+    scheduler_name,
+):
+    # with variance_type "learned"/"learned_range", DPM-Solver and SA-Solver take `model_output[:, :3]` as the
+    # prediction (diffusers' rule for RGB pixel models): a DiT of 4-channel latents failed after its first step with
+    # a shape RuntimeError, and SA-Solver, which draws its noise in the shape of the output it is given, failed on
+    # any DiT
+    import diffusers
+
+    scheduler_class = getattr(diffusers, scheduler_name)
+
+    def dit(channels: int) -> DiTTransformer2DModel:
+        torch.manual_seed(0)
+        return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=channels, num_layers=1,
+                                     out_channels=2 * channels, sample_size=4, patch_size=2, num_embeds_ada_norm=3)  # fmt: skip
+
+    def routed(channels: int, scheduler) -> ExpertRoutingPipeline:
+        pipe = ExpertRoutingPipeline(experts=ExpertRoutingModel([dit(channels).eval()], stage_boundaries=()),
+                                     scheduler=scheduler)  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    run = {"class_labels": [0, 1], "guidance_scale": 2.0, "num_inference_steps": 4, "output_type": "pt"}
+    images = routed(3, scheduler_class(variance_type="learned_range"))(generator=torch.manual_seed(0), **run).images
+    plain = routed(3, scheduler_class())(generator=torch.manual_seed(0), **run).images  # the mean half, as DiTPipeline
+    assert torch.allclose(images, plain, atol=1e-6)
+    match = (r"variance_type='learned', with which its step takes the first 3 channels of the model's output as its "
+             r"prediction .* in_channels=4: build it with `variance_type=None`")  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        routed(4, scheduler_class(variance_type="learned"))(**{**run, "output_type": "latent"})
+
+
+@pytest.mark.parametrize("labels", ["dog", ["dog", "cat"]])
+def test_class_names_given_as_class_labels_point_to_get_label_ids(conditional, labels):
+    # DiTPipeline users pass names through `get_label_ids`; a name given as `class_labels` was only "must be integers"
+    with pytest.raises(ValueError, match=r"must be integers \(class indices\), got .*: turn class names into indices "
+                       r"with `pipe.get_label_ids\(\[\.\.\.\]\)`"):  # fmt: skip
+        conditional(class_labels=labels, **RUN)

@@ -283,8 +283,30 @@ class TrainingTask:
                 f"`--model_config` {self.args.model_config!r} is for {channels}-channel samples, but this run trains on "
                 f"{run_channels}-channel ones (RGB images, or the latents of `--vae_path`): give a config for those."
             )
+        if given:
+            self._check_config_labels(config, values.get("num_class_embeds"))
         config = {k: v for k, v in config.items() if k not in SCRIPT_KEYS}
         return {**config, **values}
+
+    def _check_config_labels(self, config: dict, num_class_embeds: int | None) -> None:
+        """Refuse a `--model_config` whose class labels the run would not train as it describes them: a
+        ``class_embed_type`` (labels embedded as values, which the scripts never give: their labels are class indices
+        into ``num_class_embeds``, the data's classes + 1), or a class-conditional config in a run without
+        `--class_conditional` (its model would be trained unconditional). The class count itself is the data's."""
+        path = self.args.model_config
+        embed_type = config.get("class_embed_type")
+        if embed_type is not None:
+            raise ValueError(
+                f"`--model_config` {path!r} embeds class labels with class_embed_type={embed_type!r} (as values), but "
+                "the training scripts train class indices (`--class_conditional`: one embedding per class of the data "
+                "and the unconditional label, `num_class_embeds`): drop `class_embed_type` from the config."
+            )
+        if config.get("num_class_embeds") is not None and num_class_embeds is None:
+            raise ValueError(
+                f"`--model_config` {path!r} is class-conditional (num_class_embeds={config['num_class_embeds']}), but "
+                "this run is not `--class_conditional`: add `--class_conditional` (the classes are then the data's), "
+                "or give a config with `num_class_embeds: null` to train an unconditional model."
+            )
 
     def _stage_table(self) -> str:
         return stage_table(self.partition)
