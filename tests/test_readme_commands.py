@@ -75,9 +75,10 @@ def images(tmp_path_factory) -> Path:
     return Path(write_image_folder((digits.images * 255 / 16).round().astype(np.uint8), digits.target, str(folder)))
 
 
-def _write_source(script: str, path: str, request) -> None:
+def _write_source(script: str, path: str, resolution: int | None, request) -> None:
     """A tiny pipeline of the class the command fine-tunes: Stable Diffusion's, a `DualBackbonePipeline`, an
-    `ExpertRoutingPipeline`, or a converted `MultiStagePipeline`."""
+    `ExpertRoutingPipeline`, or a converted `MultiStagePipeline`, its pixel networks sized for the command's
+    `--resolution` (fine-tuning refuses a resolution its source's networks were not made for)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DModel
 
     from diffusers_stages import (
@@ -89,6 +90,8 @@ def _write_source(script: str, path: str, request) -> None:
     )
     from tests.conftest import TINY_UNET
 
+    if resolution is not None:
+        TINY_UNET = {**TINY_UNET, "sample_size": resolution}
     if script.endswith("train_text_to_image.py"):
         StableDiffusionPipeline(**request.getfixturevalue("tiny_sd_components")).save_pretrained(path)
     elif script.endswith("train_dual_backbone.py"):
@@ -120,7 +123,8 @@ def test_training_command_parses_as_written(where, script, argv, images, tmp_pat
     argv = list(argv)
     monkeypatch.chdir(tmp_path)
     if "--pretrained_model_name_or_path" in argv:  # the pipeline it fine-tunes, in tiny, at the path it names
-        _write_source(script, argv[argv.index("--pretrained_model_name_or_path") + 1], request)
+        resolution = int(argv[argv.index("--resolution") + 1]) if "--resolution" in argv else None
+        _write_source(script, argv[argv.index("--pretrained_model_name_or_path") + 1], resolution, request)
     if "--train_data_dir" in argv:
         data = _captioned(images, tmp_path) if script.endswith("train_text_to_image.py") else images
         argv[argv.index("--train_data_dir") + 1] = str(data)
