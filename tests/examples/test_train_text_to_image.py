@@ -425,3 +425,42 @@ def test_the_sample_grid_decodes_on_the_device_the_networks_train_on(script, sou
         images = pipe(["a cat"], height=16, width=16, num_inference_steps=2, output_type="np",
                       generator=torch.Generator().manual_seed(0)).images  # fmt: skip
     assert images.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    "component, saved_as",
+    [("unet", "bin"), ("vae", "bin"), ("text_encoder", "bin"), ("unet", "fp16 variant"), ("experts", "bin")],
+)
+def test_a_source_without_safetensors_weights_is_refused_with_the_arguments(
+    script, source, tiny_sd_components, tmp_path, capsys, component, saved_as
+):
+    # the source's networks are read from plain safetensors only (`use_safetensors=True`): a pipeline saved with
+    # `safe_serialization=False` (pickle .bin files) or as a variant only was diffusers' OSError ("no file named
+    # diffusion_pytorch_model.safetensors") after the output folder was made and the data were read
+    sd, data = source
+    args = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    if component == "experts":  # a routed source: the experts' folders hold the weights
+        pipe = StableDiffusionPipeline(**tiny_sd_components)
+        pipe.unet = ExpertRoutingModel([pipe.unet, pipe.unet], stage_boundaries=(500,))
+        pipe.save_pretrained(sd, safe_serialization=False)
+        args += ["--method", "experts"]
+        folder = os.path.join(sd, "unet", "expert_0")
+    else:
+        folder = os.path.join(sd, component)
+        module = tiny_sd_components[component]
+        for name in os.listdir(folder):
+            if name.endswith(".safetensors"):
+                os.remove(os.path.join(folder, name))
+        if component == "text_encoder":  # (transformers 5 saves safetensors only: the .bin of older versions)
+            torch.save(module.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+        elif saved_as == "bin":
+            module.save_pretrained(folder, safe_serialization=False)
+        else:
+            module.save_pretrained(folder, variant="fp16")
+    with pytest.raises(SystemExit):
+        script.parse_args(args)
+    error = capsys.readouterr().err
+    where = os.path.relpath(folder, sd)
+    assert f"`--pretrained_model_name_or_path` {sd!r}: its {where}/ holds no safetensors weights" in error, error
+    assert not os.path.exists(tmp_path / "o")

@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ...conventions import paper_boundaries
 from ...loss import diffusion_loss
@@ -37,6 +38,10 @@ SOURCE_UNETS = {
     "MultiStageUNet2DConditionModel": MultiStageUNet2DConditionModel,
     "ExpertRoutingModel": ExpertRoutingModel,
 }
+# the weight files a source's network is read from (plain safetensors, no variant): diffusers' and transformers' names
+SAFETENSORS_FILES = (
+    SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, "model.safetensors", "model.safetensors.index.json",
+)  # fmt: skip
 # the shared parser's options for a model built from scratch, which the source pipeline gives here (unset by default)
 SOURCE_OPTIONS = ("vae_path", "vae_subfolder", "model_config", "block_out_channels", "layers_per_block",
                   "down_block_types", "up_block_types", "attention_head_dim", "norm_num_groups", "dropout")  # fmt: skip
@@ -140,6 +145,7 @@ class TextToImageTask(TrainingTask):
                 f"`--pretrained_model_name_or_path` {self.source!r} holds a {self.unet_class} as its unet, not one of "
                 f"{list(SOURCE_UNETS)}."
             )
+        self._check_safetensors()
         kept = {"MultiStageUNet2DConditionModel": "multistage", "ExpertRoutingModel": "experts"}.get(self.unet_class)
         if kept is not None and kept != args.method:
             raise ValueError(
@@ -336,6 +342,41 @@ class TextToImageTask(TrainingTask):
         experts = [networks[expert_folder(i)] for i in range(self.partition.num_stages)]
         prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         return ExpertRoutingModel(experts, prediction_type=prediction_type, **self.partition.to_config())
+
+    def _check_safetensors(self) -> None:
+        """Refuse a local source whose networks (the unet or its experts, the VAE, the text encoder, a safety
+        checker: every saved component whose folder holds a ``config.json``) have no plain safetensors weights: they
+        are read from safetensors only, without a variant, and diffusers' loader would fail on such a folder only
+        once the run has made its output folder and read the data. A Hub repository is its loader's."""
+        if not os.path.isdir(self.source):
+            return
+        folders = [
+            name
+            for name, entry in self.source_index.items()
+            if not name.startswith("_")
+            and _saved(entry)
+            and os.path.isfile(os.path.join(self.source, name, "config.json"))
+        ]
+        if "unet" in folders and self.unet_class == "ExpertRoutingModel":  # the experts' folders hold its weights
+            count = len(self.unet_config.get("stage_boundaries") or []) + 1
+            folders[folders.index("unet")] = os.path.join("unet", expert_folder(0))
+            folders += [os.path.join("unet", expert_folder(i)) for i in range(1, count)]
+        for folder in folders:
+            files = (
+                os.listdir(os.path.join(self.source, folder))
+                if os.path.isdir(os.path.join(self.source, folder))
+                else []
+            )
+            if any(name in files for name in SAFETENSORS_FILES):
+                continue
+            found = sorted(name for name in files if name != "config.json" and not name.startswith("."))
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {self.source!r}: its {folder}/ holds no safetensors weights to "
+                f"load without a variant (one of {list(SAFETENSORS_FILES)}), only {found}: the source's networks are "
+                "read from plain safetensors (no pickled `.bin`, no `variant=`). Save a copy once "
+                "(`StableDiffusionPipeline.from_pretrained(source).save_pretrained(folder)`, with `import "
+                "diffusers_stages` for a staged unet) and fine-tune that folder."
+            )
 
     def _check_source_folders(self) -> None:
         """Refuse a local source whose component folders (the tokenizer's too) hold a file linking out of them, or
