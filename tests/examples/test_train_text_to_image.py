@@ -464,3 +464,18 @@ def test_a_source_without_safetensors_weights_is_refused_with_the_arguments(
     where = os.path.relpath(folder, sd)
     assert f"`--pretrained_model_name_or_path` {sd!r}: its {where}/ holds no safetensors weights" in error, error
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_the_resolution_needs_only_the_vae_factor(script, source, tmp_path, capsys):
+    # a UNet2DConditionModel, and the staged decoders, take latents of any size (the up-sampling sizes are forwarded),
+    # as diffusers' train_text_to_image.py trains them; `--resolution` was refused unless divisible by the VAE's
+    # factor times the U-Net's (64 for Stable Diffusion: 520 was refused, "try 512"). Tiny VAE: x2, tiny U-Net: x2
+    sd, data = source
+    base = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--max_train_steps", "1"]  # fmt: skip
+    out = str(tmp_path / "o")
+    _run(script, [*base, "--resolution", "18", "--output_dir", out])  # 9 x 9 latents
+    assert type(StableDiffusionPipeline.from_pretrained(out).unet) is MultiStageUNet2DConditionModel
+    with pytest.raises(SystemExit):  # the VAE's factor still holds
+        script.parse_args([*base, "--resolution", "17", "--output_dir", str(tmp_path / "p")])
+    assert "`--resolution` 17 must be divisible by the model's total down-sampling factor 2" in capsys.readouterr().err

@@ -232,7 +232,10 @@ class TextToImageTask(TrainingTask):
 
     @property
     def downsampling(self):
-        return 2 ** (len(self._network_config()["block_out_channels"]) - 1)
+        """1: a `UNet2DConditionModel` (an expert) and the staged decoders take latents of any size, forwarding the
+        up-sampling sizes, as diffusers' `train_text_to_image.py` trains them; only the VAE's factor divides
+        `--resolution`."""
+        return 1
 
     def _network_config(self) -> dict:
         """The config of one network: the staged model's, or the first expert's."""
