@@ -145,6 +145,9 @@ def test_experts_from_the_same_command(script, source, tmp_path):
         (["--caption_column", "caption", "--model_config", "unet.json"], "`--model_config` 'unet.json'"),
         (["--caption_column", "caption", "--num_train_timesteps", "500"], "`--num_train_timesteps` 500 disagrees"),
         (["--caption_column", "caption", "--ddpm_beta_schedule", "squaredcos_cap_v2"], "`--ddpm_beta_schedule`"),
+        # an image folder's images are its metadata.jsonl's `file_name` entries (datasets' `image` column): the option
+        # was ignored, where diffusers' script refuses a column the folder does not have
+        (["--caption_column", "caption", "--image_column", "picture"], "`--image_column` 'picture'"),
         # more prompts than the grid has images: the last ones were never sampled (TINY: 2 images)
         (["--caption_column", "caption", "--validation_prompts", "a", "b", "c"], "`--validation_prompts` gives 3"),
     ],

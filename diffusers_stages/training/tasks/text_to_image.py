@@ -156,6 +156,12 @@ class TextToImageTask(TrainingTask):
                 "`--class_conditional` and `--stage_sampling` other than `mixed` are refused: the captions condition "
                 "the model and every batch is stratified over the stages."
             )
+        if args.train_data_dir is not None and args.image_column != "image":
+            raise ValueError(
+                f"`--image_column` {args.image_column!r} is refused with `--train_data_dir`: an image folder's images "
+                "are its metadata.jsonl's `file_name` entries (the `image` column datasets' imagefolder reads). Drop "
+                "`--image_column`, or give the data as a dataset with `--dataset_name`."
+            )
         source_type = self.scheduler_config.get("prediction_type", "epsilon")
         if args.prediction_type is not None and args.prediction_type != source_type:
             raise ValueError(
