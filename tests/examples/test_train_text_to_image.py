@@ -482,3 +482,22 @@ def test_the_resolution_needs_only_the_vae_factor(script, source, tmp_path, caps
     with pytest.raises(SystemExit):  # the VAE's factor still holds
         script.parse_args([*base, "--resolution", "17", "--output_dir", str(tmp_path / "p")])
     assert "`--resolution` 17 must be divisible by the model's total down-sampling factor 2" in capsys.readouterr().err
+
+
+def test_an_sdxl_source_is_refused_with_the_arguments(script, source, tiny_sdxl_components, tmp_path, capsys):
+    # the README: SDXL's second text encoder and size conditioning are not trained here (diffusers has a script of
+    # its own for it, train_text_to_image_sdxl.py); refused by name before anything is written
+    from diffusers import StableDiffusionXLPipeline
+
+    _, data = source
+    sdxl = str(tmp_path / "sdxl")
+    StableDiffusionXLPipeline(**tiny_sdxl_components).save_pretrained(sdxl)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", sdxl, "--train_data_dir", data, *TINY,
+                           "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert (
+        f"`--pretrained_model_name_or_path` {sdxl!r} is a StableDiffusionXLPipeline, not a StableDiffusionPipeline"
+        in error
+    )
+    assert not os.path.exists(tmp_path / "o")
