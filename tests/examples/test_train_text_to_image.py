@@ -501,3 +501,16 @@ def test_an_sdxl_source_is_refused_with_the_arguments(script, source, tiny_sdxl_
         in error
     )
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_the_help_describes_text_to_image_data_and_options(script, monkeypatch, capsys):
+    # `--help` gave the shared parser's texts: `--train_data_dir` "Folder of images (sub-folders = classes)", where
+    # this script reads an image folder with a metadata.jsonl of captions, and `--class_dropout_prob` a "null-label
+    # rate" for captions replaced by the empty one
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "sub-folders = classes" not in text and "Null-label rate" not in text
+    assert "--train_data_dir TRAIN_DATA_DIR An image folder with a metadata.jsonl" in text
+    assert "--class_dropout_prob CLASS_DROPOUT_PROB Rate of captions replaced by the empty one" in text
+    assert "--prediction_type {epsilon,v_prediction,sample} Default: the source scheduler's" in text
