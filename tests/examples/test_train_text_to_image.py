@@ -514,3 +514,21 @@ def test_the_help_describes_text_to_image_data_and_options(script, monkeypatch, 
     assert "--train_data_dir TRAIN_DATA_DIR An image folder with a metadata.jsonl" in text
     assert "--class_dropout_prob CLASS_DROPOUT_PROB Rate of captions replaced by the empty one" in text
     assert "--prediction_type {epsilon,v_prediction,sample} Default: the source scheduler's" in text
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_sigma_boundary_units_are_refused_by_name(script, source, tiny_sd_components, tmp_path, capsys, staged):
+    # a staged source trained with `--boundary_units sigma` given, ignored without a word; with a plain source the
+    # error blamed "the source's stages" and named no option
+    sd, data = source
+    argv = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--max_train_steps", "1", "--boundary_units", "sigma", "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    if staged:
+        pipe = StableDiffusionPipeline(**tiny_sd_components)
+        pipe.unet = MultiStageUNet2DConditionModel.from_unet(pipe.unet, (300, 600))
+        pipe.save_pretrained(sd)
+    else:
+        argv += ["--stage_boundaries", "1.0"]
+    with pytest.raises(SystemExit):
+        script.parse_args(argv)
+    assert "`--boundary_units` sigma is refused" in capsys.readouterr().err

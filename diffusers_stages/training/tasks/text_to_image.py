@@ -211,6 +211,11 @@ class TextToImageTask(TrainingTask):
         return self.source, "vae"
 
     def build_partition(self, args):
+        if args.boundary_units != "timestep":  # (the shared parser's option: its default is "timestep")
+            raise ValueError(
+                f"`--boundary_units` {args.boundary_units} is refused: a Stable Diffusion U-Net is trained on the "
+                "source's DDPM-style timesteps, and so are its stages split; drop `--boundary_units`."
+            )
         steps = self.scheduler_config.get("num_train_timesteps", 1000)
         if self.unet_class != "UNet2DConditionModel":  # a staged or routed source keeps its stages
             if args.stage_boundaries is not None:
