@@ -532,3 +532,24 @@ def test_sigma_boundary_units_are_refused_by_name(script, source, tiny_sd_compon
     with pytest.raises(SystemExit):
         script.parse_args(argv)
     assert "`--boundary_units` sigma is refused" in capsys.readouterr().err
+
+
+def test_a_routed_source_of_unconditional_experts_is_refused_with_the_arguments(
+    script, source, tiny_sd_components, tmp_path, capsys
+):
+    # an ExpertRoutingModel of UNet2DModel experts in a Stable Diffusion folder was loaded and trained: torch's
+    # TypeError "unexpected keyword argument 'encoder_hidden_states'" at the first step, its output folder made
+    from diffusers import UNet2DModel
+
+    sd, data = source
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    shape = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                 down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)  # fmt: skip
+    pipe.unet = ExpertRoutingModel([UNet2DModel(**shape), UNet2DModel(**shape)], stage_boundaries=(500,))
+    pipe.save_pretrained(sd)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
+                           "caption", *TINY, "--method", "experts", "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert f"`--pretrained_model_name_or_path` {sd!r} holds an ExpertRoutingModel of UNet2DModel experts" in error
+    assert not os.path.exists(tmp_path / "o")

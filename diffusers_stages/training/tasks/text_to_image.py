@@ -38,6 +38,8 @@ SOURCE_UNETS = {
     "MultiStageUNet2DConditionModel": MultiStageUNet2DConditionModel,
     "ExpertRoutingModel": ExpertRoutingModel,
 }
+# the experts of a routed source that take the captions' hidden states (`encoder_hidden_states`)
+TEXT_CONDITIONAL_EXPERTS = ("UNet2DConditionModel", "MultiStageUNet2DConditionModel")
 # the weight files a source's network is read from (plain safetensors, no variant): diffusers' and transformers' names
 SAFETENSORS_FILES = (
     SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, "model.safetensors", "model.safetensors.index.json",
@@ -145,6 +147,17 @@ class TextToImageTask(TrainingTask):
                 f"`--pretrained_model_name_or_path` {self.source!r} holds a {self.unet_class} as its unet, not one of "
                 f"{list(SOURCE_UNETS)}."
             )
+        if self.unet_class == "ExpertRoutingModel":  # its experts are trained with the captions' hidden states
+            classes = self.unet_config.get("expert_classes")
+            classes = classes if isinstance(classes, list) else [classes]  # ([library, class] each, read from a file)
+            names = [c[1] if isinstance(c, list) and len(c) == 2 else repr(c) for c in classes]
+            other = [name for name in names if name not in TEXT_CONDITIONAL_EXPERTS]
+            if other:
+                raise ValueError(
+                    f"`--pretrained_model_name_or_path` {self.source!r} holds an ExpertRoutingModel of {other[0]} "
+                    f"experts (`expert_classes` of its unet/config.json: {names}): text-to-image training conditions "
+                    f"every expert on the captions, so each must be one of {list(TEXT_CONDITIONAL_EXPERTS)}."
+                )
         self._check_safetensors()
         kept = {"MultiStageUNet2DConditionModel": "multistage", "ExpertRoutingModel": "experts"}.get(self.unet_class)
         if kept is not None and kept != args.method:
