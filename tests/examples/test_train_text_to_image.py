@@ -553,3 +553,23 @@ def test_a_routed_source_of_unconditional_experts_is_refused_with_the_arguments(
     error = capsys.readouterr().err
     assert f"`--pretrained_model_name_or_path` {sd!r} holds an ExpertRoutingModel of UNet2DModel experts" in error
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_routed_source_with_a_malformed_stage_list_is_refused_by_name(
+    script, source, tiny_sd_components, tmp_path, capsys
+):
+    # the safetensors check counted the expert folders from `stage_boundaries` as read from the file: a number there
+    # was a TypeError (a traceback) rather than the usage error naming the source's config
+    sd, data = source
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    pipe.unet = ExpertRoutingModel([pipe.unet, pipe.unet], stage_boundaries=(500,))
+    pipe.save_pretrained(sd)
+    config_file = os.path.join(sd, "unet", "config.json")
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    with open(config_file, "w", encoding="utf-8") as f:
+        json.dump({**config, "stage_boundaries": 500}, f)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
+                           "caption", *TINY, "--method", "experts", "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    assert "stage_boundaries" in capsys.readouterr().err

@@ -380,12 +380,14 @@ class TextToImageTask(TrainingTask):
         folders = [
             name
             for name, entry in self.source_index.items()
-            if not name.startswith("_")
+            if name.isidentifier()  # a component's name (read from a file: no path)
+            and not name.startswith("_")
             and _saved(entry)
             and os.path.isfile(os.path.join(self.source, name, "config.json"))
         ]
         if "unet" in folders and self.unet_class == "ExpertRoutingModel":  # the experts' folders hold its weights
-            count = len(self.unet_config.get("stage_boundaries") or []) + 1
+            classes = self.unet_config.get("expert_classes")
+            count = len(classes) if isinstance(classes, list) else 1
             folders[folders.index("unet")] = os.path.join("unet", expert_folder(0))
             folders += [os.path.join("unet", expert_folder(i)) for i in range(1, count)]
         for folder in folders:
