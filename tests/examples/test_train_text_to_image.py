@@ -573,3 +573,27 @@ def test_a_routed_source_with_a_malformed_stage_list_is_refused_by_name(
         script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
                            "caption", *TINY, "--method", "experts", "--output_dir", str(tmp_path / "o")])  # fmt: skip
     assert "stage_boundaries" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides, needs",
+    [
+        ({"num_class_embeds": 4}, "`num_class_embeds` 4"),
+        ({"class_embed_type": "timestep"}, "`class_embed_type` 'timestep'"),
+        (dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80),
+         "`addition_embed_type` 'text_time'"),
+    ],
+)  # fmt: skip
+def test_a_unet_that_needs_more_than_the_captions_is_refused_with_the_arguments(
+    script, source, tiny_sd_components, tiny_cond_unet, tmp_path, capsys, overrides, needs
+):
+    # class labels or SDXL's added conditioning, which neither the captions nor StableDiffusionPipeline give: was the
+    # U-Net's own error at the first step ("class_labels should be provided ..."), the output folder made
+    sd, data = source
+    StableDiffusionPipeline(**{**tiny_sd_components, "unet": tiny_cond_unet(0, **overrides)}).save_pretrained(sd)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
+                           "caption", *TINY, "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert f"`--pretrained_model_name_or_path` {sd!r}: its unet/config.json has {needs}" in error, error
+    assert not os.path.exists(tmp_path / "o")

@@ -159,6 +159,7 @@ class TextToImageTask(TrainingTask):
                     f"every expert on the captions, so each must be one of {list(TEXT_CONDITIONAL_EXPERTS)}."
                 )
         self._check_safetensors()
+        self._check_conditioning()
         kept = {"MultiStageUNet2DConditionModel": "multistage", "ExpertRoutingModel": "experts"}.get(self.unet_class)
         if kept is not None and kept != args.method:
             raise ValueError(
@@ -369,6 +370,35 @@ class TextToImageTask(TrainingTask):
         experts = [networks[expert_folder(i)] for i in range(self.partition.num_stages)]
         prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         return ExpertRoutingModel(experts, prediction_type=prediction_type, **self.partition.to_config())
+
+    def _check_conditioning(self) -> None:
+        """Refuse a source whose U-Net (or an expert) needs more than the captions' hidden states: class labels
+        (``num_class_embeds``, a ``class_embed_type``) or added conditioning (an ``addition_embed_type`` other than
+        ``"text"``, e.g. SDXL's ``"text_time"``), which neither the training loss nor `StableDiffusionPipeline` give;
+        the U-Net's own error would come at the first step, once the output folder is made."""
+        configs = {"unet/config.json": self.unet_config}
+        if self.unet_class == "ExpertRoutingModel":
+            classes = self.unet_config.get("expert_classes")
+            for i in range(len(classes) if isinstance(classes, list) else 0):
+                folder = os.path.join("unet", expert_folder(i))
+                try:
+                    configs[f"{folder}/config.json"] = _load_config(UNet2DConditionModel, self.source, folder)
+                except (OSError, ValueError):  # (a missing or broken expert folder: the strict loading names it)
+                    continue
+        for file, config in configs.items():
+            needs = {
+                key: config.get(key) for key in ("num_class_embeds", "class_embed_type") if config.get(key) is not None
+            }
+            if config.get("addition_embed_type") not in (None, "text"):
+                needs["addition_embed_type"] = config.get("addition_embed_type")
+            if needs:
+                shown = ", ".join(f"`{key}` {value!r}" for key, value in needs.items())
+                raise ValueError(
+                    f"`--pretrained_model_name_or_path` {self.source!r}: its {file} has {shown}, so the U-Net needs "
+                    "class labels or added conditioning (SDXL's size and pooled-text embeddings) besides the "
+                    "captions, which neither this training nor `StableDiffusionPipeline` gives: fine-tune a Stable "
+                    "Diffusion 1.x/2.x U-Net conditioned on text alone."
+                )
 
     def _check_safetensors(self) -> None:
         """Refuse a local source whose networks (the unet or its experts, the VAE, the text encoder, a safety
