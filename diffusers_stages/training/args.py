@@ -536,9 +536,10 @@ def check_no_block_types(args: argparse.Namespace, networks: str) -> None:
 
 
 def check_output_dir(args: argparse.Namespace) -> None:
-    """Refuse an `--output_dir` that cannot be a folder (it, or a folder above it, is a file), or that lies inside the
-    data folder (`--train_data_dir`, or a local `--dataset_name` folder): the run's samples and checkpoints would
-    become training images of the next run."""
+    """Refuse an `--output_dir` that cannot be a folder (it, or a folder above it, is a file), that is the folder of
+    the source pipeline a fine-tuning script reads (`--pretrained_model_name_or_path`: the result would be written
+    over it), or that lies inside the data folder (`--train_data_dir`, or a local `--dataset_name` folder): the run's
+    samples and checkpoints would become training images of the next run."""
     if not args.output_dir:  # '' would be the current folder to the checks, and no folder to `os.makedirs`
         raise ValueError("`--output_dir` must name a folder, got ''.")
     parent = os.path.abspath(args.output_dir)
@@ -548,6 +549,18 @@ def check_output_dir(args: argparse.Namespace) -> None:
         raise ValueError(
             f"`--output_dir` {args.output_dir!r} must be a folder, but {parent!r} is not a folder (a file, or a link "
             "that leads nowhere)."
+        )
+    source = getattr(args, "pretrained_model_name_or_path", None)  # a fine-tuning script's source pipeline
+    if (
+        source is not None
+        and os.path.isdir(source)
+        and os.path.isdir(args.output_dir)
+        and os.path.samefile(source, args.output_dir)
+    ):
+        raise ValueError(
+            f"`--output_dir` {args.output_dir!r} is the folder of `--pretrained_model_name_or_path` {source!r}: the "
+            "run's checkpoints and the fine-tuned pipeline would be written over the source it reads. Write the run "
+            "to a folder of its own."
         )
     for name in ("train_data_dir", "dataset_name"):
         folder = getattr(args, name)

@@ -40,6 +40,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prediction_type=None, output_dir="sd-model-finetuned-stages", ddpm_beta_schedule=None,
         num_train_timesteps=None,
     )  # fmt: skip
+    # the shared parser's help texts that describe other data or a model built from the arguments
+    helps = {
+        "--train_data_dir": "An image folder with a metadata.jsonl (one `file_name` and caption, under "
+        "`--caption_column`, per line), as diffusers' train_text_to_image.py reads it. Every image is decoded once "
+        "before training: one that is not a readable image stops the run, named.",
+        "--image_column": "The image column of `--dataset_name` (refused with `--train_data_dir`).",
+        "--class_dropout_prob": "Rate of captions replaced by the empty one (classifier-free guidance).",
+        "--prediction_type": "Default: the source scheduler's; another is refused (the prediction type is the "
+        "model's).",
+    }
+    for option, text in helps.items():
+        parser._option_string_actions[option].help = text
     group = parser.add_argument_group("text-to-image")
     group.add_argument(
         "--pretrained_model_name_or_path", type=str, required=True,

@@ -145,6 +145,9 @@ def test_experts_from_the_same_command(script, source, tmp_path):
         (["--caption_column", "caption", "--model_config", "unet.json"], "`--model_config` 'unet.json'"),
         (["--caption_column", "caption", "--num_train_timesteps", "500"], "`--num_train_timesteps` 500 disagrees"),
         (["--caption_column", "caption", "--ddpm_beta_schedule", "squaredcos_cap_v2"], "`--ddpm_beta_schedule`"),
+        # an image folder's images are its metadata.jsonl's `file_name` entries (datasets' `image` column): the option
+        # was ignored, where diffusers' script refuses a column the folder does not have
+        (["--caption_column", "caption", "--image_column", "picture"], "`--image_column` 'picture'"),
         # more prompts than the grid has images: the last ones were never sampled (TINY: 2 images)
         (["--caption_column", "caption", "--validation_prompts", "a", "b", "c"], "`--validation_prompts` gives 3"),
     ],
@@ -425,3 +428,172 @@ def test_the_sample_grid_decodes_on_the_device_the_networks_train_on(script, sou
         images = pipe(["a cat"], height=16, width=16, num_inference_steps=2, output_type="np",
                       generator=torch.Generator().manual_seed(0)).images  # fmt: skip
     assert images.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    "component, saved_as",
+    [("unet", "bin"), ("vae", "bin"), ("text_encoder", "bin"), ("unet", "fp16 variant"), ("experts", "bin")],
+)
+def test_a_source_without_safetensors_weights_is_refused_with_the_arguments(
+    script, source, tiny_sd_components, tmp_path, capsys, component, saved_as
+):
+    # the source's networks are read from plain safetensors only (`use_safetensors=True`): a pipeline saved with
+    # `safe_serialization=False` (pickle .bin files) or as a variant only was diffusers' OSError ("no file named
+    # diffusion_pytorch_model.safetensors") after the output folder was made and the data were read
+    sd, data = source
+    args = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    if component == "experts":  # a routed source: the experts' folders hold the weights
+        pipe = StableDiffusionPipeline(**tiny_sd_components)
+        pipe.unet = ExpertRoutingModel([pipe.unet, pipe.unet], stage_boundaries=(500,))
+        pipe.save_pretrained(sd, safe_serialization=False)
+        args += ["--method", "experts"]
+        folder = os.path.join(sd, "unet", "expert_0")
+    else:
+        folder = os.path.join(sd, component)
+        module = tiny_sd_components[component]
+        for name in os.listdir(folder):
+            if name.endswith(".safetensors"):
+                os.remove(os.path.join(folder, name))
+        if component == "text_encoder":  # (transformers 5 saves safetensors only: the .bin of older versions)
+            torch.save(module.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+        elif saved_as == "bin":
+            module.save_pretrained(folder, safe_serialization=False)
+        else:
+            module.save_pretrained(folder, variant="fp16")
+    with pytest.raises(SystemExit):
+        script.parse_args(args)
+    error = capsys.readouterr().err
+    where = os.path.relpath(folder, sd)
+    assert f"`--pretrained_model_name_or_path` {sd!r}: its {where}/ holds no safetensors weights" in error, error
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_the_resolution_needs_only_the_vae_factor(script, source, tmp_path, capsys):
+    # a UNet2DConditionModel, and the staged decoders, take latents of any size (the up-sampling sizes are forwarded),
+    # as diffusers' train_text_to_image.py trains them; `--resolution` was refused unless divisible by the VAE's
+    # factor times the U-Net's (64 for Stable Diffusion: 520 was refused, "try 512"). Tiny VAE: x2, tiny U-Net: x2
+    sd, data = source
+    base = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--max_train_steps", "1"]  # fmt: skip
+    out = str(tmp_path / "o")
+    _run(script, [*base, "--resolution", "18", "--output_dir", out])  # 9 x 9 latents
+    assert type(StableDiffusionPipeline.from_pretrained(out).unet) is MultiStageUNet2DConditionModel
+    with pytest.raises(SystemExit):  # the VAE's factor still holds
+        script.parse_args([*base, "--resolution", "17", "--output_dir", str(tmp_path / "p")])
+    assert "`--resolution` 17 must be divisible by the model's total down-sampling factor 2" in capsys.readouterr().err
+
+
+def test_an_sdxl_source_is_refused_with_the_arguments(script, source, tiny_sdxl_components, tmp_path, capsys):
+    # the README: SDXL's second text encoder and size conditioning are not trained here (diffusers has a script of
+    # its own for it, train_text_to_image_sdxl.py); refused by name before anything is written
+    from diffusers import StableDiffusionXLPipeline
+
+    _, data = source
+    sdxl = str(tmp_path / "sdxl")
+    StableDiffusionXLPipeline(**tiny_sdxl_components).save_pretrained(sdxl)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", sdxl, "--train_data_dir", data, *TINY,
+                           "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert (
+        f"`--pretrained_model_name_or_path` {sdxl!r} is a StableDiffusionXLPipeline, not a StableDiffusionPipeline"
+        in error
+    )
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_the_help_describes_text_to_image_data_and_options(script, monkeypatch, capsys):
+    # `--help` gave the shared parser's texts: `--train_data_dir` "Folder of images (sub-folders = classes)", where
+    # this script reads an image folder with a metadata.jsonl of captions, and `--class_dropout_prob` a "null-label
+    # rate" for captions replaced by the empty one
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "sub-folders = classes" not in text and "Null-label rate" not in text
+    assert "--train_data_dir TRAIN_DATA_DIR An image folder with a metadata.jsonl" in text
+    assert "--class_dropout_prob CLASS_DROPOUT_PROB Rate of captions replaced by the empty one" in text
+    assert "--prediction_type {epsilon,v_prediction,sample} Default: the source scheduler's" in text
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_sigma_boundary_units_are_refused_by_name(script, source, tiny_sd_components, tmp_path, capsys, staged):
+    # a staged source trained with `--boundary_units sigma` given, ignored without a word; with a plain source the
+    # error blamed "the source's stages" and named no option
+    sd, data = source
+    argv = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--max_train_steps", "1", "--boundary_units", "sigma", "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    if staged:
+        pipe = StableDiffusionPipeline(**tiny_sd_components)
+        pipe.unet = MultiStageUNet2DConditionModel.from_unet(pipe.unet, (300, 600))
+        pipe.save_pretrained(sd)
+    else:
+        argv += ["--stage_boundaries", "1.0"]
+    with pytest.raises(SystemExit):
+        script.parse_args(argv)
+    assert "`--boundary_units` sigma is refused" in capsys.readouterr().err
+
+
+def test_a_routed_source_of_unconditional_experts_is_refused_with_the_arguments(
+    script, source, tiny_sd_components, tmp_path, capsys
+):
+    # an ExpertRoutingModel of UNet2DModel experts in a Stable Diffusion folder was loaded and trained: torch's
+    # TypeError "unexpected keyword argument 'encoder_hidden_states'" at the first step, its output folder made
+    from diffusers import UNet2DModel
+
+    sd, data = source
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    shape = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                 down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)  # fmt: skip
+    pipe.unet = ExpertRoutingModel([UNet2DModel(**shape), UNet2DModel(**shape)], stage_boundaries=(500,))
+    pipe.save_pretrained(sd)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
+                           "caption", *TINY, "--method", "experts", "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert f"`--pretrained_model_name_or_path` {sd!r} holds an ExpertRoutingModel of UNet2DModel experts" in error
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_routed_source_with_a_malformed_stage_list_is_refused_by_name(
+    script, source, tiny_sd_components, tmp_path, capsys
+):
+    # the safetensors check counted the expert folders from `stage_boundaries` as read from the file: a number there
+    # was a TypeError (a traceback) rather than the usage error naming the source's config
+    sd, data = source
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    pipe.unet = ExpertRoutingModel([pipe.unet, pipe.unet], stage_boundaries=(500,))
+    pipe.save_pretrained(sd)
+    config_file = os.path.join(sd, "unet", "config.json")
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    with open(config_file, "w", encoding="utf-8") as f:
+        json.dump({**config, "stage_boundaries": 500}, f)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
+                           "caption", *TINY, "--method", "experts", "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    assert "stage_boundaries" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides, needs",
+    [
+        ({"num_class_embeds": 4}, "`num_class_embeds` 4"),
+        ({"class_embed_type": "timestep"}, "`class_embed_type` 'timestep'"),
+        (dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80),
+         "`addition_embed_type` 'text_time'"),
+    ],
+)  # fmt: skip
+def test_a_unet_that_needs_more_than_the_captions_is_refused_with_the_arguments(
+    script, source, tiny_sd_components, tiny_cond_unet, tmp_path, capsys, overrides, needs
+):
+    # class labels or SDXL's added conditioning, which neither the captions nor StableDiffusionPipeline give: was the
+    # U-Net's own error at the first step ("class_labels should be provided ..."), the output folder made
+    sd, data = source
+    StableDiffusionPipeline(**{**tiny_sd_components, "unet": tiny_cond_unet(0, **overrides)}).save_pretrained(sd)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
+                           "caption", *TINY, "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert f"`--pretrained_model_name_or_path` {sd!r}: its unet/config.json has {needs}" in error, error
+    assert not os.path.exists(tmp_path / "o")

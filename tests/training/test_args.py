@@ -128,6 +128,25 @@ def test_an_output_dir_that_cannot_hold_the_run_is_refused(tmp_path):
         _checked(data, "--output_dir", "")
 
 
+def test_an_output_dir_that_is_the_fine_tuned_source_is_refused(tmp_path):
+    # `--output_dir` the folder of `--pretrained_model_name_or_path` trained into the source pipeline and wrote the
+    # fine-tuned one over it (its checkpoints among the source's components): the source was gone without a word
+    data, source = tmp_path / "data", tmp_path / "sd"
+    data.mkdir()
+    source.mkdir()
+    (tmp_path / "sd-link").symlink_to(source)
+    for output_dir in (source, tmp_path / "sd-link", source / ".." / "sd"):
+        args = build_parser("").parse_args(["--train_data_dir", str(data), "--output_dir", str(output_dir)])
+        args.pretrained_model_name_or_path = str(source)  # (the fine-tuning scripts' option)
+        with pytest.raises(ValueError, match=f"`--output_dir` {str(output_dir)!r} is the folder of "
+                           f"`--pretrained_model_name_or_path` {str(source)!r}"):  # fmt: skip
+            check_args(args, TimestepPartition([442, 631]), 1)
+    for output_dir in (tmp_path / "sd-finetuned", source / "run"):  # a folder of its own (inside the source too)
+        args = build_parser("").parse_args(["--train_data_dir", str(data), "--output_dir", str(output_dir)])
+        args.pretrained_model_name_or_path = str(source)
+        check_args(args, TimestepPartition([442, 631]), 1)
+
+
 def test_an_unknown_lr_scheduler_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         build_parser("").parse_args(["--lr_scheduler", "foo"])

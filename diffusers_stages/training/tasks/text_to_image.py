@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ...conventions import paper_boundaries
 from ...loss import diffusion_loss
@@ -37,6 +38,12 @@ SOURCE_UNETS = {
     "MultiStageUNet2DConditionModel": MultiStageUNet2DConditionModel,
     "ExpertRoutingModel": ExpertRoutingModel,
 }
+# the experts of a routed source that take the captions' hidden states (`encoder_hidden_states`)
+TEXT_CONDITIONAL_EXPERTS = ("UNet2DConditionModel", "MultiStageUNet2DConditionModel")
+# the weight files a source's network is read from (plain safetensors, no variant): diffusers' and transformers' names
+SAFETENSORS_FILES = (
+    SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, "model.safetensors", "model.safetensors.index.json",
+)  # fmt: skip
 # the shared parser's options for a model built from scratch, which the source pipeline gives here (unset by default)
 SOURCE_OPTIONS = ("vae_path", "vae_subfolder", "model_config", "block_out_channels", "layers_per_block",
                   "down_block_types", "up_block_types", "attention_head_dim", "norm_num_groups", "dropout")  # fmt: skip
@@ -140,6 +147,19 @@ class TextToImageTask(TrainingTask):
                 f"`--pretrained_model_name_or_path` {self.source!r} holds a {self.unet_class} as its unet, not one of "
                 f"{list(SOURCE_UNETS)}."
             )
+        if self.unet_class == "ExpertRoutingModel":  # its experts are trained with the captions' hidden states
+            classes = self.unet_config.get("expert_classes")
+            classes = classes if isinstance(classes, list) else [classes]  # ([library, class] each, read from a file)
+            names = [c[1] if isinstance(c, list) and len(c) == 2 else repr(c) for c in classes]
+            other = [name for name in names if name not in TEXT_CONDITIONAL_EXPERTS]
+            if other:
+                raise ValueError(
+                    f"`--pretrained_model_name_or_path` {self.source!r} holds an ExpertRoutingModel of {other[0]} "
+                    f"experts (`expert_classes` of its unet/config.json: {names}): text-to-image training conditions "
+                    f"every expert on the captions, so each must be one of {list(TEXT_CONDITIONAL_EXPERTS)}."
+                )
+        self._check_safetensors()
+        self._check_conditioning()
         kept = {"MultiStageUNet2DConditionModel": "multistage", "ExpertRoutingModel": "experts"}.get(self.unet_class)
         if kept is not None and kept != args.method:
             raise ValueError(
@@ -149,6 +169,12 @@ class TextToImageTask(TrainingTask):
             raise ValueError(
                 "`--class_conditional` and `--stage_sampling` other than `mixed` are refused: the captions condition "
                 "the model and every batch is stratified over the stages."
+            )
+        if args.train_data_dir is not None and args.image_column != "image":
+            raise ValueError(
+                f"`--image_column` {args.image_column!r} is refused with `--train_data_dir`: an image folder's images "
+                "are its metadata.jsonl's `file_name` entries (the `image` column datasets' imagefolder reads). Drop "
+                "`--image_column`, or give the data as a dataset with `--dataset_name`."
             )
         source_type = self.scheduler_config.get("prediction_type", "epsilon")
         if args.prediction_type is not None and args.prediction_type != source_type:
@@ -199,6 +225,11 @@ class TextToImageTask(TrainingTask):
         return self.source, "vae"
 
     def build_partition(self, args):
+        if args.boundary_units != "timestep":  # (the shared parser's option: its default is "timestep")
+            raise ValueError(
+                f"`--boundary_units` {args.boundary_units} is refused: a Stable Diffusion U-Net is trained on the "
+                "source's DDPM-style timesteps, and so are its stages split; drop `--boundary_units`."
+            )
         steps = self.scheduler_config.get("num_train_timesteps", 1000)
         if self.unet_class != "UNet2DConditionModel":  # a staged or routed source keeps its stages
             if args.stage_boundaries is not None:
@@ -226,7 +257,10 @@ class TextToImageTask(TrainingTask):
 
     @property
     def downsampling(self):
-        return 2 ** (len(self._network_config()["block_out_channels"]) - 1)
+        """1: a `UNet2DConditionModel` (an expert) and the staged decoders take latents of any size, forwarding the
+        up-sampling sizes, as diffusers' `train_text_to_image.py` trains them; only the VAE's factor divides
+        `--resolution`."""
+        return 1
 
     def _network_config(self) -> dict:
         """The config of one network: the staged model's, or the first expert's."""
@@ -341,6 +375,72 @@ class TextToImageTask(TrainingTask):
         experts = [networks[expert_folder(i)] for i in range(self.partition.num_stages)]
         prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         return ExpertRoutingModel(experts, prediction_type=prediction_type, **self.partition.to_config())
+
+    def _check_conditioning(self) -> None:
+        """Refuse a source whose U-Net (or an expert) needs more than the captions' hidden states: class labels
+        (``num_class_embeds``, a ``class_embed_type``) or added conditioning (an ``addition_embed_type`` other than
+        ``"text"``, e.g. SDXL's ``"text_time"``), which neither the training loss nor `StableDiffusionPipeline` give;
+        the U-Net's own error would come at the first step, once the output folder is made."""
+        configs = {"unet/config.json": self.unet_config}
+        if self.unet_class == "ExpertRoutingModel":
+            classes = self.unet_config.get("expert_classes")
+            for i in range(len(classes) if isinstance(classes, list) else 0):
+                folder = os.path.join("unet", expert_folder(i))
+                try:
+                    configs[f"{folder}/config.json"] = _load_config(UNet2DConditionModel, self.source, folder)
+                except (OSError, ValueError):  # (a missing or broken expert folder: the strict loading names it)
+                    continue
+        for file, config in configs.items():
+            needs = {
+                key: config.get(key) for key in ("num_class_embeds", "class_embed_type") if config.get(key) is not None
+            }
+            if config.get("addition_embed_type") not in (None, "text"):
+                needs["addition_embed_type"] = config.get("addition_embed_type")
+            if needs:
+                shown = ", ".join(f"`{key}` {value!r}" for key, value in needs.items())
+                raise ValueError(
+                    f"`--pretrained_model_name_or_path` {self.source!r}: its {file} has {shown}, so the U-Net needs "
+                    "class labels or added conditioning (SDXL's size and pooled-text embeddings) besides the "
+                    "captions, which neither this training nor `StableDiffusionPipeline` gives: fine-tune a Stable "
+                    "Diffusion 1.x/2.x U-Net conditioned on text alone."
+                )
+
+    def _check_safetensors(self) -> None:
+        """Refuse a local source whose networks (the unet or its experts, the VAE, the text encoder, a safety
+        checker: every saved component whose folder holds a ``config.json``) have no plain safetensors weights: they
+        are read from safetensors only, without a variant, and diffusers' loader would fail on such a folder only
+        once the run has made its output folder and read the data. A Hub repository is its loader's."""
+        if not os.path.isdir(self.source):
+            return
+        folders = [
+            name
+            for name, entry in self.source_index.items()
+            if name.isidentifier()  # a component's name (read from a file: no path)
+            and not name.startswith("_")
+            and _saved(entry)
+            and os.path.isfile(os.path.join(self.source, name, "config.json"))
+        ]
+        if "unet" in folders and self.unet_class == "ExpertRoutingModel":  # the experts' folders hold its weights
+            classes = self.unet_config.get("expert_classes")
+            count = len(classes) if isinstance(classes, list) else 1
+            folders[folders.index("unet")] = os.path.join("unet", expert_folder(0))
+            folders += [os.path.join("unet", expert_folder(i)) for i in range(1, count)]
+        for folder in folders:
+            files = (
+                os.listdir(os.path.join(self.source, folder))
+                if os.path.isdir(os.path.join(self.source, folder))
+                else []
+            )
+            if any(name in files for name in SAFETENSORS_FILES):
+                continue
+            found = sorted(name for name in files if name != "config.json" and not name.startswith("."))
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {self.source!r}: its {folder}/ holds no safetensors weights to "
+                f"load without a variant (one of {list(SAFETENSORS_FILES)}), only {found}: the source's networks are "
+                "read from plain safetensors (no pickled `.bin`, no `variant=`). Save a copy once "
+                "(`StableDiffusionPipeline.from_pretrained(source).save_pretrained(folder)`, with `import "
+                "diffusers_stages` for a staged unet) and fine-tune that folder."
+            )
 
     def _check_source_folders(self) -> None:
         """Refuse a local source whose component folders (the tokenizer's too) hold a file linking out of them, or
