@@ -4,6 +4,7 @@ Every attack writes a payload that would create a marker file; each test asserts
 """
 
 import ast
+import itertools
 import json
 import os
 import pickle
@@ -488,19 +489,26 @@ def test_dtype_the_name_diffusers_prefers_to_torch_dtype_is_taken_too(saved):
 @pytest.mark.parametrize("dtype", ["float16", {"default": "bfloat16"}, {"default": torch.float16, "vae": 16}])
 def test_a_dtype_that_is_not_a_torch_dtype_is_named_not_loaded_as_float32(saved, dtype):
     # diffusers only warns and loads such a dtype (transformers' spelling "float16") as float32: the user asked for
-    # half precision and silently got full precision
+    # half precision and silently got full precision (with `trust_remote_code=True` too, where the package's class
+    # hands the folder to diffusers' own loader)
     folder, pipeline_class, _ = saved
-    for name in ("torch_dtype", "dtype"):
+    for name, trust in itertools.product(("torch_dtype", "dtype"), (False, True)):
         with pytest.raises(ValueError, match=rf"`{name}` must be a torch.dtype .* got {re.escape(repr(dtype))}"):
-            pipeline_class.from_pretrained(folder, **{name: dtype})
+            pipeline_class.from_pretrained(folder, trust_remote_code=trust, **{name: dtype})
 
 
 def test_a_per_component_dtype_for_a_component_the_pipeline_lacks_is_named(saved):
     # {"unet": torch.float16} for an ExpertRoutingPipeline (whose model is "experts") loaded everything in float32
+    # (with `trust_remote_code=True` too: diffusers' own loader ignores the name)
     folder, pipeline_class, _ = saved
-    for name in ("torch_dtype", "dtype"):
+    for name, trust in itertools.product(("torch_dtype", "dtype"), (False, True)):
         with pytest.raises(ValueError, match=rf"`{name}` names components .* does not have: \['no_such_part'\]"):
-            pipeline_class.from_pretrained(folder, **{name: {"no_such_part": torch.float16, "default": torch.float32}})
+            dtype = {"no_such_part": torch.float16, "default": torch.float32}
+            pipeline_class.from_pretrained(folder, trust_remote_code=trust, **{name: dtype})
+    with pytest.raises(ValueError, match=r"names components .* does not have: \['no_such_part'\]"):
+        StagedDiffusionPipeline.from_pretrained(folder, trust_remote_code=True, dtype={"no_such_part": torch.float16})
+    with pytest.raises(ValueError, match="`dtype` must be a torch.dtype"):
+        StagedDiffusionPipeline.from_pretrained(folder, trust_remote_code=True, dtype="float16")
 
 
 def test_diffusers_loading_options_at_their_defaults_are_taken_and_others_named(saved):
