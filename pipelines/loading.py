@@ -178,7 +178,9 @@ def _loadable_bases() -> tuple[type, ...]:
 
 def resolve_pipeline_class(cls: type, class_entry: Any) -> type:
     """The pipeline class `model_index.json` names (``"Class"`` or ``["file", "Class"]``), checked against the
-    allow-list and against the class ``from_pretrained`` was called on."""
+    allow-list and against the class ``from_pretrained`` was called on; a folder naming that class itself (a user's
+    subclass of a package pipeline, as diffusers loads ``MyDDIM.from_pretrained(folder)``) is loaded as it, which
+    imports nothing from the folder."""
     if (
         isinstance(class_entry, (list, tuple))
         and len(class_entry) == 2
@@ -191,6 +193,8 @@ def resolve_pipeline_class(cls: type, class_entry: Any) -> type:
     else:
         raise ValueError(f"`_class_name` in `model_index.json` must be a class name, got {class_entry!r}.")
     check_name(class_name, "`_class_name`")
+    if class_name == cls.__name__ and issubclass(cls, diffusers.DiffusionPipeline):
+        return cls  # the caller's own class, already imported
     pipeline_class = package_classes().get(class_name)
     if pipeline_class is None or not issubclass(pipeline_class, diffusers.DiffusionPipeline):
         raise ValueError(

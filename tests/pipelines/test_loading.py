@@ -568,3 +568,28 @@ def test_save_pretrained_takes_use_flashpack_sixth_as_diffusers(saved, tmp_path)
     folder, pipeline_class, _ = saved
     with pytest.raises(ImportError, match="flashpack"):
         pipeline_class.from_pretrained(folder).save_pretrained(tmp_path / "flashpack", True, None, None, False, True)
+
+
+class MyMultiStagePipeline(MultiStagePipeline):
+    """A user's own subclass of a package pipeline (as diffusers users subclass `DDIMPipeline`)."""
+
+
+def test_a_users_subclass_of_a_package_pipeline_reloads_with_its_own_class(tiny_multistage, tmp_path):
+    # `MyDDIM(DDIMPipeline).from_pretrained(folder)` loads its own saved folder in diffusers; here the subclass's
+    # folder was refused as "'MyMultiStagePipeline' is not one of diffusers-stages' pipelines; load the folder with
+    # its own pipeline class", the very call made. The class called is the user's own: nothing from the folder runs.
+    pipe = MyMultiStagePipeline(unet=tiny_multistage, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    pipe.save_pretrained(tmp_path)
+    marker = tmp_path / "ran"
+    for path in tmp_path.rglob("*.py"):  # the folder's re-export files are never run
+        path.write_text(_payload(marker))
+    loaded = MyMultiStagePipeline.from_pretrained(tmp_path)
+    assert type(loaded) is MyMultiStagePipeline and not marker.exists()
+    loaded.set_progress_bar_config(disable=True)
+    assert np.array_equal(
+        loaded(num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images, images
+    )
+    with pytest.raises(ValueError, match="'MyMultiStagePipeline' is not one of diffusers-stages' pipelines"):
+        MultiStagePipeline.from_pretrained(tmp_path)  # the base class cannot know the subclass: still refused
