@@ -178,7 +178,9 @@ def _loadable_bases() -> tuple[type, ...]:
 
 def resolve_pipeline_class(cls: type, class_entry: Any) -> type:
     """The pipeline class `model_index.json` names (``"Class"`` or ``["file", "Class"]``), checked against the
-    allow-list and against the class ``from_pretrained`` was called on."""
+    allow-list and against the class ``from_pretrained`` was called on; a folder naming that class itself (a user's
+    subclass of a package pipeline, as diffusers loads ``MyDDIM.from_pretrained(folder)``) is loaded as it, which
+    imports nothing from the folder."""
     if (
         isinstance(class_entry, (list, tuple))
         and len(class_entry) == 2
@@ -191,6 +193,8 @@ def resolve_pipeline_class(cls: type, class_entry: Any) -> type:
     else:
         raise ValueError(f"`_class_name` in `model_index.json` must be a class name, got {class_entry!r}.")
     check_name(class_name, "`_class_name`")
+    if class_name == cls.__name__ and issubclass(cls, diffusers.DiffusionPipeline):
+        return cls  # the caller's own class, already imported
     pipeline_class = package_classes().get(class_name)
     if pipeline_class is None or not issubclass(pipeline_class, diffusers.DiffusionPipeline):
         raise ValueError(
@@ -298,6 +302,31 @@ def check_device_map(cls: type, kwargs: dict) -> str | None:
     return device_map
 
 
+def check_dtype_components(pipeline_class: type, dtype: Any, name: str) -> None:
+    """A `ValueError` where ``dtype`` (the ``name`` option of ``pipeline_class.from_pretrained``) is a per-component
+    dict naming a component the pipeline lacks: diffusers ignores such a name and loads that model as float32."""
+    if not isinstance(dtype, dict):
+        return
+    expected = pipeline_class._get_signature_keys(pipeline_class)[0]
+    unknown = sorted(set(dtype) - set(expected) - {"default"})
+    if unknown:
+        raise ValueError(
+            f"`{name}` names components {pipeline_class.__name__} does not have: {unknown} (its components: "
+            f"{sorted(expected)}, or 'default')."
+        )
+
+
+def check_trusted_load_dtypes(cls: type | None, kwargs: dict) -> None:
+    """The package's checks of ``dtype``/``torch_dtype`` (`check_dtype`, and `check_dtype_components` against
+    pipeline class ``cls`` unless it is `None`) for a load that diffusers' own loader makes (``trust_remote_code=True``),
+    which would load a string such as ``"float16"``, or a dict naming a component the pipeline lacks, as float32
+    silently."""
+    for name in ("dtype", "torch_dtype"):
+        check_dtype(kwargs.get(name), name)
+        if cls is not None:
+            check_dtype_components(cls, kwargs.get(name), name)
+
+
 def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
     """Build ``cls`` (or the package pipeline subclass the folder names) from a saved folder or Hub repository."""
     if kwargs.get("custom_pipeline") is not None:
@@ -333,13 +362,7 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
 
     # 1. every component: passed by the caller, or loaded by the class the allow-list gives for its entry
     expected, optional = pipeline_class._get_signature_keys(pipeline_class)
-    if isinstance(kwargs.get("torch_dtype"), dict):  # diffusers ignores a name it does not know: float32 silently
-        unknown = sorted(set(kwargs["torch_dtype"]) - set(expected) - {"default"})
-        if unknown:
-            raise ValueError(
-                f"`{dtype_name}` names components {pipeline_class.__name__} does not have: {unknown} (its components: "
-                f"{sorted(expected)}, or 'default')."
-            )
+    check_dtype_components(pipeline_class, kwargs.get("torch_dtype"), dtype_name)
     init_kwargs = {}
     for name in expected:
         if name in kwargs:

@@ -264,9 +264,16 @@ def checked_switch(switch: dict) -> dict:
 
 
 def _check_interchangeable(shallow: Backbone | None, deep: Backbone | None) -> None:
-    """The deep backbone continues the shallow one's samples: they must agree on their inputs, outputs and labels
-    (what `ExpertRoutingModel` requires of its experts), checked at construction rather than at the switch."""
+    """Both backbones are given (a `torch.nn.Module` each), and the deep one continues the shallow one's samples:
+    they must agree on their inputs, outputs and labels (what `ExpertRoutingModel` requires of its experts), checked
+    at construction rather than at the switch (or at the first step, for a missing one)."""
     backbones = {"shallow": shallow, "deep": deep}
+    for name, model in backbones.items():
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(
+                f"`{name}` must be a denoiser (a torch.nn.Module), got "
+                f"{'None' if model is None else type(model).__name__}: the pipeline runs both backbones."
+            )
     for key in CONTRACT_KEYS + CONDITIONING_KEYS:
         values = {name: _config_value(model.config, key) for name, model in backbones.items()
                   if model is not None and getattr(model, "config", None) is not None and key in model.config}  # fmt: skip

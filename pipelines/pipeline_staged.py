@@ -41,7 +41,7 @@ from ..partition import TimestepPartition
 from ..routing import StageRouter
 from ..schedulers import model_call_timesteps, seed_noise_sampler
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
-from .loading import load_pipeline, write_reexport_files
+from .loading import check_trusted_load_dtypes, load_pipeline, write_reexport_files
 from .offload import StageOffloadMixin, offloaded_on_error
 
 # the VAEs whose latents `conventions.model_to_vae_latents` scales as diffusers' pipelines for them do (SD, SDXL and
@@ -663,19 +663,22 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         the package's own classes (and diffusers' and transformers' exported ones), each component is loaded by the
         class the package resolves itself, and a component of the wrong kind is a `ValueError`. With
         ``trust_remote_code=True`` the folder is loaded by diffusers itself, re-export files included (only for a
-        folder you trust). Components may be passed to replace the saved ones (``scheduler=...``);
+        folder you trust), after the same checks of ``dtype``/``torch_dtype``. Components may be passed to replace the saved ones (``scheduler=...``);
         ``dtype`` (or diffusers' deprecated ``torch_dtype``: one dtype or a ``{component: dtype, "default": dtype}``
         dict), ``variant``, ``use_safetensors`` and ``low_cpu_mem_usage`` are passed on to every model, and so is a
         ``device_map`` of one device (``"cpu"``, ``"cuda"``), which becomes the pipeline's ``hf_device_map`` as in
         diffusers.
         """
         if kwargs.get("trust_remote_code"):  # the user's explicit choice: diffusers' own loading, code files included
+            # (the base class: the folder names the pipeline, whose components are checked once it is loaded)
+            check_trusted_load_dtypes(None if cls is StagedDiffusionPipeline else cls, kwargs)
             pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
             if cls is not StagedDiffusionPipeline and not isinstance(pipeline, cls):
                 raise ValueError(
                     f"{pretrained_model_name_or_path} holds a {type(pipeline).__name__}, not a {cls.__name__}: load "
                     f"it with {type(pipeline).__name__}.from_pretrained."
                 )
+            check_trusted_load_dtypes(type(pipeline), kwargs)
             return pipeline
         kwargs.pop("trust_remote_code", None)
         return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)

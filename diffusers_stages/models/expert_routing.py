@@ -991,9 +991,12 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             load_experts (`list[int]`, *optional*): load only these experts (the others stay `None`, and from the
                 Hub are not even downloaded); all by default.
             subfolder (`str`, *optional*): the container's folder inside the repository, e.g. ``"experts"``.
-            kwargs: passed to every expert's own `from_pretrained` (``torch_dtype``, ``device_map``, ``variant``,
-                ...); ``cache_dir``, ``token``, ``revision``, ``force_download`` and ``local_files_only`` are used
-                for the download. A checkpoint that does not match its expert's config raises a `ValueError`.
+            kwargs: the container's routing settings (``stage_boundaries``, ``boundary_units``,
+                ``num_train_timesteps``, ``prediction_type``) replace the saved ones, as a config key passed to a
+                diffusers model's `from_pretrained` does (checked as the constructor's); everything else is passed to
+                every expert's own `from_pretrained` (``torch_dtype``, ``device_map``, ``variant``, ...);
+                ``cache_dir``, ``token``, ``revision``, ``force_download`` and ``local_files_only`` are used for the
+                download. A checkpoint that does not match its expert's config raises a `ValueError`.
                 With ``output_loading_info=True`` it returns ``(model, info)``, ``info`` in diffusers' shape
                 (``missing_keys``, ...) with the container's key names (``experts.{i}.``).
         """
@@ -1001,6 +1004,14 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             raise ValueError(f"`load_experts` must be a list of expert indices, got {load_experts!r}.")
         wants_info = kwargs.pop("output_loading_info", False)
         check_model_dtype(kwargs)
+        for key in CONTAINER_CONFIG[:1] + ("expert_configs",):  # what the saved experts are, not a setting
+            if key in kwargs:
+                raise ValueError(
+                    f"`{key}` cannot be passed to `{cls.__name__}.from_pretrained`: the folder's experts define it."
+                )
+        # the container's routing settings replace the saved ones (as a config key given to a diffusers model's
+        # `from_pretrained`); they are the container's, not the experts'
+        routing = {key: kwargs.pop(key) for key in CONTAINER_CONFIG[1:] if key in kwargs}
         download = {k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs}
         folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
         if not os.path.isdir(folder):
@@ -1046,7 +1057,7 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             experts,
             expert_classes=entries,
             expert_configs=config.get("expert_configs"),
-            **{key: config[key] for key in CONTAINER_CONFIG[1:]},
+            **{**{key: config[key] for key in CONTAINER_CONFIG[1:]}, **routing},
         )
         model.eval()
         return (model, _merged_loading_info(infos)) if wants_info else model

@@ -12,7 +12,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
-from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from diffusers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFETENSORS_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    _add_variant,
+)
 
 from ..hub import SaveThenPushMixin
 
@@ -248,10 +254,27 @@ def _tensor_names(path: str) -> list[str] | None:
     return None if dtypes is None else list(dtypes)
 
 
-def plain_weight_headers(folder: str | os.PathLike) -> dict[str, tuple[str | torch.dtype, list[int]]]:
-    """The tensors (dtype, shape) that the weight files ``folder`` loads from without a variant hold: the shards of
-    its index, or its one file, read by `_tensor_headers` (headers only); empty when no file can be read."""
-    found = [n for n in PLAIN_WEIGHT_FILES if os.path.isfile(os.path.join(folder, n))][:1]
+def weight_file_names(variant: str | None = None, use_safetensors: bool | None = None) -> list[str]:
+    """The weight files (an index, or one file) a model folder is loaded from with ``variant`` and
+    ``use_safetensors``, in the order diffusers looks for them: safetensors only with ``use_safetensors=True``,
+    ``.bin`` only with ``False``, both (safetensors first) by default; `PLAIN_WEIGHT_FILES` without either."""
+    if use_safetensors is None:
+        names = PLAIN_WEIGHT_FILES
+    elif use_safetensors:
+        names = (SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME)
+    else:
+        names = (WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
+    return [_add_variant(name, variant) for name in names]
+
+
+def plain_weight_headers(
+    folder: str | os.PathLike, variant: str | None = None, use_safetensors: bool | None = None
+) -> dict[str, tuple[str | torch.dtype, list[int]]]:
+    """The tensors (dtype, shape) that the weight files ``folder`` loads from (without a variant, or with
+    ``variant`` and ``use_safetensors`` as `from_pretrained` takes them: `weight_file_names`) hold: the shards of its
+    index, or its one file, read by `_tensor_headers` (headers only); empty when no file can be read."""
+    candidates = weight_file_names(variant, use_safetensors)
+    found = [n for n in candidates if os.path.isfile(os.path.join(folder, n))][:1]
     if found and found[0].endswith(".json"):  # the shards its index lists (a name leading elsewhere: the loader's)
         weight_map = read_json(os.path.join(folder, found[0]), found[0]).get("weight_map")
         shards = weight_map.values() if isinstance(weight_map, dict) else []
@@ -379,7 +402,9 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
         path, kwargs = folder, {k: v for k, v in kwargs.items() if k != "subfolder"}
     if os.path.isdir(folder):
         check_folder_files(folder)
-        refuse_config_of_other_sizes(getattr(load, "__self__", None), folder, class_name)
+        refuse_config_of_other_sizes(
+            getattr(load, "__self__", None), folder, class_name, kwargs.get("variant"), kwargs.get("use_safetensors")
+        )
     try:
         model, info = load(path, output_loading_info=True, **kwargs)
     except (RuntimeError, ValueError) as error:
@@ -400,12 +425,18 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
     return model, info
 
 
-def refuse_config_of_other_sizes(model_class: object, folder: str | os.PathLike, class_name: str) -> None:
+def refuse_config_of_other_sizes(
+    model_class: object,
+    folder: str | os.PathLike,
+    class_name: str,
+    variant: str | None = None,
+    use_safetensors: bool | None = None,
+) -> None:
     """Before a diffusers model class (``model_class``, named ``class_name``; any other value is left alone) is
     loaded from the local ``folder``: build it from the folder's ``config.json`` on the ``meta`` device (no memory)
     and refuse, with the `ValueError` the strict loading gives a mis-shaped or missing weight, a tensor of another
-    shape than the weight files hold (`first_shape_mismatch`, headers only), or weights the files lack of more than
-    ``LACKING_BYTES`` and than the files' own size. diffusers builds the model in memory before it reads a weight,
+    shape than the weight files the load reads hold (those of ``variant`` and ``use_safetensors``: `weight_file_names`;
+    `first_shape_mismatch`, headers only), or weights the files lack of more than ``LACKING_BYTES`` and than the files' own size. diffusers builds the model in memory before it reads a weight,
     so a config edited to huge sizes (``block_out_channels: [65536, 65536]``, ``num_class_embeds: 2**26``) would
     otherwise be allocated (gigabytes) before being found not to fit. A config its class cannot build is left to the
     loader, which names it."""
@@ -414,8 +445,8 @@ def refuse_config_of_other_sizes(model_class: object, folder: str | os.PathLike,
     config_file = os.path.join(str(folder), "config.json")
     if not (is_config_class(model_class, ModelMixin) and os.path.isfile(config_file)):
         return
-    held = plain_weight_headers(folder)
-    if not held:  # no plain weight files to measure the config by (a variant's): the loader's
+    held = plain_weight_headers(folder, variant, use_safetensors)  # the files the load reads (`variant=`, ...)
+    if not held:  # no weight files to measure the config by: the loader's
         return
     try:
         with torch.device("meta"), TensorBudget(len(held)):

@@ -305,6 +305,28 @@ def test_load_only_the_experts_a_run_needs(three_experts, tmp_path):
         ExpertRoutingModel.from_pretrained(tmp_path, load_experts=2)  # not a TypeError
 
 
+def test_routing_settings_passed_to_from_pretrained_replace_the_saved_ones(three_experts, tmp_path):
+    # as diffusers' models (and MultiStageUNet2DModel) take a config key passed to `from_pretrained`: they were passed
+    # on to every expert instead, so the container kept its saved boundaries silently (and the multi-stage expert
+    # took them as its own)
+    three_experts.save_pretrained(tmp_path)
+    loaded = ExpertRoutingModel.from_pretrained(tmp_path, stage_boundaries=(200, 700), num_train_timesteps=800)
+    assert loaded.partition.boundaries == (200.0, 700.0) and loaded.partition.num_train_timesteps == 800
+    assert loaded.config.stage_boundaries == [200.0, 700.0] and loaded.config.num_train_timesteps == 800
+    assert loaded.experts[1].partition == three_experts.experts[1].partition  # the expert's own routing is kept
+    assert loaded.experts[0].config.num_train_timesteps == three_experts.experts[0].config.num_train_timesteps
+    with pytest.raises(ValueError, match="gives 2 stages, got 3 experts"):
+        ExpertRoutingModel.from_pretrained(tmp_path, stage_boundaries=(500,))  # checked as the constructor's
+    assert ExpertRoutingModel.from_pretrained(tmp_path, prediction_type="v_prediction").config.prediction_type == (
+        "v_prediction"
+    )
+    with pytest.raises(ValueError, match="prediction_type"):
+        ExpertRoutingModel.from_pretrained(tmp_path, prediction_type="noise")
+    for key in ("expert_classes", "expert_configs"):  # what the folder's experts are: not a setting
+        with pytest.raises(ValueError, match=f"`{key}` cannot be passed to `ExpertRoutingModel.from_pretrained`"):
+            ExpertRoutingModel.from_pretrained(tmp_path, **{key: None})
+
+
 def test_a_local_path_that_is_not_a_saved_folder_is_named_not_taken_for_a_hub_id(three_experts, tmp_path):
     # was huggingface_hub's "Repo id must be in the form 'repo_name' or 'namespace/repo_name'" (as diffusers' own
     # models do, a local path is not sent to the Hub)

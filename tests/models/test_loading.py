@@ -566,3 +566,25 @@ def test_a_config_edited_to_build_countless_layers_is_named_before_they_are_buil
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "does not match its config" in run.stdout and "more tensors than" in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("load", [{"variant": "fp16"}, {"use_safetensors": False}])
+def test_the_size_check_measures_the_weight_files_the_load_reads(tmp_path, load):
+    # a folder holding plain safetensors of an earlier (narrower) model beside the variant (or `.bin`) weights of
+    # the model its config describes: diffusers loads the variant (`.bin`) weights it is asked for, but the size
+    # check measured the config against the plain safetensors and refused the load ("conv_in.bias has shape [8]
+    # there, [16] in the MultiStageUNet2DModel it builds")
+    torch.manual_seed(0)
+    earlier = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,))
+    wide = MultiStageUNet2DModel(**{**TINY_UNET, "block_out_channels": (16, 32)}, stage_boundaries=(500,)).eval()
+    earlier.save_pretrained(tmp_path)
+    wide.save_pretrained(tmp_path, **({"variant": "fp16"} if "variant" in load else {"safe_serialization": False}))
+    loaded = MultiStageUNet2DModel.from_pretrained(tmp_path, **load)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 700])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t).sample, wide(x, t).sample)
+    # the check still measures the files read: the variant's config edited to sizes its weights lack is named
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "block_out_channels": [2**16, 2**16]}))
+    with pytest.raises(ValueError, match=r"has shape \[16\S*\] there, \[65536\S*\] in the"):
+        MultiStageUNet2DModel.from_pretrained(tmp_path, **load)

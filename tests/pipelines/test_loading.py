@@ -4,6 +4,7 @@ Every attack writes a payload that would create a marker file; each test asserts
 """
 
 import ast
+import itertools
 import json
 import os
 import pickle
@@ -488,19 +489,26 @@ def test_dtype_the_name_diffusers_prefers_to_torch_dtype_is_taken_too(saved):
 @pytest.mark.parametrize("dtype", ["float16", {"default": "bfloat16"}, {"default": torch.float16, "vae": 16}])
 def test_a_dtype_that_is_not_a_torch_dtype_is_named_not_loaded_as_float32(saved, dtype):
     # diffusers only warns and loads such a dtype (transformers' spelling "float16") as float32: the user asked for
-    # half precision and silently got full precision
+    # half precision and silently got full precision (with `trust_remote_code=True` too, where the package's class
+    # hands the folder to diffusers' own loader)
     folder, pipeline_class, _ = saved
-    for name in ("torch_dtype", "dtype"):
+    for name, trust in itertools.product(("torch_dtype", "dtype"), (False, True)):
         with pytest.raises(ValueError, match=rf"`{name}` must be a torch.dtype .* got {re.escape(repr(dtype))}"):
-            pipeline_class.from_pretrained(folder, **{name: dtype})
+            pipeline_class.from_pretrained(folder, trust_remote_code=trust, **{name: dtype})
 
 
 def test_a_per_component_dtype_for_a_component_the_pipeline_lacks_is_named(saved):
     # {"unet": torch.float16} for an ExpertRoutingPipeline (whose model is "experts") loaded everything in float32
+    # (with `trust_remote_code=True` too: diffusers' own loader ignores the name)
     folder, pipeline_class, _ = saved
-    for name in ("torch_dtype", "dtype"):
+    for name, trust in itertools.product(("torch_dtype", "dtype"), (False, True)):
         with pytest.raises(ValueError, match=rf"`{name}` names components .* does not have: \['no_such_part'\]"):
-            pipeline_class.from_pretrained(folder, **{name: {"no_such_part": torch.float16, "default": torch.float32}})
+            dtype = {"no_such_part": torch.float16, "default": torch.float32}
+            pipeline_class.from_pretrained(folder, trust_remote_code=trust, **{name: dtype})
+    with pytest.raises(ValueError, match=r"names components .* does not have: \['no_such_part'\]"):
+        StagedDiffusionPipeline.from_pretrained(folder, trust_remote_code=True, dtype={"no_such_part": torch.float16})
+    with pytest.raises(ValueError, match="`dtype` must be a torch.dtype"):
+        StagedDiffusionPipeline.from_pretrained(folder, trust_remote_code=True, dtype="float16")
 
 
 def test_diffusers_loading_options_at_their_defaults_are_taken_and_others_named(saved):
@@ -560,3 +568,28 @@ def test_save_pretrained_takes_use_flashpack_sixth_as_diffusers(saved, tmp_path)
     folder, pipeline_class, _ = saved
     with pytest.raises(ImportError, match="flashpack"):
         pipeline_class.from_pretrained(folder).save_pretrained(tmp_path / "flashpack", True, None, None, False, True)
+
+
+class MyMultiStagePipeline(MultiStagePipeline):
+    """A user's own subclass of a package pipeline (as diffusers users subclass `DDIMPipeline`)."""
+
+
+def test_a_users_subclass_of_a_package_pipeline_reloads_with_its_own_class(tiny_multistage, tmp_path):
+    # `MyDDIM(DDIMPipeline).from_pretrained(folder)` loads its own saved folder in diffusers; here the subclass's
+    # folder was refused as "'MyMultiStagePipeline' is not one of diffusers-stages' pipelines; load the folder with
+    # its own pipeline class", the very call made. The class called is the user's own: nothing from the folder runs.
+    pipe = MyMultiStagePipeline(unet=tiny_multistage, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    pipe.save_pretrained(tmp_path)
+    marker = tmp_path / "ran"
+    for path in tmp_path.rglob("*.py"):  # the folder's re-export files are never run
+        path.write_text(_payload(marker))
+    loaded = MyMultiStagePipeline.from_pretrained(tmp_path)
+    assert type(loaded) is MyMultiStagePipeline and not marker.exists()
+    loaded.set_progress_bar_config(disable=True)
+    assert np.array_equal(
+        loaded(num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images, images
+    )
+    with pytest.raises(ValueError, match="'MyMultiStagePipeline' is not one of diffusers-stages' pipelines"):
+        MultiStagePipeline.from_pretrained(tmp_path)  # the base class cannot know the subclass: still refused

@@ -255,6 +255,24 @@ def test_a_unet_and_a_dit_of_other_classes_are_refused_at_construction(num_class
     DualBackbonePipeline(shallow=dit, deep=same, scheduler=DDIMScheduler())
 
 
+@pytest.mark.parametrize("missing", ["shallow", "deep"])
+def test_a_missing_backbone_is_named_not_an_attribute_error_in_sampling(backbones, missing, tmp_path):
+    # `DualBackbonePipeline(shallow=None, ...)` and `from_pretrained(folder, shallow=None)` were accepted, and sampling
+    # then failed with "'NoneType' object has no attribute 'config'" (the other pipelines refuse a missing model)
+    shallow, deep = backbones
+    given = {"shallow": shallow, "deep": deep, missing: None}
+    message = rf"`{missing}` must be a denoiser \(a torch.nn.Module\), got None"
+    with pytest.raises(ValueError, match=message):
+        DualBackbonePipeline(**given, scheduler=DDIMScheduler())
+    pipe = _dual(shallow, deep, DDIMScheduler())
+    pipe.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        DualBackbonePipeline.from_pretrained(tmp_path, **{missing: None})
+    setattr(pipe, missing, None)  # swapped out after construction: refused before the first step
+    with pytest.raises(ValueError, match=message):
+        pipe(num_inference_steps=2)
+
+
 def test_a_backbone_whose_config_has_no_sample_size_samples_at_the_height_and_width_given():
     """A backbone may be "any other denoiser" (the class docstring): one whose config has no `sample_size` entry
     at all samples at the `height` and `width` given, and without them the error names them (an AttributeError on
