@@ -37,6 +37,18 @@ from benchmarks.measure import default_device, device_option, output_folder, pos
 COMPARISONS = ("1", "2", "3")
 
 
+def sample_count(text: str) -> int:
+    """An argparse ``type``: the samples per score, an integer >= 2 (a Frechet distance needs two), else a usage
+    error naming the option (it failed in the metric's floor, as a ValueError about `images`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 1
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {text!r}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="(default: default)")
@@ -59,7 +71,7 @@ def parse_args(argv=None):
         "--budget_steps", type=positive_int, default=None, help="override the preset's budget (baseline steps)"
     )
     parser.add_argument(
-        "--num_eval_samples", type=positive_int, default=None, help="override the preset's sample count"
+        "--num_eval_samples", type=sample_count, default=None, help="override the preset's sample count (>= 2)"
     )
     parser.add_argument(
         "--report_only",
