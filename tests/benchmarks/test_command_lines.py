@@ -202,6 +202,29 @@ def test_run_evidence_report_only_needs_saved_results_of_the_preset(capsys, tmp_
         assert exit_.value.code == 2 and f"--report_only needs {option}" in error
 
 
+def test_run_evidence_report_only_refuses_the_options_of_a_run(capsys, tmp_path):
+    # --report_only rewrites the report of the saved results: --budget_steps, --num_eval_samples, --comparisons,
+    # --device and --cache_dir were accepted and ignored without a word (the report showed the saved run's settings)
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "results.json").write_text("{}")
+    base = ["--report_only", "--quick", "--output_dir", str(tmp_path)]
+    for option, value in (
+        ("--budget_steps", "300"),
+        ("--num_eval_samples", "100"),
+        ("--comparisons", "1"),
+        ("--device", "cpu"),
+        ("--cache_dir", str(tmp_path)),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            run_evidence.parse_args([*base, option, value])
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"{option} is not used with --report_only" in error, (option, error)
+    # without --report_only the defaults stay
+    args = run_evidence.parse_args(["--quick"])
+    assert args.comparisons == ("1", "2", "3") and args.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert args.cache_dir == os.path.expanduser("~/.cache/diffusers-stages/evidence")
+
+
 @pytest.mark.parametrize(
     ("script", "quick"),
     [(bench_multistage, {"repeats": 3, "steps": 5}), (bench_text_to_image, {"repeats": 2, "steps": 4, "routing_repeats": 20}),
