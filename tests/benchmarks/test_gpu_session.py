@@ -150,3 +150,32 @@ def test_without_wheels_given_the_checkouts_wheels_are_installed(tmp_path):
     (install,) = [line for line in calls.read_text().splitlines() if "-m pip install" in line]
     assert "--no-index --no-deps --no-compile" in install  # no byte-compiling diffusers' 1,000 files: seconds
     assert install.endswith("benchmarks/wheels/diffusers-0.42.1-py3-none-any.whl")
+
+
+def test_started_from_another_folder_the_defaults_are_the_checkouts_and_given_paths_are_the_callers(tmp_path):
+    # `bash path/to/benchmarks/gpu_session.sh` from another folder wrote its files to that folder's
+    # benchmarks/results/gpu, not the checkout's, and looked for WHEELS=wheels and PYTHON=bin/python in the checkout
+    # (the script changes into it before reading them), not where they were given
+    checkout, here = tmp_path / "checkout", tmp_path / "here"
+    for package in ("diffusers_stages", "pipelines", "conversion"):
+        (checkout / package).mkdir(parents=True)
+        (checkout / package / "__init__.py").write_text("")
+    (checkout / "benchmarks").mkdir()
+    shutil.copy(SESSION, checkout / "benchmarks")
+    (here / "wheels").mkdir(parents=True)
+    (here / "wheels" / "diffusers-0.42.1-py3-none-any.whl").write_text("")
+    (here / "bin").mkdir()
+    (here / "bin" / "python").write_text(BARE_PYTHON)
+    (here / "bin" / "python").chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {**os.environ, "PYTHON": "bin/python", "WHEELS": "wheels", "CALLS": str(calls)}
+    for name in ("PYTHONPATH", "OUT"):
+        env.pop(name, None)
+    result = subprocess.run(
+        ["bash", str(checkout / "benchmarks" / "gpu_session.sh")], cwd=here, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (checkout / "benchmarks" / "results" / "gpu" / "gpu_checks.md").is_file()
+    assert not (here / "benchmarks").exists()
+    (install,) = [line for line in calls.read_text().splitlines() if "-m pip install" in line]
+    assert install.endswith(f"{here}/wheels/diffusers-0.42.1-py3-none-any.whl")
