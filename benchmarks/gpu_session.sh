@@ -8,7 +8,8 @@
 # Not run yet (no GPU has been lent to this project's sessions): the settings are estimates, sized by per-step time
 # limits (415 s in all, plus the install and checks below); each step writes its own file under $OUT as it runs
 # (unbuffered), so a step that fails or is cut by its limit loses only itself; the last line names the steps that
-# failed, and the exit status is then 1.
+# failed, and the exit status is then 1. With the 10 s each step may take to stop after its limit (465 s), the install
+# and the checks, a run can take 8 minutes: leave the device tool's timeout_s at its default (600), not 420.
 # The GPU machine cannot download anything. Its interpreter (PYTHON, default python3) needs torch; where the package
 # does not import there, the checkout's package is copied into a temporary folder (no build step), with the wheels in
 # $WHEELS (default benchmarks/wheels, git-ignored: the lent machine lacks only diffusers, so before the run

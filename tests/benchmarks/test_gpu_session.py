@@ -179,3 +179,19 @@ def test_started_from_another_folder_the_defaults_are_the_checkouts_and_given_pa
     assert not (here / "benchmarks").exists()
     (install,) = [line for line in calls.read_text().splitlines() if "-m pip install" in line]
     assert install.endswith(f"{here}/wheels/diffusers-0.42.1-py3-none-any.whl")
+
+
+def test_the_steps_limits_with_their_stopping_grace_fit_the_device_tools_default_limit():
+    # a session has one try of about 15 device minutes, its machine's start included, and the device tool stops a
+    # command at its timeout_s (default 600): the limits, with the 10 s each step may take to stop after its own
+    # (`timeout -k 10 LIMIT`), a minute for the install and the checks and a minute to spare, must fit in it
+    with open(SESSION, encoding="utf-8") as f:
+        text = f.read()
+    assert 'timeout -k 10 "$limit"' in text
+    limits = {}
+    for line in text.replace("\\\n", " ").splitlines():
+        if line.strip().startswith("step "):
+            name, limit = line.split()[1:3]
+            limits[name] = max(limits.get(name, 0), int(limit))  # the evidence step: one of two commands runs
+    assert set(limits) == {"gpu_checks", "bench_offload", "bench_multistage", "bench_experts", "evidence"}
+    assert sum(limit + 10 for limit in limits.values()) + 60 <= 600 - 60
