@@ -2,12 +2,14 @@
 # One prepared run for a session that is lent a GPU (issue 16's GPU items), in about 7 minutes on one H200:
 #   bash benchmarks/gpu_session.sh
 # Files go to $OUT: on the lent machine the device tool sets it, and only files under it come back (never pass
-# OUT=benchmarks/...: the files would stay on that machine); elsewhere the default is benchmarks/results/gpu. Each
+# OUT=benchmarks/...: the files would stay on that machine); elsewhere the default is the checkout's
+# benchmarks/results/gpu. Each
 # step's exit status and the end of its output are also printed, so that the tool's output tail holds the results.
 # Not run yet (no GPU has been lent to this project's sessions): the settings are estimates, sized by per-step time
 # limits (415 s in all, plus the install and checks below); each step writes its own file under $OUT as it runs
 # (unbuffered), so a step that fails or is cut by its limit loses only itself; the last line names the steps that
-# failed, and the exit status is then 1.
+# failed, and the exit status is then 1. With the 10 s each step may take to stop after its limit (465 s), the install
+# and the checks, a run can take 8 minutes: leave the device tool's timeout_s at its default (600), not 420.
 # The GPU machine cannot download anything. Its interpreter (PYTHON, default python3) needs torch; where the package
 # does not import there, the checkout's package is copied into a temporary folder (no build step), with the wheels in
 # $WHEELS (default benchmarks/wheels, git-ignored: the lent machine lacks only diffusers, so before the run
@@ -15,10 +17,15 @@
 # Files: gpu_checks.json and one NAME.md per step, and the evidence run's results.json as evidence_results.json
 # (its report is in evidence.md); 7 files in all.
 set -uo pipefail
-out="${OUT:-benchmarks/results/gpu}"
+root="$(cd "$(dirname "$0")/.." && pwd)" || exit 1  # the repository root: the steps' paths are relative to it
+# the defaults are the checkout's; a relative OUT, WHEELS or PYTHON (with a slash) is where the script was started
+out="${OUT:-$root/benchmarks/results/gpu}"
+wheels="${WHEELS:-$root/benchmarks/wheels}"
 python="${PYTHON:-python3}"
+[[ $wheels == /* ]] || wheels="$PWD/$wheels"
+[[ $python != */* || $python == /* ]] || python="$PWD/$python"
 mkdir -p "$out" && out="$(cd "$out" && pwd)" || exit 1
-cd "$(dirname "$0")/.." || exit 1  # the repository root: the steps' paths are relative to it
+cd "$root" || exit 1
 export PYTHONUNBUFFERED=1         # a step killed by its limit keeps what it printed
 failed=()
 
@@ -41,7 +48,6 @@ step() {  # step NAME SECONDS SCRIPT ARGS...: run one benchmark under its own ti
 if ! "$python" -P -c "import diffusers_stages.pipelines" 2>/dev/null; then
     site="$(mktemp -d)"
     # the lent GPU machine has no diffusers: its wheel, downloaded beforehand, in benchmarks/wheels (the default)
-    wheels="${WHEELS:-benchmarks/wheels}"
     # the package laid out as setup.py installs it (pipelines/ and conversion/ inside it), copied: building the
     # checkout would need setuptools with bdist_wheel there; pip only unpacks the wheels (--no-compile: seconds)
     echo "== the checkout's package and $wheels/*.whl into $site (no index, no build)"

@@ -35,13 +35,28 @@ from benchmarks.evidence.report import unreliable_timings, write_markdown, write
 from benchmarks.measure import default_device, device_option, output_folder, positive_int, write_json, write_text
 
 COMPARISONS = ("1", "2", "3")
+CACHE_DIR = os.path.expanduser("~/.cache/diffusers-stages/evidence")  # the metric's classifier
+
+
+def sample_count(text: str) -> int:
+    """An argparse ``type``: the samples per score, an integer >= 2 (a Frechet distance needs two), else a usage
+    error naming the option (it failed in the metric's floor, as a ValueError about `images`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 1
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {text!r}")
+    return value
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="(default: default)")
     parser.add_argument("--quick", action="store_true", help="same as --preset quick")
-    parser.add_argument("--comparisons", default="1,2,3", help="which comparisons to run, e.g. '1,3'")
+    parser.add_argument(
+        "--comparisons", default=None, help=f"which comparisons to run, e.g. '1,3' (default: {','.join(COMPARISONS)})"
+    )
     parser.add_argument(
         "--output_dir",
         type=output_folder,
@@ -50,16 +65,16 @@ def parse_args(argv=None):
         "refresh the committed results)",
     )
     parser.add_argument(
-        "--cache_dir",
-        default=os.path.expanduser("~/.cache/diffusers-stages/evidence"),
-        help="where the metric's classifier is cached",
+        "--cache_dir", default=None, help=f"where the metric's classifier is cached (default: {CACHE_DIR})"
     )
-    parser.add_argument("--device", type=device_option, default=default_device())
+    parser.add_argument(
+        "--device", type=device_option, default=None, help=f"(default: {default_device()}, this machine's)"
+    )
     parser.add_argument(
         "--budget_steps", type=positive_int, default=None, help="override the preset's budget (baseline steps)"
     )
     parser.add_argument(
-        "--num_eval_samples", type=positive_int, default=None, help="override the preset's sample count"
+        "--num_eval_samples", type=sample_count, default=None, help="override the preset's sample count (>= 2)"
     )
     parser.add_argument(
         "--report_only",
@@ -67,6 +82,13 @@ def parse_args(argv=None):
         help="rewrite RESULTS.md and the plots from the preset's saved results.json, without running",
     )
     args = parser.parse_args(argv)
+    if args.report_only:  # the saved run's settings are reported: an option of a run would be ignored
+        for option in ("comparisons", "cache_dir", "device", "budget_steps", "num_eval_samples"):
+            if getattr(args, option) is not None:
+                parser.error(f"--{option} is not used with --report_only (the saved results are reported as run)")
+    args.comparisons = ",".join(COMPARISONS) if args.comparisons is None else args.comparisons
+    args.cache_dir = CACHE_DIR if args.cache_dir is None else args.cache_dir
+    args.device = default_device() if args.device is None else args.device
     chosen = tuple(c.strip() for c in args.comparisons.split(",") if c.strip())
     if not chosen or any(c not in COMPARISONS for c in chosen) or len(set(chosen)) < len(chosen):
         parser.error(

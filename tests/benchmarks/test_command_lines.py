@@ -39,7 +39,7 @@ SCRIPTS = {
     bench_planning: ["--num_images", "--num_samples", "--num_levels", "--repeats", "--budget_steps"],
     bench_text_to_image: ["--latent_size", "--steps", "--train_batch", "--repeats", "--routing_repeats"],
     gpu_checks: ["--steps", "--batch_size", "--repeats"],
-    run_evidence: ["--budget_steps", "--num_eval_samples"],
+    run_evidence: ["--budget_steps"],
 }
 BAD_DEVICES = ["gpu", "cuda:99"] if torch.cuda.is_available() else ["gpu", "cuda"]
 
@@ -58,6 +58,19 @@ def test_bad_numbers_and_devices_are_usage_errors(script, capsys, monkeypatch):
             _parse(script, ["--device", device])
         error = capsys.readouterr().err
         assert "argument --device:" in error and repr(device) in error
+
+
+def test_run_evidence_refuses_fewer_than_two_samples_per_score(capsys):
+    # --num_eval_samples 1 passed the command line and the run then failed in the metric's floor with a ValueError
+    # naming `images` (a Frechet distance needs two samples), not the option
+    assert run_evidence.parse_args(["--quick", "--num_eval_samples", "2"]).num_eval_samples == 2
+    for value in ("1", "0", "-3", "two"):
+        with pytest.raises(SystemExit) as exit_:
+            run_evidence.parse_args(["--quick", "--num_eval_samples", value])
+        error = capsys.readouterr().err
+        assert (
+            exit_.value.code == 2 and f"argument --num_eval_samples: must be an integer >= 2, got '{value}'" in error
+        )
 
 
 def test_zero_means_skip_where_documented(capsys):
@@ -187,6 +200,29 @@ def test_run_evidence_report_only_needs_saved_results_of_the_preset(capsys, tmp_
             run_evidence.parse_args(argv)
         error = capsys.readouterr().err
         assert exit_.value.code == 2 and f"--report_only needs {option}" in error
+
+
+def test_run_evidence_report_only_refuses_the_options_of_a_run(capsys, tmp_path):
+    # --report_only rewrites the report of the saved results: --budget_steps, --num_eval_samples, --comparisons,
+    # --device and --cache_dir were accepted and ignored without a word (the report showed the saved run's settings)
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "results.json").write_text("{}")
+    base = ["--report_only", "--quick", "--output_dir", str(tmp_path)]
+    for option, value in (
+        ("--budget_steps", "300"),
+        ("--num_eval_samples", "100"),
+        ("--comparisons", "1"),
+        ("--device", "cpu"),
+        ("--cache_dir", str(tmp_path)),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            run_evidence.parse_args([*base, option, value])
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"{option} is not used with --report_only" in error, (option, error)
+    # without --report_only the defaults stay
+    args = run_evidence.parse_args(["--quick"])
+    assert args.comparisons == ("1", "2", "3") and args.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert args.cache_dir == os.path.expanduser("~/.cache/diffusers-stages/evidence")
 
 
 @pytest.mark.parametrize(

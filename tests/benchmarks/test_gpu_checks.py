@@ -154,3 +154,61 @@ def test_a_synchronisation_names_the_line_that_made_it(monkeypatch):
         rows = gpu_checks.synchronisations(pipes, args)
     assert rows[0]["result"].startswith(f"synchronised at benchmarks/test_gpu_checks.py:{line + 2}: ")
     assert rows[1]["result"] == 1 and rows[1]["where"] == f"benchmarks/test_gpu_checks.py:{line + 4} x1"
+
+
+def test_a_check_that_fails_sets_the_exit_status_and_is_named_last(tmp_path, monkeypatch, capsys):
+    # NaN images in float16, a second compiled run that compiled again, a synchronising `stage_index` forward or a
+    # safetensors round trip that lost decoders were table rows only: the script exited 0 and gpu_session.sh's last
+    # line said "failed: none"
+    bad = {
+        "sync": [
+            {
+                "section": "sync",
+                "check": "MultiStagePipeline: forward with stage_index",
+                "result": "synchronised at a.py:1",
+            },
+            {"section": "sync", "check": "MultiStagePipeline: routed forward, synchronisations", "result": 2},
+        ],
+        "precision": [
+            {"section": "precision", "check": "MultiStagePipeline, float32", "finite": True},
+            {"section": "precision", "check": "MultiStagePipeline, float16", "finite": False},
+        ],
+        "fused": [
+            {"section": "fused", "check": "fused vs per-stage mixed batch, max abs diff", "result": 1e-6},
+            {"section": "fused", "check": "parameter stacks the fused pass reads as views", "result": "70 of 74"},
+            {
+                "section": "fused",
+                "check": "safetensors save_model/load_model round trip",
+                "result": "200 of 292 equal",
+            },
+        ],
+        "compile": [{"section": "compile", "check": "A (inductor)", "graphs_first_run": 3, "graphs_second_run": 1}],
+    }
+    assert gpu_checks.failed_checks([row for rows in bad.values() for row in rows]) == [
+        "MultiStagePipeline: forward with stage_index",
+        "MultiStagePipeline, float16",
+        "parameter stacks the fused pass reads as views",
+        "safetensors save_model/load_model round trip",
+        "A (inductor)",
+    ]
+    good = [
+        {"section": "sync", "check": "MultiStagePipeline: forward with stage_index", "result": "no synchronisation"},
+        {"section": "sync", "check": "skipped: set_sync_debug_mode needs CUDA", "result": None},
+        {"section": "fused", "check": "parameter stacks the fused pass reads as views", "result": "74 of 74"},
+        {"section": "fused", "check": "safetensors save_model/load_model round trip", "result": "292 of 292 equal"},
+        {"section": "compile", "check": "A (inductor)", "graphs_first_run": 3, "graphs_second_run": 0},
+    ]
+    assert gpu_checks.failed_checks(good) == []
+    # main names them on its last line (the end of the output is what a session sees first)
+    monkeypatch.setattr(gpu_checks, "build_pipelines", lambda quick: {"A": None})
+    monkeypatch.setattr(gpu_checks, "synchronisations", lambda pipes, args: bad["sync"])
+    monkeypatch.setattr(gpu_checks, "precisions", lambda pipes, args: bad["precision"])
+    monkeypatch.setattr(gpu_checks, "fused_decoders", lambda pipes, args: good[2:4])
+    monkeypatch.setattr(gpu_checks, "compilation", lambda pipes, args: good[4:])
+    rows = gpu_checks.main(gpu_checks.parse_args(["--device", "cpu", "--quick", "--output_dir", str(tmp_path)]))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "failed checks: MultiStagePipeline: forward with stage_index; MultiStagePipeline, float16"
+    assert gpu_checks.failed_checks(rows) == [
+        "MultiStagePipeline: forward with stage_index",
+        "MultiStagePipeline, float16",
+    ]

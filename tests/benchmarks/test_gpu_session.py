@@ -150,3 +150,48 @@ def test_without_wheels_given_the_checkouts_wheels_are_installed(tmp_path):
     (install,) = [line for line in calls.read_text().splitlines() if "-m pip install" in line]
     assert "--no-index --no-deps --no-compile" in install  # no byte-compiling diffusers' 1,000 files: seconds
     assert install.endswith("benchmarks/wheels/diffusers-0.42.1-py3-none-any.whl")
+
+
+def test_started_from_another_folder_the_defaults_are_the_checkouts_and_given_paths_are_the_callers(tmp_path):
+    # `bash path/to/benchmarks/gpu_session.sh` from another folder wrote its files to that folder's
+    # benchmarks/results/gpu, not the checkout's, and looked for WHEELS=wheels and PYTHON=bin/python in the checkout
+    # (the script changes into it before reading them), not where they were given
+    checkout, here = tmp_path / "checkout", tmp_path / "here"
+    for package in ("diffusers_stages", "pipelines", "conversion"):
+        (checkout / package).mkdir(parents=True)
+        (checkout / package / "__init__.py").write_text("")
+    (checkout / "benchmarks").mkdir()
+    shutil.copy(SESSION, checkout / "benchmarks")
+    (here / "wheels").mkdir(parents=True)
+    (here / "wheels" / "diffusers-0.42.1-py3-none-any.whl").write_text("")
+    (here / "bin").mkdir()
+    (here / "bin" / "python").write_text(BARE_PYTHON)
+    (here / "bin" / "python").chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {**os.environ, "PYTHON": "bin/python", "WHEELS": "wheels", "CALLS": str(calls)}
+    for name in ("PYTHONPATH", "OUT"):
+        env.pop(name, None)
+    result = subprocess.run(
+        ["bash", str(checkout / "benchmarks" / "gpu_session.sh")], cwd=here, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (checkout / "benchmarks" / "results" / "gpu" / "gpu_checks.md").is_file()
+    assert not (here / "benchmarks").exists()
+    (install,) = [line for line in calls.read_text().splitlines() if "-m pip install" in line]
+    assert install.endswith(f"{here}/wheels/diffusers-0.42.1-py3-none-any.whl")
+
+
+def test_the_steps_limits_with_their_stopping_grace_fit_the_device_tools_default_limit():
+    # a session has one try of about 15 device minutes, its machine's start included, and the device tool stops a
+    # command at its timeout_s (default 600): the limits, with the 10 s each step may take to stop after its own
+    # (`timeout -k 10 LIMIT`), a minute for the install and the checks and a minute to spare, must fit in it
+    with open(SESSION, encoding="utf-8") as f:
+        text = f.read()
+    assert 'timeout -k 10 "$limit"' in text
+    limits = {}
+    for line in text.replace("\\\n", " ").splitlines():
+        if line.strip().startswith("step "):
+            name, limit = line.split()[1:3]
+            limits[name] = max(limits.get(name, 0), int(limit))  # the evidence step: one of two commands runs
+    assert set(limits) == {"gpu_checks", "bench_offload", "bench_multistage", "bench_experts", "evidence"}
+    assert sum(limit + 10 for limit in limits.values()) + 60 <= 600 - 60
