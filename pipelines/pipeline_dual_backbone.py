@@ -47,7 +47,8 @@ SWITCH_KEYS = ("switch_step_fraction", "switch_timestep", "switch_sigma")
 DEFAULT_SWITCH_STEP_FRACTION = 0.4  # DuoDiff picks the switch by a sweep; no published rule
 
 # a backbone is any denoiser; diffusers' `from_pipe` keeps a model component only when its exact class is named in
-# the annotation, so the classes the package builds backbones from are listed before the catch-all `ModelMixin`
+# the annotation, so the classes the package builds backbones from are listed before the catch-all `ModelMixin` (and
+# `StagedDiffusionPipeline.from_pipe` passes on the components of the other classes the annotation takes)
 Backbone = UNet2DModel | UViT2DModel | IUNet2DModel | DiTTransformer2DModel | ModelMixin
 
 
@@ -79,8 +80,8 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
 
     Args:
         shallow ([`~diffusers.ModelMixin`]): the small denoiser, trained on all timesteps (a `UNet2DModel`,
-            `UViT2DModel`, `IUNet2DModel`, `DiTTransformer2DModel`, or any other denoiser; `from_pipe` carries the
-            first four over, another class is passed again: ``from_pipe(pipe, shallow=..., deep=...)``).
+            `UViT2DModel`, `IUNet2DModel`, `DiTTransformer2DModel`, or any other denoiser; `from_pipe` carries it
+            over, whatever its class).
         deep ([`~diffusers.ModelMixin`]): the large denoiser, as ``shallow``.
         scheduler ([`~diffusers.SchedulerMixin`]): one scheduler for both.
         vae ([`~diffusers.AutoencoderKL`], [`~diffusers.VQModel`], [`~diffusers.AutoencoderTiny`] or

@@ -17,6 +17,7 @@ from diffusers import (
     DiffusionPipeline,
     DiTTransformer2DModel,
     ImagePipelineOutput,
+    ModelMixin,
     VQModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -682,6 +683,24 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             return pipeline
         kwargs.pop("trust_remote_code", None)
         return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> StagedDiffusionPipeline:
+        """As diffusers' `from_pipe` (the new pipeline shares ``pipeline``'s components; a component or config value
+        passed here replaces the source's). A model component of the source is carried over when it is an instance
+        of a class the new pipeline's signature names, a subclass included (a user's ``MyUNet(MultiStageUNet2DModel)``,
+        the package's `EarlyExitUViT2DModel` as a `DualBackbonePipeline` backbone): diffusers' own check asks for the
+        exact class, dropped such a component with a warning and then failed ("expected [...] but only {...} were
+        passed"). The constructor checks the components as it checks any."""
+        expected, _ = cls._get_signature_keys(cls)
+        annotated = cls._get_signature_types()
+        for name, component in pipeline.components.items():
+            if name not in expected or name in kwargs or not isinstance(component, ModelMixin):
+                continue
+            classes = tuple(c for c in annotated.get(name, ()) if isinstance(c, type) and c is not type(None))
+            if classes and type(component) not in classes and isinstance(component, classes):
+                kwargs[name] = component  # passed on explicitly, as `from_pipe(pipe, unet=pipe.unet)` would be
+        return super().from_pipe(pipeline, **kwargs)
 
 
 # schedulers whose step, with variance_type "learned" or "learned_range", only drops a learned variance: it takes the

@@ -14,7 +14,7 @@ from diffusers import (
 from diffusers.callbacks import PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffusers_stages import DualBackbonePipeline
+from diffusers_stages import DualBackbonePipeline, UViT2DModel
 
 from .conftest import KINDS
 from .conftest import tiny_pipeline as _pipeline
@@ -88,6 +88,49 @@ def test_a_component_swapped_in_after_construction_is_checked_as_the_constructor
         with pytest.raises(ValueError, match=message):
             call()
     assert pipe._stage_offload is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_from_pipe_keeps_networks_of_a_subclass_of_the_annotated_classes(kind):
+    # diffusers' `from_pipe` carries a model component over only when its exact class is in the new pipeline's
+    # annotation: a subclass the constructor accepts (a user's `MyUNet(MultiStageUNet2DModel)`, the package's own
+    # `EarlyExitUViT2DModel(UViT2DModel)` as a backbone) was dropped with a warning, and `from_pipe` failed with
+    # "expected [...] but only {...} were passed"
+    from diffusers import UNet2DModel
+
+    from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DModel
+    from diffusers_stages.models.early_exit import EarlyExitUViT2DModel
+    from tests.conftest import TINY_UNET
+
+    class MyMultiStage(MultiStageUNet2DModel):
+        pass
+
+    class MyRouting(ExpertRoutingModel):
+        pass
+
+    class MyUNet(UNet2DModel):
+        pass
+
+    pipe = _pipeline(kind)
+    torch.manual_seed(0)
+    if kind == "multistage":
+        networks = {"unet": MyMultiStage(**TINY_UNET, stage_boundaries=(442, 631)).eval()}
+    elif kind == "experts":
+        networks = {"experts": MyRouting([UNet2DModel(**TINY_UNET).eval() for _ in range(2)], stage_boundaries=(500,))}
+    else:
+        networks = {"shallow": MyUNet(**TINY_UNET).eval(), "deep": UNet2DModel(**TINY_UNET).eval()}
+    pipe = type(pipe)(**{**pipe.components, **networks})
+    again = type(pipe).from_pipe(pipe)
+    assert all(getattr(again, name) is network for name, network in networks.items())
+    if kind == "dual_backbone":  # the package's early-exit U-ViT (a UViT2DModel) as the shallow backbone
+        uvit = {"sample_size": 8, "hidden_size": 16, "num_attention_heads": 2}
+        pipe = DualBackbonePipeline(
+            shallow=EarlyExitUViT2DModel(**uvit, num_layers=3),
+            deep=UViT2DModel(**uvit, num_layers=5),
+            scheduler=pipe.scheduler,
+        )
+        again = DualBackbonePipeline.from_pipe(pipe, switch_timestep=600)
+        assert again.shallow is pipe.shallow and again.deep is pipe.deep and again.config.switch_timestep == 600
 
 
 @pytest.mark.parametrize("switch", [{"switch_timestep": 300.0}, {"switch_step_fraction": 0.7}])
