@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
@@ -691,14 +692,18 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         of a class the new pipeline's signature names, a subclass included (a user's ``MyUNet(MultiStageUNet2DModel)``,
         the package's `EarlyExitUViT2DModel` as a `DualBackbonePipeline` backbone): diffusers' own check asks for the
         exact class, dropped such a component with a warning and then failed ("expected [...] but only {...} were
-        passed"). The constructor checks the components as it checks any."""
+        passed"). So is one whose parameter names no class (a subclass's ``__init__(self, clean, noisy, scheduler)``
+        without annotations, which diffusers dropped the same way). The constructor checks the components as it
+        checks any."""
         expected, _ = cls._get_signature_keys(cls)
         annotated = cls._get_signature_types()
         for name, component in pipeline.components.items():
             if name not in expected or name in kwargs or not isinstance(component, ModelMixin):
                 continue
-            classes = tuple(c for c in annotated.get(name, ()) if isinstance(c, type) and c is not type(None))
-            if classes and type(component) not in classes and isinstance(component, classes):
+            hints = annotated.get(name, ())
+            classes = tuple(c for c in hints if isinstance(c, type) and c not in (type(None), inspect.Parameter.empty))
+            unannotated = all(hint is inspect.Parameter.empty for hint in hints)
+            if unannotated or (classes and type(component) not in classes and isinstance(component, classes)):
                 kwargs[name] = component  # passed on explicitly, as `from_pipe(pipe, unet=pipe.unet)` would be
         return super().from_pipe(pipeline, **kwargs)
 

@@ -380,3 +380,29 @@ def test_class_names_given_as_class_labels_point_to_get_label_ids(conditional, l
     with pytest.raises(ValueError, match=r"must be integers \(class indices\), got .*: turn class names into indices "
                        r"with `pipe.get_label_ids\(\[\.\.\.\]\)`"):  # fmt: skip
         conditional(class_labels=labels, **RUN)
+
+
+def test_from_pipe_keeps_the_networks_of_a_subclass_whose_signature_names_no_class():
+    # the base class's own example (`TwoUNetPipeline`, an `__init__` without annotations): diffusers' `from_pipe` keeps
+    # a model component only when its class is in the annotation, so an unannotated one was dropped with a warning and
+    # `TwoUNetPipeline.from_pipe(pipe)` failed with "expected ['clean', 'noisy', 'scheduler'], but only {'scheduler'}"
+    from diffusers_stages import StagedDiffusionPipeline, TimestepPartition
+
+    class TwoUNetPipeline(StagedDiffusionPipeline):
+        def __init__(self, clean, noisy, scheduler):
+            super().__init__()
+            self.register_modules(clean=clean, noisy=noisy, scheduler=scheduler)
+
+        @property
+        def partition(self):
+            return TimestepPartition([500])
+
+        def stage_denoiser(self, stage):
+            return (self.clean, self.noisy)[stage], {}
+
+    torch.manual_seed(0)
+    pipe = TwoUNetPipeline(UNet2DModel(**TINY_UNET).eval(), UNet2DModel(**TINY_UNET).eval(), DDIMScheduler())
+    again = TwoUNetPipeline.from_pipe(pipe)
+    assert again.clean is pipe.clean and again.noisy is pipe.noisy
+    other = UNet2DModel(**TINY_UNET).eval()
+    assert TwoUNetPipeline.from_pipe(pipe, noisy=other).noisy is other  # one passed still replaces the source's
