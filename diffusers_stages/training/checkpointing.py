@@ -199,9 +199,12 @@ def publish_checkpoint(partial: str, path: str, step: int) -> None:
         )
     with open(os.path.join(partial, COMPLETE_MARKER), "w", encoding="utf-8") as f:
         json.dump({"step": step}, f)
-    if os.path.lexists(path):
-        discard_checkpoint(path)  # one of the same step (an older run's, or an interrupted one): ours replaces it
+    # one of the same step (an older run's, or an interrupted one): ours replaces it. It is hidden, ours renamed into
+    # place, and only then is it deleted: a kill while deleting it leaves ours under its name, not as a leftover
+    replaced = _hide_checkpoint(path) if os.path.lexists(path) else None
     os.rename(partial, path)
+    if replaced is not None:
+        _remove(replaced)
 
 
 def prune_checkpoints(output_dir: str, total_limit: int | None, saved_step: int | None = None) -> None:
@@ -313,10 +316,16 @@ def is_finished(checkpoint: str) -> bool:
 def discard_checkpoint(folder: str) -> None:
     """Delete a checkpoint folder without ever leaving a half-deleted one under its name: hide it, then delete. A
     link named like a checkpoint (one moved to another disk) is removed as a link: what it points to is left."""
+    _remove(_hide_checkpoint(folder))
+
+
+def _hide_checkpoint(folder: str) -> str:
+    """Rename the checkpoint ``folder`` (or a link) to its hidden ``.checkpoint-<step>.deleted`` name, which
+    `remove_leftovers` deletes if it is not deleted now; returns that name."""
     hidden = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.deleted")
     _remove(hidden, ignore_errors=True)
     os.rename(folder, hidden)
-    _remove(hidden)
+    return hidden
 
 
 def _remove(path: str, ignore_errors: bool = False) -> None:

@@ -198,6 +198,31 @@ def test_publish_replaces_a_folder_of_the_same_step_and_leftovers_are_removed(tm
     assert remove_leftovers(str(tmp_path / "none")) == []
 
 
+def test_a_kill_while_the_replaced_checkpoint_of_the_same_step_is_deleted_keeps_the_new_one(tmp_path, monkeypatch):
+    # a checkpoint replacing one of the same step (the former run's, `--overwrite_output_dir`, or one beside a resume
+    # from another folder) was renamed into place only after the old folder was deleted: a kill while deleting it
+    # left the new checkpoint hidden, and the next run removed it as a leftover, with no checkpoint left at all
+    import shutil
+
+    _checkpoint(tmp_path, 4)  # complete: the only checkpoint of the folder
+    partial = tmp_path / ".checkpoint-4.partial"
+    _touch(str(partial / "optimizer.bin"))
+    rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        if os.path.basename(str(path)) == ".checkpoint-4.deleted":
+            raise KeyboardInterrupt  # stands for the kill
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        publish_checkpoint(str(partial), str(tmp_path / "checkpoint-4"), 4)
+    monkeypatch.undo()
+    remove_leftovers(str(tmp_path))  # the next run
+    assert _names(tmp_path) == ["checkpoint-4"]
+    assert _names(tmp_path / "checkpoint-4") == [COMPLETE_MARKER, "optimizer.bin"]  # the new one
+
+
 def _pipeline_save(version: str):
     """A stand-in for a pipeline's `save_pretrained`: an index file and two component folders, tagged ``version``."""
 
