@@ -164,8 +164,9 @@ def save_checkpoint(
     the completeness marker, renames the folder into place and only then deletes the oldest checkpoints.
 
     ``replaced`` are a former run's checkpoints (`--overwrite_output_dir`), deleted with this first checkpoint of the
-    new run: those of later steps (which ``latest`` would take) once it is complete, the others once it is in place,
-    so that a kill at any moment leaves ``latest`` one run's checkpoint.
+    new run: those of later steps (which ``latest`` would take) hidden once it is complete and deleted once it is in
+    place, the others once it is in place, so that a kill at any moment leaves ``latest`` one run's checkpoint, and
+    never removes this one (a kill while deleting them leaves it named).
     """
     replaced = replaced or []
     path = os.path.join(output_dir, f"checkpoint-{step}")
@@ -181,8 +182,12 @@ def save_checkpoint(
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        discard_checkpoints([folder for folder in replaced if checkpoint_step(folder) > step])
+        # the later ones hidden before this one is named, deleted after: a kill while deleting them keeps this one
+        later = [folder for folder in replaced if checkpoint_step(folder) > step]
+        hidden = [_hide_checkpoint(folder) for folder in later if os.path.isdir(folder) or os.path.islink(folder)]
         publish_checkpoint(partial, path, step)
+        for folder in hidden:
+            _remove(folder)
         discard_checkpoints([folder for folder in replaced if checkpoint_step(folder) < step])
         prune_checkpoints(output_dir, total_limit, saved_step=step)
     accelerator.wait_for_everyone()

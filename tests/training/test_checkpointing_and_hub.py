@@ -458,6 +458,36 @@ def test_a_checkpoint_save_that_fails_leaves_no_partial_folder(tmp_path):
     assert _names(tmp_path) == ["checkpoint-2"] and is_complete(kept)
 
 
+def test_a_kill_while_the_former_runs_later_checkpoints_are_deleted_keeps_the_new_one(tmp_path, monkeypatch):
+    # `--overwrite_output_dir`: the former run's checkpoints of later steps (which `latest` would take) were deleted
+    # before the new run's first checkpoint, written and complete, got its name: a kill while deleting them left it
+    # hidden, the next run removed it as a leftover, and `latest` resumed the former run's earlier checkpoint
+    import shutil
+
+    from diffusers_stages.training.checkpointing import save_checkpoint
+
+    replaced = [_checkpoint(tmp_path, 2), _checkpoint(tmp_path, 6)]  # the former run's
+
+    def save_state(folder):
+        _touch(os.path.join(folder, "optimizer.bin"))
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
+    rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        if os.path.basename(str(path)) == ".checkpoint-6.deleted":
+            raise KeyboardInterrupt  # stands for the kill
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, str(tmp_path), 4, total_limit=None, replaced=replaced)
+    monkeypatch.undo()
+    remove_leftovers(str(tmp_path))  # the next run
+    latest = resolve_resume_checkpoint(str(tmp_path), "latest")
+    assert os.path.basename(latest) == "checkpoint-4" and _names(latest) == [COMPLETE_MARKER, "optimizer.bin"]
+
+
 def test_push_leaves_out_the_logs_of_a_custom_logging_dir(tmp_path, monkeypatch):
     # `--logging_dir tb`: its TensorBoard files were uploaded (only `logs/*` was left out)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
