@@ -288,7 +288,7 @@ def build_parser(
     outputs.add_argument("--hub_private_repo", action="store_true", default=None,
                          help="Default: the namespace's default (public unless your organisation's is private).")  # fmt: skip
     outputs.add_argument("--hub_local_dir", type=str, default=None,
-                         help="Push into <dir>/<repository> (`--hub_model_id`, else named after `--output_dir`) with the "
+                         help="With `--push_to_hub`: push into <dir>/<repository> (`--hub_model_id`, else named after `--output_dir`) with the "
                          "Hub's file selection instead of uploading.")  # fmt: skip
     outputs.add_argument("--local_rank", type=int, default=-1,
                          help="Taken as diffusers' scripts take it: `accelerate launch` gives each process its rank.")  # fmt: skip
@@ -489,9 +489,16 @@ def check_not_a_run_folder(output_dir: str) -> None:
 
 
 def check_hub_options(args: argparse.Namespace) -> None:
-    """`--push_to_hub` has a repository to push to, and `--hub_token` is kept off wandb."""
+    """`--push_to_hub` has a repository to push to, `--hub_local_dir` comes with it, and `--hub_token` is kept off
+    wandb."""
     if args.push_to_hub:
         hub_repo_name(args)  # `--hub_model_id`, else the output folder's name: a valid repository name
+    local_dir = getattr(args, "hub_local_dir", None)
+    if local_dir is not None and not args.push_to_hub:  # else nothing would be written there, without a word
+        raise ValueError(
+            f"`--hub_local_dir` {local_dir!r} is where `--push_to_hub` writes instead of uploading, but "
+            "`--push_to_hub` is not given: add `--push_to_hub`, or drop `--hub_local_dir`."
+        )
     if args.hub_token is not None and args.logger == "wandb":  # as diffusers' scripts refuse it
         raise ValueError(
             "`--hub_token` cannot be used with `--logger wandb` (`--report_to wandb`): wandb uploads the command "

@@ -95,6 +95,8 @@ def _checked(tmp_path, *argv):
         (["--vae_subfolder", "vae"], "`--vae_subfolder` 'vae' is a folder inside `--vae_path`: give `--vae_path` too"),
         # wandb uploads the command line, token included (diffusers' scripts refuse the pair too)
         (["--logger", "wandb", "--hub_token", "hf_x"], "`--hub_token` cannot be used with `--logger wandb`"),
+        # was ignored in silence: the run finished with nothing written there
+        (["--hub_local_dir", "hub"], "`--hub_local_dir` 'hub' is where `--push_to_hub` writes.*add `--push_to_hub`"),
     ],
 )
 def test_options_refused_before_training(tmp_path, monkeypatch, argv, message):
