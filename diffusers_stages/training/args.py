@@ -220,7 +220,12 @@ def build_parser(
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--output_dir", type=str, default="stages-model")
-    optim.add_argument("--overwrite_output_dir", action="store_true")
+    optim.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="Start a new run in an `--output_dir` that holds checkpoints (refused without it or "
+        "`--resume_from_checkpoint`): the former run's checkpoints are deleted once this run has a complete checkpoint "
+        "of its own (or its final outputs).",
+    )  # fmt: skip
     optim.add_argument("--seed", type=int, default=0)
     optim.add_argument("--train_batch_size", type=int, default=16, help="Per device.")
     optim.add_argument("--num_epochs", "--num_train_epochs", type=int, default=100,
@@ -252,14 +257,26 @@ def build_parser(
     optim.add_argument("--adam_weight_decay", type=float, default=1e-6)
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
     optim.add_argument("--max_grad_norm", type=float, default=1.0)
-    optim.add_argument("--use_ema", action="store_true")
+    optim.add_argument(
+        "--use_ema", action="store_true",
+        help="Keep an exponential moving average of the weights (`--ema_*`, as diffusers' train_unconditional.py), "
+        "saved in the checkpoints and as the final pipeline's weights; the sample grids are drawn with it.",
+    )  # fmt: skip
     optim.add_argument("--ema_inv_gamma", type=float, default=1.0)
     optim.add_argument("--ema_power", type=float, default=3 / 4)
     optim.add_argument("--ema_max_decay", type=float, default=0.9999)
 
     outputs = parser.add_argument_group("checkpoints, logs, samples, Hub")
-    outputs.add_argument("--checkpointing_steps", type=int, default=500)
-    outputs.add_argument("--checkpoints_total_limit", type=int, default=None)
+    outputs.add_argument(
+        "--checkpointing_steps", type=int, default=500,
+        help="Save a checkpoint (`checkpoint-<step>/`: the networks, their EMA, the optimizer, learning-rate schedule "
+        "and random states) every N optimisation steps, to resume from with `--resume_from_checkpoint`.",
+    )  # fmt: skip
+    outputs.add_argument(
+        "--checkpoints_total_limit", type=int, default=None,
+        help="Keep at most this many complete checkpoints: the older ones are deleted once a new one is complete "
+        "(default: all are kept).",
+    )  # fmt: skip
     outputs.add_argument(
         "--resume_from_checkpoint", type=str, default=None,
         help="`latest`, a checkpoint of `--output_dir` by name (`checkpoint-500`), or a checkpoint folder's path.",
@@ -282,8 +299,16 @@ def build_parser(
     )
     outputs.add_argument("--num_sample_images", type=int, default=16)
     outputs.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps for the sample grids.")
-    outputs.add_argument("--push_to_hub", action="store_true")
-    outputs.add_argument("--hub_model_id", type=str, default=None)
+    outputs.add_argument(
+        "--push_to_hub", action="store_true",
+        help="Upload the trained pipeline (and each `--save_model_epochs` save) with a model card to the Hub "
+        "repository `--hub_model_id`, without checkpoints, logs and the sample history.",
+    )  # fmt: skip
+    outputs.add_argument(
+        "--hub_model_id", type=str, default=None,
+        help="The repository of `--push_to_hub`: `name` (under your user) or `namespace/name`. Default: named after "
+        "`--output_dir` (its folder name).",
+    )  # fmt: skip
     outputs.add_argument("--hub_token", type=str, default=None, help="Default: the token of `hf auth login`.")
     outputs.add_argument("--hub_private_repo", action="store_true", default=None,
                          help="Default: the namespace's default (public unless your organisation's is private).")  # fmt: skip

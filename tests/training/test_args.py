@@ -311,6 +311,23 @@ def test_help_names_the_local_hub_folder_as_the_run_writes_it(capsys):
 
 
 @pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        ("--overwrite_output_dir", "deleted once this run has a complete checkpoint of its own"),
+        ("--checkpointing_steps CHECKPOINTING_STEPS", "every N optimisation steps"),
+        ("--checkpoints_total_limit CHECKPOINTS_TOTAL_LIMIT", "Keep at most this many complete checkpoints"),
+        ("--use_ema", "saved in the checkpoints and as the final pipeline's weights"),
+        ("--push_to_hub", "without checkpoints, logs and the sample history"),
+        ("--hub_model_id HUB_MODEL_ID", "Default: named after `--output_dir`"),
+    ],
+)
+def test_help_says_what_the_run_life_cycle_options_do(option, says, capsys):
+    # these options had no help text at all: `--help` showed their names only (diffusers' scripts explain each)
+    text = " ".join(_script_help("examples/multistage/train_multistage.py", capsys).split())
+    assert says in text.split(f"{option} ")[1].split(" --")[0]
+
+
+@pytest.mark.parametrize(
     ("script", "option", "default"),
     [
         ("examples/dual_backbone/train_dual_backbone.py", "--shallow_layers_per_block SHALLOW_LAYERS_PER_BLOCK", "1"),
