@@ -629,7 +629,8 @@ def check_optimisation_numbers(args: argparse.Namespace) -> None:
 
 
 def check_device_options(args: argparse.Namespace) -> None:
-    """The options that need a GPU or an optional package: refused up front rather than failing mid-run."""
+    """The options that need a GPU or an optional package, or that the launcher sets otherwise (fp16, gradient
+    accumulation): refused up front rather than failing, or training otherwise than said, mid-run."""
     from diffusers.utils import is_wandb_available, is_xformers_available
 
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
@@ -644,6 +645,17 @@ def check_device_options(args: argparse.Namespace) -> None:
         raise ValueError(
             f"{given} needs a CUDA GPU or Apple's MPS, and none is in use: train in fp32 (`--mixed_precision no`) "
             "or in bf16 (`--mixed_precision bf16`, which runs on CPU)."
+        )
+    # Accelerate accumulates over this many micro-batches when it is set (`accelerate launch
+    # --gradient_accumulation_steps`, a DeepSpeed config), whatever the script passes: the script counts its steps
+    # per epoch, the batches a resumed run skips, `--scale_lr` and the model card with its own option
+    launched = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if launched is not None and launched.strip() != str(args.gradient_accumulation_steps):
+        raise ValueError(
+            f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={launched} (set by `accelerate launch "
+            "--gradient_accumulation_steps` or its config) would make Accelerate accumulate over other micro-batches "
+            f"than `--gradient_accumulation_steps` {args.gradient_accumulation_steps}, with which the script counts "
+            "its steps: pass the same number to the script, or launch without it."
         )
     if args.enable_xformers_memory_efficient_attention:
         if not on_gpu:
