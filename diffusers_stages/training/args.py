@@ -220,7 +220,12 @@ def build_parser(
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--output_dir", type=str, default="stages-model")
-    optim.add_argument("--overwrite_output_dir", action="store_true")
+    optim.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="Start a new run in an `--output_dir` that holds checkpoints (refused without it or "
+        "`--resume_from_checkpoint`): the former run's checkpoints are deleted once this run has a complete checkpoint "
+        "of its own (or its final outputs).",
+    )  # fmt: skip
     optim.add_argument("--seed", type=int, default=0)
     optim.add_argument("--train_batch_size", type=int, default=16, help="Per device.")
     optim.add_argument("--num_epochs", "--num_train_epochs", type=int, default=100,
@@ -252,14 +257,26 @@ def build_parser(
     optim.add_argument("--adam_weight_decay", type=float, default=1e-6)
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
     optim.add_argument("--max_grad_norm", type=float, default=1.0)
-    optim.add_argument("--use_ema", action="store_true")
+    optim.add_argument(
+        "--use_ema", action="store_true",
+        help="Keep an exponential moving average of the weights (`--ema_*`, as diffusers' train_unconditional.py), "
+        "saved in the checkpoints and as the final pipeline's weights; the sample grids are drawn with it.",
+    )  # fmt: skip
     optim.add_argument("--ema_inv_gamma", type=float, default=1.0)
     optim.add_argument("--ema_power", type=float, default=3 / 4)
     optim.add_argument("--ema_max_decay", type=float, default=0.9999)
 
     outputs = parser.add_argument_group("checkpoints, logs, samples, Hub")
-    outputs.add_argument("--checkpointing_steps", type=int, default=500)
-    outputs.add_argument("--checkpoints_total_limit", type=int, default=None)
+    outputs.add_argument(
+        "--checkpointing_steps", type=int, default=500,
+        help="Save a checkpoint (`checkpoint-<step>/`: the networks, their EMA, the optimizer, learning-rate schedule "
+        "and random states) every N optimisation steps, to resume from with `--resume_from_checkpoint`.",
+    )  # fmt: skip
+    outputs.add_argument(
+        "--checkpoints_total_limit", type=int, default=None,
+        help="Keep at most this many complete checkpoints: the older ones are deleted once a new one is complete "
+        "(default: all are kept).",
+    )  # fmt: skip
     outputs.add_argument(
         "--resume_from_checkpoint", type=str, default=None,
         help="`latest`, a checkpoint of `--output_dir` by name (`checkpoint-500`), or a checkpoint folder's path.",
@@ -282,13 +299,21 @@ def build_parser(
     )
     outputs.add_argument("--num_sample_images", type=int, default=16)
     outputs.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps for the sample grids.")
-    outputs.add_argument("--push_to_hub", action="store_true")
-    outputs.add_argument("--hub_model_id", type=str, default=None)
+    outputs.add_argument(
+        "--push_to_hub", action="store_true",
+        help="Upload the trained pipeline (and each `--save_model_epochs` save) with a model card to the Hub "
+        "repository `--hub_model_id`, without checkpoints, logs and the sample history.",
+    )  # fmt: skip
+    outputs.add_argument(
+        "--hub_model_id", type=str, default=None,
+        help="The repository of `--push_to_hub`: `name` (under your user) or `namespace/name`. Default: named after "
+        "`--output_dir` (its folder name).",
+    )  # fmt: skip
     outputs.add_argument("--hub_token", type=str, default=None, help="Default: the token of `hf auth login`.")
     outputs.add_argument("--hub_private_repo", action="store_true", default=None,
                          help="Default: the namespace's default (public unless your organisation's is private).")  # fmt: skip
     outputs.add_argument("--hub_local_dir", type=str, default=None,
-                         help="Push into <dir>/<repository> (`--hub_model_id`, else named after `--output_dir`) with the "
+                         help="With `--push_to_hub`: push into <dir>/<repository> (`--hub_model_id`, else named after `--output_dir`) with the "
                          "Hub's file selection instead of uploading.")  # fmt: skip
     outputs.add_argument("--local_rank", type=int, default=-1,
                          help="Taken as diffusers' scripts take it: `accelerate launch` gives each process its rank.")  # fmt: skip
@@ -489,9 +514,16 @@ def check_not_a_run_folder(output_dir: str) -> None:
 
 
 def check_hub_options(args: argparse.Namespace) -> None:
-    """`--push_to_hub` has a repository to push to, and `--hub_token` is kept off wandb."""
+    """`--push_to_hub` has a repository to push to, `--hub_local_dir` comes with it, and `--hub_token` is kept off
+    wandb."""
     if args.push_to_hub:
         hub_repo_name(args)  # `--hub_model_id`, else the output folder's name: a valid repository name
+    local_dir = getattr(args, "hub_local_dir", None)
+    if local_dir is not None and not args.push_to_hub:  # else nothing would be written there, without a word
+        raise ValueError(
+            f"`--hub_local_dir` {local_dir!r} is where `--push_to_hub` writes instead of uploading, but "
+            "`--push_to_hub` is not given: add `--push_to_hub`, or drop `--hub_local_dir`."
+        )
     if args.hub_token is not None and args.logger == "wandb":  # as diffusers' scripts refuse it
         raise ValueError(
             "`--hub_token` cannot be used with `--logger wandb` (`--report_to wandb`): wandb uploads the command "
@@ -597,7 +629,8 @@ def check_optimisation_numbers(args: argparse.Namespace) -> None:
 
 
 def check_device_options(args: argparse.Namespace) -> None:
-    """The options that need a GPU or an optional package: refused up front rather than failing mid-run."""
+    """The options that need a GPU or an optional package, or that the launcher sets otherwise (fp16, gradient
+    accumulation): refused up front rather than failing, or training otherwise than said, mid-run."""
     from diffusers.utils import is_wandb_available, is_xformers_available
 
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
@@ -612,6 +645,17 @@ def check_device_options(args: argparse.Namespace) -> None:
         raise ValueError(
             f"{given} needs a CUDA GPU or Apple's MPS, and none is in use: train in fp32 (`--mixed_precision no`) "
             "or in bf16 (`--mixed_precision bf16`, which runs on CPU)."
+        )
+    # Accelerate accumulates over this many micro-batches when it is set (`accelerate launch
+    # --gradient_accumulation_steps`, a DeepSpeed config), whatever the script passes: the script counts its steps
+    # per epoch, the batches a resumed run skips, `--scale_lr` and the model card with its own option
+    launched = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if launched is not None and launched.strip() != str(args.gradient_accumulation_steps):
+        raise ValueError(
+            f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={launched} (set by `accelerate launch "
+            "--gradient_accumulation_steps` or its config) would make Accelerate accumulate over other micro-batches "
+            f"than `--gradient_accumulation_steps` {args.gradient_accumulation_steps}, with which the script counts "
+            "its steps: pass the same number to the script, or launch without it."
         )
     if args.enable_xformers_memory_efficient_attention:
         if not on_gpu:

@@ -164,8 +164,9 @@ def save_checkpoint(
     the completeness marker, renames the folder into place and only then deletes the oldest checkpoints.
 
     ``replaced`` are a former run's checkpoints (`--overwrite_output_dir`), deleted with this first checkpoint of the
-    new run: those of later steps (which ``latest`` would take) once it is complete, the others once it is in place,
-    so that a kill at any moment leaves ``latest`` one run's checkpoint.
+    new run: those of later steps (which ``latest`` would take) hidden once it is complete and deleted once it is in
+    place, the others once it is in place, so that a kill at any moment leaves ``latest`` one run's checkpoint, and
+    never removes this one (a kill while deleting them leaves it named).
     """
     replaced = replaced or []
     path = os.path.join(output_dir, f"checkpoint-{step}")
@@ -181,8 +182,12 @@ def save_checkpoint(
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        discard_checkpoints([folder for folder in replaced if checkpoint_step(folder) > step])
+        # the later ones hidden before this one is named, deleted after: a kill while deleting them keeps this one
+        later = [folder for folder in replaced if checkpoint_step(folder) > step]
+        hidden = [_hide_checkpoint(folder) for folder in later if os.path.isdir(folder) or os.path.islink(folder)]
         publish_checkpoint(partial, path, step)
+        for folder in hidden:
+            _remove(folder)
         discard_checkpoints([folder for folder in replaced if checkpoint_step(folder) < step])
         prune_checkpoints(output_dir, total_limit, saved_step=step)
     accelerator.wait_for_everyone()
@@ -199,9 +204,12 @@ def publish_checkpoint(partial: str, path: str, step: int) -> None:
         )
     with open(os.path.join(partial, COMPLETE_MARKER), "w", encoding="utf-8") as f:
         json.dump({"step": step}, f)
-    if os.path.lexists(path):
-        discard_checkpoint(path)  # one of the same step (an older run's, or an interrupted one): ours replaces it
+    # one of the same step (an older run's, or an interrupted one): ours replaces it. It is hidden, ours renamed into
+    # place, and only then is it deleted: a kill while deleting it leaves ours under its name, not as a leftover
+    replaced = _hide_checkpoint(path) if os.path.lexists(path) else None
     os.rename(partial, path)
+    if replaced is not None:
+        _remove(replaced)
 
 
 def prune_checkpoints(output_dir: str, total_limit: int | None, saved_step: int | None = None) -> None:
@@ -313,10 +321,16 @@ def is_finished(checkpoint: str) -> bool:
 def discard_checkpoint(folder: str) -> None:
     """Delete a checkpoint folder without ever leaving a half-deleted one under its name: hide it, then delete. A
     link named like a checkpoint (one moved to another disk) is removed as a link: what it points to is left."""
+    _remove(_hide_checkpoint(folder))
+
+
+def _hide_checkpoint(folder: str) -> str:
+    """Rename the checkpoint ``folder`` (or a link) to its hidden ``.checkpoint-<step>.deleted`` name, which
+    `remove_leftovers` deletes if it is not deleted now; returns that name."""
     hidden = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.deleted")
     _remove(hidden, ignore_errors=True)
     os.rename(folder, hidden)
-    _remove(hidden)
+    return hidden
 
 
 def _remove(path: str, ignore_errors: bool = False) -> None:

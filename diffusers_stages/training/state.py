@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from diffusers import AutoencoderKL, SchedulerMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.training_utils import EMAModel
@@ -19,6 +20,8 @@ from PIL import Image
 from ..partition import exact_float
 from .sharding import is_sharded
 from .tasks import TrainingTask
+
+logger = get_logger(__name__)
 
 GRID_TILE_SIZE = 64  # smaller samples (8x8 digits) are upscaled to this, nearest-neighbour, so the grid shows them
 
@@ -43,6 +46,7 @@ class RunState:
     max_train_steps: int
     replaced_checkpoints: list[str] = field(default_factory=list)  # `--overwrite_output_dir`: the former run's
     hub_repo_id: str | None = None  # `--push_to_hub`: the repository created, with the namespace the Hub gave it
+    said_no_grid: bool = False  # a run whose networks do not sample alone says so once, at its first grid
 
     def unwrapped(self) -> dict[str, ModelMixin]:
         return {name: self.accelerator.unwrap_model(model) for name, model in zip(self.names, self.models)}
@@ -134,6 +138,11 @@ def save_samples(state: RunState, step: int, use_ema: bool = True) -> str | None
     with state.ema_weights(use_ema) as networks, eval_mode(networks):  # sampled as the saved pipeline samples
         pipeline = state.task.pipeline(networks, state.sampling_scheduler, state.vae)
         if pipeline is None:
+            if not state.said_no_grid:
+                logger.info(
+                    f"No sample grid (`--save_images_steps`, sample_grid.png): {state.task.no_sampler_reason()}."
+                )
+                state.said_no_grid = True
             return None
         grid, images = sample_grid(pipeline, args, state.num_classes, state.task.sample_inputs(args.num_sample_images))
     path = os.path.join(args.output_dir, "samples", f"step_{step:06d}.png")

@@ -250,3 +250,13 @@ def test_help_says_the_stage_options_are_refused(script, capsys):
         after = help_text.split(option, 1)[1].split(" --", 1)[0]
         assert "Refused by this script" in after, (option, after)
     assert "Share of each batch per stage" not in help_text and "one stage per process" not in help_text
+
+
+def test_a_one_backbone_run_says_why_it_draws_no_sample_grid(examples, script, image_folder, tmp_path, caplog):
+    # one backbone alone does not sample: the run wrote no sample grid, without a word
+    out = str(tmp_path / "run")
+    with caplog.at_level("INFO"):
+        examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--backbones",
+                                "shallow", "--max_train_steps", "1"])  # fmt: skip
+    assert not os.path.exists(os.path.join(out, "sample_grid.png"))
+    assert "No sample grid" in caplog.text and "one backbone alone does not sample" in caplog.text

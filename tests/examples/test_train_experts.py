@@ -362,3 +362,16 @@ def test_assembled_one_expert_runs_keep_their_class_names(examples, script, imag
         json.dump({**info, "id2label": {"0": "zero", "1": "one", "2": "two"}}, f)
     with pytest.raises(ValueError, match=r"`--assemble_experts`: .*expert1' was trained on other class names"):
         examples.train(script, ["--assemble_experts", *runs, "--output_dir", str(tmp_path / "bad")])
+
+
+def test_a_one_expert_run_says_why_it_draws_no_sample_grid(examples, script, image_folder, tmp_path, caplog):
+    # one expert alone does not sample: the run wrote no `samples/` grids and no sample_grid.png, without a word,
+    # whatever `--save_images_steps` asked for
+    out = str(tmp_path / "run")
+    with caplog.at_level("INFO"):
+        examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--num_experts", "2",
+                                "--assignment", "hard", "--expert_index", "1", "--max_train_steps", "2",
+                                "--save_images_steps", "1"])  # fmt: skip
+    assert not os.path.exists(os.path.join(out, "sample_grid.png"))
+    assert caplog.text.count("No sample grid") == 1  # said once, not at every `--save_images_steps`
+    assert "one expert alone does not sample" in caplog.text and "--assemble_experts" in caplog.text

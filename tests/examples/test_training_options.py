@@ -332,6 +332,20 @@ def test_fp16_from_accelerate_launch_on_cpu_is_a_usage_error(examples, script, i
     script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--mixed_precision", "no"])
 
 
+def test_gradient_accumulation_from_accelerate_launch_must_be_the_scripts(
+    examples, script, image_folder, monkeypatch, capsys
+):
+    # `accelerate launch --gradient_accumulation_steps 4` (a DeepSpeed launch, or its config) set the accumulation
+    # Accelerate synced on, over the script's `--gradient_accumulation_steps`, which counted the steps per epoch, the
+    # batches a resumed run skips, `--scale_lr` and the model card: a resumed run restarted mid-data, in silence
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with pytest.raises(SystemExit):
+        script.parse_args([*examples.TINY, "--train_data_dir", image_folder])
+    err = capsys.readouterr().err
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4" in err and "`--gradient_accumulation_steps` 1" in err
+    script.parse_args([*examples.TINY, "--train_data_dir", image_folder, "--gradient_accumulation_steps", "4"])
+
+
 def test_fp16_on_apple_mps_is_accepted_as_accelerate_accepts_it(examples, script, image_folder, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # was refused: "needs a CUDA GPU"

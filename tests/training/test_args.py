@@ -95,6 +95,8 @@ def _checked(tmp_path, *argv):
         (["--vae_subfolder", "vae"], "`--vae_subfolder` 'vae' is a folder inside `--vae_path`: give `--vae_path` too"),
         # wandb uploads the command line, token included (diffusers' scripts refuse the pair too)
         (["--logger", "wandb", "--hub_token", "hf_x"], "`--hub_token` cannot be used with `--logger wandb`"),
+        # was ignored in silence: the run finished with nothing written there
+        (["--hub_local_dir", "hub"], "`--hub_local_dir` 'hub' is where `--push_to_hub` writes.*add `--push_to_hub`"),
     ],
 )
 def test_options_refused_before_training(tmp_path, monkeypatch, argv, message):
@@ -306,6 +308,23 @@ def test_help_names_the_local_hub_folder_as_the_run_writes_it(capsys):
     # without `--hub_model_id` the repository (and so the `--hub_local_dir` sub-folder) is named after `--output_dir`
     text = " ".join(_script_help("examples/multistage/train_multistage.py", capsys).split())
     assert "<dir>/<repository> (`--hub_model_id`, else named after `--output_dir`)" in text
+
+
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        ("--overwrite_output_dir", "deleted once this run has a complete checkpoint of its own"),
+        ("--checkpointing_steps CHECKPOINTING_STEPS", "every N optimisation steps"),
+        ("--checkpoints_total_limit CHECKPOINTS_TOTAL_LIMIT", "Keep at most this many complete checkpoints"),
+        ("--use_ema", "saved in the checkpoints and as the final pipeline's weights"),
+        ("--push_to_hub", "without checkpoints, logs and the sample history"),
+        ("--hub_model_id HUB_MODEL_ID", "Default: named after `--output_dir`"),
+    ],
+)
+def test_help_says_what_the_run_life_cycle_options_do(option, says, capsys):
+    # these options had no help text at all: `--help` showed their names only (diffusers' scripts explain each)
+    text = " ".join(_script_help("examples/multistage/train_multistage.py", capsys).split())
+    assert says in text.split(f"{option} ")[1].split(" --")[0]
 
 
 @pytest.mark.parametrize(

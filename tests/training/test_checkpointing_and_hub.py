@@ -198,6 +198,31 @@ def test_publish_replaces_a_folder_of_the_same_step_and_leftovers_are_removed(tm
     assert remove_leftovers(str(tmp_path / "none")) == []
 
 
+def test_a_kill_while_the_replaced_checkpoint_of_the_same_step_is_deleted_keeps_the_new_one(tmp_path, monkeypatch):
+    # a checkpoint replacing one of the same step (the former run's, `--overwrite_output_dir`, or one beside a resume
+    # from another folder) was renamed into place only after the old folder was deleted: a kill while deleting it
+    # left the new checkpoint hidden, and the next run removed it as a leftover, with no checkpoint left at all
+    import shutil
+
+    _checkpoint(tmp_path, 4)  # complete: the only checkpoint of the folder
+    partial = tmp_path / ".checkpoint-4.partial"
+    _touch(str(partial / "optimizer.bin"))
+    rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        if os.path.basename(str(path)) == ".checkpoint-4.deleted":
+            raise KeyboardInterrupt  # stands for the kill
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        publish_checkpoint(str(partial), str(tmp_path / "checkpoint-4"), 4)
+    monkeypatch.undo()
+    remove_leftovers(str(tmp_path))  # the next run
+    assert _names(tmp_path) == ["checkpoint-4"]
+    assert _names(tmp_path / "checkpoint-4") == [COMPLETE_MARKER, "optimizer.bin"]  # the new one
+
+
 def _pipeline_save(version: str):
     """A stand-in for a pipeline's `save_pretrained`: an index file and two component folders, tagged ``version``."""
 
@@ -431,6 +456,36 @@ def test_a_checkpoint_save_that_fails_leaves_no_partial_folder(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(accelerator, str(tmp_path), 4, total_limit=1)
     assert _names(tmp_path) == ["checkpoint-2"] and is_complete(kept)
+
+
+def test_a_kill_while_the_former_runs_later_checkpoints_are_deleted_keeps_the_new_one(tmp_path, monkeypatch):
+    # `--overwrite_output_dir`: the former run's checkpoints of later steps (which `latest` would take) were deleted
+    # before the new run's first checkpoint, written and complete, got its name: a kill while deleting them left it
+    # hidden, the next run removed it as a leftover, and `latest` resumed the former run's earlier checkpoint
+    import shutil
+
+    from diffusers_stages.training.checkpointing import save_checkpoint
+
+    replaced = [_checkpoint(tmp_path, 2), _checkpoint(tmp_path, 6)]  # the former run's
+
+    def save_state(folder):
+        _touch(os.path.join(folder, "optimizer.bin"))
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
+    rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        if os.path.basename(str(path)) == ".checkpoint-6.deleted":
+            raise KeyboardInterrupt  # stands for the kill
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, str(tmp_path), 4, total_limit=None, replaced=replaced)
+    monkeypatch.undo()
+    remove_leftovers(str(tmp_path))  # the next run
+    latest = resolve_resume_checkpoint(str(tmp_path), "latest")
+    assert os.path.basename(latest) == "checkpoint-4" and _names(latest) == [COMPLETE_MARKER, "optimizer.bin"]
 
 
 def test_push_leaves_out_the_logs_of_a_custom_logging_dir(tmp_path, monkeypatch):

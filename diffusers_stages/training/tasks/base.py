@@ -239,6 +239,10 @@ class TrainingTask:
         """The pipeline the networks are sampled and saved as (None where one run gives no full sampler)."""
         raise NotImplementedError
 
+    def no_sampler_reason(self) -> str:
+        """Why `pipeline` gives None (the run's sample grids are not drawn), and how its networks are sampled."""
+        return "the networks of this run do not sample alone"
+
     def save(self, networks: dict[str, ModelMixin], scheduler, vae, output_dir: str) -> None:
         self.pipeline(networks, scheduler, vae).save_pretrained(output_dir)
 

@@ -256,6 +256,12 @@ class DualBackboneTask(FineTuningTask):
             **self.switch, id2label=self.id2label,
         )  # fmt: skip
 
+    def no_sampler_reason(self):
+        return (
+            "one backbone alone does not sample: load it next to the other one in a DualBackbonePipeline "
+            "(examples/dual_backbone/README.md)"
+        )
+
     def save(self, networks, scheduler, vae, output_dir):
         if set(networks) == {"shallow", "deep"}:
             return super().save(networks, scheduler, vae, output_dir)

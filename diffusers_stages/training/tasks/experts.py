@@ -318,6 +318,12 @@ class ExpertTask(FineTuningTask):
             experts=self._routing_model(networks), scheduler=scheduler, vae=vae, id2label=self.id2label
         )
 
+    def no_sampler_reason(self):
+        return (
+            "one expert alone does not sample: gather the runs of every expert with `--assemble_experts` "
+            "(examples/experts/README.md), whose pipeline draws a sample grid"
+        )
+
     def save(self, networks, scheduler, vae, output_dir):
         if self.args.expert_index is None:
             return super().save(networks, scheduler, vae, output_dir)
