@@ -106,7 +106,7 @@ def load_source(path: str, option: str = "--source") -> tuple[UNet2DModel, objec
     if not os.path.isfile(index_path):
         refuse_staged_source(path, read_class_name(os.path.join(path, "config.json")), option)
         unet = load_strict(UNet2DModel, path)
-        return unet, DDPMScheduler(num_train_timesteps=unet.config.num_train_timesteps or 1000), None, None
+        return unet, DDPMScheduler(num_train_timesteps=bare_schedule_length(unet, path)), None, None
     index = read_json(index_path, "model_index.json")
     pipeline_class = refuse_staged_source(path, index.get("_class_name"), option)
     if pipeline_class not in SOURCE_PIPELINES:
@@ -123,6 +123,20 @@ def load_source(path: str, option: str = "--source") -> tuple[UNet2DModel, objec
         if vae_class is not None:
             vae = load_strict(vae_class, path, subfolder=name)
     return unet, scheduler, vae, pipeline_class
+
+
+def bare_schedule_length(unet: UNet2DModel, path: str) -> int:
+    """The training schedule length of a bare U-Net folder's DDPM scheduler: its config's ``num_train_timesteps``
+    (1000, diffusers' DDPM default, when null), refused by name unless a positive integer."""
+    steps = unet.config.num_train_timesteps
+    if steps is None:
+        return 1000
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(
+            f"{os.path.join(path, 'config.json')}: `num_train_timesteps` must be a positive integer or null, got "
+            f"{steps!r} (it sets the length of the DDPM schedule the converted pipeline gets)."
+        )
+    return steps
 
 
 def source_model_folders(path: str) -> tuple[str, str | None]:

@@ -277,3 +277,17 @@ def test_a_config_key_diffusers_ignores_is_left_out_not_a_type_error(tmp_path, c
     assert "3-step samples (seed 0): max |source - converted| = 0.000e+00" in capsys.readouterr().out
     with open(os.path.join(out, "unet", "config.json")) as f:
         assert "an_option_of_another_version" not in json.load(f)
+
+
+@pytest.mark.parametrize("value", [-5, 0, 2.5, "1000", True], ids=["negative", "zero", "fraction", "text", "bool"])
+def test_a_bare_unet_config_with_a_schedule_length_that_is_no_count_is_named(tmp_path, value):
+    # a bare U-Net folder's `num_train_timesteps` sizes the DDPM schedule the converted pipeline gets: -5 was a torch
+    # RuntimeError ("number of steps must be non-negative") from inside the scheduler, and 0 was taken as 1000
+    tiny_unet().save_pretrained(tmp_path / "unet")
+    config_path = tmp_path / "unet" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "num_train_timesteps": value}))
+    with pytest.raises(
+        ValueError, match=r"config.json.*`num_train_timesteps` must be a positive integer or null, got"
+    ):
+        convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "5")
+    assert not (tmp_path / "out").exists()
