@@ -65,6 +65,7 @@ from diffusers_stages.conversion.common import (
 )
 from diffusers_stages.models import ClassContextEmbedding, MultiStageUNet2DConditionModel, MultiStageUNet2DModel
 from diffusers_stages.pipelines import MultiStagePipeline
+from diffusers_stages.pipelines.pipeline_staged import _vae_latent_channels
 
 LDM_PREFIX = "model.diffusion_model."  # where a LatentDiffusion Lightning checkpoint keeps its U-Net
 EMA_PREFIX = "model_ema."  # LitEma's buffers: "model_ema." + the DiffusionWrapper's parameter name without dots
@@ -562,6 +563,19 @@ def load_vae(path: str, diffusion: dict):
     return vae
 
 
+def check_vae_latents(vae, path: str | None, in_channels: int) -> None:
+    """Refuse a ``--vae`` whose latents the U-Net does not denoise (other channels than its ``in_channels``): the
+    pipeline would be written, and fail at every sampling call."""
+    if vae is None:
+        return
+    channels = _vae_latent_channels(vae)
+    if channels != in_channels:
+        raise ValueError(
+            f"`--vae` {path} decodes latents of {channels} channels, but the checkpoint's U-Net denoises "
+            f"`in_channels`={in_channels}: give the first stage the original model was trained with."
+        )
+
+
 # --------------------------------------------------------------------------------------------------------------
 def verify_against_original(
     repo: str,
@@ -612,6 +626,7 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         raw = load_state_dict(args.checkpoint)
         original = unet_state_dict(raw, not args.no_ema, diffusion.get("use_ema", True))
         config = ldm_unet_config(p)
+        check_vae_latents(vae, args.vae, config["in_channels"])
         cross_attention = bool(p.get("use_spatial_transformer", False))
         model = (MultiStageUNet2DConditionModel if cross_attention else MultiStageUNet2DModel)(**config)
         class_embedder, class_embeddings = None, None

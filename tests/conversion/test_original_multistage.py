@@ -649,3 +649,20 @@ def test_a_vae_that_is_not_a_folder_is_named_before_any_work(tmp_path, monkeypat
         with pytest.raises(ValueError, match=f"`--vae` must be a folder, got '{vae}'"):
             convert_files(checkpoint, config, tmp_path / "out", "--vae", str(vae))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("vae_kind", ["vq", "kl"])
+def test_a_vae_whose_latents_the_unet_does_not_denoise_is_refused_and_writes_nothing(tmp_path, vae_kind):
+    """A `--vae` of 4-channel latents beside a 3-channel U-Net was written into the pipeline: the folder loaded, and
+    every sampling call failed (`vae` decodes latents of 4 channels, but the networks denoise `in_channels`=3)."""
+    from diffusers import AutoencoderKL, VQModel
+
+    vae_folder = str(tmp_path / "vae")
+    options = dict(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    (VQModel(**options, num_vq_embeddings=16) if vae_kind == "vq" else AutoencoderKL(**options)).save_pretrained(
+        vae_folder
+    )
+    checkpoint, config = write_source(tmp_path, TINY)  # in_channels 3
+    with pytest.raises(ValueError, match=r"`--vae` .* decodes latents of 4 channels, but the checkpoint's U-Net .*3"):
+        convert_files(checkpoint, config, tmp_path / "out", "--vae", vae_folder)
+    assert not (tmp_path / "out").exists()
