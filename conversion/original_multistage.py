@@ -43,6 +43,7 @@ import torch
 import yaml
 from diffusers import AutoencoderKL, DDIMScheduler, VQModel
 
+from diffusers_stages.cli import refuse_pipeline_folder
 from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
@@ -544,6 +545,7 @@ def load_vae(path: str, diffusion: dict):
     diffusers' conversion of latent-diffusion checkpoints sets it. A path that is not a folder is refused by name
     (diffusers would take it for a Hub repository id)."""
     source_folder(path, "--vae")
+    refuse_pipeline_folder(path, "--vae")  # (an LDMPipeline folder: its `vqvae` is meant)
     scale = diffusion.get("scale_factor", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"`--original_config`: `scale_factor`={scale!r} must be a positive number.")

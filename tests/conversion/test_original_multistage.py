@@ -666,3 +666,14 @@ def test_a_vae_whose_latents_the_unet_does_not_denoise_is_refused_and_writes_not
     with pytest.raises(ValueError, match=r"`--vae` .* decodes latents of 4 channels, but the checkpoint's U-Net .*3"):
         convert_files(checkpoint, config, tmp_path / "out", "--vae", vae_folder)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pipeline_folder_given_as_vae_is_named_with_its_model_folders(tmp_path, ldm_folder):
+    """An LDMPipeline folder given as `--vae` failed with "Cannot load a AutoencoderKL from ... no file named
+    config.json": the error now says it is a pipeline folder and names the folders of its models."""
+    checkpoint, config = write_source(tmp_path, TINY)
+    with pytest.raises(
+        ValueError, match=r"`--vae` .*ldm' is a pipeline folder: give the folder of one of its models \(.*vqvae\)"
+    ):
+        convert_files(checkpoint, config, tmp_path / "out", "--vae", ldm_folder)
+    assert not (tmp_path / "out").exists()
