@@ -66,6 +66,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_source_count(args: argparse.Namespace) -> None:
+    """Refuse, before any source is read, ``--stage_boundaries`` that give another number of stages than the
+    ``--sources`` (experts: one source per stage)."""
+    if args.pipeline != "experts" or args.stage_boundaries is None:
+        return
+    stages = len(args.stage_boundaries) + 1
+    if stages != len(args.sources):
+        given = " ".join(f"{b:g}" for b in args.stage_boundaries)
+        fewer = f", or {len(args.sources) - 1} boundaries" if len(args.sources) > 1 else ""
+        raise ValueError(
+            f"`--stage_boundaries` {given} gives {stages} stages, one per `--sources` folder, but "
+            f"{len(args.sources)} `--sources` were given: give {stages} sources{fewer}."
+        )
+
+
 def gather_sources(paths: list[str]):
     """``(denoisers, scheduler, vae)``: the sources' U-Nets, and the one schedule and VAE they must share."""
     unets, scheduler, vae = [], None, None
@@ -173,6 +188,7 @@ def verify(written, built, unets, tolerance: float, steps: int = 4) -> None:
 @torch.no_grad()
 def main(args: argparse.Namespace):
     pipeline_class = PIPELINES[args.pipeline]
+    check_source_count(args)
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unets, scheduler, vae = gather_sources(args.sources)
         built = build(args, unets, scheduler, vae)

@@ -173,3 +173,21 @@ def test_errors_about_a_source_name_the_option_sources(large_and_small, tmp_path
             combine([large_and_small[0], str(source)], str(tmp_path / "out"), "--stage_boundaries", "600")
         assert "`--sources`" in str(error.value) and "`--source`" not in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "sources, boundaries, stages", [(1, ["500"], 2), (2, ["300", "600"], 3)], ids=["one-source", "three-stages"]
+)
+def test_sources_and_boundaries_that_disagree_are_named_by_their_options(
+    large_and_small, tmp_path, monkeypatch, sources, boundaries, stages
+):
+    """One source for two stages was refused after every source was loaded, in the model's words ("`experts` must
+    be a list with one denoiser per stage"): the options the user gave are named now, before any source is read."""
+    monkeypatch.setattr(pipelines_to_experts, "gather_sources", lambda paths: pytest.fail("sources were loaded"))
+    with pytest.raises(
+        ValueError,
+        match=rf"`--stage_boundaries` {' '.join(boundaries)} gives {stages} stages, one per `--sources` folder, "
+        rf"but {sources} `--sources` were given",
+    ):
+        combine(large_and_small[:sources], str(tmp_path / "out"), "--stage_boundaries", *boundaries)
+    assert not (tmp_path / "out").exists()
