@@ -56,6 +56,7 @@ from diffusers_stages.conversion.common import (
     max_difference,
     move_layer,
     probe_timesteps,
+    read_json,
     rearranging,
     report_verification,
     run,
@@ -549,14 +550,14 @@ def load_vae(path: str, diffusion: dict):
     scale = diffusion.get("scale_factor", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"`--original_config`: `scale_factor`={scale!r} must be a positive number.")
-    for vae_class in (VQModel, AutoencoderKL):
-        try:
-            vae = load_strict(vae_class, path)
-            break
-        except ValueError as error:
-            last = error
-    else:
-        raise ValueError(f"`--vae` {path} is neither a VQModel nor an AutoencoderKL folder: {last}")
+    # the class its config names (trying both named a VQModel whose weights fail "neither a VQModel nor ...")
+    config_path = os.path.join(path, "config.json")
+    name = read_json(config_path, "config.json").get("_class_name") if os.path.isfile(config_path) else None
+    vae_class = {cls.__name__: cls for cls in (VQModel, AutoencoderKL)}.get(name)
+    if vae_class is None:
+        found = f"its config.json names {name!r}" if os.path.isfile(config_path) else "it has no config.json"
+        raise ValueError(f"`--vae` {path} is neither a VQModel nor an AutoencoderKL folder: {found}.")
+    vae = load_strict(vae_class, path)
     if vae.config.scaling_factor != scale:
         print(
             f"`--vae` {path}: scaling_factor {vae.config.scaling_factor} -> {float(scale)} (the original's scale_factor)"

@@ -677,3 +677,20 @@ def test_a_pipeline_folder_given_as_vae_is_named_with_its_model_folders(tmp_path
     ):
         convert_files(checkpoint, config, tmp_path / "out", "--vae", ldm_folder)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_vq_vae_folder_that_does_not_load_is_named_for_what_it_is(tmp_path):
+    """A VQModel `--vae` whose weights do not load (here: only a float16 variant) was reported as "neither a VQModel
+    nor an AutoencoderKL folder: ... holds a VQModel, not the AutoencoderKL expected here": the VQModel's own
+    reason is given now."""
+    from diffusers import VQModel
+
+    vae_folder = tmp_path / "vq"
+    VQModel(block_out_channels=(8,), norm_num_groups=4, latent_channels=3, num_vq_embeddings=16).save_pretrained(
+        vae_folder, variant="fp16"
+    )
+    checkpoint, config = write_source(tmp_path, TINY)
+    with pytest.raises(ValueError) as error:
+        convert_files(checkpoint, config, tmp_path / "out", "--vae", str(vae_folder))
+    assert "holds no plain safetensors weights" in str(error.value) and "neither" not in str(error.value)
+    assert not (tmp_path / "out").exists()
