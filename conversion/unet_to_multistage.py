@@ -50,6 +50,7 @@ TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline
 VERIFY_PROMPT = "a photo of a cat"
 VAE_COMPONENTS = ("vqvae", "vae")
 PLANS = ("uniform", "snr")
+PLAN_LEVELS = 100  # noise levels of the planning grid --plan works on: at most this many stages
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Plan the boundaries from the source's noise schedule instead of giving them: 'uniform' (equal shares "
         "of the training timesteps) or 'snr' (equal steps of log-SNR). Data-driven plans: see diffusers_stages.planning.",
     )
-    parser.add_argument("--num_stages", type=int, help="Number of stages for --plan (default: 3).")
+    parser.add_argument(
+        "--num_stages", type=int, help=f"Number of stages for --plan, from 2 to {PLAN_LEVELS} (default: 3)."
+    )
     parser.add_argument("--verify_steps", type=int, default=3, help="Sampling steps of the --verify comparison.")
     args = parser.parse_args(argv)
     if (args.stage_boundaries is None) == (args.plan is None):
@@ -89,6 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_stages {args.num_stages} is for --plan: --stage_boundaries give the stages already")
     if args.num_stages is None:
         args.num_stages = 3
+    if not 2 <= args.num_stages <= PLAN_LEVELS:
+        parser.error(
+            f"--num_stages must be an integer from 2 to {PLAN_LEVELS} (the planning grid's noise levels), got "
+            f"{args.num_stages}"
+        )
     if args.boundary_units is not None and args.plan is not None:
         parser.error(f"--boundary_units {args.boundary_units} is for --stage_boundaries: --plan takes the scheduler's")
     if args.boundary_units is None:
@@ -205,7 +213,9 @@ def plan_boundaries(scheduler, method: str, num_stages: int) -> tuple[list[float
     from diffusers_stages.planning.methods import snr_plan, uniform_plan
     from diffusers_stages.planning.schedule import NoiseSchedule
 
-    plan = {"uniform": uniform_plan, "snr": snr_plan}[method](NoiseSchedule.from_scheduler(scheduler), num_stages)
+    plan = {"uniform": uniform_plan, "snr": snr_plan}[method](
+        NoiseSchedule.from_scheduler(scheduler, PLAN_LEVELS), num_stages
+    )
     return list(plan.partition.boundaries), plan.partition.units
 
 

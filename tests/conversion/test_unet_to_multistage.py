@@ -291,3 +291,16 @@ def test_a_bare_unet_config_with_a_schedule_length_that_is_no_count_is_named(tmp
     ):
         convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "5")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("num_stages", ["1", "101"])
+def test_a_num_stages_the_plan_cannot_give_is_a_usage_error_naming_the_option(ddpm_folder, capsys, num_stages):
+    # `--plan uniform --num_stages 101` loaded the source, then failed with "exceeds the 100 noise levels of the
+    # planning grid; raise `num_levels`", an option the command does not have
+    args = ["--source", ddpm_folder, "--output_path", "x", "--plan", "uniform", "--num_stages", num_stages]
+    with pytest.raises(SystemExit):
+        unet_to_multistage.parse_args(args)
+    assert f"--num_stages must be an integer from 2 to 100 (the planning grid's noise levels), got {num_stages}" in (
+        capsys.readouterr().err
+    )
+    assert unet_to_multistage.parse_args([*args[:-1], "100"]).num_stages == 100
