@@ -83,7 +83,7 @@ def check_source_count(args: argparse.Namespace) -> None:
 
 def gather_sources(paths: list[str]):
     """``(denoisers, scheduler, vae)``: the sources' U-Nets, and the one schedule and VAE they must share."""
-    unets, scheduler, vae = [], None, None
+    unets, scheduler, vae, bare = [], None, None, []
     pixel_source = latent_source = None  # a pipeline without a VAE, one with (a bare U-Net folder could be either)
     for path in paths:
         text_to_image = text_to_image_class(path)
@@ -95,6 +95,8 @@ def gather_sources(paths: list[str]):
             )
         unet, source_scheduler, source_vae, pipeline_class = load_source(path, "--sources")
         unets.append(unet)
+        if pipeline_class is None:
+            bare.append((path, unet))
         if pipeline_class is not None and scheduler is None:
             scheduler, reference = source_scheduler, path
         elif pipeline_class is not None:
@@ -116,7 +118,18 @@ def gather_sources(paths: list[str]):
             vae = source_vae
         elif source_vae is not None:
             check_same_vae(vae, source_vae, path)
-    return unets, scheduler or load_source(paths[0], "--sources")[1], vae
+    if scheduler is None:  # bare U-Nets only: the first one's DDPM schedule
+        scheduler, reference = load_source(paths[0], "--sources")[1], paths[0]
+    steps = scheduler.config.num_train_timesteps
+    for path, unet in bare:  # a bare U-Net's config may record the schedule length it was trained on
+        recorded = unet.config.get("num_train_timesteps")
+        if recorded is not None and recorded != steps:
+            raise ValueError(
+                f"`--sources` {path} records {recorded} training timesteps (its config.json's `num_train_timesteps`), "
+                f"but the shared schedule (from {reference}) has {steps}: experts replace one another mid-trajectory, so they must share the training "
+                "schedule."
+            )
+    return unets, scheduler, vae
 
 
 def build(args: argparse.Namespace, unets, scheduler, vae):

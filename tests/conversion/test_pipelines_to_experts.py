@@ -191,3 +191,19 @@ def test_sources_and_boundaries_that_disagree_are_named_by_their_options(
     ):
         combine(large_and_small[:sources], str(tmp_path / "out"), "--stage_boundaries", *boundaries)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("order", ["pipeline-first", "bare-first"])
+@pytest.mark.parametrize("pipeline", ["experts", "dual_backbone"])
+def test_a_bare_unet_trained_on_another_schedule_length_is_refused(ddpm_folder, tmp_path, pipeline, order):
+    """A bare U-Net whose config records 500 training timesteps (a learned time embedding of 500 rows) beside a
+    1000-step DDPM pipeline was combined: --verify was an IndexError from inside the embedding, and without it the
+    written pipeline failed so at sampling. Its schedule length is compared with the shared one, as pipelines' are."""
+    torch.manual_seed(0)
+    bare = str(tmp_path / "bare")
+    UNet2DModel(**TINY_UNET, time_embedding_type="learned", num_train_timesteps=500).save_pretrained(bare)
+    sources = [ddpm_folder, bare] if order == "pipeline-first" else [bare, ddpm_folder]
+    extra = ["--stage_boundaries", "250"] if pipeline == "experts" else ["--switch_step_fraction", "0.5"]
+    with pytest.raises(ValueError, match=r"`--sources` .*bare records 500 training timesteps .* 1000"):
+        combine(sources, str(tmp_path / "out"), "--pipeline", pipeline, *extra)
+    assert not (tmp_path / "out").exists()
