@@ -24,6 +24,7 @@ from diffusers import DDPMScheduler, ModelMixin, SchedulerMixin, UNet2DCondition
 import diffusers_stages
 from diffusers_stages.conversion.common import (
     build_parser,
+    check_plain_safetensors,
     input_paths,
     load_strict,
     max_difference,
@@ -41,7 +42,11 @@ from diffusers_stages.conversion.multistage_to_unet import conditioning
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
 from diffusers_stages.models.loading import component_folder, load_scheduler
 from diffusers_stages.pipelines import MultiStagePipeline
-from diffusers_stages.pipelines.loading import load_transformers_components, resolve_component_class
+from diffusers_stages.pipelines.loading import (
+    load_transformers_components,
+    pipeline_module_class,
+    resolve_component_class,
+)
 from diffusers_stages.schedulers import scheduler_units as units_of
 from diffusers_stages.training.args import BoundaryList
 
@@ -295,12 +300,22 @@ def check_text_to_image_index(path: str, pipeline_class: type) -> dict:
         entry = index.get(name)
         library = getattr(diffusers.pipelines, entry[0], None) if _is_entry(entry) else None
         if isinstance(library, types.ModuleType) and library.__name__.startswith("diffusers.pipelines."):
-            component_folder(path, name)  # a class of diffusers' own pipeline modules (SD's safety checker)
+            # a class of diffusers' own pipeline modules (SD's safety checker)
+            check_model_weights(component_folder(path, name), pipeline_module_class(entry))
             continue
         optional = name in pipeline_class._optional_components
-        if source_component_class(index, name, bases.get(name, object), optional=optional) is not None:
-            component_folder(path, name)
+        component_class = source_component_class(index, name, bases.get(name, object), optional=optional)
+        if component_class is not None:
+            check_model_weights(component_folder(path, name), component_class)
     return index
+
+
+def check_model_weights(folder: str, component_class: type | None) -> None:
+    """Refuse a network component's ``folder`` without plain safetensors weights (a text encoder with only
+    ``pytorch_model.bin`` was an OSError from transformers' loader), before anything is loaded."""
+    if isinstance(component_class, type) and issubclass(component_class, torch.nn.Module):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            check_plain_safetensors(folder, component_class)
 
 
 def _is_entry(entry: object) -> bool:
