@@ -356,12 +356,19 @@ def save_in_stored_dtypes(pipeline, folder: str, sources: Iterable[tuple[object,
         dtype = stored_dtype(source)
         if isinstance(module, torch.nn.Module) and dtype is not None and dtype != module.dtype:
             restore.append((module, module.dtype))
-            module.to(dtype)
+            cast(module, dtype)
     try:
         pipeline.save_pretrained(folder)
     finally:
         for module, dtype in restore:
-            module.to(dtype)
+            cast(module, dtype)
+
+
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` cast to ``dtype`` in place (when it is not already), without diffusers' `ModelMixin.to` warning
+    that "modules that should be kept in float32: []" make casting "inconsistent" (it warns on every dtype, also
+    for models that keep no module in float32, as the conversions' models)."""
+    return module if module.dtype == dtype else torch.nn.Module.to(module, dtype)
 
 
 EXPORT_HINT = (
