@@ -53,7 +53,7 @@ from diffusers_stages.training.args import BoundaryList
 SOURCE_PIPELINES = {"DDPMPipeline": "unet", "DDIMPipeline": "unet", "LDMPipeline": "unet"}  # pipeline -> denoiser
 TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # converted in place
 VERIFY_PROMPT = "a photo of a cat"
-VAE_COMPONENTS = ("vqvae", "vae")
+SOURCE_VAES = {"LDMPipeline": "vqvae"}  # pipeline -> its VAE component (DDPM/DDIM take none: diffusers ignores one)
 PLANS = ("uniform", "snr")
 PLAN_LEVELS = 100  # noise levels of the planning grid --plan works on: at most this many stages
 
@@ -130,11 +130,18 @@ def load_source(path: str, option: str = "--source") -> tuple[UNet2DModel, objec
     unet = load_strict(UNet2DModel, path, subfolder=SOURCE_PIPELINES[pipeline_class])
     scheduler_class = source_component_class(index, "scheduler", SchedulerMixin, option=option)
     scheduler = load_scheduler(scheduler_class, component_folder(path, "scheduler"), f"`{option}`")
-    vae = None
-    for name in VAE_COMPONENTS:
-        vae_class = source_component_class(index, name, ModelMixin, optional=True, option=option)
-        if vae_class is not None:
-            vae = load_strict(vae_class, path, subfolder=name)
+    vae, name = None, SOURCE_VAES.get(pipeline_class)
+    extra = [c for c in ("vae", "vqvae") if c != name and index.get(c) not in (None, [None, None])]
+    if extra:  # diffusers' loader ignores it: a sample from the source never passes through it
+        raise ValueError(
+            f"`{option}` {path!r} is a {pipeline_class} whose model_index.json also names a {extra[0]!r} component "
+            f"({index[extra[0]]!r}), which a {pipeline_class} does not take (diffusers ignores it, so the source "
+            "samples without it): remove the entry, or save the folder as an LDMPipeline (its `vqvae`) if the "
+            "U-Net denoises latents."
+        )
+    vae_class = None if name is None else source_component_class(index, name, ModelMixin, optional=True, option=option)
+    if vae_class is not None:
+        vae = load_strict(vae_class, path, subfolder=name)
     return unet, scheduler, vae, pipeline_class
 
 
@@ -154,9 +161,12 @@ def bare_schedule_length(unet: UNet2DModel, path: str) -> int:
 
 def source_model_folders(path: str) -> tuple[str, str | None]:
     """``(unet folder, vae folder or None)`` of a UNet2DModel or unconditional pipeline source."""
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
         return path, None
-    vae = next((os.path.join(path, name) for name in VAE_COMPONENTS if os.path.isdir(os.path.join(path, name))), None)
+    entry = read_json(index_path, "model_index.json").get("_class_name")
+    name = SOURCE_VAES.get(entry[-1] if isinstance(entry, list) and entry else entry)
+    vae = os.path.join(path, name) if name is not None and os.path.isdir(os.path.join(path, name)) else None
     return os.path.join(path, "unet"), vae
 
 

@@ -304,3 +304,31 @@ def test_a_num_stages_the_plan_cannot_give_is_a_usage_error_naming_the_option(dd
         capsys.readouterr().err
     )
     assert unet_to_multistage.parse_args([*args[:-1], "100"]).num_stages == 100
+
+
+def test_a_vae_a_ddpm_pipeline_folder_does_not_take_is_refused_by_name(ddpm_folder, ldm_folder, tmp_path):
+    """A DDPMPipeline folder whose model_index.json also names a `vae` (which diffusers' DDPMPipeline ignores) was
+    converted into a latent pipeline decoding through it: 16-pixel images where the source samples 8-pixel ones,
+    while --verify compared with an LDMPipeline built from the same parts and reported 0.000e+00. The entry is
+    refused by name; without it the folder converts to what the source samples."""
+    import shutil
+
+    source = str(tmp_path / "ddpm-with-vae")
+    shutil.copytree(ddpm_folder, source)
+    shutil.copytree(os.path.join(ldm_folder, "vqvae"), os.path.join(source, "vae"))
+    index_path = os.path.join(source, "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    with open(index_path, "w") as f:
+        json.dump({**index, "vae": ["diffusers", "VQModel"]}, f)
+    out = str(tmp_path / "staged")
+    with pytest.raises(ValueError, match=r"is a DDPMPipeline whose model_index.json also names a 'vae' component"):
+        convert(source, out, "--stage_boundaries", "500", "--verify")
+    assert not os.path.exists(out)
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    staged = convert(source, out, "--stage_boundaries", "500", "--verify", "--tolerance", "0")
+    assert staged.vae is None
+    np.testing.assert_array_equal(
+        sample(MultiStagePipeline.from_pretrained(out)), sample(DDPMPipeline.from_pretrained(source))
+    )
