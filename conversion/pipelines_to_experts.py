@@ -68,7 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_source_count(args: argparse.Namespace) -> None:
     """Refuse, before any source is read, ``--stage_boundaries`` that give another number of stages than the
-    ``--sources`` (experts: one source per stage)."""
+    ``--sources`` (experts: one source per stage), or a dual backbone of other than two sources."""
+    if args.pipeline == "dual_backbone" and len(args.sources) != 2:
+        raise ValueError(f"--pipeline dual_backbone takes two --sources (deep, shallow), got {len(args.sources)}.")
     if args.pipeline != "experts" or args.stage_boundaries is None:
         return
     stages = len(args.stage_boundaries) + 1

@@ -207,3 +207,14 @@ def test_a_bare_unet_trained_on_another_schedule_length_is_refused(ddpm_folder, 
     with pytest.raises(ValueError, match=r"`--sources` .*bare records 500 training timesteps .* 1000"):
         combine(sources, str(tmp_path / "out"), "--pipeline", pipeline, *extra)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dual_backbone_of_other_than_two_sources_is_refused_before_any_is_read(
+    large_and_small, tmp_path, monkeypatch
+):
+    """Three --sources for a dual backbone were all loaded before the count was checked."""
+    monkeypatch.setattr(pipelines_to_experts, "gather_sources", lambda paths: pytest.fail("sources were loaded"))
+    with pytest.raises(ValueError, match=r"--pipeline dual_backbone takes two --sources \(deep, shallow\), got 3"):
+        combine([*large_and_small, large_and_small[0]], str(tmp_path / "out"), "--pipeline", "dual_backbone",
+                "--switch_step_fraction", "0.5")  # fmt: skip
+    assert not (tmp_path / "out").exists()
