@@ -299,6 +299,7 @@ def load_strict(model_class: type, path: str, subfolder: str | None = None):
         saved_class = read_json(config_path, "config.json").get("_class_name")
         if saved_class not in (None, model_class.__name__):
             raise ValueError(f"{where} holds a {saved_class}, not the {model_class.__name__} expected here.")
+        check_plain_safetensors(where, model_class)
     strict_class = model_class
     if not issubclass(model_class, StrictLoadingMixin):
         strict_class = type(
@@ -312,8 +313,24 @@ def load_strict(model_class: type, path: str, subfolder: str | None = None):
     return model.eval()
 
 
+def check_plain_safetensors(folder: str, model_class: type) -> None:
+    """Refuse a model ``folder`` without plain safetensors weights (only a pickled ``.bin``, or only a variant's
+    ``.fp16.safetensors``), naming the weight files it holds (diffusers' error named only the file it looked for)."""
+    names = sorted(os.listdir(folder))
+    if any(DEFAULT_WEIGHT_FILE.fullmatch(name) or DEFAULT_WEIGHT_INDEX.fullmatch(name) for name in names):
+        return
+    held = [name for name in names if name.endswith((".safetensors", ".bin", ".json")) and name != "config.json"]
+    raise ValueError(
+        f"{folder} holds no plain safetensors weights (diffusion_pytorch_model.safetensors or its shards), only "
+        f"{held}: the conversions read plain safetensors only, never a pickled `.bin`, and no variant. Load the "
+        f"pipeline (or {model_class.__name__}) once where you trust it (`from_pretrained(folder, variant=...)`), "
+        "`save_pretrained(copy)` without a variant, and convert the copy."
+    )
+
+
 # the weight files a component folder loads by default (no variant's `.fp16.safetensors`), sharded or not
 DEFAULT_WEIGHT_FILE = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors")
+DEFAULT_WEIGHT_INDEX = re.compile(r"(diffusion_pytorch_model|model)\.safetensors\.index\.json")
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
@@ -339,12 +356,19 @@ def save_in_stored_dtypes(pipeline, folder: str, sources: Iterable[tuple[object,
         dtype = stored_dtype(source)
         if isinstance(module, torch.nn.Module) and dtype is not None and dtype != module.dtype:
             restore.append((module, module.dtype))
-            module.to(dtype)
+            cast(module, dtype)
     try:
         pipeline.save_pretrained(folder)
     finally:
         for module, dtype in restore:
-            module.to(dtype)
+            cast(module, dtype)
+
+
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` cast to ``dtype`` in place (when it is not already), without diffusers' `ModelMixin.to` warning
+    that "modules that should be kept in float32: []" make casting "inconsistent" (it warns on every dtype, also
+    for models that keep no module in float32, as the conversions' models)."""
+    return module if module.dtype == dtype else torch.nn.Module.to(module, dtype)
 
 
 EXPORT_HINT = (

@@ -22,6 +22,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from diffusers_stages.conversion.common import (
     build_parser,
+    cast,
     input_paths,
     load_strict,
     max_difference,
@@ -221,7 +222,7 @@ def main(args: argparse.Namespace) -> UNet2DModel | UNet2DConditionModel:
         exported = multistage_stage_to_unet(model, args.stage)
         # stored as the source stores its weights (a float16 model stays float16); loaded and verified in float32
         dtype = stored_dtype(os.path.join(args.source, source_subfolder(args.source) or "")) or exported.dtype
-        exported.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        cast(exported, dtype).save_pretrained(tmp, safe_serialization=True)
         unet = load_strict(EXPORTS[type(model)], tmp)  # what was written, reloaded strictly
         if args.verify:
             verify(model, unet, args.stage, args.tolerance)

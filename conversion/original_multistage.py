@@ -43,6 +43,7 @@ import torch
 import yaml
 from diffusers import AutoencoderKL, DDIMScheduler, VQModel
 
+from diffusers_stages.cli import refuse_pipeline_folder
 from diffusers_stages.conversion.common import (
     build_parser,
     check_consumed,
@@ -55,6 +56,7 @@ from diffusers_stages.conversion.common import (
     max_difference,
     move_layer,
     probe_timesteps,
+    read_json,
     rearranging,
     report_verification,
     run,
@@ -65,6 +67,7 @@ from diffusers_stages.conversion.common import (
 )
 from diffusers_stages.models import ClassContextEmbedding, MultiStageUNet2DConditionModel, MultiStageUNet2DModel
 from diffusers_stages.pipelines import MultiStagePipeline
+from diffusers_stages.pipelines.pipeline_staged import _vae_latent_channels
 
 LDM_PREFIX = "model.diffusion_model."  # where a LatentDiffusion Lightning checkpoint keeps its U-Net
 EMA_PREFIX = "model_ema."  # LitEma's buffers: "model_ema." + the DiffusionWrapper's parameter name without dots
@@ -543,23 +546,37 @@ def load_vae(path: str, diffusion: dict):
     diffusers' conversion of latent-diffusion checkpoints sets it. A path that is not a folder is refused by name
     (diffusers would take it for a Hub repository id)."""
     source_folder(path, "--vae")
+    refuse_pipeline_folder(path, "--vae")  # (an LDMPipeline folder: its `vqvae` is meant)
     scale = diffusion.get("scale_factor", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"`--original_config`: `scale_factor`={scale!r} must be a positive number.")
-    for vae_class in (VQModel, AutoencoderKL):
-        try:
-            vae = load_strict(vae_class, path)
-            break
-        except ValueError as error:
-            last = error
-    else:
-        raise ValueError(f"`--vae` {path} is neither a VQModel nor an AutoencoderKL folder: {last}")
+    # the class its config names (trying both named a VQModel whose weights fail "neither a VQModel nor ...")
+    config_path = os.path.join(path, "config.json")
+    name = read_json(config_path, "config.json").get("_class_name") if os.path.isfile(config_path) else None
+    vae_class = {cls.__name__: cls for cls in (VQModel, AutoencoderKL)}.get(name)
+    if vae_class is None:
+        found = f"its config.json names {name!r}" if os.path.isfile(config_path) else "it has no config.json"
+        raise ValueError(f"`--vae` {path} is neither a VQModel nor an AutoencoderKL folder: {found}.")
+    vae = load_strict(vae_class, path)
     if vae.config.scaling_factor != scale:
         print(
             f"`--vae` {path}: scaling_factor {vae.config.scaling_factor} -> {float(scale)} (the original's scale_factor)"
         )
         vae.register_to_config(scaling_factor=float(scale))
     return vae
+
+
+def check_vae_latents(vae, path: str | None, in_channels: int) -> None:
+    """Refuse a ``--vae`` whose latents the U-Net does not denoise (other channels than its ``in_channels``): the
+    pipeline would be written, and fail at every sampling call."""
+    if vae is None:
+        return
+    channels = _vae_latent_channels(vae)
+    if channels != in_channels:
+        raise ValueError(
+            f"`--vae` {path} decodes latents of {channels} channels, but the checkpoint's U-Net denoises "
+            f"`in_channels`={in_channels}: give the first stage the original model was trained with."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -612,6 +629,7 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         raw = load_state_dict(args.checkpoint)
         original = unet_state_dict(raw, not args.no_ema, diffusion.get("use_ema", True))
         config = ldm_unet_config(p)
+        check_vae_latents(vae, args.vae, config["in_channels"])
         cross_attention = bool(p.get("use_spatial_transformer", False))
         model = (MultiStageUNet2DConditionModel if cross_attention else MultiStageUNet2DModel)(**config)
         class_embedder, class_embeddings = None, None

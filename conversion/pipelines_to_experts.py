@@ -66,9 +66,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_source_count(args: argparse.Namespace) -> None:
+    """Refuse, before any source is read, ``--stage_boundaries`` that give another number of stages than the
+    ``--sources`` (experts: one source per stage), or a dual backbone of other than two sources."""
+    if args.pipeline == "dual_backbone" and len(args.sources) != 2:
+        raise ValueError(f"--pipeline dual_backbone takes two --sources (deep, shallow), got {len(args.sources)}.")
+    if args.pipeline != "experts" or args.stage_boundaries is None:
+        return
+    stages = len(args.stage_boundaries) + 1
+    if stages != len(args.sources):
+        given = " ".join(f"{b:g}" for b in args.stage_boundaries)
+        fewer = f", or {len(args.sources) - 1} boundaries" if len(args.sources) > 1 else ""
+        raise ValueError(
+            f"`--stage_boundaries` {given} gives {stages} stages, one per `--sources` folder, but "
+            f"{len(args.sources)} `--sources` were given: give {stages} sources{fewer}."
+        )
+
+
 def gather_sources(paths: list[str]):
     """``(denoisers, scheduler, vae)``: the sources' U-Nets, and the one schedule and VAE they must share."""
-    unets, scheduler, vae = [], None, None
+    unets, scheduler, vae, bare = [], None, None, []
     pixel_source = latent_source = None  # a pipeline without a VAE, one with (a bare U-Net folder could be either)
     for path in paths:
         text_to_image = text_to_image_class(path)
@@ -80,6 +97,8 @@ def gather_sources(paths: list[str]):
             )
         unet, source_scheduler, source_vae, pipeline_class = load_source(path, "--sources")
         unets.append(unet)
+        if pipeline_class is None:
+            bare.append((path, unet))
         if pipeline_class is not None and scheduler is None:
             scheduler, reference = source_scheduler, path
         elif pipeline_class is not None:
@@ -101,7 +120,18 @@ def gather_sources(paths: list[str]):
             vae = source_vae
         elif source_vae is not None:
             check_same_vae(vae, source_vae, path)
-    return unets, scheduler or load_source(paths[0], "--sources")[1], vae
+    if scheduler is None:  # bare U-Nets only: the first one's DDPM schedule
+        scheduler, reference = load_source(paths[0], "--sources")[1], paths[0]
+    steps = scheduler.config.num_train_timesteps
+    for path, unet in bare:  # a bare U-Net's config may record the schedule length it was trained on
+        recorded = unet.config.get("num_train_timesteps")
+        if recorded is not None and recorded != steps:
+            raise ValueError(
+                f"`--sources` {path} records {recorded} training timesteps (its config.json's `num_train_timesteps`), "
+                f"but the shared schedule (from {reference}) has {steps}: experts replace one another mid-trajectory, so they must share the training "
+                "schedule."
+            )
+    return unets, scheduler, vae
 
 
 def build(args: argparse.Namespace, unets, scheduler, vae):
@@ -173,6 +203,7 @@ def verify(written, built, unets, tolerance: float, steps: int = 4) -> None:
 @torch.no_grad()
 def main(args: argparse.Namespace):
     pipeline_class = PIPELINES[args.pipeline]
+    check_source_count(args)
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unets, scheduler, vae = gather_sources(args.sources)
         built = build(args, unets, scheduler, vae)

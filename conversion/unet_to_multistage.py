@@ -24,6 +24,7 @@ from diffusers import DDPMScheduler, ModelMixin, SchedulerMixin, UNet2DCondition
 import diffusers_stages
 from diffusers_stages.conversion.common import (
     build_parser,
+    check_plain_safetensors,
     input_paths,
     load_strict,
     max_difference,
@@ -41,15 +42,20 @@ from diffusers_stages.conversion.multistage_to_unet import conditioning
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
 from diffusers_stages.models.loading import component_folder, load_scheduler
 from diffusers_stages.pipelines import MultiStagePipeline
-from diffusers_stages.pipelines.loading import load_transformers_components, resolve_component_class
+from diffusers_stages.pipelines.loading import (
+    load_transformers_components,
+    pipeline_module_class,
+    resolve_component_class,
+)
 from diffusers_stages.schedulers import scheduler_units as units_of
 from diffusers_stages.training.args import BoundaryList
 
 SOURCE_PIPELINES = {"DDPMPipeline": "unet", "DDIMPipeline": "unet", "LDMPipeline": "unet"}  # pipeline -> denoiser
 TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # converted in place
 VERIFY_PROMPT = "a photo of a cat"
-VAE_COMPONENTS = ("vqvae", "vae")
+SOURCE_VAES = {"LDMPipeline": "vqvae"}  # pipeline -> its VAE component (DDPM/DDIM take none: diffusers ignores one)
 PLANS = ("uniform", "snr")
+PLAN_LEVELS = 100  # noise levels of the planning grid --plan works on: at most this many stages
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Plan the boundaries from the source's noise schedule instead of giving them: 'uniform' (equal shares "
         "of the training timesteps) or 'snr' (equal steps of log-SNR). Data-driven plans: see diffusers_stages.planning.",
     )
-    parser.add_argument("--num_stages", type=int, help="Number of stages for --plan (default: 3).")
+    parser.add_argument(
+        "--num_stages", type=int, help=f"Number of stages for --plan, from 2 to {PLAN_LEVELS} (default: 3)."
+    )
     parser.add_argument("--verify_steps", type=int, default=3, help="Sampling steps of the --verify comparison.")
     args = parser.parse_args(argv)
     if (args.stage_boundaries is None) == (args.plan is None):
@@ -89,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_stages {args.num_stages} is for --plan: --stage_boundaries give the stages already")
     if args.num_stages is None:
         args.num_stages = 3
+    if not 2 <= args.num_stages <= PLAN_LEVELS:
+        parser.error(
+            f"--num_stages must be an integer from 2 to {PLAN_LEVELS} (the planning grid's noise levels), got "
+            f"{args.num_stages}"
+        )
     if args.boundary_units is not None and args.plan is not None:
         parser.error(f"--boundary_units {args.boundary_units} is for --stage_boundaries: --plan takes the scheduler's")
     if args.boundary_units is None:
@@ -106,7 +119,7 @@ def load_source(path: str, option: str = "--source") -> tuple[UNet2DModel, objec
     if not os.path.isfile(index_path):
         refuse_staged_source(path, read_class_name(os.path.join(path, "config.json")), option)
         unet = load_strict(UNet2DModel, path)
-        return unet, DDPMScheduler(num_train_timesteps=unet.config.num_train_timesteps or 1000), None, None
+        return unet, DDPMScheduler(num_train_timesteps=bare_schedule_length(unet, path)), None, None
     index = read_json(index_path, "model_index.json")
     pipeline_class = refuse_staged_source(path, index.get("_class_name"), option)
     if pipeline_class not in SOURCE_PIPELINES:
@@ -117,19 +130,43 @@ def load_source(path: str, option: str = "--source") -> tuple[UNet2DModel, objec
     unet = load_strict(UNet2DModel, path, subfolder=SOURCE_PIPELINES[pipeline_class])
     scheduler_class = source_component_class(index, "scheduler", SchedulerMixin, option=option)
     scheduler = load_scheduler(scheduler_class, component_folder(path, "scheduler"), f"`{option}`")
-    vae = None
-    for name in VAE_COMPONENTS:
-        vae_class = source_component_class(index, name, ModelMixin, optional=True, option=option)
-        if vae_class is not None:
-            vae = load_strict(vae_class, path, subfolder=name)
+    vae, name = None, SOURCE_VAES.get(pipeline_class)
+    extra = [c for c in ("vae", "vqvae") if c != name and index.get(c) not in (None, [None, None])]
+    if extra:  # diffusers' loader ignores it: a sample from the source never passes through it
+        raise ValueError(
+            f"`{option}` {path!r} is a {pipeline_class} whose model_index.json also names a {extra[0]!r} component "
+            f"({index[extra[0]]!r}), which a {pipeline_class} does not take (diffusers ignores it, so the source "
+            "samples without it): remove the entry, or save the folder as an LDMPipeline (its `vqvae`) if the "
+            "U-Net denoises latents."
+        )
+    vae_class = None if name is None else source_component_class(index, name, ModelMixin, optional=True, option=option)
+    if vae_class is not None:
+        vae = load_strict(vae_class, path, subfolder=name)
     return unet, scheduler, vae, pipeline_class
+
+
+def bare_schedule_length(unet: UNet2DModel, path: str) -> int:
+    """The training schedule length of a bare U-Net folder's DDPM scheduler: its config's ``num_train_timesteps``
+    (1000, diffusers' DDPM default, when null), refused by name unless a positive integer."""
+    steps = unet.config.num_train_timesteps
+    if steps is None:
+        return 1000
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(
+            f"{os.path.join(path, 'config.json')}: `num_train_timesteps` must be a positive integer or null, got "
+            f"{steps!r} (it sets the length of the DDPM schedule the converted pipeline gets)."
+        )
+    return steps
 
 
 def source_model_folders(path: str) -> tuple[str, str | None]:
     """``(unet folder, vae folder or None)`` of a UNet2DModel or unconditional pipeline source."""
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
         return path, None
-    vae = next((os.path.join(path, name) for name in VAE_COMPONENTS if os.path.isdir(os.path.join(path, name))), None)
+    entry = read_json(index_path, "model_index.json").get("_class_name")
+    name = SOURCE_VAES.get(entry[-1] if isinstance(entry, list) and entry else entry)
+    vae = os.path.join(path, name) if name is not None and os.path.isdir(os.path.join(path, name)) else None
     return os.path.join(path, "unet"), vae
 
 
@@ -191,7 +228,9 @@ def plan_boundaries(scheduler, method: str, num_stages: int) -> tuple[list[float
     from diffusers_stages.planning.methods import snr_plan, uniform_plan
     from diffusers_stages.planning.schedule import NoiseSchedule
 
-    plan = {"uniform": uniform_plan, "snr": snr_plan}[method](NoiseSchedule.from_scheduler(scheduler), num_stages)
+    plan = {"uniform": uniform_plan, "snr": snr_plan}[method](
+        NoiseSchedule.from_scheduler(scheduler, PLAN_LEVELS), num_stages
+    )
     return list(plan.partition.boundaries), plan.partition.units
 
 
@@ -271,12 +310,22 @@ def check_text_to_image_index(path: str, pipeline_class: type) -> dict:
         entry = index.get(name)
         library = getattr(diffusers.pipelines, entry[0], None) if _is_entry(entry) else None
         if isinstance(library, types.ModuleType) and library.__name__.startswith("diffusers.pipelines."):
-            component_folder(path, name)  # a class of diffusers' own pipeline modules (SD's safety checker)
+            # a class of diffusers' own pipeline modules (SD's safety checker)
+            check_model_weights(component_folder(path, name), pipeline_module_class(entry))
             continue
         optional = name in pipeline_class._optional_components
-        if source_component_class(index, name, bases.get(name, object), optional=optional) is not None:
-            component_folder(path, name)
+        component_class = source_component_class(index, name, bases.get(name, object), optional=optional)
+        if component_class is not None:
+            check_model_weights(component_folder(path, name), component_class)
     return index
+
+
+def check_model_weights(folder: str, component_class: type | None) -> None:
+    """Refuse a network component's ``folder`` without plain safetensors weights (a text encoder with only
+    ``pytorch_model.bin`` was an OSError from transformers' loader), before anything is loaded."""
+    if isinstance(component_class, type) and issubclass(component_class, torch.nn.Module):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            check_plain_safetensors(folder, component_class)
 
 
 def _is_entry(entry: object) -> bool:

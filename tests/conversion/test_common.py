@@ -157,6 +157,29 @@ def test_load_strict_names_a_config_that_is_not_a_json_object(tmp_path, text):
         load_strict(UNet2DModel, str(tmp_path / "unet"))
 
 
+@pytest.mark.parametrize("kind", ["bin", "variant"])
+def test_a_source_without_plain_safetensors_weights_says_what_it_holds_and_is_never_unpickled(tmp_path, kind):
+    """A `.bin`-only or `variant="fp16"`-only U-Net folder failed with diffusers' "no file named
+    diffusion_pytorch_model.safetensors found" (after a stray "An error occurred while trying to fetch" line): the
+    error now names the weight files the folder holds and how to get plain safetensors; a pickle is never opened."""
+    source, marker = tmp_path / "unet", tmp_path / "ran"
+    unet = UNet2DModel(**TINY_UNET)
+    if kind == "bin":
+        unet.save_pretrained(source, safe_serialization=False)
+        torch.save({"payload": _Payload(str(marker))}, source / "diffusion_pytorch_model.bin")
+        held = "diffusion_pytorch_model.bin"
+    else:
+        unet.save_pretrained(source, variant="fp16")
+        held = "diffusion_pytorch_model.fp16.safetensors"
+    with pytest.raises(ValueError, match=rf"holds no plain safetensors weights.*only \['{held}'\].*save_pretrained"):
+        unet_to_multistage.main(
+            unet_to_multistage.parse_args(
+                ["--source", str(source), "--output_path", str(tmp_path / "out"), "--stage_boundaries", "500"]
+            )
+        )
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("where", ["same", "inside", "around"])
 def test_an_output_that_is_or_holds_an_input_is_refused_even_with_overwrite(tmp_path, where):
     source = tmp_path / "source"

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
+from safetensors.torch import load_file
 
 from diffusers_stages import MultiStagePipeline
 from diffusers_stages.conversion import multistage_to_unet
@@ -141,3 +142,35 @@ def test_verify_gives_the_labels_every_class_embedding_takes(tmp_path, tiny_cond
     staged.save_pretrained(tmp_path / "staged")
     export(str(tmp_path / "staged"), str(tmp_path / "stage1"), 1, "--verify", "--tolerance", "0")
     assert "max |source - converted| = 0.000e+00" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
+def test_an_export_warns_of_no_inconsistent_casting(staged_folder, tmp_path, half):
+    """Every export printed diffusers' "There are modules in UNet2DModel that should be kept in float32: []. Casting
+    directly with `to()` can lead to inconsistent results": the model was cast to the dtype it already had (and a
+    UNet2DModel keeps no module in float32, so a float16 export casts nothing inconsistently either)."""
+    source = staged_folder
+    if half:
+        MultiStagePipeline.from_pretrained(staged_folder).to(torch.float16).save_pretrained(tmp_path / "half")
+        source = str(tmp_path / "half")
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            warnings.append(record.getMessage())
+
+    warnings, handler = [], Collect(logging.WARNING)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()  # as a user runs it (the test suite keeps diffusers' warnings quiet)
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        unet = export(source, str(tmp_path / "stage1"), 1, "--verify")
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+        diffusers_logging.set_verbosity(verbosity)
+    assert not [w for w in warnings if "should be kept in float32" in w]
+    weights = load_file(os.path.join(tmp_path, "stage1", "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float16 if half else torch.float32}
+    assert unet.dtype == torch.float32  # reloaded and verified in float32

@@ -649,3 +649,48 @@ def test_a_vae_that_is_not_a_folder_is_named_before_any_work(tmp_path, monkeypat
         with pytest.raises(ValueError, match=f"`--vae` must be a folder, got '{vae}'"):
             convert_files(checkpoint, config, tmp_path / "out", "--vae", str(vae))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("vae_kind", ["vq", "kl"])
+def test_a_vae_whose_latents_the_unet_does_not_denoise_is_refused_and_writes_nothing(tmp_path, vae_kind):
+    """A `--vae` of 4-channel latents beside a 3-channel U-Net was written into the pipeline: the folder loaded, and
+    every sampling call failed (`vae` decodes latents of 4 channels, but the networks denoise `in_channels`=3)."""
+    from diffusers import AutoencoderKL, VQModel
+
+    vae_folder = str(tmp_path / "vae")
+    options = dict(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    (VQModel(**options, num_vq_embeddings=16) if vae_kind == "vq" else AutoencoderKL(**options)).save_pretrained(
+        vae_folder
+    )
+    checkpoint, config = write_source(tmp_path, TINY)  # in_channels 3
+    with pytest.raises(ValueError, match=r"`--vae` .* decodes latents of 4 channels, but the checkpoint's U-Net .*3"):
+        convert_files(checkpoint, config, tmp_path / "out", "--vae", vae_folder)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pipeline_folder_given_as_vae_is_named_with_its_model_folders(tmp_path, ldm_folder):
+    """An LDMPipeline folder given as `--vae` failed with "Cannot load a AutoencoderKL from ... no file named
+    config.json": the error now says it is a pipeline folder and names the folders of its models."""
+    checkpoint, config = write_source(tmp_path, TINY)
+    with pytest.raises(
+        ValueError, match=r"`--vae` .*ldm' is a pipeline folder: give the folder of one of its models \(.*vqvae\)"
+    ):
+        convert_files(checkpoint, config, tmp_path / "out", "--vae", ldm_folder)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_vq_vae_folder_that_does_not_load_is_named_for_what_it_is(tmp_path):
+    """A VQModel `--vae` whose weights do not load (here: only a float16 variant) was reported as "neither a VQModel
+    nor an AutoencoderKL folder: ... holds a VQModel, not the AutoencoderKL expected here": the VQModel's own
+    reason is given now."""
+    from diffusers import VQModel
+
+    vae_folder = tmp_path / "vq"
+    VQModel(block_out_channels=(8,), norm_num_groups=4, latent_channels=3, num_vq_embeddings=16).save_pretrained(
+        vae_folder, variant="fp16"
+    )
+    checkpoint, config = write_source(tmp_path, TINY)
+    with pytest.raises(ValueError) as error:
+        convert_files(checkpoint, config, tmp_path / "out", "--vae", str(vae_folder))
+    assert "holds no plain safetensors weights" in str(error.value) and "neither" not in str(error.value)
+    assert not (tmp_path / "out").exists()

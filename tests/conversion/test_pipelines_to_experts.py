@@ -173,3 +173,48 @@ def test_errors_about_a_source_name_the_option_sources(large_and_small, tmp_path
             combine([large_and_small[0], str(source)], str(tmp_path / "out"), "--stage_boundaries", "600")
         assert "`--sources`" in str(error.value) and "`--source`" not in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "sources, boundaries, stages", [(1, ["500"], 2), (2, ["300", "600"], 3)], ids=["one-source", "three-stages"]
+)
+def test_sources_and_boundaries_that_disagree_are_named_by_their_options(
+    large_and_small, tmp_path, monkeypatch, sources, boundaries, stages
+):
+    """One source for two stages was refused after every source was loaded, in the model's words ("`experts` must
+    be a list with one denoiser per stage"): the options the user gave are named now, before any source is read."""
+    monkeypatch.setattr(pipelines_to_experts, "gather_sources", lambda paths: pytest.fail("sources were loaded"))
+    with pytest.raises(
+        ValueError,
+        match=rf"`--stage_boundaries` {' '.join(boundaries)} gives {stages} stages, one per `--sources` folder, "
+        rf"but {sources} `--sources` were given",
+    ):
+        combine(large_and_small[:sources], str(tmp_path / "out"), "--stage_boundaries", *boundaries)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("order", ["pipeline-first", "bare-first"])
+@pytest.mark.parametrize("pipeline", ["experts", "dual_backbone"])
+def test_a_bare_unet_trained_on_another_schedule_length_is_refused(ddpm_folder, tmp_path, pipeline, order):
+    """A bare U-Net whose config records 500 training timesteps (a learned time embedding of 500 rows) beside a
+    1000-step DDPM pipeline was combined: --verify was an IndexError from inside the embedding, and without it the
+    written pipeline failed so at sampling. Its schedule length is compared with the shared one, as pipelines' are."""
+    torch.manual_seed(0)
+    bare = str(tmp_path / "bare")
+    UNet2DModel(**TINY_UNET, time_embedding_type="learned", num_train_timesteps=500).save_pretrained(bare)
+    sources = [ddpm_folder, bare] if order == "pipeline-first" else [bare, ddpm_folder]
+    extra = ["--stage_boundaries", "250"] if pipeline == "experts" else ["--switch_step_fraction", "0.5"]
+    with pytest.raises(ValueError, match=r"`--sources` .*bare records 500 training timesteps .* 1000"):
+        combine(sources, str(tmp_path / "out"), "--pipeline", pipeline, *extra)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dual_backbone_of_other_than_two_sources_is_refused_before_any_is_read(
+    large_and_small, tmp_path, monkeypatch
+):
+    """Three --sources for a dual backbone were all loaded before the count was checked."""
+    monkeypatch.setattr(pipelines_to_experts, "gather_sources", lambda paths: pytest.fail("sources were loaded"))
+    with pytest.raises(ValueError, match=r"--pipeline dual_backbone takes two --sources \(deep, shallow\), got 3"):
+        combine([*large_and_small, large_and_small[0]], str(tmp_path / "out"), "--pipeline", "dual_backbone",
+                "--switch_step_fraction", "0.5")  # fmt: skip
+    assert not (tmp_path / "out").exists()

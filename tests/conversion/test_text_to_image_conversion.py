@@ -219,3 +219,29 @@ def test_a_corrupted_component_is_refused_and_writes_nothing(tiny_sd_components,
     with pytest.raises(ValueError, match="outside the folder" if corruption == "link" else key):
         unet_to_multistage.main(unet_to_multistage.parse_args(args))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "safety_checker"])
+def test_a_transformers_component_without_safetensors_weights_is_named_and_never_unpickled(
+    tiny_sd_components, tmp_path, component
+):
+    """A text encoder (or safety checker) folder holding only `pytorch_model.bin` was an OSError traceback from
+    transformers ("no file named model.safetensors"): it is refused as the unet and vae are, naming what it holds."""
+    from safetensors.torch import load_file
+
+    StableDiffusionPipeline(**with_safety_checker(tiny_sd_components)).save_pretrained(tmp_path / "sd")
+    folder, marker = tmp_path / "sd" / component, tmp_path / "ran"
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+
+    class Payload:  # what a hostile pickle would run
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({**state, "payload": Payload()}, folder / "pytorch_model.bin")
+    args = ["--source", str(tmp_path / "sd"), "--output_path", str(tmp_path / "out"), "--stage_boundaries", "500"]
+    with pytest.raises(
+        ValueError, match=rf"{component} holds no plain safetensors weights.*only \['pytorch_model.bin'\]"
+    ):
+        unet_to_multistage.main(unet_to_multistage.parse_args(args))
+    assert not marker.exists() and not (tmp_path / "out").exists()

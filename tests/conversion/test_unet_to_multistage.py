@@ -277,3 +277,58 @@ def test_a_config_key_diffusers_ignores_is_left_out_not_a_type_error(tmp_path, c
     assert "3-step samples (seed 0): max |source - converted| = 0.000e+00" in capsys.readouterr().out
     with open(os.path.join(out, "unet", "config.json")) as f:
         assert "an_option_of_another_version" not in json.load(f)
+
+
+@pytest.mark.parametrize("value", [-5, 0, 2.5, "1000", True], ids=["negative", "zero", "fraction", "text", "bool"])
+def test_a_bare_unet_config_with_a_schedule_length_that_is_no_count_is_named(tmp_path, value):
+    # a bare U-Net folder's `num_train_timesteps` sizes the DDPM schedule the converted pipeline gets: -5 was a torch
+    # RuntimeError ("number of steps must be non-negative") from inside the scheduler, and 0 was taken as 1000
+    tiny_unet().save_pretrained(tmp_path / "unet")
+    config_path = tmp_path / "unet" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "num_train_timesteps": value}))
+    with pytest.raises(
+        ValueError, match=r"config.json.*`num_train_timesteps` must be a positive integer or null, got"
+    ):
+        convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "5")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("num_stages", ["1", "101"])
+def test_a_num_stages_the_plan_cannot_give_is_a_usage_error_naming_the_option(ddpm_folder, capsys, num_stages):
+    # `--plan uniform --num_stages 101` loaded the source, then failed with "exceeds the 100 noise levels of the
+    # planning grid; raise `num_levels`", an option the command does not have
+    args = ["--source", ddpm_folder, "--output_path", "x", "--plan", "uniform", "--num_stages", num_stages]
+    with pytest.raises(SystemExit):
+        unet_to_multistage.parse_args(args)
+    assert f"--num_stages must be an integer from 2 to 100 (the planning grid's noise levels), got {num_stages}" in (
+        capsys.readouterr().err
+    )
+    assert unet_to_multistage.parse_args([*args[:-1], "100"]).num_stages == 100
+
+
+def test_a_vae_a_ddpm_pipeline_folder_does_not_take_is_refused_by_name(ddpm_folder, ldm_folder, tmp_path):
+    """A DDPMPipeline folder whose model_index.json also names a `vae` (which diffusers' DDPMPipeline ignores) was
+    converted into a latent pipeline decoding through it: 16-pixel images where the source samples 8-pixel ones,
+    while --verify compared with an LDMPipeline built from the same parts and reported 0.000e+00. The entry is
+    refused by name; without it the folder converts to what the source samples."""
+    import shutil
+
+    source = str(tmp_path / "ddpm-with-vae")
+    shutil.copytree(ddpm_folder, source)
+    shutil.copytree(os.path.join(ldm_folder, "vqvae"), os.path.join(source, "vae"))
+    index_path = os.path.join(source, "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    with open(index_path, "w") as f:
+        json.dump({**index, "vae": ["diffusers", "VQModel"]}, f)
+    out = str(tmp_path / "staged")
+    with pytest.raises(ValueError, match=r"is a DDPMPipeline whose model_index.json also names a 'vae' component"):
+        convert(source, out, "--stage_boundaries", "500", "--verify")
+    assert not os.path.exists(out)
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    staged = convert(source, out, "--stage_boundaries", "500", "--verify", "--tolerance", "0")
+    assert staged.vae is None
+    np.testing.assert_array_equal(
+        sample(MultiStagePipeline.from_pretrained(out)), sample(DDPMPipeline.from_pretrained(source))
+    )
