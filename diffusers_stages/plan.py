@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import shlex
 import sys
@@ -46,7 +47,7 @@ from .planning.budget import ARCHITECTURES, check_budget, check_budget_config
 from .planning.optimal_denoiser import check_planning_data
 from .planning.sizing import config_value
 from .planning.stage_plan import _check_unit_interval
-from .schedulers import model_call_timesteps
+from .schedulers import is_edm_scheduler, model_call_timesteps
 
 PLANNING_INTEGERS = ("resolution", "num_samples", "chunk_size", "max_images")  # checked before loading
 
@@ -219,6 +220,7 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.scheduler_config is not None:
         check_input_file(_scheduler_config_file(args.scheduler_config), "--scheduler_config", json_object=True)
+    _check_schedule_options(args)
     if args.budget is not None and args.num_inference_steps is not None:  # steps the sampling scheduler can run
         model_call_timesteps(_schedule(args)[1], args.num_inference_steps)
     if args.model_path is not None:
@@ -238,6 +240,30 @@ def check_args(args: argparse.Namespace) -> None:
                 raise ValueError(
                     f"`{option}` {path!r} is the `{other}` file: writing there would replace it; give another path."
                 )
+
+
+def _check_schedule_options(args: argparse.Namespace) -> None:
+    """Refuse a ``--num_levels`` the planning grid cannot have and ``--edm`` sigmas or ``rho`` that give no Karras
+    schedule, by option name, then build the grid (a scheduler it cannot be built from is refused too)."""
+    if args.num_levels < 3:
+        raise ValueError(f"`--num_levels` must be an integer >= 3, got {args.num_levels}.")
+    if args.edm:
+        if not 0 < args.sigma_min < args.sigma_max or not math.isfinite(args.sigma_max):
+            raise ValueError(
+                f"`--sigma_min` {args.sigma_min} and `--sigma_max` {args.sigma_max} must satisfy 0 < `--sigma_min` < "
+                "`--sigma_max` < inf."
+            )
+        if not (math.isfinite(args.rho) and args.rho > 0):
+            raise ValueError(f"`--rho` must be a positive finite number, got {args.rho}.")
+    else:
+        scheduler = _schedule_scheduler(args)
+        alphas_cumprod = None if is_edm_scheduler(scheduler) else getattr(scheduler, "alphas_cumprod", None)
+        if alphas_cumprod is not None and args.num_levels > len(alphas_cumprod):
+            raise ValueError(
+                f"`--num_levels` must be at most the {len(alphas_cumprod)} training timesteps of the schedule, got "
+                f"{args.num_levels}."
+            )
+    _schedule(args)  # anything else it cannot be built from
 
 
 def _check_vae(args: argparse.Namespace) -> None:
@@ -413,13 +439,17 @@ def _schedule(args: argparse.Namespace) -> tuple[NoiseSchedule, object]:
 
         schedule = NoiseSchedule.edm(args.sigma_min, args.sigma_max, args.rho, args.num_levels)  # checks them first
         return schedule, EDMEulerScheduler(sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
-    if args.scheduler_config:
-        scheduler = _scheduler_from_config(args.scheduler_config)
-    else:
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler()
+    scheduler = _schedule_scheduler(args)
     return NoiseSchedule.from_scheduler(scheduler, args.num_levels), scheduler
+
+
+def _schedule_scheduler(args: argparse.Namespace):
+    """The scheduler of a schedule that is not ``--edm``: ``--scheduler_config``'s, else DDPM's default."""
+    if args.scheduler_config:
+        return _scheduler_from_config(args.scheduler_config)
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler()
 
 
 def _training_images(args: argparse.Namespace) -> torch.Tensor | None:

@@ -244,10 +244,16 @@ def test_outputs_are_replaced_whole_or_left_as_they_were(digit_folder, tmp_path,
         ({"_class_name": "DDPMScheduler", "trained_betas": "abc"}, "TypeError"),
     ],
 )
-def test_a_scheduler_config_that_builds_no_scheduler_is_refused_by_name(tmp_path, config, cause):
+def test_a_scheduler_config_that_builds_no_scheduler_is_refused_by_name(tmp_path, capsys, config, cause):
     (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"`--scheduler_config` .* does not build a DDPMScheduler: {cause}"):
+    with pytest.raises(SystemExit) as exit_info:  # a usage error, before any image is read
         run(["--method", "uniform", "--num_levels", "10", "--scheduler_config", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2
+        and "`--scheduler_config`" in err
+        and f"does not build a DDPMScheduler: {cause}" in err
+    )
 
 
 def test_an_output_over_an_input_or_another_output_is_refused_before_any_image_is_read(tmp_path, capsys):
@@ -322,6 +328,30 @@ def test_bad_planning_options_are_usage_errors_before_any_image_is_read(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         run(["--train_data_dir", missing, *FAST, option, value])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--num_levels", "2"], "`--num_levels` must be an integer >= 3, got 2"),
+        (["--num_levels", "-5"], "`--num_levels` must be an integer >= 3, got -5"),
+        (["--num_levels", "1001"], "`--num_levels` must be at most the 1000 training timesteps of the schedule"),
+        (["--edm", "--sigma_min", "-1"], "`--sigma_min` -1.0 and `--sigma_max` 80.0"),
+        (["--edm", "--sigma_min", "nan"], "`--sigma_min` nan and `--sigma_max` 80.0"),
+        (["--edm", "--sigma_max", "inf"], "`--sigma_min` 0.002 and `--sigma_max` inf"),
+        (["--edm", "--sigma_max", "0.001"], "`--sigma_min` 0.002 and `--sigma_max` 0.001"),
+        (["--edm", "--rho", "0"], "`--rho` must be a positive finite number, got 0.0"),
+        (["--edm", "--rho", "nan"], "`--rho` must be a positive finite number, got nan"),
+    ],
+)
+def test_bad_schedule_options_are_usage_errors_naming_the_option(tmp_path, capsys, options, message):
+    # these were refused after parsing, with exit status 1 and the Python argument's name (`num_levels`, `rho`)
+    missing = str(tmp_path / "no-such-folder")  # never read: the options are checked first
+    fast = ["--num_samples", "16", "--resolution", "8", "--num_channels", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", missing, *fast, *options])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err, err
 
 
 def test_printed_sigma_stages_hold_their_upper_boundary(capsys):
