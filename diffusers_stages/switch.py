@@ -145,13 +145,14 @@ def denoising_error(
     return errors / len(images)
 
 
-def check_settings(tolerance: float, num_levels: int, num_images: int = 1) -> None:
-    """Refuse settings no switch can be measured with (a `ValueError` naming the argument and the value)."""
+def check_settings(tolerance: float, num_levels: int, num_images: int = 1, prefix: str = "") -> None:
+    """Refuse settings no switch can be measured with (a `ValueError` naming the argument, after ``prefix``: ``"--"``
+    for the command's options, and the value)."""
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
-        raise ValueError(f"`tolerance` must be a non-negative number, got {tolerance!r}.")
+        raise ValueError(f"`{prefix}tolerance` must be a non-negative number, got {tolerance!r}.")
     for name, value, low in (("num_levels", num_levels, 2), ("num_images", num_images, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+            raise ValueError(f"`{prefix}{name}` must be an integer >= {low}, got {value!r}.")
 
 
 def recommend_switch(
@@ -452,8 +453,8 @@ def main(argv: list[str] | None = None) -> SwitchRecommendation:
 
 def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     """The command on parsed arguments: measure, print and plot the recommended switch."""
-    check_settings(args.tolerance, args.num_levels, args.num_images)  # before any model or data is loaded
-    check_positive_integers(num_inference_steps=args.num_inference_steps)
+    check_settings(args.tolerance, args.num_levels, args.num_images, "--")  # before any model or data is loaded
+    check_positive_integers(**{"--num_inference_steps": args.num_inference_steps})
     check_seed(args.seed)
     check_output_file(args.plot, "--plot")
     if args.pipeline:

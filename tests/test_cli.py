@@ -177,8 +177,8 @@ def test_plan_refuses_bad_input_in_one_line(probe_files, capsys, argv, status, m
 SWITCH_ERRORS = [
     ([], "Give `--pipeline DIR`, or all of `--shallow DIR --deep DIR --scheduler DIR`"),
     (["--pipeline", "{root}/missing"], "`--pipeline` '{root}/missing' is not a saved pipeline folder"),
-    (["--pipeline", "{root}/empty", "--tolerance", "inf"], "`tolerance` must be a non-negative number, got inf"),
-    (["--pipeline", "{root}/empty", "--num_images", "-5"], "`num_images` must be an integer >= 1, got -5"),
+    (["--pipeline", "{root}/empty", "--tolerance", "inf"], "`--tolerance` must be a non-negative number, got inf"),
+    (["--pipeline", "{root}/empty", "--num_images", "-5"], "`--num_images` must be an integer >= 1, got -5"),
     (["--pipeline", "{root}/empty", "--plot", "{root}/empty"], "`--plot` '{root}/empty' is a folder"),
     (["--shallow", "{root}/empty", "--deep", "{root}/empty", "--scheduler", "{root}/empty"], "`--shallow` '{root}/e"),
 ]

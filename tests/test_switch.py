@@ -88,10 +88,13 @@ def test_command_prints_the_switch_and_saves_the_plot(tiny_unet_kwargs, tmp_path
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--num_levels", "0"], "`num_levels` must be an integer >= 2, got 0"),
-        (["--num_levels", "1"], "`num_levels` must be an integer >= 2, got 1"),
-        (["--num_images", "0"], "`num_images` must be an integer >= 1, got 0"),
-        (["--tolerance", "nan"], "`tolerance` must be a non-negative number, got nan"),
+        # the command names its options (was the Python argument's name: `num_levels`)
+        (["--num_levels", "0"], "`--num_levels` must be an integer >= 2, got 0"),
+        (["--num_levels", "1"], "`--num_levels` must be an integer >= 2, got 1"),
+        (["--num_images", "0"], "`--num_images` must be an integer >= 1, got 0"),
+        (["--tolerance", "nan"], "`--tolerance` must be a non-negative number, got nan"),
+        (["--tolerance", "-1"], "`--tolerance` must be a non-negative number, got -1.0"),
+        (["--num_inference_steps", "0"], "`--num_inference_steps` must be a positive integer, got 0"),
         (["--shallow", "other"], "`--pipeline` holds the models: `--shallow`"),  # would be ignored
         (["--scheduler", "other"], "`--pipeline` holds the models: `--scheduler`"),
         # were torch's "Overflow when unpacking long long", once the models and data were loaded
