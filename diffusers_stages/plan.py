@@ -28,6 +28,7 @@ from .cli import (
     check_input_file,
     check_model_folder,
     check_output_file,
+    check_png_path,
     check_seed,
     load_saved_folder,
     write_atomically,
@@ -227,6 +228,7 @@ def check_args(args: argparse.Namespace) -> None:
         check_model_folder(args.model_path, "--model_path")
     _check_vae(args)
     check_output_file(args.output_plot, "--output_plot")
+    check_png_path(args.output_plot, "--output_plot")
     check_output_file(args.output_config, "--output_config")
     files = {  # the input files and the outputs: none may be written over another
         "--model_config": args.model_config,

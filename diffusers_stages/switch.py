@@ -22,7 +22,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import HelpFormatter, check_output_file, check_seed, load_saved_folder, write_atomically
+from .cli import HelpFormatter, check_output_file, check_png_path, check_seed, load_saved_folder, write_atomically
 from .conventions import (
     class_embedding_count,
     encode_model_latents,
@@ -239,7 +239,8 @@ def flops_per_call(model: torch.nn.Module, sample: torch.Tensor, timestep, class
 
 def plot_switch(found: SwitchRecommendation, path: str | os.PathLike, flops_ratio: float | None = None) -> str:
     """Save both error curves, the switch and the shallow model's region as a PNG at ``path`` (its folders are
-    created)."""
+    created; an extension of another image format, ``switch.pdf``, is a `ValueError`)."""
+    check_png_path(path, "path")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -457,6 +458,7 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     check_positive_integers(**{"--num_inference_steps": args.num_inference_steps})
     check_seed(args.seed)
     check_output_file(args.plot, "--plot")
+    check_png_path(args.plot, "--plot")
     if args.pipeline:
         given = [f"`--{name}`" for name in ("shallow", "deep", "scheduler", "vae") if getattr(args, name) is not None]
         if given:  # the pipeline's models and scheduler would be measured, these ignored

@@ -95,6 +95,8 @@ def test_command_prints_the_switch_and_saves_the_plot(tiny_unet_kwargs, tmp_path
         (["--tolerance", "nan"], "`--tolerance` must be a non-negative number, got nan"),
         (["--tolerance", "-1"], "`--tolerance` must be a non-negative number, got -1.0"),
         (["--num_inference_steps", "0"], "`--num_inference_steps` must be a positive integer, got 0"),
+        # the plot is a PNG: it was written into switch.pdf
+        (["--plot", "switch.pdf"], "`--plot` 'switch.pdf' names a .pdf file, but the plot is a PNG"),
         (["--shallow", "other"], "`--pipeline` holds the models: `--shallow`"),  # would be ignored
         (["--scheduler", "other"], "`--pipeline` holds the models: `--scheduler`"),
         # were torch's "Overflow when unpacking long long", once the models and data were loaded
@@ -371,6 +373,8 @@ def test_an_interrupted_plot_leaves_an_earlier_plot_as_it_was(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         plot_switch(found, plot)
     assert plot.read_text() == "earlier plot" and [p.name for p in tmp_path.iterdir()] == ["switch.png"]
+    with pytest.raises(ValueError, match="`path` .*switch.svg' names a .svg file, but the plot is a PNG"):
+        plot_switch(found, tmp_path / "switch.svg")  # was PNG bytes under an SVG's name
 
 
 def test_command_measures_models_whose_sample_size_is_a_pair(tiny_unet_kwargs, tmp_path):

@@ -354,6 +354,19 @@ def test_bad_schedule_options_are_usage_errors_naming_the_option(tmp_path, capsy
     assert exit_info.value.code == 2 and message in err, err
 
 
+@pytest.mark.parametrize("name", ["plan.pdf", "plan.jpg", "plan.SVG"])
+def test_an_output_plot_named_for_another_format_is_refused(tmp_path, capsys, name):
+    # the plot is a PNG: `--output_plot plan.pdf` wrote PNG bytes into plan.pdf, a file no PDF viewer opens
+    path = tmp_path / name
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--method", "snr", "--num_levels", "20", "--output_plot", str(path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"`--output_plot` {str(path)!r}" in err and ".png" in err, err
+    assert not path.exists()
+    run(["--method", "snr", "--num_levels", "20", "--output_plot", str(tmp_path / "plan.PNG")])  # any case
+    assert (tmp_path / "plan.PNG").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_printed_sigma_stages_hold_their_upper_boundary(capsys):
     # sigma stages route as the authors' EDM code, (b_{s-1}, b_s] (a sigma on a boundary goes to the cleaner stage),
     # but the command printed every stage as [low, high), the timestep convention

@@ -381,6 +381,9 @@ def test_the_plot_draws_alpha_and_the_running_means_that_cross_it(digits, tmp_pa
     monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y=0, *a, **k: drawn.append((y, k["label"])))
     path = plot_plan(plan, tmp_path / "plan.png")
     assert open(path, "rb").read(4) == b"\x89PNG" and drawn == [(0.9, "alpha = 0.9 (mean-similarity threshold)")]
+    with pytest.raises(ValueError, match="`path` .*plan.pdf' names a .pdf file, but the plot is a PNG"):
+        plot_plan(plan, tmp_path / "plan.pdf")  # was PNG bytes under a PDF's name
+    assert not (tmp_path / "plan.pdf").exists()
 
 
 @pytest.mark.parametrize("method", ["snr", "snr_clustering"])
