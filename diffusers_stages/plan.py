@@ -242,6 +242,14 @@ def check_args(args: argparse.Namespace) -> None:
                 raise ValueError(
                     f"`{option}` {path!r} is the `{other}` file: writing there would replace it; give another path."
                 )
+    if _reads_images(args):  # checked last: the options above are refused first, whatever the data
+        if args.train_data_dir is None and args.dataset is None:
+            raise ValueError(
+                f"`--method {args.method}`{' with `--model_config`' if args.model_config else ''} plans on the "
+                "training images: give `--train_data_dir DIR` or `--dataset NAME`."
+            )
+        if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+            raise ValueError(f"`--train_data_dir` {args.train_data_dir!r} is not a folder.")
 
 
 def _check_schedule_options(args: argparse.Namespace) -> None:
@@ -454,9 +462,14 @@ def _schedule_scheduler(args: argparse.Namespace):
     return DDPMScheduler()
 
 
+def _reads_images(args: argparse.Namespace) -> bool:
+    """Whether the command reads the training images: not for a schedule-only baseline without a model config."""
+    return args.method not in ("uniform", "snr", "snr_clustering") or bool(args.model_config)
+
+
 def _training_images(args: argparse.Namespace) -> torch.Tensor | None:
     """The training images, checked; None when nothing needs them (a schedule-only baseline, no model config)."""
-    if args.method in ("uniform", "snr", "snr_clustering") and not args.model_config:
+    if not _reads_images(args):
         return None
     data = load_images(
         args.train_data_dir,

@@ -107,9 +107,11 @@ def test_module_entry_point_runs_for_an_edm_schedule():
         assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1]) == result
 
 
-def test_bad_command_lines_are_refused(digit_folder):
-    with pytest.raises(ValueError, match="Give exactly one of `train_data_dir` and `dataset`"):
+def test_bad_command_lines_are_refused(digit_folder, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # was "Give exactly one of `train_data_dir` and `dataset`", status 1
         run(FAST)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "give `--train_data_dir DIR` or `--dataset NAME`" in err, err
     with pytest.raises(SystemExit):
         run(["--method", "snr", "--output_config", "x.json"])  # needs --model_config
 
@@ -365,6 +367,17 @@ def test_an_output_plot_named_for_another_format_is_refused(tmp_path, capsys, na
     assert not path.exists()
     run(["--method", "snr", "--num_levels", "20", "--output_plot", str(tmp_path / "plan.PNG")])  # any case
     assert (tmp_path / "plan.PNG").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_train_data_dir_that_is_not_a_folder_is_a_usage_error_naming_the_option(tmp_path, capsys):
+    # was "error: `train_data_dir` '...' is not a folder." with exit status 1, the Python argument's name
+    (tmp_path / "file.png").write_bytes(b"not a folder")
+    for path in (tmp_path / "missing", tmp_path / "file.png"):
+        with pytest.raises(SystemExit) as exit_info:
+            run(["--train_data_dir", str(path), *FAST])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"`--train_data_dir` {str(path)!r} is not a folder" in err, err
+    run(["--train_data_dir", str(tmp_path / "missing"), "--method", "snr", "--num_levels", "20"])  # not read by snr
 
 
 def test_printed_sigma_stages_hold_their_upper_boundary(capsys):
