@@ -282,7 +282,10 @@ def _load_data(name: str, resolution: int, channels: int, num_images: int) -> to
     from .planning.data import load_images
 
     source = {"train_data_dir": name} if os.path.isdir(name) else {"dataset": name}
-    return load_images(**source, resolution=resolution, num_channels=channels, max_images=num_images)
+    try:
+        return load_images(**source, resolution=resolution, num_channels=channels, max_images=num_images)
+    except ValueError as error:  # it names its arguments; this command's option for both is --data
+        raise ValueError(str(error).replace("`train_data_dir`", "`--data`").replace("`dataset`", "`--data`")) from None
 
 
 def _image_side(sample_size) -> int:

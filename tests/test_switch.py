@@ -162,6 +162,21 @@ def test_command_measures_a_class_conditional_pair(tiny_unet_kwargs, tmp_path, c
     assert math.isfinite(float(found.deep_error.sum())) and "class labels: " in capsys.readouterr().out
 
 
+def test_data_that_gives_no_images_is_refused_naming_the_data_option(tiny_unet_kwargs, tmp_path):
+    # the errors named `train_data_dir` and `dataset`, options the switch command does not have
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    pipe = DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    (tmp_path / "empty").mkdir()
+    common = ["--pipeline", str(tmp_path / "pipe"), "--num_levels", "3", "--plot", str(tmp_path / "s.png")]
+    with pytest.raises(ValueError, match="No images found in `--data` ") as error:
+        main([*common, "--data", str(tmp_path / "empty")])
+    assert "train_data_dir" not in str(error.value)
+    with pytest.raises(ValueError, match="`--data` 'no-such-dataset' is neither a folder nor a dataset") as error:
+        main([*common, "--data", "no-such-dataset"])
+    assert "`dataset`" not in str(error.value)
+
+
 def _pipeline_for(found, scheduler, tiny_unet_kwargs):
     shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
     return DualBackbonePipeline(
