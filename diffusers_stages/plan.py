@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model_path",
         help="A trained model folder (diffusers or diffusers-stages; of a pipeline, its model's folder such as "
-        "`unet/`), for --method gradient.",
+        "`unet/`), for --method gradient. A class-conditional model is measured with its unconditional label.",
     )
     parser.add_argument(
         "--model_config",

@@ -380,6 +380,19 @@ def test_a_train_data_dir_that_is_not_a_folder_is_a_usage_error_naming_the_optio
     run(["--train_data_dir", str(tmp_path / "missing"), "--method", "snr", "--num_levels", "20"])  # not read by snr
 
 
+def test_the_gradient_baseline_plans_with_a_class_conditional_model(digit_folder, tmp_path, tiny_unet_kwargs):
+    # a `--class_conditional` training run's model failed with "class_labels should be provided when doing class
+    # conditioning", after every image was loaded
+    from diffusers import UNet2DModel
+
+    UNet2DModel(**{**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1, "num_class_embeds": 11}).save_pretrained(
+        tmp_path / "unet"
+    )
+    result = run(["--train_data_dir", str(digit_folder), *FAST, "--method", "gradient", "--model_path",
+                  str(tmp_path / "unet")])  # fmt: skip
+    assert result["method"] == "gradient" and len(result["stage_boundaries"]) == 2
+
+
 def test_printed_sigma_stages_hold_their_upper_boundary(capsys):
     # sigma stages route as the authors' EDM code, (b_{s-1}, b_s] (a sigma on a boundary goes to the cleaner stage),
     # but the command printed every stage as [low, high), the timestep convention
