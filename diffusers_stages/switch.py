@@ -68,8 +68,9 @@ class SwitchRecommendation:
         return 0.0 if self.switch is None else float((self.levels >= self.switch).double().mean())
 
 
-def noise_levels(scheduler, num_levels: int) -> torch.Tensor:
-    """Evenly spread training timesteps (DDPM-style) or log-spaced sigmas (EDM-style), low to high."""
+def noise_levels(scheduler, num_levels: int, name: str = "num_levels") -> torch.Tensor:
+    """Evenly spread training timesteps (DDPM-style) or log-spaced sigmas (EDM-style), low to high; a count the
+    scheduler cannot give is a `ValueError` naming ``name``."""
     if is_edm_scheduler(scheduler):
         sigma_min, sigma_max = scheduler.config.sigma_min, scheduler.config.sigma_max
         if not 0 < sigma_min < sigma_max < math.inf:  # else no levels from low to high to walk down
@@ -82,7 +83,7 @@ def noise_levels(scheduler, num_levels: int) -> torch.Tensor:
     num_train_timesteps = scheduler.config.num_train_timesteps
     if num_levels > num_train_timesteps:  # rounded, levels would repeat: measured and counted twice
         raise ValueError(
-            f"`num_levels`={num_levels} exceeds the {num_train_timesteps} training timesteps of the scheduler: give at "
+            f"`{name}`={num_levels} exceeds the {num_train_timesteps} training timesteps of the scheduler: give at "
             f"most {num_train_timesteps}."
         )
     return torch.linspace(0, num_train_timesteps - 1, num_levels).round().long()
@@ -474,6 +475,7 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     shallow, deep, scheduler, vae = _load_models(args)
     # a step count the scheduler cannot sample is refused before anything is measured
     model_call_timesteps(scheduler, args.num_inference_steps)
+    noise_levels(scheduler, args.num_levels, "--num_levels")  # levels it can measure, before the data is read
     config, side = deep.config, _image_side(deep.config.sample_size)
     if vae is None:
         _check_pixel_models(config.in_channels, args.pipeline)

@@ -177,6 +177,20 @@ def test_data_that_gives_no_images_is_refused_naming_the_data_option(tiny_unet_k
     assert "`dataset`" not in str(error.value)
 
 
+def test_more_levels_than_training_timesteps_are_refused_naming_the_option_before_the_data_is_read(
+    tiny_unet_kwargs, tmp_path, monkeypatch
+):
+    # was "`num_levels`=2000 exceeds ...", the Python argument, once the data was loaded
+    import diffusers_stages.switch as switch
+
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    pipe = DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    monkeypatch.setattr(switch, "_load_data", lambda *args: pytest.fail("the data was read"))
+    with pytest.raises(ValueError, match="`--num_levels`=2000 exceeds the 1000 training timesteps"):
+        main(["--pipeline", str(tmp_path / "pipe"), "--num_levels", "2000", "--plot", str(tmp_path / "s.png")])
+
+
 def _pipeline_for(found, scheduler, tiny_unet_kwargs):
     shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
     return DualBackbonePipeline(
