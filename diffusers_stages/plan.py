@@ -51,6 +51,8 @@ from .planning.stage_plan import _check_unit_interval
 from .schedulers import is_edm_scheduler, model_call_timesteps
 
 PLANNING_INTEGERS = ("resolution", "num_samples", "chunk_size", "max_images")  # checked before loading
+# `load_images`' arguments that are options of the same names
+DATA_OPTIONS = ("train_data_dir", "dataset", "resolution", "num_channels", "image_column", "split", "max_images")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -471,16 +473,22 @@ def _training_images(args: argparse.Namespace) -> torch.Tensor | None:
     """The training images, checked; None when nothing needs them (a schedule-only baseline, no model config)."""
     if not _reads_images(args):
         return None
-    data = load_images(
-        args.train_data_dir,
-        args.dataset,
-        args.resolution,
-        args.num_channels,
-        args.image_column,
-        args.split,
-        args.max_images,
-        progress_bar=True,
-    )
+    try:
+        data = load_images(
+            args.train_data_dir,
+            args.dataset,
+            args.resolution,
+            args.num_channels,
+            args.image_column,
+            args.split,
+            args.max_images,
+            progress_bar=True,
+        )
+    except ValueError as error:  # it names its arguments: here they are the command's options of the same names
+        message = str(error)
+        for name in DATA_OPTIONS:
+            message = message.replace(f"`{name}`", f"`--{name}`")
+        raise ValueError(message) from None
     source = "--train_data_dir" if args.train_data_dir else "--dataset"
     check_planning_data(data, source)  # before any planning (and any encoding)
     if args.vae_path is not None:

@@ -126,8 +126,8 @@ def probe_files(tmp_path_factory):
 
 PLAN_ERRORS = [
     (["--train_data_dir", "{root}/missing"], 2, "`--train_data_dir` '{root}/missing' is not a folder"),
-    (["--train_data_dir", "{root}/empty"], 1, "No images found in `train_data_dir` '{root}/empty'"),
-    (["--train_data_dir", "{root}/text_only"], 1, "No images found in `train_data_dir` '{root}/text_only'"),
+    (["--train_data_dir", "{root}/empty"], 1, "No images found in `--train_data_dir` '{root}/empty'"),
+    (["--train_data_dir", "{root}/text_only"], 1, "No images found in `--train_data_dir` '{root}/text_only'"),
     (["--train_data_dir", "{root}/empty", "--max_images", "-1"], 2, "`--max_images` must be a positive integer"),
     (["--train_data_dir", "{root}/empty", "--max_images", "0"], 2, "`--max_images` must be a positive integer"),
     (["--train_data_dir", "{root}/empty", "--resolution", "0"], 2, "`--resolution` must be a positive integer, got 0"),

@@ -95,6 +95,20 @@ def test_folder_and_saved_dataset_load_the_same_images(digit_folder, tmp_path):
         load_images(train_data_dir=str(tmp_path / "empty"), resolution=8)
 
 
+def test_errors_found_reading_the_data_name_the_commands_options(digit_folder, tmp_path):
+    # they named the planning API's arguments (`image_column`, `split`, `train_data_dir`), not the options to change
+    datasets = pytest.importorskip("datasets")
+    images = [Image.open(digit_folder / f"{i:04d}.png") for i in range(4)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"img": images})}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(ValueError, match="`--image_column` 'image' is not a column of the dataset"):
+        run(["--dataset", str(tmp_path / "ds"), *FAST])
+    with pytest.raises(ValueError, match="`--split` 'test' is not in the dataset"):
+        run(["--dataset", str(tmp_path / "ds"), "--image_column", "img", "--split", "test", *FAST])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="No images found in `--train_data_dir` "):
+        run(["--train_data_dir", str(tmp_path / "empty"), *FAST])
+
+
 def test_module_entry_point_runs_for_an_edm_schedule():
     command = [sys.executable, "-m", "diffusers_stages.plan", "--method", "snr", "--edm", "--num_stages", "4"]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -140,7 +154,7 @@ def test_a_bad_image_file_is_named_before_planning(digit_folder, tmp_path, kind)
         bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     else:
         bad.write_text("not an image\n")
-    with pytest.raises(ValueError, match="`train_data_dir` holds a file that is not a readable image") as error:
+    with pytest.raises(ValueError, match="`--train_data_dir` holds a file that is not a readable image") as error:
         run(["--train_data_dir", str(folder), *FAST])
     assert repr(str(bad)) in str(error.value)
 
