@@ -157,6 +157,26 @@ def check_output_file(path: str | os.PathLike | None, option: str) -> None:
         raise ValueError(f"`{option}` {path!r} cannot be written: {parent!r} is not a writable folder.")
 
 
+# file extensions of image formats other than PNG (matplotlib's and Pillow's common ones): a plot path ending in one
+# would hold PNG bytes under another format's name
+OTHER_IMAGE_EXTENSIONS = frozenset(
+    ".bmp .eps .gif .jpeg .jpg .pdf .pgf .ps .raw .rgba .svg .svgz .tif .tiff .webp".split()
+)
+
+
+def check_png_path(path: str | os.PathLike | None, option: str) -> None:
+    """Refuse, before any work, a path for a PNG plot whose extension names another image format (``plot.pdf``): a
+    `ValueError` naming ``option`` and the path. A ``.png`` path (any case) or one without such an extension is
+    taken."""
+    if path is None:
+        return
+    extension = os.path.splitext(os.fspath(path))[1].lower()
+    if extension in OTHER_IMAGE_EXTENSIONS:
+        raise ValueError(
+            f"`{option}` {os.fspath(path)!r} names a {extension} file, but the plot is a PNG: give a .png path."
+        )
+
+
 def existing_ancestor(path: str | os.PathLike) -> str:
     """The nearest folder above ``path`` (made absolute) that exists, or a file there: what must take the folders
     that writing ``path`` creates."""

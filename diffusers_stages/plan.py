@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import shlex
 import sys
@@ -27,6 +28,7 @@ from .cli import (
     check_input_file,
     check_model_folder,
     check_output_file,
+    check_png_path,
     check_seed,
     load_saved_folder,
     write_atomically,
@@ -46,9 +48,11 @@ from .planning.budget import ARCHITECTURES, check_budget, check_budget_config
 from .planning.optimal_denoiser import check_planning_data
 from .planning.sizing import config_value
 from .planning.stage_plan import _check_unit_interval
-from .schedulers import model_call_timesteps
+from .schedulers import is_edm_scheduler, model_call_timesteps
 
 PLANNING_INTEGERS = ("resolution", "num_samples", "chunk_size", "max_images")  # checked before loading
+# `load_images`' arguments that are options of the same names
+DATA_OPTIONS = ("train_data_dir", "dataset", "resolution", "num_channels", "image_column", "split", "max_images")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model_path",
         help="A trained model folder (diffusers or diffusers-stages; of a pipeline, its model's folder such as "
-        "`unet/`), for --method gradient.",
+        "`unet/`), for --method gradient. A class-conditional model is measured with its unconditional label.",
     )
     parser.add_argument(
         "--model_config",
@@ -219,12 +223,14 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.scheduler_config is not None:
         check_input_file(_scheduler_config_file(args.scheduler_config), "--scheduler_config", json_object=True)
+    _check_schedule_options(args)
     if args.budget is not None and args.num_inference_steps is not None:  # steps the sampling scheduler can run
         model_call_timesteps(_schedule(args)[1], args.num_inference_steps)
     if args.model_path is not None:
         check_model_folder(args.model_path, "--model_path")
     _check_vae(args)
     check_output_file(args.output_plot, "--output_plot")
+    check_png_path(args.output_plot, "--output_plot")
     check_output_file(args.output_config, "--output_config")
     files = {  # the input files and the outputs: none may be written over another
         "--model_config": args.model_config,
@@ -238,6 +244,38 @@ def check_args(args: argparse.Namespace) -> None:
                 raise ValueError(
                     f"`{option}` {path!r} is the `{other}` file: writing there would replace it; give another path."
                 )
+    if _reads_images(args):  # checked last: the options above are refused first, whatever the data
+        if args.train_data_dir is None and args.dataset is None:
+            raise ValueError(
+                f"`--method {args.method}`{' with `--model_config`' if args.model_config else ''} plans on the "
+                "training images: give `--train_data_dir DIR` or `--dataset NAME`."
+            )
+        if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+            raise ValueError(f"`--train_data_dir` {args.train_data_dir!r} is not a folder.")
+
+
+def _check_schedule_options(args: argparse.Namespace) -> None:
+    """Refuse a ``--num_levels`` the planning grid cannot have and ``--edm`` sigmas or ``rho`` that give no Karras
+    schedule, by option name, then build the grid (a scheduler it cannot be built from is refused too)."""
+    if args.num_levels < 3:
+        raise ValueError(f"`--num_levels` must be an integer >= 3, got {args.num_levels}.")
+    if args.edm:
+        if not 0 < args.sigma_min < args.sigma_max or not math.isfinite(args.sigma_max):
+            raise ValueError(
+                f"`--sigma_min` {args.sigma_min} and `--sigma_max` {args.sigma_max} must satisfy 0 < `--sigma_min` < "
+                "`--sigma_max` < inf."
+            )
+        if not (math.isfinite(args.rho) and args.rho > 0):
+            raise ValueError(f"`--rho` must be a positive finite number, got {args.rho}.")
+    else:
+        scheduler = _schedule_scheduler(args)
+        alphas_cumprod = None if is_edm_scheduler(scheduler) else getattr(scheduler, "alphas_cumprod", None)
+        if alphas_cumprod is not None and args.num_levels > len(alphas_cumprod):
+            raise ValueError(
+                f"`--num_levels` must be at most the {len(alphas_cumprod)} training timesteps of the schedule, got "
+                f"{args.num_levels}."
+            )
+    _schedule(args)  # anything else it cannot be built from
 
 
 def _check_vae(args: argparse.Namespace) -> None:
@@ -413,29 +451,44 @@ def _schedule(args: argparse.Namespace) -> tuple[NoiseSchedule, object]:
 
         schedule = NoiseSchedule.edm(args.sigma_min, args.sigma_max, args.rho, args.num_levels)  # checks them first
         return schedule, EDMEulerScheduler(sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
-    if args.scheduler_config:
-        scheduler = _scheduler_from_config(args.scheduler_config)
-    else:
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler()
+    scheduler = _schedule_scheduler(args)
     return NoiseSchedule.from_scheduler(scheduler, args.num_levels), scheduler
+
+
+def _schedule_scheduler(args: argparse.Namespace):
+    """The scheduler of a schedule that is not ``--edm``: ``--scheduler_config``'s, else DDPM's default."""
+    if args.scheduler_config:
+        return _scheduler_from_config(args.scheduler_config)
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler()
+
+
+def _reads_images(args: argparse.Namespace) -> bool:
+    """Whether the command reads the training images: not for a schedule-only baseline without a model config."""
+    return args.method not in ("uniform", "snr", "snr_clustering") or bool(args.model_config)
 
 
 def _training_images(args: argparse.Namespace) -> torch.Tensor | None:
     """The training images, checked; None when nothing needs them (a schedule-only baseline, no model config)."""
-    if args.method in ("uniform", "snr", "snr_clustering") and not args.model_config:
+    if not _reads_images(args):
         return None
-    data = load_images(
-        args.train_data_dir,
-        args.dataset,
-        args.resolution,
-        args.num_channels,
-        args.image_column,
-        args.split,
-        args.max_images,
-        progress_bar=True,
-    )
+    try:
+        data = load_images(
+            args.train_data_dir,
+            args.dataset,
+            args.resolution,
+            args.num_channels,
+            args.image_column,
+            args.split,
+            args.max_images,
+            progress_bar=True,
+        )
+    except ValueError as error:  # it names its arguments: here they are the command's options of the same names
+        message = str(error)
+        for name in DATA_OPTIONS:
+            message = message.replace(f"`{name}`", f"`--{name}`")
+        raise ValueError(message) from None
     source = "--train_data_dir" if args.train_data_dir else "--dataset"
     check_planning_data(data, source)  # before any planning (and any encoding)
     if args.vae_path is not None:

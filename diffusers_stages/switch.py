@@ -22,7 +22,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import HelpFormatter, check_output_file, check_seed, load_saved_folder, write_atomically
+from .cli import HelpFormatter, check_output_file, check_png_path, check_seed, load_saved_folder, write_atomically
 from .conventions import (
     class_embedding_count,
     encode_model_latents,
@@ -68,8 +68,9 @@ class SwitchRecommendation:
         return 0.0 if self.switch is None else float((self.levels >= self.switch).double().mean())
 
 
-def noise_levels(scheduler, num_levels: int) -> torch.Tensor:
-    """Evenly spread training timesteps (DDPM-style) or log-spaced sigmas (EDM-style), low to high."""
+def noise_levels(scheduler, num_levels: int, name: str = "num_levels") -> torch.Tensor:
+    """Evenly spread training timesteps (DDPM-style) or log-spaced sigmas (EDM-style), low to high; a count the
+    scheduler cannot give is a `ValueError` naming ``name``."""
     if is_edm_scheduler(scheduler):
         sigma_min, sigma_max = scheduler.config.sigma_min, scheduler.config.sigma_max
         if not 0 < sigma_min < sigma_max < math.inf:  # else no levels from low to high to walk down
@@ -82,7 +83,7 @@ def noise_levels(scheduler, num_levels: int) -> torch.Tensor:
     num_train_timesteps = scheduler.config.num_train_timesteps
     if num_levels > num_train_timesteps:  # rounded, levels would repeat: measured and counted twice
         raise ValueError(
-            f"`num_levels`={num_levels} exceeds the {num_train_timesteps} training timesteps of the scheduler: give at "
+            f"`{name}`={num_levels} exceeds the {num_train_timesteps} training timesteps of the scheduler: give at "
             f"most {num_train_timesteps}."
         )
     return torch.linspace(0, num_train_timesteps - 1, num_levels).round().long()
@@ -145,13 +146,14 @@ def denoising_error(
     return errors / len(images)
 
 
-def check_settings(tolerance: float, num_levels: int, num_images: int = 1) -> None:
-    """Refuse settings no switch can be measured with (a `ValueError` naming the argument and the value)."""
+def check_settings(tolerance: float, num_levels: int, num_images: int = 1, prefix: str = "") -> None:
+    """Refuse settings no switch can be measured with (a `ValueError` naming the argument, after ``prefix``: ``"--"``
+    for the command's options, and the value)."""
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
-        raise ValueError(f"`tolerance` must be a non-negative number, got {tolerance!r}.")
+        raise ValueError(f"`{prefix}tolerance` must be a non-negative number, got {tolerance!r}.")
     for name, value, low in (("num_levels", num_levels, 2), ("num_images", num_images, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+            raise ValueError(f"`{prefix}{name}` must be an integer >= {low}, got {value!r}.")
 
 
 def recommend_switch(
@@ -238,7 +240,8 @@ def flops_per_call(model: torch.nn.Module, sample: torch.Tensor, timestep, class
 
 def plot_switch(found: SwitchRecommendation, path: str | os.PathLike, flops_ratio: float | None = None) -> str:
     """Save both error curves, the switch and the shallow model's region as a PNG at ``path`` (its folders are
-    created)."""
+    created; an extension of another image format, ``switch.pdf``, is a `ValueError`)."""
+    check_png_path(path, "path")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,7 +283,10 @@ def _load_data(name: str, resolution: int, channels: int, num_images: int) -> to
     from .planning.data import load_images
 
     source = {"train_data_dir": name} if os.path.isdir(name) else {"dataset": name}
-    return load_images(**source, resolution=resolution, num_channels=channels, max_images=num_images)
+    try:
+        return load_images(**source, resolution=resolution, num_channels=channels, max_images=num_images)
+    except ValueError as error:  # it names its arguments; this command's option for both is --data
+        raise ValueError(str(error).replace("`train_data_dir`", "`--data`").replace("`dataset`", "`--data`")) from None
 
 
 def _image_side(sample_size) -> int:
@@ -452,10 +458,11 @@ def main(argv: list[str] | None = None) -> SwitchRecommendation:
 
 def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     """The command on parsed arguments: measure, print and plot the recommended switch."""
-    check_settings(args.tolerance, args.num_levels, args.num_images)  # before any model or data is loaded
-    check_positive_integers(num_inference_steps=args.num_inference_steps)
+    check_settings(args.tolerance, args.num_levels, args.num_images, "--")  # before any model or data is loaded
+    check_positive_integers(**{"--num_inference_steps": args.num_inference_steps})
     check_seed(args.seed)
     check_output_file(args.plot, "--plot")
+    check_png_path(args.plot, "--plot")
     if args.pipeline:
         given = [f"`--{name}`" for name in ("shallow", "deep", "scheduler", "vae") if getattr(args, name) is not None]
         if given:  # the pipeline's models and scheduler would be measured, these ignored
@@ -468,6 +475,7 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     shallow, deep, scheduler, vae = _load_models(args)
     # a step count the scheduler cannot sample is refused before anything is measured
     model_call_timesteps(scheduler, args.num_inference_steps)
+    noise_levels(scheduler, args.num_levels, "--num_levels")  # levels it can measure, before the data is read
     config, side = deep.config, _image_side(deep.config.sample_size)
     if vae is None:
         _check_pixel_models(config.in_channels, args.pipeline)

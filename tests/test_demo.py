@@ -91,6 +91,11 @@ def test_same_seed_same_report_numbers(demo, tmp_path):
     [
         (["--steps", "0"], "`--steps` must be a positive integer, got 0"),
         (["--num_threads", "0"], "`--num_threads` must be a positive integer, got 0"),
+        # torch started them all: libgomp aborted ("Thread creation failed") or the process segfaulted
+        (
+            ["--num_threads", "100000"],
+            f"`--num_threads` must be at most the {os.cpu_count()} CPU cores here, got 100000",
+        ),
         (["--device", "tpu"], "`--device` must be 'cpu' or 'cuda', got 'tpu'"),
         (["--seed", "-1"], "`--seed` must be in [0, 2**32), got -1"),  # not a traceback from the training loop
         (["--seed", str(2**32)], f"`--seed` must be in [0, 2**32), got {2**32}"),

@@ -88,10 +88,15 @@ def test_command_prints_the_switch_and_saves_the_plot(tiny_unet_kwargs, tmp_path
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--num_levels", "0"], "`num_levels` must be an integer >= 2, got 0"),
-        (["--num_levels", "1"], "`num_levels` must be an integer >= 2, got 1"),
-        (["--num_images", "0"], "`num_images` must be an integer >= 1, got 0"),
-        (["--tolerance", "nan"], "`tolerance` must be a non-negative number, got nan"),
+        # the command names its options (was the Python argument's name: `num_levels`)
+        (["--num_levels", "0"], "`--num_levels` must be an integer >= 2, got 0"),
+        (["--num_levels", "1"], "`--num_levels` must be an integer >= 2, got 1"),
+        (["--num_images", "0"], "`--num_images` must be an integer >= 1, got 0"),
+        (["--tolerance", "nan"], "`--tolerance` must be a non-negative number, got nan"),
+        (["--tolerance", "-1"], "`--tolerance` must be a non-negative number, got -1.0"),
+        (["--num_inference_steps", "0"], "`--num_inference_steps` must be a positive integer, got 0"),
+        # the plot is a PNG: it was written into switch.pdf
+        (["--plot", "switch.pdf"], "`--plot` 'switch.pdf' names a .pdf file, but the plot is a PNG"),
         (["--shallow", "other"], "`--pipeline` holds the models: `--shallow`"),  # would be ignored
         (["--scheduler", "other"], "`--pipeline` holds the models: `--scheduler`"),
         # were torch's "Overflow when unpacking long long", once the models and data were loaded
@@ -155,6 +160,35 @@ def test_command_measures_a_class_conditional_pair(tiny_unet_kwargs, tmp_path, c
         Image.fromarray(np.full((8, 8), 60 * i, dtype=np.uint8), mode="L").save(folder / f"{i}.png")
     found = main([*common, "--data", str(folder), "--plot", str(tmp_path / "folder.png")])  # the unconditional label
     assert math.isfinite(float(found.deep_error.sum())) and "class labels: " in capsys.readouterr().out
+
+
+def test_data_that_gives_no_images_is_refused_naming_the_data_option(tiny_unet_kwargs, tmp_path):
+    # the errors named `train_data_dir` and `dataset`, options the switch command does not have
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    pipe = DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    (tmp_path / "empty").mkdir()
+    common = ["--pipeline", str(tmp_path / "pipe"), "--num_levels", "3", "--plot", str(tmp_path / "s.png")]
+    with pytest.raises(ValueError, match="No images found in `--data` ") as error:
+        main([*common, "--data", str(tmp_path / "empty")])
+    assert "train_data_dir" not in str(error.value)
+    with pytest.raises(ValueError, match="`--data` 'no-such-dataset' is neither a folder nor a dataset") as error:
+        main([*common, "--data", "no-such-dataset"])
+    assert "`dataset`" not in str(error.value)
+
+
+def test_more_levels_than_training_timesteps_are_refused_naming_the_option_before_the_data_is_read(
+    tiny_unet_kwargs, tmp_path, monkeypatch
+):
+    # was "`num_levels`=2000 exceeds ...", the Python argument, once the data was loaded
+    import diffusers_stages.switch as switch
+
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    pipe = DualBackbonePipeline(shallow=UNet2DModel(**shape), deep=UNet2DModel(**shape), scheduler=DDPMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    monkeypatch.setattr(switch, "_load_data", lambda *args: pytest.fail("the data was read"))
+    with pytest.raises(ValueError, match="`--num_levels`=2000 exceeds the 1000 training timesteps"):
+        main(["--pipeline", str(tmp_path / "pipe"), "--num_levels", "2000", "--plot", str(tmp_path / "s.png")])
 
 
 def _pipeline_for(found, scheduler, tiny_unet_kwargs):
@@ -368,6 +402,8 @@ def test_an_interrupted_plot_leaves_an_earlier_plot_as_it_was(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         plot_switch(found, plot)
     assert plot.read_text() == "earlier plot" and [p.name for p in tmp_path.iterdir()] == ["switch.png"]
+    with pytest.raises(ValueError, match="`path` .*switch.svg' names a .svg file, but the plot is a PNG"):
+        plot_switch(found, tmp_path / "switch.svg")  # was PNG bytes under an SVG's name
 
 
 def test_command_measures_models_whose_sample_size_is_a_pair(tiny_unet_kwargs, tmp_path):

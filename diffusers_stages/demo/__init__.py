@@ -59,9 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="Tiny budgets: a smoke run in well under a minute.")
     parser.add_argument("--num_threads", type=int, default=1,
-                        help="CPU threads of torch. The demo's models are tiny, so more threads gain little, while on "
-                        "a busy machine they can be many times slower (threads waiting for each other); one thread "
-                        "also gives the same numbers on every machine. Default: 1.")  # fmt: skip
+                        help="CPU threads of torch, at most the machine's CPU cores. The demo's models are tiny, so "
+                        "more threads gain little, while on a busy machine they can be many times slower (threads "
+                        "waiting for each other); one thread also gives the same numbers on every machine. "
+                        "Default: 1.")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         check_args(args)
@@ -76,6 +77,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--steps` must be a positive integer, got {args.steps}.")
     if args.num_threads < 1:
         raise ValueError(f"`--num_threads` must be a positive integer, got {args.num_threads}.")
+    cores = os.cpu_count() or 1
+    if args.num_threads > cores:  # torch starts them all: far past the cores, thread creation fails (a crash)
+        raise ValueError(f"`--num_threads` must be at most the {cores} CPU cores here, got {args.num_threads}.")
     check_seed(args.seed)  # what the training loop accepts, checked before any work
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

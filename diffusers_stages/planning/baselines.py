@@ -117,21 +117,30 @@ def gradient_affinity(
 
 
 def _gradient_affinity(model, params, data, schedule, level_indices, generator, progress_bar) -> torch.Tensor:
+    from ..conventions import class_embedding_count, null_class_label
+
     device = params[0].device
     clean = data.to(device=device, dtype=params[0].dtype)
     noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype).to(device)
+    config, loaded = getattr(model, "config", None), getattr(model, "loaded_experts", None)
+    if loaded:  # an ExpertRoutingModel: its experts' class embeddings (they agree)
+        config = model.experts[loaded[0]].config
+    count = class_embedding_count(config)  # class-conditional: the unconditional label
+    labels = (
+        {} if count is None else {"class_labels": torch.full((len(clean),), null_class_label(count), device=device)}
+    )
     grads = []
     for g in tqdm(level_indices, desc="loss gradients", disable=not progress_bar):
         a, s = float(schedule.signal_scale[g]), float(schedule.noise_scale[g])
         noisy = a * clean + s * noise
         batch = torch.full((clean.shape[0],), float(schedule.levels[g]), device=device)
         if schedule.units == "timestep":
-            loss = torch.mean((model(noisy, batch.long()).sample - noise) ** 2)
+            loss = torch.mean((model(noisy, batch.long(), **labels).sample - noise) ** 2)
         else:  # EDM preconditioning (Karras et al. 2022, table 1) and its loss weight 1 / c_out^2
             sd = schedule.sigma_data
             c_in, c_skip = 1 / math.sqrt(s**2 + sd**2), sd**2 / (s**2 + sd**2)
             c_out = s * sd / math.sqrt(s**2 + sd**2)
-            denoised = c_skip * noisy + c_out * model(c_in * noisy, batch.log() / 4).sample
+            denoised = c_skip * noisy + c_out * model(c_in * noisy, batch.log() / 4, **labels).sample
             loss = torch.mean((denoised - clean) ** 2) / c_out**2
         # parameters a level does not reach (another stage's decoder) get a zero gradient
         grad = torch.autograd.grad(loss, params, allow_unused=True)
@@ -158,7 +167,9 @@ def gradient_plan(
 
     - with a trained ``model``: the "gradient" baseline of Zhang et al. (Table 4), Go et al.'s timestep clustering:
       the cosine affinity of the model's parameter gradients between ``num_gradient_levels`` noise levels, on a fixed
-      batch of ``batch_size`` images from ``data``, split into contiguous stages by [`interval_clustering`].
+      batch of ``batch_size`` images from ``data``, split into contiguous stages by [`interval_clustering`]. A
+      class-conditional model is measured with its unconditional label (the last class embedding, the one
+      classifier-free guidance trains) for every image.
       Memory: ``num_gradient_levels x num_parameters`` float64 on the CPU.
     - without a model (a network-free proxy): the loss curve ``L(t) = E||eps*_t(x_t) - eps||^2 / D`` of the optimal
       denoiser on ``data``, with boundaries splitting its total variation ``int |dL/dt| dt`` into equal shares (each

@@ -22,7 +22,12 @@ def plot_plan(plan: StagePlan, path: str | os.PathLike, title: str | None = None
     b'\\x89PNG'
 
     ```
+
+    A ``path`` whose extension names another image format (``plan.pdf``) is a `ValueError`.
     """
+    from ..cli import check_png_path
+
+    check_png_path(path, "path")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -119,9 +119,9 @@ def suggest_decoder_widths(
     if not isinstance(norm_num_groups, int) or norm_num_groups < 1:
         raise ValueError(f"`norm_num_groups` must be a positive integer, got {norm_num_groups!r}.")
     difficulty = [float(d) for d in difficulty]
-    if len(difficulty) < 2 or any(d < 0 for d in difficulty) or max(difficulty) <= 0:
+    if len(difficulty) < 2 or not all(0 <= d < math.inf for d in difficulty) or max(difficulty) <= 0:
         raise ValueError(
-            f"`difficulty` needs one non-negative value per stage (>= 2 stages, not all 0), got {difficulty}."
+            f"`difficulty` needs one non-negative finite value per stage (>= 2 stages, not all 0), got {difficulty}."
         )
     top = max(difficulty)
     return tuple(

@@ -95,6 +95,20 @@ def test_folder_and_saved_dataset_load_the_same_images(digit_folder, tmp_path):
         load_images(train_data_dir=str(tmp_path / "empty"), resolution=8)
 
 
+def test_errors_found_reading_the_data_name_the_commands_options(digit_folder, tmp_path):
+    # they named the planning API's arguments (`image_column`, `split`, `train_data_dir`), not the options to change
+    datasets = pytest.importorskip("datasets")
+    images = [Image.open(digit_folder / f"{i:04d}.png") for i in range(4)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"img": images})}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(ValueError, match="`--image_column` 'image' is not a column of the dataset"):
+        run(["--dataset", str(tmp_path / "ds"), *FAST])
+    with pytest.raises(ValueError, match="`--split` 'test' is not in the dataset"):
+        run(["--dataset", str(tmp_path / "ds"), "--image_column", "img", "--split", "test", *FAST])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="No images found in `--train_data_dir` "):
+        run(["--train_data_dir", str(tmp_path / "empty"), *FAST])
+
+
 def test_module_entry_point_runs_for_an_edm_schedule():
     command = [sys.executable, "-m", "diffusers_stages.plan", "--method", "snr", "--edm", "--num_stages", "4"]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -107,9 +121,11 @@ def test_module_entry_point_runs_for_an_edm_schedule():
         assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1]) == result
 
 
-def test_bad_command_lines_are_refused(digit_folder):
-    with pytest.raises(ValueError, match="Give exactly one of `train_data_dir` and `dataset`"):
+def test_bad_command_lines_are_refused(digit_folder, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # was "Give exactly one of `train_data_dir` and `dataset`", status 1
         run(FAST)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "give `--train_data_dir DIR` or `--dataset NAME`" in err, err
     with pytest.raises(SystemExit):
         run(["--method", "snr", "--output_config", "x.json"])  # needs --model_config
 
@@ -138,7 +154,7 @@ def test_a_bad_image_file_is_named_before_planning(digit_folder, tmp_path, kind)
         bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     else:
         bad.write_text("not an image\n")
-    with pytest.raises(ValueError, match="`train_data_dir` holds a file that is not a readable image") as error:
+    with pytest.raises(ValueError, match="`--train_data_dir` holds a file that is not a readable image") as error:
         run(["--train_data_dir", str(folder), *FAST])
     assert repr(str(bad)) in str(error.value)
 
@@ -244,10 +260,16 @@ def test_outputs_are_replaced_whole_or_left_as_they_were(digit_folder, tmp_path,
         ({"_class_name": "DDPMScheduler", "trained_betas": "abc"}, "TypeError"),
     ],
 )
-def test_a_scheduler_config_that_builds_no_scheduler_is_refused_by_name(tmp_path, config, cause):
+def test_a_scheduler_config_that_builds_no_scheduler_is_refused_by_name(tmp_path, capsys, config, cause):
     (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"`--scheduler_config` .* does not build a DDPMScheduler: {cause}"):
+    with pytest.raises(SystemExit) as exit_info:  # a usage error, before any image is read
         run(["--method", "uniform", "--num_levels", "10", "--scheduler_config", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2
+        and "`--scheduler_config`" in err
+        and f"does not build a DDPMScheduler: {cause}" in err
+    )
 
 
 def test_an_output_over_an_input_or_another_output_is_refused_before_any_image_is_read(tmp_path, capsys):
@@ -322,6 +344,67 @@ def test_bad_planning_options_are_usage_errors_before_any_image_is_read(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         run(["--train_data_dir", missing, *FAST, option, value])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--num_levels", "2"], "`--num_levels` must be an integer >= 3, got 2"),
+        (["--num_levels", "-5"], "`--num_levels` must be an integer >= 3, got -5"),
+        (["--num_levels", "1001"], "`--num_levels` must be at most the 1000 training timesteps of the schedule"),
+        (["--edm", "--sigma_min", "-1"], "`--sigma_min` -1.0 and `--sigma_max` 80.0"),
+        (["--edm", "--sigma_min", "nan"], "`--sigma_min` nan and `--sigma_max` 80.0"),
+        (["--edm", "--sigma_max", "inf"], "`--sigma_min` 0.002 and `--sigma_max` inf"),
+        (["--edm", "--sigma_max", "0.001"], "`--sigma_min` 0.002 and `--sigma_max` 0.001"),
+        (["--edm", "--rho", "0"], "`--rho` must be a positive finite number, got 0.0"),
+        (["--edm", "--rho", "nan"], "`--rho` must be a positive finite number, got nan"),
+    ],
+)
+def test_bad_schedule_options_are_usage_errors_naming_the_option(tmp_path, capsys, options, message):
+    # these were refused after parsing, with exit status 1 and the Python argument's name (`num_levels`, `rho`)
+    missing = str(tmp_path / "no-such-folder")  # never read: the options are checked first
+    fast = ["--num_samples", "16", "--resolution", "8", "--num_channels", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", missing, *fast, *options])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err, err
+
+
+@pytest.mark.parametrize("name", ["plan.pdf", "plan.jpg", "plan.SVG"])
+def test_an_output_plot_named_for_another_format_is_refused(tmp_path, capsys, name):
+    # the plot is a PNG: `--output_plot plan.pdf` wrote PNG bytes into plan.pdf, a file no PDF viewer opens
+    path = tmp_path / name
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--method", "snr", "--num_levels", "20", "--output_plot", str(path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"`--output_plot` {str(path)!r}" in err and ".png" in err, err
+    assert not path.exists()
+    run(["--method", "snr", "--num_levels", "20", "--output_plot", str(tmp_path / "plan.PNG")])  # any case
+    assert (tmp_path / "plan.PNG").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_train_data_dir_that_is_not_a_folder_is_a_usage_error_naming_the_option(tmp_path, capsys):
+    # was "error: `train_data_dir` '...' is not a folder." with exit status 1, the Python argument's name
+    (tmp_path / "file.png").write_bytes(b"not a folder")
+    for path in (tmp_path / "missing", tmp_path / "file.png"):
+        with pytest.raises(SystemExit) as exit_info:
+            run(["--train_data_dir", str(path), *FAST])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"`--train_data_dir` {str(path)!r} is not a folder" in err, err
+    run(["--train_data_dir", str(tmp_path / "missing"), "--method", "snr", "--num_levels", "20"])  # not read by snr
+
+
+def test_the_gradient_baseline_plans_with_a_class_conditional_model(digit_folder, tmp_path, tiny_unet_kwargs):
+    # a `--class_conditional` training run's model failed with "class_labels should be provided when doing class
+    # conditioning", after every image was loaded
+    from diffusers import UNet2DModel
+
+    UNet2DModel(**{**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1, "num_class_embeds": 11}).save_pretrained(
+        tmp_path / "unet"
+    )
+    result = run(["--train_data_dir", str(digit_folder), *FAST, "--method", "gradient", "--model_path",
+                  str(tmp_path / "unet")])  # fmt: skip
+    assert result["method"] == "gradient" and len(result["stage_boundaries"]) == 2
 
 
 def test_printed_sigma_stages_hold_their_upper_boundary(capsys):

@@ -140,6 +140,22 @@ def test_gradient_baseline_with_and_without_a_model(digits, gray_unet_kwargs, ti
     assert plan.partition.num_stages == 3
 
 
+def test_gradient_baseline_measures_a_class_conditional_model_with_its_unconditional_label(gray_unet_kwargs):
+    # a class-conditional model (the training scripts' `--class_conditional`, the demo's) failed with "class_labels
+    # should be provided when doing class conditioning", in the plan command after every image was loaded
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 20)
+    torch.manual_seed(0)
+    model = UNet2DModel(**gray_unet_kwargs, num_class_embeds=11)  # 10 classes and the unconditional label
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("class_labels")), with_kwargs=True
+    )
+    data = torch.rand(8, 1, 8, 8) * 2 - 1
+    plan = gradient_plan(schedule, 3, model, data, num_gradient_levels=8, batch_size=4, generator=torch.manual_seed(0))
+    assert plan.partition.num_stages == 3 and seen
+    assert all(labels is not None and labels.tolist() == [10] * 4 for labels in seen)
+
+
 def test_gradient_baseline_refuses_a_model_of_other_channels_than_the_data(tiny_unet_kwargs):
     """A latent-space model (4 VAE channels) given RGB images was a RuntimeError deep in its first convolution."""
     model = UNet2DModel(**{**tiny_unet_kwargs, "in_channels": 4, "out_channels": 4})
@@ -381,6 +397,9 @@ def test_the_plot_draws_alpha_and_the_running_means_that_cross_it(digits, tmp_pa
     monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y=0, *a, **k: drawn.append((y, k["label"])))
     path = plot_plan(plan, tmp_path / "plan.png")
     assert open(path, "rb").read(4) == b"\x89PNG" and drawn == [(0.9, "alpha = 0.9 (mean-similarity threshold)")]
+    with pytest.raises(ValueError, match="`path` .*plan.pdf' names a .pdf file, but the plot is a PNG"):
+        plot_plan(plan, tmp_path / "plan.pdf")  # was PNG bytes under a PDF's name
+    assert not (tmp_path / "plan.pdf").exists()
 
 
 @pytest.mark.parametrize("method", ["snr", "snr_clustering"])
