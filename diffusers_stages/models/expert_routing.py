@@ -35,6 +35,7 @@ from ..partition import TimestepPartition
 from .checks import check_savable
 from .ip_adapter import (
     blocks_with_attentions,
+    check_image_embeds,
     check_ip_adapter_fits,
     check_ip_adapter_state_dicts,
     with_source_layer_names,
@@ -192,6 +193,12 @@ def _config_value(config, key: str):
     if key == "out_channels" and value is None:
         value = config.get("in_channels")
     return _hashable(value)
+
+
+def _has_ip_adapter(expert: nn.Module | None) -> bool:
+    """Whether ``expert`` has an IP-Adapter loaded (its image projection, as `load_ip_adapter` sets it)."""
+    kind = getattr(getattr(expert, "config", None), "encoder_hid_dim_type", None)  # an attribute, as diffusers sets it
+    return getattr(expert, "encoder_hid_proj", None) is not None and kind == "ip_image_proj"
 
 
 def check_rows(value: object, batch: int, name: str) -> None:
@@ -608,6 +615,8 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         # 2. each expert only on its own samples (the whole batch, called exactly as alone, when one stage holds it;
         # a mixed batch has one timestep per sample, split with the rest)
         batch = sample.shape[0]
+        if any(_has_ip_adapter(expert) for expert in self.experts):  # diffusers' own: "'NoneType' is not iterable"
+            check_image_embeds(expert_kwargs.get("added_cond_kwargs"), batch)
 
         def run(stage: int, inputs: list) -> torch.Tensor:
             # a split batch only: a tensor of neither one row nor one per sample would reach each expert whole (a

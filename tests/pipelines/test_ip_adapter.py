@@ -245,6 +245,24 @@ def test_source_ip_adapter_in_every_expert_gives_the_source_images(source_and_ro
     assert all(expert.config.encoder_hid_dim_type is None for expert in routed.unet.experts)
 
 
+def test_experts_with_an_ip_adapter_name_the_missing_image_embeddings(source_and_routed):
+    # the source pipeline without `ip_adapter_image_embeds` fails inside diffusers with "argument of type 'NoneType'
+    # is not iterable"; the routing names the argument, as the staged model does, for a whole batch and a mixed one
+    source, routed = source_and_routed
+    _load(routed, ip_adapter_state_dict(source.unet))
+    with pytest.raises(ValueError, match=r"`added_cond_kwargs` must hold `image_embeds`"):
+        _images(routed, ip=False)
+    torch.manual_seed(3)
+    x, text, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32), torch.tensor([900, 100])
+    for added in (None, {}):
+        with pytest.raises(ValueError, match=r"`added_cond_kwargs` must hold `image_embeds`"):
+            routed.unet(x, t, text, added_cond_kwargs=added)
+    with pytest.raises(ValueError, match=r"image_embeds.*one row per sample \(2\).*\(3, 1, 12\)"):
+        routed.unet(x, t, text, added_cond_kwargs={"image_embeds": [torch.randn(3, 1, IMAGE_EMBED_DIM)]})
+    routed.unload_ip_adapter()
+    assert routed.unet(x, t, text).sample.shape == x.shape  # no adapter: no image embeddings needed
+
+
 def test_staged_experts_take_the_source_ip_adapter(source_and_routed):
     source, routed = source_and_routed
     routed.unet.experts[1] = MultiStageUNet2DConditionModel.from_unet(routed.unet.experts[1], stage_boundaries=(700,))
