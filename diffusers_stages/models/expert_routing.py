@@ -622,9 +622,10 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
             # a split batch only: a tensor of neither one row nor one per sample would reach each expert whole (a
             # whole batch goes to its expert as alone, which reads such rows by its own rules: diffusers'
             # `ip_adapter_masks` of one row per IP-Adapter)
-            if inputs[0].shape[0] != batch:
-                check_rows(class_labels, batch, "class_labels")
-                for name, value in expert_kwargs.items():
+            if inputs[0].shape[0] != batch:  # named as the expert takes them: `model(x, t, text)` gives text third
+                labels, kwargs = _positional_hidden_states(self.expert(stage), class_labels, expert_kwargs)
+                check_rows(labels, batch, "class_labels")
+                for name, value in kwargs.items():
                     check_rows(value, batch, name)
             return self._call_expert(stage, *inputs)
 

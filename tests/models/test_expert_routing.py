@@ -193,6 +193,12 @@ def test_an_argument_of_neither_one_row_nor_one_per_sample_is_named(tiny_cond_un
         model(x, t, encoder_hidden_states=text, encoder_attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match=r"`added_cond_kwargs\['time_ids'\]` must have one row or one per sample"):
         model(x, t, encoder_hidden_states=text, added_cond_kwargs={"time_ids": torch.ones(2, 6)})
+    # text given third, as diffusers' `unet(sample, timestep, encoder_hidden_states)`: named as the text it is, not
+    # as this container's third argument (`class_labels`)
+    with pytest.raises(
+        ValueError, match=r"`encoder_hidden_states` must have one row or one per sample \(3\), got shape \(2, 5, "
+    ):
+        model(x, t, text[:2])
     labelled = ExpertRoutingModel(
         [_unet(tiny_unet_kwargs, 0, num_class_embeds=4), _unet(tiny_unet_kwargs, 1, num_class_embeds=4)],
         stage_boundaries=(500,),
