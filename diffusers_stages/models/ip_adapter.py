@@ -42,7 +42,12 @@ def check_image_embeds(added_cond_kwargs: dict | None, batch: int) -> None:
             "`added_cond_kwargs` must hold `image_embeds` (the image embeddings, `ip_adapter_image_embeds` in a "
             f"pipeline): an IP-Adapter is loaded; got `added_cond_kwargs`={added_cond_kwargs!r}."
         )
-    listed = embeds if isinstance(embeds, (list, tuple)) else [embeds]
+    if isinstance(embeds, tuple):  # diffusers takes a list (or one tensor): a tuple fails inside it, unnamed
+        raise ValueError(
+            '`added_cond_kwargs["image_embeds"]` must be a list of tensors, one per IP-Adapter (or one tensor), got '
+            f"tuple of {len(embeds)}: `list(image_embeds)`."
+        )
+    listed = embeds if isinstance(embeds, list) else [embeds]
     shapes = [tuple(e.shape) if torch.is_tensor(e) else type(e).__name__ for e in listed]
     if any(not torch.is_tensor(e) or e.ndim < 2 or e.shape[0] != batch for e in listed):
         raise ValueError(

@@ -177,6 +177,9 @@ def test_a_mixed_batch_routes_the_image_embeddings_with_the_rest(source_and_stag
         staged.unet(x, t, text)
     with pytest.raises(ValueError, match=r"image_embeds.*one row per sample \(3\).*\(2, 1, 12\)"):
         staged.unet(x, t, text, added_cond_kwargs={"image_embeds": [torch.randn(2, 1, IMAGE_EMBED_DIM)]})
+    # a tuple passed the check, then failed inside diffusers ("'tuple' object has no attribute 'unsqueeze'")
+    with pytest.raises(ValueError, match=r"image_embeds.*must be a list of tensors.*got tuple"):
+        staged.unet(x, t, text, added_cond_kwargs={"image_embeds": (torch.randn(3, 1, IMAGE_EMBED_DIM),)})
 
 
 def test_source_ip_adapter_on_a_staged_sdxl_pipeline(tiny_sdxl_components):
