@@ -245,6 +245,12 @@ def _check_images(images: torch.Tensor, name: str) -> None:
     outside is fine: unclamped samples, added noise), or a `ValueError` naming ``name``. A batch with no value below
     0 and some above it is taken for levels in ``[0, 1]`` (a diffusers pipeline's ``output_type="pt"``) or
     ``[0, 255]``: images in ``[-1, 1]`` with every pixel at least mid-grey are no data set's."""
+    if type(images).__module__ == "numpy" and hasattr(images, "shape"):  # a pipeline's `output_type="np"` images
+        raise ValueError(
+            f"`{name}` must be a torch tensor (N >= 2, C, H, W) in [-1, 1], got a numpy array of shape "
+            f'{tuple(images.shape)} (a diffusers pipeline\'s `output_type="np"` images, (N, H, W, C) in [0, 1]: '
+            "`torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1`)."
+        )
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"`{name}` must be a batch (N >= 2, C, H, W), got shape {shape}.")

@@ -332,6 +332,18 @@ def test_train_classifier_refuses_images_that_are_no_tensor():
         train_classifier([[0.0] * 64] * 4, torch.tensor([0, 1, 0, 1]), max_steps=1)
 
 
+def test_numpy_images_of_a_pipeline_are_refused_with_the_conversion(digits):
+    # a diffusers pipeline's `output_type="np"` gives (N, H, W, C) arrays in [0, 1]; was "got shape ndarray"
+    images, labels, _, _ = digits
+    evaluator = Evaluator(FeatureClassifier(8), images[:16])
+    generated = np.zeros((4, 8, 8, 1), dtype=np.float32)
+    match = r"`images` must be a torch tensor.*got a numpy array of shape \(4, 8, 8, 1\).*permute\(0, 3, 1, 2\)"
+    with pytest.raises(ValueError, match=match):
+        evaluator.score(generated)
+    with pytest.raises(ValueError, match=match.replace("`images`", "`real_images`")):
+        Evaluator(FeatureClassifier(8), generated)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
