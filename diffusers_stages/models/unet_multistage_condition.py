@@ -669,9 +669,10 @@ class MultiStageUNet2DConditionModel(
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 
-        # 1. shared encoder, once on the whole batch (ControlNet residuals added to its outputs)
+        # 1. shared encoder, once on the whole batch (ControlNet residuals added to its outputs), embedding the checked
+        # timesteps (diffusers' `get_time_embed` builds a tensor of a float or an int only, not of a numpy float)
         hidden, skips, emb, encoder_hidden_states = self.encode(
-            sample, timestep, encoder_hidden_states, class_labels, timestep_cond, added_cond_kwargs, conditioning,
+            sample, timesteps, encoder_hidden_states, class_labels, timestep_cond, added_cond_kwargs, conditioning,
             down_intrablock_additional_residuals,
         )  # fmt: skip
         if down_block_additional_residuals is not None:

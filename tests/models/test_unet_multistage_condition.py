@@ -490,3 +490,15 @@ def test_group_offload_gives_the_same_outputs(tiny_cond_unet, tmp_path, sdxl):
     assert_group_offload_keeps_outputs(model, run, tmp_path, blocks_per_group=(1,))
     with pytest.raises(ValueError, match="`num_blocks_per_group`=2 would put several of .*`decoders`"):
         model.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=2)
+
+
+def test_a_numpy_float_timestep_is_taken_as_its_value(tiny_cond_unet):
+    # the routing took np.float32(450.5) (a real number, as MultiStageUNet2DModel does), but the time embedding was
+    # built from the raw number by diffusers' get_time_embed, which raised "TypeError: 'numpy.float32' object cannot
+    # be interpreted as an integer"
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        expected = staged(x, 450.5, **kwargs).sample
+        assert torch.equal(staged(x, np.float32(450.5), **kwargs).sample, expected)
+        assert torch.equal(staged(x, np.float32(450.5), **kwargs, stage_index=1).sample, expected)
