@@ -573,8 +573,10 @@ class MultiStageUNet2DConditionModel(
         if self.config.class_embed_type == "timestep" and torch.is_tensor(class_labels):
             class_labels = class_labels.reshape(-1)  # one label as a 0-d tensor too (`Timesteps` takes 1-D)
         class_emb = self.get_class_embed(sample=sample, class_labels=class_labels)
-        if class_emb is not None:
-            emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb
+        if class_emb is not None and self.config.class_embeddings_concat:  # one label for the batch: one row each
+            emb = torch.cat([emb, class_emb.reshape(-1, class_emb.shape[-1]).expand(emb.shape[0], -1)], dim=-1)
+        elif class_emb is not None:
+            emb = emb + class_emb
         if self.config.addition_embed_type is not None and added_cond_kwargs is None:
             raise ValueError(
                 f"`added_cond_kwargs` must be given: this model has `addition_embed_type`="

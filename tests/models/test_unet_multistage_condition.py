@@ -502,3 +502,17 @@ def test_a_numpy_float_timestep_is_taken_as_its_value(tiny_cond_unet):
         expected = staged(x, 450.5, **kwargs).sample
         assert torch.equal(staged(x, np.float32(450.5), **kwargs).sample, expected)
         assert torch.equal(staged(x, np.float32(450.5), **kwargs, stage_index=1).sample, expected)
+
+
+@pytest.mark.parametrize("label", [torch.tensor(3), torch.tensor([3])], ids=["0-d", "one"])
+def test_one_class_label_for_the_batch_with_concatenated_class_embeddings(tiny_cond_unet, label):
+    # one label for the whole batch is accepted (check_class_labels) and broadcast where the class embedding is added,
+    # but with `class_embeddings_concat=True` it failed inside torch.cat ("Tensors must have same number of
+    # dimensions" / "Sizes of tensors must match")
+    unet = tiny_cond_unet(0, num_class_embeds=5, class_embeddings_concat=True)
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        for t in (450, torch.tensor([10, 900])):
+            expected = staged(x, t, class_labels=torch.tensor([3, 3]), **kwargs).sample
+            assert torch.equal(staged(x, t, class_labels=label, **kwargs).sample, expected)
