@@ -289,6 +289,11 @@ def test_save_and_reload_is_identical_and_strict(tiny_cond_unet, tmp_path):
         ({"norm_num_groups": 0}, "`norm_num_groups` must be a positive integer, got 0"),
         ({"norm_num_groups": None}, "`norm_num_groups` must be a positive integer, got None"),
         ({"sample_size": -3}, r"`sample_size` must be a positive integer, a \(height, width\) pair of them or None"),
+        # built silently (NaN outputs; a failure in the first training forward only), as MultiStageUNet2DModel did
+        ({"norm_eps": float("nan")}, r"`norm_eps` must be a positive finite number, got nan"),
+        ({"norm_eps": -1e-5}, r"`norm_eps` must be a positive finite number, got -1e-05"),
+        ({"dropout": float("nan")}, r"`dropout` must be a number in \[0, 1\), got nan"),
+        ({"dropout": 1.0}, r"`dropout` must be a number in \[0, 1\), got 1.0"),
         # decoders' up blocks are refused as the encoder's are (one ran, as a block no option supports)
         (
             {"decoder_up_block_types": (("AttnUpBlock2D", "UpBlock2D"),) * 3},
