@@ -521,3 +521,21 @@ def test_one_class_label_for_the_batch_with_concatenated_class_embeddings(tiny_c
         for t in (450, torch.tensor([10, 900])):
             expected = staged(x, t, class_labels=torch.tensor([3, 3]), **kwargs).sample
             assert torch.equal(staged(x, t, class_labels=label, **kwargs).sample, expected)
+
+
+def test_a_cpu_tensor_of_timesteps_reaches_a_model_on_the_accelerator(tiny_cond_unet):
+    # one timestep per sample as a CPU tensor (what a user's loop often holds) with the model and the latents on the
+    # GPU: the routing moved them, but the time embedding was built from the caller's CPU tensor (diffusers'
+    # get_time_embed moves a 0-d tensor only): a device mismatch in the time embedding's first linear layer
+    from tests.fake_cuda import fake_cuda
+
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        expected = staged(x, t, **kwargs).sample
+        with fake_cuda():
+            staged.to("cuda")
+            out = staged(x.to("cuda"), t, encoder_hidden_states=kwargs["encoder_hidden_states"].to("cuda")).sample
+            out = out.cpu()
+    assert torch.allclose(out, expected, atol=1e-6)
