@@ -13,6 +13,7 @@ import copy
 import importlib
 import inspect
 import json
+import numbers
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -607,7 +608,9 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         """
         # 1. one timestep per sample (DiT-style experts need one per sample; the routing reads them)
         timesteps = self.check_inputs(sample, timestep, stage_index, in_channels=self.config.get("in_channels"))
-        if torch.is_tensor(timestep) and timestep.ndim == 0:
+        # a 0-d tensor or a Python int: one per sample (a DiT takes tensors only; U-Nets make the same long tensor of
+        # an int); a float stays as given, read by each expert's own rule (UNet2DModel truncates it)
+        if (torch.is_tensor(timestep) and timestep.ndim == 0) or isinstance(timestep, numbers.Integral):
             timestep = timesteps
         elif torch.is_tensor(timestep):  # on the samples' device, as `timesteps` (a CPU tensor: copied there)
             timestep = timestep.to(timesteps.device)

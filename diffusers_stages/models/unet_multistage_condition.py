@@ -573,8 +573,10 @@ class MultiStageUNet2DConditionModel(
         if self.config.class_embed_type == "timestep" and torch.is_tensor(class_labels):
             class_labels = class_labels.reshape(-1)  # one label as a 0-d tensor too (`Timesteps` takes 1-D)
         class_emb = self.get_class_embed(sample=sample, class_labels=class_labels)
-        if class_emb is not None:
-            emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb
+        if class_emb is not None and self.config.class_embeddings_concat:  # one label for the batch: one row each
+            emb = torch.cat([emb, class_emb.reshape(-1, class_emb.shape[-1]).expand(emb.shape[0], -1)], dim=-1)
+        elif class_emb is not None:
+            emb = emb + class_emb
         if self.config.addition_embed_type is not None and added_cond_kwargs is None:
             raise ValueError(
                 f"`added_cond_kwargs` must be given: this model has `addition_embed_type`="
@@ -669,9 +671,10 @@ class MultiStageUNet2DConditionModel(
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 
-        # 1. shared encoder, once on the whole batch (ControlNet residuals added to its outputs)
+        # 1. shared encoder, once on the whole batch (ControlNet residuals added to its outputs), embedding the checked
+        # timesteps (diffusers' `get_time_embed` builds a tensor of a float or an int only, not of a numpy float)
         hidden, skips, emb, encoder_hidden_states = self.encode(
-            sample, timestep, encoder_hidden_states, class_labels, timestep_cond, added_cond_kwargs, conditioning,
+            sample, timesteps, encoder_hidden_states, class_labels, timestep_cond, added_cond_kwargs, conditioning,
             down_intrablock_additional_residuals,
         )  # fmt: skip
         if down_block_additional_residuals is not None:

@@ -15,7 +15,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from ..partition import TimestepPartition
-from .checks import check_positive_integers, check_sample_size, is_positive_integer
+from .checks import check_norm_eps_and_dropout, check_positive_integers, check_sample_size, is_positive_integer
 from .decoders import SkipAdapters, resolve_decoder_up_block_types, resolve_decoder_widths, take_encoder_widths
 
 # the options Stable Diffusion 1.x/2.x and SDXL configs use; anything else is refused by name
@@ -81,7 +81,7 @@ CHECKED_ARGUMENTS = ("stage_boundaries", "num_train_timesteps", "boundary_units"
                      "addition_embed_type", "encoder_hid_dim", "encoder_hid_dim_type", "num_attention_heads",
                      "dual_cross_attention", "attention_type", "decoder_up_block_types", "decoder_skip_adapters",
                      "decoder_attention_head_dim", "in_channels", "out_channels", "conv_in_kernel",
-                     "conv_out_kernel", "sample_size")  # fmt: skip
+                     "conv_out_kernel", "sample_size", "norm_eps", "dropout")  # fmt: skip
 
 
 def check_config(
@@ -109,6 +109,8 @@ def check_config(
     conv_in_kernel: int,
     conv_out_kernel: int,
     sample_size: int | Sequence[int] | None,
+    norm_eps: float,
+    dropout: float,
     **unsupported: Any,
 ) -> tuple[TimestepPartition, list[dict[str, Any]], dict[str, list]]:
     """Check a configuration of `MultiStageUNet2DConditionModel` (``model``) before anything is built, each problem
@@ -124,6 +126,7 @@ def check_config(
     # sizes that diffusers builds without a word and that fail only in torch at the first forward
     check_sample_size(sample_size)
     check_positive_integers(norm_num_groups=norm_num_groups)  # None: only diffusers' K-blocks, unsupported here
+    check_norm_eps_and_dropout(norm_eps, dropout)
     for name, value in (("layers_per_block", layers_per_block), ("attention_head_dim", attention_head_dim)):
         if not all(is_positive_integer(v) for v in _per_block(value, len(down_block_types))):
             raise ValueError(f"`{name}` must be a positive integer or one per block, got {value!r}.")

@@ -2,6 +2,7 @@ import inspect
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
@@ -662,3 +663,19 @@ def test_a_missing_expert_is_named_with_its_interval_in_its_units(three_experts)
     three_experts.experts[2] = None
     with pytest.raises(ValueError, match=r"Expert 2 \(noise levels \[600, 1000\) in 'timestep' units\)"):
         three_experts.expert(2)
+
+
+@pytest.mark.parametrize("timestep", [900, np.int64(900)])
+def test_an_integer_timestep_reaches_dit_experts_as_one_per_sample(tiny_unet_kwargs, timestep):
+    # `forward` documents an int timestep; a DiT expert takes tensors only, and an int reached it as is
+    # (AttributeError: 'int' object has no attribute 'shape', inside diffusers). A float still reaches each expert as
+    # given (test_a_python_number_timestep_reaches_each_expert_as_it_would_alone)
+    unet = _unet(tiny_unet_kwargs, 0, num_class_embeds=11)
+    model = ExpertRoutingModel([unet, _tiny_dit()], stage_boundaries=(500,))
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad():
+        out = model(x, timestep, class_labels=y).sample
+        expected = model.experts[1](x, torch.tensor([timestep] * 2), class_labels=y).sample
+        assert torch.allclose(out, expected, atol=1e-6)
+        # a U-Net expert's output with an int is unchanged (diffusers makes the same long tensor)
+        assert torch.equal(model(x, 10, class_labels=y).sample, unet(x, 10, class_labels=y).sample)

@@ -494,3 +494,20 @@ def test_peft_lora_training_works_on_the_unconditional_model(tiny_multistage):
 def test_fuse_qkv_projections_fuses_every_attention_and_unfuse_restores_the_processors(tiny_multistage):
     model = tiny_multistage.eval()
     assert_fuse_qkv_projections_round_trip(model, torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 990]))
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("norm_eps", float("nan")),  # every output NaN, silently
+        ("norm_eps", -1.0),  # the norms of flat groups NaN
+        ("norm_eps", 0),
+        ("dropout", float("nan")),  # a RuntimeError in the first training forward only
+        ("dropout", 1.0),  # every residual branch dropped
+        ("dropout", "0.1"),  # torch's TypeError, without the argument's name
+    ],
+)
+def test_bad_norm_eps_and_dropout_name_the_argument_and_the_value(tiny_unet_kwargs, name, value):
+    # MultiStageDDPMppUNet2DModel and IUNet2DModel refused these (check_norm_eps_and_dropout); this model built them
+    with pytest.raises(ValueError, match=f"`{name}` must be .*got {re.escape(repr(value))}"):
+        MultiStageUNet2DModel(**{**tiny_unet_kwargs, name: value})

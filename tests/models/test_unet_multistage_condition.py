@@ -289,6 +289,11 @@ def test_save_and_reload_is_identical_and_strict(tiny_cond_unet, tmp_path):
         ({"norm_num_groups": 0}, "`norm_num_groups` must be a positive integer, got 0"),
         ({"norm_num_groups": None}, "`norm_num_groups` must be a positive integer, got None"),
         ({"sample_size": -3}, r"`sample_size` must be a positive integer, a \(height, width\) pair of them or None"),
+        # built silently (NaN outputs; a failure in the first training forward only), as MultiStageUNet2DModel did
+        ({"norm_eps": float("nan")}, r"`norm_eps` must be a positive finite number, got nan"),
+        ({"norm_eps": -1e-5}, r"`norm_eps` must be a positive finite number, got -1e-05"),
+        ({"dropout": float("nan")}, r"`dropout` must be a number in \[0, 1\), got nan"),
+        ({"dropout": 1.0}, r"`dropout` must be a number in \[0, 1\), got 1.0"),
         # decoders' up blocks are refused as the encoder's are (one ran, as a block no option supports)
         (
             {"decoder_up_block_types": (("AttnUpBlock2D", "UpBlock2D"),) * 3},
@@ -490,3 +495,47 @@ def test_group_offload_gives_the_same_outputs(tiny_cond_unet, tmp_path, sdxl):
     assert_group_offload_keeps_outputs(model, run, tmp_path, blocks_per_group=(1,))
     with pytest.raises(ValueError, match="`num_blocks_per_group`=2 would put several of .*`decoders`"):
         model.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=2)
+
+
+def test_a_numpy_float_timestep_is_taken_as_its_value(tiny_cond_unet):
+    # the routing took np.float32(450.5) (a real number, as MultiStageUNet2DModel does), but the time embedding was
+    # built from the raw number by diffusers' get_time_embed, which raised "TypeError: 'numpy.float32' object cannot
+    # be interpreted as an integer"
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        expected = staged(x, 450.5, **kwargs).sample
+        assert torch.equal(staged(x, np.float32(450.5), **kwargs).sample, expected)
+        assert torch.equal(staged(x, np.float32(450.5), **kwargs, stage_index=1).sample, expected)
+
+
+@pytest.mark.parametrize("label", [torch.tensor(3), torch.tensor([3])], ids=["0-d", "one"])
+def test_one_class_label_for_the_batch_with_concatenated_class_embeddings(tiny_cond_unet, label):
+    # one label for the whole batch is accepted (check_class_labels) and broadcast where the class embedding is added,
+    # but with `class_embeddings_concat=True` it failed inside torch.cat ("Tensors must have same number of
+    # dimensions" / "Sizes of tensors must match")
+    unet = tiny_cond_unet(0, num_class_embeds=5, class_embeddings_concat=True)
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    with torch.no_grad():
+        for t in (450, torch.tensor([10, 900])):
+            expected = staged(x, t, class_labels=torch.tensor([3, 3]), **kwargs).sample
+            assert torch.equal(staged(x, t, class_labels=label, **kwargs).sample, expected)
+
+
+def test_a_cpu_tensor_of_timesteps_reaches_a_model_on_the_accelerator(tiny_cond_unet):
+    # one timestep per sample as a CPU tensor (what a user's loop often holds) with the model and the latents on the
+    # GPU: the routing moved them, but the time embedding was built from the caller's CPU tensor (diffusers'
+    # get_time_embed moves a 0-d tensor only): a device mismatch in the time embedding's first linear layer
+    from tests.fake_cuda import fake_cuda
+
+    staged = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(2)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        expected = staged(x, t, **kwargs).sample
+        with fake_cuda():
+            staged.to("cuda")
+            out = staged(x.to("cuda"), t, encoder_hidden_states=kwargs["encoder_hidden_states"].to("cuda")).sample
+            out = out.cpu()
+    assert torch.allclose(out, expected, atol=1e-6)
