@@ -231,6 +231,7 @@ def soft_assignment_timesteps(
         or not 0.0 < own_interval_probability <= 1.0
     ):
         raise ValueError(f"`own_interval_probability` must be in (0, 1], got {own_interval_probability!r}.")
+    own_interval_probability = float(own_interval_probability)  # a numpy number too
     mass = stage_mass(partition, p_mean, p_std)
     # per-sample interval: own with probability p, else another in proportion to its mass
     probs = torch.tensor([m if s != expert_index else 0.0 for s, m in enumerate(mass)], dtype=torch.float64)

@@ -285,3 +285,13 @@ def test_a_sigma_draw_is_routed_to_its_own_stage_after_float32_rounding():
     assert wide.stage_for_noise_level(t).tolist() == stages.tolist()
     with pytest.raises(ValueError, match=r"Stage 1 \(7.6577, 7.6577\] holds no float32 sigma"):
         stratified_timesteps(TimestepPartition([boundary, boundary * (1 + 1e-7)], units="sigma"), 3)
+
+
+def test_soft_assignment_takes_a_numpy_own_interval_probability():
+    # np.float32(0.5) passed the check (a real number in (0, 1]) and then failed with "TypeError: can't assign a
+    # numpy.float32 to a torch.DoubleTensor"
+    partition = TimestepPartition.uniform(4)
+    for p in (np.float32(0.5), np.float64(0.5), np.int64(1)):
+        drawn = soft_assignment_timesteps(partition, 1, 8, p, generator=torch.manual_seed(0))
+        expected = soft_assignment_timesteps(partition, 1, 8, float(p), generator=torch.manual_seed(0))
+        assert torch.equal(drawn, expected)
