@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -84,6 +84,7 @@ class TimestepPartition:
         if units not in UNITS:
             raise ValueError(f"`units` must be one of {UNITS}, got {units!r}.")
         _check_num_train_timesteps(num_train_timesteps)
+        boundaries = _listed(boundaries)
         values = _numbers(boundaries, "boundaries")
         if any(not math.isfinite(b) for b in values):
             raise ValueError(f"`boundaries` must be finite numbers, got {list(boundaries)}.")
@@ -115,6 +116,7 @@ class TimestepPartition:
     def from_fractions(cls, fractions: Sequence[float], num_train_timesteps: int = 1000) -> TimestepPartition:
         """Boundaries given as fractions of the training schedule (e.g. ``[0.442, 0.631]``)."""
         _check_num_train_timesteps(num_train_timesteps)
+        fractions = _listed(fractions)
         values = _numbers(fractions, "fractions")
         if any(not 0.0 < f < 1.0 for f in values):
             raise ValueError(f"`fractions` must lie strictly inside (0, 1), got {list(fractions)}.")
@@ -273,6 +275,12 @@ def _rounded(values: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor
 def _check_num_train_timesteps(num_train_timesteps: int) -> None:
     if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
         raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
+
+
+def _listed(values: Any) -> Any:
+    """An iterator (a generator) as a list, read once, so that its values are checked and then used; anything else
+    as it is."""
+    return list(values) if isinstance(values, Iterator) else values
 
 
 def _numbers(values: Sequence[float], name: str) -> list[float]:

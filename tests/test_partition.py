@@ -300,3 +300,15 @@ def test_interval_text_refuses_a_bad_stage_or_format_naming_it(stage, format_spe
     # were: an IndexError, a negative index counted from the end, or Python's "Unknown format code" naming neither
     with pytest.raises(ValueError, match=match):
         TimestepPartition([442, 631]).interval_text(stage, format_spec)
+
+
+def test_boundaries_given_as_an_iterator_are_all_read():
+    # a generator was read once by the type check and then gave no boundaries: `TimestepPartition(b for b in [442,
+    # 631])` was one stage, silently (from_fractions likewise)
+    assert TimestepPartition(b for b in [442, 631]) == TimestepPartition([442, 631])
+    assert TimestepPartition(iter([2.5, 7.5]), units="sigma").boundaries == (2.5, 7.5)
+    assert TimestepPartition.from_fractions(f for f in [0.442, 0.631]) == TimestepPartition.from_fractions(
+        [0.442, 0.631]
+    )
+    with pytest.raises(ValueError, match=r"`boundaries` must be strictly increasing, got \[631, 442\]"):
+        TimestepPartition(b for b in [631, 442])
