@@ -120,6 +120,8 @@ class TimestepPartition:
         values = _numbers(fractions, "fractions")
         if any(not 0.0 < f < 1.0 for f in values):
             raise ValueError(f"`fractions` must lie strictly inside (0, 1), got {list(fractions)}.")
+        if any(b >= a for a, b in zip(values[1:], values[:-1])):
+            raise ValueError(f"`fractions` must be strictly increasing, got {list(fractions)}.")
         return cls([f * num_train_timesteps for f in values], num_train_timesteps, "timestep")
 
     @classmethod

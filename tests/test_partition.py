@@ -312,3 +312,11 @@ def test_boundaries_given_as_an_iterator_are_all_read():
     )
     with pytest.raises(ValueError, match=r"`boundaries` must be strictly increasing, got \[631, 442\]"):
         TimestepPartition(b for b in [631, 442])
+
+
+@pytest.mark.parametrize("fractions", [[0.631, 0.442], [0.5, 0.5]])
+def test_from_fractions_names_fractions_that_are_not_increasing(fractions):
+    # the error was "`boundaries` must be strictly increasing, got [631.0, 442.0]": an argument and values the caller
+    # never wrote
+    with pytest.raises(ValueError, match=rf"`fractions` must be strictly increasing, got \[{fractions[0]}, "):
+        TimestepPartition.from_fractions(fractions)
