@@ -130,6 +130,12 @@ class TimestepPartition:
         config) or as keywords (a model's arguments); a `ValueError` names those keys (``stage_boundaries``,
         ``boundary_units``)."""
         config = {**(config or {}), **keys}
+        missing = [key for key in ("stage_boundaries", "num_train_timesteps", "boundary_units") if key not in config]
+        if missing:
+            raise ValueError(
+                "A TimestepPartition config needs `stage_boundaries`, `num_train_timesteps` and `boundary_units`; "
+                f"the config lacks {missing}."
+            )
         try:
             return cls(config["stage_boundaries"], config["num_train_timesteps"], config["boundary_units"])
         except ValueError as error:

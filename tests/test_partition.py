@@ -320,3 +320,18 @@ def test_from_fractions_names_fractions_that_are_not_increasing(fractions):
     # never wrote
     with pytest.raises(ValueError, match=rf"`fractions` must be strictly increasing, got \[{fractions[0]}, "):
         TimestepPartition.from_fractions(fractions)
+
+
+@pytest.mark.parametrize("missing", ["stage_boundaries", "num_train_timesteps", "boundary_units"])
+def test_from_config_names_a_missing_key(missing):
+    # a config without one of the keys raised a bare KeyError (e.g. KeyError: 'boundary_units'), where the docstring
+    # promises a ValueError naming the keys; a training source's edited config.json then failed with a traceback
+    config = {k: v for k, v in TimestepPartition([442, 631]).to_config().items() if k != missing}
+    with pytest.raises(
+        ValueError,
+        match=rf"needs `stage_boundaries`, `num_train_timesteps` and `boundary_units`; "
+        rf"the config lacks \['{missing}'\]",
+    ):
+        TimestepPartition.from_config(config)
+    with pytest.raises(ValueError, match=rf"lacks \['{missing}'\]"):
+        TimestepPartition.from_config(**config)
