@@ -83,7 +83,7 @@ class TimestepPartition:
     def __init__(self, boundaries: Sequence[float], num_train_timesteps: int = 1000, units: str = "timestep"):
         if units not in UNITS:
             raise ValueError(f"`units` must be one of {UNITS}, got {units!r}.")
-        _check_num_train_timesteps(num_train_timesteps)
+        num_train_timesteps = _check_num_train_timesteps(num_train_timesteps)
         boundaries = _listed(boundaries)
         values = _numbers(boundaries, "boundaries")
         if any(not math.isfinite(b) for b in values):
@@ -106,16 +106,15 @@ class TimestepPartition:
     @classmethod
     def uniform(cls, num_stages: int, num_train_timesteps: int = 1000) -> TimestepPartition:
         """Equal-length stages in training-timestep units (MEME's intervals ``((n-1)T/N, nT/N]``)."""
-        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
-            raise ValueError(f"`num_stages` must be a positive integer, got {num_stages!r}.")
-        _check_num_train_timesteps(num_train_timesteps)
+        num_stages = _positive_integer(num_stages, "num_stages")
+        num_train_timesteps = _check_num_train_timesteps(num_train_timesteps)
         step = num_train_timesteps / num_stages
         return cls([step * i for i in range(1, num_stages)], num_train_timesteps, "timestep")
 
     @classmethod
     def from_fractions(cls, fractions: Sequence[float], num_train_timesteps: int = 1000) -> TimestepPartition:
         """Boundaries given as fractions of the training schedule (e.g. ``[0.442, 0.631]``)."""
-        _check_num_train_timesteps(num_train_timesteps)
+        num_train_timesteps = _check_num_train_timesteps(num_train_timesteps)
         fractions = _listed(fractions)
         values = _numbers(fractions, "fractions")
         if any(not 0.0 < f < 1.0 for f in values):
@@ -280,9 +279,17 @@ def _rounded(values: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor
     return torch.where(off, torch.nextafter(rounded, torch.full_like(rounded, math.inf if up else -math.inf)), rounded)
 
 
-def _check_num_train_timesteps(num_train_timesteps: int) -> None:
-    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-        raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
+def _check_num_train_timesteps(num_train_timesteps: int) -> int:
+    """``num_train_timesteps`` as a Python int: a positive integer, numpy's too (not a bool)."""
+    return _positive_integer(num_train_timesteps, "num_train_timesteps")
+
+
+def _positive_integer(value: int, name: str) -> int:
+    """``value`` as a Python int if it is a positive integer, numpy's too (not a bool); a `ValueError` naming it as
+    ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    return int(value)
 
 
 def _listed(values: Any) -> Any:

@@ -335,3 +335,21 @@ def test_from_config_names_a_missing_key(missing):
         TimestepPartition.from_config(config)
     with pytest.raises(ValueError, match=rf"lacks \['{missing}'\]"):
         TimestepPartition.from_config(**config)
+
+
+def test_numpy_integers_are_taken_as_stage_and_schedule_lengths():
+    # np.int64(1000) was refused as "`num_train_timesteps` must be a positive integer, got np.int64(1000)", where the
+    # package's other integer arguments take numpy's integers (positive_integer_arguments)
+    import json
+
+    import numpy as np
+
+    partition = TimestepPartition([442, 631], np.int64(1000))
+    assert partition == TimestepPartition([442, 631]) and type(partition.num_train_timesteps) is int
+    json.dumps(partition.to_config())
+    assert TimestepPartition.uniform(np.int64(4), np.int32(1000)) == TimestepPartition.uniform(4)
+    assert TimestepPartition.from_fractions([0.5], np.int64(10)) == TimestepPartition([5], 10)
+    with pytest.raises(ValueError, match="`num_stages` must be a positive integer, got np.True_"):
+        TimestepPartition.uniform(np.True_)
+    with pytest.raises(ValueError, match="`num_train_timesteps` must be a positive integer, got np.int64"):
+        TimestepPartition([1], np.int64(0))
