@@ -36,6 +36,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 UNITS = ("timestep", "sigma")
@@ -50,8 +51,19 @@ def exact_float(device: torch.device | str) -> torch.dtype:
 
 def as_levels(value: torch.Tensor | float | Sequence[float]) -> torch.Tensor:
     """``value`` as a tensor to route: a tensor as it is, Python numbers in float64, which holds them exactly (torch's
-    default float32 would round 441.99999 up to 442.0, across a boundary at 442)."""
-    return value if torch.is_tensor(value) else torch.as_tensor(value, dtype=torch.float64)
+    default float32 would round 441.99999 up to 442.0, across a boundary at 442); a `ValueError` naming ``timestep``
+    for anything else (None, a string, a bool, a complex number)."""
+    if torch.is_tensor(value):
+        if value.dtype != torch.bool and not value.is_complex():
+            return value
+    else:
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError):  # a ragged sequence
+            array = None
+        if array is not None and array.dtype.kind in "iuf":  # integers, unsigned integers, floats
+            return torch.as_tensor(array, dtype=torch.float64)
+    raise ValueError(f"`timestep` must be a number, or a tensor or sequence of numbers, got {value!r}.")
 
 
 class TimestepPartition:

@@ -353,3 +353,23 @@ def test_numpy_integers_are_taken_as_stage_and_schedule_lengths():
         TimestepPartition.uniform(np.True_)
     with pytest.raises(ValueError, match="`num_train_timesteps` must be a positive integer, got np.int64"):
         TimestepPartition([1], np.int64(0))
+
+
+@pytest.mark.parametrize(
+    "timestep",
+    [None, "500", [500, None], True, [True, False], torch.tensor([True]), torch.tensor([500 + 0j]), object()],
+)
+def test_a_timestep_that_is_not_a_number_is_refused_by_name(timestep):
+    # None and "500" raised torch's TypeError ("must be real number, not NoneType", "new(): invalid data type
+    # 'str'"), a complex tensor a NotImplementedError of aminmax, and bools were routed as the timesteps 0 and 1
+    partition = TimestepPartition([442, 631])
+    sigma = TimestepPartition([2.5], units="sigma")
+    for lookup in (
+        partition.stage_for_timestep,
+        partition.stage_for_noise_level,
+        partition.noise_level,
+        sigma.stage_for_timestep,
+        sigma.stage_for_noise_level,
+    ):
+        with pytest.raises(ValueError, match="`timestep` must be a number, or a tensor or sequence of numbers, got"):
+            lookup(timestep)
