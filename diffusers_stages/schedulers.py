@@ -238,8 +238,7 @@ def check_num_inference_steps(scheduler, num_inference_steps: int) -> None:
     schedulers give no steps, a fraction's worth, or a ZeroDivisionError), and, for PNDM's Runge-Kutta warm-up
     (``skip_prk_steps=False``, its default), fewer than ``pndm_order`` (4) steps, which fail inside its
     ``set_timesteps`` with a NumPy broadcasting error."""
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+    (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)  # numpy's too
     warm_up = getattr(scheduler, "pndm_order", None) if not getattr(scheduler.config, "skip_prk_steps", True) else None
     if warm_up is not None and num_inference_steps < warm_up:
         raise ValueError(
@@ -284,6 +283,7 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
     ```
     """
     check_num_inference_steps(scheduler, num_inference_steps)
+    num_inference_steps = int(num_inference_steps)
     scheduler = copy.deepcopy(scheduler)  # `set_timesteps` resets the run state (step index, model history)
     try:
         scheduler.set_timesteps(num_inference_steps)

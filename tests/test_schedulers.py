@@ -428,3 +428,17 @@ def test_a_scheduler_without_an_option_trains_on_its_default():
         "rescale_betas_zero_snr"
     ]
     assert training_schedule_differences(DDPMScheduler(), EDMEulerScheduler())  # another family of schedule
+
+
+def test_model_call_timesteps_takes_a_numpy_step_count():
+    # np.int64(4) was refused as "`num_inference_steps` must be a positive integer, got np.int64(4)" (a call argument,
+    # which the package's other call arguments take from numpy too); plan(..., num_inference_steps=np.int64(4)) passed
+    # its own check and then failed here
+    import numpy as np
+
+    for scheduler in (DDIMScheduler(), HeunDiscreteScheduler()):
+        assert model_call_timesteps(scheduler, np.int64(4)) == model_call_timesteps(scheduler, 4)
+    with pytest.raises(ValueError, match="`num_inference_steps` must be a positive integer, got np.True_"):
+        model_call_timesteps(DDIMScheduler(), np.True_)
+    with pytest.raises(ValueError, match="`num_inference_steps` must be a positive integer, got np.int64"):
+        model_call_timesteps(DDIMScheduler(), np.int64(0))
