@@ -139,7 +139,8 @@ class TimestepPartition:
     def from_config(cls, config: dict | None = None, /, **keys: Any) -> TimestepPartition:
         """Rebuild from the keys written by [`~TimestepPartition.to_config`], given as a dict (a model or pipeline
         config) or as keywords (a model's arguments); a `ValueError` names those keys (``stage_boundaries``,
-        ``boundary_units``)."""
+        ``boundary_units``). A config is saved as JSON: its ``num_train_timesteps`` must be a Python int (a numpy
+        integer is refused with a hint, where the constructor takes one)."""
         config = {**(config or {}), **keys}
         missing = [key for key in ("stage_boundaries", "num_train_timesteps", "boundary_units") if key not in config]
         if missing:
@@ -147,7 +148,11 @@ class TimestepPartition:
                 "A TimestepPartition config needs `stage_boundaries`, `num_train_timesteps` and `boundary_units`; "
                 f"the config lacks {missing}."
             )
+        from .models.checks import check_positive_integers  # here: that module imports this one
+
         try:
+            # a config is saved as JSON: a numpy integer is refused with a hint (the constructor, a call, takes it)
+            check_positive_integers(num_train_timesteps=config["num_train_timesteps"])
             return cls(config["stage_boundaries"], config["num_train_timesteps"], config["boundary_units"])
         except ValueError as error:
             message = str(error).replace("`boundaries`", "`stage_boundaries`").replace("`units`", "`boundary_units`")

@@ -373,3 +373,21 @@ def test_a_timestep_that_is_not_a_number_is_refused_by_name(timestep):
     ):
         with pytest.raises(ValueError, match="`timestep` must be a number, or a tensor or sequence of numbers, got"):
             lookup(timestep)
+
+
+def test_a_config_with_a_numpy_schedule_length_is_refused_with_a_hint():
+    # once the constructor took np.int64(1000) (a call argument), a model built with it held np.int64 in its config
+    # and failed at save_pretrained ("Object of type int64 is not JSON serializable"); a config value is refused with
+    # the package's hint, as `check_positive_integers` refuses the models' other numpy integers
+    import numpy as np
+
+    from diffusers_stages import MultiStageUNet2DModel
+
+    hint = r"`num_train_timesteps` must be a positive integer \(a Python int: the config is saved as JSON; pass int"
+    with pytest.raises(ValueError, match=hint):
+        TimestepPartition.from_config(
+            stage_boundaries=[442], num_train_timesteps=np.int64(1000), boundary_units="timestep"
+        )
+    with pytest.raises(ValueError, match=hint):
+        MultiStageUNet2DModel(num_train_timesteps=np.int64(1000))
+    assert TimestepPartition.from_config(stage_boundaries=[442], num_train_timesteps=1000, boundary_units="timestep")
