@@ -362,7 +362,11 @@ def vp_inverse_lambda(lamb: torch.Tensor, beta_min: float = 0.1, beta_max: float
 
 def dpm_solver_fast_orders(steps: int, order: int) -> list[int]:
     """The solver order of each singlestep block for ``steps`` model calls ("DPM-Solver-fast", Lu et al. 2022,
-    section 3.4): blocks of order ``order``, the last one or two of lower order to use up the calls exactly."""
+    section 3.4): blocks of order ``order`` (1, 2 or 3), the last one or two of lower order to use up the calls
+    exactly."""
+    (steps,) = positive_integer_arguments(steps=steps)
+    if order not in (1, 2, 3) or isinstance(order, bool):
+        raise ValueError(f"`order` must be 1, 2 or 3, got {order!r}.")
     if order == 3 and steps % 3 == 0:
         return [3] * (steps // 3 - 1) + [2, 1]
     if order == 3:

@@ -442,3 +442,17 @@ def test_model_call_timesteps_takes_a_numpy_step_count():
         model_call_timesteps(DDIMScheduler(), np.True_)
     with pytest.raises(ValueError, match="`num_inference_steps` must be a positive integer, got np.int64"):
         model_call_timesteps(DDIMScheduler(), np.int64(0))
+
+
+def test_dpm_solver_fast_orders_use_up_the_calls_and_refuse_a_bad_count():
+    # dpm_solver_fast_orders(0, 3) gave [2, 1] (three model calls for none), an order of 4 blocks of 4
+    from diffusers_stages.schedulers import dpm_solver_fast_orders
+
+    for order in (1, 2, 3):
+        for steps in range(1, 10):
+            orders = dpm_solver_fast_orders(steps, order)
+            assert sum(orders) == steps and max(orders) <= order and min(orders) >= 1, (steps, order, orders)
+    with pytest.raises(ValueError, match="`steps` must be a positive integer, got 0"):
+        dpm_solver_fast_orders(0, 3)
+    with pytest.raises(ValueError, match="`order` must be 1, 2 or 3, got 4"):
+        dpm_solver_fast_orders(8, 4)
