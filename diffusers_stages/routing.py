@@ -36,6 +36,10 @@ class StageRouter:
 
     def __init__(self, partition: TimestepPartition, scheduler):
         """Route the model calls of ``scheduler`` (checked to be in ``partition``'s units) to ``partition``'s stages."""
+        if not isinstance(partition, TimestepPartition):
+            raise ValueError(
+                f"`partition` must be a TimestepPartition (e.g. TimestepPartition([442, 631])), got {partition!r}."
+            )
         check_scheduler_units(scheduler, partition)
         self.partition = partition
         self.scheduler = scheduler

@@ -216,3 +216,12 @@ def test_the_router_takes_a_call_timestep_expanded_over_the_batch():
         router(torch.tensor([100, 900]))
     with pytest.raises(ValueError, match="`timestep` must hold at least one value, got tensor"):
         router(torch.tensor([]))
+
+
+@pytest.mark.parametrize("partition", [[442, 631], None, "442"])
+def test_the_router_names_a_partition_that_is_not_one(partition):
+    # StageRouter([442, 631], scheduler) raised "AttributeError: 'list' object has no attribute 'units'"
+    with pytest.raises(
+        ValueError, match=r"`partition` must be a TimestepPartition \(e.g. TimestepPartition\(\[442, 631\]\)\), got"
+    ):
+        StageRouter(partition, DDIMScheduler())
