@@ -426,8 +426,16 @@ class ContinuousVPDPMSolverSinglestepScheduler(DPMSolverSinglestepScheduler):
             or num_train_timesteps < 2
         ):
             raise ValueError(f"`num_train_timesteps` must be an integer >= 2, got {num_train_timesteps!r}.")
-        if solver_order not in (1, 2, 3):
-            raise ValueError(f"`solver_order` must be 1, 2 or 3, got {solver_order!r}.")
+        # the config is saved as JSON: Python numbers only (a numpy one is refused with a hint)
+        if isinstance(solver_order, bool) or not isinstance(solver_order, int) or solver_order not in (1, 2, 3):
+            numpy = isinstance(solver_order, numbers.Integral) and not isinstance(solver_order, (bool, int))
+            hint = " (a Python int: the config is saved as JSON; pass int(...))" if numpy else ""
+            raise ValueError(f"`solver_order` must be 1, 2 or 3{hint}, got {solver_order!r}.")
+        for name, value in (("beta_min", beta_min), ("beta_max", beta_max), ("t_start", t_start), ("t_end", t_end)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                numpy = isinstance(value, numbers.Real)
+                hint = " (a Python float: the config is saved as JSON; pass float(...))" if numpy else ""
+                raise ValueError(f"`{name}` must be a number{hint}, got {value!r}.")
         if algorithm_type not in ("dpmsolver", "dpmsolver++"):
             raise ValueError(f"`algorithm_type` must be 'dpmsolver' or 'dpmsolver++', got {algorithm_type!r}.")
         if not 0.0 < t_end < t_start <= 1.0:

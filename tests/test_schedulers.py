@@ -456,3 +456,24 @@ def test_dpm_solver_fast_orders_use_up_the_calls_and_refuse_a_bad_count():
         dpm_solver_fast_orders(0, 3)
     with pytest.raises(ValueError, match="`order` must be 1, 2 or 3, got 4"):
         dpm_solver_fast_orders(8, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"solver_order": np.int64(2)},
+            r"`solver_order` must be 1, 2 or 3 \(a Python int: the config is saved as JSON",
+        ),
+        ({"solver_order": True}, r"`solver_order` must be 1, 2 or 3"),
+        ({"beta_min": "0.1"}, r"`beta_min` must be a number, got '0.1'"),
+        ({"beta_max": None}, r"`beta_max` must be a number, got None"),
+        ({"t_start": "1"}, r"`t_start` must be a number, got '1'"),
+        ({"t_end": np.float32(1e-3)}, r"`t_end` must be a number \(a Python float: the config is saved as JSON"),
+    ],
+)
+def test_continuous_vp_dpm_solver_names_options_of_the_wrong_type(kwargs, message):
+    # solver_order=np.int64(2) built a scheduler whose repr and save_pretrained failed ("Object of type int64 is not
+    # JSON serializable"), beta_min="0.1" raised "TypeError: '<' not supported between instances of 'float' and 'str'"
+    with pytest.raises(ValueError, match=message):
+        ContinuousVPDPMSolverSinglestepScheduler(**kwargs)
