@@ -7,6 +7,7 @@ Per-sample values (rather than the batch mean) let a training loop log the loss 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -101,11 +102,12 @@ def diffusion_loss(
         raise ValueError(f"`noise` must have the shape of `clean` {tuple(clean.shape)}, got {tuple(noise.shape)}.")
     if snr_gamma is not None and (
         isinstance(snr_gamma, bool)
-        or not isinstance(snr_gamma, (int, float))
+        or not isinstance(snr_gamma, numbers.Real)  # numpy's numbers too
         or not math.isfinite(snr_gamma)
         or snr_gamma <= 0
     ):  # 0 would zero every loss, a negative gamma flip its sign, NaN make it NaN
         raise ValueError(f"`snr_gamma` must be a finite number > 0, got {snr_gamma!r}.")
+    snr_gamma = None if snr_gamma is None else float(snr_gamma)
     model_kwargs = model_kwargs or {}
     prediction_type = noise_scheduler.config.prediction_type
     view = (-1,) + (1,) * (clean.ndim - 1)

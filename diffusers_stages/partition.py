@@ -33,9 +33,10 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 UNITS = ("timestep", "sigma")
@@ -50,8 +51,19 @@ def exact_float(device: torch.device | str) -> torch.dtype:
 
 def as_levels(value: torch.Tensor | float | Sequence[float]) -> torch.Tensor:
     """``value`` as a tensor to route: a tensor as it is, Python numbers in float64, which holds them exactly (torch's
-    default float32 would round 441.99999 up to 442.0, across a boundary at 442)."""
-    return value if torch.is_tensor(value) else torch.as_tensor(value, dtype=torch.float64)
+    default float32 would round 441.99999 up to 442.0, across a boundary at 442); a `ValueError` naming ``timestep``
+    for anything else (None, a string, a bool, a complex number)."""
+    if torch.is_tensor(value):
+        if value.dtype != torch.bool and not value.is_complex():
+            return value
+    else:
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError):  # a ragged sequence
+            array = None
+        if array is not None and array.dtype.kind in "iuf":  # integers, unsigned integers, floats
+            return torch.as_tensor(array, dtype=torch.float64)
+    raise ValueError(f"`timestep` must be a number, or a tensor or sequence of numbers, got {value!r}.")
 
 
 class TimestepPartition:
@@ -83,7 +95,8 @@ class TimestepPartition:
     def __init__(self, boundaries: Sequence[float], num_train_timesteps: int = 1000, units: str = "timestep"):
         if units not in UNITS:
             raise ValueError(f"`units` must be one of {UNITS}, got {units!r}.")
-        _check_num_train_timesteps(num_train_timesteps)
+        num_train_timesteps = _check_num_train_timesteps(num_train_timesteps)
+        boundaries = _listed(boundaries)
         values = _numbers(boundaries, "boundaries")
         if any(not math.isfinite(b) for b in values):
             raise ValueError(f"`boundaries` must be finite numbers, got {list(boundaries)}.")
@@ -105,28 +118,41 @@ class TimestepPartition:
     @classmethod
     def uniform(cls, num_stages: int, num_train_timesteps: int = 1000) -> TimestepPartition:
         """Equal-length stages in training-timestep units (MEME's intervals ``((n-1)T/N, nT/N]``)."""
-        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
-            raise ValueError(f"`num_stages` must be a positive integer, got {num_stages!r}.")
-        _check_num_train_timesteps(num_train_timesteps)
+        num_stages = _positive_integer(num_stages, "num_stages")
+        num_train_timesteps = _check_num_train_timesteps(num_train_timesteps)
         step = num_train_timesteps / num_stages
         return cls([step * i for i in range(1, num_stages)], num_train_timesteps, "timestep")
 
     @classmethod
     def from_fractions(cls, fractions: Sequence[float], num_train_timesteps: int = 1000) -> TimestepPartition:
         """Boundaries given as fractions of the training schedule (e.g. ``[0.442, 0.631]``)."""
-        _check_num_train_timesteps(num_train_timesteps)
+        num_train_timesteps = _check_num_train_timesteps(num_train_timesteps)
+        fractions = _listed(fractions)
         values = _numbers(fractions, "fractions")
         if any(not 0.0 < f < 1.0 for f in values):
             raise ValueError(f"`fractions` must lie strictly inside (0, 1), got {list(fractions)}.")
+        if any(b >= a for a, b in zip(values[1:], values[:-1])):
+            raise ValueError(f"`fractions` must be strictly increasing, got {list(fractions)}.")
         return cls([f * num_train_timesteps for f in values], num_train_timesteps, "timestep")
 
     @classmethod
     def from_config(cls, config: dict | None = None, /, **keys: Any) -> TimestepPartition:
         """Rebuild from the keys written by [`~TimestepPartition.to_config`], given as a dict (a model or pipeline
         config) or as keywords (a model's arguments); a `ValueError` names those keys (``stage_boundaries``,
-        ``boundary_units``)."""
+        ``boundary_units``). A config is saved as JSON: its ``num_train_timesteps`` must be a Python int (a numpy
+        integer is refused with a hint, where the constructor takes one)."""
         config = {**(config or {}), **keys}
+        missing = [key for key in ("stage_boundaries", "num_train_timesteps", "boundary_units") if key not in config]
+        if missing:
+            raise ValueError(
+                "A TimestepPartition config needs `stage_boundaries`, `num_train_timesteps` and `boundary_units`; "
+                f"the config lacks {missing}."
+            )
+        from .models.checks import check_positive_integers  # here: that module imports this one
+
         try:
+            # a config is saved as JSON: a numpy integer is refused with a hint (the constructor, a call, takes it)
+            check_positive_integers(num_train_timesteps=config["num_train_timesteps"])
             return cls(config["stage_boundaries"], config["num_train_timesteps"], config["boundary_units"])
         except ValueError as error:
             message = str(error).replace("`boundaries`", "`stage_boundaries`").replace("`units`", "`boundary_units`")
@@ -270,9 +296,23 @@ def _rounded(values: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor
     return torch.where(off, torch.nextafter(rounded, torch.full_like(rounded, math.inf if up else -math.inf)), rounded)
 
 
-def _check_num_train_timesteps(num_train_timesteps: int) -> None:
-    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-        raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
+def _check_num_train_timesteps(num_train_timesteps: int) -> int:
+    """``num_train_timesteps`` as a Python int: a positive integer, numpy's too (not a bool)."""
+    return _positive_integer(num_train_timesteps, "num_train_timesteps")
+
+
+def _positive_integer(value: int, name: str) -> int:
+    """``value`` as a Python int if it is a positive integer, numpy's too (not a bool); a `ValueError` naming it as
+    ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _listed(values: Any) -> Any:
+    """An iterator (a generator) as a list, read once, so that its values are checked and then used; anything else
+    as it is."""
+    return list(values) if isinstance(values, Iterator) else values
 
 
 def _numbers(values: Sequence[float], name: str) -> list[float]:

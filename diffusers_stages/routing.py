@@ -36,18 +36,32 @@ class StageRouter:
 
     def __init__(self, partition: TimestepPartition, scheduler):
         """Route the model calls of ``scheduler`` (checked to be in ``partition``'s units) to ``partition``'s stages."""
+        if not isinstance(partition, TimestepPartition):
+            raise ValueError(
+                f"`partition` must be a TimestepPartition (e.g. TimestepPartition([442, 631])), got {partition!r}."
+            )
         check_scheduler_units(scheduler, partition)
         self.partition = partition
         self.scheduler = scheduler
         self.stage: int | None = None
 
     def __call__(self, timestep: torch.Tensor | float, is_corrector: bool | None = None) -> int:
-        """The stage of a model call at ``timestep``; ``is_corrector`` says whether it is the second call of a
-        predictor/corrector pair (``None``: read the scheduler's ``state_in_first_order`` now)."""
+        """The stage of a model call at ``timestep`` (one value, or the call's timestep expanded over its batch, all in
+        one stage); ``is_corrector`` says whether it is the second call of a predictor/corrector pair (``None``: read
+        the scheduler's ``state_in_first_order`` now)."""
         if is_corrector is None:
             is_corrector = getattr(self.scheduler, "state_in_first_order", True) is False
         if self.stage is None or not is_corrector:
-            self.stage = int(self.partition.stage_for_timestep(as_levels(timestep).reshape(1))[0])
+            levels = as_levels(timestep).reshape(-1)
+            if not levels.numel():
+                raise ValueError(f"`timestep` must hold at least one value, got {timestep!r}.")
+            stages = self.partition.stage_for_timestep(levels).unique().tolist()
+            if len(stages) > 1:
+                raise ValueError(
+                    f"StageRouter picks one stage per model call, but `timestep` {timestep!r} falls in the stages "
+                    f"{stages}: route a batch of several noise levels with `dispatch_by_stage`."
+                )
+            self.stage = int(stages[0])
         return self.stage
 
 

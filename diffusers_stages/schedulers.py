@@ -238,8 +238,7 @@ def check_num_inference_steps(scheduler, num_inference_steps: int) -> None:
     schedulers give no steps, a fraction's worth, or a ZeroDivisionError), and, for PNDM's Runge-Kutta warm-up
     (``skip_prk_steps=False``, its default), fewer than ``pndm_order`` (4) steps, which fail inside its
     ``set_timesteps`` with a NumPy broadcasting error."""
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+    (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)  # numpy's too
     warm_up = getattr(scheduler, "pndm_order", None) if not getattr(scheduler.config, "skip_prk_steps", True) else None
     if warm_up is not None and num_inference_steps < warm_up:
         raise ValueError(
@@ -284,6 +283,7 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
     ```
     """
     check_num_inference_steps(scheduler, num_inference_steps)
+    num_inference_steps = int(num_inference_steps)
     scheduler = copy.deepcopy(scheduler)  # `set_timesteps` resets the run state (step index, model history)
     try:
         scheduler.set_timesteps(num_inference_steps)
@@ -362,7 +362,11 @@ def vp_inverse_lambda(lamb: torch.Tensor, beta_min: float = 0.1, beta_max: float
 
 def dpm_solver_fast_orders(steps: int, order: int) -> list[int]:
     """The solver order of each singlestep block for ``steps`` model calls ("DPM-Solver-fast", Lu et al. 2022,
-    section 3.4): blocks of order ``order``, the last one or two of lower order to use up the calls exactly."""
+    section 3.4): blocks of order ``order`` (1, 2 or 3), the last one or two of lower order to use up the calls
+    exactly."""
+    (steps,) = positive_integer_arguments(steps=steps)
+    if order not in (1, 2, 3) or isinstance(order, bool):
+        raise ValueError(f"`order` must be 1, 2 or 3, got {order!r}.")
     if order == 3 and steps % 3 == 0:
         return [3] * (steps // 3 - 1) + [2, 1]
     if order == 3:
@@ -422,8 +426,16 @@ class ContinuousVPDPMSolverSinglestepScheduler(DPMSolverSinglestepScheduler):
             or num_train_timesteps < 2
         ):
             raise ValueError(f"`num_train_timesteps` must be an integer >= 2, got {num_train_timesteps!r}.")
-        if solver_order not in (1, 2, 3):
-            raise ValueError(f"`solver_order` must be 1, 2 or 3, got {solver_order!r}.")
+        # the config is saved as JSON: Python numbers only (a numpy one is refused with a hint)
+        if isinstance(solver_order, bool) or not isinstance(solver_order, int) or solver_order not in (1, 2, 3):
+            numpy = isinstance(solver_order, numbers.Integral) and not isinstance(solver_order, (bool, int))
+            hint = " (a Python int: the config is saved as JSON; pass int(...))" if numpy else ""
+            raise ValueError(f"`solver_order` must be 1, 2 or 3{hint}, got {solver_order!r}.")
+        for name, value in (("beta_min", beta_min), ("beta_max", beta_max), ("t_start", t_start), ("t_end", t_end)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                numpy = isinstance(value, numbers.Real)
+                hint = " (a Python float: the config is saved as JSON; pass float(...))" if numpy else ""
+                raise ValueError(f"`{name}` must be a number{hint}, got {value!r}.")
         if algorithm_type not in ("dpmsolver", "dpmsolver++"):
             raise ValueError(f"`algorithm_type` must be 'dpmsolver' or 'dpmsolver++', got {algorithm_type!r}.")
         if not 0.0 < t_end < t_start <= 1.0:

@@ -20,6 +20,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .models.checks import _is_integral, positive_integer_arguments
@@ -108,6 +109,17 @@ def _float32_sigma_limits(boundaries: tuple[float, ...], stage: int) -> tuple[fl
     return limits[0], limits[1]
 
 
+def _shares(shares: Sequence[float]) -> list[float]:
+    """``shares`` as floats (Python's, numpy's or 0-d tensors); a `ValueError` naming ``stage_shares`` for anything
+    else (a string, a bool, None), where ``sum`` and ``float`` would fail on their own terms or take a bool."""
+    try:
+        if isinstance(shares, (str, bytes)) or any(isinstance(s, (str, bytes, bool, np.bool_)) for s in shares):
+            raise TypeError  # a string's characters or a bool are not shares, even where float() takes them
+        return [float(s) for s in shares]
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+        raise ValueError(f"`stage_shares` must be a sequence of numbers (one per stage), got {shares!r}.") from None
+
+
 def stage_counts(batch_size: int, shares: Sequence[float], generator: torch.Generator | None = None) -> list[int]:
     """Split ``batch_size`` over stages in proportion to ``shares``: at least one sample per stage (when the batch
     allows it), the remainder given to the largest fractional parts, ties broken at random."""
@@ -125,6 +137,7 @@ def _split(batch_size: int, shares: Sequence[float], tie_break: Callable[[list[i
     """`stage_counts`' split, ``tie_break(counts)`` ordering (highest first) the stages whose remainders tie, given
     the counts before the remainder is handed out."""
     (batch_size,) = positive_integer_arguments(batch_size=batch_size)
+    shares = _shares(shares)
     total = float(sum(shares))
     if any(not math.isfinite(s) or s < 0 for s in shares) or total <= 0:  # nan fails no comparison
         raise ValueError(f"`stage_shares` must be finite and non-negative, with a positive sum, got {list(shares)}.")
@@ -173,7 +186,7 @@ def stratified_timesteps(
     ```
     """
     (batch_size,) = positive_integer_arguments(batch_size=batch_size)
-    shares = stage_mass(partition, p_mean, p_std) if stage_shares is None else list(stage_shares)
+    shares = stage_mass(partition, p_mean, p_std) if stage_shares is None else _shares(stage_shares)
     if len(shares) != partition.num_stages:
         raise ValueError(f"`stage_shares` needs {partition.num_stages} values (one per stage), got {len(shares)}.")
     counts = stage_counts(batch_size, shares, generator)
@@ -231,6 +244,7 @@ def soft_assignment_timesteps(
         or not 0.0 < own_interval_probability <= 1.0
     ):
         raise ValueError(f"`own_interval_probability` must be in (0, 1], got {own_interval_probability!r}.")
+    own_interval_probability = float(own_interval_probability)  # a numpy number too
     mass = stage_mass(partition, p_mean, p_std)
     # per-sample interval: own with probability p, else another in proportion to its mass
     probs = torch.tensor([m if s != expert_index else 0.0 for s, m in enumerate(mass)], dtype=torch.float64)
@@ -319,7 +333,7 @@ def stage_sampled_timesteps(
             )
         stage = int(process_index) % num_stages
     else:
-        shares = stage_mass(partition, p_mean, p_std) if stage_shares is None else list(stage_shares)
+        shares = stage_mass(partition, p_mean, p_std) if stage_shares is None else _shares(stage_shares)
         if len(shares) != num_stages or any(not math.isfinite(s) or s < 0 for s in shares) or sum(shares) <= 0:
             raise ValueError(
                 f"`stage_shares` needs {num_stages} non-negative values (finite) with a positive sum, got {shares}."

@@ -300,3 +300,94 @@ def test_interval_text_refuses_a_bad_stage_or_format_naming_it(stage, format_spe
     # were: an IndexError, a negative index counted from the end, or Python's "Unknown format code" naming neither
     with pytest.raises(ValueError, match=match):
         TimestepPartition([442, 631]).interval_text(stage, format_spec)
+
+
+def test_boundaries_given_as_an_iterator_are_all_read():
+    # a generator was read once by the type check and then gave no boundaries: `TimestepPartition(b for b in [442,
+    # 631])` was one stage, silently (from_fractions likewise)
+    assert TimestepPartition(b for b in [442, 631]) == TimestepPartition([442, 631])
+    assert TimestepPartition(iter([2.5, 7.5]), units="sigma").boundaries == (2.5, 7.5)
+    assert TimestepPartition.from_fractions(f for f in [0.442, 0.631]) == TimestepPartition.from_fractions(
+        [0.442, 0.631]
+    )
+    with pytest.raises(ValueError, match=r"`boundaries` must be strictly increasing, got \[631, 442\]"):
+        TimestepPartition(b for b in [631, 442])
+
+
+@pytest.mark.parametrize("fractions", [[0.631, 0.442], [0.5, 0.5]])
+def test_from_fractions_names_fractions_that_are_not_increasing(fractions):
+    # the error was "`boundaries` must be strictly increasing, got [631.0, 442.0]": an argument and values the caller
+    # never wrote
+    with pytest.raises(ValueError, match=rf"`fractions` must be strictly increasing, got \[{fractions[0]}, "):
+        TimestepPartition.from_fractions(fractions)
+
+
+@pytest.mark.parametrize("missing", ["stage_boundaries", "num_train_timesteps", "boundary_units"])
+def test_from_config_names_a_missing_key(missing):
+    # a config without one of the keys raised a bare KeyError (e.g. KeyError: 'boundary_units'), where the docstring
+    # promises a ValueError naming the keys; a training source's edited config.json then failed with a traceback
+    config = {k: v for k, v in TimestepPartition([442, 631]).to_config().items() if k != missing}
+    with pytest.raises(
+        ValueError,
+        match=rf"needs `stage_boundaries`, `num_train_timesteps` and `boundary_units`; "
+        rf"the config lacks \['{missing}'\]",
+    ):
+        TimestepPartition.from_config(config)
+    with pytest.raises(ValueError, match=rf"lacks \['{missing}'\]"):
+        TimestepPartition.from_config(**config)
+
+
+def test_numpy_integers_are_taken_as_stage_and_schedule_lengths():
+    # np.int64(1000) was refused as "`num_train_timesteps` must be a positive integer, got np.int64(1000)", where the
+    # package's other integer arguments take numpy's integers (positive_integer_arguments)
+    import json
+
+    import numpy as np
+
+    partition = TimestepPartition([442, 631], np.int64(1000))
+    assert partition == TimestepPartition([442, 631]) and type(partition.num_train_timesteps) is int
+    json.dumps(partition.to_config())
+    assert TimestepPartition.uniform(np.int64(4), np.int32(1000)) == TimestepPartition.uniform(4)
+    assert TimestepPartition.from_fractions([0.5], np.int64(10)) == TimestepPartition([5], 10)
+    with pytest.raises(ValueError, match="`num_stages` must be a positive integer, got np.True_"):
+        TimestepPartition.uniform(np.True_)
+    with pytest.raises(ValueError, match="`num_train_timesteps` must be a positive integer, got np.int64"):
+        TimestepPartition([1], np.int64(0))
+
+
+@pytest.mark.parametrize(
+    "timestep",
+    [None, "500", [500, None], True, [True, False], torch.tensor([True]), torch.tensor([500 + 0j]), object()],
+)
+def test_a_timestep_that_is_not_a_number_is_refused_by_name(timestep):
+    # None and "500" raised torch's TypeError ("must be real number, not NoneType", "new(): invalid data type
+    # 'str'"), a complex tensor a NotImplementedError of aminmax, and bools were routed as the timesteps 0 and 1
+    partition = TimestepPartition([442, 631])
+    sigma = TimestepPartition([2.5], units="sigma")
+    for lookup in (
+        partition.stage_for_timestep,
+        partition.stage_for_noise_level,
+        partition.noise_level,
+        sigma.stage_for_timestep,
+        sigma.stage_for_noise_level,
+    ):
+        with pytest.raises(ValueError, match="`timestep` must be a number, or a tensor or sequence of numbers, got"):
+            lookup(timestep)
+
+
+def test_a_config_with_a_numpy_schedule_length_is_refused_with_a_hint():
+    # once the constructor took np.int64(1000) (a call argument), a model built with it held np.int64 in its config
+    # and failed at save_pretrained ("Object of type int64 is not JSON serializable"); a config value is refused with
+    # the package's hint, as `check_positive_integers` refuses the models' other numpy integers
+    import numpy as np
+
+    from diffusers_stages import MultiStageUNet2DModel
+
+    hint = r"`num_train_timesteps` must be a positive integer \(a Python int: the config is saved as JSON; pass int"
+    with pytest.raises(ValueError, match=hint):
+        TimestepPartition.from_config(
+            stage_boundaries=[442], num_train_timesteps=np.int64(1000), boundary_units="timestep"
+        )
+    with pytest.raises(ValueError, match=hint):
+        MultiStageUNet2DModel(num_train_timesteps=np.int64(1000))
+    assert TimestepPartition.from_config(stage_boundaries=[442], num_train_timesteps=1000, boundary_units="timestep")

@@ -198,3 +198,30 @@ def test_padded_order_of_uneven_and_empty_stages():
     assert rows.tolist() == [0, 2, 1, 2] and kept.tolist() == [0, 2, 1]
     rows, kept = padded_order([1, 1, 1])
     assert rows.tolist() == [0, 1, 2] and kept.tolist() == [0, 1, 2]  # even stages: no padding
+
+
+def test_the_router_takes_a_call_timestep_expanded_over_the_batch():
+    # a pipeline that hands the model `t.expand(batch)` (DiT's, Flux's) gave the router "RuntimeError: shape '[1]' is
+    # invalid for input of size 2"; one model call's timesteps now route together, and timesteps of several stages,
+    # or none, are refused by name
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(4)
+    router = StageRouter(TimestepPartition([442, 631]), scheduler)
+    for t in scheduler.timesteps:
+        assert router(t.expand(3)) == router(t)
+    assert router(torch.tensor([[500, 600]])) == 1
+    with pytest.raises(
+        ValueError, match=r"StageRouter picks one stage per model call, but `timestep` .* stages \[0, 2\]"
+    ):
+        router(torch.tensor([100, 900]))
+    with pytest.raises(ValueError, match="`timestep` must hold at least one value, got tensor"):
+        router(torch.tensor([]))
+
+
+@pytest.mark.parametrize("partition", [[442, 631], None, "442"])
+def test_the_router_names_a_partition_that_is_not_one(partition):
+    # StageRouter([442, 631], scheduler) raised "AttributeError: 'list' object has no attribute 'units'"
+    with pytest.raises(
+        ValueError, match=r"`partition` must be a TimestepPartition \(e.g. TimestepPartition\(\[442, 631\]\)\), got"
+    ):
+        StageRouter(partition, DDIMScheduler())

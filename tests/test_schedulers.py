@@ -428,3 +428,52 @@ def test_a_scheduler_without_an_option_trains_on_its_default():
         "rescale_betas_zero_snr"
     ]
     assert training_schedule_differences(DDPMScheduler(), EDMEulerScheduler())  # another family of schedule
+
+
+def test_model_call_timesteps_takes_a_numpy_step_count():
+    # np.int64(4) was refused as "`num_inference_steps` must be a positive integer, got np.int64(4)" (a call argument,
+    # which the package's other call arguments take from numpy too); plan(..., num_inference_steps=np.int64(4)) passed
+    # its own check and then failed here
+    import numpy as np
+
+    for scheduler in (DDIMScheduler(), HeunDiscreteScheduler()):
+        assert model_call_timesteps(scheduler, np.int64(4)) == model_call_timesteps(scheduler, 4)
+    with pytest.raises(ValueError, match="`num_inference_steps` must be a positive integer, got np.True_"):
+        model_call_timesteps(DDIMScheduler(), np.True_)
+    with pytest.raises(ValueError, match="`num_inference_steps` must be a positive integer, got np.int64"):
+        model_call_timesteps(DDIMScheduler(), np.int64(0))
+
+
+def test_dpm_solver_fast_orders_use_up_the_calls_and_refuse_a_bad_count():
+    # dpm_solver_fast_orders(0, 3) gave [2, 1] (three model calls for none), an order of 4 blocks of 4
+    from diffusers_stages.schedulers import dpm_solver_fast_orders
+
+    for order in (1, 2, 3):
+        for steps in range(1, 10):
+            orders = dpm_solver_fast_orders(steps, order)
+            assert sum(orders) == steps and max(orders) <= order and min(orders) >= 1, (steps, order, orders)
+    with pytest.raises(ValueError, match="`steps` must be a positive integer, got 0"):
+        dpm_solver_fast_orders(0, 3)
+    with pytest.raises(ValueError, match="`order` must be 1, 2 or 3, got 4"):
+        dpm_solver_fast_orders(8, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"solver_order": np.int64(2)},
+            r"`solver_order` must be 1, 2 or 3 \(a Python int: the config is saved as JSON",
+        ),
+        ({"solver_order": True}, r"`solver_order` must be 1, 2 or 3"),
+        ({"beta_min": "0.1"}, r"`beta_min` must be a number, got '0.1'"),
+        ({"beta_max": None}, r"`beta_max` must be a number, got None"),
+        ({"t_start": "1"}, r"`t_start` must be a number, got '1'"),
+        ({"t_end": np.float32(1e-3)}, r"`t_end` must be a number \(a Python float: the config is saved as JSON"),
+    ],
+)
+def test_continuous_vp_dpm_solver_names_options_of_the_wrong_type(kwargs, message):
+    # solver_order=np.int64(2) built a scheduler whose repr and save_pretrained failed ("Object of type int64 is not
+    # JSON serializable"), beta_min="0.1" raised "TypeError: '<' not supported between instances of 'float' and 'str'"
+    with pytest.raises(ValueError, match=message):
+        ContinuousVPDPMSolverSinglestepScheduler(**kwargs)

@@ -285,3 +285,32 @@ def test_a_sigma_draw_is_routed_to_its_own_stage_after_float32_rounding():
     assert wide.stage_for_noise_level(t).tolist() == stages.tolist()
     with pytest.raises(ValueError, match=r"Stage 1 \(7.6577, 7.6577\] holds no float32 sigma"):
         stratified_timesteps(TimestepPartition([boundary, boundary * (1 + 1e-7)], units="sigma"), 3)
+
+
+def test_soft_assignment_takes_a_numpy_own_interval_probability():
+    # np.float32(0.5) passed the check (a real number in (0, 1]) and then failed with "TypeError: can't assign a
+    # numpy.float32 to a torch.DoubleTensor"
+    partition = TimestepPartition.uniform(4)
+    for p in (np.float32(0.5), np.float64(0.5), np.int64(1)):
+        drawn = soft_assignment_timesteps(partition, 1, 8, p, generator=torch.manual_seed(0))
+        expected = soft_assignment_timesteps(partition, 1, 8, float(p), generator=torch.manual_seed(0))
+        assert torch.equal(drawn, expected)
+
+
+@pytest.mark.parametrize("shares", [["1", "1", "1"], [True, False, True], [1, None, 1], "111", 3])
+@pytest.mark.parametrize("scheme", ["mixed", "per_batch"])
+def test_stage_shares_that_are_not_numbers_are_refused_by_name(scheme, shares):
+    # strings raised "TypeError: unsupported operand type(s) for +: 'int' and 'str'" (per_batch: "must be real
+    # number, not str"), None a TypeError, and bools were taken as the shares 1 and 0
+    with pytest.raises(ValueError, match=r"`stage_shares` must be a sequence of numbers \(one per stage\), got"):
+        stage_sampled_timesteps(TimestepPartition([442, 631]), 4, scheme, stage_shares=shares)
+    with pytest.raises(ValueError, match=r"`stage_shares` must be a sequence of numbers \(one per stage\), got"):
+        stage_counts(4, shares)
+
+
+def test_stage_shares_may_be_numpy_or_torch_numbers():
+    partition = TimestepPartition([442, 631])
+    expected = stratified_timesteps(partition, 8, [1.0, 2.0, 3.0], generator=torch.manual_seed(0))
+    for shares in (np.array([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0]), [np.int64(1), 2, np.float32(3)]):
+        drawn = stratified_timesteps(partition, 8, shares, generator=torch.manual_seed(0))
+        assert all(torch.equal(a, b) for a, b in zip(drawn, expected))

@@ -124,3 +124,20 @@ def test_min_snr_weighting_with_zero_terminal_snr_is_finite():
     weighted = diffusion_loss(zero, scheduler, CLEAN, T, noise=NOISE, snr_gamma=5.0)
     assert torch.isfinite(weighted).all()  # was NaN: min(SNR, gamma) / SNR = 0 / 0
     assert weighted[-1] == plain[-1]  # its limit as SNR -> 0: weight 1
+
+
+def test_snr_gamma_may_be_a_numpy_number():
+    # np.float32(5.0) (a value read from a NumPy array or a sweep) was refused as "`snr_gamma` must be a finite number
+    # > 0, got np.float32(5.0)"
+    import numpy as np
+
+    scheduler = DDPMScheduler()
+
+    def model(x, t, class_labels=None):
+        return x * 0.5
+
+    expected = diffusion_loss(model, scheduler, CLEAN, T, noise=NOISE, snr_gamma=5.0)
+    for snr_gamma in (np.float32(5.0), np.float64(5.0), np.int64(5)):
+        assert torch.equal(diffusion_loss(model, scheduler, CLEAN, T, noise=NOISE, snr_gamma=snr_gamma), expected)
+    with pytest.raises(ValueError, match="`snr_gamma` must be a finite number > 0, got np.True_"):
+        diffusion_loss(model, scheduler, CLEAN, T, noise=NOISE, snr_gamma=np.True_)
