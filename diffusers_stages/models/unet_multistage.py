@@ -429,7 +429,9 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
     ) -> MultiStageUNet2DModel:
         r"""
         Warm-start from a pretrained [`~diffusers.UNet2DModel`]: the encoder is the U-Net's down path and every
-        decoder is a copy of its up path, so the new model's output equals the source's at every timestep.
+        decoder is a copy of its up path, so the new model's output equals the source's at every timestep given as
+        a tensor or an integer. (A Python float such as `450.5` is taken as that value here, while `UNet2DModel`
+        truncates a non-tensor timestep to an integer, 450: give both a tensor for equal outputs.)
 
         Example:
 

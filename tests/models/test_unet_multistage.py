@@ -68,6 +68,20 @@ def test_from_unet_reproduces_the_source_at_every_timestep(tiny_unet_kwargs, ext
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_from_unet_equals_the_source_for_tensor_and_integer_timesteps_as_its_docstring_says(tiny_unet_kwargs):
+    # UNet2DModel truncates a non-tensor timestep to an integer (450.5 -> 450); the staged model takes its value, as
+    # the from_unet docstring says: equal for tensors and integers, and a Python float equals the source's tensor
+    torch.manual_seed(0)
+    unet = UNet2DModel(**tiny_unet_kwargs).eval()
+    staged = MultiStageUNet2DModel.from_unet(unet, stage_boundaries=(300, 650)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for t in (450, torch.tensor(450.5), torch.tensor([450.5, 700.25])):
+            assert torch.allclose(staged(x, t).sample, unet(x, t).sample, atol=1e-5)
+        assert torch.allclose(staged(x, 450.5).sample, unet(x, torch.tensor(450.5)).sample, atol=1e-5)
+        assert not torch.allclose(staged(x, 450.5).sample, unet(x, 450.5).sample, atol=1e-5)
+
+
 def test_from_unet_with_skip_blocks_and_fourier_embedding():
     torch.manual_seed(0)
     unet = UNet2DModel(  # NCSN++-style blocks (their attention hard-codes 32 groups, hence the widths)
