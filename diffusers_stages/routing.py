@@ -55,7 +55,8 @@ class StageRouter:
             levels = as_levels(timestep).reshape(-1)
             if not levels.numel():
                 raise ValueError(f"`timestep` must hold at least one value, got {timestep!r}.")
-            stages = self.partition.stage_for_timestep(levels).unique().tolist()
+            stages = self.partition.stage_for_timestep(levels)
+            stages = stages.tolist() if levels.numel() == 1 else stages.unique().tolist()  # (one value: no sort)
             if len(stages) > 1:
                 raise ValueError(
                     f"StageRouter picks one stage per model call, but `timestep` {timestep!r} falls in the stages "
