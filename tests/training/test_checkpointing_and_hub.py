@@ -56,6 +56,26 @@ def _names(root) -> list[str]:
     return sorted(os.listdir(root))
 
 
+def _main_process(save_state) -> SimpleNamespace:
+    """A stand-in for the main process's `Accelerator` in `save_checkpoint`, writing its state with ``save_state``."""
+    return SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
+
+
+def _kill_while_deleting(monkeypatch, name: str) -> None:
+    """Make `shutil.rmtree` of a folder called ``name`` raise `KeyboardInterrupt`, the stand-in for a kill while it
+    is being deleted (undo with ``monkeypatch.undo()``)."""
+    import shutil
+
+    rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        if os.path.basename(str(path)) == name:
+            raise KeyboardInterrupt
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+
+
 def test_latest_and_pruning(tmp_path):
     for step in (10, 2, 100):
         _checkpoint(tmp_path, step)
@@ -202,19 +222,10 @@ def test_a_kill_while_the_replaced_checkpoint_of_the_same_step_is_deleted_keeps_
     # a checkpoint replacing one of the same step (the former run's, `--overwrite_output_dir`, or one beside a resume
     # from another folder) was renamed into place only after the old folder was deleted: a kill while deleting it
     # left the new checkpoint hidden, and the next run removed it as a leftover, with no checkpoint left at all
-    import shutil
-
     _checkpoint(tmp_path, 4)  # complete: the only checkpoint of the folder
     partial = tmp_path / ".checkpoint-4.partial"
     _touch(str(partial / "optimizer.bin"))
-    rmtree = shutil.rmtree
-
-    def killed_while_deleting(path, *args, **kwargs):
-        if os.path.basename(str(path)) == ".checkpoint-4.deleted":
-            raise KeyboardInterrupt  # stands for the kill
-        rmtree(path, *args, **kwargs)
-
-    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    _kill_while_deleting(monkeypatch, ".checkpoint-4.deleted")
     with pytest.raises(KeyboardInterrupt):
         publish_checkpoint(str(partial), str(tmp_path / "checkpoint-4"), 4)
     monkeypatch.undo()
@@ -451,7 +462,7 @@ def test_a_checkpoint_save_that_fails_leaves_no_partial_folder(tmp_path):
         _touch(os.path.join(folder, "optimizer.bin"))
         raise OSError(28, "No space left on device")
 
-    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
+    accelerator = _main_process(save_state)
     kept = _checkpoint(tmp_path, 2)
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(accelerator, str(tmp_path), 4, total_limit=1)
@@ -462,24 +473,11 @@ def test_a_kill_while_the_former_runs_later_checkpoints_are_deleted_keeps_the_ne
     # `--overwrite_output_dir`: the former run's checkpoints of later steps (which `latest` would take) were deleted
     # before the new run's first checkpoint, written and complete, got its name: a kill while deleting them left it
     # hidden, the next run removed it as a leftover, and `latest` resumed the former run's earlier checkpoint
-    import shutil
-
     from diffusers_stages.training.checkpointing import save_checkpoint
 
     replaced = [_checkpoint(tmp_path, 2), _checkpoint(tmp_path, 6)]  # the former run's
-
-    def save_state(folder):
-        _touch(os.path.join(folder, "optimizer.bin"))
-
-    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
-    rmtree = shutil.rmtree
-
-    def killed_while_deleting(path, *args, **kwargs):
-        if os.path.basename(str(path)) == ".checkpoint-6.deleted":
-            raise KeyboardInterrupt  # stands for the kill
-        rmtree(path, *args, **kwargs)
-
-    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    accelerator = _main_process(lambda folder: _touch(os.path.join(folder, "optimizer.bin")))
+    _kill_while_deleting(monkeypatch, ".checkpoint-6.deleted")
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(accelerator, str(tmp_path), 4, total_limit=None, replaced=replaced)
     monkeypatch.undo()
