@@ -148,15 +148,14 @@ class TimestepPartition:
                 "A TimestepPartition config needs `stage_boundaries`, `num_train_timesteps` and `boundary_units`; "
                 f"the config lacks {missing}."
             )
-        from .models.checks import check_positive_integers  # here: that module imports this one
+        from .models.checks import check_positive_integers, renamed_arguments  # here: that module imports this one
 
         try:
             # a config is saved as JSON: a numpy integer is refused with a hint (the constructor, a call, takes it)
             check_positive_integers(num_train_timesteps=config["num_train_timesteps"])
             return cls(config["stage_boundaries"], config["num_train_timesteps"], config["boundary_units"])
         except ValueError as error:
-            message = str(error).replace("`boundaries`", "`stage_boundaries`").replace("`units`", "`boundary_units`")
-            raise ValueError(message) from None
+            raise renamed_arguments(error, {"boundaries": "stage_boundaries", "units": "boundary_units"}) from None
 
     def to_config(self) -> dict:
         """The keys that store this partition in a diffusers config (JSON-serialisable)."""

@@ -33,7 +33,7 @@ from .cli import (
     load_saved_folder,
     write_atomically,
 )
-from .models.checks import check_device, check_positive_integers, sample_size_is
+from .models.checks import check_device, check_positive_integers, renamed_arguments, sample_size_is
 from .planning import (
     METHODS,
     NoiseSchedule,
@@ -485,10 +485,7 @@ def _training_images(args: argparse.Namespace) -> torch.Tensor | None:
             progress_bar=True,
         )
     except ValueError as error:  # it names its arguments: here they are the command's options of the same names
-        message = str(error)
-        for name in DATA_OPTIONS:
-            message = message.replace(f"`{name}`", f"`--{name}`")
-        raise ValueError(message) from None
+        raise renamed_arguments(error, {name: f"--{name}" for name in DATA_OPTIONS}) from None
     source = "--train_data_dir" if args.train_data_dir else "--dataset"
     check_planning_data(data, source)  # before any planning (and any encoding)
     if args.vae_path is not None:

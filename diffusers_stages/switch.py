@@ -31,7 +31,7 @@ from .conventions import (
     num_data_classes,
 )
 from .loss import diffusion_loss
-from .models.checks import check_positive_integers, check_sample_size
+from .models.checks import check_positive_integers, check_sample_size, renamed_arguments
 from .schedulers import has_continuous_timesteps, is_edm_scheduler, model_call_timesteps
 
 
@@ -286,7 +286,7 @@ def _load_data(name: str, resolution: int, channels: int, num_images: int) -> to
     try:
         return load_images(**source, resolution=resolution, num_channels=channels, max_images=num_images)
     except ValueError as error:  # it names its arguments; this command's option for both is --data
-        raise ValueError(str(error).replace("`train_data_dir`", "`--data`").replace("`dataset`", "`--data`")) from None
+        raise renamed_arguments(error, {"train_data_dir": "--data", "dataset": "--data"}) from None
 
 
 def _image_side(sample_size) -> int:

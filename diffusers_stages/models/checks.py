@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +24,21 @@ from torch import nn
 from ..partition import exact_float
 
 INDEX_DTYPES = (torch.int64, torch.int32)  # what an embedding table (`nn.Embedding`) takes as indices
+
+
+def renamed_arguments(error: ValueError, names: Mapping[str, str]) -> ValueError:
+    """``error`` with each argument it names in backticks (`` `name` ``) written as the caller knows it
+    (``names[name]``: a command's option, a config key), for a check called with other names than the user gave.
+
+    ```py
+    >>> from diffusers_stages.models.checks import renamed_arguments
+    >>> str(renamed_arguments(ValueError("`dataset` or `train_data_dir` is needed"), {"dataset": "--data"}))
+    '`--data` or `train_data_dir` is needed'
+
+    ```
+    """
+    pattern = "`(" + "|".join(re.escape(name) for name in names) + ")`"
+    return ValueError(re.sub(pattern, lambda match: f"`{names[match[1]]}`", str(error)))
 
 
 def _preview(values: torch.Tensor, limit: int = 8) -> str:

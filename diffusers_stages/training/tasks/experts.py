@@ -13,6 +13,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ...models.checks import renamed_arguments
 from ...models.expert_routing import (
     CONTAINER_CONFIG,
     PREDICTION_TYPES,
@@ -259,8 +260,8 @@ class ExpertTask(FineTuningTask):
             )  # fmt: skip
         except ValueError as error:  # named by the options that gave the values, not the library's arguments
             width_option = "expert_block_out_channels" if self.args.expert_block_out_channels else "block_out_channels"
-            message = str(error).replace("`attention_shares`", "`--expert_attention_shares`")
-            raise ValueError(message.replace("`block_out_channels`", f"`--{width_option}`")) from None
+            options = {"attention_shares": "--expert_attention_shares", "block_out_channels": f"--{width_option}"}
+            raise renamed_arguments(error, options) from None
         return configs[expert]
 
     @property
