@@ -24,7 +24,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from diffusers_stages.cli import HelpFormatter, existing_ancestor, is_writable_folder
-from diffusers_stages.models.loading import StrictLoadingMixin, _is_float_dtype, _tensor_dtypes, read_json
+from diffusers_stages.models.loading import (
+    StrictLoadingMixin,
+    _is_float_dtype,
+    _tensor_dtypes,
+    read_json,
+    refuse_without_plain_safetensors,
+)
 
 try:
     import fcntl
@@ -314,23 +320,20 @@ def load_strict(model_class: type, path: str, subfolder: str | None = None):
 
 
 def check_plain_safetensors(folder: str, model_class: type) -> None:
-    """Refuse a model ``folder`` without plain safetensors weights (only a pickled ``.bin``, or only a variant's
-    ``.fp16.safetensors``), naming the weight files it holds (diffusers' error named only the file it looked for)."""
-    names = sorted(os.listdir(folder))
-    if any(DEFAULT_WEIGHT_FILE.fullmatch(name) or DEFAULT_WEIGHT_INDEX.fullmatch(name) for name in names):
-        return
-    held = [name for name in names if name.endswith((".safetensors", ".bin", ".json")) and name != "config.json"]
-    raise ValueError(
-        f"{folder} holds no plain safetensors weights (diffusion_pytorch_model.safetensors or its shards), only "
-        f"{held}: the conversions read plain safetensors only, never a pickled `.bin`, and no variant. Load the "
-        f"pipeline (or {model_class.__name__}) once where you trust it (`from_pretrained(folder, variant=...)`), "
-        "`save_pretrained(copy)` without a variant, and convert the copy."
+    """Refuse a model ``folder`` without plain safetensors weights (only a pickled ``.bin``, a variant's
+    ``.fp16.safetensors`` or shards without their index), naming the weight files it holds (diffusers' error named
+    only the file it looked for): `refuse_without_plain_safetensors`, with what the conversions need."""
+    refuse_without_plain_safetensors(
+        folder,
+        folder,
+        "the conversions read plain safetensors only, never a pickled `.bin`, and no variant. Load the pipeline (or "
+        f"{model_class.__name__}) once where you trust it (`from_pretrained(folder, variant=...)`), "
+        "`save_pretrained(copy)` without a variant, and convert the copy.",
     )
 
 
 # the weight files a component folder loads by default (no variant's `.fp16.safetensors`), sharded or not
 DEFAULT_WEIGHT_FILE = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors")
-DEFAULT_WEIGHT_INDEX = re.compile(r"(diffusion_pytorch_model|model)\.safetensors\.index\.json")
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 

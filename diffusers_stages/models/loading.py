@@ -34,6 +34,11 @@ IP_ADAPTER_WEIGHTS = ("encoder_hid_proj.image_projection_layers.", ".processor.t
 WEIGHT_INDEX = re.compile(r".+\.index(\.[^./]+)?\.json")
 # the weight files a model folder is loaded from without `variant=`, in the order diffusers looks for them
 PLAIN_WEIGHT_FILES = (SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+# the files a network folder is read from as plain safetensors (no pickled `.bin`, no variant): diffusers' and
+# transformers' names, a sharded checkpoint by its index (shards without one do not load)
+PLAIN_SAFETENSORS_FILES = (
+    SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, "model.safetensors", "model.safetensors.index.json",
+)  # fmt: skip
 CONFIG_FILES = ("config.json", "scheduler_config.json")  # a model's and a scheduler's: JSON objects (`read_json`)
 
 
@@ -265,6 +270,20 @@ def weight_file_names(variant: str | None = None, use_safetensors: bool | None =
     else:
         names = (WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
     return [_add_variant(name, variant) for name in names]
+
+
+def refuse_without_plain_safetensors(folder: str | os.PathLike, where: str, advice: str) -> None:
+    """A `ValueError` where the network ``folder`` holds none of `PLAIN_SAFETENSORS_FILES` (only a pickled ``.bin``,
+    a variant's ``.fp16.safetensors``, shards without their index, or nothing: a folder that is not there): it says
+    ``where`` (how the caller names the folder) holds no plain safetensors weights, which weight files it holds
+    instead, and ``advice`` (what to do). Nothing is read but the folder's listing."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    if any(name in PLAIN_SAFETENSORS_FILES for name in names):
+        return
+    held = [name for name in names if name.endswith((".safetensors", ".bin", ".json")) and name != "config.json"]
+    raise ValueError(
+        f"{where} holds no plain safetensors weights (one of {list(PLAIN_SAFETENSORS_FILES)}), only {held}: {advice}"
+    )
 
 
 def plain_weight_headers(

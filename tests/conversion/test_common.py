@@ -180,6 +180,27 @@ def test_a_source_without_plain_safetensors_weights_says_what_it_holds_and_is_ne
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
+def test_shards_without_their_index_are_refused_naming_them_as_the_training_refuses_them(tmp_path):
+    """The conversions' check took ``diffusion_pytorch_model-00001-of-00002.safetensors`` for plain weights even
+    without its index, which diffusers needs to load shards: its "no file named diffusion_pytorch_model.safetensors"
+    came later, from inside the loading. The conversions now refuse such a folder up front, with the file set the
+    text-to-image training refuses (one check, `refuse_without_plain_safetensors`), naming the shards held."""
+    source = tmp_path / "unet"
+    UNet2DModel(**TINY_UNET).save_pretrained(source, max_shard_size="10KB")
+    (source / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    shards = sorted(name for name in os.listdir(source) if name.endswith(".safetensors"))
+    assert len(shards) > 1 and all("-of-" in name for name in shards)
+    with pytest.raises(
+        ValueError, match=rf"holds no plain safetensors weights.*only \['{shards[0]}'.*save_pretrained"
+    ):
+        unet_to_multistage.main(
+            unet_to_multistage.parse_args(
+                ["--source", str(source), "--output_path", str(tmp_path / "out"), "--stage_boundaries", "500"]
+            )
+        )
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("where", ["same", "inside", "around"])
 def test_an_output_that_is_or_holds_an_input_is_refused_even_with_overwrite(tmp_path, where):
     source = tmp_path / "source"

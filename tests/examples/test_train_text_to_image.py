@@ -432,7 +432,14 @@ def test_the_sample_grid_decodes_on_the_device_the_networks_train_on(script, sou
 
 @pytest.mark.parametrize(
     "component, saved_as",
-    [("unet", "bin"), ("vae", "bin"), ("text_encoder", "bin"), ("unet", "fp16 variant"), ("experts", "bin")],
+    [
+        ("unet", "bin"),
+        ("vae", "bin"),
+        ("text_encoder", "bin"),
+        ("unet", "fp16 variant"),
+        ("experts", "bin"),
+        ("unet", "shards without their index"),
+    ],
 )
 def test_a_source_without_safetensors_weights_is_refused_with_the_arguments(
     script, source, tiny_sd_components, tmp_path, capsys, component, saved_as
@@ -459,13 +466,16 @@ def test_a_source_without_safetensors_weights_is_refused_with_the_arguments(
             torch.save(module.state_dict(), os.path.join(folder, "pytorch_model.bin"))
         elif saved_as == "bin":
             module.save_pretrained(folder, safe_serialization=False)
-        else:
+        elif saved_as == "fp16 variant":
             module.save_pretrained(folder, variant="fp16")
+        else:  # diffusers loads shards by their index only
+            module.save_pretrained(folder, max_shard_size="50KB")
+            os.remove(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json"))
     with pytest.raises(SystemExit):
         script.parse_args(args)
     error = capsys.readouterr().err
     where = os.path.relpath(folder, sd)
-    assert f"`--pretrained_model_name_or_path` {sd!r}: its {where}/ holds no safetensors weights" in error, error
+    assert f"`--pretrained_model_name_or_path` {sd!r}: its {where}/ holds no plain safetensors weights" in error, error
     assert not os.path.exists(tmp_path / "o")
 
 

@@ -16,12 +16,11 @@ from functools import partial
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ...conventions import paper_boundaries
 from ...loss import diffusion_loss
 from ...models.expert_routing import ExpertRoutingModel, expert_folder
-from ...models.loading import component_folder, load_strictly
+from ...models.loading import component_folder, load_strictly, refuse_without_plain_safetensors
 from ...models.unet_multistage_condition import MultiStageUNet2DConditionModel
 from ...partition import TimestepPartition
 from ...pipelines.loading import load_transformers_components
@@ -40,10 +39,6 @@ SOURCE_UNETS = {
 }
 # the experts of a routed source that take the captions' hidden states (`encoder_hidden_states`)
 TEXT_CONDITIONAL_EXPERTS = ("UNet2DConditionModel", "MultiStageUNet2DConditionModel")
-# the weight files a source's network is read from (plain safetensors, no variant): diffusers' and transformers' names
-SAFETENSORS_FILES = (
-    SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, "model.safetensors", "model.safetensors.index.json",
-)  # fmt: skip
 # the shared parser's options for a model built from scratch, which the source pipeline gives here (unset by default)
 SOURCE_OPTIONS = ("vae_path", "vae_subfolder", "model_config", "block_out_channels", "layers_per_block",
                   "down_block_types", "up_block_types", "attention_head_dim", "norm_num_groups", "dropout")  # fmt: skip
@@ -426,20 +421,12 @@ class TextToImageTask(TrainingTask):
             folders[folders.index("unet")] = os.path.join("unet", expert_folder(0))
             folders += [os.path.join("unet", expert_folder(i)) for i in range(1, count)]
         for folder in folders:
-            files = (
-                os.listdir(os.path.join(self.source, folder))
-                if os.path.isdir(os.path.join(self.source, folder))
-                else []
-            )
-            if any(name in files for name in SAFETENSORS_FILES):
-                continue
-            found = sorted(name for name in files if name != "config.json" and not name.startswith("."))
-            raise ValueError(
-                f"`--pretrained_model_name_or_path` {self.source!r}: its {folder}/ holds no safetensors weights to "
-                f"load without a variant (one of {list(SAFETENSORS_FILES)}), only {found}: the source's networks are "
-                "read from plain safetensors (no pickled `.bin`, no `variant=`). Save a copy once "
-                "(`StableDiffusionPipeline.from_pretrained(source).save_pretrained(folder)`, with `import "
-                "diffusers_stages` for a staged unet) and fine-tune that folder."
+            refuse_without_plain_safetensors(
+                os.path.join(self.source, folder),
+                f"`--pretrained_model_name_or_path` {self.source!r}: its {folder}/",
+                "the source's networks are read from plain safetensors (no pickled `.bin`, no `variant=`). Save a "
+                "copy once (`StableDiffusionPipeline.from_pretrained(source).save_pretrained(folder)`, with `import "
+                "diffusers_stages` for a staged unet) and fine-tune that folder.",
             )
 
     def _check_source_folders(self) -> None:
