@@ -565,6 +565,67 @@ def test_a_routed_source_of_unconditional_experts_is_refused_with_the_arguments(
     assert not os.path.exists(tmp_path / "o")
 
 
+@pytest.mark.parametrize("index", ["with unet", "without unet"])
+@pytest.mark.parametrize("defect", ["class", "conditioning", "weights"])
+def test_every_check_reads_a_routed_source_s_experts_alike(
+    script, source, tiny_sd_components, tiny_cond_unet, tmp_path, capsys, defect, index
+):
+    # the experts' folders were read from `expert_classes` three times with three fallbacks, and the safetensors
+    # check reached them only through the `unet` entry of model_index.json, which the unet's loading never reads: a
+    # source whose index lacked it trained its experts from files that check had not seen. One reading now, so the
+    # last expert's defect is refused by each check, the index with or without its unet entry
+    sd, data = source
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    last = tiny_cond_unet(0, class_embed_type="timestep") if defect == "conditioning" else pipe.unet
+    pipe.unet = ExpertRoutingModel([pipe.unet, pipe.unet, last], stage_boundaries=(300, 600))
+    pipe.save_pretrained(sd)
+    folder = os.path.join(sd, "unet", "expert_2")
+    if defect == "weights":
+        os.remove(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+        torch.save(last.state_dict(), os.path.join(folder, "diffusion_pytorch_model.bin"))
+    for file, edit in (
+        ("model_index.json", lambda c: {k: v for k, v in c.items() if k != "unet" or index == "with unet"}),
+        (
+            "unet/config.json",
+            lambda c: {**c, "expert_classes": [*c["expert_classes"][:2], ["diffusers", "UNet2DModel"]]},
+        ),
+    ):
+        if file == "unet/config.json" and defect != "class":
+            continue
+        with open(os.path.join(sd, file), encoding="utf-8") as f:
+            config = edit(json.load(f))
+        with open(os.path.join(sd, file), "w", encoding="utf-8") as f:
+            json.dump(config, f)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
+                           "caption", *TINY, "--method", "experts", "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    error = capsys.readouterr().err
+    expected = {
+        "class": f"{sd!r} holds an ExpertRoutingModel of UNet2DModel experts",
+        "conditioning": f"{sd!r}: its unet/expert_2/config.json has `class_embed_type` 'timestep'",
+        "weights": f"{sd!r}: its unet/expert_2/ holds no plain safetensors weights",
+    }[defect]
+    assert expected in error, error
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_routed_source_without_experts_is_refused_by_name(script, source, tiny_sd_components, tmp_path, capsys):
+    # an empty `expert_classes` gave the checks no expert folder to read (the safetensors check read expert_0 anyway)
+    sd, data = source
+    pipe = StableDiffusionPipeline(**tiny_sd_components)
+    pipe.unet = ExpertRoutingModel([pipe.unet, pipe.unet], stage_boundaries=(500,))
+    pipe.save_pretrained(sd)
+    config_file = os.path.join(sd, "unet", "config.json")
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    with open(config_file, "w", encoding="utf-8") as f:
+        json.dump({**config, "expert_classes": []}, f)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
+                           "caption", *TINY, "--method", "experts", "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    assert f"{sd!r} holds an ExpertRoutingModel without experts" in capsys.readouterr().err
+
+
 def test_a_routed_source_with_a_malformed_stage_list_is_refused_by_name(
     script, source, tiny_sd_components, tmp_path, capsys
 ):

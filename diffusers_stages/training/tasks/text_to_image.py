@@ -143,10 +143,13 @@ class TextToImageTask(TrainingTask):
                 f"{list(SOURCE_UNETS)}."
             )
         if self.unet_class == "ExpertRoutingModel":  # its experts are trained with the captions' hidden states
-            classes = self.unet_config.get("expert_classes")
-            classes = classes if isinstance(classes, list) else [classes]  # ([library, class] each, read from a file)
-            names = [c[1] if isinstance(c, list) and len(c) == 2 else repr(c) for c in classes]
+            names = [c[1] if isinstance(c, list) and len(c) == 2 else repr(c) for c in self._experts().values()]
             other = [name for name in names if name not in TEXT_CONDITIONAL_EXPERTS]
+            if not names:  # (no expert folder for the other checks to read)
+                raise ValueError(
+                    f"`--pretrained_model_name_or_path` {self.source!r} holds an ExpertRoutingModel without experts "
+                    "(`expert_classes` of its unet/config.json: []): save the routed unet again with its experts."
+                )
             if other:
                 raise ValueError(
                     f"`--pretrained_model_name_or_path` {self.source!r} holds an ExpertRoutingModel of {other[0]} "
@@ -371,20 +374,27 @@ class TextToImageTask(TrainingTask):
         prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         return ExpertRoutingModel(experts, prediction_type=prediction_type, **self.partition.to_config())
 
+    def _experts(self) -> dict[str, object]:
+        """The experts of a routed source unet (an `ExpertRoutingModel`), by folder (``unet/expert_<i>``), each with
+        its entry of the unet's `expert_classes` (``[library, class]``, read from a file: a value that is not a list
+        is one entry, which `__init__` refuses by name); empty for another unet. Every check reads them here."""
+        if self.unet_class != "ExpertRoutingModel":
+            return {}
+        classes = self.unet_config.get("expert_classes")
+        classes = classes if isinstance(classes, list) else [classes]
+        return {os.path.join("unet", expert_folder(i)): entry for i, entry in enumerate(classes)}
+
     def _check_conditioning(self) -> None:
         """Refuse a source whose U-Net (or an expert) needs more than the captions' hidden states: class labels
         (``num_class_embeds``, a ``class_embed_type``) or added conditioning (an ``addition_embed_type`` other than
         ``"text"``, e.g. SDXL's ``"text_time"``), which neither the training loss nor `StableDiffusionPipeline` give;
         the U-Net's own error would come at the first step, once the output folder is made."""
         configs = {"unet/config.json": self.unet_config}
-        if self.unet_class == "ExpertRoutingModel":
-            classes = self.unet_config.get("expert_classes")
-            for i in range(len(classes) if isinstance(classes, list) else 0):
-                folder = os.path.join("unet", expert_folder(i))
-                try:
-                    configs[f"{folder}/config.json"] = _load_config(UNet2DConditionModel, self.source, folder)
-                except (OSError, ValueError):  # (a missing or broken expert folder: the strict loading names it)
-                    continue
+        for folder in self._experts():
+            try:
+                configs[f"{folder}/config.json"] = _load_config(UNet2DConditionModel, self.source, folder)
+            except (OSError, ValueError):  # (a missing or broken expert folder: the strict loading names it)
+                continue
         for file, config in configs.items():
             needs = {
                 key: config.get(key) for key in ("num_class_embeds", "class_embed_type") if config.get(key) is not None
@@ -407,19 +417,18 @@ class TextToImageTask(TrainingTask):
         once the run has made its output folder and read the data. A Hub repository is its loader's."""
         if not os.path.isdir(self.source):
             return
-        folders = [
+        # the unet is loaded from unet/ whether or not the index names it; a routed one's experts' folders hold its
+        # weights
+        folders = list(self._experts()) if self.unet_class == "ExpertRoutingModel" else ["unet"]
+        folders += [
             name
             for name, entry in self.source_index.items()
             if name.isidentifier()  # a component's name (read from a file: no path)
+            and name != "unet"
             and not name.startswith("_")
             and _saved(entry)
             and os.path.isfile(os.path.join(self.source, name, "config.json"))
         ]
-        if "unet" in folders and self.unet_class == "ExpertRoutingModel":  # the experts' folders hold its weights
-            classes = self.unet_config.get("expert_classes")
-            count = len(classes) if isinstance(classes, list) else 1
-            folders[folders.index("unet")] = os.path.join("unet", expert_folder(0))
-            folders += [os.path.join("unet", expert_folder(i)) for i in range(1, count)]
         for folder in folders:
             refuse_without_plain_safetensors(
                 os.path.join(self.source, folder),
