@@ -8,8 +8,8 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from diffusers.utils import (
@@ -487,10 +487,35 @@ def refuse_config_of_other_sizes(
         raise ValueError(f"The checkpoint at {folder} does not match its config for {class_name}: {mismatch}.")
 
 
-def tensor_budget(held: Mapping[str, object]) -> contextlib.AbstractContextManager:
-    """A `TensorBudget` of the tensors that a folder's weight files hold (``held``: their headers,
-    `plain_weight_headers`), for building its model from its config; no limit where none could be read."""
-    return TensorBudget(len(held)) if held else contextlib.nullcontext()
+class ConfigMisfit(NamedTuple):
+    """What `config_misfit` found: ``builds`` is False where the config is one its class cannot take (``reason``:
+    the class's error, ``"TypeError: ..."``), True where the model it builds does not fit the weight files
+    (``reason``: a sentence naming the tensor, or saying that it builds far more tensors than they hold)."""
+
+    builds: bool
+    reason: str
+
+
+def config_misfit(
+    build: Callable[[], torch.nn.Module], held: Mapping[str, tuple[str | torch.dtype, list[int]]]
+) -> ConfigMisfit | None:
+    """Build a folder's model from its config without weights, as diffusers loads one (``build``, such as
+    ``lambda: cls.from_config(config)``, run under accelerate's ``init_empty_weights``), stopped once it makes far
+    more tensors than the folder's weight files hold (``held``: their headers, `plain_weight_headers`; no limit
+    where none could be read: `TensorBudget`), and compare it with them (`first_shape_mismatch`): `None` where it
+    fits, else the `ConfigMisfit` for the caller's `ValueError`. Reads no weight, allocates no memory for one."""
+    from accelerate import init_empty_weights
+
+    budget = TensorBudget(len(held)) if held else contextlib.nullcontext()
+    try:
+        with init_empty_weights(), budget:  # (a config edited to countless layers: named, not built)
+            model = build()
+    except TensorBudget.Exceeded as error:
+        return ConfigMisfit(True, str(error))
+    except CONFIG_VALUE_ERRORS as error:
+        return ConfigMisfit(False, f"{type(error).__name__}: {error}")
+    mismatch = first_shape_mismatch(model, held)
+    return None if mismatch is None else ConfigMisfit(True, f"{mismatch}.")
 
 
 class TensorBudget(torch.overrides.TorchFunctionMode):

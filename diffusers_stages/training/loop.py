@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs, init_empty_weights
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
@@ -33,13 +33,10 @@ from tqdm.auto import tqdm
 
 from ..conventions import latent_statistics_error, null_class_label, num_data_classes
 from ..models.loading import (
-    CONFIG_VALUE_ERRORS,
     SAMPLING_OPTIONS,
-    TensorBudget,
-    first_shape_mismatch,
+    config_misfit,
     load_strictly,
     plain_weight_headers,
-    tensor_budget,
 )
 from ..pipelines.pipeline_staged import checked_id2label
 from .args import check_args, tracker_config
@@ -223,19 +220,15 @@ def check_vae_weights(path: str | None, subfolder: str | None, option: str) -> N
     except ValueError as error:
         raise ValueError(f"{option} {path!r}: {error}") from None
     held = plain_weight_headers(folder)  # headers only
-    try:
-        with init_empty_weights(), tensor_budget(held):  # (a config edited to countless layers: named, not built)
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder=subfolder))
-    except TensorBudget.Exceeded as error:
-        raise ValueError(f"{option} {path!r}: {where} fit its config.json: {error}") from None
-    except CONFIG_VALUE_ERRORS as error:
+    misfit = config_misfit(
+        lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder=subfolder)), held
+    )
+    if misfit is not None and not misfit.builds:
         raise ValueError(
-            f"{option} {path!r}: {where} load, as its config.json builds no AutoencoderKL: {type(error).__name__}: "
-            f"{error}"
-        ) from None
-    mismatch = first_shape_mismatch(vae, held)
-    if mismatch is not None:
-        raise ValueError(f"{option} {path!r}: {where} fit its config.json: {mismatch}.")
+            f"{option} {path!r}: {where} load, as its config.json builds no AutoencoderKL: {misfit.reason}"
+        )
+    if misfit is not None:
+        raise ValueError(f"{option} {path!r}: {where} fit its config.json: {misfit.reason}")
 
 
 def build_task(task_class: type[TrainingTask], args: argparse.Namespace) -> TrainingTask:

@@ -182,6 +182,26 @@ def test_a_vae_config_edited_to_countless_layers_is_named_not_built_for_ever(tmp
     assert run.stdout.startswith("`--vae_path`") and "more tensors than" in run.stdout, run.stdout
 
 
+@pytest.mark.parametrize("subfolder", [None, "vae"])
+def test_a_vae_config_its_class_cannot_build_is_named_with_the_class_error(tmp_path, subfolder):
+    """check_vae_weights names a config value AutoencoderKL cannot take (8 channels in 32 groups) with the class's
+    own error, and where the VAE came from (the option, the path, the subfolder)."""
+    from diffusers_stages.training.loop import check_vae_weights
+    from tests.conftest import tiny_vae
+
+    folder = tmp_path / "vae"
+    tiny_vae().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "norm_num_groups": 32}))
+    path = str(tmp_path) if subfolder else str(folder)
+    where = "the weights in its vae/ do not" if subfolder else "its weights do not"
+    with pytest.raises(ValueError) as error:
+        check_vae_weights(path, subfolder, "`--vae_path`")
+    assert str(error.value).startswith(
+        f"`--vae_path` {path!r}: {where} load, as its config.json builds no AutoencoderKL: ValueError: "
+    ), error.value
+
+
 @pytest.mark.parametrize(
     "change",
     [{"block_out_channels": 5}, {"latent_channels": None}, {"block_out_channels": [8] * 10**5}],

@@ -10,7 +10,6 @@ import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
@@ -18,14 +17,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from ...conventions import num_data_classes
 from ...models.checks import sample_size_is
 from ...models.loading import (
-    CONFIG_VALUE_ERRORS,
     PLAIN_WEIGHT_FILES,
-    TensorBudget,
     check_folder_files,
     check_subfolder,
-    first_shape_mismatch,
+    config_misfit,
     plain_weight_headers,
-    tensor_budget,
 )
 from ...partition import TimestepPartition
 from ...pipelines.loading import package_classes, resolve_pipeline_class
@@ -109,22 +105,15 @@ class PipelineSource:
         model_class = self.classes[folder]
         local = os.path.join(self.path, folder)  # (a Hub repository's weights are its loader's)
         held = plain_weight_headers(local) if os.path.isdir(local) else {}  # headers only
-        try:
-            with init_empty_weights(), tensor_budget(held):  # (a config edited to countless layers: named, not built)
-                model = model_class.from_config(self.configs[folder])
-        except TensorBudget.Exceeded as error:
-            raise ValueError(
-                f"{OPTION} {self.path!r}: the weights in its {folder}/ do not fit its config.json: {error}"
-            ) from None
-        except CONFIG_VALUE_ERRORS as error:
+        misfit = config_misfit(lambda: model_class.from_config(self.configs[folder]), held)
+        if misfit is not None and not misfit.builds:
             raise ValueError(
                 f"{OPTION} {self.path!r}: its {folder}/config.json does not build a {model_class.__name__}: "
-                f"{type(error).__name__}: {error}"
-            ) from None
-        mismatch = first_shape_mismatch(model, held)
-        if mismatch is not None:
+                f"{misfit.reason}"
+            )
+        if misfit is not None:
             raise ValueError(
-                f"{OPTION} {self.path!r}: the weights in its {folder}/ do not fit its config.json: {mismatch}."
+                f"{OPTION} {self.path!r}: the weights in its {folder}/ do not fit its config.json: {misfit.reason}"
             )
 
     def check_weights(self, folder: str) -> None:
