@@ -26,6 +26,7 @@ __all__ = [
     "default_device",
     "device_option",
     "interleaved_medians",
+    "integer_at_least",
     "interleaved_times",
     "non_negative_int",
     "open_fraction",
@@ -39,15 +40,16 @@ __all__ = [
 
 def positive_int(text: str) -> int:
     """An argparse ``type``: an integer >= 1 (a step count, a batch size, repeats), else a usage error naming it."""
-    return _integer_at_least(text, 1)
+    return integer_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """An argparse ``type``: an integer >= 0 (0: skip), else a usage error naming it."""
-    return _integer_at_least(text, 0)
+    return integer_at_least(text, 0)
 
 
-def _integer_at_least(text: str, low: int) -> int:
+def integer_at_least(text: str, low: int) -> int:
+    """``text`` as an integer >= ``low``, else an `argparse.ArgumentTypeError` saying so (for an argparse ``type``)."""
     try:
         value = int(text)
     except ValueError:

@@ -32,7 +32,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks.evidence import comparisons as C
 from benchmarks.evidence.presets import PRESETS, get_preset
 from benchmarks.evidence.report import unreliable_timings, write_markdown, write_plots
-from benchmarks.measure import default_device, device_option, output_folder, positive_int, write_json, write_text
+from benchmarks.measure import (
+    default_device,
+    device_option,
+    integer_at_least,
+    output_folder,
+    positive_int,
+    write_json,
+    write_text,
+)
 
 COMPARISONS = ("1", "2", "3")
 CACHE_DIR = os.path.expanduser("~/.cache/diffusers-stages/evidence")  # the metric's classifier
@@ -41,13 +49,7 @@ CACHE_DIR = os.path.expanduser("~/.cache/diffusers-stages/evidence")  # the metr
 def sample_count(text: str) -> int:
     """An argparse ``type``: the samples per score, an integer >= 2 (a Frechet distance needs two), else a usage
     error naming the option (it failed in the metric's floor, as a ValueError about `images`)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 1
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {text!r}")
-    return value
+    return integer_at_least(text, 2)
 
 
 def parse_args(argv=None):
