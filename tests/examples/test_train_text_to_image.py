@@ -583,19 +583,14 @@ def test_every_check_reads_a_routed_source_s_experts_alike(
     if defect == "weights":
         os.remove(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
         torch.save(last.state_dict(), os.path.join(folder, "diffusion_pytorch_model.bin"))
-    for file, edit in (
-        ("model_index.json", lambda c: {k: v for k, v in c.items() if k != "unet" or index == "with unet"}),
-        (
-            "unet/config.json",
-            lambda c: {**c, "expert_classes": [*c["expert_classes"][:2], ["diffusers", "UNet2DModel"]]},
-        ),
-    ):
-        if file == "unet/config.json" and defect != "class":
-            continue
-        with open(os.path.join(sd, file), encoding="utf-8") as f:
-            config = edit(json.load(f))
-        with open(os.path.join(sd, file), "w", encoding="utf-8") as f:
-            json.dump(config, f)
+    if index == "without unet":
+        _rewrite_json(os.path.join(sd, "model_index.json"), lambda c: {k: v for k, v in c.items() if k != "unet"})
+    if defect == "class":
+        unconditional = ["diffusers", "UNet2DModel"]
+        _rewrite_json(
+            os.path.join(sd, "unet", "config.json"),
+            lambda c: {**c, "expert_classes": [*c["expert_classes"][:2], unconditional]},
+        )
     with pytest.raises(SystemExit):
         script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
                            "caption", *TINY, "--method", "experts", "--output_dir", str(tmp_path / "o")])  # fmt: skip
@@ -609,41 +604,37 @@ def test_every_check_reads_a_routed_source_s_experts_alike(
     assert not os.path.exists(tmp_path / "o")
 
 
-def test_a_routed_source_without_experts_is_refused_by_name(script, source, tiny_sd_components, tmp_path, capsys):
-    # an empty `expert_classes` gave the checks no expert folder to read (the safetensors check read expert_0 anyway)
-    sd, data = source
-    pipe = StableDiffusionPipeline(**tiny_sd_components)
-    pipe.unet = ExpertRoutingModel([pipe.unet, pipe.unet], stage_boundaries=(500,))
-    pipe.save_pretrained(sd)
-    config_file = os.path.join(sd, "unet", "config.json")
-    with open(config_file, encoding="utf-8") as f:
-        config = json.load(f)
-    with open(config_file, "w", encoding="utf-8") as f:
-        json.dump({**config, "expert_classes": []}, f)
-    with pytest.raises(SystemExit):
-        script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
-                           "caption", *TINY, "--method", "experts", "--output_dir", str(tmp_path / "o")])  # fmt: skip
-    assert f"{sd!r} holds an ExpertRoutingModel without experts" in capsys.readouterr().err
+def _rewrite_json(path: str, edit) -> None:
+    """Replace the JSON object in file ``path`` with ``edit(object)``."""
+    with open(path, encoding="utf-8") as f:
+        config = edit(json.load(f))
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f)
 
 
-def test_a_routed_source_with_a_malformed_stage_list_is_refused_by_name(
-    script, source, tiny_sd_components, tmp_path, capsys
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"stage_boundaries": 500}, "stage_boundaries"),
+        ({"expert_classes": []}, "holds an ExpertRoutingModel without experts"),
+    ],
+    ids=["stage-list-a-number", "no-experts"],
+)
+def test_a_routed_source_with_a_malformed_stage_or_expert_list_is_refused_by_name(
+    script, source, tiny_sd_components, tmp_path, capsys, change, named
 ):
     # the safetensors check counted the expert folders from `stage_boundaries` as read from the file: a number there
-    # was a TypeError (a traceback) rather than the usage error naming the source's config
+    # was a TypeError (a traceback) rather than the usage error naming the source's config; an empty `expert_classes`
+    # gave the checks no expert folder to read (the safetensors check read expert_0 anyway)
     sd, data = source
     pipe = StableDiffusionPipeline(**tiny_sd_components)
     pipe.unet = ExpertRoutingModel([pipe.unet, pipe.unet], stage_boundaries=(500,))
     pipe.save_pretrained(sd)
-    config_file = os.path.join(sd, "unet", "config.json")
-    with open(config_file, encoding="utf-8") as f:
-        config = json.load(f)
-    with open(config_file, "w", encoding="utf-8") as f:
-        json.dump({**config, "stage_boundaries": 500}, f)
+    _rewrite_json(os.path.join(sd, "unet", "config.json"), lambda config: {**config, **change})
     with pytest.raises(SystemExit):
         script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
                            "caption", *TINY, "--method", "experts", "--output_dir", str(tmp_path / "o")])  # fmt: skip
-    assert "stage_boundaries" in capsys.readouterr().err
+    assert named in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
