@@ -12,7 +12,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 from accelerate import Accelerator, init_empty_weights
 from accelerate.utils.constants import FSDP_MODEL_NAME
@@ -393,13 +393,20 @@ def _check_no_unused_ema(emas: dict[str, EMAModel], input_dir: str) -> None:
         )
 
 
+def _differences(now: Mapping, then: Mapping, keys: Iterable[str]) -> str:
+    """What differs between this run's values (``now``) and those a checkpoint holds (``then``) among ``keys``, in
+    key order, said as every resume check says it: "`key` THEN there, NOW now", joined by "; "; empty where nothing
+    does (a key missing on one side is None there)."""
+    differ = sorted(k for k in keys if now.get(k) != then.get(k))
+    return "; ".join(f"`{k}` {then.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+
+
 def _check_same_config(model, loaded, name: str, input_dir: str) -> None:
     """Refuse to resume ``model`` from a checkpoint of another configuration (other model arguments than the run that
     wrote it), naming the values, rather than fail on the first mismatched tensor shape."""
     now, then = (json.loads(m.to_json_string()) for m in (model, loaded))
-    differ = sorted(k for k in now.keys() | then.keys() if not k.startswith("_") and now.get(k) != then.get(k))
-    if differ:
-        values = "; ".join(f"`{k}` {then.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+    values = _differences(now, then, [k for k in now.keys() | then.keys() if not k.startswith("_")])
+    if values:
         raise ValueError(
             f"`--resume_from_checkpoint` {input_dir!r} holds a `{name}` of another configuration ({values}): resume "
             "with the model arguments of the run that wrote it, or train into a new `--output_dir`."
@@ -418,9 +425,8 @@ def _check_same_noise_schedule(noise_scheduler, input_dir: str) -> None:
     # missing there) or not at all (one this version does not know)
     loaded = load_scheduler(type(noise_scheduler), folder, f"`--resume_from_checkpoint` {input_dir!r}")
     now, then = (json.loads(s.to_json_string()) for s in (noise_scheduler, loaded))
-    differ = sorted(k for k in now if not k.startswith("_") and now[k] != then.get(k))
-    if differ:
-        values = "; ".join(f"`{k}` {then.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+    values = _differences(now, then, [k for k in now if not k.startswith("_")])
+    if values:
         raise ValueError(
             f"`--resume_from_checkpoint` {input_dir!r} was written with another noise schedule ({values}): resume with "
             "the arguments of the run that wrote it (`--prediction_type`, `--ddpm_beta_schedule`, "
@@ -437,9 +443,8 @@ def _check_same_partition(partition: TimestepPartition, input_dir: str) -> None:
     if not os.path.isfile(path):
         return
     now, then = partition.to_config(), read_json(path, PARTITION_FILE)
-    differ = sorted(k for k in now if now[k] != then.get(k))
-    if differ:
-        values = "; ".join(f"`{k}` {then.get(k)!r} there, {now[k]!r} now" for k in differ)
+    values = _differences(now, then, now)
+    if values:
         raise ValueError(
             f"`--resume_from_checkpoint` {input_dir!r} was written with other stages ({values}): resume with the "
             "arguments of the run that wrote it (`--stage_boundaries`, `--boundary_units`, `--num_experts`), or train "
@@ -504,8 +509,7 @@ def _check_same_latent_space(latent_space: dict, input_dir: str) -> None:
             f"`--resume_from_checkpoint` {input_dir!r} was written by a run in {space(then)}, but it is resumed in "
             f"{space(latent_space)}: {fix} (the VAE its networks trained with), or train into a new `--output_dir`."
         )
-    differ = sorted(k for k in {*now_options, *then_options} if now_options.get(k) != then_options.get(k))
-    values = "; ".join(f"`{k}` {then_options.get(k)!r} there, {now_options.get(k)!r} now" for k in differ)
+    values = _differences(now_options, then_options, {*now_options, *then_options})
     raise ValueError(
         f"`--resume_from_checkpoint` {input_dir!r} was written by a run in {space(then)}, but it is resumed in the "
         f"latent space of another VAE ({values}): {fix} (the VAE its networks trained with), or train into a new "
@@ -579,10 +583,10 @@ def _load_ema(ema: EMAModel, folder: str) -> None:
     loaded = load_strictly(ema.model_cls, folder)  # none left random, ignored or cast
     now = json.loads(json.dumps(dict(ema.model_config), default=str))
     then = json.loads(loaded.to_json_string())
-    differ = sorted(k for k in now if not k.startswith("_") and now[k] != then.get(k))
+    values = _differences(now, then, [k for k in now if not k.startswith("_")])
     shapes = [tuple(p.shape) for p in loaded.parameters()]
-    if differ or shapes != [tuple(p.shape) for p in ema.shadow_params]:
-        values = "; ".join(f"`{k}` {then.get(k)!r} there, {now[k]!r} now" for k in differ) or "other parameter shapes"
+    if values or shapes != [tuple(p.shape) for p in ema.shadow_params]:
+        values = values or "other parameter shapes"
         raise ValueError(
             f"The EMA weights at {folder} do not match the model being trained ({values}): resume with the model "
             "arguments of the run that wrote the checkpoint, or train into a new `--output_dir`."

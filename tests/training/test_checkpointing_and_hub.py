@@ -815,3 +815,32 @@ def test_the_cards_stage_table_writes_each_interval_in_its_units():
         "| 1 | (2.5, inf) |",
     ]
     assert stage_table(TimestepPartition([500])).splitlines()[2:] == ["| 0 | [0, 500) |", "| 1 | [500, 1000) |"]
+
+
+@pytest.mark.parametrize("kind", ["config", "shapes"])
+def test_the_ema_of_another_model_is_refused_naming_what_differs(tmp_path, kind):
+    """`_load_ema` refuses an EMA folder saved for another model: its config's differing options by name (as the
+    other resume checks say them, "`key` THEN there, NOW now"), or "other parameter shapes" where the configs agree
+    but the EMA's parameters do not (a `_`-private key is no difference); ``ema`` is left as it was."""
+    from diffusers.training_utils import EMAModel
+
+    from diffusers_stages.training.checkpointing import _load_ema
+
+    def ema_of(model):
+        return EMAModel(model.parameters(), model_cls=UNet2DModel, model_config=model.config)
+
+    torch.manual_seed(0)
+    saved = UNet2DModel(**TINY_UNET)
+    ema_of(saved).save_pretrained(str(tmp_path / "ema"))
+    now = UNet2DModel(**TINY_UNET, dropout=0.1)
+    ema = ema_of(now)
+    if kind == "shapes":  # the config of the saved model, the parameters of another
+        ema = EMAModel(now.parameters(), model_cls=UNet2DModel, model_config=saved.config)
+        ema.shadow_params = ema.shadow_params[:-1]
+    before = [p.clone() for p in ema.shadow_params]
+    message = "`dropout` 0.0 there, 0.1 now" if kind == "config" else "other parameter shapes"
+    with pytest.raises(
+        ValueError, match=rf"The EMA weights at .*ema do not match the model being trained \({message}\)"
+    ):
+        _load_ema(ema, str(tmp_path / "ema"))
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow_params))
