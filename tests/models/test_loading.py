@@ -588,3 +588,53 @@ def test_the_size_check_measures_the_weight_files_the_load_reads(tmp_path, load)
     (tmp_path / "config.json").write_text(json.dumps({**config, "block_out_channels": [2**16, 2**16]}))
     with pytest.raises(ValueError, match=r"has shape \[16\S*\] there, \[65536\S*\] in the"):
         MultiStageUNet2DModel.from_pretrained(tmp_path, **load)
+
+
+@pytest.mark.parametrize(
+    "files, refused",
+    [
+        (["diffusion_pytorch_model.safetensors"], False),
+        (
+            ["diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model-00001-of-00002.safetensors"],
+            False,
+        ),
+        (["model.safetensors"], False),  # transformers' name
+        (["model.safetensors.index.json", "model-00001-of-00002.safetensors"], False),
+        (["diffusion_pytorch_model.bin"], True),
+        (["diffusion_pytorch_model.fp16.safetensors"], True),
+        (
+            [
+                "diffusion_pytorch_model-00001-of-00002.safetensors",
+                "diffusion_pytorch_model-00002-of-00002.safetensors",
+            ],
+            True,
+        ),
+        ([], True),
+    ],
+    ids=["file", "index", "transformers", "transformers-index", "bin", "variant", "shards-without-index", "empty"],
+)
+def test_refuse_without_plain_safetensors_takes_what_loads_without_a_variant(tmp_path, files, refused):
+    """The one check of the conversions and the text-to-image training: plain safetensors, a sharded checkpoint by
+    its index (diffusers loads no shards without one); the message names the folder as the caller says it, the weight
+    files held (not config.json, nor other files) and the caller's advice."""
+    from diffusers_stages.models.loading import refuse_without_plain_safetensors
+
+    for name in [*files, "config.json", "README.md"]:
+        (tmp_path / name).write_text("")
+    if not refused:
+        refuse_without_plain_safetensors(tmp_path, "its unet/", "save a copy.")
+        return
+    with pytest.raises(ValueError) as error:
+        refuse_without_plain_safetensors(tmp_path, "its unet/", "save a copy.")
+    assert str(error.value) == (
+        "its unet/ holds no plain safetensors weights (one of ['diffusion_pytorch_model.safetensors', "
+        "'diffusion_pytorch_model.safetensors.index.json', 'model.safetensors', 'model.safetensors.index.json']), "
+        f"only {sorted(files)}: save a copy."
+    )
+
+
+def test_refuse_without_plain_safetensors_names_a_folder_that_is_not_there(tmp_path):
+    from diffusers_stages.models.loading import refuse_without_plain_safetensors
+
+    with pytest.raises(ValueError, match=r"^its unet/expert_2/ holds no plain safetensors weights .*, only \[\]: do"):
+        refuse_without_plain_safetensors(tmp_path / "unet" / "expert_2", "its unet/expert_2/", "do.")
