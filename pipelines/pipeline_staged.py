@@ -486,7 +486,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): makes generation deterministic; a
                 list gives one generator per image and must have one per image of the batch.
             num_inference_steps (`int`, defaults to 50): denoising steps of the scheduler.
-            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"`, or `"latent"` (no VAE decoding).
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (float32), `"pt"` (in the dtype of the
+                pipeline's last model: the VAE's, or the networks'), or `"latent"` (no VAE decoding).
             return_dict (`bool`, defaults to `True`): return an `ImagePipelineOutput` rather than a tuple.
             class_labels (`list[int]` or `torch.Tensor`, *optional*): one class per image, for class-conditional models:
                 python ints or an integer tensor (floats and bools are refused, not rounded).
@@ -600,7 +601,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         if output_type != "latent":
             if getattr(self, "vae", None) is not None:
                 images = self._decode(latents)
-            images = VaeImageProcessor(do_resize=False).postprocess(images.float(), output_type=output_type)
+            # "pt" keeps the images' dtype, as diffusers' postprocess does; "np" and "pil" go through float32
+            images = VaeImageProcessor(do_resize=False).postprocess(images, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

@@ -2,6 +2,7 @@
 `DDIMPipeline`, and the call arguments of its newer pipelines), over the three pipelines with tiny components."""
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -166,6 +167,17 @@ def test_to_dtype_converts_every_model_and_samples(kind):
     latents = pipe(latents=noise, **{**RUN, "output_type": "latent"}).images
     assert latents.dtype == torch.float64
     assert torch.allclose(latents.float(), reference, atol=5e-3)  # DDIM amplifies the rounding at t=999
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_pt_output_keeps_the_pipelines_dtype_as_diffusers_postprocess_does(kind, dtype):
+    """``output_type="pt"`` gives the images in the pipeline's dtype, as `StableDiffusionPipeline` does (its
+    `VaeImageProcessor.postprocess` keeps the dtype); ``"np"`` is float32, as diffusers' numpy images are."""
+    pipe = _pipeline(kind).to(dtype)
+    images = pipe(generator=torch.manual_seed(0), num_inference_steps=2, output_type="pt").images
+    assert images.dtype == dtype == diffusers.image_processor.VaeImageProcessor().postprocess(images, "pt").dtype
+    assert pipe(num_inference_steps=2, output_type="np").images.dtype == np.float32
 
 
 @pytest.mark.parametrize("stage", [0, 1])
