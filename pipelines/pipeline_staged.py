@@ -537,12 +537,13 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to the
                 callback, among the pipeline's ``_callback_tensor_inputs``; None is the default.
             timesteps (`list[float]`, *optional*): custom timesteps for a scheduler whose ``set_timesteps`` takes
-                them (`DDPMScheduler`, `EulerDiscreteScheduler`, ...), as `StableDiffusionPipeline`'s; the run has one
-                step per timestep and ``num_inference_steps`` is not used (it may be None). Each model call goes to the stage of its
-                actual timestep (see `expert_schedule`, which takes them too). Another scheduler refuses them with
-                a `ValueError`, as diffusers' ``retrieve_timesteps`` does.
-            sigmas (`list[float]`, *optional*): custom noise levels instead, as ``timesteps`` (the last one the
-                final sigma, usually 0); only one of ``timesteps`` and ``sigmas``.
+                them (`DDPMScheduler`, `EulerDiscreteScheduler`, ...), as `StableDiffusionPipeline`'s; the run has
+                one step per timestep and ``num_inference_steps`` is not used (it may be None). Each model call goes
+                to the stage of its actual timestep (see `expert_schedule`, which takes them too). Another scheduler
+                refuses them with a `ValueError`, as diffusers' ``retrieve_timesteps`` does.
+            sigmas (`list[float]`, *optional*): custom noise levels instead, as ``timesteps``, in the scheduler's
+                own convention (`EulerDiscreteScheduler`'s end with the final sigma, usually 0;
+                `FlowMatchEulerDiscreteScheduler` appends it); only one of ``timesteps`` and ``sigmas``.
 
         Returns:
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the generated images.
