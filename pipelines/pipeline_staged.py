@@ -506,8 +506,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                 list gives one generator per image and must have one per image of the batch.
             num_inference_steps (`int`, defaults to 50): denoising steps of the scheduler (None with `timesteps` or
                 `sigmas`).
-            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (float32), `"pt"` (in the dtype of the
-                pipeline's last model: the VAE's, or the networks'), or `"latent"` (no VAE decoding).
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (float32), `"pt"` (in the dtype the VAE
+                decodes in, float32 for a ``force_upcast`` float16 one, or without a VAE the latents', which are the
+                first network to run's), or `"latent"` (no VAE decoding).
             return_dict (`bool`, defaults to `True`): return an `ImagePipelineOutput` rather than a tuple.
             class_labels (`list[int]` or `torch.Tensor`, *optional*): one class per image, for class-conditional models:
                 python ints or an integer tensor (floats and bools are refused, not rounded).
