@@ -14,7 +14,7 @@ import inspect
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -233,6 +233,91 @@ def seed_noise_sampler(
     scheduler.noise_sampler = BrownianTreeNoiseSampler(sample, low, high, seeds if len(seeds) > 1 else seeds[0])
 
 
+def set_sampling_timesteps(
+    scheduler,
+    num_inference_steps: int | None = None,
+    device: str | torch.device | None = None,
+    timesteps: Sequence[float] | None = None,
+    sigmas: Sequence[float] | None = None,
+) -> None:
+    r"""
+    ``scheduler.set_timesteps`` for a sampling run, as diffusers' ``retrieve_timesteps`` (`StableDiffusionPipeline`)
+    calls it: from custom ``timesteps`` or ``sigmas`` when one of them is given (``num_inference_steps`` is then
+    not used: the run has one step per timestep, or per sigma but the last), else from ``num_inference_steps``
+    (`check_num_inference_steps`). A `ValueError` names custom values that are no non-empty list of finite numbers,
+    both given at once, or a scheduler whose ``set_timesteps`` takes no such values (diffusers' check); the scheduler
+    checks the values themselves (DDPM's must descend, ...).
+
+    Example:
+
+    ```py
+    >>> from diffusers import DDIMScheduler, DDPMScheduler
+    >>> from diffusers_stages.schedulers import set_sampling_timesteps
+    >>> scheduler = DDPMScheduler()
+    >>> set_sampling_timesteps(scheduler, timesteps=[999, 500, 0])
+    >>> scheduler.timesteps.tolist()
+    [999, 500, 0]
+    >>> set_sampling_timesteps(DDIMScheduler(), timesteps=[999, 500, 0])
+    Traceback (most recent call last):
+    ...
+    ValueError: `timesteps`=[999, 500, 0] needs a scheduler whose `set_timesteps` takes custom timesteps, but the current scheduler class DDIMScheduler's `set_timesteps` does not support custom timestep schedules (as diffusers' retrieve_timesteps says): use e.g. DDPMScheduler, EulerDiscreteScheduler or DPMSolverMultistepScheduler, or give `num_inference_steps`.
+
+    ```
+    """
+    custom = {
+        name: _custom_schedule_values(name, values)
+        for name, values in (("timesteps", timesteps), ("sigmas", sigmas))
+        if values is not None
+    }
+    if len(custom) > 1:
+        raise ValueError(
+            "Only one of `timesteps` or `sigmas` can be passed. Please choose one to set custom values, got "
+            f"timesteps={custom['timesteps']} and sigmas={custom['sigmas']}."
+        )
+    name = type(scheduler).__name__
+    for key, values in custom.items():
+        if key not in inspect.signature(scheduler.set_timesteps).parameters:
+            kind = "timestep" if key == "timesteps" else "sigmas"
+            takers = (
+                "DDPMScheduler, EulerDiscreteScheduler or DPMSolverMultistepScheduler"
+                if key == "timesteps"
+                else "EulerDiscreteScheduler or FlowMatchEulerDiscreteScheduler"
+            )
+            raise ValueError(
+                f"`{key}`={values} needs a scheduler whose `set_timesteps` takes custom {key}, but the current "
+                f"scheduler class {name}'s `set_timesteps` does not support custom {kind} schedules (as diffusers' "
+                f"retrieve_timesteps says): use e.g. {takers}, or give `num_inference_steps`."
+            )
+        if key == "sigmas" and is_edm_scheduler(scheduler):  # its `sigmas` is a ramp its sigma_schedule maps
+            raise ValueError(
+                f"`sigmas`={values} cannot be given to {name}: its `set_timesteps(sigmas=...)` takes a ramp in [0, 1] "
+                f"that its `sigma_schedule` ({scheduler.config.sigma_schedule!r}) maps to noise levels between "
+                "`sigma_min` and `sigma_max`, not the noise levels themselves: give `num_inference_steps`, or set "
+                "the ramp on the scheduler and sample in your own loop."
+            )
+    if not custom:
+        check_num_inference_steps(scheduler, num_inference_steps)
+        custom = {"num_inference_steps": int(num_inference_steps)}
+    try:
+        scheduler.set_timesteps(device=device, **custom)
+    except ValueError as error:
+        check_timesteps_from_step_count(scheduler, error)
+        raise
+
+
+def _custom_schedule_values(name: str, values: object) -> list[float]:
+    """Custom ``timesteps`` or ``sigmas`` (a list, tuple, 1-D array or tensor) as a list of Python numbers; a
+    `ValueError` naming ``name`` for anything else (a string, an empty list, a bool, NaN or inf, a 2-D tensor)."""
+    plain = values.tolist() if isinstance(values, (np.ndarray, torch.Tensor)) else values
+    if (
+        not isinstance(plain, (list, tuple))
+        or not plain
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) for v in plain)
+    ):
+        raise ValueError(f"`{name}` must be a non-empty list of finite numbers, got {values!r}.")
+    return [v.item() if isinstance(v, np.generic) else v for v in plain]
+
+
 def check_num_inference_steps(scheduler, num_inference_steps: int) -> None:
     """Refuse, before any step, a step count ``scheduler`` cannot run: one that is not a positive integer (diffusers'
     schedulers give no steps, a fraction's worth, or a ZeroDivisionError), and, for PNDM's Runge-Kutta warm-up
@@ -263,14 +348,19 @@ def check_timesteps_from_step_count(scheduler, error: ValueError) -> None:
         ) from error
 
 
-def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[float, bool]]:
+def model_call_timesteps(
+    scheduler,
+    num_inference_steps: int | None = None,
+    timesteps: Sequence[float] | None = None,
+    sigmas: Sequence[float] | None = None,
+) -> list[tuple[float, bool]]:
     r"""
-    ``(timestep, is_corrector)`` of every model call a run of ``num_inference_steps`` makes, in order: a dry run of a
-    copy of ``scheduler`` (no model is called; ``scheduler`` itself and the global random generator are left as they
-    are). The copy keeps the state that is not in the config (FlowMatch's ``set_shift``), which a run's
-    ``set_timesteps`` reads too. ``is_corrector`` marks the second call of a Heun-type predictor/corrector pair
-    (``state_in_first_order`` false, or the second call of PNDM's first PLMS step with ``skip_prk_steps=True``),
-    which must stay with its predictor's network.
+    ``(timestep, is_corrector)`` of every model call a run of ``num_inference_steps`` (or of custom ``timesteps`` or
+    ``sigmas``, see `set_sampling_timesteps`) makes, in order: a dry run of a copy of ``scheduler`` (no model is
+    called; ``scheduler`` itself and the global random generator are left as they are). The copy keeps the state that
+    is not in the config (FlowMatch's ``set_shift``), which a run's ``set_timesteps`` reads too. ``is_corrector``
+    marks the second call of a Heun-type predictor/corrector pair (``state_in_first_order`` false, or the second call
+    of PNDM's first PLMS step with ``skip_prk_steps=True``), which must stay with its predictor's network.
 
     Example:
 
@@ -282,14 +372,8 @@ def model_call_timesteps(scheduler, num_inference_steps: int) -> list[tuple[floa
 
     ```
     """
-    check_num_inference_steps(scheduler, num_inference_steps)
-    num_inference_steps = int(num_inference_steps)
     scheduler = copy.deepcopy(scheduler)  # `set_timesteps` resets the run state (step index, model history)
-    try:
-        scheduler.set_timesteps(num_inference_steps)
-    except ValueError as error:
-        check_timesteps_from_step_count(scheduler, error)
-        raise
+    set_sampling_timesteps(scheduler, num_inference_steps, timesteps=timesteps, sigmas=sigmas)
     if not hasattr(scheduler, "state_in_first_order"):  # one model call per listed timestep: no dry steps needed
         # but PLMS's first step (PNDM without its Runge-Kutta warm-up) is Heun's: its second call, at the next
         # timestep, is averaged with the first and steps from the first call's sample

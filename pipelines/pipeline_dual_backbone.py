@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from diffusers import (
@@ -177,29 +177,40 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         # stage 0 is the clean end: the deep backbone; the shallow one runs the noisy first steps
         return (self.deep, self.shallow)[stage], {}
 
-    def resolve_partition(self, num_inference_steps: int | None) -> TimestepPartition:
-        """The deep/shallow boundary for this scheduler (and, for a step fraction, this number of steps)."""
+    def resolve_partition(
+        self,
+        num_inference_steps: int | None,
+        timesteps: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> TimestepPartition:
+        """The deep/shallow boundary for this scheduler (and, for a step fraction, this number of steps, or these
+        custom ``timesteps`` or ``sigmas``: the fraction of their steps)."""
         fixed = fixed_switch_partition(self.config, self.scheduler)
         if fixed is not None:
             return fixed
         scheduler = self.scheduler
         steps = getattr(scheduler.config, "num_train_timesteps", None) or 1000
         units = scheduler_units(scheduler)
-        if num_inference_steps is None:
+        custom = {name: value for name, value in (("timesteps", timesteps), ("sigmas", sigmas)) if value is not None}
+        if num_inference_steps is None and not custom:
             raise ValueError(
                 "The switch is a step fraction, which depends on the number of steps: call "
                 "`resolve_partition(num_inference_steps)`, or sample with the pipeline."
             )
-        return self._partition_from_fraction(num_inference_steps, steps, units)
+        return self._partition_from_fraction(num_inference_steps, steps, units, custom)
 
-    def _partition_from_fraction(self, num_inference_steps: int, steps: int, units: str) -> TimestepPartition:
-        calls = model_call_timesteps(self.scheduler, num_inference_steps)
+    def _partition_from_fraction(
+        self, num_inference_steps: int | None, steps: int, units: str, custom: Mapping | None = None
+    ) -> TimestepPartition:
+        calls = model_call_timesteps(self.scheduler, num_inference_steps, **(custom or {}))
         # one timestep per step: a predictor/corrector pair is one step (KDPM2's corrector has a timestep of its own),
         # and repeated timesteps (PNDM's Runge-Kutta calls) count once
         predictors = [t for t, is_corrector in calls if not is_corrector]
         timesteps = torch.unique_consecutive(torch.tensor(predictors, dtype=torch.float64))
         if len(timesteps) < 2:
-            raise ValueError(f"A step-fraction switch needs `num_inference_steps` >= 2, got {num_inference_steps}.")
+            given = ", ".join(f"`{k}`={v}" for k, v in (custom or {}).items()) or f"{num_inference_steps}"
+            wanted = "at least 2 steps" if custom else "`num_inference_steps` >= 2"
+            raise ValueError(f"A step-fraction switch needs {wanted}, got {given}.")
         shallow_steps = min(max(round(self.config.switch_step_fraction * len(timesteps)), 1), len(timesteps) - 1)
         middle = (timesteps[shallow_steps - 1] + timesteps[shallow_steps]) / 2
         level = TimestepPartition([], steps, units).noise_level(middle)  # model timestep -> partition units

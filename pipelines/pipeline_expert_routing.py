@@ -93,12 +93,12 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
     def partition(self) -> TimestepPartition:
         return self.experts.partition
 
-    def resolve_partition(self, num_inference_steps: int) -> TimestepPartition:
+    def resolve_partition(self, num_inference_steps: int, **custom) -> TimestepPartition:
         """The experts' partition, after `check_prediction_type`: the sampling loop (right after checking its
         arguments) and `expert_schedule` start with this call, so a scheduler swapped in after construction is checked
-        too."""
+        too. ``custom``: the run's custom ``timesteps`` or ``sigmas``, which the experts' fixed boundaries ignore."""
         self.check_prediction_type()
-        return super().resolve_partition(num_inference_steps)
+        return super().resolve_partition(num_inference_steps, **custom)
 
     def stage_denoiser(self, stage: int) -> tuple[torch.nn.Module, dict]:
         # the expert itself, called exactly as a single-model pipeline would call it

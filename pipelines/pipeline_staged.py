@@ -41,7 +41,7 @@ from ..models.checks import (
 )
 from ..partition import TimestepPartition
 from ..routing import StageRouter
-from ..schedulers import model_call_timesteps, seed_noise_sampler
+from ..schedulers import model_call_timesteps, seed_noise_sampler, set_sampling_timesteps
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
 from .loading import check_trusted_load_dtypes, load_pipeline, write_reexport_files
 from .offload import StageOffloadMixin, offloaded_on_error
@@ -147,9 +147,16 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         registers unchecked): run before every sampling run, `expert_schedule` and `enable_stage_offload`. Nothing to
         check here."""
 
-    def resolve_partition(self, num_inference_steps: int) -> TimestepPartition:
-        """The partition a run of ``num_inference_steps`` routes by: `partition`, unless a subclass's switch depends
-        on the step count (`DualBackbonePipeline`'s step fraction)."""
+    def resolve_partition(
+        self,
+        num_inference_steps: int,
+        timesteps: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> TimestepPartition:
+        """The partition a run of ``num_inference_steps`` (or of custom ``timesteps`` or ``sigmas``) routes by:
+        `partition`, unless a subclass's switch depends on the step count (`DualBackbonePipeline`'s step fraction).
+        The pipelines pass ``timesteps`` and ``sigmas`` only when they are given, so an override without them still
+        serves runs without custom values."""
         return self.partition
 
     # --------------------------------------------------------------------------------------------------------------
@@ -339,17 +346,27 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             )
 
     # --------------------------------------------------------------------------------------------------------------
-    def expert_schedule(self, num_inference_steps: int = 50) -> list[tuple[float, int]]:
-        """``(timestep, stage)`` of every model call a run with ``num_inference_steps`` makes: which network runs
-        which step (stage 0 is the clean end). It is the schedule the sampling loop follows, from a dry run of a copy
-        of the scheduler (no model is called)."""
-        (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
+    def expert_schedule(
+        self,
+        num_inference_steps: int | None = 50,
+        timesteps: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> list[tuple[float, int]]:
+        """``(timestep, stage)`` of every model call a run with ``num_inference_steps`` (or with custom ``timesteps``
+        or ``sigmas``, as the pipeline's call takes them) makes: which network runs which step (stage 0 is the clean
+        end). It is the schedule the sampling loop follows, from a dry run of a copy of the scheduler (no model is
+        called)."""
+        custom = _custom_schedule(timesteps, sigmas)
+        if not (custom and num_inference_steps is None):  # None with custom values, as diffusers' docs ask
+            (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
         self.check_components()
-        return self._stage_schedule(self.resolve_partition(num_inference_steps), num_inference_steps)
+        return self._stage_schedule(self.resolve_partition(num_inference_steps, **custom), num_inference_steps, custom)
 
-    def _stage_schedule(self, partition: TimestepPartition, num_inference_steps: int) -> list[tuple[float, int]]:
+    def _stage_schedule(
+        self, partition: TimestepPartition, num_inference_steps: int, custom: Mapping[str, Any] | None = None
+    ) -> list[tuple[float, int]]:
         router = StageRouter(partition, self.scheduler)  # checks the scheduler's units
-        calls = model_call_timesteps(self.scheduler, num_inference_steps)
+        calls = model_call_timesteps(self.scheduler, num_inference_steps, **(custom or {}))
         return [(t, router(t, is_corrector)) for t, is_corrector in calls]
 
     @property
@@ -464,7 +481,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         self,
         batch_size: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = 50,
         output_type: str = "pil",
         return_dict: bool = True,
         class_labels: Sequence[int] | torch.Tensor | None = None,
@@ -477,6 +494,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         scheduler_step_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        timesteps: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate images.
@@ -485,8 +504,11 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             batch_size (`int`, defaults to 1): number of images (the number of `class_labels` when those are given).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): makes generation deterministic; a
                 list gives one generator per image and must have one per image of the batch.
-            num_inference_steps (`int`, defaults to 50): denoising steps of the scheduler.
-            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"`, or `"latent"` (no VAE decoding).
+            num_inference_steps (`int`, defaults to 50): denoising steps of the scheduler (None with `timesteps` or
+                `sigmas`).
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (float32), `"pt"` (in the dtype the VAE
+                decodes in, float32 for a ``force_upcast`` float16 one, or without a VAE the latents', which are the
+                first network to run's), or `"latent"` (no VAE decoding).
             return_dict (`bool`, defaults to `True`): return an `ImagePipelineOutput` rather than a tuple.
             class_labels (`list[int]` or `torch.Tensor`, *optional*): one class per image, for class-conditional models:
                 python ints or an integer tensor (floats and bools are refused, not rounded).
@@ -515,15 +537,26 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
                 ``pipe._guidance_scale`` changes the guidance of the following steps (1 or 0.0 turns it off).
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to the
                 callback, among the pipeline's ``_callback_tensor_inputs``; None is the default.
+            timesteps (`list[float]`, *optional*): custom timesteps for a scheduler whose ``set_timesteps`` takes
+                them (`DDPMScheduler`, `EulerDiscreteScheduler`, ...), as `StableDiffusionPipeline`'s; the run has
+                one step per timestep and ``num_inference_steps`` is not used (it may be None). Each model call goes
+                to the stage of its actual timestep (see `expert_schedule`, which takes them too). Another scheduler
+                refuses them with a `ValueError`, as diffusers' ``retrieve_timesteps`` does.
+            sigmas (`list[float]`, *optional*): custom noise levels instead, as ``timesteps``, in the scheduler's
+                own convention (`EulerDiscreteScheduler`'s end with the final sigma, usually 0;
+                `FlowMatchEulerDiscreteScheduler` appends it); only one of ``timesteps`` and ``sigmas``.
 
         Returns:
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the generated images.
         """
         # 1. check the inputs
         _refuse_labels_as_batch_size(batch_size)
-        batch_size, num_inference_steps, num_images_per_prompt = positive_integer_arguments(
-            batch_size=batch_size, num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt
+        custom = _custom_schedule(timesteps, sigmas)  # passed on only when given (overrides without them still run)
+        batch_size, num_images_per_prompt = positive_integer_arguments(
+            batch_size=batch_size, num_images_per_prompt=num_images_per_prompt
         )  # numpy integers, as diffusers takes them, become Python ints
+        if not (custom and num_inference_steps is None):  # None with custom values, as diffusers' docs ask
+            (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -534,8 +567,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         device = self._execution_device
         self.check_components()
         self.check_class_names()
-        partition = self.resolve_partition(num_inference_steps)
-        schedule = self._stage_schedule(partition, num_inference_steps)  # which network runs which model call
+        partition = self.resolve_partition(num_inference_steps, **custom)
+        # which network runs which model call (of the custom timesteps too: routed by the timesteps the run takes)
+        schedule = self._stage_schedule(partition, num_inference_steps, custom)
         # the stage networks' order, for their prefetch
         self._plan_stage_offload([stage for _, stage in schedule], partition.num_stages)
         denoiser = self.stage_denoiser(schedule[0][1])[0]  # the first network to run: shape, dtype, labels
@@ -560,7 +594,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         shape = self._sample_shape(config, sorted({stage for _, stage in schedule}), batch_size, height, width)
 
         # 2. timesteps
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        set_sampling_timesteps(self.scheduler, num_inference_steps, device=device, **custom)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         self._interrupt = False
@@ -600,7 +634,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         if output_type != "latent":
             if getattr(self, "vae", None) is not None:
                 images = self._decode(latents)
-            images = VaeImageProcessor(do_resize=False).postprocess(images.float(), output_type=output_type)
+            # "pt" keeps the images' dtype, as diffusers' postprocess does; "np" and "pil" go through float32
+            images = VaeImageProcessor(do_resize=False).postprocess(images, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
@@ -776,6 +811,12 @@ def spatial_multiple(config) -> int:
         return int(config.patch_size)
     levels = getattr(config, "channel_mult", None) or getattr(config, "block_out_channels", None) or (1,)
     return 2 ** (len(levels) - 1)
+
+
+def _custom_schedule(timesteps: Sequence[float] | None, sigmas: Sequence[float] | None) -> dict[str, Any]:
+    """The custom ``timesteps`` / ``sigmas`` of a call that were given, as keyword arguments (checked by
+    `set_sampling_timesteps` in the scheduler's dry run, before any model call)."""
+    return {name: value for name, value in (("timesteps", timesteps), ("sigmas", sigmas)) if value is not None}
 
 
 def _guidance_turned_off(value: object) -> object:

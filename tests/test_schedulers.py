@@ -230,6 +230,20 @@ def test_model_calls_of_a_predictor_corrector_scheduler(scheduler_class):
     assert [corrector for _, corrector in calls] == [False] + [True, False] * 3  # a corrector after each predictor
 
 
+def test_model_calls_of_custom_timesteps_and_sigmas_are_the_scheduler_set_with_them():
+    # a Heun pair on custom timesteps: its corrector at the next timestep given, as with a step count
+    assert model_call_timesteps(HeunDiscreteScheduler(), timesteps=np.array([999, 500, 0])) == [
+        (999.0, False), (500.0, True), (500.0, False), (0.0, True), (0.0, False)
+    ]  # fmt: skip
+    scheduler = EulerDiscreteScheduler()
+    calls = model_call_timesteps(scheduler, sigmas=[14.6, 1.0, 0.0])  # one call per sigma but the last
+    assert scheduler.num_inference_steps is None  # a copy was set
+    scheduler.set_timesteps(sigmas=[14.6, 1.0, 0.0])
+    assert calls == [(t, False) for t in scheduler.timesteps.tolist()]
+    with pytest.raises(ValueError, match=r"`timesteps`=\[999, 0\] needs .*DDIMScheduler's `set_timesteps` does not"):
+        model_call_timesteps(DDIMScheduler(), timesteps=[999, 0])
+
+
 class GlobalRandomHeunScheduler(HeunDiscreteScheduler):
     """A predictor/corrector scheduler whose step draws from the global generator, as `DPMSolverSDEScheduler` seeds
     its Brownian tree (``noise_sampler_seed=None``, its default)."""

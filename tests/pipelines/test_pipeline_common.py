@@ -2,6 +2,7 @@
 `DDIMPipeline`, and the call arguments of its newer pipelines), over the three pipelines with tiny components."""
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -166,6 +167,17 @@ def test_to_dtype_converts_every_model_and_samples(kind):
     latents = pipe(latents=noise, **{**RUN, "output_type": "latent"}).images
     assert latents.dtype == torch.float64
     assert torch.allclose(latents.float(), reference, atol=5e-3)  # DDIM amplifies the rounding at t=999
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_pt_output_keeps_the_pipelines_dtype_as_diffusers_postprocess_does(kind, dtype):
+    """``output_type="pt"`` gives the images in the pipeline's dtype, as `StableDiffusionPipeline` does (its
+    `VaeImageProcessor.postprocess` keeps the dtype); ``"np"`` is float32, as diffusers' numpy images are."""
+    pipe = _pipeline(kind).to(dtype)
+    images = pipe(generator=torch.manual_seed(0), num_inference_steps=2, output_type="pt").images
+    assert images.dtype == dtype == diffusers.image_processor.VaeImageProcessor().postprocess(images, "pt").dtype
+    assert pipe(num_inference_steps=2, output_type="np").images.dtype == np.float32
 
 
 @pytest.mark.parametrize("stage", [0, 1])
@@ -549,3 +561,72 @@ def test_an_sde_scheduler_draws_its_noise_from_the_generator(kind):
     assert not torch.allclose(run([0], 1), run([1], 1))
     assert torch.allclose(run([5, 6], 1)[1:], run([6], 2), rtol=1e-5, atol=1e-5)  # one seed per image for a list
     assert pipe.scheduler.noise_sampler_seed is None  # the scheduler's own option is left as it was
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# custom timesteps and sigmas, as StableDiffusionPipeline's `retrieve_timesteps` takes them
+# the stage of each of the timesteps (999, 700, 450, 100): multi-stage boundaries (442, 631), experts 500, and the
+# dual backbone's default step fraction 0.4 (2 shallow steps of 4)
+CUSTOM_TIMESTEPS = [999, 700, 450, 100]
+CUSTOM_STAGES = {"multistage": [2, 2, 1, 0], "experts": [1, 1, 0, 0], "dual_backbone": [1, 1, 0, 0]}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_custom_timesteps_give_the_images_of_the_scheduler_set_with_them(kind):
+    pipe = _pipeline(kind, DDPMScheduler())  # "leading" spacing: 3 steps are 666, 333, 0
+    by_count = _images(pipe, num_inference_steps=3, batch_size=2)
+    assert pipe.scheduler.timesteps.tolist() == [666, 333, 0]
+    custom = _images(pipe, timesteps=[666, 333, 0], batch_size=2)
+    assert pipe.num_timesteps == 3 and pipe.scheduler.timesteps.tolist() == [666, 333, 0]
+    assert torch.equal(custom, by_count)
+    # `num_inference_steps=None` with custom timesteps, as diffusers' retrieve_timesteps asks for
+    assert torch.equal(_images(pipe, timesteps=[666, 333, 0], num_inference_steps=None, batch_size=2), by_count)
+    assert pipe.expert_schedule(None, timesteps=[666, 333, 0]) == pipe.expert_schedule(3)
+    with pytest.raises(ValueError, match="`num_inference_steps` must be a positive integer, got None"):
+        _images(pipe, num_inference_steps=None)
+    # routed by the timesteps given: the schedule the loop follows, and a run on them
+    schedule = pipe.expert_schedule(timesteps=CUSTOM_TIMESTEPS)
+    assert schedule == [(float(t), stage) for t, stage in zip(CUSTOM_TIMESTEPS, CUSTOM_STAGES[kind])]
+    assert _images(pipe, timesteps=torch.tensor(CUSTOM_TIMESTEPS)).shape == (1, 3, 8, 8)
+    assert pipe.num_timesteps == 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_custom_sigmas_give_the_images_of_the_scheduler_set_with_them(kind):
+    pipe = _pipeline(kind, EulerDiscreteScheduler())
+    by_count = _images(pipe, num_inference_steps=3)
+    sigmas = pipe.scheduler.sigmas.tolist()  # the final sigma 0 included, as diffusers' custom sigmas are
+    reference = EulerDiscreteScheduler()
+    reference.set_timesteps(sigmas=sigmas)  # timesteps from the float32 sigmas: 499.5007 where 3 steps give 499.5
+    from_sigmas = _images(pipe, sigmas=sigmas)
+    assert torch.equal(pipe.scheduler.timesteps, reference.timesteps) and pipe.num_timesteps == 3
+    assert torch.allclose(from_sigmas, by_count, atol=1e-4)
+    schedule = pipe.expert_schedule(sigmas=sigmas)  # routed by those timesteps
+    assert [t for t, _ in schedule] == reference.timesteps.tolist()
+    assert [stage for _, stage in schedule] == [stage for _, stage in pipe.expert_schedule(3)]
+
+
+@pytest.mark.parametrize(
+    "scheduler, kwargs, match",
+    [
+        (None, {"timesteps": [666, 333, 0]}, r"`timesteps`=\[666, 333, 0\].*DDIMScheduler.*does not support custom"),
+        (DDPMScheduler, {"sigmas": [14.6, 1.0, 0.0]}, r"`sigmas`=\[14.6, 1.0, 0.0\].*DDPMScheduler.*does not"),
+        (EulerDiscreteScheduler, {"timesteps": [600], "sigmas": [1.0, 0.0]}, "Only one of `timesteps` or `sigmas`"),
+        # EDM's `set_timesteps(sigmas=...)` takes a ramp its sigma schedule maps to sigmas (and fails on a list)
+        (diffusers.EDMEulerScheduler, {"sigmas": [80.0, 1.0]}, r"`sigmas`=\[80.0, 1.0\] cannot be given to EDMEuler"),
+        (DDPMScheduler, {"timesteps": []}, r"`timesteps` must be .*got \[\]"),
+        (DDPMScheduler, {"timesteps": "999"}, r"`timesteps` must be .*got '999'"),
+        (DDPMScheduler, {"timesteps": [999, True]}, r"`timesteps` must be .*got \[999, True\]"),
+        (EulerDiscreteScheduler, {"sigmas": [float("nan"), 0.0]}, r"`sigmas` must be .*got \[nan, 0.0\]"),
+        (DDPMScheduler, {"timesteps": torch.tensor([[999, 0]])}, r"`timesteps` must be .*got tensor"),
+    ],
+)
+@pytest.mark.parametrize("kind", KINDS)
+def test_custom_timesteps_or_sigmas_a_scheduler_cannot_take_are_refused_before_sampling(
+    kind, scheduler, kwargs, match
+):
+    pipe = _pipeline(kind, scheduler and scheduler())  # DDIM by default
+    with pytest.raises(ValueError, match=match):
+        pipe.expert_schedule(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        _images(pipe, **kwargs)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DiffusionPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
@@ -74,6 +75,21 @@ def test_step_fraction_gives_the_shallow_model_that_share_of_steps(backbones, sc
     assert counts["shallow"] == shallow_steps * calls_per_step  # a Heun pair is never split
     assert counts["shallow"] + counts["deep"] == len(pipe.scheduler.timesteps)
     assert pipe.resolve_partition(steps).units == ("sigma" if scheduler_class is EDMEulerScheduler else "timestep")
+
+
+def test_step_fraction_of_custom_timesteps_is_that_share_of_their_steps(backbones):
+    """A step fraction with custom ``timesteps`` (a scheduler that takes them): the shallow model runs that share of
+    the steps given, and the switch lies halfway between their last shallow and first deep timestep."""
+    shallow, deep = backbones
+    pipe = _dual(shallow, deep, DDPMScheduler(), switch_step_fraction=0.5)
+    timesteps = [999, 990, 980, 10]
+    assert pipe.resolve_partition(50, timesteps=timesteps).boundaries == (985.0,)
+    assert [stage for _, stage in pipe.expert_schedule(timesteps=timesteps)] == [1, 1, 0, 0]
+    counts = _count_calls(pipe)
+    pipe(timesteps=timesteps, generator=torch.manual_seed(0), output_type="np")
+    assert counts == {"shallow": 2, "deep": 2}
+    with pytest.raises(ValueError, match=r"step-fraction switch needs at least 2 steps, got `timesteps`=\[500\]"):
+        pipe.expert_schedule(timesteps=[500])
 
 
 @pytest.mark.parametrize(
