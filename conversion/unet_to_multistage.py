@@ -89,6 +89,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--num_stages", type=int, help=f"Number of stages for --plan, from 2 to {PLAN_LEVELS} (default: 3)."
     )
+    parser.add_argument(
+        "--unconditional_label",
+        type=int,
+        help="Class-conditional U-Nets (`num_class_embeds` N), required for them: the class a MultiStagePipeline "
+        "drops for classifier-free guidance, always the last of its class embeddings (it samples the classes before "
+        "it). N - 1: the source reserves its last class for 'no class' (as this package's training does), which "
+        "converts as is; N: all N classes are data classes, and a new (zero, untrained) embedding N is appended as "
+        "the unconditional label (sample with guidance_scale=1).",
+    )
     parser.add_argument("--verify_steps", type=int, default=3, help="Sampling steps of the --verify comparison.")
     args = parser.parse_args(argv)
     if (args.stage_boundaries is None) == (args.plan is None):
@@ -245,6 +254,47 @@ def convert(unet: UNet2DModel, scheduler, vae, boundaries, units: str) -> MultiS
     return MultiStagePipeline(unet=staged.eval(), scheduler=scheduler, vae=vae)
 
 
+def with_unconditional_label(unet: UNet2DModel, label: int | None, path: str) -> UNet2DModel:
+    """``unet`` (of source ``path``) as the staged pipelines take class labels: its last class embedding the
+    unconditional label. ``label`` (`--unconditional_label`) must say which, for a U-Net with ``num_class_embeds``
+    classes: ``num_class_embeds - 1`` keeps ``unet`` as is; ``num_class_embeds`` returns a copy with one more class
+    embedding, zero (never trained), so that every class of the source stays a data class. A class-conditional U-Net
+    without ``label``, or a ``label`` for a U-Net without class indices, is a `ValueError`."""
+    classes = unet.config.num_class_embeds
+    if classes is None:
+        if label is not None:
+            raise ValueError(
+                f"`--unconditional_label` {label} is for a class-conditional source, but {path}'s U-Net has no "
+                "`num_class_embeds` (no class indices to choose from): leave the option out."
+            )
+        return unet
+    choices = (
+        f"{classes - 1} (the source's last class, if it was trained as the 'no class' label) or {classes} (a new, "
+        f"untrained label after all {classes} classes of the source)"
+    )
+    if label is None:
+        raise ValueError(
+            f"Give `--unconditional_label`: {path}'s U-Net is class-conditional (`num_class_embeds`={classes}), and a "
+            "MultiStagePipeline takes its last class embedding as the unconditional label of classifier-free guidance "
+            f"(that class cannot be sampled): {choices}."
+        )
+    if label not in (classes - 1, classes):
+        raise ValueError(f"`--unconditional_label` must be {choices}, got {label}.")
+    if label == classes - 1:
+        return unet
+    print(
+        f"note: all {classes} classes of the source stay data classes: a new unconditional label {classes} is "
+        "appended (a zero class embedding, never trained), so sample with guidance_scale=1"
+    )
+    appended = UNet2DModel.from_config(unet.config, num_class_embeds=classes + 1).to(unet.device, unet.dtype)
+    state_dict = unet.state_dict()
+    if isinstance(unet.class_embedding, torch.nn.Embedding):  # (a "timestep" class embedding takes any integer)
+        weight = state_dict["class_embedding.weight"]
+        state_dict["class_embedding.weight"] = torch.cat([weight, torch.zeros_like(weight[:1])])
+    appended.load_state_dict(state_dict, strict=True)
+    return appended.eval()
+
+
 def source_pipeline(unet, scheduler, vae, pipeline_class: str | None):
     """A diffusers pipeline that samples with the source model, for --verify."""
     if vae is not None:
@@ -360,6 +410,11 @@ def verify_text_to_image(source, converted, steps: int, tolerance: float) -> Non
 @torch.no_grad()
 def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
     """Convert a Stable Diffusion / SDXL folder: same pipeline class and components, a staged ``unet``."""
+    if args.unconditional_label is not None:
+        raise ValueError(
+            f"`--unconditional_label` {args.unconditional_label} is for class-conditional UNet2DModel sources: "
+            f"{args.source} is a {pipeline_class.__name__}, conditioned on text."
+        )
     refuse_staged_source(args.source, read_class_name(os.path.join(args.source, "unet", "config.json")))
     index = check_text_to_image_index(args.source, pipeline_class)
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
@@ -400,8 +455,9 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         return main_text_to_image(args, pipeline_class)
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unet, scheduler, vae, pipeline_class = load_source(args.source)
+        labelled = with_unconditional_label(unet, args.unconditional_label, args.source)
         boundaries, units = choose_boundaries(args, scheduler)
-        staged = convert(unet, scheduler, vae, boundaries, units)
+        staged = convert(labelled, scheduler, vae, boundaries, units)
         save_in_stored_dtypes(staged, tmp, zip((staged.unet, staged.vae), source_model_folders(args.source)))
         converted = MultiStagePipeline.from_pretrained(tmp)  # what was written, reloaded strictly (in float32)
         if args.verify:

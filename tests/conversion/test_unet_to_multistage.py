@@ -63,8 +63,9 @@ def test_class_conditional_unet_verifies_its_denoisers_with_class_labels(tmp_pat
     # "class_labels should be provided" and nothing was written
     torch.manual_seed(0)
     UNet2DModel(**TINY_UNET, **embedding).save_pretrained(tmp_path / "unet")
+    label = ["--unconditional_label", "2"] if "num_class_embeds" in embedding else []  # the table's last class
     staged = convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500", "--verify",
-                     "--tolerance", "0")  # fmt: skip
+                     "--tolerance", "0", *label)  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("max |source - converted| = 0.000e+00") == 2  # one probe per stage
     assert "DDPMPipeline cannot sample a class-conditional U-Net" in out
@@ -332,3 +333,62 @@ def test_a_vae_a_ddpm_pipeline_folder_does_not_take_is_refused_by_name(ddpm_fold
     np.testing.assert_array_equal(
         sample(MultiStagePipeline.from_pretrained(out)), sample(DDPMPipeline.from_pretrained(source))
     )
+
+
+def class_conditional_unet(folder, classes=3, **config):
+    torch.manual_seed(0)
+    unet = UNet2DModel(**TINY_UNET, num_class_embeds=classes, **config).eval()
+    unet.save_pretrained(folder)
+    return unet
+
+
+def test_a_class_conditional_unet_needs_its_unconditional_label_named(tmp_path):
+    """The pipeline samples classifier-free guidance with the last class embedding as the unconditional label, and
+    takes only the classes before it: a diffusers U-Net with `num_class_embeds=3` (three data classes) was converted
+    as is, its class 2 silently becoming the unconditional label. The choice is now the user's, by name."""
+    class_conditional_unet(tmp_path / "unet")
+    with pytest.raises(ValueError, match=r"`--unconditional_label`.*num_class_embeds`=3.*2.*3"):
+        convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500")
+    assert not (tmp_path / "out").exists()
+    for label in ("0", "1", "4", "-1"):  # only the last class, or a new one after it
+        with pytest.raises(ValueError, match=f"`--unconditional_label` must be 2 .* or 3 .*, got {label}"):
+            convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500",
+                    "--unconditional_label", label)  # fmt: skip
+        assert not (tmp_path / "out").exists()
+
+
+def test_an_unconditional_label_the_source_reserves_converts_as_is(tmp_path, capsys):
+    source = class_conditional_unet(tmp_path / "unet")
+    staged = convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500",
+                     "--unconditional_label", "2", "--verify", "--tolerance", "0")  # fmt: skip
+    assert capsys.readouterr().out.count("max |source - converted| = 0.000e+00") == 2
+    assert staged.unet.config.num_class_embeds == 3
+    assert torch.equal(staged.unet.class_embedding.weight, source.class_embedding.weight)
+    with pytest.raises(ValueError, match="class_labels"):  # class 2 is the unconditional label now
+        staged(class_labels=[2], num_inference_steps=2, output_type="np")
+
+
+@pytest.mark.parametrize("embed_type", [None, "timestep"])
+def test_a_new_unconditional_label_keeps_every_class_of_the_source(tmp_path, capsys, embed_type):
+    source = class_conditional_unet(tmp_path / "unet", class_embed_type=embed_type)
+    staged = convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500",
+                     "--unconditional_label", "3", "--verify", "--tolerance", "0")  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("max |source - converted| = 0.000e+00") == 2 and "guidance_scale=1" in out
+    assert staged.unet.config.num_class_embeds == 4
+    if embed_type is None:  # the source's rows, then a zero (untrained) one
+        weight = staged.unet.class_embedding.weight
+        assert torch.equal(weight[:3], source.class_embedding.weight) and not weight[3].any()
+    x, labels = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        for t in (100, 700):
+            expected = source(x, torch.tensor(t), class_labels=labels).sample
+            assert torch.equal(staged.unet(x, torch.tensor(t), class_labels=labels).sample, expected)
+    staged.set_progress_bar_config(disable=True)
+    assert staged(class_labels=[2], num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 3)
+
+
+def test_an_unconditional_label_for_a_source_without_classes_is_refused(ddpm_folder, tmp_path):
+    with pytest.raises(ValueError, match=r"`--unconditional_label` 0 .* no `num_class_embeds`"):
+        convert(ddpm_folder, str(tmp_path / "out"), "--stage_boundaries", "500", "--unconditional_label", "0")
+    assert not (tmp_path / "out").exists()
