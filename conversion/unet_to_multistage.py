@@ -58,6 +58,15 @@ PLANS = ("uniform", "snr")
 PLAN_LEVELS = 100  # noise levels of the planning grid --plan works on: at most this many stages
 
 
+UNCONDITIONAL_LABEL_HELP = (
+    "Class-conditional U-Nets (`num_class_embeds` N), required for them: the class the pipeline drops for "
+    "classifier-free guidance, always the last of its class embeddings (it samples the classes before it). N - 1: "
+    "the source reserves its last class for 'no class' (as this package's training does), which converts as is; N: "
+    "all N classes are data classes, and a new (zero, untrained) embedding N is appended as the unconditional label "
+    "(sample with guidance_scale=1)."
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser(__doc__)
     parser.add_argument(
@@ -92,11 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--unconditional_label",
         type=int,
-        help="Class-conditional U-Nets (`num_class_embeds` N), required for them: the class a MultiStagePipeline "
-        "drops for classifier-free guidance, always the last of its class embeddings (it samples the classes before "
-        "it). N - 1: the source reserves its last class for 'no class' (as this package's training does), which "
-        "converts as is; N: all N classes are data classes, and a new (zero, untrained) embedding N is appended as "
-        "the unconditional label (sample with guidance_scale=1).",
+        help=UNCONDITIONAL_LABEL_HELP,
     )
     parser.add_argument("--verify_steps", type=int, default=3, help="Sampling steps of the --verify comparison.")
     args = parser.parse_args(argv)
@@ -274,8 +279,8 @@ def with_unconditional_label(unet: UNet2DModel, label: int | None, path: str) ->
     )
     if label is None:
         raise ValueError(
-            f"Give `--unconditional_label`: {path}'s U-Net is class-conditional (`num_class_embeds`={classes}), and a "
-            "MultiStagePipeline takes its last class embedding as the unconditional label of classifier-free guidance "
+            f"Give `--unconditional_label`: {path}'s U-Net is class-conditional (`num_class_embeds`={classes}), and the "
+            "package's pipelines take its last class embedding as the unconditional label of classifier-free guidance "
             f"(that class cannot be sampled): {choices}."
         )
     if label not in (classes - 1, classes):

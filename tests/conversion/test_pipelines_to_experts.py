@@ -57,9 +57,38 @@ def test_class_conditional_sources_are_verified_with_class_labels(tmp_path, pipe
         unet = UNet2DModel(**{**TINY_UNET, "block_out_channels": (width, 2 * width), "num_class_embeds": 4})
         DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler()).save_pretrained(sources[-1])
     switch = ["--stage_boundaries", "600"] if pipeline == "experts" else ["--switch_step_fraction", "0.5"]
-    written = combine(sources, str(tmp_path / "out"), "--pipeline", pipeline, *switch, "--verify", "--tolerance", "0")
+    written = combine(sources, str(tmp_path / "out"), "--pipeline", pipeline, *switch, "--verify", "--tolerance", "0",
+                      "--unconditional_label", "3")  # fmt: skip
     written.set_progress_bar_config(disable=True)
     assert written(class_labels=[0, 2], num_inference_steps=2, output_type="np").images.shape == (2, 8, 8, 3)
+
+
+def test_class_conditional_sources_need_their_unconditional_label_named(tmp_path, capsys):
+    """The routing pipelines take the last class embedding as the unconditional label: sources with
+    `num_class_embeds=4` were combined as they are, their class 3 silently unsampleable. As unet_to_multistage, the
+    command now asks `--unconditional_label`: 3 keeps every expert bit for bit, 4 appends an untrained label."""
+    sources, models = [], []
+    for name, width in (("large", 16), ("small", 8)):
+        sources.append(str(tmp_path / name))
+        torch.manual_seed(width)
+        models.append(UNet2DModel(**{**TINY_UNET, "block_out_channels": (width, 2 * width), "num_class_embeds": 4}))
+        DDPMPipeline(unet=models[-1].eval(), scheduler=DDPMScheduler()).save_pretrained(sources[-1])
+    with pytest.raises(ValueError, match=r"Give `--unconditional_label`: .*large's U-Net .*`num_class_embeds`=4"):
+        combine(sources, str(tmp_path / "out"), "--stage_boundaries", "600")
+    with pytest.raises(ValueError, match="`--unconditional_label` must be 3 .* or 4 .*, got 1"):
+        combine(sources, str(tmp_path / "out"), "--stage_boundaries", "600", "--unconditional_label", "1")
+    assert not (tmp_path / "out").exists()
+    written = combine(sources, str(tmp_path / "out"), "--stage_boundaries", "600", "--unconditional_label", "4",
+                      "--verify", "--tolerance", "0")  # fmt: skip
+    assert "guidance_scale=1" in capsys.readouterr().out
+    x, labels = torch.randn(2, 3, 8, 8), torch.tensor([3, 1])
+    with torch.no_grad():
+        for index, t in ((0, 100), (1, 800)):
+            assert written.experts.expert(index).config.num_class_embeds == 5
+            expected = models[index](x, torch.tensor(t), class_labels=labels).sample
+            assert torch.equal(written.experts(x, torch.tensor(t), class_labels=labels).sample, expected)
+    written.set_progress_bar_config(disable=True)
+    assert written(class_labels=[3], num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 3)
 
 
 def test_sources_must_share_the_training_schedule(large_and_small, tmp_path):
