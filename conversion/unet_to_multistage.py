@@ -13,6 +13,7 @@ stages then diverge as each decoder is trained on its own part of the noise sche
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import types
@@ -336,6 +337,20 @@ def verify(source, converted: MultiStagePipeline, steps: int, tolerance: float) 
     report_verification(differences, tolerance)
 
 
+def check_verify_steps(args: argparse.Namespace, scheduler) -> None:
+    """With ``--verify``, refuse ``--verify_steps`` the source's ``scheduler`` cannot sample with (more than its
+    training timesteps, for a DDPM-type one) by the option's name, before converting (diffusers' error, at the end,
+    named its own ``num_inference_steps``)."""
+    if not args.verify:
+        return
+    try:
+        copy.deepcopy(scheduler).set_timesteps(args.verify_steps)
+    except ValueError as error:
+        raise ValueError(
+            f"`--verify_steps` {args.verify_steps} does not fit the source's {type(scheduler).__name__}: {error}"
+        ) from None
+
+
 def choose_boundaries(args: argparse.Namespace, scheduler) -> tuple[list[float], str]:
     """The stage boundaries and their units: given (--stage_boundaries), or planned (--plan) on ``scheduler``."""
     if not args.plan:
@@ -431,6 +446,7 @@ def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
             args.source, unet=unet, vae=vae, **load_transformers_components(args.source, index, pipeline_class), use_safetensors=True,
             dtype=torch.float32,
         )  # fmt: skip
+        check_verify_steps(args, source.scheduler)
         boundaries, units = choose_boundaries(args, source.scheduler)
         check_units(source.scheduler, units)  # the pipeline hands its scheduler's timesteps to the unet
         staged = MultiStageUNet2DConditionModel.from_unet(
@@ -460,6 +476,7 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         return main_text_to_image(args, pipeline_class)
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unet, scheduler, vae, pipeline_class = load_source(args.source)
+        check_verify_steps(args, scheduler)
         labelled = with_unconditional_label(unet, args.unconditional_label, args.source)
         boundaries, units = choose_boundaries(args, scheduler)
         staged = convert(labelled, scheduler, vae, boundaries, units)

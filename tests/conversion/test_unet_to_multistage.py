@@ -392,3 +392,12 @@ def test_an_unconditional_label_for_a_source_without_classes_is_refused(ddpm_fol
     with pytest.raises(ValueError, match=r"`--unconditional_label` 0 .* no `num_class_embeds`"):
         convert(ddpm_folder, str(tmp_path / "out"), "--stage_boundaries", "500", "--unconditional_label", "0")
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_steps_the_source_scheduler_refuses_are_named_before_converting(ddpm_folder, tmp_path, monkeypatch):
+    """`--verify --verify_steps 1001` on a 1000-step schedule failed after the whole conversion, with diffusers'
+    message about `num_inference_steps`, an argument the command does not have."""
+    monkeypatch.setattr(unet_to_multistage, "convert", lambda *a: pytest.fail("converted before the check"))
+    with pytest.raises(ValueError, match=r"`--verify_steps` 1001 .*DDPMScheduler.*num_inference_steps"):
+        convert(ddpm_folder, str(tmp_path / "out"), "--stage_boundaries", "500", "--verify", "--verify_steps", "1001")
+    assert not (tmp_path / "out").exists()
