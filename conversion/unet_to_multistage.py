@@ -211,9 +211,16 @@ def read_class_name(config_path: str) -> object:
 
 def refuse_staged_source(path: str, class_entry: object, option: str = "--source") -> str | None:
     """Refuse a source (given as ``option``) that is already one of this package's staged pipelines or models (saved
-    as ``[file, class]`` or by class name); return the class name otherwise."""
+    as ``[file, class]`` or by class name), with the way out of this command (``--source``) or of
+    pipelines_to_experts (``--sources``); return the class name otherwise."""
     name = class_entry[-1] if isinstance(class_entry, list) and class_entry else class_entry
     name = None if name is None else str(name)
+    if name is not None and isinstance(getattr(diffusers_stages, name, None), type) and option == "--sources":
+        raise ValueError(  # pipelines_to_experts' sources
+            f"`{option}` {path!r} is already staged (it holds a {name}): pipelines_to_experts combines plain "
+            f"UNet2DModel or {'/'.join(SOURCE_PIPELINES)} folders. Export a stage of it as a plain U-Net first with "
+            "`python -m diffusers_stages.conversion.multistage_to_unet`, and give that folder."
+        )
     if name is not None and isinstance(getattr(diffusers_stages, name, None), type):
         raise ValueError(
             f"`{option}` {path!r} is already staged (it holds a {name}): unet_to_multistage converts a plain "

@@ -204,6 +204,20 @@ def test_errors_about_a_source_name_the_option_sources(large_and_small, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_staged_source_is_refused_with_this_commands_way_out(large_and_small, tmp_path):
+    """A MultiStagePipeline among the sources was refused with unet_to_multistage's words ("unet_to_multistage
+    converts a plain UNet2DModel ...", fine-tuning advice): this command combines plain models, so it says that and
+    how to export a stage as one."""
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "model_index.json").write_text('{"_class_name": ["pipeline_multistage", "MultiStagePipeline"]}')
+    with pytest.raises(ValueError, match="is already staged") as error:
+        combine([large_and_small[0], str(staged)], str(tmp_path / "out"), "--stage_boundaries", "600")
+    message = str(error.value)
+    assert "unet_to_multistage" not in message and "pipelines_to_experts combines" in message
+    assert "multistage_to_unet" in message
+
+
 @pytest.mark.parametrize(
     "sources, boundaries, stages", [(1, ["500"], 2), (2, ["300", "600"], 3)], ids=["one-source", "three-stages"]
 )
