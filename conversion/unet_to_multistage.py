@@ -97,7 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "of the training timesteps) or 'snr' (equal steps of log-SNR). Data-driven plans: see diffusers_stages.planning.",
     )
     parser.add_argument(
-        "--num_stages", type=int, help=f"Number of stages for --plan, from 2 to {PLAN_LEVELS} (default: 3)."
+        "--num_stages",
+        type=int,
+        help=f"Number of stages for --plan, from 2 to {PLAN_LEVELS} and at most the source's training timesteps "
+        "(default: 3).",
     )
     parser.add_argument(
         "--unconditional_label",
@@ -250,8 +253,18 @@ def plan_boundaries(scheduler, method: str, num_stages: int) -> tuple[list[float
     from diffusers_stages.planning.methods import snr_plan, uniform_plan
     from diffusers_stages.planning.schedule import NoiseSchedule
 
+    levels = PLAN_LEVELS
+    alphas_cumprod = None if units_of(scheduler) == "sigma" else getattr(scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is not None:  # a grid of at most the schedule's training timesteps
+        levels = min(PLAN_LEVELS, len(alphas_cumprod))
+        if num_stages > levels or levels < 3:
+            raise ValueError(
+                f"`--num_stages` {num_stages} does not fit the source's {type(scheduler).__name__}: it has "
+                f"{len(alphas_cumprod)} training timesteps, and --plan places at most one stage per timestep (of at "
+                "least 3): give fewer stages, or `--stage_boundaries`."
+            )
     plan = {"uniform": uniform_plan, "snr": snr_plan}[method](
-        NoiseSchedule.from_scheduler(scheduler, PLAN_LEVELS), num_stages
+        NoiseSchedule.from_scheduler(scheduler, levels), num_stages
     )
     return list(plan.partition.boundaries), plan.partition.units
 

@@ -401,3 +401,15 @@ def test_verify_steps_the_source_scheduler_refuses_are_named_before_converting(d
     with pytest.raises(ValueError, match=r"`--verify_steps` 1001 .*DDPMScheduler.*num_inference_steps"):
         convert(ddpm_folder, str(tmp_path / "out"), "--stage_boundaries", "500", "--verify", "--verify_steps", "1001")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_on_a_schedule_shorter_than_the_planning_grid(tmp_path):
+    """`--plan` on a source trained on fewer than 100 timesteps failed, whatever `--num_stages`, with "`num_levels`
+    must be an integer in [3, 10], got 100": an argument the command does not have. The grid is the schedule's
+    timesteps now, and more stages than those are refused as `--num_stages`."""
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(tmp_path / "ddpm")
+    staged = convert(str(tmp_path / "ddpm"), str(tmp_path / "out"), "--plan", "uniform", "--num_stages", "3")
+    assert staged.partition.boundaries == pytest.approx((10 / 3, 20 / 3))
+    with pytest.raises(ValueError, match="`--num_stages` 11 .* 10 training timesteps"):
+        convert(str(tmp_path / "ddpm"), str(tmp_path / "other"), "--plan", "snr", "--num_stages", "11")
+    assert not (tmp_path / "other").exists()
