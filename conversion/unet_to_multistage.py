@@ -48,6 +48,7 @@ from diffusers_stages.pipelines.loading import (
     pipeline_module_class,
     resolve_component_class,
 )
+from diffusers_stages.pipelines.pipeline_staged import _vae_latent_channels
 from diffusers_stages.schedulers import scheduler_units as units_of
 from diffusers_stages.training.args import BoundaryList
 
@@ -160,6 +161,13 @@ def load_source(path: str, option: str = "--source") -> tuple[UNet2DModel, objec
     vae_class = None if name is None else source_component_class(index, name, ModelMixin, optional=True, option=option)
     if vae_class is not None:
         vae = load_strict(vae_class, path, subfolder=name)
+        channels = _vae_latent_channels(vae)
+        if channels != unet.config.in_channels:  # the source cannot sample either: the decoder fails on its latents
+            raise ValueError(
+                f"`{option}` {path!r} is a {pipeline_class} whose {name} decodes latents of {channels} channels, but "
+                f"its U-Net denoises `in_channels`={unet.config.in_channels}: it cannot sample, nor could the "
+                "converted pipeline. Save it with the VAE the U-Net was trained with."
+            )
     return unet, scheduler, vae, pipeline_class
 
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, LDMPipeline, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, LDMPipeline, UNet2DModel, VQModel
 from safetensors.torch import load_file, save_file
 
 from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
@@ -413,3 +413,15 @@ def test_a_plan_on_a_schedule_shorter_than_the_planning_grid(tmp_path):
     with pytest.raises(ValueError, match="`--num_stages` 11 .* 10 training timesteps"):
         convert(str(tmp_path / "ddpm"), str(tmp_path / "other"), "--plan", "snr", "--num_stages", "11")
     assert not (tmp_path / "other").exists()
+
+
+def test_an_ldm_whose_vqvae_does_not_decode_its_unets_latents_is_refused(ldm_folder, tmp_path):
+    """An LDMPipeline whose VQModel decodes 4-channel latents while its U-Net denoises 3 channels converted into a
+    pipeline that cannot sample (`--verify` ended in a torch RuntimeError from inside the VQModel's decoder)."""
+    vqvae = VQModel.from_pretrained(ldm_folder, subfolder="vqvae")
+    wide = VQModel(**{**vqvae.config, "latent_channels": 4, "vq_embed_dim": 4})
+    LDMPipeline(vqvae=wide, unet=tiny_unet(1), scheduler=DDIMScheduler()).save_pretrained(tmp_path / "ldm")
+    for extra in ([], ["--verify"]):
+        with pytest.raises(ValueError, match=r"vqvae.* latents of 4 channels.*`in_channels`=3"):
+            convert(str(tmp_path / "ldm"), str(tmp_path / "out"), "--stage_boundaries", "500", *extra)
+        assert not (tmp_path / "out").exists()
