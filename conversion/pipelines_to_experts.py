@@ -106,7 +106,6 @@ def gather_sources(paths: list[str], unconditional_label: int | None = None):
                 "noisy.unet], stage_boundaries=(500,))`, then `pipe.save_pretrained(folder)` (see the README)."
             )
         unet, source_scheduler, source_vae, pipeline_class = load_source(path, "--sources")
-        unet = with_unconditional_label(unet, unconditional_label, path)
         unets.append(unet)
         if pipeline_class is None:
             bare.append((path, unet))
@@ -131,6 +130,13 @@ def gather_sources(paths: list[str], unconditional_label: int | None = None):
             vae = source_vae
         elif source_vae is not None:
             check_same_vae(vae, source_vae, path)
+    classes = {path: unet.config.num_class_embeds for path, unet in zip(paths, unets)}
+    if len(set(classes.values())) > 1:  # before `--unconditional_label`, which one kind of source would refuse
+        raise ValueError(
+            f"`--sources` disagree on `num_class_embeds` (source: value): {classes}; experts replace one another "
+            "mid-trajectory, so they must take the same class labels."
+        )
+    unets = [with_unconditional_label(unet, unconditional_label, path) for path, unet in zip(paths, unets)]
     if scheduler is None:  # bare U-Nets only: the first one's DDPM schedule
         scheduler, reference = load_source(paths[0], "--sources")[1], paths[0]
     steps = scheduler.config.num_train_timesteps

@@ -261,3 +261,17 @@ def test_a_dual_backbone_of_other_than_two_sources_is_refused_before_any_is_read
         combine([*large_and_small, large_and_small[0]], str(tmp_path / "out"), "--pipeline", "dual_backbone",
                 "--switch_step_fraction", "0.5")  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("label", [[], ["--unconditional_label", "3"]], ids=["without", "with"])
+def test_sources_that_disagree_on_classes_are_named_whatever_the_unconditional_label(tmp_path, label):
+    """An unconditional source beside a class-conditional one: without `--unconditional_label` the class-conditional
+    one asked for it, with it the unconditional one refused it, and the sources' real disagreement went unsaid."""
+    sources = []
+    for name, classes in (("plain", None), ("classes", 4)):
+        sources.append(str(tmp_path / name))
+        unet = UNet2DModel(**{**TINY_UNET, "num_class_embeds": classes})
+        DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler()).save_pretrained(sources[-1])
+    with pytest.raises(ValueError, match=r"disagree on `num_class_embeds`.*plain.*None.*classes.*4"):
+        combine(sources, str(tmp_path / "out"), "--stage_boundaries", "600", *label)
+    assert not (tmp_path / "out").exists()
