@@ -64,8 +64,8 @@ UNCONDITIONAL_LABEL_HELP = (
     "Class-conditional U-Nets (`num_class_embeds` N), required for them: the class the pipeline drops for "
     "classifier-free guidance, always the last of its class embeddings (it samples the classes before it). N - 1: "
     "the source reserves its last class for 'no class' (as this package's training does), which converts as is; N: "
-    "all N classes are data classes, and a new (zero, untrained) embedding N is appended as the unconditional label "
-    "(sample with guidance_scale=1)."
+    "all N classes are data classes, and a new label N (a zero row appended to a class table) is the unconditional "
+    "label, never trained (sample with guidance_scale=1)."
 )
 
 
@@ -316,13 +316,15 @@ def with_unconditional_label(unet: UNet2DModel, label: int | None, path: str) ->
         raise ValueError(f"`--unconditional_label` must be {choices}, got {label}.")
     if label == classes - 1:
         return unet
+    table = isinstance(unet.class_embedding, torch.nn.Embedding)  # (a "timestep" class embedding takes any integer)
+    embedding = "a zero class embedding" if table else "its class embedding of that value"
     print(
         f"note: all {classes} classes of the source stay data classes: a new unconditional label {classes} is "
-        "appended (a zero class embedding, never trained), so sample with guidance_scale=1"
+        f"added ({embedding}), never trained, so sample with guidance_scale=1"
     )
     appended = UNet2DModel.from_config(unet.config, num_class_embeds=classes + 1).to(unet.device, unet.dtype)
     state_dict = unet.state_dict()
-    if isinstance(unet.class_embedding, torch.nn.Embedding):  # (a "timestep" class embedding takes any integer)
+    if table:
         weight = state_dict["class_embedding.weight"]
         state_dict["class_embedding.weight"] = torch.cat([weight, torch.zeros_like(weight[:1])])
     appended.load_state_dict(state_dict, strict=True)

@@ -375,6 +375,7 @@ def test_a_new_unconditional_label_keeps_every_class_of_the_source(tmp_path, cap
                      "--unconditional_label", "3", "--verify", "--tolerance", "0")  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("max |source - converted| = 0.000e+00") == 2 and "guidance_scale=1" in out
+    assert ("a zero class embedding" in out) == (embed_type is None)  # a "timestep" one embeds the value 3 itself
     assert staged.unet.config.num_class_embeds == 4
     if embed_type is None:  # the source's rows, then a zero (untrained) one
         weight = staged.unet.class_embedding.weight
