@@ -46,6 +46,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, VQModel
 
 from diffusers_stages.cli import refuse_pipeline_folder
 from diffusers_stages.conversion.common import (
+    _is_number,
     build_parser,
     check_consumed,
     check_option_kinds,
@@ -191,6 +192,10 @@ def read_config(path: str) -> tuple[dict, dict]:
     if missing:
         raise ValueError(f"{path} lacks the U-Net options {missing} (model.params.unet_config.params).")
     check_option_kinds(unet["params"], OPTION_KINDS, f"`--original_config` {path}", kinds_only=True)
+    for option, kind in OPTION_KINDS.items():  # a list's items too (a nested or string one was a TypeError)
+        values = unet["params"].get(option)
+        if isinstance(kind, list) and values is not None and not all(_is_number(v) for v in values):
+            raise ValueError(f"`--original_config` {path}: `{option}`={values!r} must be a list of numbers.")
     check_option_kinds(params, SCHEDULE_DEFAULTS, f"`--original_config` {path}")
     timesteps = params.get("timesteps", SCHEDULE_DEFAULTS["timesteps"])
     if not float(timesteps).is_integer() or timesteps < 1:
@@ -203,7 +208,8 @@ def read_config(path: str) -> tuple[dict, dict]:
             "(super-resolution, inpainting), which MultiStagePipeline does not give; unconditional, class-conditional "
             "and ClassEmbedder (`cin-mul*`) models convert."
         )
-    if params.get("parameterization", "eps") not in PARAMETERIZATIONS:
+    parameterization = params.get("parameterization", "eps")
+    if not isinstance(parameterization, str) or parameterization not in PARAMETERIZATIONS:
         raise ValueError(
             f"{path} sets `parameterization`={params['parameterization']!r}: one of {list(PARAMETERIZATIONS)} converts."
         )

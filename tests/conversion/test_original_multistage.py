@@ -523,6 +523,15 @@ def _unet_config(config):
         (lambda c: c["model"]["params"].update(timesteps="1000"), "`timesteps`='1000' must be a number"),
         (lambda c: c["model"]["params"].update(linear_start=None), "`linear_start`=None must be a number"),
         (lambda c: c["model"]["params"].update(timesteps=-5), "`timesteps` must be a positive integer, got -5"),
+        (lambda c: c["model"]["params"].update(parameterization=["eps"]), r"`parameterization`=\['eps'\]"),
+        (
+            lambda c: _unet_config(c)["params"].update(stage_interval=[[442], 631, 1000]),
+            r"`stage_interval`=\[\[442\], 631, 1000\] must be a list of numbers",
+        ),
+        (
+            lambda c: _unet_config(c)["params"].update(channel_mult=["1", "2"]),
+            r"`channel_mult`=\['1', '2'\] must be a list of numbers",
+        ),
     ],
     ids=[
         "not-yaml",
@@ -534,6 +543,9 @@ def _unet_config(config):
         "timesteps-string",
         "linear-start-null",
         "timesteps-negative",
+        "parameterization-list",
+        "stage-interval-nested",
+        "channel-mult-strings",
     ],  # fmt: skip
 )
 def test_a_malformed_config_is_named_and_writes_nothing(tmp_path, edit, message):
