@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import os
 import sys
 import types
@@ -338,9 +339,34 @@ def source_pipeline(unet, scheduler, vae, pipeline_class: str | None):
     return getattr(diffusers, pipeline_class or "DDPMPipeline")(unet=unet, scheduler=scheduler)
 
 
+def sampling_mismatch(source, steps: int) -> str | None:
+    """Why diffusers' ``source`` pipeline samples its scheduler otherwise than a `MultiStagePipeline` does, for
+    ``steps`` steps (None when it samples it the same way): a `DDPMPipeline` neither scales the initial noise
+    (``init_noise_sigma``) nor the model input (``scale_model_input``), and passes ``generator`` to every step.
+    (`LDMPipeline` does as the staged pipelines; `DDIMPipeline` makes its scheduler a `DDIMScheduler`.)"""
+    if not isinstance(source, diffusers.DDPMPipeline):
+        return None
+    scheduler = copy.deepcopy(source.scheduler)
+    name = type(scheduler).__name__
+    parameters = inspect.signature(scheduler.step).parameters.values()
+    if not any(p.name == "generator" or p.kind is p.VAR_KEYWORD for p in parameters):
+        return f"DDPMPipeline cannot sample with its {name}: it passes `generator` to the step, which takes none"
+    scheduler.set_timesteps(steps)
+    probe = torch.ones(1, 1, 1, 1)
+    if float(scheduler.init_noise_sigma) != 1.0 or not torch.equal(
+        scheduler.scale_model_input(probe, scheduler.timesteps[0]), probe
+    ):
+        return (
+            f"DDPMPipeline scales neither the initial noise (`init_noise_sigma`) nor the model input "
+            f"(`scale_model_input`) as its {name} needs, while the converted pipeline does: their samples differ"
+        )
+    return None
+
+
 def verify(source, converted: MultiStagePipeline, steps: int, tolerance: float) -> None:
     """Compare the denoisers at one timestep per stage, then sample with both pipelines from the same seed (a
-    class-conditional U-Net: the denoisers only, given class labels, since diffusers' pipelines cannot sample it)."""
+    class-conditional U-Net: the denoisers only, given class labels, since diffusers' pipelines cannot sample it; the
+    denoisers only too for a source pipeline that samples its scheduler otherwise, see `sampling_mismatch`)."""
     config = converted.unet.config
     size = config.sample_size
     x = torch.randn(
@@ -355,6 +381,10 @@ def verify(source, converted: MultiStagePipeline, steps: int, tolerance: float) 
         )
     if labels is not None:
         print(f"verify: no sampling comparison: {type(source).__name__} cannot sample a class-conditional U-Net")
+        return report_verification(differences, tolerance)
+    mismatch = sampling_mismatch(source, steps)
+    if mismatch is not None:
+        print(f"verify: no sampling comparison: {mismatch}")
         return report_verification(differences, tolerance)
     images = []
     for pipe in (source, converted):

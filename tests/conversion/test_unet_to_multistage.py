@@ -426,3 +426,31 @@ def test_an_ldm_whose_vqvae_does_not_decode_its_unets_latents_is_refused(ldm_fol
         with pytest.raises(ValueError, match=r"vqvae.* latents of 4 channels.*`in_channels`=3"):
             convert(str(tmp_path / "ldm"), str(tmp_path / "out"), "--stage_boundaries", "500", *extra)
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "UniPCMultistepScheduler"])
+def test_verify_of_a_ddpm_pipeline_its_scheduler_needs_more_of_compares_the_denoisers(tmp_path, capsys, scheduler):
+    """A DDPMPipeline saved with another scheduler: diffusers' DDPMPipeline neither scales the initial noise nor the
+    model input (Euler's init_noise_sigma, scale_model_input), and passes `generator` to a step that may not take
+    one (UniPC). `--verify` then failed on the sample comparison (Euler: difference 1.0, nothing written) or with a
+    TypeError traceback (UniPC), though the converted pipeline, which does both, was right: the samples are not
+    compared then, with the reason, and the denoisers are."""
+    import diffusers
+
+    DDPMPipeline(unet=tiny_unet(), scheduler=getattr(diffusers, scheduler)()).save_pretrained(tmp_path / "src")
+    staged = convert(str(tmp_path / "src"), str(tmp_path / "out"), "--stage_boundaries", "500", "--verify",
+                     "--tolerance", "0")  # fmt: skip
+    out = capsys.readouterr().out
+    assert "verify: no sampling comparison: DDPMPipeline" in out and scheduler in out
+    assert out.count("max |source - converted| = 0.000e+00") == 2  # the denoiser of each stage
+    assert type(staged.scheduler).__name__ == scheduler
+    assert sample(staged, steps=2).shape == (2, 8, 8, 3)
+
+
+def test_verify_still_compares_the_samples_of_a_ddpm_pipeline_with_a_scheduler_it_drives(tmp_path, capsys):
+    import diffusers
+
+    DDPMPipeline(unet=tiny_unet(), scheduler=diffusers.DPMSolverMultistepScheduler()).save_pretrained(tmp_path / "s")
+    convert(str(tmp_path / "s"), str(tmp_path / "out"), "--stage_boundaries", "500", "--verify", "--tolerance", "0")
+    out = capsys.readouterr().out
+    assert "no sampling comparison" not in out and "3-step samples (seed 0)" in out
