@@ -21,7 +21,7 @@ import types
 
 import diffusers
 import torch
-from diffusers import DDPMScheduler, ModelMixin, SchedulerMixin, UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, ModelMixin, SchedulerMixin, UNet2DConditionModel, UNet2DModel
 
 import diffusers_stages
 from diffusers_stages.conversion.common import (
@@ -150,6 +150,10 @@ def load_source(path: str, option: str = "--source") -> tuple[UNet2DModel, objec
     unet = load_strict(UNet2DModel, path, subfolder=SOURCE_PIPELINES[pipeline_class])
     scheduler_class = source_component_class(index, "scheduler", SchedulerMixin, option=option)
     scheduler = load_scheduler(scheduler_class, component_folder(path, "scheduler"), f"`{option}`")
+    if pipeline_class == "DDIMPipeline" and not isinstance(scheduler, DDIMScheduler):
+        # what the source samples with: diffusers' DDIMPipeline makes any scheduler it is given a DDIMScheduler
+        print(f"note: {path} names a {type(scheduler).__name__}, which its DDIMPipeline samples as a DDIMScheduler")
+        scheduler = DDIMScheduler.from_config(scheduler.config)
     vae, name = None, SOURCE_VAES.get(pipeline_class)
     extra = [c for c in ("vae", "vqvae") if c != name and index.get(c) not in (None, [None, None])]
     if extra:  # diffusers' loader ignores it: a sample from the source never passes through it

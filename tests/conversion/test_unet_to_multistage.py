@@ -454,3 +454,19 @@ def test_verify_still_compares_the_samples_of_a_ddpm_pipeline_with_a_scheduler_i
     convert(str(tmp_path / "s"), str(tmp_path / "out"), "--stage_boundaries", "500", "--verify", "--tolerance", "0")
     out = capsys.readouterr().out
     assert "no sampling comparison" not in out and "3-step samples (seed 0)" in out
+
+
+def test_a_ddim_pipeline_folder_naming_another_scheduler_samples_ddim_as_the_source(tmp_path, capsys):
+    """diffusers' DDIMPipeline turns whatever scheduler its folder names into a DDIMScheduler (`from_config`), so the
+    source samples with DDIM; the conversion kept the folder's PNDMScheduler, and `--verify` failed on the samples."""
+    DDIMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler()).save_pretrained(tmp_path / "ddim")
+    index = json.loads((tmp_path / "ddim" / "model_index.json").read_text())
+    (tmp_path / "ddim" / "model_index.json").write_text(
+        json.dumps({**index, "scheduler": ["diffusers", "PNDMScheduler"]})
+    )
+    assert type(DDIMPipeline.from_pretrained(tmp_path / "ddim").scheduler) is DDIMScheduler  # what the source samples
+    staged = convert(str(tmp_path / "ddim"), str(tmp_path / "out"), "--stage_boundaries", "500", "--verify",
+                     "--tolerance", "0")  # fmt: skip
+    assert type(staged.scheduler) is DDIMScheduler
+    out = capsys.readouterr().out
+    assert "3-step samples (seed 0): max |source - converted| = 0.000e+00" in out and "PNDMScheduler" in out
