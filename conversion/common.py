@@ -146,6 +146,11 @@ def staged_output(
     output_path = os.path.abspath(os.fspath(output_path))
     check_output_path(output_path, inputs or {})
     recover_output(output_path)
+    if os.path.lexists(output_path) and not os.path.isdir(output_path):  # --overwrite replaces an output folder only
+        raise ValueError(
+            f"`--output_path` {output_path} exists and is not a folder: choose a folder to write (the conversion writes "
+            "one, as diffusers' save_pretrained)."
+        )
     if os.path.exists(output_path) and not overwrite:
         raise ValueError(f"`--output_path` {output_path} already exists: choose another folder or pass --overwrite.")
     parent = existing_ancestor(output_path)  # the missing folders below it are created

@@ -4,6 +4,9 @@ for that stage at every timestep, so the expert-routing and dual-backbone pipeli
 A Stable Diffusion / SDXL pipeline folder whose ``unet`` is a `MultiStageUNet2DConditionModel` (or such a model's
 folder) exports as a plain `UNet2DConditionModel` the same way.
 
+A pipeline with a ``class_embedder`` (the authors' class-conditional ``cin-mul*`` models) is refused: the class
+embedding that gives its U-Net its context would be lost (its ``unet`` folder, given itself, exports the U-Net alone).
+
 Only a decoder with the encoder's widths has a `UNet2DModel` equivalent (a tailored decoder needs skip adapters that
 `UNet2DModel` does not have); any other stage is refused with the reason.
 
@@ -171,6 +174,8 @@ def load_multistage(path: str) -> MultiStageUNet2DModel | MultiStageUNet2DCondit
             "MultiStagePipeline or of a Stable Diffusion pipeline with a staged unet. An ExpertRoutingPipeline's "
             "experts (`experts/expert_<i>`) and a DualBackbonePipeline's `deep` and `shallow` are plain U-Nets already."
         )
+    if subfolder is not None:
+        refuse_class_embedder(path)
     config_path = os.path.join(path, subfolder or "", "config.json")
     if os.path.isfile(config_path):
         class_name = read_json(config_path, "config.json").get("_class_name")
@@ -183,6 +188,21 @@ def load_multistage(path: str) -> MultiStageUNet2DModel | MultiStageUNet2DCondit
         if class_name == MultiStageUNet2DConditionModel.__name__:
             return load_strict(MultiStageUNet2DConditionModel, path, subfolder=subfolder)
     return load_strict(MultiStageUNet2DModel, path, subfolder=subfolder)
+
+
+def refuse_class_embedder(path: str) -> None:
+    """Refuse a pipeline folder ``path`` with a ``class_embedder`` (the authors' `cin-mul*` models): the exported U-Net
+    would lose the embedding that turns each class into the context it attends to, with nothing to say so."""
+    entry = read_json(os.path.join(path, "model_index.json"), "model_index.json").get("class_embedder")
+    if entry in (None, [None, None]):
+        return
+    name = entry[-1] if isinstance(entry, list) and entry else entry
+    raise ValueError(
+        f"`--source` {path} has a `class_embedder` ({name}): its U-Net attends to the context that embedder gives "
+        "each class label, which an exported UNet2DConditionModel has no place for (it takes `encoder_hidden_states`"
+        f", not class labels). To export the U-Net alone, give its folder, `--source {os.path.join(path, 'unet')}`"
+        ", and call it with `encoder_hidden_states=pipe.class_embedder(class_labels)` of the pipeline."
+    )
 
 
 def conditioning(config, batch: int) -> dict:

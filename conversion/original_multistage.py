@@ -16,7 +16,8 @@ Latent-diffusion `UNetModel_multistage` checkpoints convert exactly, the publish
   ``class_embedder``). The package reserves the last class embedding for the unconditional label: a ``ClassEmbedder``
   without one (``n_classes: 1000``, all ImageNet classes) gets a zero embedding 1000 appended, never trained, so
   that all 1000 classes stay usable; sample such a model with ``guidance_scale=1``. (``cin256-v2-mul`` has 1001
-  classes, 1000 being the authors' unconditional label, and converts as is.)
+  classes, 1000 being the authors' unconditional label, and converts as is.) A ``num_classes`` model (a class
+  embedding added to the time embedding) gets its unconditional label the same way (``--unconditional_label``).
 
 Options without a diffusers equivalent are refused with the reason (`UNSUPPORTED_OPTIONS`: ``use_scale_shift_norm``,
 residual up/down-sampling, ...). EDM `MultistageUNet` (DDPM++) checkpoints are
@@ -45,6 +46,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, VQModel
 
 from diffusers_stages.cli import refuse_pipeline_folder
 from diffusers_stages.conversion.common import (
+    _is_number,
     build_parser,
     check_consumed,
     check_option_kinds,
@@ -150,9 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--unconditional_label",
         type=int,
-        help="Class-conditional cross-attention models (`cin-mul*`): the class index the original samples "
-        "unconditionally with (`cin256-v2-mul`: 1000, the last of its 1001 classes). It must be the last class, the "
-        "package's unconditional label. Without it every class of the ClassEmbedder is a data class and a zero "
+        help="Class-conditional models (a ClassEmbedder, as `cin-mul*`, or `num_classes`): the class index the "
+        "original samples unconditionally with (`cin256-v2-mul`: 1000, the last of its 1001 classes). It must be the "
+        "last class, the package's unconditional label. Without it every class is a data class and a zero "
         "embedding is appended as the (untrained) unconditional label.",
     )
     parser.add_argument(
@@ -190,6 +192,10 @@ def read_config(path: str) -> tuple[dict, dict]:
     if missing:
         raise ValueError(f"{path} lacks the U-Net options {missing} (model.params.unet_config.params).")
     check_option_kinds(unet["params"], OPTION_KINDS, f"`--original_config` {path}", kinds_only=True)
+    for option, kind in OPTION_KINDS.items():  # a list's items too (a nested or string one was a TypeError)
+        values = unet["params"].get(option)
+        if isinstance(kind, list) and values is not None and not all(_is_number(v) for v in values):
+            raise ValueError(f"`--original_config` {path}: `{option}`={values!r} must be a list of numbers.")
     check_option_kinds(params, SCHEDULE_DEFAULTS, f"`--original_config` {path}")
     timesteps = params.get("timesteps", SCHEDULE_DEFAULTS["timesteps"])
     if not float(timesteps).is_integer() or timesteps < 1:
@@ -202,7 +208,8 @@ def read_config(path: str) -> tuple[dict, dict]:
             "(super-resolution, inpainting), which MultiStagePipeline does not give; unconditional, class-conditional "
             "and ClassEmbedder (`cin-mul*`) models convert."
         )
-    if params.get("parameterization", "eps") not in PARAMETERIZATIONS:
+    parameterization = params.get("parameterization", "eps")
+    if not isinstance(parameterization, str) or parameterization not in PARAMETERIZATIONS:
         raise ValueError(
             f"{path} sets `parameterization`={params['parameterization']!r}: one of {list(PARAMETERIZATIONS)} converts."
         )
@@ -515,6 +522,31 @@ def class_embedder_from(
     return embedder
 
 
+def with_unconditional_class(model: MultiStageUNet2DModel, unconditional_label: int | None) -> MultiStageUNet2DModel:
+    """``model`` of a ``num_classes`` original (its ``label_emb`` as ``class_embedding``) with the package's
+    unconditional label, its last class embedding, as `class_embedder_from` gives a ClassEmbedder's: the original's
+    last class when ``unconditional_label`` (`--unconditional_label`) names it, else a copy with a zero embedding
+    appended (never trained) so that every original class stays a data class."""
+    classes = model.config.num_class_embeds
+    if unconditional_label is not None and unconditional_label != classes - 1:
+        raise ValueError(
+            f"`--unconditional_label` must be the last class ({classes - 1}), the package's unconditional label, "
+            f"got {unconditional_label}."
+        )
+    if unconditional_label is not None:
+        return model
+    print(
+        f"note: the original's {classes} classes are all data classes: a zero class embedding {classes} is appended "
+        "as the unconditional label; it was never trained, so sample with guidance_scale=1"
+    )
+    appended = type(model).from_config(model.config, num_class_embeds=classes + 1)
+    state_dict = model.state_dict()
+    weight = state_dict["class_embedding.weight"]
+    state_dict["class_embedding.weight"] = torch.cat([weight, torch.zeros_like(weight[:1])])
+    appended.load_state_dict(state_dict, strict=True)
+    return appended.eval()
+
+
 def scheduler_from_config(params: dict) -> DDIMScheduler:
     """The authors' DDIM sampler (``ldm/models/diffusion/ddim.py``) as a diffusers `DDIMScheduler`.
 
@@ -638,11 +670,16 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
                 raw, diffusion, args.unconditional_label, config["cross_attention_dim"]
             )
             class_embeddings = raw[CLASS_EMBEDDER_KEY]
-        elif args.unconditional_label is not None:
-            raise ValueError("`--unconditional_label` applies to cross-attention (`cin-mul*`) models only.")
+        elif args.unconditional_label is not None and config.get("num_class_embeds") is None:
+            raise ValueError(
+                "`--unconditional_label` applies to class-conditional models only (`num_classes`, or a ClassEmbedder "
+                "as `cin-mul*`)."
+            )
         # 2. rename, then check against the target model: strict keys and shapes
         converted = ldm_to_multistage(original, p, model)
         load_converted(model, converted, f"The checkpoint {args.checkpoint}")
+        if config.get("num_class_embeds") is not None:  # `num_classes`: the label as for a ClassEmbedder
+            model = with_unconditional_class(model, args.unconditional_label)
         # 3. write the pipeline, reload it strictly, and compare with the original if asked
         pipeline = write_and_verify(
             args, model, scheduler_from_config(diffusion), tmp, vae=vae, class_embedder=class_embedder,

@@ -89,6 +89,9 @@ DEFAULTS = {
     "sigma_data": 0.5,
     "augment_dim": 0,
 }
+# EDMPrecond's own arguments (with the network's, in its init_kwargs and a run's network_kwargs)
+PRECOND_OPTIONS = ("class_name", "img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min", "sigma_max",
+                   "model_type", "label_dropout")  # fmt: skip
 UNSUPPORTED_OPTIONS = {  # original option -> (value that converts, why other values do not)
     "model_type": ("MultistageUNet", "only the multi-stage DDPM++ network has a multi-stage equivalent here"),
     "embedding_type": ("positional", "NCSN++'s random Fourier noise embedding is not implemented"),
@@ -152,6 +155,12 @@ def read_config(path: str) -> dict:
     kwargs = config.get("network_kwargs", config)
     if not isinstance(kwargs, dict):
         raise ValueError(f"`--original_config` {path} must hold a JSON object of the network's arguments.")
+    if kwargs and not set(kwargs) & {*DEFAULTS, *UNSUPPORTED_OPTIONS, *PRECOND_OPTIONS}:
+        raise ValueError(  # another file (score_sde's config): read as arguments, every option would be a default
+            f"`--original_config` {path} has no `network_kwargs` and none of the network's arguments, only "
+            f"{sorted(kwargs)[:8]}: give a run's training_options.json or the network's init_kwargs (score_sde's "
+            "NCSN++ config converts with original_multistage_ncsnpp)."
+        )
     precond = str(kwargs.get("class_name", "EDMPrecond")).rsplit(".", 1)[-1]
     if precond != "EDMPrecond":
         raise ValueError(

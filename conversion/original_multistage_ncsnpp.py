@@ -200,6 +200,12 @@ def read_config(path: str) -> dict:
     """The original config's sections, the published config's values filling what the file leaves out; options
     that do not convert are refused with the reason."""
     config = read_json(path, "--original_config")
+    if config and not set(config) & set(DEFAULTS):
+        raise ValueError(  # another file (an EDM run's options): every option would take the published value
+            f"`--original_config` {path} has none of the sections {list(DEFAULTS)} of the original config, only "
+            f"{sorted(config)[:8]}: give score_sde's config as JSON (an EDM run's training_options.json, with its "
+            "`network_kwargs`, converts with original_multistage_edm)."
+        )
     p = {}
     for section, defaults in DEFAULTS.items():
         given = config.get(section, {})

@@ -28,7 +28,13 @@ from diffusers_stages.conversion.common import (
     save_in_stored_dtypes,
     staged_output,
 )
-from diffusers_stages.conversion.unet_to_multistage import load_source, source_model_folders, text_to_image_class
+from diffusers_stages.conversion.unet_to_multistage import (
+    UNCONDITIONAL_LABEL_HELP,
+    load_source,
+    source_model_folders,
+    text_to_image_class,
+    with_unconditional_label,
+)
 from diffusers_stages.models import ExpertRoutingModel
 from diffusers_stages.models.loading import check_same_vae
 from diffusers_stages.pipelines import DualBackbonePipeline, ExpertRoutingPipeline
@@ -63,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         help="For dual_backbone only: share of the sampling steps the shallow model runs, in (0, 1).",
     )
+    parser.add_argument(
+        "--unconditional_label", type=int, help=UNCONDITIONAL_LABEL_HELP + " The same for every source."
+    )
     return parser.parse_args(argv)
 
 
@@ -83,8 +92,9 @@ def check_source_count(args: argparse.Namespace) -> None:
         )
 
 
-def gather_sources(paths: list[str]):
-    """``(denoisers, scheduler, vae)``: the sources' U-Nets, and the one schedule and VAE they must share."""
+def gather_sources(paths: list[str], unconditional_label: int | None = None):
+    """``(denoisers, scheduler, vae)``: the sources' U-Nets, and the one schedule and VAE they must share. A
+    class-conditional U-Net takes ``unconditional_label`` (`--unconditional_label`, see `with_unconditional_label`)."""
     unets, scheduler, vae, bare = [], None, None, []
     pixel_source = latent_source = None  # a pipeline without a VAE, one with (a bare U-Net folder could be either)
     for path in paths:
@@ -120,6 +130,13 @@ def gather_sources(paths: list[str]):
             vae = source_vae
         elif source_vae is not None:
             check_same_vae(vae, source_vae, path)
+    classes = {path: unet.config.num_class_embeds for path, unet in zip(paths, unets)}
+    if len(set(classes.values())) > 1:  # before `--unconditional_label`, which one kind of source would refuse
+        raise ValueError(
+            f"`--sources` disagree on `num_class_embeds` (source: value): {classes}; experts replace one another "
+            "mid-trajectory, so they must take the same class labels."
+        )
+    unets = [with_unconditional_label(unet, unconditional_label, path) for path, unet in zip(paths, unets)]
     if scheduler is None:  # bare U-Nets only: the first one's DDPM schedule
         scheduler, reference = load_source(paths[0], "--sources")[1], paths[0]
     steps = scheduler.config.num_train_timesteps
@@ -205,7 +222,7 @@ def main(args: argparse.Namespace):
     pipeline_class = PIPELINES[args.pipeline]
     check_source_count(args)
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
-        unets, scheduler, vae = gather_sources(args.sources)
+        unets, scheduler, vae = gather_sources(args.sources, args.unconditional_label)
         built = build(args, unets, scheduler, vae)
         # each expert stored as its source stores it (float16 stays float16), the VAE as the first latent source's
         folders = [source_model_folders(path) for path in args.sources]

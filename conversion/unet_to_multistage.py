@@ -13,13 +13,15 @@ stages then diverge as each decoder is trained on its own part of the noise sche
 from __future__ import annotations
 
 import argparse
+import copy
+import inspect
 import os
 import sys
 import types
 
 import diffusers
 import torch
-from diffusers import DDPMScheduler, ModelMixin, SchedulerMixin, UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, ModelMixin, SchedulerMixin, UNet2DConditionModel, UNet2DModel
 
 import diffusers_stages
 from diffusers_stages.conversion.common import (
@@ -47,6 +49,7 @@ from diffusers_stages.pipelines.loading import (
     pipeline_module_class,
     resolve_component_class,
 )
+from diffusers_stages.pipelines.pipeline_staged import _vae_latent_channels
 from diffusers_stages.schedulers import scheduler_units as units_of
 from diffusers_stages.training.args import BoundaryList
 
@@ -56,6 +59,15 @@ VERIFY_PROMPT = "a photo of a cat"
 SOURCE_VAES = {"LDMPipeline": "vqvae"}  # pipeline -> its VAE component (DDPM/DDIM take none: diffusers ignores one)
 PLANS = ("uniform", "snr")
 PLAN_LEVELS = 100  # noise levels of the planning grid --plan works on: at most this many stages
+
+
+UNCONDITIONAL_LABEL_HELP = (
+    "Class-conditional U-Nets (`num_class_embeds` N), required for them: the class the pipeline drops for "
+    "classifier-free guidance, always the last of its class embeddings (it samples the classes before it). N - 1: "
+    "the source reserves its last class for 'no class' (as this package's training does), which converts as is; N: "
+    "all N classes are data classes, and a new label N (a zero row appended to a class table) is the unconditional "
+    "label, never trained (sample with guidance_scale=1)."
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,7 +99,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "of the training timesteps) or 'snr' (equal steps of log-SNR). Data-driven plans: see diffusers_stages.planning.",
     )
     parser.add_argument(
-        "--num_stages", type=int, help=f"Number of stages for --plan, from 2 to {PLAN_LEVELS} (default: 3)."
+        "--num_stages",
+        type=int,
+        help=f"Number of stages for --plan, from 2 to {PLAN_LEVELS} and at most the source's training timesteps "
+        "(default: 3).",
+    )
+    parser.add_argument(
+        "--unconditional_label",
+        type=int,
+        help=UNCONDITIONAL_LABEL_HELP,
     )
     parser.add_argument("--verify_steps", type=int, default=3, help="Sampling steps of the --verify comparison.")
     args = parser.parse_args(argv)
@@ -130,6 +150,10 @@ def load_source(path: str, option: str = "--source") -> tuple[UNet2DModel, objec
     unet = load_strict(UNet2DModel, path, subfolder=SOURCE_PIPELINES[pipeline_class])
     scheduler_class = source_component_class(index, "scheduler", SchedulerMixin, option=option)
     scheduler = load_scheduler(scheduler_class, component_folder(path, "scheduler"), f"`{option}`")
+    if pipeline_class == "DDIMPipeline" and not isinstance(scheduler, DDIMScheduler):
+        # what the source samples with: diffusers' DDIMPipeline makes any scheduler it is given a DDIMScheduler
+        print(f"note: {path} names a {type(scheduler).__name__}, which its DDIMPipeline samples as a DDIMScheduler")
+        scheduler = DDIMScheduler.from_config(scheduler.config)
     vae, name = None, SOURCE_VAES.get(pipeline_class)
     extra = [c for c in ("vae", "vqvae") if c != name and index.get(c) not in (None, [None, None])]
     if extra:  # diffusers' loader ignores it: a sample from the source never passes through it
@@ -142,6 +166,13 @@ def load_source(path: str, option: str = "--source") -> tuple[UNet2DModel, objec
     vae_class = None if name is None else source_component_class(index, name, ModelMixin, optional=True, option=option)
     if vae_class is not None:
         vae = load_strict(vae_class, path, subfolder=name)
+        channels = _vae_latent_channels(vae)
+        if channels != unet.config.in_channels:  # the source cannot sample either: the decoder fails on its latents
+            raise ValueError(
+                f"`{option}` {path!r} is a {pipeline_class} whose {name} decodes latents of {channels} channels, but "
+                f"its U-Net denoises `in_channels`={unet.config.in_channels}: it cannot sample, nor could the "
+                "converted pipeline. Save it with the VAE the U-Net was trained with."
+            )
     return unet, scheduler, vae, pipeline_class
 
 
@@ -196,9 +227,16 @@ def read_class_name(config_path: str) -> object:
 
 def refuse_staged_source(path: str, class_entry: object, option: str = "--source") -> str | None:
     """Refuse a source (given as ``option``) that is already one of this package's staged pipelines or models (saved
-    as ``[file, class]`` or by class name); return the class name otherwise."""
+    as ``[file, class]`` or by class name), with the way out of this command (``--source``) or of
+    pipelines_to_experts (``--sources``); return the class name otherwise."""
     name = class_entry[-1] if isinstance(class_entry, list) and class_entry else class_entry
     name = None if name is None else str(name)
+    if name is not None and isinstance(getattr(diffusers_stages, name, None), type) and option == "--sources":
+        raise ValueError(  # pipelines_to_experts' sources
+            f"`{option}` {path!r} is already staged (it holds a {name}): pipelines_to_experts combines plain "
+            f"UNet2DModel or {'/'.join(SOURCE_PIPELINES)} folders. Export a stage of it as a plain U-Net first with "
+            "`python -m diffusers_stages.conversion.multistage_to_unet`, and give that folder."
+        )
     if name is not None and isinstance(getattr(diffusers_stages, name, None), type):
         raise ValueError(
             f"`{option}` {path!r} is already staged (it holds a {name}): unet_to_multistage converts a plain "
@@ -228,8 +266,18 @@ def plan_boundaries(scheduler, method: str, num_stages: int) -> tuple[list[float
     from diffusers_stages.planning.methods import snr_plan, uniform_plan
     from diffusers_stages.planning.schedule import NoiseSchedule
 
+    levels = PLAN_LEVELS
+    alphas_cumprod = None if units_of(scheduler) == "sigma" else getattr(scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is not None:  # a grid of at most the schedule's training timesteps
+        levels = min(PLAN_LEVELS, len(alphas_cumprod))
+        if num_stages > levels or levels < 3:
+            raise ValueError(
+                f"`--num_stages` {num_stages} does not fit the source's {type(scheduler).__name__}: it has "
+                f"{len(alphas_cumprod)} training timesteps, and --plan places at most one stage per timestep (of at "
+                "least 3): give fewer stages, or `--stage_boundaries`."
+            )
     plan = {"uniform": uniform_plan, "snr": snr_plan}[method](
-        NoiseSchedule.from_scheduler(scheduler, PLAN_LEVELS), num_stages
+        NoiseSchedule.from_scheduler(scheduler, levels), num_stages
     )
     return list(plan.partition.boundaries), plan.partition.units
 
@@ -245,6 +293,49 @@ def convert(unet: UNet2DModel, scheduler, vae, boundaries, units: str) -> MultiS
     return MultiStagePipeline(unet=staged.eval(), scheduler=scheduler, vae=vae)
 
 
+def with_unconditional_label(unet: UNet2DModel, label: int | None, path: str) -> UNet2DModel:
+    """``unet`` (of source ``path``) as the staged pipelines take class labels: its last class embedding the
+    unconditional label. ``label`` (`--unconditional_label`) must say which, for a U-Net with ``num_class_embeds``
+    classes: ``num_class_embeds - 1`` keeps ``unet`` as is; ``num_class_embeds`` returns a copy with one more class
+    embedding, zero (never trained), so that every class of the source stays a data class. A class-conditional U-Net
+    without ``label``, or a ``label`` for a U-Net without class indices, is a `ValueError`."""
+    classes = unet.config.num_class_embeds
+    if classes is None:
+        if label is not None:
+            raise ValueError(
+                f"`--unconditional_label` {label} is for a class-conditional source, but {path}'s U-Net has no "
+                "`num_class_embeds` (no class indices to choose from): leave the option out."
+            )
+        return unet
+    choices = (
+        f"{classes - 1} (the source's last class, if it was trained as the 'no class' label) or {classes} (a new, "
+        f"untrained label after all {classes} classes of the source)"
+    )
+    if label is None:
+        raise ValueError(
+            f"Give `--unconditional_label`: {path}'s U-Net is class-conditional (`num_class_embeds`={classes}), and the "
+            "package's pipelines take its last class embedding as the unconditional label of classifier-free guidance "
+            f"(that class cannot be sampled): {choices}."
+        )
+    if label not in (classes - 1, classes):
+        raise ValueError(f"`--unconditional_label` must be {choices}, got {label}.")
+    if label == classes - 1:
+        return unet
+    table = isinstance(unet.class_embedding, torch.nn.Embedding)  # (a "timestep" class embedding takes any integer)
+    embedding = "a zero class embedding" if table else "its class embedding of that value"
+    print(
+        f"note: all {classes} classes of the source stay data classes: a new unconditional label {classes} is "
+        f"added ({embedding}), never trained, so sample with guidance_scale=1"
+    )
+    appended = UNet2DModel.from_config(unet.config, num_class_embeds=classes + 1).to(unet.device, unet.dtype)
+    state_dict = unet.state_dict()
+    if table:
+        weight = state_dict["class_embedding.weight"]
+        state_dict["class_embedding.weight"] = torch.cat([weight, torch.zeros_like(weight[:1])])
+    appended.load_state_dict(state_dict, strict=True)
+    return appended.eval()
+
+
 def source_pipeline(unet, scheduler, vae, pipeline_class: str | None):
     """A diffusers pipeline that samples with the source model, for --verify."""
     if vae is not None:
@@ -252,9 +343,34 @@ def source_pipeline(unet, scheduler, vae, pipeline_class: str | None):
     return getattr(diffusers, pipeline_class or "DDPMPipeline")(unet=unet, scheduler=scheduler)
 
 
+def sampling_mismatch(source, steps: int) -> str | None:
+    """Why diffusers' ``source`` pipeline samples its scheduler otherwise than a `MultiStagePipeline` does, for
+    ``steps`` steps (None when it samples it the same way): a `DDPMPipeline` neither scales the initial noise
+    (``init_noise_sigma``) nor the model input (``scale_model_input``), and passes ``generator`` to every step.
+    (`LDMPipeline` does as the staged pipelines; `DDIMPipeline` makes its scheduler a `DDIMScheduler`.)"""
+    if not isinstance(source, diffusers.DDPMPipeline):
+        return None
+    scheduler = copy.deepcopy(source.scheduler)
+    name = type(scheduler).__name__
+    parameters = inspect.signature(scheduler.step).parameters.values()
+    if not any(p.name == "generator" or p.kind is p.VAR_KEYWORD for p in parameters):
+        return f"DDPMPipeline cannot sample with its {name}: it passes `generator` to the step, which takes none"
+    scheduler.set_timesteps(steps)
+    probe = torch.ones(1, 1, 1, 1)
+    if float(scheduler.init_noise_sigma) != 1.0 or not torch.equal(
+        scheduler.scale_model_input(probe, scheduler.timesteps[0]), probe
+    ):
+        return (
+            f"DDPMPipeline scales neither the initial noise (`init_noise_sigma`) nor the model input "
+            f"(`scale_model_input`) as its {name} needs, while the converted pipeline does: their samples differ"
+        )
+    return None
+
+
 def verify(source, converted: MultiStagePipeline, steps: int, tolerance: float) -> None:
     """Compare the denoisers at one timestep per stage, then sample with both pipelines from the same seed (a
-    class-conditional U-Net: the denoisers only, given class labels, since diffusers' pipelines cannot sample it)."""
+    class-conditional U-Net: the denoisers only, given class labels, since diffusers' pipelines cannot sample it; the
+    denoisers only too for a source pipeline that samples its scheduler otherwise, see `sampling_mismatch`)."""
     config = converted.unet.config
     size = config.sample_size
     x = torch.randn(
@@ -270,6 +386,10 @@ def verify(source, converted: MultiStagePipeline, steps: int, tolerance: float) 
     if labels is not None:
         print(f"verify: no sampling comparison: {type(source).__name__} cannot sample a class-conditional U-Net")
         return report_verification(differences, tolerance)
+    mismatch = sampling_mismatch(source, steps)
+    if mismatch is not None:
+        print(f"verify: no sampling comparison: {mismatch}")
+        return report_verification(differences, tolerance)
     images = []
     for pipe in (source, converted):
         pipe.set_progress_bar_config(disable=True)
@@ -279,6 +399,20 @@ def verify(source, converted: MultiStagePipeline, steps: int, tolerance: float) 
         torch.from_numpy(images[0]), torch.from_numpy(images[1])
     )
     report_verification(differences, tolerance)
+
+
+def check_verify_steps(args: argparse.Namespace, scheduler) -> None:
+    """With ``--verify``, refuse ``--verify_steps`` the source's ``scheduler`` cannot sample with (more than its
+    training timesteps, for a DDPM-type one) by the option's name, before converting (diffusers' error, at the end,
+    named its own ``num_inference_steps``)."""
+    if not args.verify:
+        return
+    try:
+        copy.deepcopy(scheduler).set_timesteps(args.verify_steps)
+    except ValueError as error:
+        raise ValueError(
+            f"`--verify_steps` {args.verify_steps} does not fit the source's {type(scheduler).__name__}: {error}"
+        ) from None
 
 
 def choose_boundaries(args: argparse.Namespace, scheduler) -> tuple[list[float], str]:
@@ -360,6 +494,11 @@ def verify_text_to_image(source, converted, steps: int, tolerance: float) -> Non
 @torch.no_grad()
 def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
     """Convert a Stable Diffusion / SDXL folder: same pipeline class and components, a staged ``unet``."""
+    if args.unconditional_label is not None:
+        raise ValueError(
+            f"`--unconditional_label` {args.unconditional_label} is for class-conditional UNet2DModel sources: "
+            f"{args.source} is a {pipeline_class.__name__}, conditioned on text."
+        )
     refuse_staged_source(args.source, read_class_name(os.path.join(args.source, "unet", "config.json")))
     index = check_text_to_image_index(args.source, pipeline_class)
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
@@ -371,6 +510,7 @@ def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
             args.source, unet=unet, vae=vae, **load_transformers_components(args.source, index, pipeline_class), use_safetensors=True,
             dtype=torch.float32,
         )  # fmt: skip
+        check_verify_steps(args, source.scheduler)
         boundaries, units = choose_boundaries(args, source.scheduler)
         check_units(source.scheduler, units)  # the pipeline hands its scheduler's timesteps to the unet
         staged = MultiStageUNet2DConditionModel.from_unet(
@@ -400,8 +540,10 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         return main_text_to_image(args, pipeline_class)
     with staged_output(args.output_path, args.overwrite, input_paths(args)) as tmp:
         unet, scheduler, vae, pipeline_class = load_source(args.source)
+        check_verify_steps(args, scheduler)
+        labelled = with_unconditional_label(unet, args.unconditional_label, args.source)
         boundaries, units = choose_boundaries(args, scheduler)
-        staged = convert(unet, scheduler, vae, boundaries, units)
+        staged = convert(labelled, scheduler, vae, boundaries, units)
         save_in_stored_dtypes(staged, tmp, zip((staged.unet, staged.vae), source_model_folders(args.source)))
         converted = MultiStagePipeline.from_pretrained(tmp)  # what was written, reloaded strictly (in float32)
         if args.verify:

@@ -33,6 +33,18 @@ def test_staged_output_refuses_an_existing_folder_without_overwrite(tmp_path):
         pass
 
 
+def test_an_output_path_that_is_a_file_is_refused_even_with_overwrite(tmp_path):
+    """`--output_path weights.safetensors --overwrite` deleted the file and put the converted folder in its place
+    (diffusers' `save_pretrained` refuses a file path); --overwrite replaces a previous output folder only."""
+    (tmp_path / "weights.safetensors").write_text("not a folder")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"`--output_path` .*weights.safetensors exists and is not a folder"):
+            with staged_output(tmp_path / "weights.safetensors", overwrite=overwrite):
+                pass
+        assert (tmp_path / "weights.safetensors").read_text() == "not a folder"
+        assert sorted(os.listdir(tmp_path)) == ["weights.safetensors"]
+
+
 def test_failed_overwrite_keeps_the_old_folder_and_leaves_nothing_else(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -174,3 +174,24 @@ def test_an_export_warns_of_no_inconsistent_casting(staged_folder, tmp_path, hal
     weights = load_file(os.path.join(tmp_path, "stage1", "diffusion_pytorch_model.safetensors"))
     assert {v.dtype for v in weights.values()} == {torch.float16 if half else torch.float32}
     assert unet.dtype == torch.float32  # reloaded and verified in float32
+
+
+def test_a_class_context_pipeline_is_refused_by_name_and_its_unet_folder_exports(tiny_cond_unet, tmp_path, capsys):
+    """A class-conditional cross-attention pipeline (`cin-mul*`: a `class_embedder` turns each class into the context
+    its U-Net attends to) exported a UNet2DConditionModel without the class embedder, and said nothing: the folder
+    could not be given a class label. It is refused by name; its `unet` folder, given on purpose, still exports."""
+    from diffusers_stages import ClassContextEmbedding, MultiStageUNet2DConditionModel
+
+    unet = MultiStageUNet2DConditionModel.from_unet(tiny_cond_unet(0), stage_boundaries=(500,)).eval()
+    embedder = ClassContextEmbedding(num_class_embeds=4, cross_attention_dim=32).eval()
+    pipe = MultiStagePipeline(unet=unet, scheduler=DDIMScheduler(), class_embedder=embedder)
+    pipe.save_pretrained(tmp_path / "cin")
+    with pytest.raises(ValueError, match=r"`--source` .*cin has a `class_embedder`.*ClassContextEmbedding.*unet"):
+        export(str(tmp_path / "cin"), str(tmp_path / "out"), 0)
+    assert not (tmp_path / "out").exists()
+    exported = export(str(tmp_path / "cin" / "unet"), str(tmp_path / "out"), 0, "--verify", "--tolerance", "0")
+    assert "max |source - converted| = 0.000e+00" in capsys.readouterr().out
+    x, labels = torch.randn(2, 4, 8, 8), torch.tensor([0, 2])
+    with torch.no_grad():  # the U-Net, given the class embedder's context, is stage 0
+        context = pipe.class_embedder(labels)
+        assert torch.equal(exported(x, 100, context).sample, unet(x, 100, context, stage_index=0).sample)

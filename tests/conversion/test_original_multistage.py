@@ -238,7 +238,9 @@ def convert(tmp_path, p, *extra, edit=None, ema=True, use_ema=None):
 def test_converts_with_every_tensor_placed(tmp_path, name):
     overrides, up_block_types = CONFIGS[name]
     p = {**TINY, **overrides}
-    pipe = convert(tmp_path, p, "--verify")
+    # (a `num_classes` model's last class named the unconditional label: converted as is, no embedding appended)
+    label = ["--unconditional_label", str(p["num_classes"] - 1)] if p.get("num_classes") else []
+    pipe = convert(tmp_path, p, "--verify", *label)
     reloaded = MultiStagePipeline.from_pretrained(str(tmp_path / "out"))
     assert reloaded.partition.boundaries == (442.0, 631.0)
     config = reloaded.unet.config
@@ -453,7 +455,32 @@ def test_unconditional_label_of_the_original_is_kept_when_it_is_the_last_class(t
     assert pipe.class_embedder.config.num_class_embeds == CLASSES  # as the original: 9 classes + label 9
     with pytest.raises(ValueError, match="must be the last class"):
         convert(tmp_path, p, "--unconditional_label", "3", "--overwrite")
-    with pytest.raises(ValueError, match="cross-attention"):
+    with pytest.raises(ValueError, match="applies to class-conditional models only"):
+        convert(tmp_path, TINY, "--unconditional_label", "3", "--overwrite")
+
+
+def test_a_num_classes_model_keeps_every_class_unless_its_last_is_named_the_unconditional_label(tmp_path, capsys):
+    """A `num_classes` model (a class embedding added to the time embedding) was converted as is, its last class
+    silently becoming the pipeline's unconditional label (unsampleable). As the ClassEmbedder of `cin-mul*`: every
+    class is a data class and an untrained zero label is appended, unless `--unconditional_label` names the last."""
+    p = {**TINY, "num_classes": 5}
+    checkpoint, _ = write_source(tmp_path, p)
+    weight = load_file(checkpoint)[ema_key("label_emb.weight")]
+    pipe = convert(tmp_path, p, "--verify")
+    assert "never trained" in capsys.readouterr().out
+    assert pipe.unet.config.num_class_embeds == 6
+    embedding = pipe.unet.class_embedding.weight
+    assert torch.equal(embedding[:5], weight) and not embedding[5].any()
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(class_labels=[4], num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 3)
+    kept = convert(tmp_path, p, "--unconditional_label", "4", "--overwrite", "--verify")
+    assert kept.unet.config.num_class_embeds == 5
+    x, t, labels = torch.randn(2, 3, 8, 8), torch.tensor([100, 700]), torch.tensor([0, 3])
+    with torch.no_grad():  # the data classes compute the same either way
+        assert torch.equal(pipe.unet(x, t, class_labels=labels).sample, kept.unet(x, t, class_labels=labels).sample)
+    with pytest.raises(ValueError, match=r"`--unconditional_label` must be the last class \(4\).*got 2"):
+        convert(tmp_path, p, "--unconditional_label", "2", "--overwrite")
+    with pytest.raises(ValueError, match="`--unconditional_label` applies to class-conditional models only"):
         convert(tmp_path, TINY, "--unconditional_label", "3", "--overwrite")
 
 
@@ -496,6 +523,15 @@ def _unet_config(config):
         (lambda c: c["model"]["params"].update(timesteps="1000"), "`timesteps`='1000' must be a number"),
         (lambda c: c["model"]["params"].update(linear_start=None), "`linear_start`=None must be a number"),
         (lambda c: c["model"]["params"].update(timesteps=-5), "`timesteps` must be a positive integer, got -5"),
+        (lambda c: c["model"]["params"].update(parameterization=["eps"]), r"`parameterization`=\['eps'\]"),
+        (
+            lambda c: _unet_config(c)["params"].update(stage_interval=[[442], 631, 1000]),
+            r"`stage_interval`=\[\[442\], 631, 1000\] must be a list of numbers",
+        ),
+        (
+            lambda c: _unet_config(c)["params"].update(channel_mult=["1", "2"]),
+            r"`channel_mult`=\['1', '2'\] must be a list of numbers",
+        ),
     ],
     ids=[
         "not-yaml",
@@ -507,6 +543,9 @@ def _unet_config(config):
         "timesteps-string",
         "linear-start-null",
         "timesteps-negative",
+        "parameterization-list",
+        "stage-interval-nested",
+        "channel-mult-strings",
     ],  # fmt: skip
 )
 def test_a_malformed_config_is_named_and_writes_nothing(tmp_path, edit, message):

@@ -392,3 +392,14 @@ def test_an_option_of_the_wrong_type_is_named(tmp_path, option, value):
     with pytest.raises(ValueError, match=rf"`{option}`={value!r} must be a (list|number) like its default"):
         convert(tmp_path, checkpoint, config)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_with_none_of_the_networks_options_is_named_not_read_as_all_defaults(tmp_path):
+    """score_sde's config as JSON (sections `model`, `data`, ...) given as the config was read as network arguments
+    none of which the network has, so every option took its default, and the error was about those."""
+    checkpoint, config, _ = write_source(tmp_path, TINY)
+    with open(config, "w") as f:
+        json.dump({"model": {"name": "ncsnpp_multistage"}, "data": {"image_size": 8}, "training": {}}, f)
+    with pytest.raises(ValueError, match=r"`--original_config` .* no `network_kwargs` .* none of .*\['data', 'model'"):
+        convert(tmp_path, checkpoint, config)
+    assert not (tmp_path / "out").exists()

@@ -382,3 +382,14 @@ def test_an_option_of_the_wrong_type_is_named(tmp_path, option, value):
     with pytest.raises(ValueError, match=rf"`model.{option}`={value!r} must be a (list|number) like its default"):
         convert(tmp_path, checkpoint, config)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_with_none_of_the_sections_is_named_not_read_as_all_defaults(tmp_path):
+    """An EDM run's training_options.json given as the config had none of its sections, so every option took the
+    published CIFAR-10 value, and the error was about the checkpoint ("lacks 'en_modules.5...'")."""
+    checkpoint, config, _, _ = write_source(tmp_path)
+    with open(config, "w") as f:
+        json.dump({"network_kwargs": {"class_name": "training.networks.EDMPrecond"}, "batch_size": 512}, f)
+    with pytest.raises(ValueError, match=r"`--original_config` .* none of the sections .*'model'.*network_kwargs"):
+        convert(tmp_path, checkpoint, config)
+    assert not (tmp_path / "out").exists()

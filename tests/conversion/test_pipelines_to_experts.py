@@ -57,9 +57,38 @@ def test_class_conditional_sources_are_verified_with_class_labels(tmp_path, pipe
         unet = UNet2DModel(**{**TINY_UNET, "block_out_channels": (width, 2 * width), "num_class_embeds": 4})
         DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler()).save_pretrained(sources[-1])
     switch = ["--stage_boundaries", "600"] if pipeline == "experts" else ["--switch_step_fraction", "0.5"]
-    written = combine(sources, str(tmp_path / "out"), "--pipeline", pipeline, *switch, "--verify", "--tolerance", "0")
+    written = combine(sources, str(tmp_path / "out"), "--pipeline", pipeline, *switch, "--verify", "--tolerance", "0",
+                      "--unconditional_label", "3")  # fmt: skip
     written.set_progress_bar_config(disable=True)
     assert written(class_labels=[0, 2], num_inference_steps=2, output_type="np").images.shape == (2, 8, 8, 3)
+
+
+def test_class_conditional_sources_need_their_unconditional_label_named(tmp_path, capsys):
+    """The routing pipelines take the last class embedding as the unconditional label: sources with
+    `num_class_embeds=4` were combined as they are, their class 3 silently unsampleable. As unet_to_multistage, the
+    command now asks `--unconditional_label`: 3 keeps every expert bit for bit, 4 appends an untrained label."""
+    sources, models = [], []
+    for name, width in (("large", 16), ("small", 8)):
+        sources.append(str(tmp_path / name))
+        torch.manual_seed(width)
+        models.append(UNet2DModel(**{**TINY_UNET, "block_out_channels": (width, 2 * width), "num_class_embeds": 4}))
+        DDPMPipeline(unet=models[-1].eval(), scheduler=DDPMScheduler()).save_pretrained(sources[-1])
+    with pytest.raises(ValueError, match=r"Give `--unconditional_label`: .*large's U-Net .*`num_class_embeds`=4"):
+        combine(sources, str(tmp_path / "out"), "--stage_boundaries", "600")
+    with pytest.raises(ValueError, match="`--unconditional_label` must be 3 .* or 4 .*, got 1"):
+        combine(sources, str(tmp_path / "out"), "--stage_boundaries", "600", "--unconditional_label", "1")
+    assert not (tmp_path / "out").exists()
+    written = combine(sources, str(tmp_path / "out"), "--stage_boundaries", "600", "--unconditional_label", "4",
+                      "--verify", "--tolerance", "0")  # fmt: skip
+    assert "guidance_scale=1" in capsys.readouterr().out
+    x, labels = torch.randn(2, 3, 8, 8), torch.tensor([3, 1])
+    with torch.no_grad():
+        for index, t in ((0, 100), (1, 800)):
+            assert written.experts.expert(index).config.num_class_embeds == 5
+            expected = models[index](x, torch.tensor(t), class_labels=labels).sample
+            assert torch.equal(written.experts(x, torch.tensor(t), class_labels=labels).sample, expected)
+    written.set_progress_bar_config(disable=True)
+    assert written(class_labels=[3], num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 3)
 
 
 def test_sources_must_share_the_training_schedule(large_and_small, tmp_path):
@@ -175,6 +204,20 @@ def test_errors_about_a_source_name_the_option_sources(large_and_small, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_staged_source_is_refused_with_this_commands_way_out(large_and_small, tmp_path):
+    """A MultiStagePipeline among the sources was refused with unet_to_multistage's words ("unet_to_multistage
+    converts a plain UNet2DModel ...", fine-tuning advice): this command combines plain models, so it says that and
+    how to export a stage as one."""
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "model_index.json").write_text('{"_class_name": ["pipeline_multistage", "MultiStagePipeline"]}')
+    with pytest.raises(ValueError, match="is already staged") as error:
+        combine([large_and_small[0], str(staged)], str(tmp_path / "out"), "--stage_boundaries", "600")
+    message = str(error.value)
+    assert "unet_to_multistage" not in message and "pipelines_to_experts combines" in message
+    assert "multistage_to_unet" in message
+
+
 @pytest.mark.parametrize(
     "sources, boundaries, stages", [(1, ["500"], 2), (2, ["300", "600"], 3)], ids=["one-source", "three-stages"]
 )
@@ -217,4 +260,18 @@ def test_a_dual_backbone_of_other_than_two_sources_is_refused_before_any_is_read
     with pytest.raises(ValueError, match=r"--pipeline dual_backbone takes two --sources \(deep, shallow\), got 3"):
         combine([*large_and_small, large_and_small[0]], str(tmp_path / "out"), "--pipeline", "dual_backbone",
                 "--switch_step_fraction", "0.5")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("label", [[], ["--unconditional_label", "3"]], ids=["without", "with"])
+def test_sources_that_disagree_on_classes_are_named_whatever_the_unconditional_label(tmp_path, label):
+    """An unconditional source beside a class-conditional one: without `--unconditional_label` the class-conditional
+    one asked for it, with it the unconditional one refused it, and the sources' real disagreement went unsaid."""
+    sources = []
+    for name, classes in (("plain", None), ("classes", 4)):
+        sources.append(str(tmp_path / name))
+        unet = UNet2DModel(**{**TINY_UNET, "num_class_embeds": classes})
+        DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler()).save_pretrained(sources[-1])
+    with pytest.raises(ValueError, match=r"disagree on `num_class_embeds`.*plain.*None.*classes.*4"):
+        combine(sources, str(tmp_path / "out"), "--stage_boundaries", "600", *label)
     assert not (tmp_path / "out").exists()

@@ -66,6 +66,12 @@ def test_text_to_image_sources_are_refused_by_name(tiny_sd_components, tmp_path)
     # sigma stages: the pipeline hands the unet its scheduler's timesteps, so every step would route as a sigma
     with pytest.raises(ValueError, match="`--boundary_units sigma` does not fit the source: its DDIMScheduler"):
         convert("--source", sd, "--stage_boundaries", "2.5", "--boundary_units", "sigma")
+    # a class option for a text-conditioned U-Net
+    with pytest.raises(ValueError, match="`--unconditional_label` 3 is for class-conditional UNet2DModel sources"):
+        convert("--source", sd, "--stage_boundaries", "500", "--unconditional_label", "3")
+    with pytest.raises(ValueError, match="`--verify_steps` 1001 does not fit the source's"):
+        convert("--source", sd, "--stage_boundaries", "500", "--verify", "--verify_steps", "1001")
+    assert not (tmp_path / "refused").exists()
     # an already staged pipeline (a key-mismatch error before), a bare unet folder and a plain one to export from
     # (a diffusers error about `cross_attention_dim` before)
     convert("--source", sd, "--stage_boundaries", "500", output="staged")

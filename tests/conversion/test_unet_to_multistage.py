@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, LDMPipeline, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, LDMPipeline, UNet2DModel, VQModel
 from safetensors.torch import load_file, save_file
 
 from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
@@ -63,8 +63,9 @@ def test_class_conditional_unet_verifies_its_denoisers_with_class_labels(tmp_pat
     # "class_labels should be provided" and nothing was written
     torch.manual_seed(0)
     UNet2DModel(**TINY_UNET, **embedding).save_pretrained(tmp_path / "unet")
+    label = ["--unconditional_label", "2"] if "num_class_embeds" in embedding else []  # the table's last class
     staged = convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500", "--verify",
-                     "--tolerance", "0")  # fmt: skip
+                     "--tolerance", "0", *label)  # fmt: skip
     out = capsys.readouterr().out
     assert out.count("max |source - converted| = 0.000e+00") == 2  # one probe per stage
     assert "DDPMPipeline cannot sample a class-conditional U-Net" in out
@@ -332,3 +333,140 @@ def test_a_vae_a_ddpm_pipeline_folder_does_not_take_is_refused_by_name(ddpm_fold
     np.testing.assert_array_equal(
         sample(MultiStagePipeline.from_pretrained(out)), sample(DDPMPipeline.from_pretrained(source))
     )
+
+
+def class_conditional_unet(folder, classes=3, **config):
+    torch.manual_seed(0)
+    unet = UNet2DModel(**TINY_UNET, num_class_embeds=classes, **config).eval()
+    unet.save_pretrained(folder)
+    return unet
+
+
+def test_a_class_conditional_unet_needs_its_unconditional_label_named(tmp_path):
+    """The pipeline samples classifier-free guidance with the last class embedding as the unconditional label, and
+    takes only the classes before it: a diffusers U-Net with `num_class_embeds=3` (three data classes) was converted
+    as is, its class 2 silently becoming the unconditional label. The choice is now the user's, by name."""
+    class_conditional_unet(tmp_path / "unet")
+    with pytest.raises(ValueError, match=r"`--unconditional_label`.*num_class_embeds`=3.*2.*3"):
+        convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500")
+    assert not (tmp_path / "out").exists()
+    for label in ("0", "1", "4", "-1"):  # only the last class, or a new one after it
+        with pytest.raises(ValueError, match=f"`--unconditional_label` must be 2 .* or 3 .*, got {label}"):
+            convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500",
+                    "--unconditional_label", label)  # fmt: skip
+        assert not (tmp_path / "out").exists()
+
+
+def test_an_unconditional_label_the_source_reserves_converts_as_is(tmp_path, capsys):
+    source = class_conditional_unet(tmp_path / "unet")
+    staged = convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500",
+                     "--unconditional_label", "2", "--verify", "--tolerance", "0")  # fmt: skip
+    assert capsys.readouterr().out.count("max |source - converted| = 0.000e+00") == 2
+    assert staged.unet.config.num_class_embeds == 3
+    assert torch.equal(staged.unet.class_embedding.weight, source.class_embedding.weight)
+    with pytest.raises(ValueError, match="class_labels"):  # class 2 is the unconditional label now
+        staged(class_labels=[2], num_inference_steps=2, output_type="np")
+
+
+@pytest.mark.parametrize("embed_type", [None, "timestep"])
+def test_a_new_unconditional_label_keeps_every_class_of_the_source(tmp_path, capsys, embed_type):
+    source = class_conditional_unet(tmp_path / "unet", class_embed_type=embed_type)
+    staged = convert(str(tmp_path / "unet"), str(tmp_path / "out"), "--stage_boundaries", "500",
+                     "--unconditional_label", "3", "--verify", "--tolerance", "0")  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("max |source - converted| = 0.000e+00") == 2 and "guidance_scale=1" in out
+    assert ("a zero class embedding" in out) == (embed_type is None)  # a "timestep" one embeds the value 3 itself
+    assert staged.unet.config.num_class_embeds == 4
+    if embed_type is None:  # the source's rows, then a zero (untrained) one
+        weight = staged.unet.class_embedding.weight
+        assert torch.equal(weight[:3], source.class_embedding.weight) and not weight[3].any()
+    x, labels = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        for t in (100, 700):
+            expected = source(x, torch.tensor(t), class_labels=labels).sample
+            assert torch.equal(staged.unet(x, torch.tensor(t), class_labels=labels).sample, expected)
+    staged.set_progress_bar_config(disable=True)
+    assert staged(class_labels=[2], num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 3)
+
+
+def test_an_unconditional_label_for_a_source_without_classes_is_refused(ddpm_folder, tmp_path):
+    with pytest.raises(ValueError, match=r"`--unconditional_label` 0 .* no `num_class_embeds`"):
+        convert(ddpm_folder, str(tmp_path / "out"), "--stage_boundaries", "500", "--unconditional_label", "0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_steps_the_source_scheduler_refuses_are_named_before_converting(ddpm_folder, tmp_path, monkeypatch):
+    """`--verify --verify_steps 1001` on a 1000-step schedule failed after the whole conversion, with diffusers'
+    message about `num_inference_steps`, an argument the command does not have."""
+    monkeypatch.setattr(unet_to_multistage, "convert", lambda *a: pytest.fail("converted before the check"))
+    with pytest.raises(ValueError, match=r"`--verify_steps` 1001 .*DDPMScheduler.*num_inference_steps"):
+        convert(ddpm_folder, str(tmp_path / "out"), "--stage_boundaries", "500", "--verify", "--verify_steps", "1001")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_on_a_schedule_shorter_than_the_planning_grid(tmp_path):
+    """`--plan` on a source trained on fewer than 100 timesteps failed, whatever `--num_stages`, with "`num_levels`
+    must be an integer in [3, 10], got 100": an argument the command does not have. The grid is the schedule's
+    timesteps now, and more stages than those are refused as `--num_stages`."""
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(tmp_path / "ddpm")
+    staged = convert(str(tmp_path / "ddpm"), str(tmp_path / "out"), "--plan", "uniform", "--num_stages", "3")
+    assert staged.partition.boundaries == pytest.approx((10 / 3, 20 / 3))
+    with pytest.raises(ValueError, match="`--num_stages` 11 .* 10 training timesteps"):
+        convert(str(tmp_path / "ddpm"), str(tmp_path / "other"), "--plan", "snr", "--num_stages", "11")
+    assert not (tmp_path / "other").exists()
+
+
+def test_an_ldm_whose_vqvae_does_not_decode_its_unets_latents_is_refused(ldm_folder, tmp_path):
+    """An LDMPipeline whose VQModel decodes 4-channel latents while its U-Net denoises 3 channels converted into a
+    pipeline that cannot sample (`--verify` ended in a torch RuntimeError from inside the VQModel's decoder)."""
+    vqvae = VQModel.from_pretrained(ldm_folder, subfolder="vqvae")
+    wide = VQModel(**{**vqvae.config, "latent_channels": 4, "vq_embed_dim": 4})
+    LDMPipeline(vqvae=wide, unet=tiny_unet(1), scheduler=DDIMScheduler()).save_pretrained(tmp_path / "ldm")
+    for extra in ([], ["--verify"]):
+        with pytest.raises(ValueError, match=r"vqvae.* latents of 4 channels.*`in_channels`=3"):
+            convert(str(tmp_path / "ldm"), str(tmp_path / "out"), "--stage_boundaries", "500", *extra)
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "UniPCMultistepScheduler"])
+def test_verify_of_a_ddpm_pipeline_its_scheduler_needs_more_of_compares_the_denoisers(tmp_path, capsys, scheduler):
+    """A DDPMPipeline saved with another scheduler: diffusers' DDPMPipeline neither scales the initial noise nor the
+    model input (Euler's init_noise_sigma, scale_model_input), and passes `generator` to a step that may not take
+    one (UniPC). `--verify` then failed on the sample comparison (Euler: difference 1.0, nothing written) or with a
+    TypeError traceback (UniPC), though the converted pipeline, which does both, was right: the samples are not
+    compared then, with the reason, and the denoisers are."""
+    import diffusers
+
+    DDPMPipeline(unet=tiny_unet(), scheduler=getattr(diffusers, scheduler)()).save_pretrained(tmp_path / "src")
+    staged = convert(str(tmp_path / "src"), str(tmp_path / "out"), "--stage_boundaries", "500", "--verify",
+                     "--tolerance", "0")  # fmt: skip
+    out = capsys.readouterr().out
+    assert "verify: no sampling comparison: DDPMPipeline" in out and scheduler in out
+    assert out.count("max |source - converted| = 0.000e+00") == 2  # the denoiser of each stage
+    assert type(staged.scheduler).__name__ == scheduler
+    assert sample(staged, steps=2).shape == (2, 8, 8, 3)
+
+
+def test_verify_still_compares_the_samples_of_a_ddpm_pipeline_with_a_scheduler_it_drives(tmp_path, capsys):
+    import diffusers
+
+    DDPMPipeline(unet=tiny_unet(), scheduler=diffusers.DPMSolverMultistepScheduler()).save_pretrained(tmp_path / "s")
+    convert(str(tmp_path / "s"), str(tmp_path / "out"), "--stage_boundaries", "500", "--verify", "--tolerance", "0")
+    out = capsys.readouterr().out
+    assert "no sampling comparison" not in out and "3-step samples (seed 0)" in out
+
+
+def test_a_ddim_pipeline_folder_naming_another_scheduler_samples_ddim_as_the_source(tmp_path, capsys):
+    """diffusers' DDIMPipeline turns whatever scheduler its folder names into a DDIMScheduler (`from_config`), so the
+    source samples with DDIM; the conversion kept the folder's PNDMScheduler, and `--verify` failed on the samples."""
+    DDIMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler()).save_pretrained(tmp_path / "ddim")
+    index = json.loads((tmp_path / "ddim" / "model_index.json").read_text())
+    (tmp_path / "ddim" / "model_index.json").write_text(
+        json.dumps({**index, "scheduler": ["diffusers", "PNDMScheduler"]})
+    )
+    assert type(DDIMPipeline.from_pretrained(tmp_path / "ddim").scheduler) is DDIMScheduler  # what the source samples
+    staged = convert(str(tmp_path / "ddim"), str(tmp_path / "out"), "--stage_boundaries", "500", "--verify",
+                     "--tolerance", "0")  # fmt: skip
+    assert type(staged.scheduler) is DDIMScheduler
+    out = capsys.readouterr().out
+    assert "3-step samples (seed 0): max |source - converted| = 0.000e+00" in out and "PNDMScheduler" in out
