@@ -5,7 +5,7 @@ builds its own), and the attention masks as additive biases.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,7 +15,13 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from ..partition import TimestepPartition
-from .checks import check_norm_eps_and_dropout, check_positive_integers, check_sample_size, is_positive_integer
+from .checks import (
+    check_norm_eps_and_dropout,
+    check_options,
+    check_positive_integers,
+    check_sample_size,
+    is_positive_integer,
+)
 from .decoders import SkipAdapters, resolve_decoder_up_block_types, resolve_decoder_widths, take_encoder_widths
 
 # the options Stable Diffusion 1.x/2.x and SDXL configs use; anything else is refused by name
@@ -82,6 +88,10 @@ CHECKED_ARGUMENTS = ("stage_boundaries", "num_train_timesteps", "boundary_units"
                      "dual_cross_attention", "attention_type", "decoder_up_block_types", "decoder_skip_adapters",
                      "decoder_attention_head_dim", "in_channels", "out_channels", "conv_in_kernel",
                      "conv_out_kernel", "sample_size", "norm_eps", "dropout")  # fmt: skip
+# its numeric options and flags, each checked by the rule every model of the package shares (`check_options`)
+CHECKED_OPTIONS = ("center_input_sample", "flip_sin_to_cos", "freq_shift", "downsample_padding", "mid_block_scale_factor",
+                   "resnet_out_scale_factor", "upcast_attention", "use_linear_projection", "resnet_skip_time_act",
+                   "class_embeddings_concat")  # fmt: skip
 
 
 def check_config(
@@ -111,11 +121,13 @@ def check_config(
     sample_size: int | Sequence[int] | None,
     norm_eps: float,
     dropout: float,
+    options: Mapping[str, Any] | None = None,
     **unsupported: Any,
 ) -> tuple[TimestepPartition, list[dict[str, Any]], dict[str, list]]:
     """Check a configuration of `MultiStageUNet2DConditionModel` (``model``) before anything is built, each problem
     a `ValueError` naming the argument: the options it does not support (``unsupported`` holds the rest of
-    `_check_supported`'s), diffusers' own checks, the partition, the decoders' widths, up blocks and heads. Returns
+    `_check_supported`'s), the numeric options and flags (``options``, by name: those of `CHECKED_OPTIONS`, see
+    `check_options`), diffusers' own checks, the partition, the decoders' widths, up blocks and heads. Returns
     the partition, each decoder's layout (``block_out_channels``, ``up_block_types`` and its per-block values, in
     encoder order) and the encoder's per-block values."""
     _check_supported(down_block_types=down_block_types, up_block_types=up_block_types, **unsupported)
@@ -127,6 +139,7 @@ def check_config(
     check_sample_size(sample_size)
     check_positive_integers(norm_num_groups=norm_num_groups)  # None: only diffusers' K-blocks, unsupported here
     check_norm_eps_and_dropout(norm_eps, dropout)
+    check_options(**(options or {}))
     for name, value in (("layers_per_block", layers_per_block), ("attention_head_dim", attention_head_dim)):
         if not all(is_positive_integer(v) for v in _per_block(value, len(down_block_types))):
             raise ValueError(f"`{name}` must be a positive integer or one per block, got {value!r}.")

@@ -525,3 +525,22 @@ def test_bad_norm_eps_and_dropout_name_the_argument_and_the_value(tiny_unet_kwar
     # MultiStageDDPMppUNet2DModel and IUNet2DModel refused these (check_norm_eps_and_dropout); this model built them
     with pytest.raises(ValueError, match=f"`{name}` must be .*got {re.escape(repr(value))}"):
         MultiStageUNet2DModel(**{**tiny_unet_kwargs, name: value})
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("downsample_padding", -1),  # was built, then a shape error in the first forward
+        ("downsample_padding", 1.5),
+        ("freq_shift", "1"),  # was built, then a TypeError in the first forward
+        ("freq_shift", float("nan")),  # was built: every output NaN
+        ("mid_block_scale_factor", float("nan")),  # was built: every output NaN
+        ("mid_block_scale_factor", 0),  # was built: a division by zero in the middle block
+        ("center_input_sample", "no"),  # was taken as True ("no" is truthy)
+        ("flip_sin_to_cos", 0),
+        ("add_attention", "no"),
+    ],
+)
+def test_bad_numeric_options_and_flags_name_the_argument_and_the_value(tiny_unet_kwargs, name, value):
+    with pytest.raises(ValueError, match=f"`{name}` must be .*got {re.escape(repr(value))}"):
+        MultiStageUNet2DModel(**{**tiny_unet_kwargs, name: value})

@@ -294,6 +294,21 @@ def test_save_and_reload_is_identical_and_strict(tiny_cond_unet, tmp_path):
         ({"norm_eps": -1e-5}, r"`norm_eps` must be a positive finite number, got -1e-05"),
         ({"dropout": float("nan")}, r"`dropout` must be a number in \[0, 1\), got nan"),
         ({"dropout": 1.0}, r"`dropout` must be a number in \[0, 1\), got 1.0"),
+        # built silently, then a shape or type error in the first forward, or NaN outputs (the shared rules of
+        # `check_options`, as MultiStageUNet2DModel's)
+        ({"downsample_padding": -1}, r"`downsample_padding` must be an integer >= 0, got -1"),
+        ({"freq_shift": "1"}, r"`freq_shift` must be a finite number, got '1'"),
+        ({"freq_shift": float("nan")}, r"`freq_shift` must be a finite number, got nan"),
+        (
+            {"mid_block_scale_factor": float("nan")},
+            r"`mid_block_scale_factor` must be a positive finite number, got nan",
+        ),
+        ({"resnet_out_scale_factor": 0}, r"`resnet_out_scale_factor` must be a positive finite number, got 0"),
+        ({"center_input_sample": 1}, r"`center_input_sample` must be True or False, got 1"),
+        ({"use_linear_projection": "no"}, r"`use_linear_projection` must be True or False, got 'no'"),  # was True
+        ({"upcast_attention": "no"}, r"`upcast_attention` must be True or False, got 'no'"),
+        ({"class_embeddings_concat": 1}, r"`class_embeddings_concat` must be True or False, got 1"),
+        ({"resnet_skip_time_act": "yes"}, r"`resnet_skip_time_act` must be True or False, got 'yes'"),
         # decoders' up blocks are refused as the encoder's are (one ran, as a block no option supports)
         (
             {"decoder_up_block_types": (("AttnUpBlock2D", "UpBlock2D"),) * 3},
