@@ -87,7 +87,12 @@ CHECKED_ARGUMENTS = ("stage_boundaries", "num_train_timesteps", "boundary_units"
                      "addition_embed_type", "encoder_hid_dim", "encoder_hid_dim_type", "num_attention_heads",
                      "dual_cross_attention", "attention_type", "decoder_up_block_types", "decoder_skip_adapters",
                      "decoder_attention_head_dim", "in_channels", "out_channels", "conv_in_kernel",
-                     "conv_out_kernel", "sample_size", "norm_eps", "dropout")  # fmt: skip
+                     "conv_out_kernel", "sample_size", "norm_eps", "dropout", "time_embedding_dim",
+                     "time_cond_proj_dim", "num_class_embeds", "addition_time_embed_dim",
+                     "projection_class_embeddings_input_dim", "mid_block_only_cross_attention",
+                     "class_embed_type")  # fmt: skip
+# the class embeddings `UNet2DConditionModel` builds (any other `class_embed_type` it builds as none, silently)
+CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection", "simple_projection")
 # its numeric options and flags, each checked by the rule every model of the package shares (`check_options`)
 CHECKED_OPTIONS = ("center_input_sample", "flip_sin_to_cos", "freq_shift", "downsample_padding", "mid_block_scale_factor",
                    "resnet_out_scale_factor", "upcast_attention", "use_linear_projection", "resnet_skip_time_act",
@@ -121,13 +126,20 @@ def check_config(
     sample_size: int | Sequence[int] | None,
     norm_eps: float,
     dropout: float,
+    time_embedding_dim: int | None = None,
+    time_cond_proj_dim: int | None = None,
+    num_class_embeds: int | None = None,
+    addition_time_embed_dim: int | None = None,
+    projection_class_embeddings_input_dim: int | None = None,
+    mid_block_only_cross_attention: bool | None = None,
+    class_embed_type: str | None = None,
     options: Mapping[str, Any] | None = None,
     **unsupported: Any,
 ) -> tuple[TimestepPartition, list[dict[str, Any]], dict[str, list]]:
     """Check a configuration of `MultiStageUNet2DConditionModel` (``model``) before anything is built, each problem
     a `ValueError` naming the argument: the options it does not support (``unsupported`` holds the rest of
     `_check_supported`'s), the numeric options and flags (``options``, by name: those of `CHECKED_OPTIONS`, see
-    `check_options`), diffusers' own checks, the partition, the decoders' widths, up blocks and heads. Returns
+    `check_options`), the optional sizes, the per-block values, ``class_embed_type``, diffusers' own checks, the partition, the decoders' widths, up blocks and heads. Returns
     the partition, each decoder's layout (``block_out_channels``, ``up_block_types`` and its per-block values, in
     encoder order) and the encoder's per-block values."""
     _check_supported(down_block_types=down_block_types, up_block_types=up_block_types, **unsupported)
@@ -140,9 +152,24 @@ def check_config(
     check_positive_integers(norm_num_groups=norm_num_groups)  # None: only diffusers' K-blocks, unsupported here
     check_norm_eps_and_dropout(norm_eps, dropout)
     check_options(**(options or {}))
-    for name, value in (("layers_per_block", layers_per_block), ("attention_head_dim", attention_head_dim)):
+    sizes = {"time_embedding_dim": time_embedding_dim, "time_cond_proj_dim": time_cond_proj_dim,
+             "num_class_embeds": num_class_embeds, "addition_time_embed_dim": addition_time_embed_dim,
+             "projection_class_embeddings_input_dim": projection_class_embeddings_input_dim}  # fmt: skip
+    check_positive_integers(tuple(sizes), **sizes)  # 0: the default width (time), or empty layers, silently
+    for name, value in (("layers_per_block", layers_per_block), ("attention_head_dim", attention_head_dim),
+                        ("cross_attention_dim", cross_attention_dim)):  # fmt: skip
         if not all(is_positive_integer(v) for v in _per_block(value, len(down_block_types))):
             raise ValueError(f"`{name}` must be a positive integer or one per block, got {value!r}.")
+    if not all(isinstance(v, bool) for v in _per_block(only_cross_attention, len(down_block_types))):
+        raise ValueError(  # a string was one flag per letter ("no": every block only cross-attention)
+            f"`only_cross_attention` must be True or False or one per block, got {only_cross_attention!r}."
+        )
+    if mid_block_only_cross_attention is not None and not isinstance(mid_block_only_cross_attention, bool):
+        raise ValueError(
+            f"`mid_block_only_cross_attention` must be True, False or None, got {mid_block_only_cross_attention!r}."
+        )
+    if class_embed_type not in CLASS_EMBED_TYPES:
+        raise ValueError(f"`class_embed_type` must be one of {CLASS_EMBED_TYPES}, got {class_embed_type!r}.")
     num_attention_heads = attention_head_dim  # diffusers' historical naming (UNet2DConditionModel, issue 2011)
     UNet2DConditionModel._check_config(
         model,

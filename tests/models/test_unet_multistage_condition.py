@@ -309,6 +309,31 @@ def test_save_and_reload_is_identical_and_strict(tiny_cond_unet, tmp_path):
         ({"upcast_attention": "no"}, r"`upcast_attention` must be True or False, got 'no'"),
         ({"class_embeddings_concat": 1}, r"`class_embeddings_concat` must be True or False, got 1"),
         ({"resnet_skip_time_act": "yes"}, r"`resnet_skip_time_act` must be True or False, got 'yes'"),
+        # sizes of zero built silently (a time embedding of the default width for 0, empty layers), negative or
+        # float ones a RuntimeError or TypeError inside torch that named none
+        ({"time_embedding_dim": 0}, r"`time_embedding_dim` must be a positive integer or None, got 0"),
+        ({"time_cond_proj_dim": 0}, r"`time_cond_proj_dim` must be a positive integer or None, got 0"),
+        ({"num_class_embeds": 0}, r"`num_class_embeds` must be a positive integer or None, got 0"),
+        ({"num_class_embeds": -1}, r"`num_class_embeds` must be a positive integer or None, got -1"),
+        ({"num_class_embeds": 2.0}, r"`num_class_embeds` must be a positive integer or None, got 2.0"),
+        ({"addition_time_embed_dim": 0}, r"`addition_time_embed_dim` must be a positive integer or None, got 0"),
+        (
+            {"projection_class_embeddings_input_dim": 0},
+            r"`projection_class_embeddings_input_dim` must be a positive integer or None, got 0",
+        ),
+        (
+            {"cross_attention_dim": True},
+            r"`cross_attention_dim` must be a positive integer or one per block, got True",
+        ),
+        ({"cross_attention_dim": (32, 0)}, r"`cross_attention_dim` must be .*, got \(32, 0\)"),
+        # a string was one flag per letter ("no": both blocks only cross-attention)
+        ({"only_cross_attention": "no"}, r"`only_cross_attention` must be True or False or one per block, got 'no'"),
+        (
+            {"mid_block_only_cross_attention": 1},
+            r"`mid_block_only_cross_attention` must be True, False or None, got 1",
+        ),
+        # an unknown class embedding was no class embedding, silently (as MultiStageUNet2DModel refuses it)
+        ({"class_embed_type": "foo"}, r"`class_embed_type` must be one of .*, got 'foo'"),
         # decoders' up blocks are refused as the encoder's are (one ran, as a block no option supports)
         (
             {"decoder_up_block_types": (("AttnUpBlock2D", "UpBlock2D"),) * 3},
