@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from diffusers.models.activations import ACT2CLS
 from torch import nn
 
 from ..partition import exact_float
@@ -117,11 +118,24 @@ def _is_positive_finite(value: object) -> bool:
 # rule each, shared by every model of the package that takes the option (`check_options`). name: (what the value
 # must be, its check).
 _FLAG = ("True or False", lambda value: isinstance(value, bool))
+_ACTIVATIONS = tuple(ACT2CLS)  # the names diffusers' `get_activation` takes (in any case)
+
+
+def _is_activation(value: object) -> bool:
+    """Whether ``value`` names an activation diffusers' `get_activation` builds (its names in any case)."""
+    return isinstance(value, str) and value.lower() in ACT2CLS
+
+
 OPTION_RULES: dict[str, tuple[str, Callable[[object], bool]]] = {
     "freq_shift": ("a finite number", lambda value: _is_number(value) and math.isfinite(value)),
     "downsample_padding": ("an integer >= 0", is_non_negative_integer),
     "mid_block_scale_factor": ("a positive finite number", _is_positive_finite),  # what the middle block divides by
     "resnet_out_scale_factor": ("a positive finite number", _is_positive_finite),  # what each resnet divides by
+    "act_fn": (f"one of {_ACTIVATIONS}", _is_activation),
+    "time_embedding_act_fn": (f"None or one of {_ACTIVATIONS}", lambda value: value is None or _is_activation(value)),
+    "timestep_post_act": (f"None or one of {_ACTIVATIONS}", lambda value: value is None or _is_activation(value)),
+    # diffusers' ResnetBlock2D's `time_embedding_norm`: its error named that, not this argument
+    "resnet_time_scale_shift": ("'default' or 'scale_shift'", lambda value: value in ("default", "scale_shift")),
     **dict.fromkeys(
         (
             "center_input_sample",
@@ -144,7 +158,7 @@ def check_options(**values: object) -> None:
     r"""
     A `ValueError` naming the first of ``values`` (model options, by name) that breaks its rule in `OPTION_RULES`:
     flags must be True or False, ``freq_shift`` a finite number, ``downsample_padding`` an integer >= 0, the scale
-    factors positive finite numbers.
+    factors positive finite numbers, activations names diffusers' `get_activation` takes.
 
     Example:
 

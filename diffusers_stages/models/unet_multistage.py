@@ -266,7 +266,7 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
         check_sample_size(c.sample_size)
         check_norm_eps_and_dropout(c.norm_eps, c.dropout)
         options = ("center_input_sample", "flip_sin_to_cos", "freq_shift", "mid_block_scale_factor",
-                   "downsample_padding", "add_attention")  # fmt: skip
+                   "downsample_padding", "add_attention", "act_fn", "resnet_time_scale_shift")  # fmt: skip
         check_options(**{name: getattr(c, name) for name in options})
         kinds = {
             "downsample_type": ("conv", "resnet"),

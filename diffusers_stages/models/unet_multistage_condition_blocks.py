@@ -96,7 +96,8 @@ CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection", "simple_project
 # its numeric options and flags, each checked by the rule every model of the package shares (`check_options`)
 CHECKED_OPTIONS = ("center_input_sample", "flip_sin_to_cos", "freq_shift", "downsample_padding", "mid_block_scale_factor",
                    "resnet_out_scale_factor", "upcast_attention", "use_linear_projection", "resnet_skip_time_act",
-                   "class_embeddings_concat")  # fmt: skip
+                   "class_embeddings_concat", "act_fn", "time_embedding_act_fn", "timestep_post_act",
+                   "resnet_time_scale_shift")  # fmt: skip
 
 
 def check_config(

@@ -192,6 +192,9 @@ def test_call_arguments_take_numpy_integers_as_python_ints_and_configs_say_why_n
         ("center_input_sample", 1),  # a flag: True or False, not an integer or a string ("no" is truthy)
         ("flip_sin_to_cos", "no"),
         ("qkv_bias", np.bool_(True)),  # not JSON: the config could not be saved
+        ("act_fn", "foo"),
+        ("time_embedding_act_fn", "foo"),
+        ("resnet_time_scale_shift", "spatial"),  # diffusers' ResnetBlock2D takes only these two
     ],
 )
 def test_model_options_name_the_argument_and_the_value(name, value):
@@ -202,3 +205,6 @@ def test_model_options_name_the_argument_and_the_value(name, value):
 def test_good_model_options_pass():
     check_options(freq_shift=1, downsample_padding=0, mid_block_scale_factor=math.sqrt(2), center_input_sample=True)
     check_options(freq_shift=0.5, flip_sin_to_cos=False, resnet_out_scale_factor=1)
+    check_options(
+        act_fn="SiLU", time_embedding_act_fn=None, timestep_post_act="gelu", resnet_time_scale_shift="default"
+    )

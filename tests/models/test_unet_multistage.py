@@ -539,6 +539,9 @@ def test_bad_norm_eps_and_dropout_name_the_argument_and_the_value(tiny_unet_kwar
         ("center_input_sample", "no"),  # was taken as True ("no" is truthy)
         ("flip_sin_to_cos", 0),
         ("add_attention", "no"),
+        ("act_fn", None),  # was an AttributeError (None.lower())
+        ("act_fn", "foo"),  # was diffusers' error naming no argument
+        ("resnet_time_scale_shift", "foo"),  # was diffusers' error naming `time_embedding_norm`
     ],
 )
 def test_bad_numeric_options_and_flags_name_the_argument_and_the_value(tiny_unet_kwargs, name, value):

@@ -309,6 +309,13 @@ def test_save_and_reload_is_identical_and_strict(tiny_cond_unet, tmp_path):
         ({"upcast_attention": "no"}, r"`upcast_attention` must be True or False, got 'no'"),
         ({"class_embeddings_concat": 1}, r"`class_embeddings_concat` must be True or False, got 1"),
         ({"resnet_skip_time_act": "yes"}, r"`resnet_skip_time_act` must be True or False, got 'yes'"),
+        ({"act_fn": None}, r"`act_fn` must be one of .*, got None"),  # was an AttributeError (None.lower())
+        ({"time_embedding_act_fn": "foo"}, r"`time_embedding_act_fn` must be None or one of .*, got 'foo'"),
+        ({"timestep_post_act": 1}, r"`timestep_post_act` must be None or one of .*, got 1"),
+        (
+            {"resnet_time_scale_shift": "foo"},
+            r"`resnet_time_scale_shift` must be 'default' or 'scale_shift', got 'foo'",
+        ),
         # sizes of zero built silently (a time embedding of the default width for 0, empty layers), negative or
         # float ones a RuntimeError or TypeError inside torch that named none
         ({"time_embedding_dim": 0}, r"`time_embedding_dim` must be a positive integer or None, got 0"),
