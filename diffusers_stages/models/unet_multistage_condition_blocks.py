@@ -161,6 +161,13 @@ def check_config(
                         ("cross_attention_dim", cross_attention_dim)):  # fmt: skip
         if not all(is_positive_integer(v) for v in _per_block(value, len(down_block_types))):
             raise ValueError(f"`{name}` must be a positive integer or one per block, got {value!r}.")
+    layers = _per_block(transformer_layers_per_block, len(down_block_types))  # each block's: a count, or one per layer
+    if not all(is_positive_integer(n) or (isinstance(n, (list, tuple)) and n and all(map(is_positive_integer, n)))
+               for n in layers):  # fmt: skip
+        raise ValueError(  # 0: cross-attention blocks with no transformer layer, attending to nothing
+            "`transformer_layers_per_block` must be a positive integer or one per block (each a positive integer or "
+            f"one per layer), got {transformer_layers_per_block!r}."
+        )
     if not all(isinstance(v, bool) for v in _per_block(only_cross_attention, len(down_block_types))):
         raise ValueError(  # a string was one flag per letter ("no": every block only cross-attention)
             f"`only_cross_attention` must be True or False or one per block, got {only_cross_attention!r}."

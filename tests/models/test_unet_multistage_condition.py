@@ -333,6 +333,14 @@ def test_save_and_reload_is_identical_and_strict(tiny_cond_unet, tmp_path):
             r"`cross_attention_dim` must be a positive integer or one per block, got True",
         ),
         ({"cross_attention_dim": (32, 0)}, r"`cross_attention_dim` must be .*, got \(32, 0\)"),
+        # zero transformer layers built cross-attention blocks that attend to nothing; a float a TypeError
+        (
+            {"transformer_layers_per_block": 0},
+            r"`transformer_layers_per_block` must be a positive integer or one per block .*, got 0",
+        ),
+        ({"transformer_layers_per_block": True}, r"`transformer_layers_per_block` must be .*, got True"),
+        ({"transformer_layers_per_block": (1, 0)}, r"`transformer_layers_per_block` must be .*, got \(1, 0\)"),
+        ({"transformer_layers_per_block": 1.5}, r"`transformer_layers_per_block` must be .*, got 1.5"),
         # a string was one flag per letter ("no": both blocks only cross-attention)
         ({"only_cross_attention": "no"}, r"`only_cross_attention` must be True or False or one per block, got 'no'"),
         (
