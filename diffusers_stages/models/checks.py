@@ -178,6 +178,17 @@ def check_options(**values: object) -> None:
             raise ValueError(f"`{name}` must be {what}, got {value!r}.")
 
 
+def check_freq_shift(freq_shift: float, width: int, source: str) -> None:
+    """A `ValueError` naming ``freq_shift`` when it is half the ``width`` of a sinusoidal projection (diffusers'
+    `Timesteps`), whose frequencies divide by ``width // 2 - freq_shift``: every embedding, and output, NaN.
+    ``source`` names the option the width comes from."""
+    if width // 2 > 0 and freq_shift == width // 2:  # (a width of 1 has no frequency to divide)
+        raise ValueError(
+            f"`freq_shift`={freq_shift!r} must differ from {width // 2}, half the width of the sinusoidal projection "
+            f"(`{source}`={width}): its frequencies divide by the difference, and every output would be NaN."
+        )
+
+
 def _is_integral(value: object) -> bool:
     """Whether ``value`` is an integer of any kind (`numbers.Integral`: Python's, numpy's), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

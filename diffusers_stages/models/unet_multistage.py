@@ -25,6 +25,7 @@ from torch import nn
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..partition import TimestepPartition
 from .checks import (
+    check_freq_shift,
     check_norm_eps_and_dropout,
     check_options,
     check_positive_integers,
@@ -254,6 +255,8 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
             raise ValueError(
                 f"`time_embedding_type` must be positional, fourier or learned, got {c.time_embedding_type!r}."
             )
+        if c.time_embedding_type == "positional":
+            check_freq_shift(c.freq_shift, c.block_out_channels[0], "block_out_channels[0]")
         return partition, decoder_block_out_channels, decoder_up_block_types
 
     def _check_sizes_and_kinds(self) -> None:

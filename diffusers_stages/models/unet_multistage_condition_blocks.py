@@ -16,6 +16,7 @@ from torch import nn
 
 from ..partition import TimestepPartition
 from .checks import (
+    check_freq_shift,
     check_norm_eps_and_dropout,
     check_options,
     check_positive_integers,
@@ -90,7 +91,7 @@ CHECKED_ARGUMENTS = ("stage_boundaries", "num_train_timesteps", "boundary_units"
                      "conv_out_kernel", "sample_size", "norm_eps", "dropout", "time_embedding_dim",
                      "time_cond_proj_dim", "num_class_embeds", "addition_time_embed_dim",
                      "projection_class_embeddings_input_dim", "mid_block_only_cross_attention",
-                     "class_embed_type")  # fmt: skip
+                     "class_embed_type", "time_embedding_type")  # fmt: skip
 # the class embeddings `UNet2DConditionModel` builds (any other `class_embed_type` it builds as none, silently)
 CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection", "simple_projection")
 # its numeric options and flags, each checked by the rule every model of the package shares (`check_options`)
@@ -134,6 +135,7 @@ def check_config(
     projection_class_embeddings_input_dim: int | None = None,
     mid_block_only_cross_attention: bool | None = None,
     class_embed_type: str | None = None,
+    time_embedding_type: str = "positional",
     options: Mapping[str, Any] | None = None,
     **unsupported: Any,
 ) -> tuple[TimestepPartition, list[dict[str, Any]], dict[str, list]]:
@@ -213,6 +215,11 @@ def check_config(
         UP_BLOCKS_WITHOUT_ADAPTERS,
     )  # fmt: skip
     _check_supported(decoder_up_block_types=decoder_up_block_types)
+    freq_shift = (options or {}).get("freq_shift", 0)  # the time's and the added time ids' sinusoidal projections
+    if time_embedding_type == "positional":
+        check_freq_shift(freq_shift, block_out_channels[0], "block_out_channels[0]")
+    if unsupported.get("addition_embed_type") == "text_time" and addition_time_embed_dim is not None:
+        check_freq_shift(freq_shift, addition_time_embed_dim, "addition_time_embed_dim")
     decoder_heads = _decoder_heads(decoder_attention_head_dim, per_block["num_attention_heads"], partition.num_stages)
     check_heads(decoder_block_out_channels, decoder_up_block_types, decoder_heads)
     decoders = [

@@ -547,3 +547,10 @@ def test_bad_norm_eps_and_dropout_name_the_argument_and_the_value(tiny_unet_kwar
 def test_bad_numeric_options_and_flags_name_the_argument_and_the_value(tiny_unet_kwargs, name, value):
     with pytest.raises(ValueError, match=f"`{name}` must be .*got {re.escape(repr(value))}"):
         MultiStageUNet2DModel(**{**tiny_unet_kwargs, name: value})
+
+
+def test_a_freq_shift_of_half_the_time_width_is_refused(tiny_unet_kwargs):
+    # the sinusoidal frequencies divide by (block_out_channels[0] // 2 - freq_shift): 0 made every output NaN, silently
+    with pytest.raises(ValueError, match=r"`freq_shift`=4 must differ from 4, half .*block_out_channels"):
+        MultiStageUNet2DModel(**{**tiny_unet_kwargs, "freq_shift": 4})
+    MultiStageUNet2DModel(**{**tiny_unet_kwargs, "freq_shift": 4, "time_embedding_type": "fourier"})  # unused there

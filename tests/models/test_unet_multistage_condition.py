@@ -309,6 +309,8 @@ def test_save_and_reload_is_identical_and_strict(tiny_cond_unet, tmp_path):
         ({"upcast_attention": "no"}, r"`upcast_attention` must be True or False, got 'no'"),
         ({"class_embeddings_concat": 1}, r"`class_embeddings_concat` must be True or False, got 1"),
         ({"resnet_skip_time_act": "yes"}, r"`resnet_skip_time_act` must be True or False, got 'yes'"),
+        # the sinusoidal frequencies divide by (width // 2 - freq_shift): 0 made every output NaN, silently
+        ({"freq_shift": 4}, r"`freq_shift`=4 must differ from 4, half .*block_out_channels"),
         ({"act_fn": None}, r"`act_fn` must be one of .*, got None"),  # was an AttributeError (None.lower())
         ({"time_embedding_act_fn": "foo"}, r"`time_embedding_act_fn` must be None or one of .*, got 'foo'"),
         ({"timestep_post_act": 1}, r"`timestep_post_act` must be None or one of .*, got 1"),
