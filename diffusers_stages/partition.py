@@ -68,7 +68,8 @@ def as_levels(value: torch.Tensor | float | Sequence[float]) -> torch.Tensor:
 
 class TimestepPartition:
     r"""
-    Stage boundaries over a noise schedule, and the lookup from noise levels to stage indices.
+    Stage boundaries over a noise schedule, and the lookup from noise levels to stage indices. A partition is
+    immutable (its attributes are read-only) and hashable, equal partitions hashing alike.
 
     Args:
         boundaries (`Sequence[float]`):
@@ -108,10 +109,33 @@ class TimestepPartition:
                 f"`boundaries` must lie strictly inside the schedule ({low}, {high}) in {units!r} units, "
                 f"got {list(boundaries)}."
             )
-        self.boundaries = tuple(values)
-        self.num_train_timesteps = num_train_timesteps
-        self.units = units
+        # read-only (the properties below): the lookup tensors are cached from them, and the partition is hashable
+        self._boundaries = tuple(values)
+        self._num_train_timesteps = num_train_timesteps
+        self._units = units
         self._bounds: dict[tuple, torch.Tensor] = {}  # the boundaries as a tensor, per (space, dtype, device)
+
+    @property
+    def boundaries(self) -> tuple[float, ...]:
+        """The inner boundaries, strictly increasing, in `units` (read-only, as every attribute of a partition)."""
+        return self._boundaries
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """The length of the training schedule."""
+        return self._num_train_timesteps
+
+    @property
+    def units(self) -> str:
+        """``"timestep"`` or ``"sigma"``."""
+        return self._units
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle, also a partition pickled before its attributes became read-only (``boundaries``, ...)."""
+        for name in ("boundaries", "num_train_timesteps", "units"):
+            if name in state:
+                state[f"_{name}"] = state.pop(name)
+        self.__dict__.update(state)
 
     # ----------------------------------------------------------------------------------------------------------
     # construction
@@ -271,6 +295,9 @@ class TimestepPartition:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TimestepPartition) and self.to_config() == other.to_config()
+
+    def __hash__(self) -> int:  # equal partitions (equal `to_config()`) hash alike
+        return hash((self.boundaries, self.num_train_timesteps, self.units))
 
     def __repr__(self) -> str:
         return (

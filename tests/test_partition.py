@@ -1,4 +1,6 @@
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -391,3 +393,25 @@ def test_a_config_with_a_numpy_schedule_length_is_refused_with_a_hint():
     with pytest.raises(ValueError, match=hint):
         MultiStageUNet2DModel(num_train_timesteps=np.int64(1000))
     assert TimestepPartition.from_config(stage_boundaries=[442], num_train_timesteps=1000, boundary_units="timestep")
+
+
+def test_a_partition_is_read_only_and_hashable_as_it_compares():
+    # its attributes could be reassigned after a lookup, which kept routing by the old boundaries (the lookup
+    # tensors are cached) while `boundaries` and `to_config()` said otherwise; and it could not key a dict or set
+    partition = TimestepPartition([442, 631])
+    partition.stage_for_noise_level(torch.tensor([500]))
+    for name, value in (("boundaries", (500.0,)), ("num_train_timesteps", 10), ("units", "sigma")):
+        with pytest.raises(AttributeError):
+            setattr(partition, name, value)
+    assert partition.boundaries == (442.0, 631.0) and partition.stage_for_noise_level(500).item() == 1
+    same, other = TimestepPartition((442.0, 631.0), 1000), TimestepPartition([442, 631], units="sigma")
+    assert same == partition and hash(same) == hash(partition)
+    assert other != partition and len({partition, same, other}) == 2
+    # copies and pickles stay equal, and route alike
+    for copied in (copy.deepcopy(partition), pickle.loads(pickle.dumps(partition))):
+        assert copied == partition and hash(copied) == hash(partition)
+        assert copied.stage_for_noise_level(torch.tensor([441, 442])).tolist() == [0, 1]
+    # a partition pickled before (plain attributes in its state) loads as the same partition
+    old = TimestepPartition.__new__(TimestepPartition)
+    old.__setstate__({"boundaries": (442.0, 631.0), "num_train_timesteps": 1000, "units": "timestep", "_bounds": {}})
+    assert old == partition and old.stage_for_noise_level(442).item() == 1

@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from diffusers.models.activations import ACT2CLS
 from torch import nn
 
 from ..partition import exact_float
@@ -94,6 +95,98 @@ def check_norm_eps_and_dropout(norm_eps: object, dropout: object) -> None:
         raise ValueError(f"`norm_eps` must be a positive finite number, got {norm_eps!r}.")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
         raise ValueError(f"`dropout` must be a number in [0, 1), got {dropout!r}.")
+
+
+def is_non_negative_integer(value: object) -> bool:
+    """Whether ``value`` is a Python integer >= 0 (a bool is not, nor a float such as 2.0)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: object) -> bool:
+    """Whether ``value`` is a Python number a JSON config can hold (an int or a float, numpy's float64 too; not a
+    bool, nor numpy's float32, which JSON cannot save)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_positive_finite(value: object) -> bool:
+    """Whether ``value`` is a positive finite Python number (`_is_number`)."""
+    return _is_number(value) and 0 < value < math.inf
+
+
+# The options diffusers' models take unchecked and then fail on only in the first forward (a type or shape error deep
+# inside torch), or build into a model whose outputs are NaN, or read as something else ("no" is a truthy flag): one
+# rule each, shared by every model of the package that takes the option (`check_options`). name: (what the value
+# must be, its check).
+_FLAG = ("True or False", lambda value: isinstance(value, bool))
+_ACTIVATIONS = tuple(ACT2CLS)  # the names diffusers' `get_activation` takes (in any case)
+
+
+def _is_activation(value: object) -> bool:
+    """Whether ``value`` names an activation diffusers' `get_activation` builds (its names in any case)."""
+    return isinstance(value, str) and value.lower() in ACT2CLS
+
+
+OPTION_RULES: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "freq_shift": ("a finite number", lambda value: _is_number(value) and math.isfinite(value)),
+    "downsample_padding": ("an integer >= 0", is_non_negative_integer),
+    "mid_block_scale_factor": ("a positive finite number", _is_positive_finite),  # what the middle block divides by
+    "resnet_out_scale_factor": ("a positive finite number", _is_positive_finite),  # what each resnet divides by
+    "act_fn": (f"one of {_ACTIVATIONS}", _is_activation),
+    "time_embedding_act_fn": (f"None or one of {_ACTIVATIONS}", lambda value: value is None or _is_activation(value)),
+    "timestep_post_act": (f"None or one of {_ACTIVATIONS}", lambda value: value is None or _is_activation(value)),
+    # diffusers' ResnetBlock2D's `time_embedding_norm`: its error named that, not this argument
+    "resnet_time_scale_shift": ("'default' or 'scale_shift'", lambda value: value in ("default", "scale_shift")),
+    **dict.fromkeys(
+        (
+            "center_input_sample",
+            "flip_sin_to_cos",
+            "add_attention",
+            "upcast_attention",
+            "use_linear_projection",
+            "resnet_skip_time_act",
+            "class_embeddings_concat",
+            "qkv_bias",
+            "mlp_time_embed",
+            "final_conv",
+        ),
+        _FLAG,
+    ),
+}
+
+
+def check_options(**values: object) -> None:
+    r"""
+    A `ValueError` naming the first of ``values`` (model options, by name) that breaks its rule in `OPTION_RULES`:
+    flags must be True or False, ``freq_shift`` a finite number, ``downsample_padding`` an integer >= 0, the scale
+    factors positive finite numbers, activations names diffusers' `get_activation` takes.
+
+    Example:
+
+    ```py
+    >>> from diffusers_stages.models.checks import check_options
+    >>> check_options(freq_shift=1, downsample_padding=0, center_input_sample=False)
+    >>> check_options(center_input_sample="no")
+    Traceback (most recent call last):
+    ...
+    ValueError: `center_input_sample` must be True or False, got 'no'.
+
+    ```
+    """
+    for name, value in values.items():
+        what, valid = OPTION_RULES[name]
+        if not valid(value):
+            raise ValueError(f"`{name}` must be {what}, got {value!r}.")
+
+
+def check_freq_shift(freq_shift: float, width: int, source: str) -> None:
+    """A `ValueError` naming ``freq_shift`` when it is half the ``width`` of a sinusoidal projection (diffusers'
+    `Timesteps`), whose frequencies divide by ``width // 2 - freq_shift``: every embedding, and output, NaN.
+    ``source`` names the option the width comes from."""
+    if width // 2 > 0 and freq_shift == width // 2:  # (a width of 1 has no frequency to divide)
+        raise ValueError(
+            f"`freq_shift`={freq_shift!r} must differ from {width // 2}, half the width of the sinusoidal projection "
+            f"(`{source}`={width}): its frequencies divide by the difference, and every output would be NaN."
+        )
 
 
 def _is_integral(value: object) -> bool:

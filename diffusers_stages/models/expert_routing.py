@@ -569,6 +569,28 @@ class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMix
         """Indices of the experts held in memory."""
         return [i for i, e in enumerate(self.experts) if e is not None]
 
+    @property
+    def device(self) -> torch.device:
+        """The loaded experts' device (as `ModelMixin.device`); a `ValueError` when no expert is loaded."""
+        self._check_some_expert_loaded("device")
+        return super().device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The loaded experts' dtype (as `ModelMixin.dtype`); a `ValueError` when no expert is loaded."""
+        self._check_some_expert_loaded("dtype")
+        return super().dtype
+
+    def _check_some_expert_loaded(self, name: str) -> None:
+        """A container of no loaded expert (``from_pretrained(..., load_experts=[])``) holds no tensor, so it has no
+        ``name`` (device, dtype): say so, rather than diffusers' StopIteration or UnboundLocalError."""
+        if not self.loaded_experts:
+            raise ValueError(
+                f"This ExpertRoutingModel has no `{name}`: no expert is loaded (it was loaded with `load_experts=[]`, "
+                "or its experts are all None). Load the experts a run needs with "
+                "`ExpertRoutingModel.from_pretrained(path, load_experts=[...])`, or set `model.experts[i]`."
+            )
+
     def expert(self, stage: int) -> ModelMixin:
         """The denoiser of ``stage``; a `ValueError` that says how to load it if it is not loaded."""
         if not 0 <= stage < self.num_stages:

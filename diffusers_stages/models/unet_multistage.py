@@ -25,7 +25,9 @@ from torch import nn
 from ..conventions import DEFAULT_STAGE_BOUNDARIES
 from ..partition import TimestepPartition
 from .checks import (
+    check_freq_shift,
     check_norm_eps_and_dropout,
+    check_options,
     check_positive_integers,
     check_sample_size,
     check_table_timesteps,
@@ -253,17 +255,22 @@ class MultiStageUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMixin, Co
             raise ValueError(
                 f"`time_embedding_type` must be positional, fourier or learned, got {c.time_embedding_type!r}."
             )
+        if c.time_embedding_type == "positional":
+            check_freq_shift(c.freq_shift, c.block_out_channels[0], "block_out_channels[0]")
         return partition, decoder_block_out_channels, decoder_up_block_types
 
     def _check_sizes_and_kinds(self) -> None:
-        """The integer sizes, ``norm_eps``, ``dropout`` and the block kinds that `UNet2DModel` only fails on deep inside
-        torch, or ignores."""
+        """The integer sizes, ``norm_eps``, ``dropout``, the numeric options and flags (`check_options`) and the block
+        kinds that `UNet2DModel` only fails on deep inside torch, or ignores."""
         c = self.config
         optional = ("attention_head_dim", "attn_norm_num_groups", "time_embedding_dim", "num_class_embeds")
         names = ("in_channels", "out_channels", "layers_per_block", "norm_num_groups", *optional)
         check_positive_integers(optional, **{name: getattr(c, name) for name in names})
         check_sample_size(c.sample_size)
         check_norm_eps_and_dropout(c.norm_eps, c.dropout)
+        options = ("center_input_sample", "flip_sin_to_cos", "freq_shift", "mid_block_scale_factor",
+                   "downsample_padding", "add_attention", "act_fn", "resnet_time_scale_shift")  # fmt: skip
+        check_options(**{name: getattr(c, name) for name in options})
         kinds = {
             "downsample_type": ("conv", "resnet"),
             "upsample_type": ("conv", "resnet"),

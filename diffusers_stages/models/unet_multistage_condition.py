@@ -48,6 +48,7 @@ from .lora import check_lora_fits, fetch_lora, lora_to_stages, require_peft, wit
 from .staged import StagedModelMixin
 from .unet_multistage_condition_blocks import (
     CHECKED_ARGUMENTS,
+    CHECKED_OPTIONS,
     SUPPORTED_ADDITION_EMBEDS,
     SUPPORTED_DOWN_BLOCKS,
     SUPPORTED_MID_BLOCKS,
@@ -242,7 +243,9 @@ class MultiStageUNet2DConditionModel(
         # 0. check the configuration: unsupported options, diffusers' own checks, the decoders' widths (`self.config`
         # holds every argument above already: @register_to_config sets it before this body runs)
         self.partition, decoders, per_block = check_config(
-            self, **{name: self.config[name] for name in CHECKED_ARGUMENTS}
+            self,
+            options={name: self.config[name] for name in CHECKED_OPTIONS},
+            **{name: self.config[name] for name in CHECKED_ARGUMENTS},
         )
         self.register_to_config(stage_boundaries=list(self.partition.boundaries))  # floats: JSON whatever was given
         self.sample_size = sample_size

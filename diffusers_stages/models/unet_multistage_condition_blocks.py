@@ -5,7 +5,7 @@ builds its own), and the attention masks as additive biases.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,7 +15,14 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from ..partition import TimestepPartition
-from .checks import check_norm_eps_and_dropout, check_positive_integers, check_sample_size, is_positive_integer
+from .checks import (
+    check_freq_shift,
+    check_norm_eps_and_dropout,
+    check_options,
+    check_positive_integers,
+    check_sample_size,
+    is_positive_integer,
+)
 from .decoders import SkipAdapters, resolve_decoder_up_block_types, resolve_decoder_widths, take_encoder_widths
 
 # the options Stable Diffusion 1.x/2.x and SDXL configs use; anything else is refused by name
@@ -81,7 +88,17 @@ CHECKED_ARGUMENTS = ("stage_boundaries", "num_train_timesteps", "boundary_units"
                      "addition_embed_type", "encoder_hid_dim", "encoder_hid_dim_type", "num_attention_heads",
                      "dual_cross_attention", "attention_type", "decoder_up_block_types", "decoder_skip_adapters",
                      "decoder_attention_head_dim", "in_channels", "out_channels", "conv_in_kernel",
-                     "conv_out_kernel", "sample_size", "norm_eps", "dropout")  # fmt: skip
+                     "conv_out_kernel", "sample_size", "norm_eps", "dropout", "time_embedding_dim",
+                     "time_cond_proj_dim", "num_class_embeds", "addition_time_embed_dim",
+                     "projection_class_embeddings_input_dim", "mid_block_only_cross_attention",
+                     "class_embed_type", "time_embedding_type")  # fmt: skip
+# the class embeddings `UNet2DConditionModel` builds (any other `class_embed_type` it builds as none, silently)
+CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection", "simple_projection")
+# its numeric options and flags, each checked by the rule every model of the package shares (`check_options`)
+CHECKED_OPTIONS = ("center_input_sample", "flip_sin_to_cos", "freq_shift", "downsample_padding", "mid_block_scale_factor",
+                   "resnet_out_scale_factor", "upcast_attention", "use_linear_projection", "resnet_skip_time_act",
+                   "class_embeddings_concat", "act_fn", "time_embedding_act_fn", "timestep_post_act",
+                   "resnet_time_scale_shift")  # fmt: skip
 
 
 def check_config(
@@ -111,11 +128,21 @@ def check_config(
     sample_size: int | Sequence[int] | None,
     norm_eps: float,
     dropout: float,
+    time_embedding_dim: int | None = None,
+    time_cond_proj_dim: int | None = None,
+    num_class_embeds: int | None = None,
+    addition_time_embed_dim: int | None = None,
+    projection_class_embeddings_input_dim: int | None = None,
+    mid_block_only_cross_attention: bool | None = None,
+    class_embed_type: str | None = None,
+    time_embedding_type: str = "positional",
+    options: Mapping[str, Any] | None = None,
     **unsupported: Any,
 ) -> tuple[TimestepPartition, list[dict[str, Any]], dict[str, list]]:
     """Check a configuration of `MultiStageUNet2DConditionModel` (``model``) before anything is built, each problem
     a `ValueError` naming the argument: the options it does not support (``unsupported`` holds the rest of
-    `_check_supported`'s), diffusers' own checks, the partition, the decoders' widths, up blocks and heads. Returns
+    `_check_supported`'s), the numeric options and flags (``options``, by name: those of `CHECKED_OPTIONS`, see
+    `check_options`), the optional sizes, the per-block values, ``class_embed_type``, diffusers' own checks, the partition, the decoders' widths, up blocks and heads. Returns
     the partition, each decoder's layout (``block_out_channels``, ``up_block_types`` and its per-block values, in
     encoder order) and the encoder's per-block values."""
     _check_supported(down_block_types=down_block_types, up_block_types=up_block_types, **unsupported)
@@ -127,9 +154,32 @@ def check_config(
     check_sample_size(sample_size)
     check_positive_integers(norm_num_groups=norm_num_groups)  # None: only diffusers' K-blocks, unsupported here
     check_norm_eps_and_dropout(norm_eps, dropout)
-    for name, value in (("layers_per_block", layers_per_block), ("attention_head_dim", attention_head_dim)):
+    check_options(**(options or {}))
+    sizes = {"time_embedding_dim": time_embedding_dim, "time_cond_proj_dim": time_cond_proj_dim,
+             "num_class_embeds": num_class_embeds, "addition_time_embed_dim": addition_time_embed_dim,
+             "projection_class_embeddings_input_dim": projection_class_embeddings_input_dim}  # fmt: skip
+    check_positive_integers(tuple(sizes), **sizes)  # 0: the default width (time), or empty layers, silently
+    for name, value in (("layers_per_block", layers_per_block), ("attention_head_dim", attention_head_dim),
+                        ("cross_attention_dim", cross_attention_dim)):  # fmt: skip
         if not all(is_positive_integer(v) for v in _per_block(value, len(down_block_types))):
             raise ValueError(f"`{name}` must be a positive integer or one per block, got {value!r}.")
+    layers = _per_block(transformer_layers_per_block, len(down_block_types))  # each block's: a count, or one per layer
+    if not all(is_positive_integer(n) or (isinstance(n, (list, tuple)) and n and all(map(is_positive_integer, n)))
+               for n in layers):  # fmt: skip
+        raise ValueError(  # 0: cross-attention blocks with no transformer layer, attending to nothing
+            "`transformer_layers_per_block` must be a positive integer or one per block (each a positive integer or "
+            f"one per layer), got {transformer_layers_per_block!r}."
+        )
+    if not all(isinstance(v, bool) for v in _per_block(only_cross_attention, len(down_block_types))):
+        raise ValueError(  # a string was one flag per letter ("no": every block only cross-attention)
+            f"`only_cross_attention` must be True or False or one per block, got {only_cross_attention!r}."
+        )
+    if mid_block_only_cross_attention is not None and not isinstance(mid_block_only_cross_attention, bool):
+        raise ValueError(
+            f"`mid_block_only_cross_attention` must be True, False or None, got {mid_block_only_cross_attention!r}."
+        )
+    if class_embed_type not in CLASS_EMBED_TYPES:
+        raise ValueError(f"`class_embed_type` must be one of {CLASS_EMBED_TYPES}, got {class_embed_type!r}.")
     num_attention_heads = attention_head_dim  # diffusers' historical naming (UNet2DConditionModel, issue 2011)
     UNet2DConditionModel._check_config(
         model,
@@ -165,6 +215,11 @@ def check_config(
         UP_BLOCKS_WITHOUT_ADAPTERS,
     )  # fmt: skip
     _check_supported(decoder_up_block_types=decoder_up_block_types)
+    freq_shift = (options or {}).get("freq_shift", 0)  # the time's and the added time ids' sinusoidal projections
+    if time_embedding_type == "positional":
+        check_freq_shift(freq_shift, block_out_channels[0], "block_out_channels[0]")
+    if unsupported.get("addition_embed_type") == "text_time" and addition_time_embed_dim is not None:
+        check_freq_shift(freq_shift, addition_time_embed_dim, "addition_time_embed_dim")
     decoder_heads = _decoder_heads(decoder_attention_head_dim, per_block["num_attention_heads"], partition.num_stages)
     check_heads(decoder_block_out_channels, decoder_up_block_types, decoder_heads)
     decoders = [

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..conventions import DEFAULT_SIGMA_BOUNDARIES, num_data_classes
 from ..partition import TimestepPartition
-from .checks import check_norm_eps_and_dropout, check_positive_integers, compute_dtype
+from .checks import check_norm_eps_and_dropout, check_positive_integers, compute_dtype, is_positive_integer
 from .loading import StrictLoadingMixin
 from .staged import StagedModelMixin
 
@@ -339,10 +339,14 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
             )
         if not isinstance(decoder_mid_blocks, bool):
             raise ValueError(f"`decoder_mid_blocks` must be True or False, got {decoder_mid_blocks!r}.")
-        if not isinstance(attention_resolutions, Sequence) or isinstance(attention_resolutions, str):
+        if (
+            not isinstance(attention_resolutions, Sequence)
+            or isinstance(attention_resolutions, str)
+            or not all(is_positive_integer(r) for r in attention_resolutions)  # 4.0 or True: not a map size
+        ):
             raise ValueError(
-                "`attention_resolutions` must be a list of resolutions (the map sizes that attend, e.g. (16,); () for "
-                f"none), got {attention_resolutions!r}."
+                "`attention_resolutions` must be a list of resolutions (integers: the map sizes that attend, e.g. "
+                f"(16,); () for none), got {attention_resolutions!r}."
             )
         self.partition = self._check_config(stage_boundaries, num_train_timesteps, boundary_units, decoder_channels,
                                             sample_size, channel_mult, num_class_embeds)  # fmt: skip
@@ -434,7 +438,7 @@ class MultiStageDDPMppUNet2DModel(StagedModelMixin, StrictLoadingMixin, ModelMix
                 f"`decoder_channels` must give one width per stage ({partition.num_stages} stages from "
                 f"`stage_boundaries`={tuple(stage_boundaries)}), got {tuple(decoder_channels)}."
             )
-        if not isinstance(sample_size, int) or sample_size < 1 or sample_size % 2 ** (len(channel_mult) - 1):
+        if not is_positive_integer(sample_size) or sample_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(
                 f"`sample_size` must be a positive integer divisible by 2**{len(channel_mult) - 1} (one halving per level of "
                 f"`channel_mult`={tuple(channel_mult)}), got {sample_size!r}."

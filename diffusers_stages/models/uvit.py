@@ -26,6 +26,7 @@ from torch import nn
 
 from .checks import (
     check_class_labels,
+    check_options,
     check_positive_integers,
     check_sample,
     compute_dtype,
@@ -157,6 +158,7 @@ class UViT2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         # 0. check the configuration
         check_uvit_config(sample_size, in_channels, patch_size, hidden_size, num_layers, num_attention_heads,
                           mlp_ratio, num_class_embeds, out_channels)  # fmt: skip
+        check_options(qkv_bias=qkv_bias, mlp_time_embed=mlp_time_embed, final_conv=final_conv)
         out_channels = out_channels or in_channels
         num_tokens = (sample_size // patch_size) ** 2
         self.gradient_checkpointing = False  # set by `enable_gradient_checkpointing()`

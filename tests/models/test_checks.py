@@ -1,6 +1,7 @@
 """The forward-input checks every model shares: clear `ValueError`s, and no tensor value read unless asked."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from diffusers import UNet2DModel
 from diffusers_stages import MultiStageUNet2DModel, TimestepPartition
 from diffusers_stages.models.checks import (
     check_class_labels,
+    check_options,
     check_positive_integers,
     check_sample,
     compute_dtype,
@@ -172,3 +174,37 @@ def test_call_arguments_take_numpy_integers_as_python_ints_and_configs_say_why_n
     # a config is saved as JSON: a numpy integer stays refused there, with the reason
     with pytest.raises(ValueError, match=r"`in_channels` must be a positive integer \(a Python int: the config is"):
         check_positive_integers(in_channels=np.int64(3))
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("freq_shift", "1"),  # a TypeError in the first forward (the time projection divides by it)
+        ("freq_shift", math.nan),  # every time embedding NaN, silently
+        ("freq_shift", True),
+        ("downsample_padding", -1),  # a shape error in the first forward
+        ("downsample_padding", 1.0),
+        ("downsample_padding", True),
+        ("mid_block_scale_factor", math.nan),  # every output NaN, silently
+        ("mid_block_scale_factor", 0),  # a division by zero: every output inf or NaN
+        ("mid_block_scale_factor", "1"),
+        ("resnet_out_scale_factor", math.inf),
+        ("center_input_sample", 1),  # a flag: True or False, not an integer or a string ("no" is truthy)
+        ("flip_sin_to_cos", "no"),
+        ("qkv_bias", np.bool_(True)),  # not JSON: the config could not be saved
+        ("act_fn", "foo"),
+        ("time_embedding_act_fn", "foo"),
+        ("resnet_time_scale_shift", "spatial"),  # diffusers' ResnetBlock2D takes only these two
+    ],
+)
+def test_model_options_name_the_argument_and_the_value(name, value):
+    with pytest.raises(ValueError, match=f"`{name}` must be .*, got {re.escape(repr(value))}"):
+        check_options(**{name: value})
+
+
+def test_good_model_options_pass():
+    check_options(freq_shift=1, downsample_padding=0, mid_block_scale_factor=math.sqrt(2), center_input_sample=True)
+    check_options(freq_shift=0.5, flip_sin_to_cos=False, resnet_out_scale_factor=1)
+    check_options(
+        act_fn="SiLU", time_embedding_act_fn=None, timestep_post_act="gelu", resnet_time_scale_shift="default"
+    )

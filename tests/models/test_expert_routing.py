@@ -312,6 +312,21 @@ def test_load_only_the_experts_a_run_needs(three_experts, tmp_path):
         ExpertRoutingModel.from_pretrained(tmp_path, load_experts=2)  # not a TypeError
 
 
+def test_a_container_with_no_expert_loaded_says_so_for_its_device_and_dtype(three_experts, tmp_path):
+    # `load_experts=[]` (the training CLI reads a base's routing that way): `device` was a bare StopIteration and
+    # `dtype` an UnboundLocalError inside diffusers (a module with no tensors at all)
+    three_experts.save_pretrained(tmp_path)
+    empty = ExpertRoutingModel.from_pretrained(tmp_path, load_experts=[], torch_dtype=torch.float16)
+    assert empty.loaded_experts == [] and empty.partition == three_experts.partition
+    for name in ("device", "dtype"):
+        with pytest.raises(ValueError, match=rf"`{name}`.* no expert is loaded.*load_experts"):
+            getattr(empty, name)
+    with pytest.raises(ValueError, match=r"Expert 0 .* not loaded"):
+        empty(torch.randn(1, 3, 8, 8, dtype=torch.float16), 5)
+    empty.experts[1] = three_experts.experts[1].half()  # an expert set later gives both
+    assert empty.dtype == torch.float16 and empty.device == torch.device("cpu")
+
+
 def test_routing_settings_passed_to_from_pretrained_replace_the_saved_ones(three_experts, tmp_path):
     # as diffusers' models (and MultiStageUNet2DModel) take a config key passed to `from_pretrained`: they were passed
     # on to every expert instead, so the container kept its saved boundaries silently (and the multi-stage expert

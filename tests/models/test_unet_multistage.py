@@ -525,3 +525,32 @@ def test_bad_norm_eps_and_dropout_name_the_argument_and_the_value(tiny_unet_kwar
     # MultiStageDDPMppUNet2DModel and IUNet2DModel refused these (check_norm_eps_and_dropout); this model built them
     with pytest.raises(ValueError, match=f"`{name}` must be .*got {re.escape(repr(value))}"):
         MultiStageUNet2DModel(**{**tiny_unet_kwargs, name: value})
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("downsample_padding", -1),  # was built, then a shape error in the first forward
+        ("downsample_padding", 1.5),
+        ("freq_shift", "1"),  # was built, then a TypeError in the first forward
+        ("freq_shift", float("nan")),  # was built: every output NaN
+        ("mid_block_scale_factor", float("nan")),  # was built: every output NaN
+        ("mid_block_scale_factor", 0),  # was built: a division by zero in the middle block
+        ("center_input_sample", "no"),  # was taken as True ("no" is truthy)
+        ("flip_sin_to_cos", 0),
+        ("add_attention", "no"),
+        ("act_fn", None),  # was an AttributeError (None.lower())
+        ("act_fn", "foo"),  # was diffusers' error naming no argument
+        ("resnet_time_scale_shift", "foo"),  # was diffusers' error naming `time_embedding_norm`
+    ],
+)
+def test_bad_numeric_options_and_flags_name_the_argument_and_the_value(tiny_unet_kwargs, name, value):
+    with pytest.raises(ValueError, match=f"`{name}` must be .*got {re.escape(repr(value))}"):
+        MultiStageUNet2DModel(**{**tiny_unet_kwargs, name: value})
+
+
+def test_a_freq_shift_of_half_the_time_width_is_refused(tiny_unet_kwargs):
+    # the sinusoidal frequencies divide by (block_out_channels[0] // 2 - freq_shift): 0 made every output NaN, silently
+    with pytest.raises(ValueError, match=r"`freq_shift`=4 must differ from 4, half .*block_out_channels"):
+        MultiStageUNet2DModel(**{**tiny_unet_kwargs, "freq_shift": 4})
+    MultiStageUNet2DModel(**{**tiny_unet_kwargs, "freq_shift": 4, "time_embedding_type": "fourier"})  # unused there

@@ -294,6 +294,63 @@ def test_save_and_reload_is_identical_and_strict(tiny_cond_unet, tmp_path):
         ({"norm_eps": -1e-5}, r"`norm_eps` must be a positive finite number, got -1e-05"),
         ({"dropout": float("nan")}, r"`dropout` must be a number in \[0, 1\), got nan"),
         ({"dropout": 1.0}, r"`dropout` must be a number in \[0, 1\), got 1.0"),
+        # built silently, then a shape or type error in the first forward, or NaN outputs (the shared rules of
+        # `check_options`, as MultiStageUNet2DModel's)
+        ({"downsample_padding": -1}, r"`downsample_padding` must be an integer >= 0, got -1"),
+        ({"freq_shift": "1"}, r"`freq_shift` must be a finite number, got '1'"),
+        ({"freq_shift": float("nan")}, r"`freq_shift` must be a finite number, got nan"),
+        (
+            {"mid_block_scale_factor": float("nan")},
+            r"`mid_block_scale_factor` must be a positive finite number, got nan",
+        ),
+        ({"resnet_out_scale_factor": 0}, r"`resnet_out_scale_factor` must be a positive finite number, got 0"),
+        ({"center_input_sample": 1}, r"`center_input_sample` must be True or False, got 1"),
+        ({"use_linear_projection": "no"}, r"`use_linear_projection` must be True or False, got 'no'"),  # was True
+        ({"upcast_attention": "no"}, r"`upcast_attention` must be True or False, got 'no'"),
+        ({"class_embeddings_concat": 1}, r"`class_embeddings_concat` must be True or False, got 1"),
+        ({"resnet_skip_time_act": "yes"}, r"`resnet_skip_time_act` must be True or False, got 'yes'"),
+        # the sinusoidal frequencies divide by (width // 2 - freq_shift): 0 made every output NaN, silently
+        ({"freq_shift": 4}, r"`freq_shift`=4 must differ from 4, half .*block_out_channels"),
+        ({"act_fn": None}, r"`act_fn` must be one of .*, got None"),  # was an AttributeError (None.lower())
+        ({"time_embedding_act_fn": "foo"}, r"`time_embedding_act_fn` must be None or one of .*, got 'foo'"),
+        ({"timestep_post_act": 1}, r"`timestep_post_act` must be None or one of .*, got 1"),
+        (
+            {"resnet_time_scale_shift": "foo"},
+            r"`resnet_time_scale_shift` must be 'default' or 'scale_shift', got 'foo'",
+        ),
+        # sizes of zero built silently (a time embedding of the default width for 0, empty layers), negative or
+        # float ones a RuntimeError or TypeError inside torch that named none
+        ({"time_embedding_dim": 0}, r"`time_embedding_dim` must be a positive integer or None, got 0"),
+        ({"time_cond_proj_dim": 0}, r"`time_cond_proj_dim` must be a positive integer or None, got 0"),
+        ({"num_class_embeds": 0}, r"`num_class_embeds` must be a positive integer or None, got 0"),
+        ({"num_class_embeds": -1}, r"`num_class_embeds` must be a positive integer or None, got -1"),
+        ({"num_class_embeds": 2.0}, r"`num_class_embeds` must be a positive integer or None, got 2.0"),
+        ({"addition_time_embed_dim": 0}, r"`addition_time_embed_dim` must be a positive integer or None, got 0"),
+        (
+            {"projection_class_embeddings_input_dim": 0},
+            r"`projection_class_embeddings_input_dim` must be a positive integer or None, got 0",
+        ),
+        (
+            {"cross_attention_dim": True},
+            r"`cross_attention_dim` must be a positive integer or one per block, got True",
+        ),
+        ({"cross_attention_dim": (32, 0)}, r"`cross_attention_dim` must be .*, got \(32, 0\)"),
+        # zero transformer layers built cross-attention blocks that attend to nothing; a float a TypeError
+        (
+            {"transformer_layers_per_block": 0},
+            r"`transformer_layers_per_block` must be a positive integer or one per block .*, got 0",
+        ),
+        ({"transformer_layers_per_block": True}, r"`transformer_layers_per_block` must be .*, got True"),
+        ({"transformer_layers_per_block": (1, 0)}, r"`transformer_layers_per_block` must be .*, got \(1, 0\)"),
+        ({"transformer_layers_per_block": 1.5}, r"`transformer_layers_per_block` must be .*, got 1.5"),
+        # a string was one flag per letter ("no": both blocks only cross-attention)
+        ({"only_cross_attention": "no"}, r"`only_cross_attention` must be True or False or one per block, got 'no'"),
+        (
+            {"mid_block_only_cross_attention": 1},
+            r"`mid_block_only_cross_attention` must be True, False or None, got 1",
+        ),
+        # an unknown class embedding was no class embedding, silently (as MultiStageUNet2DModel refuses it)
+        ({"class_embed_type": "foo"}, r"`class_embed_type` must be one of .*, got 'foo'"),
         # decoders' up blocks are refused as the encoder's are (one ran, as a block no option supports)
         (
             {"decoder_up_block_types": (("AttnUpBlock2D", "UpBlock2D"),) * 3},

@@ -171,6 +171,23 @@ def test_bad_sizes_name_the_argument_and_the_value(name, value, message):
 
 
 @pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # a float map size was taken (4.0 == 4) and saved as 4.0; a bool sample size as a 1x1 model
+        ({"attention_resolutions": (4.0,)}, r"`attention_resolutions` must be a list of resolutions.*got \(4.0,\)"),
+        ({"attention_resolutions": (True,)}, r"`attention_resolutions` must be a list of resolutions.*got \(True,\)"),
+        (
+            {"sample_size": True, "channel_mult": (1,), "attention_resolutions": ()},
+            r"`sample_size` must be a positive integer divisible by 2\*\*0 .*got True",
+        ),
+    ],
+)
+def test_bools_and_floats_are_not_taken_as_sizes(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        MultiStageDDPMppUNet2DModel(**{**TINY, **overrides})
+
+
+@pytest.mark.parametrize(
     ("args", "kwargs", "message"),
     [
         ((torch.randn(1, 3, 7, 7), c_noise(1.0)), {}, r"`sample`'s height and width must be multiples of 2"),

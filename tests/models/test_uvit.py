@@ -133,6 +133,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         ({"num_class_embeds": True}, "num_class_embeds"),  # a TypeError inside torch before
         ({"out_channels": -1}, "out_channels"),
         ({"out_channels": 0}, "out_channels"),  # silently `in_channels` before
+        # flags given as 0/1 or strings were built silently ("no" read as True)
+        ({"qkv_bias": "no"}, "qkv_bias"),
+        ({"mlp_time_embed": 1}, "mlp_time_embed"),
+        ({"final_conv": 0}, "final_conv"),
     ],
 )
 def test_bad_configs_name_the_argument(change, name):

@@ -169,6 +169,16 @@ def test_a_pipeline_with_only_some_experts_loaded_names_the_missing_one(differen
         pipe(num_inference_steps=4, generator=torch.manual_seed(0))
 
 
+def test_a_pipeline_with_no_expert_loaded_says_so(different_experts, tmp_path):
+    # was a bare StopIteration from the pipeline's device lookup
+    _pipe(_routing(different_experts, DDIMScheduler), DDIMScheduler()).save_pretrained(tmp_path)
+    none = ExpertRoutingModel.from_pretrained(tmp_path / "experts", load_experts=[])
+    pipe = ExpertRoutingPipeline.from_pretrained(tmp_path, experts=none)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match=r"no expert is loaded.*load_experts"):
+        pipe(num_inference_steps=2, generator=torch.manual_seed(0))
+
+
 def test_class_names_load_with_only_some_experts(tiny_unet_kwargs, tmp_path):
     # the class names were checked against expert 0's classes: a pipeline saved with `id2label` could not be loaded
     # with only the experts a run needs (the documented `load_experts` use), "Expert 0 ... is not loaded"
