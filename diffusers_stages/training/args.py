@@ -533,14 +533,16 @@ def check_hub_options(args: argparse.Namespace) -> None:
 
 def hub_repo_name(args: argparse.Namespace) -> str:
     """The repository `--push_to_hub` pushes to: `--hub_model_id`, else the output folder's name (as diffusers'
-    training scripts take it); a `ValueError` when that is not a valid Hub repository name."""
-    name = args.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
+    training scripts take it); a `ValueError` when that is not a valid Hub repository name (an empty
+    `--hub_model_id` too: it is not taken for "not given")."""
+    given = args.hub_model_id is not None
+    name = args.hub_model_id if given else os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
     try:
         validate_repo_id(name)
     except HFValidationError as error:
         where = (
             "`--hub_model_id`"
-            if args.hub_model_id
+            if given
             else "`--push_to_hub` without `--hub_model_id` pushes to a repository named after `--output_dir`, but"
         )
         raise ValueError(

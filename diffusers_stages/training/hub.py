@@ -335,7 +335,7 @@ def create_hub_repo(args: argparse.Namespace) -> str:
             return LocalHubApi(args.hub_local_dir).create_repo(name, exist_ok=True).repo_id
         url = create_repo(name, exist_ok=True, private=args.hub_private_repo, token=args.hub_token)
     except Exception as error:  # noqa: BLE001 (offline, HTTP 401/403, network errors: all stop the run here, named)
-        flag = "`--hub_model_id`" if args.hub_model_id else "(named after `--output_dir`)"
+        flag = "`--hub_model_id`" if args.hub_model_id is not None else "(named after `--output_dir`)"
         raise ValueError(
             f"`--push_to_hub`: cannot create the Hub repository {flag} {name!r} "
             f"({error_summary(error)}). Check the network and `hf auth login` / `--hub_token`, or drop "

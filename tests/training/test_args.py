@@ -97,6 +97,8 @@ def _checked(tmp_path, *argv):
         (["--logger", "wandb", "--hub_token", "hf_x"], "`--hub_token` cannot be used with `--logger wandb`"),
         # was ignored in silence: the run finished with nothing written there
         (["--hub_local_dir", "hub"], "`--hub_local_dir` 'hub' is where `--push_to_hub` writes.*add `--push_to_hub`"),
+        # an empty `--hub_model_id` (an unset shell variable) pushed to a repository named after `--output_dir`
+        (["--push_to_hub", "--hub_model_id", ""], "`--hub_model_id` '' is not a Hub repository name"),
     ],
 )
 def test_options_refused_before_training(tmp_path, monkeypatch, argv, message):
