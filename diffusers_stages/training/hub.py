@@ -121,15 +121,19 @@ def write_model_card(
 ) -> str:
     """Write ``output_dir/README.md`` from diffusers' training model card template and ``description``, tagged
     ``class-conditional-image-generation`` or ``unconditional-image-generation`` as ``class_conditional`` says
-    (neither for a ``text-to-image`` model), with the Hub model fine-tuned (`base_model`) in its metadata. The card
-    is always this run's, from the template diffusers' training scripts start from: a README the Hub repository
-    already holds (a former run's) is replaced, never read."""
+    (neither for a ``text-to-image`` model), with the Hub model fine-tuned (`base_model`) and the Hub task
+    (``pipeline_tag``: ``text-to-image`` or ``unconditional-image-generation``; the Hub has no class-conditional one,
+    nor infers one for the package's pipeline classes) in its metadata. The card is always this run's, from the
+    template diffusers' training scripts start from: a README the Hub repository already holds (a former run's) is
+    replaced, never read."""
+    text_to_image = "text-to-image" in tags  # a caption-conditioned model
+    pipeline_tag = "text-to-image" if text_to_image else None if class_conditional else generation_tag(False)
     card = ModelCard.from_template(
-        card_data=ModelCardData(library_name="diffusers", base_model=base_model),
+        card_data=ModelCardData(library_name="diffusers", base_model=base_model, pipeline_tag=pipeline_tag),
         template_path=MODEL_CARD_TEMPLATE_PATH,
         model_description=description,
     )
-    task_tag = [] if "text-to-image" in tags else [generation_tag(class_conditional)]  # a caption-conditioned model
+    task_tag = [] if text_to_image else [generation_tag(class_conditional)]
     card = populate_model_card(card, tags=["diffusers", "diffusers-stages", *task_tag, *tags])
     # the template's placeholder sections ("TODO: ...") are answered by the description above
     if MODEL_CARD_TODO_START in card.text:

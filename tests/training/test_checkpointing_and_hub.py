@@ -359,7 +359,7 @@ def test_training_card_tags_installs_and_samples(tmp_path, monkeypatch, class_co
     text = model_card_text(args, task, steps=3, has_grid=True, mixed_precision="no")
     card = open(write_model_card(str(tmp_path), text, ["multi-stage"], class_conditional=class_conditional)).read()
     tag = "class-conditional-image-generation" if class_conditional else "unconditional-image-generation"
-    assert f"- {tag}" in card and card.count("image-generation") == 1
+    assert f"- {tag}" in card and card.count("image-generation") == (1 if class_conditional else 2)  # + pipeline_tag
     assert "not on a package index" in card and "`pip install .`" in card and "pypi.org" not in card
     call = "pipe(class_labels=[0])" if class_conditional else "pipe(batch_size=1)"
     assert call in _readme_python(card) and "![samples](sample_grid.png)" in card
@@ -844,3 +844,22 @@ def test_the_ema_of_another_model_is_refused_naming_what_differs(tmp_path, kind)
     ):
         _load_ema(ema, str(tmp_path / "ema"))
     assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow_params))
+
+
+@pytest.mark.parametrize(
+    ("tags", "class_conditional", "pipeline_tag"),
+    [
+        ([], False, "unconditional-image-generation"),
+        (["text-to-image"], False, "text-to-image"),
+        ([], True, None),  # the Hub has no class-conditional task: the tag only
+    ],
+)
+def test_the_card_names_the_hub_task_of_the_model(tmp_path, monkeypatch, tags, class_conditional, pipeline_tag):
+    # the card's metadata had no `pipeline_tag`, and the Hub cannot infer one for the package's pipeline classes: a
+    # pushed unconditional (or text-to-image) model was missing from the Hub's task listing and filters
+    import yaml
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    card = open(write_model_card(str(tmp_path), "A card.", tags, class_conditional=class_conditional)).read()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata.get("pipeline_tag") == pipeline_tag and metadata["library_name"] == "diffusers"
