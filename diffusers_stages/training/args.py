@@ -514,10 +514,21 @@ def check_not_a_run_folder(output_dir: str) -> None:
 
 
 def check_hub_options(args: argparse.Namespace) -> None:
-    """`--push_to_hub` has a repository to push to, `--hub_local_dir` comes with it, and `--hub_token` is kept off
-    wandb."""
+    """`--push_to_hub` has a repository to push to, `--hub_model_id`, `--hub_private_repo` and `--hub_local_dir` come
+    with it, and `--hub_token` is kept off wandb."""
     if args.push_to_hub:
         hub_repo_name(args)  # `--hub_model_id`, else the output folder's name: a valid repository name
+    else:  # else the run would push nothing, without a word
+        if args.hub_model_id is not None:
+            raise ValueError(
+                f"`--hub_model_id` {args.hub_model_id!r} is the repository `--push_to_hub` pushes to, but "
+                "`--push_to_hub` is not given: add `--push_to_hub`, or drop `--hub_model_id`."
+            )
+        if getattr(args, "hub_private_repo", None):
+            raise ValueError(
+                "`--hub_private_repo` makes the repository `--push_to_hub` creates private, but `--push_to_hub` is "
+                "not given: add `--push_to_hub`, or drop `--hub_private_repo`."
+            )
     local_dir = getattr(args, "hub_local_dir", None)
     if local_dir is not None and not args.push_to_hub:  # else nothing would be written there, without a word
         raise ValueError(
