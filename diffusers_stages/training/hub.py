@@ -17,11 +17,22 @@ from ..conventions import num_data_classes
 from ..hub import check_upload_folder, error_summary
 from ..pipelines.pipeline_staged import label_ids
 from .args import hub_repo_name
+from .checkpointing import PIPELINE_NEW, PIPELINE_OLD, PIPELINE_PARTIAL
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "samples/*", "*.pkl", "*.bin"]
+# checkpoints and their leftovers, logs, the sample history, and the temporary folders of a pipeline save (one a
+# failed deletion left behind holds a whole pipeline: `publish_pipeline`)
+UPLOAD_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    ".checkpoint-*",
+    "logs/*",
+    "samples/*",
+    *(f"{folder}/*" for folder in (PIPELINE_PARTIAL, PIPELINE_NEW, PIPELINE_OLD)),
+    "*.pkl",
+    "*.bin",
+]
 MODEL_CARD_TODO_START = "## Intended uses & limitations"
 # the package is not on a package index: a card says how to install it from its repository
 INSTALL_TEXT = (

@@ -331,7 +331,8 @@ def test_a_failed_upload_names_the_repository_and_the_upload_command(tmp_path, m
     command = re.search(r"`(hf upload [^`]*)`", message).group(1).split()
     assert command[2:4] == ["me/model", str(out)]
     excluded = [command[i + 1].strip("'") for i, word in enumerate(command) if word == "--exclude"]
-    assert excluded == ["checkpoint-*", ".checkpoint-*", "logs/*", "samples/*", "*.pkl", "*.bin"]
+    assert excluded == ["checkpoint-*", ".checkpoint-*", "logs/*", "samples/*", ".pipeline.partial/*", ".pipeline.new/*",
+                        ".pipeline.old/*", "*.pkl", "*.bin"]  # fmt: skip
     assert os.path.isfile(out / "README.md")  # the card is written: the folder is ready to upload
 
 
@@ -863,3 +864,20 @@ def test_the_card_names_the_hub_task_of_the_model(tmp_path, monkeypatch, tags, c
     card = open(write_model_card(str(tmp_path), "A card.", tags, class_conditional=class_conditional)).read()
     metadata = yaml.safe_load(card.split("---")[1])
     assert metadata.get("pipeline_tag") == pipeline_tag and metadata["library_name"] == "diffusers"
+
+
+def test_push_leaves_out_the_temporary_folders_of_a_pipeline_save(tmp_path, monkeypatch):
+    # `publish_pipeline` deletes its `.pipeline.old` (the previous save) with errors ignored: one left behind (a file
+    # in use, a network disk) was uploaded with the new pipeline, a second copy of the weights in the repository
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors",
+                 ".pipeline.old/unet/diffusion_pytorch_model.safetensors", ".pipeline.new/model_index.json",
+                 ".pipeline.partial/unet/config.json"):  # fmt: skip
+        _touch(str(out / name))
+    push_output_folder(
+        str(out), "me/model", "card", [], api=LocalHubApi(str(tmp_path / "hub")), class_conditional=False
+    )
+    pushed = tmp_path / "hub" / "me" / "model"
+    files = sorted(os.path.relpath(os.path.join(r, f), pushed) for r, _, fs in os.walk(pushed) for f in fs)
+    assert files == ["README.md", "model_index.json", "unet/diffusion_pytorch_model.safetensors"]
