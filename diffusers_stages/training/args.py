@@ -530,6 +530,16 @@ def check_hub_options(args: argparse.Namespace) -> None:
                 "not given: add `--push_to_hub`, or drop `--hub_private_repo`."
             )
     local_dir = getattr(args, "hub_local_dir", None)
+    if local_dir is not None and args.push_to_hub:
+        # the local repository must lie outside the folder it receives: a later push would upload the earlier ones
+        target = os.path.join(local_dir, hub_repo_name(args))
+        here, there = (os.path.join(os.path.realpath(path), "") for path in (target, args.output_dir))
+        if here.startswith(there) or there.startswith(here):
+            raise ValueError(
+                f"`--hub_local_dir` {local_dir!r} pushes into {target!r}, which overlaps `--output_dir` "
+                f"{args.output_dir!r}: every push would copy the earlier ones (or the outputs onto themselves). Give "
+                "`--hub_local_dir` a folder outside `--output_dir`."
+            )
     if local_dir is not None and not args.push_to_hub:  # else nothing would be written there, without a word
         raise ValueError(
             f"`--hub_local_dir` {local_dir!r} is where `--push_to_hub` writes instead of uploading, but "
