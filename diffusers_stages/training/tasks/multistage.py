@@ -27,7 +27,7 @@ from ..args import (
     unet_shape_kwargs,
 )
 from ..hub import shared_name
-from .base import Draw, _unet_downsampling
+from .base import Draw, _unet_downsampling, shares_text
 from .pretrained import FineTuningTask, PipelineSource
 
 # the classes a pretrained `unet` folder may hold, and the config key with one entry per resolution level
@@ -339,5 +339,5 @@ class MultiStageTask(FineTuningTask):
         else:
             text = "every batch split over the stages"
         if shares is not None:
-            text += f", batch shares {':'.join(f'{share:g}' for share in shares)} (clean stage first)"
+            text += f", {shares_text(shares)}"
         return text
