@@ -331,9 +331,9 @@ class MultiStageTask(FineTuningTask):
         """How the run drew the stages of its batches (`--stage_sampling`, `--stage_shares`), for the model card."""
         scheme, shares = getattr(self.args, "stage_sampling", "mixed"), self.args.stage_shares
         if scheme == "per_batch":
-            text = "one stage per batch (`--stage_sampling per_batch`)"
+            text = "one stage per batch with `--stage_sampling per_batch`"
         elif scheme == "per_rank":
-            return "one stage per process (`--stage_sampling per_rank`)"
+            return "one stage per process with `--stage_sampling per_rank`"
         elif shares is None:
             return "every decoder in every batch"
         else:

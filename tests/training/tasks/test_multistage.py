@@ -17,9 +17,9 @@ def _task(*argv: str) -> MultiStageTask:
     ("argv", "says"),
     [
         ([], "every decoder in every batch"),
-        (["--stage_sampling", "per_batch"], "one stage per batch (`--stage_sampling per_batch`)"),
+        (["--stage_sampling", "per_batch"], "one stage per batch with `--stage_sampling per_batch`"),
         (["--stage_shares", "1,1,0"], "batch shares 1:1:0 (clean stage first)"),
-        (["--stage_sampling", "per_rank"], "one stage per process (`--stage_sampling per_rank`)"),
+        (["--stage_sampling", "per_rank"], "one stage per process with `--stage_sampling per_rank`"),
     ],
 )
 def test_the_card_says_how_the_run_drew_its_stages(argv, says, monkeypatch):
