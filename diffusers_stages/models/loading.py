@@ -752,7 +752,8 @@ def component_folder(root: str | os.PathLike, name: str) -> str:
 
 
 REEXPORT_HEADER = (
-    "# Written by diffusers-stages so that diffusers finds this class; needs `pip install diffusers-stages`.\n"
+    "# Written by diffusers-stages so that diffusers finds this class; needs diffusers-stages installed.\n"
+    "# It is not on a package index: install it with `pip install .` in a clone of its repository.\n"
 )
 
 

@@ -514,11 +514,32 @@ def check_not_a_run_folder(output_dir: str) -> None:
 
 
 def check_hub_options(args: argparse.Namespace) -> None:
-    """`--push_to_hub` has a repository to push to, `--hub_local_dir` comes with it, and `--hub_token` is kept off
-    wandb."""
+    """`--push_to_hub` has a repository to push to, `--hub_model_id`, `--hub_private_repo` and `--hub_local_dir` come
+    with it, and `--hub_token` is kept off wandb."""
     if args.push_to_hub:
         hub_repo_name(args)  # `--hub_model_id`, else the output folder's name: a valid repository name
+    else:  # else the run would push nothing, without a word
+        if args.hub_model_id is not None:
+            raise ValueError(
+                f"`--hub_model_id` {args.hub_model_id!r} is the repository `--push_to_hub` pushes to, but "
+                "`--push_to_hub` is not given: add `--push_to_hub`, or drop `--hub_model_id`."
+            )
+        if getattr(args, "hub_private_repo", None):
+            raise ValueError(
+                "`--hub_private_repo` makes the repository `--push_to_hub` creates private, but `--push_to_hub` is "
+                "not given: add `--push_to_hub`, or drop `--hub_private_repo`."
+            )
     local_dir = getattr(args, "hub_local_dir", None)
+    if local_dir is not None and args.push_to_hub:
+        # the local repository must lie outside the folder it receives: a later push would upload the earlier ones
+        target = os.path.join(local_dir, hub_repo_name(args))
+        here, there = (os.path.join(os.path.realpath(path), "") for path in (target, args.output_dir))
+        if here.startswith(there) or there.startswith(here):
+            raise ValueError(
+                f"`--hub_local_dir` {local_dir!r} pushes into {target!r}, which overlaps `--output_dir` "
+                f"{args.output_dir!r}: every push would copy the earlier ones (or the outputs onto themselves). Give "
+                "`--hub_local_dir` a folder outside `--output_dir`."
+            )
     if local_dir is not None and not args.push_to_hub:  # else nothing would be written there, without a word
         raise ValueError(
             f"`--hub_local_dir` {local_dir!r} is where `--push_to_hub` writes instead of uploading, but "
@@ -533,14 +554,16 @@ def check_hub_options(args: argparse.Namespace) -> None:
 
 def hub_repo_name(args: argparse.Namespace) -> str:
     """The repository `--push_to_hub` pushes to: `--hub_model_id`, else the output folder's name (as diffusers'
-    training scripts take it); a `ValueError` when that is not a valid Hub repository name."""
-    name = args.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
+    training scripts take it); a `ValueError` when that is not a valid Hub repository name (an empty
+    `--hub_model_id` too: it is not taken for "not given")."""
+    given = args.hub_model_id is not None
+    name = args.hub_model_id if given else os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
     try:
         validate_repo_id(name)
     except HFValidationError as error:
         where = (
             "`--hub_model_id`"
-            if args.hub_model_id
+            if given
             else "`--push_to_hub` without `--hub_model_id` pushes to a repository named after `--output_dir`, but"
         )
         raise ValueError(

@@ -17,11 +17,22 @@ from ..conventions import num_data_classes
 from ..hub import check_upload_folder, error_summary
 from ..pipelines.pipeline_staged import label_ids
 from .args import hub_repo_name
+from .checkpointing import PIPELINE_NEW, PIPELINE_OLD, PIPELINE_PARTIAL
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs/*", "samples/*", "*.pkl", "*.bin"]
+# checkpoints and their leftovers, logs, the sample history, and the temporary folders of a pipeline save (one a
+# failed deletion left behind holds a whole pipeline: `publish_pipeline`)
+UPLOAD_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    ".checkpoint-*",
+    "logs/*",
+    "samples/*",
+    *(f"{folder}/*" for folder in (PIPELINE_PARTIAL, PIPELINE_NEW, PIPELINE_OLD)),
+    "*.pkl",
+    "*.bin",
+]
 MODEL_CARD_TODO_START = "## Intended uses & limitations"
 # the package is not on a package index: a card says how to install it from its repository
 INSTALL_TEXT = (
@@ -121,15 +132,19 @@ def write_model_card(
 ) -> str:
     """Write ``output_dir/README.md`` from diffusers' training model card template and ``description``, tagged
     ``class-conditional-image-generation`` or ``unconditional-image-generation`` as ``class_conditional`` says
-    (neither for a ``text-to-image`` model), with the Hub model fine-tuned (`base_model`) in its metadata. The card
-    is always this run's, from the template diffusers' training scripts start from: a README the Hub repository
-    already holds (a former run's) is replaced, never read."""
+    (neither for a ``text-to-image`` model), with the Hub model fine-tuned (`base_model`) and the Hub task
+    (``pipeline_tag``: ``text-to-image`` or ``unconditional-image-generation``; the Hub has no class-conditional one,
+    nor infers one for the package's pipeline classes) in its metadata. The card is always this run's, from the
+    template diffusers' training scripts start from: a README the Hub repository already holds (a former run's) is
+    replaced, never read."""
+    text_to_image = "text-to-image" in tags  # a caption-conditioned model
+    pipeline_tag = "text-to-image" if text_to_image else None if class_conditional else generation_tag(False)
     card = ModelCard.from_template(
-        card_data=ModelCardData(library_name="diffusers", base_model=base_model),
+        card_data=ModelCardData(library_name="diffusers", base_model=base_model, pipeline_tag=pipeline_tag),
         template_path=MODEL_CARD_TEMPLATE_PATH,
         model_description=description,
     )
-    task_tag = [] if "text-to-image" in tags else [generation_tag(class_conditional)]  # a caption-conditioned model
+    task_tag = [] if text_to_image else [generation_tag(class_conditional)]
     card = populate_model_card(card, tags=["diffusers", "diffusers-stages", *task_tag, *tags])
     # the template's placeholder sections ("TODO: ...") are answered by the description above
     if MODEL_CARD_TODO_START in card.text:
@@ -335,7 +350,7 @@ def create_hub_repo(args: argparse.Namespace) -> str:
             return LocalHubApi(args.hub_local_dir).create_repo(name, exist_ok=True).repo_id
         url = create_repo(name, exist_ok=True, private=args.hub_private_repo, token=args.hub_token)
     except Exception as error:  # noqa: BLE001 (offline, HTTP 401/403, network errors: all stop the run here, named)
-        flag = "`--hub_model_id`" if args.hub_model_id else "(named after `--output_dir`)"
+        flag = "`--hub_model_id`" if args.hub_model_id is not None else "(named after `--output_dir`)"
         raise ValueError(
             f"`--push_to_hub`: cannot create the Hub repository {flag} {name!r} "
             f"({error_summary(error)}). Check the network and `hf auth login` / `--hub_token`, or drop "

@@ -638,3 +638,17 @@ def test_refuse_without_plain_safetensors_names_a_folder_that_is_not_there(tmp_p
 
     with pytest.raises(ValueError, match=r"^its unet/expert_2/ holds no plain safetensors weights .*, only \[\]: do"):
         refuse_without_plain_safetensors(tmp_path / "unet" / "expert_2", "its unet/expert_2/", "do.")
+
+
+def test_the_reexport_file_never_tells_to_install_the_package_from_a_package_index(tmp_path):
+    # the file every saved (and pushed) folder carries said "needs `pip install diffusers-stages`": the package is not
+    # on a package index (the model card says to install it from its repository), so that command installs whatever
+    # a stranger publishes under the name
+    model = MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,))
+    model.save_pretrained(tmp_path)
+    code = [name for name in os.listdir(tmp_path) if name.endswith(".py")]
+    assert code
+    for name in code:
+        with open(tmp_path / name, encoding="utf-8") as f:
+            text = f.read()
+        assert "pip install diffusers-stages" not in text and "not on a package index" in text

@@ -97,6 +97,20 @@ def _checked(tmp_path, *argv):
         (["--logger", "wandb", "--hub_token", "hf_x"], "`--hub_token` cannot be used with `--logger wandb`"),
         # was ignored in silence: the run finished with nothing written there
         (["--hub_local_dir", "hub"], "`--hub_local_dir` 'hub' is where `--push_to_hub` writes.*add `--push_to_hub`"),
+        # an empty `--hub_model_id` (an unset shell variable) pushed to a repository named after `--output_dir`
+        (["--push_to_hub", "--hub_model_id", ""], "`--hub_model_id` '' is not a Hub repository name"),
+        # every later push (`--save_model_epochs`, a resumed run) uploaded the former pushes too, nested ever deeper
+        (
+            ["--push_to_hub", "--hub_model_id", "me/model", "--output_dir", "out", "--hub_local_dir", "out/hub"],
+            "`--hub_local_dir` 'out/hub' pushes into 'out/hub/me/model', which overlaps `--output_dir` 'out'",
+        ),
+        (
+            ["--push_to_hub", "--hub_model_id", "me/model", "--output_dir", "hub/me/model", "--hub_local_dir", "hub"],
+            "`--hub_local_dir` 'hub' pushes into 'hub/me/model', which overlaps `--output_dir` 'hub/me/model'",
+        ),
+        # were ignored in silence, as `--hub_local_dir` was: the run trained and pushed nothing
+        (["--hub_model_id", "me/model"], "`--hub_model_id` 'me/model' is the repository.*add `--push_to_hub`"),
+        (["--hub_private_repo"], "`--hub_private_repo` makes the repository.*add `--push_to_hub`"),
     ],
 )
 def test_options_refused_before_training(tmp_path, monkeypatch, argv, message):

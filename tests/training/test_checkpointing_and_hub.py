@@ -331,7 +331,8 @@ def test_a_failed_upload_names_the_repository_and_the_upload_command(tmp_path, m
     command = re.search(r"`(hf upload [^`]*)`", message).group(1).split()
     assert command[2:4] == ["me/model", str(out)]
     excluded = [command[i + 1].strip("'") for i, word in enumerate(command) if word == "--exclude"]
-    assert excluded == ["checkpoint-*", ".checkpoint-*", "logs/*", "samples/*", "*.pkl", "*.bin"]
+    assert excluded == ["checkpoint-*", ".checkpoint-*", "logs/*", "samples/*", ".pipeline.partial/*", ".pipeline.new/*",
+                        ".pipeline.old/*", "*.pkl", "*.bin"]  # fmt: skip
     assert os.path.isfile(out / "README.md")  # the card is written: the folder is ready to upload
 
 
@@ -359,7 +360,7 @@ def test_training_card_tags_installs_and_samples(tmp_path, monkeypatch, class_co
     text = model_card_text(args, task, steps=3, has_grid=True, mixed_precision="no")
     card = open(write_model_card(str(tmp_path), text, ["multi-stage"], class_conditional=class_conditional)).read()
     tag = "class-conditional-image-generation" if class_conditional else "unconditional-image-generation"
-    assert f"- {tag}" in card and card.count("image-generation") == 1
+    assert f"- {tag}" in card and card.count("image-generation") == (1 if class_conditional else 2)  # + pipeline_tag
     assert "not on a package index" in card and "`pip install .`" in card and "pypi.org" not in card
     call = "pipe(class_labels=[0])" if class_conditional else "pipe(batch_size=1)"
     assert call in _readme_python(card) and "![samples](sample_grid.png)" in card
@@ -844,3 +845,39 @@ def test_the_ema_of_another_model_is_refused_naming_what_differs(tmp_path, kind)
     ):
         _load_ema(ema, str(tmp_path / "ema"))
     assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow_params))
+
+
+@pytest.mark.parametrize(
+    ("tags", "class_conditional", "pipeline_tag"),
+    [
+        ([], False, "unconditional-image-generation"),
+        (["text-to-image"], False, "text-to-image"),
+        ([], True, None),  # the Hub has no class-conditional task: the tag only
+    ],
+)
+def test_the_card_names_the_hub_task_of_the_model(tmp_path, monkeypatch, tags, class_conditional, pipeline_tag):
+    # the card's metadata had no `pipeline_tag`, and the Hub cannot infer one for the package's pipeline classes: a
+    # pushed unconditional (or text-to-image) model was missing from the Hub's task listing and filters
+    import yaml
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    card = open(write_model_card(str(tmp_path), "A card.", tags, class_conditional=class_conditional)).read()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata.get("pipeline_tag") == pipeline_tag and metadata["library_name"] == "diffusers"
+
+
+def test_push_leaves_out_the_temporary_folders_of_a_pipeline_save(tmp_path, monkeypatch):
+    # `publish_pipeline` deletes its `.pipeline.old` (the previous save) with errors ignored: one left behind (a file
+    # in use, a network disk) was uploaded with the new pipeline, a second copy of the weights in the repository
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors",
+                 ".pipeline.old/unet/diffusion_pytorch_model.safetensors", ".pipeline.new/model_index.json",
+                 ".pipeline.partial/unet/config.json"):  # fmt: skip
+        _touch(str(out / name))
+    push_output_folder(
+        str(out), "me/model", "card", [], api=LocalHubApi(str(tmp_path / "hub")), class_conditional=False
+    )
+    pushed = tmp_path / "hub" / "me" / "model"
+    files = sorted(os.path.relpath(os.path.join(r, f), pushed) for r, _, fs in os.walk(pushed) for f in fs)
+    assert files == ["README.md", "model_index.json", "unet/diffusion_pytorch_model.safetensors"]

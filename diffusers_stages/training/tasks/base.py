@@ -91,6 +91,12 @@ def noise_schedulers(args: argparse.Namespace, source: dict | None = None):
     return scheduler, sampling
 
 
+def shares_text(shares) -> str:
+    """How a model card gives `--stage_shares` (``"batch shares 1:1:0 (clean stage first)"``): a share of 0 is a
+    network the run did not train."""
+    return f"batch shares {':'.join(f'{share:g}' for share in shares)} (clean stage first)"
+
+
 def _unet_downsampling(shape: dict) -> int:
     return 2 ** (len(shape["block_out_channels"]) - 1)
 

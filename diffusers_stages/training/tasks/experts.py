@@ -47,7 +47,7 @@ from ..args import (
     unet_shape_kwargs,
 )
 from ..hub import shared_name
-from .base import Draw, _unet_downsampling
+from .base import Draw, _unet_downsampling, shares_text
 from .pretrained import FineTuningTask, PipelineSource
 
 MEME_NUM_EXPERTS = 4  # uniform intervals without `--num_experts` or `--stage_boundaries`
@@ -376,9 +376,10 @@ class ExpertTask(FineTuningTask):
         if assignment == "soft":
             p = self.probabilities or "MEME's (0.8, 0.4, 0.2, 0.1)"
             assignment = f"soft (own-interval probability {p})"
+        shares = "" if self.args.stage_shares is None else f", {shares_text(self.args.stage_shares)}"
         return (
             "Independent denoisers, one per interval of the noise schedule (MEME, Lee et al., AAAI 2024), trained "
-            f"with {assignment} interval assignment, {what}. {self._architecture()}\n\n" + self._stage_table()
+            f"with {assignment} interval assignment, {what}{shares}. {self._architecture()}\n\n" + self._stage_table()
         )
 
     def _expert_class(self, expert: int) -> str:

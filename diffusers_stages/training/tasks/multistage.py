@@ -27,7 +27,7 @@ from ..args import (
     unet_shape_kwargs,
 )
 from ..hub import shared_name
-from .base import Draw, _unet_downsampling
+from .base import Draw, _unet_downsampling, shares_text
 from .pretrained import FineTuningTask, PipelineSource
 
 # the classes a pretrained `unet` folder may hold, and the config key with one entry per resolution level
@@ -323,6 +323,21 @@ class MultiStageTask(FineTuningTask):
             origin = f" Fine-tuned from `{shared_name(self.source.path)}` ({config['_class_name']})."
         return (
             "A multi-stage, multi-decoder U-Net (Zhang et al., CVPR 2024): one shared encoder and one decoder per "
-            f"stage of the noise schedule, trained jointly (every decoder in every batch). Decoder widths: {widths}."
+            f"stage of the noise schedule, trained jointly ({self._sampling_text()}). Decoder widths: {widths}."
             f"{origin}\n\n" + self._stage_table()
         )
+
+    def _sampling_text(self) -> str:
+        """How the run drew the stages of its batches (`--stage_sampling`, `--stage_shares`), for the model card."""
+        scheme, shares = getattr(self.args, "stage_sampling", "mixed"), self.args.stage_shares
+        if scheme == "per_batch":
+            text = "one stage per batch with `--stage_sampling per_batch`"
+        elif scheme == "per_rank":
+            return "one stage per process with `--stage_sampling per_rank`"
+        elif shares is None:
+            return "every decoder in every batch"
+        else:
+            text = "every batch split over the stages"
+        if shares is not None:
+            text += f", {shares_text(shares)}"
+        return text

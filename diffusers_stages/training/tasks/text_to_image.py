@@ -28,7 +28,7 @@ from ...planning.data import is_inside, open_image_file
 from ..args import partition_from_args
 from ..data import ImageRecords, dataset_image, folder_image, load_train_split
 from ..hub import shared_name
-from .base import Draw, TrainingTask
+from .base import Draw, TrainingTask, shares_text
 from .pretrained import _load_config, check_source_folder
 
 METHODS = ("multistage", "experts")
@@ -487,9 +487,10 @@ class TextToImageTask(TrainingTask):
             if self.args.method == "multistage"
             else "one `UNet2DConditionModel` expert per stage, routed by timestep (MEME, Lee et al., AAAI 2024)"
         )
+        shares = "" if self.args.stage_shares is None else f" ({shares_text(self.args.stage_shares)})"
         return (
             f"Text-to-image: the U-Net of `{shared_name(self.source)}` fine-tuned as {kind}, every batch stratified over the "
-            "stages; VAE and text encoder frozen.\n\n" + self._stage_table()
+            f"stages{shares}; VAE and text encoder frozen.\n\n" + self._stage_table()
         )
 
     def usage(self, repo_id):

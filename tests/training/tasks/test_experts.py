@@ -434,3 +434,16 @@ def test_soft_assignment_splits_the_batch_equally_and_hard_assignment_by_the_int
     for draw in (soft, hard):  # every sample is drawn from its expert's own interval
         stages = torch.bucketize(draw.timesteps, torch.tensor([100, 900]), right=True)
         assert torch.equal(stages, draw.network)
+
+
+def test_the_card_gives_the_batch_shares_the_experts_trained_on():
+    # the card said "all experts in one run" whatever `--stage_shares` gave them: with a share of 0 the expert never
+    # trained (it is saved as it was built, or as the fine-tuned source had it)
+    from diffusers_stages.training import ExpertTask, build_parser
+
+    args = build_parser("train_experts.py").parse_args(
+        ["--block_out_channels", "8,16", "--layers_per_block", "1", "--norm_num_groups", "4", "--stage_shares", "1,0"]
+    )
+    vars(args).update(num_experts=2, assignment="hard", own_interval_probability=None, expert_index=None,
+                      expert_block_out_channels=None, expert_attention_shares=None, assemble_experts=None)  # fmt: skip
+    assert "batch shares 1:0 (clean stage first)" in ExpertTask(args).description()

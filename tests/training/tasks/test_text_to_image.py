@@ -130,3 +130,17 @@ def test_training_latents_are_those_the_stable_diffusion_pipeline_decodes(tiny_s
         encoded = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(1))
     assert torch.allclose(latents, encoded * 0.5, atol=1e-6)  # diffusers' train_text_to_image.py
     assert torch.allclose(latents / StableDiffusionPipeline.from_pretrained(sd).vae.config.scaling_factor, encoded)
+
+
+@pytest.mark.parametrize(("shares", "says"), [(None, "every batch stratified over the stages;"),
+                                              ([1.0, 0.0], "batch shares 1:0 (clean stage first)")])  # fmt: skip
+def test_the_card_gives_the_batch_shares_the_stages_trained_on(shares, says):
+    # the card said "every batch stratified over the stages" whatever `--stage_shares` gave them: a stage with share 0
+    # never trained (its decoder or expert kept the source's weights)
+    from types import SimpleNamespace
+
+    from diffusers_stages.training.tasks.text_to_image import TextToImageTask
+
+    task = SimpleNamespace(args=SimpleNamespace(method="multistage", stage_shares=shares), source="me/sd",
+                           _stage_table=lambda: "")  # fmt: skip
+    assert says in TextToImageTask.description(task)
