@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..models.checks import check_positive_integers
+from ..models.checks import positive_integer_arguments
 from ..schedulers import model_call_timesteps
 from .budget import check_budget, check_budget_config, widths_for_budget
 from .methods import (
@@ -100,7 +100,7 @@ def plan_stages(
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
     if budget is not None:  # before the (long) planning: what the widths will need
         _check_budget_arguments(data, budget, model_config, num_inference_steps, sampling_scheduler, schedule)
-        check_positive_integers(
+        num_inference_steps, batch_size = positive_integer_arguments(  # Python or numpy integers
             ("num_inference_steps",), num_inference_steps=num_inference_steps, batch_size=batch_size
         )
         sampling_scheduler = schedule if sampling_scheduler is None and num_inference_steps else sampling_scheduler

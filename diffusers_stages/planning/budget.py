@@ -34,6 +34,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..evaluation import count_flops
+from ..models.checks import positive_integer_arguments
 from ..partition import TimestepPartition, _numbers
 from ..schedulers import check_scheduler_units, model_call_timesteps
 from ..timestep_sampling import stage_mass
@@ -151,12 +152,10 @@ def stage_calls(
     """
     if not isinstance(partition, TimestepPartition):
         raise ValueError(f"`partition` must be a TimestepPartition, got {type(partition).__name__}.")
-    if num_inference_steps is None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if num_inference_steps is None:  # Python or numpy integers, as the package's other call arguments
+        (batch_size,) = positive_integer_arguments(batch_size=batch_size)
         return [batch_size * mass for mass in stage_mass(partition)]
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+    (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
     if scheduler is None:
         raise ValueError("`scheduler` is required with `num_inference_steps` (its steps are the ones counted).")
     if not isinstance(scheduler, SchedulerMixin):

@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -377,3 +378,39 @@ def test_a_model_config_with_per_stage_up_blocks_is_refused_before_planning(gray
         run(["--train_data_dir", str(tmp_path / "missing"), "--model_config", str(tmp_path / "config.json"),
              "--budget", "1e9"])  # fmt: skip
     assert "`--model_config` sets per-stage `decoder_up_block_types`" in capsys.readouterr().err
+
+
+def test_numpy_integer_step_counts_and_batches_count_as_the_same_python_ints(gray_unet_kwargs):
+    """A numpy integer (a step count read from an array, say) was refused as "not a positive integer" by the budget
+    functions, and by `plan_stages` with a hint about configs saved as JSON, where the package's other call
+    arguments take it (`models.checks.positive_integer_arguments`)."""
+    scheduler = _sampling_scheduler()
+    assert stage_calls(PARTITION, np.int64(10), scheduler) == stage_calls(PARTITION, 10, scheduler)
+    assert stage_calls(PARTITION, batch_size=np.int32(64)) == stage_calls(PARTITION, batch_size=64)
+    widths = [(8, 16)] * 3
+    assert expected_flops(gray_unet_kwargs, PARTITION, widths, np.int64(10), scheduler) == expected_flops(
+        gray_unet_kwargs, PARTITION, widths, 10, scheduler
+    )
+    assert expected_flops(gray_unet_kwargs, PARTITION, widths, batch_size=np.int64(4)) == expected_flops(
+        gray_unet_kwargs, PARTITION, widths, batch_size=4
+    )
+    kwargs = {"difficulty": [0.9, 0.4, 0.1], "budget": 1e9, "scales": SCALES}
+    assert widths_for_budget(gray_unet_kwargs, PARTITION, num_inference_steps=np.int64(10), scheduler=scheduler,
+                             **kwargs) == widths_for_budget(gray_unet_kwargs, PARTITION, num_inference_steps=10,
+                                                            scheduler=scheduler, **kwargs)  # fmt: skip
+    data = torch.tensor(load_digits().images[:64], dtype=torch.float32)[:, None] / 8 - 1
+    plans = [
+        plan_stages(data, DDPMScheduler(), 3, num_samples=8, num_levels=20, generator=torch.manual_seed(0),
+                    budget=1e9, model_config=gray_unet_kwargs, **counts).to_dict()
+        for counts in ({"num_inference_steps": 10}, {"num_inference_steps": np.int64(10)},
+                       {"batch_size": 4}, {"batch_size": np.int64(4)})
+    ]  # fmt: skip
+    assert plans[0] == plans[1] and plans[2] == plans[3]
+    # still refused by name: a numpy bool, a zero, a float
+    for value in (np.bool_(True), np.int64(0), 10.0):
+        with pytest.raises(
+            ValueError, match=re.escape(f"`num_inference_steps` must be a positive integer, got {value!r}.")
+        ):
+            stage_calls(PARTITION, value, scheduler)
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got np.int64\\(0\\)"):
+        plan_stages(data, DDPMScheduler(), budget=1e9, model_config=gray_unet_kwargs, batch_size=np.int64(0))
