@@ -44,7 +44,7 @@ from .planning import (
     stage_difficulty,
     suggest_decoder_widths,
 )
-from .planning.budget import ARCHITECTURES, check_budget, check_budget_config
+from .planning.budget import ARCHITECTURES, check_budget, check_budget_config, check_budget_covers_cheapest_widths
 from .planning.optimal_denoiser import check_planning_data
 from .planning.sizing import config_value
 from .planning.stage_plan import _check_unit_interval
@@ -189,8 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse, before any image is loaded, a device this machine lacks, a bad budget or step count (one the sampling
-    scheduler cannot run too), and input or output paths that cannot be used (a `ValueError` naming the option and the value)."""
+    """Refuse, before any image is loaded, a device this machine lacks, a bad budget (or one below what the cheapest
+    widths cost) or step count (one the sampling scheduler cannot run too), and input or output paths that cannot be used (a `ValueError` naming the option and the value)."""
     if args.device is not None:
         check_device(args.device, "--device")
     if args.budget is not None:
@@ -229,6 +229,17 @@ def check_args(args: argparse.Namespace) -> None:
     if args.model_path is not None:
         check_model_folder(args.model_path, "--model_path")
     _check_vae(args)
+    if args.budget is not None:  # below what the cheapest widths cost, whatever the images and stages (the
+        # config and the VAE checked first: a config of the wrong size would count other FLOPs)
+        with open(args.model_config, encoding="utf-8") as f:
+            config = json.load(f)
+        try:
+            check_budget_covers_cheapest_widths(
+                args.budget, config, args.num_inference_steps, _schedule(args)[1], args.batch_size,
+                args.architecture, name="--budget",
+            )  # fmt: skip
+        except ValueError as error:
+            raise renamed_arguments(error, {"model_config": "--model_config"}) from None
     check_output_file(args.output_plot, "--output_plot")
     check_png_path(args.output_plot, "--output_plot")
     check_output_file(args.output_config, "--output_config")

@@ -9,7 +9,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.checks import positive_integer_arguments
 from ..schedulers import model_call_timesteps
-from .budget import check_budget, check_budget_config, widths_for_budget
+from .budget import check_budget, check_budget_config, check_budget_covers_cheapest_widths, widths_for_budget
 from .methods import (
     METHODS,
     StagePlan,
@@ -109,6 +109,10 @@ def plan_stages(
                 name = type(sampling_scheduler).__name__
                 raise ValueError(f"`sampling_scheduler` must be a diffusers scheduler, got {name}.")
             model_call_timesteps(sampling_scheduler, num_inference_steps)
+        # what the cheapest widths cost depends on neither the data nor the stages: a budget below it is refused now
+        check_budget_covers_cheapest_widths(
+            budget, model_config, num_inference_steps, sampling_scheduler, batch_size, architecture
+        )
     if not isinstance(schedule, NoiseSchedule):
         schedule = NoiseSchedule.from_scheduler(schedule, num_levels)
     plan = _boundaries(

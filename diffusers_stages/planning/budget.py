@@ -169,6 +169,49 @@ def stage_calls(
     return counts
 
 
+def check_budget_covers_cheapest_widths(
+    budget: float,
+    config: Mapping,
+    num_inference_steps: int | None = None,
+    scheduler: SchedulerMixin | None = None,
+    batch_size: int = 1,
+    architecture: str = "multistage",
+    scales: Sequence[float] = DEFAULT_SCALES,
+    name: str = "budget",
+) -> None:
+    """Refuse a ``budget`` below what the cheapest candidate widths cost, with [`widths_for_budget`]'s message
+    (naming the budget ``name``). That cost depends on neither the data nor the stages (every model call of
+    ``num_inference_steps`` steps of ``scheduler``, or every one of the ``batch_size`` training samples, at the
+    cheapest width), so it is checked before any planning: [`plan_stages`] and the ``plan`` command call it first."""
+    budget = check_budget(budget, name)
+    config = getattr(config, "config", config)
+    check_budget_config(config)
+    if num_inference_steps is None:
+        (calls,) = positive_integer_arguments(batch_size=batch_size)
+    else:
+        (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
+        if not isinstance(scheduler, SchedulerMixin):
+            raise ValueError(f"`scheduler` must be a diffusers scheduler, got {type(scheduler).__name__}.")
+        calls = len(model_call_timesteps(scheduler, num_inference_steps))  # each call falls in one stage
+    candidates = candidate_widths(
+        config_value(config, "block_out_channels"), width_multiple(config, architecture), scales
+    )
+    flops, _ = measure_stage_flops(config, candidates, architecture, training=num_inference_steps is None)
+    _refuse_below_cheapest(budget, calls, candidates, flops, name)
+
+
+def _refuse_below_cheapest(
+    budget: float, calls: float, candidates: list[tuple[int, ...]], flops: list[float], name: str = "budget"
+) -> None:
+    """Refuse a ``budget`` below ``calls`` model calls (or training samples) at the cheapest of ``candidates``."""
+    cheapest = calls * min(flops)
+    if budget < cheapest:
+        raise ValueError(
+            f"`{name}`={budget:.4g} FLOPs is below what the smallest allowed widths cost ({cheapest:.4g} FLOPs, "
+            f"every stage at {candidates[int(np.argmin(flops))]}): raise the budget or allow smaller `scales`."
+        )
+
+
 def candidate_widths(
     block_out_channels: Sequence[int], norm_num_groups: int, scales: Sequence[float] = DEFAULT_SCALES
 ) -> list[tuple[int, ...]]:
@@ -325,12 +368,7 @@ def widths_for_budget(
         config_value(config, "block_out_channels"), width_multiple(config, architecture), scales
     )
     flops, capacity = measure_stage_flops(config, candidates, architecture, training=num_inference_steps is None)
-    cheapest = sum(calls) * min(flops)
-    if budget < cheapest:
-        raise ValueError(
-            f"`budget`={budget:.4g} FLOPs is below what the smallest allowed widths cost ({cheapest:.4g} FLOPs, "
-            f"every stage at {candidates[int(np.argmin(flops))]}): raise the budget or allow smaller `scales`."
-        )
+    _refuse_below_cheapest(budget, sum(calls), candidates, flops)
     weights = [n * d / max(difficulty) for n, d in zip(calls, difficulty)]  # only ratios count (1e308 * n: inf)
     picks = _multiple_choice_knapsack(weights, difficulty, calls, flops, capacity, budget)
     return BudgetPlan(

@@ -414,3 +414,22 @@ def test_numpy_integer_step_counts_and_batches_count_as_the_same_python_ints(gra
             stage_calls(PARTITION, value, scheduler)
     with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got np.int64\\(0\\)"):
         plan_stages(data, DDPMScheduler(), budget=1e9, model_config=gray_unet_kwargs, batch_size=np.int64(0))
+
+
+@pytest.mark.parametrize("paid", [{"num_inference_steps": 10}, {"batch_size": 4}], ids=["sampling", "training"])
+@pytest.mark.parametrize("architecture", ["multistage", "experts"])
+def test_plan_stages_refuses_a_budget_below_the_cheapest_widths_before_planning(gray_unet_kwargs, paid, architecture):
+    """The budget was compared with what the cheapest widths cost only after the (long) optimal-denoiser pass, though
+    that cost depends on neither the data nor the stages: every model call (or training sample) at the cheapest
+    candidate width. A bad `num_samples`, which planning would refuse first, shows that it is checked before."""
+    data = torch.randn(16, 1, 8, 8)
+    kwargs = {"budget": 1e3, "model_config": gray_unet_kwargs, "architecture": architecture, **paid}
+    with pytest.raises(
+        ValueError, match="`budget`=1000 FLOPs is below what the smallest allowed widths cost"
+    ) as error:
+        plan_stages(data, DDPMScheduler(), num_samples=0, **kwargs)
+    # the same message as after planning (`widths_for_budget`), and the same cheapest cost
+    with pytest.raises(ValueError) as after:
+        widths_for_budget(gray_unet_kwargs, PARTITION, [0.9, 0.4, 0.1], 1e3, scheduler=DDPMScheduler(),
+                          architecture=architecture, **paid)  # fmt: skip
+    assert str(error.value) == str(after.value)

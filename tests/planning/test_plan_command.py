@@ -176,7 +176,7 @@ def test_a_folder_of_one_image_or_of_copies_is_refused_by_its_cause(digit_folder
             run(["--train_data_dir", str(folder), *FAST, *method])
 
 
-def test_a_budget_plans_the_decoder_widths_of_the_written_config(digit_folder, tmp_path, tiny_unet_kwargs):
+def test_a_budget_plans_the_decoder_widths_of_the_written_config(digit_folder, tmp_path, capsys, tiny_unet_kwargs):
     config = dict(tiny_unet_kwargs, in_channels=1, out_channels=1)
     model_config, output_config = tmp_path / "config.json", tmp_path / "planned" / "config.json"
     model_config.write_text(json.dumps(config))
@@ -189,8 +189,15 @@ def test_a_budget_plans_the_decoder_widths_of_the_written_config(digit_folder, t
     model = MultiStageUNet2DModel.from_config(json.loads(output_config.read_text()))
     assert [list(w) for w in model.config.decoder_block_out_channels] == result["decoder_block_out_channels"]
     assert result["decoder_block_out_channels"][0] > result["decoder_block_out_channels"][2]  # data end: widest
-    with pytest.raises(ValueError, match="is below what the smallest allowed widths cost"):
-        run([*common, "--budget", "1000", "--num_inference_steps", "10"])
+    # refused before any image is read (a missing folder would be refused otherwise), by option name
+    missing = ["--train_data_dir", str(tmp_path / "no-such-folder"), *common[2:]]
+    for paid in (["--num_inference_steps", "10"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            run([*missing, "--budget", "1000", *paid])
+        err = capsys.readouterr().err
+        assert (
+            exit_info.value.code == 2 and "`--budget`=1000 FLOPs is below what the smallest allowed widths cost" in err
+        )
     with pytest.raises(SystemExit):
         run([*common, "--num_inference_steps", "10"])  # what a budget pays for, without a budget
 
