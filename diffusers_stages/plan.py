@@ -128,7 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="A FLOP budget (needs --model_config): choose the decoder widths so that the expected cost stays within "
         "it, the largest decoders where the stages are hardest, instead of the fixed width heuristic. The cost is the "
         "sampling FLOPs per image of --num_inference_steps steps of the scheduler, or without it the training FLOPs "
-        "(forward and backward) of one step of --batch_size images.",
+        "(forward and backward) of one step of --batch_size images. It counts the denoiser only: with --vae_path, "
+        "the VAE's encoding and decoding are not counted (each training batch is encoded, each sample decoded once).",
     )
     parser.add_argument(
         "--architecture",
@@ -537,6 +538,11 @@ def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: Nois
             f"  {sized} widths for a budget of {args.budget:.4g} FLOPs per {paid} (clean stage first): "
             f"{[list(w) for w in plan.budget.widths]}, expected {plan.budget.expected_flops:.4g} FLOPs"
         )
+        if args.vae_path is not None:
+            print(
+                "  the budget counts the denoiser's FLOPs only: the `--vae_path` VAE's encoding (of each training "
+                "batch) and decoding (of each sample) are not counted."
+            )
         widths = plan.budget.widths
     else:
         difficulty = stage_difficulty(data, schedule, plan.partition)

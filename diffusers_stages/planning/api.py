@@ -76,7 +76,9 @@ def plan_stages(
             ``architecture="experts"``, each expert's ``block_out_channels``) so that their expected cost stays within
             it, capacity going to the stages of highest [`stage_difficulty`]
             ([`~diffusers_stages.planning.budget.widths_for_budget`]); the result's ``decoder_block_out_channels``
-            go into the model config with [`partition_to_model_config`]. Needs ``data`` and ``model_config``.
+            go into the model config with [`partition_to_model_config`]. Needs ``data`` and ``model_config``. The
+            budget counts the denoiser (the model of ``model_config``) only: for a latent model, the VAE's encoding
+            of the training batches and decoding of the samples are not counted.
         model_config (`Mapping`, *optional*): the model whose widths are planned (its ``block_out_channels`` are
             the encoder's), for ``budget``.
         num_inference_steps (`int`, *optional*): the budget is the sampling FLOPs per image of this many steps of

@@ -10,6 +10,9 @@ as 0 FLOPs). Two costs can be budgeted:
 - training: the FLOPs (forward and backward) of one step of ``batch_size`` images, each stage receiving its share of
   the usual training distribution ([`~diffusers_stages.timestep_sampling.stage_mass`]).
 
+Both count the denoiser only: for a latent model, the VAE's encoding of the training batches and decoding of the
+samples are not counted.
+
 The widths maximise ``sum_s w_s d_s log(decoder FLOPs_s)`` within the budget, with ``d_s`` the stage's difficulty
 ([`stage_difficulty`]) and ``w_s`` its calls per image (or its share of a training batch): each stage's decoder
 FLOPs then grow in proportion to its difficulty (the continuous optimum), as the paper's rule "larger decoders near

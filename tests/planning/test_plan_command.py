@@ -353,6 +353,28 @@ def test_bad_planning_options_are_usage_errors_before_any_image_is_read(tmp_path
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("paid", [["--num_inference_steps", "4"], []], ids=["sampling", "training"])
+def test_a_latent_budget_says_it_counts_the_denoiser_only(digit_folder, tmp_path, capsys, tiny_unet_kwargs, paid):
+    # with --vae_path the budget paid for the latent denoiser's FLOPs, not the VAE's encoding (each training batch)
+    # or decoding (each sample), and neither the report nor --help said so
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(dict(tiny_unet_kwargs, in_channels=4, out_channels=4)))  # 8 px latents
+    fast = [*FAST[:4], "--resolution", "16", "--num_channels", "3", "--max_images", "40", "--method", "snr"]
+    result = run(["--train_data_dir", str(digit_folder), *fast, "--vae_path", str(tmp_path / "vae"),
+                  "--model_config", str(model_config), "--budget", "1e12", *paid])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert result["expected_flops"] <= 1e12
+    assert "the budget counts the denoiser's FLOPs only: the `--vae_path` VAE's" in printed
+    pixels = tmp_path / "pixels.json"
+    pixels.write_text(json.dumps(dict(tiny_unet_kwargs, in_channels=1, out_channels=1)))
+    run(["--train_data_dir", str(digit_folder), *FAST, "--model_config", str(pixels), "--budget", "1e12", *paid])
+    assert "VAE" not in capsys.readouterr().out  # a pixel model: the denoiser is the whole cost
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    assert "the VAE's encoding and decoding are not counted" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
