@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..models.checks import positive_integer_arguments
+from ..models.checks import _is_integral, positive_integer_arguments
 from ..schedulers import model_call_timesteps
 from .budget import check_budget, check_budget_config, check_budget_covers_cheapest_widths, widths_for_budget
 from .methods import (
@@ -84,7 +84,12 @@ def plan_stages(
         num_inference_steps (`int`, *optional*): the budget is the sampling FLOPs per image of this many steps of
             ``sampling_scheduler`` (default: ``schedule`` when it is a diffusers scheduler); None: the budget is the
             training FLOPs (forward and backward) of one step of ``batch_size`` images.
+        sampling_scheduler (`SchedulerMixin`, *optional*): the scheduler whose ``num_inference_steps`` are counted.
+        batch_size (`int`): the training batch a budget without ``num_inference_steps`` pays for.
         architecture (`str`): ``"multistage"`` (a shared encoder, one decoder per stage) or ``"experts"``.
+            ``model_config``, ``num_inference_steps``, ``sampling_scheduler``, ``batch_size`` and ``architecture``
+            are read with a ``budget`` only, and ``sampling_scheduler`` only with ``num_inference_steps``,
+            ``batch_size`` only without it: given otherwise, they are refused (they would be ignored).
 
     Example:
 
@@ -100,6 +105,7 @@ def plan_stages(
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    _check_budget_options(budget, model_config, num_inference_steps, sampling_scheduler, batch_size, architecture)
     if budget is not None:  # before the (long) planning: what the widths will need
         _check_budget_arguments(data, budget, model_config, num_inference_steps, sampling_scheduler, schedule)
         num_inference_steps, batch_size = positive_integer_arguments(  # Python or numpy integers
@@ -133,6 +139,39 @@ def plan_stages(
             architecture,
         )
     return plan
+
+
+def _check_budget_options(budget, model_config, num_inference_steps, sampling_scheduler, batch_size, architecture):
+    """Refuse the budget arguments that would be ignored: any of them without a ``budget`` (no widths are planned),
+    a ``sampling_scheduler`` without ``num_inference_steps`` (the budget is then training FLOPs) and a ``batch_size``
+    with it (the budget is then sampling FLOPs per image)."""
+    default_batch = _is_integral(batch_size) and batch_size == 1  # a Python or numpy 1
+    if budget is None:
+        given = {
+            "model_config": model_config is not None,
+            "num_inference_steps": num_inference_steps is not None,
+            "sampling_scheduler": sampling_scheduler is not None,
+            "batch_size": not default_batch,
+            "architecture": architecture != "multistage",
+        }
+        values = {"model_config": type(model_config).__name__, "num_inference_steps": repr(num_inference_steps),
+                  "sampling_scheduler": type(sampling_scheduler).__name__, "batch_size": repr(batch_size),
+                  "architecture": repr(architecture)}  # fmt: skip
+        for name in (name for name, is_given in given.items() if is_given):
+            raise ValueError(
+                f"`{name}` is read with a `budget` only (it says what the budget pays for or sizes), got {values[name]} "
+                "without one: give `budget` too, or drop it."
+            )
+    elif num_inference_steps is None and sampling_scheduler is not None:
+        raise ValueError(
+            "`sampling_scheduler` is the scheduler whose sampling steps `budget` counts: give `num_inference_steps` "
+            "too (without it the budget is the training FLOPs of one step of `batch_size` images)."
+        )
+    elif num_inference_steps is not None and not default_batch:
+        raise ValueError(
+            f"`batch_size` {batch_size!r} is the training batch a budget without `num_inference_steps` pays for; "
+            f"with `num_inference_steps`={num_inference_steps!r} the budget is the sampling FLOPs per image: drop one."
+        )
 
 
 def _check_budget_arguments(data, budget, model_config, num_inference_steps, sampling_scheduler, schedule) -> None:

@@ -433,3 +433,24 @@ def test_plan_stages_refuses_a_budget_below_the_cheapest_widths_before_planning(
         widths_for_budget(gray_unet_kwargs, PARTITION, [0.9, 0.4, 0.1], 1e3, scheduler=DDPMScheduler(),
                           architecture=architecture, **paid)  # fmt: skip
     assert str(error.value) == str(after.value)
+
+
+def test_plan_stages_refuses_budget_arguments_it_would_ignore(gray_unet_kwargs):
+    """Each of these was ignored without a word: a `sampling_scheduler` without `num_inference_steps` (the widths
+    were sized for training FLOPs), a `batch_size` with `num_inference_steps` (sampling FLOPs per image), and what a
+    budget pays for or sizes without a `budget` (no widths were planned). The command refuses the same options."""
+    data = torch.randn(16, 1, 8, 8)
+    budget = {"budget": 1e9, "model_config": gray_unet_kwargs}
+    for kwargs, match in (
+        ({**budget, "sampling_scheduler": DDIMScheduler()},
+         "`sampling_scheduler` is the scheduler whose sampling steps `budget` counts: give `num_inference_steps`"),
+        ({**budget, "num_inference_steps": 10, "batch_size": 4},
+         "`batch_size` 4 is the training batch a budget without `num_inference_steps` pays for"),
+        ({"model_config": gray_unet_kwargs}, "`model_config` is read with a `budget` only"),
+        ({"num_inference_steps": 10}, "`num_inference_steps` is read with a `budget` only"),
+        ({"sampling_scheduler": DDIMScheduler()}, "`sampling_scheduler` is read with a `budget` only"),
+        ({"batch_size": 4}, "`batch_size` is read with a `budget` only"),
+        ({"architecture": "experts"}, "`architecture` is read with a `budget` only"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=match):  # before planning: a bad `num_samples` would be refused first
+            plan_stages(data, DDPMScheduler(), num_samples=0, **kwargs)
