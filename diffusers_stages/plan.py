@@ -140,7 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "expert's block widths, printed as the `examples/experts/train_experts.py` arguments that train them).",
     )
     parser.add_argument("--num_inference_steps", type=int, default=None, help="Sampling steps the budget pays for.")
-    parser.add_argument("--batch_size", type=int, default=1, help="Training batch the budget pays for.")
+    parser.add_argument(
+        "--batch_size", type=int, default=1, help="Training batch the budget pays for (without --num_inference_steps)."
+    )
     parser.add_argument(
         "--output_plot", default=None, help="Where to write a PNG of the curves with the boundaries marked."
     )
@@ -163,6 +165,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if (args.num_inference_steps is not None or args.batch_size != 1) and args.budget is None:
         parser.error("--num_inference_steps and --batch_size say what --budget pays for: give --budget too.")
+    if args.num_inference_steps is not None and args.batch_size != 1:
+        parser.error(
+            f"--batch_size is the training batch a budget without --num_inference_steps pays for; with "
+            f"--num_inference_steps {args.num_inference_steps} the budget is the sampling FLOPs per image: drop one."
+        )
     # options the command would otherwise ignore
     if not args.edm and any(
         getattr(args, name) != parser.get_default(name) for name in ("sigma_min", "sigma_max", "rho")
@@ -634,7 +641,9 @@ def plan_command(args: argparse.Namespace) -> dict:
     budget = {}
     if args.budget is not None:
         budget = dict(budget=args.budget, model_config=config, num_inference_steps=args.num_inference_steps)
-        budget.update(sampling_scheduler=scheduler, batch_size=args.batch_size, architecture=args.architecture)
+        budget.update(batch_size=args.batch_size, architecture=args.architecture)
+        if args.num_inference_steps is not None:  # the scheduler whose sampling steps the budget counts
+            budget.update(sampling_scheduler=scheduler)
     plan = plan_stages(
         data,
         schedule,

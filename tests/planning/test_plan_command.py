@@ -293,6 +293,21 @@ def test_an_output_over_an_input_or_another_output_is_refused_before_any_image_i
         assert exit_info.value.code == 2 and named in err and "give another path" in err
 
 
+def test_a_batch_size_with_a_sampling_budget_is_a_usage_error_before_any_image_is_read(tmp_path, capsys):
+    # --batch_size is the training batch a budget without --num_inference_steps pays for: with it the budget is the
+    # sampling FLOPs per image, and the batch was ignored (it is refused by plan_stages, after every image was read)
+    model_config = tmp_path / "config.json"
+    model_config.write_text("{}")
+    missing = str(tmp_path / "no-such-folder")  # never read: the options are checked first
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", missing, *FAST, "--model_config", str(model_config), "--budget", "1e9",
+             "--num_inference_steps", "10", "--batch_size", "4"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "--batch_size is the training batch a budget without --num_inference_steps pays for" in (
+        capsys.readouterr().err
+    )
+
+
 @pytest.mark.parametrize(
     "option, value", [("--budget", "nan"), ("--budget", "-1"), ("--num_inference_steps", "0"), ("--batch_size", "-2")]
 )
