@@ -68,7 +68,8 @@ def plan_stages(
         num_samples (`int`): Monte Carlo draws ``K`` (optimal-denoiser and gradient-without-model methods).
         num_levels (`int`): grid size when ``schedule`` is a scheduler.
         generator (`torch.Generator`, *optional*): for reproducible draws.
-        model (`torch.nn.Module`, *optional*): a trained denoiser for the ``"gradient"`` method.
+        model (`torch.nn.Module`, *optional*): a trained denoiser for the ``"gradient"`` method (refused with the
+            others, which would ignore it).
         chunk_size (`int`): training images per chunk of the streamed optimal denoiser.
         device: where the optimal denoiser runs (CUDA when available by default).
         progress_bar (`bool`): show tqdm progress bars.
@@ -105,6 +106,10 @@ def plan_stages(
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    if model is not None and method != "gradient":  # it would be ignored
+        raise ValueError(
+            f"`model` is read by the 'gradient' method only, not {method!r}: drop it or use method='gradient'."
+        )
     _check_budget_options(budget, model_config, num_inference_steps, sampling_scheduler, batch_size, architecture)
     if budget is not None:  # before the (long) planning: what the widths will need
         _check_budget_arguments(data, budget, model_config, num_inference_steps, sampling_scheduler, schedule)

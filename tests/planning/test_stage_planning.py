@@ -307,6 +307,9 @@ def test_the_plan_goes_into_the_config_of_a_model_built_with_defaults(gray_unet_
         # were torch's RuntimeError ("Expected one of cpu, cuda, ...") and AssertionError ("Torch not compiled with CUDA")
         (dict(device="gpu0"), "`device` must be a torch device such as 'cpu' or 'cuda', got 'gpu0'"),
         (dict(device="cuda:99"), "`device` must be a device this machine has, got 'cuda:99'"),
+        # a model was ignored by every method but "gradient" (the command refuses its --model_path so)
+        (dict(model=torch.nn.Linear(1, 1)), "`model` is read by the 'gradient' method only, not 'optimal_denoiser'"),
+        (dict(model=torch.nn.Linear(1, 1), data=None, method="snr"), "`model` is read by the 'gradient' method only"),
     ],
 )
 def test_bad_parameters_are_refused(kwargs, match):
