@@ -106,6 +106,10 @@ def plan_stages(
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    if not isinstance(schedule, (NoiseSchedule, SchedulerMixin)):
+        raise ValueError(
+            f"`schedule` must be a NoiseSchedule or a diffusers scheduler, got {type(schedule).__name__}."
+        )
     if model is not None and method != "gradient":  # it would be ignored
         raise ValueError(
             f"`model` is read by the 'gradient' method only, not {method!r}: drop it or use method='gradient'."

@@ -310,6 +310,9 @@ def test_the_plan_goes_into_the_config_of_a_model_built_with_defaults(gray_unet_
         # a model was ignored by every method but "gradient" (the command refuses its --model_path so)
         (dict(model=torch.nn.Linear(1, 1)), "`model` is read by the 'gradient' method only, not 'optimal_denoiser'"),
         (dict(model=torch.nn.Linear(1, 1), data=None, method="snr"), "`model` is read by the 'gradient' method only"),
+        # were AttributeError ("'str' object has no attribute 'config'") from deep inside
+        (dict(schedule="ddpm"), "`schedule` must be a NoiseSchedule or a diffusers scheduler, got str"),
+        (dict(schedule=None, data=None, method="uniform"), "`schedule` must be a NoiseSchedule or a diffusers sch"),
     ],
 )
 def test_bad_parameters_are_refused(kwargs, match):
@@ -371,6 +374,9 @@ def test_a_schedule_of_levels_outside_its_units_is_refused(levels, units, match)
 
 def test_bad_schedules_are_refused():
     from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="`scheduler` must be a diffusers scheduler, got str"):
+        NoiseSchedule.from_scheduler("ddpm")  # was an AttributeError
 
     with pytest.raises(ValueError, match="neither `alphas_cumprod` nor EDM sigmas"):
         NoiseSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler())
