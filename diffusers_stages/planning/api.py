@@ -110,6 +110,11 @@ def plan_stages(
         raise ValueError(
             f"`schedule` must be a NoiseSchedule or a diffusers scheduler, got {type(schedule).__name__}."
         )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            f"`generator` must be a torch.Generator or None, got {type(generator).__name__} (for a seed, pass "
+            "`torch.Generator().manual_seed(seed)`)."
+        )
     if model is not None and method != "gradient":  # it would be ignored
         raise ValueError(
             f"`model` is read by the 'gradient' method only, not {method!r}: drop it or use method='gradient'."

@@ -313,6 +313,8 @@ def test_the_plan_goes_into_the_config_of_a_model_built_with_defaults(gray_unet_
         # were AttributeError ("'str' object has no attribute 'config'") from deep inside
         (dict(schedule="ddpm"), "`schedule` must be a NoiseSchedule or a diffusers scheduler, got str"),
         (dict(schedule=None, data=None, method="uniform"), "`schedule` must be a NoiseSchedule or a diffusers sch"),
+        # a seed given for a generator was torch.randint's TypeError ("received an invalid combination of arguments")
+        (dict(generator=0), "`generator` must be a torch.Generator or None, got int"),
     ],
 )
 def test_bad_parameters_are_refused(kwargs, match):
