@@ -8,7 +8,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.checks import _is_integral, positive_integer_arguments
-from ..schedulers import model_call_timesteps
+from ..schedulers import check_scheduler_units, model_call_timesteps
 from .budget import check_budget, check_budget_config, check_budget_covers_cheapest_widths, widths_for_budget
 from .methods import (
     METHODS,
@@ -131,6 +131,11 @@ def plan_stages(
                 name = type(sampling_scheduler).__name__
                 raise ValueError(f"`sampling_scheduler` must be a diffusers scheduler, got {name}.")
             model_call_timesteps(sampling_scheduler, num_inference_steps)
+            # and whose timesteps are in the schedule's units (a partition of the grid's units stands for the plan's)
+            grid = (
+                schedule if isinstance(schedule, NoiseSchedule) else NoiseSchedule.from_scheduler(schedule, num_levels)
+            )
+            check_scheduler_units(sampling_scheduler, grid.partition([float(grid.levels[grid.num_levels // 2])]))
         # what the cheapest widths cost depends on neither the data nor the stages: a budget below it is refused now
         check_budget_covers_cheapest_widths(
             budget, model_config, num_inference_steps, sampling_scheduler, batch_size, architecture

@@ -454,3 +454,18 @@ def test_plan_stages_refuses_budget_arguments_it_would_ignore(gray_unet_kwargs):
     ):  # fmt: skip
         with pytest.raises(ValueError, match=match):  # before planning: a bad `num_samples` would be refused first
             plan_stages(data, DDPMScheduler(), num_samples=0, **kwargs)
+
+
+def test_plan_stages_refuses_a_sampling_scheduler_of_other_units_before_planning(gray_unet_kwargs):
+    """A sampling scheduler whose timesteps are not the schedule's (a DDIM sampler for an EDM plan, another number
+    of training timesteps) was refused only when the budget counted its calls, after the whole planning pass."""
+    from diffusers_stages.planning import NoiseSchedule
+
+    data = torch.randn(16, 1, 8, 8)
+    budget = {"budget": 1e9, "model_config": gray_unet_kwargs, "num_inference_steps": 4}
+    for schedule, sampler, match in (
+        (NoiseSchedule.edm(num_levels=20), DDIMScheduler(), "`scheduler` DDIMScheduler is not an EDM scheduler"),
+        (DDPMScheduler(), DDIMScheduler(num_train_timesteps=500), "`scheduler` DDIMScheduler has num_train_timesteps=500"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=match):  # a bad `num_samples` would be refused first by planning
+            plan_stages(data, schedule, num_samples=0, num_levels=20, sampling_scheduler=sampler, **budget)
