@@ -47,7 +47,7 @@ from .planning import (
 from .planning.budget import ARCHITECTURES, check_budget, check_budget_config, check_budget_covers_cheapest_widths
 from .planning.optimal_denoiser import check_planning_data
 from .planning.sizing import config_value
-from .planning.stage_plan import _check_unit_interval
+from .planning.stage_plan import _check_num_stages, _check_unit_interval
 from .schedulers import is_edm_scheduler, model_call_timesteps
 
 PLANNING_INTEGERS = ("resolution", "num_samples", "chunk_size", "max_images")  # checked before loading
@@ -274,10 +274,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _check_schedule_options(args: argparse.Namespace) -> None:
-    """Refuse a ``--num_levels`` the planning grid cannot have and ``--edm`` sigmas or ``rho`` that give no Karras
+    """Refuse a ``--num_levels`` the planning grid cannot have (or fewer than ``--num_stages``) and ``--edm`` sigmas or ``rho`` that give no Karras
     schedule, by option name, then build the grid (a scheduler it cannot be built from is refused too)."""
     if args.num_levels < 3:
         raise ValueError(f"`--num_levels` must be an integer >= 3, got {args.num_levels}.")
+    try:  # more stages than grid levels: the planning functions' check, before any image is read
+        _check_num_stages(args.num_stages, args.num_levels)
+    except ValueError as error:
+        raise renamed_arguments(error, {"num_stages": "--num_stages", "num_levels": "--num_levels"}) from None
     if args.edm:
         if not 0 < args.sigma_min < args.sigma_max or not math.isfinite(args.sigma_max):
             raise ValueError(

@@ -293,6 +293,17 @@ def test_an_output_over_an_input_or_another_output_is_refused_before_any_image_i
         assert exit_info.value.code == 2 and named in err and "give another path" in err
 
 
+@pytest.mark.parametrize("method", ["optimal_denoiser", "ilp", "gradient"])
+def test_more_stages_than_noise_levels_is_a_usage_error_before_any_image_is_read(tmp_path, capsys, method):
+    # refused by the planning functions only once every image was read, naming `num_stages` and `num_levels`
+    missing = str(tmp_path / "no-such-folder")  # never read: the options are checked first
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", missing, *FAST, "--num_stages", "40", "--method", method])  # FAST: 30 levels
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "`--num_stages`=40 exceeds the 30 noise levels of the planning grid; raise `--num_levels`." in err
+
+
 def test_a_batch_size_with_a_sampling_budget_is_a_usage_error_before_any_image_is_read(tmp_path, capsys):
     # --batch_size is the training batch a budget without --num_inference_steps pays for: with it the budget is the
     # sampling FLOPs per image, and the batch was ignored (it is refused by plan_stages, after every image was read)
