@@ -219,6 +219,14 @@ def check_args(args: argparse.Namespace) -> None:
     check_input_file(args.model_config, "--model_config", json_object=True)
     if args.model_config is not None:
         _check_model_config(args.model_config, args.architecture)
+        with open(args.model_config, encoding="utf-8") as f:
+            ups = json.load(f).get("decoder_up_block_types")  # per stage: the plan's stages must match them
+        if ups is not None and len(ups) != args.num_stages and args.budget is None:  # a budget refuses any (below)
+            raise ValueError(
+                f"`--model_config` {args.model_config!r} sets `decoder_up_block_types` for {len(ups)} stages, but "
+                f"`--num_stages` is {args.num_stages}: the planned config would not build. Plan {len(ups)} stages, or "
+                "give a config without per-stage up blocks."
+            )
     if args.budget is not None:  # a config whose widths a budget cannot plan
         with open(args.model_config, encoding="utf-8") as f:
             check_budget_config(json.load(f), "--model_config")

@@ -251,11 +251,12 @@ def test_outputs_are_replaced_whole_or_left_as_they_were(digit_folder, tmp_path,
             "planned.json",
         ]  # no half file
     output_config.write_text("earlier plan")
-    # a planned config that would not load is refused before anything is written (3 stages, 2 decoder block types)
+    # a planned config that would not load is refused before anything is written (3 stages, 2 decoder block types;
+    # a usage error before any image is read, as `test_per_stage_up_blocks_for_another_number_of_stages_...` checks)
     config = dict(tiny_unet_kwargs, in_channels=1, out_channels=1, stage_boundaries=[500])
     model_config.write_text(json.dumps({**config, "_class_name": "MultiStageUNet2DModel",
                                         "decoder_up_block_types": [config["up_block_types"]] * 2}))  # fmt: skip
-    with pytest.raises(ValueError, match="The planned config does not build a MultiStageUNet2DModel"):
+    with pytest.raises(SystemExit):
         run([*common, "--output_config", str(output_config)])
     assert output_config.read_text() == "earlier plan"
 
@@ -291,6 +292,26 @@ def test_an_output_over_an_input_or_another_output_is_refused_before_any_image_i
             run([*common, *outputs])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and named in err and "give another path" in err
+
+
+def test_per_stage_up_blocks_for_another_number_of_stages_are_refused_before_any_image_is_read(
+    tmp_path, capsys, tiny_unet_kwargs
+):
+    # a MultiStageUNet2DModel config whose `decoder_up_block_types` name 2 decoders, planned for 3 stages: the
+    # planned config could never build, and was refused only after every image was read and planned on
+    ups = [["AttnUpBlock2D", "UpBlock2D"], ["UpBlock2D", "UpBlock2D"]]
+    config = dict(tiny_unet_kwargs, in_channels=1, out_channels=1, _class_name="MultiStageUNet2DModel",
+                  stage_boundaries=[500.0], decoder_up_block_types=ups)  # fmt: skip
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(config))
+    missing = str(tmp_path / "no-such-folder")  # never read: the options are checked first
+    for output in ([], ["--output_config", str(tmp_path / "planned.json")]):
+        with pytest.raises(SystemExit) as exit_info:
+            run(
+                ["--train_data_dir", missing, *FAST, "--model_config", str(model_config), "--num_stages", "3", *output]
+            )
+        assert exit_info.value.code == 2
+        assert "sets `decoder_up_block_types` for 2 stages, but `--num_stages` is 3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["optimal_denoiser", "ilp", "gradient"])
