@@ -178,6 +178,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--sigma_min, --sigma_max and --rho shape the --edm schedule: give --edm too (the default DDPM schedule "
             "and a --scheduler_config have their own noise levels)."
         )
+    if args.alpha != parser.get_default("alpha") and args.method != "optimal_denoiser":
+        parser.error(f"--alpha is read by --method optimal_denoiser only, not {args.method}: drop it.")
+    if args.eta != parser.get_default("eta") and args.method not in ("optimal_denoiser", "ilp"):
+        parser.error(f"--eta is read by --method optimal_denoiser and ilp only, not {args.method}: drop it.")
     if args.model_path and args.method != "gradient":
         parser.error(f"--model_path is read by --method gradient only, not {args.method}: drop it or use gradient.")
     if args.vae_path and args.method in ("uniform", "snr", "snr_clustering") and not args.model_config:

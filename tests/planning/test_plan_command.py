@@ -294,6 +294,25 @@ def test_an_output_over_an_input_or_another_output_is_refused_before_any_image_i
         assert exit_info.value.code == 2 and named in err and "give another path" in err
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--method", "ilp", "--alpha", "0.8"], "--alpha is read by --method optimal_denoiser only, not ilp"),
+        (
+            ["--method", "gradient", "--alpha", "0.8"],
+            "--alpha is read by --method optimal_denoiser only, not gradient",
+        ),
+        (["--method", "snr", "--eta", "0.2"], "--eta is read by --method optimal_denoiser and ilp only, not snr"),
+        (["--method", "uniform", "--eta", "0.2"], "--eta is read by --method optimal_denoiser and ilp only, not unif"),
+    ],
+)
+def test_a_threshold_the_method_does_not_read_is_a_usage_error(tmp_path, capsys, options, message):
+    # the plan was that of the method's own rule, the threshold given ignored without a word
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", str(tmp_path), *FAST, *options])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_per_stage_up_blocks_for_another_number_of_stages_are_refused_before_any_image_is_read(
     tmp_path, capsys, tiny_unet_kwargs
 ):
