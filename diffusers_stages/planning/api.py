@@ -21,7 +21,7 @@ from .methods import (
     uniform_plan,
 )
 from .schedule import NoiseSchedule
-from .sizing import stage_difficulty
+from .sizing import config_value, stage_difficulty
 
 
 def plan_stages(
@@ -81,7 +81,7 @@ def plan_stages(
             budget counts the denoiser (the model of ``model_config``) only: for a latent model, the VAE's encoding
             of the training batches and decoding of the samples are not counted.
         model_config (`Mapping`, *optional*): the model whose widths are planned (its ``block_out_channels`` are
-            the encoder's), for ``budget``.
+            the encoder's), for ``budget``: a model of ``data``'s samples (``in_channels`` and ``sample_size``).
         num_inference_steps (`int`, *optional*): the budget is the sampling FLOPs per image of this many steps of
             ``sampling_scheduler`` (default: ``schedule`` when it is a diffusers scheduler); None: the budget is the
             training FLOPs (forward and backward) of one step of ``batch_size`` images.
@@ -204,6 +204,29 @@ def _check_budget_arguments(data, budget, model_config, num_inference_steps, sam
         raise ValueError(
             "`num_inference_steps` needs `sampling_scheduler` (whose steps are counted) when `schedule` is a "
             "NoiseSchedule rather than a diffusers scheduler."
+        )
+    _check_model_takes_data(getattr(model_config, "config", model_config), data)
+
+
+def _check_model_takes_data(config: Mapping, data) -> None:
+    """Refuse a budget's model config whose samples (``in_channels`` x ``sample_size``) are not those of ``data``
+    (``(N, C, H, W)``, or flattened ``(N, D)``): the widths would be planned, and their FLOPs counted, for a model
+    that does not take the data the stages are measured on. Data of another kind is left to the planning checks."""
+    if not torch.is_tensor(data) or data.ndim not in (2, 4):
+        return
+    channels, size = config_value(config, "in_channels"), config.get("sample_size")  # a usable size: checked before
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if data.ndim == 4:
+        fits = tuple(data.shape[1:]) == (channels, height, width)
+        held = f"{data.shape[1]}-channel samples of size {tuple(data.shape[2:])}"
+    else:
+        fits, held = data.shape[1] == channels * height * width, f"samples of {data.shape[1]} values"
+    if not fits:
+        raise ValueError(
+            f"`model_config` takes {channels}-channel samples of size {(height, width)} "
+            f"({channels * height * width} values), but `data` holds {held}: the widths would be planned, and their "
+            "FLOPs counted, for other samples than the data the stages are measured on. Give the config of the model "
+            "trained on `data` (of a latent model, with `data` its latents)."
         )
 
 

@@ -469,3 +469,25 @@ def test_plan_stages_refuses_a_sampling_scheduler_of_other_units_before_planning
     ):  # fmt: skip
         with pytest.raises(ValueError, match=match):  # a bad `num_samples` would be refused first by planning
             plan_stages(data, schedule, num_samples=0, num_levels=20, sampling_scheduler=sampler, **budget)
+
+
+def test_plan_stages_refuses_a_model_config_of_other_samples_than_the_data(gray_unet_kwargs):
+    """Widths were planned, and their FLOPs counted, for a model config of other channels or size than the data the
+    stages were measured on (the command refuses such a --model_config); now refused before planning."""
+    data = torch.randn(16, 1, 8, 8)
+    budget = {"budget": 1e9, "num_inference_steps": 4}
+    for config, data_text in (
+        (dict(gray_unet_kwargs, in_channels=3, out_channels=3), "1-channel samples of size (8, 8)"),
+        (dict(gray_unet_kwargs, sample_size=16), "1-channel samples of size (8, 8)"),
+        (dict(gray_unet_kwargs, sample_size=[8, 16]), "1-channel samples of size (8, 8)"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(f"but `data` holds {data_text}")):
+            plan_stages(data, DDPMScheduler(), num_samples=0, model_config=config, **budget)
+    with pytest.raises(ValueError, match=re.escape("but `data` holds samples of 128 values")):  # flattened
+        plan_stages(data.reshape(16, 64).repeat(1, 2), DDPMScheduler(), num_samples=0, model_config=gray_unet_kwargs,
+                    **budget)  # fmt: skip
+    # the data's own shape, flattened or not, plans (a model built with the default sample size too: `[8, 8]`)
+    for samples in (data, data.reshape(16, 64)):
+        with pytest.raises(ValueError, match="`num_samples` must be a positive integer"):  # planning was reached
+            plan_stages(samples, DDPMScheduler(), num_samples=0, model_config=dict(gray_unet_kwargs, sample_size=[8, 8]),
+                        **budget)  # fmt: skip
