@@ -165,6 +165,24 @@ def test_gradient_baseline_refuses_a_model_of_other_channels_than_the_data(tiny_
 
 
 @pytest.mark.parametrize(
+    "data, match",
+    [
+        # a size the model's down-sampling does not divide was a RuntimeError in its skip connections ("Sizes of
+        # tensors must match"); another size than it was trained on measured it where it never trained
+        (torch.rand(8, 1, 9, 9) * 2 - 1, r"`model` takes samples of size 8 \(its `sample_size`\), but `data` holds"),
+        (torch.rand(8, 1, 16, 16) * 2 - 1, r"`model` takes samples of size 8 \(its `sample_size`\), but `data` holds"),
+        (torch.rand(8, 64) * 2 - 1, r"`model` takes \(N, C, H, W\) samples, but `data` is flattened"),
+    ],
+    ids=["9 px", "16 px", "flattened"],
+)
+def test_gradient_baseline_refuses_data_of_another_size_than_the_model(tiny_unet_kwargs, data, match):
+    model = UNet2DModel(**{**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1})  # sample_size 8
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 40)
+    with pytest.raises(ValueError, match=match):
+        gradient_plan(schedule, 3, model, data, num_gradient_levels=8, batch_size=4)
+
+
+@pytest.mark.parametrize(
     "kwargs, bad",
     [  # were a RuntimeError in the model (0), all the images but 3 (-3), TypeErrors (2.0, True, 2.5)
         (dict(batch_size=0), "`batch_size` must be a positive integer, got 0"),
