@@ -375,19 +375,24 @@ def _check_pixel_model(args: argparse.Namespace) -> None:
 
 
 def _check_model_config_size(args: argparse.Namespace, side: int, factor: int = 1) -> None:
-    """Refuse a ``--model_config`` whose ``sample_size`` (when it gives one) is not that of the samples planned on,
-    ``side`` (``--resolution``, divided by the VAE's down-sampling ``factor``): a budget's FLOPs are counted at its
-    size, and the training scripts train at ``--resolution``."""
-    if args.model_config is None:
-        return
-    with open(args.model_config, encoding="utf-8") as f:
-        size = json.load(f).get("sample_size")
-    if size is not None and not sample_size_is(size, side):
-        fix = f"`--resolution {size * factor}`" if type(size) is int and size > 0 else "a config of that size"
-        raise ValueError(
-            f"`--model_config` {args.model_config!r} is for samples of size {size}, but `--resolution` "
-            f"{args.resolution} gives samples of size {side}: give {fix}."
-        )
+    """Refuse a ``--model_config`` or ``--model_path`` model whose ``sample_size`` (when it gives one) is not that of
+    the samples planned on, ``side`` (``--resolution``, divided by the VAE's down-sampling ``factor``): a budget's
+    FLOPs are counted at its size, the training scripts train at ``--resolution``, and the gradient baseline would
+    measure a trained model where it never trained."""
+    models = {"--model_config": (args.model_config, args.model_config)}
+    if args.model_path is not None:
+        models["--model_path"] = (args.model_path, os.path.join(args.model_path, "config.json"))
+    for option, (given, path) in models.items():
+        if path is None:
+            continue
+        with open(path, encoding="utf-8") as f:
+            size = json.load(f).get("sample_size")
+        if size is not None and not sample_size_is(size, side):
+            fix = f"`--resolution {size * factor}`" if type(size) is int and size > 0 else "a model of that size"
+            raise ValueError(
+                f"`{option}` {given!r} is for samples of size {size}, but `--resolution` {args.resolution} gives "
+                f"samples of size {side}: give {fix}."
+            )
 
 
 def _config_channels(path: str) -> int:

@@ -9,7 +9,7 @@ import matplotlib.figure
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -331,6 +331,25 @@ def test_per_stage_up_blocks_for_another_number_of_stages_are_refused_before_any
             )
         assert exit_info.value.code == 2
         assert "sets `decoder_up_block_types` for 2 stages, but `--num_stages` is 3" in capsys.readouterr().err
+
+
+def test_a_model_path_of_another_size_than_the_resolution_is_refused_before_any_image_is_read(
+    tmp_path, capsys, tiny_unet_kwargs
+):
+    # the gradient baseline measured an 8-pixel model on 16-pixel images (and a 9-pixel resolution, which its
+    # down-sampling does not divide, was a RuntimeError traceback from its skip connections), after every image was read
+    UNet2DModel(**dict(tiny_unet_kwargs, in_channels=1, out_channels=1)).save_pretrained(tmp_path / "model")
+    missing = str(tmp_path / "no-such-folder")  # never read: the options are checked first
+    for resolution in ("16", "9"):
+        with pytest.raises(SystemExit) as exit_info:
+            run(["--train_data_dir", missing, *FAST, "--resolution", resolution, "--method", "gradient",
+                 "--model_path", str(tmp_path / "model")])  # fmt: skip
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert (
+            f"is for samples of size 8, but `--resolution` {resolution} gives samples of size {resolution}: give `--resolution 8`"
+            in err
+        )
 
 
 @pytest.mark.parametrize("method", ["optimal_denoiser", "ilp", "gradient"])
