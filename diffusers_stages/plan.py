@@ -44,10 +44,10 @@ from .planning import (
     stage_difficulty,
     suggest_decoder_widths,
 )
-from .planning.budget import ARCHITECTURES, check_budget, check_budget_config
+from .planning.budget import ARCHITECTURES, check_budget, check_budget_config, check_budget_covers_cheapest_widths
 from .planning.optimal_denoiser import check_planning_data
 from .planning.sizing import config_value
-from .planning.stage_plan import _check_unit_interval
+from .planning.stage_plan import _check_num_stages, _check_unit_interval
 from .schedulers import is_edm_scheduler, model_call_timesteps
 
 PLANNING_INTEGERS = ("resolution", "num_samples", "chunk_size", "max_images")  # checked before loading
@@ -128,7 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="A FLOP budget (needs --model_config): choose the decoder widths so that the expected cost stays within "
         "it, the largest decoders where the stages are hardest, instead of the fixed width heuristic. The cost is the "
         "sampling FLOPs per image of --num_inference_steps steps of the scheduler, or without it the training FLOPs "
-        "(forward and backward) of one step of --batch_size images.",
+        "(forward and backward) of one step of --batch_size images. It counts the denoiser only: with --vae_path, "
+        "the VAE's encoding and decoding are not counted (each training batch is encoded, each sample decoded once).",
     )
     parser.add_argument(
         "--architecture",
@@ -139,7 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "expert's block widths, printed as the `examples/experts/train_experts.py` arguments that train them).",
     )
     parser.add_argument("--num_inference_steps", type=int, default=None, help="Sampling steps the budget pays for.")
-    parser.add_argument("--batch_size", type=int, default=1, help="Training batch the budget pays for.")
+    parser.add_argument(
+        "--batch_size", type=int, default=1, help="Training batch the budget pays for (without --num_inference_steps)."
+    )
     parser.add_argument(
         "--output_plot", default=None, help="Where to write a PNG of the curves with the boundaries marked."
     )
@@ -162,6 +165,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if (args.num_inference_steps is not None or args.batch_size != 1) and args.budget is None:
         parser.error("--num_inference_steps and --batch_size say what --budget pays for: give --budget too.")
+    if args.num_inference_steps is not None and args.batch_size != 1:
+        parser.error(
+            f"--batch_size is the training batch a budget without --num_inference_steps pays for; with "
+            f"--num_inference_steps {args.num_inference_steps} the budget is the sampling FLOPs per image: drop one."
+        )
     # options the command would otherwise ignore
     if not args.edm and any(
         getattr(args, name) != parser.get_default(name) for name in ("sigma_min", "sigma_max", "rho")
@@ -170,6 +178,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--sigma_min, --sigma_max and --rho shape the --edm schedule: give --edm too (the default DDPM schedule "
             "and a --scheduler_config have their own noise levels)."
         )
+    if args.alpha != parser.get_default("alpha") and args.method != "optimal_denoiser":
+        parser.error(f"--alpha is read by --method optimal_denoiser only, not {args.method}: drop it.")
+    if args.eta != parser.get_default("eta") and args.method not in ("optimal_denoiser", "ilp"):
+        parser.error(f"--eta is read by --method optimal_denoiser and ilp only, not {args.method}: drop it.")
     if args.model_path and args.method != "gradient":
         parser.error(f"--model_path is read by --method gradient only, not {args.method}: drop it or use gradient.")
     if args.vae_path and args.method in ("uniform", "snr", "snr_clustering") and not args.model_config:
@@ -189,8 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse, before any image is loaded, a device this machine lacks, a bad budget or step count (one the sampling
-    scheduler cannot run too), and input or output paths that cannot be used (a `ValueError` naming the option and the value)."""
+    """Refuse, before any image is loaded, a device this machine lacks, a bad budget (or one below what the cheapest
+    widths cost) or step count (one the sampling scheduler cannot run too), and input or output paths that cannot be used (a `ValueError` naming the option and the value)."""
     if args.device is not None:
         check_device(args.device, "--device")
     if args.budget is not None:
@@ -211,6 +223,14 @@ def check_args(args: argparse.Namespace) -> None:
     check_input_file(args.model_config, "--model_config", json_object=True)
     if args.model_config is not None:
         _check_model_config(args.model_config, args.architecture)
+        with open(args.model_config, encoding="utf-8") as f:
+            ups = json.load(f).get("decoder_up_block_types")  # per stage: the plan's stages must match them
+        if ups is not None and len(ups) != args.num_stages and args.budget is None:  # a budget refuses any (below)
+            raise ValueError(
+                f"`--model_config` {args.model_config!r} sets `decoder_up_block_types` for {len(ups)} stages, but "
+                f"`--num_stages` is {args.num_stages}: the planned config would not build. Plan {len(ups)} stages, or "
+                "give a config without per-stage up blocks."
+            )
     if args.budget is not None:  # a config whose widths a budget cannot plan
         with open(args.model_config, encoding="utf-8") as f:
             check_budget_config(json.load(f), "--model_config")
@@ -229,6 +249,17 @@ def check_args(args: argparse.Namespace) -> None:
     if args.model_path is not None:
         check_model_folder(args.model_path, "--model_path")
     _check_vae(args)
+    if args.budget is not None:  # below what the cheapest widths cost, whatever the images and stages (the
+        # config and the VAE checked first: a config of the wrong size would count other FLOPs)
+        with open(args.model_config, encoding="utf-8") as f:
+            config = json.load(f)
+        try:
+            check_budget_covers_cheapest_widths(
+                args.budget, config, args.num_inference_steps, _schedule(args)[1], args.batch_size,
+                args.architecture, name="--budget",
+            )  # fmt: skip
+        except ValueError as error:
+            raise renamed_arguments(error, {"model_config": "--model_config"}) from None
     check_output_file(args.output_plot, "--output_plot")
     check_png_path(args.output_plot, "--output_plot")
     check_output_file(args.output_config, "--output_config")
@@ -255,10 +286,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _check_schedule_options(args: argparse.Namespace) -> None:
-    """Refuse a ``--num_levels`` the planning grid cannot have and ``--edm`` sigmas or ``rho`` that give no Karras
+    """Refuse a ``--num_levels`` the planning grid cannot have (or fewer than ``--num_stages``) and ``--edm`` sigmas or ``rho`` that give no Karras
     schedule, by option name, then build the grid (a scheduler it cannot be built from is refused too)."""
     if args.num_levels < 3:
         raise ValueError(f"`--num_levels` must be an integer >= 3, got {args.num_levels}.")
+    try:  # more stages than grid levels: the planning functions' check, before any image is read
+        _check_num_stages(args.num_stages, args.num_levels)
+    except ValueError as error:
+        raise renamed_arguments(error, {"num_stages": "--num_stages", "num_levels": "--num_levels"}) from None
     if args.edm:
         if not 0 < args.sigma_min < args.sigma_max or not math.isfinite(args.sigma_max):
             raise ValueError(
@@ -340,19 +375,24 @@ def _check_pixel_model(args: argparse.Namespace) -> None:
 
 
 def _check_model_config_size(args: argparse.Namespace, side: int, factor: int = 1) -> None:
-    """Refuse a ``--model_config`` whose ``sample_size`` (when it gives one) is not that of the samples planned on,
-    ``side`` (``--resolution``, divided by the VAE's down-sampling ``factor``): a budget's FLOPs are counted at its
-    size, and the training scripts train at ``--resolution``."""
-    if args.model_config is None:
-        return
-    with open(args.model_config, encoding="utf-8") as f:
-        size = json.load(f).get("sample_size")
-    if size is not None and not sample_size_is(size, side):
-        fix = f"`--resolution {size * factor}`" if type(size) is int and size > 0 else "a config of that size"
-        raise ValueError(
-            f"`--model_config` {args.model_config!r} is for samples of size {size}, but `--resolution` "
-            f"{args.resolution} gives samples of size {side}: give {fix}."
-        )
+    """Refuse a ``--model_config`` or ``--model_path`` model whose ``sample_size`` (when it gives one) is not that of
+    the samples planned on, ``side`` (``--resolution``, divided by the VAE's down-sampling ``factor``): a budget's
+    FLOPs are counted at its size, the training scripts train at ``--resolution``, and the gradient baseline would
+    measure a trained model where it never trained."""
+    models = {"--model_config": (args.model_config, args.model_config)}
+    if args.model_path is not None:
+        models["--model_path"] = (args.model_path, os.path.join(args.model_path, "config.json"))
+    for option, (given, path) in models.items():
+        if path is None:
+            continue
+        with open(path, encoding="utf-8") as f:
+            size = json.load(f).get("sample_size")
+        if size is not None and not sample_size_is(size, side):
+            fix = f"`--resolution {size * factor}`" if type(size) is int and size > 0 else "a model of that size"
+            raise ValueError(
+                f"`{option}` {given!r} is for samples of size {size}, but `--resolution` {args.resolution} gives "
+                f"samples of size {side}: give {fix}."
+            )
 
 
 def _config_channels(path: str) -> int:
@@ -526,6 +566,11 @@ def _decoder_widths(args, plan, config: dict, data: torch.Tensor, schedule: Nois
             f"  {sized} widths for a budget of {args.budget:.4g} FLOPs per {paid} (clean stage first): "
             f"{[list(w) for w in plan.budget.widths]}, expected {plan.budget.expected_flops:.4g} FLOPs"
         )
+        if args.vae_path is not None:
+            print(
+                "  the budget counts the denoiser's FLOPs only: the `--vae_path` VAE's encoding (of each training "
+                "batch) and decoding (of each sample) are not counted."
+            )
         widths = plan.budget.widths
     else:
         difficulty = stage_difficulty(data, schedule, plan.partition)
@@ -617,7 +662,9 @@ def plan_command(args: argparse.Namespace) -> dict:
     budget = {}
     if args.budget is not None:
         budget = dict(budget=args.budget, model_config=config, num_inference_steps=args.num_inference_steps)
-        budget.update(sampling_scheduler=scheduler, batch_size=args.batch_size, architecture=args.architecture)
+        budget.update(batch_size=args.batch_size, architecture=args.architecture)
+        if args.num_inference_steps is not None:  # the scheduler whose sampling steps the budget counts
+            budget.update(sampling_scheduler=scheduler)
     plan = plan_stages(
         data,
         schedule,

@@ -188,6 +188,7 @@ def gradient_plan(
                 "(`diffusers_stages.conventions.vae_to_model_latents`), not on the images (the `plan` command: give "
                 "it the run's `--vae_path`)."
             )
+        _check_model_sample_size(model, data)
         num_gradient_levels, batch_size = positive_integer_arguments(
             num_gradient_levels=num_gradient_levels, batch_size=batch_size
         )
@@ -221,6 +222,24 @@ def gradient_plan(
     if len(cuts.unique()) != num_stages - 1:
         raise ValueError(f"The loss curve changes in too few levels for {num_stages} stages; raise `num_levels`.")
     return _plan(schedule, "gradient", schedule.levels[cuts], {"optimal denoiser loss": loss})
+
+
+def _check_model_sample_size(model: torch.nn.Module, data: torch.Tensor) -> None:
+    """Refuse ``data`` the ``model`` does not take as it was trained: flattened ``(N, D)`` data (a U-Net takes
+    images), or images of another size than its config's ``sample_size`` (when it sets one)."""
+    if data.ndim != 4:
+        raise ValueError(
+            f"`model` takes (N, C, H, W) samples, but `data` is flattened, of shape {tuple(data.shape)}: give the "
+            "images unflattened."
+        )
+    size = getattr(getattr(model, "config", None), "sample_size", None)
+    sides = list(size) if isinstance(size, (list, tuple)) else [size, size]
+    if size is not None and sides != list(data.shape[2:]):
+        raise ValueError(
+            f"`model` takes samples of size {size} (its `sample_size`), but `data` holds samples of size "
+            f"{tuple(data.shape[2:])}: it would be measured where it never trained. Plan on data of its size (the "
+            "`plan` command: `--resolution`)."
+        )
 
 
 def _on_grid(values: torch.Tensor, grid: list[int], schedule: NoiseSchedule) -> torch.Tensor:

@@ -10,6 +10,9 @@ as 0 FLOPs). Two costs can be budgeted:
 - training: the FLOPs (forward and backward) of one step of ``batch_size`` images, each stage receiving its share of
   the usual training distribution ([`~diffusers_stages.timestep_sampling.stage_mass`]).
 
+Both count the denoiser only: for a latent model, the VAE's encoding of the training batches and decoding of the
+samples are not counted.
+
 The widths maximise ``sum_s w_s d_s log(decoder FLOPs_s)`` within the budget, with ``d_s`` the stage's difficulty
 ([`stage_difficulty`]) and ``w_s`` its calls per image (or its share of a training batch): each stage's decoder
 FLOPs then grow in proportion to its difficulty (the continuous optimum), as the paper's rule "larger decoders near
@@ -34,6 +37,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..evaluation import count_flops
+from ..models.checks import positive_integer_arguments
 from ..partition import TimestepPartition, _numbers
 from ..schedulers import check_scheduler_units, model_call_timesteps
 from ..timestep_sampling import stage_mass
@@ -151,12 +155,10 @@ def stage_calls(
     """
     if not isinstance(partition, TimestepPartition):
         raise ValueError(f"`partition` must be a TimestepPartition, got {type(partition).__name__}.")
-    if num_inference_steps is None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if num_inference_steps is None:  # Python or numpy integers, as the package's other call arguments
+        (batch_size,) = positive_integer_arguments(batch_size=batch_size)
         return [batch_size * mass for mass in stage_mass(partition)]
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+    (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
     if scheduler is None:
         raise ValueError("`scheduler` is required with `num_inference_steps` (its steps are the ones counted).")
     if not isinstance(scheduler, SchedulerMixin):
@@ -168,6 +170,49 @@ def stage_calls(
             stage = int(partition.stage_for_timestep(torch.tensor([timestep], dtype=torch.float64))[0])
         counts[stage] += 1
     return counts
+
+
+def check_budget_covers_cheapest_widths(
+    budget: float,
+    config: Mapping,
+    num_inference_steps: int | None = None,
+    scheduler: SchedulerMixin | None = None,
+    batch_size: int = 1,
+    architecture: str = "multistage",
+    scales: Sequence[float] = DEFAULT_SCALES,
+    name: str = "budget",
+) -> None:
+    """Refuse a ``budget`` below what the cheapest candidate widths cost, with [`widths_for_budget`]'s message
+    (naming the budget ``name``). That cost depends on neither the data nor the stages (every model call of
+    ``num_inference_steps`` steps of ``scheduler``, or every one of the ``batch_size`` training samples, at the
+    cheapest width), so it is checked before any planning: [`plan_stages`] and the ``plan`` command call it first."""
+    budget = check_budget(budget, name)
+    config = getattr(config, "config", config)
+    check_budget_config(config)
+    if num_inference_steps is None:
+        (calls,) = positive_integer_arguments(batch_size=batch_size)
+    else:
+        (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
+        if not isinstance(scheduler, SchedulerMixin):
+            raise ValueError(f"`scheduler` must be a diffusers scheduler, got {type(scheduler).__name__}.")
+        calls = len(model_call_timesteps(scheduler, num_inference_steps))  # each call falls in one stage
+    candidates = candidate_widths(
+        config_value(config, "block_out_channels"), width_multiple(config, architecture), scales
+    )
+    flops, _ = measure_stage_flops(config, candidates, architecture, training=num_inference_steps is None)
+    _refuse_below_cheapest(budget, calls, candidates, flops, name)
+
+
+def _refuse_below_cheapest(
+    budget: float, calls: float, candidates: list[tuple[int, ...]], flops: list[float], name: str = "budget"
+) -> None:
+    """Refuse a ``budget`` below ``calls`` model calls (or training samples) at the cheapest of ``candidates``."""
+    cheapest = calls * min(flops)
+    if budget < cheapest:
+        raise ValueError(
+            f"`{name}`={budget:.4g} FLOPs is below what the smallest allowed widths cost ({cheapest:.4g} FLOPs, "
+            f"every stage at {candidates[int(np.argmin(flops))]}): raise the budget or allow smaller `scales`."
+        )
 
 
 def candidate_widths(
@@ -326,12 +371,7 @@ def widths_for_budget(
         config_value(config, "block_out_channels"), width_multiple(config, architecture), scales
     )
     flops, capacity = measure_stage_flops(config, candidates, architecture, training=num_inference_steps is None)
-    cheapest = sum(calls) * min(flops)
-    if budget < cheapest:
-        raise ValueError(
-            f"`budget`={budget:.4g} FLOPs is below what the smallest allowed widths cost ({cheapest:.4g} FLOPs, "
-            f"every stage at {candidates[int(np.argmin(flops))]}): raise the budget or allow smaller `scales`."
-        )
+    _refuse_below_cheapest(budget, sum(calls), candidates, flops)
     weights = [n * d / max(difficulty) for n, d in zip(calls, difficulty)]  # only ratios count (1e308 * n: inf)
     picks = _multiple_choice_knapsack(weights, difficulty, calls, flops, capacity, budget)
     return BudgetPlan(

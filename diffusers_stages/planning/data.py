@@ -151,7 +151,8 @@ def load_images(
         resolution (`int`): side of the square images.
         num_channels (`int`): 1 (grayscale) or 3 (RGB).
         image_column (`str`): the image column of ``dataset``.
-        split (`str`): the split of ``dataset``.
+        split (`str`): the split of ``dataset``; a ``save_to_disk`` Dataset without splits is read whole, as
+            ``"train"`` (another split is refused).
         max_images (`int`, *optional*): keep the first ``max_images`` images (a positive integer).
     """
     if (train_data_dir is None) == (dataset is None):
@@ -190,7 +191,8 @@ def _load_dataset(dataset: str, split: str, image_column: str):
     if dataset.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(dataset)):
         raise ValueError(f"`dataset` {dataset!r} is a path that does not exist.")  # not a Hub name: no download
     saved = ("dataset_info.json", "dataset_dict.json")  # what `save_to_disk` writes (Dataset, DatasetDict)
-    if os.path.isdir(dataset) and any(os.path.exists(os.path.join(dataset, name)) for name in saved):
+    from_disk = os.path.isdir(dataset) and any(os.path.exists(os.path.join(dataset, name)) for name in saved)
+    if from_disk:
         loaded = datasets.load_from_disk(dataset)
     else:
         try:
@@ -204,6 +206,11 @@ def _load_dataset(dataset: str, split: str, image_column: str):
         if split not in loaded:
             raise ValueError(f"`split` {split!r} is not in the dataset; it has {list(loaded)}.")
         loaded = loaded[split]
+    elif from_disk and split != "train":  # one Dataset without splits: read whole, as "train" (training reads so)
+        raise ValueError(
+            f"`split` {split!r} is not in the dataset: it is one `save_to_disk` Dataset without splits, read whole "
+            "(as the training scripts train on it). Drop `split`, or save a DatasetDict with that split."
+        )
     if image_column not in loaded.column_names:
         raise ValueError(f"`image_column` {image_column!r} is not a column of the dataset: {loaded.column_names}.")
     return loaded

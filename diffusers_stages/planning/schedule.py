@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..models.checks import _is_integral
 from ..partition import TimestepPartition
@@ -124,6 +125,8 @@ class NoiseSchedule:
     def from_scheduler(cls, scheduler, num_levels: int = 100) -> NoiseSchedule:
         """From a diffusers scheduler: EDM schedulers give ``"sigma"`` units, any other with ``alphas_cumprod``
         gives ``"timestep"`` units."""
+        if not isinstance(scheduler, SchedulerMixin):
+            raise ValueError(f"`scheduler` must be a diffusers scheduler, got {type(scheduler).__name__}.")
         config = scheduler.config
         if is_edm_scheduler(scheduler):
             return cls.edm(config.sigma_min, config.sigma_max, config.rho, num_levels, config.sigma_data)

@@ -85,3 +85,22 @@ def test_rounding_to_whole_heads_can_make_a_narrow_level_a_pure_mixer():
     expert = IUNet2DModel(**config)
     widths = {m.widths for m in expert.modules() if isinstance(m, InceptionMixer)}
     assert widths == {(0, 0, 32), (4, 4, 56)}  # (conv, max-pool, attention) channels
+
+
+def test_five_experts_get_whole_heads_near_the_shares_asked():
+    # the default shares for 5 experts are 0.1, 0.3, ..., 0.9; at the training scripts' default widths (heads of 8)
+    # every mixer's attention is whole heads (at least one where it attends) and each expert's share is within half
+    # a head per level of the one asked, still rising toward the noise end
+    from diffusers_stages.models.iunet import InceptionMixer
+
+    configs = meme_expert_configs(num_experts=5, block_out_channels=(128, 256, 256, 256), sample_size=8)
+    assert [c["attention_ratios"] for c in configs] == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])
+    with torch.device("meta"):
+        experts = build_meme_experts(num_experts=5, block_out_channels=(128, 256, 256, 256), sample_size=8)
+    shares = [attention_share(e) for e in experts]
+    assert shares == sorted(shares) and shares == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9], abs=0.015)
+    for expert in experts:
+        for mixer in (m for m in expert.modules() if isinstance(m, InceptionMixer)):
+            low = mixer.widths[2]
+            assert low % 8 == 0 and 0 < low < sum(mixer.widths)  # whole heads; both paths at these widths
+            assert mixer.attention.heads == low // 8

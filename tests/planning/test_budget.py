@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -377,3 +378,116 @@ def test_a_model_config_with_per_stage_up_blocks_is_refused_before_planning(gray
         run(["--train_data_dir", str(tmp_path / "missing"), "--model_config", str(tmp_path / "config.json"),
              "--budget", "1e9"])  # fmt: skip
     assert "`--model_config` sets per-stage `decoder_up_block_types`" in capsys.readouterr().err
+
+
+def test_numpy_integer_step_counts_and_batches_count_as_the_same_python_ints(gray_unet_kwargs):
+    """A numpy integer (a step count read from an array, say) was refused as "not a positive integer" by the budget
+    functions, and by `plan_stages` with a hint about configs saved as JSON, where the package's other call
+    arguments take it (`models.checks.positive_integer_arguments`)."""
+    scheduler = _sampling_scheduler()
+    assert stage_calls(PARTITION, np.int64(10), scheduler) == stage_calls(PARTITION, 10, scheduler)
+    assert stage_calls(PARTITION, batch_size=np.int32(64)) == stage_calls(PARTITION, batch_size=64)
+    widths = [(8, 16)] * 3
+    assert expected_flops(gray_unet_kwargs, PARTITION, widths, np.int64(10), scheduler) == expected_flops(
+        gray_unet_kwargs, PARTITION, widths, 10, scheduler
+    )
+    assert expected_flops(gray_unet_kwargs, PARTITION, widths, batch_size=np.int64(4)) == expected_flops(
+        gray_unet_kwargs, PARTITION, widths, batch_size=4
+    )
+    kwargs = {"difficulty": [0.9, 0.4, 0.1], "budget": 1e9, "scales": SCALES}
+    assert widths_for_budget(gray_unet_kwargs, PARTITION, num_inference_steps=np.int64(10), scheduler=scheduler,
+                             **kwargs) == widths_for_budget(gray_unet_kwargs, PARTITION, num_inference_steps=10,
+                                                            scheduler=scheduler, **kwargs)  # fmt: skip
+    data = torch.tensor(load_digits().images[:64], dtype=torch.float32)[:, None] / 8 - 1
+    plans = [
+        plan_stages(data, DDPMScheduler(), 3, num_samples=8, num_levels=20, generator=torch.manual_seed(0),
+                    budget=1e9, model_config=gray_unet_kwargs, **counts).to_dict()
+        for counts in ({"num_inference_steps": 10}, {"num_inference_steps": np.int64(10)},
+                       {"batch_size": 4}, {"batch_size": np.int64(4)})
+    ]  # fmt: skip
+    assert plans[0] == plans[1] and plans[2] == plans[3]
+    # still refused by name: a numpy bool, a zero, a float
+    for value in (np.bool_(True), np.int64(0), 10.0):
+        with pytest.raises(
+            ValueError, match=re.escape(f"`num_inference_steps` must be a positive integer, got {value!r}.")
+        ):
+            stage_calls(PARTITION, value, scheduler)
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got np.int64\\(0\\)"):
+        plan_stages(data, DDPMScheduler(), budget=1e9, model_config=gray_unet_kwargs, batch_size=np.int64(0))
+
+
+@pytest.mark.parametrize("paid", [{"num_inference_steps": 10}, {"batch_size": 4}], ids=["sampling", "training"])
+@pytest.mark.parametrize("architecture", ["multistage", "experts"])
+def test_plan_stages_refuses_a_budget_below_the_cheapest_widths_before_planning(gray_unet_kwargs, paid, architecture):
+    """The budget was compared with what the cheapest widths cost only after the (long) optimal-denoiser pass, though
+    that cost depends on neither the data nor the stages: every model call (or training sample) at the cheapest
+    candidate width. A bad `num_samples`, which planning would refuse first, shows that it is checked before."""
+    data = torch.randn(16, 1, 8, 8)
+    kwargs = {"budget": 1e3, "model_config": gray_unet_kwargs, "architecture": architecture, **paid}
+    with pytest.raises(
+        ValueError, match="`budget`=1000 FLOPs is below what the smallest allowed widths cost"
+    ) as error:
+        plan_stages(data, DDPMScheduler(), num_samples=0, **kwargs)
+    # the same message as after planning (`widths_for_budget`), and the same cheapest cost
+    with pytest.raises(ValueError) as after:
+        widths_for_budget(gray_unet_kwargs, PARTITION, [0.9, 0.4, 0.1], 1e3, scheduler=DDPMScheduler(),
+                          architecture=architecture, **paid)  # fmt: skip
+    assert str(error.value) == str(after.value)
+
+
+def test_plan_stages_refuses_budget_arguments_it_would_ignore(gray_unet_kwargs):
+    """Each of these was ignored without a word: a `sampling_scheduler` without `num_inference_steps` (the widths
+    were sized for training FLOPs), a `batch_size` with `num_inference_steps` (sampling FLOPs per image), and what a
+    budget pays for or sizes without a `budget` (no widths were planned). The command refuses the same options."""
+    data = torch.randn(16, 1, 8, 8)
+    budget = {"budget": 1e9, "model_config": gray_unet_kwargs}
+    for kwargs, match in (
+        ({**budget, "sampling_scheduler": DDIMScheduler()},
+         "`sampling_scheduler` is the scheduler whose sampling steps `budget` counts: give `num_inference_steps`"),
+        ({**budget, "num_inference_steps": 10, "batch_size": 4},
+         "`batch_size` 4 is the training batch a budget without `num_inference_steps` pays for"),
+        ({"model_config": gray_unet_kwargs}, "`model_config` is read with a `budget` only"),
+        ({"num_inference_steps": 10}, "`num_inference_steps` is read with a `budget` only"),
+        ({"sampling_scheduler": DDIMScheduler()}, "`sampling_scheduler` is read with a `budget` only"),
+        ({"batch_size": 4}, "`batch_size` is read with a `budget` only"),
+        ({"architecture": "experts"}, "`architecture` is read with a `budget` only"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=match):  # before planning: a bad `num_samples` would be refused first
+            plan_stages(data, DDPMScheduler(), num_samples=0, **kwargs)
+
+
+def test_plan_stages_refuses_a_sampling_scheduler_of_other_units_before_planning(gray_unet_kwargs):
+    """A sampling scheduler whose timesteps are not the schedule's (a DDIM sampler for an EDM plan, another number
+    of training timesteps) was refused only when the budget counted its calls, after the whole planning pass."""
+    from diffusers_stages.planning import NoiseSchedule
+
+    data = torch.randn(16, 1, 8, 8)
+    budget = {"budget": 1e9, "model_config": gray_unet_kwargs, "num_inference_steps": 4}
+    for schedule, sampler, match in (
+        (NoiseSchedule.edm(num_levels=20), DDIMScheduler(), "`scheduler` DDIMScheduler is not an EDM scheduler"),
+        (DDPMScheduler(), DDIMScheduler(num_train_timesteps=500), "`scheduler` DDIMScheduler has num_train_timesteps=500"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=match):  # a bad `num_samples` would be refused first by planning
+            plan_stages(data, schedule, num_samples=0, num_levels=20, sampling_scheduler=sampler, **budget)
+
+
+def test_plan_stages_refuses_a_model_config_of_other_samples_than_the_data(gray_unet_kwargs):
+    """Widths were planned, and their FLOPs counted, for a model config of other channels or size than the data the
+    stages were measured on (the command refuses such a --model_config); now refused before planning."""
+    data = torch.randn(16, 1, 8, 8)
+    budget = {"budget": 1e9, "num_inference_steps": 4}
+    for config, data_text in (
+        (dict(gray_unet_kwargs, in_channels=3, out_channels=3), "1-channel samples of size (8, 8)"),
+        (dict(gray_unet_kwargs, sample_size=16), "1-channel samples of size (8, 8)"),
+        (dict(gray_unet_kwargs, sample_size=[8, 16]), "1-channel samples of size (8, 8)"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(f"but `data` holds {data_text}")):
+            plan_stages(data, DDPMScheduler(), num_samples=0, model_config=config, **budget)
+    with pytest.raises(ValueError, match=re.escape("but `data` holds samples of 128 values")):  # flattened
+        plan_stages(data.reshape(16, 64).repeat(1, 2), DDPMScheduler(), num_samples=0, model_config=gray_unet_kwargs,
+                    **budget)  # fmt: skip
+    # the data's own shape, flattened or not, plans (a model built with the default sample size too: `[8, 8]`)
+    for samples in (data, data.reshape(16, 64)):
+        with pytest.raises(ValueError, match="`num_samples` must be a positive integer"):  # planning was reached
+            plan_stages(samples, DDPMScheduler(), num_samples=0, model_config=dict(gray_unet_kwargs, sample_size=[8, 8]),
+                        **budget)  # fmt: skip

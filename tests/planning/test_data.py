@@ -89,3 +89,20 @@ def test_a_dataset_column_that_holds_no_images_is_refused_by_name(tmp_path, colu
     with pytest.raises(ValueError, match=r"`--dataset_name` row 1 holds no image"):
         dataset_image(rows, column, 1)
     assert load_images(dataset=str(tmp_path / "saved"), resolution=4, num_channels=1).shape == (3, 1, 4, 4)
+
+
+def test_a_split_of_a_saved_dataset_without_splits_is_refused_by_name(tmp_path):
+    # `split="test"` on a `save_to_disk` Dataset (no splits) loaded all its rows without a word; the default "train"
+    # keeps reading all of them, as the training scripts train on them
+    datasets = pytest.importorskip("datasets")
+    images = [Image.fromarray(np.full((4, 4), 10 * i, dtype=np.uint8)) for i in range(3)]
+    datasets.Dataset.from_dict({"image": images}).save_to_disk(tmp_path / "saved")
+    with pytest.raises(ValueError, match="`split` 'test' is not in the dataset: it is one `save_to_disk` Dataset"):
+        load_images(dataset=str(tmp_path / "saved"), split="test", resolution=4, num_channels=1)
+    assert load_images(dataset=str(tmp_path / "saved"), resolution=4, num_channels=1).shape == (3, 1, 4, 4)
+    # a split `datasets.load_dataset` selects (an image folder's test/ folder) is still read
+    (tmp_path / "folder" / "test").mkdir(parents=True)
+    for i, image in enumerate(images[:2]):
+        image.save(tmp_path / "folder" / "test" / f"{i}.png")
+    loaded = load_images(dataset=str(tmp_path / "folder"), split="test", resolution=4, num_channels=1)
+    assert loaded.shape == (2, 1, 4, 4)

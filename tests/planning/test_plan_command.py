@@ -9,7 +9,7 @@ import matplotlib.figure
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -176,7 +176,7 @@ def test_a_folder_of_one_image_or_of_copies_is_refused_by_its_cause(digit_folder
             run(["--train_data_dir", str(folder), *FAST, *method])
 
 
-def test_a_budget_plans_the_decoder_widths_of_the_written_config(digit_folder, tmp_path, tiny_unet_kwargs):
+def test_a_budget_plans_the_decoder_widths_of_the_written_config(digit_folder, tmp_path, capsys, tiny_unet_kwargs):
     config = dict(tiny_unet_kwargs, in_channels=1, out_channels=1)
     model_config, output_config = tmp_path / "config.json", tmp_path / "planned" / "config.json"
     model_config.write_text(json.dumps(config))
@@ -189,8 +189,15 @@ def test_a_budget_plans_the_decoder_widths_of_the_written_config(digit_folder, t
     model = MultiStageUNet2DModel.from_config(json.loads(output_config.read_text()))
     assert [list(w) for w in model.config.decoder_block_out_channels] == result["decoder_block_out_channels"]
     assert result["decoder_block_out_channels"][0] > result["decoder_block_out_channels"][2]  # data end: widest
-    with pytest.raises(ValueError, match="is below what the smallest allowed widths cost"):
-        run([*common, "--budget", "1000", "--num_inference_steps", "10"])
+    # refused before any image is read (a missing folder would be refused otherwise), by option name
+    missing = ["--train_data_dir", str(tmp_path / "no-such-folder"), *common[2:]]
+    for paid in (["--num_inference_steps", "10"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            run([*missing, "--budget", "1000", *paid])
+        err = capsys.readouterr().err
+        assert (
+            exit_info.value.code == 2 and "`--budget`=1000 FLOPs is below what the smallest allowed widths cost" in err
+        )
     with pytest.raises(SystemExit):
         run([*common, "--num_inference_steps", "10"])  # what a budget pays for, without a budget
 
@@ -244,11 +251,12 @@ def test_outputs_are_replaced_whole_or_left_as_they_were(digit_folder, tmp_path,
             "planned.json",
         ]  # no half file
     output_config.write_text("earlier plan")
-    # a planned config that would not load is refused before anything is written (3 stages, 2 decoder block types)
+    # a planned config that would not load is refused before anything is written (3 stages, 2 decoder block types;
+    # a usage error before any image is read, as `test_per_stage_up_blocks_for_another_number_of_stages_...` checks)
     config = dict(tiny_unet_kwargs, in_channels=1, out_channels=1, stage_boundaries=[500])
     model_config.write_text(json.dumps({**config, "_class_name": "MultiStageUNet2DModel",
                                         "decoder_up_block_types": [config["up_block_types"]] * 2}))  # fmt: skip
-    with pytest.raises(ValueError, match="The planned config does not build a MultiStageUNet2DModel"):
+    with pytest.raises(SystemExit):
         run([*common, "--output_config", str(output_config)])
     assert output_config.read_text() == "earlier plan"
 
@@ -284,6 +292,90 @@ def test_an_output_over_an_input_or_another_output_is_refused_before_any_image_i
             run([*common, *outputs])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and named in err and "give another path" in err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--method", "ilp", "--alpha", "0.8"], "--alpha is read by --method optimal_denoiser only, not ilp"),
+        (
+            ["--method", "gradient", "--alpha", "0.8"],
+            "--alpha is read by --method optimal_denoiser only, not gradient",
+        ),
+        (["--method", "snr", "--eta", "0.2"], "--eta is read by --method optimal_denoiser and ilp only, not snr"),
+        (["--method", "uniform", "--eta", "0.2"], "--eta is read by --method optimal_denoiser and ilp only, not unif"),
+    ],
+)
+def test_a_threshold_the_method_does_not_read_is_a_usage_error(tmp_path, capsys, options, message):
+    # the plan was that of the method's own rule, the threshold given ignored without a word
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", str(tmp_path), *FAST, *options])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_per_stage_up_blocks_for_another_number_of_stages_are_refused_before_any_image_is_read(
+    tmp_path, capsys, tiny_unet_kwargs
+):
+    # a MultiStageUNet2DModel config whose `decoder_up_block_types` name 2 decoders, planned for 3 stages: the
+    # planned config could never build, and was refused only after every image was read and planned on
+    ups = [["AttnUpBlock2D", "UpBlock2D"], ["UpBlock2D", "UpBlock2D"]]
+    config = dict(tiny_unet_kwargs, in_channels=1, out_channels=1, _class_name="MultiStageUNet2DModel",
+                  stage_boundaries=[500.0], decoder_up_block_types=ups)  # fmt: skip
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(config))
+    missing = str(tmp_path / "no-such-folder")  # never read: the options are checked first
+    for output in ([], ["--output_config", str(tmp_path / "planned.json")]):
+        with pytest.raises(SystemExit) as exit_info:
+            run(
+                ["--train_data_dir", missing, *FAST, "--model_config", str(model_config), "--num_stages", "3", *output]
+            )
+        assert exit_info.value.code == 2
+        assert "sets `decoder_up_block_types` for 2 stages, but `--num_stages` is 3" in capsys.readouterr().err
+
+
+def test_a_model_path_of_another_size_than_the_resolution_is_refused_before_any_image_is_read(
+    tmp_path, capsys, tiny_unet_kwargs
+):
+    # the gradient baseline measured an 8-pixel model on 16-pixel images (and a 9-pixel resolution, which its
+    # down-sampling does not divide, was a RuntimeError traceback from its skip connections), after every image was read
+    UNet2DModel(**dict(tiny_unet_kwargs, in_channels=1, out_channels=1)).save_pretrained(tmp_path / "model")
+    missing = str(tmp_path / "no-such-folder")  # never read: the options are checked first
+    for resolution in ("16", "9"):
+        with pytest.raises(SystemExit) as exit_info:
+            run(["--train_data_dir", missing, *FAST, "--resolution", resolution, "--method", "gradient",
+                 "--model_path", str(tmp_path / "model")])  # fmt: skip
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert (
+            f"is for samples of size 8, but `--resolution` {resolution} gives samples of size {resolution}: give `--resolution 8`"
+            in err
+        )
+
+
+@pytest.mark.parametrize("method", ["optimal_denoiser", "ilp", "gradient"])
+def test_more_stages_than_noise_levels_is_a_usage_error_before_any_image_is_read(tmp_path, capsys, method):
+    # refused by the planning functions only once every image was read, naming `num_stages` and `num_levels`
+    missing = str(tmp_path / "no-such-folder")  # never read: the options are checked first
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", missing, *FAST, "--num_stages", "40", "--method", method])  # FAST: 30 levels
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "`--num_stages`=40 exceeds the 30 noise levels of the planning grid; raise `--num_levels`." in err
+
+
+def test_a_batch_size_with_a_sampling_budget_is_a_usage_error_before_any_image_is_read(tmp_path, capsys):
+    # --batch_size is the training batch a budget without --num_inference_steps pays for: with it the budget is the
+    # sampling FLOPs per image, and the batch was ignored (it is refused by plan_stages, after every image was read)
+    model_config = tmp_path / "config.json"
+    model_config.write_text("{}")
+    missing = str(tmp_path / "no-such-folder")  # never read: the options are checked first
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", missing, *FAST, "--model_config", str(model_config), "--budget", "1e9",
+             "--num_inference_steps", "10", "--batch_size", "4"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "--batch_size is the training batch a budget without --num_inference_steps pays for" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(
@@ -344,6 +436,28 @@ def test_bad_planning_options_are_usage_errors_before_any_image_is_read(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         run(["--train_data_dir", missing, *FAST, option, value])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("paid", [["--num_inference_steps", "4"], []], ids=["sampling", "training"])
+def test_a_latent_budget_says_it_counts_the_denoiser_only(digit_folder, tmp_path, capsys, tiny_unet_kwargs, paid):
+    # with --vae_path the budget paid for the latent denoiser's FLOPs, not the VAE's encoding (each training batch)
+    # or decoding (each sample), and neither the report nor --help said so
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    model_config = tmp_path / "config.json"
+    model_config.write_text(json.dumps(dict(tiny_unet_kwargs, in_channels=4, out_channels=4)))  # 8 px latents
+    fast = [*FAST[:4], "--resolution", "16", "--num_channels", "3", "--max_images", "40", "--method", "snr"]
+    result = run(["--train_data_dir", str(digit_folder), *fast, "--vae_path", str(tmp_path / "vae"),
+                  "--model_config", str(model_config), "--budget", "1e12", *paid])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert result["expected_flops"] <= 1e12
+    assert "the budget counts the denoiser's FLOPs only: the `--vae_path` VAE's" in printed
+    pixels = tmp_path / "pixels.json"
+    pixels.write_text(json.dumps(dict(tiny_unet_kwargs, in_channels=1, out_channels=1)))
+    run(["--train_data_dir", str(digit_folder), *FAST, "--model_config", str(pixels), "--budget", "1e12", *paid])
+    assert "VAE" not in capsys.readouterr().out  # a pixel model: the denoiser is the whole cost
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    assert "the VAE's encoding and decoding are not counted" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize(

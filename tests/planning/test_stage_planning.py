@@ -165,6 +165,24 @@ def test_gradient_baseline_refuses_a_model_of_other_channels_than_the_data(tiny_
 
 
 @pytest.mark.parametrize(
+    "data, match",
+    [
+        # a size the model's down-sampling does not divide was a RuntimeError in its skip connections ("Sizes of
+        # tensors must match"); another size than it was trained on measured it where it never trained
+        (torch.rand(8, 1, 9, 9) * 2 - 1, r"`model` takes samples of size 8 \(its `sample_size`\), but `data` holds"),
+        (torch.rand(8, 1, 16, 16) * 2 - 1, r"`model` takes samples of size 8 \(its `sample_size`\), but `data` holds"),
+        (torch.rand(8, 64) * 2 - 1, r"`model` takes \(N, C, H, W\) samples, but `data` is flattened"),
+    ],
+    ids=["9 px", "16 px", "flattened"],
+)
+def test_gradient_baseline_refuses_data_of_another_size_than_the_model(tiny_unet_kwargs, data, match):
+    model = UNet2DModel(**{**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1})  # sample_size 8
+    schedule = NoiseSchedule.from_scheduler(DDPMScheduler(), 40)
+    with pytest.raises(ValueError, match=match):
+        gradient_plan(schedule, 3, model, data, num_gradient_levels=8, batch_size=4)
+
+
+@pytest.mark.parametrize(
     "kwargs, bad",
     [  # were a RuntimeError in the model (0), all the images but 3 (-3), TypeErrors (2.0, True, 2.5)
         (dict(batch_size=0), "`batch_size` must be a positive integer, got 0"),
@@ -307,6 +325,14 @@ def test_the_plan_goes_into_the_config_of_a_model_built_with_defaults(gray_unet_
         # were torch's RuntimeError ("Expected one of cpu, cuda, ...") and AssertionError ("Torch not compiled with CUDA")
         (dict(device="gpu0"), "`device` must be a torch device such as 'cpu' or 'cuda', got 'gpu0'"),
         (dict(device="cuda:99"), "`device` must be a device this machine has, got 'cuda:99'"),
+        # a model was ignored by every method but "gradient" (the command refuses its --model_path so)
+        (dict(model=torch.nn.Linear(1, 1)), "`model` is read by the 'gradient' method only, not 'optimal_denoiser'"),
+        (dict(model=torch.nn.Linear(1, 1), data=None, method="snr"), "`model` is read by the 'gradient' method only"),
+        # were AttributeError ("'str' object has no attribute 'config'") from deep inside
+        (dict(schedule="ddpm"), "`schedule` must be a NoiseSchedule or a diffusers scheduler, got str"),
+        (dict(schedule=None, data=None, method="uniform"), "`schedule` must be a NoiseSchedule or a diffusers sch"),
+        # a seed given for a generator was torch.randint's TypeError ("received an invalid combination of arguments")
+        (dict(generator=0), "`generator` must be a torch.Generator or None, got int"),
     ],
 )
 def test_bad_parameters_are_refused(kwargs, match):
@@ -368,6 +394,9 @@ def test_a_schedule_of_levels_outside_its_units_is_refused(levels, units, match)
 
 def test_bad_schedules_are_refused():
     from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="`scheduler` must be a diffusers scheduler, got str"):
+        NoiseSchedule.from_scheduler("ddpm")  # was an AttributeError
 
     with pytest.raises(ValueError, match="neither `alphas_cumprod` nor EDM sigmas"):
         NoiseSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler())
