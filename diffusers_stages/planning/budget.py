@@ -209,9 +209,15 @@ def _refuse_below_cheapest(
     """Refuse a ``budget`` below ``calls`` model calls (or training samples) at the cheapest of ``candidates``."""
     cheapest = calls * min(flops)
     if budget < cheapest:
+        # the plan command has no `scales` option: its remedy names what it has
+        remedy = (
+            f"raise {name} or plan a narrower --model_config"
+            if name.startswith("--")
+            else "raise the budget or allow smaller `scales`"
+        )
         raise ValueError(
             f"`{name}`={budget:.4g} FLOPs is below what the smallest allowed widths cost ({cheapest:.4g} FLOPs, "
-            f"every stage at {candidates[int(np.argmin(flops))]}): raise the budget or allow smaller `scales`."
+            f"every stage at {candidates[int(np.argmin(flops))]}): {remedy}."
         )
 
 

@@ -198,6 +198,7 @@ def test_a_budget_plans_the_decoder_widths_of_the_written_config(digit_folder, t
         assert (
             exit_info.value.code == 2 and "`--budget`=1000 FLOPs is below what the smallest allowed widths cost" in err
         )
+        assert "scales" not in err and "raise --budget or plan a narrower --model_config" in err  # no such option
     with pytest.raises(SystemExit):
         run([*common, "--num_inference_steps", "10"])  # what a budget pays for, without a budget
 
