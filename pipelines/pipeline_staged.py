@@ -41,7 +41,7 @@ from ..models.checks import (
 )
 from ..partition import TimestepPartition
 from ..routing import StageRouter
-from ..schedulers import model_call_timesteps, seed_noise_sampler, set_sampling_timesteps
+from ..schedulers import check_prediction_type, model_call_timesteps, seed_noise_sampler, set_sampling_timesteps
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
 from .loading import check_trusted_load_dtypes, load_pipeline, write_reexport_files
 from .offload import StageOffloadMixin, offloaded_on_error
@@ -146,6 +146,19 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """Refuse components the constructor refuses, also when swapped in later (``pipe.unet = ...``, which diffusers
         registers unchecked): run before every sampling run, `expert_schedule` and `enable_stage_offload`. Nothing to
         check here."""
+
+    def model_prediction_type(self) -> str | None:
+        """What the stage networks predict (``"epsilon"``, ``"v_prediction"``, ``"sample"``, ``"flow_prediction"``),
+        where the model says it (`ExpertRoutingModel`'s config); None where it does not, as a diffusers model does not:
+        the scheduler's ``prediction_type`` is then taken as the model's, as diffusers' pipelines take it."""
+        return None
+
+    def check_prediction_type(self) -> None:
+        """Refuse a scheduler that cannot sample the model (`diffusers_stages.schedulers.check_prediction_type`: a
+        flow-matching scheduler for a DDPM-style model, or the reverse, or another prediction type than the model
+        declares): run by the constructors, and before every sampling run and `expert_schedule`, so a scheduler
+        swapped in later (``pipe.scheduler = ...``) is checked too."""
+        check_prediction_type(self.scheduler, self.model_prediction_type())
 
     def resolve_partition(
         self,
@@ -360,6 +373,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         if not (custom and num_inference_steps is None):  # None with custom values, as diffusers' docs ask
             (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
         self.check_components()
+        self.check_prediction_type()
         return self._stage_schedule(self.resolve_partition(num_inference_steps, **custom), num_inference_steps, custom)
 
     def _stage_schedule(
@@ -567,6 +581,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         device = self._execution_device
         self.check_components()
         self.check_class_names()
+        self.check_prediction_type()
         partition = self.resolve_partition(num_inference_steps, **custom)
         # which network runs which model call (of the custom timesteps too: routed by the timesteps the run takes)
         schedule = self._stage_schedule(partition, num_inference_steps, custom)
