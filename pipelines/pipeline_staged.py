@@ -168,9 +168,30 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     ) -> TimestepPartition:
         """The partition a run of ``num_inference_steps`` (or of custom ``timesteps`` or ``sigmas``) routes by:
         `partition`, unless a subclass's switch depends on the step count (`DualBackbonePipeline`'s step fraction).
-        The pipelines pass ``timesteps`` and ``sigmas`` only when they are given, so an override without them still
-        serves runs without custom values."""
+        The pipelines pass ``timesteps`` and ``sigmas`` only when they are given, so an override without them (written
+        as ``resolve_partition(self, num_inference_steps)``) still serves runs without custom values; a run with them
+        is refused naming the override (`_resolve_partition`)."""
         return self.partition
+
+    def _resolve_partition(self, num_inference_steps: int | None, custom: Mapping[str, Any]) -> TimestepPartition:
+        """`resolve_partition` with the run's custom ``timesteps`` or ``sigmas`` (``custom``, passed only when given):
+        a `ValueError` names an override that takes no such argument (one written before they were added), rather
+        than Python's TypeError about an unexpected keyword, or a partition for a step count the run does not use."""
+        if custom:
+            parameters = inspect.signature(self.resolve_partition).parameters
+            any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+            for name, value in custom.items():
+                if name not in parameters and not any_keyword:
+                    override = getattr(type(self).resolve_partition, "__qualname__", "resolve_partition")
+                    override = override.rsplit("<locals>.", 1)[-1]
+                    raise ValueError(
+                        f"`{name}`={value!r} cannot be given to this pipeline: {override} takes no `{name}` (an "
+                        "override written before the pipelines took custom timesteps and sigmas), so its partition "
+                        "would be for a step count the run does not use. Give it the run's custom values, as "
+                        "`resolve_partition(self, num_inference_steps, timesteps=None, sigmas=None)`, or sample with "
+                        "`num_inference_steps`."
+                    )
+        return self.resolve_partition(num_inference_steps, **custom)
 
     # --------------------------------------------------------------------------------------------------------------
     # class names: DiTPipeline's `id2label` (saved in model_index.json) and `get_label_ids`
@@ -374,7 +395,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
             (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
         self.check_components()
         self.check_prediction_type()
-        return self._stage_schedule(self.resolve_partition(num_inference_steps, **custom), num_inference_steps, custom)
+        return self._stage_schedule(self._resolve_partition(num_inference_steps, custom), num_inference_steps, custom)
 
     def _stage_schedule(
         self, partition: TimestepPartition, num_inference_steps: int, custom: Mapping[str, Any] | None = None
@@ -582,7 +603,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         self.check_components()
         self.check_class_names()
         self.check_prediction_type()
-        partition = self.resolve_partition(num_inference_steps, **custom)
+        partition = self._resolve_partition(num_inference_steps, custom)
         # which network runs which model call (of the custom timesteps too: routed by the timesteps the run takes)
         schedule = self._stage_schedule(partition, num_inference_steps, custom)
         # the stage networks' order, for their prefetch

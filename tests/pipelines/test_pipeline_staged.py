@@ -443,3 +443,39 @@ def test_a_flow_matching_scheduler_on_a_ddpm_style_model_is_refused_before_sampl
     assert calls == []
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
     assert pipe(**RUN).images.shape == (1, 3, 8, 8) and calls
+
+
+def test_a_resolve_partition_override_without_custom_timesteps_is_named_when_they_are_given():
+    # an override written before `timesteps=`/`sigmas=` were added (`resolve_partition(self, num_inference_steps)`)
+    # failed with "resolve_partition() got an unexpected keyword argument 'timesteps'", naming neither the override
+    # nor what to change; runs without custom values still use it
+    from diffusers import DDPMScheduler
+
+    from diffusers_stages import TimestepPartition
+
+    class OldOverride(MultiStagePipeline):
+        def resolve_partition(self, num_inference_steps):
+            return self.partition if num_inference_steps > 1 else TimestepPartition([])
+
+    class NewOverride(MultiStagePipeline):
+        def resolve_partition(self, num_inference_steps, timesteps=None, sigmas=None):
+            return self.partition
+
+    base = tiny_pipeline("multistage", DDPMScheduler())
+    old, new = OldOverride(**base.components), NewOverride(**base.components)
+    for pipe in (old, new):
+        pipe.set_progress_bar_config(disable=True)
+    assert old(**RUN).images.shape == (1, 3, 8, 8)
+    message = (
+        r"`timesteps`=\[999, 500\] .*OldOverride.resolve_partition takes no `timesteps`.*"
+        r"`resolve_partition\(self, num_inference_steps, timesteps=None, sigmas=None\)`"
+    )
+    for call in (
+        lambda: old(timesteps=[999, 500], num_inference_steps=None, output_type="pt"),
+        lambda: old.expert_schedule(None, timesteps=[999, 500]),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(ValueError, match=r"`sigmas`=\[.*OldOverride.resolve_partition takes no `sigmas`"):
+        old.expert_schedule(None, sigmas=[1.0, 0.5, 0.0])
+    assert new(timesteps=[999, 500], num_inference_steps=None, output_type="pt").images.shape == (1, 3, 8, 8)
