@@ -76,7 +76,8 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
 
     def check_prediction_type(self) -> None:
         """Refuse a scheduler that expects another prediction type than the experts give."""
-        check_prediction_type(self.scheduler, self.model_prediction_type(), model="the experts")
+        if getattr(self, "scheduler", None) is not None:
+            check_prediction_type(self.scheduler, self.model_prediction_type(), model="the experts")
 
     def check_components(self) -> None:
         _check_experts(self.experts)

@@ -157,8 +157,10 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         """Refuse a scheduler that cannot sample the model (`diffusers_stages.schedulers.check_prediction_type`: a
         flow-matching scheduler for a DDPM-style model, or the reverse, or another prediction type than the model
         declares): run by the constructors, and before every sampling run and `expert_schedule`, so a scheduler
-        swapped in later (``pipe.scheduler = ...``) is checked too."""
-        check_prediction_type(self.scheduler, self.model_prediction_type())
+        swapped in later (``pipe.scheduler = ...``) is checked too. A pipeline built without one (``scheduler=None``,
+        which the constructors took before this check) is left to the sampling run."""
+        if getattr(self, "scheduler", None) is not None:
+            check_prediction_type(self.scheduler, self.model_prediction_type())
 
     def resolve_partition(
         self,

@@ -479,3 +479,9 @@ def test_a_resolve_partition_override_without_custom_timesteps_is_named_when_the
     with pytest.raises(ValueError, match=r"`sigmas`=\[.*OldOverride.resolve_partition takes no `sigmas`"):
         old.expert_schedule(None, sigmas=[1.0, 0.5, 0.0])
     assert new(timesteps=[999, 500], num_inference_steps=None, output_type="pt").images.shape == (1, 3, 8, 8)
+
+
+def test_a_multistage_pipeline_is_still_built_without_a_scheduler():
+    # the prediction-type check in the constructors must not turn `scheduler=None` into an AttributeError
+    unet = tiny_pipeline("multistage").unet
+    assert MultiStagePipeline(unet=unet, scheduler=None).scheduler is None
