@@ -102,10 +102,94 @@ def check_scheduler_supported(scheduler) -> None:
         )
 
 
+# what a DDPM-style model predicts (the training scripts' `--prediction_type`); a flow-matching one predicts the velocity
+DDPM_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FLOW_PREDICTION = "flow_prediction"
+
+
+@functools.cache
+def _takes_prediction_type(scheduler_class: type) -> bool:
+    return "prediction_type" in inspect.signature(scheduler_class.__init__).parameters
+
+
+def is_flow_matching_scheduler(scheduler) -> bool:
+    """Whether ``scheduler`` samples a flow-matching (rectified flow) schedule, ``x_t = (1 - sigma) x_0 + sigma noise``:
+    a class without a ``prediction_type`` option or a DDPM noise schedule (`FlowMatchEulerDiscreteScheduler`,
+    `FlowMatchHeunDiscreteScheduler`, ...), or a DDPM-style solver with ``use_flow_sigmas=True`` (DPM-Solver, UniPC,
+    DEIS, SA-Solver)."""
+    if scheduler.config.get("use_flow_sigmas"):
+        return True
+    return not _takes_prediction_type(type(scheduler)) and getattr(scheduler, "alphas_cumprod", None) is None
+
+
 def scheduler_prediction_type(scheduler) -> str:
-    """What a scheduler expects the model to predict (flow-matching schedulers: the velocity)."""
+    """What a scheduler expects the model to predict: its ``prediction_type`` option, or, for a flow-matching scheduler
+    without one, the velocity (``"flow_prediction"``; a ``prediction_type`` its config carries over from the scheduler
+    it was built from with ``from_config`` is ignored by its step, and here); a DDPM-style scheduler without the
+    option (`RePaintScheduler`) predicts the noise."""
     check_scheduler_supported(scheduler)
-    return getattr(scheduler.config, "prediction_type", None) or "flow_prediction"
+    if _takes_prediction_type(type(scheduler)):
+        return scheduler.config.prediction_type
+    return FLOW_PREDICTION if is_flow_matching_scheduler(scheduler) else "epsilon"
+
+
+def check_prediction_type(scheduler, model_prediction_type: str | None = None, model: str = "the model") -> None:
+    r"""
+    Refuse, before sampling, a scheduler that cannot sample the model: a flow-matching scheduler
+    (`is_flow_matching_scheduler`) for a model that predicts ``epsilon``, ``v_prediction`` or ``sample``, or a
+    DDPM-style one for a model that predicts the velocity, which diffusers samples into garbage images without an
+    error. What the model predicts is ``model_prediction_type`` where the model says it (`ExpertRoutingModel`), and
+    otherwise what the scheduler's config says, as in diffusers, where the scheduler carries the prediction type:
+    ``FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)`` keeps the model's ``prediction_type`` in its
+    config, which its step ignores. A `ValueError` names the scheduler's class and the prediction types (``model``:
+    what the message calls the model, e.g. ``"the experts"``).
+
+    Example:
+
+    ```py
+    >>> from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    >>> from diffusers_stages.schedulers import check_prediction_type
+    >>> check_prediction_type(DDIMScheduler(prediction_type="v_prediction"), "v_prediction")
+    >>> check_prediction_type(FlowMatchEulerDiscreteScheduler.from_config(DDIMScheduler(prediction_type="epsilon").config))
+    Traceback (most recent call last):
+    ...
+    ValueError: `scheduler` FlowMatchEulerDiscreteScheduler steps with a velocity (flow_prediction), but its config has prediction_type='epsilon' (carried over by `from_config` from the scheduler it replaced): a model that predicts 'epsilon' needs a DDPM-style scheduler, e.g. `DDIMScheduler.from_config(scheduler.config)`.
+
+    ```
+    """
+    name = type(scheduler).__name__
+    expected = scheduler_prediction_type(scheduler)
+    flow = is_flow_matching_scheduler(scheduler)
+    if model_prediction_type is not None and model_prediction_type != expected:
+        if model_prediction_type == FLOW_PREDICTION:  # no DDPM-style scheduler steps with a velocity
+            fix = "use a flow-matching scheduler (FlowMatchEulerDiscreteScheduler)"
+        elif not _takes_prediction_type(type(scheduler)):  # flow matching: velocity only, no option to change it
+            fix = f"{name} takes no `prediction_type`: use e.g. `DDIMScheduler(prediction_type={model_prediction_type!r})`"
+        else:
+            fix = f"build the scheduler with `prediction_type={model_prediction_type!r}`"
+        verb = "predict" if model.endswith("s") else "predicts"
+        raise ValueError(
+            f"`scheduler` {name} has prediction_type={expected!r}, but {model} {verb} {model_prediction_type!r}: {fix}."
+        )
+    carried = scheduler.config.get("prediction_type")  # a key of the config it was built from, for a FlowMatch class
+    if flow and expected == FLOW_PREDICTION and carried in DDPM_PREDICTION_TYPES:
+        raise ValueError(
+            f"`scheduler` {name} steps with a velocity (flow_prediction), but its config has prediction_type="
+            f"{carried!r} (carried over by `from_config` from the scheduler it replaced): a model that predicts "
+            f"{carried!r} needs a DDPM-style scheduler, e.g. `DDIMScheduler.from_config(scheduler.config)`."
+        )
+    if flow and expected != FLOW_PREDICTION:  # use_flow_sigmas with a DDPM-style prediction
+        raise ValueError(
+            f"`scheduler` {name} has use_flow_sigmas=True (a flow-matching noise schedule) but prediction_type="
+            f"{expected!r}, which a DDPM-style model predicts on other noise levels: build it with "
+            "`use_flow_sigmas=False` for a DDPM-style model, or `prediction_type='flow_prediction'` for a flow one."
+        )
+    if not flow and expected == FLOW_PREDICTION:
+        raise ValueError(
+            f"`scheduler` {name} has prediction_type='flow_prediction' (a velocity) but samples DDPM noise levels: "
+            "build it with `use_flow_sigmas=True` for a flow-matching model (DPM-Solver, UniPC, DEIS and SA-Solver "
+            "take it), or with the DDPM-style model's `prediction_type`."
+        )
 
 
 def has_continuous_timesteps(scheduler) -> bool:

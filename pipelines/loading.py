@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import types
+from collections.abc import Mapping
 from typing import Any
 
 import diffusers
@@ -363,7 +364,7 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
     # 1. every component: passed by the caller, or loaded by the class the allow-list gives for its entry
     expected, optional = pipeline_class._get_signature_keys(pipeline_class)
     check_dtype_components(pipeline_class, kwargs.get("torch_dtype"), dtype_name)
-    init_kwargs = {}
+    init_kwargs, loaded = {}, set()  # the components built from the folder (the others were passed)
     for name in expected:
         if name in kwargs:
             init_kwargs[name] = kwargs.pop(name)
@@ -380,6 +381,7 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
             )
         check_component_type(pipeline_class, name, component_class)
         init_kwargs[name] = None if component_class is None else load_component(folder, name, component_class, kwargs)
+        loaded.add(name)
     unknown = sorted(k for k in index if not k.startswith("_") and k not in expected and k not in optional)
     if unknown:
         raise ValueError(f"`model_index.json` names components {pipeline_class.__name__} does not have: {unknown}.")
@@ -393,11 +395,46 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
     leftover = sorted(k for k in kwargs if k not in MODEL_KWARGS and k not in DOWNLOAD_KWARGS)
     if leftover:
         raise ValueError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments {leftover}.")
+    if "scheduler" in init_kwargs and "scheduler" not in loaded:
+        check_replacing_scheduler(folder, index, init_kwargs["scheduler"])
     pipeline = pipeline_class(**init_kwargs)
     pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
     if device_map is not None:
         pipeline.hf_device_map = device_map  # as diffusers: `pipe.to(...)` then asks for `reset_device_map()` first
     return pipeline
+
+
+def check_replacing_scheduler(folder: str, index: Mapping[str, Any], scheduler: object) -> None:
+    """Refuse a ``scheduler`` passed to `from_pretrained` that is flow-matching where the folder's saved scheduler (the
+    one its model was saved with, which says what the model predicts) is DDPM-style, or the reverse
+    (`diffusers_stages.schedulers.is_flow_matching_scheduler`): it would sample garbage images. Another DDPM-style
+    prediction type (``v_prediction`` for ``epsilon``) is taken, as diffusers' ``from_pretrained`` takes any
+    scheduler passed; a folder whose scheduler cannot be read is not compared (the passed one replaces it)."""
+    from ..schedulers import is_flow_matching_scheduler, scheduler_prediction_type
+
+    if not isinstance(scheduler, SchedulerMixin) or not os.path.isdir(component_folder(folder, "scheduler")):
+        return
+    try:
+        saved_class = resolve_component_class("scheduler", index.get("scheduler"))
+        if saved_class is None or not issubclass(saved_class, SchedulerMixin):
+            return
+        saved = load_scheduler(saved_class, component_folder(folder, "scheduler"), "Component 'scheduler'")
+        saved_type = scheduler_prediction_type(saved)
+    except ValueError:
+        return
+    if is_flow_matching_scheduler(saved) == is_flow_matching_scheduler(scheduler):
+        return
+    name, saved_name = type(scheduler).__name__, type(saved).__name__
+    kind, saved_kind = (
+        ("a flow-matching", "a DDPM-style")
+        if is_flow_matching_scheduler(scheduler)
+        else ("a DDPM-style", "a flow-matching")
+    )
+    raise ValueError(
+        f"`scheduler` {name} (prediction_type={scheduler_prediction_type(scheduler)!r}) is {kind} scheduler, but "
+        f"{folder} was saved with {saved_kind} {saved_name} (prediction_type={saved_type!r}), the scheduler its model "
+        f"samples with: pass a scheduler of that kind, e.g. `{saved_name}.from_config(...)` of the saved config."
+    )
 
 
 def write_reexport_files(save_directory: str | os.PathLike, pipeline_class: type) -> None:

@@ -138,6 +138,7 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         self.register_to_config(**switch)
         self.register_class_names(id2label)
         check_fixed_switch(switch, scheduler)  # a fixed switch now; a step fraction depends on the step count
+        self.check_prediction_type()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DualBackbonePipeline:

@@ -10,7 +10,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from ..models.early_exit import EarlyExitUViT2DModel
 from ..models.expert_routing import ExpertRoutingModel
 from ..partition import TimestepPartition
-from ..schedulers import scheduler_prediction_type, scheduler_units
+from ..schedulers import check_prediction_type, scheduler_prediction_type, scheduler_units
 from .pipeline_staged import StagedDiffusionPipeline, vae_scale_factor
 
 __all__ = ["ExpertRoutingPipeline", "scheduler_prediction_type"]  # the latter's old home
@@ -70,21 +70,14 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
         self.register_class_names(id2label)
         self.check_prediction_type()
 
+    def model_prediction_type(self) -> str:
+        """What the experts predict (their container's ``prediction_type``), which the scheduler must expect."""
+        return self.experts.config.prediction_type
+
     def check_prediction_type(self) -> None:
         """Refuse a scheduler that expects another prediction type than the experts give."""
-        expected, predicted = scheduler_prediction_type(self.scheduler), self.experts.config.prediction_type
-        if expected == predicted:
-            return
-        name = type(self.scheduler).__name__
-        if predicted == "flow_prediction":  # no DDPM-style scheduler steps with a velocity
-            fix = "use a flow-matching scheduler (FlowMatchEulerDiscreteScheduler)"
-        elif "prediction_type" not in self.scheduler.config:  # flow matching: velocity only, no option to change it
-            fix = f"{name} takes no `prediction_type`: use e.g. `DDIMScheduler(prediction_type={predicted!r})`"
-        else:
-            fix = f"build the scheduler with `prediction_type={predicted!r}`"
-        raise ValueError(
-            f"`scheduler` {name} has prediction_type={expected!r}, but the experts predict {predicted!r}: {fix}."
-        )
+        if getattr(self, "scheduler", None) is not None:
+            check_prediction_type(self.scheduler, self.model_prediction_type(), model="the experts")
 
     def check_components(self) -> None:
         _check_experts(self.experts)
@@ -92,13 +85,6 @@ class ExpertRoutingPipeline(StagedDiffusionPipeline):
     @property
     def partition(self) -> TimestepPartition:
         return self.experts.partition
-
-    def resolve_partition(self, num_inference_steps: int, **custom) -> TimestepPartition:
-        """The experts' partition, after `check_prediction_type`: the sampling loop (right after checking its
-        arguments) and `expert_schedule` start with this call, so a scheduler swapped in after construction is checked
-        too. ``custom``: the run's custom ``timesteps`` or ``sigmas``, which the experts' fixed boundaries ignore."""
-        self.check_prediction_type()
-        return super().resolve_partition(num_inference_steps, **custom)
 
     def stage_denoiser(self, stage: int) -> tuple[torch.nn.Module, dict]:
         # the expert itself, called exactly as a single-model pipeline would call it

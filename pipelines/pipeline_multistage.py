@@ -70,6 +70,7 @@ class MultiStagePipeline(StagedDiffusionPipeline):
         vae_scale_factor(vae)  # refuses a VAE class the pipelines cannot decode
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, class_embedder=class_embedder)
         self.register_class_names(id2label)
+        self.check_prediction_type()
 
     def check_components(self) -> None:
         _check_unet(self.unet, getattr(self, "class_embedder", None))

@@ -41,7 +41,7 @@ from ..models.checks import (
 )
 from ..partition import TimestepPartition
 from ..routing import StageRouter
-from ..schedulers import model_call_timesteps, seed_noise_sampler, set_sampling_timesteps
+from ..schedulers import check_prediction_type, model_call_timesteps, seed_noise_sampler, set_sampling_timesteps
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
 from .loading import check_trusted_load_dtypes, load_pipeline, write_reexport_files
 from .offload import StageOffloadMixin, offloaded_on_error
@@ -147,6 +147,21 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         registers unchecked): run before every sampling run, `expert_schedule` and `enable_stage_offload`. Nothing to
         check here."""
 
+    def model_prediction_type(self) -> str | None:
+        """What the stage networks predict (``"epsilon"``, ``"v_prediction"``, ``"sample"``, ``"flow_prediction"``),
+        where the model says it (`ExpertRoutingModel`'s config); None where it does not, as a diffusers model does not:
+        the scheduler's ``prediction_type`` is then taken as the model's, as diffusers' pipelines take it."""
+        return None
+
+    def check_prediction_type(self) -> None:
+        """Refuse a scheduler that cannot sample the model (`diffusers_stages.schedulers.check_prediction_type`: a
+        flow-matching scheduler for a DDPM-style model, or the reverse, or another prediction type than the model
+        declares): run by the constructors, and before every sampling run and `expert_schedule`, so a scheduler
+        swapped in later (``pipe.scheduler = ...``) is checked too. A pipeline built without one (``scheduler=None``,
+        which the constructors took before this check) is left to the sampling run."""
+        if getattr(self, "scheduler", None) is not None:
+            check_prediction_type(self.scheduler, self.model_prediction_type())
+
     def resolve_partition(
         self,
         num_inference_steps: int,
@@ -155,9 +170,30 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
     ) -> TimestepPartition:
         """The partition a run of ``num_inference_steps`` (or of custom ``timesteps`` or ``sigmas``) routes by:
         `partition`, unless a subclass's switch depends on the step count (`DualBackbonePipeline`'s step fraction).
-        The pipelines pass ``timesteps`` and ``sigmas`` only when they are given, so an override without them still
-        serves runs without custom values."""
+        The pipelines pass ``timesteps`` and ``sigmas`` only when they are given, so an override without them (written
+        as ``resolve_partition(self, num_inference_steps)``) still serves runs without custom values; a run with them
+        is refused naming the override (`_resolve_partition`)."""
         return self.partition
+
+    def _resolve_partition(self, num_inference_steps: int | None, custom: Mapping[str, Any]) -> TimestepPartition:
+        """`resolve_partition` with the run's custom ``timesteps`` or ``sigmas`` (``custom``, passed only when given):
+        a `ValueError` names an override that takes no such argument (one written before they were added), rather
+        than Python's TypeError about an unexpected keyword, or a partition for a step count the run does not use."""
+        if custom:
+            parameters = inspect.signature(self.resolve_partition).parameters
+            any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+            for name, value in custom.items():
+                if name not in parameters and not any_keyword:
+                    override = getattr(type(self).resolve_partition, "__qualname__", "resolve_partition")
+                    override = override.rsplit("<locals>.", 1)[-1]
+                    raise ValueError(
+                        f"`{name}`={value!r} cannot be given to this pipeline: {override} takes no `{name}` (an "
+                        "override written before the pipelines took custom timesteps and sigmas), so its partition "
+                        "would be for a step count the run does not use. Give it the run's custom values, as "
+                        "`resolve_partition(self, num_inference_steps, timesteps=None, sigmas=None)`, or sample with "
+                        "`num_inference_steps`."
+                    )
+        return self.resolve_partition(num_inference_steps, **custom)
 
     # --------------------------------------------------------------------------------------------------------------
     # class names: DiTPipeline's `id2label` (saved in model_index.json) and `get_label_ids`
@@ -360,7 +396,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         if not (custom and num_inference_steps is None):  # None with custom values, as diffusers' docs ask
             (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
         self.check_components()
-        return self._stage_schedule(self.resolve_partition(num_inference_steps, **custom), num_inference_steps, custom)
+        self.check_prediction_type()
+        return self._stage_schedule(self._resolve_partition(num_inference_steps, custom), num_inference_steps, custom)
 
     def _stage_schedule(
         self, partition: TimestepPartition, num_inference_steps: int, custom: Mapping[str, Any] | None = None
@@ -567,7 +604,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
         device = self._execution_device
         self.check_components()
         self.check_class_names()
-        partition = self.resolve_partition(num_inference_steps, **custom)
+        self.check_prediction_type()
+        partition = self._resolve_partition(num_inference_steps, custom)
         # which network runs which model call (of the custom timesteps too: routed by the timesteps the run takes)
         schedule = self._stage_schedule(partition, num_inference_steps, custom)
         # the stage networks' order, for their prefetch

@@ -33,6 +33,11 @@ CONFIGURATIONS = [
     ("DPMSolverMultistepScheduler", {"final_sigmas_type": "zero", "algorithm_type": "sde-dpmsolver++"}),
     *[("DDIMScheduler", {"timestep_spacing": spacing}) for spacing in ("leading", "trailing", "linspace")],
     ("EulerDiscreteScheduler", {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
+    *[(name, {"steps_offset": 1}) for name in ("DDIMScheduler", "EulerDiscreteScheduler", "PNDMScheduler")],
+    *[
+        (name, {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"})
+        for name in ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler")
+    ],
     ("EulerDiscreteScheduler", {"timestep_type": "continuous", "prediction_type": "v_prediction"}),  # c_noise
     ("FlowMatchEulerDiscreteScheduler", {}),
     ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),

@@ -24,9 +24,11 @@ from diffusers_stages import StageRouter, TimestepPartition, routing
 from diffusers_stages.pipelines import pipeline_dual_backbone, pipeline_expert_routing
 from diffusers_stages.schedulers import (
     ContinuousVPDPMSolverSinglestepScheduler,
+    check_prediction_type,
     check_scheduler_units,
     fresh_scheduler,
     is_edm_scheduler,
+    is_flow_matching_scheduler,
     model_call_timesteps,
     scheduler_prediction_type,
     scheduler_step_kwargs,
@@ -491,3 +493,79 @@ def test_continuous_vp_dpm_solver_names_options_of_the_wrong_type(kwargs, messag
     # JSON serializable"), beta_min="0.1" raised "TypeError: '<' not supported between instances of 'float' and 'str'"
     with pytest.raises(ValueError, match=message):
         ContinuousVPDPMSolverSinglestepScheduler(**kwargs)
+
+
+# schedulers that sample what a DDPM-style model (epsilon, v, sample) predicts, each with the prediction types it takes
+DDPM_STYLE_SCHEDULERS = (
+    "DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler",
+    "LCMScheduler", "TCDScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "DEISMultistepScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("name", DDPM_STYLE_SCHEDULERS)
+def test_a_ddpm_style_scheduler_with_the_models_prediction_type_is_not_refused(name, prediction_type):
+    if (
+        name in ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "PNDMScheduler")
+        and prediction_type == "sample"
+    ):
+        pytest.skip(f"{name} takes no 'sample' prediction itself")
+    scheduler = getattr(diffusers, name)(prediction_type=prediction_type)
+    assert not is_flow_matching_scheduler(scheduler)
+    assert scheduler_prediction_type(scheduler) == prediction_type
+    check_prediction_type(scheduler)  # a model that does not say what it predicts: the scheduler's is taken
+    check_prediction_type(scheduler, prediction_type)
+    # swapped with `from_config`, as diffusers' docs swap schedulers: the prediction type goes with the config
+    check_prediction_type(DDIMScheduler.from_config(scheduler.config), prediction_type)
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        FlowMatchEulerDiscreteScheduler(),
+        diffusers.FlowMatchHeunDiscreteScheduler(),
+        diffusers.FlowMatchLCMScheduler(),
+        DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction"),
+        diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction"),
+    ],
+    ids=lambda s: type(s).__name__,
+)
+def test_a_flow_matching_scheduler_of_a_flow_model_is_not_refused(scheduler):
+    assert is_flow_matching_scheduler(scheduler)
+    assert scheduler_prediction_type(scheduler) == "flow_prediction"
+    check_prediction_type(scheduler)
+    check_prediction_type(scheduler, "flow_prediction")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_a_flow_matching_scheduler_swapped_in_for_a_ddpm_style_models_scheduler_is_refused(prediction_type):
+    # `FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)` keeps the model's prediction type in its
+    # config, which it ignores (it steps with a velocity): the pipelines sampled it on an epsilon model (garbage), and
+    # `scheduler_prediction_type` read that key, so an ExpertRoutingPipeline of v-prediction experts took it too
+    source = DDIMScheduler(prediction_type=prediction_type)
+    flow = FlowMatchEulerDiscreteScheduler.from_config(source.config)
+    assert scheduler_prediction_type(flow) == "flow_prediction"
+    message = f"FlowMatchEulerDiscreteScheduler.*prediction_type='{prediction_type}'"
+    with pytest.raises(ValueError, match=message):
+        check_prediction_type(flow)
+    with pytest.raises(ValueError, match=message):
+        check_prediction_type(flow, prediction_type)
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler.*'flow_prediction'.*'epsilon'"):
+        check_prediction_type(FlowMatchEulerDiscreteScheduler(), "epsilon")  # a model that says what it predicts
+
+
+def test_a_flow_prediction_on_a_ddpm_noise_schedule_and_the_reverse_are_refused():
+    # DPM-Solver, UniPC, DEIS and SA-Solver take both options: a velocity on DDPM sigmas (or a noise prediction on
+    # flow sigmas) gives garbage images without an error
+    for name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"):
+        scheduler_class = getattr(diffusers, name)
+        with pytest.raises(ValueError, match=f"{name} has prediction_type='flow_prediction'.*use_flow_sigmas=True"):
+            check_prediction_type(scheduler_class(prediction_type="flow_prediction"))
+        with pytest.raises(ValueError, match=f"{name} has use_flow_sigmas=True.*prediction_type='epsilon'"):
+            check_prediction_type(scheduler_class(use_flow_sigmas=True))
+    with pytest.raises(
+        ValueError, match="DDIMScheduler has prediction_type='v_prediction'.*predicts 'flow_prediction'"
+    ):
+        check_prediction_type(DDIMScheduler(prediction_type="v_prediction"), "flow_prediction")

@@ -593,3 +593,28 @@ def test_a_users_subclass_of_a_package_pipeline_reloads_with_its_own_class(tiny_
     )
     with pytest.raises(ValueError, match="'MyMultiStagePipeline' is not one of diffusers-stages' pipelines"):
         MultiStagePipeline.from_pretrained(tmp_path)  # the base class cannot know the subclass: still refused
+
+
+def test_a_scheduler_passed_to_from_pretrained_of_the_other_kind_than_the_saved_one_is_refused(
+    tiny_multistage, tmp_path
+):
+    # the folder's scheduler says what its model predicts; a flow-matching scheduler passed in its place for a
+    # DDPM-style model (or the reverse) loaded and sampled garbage images. Another DDPM-style prediction type is
+    # taken, as diffusers' `from_pretrained(folder, scheduler=...)` takes it
+    from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+    MultiStagePipeline(unet=tiny_multistage, scheduler=DDIMScheduler(prediction_type="epsilon")).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"`scheduler` FlowMatchEulerDiscreteScheduler .*flow_prediction.*DDIMScheduler .*prediction_type='epsilon'",
+    ):
+        MultiStagePipeline.from_pretrained(tmp_path, scheduler=FlowMatchEulerDiscreteScheduler())
+    for scheduler in (DDIMScheduler(prediction_type="v_prediction"), EulerDiscreteScheduler()):
+        assert MultiStagePipeline.from_pretrained(tmp_path, scheduler=scheduler).scheduler is scheduler
+    flow = tmp_path / "flow"
+    MultiStagePipeline(unet=tiny_multistage, scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(flow)
+    with pytest.raises(ValueError, match=r"`scheduler` DDIMScheduler .*'epsilon'.*FlowMatchEulerDiscreteScheduler"):
+        MultiStagePipeline.from_pretrained(flow, scheduler=DDIMScheduler())
+    assert type(MultiStagePipeline.from_pretrained(flow).scheduler) is FlowMatchEulerDiscreteScheduler

@@ -406,3 +406,82 @@ def test_from_pipe_keeps_the_networks_of_a_subclass_whose_signature_names_no_cla
     assert again.clean is pipe.clean and again.noisy is pipe.noisy
     other = UNet2DModel(**TINY_UNET).eval()
     assert TwoUNetPipeline.from_pipe(pipe, noisy=other).noisy is other  # one passed still replaces the source's
+
+
+def _record_model_calls(pipe) -> list:
+    """Every forward call of the pipeline's stage networks, appended to the returned list."""
+    calls = []
+    for stage in range(pipe.resolve_partition(2).num_stages):
+        pipe.stage_denoiser(stage)[0].register_forward_hook(lambda *args, stage=stage: calls.append(stage))
+    return calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_flow_matching_scheduler_on_a_ddpm_style_model_is_refused_before_sampling(kind):
+    # MultiStagePipeline and DualBackbonePipeline sampled `FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler
+    # .config)` on an epsilon model without a word (garbage images); only ExpertRoutingPipeline checked prediction types
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    pipe = tiny_pipeline(
+        kind, DDIMScheduler(prediction_type="epsilon"), switch_timestep=500
+    )  # as loaded from a folder
+    calls = _record_model_calls(pipe)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    for call in (lambda: pipe(**RUN), lambda: pipe.expert_schedule(2)):
+        with pytest.raises(
+            ValueError, match="`scheduler` FlowMatchEulerDiscreteScheduler .*prediction_type='epsilon'"
+        ):
+            call()
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler .*prediction_type='epsilon'"):
+        type(pipe)(**pipe.components)
+    # the reverse: a velocity prediction on DDPM noise levels
+    pipe.scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction")
+    with pytest.raises(
+        ValueError, match="`scheduler` DPMSolverMultistepScheduler .*prediction_type='flow_prediction'"
+    ):
+        pipe(**RUN)
+    assert calls == []
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
+    assert pipe(**RUN).images.shape == (1, 3, 8, 8) and calls
+
+
+def test_a_resolve_partition_override_without_custom_timesteps_is_named_when_they_are_given():
+    # an override written before `timesteps=`/`sigmas=` were added (`resolve_partition(self, num_inference_steps)`)
+    # failed with "resolve_partition() got an unexpected keyword argument 'timesteps'", naming neither the override
+    # nor what to change; runs without custom values still use it
+    from diffusers import DDPMScheduler
+
+    from diffusers_stages import TimestepPartition
+
+    class OldOverride(MultiStagePipeline):
+        def resolve_partition(self, num_inference_steps):
+            return self.partition if num_inference_steps > 1 else TimestepPartition([])
+
+    class NewOverride(MultiStagePipeline):
+        def resolve_partition(self, num_inference_steps, timesteps=None, sigmas=None):
+            return self.partition
+
+    base = tiny_pipeline("multistage", DDPMScheduler())
+    old, new = OldOverride(**base.components), NewOverride(**base.components)
+    for pipe in (old, new):
+        pipe.set_progress_bar_config(disable=True)
+    assert old(**RUN).images.shape == (1, 3, 8, 8)
+    message = (
+        r"`timesteps`=\[999, 500\] .*OldOverride.resolve_partition takes no `timesteps`.*"
+        r"`resolve_partition\(self, num_inference_steps, timesteps=None, sigmas=None\)`"
+    )
+    for call in (
+        lambda: old(timesteps=[999, 500], num_inference_steps=None, output_type="pt"),
+        lambda: old.expert_schedule(None, timesteps=[999, 500]),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(ValueError, match=r"`sigmas`=\[.*OldOverride.resolve_partition takes no `sigmas`"):
+        old.expert_schedule(None, sigmas=[1.0, 0.5, 0.0])
+    assert new(timesteps=[999, 500], num_inference_steps=None, output_type="pt").images.shape == (1, 3, 8, 8)
+
+
+def test_a_multistage_pipeline_is_still_built_without_a_scheduler():
+    # the prediction-type check in the constructors must not turn `scheduler=None` into an AttributeError
+    unet = tiny_pipeline("multistage").unet
+    assert MultiStagePipeline(unet=unet, scheduler=None).scheduler is None
