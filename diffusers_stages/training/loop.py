@@ -44,6 +44,7 @@ from .checkpointing import (
     check_resume_arguments,
     check_same_class_names,
     check_same_sharding,
+    check_same_source_files,
     check_sharded_resume,
     checkpoint_folders,
     checkpoint_step,
@@ -56,6 +57,7 @@ from .checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
     skipped_checkpoints,
+    source_identity,
 )
 from .data import (
     EpochShuffleSampler,
@@ -254,6 +256,8 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
         check_resume_arguments(
             resume_path, noise_schedulers(args, task.scheduler_config)[0], source, latent_space(task)
         )
+    source_files = source_identity(source)  # the folder as this run fine-tunes it, saved in its checkpoints
+    resume_warnings = [] if resume_path is None else [check_same_source_files(resume_path, source)]
     hub_repo_id = create_hub_repo(args) if args.push_to_hub else None  # `name` becomes `<user>/name`
     records = task.read_records(args)
     if records is None:
@@ -276,7 +280,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
 
     # 2. accelerator, logging, output folder, seeds (the same initial weights on every process)
     accelerator = _accelerator(args, task)
-    for warning in task.data_warnings():  # (the logger needs the accelerator)
+    for warning in [*filter(None, resume_warnings), *task.data_warnings()]:  # (the logger needs the accelerator)
         logger.warning(warning)
     replaced = _prepare_output_dir(accelerator, args, existing, resume_path)
     set_seed(args.seed)
@@ -304,7 +308,15 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     )
     noise_scheduler, sampling_scheduler = noise_schedulers(args, task.scheduler_config)
     register_checkpoint_hooks(
-        accelerator, list(networks), emas, noise_scheduler, task.partition, source, latent_space(task), task.id2label
+        accelerator,
+        list(networks),
+        emas,
+        noise_scheduler,
+        task.partition,
+        source,
+        latent_space(task),
+        task.id2label,
+        source_files,
     )
     state = RunState(
         accelerator, args, task, list(networks), models, emas, optimizer, lr_scheduler, noise_scheduler,
