@@ -206,7 +206,7 @@ def build_parser(
         help="Share of each batch per stage (clean first)." if staged else refused,
     )  # fmt: skip
     model.add_argument("--stage_sampling", choices=STAGE_SAMPLING, default="mixed",
-                       help="mixed: every stage in every batch; per_batch: one stage per batch (the authors' EDM code); "
+                       help="mixed: every stage in every batch (a batch smaller than the stage count: each sample's stage drawn at random by its share); per_batch: one stage per batch (the authors' EDM code); "
                        "per_rank: one stage per process (their LDM code)." if staged else refused)  # fmt: skip
     model.add_argument("--num_train_timesteps", "--ddpm_num_steps", type=int, default=1000, action=RenamedOption,
                        help="Length of the training noise schedule (DDPM steps; also EDM's scheduler config). "

@@ -301,7 +301,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
 
     # 4. networks, EMA, optimizer, learning-rate schedule; prepared, with save_pretrained checkpoint hooks
     networks = task.build_networks(in_channels, args.resolution // vae_factor, num_class_embeds)
-    check_sharded_run(accelerator, args, list(networks))
+    check_sharded_run(accelerator, args, list(networks), task.decoders)
     emas, optimizer, lr_scheduler, max_train_steps = _optimisation(args, networks, accelerator, len(train_dataloader))
     *models, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         *networks.values(), optimizer, train_dataloader, lr_scheduler

@@ -375,3 +375,16 @@ def test_a_one_expert_run_says_why_it_draws_no_sample_grid(examples, script, ima
     assert not os.path.exists(os.path.join(out, "sample_grid.png"))
     assert caplog.text.count("No sample grid") == 1  # said once, not at every `--save_images_steps`
     assert "one expert alone does not sample" in caplog.text and "--assemble_experts" in caplog.text
+
+
+def test_a_batch_smaller_than_the_expert_count_trains_on_one_process_only(
+    examples, script, image_folder, tmp_path, monkeypatch, capsys
+):
+    # refused before on one process too, where the experts each batch leaves out simply get no gradient; on several
+    # processes each expert is its own DDP network, which every process must run at every step
+    argv = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+            "--assignment", "hard", "--train_batch_size", "2", "--max_train_steps", "2"]  # fmt: skip
+    examples.train(script, argv)
+    assert os.path.isfile(tmp_path / "run" / "model_index.json")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    examples.assert_usage_error(script, argv, "`--train_batch_size` 2 is smaller than the 4 experts trained", capsys)
