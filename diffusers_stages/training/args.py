@@ -625,7 +625,36 @@ def check_optimisation_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"`--{name}` must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value}.")
     if args.lr_warmup_steps < 0:
         raise ValueError(f"`--lr_warmup_steps` must be a non-negative integer, got {args.lr_warmup_steps}.")
+    check_lr_schedule(args, args.max_train_steps, int(os.environ.get("WORLD_SIZE", "1")))
     check_seed(args.seed)
+
+
+# the learning rate diffusers' `get_scheduler` decays `polynomial` to (its `lr_end`, which the loop does not set)
+POLYNOMIAL_LR_END = 1e-7
+
+
+def check_lr_schedule(args: argparse.Namespace, max_train_steps: int | None, num_processes: int) -> None:
+    """Refuse a `--lr_scheduler polynomial` that diffusers' `get_scheduler` cannot build or run: a learning rate (after
+    `--scale_lr`, over ``num_processes``) not above its ``lr_end`` of 1e-7, or a warm-up that takes all of the
+    ``max_train_steps`` (None: not known yet), where its decay divides by zero at the last step. A `ValueError`
+    naming the options, before the first step rather than from inside the schedule."""
+    if args.lr_scheduler != "polynomial":
+        return
+    learning_rate = args.learning_rate
+    if args.scale_lr:  # as the loop scales it
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
+    if learning_rate <= POLYNOMIAL_LR_END:
+        scaled = f" ({learning_rate:g} with `--scale_lr`)" if args.scale_lr else ""
+        raise ValueError(
+            f"`--learning_rate` {args.learning_rate:g}{scaled} is not above {POLYNOMIAL_LR_END:g}, the learning rate "
+            "`--lr_scheduler polynomial` decays to: give a larger `--learning_rate`, or another `--lr_scheduler`."
+        )
+    if max_train_steps is not None and args.lr_warmup_steps == max_train_steps:
+        given = "`--max_train_steps`" if args.max_train_steps is not None else "the training steps (`--num_epochs`)"
+        raise ValueError(
+            f"`--lr_warmup_steps` {args.lr_warmup_steps} takes all of {given} {max_train_steps}, which leaves "
+            "`--lr_scheduler polynomial` no step to decay over: give fewer warm-up steps, or another `--lr_scheduler`."
+        )
 
 
 def check_device_options(args: argparse.Namespace) -> None:

@@ -39,7 +39,7 @@ from ..models.loading import (
     plain_weight_headers,
 )
 from ..pipelines.pipeline_staged import checked_id2label
-from .args import check_args, tracker_config
+from .args import check_args, check_lr_schedule, tracker_config
 from .checkpointing import (
     check_resume_arguments,
     check_same_class_names,
@@ -468,6 +468,7 @@ def _optimisation(args: argparse.Namespace, networks: dict[str, ModelMixin], acc
     batches_per_process = math.ceil(num_batches / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    check_lr_schedule(args, max_train_steps, accelerator.num_processes)  # (`--num_epochs`: the steps known now)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,

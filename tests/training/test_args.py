@@ -347,3 +347,20 @@ def test_a_pipeline_folder_given_as_model_config_names_its_model_folders(tmp_pat
     with pytest.raises(ValueError, match="is a pipeline folder: give the folder of one of its models .*unet"):
         read_model_config(build_parser("").parse_args(["--model_config", str(tmp_path)]))
     assert read_model_config(build_parser("").parse_args(["--model_config", str(tmp_path / "unet")]))
+
+
+def test_a_polynomial_schedule_it_cannot_build_is_refused_before_training(tmp_path):
+    # diffusers' polynomial decay divided by zero at the last step where the warm-up took every step, and refused a
+    # learning rate not above its fixed `lr_end` (1e-7) by that name, once the data and the model were loaded
+    data = tmp_path / "data"
+    data.mkdir()
+    poly = ("--lr_scheduler", "polynomial", "--output_dir", str(tmp_path / "run"))
+    with pytest.raises(
+        ValueError, match=r"`--lr_warmup_steps` 3 .*`--max_train_steps` 3.*`--lr_scheduler polynomial`"
+    ):
+        _checked(data, *poly, "--max_train_steps", "3", "--lr_warmup_steps", "3")
+    with pytest.raises(ValueError, match=r"`--learning_rate` 1e-08 .*1e-07.*`--lr_scheduler polynomial`"):
+        _checked(data, *poly, "--learning_rate", "1e-8")
+    _checked(data, *poly, "--max_train_steps", "4", "--lr_warmup_steps", "3")
+    _checked(data, *poly, "--learning_rate", "1e-8", "--scale_lr", "--train_batch_size", "16")  # 1.6e-7 trained
+    _checked(data, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "3", "--lr_warmup_steps", "3")
