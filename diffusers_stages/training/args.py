@@ -360,6 +360,25 @@ def refuse_given_options(args: argparse.Namespace, names: Sequence[str], source:
             raise ValueError(f"`--{name}` {shown} cannot be combined with {source}: {reason}. Drop `--{name}`.")
 
 
+# the options a run that trains nothing (`--assemble_experts`) uses: its output, the sample grid and the Hub push
+ASSEMBLY_OPTIONS = (
+    "assemble_experts", "output_dir", "seed", "num_sample_images", "num_inference_steps", "push_to_hub",
+    "hub_model_id", "hub_token", "hub_private_repo", "hub_local_dir", "logger", "local_rank",
+)  # fmt: skip
+
+
+def refuse_unused_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, used: Sequence[str], source: str, reason: str
+) -> None:
+    """A `ValueError` for the first option of ``parser`` outside ``used`` whose value in ``args`` is not its default
+    (typed, so meant) where ``source`` decides that it is not used: ``reason`` says why."""
+    for name, value in vars(args).items():
+        if name not in used and value != parser.get_default(name):
+            shown = list(value) if isinstance(value, tuple) else value
+            shown = repr(shown) if isinstance(shown, str) else shown
+            raise ValueError(f"`--{name}` {shown} is not used by {source}: {reason}. Drop `--{name}`.")
+
+
 def scratch_shape(args: argparse.Namespace) -> dict:
     """The U-Net shape options of a model built from the arguments: each given value, else its default
     (``UNET_SHAPE_DEFAULTS``)."""
