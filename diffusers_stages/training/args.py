@@ -372,8 +372,18 @@ def refuse_unused_options(
 ) -> None:
     """A `ValueError` for the first option of ``parser`` outside ``used`` whose value in ``args`` is not its default
     (typed, so meant) where ``source`` decides that it is not used: ``reason`` says why."""
-    for name, value in vars(args).items():
-        if name not in used and value != parser.get_default(name):
+    refuse_changed_options(parser, args, [name for name in vars(args) if name not in used], source, reason)
+
+
+def refuse_changed_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str], source: str, reason: str
+) -> None:
+    """A `ValueError` for the first option of ``names`` whose value in ``args`` is not its default in ``parser``
+    (an option with a default cannot tell a typed default from none; another value was typed, so meant) where
+    ``source`` does not read it: ``reason`` says why."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value != parser.get_default(name):
             shown = list(value) if isinstance(value, tuple) else value
             shown = repr(shown) if isinstance(shown, str) else shown
             raise ValueError(f"`--{name}` {shown} is not used by {source}: {reason}. Drop `--{name}`.")
