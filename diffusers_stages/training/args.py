@@ -467,6 +467,7 @@ def check_args(
         )
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise ValueError(f"`--train_data_dir` must be an existing folder of images, got {args.train_data_dir!r}.")
+    check_dataset_options(args)
     check_positive_options(
         args,
         ("resolution", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",
@@ -512,6 +513,31 @@ def check_args(
     check_hub_options(args)
     check_optimisation_numbers(args)
     check_device_options(args)
+
+
+# the options of a `--dataset_name` dataset, with their defaults (a value other than the default was typed, so meant)
+DATASET_OPTIONS = {"dataset_config_name": None, "image_column": "image", "label_column": "label"}
+
+
+def check_dataset_options(args: argparse.Namespace) -> None:
+    """Refuse the dataset options a run does not read, given another value than their default: `--label_column`
+    without `--class_conditional` (the run would train unconditional), and the options of a `--dataset_name`
+    dataset with `--train_data_dir` (a folder of images: class sub-folders, no columns nor configurations)."""
+    label_column = getattr(args, "label_column", DATASET_OPTIONS["label_column"])
+    if label_column != DATASET_OPTIONS["label_column"] and not getattr(args, "class_conditional", False):
+        raise ValueError(
+            f"`--label_column` {label_column!r} is not used without `--class_conditional`: the run would train "
+            "unconditional. Add `--class_conditional`, or drop `--label_column`."
+        )
+    if args.train_data_dir is None:
+        return
+    for name, default in DATASET_OPTIONS.items():
+        value = getattr(args, name, default)
+        if value != default:
+            raise ValueError(
+                f"`--{name}` {value!r} is not used with `--train_data_dir`, a folder of images (class sub-folders "
+                f"as labels): it is an option of `--dataset_name` datasets. Drop `--{name}`."
+            )
 
 
 def check_assembly_args(args: argparse.Namespace) -> None:

@@ -1,6 +1,7 @@
 """Argument checks shared by the training scripts."""
 
 import json
+import re
 
 import diffusers.utils
 import pytest
@@ -364,3 +365,23 @@ def test_a_polynomial_schedule_it_cannot_build_is_refused_before_training(tmp_pa
     _checked(data, *poly, "--max_train_steps", "4", "--lr_warmup_steps", "3")
     _checked(data, *poly, "--learning_rate", "1e-8", "--scale_lr", "--train_batch_size", "16")  # 1.6e-7 trained
     _checked(data, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "3", "--lr_warmup_steps", "3")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--label_column", "fine_label"], "`--label_column` 'fine_label' is not used without `--class_conditional`"),
+        (["--label_column", "y", "--class_conditional"], "`--label_column` 'y' is not used with `--train_data_dir`"),
+        (["--image_column", "img"], "`--image_column` 'img' is not used with `--train_data_dir`"),
+        (["--dataset_config_name", "plain"], "`--dataset_config_name` 'plain' is not used with `--train_data_dir`"),
+    ],
+)
+def test_dataset_options_a_run_does_not_read_are_refused(tmp_path, argv, message):
+    # were ignored in silence: a run given a label column but not `--class_conditional` trained unconditional, and a
+    # folder of images has no columns nor configurations
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _checked(tmp_path, "--output_dir", str(tmp_path.parent / "run"), *argv)
+    args = build_parser("").parse_args(["--dataset_name", "d", "--image_column", "img", "--label_column", "y",
+                                        "--class_conditional", "--dataset_config_name", "plain",
+                                        "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    check_args(args, TimestepPartition([442, 631]), 1)
