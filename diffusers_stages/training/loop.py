@@ -39,7 +39,7 @@ from ..models.loading import (
     plain_weight_headers,
 )
 from ..pipelines.pipeline_staged import checked_id2label
-from .args import check_args, check_lr_schedule, tracker_config
+from .args import check_args, check_lr_schedule, refuse_changed_options, tracker_config
 from .checkpointing import (
     check_resume_arguments,
     check_same_class_names,
@@ -158,6 +158,9 @@ def parse_and_check(
     args = parser.parse_args(argv)
     try:
         task = task_class(args)
+        if not task.uses_labels:  # (a default of the script's own: text-to-image's is 0)
+            refuse_changed_options(parser, args, ("class_dropout_prob",), "a run without `--class_conditional`",
+                                   "it trains unconditional, without labels to drop")  # fmt: skip
         check_args(args, task.partition, task.downsampling * vae_shape(args, task)[1], task.vae_path)
         check_sampling_steps(args, task)
         check_networks(args, task)

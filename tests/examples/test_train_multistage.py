@@ -182,6 +182,11 @@ def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_pa
             ["--stage_sampling", "per_rank"],
             "`--stage_sampling per_rank` trains stage `rank % 3` on each process: launch a multiple of 3 processes",
         ),
+        # was ignored in silence: a run without labels drops none
+        (
+            ["--class_dropout_prob", "0.2"],
+            "`--class_dropout_prob` 0.2 is not used by a run without `--class_conditional`",
+        ),
     ],
 )
 def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_path, capsys, extra, message):
