@@ -501,6 +501,11 @@ def _fingerprint(path: str) -> dict:
     return {"size": size, "sampled_sha256": digest.hexdigest()}
 
 
+# a file saved into a source folder after its run started that fine-tuning does not read (it loads no variant): a
+# variant's weights (`diffusion_pytorch_model.fp16.safetensors`, or its shards) or a Markdown note
+UNREAD_ADDED = re.compile(r"^(.*/)?([^/.]+\.[^/.]+\.(safetensors|bin)|[^/]+\.md)$")
+
+
 def source_identity(source: str | None) -> dict[str, dict] | None:
     """The identity record of a local fine-tuning source folder, which its run's checkpoints hold (resuming checks
     the source is the same, `check_same_source_files`): the fingerprint (`_fingerprint`) of its ``model_index.json``
@@ -527,7 +532,7 @@ def source_identity(source: str | None) -> dict[str, dict] | None:
 def check_same_source_files(input_dir: str, source: str | None) -> str | None:
     """Refuse to resume a fine-tuning run on a source folder whose files are not those the run that wrote
     ``input_dir`` fine-tuned (its ``SOURCE_FILE`` holds their `source_identity`): weights or configs saved over it, a
-    file added or removed; the `ValueError` names the first such file. The source may have moved (``source`` another
+    file added (but a variant's weights or a note, `UNREAD_ADDED`) or removed; the `ValueError` names the first. The source may have moved (``source`` another
     path to the same files). Returns a warning where the checkpoint holds no record to check (one written before it
     was saved), else None."""
     path = os.path.join(input_dir, SOURCE_FILE)
@@ -541,6 +546,8 @@ def check_same_source_files(input_dir: str, source: str | None) -> str | None:
             "fine-tuned. Resuming on it as it is now."
         )
     then, now = saved["source_files"], source_identity(source)
+    if isinstance(then, dict) and isinstance(now, dict):  # files added that loading does not read: not compared
+        now = {name: entry for name, entry in now.items() if name in then or not UNREAD_ADDED.match(name)}
     if then == now:
         return None
     if not isinstance(then, dict) or not isinstance(now, dict):

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 from types import SimpleNamespace
 
 import huggingface_hub.constants
@@ -886,6 +887,25 @@ def test_resuming_on_a_source_whose_weights_were_replaced_is_refused_naming_the_
         check_same_source_files(checkpoint, moved)
     assert "`--resume_from_checkpoint`" in str(error.value)
     assert "unet/diffusion_pytorch_model.safetensors" in str(error.value)
+    # a variant's weights or a README saved beside the record are not read: resuming goes on
+    os.replace(os.path.join(moved, "unet", "diffusion_pytorch_model.safetensors"),
+               os.path.join(moved, "unet", "diffusion_pytorch_model.fp16.safetensors"))  # fmt: skip
+    other = _source_folder(tmp_path / "d")
+    for name in ("diffusion_pytorch_model.safetensors", "README.md"):
+        shutil.copyfile(os.path.join(other, "unet", "diffusion_pytorch_model.safetensors") if name != "README.md"
+                        else os.path.join(other, "model_index.json"), os.path.join(moved, "unet", name))  # fmt: skip
+    checkpoint = _checkpoint_of(tmp_path / "run3", moved)
+    os.remove(os.path.join(moved, "unet", "diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(ValueError, match=re.escape("unet/diffusion_pytorch_model.fp16.safetensors was removed")):
+        check_same_source_files(checkpoint, moved)  # (removed: named, though not read)
+    checkpoint = _checkpoint_of(tmp_path / "run4", moved)
+    shutil.copyfile(os.path.join(other, "model_index.json"), os.path.join(moved, "unet", "NOTES.md"))
+    shutil.copyfile(os.path.join(other, "unet", "diffusion_pytorch_model.safetensors"),
+                    os.path.join(moved, "unet", "diffusion_pytorch_model.bf16.safetensors"))  # fmt: skip
+    assert check_same_source_files(checkpoint, moved) is None
+    shutil.copyfile(os.path.join(other, "unet", "config.json"), os.path.join(moved, "unet", "extra_config.json"))
+    with pytest.raises(ValueError, match=re.escape("unet/extra_config.json was added")):
+        check_same_source_files(checkpoint, moved)
     # a config changed, or a component's file removed, is named too
     shutil_source = _source_folder(tmp_path / "c")
     checkpoint = _checkpoint_of(tmp_path / "run2", shutil_source)
