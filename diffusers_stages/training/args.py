@@ -526,8 +526,8 @@ def check_dataset_options(args: argparse.Namespace) -> None:
     label_column = getattr(args, "label_column", DATASET_OPTIONS["label_column"])
     if label_column != DATASET_OPTIONS["label_column"] and not getattr(args, "class_conditional", False):
         raise ValueError(
-            f"`--label_column` {label_column!r} is not used without `--class_conditional`: the run would train "
-            "unconditional. Add `--class_conditional`, or drop `--label_column`."
+            f"`--label_column` {label_column!r} is not used without `--class_conditional`: the run reads no class "
+            "labels. Drop `--label_column`, or add `--class_conditional` to train on them (where the script does)."
         )
     if args.train_data_dir is None:
         return
