@@ -122,8 +122,16 @@ def _shares(shares: Sequence[float]) -> list[float]:
 
 def stage_counts(batch_size: int, shares: Sequence[float], generator: torch.Generator | None = None) -> list[int]:
     """Split ``batch_size`` over stages in proportion to ``shares``: at least one sample per stage (when the batch
-    allows it), the remainder given to the largest fractional parts, ties broken at random."""
-    return _split(batch_size, shares, lambda counts: torch.rand(len(shares), generator=generator).tolist())
+    allows it), the remainder given to the largest fractional parts, ties broken at random. A batch smaller than the
+    number of stages with a positive share draws each sample's stage at random in proportion to the shares (the
+    largest fractional parts would leave the same stages out of every batch)."""
+    counts = _split(batch_size, shares, lambda counts: torch.rand(len(shares), generator=generator).tolist())
+    values = _shares(shares)
+    if int(batch_size) >= sum(s > 0 for s in values):
+        return counts
+    weights = torch.tensor(values, dtype=torch.float64)
+    drawn = torch.multinomial(weights, int(batch_size), replacement=True, generator=generator)
+    return torch.bincount(drawn, minlength=len(values)).tolist()
 
 
 def most_even_stage_counts(batch_size: int, shares: Sequence[float]) -> list[int]:

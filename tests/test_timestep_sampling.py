@@ -314,3 +314,20 @@ def test_stage_shares_may_be_numpy_or_torch_numbers():
     for shares in (np.array([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0]), [np.int64(1), 2, np.float32(3)]):
         drawn = stratified_timesteps(partition, 8, shares, generator=torch.manual_seed(0))
         assert all(torch.equal(a, b) for a, b in zip(drawn, expected))
+
+
+def test_a_batch_smaller_than_the_stage_count_draws_its_stages_at_random_by_their_shares():
+    # the remainder went to the largest fractional parts: a batch of 1 over the paper's shares trained stage 0 only,
+    # and a batch of 2 over three equal shares never stage 2 where the random tie-break ... drew it last
+    shares = [0.442, 0.189, 0.369]
+    generator = torch.manual_seed(0)
+    drawn = torch.tensor([stage_counts(1, shares, generator) for _ in range(4000)], dtype=torch.float64)
+    assert (drawn.sum(1) == 1).all()
+    assert torch.allclose(drawn.mean(0), torch.tensor(shares, dtype=torch.float64), atol=0.03)
+    two = torch.tensor([stage_counts(2, [1, 1, 1], generator) for _ in range(3000)], dtype=torch.float64)
+    assert (two.sum(1) == 2).all() and torch.allclose(
+        two.mean(0), torch.full((3,), 2 / 3, dtype=torch.float64), atol=0.05
+    )
+    assert stage_counts(1, [0, 1, 1], generator)[0] == 0  # a zero share is never drawn
+    # a batch of at least one sample per stage is split as before
+    assert stage_counts(10, [0.5, 0.5, 0.0]) == [5, 5, 0]

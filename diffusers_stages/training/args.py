@@ -206,7 +206,7 @@ def build_parser(
         help="Share of each batch per stage (clean first)." if staged else refused,
     )  # fmt: skip
     model.add_argument("--stage_sampling", choices=STAGE_SAMPLING, default="mixed",
-                       help="mixed: every stage in every batch; per_batch: one stage per batch (the authors' EDM code); "
+                       help="mixed: every stage in every batch (a batch smaller than the stage count: each sample's stage drawn at random by its share); per_batch: one stage per batch (the authors' EDM code); "
                        "per_rank: one stage per process (their LDM code)." if staged else refused)  # fmt: skip
     model.add_argument("--num_train_timesteps", "--ddpm_num_steps", type=int, default=1000, action=RenamedOption,
                        help="Length of the training noise schedule (DDPM steps; also EDM's scheduler config). "
@@ -360,6 +360,35 @@ def refuse_given_options(args: argparse.Namespace, names: Sequence[str], source:
             raise ValueError(f"`--{name}` {shown} cannot be combined with {source}: {reason}. Drop `--{name}`.")
 
 
+# the options a run that trains nothing (`--assemble_experts`) uses: its output, the sample grid and the Hub push
+ASSEMBLY_OPTIONS = (
+    "assemble_experts", "output_dir", "seed", "num_sample_images", "num_inference_steps", "push_to_hub",
+    "hub_model_id", "hub_token", "hub_private_repo", "hub_local_dir", "logger", "local_rank",
+)  # fmt: skip
+
+
+def refuse_unused_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, used: Sequence[str], source: str, reason: str
+) -> None:
+    """A `ValueError` for the first option of ``parser`` outside ``used`` whose value in ``args`` is not its default
+    (typed, so meant) where ``source`` decides that it is not used: ``reason`` says why."""
+    refuse_changed_options(parser, args, [name for name in vars(args) if name not in used], source, reason)
+
+
+def refuse_changed_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str], source: str, reason: str
+) -> None:
+    """A `ValueError` for the first option of ``names`` whose value in ``args`` is not its default in ``parser``
+    (an option with a default cannot tell a typed default from none; another value was typed, so meant) where
+    ``source`` does not read it: ``reason`` says why."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value != parser.get_default(name):
+            shown = list(value) if isinstance(value, tuple) else value
+            shown = repr(shown) if isinstance(shown, str) else shown
+            raise ValueError(f"`--{name}` {shown} is not used by {source}: {reason}. Drop `--{name}`.")
+
+
 def scratch_shape(args: argparse.Namespace) -> dict:
     """The U-Net shape options of a model built from the arguments: each given value, else its default
     (``UNET_SHAPE_DEFAULTS``)."""
@@ -438,6 +467,7 @@ def check_args(
         )
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise ValueError(f"`--train_data_dir` must be an existing folder of images, got {args.train_data_dir!r}.")
+    check_dataset_options(args)
     check_positive_options(
         args,
         ("resolution", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",
@@ -483,6 +513,31 @@ def check_args(
     check_hub_options(args)
     check_optimisation_numbers(args)
     check_device_options(args)
+
+
+# the options of a `--dataset_name` dataset, with their defaults (a value other than the default was typed, so meant)
+DATASET_OPTIONS = {"dataset_config_name": None, "image_column": "image", "label_column": "label"}
+
+
+def check_dataset_options(args: argparse.Namespace) -> None:
+    """Refuse the dataset options a run does not read, given another value than their default: `--label_column`
+    without `--class_conditional` (the run would train unconditional), and the options of a `--dataset_name`
+    dataset with `--train_data_dir` (a folder of images: class sub-folders, no columns nor configurations)."""
+    label_column = getattr(args, "label_column", DATASET_OPTIONS["label_column"])
+    if label_column != DATASET_OPTIONS["label_column"] and not getattr(args, "class_conditional", False):
+        raise ValueError(
+            f"`--label_column` {label_column!r} is not used without `--class_conditional`: the run reads no class "
+            "labels. Drop `--label_column`, or add `--class_conditional` to train on them (where the script does)."
+        )
+    if args.train_data_dir is None:
+        return
+    for name, default in DATASET_OPTIONS.items():
+        value = getattr(args, name, default)
+        if value != default:
+            raise ValueError(
+                f"`--{name}` {value!r} is not used with `--train_data_dir`, a folder of images (class sub-folders "
+                f"as labels): it is an option of `--dataset_name` datasets. Drop `--{name}`."
+            )
 
 
 def check_assembly_args(args: argparse.Namespace) -> None:
@@ -648,7 +703,36 @@ def check_optimisation_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"`--{name}` must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value}.")
     if args.lr_warmup_steps < 0:
         raise ValueError(f"`--lr_warmup_steps` must be a non-negative integer, got {args.lr_warmup_steps}.")
+    check_lr_schedule(args, args.max_train_steps, int(os.environ.get("WORLD_SIZE", "1")))
     check_seed(args.seed)
+
+
+# the learning rate diffusers' `get_scheduler` decays `polynomial` to (its `lr_end`, which the loop does not set)
+POLYNOMIAL_LR_END = 1e-7
+
+
+def check_lr_schedule(args: argparse.Namespace, max_train_steps: int | None, num_processes: int) -> None:
+    """Refuse a `--lr_scheduler polynomial` that diffusers' `get_scheduler` cannot build or run: a learning rate (after
+    `--scale_lr`, over ``num_processes``) not above its ``lr_end`` of 1e-7, or a warm-up that takes all of the
+    ``max_train_steps`` (None: not known yet), where its decay divides by zero at the last step. A `ValueError`
+    naming the options, before the first step rather than from inside the schedule."""
+    if args.lr_scheduler != "polynomial":
+        return
+    learning_rate = args.learning_rate
+    if args.scale_lr:  # as the loop scales it
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
+    if learning_rate <= POLYNOMIAL_LR_END:
+        scaled = f" ({learning_rate:g} with `--scale_lr`)" if args.scale_lr else ""
+        raise ValueError(
+            f"`--learning_rate` {args.learning_rate:g}{scaled} is not above {POLYNOMIAL_LR_END:g}, the learning rate "
+            "`--lr_scheduler polynomial` decays to: give a larger `--learning_rate`, or another `--lr_scheduler`."
+        )
+    if max_train_steps is not None and args.lr_warmup_steps == max_train_steps:
+        given = "`--max_train_steps`" if args.max_train_steps is not None else "the training steps (`--num_epochs`)"
+        raise ValueError(
+            f"`--lr_warmup_steps` {args.lr_warmup_steps} takes all of {given} {max_train_steps}, which leaves "
+            "`--lr_scheduler polynomial` no step to decay over: give fewer warm-up steps, or another `--lr_scheduler`."
+        )
 
 
 def check_device_options(args: argparse.Namespace) -> None:

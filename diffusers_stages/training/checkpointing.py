@@ -8,6 +8,7 @@ last complete checkpoint in place, and the leftovers (hidden folders) are remove
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -475,6 +476,93 @@ def _check_same_source(source: str | None, input_dir: str) -> None:
     )
 
 
+SAMPLE_BLOCK = 1 << 16  # a large file's fingerprint reads its head and this many bytes at SAMPLE_COUNT places
+SAMPLE_COUNT = 32
+
+
+def _fingerprint(path: str) -> dict:
+    """``{"size", "sampled_sha256"}`` of the file ``path``: the SHA-256 of all of it when small, else of its head (a
+    safetensors file's whole header: names, dtypes, shapes) and of ``SAMPLE_COUNT`` blocks spread over the rest, so
+    that a source of several GB is read a few MB (weights of the same shapes saved over it differ in every block)."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= SAMPLE_BLOCK * (SAMPLE_COUNT + 2):
+            digest.update(f.read())
+        else:
+            head = SAMPLE_BLOCK
+            if path.endswith(".safetensors"):
+                head = max(head, min(size, 8 + int.from_bytes(f.read(8), "little")))
+                f.seek(0)
+            digest.update(f.read(head))
+            for i in range(SAMPLE_COUNT + 1):
+                f.seek(head + max(size - head - SAMPLE_BLOCK, 0) * i // SAMPLE_COUNT)
+                digest.update(f.read(SAMPLE_BLOCK))
+    return {"size": size, "sampled_sha256": digest.hexdigest()}
+
+
+# a file saved into a source folder after its run started that fine-tuning does not read (it loads no variant): a
+# variant's weights (`diffusion_pytorch_model.fp16.safetensors`, or its shards) or a Markdown note
+UNREAD_ADDED = re.compile(r"^(.*/)?([^/.]+\.[^/.]+\.(safetensors|bin)|[^/]+\.md)$")
+
+
+def source_identity(source: str | None) -> dict[str, dict] | None:
+    """The identity record of a local fine-tuning source folder, which its run's checkpoints hold (resuming checks
+    the source is the same, `check_same_source_files`): the fingerprint (`_fingerprint`) of its ``model_index.json``
+    and of every file in the folders of the components it names, by path (``unet/config.json``, ...). Other files
+    (a run's checkpoints, logs and sample grids, when the source is a training run's output folder) are not part of
+    it. None without a source, or for a Hub repository (its files are its loader's)."""
+    if source is None or not os.path.isfile(os.path.join(source, "model_index.json")):
+        return None
+    index = read_json(os.path.join(source, "model_index.json"), "model_index.json")
+    record = {"model_index.json": _fingerprint(os.path.join(source, "model_index.json"))}
+    for name, entry in sorted(index.items()):
+        folder = os.path.join(source, name)
+        if name.startswith("_") or not isinstance(entry, list) or not os.path.isdir(folder):
+            continue
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for file in sorted(f for f in files if not f.startswith(".")):
+                path = os.path.join(root, file)
+                if os.path.isfile(path):
+                    record[os.path.relpath(path, source).replace(os.sep, "/")] = _fingerprint(path)
+    return record
+
+
+def check_same_source_files(input_dir: str, source: str | None) -> str | None:
+    """Refuse to resume a fine-tuning run on a source folder whose files are not those the run that wrote
+    ``input_dir`` fine-tuned (its ``SOURCE_FILE`` holds their `source_identity`): weights or configs saved over it, a
+    file added (but a variant's weights or a note, `UNREAD_ADDED`) or removed; the `ValueError` names the first. The source may have moved (``source`` another
+    path to the same files). Returns a warning where the checkpoint holds no record to check (one written before it
+    was saved), else None."""
+    path = os.path.join(input_dir, SOURCE_FILE)
+    if source is None or not os.path.isfile(path):
+        return None
+    saved = read_json(path, SOURCE_FILE)
+    if "source_files" not in saved:
+        return (
+            f"`--resume_from_checkpoint` {input_dir!r} holds no record of its source's files (written by an older "
+            f"version): this run cannot check that `--pretrained_model_name_or_path` {source!r} is the folder it "
+            "fine-tuned. Resuming on it as it is now."
+        )
+    then, now = saved["source_files"], source_identity(source)
+    if isinstance(then, dict) and isinstance(now, dict):  # files added that loading does not read: not compared
+        now = {name: entry for name, entry in now.items() if name in then or not UNREAD_ADDED.match(name)}
+    if then == now:
+        return None
+    if not isinstance(then, dict) or not isinstance(now, dict):
+        changed = "its files could not be compared (one of the two is no local pipeline folder)"
+    else:
+        name = next(n for n in sorted({*then, *now}) if then.get(n) != now.get(n))
+        how = "was added" if name not in then else "was removed" if name not in now else "has changed"
+        changed = f"its {name} {how} since"
+    raise ValueError(
+        f"`--resume_from_checkpoint` {input_dir!r} was written by a run fine-tuning {saved.get('pretrained_model_name_or_path')!r}, "
+        f"but `--pretrained_model_name_or_path` {source!r} is not that folder as it was: {changed}. Resume with the "
+        "source the run fine-tuned (put its files back), or fine-tune this one in a new `--output_dir`."
+    )
+
+
 def _check_same_latent_space(latent_space: dict, input_dir: str) -> None:
     """Refuse to resume in another data space than the run that wrote ``input_dir`` (``LATENT_SPACE_FILE``): pixels
     or the latents of another VAE (`--vae_path`; its options that set the latents, `scaling_factor`,
@@ -610,6 +698,7 @@ def register_checkpoint_hooks(
     source: str | None = None,
     latent_space: dict | None = None,
     id2label: dict[str, str] | None = None,
+    source_files: dict[str, dict] | None = None,
 ) -> None:
     """Make `accelerator.save_state` / `load_state` write and read each network as ``<dir>/<name>`` and its EMA as
     ``<dir>/<name>_ema`` (`save_pretrained` folders), instead of anonymous state dicts. A sharded (FSDP) network is
@@ -619,7 +708,9 @@ def register_checkpoint_hooks(
     schedule is refused, naming the values, before any state loads. ``partition`` (the stages the networks train on)
     is saved as ``<dir>/stage_partition.json``: resuming on other stages is refused, naming the values. ``source``
     (`--pretrained_model_name_or_path` of a fine-tuning run, or None) is saved as ``<dir>/pretrained_source.json``:
-    resuming a fine-tuning run without a source, or a run from the arguments with one, is refused. ``latent_space``
+    resuming a fine-tuning run without a source, or a run from the arguments with one, is refused; ``source_files``
+    (its `source_identity`, taken as the run started) is saved with it: resuming on other files is refused
+    (`check_same_source_files`). ``latent_space``
     (the data space, `_check_same_latent_space`) is saved as ``<dir>/latent_space.json``: resuming in pixel space or
     in another VAE's latent space is refused, naming the values. ``id2label`` (the classes of the labels trained on,
     or None) is saved as ``<dir>/class_names.json``: resuming on other classes is refused (`check_same_class_names`)."""
@@ -637,7 +728,7 @@ def register_checkpoint_hooks(
                 with open(os.path.join(output_dir, PARTITION_FILE), "w", encoding="utf-8") as f:
                     json.dump(partition.to_config(), f)
             with open(os.path.join(output_dir, SOURCE_FILE), "w", encoding="utf-8") as f:
-                json.dump({"pretrained_model_name_or_path": source}, f)
+                json.dump({"pretrained_model_name_or_path": source, "source_files": source_files}, f)
             if latent_space is not None:
                 with open(os.path.join(output_dir, LATENT_SPACE_FILE), "w", encoding="utf-8") as f:
                     json.dump(latent_space, f)

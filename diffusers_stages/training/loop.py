@@ -39,11 +39,12 @@ from ..models.loading import (
     plain_weight_headers,
 )
 from ..pipelines.pipeline_staged import checked_id2label
-from .args import check_args, tracker_config
+from .args import check_args, check_lr_schedule, refuse_changed_options, tracker_config
 from .checkpointing import (
     check_resume_arguments,
     check_same_class_names,
     check_same_sharding,
+    check_same_source_files,
     check_sharded_resume,
     checkpoint_folders,
     checkpoint_step,
@@ -56,6 +57,7 @@ from .checkpointing import (
     resolve_resume_checkpoint,
     save_checkpoint,
     skipped_checkpoints,
+    source_identity,
 )
 from .data import (
     EpochShuffleSampler,
@@ -156,6 +158,9 @@ def parse_and_check(
     args = parser.parse_args(argv)
     try:
         task = task_class(args)
+        if not task.uses_labels:  # (a default of the script's own: text-to-image's is 0)
+            refuse_changed_options(parser, args, ("class_dropout_prob",), "a run without `--class_conditional`",
+                                   "it trains unconditional, without labels to drop")  # fmt: skip
         check_args(args, task.partition, task.downsampling * vae_shape(args, task)[1], task.vae_path)
         check_sampling_steps(args, task)
         check_networks(args, task)
@@ -254,6 +259,8 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
         check_resume_arguments(
             resume_path, noise_schedulers(args, task.scheduler_config)[0], source, latent_space(task)
         )
+    source_files = source_identity(source)  # the folder as this run fine-tunes it, saved in its checkpoints
+    resume_warnings = [] if resume_path is None else [check_same_source_files(resume_path, source)]
     hub_repo_id = create_hub_repo(args) if args.push_to_hub else None  # `name` becomes `<user>/name`
     records = task.read_records(args)
     if records is None:
@@ -276,7 +283,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
 
     # 2. accelerator, logging, output folder, seeds (the same initial weights on every process)
     accelerator = _accelerator(args, task)
-    for warning in task.data_warnings():  # (the logger needs the accelerator)
+    for warning in [*filter(None, resume_warnings), *task.data_warnings()]:  # (the logger needs the accelerator)
         logger.warning(warning)
     replaced = _prepare_output_dir(accelerator, args, existing, resume_path)
     set_seed(args.seed)
@@ -297,14 +304,22 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
 
     # 4. networks, EMA, optimizer, learning-rate schedule; prepared, with save_pretrained checkpoint hooks
     networks = task.build_networks(in_channels, args.resolution // vae_factor, num_class_embeds)
-    check_sharded_run(accelerator, args, list(networks))
+    check_sharded_run(accelerator, args, list(networks), task.decoders)
     emas, optimizer, lr_scheduler, max_train_steps = _optimisation(args, networks, accelerator, len(train_dataloader))
     *models, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         *networks.values(), optimizer, train_dataloader, lr_scheduler
     )
     noise_scheduler, sampling_scheduler = noise_schedulers(args, task.scheduler_config)
     register_checkpoint_hooks(
-        accelerator, list(networks), emas, noise_scheduler, task.partition, source, latent_space(task), task.id2label
+        accelerator,
+        list(networks),
+        emas,
+        noise_scheduler,
+        task.partition,
+        source,
+        latent_space(task),
+        task.id2label,
+        source_files,
     )
     state = RunState(
         accelerator, args, task, list(networks), models, emas, optimizer, lr_scheduler, noise_scheduler,
@@ -456,6 +471,7 @@ def _optimisation(args: argparse.Namespace, networks: dict[str, ModelMixin], acc
     batches_per_process = math.ceil(num_batches / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    check_lr_schedule(args, max_train_steps, accelerator.num_processes)  # (`--num_epochs`: the steps known now)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,

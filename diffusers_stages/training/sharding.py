@@ -40,8 +40,11 @@ def check_sharding_launched(accelerator: Accelerator) -> None:
         )
 
 
-def check_sharded_run(accelerator: Accelerator, args: argparse.Namespace, names: Sequence[str]) -> None:
-    """Refuse what a sharded run cannot do, naming the option; a no-op without FSDP."""
+def check_sharded_run(
+    accelerator: Accelerator, args: argparse.Namespace, names: Sequence[str], num_stages: int = 1
+) -> None:
+    """Refuse what a sharded run cannot do, naming the option; a no-op without FSDP. ``num_stages``: the stage decoders of
+    the network trained (`TrainingTask.decoders`), every one of which every process must run at every step."""
     if not is_sharded(accelerator):
         return
     if len(names) != 1:
@@ -67,6 +70,15 @@ def check_sharded_run(accelerator: Accelerator, args: argparse.Namespace, names:
             "weights all processes gather together when it runs, so every process must run every decoder at every "
             "step, but with one stage per batch or per process they run different ones. Use `--stage_sampling "
             "mixed` (the default)."
+        )
+    batch_size = getattr(args, "train_batch_size", None)
+    if batch_size is not None and batch_size < num_stages:
+        raise ValueError(
+            f"`--train_batch_size` {batch_size} is smaller than the {num_stages} stages, so with `--stage_sampling "
+            "mixed` each batch leaves some decoder out, not the same one on every process; but in a sharded (FSDP) "
+            "run every process must run every decoder at every step (each is an FSDP unit gathered together). Pass "
+            f"`--train_batch_size` {num_stages} or more (`--gradient_accumulation_steps` keeps the samples per "
+            "optimisation step)."
         )
     if args.save_model_epochs is not None:
         raise ValueError(

@@ -18,6 +18,7 @@ from diffusers_stages.training import (
     parse_and_check,
     train,
 )
+from diffusers_stages.training.args import refuse_changed_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,13 +53,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "scheduler. Refused with it: `--switch_step_fraction`, `--switch_timestep` (pass a switch to "
         "`DualBackbonePipeline.from_pretrained` to change it), `--model_config`, `--shallow_block_out_channels`, "
         "`--backbone early_exit` and the U-Net shape options; the U-ViT options and `--shallow_layers_per_block` are "
-        "not read. Must repeat the source's values (an error names them): `--boundary_units`, `--num_train_timesteps`, "
+        "refused too when given another value than their default. Must repeat the source's values (an error names them): `--boundary_units`, `--num_train_timesteps`, "
         "`--ddpm_beta_schedule` (DDPM-style), `--prediction_type`. Without `--vae_path` the folder's own VAE is used, "
         "if it has one. The data must fit the backbones: channels, `--resolution` = their sample_size (x the VAE's "
         "down-sampling), `--class_conditional` classes + 1 = their num_class_embeds.",
     )  # fmt: skip
     args, _ = parser.parse_known_args(argv)  # the task class depends on `--backbone`
+    try:
+        refuse_unread_backbone_options(parser, args)
+    except ValueError as error:
+        parser.error(str(error))
     return parse_and_check(parser, task_class(args), argv)
+
+
+UVIT_OPTIONS = ("uvit_hidden_size", "uvit_patch_size", "uvit_num_attention_heads", "shallow_depth", "deep_depth")
+
+
+def refuse_unread_backbone_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse the backbone options with defaults that the backbones asked for do not read, given another value than
+    their default (so meant): the U-ViT options for U-Nets, `--shallow_layers_per_block` for U-ViTs, `--shallow_depth`
+    for the one U-ViT of `--backbone early_exit`, and all of them when fine-tuning (the source's backbones are kept).
+    The options without defaults are refused by the tasks (`check_no_unet_arguments`, `REFUSED_WITH_PRETRAINED`)."""
+    if args.pretrained_model_name_or_path is not None:
+        names, source = (*UVIT_OPTIONS, "shallow_layers_per_block"), "`--pretrained_model_name_or_path`"
+        reason = "fine-tuning keeps the backbones of the source folder, their shape included"
+    elif args.backbone == "unet":
+        names, source = UVIT_OPTIONS, "`--backbone unet`"
+        reason = "its backbones are U-Nets (their shape: the U-Net options, `--shallow_block_out_channels`, "
+        reason += "`--shallow_layers_per_block`); pass `--backbone uvit` for U-ViTs"
+    elif args.backbone == "uvit":
+        names, source = ("shallow_layers_per_block",), "`--backbone uvit`"
+        reason = "its U-ViTs have blocks, not U-Net layers (their depths: `--shallow_depth`, `--deep_depth`)"
+    else:
+        names, source = ("shallow_layers_per_block", "shallow_depth"), "`--backbone early_exit`"
+        reason = "its one U-ViT has no shallow model (its depth: `--deep_depth`)"
+    refuse_changed_options(parser, args, names, source, reason)
 
 
 def task_class(args: argparse.Namespace) -> type:

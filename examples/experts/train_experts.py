@@ -23,7 +23,12 @@ from diffusers_stages.training import (
     parse_and_check,
     train,
 )
-from diffusers_stages.training.args import check_assembly_args, refuse_given_options
+from diffusers_stages.training.args import (
+    ASSEMBLY_OPTIONS,
+    check_assembly_args,
+    refuse_given_options,
+    refuse_unused_options,
+)
 from diffusers_stages.training.loop import save_assembled_experts
 
 
@@ -86,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             refuse_given_options(args, ("pretrained_model_name_or_path",), "`--assemble_experts`",
                                  "assembling gathers the experts of finished runs and trains nothing")  # fmt: skip
             check_assembly_args(args)
+            refuse_unused_options(parser, args, ASSEMBLY_OPTIONS, "`--assemble_experts`",
+                                  "assembling gathers the experts of finished runs and trains nothing (it takes "
+                                  "`--output_dir`, `--seed`, the sample grid's and the Hub options)")  # fmt: skip
         except ValueError as error:
             parser.error(str(error))
         return args

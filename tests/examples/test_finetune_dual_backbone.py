@@ -91,6 +91,9 @@ def test_finetunes_uvit_backbones(examples, script, image_folder, tmp_path):
         (["--ddpm_beta_schedule", "linear"], "`--ddpm_beta_schedule` linear disagrees with the scheduler of"),
         (["--backbone", "uvit"], "`--backbone uvit` disagrees with the backbones of"),
         (["--backbone", "early_exit"], "drop --pretrained_model_name_or_path"),
+        # were not read, in silence (options with defaults: another value was typed, so meant)
+        (["--shallow_layers_per_block", "2"], "`--shallow_layers_per_block` 2 is not used by `--pretrained_model_name_or_path`: fine-tuning keeps"),
+        (["--backbone", "uvit", "--deep_depth", "5"], "`--deep_depth` 5 is not used by `--pretrained_model_name_or_path`"),
     ],  # the other checks of the source (FineTuningTask's) are those of the experts' and multi-stage scripts' tests
 )  # fmt: skip
 def test_contradictions_are_usage_errors(examples, script, image_folder, source, tmp_path, capsys, extra, message):

@@ -313,3 +313,32 @@ def test_a_bad_partition_in_the_source_is_named_with_its_file(examples, script, 
     assert (
         f"`--pretrained_model_name_or_path` {str(tmp_path / 's')!r}: its unet/config.json: `boundary_units`" in error
     )
+
+
+def test_resuming_on_a_source_whose_weights_were_replaced_is_refused(
+    examples, script, image_folder, converted, tmp_path, caplog
+):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    source, out = str(tmp_path / "source"), str(tmp_path / "run")
+    shutil.copytree(converted, source)
+    base = ["--ddpm_beta_schedule", "scaled_linear", "--checkpointing_steps", "1"]
+    examples.train(script, [*_finetune_args(examples, image_folder, source, out, *base), "--max_train_steps", "1"])
+    # the source's weights replaced by others of the same shapes: resuming would go on from another model's files
+    save_file({k: v + 1 for k, v in _weights(source).items()},
+              os.path.join(source, "unet", "diffusion_pytorch_model.safetensors"))  # fmt: skip
+    resumed = [*_finetune_args(examples, image_folder, source, out, *base), "--resume_from_checkpoint", "latest"]
+    with pytest.raises(ValueError) as error:
+        examples.train(script, resumed)
+    assert "`--resume_from_checkpoint`" in str(error.value)
+    assert "unet/diffusion_pytorch_model.safetensors has changed" in str(error.value)
+    # a checkpoint of an older version (no record) still resumes, with a warning
+    record = os.path.join(out, "checkpoint-1", "pretrained_source.json")
+    with open(record, encoding="utf-8") as f:
+        entry = json.load(f)
+    with open(record, "w", encoding="utf-8") as f:
+        json.dump({"pretrained_model_name_or_path": entry["pretrained_model_name_or_path"]}, f)
+    examples.train(script, resumed)
+    assert "cannot check" in caplog.text

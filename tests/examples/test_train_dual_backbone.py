@@ -159,6 +159,18 @@ def test_bad_switch(examples, script, image_folder, tmp_path, capsys):
             "(its shape: `--uvit_*`, `--deep_depth`)",
         ),
         (["--backbone", "early_exit", "--model_config", "unet.json"], "`--model_config` unet.json cannot be combined"),
+        # were ignored in silence: U-Nets take no U-ViT options, U-ViTs no U-Net layer count, one U-ViT no depth of a
+        # shallow one (options with defaults: a value other than the default was typed, so meant)
+        (["--uvit_hidden_size", "64"], "`--uvit_hidden_size` 64 is not used by `--backbone unet`"),
+        (["--shallow_depth", "5"], "`--shallow_depth` 5 is not used by `--backbone unet`"),
+        (
+            ["--backbone", "uvit", "--shallow_layers_per_block", "2"],
+            "`--shallow_layers_per_block` 2 is not used by `--backbone uvit`",
+        ),
+        (
+            ["--backbone", "early_exit", "--shallow_depth", "5"],
+            "`--shallow_depth` 5 is not used by `--backbone early_exit`",
+        ),
         *(  # were ignored in silence: both networks train on every timestep of every batch
             (
                 ["--stage_sampling", scheme],

@@ -257,6 +257,11 @@ def test_bad_expert_arguments(examples, script, image_folder, tmp_path, capsys, 
         (["--push_to_hub", "--hub_model_id", "me/x y"], "`--hub_model_id` 'me/x y' is not a Hub repository name"),
         (["--num_sample_images", "0"], "`--num_sample_images` must be a positive integer, got 0."),
         (["--output_dir", ""], "`--output_dir` must name a folder, got ''"),
+        # training options, accepted and ignored: assembling trains nothing
+        (["--max_train_steps", "100"], "`--max_train_steps` 100 is not used by `--assemble_experts`"),
+        (["--train_data_dir", "data"], "`--train_data_dir` 'data' is not used by `--assemble_experts`"),
+        (["--use_ema"], "`--use_ema` True is not used by `--assemble_experts`"),
+        (["--expert_index", "1"], "`--expert_index` 1 is not used by `--assemble_experts`"),
     ],
 )
 def test_bad_assembly_arguments_are_refused_before_assembling(script, tmp_path, capsys, extra, message):
@@ -264,6 +269,13 @@ def test_bad_assembly_arguments_are_refused_before_assembling(script, tmp_path, 
     with pytest.raises(SystemExit):
         script.parse_args(["--assemble_experts", str(tmp_path / "a"), str(tmp_path / "b"), *extra])
     assert message in capsys.readouterr().err
+
+
+def test_assembly_takes_its_own_options(script, tmp_path):
+    argv = ["--assemble_experts", str(tmp_path / "a"), "--output_dir", str(tmp_path / "out"), "--seed", "3",
+            "--num_sample_images", "2", "--num_inference_steps", "3", "--push_to_hub", "--hub_model_id", "me/x",
+            "--hub_local_dir", str(tmp_path / "hub"), "--hub_private_repo", "--logger", "none"]  # fmt: skip
+    assert script.parse_args(argv).seed == 3
 
 
 @pytest.mark.parametrize(
@@ -375,3 +387,16 @@ def test_a_one_expert_run_says_why_it_draws_no_sample_grid(examples, script, ima
     assert not os.path.exists(os.path.join(out, "sample_grid.png"))
     assert caplog.text.count("No sample grid") == 1  # said once, not at every `--save_images_steps`
     assert "one expert alone does not sample" in caplog.text and "--assemble_experts" in caplog.text
+
+
+def test_a_batch_smaller_than_the_expert_count_trains_on_one_process_only(
+    examples, script, image_folder, tmp_path, monkeypatch, capsys
+):
+    # refused before on one process too, where the experts each batch leaves out simply get no gradient; on several
+    # processes each expert is its own DDP network, which every process must run at every step
+    argv = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"),
+            "--assignment", "hard", "--train_batch_size", "2", "--max_train_steps", "2"]  # fmt: skip
+    examples.train(script, argv)
+    assert os.path.isfile(tmp_path / "run" / "model_index.json")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    examples.assert_usage_error(script, argv, "`--train_batch_size` 2 is smaller than the 4 experts trained", capsys)

@@ -182,6 +182,11 @@ def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_pa
             ["--stage_sampling", "per_rank"],
             "`--stage_sampling per_rank` trains stage `rank % 3` on each process: launch a multiple of 3 processes",
         ),
+        # was ignored in silence: a run without labels drops none
+        (
+            ["--class_dropout_prob", "0.2"],
+            "`--class_dropout_prob` 0.2 is not used by a run without `--class_conditional`",
+        ),
     ],
 )
 def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_path, capsys, extra, message):
@@ -479,3 +484,29 @@ def test_class_folder_names_are_saved_as_the_pipelines_class_names(examples, scr
     assert MultiStagePipeline.from_pretrained(out).get_label_ids(["nought"]) == [2]
     with open(os.path.join(hub, "me", "twice", "README.md"), encoding="utf-8") as f:
         assert "image = pipe(class_labels=[0]).images[0]" in f.read()
+
+
+def test_a_batch_smaller_than_the_stage_count_trains(examples, script, image_folder, tmp_path):
+    # refused before (`--train_batch_size` must be at least the number of decoders), where diffusers' scripts take
+    # any batch (`--train_batch_size 1 --gradient_accumulation_steps 4`, say): each batch's stages are drawn at
+    # random by their shares, and the decoders a batch leaves out get no gradient in that step
+    out = tmp_path / "run"
+    argv = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(out), "--train_batch_size", "2",
+            "--max_train_steps", "2", "--gradient_accumulation_steps", "2"]  # fmt: skip
+    examples.train(script, argv)
+    assert MultiStagePipeline.from_pretrained(str(out)).partition.num_stages == 3
+
+
+def test_two_processes_train_a_batch_smaller_than_the_stage_count(examples, script, image_folder, tmp_path):
+    # each process's batch of 1 reaches one decoder, not the same one on both: DDP expects the unused ones
+    out, dump = str(tmp_path / "run"), str(tmp_path / "dump")
+    os.makedirs(dump)
+    args = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--max_train_steps", "3",
+            "--train_batch_size", "1"]  # fmt: skip
+    result = examples.run_subprocess(
+        ["-m", "torch.distributed.run", "--nproc_per_node", "2", examples.RUNNER, "--dump-weights", dump,
+         examples.SCRIPTS["multistage"], *args]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = load_file(f"{dump}/rank0_model0.safetensors"), load_file(f"{dump}/rank1_model0.safetensors")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)

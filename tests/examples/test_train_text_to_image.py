@@ -136,7 +136,6 @@ def test_experts_from_the_same_command(script, source, tmp_path):
         (["--caption_column", "text"], "`--caption_column` 'text'"),
         (["--caption_column", "caption", "--prediction_type", "v_prediction"], "`--prediction_type` v_prediction"),
         (["--caption_column", "caption", "--stage_boundaries", "700", "300"], "`--stage_boundaries`"),
-        (["--caption_column", "caption", "--train_batch_size", "2"], "`--train_batch_size` 2"),
         (["--caption_column", "caption", "--class_conditional"], "`--class_conditional`"),
         (["--caption_column", "caption", "--method", "experts", "--train_decoders_only"], "--train_decoders_only"),
         # the shared parser's options for a model built from scratch: the source gives them (they were ignored)

@@ -589,3 +589,16 @@ def test_the_final_grid_of_a_mixed_precision_run_is_what_the_saved_pipeline_samp
     settings = argparse.Namespace(num_sample_images=4, seed=0, num_inference_steps=3)
     grid, _ = sample_grid(MultiStagePipeline.from_pretrained(out), settings, 0)
     assert np.array_equal(np.asarray(grid), np.asarray(Image.open(os.path.join(out, "sample_grid.png"))))
+
+
+def test_a_polynomial_warm_up_of_all_the_epochs_steps_is_refused_before_the_first_step(
+    examples, script, image_folder, tmp_path
+):
+    # 24 images in batches of 4: one epoch is 6 steps, all of them warm-up; diffusers' polynomial decay divided by
+    # zero at the last one (a ZeroDivisionError traceback)
+    argv = [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(tmp_path / "run"), "--num_epochs",
+            "1", "--lr_scheduler", "polynomial", "--lr_warmup_steps", "6", "--checkpointing_steps", "1"]  # fmt: skip
+    examples.assert_refused_before_training(
+        script, argv, "`--lr_warmup_steps` 6 takes all of the training steps (`--num_epochs`) 6"
+    )
+    assert not (tmp_path / "run" / "checkpoint-1").exists()

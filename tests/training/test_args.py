@@ -1,6 +1,7 @@
 """Argument checks shared by the training scripts."""
 
 import json
+import re
 
 import diffusers.utils
 import pytest
@@ -361,3 +362,40 @@ def test_a_pipeline_folder_given_as_model_config_names_its_model_folders(tmp_pat
     with pytest.raises(ValueError, match="is a pipeline folder: give the folder of one of its models .*unet"):
         read_model_config(build_parser("").parse_args(["--model_config", str(tmp_path)]))
     assert read_model_config(build_parser("").parse_args(["--model_config", str(tmp_path / "unet")]))
+
+
+def test_a_polynomial_schedule_it_cannot_build_is_refused_before_training(tmp_path):
+    # diffusers' polynomial decay divided by zero at the last step where the warm-up took every step, and refused a
+    # learning rate not above its fixed `lr_end` (1e-7) by that name, once the data and the model were loaded
+    data = tmp_path / "data"
+    data.mkdir()
+    poly = ("--lr_scheduler", "polynomial", "--output_dir", str(tmp_path / "run"))
+    with pytest.raises(
+        ValueError, match=r"`--lr_warmup_steps` 3 .*`--max_train_steps` 3.*`--lr_scheduler polynomial`"
+    ):
+        _checked(data, *poly, "--max_train_steps", "3", "--lr_warmup_steps", "3")
+    with pytest.raises(ValueError, match=r"`--learning_rate` 1e-08 .*1e-07.*`--lr_scheduler polynomial`"):
+        _checked(data, *poly, "--learning_rate", "1e-8")
+    _checked(data, *poly, "--max_train_steps", "4", "--lr_warmup_steps", "3")
+    _checked(data, *poly, "--learning_rate", "1e-8", "--scale_lr", "--train_batch_size", "16")  # 1.6e-7 trained
+    _checked(data, "--output_dir", str(tmp_path / "run"), "--max_train_steps", "3", "--lr_warmup_steps", "3")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--label_column", "fine_label"], "`--label_column` 'fine_label' is not used without `--class_conditional`"),
+        (["--label_column", "y", "--class_conditional"], "`--label_column` 'y' is not used with `--train_data_dir`"),
+        (["--image_column", "img"], "`--image_column` 'img' is not used with `--train_data_dir`"),
+        (["--dataset_config_name", "plain"], "`--dataset_config_name` 'plain' is not used with `--train_data_dir`"),
+    ],
+)
+def test_dataset_options_a_run_does_not_read_are_refused(tmp_path, argv, message):
+    # were ignored in silence: a run given a label column but not `--class_conditional` trained unconditional, and a
+    # folder of images has no columns nor configurations
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _checked(tmp_path, "--output_dir", str(tmp_path.parent / "run"), *argv)
+    args = build_parser("").parse_args(["--dataset_name", "d", "--image_column", "img", "--label_column", "y",
+                                        "--class_conditional", "--dataset_config_name", "plain",
+                                        "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    check_args(args, TimestepPartition([442, 631]), 1)

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 from types import SimpleNamespace
 
 import huggingface_hub.constants
@@ -17,7 +18,9 @@ from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, MultiSta
 from diffusers_stages.training import LocalHubApi, push_output_folder
 from diffusers_stages.training.checkpointing import (
     COMPLETE_MARKER,
+    SOURCE_FILE,
     check_same_sharding,
+    check_same_source_files,
     check_sharded_resume,
     checkpoint_folders,
     prune_checkpoints,
@@ -26,6 +29,7 @@ from diffusers_stages.training.checkpointing import (
     remove_leftovers,
     resolve_resume_checkpoint,
     skipped_checkpoints,
+    source_identity,
 )
 from diffusers_stages.training.hub import (
     assembled_experts_card_text,
@@ -881,3 +885,94 @@ def test_push_leaves_out_the_temporary_folders_of_a_pipeline_save(tmp_path, monk
     pushed = tmp_path / "hub" / "me" / "model"
     files = sorted(os.path.relpath(os.path.join(r, f), pushed) for r, _, fs in os.walk(pushed) for f in fs)
     assert files == ["README.md", "model_index.json", "unet/diffusion_pytorch_model.safetensors"]
+
+
+def _source_folder(root, seed: int = 0) -> str:
+    """A tiny local pipeline folder (a UNet2DModel and a scheduler) to fine-tune, its weights drawn with ``seed``."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    torch.manual_seed(seed)
+    folder = os.path.join(root, "source")
+    DDPMPipeline(unet=UNet2DModel(**TINY_UNET), scheduler=DDPMScheduler()).save_pretrained(folder)
+    return folder
+
+
+def _checkpoint_of(root, source: str | None, record: bool = True) -> str:
+    """A complete checkpoint whose `pretrained_source.json` names ``source`` (with its identity record, or as a
+    version that wrote none without ``record``)."""
+    folder = _checkpoint(root, 1)
+    entry = {"pretrained_model_name_or_path": source}
+    if record:
+        entry["source_files"] = source_identity(source)
+    with open(os.path.join(folder, SOURCE_FILE), "w", encoding="utf-8") as f:
+        json.dump(entry, f)
+    return folder
+
+
+def test_resuming_on_a_source_whose_weights_were_replaced_is_refused_naming_the_file(tmp_path):
+    source = _source_folder(tmp_path / "a")
+    checkpoint = _checkpoint_of(tmp_path / "run", source)
+    assert check_same_source_files(checkpoint, source) is None  # the same folder
+    moved = str(tmp_path / "moved")
+    os.rename(source, moved)
+    assert check_same_source_files(checkpoint, moved) is None  # the same files elsewhere
+    # other weights of the same shapes (another fine-tune of the same model) saved over the source's
+    other = _source_folder(tmp_path / "b", seed=1)
+    os.replace(os.path.join(other, "unet", "diffusion_pytorch_model.safetensors"),
+               os.path.join(moved, "unet", "diffusion_pytorch_model.safetensors"))  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        check_same_source_files(checkpoint, moved)
+    assert "`--resume_from_checkpoint`" in str(error.value)
+    assert "unet/diffusion_pytorch_model.safetensors" in str(error.value)
+    # a variant's weights or a README saved beside the record are not read: resuming goes on
+    os.replace(os.path.join(moved, "unet", "diffusion_pytorch_model.safetensors"),
+               os.path.join(moved, "unet", "diffusion_pytorch_model.fp16.safetensors"))  # fmt: skip
+    other = _source_folder(tmp_path / "d")
+    for name in ("diffusion_pytorch_model.safetensors", "README.md"):
+        shutil.copyfile(os.path.join(other, "unet", "diffusion_pytorch_model.safetensors") if name != "README.md"
+                        else os.path.join(other, "model_index.json"), os.path.join(moved, "unet", name))  # fmt: skip
+    checkpoint = _checkpoint_of(tmp_path / "run3", moved)
+    os.remove(os.path.join(moved, "unet", "diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(ValueError, match=re.escape("unet/diffusion_pytorch_model.fp16.safetensors was removed")):
+        check_same_source_files(checkpoint, moved)  # (removed: named, though not read)
+    checkpoint = _checkpoint_of(tmp_path / "run4", moved)
+    shutil.copyfile(os.path.join(other, "model_index.json"), os.path.join(moved, "unet", "NOTES.md"))
+    shutil.copyfile(os.path.join(other, "unet", "diffusion_pytorch_model.safetensors"),
+                    os.path.join(moved, "unet", "diffusion_pytorch_model.bf16.safetensors"))  # fmt: skip
+    assert check_same_source_files(checkpoint, moved) is None
+    shutil.copyfile(os.path.join(other, "unet", "config.json"), os.path.join(moved, "unet", "extra_config.json"))
+    with pytest.raises(ValueError, match=re.escape("unet/extra_config.json was added")):
+        check_same_source_files(checkpoint, moved)
+    # a config changed, or a component's file removed, is named too
+    shutil_source = _source_folder(tmp_path / "c")
+    checkpoint = _checkpoint_of(tmp_path / "run2", shutil_source)
+    config = os.path.join(shutil_source, "scheduler", "scheduler_config.json")
+    with open(config, encoding="utf-8") as f:
+        values = json.load(f)
+    with open(config, "w", encoding="utf-8") as f:
+        json.dump({**values, "beta_end": 0.03}, f)
+    with pytest.raises(ValueError, match=re.escape("scheduler/scheduler_config.json")):
+        check_same_source_files(checkpoint, shutil_source)
+
+
+def test_a_checkpoint_without_the_source_record_resumes_with_a_warning(tmp_path):
+    source = _source_folder(tmp_path)
+    checkpoint = _checkpoint_of(tmp_path / "run", source, record=False)
+    warning = check_same_source_files(checkpoint, source)
+    assert warning is not None and "cannot check" in warning and source in warning
+    # a run from the arguments, or a checkpoint of a version that wrote no source at all, is not warned about
+    assert check_same_source_files(_checkpoint_of(tmp_path / "scratch", None), None) is None
+    assert check_same_source_files(_checkpoint(tmp_path / "old", 1), None) is None
+
+
+def test_the_source_record_reads_large_files_in_samples(tmp_path):
+    # a weight file of several GB is fingerprinted from its header and samples, not read whole
+    big = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    os.makedirs(big.parent)
+    with open(tmp_path / "model_index.json", "w", encoding="utf-8") as f:
+        json.dump({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"]}, f)
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # sparse
+    record = source_identity(str(tmp_path))
+    assert set(record) == {"model_index.json", "unet/diffusion_pytorch_model.safetensors"}
+    assert record["unet/diffusion_pytorch_model.safetensors"]["size"] == 1 << 30

@@ -236,3 +236,15 @@ def test_a_sharded_run_refuses_stage_sampling_that_leaves_a_decoder_out_on_some_
         sharded, argparse.Namespace(use_ema=False, save_model_epochs=None, stage_sampling="mixed"), ["unet"]
     )
     check_sharded_run(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), args, ["unet"])  # DDP: allowed
+
+
+def test_a_sharded_run_refuses_a_batch_smaller_than_the_stage_count():
+    # every process must run every decoder at every step; a batch of 2 over 3 stages leaves one out, not the same
+    # one on every process
+    PartialState()
+    sharded = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    args = argparse.Namespace(use_ema=False, save_model_epochs=None, stage_sampling="mixed", train_batch_size=2)
+    with pytest.raises(ValueError, match=r"`--train_batch_size` 2 .*3 stages.*`--stage_sampling mixed`"):
+        check_sharded_run(sharded, args, ["unet"], num_stages=3)
+    check_sharded_run(sharded, args, ["unet"], num_stages=2)
+    check_sharded_run(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), args, ["unet"], num_stages=3)

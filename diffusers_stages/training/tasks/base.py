@@ -4,6 +4,7 @@ batch is spread over them, their loss, and the pipeline they are saved as)."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 import diffusers
@@ -142,6 +143,7 @@ class TrainingTask:
     method = ""
     tags: tuple[str, ...] = ()
     find_unused_parameters = False  # True only where a network may get no sample in a step
+    decoders = 1  # the stage decoders of one network that the batches are split over (a sharded run needs them all)
     scheduler_config: dict | None = None  # a pretrained source's scheduler config; None: the arguments' schedule
 
     def __init__(self, args: argparse.Namespace):
@@ -262,15 +264,28 @@ class TrainingTask:
         return pipeline_usage("StagedDiffusionPipeline", repo_id, self.args.class_conditional, first_name)
 
     # helpers
-    def _every_network_every_step(self, args: argparse.Namespace, count: int, kind: str) -> None:
-        """Each of ``count`` networks gets a sample in every batch, unless a zero `--stage_shares` entry says not:
-        then DDP is told to expect unused parameters."""
-        if args.train_batch_size < count:
-            raise ValueError(
-                f"`--train_batch_size` {args.train_batch_size} must be at least the number of {kind}s trained "
-                f"({count}) so that every {kind} trains at every step."
-            )
+    def _every_network_every_step(
+        self, args: argparse.Namespace, count: int, kind: str, separate: bool = False, option: str = ""
+    ) -> None:
+        """Each of ``count`` networks (decoders of one model, or ``separate`` networks) gets a sample in every batch,
+        unless a zero `--stage_shares` entry says not, or the batch is smaller than ``count`` (each sample's stage
+        drawn at random by its share, `stage_counts`): then DDP is told to expect unused parameters. ``separate``
+        networks are each their own DDP model, which every process of a multi-process run must run at every step:
+        there a batch smaller than ``count`` is refused, naming ``option`` (the option that sets ``count``)."""
         self.find_unused_parameters = args.stage_shares is not None and min(args.stage_shares) == 0
+        self.decoders = 1 if separate else count
+        if args.train_batch_size >= count:
+            return
+        launched = int(os.environ.get("WORLD_SIZE", "1"))  # the processes the loop checks Accelerate runs
+        if separate and launched > 1:
+            raise ValueError(
+                f"`--train_batch_size` {args.train_batch_size} is smaller than the {count} {kind}s trained"
+                f"{f' ({option})' if option else ''}: each batch's samples go to {kind}s drawn at random, but in a run "
+                f"of {launched} processes every {kind} (its own DDP network) must run on every process at every step. "
+                f"Pass `--train_batch_size` {count} or more (`--gradient_accumulation_steps` keeps the samples per "
+                "optimisation step), or train on one process."
+            )
+        self.find_unused_parameters = True  # the decoders a batch leaves out get no gradient in that step
 
     def _stratified(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return stratified_timesteps(self.partition, batch_size, self.args.stage_shares, generator=generator)

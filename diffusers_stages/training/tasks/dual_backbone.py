@@ -61,7 +61,8 @@ def check_no_unet_arguments(args) -> None:
 
 BACKBONE_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, UViT2DModel)}  # what `train_dual_backbone.py` trains
 # arguments that would define the backbones or the switch anew (none has a default: given means meant), refused when
-# fine-tuning a pipeline folder; the U-ViT options and `--shallow_layers_per_block` have defaults, and are not read
+# fine-tuning a pipeline folder; the U-ViT options and `--shallow_layers_per_block` have defaults: the script refuses
+# another value (`refuse_unread_backbone_options`)
 REFUSED_WITH_PRETRAINED = (
     "switch_step_fraction", "switch_timestep", "model_config", *UNET_SHAPE_OPTIONS, "shallow_block_out_channels",
 )  # fmt: skip

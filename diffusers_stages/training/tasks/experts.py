@@ -134,7 +134,8 @@ class ExpertTask(FineTuningTask):
                 f"MEME's defaults {MEME_OWN_INTERVAL_PROBABILITIES} are for {len(MEME_OWN_INTERVAL_PROBABILITIES)}."
             )
         self.probabilities = probabilities
-        self._every_network_every_step(args, 1 if args.expert_index is not None else partition.num_stages, "expert")
+        count = 1 if args.expert_index is not None else partition.num_stages
+        self._every_network_every_step(args, count, "expert", separate=True, option="`--num_experts`, or the source's")
         self.partition = partition  # `_shape` and `trained_experts` read it
         if self.source is not None:
             self._check_source_experts(args, partition)

@@ -249,8 +249,9 @@ class TextToImageTask(TrainingTask):
                 "`--train_decoders_only` freezes a staged model's shared encoder: it needs `--method multistage`."
             )
         self._every_network_every_step(
-            args, partition.num_stages, "decoder" if args.method == "multistage" else "expert"
-        )
+            args, partition.num_stages, "decoder" if args.method == "multistage" else "expert",
+            separate=args.method != "multistage", option="`--stage_boundaries`, or the source's stages",
+        )  # fmt: skip
         return partition
 
     @property
