@@ -1,7 +1,8 @@
 """Training-time sampling of noise levels over a [`TimestepPartition`].
 
 - `stratified_timesteps`: every stage gets its share of each batch (so every decoder/expert is used at every
-  step, and DDP needs no `find_unused_parameters`), with a configurable share per stage.
+  step, and DDP needs no `find_unused_parameters`), with a configurable share per stage; a batch smaller than the
+  number of stages draws each sample's stage at random by the shares instead.
 - `soft_assignment_timesteps`: MEME's soft interval assignment: expert ``n`` trains on its own interval with
   probability ``p_n`` and on the rest of the schedule otherwise.
 - `stage_sampled_timesteps`: the multi-stage schemes (`STAGE_SAMPLING`): mixed batches (the package's default,
@@ -169,7 +170,8 @@ def stratified_timesteps(
     p_std: float = EDM_P_STD,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
-    Noise levels for one training batch, stratified over the stages of ``partition``.
+    Noise levels for one training batch, stratified over the stages of ``partition`` (a batch smaller than the
+    number of stages with a positive share: each sample's stage drawn at random in proportion to the shares).
 
     Args:
         partition: the stages.
@@ -287,7 +289,8 @@ def stage_sampled_timesteps(
     r"""
     Noise levels for one multi-stage training batch, under one of three schemes:
 
-    - ``"mixed"`` (default): every batch holds every stage, ``stage_shares`` of it each ([`stratified_timesteps`]).
+    - ``"mixed"`` (default): every batch holds every stage, ``stage_shares`` of it each ([`stratified_timesteps`]);
+      a batch smaller than the number of stages: each sample's stage drawn at random by ``stage_shares``.
     - ``"per_batch"``: the whole batch comes from one stage, drawn anew for each batch with probability
       ``stage_shares`` (default: the stage's mass under the usual training distribution). This is the authors' EDM
       code (``EDMMultistageLoss``: one log-normal sigma picks the stage, then the batch is drawn from the
