@@ -240,11 +240,18 @@ class Evaluator:
         return result
 
 
+# how far outside [-1, 1] an image batch may reach: unclamped samples and added noise stay well within; levels in
+# [0, 255] brought to [-1, 1] the wrong way (centred, or `* 2 - 1`) go to 127.5 or 509
+_FAR_OUTSIDE = 10.0
+
+
 def _check_images(images: torch.Tensor, name: str) -> None:
     """A batch of at least two finite floating-point images ``(N, C, H, W)`` that can be in ``[-1, 1]`` (slightly
     outside is fine: unclamped samples, added noise), or a `ValueError` naming ``name``. A batch with no value below
     0 and some above it is taken for levels in ``[0, 1]`` (a diffusers pipeline's ``output_type="pt"``) or
-    ``[0, 255]``: images in ``[-1, 1]`` with every pixel at least mid-grey are no data set's."""
+    ``[0, 255]``: images in ``[-1, 1]`` with every pixel at least mid-grey are no data set's. A value beyond
+    ``+-_FAR_OUTSIDE`` (10) is no slight overshoot either: levels in ``[0, 255]`` centred (``images - 127.5``) or
+    given the ``[0, 1]`` conversion (``images * 2 - 1``)."""
     if type(images).__module__ == "numpy" and hasattr(images, "shape"):  # a pipeline's `output_type="np"` images
         raise ValueError(
             f"`{name}` must be a torch tensor (N >= 2, C, H, W) in [-1, 1], got a numpy array of shape "
@@ -261,7 +268,9 @@ def _check_images(images: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"`{name}` hold NaN or infinite values: the Frechet distance would be meaningless.")
     low, high = float(images.min()), float(images.max())
-    if low >= 0 and high > 0:  # no pixel below mid-grey, some brighter: levels in [0, 1] or [0, 255] as floats
+    if (low >= 0 and high > 0) or max(
+        -low, high
+    ) > _FAR_OUTSIDE:  # no pixel below mid-grey, some brighter: levels in [0, 1] or [0, 255] as floats
         raise ValueError(
             f"`{name}` must be in [-1, 1], got values in [{low:g}, {high:g}] (levels in [0, 255]: "
             "`images / 127.5 - 1`; in [0, 1]: `images * 2 - 1`)."

@@ -359,3 +359,25 @@ def test_feature_classifier_refuses_sizes_that_build_no_classifier(kwargs, match
     with pytest.raises(ValueError, match=re.escape(match)):
         FeatureClassifier(**{"image_size": 8, **kwargs})
     assert FeatureClassifier(np.int64(8), width=np.int64(4)).input_shape == (1, 8, 8)  # numpy integers are integers
+
+
+@pytest.mark.parametrize(
+    "convert, low, high",
+    [
+        (lambda x: (x + 1) * 127.5 * 2 - 1, -1, 509),  # levels in [0, 255] given `images * 2 - 1`, meant for [0, 1]
+        (lambda x: x * 127.5, -127.5, 127.5),  # levels in [0, 255] centred: `images - 127.5`
+    ],
+)
+def test_images_far_outside_minus_one_one_are_refused(digits, convert, low, high):
+    # such batches have values below 0, so the [0, 1] / [0, 255] check let them through: they were scored silently
+    # (an FD in the thousands) where slightly outside [-1, 1] (unclamped samples, added noise) is meant
+    images, labels, test, test_labels = digits
+    evaluator = Evaluator(FeatureClassifier(8), images[:64])
+    match = re.escape(f"`images` must be in [-1, 1], got values in [{low:g}, {high:g}]")
+    with pytest.raises(ValueError, match=match):
+        evaluator.score(convert(test), test_labels)
+    with pytest.raises(ValueError, match=match.replace("`images`", "`real_images`")):
+        Evaluator(FeatureClassifier(8), convert(images[:64]))
+    with pytest.raises(ValueError, match=match):
+        train_classifier(convert(images[:64]), labels[:64], max_steps=1)
+    evaluator.score(test + 0.5 * torch.randn(test.shape, generator=torch.Generator().manual_seed(0)))  # noise: taken
