@@ -258,6 +258,15 @@ def _check_images(images: torch.Tensor, name: str) -> None:
             f'{tuple(images.shape)} (a diffusers pipeline\'s `output_type="np"` images, (N, H, W, C) in [0, 1]: '
             "`torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1`)."
         )
+    pil = _is_pil(images) or (
+        isinstance(images, (list, tuple)) and len(images) > 0 and all(_is_pil(image) for image in images)
+    )
+    if pil:  # a diffusers pipeline's default `output_type="pil"` images
+        got = f"a list of {len(images)} PIL images" if isinstance(images, (list, tuple)) else "a PIL image"
+        raise ValueError(
+            f"`{name}` must be a torch tensor (N >= 2, C, H, W) in [-1, 1], got {got} (a diffusers pipeline's "
+            'default output: ask it for `output_type="pt"`, (N, C, H, W) in [0, 1], and pass `images * 2 - 1`).'
+        )
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[0] < 2:
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
         raise ValueError(f"`{name}` must be a batch (N >= 2, C, H, W), got shape {shape}.")
@@ -275,3 +284,8 @@ def _check_images(images: torch.Tensor, name: str) -> None:
             f"`{name}` must be in [-1, 1], got values in [{low:g}, {high:g}] (levels in [0, 255]: "
             "`images / 127.5 - 1`; in [0, 1]: `images * 2 - 1`)."
         )
+
+
+def _is_pil(image: object) -> bool:
+    """Whether ``image`` is a PIL image (without importing PIL: the check runs on every scored batch)."""
+    return any(cls.__module__.startswith("PIL.") and cls.__name__ == "Image" for cls in type(image).__mro__)

@@ -381,3 +381,19 @@ def test_images_far_outside_minus_one_one_are_refused(digits, convert, low, high
     with pytest.raises(ValueError, match=match):
         train_classifier(convert(images[:64]), labels[:64], max_steps=1)
     evaluator.score(test + 0.5 * torch.randn(test.shape, generator=torch.Generator().manual_seed(0)))  # noise: taken
+
+
+def test_pil_images_of_a_pipeline_are_refused_with_the_conversion(digits):
+    # a diffusers pipeline's default output (output_type="pil") is a list of PIL images; was "got shape list"
+    from PIL import Image
+
+    images, labels, _, _ = digits
+    evaluator = Evaluator(FeatureClassifier(8), images[:16])
+    generated = [Image.new("L", (8, 8)) for _ in range(4)]
+    match = r"`images` must be a torch tensor.*got a list of 4 PIL images.*output_type=\"pt\".*images \* 2 - 1"
+    with pytest.raises(ValueError, match=match):
+        evaluator.score(generated)
+    with pytest.raises(ValueError, match=match.replace("`images`", "`real_images`")):
+        Evaluator(FeatureClassifier(8), generated)
+    with pytest.raises(ValueError, match=r"`images` must be a torch tensor.*got a PIL image"):
+        train_classifier(generated[0], labels[:1], max_steps=1)
