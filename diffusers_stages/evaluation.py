@@ -186,7 +186,9 @@ class Evaluator:
 
     Args:
         classifier: the trained [`FeatureClassifier`].
-        real_images: reference images in ``[-1, 1]`` (the training split, as FID is usually taken).
+        real_images: reference images in ``[-1, 1]`` (the training split, as FID is usually taken), a float tensor
+            ``(N >= 2, C, H, W)`` of the classifier's input shape; their features are computed once, here.
+        batch_size: how many images go through the classifier at once (memory only: the scores do not depend on it).
     """
 
     def __init__(self, classifier: FeatureClassifier, real_images: torch.Tensor, batch_size: int = 1000):
@@ -208,7 +210,10 @@ class Evaluator:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
-        """``{"fd": ..., "accuracy": ...}`` for ``images`` in ``[-1, 1]`` (accuracy only when ``labels`` are given)."""
+        """``{"fd": ..., "accuracy": ...}`` for ``images`` ``(N >= 2, C, H, W)`` in ``[-1, 1]`` (accuracy, the
+        fraction whose predicted class is their label, only when ``labels`` are given). The distance falls with
+        ``N`` (about as 1 / N): compare scores of as many images. Images in ``[0, 1]`` or ``[0, 255]``, far outside
+        ``[-1, 1]``, integer, NaN or infinite, numpy arrays and PIL images are a `ValueError` naming the argument."""
         _check_images(images, "images")
         if tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(
