@@ -5,9 +5,15 @@ an error that names the repository. diffusers itself creates the repository befo
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
 
 PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
+PACKAGE_TAG = "diffusers-stages"
 
 
 def error_summary(error: BaseException) -> str:
@@ -65,6 +71,53 @@ def check_upload_folder(folder: str | os.PathLike, ignore_patterns: list[str] | 
         )
 
 
+def package_model_card(repo_id: str, token: str | None = None, is_pipeline: bool = False) -> ModelCard:
+    """The model card every push of the package's models and pipelines uploads (`push_saved_folder`,
+    `PackageCardPushMixin.push_to_hub`): diffusers' (the Hub repository's README when it has one, else diffusers'
+    template for a model, or a pipeline with ``is_pipeline``), with ``library_name: diffusers`` and the
+    ``diffusers-stages`` tag, listed once however often the repository is pushed."""
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    card = load_or_create_model_card(repo_id, token=token, is_pipeline=is_pipeline)
+    tags = [tag for tag in [PACKAGE_TAG] if tag not in (card.data.tags or [])]  # a re-push's card has it
+    return populate_model_card(card, tags=tags)
+
+
+class PackageCardPushMixin:
+    """`push_to_hub` as diffusers' `PushToHubMixin.push_to_hub` (the repository created first, then the object saved
+    to a temporary folder and uploaded, with no card for a ``subfolder``), but with the package's model card
+    (`package_model_card`): the card `save_pretrained(..., push_to_hub=True)` uploads."""
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        subfolder: str | None = None,
+    ) -> str:
+        """Save to a temporary folder and upload it to ``repo_id``, as diffusers' `push_to_hub` (same arguments: the
+        ``commit_message``, ``private`` for a new repository, ``token``, ``create_pr``, ``safe_serialization``,
+        ``variant``, and ``subfolder``, where the files go without a model card); returns the upload's commit URL."""
+        from diffusers import DiffusionPipeline
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        card = None
+        if not subfolder:
+            card = package_model_card(repo_id, token, is_pipeline=isinstance(self, DiffusionPipeline))
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            if card is not None:
+                card.save(os.path.join(folder, "README.md"))
+            return self._upload_folder(
+                folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr, subfolder=subfolder
+            )
+
+
 def push_saved_folder(
     saved,
     save_directory: str | os.PathLike,
@@ -76,9 +129,8 @@ def push_saved_folder(
     create_pr: bool = False,
 ) -> str:
     """Upload the folder `saved.save_pretrained` has just written to ``repo_id`` (default: the folder's name), with
-    diffusers' model card; returns the repository id. Any failure is an `OSError` that names the repository and says
-    that the local folder is complete."""
-    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+    the package's model card (`package_model_card`); returns the repository id. Any failure is an `OSError` that
+    names the repository and says that the local folder is complete."""
     from huggingface_hub import create_repo
 
     save_directory = str(save_directory)
@@ -86,9 +138,7 @@ def push_saved_folder(
     repo_id = repo_id or os.path.basename(os.path.normpath(save_directory))
     try:
         repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
-        card = load_or_create_model_card(repo_id, token=token, is_pipeline=is_pipeline)
-        tags = [tag for tag in ["diffusers-stages"] if tag not in (card.data.tags or [])]  # a re-push's card has it
-        populate_model_card(card, tags=tags).save(os.path.join(save_directory, "README.md"))
+        package_model_card(repo_id, token, is_pipeline).save(os.path.join(save_directory, "README.md"))
         saved._upload_folder(save_directory, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
     except Exception as error:  # noqa: BLE001 (offline, HTTP 401/403, network errors: all named below)
         raise OSError(
@@ -99,9 +149,10 @@ def push_saved_folder(
     return repo_id
 
 
-class SaveThenPushMixin:
+class SaveThenPushMixin(PackageCardPushMixin):
     """`save_pretrained(..., push_to_hub=True)` that writes the whole folder before it contacts the Hub, and then
-    pushes it with `push_saved_folder` (a failed push is an `OSError` naming the repository).
+    pushes it with `push_saved_folder` (a failed push is an `OSError` naming the repository); `push_to_hub` uploads
+    the same model card (`PackageCardPushMixin`).
 
     The signature names every argument `ModelMixin.save_pretrained` has: `DiffusionPipeline.save_pretrained` passes
     ``safe_serialization``, ``variant`` and ``max_shard_size`` on only to save methods whose signature lists them.

@@ -32,7 +32,7 @@ from ..conventions import (
     null_class_label,
     num_data_classes,
 )
-from ..hub import pop_push_kwargs, push_saved_folder
+from ..hub import PackageCardPushMixin, pop_push_kwargs, push_saved_folder
 from ..models.checks import (
     check_savable,
     compute_dtype,
@@ -75,7 +75,7 @@ def _vae_latent_channels(vae) -> int:
     return config.get("vq_embed_dim") or config.latent_channels
 
 
-class StagedDiffusionPipeline(StageOffloadMixin, DiffusionPipeline):
+class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, DiffusionPipeline):
     r"""
     Base class of the package's pipelines: one scheduler, one network per stage of a [`TimestepPartition`], and an
     optional VAE for latent diffusion. Subclasses register their components and say which network denoises a

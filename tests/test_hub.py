@@ -136,3 +136,52 @@ def test_a_second_push_lists_the_cards_tag_once(tiny_multistage, tmp_path, offli
     for _ in range(2):
         tiny_multistage.save_pretrained(tmp_path / "model", push_to_hub=True, repo_id="me/model")
     assert card.read_text().count("- diffusers-stages") == 1 and "library_name: diffusers" in card.read_text()
+
+
+@pytest.mark.parametrize("kind", ["model", "experts", "pipeline"])
+def test_push_to_hub_uploads_the_card_a_save_and_push_uploads(tiny_multistage, tmp_path, offline, monkeypatch, kind):
+    # `push_to_hub` (diffusers' PushToHubMixin) uploaded diffusers' plain card, without the package's tag that
+    # `save_pretrained(..., push_to_hub=True)` gives it; diffusers' semantics are kept (a temporary folder, `variant`,
+    # `safe_serialization`, `subfolder`: no card; `private`, `token`, `create_pr`, `commit_message` passed on)
+    import diffusers.utils.hub_utils
+
+    from diffusers_stages.models.expert_routing import ExpertRoutingModel as Experts
+
+    saved = {
+        "model": tiny_multistage,
+        "experts": Experts([UNet2DModel(**TINY_UNET), UNet2DModel(**TINY_UNET)], stage_boundaries=[500]),
+        "pipeline": MultiStagePipeline(unet=tiny_multistage, scheduler=DDIMScheduler()),
+    }[kind]
+    creates, uploads = [], []
+
+    def create_repo(repo_id, **kwargs):
+        creates.append(kwargs)
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload(self, folder, repo_id, token=None, commit_message=None, create_pr=False, subfolder=None):
+        uploads.append((repo_id, token, commit_message, create_pr, subfolder, _files(folder), folder))
+        target = tmp_path / "hub" / repo_id / (subfolder or "")
+        for name in _files(folder):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            (target / name).write_bytes((open(os.path.join(folder, name), "rb")).read())
+
+    for module in (huggingface_hub, diffusers.utils.hub_utils):
+        monkeypatch.setattr(module, "create_repo", create_repo)
+    monkeypatch.setattr(type(saved), "_upload_folder", upload)
+    saved.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="me/saved")
+    saved_card = huggingface_hub.ModelCard.load(tmp_path / "hub" / "me" / "saved" / "README.md")
+    uploads.clear()
+    saved.push_to_hub("me/pushed", commit_message="first", private=True, token="t", create_pr=True, variant="fp16")
+    ((repo_id, token, message, create_pr, subfolder, files, folder),) = uploads
+    assert (repo_id, token, message, create_pr, subfolder) == ("me/pushed", "t", "first", True, None)
+    assert creates[-1]["private"] is True and creates[-1]["token"] == "t"
+    assert not os.path.exists(folder)  # a temporary folder, as in diffusers
+    assert any(name.endswith("diffusion_pytorch_model.fp16.safetensors") for name in files)
+    card = huggingface_hub.ModelCard.load(tmp_path / "hub" / "me" / "pushed" / "README.md")
+    assert card.data.tags == saved_card.data.tags == ["diffusers-stages"]
+    assert card.data.library_name == saved_card.data.library_name == "diffusers"
+    assert card.text == saved_card.text
+    uploads.clear()
+    saved.push_to_hub("me/pushed", subfolder="sub", safe_serialization=False)
+    ((*_, subfolder, files, _),) = uploads
+    assert subfolder == "sub" and "README.md" not in files and any(name.endswith(".bin") for name in files)

@@ -31,7 +31,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from ..conventions import class_embedding_count
-from ..hub import pop_push_kwargs, push_saved_folder
+from ..hub import PackageCardPushMixin, pop_push_kwargs, push_saved_folder
 from ..partition import TimestepPartition
 from .checks import check_savable
 from .ip_adapter import (
@@ -248,7 +248,7 @@ def _positional_hidden_states(expert: nn.Module, class_labels, expert_kwargs: di
     return class_labels, expert_kwargs
 
 
-class ExpertRoutingModel(StagedModelMixin, ModelMixin, ConfigMixin, AttentionMixin):
+class ExpertRoutingModel(StagedModelMixin, PackageCardPushMixin, ModelMixin, ConfigMixin, AttentionMixin):
     r"""
     A set of independent denoisers, one per stage of a [`TimestepPartition`] (stage 0 = cleanest), behind one
     denoiser interface.

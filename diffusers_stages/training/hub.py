@@ -9,6 +9,7 @@ import shutil
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+from accelerate.utils import broadcast_object_list
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
 from huggingface_hub import ModelCard, ModelCardData, create_repo
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
@@ -20,6 +21,7 @@ from .args import hub_repo_name
 from .checkpointing import PIPELINE_NEW, PIPELINE_OLD, PIPELINE_PARTIAL
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
     from huggingface_hub import HfApi
 
 # checkpoints and their leftovers, logs, the sample history, and the temporary folders of a pipeline save (one a
@@ -339,11 +341,30 @@ def _schedule_text(args: argparse.Namespace, source: dict | None) -> str:
     return f"{kind}, prediction type `{args.prediction_type}`"
 
 
-def create_hub_repo(args: argparse.Namespace) -> str:
+def create_hub_repo(args: argparse.Namespace, accelerator: Accelerator | None = None) -> str:
     """`--push_to_hub`: create (or find) the repository before any training, so that a run that cannot push (offline,
-    no token, no right to the namespace) stops in its first second instead of after training. The repository is
-    `--hub_model_id`, else named after `--output_dir` (`hub_repo_name`, as diffusers' scripts). Returns its id as the
-    Hub gives it (``name`` is ``<user>/name``), for the model card."""
+    no token, no right to the namespace) stops before it trains instead of after. The repository is `--hub_model_id`,
+    else named after `--output_dir` (`hub_repo_name`, as diffusers' scripts). Returns its id as the Hub gives it
+    (``name`` is ``<user>/name``), for the model card.
+
+    Of a run of several processes (``accelerator``) only the main process contacts the Hub, as in diffusers' scripts;
+    the others wait for its answer (the repository id, or why it could not be created) and stop with the same
+    `ValueError` where it failed. Without ``accelerator`` (one process) it creates the repository itself."""
+    repo_id = failure = None
+    if accelerator is None or accelerator.is_main_process:
+        try:
+            repo_id = _create_hub_repo(args)
+        except ValueError as error:
+            failure = str(error)
+    if accelerator is not None and accelerator.num_processes > 1:  # every process joins: the main one answers
+        repo_id, failure = broadcast_object_list([repo_id, failure], from_process=0)
+    if failure is not None:
+        raise ValueError(failure)
+    return repo_id
+
+
+def _create_hub_repo(args: argparse.Namespace) -> str:
+    """`create_hub_repo` of one process: the repository id, or a `ValueError` that says why it cannot be created."""
     name = hub_repo_name(args)
     try:
         if args.hub_local_dir:

@@ -248,7 +248,7 @@ def build_task(task_class: type[TrainingTask], args: argparse.Namespace) -> Trai
 
 def train(args: argparse.Namespace, task: TrainingTask) -> str:
     """Train ``task``'s networks as ``args`` says; returns the output folder (a `save_pretrained` pipeline)."""
-    # 1. every check that needs no training: arguments, output folder, Hub repository, data source, data vs. networks
+    # 1. every check that needs no training: arguments, output folder, data source, data vs. networks
     in_channels, vae_factor = vae_shape(args, task)
     check_args(args, task.partition, task.downsampling * vae_factor, task.vae_path)
     check_sampling_steps(args, task)
@@ -261,7 +261,6 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
         )
     source_files = source_identity(source)  # the folder as this run fine-tunes it, saved in its checkpoints
     resume_warnings = [] if resume_path is None else [check_same_source_files(resume_path, source)]
-    hub_repo_id = create_hub_repo(args) if args.push_to_hub else None  # `name` becomes `<user>/name`
     records = task.read_records(args)
     if records is None:
         records = _read_records(args)
@@ -283,6 +282,9 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
 
     # 2. accelerator, logging, output folder, seeds (the same initial weights on every process)
     accelerator = _accelerator(args, task)
+    # the Hub repository: created by the main process, whose answer (or error) stops every process before anything
+    # is written; `name` becomes `<user>/name`
+    hub_repo_id = create_hub_repo(args, accelerator) if args.push_to_hub else None
     for warning in [*filter(None, resume_warnings), *task.data_warnings()]:  # (the logger needs the accelerator)
         logger.warning(warning)
     replaced = _prepare_output_dir(accelerator, args, existing, resume_path)

@@ -258,13 +258,14 @@ def test_each_pipeline_saved_during_training_is_pushed(
 ):
     # `--save_model_epochs` saved the pipeline during training but pushed it only at the end; diffusers'
     # train_unconditional.py pushes every save. A push that fails mid-run is a warning: the final push sends it again
-    calls = 0
+    calls, saved = 0, []
 
     def upload_folder(self, **kwargs):
         nonlocal calls
         calls += 1
         fake_hub.append(("upload_folder", kwargs))
-        if calls == 1:
+        if calls == 1:  # the local save it failed to push is complete, and stays so
+            saved.append(MultiStagePipeline.from_pretrained(kwargs["folder_path"]).unet.num_stages)
             raise ConnectionError("the network is down")
 
     import huggingface_hub
@@ -276,7 +277,25 @@ def test_each_pipeline_saved_during_training_is_pushed(
                             "--push_to_hub", "--hub_model_id", "me/tiny"])  # fmt: skip
     uploads = [kwargs["commit_message"] for call, kwargs in fake_hub if call == "upload_folder"]
     assert uploads == ["Epoch 1", "Epoch 2", "End of training"]
+    assert saved == [3] and MultiStagePipeline.from_pretrained(out).unet.num_stages == 3
     assert "pushing them to the Hub repository 'me/tiny' failed" in caplog.text and "Training goes on" in caplog.text
+
+
+def test_a_process_other_than_the_main_one_never_contacts_the_hub(
+    examples, script, image_folder, tmp_path, fake_hub, monkeypatch
+):
+    # diffusers' scripts create the repository and push from the main process only: a run's other processes (here
+    # the one process, told it is not the main one; the main process made the output folder) save nothing and make
+    # no Hub call, neither before training, nor at `--save_model_epochs`, nor at the end
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "is_main_process", property(lambda self: False))
+    out = tmp_path / "run"
+    out.mkdir()
+    examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", str(out),
+                            "--train_batch_size", "12", "--num_epochs", "2", "--save_model_epochs", "1",
+                            "--push_to_hub", "--hub_model_id", "me/tiny"])  # fmt: skip
+    assert fake_hub == [] and os.listdir(out) == []
 
 
 def test_a_failed_final_push_leaves_a_finished_run(examples, script, image_folder, tmp_path, fake_hub, monkeypatch):

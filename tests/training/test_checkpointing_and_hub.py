@@ -976,3 +976,46 @@ def test_the_source_record_reads_large_files_in_samples(tmp_path):
     record = source_identity(str(tmp_path))
     assert set(record) == {"model_index.json", "unet/diffusion_pytorch_model.safetensors"}
     assert record["unet/diffusion_pytorch_model.safetensors"]["size"] == 1 << 30
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_only_the_main_process_creates_the_repository_and_every_process_learns_its_answer(
+    tmp_path, monkeypatch, fails
+):
+    # every process of a multi-process run created the repository (diffusers' scripts create it on the main process
+    # only); the others now wait for the main process's answer: its repository id, or its error, which stops them too
+    from diffusers_stages.training import hub
+
+    creates, sent = [], []
+
+    def create_repo(repo_id, **kwargs):
+        creates.append(repo_id)
+        if fails:
+            raise ConnectionError("the network is down")
+        return SimpleNamespace(repo_id=f"me/{repo_id}")
+
+    def broadcast_object_list(objects, from_process=0):  # the main process's objects reach every process
+        if not sent:
+            sent.extend(objects)
+        objects[:] = sent
+        return objects
+
+    monkeypatch.setattr(hub, "create_repo", create_repo)
+    monkeypatch.setattr(hub, "broadcast_object_list", broadcast_object_list)
+    args = argparse.Namespace(hub_model_id="tiny", hub_local_dir=None, hub_private_repo=None, hub_token=None)
+    answers = []
+    for index in range(2):  # the main process reaches the exchange first: the others wait there for it
+        process = SimpleNamespace(is_main_process=index == 0, num_processes=2, process_index=index)
+        try:
+            answers.append(hub.create_hub_repo(args, process))
+        except ValueError as error:
+            answers.append(str(error))
+    assert creates == ["tiny"]
+    if fails:
+        assert answers[0] == answers[1] and "cannot create the Hub repository `--hub_model_id` 'tiny'" in answers[0]
+        assert "ConnectionError: the network is down" in answers[1]
+    else:
+        assert answers == ["me/tiny", "me/tiny"]
+    if not fails:  # without an accelerator (`--assemble_experts`, one process) it creates the repository itself
+        creates.clear()
+        assert hub.create_hub_repo(args) == "me/tiny" and creates == ["tiny"]
