@@ -543,6 +543,12 @@ def check_dataset_options(args: argparse.Namespace) -> None:
 def check_assembly_args(args: argparse.Namespace) -> None:
     """The checks of a run that trains nothing (`--assemble_experts`): the output folder, the sample grid and the
     Hub options; raises ValueError naming the argument."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # as `accelerate launch` / torchrun set it
+    if processes > 1:  # each process would assemble, sample and push into the same folder and repository
+        raise ValueError(
+            f"`--assemble_experts` runs on one process (it trains nothing), but this one was launched on {processes}: "
+            "run it with `python` (or `accelerate launch --num_processes 1`)."
+        )
     check_output_dir(args)
     check_not_a_run_folder(args.output_dir)
     check_positive_options(args, ("num_sample_images", "num_inference_steps"))

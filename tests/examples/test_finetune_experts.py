@@ -401,3 +401,13 @@ def test_source_weights_of_another_width_are_refused_before_the_data_are_read(
     )
     examples.assert_usage_error(script, _finetune_args(examples, image_folder, str(bad), str(tmp_path / "run")),
                                 message, capsys)  # fmt: skip
+
+
+def test_assembling_on_several_processes_is_refused(script, tmp_path, capsys, monkeypatch):
+    # `accelerate launch --num_processes 2 train_experts.py --assemble_experts ...` ran the assembly, its sample grid
+    # and its push once per process, all writing the same folder and repository
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        script.parse_args(["--assemble_experts", str(tmp_path / "a"), str(tmp_path / "b"), "--output_dir",
+                           str(tmp_path / "out")])  # fmt: skip
+    assert "`--assemble_experts` runs on one process" in capsys.readouterr().err
