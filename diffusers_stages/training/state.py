@@ -8,6 +8,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -107,21 +108,53 @@ class LossLog:
         return logs
 
 
+def sample_generators(seed: int, start: int, stop: int) -> list[torch.Generator]:
+    """The generators of the sample grid's images ``start`` to ``stop - 1``: image ``i``'s is seeded with
+    ``seed + i`` (diffusers' idiom for reproducible batches), so an image does not depend on the chunk it is sampled
+    in. One image of a grid is drawn again with ``generator=torch.Generator().manual_seed(seed + i)`` and its inputs."""
+    return [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
+
+
+def _chunk_inputs(inputs: dict, count: int, start: int, stop: int) -> dict:
+    """The pipeline inputs of the grid's images ``start`` to ``stop - 1``: ``batch_size`` the chunk's size, and every
+    per-image list (class labels, prompts: ``count`` entries) sliced; other values as given."""
+    chunk = {}
+    for key, value in inputs.items():
+        if key == "batch_size":
+            value = stop - start
+        elif isinstance(value, (list, tuple)) and len(value) == count:
+            value = list(value[start:stop])
+        chunk[key] = value
+    return chunk
+
+
 def sample_grid(pipeline, args: argparse.Namespace, num_classes: int, inputs: dict | None = None) -> tuple:
-    """``(PIL grid, images as NHWC array)`` of ``--num_sample_images`` samples, seeded by ``--seed``; ``inputs`` are
-    the pipeline's conditioning arguments (default: ``batch_size`` and the class labels ``0, 1, ...``). In the grid,
-    samples under `GRID_TILE_SIZE` pixels are upscaled nearest-neighbour (the array keeps their own size)."""
-    count = args.num_sample_images
+    """``(PIL grid, images as NHWC array)`` of ``--num_sample_images`` samples; ``inputs`` are the pipeline's
+    conditioning arguments for all of them (default: ``batch_size`` and the class labels ``0, 1, ...``, cycling over
+    the ``num_classes`` classes), their per-image lists split with the images.
+
+    The images are sampled in pipeline calls of at most ``--eval_batch_size`` images (the memory the sampling and the
+    VAE decode need grows with it), each image with its own generator (`sample_generators`: ``--seed`` + its index), so
+    the grid is the same whatever the chunk size. In the grid, samples under `GRID_TILE_SIZE` pixels are upscaled
+    nearest-neighbour (the array keeps their own size)."""
+    count, chunk_size = args.num_sample_images, args.eval_batch_size
     if inputs is None:
         inputs = {
             "batch_size": count,
             "class_labels": [i % num_classes for i in range(count)] if num_classes else None,
         }
     pipeline.set_progress_bar_config(disable=True)
-    images = pipeline(
-        **inputs, generator=torch.Generator().manual_seed(args.seed), num_inference_steps=args.num_inference_steps,
-        output_type="np",
-    ).images  # fmt: skip
+    images = None  # filled chunk by chunk: no chunk's outputs are held once copied in
+    for start in range(0, count, chunk_size):
+        stop = min(start + chunk_size, count)
+        chunk = pipeline(
+            **_chunk_inputs(inputs, count, start, stop), generator=sample_generators(args.seed, start, stop),
+            num_inference_steps=args.num_inference_steps, output_type="np",
+        ).images  # fmt: skip
+        if images is None:
+            images = np.empty((count, *chunk.shape[1:]), dtype=chunk.dtype)
+        images[start:stop] = chunk
+        del chunk
     cols = max(c for c in range(1, math.isqrt(count) + 1) if count % c == 0)
     pil = pipeline.numpy_to_pil(images)
     scale = math.ceil(GRID_TILE_SIZE / min(pil[0].size))

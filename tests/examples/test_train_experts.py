@@ -256,6 +256,7 @@ def test_bad_expert_arguments(examples, script, image_folder, tmp_path, capsys, 
     [
         (["--push_to_hub", "--hub_model_id", "me/x y"], "`--hub_model_id` 'me/x y' is not a Hub repository name"),
         (["--num_sample_images", "0"], "`--num_sample_images` must be a positive integer, got 0."),
+        (["--eval_batch_size", "0"], "`--eval_batch_size` must be a positive integer, got 0."),
         (["--output_dir", ""], "`--output_dir` must name a folder, got ''"),
         # training options, accepted and ignored: assembling trains nothing
         (["--max_train_steps", "100"], "`--max_train_steps` 100 is not used by `--assemble_experts`"),

@@ -432,7 +432,7 @@ def test_assembled_experts_card_has_usage_settings_and_grid(tmp_path, monkeypatc
 
 def test_sample_grid_upscales_small_samples_without_blur(tiny_multistage):
     pipe = MultiStagePipeline(unet=tiny_multistage, scheduler=DDIMScheduler())
-    args = argparse.Namespace(num_sample_images=4, seed=0, num_inference_steps=2)
+    args = argparse.Namespace(num_sample_images=4, eval_batch_size=16, seed=0, num_inference_steps=2)
     grid, images = sample_grid(pipe, args, num_classes=0)
     assert images.shape == (4, 8, 8, 3) and grid.size == (128, 128)  # 2 x 2 samples of 8 px, each drawn 64 px wide
     tile = np.asarray(grid)[:64, :64]

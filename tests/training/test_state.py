@@ -33,3 +33,88 @@ def test_the_loss_log_keeps_no_float64_where_the_device_has_none(monkeypatch):
     log.add(torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([1.0, 3.0], dtype=torch.bfloat16))
     assert log.sums.dtype == torch.float32 and not cast
     assert log.reduce(Accelerator(cpu=True)) == pytest.approx({"loss": 2.0, "loss/stage_0": 1.0, "loss/stage_1": 3.0})
+
+
+def _grid_args(**kwargs):
+    import argparse
+
+    return argparse.Namespace(**{"num_sample_images": 7, "seed": 3, "num_inference_steps": 2, **kwargs})
+
+
+def _recording(pipeline, calls: list):
+    """``pipeline`` whose calls append their keyword arguments to ``calls``."""
+    call = type(pipeline).__call__
+
+    class Recording(type(pipeline)):
+        def __call__(self, *args, **kwargs):
+            calls.append(kwargs)
+            return call(self, *args, **kwargs)
+
+    pipeline.__class__ = Recording
+    return pipeline
+
+
+@pytest.mark.parametrize("eval_batch_size", [1, 3, 7, 16])
+def test_the_sample_grid_is_sampled_in_chunks_of_eval_batch_size_and_is_the_same_whatever_their_size(
+    tiny_unet_kwargs, eval_batch_size
+):
+    # the grid sampled all `--num_sample_images` images in one pipeline call (and decoded them all at once): a
+    # text-to-image run at 512 px needed GBs for it during training. `--eval_batch_size` splits it, and each image
+    # has its own generator (`--seed` + its index), so the grid does not depend on the split
+    import numpy as np
+    from diffusers import DDIMScheduler
+
+    from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
+    from diffusers_stages.training.state import sample_grid
+
+    torch.manual_seed(0)
+    unet = MultiStageUNet2DModel(**tiny_unet_kwargs, stage_boundaries=(500,), num_class_embeds=4).eval()
+    reference = sample_grid(MultiStagePipeline(unet=unet, scheduler=DDIMScheduler()), _grid_args(eval_batch_size=7), 3)
+    calls = []
+    pipe = _recording(MultiStagePipeline(unet=unet, scheduler=DDIMScheduler()), calls)
+    grid, images = sample_grid(pipe, _grid_args(eval_batch_size=eval_batch_size), 3)
+    sizes = [min(eval_batch_size, 7 - start) for start in range(0, 7, eval_batch_size)]
+    assert [call["batch_size"] for call in calls] == sizes
+    # the class labels cycle over the classes, 0, 1, 2, 0, ..., each chunk with its own
+    assert [label for call in calls for label in call["class_labels"]] == [0, 1, 2, 0, 1, 2, 0]
+    # one generator per image, seeded with `--seed` + its index, whatever the chunk
+    assert [[g.initial_seed() for g in call["generator"]] for call in calls] == [
+        list(range(3 + start, 3 + start + size)) for start, size in zip(range(0, 7, eval_batch_size), sizes)
+    ]
+    # the same images: the same noise, up to the float rounding of batched kernels (1e-6 on CPU)
+    assert images.shape == (7, 8, 8, 3) and np.allclose(images, reference[1], rtol=0, atol=1e-5)
+    assert np.abs(np.asarray(grid, np.int16) - np.asarray(reference[0], np.int16)).max() <= 1
+    # image i is what the pipeline gives for its own label and a generator seeded with `--seed` + i
+    alone = MultiStagePipeline(unet=unet, scheduler=DDIMScheduler())(
+        batch_size=1, class_labels=[2], generator=torch.Generator().manual_seed(3 + 5), num_inference_steps=2,
+        output_type="np",
+    ).images  # fmt: skip
+    assert np.allclose(images[5], alone[0], rtol=0, atol=1e-5)
+
+
+def test_the_sample_grid_splits_the_prompts_of_a_text_to_image_run_into_chunks():
+    # a task's own inputs (text-to-image: one prompt per image) are split with the images
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from diffusers_stages.training.state import sample_grid
+
+    class Prompted:
+        def __init__(self):
+            self.calls = []
+
+        def set_progress_bar_config(self, **kwargs):
+            pass
+
+        def __call__(self, prompt, generator, num_inference_steps, output_type):
+            self.calls.append((list(prompt), [g.initial_seed() for g in generator]))
+            images = np.stack([np.full((8, 8, 3), len(p) / 10, np.float32) for p in prompt])  # 0.1 x prompt length
+            return type("Output", (), {"images": images})
+
+        numpy_to_pil = staticmethod(DiffusionPipeline.numpy_to_pil)
+
+    pipe = Prompted()
+    prompts = ["a", "bb", "ccc", "a", "bb"]
+    _, images = sample_grid(pipe, _grid_args(num_sample_images=5, eval_batch_size=2), 0, {"prompt": prompts})
+    assert pipe.calls == [(["a", "bb"], [3, 4]), (["ccc", "a"], [5, 6]), (["bb"], [7])]
+    assert images[:, 0, 0, 0].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.1, 0.2])
