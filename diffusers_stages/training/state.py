@@ -15,7 +15,7 @@ from accelerate.logging import get_logger
 from diffusers import AutoencoderKL, SchedulerMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.training_utils import EMAModel
-from diffusers.utils import is_tensorboard_available, make_image_grid
+from diffusers.utils import is_tensorboard_available
 from PIL import Image
 
 from ..partition import exact_float
@@ -25,6 +25,7 @@ from .tasks import TrainingTask
 logger = get_logger(__name__)
 
 GRID_TILE_SIZE = 64  # smaller samples (8x8 digits) are upscaled to this, nearest-neighbour, so the grid shows them
+MAX_GRID_ASPECT = 3  # a wider exact grid layout (a prime count's single row) is made near-square, with blank cells
 
 
 @dataclass
@@ -135,8 +136,8 @@ def sample_grid(pipeline, args: argparse.Namespace, num_classes: int, inputs: di
 
     The images are sampled in pipeline calls of at most ``--eval_batch_size`` images (the memory the sampling and the
     VAE decode need grows with it), each image with its own generator (`sample_generators`: ``--seed`` + its index), so
-    the grid is the same whatever the chunk size. In the grid, samples under `GRID_TILE_SIZE` pixels are upscaled
-    nearest-neighbour (the array keeps their own size)."""
+    the grid is the same whatever the chunk size. The grid's layout is `grid_shape`'s; samples under `GRID_TILE_SIZE`
+    pixels are upscaled nearest-neighbour in it (the array keeps their own size)."""
     count, chunk_size = args.num_sample_images, args.eval_batch_size
     if inputs is None:
         inputs = {
@@ -155,12 +156,27 @@ def sample_grid(pipeline, args: argparse.Namespace, num_classes: int, inputs: di
             images = np.empty((count, *chunk.shape[1:]), dtype=chunk.dtype)
         images[start:stop] = chunk
         del chunk
-    cols = max(c for c in range(1, math.isqrt(count) + 1) if count % c == 0)
     pil = pipeline.numpy_to_pil(images)
     scale = math.ceil(GRID_TILE_SIZE / min(pil[0].size))
     if scale > 1:  # whole pixels, no blur: each sample pixel becomes a scale x scale block
         pil = [image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) for image in pil]
-    return make_image_grid(pil, rows=cols, cols=count // cols), images
+    rows, cols = grid_shape(count)
+    width, height = pil[0].size
+    grid = Image.new("RGB", (cols * width, rows * height))  # cells past the last image stay blank (black)
+    for i, image in enumerate(pil):
+        grid.paste(image, box=(i % cols * width, i // cols * height))
+    return grid, images
+
+
+def grid_shape(count: int) -> tuple[int, int]:
+    """``(rows, columns)`` of a sample grid of ``count`` images, row by row: the most square exact layout (16: 4 x 4,
+    10: 2 x 5) unless it is more than `MAX_GRID_ASPECT` times as wide as tall (a prime count: one row), then
+    ``ceil(sqrt(count))`` columns with the last cells blank (7: 3 x 3, 17: 4 x 5)."""
+    rows = max(r for r in range(1, math.isqrt(count) + 1) if count % r == 0)
+    if count // rows <= MAX_GRID_ASPECT * rows:
+        return rows, count // rows
+    cols = math.isqrt(count - 1) + 1  # ceil(sqrt(count))
+    return math.ceil(count / cols), cols
 
 
 def save_samples(state: RunState, step: int, use_ema: bool = True) -> str | None:

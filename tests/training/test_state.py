@@ -118,3 +118,46 @@ def test_the_sample_grid_splits_the_prompts_of_a_text_to_image_run_into_chunks()
     _, images = sample_grid(pipe, _grid_args(num_sample_images=5, eval_batch_size=2), 0, {"prompt": prompts})
     assert pipe.calls == [(["a", "bb"], [3, 4]), (["ccc", "a"], [5, 6]), (["bb"], [7])]
     assert images[:, 0, 0, 0].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.1, 0.2])
+
+
+class _Flat:
+    """A pipeline that samples flat 8-pixel images, image ``i`` of grey level ``i + 1`` (out of 255)."""
+
+    def __init__(self):
+        self.drawn = 0
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+    def __call__(self, batch_size, class_labels, generator, num_inference_steps, output_type):
+        import numpy as np
+
+        levels = [(self.drawn + k + 1) / 255 for k in range(batch_size)]
+        self.drawn += batch_size
+        return type("Output", (), {"images": np.stack([np.full((8, 8, 3), v, np.float32) for v in levels])})
+
+    @staticmethod
+    def numpy_to_pil(images):
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.numpy_to_pil(images)
+
+
+@pytest.mark.parametrize(
+    ("count", "rows", "cols"),
+    [
+        (1, 1, 1), (2, 1, 2), (3, 1, 3), (4, 2, 2), (6, 2, 3), (10, 2, 5), (16, 4, 4), (21, 3, 7),  # exact layouts
+        # a prime count (or one whose exact layout is more than 3 times as wide as tall) was one long row: 17 images
+        # of 512 px made an 8704 x 512 strip. Now a near-square grid, its last cells left blank
+        (5, 2, 3), (7, 3, 3), (13, 4, 4), (14, 4, 4), (17, 4, 5), (22, 5, 5),
+    ],
+)  # fmt: skip
+def test_the_sample_grid_is_near_square_whatever_the_count(count, rows, cols):
+    import numpy as np
+
+    from diffusers_stages.training.state import GRID_TILE_SIZE, sample_grid
+
+    grid, images = sample_grid(_Flat(), _grid_args(num_sample_images=count, eval_batch_size=16), 0)
+    assert images.shape == (count, 8, 8, 3) and grid.size == (cols * GRID_TILE_SIZE, rows * GRID_TILE_SIZE)
+    tiles = np.asarray(grid)[::GRID_TILE_SIZE, ::GRID_TILE_SIZE, 0].reshape(-1)  # one pixel per tile, row by row
+    assert tiles.tolist() == [*range(1, count + 1), *[0] * (rows * cols - count)]  # in order, then blank (black)
