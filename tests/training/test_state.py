@@ -1,4 +1,6 @@
-"""The training run's state: the loss log."""
+"""The training run's state: the loss log, the sample grids (chunks, layout, EMA weights, tracker logs)."""
+
+import os
 
 import pytest
 import torch
@@ -161,3 +163,56 @@ def test_the_sample_grid_is_near_square_whatever_the_count(count, rows, cols):
     assert images.shape == (count, 8, 8, 3) and grid.size == (cols * GRID_TILE_SIZE, rows * GRID_TILE_SIZE)
     tiles = np.asarray(grid)[::GRID_TILE_SIZE, ::GRID_TILE_SIZE, 0].reshape(-1)  # one pixel per tile, row by row
     assert tiles.tolist() == [*range(1, count + 1), *[0] * (rows * cols - count)]  # in order, then blank (black)
+
+
+def test_a_sample_grid_is_drawn_with_the_ema_weights_in_eval_mode_and_logged_whole(tiny_unet_kwargs, tmp_path):
+    # the grid of a training step: the EMA weights swapped in and the networks in eval mode while it samples (as the
+    # saved pipeline samples), both restored after; every image of every chunk goes to the tracker, at that step
+    import argparse
+
+    import numpy as np
+    from diffusers import DDIMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from diffusers_stages import MultiStagePipeline, MultiStageUNet2DModel
+    from diffusers_stages.training.state import RunState, save_samples
+
+    torch.manual_seed(0)
+    unet = MultiStageUNet2DModel(**tiny_unet_kwargs, stage_boundaries=(500,)).train()
+    ema = EMAModel(unet.parameters())
+    with torch.no_grad():
+        for p in ema.shadow_params:
+            p.mul_(0.5)  # EMA weights other than the network's
+    trained = [p.detach().clone() for p in unet.parameters()]
+    seen = []
+
+    class Task:
+        def pipeline(self, networks, scheduler, vae=None):
+            network = networks["unet"]
+            seen.append(([p.detach().clone() for p in network.parameters()], network.training))
+            return MultiStagePipeline(unet=network, scheduler=scheduler)
+
+        def sample_inputs(self, count):
+            return None
+
+    accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
+    accelerator.init_trackers("run")
+    logged = []
+    writer = accelerator.get_tracker("tensorboard").writer
+    writer.add_images = lambda tag, images, step, dataformats: logged.append((tag, images, step, dataformats))
+    args = argparse.Namespace(output_dir=str(tmp_path), logger="tensorboard", num_sample_images=5, eval_batch_size=2,
+                              seed=0, num_inference_steps=2)  # fmt: skip
+    state = RunState(
+        accelerator=accelerator, args=args, task=Task(), names=["unet"], models=[unet], emas={"unet": ema},
+        optimizer=None, lr_scheduler=None, noise_scheduler=None, sampling_scheduler=DDIMScheduler(), vae=None,
+        weight_dtype=torch.float32, num_classes=0, max_train_steps=10,
+    )  # fmt: skip
+    path = save_samples(state, 3)
+    assert path == str(tmp_path / "samples" / "step_000003.png") and os.path.isfile(path)
+    ((weights, training),) = seen
+    assert not training and all(torch.equal(w, e) for w, e in zip(weights, ema.shadow_params))
+    assert unet.training and all(torch.equal(w, p) for w, p in zip(trained, unet.parameters()))  # restored
+    ((tag, images, step, dataformats),) = logged
+    assert (tag, step, dataformats) == ("samples", 3, "NHWC") and images.shape == (5, 8, 8, 3)
+    assert isinstance(images, np.ndarray)
+    accelerator.end_training()
