@@ -193,7 +193,8 @@ def save_samples(state: RunState, step: int, use_ema: bool = True) -> str | None
                 )
                 state.said_no_grid = True
             return None
-        grid, images = sample_grid(pipeline, args, state.num_classes, state.task.sample_inputs(args.num_sample_images))
+        inputs = state.task.sample_inputs(args.num_sample_images)
+        grid, images = sample_grid(pipeline, args, state.num_classes, inputs)
     path = os.path.join(args.output_dir, "samples", f"step_{step:06d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     grid.save(path)
@@ -202,5 +203,20 @@ def save_samples(state: RunState, step: int, use_ema: bool = True) -> str | None
     elif args.logger == "wandb":
         import wandb
 
-        accelerator.get_tracker("wandb").log({"samples": [wandb.Image(i) for i in images]}, step=step)
+        captions = sample_captions(inputs, len(images), state.num_classes, state.task.class_names)
+        samples = [wandb.Image(image, caption=caption) for image, caption in zip(images, captions)]
+        accelerator.get_tracker("wandb").log({"samples": samples}, step=step)
     return path
+
+
+def sample_captions(inputs: dict | None, count: int, num_classes: int, class_names: list[str]) -> list[str | None]:
+    """The caption of each of a grid's ``count`` images, ``"<index>: <what it was sampled for>"`` (as diffusers'
+    train_text_to_image.py captions its validation images on wandb): its prompt (``inputs``' ``prompt`` list), else
+    its class (``i % num_classes``, named by ``class_names`` when the data's classes have names); None for an
+    unconditional image."""
+    if inputs is not None and isinstance(inputs.get("prompt"), list):
+        return [f"{i}: {prompt}" for i, prompt in enumerate(inputs["prompt"])]
+    if inputs is None and num_classes:
+        names = class_names if len(class_names) == num_classes else [f"class {c}" for c in range(num_classes)]
+        return [f"{i}: {names[i % num_classes]}" for i in range(count)]
+    return [None] * count

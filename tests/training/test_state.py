@@ -131,8 +131,10 @@ class _Flat:
     def set_progress_bar_config(self, **kwargs):
         pass
 
-    def __call__(self, batch_size, class_labels, generator, num_inference_steps, output_type):
+    def __call__(self, generator, num_inference_steps, output_type, batch_size=None, class_labels=None, prompt=None):
         import numpy as np
+
+        batch_size = len(prompt) if prompt is not None else batch_size
 
         levels = [(self.drawn + k + 1) / 255 for k in range(batch_size)]
         self.drawn += batch_size
@@ -216,3 +218,52 @@ def test_a_sample_grid_is_drawn_with_the_ema_weights_in_eval_mode_and_logged_who
     assert (tag, step, dataformats) == ("samples", 3, "NHWC") and images.shape == (5, 8, 8, 3)
     assert isinstance(images, np.ndarray)
     accelerator.end_training()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "num_classes", "class_names", "captions"),
+    [
+        # text-to-image: each image's prompt, as diffusers' train_text_to_image.py captions its validation images
+        ({"prompt": ["a cat", "a dog", "a cat"]}, 0, [], ["0: a cat", "1: a dog", "2: a cat"]),
+        (None, 2, ["bird", "fish"], ["0: bird", "1: fish", "2: bird"]),  # class-conditional: the class drawn
+        (None, 2, [], ["0: class 0", "1: class 1", "2: class 0"]),  # classes without names
+        (None, 0, [], [None, None, None]),  # unconditional: nothing to say
+    ],
+)
+def test_sample_images_logged_to_wandb_are_captioned_with_their_prompt_or_class(
+    monkeypatch, tmp_path, inputs, num_classes, class_names, captions
+):
+    # wandb showed the grid's images without a word: which prompt (or class) each was sampled for was not said
+    import argparse
+    import sys
+    import types
+
+    from diffusers_stages.training.state import RunState, save_samples
+
+    logged = []
+    wandb = types.ModuleType("wandb")
+    wandb.Image = lambda data, caption=None: ("image", data.shape, caption)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    accelerator = Accelerator(cpu=True)
+    tracker = types.SimpleNamespace(log=lambda values, step: logged.append((values, step)))
+    monkeypatch.setattr(accelerator, "get_tracker", lambda name: tracker if name == "wandb" else None)
+
+    class Task:
+        def pipeline(self, networks, scheduler, vae=None):
+            return _Flat()
+
+        def sample_inputs(self, count):
+            return inputs
+
+    task = Task()
+    task.class_names = class_names
+    args = argparse.Namespace(output_dir=str(tmp_path), logger="wandb", num_sample_images=3, eval_batch_size=2,
+                              seed=0, num_inference_steps=2)  # fmt: skip
+    state = RunState(
+        accelerator=accelerator, args=args, task=task, names=[], models=[], emas={}, optimizer=None,
+        lr_scheduler=None, noise_scheduler=None, sampling_scheduler=None, vae=None, weight_dtype=torch.float32,
+        num_classes=num_classes, max_train_steps=10,
+    )  # fmt: skip
+    save_samples(state, 4)
+    ((values, step),) = logged
+    assert step == 4 and values == {"samples": [("image", (8, 8, 3), caption) for caption in captions]}
