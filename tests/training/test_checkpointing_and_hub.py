@@ -423,7 +423,7 @@ def test_assembled_experts_card_has_usage_settings_and_grid(tmp_path, monkeypatc
     text = assembled_experts_card_text(_card_args(), pipe, has_grid=True)
     card = open(write_model_card(str(tmp_path), text, ["meme"], class_conditional=True)).read()
     for part in ("MEME", "| 0 | [0, 500) |", "| 1 | [500, 1000) |", "## Settings", "`UNet2DModel`", "3 classes",
-                 "`DDIMScheduler`, 1000 training steps, prediction type `epsilon`", "4 samples, 3 steps, seed 0",
+                 "`DDIMScheduler`, 1000 training steps, prediction type `epsilon`", "4 samples, 3 steps, seed 0 + the image's index",
                  "- class-conditional-image-generation", "![samples](sample_grid.png)"):  # fmt: skip
         assert part in card, part
     usage = _readme_python(card)
