@@ -87,10 +87,12 @@ class RenamedOption(argparse._StoreAction):
         setattr(namespace, self.dest, values)
 
 
+# `--eval_batch_size`'s default: the default `--num_sample_images` grid in one pipeline call, as before the option
+EVAL_BATCH_SIZE = 16
+
 # options of diffusers' train_unconditional.py / train_text_to_image.py that these scripts do not take: refused by name
 # with what takes their place (argparse's bare "unrecognized arguments" said neither)
 DIFFUSERS_ONLY_OPTIONS = {
-    "eval_batch_size": "the sample grids hold `--num_sample_images` images",
     "save_images_epochs": "sample grids are drawn every `--save_images_steps` optimisation steps",
     "validation_epochs": "sample grids are drawn every `--save_images_steps` optimisation steps",
     "ddpm_num_inference_steps": "the sample grids are sampled with DDIM in `--num_inference_steps` steps",
@@ -297,7 +299,14 @@ def build_parser(
     outputs.add_argument(
         "--save_model_epochs", type=int, default=None, help="Also save the pipeline every N epochs (and at the end)."
     )
-    outputs.add_argument("--num_sample_images", type=int, default=16)
+    outputs.add_argument("--num_sample_images", type=int, default=16, help="Images in each sample grid.")
+    outputs.add_argument(
+        "--eval_batch_size", type=int, default=EVAL_BATCH_SIZE,
+        help="Sample the grids' images in pipeline calls of at most this many (the sampling and the VAE decode of "
+        "a call need memory in proportion; lower it for large images). Each image has its own generator, seeded "
+        "with `--seed` + its index, so the grid does not depend on it. Unlike diffusers' train_unconditional.py, it "
+        "is not the number of images: that is `--num_sample_images`.",
+    )  # fmt: skip
     outputs.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps for the sample grids.")
     outputs.add_argument(
         "--push_to_hub", action="store_true",
@@ -362,7 +371,7 @@ def refuse_given_options(args: argparse.Namespace, names: Sequence[str], source:
 
 # the options a run that trains nothing (`--assemble_experts`) uses: its output, the sample grid and the Hub push
 ASSEMBLY_OPTIONS = (
-    "assemble_experts", "output_dir", "seed", "num_sample_images", "num_inference_steps", "push_to_hub",
+    "assemble_experts", "output_dir", "seed", "num_sample_images", "eval_batch_size", "num_inference_steps", "push_to_hub",
     "hub_model_id", "hub_token", "hub_private_repo", "hub_local_dir", "logger", "local_rank",
 )  # fmt: skip
 
@@ -471,9 +480,10 @@ def check_args(
     check_positive_options(
         args,
         ("resolution", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",
-         "save_images_steps", "num_sample_images", "num_inference_steps", "num_train_timesteps", "layers_per_block",
+         "save_images_steps", "num_sample_images", "eval_batch_size", "num_inference_steps", "num_train_timesteps", "layers_per_block",
          "attention_head_dim", "norm_num_groups", "max_train_steps", "checkpoints_total_limit", "save_model_epochs", "max_train_samples"),
     )  # fmt: skip
+    check_eval_batch_size(args)
     if args.dataloader_num_workers < 0:
         raise ValueError(
             f"`--dataloader_num_workers` must be a non-negative integer, got {args.dataloader_num_workers}."
@@ -515,6 +525,21 @@ def check_args(
     check_device_options(args)
 
 
+def check_eval_batch_size(args: argparse.Namespace) -> None:
+    """Refuse an `--eval_batch_size` given above `--num_sample_images` (a value other than its default was typed, so
+    meant): in diffusers' train_unconditional.py it is the number of images sampled, here the grid's images are
+    `--num_sample_images` and it only splits them into pipeline calls, so such a run would draw fewer images than
+    asked for."""
+    if args.eval_batch_size != EVAL_BATCH_SIZE and args.eval_batch_size > args.num_sample_images:
+        raise ValueError(
+            f"`--eval_batch_size` {args.eval_batch_size} is more than the {args.num_sample_images} images of a sample "
+            "grid (`--num_sample_images`): it is the number of images sampled per pipeline call, not the number of "
+            f"images (as in diffusers' train_unconditional.py). Give `--num_sample_images {args.eval_batch_size}` "
+            f"for a grid of {args.eval_batch_size} images, or an `--eval_batch_size` of at most "
+            f"{args.num_sample_images}."
+        )
+
+
 # the options of a `--dataset_name` dataset, with their defaults (a value other than the default was typed, so meant)
 DATASET_OPTIONS = {"dataset_config_name": None, "image_column": "image", "label_column": "label"}
 
@@ -551,7 +576,8 @@ def check_assembly_args(args: argparse.Namespace) -> None:
         )
     check_output_dir(args)
     check_not_a_run_folder(args.output_dir)
-    check_positive_options(args, ("num_sample_images", "num_inference_steps"))
+    check_positive_options(args, ("num_sample_images", "eval_batch_size", "num_inference_steps"))
+    check_eval_batch_size(args)
     check_hub_options(args)
 
 

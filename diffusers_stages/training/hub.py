@@ -278,7 +278,8 @@ def assembled_experts_card_text(
         ),
         f"- noise schedule: `{type(pipeline.scheduler).__name__}`, {pipeline.scheduler.config.num_train_timesteps} "
         f"training steps, prediction type `{experts.config.prediction_type}`",
-        f"- sample grid: {args.num_sample_images} samples, {args.num_inference_steps} steps, seed {args.seed}",
+        f"- sample grid: {args.num_sample_images} samples, {args.num_inference_steps} steps, seed {args.seed} + the "
+        "image's index",
     ]
     usage = pipeline_usage(
         "ExpertRoutingPipeline", repo_id, bool(num_class_embeds), first_class_name(pipeline.config.get("id2label"))

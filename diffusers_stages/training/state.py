@@ -8,13 +8,14 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from diffusers import AutoencoderKL, SchedulerMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.training_utils import EMAModel
-from diffusers.utils import is_tensorboard_available, make_image_grid
+from diffusers.utils import is_tensorboard_available
 from PIL import Image
 
 from ..partition import exact_float
@@ -24,6 +25,7 @@ from .tasks import TrainingTask
 logger = get_logger(__name__)
 
 GRID_TILE_SIZE = 64  # smaller samples (8x8 digits) are upscaled to this, nearest-neighbour, so the grid shows them
+MAX_GRID_ASPECT = 3  # a wider exact grid layout (a prime count's single row) is made near-square, with blank cells
 
 
 @dataclass
@@ -107,27 +109,74 @@ class LossLog:
         return logs
 
 
+def sample_generators(seed: int, start: int, stop: int) -> list[torch.Generator]:
+    """The generators of the sample grid's images ``start`` to ``stop - 1``: image ``i``'s is seeded with
+    ``seed + i`` (diffusers' idiom for reproducible batches), so an image does not depend on the chunk it is sampled
+    in. One image of a grid is drawn again with ``generator=torch.Generator().manual_seed(seed + i)`` and its inputs."""
+    return [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
+
+
+def _chunk_inputs(inputs: dict, count: int, start: int, stop: int) -> dict:
+    """The pipeline inputs of the grid's images ``start`` to ``stop - 1``: ``batch_size`` the chunk's size, and every
+    per-image list (class labels, prompts: ``count`` entries) sliced; other values as given."""
+    chunk = {}
+    for key, value in inputs.items():
+        if key == "batch_size":
+            value = stop - start
+        elif isinstance(value, (list, tuple)) and len(value) == count:
+            value = list(value[start:stop])
+        chunk[key] = value
+    return chunk
+
+
 def sample_grid(pipeline, args: argparse.Namespace, num_classes: int, inputs: dict | None = None) -> tuple:
-    """``(PIL grid, images as NHWC array)`` of ``--num_sample_images`` samples, seeded by ``--seed``; ``inputs`` are
-    the pipeline's conditioning arguments (default: ``batch_size`` and the class labels ``0, 1, ...``). In the grid,
-    samples under `GRID_TILE_SIZE` pixels are upscaled nearest-neighbour (the array keeps their own size)."""
-    count = args.num_sample_images
+    """``(PIL grid, images as NHWC array)`` of ``--num_sample_images`` samples; ``inputs`` are the pipeline's
+    conditioning arguments for all of them (default: ``batch_size`` and the class labels ``0, 1, ...``, cycling over
+    the ``num_classes`` classes), their per-image lists split with the images.
+
+    The images are sampled in pipeline calls of at most ``--eval_batch_size`` images (the memory the sampling and the
+    VAE decode need grows with it), each image with its own generator (`sample_generators`: ``--seed`` + its index), so
+    the grid is the same whatever the chunk size. The grid's layout is `grid_shape`'s; samples under `GRID_TILE_SIZE`
+    pixels are upscaled nearest-neighbour in it (the array keeps their own size)."""
+    count, chunk_size = args.num_sample_images, args.eval_batch_size
     if inputs is None:
         inputs = {
             "batch_size": count,
             "class_labels": [i % num_classes for i in range(count)] if num_classes else None,
         }
     pipeline.set_progress_bar_config(disable=True)
-    images = pipeline(
-        **inputs, generator=torch.Generator().manual_seed(args.seed), num_inference_steps=args.num_inference_steps,
-        output_type="np",
-    ).images  # fmt: skip
-    cols = max(c for c in range(1, math.isqrt(count) + 1) if count % c == 0)
+    images = None  # filled chunk by chunk: no chunk's outputs are held once copied in
+    for start in range(0, count, chunk_size):
+        stop = min(start + chunk_size, count)
+        chunk = pipeline(
+            **_chunk_inputs(inputs, count, start, stop), generator=sample_generators(args.seed, start, stop),
+            num_inference_steps=args.num_inference_steps, output_type="np",
+        ).images  # fmt: skip
+        if images is None:
+            images = np.empty((count, *chunk.shape[1:]), dtype=chunk.dtype)
+        images[start:stop] = chunk
+        del chunk
     pil = pipeline.numpy_to_pil(images)
     scale = math.ceil(GRID_TILE_SIZE / min(pil[0].size))
     if scale > 1:  # whole pixels, no blur: each sample pixel becomes a scale x scale block
         pil = [image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) for image in pil]
-    return make_image_grid(pil, rows=cols, cols=count // cols), images
+    rows, cols = grid_shape(count)
+    width, height = pil[0].size
+    grid = Image.new("RGB", (cols * width, rows * height))  # cells past the last image stay blank (black)
+    for i, image in enumerate(pil):
+        grid.paste(image, box=(i % cols * width, i // cols * height))
+    return grid, images
+
+
+def grid_shape(count: int) -> tuple[int, int]:
+    """``(rows, columns)`` of a sample grid of ``count`` images, row by row: the most square exact layout (16: 4 x 4,
+    10: 2 x 5) unless it is more than `MAX_GRID_ASPECT` times as wide as tall (a prime count: one row), then
+    ``ceil(sqrt(count))`` columns with the last cells blank (7: 3 x 3, 17: 4 x 5)."""
+    rows = max(r for r in range(1, math.isqrt(count) + 1) if count % r == 0)
+    if count // rows <= MAX_GRID_ASPECT * rows:
+        return rows, count // rows
+    cols = math.isqrt(count - 1) + 1  # ceil(sqrt(count))
+    return math.ceil(count / cols), cols
 
 
 def save_samples(state: RunState, step: int, use_ema: bool = True) -> str | None:
@@ -144,7 +193,8 @@ def save_samples(state: RunState, step: int, use_ema: bool = True) -> str | None
                 )
                 state.said_no_grid = True
             return None
-        grid, images = sample_grid(pipeline, args, state.num_classes, state.task.sample_inputs(args.num_sample_images))
+        inputs = state.task.sample_inputs(args.num_sample_images)
+        grid, images = sample_grid(pipeline, args, state.num_classes, inputs)
     path = os.path.join(args.output_dir, "samples", f"step_{step:06d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     grid.save(path)
@@ -153,5 +203,20 @@ def save_samples(state: RunState, step: int, use_ema: bool = True) -> str | None
     elif args.logger == "wandb":
         import wandb
 
-        accelerator.get_tracker("wandb").log({"samples": [wandb.Image(i) for i in images]}, step=step)
+        captions = sample_captions(inputs, len(images), state.num_classes, state.task.class_names)
+        samples = [wandb.Image(image, caption=caption) for image, caption in zip(images, captions)]
+        accelerator.get_tracker("wandb").log({"samples": samples}, step=step)
     return path
+
+
+def sample_captions(inputs: dict | None, count: int, num_classes: int, class_names: list[str]) -> list[str | None]:
+    """The caption of each of a grid's ``count`` images, ``"<index>: <what it was sampled for>"`` (as diffusers'
+    train_text_to_image.py captions its validation images on wandb): its prompt (``inputs``' ``prompt`` list), else
+    its class (``i % num_classes``, named by ``class_names`` when the data's classes have names); None for an
+    unconditional image."""
+    if inputs is not None and isinstance(inputs.get("prompt"), list):
+        return [f"{i}: {prompt}" for i, prompt in enumerate(inputs["prompt"])]
+    if inputs is None and num_classes:
+        names = class_names if len(class_names) == num_classes else [f"class {c}" for c in range(num_classes)]
+        return [f"{i}: {names[i % num_classes]}" for i in range(count)]
+    return [None] * count

@@ -256,6 +256,7 @@ def test_bad_expert_arguments(examples, script, image_folder, tmp_path, capsys, 
     [
         (["--push_to_hub", "--hub_model_id", "me/x y"], "`--hub_model_id` 'me/x y' is not a Hub repository name"),
         (["--num_sample_images", "0"], "`--num_sample_images` must be a positive integer, got 0."),
+        (["--eval_batch_size", "0"], "`--eval_batch_size` must be a positive integer, got 0."),
         (["--output_dir", ""], "`--output_dir` must name a folder, got ''"),
         # training options, accepted and ignored: assembling trains nothing
         (["--max_train_steps", "100"], "`--max_train_steps` 100 is not used by `--assemble_experts`"),
@@ -274,8 +275,10 @@ def test_bad_assembly_arguments_are_refused_before_assembling(script, tmp_path, 
 def test_assembly_takes_its_own_options(script, tmp_path):
     argv = ["--assemble_experts", str(tmp_path / "a"), "--output_dir", str(tmp_path / "out"), "--seed", "3",
             "--num_sample_images", "2", "--num_inference_steps", "3", "--push_to_hub", "--hub_model_id", "me/x",
-            "--hub_local_dir", str(tmp_path / "hub"), "--hub_private_repo", "--logger", "none"]  # fmt: skip
-    assert script.parse_args(argv).seed == 3
+            "--hub_local_dir", str(tmp_path / "hub"), "--hub_private_repo", "--logger", "none",
+            "--eval_batch_size", "1"]  # fmt: skip
+    args = script.parse_args(argv)
+    assert args.seed == 3 and args.eval_batch_size == 1  # the assembled pipeline's grid is sampled in chunks too
 
 
 @pytest.mark.parametrize(

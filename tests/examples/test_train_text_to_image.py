@@ -658,3 +658,43 @@ def test_a_unet_that_needs_more_than_the_captions_is_refused_with_the_arguments(
     error = capsys.readouterr().err
     assert f"`--pretrained_model_name_or_path` {sd!r}: its unet/config.json has {needs}" in error, error
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_the_sample_grid_samples_its_prompts_in_chunks_of_eval_batch_size(script, source, tmp_path):
+    # every prompt of the grid was sampled (and decoded) in one StableDiffusionPipeline call: at 512 px, GBs during
+    # training. `--eval_batch_size` splits the prompts, one generator per image, and the grid stays the same
+    from diffusers import DDIMScheduler
+
+    from diffusers_stages.training.loop import build_task
+    from diffusers_stages.training.state import sample_grid
+    from diffusers_stages.training.tasks.text_to_image import TextToImageTask
+
+    sd, data = source
+    grids = {}
+    for size in ("1", "2", "3"):
+        args = script.parse_args(["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column",
+                                  "caption", *TINY, "--num_sample_images", "3", "--eval_batch_size", size,
+                                  "--validation_prompts", "a cat", "a dog", "--output_dir", str(tmp_path / "o")])  # fmt: skip
+        task = build_task(TextToImageTask, args)
+        task.read_records(args)
+        torch.manual_seed(0)
+        pipe = task.pipeline(task.build_networks(4, 2, None), DDIMScheduler(), None)
+        calls = []
+        _record_prompts(pipe, calls)
+        _, grids[size] = sample_grid(pipe, args, 0, task.sample_inputs(args.num_sample_images))
+        assert [prompt for call in calls for prompt in call] == ["a cat", "a dog", "a cat"]
+        assert max(len(call) for call in calls) == int(size)
+    assert grids["1"].shape == (3, 16, 16, 3)
+    for size in ("2", "3"):  # the same noise; the same images up to the float rounding of batched kernels
+        assert np.allclose(grids["1"], grids[size], rtol=0, atol=1e-5), size
+
+
+def _record_prompts(pipe, calls: list) -> None:
+    """Make ``pipe`` append the prompts of each of its calls to ``calls``."""
+    original = type(pipe).__call__
+
+    def call(self, *args, **kwargs):
+        calls.append(kwargs["prompt"])
+        return original(self, *args, **kwargs)
+
+    pipe.__class__ = type("Recording", (type(pipe),), {"__call__": call})

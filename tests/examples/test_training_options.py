@@ -387,7 +387,7 @@ def test_sample_grids_are_drawn_without_dropout_as_the_saved_pipeline_samples(
     out = str(tmp_path / "run")
     examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--dropout", "0.5",
                             "--max_train_steps", "2", "--use_ema"])  # fmt: skip
-    settings = argparse.Namespace(num_sample_images=4, seed=0, num_inference_steps=3)
+    settings = argparse.Namespace(num_sample_images=4, eval_batch_size=16, seed=0, num_inference_steps=3)
     grid, _ = sample_grid(MultiStagePipeline.from_pretrained(out), settings, 0)
     assert np.array_equal(np.asarray(grid), np.asarray(Image.open(os.path.join(out, "sample_grid.png"))))
 
@@ -445,7 +445,6 @@ def test_the_trackers_log_the_unet_shape_the_run_used(
 @pytest.mark.parametrize(
     "option, instead",
     [
-        (["--eval_batch_size", "8"], "`--num_sample_images`"),
         (["--save_images_epochs", "10"], "`--save_images_steps`"),
         (["--ddpm_num_inference_steps", "1000"], "`--num_inference_steps`"),
         (["--input_perturbation", "0.1"], "input perturbation"),
@@ -605,7 +604,7 @@ def test_the_final_grid_of_a_mixed_precision_run_is_what_the_saved_pipeline_samp
     tiny_vae().save_pretrained(vae_dir)
     examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out, "--vae_path", vae_dir,
                             "--resolution", "16", "--max_train_steps", "1", "--mixed_precision", "bf16"])  # fmt: skip
-    settings = argparse.Namespace(num_sample_images=4, seed=0, num_inference_steps=3)
+    settings = argparse.Namespace(num_sample_images=4, eval_batch_size=16, seed=0, num_inference_steps=3)
     grid, _ = sample_grid(MultiStagePipeline.from_pretrained(out), settings, 0)
     assert np.array_equal(np.asarray(grid), np.asarray(Image.open(os.path.join(out, "sample_grid.png"))))
 

@@ -80,6 +80,15 @@ def _checked(tmp_path, *argv):
         (["--lr_warmup_steps", "-1"], "`--lr_warmup_steps` must be a non-negative integer, got -1"),
         (["--seed", "-1"], "`--seed` must be in \\[0, 2\\*\\*32\\), got -1"),
         (["--layers_per_block", "0"], "`--layers_per_block` must be a positive integer, got 0"),
+        # the sample grid's chunks (`--eval_batch_size`): zero images per call would sample none, unnamed
+        (["--eval_batch_size", "0"], "`--eval_batch_size` must be a positive integer, got 0"),
+        (["--eval_batch_size", "-2"], "`--eval_batch_size` must be a positive integer, got -2"),
+        # diffusers' train_unconditional.py samples `--eval_batch_size` images: here the grid would hold fewer
+        (["--eval_batch_size", "64"], "`--eval_batch_size` 64 is more than the 16 images.*`--num_sample_images 64`"),
+        (
+            ["--eval_batch_size", "8", "--num_sample_images", "4"],
+            "`--eval_batch_size` 8 is more than the 4 images.*at most 4",
+        ),
         (["--attention_head_dim", "0"], "`--attention_head_dim` must be a positive integer, got 0"),
         # were accepted: nan/inf shares failed in the first step ("cannot convert float NaN to integer"), a negative
         # worker count in the DataLoader, unnamed
@@ -334,6 +343,8 @@ def test_help_names_the_local_hub_folder_as_the_run_writes_it(capsys):
         ("--use_ema", "saved in the checkpoints and as the final pipeline's weights"),
         ("--push_to_hub", "without checkpoints, logs and the sample history"),
         ("--hub_model_id HUB_MODEL_ID", "Default: named after `--output_dir`"),
+        ("--eval_batch_size EVAL_BATCH_SIZE", "pipeline calls of at most this many"),
+        ("--num_sample_images NUM_SAMPLE_IMAGES", "Images in each sample grid"),
     ],
 )
 def test_help_says_what_the_run_life_cycle_options_do(option, says, capsys):
@@ -399,3 +410,11 @@ def test_dataset_options_a_run_does_not_read_are_refused(tmp_path, argv, message
                                         "--class_conditional", "--dataset_config_name", "plain",
                                         "--output_dir", str(tmp_path / "run")])  # fmt: skip
     check_args(args, TimestepPartition([442, 631]), 1)
+
+
+def test_eval_batch_size_defaults_to_the_default_grid_in_one_call_and_takes_any_split(tmp_path):
+    # the default (16) is the default grid in one pipeline call, as before the option; a grid smaller than it, and a
+    # split smaller than the grid, are fine
+    assert _checked(tmp_path).eval_batch_size == 16
+    assert _checked(tmp_path, "--num_sample_images", "4").eval_batch_size == 16
+    assert _checked(tmp_path, "--num_sample_images", "7", "--eval_batch_size", "3").eval_batch_size == 3

@@ -423,7 +423,7 @@ def test_assembled_experts_card_has_usage_settings_and_grid(tmp_path, monkeypatc
     text = assembled_experts_card_text(_card_args(), pipe, has_grid=True)
     card = open(write_model_card(str(tmp_path), text, ["meme"], class_conditional=True)).read()
     for part in ("MEME", "| 0 | [0, 500) |", "| 1 | [500, 1000) |", "## Settings", "`UNet2DModel`", "3 classes",
-                 "`DDIMScheduler`, 1000 training steps, prediction type `epsilon`", "4 samples, 3 steps, seed 0",
+                 "`DDIMScheduler`, 1000 training steps, prediction type `epsilon`", "4 samples, 3 steps, seed 0 + the image's index",
                  "- class-conditional-image-generation", "![samples](sample_grid.png)"):  # fmt: skip
         assert part in card, part
     usage = _readme_python(card)
@@ -432,7 +432,7 @@ def test_assembled_experts_card_has_usage_settings_and_grid(tmp_path, monkeypatc
 
 def test_sample_grid_upscales_small_samples_without_blur(tiny_multistage):
     pipe = MultiStagePipeline(unet=tiny_multistage, scheduler=DDIMScheduler())
-    args = argparse.Namespace(num_sample_images=4, seed=0, num_inference_steps=2)
+    args = argparse.Namespace(num_sample_images=4, eval_batch_size=16, seed=0, num_inference_steps=2)
     grid, images = sample_grid(pipe, args, num_classes=0)
     assert images.shape == (4, 8, 8, 3) and grid.size == (128, 128)  # 2 x 2 samples of 8 px, each drawn 64 px wide
     tile = np.asarray(grid)[:64, :64]
