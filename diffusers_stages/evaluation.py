@@ -15,13 +15,16 @@ evaluator.score(generated_images, generated_labels)                  # {"fd": ..
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -30,6 +33,8 @@ from tqdm.auto import tqdm
 
 from .cli import check_output_file, check_seed, write_atomically
 from .models.checks import _is_integral, check_positive_integers, is_integer_tensor, positive_integer_arguments
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -112,6 +117,59 @@ class FeatureClassifier(nn.Module):
         return self.body(images.to(self.head.weight))  # images of any float dtype and device: the classifier's
 
 
+# the metadata entry of a cached classifier that keys it on what determines its weights (see `_training_key`)
+_CACHE_KEY = "diffusers_stages.classifier_key"
+# the training recipe's version, in the key: bump it when `train_classifier` trains otherwise (optimizer, learning
+# rate, augmentation), so that classifiers cached by the earlier recipe are trained again
+_RECIPE = 1
+
+
+def _training_key(net: FeatureClassifier, images: torch.Tensor, labels: torch.Tensor, seed: int, batch_size: int,
+                  steps: int) -> str:  # fmt: skip
+    """A hash of what determines a trained classifier's weights: its architecture, the training settings and the
+    images and labels as training sees them (float32 and int64, on the CPU)."""
+    settings = {"recipe": _RECIPE, "architecture": repr(net), "seed": seed, "batch_size": batch_size, "steps": steps}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for tensor, dtype in ((images, torch.float32), (labels, torch.long)):
+        tensor = tensor.detach().to("cpu", dtype).contiguous()
+        digest.update(repr(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_cached(net: FeatureClassifier, cache_path: str | os.PathLike, key: str) -> bool:
+    """Load ``net``'s weights from ``cache_path`` when the file's key is ``key``; `False` (with a log line) when it
+    holds a classifier of other data or settings, or one cached without a key: it is to be trained again and
+    overwritten. A file that holds no classifier of this architecture's tensors is a `ValueError` (not overwritten)."""
+    try:
+        with safe_open(os.fspath(cache_path), "pt") as f:
+            cached_key, names = (f.metadata() or {}).get(_CACHE_KEY), set(f.keys())
+    except (SafetensorError, OSError) as error:  # not safetensors (a user's other file given as the path)
+        raise ValueError(
+            f"`cache_path` {cache_path!r} holds no classifier ({type(error).__name__}: "
+            f"{str(error).splitlines()[0]}): delete it or give another path."
+        ) from None
+    if cached_key is None and names != set(net.state_dict()):  # another model's weights: not ours to overwrite
+        raise ValueError(
+            f"`cache_path` {cache_path!r} holds no classifier (tensors {sorted(names)[:3]}...): delete it or give "
+            "another path."
+        )
+    if cached_key != key:
+        held = (
+            "cached without a key (on unknown data)" if cached_key is None else "of other images, labels or settings"
+        )
+        logger.warning(f"`cache_path` {cache_path!r} holds a classifier {held}: training it again and overwriting it.")
+        return False
+    try:
+        net.load_state_dict(load_file(cache_path))
+    except (RuntimeError, SafetensorError, OSError) as error:  # a keyed file whose tensors were changed since
+        raise ValueError(
+            f"`cache_path` {cache_path!r} holds another classifier than its key says ({type(error).__name__}: "
+            f"{str(error).splitlines()[0]}): delete it or give another path."
+        ) from None
+    return True
+
+
 def train_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -125,8 +183,13 @@ def train_classifier(
     progress_bar: bool = False,
 ) -> FeatureClassifier:
     """Train a [`FeatureClassifier`] on ``images`` ``(N, C, H, W)`` in ``[-1, 1]`` and their class ``labels``
-    (seeded, ``seed`` in ``[0, 2**32)``: same seed, same weights), or load it from ``cache_path`` (a safetensors file) when that exists (one of
-    another classifier is a `ValueError`); a newly trained one is saved there. ``num_classes`` defaults to the largest label + 1."""
+    (seeded, ``seed`` in ``[0, 2**32)``: same seed, same weights). ``num_classes`` defaults to the largest label + 1.
+
+    With ``cache_path`` (a safetensors file), a newly trained classifier is saved there with a key of what determines
+    its weights (the images and labels, ``seed``, ``batch_size``, the steps taken, the architecture), and loaded
+    from there when its key is this call's. A cached classifier of other data or settings (or one cached without a
+    key, by an earlier version) is trained again and overwritten, with a log line; a file that holds no classifier
+    is a `ValueError`, left as it is."""
     _check_images(images, "images")
     if not is_integer_tensor(labels) or labels.ndim != 1:
         got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if torch.is_tensor(labels) else type(labels)
@@ -153,21 +216,15 @@ def train_classifier(
     with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's global random state is left as it was
         torch.manual_seed(seed)
         net = FeatureClassifier(images.shape[-1], images.shape[1], width=width, num_classes=num_classes)
-    if cache_path is not None and os.path.isfile(cache_path):
-        try:
-            net.load_state_dict(load_file(cache_path))
-        except (RuntimeError, SafetensorError, OSError) as error:  # other widths, image size or classes; not weights
-            raise ValueError(
-                f"`cache_path` {cache_path!r} holds another classifier than the one asked for ({type(error).__name__}: "
-                f"{str(error).splitlines()[0]}): delete it or give another path."
-            ) from None
+    steps = min(max_steps, epochs * max(1, len(images) // batch_size))  # fewer images than a batch: still trained
+    key = None if cache_path is None else _training_key(net, images, labels, seed, batch_size, steps)
+    if cache_path is not None and os.path.isfile(cache_path) and _load_cached(net, cache_path, key):
         return net.eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     # the classifier's device (images get there in `_features`), moved once; int64, what cross_entropy takes of any
     # integer dtype (int32: NumPy's default integer on Windows)
     labels = labels.to(net.head.weight.device, torch.long)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps = min(max_steps, epochs * max(1, len(images) // batch_size))  # fewer images than a batch: still trained
     for _ in tqdm(range(steps), desc="classifier", disable=not progress_bar):
         index = torch.randint(len(images), (batch_size,), generator=generator)
         shift = torch.randint(-1, 2, (2,), generator=generator).tolist()  # small translations: features, not pixels
@@ -177,7 +234,7 @@ def train_classifier(
         optimizer.step()
     if cache_path is not None:  # written beside it, then renamed: an interrupted write leaves no half file to load
         weights = {k: v.contiguous() for k, v in net.state_dict().items()}
-        write_atomically(cache_path, lambda partial: save_file(weights, partial))
+        write_atomically(cache_path, lambda partial: save_file(weights, partial, metadata={_CACHE_KEY: key}))
     return net.eval().requires_grad_(False)
 
 

@@ -26,7 +26,9 @@ def test_classifier_is_seeded_and_cached(digits, tmp_path):
     path = str(tmp_path / "classifier.safetensors")
     net = train_classifier(images, labels, max_steps=20, cache_path=path)
     again = train_classifier(images, labels, max_steps=20)  # trained again from the same seed
-    cached = train_classifier(images, labels, max_steps=1, cache_path=path)  # loaded, not trained
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("diffusers_stages.evaluation.F.cross_entropy", None)  # training would fail: loaded, not trained
+        cached = train_classifier(images, labels, max_steps=20, cache_path=path)
     for other in (again, cached):
         assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
     assert not any(p.requires_grad for p in net.parameters())
@@ -227,15 +229,98 @@ def test_classifier_and_evaluator_take_images_and_labels_on_an_accelerator(digit
     assert np.isfinite(scores["fd"]) and 0 <= scores["accuracy"] <= 1
 
 
-def test_a_cache_file_of_another_classifier_is_refused_by_name(digits, tmp_path):
+def test_a_cache_file_that_is_no_classifier_is_refused_by_name_and_kept(digits, tmp_path):
+    # another file given as `cache_path` (not safetensors, or another model's weights) is not overwritten: refused
+    from safetensors.torch import save_file
+
+    images, labels, _, _ = digits
+    path = tmp_path / "classifier.safetensors"
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="`cache_path` .* holds no classifier .*: delete it or give another"):
+        train_classifier(images[:64], labels[:64], max_steps=1, cache_path=str(path))
+    assert path.read_bytes() == b"not safetensors"
+    save_file({"conv_in.weight": torch.zeros(2, 2)}, str(path))  # a U-Net's, say
+    kept = path.read_bytes()
+    with pytest.raises(ValueError, match="`cache_path` .* holds no classifier"):
+        train_classifier(images[:64], labels[:64], max_steps=1, cache_path=str(path))
+    assert path.read_bytes() == kept
+
+
+def _trains(monkeypatch) -> list:
+    """Count the training steps of `train_classifier` (calls of its loss)."""
+    loss, calls = torch.nn.functional.cross_entropy, []
+    monkeypatch.setattr(
+        "diffusers_stages.evaluation.F.cross_entropy", lambda *a, **k: calls.append(1) or loss(*a, **k)
+    )
+    return calls
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"labels": "shuffled"},  # other labels, same images
+        {"images": "flipped"},  # other images (another data set of the same shape), same labels
+        {"seed": 1},
+        {"max_steps": 3},
+        {"batch_size": 16},
+        {"width": 8},  # another architecture (was: a ValueError asking to delete the file)
+        {"num_classes": 12},
+    ],
+)
+def test_a_cache_of_other_data_or_settings_is_retrained_and_overwritten(digits, tmp_path, monkeypatch, caplog, other):
+    # was: any cached classifier of the same shapes was loaded as it was, whatever data and settings it was trained
+    # on, and scored samples against the wrong data's features without a word
+    images, labels, _, _ = digits
+    images, labels = images[:64], labels[:64]
+    path = str(tmp_path / "classifier.safetensors")
+    train_classifier(images, labels, max_steps=2, cache_path=path)
+    kwargs = {"max_steps": 2, **other}
+    if kwargs.pop("labels", None):
+        labels = labels.roll(1)
+    if kwargs.pop("images", None):
+        images = images.flip(-1)
+    expected = train_classifier(images, labels, **kwargs)  # what the call asks for, trained without a cache
+    calls = _trains(monkeypatch)
+    with caplog.at_level("WARNING", logger="diffusers_stages.evaluation"):
+        net = train_classifier(images, labels, cache_path=path, **kwargs)
+    assert calls  # trained again
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), expected.state_dict().values()))
+    assert any(path in r.getMessage() and "training it again" in r.getMessage() for r in caplog.records)
+    calls.clear()
+    cached = train_classifier(images, labels, cache_path=path, **kwargs)  # overwritten: now loaded
+    assert not calls
+    assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), expected.state_dict().values()))
+
+
+def test_a_cache_of_the_same_training_is_loaded_whatever_the_images_dtype_or_step_limit(digits, tmp_path, monkeypatch):
+    # the key is what determines the weights: the images as the classifier sees them (float32), the steps it takes
+    # (64 images, 30 epochs of at most one batch: 30 steps whatever `max_steps` above that)
     images, labels, _, _ = digits
     path = str(tmp_path / "classifier.safetensors")
-    train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)  # width 16
-    with pytest.raises(ValueError, match="`cache_path` .* holds another classifier .*: delete it or give another"):
-        train_classifier(images[:64], labels[:64], max_steps=1, width=8, cache_path=path)  # was a RuntimeError
-    (tmp_path / "classifier.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(ValueError, match="`cache_path` .* holds another classifier"):
-        train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)
+    net = train_classifier(images[:64], labels[:64], max_steps=1000, cache_path=path)
+    calls = _trains(monkeypatch)
+    cached = train_classifier(images[:64].double(), labels[:64].int(), max_steps=2000, cache_path=path)
+    assert not calls
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), cached.state_dict().values()))
+
+
+def test_an_old_cache_file_without_a_key_is_retrained_with_a_log_line(digits, tmp_path, monkeypatch, caplog):
+    # a file written before the cache was keyed: what it was trained on is unknown, so it is trained again
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    images, labels, _, _ = digits
+    path = str(tmp_path / "classifier.safetensors")
+    expected = train_classifier(images[:64], labels[:64], max_steps=2)
+    old = train_classifier(images[64:128], labels[64:128], max_steps=2)  # trained on other images
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, path)  # no metadata
+    calls = _trains(monkeypatch)
+    with caplog.at_level("WARNING", logger="diffusers_stages.evaluation"):
+        net = train_classifier(images[:64], labels[:64], max_steps=2, cache_path=path)
+    assert calls and any(path in r.getMessage() for r in caplog.records)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), expected.state_dict().values()))
+    with safe_open(path, "pt") as f:
+        assert f.metadata()  # keyed now
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
