@@ -407,3 +407,14 @@ def test_pipeline_options_give_the_source_images_and_tailored_decoders_run(
     pipe.fuse_qkv_projections()
     assert np.isfinite(_images(pipe, **kwargs)).all()
     assert len({stage for _, stage in calls}) > 1  # more than one decoder ran
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_controlnet_from_a_staged_unet_copies_the_shared_encoder(tiny_cond_unet, sdxl):
+    # `ControlNetModel.from_unet(pipe.unet)` after the conversion: the encoder is what diffusers copies from a U-Net
+    source = tiny_cond_unet(0, sdxl=sdxl)
+    staged = MultiStageUNet2DConditionModel.from_unet(source, stage_boundaries=BOUNDARIES)
+    from_source = diffusers.ControlNetModel.from_unet(source).state_dict()
+    from_staged = diffusers.ControlNetModel.from_unet(staged).state_dict()
+    copied = [name for name in from_source if not name.startswith("controlnet_")]  # the rest: new layers
+    assert copied and all(torch.equal(from_source[name], from_staged[name]) for name in copied)
