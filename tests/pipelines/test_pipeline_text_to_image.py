@@ -1,11 +1,15 @@
 """Staged U-Nets inside diffusers' own text-to-image pipelines (issue 15): `StableDiffusionPipeline` and
 `StableDiffusionXLPipeline` with a `MultiStageUNet2DConditionModel` or an `ExpertRoutingModel` as their ``unet``."""
 
+import copy
+import inspect
+
 import diffusers
 import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.models.attention_processor import AttnProcessor
 
 from diffusers_stages import ExpertRoutingModel, MultiStageUNet2DConditionModel
 
@@ -15,9 +19,10 @@ BOUNDARIES = (350, 700)  # three stages; 3 steps of any of these schedulers visi
 
 
 def _images(pipe, steps: int = 3, **kwargs) -> np.ndarray:
+    """The images of "a cat" (the prompt by name: `StableUnCLIPImg2ImgPipeline` takes an image first)."""
     pipe.set_progress_bar_config(disable=True)
     kwargs = {"guidance_scale": 5.0, "output_type": "np", **kwargs}
-    return pipe("a cat", num_inference_steps=steps, generator=torch.manual_seed(0), **kwargs).images
+    return pipe(prompt="a cat", num_inference_steps=steps, generator=torch.manual_seed(0), **kwargs).images
 
 
 def _record_stages(model) -> list:
@@ -244,12 +249,88 @@ def _image_to_image_case(name: str, sd: dict, sdxl: dict, tiny_cond_unet) -> tup
     if name == "lcm":  # `timestep_cond` from the guidance embedding (`time_cond_proj_dim`)
         components = dict(sd, unet=tiny_cond_unet(0, time_cond_proj_dim=8), scheduler=diffusers.LCMScheduler())
         return StableDiffusionPipeline, components, {"guidance_rescale": 0.7, "num_images_per_prompt": 2}
+    if name == "sdxl_img2img":
+        return diffusers.StableDiffusionXLImg2ImgPipeline, sdxl, {"image": image, "strength": 0.7}
+    if name == "sdxl_inpaint":
+        return diffusers.StableDiffusionXLInpaintPipeline, sdxl, {"image": image, "mask_image": mask, "strength": 0.8}
+    if name == "sdxl_controlnet":
+        controlnet = diffusers.ControlNetModel.from_unet(sdxl["unet"], conditioning_embedding_out_channels=(4, 8))
+        return diffusers.StableDiffusionXLControlNetPipeline, dict(sdxl, controlnet=controlnet), {"image": image}
+    if (
+        name == "sdxl_refiner_aesthetics"
+    ):  # a real refiner's layout: text_encoder_2 alone, 5 time ids (aesthetic score)
+        unet = tiny_cond_unet(0, sdxl=True, cross_attention_dim=32, projection_class_embeddings_input_dim=5 * 8 + 32)
+        components = dict(sdxl, unet=unet, text_encoder=None, tokenizer=None, requires_aesthetics_score=True)
+        kwargs = {"image": image, "strength": 0.7, "aesthetic_score": 7.0, "negative_aesthetic_score": 2.0}
+        return diffusers.StableDiffusionXLImg2ImgPipeline, components, kwargs
+    if name == "upscale":  # `class_labels`: the noise level of the low-resolution image (x4 upscaler's layout)
+        components = {k: v for k, v in sd.items() if k != "requires_safety_checker"}
+        components.update(
+            unet=tiny_cond_unet(0, in_channels=7, num_class_embeds=100),
+            low_res_scheduler=diffusers.DDPMScheduler(),
+            scheduler=diffusers.DDIMScheduler(prediction_type="v_prediction"),
+            max_noise_level=99,
+        )
+        low_res = torch.rand(1, 3, 8, 8, generator=torch.manual_seed(3)) * 2 - 1
+        return diffusers.StableDiffusionUpscalePipeline, components, {"image": low_res, "noise_level": 20}
+    if name == "pix2pix":  # an 8-channel U-Net; guidance triples the batch
+        components = dict(sd, unet=tiny_cond_unet(0, in_channels=8))
+        return diffusers.StableDiffusionInstructPix2PixPipeline, components, {"image": image}
+    if name == "depth2img":  # a 5-channel U-Net; the depth map given (no depth estimator)
+        components = {k: v for k, v in sd.items() if k not in ("safety_checker", "requires_safety_checker")}
+        components.update(unet=tiny_cond_unet(0, in_channels=5), depth_estimator=None)
+        kwargs = {"image": image, "depth_map": torch.rand(1, 16, 16, generator=torch.manual_seed(3))}
+        return diffusers.StableDiffusionDepth2ImgPipeline, components, kwargs
+    if name == "pag":  # perturbed-attention guidance on the middle block (the shared encoder's) and the up path
+        return diffusers.StableDiffusionPAGPipeline, dict(sd, pag_applied_layers=["mid", "up"]), {"pag_scale": 1.0}
+    if name == "sag":  # self-attention guidance reads the middle block's attention maps
+        return diffusers.StableDiffusionSAGPipeline, sd, {"sag_scale": 0.75}
+    if name == "unclip":  # `class_embed_type="projection"`: the noised image embedding as `class_labels`
+        from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, patch_size=4)
+        torch.manual_seed(5)
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision, image_size=32, projection_dim=16))
+        components = {k: v for k, v in sd.items() if k not in ("safety_checker", "requires_safety_checker")}
+        components.update(
+            image_encoder=image_encoder.eval(),
+            image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=16),
+            image_noising_scheduler=diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+            unet=tiny_cond_unet(0, class_embed_type="projection", projection_class_embeddings_input_dim=2 * 16),
+        )
+        image_embeds = torch.randn(1, 16, generator=torch.manual_seed(4))
+        kwargs = {"image_embeds": image_embeds, "noise_level": 10, "height": 16, "width": 16}
+        return diffusers.StableUnCLIPImg2ImgPipeline, components, kwargs
+    if name == "panorama":  # windows of the latent denoised one by one
+        return diffusers.StableDiffusionPanoramaPipeline, sd, {"height": 16, "width": 32}
     # an SDXL refiner run: the second half of the schedule only
     components = dict(sdxl, requires_aesthetics_score=False)
     return diffusers.StableDiffusionXLImg2ImgPipeline, components, {"image": image, "denoising_start": 0.5, "steps": 4}
 
 
-@pytest.mark.parametrize("name", ["img2img", "inpaint", "controlnet", "t2i_adapter", "lcm", "sdxl_refiner"])
+OTHER_PIPELINES = [
+    "img2img",
+    "inpaint",
+    "controlnet",
+    "t2i_adapter",
+    "lcm",
+    "sdxl_refiner",
+    "sdxl_img2img",
+    "sdxl_inpaint",
+    "sdxl_controlnet",
+    "sdxl_refiner_aesthetics",
+    "upscale",
+    "pix2pix",
+    "depth2img",
+    "pag",
+    "sag",
+    "panorama",
+    "unclip",
+]
+
+
+@pytest.mark.parametrize("name", OTHER_PIPELINES)
 def test_staged_unet_in_other_standard_pipelines_gives_the_source_images(
     tiny_sd_components, tiny_sdxl_components, tiny_cond_unet, name
 ):
@@ -264,3 +345,76 @@ def test_staged_unet_in_other_standard_pipelines_gives_the_source_images(
     # from its first step on, every call went to the decoder of its timestep's stage
     expected = pipe.unet.partition.stage_for_timestep(torch.tensor([t for t, _ in calls])).tolist()
     assert calls and [stage for _, stage in calls] == expected
+
+
+def _with_option(pipe, option: str) -> dict:
+    """Turn ``option`` on in ``pipe``; returns the call's extra keyword arguments."""
+    if option == "freeu":
+        pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    elif option == "fused_qkv":
+        pipe.fuse_qkv_projections()
+    elif option == "attn_processor":
+        pipe.unet.set_attn_processor(AttnProcessor())
+    elif option == "vae_slicing":  # (diffusers 0.42's pipelines dropped `enable_vae_slicing`: the VAE's own switch)
+        pipe.vae.enable_slicing()
+        return {"num_images_per_prompt": 2}
+    elif option == "callback_on_step_end" and "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+
+        def damp(pipe, i, t, callback_kwargs):
+            return {"latents": callback_kwargs["latents"] * 0.9}
+
+        return {"callback_on_step_end": damp, "callback_on_step_end_tensor_inputs": ["latents"]}
+    elif option == "callback_on_step_end":  # the upscaler's legacy per-step callback
+        return {"callback": lambda i, t, latents: latents.mul_(0.9)}
+    return {}
+
+
+OPTIONS = ["freeu", "fused_qkv", "attn_processor", "vae_slicing", "callback_on_step_end"]
+
+
+@pytest.mark.parametrize(
+    "name", ["img2img", "inpaint", "controlnet", "sdxl_img2img", "sdxl_refiner_aesthetics", "upscale"]
+)
+def test_pipeline_options_give_the_source_images_and_tailored_decoders_run(
+    tiny_sd_components, tiny_sdxl_components, tiny_cond_unet, name
+):
+    pipeline_class, components, kwargs = _image_to_image_case(
+        name, tiny_sd_components, tiny_sdxl_components, tiny_cond_unet
+    )
+    source = components["unet"]
+    staged = MultiStageUNet2DConditionModel.from_unet(copy.deepcopy(source), stage_boundaries=BOUNDARIES)
+    plain_images = _images(pipeline_class(**components), **kwargs)
+    for option in OPTIONS:
+        images = []
+        for unet in (source, staged):
+            pipe = pipeline_class(**dict(components, unet=copy.deepcopy(unet)))
+            images.append(_images(pipe, **kwargs, **_with_option(pipe, option)))
+        np.testing.assert_allclose(images[1], images[0], atol=1e-5, err_msg=option)
+        if option != "vae_slicing":  # the option changed something (FreeU, the callback) or nothing (the others)
+            assert option in ("attn_processor", "fused_qkv") or not np.allclose(images[0], plain_images, atol=1e-4)
+
+    # decoders of other widths than the encoder's (a fine-tuned, tailored model) run under the same options
+    torch.manual_seed(0)
+    config = {k: v for k, v in source.config.items() if not k.startswith("_")}
+    tailored = MultiStageUNet2DConditionModel(
+        **config, stage_boundaries=BOUNDARIES, decoder_block_out_channels=((16, 32), (8, 16), (4, 8))
+    ).eval()
+    pipe = pipeline_class(**dict(components, unet=tailored))
+    calls = _record_stages(pipe.unet)
+    images = _images(pipe, **{**kwargs, "steps": 6})  # (6 steps: a strength-0.7 run visits two stages)
+    assert images.shape == plain_images.shape and np.isfinite(images).all()
+    pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    pipe.fuse_qkv_projections()
+    assert np.isfinite(_images(pipe, **kwargs)).all()
+    assert len({stage for _, stage in calls}) > 1  # more than one decoder ran
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_controlnet_from_a_staged_unet_copies_the_shared_encoder(tiny_cond_unet, sdxl):
+    # `ControlNetModel.from_unet(pipe.unet)` after the conversion: the encoder is what diffusers copies from a U-Net
+    source = tiny_cond_unet(0, sdxl=sdxl)
+    staged = MultiStageUNet2DConditionModel.from_unet(source, stage_boundaries=BOUNDARIES)
+    from_source = diffusers.ControlNetModel.from_unet(source).state_dict()
+    from_staged = diffusers.ControlNetModel.from_unet(staged).state_dict()
+    copied = [name for name in from_source if not name.startswith("controlnet_")]  # the rest: new layers
+    assert copied and all(torch.equal(from_source[name], from_staged[name]) for name in copied)
