@@ -94,7 +94,15 @@ def vae_shape(args: argparse.Namespace, task: TrainingTask | None = None) -> tup
         config = AutoencoderKL.load_config(path, subfolder=subfolder)
     except (OSError, ValueError) as error:
         pipeline = subfolder is None and os.path.isfile(os.path.join(path, "model_index.json"))
-        hint = " It is a pipeline folder: add `--vae_subfolder vae` (its VAE's folder)." if pipeline else ""
+        hint = ""
+        if pipeline and os.path.isfile(os.path.join(path, "vae", "config.json")):
+            hint = " It is a pipeline folder: add `--vae_subfolder vae` (its VAE's folder)."
+        elif pipeline:  # a pixel-space pipeline (no `vae/`): the subfolder hint would lead to a missing folder
+            hint = (
+                " It is a pipeline folder with no AutoencoderKL `vae` (no vae/config.json): give an AutoencoderKL "
+                "folder (or a pipeline that has one, with `--vae_subfolder vae`), or leave out `--vae_path` to "
+                "train in pixel space."
+            )
         raise ValueError(f"`--vae_path` {path!r} is not an AutoencoderKL folder: {error}{hint}") from None
     class_name = config.get("_class_name", "AutoencoderKL")  # training draws from AutoencoderKL's posterior only
     if class_name != "AutoencoderKL":
