@@ -105,6 +105,8 @@ def check_input_file(path: str | None, option: str, json_object: bool = False) -
     object: a `ValueError` naming ``option`` and the path."""
     if path is None:
         return
+    if os.path.isdir(path):  # e.g. a model folder, as the training scripts' `--model_config` takes one
+        raise ValueError(f"`{option}` {path!r} {_config_file_hint(path)}")
     if not os.path.isfile(path):
         raise ValueError(f"`{option}` {path!r} is not a file.")
     try:
@@ -114,6 +116,18 @@ def check_input_file(path: str | None, option: str, json_object: bool = False) -
         raise ValueError(f"`{option}` {path!r} cannot be read: {type(error).__name__}: {error}") from None
     if json_object and not isinstance(loaded, dict):
         raise ValueError(f"`{option}` {path!r} holds JSON but not an object (a config): {type(loaded).__name__}.")
+
+
+def _config_file_hint(folder: str) -> str:
+    """What to give instead of ``folder`` where a config file is asked: its ``config.json``, or those of the models
+    of a pipeline folder."""
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return f"is a folder: give its config.json ({os.path.join(folder, 'config.json')})."
+    configs = sorted(os.path.join(folder, name, "config.json") for name in os.listdir(folder)
+                     if os.path.isfile(os.path.join(folder, name, "config.json")))  # fmt: skip
+    if os.path.isfile(os.path.join(folder, "model_index.json")) and configs:
+        return f"is a pipeline folder: give the config.json of one of its models ({', '.join(configs)})."
+    return "is a folder, not a file."
 
 
 def check_model_folder(path: str, option: str) -> None:
