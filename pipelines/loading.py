@@ -367,6 +367,12 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
     check_dtype(kwargs.get("torch_dtype"), dtype_name)
     folder = str(pretrained_model_name_or_path)
     from_hub = not os.path.isdir(folder)
+    if from_hub and (os.path.isabs(folder) or folder.startswith((".", "~")) or folder.count("/") > 1):
+        # a local path (no Hub repository id is absolute, relative or deeper than namespace/name)
+        raise ValueError(
+            f"{folder!r} is not a folder (nor a Hub repository id, 'namespace/name'): check the path of the saved "
+            "pipeline folder (the one that holds model_index.json)."
+        )
     if from_hub:
         folder = download_weights(folder, **{k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs})
     index_path = os.path.join(folder, "model_index.json")

@@ -638,3 +638,11 @@ def test_a_model_folder_given_for_a_pipeline_names_what_to_load(tiny_multistage,
         f"It is a model folder: load it with `MultiStageUNet2DModel.from_pretrained({str(tmp_path / 'alone')!r})`"
         in str(error.value)
     )
+
+
+@pytest.mark.parametrize("path", ["/no/such/folder", "./no-such-folder", "../no/such"])
+def test_a_missing_local_folder_is_named_as_such_not_as_a_bad_repo_id(tmp_path, path):
+    """A mistyped local path was huggingface_hub's "Repo id must be in the form 'repo_name' or
+    'namespace/repo_name'", which does not say that the folder does not exist."""
+    with pytest.raises(ValueError, match=f"{re.escape(repr(path))} is not a folder"):
+        MultiStagePipeline.from_pretrained(path)
