@@ -295,6 +295,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "convert":
         return convert(rest)
+    if command == "train":  # a natural guess: training is the example scripts' (a checkout's `examples/`)
+        choices = ", ".join(repr(name) for name in (*COMMANDS, "convert"))
+        parser.error(
+            f"argument <command>: invalid choice: 'train' (choose from {choices}): training runs through the example "
+            "scripts of a checkout, `accelerate launch examples/multistage/train_multistage.py ...` (also "
+            "examples/experts/train_experts.py and examples/dual_backbone/train_dual_backbone.py; README, Training "
+            "with Accelerate)."
+        )
     if command not in COMMANDS:
         parser.parse_args(argv[:1])  # --help or -h print the help; anything else is a usage error
         return 2

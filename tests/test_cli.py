@@ -326,3 +326,11 @@ def test_a_model_or_pipeline_folder_given_for_a_config_file_names_the_file_to_gi
         status == 2
         and f"is a pipeline folder: give the config.json of one of its models ({unet / 'config.json'})" in line
     )
+
+
+def test_a_train_command_points_to_the_training_scripts(capsys):
+    """`diffusers-stages train` (a natural guess, next to `demo`, `plan`, `switch` and `convert`) listed the commands
+    only, not that training runs through `accelerate launch examples/<method>/train_*.py`."""
+    status, line = _error(["train"], capsys)
+    assert status == 2 and "invalid choice: 'train'" in line
+    assert "accelerate launch examples/multistage/train_multistage.py" in line
