@@ -137,6 +137,21 @@ def check_model_folder(path: str, option: str) -> None:
     check_input_file(os.path.join(path, "config.json"), option, json_object=True)
 
 
+def refuse_folder_of_folders(path: str, option: str, file: str) -> None:
+    """A folder without ``file`` whose sub-folders hold one (a one-backbone training run: ``shallow/``,
+    ``scheduler/``) is a `ValueError` naming ``option`` and the sub-folders to give instead."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, file)):
+        return
+    inner = sorted(os.path.join(path, name) for name in os.listdir(path)
+                   if os.path.isfile(os.path.join(path, name, file)))  # fmt: skip
+    if len(inner) == 1:
+        raise ValueError(f"`{option}` {path!r} holds no {file}, but its sub-folder {inner[0]} holds one: give it.")
+    if inner:
+        raise ValueError(
+            f"`{option}` {path!r} holds no {file}, but its sub-folders do: give one of {', '.join(inner)}."
+        )
+
+
 def refuse_pipeline_folder(path: str, option: str) -> None:
     """A pipeline folder (``model_index.json``, no ``config.json``) given for one of its models is a `ValueError`
     naming ``option`` and the folders of its models."""
@@ -237,6 +252,9 @@ def load_saved_folder(path: str, option: str, scheduler: bool = False):
     from .models.loading import exported_class, load_scheduler, load_strictly
 
     config_file = os.path.join(path, "scheduler_config.json" if scheduler else "config.json")
+    if not scheduler:
+        refuse_pipeline_folder(path, option)  # (it names the models of a pipeline folder)
+    refuse_folder_of_folders(path, option, os.path.basename(config_file))
     if scheduler:
         check_input_file(config_file, option, json_object=True)
     else:

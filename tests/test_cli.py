@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -334,3 +335,19 @@ def test_a_train_command_points_to_the_training_scripts(capsys):
     status, line = _error(["train"], capsys)
     assert status == 2 and "invalid choice: 'train'" in line
     assert "accelerate launch examples/multistage/train_multistage.py" in line
+
+
+def test_a_run_folder_given_for_a_model_or_scheduler_names_the_sub_folder(tmp_path):
+    """`switch --scheduler RUN` or `--shallow RUN` with a one-backbone run's folder (`shallow/`, `scheduler/`) said only
+    that RUN/scheduler_config.json (RUN/config.json) is not a file; the error now names the sub-folder to give."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from tests.conftest import TINY_UNET
+
+    run = tmp_path / "run"
+    UNet2DModel(**TINY_UNET).save_pretrained(run / "shallow")
+    DDPMScheduler().save_pretrained(run / "scheduler")
+    with pytest.raises(ValueError, match=f"its sub-folder {re.escape(str(run / 'scheduler'))} holds one: give it"):
+        cli.load_saved_folder(str(run), "--scheduler", scheduler=True)
+    with pytest.raises(ValueError, match=f"its sub-folder {re.escape(str(run / 'shallow'))} holds one: give it"):
+        cli.load_saved_folder(str(run), "--shallow")
