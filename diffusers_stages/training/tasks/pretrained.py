@@ -50,6 +50,12 @@ class PipelineSource:
     def read_pipeline(cls, path: str, pipeline: str, folders: Sequence[str]) -> PipelineSource:
         """Read the `model_index.json`, the ``folders``' configs and the scheduler config of a ``pipeline`` folder;
         anything else is a ValueError naming `--pretrained_model_name_or_path`."""
+        if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1):
+            # a local path (no Hub repository id is absolute, relative or deeper than namespace/name)
+            raise ValueError(
+                f"{OPTION} {path!r} is not a folder (nor a Hub repository id, 'namespace/name'): give the folder of "
+                f"a saved {pipeline} (the one that holds model_index.json)."
+            )
         try:
             index = _load_config(DiffusionPipeline, path)
             # the package's allow-list, as `from_pretrained` reads it (nothing named is imported)

@@ -112,3 +112,13 @@ def test_a_lone_model_folder_is_named_a_model_folder(tmp_path):
     with pytest.raises(ValueError, match="`--pretrained_model_name_or_path`") as error:
         _read(str(tmp_path / "unet"))
     assert "holds a UNet2DModel (config.json), a model folder, not a pipeline folder" in str(error.value)
+
+
+def test_a_missing_local_folder_is_named_as_such_not_as_an_offline_hub_error(tmp_path):
+    """A mistyped local `--pretrained_model_name_or_path` said "We couldn't connect to 'https://huggingface.co'",
+    though the path can only be a folder."""
+    path = str(tmp_path / "no-such-run")
+    with pytest.raises(ValueError, match="`--pretrained_model_name_or_path`") as error:
+        _read(path)
+    assert f"{path!r} is not a folder (nor a Hub repository id, 'namespace/name')" in str(error.value)
+    assert "huggingface.co" not in str(error.value)
