@@ -52,9 +52,10 @@ class PipelineSource:
         anything else is a ValueError naming `--pretrained_model_name_or_path`."""
         if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1):
             # a local path (no Hub repository id is absolute, relative or deeper than namespace/name)
+            article = "an" if pipeline[0] in "AEIOU" else "a"
             raise ValueError(
-                f"{OPTION} {path!r} is not a folder (nor a Hub repository id, 'namespace/name'): give the folder of "
-                f"a saved {pipeline} (the one that holds model_index.json)."
+                f"{OPTION} {path!r} is not {article} {pipeline} folder: no such folder (nor a Hub repository id, "
+                "'namespace/name'); check the path of the saved pipeline folder (the one that holds model_index.json)."
             )
         try:
             index = _load_config(DiffusionPipeline, path)

@@ -120,5 +120,7 @@ def test_a_missing_local_folder_is_named_as_such_not_as_an_offline_hub_error(tmp
     path = str(tmp_path / "no-such-run")
     with pytest.raises(ValueError, match="`--pretrained_model_name_or_path`") as error:
         _read(path)
-    assert f"{path!r} is not a folder (nor a Hub repository id, 'namespace/name')" in str(error.value)
+    assert f"{path!r} is not an ExpertRoutingPipeline folder: no such folder (nor a Hub repository id" in str(
+        error.value
+    )
     assert "huggingface.co" not in str(error.value)
