@@ -319,7 +319,14 @@ def load_strict(model_class: type, path: str, subfolder: str | None = None):
     try:
         model = strict_class.from_pretrained(path, subfolder=subfolder, use_safetensors=True)
     except OSError as error:
-        raise ValueError(f"Cannot load a {model_class.__name__} from {where} (safetensors only): {error}") from error
+        models = []  # e.g. a one-backbone training run (`shallow/`, `scheduler/`): its model folders
+        if os.path.isdir(where) and not os.path.exists(config_path):
+            models = sorted(os.path.join(where, name) for name in os.listdir(where)
+                            if os.path.isfile(os.path.join(where, name, "config.json")))  # fmt: skip
+        hint = f" It holds model folders: give one of them ({', '.join(models)})." if models else ""
+        raise ValueError(
+            f"Cannot load a {model_class.__name__} from {where} (safetensors only): {error}{hint}"
+        ) from error
     model.__class__ = model_class  # the plain class again, so it saves and registers as itself
     return model.eval()
 

@@ -105,6 +105,8 @@ def check_input_file(path: str | None, option: str, json_object: bool = False) -
     object: a `ValueError` naming ``option`` and the path."""
     if path is None:
         return
+    if os.path.isdir(path):  # e.g. a model folder, as the training scripts' `--model_config` takes one
+        raise ValueError(f"`{option}` {path!r} {_config_file_hint(path)}")
     if not os.path.isfile(path):
         raise ValueError(f"`{option}` {path!r} is not a file.")
     try:
@@ -116,11 +118,38 @@ def check_input_file(path: str | None, option: str, json_object: bool = False) -
         raise ValueError(f"`{option}` {path!r} holds JSON but not an object (a config): {type(loaded).__name__}.")
 
 
+def _config_file_hint(folder: str) -> str:
+    """What to give instead of ``folder`` where a config file is asked: its ``config.json``, or those of the models
+    of a pipeline folder."""
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return f"is a folder: give its config.json ({os.path.join(folder, 'config.json')})."
+    configs = sorted(os.path.join(folder, name, "config.json") for name in os.listdir(folder)
+                     if os.path.isfile(os.path.join(folder, name, "config.json")))  # fmt: skip
+    if os.path.isfile(os.path.join(folder, "model_index.json")) and configs:
+        return f"is a pipeline folder: give the config.json of one of its models ({', '.join(configs)})."
+    return "is a folder, not a file."
+
+
 def check_model_folder(path: str, option: str) -> None:
     """Refuse, before any work, a model folder without a readable ``config.json`` (`check_input_file`) or a pipeline
     folder given for one of its models (`refuse_pipeline_folder`)."""
     refuse_pipeline_folder(path, option)
     check_input_file(os.path.join(path, "config.json"), option, json_object=True)
+
+
+def refuse_folder_of_folders(path: str, option: str, file: str) -> None:
+    """A folder without ``file`` whose sub-folders hold one (a one-backbone training run: ``shallow/``,
+    ``scheduler/``) is a `ValueError` naming ``option`` and the sub-folders to give instead."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, file)):
+        return
+    inner = sorted(os.path.join(path, name) for name in os.listdir(path)
+                   if os.path.isfile(os.path.join(path, name, file)))  # fmt: skip
+    if len(inner) == 1:
+        raise ValueError(f"`{option}` {path!r} holds no {file}, but its sub-folder {inner[0]} holds one: give it.")
+    if inner:
+        raise ValueError(
+            f"`{option}` {path!r} holds no {file}, but its sub-folders do: give one of {', '.join(inner)}."
+        )
 
 
 def refuse_pipeline_folder(path: str, option: str) -> None:
@@ -223,6 +252,9 @@ def load_saved_folder(path: str, option: str, scheduler: bool = False):
     from .models.loading import exported_class, load_scheduler, load_strictly
 
     config_file = os.path.join(path, "scheduler_config.json" if scheduler else "config.json")
+    if not scheduler:
+        refuse_pipeline_folder(path, option)  # (it names the models of a pipeline folder)
+    refuse_folder_of_folders(path, option, os.path.basename(config_file))
     if scheduler:
         check_input_file(config_file, option, json_object=True)
     else:
@@ -281,6 +313,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "convert":
         return convert(rest)
+    if command == "train":  # a natural guess: training is the example scripts' (a checkout's `examples/`)
+        choices = ", ".join(repr(name) for name in (*COMMANDS, "convert"))
+        parser.error(
+            f"argument <command>: invalid choice: 'train' (choose from {choices}): training runs through the example "
+            "scripts of a checkout, `accelerate launch examples/multistage/train_multistage.py ...` (also "
+            "examples/experts/train_experts.py and examples/dual_backbone/train_dual_backbone.py; README, Training "
+            "with Accelerate)."
+        )
     if command not in COMMANDS:
         parser.parse_args(argv[:1])  # --help or -h print the help; anything else is a usage error
         return 2

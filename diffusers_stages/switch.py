@@ -385,6 +385,20 @@ def _vae_latents(vae, images: torch.Tensor, seed: int, batch_size: int = 64) -> 
     return encode_model_latents(vae, images, torch.Generator(vae.device).manual_seed(seed), batch_size).cpu()
 
 
+def _one_backbone_hint(path: str) -> str:
+    """For the output of a one-backbone run (`train_dual_backbone.py --backbones shallow|deep`: ``<run>/<backbone>/``
+    and ``<run>/scheduler/``, no model_index.json), the options that take it."""
+    held = [name for name in ("shallow", "deep") if os.path.isfile(os.path.join(path, name, "config.json"))]
+    if len(held) != 1 or not os.path.isdir(os.path.join(path, "scheduler")):
+        return ""
+    backbone, other = held[0], {"shallow": "deep", "deep": "shallow"}[held[0]]
+    return (
+        f" It is a one-backbone run ({backbone}/): give `--{backbone} {os.path.join(path, backbone)}` "
+        f"`--{other} DIR` (the other run's {other}/) `--scheduler {os.path.join(path, 'scheduler')}` instead, or put "
+        "the two together as a DualBackbonePipeline (examples/dual_backbone/README.md)."
+    )
+
+
 def check_dual_backbone_folder(path: str) -> None:
     """Refuse, before loading anything, a `--pipeline` that is not a saved `DualBackbonePipeline`: the switch is
     measured between its two backbones."""
@@ -397,7 +411,9 @@ def check_dual_backbone_folder(path: str) -> None:
     try:
         config = DiffusionPipeline.load_config(path)
     except (OSError, ValueError) as error:
-        raise ValueError(f"`--pipeline` {path!r} is not a saved pipeline folder (model_index.json): {error}") from None
+        raise ValueError(
+            f"`--pipeline` {path!r} is not a saved pipeline folder (model_index.json): {error}{_one_backbone_hint(path)}"
+        ) from None
     if not isinstance(config, dict):
         raise ValueError(
             f"`--pipeline` {path!r}: its model_index.json is not a JSON object (a config), got a "

@@ -328,6 +328,26 @@ def check_trusted_load_dtypes(cls: type | None, kwargs: dict) -> None:
             check_dtype_components(cls, kwargs.get(name), name)
 
 
+def _model_folder_hint(folder: str) -> str:
+    """For a local model folder (a ``config.json``) given where a pipeline folder is asked: the pipeline folder it
+    belongs to, else the model class whose ``from_pretrained`` loads it (its config's ``_class_name``, only read)."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        return ""
+    parent = os.path.dirname(os.path.abspath(folder))
+    if os.path.isfile(os.path.join(parent, "model_index.json")):
+        shown = os.path.normpath(os.path.join(folder, os.pardir))
+        return f" It is the {os.path.basename(os.path.abspath(folder))}/ model folder of the pipeline folder {shown!r}: load that."
+    try:
+        name = read_json(config_path, "config.json").get("_class_name")
+    except ValueError:
+        name = None
+    loader = (
+        f"`{name}.from_pretrained({folder!r})`" if isinstance(name, str) and name.isidentifier() else "its model class"
+    )
+    return f" It is a model folder: load it with {loader}."
+
+
 def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
     """Build ``cls`` (or the package pipeline subclass the folder names) from a saved folder or Hub repository."""
     if kwargs.get("custom_pipeline") is not None:
@@ -347,14 +367,21 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
     check_dtype(kwargs.get("torch_dtype"), dtype_name)
     folder = str(pretrained_model_name_or_path)
     from_hub = not os.path.isdir(folder)
+    if from_hub and (os.path.isabs(folder) or folder.startswith((".", "~")) or folder.count("/") > 1):
+        # a local path (no Hub repository id is absolute, relative or deeper than namespace/name)
+        raise ValueError(
+            f"{folder!r} is not a folder (nor a Hub repository id, 'namespace/name'): check the path of the saved "
+            "pipeline folder (the one that holds model_index.json)."
+        )
     if from_hub:
         folder = download_weights(folder, **{k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs})
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         # offline (`local_files_only`, `HF_HUB_OFFLINE`) the cache holds only what earlier loads fetched
         partly = f" in the Hub cache ({folder}), or only part of it is there: load it once online" if from_hub else ""
+        hint = "" if from_hub else _model_folder_hint(folder)
         raise ValueError(
-            f"{pretrained_model_name_or_path} has no `model_index.json`: it is not a saved pipeline{partly}."
+            f"{pretrained_model_name_or_path} has no `model_index.json`: it is not a saved pipeline{partly}.{hint}"
         )
     check_folder_files(folder)
     index = read_json(index_path, "model_index.json")

@@ -280,7 +280,13 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
             )
         if class_labels is None:
             if num_class_embeds is not None:
-                raise ValueError("`class_labels` must be given: this pipeline's model is class-conditional.")
+                names = list(self.labels)  # by name, as `get_label_ids` lists them
+                shown = ", ".join(names[:10]) + (f", ... ({len(names)} names)" if len(names) > 10 else "")
+                by_name = f", or pipe.get_label_ids([...]) of its names: {shown}" if names else ""
+                raise ValueError(
+                    "`class_labels` must be given: this pipeline's model is class-conditional. Pass one class index "
+                    f"per image, 0 to {num_data_classes(num_class_embeds) - 1} (e.g. `class_labels=[0, 1]`){by_name}."
+                )
             return None, batch_size
         if num_class_embeds is None:
             raise ValueError("`class_labels` were given, but this pipeline's model is not class-conditional.")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -308,3 +309,45 @@ def test_help_shows_the_default_of_an_option_without_a_help_text():
     text = " ".join(parser.format_help().split())
     assert "--learning_rate LEARNING_RATE Default: 0.0001." in text and "--seed SEED Default: 0." in text
     assert "--flag --path PATH" in text  # nothing to show: no default, or a flag that is off
+
+
+def test_a_model_or_pipeline_folder_given_for_a_config_file_names_the_file_to_give(tmp_path, capsys):
+    """`plan --model_config my-multistage/unet` (the training scripts' `--model_config` takes such a folder) said only
+    "is not a file"; the error now names the config.json to give."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from tests.conftest import TINY_UNET
+
+    DDPMPipeline(unet=UNet2DModel(**TINY_UNET), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    unet, pipe = tmp_path / "pipe" / "unet", tmp_path / "pipe"
+    status, line = _error(["plan", "--method", "snr", "--model_config", str(unet)], capsys)
+    assert status == 2 and f"is a folder: give its config.json ({unet / 'config.json'})" in line
+    status, line = _error(["plan", "--method", "snr", "--model_config", str(pipe)], capsys)
+    assert (
+        status == 2
+        and f"is a pipeline folder: give the config.json of one of its models ({unet / 'config.json'})" in line
+    )
+
+
+def test_a_train_command_points_to_the_training_scripts(capsys):
+    """`diffusers-stages train` (a natural guess, next to `demo`, `plan`, `switch` and `convert`) listed the commands
+    only, not that training runs through `accelerate launch examples/<method>/train_*.py`."""
+    status, line = _error(["train"], capsys)
+    assert status == 2 and "invalid choice: 'train'" in line
+    assert "accelerate launch examples/multistage/train_multistage.py" in line
+
+
+def test_a_run_folder_given_for_a_model_or_scheduler_names_the_sub_folder(tmp_path):
+    """`switch --scheduler RUN` or `--shallow RUN` with a one-backbone run's folder (`shallow/`, `scheduler/`) said only
+    that RUN/scheduler_config.json (RUN/config.json) is not a file; the error now names the sub-folder to give."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from tests.conftest import TINY_UNET
+
+    run = tmp_path / "run"
+    UNet2DModel(**TINY_UNET).save_pretrained(run / "shallow")
+    DDPMScheduler().save_pretrained(run / "scheduler")
+    with pytest.raises(ValueError, match=f"its sub-folder {re.escape(str(run / 'scheduler'))} holds one: give it"):
+        cli.load_saved_folder(str(run), "--scheduler", scheduler=True)
+    with pytest.raises(ValueError, match=f"its sub-folder {re.escape(str(run / 'shallow'))} holds one: give it"):
+        cli.load_saved_folder(str(run), "--shallow")

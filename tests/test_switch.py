@@ -593,3 +593,16 @@ def test_command_refuses_a_step_count_its_scheduler_cannot_sample_before_measuri
     monkeypatch.setattr(switch, "denoising_error", lambda *args, **kwargs: pytest.fail("measured"))
     with pytest.raises(ValueError, match="`num_inference_steps`: 50 cannot be larger"):
         main(["--pipeline", str(tmp_path / "pipe"), "--num_levels", "3", "--plot", str(tmp_path / "switch.png")])
+
+
+@pytest.mark.parametrize("backbone", ["shallow", "deep"])
+def test_a_one_backbone_run_given_as_pipeline_says_how_to_pass_it(tiny_unet_kwargs, tmp_path, backbone):
+    """`train_dual_backbone.py --backbones shallow` saves `<run>/shallow/` and `<run>/scheduler/` (no
+    model_index.json); given as `--pipeline`, the error said only that model_index.json is missing."""
+    run = tmp_path / "run"
+    UNet2DModel(**tiny_unet_kwargs).save_pretrained(run / backbone)
+    DDPMScheduler().save_pretrained(run / "scheduler")
+    with pytest.raises(ValueError, match="is not a saved pipeline folder") as error:
+        main(["--pipeline", str(run)])
+    assert f"a one-backbone run ({backbone}/): give `--{backbone} {run / backbone}`" in str(error.value)
+    assert f"`--scheduler {run / 'scheduler'}`" in str(error.value)

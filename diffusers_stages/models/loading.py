@@ -66,6 +66,8 @@ class StrictLoadingMixin(SaveThenPushMixin):
             check_subfolder(path, subfolder)  # (the folder's files are checked before any is read)
             check_folder_files(os.path.dirname(config_file))
             refuse_other_model_class(cls, read_json(config_file, "config.json"), path, subfolder)
+        elif subfolder is None and os.path.isfile(os.path.join(str(path), "model_index.json")):
+            refuse_pipeline_folder(cls, path)
         try:
             model, info = load_checked(super().from_pretrained, cls.__name__, path, kwargs)
         except (TypeError, ValueError) as error:
@@ -74,6 +76,26 @@ class StrictLoadingMixin(SaveThenPushMixin):
             raise
         realign_storage(model)
         return (model, info) if wants_info else model
+
+
+def refuse_pipeline_folder(cls: type, path: str | os.PathLike) -> None:
+    """A `ValueError` for a local pipeline folder (``model_index.json``, no ``config.json``) given where a model
+    folder is asked: it names the ``subfolder=`` to pass, the folder of a ``cls`` model where its ``config.json``
+    names one, else every model folder. (diffusers' error said only that no config.json was found.)"""
+    folders = sorted(name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name, "config.json")))
+    own = []
+    for name in folders:
+        try:
+            config = read_json(os.path.join(path, name, "config.json"), "config.json")
+        except ValueError:
+            continue
+        if config.get("_class_name") == cls.__name__:
+            own.append(name)
+    calls = ", ".join(
+        f"`{cls.__name__}.from_pretrained({str(path)!r}, subfolder={name!r})`" for name in own or folders
+    )
+    advice = f": load its model with {calls}" if calls else ", and it holds no model folder"
+    raise ValueError(f"{str(path)!r} is a pipeline folder (model_index.json), not a model folder{advice}.")
 
 
 def _cached_config(cls: type, repo_id: str | os.PathLike | None, kwargs: dict) -> dict | None:

@@ -94,7 +94,15 @@ def vae_shape(args: argparse.Namespace, task: TrainingTask | None = None) -> tup
         config = AutoencoderKL.load_config(path, subfolder=subfolder)
     except (OSError, ValueError) as error:
         pipeline = subfolder is None and os.path.isfile(os.path.join(path, "model_index.json"))
-        hint = " It is a pipeline folder: add `--vae_subfolder vae` (its VAE's folder)." if pipeline else ""
+        hint = ""
+        if pipeline and os.path.isfile(os.path.join(path, "vae", "config.json")):
+            hint = " It is a pipeline folder: add `--vae_subfolder vae` (its VAE's folder)."
+        elif pipeline:  # a pixel-space pipeline (no `vae/`): the subfolder hint would lead to a missing folder
+            hint = (
+                " It is a pipeline folder with no AutoencoderKL `vae` (no vae/config.json): give an AutoencoderKL "
+                "folder (or a pipeline that has one, with `--vae_subfolder vae`), or leave out `--vae_path` to "
+                "train in pixel space."
+            )
         raise ValueError(f"`--vae_path` {path!r} is not an AutoencoderKL folder: {error}{hint}") from None
     class_name = config.get("_class_name", "AutoencoderKL")  # training draws from AutoencoderKL's posterior only
     if class_name != "AutoencoderKL":
@@ -568,10 +576,12 @@ def _push(state: RunState, steps: int, has_grid: bool, commit_message: str) -> N
     api = LocalHubApi(args.hub_local_dir) if args.hub_local_dir else None
     description = model_card_text(args, state.task, steps, has_grid, mixed_precision=state.accelerator.mixed_precision,
                                   repo_id=state.hub_repo_id)  # fmt: skip
-    push_output_folder(args.output_dir, state.hub_repo_id, description, state.task.tags, api=api, token=args.hub_token,
-                       class_conditional=args.class_conditional, private=args.hub_private_repo,
-                       logging_dir=args.logging_dir, commit_message=commit_message,
-                       base_model=base_model(getattr(args, "pretrained_model_name_or_path", None)))  # fmt: skip
+    pushed = push_output_folder(args.output_dir, state.hub_repo_id, description, state.task.tags, api=api,
+                                token=args.hub_token, class_conditional=args.class_conditional,
+                                private=args.hub_private_repo, logging_dir=args.logging_dir,
+                                commit_message=commit_message,
+                                base_model=base_model(getattr(args, "pretrained_model_name_or_path", None)))  # fmt: skip
+    logger.info(f"Pushed the outputs of {args.output_dir} to {pushed}")  # a commit URL, or `--hub_local_dir`'s folder
 
 
 def _clean_samples(state: RunState, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -671,6 +681,8 @@ def _finish(state: RunState, global_step: int) -> None:
         grid_path = save_samples(state, global_step, use_ema=False)  # the EMA weights are the networks' now
         if grid_path is not None:
             shutil.copyfile(grid_path, os.path.join(args.output_dir, "sample_grid.png"))
+        grid = " and its last sample grid (sample_grid.png)" if grid_path is not None else ""
+        logger.info(f"Saved the trained model{grid} to {args.output_dir}")
         _discard_replaced(state)  # this run saved no checkpoint: its final outputs replace the former run's
         mark_finished(args.output_dir, global_step)  # before the push: a failed upload leaves a finished run
         if args.push_to_hub:
@@ -690,11 +702,13 @@ def save_assembled_experts(args: argparse.Namespace) -> str:
     num_classes = num_data_classes(pipeline.experts.experts[0].config.num_class_embeds)
     grid, _ = sample_grid(pipeline, args, num_classes)
     grid.save(os.path.join(args.output_dir, "sample_grid.png"))
+    print(f"Saved the assembled ExpertRoutingPipeline and its sample grid (sample_grid.png) to {args.output_dir}")
     if args.push_to_hub:
         base = assembly_base(args.assemble_experts)
         description = assembled_experts_card_text(args, pipeline, has_grid=True, repo_id=hub_repo_id, base=base)
         api = LocalHubApi(args.hub_local_dir) if args.hub_local_dir else None
-        push_output_folder(args.output_dir, hub_repo_id, description, ["multi-expert", "meme"], api=api,
-                           token=args.hub_token, class_conditional=num_classes > 0,
-                           private=args.hub_private_repo)  # fmt: skip
+        pushed = push_output_folder(args.output_dir, hub_repo_id, description, ["multi-expert", "meme"], api=api,
+                                    token=args.hub_token, class_conditional=num_classes > 0,
+                                    private=args.hub_private_repo)  # fmt: skip
+        print(f"Pushed the outputs of {args.output_dir} to {pushed}")  # (no Accelerate state here: no `logger`)
     return args.output_dir

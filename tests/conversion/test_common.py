@@ -312,3 +312,13 @@ def test_an_original_repo_that_is_not_a_folder_is_a_usage_error(tmp_path, capsys
         script.parse_args([*argv, "--verify", "--original_repo", missing])
     assert f"argument --original_repo: must be a folder, got {missing!r}" in capsys.readouterr().err
     assert script.parse_args([*argv, "--original_repo", str(tmp_path)]).original_repo == str(tmp_path)
+
+
+def test_a_folder_of_model_folders_names_them(tmp_path):
+    """A one-backbone run (`train_dual_backbone.py --backbones shallow`: `shallow/` and `scheduler/`, no
+    model_index.json) given as `--source` said only "no file named config.json"; the error names the model folders
+    inside it to give instead."""
+    UNet2DModel(**TINY_UNET).save_pretrained(tmp_path / "run" / "shallow")
+    with pytest.raises(ValueError, match="no file named config.json") as error:
+        load_strict(UNet2DModel, str(tmp_path / "run"))
+    assert f"It holds model folders: give one of them ({tmp_path / 'run' / 'shallow'})." in str(error.value)

@@ -510,3 +510,14 @@ def test_two_processes_train_a_batch_smaller_than_the_stage_count(examples, scri
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = load_file(f"{dump}/rank0_model0.safetensors"), load_file(f"{dump}/rank1_model0.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+def test_the_end_of_a_run_says_where_its_pipeline_and_push_went(examples, script, image_folder, tmp_path, caplog):
+    """A finished run printed nothing after its progress bar: not where the pipeline was saved, nor where
+    `--push_to_hub` (with `--hub_local_dir`, `DIR/<repository>`) put it."""
+    out, hub = str(tmp_path / "run"), str(tmp_path / "hub")
+    with caplog.at_level("INFO", logger="diffusers_stages.training.loop"):
+        examples.train(script, [*examples.TINY, "--train_data_dir", image_folder, "--output_dir", out,
+                                "--max_train_steps", "1", "--push_to_hub", "--hub_local_dir", hub])  # fmt: skip
+    assert f"Saved the trained model and its last sample grid (sample_grid.png) to {out}" in caplog.text
+    assert f"Pushed the outputs of {out} to {os.path.join(hub, 'run')}" in caplog.text

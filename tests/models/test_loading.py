@@ -652,3 +652,18 @@ def test_the_reexport_file_never_tells_to_install_the_package_from_a_package_ind
         with open(tmp_path / name, encoding="utf-8") as f:
             text = f.read()
         assert "pip install diffusers-stages" not in text and "not on a package index" in text
+
+
+def test_a_pipeline_folder_names_the_subfolder_to_load_the_model_from(saved_model, tmp_path):
+    """`MultiStageUNet2DModel.from_pretrained("my-multistage")` (the quick start's pipeline folder, a natural first
+    try) was diffusers' "no file named config.json", which does not say to pass `subfolder="unet"`."""
+    from diffusers import DDPMScheduler
+
+    from diffusers_stages import MultiStagePipeline
+
+    _, model = saved_model
+    MultiStagePipeline(unet=model, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="is a pipeline folder") as error:
+        MultiStageUNet2DModel.from_pretrained(tmp_path / "pipe")
+    assert f"MultiStageUNet2DModel.from_pretrained({str(tmp_path / 'pipe')!r}, subfolder='unet')" in str(error.value)
+    assert MultiStageUNet2DModel.from_pretrained(tmp_path / "pipe", subfolder="unet").num_stages == 2

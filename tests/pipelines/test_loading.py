@@ -618,3 +618,31 @@ def test_a_scheduler_passed_to_from_pretrained_of_the_other_kind_than_the_saved_
     with pytest.raises(ValueError, match=r"`scheduler` DDIMScheduler .*'epsilon'.*FlowMatchEulerDiscreteScheduler"):
         MultiStagePipeline.from_pretrained(flow, scheduler=DDIMScheduler())
     assert type(MultiStagePipeline.from_pretrained(flow).scheduler) is FlowMatchEulerDiscreteScheduler
+
+
+def test_a_model_folder_given_for_a_pipeline_names_what_to_load(tiny_multistage, tmp_path):
+    """`MultiStagePipeline.from_pretrained("my-multistage/unet")` said only "has no `model_index.json`: it is not a
+    saved pipeline", not which folder (or which model class) loads it."""
+    import shutil
+
+    _multistage(tiny_multistage).save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="it is not a saved pipeline") as error:
+        MultiStagePipeline.from_pretrained(tmp_path / "saved" / "unet")
+    assert f"It is the unet/ model folder of the pipeline folder {str(tmp_path / 'saved')!r}: load that" in str(
+        error.value
+    )
+    shutil.copytree(tmp_path / "saved" / "unet", tmp_path / "alone")
+    with pytest.raises(ValueError, match="it is not a saved pipeline") as error:
+        MultiStagePipeline.from_pretrained(tmp_path / "alone")
+    assert (
+        f"It is a model folder: load it with `MultiStageUNet2DModel.from_pretrained({str(tmp_path / 'alone')!r})`"
+        in str(error.value)
+    )
+
+
+@pytest.mark.parametrize("path", ["/no/such/folder", "./no-such-folder", "../no/such"])
+def test_a_missing_local_folder_is_named_as_such_not_as_a_bad_repo_id(tmp_path, path):
+    """A mistyped local path was huggingface_hub's "Repo id must be in the form 'repo_name' or
+    'namespace/repo_name'", which does not say that the folder does not exist."""
+    with pytest.raises(ValueError, match=f"{re.escape(repr(path))} is not a folder"):
+        MultiStagePipeline.from_pretrained(path)

@@ -379,3 +379,16 @@ def test_a_unet_that_is_not_staged_is_refused_by_name(tiny_multistage, tiny_unet
         MultiStagePipeline.from_pretrained(tmp_path, unet=torch.nn.Linear(1, 1))
     compiled = MultiStagePipeline(unet=torch.compile(tiny_multistage), scheduler=DDIMScheduler())  # still accepted
     assert compiled.unet._orig_mod is tiny_multistage
+
+
+def test_class_labels_left_out_say_which_labels_to_give(tiny_unet_kwargs):
+    """`pipe(batch_size=16)` (examples/multistage/README.md's sampling lines) on a `--class_conditional` run said only
+    that `class_labels` must be given, not which labels the model takes nor how to give them by name."""
+    pipe = _pipe(MultiStageUNet2DModel(**tiny_unet_kwargs, num_class_embeds=4).eval(), DDIMScheduler())
+    with pytest.raises(ValueError, match="`class_labels` must be given") as error:
+        pipe(num_inference_steps=2)
+    assert "one class index per image, 0 to 2" in str(error.value)
+    pipe.register_class_names({0: "cat", 1: "dog", 2: "bird"})
+    with pytest.raises(ValueError, match="`class_labels` must be given") as error:
+        pipe(num_inference_steps=2)
+    assert "pipe.get_label_ids([...]) of its names: bird, cat, dog" in str(error.value)

@@ -253,3 +253,16 @@ def test_latent_statistics_that_do_not_fit_the_latents_are_named(tmp_path, stati
     with pytest.raises(ValueError, match=re.escape(named)) as error:
         vae_shape(SimpleNamespace(vae_path=str(tmp_path / "vae"), vae_subfolder=None))
     assert f"`--vae_path` {str(tmp_path / 'vae')!r}" in str(error.value)
+
+
+@pytest.mark.parametrize("vae_entry", [None, [None, None], ["diffusers", "VQModel"]])
+def test_a_pipeline_folder_without_an_autoencoderkl_is_not_told_to_add_its_vae_subfolder(tmp_path, vae_entry):
+    """`--vae_path` given a pixel-space pipeline folder (e.g. a `train_multistage.py` output, which has no `vae/`)
+    was told to "add `--vae_subfolder vae`", which then fails on a folder that does not exist."""
+    from diffusers_stages.training.loop import vae_shape
+
+    index = {"_class_name": "MultiStagePipeline"} if vae_entry is None else {"vae": vae_entry}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="no AutoencoderKL `vae`") as error:
+        vae_shape(SimpleNamespace(vae_path=str(tmp_path), vae_subfolder=None))
+    assert "add `--vae_subfolder vae` (its VAE's folder)" not in str(error.value)

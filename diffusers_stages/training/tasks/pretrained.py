@@ -5,6 +5,7 @@ so the arguments and data that contradict them are refused by name."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import reprlib
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,13 @@ class PipelineSource:
     def read_pipeline(cls, path: str, pipeline: str, folders: Sequence[str]) -> PipelineSource:
         """Read the `model_index.json`, the ``folders``' configs and the scheduler config of a ``pipeline`` folder;
         anything else is a ValueError naming `--pretrained_model_name_or_path`."""
+        if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1):
+            # a local path (no Hub repository id is absolute, relative or deeper than namespace/name)
+            article = "an" if pipeline[0] in "AEIOU" else "a"
+            raise ValueError(
+                f"{OPTION} {path!r} is not {article} {pipeline} folder: no such folder (nor a Hub repository id, "
+                "'namespace/name'); check the path of the saved pipeline folder (the one that holds model_index.json)."
+            )
         try:
             index = _load_config(DiffusionPipeline, path)
             # the package's allow-list, as `from_pretrained` reads it (nothing named is imported)
@@ -60,6 +68,7 @@ class PipelineSource:
             article = "an" if pipeline[0] in "AEIOU" else "a"
             raise ValueError(
                 f"{OPTION} {path!r} is not {article} {pipeline} folder or Hub repository ({parts}): {error}"
+                f"{_model_folder_hint(path)}"
             ) from None
         vae = index.get("vae")  # [library, class], or [None, None] (or none) for a pixel-space pipeline
         vae = [None, None] if vae is None else vae
@@ -148,6 +157,31 @@ class PipelineSource:
                 f"resolution level, got {levels!r}."
             )
         return 2 ** (len(levels) - 1)
+
+
+def _model_folder_hint(path: str) -> str:
+    """A hint for a local model folder (a ``config.json``, no ``model_index.json``) given where a pipeline folder is
+    asked: the pipeline folder above it (within two levels), else that it is a model folder. Only the names in
+    the JSON files are read (nothing is imported); anything else gives no hint."""
+    if not os.path.isfile(os.path.join(path, "config.json")) or os.path.isfile(os.path.join(path, "model_index.json")):
+        return ""
+    folder = os.path.abspath(path)
+    for levels in (1, 2):
+        parent = os.path.dirname(folder) if levels == 1 else os.path.dirname(os.path.dirname(folder))
+        if os.path.isfile(os.path.join(parent, "model_index.json")):
+            inner = os.path.relpath(folder, parent).replace(os.sep, "/")
+            shown = os.path.normpath(os.path.join(path, *[os.pardir] * levels))
+            return f" It is the {inner}/ model folder of the pipeline folder {shown!r}: pass that folder."
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as file:
+            name = json.load(file).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    model = name if isinstance(name, str) and name.isidentifier() else "model"
+    return (
+        f" It holds a {model} (config.json), a model folder, not a pipeline folder: pass the folder a training run "
+        "saved (or a pipeline's `save_pretrained`), which holds model_index.json beside its model and scheduler/."
+    )
 
 
 def _load_config(config_class: type[ConfigMixin], path: str, subfolder: str | None = None) -> dict:

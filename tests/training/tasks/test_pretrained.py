@@ -96,3 +96,31 @@ def test_a_config_edited_to_countless_layers_is_named_not_built_for_ever(source,
     run = subprocess.run([sys.executable, "-c", check, str(bad)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "`--pretrained_model_name_or_path`" in run.stdout and "more tensors than" in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("folder", ["experts", "experts/expert_0"])
+def test_a_model_folder_inside_a_pipeline_names_the_pipeline_folder(source, folder):
+    """A natural first mistake, the denoiser's own folder (`out/unet`) where the pipeline folder is asked: the error
+    said only that it holds no model_index.json."""
+    with pytest.raises(ValueError, match="`--pretrained_model_name_or_path`") as error:
+        _read(os.path.join(source, folder))
+    assert f"is the {folder}/ model folder of the pipeline folder {source!r}: pass that folder" in str(error.value)
+
+
+def test_a_lone_model_folder_is_named_a_model_folder(tmp_path):
+    UNet2DModel(**TINY_UNET).save_pretrained(tmp_path / "unet")
+    with pytest.raises(ValueError, match="`--pretrained_model_name_or_path`") as error:
+        _read(str(tmp_path / "unet"))
+    assert "holds a UNet2DModel (config.json), a model folder, not a pipeline folder" in str(error.value)
+
+
+def test_a_missing_local_folder_is_named_as_such_not_as_an_offline_hub_error(tmp_path):
+    """A mistyped local `--pretrained_model_name_or_path` said "We couldn't connect to 'https://huggingface.co'",
+    though the path can only be a folder."""
+    path = str(tmp_path / "no-such-run")
+    with pytest.raises(ValueError, match="`--pretrained_model_name_or_path`") as error:
+        _read(path)
+    assert f"{path!r} is not an ExpertRoutingPipeline folder: no such folder (nor a Hub repository id" in str(
+        error.value
+    )
+    assert "huggingface.co" not in str(error.value)
