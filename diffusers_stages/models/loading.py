@@ -78,8 +78,13 @@ class StrictLoadingMixin(SaveThenPushMixin):
         return (model, info) if wants_info else model
 
 
+class NotAModelFolderError(ValueError, OSError):
+    """A pipeline folder given where a model folder is asked: a `ValueError` (bad input, named) that is also the
+    `OSError` diffusers raised there ("no file named config.json"), so code that catches that keeps working."""
+
+
 def refuse_pipeline_folder(cls: type, path: str | os.PathLike) -> None:
-    """A `ValueError` for a local pipeline folder (``model_index.json``, no ``config.json``) given where a model
+    """A `NotAModelFolderError` (a `ValueError`) for a local pipeline folder (``model_index.json``, no ``config.json``) given where a model
     folder is asked: it names the ``subfolder=`` to pass, the folder of a ``cls`` model where its ``config.json``
     names one, else every model folder. (diffusers' error said only that no config.json was found.)"""
     folders = sorted(name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name, "config.json")))
@@ -95,7 +100,7 @@ def refuse_pipeline_folder(cls: type, path: str | os.PathLike) -> None:
         f"`{cls.__name__}.from_pretrained({str(path)!r}, subfolder={name!r})`" for name in own or folders
     )
     advice = f": load its model with {calls}" if calls else ", and it holds no model folder"
-    raise ValueError(f"{str(path)!r} is a pipeline folder (model_index.json), not a model folder{advice}.")
+    raise NotAModelFolderError(f"{str(path)!r} is a pipeline folder (model_index.json), not a model folder{advice}.")
 
 
 def _cached_config(cls: type, repo_id: str | os.PathLike | None, kwargs: dict) -> dict | None:
