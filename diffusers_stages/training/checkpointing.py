@@ -529,12 +529,13 @@ def source_identity(source: str | None) -> dict[str, dict] | None:
     return record
 
 
-def check_same_source_files(input_dir: str, source: str | None) -> str | None:
+def check_same_source_files(input_dir: str, source: str | None, identity: dict[str, dict] | None = None) -> str | None:
     """Refuse to resume a fine-tuning run on a source folder whose files are not those the run that wrote
     ``input_dir`` fine-tuned (its ``SOURCE_FILE`` holds their `source_identity`): weights or configs saved over it, a
-    file added (but a variant's weights or a note, `UNREAD_ADDED`) or removed; the `ValueError` names the first. The source may have moved (``source`` another
-    path to the same files). Returns a warning where the checkpoint holds no record to check (one written before it
-    was saved), else None."""
+    file added (but a variant's weights or a note, `UNREAD_ADDED`) or removed; the `ValueError` names the first. The
+    source may have moved (``source`` another path to the same files). Returns a warning where the checkpoint holds no
+    record to check (one written before it was saved), else None. ``identity``: `source_identity` of ``source`` when
+    the caller has it (not read again)."""
     path = os.path.join(input_dir, SOURCE_FILE)
     if source is None or not os.path.isfile(path):
         return None
@@ -545,7 +546,7 @@ def check_same_source_files(input_dir: str, source: str | None) -> str | None:
             f"version): this run cannot check that `--pretrained_model_name_or_path` {source!r} is the folder it "
             "fine-tuned. Resuming on it as it is now."
         )
-    then, now = saved["source_files"], source_identity(source)
+    then, now = saved["source_files"], source_identity(source) if identity is None else identity
     if isinstance(then, dict) and isinstance(now, dict):  # files added that loading does not read: not compared
         now = {name: entry for name, entry in now.items() if name in then or not UNREAD_ADDED.match(name)}
     if then == now:

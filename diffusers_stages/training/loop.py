@@ -268,7 +268,7 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
             resume_path, noise_schedulers(args, task.scheduler_config)[0], source, latent_space(task)
         )
     source_files = source_identity(source)  # the folder as this run fine-tunes it, saved in its checkpoints
-    resume_warnings = [] if resume_path is None else [check_same_source_files(resume_path, source)]
+    resume_warnings = [] if resume_path is None else [check_same_source_files(resume_path, source, source_files)]
     records = task.read_records(args)
     if records is None:
         records = _read_records(args)
