@@ -202,7 +202,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse, before any image is loaded, a device this machine lacks, a bad budget (or one below what the cheapest
-    widths cost) or step count (one the sampling scheduler cannot run too), and input or output paths that cannot be used (a `ValueError` naming the option and the value)."""
+    widths cost) or step count (one the sampling scheduler cannot run too), and input or output paths that cannot be
+    used (a `ValueError` naming the option and the value)."""
     if args.device is not None:
         check_device(args.device, "--device")
     if args.budget is not None:
@@ -221,10 +222,12 @@ def check_args(args: argparse.Namespace) -> None:
            if getattr(args, option) is not None}
     )  # fmt: skip
     check_input_file(args.model_config, "--model_config", json_object=True)
+    config = None  # the --model_config file's contents, read once for the checks below
     if args.model_config is not None:
-        _check_model_config(args.model_config, args.architecture)
         with open(args.model_config, encoding="utf-8") as f:
-            ups = json.load(f).get("decoder_up_block_types")  # per stage: the plan's stages must match them
+            config = json.load(f)
+        _check_model_config(args.model_config, config, args.architecture)
+        ups = config.get("decoder_up_block_types")  # per stage: the plan's stages must match them
         if ups is not None and len(ups) != args.num_stages and args.budget is None:  # a budget refuses any (below)
             raise ValueError(
                 f"`--model_config` {args.model_config!r} sets `decoder_up_block_types` for {len(ups)} stages, but "
@@ -232,8 +235,7 @@ def check_args(args: argparse.Namespace) -> None:
                 "give a config without per-stage up blocks."
             )
     if args.budget is not None:  # a config whose widths a budget cannot plan
-        with open(args.model_config, encoding="utf-8") as f:
-            check_budget_config(json.load(f), "--model_config")
+        check_budget_config(config, "--model_config")
     training_experts = args.architecture == "experts" and args.num_inference_steps is None
     if training_experts and args.batch_size < args.num_stages:  # the printed `--train_batch_size` would be refused
         raise ValueError(
@@ -251,8 +253,6 @@ def check_args(args: argparse.Namespace) -> None:
     _check_vae(args)
     if args.budget is not None:  # below what the cheapest widths cost, whatever the images and stages (the
         # config and the VAE checked first: a config of the wrong size would count other FLOPs)
-        with open(args.model_config, encoding="utf-8") as f:
-            config = json.load(f)
         try:
             check_budget_covers_cheapest_widths(
                 args.budget, config, args.num_inference_steps, _schedule(args)[1], args.batch_size,
@@ -286,8 +286,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _check_schedule_options(args: argparse.Namespace) -> None:
-    """Refuse a ``--num_levels`` the planning grid cannot have (or fewer than ``--num_stages``) and ``--edm`` sigmas or ``rho`` that give no Karras
-    schedule, by option name, then build the grid (a scheduler it cannot be built from is refused too)."""
+    """Refuse a ``--num_levels`` the planning grid cannot have (or fewer than ``--num_stages``) and ``--edm`` sigmas
+    or ``rho`` that give no Karras schedule, by option name, then build the grid (a scheduler it cannot be built from
+    is refused too)."""
     if args.num_levels < 3:
         raise ValueError(f"`--num_levels` must be an integer >= 3, got {args.num_levels}.")
     try:  # more stages than grid levels: the planning functions' check, before any image is read
@@ -405,15 +406,14 @@ def _config_channels(path: str) -> int:
 PLANNED_FROM = {"multistage": ("UNet2DModel", "MultiStageUNet2DModel"), "experts": ("UNet2DModel",)}
 
 
-def _check_model_config(path: str, architecture: str = "multistage") -> None:
-    """Refuse a ``--model_config`` that is not a config of `PLANNED_FROM` ``[architecture]`` or does not build one
-    (built on the ``meta`` device: no memory): the planned model would not load."""
+def _check_model_config(path: str, config: dict, architecture: str = "multistage") -> None:
+    """Refuse a ``--model_config`` (``config``, read from ``path``) that is not a config of `PLANNED_FROM`
+    ``[architecture]`` or does not build one (built on the ``meta`` device: no memory): the planned model would not
+    load."""
     import diffusers
 
     import diffusers_stages
 
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
     name = config.get("_class_name", "UNet2DModel")  # a config without a class name: read as a UNet2DModel's
     if name not in PLANNED_FROM[architecture]:
         what = (
