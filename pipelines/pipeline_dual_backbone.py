@@ -39,7 +39,7 @@ from ..schedulers import (
     scheduler_units,
     sigma_to_timestep,
 )
-from .pipeline_staged import StagedDiffusionPipeline, vae_scale_factor
+from .pipeline_staged import StagedDiffusionPipeline, custom_schedule, vae_scale_factor
 
 __all__ = ["DEFAULT_SWITCH_STEP_FRACTION", "DualBackbonePipeline", "sigma_to_timestep"]  # the last: its old home
 
@@ -192,7 +192,7 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         scheduler = self.scheduler
         steps = getattr(scheduler.config, "num_train_timesteps", None) or 1000
         units = scheduler_units(scheduler)
-        custom = {name: value for name, value in (("timesteps", timesteps), ("sigmas", sigmas)) if value is not None}
+        custom = custom_schedule(timesteps, sigmas)
         if num_inference_steps is None and not custom:
             raise ValueError(
                 "The switch is a step fraction, which depends on the number of steps: call "

@@ -398,7 +398,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         or ``sigmas``, as the pipeline's call takes them) makes: which network runs which step (stage 0 is the clean
         end). It is the schedule the sampling loop follows, from a dry run of a copy of the scheduler (no model is
         called)."""
-        custom = _custom_schedule(timesteps, sigmas)
+        custom = custom_schedule(timesteps, sigmas)
         if not (custom and num_inference_steps is None):  # None with custom values, as diffusers' docs ask
             (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
         self.check_components()
@@ -594,7 +594,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         """
         # 1. check the inputs
         _refuse_labels_as_batch_size(batch_size)
-        custom = _custom_schedule(timesteps, sigmas)  # passed on only when given (overrides without them still run)
+        custom = custom_schedule(timesteps, sigmas)  # passed on only when given (overrides without them still run)
         batch_size, num_images_per_prompt = positive_integer_arguments(
             batch_size=batch_size, num_images_per_prompt=num_images_per_prompt
         )  # numpy integers, as diffusers takes them, become Python ints
@@ -857,7 +857,7 @@ def spatial_multiple(config) -> int:
     return 2 ** (len(levels) - 1)
 
 
-def _custom_schedule(timesteps: Sequence[float] | None, sigmas: Sequence[float] | None) -> dict[str, Any]:
+def custom_schedule(timesteps: Sequence[float] | None, sigmas: Sequence[float] | None) -> dict[str, Any]:
     """The custom ``timesteps`` / ``sigmas`` of a call that were given, as keyword arguments (checked by
     `set_sampling_timesteps` in the scheduler's dry run, before any model call)."""
     return {name: value for name, value in (("timesteps", timesteps), ("sigmas", sigmas)) if value is not None}
