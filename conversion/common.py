@@ -349,6 +349,20 @@ DEFAULT_WEIGHT_FILE = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
+def with_appended_class(model):
+    """A copy of the class-conditional ``model`` (``num_class_embeds`` N, a diffusers-style config) with N + 1 class
+    embeddings, the new last one (the package's unconditional label) zero in a class table, never trained; a class
+    embedding without a table (diffusers' ``"timestep"`` type) takes the new index as it is."""
+    classes = model.config.num_class_embeds
+    appended = type(model).from_config(model.config, num_class_embeds=classes + 1).to(model.device, model.dtype)
+    state_dict = model.state_dict()
+    if isinstance(model.class_embedding, torch.nn.Embedding):
+        weight = state_dict["class_embedding.weight"]
+        state_dict["class_embedding.weight"] = torch.cat([weight, torch.zeros_like(weight[:1])])
+    appended.load_state_dict(state_dict, strict=True)
+    return appended.eval()
+
+
 def stored_dtype(folder: str | os.PathLike | None) -> torch.dtype | None:
     """The floating-point dtype ``folder``'s default weight files store (read from their headers), or None when it
     has none or several (or is None)."""

@@ -65,6 +65,7 @@ from diffusers_stages.conversion.common import (
     source_folder,
     staged_output,
     take,
+    with_appended_class,
     write_and_verify,
 )
 from diffusers_stages.models import ClassContextEmbedding, MultiStageUNet2DConditionModel, MultiStageUNet2DModel
@@ -539,12 +540,7 @@ def with_unconditional_class(model: MultiStageUNet2DModel, unconditional_label: 
         f"note: the original's {classes} classes are all data classes: a zero class embedding {classes} is appended "
         "as the unconditional label; it was never trained, so sample with guidance_scale=1"
     )
-    appended = type(model).from_config(model.config, num_class_embeds=classes + 1)
-    state_dict = model.state_dict()
-    weight = state_dict["class_embedding.weight"]
-    state_dict["class_embedding.weight"] = torch.cat([weight, torch.zeros_like(weight[:1])])
-    appended.load_state_dict(state_dict, strict=True)
-    return appended.eval()
+    return with_appended_class(model)
 
 
 def scheduler_from_config(params: dict) -> DDIMScheduler:

@@ -39,6 +39,7 @@ from diffusers_stages.conversion.common import (
     save_in_stored_dtypes,
     source_folder,
     staged_output,
+    with_appended_class,
 )
 from diffusers_stages.conversion.multistage_to_unet import conditioning
 from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUNet2DModel
@@ -327,13 +328,7 @@ def with_unconditional_label(unet: UNet2DModel, label: int | None, path: str) ->
         f"note: all {classes} classes of the source stay data classes: a new unconditional label {classes} is "
         f"added ({embedding}), never trained, so sample with guidance_scale=1"
     )
-    appended = UNet2DModel.from_config(unet.config, num_class_embeds=classes + 1).to(unet.device, unet.dtype)
-    state_dict = unet.state_dict()
-    if table:
-        weight = state_dict["class_embedding.weight"]
-        state_dict["class_embedding.weight"] = torch.cat([weight, torch.zeros_like(weight[:1])])
-    appended.load_state_dict(state_dict, strict=True)
-    return appended.eval()
+    return with_appended_class(unet)
 
 
 def source_pipeline(unet, scheduler, vae, pipeline_class: str | None):
