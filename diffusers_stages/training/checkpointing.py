@@ -19,7 +19,7 @@ from accelerate import Accelerator, init_empty_weights
 from accelerate.utils.constants import FSDP_MODEL_NAME
 from diffusers.training_utils import EMAModel
 
-from ..models.loading import component_folder, load_scheduler, load_strictly, read_json
+from ..models.loading import check_name, component_folder, load_scheduler, load_strictly, read_json
 from ..partition import TimestepPartition
 from .sharding import gathered_networks, plain_class
 
@@ -511,15 +511,20 @@ def source_identity(source: str | None) -> dict[str, dict] | None:
     the source is the same, `check_same_source_files`): the fingerprint (`_fingerprint`) of its ``model_index.json``
     and of every file in the folders of the components it names, by path (``unet/config.json``, ...). Other files
     (a run's checkpoints, logs and sample grids, when the source is a training run's output folder) are not part of
-    it. None without a source, or for a Hub repository (its files are its loader's)."""
+    it. None without a source, or for a Hub repository (its files are its loader's). A component name that is no
+    plain name (``..``, ``/``: hostile input) or whose folder leads out of the source is a `ValueError`."""
     if source is None or not os.path.isfile(os.path.join(source, "model_index.json")):
         return None
     index = read_json(os.path.join(source, "model_index.json"), "model_index.json")
     record = {"model_index.json": _fingerprint(os.path.join(source, "model_index.json"))}
     for name, entry in sorted(index.items()):
-        folder = os.path.join(source, name)
-        if name.startswith("_") or not isinstance(entry, list) or not os.path.isdir(folder):
+        if name.startswith("_") or not isinstance(entry, list):
             continue
+        check_name(name, "component folder name")  # hostile input: no `..`, `/` or absolute path
+        folder = os.path.join(source, name)
+        if not os.path.isdir(folder):
+            continue
+        folder = component_folder(source, name)  # a real folder inside the source (no link leading out)
         for root, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for file in sorted(f for f in files if not f.startswith(".")):

@@ -1019,3 +1019,21 @@ def test_only_the_main_process_creates_the_repository_and_every_process_learns_i
     if not fails:  # without an accelerator (`--assemble_experts`, one process) it creates the repository itself
         creates.clear()
         assert hub.create_hub_repo(args) == "me/tiny" and creates == ["tiny"]
+
+
+@pytest.mark.parametrize("name", ["../outside", "/", "sub/dir"])
+def test_the_source_record_reads_no_folder_a_component_name_leads_to_outside_the_source(tmp_path, name):
+    # a model_index.json entry is hostile input: "../x" (or "/") made the record hash files outside the source
+    # (the whole file system for "/") before any loader saw the name
+    source = _source_folder(tmp_path / "a")
+    outside = tmp_path / "a" / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not the source's")
+    os.makedirs(os.path.join(source, "sub", "dir"), exist_ok=True)
+    with open(os.path.join(source, "model_index.json"), encoding="utf-8") as f:
+        index = json.load(f)
+    index[name] = ["diffusers", "UNet2DModel"]
+    with open(os.path.join(source, "model_index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f)
+    with pytest.raises(ValueError, match="component folder name"):
+        source_identity(source)
