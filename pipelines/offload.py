@@ -261,11 +261,14 @@ class StageOffloadMixin:
     def _stage_networks(self, num_stages: int | None = None) -> list[torch.nn.Module]:
         """The network of each stage (`stage_network`), stage 0 first (``num_stages``: a partition's, already
         resolved)."""
-        if num_stages is None:
-            # a step-fraction switch needs a step count: the sampling default, which every scheduler takes (PNDM's
-            # Runge-Kutta warm-up refuses fewer than 4); the number of stages does not depend on it
-            num_stages = self.resolve_partition(DEFAULT_NUM_INFERENCE_STEPS).num_stages
+        num_stages = self._num_stages() if num_stages is None else num_stages
         return [self.stage_network(stage) for stage in range(num_stages)]
+
+    def _num_stages(self) -> int:
+        """How many stages the pipeline routes among, whatever the step count: its partition's for the sampling
+        default (a subclass whose partition depends on the step count, as `DualBackbonePipeline`'s step fraction,
+        says its number of stages without one: the default may be a count its scheduler refuses)."""
+        return self.resolve_partition(DEFAULT_NUM_INFERENCE_STEPS).num_stages
 
     def _model_components(self) -> list[torch.nn.Module]:
         """The pipeline's components that are modules (what `StageOffload` places)."""

@@ -174,6 +174,11 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
     def check_components(self) -> None:
         _check_interchangeable(self.shallow, self.deep)
 
+    def _num_stages(self) -> int:
+        # the deep and the shallow backbone, whatever the switch: a step fraction is not resolved for a step count
+        # (the sampling default of 50 is more than LCM's or a short training schedule's steps)
+        return 2
+
     def stage_denoiser(self, stage: int) -> tuple[torch.nn.Module, dict]:
         # stage 0 is the clean end: the deep backbone; the shallow one runs the noisy first steps
         return (self.deep, self.shallow)[stage], {}

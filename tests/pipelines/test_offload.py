@@ -5,9 +5,9 @@ nothing; the order and the resident set are what is checked)."""
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, HeunDiscreteScheduler, PNDMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, HeunDiscreteScheduler, LCMScheduler, PNDMScheduler, UNet2DModel
 
-from diffusers_stages import ExpertRoutingModel, ExpertRoutingPipeline, MultiStageUNet2DModel
+from diffusers_stages import DualBackbonePipeline, ExpertRoutingModel, ExpertRoutingPipeline, MultiStageUNet2DModel
 from diffusers_stages.models.staged import StagedModelMixin
 from diffusers_stages.pipelines.offload import StageOffload
 from tests.conftest import TINY_UNET
@@ -417,3 +417,22 @@ def test_a_component_swapped_in_after_enabling_is_offloaded_at_the_next_run(kind
         assert {p.device.type for p in old.parameters()} == {"cpu"}  # the replaced component left the accelerator
         pipe.disable_stage_offload()
     assert {p.device.type for p in new.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [DDIMScheduler(num_train_timesteps=40), LCMScheduler(original_inference_steps=8)],
+    ids=["40 training steps", "LCM of 8 steps"],
+)
+def test_a_step_fraction_switch_takes_the_stage_offload_with_a_scheduler_that_cannot_take_50_steps(scheduler):
+    # the dual backbone's default switch (a step fraction) was resolved for 50 steps, `__call__`'s default, only to
+    # count the stages: a scheduler that cannot take 50 steps failed `enable_stage_offload` with "`num_inference_steps`:
+    # 50 cannot be larger than ..." (or LCM's "original_steps x strength: 8 x 1.0 ..."), a run the user never asked for
+    torch.manual_seed(0)
+    shallow, deep = UNet2DModel(**TINY_UNET).eval(), UNet2DModel(**TINY_UNET).eval()
+    pipe = DualBackbonePipeline(shallow=shallow, deep=deep, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    expected = _images(pipe)
+    pipe.enable_stage_offload(device="cpu")
+    assert [pipe._stage_offload.units[unit] for unit in pipe._stage_offload.unit_of_stage] == [deep, shallow]
+    np.testing.assert_array_equal(_images(pipe), expected)
