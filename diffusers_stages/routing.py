@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from .partition import TimestepPartition, as_levels
-from .schedulers import check_scheduler_units, is_edm_scheduler  # noqa: F401  (their old home)
+from .schedulers import check_scheduler_units, is_corrector_call, is_edm_scheduler  # noqa: F401  (the others' old home)
 
 
 class StageRouter:
@@ -18,7 +18,8 @@ class StageRouter:
     The value a diffusers scheduler passes to the model as ``timestep`` *is* its current noise level in the
     model's units (training timesteps mapped back from sigmas, shifts included; ``ln(sigma)/4`` for EDM), so the
     stage is looked up from that value through the partition. Second-order schedulers (Heun, KDPM2) call the model
-    twice per step; the corrector call stays with the predictor's stage so that a pair is never split.
+    twice per step, and so does PLMS's first step (`PNDMScheduler` with ``skip_prk_steps=True``); the corrector call
+    stays with the predictor's stage so that a pair is never split.
 
     Example:
 
@@ -48,9 +49,9 @@ class StageRouter:
     def __call__(self, timestep: torch.Tensor | float, is_corrector: bool | None = None) -> int:
         """The stage of a model call at ``timestep`` (one value, or the call's timestep expanded over its batch, all in
         one stage); ``is_corrector`` says whether it is the second call of a predictor/corrector pair (``None``: read
-        the scheduler's ``state_in_first_order`` now)."""
+        it from the scheduler's state now, `diffusers_stages.schedulers.is_corrector_call`)."""
         if is_corrector is None:
-            is_corrector = getattr(self.scheduler, "state_in_first_order", True) is False
+            is_corrector = is_corrector_call(self.scheduler)
         if self.stage is None or not is_corrector:
             levels = as_levels(timestep).reshape(-1)
             if not levels.numel():

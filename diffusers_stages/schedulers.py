@@ -432,6 +432,16 @@ def check_timesteps_from_step_count(scheduler, error: ValueError) -> None:
         ) from error
 
 
+def is_corrector_call(scheduler) -> bool:
+    """Whether ``scheduler``'s next model call, read from its state now, is the second of a predictor/corrector pair,
+    which must stay with its predictor's network: a Heun-type scheduler's (``state_in_first_order`` false), or PLMS's
+    first step (`PNDMScheduler` with ``skip_prk_steps=True``, at its second call: averaged with the first, it steps
+    from the first call's sample)."""
+    if getattr(scheduler, "state_in_first_order", True) is False:
+        return True
+    return isinstance(scheduler, PNDMScheduler) and bool(scheduler.config.skip_prk_steps) and scheduler.counter == 1
+
+
 def model_call_timesteps(
     scheduler,
     num_inference_steps: int | None = None,
@@ -468,7 +478,7 @@ def model_call_timesteps(
     calls = []
     with torch.random.fork_rng(devices=[]):  # a step may draw from the global generator (DPMSolverSDE's seed)
         for t in scheduler.timesteps:
-            calls.append((float(t), getattr(scheduler, "state_in_first_order", True) is False))
+            calls.append((float(t), is_corrector_call(scheduler)))
             if hasattr(scheduler, "scale_model_input"):
                 scheduler.scale_model_input(sample, t)  # some schedulers track this call
             sample = scheduler.step(torch.zeros_like(sample), t, sample, **step_kwargs).prev_sample

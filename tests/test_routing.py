@@ -4,7 +4,7 @@ from collections import Counter
 import diffusers
 import pytest
 import torch
-from diffusers import DDIMScheduler, EDMEulerScheduler, HeunDiscreteScheduler
+from diffusers import DDIMScheduler, EDMEulerScheduler, HeunDiscreteScheduler, PNDMScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers_stages import StageRouter, TimestepPartition
@@ -78,6 +78,27 @@ def test_heun_pair_is_never_split():
             assert s1 == (0 if t1 < 500 else 1)
     # the boundary falls inside a pair somewhere: the corrector there is below 500 but stays in stage 1
     assert any(not f and t < 500 and s == 1 for f, t, s in pairs)
+
+
+@pytest.mark.parametrize("skip_prk_steps", [True, False])
+def test_plms_first_pair_stays_together_in_a_loop_of_ones_own_as_in_the_pipelines(skip_prk_steps):
+    # PLMS's first step (`PNDMScheduler(skip_prk_steps=True)`) calls the model twice, the second call averaged with the
+    # first as Heun's corrector: the pipelines keep that pair in one stage (README, "Routing by noise level"), but
+    # the router read `state_in_first_order` only, which PNDM has not, and in a loop of one's own split it (the call
+    # at 750 in stage 1, its corrector at 500 in stage 0); the Runge-Kutta warm-up has no such pair
+    scheduler = PNDMScheduler(skip_prk_steps=skip_prk_steps)
+    partition = TimestepPartition([600])
+    expected = []
+    for t, is_corrector in model_call_timesteps(scheduler, 4):
+        expected.append(expected[-1] if is_corrector else int(partition.stage_for_timestep(t)))
+    scheduler.set_timesteps(4)
+    router = StageRouter(partition, scheduler)
+    sample, stages = torch.zeros(1, 1, 2, 2), []
+    for t in scheduler.timesteps:
+        stages.append(router(t))
+        sample = scheduler.step(torch.zeros_like(sample), t, sample).prev_sample
+    assert stages == expected
+    assert stages[:3] == ([1, 1, 0] if skip_prk_steps else [1, 1, 1])  # 750, 500 (its corrector), 500 / PRK's 750, 625
 
 
 def test_scheduler_and_partition_units_must_agree():
