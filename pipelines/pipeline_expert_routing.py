@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from accelerate.hooks import CpuOffload
 from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderTiny, VQModel
@@ -131,11 +133,14 @@ def record_exit_profile(
     exit_threshold: float | None = None,
     batch_size: int = 1,
     generator: torch.Generator | None = None,
+    class_labels: Sequence[int] | torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> list[tuple[float, int]]:
     r"""
     Sample with ``model`` through the package's sampling loop and return ``(timestep, exit layer)`` of every model
     call: AdaDiff's exit-depth profile (with ``batch_size > 1``, the deepest exit of the batch: the blocks that call
-    ran; ``model.last_exit_layers`` holds each sample's).
+    ran; ``model.last_exit_layers`` holds each sample's). A class-conditional model samples ``class_labels`` (one per
+    image), with classifier-free guidance at ``guidance_scale``, as the pipelines' call takes them.
 
     Example:
 
@@ -172,7 +177,14 @@ def record_exit_profile(
         )
         pipe = ExpertRoutingPipeline(experts=single, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
-        pipe(batch_size=batch_size, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
+        pipe(
+            batch_size=batch_size,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            output_type="pt",
+            class_labels=class_labels,
+            guidance_scale=guidance_scale,
+        )
     finally:
         handle.remove()
         model.exit_threshold = previous

@@ -363,3 +363,26 @@ def test_compiled_experts_sample_the_same_images(different_experts):
     pipe.experts.compile_stages(backend="eager")
     images = pipe(batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
     np.testing.assert_array_equal(images, expected)
+
+
+def test_exit_profile_of_a_class_conditional_model_takes_its_labels_and_guidance():
+    # `record_exit_profile` took no `class_labels`: a class-conditional early-exit model (the training scripts' `--backbone
+    # early_exit --class_conditional`) failed with "`class_labels` must be given", an argument it could not be given
+    from diffusers_stages.models import EarlyExitUViT2DModel
+    from diffusers_stages.pipelines import record_exit_profile
+
+    torch.manual_seed(0)
+    model = EarlyExitUViT2DModel(
+        sample_size=8, hidden_size=16, num_layers=3, num_attention_heads=2, num_class_embeds=4
+    )
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["class_labels"].tolist()), with_kwargs=True
+    )
+    profile = record_exit_profile(
+        model, DDIMScheduler(), num_inference_steps=2, exit_threshold=1.0, class_labels=[0, 2]
+    )
+    assert [t for t, _ in profile] == [500.0, 0.0] and seen == [[0, 2], [0, 2]]
+    seen.clear()
+    record_exit_profile(model, DDIMScheduler(), num_inference_steps=2, class_labels=[1], guidance_scale=2.0)
+    assert seen == [[1, 3], [1, 3]]  # the label and the unconditional one (the last embedding), as the pipelines guide
