@@ -39,7 +39,7 @@ from ..models.loading import (
     plain_weight_headers,
 )
 from ..pipelines.pipeline_staged import checked_id2label
-from .args import check_args, check_lr_schedule, refuse_changed_options, tracker_config
+from .args import EMA_OPTIONS, check_args, check_lr_schedule, refuse_changed_options, tracker_config
 from .checkpointing import (
     check_resume_arguments,
     check_same_class_names,
@@ -169,6 +169,9 @@ def parse_and_check(
         if not task.uses_labels:  # (a default of the script's own: text-to-image's is 0)
             refuse_changed_options(parser, args, ("class_dropout_prob",), "a run without `--class_conditional`",
                                    "it trains unconditional, without labels to drop")  # fmt: skip
+        if not args.use_ema:  # (diffusers' scripts ignore them: a decay typed without `--use_ema` kept no EMA)
+            refuse_changed_options(parser, args, EMA_OPTIONS, "a run without `--use_ema`",
+                                   "it keeps no EMA of the weights (add `--use_ema` to keep one)")  # fmt: skip
         check_args(args, task.partition, task.downsampling * vae_shape(args, task)[1], task.vae_path)
         check_sampling_steps(args, task)
         check_networks(args, task)

@@ -187,6 +187,14 @@ def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_pa
             ["--class_dropout_prob", "0.2"],
             "`--class_dropout_prob` 0.2 is not used by a run without `--class_conditional`",
         ),
+        # were ignored in silence (as in diffusers' scripts): a decay typed without `--use_ema` kept no EMA at all
+        (
+            ["--ema_max_decay", "0.999"],
+            "`--ema_max_decay` 0.999 is not used by a run without `--use_ema`: it keeps no EMA of the weights (add "
+            "`--use_ema` to keep one). Drop `--ema_max_decay`.",
+        ),
+        (["--ema_power", "0.6667"], "`--ema_power` 0.6667 is not used by a run without `--use_ema`"),
+        (["--ema_inv_gamma", "2"], "`--ema_inv_gamma` 2.0 is not used by a run without `--use_ema`"),
     ],
 )
 def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_path, capsys, extra, message):
