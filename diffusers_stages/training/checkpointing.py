@@ -669,10 +669,16 @@ def check_sharded_resume(
     _check_same_partition(partition, input_dir)
 
 
+# the EMA's settings (`decay` is `--ema_max_decay`, `power` `--ema_power`, `inv_gamma` `--ema_inv_gamma`), which
+# resuming keeps: the saved EMA's must be the same
+EMA_SETTINGS = ("decay", "min_decay", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
+
+
 def _load_ema(ema: EMAModel, folder: str) -> None:
     """Resume ``ema`` from its `EMAModel.save_pretrained` ``folder`` as strictly as the networks resume: missing,
     unexpected, mis-shaped or non-float weights (which `EMAModel.from_pretrained` loads leniently through diffusers),
-    and an EMA of another configuration or parameter shapes than ``ema``'s model, are a `ValueError` naming
+    an EMA of another configuration or parameter shapes than ``ema``'s model, and one kept with other settings
+    (`EMA_SETTINGS`, which diffusers' `load_state_dict` would take over in silence), are a `ValueError` naming
     ``folder``; ``ema`` is left as it was."""
     loaded = load_strictly(ema.model_cls, folder)  # none left random, ignored or cast
     now = json.loads(json.dumps(dict(ema.model_config), default=str))
@@ -687,6 +693,15 @@ def _load_ema(ema: EMAModel, folder: str) -> None:
         )
     saved = read_json(os.path.join(folder, "config.json"), "config.json")  # also the EMA's state (decay, step, ...)
     state = {k: saved[k] for k in ema.state_dict() if k != "shadow_params" and k in saved}
+    # the settings the run gives (`--ema_*`, and the loop's own): the checkpoint's would replace them in silence
+    settings = {k: getattr(ema, k) for k in EMA_SETTINGS}
+    values = _differences(settings, {k: state.get(k, v) for k, v in settings.items()}, EMA_SETTINGS)
+    if values:
+        raise ValueError(
+            f"The EMA at {folder} was kept with other settings ({values}): resume with the `--ema_max_decay`, "
+            "`--ema_power` and `--ema_inv_gamma` of the run that wrote the checkpoint, or train into a new "
+            "`--output_dir`."
+        )
     state["shadow_params"] = [p.detach().clone() for p in loaded.parameters()]
     try:  # on a copy first: `EMAModel.load_state_dict` sets each value before checking it
         copy.copy(ema).load_state_dict(state)
