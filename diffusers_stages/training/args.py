@@ -217,7 +217,11 @@ def build_parser(
                        help="Length of the training noise schedule (DDPM steps; also EDM's scheduler config). "
                        "`--ddpm_num_steps` (diffusers' train_unconditional.py name) is a deprecated alias.")  # fmt: skip
     model.add_argument("--ddpm_beta_schedule", type=str, default="linear", choices=BETA_SCHEDULES)
-    model.add_argument("--prediction_type", choices=("epsilon", "v_prediction", "sample"), default="epsilon")
+    model.add_argument(
+        "--prediction_type", choices=("epsilon", "v_prediction", "sample"), default="epsilon",
+        help="The loss target, saved as the scheduler's. `sample`: the plain mean squared error to the clean sample "
+        "(diffusers' train_unconditional.py weights it by the SNR alpha_t / (1 - alpha_t)).",
+    )  # fmt: skip
     model.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (DDPM-style).")
     model.add_argument("--noise_offset", type=float, default=0.0,
                        help="Offset noise: add this x N(0, 1) per sample and channel to the noise (as diffusers' "
