@@ -637,6 +637,32 @@ def check_same_class_names(input_dir: str, id2label: dict[str, str] | None) -> N
     )
 
 
+def optimizer_settings(optimizer) -> dict:
+    """The options an optimizer's state holds besides its moments, by option (of its first parameter group: the
+    loop's one AdamW has one): `--learning_rate` (as scaled by `--scale_lr`, the learning-rate schedule's base) and
+    the `--adam_*` values; `check_same_optimizer_settings` compares them."""
+    group = optimizer.param_groups[0]
+    beta1, beta2 = group["betas"]
+    return {
+        "--learning_rate": group.get("initial_lr", group["lr"]), "--adam_beta1": beta1, "--adam_beta2": beta2,
+        "--adam_epsilon": group["eps"], "--adam_weight_decay": group["weight_decay"],
+    }  # fmt: skip
+
+
+def check_same_optimizer_settings(now: dict, then: dict, input_dir: str) -> None:
+    """Refuse to resume from ``input_dir`` with other optimizer settings (``now``: `optimizer_settings` before the
+    checkpoint loads, ``then``: after): Accelerate's load replaces the optimizer's and the learning-rate schedule's
+    learning rate and Adam settings with the checkpoint's, so the run would go on with those in silence."""
+    values = _differences(now, then, now)
+    if values:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {input_dir!r} was written with other optimizer settings ({values}): its "
+            "optimizer and learning-rate states would replace them in silence. Resume with the `--learning_rate`, "
+            "`--scale_lr` (and process count) and `--adam_*` of the run that wrote it, or train into a new "
+            "`--output_dir`."
+        )
+
+
 def check_resume_arguments(
     input_dir: str, noise_scheduler, source: str | None = None, latent_space: dict | None = None
 ) -> None:

@@ -43,6 +43,7 @@ from .args import EMA_OPTIONS, check_args, check_lr_schedule, refuse_changed_opt
 from .checkpointing import (
     check_resume_arguments,
     check_same_class_names,
+    check_same_optimizer_settings,
     check_same_sharding,
     check_same_source_files,
     check_sharded_resume,
@@ -51,6 +52,7 @@ from .checkpointing import (
     discard_checkpoints,
     is_finished,
     mark_finished,
+    optimizer_settings,
     publish_pipeline,
     register_checkpoint_hooks,
     remove_leftovers,
@@ -516,7 +518,9 @@ def _resume(state: RunState, resume_path: str | None, steps_per_epoch: int) -> t
     if is_sharded(accelerator):  # Accelerate loads the shards before the load hook's checks
         source = getattr(args, "pretrained_model_name_or_path", None)
         check_sharded_resume(resume_path, state.unwrapped(), state.noise_scheduler, state.task.partition, source)
+    settings = optimizer_settings(state.optimizer)  # the run's: the load puts the checkpoint's in their place
     accelerator.load_state(resume_path)
+    check_same_optimizer_settings(settings, optimizer_settings(state.optimizer), resume_path)
     first_epoch, done = divmod(global_step, steps_per_epoch)
     if global_step >= max_train_steps:  # killed before its final outputs: write them, train no further step
         accelerator.print(f"Training is complete at {resume_path}: writing its final outputs only.")

@@ -390,8 +390,13 @@ def test_resuming_on_other_classes_is_refused_before_training(examples, script, 
         # was a silent switch of the objective: epsilon-trained weights went on training (and were saved) as v-prediction
         (["--prediction_type", "v_prediction"], r"was written with another noise schedule \(`prediction_type` "
          r"'epsilon' there, 'v_prediction' now\): resume with the arguments"),
+        # were ignored in silence: the checkpoint's optimizer state replaced the learning rate and the Adam settings
+        # (the run went on at 1e-4, its logs and model card saying 0.001)
+        (["--learning_rate", "1e-3", "--adam_weight_decay", "0.01"],
+         r"was written with other optimizer settings \(`--adam_weight_decay` 1e-06 there, 0.01 now; "
+         r"`--learning_rate` 0.0001 there, 0.001 now\): its optimizer and learning-rate states would replace them"),
     ],
-    ids=["model", "noise_schedule"],
+    ids=["model", "noise_schedule", "optimizer"],
 )  # fmt: skip
 def test_resuming_with_other_arguments_names_them(examples, script, image_folder, tmp_path, changed, message):
     out = str(tmp_path / "run")
