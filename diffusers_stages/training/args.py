@@ -19,6 +19,9 @@ from ..planning.data import is_inside
 from ..timestep_sampling import STAGE_SAMPLING
 from .checkpointing import checkpoint_folders
 
+# the options of the EMA `--use_ema` keeps (refused without it: they would be ignored)
+EMA_OPTIONS = ("ema_inv_gamma", "ema_power", "ema_max_decay")
+
 # the learning-rate schedules `get_scheduler` builds from the loop's arguments alone
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -214,7 +217,11 @@ def build_parser(
                        help="Length of the training noise schedule (DDPM steps; also EDM's scheduler config). "
                        "`--ddpm_num_steps` (diffusers' train_unconditional.py name) is a deprecated alias.")  # fmt: skip
     model.add_argument("--ddpm_beta_schedule", type=str, default="linear", choices=BETA_SCHEDULES)
-    model.add_argument("--prediction_type", choices=("epsilon", "v_prediction", "sample"), default="epsilon")
+    model.add_argument(
+        "--prediction_type", choices=("epsilon", "v_prediction", "sample"), default="epsilon",
+        help="The loss target, saved as the scheduler's. `sample`: the plain mean squared error to the clean sample "
+        "(diffusers' train_unconditional.py weights it by the SNR alpha_t / (1 - alpha_t)).",
+    )  # fmt: skip
     model.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (DDPM-style).")
     model.add_argument("--noise_offset", type=float, default=0.0,
                        help="Offset noise: add this x N(0, 1) per sample and channel to the noise (as diffusers' "
@@ -264,9 +271,9 @@ def build_parser(
         help="Keep an exponential moving average of the weights (`--ema_*`, as diffusers' train_unconditional.py), "
         "saved in the checkpoints and as the final pipeline's weights; the sample grids are drawn with it.",
     )  # fmt: skip
-    optim.add_argument("--ema_inv_gamma", type=float, default=1.0)
-    optim.add_argument("--ema_power", type=float, default=3 / 4)
-    optim.add_argument("--ema_max_decay", type=float, default=0.9999)
+    optim.add_argument("--ema_inv_gamma", type=float, default=1.0, help="With `--use_ema`.")
+    optim.add_argument("--ema_power", type=float, default=3 / 4, help="With `--use_ema`.")
+    optim.add_argument("--ema_max_decay", type=float, default=0.9999, help="With `--use_ema`.")
 
     outputs = parser.add_argument_group("checkpoints, logs, samples, Hub")
     outputs.add_argument(

@@ -637,6 +637,32 @@ def check_same_class_names(input_dir: str, id2label: dict[str, str] | None) -> N
     )
 
 
+def optimizer_settings(optimizer) -> dict:
+    """The options an optimizer's state holds besides its moments, by option (of its first parameter group: the
+    loop's one AdamW has one): `--learning_rate` (as scaled by `--scale_lr`, the learning-rate schedule's base) and
+    the `--adam_*` values; `check_same_optimizer_settings` compares them."""
+    group = optimizer.param_groups[0]
+    beta1, beta2 = group["betas"]
+    return {
+        "--learning_rate": group.get("initial_lr", group["lr"]), "--adam_beta1": beta1, "--adam_beta2": beta2,
+        "--adam_epsilon": group["eps"], "--adam_weight_decay": group["weight_decay"],
+    }  # fmt: skip
+
+
+def check_same_optimizer_settings(now: dict, then: dict, input_dir: str) -> None:
+    """Refuse to resume from ``input_dir`` with other optimizer settings (``now``: `optimizer_settings` before the
+    checkpoint loads, ``then``: after): Accelerate's load replaces the optimizer's and the learning-rate schedule's
+    learning rate and Adam settings with the checkpoint's, so the run would go on with those in silence."""
+    values = _differences(now, then, now)
+    if values:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {input_dir!r} was written with other optimizer settings ({values}): its "
+            "optimizer and learning-rate states would replace them in silence. Resume with the `--learning_rate`, "
+            "`--scale_lr` (and process count) and `--adam_*` of the run that wrote it, or train into a new "
+            "`--output_dir`."
+        )
+
+
 def check_resume_arguments(
     input_dir: str, noise_scheduler, source: str | None = None, latent_space: dict | None = None
 ) -> None:
@@ -669,10 +695,16 @@ def check_sharded_resume(
     _check_same_partition(partition, input_dir)
 
 
+# the EMA's settings (`decay` is `--ema_max_decay`, `power` `--ema_power`, `inv_gamma` `--ema_inv_gamma`), which
+# resuming keeps: the saved EMA's must be the same
+EMA_SETTINGS = ("decay", "min_decay", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
+
+
 def _load_ema(ema: EMAModel, folder: str) -> None:
     """Resume ``ema`` from its `EMAModel.save_pretrained` ``folder`` as strictly as the networks resume: missing,
     unexpected, mis-shaped or non-float weights (which `EMAModel.from_pretrained` loads leniently through diffusers),
-    and an EMA of another configuration or parameter shapes than ``ema``'s model, are a `ValueError` naming
+    an EMA of another configuration or parameter shapes than ``ema``'s model, and one kept with other settings
+    (`EMA_SETTINGS`, which diffusers' `load_state_dict` would take over in silence), are a `ValueError` naming
     ``folder``; ``ema`` is left as it was."""
     loaded = load_strictly(ema.model_cls, folder)  # none left random, ignored or cast
     now = json.loads(json.dumps(dict(ema.model_config), default=str))
@@ -687,6 +719,15 @@ def _load_ema(ema: EMAModel, folder: str) -> None:
         )
     saved = read_json(os.path.join(folder, "config.json"), "config.json")  # also the EMA's state (decay, step, ...)
     state = {k: saved[k] for k in ema.state_dict() if k != "shadow_params" and k in saved}
+    # the settings the run gives (`--ema_*`, and the loop's own): the checkpoint's would replace them in silence
+    settings = {k: getattr(ema, k) for k in EMA_SETTINGS}
+    values = _differences(settings, {k: state.get(k, v) for k, v in settings.items()}, EMA_SETTINGS)
+    if values:
+        raise ValueError(
+            f"The EMA at {folder} was kept with other settings ({values}): resume with the `--ema_max_decay`, "
+            "`--ema_power` and `--ema_inv_gamma` of the run that wrote the checkpoint, or train into a new "
+            "`--output_dir`."
+        )
     state["shadow_params"] = [p.detach().clone() for p in loaded.parameters()]
     try:  # on a copy first: `EMAModel.load_state_dict` sets each value before checking it
         copy.copy(ema).load_state_dict(state)

@@ -196,16 +196,18 @@ def load_train_split(dataset_name: str, dataset_config_name: str | None, cache_d
 def preprocess_image(
     image: Image.Image, resolution: int, center_crop: bool, rng: random.Random | None
 ) -> torch.Tensor:
-    """RGB, shorter side resized to ``resolution``, cropped square (centre, or at random with ``rng``), in [-1, 1]."""
+    """RGB, shorter side resized to ``resolution``, cropped square (centre, or at random with ``rng``), in [-1, 1]:
+    the sizes and offsets of diffusers' scripts' torchvision transforms (``Resize(resolution)``, bilinear: the longer
+    side truncated to ``int(resolution * long / short)``; ``CenterCrop``: offsets ``int(round(diff / 2))``)."""
     image = eight_bit(image).convert("RGB")
     width, height = image.size
-    scale = resolution / min(width, height)
-    if scale != 1:
-        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BILINEAR)
+    if min(width, height) != resolution:
+        short, long = min(width, height), max(width, height)
+        size = (resolution, int(resolution * long / short))
+        image = image.resize(size if width <= height else size[::-1], Image.Resampling.BILINEAR)
         width, height = image.size
     if center_crop or rng is None:
-        left, top = (width - resolution) // 2, (height - resolution) // 2
+        left, top = int(round((width - resolution) / 2.0)), int(round((height - resolution) / 2.0))
     else:
         left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
     image = image.crop((left, top, left + resolution, top + resolution))

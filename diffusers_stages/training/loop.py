@@ -39,10 +39,11 @@ from ..models.loading import (
     plain_weight_headers,
 )
 from ..pipelines.pipeline_staged import checked_id2label
-from .args import check_args, check_lr_schedule, refuse_changed_options, tracker_config
+from .args import EMA_OPTIONS, check_args, check_lr_schedule, refuse_changed_options, tracker_config
 from .checkpointing import (
     check_resume_arguments,
     check_same_class_names,
+    check_same_optimizer_settings,
     check_same_sharding,
     check_same_source_files,
     check_sharded_resume,
@@ -51,6 +52,7 @@ from .checkpointing import (
     discard_checkpoints,
     is_finished,
     mark_finished,
+    optimizer_settings,
     publish_pipeline,
     register_checkpoint_hooks,
     remove_leftovers,
@@ -169,6 +171,9 @@ def parse_and_check(
         if not task.uses_labels:  # (a default of the script's own: text-to-image's is 0)
             refuse_changed_options(parser, args, ("class_dropout_prob",), "a run without `--class_conditional`",
                                    "it trains unconditional, without labels to drop")  # fmt: skip
+        if not args.use_ema:  # (diffusers' scripts ignore them: a decay typed without `--use_ema` kept no EMA)
+            refuse_changed_options(parser, args, EMA_OPTIONS, "a run without `--use_ema`",
+                                   "it keeps no EMA of the weights (add `--use_ema` to keep one)")  # fmt: skip
         check_args(args, task.partition, task.downsampling * vae_shape(args, task)[1], task.vae_path)
         check_sampling_steps(args, task)
         check_networks(args, task)
@@ -513,7 +518,9 @@ def _resume(state: RunState, resume_path: str | None, steps_per_epoch: int) -> t
     if is_sharded(accelerator):  # Accelerate loads the shards before the load hook's checks
         source = getattr(args, "pretrained_model_name_or_path", None)
         check_sharded_resume(resume_path, state.unwrapped(), state.noise_scheduler, state.task.partition, source)
+    settings = optimizer_settings(state.optimizer)  # the run's: the load puts the checkpoint's in their place
     accelerator.load_state(resume_path)
+    check_same_optimizer_settings(settings, optimizer_settings(state.optimizer), resume_path)
     first_epoch, done = divmod(global_step, steps_per_epoch)
     if global_step >= max_train_steps:  # killed before its final outputs: write them, train no further step
         accelerator.print(f"Training is complete at {resume_path}: writing its final outputs only.")

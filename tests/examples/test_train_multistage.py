@@ -187,6 +187,14 @@ def test_latent_space_with_cached_latents(examples, script, image_folder, tmp_pa
             ["--class_dropout_prob", "0.2"],
             "`--class_dropout_prob` 0.2 is not used by a run without `--class_conditional`",
         ),
+        # were ignored in silence (as in diffusers' scripts): a decay typed without `--use_ema` kept no EMA at all
+        (
+            ["--ema_max_decay", "0.999"],
+            "`--ema_max_decay` 0.999 is not used by a run without `--use_ema`: it keeps no EMA of the weights (add "
+            "`--use_ema` to keep one). Drop `--ema_max_decay`.",
+        ),
+        (["--ema_power", "0.6667"], "`--ema_power` 0.6667 is not used by a run without `--use_ema`"),
+        (["--ema_inv_gamma", "2"], "`--ema_inv_gamma` 2.0 is not used by a run without `--use_ema`"),
     ],
 )
 def test_bad_arguments_fail_before_training(examples, script, image_folder, tmp_path, capsys, extra, message):
@@ -382,8 +390,13 @@ def test_resuming_on_other_classes_is_refused_before_training(examples, script, 
         # was a silent switch of the objective: epsilon-trained weights went on training (and were saved) as v-prediction
         (["--prediction_type", "v_prediction"], r"was written with another noise schedule \(`prediction_type` "
          r"'epsilon' there, 'v_prediction' now\): resume with the arguments"),
+        # were ignored in silence: the checkpoint's optimizer state replaced the learning rate and the Adam settings
+        # (the run went on at 1e-4, its logs and model card saying 0.001)
+        (["--learning_rate", "1e-3", "--adam_weight_decay", "0.01"],
+         r"was written with other optimizer settings \(`--adam_weight_decay` 1e-06 there, 0.01 now; "
+         r"`--learning_rate` 0.0001 there, 0.001 now\): its optimizer and learning-rate states would replace them"),
     ],
-    ids=["model", "noise_schedule"],
+    ids=["model", "noise_schedule", "optimizer"],
 )  # fmt: skip
 def test_resuming_with_other_arguments_names_them(examples, script, image_folder, tmp_path, changed, message):
     out = str(tmp_path / "run")

@@ -667,6 +667,49 @@ def test_resuming_a_run_with_ema_without_it_is_refused(tmp_path):
         GradientState._reset_state()
 
 
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        ({"decay": 0.999}, "`decay` 0.9999 there, 0.999 now"),
+        ({"power": 2 / 3}, "`power` 0.75 there, 0.6666666666666666 now"),
+        ({"inv_gamma": 2.0}, "`inv_gamma` 1.0 there, 2.0 now"),
+    ],
+)
+def test_resuming_an_ema_with_other_settings_is_refused(tmp_path, changed, message):
+    # the checkpoint's EMA state replaced the run's `--ema_max_decay`, `--ema_power` and `--ema_inv_gamma` in silence
+    # (as diffusers' `EMAModel.load_state_dict` does): a run resumed to change its decay kept the old one
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from diffusers.training_utils import EMAModel
+
+    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
+
+    checkpoint = str(tmp_path / "checkpoint-1")
+    settings = {"decay": 0.9999, "use_ema_warmup": True, "inv_gamma": 1.0, "power": 0.75}
+    try:
+        for options in (settings, {**settings, **changed}):
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            accelerator = Accelerator(cpu=True)
+            network = UNet2DModel(**TINY_UNET)
+            ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config, **options)
+            accelerator.prepare(network)
+            register_checkpoint_hooks(accelerator, ["unet"], {"unet": ema})
+            if options is settings:
+                accelerator.save_state(checkpoint)
+        with pytest.raises(ValueError) as error:
+            accelerator.load_state(checkpoint)
+        assert message in str(error.value) and "`--ema_max_decay`, `--ema_power` and `--ema_inv_gamma`" in str(
+            error.value
+        )
+        assert (ema.decay, ema.power, ema.inv_gamma) == tuple(
+            {**settings, **changed}[k] for k in ("decay", "power", "inv_gamma")
+        )
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 def test_a_file_named_like_the_checkpoint_being_saved_is_named_and_kept(tmp_path):
     # was renamed to a hidden leftover name, then rmtree raised NotADirectoryError
     (tmp_path / "checkpoint-4").write_text("notes")

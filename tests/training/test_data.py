@@ -78,6 +78,27 @@ def test_resize_and_crop():
     assert pixels.shape == (3, 8, 8) and pixels.min() == -1.0
 
 
+@pytest.mark.parametrize(
+    ("size", "resized", "left"),
+    [
+        ((20, 18), (17, 16), 0),  # 16 * 20 / 18 = 17.8: torchvision truncates it to 17 (was rounded to 18)
+        ((19, 16), (19, 16), 2),  # (19 - 16) / 2 = 1.5: torchvision's centre crop rounds it to 2 (was 1)
+        ((23, 16), (23, 16), 4),  # 3.5 rounds to 4 (was 3)
+        ((33, 50), (16, 24), 0),  # the taller side: 24.2 truncated to 24
+    ],
+)
+def test_resize_and_centre_crop_are_torchvisions(size, resized, left):
+    # diffusers' scripts resize with `transforms.Resize(resolution)` (the shorter side to it, the longer side
+    # int(resolution * long / short)) and centre crop with `transforms.CenterCrop` (offsets int(round(diff / 2))): the
+    # images were resized and cropped a pixel off theirs. A 16-pixel resolution; a random image of `size` (w, h)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    expected = image if resized == size else image.resize(resized, Image.Resampling.BILINEAR)
+    top = int(round((resized[1] - 16) / 2))
+    expected = np.asarray(expected.crop((left, top, left + 16, top + 16)), dtype=np.float32) / 127.5 - 1.0
+    pixels = preprocess_image(image, 16, center_crop=True, rng=None)
+    assert torch.equal(pixels, torch.from_numpy(expected).permute(2, 0, 1))
+
+
 def test_augmentation_is_a_function_of_seed_epoch_and_index(folder):
     dataset = TrainingImages(image_folder_records(folder, False), 8, center_crop=False, random_flip=True, seed=3)
     first = [dataset[k]["pixel_values"] for k in range(12)]  # two epochs of 6 images
