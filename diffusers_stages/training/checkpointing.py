@@ -350,14 +350,15 @@ def discard_checkpoints(folders: list[str]) -> None:
 
 
 def _network_folder(checkpoint: str, name: str) -> str:
-    """``checkpoint/name``, which must exist (a missing local folder would send `from_pretrained` to the Hub)."""
-    folder = os.path.join(checkpoint, name)
-    if not os.path.isdir(folder):
+    """``checkpoint/name``, which must exist (a missing local folder would send `from_pretrained` to the Hub) and be
+    a real folder of the checkpoint (`component_folder`: a link leading out of it is refused, as its
+    ``noise_scheduler`` is: the weights would be another folder's)."""
+    if not os.path.isdir(os.path.join(checkpoint, name)):
         raise ValueError(
             f"Checkpoint {checkpoint!r} has no {name!r} folder: it was written by a run with other networks or "
             "options (e.g. without `--use_ema`), or was damaged after it was written."
         )
-    return folder
+    return component_folder(checkpoint, name)
 
 
 def _names(folders: list[str]) -> str:

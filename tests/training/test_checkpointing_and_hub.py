@@ -639,6 +639,36 @@ def test_resuming_reads_a_checkpoint_ema_strictly(tmp_path, corruption):
         GradientState._reset_state()
 
 
+@pytest.mark.parametrize("folder", ["unet", "unet_ema"])
+def test_resuming_refuses_a_network_folder_that_links_out_of_the_checkpoint(tmp_path, folder):
+    # a checkpoint is read as hostile input, its noise_scheduler/ refused as a link out of it, but its network and EMA
+    # folders were read wherever a link named like them led (weights from another folder resumed without a word)
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from diffusers.training_utils import EMAModel
+
+    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        network = UNet2DModel(**TINY_UNET)
+        ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config)
+        model = accelerator.prepare(network)
+        register_checkpoint_hooks(accelerator, ["unet"], {"unet": ema})
+        checkpoint = tmp_path / "checkpoint-1"
+        accelerator.save_state(str(checkpoint))
+        shutil.move(checkpoint / folder, tmp_path / "elsewhere")
+        os.symlink(tmp_path / "elsewhere", checkpoint / folder)
+        with pytest.raises(ValueError, match=f"{folder}.*inside"):
+            accelerator.load_state(str(checkpoint))
+        assert model is not None
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 def test_resuming_a_run_with_ema_without_it_is_refused(tmp_path):
     # the EMA weights of the checkpoint were dropped in silence (the final pipeline then held the raw weights), while
     # the other way round (`--use_ema` on a checkpoint without them) is refused
