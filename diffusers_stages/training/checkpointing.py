@@ -19,7 +19,7 @@ from accelerate import Accelerator, init_empty_weights
 from accelerate.utils.constants import FSDP_MODEL_NAME
 from diffusers.training_utils import EMAModel
 
-from ..models.loading import check_name, component_folder, load_scheduler, load_strictly, read_json
+from ..models.loading import check_folder_files, check_name, component_folder, load_scheduler, load_strictly, read_json
 from ..partition import TimestepPartition
 from .sharding import gathered_networks, plain_class
 
@@ -644,7 +644,10 @@ def check_resume_arguments(
     """The checks of resuming from ``input_dir`` that need no network: the fine-tuning source (``source``:
     `--pretrained_model_name_or_path`, or None), the noise schedule and the data space (``latent_space``: pixels or
     a VAE's latents, see `_check_same_latent_space`; None: not checked) of the run that wrote it. The load hook of
-    `register_checkpoint_hooks` runs them; the loop runs them first, before any data is read."""
+    `register_checkpoint_hooks` runs them; the loop runs them first, before any data is read. A file of the
+    checkpoint that links out of it (its records, Accelerate's optimizer and random states) is refused first
+    (`check_folder_files`): another folder's state would be resumed."""
+    check_folder_files(input_dir)
     _check_same_source(source, input_dir)  # first: a source omitted changes the noise schedule too
     if noise_scheduler is not None:
         _check_same_noise_schedule(noise_scheduler, input_dir)

@@ -669,6 +669,34 @@ def test_resuming_refuses_a_network_folder_that_links_out_of_the_checkpoint(tmp_
         GradientState._reset_state()
 
 
+@pytest.mark.parametrize("file", ["optimizer.bin", "class_names.json", "pretrained_source.json"])
+def test_resuming_refuses_a_state_file_that_links_out_of_the_checkpoint(tmp_path, file):
+    # the checkpoint's own state files (Accelerate's optimizer and random states, the run's records) were read
+    # wherever a link named like them led, another run's state resumed (or named in an error) without a word
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        network = UNet2DModel(**TINY_UNET)
+        model, optimizer = accelerator.prepare(network, torch.optim.AdamW(network.parameters()))
+        register_checkpoint_hooks(accelerator, ["unet"], {})
+        checkpoint = tmp_path / "checkpoint-1"
+        accelerator.save_state(str(checkpoint))
+        shutil.move(checkpoint / file, tmp_path / "elsewhere")
+        os.symlink(tmp_path / "elsewhere", checkpoint / file)
+        with pytest.raises(ValueError, match=f"{re.escape(repr(file))} in .* links to .*outside the folder"):
+            accelerator.load_state(str(checkpoint))
+        assert model is not None and optimizer is not None
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 def test_resuming_a_run_with_ema_without_it_is_refused(tmp_path):
     # the EMA weights of the checkpoint were dropped in silence (the final pipeline then held the raw weights), while
     # the other way round (`--use_ema` on a checkpoint without them) is refused
