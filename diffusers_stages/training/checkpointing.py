@@ -513,7 +513,8 @@ def source_identity(source: str | None) -> dict[str, dict] | None:
     and of every file in the folders of the components it names, by path (``unet/config.json``, ...). Other files
     (a run's checkpoints, logs and sample grids, when the source is a training run's output folder) are not part of
     it. None without a source, or for a Hub repository (its files are its loader's). A component name that is no
-    plain name (``..``, ``/``: hostile input) or whose folder leads out of the source is a `ValueError`."""
+    plain name (``..``, ``/``: hostile input) or whose folder, or a file in it or its sub-folders, leads out of the
+    source is a `ValueError`."""
     if source is None or not os.path.isfile(os.path.join(source, "model_index.json")):
         return None
     index = read_json(os.path.join(source, "model_index.json"), "model_index.json")
@@ -526,7 +527,8 @@ def source_identity(source: str | None) -> dict[str, dict] | None:
         if not os.path.isdir(folder):
             continue
         folder = component_folder(source, name)  # a real folder inside the source (no link leading out)
-        for root, dirs, files in os.walk(folder):
+        for root, dirs, files in os.walk(folder):  # (links to folders are not walked into)
+            check_folder_files(root)  # a sub-folder's files too (expert_0/): no link out of it is read
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for file in sorted(f for f in files if not f.startswith(".")):
                 path = os.path.join(root, file)

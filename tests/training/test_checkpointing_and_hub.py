@@ -1095,3 +1095,16 @@ def test_the_source_record_reads_no_folder_a_component_name_leads_to_outside_the
         json.dump(index, f)
     with pytest.raises(ValueError, match="component folder name"):
         source_identity(source)
+
+
+def test_the_source_record_reads_no_file_a_link_in_a_component_sub_folder_leads_to_outside_the_source(tmp_path):
+    # the component folder's own files are checked (component_folder), but the record walks its sub-folders too
+    # (an expert container's expert_0/), and a link there to any file of the user's was read and hashed into every
+    # checkpoint's record
+    source = _source_folder(tmp_path / "a")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the source's")
+    os.makedirs(os.path.join(source, "unet", "notes"))
+    os.symlink(secret, os.path.join(source, "unet", "notes", "linked.txt"))
+    with pytest.raises(ValueError, match="'linked.txt' in .*notes links to .*outside the folder"):
+        source_identity(source)
