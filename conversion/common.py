@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from diffusers_stages.cli import HelpFormatter, existing_ancestor, is_writable_folder
 from diffusers_stages.models.loading import (
     StrictLoadingMixin,
+    TensorBudget,
     _is_float_dtype,
     _tensor_dtypes,
     read_json,
@@ -289,6 +290,26 @@ def check_dtypes(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
     wrong = [f"{k}: {v.dtype}" for k, v in state_dict.items() if k in floating and not v.is_floating_point()]
     if wrong:
         raise ValueError(f"{source} has {len(wrong)} weights that are not floating point (first: {wrong[:5]}).")
+
+
+def build_for_checkpoint(build: Callable[[], torch.nn.Module], state_dict: dict[str, torch.Tensor], source: str):
+    """``build()`` (the converted model, from a config file: hostile input), after building it on the ``meta`` device
+    (no memory) stopped by `TensorBudget` once it makes far more tensors than the checkpoint ``state_dict`` holds: a
+    `ValueError` naming ``source`` where it does, or has far more parameters than the checkpoint holds weights. A
+    width or block count edited in the config would otherwise be allocated (gigabytes) or built for ever before the
+    strict key check (`load_converted`) names the mismatch."""
+    held = sum(tensor.numel() for tensor in state_dict.values())
+    try:
+        with torch.device("meta"), TensorBudget(len(state_dict)):
+            size = sum(parameter.numel() for parameter in build().parameters())
+    except TensorBudget.Exceeded as error:
+        raise ValueError(f"{source} does not fit the config: {error}") from None
+    if size > 2 * held + 2**20:  # (the converted model has the checkpoint's weights, a few buffers aside)
+        raise ValueError(
+            f"{source} does not fit the config: the config builds {size} parameters, the checkpoint holds {held} "
+            "weights. Is a width or block count of the config edited, or the checkpoint another model's?"
+        )
+    return build()
 
 
 def load_converted(model: torch.nn.Module, converted: dict[str, torch.Tensor], source: str) -> None:

@@ -47,6 +47,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, VQModel
 from diffusers_stages.cli import refuse_pipeline_folder
 from diffusers_stages.conversion.common import (
     _is_number,
+    build_for_checkpoint,
     build_parser,
     check_consumed,
     check_option_kinds,
@@ -659,7 +660,8 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         config = ldm_unet_config(p)
         check_vae_latents(vae, args.vae, config["in_channels"])
         cross_attention = bool(p.get("use_spatial_transformer", False))
-        model = (MultiStageUNet2DConditionModel if cross_attention else MultiStageUNet2DModel)(**config)
+        model_class = MultiStageUNet2DConditionModel if cross_attention else MultiStageUNet2DModel
+        model = build_for_checkpoint(lambda: model_class(**config), original, f"The checkpoint {args.checkpoint}")
         class_embedder, class_embeddings = None, None
         if cross_attention:  # the class labels' cross-attention context (the ClassEmbedder)
             class_embedder = class_embedder_from(

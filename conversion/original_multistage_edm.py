@@ -48,6 +48,7 @@ from diffusers import EDMDPMSolverMultistepScheduler
 
 from diffusers_stages.conventions import num_data_classes
 from diffusers_stages.conversion.common import (
+    build_for_checkpoint,
     build_parser,
     check_consumed,
     check_option_kinds,
@@ -370,7 +371,8 @@ def main(args: argparse.Namespace) -> MultiStagePipeline:
         p = read_config(args.original_config)
         original = network_state_dict(load_state_dict(args.checkpoint))
         config = model_config(p, original)
-        model = MultiStageDDPMppUNet2DModel(**config)
+        source = f"The checkpoint {args.checkpoint}"
+        model = build_for_checkpoint(lambda: MultiStageDDPMppUNet2DModel(**config), original, source)
         # 2. rename, then check against the target model: strict keys and shapes
         converted = edm_to_ddpmpp(original, p, config["sample_size"])
         load_converted(model, converted, f"The checkpoint {args.checkpoint}")

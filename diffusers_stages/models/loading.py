@@ -203,14 +203,31 @@ def refuse_mismatched_keys(info: dict, path: str | os.PathLike | None, class_nam
         )
 
 
-def check_weight_files(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+def check_weight_files(model: torch.nn.Module, folder: str | os.PathLike, read_pickles: bool = False) -> None:
     """The checks of the weight files ``model`` was just loaded from (``folder``) that diffusers' own loading info
-    cannot give: `refuse_inconsistent_shards` and `refuse_non_float_weights`."""
-    refuse_inconsistent_shards(folder)
-    refuse_non_float_weights(model, folder)
+    cannot give: `refuse_inconsistent_shards` and `refuse_non_float_weights`; ``.bin`` files only where the load read
+    them (``read_pickles``: `reads_pickles`)."""
+    refuse_inconsistent_shards(folder, read_pickles)
+    refuse_non_float_weights(model, folder, read_pickles)
 
 
-def refuse_inconsistent_shards(folder: str | os.PathLike) -> None:
+def reads_pickles(folder: str | os.PathLike, variant: str | None = None, use_safetensors: bool | None = None) -> bool:
+    """Whether `from_pretrained` of ``folder`` (with ``variant`` and ``use_safetensors``) reads pickled ``.bin``
+    weights: asked for (``use_safetensors=False``), or the first of the files diffusers looks for that the folder
+    holds (`weight_file_names`, then without the variant, as diffusers falls back) is one; without any of them (a
+    transformers model's ``model.safetensors`` / ``pytorch_model.bin``), when the folder holds no safetensors. The
+    checks read no other ``.bin``: a pickle planted beside the safetensors that were loaded is never unpickled."""
+    if use_safetensors is not None:
+        return not use_safetensors
+    names = set(os.listdir(folder))
+    for candidate in dict.fromkeys((variant, None)):
+        found = [name for name in weight_file_names(candidate) if name in names]
+        if found:
+            return ".bin" in found[0]
+    return not any(name.endswith(".safetensors") for name in names)
+
+
+def refuse_inconsistent_shards(folder: str | os.PathLike, read_pickles: bool = False) -> None:
     """A `ValueError` naming the shard and the keys where a sharded checkpoint of ``folder`` (each weight index,
     ``*.index.json`` or a variant's ``*.index.<variant>.json``, and the shards it names) holds other tensors than
     its index maps to each shard.
@@ -218,9 +235,11 @@ def refuse_inconsistent_shards(folder: str | os.PathLike) -> None:
     diffusers takes a sharded checkpoint's keys from its index, not from the shards, so its missing and unexpected
     keys (`refuse_mismatched_keys`) cannot see a tensor missing from its shard (left on the ``meta`` device, or as
     uninitialised memory) or one the index does not list (ignored). Reads the safetensors headers only (``.bin``
-    shards are memory-mapped onto the ``meta`` device with ``weights_only=True``); a shard that is not there is left
-    to diffusers, which names it."""
+    shards are memory-mapped onto the ``meta`` device with ``weights_only=True``, and only with ``read_pickles``: the
+    load read them); a shard that is not there is left to diffusers, which names it."""
     for index_name in sorted(f for f in os.listdir(folder) if WEIGHT_INDEX.fullmatch(f)):
+        if ".bin" in index_name and not read_pickles:  # a pickled checkpoint's index the load did not read
+            continue
         weight_map = read_json(os.path.join(folder, index_name), index_name).get("weight_map")
         if not isinstance(weight_map, dict):  # named by `check_folder_files`
             continue
@@ -230,6 +249,8 @@ def refuse_inconsistent_shards(folder: str | os.PathLike) -> None:
         for shard, keys in sorted(listed.items()):
             path = os.path.join(folder, shard)
             if os.path.basename(shard) != shard or not os.path.isfile(path):
+                continue
+            if not shard.endswith(".safetensors") and not read_pickles:  # (never unpickled unless loaded)
                 continue
             names = _tensor_names(path)
             if names is None:  # a `.bin` diffusers cannot have loaded either
@@ -354,16 +375,16 @@ def _is_float_dtype(dtype: str | torch.dtype) -> bool:
 BIN_WEIGHTS_PREFIX = "diffusion_pytorch_model"  # diffusers' `.bin` weight files (and their shards, variants)
 
 
-def refuse_non_float_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """A `ValueError` naming the tensors of ``folder``'s weight files (safetensors, and diffusers' ``.bin`` files
-    saved with ``safe_serialization=False``) that are stored as integers, booleans or complex numbers where ``model``
-    has floating-point weights (diffusers casts them silently: a corrupted checkpoint would load as truncated
-    weights). Reads no tensor data (see `_tensor_dtypes`)."""
+def refuse_non_float_weights(model: torch.nn.Module, folder: str | os.PathLike, read_pickles: bool = False) -> None:
+    """A `ValueError` naming the tensors of ``folder``'s weight files (safetensors, and, with ``read_pickles``: the
+    load read them, diffusers' ``.bin`` files saved with ``safe_serialization=False``) that are stored as integers,
+    booleans or complex numbers where ``model`` has floating-point weights (diffusers casts them silently: a corrupted
+    checkpoint would load as truncated weights). Reads no tensor data (see `_tensor_dtypes`)."""
     floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
     names = sorted(
         f
         for f in os.listdir(folder)
-        if f.endswith(".safetensors") or (f.endswith(".bin") and f.startswith(BIN_WEIGHTS_PREFIX))
+        if f.endswith(".safetensors") or (read_pickles and f.endswith(".bin") and f.startswith(BIN_WEIGHTS_PREFIX))
     )
     for name in names:
         dtypes = {k: d for k, d in (_tensor_dtypes(os.path.join(folder, name)) or {}).items() if k in floating}
@@ -467,7 +488,7 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
         if folder is not None:  # its files may link to the repository's own blobs only
             check_folder_files(folder)
     if folder is not None:
-        check_weight_files(model, folder)
+        check_weight_files(model, folder, reads_pickles(folder, kwargs.get("variant"), kwargs.get("use_safetensors")))
     return model, info
 
 

@@ -196,7 +196,8 @@ def _load_dataset(dataset: str, split: str, image_column: str):
         loaded = datasets.load_from_disk(dataset)
     else:
         try:
-            loaded = datasets.load_dataset(dataset, split=split)
+            # never a loading script of the dataset's (datasets < 2.20 ran one unless told not to)
+            loaded = datasets.load_dataset(dataset, split=split, trust_remote_code=False)
         except (OSError, ValueError) as error:  # not found locally nor on the Hub (offline: a ConnectionError)
             raise ValueError(
                 f"`dataset` {dataset!r} is neither a folder nor a dataset `datasets` can load: "

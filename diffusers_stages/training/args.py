@@ -687,7 +687,8 @@ def check_no_block_types(args: argparse.Namespace, networks: str) -> None:
 def check_output_dir(args: argparse.Namespace) -> None:
     """Refuse an `--output_dir` that cannot be a folder (it, or a folder above it, is a file), that is the folder of
     the source pipeline a fine-tuning script reads (`--pretrained_model_name_or_path`: the result would be written
-    over it), or that lies inside the data folder (`--train_data_dir`, or a local `--dataset_name` folder): the run's
+    over it), that is or holds the VAE the run reads (`--vae_path`, with `--vae_subfolder`: the same), or that lies
+    inside the data folder (`--train_data_dir`, or a local `--dataset_name` folder): the run's
     samples and checkpoints would become training images of the next run."""
     if not args.output_dir:  # '' would be the current folder to the checks, and no folder to `os.makedirs`
         raise ValueError("`--output_dir` must name a folder, got ''.")
@@ -711,6 +712,16 @@ def check_output_dir(args: argparse.Namespace) -> None:
             "run's checkpoints and the fine-tuned pipeline would be written over the source it reads. Write the run "
             "to a folder of its own."
         )
+    vae_path, vae_subfolder = getattr(args, "vae_path", None), getattr(args, "vae_subfolder", None)
+    if vae_path is not None and os.path.isdir(vae_path):
+        vae_folder = os.path.join(vae_path, vae_subfolder or "")
+        if is_inside(vae_folder, args.output_dir) or os.path.realpath(vae_path) == os.path.realpath(args.output_dir):
+            given = f"`--vae_path` {vae_path!r}" + (f" `--vae_subfolder` {vae_subfolder!r}" if vae_subfolder else "")
+            raise ValueError(
+                f"`--output_dir` {args.output_dir!r} is or holds the VAE the run reads ({given}): the run's "
+                "checkpoints and its saved pipeline (its own vae/, unet/, scheduler/, model_index.json) would be "
+                "written over that folder. Write the run to a folder of its own."
+            )
     for name in ("train_data_dir", "dataset_name"):
         folder = getattr(args, name)
         if folder is not None and os.path.isdir(folder) and is_inside(args.output_dir, folder):

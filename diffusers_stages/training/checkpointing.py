@@ -19,7 +19,7 @@ from accelerate import Accelerator, init_empty_weights
 from accelerate.utils.constants import FSDP_MODEL_NAME
 from diffusers.training_utils import EMAModel
 
-from ..models.loading import check_name, component_folder, load_scheduler, load_strictly, read_json
+from ..models.loading import check_folder_files, check_name, component_folder, load_scheduler, load_strictly, read_json
 from ..partition import TimestepPartition
 from .sharding import gathered_networks, plain_class
 
@@ -350,14 +350,15 @@ def discard_checkpoints(folders: list[str]) -> None:
 
 
 def _network_folder(checkpoint: str, name: str) -> str:
-    """``checkpoint/name``, which must exist (a missing local folder would send `from_pretrained` to the Hub)."""
-    folder = os.path.join(checkpoint, name)
-    if not os.path.isdir(folder):
+    """``checkpoint/name``, which must exist (a missing local folder would send `from_pretrained` to the Hub) and be
+    a real folder of the checkpoint (`component_folder`: a link leading out of it is refused, as its
+    ``noise_scheduler`` is: the weights would be another folder's)."""
+    if not os.path.isdir(os.path.join(checkpoint, name)):
         raise ValueError(
             f"Checkpoint {checkpoint!r} has no {name!r} folder: it was written by a run with other networks or "
             "options (e.g. without `--use_ema`), or was damaged after it was written."
         )
-    return folder
+    return component_folder(checkpoint, name)
 
 
 def _names(folders: list[str]) -> str:
@@ -512,7 +513,8 @@ def source_identity(source: str | None) -> dict[str, dict] | None:
     and of every file in the folders of the components it names, by path (``unet/config.json``, ...). Other files
     (a run's checkpoints, logs and sample grids, when the source is a training run's output folder) are not part of
     it. None without a source, or for a Hub repository (its files are its loader's). A component name that is no
-    plain name (``..``, ``/``: hostile input) or whose folder leads out of the source is a `ValueError`."""
+    plain name (``..``, ``/``: hostile input) or whose folder, or a file in it or its sub-folders, leads out of the
+    source is a `ValueError`."""
     if source is None or not os.path.isfile(os.path.join(source, "model_index.json")):
         return None
     index = read_json(os.path.join(source, "model_index.json"), "model_index.json")
@@ -525,7 +527,8 @@ def source_identity(source: str | None) -> dict[str, dict] | None:
         if not os.path.isdir(folder):
             continue
         folder = component_folder(source, name)  # a real folder inside the source (no link leading out)
-        for root, dirs, files in os.walk(folder):
+        for root, dirs, files in os.walk(folder):  # (links to folders are not walked into)
+            check_folder_files(root)  # a sub-folder's files too (expert_0/): no link out of it is read
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for file in sorted(f for f in files if not f.startswith(".")):
                 path = os.path.join(root, file)
@@ -669,7 +672,10 @@ def check_resume_arguments(
     """The checks of resuming from ``input_dir`` that need no network: the fine-tuning source (``source``:
     `--pretrained_model_name_or_path`, or None), the noise schedule and the data space (``latent_space``: pixels or
     a VAE's latents, see `_check_same_latent_space`; None: not checked) of the run that wrote it. The load hook of
-    `register_checkpoint_hooks` runs them; the loop runs them first, before any data is read."""
+    `register_checkpoint_hooks` runs them; the loop runs them first, before any data is read. A file of the
+    checkpoint that links out of it (its records, Accelerate's optimizer and random states) is refused first
+    (`check_folder_files`): another folder's state would be resumed."""
+    check_folder_files(input_dir)
     _check_same_source(source, input_dir)  # first: a source omitted changes the noise schedule too
     if noise_scheduler is not None:
         _check_same_noise_schedule(noise_scheduler, input_dir)

@@ -176,7 +176,10 @@ def load_train_split(dataset_name: str, dataset_config_name: str | None, cache_d
             dataset = datasets.load_from_disk(dataset_name)
             dataset = dataset["train"] if isinstance(dataset, datasets.DatasetDict) else dataset
         else:
-            dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+            # never a loading script of the dataset's (datasets < 2.20 ran one unless told not to)
+            dataset = datasets.load_dataset(
+                dataset_name, dataset_config_name, cache_dir=cache_dir, split="train", trust_remote_code=False
+            )
     except Exception as error:  # noqa: BLE001 (offline, unknown name, no train split: one line, not a traceback)
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(

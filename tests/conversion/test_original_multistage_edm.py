@@ -11,6 +11,7 @@ network itself (`--verify --original_repo`).
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -339,6 +340,20 @@ def test_options_without_an_equivalent_are_refused(tmp_path, config_edit, messag
 def test_bad_checkpoints_are_refused_and_leave_nothing(tmp_path, edit, message):
     checkpoint, config, _ = write_source(tmp_path, TINY, edit=edit)
     with pytest.raises(ValueError, match=message):
+        convert(tmp_path, checkpoint, config)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [{"en_model_channels": 65536, "de_model_channels": [32, 32, 32]}, {"num_blocks": 10**6}],
+    ids=["width", "blocks"],
+)
+def test_a_config_edited_to_sizes_the_checkpoint_lacks_is_refused_before_anything_is_allocated(tmp_path, edit):
+    # the model was built from the config before its weights were compared: `en_model_channels` edited to 65536
+    # tried to allocate 64 GB (a RuntimeError from the allocator, or the machine's memory), `num_blocks` built for ever
+    checkpoint, config, _ = write_source(tmp_path, TINY, config_edit=lambda kwargs: kwargs.update(edit))
+    with pytest.raises(ValueError, match=f"{re.escape(checkpoint)}.*does not fit"):
         convert(tmp_path, checkpoint, config)
     assert not (tmp_path / "out").exists()
 

@@ -471,6 +471,44 @@ def test_a_bin_file_beside_the_safetensors_that_was_not_loaded_never_blocks_or_r
     assert torch.equal(loaded.conv_in.weight, model.conv_in.weight) and not marker.exists()
 
 
+@pytest.mark.parametrize("kind", ["staged", "diffusers"])
+def test_pickles_beside_the_safetensors_that_were_loaded_are_never_unpickled(saved_model, monkeypatch, kind):
+    # the integer-weights and shard checks unpickled (weights-only) every `.bin` weight file and every `.bin` index's
+    # shards of the folder, though diffusers had read the safetensors: files the user never asked to load, read by
+    # torch's unpickler (whose weights-only mode torch < 2.6 does not make safe)
+    import json
+
+    folder, model = saved_model
+    torch.save({"conv_in.weight": torch.zeros(1)}, folder / "diffusion_pytorch_model.bin")
+    torch.save({"conv_in.bias": torch.zeros(1)}, folder / "diffusion_pytorch_model-00001-of-00001.bin")
+    index = {"weight_map": {"conv_in.bias": "diffusion_pytorch_model-00001-of-00001.bin"}}
+    (folder / "diffusion_pytorch_model.bin.index.json").write_text(json.dumps(index))
+    unpickled, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *args, **kwargs: (unpickled.append(f), load(f, *args, **kwargs))[1])
+    if kind == "staged":
+        loaded = MultiStageUNet2DModel.from_pretrained(folder)
+    else:
+        from diffusers_stages.models.loading import load_strictly
+
+        UNet2DModel(**TINY_UNET).save_pretrained(folder / "unet")
+        for name in ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json"):
+            shutil.copy(folder / name, folder / "unet" / name)
+        loaded = load_strictly(UNet2DModel, folder / "unet")
+    assert unpickled == [] and loaded is not None
+
+
+def test_a_bin_checkpoint_loaded_by_default_is_still_checked_for_integer_weights(tmp_path):
+    # (the other way round: a folder saved with `safe_serialization=False` is read as `.bin` without asking)
+    torch.manual_seed(0)
+    MultiStageUNet2DModel(**TINY_UNET, stage_boundaries=(500,)).save_pretrained(tmp_path, safe_serialization=False)
+    path = tmp_path / "diffusion_pytorch_model.bin"
+    state = torch.load(path, weights_only=True)
+    key = sorted(state)[0]
+    torch.save({**state, key: state[key].to(torch.int32)}, path)
+    with pytest.raises(ValueError, match=rf"{path.name} .*{re.escape(key)}: torch.int32"):
+        MultiStageUNet2DModel.from_pretrained(tmp_path)
+
+
 def test_a_broken_safetensors_file_beside_the_one_loaded_never_blocks_it(saved_model):
     # (a variant's file, or one planted: the integer-weights check read every .safetensors of the folder and failed
     # on it with a SafetensorError, after the intact default weights had loaded)

@@ -106,3 +106,18 @@ def test_a_split_of_a_saved_dataset_without_splits_is_refused_by_name(tmp_path):
         image.save(tmp_path / "folder" / "test" / f"{i}.png")
     loaded = load_images(dataset=str(tmp_path / "folder"), split="test", resolution=4, num_channels=1)
     assert loaded.shape == (2, 1, 4, 4)
+
+
+def test_a_dataset_is_loaded_without_running_its_loading_script(monkeypatch):
+    # (as the training scripts: `datasets` < 2.20 ran a dataset's loading script unless told not to)
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(kwargs)
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", record)
+    with pytest.raises((ValueError, ConnectionError)):
+        load_images(dataset="me/cats")
+    assert calls and all(call.get("trust_remote_code") is False for call in calls)

@@ -418,3 +418,30 @@ def test_eval_batch_size_defaults_to_the_default_grid_in_one_call_and_takes_any_
     assert _checked(tmp_path).eval_batch_size == 16
     assert _checked(tmp_path, "--num_sample_images", "4").eval_batch_size == 16
     assert _checked(tmp_path, "--num_sample_images", "7", "--eval_batch_size", "3").eval_batch_size == 3
+
+
+def test_an_output_dir_that_is_or_holds_the_vae_folder_is_refused(tmp_path):
+    # `--vae_path PIPE --vae_subfolder vae --output_dir PIPE` (or `--vae_path PIPE/vae`) trained into the folder the
+    # VAE was read from: the final save swapped its own unet/, scheduler/ and model_index.json in over the user's
+    data, pipe = tmp_path / "data", tmp_path / "pipe"
+    (pipe / "vae").mkdir(parents=True)
+    data.mkdir()
+    for vae in (["--vae_path", str(pipe), "--vae_subfolder", "vae"], ["--vae_path", str(pipe / "vae")],
+                ["--vae_path", str(pipe)]):  # fmt: skip
+        args = build_parser("").parse_args(["--train_data_dir", str(data), "--output_dir", str(pipe), *vae])
+        with pytest.raises(ValueError, match=f"`--output_dir` {re.escape(repr(str(pipe)))} is or holds the VAE"):
+            check_args(args, TimestepPartition([442, 631]), 1)
+    for output_dir in (tmp_path / "run", pipe / "run"):  # a folder of its own (inside the VAE's pipeline too)
+        args = build_parser("").parse_args(
+            [
+                "--train_data_dir",
+                str(data),
+                "--output_dir",
+                str(output_dir),
+                "--vae_path",
+                str(pipe),
+                "--vae_subfolder",
+                "vae",
+            ]
+        )
+        check_args(args, TimestepPartition([442, 631]), 1)

@@ -639,6 +639,64 @@ def test_resuming_reads_a_checkpoint_ema_strictly(tmp_path, corruption):
         GradientState._reset_state()
 
 
+@pytest.mark.parametrize("folder", ["unet", "unet_ema"])
+def test_resuming_refuses_a_network_folder_that_links_out_of_the_checkpoint(tmp_path, folder):
+    # a checkpoint is read as hostile input, its noise_scheduler/ refused as a link out of it, but its network and EMA
+    # folders were read wherever a link named like them led (weights from another folder resumed without a word)
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from diffusers.training_utils import EMAModel
+
+    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        network = UNet2DModel(**TINY_UNET)
+        ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config)
+        model = accelerator.prepare(network)
+        register_checkpoint_hooks(accelerator, ["unet"], {"unet": ema})
+        checkpoint = tmp_path / "checkpoint-1"
+        accelerator.save_state(str(checkpoint))
+        shutil.move(checkpoint / folder, tmp_path / "elsewhere")
+        os.symlink(tmp_path / "elsewhere", checkpoint / folder)
+        with pytest.raises(ValueError, match=f"{folder}.*inside"):
+            accelerator.load_state(str(checkpoint))
+        assert model is not None
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+@pytest.mark.parametrize("file", ["optimizer.bin", "class_names.json", "pretrained_source.json"])
+def test_resuming_refuses_a_state_file_that_links_out_of_the_checkpoint(tmp_path, file):
+    # the checkpoint's own state files (Accelerate's optimizer and random states, the run's records) were read
+    # wherever a link named like them led, another run's state resumed (or named in an error) without a word
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        network = UNet2DModel(**TINY_UNET)
+        model, optimizer = accelerator.prepare(network, torch.optim.AdamW(network.parameters()))
+        register_checkpoint_hooks(accelerator, ["unet"], {})
+        checkpoint = tmp_path / "checkpoint-1"
+        accelerator.save_state(str(checkpoint))
+        shutil.move(checkpoint / file, tmp_path / "elsewhere")
+        os.symlink(tmp_path / "elsewhere", checkpoint / file)
+        with pytest.raises(ValueError, match=f"{re.escape(repr(file))} in .* links to .*outside the folder"):
+            accelerator.load_state(str(checkpoint))
+        assert model is not None and optimizer is not None
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 def test_resuming_a_run_with_ema_without_it_is_refused(tmp_path):
     # the EMA weights of the checkpoint were dropped in silence (the final pipeline then held the raw weights), while
     # the other way round (`--use_ema` on a checkpoint without them) is refused
@@ -1079,4 +1137,17 @@ def test_the_source_record_reads_no_folder_a_component_name_leads_to_outside_the
     with open(os.path.join(source, "model_index.json"), "w", encoding="utf-8") as f:
         json.dump(index, f)
     with pytest.raises(ValueError, match="component folder name"):
+        source_identity(source)
+
+
+def test_the_source_record_reads_no_file_a_link_in_a_component_sub_folder_leads_to_outside_the_source(tmp_path):
+    # the component folder's own files are checked (component_folder), but the record walks its sub-folders too
+    # (an expert container's expert_0/), and a link there to any file of the user's was read and hashed into every
+    # checkpoint's record
+    source = _source_folder(tmp_path / "a")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the source's")
+    os.makedirs(os.path.join(source, "unet", "notes"))
+    os.symlink(secret, os.path.join(source, "unet", "notes", "linked.txt"))
+    with pytest.raises(ValueError, match="'linked.txt' in .*notes links to .*outside the folder"):
         source_identity(source)

@@ -175,6 +175,24 @@ def test_an_unreachable_dataset_is_one_line_naming_the_argument(monkeypatch):
     assert "\n" not in message and "--train_data_dir" in message and error.value.__cause__ is None
 
 
+def test_a_dataset_is_loaded_without_running_its_loading_script(monkeypatch):
+    # `datasets` 2.16 to 2.19 (the floor the test extra allows) ran a dataset's loading script (a `<name>.py` in its
+    # folder or Hub repository) unless told `trust_remote_code=False`: a data folder would run code of its own
+    datasets = pytest.importorskip("datasets")
+    from diffusers_stages.training.data import hf_dataset_records
+
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(kwargs)
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", record)
+    with pytest.raises(ValueError):
+        hf_dataset_records("me/cats", class_conditional=False)
+    assert calls and all(call.get("trust_remote_code") is False for call in calls)
+
+
 @pytest.mark.parametrize("as_dict", [False, True])
 def test_a_save_to_disk_folder_is_a_dataset(tmp_path, as_dict):
     # was refused ("saved using `save_to_disk`. Please use `load_from_disk`"), though the plan command reads it
