@@ -7,6 +7,7 @@ last complete checkpoint in place, and the leftovers (hidden folders) are remove
 
 from __future__ import annotations
 
+import codecs
 import copy
 import hashlib
 import json
@@ -15,6 +16,8 @@ import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
+import torch
 from accelerate import Accelerator, init_empty_weights
 from accelerate.utils.constants import FSDP_MODEL_NAME
 from diffusers.training_utils import EMAModel
@@ -674,13 +677,36 @@ def check_resume_arguments(
     a VAE's latents, see `_check_same_latent_space`; None: not checked) of the run that wrote it. The load hook of
     `register_checkpoint_hooks` runs them; the loop runs them first, before any data is read. A file of the
     checkpoint that links out of it (its records, Accelerate's optimizer and random states) is refused first
-    (`check_folder_files`): another folder's state would be resumed."""
+    (`check_folder_files`): another folder's state would be resumed; so is a pickle that would run code
+    (`refuse_code_in_pickles`)."""
     check_folder_files(input_dir)
+    refuse_code_in_pickles(input_dir)
     _check_same_source(source, input_dir)  # first: a source omitted changes the noise schedule too
     if noise_scheduler is not None:
         _check_same_noise_schedule(noise_scheduler, input_dir)
     if latent_space is not None:
         _check_same_latent_space(latent_space, input_dir)
+
+
+def refuse_code_in_pickles(input_dir: str) -> None:
+    """A `ValueError` naming each ``.pkl`` file of the checkpoint ``input_dir`` that does not load weights-only
+    (tensors, numbers, numpy arrays: what Accelerate's random states hold). Accelerate releases this package allows
+    (``accelerate>=1.0``) read ``random_states_<process>.pkl`` with ``weights_only=False`` before 2025's, so a hostile checkpoint's file would run code of its
+    choice on resume; one that loads weights-only calls no function but the allowed ones under either reader."""
+    numpy_core = getattr(np, "_core", None) or np.core
+    # what Accelerate's random states hold besides tensors and numbers: numpy's state array (its dtype classes and the
+    # byte encoding of pickle protocol 2), as Accelerate allows them in its own weights-only reads today
+    allowed = [numpy_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), codecs.encode]
+    for name in sorted(f for f in os.listdir(input_dir) if f.endswith(".pkl")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(os.path.join(input_dir, name), map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 (an UnpicklingError, or any damage: refused before Accelerate reads it)
+            raise ValueError(
+                f"{name!r} in {input_dir} does not load weights-only ({type(error).__name__}): it could run code "
+                "when Accelerate reads it, so this checkpoint is refused. Resume from a checkpoint your own run "
+                "wrote, or delete the file to resume without its random states."
+            ) from None
 
 
 def check_sharded_resume(

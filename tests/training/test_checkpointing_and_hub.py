@@ -1151,3 +1151,45 @@ def test_the_source_record_reads_no_file_a_link_in_a_component_sub_folder_leads_
     os.symlink(secret, os.path.join(source, "unet", "notes", "linked.txt"))
     with pytest.raises(ValueError, match="'linked.txt' in .*notes links to .*outside the folder"):
         source_identity(source)
+
+
+class _RunsCode:  # a pickle whose loading calls a function of its choice (here: makes a folder)
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+def test_resuming_refuses_a_random_state_file_that_would_run_code(tmp_path):
+    # Accelerate versions the package allows (accelerate>=1.0, up to the 1.6 line) read `random_states_*.pkl` with
+    # `weights_only=False`: a hostile checkpoint's random-state file ran code of its choice on resume. The checks that
+    # run before Accelerate reads a file now refuse a `.pkl` that does not load weights-only (Accelerate's own files
+    # do: checked by resuming a real checkpoint first)
+    import pickle
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        network = UNet2DModel(**TINY_UNET)
+        model, optimizer = accelerator.prepare(network, torch.optim.AdamW(network.parameters()))
+        register_checkpoint_hooks(accelerator, ["unet"], {})
+        checkpoint = tmp_path / "checkpoint-1"
+        accelerator.save_state(str(checkpoint))
+        accelerator.load_state(str(checkpoint))  # Accelerate's own random states load
+        marker = tmp_path / "code-ran"
+        with open(checkpoint / "random_states_0.pkl", "wb") as file:
+            pickle.dump(_RunsCode(str(marker)), file)
+        with pytest.raises(ValueError, match=r"'random_states_0.pkl' in .* does not load weights-only"):
+            accelerator.load_state(str(checkpoint))
+        assert not marker.exists()
+        assert model is not None and optimizer is not None
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
