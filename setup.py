@@ -21,7 +21,7 @@ setup(
     packages=LIBRARY_PACKAGES + mapped_packages,
     package_dir={"diffusers_stages": "diffusers_stages", **{pkg: folder for folder, pkg in MAPPED.items()}},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # 2.6: weights-only loading without the CVE-2025-32434 bypass
         "diffusers>=0.42.1",
         "transformers>=4.46",
         "accelerate>=1.0",
