@@ -259,6 +259,29 @@ def test_a_source_without_its_text_encoder_is_refused_by_name(script, source, ti
     assert not os.path.exists(os.path.join(sd, "o"))
 
 
+@pytest.mark.parametrize(
+    "removed, message",
+    [
+        ("tokenizer", "holds no vocabulary"),  # the whole folder
+        ("tokenizer/tokenizer.json", "holds no vocabulary"),
+        ("tokenizer/tokenizer_config.json", "pads captions to `model_max_length` 1000000000000000019884624838656"),
+    ],
+)
+def test_a_source_tokenizer_without_its_files_is_refused_not_trained(script, source, tmp_path, removed, message):
+    # transformers 5 builds a CLIPTokenizer from a missing folder or one without its vocabulary (2 special tokens:
+    # every caption encoded as end-of-text tokens, trained silently and saved with the result), and without
+    # tokenizer_config.json one with transformers' huge default `model_max_length` (an OverflowError at the first step)
+    sd, data = source
+    path = os.path.join(sd, removed)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    args = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        _run(script, args)
+    assert f"`--pretrained_model_name_or_path` {sd!r}: its tokenizer" in str(error.value)
+    assert not os.path.exists(tmp_path / "o" / "model_index.json")
+
+
 def test_the_source_schedule_may_be_repeated(script, source, tmp_path):
     sd, data = source
     args = script.parse_args(
