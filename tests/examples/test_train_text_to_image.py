@@ -264,7 +264,7 @@ def test_a_source_without_its_text_encoder_is_refused_by_name(script, source, ti
     [
         ("tokenizer", "holds no vocabulary"),  # the whole folder
         ("tokenizer/tokenizer.json", "holds no vocabulary"),
-        ("tokenizer/tokenizer_config.json", "pads captions to `model_max_length` 1000000000000000019884624838656"),
+        ("tokenizer/tokenizer_config.json", "pads text to `model_max_length` 1000000000000000019884624838656"),
     ],
 )
 def test_a_source_tokenizer_without_its_files_is_refused_not_trained(script, source, tmp_path, removed, message):

@@ -23,7 +23,7 @@ from ...models.expert_routing import ExpertRoutingModel, expert_folder
 from ...models.loading import component_folder, load_strictly, refuse_without_plain_safetensors
 from ...models.unet_multistage_condition import MultiStageUNet2DConditionModel
 from ...partition import TimestepPartition
-from ...pipelines.loading import load_transformers_components
+from ...pipelines.loading import check_tokenizer, load_transformers_components
 from ...planning.data import is_inside, open_image_file
 from ..args import partition_from_args
 from ..data import ImageRecords, dataset_image, folder_image, load_train_split
@@ -316,7 +316,9 @@ class TextToImageTask(TrainingTask):
         # training, then released (about 1.2 GB for SD 1.5's, on every process) and loaded again at each save
         self._saved_names = tuple(n for n in self.source_index if n != "text_encoder")
         self._strict_transformers(self._saved_names)  # loaded strictly (the check), in the dtype they are stored in
-        self._check_tokenizer(pipe.tokenizer, pipe.text_encoder)
+        check_tokenizer(
+            pipe.tokenizer, pipe.text_encoder, f"`--pretrained_model_name_or_path` {self.source!r}: its tokenizer"
+        )
         self.text_encoder, self.tokenizer, self._vae = pipe.text_encoder.eval(), pipe.tokenizer, pipe.vae
         self.text_encoder.requires_grad_(False)
 
@@ -452,26 +454,6 @@ class TextToImageTask(TrainingTask):
                 and os.path.lexists(os.path.join(self.source, component))
             ):
                 component_folder(self.source, component)
-
-    def _check_tokenizer(self, tokenizer, text_encoder) -> None:
-        """Refuse a source tokenizer that cannot encode the captions, which transformers loads without a word: from a
-        missing folder or one without its vocabulary files, a tokenizer of its special tokens only (every caption
-        trained as end-of-text tokens, and saved with the result); without ``tokenizer_config.json``, one that pads to
-        transformers' default ``model_max_length`` (about 1e30: an OverflowError at the first step)."""
-        where = f"`--pretrained_model_name_or_path` {self.source!r}: its tokenizer"
-        if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
-            raise ValueError(
-                f"{where} holds no vocabulary ({len(tokenizer)} tokens, all special: {tokenizer.all_special_tokens}): "
-                "its folder is missing or lacks its vocabulary files (tokenizer.json, or vocab.json and merges.txt). "
-                "Save the source's tokenizer into it again (`tokenizer.save_pretrained`)."
-            )
-        positions = getattr(text_encoder.config, "max_position_embeddings", None)
-        if isinstance(positions, int) and tokenizer.model_max_length > positions:
-            raise ValueError(
-                f"{where} pads captions to `model_max_length` {tokenizer.model_max_length}, more than the {positions} "
-                "positions of its text encoder (`max_position_embeddings`): its tokenizer_config.json is missing or "
-                f"gives no `model_max_length`. Set it to {positions} there."
-            )
 
     def _strict_unet(self) -> ModelMixin:
         """The source's ``unet``, loaded strictly: diffusers only warns of a missing weight (left on the ``meta``
