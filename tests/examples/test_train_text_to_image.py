@@ -101,6 +101,24 @@ def test_multistage_with_ema_resumes_exactly_and_reloads(script, source, tmp_pat
     assert images[0].shape == (1, 16, 16, 3) and np.isfinite(images[0]).all() and (images[0] == images[1]).all()
 
 
+def test_the_ema_decays_as_diffusers_text_to_image_script(script, source, tmp_path, capsys):
+    # diffusers' train_text_to_image.py keeps `EMAModel(unet.parameters(), ...)`: no warmup, the decay of step s
+    # (1 + s) / (10 + s) up to 0.9999; this script used train_unconditional.py's warmup 1 - (1 + s)^-0.75 (0.41, not
+    # 0.18, at the second step), and took `--ema_inv_gamma` / `--ema_power`, which shape that warmup only
+    sd, data = source
+    base = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--max_train_steps", "2", "--use_ema", "--checkpointing_steps", "2"]  # fmt: skip
+    out = str(tmp_path / "o")
+    _run(script, [*base, "--output_dir", out])
+    with open(os.path.join(out, "checkpoint-2", "unet_ema", "config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["use_ema_warmup"] is False and saved["decay"] == 0.9999 and saved["optimization_step"] == 2
+    for option in ("--ema_inv_gamma", "--ema_power"):
+        with pytest.raises(SystemExit):
+            script.parse_args([*base, option, "0.5", "--output_dir", str(tmp_path / "p")])
+        assert f"`{option}` 0.5 is refused" in capsys.readouterr().err
+
+
 def test_experts_from_the_same_command(script, source, tmp_path):
     sd, data = source
     out = str(tmp_path / "experts")

@@ -106,6 +106,7 @@ class TextToImageTask(TrainingTask):
     `--stage_boundaries`; a staged or routed source keeps its stages."""
 
     tags = ("text-to-image", "stable-diffusion")
+    ema_warmup = False  # diffusers' train_text_to_image.py EMA: decay (1 + step) / (10 + step), up to --ema_max_decay
 
     def __init__(self, args: argparse.Namespace):
         # the source's configs (no weights yet): the stages, the noise schedule and every check follow them
@@ -188,6 +189,13 @@ class TextToImageTask(TrainingTask):
                 f"Give `--num_sample_images` {len(prompts)} or more, or fewer prompts."
             )
         self._refuse_what_the_source_gives(args)
+        for name in ("ema_inv_gamma", "ema_power"):  # the script leaves them unset: they shape a warmup it has not
+            if getattr(args, name) is not None:
+                raise ValueError(
+                    f"`--{name}` {getattr(args, name)} is refused: it shapes train_unconditional.py's EMA warmup, while "
+                    "this script's EMA decays as diffusers' train_text_to_image.py's, (1 + step) / (10 + step) up to "
+                    "`--ema_max_decay`. Drop it."
+                )
         self.method = {"multistage": "multi-stage multi-decoder U-Net", "experts": "multi-expert denoisers"}[
             args.method
         ]
