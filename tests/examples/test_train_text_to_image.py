@@ -300,6 +300,27 @@ def test_a_source_tokenizer_without_its_files_is_refused_not_trained(script, sou
     assert not os.path.exists(tmp_path / "o" / "model_index.json")
 
 
+@pytest.mark.parametrize("method", ["multistage", "experts"])
+def test_a_text_encoder_of_another_width_than_the_unet_takes_is_refused_not_trained(
+    script, source, tiny_tokenizer, tmp_path, method
+):
+    # a 48-wide text encoder for a U-Net that attends to 32-wide text: the first step's matmul RuntimeError (experts)
+    # or the staged U-Net's input error (naming no source), once the output folder was made
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sd, data = source
+    config = CLIPTextConfig(vocab_size=len(tiny_tokenizer), hidden_size=48, intermediate_size=37, num_attention_heads=4,
+                            num_hidden_layers=2, max_position_embeddings=77)  # fmt: skip
+    shutil.rmtree(os.path.join(sd, "text_encoder"))
+    CLIPTextModel(config).save_pretrained(os.path.join(sd, "text_encoder"))
+    args = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--method", method, "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    message = f"`--pretrained_model_name_or_path` {sd!r}: its text encoder gives 48-wide hidden states"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _run(script, args)
+    assert not os.path.exists(tmp_path / "o" / "model_index.json")
+
+
 def test_the_source_schedule_may_be_repeated(script, source, tmp_path):
     sd, data = source
     args = script.parse_args(

@@ -327,6 +327,7 @@ class TextToImageTask(TrainingTask):
         check_tokenizer(
             pipe.tokenizer, pipe.text_encoder, f"`--pretrained_model_name_or_path` {self.source!r}: its tokenizer"
         )
+        self._check_text_width(pipe.text_encoder)
         self.text_encoder, self.tokenizer, self._vae = pipe.text_encoder.eval(), pipe.tokenizer, pipe.vae
         self.text_encoder.requires_grad_(False)
 
@@ -462,6 +463,21 @@ class TextToImageTask(TrainingTask):
                 and os.path.lexists(os.path.join(self.source, component))
             ):
                 component_folder(self.source, component)
+
+    def _check_text_width(self, text_encoder) -> None:
+        """Refuse a text encoder whose hidden states are not as wide as the U-Net (or its first expert) attends to
+        (``encoder_hid_dim`` where it projects them, else ``cross_attention_dim``): the first step's error otherwise,
+        a matmul `RuntimeError` for experts, once the output folder is made."""
+        config = self._network_config()
+        takes = config.get("encoder_hid_dim") or config.get("cross_attention_dim")
+        width = getattr(text_encoder.config, "hidden_size", None)
+        if isinstance(takes, int) and isinstance(width, int) and width != takes:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {self.source!r}: its text encoder gives {width}-wide hidden states, "
+                f"but its unet attends to {takes}-wide ones (`cross_attention_dim` / `encoder_hid_dim` of its "
+                "config.json): the text encoder is not the one the U-Net was trained with. Give a pipeline whose "
+                "text encoder and U-Net belong together."
+            )
 
     def _strict_unet(self) -> ModelMixin:
         """The source's ``unet``, loaded strictly: diffusers only warns of a missing weight (left on the ``meta``
