@@ -46,6 +46,7 @@ from diffusers_stages.models import MultiStageUNet2DConditionModel, MultiStageUN
 from diffusers_stages.models.loading import component_folder, load_scheduler
 from diffusers_stages.pipelines import MultiStagePipeline
 from diffusers_stages.pipelines.loading import (
+    check_tokenizer,
     load_transformers_components,
     pipeline_module_class,
     resolve_component_class,
@@ -505,6 +506,14 @@ def main_text_to_image(args: argparse.Namespace, pipeline_class: type):
             args.source, unet=unet, vae=vae, **load_transformers_components(args.source, index, pipeline_class), use_safetensors=True,
             dtype=torch.float32,
         )  # fmt: skip
+        # written out as loaded: a tokenizer transformers built without its files would look complete
+        for tokenizer, encoder in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):  # (SDXL: 2)
+            if getattr(source, tokenizer, None) is not None and getattr(source, encoder, None) is not None:
+                check_tokenizer(
+                    getattr(source, tokenizer),
+                    getattr(source, encoder),
+                    f"`--source` {args.source!r}: its {tokenizer}",
+                )
         check_verify_steps(args, source.scheduler)
         boundaries, units = choose_boundaries(args, source.scheduler)
         check_units(source.scheduler, units)  # the pipeline hands its scheduler's timesteps to the unet

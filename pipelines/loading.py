@@ -160,6 +160,27 @@ def load_transformers_components(
     return models
 
 
+def check_tokenizer(tokenizer, text_encoder, where: str) -> None:
+    """Refuse a loaded ``tokenizer`` that cannot encode prompts for ``text_encoder``, which transformers loads without a
+    word: from a folder without its vocabulary files (or none at all), a tokenizer of its special tokens only (every
+    prompt encoded as end-of-text tokens); without ``tokenizer_config.json``, one that pads to transformers' default
+    ``model_max_length`` (about 1e30: an OverflowError at the first prompt). ``where`` names it in the error
+    (``"`--source` 'sd': its tokenizer"``)."""
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ValueError(
+            f"{where} holds no vocabulary ({len(tokenizer)} tokens, all special: {tokenizer.all_special_tokens}): its "
+            "folder is missing or lacks its vocabulary files (tokenizer.json, or vocab.json and merges.txt). Save the "
+            "tokenizer into it again (`tokenizer.save_pretrained`)."
+        )
+    positions = getattr(text_encoder.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and tokenizer.model_max_length > positions:
+        raise ValueError(
+            f"{where} pads text to `model_max_length` {tokenizer.model_max_length}, more than the {positions} "
+            "positions of its text encoder (`max_position_embeddings`): its tokenizer_config.json is missing or gives "
+            f"no `model_max_length`. Set it to {positions} there."
+        )
+
+
 def _is_subclass(cls: object, bases: tuple[type, ...]) -> bool:
     return isinstance(cls, type) and issubclass(cls, bases)
 

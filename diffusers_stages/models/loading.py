@@ -469,13 +469,21 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
         path, kwargs = folder, {k: v for k, v in kwargs.items() if k != "subfolder"}
     if os.path.isdir(folder):
         check_folder_files(folder)
+        if "config" not in kwargs and not os.path.isfile(os.path.join(folder, "config.json")):
+            # transformers 5 builds its default config for such a folder (then fails on every weight, or fits one)
+            raise ValueError(
+                f"{folder} holds no config.json, which {class_name} is built from: save the model into it again "
+                "(`save_pretrained`)."
+            )
         refuse_config_of_other_sizes(
             getattr(load, "__self__", None), folder, class_name, kwargs.get("variant"), kwargs.get("use_safetensors")
         )
     try:
         model, info = load(path, output_loading_info=True, **kwargs)
     except (RuntimeError, ValueError) as error:
-        if "size mismatch" in str(error) or "shape" in str(error):
+        # torch's "size mismatch", transformers 4's "... shape ...", transformers 5's "You set
+        # `ignore_mismatched_sizes` to `False` ... look at the above report" (its load report names the weights)
+        if any(text in str(error) for text in ("size mismatch", "shape", "ignore_mismatched_sizes")):
             raise ValueError(
                 f"The checkpoint at {path} does not match its config for {class_name}: {error}"
             ) from error

@@ -734,8 +734,8 @@ def check_output_dir(args: argparse.Namespace) -> None:
 def check_optimisation_numbers(args: argparse.Namespace) -> None:
     """The optimiser's, the schedule's and the loss's numbers, in their ranges (torch would refuse some only after
     the data and the model are loaded, without naming the argument, and silently accept the others)."""
-    positive = ["learning_rate", "max_grad_norm", "ema_inv_gamma", "ema_power"]
-    for name in positive + ([] if args.snr_gamma is None else ["snr_gamma"]):
+    positive = ["learning_rate", "max_grad_norm", "ema_inv_gamma", "ema_power", "snr_gamma"]
+    for name in [name for name in positive if getattr(args, name) is not None]:  # None: unset (refused where needed)
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
             raise ValueError(f"`--{name}` must be a positive number, got {getattr(args, name)}.")
     ranges = {  # name: (low, high, high included), low always included

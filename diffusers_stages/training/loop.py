@@ -320,7 +320,9 @@ def train(args: argparse.Namespace, task: TrainingTask) -> str:
     # 4. networks, EMA, optimizer, learning-rate schedule; prepared, with save_pretrained checkpoint hooks
     networks = task.build_networks(in_channels, args.resolution // vae_factor, num_class_embeds)
     check_sharded_run(accelerator, args, list(networks), task.decoders)
-    emas, optimizer, lr_scheduler, max_train_steps = _optimisation(args, networks, accelerator, len(train_dataloader))
+    emas, optimizer, lr_scheduler, max_train_steps = _optimisation(
+        args, networks, accelerator, len(train_dataloader), task.ema_warmup
+    )
     *models, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         *networks.values(), optimizer, train_dataloader, lr_scheduler
     )
@@ -461,8 +463,15 @@ def _saved_vae(state: RunState, on_device: bool = False) -> AutoencoderKL | None
     return load_strictly(AutoencoderKL, state.task.vae_path, state.task.vae_subfolder).to(device).eval()
 
 
-def _optimisation(args: argparse.Namespace, networks: dict[str, ModelMixin], accelerator: Accelerator, num_batches):
-    """``(EMAs, AdamW, learning-rate schedule, optimisation steps)`` of ``networks`` (``num_batches`` per epoch)."""
+def _optimisation(
+    args: argparse.Namespace,
+    networks: dict[str, ModelMixin],
+    accelerator: Accelerator,
+    num_batches: int,
+    ema_warmup: bool = True,
+):
+    """``(EMAs, AdamW, learning-rate schedule, optimisation steps)`` of ``networks`` (``num_batches`` per epoch);
+    ``ema_warmup``: the task's EMA decay schedule (`TrainingTask.ema_warmup`)."""
     emas = {}
     for name, network in networks.items():
         if args.gradient_checkpointing:
@@ -470,9 +479,11 @@ def _optimisation(args: argparse.Namespace, networks: dict[str, ModelMixin], acc
         if args.enable_xformers_memory_efficient_attention:
             network.enable_xformers_memory_efficient_attention()
         if args.use_ema:
+            # (without the warmup, `--ema_inv_gamma` / `--ema_power` are unset: EMAModel's defaults, never used)
+            warmup = {"inv_gamma": args.ema_inv_gamma, "power": args.ema_power} if ema_warmup else {}
             emas[name] = EMAModel(
-                network.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
-                power=args.ema_power, model_cls=type(network), model_config=network.config,
+                network.parameters(), decay=args.ema_max_decay, use_ema_warmup=ema_warmup, **warmup,
+                model_cls=type(network), model_config=network.config,
             )  # fmt: skip
             emas[name].to(accelerator.device)
     parameters = [p for network in networks.values() for p in network.parameters()]

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         resolution=512, learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=500, class_dropout_prob=0.0,
         adam_beta1=0.9, adam_weight_decay=1e-2,
         prediction_type=None, output_dir="sd-model-finetuned-stages", ddpm_beta_schedule=None,
-        num_train_timesteps=None,
+        num_train_timesteps=None, ema_inv_gamma=None, ema_power=None,
     )  # fmt: skip
     # the shared parser's help texts that describe other data or a model built from the arguments
     helps = {
@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--class_dropout_prob": "Rate of captions replaced by the empty one (classifier-free guidance).",
         "--prediction_type": "Default: the source scheduler's; another is refused (the prediction type is the "
         "model's).",
+        "--use_ema": "Keep an exponential moving average of the U-Net's weights, as diffusers' train_text_to_image.py: "
+        "decay (1 + step) / (10 + step), up to `--ema_max_decay`; saved in the checkpoints and as the final pipeline's "
+        "weights; the sample grids are drawn with it.",
+        "--ema_inv_gamma": "Refused: it shapes train_unconditional.py's EMA warmup, which this script does not use.",
+        "--ema_power": "Refused: it shapes train_unconditional.py's EMA warmup, which this script does not use.",
     }
     for option, text in helps.items():
         parser._option_string_actions[option].help = text

@@ -2,6 +2,7 @@
 `UNet2DConditionModel` (issue 15, part 4)."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -251,3 +252,24 @@ def test_a_transformers_component_without_safetensors_weights_is_named_and_never
     ):
         unet_to_multistage.main(unet_to_multistage.parse_args(args))
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+@pytest.mark.parametrize(
+    "removed, message",
+    [("tokenizer.json", "holds no vocabulary"), ("tokenizer_config.json", "pads text to `model_max_length`")],
+)
+def test_a_tokenizer_without_its_files_is_refused_and_writes_nothing(
+    tiny_sd_components, tiny_sdxl_components, tmp_path, sdxl, removed, message
+):
+    # transformers 5 loads a tokenizer folder without its vocabulary as a tokenizer of its 2 special tokens, and one
+    # without tokenizer_config.json with a `model_max_length` of 1e30: both were written out as complete tokenizers
+    # (a tokenizer.json of 2 tokens, a config padding every prompt to 1e30 tokens: an OverflowError when sampling)
+    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipeline_class(**(tiny_sdxl_components if sdxl else tiny_sd_components)).save_pretrained(tmp_path / "sd")
+    name = "tokenizer_2" if sdxl else "tokenizer"
+    (tmp_path / "sd" / name / removed).unlink()
+    args = ["--source", str(tmp_path / "sd"), "--output_path", str(tmp_path / "out"), "--stage_boundaries", "500"]
+    with pytest.raises(ValueError, match=re.escape(f"`--source` {str(tmp_path / 'sd')!r}: its {name} {message}")):
+        unet_to_multistage.main(unet_to_multistage.parse_args(args))
+    assert not (tmp_path / "out").exists()

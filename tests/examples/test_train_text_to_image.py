@@ -101,6 +101,24 @@ def test_multistage_with_ema_resumes_exactly_and_reloads(script, source, tmp_pat
     assert images[0].shape == (1, 16, 16, 3) and np.isfinite(images[0]).all() and (images[0] == images[1]).all()
 
 
+def test_the_ema_decays_as_diffusers_text_to_image_script(script, source, tmp_path, capsys):
+    # diffusers' train_text_to_image.py keeps `EMAModel(unet.parameters(), ...)`: no warmup, the decay of step s
+    # (1 + s) / (10 + s) up to 0.9999; this script used train_unconditional.py's warmup 1 - (1 + s)^-0.75 (0.41, not
+    # 0.18, at the second step), and took `--ema_inv_gamma` / `--ema_power`, which shape that warmup only
+    sd, data = source
+    base = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--max_train_steps", "2", "--use_ema", "--checkpointing_steps", "2"]  # fmt: skip
+    out = str(tmp_path / "o")
+    _run(script, [*base, "--output_dir", out])
+    with open(os.path.join(out, "checkpoint-2", "unet_ema", "config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["use_ema_warmup"] is False and saved["decay"] == 0.9999 and saved["optimization_step"] == 2
+    for option in ("--ema_inv_gamma", "--ema_power"):
+        with pytest.raises(SystemExit):
+            script.parse_args([*base, option, "0.5", "--output_dir", str(tmp_path / "p")])
+        assert f"`{option}` 0.5 is refused" in capsys.readouterr().err
+
+
 def test_experts_from_the_same_command(script, source, tmp_path):
     sd, data = source
     out = str(tmp_path / "experts")
@@ -257,6 +275,50 @@ def test_a_source_without_its_text_encoder_is_refused_by_name(script, source, ti
         _run(script, args)
     assert f"holds no {component} (model_index.json: {component}=[None, None])" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(sd, "o"))
+
+
+@pytest.mark.parametrize(
+    "removed, message",
+    [
+        ("tokenizer", "holds no vocabulary"),  # the whole folder
+        ("tokenizer/tokenizer.json", "holds no vocabulary"),
+        ("tokenizer/tokenizer_config.json", "pads text to `model_max_length` 1000000000000000019884624838656"),
+    ],
+)
+def test_a_source_tokenizer_without_its_files_is_refused_not_trained(script, source, tmp_path, removed, message):
+    # transformers 5 builds a CLIPTokenizer from a missing folder or one without its vocabulary (2 special tokens:
+    # every caption encoded as end-of-text tokens, trained silently and saved with the result), and without
+    # tokenizer_config.json one with transformers' huge default `model_max_length` (an OverflowError at the first step)
+    sd, data = source
+    path = os.path.join(sd, removed)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    args = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        _run(script, args)
+    assert f"`--pretrained_model_name_or_path` {sd!r}: its tokenizer" in str(error.value)
+    assert not os.path.exists(tmp_path / "o" / "model_index.json")
+
+
+@pytest.mark.parametrize("method", ["multistage", "experts"])
+def test_a_text_encoder_of_another_width_than_the_unet_takes_is_refused_not_trained(
+    script, source, tiny_tokenizer, tmp_path, method
+):
+    # a 48-wide text encoder for a U-Net that attends to 32-wide text: the first step's matmul RuntimeError (experts)
+    # or the staged U-Net's input error (naming no source), once the output folder was made
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sd, data = source
+    config = CLIPTextConfig(vocab_size=len(tiny_tokenizer), hidden_size=48, intermediate_size=37, num_attention_heads=4,
+                            num_hidden_layers=2, max_position_embeddings=77)  # fmt: skip
+    shutil.rmtree(os.path.join(sd, "text_encoder"))
+    CLIPTextModel(config).save_pretrained(os.path.join(sd, "text_encoder"))
+    args = ["--pretrained_model_name_or_path", sd, "--train_data_dir", data, "--caption_column", "caption", *TINY,
+            "--method", method, "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    message = f"`--pretrained_model_name_or_path` {sd!r}: its text encoder gives 48-wide hidden states"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _run(script, args)
+    assert not os.path.exists(tmp_path / "o" / "model_index.json")
 
 
 def test_the_source_schedule_may_be_repeated(script, source, tmp_path):

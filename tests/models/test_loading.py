@@ -706,3 +706,25 @@ def test_a_pipeline_folder_names_the_subfolder_to_load_the_model_from(saved_mode
     assert f"MultiStageUNet2DModel.from_pretrained({str(tmp_path / 'pipe')!r}, subfolder='unet')" in str(error.value)
     assert isinstance(error.value, OSError)  # what diffusers raised there: code that catches it keeps working
     assert MultiStageUNet2DModel.from_pretrained(tmp_path / "pipe", subfolder="unet").num_stages == 2
+
+
+@pytest.mark.parametrize("edit", ["other sizes", "no config.json"])
+def test_a_transformers_model_whose_config_does_not_fit_its_weights_is_the_named_error(tiny_tokenizer, tmp_path, edit):
+    # transformers 5 raises a bare RuntimeError ("You set `ignore_mismatched_sizes` to `False` ... look at the above
+    # report") for weights of other shapes than the config's, and builds its default config for a folder without
+    # config.json: a text encoder so saved was that traceback, naming no folder, once a run had made its output folder
+    from transformers import CLIPTextModel
+
+    from diffusers_stages.models.loading import load_strictly
+    from tests.conftest import tiny_text_encoder
+
+    tiny_text_encoder(tiny_tokenizer, 0).save_pretrained(tmp_path / "text_encoder")
+    config_path = tmp_path / "text_encoder" / "config.json"
+    if edit == "no config.json":
+        config_path.unlink()
+        match = r"text_encoder holds no config\.json"
+    else:
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "intermediate_size": 40}))
+        match = r"The checkpoint at .*text_encoder does not match its config for CLIPTextModel"
+    with pytest.raises(ValueError, match=match):
+        load_strictly(CLIPTextModel, str(tmp_path), "text_encoder")

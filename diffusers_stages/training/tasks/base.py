@@ -143,6 +143,9 @@ class TrainingTask:
     method = ""
     tags: tuple[str, ...] = ()
     find_unused_parameters = False  # True only where a network may get no sample in a step
+    # `--use_ema`'s decay: diffusers' train_unconditional.py warmup, 1 - (1 + step / `--ema_inv_gamma`) ** -`--ema_power`
+    # (False: EMAModel's default (1 + step) / (10 + step), as train_text_to_image.py); both capped at `--ema_max_decay`
+    ema_warmup = True
     decoders = 1  # the stage decoders of one network that the batches are split over (a sharded run needs them all)
     scheduler_config: dict | None = None  # a pretrained source's scheduler config; None: the arguments' schedule
 

@@ -23,7 +23,7 @@ from ...models.expert_routing import ExpertRoutingModel, expert_folder
 from ...models.loading import component_folder, load_strictly, refuse_without_plain_safetensors
 from ...models.unet_multistage_condition import MultiStageUNet2DConditionModel
 from ...partition import TimestepPartition
-from ...pipelines.loading import load_transformers_components
+from ...pipelines.loading import check_tokenizer, load_transformers_components
 from ...planning.data import is_inside, open_image_file
 from ..args import partition_from_args
 from ..data import ImageRecords, dataset_image, folder_image, load_train_split
@@ -106,6 +106,7 @@ class TextToImageTask(TrainingTask):
     `--stage_boundaries`; a staged or routed source keeps its stages."""
 
     tags = ("text-to-image", "stable-diffusion")
+    ema_warmup = False  # diffusers' train_text_to_image.py EMA: decay (1 + step) / (10 + step), up to --ema_max_decay
 
     def __init__(self, args: argparse.Namespace):
         # the source's configs (no weights yet): the stages, the noise schedule and every check follow them
@@ -188,6 +189,13 @@ class TextToImageTask(TrainingTask):
                 f"Give `--num_sample_images` {len(prompts)} or more, or fewer prompts."
             )
         self._refuse_what_the_source_gives(args)
+        for name in ("ema_inv_gamma", "ema_power"):  # the script leaves them unset: they shape a warmup it has not
+            if getattr(args, name) is not None:
+                raise ValueError(
+                    f"`--{name}` {getattr(args, name)} is refused: it shapes train_unconditional.py's EMA warmup, while "
+                    "this script's EMA decays as diffusers' train_text_to_image.py's, (1 + step) / (10 + step) up to "
+                    "`--ema_max_decay`. Drop it."
+                )
         self.method = {"multistage": "multi-stage multi-decoder U-Net", "experts": "multi-expert denoisers"}[
             args.method
         ]
@@ -316,6 +324,10 @@ class TextToImageTask(TrainingTask):
         # training, then released (about 1.2 GB for SD 1.5's, on every process) and loaded again at each save
         self._saved_names = tuple(n for n in self.source_index if n != "text_encoder")
         self._strict_transformers(self._saved_names)  # loaded strictly (the check), in the dtype they are stored in
+        check_tokenizer(
+            pipe.tokenizer, pipe.text_encoder, f"`--pretrained_model_name_or_path` {self.source!r}: its tokenizer"
+        )
+        self._check_text_width(pipe.text_encoder)
         self.text_encoder, self.tokenizer, self._vae = pipe.text_encoder.eval(), pipe.tokenizer, pipe.vae
         self.text_encoder.requires_grad_(False)
 
@@ -451,6 +463,21 @@ class TextToImageTask(TrainingTask):
                 and os.path.lexists(os.path.join(self.source, component))
             ):
                 component_folder(self.source, component)
+
+    def _check_text_width(self, text_encoder) -> None:
+        """Refuse a text encoder whose hidden states are not as wide as the U-Net (or its first expert) attends to
+        (``encoder_hid_dim`` where it projects them, else ``cross_attention_dim``): the first step's error otherwise,
+        a matmul `RuntimeError` for experts, once the output folder is made."""
+        config = self._network_config()
+        takes = config.get("encoder_hid_dim") or config.get("cross_attention_dim")
+        width = getattr(text_encoder.config, "hidden_size", None)
+        if isinstance(takes, int) and isinstance(width, int) and width != takes:
+            raise ValueError(
+                f"`--pretrained_model_name_or_path` {self.source!r}: its text encoder gives {width}-wide hidden states, "
+                f"but its unet attends to {takes}-wide ones (`cross_attention_dim` / `encoder_hid_dim` of its "
+                "config.json): the text encoder is not the one the U-Net was trained with. Give a pipeline whose "
+                "text encoder and U-Net belong together."
+            )
 
     def _strict_unet(self) -> ModelMixin:
         """The source's ``unet``, loaded strictly: diffusers only warns of a missing weight (left on the ``meta``
