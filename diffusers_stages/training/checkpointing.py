@@ -730,6 +730,7 @@ def check_sharded_resume(
 # the EMA's settings (`decay` is `--ema_max_decay`, `power` `--ema_power`, `inv_gamma` `--ema_inv_gamma`), which
 # resuming keeps: the saved EMA's must be the same
 EMA_SETTINGS = ("decay", "min_decay", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
+WARMUP_SETTINGS = ("use_ema_warmup", "inv_gamma", "power")  # EMAModel's warmup schedule
 
 
 def _load_ema(ema: EMAModel, folder: str) -> None:
@@ -751,14 +752,17 @@ def _load_ema(ema: EMAModel, folder: str) -> None:
         )
     saved = read_json(os.path.join(folder, "config.json"), "config.json")  # also the EMA's state (decay, step, ...)
     state = {k: saved[k] for k in ema.state_dict() if k != "shadow_params" and k in saved}
-    # the settings the run gives (`--ema_*`, and the loop's own): the checkpoint's would replace them in silence
-    settings = {k: getattr(ema, k) for k in EMA_SETTINGS}
-    values = _differences(settings, {k: state.get(k, v) for k, v in settings.items()}, EMA_SETTINGS)
+    # the settings the run gives (`--ema_*`, and the loop's own): the checkpoint's would replace them in silence. A
+    # run without the warmup (text-to-image's, as diffusers') sets none of its settings: it resumes with the schedule
+    # the checkpoint was kept with (an earlier version's text-to-image checkpoints warmed up)
+    compared = EMA_SETTINGS if ema.use_ema_warmup else [k for k in EMA_SETTINGS if k not in WARMUP_SETTINGS]
+    settings = {k: getattr(ema, k) for k in compared}
+    values = _differences(settings, {k: state.get(k, v) for k, v in settings.items()}, compared)
+    options = "`--ema_max_decay`, `--ema_power` and `--ema_inv_gamma`" if ema.use_ema_warmup else "`--ema_max_decay`"
     if values:
         raise ValueError(
-            f"The EMA at {folder} was kept with other settings ({values}): resume with the `--ema_max_decay`, "
-            "`--ema_power` and `--ema_inv_gamma` of the run that wrote the checkpoint, or train into a new "
-            "`--output_dir`."
+            f"The EMA at {folder} was kept with other settings ({values}): resume with the "
+            f"{options} of the run that wrote the checkpoint, or train into a new `--output_dir`."
         )
     state["shadow_params"] = [p.detach().clone() for p in loaded.parameters()]
     try:  # on a copy first: `EMAModel.load_state_dict` sets each value before checking it

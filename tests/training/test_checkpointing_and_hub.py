@@ -768,6 +768,43 @@ def test_resuming_an_ema_with_other_settings_is_refused(tmp_path, changed, messa
         GradientState._reset_state()
 
 
+def test_a_text_to_image_ema_resumes_a_checkpoint_of_the_earlier_warmup_schedule(tmp_path):
+    # the text-to-image script's EMA now decays as diffusers' train_text_to_image.py (no warmup); its checkpoints of
+    # earlier versions (warmup, power 0.75) were refused with a message naming `--ema_power`/`--ema_inv_gamma`, which
+    # that script refuses: such a checkpoint could not be resumed at all. A run without warmup sets neither, so it
+    # resumes with the checkpoint's schedule; its `--ema_max_decay` is still compared
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from diffusers.training_utils import EMAModel
+
+    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
+
+    checkpoint = str(tmp_path / "checkpoint-1")
+    earlier = {"decay": 0.9999, "use_ema_warmup": True, "inv_gamma": 1.0, "power": 0.75}
+    try:
+        for options in (earlier, {"decay": 0.9999}, {"decay": 0.999}):
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            accelerator = Accelerator(cpu=True)
+            network = UNet2DModel(**TINY_UNET)
+            ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config, **options)
+            accelerator.prepare(network)
+            register_checkpoint_hooks(accelerator, ["unet"], {"unet": ema})
+            if options is earlier:
+                accelerator.save_state(checkpoint)
+            elif options["decay"] == 0.9999:
+                accelerator.load_state(checkpoint)
+                assert (ema.use_ema_warmup, ema.power) == (True, 0.75)  # the schedule the checkpoint was kept with
+            else:
+                with pytest.raises(
+                    ValueError, match=r"`decay` 0.9999 there, 0.999 now\): resume with the `--ema_max_d"
+                ):
+                    accelerator.load_state(checkpoint)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 def test_a_file_named_like_the_checkpoint_being_saved_is_named_and_kept(tmp_path):
     # was renamed to a hidden leftover name, then rmtree raised NotADirectoryError
     (tmp_path / "checkpoint-4").write_text("notes")
