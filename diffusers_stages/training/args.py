@@ -18,6 +18,7 @@ from ..partition import TimestepPartition
 from ..planning.data import is_inside
 from ..timestep_sampling import STAGE_SAMPLING
 from .checkpointing import checkpoint_folders
+from .data import class_folders
 
 # the learning-rate schedules `get_scheduler` builds from the loop's arguments alone
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -477,6 +478,8 @@ def check_args(
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise ValueError(f"`--train_data_dir` must be an existing folder of images, got {args.train_data_dir!r}.")
     check_dataset_options(args)
+    if args.train_data_dir is not None and getattr(args, "class_conditional", False):
+        class_folders(args.train_data_dir)  # a folder without class sub-folders, found before the run starts
     check_positive_options(
         args,
         ("resolution", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",

@@ -418,3 +418,24 @@ def test_eval_batch_size_defaults_to_the_default_grid_in_one_call_and_takes_any_
     assert _checked(tmp_path).eval_batch_size == 16
     assert _checked(tmp_path, "--num_sample_images", "4").eval_batch_size == 16
     assert _checked(tmp_path, "--num_sample_images", "7", "--eval_batch_size", "3").eval_batch_size == 3
+
+
+@pytest.mark.parametrize("script_name", ["multistage", "experts", "dual_backbone"])
+@pytest.mark.parametrize("classes", [[], ["cat"]])
+def test_class_conditional_without_class_sub_folders_is_a_usage_error(script_name, classes, tmp_path, capsys):
+    # images directly in `--train_data_dir` (or in one sub-folder) with `--class_conditional` were a ValueError
+    # traceback out of the data reading, once the run had started, that named no way to give the labels
+    from PIL import Image
+
+    from tests.examples.conftest import TINY, load_script
+
+    data = tmp_path / "data"
+    for folder in [data, *(data / name for name in classes)]:
+        folder.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(folder / "0.png")
+    argv = [*TINY, "--train_data_dir", str(data), "--output_dir", str(tmp_path / "run"), "--class_conditional"]
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script_name).parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"`--train_data_dir` {str(data)!r}" in err
+    assert "one sub-folder per class" in err and "`--dataset_name` with `--label_column`" in err
