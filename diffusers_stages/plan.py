@@ -45,6 +45,7 @@ from .planning import (
     suggest_decoder_widths,
 )
 from .planning.budget import ARCHITECTURES, check_budget, check_budget_config, check_budget_covers_cheapest_widths
+from .planning.data import check_dataset_name
 from .planning.optimal_denoiser import check_planning_data
 from .planning.sizing import config_value
 from .planning.stage_plan import _check_num_stages, _check_unit_interval
@@ -212,6 +213,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.num_stages < 2:
         raise ValueError(f"`--num_stages` must be an integer >= 2, got {args.num_stages}.")
     check_seed(args.seed)
+    check_dataset_name(args.dataset, "--dataset")
     check_positive_integers(
         ("--max_images",), **{f"--{option}": getattr(args, option) for option in PLANNING_INTEGERS}
     )

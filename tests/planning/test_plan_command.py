@@ -759,3 +759,14 @@ def test_a_multistage_plan_says_the_beta_schedule_to_train_with(
     run(["--train_data_dir", str(digit_folder), *FAST, "--model_config", str(model_config), *budget,
          "--scheduler_config", str(scaled)])  # fmt: skip
     assert "train the planned model with `--ddpm_beta_schedule scaled_linear`" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["", " "])
+def test_an_empty_dataset_name_is_a_usage_error(name, capsys):
+    # was an IndexError traceback out of `datasets.load_dataset`, after the other checks
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--dataset", name, *FAST])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "`--dataset` must name a dataset" in err and repr(name) in err, err
+    with pytest.raises(ValueError, match="`dataset` must name a dataset"):  # the library function too
+        load_images(dataset=name, resolution=4, num_channels=1)
