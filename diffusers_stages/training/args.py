@@ -15,7 +15,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..cli import HelpFormatter, check_seed, refuse_pipeline_folder
 from ..partition import TimestepPartition
-from ..planning.data import is_inside
+from ..planning.data import check_dataset_name, is_inside
 from ..timestep_sampling import STAGE_SAMPLING
 from .checkpointing import checkpoint_folders
 from .data import class_folders
@@ -470,6 +470,7 @@ def check_args(
     a VAE the task trains with besides `--vae_path` (a fine-tuned pipeline's own)."""
     if (args.train_data_dir is None) == (args.dataset_name is None):
         raise ValueError("Give exactly one of `--train_data_dir` (a folder of images) and `--dataset_name`.")
+    check_dataset_name(args.dataset_name, "--dataset_name")
     if args.dataset_name == "imagefolder":
         raise ValueError(
             "`--dataset_name imagefolder` would read whatever images sit in the current folder: give the folder "

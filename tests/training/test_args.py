@@ -439,3 +439,12 @@ def test_class_conditional_without_class_sub_folders_is_a_usage_error(script_nam
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"`--train_data_dir` {str(data)!r}" in err
     assert "one sub-folder per class" in err and "`--dataset_name` with `--label_column`" in err
+
+
+@pytest.mark.parametrize("name", ["", " "])
+def test_an_empty_dataset_name_is_refused_before_training(name, tmp_path):
+    # passed the checks (not None) and ended, once the run had started, in "could not be loaded (IndexError: list
+    # index out of range)" out of `datasets.load_dataset`
+    args = build_parser("").parse_args(["--dataset_name", name, "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=f"`--dataset_name` must name a dataset .*got {re.escape(repr(name))}"):
+        check_args(args, TimestepPartition([442, 631]), 1)
