@@ -31,6 +31,7 @@ from .cli import (
     check_png_path,
     check_seed,
     load_saved_folder,
+    refuse_empty_folder,
     write_atomically,
 )
 from .models.checks import check_device, check_positive_integers, renamed_arguments, sample_size_is
@@ -183,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--alpha is read by --method optimal_denoiser only, not {args.method}: drop it.")
     if args.eta != parser.get_default("eta") and args.method not in ("optimal_denoiser", "ilp"):
         parser.error(f"--eta is read by --method optimal_denoiser and ilp only, not {args.method}: drop it.")
-    if args.model_path and args.method != "gradient":
+    if args.model_path is not None and args.method != "gradient":
         parser.error(f"--model_path is read by --method gradient only, not {args.method}: drop it or use gradient.")
     if args.vae_path and args.method in ("uniform", "snr", "snr_clustering") and not args.model_config:
         parser.error(
@@ -329,6 +330,7 @@ def _check_vae(args: argparse.Namespace) -> None:
         _check_pixel_model(args)
         _check_model_config_size(args, args.resolution)
         return
+    refuse_empty_folder(args.vae_path, "--vae_path")
     from diffusers import AutoencoderKL
 
     from .training.loop import check_vae_weights, vae_shape
@@ -677,7 +679,7 @@ def plan_command(args: argparse.Namespace) -> dict:
         args.num_samples,
         args.num_levels,
         torch.Generator().manual_seed(args.seed),
-        load_saved_folder(args.model_path, "--model_path") if args.model_path else None,
+        load_saved_folder(args.model_path, "--model_path") if args.model_path is not None else None,
         args.chunk_size,
         args.device,
         progress_bar=True,

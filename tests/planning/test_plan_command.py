@@ -770,3 +770,17 @@ def test_an_empty_dataset_name_is_a_usage_error(name, capsys):
     assert exit_info.value.code == 2 and "`--dataset` must name a dataset" in err and repr(name) in err, err
     with pytest.raises(ValueError, match="`dataset` must name a dataset"):  # the library function too
         load_images(dataset=name, resolution=4, num_channels=1)
+
+
+@pytest.mark.parametrize("option", ["--model_path", "--vae_path"])
+def test_an_empty_folder_option_is_a_usage_error(
+    option, digit_folder, tmp_path, monkeypatch, capsys, tiny_unet_kwargs
+):
+    # `--model_path ''` run from a model folder passed its check (it read ./config.json) and then planned without
+    # the model, as if not given; `--vae_path ''` was looked up on the Hub
+    UNet2DModel(**dict(tiny_unet_kwargs, in_channels=1, out_channels=1)).save_pretrained(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", str(digit_folder), *FAST, "--method", "gradient", option, ""])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"`{option}` must name a folder, got ''" in err, err
