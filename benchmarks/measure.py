@@ -82,7 +82,10 @@ def output_file(text: str) -> str:
 
 def output_folder(text: str) -> str:
     """An argparse ``type``: a folder that results can be written into (created where missing; not a file, nor a
-    path inside one), checked before the run rather than when its first result is written."""
+    path inside one), checked before the run rather than when its first result is written. An empty path is
+    refused (it would be the current folder, unasked)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must name a folder, got ''")
     path = os.path.abspath(text)
     while not os.path.exists(path) and os.path.dirname(path) != path:  # the nearest part that is there
         path = os.path.dirname(path)

@@ -67,7 +67,10 @@ def parse_args(argv=None):
         "refresh the committed results)",
     )
     parser.add_argument(
-        "--cache_dir", default=None, help=f"where the metric's classifier is cached (default: {CACHE_DIR})"
+        "--cache_dir",
+        type=output_folder,
+        default=None,
+        help=f"where the metric's classifier is cached (default: {CACHE_DIR})",
     )
     parser.add_argument(
         "--device", type=device_option, default=None, help=f"(default: {default_device()}, this machine's)"

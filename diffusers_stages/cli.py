@@ -130,9 +130,17 @@ def _config_file_hint(folder: str) -> str:
     return "is a folder, not a file."
 
 
+def refuse_empty_folder(path: str, option: str) -> None:
+    """An empty folder path is a `ValueError` naming ``option``: it names no folder (joined with a file name, it
+    reads the current folder's file)."""
+    if path == "":
+        raise ValueError(f"`{option}` must name a folder, got ''.")
+
+
 def check_model_folder(path: str, option: str) -> None:
     """Refuse, before any work, a model folder without a readable ``config.json`` (`check_input_file`) or a pipeline
     folder given for one of its models (`refuse_pipeline_folder`)."""
+    refuse_empty_folder(path, option)
     refuse_pipeline_folder(path, option)
     check_input_file(os.path.join(path, "config.json"), option, json_object=True)
 
@@ -251,6 +259,7 @@ def load_saved_folder(path: str, option: str, scheduler: bool = False):
 
     from .models.loading import exported_class, load_scheduler, load_strictly
 
+    refuse_empty_folder(path, option)
     config_file = os.path.join(path, "scheduler_config.json" if scheduler else "config.json")
     if not scheduler:
         refuse_pipeline_folder(path, option)  # (it names the models of a pipeline folder)

@@ -126,9 +126,12 @@ _RECIPE = 1
 
 def _training_key(net: FeatureClassifier, images: torch.Tensor, labels: torch.Tensor, seed: int, batch_size: int,
                   steps: int) -> str:  # fmt: skip
-    """A hash of what determines a trained classifier's weights: its architecture, the training settings and the
-    images and labels as training sees them (float32 and int64, on the CPU)."""
-    settings = {"recipe": _RECIPE, "architecture": repr(net), "seed": seed, "batch_size": batch_size, "steps": steps}
+    """A hash of what determines a trained classifier's weights: its architecture, the training settings, the torch
+    version (major.minor: another release's kernels and random streams train other weights) and the images and labels
+    as training sees them (float32 and int64, on the CPU)."""
+    torch_version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    settings = {"recipe": _RECIPE, "architecture": repr(net), "seed": seed, "batch_size": batch_size, "steps": steps,
+                "torch": torch_version}  # fmt: skip
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for tensor, dtype in ((images, torch.float32), (labels, torch.long)):
         tensor = tensor.detach().to("cpu", dtype).contiguous()
@@ -156,7 +159,9 @@ def _load_cached(net: FeatureClassifier, cache_path: str | os.PathLike, key: str
         )
     if cached_key != key:
         held = (
-            "cached without a key (on unknown data)" if cached_key is None else "of other images, labels or settings"
+            "cached without a key (on unknown data)"
+            if cached_key is None
+            else "of other images, labels, settings or torch version"
         )
         logger.warning(f"`cache_path` {cache_path!r} holds a classifier {held}: training it again and overwriting it.")
         return False
@@ -186,10 +191,10 @@ def train_classifier(
     (seeded, ``seed`` in ``[0, 2**32)``: same seed, same weights). ``num_classes`` defaults to the largest label + 1.
 
     With ``cache_path`` (a safetensors file), a newly trained classifier is saved there with a key of what determines
-    its weights (the images and labels, ``seed``, ``batch_size``, the steps taken, the architecture), and loaded
-    from there when its key is this call's. A cached classifier of other data or settings (or one cached without a
-    key, by an earlier version) is trained again and overwritten, with a log line; a file that holds no classifier
-    is a `ValueError`, left as it is."""
+    its weights (the images and labels, ``seed``, ``batch_size``, the steps taken, the architecture, the torch
+    version's major.minor), and loaded from there when its key is this call's. A cached classifier of other data,
+    settings or torch version (or one cached without a key, by an earlier version) is trained again and overwritten,
+    with a log line; a file that holds no classifier is a `ValueError`, left as it is."""
     _check_images(images, "images")
     if not is_integer_tensor(labels) or labels.ndim != 1:
         got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if torch.is_tensor(labels) else type(labels)

@@ -31,6 +31,7 @@ from .cli import (
     check_png_path,
     check_seed,
     load_saved_folder,
+    refuse_empty_folder,
     write_atomically,
 )
 from .models.checks import check_device, check_positive_integers, renamed_arguments, sample_size_is
@@ -45,6 +46,7 @@ from .planning import (
     suggest_decoder_widths,
 )
 from .planning.budget import ARCHITECTURES, check_budget, check_budget_config, check_budget_covers_cheapest_widths
+from .planning.data import check_dataset_name
 from .planning.optimal_denoiser import check_planning_data
 from .planning.sizing import config_value
 from .planning.stage_plan import _check_num_stages, _check_unit_interval
@@ -182,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--alpha is read by --method optimal_denoiser only, not {args.method}: drop it.")
     if args.eta != parser.get_default("eta") and args.method not in ("optimal_denoiser", "ilp"):
         parser.error(f"--eta is read by --method optimal_denoiser and ilp only, not {args.method}: drop it.")
-    if args.model_path and args.method != "gradient":
+    if args.model_path is not None and args.method != "gradient":
         parser.error(f"--model_path is read by --method gradient only, not {args.method}: drop it or use gradient.")
     if args.vae_path and args.method in ("uniform", "snr", "snr_clustering") and not args.model_config:
         parser.error(
@@ -212,6 +214,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.num_stages < 2:
         raise ValueError(f"`--num_stages` must be an integer >= 2, got {args.num_stages}.")
     check_seed(args.seed)
+    check_dataset_name(args.dataset, "--dataset")
     check_positive_integers(
         ("--max_images",), **{f"--{option}": getattr(args, option) for option in PLANNING_INTEGERS}
     )
@@ -327,6 +330,7 @@ def _check_vae(args: argparse.Namespace) -> None:
         _check_pixel_model(args)
         _check_model_config_size(args, args.resolution)
         return
+    refuse_empty_folder(args.vae_path, "--vae_path")
     from diffusers import AutoencoderKL
 
     from .training.loop import check_vae_weights, vae_shape
@@ -675,7 +679,7 @@ def plan_command(args: argparse.Namespace) -> dict:
         args.num_samples,
         args.num_levels,
         torch.Generator().manual_seed(args.seed),
-        load_saved_folder(args.model_path, "--model_path") if args.model_path else None,
+        load_saved_folder(args.model_path, "--model_path") if args.model_path is not None else None,
         args.chunk_size,
         args.device,
         progress_bar=True,

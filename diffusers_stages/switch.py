@@ -22,7 +22,15 @@ import torch
 from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cli import HelpFormatter, check_output_file, check_png_path, check_seed, load_saved_folder, write_atomically
+from .cli import (
+    HelpFormatter,
+    check_output_file,
+    check_png_path,
+    check_seed,
+    load_saved_folder,
+    refuse_empty_folder,
+    write_atomically,
+)
 from .conventions import (
     class_embedding_count,
     encode_model_latents,
@@ -329,18 +337,18 @@ def _class_labels(config, data: str, num_images: int) -> tuple[torch.Tensor | No
 
 
 def _load_models(args) -> tuple:
-    if args.pipeline:
+    if args.pipeline is not None:
         from .pipelines import DualBackbonePipeline
 
         pipe = DualBackbonePipeline.from_pretrained(args.pipeline)  # never runs code from the folder
         return pipe.shallow, pipe.deep, pipe.scheduler, pipe.vae
-    if not (args.shallow and args.deep and args.scheduler):
+    if args.shallow is None or args.deep is None or args.scheduler is None:
         raise ValueError("Give `--pipeline DIR`, or all of `--shallow DIR --deep DIR --scheduler DIR`.")
     return (
         load_saved_folder(args.shallow, "--shallow"),
         load_saved_folder(args.deep, "--deep"),
         load_saved_folder(args.scheduler, "--scheduler", scheduler=True),
-        load_saved_folder(args.vae, "--vae") if args.vae else None,
+        load_saved_folder(args.vae, "--vae") if args.vae is not None else None,
     )
 
 
@@ -404,6 +412,7 @@ def check_dual_backbone_folder(path: str) -> None:
     measured between its two backbones."""
     from diffusers import DiffusionPipeline
 
+    refuse_empty_folder(path, "--pipeline")
     if os.path.isfile(path):  # `load_config` would read it as the config itself
         raise ValueError(
             f"`--pipeline` {path!r} is a file, not a saved pipeline folder: give the folder that holds it."
@@ -479,7 +488,7 @@ def switch_command(args: argparse.Namespace) -> SwitchRecommendation:
     check_seed(args.seed)
     check_output_file(args.plot, "--plot")
     check_png_path(args.plot, "--plot")
-    if args.pipeline:
+    if args.pipeline is not None:
         given = [f"`--{name}`" for name in ("shallow", "deep", "scheduler", "vae") if getattr(args, name) is not None]
         if given:  # the pipeline's models and scheduler would be measured, these ignored
             raise ValueError(

@@ -292,6 +292,24 @@ def test_a_cache_of_other_data_or_settings_is_retrained_and_overwritten(digits, 
     assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), expected.state_dict().values()))
 
 
+def test_a_cache_of_another_torch_version_is_retrained(digits, tmp_path, monkeypatch, caplog):
+    # the key held no torch version: a classifier cached under another torch (whose kernels and random streams give
+    # other weights) was loaded as this one's; a patch release (same major.minor) keeps the cache
+    images, labels, _, _ = digits
+    path = str(tmp_path / "classifier.safetensors")
+    major, minor = torch.__version__.split(".")[:2]
+    monkeypatch.setattr(torch, "__version__", f"{major}.{minor}.0")
+    train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)
+    calls = _trains(monkeypatch)
+    monkeypatch.setattr(torch, "__version__", f"{major}.{minor}.99+cpu")
+    train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)
+    assert not calls  # loaded
+    monkeypatch.setattr(torch, "__version__", f"{major}.{int(minor) + 1}.0")
+    with caplog.at_level("WARNING", logger="diffusers_stages.evaluation"):
+        train_classifier(images[:64], labels[:64], max_steps=1, cache_path=path)
+    assert calls and any(path in r.getMessage() and "training it again" in r.getMessage() for r in caplog.records)
+
+
 def test_a_cache_of_the_same_training_is_loaded_whatever_the_images_dtype_or_step_limit(digits, tmp_path, monkeypatch):
     # the key is what determines the weights: the images as the classifier sees them (float32), the steps it takes
     # (64 images, 30 epochs of at most one batch: 30 steps whatever `max_steps` above that)

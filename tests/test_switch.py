@@ -606,3 +606,17 @@ def test_a_one_backbone_run_given_as_pipeline_says_how_to_pass_it(tiny_unet_kwar
         main(["--pipeline", str(run)])
     assert f"a one-backbone run ({backbone}/): give `--{backbone} {run / backbone}`" in str(error.value)
     assert f"`--scheduler {run / 'scheduler'}`" in str(error.value)
+
+
+@pytest.mark.parametrize("option", ["--pipeline", "--shallow", "--deep", "--scheduler", "--vae"])
+def test_an_empty_folder_option_is_refused_naming_it(option, tiny_unet_kwargs, tmp_path, monkeypatch):
+    # an empty path was taken as not given: `--vae ''` was ignored in silence, `--pipeline ''` (or `--shallow ''`)
+    # asked to give the option that was given; run from a model folder, `''` read that folder
+    shape = {**tiny_unet_kwargs, "in_channels": 1, "out_channels": 1}
+    UNet2DModel(**shape).save_pretrained(tmp_path)  # the current folder: a model folder
+    DDPMScheduler().save_pretrained(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    folders = {"--shallow": str(tmp_path), "--deep": str(tmp_path), "--scheduler": str(tmp_path)}
+    argv = [option, ""] if option == "--pipeline" else [*sum({**folders, option: ""}.items(), ())]
+    with pytest.raises(ValueError, match=f"`{option}` must name a folder, got ''"):
+        main([*argv, "--num_images", "4", "--num_levels", "3", "--num_inference_steps", "2", "--plot", "s.png"])

@@ -131,6 +131,16 @@ def image_files(folder: str, root: str, argument: str) -> list[str]:
     return found
 
 
+def check_dataset_name(name: str | None, option: str) -> None:
+    """Refuse an empty or blank dataset name (`datasets.load_dataset` fails on one with an `IndexError`): a
+    `ValueError` naming ``option``."""
+    if name is not None and not name.strip():
+        raise ValueError(
+            f"`{option}` must name a dataset (a `save_to_disk` folder, or a name or path `datasets.load_dataset` "
+            f"takes), got {name!r}."
+        )
+
+
 def load_images(
     train_data_dir: str | None = None,
     dataset: str | None = None,
@@ -162,6 +172,7 @@ def load_images(
     if num_channels not in (1, 3):
         raise ValueError(f"`num_channels` must be 1 or 3, got {num_channels!r}.")
     check_positive_integers(optional=("max_images",), max_images=max_images)
+    check_dataset_name(dataset, "dataset")
     if train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
             raise ValueError(f"`train_data_dir` {train_data_dir!r} is not a folder.")

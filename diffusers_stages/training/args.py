@@ -15,9 +15,10 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..cli import HelpFormatter, check_seed, refuse_pipeline_folder
 from ..partition import TimestepPartition
-from ..planning.data import is_inside
+from ..planning.data import check_dataset_name, is_inside
 from ..timestep_sampling import STAGE_SAMPLING
 from .checkpointing import checkpoint_folders
+from .data import class_folders
 
 # the options of the EMA `--use_ema` keeps (refused without it: they would be ignored)
 EMA_OPTIONS = ("ema_inv_gamma", "ema_power", "ema_max_decay")
@@ -476,6 +477,7 @@ def check_args(
     a VAE the task trains with besides `--vae_path` (a fine-tuned pipeline's own)."""
     if (args.train_data_dir is None) == (args.dataset_name is None):
         raise ValueError("Give exactly one of `--train_data_dir` (a folder of images) and `--dataset_name`.")
+    check_dataset_name(args.dataset_name, "--dataset_name")
     if args.dataset_name == "imagefolder":
         raise ValueError(
             "`--dataset_name imagefolder` would read whatever images sit in the current folder: give the folder "
@@ -484,6 +486,8 @@ def check_args(
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise ValueError(f"`--train_data_dir` must be an existing folder of images, got {args.train_data_dir!r}.")
     check_dataset_options(args)
+    if args.train_data_dir is not None and getattr(args, "class_conditional", False):
+        class_folders(args.train_data_dir)  # a folder without class sub-folders, found before the run starts
     check_positive_options(
         args,
         ("resolution", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",

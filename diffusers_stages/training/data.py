@@ -74,6 +74,22 @@ def first_shuffled(records: ImageRecords, count: int, seed: int) -> ImageRecords
     return ImageRecords(partial(record_image, records.load, indices), count, labels, records.class_names)
 
 
+def class_folders(train_data_dir: str) -> list[str]:
+    """The classes of a class-conditional `--train_data_dir`: its top-level sub-folders (hidden ones left out),
+    sorted. Fewer than 2 is a `ValueError` saying how to give the labels."""
+    class_names = sorted(name for name in os.listdir(train_data_dir)
+                         if not is_hidden(name) and os.path.isdir(os.path.join(train_data_dir, name)))  # fmt: skip
+    if len(class_names) < 2:
+        raise ValueError(
+            f"`--class_conditional` takes the classes from the sub-folders of `--train_data_dir` "
+            f"{train_data_dir!r}, one sub-folder per class (`{os.path.join(train_data_dir, '<class>', '*.png')}`), "
+            f"and needs at least 2 sub-folders; found {class_names}. Move each class's images into a sub-folder of "
+            "its own, or give a `datasets` dataset (`--dataset_name` with `--label_column`, its column of class "
+            "indices), or train without `--class_conditional`."
+        )
+    return class_names
+
+
 def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageRecords:
     """Images under ``train_data_dir`` (recursively); with ``class_conditional`` each top-level sub-folder is a class.
     Hidden folders and files (names starting with ".", such as Jupyter's ``.ipynb_checkpoints``) are skipped, with a
@@ -90,7 +106,7 @@ def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageR
                       if os.path.isdir(os.path.join(train_data_dir, name)) or name.lower().endswith(IMAGE_EXTENSIONS)],
                      "--train_data_dir")  # fmt: skip
         entries = [name for name in entries if not is_hidden(name)]
-        class_names = [d for d in entries if os.path.isdir(os.path.join(train_data_dir, d))]
+        class_names = class_folders(train_data_dir)
         stray = [os.path.join(train_data_dir, name) for name in entries
                  if name not in class_names and name.lower().endswith(IMAGE_EXTENSIONS)]  # fmt: skip
         files, labels = [], []
@@ -98,10 +114,11 @@ def image_folder_records(train_data_dir: str, class_conditional: bool) -> ImageR
             class_files = image_files(os.path.join(train_data_dir, name), train_data_dir, "--train_data_dir")
             files += class_files
             labels += [label] * len(class_files)
-        if len(class_names) < 2 or len(set(labels)) < len(class_names):
+        if len(set(labels)) < len(class_names):
+            empty = [name for label, name in enumerate(class_names) if label not in labels]
             raise ValueError(
                 f"`--class_conditional` takes the classes from the sub-folders of `--train_data_dir` "
-                f"{train_data_dir!r}: it needs at least 2 sub-folders, each with images; found {class_names}."
+                f"{train_data_dir!r}: each needs images, but {empty} hold none."
             )
         if stray:  # in no class: never trained on, which must not pass in silence
             raise ValueError(

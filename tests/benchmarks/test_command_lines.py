@@ -170,6 +170,8 @@ def test_an_output_folder_that_is_a_file_is_a_usage_error(script, capsys, tmp_pa
     assert exit_.value.code == 2 and "argument --output_dir:" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a folder inside a file
         script.parse_args(["--device", "cpu", "--output_dir", str(results / "sub")])
+    with pytest.raises(SystemExit):  # '' was taken as the current folder
+        script.parse_args(["--device", "cpu", "--output_dir", ""])
     assert results.read_text() == "{}"
     (tmp_path / "old" / "results").mkdir(parents=True)  # a folder holding a `results` folder (as benchmarks/ does)
     for folder in (tmp_path / "new", tmp_path / "new" / "deeper", tmp_path / "old"):
@@ -279,4 +281,17 @@ def test_bench_experts_refuses_section_3_options_with_no_section_3(option, capsy
         _parse(bench_experts, ["--evidence_preset", "none", option, "8"])
     assert exit_.value.code == 2 and f"{option} sets section 3, which --evidence_preset none skips" in (
         capsys.readouterr().err
+    )
+
+
+def test_run_evidence_refuses_a_cache_folder_that_cannot_be_one(capsys, tmp_path):
+    # a file, a path inside one, or '' was a FileExistsError / NotADirectoryError / FileNotFoundError traceback out of
+    # `os.makedirs` once the data were loaded
+    (tmp_path / "file").write_text("x")
+    for value in (str(tmp_path / "file"), str(tmp_path / "file" / "sub"), ""):
+        with pytest.raises(SystemExit) as exit_:
+            run_evidence.parse_args(["--quick", "--cache_dir", value])
+        assert exit_.value.code == 2 and "argument --cache_dir:" in capsys.readouterr().err
+    assert run_evidence.parse_args(["--quick", "--cache_dir", str(tmp_path / "new")]).cache_dir == str(
+        tmp_path / "new"
     )

@@ -759,3 +759,28 @@ def test_a_multistage_plan_says_the_beta_schedule_to_train_with(
     run(["--train_data_dir", str(digit_folder), *FAST, "--model_config", str(model_config), *budget,
          "--scheduler_config", str(scaled)])  # fmt: skip
     assert "train the planned model with `--ddpm_beta_schedule scaled_linear`" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["", " "])
+def test_an_empty_dataset_name_is_a_usage_error(name, capsys):
+    # was an IndexError traceback out of `datasets.load_dataset`, after the other checks
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--dataset", name, *FAST])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "`--dataset` must name a dataset" in err and repr(name) in err, err
+    with pytest.raises(ValueError, match="`dataset` must name a dataset"):  # the library function too
+        load_images(dataset=name, resolution=4, num_channels=1)
+
+
+@pytest.mark.parametrize("option", ["--model_path", "--vae_path"])
+def test_an_empty_folder_option_is_a_usage_error(
+    option, digit_folder, tmp_path, monkeypatch, capsys, tiny_unet_kwargs
+):
+    # `--model_path ''` run from a model folder passed its check (it read ./config.json) and then planned without
+    # the model, as if not given; `--vae_path ''` was looked up on the Hub
+    UNet2DModel(**dict(tiny_unet_kwargs, in_channels=1, out_channels=1)).save_pretrained(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--train_data_dir", str(digit_folder), *FAST, "--method", "gradient", option, ""])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"`{option}` must name a folder, got ''" in err, err

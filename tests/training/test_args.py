@@ -445,3 +445,33 @@ def test_an_output_dir_that_is_or_holds_the_vae_folder_is_refused(tmp_path):
             ]
         )
         check_args(args, TimestepPartition([442, 631]), 1)
+
+
+@pytest.mark.parametrize("script_name", ["multistage", "experts", "dual_backbone"])
+@pytest.mark.parametrize("classes", [[], ["cat"]])
+def test_class_conditional_without_class_sub_folders_is_a_usage_error(script_name, classes, tmp_path, capsys):
+    # images directly in `--train_data_dir` (or in one sub-folder) with `--class_conditional` were a ValueError
+    # traceback out of the data reading, once the run had started, that named no way to give the labels
+    from PIL import Image
+
+    from tests.examples.conftest import TINY, load_script
+
+    data = tmp_path / "data"
+    for folder in [data, *(data / name for name in classes)]:
+        folder.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(folder / "0.png")
+    argv = [*TINY, "--train_data_dir", str(data), "--output_dir", str(tmp_path / "run"), "--class_conditional"]
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script_name).parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"`--train_data_dir` {str(data)!r}" in err
+    assert "one sub-folder per class" in err and "`--dataset_name` with `--label_column`" in err
+
+
+@pytest.mark.parametrize("name", ["", " "])
+def test_an_empty_dataset_name_is_refused_before_training(name, tmp_path):
+    # passed the checks (not None) and ended, once the run had started, in "could not be loaded (IndexError: list
+    # index out of range)" out of `datasets.load_dataset`
+    args = build_parser("").parse_args(["--dataset_name", name, "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=f"`--dataset_name` must name a dataset .*got {re.escape(repr(name))}"):
+        check_args(args, TimestepPartition([442, 631]), 1)

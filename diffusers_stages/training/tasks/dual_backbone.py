@@ -96,7 +96,6 @@ class DualBackboneTask(FineTuningTask):
     ```
     """
 
-    method = "dual backbone (shallow + deep)"
     tags = ("dual-backbone", "duodiff")
 
     def read_source(self, path):
@@ -108,6 +107,13 @@ class DualBackboneTask(FineTuningTask):
 
     def source_configs(self):
         return {name: self.source.configs[name] for name in self._trained}
+
+    @property
+    def method(self) -> str:
+        """What the run trains, as its start log line and model card name it."""
+        if self.args.backbones == "both":
+            return "dual backbone (shallow + deep)"
+        return f"dual backbone, {self.args.backbones} network only"
 
     @property
     def _trained(self) -> tuple[str, ...]:
