@@ -691,8 +691,9 @@ def check_resume_arguments(
 def refuse_code_in_pickles(input_dir: str) -> None:
     """A `ValueError` naming each ``.pkl`` file of the checkpoint ``input_dir`` that does not load weights-only
     (tensors, numbers, numpy arrays: what Accelerate's random states hold). Accelerate releases this package allows
-    (``accelerate>=1.0``) read ``random_states_<process>.pkl`` with ``weights_only=False`` before 2025's, so a hostile checkpoint's file would run code of its
-    choice on resume; one that loads weights-only calls no function but the allowed ones under either reader."""
+    (``accelerate>=1.0``) read ``random_states_<process>.pkl`` with ``weights_only=False`` before 2025's, so a
+    hostile checkpoint's file would run code of its choice on resume; one that loads weights-only calls no function
+    but the allowed ones under either reader."""
     numpy_core = getattr(np, "_core", None) or np.core
     # what Accelerate's random states hold besides tensors and numbers: numpy's state array (its dtype classes and the
     # byte encoding of pickle protocol 2), as Accelerate allows them in its own weights-only reads today
