@@ -62,7 +62,9 @@ def _names(root) -> list[str]:
 
 def _main_process(save_state) -> SimpleNamespace:
     """A stand-in for the main process's `Accelerator` in `save_checkpoint`, writing its state with ``save_state``."""
-    return SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
+    return SimpleNamespace(
+        is_main_process=True, num_processes=1, wait_for_everyone=lambda: None, save_state=save_state
+    )
 
 
 def _kill_while_deleting(monkeypatch, name: str) -> None:
