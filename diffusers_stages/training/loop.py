@@ -595,7 +595,7 @@ def _push(state: RunState, steps: int, has_grid: bool, commit_message: str) -> N
     args = state.args
     api = LocalHubApi(args.hub_local_dir) if args.hub_local_dir else None
     description = model_card_text(args, state.task, steps, has_grid, mixed_precision=state.accelerator.mixed_precision,
-                                  repo_id=state.hub_repo_id)  # fmt: skip
+                                  repo_id=state.hub_repo_id, num_processes=state.accelerator.num_processes)  # fmt: skip
     pushed = push_output_folder(args.output_dir, state.hub_repo_id, description, state.task.tags, api=api,
                                 token=args.hub_token, class_conditional=args.class_conditional,
                                 private=args.hub_private_repo, logging_dir=args.logging_dir,
