@@ -152,6 +152,27 @@ def check_same_sharding(checkpoint: str, sharded: bool) -> None:
         )
 
 
+def check_same_process_count(checkpoint: str, num_processes: int) -> None:
+    """Refuse to resume ``checkpoint`` on another number of processes than the run that wrote it (its completeness
+    marker records it; one that does not, written by an older version, is not checked): Accelerate steps the
+    learning-rate schedule once per process at each optimisation step, so the schedule it holds is that count times
+    its step along, and the data each process has seen are that run's share."""
+    try:
+        with open(os.path.join(checkpoint, COMPLETE_MARKER), encoding="utf-8") as f:
+            written = json.load(f).get("num_processes")
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        return
+    if isinstance(written, int) and not isinstance(written, bool) and written != num_processes:
+        plural = "process" if written == 1 else "processes"
+        raise ValueError(
+            f"`--resume_from_checkpoint` {checkpoint!r} was written by a run of {written} {plural}, resumed on "
+            f"{num_processes}: its learning-rate schedule and data position count {written} {plural} (Accelerate "
+            f"steps the schedule once per process), so it would go on at another point of the schedule. Resume it "
+            f"on {written} {plural} (`accelerate launch --num_processes {written} ...`), or train into a new "
+            "`--output_dir`."
+        )
+
+
 def skipped_checkpoints(resume_path: str) -> list[str]:
     """The incomplete checkpoints newer than ``resume_path`` beside it (which ``"latest"`` passed over)."""
     step = checkpoint_step(resume_path)
@@ -189,7 +210,7 @@ def save_checkpoint(
         # the later ones hidden before this one is named, deleted after: a kill while deleting them keeps this one
         later = [folder for folder in replaced if checkpoint_step(folder) > step]
         hidden = [_hide_checkpoint(folder) for folder in later if os.path.isdir(folder) or os.path.islink(folder)]
-        publish_checkpoint(partial, path, step)
+        publish_checkpoint(partial, path, step, accelerator.num_processes)
         for folder in hidden:
             _remove(folder)
         discard_checkpoints([folder for folder in replaced if checkpoint_step(folder) < step])
@@ -198,16 +219,17 @@ def save_checkpoint(
     return path
 
 
-def publish_checkpoint(partial: str, path: str, step: int) -> None:
-    """Mark ``partial`` complete (the marker is its last file) and rename it to ``path``, replacing a folder there (or
-    a link, unlinked). A file of that name is no checkpoint: a `ValueError` names it, and it is left as it is."""
+def publish_checkpoint(partial: str, path: str, step: int, num_processes: int = 1) -> None:
+    """Mark ``partial`` complete (the marker is its last file, holding the step and the ``num_processes`` that wrote
+    it: `check_same_process_count`) and rename it to ``path``, replacing a folder there (or a link, unlinked). A file
+    of that name is no checkpoint: a `ValueError` names it, and it is left as it is."""
     if os.path.lexists(path) and not os.path.islink(path) and not os.path.isdir(path):
         raise ValueError(
             f"Cannot save checkpoint {path!r}: a file of that name is in the output folder and is no checkpoint "
             "folder (it was not deleted). Move it away, then resume with `--resume_from_checkpoint latest`."
         )
     with open(os.path.join(partial, COMPLETE_MARKER), "w", encoding="utf-8") as f:
-        json.dump({"step": step}, f)
+        json.dump({"step": step, "num_processes": num_processes}, f)
     # one of the same step (an older run's, or an interrupted one): ours replaces it. It is hidden, ours renamed into
     # place, and only then is it deleted: a kill while deleting it leaves ours under its name, not as a leftover
     replaced = _hide_checkpoint(path) if os.path.lexists(path) else None

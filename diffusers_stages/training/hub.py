@@ -204,16 +204,25 @@ def push_output_folder(
 
 
 def model_card_text(
-    args: argparse.Namespace, task, steps: int, has_grid: bool, *, mixed_precision: str, repo_id: str | None = None
+    args: argparse.Namespace,
+    task,
+    steps: int,
+    has_grid: bool,
+    *,
+    mixed_precision: str,
+    repo_id: str | None = None,
+    num_processes: int = 1,
 ) -> str:
     """The model card's description: the method, its stages, how it was trained, how to sample, a sample grid.
     ``mixed_precision`` is what the run used (``accelerator.mixed_precision``: `--mixed_precision`, or else the
     ``accelerate config`` file's), not the command-line argument. ``repo_id``: the repository `create_hub_repo`
-    created (``namespace/name``; default `hub_repo_name`), which the card's title and sampling code name."""
+    created (``namespace/name``; default `hub_repo_name`), which the card's title and sampling code name.
+    ``num_processes``: the processes the run trained on (the batch of a step, and `--scale_lr`'s factor, count them)."""
     repo_id = repo_id or hub_repo_name(args)
     data = args.train_data_dir or args.dataset_name  # `load_dataset` takes a local folder too
     data = data and (os.path.basename(os.path.normpath(data)) if args.train_data_dir else shared_name(data))
     space = f"latent space of `{shared_name(task.vae_path)}`" if task.vae_path else "pixel space"
+    total = args.train_batch_size * num_processes * args.gradient_accumulation_steps  # samples per optimisation step
     lines = [
         f"# {repo_id}",
         "",
@@ -227,8 +236,10 @@ def model_card_text(
         + (", class-conditional (last class embedding = unconditional)" if args.class_conditional else ""),
         f"- noise schedule: {_schedule_text(args, task.scheduler_config)}",
         (
-            f"- {steps} optimisation steps, batch {args.train_batch_size} per device x {args.gradient_accumulation_steps} "
-            f"accumulation, AdamW lr {args.learning_rate:g}{' x total batch' if args.scale_lr else ''} ({args.lr_scheduler}"
+            f"- {steps} optimisation steps, batch {args.train_batch_size} per device x {num_processes} "
+            f"{'process' if num_processes == 1 else 'processes'} x {args.gradient_accumulation_steps} accumulation "
+            f"({total} per step), AdamW lr {args.learning_rate:g}{f' x {total} (`--scale_lr`)' if args.scale_lr else ''} "
+            f"({args.lr_scheduler}"
             # diffusers' constant schedule ignores `--lr_warmup_steps` (text-to-image's default 500 included)
             + ("" if args.lr_scheduler == "constant" else f", {args.lr_warmup_steps} warm-up steps")
             + ")"

@@ -44,6 +44,7 @@ from .checkpointing import (
     check_resume_arguments,
     check_same_class_names,
     check_same_optimizer_settings,
+    check_same_process_count,
     check_same_sharding,
     check_same_source_files,
     check_sharded_resume,
@@ -526,6 +527,7 @@ def _resume(state: RunState, resume_path: str | None, steps_per_epoch: int) -> t
         )
         return None
     check_same_sharding(resume_path, is_sharded(accelerator))
+    check_same_process_count(resume_path, accelerator.num_processes)
     if is_sharded(accelerator):  # Accelerate loads the shards before the load hook's checks
         source = getattr(args, "pretrained_model_name_or_path", None)
         check_sharded_resume(resume_path, state.unwrapped(), state.noise_scheduler, state.task.partition, source)
@@ -593,7 +595,7 @@ def _push(state: RunState, steps: int, has_grid: bool, commit_message: str) -> N
     args = state.args
     api = LocalHubApi(args.hub_local_dir) if args.hub_local_dir else None
     description = model_card_text(args, state.task, steps, has_grid, mixed_precision=state.accelerator.mixed_precision,
-                                  repo_id=state.hub_repo_id)  # fmt: skip
+                                  repo_id=state.hub_repo_id, num_processes=state.accelerator.num_processes)  # fmt: skip
     pushed = push_output_folder(args.output_dir, state.hub_repo_id, description, state.task.tags, api=api,
                                 token=args.hub_token, class_conditional=args.class_conditional,
                                 private=args.hub_private_repo, logging_dir=args.logging_dir,

@@ -1,6 +1,7 @@
 """Training never loses its last good checkpoint: real runs of `train_multistage.py` killed (SIGKILL) at the
 dangerous points of saving, then resumed with `--resume_from_checkpoint latest`; a finished run resumes to nothing."""
 
+import json
 import os
 import shutil
 
@@ -192,3 +193,37 @@ def test_a_checkpoint_whose_outputs_a_later_run_replaced_writes_them_again(
     assert "writing its final outputs only" in capsys.readouterr().out
     assert _same_weights(straight, out, "unet")
     assert os.path.isfile(os.path.join(out, "checkpoint-4", FINISHED_MARKER))
+
+
+def _marked_processes(checkpoint: str) -> int | None:
+    with open(os.path.join(checkpoint, COMPLETE_MARKER), encoding="utf-8") as f:
+        return json.load(f).get("num_processes")
+
+
+def test_a_checkpoint_of_another_process_count_is_refused(examples, script, run_args, straight, tmp_path):
+    # Accelerate steps the learning-rate schedule once per process at each optimisation step: a run of 2 processes
+    # resumed on 1 went on with its schedule twice as far along as its steps (1 resumed on 2: half), in silence
+    assert _marked_processes(os.path.join(straight, "checkpoint-4")) == 1
+    out = str(tmp_path / "two")
+    checkpoint = os.path.join(out, "checkpoint-4")
+    shutil.copytree(os.path.join(straight, "checkpoint-4"), checkpoint)
+    os.remove(os.path.join(checkpoint, FINISHED_MARKER))
+    with open(os.path.join(checkpoint, COMPLETE_MARKER), "w", encoding="utf-8") as f:
+        json.dump({"step": 4, "num_processes": 2}, f)  # as a run of 2 processes marks it
+    with pytest.raises(ValueError, match=r"'.*checkpoint-4' was written by a run of 2 processes, resumed on 1: "):
+        examples.train(script, [*run_args, "--output_dir", out, "--resume_from_checkpoint", "latest"])
+
+
+def test_a_one_process_checkpoint_resumed_on_two_processes_is_refused(examples, run_args, straight, tmp_path):
+    # the 2-process run resumed the 1-process run's schedule at half its position (warm-up restarted): refused by
+    # every process, which all stop with the message
+    out = str(tmp_path / "one")
+    shutil.copytree(os.path.join(straight, "checkpoint-4"), os.path.join(out, "checkpoint-4"))
+    result = examples.run_subprocess(
+        ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", examples.SCRIPTS["multistage"],
+         *run_args, "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps", "6"]
+    )  # fmt: skip
+    assert result.returncode != 0
+    # (each process refuses it; the launcher may stop the other before it prints)
+    assert "was written by a run of 1 process, resumed on 2: " in result.stderr, result.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["checkpoint-4"]  # nothing trained nor written

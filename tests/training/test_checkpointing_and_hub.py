@@ -62,7 +62,9 @@ def _names(root) -> list[str]:
 
 def _main_process(save_state) -> SimpleNamespace:
     """A stand-in for the main process's `Accelerator` in `save_checkpoint`, writing its state with ``save_state``."""
-    return SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
+    return SimpleNamespace(
+        is_main_process=True, num_processes=1, wait_for_everyone=lambda: None, save_state=save_state
+    )
 
 
 def _kill_while_deleting(monkeypatch, name: str) -> None:
@@ -1230,3 +1232,18 @@ def test_resuming_refuses_a_random_state_file_that_would_run_code(tmp_path):
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def test_a_training_card_gives_the_process_count_and_the_total_batch():
+    # the card said "batch 4 per device x 2 accumulation, AdamW lr 0.0001 x total batch" for a run on any number of
+    # processes: the total batch, and with `--scale_lr` the learning rate trained with, could not be read from it
+    task = SimpleNamespace(
+        vae_path=None, method="multi-stage", description=lambda: "Stages.", scheduler_config=None,
+        usage=lambda repo_id: "",
+    )  # fmt: skip
+    args = _card_args(gradient_accumulation_steps=2, scale_lr=True)
+    text = model_card_text(args, task, steps=3, has_grid=False, mixed_precision="no", num_processes=2)
+    assert "- 3 optimisation steps, batch 4 per device x 2 processes x 2 accumulation (16 per step), AdamW lr " in text
+    assert "AdamW lr 0.0001 x 16 (`--scale_lr`) (constant)" in text
+    text = model_card_text(_card_args(), task, steps=3, has_grid=False, mixed_precision="no")
+    assert "batch 4 per device x 1 process x 1 accumulation (4 per step), AdamW lr 0.0001 (constant)" in text
