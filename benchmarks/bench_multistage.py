@@ -11,7 +11,7 @@ Everything is measured in one run and printed as ratios to the baseline measured
    and with `stage_index`, for 2, 3, 4, 8 and 16 decoders (`--decoder_counts`; a per-call cost that grew with the
    number of decoders would show here), at batch 1 and at batch 16; a copy of the U-Net measured the same way gives
    the noise floor.
-4. Mixed batches (small model: 16x16, widths (32, 64), identical decoders, one thread): a batch spread evenly over
+4. Mixed batches (small model: 16x16, widths (32, 64), identical decoders, one thread unless ``--threads``): a batch spread evenly over
    the stages against the same batch in one stage, decoded stage by stage and fused (`enable_fused_decoders`), at 2,
    3, 8 and 16 stages and batch 4 and 16 (wall and process CPU time), a training step at 8 stages, batch 16, and
    a wider model (widths (64, 128, 128), 32x32) at 4 stages, batch 16.
@@ -238,12 +238,12 @@ MIXED_CASES = ((2, 4), (3, 4), (8, 4), (16, 4), (2, 16), (3, 16), (8, 16), (16, 
 def mixed_batches(args, small) -> list[tuple]:
     """Section 4: a batch spread evenly over the stages (sample i in stage i mod stages) against the same batch in
     one stage (baseline column), decoded stage by stage and fused (`enable_fused_decoders`, any padding), on one
-    thread: the median wall time and this process's median CPU time (steadier on a shared machine), inference; one
+    thread (``--threads`` when given): the median wall time and this process's median CPU time (steadier on a shared machine), inference; one
     training step (forward and backward) at 8 stages and batch 16; at 8 stages and batch 16 (inference and the
     training step), the fused pass also with its parameters copied into a stack in every forward (without
     `stack_decoder_storage`'s layout); and a wider model at 4 stages and batch 16."""
     device, rows, threads = args.device, [], torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads or 1)  # one thread unless --threads says otherwise
     for count, batch in MIXED_CASES:
         models, fns, counts = mixed_case(small, count, batch, device, copied_stack=(count, batch) == (8, 16))
         name = f"mixed batch, {count} stages, batch {batch} ({'/'.join(str(n) for n in counts)})"

@@ -54,7 +54,7 @@ def set_mode(pipe: ExpertRoutingPipeline, mode: str, device: torch.device) -> No
 
 
 def measure(pipe: ExpertRoutingPipeline, mode: str, args: argparse.Namespace) -> tuple[float | None, float]:
-    """``(peak MiB above the start, or None on CPU; median seconds)`` of sampling with ``mode``."""
+    """``(peak MiB above the start, or None off CUDA; median seconds)`` of sampling with ``mode``."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda:
@@ -81,8 +81,12 @@ def ratios_to_resident(results: dict[str, tuple[float | None, float]]) -> list[s
     if "resident" not in results:
         return []
     base_peak, base_seconds = results["resident"]
+
+    def memory(peak: float | None) -> str:  # only CUDA reports a peak (an MPS or XPU run has none)
+        return "n/a (CUDA only)" if peak is None or base_peak is None else f"{peak / base_peak:.3f}"
+
     return [
-        f"{mode} / resident: peak memory {peak / base_peak:.3f}, time {seconds / base_seconds:.3f}"
+        f"{mode} / resident: peak memory {memory(peak)}, time {seconds / base_seconds:.3f}"
         for mode, (peak, seconds) in results.items()
         if mode != "resident"
     ]
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float | None, float]]
         pipe.set_progress_bar_config(disable=True)
         peak, seconds = measure(pipe, mode, args)
         results[mode] = (peak, seconds)
-        memory = f"peak {peak:.1f} MiB" if peak is not None else "peak n/a (CPU)"
+        memory = f"peak {peak:.1f} MiB" if peak is not None else "peak n/a (CUDA only)"
         print(f"{mode}: {memory}, median {seconds:.3f} s per run of {args.steps} steps, batch {args.batch_size}")
         del pipe
         gc.collect()

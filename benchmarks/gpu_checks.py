@@ -15,7 +15,8 @@
    pass read the stack as a view (no copy), and whether a safetensors round trip (`save_model`/`load_model`, which
    refuse tensors that share storage, as accelerate's `save_state` drops them) keeps every decoder's weights.
 
-Every row is printed as a Markdown table and written to ``--output_dir/gpu_checks.json`` as soon as its section ends,
+Every row is printed as a Markdown table and written to ``--output_dir/gpu_checks.json`` (``{"header": ..., "results":
+[...]}``, the header the command, date, machine and versions) as soon as its section ends,
 so that a run stopped by a time limit keeps what it finished: sections 1, 2 and 4 run first, then section 3 one
 pipeline at a time. A section that fails is one row with its error, and the sections after it still run. The last
 line names the checks that failed (a section's error, a synchronising ``stage_index`` forward, images that are not
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import os
 import statistics
 import sys
@@ -59,6 +61,7 @@ from diffusers_stages.models.uvit import UViT2DModel, dual_uvit_configs
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from benchmarks.measure import _synchronize, default_device, device_option, output_folder, positive_int, write_json
+from benchmarks.run_evidence import machine, versions
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's warning under set_sync_debug_mode("warn")
@@ -79,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:  # defaults only: the options given with it keep their values
         parser.set_defaults(steps=2, batch_size=2, repeats=1)
         args = parser.parse_args(argv)
+    args.command = "python benchmarks/gpu_checks.py " + " ".join(sys.argv[1:] if argv is None else argv)
     args.backend = args.backend or ("eager" if args.quick else "inductor")
     if args.backend not in torch.compiler.list_backends(exclude_tags=()):
         parser.error(
@@ -299,8 +303,20 @@ def fused_decoders(pipes: dict, args: argparse.Namespace) -> list[dict]:
     ]
 
 
-def report(rows: list[dict], output_dir: str | None, all_rows: list[dict]) -> None:
-    """Print ``rows`` as a Markdown table and rewrite ``output_dir/gpu_checks.json`` with every row so far."""
+def run_header(args: argparse.Namespace) -> dict:
+    """What the results file records besides its rows, as `run_evidence.py`'s results.json does: the command, the
+    date, the machine and device, and the versions of the code that measured."""
+    return {
+        "command": args.command,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(torch.device(args.device)),
+        "versions": versions(),
+    }
+
+
+def report(rows: list[dict], output_dir: str | None, all_rows: list[dict], header: dict) -> None:
+    """Print ``rows`` as a Markdown table and rewrite ``output_dir/gpu_checks.json`` with ``header`` (`run_header`)
+    and every row so far (``{"header": ..., "results": [...]}``)."""
     keys = list(dict.fromkeys(key for row in rows for key in row))
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for row in rows:
@@ -309,7 +325,7 @@ def report(rows: list[dict], output_dir: str | None, all_rows: list[dict]) -> No
     all_rows += rows
     if output_dir is not None:
         # atomically: a run stopped by its time limit while writing keeps the rows written before
-        write_json(os.path.join(output_dir, "gpu_checks.json"), all_rows)
+        write_json(os.path.join(output_dir, "gpu_checks.json"), {"header": header, "results": all_rows})
 
 
 def sections(pipes: dict, args: argparse.Namespace):
@@ -350,14 +366,14 @@ def main(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, {args.steps} DDIM steps, batch {args.batch_size}")
-    pipes, all_rows = build_pipelines(args.quick), []
+    pipes, all_rows, header = build_pipelines(args.quick), [], run_header(args)
     for section, run in sections(pipes, args):
         try:
             rows = run()
         except Exception as error:  # reported, not raised: one device run must still measure what it can
             traceback.print_exc()
             rows = [{"section": section, "check": "failed", "error": f"{type(error).__name__}: {error}"}]
-        report(rows, args.output_dir, all_rows)
+        report(rows, args.output_dir, all_rows, header)
     print(f"\nfailed checks: {'; '.join(failed_checks(all_rows)) or 'none'}")
     return all_rows
 

@@ -15,7 +15,8 @@
 # $WHEELS (default benchmarks/wheels, git-ignored: the lent machine lacks only diffusers, so before the run
 # `pip download --no-deps diffusers==0.42.1 -d benchmarks/wheels` where there is a network, and carry that folder).
 # Files: gpu_checks.json and one NAME.md per step, and the evidence run's results.json as evidence_results.json
-# (its report is in evidence.md); 7 files in all.
+# (its report is in evidence.md), and session.md: the date, the device and torch version, and each step's command
+# and exit status (what made the other files); 8 files in all.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)" || exit 1  # the repository root: the steps' paths are relative to it
 # the defaults are the checkout's; a relative OUT, WHEELS or PYTHON (with a slash) is where the script was started
@@ -26,6 +27,8 @@ python="${PYTHON:-python3}"
 [[ $python != */* || $python == /* ]] || python="$PWD/$python"
 mkdir -p "$out" && out="$(cd "$out" && pwd)" || exit 1
 cd "$root" || exit 1
+session="$out/session.md"  # what made the files: the step scripts print few of their options
+printf '# benchmarks/gpu_session.sh, %s\n\n' "$(date -u '+%Y-%m-%d %H:%M UTC')" >"$session"
 export PYTHONUNBUFFERED=1         # a step killed by its limit keeps what it printed
 failed=()
 
@@ -41,6 +44,7 @@ step() {  # step NAME SECONDS SCRIPT ARGS...: run one benchmark under its own ti
         *) echo "   exit $status: failed (its error is at the end of $name.md)" ;;
     esac
     tail -c 2000 "$out/$name.md" | sed 's/^/   | /'  # the end of its output: its results, or its error
+    echo "- \`$python $*\`: exit $status" >>"$session"
     [ "$status" -eq 0 ] || failed+=("$name (exit $status)")
 }
 
@@ -62,9 +66,10 @@ if ! "$python" -P -c "import diffusers_stages.pipelines" 2>/dev/null; then
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$python" -P -c "import torch, diffusers_stages.pipelines; assert torch.cuda.is_available(), 'no CUDA device'
-print(torch.cuda.get_device_name(), 'torch', torch.__version__)" \
+print(torch.cuda.get_device_name(), 'torch', torch.__version__)" | tee -a "$session" \
     || { echo "needs CUDA and the package's requirements (carry missing wheels: WHEELS=folder)"; exit 1; }
 
+echo >>"$session"
 step gpu_checks 150 benchmarks/gpu_checks.py --device cuda --output_dir "$out"
 step bench_offload 45 benchmarks/bench_offload.py --device cuda --steps 20 --repeats 3
 step bench_multistage 75 benchmarks/bench_multistage.py --device cuda --sections overhead mixed pipeline \

@@ -131,8 +131,13 @@ def write_json(path: str, value: object) -> None:
 
 
 def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` before the clock is read: accelerators run asynchronously (CUDA, MPS,
+    XPU, ...; the benchmarks' ``--device`` takes any this machine has), so without it a call's time would be its
+    kernel launches."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)  # CUDA runs asynchronously: wait for queued work before reading the clock
+        torch.cuda.synchronize(device)
+    elif device.type != "cpu":
+        torch.accelerator.synchronize(device)  # the accelerator's own (torch >= 2.6, the package's floor)
 
 
 def interleaved_medians(
@@ -181,7 +186,8 @@ def interleaved_times(
     Args:
         fns: the callables by name, each called without arguments.
         repeats: timed calls of each callable (rounds).
-        device: where the callables run; on CUDA the device is synchronized before the clock starts and stops.
+        device: where the callables run; on an accelerator (CUDA, MPS, XPU, ...) the device is synchronized before
+            the clock starts and stops.
         warmup: untimed rounds (interleaved the same way) before the first timed one.
         warmup_before_each: untimed calls of a callable right before each of its timed calls, so that every timed
             call follows a call of the same callable (a cache-warm measurement).

@@ -298,3 +298,16 @@ def test_the_readmes_pipeline_conversion_commands_run_as_written(tmp_path, monke
         module = importlib.import_module(f"diffusers_stages.conversion.{name}")
         module.run(module.main, module.parse_args, argv)  # --verify: a difference above tolerance fails here
         assert (tmp_path / argv[argv.index("--output_path") + 1]).is_dir()
+
+
+def test_the_planning_rules_table_gives_the_command_that_measured_it():
+    # the table of boundary rules states its draws (K) beside the command that reproduces it: the command must
+    # plan with that K (the script's default is 128; the table was measured at 64 and differs at 128)
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench_planning
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    claim = re.search(r"The two rules disagree.*?K=(\d+).*?`python (benchmarks/bench_planning\.py[^`]*)`", text, re.S)
+    assert claim, "README.md lost the table of the two boundary rules"
+    args = bench_planning.parse_args(shlex.split(re.sub(r"\s+", " ", claim[2]))[1:])
+    assert args.compare and args.num_samples == int(claim[1]), (claim[1], claim[2])

@@ -99,3 +99,20 @@ def test_the_tailored_decoders_fit_every_width_the_options_take(width):
     kwargs = bench.encoder_kwargs(width, 8)
     model = bench.MultiStageUNet2DModel(**kwargs, decoder_block_out_channels=bench.tailored_widths(width))
     assert model.num_stages == 3
+
+
+@pytest.mark.parametrize(("threads", "expected"), [(["--threads", "2"], 2), ([], 1)])
+def test_the_mixed_section_runs_on_the_threads_asked_for(threads, expected, monkeypatch):
+    # before: it always set one thread, while the run's header printed the --threads given ("device cpu (2 threads)")
+    # over rows timed on one; without --threads it keeps its single thread (the README's tables)
+    seen = []
+    monkeypatch.setattr(bench, "MIXED_CASES", ((2, 4),))
+    monkeypatch.setattr(bench, "mixed_rows", lambda *args: seen.append(torch.get_num_threads()) or [])
+    monkeypatch.setattr(bench, "encoder_kwargs", lambda width, resolution: TINY_UNET)  # the wide model: tiny here
+    args = bench.parse_args(["--device", "cpu", "--sections", "mixed", "--width", "8", "--resolution", "8", *threads])
+    before = torch.get_num_threads()
+    try:
+        bench.mixed_batches(args, UNet2DModel(**TINY_UNET).eval())
+        assert seen == [expected, expected] and torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

@@ -51,3 +51,15 @@ def test_threads_sets_torch_s_cpu_threads_before_anything_is_built(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert seen == [1]
+
+
+def test_an_accelerator_without_a_peak_memory_reading_gets_time_ratios():
+    # on MPS or XPU every mode runs (the resident pipeline too) but only CUDA reports a peak: the ratios divided
+    # None by None and the run ended in a TypeError after measuring everything
+    from benchmarks.bench_offload import ratios_to_resident
+
+    results = {"resident": (None, 2.0), "model_cpu_offload": (None, 3.0), "stage_offload": (None, 2.5)}
+    assert ratios_to_resident(results) == [
+        "model_cpu_offload / resident: peak memory n/a (CUDA only), time 1.500",
+        "stage_offload / resident: peak memory n/a (CUDA only), time 1.250",
+    ]

@@ -29,8 +29,25 @@ def test_the_sections_run_and_report_on_cpu(tmp_path):
     assert compiled["graphs_first_run"] >= 2 and compiled["graphs_second_run"] == 0  # both backbones, once each
     assert compiled["max_abs_diff_to_eager"] < 1e-5
     written = []
-    gpu_checks.report(rows, str(tmp_path), written)
+    gpu_checks.report(rows, str(tmp_path), written, gpu_checks.run_header(args))
     assert os.path.exists(tmp_path / "gpu_checks.json") and len(written) == 9
+
+
+def test_the_results_file_records_the_command_and_the_machine(tmp_path):
+    # the file is what comes back from a lent GPU: without the command, device and versions its figures cannot be
+    # told apart from another run's (run_evidence.py's results.json records the same header)
+    argv = ["--device", "cpu", "--quick", "--steps", "3", "--output_dir", str(tmp_path)]
+    args = gpu_checks.parse_args(argv)
+    gpu_checks.report(
+        [{"section": "sync", "check": "a", "result": 1.0}], str(tmp_path), [], gpu_checks.run_header(args)
+    )
+    with open(tmp_path / "gpu_checks.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    header = saved["header"]
+    assert header["command"] == "python benchmarks/gpu_checks.py " + " ".join(argv)
+    assert "CPU" in header["machine"] and torch.__version__ in header["machine"]
+    assert {"diffusers_stages", "diffusers", "torch"} <= set(header["versions"]) and header["date"].endswith("UTC")
+    assert saved["results"] == [{"section": "sync", "check": "a", "result": 1.0}]
 
 
 def test_the_fused_decoder_section_checks_results_layout_and_saving():
@@ -72,7 +89,7 @@ def test_a_failing_section_is_a_row_and_the_sections_after_it_still_run(tmp_path
     # the cheap sections first; compilation last, one pipeline at a time (each row written as it ends)
     assert ran == [("precisions", "A", "B"), ("fused_decoders", "A", "B"), ("compilation", "A"), ("compilation", "B")]
     with open(tmp_path / "gpu_checks.json", encoding="utf-8") as f:
-        assert json.load(f) == rows
+        assert json.load(f)["results"] == rows
     assert rows[0]["section"] == "sync" and rows[0]["error"] == "RuntimeError: boom" and len(rows) == 5
 
 
@@ -97,17 +114,17 @@ def test_the_sync_section_on_a_stand_in_cuda_counts_only_synchronisation_warning
 def test_a_run_stopped_while_writing_keeps_the_rows_written_before(tmp_path, monkeypatch):
     # gpu_session.sh stops this script at its time limit, perhaps while gpu_checks.json is being rewritten: the rows
     # of the sections finished before must stay readable
-    written = []
-    gpu_checks.report([{"section": "sync", "check": "a", "result": 1.0}], str(tmp_path), written)
+    written, header = [], gpu_checks.run_header(gpu_checks.parse_args(["--device", "cpu", "--quick"]))
+    gpu_checks.report([{"section": "sync", "check": "a", "result": 1.0}], str(tmp_path), written, header)
     before = (tmp_path / "gpu_checks.json").read_bytes()
 
     def stopped(value, f, **kwargs):
-        f.write('[{"section": "sy')
+        f.write('{"header": {"comm')
         raise KeyboardInterrupt
 
     monkeypatch.setattr(json, "dump", stopped)
     with pytest.raises(KeyboardInterrupt):
-        gpu_checks.report([{"section": "precision", "check": "b", "result": 2.0}], str(tmp_path), written)
+        gpu_checks.report([{"section": "precision", "check": "b", "result": 2.0}], str(tmp_path), written, header)
     assert (tmp_path / "gpu_checks.json").read_bytes() == before and os.listdir(tmp_path) == ["gpu_checks.json"]
 
 

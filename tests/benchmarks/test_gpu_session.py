@@ -75,6 +75,13 @@ def test_a_failing_step_keeps_its_output_and_the_later_steps_run_and_the_exit_st
     # no Fashion-MNIST there: the evidence step runs the quick preset (digits, from scikit-learn), not a failure
     evidence = calls.read_text().splitlines()[-1]
     assert "run_evidence.py" in evidence and "--quick" in evidence
+    # session.md records what made the files: the date, the interpreter's device line, and each step's command
+    # and exit status (the NAME.md files hold only the scripts' output, which for most of them names no option)
+    session = (out / "session.md").read_text()
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", session) and f"ran in {ROOT}" in session
+    assert f"`{python} benchmarks/bench_offload.py --device cuda --steps 20 --repeats 3`: exit 3" in session
+    assert f"`{python} benchmarks/gpu_checks.py --device cuda --output_dir {out}`: exit 0" in session
+    assert "benchmarks/run_evidence.py --quick" in session
 
 
 # an interpreter where the package does not import until it is on PYTHONPATH, and whose pip cannot build a source

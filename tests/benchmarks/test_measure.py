@@ -72,3 +72,17 @@ def test_interleaved_times_keeps_every_timed_call_for_the_spread_of_the_repeats(
 
 def test_docstring_examples():
     assert doctest.testmod(benchmarks.measure, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "cuda"])
+def test_every_accelerator_is_synchronized_around_a_timed_call(device, monkeypatch):
+    # `--device mps` (or xpu) passes the benchmarks' device check, but only CUDA was synchronized: the clock then
+    # stopped when the kernels were queued, not run, and the medians and ratios measured launches only
+    synced = []
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda device=None: synced.append(torch.device(device)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(torch.device(device)))
+    interleaved_times({"a": lambda: None}, repeats=2, device=device, warmup=0)
+    assert synced == [torch.device(device)] * 4  # before and after each of the two timed calls
+    synced.clear()
+    interleaved_times({"a": lambda: None}, repeats=2, device="cpu", warmup=0)
+    assert synced == []
