@@ -2,6 +2,7 @@
 model card, offline."""
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -567,19 +568,30 @@ def test_push_refuses_a_file_that_links_out_of_the_output_folder(tmp_path, monke
     assert sorted(os.listdir(tmp_path / "hub" / "me" / "model")) == ["README.md", "model_index.json"]
 
 
-@pytest.mark.parametrize("corruption", ["integers", "link"])
-def test_resuming_reads_a_checkpoint_network_strictly(tmp_path, corruption):
-    # a diffusers network (UNet2DModel) of a checkpoint was read leniently: integer weights resumed cast
+@contextlib.contextmanager
+def fresh_accelerator():
+    """An `Accelerator(cpu=True)` with a state of its own: Accelerate's state is a singleton, reset before and after
+    so that no test sees another's."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from diffusers import UNet2DModel
-
-    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     try:
-        accelerator = Accelerator(cpu=True)
+        yield Accelerator(cpu=True)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+@pytest.mark.parametrize("corruption", ["integers", "link"])
+def test_resuming_reads_a_checkpoint_network_strictly(tmp_path, corruption):
+    # a diffusers network (UNet2DModel) of a checkpoint was read leniently: integer weights resumed cast
+    from diffusers import UNet2DModel
+
+    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
+
+    with fresh_accelerator() as accelerator:
         model = accelerator.prepare(UNet2DModel(**TINY_UNET))
         register_checkpoint_hooks(accelerator, ["unet"], {})
         accelerator.save_state(str(tmp_path / "checkpoint-1"))
@@ -588,26 +600,18 @@ def test_resuming_reads_a_checkpoint_network_strictly(tmp_path, corruption):
         with pytest.raises(ValueError, match="outside" if corruption == "link" else key):
             accelerator.load_state(str(tmp_path / "checkpoint-1"))
         assert model is not None
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 @pytest.mark.parametrize("corruption", ["missing", "unexpected", "integers", "other_config", "decay"])
 def test_resuming_reads_a_checkpoint_ema_strictly(tmp_path, corruption):
     # `EMAModel.from_pretrained` loaded through diffusers leniently: missing weights were left random, and an EMA of
     # another configuration replaced the shadow parameters whatever their shapes
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from diffusers.training_utils import EMAModel
     from safetensors.torch import load_file, save_file
 
     from diffusers_stages.training.checkpointing import register_checkpoint_hooks
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        accelerator = Accelerator(cpu=True)
+    with fresh_accelerator() as accelerator:
         network = UNet2DModel(**TINY_UNET)
         ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config)
         model = accelerator.prepare(network)
@@ -636,25 +640,17 @@ def test_resuming_reads_a_checkpoint_ema_strictly(tmp_path, corruption):
         assert all(torch.equal(a, b) for a, b in zip(shadow, ema.shadow_params, strict=True))  # left as it was
         assert ema.decay == decay
         assert model is not None
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 @pytest.mark.parametrize("folder", ["unet", "unet_ema"])
 def test_resuming_refuses_a_network_folder_that_links_out_of_the_checkpoint(tmp_path, folder):
     # a checkpoint is read as hostile input, its noise_scheduler/ refused as a link out of it, but its network and EMA
     # folders were read wherever a link named like them led (weights from another folder resumed without a word)
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from diffusers.training_utils import EMAModel
 
     from diffusers_stages.training.checkpointing import register_checkpoint_hooks
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        accelerator = Accelerator(cpu=True)
+    with fresh_accelerator() as accelerator:
         network = UNet2DModel(**TINY_UNET)
         ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config)
         model = accelerator.prepare(network)
@@ -666,24 +662,16 @@ def test_resuming_refuses_a_network_folder_that_links_out_of_the_checkpoint(tmp_
         with pytest.raises(ValueError, match=f"{folder}.*inside"):
             accelerator.load_state(str(checkpoint))
         assert model is not None
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 @pytest.mark.parametrize("file", ["optimizer.bin", "class_names.json", "pretrained_source.json"])
 def test_resuming_refuses_a_state_file_that_links_out_of_the_checkpoint(tmp_path, file):
     # the checkpoint's own state files (Accelerate's optimizer and random states, the run's records) were read
     # wherever a link named like them led, another run's state resumed (or named in an error) without a word
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
     from diffusers_stages.training.checkpointing import register_checkpoint_hooks
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        accelerator = Accelerator(cpu=True)
+    with fresh_accelerator() as accelerator:
         network = UNet2DModel(**TINY_UNET)
         model, optimizer = accelerator.prepare(network, torch.optim.AdamW(network.parameters()))
         register_checkpoint_hooks(accelerator, ["unet"], {})
@@ -694,9 +682,6 @@ def test_resuming_refuses_a_state_file_that_links_out_of_the_checkpoint(tmp_path
         with pytest.raises(ValueError, match=f"{re.escape(repr(file))} in .* links to .*outside the folder"):
             accelerator.load_state(str(checkpoint))
         assert model is not None and optimizer is not None
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 def test_resuming_a_run_with_ema_without_it_is_refused(tmp_path):
@@ -1207,15 +1192,9 @@ def test_resuming_refuses_a_random_state_file_that_would_run_code(tmp_path):
     # do: checked by resuming a real checkpoint first)
     import pickle
 
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
     from diffusers_stages.training.checkpointing import register_checkpoint_hooks
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        accelerator = Accelerator(cpu=True)
+    with fresh_accelerator() as accelerator:
         network = UNet2DModel(**TINY_UNET)
         model, optimizer = accelerator.prepare(network, torch.optim.AdamW(network.parameters()))
         register_checkpoint_hooks(accelerator, ["unet"], {})
@@ -1229,9 +1208,6 @@ def test_resuming_refuses_a_random_state_file_that_would_run_code(tmp_path):
             accelerator.load_state(str(checkpoint))
         assert not marker.exists()
         assert model is not None and optimizer is not None
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 def test_a_training_card_gives_the_process_count_and_the_total_batch():
