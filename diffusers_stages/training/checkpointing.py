@@ -115,17 +115,23 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
     return _check_marked_step(path)
 
 
+def _marked(checkpoint: str, key: str) -> int | None:
+    """The integer ``checkpoint``'s completeness marker records as ``key`` (``step``, ``num_processes``); None where
+    it records none (a marker written by hand or by an older version, not JSON, or not an object)."""
+    try:
+        with open(os.path.join(checkpoint, COMPLETE_MARKER), encoding="utf-8") as f:
+            value = json.load(f).get(key)
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _check_marked_step(checkpoint: str) -> str:
     """``checkpoint``, whose name must give the step its completeness marker records (the step resumed from is read
     from the name: a checkpoint renamed or linked under another step's name is refused). A marker that records no
     step (written by hand, or by an older version) is not checked."""
-    try:
-        with open(os.path.join(checkpoint, COMPLETE_MARKER), encoding="utf-8") as f:
-            marked = json.load(f).get("step")
-    except (ValueError, AttributeError):  # not JSON, or not an object
-        return checkpoint
-    step = checkpoint_step(checkpoint)
-    if isinstance(marked, int) and not isinstance(marked, bool) and marked != step:
+    marked, step = _marked(checkpoint, "step"), checkpoint_step(checkpoint)
+    if marked is not None and marked != step:
         raise ValueError(
             f"`--resume_from_checkpoint`: {checkpoint!r} holds the state of step {marked} (its {COMPLETE_MARKER}), "
             f"not of step {step}: it was renamed or linked under another step's name. Give it back its name "
@@ -157,12 +163,8 @@ def check_same_process_count(checkpoint: str, num_processes: int) -> None:
     marker records it; one that does not, written by an older version, is not checked): Accelerate steps the
     learning-rate schedule once per process at each optimisation step, so the schedule it holds is that count times
     its step along, and the data each process has seen are that run's share."""
-    try:
-        with open(os.path.join(checkpoint, COMPLETE_MARKER), encoding="utf-8") as f:
-            written = json.load(f).get("num_processes")
-    except (ValueError, AttributeError):  # not JSON, or not an object
-        return
-    if isinstance(written, int) and not isinstance(written, bool) and written != num_processes:
+    written = _marked(checkpoint, "num_processes")
+    if written is not None and written != num_processes:
         plural = "process" if written == 1 else "processes"
         raise ValueError(
             f"`--resume_from_checkpoint` {checkpoint!r} was written by a run of {written} {plural}, resumed on "
