@@ -452,12 +452,6 @@ def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
-def _is_diffusers_model(cls: object) -> bool:
-    from diffusers.models.modeling_utils import ModelMixin
-
-    return isinstance(cls, type) and issubclass(cls, ModelMixin)
-
-
 def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: dict) -> tuple:
     """``load(path, output_loading_info=True, **kwargs)`` (a `from_pretrained`) with the strict checks: for a local
     folder, a subfolder that leads out of it and files that do are refused before loading; after it, files of the Hub
@@ -474,11 +468,13 @@ def load_checked(load, class_name: str, path: str | os.PathLike | None, kwargs: 
         check_subfolder(path, subfolder)
         path, kwargs = folder, {k: v for k, v in kwargs.items() if k != "subfolder"}
     if os.path.isdir(folder):
+        from diffusers.models.modeling_utils import ModelMixin
+
         check_folder_files(folder)
         if (
             "config" not in kwargs
             and not os.path.isfile(os.path.join(folder, "config.json"))
-            and not _is_diffusers_model(getattr(load, "__self__", None))
+            and not is_config_class(getattr(load, "__self__", None), ModelMixin)
         ):  # transformers 5 builds its default config for such a folder (diffusers raises its OSError, kept)
             raise ValueError(
                 f"{folder} holds no config.json, which {class_name} is built from: save the model into it again "
