@@ -110,7 +110,7 @@ class UViT2DModel(StrictLoadingMixin, ModelMixin, AttentionMixin, ConfigMixin):
         mlp_ratio (`float`, defaults to 4.0): width of each block's feed-forward layer over ``hidden_size``.
         qkv_bias (`bool`, defaults to `False`): bias in the query/key/value projections (U-ViT: none).
         mlp_time_embed (`bool`, defaults to `False`): pass the sinusoidal time embedding through an MLP before it
-            becomes the time token (U-ViT: off for CIFAR-10 and CelebA, on for ImageNet).
+            becomes the time token (off in every configuration of U-ViT's and DuoDiff's code, ImageNet included).
         num_class_embeds (`int`, *optional*): class-conditional when given (a class token).
         final_conv (`bool`, defaults to `True`): U-ViT's 3x3 convolution after unpatchify.
 
