@@ -141,7 +141,10 @@ class TimestepPartition:
     # construction
     @classmethod
     def uniform(cls, num_stages: int, num_train_timesteps: int = 1000) -> TimestepPartition:
-        """Equal-length stages in training-timestep units (MEME's intervals ``((n-1)T/N, nT/N]``)."""
+        """Equal-length stages in training-timestep units: boundaries ``nT/N``, stage ``n - 1`` the timesteps in
+        ``[(n-1)T/N, nT/N)``. MEME's intervals ``((n-1)T/N, nT/N]`` count DDPM's ``t = 1..T``, diffusers' timestep
+        ``t - 1``: the same timesteps when ``N`` divides ``T`` (MEME's 4 of 1000); otherwise timestep
+        ``floor(nT/N)`` is stage ``n - 1``'s here and the next stage's in MEME's counting."""
         num_stages = _positive_integer(num_stages, "num_stages")
         num_train_timesteps = _check_num_train_timesteps(num_train_timesteps)
         step = num_train_timesteps / num_stages
