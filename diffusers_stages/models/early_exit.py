@@ -204,9 +204,11 @@ def early_exit_loss(
     r"""
     An AdaDiff-style training loss: the denoising MSE of every exit (equal weights) plus, for each uncertainty
     estimate, the MSE to ``tanh`` of its exit's actual per-token error (stopped gradient), averaged over the exits.
-    AdaDiff (and DuoDiff's code for it) also weights each exit's MSE by one minus its uncertainty (the
-    "uncertainty-aware layer-wise loss"); that weighting is not applied here. ``reduction="none"`` gives each
-    sample's loss (shape ``(batch,)``, as the training loop's tasks return it), ``"mean"`` their mean.
+    AdaDiff also weights each exit's MSE by one minus its estimated uncertainty (the "uncertainty-aware layer-wise
+    loss"); DuoDiff's code for it weights by one minus the uncertainty *target* instead, and trains one uncertainty
+    per image (its tokens' mean) toward the mean of ``tanh`` of the pixel errors. Neither weighting is applied here,
+    and the estimates are per token. ``reduction="none"`` gives each sample's loss (shape ``(batch,)``, as the
+    training loop's tasks return it), ``"mean"`` their mean.
 
     Example:
 
