@@ -33,8 +33,10 @@ from ..training.tasks import noise_schedulers
 
 # the shared U-Net shape: two resolution levels (8x8 and 4x4), self-attention at 4x4
 UNET_SHAPE = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 8}
-SHALLOW_WIDTHS = (16, 32)  # DuoDiff's shallow backbone: half the width, one layer per block
-EXPERT_WIDTHS = (16, 32)  # MEME's experts: half the width each
+# the demo's shallow backbone: half the baseline's width, one layer per block (DuoDiff's shallow U-ViT keeps the
+# deep one's width and has fewer blocks: 3 of 13)
+SHALLOW_WIDTHS = (16, 32)
+EXPERT_WIDTHS = (16, 32)  # the demo's MEME experts: half the baseline's width each
 
 
 @dataclass
