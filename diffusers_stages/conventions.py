@@ -15,7 +15,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -98,6 +99,20 @@ def vae_to_model_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return (latents - shift) * vae.config.scaling_factor / std
 
 
+@contextlib.contextmanager
+def upcast_vae(vae) -> Iterator[None]:
+    """Within the block, a float16 ``vae`` whose config asks for it (``force_upcast``: SDXL's VAE overflows in
+    float16) is in float32; it is left in float16. As diffusers' SDXL pipelines encode and decode."""
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)
+
+
 @torch.no_grad()
 def encode_model_latents(
     vae,
@@ -108,14 +123,16 @@ def encode_model_latents(
 ) -> torch.Tensor:
     """``images`` (in [-1, 1]) as a latent denoiser is trained on them: posterior samples of ``vae`` drawn from
     ``generator``, ``batch_size`` images at a time (each batch wrapped in ``progress``, e.g. tqdm, if given), scaled
-    by `vae_to_model_latents`; float32, on ``vae``'s device."""
+    by `vae_to_model_latents`; float32, on ``vae``'s device. A float16 ``vae`` with ``force_upcast`` encodes in
+    float32 (`upcast_vae`), as the training scripts keep it."""
     starts = range(0, len(images), batch_size)
-    latents = [
-        vae_to_model_latents(
-            vae, vae.encode(images[i : i + batch_size].to(vae.device, vae.dtype)).latent_dist.sample(generator)
-        )
-        for i in (starts if progress is None else progress(starts))
-    ]
+    with upcast_vae(vae):
+        latents = [
+            vae_to_model_latents(
+                vae, vae.encode(images[i : i + batch_size].to(vae.device, vae.dtype)).latent_dist.sample(generator)
+            )
+            for i in (starts if progress is None else progress(starts))
+        ]
     return torch.cat(latents).float()
 
 
