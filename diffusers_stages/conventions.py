@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -75,20 +76,30 @@ def _latent_statistics(vae, latents: torch.Tensor) -> tuple[torch.Tensor | float
     return tuple(torch.tensor(v, device=latents.device, dtype=latents.dtype).view(shape) for v in (mean, std))
 
 
+def _is_number(value) -> bool:
+    """A finite int or float (a bool is no number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def latent_statistics_error(config, channels: int) -> str | None:
-    """Why the ``latents_mean`` / ``latents_std`` of a VAE ``config`` (a dict or a model's config; used when both
-    are given) cannot scale latents of ``channels`` channels: each must give one number per channel, the std
-    positive. None when they can, or are not used."""
+    """Why the options of a VAE ``config`` (a dict or a model's config) that scale its latents cannot scale latents
+    of ``channels`` channels: ``scaling_factor`` must be a positive number (when given: a config file without one
+    loads the class's default), ``shift_factor`` a number or None, and ``latents_mean`` / ``latents_std`` (used,
+    instead of the shift, when both are given) one number per channel, the std positive. None when they can."""
+    scale = config.get("scaling_factor", 1.0)
+    if not (_is_number(scale) and scale > 0):  # a zero one trained on all-zero latents, silently
+        return f"`scaling_factor` must be a positive number (the latents are scaled by it), got {scale!r}"
     mean, std = config.get("latents_mean"), config.get("latents_std")
     if mean is None or std is None:
+        shift = config.get("shift_factor")
+        if shift is not None and not _is_number(shift):
+            return f"`shift_factor` must be a number or null (the latents are shifted by it), got {shift!r}"
         return None
     for name, values in (("latents_mean", mean), ("latents_std", std)):
-        numbers = isinstance(values, (list, tuple)) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
-        )
+        numbers = isinstance(values, (list, tuple)) and all(_is_number(v) for v in values)
         if not numbers or len(values) != channels:
             return f"`{name}` must give one number per latent channel ({channels}), got {values!r}"
-    if not all(v > 0 for v in std):  # (NaN too)
+    if not all(v > 0 for v in std):
         return f"`latents_std` must be positive (the latents are divided by it), got {list(std)!r}"
     return None
 
