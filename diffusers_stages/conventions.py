@@ -15,7 +15,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -74,20 +76,30 @@ def _latent_statistics(vae, latents: torch.Tensor) -> tuple[torch.Tensor | float
     return tuple(torch.tensor(v, device=latents.device, dtype=latents.dtype).view(shape) for v in (mean, std))
 
 
+def _is_number(value) -> bool:
+    """A finite int or float (a bool is no number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def latent_statistics_error(config, channels: int) -> str | None:
-    """Why the ``latents_mean`` / ``latents_std`` of a VAE ``config`` (a dict or a model's config; used when both
-    are given) cannot scale latents of ``channels`` channels: each must give one number per channel, the std
-    positive. None when they can, or are not used."""
+    """Why the options of a VAE ``config`` (a dict or a model's config) that scale its latents cannot scale latents
+    of ``channels`` channels: ``scaling_factor`` must be a positive number (when given: a config file without one
+    loads the class's default), ``shift_factor`` a number or None, and ``latents_mean`` / ``latents_std`` (used,
+    instead of the shift, when both are given) one number per channel, the std positive. None when they can."""
+    scale = config.get("scaling_factor", 1.0)
+    if not (_is_number(scale) and scale > 0):  # a zero one trained on all-zero latents, silently
+        return f"`scaling_factor` must be a positive number (the latents are scaled by it), got {scale!r}"
     mean, std = config.get("latents_mean"), config.get("latents_std")
     if mean is None or std is None:
+        shift = config.get("shift_factor")
+        if shift is not None and not _is_number(shift):
+            return f"`shift_factor` must be a number or null (the latents are shifted by it), got {shift!r}"
         return None
     for name, values in (("latents_mean", mean), ("latents_std", std)):
-        numbers = isinstance(values, (list, tuple)) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
-        )
+        numbers = isinstance(values, (list, tuple)) and all(_is_number(v) for v in values)
         if not numbers or len(values) != channels:
             return f"`{name}` must give one number per latent channel ({channels}), got {values!r}"
-    if not all(v > 0 for v in std):  # (NaN too)
+    if not all(v > 0 for v in std):
         return f"`latents_std` must be positive (the latents are divided by it), got {list(std)!r}"
     return None
 
@@ -96,6 +108,20 @@ def vae_to_model_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """The VAE's latents (a posterior sample) as the denoiser is trained on them."""
     shift, std = _latent_statistics(vae, latents)
     return (latents - shift) * vae.config.scaling_factor / std
+
+
+@contextlib.contextmanager
+def upcast_vae(vae) -> Iterator[None]:
+    """Within the block, a float16 ``vae`` whose config asks for it (``force_upcast``: SDXL's VAE overflows in
+    float16) is in float32; it is left in float16. As diffusers' SDXL pipelines encode and decode."""
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)
 
 
 @torch.no_grad()
@@ -108,14 +134,16 @@ def encode_model_latents(
 ) -> torch.Tensor:
     """``images`` (in [-1, 1]) as a latent denoiser is trained on them: posterior samples of ``vae`` drawn from
     ``generator``, ``batch_size`` images at a time (each batch wrapped in ``progress``, e.g. tqdm, if given), scaled
-    by `vae_to_model_latents`; float32, on ``vae``'s device."""
+    by `vae_to_model_latents`; float32, on ``vae``'s device. A float16 ``vae`` with ``force_upcast`` encodes in
+    float32 (`upcast_vae`), as the training scripts keep it."""
     starts = range(0, len(images), batch_size)
-    latents = [
-        vae_to_model_latents(
-            vae, vae.encode(images[i : i + batch_size].to(vae.device, vae.dtype)).latent_dist.sample(generator)
-        )
-        for i in (starts if progress is None else progress(starts))
-    ]
+    with upcast_vae(vae):
+        latents = [
+            vae_to_model_latents(
+                vae, vae.encode(images[i : i + batch_size].to(vae.device, vae.dtype)).latent_dist.sample(generator)
+            )
+            for i in (starts if progress is None else progress(starts))
+        ]
     return torch.cat(latents).float()
 
 

@@ -319,7 +319,8 @@ def _check_schedule_options(args: argparse.Namespace) -> None:
 
 def _check_vae(args: argparse.Namespace) -> None:
     """Refuse a ``--vae_subfolder`` without ``--vae_path``, a ``--vae_path`` that is not an AutoencoderKL folder
-    or whose weights do not fit its config (the training scripts' checks, on its config and weight headers),
+    or whose weights do not fit its config (the training scripts' checks, on its config and weight headers), a
+    ``--resolution`` it does not divide,
     ``--num_channels`` other than the images it encodes, and a ``--model_config`` or ``--model_path`` model that
     does not take its latents."""
     if args.vae_subfolder is not None and args.vae_path is None:
@@ -337,6 +338,12 @@ def _check_vae(args: argparse.Namespace) -> None:
 
     latent_channels, factor = vae_shape(args)  # an AutoencoderKL config, else a ValueError naming --vae_path
     check_vae_weights(args.vae_path, args.vae_subfolder, "`--vae_path`")  # its weight headers fit that config
+    if args.resolution % factor:  # its latents would drop the images' last rows and columns; training refuses it
+        raise ValueError(
+            f"`--resolution` {args.resolution} must be a multiple of the down-sampling factor {factor} of "
+            f"`--vae_path` {args.vae_path!r} (the training scripts refuse it too): try "
+            f"{max(factor, args.resolution // factor * factor)}."
+        )
     _check_model_config_size(args, args.resolution // factor, factor)
     in_channels = AutoencoderKL.load_config(args.vae_path, subfolder=args.vae_subfolder).get("in_channels", 3)
     if args.num_channels != in_channels:

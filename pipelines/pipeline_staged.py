@@ -31,6 +31,7 @@ from ..conventions import (
     model_to_vae_latents,
     null_class_label,
     num_data_classes,
+    upcast_vae,
 )
 from ..hub import PackageCardPushMixin, pop_push_kwargs, push_saved_folder
 from ..models.checks import (
@@ -689,14 +690,8 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         """The VAE's images of sampled ``latents``. A float16 VAE whose config asks for it (``force_upcast``: SDXL's
         VAE overflows in float16) decodes in float32 and is left in float16, as diffusers' SDXL pipeline does."""
         vae = self.vae
-        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        if upcast:
-            vae.to(dtype=torch.float32)
-        try:
+        with upcast_vae(vae):
             return vae.decode(model_to_vae_latents(vae, latents).to(vae.dtype), return_dict=False)[0]
-        finally:
-            if upcast:
-                vae.to(dtype=torch.float16)
 
     # --------------------------------------------------------------------------------------------------------------
     # saving: a folder that loads with `<Pipeline>.from_pretrained`, and with

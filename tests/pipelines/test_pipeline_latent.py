@@ -111,3 +111,11 @@ def test_a_vae_whose_latent_statistics_do_not_fit_its_latents_is_refused_before_
     vae.register_to_config(latents_mean=[0.0] * 3, latents_std=[1.0, 0.0, 1.0])
     with pytest.raises(ValueError, match="`vae` AutoencoderKL: `latents_std` must be positive"):
         pipe(batch_size=1, num_inference_steps=2, output_type="np")
+    # a zero `scaling_factor` decoded inf/NaN images silently; None or a text one failed after every step (TypeError)
+    vae.register_to_config(latents_mean=None, latents_std=None, scaling_factor=0.0)
+    with pytest.raises(ValueError, match="`vae` AutoencoderKL: `scaling_factor` must be a positive number"):
+        pipe(batch_size=1, num_inference_steps=2, output_type="np")
+    vae.register_to_config(scaling_factor=0.5, shift_factor="0.1")
+    with pytest.raises(ValueError, match="`vae` AutoencoderKL: `shift_factor` must be a number or null"):
+        pipe(batch_size=1, num_inference_steps=2, output_type="np")
+    assert not calls

@@ -567,6 +567,11 @@ def test_vae_path_plans_on_the_scaled_latents_training_sees(digit_folder, tmp_pa
     [
         (["--vae_subfolder", "vae"], "`--vae_subfolder` 'vae' is a folder inside `--vae_path`: give `--vae_path`"),
         (["--vae_path", "VAE", "--num_channels", "1"], "`--num_channels` 1 does not fit `--vae_path`"),
+        # a side the VAE cannot halve: planned on latents of the images cut short (9 px -> 4), where training refuses it
+        (
+            ["--vae_path", "VAE", "--num_channels", "3", "--resolution", "9"],
+            "`--resolution` 9 must be a multiple of the down-sampling factor 2 of `--vae_path` 'VAE'",
+        ),
         (["--vae_path", "MODEL"], "holds a UNet2DModel, not an AutoencoderKL"),
         (["--vae_path", "VAE", "--method", "snr"], "--vae_path is read with the training images only"),
         (["--vae_path", "VAE", "--model_config", "PIXELS"], "takes 3-channel samples, but `--vae_path`"),
@@ -595,7 +600,7 @@ def test_bad_vae_options_are_usage_errors_before_any_image_is_read(tmp_path, cap
     options = [str(paths[o]) if o in paths else o for o in options]
     with pytest.raises(SystemExit) as exit_info:
         run(["--train_data_dir", str(tmp_path / "no-such-folder"), *FAST[:-2], *options])
-    for name in ("MODEL", "LATENT"):
+    for name in ("MODEL", "LATENT", "VAE"):
         message = message.replace(f"'{name}'", repr(str(paths[name])))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 

@@ -238,8 +238,13 @@ def test_a_pipeline_folder_given_as_vae_path_names_its_vae_subfolder(tmp_path):
         ({"latents_mean": [0.1, 0.2], "latents_std": [1.0, 2.0]}, "`latents_mean` must give one number per latent channel (4)"),
         ({"latents_mean": [0.0] * 4, "latents_std": 2.0}, "`latents_std` must give one number per latent channel (4)"),
         ({"latents_mean": [0.0] * 4, "latents_std": [1.0, 0.0, 1.0, 1.0]}, "`latents_std` must be positive"),
+        # the latents were multiplied by 0 (training on all-zero latents, silently) or by None (a TypeError at the
+        # first step, after every image was read)
+        ({"scaling_factor": 0.0}, "`scaling_factor` must be a positive number (the latents are scaled by it), got 0.0"),
+        ({"scaling_factor": None}, "`scaling_factor` must be a positive number (the latents are scaled by it), got None"),
+        ({"shift_factor": "0.1"}, "`shift_factor` must be a number or null (the latents are shifted by it), got '0.1'"),
     ],
-    ids=["too-few", "a-number", "zero-std"],
+    ids=["too-few", "a-number", "zero-std", "zero-scaling", "null-scaling", "text-shift"],
 )  # fmt: skip
 def test_latent_statistics_that_do_not_fit_the_latents_are_named(tmp_path, statistics, named):
     """A VAE config whose `latents_mean`/`latents_std` do not give one (positive, for the std) number per latent
