@@ -240,6 +240,51 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_cond_unet):
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_attention_masks_match_the_source(tiny_cond_unet, sdxl):
+    # `encoder_attention_mask` (text tokens) and `attention_mask` (the self-attention's 4x4 = 16 tokens of the tiny
+    # layout's one attending level) reach the shared encoder and each decoder's rows as the source's blocks take them
+    unet = tiny_cond_unet(0, sdxl=sdxl)
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES).eval()
+    x, kwargs = _inputs(3, sdxl)
+    text_mask = torch.ones(3, 5)
+    text_mask[0, 3:] = 0
+    self_mask = torch.ones(3, 16)
+    self_mask[2, :6] = 0
+    masks = {"encoder_attention_mask": text_mask, "attention_mask": self_mask}
+    with torch.no_grad():
+        plain = unet(x, torch.tensor([10, 450, 900]), **kwargs).sample
+        for name, mask in [*masks.items(), ("both", None)]:
+            given = masks if mask is None else {name: mask}
+            for t in (torch.tensor([10, 450, 900]), 450):  # a mixed batch, and one stage
+                expected = unet(x, t, **kwargs, **given).sample
+                assert torch.allclose(staged(x, t, **kwargs, **given).sample, expected, atol=1e-5), (name, t)
+            assert not torch.allclose(expected, plain, atol=1e-4), name  # the mask acted
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_warm_start_gradients_sum_to_the_source_gradients(tiny_cond_unet, sdxl):
+    # a mixed training batch, gradient checkpointing on: the encoder's gradients are the source's down path's, and
+    # each decoder's (its samples' share) sum over the decoders to the source's up path's
+    unet = tiny_cond_unet(0, sdxl=sdxl).train()
+    staged = MultiStageUNet2DConditionModel.from_unet(unet, stage_boundaries=BOUNDARIES).train()
+    for model in (unet, staged):
+        model.enable_gradient_checkpointing()
+    x, kwargs = _inputs(4, sdxl)
+    t = torch.tensor([100, 800, 450, 10])
+    for model in (unet, staged):
+        model(x, t, **kwargs).sample.square().mean().backward()
+    summed = {}
+    for name, parameter in staged.named_parameters():
+        source_name = name.split(".", 2)[2] if name.startswith("decoders.") else name
+        summed[source_name] = summed.get(source_name, 0) + parameter.grad
+    expected = {name: parameter.grad for name, parameter in unet.named_parameters()}
+    assert summed.keys() == expected.keys()
+    for name, grad in expected.items():
+        assert torch.allclose(summed[name], grad, atol=1e-6), name
+    assert all(decoder.conv_out.weight.grad.abs().sum() > 0 for decoder in staged.decoders)  # every stage trained
+
+
 def test_save_and_reload_is_identical_and_strict(tiny_cond_unet, tmp_path):
     staged = MultiStageUNet2DConditionModel(
         **_config(tiny_cond_unet(0)), stage_boundaries=(500,), decoder_block_out_channels=((16, 32), (4, 8))

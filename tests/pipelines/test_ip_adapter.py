@@ -275,6 +275,65 @@ def test_staged_experts_take_the_source_ip_adapter(source_and_routed):
     assert np.abs(_images(routed) - _images(source)).max() < 1e-5
 
 
+def faceid_state_dict(unet, seed: int = 0) -> dict:
+    """An IP-Adapter FaceID for ``unet`` in the original format: ``image_proj`` of an `IPAdapterFaceIDImageProjection`
+    (``proj.0``/``proj.2``/``norm``, 2 tokens) and ``ip_adapter`` with, for every attention layer ``i`` (in
+    ``attn_processors`` order), a LoRA of its projections (``{i}.to_q_lora.down``, ...) and, for the cross-attention
+    layers, ``{i}.to_k_ip``/``{i}.to_v_ip``."""
+    generator = torch.Generator().manual_seed(seed)
+    cross, hidden, tokens = unet.config.cross_attention_dim, 2 * IMAGE_EMBED_DIM, 2
+    image_proj = {
+        "proj.0.weight": torch.randn(hidden, IMAGE_EMBED_DIM, generator=generator) * 0.3,
+        "proj.0.bias": torch.zeros(hidden),
+        "proj.2.weight": torch.randn(tokens * cross, hidden, generator=generator) * 0.3,
+        "proj.2.bias": torch.zeros(tokens * cross),
+        "norm.weight": torch.ones(cross),
+        "norm.bias": torch.zeros(cross),
+    }
+    ip_adapter = {}
+    for key_id, name in enumerate(unet.attn_processors):
+        attention = unet.get_submodule(name[: -len(".processor")])
+        for projection, layer in (("q", attention.to_q), ("k", attention.to_k), ("v", attention.to_v)):
+            ip_adapter[f"{key_id}.to_{projection}_lora.down.weight"] = torch.randn(
+                4, layer.in_features, generator=generator
+            )
+            ip_adapter[f"{key_id}.to_{projection}_lora.up.weight"] = torch.randn(layer.out_features, 4) * 0.1
+        out = attention.to_out[0]
+        ip_adapter[f"{key_id}.to_out_lora.down.weight"] = torch.randn(4, out.in_features, generator=generator)
+        ip_adapter[f"{key_id}.to_out_lora.up.weight"] = torch.randn(out.out_features, 4, generator=generator) * 0.1
+        if name.endswith("attn2.processor"):
+            for projection in "kv":
+                weight = getattr(attention, f"to_{projection}").weight
+                ip_adapter[f"{key_id}.to_{projection}_ip.weight"] = (
+                    torch.randn(weight.shape, generator=generator) * 0.5
+                )
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+@pytest.mark.parametrize("kind", ["staged", "staged-expert"])
+def test_a_faceid_ip_adapter_and_its_lora_give_the_source_images(source_and_staged, source_and_routed, kind):
+    # FaceID: diffusers reads the LoRA part with `unet._load_ip_adapter_loras` (the source's layer names, here from
+    # the staged model's view of them) and loads it with `pipe.load_lora_weights`, which renames the up path's onto
+    # every decoder; the image projection is an `IPAdapterFaceIDImageProjection`
+    pytest.importorskip("peft")
+    source, other = source_and_staged if kind == "staged" else source_and_routed
+    if kind == "staged-expert":
+        other.unet.experts[1] = MultiStageUNet2DConditionModel.from_unet(
+            other.unet.experts[1], stage_boundaries=(700,)
+        )
+    plain = _images(source, ip=False)
+    state_dict = faceid_state_dict(source.unet)
+    for pipe in (source, other):
+        pipe.load_ip_adapter([copy.deepcopy(state_dict)], subfolder=[""], weight_name=[""], image_encoder_folder=None)
+        assert pipe.get_list_adapters() == {"unet": ["faceid_0"]}
+    staged = other.unet if kind == "staged" else other.unet.experts[1]
+    layers = {name for name, module in staged.named_modules() if hasattr(module, "lora_A")}
+    assert all(any(name.startswith(f"decoders.{s}.up_blocks.") for name in layers) for s in range(staged.num_stages))
+    with_faceid = _images(source)
+    assert np.abs(with_faceid - plain).max() > 1e-2
+    assert np.abs(_images(other) - with_faceid).max() < 1e-5
+
+
 def test_masks_of_one_row_per_ip_adapter_reach_the_expert_as_for_the_source(source_and_routed):
     # diffusers takes `ip_adapter_masks` as one tensor of one row per IP-Adapter (its backward-compatible form): rows
     # that are not the samples', refused by the routing when the batch (4: 2 images per prompt, guidance) went

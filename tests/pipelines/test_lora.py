@@ -20,10 +20,15 @@ from peft.utils import get_peft_model_state_dict  # noqa: E402
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def _images(pipe, steps: int = 3) -> np.ndarray:
+def _images(pipe, steps: int = 3, **kwargs) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     return pipe(
-        "a cat", num_inference_steps=steps, guidance_scale=5.0, generator=torch.manual_seed(0), output_type="np"
+        "a cat",
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        generator=torch.manual_seed(0),
+        output_type="np",
+        **kwargs,
     ).images
 
 
@@ -88,6 +93,29 @@ def test_source_lora_on_a_staged_sdxl_pipeline(tiny_sdxl_components, tmp_path):
     source.load_lora_weights(folder)
     staged.load_lora_weights(folder)
     assert np.abs(_images(staged) - _images(source)).max() < 1e-5
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_a_lora_scale_in_cross_attention_kwargs_acts_as_on_the_source(
+    tiny_sd_components, tiny_sdxl_components, tmp_path, sdxl
+):
+    # `pipe(..., cross_attention_kwargs={"scale": s})` scales the LoRA for one call (the U-Net's `apply_lora_scale`),
+    # in the shared encoder and the decoder that runs alike, and leaves it at 1 afterwards
+    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    components = tiny_sdxl_components if sdxl else tiny_sd_components
+    source = pipeline_class(**components)
+    staged = pipeline_class(**dict(components, unet=copy.deepcopy(source.unet)))
+    staged.unet = MultiStageUNet2DConditionModel.from_unet(staged.unet, stage_boundaries=BOUNDARIES)
+    plain = _images(source)
+    folder = _source_lora(source.unet, tmp_path, pipeline_class=pipeline_class)
+    for pipe in (source, staged):
+        pipe.load_lora_weights(folder)
+    full = _images(source)
+    for scale in (0.0, 0.5):
+        expected = _images(source, cross_attention_kwargs={"scale": scale})
+        assert np.abs(_images(staged, cross_attention_kwargs={"scale": scale}) - expected).max() < 1e-5
+        assert np.abs(expected - full).max() > 1e-3  # the scale acted
+    assert np.abs(expected - plain).max() > 1e-3 and np.abs(_images(staged) - full).max() < 1e-5
 
 
 def test_adapter_switches_act_on_the_staged_pipeline_as_on_the_source(source_and_staged, tmp_path):
