@@ -274,7 +274,10 @@ class Evaluator:
     def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         """``{"fd": ..., "accuracy": ...}`` for ``images`` ``(N >= 2, C, H, W)`` in ``[-1, 1]`` (accuracy, the
         fraction whose predicted class is their label, only when ``labels`` are given). The distance falls with
-        ``N`` (about as 1 / N): compare scores of as many images. Images in ``[0, 1]`` or ``[0, 255]``, far outside
+        ``N`` (about as 1 / N): compare scores of as many images. Fewer images than the classifier's features
+        (``num_features``, 64) give a singular covariance (rank ``N - 1``): the score is still the exact Frechet
+        distance of the two Gaussian fits (no NaN, no complex part), but that small-sample bias dominates it: compare
+        such scores only with others of the same ``N``. Images in ``[0, 1]`` or ``[0, 255]``, far outside
         ``[-1, 1]``, integer, NaN or infinite, numpy arrays and PIL images are a `ValueError` naming the argument."""
         _check_images(images, "images")
         if tuple(images.shape[1:]) != self.image_shape:

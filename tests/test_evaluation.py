@@ -374,14 +374,16 @@ def test_a_cache_path_that_cannot_be_written_is_refused_before_training(digits, 
             train_classifier(images[:64], labels[:64], max_steps=1, cache_path=str(path))
 
 
-def test_fd_is_the_frechet_distance_of_the_classifier_features(digits):
-    # FID's formula (Heusel et al. 2017, eq. 6) computed directly with scipy's sqrtm, on fewer generated images (30)
-    # than features (64): a singular covariance, whose square root has small imaginary parts
+@pytest.mark.parametrize("count", [2, 30, 100])
+def test_fd_is_the_frechet_distance_of_the_classifier_features(digits, count):
+    # FID's formula (Heusel et al. 2017, eq. 6) computed directly with scipy's sqrtm; with fewer generated images (2:
+    # rank 1; 30) than features (64) the covariance is singular and its square root has small imaginary parts: the
+    # score is still the exact distance of the two Gaussian fits (what `Evaluator.score` documents), not NaN
     import scipy.linalg
 
     train, train_labels, test, _ = digits
     classifier = train_classifier(train[:256], train_labels[:256], max_steps=5)
-    generated = test[:30] + 0.3 * torch.randn(test[:30].shape, generator=torch.Generator().manual_seed(0))
+    generated = test[:count] + 0.3 * torch.randn(test[:count].shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         real, fake = (classifier(x).double().numpy() for x in (train[:256], generated))
     mean_real, mean_fake = real.mean(0), fake.mean(0)
