@@ -705,8 +705,8 @@ def _finish(state: RunState, global_step: int) -> None:
         logger.info(f"Saved the trained model{grid} to {args.output_dir}")
         _discard_replaced(state)  # this run saved no checkpoint: its final outputs replace the former run's
         mark_finished(args.output_dir, global_step)  # before the push: a failed upload leaves a finished run
-        if args.push_to_hub:
-            _push(state, state.max_train_steps, grid_path is not None, "End of training")
+        if args.push_to_hub:  # the step the weights are of: a checkpoint past `--max_train_steps` is written as it is
+            _push(state, global_step, grid_path is not None, "End of training")
     accelerator.end_training()
 
 
