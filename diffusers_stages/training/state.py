@@ -49,6 +49,8 @@ class RunState:
     replaced_checkpoints: list[str] = field(default_factory=list)  # `--overwrite_output_dir`: the former run's
     hub_repo_id: str | None = None  # `--push_to_hub`: the repository created, with the namespace the Hub gave it
     said_no_grid: bool = False  # a run whose networks do not sample alone says so once, at its first grid
+    # the run's last checkpoint in `--output_dir` (saved, or resumed from): its final outputs are marked finished there
+    last_checkpoint: str | None = None
 
     def unwrapped(self) -> dict[str, ModelMixin]:
         return {name: self.accelerator.unwrap_model(model) for name, model in zip(self.names, self.models)}
