@@ -84,7 +84,8 @@ def eval_mode(networks: dict[str, torch.nn.Module]):
 
 class LossLog:
     """The loss sums of each stage and each network since the last optimisation step, reduced over processes when
-    logged: ``loss`` (all stages), ``loss/stage_<s>`` and, with several networks, ``loss/<network>``."""
+    logged: ``loss`` (all stages), ``loss/stage_<s>`` and, with several networks, ``loss/<network>`` (each only where
+    it had samples since)."""
 
     def __init__(self, num_stages: int, names: list[str], device: torch.device):
         self.num_stages, self.names = num_stages, names
@@ -105,8 +106,9 @@ class LossLog:
         mean = [total / max(count, 1) for total, count in zip(sums, counts)]
         logs = {"loss": sum(sums[:num_stages]) / max(sum(counts[:num_stages]), 1)}
         logs.update({f"loss/stage_{s}": mean[s] for s in range(num_stages) if counts[s] > 0})
-        if num_networks > 1:
-            logs.update({f"loss/{name}": mean[num_stages + k] for k, name in enumerate(self.names)})
+        if num_networks > 1:  # (a network without samples since the last call, like a stage, logs no loss, not 0)
+            logs.update({f"loss/{name}": mean[num_stages + k] for k, name in enumerate(self.names)
+                         if counts[num_stages + k] > 0})  # fmt: skip
         self.sums.zero_()
         return logs
 
