@@ -37,7 +37,9 @@ UNMARKED = (
     "it (diffusers' own training scripts, for one, whose checkpoints do not resume here), or a diffusers-stages "
     "version that did not mark checkpoints, or it was copied in part"
 )
-FINISHED_MARKER = "training_finished.json"  # in the last step's checkpoint, once the run's final outputs are written
+# in the run's last checkpoint (its last step's, or an earlier one where that step has none) once the run's final
+# outputs are written, holding their step: resuming it to that step has nothing left to do
+FINISHED_MARKER = "training_finished.json"
 NOISE_SCHEDULER_FOLDER = "noise_scheduler"  # the training scheduler's config: resuming checks the schedule is the same
 PARTITION_FILE = "stage_partition.json"  # the stages the networks train on: resuming checks they are the same
 SOURCE_FILE = "pretrained_source.json"  # the folder fine-tuned, if any: resuming checks the run fine-tunes one too
@@ -115,11 +117,12 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
     return _check_marked_step(path)
 
 
-def _marked(checkpoint: str, key: str) -> int | None:
-    """The integer ``checkpoint``'s completeness marker records as ``key`` (``step``, ``num_processes``); None where
-    it records none (a marker written by hand or by an older version, not JSON, or not an object)."""
+def _marked(checkpoint: str, key: str, marker: str = COMPLETE_MARKER) -> int | None:
+    """The integer ``checkpoint``'s ``marker`` (its completeness marker, or `FINISHED_MARKER`) records as ``key``
+    (``step``, ``num_processes``); None where it records none (a marker written by hand or by an older version, not
+    JSON, or not an object)."""
     try:
-        with open(os.path.join(checkpoint, COMPLETE_MARKER), encoding="utf-8") as f:
+        with open(os.path.join(checkpoint, marker), encoding="utf-8") as f:
             value = json.load(f).get(key)
     except (ValueError, AttributeError):
         return None
@@ -330,20 +333,31 @@ def _remove_entry(path: str) -> None:
         os.unlink(path)
 
 
-def mark_finished(output_dir: str, step: int) -> None:
-    """Record that the final outputs in ``output_dir`` are those of step ``step``: in its checkpoint if it has a
-    complete one, and in no other (their outputs were replaced, so resuming one of them writes its outputs again)."""
+def mark_finished(output_dir: str, step: int, last: str | None = None) -> None:
+    """Record that the final outputs in ``output_dir`` are those of step ``step``: in ``last``, the run's last
+    checkpoint (of that step, or the one the run trained its last steps from), if it is a complete checkpoint of
+    ``output_dir``, and in no other (their outputs were replaced, so resuming one of them writes its outputs again)."""
+    own = last is not None and is_complete(last)
+    own = own and os.path.samefile(os.path.dirname(os.path.abspath(last)), output_dir)
     for folder in checkpoint_folders(output_dir):
-        if checkpoint_step(folder) != step and is_finished(folder):
+        if not (own and os.path.samefile(folder, last)) and is_finished(folder):
             os.remove(os.path.join(folder, FINISHED_MARKER))
-    last = os.path.join(output_dir, f"checkpoint-{step}")
-    if is_complete(last):  # resuming from it has nothing left to do
+    if own:  # resuming from it to ``step`` has nothing left to do
         with open(os.path.join(last, FINISHED_MARKER), "w", encoding="utf-8") as f:
             json.dump({"step": step}, f)
 
 
 def is_finished(checkpoint: str) -> bool:
     return os.path.isfile(os.path.join(checkpoint, FINISHED_MARKER))
+
+
+def finished_step(checkpoint: str) -> int | None:
+    """The step of the final outputs written after ``checkpoint`` (`mark_finished`), None where there are none; a
+    marker that records no step (an earlier version's, or one written by hand) is that of the checkpoint's own step."""
+    if not is_finished(checkpoint):
+        return None
+    step = _marked(checkpoint, "step", FINISHED_MARKER)
+    return checkpoint_step(checkpoint) if step is None else step
 
 
 def discard_checkpoint(folder: str) -> None:

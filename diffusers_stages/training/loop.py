@@ -51,7 +51,7 @@ from .checkpointing import (
     checkpoint_folders,
     checkpoint_step,
     discard_checkpoints,
-    is_finished,
+    finished_step,
     mark_finished,
     optimizer_settings,
     publish_pipeline,
@@ -520,12 +520,16 @@ def _resume(state: RunState, resume_path: str | None, steps_per_epoch: int) -> t
     # finished: the final outputs are in the folder of the checkpoint, so only resuming into that folder has nothing
     # left to do (another run's checkpoint resumed into a new `--output_dir` writes its outputs there)
     own = os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), args.output_dir)
-    if global_step >= max_train_steps and own and is_finished(resume_path):
+    finished = finished_step(resume_path)  # the step of the final outputs written after it, if any
+    if own and finished is not None and finished == max(global_step, max_train_steps):
+        outputs = "its final outputs" if finished == global_step else f"the final outputs of step {finished}"
         accelerator.print(
             f"Training is already complete: {resume_path} is step {global_step} of `--max_train_steps` "
-            f"{max_train_steps} and its final outputs are written in {args.output_dir}. Nothing to do."
+            f"{max_train_steps} and {outputs} are written in {args.output_dir}. Nothing to do."
         )
         return None
+    if own:
+        state.last_checkpoint = resume_path
     check_same_sharding(resume_path, is_sharded(accelerator))
     check_same_process_count(resume_path, accelerator.num_processes)
     if is_sharded(accelerator):  # Accelerate loads the shards before the load hook's checks
@@ -678,6 +682,7 @@ def _after_step(state: RunState, losses_log: LossLog, global_step: int, progress
             accelerator, args.output_dir, global_step, args.checkpoints_total_limit, state.replaced_checkpoints
         )
         state.replaced_checkpoints = []  # deleted by the save, once this checkpoint was complete
+        state.last_checkpoint = path
         logger.info(f"Saved state to {path}")
     if global_step % args.save_images_steps == 0 and global_step < state.max_train_steps:
         save_samples(state, global_step)
@@ -704,9 +709,10 @@ def _finish(state: RunState, global_step: int) -> None:
         grid = " and its last sample grid (sample_grid.png)" if grid_path is not None else ""
         logger.info(f"Saved the trained model{grid} to {args.output_dir}")
         _discard_replaced(state)  # this run saved no checkpoint: its final outputs replace the former run's
-        mark_finished(args.output_dir, global_step)  # before the push: a failed upload leaves a finished run
-        if args.push_to_hub:
-            _push(state, state.max_train_steps, grid_path is not None, "End of training")
+        # before the push: a failed upload leaves a finished run
+        mark_finished(args.output_dir, global_step, state.last_checkpoint)
+        if args.push_to_hub:  # the step the weights are of: a checkpoint past `--max_train_steps` is written as it is
+            _push(state, global_step, grid_path is not None, "End of training")
     accelerator.end_training()
 
 

@@ -49,6 +49,8 @@ class RunState:
     replaced_checkpoints: list[str] = field(default_factory=list)  # `--overwrite_output_dir`: the former run's
     hub_repo_id: str | None = None  # `--push_to_hub`: the repository created, with the namespace the Hub gave it
     said_no_grid: bool = False  # a run whose networks do not sample alone says so once, at its first grid
+    # the run's last checkpoint in `--output_dir` (saved, or resumed from): its final outputs are marked finished there
+    last_checkpoint: str | None = None
 
     def unwrapped(self) -> dict[str, ModelMixin]:
         return {name: self.accelerator.unwrap_model(model) for name, model in zip(self.names, self.models)}
@@ -82,7 +84,8 @@ def eval_mode(networks: dict[str, torch.nn.Module]):
 
 class LossLog:
     """The loss sums of each stage and each network since the last optimisation step, reduced over processes when
-    logged: ``loss`` (all stages), ``loss/stage_<s>`` and, with several networks, ``loss/<network>``."""
+    logged: ``loss`` (all stages), ``loss/stage_<s>`` and, with several networks, ``loss/<network>`` (each only where
+    it had samples since)."""
 
     def __init__(self, num_stages: int, names: list[str], device: torch.device):
         self.num_stages, self.names = num_stages, names
@@ -103,8 +106,9 @@ class LossLog:
         mean = [total / max(count, 1) for total, count in zip(sums, counts)]
         logs = {"loss": sum(sums[:num_stages]) / max(sum(counts[:num_stages]), 1)}
         logs.update({f"loss/stage_{s}": mean[s] for s in range(num_stages) if counts[s] > 0})
-        if num_networks > 1:
-            logs.update({f"loss/{name}": mean[num_stages + k] for k, name in enumerate(self.names)})
+        if num_networks > 1:  # (a network without samples since the last call, like a stage, logs no loss, not 0)
+            logs.update({f"loss/{name}": mean[num_stages + k] for k, name in enumerate(self.names)
+                         if counts[num_stages + k] > 0})  # fmt: skip
         self.sums.zero_()
         return logs
 

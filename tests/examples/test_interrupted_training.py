@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusers_stages.training.checkpointing import COMPLETE_MARKER, FINISHED_MARKER
+from diffusers_stages.training.checkpointing import COMPLETE_MARKER, FINISHED_MARKER, finished_step
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -105,6 +105,22 @@ def test_resuming_a_finished_run_does_nothing(examples, script, run_args, straig
     assert _snapshot(out) == before  # no step trained, no sample grid, nothing rewritten
 
 
+def test_a_finished_run_whose_last_step_has_no_checkpoint_resumes_to_nothing(
+    examples, script, run_args, tmp_path, capsys
+):
+    # 3 steps, a checkpoint every 2: only a checkpoint of the last step was marked finished, so resuming the finished
+    # run trained step 3 again from checkpoint-2 and wrote (and pushed) its outputs again
+    out, three = str(tmp_path / "run"), [*run_args, "--max_train_steps", "3"]  # the last value given counts
+    examples.train(script, [*three, "--output_dir", out])
+    before = _snapshot(out)
+    printed = _resume(examples, script, three, out, capsys)
+    assert "Training is already complete: " + os.path.join(out, "checkpoint-2") + " is step 2" in printed
+    assert _snapshot(out) == before  # no step trained, no sample grid, nothing rewritten
+    printed = _resume(examples, script, [*three, "--max_train_steps", "4"], out, capsys)  # a longer run trains on
+    assert "Resuming from " + os.path.join(out, "checkpoint-2") in printed and "already complete" not in printed
+    assert sorted(name for name in os.listdir(out) if "checkpoint" in name) == ["checkpoint-4"]
+
+
 def test_a_checkpoint_without_a_network_folder_is_a_clear_error(examples, script, run_args, straight, tmp_path):
     out = str(tmp_path / "damaged")
     shutil.copytree(os.path.join(straight, "checkpoint-4"), os.path.join(out, "checkpoint-4"))
@@ -187,7 +203,7 @@ def test_a_checkpoint_whose_outputs_a_later_run_replaced_writes_them_again(
     longer = [*run_args, "--max_train_steps", "5"]  # the last value given counts
     _resume(examples, script, longer, out, capsys)  # step 5: no checkpoint of its own
     assert not _same_weights(straight, out, "unet")
-    assert not os.path.isfile(os.path.join(out, "checkpoint-4", FINISHED_MARKER))
+    assert finished_step(os.path.join(out, "checkpoint-4")) == 5  # the outputs written after it are step 5's
     capsys.readouterr()
     examples.train(script, [*run_args, "--output_dir", out, "--resume_from_checkpoint", "checkpoint-4"])
     assert "writing its final outputs only" in capsys.readouterr().out

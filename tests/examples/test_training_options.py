@@ -317,6 +317,22 @@ def test_a_failed_final_push_leaves_a_finished_run(examples, script, image_folde
     assert is_finished(os.path.join(out, "checkpoint-2"))
 
 
+def test_the_card_of_a_checkpoint_past_max_train_steps_gives_the_steps_it_holds(
+    examples, script, image_folder, tmp_path
+):
+    # a checkpoint of step 2 resumed with `--max_train_steps 1` writes its weights (step 2) as the final pipeline, as
+    # diffusers' scripts do, but the pushed model card said "1 optimisation steps": `--max_train_steps`, not the step
+    base = [*examples.TINY, "--train_data_dir", image_folder, "--checkpointing_steps", "2"]
+    first, second, hub = (str(tmp_path / name) for name in ("first", "second", "hub"))
+    examples.train(script, [*base, "--output_dir", first, "--max_train_steps", "2"])
+    examples.train(script, [*base, "--output_dir", second, "--max_train_steps", "1", "--resume_from_checkpoint",
+                            os.path.join(first, "checkpoint-2"), "--push_to_hub", "--hub_model_id", "me/tiny",
+                            "--hub_local_dir", hub])  # fmt: skip
+    assert os.listdir(os.path.join(second, "samples")) == ["step_000002.png"]  # the outputs of step 2
+    with open(os.path.join(hub, "me", "tiny", "README.md"), encoding="utf-8") as f:
+        assert "- 2 optimisation steps," in f.read()
+
+
 @pytest.mark.parametrize(("flag", "private"), [([], None), (["--hub_private_repo"], True)])
 def test_the_repository_is_private_as_asked_or_as_the_namespace_default(
     examples, script, image_folder, tmp_path, fake_hub, flag, private

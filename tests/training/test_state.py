@@ -23,6 +23,16 @@ def test_the_loss_log_reads_its_sums_in_one_copy_and_means_them_per_stage_and_ne
     assert log.reduce(accelerator)["loss"] == 0.0  # nothing since: no division by zero
 
 
+def test_a_network_without_samples_since_the_last_log_logs_no_loss():
+    # an expert that got no sample in a step (a batch smaller than the expert count, a zero `--stage_shares` entry)
+    # was logged with a loss of 0.0, a dip to zero in its TensorBoard curve; a stage without samples logs nothing
+    log = LossLog(num_stages=3, names=["expert_0", "expert_1", "expert_2"], device=torch.device("cpu"))
+    log.add(torch.tensor([0, 2]), torch.tensor([0, 2]), torch.tensor([1.0, 3.0]))
+    logs = log.reduce(Accelerator(cpu=True))
+    assert logs == pytest.approx({"loss": 2.0, "loss/stage_0": 1.0, "loss/stage_2": 3.0, "loss/expert_0": 1.0,
+                                  "loss/expert_2": 3.0})  # fmt: skip
+
+
 def test_the_loss_log_keeps_no_float64_where_the_device_has_none(monkeypatch):
     # the sums were float64 on the training device, and each loss was cast to float64 there: Apple's MPS has none
     import diffusers_stages.training.state as state
