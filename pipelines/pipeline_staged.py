@@ -43,7 +43,7 @@ from ..partition import TimestepPartition
 from ..routing import StageRouter
 from ..schedulers import check_prediction_type, model_call_timesteps, seed_noise_sampler, set_sampling_timesteps
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
-from .loading import check_trusted_load_dtypes, load_pipeline, write_reexport_files
+from .loading import check_trusted_load_dtypes, load_pipeline, trusted_variant_error, write_reexport_files
 from .offload import StageOffloadMixin, offloaded_on_error
 
 # the VAEs whose latents `conventions.model_to_vae_latents` scales as diffusers' pipelines for them do (SD, SDXL and
@@ -753,7 +753,13 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         if kwargs.get("trust_remote_code"):  # the user's explicit choice: diffusers' own loading, code files included
             # (the base class: the folder names the pipeline, whose components are checked once it is loaded)
             check_trusted_load_dtypes(None if cls is StagedDiffusionPipeline else cls, kwargs)
-            pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            try:
+                pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            except IndexError as error:
+                clear = trusted_variant_error(error, cls.__name__, kwargs.get("variant"))
+                if clear is None:
+                    raise
+                raise clear from error
             if cls is not StagedDiffusionPipeline and not isinstance(pipeline, cls):
                 raise ValueError(
                     f"{pretrained_model_name_or_path} holds a {type(pipeline).__name__}, not a {cls.__name__}: load "
