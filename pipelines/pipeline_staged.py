@@ -162,6 +162,16 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         if getattr(self, "scheduler", None) is not None:
             check_prediction_type(self.scheduler, self.model_prediction_type())
 
+    def check_scheduler(self) -> None:
+        """Refuse sampling without a scheduler (a pipeline built with ``scheduler=None``, which the constructors take,
+        or given None later): the routing and the loop follow its timesteps. Run before every sampling run and
+        `expert_schedule`."""
+        if getattr(self, "scheduler", None) is None:
+            raise ValueError(
+                "`scheduler` is None: the pipeline samples with a diffusers scheduler; give it one, e.g. "
+                "`pipe.scheduler = DDIMScheduler()` (one that fits the model's prediction type)."
+            )
+
     def resolve_partition(
         self,
         num_inference_steps: int,
@@ -402,6 +412,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         if not (custom and num_inference_steps is None):  # None with custom values, as diffusers' docs ask
             (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
         self.check_components()
+        self.check_scheduler()
         self.check_prediction_type()
         return self._stage_schedule(self._resolve_partition(num_inference_steps, custom), num_inference_steps, custom)
 
@@ -610,6 +621,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         device = self._execution_device
         self.check_components()
         self.check_class_names()
+        self.check_scheduler()
         self.check_prediction_type()
         partition = self._resolve_partition(num_inference_steps, custom)
         # which network runs which model call (of the custom timesteps too: routed by the timesteps the run takes)

@@ -485,3 +485,14 @@ def test_a_multistage_pipeline_is_still_built_without_a_scheduler():
     # the prediction-type check in the constructors must not turn `scheduler=None` into an AttributeError
     unet = tiny_pipeline("multistage").unet
     assert MultiStagePipeline(unet=unet, scheduler=None).scheduler is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampling_without_a_scheduler_is_refused_by_name(kind):
+    # a pipeline built with `scheduler=None` (which the constructors take) or given None later failed deep in the
+    # routing with "'NoneType' object has no attribute 'config'"
+    pipe = tiny_pipeline(kind)
+    pipe.scheduler = None
+    for run in (lambda: pipe(**RUN), lambda: pipe.expert_schedule(num_inference_steps=2)):
+        with pytest.raises(ValueError, match=r"`scheduler` is None: .*pipe\.scheduler = DDIMScheduler\(\)"):
+            run()
