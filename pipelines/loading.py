@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import traceback
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -347,6 +348,22 @@ def check_trusted_load_dtypes(cls: type | None, kwargs: dict) -> None:
         check_dtype(kwargs.get(name), name)
         if cls is not None:
             check_dtype_components(cls, kwargs.get(name), name)
+
+
+def trusted_variant_error(error: IndexError, cls_name: str, variant: str | None) -> ValueError | None:
+    """The `ValueError` for diffusers' `IndexError` in a ``trust_remote_code=True`` load of ``variant``: its variant
+    lookup (`_identify_model_variants`) reads every entry of a component folder as a file name with a dot, and fails on
+    a folder of sub-folders (an `ExpertRoutingModel`'s ``expert_0/``, ...). None for any other `IndexError`."""
+    frames = {frame.name for frame in traceback.extract_tb(error.__traceback__)}
+    if variant is None or "_identify_model_variants" not in frames:
+        return None
+    return ValueError(
+        f"`variant`={variant!r} cannot be loaded with `trust_remote_code=True`: diffusers' own loader reads every entry "
+        "of a component folder as a file name with a dot (`_identify_model_variants`), and fails on the sub-folders "
+        "of a component that holds several models (an ExpertRoutingModel's `expert_0/`, ...). Load it with "
+        f"`{cls_name}.from_pretrained(folder, variant={variant!r})` without `trust_remote_code` (no file of the "
+        "folder is run), or save it without a variant."
+    )
 
 
 def _model_folder_hint(folder: str) -> str:

@@ -137,7 +137,8 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         self.register_modules(shallow=shallow, deep=deep, scheduler=scheduler, vae=vae)
         self.register_to_config(**switch)
         self.register_class_names(id2label)
-        check_fixed_switch(switch, scheduler)  # a fixed switch now; a step fraction depends on the step count
+        if scheduler is not None:  # a fixed switch now (without a scheduler, at sampling: `check_scheduler`)
+            check_fixed_switch(switch, scheduler)  # a step fraction depends on the step count
         self.check_prediction_type()
 
     @classmethod

@@ -44,7 +44,7 @@ from ..partition import TimestepPartition
 from ..routing import StageRouter
 from ..schedulers import check_prediction_type, model_call_timesteps, seed_noise_sampler, set_sampling_timesteps
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
-from .loading import check_trusted_load_dtypes, load_pipeline, write_reexport_files
+from .loading import check_trusted_load_dtypes, load_pipeline, trusted_variant_error, write_reexport_files
 from .offload import StageOffloadMixin, offloaded_on_error
 
 # the VAEs whose latents `conventions.model_to_vae_latents` scales as diffusers' pipelines for them do (SD, SDXL and
@@ -162,6 +162,16 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         which the constructors took before this check) is left to the sampling run."""
         if getattr(self, "scheduler", None) is not None:
             check_prediction_type(self.scheduler, self.model_prediction_type())
+
+    def check_scheduler(self) -> None:
+        """Refuse sampling without a scheduler (a pipeline built with ``scheduler=None``, which the constructors take,
+        or given None later): the routing and the loop follow its timesteps. Run before every sampling run and
+        `expert_schedule`."""
+        if getattr(self, "scheduler", None) is None:
+            raise ValueError(
+                "`scheduler` is None: the pipeline samples with a diffusers scheduler; give it one, e.g. "
+                "`pipe.scheduler = DDIMScheduler()` (one that fits the model's prediction type)."
+            )
 
     def resolve_partition(
         self,
@@ -403,6 +413,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         if not (custom and num_inference_steps is None):  # None with custom values, as diffusers' docs ask
             (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
         self.check_components()
+        self.check_scheduler()
         self.check_prediction_type()
         return self._stage_schedule(self._resolve_partition(num_inference_steps, custom), num_inference_steps, custom)
 
@@ -611,6 +622,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         device = self._execution_device
         self.check_components()
         self.check_class_names()
+        self.check_scheduler()
         self.check_prediction_type()
         partition = self._resolve_partition(num_inference_steps, custom)
         # which network runs which model call (of the custom timesteps too: routed by the timesteps the run takes)
@@ -748,7 +760,13 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         if kwargs.get("trust_remote_code"):  # the user's explicit choice: diffusers' own loading, code files included
             # (the base class: the folder names the pipeline, whose components are checked once it is loaded)
             check_trusted_load_dtypes(None if cls is StagedDiffusionPipeline else cls, kwargs)
-            pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            try:
+                pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            except IndexError as error:
+                clear = trusted_variant_error(error, cls.__name__, kwargs.get("variant"))
+                if clear is None:
+                    raise
+                raise clear from error
             if cls is not StagedDiffusionPipeline and not isinstance(pipeline, cls):
                 raise ValueError(
                     f"{pretrained_model_name_or_path} holds a {type(pipeline).__name__}, not a {cls.__name__}: load "

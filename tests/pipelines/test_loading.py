@@ -339,6 +339,26 @@ def test_variants_and_per_component_dtypes_load_for_every_pipeline(saved, tmp_pa
         pipeline_class.from_pretrained(folder, no_such_option=1)
 
 
+def test_a_variant_loaded_with_trust_remote_code_gives_the_same_images_or_names_the_loader_it_fails_in(
+    saved, tmp_path
+):
+    # diffusers' own loader (`trust_remote_code=True`) reads every entry of a component folder as a file name with a
+    # dot: an ExpertRoutingModel's `expert_0/` sub-folders made the package's own `from_pretrained` fail with
+    # diffusers' IndexError
+    folder, pipeline_class, images = saved
+    variant_folder = tmp_path / "variant"
+    pipeline_class.from_pretrained(folder).save_pretrained(variant_folder, variant="fp16")
+    for loader in (pipeline_class, StagedDiffusionPipeline):
+        if pipeline_class is ExpertRoutingPipeline:
+            message = rf"`variant`='fp16' cannot be loaded with `trust_remote_code=True`.*expert_0/.*{loader.__name__}"
+            with pytest.raises(ValueError, match=message + r"\.from_pretrained\(folder, variant='fp16'\)` without"):
+                loader.from_pretrained(variant_folder, variant="fp16", trust_remote_code=True)
+        else:
+            # (not memory-mapped: mapped weights give equal images only up to float rounding)
+            loaded = loader.from_pretrained(variant_folder, variant="fp16", trust_remote_code=True, disable_mmap=True)
+            assert np.array_equal(_samples(loaded), images)
+
+
 @pytest.mark.parametrize("text", ["[1, 2]", "{not json", '"a string"'], ids=["list", "not-json", "string"])
 @pytest.mark.parametrize("name", ["model_index.json", "scheduler/scheduler_config.json"], ids=["index", "scheduler"])
 def test_a_model_index_that_is_not_a_json_object_is_named(tiny_multistage, tmp_path, text, name):

@@ -481,7 +481,24 @@ def test_a_resolve_partition_override_without_custom_timesteps_is_named_when_the
     assert new(timesteps=[999, 500], num_inference_steps=None, output_type="pt").images.shape == (1, 3, 8, 8)
 
 
-def test_a_multistage_pipeline_is_still_built_without_a_scheduler():
-    # the prediction-type check in the constructors must not turn `scheduler=None` into an AttributeError
-    unet = tiny_pipeline("multistage").unet
-    assert MultiStagePipeline(unet=unet, scheduler=None).scheduler is None
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_pipeline_is_still_built_without_a_scheduler(kind):
+    # the prediction-type check in the constructors must not turn `scheduler=None` into an AttributeError (nor the
+    # dual backbone's check of a fixed switch, which did); sampling then asks for one (`check_scheduler`)
+    pipe = tiny_pipeline(kind, switch_timestep=500) if kind == "dual_backbone" else tiny_pipeline(kind)
+    switch = {"switch_timestep": 500.0} if kind == "dual_backbone" else {}
+    built = type(pipe)(**{**pipe.components, "scheduler": None}, **switch)
+    assert built.scheduler is None
+    with pytest.raises(ValueError, match="`scheduler` is None"):
+        built(**RUN)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampling_without_a_scheduler_is_refused_by_name(kind):
+    # a pipeline built with `scheduler=None` (which the constructors take) or given None later failed deep in the
+    # routing with "'NoneType' object has no attribute 'config'"
+    pipe = tiny_pipeline(kind)
+    pipe.scheduler = None
+    for run in (lambda: pipe(**RUN), lambda: pipe.expert_schedule(num_inference_steps=2)):
+        with pytest.raises(ValueError, match=r"`scheduler` is None: .*pipe\.scheduler = DDIMScheduler\(\)"):
+            run()
