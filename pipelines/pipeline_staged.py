@@ -581,7 +581,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
                 diffusers' pipelines. Without it the noise is drawn from ``generator``.
             eta (`float`, *optional*): DDIM's noise weight (0: deterministic DDIM, 1: DDPM-like). Only for schedulers
                 whose ``step`` takes ``eta``: any other scheduler refuses it with a `ValueError` (diffusers' own
-                pipelines drop it silently).
+                pipelines drop it silently). Not given: the step's own default (0.0 for `DDIMScheduler`, 0.3 for
+                `TCDScheduler`), as `DDPMPipeline` and `DiTPipeline` leave it (`DDIMPipeline` and
+                `StableDiffusionPipeline` pass 0.0, so a TCD run there matches ``eta=0.0`` here).
             scheduler_step_kwargs (`dict`, *optional*): further keyword arguments of ``scheduler.step`` (e.g.
                 ``{"s_churn": 0.5}`` for `EulerDiscreteScheduler`); a key the step does not take is a `ValueError`.
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called
