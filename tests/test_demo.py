@@ -245,3 +245,15 @@ def test_the_floor_is_scored_on_as_many_class_balanced_images_as_each_method(tmp
     labels = load_digits_split()["test"][1]
     index = balanced_indices(labels, 200)
     assert len(set(index.tolist())) == 200 and np.bincount(labels[index]).tolist() == [20] * 10
+
+
+def test_the_default_output_dir_in_a_checkout_is_ignored_by_git(monkeypatch):
+    # was: the README's first command, run from a checkout, left `diffusers-stages-demo-<time>-<pid>/` (19 MB: 1,437
+    # images, four pipelines) untracked in the work tree, where `git add .` would commit it
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout")
+    monkeypatch.chdir(root)
+    folder = os.path.basename(parse_args([]).output_dir)
+    ignored = subprocess.run(["git", "check-ignore", "-q", folder], cwd=root, check=False)
+    assert ignored.returncode == 0, f"{folder} is not ignored by .gitignore"
