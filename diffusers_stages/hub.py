@@ -22,6 +22,14 @@ def error_summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line}"
 
 
+def is_missing_local_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a local folder that is not there, rather than a Hub repository id: it is no folder, and
+    absolute, relative (``./``, ``../``, ``~``) or deeper than ``namespace/name``, which no repository id is. Loading
+    it would otherwise ask the Hub and report an offline or connection error for a mistyped path."""
+    path = os.fspath(path)
+    return not os.path.isdir(path) and (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1)
+
+
 def pop_push_kwargs(kwargs: dict, save_directory: str | os.PathLike | None = None, push_to_hub: bool = False) -> dict:
     """Take the push arguments of `save_pretrained` (``repo_id``, ``token``, ``private``, ``commit_message``,
     ``create_pr``) out of ``kwargs``, so that the save itself never sees them. With ``push_to_hub`` the repository id

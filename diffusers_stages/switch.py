@@ -38,6 +38,7 @@ from .conventions import (
     null_class_label,
     num_data_classes,
 )
+from .hub import is_missing_local_path
 from .loss import diffusion_loss
 from .models.checks import check_positive_integers, check_sample_size, renamed_arguments
 from .schedulers import has_continuous_timesteps, is_edm_scheduler, model_call_timesteps
@@ -416,6 +417,11 @@ def check_dual_backbone_folder(path: str) -> None:
     if os.path.isfile(path):  # `load_config` would read it as the config itself
         raise ValueError(
             f"`--pipeline` {path!r} is a file, not a saved pipeline folder: give the folder that holds it."
+        )
+    if is_missing_local_path(path):  # not asked of the Hub, whose error would say to check the connection
+        raise ValueError(
+            f"`--pipeline` {path!r} is not a saved pipeline folder: no such folder (nor a Hub repository id, "
+            "'namespace/name'). Give the folder of a saved DualBackbonePipeline (the one that holds model_index.json)."
         )
     try:
         config = DiffusionPipeline.load_config(path)

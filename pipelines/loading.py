@@ -26,6 +26,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import is_transformers_version
 from diffusers.utils.deprecation_utils import _maybe_remap_transformers_class
 
+from ..hub import is_missing_local_path
 from ..models.loading import (
     DOWNLOAD_KWARGS,
     NAME,
@@ -405,8 +406,7 @@ def load_pipeline(cls: type, pretrained_model_name_or_path: str | os.PathLike, *
     check_dtype(kwargs.get("torch_dtype"), dtype_name)
     folder = str(pretrained_model_name_or_path)
     from_hub = not os.path.isdir(folder)
-    if from_hub and (os.path.isabs(folder) or folder.startswith((".", "~")) or folder.count("/") > 1):
-        # a local path (no Hub repository id is absolute, relative or deeper than namespace/name)
+    if is_missing_local_path(folder):
         raise ValueError(
             f"{folder!r} is not a folder (nor a Hub repository id, 'namespace/name'): check the path of the saved "
             "pipeline folder (the one that holds model_index.json)."

@@ -620,3 +620,18 @@ def test_an_empty_folder_option_is_refused_naming_it(option, tiny_unet_kwargs, t
     argv = [option, ""] if option == "--pipeline" else [*sum({**folders, option: ""}.items(), ())]
     with pytest.raises(ValueError, match=f"`{option}` must name a folder, got ''"):
         main([*argv, "--num_images", "4", "--num_levels", "3", "--num_inference_steps", "2", "--plot", "s.png"])
+
+
+@pytest.mark.parametrize("given", ["./my-dual", "{root}/my-dual", "runs/2026/my-dual"])
+def test_a_missing_local_pipeline_folder_is_named_as_such_not_as_an_offline_hub_error(given, tmp_path, monkeypatch):
+    # was: "`--pipeline` './my-dual' is not a saved pipeline folder (model_index.json): We couldn't connect to
+    # 'https://huggingface.co' to load this model ... Checkout your internet connection", for a mistyped path
+    monkeypatch.chdir(tmp_path)
+    given = given.format(root=tmp_path)
+    with pytest.raises(ValueError, match="is not a saved pipeline folder") as error:
+        main(["--pipeline", given, "--plot", str(tmp_path / "switch.png")])
+    message = str(error.value)
+    assert (
+        f"`--pipeline` {given!r} is not a saved pipeline folder: no such folder" in message
+        and "huggingface.co" not in message
+    )

@@ -16,6 +16,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...conventions import num_data_classes
+from ...hub import is_missing_local_path
 from ...models.checks import sample_size_is
 from ...models.loading import (
     PLAIN_WEIGHT_FILES,
@@ -50,8 +51,7 @@ class PipelineSource:
     def read_pipeline(cls, path: str, pipeline: str, folders: Sequence[str]) -> PipelineSource:
         """Read the `model_index.json`, the ``folders``' configs and the scheduler config of a ``pipeline`` folder;
         anything else is a ValueError naming `--pretrained_model_name_or_path`."""
-        if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1):
-            # a local path (no Hub repository id is absolute, relative or deeper than namespace/name)
+        if is_missing_local_path(path):
             article = "an" if pipeline[0] in "AEIOU" else "a"
             raise ValueError(
                 f"{OPTION} {path!r} is not {article} {pipeline} folder: no such folder (nor a Hub repository id, "
