@@ -277,6 +277,21 @@ def load_saved_folder(path: str, option: str, scheduler: bool = False):
     return load_scheduler(cls, path, f"`{option}` {path!r}") if scheduler else load_strictly(cls, path)
 
 
+def _version() -> str:
+    """This package's version and those of the two it runs on (as installed: nothing is imported for it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"{PROG} {__version__} (diffusers {installed('diffusers')}, torch {installed('torch')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: it only names the subcommands (each parses its own arguments)."""
     parser = argparse.ArgumentParser(
@@ -287,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         + f"\n\nStart with `{PROG} demo`; `{PROG} <command> --help` shows a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=_version(), help="show the versions and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
     for name, command in COMMANDS.items():
         subparsers.add_parser(name, help=command.help, add_help=False)

@@ -29,6 +29,17 @@ def test_help_lists_every_subcommand_and_conversion(capsys):
     assert "Stable Diffusion" in lines["unet_to_multistage"] and "UNet2DConditionModel" in lines["multistage_to_unet"]
 
 
+def test_version_names_the_package_and_what_it_runs_on(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"diffusers-stages {version('diffusers-stages')} ")
+    assert f"diffusers {version('diffusers')}" in out and f"torch {version('torch')}" in out
+
+
 def test_no_command_prints_help_and_fails(capsys):
     assert cli.main([]) == 2
     assert "demo" in capsys.readouterr().out
