@@ -902,7 +902,9 @@ def _integer_labels(class_labels, num_class_embeds: int) -> torch.Tensor:
     integer tensor / array only (a float such as 1.7 is not silently truncated, and a bool is not a class). A value
     out of range is a `ValueError` showing the values as given (one beyond int64 too: not torch's overflow, nor a
     uint64 wrapped around into a negative label)."""
-    labels = torch.from_numpy(class_labels) if isinstance(class_labels, np.ndarray) else class_labels
+    labels = class_labels
+    if isinstance(labels, np.ndarray):  # names, objects, dates (pandas' `.values`): checked as the list they hold
+        labels = torch.from_numpy(labels) if labels.dtype.kind in "biufc" else labels.tolist()
     if torch.is_tensor(labels):
         if not is_integer_tensor(labels):
             raise ValueError(f"`class_labels` must be integers, got a tensor of dtype {labels.dtype}.")

@@ -374,6 +374,34 @@ def test_a_scheduler_that_drops_a_learned_variance_gets_the_mean_half_and_refuse
         routed(4, scheduler_class(variance_type="learned"))(**{**run, "output_type": "latent"})
 
 
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (
+            np.array(["dog", "cat"]),
+            r"got array\(\['dog', 'cat'\].*: turn class names into indices with `pipe.get_label_ids",
+        ),
+        (np.array([b"dog"]), r"`class_labels` must be integers \(class indices\), got array\(\[b'dog'\]"),
+        (
+            np.array([1, None], dtype=object),
+            r"`class_labels` must be integers \(class indices\), got array\(\[1, None\]",
+        ),
+        (
+            np.array(["2024-01-01"], dtype="datetime64[D]"),
+            r"`class_labels` must be integers \(class indices\), got array",
+        ),
+    ],
+    ids=["str", "bytes", "object", "datetime"],
+)
+def test_numpy_arrays_of_names_or_objects_as_class_labels_are_named(conditional, labels, match):
+    # a column of names or an object column (pandas' `.values`) crashed in `torch.from_numpy` with a TypeError
+    with pytest.raises(ValueError, match=match):
+        conditional(class_labels=labels, **RUN)
+    # an object array of integers is the list of them, as a list is
+    same = conditional(class_labels=np.array([2, 0], dtype=object), generator=torch.manual_seed(0), **RUN).images
+    assert torch.equal(same, conditional(class_labels=[2, 0], generator=torch.manual_seed(0), **RUN).images)
+
+
 @pytest.mark.parametrize("labels", ["dog", ["dog", "cat"]])
 def test_class_names_given_as_class_labels_point_to_get_label_ids(conditional, labels):
     # DiTPipeline users pass names through `get_label_ids`; a name given as `class_labels` was only "must be integers"
