@@ -35,6 +35,7 @@ from ..conventions import (
 )
 from ..hub import PackageCardPushMixin, pop_push_kwargs, push_saved_folder
 from ..models.checks import (
+    _preview,
     check_savable,
     compute_dtype,
     is_integer_tensor,
@@ -907,7 +908,9 @@ def _integer_labels(class_labels, num_class_embeds: int) -> torch.Tensor:
         labels = torch.from_numpy(labels) if labels.dtype.kind in "biufc" else labels.tolist()
     if torch.is_tensor(labels):
         if not is_integer_tensor(labels):
-            raise ValueError(f"`class_labels` must be integers, got a tensor of dtype {labels.dtype}.")
+            raise ValueError(
+                f"`class_labels` must be integers, got a tensor of dtype {labels.dtype}: {_preview(labels)}."
+            )
         if labels.dtype == torch.uint64 and any(v > INT64_MAX for v in labels.reshape(-1).tolist()):
             raise _labels_out_of_range(labels.reshape(-1).tolist(), num_class_embeds)
         labels = labels.reshape(-1).long()

@@ -90,9 +90,19 @@ def test_one_generator_per_image_samples_each_image_from_its_own_seed(unconditio
     [
         ([1.7, 0], "`class_labels` must be integers \\(class indices\\), got \\[1.7, 0\\]"),
         ([True, 0], "`class_labels` must be integers \\(class indices\\), got \\[True, 0\\]"),
-        (torch.tensor([1.0, 0.0]), "`class_labels` must be integers, got a tensor of dtype torch.float32"),
-        (torch.tensor([True, False]), "`class_labels` must be integers, got a tensor of dtype torch.bool"),
-        (np.array([1.5]), "`class_labels` must be integers, got a tensor of dtype torch.float64"),
+        (
+            torch.tensor([1.0, 0.0]),
+            "`class_labels` must be integers, got a tensor of dtype torch.float32: \\[1.0, 0.0\\]",
+        ),
+        (
+            torch.tensor([True, False]),
+            "`class_labels` must be integers, got a tensor of dtype torch.bool: \\[True, False\\]",
+        ),
+        (np.array([1.5]), "`class_labels` must be integers, got a tensor of dtype torch.float64: \\[1.5\\]"),
+        (
+            torch.arange(20.0),
+            r"got a tensor of dtype torch.float32: \[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, \.\.\.\]",
+        ),
         ("1", "`class_labels` must be integers"),
     ],
 )
