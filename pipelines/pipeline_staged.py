@@ -280,6 +280,12 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
                 "the unconditional label), so it cannot drive this model. Call the model with its labels in your "
                 "own denoising loop."
             )
+        if num_class_embeds is not None and num_data_classes(num_class_embeds) < 1:
+            raise ValueError(
+                f"This pipeline's model has `num_class_embeds`={num_class_embeds}: its last class embedding is the "
+                "unconditional label (classifier-free guidance), which leaves it no class to sample with "
+                "`class_labels`. A class-conditional model needs `num_class_embeds` = classes + 1 >= 2."
+            )
         if class_labels is None:
             if num_class_embeds is not None:
                 names = list(self.labels)  # by name, as `get_label_ids` lists them

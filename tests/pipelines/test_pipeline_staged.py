@@ -384,6 +384,16 @@ def test_a_scheduler_that_drops_a_learned_variance_gets_the_mean_half_and_refuse
         routed(4, scheduler_class(variance_type="learned"))(**{**run, "output_type": "latent"})
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("labels", [None, [0]])
+def test_a_model_whose_only_class_embedding_is_the_unconditional_label_is_refused(kind, labels):
+    # num_class_embeds=1 leaves no data class: the call asked for "one class index per image, 0 to -1", and refused
+    # each index as out of "[0, 0)"
+    pipe = _pipeline(kind, num_class_embeds=1)
+    with pytest.raises(ValueError, match=r"`num_class_embeds`=1: its last class embedding is the unconditional label"):
+        pipe(class_labels=labels, **RUN)
+
+
 @pytest.mark.parametrize(
     "labels, match",
     [
