@@ -35,6 +35,7 @@ from ..conventions import (
 )
 from ..hub import PackageCardPushMixin, pop_push_kwargs, push_saved_folder
 from ..models.checks import (
+    _preview,
     check_savable,
     compute_dtype,
     is_integer_tensor,
@@ -288,6 +289,12 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
                 "not class indices: the pipeline's `class_labels` are indices into `num_class_embeds` (the last one "
                 "the unconditional label), so it cannot drive this model. Call the model with its labels in your "
                 "own denoising loop."
+            )
+        if num_class_embeds is not None and num_data_classes(num_class_embeds) < 1:
+            raise ValueError(
+                f"This pipeline's model has `num_class_embeds`={num_class_embeds}: its last class embedding is the "
+                "unconditional label (classifier-free guidance), which leaves it no class to sample with "
+                "`class_labels`. A class-conditional model needs `num_class_embeds` = classes + 1 >= 2."
             )
         if class_labels is None:
             if num_class_embeds is not None:
@@ -922,10 +929,14 @@ def _integer_labels(class_labels, num_class_embeds: int) -> torch.Tensor:
     integer tensor / array only (a float such as 1.7 is not silently truncated, and a bool is not a class). A value
     out of range is a `ValueError` showing the values as given (one beyond int64 too: not torch's overflow, nor a
     uint64 wrapped around into a negative label)."""
-    labels = torch.from_numpy(class_labels) if isinstance(class_labels, np.ndarray) else class_labels
+    labels = class_labels
+    if isinstance(labels, np.ndarray):  # names, objects, dates (pandas' `.values`): checked as the list they hold
+        labels = torch.from_numpy(labels) if labels.dtype.kind in "biufc" else labels.tolist()
     if torch.is_tensor(labels):
         if not is_integer_tensor(labels):
-            raise ValueError(f"`class_labels` must be integers, got a tensor of dtype {labels.dtype}.")
+            raise ValueError(
+                f"`class_labels` must be integers, got a tensor of dtype {labels.dtype}: {_preview(labels)}."
+            )
         if labels.dtype == torch.uint64 and any(v > INT64_MAX for v in labels.reshape(-1).tolist()):
             raise _labels_out_of_range(labels.reshape(-1).tolist(), num_class_embeds)
         labels = labels.reshape(-1).long()

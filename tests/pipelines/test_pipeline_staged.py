@@ -90,9 +90,19 @@ def test_one_generator_per_image_samples_each_image_from_its_own_seed(unconditio
     [
         ([1.7, 0], "`class_labels` must be integers \\(class indices\\), got \\[1.7, 0\\]"),
         ([True, 0], "`class_labels` must be integers \\(class indices\\), got \\[True, 0\\]"),
-        (torch.tensor([1.0, 0.0]), "`class_labels` must be integers, got a tensor of dtype torch.float32"),
-        (torch.tensor([True, False]), "`class_labels` must be integers, got a tensor of dtype torch.bool"),
-        (np.array([1.5]), "`class_labels` must be integers, got a tensor of dtype torch.float64"),
+        (
+            torch.tensor([1.0, 0.0]),
+            "`class_labels` must be integers, got a tensor of dtype torch.float32: \\[1.0, 0.0\\]",
+        ),
+        (
+            torch.tensor([True, False]),
+            "`class_labels` must be integers, got a tensor of dtype torch.bool: \\[True, False\\]",
+        ),
+        (np.array([1.5]), "`class_labels` must be integers, got a tensor of dtype torch.float64: \\[1.5\\]"),
+        (
+            torch.arange(20.0),
+            r"got a tensor of dtype torch.float32: \[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, \.\.\.\]",
+        ),
         ("1", "`class_labels` must be integers"),
     ],
 )
@@ -372,6 +382,44 @@ def test_a_scheduler_that_drops_a_learned_variance_gets_the_mean_half_and_refuse
              r"prediction .* in_channels=4: build it with `variance_type=None`")  # fmt: skip
     with pytest.raises(ValueError, match=match):
         routed(4, scheduler_class(variance_type="learned"))(**{**run, "output_type": "latent"})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("labels", [None, [0]])
+def test_a_model_whose_only_class_embedding_is_the_unconditional_label_is_refused(kind, labels):
+    # num_class_embeds=1 leaves no data class: the call asked for "one class index per image, 0 to -1", and refused
+    # each index as out of "[0, 0)"
+    pipe = _pipeline(kind, num_class_embeds=1)
+    with pytest.raises(ValueError, match=r"`num_class_embeds`=1: its last class embedding is the unconditional label"):
+        pipe(class_labels=labels, **RUN)
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (
+            np.array(["dog", "cat"]),
+            r"got array\(\['dog', 'cat'\].*: turn class names into indices with `pipe.get_label_ids",
+        ),
+        (np.array([b"dog"]), r"`class_labels` must be integers \(class indices\), got array\(\[b'dog'\]"),
+        (
+            np.array([1, None], dtype=object),
+            r"`class_labels` must be integers \(class indices\), got array\(\[1, None\]",
+        ),
+        (
+            np.array(["2024-01-01"], dtype="datetime64[D]"),
+            r"`class_labels` must be integers \(class indices\), got array",
+        ),
+    ],
+    ids=["str", "bytes", "object", "datetime"],
+)
+def test_numpy_arrays_of_names_or_objects_as_class_labels_are_named(conditional, labels, match):
+    # a column of names or an object column (pandas' `.values`) crashed in `torch.from_numpy` with a TypeError
+    with pytest.raises(ValueError, match=match):
+        conditional(class_labels=labels, **RUN)
+    # an object array of integers is the list of them, as a list is
+    same = conditional(class_labels=np.array([2, 0], dtype=object), generator=torch.manual_seed(0), **RUN).images
+    assert torch.equal(same, conditional(class_labels=[2, 0], generator=torch.manual_seed(0), **RUN).images)
 
 
 @pytest.mark.parametrize("labels", ["dog", ["dog", "cat"]])
