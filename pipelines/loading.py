@@ -460,13 +460,14 @@ def check_replacing_scheduler(folder: str, index: Mapping[str, Any], scheduler: 
     scheduler passed; a folder whose scheduler cannot be read is not compared (the passed one replaces it)."""
     from ..schedulers import is_flow_matching_scheduler, scheduler_prediction_type
 
-    if not isinstance(scheduler, SchedulerMixin) or not os.path.isdir(component_folder(folder, "scheduler")):
+    if not isinstance(scheduler, SchedulerMixin):
         return
-    try:
+    try:  # (a folder without scheduler/, or a refused one: nothing to compare, the passed scheduler replaces it)
+        saved_folder = component_folder(folder, "scheduler")
         saved_class = resolve_component_class("scheduler", index.get("scheduler"))
         if saved_class is None or not issubclass(saved_class, SchedulerMixin):
             return
-        saved = load_scheduler(saved_class, component_folder(folder, "scheduler"), "Component 'scheduler'")
+        saved = load_scheduler(saved_class, saved_folder, "Component 'scheduler'")
         saved_type = scheduler_prediction_type(saved)
     except ValueError:
         return

@@ -10,6 +10,7 @@ import os
 import pickle
 import py_compile
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -646,3 +647,13 @@ def test_a_missing_local_folder_is_named_as_such_not_as_a_bad_repo_id(tmp_path, 
     'namespace/repo_name'", which does not say that the folder does not exist."""
     with pytest.raises(ValueError, match=f"{re.escape(repr(path))} is not a folder"):
         MultiStagePipeline.from_pretrained(path)
+
+
+def test_a_scheduler_passed_for_a_folder_without_its_scheduler_folder_loads_as_in_diffusers(saved):
+    # `DDIMPipeline.from_pretrained(folder, scheduler=DDIMScheduler())` never reads the folder's scheduler/, so it
+    # loads without one; the package's pipelines refused it ("Component folder 'scheduler' must be a directory
+    # inside ...") while comparing the passed scheduler with the saved one
+    folder, pipeline_class, images = saved
+    shutil.rmtree(folder / "scheduler")
+    pipe = pipeline_class.from_pretrained(folder, scheduler=DDIMScheduler())
+    assert np.array_equal(_samples(pipe), images)
