@@ -159,6 +159,17 @@ def test_every_pipeline_is_built_and_loaded_with_scheduler_none(kind, switch, tm
     assert torch.equal(_images(loaded), _images(pipe))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampling_without_a_scheduler_is_named_not_an_attribute_error(kind):
+    # a pipeline built or loaded with `scheduler=None` sampled (and planned `expert_schedule`) into
+    # "'NoneType' object has no attribute 'config'" from deep inside the loop
+    pipe = _pipeline(kind)
+    pipe.scheduler = None
+    for call in (lambda: _images(pipe), lambda: pipe.expert_schedule(3)):
+        with pytest.raises(ValueError, match=r"has no `scheduler` .*pipe\.scheduler = "):
+            call()
+
+
 def test_dict_and_tuple_outputs_are_equivalent(pipe):
     as_dict = _images(pipe)
     (as_tuple,) = pipe(generator=torch.manual_seed(0), return_dict=False, **RUN)
