@@ -795,7 +795,38 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
             unannotated = all(hint is inspect.Parameter.empty for hint in hints)
             if unannotated or (classes and type(component) not in classes and isinstance(component, classes)):
                 kwargs[name] = component  # passed on explicitly, as `from_pipe(pipe, unet=pipe.unet)` would be
+        _check_from_pipe_components(cls, pipeline, kwargs)
         return super().from_pipe(pipeline, **kwargs)
+
+
+def _check_from_pipe_components(cls: type, pipeline: DiffusionPipeline, kwargs: Mapping[str, Any]) -> None:
+    """A `ValueError` for `cls.from_pipe(pipeline, **kwargs)` where a component ``cls`` needs (no default in its
+    signature) is neither passed nor carried over from ``pipeline``: it has none of that name, or a model of a class
+    the new pipeline's signature does not name (which diffusers drops, then fails with "expected [...], but only
+    {...} were passed", listing optional components too and not saying what to pass)."""
+    expected, _ = cls._get_signature_keys(cls)
+    parameters = inspect.signature(cls.__init__).parameters
+    annotated = cls._get_signature_types()
+    source = pipeline.components
+    problems = {}  # name -> what the source has instead
+    for name in sorted(expected):
+        if name in kwargs or name not in parameters or parameters[name].default is not inspect.Parameter.empty:
+            continue
+        component = source.get(name)
+        hints = annotated.get(name, ())
+        classes = tuple(c for c in hints if isinstance(c, type) and c not in (type(None), inspect.Parameter.empty))
+        if name not in source:
+            problems[name] = f"no `{name}`"
+        elif isinstance(component, ModelMixin) and classes and type(component) not in classes:
+            wanted = " or ".join(c.__name__ for c in classes)
+            problems[name] = f"a {type(component).__name__} as `{name}`, not a {wanted}"
+    if problems:
+        source_name = type(pipeline).__name__
+        raise ValueError(
+            f"{cls.__name__}.from_pipe({source_name}) cannot share the components it needs: the {source_name} has "
+            f"{' and '.join(problems.values())}; pass {'it' if len(problems) == 1 else 'them'}: "
+            f"`from_pipe(pipe, {', '.join(f'{name}=...' for name in problems)})`."
+        )
 
 
 # schedulers whose step, with variance_type "learned" or "learned_range", only drops a learned variance: it takes the
