@@ -246,6 +246,14 @@ def check_component_type(pipeline_class: type, name: str, component_class: type 
 
 def load_component(folder: str, name: str, component_class: type, kwargs: dict) -> Any:
     """One component through its own class's `from_pretrained`, with the model options that apply to it."""
+    check_name(name, "component folder name")
+    if not os.path.lexists(os.path.join(folder, name)):  # (renamed or deleted: named as such, not as a bad folder)
+        folders = sorted(f for f in os.listdir(folder) if os.path.isdir(os.path.join(folder, f)))
+        raise ValueError(
+            f"`model_index.json` of {folder} names the component {name!r} ({component_class.__name__}), but the folder "
+            f"has no {name}/ folder (its folders: {folders}): restore it under that name, or pass the component to "
+            f"`from_pretrained` (`{name}=...`)."
+        )
     path = component_folder(folder, name)
     if issubclass(component_class, SchedulerMixin):
         return load_scheduler(component_class, path, f"Component {name!r}")

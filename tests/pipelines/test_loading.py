@@ -657,3 +657,24 @@ def test_a_scheduler_passed_for_a_folder_without_its_scheduler_folder_loads_as_i
     shutil.rmtree(folder / "scheduler")
     pipe = pipeline_class.from_pretrained(folder, scheduler=DDIMScheduler())
     assert np.array_equal(_samples(pipe), images)
+
+
+def test_a_renamed_or_missing_component_folder_is_named_with_what_to_do(saved, tmp_path):
+    # a folder whose unet/ (or experts/, shallow/) was renamed or deleted said "Component folder 'unet' must be a
+    # directory inside <folder>, got '<folder>/unet'", which reads as if something of the wrong kind were there
+    folder, pipeline_class, _ = saved
+    index = _index(folder)
+    name = next(
+        k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] and k != "scheduler"
+    )
+    renamed = tmp_path / "renamed"
+    shutil.copytree(folder, renamed)
+    (renamed / name).rename(renamed / f"{name}_old")
+    message = (
+        rf"names the component '{name}' .* has no {name}/ folder \(its folders: .*'{name}_old'.*\).*`{name}=\.\.\.`"
+    )
+    with pytest.raises(ValueError, match=message):
+        pipeline_class.from_pretrained(renamed)
+    shutil.rmtree(renamed / f"{name}_old")
+    with pytest.raises(ValueError, match=rf"has no {name}/ folder"):
+        pipeline_class.from_pretrained(renamed)
