@@ -22,7 +22,14 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import is_transformers_version
+from diffusers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFETENSORS_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    _add_variant,
+    is_transformers_version,
+)
 from diffusers.utils.deprecation_utils import _maybe_remap_transformers_class
 
 from ..models.loading import (
@@ -514,3 +521,26 @@ def write_reexport_files(save_directory: str | os.PathLike, pipeline_class: type
     with open(index_path, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def remove_stale_weight_indexes(
+    save_directory: str | os.PathLike, safe_serialization: bool, variant: str | None
+) -> None:
+    """After a save into ``save_directory``: remove each weight index of that save's format and ``variant`` that sits
+    beside the single weight file the save just wrote and names shards that are gone. diffusers' `save_pretrained`
+    deletes a previous sharded save's shards when it writes one file, but keeps their index (diffusers issue 14719),
+    which loading then follows to the missing shards (a `FileNotFoundError`)."""
+    single = _add_variant(SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME, variant)
+    index_name = _add_variant(SAFE_WEIGHTS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME, variant)
+    for root, _, files in os.walk(save_directory):
+        if index_name not in files or single not in files:
+            continue
+        path = os.path.join(root, index_name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                shards = set(json.load(f)["weight_map"].values())
+            complete = all(os.path.isfile(os.path.join(root, shard)) for shard in shards)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # not an index this save can judge: left as it is
+        if not complete:
+            os.remove(path)

@@ -43,7 +43,7 @@ from ..partition import TimestepPartition
 from ..routing import StageRouter
 from ..schedulers import check_prediction_type, model_call_timesteps, seed_noise_sampler, set_sampling_timesteps
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
-from .loading import check_trusted_load_dtypes, load_pipeline, write_reexport_files
+from .loading import check_trusted_load_dtypes, load_pipeline, remove_stale_weight_indexes, write_reexport_files
 from .offload import StageOffloadMixin, offloaded_on_error
 
 # the VAEs whose latents `conventions.model_to_vae_latents` scales as diffusers' pipelines for them do (SD, SDXL and
@@ -742,6 +742,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
             use_flashpack=use_flashpack,
             **kwargs,
         )
+        remove_stale_weight_indexes(save_directory, safe_serialization, variant)
         write_reexport_files(save_directory, type(self))
         if push_to_hub:
             push_saved_folder(self, save_directory, is_pipeline=True, **push)

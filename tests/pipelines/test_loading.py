@@ -678,3 +678,19 @@ def test_a_renamed_or_missing_component_folder_is_named_with_what_to_do(saved, t
     shutil.rmtree(renamed / f"{name}_old")
     with pytest.raises(ValueError, match=rf"has no {name}/ folder"):
         pipeline_class.from_pretrained(renamed)
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_saving_unsharded_over_a_sharded_save_still_loads(saved, tmp_path, variant):
+    # diffusers' save_pretrained deletes the old shards but keeps their index (diffusers issue 14719), so a pipeline
+    # saved with `max_shard_size` and then again without it into the same folder no longer loaded:
+    # "FileNotFoundError: ... does not appear to have a file named diffusion_pytorch_model-00001-of-000NN.safetensors"
+    folder, pipeline_class, images = saved
+    pipe = pipeline_class.from_pretrained(folder)
+    again = tmp_path / "again"
+    pipe.save_pretrained(again, variant=variant, max_shard_size="10KB")
+    pipe.save_pretrained(again, variant=variant)
+    assert not list(again.rglob("*-00001-of-*"))
+    assert np.array_equal(_samples(pipeline_class.from_pretrained(again, variant=variant)), images)
+    pipe.save_pretrained(again, variant=variant, max_shard_size="10KB")  # and back: the new index is kept
+    assert np.array_equal(_samples(pipeline_class.from_pretrained(again, variant=variant)), images)
