@@ -39,6 +39,7 @@ from ..models.checks import (
     is_integer_tensor,
     positive_integer_arguments,
 )
+from ..models.loading import realign_storage
 from ..partition import TimestepPartition
 from ..routing import StageRouter
 from ..schedulers import check_prediction_type, model_call_timesteps, seed_noise_sampler, set_sampling_timesteps
@@ -772,6 +773,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
                     f"it with {type(pipeline).__name__}.from_pretrained."
                 )
             check_trusted_load_dtypes(type(pipeline), kwargs)
+            for component in pipeline.components.values():  # diffusers' own models too: same seed, same images
+                if isinstance(component, torch.nn.Module):
+                    realign_storage(component)
             return pipeline
         kwargs.pop("trust_remote_code", None)
         return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
