@@ -22,6 +22,7 @@ from diffusers import (
     VQModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.configuration_utils import ConfigMixin
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -162,6 +163,19 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         which the constructors took before this check) is left to the sampling run."""
         if getattr(self, "scheduler", None) is not None:
             check_prediction_type(self.scheduler, self.model_prediction_type())
+
+    def register_modules(self, **kwargs) -> None:
+        """As diffusers' (the constructors register their components here), refusing a ``scheduler`` that is not a
+        scheduler instance (the class, ``scheduler=DDIMScheduler``, or its name), which diffusers' registration fails
+        on with an AttributeError; None is taken, as in diffusers."""
+        scheduler = kwargs.get("scheduler")
+        if scheduler is not None and (isinstance(scheduler, type) or not isinstance(scheduler, ConfigMixin)):
+            shown = f"the class {scheduler.__name__}" if isinstance(scheduler, type) else repr(scheduler)
+            raise ValueError(
+                f"`scheduler` must be a scheduler instance (a diffusers scheduler such as `DDIMScheduler()`, or "
+                f"`DDIMScheduler.from_pretrained(folder, subfolder='scheduler')`), got {shown}."
+            )
+        super().register_modules(**kwargs)
 
     def _check_scheduler_given(self) -> None:
         """A `ValueError` for a pipeline without a scheduler (built or loaded with ``scheduler=None``, which the

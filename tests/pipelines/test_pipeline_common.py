@@ -170,6 +170,21 @@ def test_sampling_without_a_scheduler_is_named_not_an_attribute_error(kind):
             call()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_scheduler_class_or_name_instead_of_an_instance_is_named(kind, tmp_path):
+    # `scheduler=DDIMScheduler` (the class, parentheses forgotten) or `scheduler="DDIMScheduler"` failed in diffusers'
+    # `register_modules` with "'property' object has no attribute 'get'" or "'str' object has no attribute '__module__'",
+    # from the constructor and from `from_pretrained(folder, scheduler=...)`
+    pipe = _pipeline(kind)
+    pipe.save_pretrained(tmp_path)
+    for wrong, shown in ((diffusers.DDIMScheduler, "the class DDIMScheduler"), ("DDIMScheduler", "'DDIMScheduler'")):
+        match = rf"`scheduler` must be a scheduler instance .*got {shown}"
+        with pytest.raises(ValueError, match=match):
+            type(pipe)(**{**pipe.components, "scheduler": wrong})
+        with pytest.raises(ValueError, match=match):
+            type(pipe).from_pretrained(tmp_path, scheduler=wrong)
+
+
 def test_dict_and_tuple_outputs_are_equivalent(pipe):
     as_dict = _images(pipe)
     (as_tuple,) = pipe(generator=torch.manual_seed(0), return_dict=False, **RUN)
