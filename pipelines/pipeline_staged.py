@@ -177,15 +177,6 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
             )
         super().register_modules(**kwargs)
 
-    def _check_scheduler_given(self) -> None:
-        """A `ValueError` for a pipeline without a scheduler (built or loaded with ``scheduler=None``, which the
-        constructors take as diffusers' do) before a sampling run or `expert_schedule` reads it."""
-        if getattr(self, "scheduler", None) is None:
-            raise ValueError(
-                f"This {type(self).__name__} has no `scheduler` (it was built or loaded with `scheduler=None`): set one "
-                "before sampling, e.g. `pipe.scheduler = DDIMScheduler()`, or load the folder with its saved one."
-            )
-
     def resolve_partition(
         self,
         num_inference_steps: int,
@@ -425,7 +416,6 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         custom = custom_schedule(timesteps, sigmas)
         if not (custom and num_inference_steps is None):  # None with custom values, as diffusers' docs ask
             (num_inference_steps,) = positive_integer_arguments(num_inference_steps=num_inference_steps)
-        self._check_scheduler_given()
         self.check_components()
         self.check_prediction_type()
         return self._stage_schedule(self._resolve_partition(num_inference_steps, custom), num_inference_steps, custom)
@@ -633,7 +623,6 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
             callback_on_step_end_tensor_inputs = ("latents",)
         self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
-        self._check_scheduler_given()
         self.check_components()
         self.check_class_names()
         self.check_prediction_type()
