@@ -137,9 +137,7 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
         self.register_modules(shallow=shallow, deep=deep, scheduler=scheduler, vae=vae)
         self.register_to_config(**switch)
         self.register_class_names(id2label)
-        # (built without a scheduler, as the other pipelines are: the switch is checked at sampling, as a swapped-in one)
-        if scheduler is not None:
-            check_fixed_switch(switch, scheduler)  # a fixed switch now; a step fraction depends on the step count
+        check_fixed_switch(switch, scheduler)  # a fixed switch now; a step fraction depends on the step count
         self.check_prediction_type()
 
     @classmethod

@@ -143,22 +143,6 @@ def test_dual_backbone_from_pipe_keeps_the_backbones_and_the_switch(switch):
     assert again.expert_schedule(5) == pipe.expert_schedule(5)
 
 
-@pytest.mark.parametrize("switch", [{}, {"switch_timestep": 300.0}])
-@pytest.mark.parametrize("kind", KINDS)
-def test_every_pipeline_is_built_and_loaded_with_scheduler_none(kind, switch, tmp_path):
-    # `MultiStagePipeline(..., scheduler=None)` and `from_pretrained(folder, scheduler=None)` (diffusers' way of
-    # leaving a component out) were taken, but the dual backbone's switch check read `scheduler.config`: an
-    # AttributeError, from its constructor and from `DualBackbonePipeline.from_pretrained(folder, scheduler=None)`
-    pipe = _pipeline(kind, **(switch if kind == "dual_backbone" else {}))
-    assert type(pipe)(**{**pipe.components, "scheduler": None}).scheduler is None
-    pipe.save_pretrained(tmp_path)
-    loaded = type(pipe).from_pretrained(tmp_path, scheduler=None)
-    assert loaded.scheduler is None
-    loaded.scheduler = pipe.scheduler
-    loaded.set_progress_bar_config(disable=True)
-    assert torch.equal(_images(loaded), _images(pipe))
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_scheduler_class_or_name_instead_of_an_instance_is_named(kind, tmp_path):
     # `scheduler=DDIMScheduler` (the class, parentheses forgotten) or `scheduler="DDIMScheduler"` failed in diffusers'
