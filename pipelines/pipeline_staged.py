@@ -144,6 +144,19 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         itself, unless a subclass turns labels into another input (a cross-attention context)."""
         return {"class_labels": class_labels}
 
+    def register_modules(self, **kwargs) -> None:
+        """As diffusers' (the constructors register their components here), refusing a ``scheduler`` that is not a
+        scheduler instance (the class, ``scheduler=DDIMScheduler``, or its name), which diffusers' registration fails
+        on with an AttributeError; None is taken, as in diffusers."""
+        scheduler = kwargs.get("scheduler")
+        if scheduler is not None and (isinstance(scheduler, type) or not isinstance(scheduler, ConfigMixin)):
+            shown = f"the class {scheduler.__name__}" if isinstance(scheduler, type) else repr(scheduler)
+            raise ValueError(
+                f"`scheduler` must be a scheduler instance (a diffusers scheduler such as `DDIMScheduler()`, or "
+                f"`DDIMScheduler.from_pretrained(folder, subfolder='scheduler')`), got {shown}."
+            )
+        super().register_modules(**kwargs)
+
     def check_components(self) -> None:
         """Refuse components the constructor refuses, also when swapped in later (``pipe.unet = ...``, which diffusers
         registers unchecked): run before every sampling run, `expert_schedule` and `enable_stage_offload`. Nothing to
@@ -163,19 +176,6 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         which the constructors took before this check) is left to the sampling run."""
         if getattr(self, "scheduler", None) is not None:
             check_prediction_type(self.scheduler, self.model_prediction_type())
-
-    def register_modules(self, **kwargs) -> None:
-        """As diffusers' (the constructors register their components here), refusing a ``scheduler`` that is not a
-        scheduler instance (the class, ``scheduler=DDIMScheduler``, or its name), which diffusers' registration fails
-        on with an AttributeError; None is taken, as in diffusers."""
-        scheduler = kwargs.get("scheduler")
-        if scheduler is not None and (isinstance(scheduler, type) or not isinstance(scheduler, ConfigMixin)):
-            shown = f"the class {scheduler.__name__}" if isinstance(scheduler, type) else repr(scheduler)
-            raise ValueError(
-                f"`scheduler` must be a scheduler instance (a diffusers scheduler such as `DDIMScheduler()`, or "
-                f"`DDIMScheduler.from_pretrained(folder, subfolder='scheduler')`), got {shown}."
-            )
-        super().register_modules(**kwargs)
 
     def resolve_partition(
         self,
