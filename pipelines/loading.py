@@ -23,7 +23,14 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import is_transformers_version
+from diffusers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFETENSORS_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    _add_variant,
+    is_transformers_version,
+)
 from diffusers.utils.deprecation_utils import _maybe_remap_transformers_class
 
 from ..hub import is_missing_local_path
@@ -248,6 +255,14 @@ def check_component_type(pipeline_class: type, name: str, component_class: type 
 
 def load_component(folder: str, name: str, component_class: type, kwargs: dict) -> Any:
     """One component through its own class's `from_pretrained`, with the model options that apply to it."""
+    check_name(name, "component folder name")
+    if not os.path.lexists(os.path.join(folder, name)):  # (renamed or deleted: named as such, not as a bad folder)
+        folders = sorted(f for f in os.listdir(folder) if os.path.isdir(os.path.join(folder, f)))
+        raise ValueError(
+            f"`model_index.json` of {folder} names the component {name!r} ({component_class.__name__}), but the folder "
+            f"has no {name}/ folder (its folders: {folders}): restore it under that name, or pass the component to "
+            f"`from_pretrained` (`{name}=...`)."
+        )
     path = component_folder(folder, name)
     if issubclass(component_class, SchedulerMixin):
         return load_scheduler(component_class, path, f"Component {name!r}")
@@ -477,13 +492,14 @@ def check_replacing_scheduler(folder: str, index: Mapping[str, Any], scheduler: 
     scheduler passed; a folder whose scheduler cannot be read is not compared (the passed one replaces it)."""
     from ..schedulers import is_flow_matching_scheduler, scheduler_prediction_type
 
-    if not isinstance(scheduler, SchedulerMixin) or not os.path.isdir(component_folder(folder, "scheduler")):
+    if not isinstance(scheduler, SchedulerMixin):
         return
-    try:
+    try:  # (a folder without scheduler/, or a refused one: nothing to compare, the passed scheduler replaces it)
+        saved_folder = component_folder(folder, "scheduler")
         saved_class = resolve_component_class("scheduler", index.get("scheduler"))
         if saved_class is None or not issubclass(saved_class, SchedulerMixin):
             return
-        saved = load_scheduler(saved_class, component_folder(folder, "scheduler"), "Component 'scheduler'")
+        saved = load_scheduler(saved_class, saved_folder, "Component 'scheduler'")
         saved_type = scheduler_prediction_type(saved)
     except ValueError:
         return
@@ -522,3 +538,26 @@ def write_reexport_files(save_directory: str | os.PathLike, pipeline_class: type
     with open(index_path, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def remove_stale_weight_indexes(
+    save_directory: str | os.PathLike, safe_serialization: bool, variant: str | None
+) -> None:
+    """After a save into ``save_directory``: remove each weight index of that save's format and ``variant`` that sits
+    beside the single weight file the save just wrote and names shards that are gone. diffusers' `save_pretrained`
+    deletes a previous sharded save's shards when it writes one file, but keeps their index (diffusers issue 14719),
+    which loading then follows to the missing shards (a `FileNotFoundError`)."""
+    single = _add_variant(SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME, variant)
+    index_name = _add_variant(SAFE_WEIGHTS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME, variant)
+    for root, _, files in os.walk(save_directory):
+        if index_name not in files or single not in files:
+            continue
+        path = os.path.join(root, index_name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                shards = set(json.load(f)["weight_map"].values())
+            complete = all(os.path.isfile(os.path.join(root, shard)) for shard in shards)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # not an index this save can judge: left as it is
+        if not complete:
+            os.remove(path)

@@ -22,6 +22,7 @@ from diffusers import (
     VQModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.configuration_utils import ConfigMixin
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -41,11 +42,18 @@ from ..models.checks import (
     is_integer_tensor,
     positive_integer_arguments,
 )
+from ..models.loading import realign_storage
 from ..partition import TimestepPartition
 from ..routing import StageRouter
 from ..schedulers import check_prediction_type, model_call_timesteps, seed_noise_sampler, set_sampling_timesteps
 from ..schedulers import scheduler_step_kwargs as scheduler_step_kwargs_for
-from .loading import check_trusted_load_dtypes, load_pipeline, trusted_variant_error, write_reexport_files
+from .loading import (
+    check_trusted_load_dtypes,
+    load_pipeline,
+    remove_stale_weight_indexes,
+    trusted_variant_error,
+    write_reexport_files,
+)
 from .offload import StageOffloadMixin, offloaded_on_error
 
 # the VAEs whose latents `conventions.model_to_vae_latents` scales as diffusers' pipelines for them do (SD, SDXL and
@@ -143,6 +151,19 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         """The keyword arguments that give ``class_labels`` (one per sample) to a stage's network: ``class_labels``
         itself, unless a subclass turns labels into another input (a cross-attention context)."""
         return {"class_labels": class_labels}
+
+    def register_modules(self, **kwargs) -> None:
+        """As diffusers' (the constructors register their components here), refusing a ``scheduler`` that is not a
+        scheduler instance (the class, ``scheduler=DDIMScheduler``, or its name), which diffusers' registration fails
+        on with an AttributeError; None is taken, as in diffusers."""
+        scheduler = kwargs.get("scheduler")
+        if scheduler is not None and (isinstance(scheduler, type) or not isinstance(scheduler, ConfigMixin)):
+            shown = f"the class {scheduler.__name__}" if isinstance(scheduler, type) else repr(scheduler)
+            raise ValueError(
+                f"`scheduler` must be a scheduler instance (a diffusers scheduler such as `DDIMScheduler()`, or "
+                f"`DDIMScheduler.from_pretrained(folder, subfolder='scheduler')`), got {shown}."
+            )
+        super().register_modules(**kwargs)
 
     def check_components(self) -> None:
         """Refuse components the constructor refuses, also when swapped in later (``pipe.unet = ...``, which diffusers
@@ -747,6 +768,7 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
             use_flashpack=use_flashpack,
             **kwargs,
         )
+        remove_stale_weight_indexes(save_directory, safe_serialization, variant)
         write_reexport_files(save_directory, type(self))
         if push_to_hub:
             push_saved_folder(self, save_directory, is_pipeline=True, **push)
@@ -782,6 +804,9 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
                     f"it with {type(pipeline).__name__}.from_pretrained."
                 )
             check_trusted_load_dtypes(type(pipeline), kwargs)
+            for component in pipeline.components.values():  # diffusers' own models too: same seed, same images
+                if isinstance(component, torch.nn.Module):
+                    realign_storage(component)
             return pipeline
         kwargs.pop("trust_remote_code", None)
         return load_pipeline(cls, pretrained_model_name_or_path, **kwargs)
@@ -806,7 +831,38 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
             unannotated = all(hint is inspect.Parameter.empty for hint in hints)
             if unannotated or (classes and type(component) not in classes and isinstance(component, classes)):
                 kwargs[name] = component  # passed on explicitly, as `from_pipe(pipe, unet=pipe.unet)` would be
+        _check_from_pipe_components(cls, pipeline, kwargs)
         return super().from_pipe(pipeline, **kwargs)
+
+
+def _check_from_pipe_components(cls: type, pipeline: DiffusionPipeline, kwargs: Mapping[str, Any]) -> None:
+    """A `ValueError` for `cls.from_pipe(pipeline, **kwargs)` where a component ``cls`` needs (no default in its
+    signature) is neither passed nor carried over from ``pipeline``: it has none of that name, or a model of a class
+    the new pipeline's signature does not name (which diffusers drops, then fails with "expected [...], but only
+    {...} were passed", listing optional components too and not saying what to pass)."""
+    expected, _ = cls._get_signature_keys(cls)
+    parameters = inspect.signature(cls.__init__).parameters
+    annotated = cls._get_signature_types()
+    source = pipeline.components
+    problems = {}  # name -> what the source has instead
+    for name in sorted(expected):
+        if name in kwargs or name not in parameters or parameters[name].default is not inspect.Parameter.empty:
+            continue
+        component = source.get(name)
+        hints = annotated.get(name, ())
+        classes = tuple(c for c in hints if isinstance(c, type) and c not in (type(None), inspect.Parameter.empty))
+        if name not in source:
+            problems[name] = f"no `{name}`"
+        elif isinstance(component, ModelMixin) and classes and type(component) not in classes:
+            wanted = " or ".join(c.__name__ for c in classes)
+            problems[name] = f"a {type(component).__name__} as `{name}`, not a {wanted}"
+    if problems:
+        source_name = type(pipeline).__name__
+        raise ValueError(
+            f"{cls.__name__}.from_pipe({source_name}) cannot share the components it needs: the {source_name} has "
+            f"{' and '.join(problems.values())}; pass {'it' if len(problems) == 1 else 'them'}: "
+            f"`from_pipe(pipe, {', '.join(f'{name}=...' for name in problems)})`."
+        )
 
 
 # schedulers whose step, with variance_type "learned" or "learned_range", only drops a learned variance: it takes the

@@ -10,6 +10,7 @@ import os
 import pickle
 import py_compile
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -666,3 +667,58 @@ def test_a_missing_local_folder_is_named_as_such_not_as_a_bad_repo_id(tmp_path, 
     'namespace/repo_name'", which does not say that the folder does not exist."""
     with pytest.raises(ValueError, match=f"{re.escape(repr(path))} is not a folder"):
         MultiStagePipeline.from_pretrained(path)
+
+
+def test_a_scheduler_passed_for_a_folder_without_its_scheduler_folder_loads_as_in_diffusers(saved):
+    # `DDIMPipeline.from_pretrained(folder, scheduler=DDIMScheduler())` never reads the folder's scheduler/, so it
+    # loads without one; the package's pipelines refused it ("Component folder 'scheduler' must be a directory
+    # inside ...") while comparing the passed scheduler with the saved one
+    folder, pipeline_class, images = saved
+    shutil.rmtree(folder / "scheduler")
+    pipe = pipeline_class.from_pretrained(folder, scheduler=DDIMScheduler())
+    assert np.array_equal(_samples(pipe), images)
+
+
+def test_a_renamed_or_missing_component_folder_is_named_with_what_to_do(saved, tmp_path):
+    # a folder whose unet/ (or experts/, shallow/) was renamed or deleted said "Component folder 'unet' must be a
+    # directory inside <folder>, got '<folder>/unet'", which reads as if something of the wrong kind were there
+    folder, pipeline_class, _ = saved
+    index = _index(folder)
+    name = next(
+        k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] and k != "scheduler"
+    )
+    renamed = tmp_path / "renamed"
+    shutil.copytree(folder, renamed)
+    (renamed / name).rename(renamed / f"{name}_old")
+    message = (
+        rf"names the component '{name}' .* has no {name}/ folder \(its folders: .*'{name}_old'.*\).*`{name}=\.\.\.`"
+    )
+    with pytest.raises(ValueError, match=message):
+        pipeline_class.from_pretrained(renamed)
+    shutil.rmtree(renamed / f"{name}_old")
+    with pytest.raises(ValueError, match=rf"has no {name}/ folder"):
+        pipeline_class.from_pretrained(renamed)
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_saving_unsharded_over_a_sharded_save_still_loads(saved, tmp_path, variant):
+    # diffusers' save_pretrained deletes the old shards but keeps their index (diffusers issue 14719), so a pipeline
+    # saved with `max_shard_size` and then again without it into the same folder no longer loaded:
+    # "FileNotFoundError: ... does not appear to have a file named diffusion_pytorch_model-00001-of-000NN.safetensors"
+    folder, pipeline_class, images = saved
+    pipe = pipeline_class.from_pretrained(folder)
+    again = tmp_path / "again"
+    pipe.save_pretrained(again, variant=variant, max_shard_size="10KB")
+    pipe.save_pretrained(again, variant=variant)
+    assert not list(again.rglob("*-00001-of-*"))
+    assert np.array_equal(_samples(pipeline_class.from_pretrained(again, variant=variant)), images)
+    pipe.save_pretrained(again, variant=variant, max_shard_size="10KB")  # and back: the new index is kept
+    assert np.array_equal(_samples(pipeline_class.from_pretrained(again, variant=variant)), images)
+
+
+def test_trusted_loading_by_the_packages_class_gives_the_saved_images(saved):
+    # `DualBackbonePipeline.from_pretrained(folder, trust_remote_code=True)` hands the folder to diffusers' loader,
+    # which leaves diffusers' own models (the backbones, a VAE) at the unaligned addresses safetensors maps them to:
+    # other float rounding on CPU, so the same seed gave other images than the saved pipeline and the package's own load
+    folder, pipeline_class, images = saved
+    assert np.array_equal(_samples(pipeline_class.from_pretrained(folder, trust_remote_code=True)), images)

@@ -143,6 +143,21 @@ def test_dual_backbone_from_pipe_keeps_the_backbones_and_the_switch(switch):
     assert again.expert_schedule(5) == pipe.expert_schedule(5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_scheduler_class_or_name_instead_of_an_instance_is_named(kind, tmp_path):
+    # `scheduler=DDIMScheduler` (the class, parentheses forgotten) or `scheduler="DDIMScheduler"` failed in diffusers'
+    # `register_modules` with "'property' object has no attribute 'get'" or "'str' object has no attribute '__module__'",
+    # from the constructor and from `from_pretrained(folder, scheduler=...)`
+    pipe = _pipeline(kind)
+    pipe.save_pretrained(tmp_path)
+    for wrong, shown in ((diffusers.DDIMScheduler, "the class DDIMScheduler"), ("DDIMScheduler", "'DDIMScheduler'")):
+        match = rf"`scheduler` must be a scheduler instance .*got {shown}"
+        with pytest.raises(ValueError, match=match):
+            type(pipe)(**{**pipe.components, "scheduler": wrong})
+        with pytest.raises(ValueError, match=match):
+            type(pipe).from_pretrained(tmp_path, scheduler=wrong)
+
+
 def test_dict_and_tuple_outputs_are_equivalent(pipe):
     as_dict = _images(pipe)
     (as_tuple,) = pipe(generator=torch.manual_seed(0), return_dict=False, **RUN)

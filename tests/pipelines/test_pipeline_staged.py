@@ -456,6 +456,30 @@ def test_from_pipe_keeps_the_networks_of_a_subclass_whose_signature_names_no_cla
     assert TwoUNetPipeline.from_pipe(pipe, noisy=other).noisy is other  # one passed still replaces the source's
 
 
+def test_from_pipe_of_a_pipeline_without_the_networks_names_what_to_pass():
+    # `MultiStagePipeline.from_pipe(ddim_pipe)` (a plain UNet2DModel as `unet`) or `DualBackbonePipeline.from_pipe(...)`
+    # of a pipeline without `shallow`/`deep` failed with diffusers' "expected ['class_embedder', 'scheduler', 'unet',
+    # 'vae'], but only {'scheduler'} were passed", which lists optional components and says neither what is missing
+    # nor what to pass
+    from diffusers import DDIMPipeline
+
+    from diffusers_stages import DualBackbonePipeline, ExpertRoutingPipeline, MultiStagePipeline
+
+    torch.manual_seed(0)
+    ddim = DDIMPipeline(unet=UNet2DModel(**TINY_UNET).eval(), scheduler=DDIMScheduler())
+    with pytest.raises(ValueError, match=r"MultiStagePipeline.from_pipe\(DDIMPipeline\) .*a UNet2DModel as `unet`, not "
+                       r"a MultiStageUNet2DModel.* pass it: `from_pipe\(pipe, unet=\.\.\.\)`"):  # fmt: skip
+        MultiStagePipeline.from_pipe(ddim)
+    with pytest.raises(
+        ValueError, match=r"DualBackbonePipeline.from_pipe\(DDIMPipeline\) .*no `deep` and no `shallow`; pass them"
+    ):
+        DualBackbonePipeline.from_pipe(ddim)
+    with pytest.raises(ValueError, match=r"ExpertRoutingPipeline.from_pipe\(DualBackbonePipeline\) .*no `experts`"):
+        ExpertRoutingPipeline.from_pipe(tiny_pipeline("dual_backbone"))
+    dual = DualBackbonePipeline.from_pipe(ddim, shallow=ddim.unet, deep=ddim.unet)  # passed: taken as before
+    assert dual.shallow is ddim.unet and dual.scheduler is ddim.scheduler
+
+
 def _record_model_calls(pipe) -> list:
     """Every forward call of the pipeline's stage networks, appended to the returned list."""
     calls = []
