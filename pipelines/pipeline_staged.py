@@ -40,6 +40,7 @@ from ..models.checks import (
     is_integer_tensor,
     positive_integer_arguments,
 )
+from ..models.expert_routing import call_denoiser
 from ..partition import TimestepPartition
 from ..routing import StageRouter
 from ..schedulers import check_prediction_type, model_call_timesteps, seed_noise_sampler, set_sampling_timesteps
@@ -336,13 +337,13 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         dtype = compute_dtype(model)
         if class_labels is None or guidance_scale == 1.0:
             labels = self.label_conditioning(class_labels, dtype)
-            output = model(sample.to(dtype), timestep, **labels, **kwargs).sample
+            output = call_denoiser(model, sample.to(dtype), timestep, **labels, **kwargs).sample
             return self._mean_prediction(output, sample).to(sample.dtype)
         null = torch.full_like(class_labels, null_class_label(class_embedding_count(self.label_config(model))))
         if torch.is_tensor(timestep) and timestep.ndim == 1:
             timestep = torch.cat([timestep, timestep])
         labels = self.label_conditioning(torch.cat([class_labels, null]), dtype)
-        both = model(torch.cat([sample, sample]).to(dtype), timestep, **labels, **kwargs)
+        both = call_denoiser(model, torch.cat([sample, sample]).to(dtype), timestep, **labels, **kwargs)
         cond, uncond = self._mean_prediction(both.sample, sample).to(sample.dtype).chunk(2)
         guided = uncond + guidance_scale * (cond - uncond)  # classifier-free guidance (Ho & Salimans, eq. 6)
         if cond.shape[1] == sample.shape[1]:  # no learned variance: no copy

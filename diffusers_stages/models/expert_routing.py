@@ -248,6 +248,16 @@ def _positional_hidden_states(expert: nn.Module, class_labels, expert_kwargs: di
     return class_labels, expert_kwargs
 
 
+def call_denoiser(model: nn.Module, sample: torch.Tensor, timestep, **kwargs):
+    """``model(sample, timestep, **kwargs)``, with ``timestep`` passed by name where ``model``'s forward takes another
+    argument second (diffusers' legacy `Transformer2DModel`, a DiT built in code, takes ``encoder_hidden_states``
+    there), as `DiTPipeline` passes it; positionally otherwise, as diffusers' U-Net pipelines do."""
+    parameters = list(inspect.signature(model.forward).parameters)
+    if len(parameters) > 1 and parameters[1] != "timestep" and "timestep" in parameters:
+        return model(sample, timestep=timestep, **kwargs)
+    return model(sample, timestep, **kwargs)
+
+
 class ExpertRoutingModel(StagedModelMixin, PackageCardPushMixin, ModelMixin, ConfigMixin, AttentionMixin):
     r"""
     A set of independent denoisers, one per stage of a [`TimestepPartition`] (stage 0 = cleanest), behind one
@@ -662,7 +672,8 @@ class ExpertRoutingModel(StagedModelMixin, PackageCardPushMixin, ModelMixin, Con
     def _call_expert(self, stage, sample, timestep, class_labels, expert_kwargs) -> torch.Tensor:
         expert = self.expert(stage)
         class_labels, expert_kwargs = _positional_hidden_states(expert, class_labels, expert_kwargs)
-        return expert(sample, timestep, class_labels=class_labels, return_dict=False, **expert_kwargs)[0]
+        out = call_denoiser(expert, sample, timestep, class_labels=class_labels, return_dict=False, **expert_kwargs)
+        return out[0]
 
     # ------------------------------------------------------------------------------------------------------------
     # LoRA: what the pipelines' LoRA loader calls on `pipe.unet`, each expert's own (diffusers' `PeftAdapterMixin`)

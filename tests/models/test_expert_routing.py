@@ -694,3 +694,27 @@ def test_an_integer_timestep_reaches_dit_experts_as_one_per_sample(tiny_unet_kwa
         assert torch.allclose(out, expected, atol=1e-6)
         # a U-Net expert's output with an int is unchanged (diffusers makes the same long tensor)
         assert torch.equal(model(x, 10, class_labels=y).sample, unet(x, 10, class_labels=y).sample)
+
+
+def _legacy_dit(**overrides):
+    """A DiT built as diffusers' legacy `Transformer2DModel` (its forward takes `encoder_hidden_states` second)."""
+    from diffusers import Transformer2DModel
+
+    torch.manual_seed(5)
+    kwargs = dict(num_attention_heads=2, attention_head_dim=4, num_layers=1, sample_size=8, patch_size=2)
+    kwargs.update(num_embeds_ada_norm=10, norm_type="ada_norm_zero", in_channels=3, out_channels=3, **overrides)
+    return Transformer2DModel(**kwargs).eval()
+
+
+def test_a_legacy_transformer2d_dit_expert_gets_its_timestep_by_name(tiny_unet_kwargs):
+    # diffusers' `Transformer2DModel` takes `encoder_hidden_states` second: the container gave it the timestep there,
+    # and the DiT failed inside its time embedding ("'NoneType' object has no attribute 'shape'"); DiTPipeline names it
+    legacy = _legacy_dit()
+    model = ExpertRoutingModel([_unet(tiny_unet_kwargs, 0, num_class_embeds=11), legacy], stage_boundaries=(500,))
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([10, 900, 20]), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        out = model(x, t, class_labels=y).sample
+        assert torch.equal(out[1:2], legacy(x[1:2], timestep=t[1:2], class_labels=y[1:2]).sample)
+        assert torch.equal(
+            model(x, 900, class_labels=y).sample, legacy(x, timestep=t.new_full((3,), 900), class_labels=y).sample
+        )
