@@ -1080,7 +1080,7 @@ class ExpertRoutingModel(StagedModelMixin, PackageCardPushMixin, ModelMixin, Con
                 f"`config.json` of {folder} must hold {list(CONTAINER_CONFIG)}, with `expert_classes` a list of "
                 f"[module, class] entries: it lacks {missing}, `expert_classes` is {config['expert_classes']!r}."
             )
-        entries = config["expert_classes"]
+        entries = [list(entry) if isinstance(entry, (list, tuple)) else entry for entry in config["expert_classes"]]
         wanted = range(len(entries)) if load_experts is None else list(load_experts)
         if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(entries) for i in wanted):
             raise ValueError(f"`load_experts` must hold expert indices in [0, {len(entries)}), got {load_experts}.")
@@ -1098,6 +1098,8 @@ class ExpertRoutingModel(StagedModelMixin, PackageCardPushMixin, ModelMixin, Con
                     f"Expert {i} at {path} could not be loaded as {expert_class.__name__}: {error}"
                 ) from error
             realign_storage(expert)  # bit-identical outputs after a reload
+            if type(expert) is not expert_class:  # diffusers' legacy remapping: a `Transformer2DModel` DiT folder
+                entries[i] = class_entry(expert)  # loads as a `DiTTransformer2DModel`, as `from_config` builds it
             experts[i], infos[i] = expert, info
         model = cls(
             experts,

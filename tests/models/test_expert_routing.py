@@ -718,3 +718,22 @@ def test_a_legacy_transformer2d_dit_expert_gets_its_timestep_by_name(tiny_unet_k
         assert torch.equal(
             model(x, 900, class_labels=y).sample, legacy(x, timestep=t.new_full((3,), 900), class_labels=y).sample
         )
+
+
+def test_a_saved_legacy_transformer2d_dit_expert_reloads_as_diffusers_remaps_it(tiny_unet_kwargs, tmp_path):
+    # diffusers' `Transformer2DModel.from_pretrained` loads a DiT folder as a `DiTTransformer2DModel` (its legacy
+    # remapping, as for facebook/DiT-XL-2-256): the reload was refused, "`expert_classes`=[..., Transformer2DModel]
+    # does not match the experts given: [..., DiTTransformer2DModel]"
+    unet = _unet(tiny_unet_kwargs, 0, num_class_embeds=11)
+    model = ExpertRoutingModel([unet, _legacy_dit()], stage_boundaries=(500,))
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([10, 900, 20]), torch.tensor([1, 2, 3])
+    model.save_pretrained(tmp_path)
+    reloaded = ExpertRoutingModel.from_pretrained(tmp_path)
+    assert isinstance(reloaded.experts[1], DiTTransformer2DModel)
+    assert reloaded.config.expert_classes[1] == ["diffusers", "DiTTransformer2DModel"]
+    with torch.no_grad():
+        assert torch.equal(reloaded(x, t, class_labels=y).sample, model(x, t, class_labels=y).sample)
+    partial = ExpertRoutingModel.from_pretrained(tmp_path, load_experts=[1], torch_dtype=torch.float64)
+    with torch.no_grad():
+        expected = model.experts[1].double()(x.double(), timestep=t.new_full((3,), 900), class_labels=y).sample
+        assert torch.equal(partial(x.double(), 900, class_labels=y).sample, expected)
