@@ -456,6 +456,17 @@ class ExpertRoutingModel(StagedModelMixin, PackageCardPushMixin, ModelMixin, Con
         for i, expert in enumerate(experts):
             if expert is not None and not isinstance(expert, ModelMixin):
                 raise ValueError(f"Expert {i} must be a diffusers ModelMixin (or None), got {type(expert).__name__}.")
+            # a learned time embedding has one row per timestep of the expert's schedule: another length reads the
+            # rows of other noise levels, or fails inside the embedding on timesteps beyond its rows
+            config = getattr(expert, "config", None)
+            steps = getattr(config, "num_train_timesteps", None)
+            learned = getattr(config, "time_embedding_type", None) == "learned"
+            if learned and partition.units == "timestep" and steps != partition.num_train_timesteps:
+                raise ValueError(
+                    f"Expert {i} ({type(expert).__name__}) was built for num_train_timesteps={steps}, but the "
+                    f"container routes a {partition.num_train_timesteps}-step schedule (`num_train_timesteps`): pass "
+                    f"num_train_timesteps={steps} (and boundaries in its timesteps), or use experts of one schedule."
+                )
         _check_contract(experts)
         return partition, experts
 

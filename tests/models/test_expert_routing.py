@@ -737,3 +737,17 @@ def test_a_saved_legacy_transformer2d_dit_expert_reloads_as_diffusers_remaps_it(
     with torch.no_grad():
         expected = model.experts[1].double()(x.double(), timestep=t.new_full((3,), 900), class_labels=y).sample
         assert torch.equal(partial(x.double(), 900, class_labels=y).sample, expected)
+
+
+@pytest.mark.parametrize("steps", [500, 2000])
+def test_an_expert_trained_on_another_number_of_timesteps_is_named(tiny_unet_kwargs, steps):
+    # a learned time embedding of 500 rows in a container of 1000 timesteps was accepted, and every sample routed to
+    # it above 499 failed inside the embedding ("IndexError: index out of range in self"); one of 2000 ran silently
+    # on timesteps of another schedule
+    other = _unet(tiny_unet_kwargs, 1, time_embedding_type="learned", num_train_timesteps=steps)
+    with pytest.raises(ValueError, match=rf"Expert 1 \(UNet2DModel\) was built for num_train_timesteps={steps}, "):
+        ExpertRoutingModel([_unet(tiny_unet_kwargs, 0), other], stage_boundaries=(400,))
+    model = ExpertRoutingModel([_unet(tiny_unet_kwargs, 0), other], stage_boundaries=(400,), num_train_timesteps=steps)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x, torch.tensor([450])).sample, other(x, torch.tensor([450])).sample)
