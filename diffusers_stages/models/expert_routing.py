@@ -144,12 +144,22 @@ def resolve_prediction_type(prediction_type: str | Sequence[str], experts: Seque
     given = [prediction_type] if isinstance(prediction_type, str) else list(prediction_type)
     if not isinstance(prediction_type, str) and len(given) != len(experts):
         raise ValueError(f"`prediction_type` must be one string or one per expert ({len(experts)}), got {given}.")
-    declared = [getattr(e.config, "prediction_type", None) for e in experts if e is not None and hasattr(e, "config")]
-    types = set(given) | {t for t in declared if t is not None}
-    if len(types) != 1:
+    declared = {
+        i: e.config.prediction_type
+        for i, e in enumerate(experts)
+        if e is not None and getattr(getattr(e, "config", None), "prediction_type", None) is not None
+    }
+    types = set(given) | set(declared.values())
+    if len(types) != 1:  # each type with where it comes from, so that the odd expert is named
+        sources = (
+            [f"`prediction_type`={prediction_type!r}"]
+            if isinstance(prediction_type, str)
+            else [f"expert {i}: {kind!r}" for i, kind in enumerate(given)]
+        )
+        sources += [f"expert {i}'s config: {kind!r}" for i, kind in declared.items()]
         raise ValueError(
-            f"All experts must predict the same target (multistep solvers mix their outputs), got prediction types "
-            f"{sorted(types)}: retrain or convert the odd expert."
+            f"All experts must predict the same target (multistep solvers mix their outputs), got "
+            f"{', '.join(sources)}: retrain or convert the odd expert."
         )
     (kind,) = types
     if kind not in PREDICTION_TYPES:

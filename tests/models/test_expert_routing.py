@@ -751,3 +751,16 @@ def test_an_expert_trained_on_another_number_of_timesteps_is_named(tiny_unet_kwa
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x, torch.tensor([450])).sample, other(x, torch.tensor([450])).sample)
+
+
+def test_experts_of_other_prediction_types_are_named_with_their_types(tiny_unet_kwargs):
+    # the error listed the types only ("got prediction types ['epsilon', 'v_prediction']"), not which expert (or
+    # which argument) gave the odd one
+    experts = [_unet(tiny_unet_kwargs, 0), _unet(tiny_unet_kwargs, 1), _unet(tiny_unet_kwargs, 2)]
+    with pytest.raises(ValueError, match=r"got expert 0: 'epsilon', expert 1: 'epsilon', expert 2: 'v_prediction'"):
+        ExpertRoutingModel(
+            experts, stage_boundaries=(300, 600), prediction_type=["epsilon", "epsilon", "v_prediction"]
+        )
+    experts[1].register_to_config(prediction_type="sample")  # a config that declares its expert's target
+    with pytest.raises(ValueError, match=r"got `prediction_type`='epsilon', expert 1's config: 'sample'"):
+        ExpertRoutingModel(experts, stage_boundaries=(300, 600))
