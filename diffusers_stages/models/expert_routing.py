@@ -167,6 +167,16 @@ def resolve_prediction_type(prediction_type: str | Sequence[str], experts: Seque
     return kind
 
 
+def learned_time_embedding_steps(model: nn.Module | None) -> int | None:
+    """The training timesteps of ``model``'s learned time embedding (`UNet2DModel`'s ``time_embedding_type="learned"``:
+    one row per timestep); None for another time embedding. Another schedule's timesteps would read the rows of other
+    noise levels, or fail inside the embedding beyond its rows."""
+    config = getattr(model, "config", None)
+    if getattr(config, "time_embedding_type", None) != "learned":
+        return None
+    return getattr(config, "num_train_timesteps", None)
+
+
 def _check_contract(experts: Sequence[nn.Module | None]) -> None:
     """Experts replace one another mid-trajectory: their inputs, outputs and labels must agree."""
     for key in CONTRACT_KEYS + CONDITIONING_KEYS:
@@ -466,12 +476,8 @@ class ExpertRoutingModel(StagedModelMixin, PackageCardPushMixin, ModelMixin, Con
         for i, expert in enumerate(experts):
             if expert is not None and not isinstance(expert, ModelMixin):
                 raise ValueError(f"Expert {i} must be a diffusers ModelMixin (or None), got {type(expert).__name__}.")
-            # a learned time embedding has one row per timestep of the expert's schedule: another length reads the
-            # rows of other noise levels, or fails inside the embedding on timesteps beyond its rows
-            config = getattr(expert, "config", None)
-            steps = getattr(config, "num_train_timesteps", None)
-            learned = getattr(config, "time_embedding_type", None) == "learned"
-            if learned and partition.units == "timestep" and steps != partition.num_train_timesteps:
+            steps = learned_time_embedding_steps(expert)
+            if steps is not None and partition.units == "timestep" and steps != partition.num_train_timesteps:
                 raise ValueError(
                     f"Expert {i} ({type(expert).__name__}) was built for num_train_timesteps={steps}, but the "
                     f"container routes a {partition.num_train_timesteps}-step schedule (`num_train_timesteps`): pass "
