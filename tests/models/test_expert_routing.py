@@ -386,7 +386,7 @@ def test_bad_configurations_give_clear_errors(tiny_unet_kwargs):
         ExpertRoutingModel([a, b, a], stage_boundaries=(600, 300))
     with pytest.raises(ValueError, match="inside the schedule"):
         ExpertRoutingModel([a, b], stage_boundaries=(1000,))
-    with pytest.raises(ValueError, match="same target.*'epsilon', 'v_prediction'"):
+    with pytest.raises(ValueError, match="same target.*expert 0: 'epsilon', expert 1: 'v_prediction'"):
         ExpertRoutingModel([a, b], stage_boundaries=(500,), prediction_type=["epsilon", "v_prediction"])
     with pytest.raises(ValueError, match="prediction_type"):
         ExpertRoutingModel([a, b], stage_boundaries=(500,), prediction_type="noise")
