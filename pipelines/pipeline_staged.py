@@ -19,6 +19,7 @@ from diffusers import (
     DiTTransformer2DModel,
     ImagePipelineOutput,
     ModelMixin,
+    Transformer2DModel,
     VQModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -469,10 +470,10 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
                 )
             sides.append(int(value) // vae_scale)  # a numpy integer too, as a Python int
         for network in networks:
-            if isinstance(getattr(network, "_orig_mod", network), DiTTransformer2DModel) and sides[0] != sides[1]:
+            if _square_only(network) and sides[0] != sides[1]:
                 raise ValueError(  # its unpatchify takes a square token grid: a RuntimeError of its reshape otherwise
-                    f"`height` and `width` must be equal for a DiTTransformer2DModel (it samples square images "
-                    f"only), got height={sides[0] * vae_scale}, width={sides[1] * vae_scale}."
+                    f"`height` and `width` must be equal for a {type(getattr(network, '_orig_mod', network)).__name__} "
+                    f"(it samples square images only), got height={sides[0] * vae_scale}, width={sides[1] * vae_scale}."
                 )
             fixed = network.config.sample_size if getattr(network, "_fixed_sample_size", False) else None
             for name, side in zip(("height", "width"), sides):
@@ -851,6 +852,14 @@ def spatial_multiple(config) -> int:
         return int(config.patch_size)
     levels = getattr(config, "channel_mult", None) or getattr(config, "block_out_channels", None) or (1,)
     return 2 ** (len(levels) - 1)
+
+
+def _square_only(network: torch.nn.Module) -> bool:
+    """Whether ``network`` unpatchifies a square token grid only: a `DiTTransformer2DModel`, or diffusers' legacy
+    `Transformer2DModel` on patches without PixArt's ``adaln_single`` (a DiT built in the old class)."""
+    module = getattr(network, "_orig_mod", network)
+    legacy = isinstance(module, Transformer2DModel) and getattr(module, "is_input_patches", False)
+    return isinstance(module, DiTTransformer2DModel) or (legacy and getattr(module, "adaln_single", None) is None)
 
 
 def custom_schedule(timesteps: Sequence[float] | None, sigmas: Sequence[float] | None) -> dict[str, Any]:
