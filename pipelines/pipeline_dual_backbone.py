@@ -28,6 +28,7 @@ from ..models.expert_routing import (
     ExpertRoutingModel,
     _config_value,
     class_embedding_counts,
+    learned_time_embedding_steps,
 )
 from ..models.iunet import IUNet2DModel
 from ..models.uvit import UViT2DModel
@@ -174,6 +175,19 @@ class DualBackbonePipeline(StagedDiffusionPipeline):
 
     def check_components(self) -> None:
         _check_interchangeable(self.shallow, self.deep)
+        scheduler = getattr(self, "scheduler", None)
+        steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+        if steps is None or scheduler_units(scheduler) != "timestep":
+            return
+        for name in ("shallow", "deep"):  # as `ExpertRoutingModel` refuses such an expert
+            rows = learned_time_embedding_steps(getattr(self, name))
+            if rows is not None and rows != steps:
+                kind = type(scheduler).__name__
+                raise ValueError(
+                    f"`{name}` ({type(getattr(self, name)).__name__}) was built for num_train_timesteps={rows}, but "
+                    f"`scheduler` {kind} has {steps} (its learned time embedding has one row per training timestep): "
+                    f"build it with `{kind}.from_config(scheduler.config, num_train_timesteps={rows})`."
+                )
 
     def _num_stages(self) -> int:
         # the deep and the shallow backbone, whatever the switch: a step fraction is not resolved for a step count

@@ -19,6 +19,7 @@ from diffusers import (
     DiTTransformer2DModel,
     ImagePipelineOutput,
     ModelMixin,
+    Transformer2DModel,
     VQModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -42,6 +43,7 @@ from ..models.checks import (
     is_integer_tensor,
     positive_integer_arguments,
 )
+from ..models.expert_routing import call_denoiser
 from ..models.loading import realign_storage
 from ..partition import TimestepPartition
 from ..routing import StageRouter
@@ -374,13 +376,13 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
         dtype = compute_dtype(model)
         if class_labels is None or guidance_scale == 1.0:
             labels = self.label_conditioning(class_labels, dtype)
-            output = model(sample.to(dtype), timestep, **labels, **kwargs).sample
+            output = call_denoiser(model, sample.to(dtype), timestep, **labels, **kwargs).sample
             return self._mean_prediction(output, sample).to(sample.dtype)
         null = torch.full_like(class_labels, null_class_label(class_embedding_count(self.label_config(model))))
         if torch.is_tensor(timestep) and timestep.ndim == 1:
             timestep = torch.cat([timestep, timestep])
         labels = self.label_conditioning(torch.cat([class_labels, null]), dtype)
-        both = model(torch.cat([sample, sample]).to(dtype), timestep, **labels, **kwargs)
+        both = call_denoiser(model, torch.cat([sample, sample]).to(dtype), timestep, **labels, **kwargs)
         cond, uncond = self._mean_prediction(both.sample, sample).to(sample.dtype).chunk(2)
         guided = uncond + guidance_scale * (cond - uncond)  # classifier-free guidance (Ho & Salimans, eq. 6)
         if cond.shape[1] == sample.shape[1]:  # no learned variance: no copy
@@ -507,10 +509,10 @@ class StagedDiffusionPipeline(StageOffloadMixin, PackageCardPushMixin, Diffusion
                 )
             sides.append(int(value) // vae_scale)  # a numpy integer too, as a Python int
         for network in networks:
-            if isinstance(getattr(network, "_orig_mod", network), DiTTransformer2DModel) and sides[0] != sides[1]:
+            if _square_only(network) and sides[0] != sides[1]:
                 raise ValueError(  # its unpatchify takes a square token grid: a RuntimeError of its reshape otherwise
-                    f"`height` and `width` must be equal for a DiTTransformer2DModel (it samples square images "
-                    f"only), got height={sides[0] * vae_scale}, width={sides[1] * vae_scale}."
+                    f"`height` and `width` must be equal for a {type(getattr(network, '_orig_mod', network)).__name__} "
+                    f"(it samples square images only), got height={sides[0] * vae_scale}, width={sides[1] * vae_scale}."
                 )
             fixed = network.config.sample_size if getattr(network, "_fixed_sample_size", False) else None
             for name, side in zip(("height", "width"), sides):
@@ -933,6 +935,14 @@ def spatial_multiple(config) -> int:
         return int(config.patch_size)
     levels = getattr(config, "channel_mult", None) or getattr(config, "block_out_channels", None) or (1,)
     return 2 ** (len(levels) - 1)
+
+
+def _square_only(network: torch.nn.Module) -> bool:
+    """Whether ``network`` unpatchifies a square token grid only: a `DiTTransformer2DModel`, or diffusers' legacy
+    `Transformer2DModel` on patches without PixArt's ``adaln_single`` (a DiT built in the old class)."""
+    module = getattr(network, "_orig_mod", network)
+    legacy = isinstance(module, Transformer2DModel) and getattr(module, "is_input_patches", False)
+    return isinstance(module, DiTTransformer2DModel) or (legacy and getattr(module, "adaln_single", None) is None)
 
 
 def custom_schedule(timesteps: Sequence[float] | None, sigmas: Sequence[float] | None) -> dict[str, Any]:

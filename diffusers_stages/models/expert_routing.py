@@ -144,17 +144,37 @@ def resolve_prediction_type(prediction_type: str | Sequence[str], experts: Seque
     given = [prediction_type] if isinstance(prediction_type, str) else list(prediction_type)
     if not isinstance(prediction_type, str) and len(given) != len(experts):
         raise ValueError(f"`prediction_type` must be one string or one per expert ({len(experts)}), got {given}.")
-    declared = [getattr(e.config, "prediction_type", None) for e in experts if e is not None and hasattr(e, "config")]
-    types = set(given) | {t for t in declared if t is not None}
-    if len(types) != 1:
+    declared = {
+        i: e.config.prediction_type
+        for i, e in enumerate(experts)
+        if e is not None and getattr(getattr(e, "config", None), "prediction_type", None) is not None
+    }
+    types = set(given) | set(declared.values())
+    if len(types) != 1:  # each type with where it comes from, so that the odd expert is named
+        sources = (
+            [f"`prediction_type`={prediction_type!r}"]
+            if isinstance(prediction_type, str)
+            else [f"expert {i}: {kind!r}" for i, kind in enumerate(given)]
+        )
+        sources += [f"expert {i}'s config: {kind!r}" for i, kind in declared.items()]
         raise ValueError(
-            f"All experts must predict the same target (multistep solvers mix their outputs), got prediction types "
-            f"{sorted(types)}: retrain or convert the odd expert."
+            f"All experts must predict the same target (multistep solvers mix their outputs), got "
+            f"{', '.join(sources)}: retrain or convert the odd expert."
         )
     (kind,) = types
     if kind not in PREDICTION_TYPES:
         raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {kind!r}.")
     return kind
+
+
+def learned_time_embedding_steps(model: nn.Module | None) -> int | None:
+    """The training timesteps of ``model``'s learned time embedding (`UNet2DModel`'s ``time_embedding_type="learned"``:
+    one row per timestep); None for another time embedding. Another schedule's timesteps would read the rows of other
+    noise levels, or fail inside the embedding beyond its rows."""
+    config = getattr(model, "config", None)
+    if getattr(config, "time_embedding_type", None) != "learned":
+        return None
+    return getattr(config, "num_train_timesteps", None)
 
 
 def _check_contract(experts: Sequence[nn.Module | None]) -> None:
@@ -246,6 +266,16 @@ def _positional_hidden_states(expert: nn.Module, class_labels, expert_kwargs: di
     if takes_text_third and class_labels is not None and "encoder_hidden_states" not in expert_kwargs:
         return None, {**expert_kwargs, "encoder_hidden_states": class_labels}
     return class_labels, expert_kwargs
+
+
+def call_denoiser(model: nn.Module, sample: torch.Tensor, timestep, **kwargs):
+    """``model(sample, timestep, **kwargs)``, with ``timestep`` passed by name where ``model``'s forward takes another
+    argument second (diffusers' legacy `Transformer2DModel`, a DiT built in code, takes ``encoder_hidden_states``
+    there), as `DiTPipeline` passes it; positionally otherwise, as diffusers' U-Net pipelines do."""
+    parameters = list(inspect.signature(model.forward).parameters)
+    if len(parameters) > 1 and parameters[1] != "timestep" and "timestep" in parameters:
+        return model(sample, timestep=timestep, **kwargs)
+    return model(sample, timestep, **kwargs)
 
 
 class ExpertRoutingModel(StagedModelMixin, PackageCardPushMixin, ModelMixin, ConfigMixin, AttentionMixin):
@@ -446,6 +476,13 @@ class ExpertRoutingModel(StagedModelMixin, PackageCardPushMixin, ModelMixin, Con
         for i, expert in enumerate(experts):
             if expert is not None and not isinstance(expert, ModelMixin):
                 raise ValueError(f"Expert {i} must be a diffusers ModelMixin (or None), got {type(expert).__name__}.")
+            steps = learned_time_embedding_steps(expert)
+            if steps is not None and partition.units == "timestep" and steps != partition.num_train_timesteps:
+                raise ValueError(
+                    f"Expert {i} ({type(expert).__name__}) was built for num_train_timesteps={steps}, but the "
+                    f"container routes a {partition.num_train_timesteps}-step schedule (`num_train_timesteps`): pass "
+                    f"num_train_timesteps={steps} (and boundaries in its timesteps), or use experts of one schedule."
+                )
         _check_contract(experts)
         return partition, experts
 
@@ -662,7 +699,8 @@ class ExpertRoutingModel(StagedModelMixin, PackageCardPushMixin, ModelMixin, Con
     def _call_expert(self, stage, sample, timestep, class_labels, expert_kwargs) -> torch.Tensor:
         expert = self.expert(stage)
         class_labels, expert_kwargs = _positional_hidden_states(expert, class_labels, expert_kwargs)
-        return expert(sample, timestep, class_labels=class_labels, return_dict=False, **expert_kwargs)[0]
+        out = call_denoiser(expert, sample, timestep, class_labels=class_labels, return_dict=False, **expert_kwargs)
+        return out[0]
 
     # ------------------------------------------------------------------------------------------------------------
     # LoRA: what the pipelines' LoRA loader calls on `pipe.unet`, each expert's own (diffusers' `PeftAdapterMixin`)
@@ -1069,7 +1107,7 @@ class ExpertRoutingModel(StagedModelMixin, PackageCardPushMixin, ModelMixin, Con
                 f"`config.json` of {folder} must hold {list(CONTAINER_CONFIG)}, with `expert_classes` a list of "
                 f"[module, class] entries: it lacks {missing}, `expert_classes` is {config['expert_classes']!r}."
             )
-        entries = config["expert_classes"]
+        entries = [list(entry) if isinstance(entry, (list, tuple)) else entry for entry in config["expert_classes"]]
         wanted = range(len(entries)) if load_experts is None else list(load_experts)
         if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(entries) for i in wanted):
             raise ValueError(f"`load_experts` must hold expert indices in [0, {len(entries)}), got {load_experts}.")
@@ -1087,6 +1125,8 @@ class ExpertRoutingModel(StagedModelMixin, PackageCardPushMixin, ModelMixin, Con
                     f"Expert {i} at {path} could not be loaded as {expert_class.__name__}: {error}"
                 ) from error
             realign_storage(expert)  # bit-identical outputs after a reload
+            if type(expert) is not expert_class:  # diffusers' legacy remapping: a `Transformer2DModel` DiT folder
+                entries[i] = class_entry(expert)  # loads as a `DiTTransformer2DModel`, as `from_config` builds it
             experts[i], infos[i] = expert, info
         model = cls(
             experts,

@@ -386,7 +386,7 @@ def test_bad_configurations_give_clear_errors(tiny_unet_kwargs):
         ExpertRoutingModel([a, b, a], stage_boundaries=(600, 300))
     with pytest.raises(ValueError, match="inside the schedule"):
         ExpertRoutingModel([a, b], stage_boundaries=(1000,))
-    with pytest.raises(ValueError, match="same target.*'epsilon', 'v_prediction'"):
+    with pytest.raises(ValueError, match="same target.*expert 0: 'epsilon', expert 1: 'v_prediction'"):
         ExpertRoutingModel([a, b], stage_boundaries=(500,), prediction_type=["epsilon", "v_prediction"])
     with pytest.raises(ValueError, match="prediction_type"):
         ExpertRoutingModel([a, b], stage_boundaries=(500,), prediction_type="noise")
@@ -694,3 +694,73 @@ def test_an_integer_timestep_reaches_dit_experts_as_one_per_sample(tiny_unet_kwa
         assert torch.allclose(out, expected, atol=1e-6)
         # a U-Net expert's output with an int is unchanged (diffusers makes the same long tensor)
         assert torch.equal(model(x, 10, class_labels=y).sample, unet(x, 10, class_labels=y).sample)
+
+
+def _legacy_dit(**overrides):
+    """A DiT built as diffusers' legacy `Transformer2DModel` (its forward takes `encoder_hidden_states` second)."""
+    from diffusers import Transformer2DModel
+
+    torch.manual_seed(5)
+    kwargs = dict(num_attention_heads=2, attention_head_dim=4, num_layers=1, sample_size=8, patch_size=2)
+    kwargs.update(num_embeds_ada_norm=10, norm_type="ada_norm_zero", in_channels=3, out_channels=3, **overrides)
+    return Transformer2DModel(**kwargs).eval()
+
+
+def test_a_legacy_transformer2d_dit_expert_gets_its_timestep_by_name(tiny_unet_kwargs):
+    # diffusers' `Transformer2DModel` takes `encoder_hidden_states` second: the container gave it the timestep there,
+    # and the DiT failed inside its time embedding ("'NoneType' object has no attribute 'shape'"); DiTPipeline names it
+    legacy = _legacy_dit()
+    model = ExpertRoutingModel([_unet(tiny_unet_kwargs, 0, num_class_embeds=11), legacy], stage_boundaries=(500,))
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([10, 900, 20]), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        out = model(x, t, class_labels=y).sample
+        assert torch.equal(out[1:2], legacy(x[1:2], timestep=t[1:2], class_labels=y[1:2]).sample)
+        assert torch.equal(
+            model(x, 900, class_labels=y).sample, legacy(x, timestep=t.new_full((3,), 900), class_labels=y).sample
+        )
+
+
+def test_a_saved_legacy_transformer2d_dit_expert_reloads_as_diffusers_remaps_it(tiny_unet_kwargs, tmp_path):
+    # diffusers' `Transformer2DModel.from_pretrained` loads a DiT folder as a `DiTTransformer2DModel` (its legacy
+    # remapping, as for facebook/DiT-XL-2-256): the reload was refused, "`expert_classes`=[..., Transformer2DModel]
+    # does not match the experts given: [..., DiTTransformer2DModel]"
+    unet = _unet(tiny_unet_kwargs, 0, num_class_embeds=11)
+    model = ExpertRoutingModel([unet, _legacy_dit()], stage_boundaries=(500,))
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([10, 900, 20]), torch.tensor([1, 2, 3])
+    model.save_pretrained(tmp_path)
+    reloaded = ExpertRoutingModel.from_pretrained(tmp_path)
+    assert isinstance(reloaded.experts[1], DiTTransformer2DModel)
+    assert reloaded.config.expert_classes[1] == ["diffusers", "DiTTransformer2DModel"]
+    with torch.no_grad():
+        assert torch.equal(reloaded(x, t, class_labels=y).sample, model(x, t, class_labels=y).sample)
+    partial = ExpertRoutingModel.from_pretrained(tmp_path, load_experts=[1], torch_dtype=torch.float64)
+    with torch.no_grad():
+        expected = model.experts[1].double()(x.double(), timestep=t.new_full((3,), 900), class_labels=y).sample
+        assert torch.equal(partial(x.double(), 900, class_labels=y).sample, expected)
+
+
+@pytest.mark.parametrize("steps", [500, 2000])
+def test_an_expert_trained_on_another_number_of_timesteps_is_named(tiny_unet_kwargs, steps):
+    # a learned time embedding of 500 rows in a container of 1000 timesteps was accepted, and every sample routed to
+    # it above 499 failed inside the embedding ("IndexError: index out of range in self"); one of 2000 ran silently
+    # on timesteps of another schedule
+    other = _unet(tiny_unet_kwargs, 1, time_embedding_type="learned", num_train_timesteps=steps)
+    with pytest.raises(ValueError, match=rf"Expert 1 \(UNet2DModel\) was built for num_train_timesteps={steps}, "):
+        ExpertRoutingModel([_unet(tiny_unet_kwargs, 0), other], stage_boundaries=(400,))
+    model = ExpertRoutingModel([_unet(tiny_unet_kwargs, 0), other], stage_boundaries=(400,), num_train_timesteps=steps)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x, torch.tensor([450])).sample, other(x, torch.tensor([450])).sample)
+
+
+def test_experts_of_other_prediction_types_are_named_with_their_types(tiny_unet_kwargs):
+    # the error listed the types only ("got prediction types ['epsilon', 'v_prediction']"), not which expert (or
+    # which argument) gave the odd one
+    experts = [_unet(tiny_unet_kwargs, 0), _unet(tiny_unet_kwargs, 1), _unet(tiny_unet_kwargs, 2)]
+    with pytest.raises(ValueError, match=r"got expert 0: 'epsilon', expert 1: 'epsilon', expert 2: 'v_prediction'"):
+        ExpertRoutingModel(
+            experts, stage_boundaries=(300, 600), prediction_type=["epsilon", "epsilon", "v_prediction"]
+        )
+    experts[1].register_to_config(prediction_type="sample")  # a config that declares its expert's target
+    with pytest.raises(ValueError, match=r"got `prediction_type`='epsilon', expert 1's config: 'sample'"):
+        ExpertRoutingModel(experts, stage_boundaries=(300, 600))

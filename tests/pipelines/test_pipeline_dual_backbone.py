@@ -351,3 +351,21 @@ def test_another_size_than_a_uvits_own_is_refused_naming_the_argument(side):
     with pytest.raises(ValueError, match=f"`{side}` must be 8: the UViT2DModel's position embedding is learned for"):
         pipe(num_inference_steps=2, **{side: 16})
     assert pipe(num_inference_steps=2, height=8, width=8, output_type="np").images.shape == (1, 8, 8, 3)
+
+
+def test_a_backbone_with_a_learned_time_embedding_of_another_schedule_is_named(tiny_unet_kwargs):
+    # a learned time embedding of 500 rows under a 1000-step scheduler was accepted, and the run failed inside the
+    # embedding at its first step ("IndexError: index out of range in self"), as ExpertRoutingModel refuses it
+    torch.manual_seed(1)
+    shallow = UNet2DModel(**tiny_unet_kwargs, time_embedding_type="learned", num_train_timesteps=500).eval()
+    deep = UNet2DModel(**tiny_unet_kwargs).eval()
+    pipe = _dual(shallow, deep, DDIMScheduler())
+    message = (
+        r"`shallow` \(UNet2DModel\) was built for num_train_timesteps=500, but `scheduler` DDIMScheduler has 1000"
+    )
+    with pytest.raises(ValueError, match=message):
+        pipe(num_inference_steps=2)
+    with pytest.raises(ValueError, match=message):
+        pipe.expert_schedule(num_inference_steps=2)
+    pipe.scheduler = DDIMScheduler(num_train_timesteps=500)
+    assert pipe(num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 3)

@@ -386,3 +386,23 @@ def test_exit_profile_of_a_class_conditional_model_takes_its_labels_and_guidance
     seen.clear()
     record_exit_profile(model, DDIMScheduler(), num_inference_steps=2, class_labels=[1], guidance_scale=2.0)
     assert seen == [[1, 3], [1, 3]]  # the label and the unconditional one (the last embedding), as the pipelines guide
+
+
+def test_a_legacy_transformer2d_dit_expert_samples_the_images_of_its_dit_twin():
+    # diffusers' legacy `Transformer2DModel` takes `encoder_hidden_states` second: the loop gave it the timestep there
+    # and failed inside its time embedding; with the timestep named it samples as the same weights in the DiT class
+    from diffusers import Transformer2DModel
+
+    experts = _dit_experts()
+    legacy = []
+    for expert in experts:
+        config = {k: v for k, v in expert.config.items() if not k.startswith("_")}
+        twin = Transformer2DModel(**{**config, "norm_type": "ada_norm_zero"}).eval()
+        twin.load_state_dict(expert.state_dict())
+        legacy.append(twin)
+    run = {"class_labels": [1, 9], "num_inference_steps": 3, "output_type": "np", "guidance_scale": 2.0}
+    images = [
+        _pipe(ExpertRoutingModel(e, stage_boundaries=(500,)), DDIMScheduler())(generator=torch.manual_seed(0), **run)
+        for e in (experts, legacy)
+    ]
+    assert np.array_equal(images[0].images, images[1].images)

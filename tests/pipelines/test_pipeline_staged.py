@@ -574,3 +574,19 @@ def test_sampling_without_a_scheduler_is_refused_by_name(kind):
     for run in (lambda: pipe(**RUN), lambda: pipe.expert_schedule(num_inference_steps=2)):
         with pytest.raises(ValueError, match=r"`scheduler` is None: .*pipe\.scheduler = DDIMScheduler\(\)"):
             run()
+
+
+def test_a_legacy_transformer2d_dit_is_refused_a_height_other_than_its_width():
+    """diffusers' legacy `Transformer2DModel` DiT (`norm_type="ada_norm_zero"`) unpatchifies square images only too:
+    only `DiTTransformer2DModel` was checked, so 8 x 16 failed inside its reshape after the checks."""
+    from diffusers import Transformer2DModel
+
+    legacy = Transformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=3, out_channels=6, num_layers=1, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
+    ).eval()  # fmt: skip
+    pipe = DualBackbonePipeline(shallow=legacy, deep=legacy, scheduler=DDIMScheduler(), switch_timestep=500)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match=r"must be equal for a Transformer2DModel .*got height=8, width=16"):
+        pipe(class_labels=[1], height=8, width=16, **RUN)
+    assert pipe(class_labels=[1], height=16, width=16, **RUN).images.shape == (1, 3, 16, 16)
