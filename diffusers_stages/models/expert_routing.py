@@ -10,6 +10,7 @@ holds its own `config.json` (the partition and each expert's ``[module, class]``
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import inspect
 import json
@@ -268,12 +269,19 @@ def _positional_hidden_states(expert: nn.Module, class_labels, expert_kwargs: di
     return class_labels, expert_kwargs
 
 
+@functools.cache
+def _timestep_by_name(forward: Callable) -> bool:
+    """Whether a model class's ``forward`` takes ``timestep``, but not second (read once per class: no per-call cost)."""
+    parameters = list(inspect.signature(forward).parameters)  # (self, sample, ...)
+    return len(parameters) > 2 and parameters[2] != "timestep" and "timestep" in parameters
+
+
 def call_denoiser(model: nn.Module, sample: torch.Tensor, timestep, **kwargs):
     """``model(sample, timestep, **kwargs)``, with ``timestep`` passed by name where ``model``'s forward takes another
     argument second (diffusers' legacy `Transformer2DModel`, a DiT built in code, takes ``encoder_hidden_states``
-    there), as `DiTPipeline` passes it; positionally otherwise, as diffusers' U-Net pipelines do."""
-    parameters = list(inspect.signature(model.forward).parameters)
-    if len(parameters) > 1 and parameters[1] != "timestep" and "timestep" in parameters:
+    there), as `DiTPipeline` passes it; positionally otherwise, as diffusers' U-Net pipelines do. Decided by the
+    class's ``forward`` (a ``torch.compile``'d model's original one; hooks that wrap ``forward`` keep its arguments)."""
+    if _timestep_by_name(type(getattr(model, "_orig_mod", model)).forward):
         return model(sample, timestep=timestep, **kwargs)
     return model(sample, timestep, **kwargs)
 

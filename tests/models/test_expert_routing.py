@@ -720,6 +720,20 @@ def test_a_legacy_transformer2d_dit_expert_gets_its_timestep_by_name(tiny_unet_k
         )
 
 
+def test_call_denoiser_passes_the_timestep_by_name_to_a_compiled_legacy_dit_too():
+    # the choice is made once per class, from the class's own `forward`: a `torch.compile`d model's wrapper takes
+    # (*args, **kwargs), so its original module's forward decides (positionally, the DiT failed as in the test above)
+    from diffusers_stages.models.expert_routing import call_denoiser
+
+    legacy = _legacy_dit()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        expected = legacy(x, timestep=t, class_labels=y).sample
+        assert torch.equal(call_denoiser(legacy, x, t, class_labels=y).sample, expected)
+        compiled = torch.compile(legacy, backend="eager")
+        torch.testing.assert_close(call_denoiser(compiled, x, t, class_labels=y).sample, expected)
+
+
 def test_a_saved_legacy_transformer2d_dit_expert_reloads_as_diffusers_remaps_it(tiny_unet_kwargs, tmp_path):
     # diffusers' `Transformer2DModel.from_pretrained` loads a DiT folder as a `DiTTransformer2DModel` (its legacy
     # remapping, as for facebook/DiT-XL-2-256): the reload was refused, "`expert_classes`=[..., Transformer2DModel]
