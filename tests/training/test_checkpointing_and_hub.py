@@ -446,19 +446,13 @@ def test_a_checkpoint_saved_after_resuming_from_an_older_one_is_kept(tmp_path):
     # resumed from checkpoint-2 while the output folder holds the later checkpoint-5 of the run resumed over: the
     # pruning counted checkpoint-5 as the newest and deleted checkpoint-3 as soon as it was written, leaving no
     # checkpoint of this run to resume from
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
     from diffusers_stages.training.checkpointing import is_complete, save_checkpoint
 
     for step in (2, 5):
         _checkpoint(tmp_path, step)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    path = save_checkpoint(Accelerator(cpu=True), str(tmp_path), 3, total_limit=1)
+    with fresh_accelerator() as accelerator:
+        path = save_checkpoint(accelerator, str(tmp_path), 3, total_limit=1)
     assert _names(tmp_path) == ["checkpoint-3", "checkpoint-5"] and is_complete(path)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def test_a_checkpoint_save_that_fails_leaves_no_partial_folder(tmp_path):
@@ -584,6 +578,20 @@ def fresh_accelerator():
         GradientState._reset_state()
 
 
+def _ema_run(accelerator, use_ema: bool = True, **ema_options):
+    """A tiny `UNet2DModel` prepared by ``accelerator`` with the checkpoint hooks, and its `EMAModel` (of
+    ``ema_options``; kept by the hooks where ``use_ema``): (prepared model, EMA)."""
+    from diffusers.training_utils import EMAModel
+
+    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
+
+    network = UNet2DModel(**TINY_UNET)
+    ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config, **ema_options)
+    model = accelerator.prepare(network)
+    register_checkpoint_hooks(accelerator, ["unet"], {"unet": ema} if use_ema else {})
+    return model, ema
+
+
 @pytest.mark.parametrize("corruption", ["integers", "link"])
 def test_resuming_reads_a_checkpoint_network_strictly(tmp_path, corruption):
     # a diffusers network (UNet2DModel) of a checkpoint was read leniently: integer weights resumed cast
@@ -609,13 +617,8 @@ def test_resuming_reads_a_checkpoint_ema_strictly(tmp_path, corruption):
     from diffusers.training_utils import EMAModel
     from safetensors.torch import load_file, save_file
 
-    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
-
     with fresh_accelerator() as accelerator:
-        network = UNet2DModel(**TINY_UNET)
-        ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config)
-        model = accelerator.prepare(network)
-        register_checkpoint_hooks(accelerator, ["unet"], {"unet": ema})
+        model, ema = _ema_run(accelerator)
         checkpoint = tmp_path / "checkpoint-1"
         ema.optimization_step = 7
         accelerator.save_state(str(checkpoint))
@@ -646,15 +649,8 @@ def test_resuming_reads_a_checkpoint_ema_strictly(tmp_path, corruption):
 def test_resuming_refuses_a_network_folder_that_links_out_of_the_checkpoint(tmp_path, folder):
     # a checkpoint is read as hostile input, its noise_scheduler/ refused as a link out of it, but its network and EMA
     # folders were read wherever a link named like them led (weights from another folder resumed without a word)
-    from diffusers.training_utils import EMAModel
-
-    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
-
     with fresh_accelerator() as accelerator:
-        network = UNet2DModel(**TINY_UNET)
-        ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config)
-        model = accelerator.prepare(network)
-        register_checkpoint_hooks(accelerator, ["unet"], {"unet": ema})
+        model, _ = _ema_run(accelerator)
         checkpoint = tmp_path / "checkpoint-1"
         accelerator.save_state(str(checkpoint))
         shutil.move(checkpoint / folder, tmp_path / "elsewhere")
@@ -687,29 +683,14 @@ def test_resuming_refuses_a_state_file_that_links_out_of_the_checkpoint(tmp_path
 def test_resuming_a_run_with_ema_without_it_is_refused(tmp_path):
     # the EMA weights of the checkpoint were dropped in silence (the final pipeline then held the raw weights), while
     # the other way round (`--use_ema` on a checkpoint without them) is refused
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from diffusers.training_utils import EMAModel
-
-    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
-
     checkpoint = str(tmp_path / "checkpoint-1")
-    try:
-        for use_ema in (True, False):
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
-            accelerator = Accelerator(cpu=True)
-            network = UNet2DModel(**TINY_UNET)
-            ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config)
-            accelerator.prepare(network)
-            register_checkpoint_hooks(accelerator, ["unet"], {"unet": ema} if use_ema else {})
-            if use_ema:
-                accelerator.save_state(checkpoint)
+    with fresh_accelerator() as accelerator:
+        _ema_run(accelerator)
+        accelerator.save_state(checkpoint)
+    with fresh_accelerator() as accelerator:
+        _ema_run(accelerator, use_ema=False)
         with pytest.raises(ValueError, match=r"holds the EMA weights \['unet_ema'\].*`--use_ema`"):
             accelerator.load_state(checkpoint)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 @pytest.mark.parametrize(
@@ -723,25 +704,13 @@ def test_resuming_a_run_with_ema_without_it_is_refused(tmp_path):
 def test_resuming_an_ema_with_other_settings_is_refused(tmp_path, changed, message):
     # the checkpoint's EMA state replaced the run's `--ema_max_decay`, `--ema_power` and `--ema_inv_gamma` in silence
     # (as diffusers' `EMAModel.load_state_dict` does): a run resumed to change its decay kept the old one
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from diffusers.training_utils import EMAModel
-
-    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
-
     checkpoint = str(tmp_path / "checkpoint-1")
     settings = {"decay": 0.9999, "use_ema_warmup": True, "inv_gamma": 1.0, "power": 0.75}
-    try:
-        for options in (settings, {**settings, **changed}):
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
-            accelerator = Accelerator(cpu=True)
-            network = UNet2DModel(**TINY_UNET)
-            ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config, **options)
-            accelerator.prepare(network)
-            register_checkpoint_hooks(accelerator, ["unet"], {"unet": ema})
-            if options is settings:
-                accelerator.save_state(checkpoint)
+    with fresh_accelerator() as accelerator:
+        _ema_run(accelerator, **settings)
+        accelerator.save_state(checkpoint)
+    with fresh_accelerator() as accelerator:
+        _, ema = _ema_run(accelerator, **{**settings, **changed})
         with pytest.raises(ValueError) as error:
             accelerator.load_state(checkpoint)
         assert message in str(error.value) and "`--ema_max_decay`, `--ema_power` and `--ema_inv_gamma`" in str(
@@ -750,9 +719,6 @@ def test_resuming_an_ema_with_other_settings_is_refused(tmp_path, changed, messa
         assert (ema.decay, ema.power, ema.inv_gamma) == tuple(
             {**settings, **changed}[k] for k in ("decay", "power", "inv_gamma")
         )
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 def test_a_text_to_image_ema_resumes_a_checkpoint_of_the_earlier_warmup_schedule(tmp_path):
@@ -760,36 +726,18 @@ def test_a_text_to_image_ema_resumes_a_checkpoint_of_the_earlier_warmup_schedule
     # earlier versions (warmup, power 0.75) were refused with a message naming `--ema_power`/`--ema_inv_gamma`, which
     # that script refuses: such a checkpoint could not be resumed at all. A run without warmup sets neither, so it
     # resumes with the checkpoint's schedule; its `--ema_max_decay` is still compared
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from diffusers.training_utils import EMAModel
-
-    from diffusers_stages.training.checkpointing import register_checkpoint_hooks
-
     checkpoint = str(tmp_path / "checkpoint-1")
-    earlier = {"decay": 0.9999, "use_ema_warmup": True, "inv_gamma": 1.0, "power": 0.75}
-    try:
-        for options in (earlier, {"decay": 0.9999}, {"decay": 0.999}):
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
-            accelerator = Accelerator(cpu=True)
-            network = UNet2DModel(**TINY_UNET)
-            ema = EMAModel(network.parameters(), model_cls=UNet2DModel, model_config=network.config, **options)
-            accelerator.prepare(network)
-            register_checkpoint_hooks(accelerator, ["unet"], {"unet": ema})
-            if options is earlier:
-                accelerator.save_state(checkpoint)
-            elif options["decay"] == 0.9999:
-                accelerator.load_state(checkpoint)
-                assert (ema.use_ema_warmup, ema.power) == (True, 0.75)  # the schedule the checkpoint was kept with
-            else:
-                with pytest.raises(
-                    ValueError, match=r"`decay` 0.9999 there, 0.999 now\): resume with the `--ema_max_d"
-                ):
-                    accelerator.load_state(checkpoint)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    with fresh_accelerator() as accelerator:
+        _ema_run(accelerator, decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)  # the earlier schedule
+        accelerator.save_state(checkpoint)
+    with fresh_accelerator() as accelerator:
+        _, ema = _ema_run(accelerator, decay=0.9999)
+        accelerator.load_state(checkpoint)
+        assert (ema.use_ema_warmup, ema.power) == (True, 0.75)  # the schedule the checkpoint was kept with
+    with fresh_accelerator() as accelerator:
+        _ema_run(accelerator, decay=0.999)
+        with pytest.raises(ValueError, match=r"`decay` 0.9999 there, 0.999 now\): resume with the `--ema_max_d"):
+            accelerator.load_state(checkpoint)
 
 
 def test_a_file_named_like_the_checkpoint_being_saved_is_named_and_kept(tmp_path):
